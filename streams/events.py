@@ -1,0 +1,210 @@
+"""The wire contract, version 1: one pydantic model per event type, a union on `type`.
+
+Parsing is the only way in: `parse_event` turns raw bytes into a typed event or a
+`Rejection` that says, in words an app developer can act on, what was wrong.
+
+>>> event = parse_event(b'{"id": "e1", "type": "task.completed", "user_id": "u-1",'
+...                     b' "ts": "2026-11-26T08:01:02+01:00", "data": {"task_id": "t-9"}}')
+>>> event.type, event.data.task_id, event.ts.hour
+('task.completed', 't-9', 8)
+>>> rejected = parse_event(b'{"id": "e2", "type": "task.exploded", "user_id": "u-1", "ts": "2026-11-26T08:00:00Z"}')
+>>> rejected.kind
+'unknown_type'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Literal, Union
+
+import orjson
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+CURRENT_VERSION = 1
+
+Identifier = Annotated[str, Field(min_length=1, max_length=128)]
+Reaction = Literal["acted", "liked", "snoozed", "dismissed", "disliked"]
+REACTIONS: tuple[str, ...] = ("acted", "liked", "snoozed", "dismissed", "disliked")
+
+
+class _Model(BaseModel):
+    # Unknown fields are tolerated (newer publishers) but never reach state.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class TaskCreatedData(_Model):
+    task_id: Identifier
+    due: AwareDatetime | None = None
+    priority: Annotated[int, Field(ge=1, le=4)] | None = None
+    project_id: Identifier | None = None
+    labels: list[Annotated[str, Field(max_length=128)]] = Field(default_factory=list, max_length=64)
+
+
+class TaskRefData(_Model):
+    task_id: Identifier
+
+
+class TaskRescheduledData(_Model):
+    task_id: Identifier
+    due: AwareDatetime
+
+
+class AppOpenedData(_Model):
+    pass
+
+
+class TipShownData(_Model):
+    tip_id: Identifier
+    decision_id: Identifier | None = None
+
+
+class TipReactedData(_Model):
+    tip_id: Identifier
+    decision_id: Identifier | None = None
+    reaction: Reaction
+
+
+class _Envelope(_Model):
+    id: Identifier
+    user_id: Identifier
+    ts: AwareDatetime
+    v: Literal[1] = 1
+
+
+class TaskCreated(_Envelope):
+    type: Literal["task.created"]
+    data: TaskCreatedData
+
+
+class TaskCompleted(_Envelope):
+    type: Literal["task.completed"]
+    data: TaskRefData
+
+
+class TaskRescheduled(_Envelope):
+    type: Literal["task.rescheduled"]
+    data: TaskRescheduledData
+
+
+class TaskDeleted(_Envelope):
+    type: Literal["task.deleted"]
+    data: TaskRefData
+
+
+class AppOpened(_Envelope):
+    type: Literal["app.opened"]
+    data: AppOpenedData = AppOpenedData()
+
+
+class TipShown(_Envelope):
+    type: Literal["tip.shown"]
+    data: TipShownData
+
+
+class TipReacted(_Envelope):
+    type: Literal["tip.reacted"]
+    data: TipReactedData
+
+
+Signal = Union[TaskCreated, TaskCompleted, TaskRescheduled, TaskDeleted, AppOpened, TipShown]
+Feedback = TipReacted
+Event = Annotated[Union[Signal, Feedback], Field(discriminator="type")]
+EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
+
+SIGNAL_TYPES = frozenset(
+    {"task.created", "task.completed", "task.rescheduled", "task.deleted", "app.opened", "tip.shown"}
+)
+FEEDBACK_TYPES = frozenset({"tip.reacted"})
+FAMILY_OF_TYPE = {**{t: "signals" for t in SIGNAL_TYPES}, **{t: "feedback" for t in FEEDBACK_TYPES}}
+
+
+# Upcasters turn an older payload (a dict) into the next version's shape, keyed by
+# (type, version). Version 1 is the first, so the table is empty; adding version 2
+# means registering the (type, 1) steps here and bumping CURRENT_VERSION.
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+
+
+def upcast(raw: dict[str, Any]) -> dict[str, Any]:
+    """Apply upcasters until the payload is at CURRENT_VERSION (or no step is known)."""
+    version = raw.get("v", 1)
+    while isinstance(version, int) and version < CURRENT_VERSION:
+        step = UPCASTERS.get((raw.get("type", ""), version))
+        if step is None:
+            break
+        raw = step(raw)
+        version = raw.get("v", version + 1)
+    return raw
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why an event was refused: `kind` for metrics and headers, `reason` for people."""
+
+    kind: str
+    reason: str
+
+
+def _describe(error: ValidationError) -> Rejection:
+    first = error.errors(include_url=False)[0]
+    # Drop the union branch name pydantic puts first in the location.
+    loc = [str(part) for part in first["loc"]]
+    if loc and loc[0] in FAMILY_OF_TYPE:
+        loc = loc[1:]
+    where = ".".join(loc) or "body"
+    etype = first["type"]
+    if etype == "json_invalid":
+        detail = str(first.get("ctx", {}).get("error", first["msg"]))
+        kind = "invalid_utf8" if "utf-8" in detail.lower() or "unicode" in detail.lower() else "invalid_json"
+        return Rejection(kind, f"body is not valid JSON: {detail}")
+    if etype == "union_tag_invalid":
+        known = ", ".join(sorted(FAMILY_OF_TYPE))
+        tag = first.get("ctx", {}).get("tag", "?")
+        return Rejection("unknown_type", f"type {tag!r} is not an event type; known: {known}")
+    if etype == "union_tag_not_found":
+        return Rejection("missing_field", "field 'type' is required")
+    if etype == "missing":
+        return Rejection("missing_field", f"field '{where}' is required")
+    if where == "v":
+        return Rejection(
+            "unsupported_version",
+            f"v={first['input']!r} is not supported; this server reads v{CURRENT_VERSION} (and older via upcasters)",
+        )
+    if where == "body":
+        return Rejection("invalid_json", f"body must be a JSON object: {first['msg']}")
+    return Rejection("invalid_field", f"field '{where}': {first['msg']}")
+
+
+def parse_event(raw: bytes) -> Any:
+    """Bytes to a typed event, or a Rejection naming the problem."""
+    try:
+        return EVENT_ADAPTER.validate_json(raw)
+    except ValidationError as error:
+        rejection = _describe(error)
+    if rejection.kind in ("invalid_field", "unsupported_version") and UPCASTERS:
+        # Slow path only for old versions: decode, upcast, validate again.
+        try:
+            return EVENT_ADAPTER.validate_python(upcast(orjson.loads(raw)))
+        except (ValidationError, orjson.JSONDecodeError):
+            pass
+    return rejection
+
+
+def check_subject(event: Any, subject: str) -> Rejection | None:
+    """An event must arrive on `<family>.<type>`, so a feedback can't pose as a signal."""
+    expected = f"{FAMILY_OF_TYPE[event.type]}.{event.type}"
+    if subject != expected:
+        return Rejection("subject_mismatch", f"type {event.type!r} must be published on {expected!r}, not {subject!r}")
+    return None
+
+
+def subject_for(event_type: str) -> str:
+    """The subject an event of this type is published on."""
+    return f"{FAMILY_OF_TYPE[event_type]}.{event_type}"
+
+
+def json_schema() -> dict[str, Any]:
+    """The contract as JSON Schema; committed as docs/events.schema.json."""
+    schema = EVENT_ADAPTER.json_schema()
+    schema["title"] = f"tipstream event, wire contract v{CURRENT_VERSION}"
+    return schema

@@ -1,0 +1,224 @@
+"""JetStream adapter: stream set-up, publishing with `Nats-Msg-Id`, and the batched pull consumer.
+
+The consumer asks for a batch of messages, and asks for more when half has arrived,
+so the server always has a request in hand. nats-py's high-level `fetch` waits per
+call and tops out near 45k msg/s here; this path runs several times faster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Iterable
+
+import orjson
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+log = logging.getLogger("tipstream.jetstream")
+
+DAY_S = 86_400
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    name: str
+    subjects: tuple[str, ...]
+
+
+SIGNALS = StreamSpec("SIGNALS", ("signals.>",))
+FEEDBACK = StreamSpec("FEEDBACK", ("feedback.>",))
+DECISIONS = StreamSpec("DECISIONS", ("decisions.>",))
+DLQ = StreamSpec("DLQ", ("dlq.>",))
+ALL_STREAMS = (SIGNALS, FEEDBACK, DECISIONS, DLQ)
+INGESTED_STREAMS = (SIGNALS, FEEDBACK)
+
+DLQ_REASON = "Tipstream-Dlq-Reason"
+DLQ_KIND = "Tipstream-Dlq-Kind"
+DLQ_SUBJECT = "Tipstream-Original-Subject"
+DLQ_STREAM = "Tipstream-Original-Stream"
+DLQ_SEQ = "Tipstream-Original-Seq"
+
+
+async def ensure_streams(
+    js: JetStreamContext, *, max_age_days: float, max_bytes: int, duplicate_window_s: float, dlq_max_age_days: float
+) -> None:
+    """Create the four streams, or bring their limits in line with the settings. Idempotent."""
+    for spec in ALL_STREAMS:
+        age = dlq_max_age_days if spec is DLQ else max_age_days
+        config = StreamConfig(
+            name=spec.name,
+            subjects=list(spec.subjects),
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD,
+            max_age=age * DAY_S,
+            max_bytes=max_bytes,
+            duplicate_window=duplicate_window_s,
+        )
+        try:
+            info = await js.stream_info(spec.name)
+        except NotFoundError:
+            await js.add_stream(config)
+            log.info("created stream %s", spec.name)
+            continue
+        current = info.config
+        if (current.max_age, current.max_bytes, current.duplicate_window) != (
+            config.max_age, config.max_bytes, config.duplicate_window,
+        ):
+            await js.update_stream(config)
+            log.info("updated limits of stream %s", spec.name)
+
+
+def event_headers(event_id: str) -> dict[str, str]:
+    return {"Nats-Msg-Id": event_id}
+
+
+async def publish_event(js: JetStreamContext, subject: str, event: dict[str, Any]) -> Any:
+    """Publish one event and wait for JetStream to store it."""
+    return await js.publish(subject, orjson.dumps(event), headers=event_headers(event["id"]))
+
+
+async def publish_events(
+    js: JetStreamContext,
+    events: Iterable[tuple[str, dict[str, Any]]],
+    on_progress: Callable[[int], None] | None = None,
+) -> int:
+    """Publish (subject, event) pairs with a bounded window of unacknowledged publishes.
+
+    Every publish is acknowledged by JetStream before this returns; core NATS publish
+    would lose events under load, so it is never used for events.
+    """
+    count = 0
+    pending: list[asyncio.Future[Any]] = []
+    for subject, event in events:
+        pending.append(await js.publish_async(subject, orjson.dumps(event), headers=event_headers(event["id"])))
+        count += 1
+        if len(pending) >= 1_000:
+            await asyncio.gather(*pending)
+            pending.clear()
+            if on_progress:
+                on_progress(count)
+    await asyncio.gather(*pending)
+    if on_progress:
+        on_progress(count)
+    return count
+
+
+def stream_sequence(reply: str) -> tuple[int, int]:
+    """(stream sequence, messages still pending) from a JetStream ack subject, v1 or v2 form."""
+    tokens = reply.split(".")
+    if len(tokens) == 9:
+        return int(tokens[5]), int(tokens[8])
+    return int(tokens[7]), int(tokens[10])
+
+
+async def reset_durable(js: JetStreamContext, stream: str, durable: str, start_seq: int, max_ack_pending: int) -> int:
+    """(Re)create the durable consumer so it delivers from `start_seq`: the checkpoint decides.
+
+    Returns how many messages it has to deliver.
+    """
+    try:
+        await js.delete_consumer(stream, durable)
+    except NotFoundError:
+        pass
+    info = await js.stream_info(stream)
+    first = max(info.state.first_seq, 1)
+    if start_seq < first and info.state.messages:
+        log.warning(
+            "stream %s starts at %d but the checkpoint wants %d: events %d..%d expired by retention. "
+            "Raise TIPSTREAM_STREAM_MAX_AGE_DAYS to keep more.", stream, first, start_seq, start_seq, first - 1,
+        )
+    created = await js.add_consumer(
+        stream,
+        ConsumerConfig(
+            durable_name=durable,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=max(start_seq, 1),
+            ack_policy=AckPolicy.ALL,
+            ack_wait=60,
+            max_ack_pending=max_ack_pending,
+            max_deliver=-1,
+        ),
+    )
+    return created.num_pending or 0
+
+
+class BatchPuller:
+    """Keeps up to `batch` messages requested; hands arrivals to `on_message` (synchronous, cheap)."""
+
+    def __init__(self, nc: NATS, stream: str, durable: str, batch: int, on_message: Callable[[Msg], None],
+                 expires_s: float = 5.0) -> None:
+        self.nc, self.batch, self.on_message, self.expires_s = nc, batch, on_message, expires_s
+        self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self.inbox = nc.new_inbox()
+        self.requested = 0
+        self.idle = False  # the server said: nothing more for now
+        self.paused = False
+        self.last_activity = time.monotonic()
+        self._sub: Any = None
+        self._watchdog: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(
+            self.inbox, cb=self._on_msg, pending_msgs_limit=self.batch * 16, pending_bytes_limit=256 * 1024 * 1024
+        )
+        self._watchdog = asyncio.create_task(self._watch(), name=f"watch {self.next_subject}")
+        await self._request()
+
+    async def stop(self) -> None:
+        if self._watchdog:
+            self._watchdog.cancel()
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - the connection may already be closed
+                pass
+
+    async def _request(self) -> None:
+        want = self.batch - self.requested
+        if want <= 0 or self.paused or not self.nc.is_connected:
+            return
+        self.requested += want
+        body = orjson.dumps({"batch": want, "expires": int(self.expires_s * 1e9)})
+        await self.nc.publish(self.next_subject, body, reply=self.inbox)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self.last_activity = time.monotonic()
+        if not msg.reply:
+            status = msg.headers.get("Status") if msg.headers else None
+            if status == "100":
+                return
+            # 404 no messages / 408 request expired / 409 conflict: that request is over.
+            left = msg.headers.get("Nats-Pending-Messages") if msg.headers else None
+            self.requested = max(0, self.requested - int(left)) if left is not None else 0
+            self.idle = status in ("404", "408")
+            await self._request()
+            return
+        self.requested -= 1
+        self.on_message(msg)
+        if self.requested <= self.batch // 2:
+            await self._request()
+
+    def resume(self) -> None:
+        """Ask again after a pause or a reconnect (pending requests die with a connection)."""
+        self.paused = False
+        self.requested = 0
+        asyncio.get_running_loop().create_task(self._request())
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if time.monotonic() - self.last_activity > self.expires_s + 2 and not self.paused:
+                # A request was lost (server restart, dropped connection): start over.
+                self.requested = 0
+                self.last_activity = time.monotonic()
+                await self._request()
+
+
+Handler = Callable[[list[Msg]], Awaitable[None]]
