@@ -16,8 +16,6 @@ import logging
 import time
 from typing import Any
 
-import nats
-from nats.aio.client import Client as NATS
 
 from app import migrate
 from app.checkpoints import Checkpointer, SqlCheckpointStore
@@ -38,7 +36,7 @@ class Service:
         self.store = OnlineStore()
         self.engine = make_engine(settings.sqlalchemy_url)
         self.embedded: EmbeddedNats | None = None
-        self.nc: NATS | None = None
+        self.nc: jsx.IngestClient | None = None
         self.ingests: list[StreamIngest] = []
         self.checkpointer: Checkpointer | None = None
         self.nats_url = settings.nats_url or ""
@@ -53,7 +51,7 @@ class Service:
             self.embedded = EmbeddedNats(s.data_dir / "nats")
             self.nats_url = await asyncio.to_thread(self.embedded.start)
             (s.data_dir / "nats.url").write_text(self.nats_url)
-        self.nc = await nats.connect(
+        self.nc = await jsx.connect(
             self.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
             reconnected_cb=self._on_reconnected, disconnected_cb=self._on_disconnected,
             error_cb=self._on_error, name="tipstream",

@@ -13,8 +13,6 @@ import asyncio
 import logging
 from typing import Any
 
-from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from app.checkpoints import Checkpointer
@@ -36,12 +34,12 @@ class StreamIngest:
     4. Acknowledge the chunk's last message (ack-all), update metrics, nudge the checkpointer.
     """
 
-    def __init__(self, nc: NATS, js: JetStreamContext, spec: jsx.StreamSpec, store: OnlineStore,
+    def __init__(self, nc: jsx.IngestClient, js: JetStreamContext, spec: jsx.StreamSpec, store: OnlineStore,
                  checkpointer: Checkpointer, *, batch: int, max_event_bytes: int, max_uncheckpointed: int) -> None:
         self.nc, self.js, self.spec, self.store, self.checkpointer = nc, js, spec, store, checkpointer
         self.batch, self.max_event_bytes, self.max_uncheckpointed = batch, max_event_bytes, max_uncheckpointed
         self.durable = f"tipstream-{spec.name.lower()}"
-        self.buffer: list[Msg] = []
+        self.buffer: list[jsx.RawMsg] = []
         self.wake = asyncio.Event()
         self.reset_needed = False
         self.caught_up = False
@@ -52,7 +50,7 @@ class StreamIngest:
         self._lag = METRICS.lag.labels(spec.name)
         self._position = METRICS.position.labels(spec.name)
 
-    def _on_message(self, msg: Msg) -> None:
+    def _on_message(self, msg: jsx.RawMsg) -> None:
         self.buffer.append(msg)
         if len(self.buffer) == 1:
             self.wake.set()
@@ -105,34 +103,34 @@ class StreamIngest:
             if self.buffer:
                 self.wake.set()
 
-    async def process(self, chunk: list[Msg]) -> None:
+    async def process(self, chunk: list[jsx.RawMsg]) -> None:
         store, rejected = self.store, []
         applied_before, ignored_before = store.applied, store.ignored
         limit = self.max_event_bytes
         for msg in chunk:
-            data = msg.data
+            subject, _, data = msg
             if len(data) > limit:
                 rejected.append((msg, Rejection("oversized", f"event is {len(data)} bytes; the limit is {limit} (TIPSTREAM_MAX_EVENT_BYTES)")))
                 continue
             event = parse_event(data)
             if event.__class__ is Rejection:
                 rejected.append((msg, event))
-            elif msg.subject != EXPECTED_SUBJECT[event.type]:
+            elif subject != EXPECTED_SUBJECT[event.type]:
                 rejected.append((msg, Rejection(
                     "subject_mismatch",
-                    f"type {event.type!r} must be published on {EXPECTED_SUBJECT[event.type]!r}, not {msg.subject!r}")))
+                    f"type {event.type!r} must be published on {EXPECTED_SUBJECT[event.type]!r}, not {subject!r}")))
             else:
                 store.apply(event)
         for msg, rejection in rejected:
             await self._retry(lambda: self._dead_letter(msg, rejection), "publish to the DLQ")
-        last = chunk[-1]
-        seq, pending = jsx.stream_sequence(last.reply)
+        last_reply = chunk[-1][1]
+        seq, pending = jsx.stream_sequence(last_reply)
         store.advance(self.spec.name, seq)
         self.lag = pending
         if pending == 0:
             self.caught_up = True
         try:
-            await self.nc.publish(last.reply, b"+ACK")
+            await self.nc.publish(last_reply, b"+ACK")
         except Exception:  # noqa: BLE001 - acks are advisory; the checkpoint decides
             pass
         self._applied.inc(store.applied - applied_before)
@@ -141,17 +139,18 @@ class StreamIngest:
         self._position.set(seq)
         self.checkpointer.nudge()
 
-    async def _dead_letter(self, msg: Msg, rejection: Rejection) -> None:
-        seq, _ = jsx.stream_sequence(msg.reply)
+    async def _dead_letter(self, msg: jsx.RawMsg, rejection: Rejection) -> None:
+        subject, reply, data = msg
+        seq, _ = jsx.stream_sequence(reply)
         headers = {
             jsx.DLQ_REASON: rejection.reason[:1024],
             jsx.DLQ_KIND: rejection.kind,
-            jsx.DLQ_SUBJECT: msg.subject,
+            jsx.DLQ_SUBJECT: subject,
             jsx.DLQ_STREAM: self.spec.name,
             jsx.DLQ_SEQ: str(seq),
             "Nats-Msg-Id": f"dlq:{self.spec.name}:{seq}",
         }
-        await self.js.publish(f"dlq.{msg.subject}", msg.data, headers=headers)
+        await self.js.publish(f"dlq.{subject}", data, headers=headers)
         METRICS.dlq.labels(self.spec.name, rejection.kind).inc()
         log.info("DLQ %s #%d: %s", self.spec.name, seq, rejection.reason)
 

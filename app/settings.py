@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="TIPSTREAM_", env_file=".env", extra="ignore", frozen=True
+        env_prefix="TIPSTREAM_", env_file=".env", extra="ignore", frozen=True, populate_by_name=True
     )
 
     data_dir: Path = Field(

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -75,7 +75,8 @@ FEATURES: tuple[Feature, ...] = (
     _f("postpone_rate_30d", "float", 30, "task.rescheduled, task.created", 0.0,
        "`reschedules / (tasks created + 1)` over 30 days."),
     _f("active_day_streak", "int", 2, "all signals", 0,
-       "Consecutive local days with any signal, ending today or yesterday (so a streak survives until the day is over)."),
+       "Consecutive local days (in the user's current offset) with any signal, ending today or yesterday; "
+       "at most 31, the fold's horizon."),
     _f("mean_hours_to_complete_28d", "float", 28, "task.created, task.completed", 24.0,
        "Mean hours from creation to completion, over completions in 28 days whose creation is known."),
     _f("engagement_score", "float", 30, "all signals", 0.0,
@@ -195,15 +196,16 @@ class _Evaluation:
         return moved / (_count(self.logs["task.created"], self.now, window) + 1), False
 
     def active_day_streak(self) -> tuple[int, bool]:
-        days = self.state.active_days
-        today = (self.now // 1000 + self.state.offset_s) // 86_400
-        index = bisect_right(days, today) - 1
-        if index < 0 or days[index] < today - 1:
+        offset_ms = self.state.offset_s * 1000
+        stamps = [np.frombuffer(self.logs[k].ts, dtype=np.int64)[: bisect_right(self.logs[k].ts, self.now)]
+                  for k in SIGNAL_KINDS]
+        days = np.unique((np.concatenate(stamps) + offset_ms) // DAY_MS)
+        today = (self.now + offset_ms) // DAY_MS
+        if not len(days) or days[-1] < today - 1:
             return 0, False
-        streak, expected = 0, days[index]
-        while index >= 0 and days[index] == expected:
-            streak, expected, index = streak + 1, expected - 1, index - 1
-        return streak, False
+        # Length of the run of consecutive days that ends at the latest active day.
+        gaps = np.nonzero(np.diff(days) != 1)[0]
+        return int(len(days) - (gaps[-1] + 1 if len(gaps) else 0)), False
 
     def mean_hours_to_complete_28d(self) -> tuple[float, bool]:
         created, done = self.logs["task.created"], self.logs["task.completed"]
@@ -275,5 +277,3 @@ def features_markdown() -> str:
         lines.append(f"| `{f.name}` | {f.dtype} | {f.freshness} | {ttl} | {f.source} | {f.fallback} | {f.description} |")
     return "\n".join(lines) + "\n"
 
-
-FeatureFn = Callable[[UserState, int], Any]

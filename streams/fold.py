@@ -24,15 +24,12 @@ from __future__ import annotations
 import struct
 from array import array
 from bisect import bisect_left
-from datetime import datetime, timedelta, timezone
-from hashlib import blake2b
+from datetime import datetime, timezone
+from zlib import crc32
 from typing import Any, Callable
 
 DAY_MS = 86_400_000
 HORIZON_DAYS = 31  # longest window (30 d) plus one day, so `(now - 30d, now]` is exact for now >= newest
-ACTIVE_DAYS_KEPT = 62
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_MS = timedelta(milliseconds=1)
 NO_DUE = 0
 
 REACTION_CODES = {"acted": 0, "liked": 1, "snoozed": 2, "dismissed": 3, "disliked": 4}
@@ -52,12 +49,22 @@ SIGNAL_KINDS = tuple(k for k in KINDS if k != "tip.reacted")
 
 
 def fingerprint(text: str) -> int:
-    """A stable 32-bit fingerprint (Python's hash() changes per process)."""
-    return int.from_bytes(blake2b(text.encode(), digest_size=4).digest(), "little")
+    """A stable 32-bit fingerprint (Python's hash() changes per process).
+
+    CRC-32: fast, and two ids of equal length that differ in at most 32 bits never
+    collide, which covers counters and ULIDs minted close together.
+    """
+    return crc32(text.encode())
 
 
 def to_ms(moment: datetime) -> int:
-    return (moment - _EPOCH) // _MS
+    """Milliseconds since the epoch, exactly (floored), without timedelta arithmetic.
+
+    >>> to_ms(datetime(2026, 11, 26, 8, 0, 0, 999_999, tzinfo=timezone.utc)) % 1000
+    999
+    """
+    micro = moment.microsecond
+    return round(moment.timestamp() - micro / 1e6) * 1000 + micro // 1000
 
 
 class Log:
@@ -105,13 +112,12 @@ class Log:
 class UserState:
     """Everything the fold knows of one user."""
 
-    __slots__ = ("logs", "newest_ms", "offset_s", "active_days")
+    __slots__ = ("logs", "newest_ms", "offset_s")
 
     def __init__(self) -> None:
         self.logs: dict[str, Log] = {kind: Log(kind) for kind in KINDS}
         self.newest_ms = -(2**62)
         self.offset_s = 0  # UTC offset of the newest event: the user's current zone
-        self.active_days = array("i")  # sorted local epoch days with any signal
 
     @property
     def cutoff_ms(self) -> int:
@@ -124,7 +130,7 @@ class UserState:
 
     def to_bytes(self) -> bytes:
         """Compact and canonical: equal states give equal bytes."""
-        parts = [struct.pack("<qi", self.newest_ms, self.offset_s), _pack(self.active_days)]
+        parts = [struct.pack("<qi", self.newest_ms, self.offset_s)]
         for log in self.logs.values():
             parts.append(_pack(log.ts))
             parts.append(_pack(log.fp))
@@ -136,7 +142,7 @@ class UserState:
         state = cls()
         state.newest_ms, state.offset_s = struct.unpack_from("<qi", blob, 0)
         view = memoryview(blob)
-        pos = _unpack_into(state.active_days, view, 12)
+        pos = 12
         for log in state.logs.values():
             pos = _unpack_into(log.ts, view, pos)
             pos = _unpack_into(log.fp, view, pos)
@@ -160,22 +166,16 @@ def _due_s(due: datetime | None) -> int:
     return NO_DUE if due is None else max(1, min(int(due.timestamp()), 2**32 - 1))
 
 
-def _payload(event: Any) -> tuple[int, ...]:
-    data = event.data
-    kind = event.type
-    if kind == "task.created":
-        return (fingerprint(data.task_id), _due_s(data.due), data.priority or 0)
-    if kind == "task.completed":
-        return (fingerprint(data.task_id), event.ts.hour)
-    if kind == "task.rescheduled":
-        return (fingerprint(data.task_id), _due_s(data.due))
-    if kind == "task.deleted":
-        return (fingerprint(data.task_id),)
-    if kind == "tip.shown":
-        return (fingerprint(data.tip_id),)
-    if kind == "tip.reacted":
-        return (fingerprint(data.tip_id), REACTION_CODES[data.reaction])
-    return ()
+# One function per event type: what of the event its log keeps, beside time and id.
+PAYLOAD: dict[str, Callable[[Any], tuple[int, ...]]] = {
+    "task.created": lambda e: (fingerprint(e.data.task_id), _due_s(e.data.due), e.data.priority or 0),
+    "task.completed": lambda e: (fingerprint(e.data.task_id), e.ts.hour),
+    "task.rescheduled": lambda e: (fingerprint(e.data.task_id), _due_s(e.data.due)),
+    "task.deleted": lambda e: (fingerprint(e.data.task_id),),
+    "app.opened": lambda e: (),
+    "tip.shown": lambda e: (fingerprint(e.data.tip_id),),
+    "tip.reacted": lambda e: (fingerprint(e.data.tip_id), REACTION_CODES[e.data.reaction]),
+}
 
 
 def apply(state: UserState, event: Any) -> bool:
@@ -185,54 +185,30 @@ def apply(state: UserState, event: Any) -> bool:
     1. Drop the event if it is older than every window can reach from the newest event.
     2. Insert it into its kind's log; a (time, fingerprint) already there is a duplicate.
     3. Advance the newest time and zone, prune what fell out of every window.
-    4. Mark the local day active (signals only: reacting to a tip is not using the app).
     """
-    ts_ms = to_ms(event.ts)
-    if ts_ms < state.cutoff_ms:
+    moment = event.ts
+    ts_ms = to_ms(moment)
+    newest = state.newest_ms
+    if ts_ms < (newest // DAY_MS - HORIZON_DAYS) * DAY_MS:
         return False
-    if not state.logs[event.type].insert(ts_ms, fingerprint(event.id), _payload(event)):
+    kind = event.type
+    if not state.logs[kind].insert(ts_ms, fingerprint(event.id), PAYLOAD[kind](event)):
         return False
-    offset_s = int(event.ts.utcoffset().total_seconds())
-    if ts_ms > state.newest_ms:
-        previous_day = state.newest_ms // DAY_MS
-        state.newest_ms = ts_ms
-        state.offset_s = offset_s
-        if ts_ms // DAY_MS != previous_day:
+    offset = moment.utcoffset()
+    offset_s = offset.days * 86_400 + offset.seconds
+    if ts_ms > newest or (ts_ms == newest and offset_s > state.offset_s):
+        # A newer event, or the same instant in a second zone (the larger offset wins,
+        # so the choice doesn't depend on arrival order).
+        state.newest_ms, state.offset_s = ts_ms, offset_s
+        if ts_ms // DAY_MS != newest // DAY_MS:
             _prune_logs(state)
-        _prune_active_days(state)
-    elif ts_ms == state.newest_ms and offset_s > state.offset_s:
-        state.offset_s = offset_s  # same instant, two zones: pick one deterministically
-        _prune_active_days(state)
-    if event.type in SIGNAL_KINDS:
-        _mark_active(state, (ts_ms // 1000 + offset_s) // 86_400)
     return True
 
 
-# Pruning depends only on the newest event, never on arrival order, so any order of
-# the same events prunes to the same state.
 def _prune_logs(state: UserState) -> None:
+    # The cutoff depends only on the newest event, never on arrival order, so any
+    # order of the same events prunes to the same state.
     cutoff = state.cutoff_ms
     for log in state.logs.values():
         log.prune_before(cutoff)
 
-
-def _prune_active_days(state: UserState) -> None:
-    days = state.active_days
-    if days:
-        del days[: bisect_left(days, _newest_local_day(state) - ACTIVE_DAYS_KEPT)]
-
-
-def _newest_local_day(state: UserState) -> int:
-    return (state.newest_ms // 1000 + state.offset_s) // 86_400
-
-
-def _mark_active(state: UserState, local_day: int) -> None:
-    days = state.active_days
-    if local_day < _newest_local_day(state) - ACTIVE_DAYS_KEPT:
-        return
-    index = bisect_left(days, local_day)
-    if index == len(days) or days[index] != local_day:
-        days.insert(index, local_day)
-
-
-FoldFn = Callable[[UserState, Any], bool]

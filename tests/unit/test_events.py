@@ -1,0 +1,98 @@
+"""The wire contract: what is accepted, what is refused and why, and the committed schema."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+import pytest
+
+from app.docs import generated
+from streams import events
+from streams.events import Rejection, check_subject, parse_event
+
+GOOD = {
+    "task.created": {"task_id": "t-1", "due": "2026-11-27T09:00:00+01:00", "priority": 2, "project_id": "p", "labels": ["a"]},
+    "task.completed": {"task_id": "t-1"},
+    "task.rescheduled": {"task_id": "t-1", "due": "2026-11-28T09:00:00+01:00"},
+    "task.deleted": {"task_id": "t-1"},
+    "app.opened": {},
+    "tip.shown": {"tip_id": "tip-1", "decision_id": "d-1"},
+    "tip.reacted": {"tip_id": "tip-1", "decision_id": "d-1", "reaction": "liked"},
+}
+
+
+def envelope(kind: str, data: dict | None = None, **extra: object) -> dict:
+    body = {"id": f"e-{kind}", "type": kind, "user_id": "u-42", "ts": "2026-11-26T08:01:02.123+01:00", "v": 1,
+            "data": GOOD[kind] if data is None else data}
+    body.update(extra)
+    return body
+
+
+@pytest.mark.parametrize("kind", sorted(GOOD))
+def test_every_type_parses_and_keeps_its_local_time(kind: str) -> None:
+    event = parse_event(orjson.dumps(envelope(kind)))
+    assert not isinstance(event, Rejection), event
+    assert event.type == kind and event.user_id == "u-42"
+    assert event.ts.hour == 8 and event.ts.utcoffset().total_seconds() == 3600
+    assert check_subject(event, events.subject_for(kind)) is None
+
+
+def test_unknown_fields_are_tolerated_but_not_kept() -> None:
+    body = envelope("task.completed", {"task_id": "t", "colour": "red"}, source="mobile")
+    event = parse_event(orjson.dumps(body))
+    assert event.data.task_id == "t"
+    assert not hasattr(event, "source") and not hasattr(event.data, "colour")
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind", "names"),
+    [
+        (b'{"id": "x", ', "invalid_json", "JSON"),
+        (b"[1, 2]", "invalid_json", "object"),
+        (b'\xff\xfe{"id": "x"}', "invalid_json", "JSON"),
+        (orjson.dumps(envelope("task.completed")).replace(b"t-1", b"t-\xff"), "invalid_utf8", "unicode"),
+        (orjson.dumps({**envelope("app.opened"), "type": "task.exploded"}), "unknown_type", "task.exploded"),
+        (orjson.dumps({k: v for k, v in envelope("app.opened").items() if k != "type"}), "missing_field", "type"),
+        (orjson.dumps({k: v for k, v in envelope("app.opened").items() if k != "user_id"}), "missing_field", "user_id"),
+        (orjson.dumps(envelope("task.created", {"task_id": "t", "priority": "high"})), "invalid_field", "data.priority"),
+        (orjson.dumps(envelope("task.created", {"task_id": "t", "priority": 9})), "invalid_field", "data.priority"),
+        (orjson.dumps(envelope("tip.reacted", {"tip_id": "t", "reaction": "meh"})), "invalid_field", "data.reaction"),
+        (orjson.dumps(envelope("task.completed", {})), "missing_field", "data.task_id"),
+        (orjson.dumps({**envelope("app.opened"), "ts": "2026-11-26T08:01:02"}), "invalid_field", "ts"),
+        (orjson.dumps({**envelope("app.opened"), "id": "x" * 129}), "invalid_field", "id"),
+        (orjson.dumps({**envelope("app.opened"), "v": 7}), "unsupported_version", "v=7"),
+    ],
+)
+def test_bad_events_are_refused_with_a_reason_that_names_the_problem(raw: bytes, kind: str, names: str) -> None:
+    result = parse_event(raw)
+    assert isinstance(result, Rejection)
+    assert result.kind == kind, result
+    assert names in result.reason, result.reason
+
+
+def test_feedback_on_a_signal_subject_is_refused() -> None:
+    event = parse_event(orjson.dumps(envelope("tip.reacted")))
+    rejection = check_subject(event, "signals.tip.reacted")
+    assert rejection and rejection.kind == "subject_mismatch" and "feedback.tip.reacted" in rejection.reason
+
+
+def test_upcasters_bring_old_versions_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A hypothetical v0 that called the task `todo`: registering one step is all it takes.
+    monkeypatch.setitem(events.UPCASTERS, ("task.completed", 0),
+                        lambda raw: {**raw, "v": 1, "data": {"task_id": raw["data"]["todo"]}})
+    old = {**envelope("task.completed"), "v": 0, "data": {"todo": "t-7"}}
+    event = parse_event(orjson.dumps(old))
+    assert not isinstance(event, Rejection), event
+    assert event.data.task_id == "t-7" and event.v == 1
+
+
+def test_committed_docs_match_the_code() -> None:
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    for name, text in generated().items():
+        committed = (docs / name).read_text()
+        assert committed == text, f"docs/{name} is stale: run `tipstream docs` and commit the result"
+    schema = json.loads((docs / "events.schema.json").read_text())
+    assert set(schema["discriminator"]["mapping"]) == set(GOOD)

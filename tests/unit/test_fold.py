@@ -1,0 +1,159 @@
+"""The fold: order, batching and duplicates don't matter; features match a direct computation."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streams.events import parse_event
+from streams.features import FEATURE_NAMES, evaluate
+from streams.fold import DAY_MS, UserState, apply, to_ms
+from streams.simulator import Population
+from streams.store import OnlineStore
+
+BASE = datetime(2026, 10, 1, tzinfo=timezone.utc)
+KINDS = ["task.created", "task.completed", "task.rescheduled", "task.deleted", "app.opened", "tip.shown", "tip.reacted"]
+REACTIONS = ["acted", "liked", "snoozed", "dismissed", "disliked"]
+
+
+@st.composite
+def raw_event(draw: Any, index: int) -> dict[str, Any]:
+    kind = draw(st.sampled_from(KINDS))
+    offset = timedelta(minutes=draw(st.sampled_from([-480, 0, 60, 330])))
+    moment = (BASE + timedelta(minutes=draw(st.integers(0, 45 * 24 * 60)), milliseconds=draw(st.integers(0, 999))))
+    task = f"t-{draw(st.integers(0, 12))}"
+    data: dict[str, Any] = {
+        "task.created": {"task_id": task, "due": (moment + timedelta(hours=draw(st.integers(-48, 96)))).isoformat()},
+        "task.completed": {"task_id": task},
+        "task.rescheduled": {"task_id": task, "due": (moment + timedelta(days=1)).isoformat()},
+        "task.deleted": {"task_id": task},
+        "app.opened": {},
+        "tip.shown": {"tip_id": f"tip-{draw(st.integers(0, 3))}"},
+        "tip.reacted": {"tip_id": "tip-0", "reaction": draw(st.sampled_from(REACTIONS))},
+    }[kind]
+    return {"id": f"e-{index}", "type": kind, "user_id": "u", "ts": moment.astimezone(timezone(offset)).isoformat(),
+            "data": data}
+
+
+@st.composite
+def event_log(draw: Any) -> list[Any]:
+    size = draw(st.integers(1, 60))
+    events = [draw(raw_event(i)) for i in range(size)]
+    duplicates = draw(st.lists(st.sampled_from(events), max_size=10))
+    return [parse_event(orjson.dumps(e)) for e in events + duplicates]
+
+
+def fold_all(events: list[Any]) -> UserState:
+    state = UserState()
+    for event in events:
+        apply(state, event)
+    return state
+
+
+@settings(max_examples=60, deadline=None)
+@given(event_log(), st.randoms(use_true_random=False))
+def test_any_order_with_duplicates_gives_the_same_state(events: list[Any], rng: random.Random) -> None:
+    shuffled = events[:]
+    rng.shuffle(shuffled)
+    assert fold_all(shuffled) == fold_all(events)
+
+
+@settings(max_examples=40, deadline=None)
+@given(event_log(), st.data())
+def test_two_halves_with_a_checkpoint_between_equal_the_whole(events: list[Any], data: st.DataObject) -> None:
+    cut = data.draw(st.integers(0, len(events)))
+    store = OnlineStore()
+    for event in events[:cut]:
+        store.apply(event)
+    restored = OnlineStore()
+    restored.load({}, [(u, s.to_bytes()) for u, s in store.users.items()])
+    for event in events:  # replay from before the checkpoint: already-folded events count once
+        restored.apply(event)
+    assert restored.users["u"] == fold_all(events)
+
+
+def reference_features(raw: list[dict[str, Any]], now: datetime) -> dict[str, Any]:
+    """Each core feature computed directly from the raw events, the way DESIGN.md words it."""
+    seen, events = set(), []
+    for event in raw:
+        if event["id"] not in seen:
+            seen.add(event["id"])
+            events.append({**event, "at": datetime.fromisoformat(event["ts"])})
+
+    def within(event: dict[str, Any], days: float) -> bool:
+        return now - timedelta(days=days) < event["at"] <= now
+
+    def count(kind: str, days: float) -> int:
+        return sum(1 for e in events if e["type"] == kind and within(e, days))
+
+    created, completed = count("task.created", 7), count("task.completed", 7)
+    hours = Counter(e["at"].hour for e in events if e["type"] == "task.completed" and within(e, 28))
+    reactions = [e["data"]["reaction"] for e in events if e["type"] == "tip.reacted" and within(e, 30)]
+    signals = [e["at"] for e in events if e["type"] != "tip.reacted" and e["at"] <= now]
+    return {
+        "tasks_created_7d": created,
+        "tasks_completed_7d": completed,
+        "completion_rate_7d": (completed + 1) / (created + 2),
+        "preferred_hour": min(hours, key=lambda h: (-hours[h], h)) if hours else 9,
+        "tip_volume_24h": count("tip.shown", 1),
+        "tip_positive_rate_30d": (sum(r in ("acted", "liked") for r in reactions) + 1) / (len(reactions) + 2),
+        "seconds_since_active": (now - max(signals)).total_seconds() if signals else 30 * 86_400.0,
+        "app_opens_7d": count("app.opened", 7),
+    }
+
+
+def test_core_features_match_a_direct_computation_over_the_raw_events() -> None:
+    population = Population(users=6, seed=3)
+    raw = [event for _, event in population.history(days=40, start_ms=to_ms(BASE))]
+    rng = random.Random(5)
+    raw += rng.sample(raw, 200)  # redeliveries
+    late = rng.sample(raw, 300)
+    arrival = [e for e in raw if e not in late] + late  # some arrive late, out of order
+    assert len(raw) > 3_000
+    store = OnlineStore()
+    for event in arrival:
+        store.apply(parse_event(orjson.dumps(event)))
+    checked = 0
+    for user in population.users:
+        mine = [e for e in raw if e["user_id"] == user.user_id]
+        state = store.users[user.user_id]
+        for hours_after in (0, 1, 13, 30, 24 * 3, 24 * 8):
+            now = datetime.fromtimestamp(state.newest_ms / 1000, tz=timezone.utc) + timedelta(hours=hours_after)
+            expected = reference_features(mine, now)
+            got = evaluate(state, to_ms(now))
+            for name, value in expected.items():
+                assert got[name].value == value, (user.user_id, hours_after, name)
+                checked += 1
+    assert checked == 6 * 6 * 8
+    assert set(expected) <= set(FEATURE_NAMES)
+
+
+def test_windows_are_half_open_over_event_time() -> None:
+    def created(i: int, at: datetime) -> Any:
+        return parse_event(orjson.dumps({"id": f"c{i}", "type": "task.created", "user_id": "u", "ts": at.isoformat(),
+                                         "data": {"task_id": f"t{i}"}}))
+
+    now = BASE + timedelta(days=10)
+    state = fold_all([created(0, now - timedelta(days=7)), created(1, now - timedelta(days=7) + timedelta(milliseconds=1)),
+                      created(2, now), created(3, now + timedelta(milliseconds=1))])
+    assert evaluate(state, to_ms(now))["tasks_created_7d"].value == 2  # (now - 7d, now]
+
+
+def test_state_stays_bounded_as_time_goes_on() -> None:
+    population = Population(users=1, seed=9)
+    state = UserState()
+    sizes = []
+    for day, (_, event) in enumerate(population.history(days=120, start_ms=to_ms(BASE))):
+        apply(state, parse_event(orjson.dumps(event)))
+        if day % 400 == 0:
+            sizes.append(sum(len(log) for log in state.logs.values()))
+    span_days = (max(log.ts[-1] for log in state.logs.values() if len(log)) -
+                 min(log.ts[0] for log in state.logs.values() if len(log))) / DAY_MS
+    assert span_days <= 32
+    assert max(sizes[-5:]) < 2 * min(sizes[len(sizes) // 2:])  # flat, not growing

@@ -1,0 +1,170 @@
+"""Exploration policies and their logged propensities (models/policy.py)."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+from scipy import integrate, stats
+
+from models.policy import EpsilonGreedy, Greedy, Softmax, ThompsonSampling, make_policy
+
+SCORES = [0.2, 0.7, 0.5, 0.65]
+ALL = [Greedy(), EpsilonGreedy(0.2), Softmax(0.1), ThompsonSampling(n_draws=128)]
+
+
+def _first_frequencies(policy, scores, n, seed=0, samples=None) -> list[float]:
+    rng = random.Random(seed)
+    counts = Counter(policy.rank(scores, rng, samples)[0][0] for _ in range(n))
+    return [counts[i] / n for i in range(len(scores))]
+
+
+@pytest.mark.parametrize("policy", ALL, ids=repr)
+def test_every_policy_returns_a_permutation_and_propensities_summing_to_1(policy) -> None:
+    rng = random.Random(1)
+    for n in (1, 2, 4, 10, 50):
+        scores = [rng.random() for _ in range(n)]
+        order, propensities = policy.rank(scores, rng)
+        assert sorted(order) == list(range(n))
+        assert len(propensities) == n
+        assert sum(propensities) == pytest.approx(1.0, abs=1e-12)
+        assert all(0.0 <= p <= 1.0 for p in propensities)
+    assert policy.rank([], rng) == ([], [])
+
+
+@pytest.mark.parametrize("policy", ALL, ids=repr)
+def test_deterministic_given_the_rng(policy) -> None:
+    a = [policy.rank(SCORES, r) for r in [random.Random(42)] * 20]
+    b = [policy.rank(SCORES, r) for r in [random.Random(42)] * 20]
+    assert a == b
+
+
+@pytest.mark.parametrize("policy", ALL, ids=repr)
+def test_non_finite_scores_are_refused(policy) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        policy.rank([0.1, math.nan], random.Random(0))
+
+
+def test_greedy_ties_go_to_the_lower_index() -> None:
+    assert Greedy().rank([0.3, 0.9, 0.9, 0.1], random.Random(0)) == ([1, 2, 0, 3], [0.0, 1.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3, 1.0])
+def test_epsilon_greedy_propensities(eps: float) -> None:
+    n = len(SCORES)
+    _, p = EpsilonGreedy(eps).rank(SCORES, random.Random(0))
+    assert p[1] == pytest.approx(1 - eps + eps / n)
+    assert p[0] == p[2] == p[3] == pytest.approx(eps / n)
+    freq = _first_frequencies(EpsilonGreedy(eps), SCORES, 20_000)
+    assert freq == pytest.approx(p, abs=0.012)
+
+
+def test_epsilon_greedy_keeps_the_rest_in_greedy_order() -> None:
+    rng = random.Random(5)
+    for _ in range(200):
+        order, _ = EpsilonGreedy(0.5).rank(SCORES, rng)
+        rest = order[1:]
+        assert rest == sorted(rest, key=lambda i: -SCORES[i])
+
+
+def test_softmax_propensities_are_the_softmax_and_match_frequencies() -> None:
+    t = 0.15
+    _, p = Softmax(t).rank(SCORES, random.Random(0))
+    weights = [math.exp(s / t) for s in SCORES]
+    assert p == pytest.approx([w / sum(weights) for w in weights], abs=1e-12)
+    assert _first_frequencies(Softmax(t), SCORES, 20_000) == pytest.approx(p, abs=0.012)
+
+
+def test_softmax_samples_the_whole_order_plackett_luce() -> None:
+    t = 0.15
+    weights = [math.exp(s / t) for s in SCORES]
+    total = sum(weights)
+    # P(second = j) = sum_i P(first = i) * w_j / (total - w_i)
+    expected = [sum(weights[i] / total * weights[j] / (total - weights[i]) for i in range(4) if i != j)
+                for j in range(4)]
+    rng = random.Random(3)
+    seconds = Counter(Softmax(t).rank(SCORES, rng)[0][1] for _ in range(20_000))
+    assert [seconds[j] / 20_000 for j in range(4)] == pytest.approx(expected, abs=0.012)
+
+
+def test_softmax_temperature_controls_exploration() -> None:
+    _, cold = Softmax(0.001).rank(SCORES, random.Random(0))
+    _, hot = Softmax(100.0).rank(SCORES, random.Random(0))
+    assert cold[1] == pytest.approx(1.0)
+    assert hot == pytest.approx([0.25] * 4, abs=0.01)
+
+
+ALPHA = [2.0, 30.0, 12.0, 5.0]
+BETA = [8.0, 12.0, 8.0, 3.0]
+
+
+def _true_first_probabilities(alpha, beta) -> list[float]:
+    draws = np.random.default_rng(0).beta(alpha, beta, size=(400_000, len(alpha)))
+    return (np.bincount(draws.argmax(axis=1), minlength=len(alpha)) / len(draws)).tolist()
+
+
+def test_thompson_propensities_match_first_place_frequencies() -> None:
+    samples = {"alpha": ALPHA, "beta": BETA}
+    truth = _true_first_probabilities(ALPHA, BETA)
+    policy = ThompsonSampling(n_draws=128)
+    rng = random.Random(11)
+    runs = [policy.rank(SCORES, rng, samples) for _ in range(3000)]
+    mean_propensity = np.mean([p for _, p in runs], axis=0)
+    assert mean_propensity.tolist() == pytest.approx(truth, abs=0.01)
+    firsts = Counter(order[0] for order, _ in runs)
+    assert [firsts[i] / 3000 for i in range(4)] == pytest.approx(truth, abs=0.03)
+    # The served candidate was among the draws, so its propensity is never 0.
+    assert all(p[order[0]] >= 1 / 128 for order, p in runs)
+
+
+def test_thompson_two_candidates_against_the_closed_form() -> None:
+    a1, b1, a2, b2 = 3.0, 7.0, 5.0, 5.0
+    p_first, _ = integrate.quad(lambda x: stats.beta.pdf(x, a1, b1) * stats.beta.cdf(x, a2, b2), 0, 1)
+    _, p = ThompsonSampling(n_draws=20_000).rank([0.3, 0.5], random.Random(0), {"alpha": [a1, a2], "beta": [b1, b2]})
+    assert p[0] == pytest.approx(p_first, abs=0.01)
+
+
+def test_thompson_without_posteriors_uses_the_scores() -> None:
+    _, p = ThompsonSampling(n_draws=4000, concentration=200.0).rank([0.1, 0.9, 0.5], random.Random(0))
+    assert p[1] > 0.99
+    _, p = ThompsonSampling(n_draws=4000, concentration=2.0).rank([0.1, 0.9, 0.5], random.Random(0))
+    assert 0.4 < p[1] < 0.9  # wide posteriors: real exploration
+
+
+def test_thompson_refuses_bad_posteriors() -> None:
+    policy = ThompsonSampling()
+    with pytest.raises(ValueError, match="one value per candidate"):
+        policy.rank([0.1, 0.2], random.Random(0), {"alpha": [1.0], "beta": [1.0]})
+    with pytest.raises(ValueError, match="> 0"):
+        policy.rank([0.1, 0.2], random.Random(0), {"alpha": [1.0, 0.0], "beta": [1.0, 1.0]})
+    with pytest.raises(ValueError, match="alpha"):
+        policy.rank([0.1, 0.2], random.Random(0), {"a": [1.0, 1.0]})
+
+
+def test_make_policy_builds_each_policy() -> None:
+    assert make_policy("epsilon_greedy", epsilon=0.2) == EpsilonGreedy(0.2)
+    assert make_policy("Epsilon-Greedy", epsilon="0.05") == EpsilonGreedy(0.05)
+    assert make_policy("softmax", temperature=0.3) == Softmax(0.3)
+    assert make_policy("thompson", n_draws="64", concentration=None) == ThompsonSampling(64)
+    assert make_policy("greedy") == Greedy()
+    assert make_policy("softmax", epsilon=None).params == {"temperature": 0.1}  # None: not set
+
+
+def test_make_policy_errors_name_the_choices() -> None:
+    with pytest.raises(ValueError, match="choose one of: epsilon_greedy, softmax, thompson, greedy"):
+        make_policy("linucb")
+    with pytest.raises(ValueError, match="does not take epsilon; it accepts: temperature"):
+        make_policy("softmax", epsilon=0.1)
+    with pytest.raises(ValueError, match="it accepts: no parameters"):
+        make_policy("greedy", epsilon=0.1)
+    with pytest.raises(ValueError, match="epsilon must be between 0 and 1"):
+        make_policy("epsilon_greedy", epsilon=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        make_policy("softmax", temperature="hot")
+    with pytest.raises(ValueError, match="temperature"):
+        Softmax(0.0)
+    with pytest.raises(ValueError, match="n_draws"):
+        ThompsonSampling(n_draws=0)

@@ -1,0 +1,193 @@
+"""Model registry rules, persistence and model cards (models/registry.py)."""
+
+from __future__ import annotations
+
+import json
+import random
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from models.registry import ModelCard, ModelVersion, Registry, RegistryError, RolloutEntry, card_markdown
+from models.reward import TipModel, fairness_check, progressive_validation, tenure_segment, timezone_segment
+
+T0 = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        self.now += timedelta(minutes=1)
+        return self.now
+
+
+def _version(name: str) -> ModelVersion:
+    return ModelVersion(name, "logreg", {"learning_rate": 0.05, "interactions": [["category", "hour_of_day"]]},
+                        ["hour_of_day", "tip_id"], T0)
+
+
+@pytest.fixture
+def reg() -> Registry:
+    r = Registry(clock=Clock())
+    for v in ("v1", "v2", "v3"):
+        r.register(_version(v), actor="ci")
+    r.bootstrap("v1", actor="alice")
+    return r
+
+
+def test_promote_without_shadow_is_refused_and_says_what_to_do(reg: Registry) -> None:
+    before = list(reg.history)
+    with pytest.raises(RegistryError) as err:
+        reg.promote("v3", actor="alice")
+    assert str(err.value) == "Version 'v3' has not run as shadow; run `tipstream models shadow v3` first."
+    assert err.value.code == "conflict"
+    assert reg.champion == "v1" and reg.history == before  # nothing half-applied
+
+
+def test_shadow_then_promote_then_rollback_restores_the_champion(reg: Registry) -> None:
+    reg.set_shadow("v2", actor="alice")
+    assert (reg.champion, reg.shadow) == ("v1", "v2")
+    reg.promote("v2", actor="bob", note="better AUC")
+    assert (reg.champion, reg.shadow) == ("v2", None)
+    assert reg.role("v1") is None and reg.role("v2") == "champion"
+    assert reg.rollback(actor="carol") == "v1"
+    assert reg.champion == "v1"
+    last = reg.history[-1]
+    assert (last.action, last.version, last.actor, last.note) == ("rollback", "v1", "carol", "from v2")
+
+
+def test_rollbacks_walk_back_through_earlier_champions(reg: Registry) -> None:
+    for v in ("v2", "v3"):
+        reg.set_shadow(v, actor="a")
+        reg.promote(v, actor="a")
+    assert reg.rollback(actor="a") == "v2"
+    assert reg.rollback(actor="a") == "v1"
+    with pytest.raises(RegistryError, match="no earlier champion to roll back to; promote a shadowed version"):
+        reg.rollback(actor="a")
+    assert reg.champion == "v1"
+
+
+def test_a_version_that_shadowed_before_can_be_promoted_again(reg: Registry) -> None:
+    reg.set_shadow("v2", actor="a")
+    reg.promote("v2", actor="a")
+    reg.rollback(actor="a")
+    reg.promote("v2", actor="a")  # it has run as shadow
+    assert reg.champion == "v2"
+
+
+def test_bootstrap_only_for_the_first_champion(reg: Registry) -> None:
+    with pytest.raises(RegistryError, match="already a champion .'v1'.; shadow 'v2' with `tipstream models shadow v2`"):
+        reg.bootstrap("v2", actor="a")
+    entry = reg.get("v1").card.rollout_history[-1]
+    assert entry.action == "promote" and "initial champion" in entry.note
+
+
+def test_shadow_rules(reg: Registry) -> None:
+    with pytest.raises(RegistryError, match="'v1' is the champion; shadow a different version"):
+        reg.set_shadow("v1", actor="a")
+    reg.set_shadow("v2", actor="a")
+    with pytest.raises(RegistryError, match="already the shadow"):
+        reg.set_shadow("v2", actor="a")
+    reg.set_shadow("v3", actor="a")
+    assert reg.shadow == "v3"
+    # The replaced shadow's card records that it stopped shadowing.
+    assert reg.get("v2").card.rollout_history[-1].note == "replaces shadow v2"
+    assert reg.get("v2").card.rollout_history[-1] is reg.get("v3").card.rollout_history[-1]
+
+
+def test_retire(reg: Registry) -> None:
+    with pytest.raises(RegistryError, match="'v1' is the champion; promote another .* `tipstream models rollback`"):
+        reg.retire("v1", actor="a")
+    reg.set_shadow("v2", actor="a")
+    reg.promote("v2", actor="a")
+    reg.set_shadow("v3", actor="a")
+    reg.retire("v3", actor="a")
+    assert reg.shadow is None and reg.role("v3") == "retired"
+    reg.retire("v1", actor="a")  # leaves the rollback stack
+    with pytest.raises(RegistryError, match="no earlier champion"):
+        reg.rollback(actor="a")
+    for action in (reg.set_shadow, reg.promote, reg.retire):
+        with pytest.raises(RegistryError, match="'v3' is retired .* register a new version instead"):
+            action("v3", actor="a")
+
+
+def test_unknown_duplicate_and_invalid(reg: Registry) -> None:
+    with pytest.raises(RegistryError, match="Unknown model version 'v9' .known: v1, v2, v3.; list them with `tipstream models list`") as err:
+        reg.set_shadow("v9", actor="a")
+    assert err.value.code == "not_found"
+    with pytest.raises(RegistryError, match="already registered"):
+        reg.register(_version("v1"), actor="ci")
+    with pytest.raises(RegistryError, match="not valid") as err:
+        reg.register(_version(" v4"), actor="ci")
+    assert err.value.code == "invalid"
+    with pytest.raises(RegistryError, match="needs an actor"):
+        reg.set_shadow("v2", actor=" ")
+    assert reg.shadow is None
+
+
+def test_every_change_lands_in_the_history_with_time_and_actor(reg: Registry) -> None:
+    reg.set_shadow("v2", actor="bob")
+    reg.promote("v2", actor="bob")
+    actions = [(e.action, e.version, e.actor) for e in reg.history]
+    assert actions == [("register", "v1", "ci"), ("register", "v2", "ci"), ("register", "v3", "ci"),
+                       ("promote", "v1", "alice"), ("shadow", "v2", "bob"), ("promote", "v2", "bob")]
+    times = [e.at for e in reg.history]
+    assert times == sorted(times) and len(set(times)) == len(times)
+    # A promotion changes two versions' roles, so it lands on both cards.
+    assert [e.action for e in reg.get("v1").card.rollout_history] == ["register", "promote", "promote"]
+    assert reg.get("v1").card.rollout_history[-1].note == "replaces champion v1"
+
+
+def test_json_round_trip_keeps_roles_history_and_cards(reg: Registry) -> None:
+    reg.set_shadow("v2", actor="a")
+    reg.promote("v2", actor="a")
+    reg.set_shadow("v3", actor="a")
+    copy = Registry.from_dict(json.loads(json.dumps(reg.to_dict())), clock=Clock())
+    assert (copy.champion, copy.shadow, copy.previous_champions) == ("v2", "v3", ["v1"])
+    assert copy.history == reg.history
+    for v in ("v1", "v2", "v3"):
+        assert copy.get(v) == reg.get(v)
+    assert copy.get("v1").params["interactions"] == [["category", "hour_of_day"]]
+    copy.promote("v3", actor="a")  # shadowed state survived too
+    assert copy.rollback(actor="a") == "v2"
+
+
+def test_model_card_from_a_real_model() -> None:
+    rng = random.Random(0)
+    stream = []
+    for _ in range(600):
+        new = rng.random() < 0.3
+        cat = rng.choice(("focus", "breaks"))
+        x = {"tip_id": f"tip-{cat}", "category": cat, "hour_of_day": rng.randrange(24),
+             "seconds_since_active": 9e6 if new else 60.0, "utc_offset_min": rng.choice((-300, 60, 540))}
+        stream.append((x, float(rng.random() < (0.7 if cat == "focus" else 0.2))))
+    model, records = TipModel(), []
+    metrics = progressive_validation(model, stream, records=records)
+    fairness = {"tenure": fairness_check(records, tenure_segment), "timezone": fairness_check(records, timezone_segment)}
+    card = ModelCard(inputs=model.describe_inputs(), offline_metrics=metrics, fairness=fairness)
+    reg = Registry(clock=Clock())
+    reg.register(ModelVersion("m-1", model.params["kind"], model.params, model.feature_names, T0, card), actor="ci")
+    reg.bootstrap("m-1", actor="ops")
+    md = reg.card_markdown("m-1")
+    assert md.startswith("# Model card: m-1\n")
+    assert "- Role: champion" in md
+    assert f"| roc_auc | {metrics['roc_auc']:.4g} |" in md
+    assert "| tip_id | categorical, one-hot |" in md
+    assert "### By tenure" in md and "| new | " in md and "| established | " in md
+    assert "### By timezone" in md and "| apac | " in md
+    assert "Largest gaps between segments with at least 30 records: roc_auc" in md
+    assert "| promote | m-1 | ops | initial champion" in md
+    json.dumps(reg.to_dict())  # the whole card, metrics included, is JSON-ready for SQL
+
+
+def test_card_of_an_unevaluated_version() -> None:
+    md = card_markdown(ModelVersion("bare", "fm", {}, [], T0))
+    for text in ("- Role: none", "(none recorded)", "(not evaluated)", "(not checked)", "## Rollout history\n\n(none)"):
+        assert text in md
+
+
+def test_rollout_entry_round_trip() -> None:
+    e = RolloutEntry(T0, "shadow", "v1", "alice", "note with | pipe")
+    assert RolloutEntry.from_dict(json.loads(json.dumps(e.to_dict()))) == e

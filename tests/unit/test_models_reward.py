@@ -1,0 +1,383 @@
+"""TipModel, PopularityPrior and the offline metrics in models/reward.py."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from river import facto, optim
+
+from models.reward import (
+    DEFAULT_REWARDS,
+    PopularityPrior,
+    TipModel,
+    _FastFMClassifier,
+    _sigmoid,
+    fairness_check,
+    progressive_validation,
+    tenure_segment,
+    timezone_segment,
+)
+
+KINDS = ("logreg", "fm")
+CATEGORIES = ("focus", "breaks", "planning")
+
+
+def _reaction_reward(rng: random.Random, p_positive: float) -> float:
+    """A reaction drawn like a real user's, turned into the default reward."""
+    if rng.random() < p_positive:
+        return DEFAULT_REWARDS[rng.choice(("acted", "liked"))]
+    return DEFAULT_REWARDS[rng.choice(("snoozed", "dismissed", "disliked"))]
+
+
+def _daypart_stream(n: int, seed: int = 7):
+    """Users like `focus` tips in the morning and `breaks` tips in the evening."""
+    rng = random.Random(seed)
+    for _ in range(n):
+        morning = rng.random() < 0.5
+        hour = rng.randint(6, 11) if morning else rng.randint(18, 23)
+        category = rng.choice(CATEGORIES)
+        tip = f"tip-{category}-{rng.randrange(4)}"
+        liked = (morning and category == "focus") or (not morning and category == "breaks")
+        x = {"hour_of_day": hour, "completion_rate_7d": rng.random(), "preferred_hour": rng.randrange(24),
+             "seconds_since_active": rng.expovariate(1 / 3600), "tip_id": tip, "category": category}
+        yield x, _reaction_reward(rng, 0.8 if liked else 0.15)
+
+
+def _user(hour: int) -> dict:
+    return {"hour_of_day": hour, "completion_rate_7d": 0.5, "preferred_hour": 12, "seconds_since_active": 600.0}
+
+
+def _trained(kind: str, n: int = 3000, **params) -> TipModel:
+    model = TipModel(kind=kind, **params)
+    for x, r in _daypart_stream(n):
+        model.learn_one(x, r)
+    return model
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def trained(request) -> TipModel:
+    return _trained(request.param)
+
+
+def test_default_rewards_match_the_design() -> None:
+    assert DEFAULT_REWARDS == {"acted": 1.0, "liked": 0.8, "snoozed": 0.3, "dismissed": 0.0, "disliked": 0.0}
+
+
+def test_learns_time_of_day_preferences(trained: TipModel) -> None:
+    def score(hour: int, category: str) -> float:
+        return sum(trained.predict_one({**_user(hour), "tip_id": f"tip-{category}-{i}", "category": category})
+                   for i in range(4)) / 4
+
+    assert score(8, "focus") > score(8, "breaks") + 0.2
+    assert score(21, "breaks") > score(21, "focus") + 0.2
+    # The ranking that /score would serve: focus first in the morning, breaks first in the evening.
+    for hour, best in ((9, "focus"), (20, "breaks")):
+        candidates = [{"tip_id": f"tip-{c}-0", "category": c} for c in CATEGORIES]
+        scores = trained.predict_many(candidates, shared=_user(hour))
+        assert candidates[max(range(3), key=scores.__getitem__)]["category"] == best
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_learns_each_users_own_taste_through_user_id(kind: str) -> None:
+    # Hidden per-user tastes (as in streams.simulator): no profile feature reveals them, so only
+    # the user_id x category cross can; a global model would be no better than random here.
+    rng = random.Random(3)
+    users = {f"u-{i}": set(rng.sample(CATEGORIES, 1)) for i in range(20)}
+    model = TipModel(kind=kind, learning_rate=0.1)
+    for _ in range(4000):
+        user, liked = rng.choice(list(users.items()))
+        category = rng.choice(CATEGORIES)
+        x = {"user_id": user, "hour_of_day": rng.randrange(24), "tip_id": f"tip-{category}-{rng.randrange(3)}",
+             "category": category}
+        model.learn_one(x, _reaction_reward(rng, 0.8 if category in liked else 0.1))
+    hits = 0
+    for user, liked in users.items():
+        candidates = [{"tip_id": f"tip-{c}-0", "category": c} for c in CATEGORIES]
+        scores = model.predict_many(candidates, shared={"user_id": user, "hour_of_day": 12})
+        hits += candidates[max(range(3), key=scores.__getitem__)]["category"] in liked
+    assert hits >= 18  # random ranking: about 7 of 20
+
+
+def test_fractional_rewards_are_learned_as_weighted_labels() -> None:
+    # The weighted optimum of log loss is p = reward. Passing 0.3 to River as a label would be
+    # read as False and drive p towards 0 instead.
+    model = TipModel(learning_rate=0.05, intercept_lr=0.05)
+    x = {"tip_id": "t", "category": "c", "hour_of_day": 9}
+    for _ in range(3000):
+        model.learn_one(x, 0.3)
+    assert model.predict_one(x) == pytest.approx(0.3, abs=0.03)
+
+
+@pytest.mark.parametrize("reward", [-0.1, 1.5, math.nan])
+def test_rewards_outside_0_1_are_refused(reward: float) -> None:
+    model = TipModel()
+    with pytest.raises(ValueError, match="reward"):
+        model.learn_one({"tip_id": "t"}, reward)
+    assert model.n_learned == 0
+
+
+def test_extreme_logits_give_float_probabilities() -> None:
+    assert [_sigmoid(z) for z in (-1e4, -40.0, 0.0, 40.0, 1e4)] == [0.0, pytest.approx(4.25e-18), 0.5, 1.0, 1.0]
+    assert all(type(_sigmoid(z)) is float for z in (-1e4, 1e4))
+
+
+def test_features_of_a_wrong_type_are_named() -> None:
+    with pytest.raises(TypeError, match="'tasks'"):
+        TipModel().learn_one({"tip_id": "t", "tasks": [1, 2]}, 1.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_clone_is_untrained_with_equal_params(kind: str) -> None:
+    model = _trained(kind, n=300, learning_rate=0.07, l2=0.001)
+    fresh = model.clone()
+    assert fresh.params == model.params and fresh is not model
+    assert fresh.n_learned == 0 and model.n_learned == 300
+    x = {**_user(8), "tip_id": "tip-focus-0", "category": "focus"}
+    assert fresh.predict_one(x) == 0.5 != model.predict_one(x)
+    assert fresh.feature_names == []
+    assert model.clone(learning_rate=0.2).params["learning_rate"] == 0.2
+
+
+def test_params_survive_json_shapes() -> None:
+    # The SQL adapter stores params as JSON: tuples come back as lists.
+    model = TipModel(interactions=[["category", "hour_of_day"]])
+    assert model.params["interactions"] == (("category", "hour_of_day"),)
+    assert TipModel(**model.params).params == model.params
+
+
+def test_bad_params_are_refused() -> None:
+    with pytest.raises(ValueError, match="logreg, fm"):
+        TipModel(kind="tree")
+    with pytest.raises(ValueError, match="learning_rate"):
+        TipModel(learning_rate=0)
+    with pytest.raises(ValueError, match="hour_bucket"):
+        TipModel(hour_bucket=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_snapshot_round_trip_is_exact_and_keeps_learning_identically(kind: str) -> None:
+    model = _trained(kind, n=500)
+    copy = TipModel.from_bytes(model.to_bytes())
+    probes = [{**_user(h), "tip_id": f"tip-{c}-1", "category": c} for h in (7, 13, 22) for c in CATEGORIES]
+    assert [copy.predict_one(x) for x in probes] == [model.predict_one(x) for x in probes]
+    assert copy.params == model.params and copy.n_learned == model.n_learned
+    for x, r in _daypart_stream(50, seed=99):
+        model.learn_one(x, r)
+        copy.learn_one(x, r)
+    assert [copy.predict_one(x) for x in probes] == [model.predict_one(x) for x in probes]
+
+
+def test_snapshot_of_something_else_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a TipModel snapshot"):
+        TipModel.from_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a TipModel snapshot"):
+        TipModel.from_bytes(PopularityPrior().to_bytes())
+
+
+def test_predict_many_equals_predict_one(trained: TipModel) -> None:
+    user = {**_user(9), "user_id": "u-1"}
+    candidates = [{"tip_id": f"tip-{c}-{i}", "category": c, "tip_length": float(i)} for c in CATEGORIES for i in range(4)]
+    candidates.append({"tip_id": "tip-never-seen", "category": "new"})
+    candidates.append({"tip_id": "tip-focus-0", "category": "focus", "hour_of_day": 21})  # overrides a shared value
+    one = [trained.predict_one({**user, **c}) for c in candidates]
+    assert trained.predict_many([{**user, **c} for c in candidates]) == pytest.approx(one, abs=1e-12)
+    assert trained.predict_many(candidates, shared=user) == pytest.approx(one, abs=1e-12)
+    assert trained.predict_many(candidates[:-1], shared=user) == pytest.approx(one[:-1], abs=1e-12)
+    assert trained.predict_many([]) == []
+    assert trained.predict_many([{**user, **candidates[0]}]) == [one[0]]
+    assert all(0.0 <= p <= 1.0 for p in one)
+
+
+def test_fast_path_matches_the_river_pipeline(trained: TipModel) -> None:
+    # On features the model has seen (River's FM would draw random latents for unseen ones).
+    for x, _ in _daypart_stream(20, seed=5):
+        assert trained.predict_one(x) == pytest.approx(trained.pipeline.predict_proba_one(x)[True], abs=1e-12)
+
+
+def test_prediction_cost_does_not_grow_with_the_number_of_tips() -> None:
+    # River's OneHotEncoder emits a zero for every category ever seen unless drop_zeros is set.
+    model = TipModel()
+    for i in range(200):
+        model.learn_one({"tip_id": f"tip-{i}", "category": f"c{i % 10}", "hour_of_day": 9}, 1.0)
+    x = {"tip_id": "tip-3", "category": "c3", "hour_of_day": 9}
+    expected = {"hour_of_day", "tip_id_tip-3", "category_c3", "category*hour_of_day=c3*6-11"}
+    assert set(model._features(x, model.interactions._plan0)) == expected
+    assert set(model.pipeline.transform_one(x)) == expected
+
+
+def test_fast_fm_learns_exactly_like_rivers_fm() -> None:
+    rng = random.Random(1)
+    ours = _FastFMClassifier(n_factors=4, weight_optimizer=optim.SGD(0.05), latent_optimizer=optim.SGD(0.05),
+                             l2_weight=0.001, l2_latent=0.001, seed=3)
+    river = facto.FMClassifier(n_factors=4, weight_optimizer=optim.SGD(0.05), latent_optimizer=optim.SGD(0.05),
+                               l2_weight=0.001, l2_latent=0.001, seed=3)
+    for _ in range(300):
+        x = {"a": rng.gauss(0, 1), f"tip_{rng.randrange(5)}": 1.0, f"cat_{rng.randrange(3)}": 1.0}
+        y, w = rng.random() < 0.5, rng.choice((1.0, 0.8, 0.3))
+        ours.learn_one(x, y, w=w)
+        river.learn_one(x, y, w=w)
+    probe = {"a": 0.5, "tip_1": 1.0, "cat_2": 1.0}
+    assert ours.predict_proba_one(probe)[True] == pytest.approx(river.predict_proba_one(probe)[True], abs=1e-9)
+
+
+def test_feature_names_and_inputs_for_the_card() -> None:
+    model = TipModel(interactions=[("category", "hour_of_day")])
+    model.learn_one({"tip_id": "t", "category": "c", "hour_of_day": 9, "completion_rate_7d": 0.5, "gone": None}, 1.0)
+    assert model.feature_names == ["category", "completion_rate_7d", "hour_of_day", "tip_id"]
+    inputs = model.describe_inputs()
+    assert inputs["tip_id"] == "categorical, one-hot"
+    assert inputs["hour_of_day"] == "numeric, standard-scaled"
+    assert inputs["category*hour_of_day"] == "interaction, one-hot; hour_of_day in 6-hour buckets"
+    assert TipModel().describe_inputs() == {}  # nothing seen, no cross fired
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_predicting_never_changes_the_model(kind: str) -> None:
+    # /score reads the model while the learner writes it; a prediction must not write.
+    model = _trained(kind, n=200)
+    before = model.to_bytes()
+    unseen = [{"tip_id": f"tip-new-{i}", "category": "new", "user_id": "u-new", "novel": 3.0} for i in range(5)]
+    model.predict_many(unseen, shared=_user(3))
+    model.predict_many([{**_user(4), **x} for x in unseen])
+    model.predict_one(unseen[0])
+    assert model.to_bytes() == before
+
+
+# -- PopularityPrior ----------------------------------------------------------------------
+
+
+def test_prior_means_and_counts() -> None:
+    prior = PopularityPrior(strength=2.0)
+    assert prior.mean("anything") == 0.5 and prior.count("anything") == 0
+    for _ in range(30):
+        prior.update("good", 1.0)
+        prior.update("bad", 0.0)
+    prior.update("bad", 0.3)
+    assert prior.count("bad") == 31
+    assert prior.mean("good") > 0.9 and prior.mean("bad") < 0.1
+    # A tip never seen gets the global mean reward.
+    assert prior.mean("new") == pytest.approx(prior.base_rate) == pytest.approx(31.3 / 63)
+    a, b = prior.alpha_beta("good")
+    assert a + b == pytest.approx(2.0 + 30)
+
+
+def test_prior_samples_are_deterministic_and_centred() -> None:
+    prior = PopularityPrior()
+    for r in (1.0, 0.8, 0.0, 1.0, 0.3):
+        prior.update("t", r)
+    draws = [prior.sample("t", random.Random(s)) for s in range(2000)]
+    assert prior.sample("t", random.Random(5)) == draws[5]
+    assert sum(draws) / len(draws) == pytest.approx(prior.mean("t"), abs=0.02)
+
+
+def test_blend_moves_from_prior_to_model_with_observations() -> None:
+    prior = PopularityPrior(tip_k=20.0, user_k=5.0)
+    assert prior.blend("new-tip", 0.9) == prior.mean("new-tip")  # no observations: prior only
+    for _ in range(20):
+        prior.update("t", 0.0)
+    assert prior.model_weight("t") == pytest.approx(0.5)
+    assert prior.blend("t", 0.9) == pytest.approx(0.5 * 0.9 + 0.5 * prior.mean("t"))
+    assert prior.blend("t", 0.9, user_observations=0) == prior.mean("t")  # a new user
+    assert prior.model_weight("t", user_observations=5) == pytest.approx(0.25)
+    for _ in range(2000):
+        prior.update("t", 0.0)
+    assert prior.blend("t", 0.9, user_observations=1000) == pytest.approx(0.9, abs=0.02)
+
+
+def test_posterior_for_thompson() -> None:
+    prior = PopularityPrior(strength=2.0, max_concentration=50.0)
+    a, b = prior.posterior("new")
+    assert a + b == pytest.approx(2.0) and a / (a + b) == pytest.approx(0.5)
+    for _ in range(500):
+        prior.update("old", 1.0)
+    a, b = prior.posterior("old", model_score=0.2)
+    assert a + b == pytest.approx(50.0)  # capped: a well-known tip is still explored a little
+    assert a / (a + b) == pytest.approx(prior.blend("old", 0.2))
+
+
+def test_thompson_samples_line_up_with_candidates() -> None:
+    prior = PopularityPrior(max_concentration=1000.0)
+    for _ in range(100):
+        prior.update("known", 1.0)
+    samples = prior.thompson_samples(["known", "new"], [0.9, 0.9])
+    (a_known, a_new), (b_known, b_new) = samples["alpha"], samples["beta"]
+    assert a_known + b_known == pytest.approx(102.0) and a_new + b_new == pytest.approx(2.0)
+    # Without a model score, a new tip's posterior is the global base rate with weight `strength`.
+    m = prior.base_rate
+    assert prior.thompson_samples(["new"]) == {"alpha": [pytest.approx(2 * m)], "beta": [pytest.approx(2 * (1 - m))]}
+    with pytest.raises(ValueError):
+        prior.thompson_samples(["a"], [0.1, 0.2])
+
+
+def test_prior_snapshot_round_trip() -> None:
+    prior = PopularityPrior(tip_k=7.0)
+    for i in range(50):
+        prior.update(f"t{i % 3}", (i % 5) / 4)
+    copy = PopularityPrior.from_bytes(prior.to_bytes())
+    assert copy.params == prior.params
+    assert [copy.mean(f"t{i}") for i in range(4)] == [prior.mean(f"t{i}") for i in range(4)]
+    assert prior.clone().count("t0") == 0
+    with pytest.raises(ValueError, match="reward"):
+        prior.update("t0", 2.0)
+
+
+# -- offline metrics ----------------------------------------------------------------------
+
+
+def test_progressive_validation_predicts_before_learning() -> None:
+    model = TipModel()
+    records: list = []
+    stream = list(_daypart_stream(2000))
+    report = progressive_validation(model, stream, records=records)
+    assert report["n"] == 2000 == len(records) == model.n_learned
+    assert records[0][2] == 0.5  # the first prediction came from an untrained model
+    assert report["roc_auc"] > 0.75
+    assert report["mean_reward"] == pytest.approx(sum(r for _, r in stream) / len(stream))
+    # Worse than always predicting the mean would mean the model learned nothing.
+    m = report["mean_reward"]
+    baseline = -sum(r * math.log(m) + (1 - r) * math.log(1 - m) for _, r in stream) / len(stream)
+    assert report["log_loss"] < baseline - 0.05
+    assert report["calibration_error"] < 0.05
+
+
+def test_progressive_validation_of_a_single_class_has_no_auc() -> None:
+    report = progressive_validation(TipModel(), [({"tip_id": "a"}, 1.0)] * 10)
+    assert report["roc_auc"] is None and report["mean_reward"] == 1.0
+
+
+def test_fairness_check_finds_the_segment_served_worse() -> None:
+    rng = random.Random(2)
+    records = []
+    for _ in range(2000):
+        new = rng.random() < 0.3
+        reward = float(rng.random() < 0.5)
+        # Informative scores for established users, noise for new ones.
+        score = rng.random() if new else min(max(reward * 0.6 + 0.2 + rng.gauss(0, 0.1), 0.0), 1.0)
+        records.append(({"seconds_since_active": 9e6 if new else 60.0}, reward, score))
+    records += [({"is_new_user": False, "seconds_since_active": 9e6}, 1.0, 0.9)] * 5
+    report = fairness_check(records, tenure_segment, min_n=30)
+    seg = report["segments"]
+    assert seg["established"]["roc_auc"] > 0.9 and 0.4 < seg["new"]["roc_auc"] < 0.6
+    assert report["max_gap"]["roc_auc"] == pytest.approx(seg["established"]["roc_auc"] - seg["new"]["roc_auc"])
+    assert report["worst"]["roc_auc"] == "new" and report["worst"]["log_loss"] == "new"
+    assert sum(s["n"] for s in seg.values()) == 2005
+
+
+def test_fairness_gaps_ignore_small_segments() -> None:
+    records = [({"utc_offset_min": -300}, 1.0, 0.9), ({"utc_offset_min": -300}, 0.0, 0.1)] * 20
+    records += [({"utc_offset_min": 540}, 1.0, 0.1), ({"utc_offset_min": 540}, 0.0, 0.9)]
+    report = fairness_check(records, timezone_segment, min_n=30)
+    assert report["compared"] == ["americas"]
+    assert report["max_gap"]["roc_auc"] is None
+    assert report["segments"]["apac"]["n"] == 2
+
+
+def test_segment_functions() -> None:
+    assert tenure_segment({"is_new_user": 1}) == "new"
+    assert tenure_segment({"is_new_user": False, "seconds_since_active": 9e9}) == "established"
+    assert tenure_segment({}) == "new"
+    assert tenure_segment({"seconds_since_active": 3600.0}) == "established"
+    assert [timezone_segment({"utc_offset_min": m}) for m in (-480, -240, 0, 120, 330, 540)] == [
+        "americas", "americas", "emea", "emea", "apac", "apac"]
