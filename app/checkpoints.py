@@ -11,9 +11,10 @@ import asyncio
 import logging
 import time
 from datetime import datetime, timezone
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol, Sequence
 
 from sqlalchemy import Engine, select
+from sqlalchemy.engine import Connection
 
 from app import db
 from app.metrics import METRICS
@@ -23,10 +24,23 @@ log = logging.getLogger("tipstream.checkpoints")
 SERIALISE_CHUNK = 2_000
 
 
+class Participant(Protocol):
+    """Other state saved in the checkpoint's transaction (models, the learner's joins)."""
+
+    name: str
+
+    def snapshot(self) -> Any:
+        """Called on the event loop at step 1: a cheap, consistent copy to write later."""
+
+    def write(self, conn: Connection, snapshot: Any) -> None:
+        """Called inside the checkpoint transaction, in a worker thread."""
+
+
 class CheckpointStore(Protocol):
     def load(self) -> tuple[dict[str, int], Iterator[tuple[str, bytes]]]: ...
 
-    def save(self, positions: dict[str, int], states: list[tuple[str, bytes]]) -> None: ...
+    def save(self, positions: dict[str, int], states: list[tuple[str, bytes]],
+             extras: Sequence[tuple[Participant, Any]] = ()) -> None: ...
 
 
 class MemoryCheckpointStore:
@@ -35,13 +49,17 @@ class MemoryCheckpointStore:
     def __init__(self) -> None:
         self.positions: dict[str, int] = {}
         self.states: dict[str, bytes] = {}
+        self.extras: dict[str, Any] = {}
 
     def load(self) -> tuple[dict[str, int], Iterator[tuple[str, bytes]]]:
         return dict(self.positions), iter(list(self.states.items()))
 
-    def save(self, positions: dict[str, int], states: list[tuple[str, bytes]]) -> None:
+    def save(self, positions: dict[str, int], states: list[tuple[str, bytes]],
+             extras: Sequence[tuple[Participant, Any]] = ()) -> None:
         self.states.update(states)
         self.positions.update(positions)
+        for participant, snapshot in extras:
+            self.extras[participant.name] = snapshot
 
 
 class SqlCheckpointStore:
@@ -63,9 +81,12 @@ class SqlCheckpointStore:
             for user_id, blob in result:
                 yield user_id, bytes(blob)
 
-    def save(self, positions: dict[str, int], states: list[tuple[str, bytes]]) -> None:
+    def save(self, positions: dict[str, int], states: list[tuple[str, bytes]],
+             extras: Sequence[tuple[Participant, Any]] = ()) -> None:
         now = datetime.now(timezone.utc)
         with self.engine.begin() as conn:
+            for participant, snapshot in extras:
+                participant.write(conn, snapshot)
             db.upsert(conn, db.user_state, [{"user_id": u, "state": b, "updated_at": now} for u, b in states], ["user_id"])
             db.upsert(
                 conn,
@@ -79,15 +100,18 @@ class Checkpointer:
     """Writes a checkpoint every `every_events` applied events or `every_s` seconds.
 
     Steps of one checkpoint:
-    1. Take the positions and the set of changed users from the online store.
+    1. Take the positions and the set of changed users from the online store, and a
+       snapshot from each participant (None: nothing changed).
     2. Serialise those users in chunks, yielding to the event loop between chunks.
     3. Write states and positions in one transaction, in a worker thread.
     4. On failure, hand the users back to the store and retry with backoff: a database
        that is away delays checkpoints, it never loses events (they stay in the stream).
     """
 
-    def __init__(self, store: OnlineStore, target: CheckpointStore, every_events: int, every_s: float) -> None:
+    def __init__(self, store: OnlineStore, target: CheckpointStore, every_events: int, every_s: float,
+                 participants: Sequence[Participant] = ()) -> None:
         self.store, self.target = store, target
+        self.participants = list(participants)
         self.every_events, self.every_s = every_events, every_s
         self.last_applied = store.applied
         self.last_ok = time.monotonic()
@@ -128,7 +152,8 @@ class Checkpointer:
         """One checkpoint; False when nothing changed since the last."""
         applied = self.store.applied
         positions, users = self.store.begin_checkpoint()
-        if not users and positions == self._saved_positions:
+        extras = [(p, p.snapshot()) for p in self.participants]
+        if not users and positions == self._saved_positions and all(snap is None for _, snap in extras):
             return False
         started = time.perf_counter()
         try:
@@ -136,7 +161,7 @@ class Checkpointer:
             for start in range(0, len(users), SERIALISE_CHUNK):
                 states.extend((u, self.store.users[u].to_bytes()) for u in users[start : start + SERIALISE_CHUNK])
                 await asyncio.sleep(0)
-            await asyncio.to_thread(self.target.save, positions, states)
+            await asyncio.to_thread(self.target.save, positions, states, extras)
         except BaseException:
             self.store.abort_checkpoint(users)
             raise

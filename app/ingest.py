@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from nats.js import JetStreamContext
 
@@ -26,6 +26,15 @@ CHUNK = 256  # events folded between two chances for the API to run
 EXPECTED_SUBJECT = {t: f"{family}.{t}" for t, family in FAMILY_OF_TYPE.items()}
 
 
+def decode_wire_event(subject: str, data: bytes) -> Any:
+    """A signal or feedback event from its message, or the Rejection saying why not."""
+    event = parse_event(data)
+    if event.__class__ is Rejection or subject == EXPECTED_SUBJECT[event.type]:
+        return event
+    return Rejection("subject_mismatch",
+                     f"type {event.type!r} must be published on {EXPECTED_SUBJECT[event.type]!r}, not {subject!r}")
+
+
 class StreamIngest:
     """Steps per chunk of messages:
     1. Validate and fold each message into the online store; collect rejections.
@@ -35,8 +44,14 @@ class StreamIngest:
     """
 
     def __init__(self, nc: jsx.IngestClient, js: JetStreamContext, spec: jsx.StreamSpec, store: OnlineStore,
-                 checkpointer: Checkpointer, *, batch: int, max_event_bytes: int, max_uncheckpointed: int) -> None:
+                 checkpointer: Checkpointer, *, batch: int, max_event_bytes: int, max_uncheckpointed: int,
+                 decode: Callable[[str, bytes], Any] = decode_wire_event,
+                 sink: Callable[[Any], bool] | None = None,
+                 on_applied: Callable[[Any], None] | None = None) -> None:
         self.nc, self.js, self.spec, self.store, self.checkpointer = nc, js, spec, store, checkpointer
+        # decode: bytes to an event or a Rejection; sink: folds it, True when it was new;
+        # on_applied: sees each new event after the fold (the learner, for feedback).
+        self.decode, self.sink, self.on_applied = decode, sink or store.apply, on_applied
         self.batch, self.max_event_bytes, self.max_uncheckpointed = batch, max_event_bytes, max_uncheckpointed
         self.durable = f"tipstream-{spec.name.lower()}"
         self.buffer: list[jsx.RawMsg] = []
@@ -106,21 +121,17 @@ class StreamIngest:
     async def process(self, chunk: list[jsx.RawMsg]) -> None:
         store, rejected = self.store, []
         applied_before, ignored_before = store.applied, store.ignored
-        limit = self.max_event_bytes
+        limit, decode, sink, on_applied = self.max_event_bytes, self.decode, self.sink, self.on_applied
         for msg in chunk:
             subject, _, data = msg
             if len(data) > limit:
                 rejected.append((msg, Rejection("oversized", f"event is {len(data)} bytes; the limit is {limit} (TIPSTREAM_MAX_EVENT_BYTES)")))
                 continue
-            event = parse_event(data)
+            event = decode(subject, data)
             if event.__class__ is Rejection:
                 rejected.append((msg, event))
-            elif subject != EXPECTED_SUBJECT[event.type]:
-                rejected.append((msg, Rejection(
-                    "subject_mismatch",
-                    f"type {event.type!r} must be published on {EXPECTED_SUBJECT[event.type]!r}, not {subject!r}")))
-            else:
-                store.apply(event)
+            elif sink(event) and on_applied is not None:
+                on_applied(event)
         for msg, rejection in rejected:
             await self._retry(lambda: self._dead_letter(msg, rejection), "publish to the DLQ")
         last_reply = chunk[-1][1]
