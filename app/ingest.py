@@ -87,6 +87,7 @@ class StreamIngest:
             await self.puller.stop()
         self.buffer.clear()
         start = self.store.positions.get(self.spec.name, 0) + 1
+        self._position.set(start - 1)
         pending = await jsx.reset_durable(self.js, self.spec.name, self.durable, start, max_ack_pending=self.batch * 32)
         self.lag = pending
         self.caught_up = self.caught_up or pending == 0

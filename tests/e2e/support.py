@@ -1,0 +1,84 @@
+"""Run `tipstream run` as a real subprocess, the way an operator does."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.conftest import free_port
+
+TIPSTREAM = str(Path(sys.executable).parent / "tipstream")
+
+
+class ServiceProcess:
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.data_dir = data_dir
+        self.env = {**os.environ, "TIPSTREAM_DATA_DIR": str(data_dir), "TIPSTREAM_PORT": str(self.port),
+                    "TIPSTREAM_LOG_LEVEL": "info", **(env or {})}
+        for name in ("NATS_URL", "DATABASE_URL"):
+            if name not in (env or {}):
+                self.env.pop(name, None)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.base_url = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30) -> "ServiceProcess":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.data_dir / "service.log", "ab")
+        self.process = subprocess.Popen([TIPSTREAM, "run"], env=self.env, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"tipstream exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.base_url}/healthz", timeout=0.5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"tipstream did not answer within {timeout}s:\n{self.log()}")
+
+    def get(self, path: str, **params: Any) -> Any:
+        return httpx.get(f"{self.base_url}{path}", params=params, timeout=10)
+
+    def metric(self, name: str, **labels: str) -> float:
+        wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+        for line in self.get("/metrics").text.splitlines():
+            if line.startswith(wanted + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown hooks, no last checkpoint."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> bool:
+        """SIGTERM and wait; True when it shut down cleanly (uvicorn re-raises the signal after shutdown)."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(30)
+        return self.process.returncode in (0, -signal.SIGTERM) and "Traceback" not in self.log()
+
+    def log(self) -> str:
+        path = self.data_dir / "service.log"
+        return path.read_text()[-4000:] if path.exists() else ""
+
+
+def wait_until(check: Any, timeout: float = 30, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not reached within {timeout}s")

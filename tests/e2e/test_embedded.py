@@ -1,0 +1,72 @@
+"""`tipstream run` with NATS_URL unset: its own nats-server, reused on the next start, stopped on exit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nats
+import orjson
+import pytest
+
+from tests.e2e.support import ServiceProcess, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def opened(i: int) -> dict:
+    return {"id": f"open-{i}", "type": "app.opened", "user_id": "u-7", "ts": f"2026-11-26T08:{i // 60:02d}:{i % 60:02d}+01:00"}
+
+
+def embedded_pid(data_dir: Path) -> int | None:
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if cmdline and cmdline[0].endswith(b"nats-server") and str(data_dir).encode() in b" ".join(cmdline):
+                return int(entry.name)
+    return None
+
+
+async def publish(url: str, items: list[dict]) -> None:
+    client = await nats.connect(url)
+    js = client.jetstream()
+    for item in items:
+        await js.publish(f"signals.{item['type']}", orjson.dumps(item), headers={"Nats-Msg-Id": item["id"]})
+    await client.close()
+
+
+async def test_embedded_server_comes_up_and_a_second_start_reuses_its_streams(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    service = ServiceProcess(data).start()
+    url = (data / "nats.url").read_text()
+    await publish(url, [opened(i) for i in range(100)])
+    wait_until(lambda: service.metric("tipstream_stream_position", stream="SIGNALS") == 100, what="100 applied")
+    pid = embedded_pid(data)
+    assert pid is not None
+    assert service.stop(), service.log()
+    assert embedded_pid(data) is None, "the embedded nats-server must stop with tipstream"
+
+    service = ServiceProcess(data).start()
+    url = (data / "nats.url").read_text()
+    wait_until(lambda: service.get("/readyz").status_code == 200, what="ready")
+    # Resumed from its checkpoint: nothing re-applied, nothing lost.
+    assert service.metric("tipstream_stream_position", stream="SIGNALS") == 100
+    assert service.metric("tipstream_events_applied_total", stream="SIGNALS") == 0
+    await publish(url, [opened(i) for i in range(100, 150)])
+    wait_until(lambda: service.metric("tipstream_stream_position", stream="SIGNALS") == 150, what="150 applied")
+    body = service.get("/users/u-7/features", at="2026-11-26T09:00:00+01:00").json()
+    assert body["known"] and body["features"]["app_opens_7d"]["value"] == 150
+    assert service.stop()
+
+
+async def test_a_killed_service_takes_its_nats_server_with_it(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    service = ServiceProcess(data).start()
+    pid = embedded_pid(data)
+    assert pid is not None
+    service.kill()
+    wait_until(lambda: embedded_pid(data) is None, timeout=10, what="the orphaned nats-server to exit")
+    status = Path(f"/proc/{pid}/status")
+    assert not status.exists() or "State:\tZ" in status.read_text(), "gone, or dead and waiting to be reaped"
