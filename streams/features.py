@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from streams.fold import DAY_MS, SIGNAL_KINDS, Log, UserState
+from streams.fold import DAY_MS, SIGNAL_KINDS, UserState
 
 HOUR_MS = 3_600_000
 ENGAGEMENT_HALF_LIFE_DAYS = 3.0
@@ -97,90 +97,106 @@ FEATURE_NAMES = tuple(f.name for f in FEATURES)
 BY_NAME = {f.name: f for f in FEATURES + CONTEXT_FEATURES}
 
 
-def _span(log: Log, start_ms: int, end_ms: int) -> tuple[int, int]:
-    """Index range of events in (start, end]."""
-    return bisect_right(log.ts, start_ms), bisect_right(log.ts, end_ms)
-
-
-def _count(log: Log, now: int, window_ms: int) -> int:
-    lo, hi = _span(log, now - window_ms, now)
-    return hi - lo
-
-
-def _latest(logs: list[Log], now: int) -> int | None:
-    best = None
-    for log in logs:
-        hi = bisect_right(log.ts, now)
-        if hi and (best is None or log.ts[hi - 1] > best):
-            best = log.ts[hi - 1]
-    return best
+_EMPTY = np.zeros(0, dtype=np.int64)
 
 
 class _Evaluation:
-    """Evaluates every profile feature of one user at `now` (ms)."""
+    """Evaluates every profile feature of one user at `now` (ms), vectorised over the logs.
+
+    Each log is viewed (not copied) as numpy arrays up to `now`; windows are index
+    ranges found by binary search, so a feature costs a few microseconds, not a loop.
+    """
 
     def __init__(self, state: UserState, now: int) -> None:
         self.state, self.now, self.logs = state, now, state.logs
+        self.hi = {kind: bisect_right(log.ts, now) for kind, log in self.logs.items()}
+        self._open: dict[int, int] | None = None
+        self._reactions: list[int] | None = None
+
+    def latest(self, kind: str) -> int | None:
+        hi = self.hi[kind]
+        return self.logs[kind].ts[hi - 1] if hi else None
+
+    def lo(self, kind: str, days: float) -> int:
+        return bisect_right(self.logs[kind].ts, self.now - int(days * DAY_MS))
+
+    def count(self, kind: str, days: float) -> int:
+        return self.hi[kind] - self.lo(kind, days)
+
+    def ts(self, kind: str) -> np.ndarray:
+        log = self.logs[kind]
+        return np.frombuffer(log.ts, dtype=np.int64)[: self.hi[kind]] if len(log) else _EMPTY
+
+    def col(self, kind: str, index: int) -> np.ndarray:
+        log = self.logs[kind]
+        column = log.cols[index]
+        return np.frombuffer(column, dtype=np.uint32 if column.typecode == "I" else np.uint8)[: self.hi[kind]] \
+            if len(log) else _EMPTY
 
     def value(self, name: str) -> tuple[Any, bool]:
         return getattr(self, name)()
 
     def tasks_created_7d(self) -> tuple[int, bool]:
-        return _count(self.logs["task.created"], self.now, 7 * DAY_MS), False
+        return self.count("task.created", 7), False
 
     def tasks_completed_7d(self) -> tuple[int, bool]:
-        return _count(self.logs["task.completed"], self.now, 7 * DAY_MS), False
+        return self.count("task.completed", 7), False
 
     def completion_rate_7d(self) -> tuple[float, bool]:
-        return (self.tasks_completed_7d()[0] + 1) / (self.tasks_created_7d()[0] + 2), False
+        return (self.count("task.completed", 7) + 1) / (self.count("task.created", 7) + 2), False
 
     def preferred_hour(self) -> tuple[int, bool]:
-        log = self.logs["task.completed"]
-        lo, hi = _span(log, self.now - 28 * DAY_MS, self.now)
-        if lo == hi:
+        hours = self.col("task.completed", 1)[self.lo("task.completed", 28):]
+        if not len(hours):
             return BY_NAME["preferred_hour"].fallback, True
-        counts = np.bincount(np.frombuffer(log.cols[1], dtype=np.uint8)[lo:hi], minlength=24)
-        return int(np.argmax(counts)), False  # argmax returns the first, i.e. earliest, maximum
+        return int(np.argmax(np.bincount(hours, minlength=24))), False  # argmax: the first, i.e. earliest, maximum
 
     def tip_volume_24h(self) -> tuple[int, bool]:
-        return _count(self.logs["tip.shown"], self.now, DAY_MS), False
+        return self.count("tip.shown", 1), False
 
-    def _reactions_30d(self) -> np.ndarray:
-        log = self.logs["tip.reacted"]
-        lo, hi = _span(log, self.now - 30 * DAY_MS, self.now)
-        return np.frombuffer(log.cols[1], dtype=np.uint8)[lo:hi]
+    def _reaction_counts(self) -> list[int]:
+        """Reactions in 30 days, counted per reaction code (acted, liked, snoozed, dismissed, disliked)."""
+        if self._reactions is None:
+            log, hi = self.logs["tip.reacted"], self.hi["tip.reacted"]
+            counts = [0] * 5
+            for code in log.cols[1][self.lo("tip.reacted", 30):hi]:
+                counts[code] += 1
+            self._reactions = counts
+        return self._reactions
 
     def tip_positive_rate_30d(self) -> tuple[float, bool]:
-        codes = self._reactions_30d()
-        return (int(np.isin(codes, POSITIVE_REACTIONS).sum()) + 1) / (len(codes) + 2), False
+        counts = self._reaction_counts()
+        return (sum(counts[c] for c in POSITIVE_REACTIONS) + 1) / (sum(counts) + 2), False
 
     def tip_dismiss_rate_30d(self) -> tuple[float, bool]:
-        codes = self._reactions_30d()
-        return (int(np.isin(codes, NEGATIVE_REACTIONS).sum()) + 1) / (len(codes) + 2), False
+        counts = self._reaction_counts()
+        return (sum(counts[c] for c in NEGATIVE_REACTIONS) + 1) / (sum(counts) + 2), False
 
     def seconds_since_active(self) -> tuple[float, bool]:
-        latest = _latest([self.logs[k] for k in SIGNAL_KINDS], self.now)
-        if latest is None:
+        stamps = [t for t in (self.latest(k) for k in SIGNAL_KINDS) if t is not None]
+        if not stamps:
             return BY_NAME["seconds_since_active"].fallback, True
-        return (self.now - latest) / 1000, False
+        return (self.now - max(stamps)) / 1000, False
 
     def _open_tasks(self) -> dict[int, int]:
-        """Open task fingerprint -> due (s, 0 for none), as of `now`."""
-        now = self.now
-        created = self.logs["task.created"]
-        lo, hi = _span(created, now - 30 * DAY_MS, now)
-        due_of = {created.cols[0][i]: created.cols[1][i] for i in range(lo, hi)}
-        if not due_of:
-            return due_of
-        for kind in ("task.completed", "task.deleted"):
-            log = self.logs[kind]
-            for i in range(bisect_right(log.ts, now)):
-                due_of.pop(log.cols[0][i], None)
-        moved = self.logs["task.rescheduled"]
-        for i in range(bisect_right(moved.ts, now)):  # in time order, so the latest wins
-            task = moved.cols[0][i]
-            if task in due_of:
-                due_of[task] = moved.cols[1][i]
+        """Open task fingerprint -> due (s, 0 for none), as of `now`.
+
+        Plain sets and dicts: for the few hundred tasks a user has, they beat numpy's set operations.
+        """
+        if self._open is not None:
+            return self._open
+        created, hi = self.logs["task.created"], self.hi["task.created"]
+        lo = self.lo("task.created", 30)
+        closed = set(self.logs["task.completed"].cols[0][: self.hi["task.completed"]])
+        closed.update(self.logs["task.deleted"].cols[0][: self.hi["task.deleted"]])
+        due_of = {task: due for task, due in zip(created.cols[0][lo:hi], created.cols[1][lo:hi]) if task not in closed}
+        if due_of:
+            moved = self.logs["task.rescheduled"]
+            end = self.hi["task.rescheduled"]
+            for task, due in zip(moved.cols[0][:end], moved.cols[1][:end]):  # in time order: the latest wins
+                if task in due_of:
+                    due_of[task] = due
+        self._open = due_of
         return due_of
 
     def open_tasks(self) -> tuple[int, bool]:
@@ -191,47 +207,44 @@ class _Evaluation:
         return sum(1 for due in self._open_tasks().values() if due and due <= now_s), False
 
     def postpone_rate_30d(self) -> tuple[float, bool]:
-        window = 30 * DAY_MS
-        moved = _count(self.logs["task.rescheduled"], self.now, window)
-        return moved / (_count(self.logs["task.created"], self.now, window) + 1), False
+        return self.count("task.rescheduled", 30) / (self.count("task.created", 30) + 1), False
 
     def active_day_streak(self) -> tuple[int, bool]:
         offset_ms = self.state.offset_s * 1000
-        stamps = [np.frombuffer(self.logs[k].ts, dtype=np.int64)[: bisect_right(self.logs[k].ts, self.now)]
-                  for k in SIGNAL_KINDS]
-        days = np.unique((np.concatenate(stamps) + offset_ms) // DAY_MS)
-        today = (self.now + offset_ms) // DAY_MS
-        if not len(days) or days[-1] < today - 1:
-            return 0, False
-        # Length of the run of consecutive days that ends at the latest active day.
-        gaps = np.nonzero(np.diff(days) != 1)[0]
-        return int(len(days) - (gaps[-1] + 1 if len(gaps) else 0)), False
+        days: set[int] = set()
+        for kind in SIGNAL_KINDS:
+            days.update((t + offset_ms) // DAY_MS for t in self.logs[kind].ts[: self.hi[kind]])
+        day = (self.now + offset_ms) // DAY_MS
+        if day not in days:
+            day -= 1  # a streak survives until today is over
+        streak = 0
+        while day in days:
+            streak, day = streak + 1, day - 1
+        return streak, False
 
     def mean_hours_to_complete_28d(self) -> tuple[float, bool]:
-        created, done = self.logs["task.created"], self.logs["task.completed"]
-        lo, hi = _span(done, self.now - 28 * DAY_MS, self.now)
+        done, created = self.logs["task.completed"], self.logs["task.created"]
+        lo, hi = self.lo("task.completed", 28), self.hi["task.completed"]
+        if lo == hi:
+            return BY_NAME["mean_hours_to_complete_28d"].fallback, True
+        end = self.hi["task.created"]
         created_at: dict[int, int] = {}
-        for i in range(bisect_right(created.ts, self.now)):
-            created_at.setdefault(created.cols[0][i], created.ts[i])
-        spans = [done.ts[i] - created_at[done.cols[0][i]] for i in range(lo, hi)
-                 if created_at.get(done.cols[0][i], done.ts[i] + 1) <= done.ts[i]]
+        for task, at in zip(reversed(created.cols[0][:end]), reversed(created.ts[:end])):
+            created_at[task] = at  # walking backwards, the earliest creation is written last
+        spans = [at - created_at[task] for task, at in zip(done.cols[0][lo:hi], done.ts[lo:hi])
+                 if created_at.get(task, at + 1) <= at]
         if not spans:
             return BY_NAME["mean_hours_to_complete_28d"].fallback, True
         return sum(spans) / len(spans) / HOUR_MS, False
 
     def engagement_score(self) -> tuple[float, bool]:
-        total = 0.0
-        scale = ENGAGEMENT_HALF_LIFE_DAYS * DAY_MS
-        for kind in SIGNAL_KINDS:
-            log = self.logs[kind]
-            lo, hi = _span(log, self.now - 30 * DAY_MS, self.now)
-            if hi > lo:
-                ages = self.now - np.frombuffer(log.ts, dtype=np.int64)[lo:hi]
-                total += float(np.exp2(-ages / scale).sum())
-        return total, False
+        stamps = np.concatenate([self.ts(k)[self.lo(k, 30):] for k in SIGNAL_KINDS])
+        if not len(stamps):
+            return 0.0, False
+        return float(np.exp2(-(self.now - stamps) / (ENGAGEMENT_HALF_LIFE_DAYS * DAY_MS)).sum()), False
 
     def app_opens_7d(self) -> tuple[int, bool]:
-        return _count(self.logs["app.opened"], self.now, 7 * DAY_MS), False
+        return self.count("app.opened", 7), False
 
 
 _SOURCES: dict[str, tuple[str, ...]] = {
@@ -245,11 +258,12 @@ def evaluate(state: UserState | None, now_ms: int) -> dict[str, FeatureValue]:
     if state is None:
         return {f.name: FeatureValue(f.fallback, None, False, True) for f in FEATURES}
     evaluation = _Evaluation(state, now_ms)
+    latest = {kind: evaluation.latest(kind) for kind in state.logs}
     values: dict[str, FeatureValue] = {}
     for feature in FEATURES:
         value, used_fallback = evaluation.value(feature.name)
-        latest = _latest([state.logs[k] for k in _SOURCES[feature.name]], now_ms)
-        age_s = None if latest is None else (now_ms - latest) / 1000
+        stamps = [latest[k] for k in _SOURCES[feature.name] if latest[k] is not None]
+        age_s = (now_ms - max(stamps)) / 1000 if stamps else None
         fresh = age_s is not None and feature.ttl_s is not None and age_s <= feature.ttl_s
         values[feature.name] = FeatureValue(value, age_s, fresh, used_fallback)
     return values

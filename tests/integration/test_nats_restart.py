@@ -1,0 +1,42 @@
+"""NATS restarted under a running service: it reconnects and catches up with nothing lost."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import nats
+import orjson
+
+from streams.events import parse_event
+from streams.fold import to_ms
+from streams.jetstream import publish_events
+from streams.simulator import Population
+from streams.store import OnlineStore
+from tests.conftest import eventually
+
+
+async def test_service_reconnects_after_a_nats_restart_and_catches_up(start_service, nats_server) -> None:
+    events = list(Population(users=20, seed=4).history(days=5, start_ms=to_ms(datetime(2026, 11, 1, tzinfo=timezone.utc))))
+    half = len(events) // 2
+    running = await start_service()
+    store = running.service.store
+
+    client = await nats.connect(nats_server.url)
+    await publish_events(client.jetstream(), events[:half])
+    await client.close()
+    await eventually(lambda: store.applied >= half)
+    nats_server.stop()
+    nats_server.start()
+
+    client = await nats.connect(nats_server.url)
+    js = client.jetstream()
+    await publish_events(js, events[half:])
+    last = {name: (await js.stream_info(name)).state.last_seq for name in ("SIGNALS", "FEEDBACK")}
+    await client.close()
+    await eventually(lambda: all(store.positions.get(s) == n for s, n in last.items()), timeout=30)
+
+    expected = OnlineStore()
+    for _, event in events:
+        expected.apply(parse_event(orjson.dumps(event)))
+    assert store.users == expected.users
+    assert store.applied == len(events)
