@@ -12,6 +12,7 @@ Start-up steps, in order:
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from typing import Any
@@ -23,6 +24,7 @@ from app.db import make_engine
 from app.embedded_nats import EmbeddedNats
 from app.ingest import StreamIngest
 from app.metrics import METRICS
+from app.offline import OfflineFeatureWriter
 from app.settings import Settings
 from streams import jetstream as jsx
 from streams.store import OnlineStore
@@ -39,6 +41,7 @@ class Service:
         self.nc: jsx.IngestClient | None = None
         self.ingests: list[StreamIngest] = []
         self.checkpointer: Checkpointer | None = None
+        self.offline: OfflineFeatureWriter | None = None
         self.nats_url = settings.nats_url or ""
         self._tasks: list[asyncio.Task[Any]] = []
         self.started_at = time.time()
@@ -65,6 +68,9 @@ class Service:
         started = time.perf_counter()
         positions, states = await asyncio.to_thread(target.load)
         await asyncio.to_thread(self.store.load, positions, states)
+        # Millions of long-lived state objects: keep the collector from rescanning them.
+        gc.collect()
+        gc.freeze()
         METRICS.users.set(len(self.store.users))
         log.info("checkpoint loaded: %d users, positions %s (%.2fs)",
                  len(self.store.users), positions, time.perf_counter() - started)
@@ -78,6 +84,10 @@ class Service:
             self.ingests.append(ingest)
             self._tasks.append(asyncio.create_task(ingest.run(), name=f"ingest {spec.name}"))
         self._tasks.append(asyncio.create_task(self.checkpointer.run(), name="checkpointer"))
+        if s.offline_features_every_s:
+            self.offline = OfflineFeatureWriter(self.store, self.engine, s.offline_features_every_s)
+            self.checkpointer.on_saved.append(self.offline.saved)
+            self._tasks.append(asyncio.create_task(self.offline.run(), name="offline features"))
 
     @property
     def ready(self) -> bool:

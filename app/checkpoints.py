@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from datetime import datetime, timezone
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 from sqlalchemy import Engine, select
 from sqlalchemy.engine import Connection
@@ -112,6 +112,7 @@ class Checkpointer:
                  participants: Sequence[Participant] = ()) -> None:
         self.store, self.target = store, target
         self.participants = list(participants)
+        self.on_saved: list[Callable[[list[str]], None]] = []  # told which users each checkpoint saved
         self.every_events, self.every_s = every_events, every_s
         self.last_applied = store.applied
         self.last_ok = time.monotonic()
@@ -166,6 +167,8 @@ class Checkpointer:
             self.store.abort_checkpoint(users)
             raise
         self._saved_positions = positions
+        for listener in self.on_saved:
+            listener(users)
         self.last_applied = applied
         self.last_ok = time.monotonic()
         METRICS.checkpoint_seconds.observe(time.perf_counter() - started)

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
         description="Ingest pauses when this many events are applied but not checkpointed (the database is away).",
     )
 
+    offline_features_every_s: float = Field(
+        30.0, ge=0, description="How often changed users' rows in `user_features` are refreshed (0: never)."
+    )
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:

@@ -96,3 +96,12 @@ def test_committed_docs_match_the_code() -> None:
         assert committed == text, f"docs/{name} is stale: run `tipstream docs` and commit the result"
     schema = json.loads((docs / "events.schema.json").read_text())
     assert set(schema["discriminator"]["mapping"]) == set(GOOD)
+
+
+def test_readme_lists_every_setting() -> None:
+    from pathlib import Path
+
+    from app.docs import readme_with_settings
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert readme_with_settings(readme) == readme, "README's settings table is stale: run `tipstream docs`"

@@ -1,0 +1,72 @@
+"""GET /users/{id}/features over real HTTP, and the offline `user_features` table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import orjson
+import sqlalchemy as sa
+
+from tests.conftest import eventually
+
+
+def event(i: int, kind: str, ts: str, **data: Any) -> dict[str, Any]:
+    return {"id": f"f-{i}", "type": kind, "user_id": "ana", "ts": ts, "data": data}
+
+
+EVENTS = [
+    event(1, "task.created", "2026-11-20T09:00:00+01:00", task_id="a", due="2026-11-21T09:00:00+01:00"),
+    event(2, "task.created", "2026-11-24T09:00:00+01:00", task_id="b"),
+    event(3, "task.completed", "2026-11-24T11:00:00+01:00", task_id="b"),
+    event(4, "tip.shown", "2026-11-25T20:00:00+01:00", tip_id="tip-focus-1"),
+    event(5, "app.opened", "2026-11-25T21:00:00+01:00"),
+]
+REACTION = {"id": "f-6", "type": "tip.reacted", "user_id": "ana", "ts": "2026-11-25T20:05:00+01:00",
+            "data": {"tip_id": "tip-focus-1", "reaction": "acted"}}
+
+
+async def test_features_with_age_freshness_and_fallbacks(start_service, nc, tmp_path) -> None:
+    running = await start_service(offline_features_every_s=0.2)
+    js = nc.jetstream()
+    for item in EVENTS:
+        await js.publish(f"signals.{item['type']}", orjson.dumps(item))
+    await js.publish("feedback.tip.reacted", orjson.dumps(REACTION))
+    await eventually(lambda: running.service.store.applied == 6)
+
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        body = (await http.get("/users/ana/features", params={"at": "2026-11-25T21:00:00+01:00"})).json()
+        features = body["features"]
+        assert body["known"] is True
+        assert features["tasks_created_7d"] == {"value": 2, "age_s": 36 * 3600.0, "fresh": True, "fallback": False}
+        assert features["completion_rate_7d"]["value"] == (1 + 1) / (2 + 2)
+        assert features["preferred_hour"]["value"] == 11 and not features["preferred_hour"]["fallback"]
+        assert features["tip_volume_24h"]["value"] == 1
+        assert features["tip_positive_rate_30d"]["value"] == (1 + 1) / (1 + 2)
+        assert features["seconds_since_active"]["value"] == 0.0
+        assert features["open_tasks"]["value"] == 1 and features["overdue_tasks"]["value"] == 1
+        assert features["mean_hours_to_complete_28d"]["value"] == 2.0
+
+        later = (await http.get("/users/ana/features", params={"at": "2026-12-30T00:00:00Z"})).json()["features"]
+        assert later["tasks_created_7d"]["value"] == 0 and later["tasks_created_7d"]["fresh"] is False
+        assert later["preferred_hour"] == {"value": 9, "age_s": later["preferred_hour"]["age_s"], "fresh": False,
+                                           "fallback": True}
+
+        stranger = (await http.get("/users/nobody/features")).json()
+        assert stranger["known"] is False
+        assert all(f["fallback"] and not f["fresh"] for f in stranger["features"].values())
+
+        bad = await http.get("/users/ana/features", params={"at": "yesterday"})
+        assert bad.status_code == 422 and bad.json()["field"] == "at"
+        naive = await http.get("/users/ana/features", params={"at": "2026-11-25T21:00:00"})
+        assert naive.status_code == 422 and "offset" in naive.json()["error"]
+
+    engine = running.service.engine
+
+    def offline_row() -> Any:
+        with engine.connect() as conn:
+            return conn.execute(sa.text("select features from user_features where user_id = 'ana'")).first()
+
+    row = await eventually(offline_row)
+    stored = row[0] if isinstance(row[0], dict) else orjson.loads(row[0])
+    assert stored["tasks_created_7d"] == 2 and stored["preferred_hour"] == 11
