@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 import time
 from typing import Any
 
@@ -48,6 +49,9 @@ class Service:
 
     async def start(self) -> None:
         s = self.settings
+        # Checkpoint writes run in a worker thread; a short GIL switch interval keeps them
+        # from holding the event loop (ingest and the API) for the default 5 ms at a time.
+        sys.setswitchinterval(0.0005)
         s.data_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(migrate.upgrade, s.sqlalchemy_url)
         if not s.nats_url:

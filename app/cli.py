@@ -39,10 +39,17 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.count is None and args.duration is None:
         print("simulate needs --count N or --duration SECONDS.", file=sys.stderr)
         return 2
-    return asyncio.run(simulate(
-        users=args.users, rate=args.rate, count=args.count, duration=args.duration,
-        seed=args.seed, nats_url=args.nats_url, progress=not args.quiet,
-    ))
+    from nats.js.errors import NoStreamResponseError
+
+    try:
+        return asyncio.run(simulate(
+            users=args.users, rate=args.rate, count=args.count, duration=args.duration,
+            seed=args.seed, nats_url=args.nats_url, progress=not args.quiet,
+        ))
+    except NoStreamResponseError:
+        print("No stream takes signals.> on that server: start `tipstream run` against it first "
+              "(it creates the streams), or point --nats-url at the server it uses.", file=sys.stderr)
+        return 1
 
 
 def _migrate(args: argparse.Namespace) -> int:

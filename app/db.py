@@ -11,10 +11,14 @@ from sqlalchemy import (
     Column,
     DateTime,
     Engine,
+    Float,
+    Index,
+    Integer,
     LargeBinary,
     MetaData,
     String,
     Table,
+    Text,
     create_engine,
     event,
 )
@@ -46,6 +50,76 @@ user_features = Table(
     Column("user_id", String(128), primary_key=True),
     Column("as_of", DateTime(timezone=True), nullable=False),
     Column("features", JSON, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+
+# -- learning (issue 4): the decision log, the model registry, the learner's state ----------
+
+# One row per decision (a /score answer): what was served, with the logged decision event
+# itself (JSON text, as published to `decisions.>`) and the rewards credited to it.
+tip_scores = Table(
+    "tip_scores",
+    metadata,
+    Column("decision_id", String(128), primary_key=True),
+    Column("user_id", String(128), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("model_version", String(64), nullable=False),
+    Column("shadow_version", String(64)),
+    Column("prompt_version", String(64)),
+    Column("policy", String(32), nullable=False),
+    Column("tip_id", String(128), nullable=False),  # ranked first
+    Column("score", Float, nullable=False),
+    Column("propensity", Float, nullable=False),
+    Column("decision", Text, nullable=False),
+    Column("rewards", JSON),  # {tip_id: reward} for every tip of the decision credited so far
+    Column("reward", Float),  # the reward of `tip_id`, once credited
+    Column("rewarded_at", DateTime(timezone=True)),
+    Index("ix_tip_scores_created_at", "created_at"),
+    Index("ix_tip_scores_user_id", "user_id"),
+)
+
+# Registry: every version with its latest serialised model; roles and the rollout history.
+model_versions = Table(
+    "model_versions",
+    metadata,
+    Column("version", String(64), primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("params", JSON, nullable=False),
+    Column("feature_names", JSON, nullable=False),
+    Column("card", JSON, nullable=False),  # inputs, offline metrics, fairness (history: model_rollouts)
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("model", LargeBinary),
+    Column("n_learned", BigInteger, nullable=False, default=0),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+model_roles = Table(  # a view of the history, for SQL readers: who serves now
+    "model_roles",
+    metadata,
+    Column("role", String(16), primary_key=True),
+    Column("version", String(64), nullable=False),
+    Column("since", DateTime(timezone=True), nullable=False),
+)
+
+model_rollouts = Table(  # the source of truth for roles: replayed on load
+    "model_rollouts",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("action", String(16), nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("actor", String(128), nullable=False),
+    Column("note", Text, nullable=False),
+    Column("cards", JSON, nullable=False),
+)
+
+learner_state = Table(
+    "learner_state",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("state", LargeBinary, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 

@@ -8,9 +8,17 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Kept here rather than imported from models/ (River takes seconds to import and every CLI
+# command reads settings); tests/unit/test_scoring.py checks they match models/.
+DEFAULT_REWARDS = {"acted": 1.0, "liked": 0.8, "snoozed": 0.3, "dismissed": 0.0, "disliked": 0.0}
+POLICY_PARAMS = {
+    "epsilon_greedy": ("epsilon",), "softmax": ("temperature",), "thompson": ("n_draws", "concentration"), "greedy": (),
+}
 
 
 class Settings(BaseSettings):
@@ -63,6 +71,84 @@ class Settings(BaseSettings):
     offline_features_every_s: float = Field(
         30.0, ge=0, description="How often changed users' rows in `user_features` are refreshed (0: never)."
     )
+
+    # -- scoring, decisions, learning (issue 4; docs/learning.md) ---------------------------
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Bearer token for admin changes (register, shadow, promote, rollback). Unset: admin changes are refused.",
+    )
+    model_kind: Literal["logreg", "fm"] = Field(
+        "logreg", description="Kind of the first champion (`v1`), created on the first start."
+    )
+    model_learning_rate: float = Field(0.05, gt=0, description="SGD step of the first champion's weights.")
+    bootstrap_shadow_kind: Literal["logreg", "fm"] | None = Field(
+        None, description="Also register `v2` of this kind as the shadow on the first start. Unset: no shadow."
+    )
+    policy: Literal["epsilon_greedy", "softmax", "thompson", "greedy"] = Field(
+        "epsilon_greedy", description="Exploration policy of `/score`: epsilon_greedy, softmax, thompson or greedy."
+    )
+    policy_epsilon: float = Field(0.1, ge=0, le=1, description="epsilon_greedy: share of answers that explore.")
+    policy_temperature: float = Field(0.1, gt=0, description="softmax: temperature over scores in [0, 1].")
+    policy_thompson_draws: int = Field(128, ge=1, le=10_000, description="thompson: joint draws that estimate propensities.")
+    policy_thompson_concentration: float = Field(
+        10.0, gt=0, description="thompson: Beta concentration used when a tip has no popularity posterior."
+    )
+    policy_seed: int | None = Field(None, description="Seed of the exploration policy's random numbers. Unset: random.")
+    rewards: dict[str, float] = Field(
+        DEFAULT_REWARDS,
+        description="Reward per reaction, JSON, e.g. `{\"acted\": 1, \"liked\": 0.8}`; reactions left out keep their default.",
+    )
+    score_max_body_bytes: int = Field(262_144, ge=1024, description="Larger `/score` bodies get 413.")
+    feature_cache_ms: int = Field(
+        1000, ge=0,
+        description="`/score` reuses a user's profile features evaluated this recently (on the clock) while no event "
+                    "for the user arrived; 0: evaluate every request. The time used is logged with the decision.",
+    )
+    decision_queue_max: int = Field(
+        20_000, ge=1, description="Decisions waiting for JetStream; when full, `/score` waits, then answers 503."
+    )
+    decision_enqueue_timeout_s: float = Field(
+        2.0, ge=0, description="How long `/score` waits for room in a full decision queue before its 503."
+    )
+    decision_batch: int = Field(512, ge=1, le=10_000, description="Decisions published per batch (acks awaited per batch).")
+    decision_window: int = Field(4_000, ge=1, description="JetStream publishes of decisions in flight at most.")
+    learner_join_cache_mb: float = Field(
+        256.0, gt=0, description="Memory for decisions awaiting feedback; the oldest leave first."
+    )
+    learner_join_window_s: float = Field(
+        3 * 86_400.0, gt=0, description="Feedback later than this after its decision is counted as expired."
+    )
+    learner_pending_max: int = Field(
+        100_000, ge=1, description="Feedback waiting for its decision to arrive (bounded; the oldest give up first)."
+    )
+    learner_pending_max_age_s: float = Field(
+        600.0, gt=0, description="Feedback whose decision has not arrived after this long is counted as unknown."
+    )
+    model_snapshot_every_s: float = Field(
+        5.0, ge=0,
+        description="Models are saved with the checkpoint at most this often; a restart replays the feedback since.",
+    )
+    card_eval_max_rewards: int = Field(
+        50_000, ge=1, description="Rewards from the decision log used for a model card's progressive validation."
+    )
+
+    @field_validator("rewards")
+    @classmethod
+    def _known_rewards(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(DEFAULT_REWARDS))
+        if unknown:
+            raise ValueError(
+                f"TIPSTREAM_REWARDS names unknown reactions {unknown}; known: {', '.join(DEFAULT_REWARDS)}.")
+        bad = {k: v for k, v in value.items() if not 0.0 <= float(v) <= 1.0}
+        if bad:
+            raise ValueError(f"TIPSTREAM_REWARDS values must be between 0 and 1; got {bad}.")
+        return {**DEFAULT_REWARDS, **{k: float(v) for k, v in value.items()}}
+
+    def policy_params(self) -> dict[str, Any]:
+        """The settings the chosen policy takes, by its parameter names."""
+        given = {"epsilon": self.policy_epsilon, "temperature": self.policy_temperature,
+                 "n_draws": self.policy_thompson_draws, "concentration": self.policy_thompson_concentration}
+        return {name: given[name] for name in POLICY_PARAMS[self.policy]}
 
     @field_validator("log_level")
     @classmethod

@@ -24,13 +24,14 @@ from __future__ import annotations
 import struct
 from array import array
 from bisect import bisect_left
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from zlib import crc32
 from typing import Any, Callable
 
 DAY_MS = 86_400_000
 HORIZON_DAYS = 31  # longest window (30 d) plus one day, so `(now - 30d, now]` is exact for now >= newest
 NO_DUE = 0
+_EPOCH_DAY = date(1970, 1, 1).toordinal()
 
 REACTION_CODES = {"acted": 0, "liked": 1, "snoozed": 2, "dismissed": 3, "disliked": 4}
 
@@ -58,13 +59,21 @@ def fingerprint(text: str) -> int:
 
 
 def to_ms(moment: datetime) -> int:
-    """Milliseconds since the epoch, exactly (floored), without timedelta arithmetic.
+    """Milliseconds since the epoch, exactly (floored), in integer arithmetic.
 
     >>> to_ms(datetime(2026, 11, 26, 8, 0, 0, 999_999, tzinfo=timezone.utc)) % 1000
     999
+    >>> to_ms(datetime(1970, 1, 1, 1, tzinfo=timezone(timedelta(hours=1))))
+    0
     """
-    micro = moment.microsecond
-    return round(moment.timestamp() - micro / 1e6) * 1000 + micro // 1000
+    offset = moment.utcoffset()
+    return _local_ms(moment) - (offset.days * 86_400 + offset.seconds) * 1000
+
+
+def _local_ms(moment: datetime) -> int:
+    # datetime.timestamp() goes through float seconds and the tzinfo again: slower, and inexact.
+    return (((moment.toordinal() - _EPOCH_DAY) * 86_400 + moment.hour * 3600 + moment.minute * 60 + moment.second)
+            * 1000 + moment.microsecond // 1000)
 
 
 class Log:
@@ -163,7 +172,7 @@ def _unpack_into(column: array, view: memoryview, pos: int) -> int:
 
 
 def _due_s(due: datetime | None) -> int:
-    return NO_DUE if due is None else max(1, min(int(due.timestamp()), 2**32 - 1))
+    return NO_DUE if due is None else max(1, min(to_ms(due) // 1000, 2**32 - 1))
 
 
 # One function per event type: what of the event its log keeps, beside time and id.
@@ -187,15 +196,15 @@ def apply(state: UserState, event: Any) -> bool:
     3. Advance the newest time and zone, prune what fell out of every window.
     """
     moment = event.ts
-    ts_ms = to_ms(moment)
+    offset = moment.utcoffset()
+    offset_s = offset.days * 86_400 + offset.seconds
+    ts_ms = _local_ms(moment) - offset_s * 1000
     newest = state.newest_ms
     if ts_ms < (newest // DAY_MS - HORIZON_DAYS) * DAY_MS:
         return False
     kind = event.type
     if not state.logs[kind].insert(ts_ms, fingerprint(event.id), PAYLOAD[kind](event)):
         return False
-    offset = moment.utcoffset()
-    offset_s = offset.days * 86_400 + offset.seconds
     if ts_ms > newest or (ts_ms == newest and offset_s > state.offset_s):
         # A newer event, or the same instant in a second zone (the larger offset wins,
         # so the choice doesn't depend on arrival order).

@@ -111,9 +111,9 @@ async def publish_events(
     return count
 
 
-def stream_sequence(reply: str) -> tuple[int, int]:
+def stream_sequence(reply: bytes) -> tuple[int, int]:
     """(stream sequence, messages still pending) from a JetStream ack subject, v1 or v2 form."""
-    tokens = reply.split(".")
+    tokens = reply.split(b".")
     if len(tokens) == 9:
         return int(tokens[5]), int(tokens[8])
     return int(tokens[7]), int(tokens[10])
@@ -150,7 +150,7 @@ async def reset_durable(js: JetStreamContext, stream: str, durable: str, start_s
     return created.num_pending or 0
 
 
-RawMsg = tuple[str, str, bytes]  # (subject, reply, body): all ingest needs of a message
+RawMsg = tuple[str, bytes, bytes]  # (subject, reply, body): all ingest needs of a message
 
 _MSG = re.compile(rb"MSG\s+(\S+)\s+(\S+)\s+((\S+)[^\S\r\n]+)?(\d+)\r\n")
 _HMSG = re.compile(rb"HMSG\s+(\S+)\s+(\S+)\s+((\S+)[^\S\r\n]+)?(\d+)\s+(\d+)\r\n")
@@ -167,6 +167,7 @@ class FastParser(Parser):
         buf = self.buf
         buf.extend(data)
         pos, end = 0, len(buf)
+        raw_handlers = getattr(self.nc, "_raw_handlers", {})
         try:
             while pos < end:
                 if self.state == AWAITING_CONTROL_LINE:
@@ -200,7 +201,11 @@ class FastParser(Parser):
                     self.header_needed = 0
                     self.state = AWAITING_CONTROL_LINE
                     arg = self.msg_arg
-                    await self.nc._process_msg(arg["sid"], arg["subject"], arg["reply"], payload, header)
+                    handler = raw_handlers.get(arg["sid"])
+                    if handler is not None:
+                        handler(arg["subject"], arg["reply"], payload, header)  # no coroutine per message
+                    else:
+                        await self.nc._process_msg(arg["sid"], arg["subject"], arg["reply"], payload, header)
         finally:
             if pos:
                 del buf[:pos]
@@ -309,7 +314,7 @@ class BatchPuller:
             self._request_soon()
             return
         self.requested -= 1
-        self.on_message((subject.decode(), reply.decode(), data))
+        self.on_message((subject.decode(), reply, data))
         if self.requested <= self.batch // 2:
             self._request_soon()
 

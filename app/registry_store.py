@@ -1,0 +1,151 @@
+"""The model registry in SQL: versions (with the serialised model), roles and rollout history.
+
+`model_rollouts` is the source of truth for roles: loading replays it through the same
+rules as `models.registry.Registry` (`roles_from_history`). `model_roles` is written beside
+it, in the same transaction, so that SQL readers can see who serves without replaying.
+Model bytes are written when a version is registered and then by the learner's checkpoint
+participant (`write_models`), in the checkpoint's transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+from sqlalchemy import Engine, select, update
+from sqlalchemy.engine import Connection
+
+from app import db
+from models.registry import ModelCard, ModelVersion, Registry, RolloutEntry
+
+
+@dataclass
+class Roles:
+    champion: str | None
+    shadow: str | None
+    previous_champions: list[str]
+    shadowed: set[str]
+    retired: set[str]
+
+
+def roles_from_history(history: Iterable[RolloutEntry]) -> Roles:
+    """Replay rollout entries into roles, by the registry's rules.
+
+    >>> from datetime import datetime, timezone
+    >>> at = datetime(2026, 11, 26, tzinfo=timezone.utc)
+    >>> steps = [("promote", "v1"), ("shadow", "v2"), ("promote", "v2"), ("shadow", "v3"), ("rollback", "v1")]
+    >>> roles = roles_from_history(RolloutEntry(at, a, v, "ops") for a, v in steps)
+    >>> roles.champion, roles.shadow, roles.previous_champions, sorted(roles.shadowed)
+    ('v1', 'v3', [], ['v2', 'v3'])
+    """
+    r = Roles(None, None, [], set(), set())
+    for e in history:
+        action, version = e.action, e.version
+        if action == "promote":
+            if r.champion is not None:
+                r.previous_champions.append(r.champion)
+            r.champion = version
+            if r.shadow == version:
+                r.shadow = None
+        elif action == "shadow":
+            r.shadow = version
+            r.shadowed.add(version)
+        elif action == "rollback":
+            if r.previous_champions and r.previous_champions[-1] == version:
+                r.previous_champions.pop()
+            r.champion = version
+            if r.shadow == version:
+                r.shadow = None
+        elif action == "retire":
+            r.retired.add(version)
+            if r.shadow == version:
+                r.shadow = None
+            r.previous_champions = [v for v in r.previous_champions if v != version]
+    return r
+
+
+def _card_row(card: ModelCard) -> dict[str, Any]:
+    # The rollout history lives in model_rollouts, once per entry.
+    return {k: v for k, v in card.to_dict().items() if k != "rollout_history"}
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite hands back naive datetimes; everything stored is UTC.
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+class RegistryStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def load(self) -> tuple[Registry, dict[str, tuple[bytes | None, int]]]:
+        """The registry, and each version's latest model bytes (None: never saved) with its learn count."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(db.model_versions).order_by(db.model_versions.c.created_at)).all()
+            entries = conn.execute(select(db.model_rollouts).order_by(db.model_rollouts.c.seq)).all()
+        history = [(RolloutEntry(_aware(e.at), e.action, e.version, e.actor, e.note), list(e.cards)) for e in entries]
+        roles = roles_from_history(entry for entry, _ in history)
+        state = {
+            "versions": [
+                {"version": r.version, "kind": r.kind, "params": r.params, "feature_names": r.feature_names,
+                 "created_at": _aware(r.created_at).isoformat(), "card": r.card}
+                for r in rows
+            ],
+            "champion": roles.champion, "shadow": roles.shadow,
+            "previous_champions": roles.previous_champions,
+            "shadowed": sorted(roles.shadowed), "retired": sorted(roles.retired),
+            "history": [entry.to_dict() | {"cards": cards} for entry, cards in history],
+        }
+        models = {r.version: (bytes(r.model) if r.model is not None else None, int(r.n_learned)) for r in rows}
+        return Registry.from_dict(state), models
+
+    def save(self, registry: Registry, *, known_entries: int, new_models: dict[str, tuple[bytes, int]]) -> None:
+        """Persist a registry change in one transaction.
+
+        `known_entries`: how many history entries are already stored (the rest are appended);
+        `new_models`: bytes of versions registered by this change (existing rows keep theirs).
+        """
+        now = datetime.now(timezone.utc)
+        with self.engine.begin() as conn:
+            existing = set(conn.execute(select(db.model_versions.c.version)).scalars())
+            for mv in registry.versions.values():
+                values = {"kind": mv.kind, "params": mv.to_dict()["params"], "feature_names": list(mv.feature_names),
+                          "card": _card_row(mv.card), "updated_at": now}
+                if mv.version in existing:
+                    conn.execute(update(db.model_versions).where(db.model_versions.c.version == mv.version)
+                                 .values(**values))
+                else:
+                    blob, n_learned = new_models.get(mv.version, (None, 0))
+                    conn.execute(db.model_versions.insert().values(
+                        version=mv.version, created_at=mv.created_at, model=blob, n_learned=n_learned, **values))
+            cards: dict[int, list[str]] = {}
+            for v, mv in registry.versions.items():
+                for e in mv.card.rollout_history:
+                    cards.setdefault(id(e), []).append(v)
+            for e in registry.history[known_entries:]:
+                conn.execute(db.model_rollouts.insert().values(
+                    at=e.at, action=e.action, version=e.version, actor=e.actor, note=e.note,
+                    cards=cards.get(id(e), [e.version])))
+            conn.execute(db.model_roles.delete())
+            since = {}
+            for e in registry.history:  # when each current role began
+                if e.action in ("promote", "rollback"):
+                    since["champion"] = e.at
+                elif e.action == "shadow":
+                    since["shadow"] = e.at
+            for role, version in (("champion", registry.champion), ("shadow", registry.shadow)):
+                if version is not None:
+                    conn.execute(db.model_roles.insert().values(role=role, version=version, since=since.get(role, now)))
+
+    def stored_entries(self) -> int:
+        with self.engine.connect() as conn:
+            return len(conn.execute(select(db.model_rollouts.c.seq)).all())
+
+
+def write_models(conn: Connection, models: dict[str, tuple[bytes, int]]) -> None:
+    """The learner's model snapshots, inside the checkpoint transaction."""
+    now = datetime.now(timezone.utc)
+    for version, (blob, n_learned) in models.items():
+        conn.execute(update(db.model_versions).where(db.model_versions.c.version == version)
+                     .values(model=blob, n_learned=n_learned, updated_at=now))

@@ -1,0 +1,58 @@
+"""`tipstream simulate` publishes valid, varied traffic through JetStream, paced and bounded."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from streams.events import Rejection, parse_event
+from streams.jetstream import ensure_streams
+
+TIPSTREAM = str(Path(sys.executable).parent / "tipstream")
+
+
+async def test_simulate_publishes_a_bounded_count_of_valid_events(nats_server, nc) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    done = subprocess.run([TIPSTREAM, "simulate", "--count", "600", "--rate", "0", "--users", "50",
+                           "--nats-url", nats_server.url, "--quiet"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "published 600 events" in done.stdout
+    total = sum([(await js.stream_info(name)).state.messages for name in ("SIGNALS", "FEEDBACK")])
+    assert total == 600
+    kinds: Counter[str] = Counter()
+    for stream, subject in (("SIGNALS", "signals.>"), ("FEEDBACK", "feedback.>")):
+        sub = await js.pull_subscribe(subject, stream=stream)
+        count = (await js.stream_info(stream)).state.messages
+        while count:
+            for msg in await sub.fetch(min(count, 200), timeout=5):
+                event = parse_event(msg.data)
+                assert not isinstance(event, Rejection), event
+                assert msg.subject.endswith(event.type) and msg.headers["Nats-Msg-Id"] == event.id
+                kinds[event.type] += 1
+                count -= 1
+    assert len(kinds) == 7, kinds
+
+
+async def test_simulate_paces_to_the_rate(nats_server, nc) -> None:
+    await ensure_streams(nc.jetstream(), max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    started = time.monotonic()
+    done = subprocess.run([TIPSTREAM, "simulate", "--count", "300", "--rate", "200", "--nats-url", nats_server.url,
+                           "--quiet"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started >= 300 / 200 * 0.8  # paced, not a burst
+
+
+def test_simulate_without_streams_fails_loudly_and_says_why(nats_server) -> None:
+    done = subprocess.run([TIPSTREAM, "simulate", "--count", "10", "--nats-url", nats_server.url, "--quiet"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "no stream" in done.stderr.lower() and "tipstream run" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_simulate_without_a_bound_says_what_to_add() -> None:
+    done = subprocess.run([TIPSTREAM, "simulate"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "--count" in done.stderr
