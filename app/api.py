@@ -78,7 +78,7 @@ async def user_features(request: Request) -> Response:
             at = _AT.validate_python(raw_at)
         except ValidationError:
             return _error(422, "at", f"'at' must be an ISO 8601 time with a UTC offset, got {raw_at!r}")
-    state = request.app.state.service.store.users.get(user_id)
+    state = request.app.state.service.store.state_of(user_id)
     values = evaluate(state, to_ms(at))
     return JSONResponse({
         "user_id": user_id,

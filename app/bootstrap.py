@@ -70,14 +70,9 @@ class Service:
         )
         target = SqlCheckpointStore(self.engine)
         started = time.perf_counter()
-        positions, states = await asyncio.to_thread(target.load)
-        await asyncio.to_thread(self.store.load, positions, states)
-        # Millions of long-lived state objects: keep the collector from rescanning them.
-        gc.collect()
-        gc.freeze()
-        METRICS.users.set(len(self.store.users))
-        log.info("checkpoint loaded: %d users, positions %s (%.2fs)",
-                 len(self.store.users), positions, time.perf_counter() - started)
+        await self._restore(target)
+        log.info("checkpoint restored: %d users (loading in the background), positions %s (%.2fs)",
+                 len(self.store.cold), self.store.positions, time.perf_counter() - started)
         self.checkpointer = Checkpointer(self.store, target, s.checkpoint_every_events, s.checkpoint_every_s)
         for spec in jsx.INGESTED_STREAMS:
             ingest = StreamIngest(
@@ -92,6 +87,50 @@ class Service:
             self.offline = OfflineFeatureWriter(self.store, self.engine, s.offline_features_every_s)
             self.checkpointer.on_saved.append(self.offline.saved)
             self._tasks.append(asyncio.create_task(self.offline.run(), name="offline features"))
+
+    async def _restore(self, target: SqlCheckpointStore) -> None:
+        """Lazy restore: positions and user ids now, states on first use or by the warm-up task.
+
+        A restart serves and ingests at once, however many users the checkpoint holds.
+        """
+        positions, _ = await asyncio.to_thread(target.load)
+        self.store.positions = positions
+        self.store.cold = set(await asyncio.to_thread(target.user_ids))
+        self.store.fetch_cold = target.fetch
+        self._tasks.append(asyncio.create_task(self._warm_up(target), name="warm-up"))
+
+    async def _warm_up(self, target: SqlCheckpointStore) -> None:
+        """Load every cold user, reading in a worker thread and folding in small chunks here."""
+        if not self.store.cold:
+            return
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue[list[tuple[str, bytes]]](maxsize=4)
+        started = time.perf_counter()
+
+        def read() -> None:
+            chunk: list[tuple[str, bytes]] = []
+            for row in target.states():
+                chunk.append(row)
+                if len(chunk) == 1_000:
+                    asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
+                    chunk = []
+            asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
+            asyncio.run_coroutine_threadsafe(queue.put([]), loop).result()
+
+        reader = asyncio.create_task(asyncio.to_thread(read))
+        while chunk := await queue.get():
+            for start in range(0, len(chunk), 100):
+                self.store.warm(chunk[start : start + 100])
+                await asyncio.sleep(0)
+        await reader
+        # Millions of long-lived state objects: keep the collector from rescanning them.
+        gc.collect()
+        gc.freeze()
+        METRICS.users.set(len(self.store.users))
+        log.info("all %d users loaded in %.1fs", len(self.store.users), time.perf_counter() - started)
+
+    @property
+    def warm(self) -> bool:
+        return not self.store.cold
 
     @property
     def ready(self) -> bool:

@@ -73,6 +73,19 @@ class SqlCheckpointStore:
             positions = {row.stream: row.seq for row in conn.execute(select(db.stream_positions))}
         return positions, self._states()
 
+    def user_ids(self) -> list[str]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(db.user_state.c.user_id)).scalars())
+
+    def fetch(self, user_ids: list[str]) -> dict[str, bytes]:
+        table = db.user_state
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(table.c.user_id, table.c.state).where(table.c.user_id.in_(user_ids)))
+            return {user_id: bytes(blob) for user_id, blob in rows}
+
+    def states(self) -> Iterator[tuple[str, bytes]]:
+        return self._states()
+
     def _states(self) -> Iterator[tuple[str, bytes]]:
         with self.engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=10_000).execute(

@@ -176,7 +176,9 @@ class TipScoresLog:
         self._unconfirmed[self._gen] = rows
         return self._gen, list(rows.values())
 
-    def write(self, conn: Connection, snapshot: tuple[int, list[dict[str, Any]]]) -> None:
+    def write(self, conn: Connection, snapshot: tuple[int, list[dict[str, Any]]] | None) -> None:
+        if snapshot is None:
+            return
         _, rows = snapshot
         for start in range(0, len(rows), 5_000):
             db.upsert(conn, db.tip_scores, rows[start : start + 5_000], ["decision_id"])

@@ -62,7 +62,7 @@ def typical_users(count: int) -> tuple[OnlineStore, float]:
     return store, held / count
 
 
-async def restart_time(store: OnlineStore, users: int, workdir: Path) -> float:
+async def restart_time(store: OnlineStore, users: int, workdir: Path) -> tuple[float, float]:
     import uvicorn
 
     from app.api import create_app
@@ -103,9 +103,12 @@ async def restart_time(store: OnlineStore, users: int, workdir: Path) -> float:
             body = (await http.get(f"http://127.0.0.1:{port}/users/r-{users - 1}/features")).json()
         elapsed = time.perf_counter() - started
         assert body["known"], "the last user of the checkpoint must be served"
+        while not app.state.service.warm:
+            await asyncio.sleep(0.05)
+        warm = time.perf_counter() - started
         server.should_exit = True
         await task
-        return elapsed
+        return elapsed, warm
     finally:
         nats.stop()
 
@@ -122,13 +125,14 @@ async def main() -> None:
     print(f"typical user: {kept:.0f} events kept, {per_user:,.0f} bytes resident, "
           f"{blob:,.0f} bytes in a checkpoint (goal: < 4,096 resident)")
     with tempfile.TemporaryDirectory() as tmp:
-        seconds = await restart_time(store, args.restart_users, Path(tmp))
-    scaled = seconds * 1_000_000 / args.restart_users
-    print(f"restart and serve with {args.restart_users:,} users: {seconds:.1f}s"
-          + ("" if args.restart_users == 1_000_000 else f" (scaled linearly to 1M: {scaled:.1f}s)")
-          + " (goal: < 30 s at 1M)")
+        seconds, warm = await restart_time(store, args.restart_users, Path(tmp))
+    scale = 1_000_000 / args.restart_users
+    note = "" if args.restart_users == 1_000_000 else " (scaled linearly to 1M)"
+    print(f"restart and serve with {args.restart_users:,} users: {seconds:.1f}s; "
+          f"all users loaded after {warm:.1f}s (goal: serving in < 30 s at 1M)")
     print(json.dumps({"bench": "memory", "bytes_per_user": round(per_user), "checkpoint_bytes_per_user": round(blob),
-                      "restart_users": args.restart_users, "restart_s_1m_users": round(scaled, 2)}))
+                      "restart_users": args.restart_users, "restart_s_1m_users": round(seconds * scale, 2),
+                      "warm_s_1m_users": round(warm * scale, 1), "scaled": bool(note)}))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ True
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from streams.fold import UserState, apply
 
@@ -27,11 +27,41 @@ class OnlineStore:
         self.applied = 0
         self.ignored = 0  # duplicates, and events older than any window can reach
         self._dirty: set[str] = set()
+        # Lazy restore: users in the checkpoint not loaded yet, and how to fetch their state.
+        self.cold: set[str] = set()
+        self.fetch_cold: Callable[[list[str]], dict[str, bytes]] | None = None
+
+    def state_of(self, user_id: str) -> UserState | None:
+        """The user's state, loading it from the checkpoint first if it is still cold."""
+        state = self.users.get(user_id)
+        if state is None and user_id in self.cold:
+            state = self._thaw(user_id)
+        return state
+
+    def _thaw(self, user_id: str) -> UserState:
+        assert self.fetch_cold is not None, "cold users need fetch_cold"
+        blob = self.fetch_cold([user_id]).get(user_id)
+        self.cold.discard(user_id)
+        state = self.users[user_id] = UserState.from_bytes(blob) if blob is not None else UserState()
+        return state
+
+    def warm(self, states: Iterable[tuple[str, bytes]]) -> int:
+        """Load checkpointed users that nothing has needed yet; returns how many."""
+        loaded = 0
+        for user_id, blob in states:
+            if user_id in self.cold:
+                self.users[user_id] = UserState.from_bytes(blob)
+                self.cold.discard(user_id)
+                loaded += 1
+        return loaded
 
     def apply(self, event: Any) -> bool:
         state = self.users.get(event.user_id)
         if state is None:
-            state = self.users[event.user_id] = UserState()
+            if event.user_id in self.cold:
+                state = self._thaw(event.user_id)
+            else:
+                state = self.users[event.user_id] = UserState()
         if apply(state, event):
             self.applied += 1
             self._dirty.add(event.user_id)

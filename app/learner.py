@@ -1,0 +1,343 @@
+"""The learner: feedback joined with the decision it names, learned by every live model.
+
+A decision enters the join cache twice: when /score serves it (`served`, so feedback can be
+joined before the decision has made the round trip through JetStream) and when it is read
+back from the DECISIONS stream (`add_logged`, which also writes its `tip_scores` row and, after
+a restart, rebuilds the cache). Feedback (`on_feedback`, called for every `tip.reacted` event
+read from FEEDBACK, including ones the fold already held):
+
+1. No `decision_id`: counted (`no_decision`); the fold keeps the event for the user's features.
+2. Decision not in the cache: older than the cache reaches -> `expired`; else the feedback waits
+   (bounded in count and age) for the decision to arrive -> `waiting`, later `unknown_decision`.
+3. This (decision, tip) was credited already -> `duplicate`: redelivered feedback, or the same
+   reaction re-sent with a new event id, is learned once.
+4. The tip is not among the decision's candidates -> `unknown_tip`.
+5. Otherwise the reaction's reward (settings) trains every live model with `learn_one` on the
+   features as they were served, and updates the popularity prior -> `credited`.
+
+The learner is a checkpoint participant: models, prior, credits, waiting feedback and the
+stream positions they reflect are saved with the checkpoint (at most every
+`snapshot_every_s`). On start, FEEDBACK and DECISIONS are re-read from those positions, so a
+restart resumes learning exactly where the snapshot stopped: credits make the replay idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import orjson
+from sqlalchemy import select
+from sqlalchemy.engine import Connection, Engine
+
+from app import db
+from app.decisions import LoggedDecision, TipScoresLog, learning_input, tip_score_row
+from app.learning_metrics import FEEDBACK, JOIN_CACHE, LEARNED, PENDING
+from app.lineup import Lineup
+from app.registry_store import write_models
+from models.reward import PopularityPrior
+from streams.store import OnlineStore
+
+log = logging.getLogger("tipstream.learner")
+
+ENTRY_OVERHEAD = 240  # bytes a cache entry costs beyond its payload (object, dict slot)
+
+
+def decision_time_ms(decision_id: str) -> int | None:
+    """The creation time encoded in our decision ids (`app.decisions.new_decision_id`).
+
+    >>> decision_time_ms("d-019c5e8a2b10" + "0" * 16), decision_time_ms("external-7")
+    (1771112639248, None)
+    """
+    if len(decision_id) == 30 and decision_id.startswith("d-"):
+        try:
+            return int(decision_id[2:14], 16)
+        except ValueError:
+            return None
+    return None
+
+
+@dataclass(slots=True)
+class _Entry:
+    data: bytes  # the decision event
+    position: int  # DECISIONS position when added: re-reading from there finds it again
+    added_ms: int
+    decision: dict[str, Any] | None  # parsed form, kept only until its tip_scores row is marked
+    credits: dict[str, float] | None = None
+    rewarded_ms: int | None = None
+    logged: bool = False  # read back from the DECISIONS stream
+
+
+class Learner:
+    name = "learner"
+
+    def __init__(self, lineup: Lineup, store: OnlineStore, decision_log: TipScoresLog, *,
+                 rewards: dict[str, float], cache_mb: float, window_s: float, pending_max: int,
+                 pending_max_age_s: float, snapshot_every_s: float, clock: Callable[[], float] = time.time) -> None:
+        self.lineup, self.store, self.decision_log = lineup, store, decision_log
+        self.rewards = dict(rewards)
+        self.cache_limit = int(cache_mb * 1024 * 1024)
+        self.window_ms = int(window_s * 1000)
+        self.pending_max, self.pending_max_age_s = pending_max, pending_max_age_s
+        self.snapshot_every_s = snapshot_every_s
+        self.clock = clock
+        self.cache: dict[str, _Entry] = {}
+        self.cache_bytes = 0
+        self.evicted_upto_ms = 0  # decisions created before this are no longer joinable
+        # decision id -> {tip id: (reaction, arrival time s)}, and arrival order for eviction
+        self.pending: dict[str, dict[str, tuple[str, float]]] = {}
+        self._pending_order: deque[tuple[float, str, str]] = deque()
+        self._restored_credits: dict[str, tuple[dict[str, float], int | None]] = {}
+        self.credited = 0
+        self._changed = False
+        self._last_snapshot = 0.0
+        self._unconfirmed: list[int] = []
+        self._confirmed: list[int] = []
+        self._gen = 0
+
+    # -- decisions ---------------------------------------------------------------------------
+
+    def served(self, decision_id: str, payload: bytes, decision: dict[str, Any]) -> None:
+        """A decision /score has just answered with (and queued for the log)."""
+        if decision_id not in self.cache:
+            self._insert(decision_id, _Entry(payload, self.store.positions.get("DECISIONS", 0),
+                                             int(self.clock() * 1000), decision))
+
+    def add_logged(self, logged: LoggedDecision) -> bool:
+        """The DECISIONS ingest's sink: a decision read back from the stream."""
+        entry = self.cache.get(logged.id)
+        if entry is None:
+            created = decision_time_ms(logged.id)
+            now_ms = int(self.clock() * 1000)
+            if created is not None and created < now_ms - self.window_ms:
+                return False  # replayed from before the join window: nothing can join it any more
+            entry = _Entry(logged.data, self.store.positions.get("DECISIONS", 0), now_ms, None)
+            credits = self._restored_credits.pop(logged.id, None)
+            if credits is not None:
+                entry.credits, entry.rewarded_ms = credits
+            self._insert(logged.id, entry)
+        elif entry.logged:
+            return False  # a redelivery
+        entry.logged = True
+        self._mark_row(entry)
+        entry.decision = None
+        waiting = self.pending.pop(logged.id, None)
+        if waiting:
+            for tip_id, (reaction, _) in waiting.items():
+                self._credit(logged.id, entry, tip_id, reaction)
+            PENDING.set(sum(len(w) for w in self.pending.values()))
+        return True
+
+    def _insert(self, decision_id: str, entry: _Entry) -> None:
+        self.cache[decision_id] = entry
+        self.cache_bytes += len(entry.data) + ENTRY_OVERHEAD
+        self._changed = True
+        cache, horizon = self.cache, entry.added_ms - self.window_ms
+        # Oldest first (insertion order): past the memory budget, or past the join window.
+        while cache:
+            first_id = next(iter(cache))
+            first = cache[first_id]
+            if self.cache_bytes <= self.cache_limit and first.added_ms >= horizon:
+                break
+            del cache[first_id]
+            self.cache_bytes -= len(first.data) + ENTRY_OVERHEAD
+            self.evicted_upto_ms = max(self.evicted_upto_ms, decision_time_ms(first_id) or first.added_ms)
+        JOIN_CACHE.set(len(cache))
+
+    def _mark_row(self, entry: _Entry) -> None:
+        decision = entry.decision if entry.decision is not None else orjson.loads(entry.data)
+        self.decision_log.mark(tip_score_row(decision, entry.data.decode(), entry.credits, entry.rewarded_ms))
+
+    # -- feedback ----------------------------------------------------------------------------
+
+    def feedback_sink(self) -> Callable[[Any], bool]:
+        """The FEEDBACK ingest's sink: fold the event, then let the learner see it.
+
+        The learner sees every event, also those the fold already held: a checkpoint can save
+        a user's state with events past the saved position, and those events must still reach
+        a learner restored from that checkpoint. Credits keep the learning idempotent.
+        """
+        apply, on_feedback = self.store.apply, self.on_feedback
+
+        def sink(event: Any) -> bool:
+            new = apply(event)
+            on_feedback(event, new)
+            return new
+
+        return sink
+
+    def on_feedback(self, event: Any, new: bool = True) -> None:
+        data = event.data
+        decision_id = data.decision_id
+        if decision_id is None:
+            if new:
+                FEEDBACK.labels("no_decision").inc()
+            return
+        entry = self.cache.get(decision_id)
+        if entry is None:
+            self._wait(decision_id, data.tip_id, data.reaction)
+            return
+        self._credit(decision_id, entry, data.tip_id, data.reaction)
+
+    def _wait(self, decision_id: str, tip_id: str, reaction: str) -> None:
+        created = decision_time_ms(decision_id)
+        if created is not None and created <= self.evicted_upto_ms:
+            FEEDBACK.labels("expired").inc()
+            return
+        waiting = self.pending.setdefault(decision_id, {})
+        if tip_id in waiting:
+            FEEDBACK.labels("duplicate").inc()
+            return
+        now = self.clock()
+        waiting[tip_id] = (reaction, now)
+        self._pending_order.append((now, decision_id, tip_id))
+        self._changed = True
+        FEEDBACK.labels("waiting").inc()
+        self._expire_pending(now)
+
+    def _expire_pending(self, now: float) -> None:
+        order, pending = self._pending_order, self.pending
+        while order and (len(order) > self.pending_max or order[0][0] < now - self.pending_max_age_s):
+            _, decision_id, tip_id = order.popleft()
+            waiting = pending.get(decision_id)
+            if waiting is not None and waiting.pop(tip_id, None) is not None:
+                FEEDBACK.labels("unknown_decision").inc()
+                if not waiting:
+                    del pending[decision_id]
+        PENDING.set(len(order))
+
+    def expire(self) -> None:
+        """Give up on feedback that waited too long (also called periodically)."""
+        self._expire_pending(self.clock())
+
+    def _credit(self, decision_id: str, entry: _Entry, tip_id: str, reaction: str) -> None:
+        credits = entry.credits
+        if credits is not None and tip_id in credits:
+            FEEDBACK.labels("duplicate").inc()
+            return
+        decision = entry.decision if entry.decision is not None else orjson.loads(entry.data)
+        candidate = next((c for c in decision["ranked"] if c["tip_id"] == tip_id), None)
+        if candidate is None:
+            FEEDBACK.labels("unknown_tip").inc()
+            return
+        reward = self.rewards[reaction]
+        x = learning_input(decision["features"], candidate)
+        for version, model in self.lineup.learning:
+            try:
+                model.learn_one(x, reward)
+            except Exception as error:  # noqa: BLE001 - one bad example must not stop ingest
+                log.warning("model %s could not learn decision %s: %s", version, decision_id, error)
+                continue
+            LEARNED.labels(version).inc()
+        self.lineup.prior.update(tip_id, reward)
+        entry.credits = {**(credits or {}), tip_id: reward}
+        entry.rewarded_ms = int(self.clock() * 1000)
+        if entry.logged:
+            entry.decision = decision
+            self._mark_row(entry)
+            entry.decision = None
+        self.credited += 1
+        self._changed = True
+        FEEDBACK.labels("credited").inc()
+
+    # -- checkpoint participant --------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any] | None:
+        """Models, prior, credits and waiting feedback, with the positions they reflect."""
+        while self._confirmed:
+            gen = self._confirmed.pop()
+            self._unconfirmed = [g for g in self._unconfirmed if g > gen]
+        now = self.clock()
+        self._expire_pending(now)
+        # Checkpoints run one at a time, so an unconfirmed snapshot here is one that failed: retry now.
+        failed = bool(self._unconfirmed)
+        if not failed and (not self._changed or now - self._last_snapshot < self.snapshot_every_s):
+            return None
+        self._gen += 1
+        self._unconfirmed.append(self._gen)
+        self._changed = False
+        self._last_snapshot = now
+        positions = self.store.positions
+        resume = next(iter(self.cache.values())).position if self.cache else positions.get("DECISIONS", 0)
+        state = {
+            "positions": {"FEEDBACK": positions.get("FEEDBACK", 0), "DECISIONS": resume},
+            "credits": {d: [e.credits, e.rewarded_ms] for d, e in self.cache.items() if e.credits}
+                       | {d: [c, r] for d, (c, r) in self._restored_credits.items()},
+            "pending": [[d, t, reaction, at] for d, waiting in self.pending.items()
+                        for t, (reaction, at) in waiting.items()],
+            "evicted_upto_ms": self.evicted_upto_ms,
+        }
+        return {
+            "gen": self._gen,
+            "state": orjson.dumps(state),
+            "prior": self.lineup.prior.to_bytes(),
+            "models": {v: (m.to_bytes(), m.n_learned) for v, m in self.lineup.learning},
+        }
+
+    def write(self, conn: Connection, snapshot: dict[str, Any] | None) -> None:
+        if snapshot is None:
+            return
+        now = datetime.now(timezone.utc)
+        write_models(conn, snapshot["models"])
+        db.upsert(conn, db.learner_state, [
+            {"name": "learner", "state": snapshot["state"], "updated_at": now},
+            {"name": "prior", "state": snapshot["prior"], "updated_at": now},
+        ], ["name"])
+
+    def saved(self, snapshot: dict[str, Any]) -> None:
+        self._confirmed.append(snapshot["gen"])  # from the checkpoint's worker thread
+
+    def restore(self, engine: Engine) -> dict[str, int] | None:
+        """Load the last snapshot (worker thread, before ingest starts); the stream positions to
+        re-read FEEDBACK and DECISIONS from, or None on a first start."""
+        with engine.connect() as conn:
+            rows = dict(conn.execute(select(db.learner_state.c.name, db.learner_state.c.state)).tuples().all())
+        if "prior" in rows:
+            self.lineup.prior = PopularityPrior.from_bytes(bytes(rows["prior"]))
+        if "learner" not in rows:
+            return None
+        state = orjson.loads(bytes(rows["learner"]))
+        horizon = int(self.clock() * 1000) - self.window_ms
+        self._restored_credits = {
+            d: (credits, rewarded) for d, (credits, rewarded) in state["credits"].items()
+            if (decision_time_ms(d) or horizon) >= horizon
+        }
+        for decision_id, tip_id, reaction, at in state["pending"]:
+            self.pending.setdefault(decision_id, {})[tip_id] = (reaction, at)
+            self._pending_order.append((at, decision_id, tip_id))
+        self._pending_order = deque(sorted(self._pending_order))
+        self.evicted_upto_ms = state["evicted_upto_ms"]
+        return dict(state["positions"])
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def user_reactions(self, user_id: str) -> int:
+        """How many tips this user reacted to (in the fold's 30-day horizon): the prior's `u`."""
+        state = self.store.users.get(user_id)
+        return len(state.logs["tip.reacted"]) if state is not None else 0
+
+
+class ConfirmingCheckpointStore:
+    """Wraps a checkpoint store to tell participants that their snapshot was committed.
+
+    `Checkpointer` hands a participant's snapshot to `save` and forgets it; a participant that
+    keeps work until it is safely written (rows, model snapshots) needs to know when that
+    happened, so `saved(snapshot)` is called, in the worker thread, after the commit.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def load(self) -> Any:
+        return self.inner.load()
+
+    def save(self, positions: dict[str, int], states: list[tuple[str, bytes]], extras: Any = ()) -> None:
+        self.inner.save(positions, states, extras)
+        for participant, snapshot in extras:
+            saved = getattr(participant, "saved", None)
+            if saved is not None and snapshot is not None:
+                saved(snapshot)

@@ -1,0 +1,149 @@
+"""The lineup: the registry and the River models it names, as /score and the learner use them.
+
+Everything here runs on the event loop; /score reads `champion` and `shadow`, the learner
+trains `learning` (every version not retired, so that a shadow promoted or a champion rolled
+back to is up to date). A registry change is made on a copy, persisted in one SQL
+transaction, and only then swapped in: a refused or failed change leaves the lineup as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable
+
+from sqlalchemy import Engine
+
+from app import evaluation
+from app.registry_store import RegistryStore
+from models.registry import ModelCard, ModelVersion, Registry, RegistryError
+from models.reward import PopularityPrior, TipModel
+
+log = logging.getLogger("tipstream.models")
+
+
+class Lineup:
+    def __init__(self, store: RegistryStore, engine: Engine, *, eval_max_rewards: int) -> None:
+        self.store, self.engine, self.eval_max_rewards = store, engine, eval_max_rewards
+        self.registry = Registry()
+        self.models: dict[str, TipModel] = {}
+        self.prior = PopularityPrior()
+        self.champion_version = ""
+        self.champion: TipModel = TipModel()
+        self.shadow_version: str | None = None
+        self.shadow: TipModel | None = None
+        self.learning: list[tuple[str, TipModel]] = []
+        self._lock = asyncio.Lock()
+        self._stored_entries = 0
+
+    # -- start -------------------------------------------------------------------------------
+
+    def load(self, first_kind: str, learning_rate: float, shadow_kind: str | None) -> None:
+        """Load the registry and models (worker thread, before serving); on the very first start,
+        register `v1` as champion (and `v2` as shadow when `shadow_kind` is set)."""
+        registry, blobs = self.store.load()
+        if registry.champion is None:
+            registry = Registry.from_dict(registry.to_dict())
+            new: dict[str, tuple[bytes, int]] = {}
+            for version, kind in (("v1", first_kind), ("v2", shadow_kind)):
+                if kind is None or version in registry.versions:
+                    continue
+                model = TipModel(kind=kind, learning_rate=learning_rate)
+                registry.register(_version(version, model), actor="tipstream", note="first start")
+                new[version] = (model.to_bytes(), 0)
+            registry.bootstrap("v1", actor="tipstream")
+            if shadow_kind is not None:
+                registry.set_shadow("v2", actor="tipstream", note="first start")
+            self.store.save(registry, known_entries=self.store.stored_entries(), new_models=new)
+            registry, blobs = self.store.load()
+        models = {}
+        for version, mv in registry.versions.items():
+            blob, _ = blobs.get(version, (None, 0))
+            models[version] = TipModel.from_bytes(blob) if blob else TipModel(**mv.params)
+        self.registry, self.models = registry, models
+        self._stored_entries = len(registry.history)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        reg = self.registry
+        assert reg.champion is not None
+        self.champion_version, self.champion = reg.champion, self.models[reg.champion]
+        self.shadow_version = reg.shadow
+        self.shadow = self.models[reg.shadow] if reg.shadow is not None else None
+        self.learning = [(v, m) for v, m in self.models.items() if v not in reg.retired]
+
+    # -- changes (admin) ---------------------------------------------------------------------
+
+    async def _change(self, apply: Callable[[Registry], Any],
+                      new_models: dict[str, TipModel] | None = None) -> Any:
+        """Apply `apply` to a copy of the registry, persist it, then swap it in."""
+        async with self._lock:
+            staged = Registry.from_dict(self.registry.to_dict())
+            result = apply(staged)
+            blobs = {v: (m.to_bytes(), m.n_learned) for v, m in (new_models or {}).items()}
+            await asyncio.to_thread(self.store.save, staged, known_entries=self._stored_entries, new_models=blobs)
+            self.registry = staged
+            self._stored_entries = len(staged.history)
+            self.models.update(new_models or {})
+            self._refresh()
+            return result
+
+    async def register(self, version: str, kind: str, params: dict[str, Any], actor: str, note: str = "") -> ModelVersion:
+        """A new version, trained over the decision log by progressive validation (its card's metrics)."""
+        if version in self.registry.versions:
+            raise RegistryError(
+                f"Version {version!r} is already registered; versions are immutable, register a new name.")
+        try:
+            TipModel(**{**params, "kind": kind})
+        except (TypeError, ValueError) as error:
+            raise RegistryError(f"Model parameters are not valid: {error}", "invalid") from error
+        model, card = await asyncio.to_thread(self._evaluate, {**params, "kind": kind})
+        mv = _version(version, model, card)
+        await self._change(lambda reg: reg.register(mv, actor=actor, note=note), {version: model})
+        return self.registry.get(version)
+
+    async def set_shadow(self, version: str, actor: str, note: str = "") -> None:
+        await self._change(lambda reg: reg.set_shadow(version, actor=actor, note=note))
+
+    async def promote(self, version: str, actor: str, note: str = "") -> None:
+        await self._change(lambda reg: reg.promote(version, actor=actor, note=note))
+
+    async def rollback(self, actor: str, note: str = "") -> str:
+        return await self._change(lambda reg: reg.rollback(actor=actor, note=note))
+
+    async def retire(self, version: str, actor: str, note: str = "") -> None:
+        await self._change(lambda reg: reg.retire(version, actor=actor, note=note))
+
+    async def evaluate(self, version: str) -> ModelCard:
+        """Refresh a version's card: progressive validation of its configuration over the log."""
+        mv = self.registry.get(version)
+        _, card = await asyncio.to_thread(self._evaluate, dict(mv.params))
+
+        def update(reg: Registry) -> ModelCard:
+            target = reg.get(version).card
+            target.inputs = self.models[version].describe_inputs() or card.inputs
+            target.offline_metrics, target.fairness = card.offline_metrics, card.fairness
+            return target
+
+        return await self._change(update)
+
+    def _evaluate(self, params: dict[str, Any]) -> tuple[TipModel, ModelCard]:
+        return evaluation.evaluate(params, evaluation.rewarded_log(self.engine, self.eval_max_rewards))
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def describe(self, version: str) -> dict[str, Any]:
+        mv = self.registry.get(version)
+        model = self.models.get(version)
+        return mv.to_dict() | {"role": self.registry.role(version),
+                               "n_learned": model.n_learned if model is not None else 0}
+
+    def listing(self) -> list[dict[str, Any]]:
+        return [{"version": v, "kind": mv.kind, "role": self.registry.role(v),
+                 "created_at": mv.created_at.isoformat(), "n_learned": self.models[v].n_learned}
+                for v, mv in self.registry.versions.items()]
+
+
+def _version(version: str, model: TipModel, card: ModelCard | None = None) -> ModelVersion:
+    return ModelVersion(version, model.params["kind"], dict(model.params), model.feature_names,
+                        card=card or ModelCard(inputs=model.describe_inputs()))

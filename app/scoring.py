@@ -1,0 +1,369 @@
+"""POST /score: validate, assemble features, score with the champion (and the shadow), rank.
+
+The hot path does no SQL and awaits nothing but room in the decision queue. Steps:
+1. Validate the body (`ScoreRequest`); any problem is a 422 naming the field, nothing logged.
+2. Profile features of the user from the online store at `now` (the request's `context.now`,
+   else the clock), reused for `feature_cache_ms` while no event for the user arrives.
+3. The caller's `profile_features` fill only what the server lacks (a fallback value);
+   the server's own values win. Which ones were used is answered and logged.
+4. Context features (local hour and weekday in the user's offset, the task count).
+5. The champion scores every candidate; the popularity prior blends in for new users and
+   new tips (cold start); the exploration policy orders them and gives propensities.
+6. The shadow scores the same inputs; its scores are logged beside the champion's and never
+   change the answer (a shadow failure is counted and ignored).
+7. The decision (the answer, the features, both models' scores) is built for the log.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Annotated, Any
+
+import orjson
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from app.decisions import DECISION_TYPE, SUBJECT_SCORE, DecisionLogFull, candidate_input, encode, new_decision_id
+from app.learning_metrics import FEATURE_CACHE, SCORE_REQUESTS, SCORE_SECONDS, SHADOW_DISAGREEMENTS, SHADOW_ERRORS
+from app.lineup import Lineup
+from models.policy import Greedy, Policy
+from streams.features import CONTEXT_FEATURES, FEATURE_NAMES, FEATURES, context_features, evaluate
+from streams.fold import DAY_MS, SIGNAL_KINDS, UserState, to_ms
+from streams.store import OnlineStore
+
+MAX_CANDIDATES = 100
+MAX_CANDIDATE_FEATURES = 32
+NEW_USER_MS = 7 * DAY_MS
+FEATURE_CACHE_USERS = 200_000
+# Inputs the server sets itself; a candidate's own features may not reuse these names.
+SERVER_INPUTS = frozenset(FEATURE_NAMES) | {f.name for f in CONTEXT_FEATURES} | {
+    "user_id", "tip_id", "category", "utc_offset_min", "is_new_user"}
+
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+FeatureName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]*$")]
+
+
+def _scalar(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, str):
+        if len(value) > 128:
+            raise ValueError("a text feature may have at most 128 characters")
+        return value
+    raise ValueError("must be a number, a string, true/false or null")
+
+
+def _number(value: Any) -> float | int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be a number")
+    return value
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Candidate(_Body):
+    tip_id: Identifier
+    category: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
+    features: dict[FeatureName, Annotated[Any, AfterValidator(_scalar)]] | None = Field(
+        None, max_length=MAX_CANDIDATE_FEATURES)
+
+
+class Context(_Body):
+    now: AwareDatetime | None = None
+    tasks: list[dict[str, Any] | Annotated[str, StringConstraints(max_length=256)]] | None = Field(None, max_length=1000)
+
+
+class ScoreRequest(_Body):
+    user_id: Identifier
+    candidates: list[Candidate] = Field(min_length=1, max_length=MAX_CANDIDATES)
+    context: Context | None = None
+    profile_features: dict[str, Annotated[Any, AfterValidator(_number)]] | None = Field(None, max_length=64)
+    explore: bool = True
+
+
+class RequestError(Exception):
+    """A bad request: `field` is the dotted path of the first problem."""
+
+    def __init__(self, field: str, message: str, errors: list[dict[str, str]] | None = None) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+        self.errors = errors or [{"field": field, "message": message}]
+
+    def body(self) -> dict[str, Any]:
+        return {"error": str(self), "field": self.field, "errors": self.errors}
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) or "body"
+
+
+def parse_request(body: bytes) -> ScoreRequest:
+    """The validated request, or a RequestError naming the field.
+
+    >>> parse_request(b'{"user_id": "u", "candidates": [{"tip_id": "a"}, {"tip_id": "a"}]}')
+    Traceback (most recent call last):
+    ...
+    app.scoring.RequestError: candidates.1.tip_id: 'a' is also candidate 0; each candidate must be a different tip
+    >>> try:
+    ...     parse_request(b'{"user_id": "u", "candidates": [{"tip_id": 7}], "extra": 1}')
+    ... except RequestError as error:
+    ...     print(error.errors)
+    [{'field': 'candidates.0.tip_id', 'message': 'Input should be a valid string'}, {'field': 'extra', 'message': 'Extra inputs are not permitted'}]
+    """
+    try:
+        request = ScoreRequest.model_validate_json(body)
+    except ValidationError as error:
+        found = error.errors(include_url=False)
+        errors = []
+        for e in found[:20]:
+            if e["type"] == "json_invalid":
+                errors.append({"field": "body", "message": f"not valid JSON: {e.get('ctx', {}).get('error', e['msg'])}"})
+            elif e["type"] == "model_type" and not e["loc"]:
+                errors.append({"field": "body", "message": "must be a JSON object"})
+            else:
+                message = e["msg"].removeprefix("Value error, ")
+                errors.append({"field": _field(e["loc"]), "message": message})
+        raise RequestError(errors[0]["field"], errors[0]["message"], errors) from None
+    seen: dict[str, int] = {}
+    for i, candidate in enumerate(request.candidates):
+        first = seen.setdefault(candidate.tip_id, i)
+        if first != i:
+            raise RequestError(f"candidates.{i}.tip_id",
+                               f"{candidate.tip_id!r} is also candidate {first}; each candidate must be a different tip")
+        for name in candidate.features or ():
+            if name in SERVER_INPUTS:
+                raise RequestError(f"candidates.{i}.features.{name}",
+                                   f"{name!r} is a feature the server computes; give the candidate's own feature another name")
+    for name in request.profile_features or ():
+        if name not in _PROFILE_NAMES:
+            raise RequestError(f"profile_features.{name}",
+                               f"unknown profile feature {name!r}; known: {', '.join(FEATURE_NAMES)}")
+    return request
+
+
+@dataclass(slots=True)
+class Scored:
+    decision_id: str
+    response: dict[str, Any]
+    decision: dict[str, Any]
+    payload: bytes
+
+
+_FALLBACKS = {f.name: f.fallback for f in FEATURES}
+_PROFILE_NAMES = frozenset(FEATURE_NAMES)
+_ALL_FALLBACK = frozenset(FEATURE_NAMES)
+_ZONES: dict[int, timezone] = {}
+
+
+def _zone(offset_s: int) -> timezone:
+    zone = _ZONES.get(offset_s)
+    if zone is None:
+        zone = _ZONES[offset_s] = timezone(timedelta(seconds=offset_s))
+    return zone
+
+
+def _iso(ms: int, offset_s: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, _zone(offset_s)).isoformat(timespec="milliseconds")
+
+
+def _is_new(state: UserState, now_ms: int) -> bool:
+    """No signal older than 7 days in the fold's horizon (a first week, or a return after 30+ days)."""
+    earliest = min((log.ts[0] for kind in SIGNAL_KINDS if len(log := state.logs[kind])), default=None)
+    return earliest is None or earliest > now_ms - NEW_USER_MS
+
+
+class Scorer:
+    def __init__(self, store: OnlineStore, lineup: Lineup, policy: Policy, rng: random.Random, *,
+                 feature_cache_ms: int) -> None:
+        self.store, self.lineup, self.policy, self.rng = store, lineup, policy, rng
+        self.greedy = Greedy()
+        self.feature_cache_ms = feature_cache_ms
+        # user id -> (state, change marker, evaluated at ms, values, fallback names, is new)
+        self._cache: dict[str, tuple[UserState, tuple[int, int, int], int, dict[str, Any], frozenset[str], bool]] = {}
+
+    def _profile(self, user_id: str, state: UserState | None, now_ms: int,
+                 exact: bool) -> tuple[dict[str, Any], frozenset[str], bool, int]:
+        """(values, names that are fallbacks, is new user, the time they were evaluated at)."""
+        if state is None:
+            return _FALLBACKS, _ALL_FALLBACK, True, now_ms
+        # Any fold of a new event changes the newest time or the total length of the logs.
+        marker = (state.newest_ms, state.offset_s, sum(len(log.ts) for log in state.logs.values()))
+        hit = self._cache.get(user_id)
+        if hit is not None and hit[0] is state and hit[1] == marker:
+            age = now_ms - hit[2]
+            if age == 0 or (not exact and 0 <= age <= self.feature_cache_ms):
+                FEATURE_CACHE.labels("hit").inc()
+                return hit[3], hit[4], hit[5], hit[2]
+        FEATURE_CACHE.labels("miss").inc()
+        evaluated = evaluate(state, now_ms)
+        values = {name: v.value for name, v in evaluated.items()}
+        fallbacks = frozenset(name for name, v in evaluated.items() if v.fallback)
+        new = _is_new(state, now_ms)
+        if self.feature_cache_ms or exact:
+            cache = self._cache
+            cache[user_id] = (state, marker, now_ms, values, fallbacks, new)
+            if len(cache) > FEATURE_CACHE_USERS:
+                del cache[next(iter(cache))]
+        return values, fallbacks, new, now_ms
+
+    def score(self, request: ScoreRequest) -> Scored:
+        user_id = request.user_id
+        state = self.store.users.get(user_id)
+        context = request.context
+        if context is not None and context.now is not None:
+            now_ms, exact = to_ms(context.now), True
+            offset = context.now.utcoffset()
+            offset_s = int(offset.total_seconds()) if offset is not None else 0
+        else:
+            now_ms, exact = time.time_ns() // 1_000_000, False
+            offset_s = state.offset_s if state is not None else 0
+        profile, fallbacks, new_user, features_at = self._profile(user_id, state, now_ms, exact)
+        caller = request.profile_features
+        used: list[str] = []
+        if caller:
+            used = [name for name in caller if name in fallbacks]
+            if used:
+                profile = {**profile, **{name: caller[name] for name in used}}
+        local_ms = now_ms + offset_s * 1000
+        shared = {"user_id": user_id, **profile,
+                  **context_features(local_ms // 3_600_000 % 24, (local_ms // DAY_MS + 3) % 7,  # 1970-01-01: Thursday
+                                     context.tasks if context is not None else None),
+                  "utc_offset_min": offset_s // 60, "is_new_user": new_user}
+
+        candidates = request.candidates
+        xs = [candidate_input(c.tip_id, c.category, c.features) for c in candidates]
+        tips = [c.tip_id for c in candidates]
+        lineup = self.lineup
+        prior = lineup.prior
+        reactions = len(state.logs["tip.reacted"]) if state is not None else 0
+        model_scores = lineup.champion.predict_many(xs, shared=shared)
+        blend = prior.blend
+        scores = [blend(t, s, reactions) for t, s in zip(tips, model_scores)]
+        policy = self.policy if request.explore else self.greedy
+        samples = prior.thompson_samples(tips, model_scores, reactions) if policy.name == "thompson" else None
+        order, propensities = policy.rank(scores, self.rng, samples)
+
+        shadow_scores: list[float] | None = None
+        shadow: dict[str, Any] | None = None
+        if lineup.shadow is not None:
+            try:  # computed after the answer is fixed; it is only logged
+                shadow_scores = [blend(t, s, reactions) for t, s in zip(tips, lineup.shadow.predict_many(xs, shared=shared))]
+                first = max(range(len(tips)), key=shadow_scores.__getitem__)
+                shadow = {"version": lineup.shadow_version, "first": tips[first]}
+                if first != order[0]:
+                    SHADOW_DISAGREEMENTS.inc()
+            except Exception:  # noqa: BLE001 - a broken shadow must never affect an answer
+                SHADOW_ERRORS.inc()
+                shadow_scores, shadow = None, None
+
+        decision_id = new_decision_id()
+        ranked = [{"tip_id": tips[i], "score": scores[i], "propensity": propensities[i]} for i in order]
+        logged = []
+        for i in order:
+            c = candidates[i]
+            entry: dict[str, Any] = {"tip_id": c.tip_id, "score": scores[i], "propensity": propensities[i],
+                                     "model_score": model_scores[i]}
+            if c.category is not None:
+                entry["category"] = c.category
+            if c.features:
+                entry["features"] = c.features
+            if shadow_scores is not None:
+                entry["shadow_score"] = shadow_scores[i]
+            logged.append(entry)
+        decision = {
+            "id": decision_id, "type": DECISION_TYPE, "v": 1, "ts": _iso(now_ms, offset_s), "user_id": user_id,
+            "model_version": lineup.champion_version, "shadow_version": lineup.shadow_version,
+            "prompt_version": None, "policy": policy.name, "explore": request.explore,
+            "features_at": _iso(features_at, offset_s), "features": shared, "caller_features": used,
+            "ranked": logged, "shadow": shadow,
+        }
+        response = {"decision_id": decision_id, "model_version": lineup.champion_version, "ranked": ranked,
+                    "features": shared, "caller_features": used}
+        return Scored(decision_id, response, decision, encode(decision))
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None when it is larger than `limit` (read no further than that)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    SCORE_REQUESTS.labels(str(status)).inc()
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+async def score_endpoint(request: Request) -> Response:
+    """
+    requestBody:
+      content:
+        application/json:
+          schema:
+            type: object
+            required: [user_id, candidates]
+            additionalProperties: false
+            properties:
+              user_id: {type: string, minLength: 1, maxLength: 128}
+              candidates:
+                type: array
+                minItems: 1
+                maxItems: 100
+                items:
+                  type: object
+                  required: [tip_id]
+                  additionalProperties: false
+                  properties:
+                    tip_id: {type: string, minLength: 1, maxLength: 128}
+                    category: {type: string, maxLength: 64}
+                    features: {type: object, description: "the candidate's own inputs: numbers, strings, booleans"}
+              context:
+                type: object
+                additionalProperties: false
+                properties:
+                  now: {type: string, format: date-time, description: with a UTC offset; default the clock}
+                  tasks: {type: array, maxItems: 1000}
+              profile_features: {type: object, description: fill profile features the server lacks}
+              explore: {type: boolean, default: true}
+    responses:
+      200: {description: '{decision_id, model_version, ranked: [{tip_id, score, propensity}], features, caller_features}'}
+      413: {description: the body is larger than TIPSTREAM_SCORE_MAX_BODY_BYTES}
+      422: {description: 'a bad request: {error, field, errors}; nothing was logged'}
+      503: {description: the decision log is backed up (JetStream away); nothing was served}
+    """
+    started = time.perf_counter()
+    service = request.app.state.service
+    limit = service.settings.score_max_body_bytes
+    body = await _read_body(request, limit)
+    if body is None:
+        return _json(413, {"error": f"body: larger than {limit} bytes (TIPSTREAM_SCORE_MAX_BODY_BYTES)",
+                           "field": "body"})
+    try:
+        scored = service.scorer.score(parse_request(body))
+    except RequestError as error:
+        return _json(422, error.body())
+    publisher = service.publisher
+    if not publisher.offer(SUBJECT_SCORE, scored.decision_id, scored.payload):
+        try:
+            await publisher.put(SUBJECT_SCORE, scored.decision_id, scored.payload,
+                                service.settings.decision_enqueue_timeout_s)
+        except DecisionLogFull as error:
+            return _json(503, {"error": str(error), "field": None}, {"Retry-After": "1"})
+    service.learner.served(scored.decision_id, scored.payload, scored.decision)
+    response = _json(200, scored.response)
+    SCORE_SECONDS.observe(time.perf_counter() - started)
+    return response

@@ -1,0 +1,31 @@
+"""A restart restores lazily: it serves every checkpointed user at once and loads the rest behind."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import httpx
+
+from streams.fold import to_ms
+from streams.jetstream import publish_events
+from streams.simulator import Population
+from tests.conftest import eventually
+
+
+async def test_restart_serves_checkpointed_users_before_they_are_loaded(start_service, nc) -> None:
+    events = list(Population(users=300, seed=2).history(days=2, start_ms=to_ms(datetime(2026, 11, 1, tzinfo=timezone.utc))))
+    first = await start_service()
+    await publish_events(nc.jetstream(), events)
+    await eventually(lambda: first.service.store.applied == len(events), timeout=30)
+    before = {user: state.to_bytes() for user, state in first.service.store.users.items()}
+    await first.stop()
+
+    second = await start_service()
+    store = second.service.store
+    assert store.positions == first.service.store.positions
+    async with httpx.AsyncClient(base_url=second.base_url) as http:
+        body = (await http.get("/users/u-299/features")).json()
+    assert body["known"] is True
+    await eventually(lambda: second.service.warm, timeout=30)
+    assert {user: state.to_bytes() for user, state in store.users.items()} == before
+    assert store.applied == 0, "nothing re-applied: the checkpoint covered every event"
