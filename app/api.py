@@ -15,8 +15,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
+from app import admin
 from app.bootstrap import Service
 from app.metrics import METRICS
+from app.scoring import score_endpoint
 from app.settings import Settings
 from streams.features import evaluate
 from streams.fold import to_ms
@@ -112,6 +114,8 @@ def create_app(settings: Settings, service: Service | None = None) -> Starlette:
             Route("/readyz", readyz),
             Route("/metrics", metrics),
             Route("/users/{user_id}/features", user_features),
+            Route("/score", score_endpoint, methods=["POST"]),
+            *admin.routes(),
             Route("/openapi.json", openapi, include_in_schema=False),
         ],
         lifespan=lifespan,

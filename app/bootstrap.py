@@ -7,6 +7,11 @@ Start-up steps, in order:
 4. Load the latest checkpoint into the online store.
 5. Re-create each durable consumer at its checkpointed position + 1 and start ingest.
 6. Start the checkpointer. Shutdown runs the steps backwards and writes a last checkpoint.
+
+Learning (docs/learning.md) joins in at step 4: the model registry and the learner's last
+snapshot are loaded, and FEEDBACK and DECISIONS are re-read from the positions that snapshot
+reflects; at step 5 the FEEDBACK ingest feeds the learner, a DECISIONS ingest reads the
+decision log back, and the decision publisher starts.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import random
 import sys
 import time
 from typing import Any
@@ -27,6 +33,12 @@ from app.ingest import StreamIngest
 from app.metrics import METRICS
 from app.offline import OfflineFeatureWriter
 from app.settings import Settings
+from app.decisions import DecisionPublisher, TipScoresLog, decode_decision
+from app.learner import ConfirmingCheckpointStore, Learner
+from app.lineup import Lineup
+from app.registry_store import RegistryStore
+from app.scoring import Scorer
+from models.policy import make_policy
 from streams import jetstream as jsx
 from streams.store import OnlineStore
 
@@ -45,7 +57,23 @@ class Service:
         self.offline: OfflineFeatureWriter | None = None
         self.nats_url = settings.nats_url or ""
         self._tasks: list[asyncio.Task[Any]] = []
+        self._stopping = False
         self.started_at = time.time()
+        # Learning: the registry's models, the decision log, the learner, /score.
+        self.lineup = Lineup(RegistryStore(self.engine), self.engine, eval_max_rewards=settings.card_eval_max_rewards)
+        self.decision_log = TipScoresLog()
+        self.learner = Learner(
+            self.lineup, self.store, self.decision_log, rewards=settings.rewards,
+            cache_mb=settings.learner_join_cache_mb, window_s=settings.learner_join_window_s,
+            pending_max=settings.learner_pending_max, pending_max_age_s=settings.learner_pending_max_age_s,
+            snapshot_every_s=settings.model_snapshot_every_s,
+        )
+        self.scorer = Scorer(self.store, self.lineup, make_policy(settings.policy, **settings.policy_params()),
+                             random.Random(settings.policy_seed), feature_cache_ms=settings.feature_cache_ms)
+        self.publisher = DecisionPublisher(
+            lambda: self._decisions_js, queue_max=settings.decision_queue_max, batch=settings.decision_batch)
+        self._decisions_js: Any = None
+        self._publisher_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -71,22 +99,56 @@ class Service:
         target = SqlCheckpointStore(self.engine)
         started = time.perf_counter()
         await self._restore(target)
+        await self._load_learning()
         log.info("checkpoint restored: %d users (loading in the background), positions %s (%.2fs)",
                  len(self.store.cold), self.store.positions, time.perf_counter() - started)
-        self.checkpointer = Checkpointer(self.store, target, s.checkpoint_every_events, s.checkpoint_every_s)
+        self.checkpointer = Checkpointer(self.store, ConfirmingCheckpointStore(target), s.checkpoint_every_events,
+                                         s.checkpoint_every_s, participants=[self.learner, self.decision_log])
         for spec in jsx.INGESTED_STREAMS:
             ingest = StreamIngest(
                 self.nc, js, spec, self.store, self.checkpointer, batch=s.ingest_batch,
                 max_event_bytes=s.max_event_bytes, max_uncheckpointed=s.max_uncheckpointed_events,
+                max_future_s=s.max_future_s, **self._ingest_hooks(spec),
             )
             await ingest.start()
             self.ingests.append(ingest)
             self._tasks.append(asyncio.create_task(ingest.run(), name=f"ingest {spec.name}"))
+        await self._start_decision_log(js)
         self._tasks.append(asyncio.create_task(self.checkpointer.run(), name="checkpointer"))
         if s.offline_features_every_s:
             self.offline = OfflineFeatureWriter(self.store, self.engine, s.offline_features_every_s)
             self.checkpointer.on_saved.append(self.offline.saved)
             self._tasks.append(asyncio.create_task(self.offline.run(), name="offline features"))
+
+    async def _load_learning(self) -> None:
+        """The registry and models (the first start registers `v1`), then the learner's snapshot:
+        FEEDBACK and DECISIONS resume from the positions it reflects, so learning resumes there."""
+        s = self.settings
+        await asyncio.to_thread(self.lineup.load, s.model_kind, s.model_learning_rate, s.bootstrap_shadow_kind)
+        resume = await asyncio.to_thread(self.learner.restore, self.engine)
+        for stream, seq in (resume or {}).items():
+            self.store.positions[stream] = min(seq, self.store.positions.get(stream, seq))
+        log.info("models: champion %s, shadow %s; learning resumes at %s",
+                 self.lineup.champion_version, self.lineup.shadow_version, resume)
+
+    def _ingest_hooks(self, spec: jsx.StreamSpec) -> dict[str, Any]:
+        # The learner sees every feedback event, also those the fold already holds (see Learner.feedback_sink).
+        return {"sink": self.learner.feedback_sink()} if spec is jsx.FEEDBACK else {}
+
+    async def _start_decision_log(self, js: Any) -> None:
+        """Read DECISIONS back into the learner (join cache, tip_scores rows); start publishing decisions."""
+        assert self.nc is not None and self.checkpointer is not None
+        s = self.settings
+        ingest = StreamIngest(
+            self.nc, js, jsx.DECISIONS, self.store, self.checkpointer, batch=s.ingest_batch,
+            max_event_bytes=max(s.max_event_bytes, s.score_max_body_bytes * 4),
+            max_uncheckpointed=s.max_uncheckpointed_events, decode=decode_decision, sink=self.learner.add_logged,
+        )
+        await ingest.start()
+        self.ingests.append(ingest)
+        self._tasks.append(asyncio.create_task(ingest.run(), name="ingest DECISIONS"))
+        self._decisions_js = self.nc.jetstream(timeout=10, publish_async_max_pending=s.decision_window)
+        self._publisher_task = asyncio.create_task(self.publisher.run(), name="decision publisher")
 
     async def _restore(self, target: SqlCheckpointStore) -> None:
         """Lazy restore: positions and user ids now, states on first use or by the warm-up task.
@@ -137,6 +199,12 @@ class Service:
         return bool(self.ingests) and all(i.caught_up for i in self.ingests) and bool(self.nc and self.nc.is_connected)
 
     async def stop(self) -> None:
+        self._stopping = True
+        # Decisions already served go to the log before anything else stops.
+        if self._publisher_task is not None:
+            await self.publisher.flush(timeout_s=5.0)
+            self._publisher_task.cancel()
+            await asyncio.gather(self._publisher_task, return_exceptions=True)
         for ingest in self.ingests:
             await ingest.stop()
         for task in self._tasks:
@@ -159,7 +227,8 @@ class Service:
             ingest.request_reset()
 
     async def _on_disconnected(self) -> None:
-        log.warning("disconnected from NATS; reconnecting")
+        if not self._stopping:
+            log.warning("disconnected from NATS; reconnecting")
 
     async def _on_error(self, error: Exception) -> None:
         log.warning("NATS: %s", error)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
 from nats.js import JetStreamContext
@@ -51,6 +52,7 @@ class StreamIngest:
 
     def __init__(self, nc: jsx.IngestClient, js: JetStreamContext, spec: jsx.StreamSpec, store: OnlineStore,
                  checkpointer: Checkpointer, *, batch: int, max_event_bytes: int, max_uncheckpointed: int,
+                 max_future_s: float | None = None,
                  decode: Callable[[str, bytes], Any] = decode_wire_event,
                  sink: Callable[[Any], bool] | None = None,
                  on_applied: Callable[[Any], None] | None = None) -> None:
@@ -59,6 +61,8 @@ class StreamIngest:
         # on_applied: sees each new event after the fold (the learner, for feedback).
         self.decode, self.sink, self.on_applied = decode, sink or store.apply, on_applied
         self.batch, self.max_event_bytes, self.max_uncheckpointed = batch, max_event_bytes, max_uncheckpointed
+        # A clock far ahead would make one event the user's "newest" and prune their history.
+        self.max_future = None if max_future_s is None else timedelta(seconds=max_future_s)
         self.durable = f"tipstream-{spec.name.lower()}"
         self.buffer: list[jsx.RawMsg] = []
         self.wake = asyncio.Event()
@@ -129,6 +133,7 @@ class StreamIngest:
         store, rejected = self.store, []
         applied_before, ignored_before = store.applied, store.ignored
         limit, decode, sink, on_applied = self.max_event_bytes, self.decode, self.sink, self.on_applied
+        horizon = datetime.now(timezone.utc) + self.max_future if self.max_future is not None else None
         for msg in chunk:
             subject, _, data = msg
             if len(data) > limit:
@@ -137,6 +142,10 @@ class StreamIngest:
             event = decode(subject, data)
             if event.__class__ is Rejection:
                 rejected.append((msg, event))
+            elif horizon is not None and event.ts > horizon:
+                rejected.append((msg, Rejection(
+                    "future_ts", f"ts {event.ts.isoformat()} is more than {self.max_future} ahead of this server's "
+                    "clock; fix the publisher's clock (or raise TIPSTREAM_MAX_FUTURE_S)")))
             elif sink(event) and on_applied is not None:
                 on_applied(event)
         for msg, rejection in rejected:

@@ -215,7 +215,7 @@ class Scorer:
 
     def score(self, request: ScoreRequest) -> Scored:
         user_id = request.user_id
-        state = self.store.users.get(user_id)
+        state = self.store.state_of(user_id)  # a user still cold after a restart is loaded first
         context = request.context
         if context is not None and context.now is not None:
             now_ms, exact = to_ms(context.now), True

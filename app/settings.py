@@ -57,6 +57,9 @@ class Settings(BaseSettings):
         16_384, gt=0, description="Larger events go to the DLQ as `oversized`."
     )
 
+    max_future_s: float = Field(
+        86_400.0, gt=0, description="Events stamped further ahead of this server's clock go to the DLQ as `future_ts`."
+    )
     ingest_batch: int = Field(1024, ge=1, le=10_000, description="Messages per JetStream pull request.")
     checkpoint_every_events: int = Field(
         50_000, ge=1, description="Checkpoint after this many applied events..."

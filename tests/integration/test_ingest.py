@@ -37,6 +37,7 @@ async def test_bad_events_go_to_the_dlq_with_reasons_and_good_ones_around_them_a
         ("signals.task.created", orjson.dumps(event(103, labels=["x" * 100] * 60)), "oversized"),
         ("signals.task.created", orjson.dumps(event(104)).replace(b"t-104", b"t-\xff\xfe"), "invalid_utf8"),
         ("signals.tip.reacted", orjson.dumps(event(105, "tip.reacted", tip_id="tip", reaction="liked")), "subject_mismatch"),
+        ("signals.task.created", orjson.dumps({**event(106), "ts": "2099-01-01T00:00:00Z"}), "future_ts"),
     ]
     published = 0
     for i, (subject, body, _) in enumerate(bad):

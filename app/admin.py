@@ -1,0 +1,196 @@
+"""Model registry routes: reads are open, changes need `Authorization: Bearer <TIPSTREAM_ADMIN_TOKEN>`.
+
+- `GET /models`, `GET /models/{version}` (JSON, with the card), `GET /models/{version}/card` (Markdown).
+- `POST /admin/models` `{version, kind, params?, actor?, note?}`: register (trained over the log).
+- `POST /admin/models/{version}/shadow|promote|retire|evaluate` `{actor?, note?}`.
+- `POST /admin/rollback` `{actor?, note?}`.
+
+Without a configured token every change is refused (403) with the setting to set; a missing
+header is 401, a wrong token 403. Registry refusals map to 404 / 409 / 422 with the
+registry's own message (it names the CLI command that fixes it).
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any, Awaitable, Callable
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from models.registry import RegistryError
+
+STATUS = {"not_found": 404, "conflict": 409, "invalid": 422}
+
+
+def _json(status: int, body: Any) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def _refusal(request: Request) -> Response | None:
+    """None when the request carries the admin token; else the 401/403 answer."""
+    token = request.app.state.service.settings.admin_token
+    if token is None or not token.get_secret_value():
+        return _json(403, {"error": "admin changes are disabled on this server: set TIPSTREAM_ADMIN_TOKEN "
+                                    "to a secret and send it as `Authorization: Bearer <token>`", "field": None})
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        response = _json(401, {"error": "admin changes need `Authorization: Bearer <TIPSTREAM_ADMIN_TOKEN>`",
+                               "field": "Authorization"})
+        response.headers["WWW-Authenticate"] = 'Bearer realm="tipstream admin"'
+        return response
+    if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        return _json(403, {"error": "the bearer token is not TIPSTREAM_ADMIN_TOKEN", "field": "Authorization"})
+    return None
+
+
+class ChangeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    actor: str = Field("admin-api", min_length=1, max_length=128)
+    note: str = Field("", max_length=1000)
+
+
+class RegisterBody(ChangeBody):
+    version: str = Field(min_length=1, max_length=64)
+    kind: str = "logreg"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+async def _body(request: Request, model: type[ChangeBody]) -> ChangeBody:
+    raw = await request.body()
+    return model.model_validate_json(raw or b"{}")
+
+
+def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[ChangeBody] = ChangeBody) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        refused = _refusal(request)
+        if refused is not None:
+            return refused
+        try:
+            parsed = await _body(request, body)
+        except ValidationError as error:
+            first = error.errors(include_url=False)[0]
+            field = ".".join(str(p) for p in first["loc"]) or "body"
+            return _json(422, {"error": f"{field}: {first['msg']}", "field": field})
+        try:
+            result = await action(request, parsed)
+        except RegistryError as error:
+            return _json(STATUS.get(error.code, 409), {"error": str(error), "field": None})
+        return _json(200, result)
+
+    endpoint.__doc__ = action.__doc__
+    return endpoint
+
+
+def _lineup(request: Request) -> Any:
+    return request.app.state.service.lineup
+
+
+async def list_models(request: Request) -> Response:
+    """
+    responses:
+      200: {description: 'every version: kind, role (champion, shadow, retired or null), rewards learned'}
+    """
+    lineup = _lineup(request)
+    return _json(200, {"champion": lineup.champion_version, "shadow": lineup.shadow_version,
+                       "models": lineup.listing()})
+
+
+async def get_model(request: Request) -> Response:
+    """
+    responses:
+      200: {description: the version, its parameters, role and model card}
+      404: {description: no such version}
+    """
+    try:
+        return _json(200, _lineup(request).describe(request.path_params["version"]))
+    except RegistryError as error:
+        return _json(STATUS[error.code], {"error": str(error), "field": "version"})
+
+
+async def get_card(request: Request) -> Response:
+    """
+    responses:
+      200: {description: the model card as Markdown}
+      404: {description: no such version}
+    """
+    try:
+        return PlainTextResponse(_lineup(request).registry.card_markdown(request.path_params["version"]),
+                                 media_type="text/markdown")
+    except RegistryError as error:
+        return _json(STATUS[error.code], {"error": str(error), "field": "version"})
+
+
+async def _register(request: Request, body: RegisterBody) -> Any:
+    """
+    responses:
+      200: {description: registered; trained over the decision log, card filled in}
+      401: {description: no bearer token}
+      403: {description: wrong token, or TIPSTREAM_ADMIN_TOKEN unset}
+      409: {description: the version exists}
+      422: {description: bad parameters}
+    """
+    mv = await _lineup(request).register(body.version, body.kind, body.params, body.actor, body.note)
+    return _lineup(request).describe(mv.version)
+
+
+def _role_change(method: str) -> Callable[[Request, ChangeBody], Awaitable[Any]]:
+    async def action(request: Request, body: ChangeBody) -> Any:
+        lineup = _lineup(request)
+        await getattr(lineup, method)(request.path_params["version"], body.actor, body.note)
+        return {"champion": lineup.champion_version, "shadow": lineup.shadow_version,
+                "history": [e.to_dict() for e in lineup.registry.history[-5:]]}
+
+    action.__doc__ = f"""
+    responses:
+      200: {{description: '{method} done; the roles now and the latest rollout history'}}
+      401: {{description: no bearer token}}
+      403: {{description: wrong token, or TIPSTREAM_ADMIN_TOKEN unset}}
+      404: {{description: no such version}}
+      409: {{description: refused by the registry rules (the message says what to do)}}
+    """
+    return action
+
+
+async def _rollback(request: Request, body: ChangeBody) -> Any:
+    """
+    responses:
+      200: {description: the previous champion is back}
+      401: {description: no bearer token}
+      403: {description: wrong token, or TIPSTREAM_ADMIN_TOKEN unset}
+      409: {description: nothing to roll back to}
+    """
+    lineup = _lineup(request)
+    restored = await lineup.rollback(body.actor, body.note)
+    return {"champion": restored, "shadow": lineup.shadow_version,
+            "history": [e.to_dict() for e in lineup.registry.history[-5:]]}
+
+
+async def _evaluate(request: Request, body: ChangeBody) -> Any:
+    """
+    responses:
+      200: {description: the refreshed model card (progressive validation and fairness over the log)}
+      401: {description: no bearer token}
+      403: {description: wrong token, or TIPSTREAM_ADMIN_TOKEN unset}
+      404: {description: no such version}
+    """
+    card = await _lineup(request).evaluate(request.path_params["version"])
+    return card.to_dict()
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/models", list_models, methods=["GET"]),
+        Route("/models/{version}", get_model, methods=["GET"]),
+        Route("/models/{version}/card", get_card, methods=["GET"]),
+        Route("/admin/models", _admin(_register, RegisterBody), methods=["POST"]),
+        Route("/admin/models/{version}/shadow", _admin(_role_change("set_shadow")), methods=["POST"]),
+        Route("/admin/models/{version}/promote", _admin(_role_change("promote")), methods=["POST"]),
+        Route("/admin/models/{version}/retire", _admin(_role_change("retire")), methods=["POST"]),
+        Route("/admin/models/{version}/evaluate", _admin(_evaluate), methods=["POST"]),
+        Route("/admin/rollback", _admin(_rollback), methods=["POST"]),
+    ]
