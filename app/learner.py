@@ -295,7 +295,7 @@ class Learner:
         """Load the last snapshot (worker thread, before ingest starts); the stream positions to
         re-read FEEDBACK and DECISIONS from, or None on a first start."""
         with engine.connect() as conn:
-            rows = dict(conn.execute(select(db.learner_state.c.name, db.learner_state.c.state)).tuples().all())
+            rows = {name: state for name, state in conn.execute(select(db.learner_state.c.name, db.learner_state.c.state))}
         if "prior" in rows:
             self.lineup.prior = PopularityPrior.from_bytes(bytes(rows["prior"]))
         if "learner" not in rows:

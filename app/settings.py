@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     model_kind: Literal["logreg", "fm"] = Field(
         "logreg", description="Kind of the first champion (`v1`), created on the first start."
     )
-    model_learning_rate: float = Field(0.05, gt=0, description="SGD step of the first champion's weights.")
+    model_learning_rate: float = Field(0.1, gt=0, description="SGD step of the first champion's weights.")
     bootstrap_shadow_kind: Literal["logreg", "fm"] | None = Field(
         None, description="Also register `v2` of this kind as the shadow on the first start. Unset: no shadow."
     )

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+
+import orjson
 import sys
 import tempfile
 import time
@@ -30,7 +32,8 @@ from app.settings import Settings  # noqa: E402
 from streams.jetstream import INGESTED_STREAMS, BatchPuller, IngestClient, connect, ensure_streams, publish_events  # noqa: E402
 from streams.simulator import Population  # noqa: E402
 
-PADDING = {"client": {"app": "tipstream-bench", "version": "3.14.159", "platform": "android-15", "locale": "de-DE"}}
+PADDING = {"client": {"app": "tipstream-bench", "version": "3.14.159", "platform": "android-15", "locale": "de-DE",
+                      "session": "s-01JD8Q7ZC4Y6T2M9KXW3H5N0PB"}, "source": "mobile"}
 
 
 def synthetic(count: int, users: int) -> list[tuple[str, dict]]:
@@ -104,7 +107,7 @@ async def main() -> None:
             js = nc.jetstream(publish_async_max_pending=4_000)
             await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
             events = synthetic(args.events, args.users)
-            size = sum(len(json.dumps(e)) for _, e in events[:1000]) / min(1000, len(events))
+            size = sum(len(orjson.dumps(e)) for _, e in events[:1000]) / min(1000, len(events))
             started = time.perf_counter()
             await publish_events(js, events)
             publish_rate = len(events) / (time.perf_counter() - started)

@@ -1,0 +1,165 @@
+"""Score -> feedback through JetStream -> the next score moves; redelivery changes nothing; restarts resume.
+
+Real nats-server, real HTTP (uvicorn), SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import orjson
+import sqlalchemy as sa
+
+from app.learning_metrics import FEEDBACK
+from tests.conftest import eventually
+
+NOW = "2026-11-26T09:00:00+01:00"
+BODY = {"user_id": "u-1", "explore": False, "context": {"now": NOW},
+        "candidates": [{"tip_id": "tip-focus-1", "category": "focus"}, {"tip_id": "tip-breaks-1", "category": "breaks"}]}
+
+
+def feedback(event_id: str, decision_id: str | None, tip_id: str, reaction: str, user: str = "u-1") -> dict[str, Any]:
+    data = {"tip_id": tip_id, "reaction": reaction}
+    if decision_id is not None:
+        data["decision_id"] = decision_id
+    return {"id": event_id, "type": "tip.reacted", "user_id": user, "ts": NOW, "v": 1, "data": data}
+
+
+async def publish(js: Any, event: dict[str, Any], msg_id: bool = True) -> None:
+    headers = {"Nats-Msg-Id": event["id"]} if msg_id else None
+    await js.publish("feedback.tip.reacted", orjson.dumps(event), headers=headers)
+
+
+def scores(body: dict[str, Any]) -> dict[str, float]:
+    return {r["tip_id"]: r["score"] for r in body["ranked"]}
+
+
+def count(outcome: str) -> float:
+    return FEEDBACK.labels(outcome)._value.get()
+
+
+async def test_feedback_moves_the_next_score_and_redelivery_changes_nothing(start_service, nc, database_url) -> None:
+    running = await start_service(database_url=database_url)
+    service = running.service
+    js = nc.jetstream()
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        first = (await http.post("/score", json=BODY)).json()
+        before = scores(first)
+        decision = first["decision_id"]
+
+        await publish(js, feedback("f-1", decision, "tip-focus-1", "acted"))
+        await publish(js, feedback("f-2", decision, "tip-breaks-1", "disliked"))
+        await eventually(lambda: service.learner.credited == 2)
+        after = scores((await http.post("/score", json=BODY)).json())
+        assert after["tip-focus-1"] > before["tip-focus-1"], "an acted tip scores higher"
+        assert after["tip-breaks-1"] < before["tip-breaks-1"], "a disliked tip scores lower"
+        learned = service.lineup.champion.n_learned
+
+        # A redelivery (the same event stored twice: no Nats-Msg-Id), and the same reaction
+        # re-sent under a new event id: neither is learned again.
+        duplicates = count("duplicate")
+        await publish(js, feedback("f-1", decision, "tip-focus-1", "acted"), msg_id=False)
+        await publish(js, feedback("f-1-again", decision, "tip-focus-1", "acted"))
+        await eventually(lambda: service.store.positions.get("FEEDBACK") == 4)
+        assert count("duplicate") == duplicates + 2
+        assert service.learner.credited == 2 and service.lineup.champion.n_learned == learned
+        assert service.lineup.prior.count("tip-focus-1") == 1.0
+
+    # Every decision is logged: two /score answers, two tip_scores rows; the first has its rewards.
+    engine = sa.create_engine(database_url)
+    try:
+        def rows() -> list[Any]:
+            with engine.connect() as conn:
+                return conn.execute(sa.text("select decision_id, rewards, reward from tip_scores order by created_at")).all()
+
+        await eventually(lambda: len(rows()) == 2 and rows()[0][1] is not None, timeout=15)
+        rewards = {r[0]: r for r in rows()}[decision][1]
+        rewards = orjson.loads(rewards) if isinstance(rewards, str) else rewards
+        assert rewards == {"tip-focus-1": 1.0, "tip-breaks-1": 0.0}
+    finally:
+        engine.dispose()
+
+
+async def test_a_restart_resumes_learning_where_it_stopped(start_service, nc, database_url) -> None:
+    settings = {"database_url": database_url, "model_snapshot_every_s": 0, "checkpoint_every_s": 0.2}
+    running = await start_service(**settings)
+    js = nc.jetstream()
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        first = (await http.post("/score", json=BODY)).json()
+    decision = first["decision_id"]
+    await publish(js, feedback("f-1", decision, "tip-focus-1", "acted"))
+    await eventually(lambda: running.service.learner.credited == 1)
+    await eventually(lambda: running.service.learner._unconfirmed == [] and not running.service.learner._changed)
+    learned = running.service.lineup.champion.n_learned
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        served_before = scores((await http.post("/score", json=BODY)).json())
+    await running.stop()
+
+    again = await start_service(**settings)
+    service = again.service
+    assert service.lineup.champion.n_learned == learned, "the model snapshot came back"
+    await eventually(lambda: service.ready)
+    async with httpx.AsyncClient(base_url=again.base_url) as http:
+        assert scores((await http.post("/score", json=BODY)).json()) == served_before
+
+    # The join cache was rebuilt from DECISIONS: feedback for the old decision still joins,
+    # and what was credited before the restart stays credited.
+    duplicates = count("duplicate")
+    await publish(js, feedback("f-1-again", decision, "tip-focus-1", "acted"))
+    await publish(js, feedback("f-2", decision, "tip-breaks-1", "dismissed"))
+    await eventually(lambda: service.learner.credited == 1)
+    assert count("duplicate") == duplicates + 1
+    assert service.lineup.champion.n_learned == learned + 1
+
+
+async def test_feedback_without_or_before_its_decision_is_counted_kept_and_joined_late(start_service, nc) -> None:
+    running = await start_service(learner_pending_max_age_s=60)
+    service = running.service
+    js = nc.jetstream()
+    no_decision, waiting = count("no_decision"), count("waiting")
+    await publish(js, feedback("f-0", None, "tip-focus-1", "liked"))
+    # Feedback naming a decision that has not arrived (published by another instance, say).
+    await publish(js, feedback("f-1", "d-elsewhere-1", "tip-focus-1", "acted"))
+    await eventually(lambda: count("waiting") == waiting + 1)
+    assert count("no_decision") == no_decision + 1
+    assert len(service.store.users["u-1"].logs["tip.reacted"]) == 2, "the fold keeps both for the user's features"
+
+    decision = {
+        "id": "d-elsewhere-1", "type": "decision.scored", "v": 1, "ts": NOW, "user_id": "u-1",
+        "model_version": "v1", "shadow_version": None, "prompt_version": None, "policy": "greedy",
+        "explore": False, "features_at": NOW, "features": {"user_id": "u-1", "hour_of_day": 9},
+        "caller_features": [], "ranked": [{"tip_id": "tip-focus-1", "category": "focus", "score": 0.5,
+                                           "propensity": 1.0, "model_score": 0.5}], "shadow": None,
+    }
+    await js.publish("decisions.score", orjson.dumps(decision), headers={"Nats-Msg-Id": decision["id"]})
+    await eventually(lambda: service.learner.credited == 1)
+    assert not service.learner.pending
+
+
+async def test_feedback_after_the_last_model_snapshot_is_replayed_on_restart(start_service, nc) -> None:
+    # Models are saved at most hourly here: the second reward is only in the stream when the
+    # service stops, and the restart re-reads FEEDBACK from the snapshot's position to learn it.
+    settings = {"model_snapshot_every_s": 3600, "checkpoint_every_s": 0.1}
+    running = await start_service(**settings)
+    js = nc.jetstream()
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        decision = (await http.post("/score", json=BODY)).json()["decision_id"]
+    learner = running.service.learner
+    await publish(js, feedback("f-1", decision, "tip-focus-1", "acted"))
+    await eventually(lambda: learner.credited == 1 and not learner._changed and not learner._unconfirmed)
+    await publish(js, feedback("f-2", decision, "tip-breaks-1", "disliked"))
+    await eventually(lambda: learner.credited == 2)
+    learned = running.service.lineup.champion.n_learned
+    await running.stop()
+    engine = sa.create_engine(running.service.settings.sqlalchemy_url)
+    with engine.connect() as conn:
+        saved = orjson.loads(conn.execute(sa.text("select state from learner_state where name = 'learner'")).scalar())
+        checkpointed = conn.execute(sa.text("select seq from stream_positions where stream = 'FEEDBACK'")).scalar()
+    engine.dispose()
+    assert (saved["positions"]["FEEDBACK"], checkpointed) == (1, 2), "the model snapshot predates the second reward"
+
+    again = await start_service(**settings)
+    await eventually(lambda: again.service.learner.credited == 1)
+    assert again.service.lineup.champion.n_learned == learned
+    assert again.service.lineup.prior.count("tip-breaks-1") == 1.0
