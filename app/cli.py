@@ -1,4 +1,4 @@
-"""`tipstream`: run the service, publish synthetic traffic, migrate, regenerate docs."""
+"""`tipstream`: run the service, publish synthetic traffic, migrate, regenerate docs, manage models."""
 
 from __future__ import annotations
 
@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     docs = commands.add_parser("docs", help="regenerate docs/events.schema.json and docs/features.md")
     docs.add_argument("--out", default="docs")
     docs.set_defaults(func=_docs)
+
+    from app.models_cli import add_models_commands
+
+    add_models_commands(commands)
 
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

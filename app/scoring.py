@@ -23,7 +23,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any
 
 import orjson
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, StringConstraints, ValidationError
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -85,7 +85,7 @@ class ScoreRequest(_Body):
     candidates: list[Candidate] = Field(min_length=1, max_length=MAX_CANDIDATES)
     context: Context | None = None
     profile_features: dict[str, Annotated[Any, AfterValidator(_number)]] | None = Field(None, max_length=64)
-    explore: bool = True
+    explore: StrictBool = True
 
 
 class RequestError(Exception):

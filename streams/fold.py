@@ -187,8 +187,15 @@ PAYLOAD: dict[str, Callable[[Any], tuple[int, ...]]] = {
 }
 
 
-def apply(state: UserState, event: Any) -> bool:
+class FutureEvent(ValueError):
+    """The event is stamped later than the caller's limit (a publisher's clock running ahead)."""
+
+
+def apply(state: UserState, event: Any, max_ts_ms: int | None = None) -> bool:
     """Fold one event into `state`; False when it changed nothing (a duplicate, or too old to matter).
+
+    `max_ts_ms`, when given, refuses events stamped later with FutureEvent: one such event
+    would become the user's newest and prune their history.
 
     Steps, in order:
     1. Drop the event if it is older than every window can reach from the newest event.
@@ -199,6 +206,8 @@ def apply(state: UserState, event: Any) -> bool:
     offset = moment.utcoffset()
     offset_s = offset.days * 86_400 + offset.seconds
     ts_ms = _local_ms(moment) - offset_s * 1000
+    if max_ts_ms is not None and ts_ms > max_ts_ms:
+        raise FutureEvent(f"ts {moment.isoformat()} is later than the limit")
     newest = state.newest_ms
     if ts_ms < (newest // DAY_MS - HORIZON_DAYS) * DAY_MS:
         return False

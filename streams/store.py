@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
-from streams.fold import UserState, apply
+from streams.fold import FutureEvent, UserState, apply
 
 
 class OnlineStore:
@@ -29,6 +29,8 @@ class OnlineStore:
         self._dirty: set[str] = set()
         # Lazy restore: users in the checkpoint not loaded yet, and how to fetch their state.
         self.cold: set[str] = set()
+        # Set by ingest from its clock: events stamped later are refused (fold.FutureEvent).
+        self.max_ts_ms: int | None = None
         self.fetch_cold: Callable[[list[str]], dict[str, bytes]] | None = None
 
     def state_of(self, user_id: str) -> UserState | None:
@@ -62,7 +64,13 @@ class OnlineStore:
                 state = self._thaw(event.user_id)
             else:
                 state = self.users[event.user_id] = UserState()
-        if apply(state, event):
+        try:
+            changed = apply(state, event, self.max_ts_ms)
+        except FutureEvent:
+            if state.newest_ms == UserState().newest_ms:
+                del self.users[event.user_id]  # don't keep an empty user behind
+            raise
+        if changed:
             self.applied += 1
             self._dirty.add(event.user_id)
             return True

@@ -1,0 +1,157 @@
+"""`tipstream models ...`: the model registry from the command line.
+
+Reads (`list`, `card`) come from the database, so they work whether or not the service runs.
+Changes (`register`, `shadow`, `promote`, `rollback`, `retire`, `evaluate`) go to the running
+service's admin endpoint with `TIPSTREAM_ADMIN_TOKEN`: the service owns the live models and
+applies a change to them and to the database together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import socket
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+CHANGES = ("register", "shadow", "promote", "rollback", "retire", "evaluate")
+
+
+def _settings() -> Any:
+    from app.settings import Settings
+
+    return Settings()  # read now: the environment is the operator's, not a cached copy
+
+
+def _default_actor() -> str:
+    try:
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+    except Exception:  # noqa: BLE001 - no user name in some containers
+        return "cli"
+
+
+def _registry() -> Any:
+    from app import migrate
+    from app.db import make_engine
+    from app.registry_store import RegistryStore
+
+    settings = _settings()
+    migrate.upgrade(settings.sqlalchemy_url)
+    engine = make_engine(settings.sqlalchemy_url)
+    try:
+        return RegistryStore(engine).load()
+    finally:
+        engine.dispose()
+
+
+def _list(args: argparse.Namespace) -> int:
+    registry, models = _registry()
+    if not registry.versions:
+        print("No model versions yet: the service registers v1 on its first start (`tipstream run`).")
+        return 0
+    print(f"{'version':<16} {'kind':<8} {'role':<10} {'rewards learned':>16}  created")
+    for version, mv in registry.versions.items():
+        role = registry.role(version) or "-"
+        print(f"{version:<16} {mv.kind:<8} {role:<10} {models[version][1]:>16}  {mv.created_at.isoformat()}")
+    return 0
+
+
+def _card(args: argparse.Namespace) -> int:
+    from models.registry import RegistryError
+
+    registry, models = _registry()
+    try:
+        if args.json:
+            print(json.dumps(registry.get(args.version).to_dict() | {"role": registry.role(args.version)}, indent=2))
+        else:
+            print(registry.card_markdown(args.version), end="")
+    except RegistryError as error:
+        print(error, file=sys.stderr)
+        return 1
+    return 0
+
+
+def _param(text: str) -> tuple[str, Any]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"--param needs NAME=VALUE, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+def _change(args: argparse.Namespace) -> int:
+    settings = _settings()
+    if settings.admin_token is None:
+        print("Set TIPSTREAM_ADMIN_TOKEN to the server's admin token to change the registry.", file=sys.stderr)
+        return 2
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    base = (args.url or f"http://{host}:{settings.port}").rstrip("/")
+    body: dict[str, Any] = {"actor": args.actor, "note": args.note}
+    if args.action == "rollback":
+        path = "/admin/rollback"
+    elif args.action == "register":
+        path = "/admin/models"
+        body |= {"version": args.version, "kind": args.kind, "params": dict(args.param or [])}
+    else:
+        path = f"/admin/models/{args.version}/{args.action}"
+    request = urllib.request.Request(
+        base + path, data=json.dumps(body).encode(), method="POST",
+        headers={"Content-Type": "application/json",
+                 "Authorization": f"Bearer {settings.admin_token.get_secret_value()}"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        try:
+            message = json.loads(error.read()).get("error", "")
+        except Exception:  # noqa: BLE001
+            message = error.reason
+        print(f"refused ({error.code}): {message}", file=sys.stderr)
+        return 1
+    except urllib.error.URLError as error:
+        print(f"No tipstream answering at {base} ({error.reason}); start it with `tipstream run` or pass --url.",
+              file=sys.stderr)
+        return 1
+    if args.action in ("register", "evaluate"):
+        print(json.dumps(answer, indent=2))
+    else:
+        print(f"champion: {answer['champion']}, shadow: {answer['shadow'] or '-'}")
+        last = answer["history"][-1]
+        print(f"{last['at']} {last['action']} {last['version']} by {last['actor']}: {last['note']}")
+    return 0
+
+
+def add_models_commands(commands: Any) -> None:
+    models = commands.add_parser("models", help="the model registry: list, cards, shadow, promote, rollback")
+    sub = models.add_subparsers(dest="models_command", required=True)
+    listing = sub.add_parser("list", help="every version with its role (from the database)")
+    listing.set_defaults(func=_list)
+    card = sub.add_parser("card", help="a version's model card (from the database)")
+    card.add_argument("version")
+    card.add_argument("--json", action="store_true", help="JSON instead of Markdown")
+    card.set_defaults(func=_card)
+    for action in CHANGES:
+        helps = {
+            "register": "register a new version, trained over the decision log",
+            "shadow": "make a version the shadow: it scores every request, logged, never shown",
+            "promote": "make a shadowed version the champion",
+            "rollback": "restore the previous champion",
+            "retire": "take a version out of service for good",
+            "evaluate": "refresh a version's card: progressive validation and fairness over the log",
+        }
+        parser = sub.add_parser(action, help=helps[action] + " (through the running service)")
+        if action != "rollback":
+            parser.add_argument("version")
+        if action == "register":
+            parser.add_argument("--kind", default="logreg", choices=("logreg", "fm"))
+            parser.add_argument("--param", type=_param, action="append", metavar="NAME=VALUE",
+                                help="a TipModel parameter, e.g. learning_rate=0.1 (repeatable)")
+        parser.add_argument("--actor", default=_default_actor(), help="who makes the change (default: user@host)")
+        parser.add_argument("--note", default="", help="why, for the rollout history")
+        parser.add_argument("--url", help="the service (default: http://TIPSTREAM_HOST:TIPSTREAM_PORT)")
+        parser.set_defaults(func=_change, action=action)

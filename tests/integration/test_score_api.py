@@ -1,0 +1,168 @@
+"""POST /score over real HTTP on a running service: answers, validation, the decision log, features, shadow."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import sqlalchemy as sa
+
+from streams.features import FEATURE_NAMES
+from tests.conftest import eventually
+
+NOW = "2026-11-26T09:00:00+01:00"
+
+
+def candidates(n: int) -> list[dict[str, Any]]:
+    return [{"tip_id": f"tip-{i}", "category": ("focus", "breaks")[i % 2]} for i in range(n)]
+
+
+def body(**changes: Any) -> dict[str, Any]:
+    return {"user_id": "u-1", "candidates": candidates(3), "context": {"now": NOW}, **changes}
+
+
+async def decisions_in_stream(js: Any) -> int:
+    return (await js.stream_info("DECISIONS")).state.messages
+
+
+async def test_an_answer_ranks_every_candidate_and_is_logged_once(start_service, nc, database_url) -> None:
+    running = await start_service(database_url=database_url, checkpoint_every_s=0.1)
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        response = await http.post("/score", json=body(candidates=candidates(10)))
+    assert response.status_code == 200
+    answer = response.json()
+    assert set(answer) == {"decision_id", "model_version", "ranked", "features", "caller_features"}
+    assert answer["model_version"] == "v1"
+    assert sorted(r["tip_id"] for r in answer["ranked"]) == sorted(c["tip_id"] for c in candidates(10))
+    assert sum(r["propensity"] for r in answer["ranked"]) == pytest.approx(1.0)
+    assert all(0.0 <= r["score"] <= 1.0 for r in answer["ranked"])
+    features = answer["features"]
+    assert features["hour_of_day"] == 9 and features["day_of_week"] == 3  # Thursday, in the request's offset
+    assert features["utc_offset_min"] == 60 and features["is_new_user"] is True
+    assert set(FEATURE_NAMES) <= set(features)
+
+    # The decision event, with the id as Nats-Msg-Id, and its tip_scores row.
+    js = nc.jetstream()
+    await eventually(lambda: decisions_in_stream(js))
+    sub = await js.pull_subscribe("decisions.>", stream="DECISIONS")
+    [message] = await sub.fetch(1, timeout=5)
+    logged = orjson.loads(message.data)
+    assert message.subject == "decisions.score" and message.headers["Nats-Msg-Id"] == answer["decision_id"]
+    assert logged["id"] == answer["decision_id"] and logged["features"] == features
+    assert [r["tip_id"] for r in logged["ranked"]] == [r["tip_id"] for r in answer["ranked"]]
+    assert all("model_score" in r and "category" in r for r in logged["ranked"])
+
+    engine = sa.create_engine(database_url)
+
+    def row() -> Any:
+        with engine.connect() as conn:
+            return conn.execute(sa.text("select decision_id, user_id, model_version, tip_id, propensity, decision "
+                                        "from tip_scores")).first()
+    try:
+        stored = await eventually(row)
+    finally:
+        engine.dispose()
+    assert stored[:4] == (answer["decision_id"], "u-1", "v1", answer["ranked"][0]["tip_id"])
+    assert orjson.loads(stored[5])["id"] == answer["decision_id"]
+
+
+HUGE = {"user_id": "u-1", "candidates": candidates(3), "context": {"tasks": ["x" * 200] * 1000}}
+BAD: list[tuple[str, Any, int, str]] = [
+    ("unknown field", body(mood="happy"), 422, "mood"),
+    ("unknown candidate field", body(candidates=[{"tip_id": "a", "score": 1}]), 422, "candidates.0.score"),
+    ("no candidates", body(candidates=[]), 422, "candidates"),
+    ("101 candidates", body(candidates=candidates(101)), 422, "candidates"),
+    ("duplicated tip ids", body(candidates=[{"tip_id": "a"}, {"tip_id": "b"}, {"tip_id": "a"}]), 422,
+     "candidates.2.tip_id"),
+    ("tip id not a string", body(candidates=[{"tip_id": 7}]), 422, "candidates.0.tip_id"),
+    ("tip id too long", body(candidates=[{"tip_id": "t" * 129}]), 422, "candidates.0.tip_id"),
+    ("user id missing", {"candidates": candidates(1)}, 422, "user_id"),
+    ("explore not a bool", body(explore="yes"), 422, "explore"),
+    ("now without offset", body(context={"now": "2026-11-26T09:00:00"}), 422, "context.now"),
+    ("candidate feature a list", body(candidates=[{"tip_id": "a", "features": {"len": [1]}}]), 422,
+     "candidates.0.features.len"),
+    ("candidate feature named like a server one", body(candidates=[{"tip_id": "a", "features": {"hour_of_day": 3}}]),
+     422, "candidates.0.features.hour_of_day"),
+    ("unknown profile feature", body(profile_features={"iq": 140}), 422, "profile_features.iq"),
+    ("profile feature not a number", body(profile_features={"preferred_hour": "nine"}), 422,
+     "profile_features.preferred_hour"),
+    ("not JSON", b'{"user_id": "u-1", ', 422, "body"),
+    ("not an object", [1, 2], 422, "body"),
+    ("huge body", HUGE, 413, "body"),
+]
+
+
+async def test_bad_requests_get_4xx_naming_the_field_and_log_nothing(start_service, nc) -> None:
+    running = await start_service(score_max_body_bytes=65_536)
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        for name, payload, status, field in BAD:
+            content = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+            response = await http.post("/score", content=content, headers={"content-type": "application/json"})
+            assert response.status_code == status, (name, response.text)
+            answer = response.json()
+            assert answer["field"] == field, (name, answer)
+            assert field in answer["error"], (name, answer)
+        ok = await http.post("/score", json=body())  # a good one after them, so the log is known to work
+        assert ok.status_code == 200
+    service = running.service
+    await eventually(lambda: service.publisher.published == 1)
+    assert [d for d in service.learner.cache] == [ok.json()["decision_id"]]
+    assert await decisions_in_stream(nc.jetstream()) == 1
+
+
+async def test_server_features_win_and_caller_features_fill_what_it_lacks(start_service, nc) -> None:
+    running = await start_service()
+    js = nc.jetstream()
+    # u-1 completed a task at 14:00 local: the server knows preferred_hour, not task durations.
+    done = {"id": "e-1", "type": "task.completed", "user_id": "u-1", "ts": "2026-11-26T14:00:00+01:00",
+            "data": {"task_id": "t-1"}}
+    await js.publish("signals.task.completed", orjson.dumps(done), headers={"Nats-Msg-Id": "e-1"})
+    await eventually(lambda: running.service.store.positions.get("SIGNALS") == 1)
+    caller = {"preferred_hour": 6, "mean_hours_to_complete_28d": 3.5}
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        answer = (await http.post("/score", json=body(profile_features=caller,
+                                                      context={"now": "2026-11-26T15:00:00+01:00"}))).json()
+        unknown = (await http.post("/score", json=body(user_id="u-new", profile_features=caller))).json()
+    assert answer["features"]["preferred_hour"] == 14, "the server's value wins"
+    assert answer["features"]["mean_hours_to_complete_28d"] == 3.5, "the caller fills what the server lacks"
+    assert answer["caller_features"] == ["mean_hours_to_complete_28d"]
+    assert unknown["features"]["preferred_hour"] == 6 and sorted(unknown["caller_features"]) == sorted(caller)
+
+
+async def test_the_shadow_scores_every_request_and_never_reaches_a_user(start_service, nc) -> None:
+    running = await start_service(bootstrap_shadow_kind="logreg")
+    lineup = running.service.lineup
+    assert (lineup.champion_version, lineup.shadow_version) == ("v1", "v2")
+    # Warm the user and the tips (so the models, not the popularity prior, decide), then teach
+    # the two models opposite tastes.
+    js = nc.jetstream()
+    for i in range(5):
+        seen = {"id": f"r-{i}", "type": "tip.reacted", "user_id": "u-1", "ts": NOW,
+                "data": {"tip_id": "tip-9", "reaction": "liked"}}
+        await js.publish("feedback.tip.reacted", orjson.dumps(seen), headers={"Nats-Msg-Id": seen["id"]})
+    await eventually(lambda: running.service.store.positions.get("FEEDBACK") == 5)
+    for _ in range(50):
+        lineup.prior.update("tip-0", 0.5)
+        lineup.prior.update("tip-1", 0.5)
+    x = {"user_id": "u-1", "hour_of_day": 9}
+    for _ in range(300):
+        lineup.models["v1"].learn_one({**x, "tip_id": "tip-0", "category": "focus"}, 1.0)
+        lineup.models["v1"].learn_one({**x, "tip_id": "tip-1", "category": "breaks"}, 0.0)
+        lineup.models["v2"].learn_one({**x, "tip_id": "tip-0", "category": "focus"}, 0.0)
+        lineup.models["v2"].learn_one({**x, "tip_id": "tip-1", "category": "breaks"}, 1.0)
+    request = body(candidates=candidates(2), explore=False)
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        answers = [(await http.post("/score", json=request)).json() for _ in range(5)]
+        lineup.models["v2"].learn_one = None  # a broken shadow must not break answers either
+        broken = await http.post("/score", json=request)
+    assert broken.status_code == 200
+    for answer in answers:
+        assert answer["model_version"] == "v1"
+        assert [r["tip_id"] for r in answer["ranked"]] == ["tip-0", "tip-1"]
+    logged = orjson.loads(running.service.learner.cache[answers[0]["decision_id"]].data)
+    assert logged["shadow"] == {"version": "v2", "first": "tip-1"}
+    by_tip = {r["tip_id"]: r for r in logged["ranked"]}
+    assert by_tip["tip-1"]["shadow_score"] > by_tip["tip-0"]["shadow_score"]
+    assert by_tip["tip-0"]["model_score"] > by_tip["tip-1"]["model_score"]

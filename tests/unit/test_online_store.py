@@ -1,0 +1,89 @@
+"""The online store and the checkpointer's bookkeeping, without I/O."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import pytest
+
+from app.checkpoints import Checkpointer, MemoryCheckpointStore
+from streams.events import parse_event
+from streams.fold import FutureEvent
+from streams.store import OnlineStore
+
+
+def opened(i: int, user: str = "u", ts: str = "2026-11-26T08:00:00+01:00") -> Any:
+    return parse_event(orjson.dumps({"id": f"o-{i}", "type": "app.opened", "user_id": user, "ts": ts}))
+
+
+def test_cold_users_are_loaded_on_first_use_and_never_overwritten_by_the_warm_up() -> None:
+    source = OnlineStore()
+    source.apply(opened(1, "a"))
+    source.apply(opened(2, "b"))
+    blobs = {u: s.to_bytes() for u, s in source.users.items()}
+    fetched: list[list[str]] = []
+
+    store = OnlineStore()
+    store.cold = set(blobs)
+    store.fetch_cold = lambda ids: (fetched.append(ids), {i: blobs[i] for i in ids})[1]
+    assert store.apply(opened(3, "a"))  # thawed, then folded
+    assert not store.apply(opened(1, "a"))  # already in the checkpointed state
+    assert fetched == [["a"]]
+    assert store.warm(blobs.items()) == 1  # only b: a is live and newer than its checkpoint
+    assert len(store.users["a"].logs["app.opened"]) == 2 and not store.cold
+
+
+def test_future_events_are_refused_without_leaving_an_empty_user() -> None:
+    store = OnlineStore()
+    store.max_ts_ms = 0
+    with pytest.raises(FutureEvent):
+        store.apply(opened(1))
+    assert store.users == {}
+
+
+class FlakyStore(MemoryCheckpointStore):
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("database away")
+        super().save(*args, **kwargs)
+
+
+async def test_a_failed_checkpoint_hands_its_users_back_for_the_next_one() -> None:
+    store = OnlineStore()
+    target = FlakyStore(failures=1)
+    checkpointer = Checkpointer(store, target, every_events=1, every_s=60)
+    store.apply(opened(1, "a"))
+    store.advance("SIGNALS", 1)
+    with pytest.raises(ConnectionError):
+        await checkpointer.checkpoint()
+    assert store.dirty_count == 1 and checkpointer.uncheckpointed == 1
+    store.apply(opened(2, "b"))
+    store.advance("SIGNALS", 2)
+    assert await checkpointer.checkpoint()
+    assert target.positions == {"SIGNALS": 2} and set(target.states) == {"a", "b"}
+    assert checkpointer.uncheckpointed == 0
+    assert not await checkpointer.checkpoint(), "nothing changed: nothing written"
+
+
+def test_run_loop_retries_until_the_database_is_back() -> None:
+    store = OnlineStore()
+    store.apply(opened(1))
+    store.advance("SIGNALS", 1)
+    target = FlakyStore(failures=2)
+    checkpointer = Checkpointer(store, target, every_events=1, every_s=0.01)
+
+    async def run() -> None:
+        task = asyncio.create_task(checkpointer.run())
+        while target.positions != {"SIGNALS": 1}:
+            await asyncio.sleep(0.01)
+        task.cancel()
+
+    asyncio.run(asyncio.wait_for(run(), timeout=10))
+    assert checkpointer.failures == 2
