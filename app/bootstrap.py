@@ -68,11 +68,12 @@ class Service:
             pending_max=settings.learner_pending_max, pending_max_age_s=settings.learner_pending_max_age_s,
             snapshot_every_s=settings.model_snapshot_every_s,
         )
+        self.lineup.participants.append(self.learner)
         self.scorer = Scorer(self.store, self.lineup, make_policy(settings.policy, **settings.policy_params()),
                              random.Random(settings.policy_seed), feature_cache_ms=settings.feature_cache_ms)
         self.publisher = DecisionPublisher(
-            lambda: self._decisions_js, queue_max=settings.decision_queue_max, batch=settings.decision_batch)
-        self._decisions_js: Any = None
+            lambda: self.nc, queue_max=settings.decision_queue_max, batch=settings.decision_batch,
+            window=settings.decision_window, on_published=self.learner.published)
         self._publisher_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -147,7 +148,7 @@ class Service:
         await ingest.start()
         self.ingests.append(ingest)
         self._tasks.append(asyncio.create_task(ingest.run(), name="ingest DECISIONS"))
-        self._decisions_js = self.nc.jetstream(timeout=10, publish_async_max_pending=s.decision_window)
+        await self.publisher.start()
         self._publisher_task = asyncio.create_task(self.publisher.run(), name="decision publisher")
 
     async def _restore(self, target: SqlCheckpointStore) -> None:
@@ -216,7 +217,10 @@ class Service:
             except Exception as error:  # noqa: BLE001
                 log.warning("last checkpoint failed (%s); the next start replays from the previous one", error)
         if self.nc:
-            await self.nc.drain() if self.nc.is_connected else await self.nc.close()
+            try:
+                await self.nc.drain() if self.nc.is_connected else await self.nc.close()
+            except Exception as error:  # noqa: BLE001 - the server may be gone already; nothing is lost
+                log.info("NATS connection closed uncleanly (%s)", error)
         if self.embedded:
             await self.embedded.astop()
         self.engine.dispose()

@@ -52,7 +52,10 @@ class EmbeddedNats:
             "-sd", str(self.store_dir), "--ports_file_dir", str(ports_dir),
         ]
         log_file = open(self.store_dir / "nats-server.log", "ab")
-        self.process = subprocess.Popen(command, stdout=log_file, stderr=log_file, preexec_fn=_die_with_parent)
+        # Its own session: Ctrl-C in a terminal signals the whole process group, and the
+        # server must outlive tipstream's graceful shutdown, which stops it last.
+        self.process = subprocess.Popen(command, stdout=log_file, stderr=log_file, preexec_fn=_die_with_parent,
+                                        start_new_session=True)
         log_file.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
