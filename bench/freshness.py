@@ -67,6 +67,7 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--rate", type=float, default=10_000)
     parser.add_argument("--every-ms", type=float, default=50)
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="service setting")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,7 +76,7 @@ async def main() -> None:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         env = {"NATS_URL": url, "TIPSTREAM_DATA_DIR": f"{tmp}/data", "TIPSTREAM_PORT": str(port),
-               "TIPSTREAM_LOG_LEVEL": "warning", "PATH": str(BIN)}
+               "TIPSTREAM_LOG_LEVEL": "warning", "PATH": str(BIN), **dict(a.split("=", 1) for a in args.env)}
         service = subprocess.Popen([str(BIN / "tipstream"), "run"], env=env)
         load = None
         try:

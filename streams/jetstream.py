@@ -170,45 +170,55 @@ class FastParser(Parser):
         raw_handlers = getattr(self.nc, "_raw_handlers", {})
         try:
             while pos < end:
-                if self.state == AWAITING_CONTROL_LINE:
-                    first = buf[pos]
-                    match = (_HMSG if first == 72 else _MSG if first == 77 else None)
-                    found = match.match(buf, pos) if match else None
-                    if found is None:
-                        if first in (72, 77) and buf.find(b"\r\n", pos) < 0:
-                            break  # a control line split across reads
-                        del buf[:pos]
-                        pos, end = 0, 0
-                        await super().parse()
-                        return
-                    groups = found.groups()
-                    self.msg_arg["subject"], self.msg_arg["sid"] = groups[0], int(groups[1])
-                    self.msg_arg["reply"] = groups[3] or b""
-                    if match is _HMSG:
-                        self.header_needed, self.needed = int(groups[4]), int(groups[5])
-                    else:
-                        self.header_needed, self.needed = 0, int(groups[4])
-                    pos = found.end()
-                    self.state = AWAITING_MSG_PAYLOAD
-                else:
-                    needed = self.needed
-                    if end - pos < needed + 2:
+                if self.state == AWAITING_MSG_PAYLOAD:  # a payload that straddled two reads
+                    if end - pos < self.needed + 2:
                         break
-                    header_size = self.header_needed
-                    header = bytes(buf[pos : pos + header_size]) if header_size else None
-                    payload = bytes(buf[pos + header_size : pos + needed])
-                    pos += needed + 2
+                    arg = self.msg_arg
+                    pos = await self._deliver(raw_handlers, arg["sid"], arg["subject"], arg["reply"],
+                                              self.header_needed, self.needed, buf, pos)
                     self.header_needed = 0
                     self.state = AWAITING_CONTROL_LINE
-                    arg = self.msg_arg
-                    handler = raw_handlers.get(arg["sid"])
-                    if handler is not None:
-                        handler(arg["subject"], arg["reply"], payload, header)  # no coroutine per message
-                    else:
-                        await self.nc._process_msg(arg["sid"], arg["subject"], arg["reply"], payload, header)
+                    continue
+                first = buf[pos]
+                match = _HMSG if first == 72 else _MSG if first == 77 else None
+                found = match.match(buf, pos) if match else None
+                if found is None:
+                    if match is not None and buf.find(b"\r\n", pos) < 0:
+                        break  # a control line split across reads
+                    del buf[:pos]
+                    pos, end = 0, 0
+                    await super().parse()
+                    return
+                groups = found.groups()
+                if match is _HMSG:
+                    header_size, needed = int(groups[4]), int(groups[5])
+                else:
+                    header_size, needed = 0, int(groups[4])
+                subject, sid, reply = groups[0], int(groups[1]), groups[3] or b""
+                start = found.end()
+                if end - start >= needed + 2:  # the common case: the whole message is here
+                    pos = await self._deliver(raw_handlers, sid, subject, reply, header_size, needed, buf, start)
+                else:
+                    self.msg_arg["subject"], self.msg_arg["sid"], self.msg_arg["reply"] = subject, sid, reply
+                    self.header_needed, self.needed = header_size, needed
+                    self.state = AWAITING_MSG_PAYLOAD
+                    pos = start
         finally:
             if pos:
                 del buf[:pos]
+
+    async def _deliver(self, raw_handlers: dict[int, Any], sid: int, subject: bytes, reply: bytes,
+                       header_size: int, needed: int, buf: bytearray, pos: int) -> int:
+        payload = bytes(buf[pos + header_size : pos + needed])
+        handler = raw_handlers.get(sid)
+        if handler is not None:
+            # Only status messages (no reply) need their headers; events carry none we read.
+            header = bytes(buf[pos : pos + header_size]) if header_size and not reply else None
+            handler(subject, reply, payload, header)  # no coroutine per message
+        else:
+            header = bytes(buf[pos : pos + header_size]) if header_size else None
+            await self.nc._process_msg(sid, subject, reply, payload, header)
+        return pos + needed + 2
 
 
 class IngestClient(NATS):
@@ -302,8 +312,8 @@ class BatchPuller:
             self._loop.create_task(self._send(want))
 
     def _on_raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
-        self.last_activity = time.monotonic()
         if not reply:
+            self.last_activity = time.monotonic()
             # A status: 100 heartbeat; 404 no messages, 408 request expired, 409 conflict end a request.
             status = headers[9:12] if headers else b""
             if status == b"100":
@@ -316,6 +326,7 @@ class BatchPuller:
         self.requested -= 1
         self.on_message((subject.decode(), reply, data))
         if self.requested <= self.batch // 2:
+            self.last_activity = time.monotonic()  # per request, not per message: the watchdog needs no more
             self._request_soon()
 
     def resume(self) -> None:
