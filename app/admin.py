@@ -103,7 +103,7 @@ async def list_models(request: Request) -> Response:
 async def get_model(request: Request) -> Response:
     """
     responses:
-      200: {description: the version, its parameters, role and model card}
+      200: {description: 'the version, its parameters, role and model card'}
       404: {description: no such version}
     """
     try:
@@ -128,9 +128,9 @@ async def get_card(request: Request) -> Response:
 async def _register(request: Request, body: RegisterBody) -> Any:
     """
     responses:
-      200: {description: registered; trained over the decision log, card filled in}
+      200: {description: 'registered; trained over the decision log, card filled in'}
       401: {description: no bearer token}
-      403: {description: wrong token, or TIPSTREAM_ADMIN_TOKEN unset}
+      403: {description: 'wrong token, or TIPSTREAM_ADMIN_TOKEN unset'}
       409: {description: the version exists}
       422: {description: bad parameters}
     """
@@ -149,7 +149,7 @@ def _role_change(method: str) -> Callable[[Request, ChangeBody], Awaitable[Any]]
     responses:
       200: {{description: '{method} done; the roles now and the latest rollout history'}}
       401: {{description: no bearer token}}
-      403: {{description: wrong token, or TIPSTREAM_ADMIN_TOKEN unset}}
+      403: {{description: 'wrong token, or TIPSTREAM_ADMIN_TOKEN unset'}}
       404: {{description: no such version}}
       409: {{description: refused by the registry rules (the message says what to do)}}
     """
@@ -161,7 +161,7 @@ async def _rollback(request: Request, body: ChangeBody) -> Any:
     responses:
       200: {description: the previous champion is back}
       401: {description: no bearer token}
-      403: {description: wrong token, or TIPSTREAM_ADMIN_TOKEN unset}
+      403: {description: 'wrong token, or TIPSTREAM_ADMIN_TOKEN unset'}
       409: {description: nothing to roll back to}
     """
     lineup = _lineup(request)
@@ -175,7 +175,7 @@ async def _evaluate(request: Request, body: ChangeBody) -> Any:
     responses:
       200: {description: the refreshed model card (progressive validation and fairness over the log)}
       401: {description: no bearer token}
-      403: {description: wrong token, or TIPSTREAM_ADMIN_TOKEN unset}
+      403: {description: 'wrong token, or TIPSTREAM_ADMIN_TOKEN unset'}
       404: {description: no such version}
     """
     card = await _lineup(request).evaluate(request.path_params["version"])

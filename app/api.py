@@ -44,7 +44,7 @@ async def readyz(request: Request) -> Response:
     """
     responses:
       200: {description: caught up with every stream}
-      503: {description: still catching up, or NATS is away}
+      503: {description: 'still catching up, or NATS is away'}
     """
     service: Service = request.app.state.service
     streams = {i.spec.name: {"caught_up": i.caught_up, "lag": i.lag} for i in service.ingests}
@@ -68,7 +68,7 @@ async def user_features(request: Request) -> Response:
       - {name: at, in: query, required: false, schema: {type: string, format: date-time},
          description: evaluate at this time (with a UTC offset); default now}
     responses:
-      200: {description: every profile feature with value, age, freshness and fallback flags}
+      200: {description: 'every profile feature with value, age, freshness and fallback flags'}
       422: {description: '`at` is not a time with a UTC offset'}
     """
     user_id = request.path_params["user_id"]

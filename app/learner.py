@@ -1,9 +1,10 @@
 """The learner: feedback joined with the decision it names, learned by every live model.
 
-A decision enters the join cache twice: when /score serves it (`served`, so feedback can be
-joined before the decision has made the round trip through JetStream) and when it is read
-back from the DECISIONS stream (`add_logged`, which also writes its `tip_scores` row and, after
-a restart, rebuilds the cache). Feedback (`on_feedback`, called for every `tip.reacted` event
+A decision enters the join cache when /score serves it (`served`, so feedback can be joined
+before the decision has made the round trip through JetStream); JetStream's acknowledgement
+(`published`) marks it logged and writes its `tip_scores` row. The DECISIONS stream is read
+back too (`add_logged`): a decision served here is found in the cache at once; after a restart
+the read-back rebuilds the cache, and decisions served elsewhere join it. Feedback (`on_feedback`, called for every `tip.reacted` event
 read from FEEDBACK, including ones the fold already held):
 
 1. No `decision_id`: counted (`no_decision`); the fold keeps the event for the user's features.
@@ -43,6 +44,8 @@ from models.reward import PopularityPrior
 from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream.learner")
+_OUTCOME = {name: FEEDBACK.labels(name) for name in (
+    "credited", "duplicate", "no_decision", "waiting", "unknown_decision", "expired", "unknown_tip")}
 
 ENTRY_OVERHEAD = 240  # bytes a cache entry costs beyond its payload (object, dict slot)
 
@@ -93,11 +96,15 @@ class Learner:
         self._pending_order: deque[tuple[float, str, str]] = deque()
         self._restored_credits: dict[str, tuple[dict[str, float], int | None]] = {}
         self.credited = 0
+        self._learned: dict[str, Any] = {}
+        self._waiting = 0  # feedback in `pending`
         self._changed = False
         self._last_snapshot = 0.0
         self._unconfirmed: list[int] = []
-        self._confirmed: list[int] = []
+        self._confirmed: list[tuple[int, int | None]] = []  # (generation, learn_seq of its models)
         self._gen = 0
+        self._learn_seq = 0  # rewards learned so far; the models in SQL hold `_models_saved_seq` of them
+        self._models_saved_seq = 0
 
     # -- decisions ---------------------------------------------------------------------------
 
@@ -106,6 +113,14 @@ class Learner:
         if decision_id not in self.cache:
             self._insert(decision_id, _Entry(payload, self.store.positions.get("DECISIONS", 0),
                                              int(self.clock() * 1000), decision))
+
+    def published(self, decision_id: str) -> None:
+        """JetStream acknowledged a decision served here: it is in the log, so it gets its row."""
+        entry = self.cache.get(decision_id)
+        if entry is not None and not entry.logged:
+            entry.logged = True
+            self._mark_row(entry)
+            entry.decision = None
 
     def add_logged(self, logged: LoggedDecision) -> bool:
         """The DECISIONS ingest's sink: a decision read back from the stream."""
@@ -127,9 +142,10 @@ class Learner:
         entry.decision = None
         waiting = self.pending.pop(logged.id, None)
         if waiting:
+            self._waiting -= len(waiting)
+            PENDING.set(self._waiting)
             for tip_id, (reaction, _) in waiting.items():
                 self._credit(logged.id, entry, tip_id, reaction)
-            PENDING.set(sum(len(w) for w in self.pending.values()))
         return True
 
     def _insert(self, decision_id: str, entry: _Entry) -> None:
@@ -146,7 +162,6 @@ class Learner:
             del cache[first_id]
             self.cache_bytes -= len(first.data) + ENTRY_OVERHEAD
             self.evicted_upto_ms = max(self.evicted_upto_ms, decision_time_ms(first_id) or first.added_ms)
-        JOIN_CACHE.set(len(cache))
 
     def _mark_row(self, entry: _Entry) -> None:
         decision = entry.decision if entry.decision is not None else orjson.loads(entry.data)
@@ -175,7 +190,7 @@ class Learner:
         decision_id = data.decision_id
         if decision_id is None:
             if new:
-                FEEDBACK.labels("no_decision").inc()
+                _OUTCOME["no_decision"].inc()
             return
         entry = self.cache.get(decision_id)
         if entry is None:
@@ -186,29 +201,33 @@ class Learner:
     def _wait(self, decision_id: str, tip_id: str, reaction: str) -> None:
         created = decision_time_ms(decision_id)
         if created is not None and created <= self.evicted_upto_ms:
-            FEEDBACK.labels("expired").inc()
+            _OUTCOME["expired"].inc()
             return
         waiting = self.pending.setdefault(decision_id, {})
         if tip_id in waiting:
-            FEEDBACK.labels("duplicate").inc()
+            _OUTCOME["duplicate"].inc()
             return
         now = self.clock()
         waiting[tip_id] = (reaction, now)
+        self._waiting += 1
         self._pending_order.append((now, decision_id, tip_id))
         self._changed = True
-        FEEDBACK.labels("waiting").inc()
+        _OUTCOME["waiting"].inc()
         self._expire_pending(now)
 
     def _expire_pending(self, now: float) -> None:
         order, pending = self._pending_order, self.pending
-        while order and (len(order) > self.pending_max or order[0][0] < now - self.pending_max_age_s):
+        # `order` may also hold entries already joined; they are skipped when they come up.
+        while order and (self._waiting > self.pending_max or order[0][0] < now - self.pending_max_age_s
+                         or len(order) > 2 * self.pending_max):
             _, decision_id, tip_id = order.popleft()
             waiting = pending.get(decision_id)
             if waiting is not None and waiting.pop(tip_id, None) is not None:
-                FEEDBACK.labels("unknown_decision").inc()
+                self._waiting -= 1
+                _OUTCOME["unknown_decision"].inc()
                 if not waiting:
                     del pending[decision_id]
-        PENDING.set(len(order))
+        PENDING.set(self._waiting)
 
     def expire(self) -> None:
         """Give up on feedback that waited too long (also called periodically)."""
@@ -217,12 +236,12 @@ class Learner:
     def _credit(self, decision_id: str, entry: _Entry, tip_id: str, reaction: str) -> None:
         credits = entry.credits
         if credits is not None and tip_id in credits:
-            FEEDBACK.labels("duplicate").inc()
+            _OUTCOME["duplicate"].inc()
             return
         decision = entry.decision if entry.decision is not None else orjson.loads(entry.data)
         candidate = next((c for c in decision["ranked"] if c["tip_id"] == tip_id), None)
         if candidate is None:
-            FEEDBACK.labels("unknown_tip").inc()
+            _OUTCOME["unknown_tip"].inc()
             return
         reward = self.rewards[reaction]
         x = learning_input(decision["features"], candidate)
@@ -232,8 +251,12 @@ class Learner:
             except Exception as error:  # noqa: BLE001 - one bad example must not stop ingest
                 log.warning("model %s could not learn decision %s: %s", version, decision_id, error)
                 continue
-            LEARNED.labels(version).inc()
+            counter = self._learned.get(version)
+            if counter is None:
+                counter = self._learned[version] = LEARNED.labels(version)
+            counter.inc()
         self.lineup.prior.update(tip_id, reward)
+        self._learn_seq += 1
         entry.credits = {**(credits or {}), tip_id: reward}
         entry.rewarded_ms = int(self.clock() * 1000)
         if entry.logged:
@@ -242,20 +265,26 @@ class Learner:
             entry.decision = None
         self.credited += 1
         self._changed = True
-        FEEDBACK.labels("credited").inc()
+        _OUTCOME["credited"].inc()
 
     # -- checkpoint participant --------------------------------------------------------------
 
-    def snapshot(self) -> dict[str, Any] | None:
-        """Models, prior, credits and waiting feedback, with the positions they reflect."""
+    def snapshot(self, force: bool = False) -> dict[str, Any] | None:
+        """Models, prior, credits and waiting feedback, with the positions they reflect.
+
+        `force`: now, whatever changed (a registry change writes one with a new version's
+        model, so that a restart does not replay into it what its training already held)."""
         while self._confirmed:
-            gen = self._confirmed.pop()
+            gen, learn_seq = self._confirmed.pop()
             self._unconfirmed = [g for g in self._unconfirmed if g > gen]
+            if learn_seq is not None:
+                self._models_saved_seq = max(self._models_saved_seq, learn_seq)
         now = self.clock()
         self._expire_pending(now)
+        JOIN_CACHE.set(len(self.cache))
         # Checkpoints run one at a time, so an unconfirmed snapshot here is one that failed: retry now.
         failed = bool(self._unconfirmed)
-        if not failed and (not self._changed or now - self._last_snapshot < self.snapshot_every_s):
+        if not force and not failed and (not self._changed or now - self._last_snapshot < self.snapshot_every_s):
             return None
         self._gen += 1
         self._unconfirmed.append(self._gen)
@@ -271,11 +300,14 @@ class Learner:
                         for t, (reaction, at) in waiting.items()],
             "evicted_upto_ms": self.evicted_upto_ms,
         }
+        # Models are pickled only when they learned since the last snapshot known to be saved.
+        with_models = force or self._learn_seq != self._models_saved_seq
         return {
             "gen": self._gen,
+            "learn_seq": self._learn_seq if with_models else None,
             "state": orjson.dumps(state),
             "prior": self.lineup.prior.to_bytes(),
-            "models": {v: (m.to_bytes(), m.n_learned) for v, m in self.lineup.learning},
+            "models": {v: (m.to_bytes(), m.n_learned) for v, m in self.lineup.learning} if with_models else {},
         }
 
     def write(self, conn: Connection, snapshot: dict[str, Any] | None) -> None:
@@ -289,13 +321,14 @@ class Learner:
         ], ["name"])
 
     def saved(self, snapshot: dict[str, Any]) -> None:
-        self._confirmed.append(snapshot["gen"])  # from the checkpoint's worker thread
+        self._confirmed.append((snapshot["gen"], snapshot["learn_seq"]))  # from the checkpoint's worker thread
 
     def restore(self, engine: Engine) -> dict[str, int] | None:
         """Load the last snapshot (worker thread, before ingest starts); the stream positions to
         re-read FEEDBACK and DECISIONS from, or None on a first start."""
         with engine.connect() as conn:
-            rows = {name: state for name, state in conn.execute(select(db.learner_state.c.name, db.learner_state.c.state))}
+            query = select(db.learner_state.c.name, db.learner_state.c.state)
+            rows = {name: state for name, state in conn.execute(query)}
         if "prior" in rows:
             self.lineup.prior = PopularityPrior.from_bytes(bytes(rows["prior"]))
         if "learner" not in rows:
@@ -309,6 +342,7 @@ class Learner:
         for decision_id, tip_id, reaction, at in state["pending"]:
             self.pending.setdefault(decision_id, {})[tip_id] = (reaction, at)
             self._pending_order.append((at, decision_id, tip_id))
+            self._waiting += 1
         self._pending_order = deque(sorted(self._pending_order))
         self.evicted_upto_ms = state["evicted_upto_ms"]
         return dict(state["positions"])

@@ -12,7 +12,8 @@ SCORE_REQUESTS = Counter(
     "tipstream_score_requests_total", "POST /score answers, by HTTP status.", ["status"], registry=_r
 )
 SCORE_SECONDS = Histogram(
-    "tipstream_score_seconds", "Time inside the /score handler (validation to answer).", registry=_r,
+    "tipstream_score_seconds", "/score's synchronous work: validate, assemble features, score, rank, build the "
+    "decision (no I/O happens in it).", registry=_r,
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05),
 )
 FEATURE_CACHE = Counter(

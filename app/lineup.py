@@ -35,6 +35,8 @@ class Lineup:
         self.learning: list[tuple[str, TipModel]] = []
         self._lock = asyncio.Lock()
         self._stored_entries = 0
+        # Checkpoint participants (the learner) whose state must be saved with a new version.
+        self.participants: list[Any] = []
 
     # -- start -------------------------------------------------------------------------------
 
@@ -76,12 +78,19 @@ class Lineup:
 
     async def _change(self, apply: Callable[[Registry], Any],
                       new_models: dict[str, TipModel] | None = None) -> Any:
-        """Apply `apply` to a copy of the registry, persist it, then swap it in."""
+        """Apply `apply` to a copy of the registry, persist it, then swap it in.
+
+        A new model was trained on the log up to now: the learner's state is saved in the same
+        transaction, so that a restart replays into it only feedback that comes after."""
         async with self._lock:
             staged = Registry.from_dict(self.registry.to_dict())
             result = apply(staged)
             blobs = {v: (m.to_bytes(), m.n_learned) for v, m in (new_models or {}).items()}
-            await asyncio.to_thread(self.store.save, staged, known_entries=self._stored_entries, new_models=blobs)
+            extras = [(p, p.snapshot(force=True)) for p in self.participants] if new_models else []
+            await asyncio.to_thread(self.store.save, staged, known_entries=self._stored_entries, new_models=blobs,
+                                    extras=extras)
+            for participant, snapshot in extras:
+                participant.saved(snapshot)
             self.registry = staged
             self._stored_entries = len(staged.history)
             self.models.update(new_models or {})

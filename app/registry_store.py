@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from sqlalchemy import Engine, select, update
 from sqlalchemy.engine import Connection
 
 from app import db
-from models.registry import ModelCard, ModelVersion, Registry, RolloutEntry
+from models.registry import ModelCard, Registry, RolloutEntry
 
 
 @dataclass
@@ -100,11 +100,13 @@ class RegistryStore:
         models = {r.version: (bytes(r.model) if r.model is not None else None, int(r.n_learned)) for r in rows}
         return Registry.from_dict(state), models
 
-    def save(self, registry: Registry, *, known_entries: int, new_models: dict[str, tuple[bytes, int]]) -> None:
+    def save(self, registry: Registry, *, known_entries: int, new_models: dict[str, tuple[bytes, int]],
+             extras: Sequence[tuple[Any, Any]] = ()) -> None:
         """Persist a registry change in one transaction.
 
         `known_entries`: how many history entries are already stored (the rest are appended);
-        `new_models`: bytes of versions registered by this change (existing rows keep theirs).
+        `new_models`: bytes of versions registered by this change (existing rows keep theirs);
+        `extras`: (checkpoint participant, snapshot) pairs written in the same transaction.
         """
         now = datetime.now(timezone.utc)
         with self.engine.begin() as conn:
@@ -137,6 +139,8 @@ class RegistryStore:
             for role, version in (("champion", registry.champion), ("shadow", registry.shadow)):
                 if version is not None:
                     conn.execute(db.model_roles.insert().values(role=role, version=version, since=since.get(role, now)))
+            for participant, snapshot in extras:
+                participant.write(conn, snapshot)
 
     def stored_entries(self) -> int:
         with self.engine.connect() as conn:

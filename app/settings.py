@@ -64,7 +64,9 @@ class Settings(BaseSettings):
     checkpoint_every_events: int = Field(
         50_000, ge=1, description="Checkpoint after this many applied events..."
     )
-    checkpoint_every_s: float = Field(2.0, gt=0, description="...or after this many seconds, whichever first.")
+    checkpoint_every_s: float = Field(
+        5.0, gt=0, description="...or after this many seconds, whichever first (a crash replays at most this much)."
+    )
     max_uncheckpointed_events: int = Field(
         1_000_000,
         ge=1,
@@ -113,8 +115,8 @@ class Settings(BaseSettings):
     decision_enqueue_timeout_s: float = Field(
         2.0, ge=0, description="How long `/score` waits for room in a full decision queue before its 503."
     )
-    decision_batch: int = Field(512, ge=1, le=10_000, description="Decisions published per batch (acks awaited per batch).")
-    decision_window: int = Field(4_000, ge=1, description="JetStream publishes of decisions in flight at most.")
+    decision_batch: int = Field(512, ge=1, le=10_000, description="Decisions written to NATS in one buffer.")
+    decision_window: int = Field(4_000, ge=1, description="Decisions published but not yet acknowledged by JetStream, at most.")
     learner_join_cache_mb: float = Field(
         256.0, gt=0, description="Memory for decisions awaiting feedback; the oldest leave first."
     )

@@ -40,7 +40,7 @@ def count(outcome: str) -> float:
 
 
 async def test_feedback_moves_the_next_score_and_redelivery_changes_nothing(start_service, nc, database_url) -> None:
-    running = await start_service(database_url=database_url)
+    running = await start_service(database_url=database_url, checkpoint_every_s=0.2)
     service = running.service
     js = nc.jetstream()
     async with httpx.AsyncClient(base_url=running.base_url) as http:
@@ -69,12 +69,12 @@ async def test_feedback_moves_the_next_score_and_redelivery_changes_nothing(star
     # Every decision is logged: two /score answers, two tip_scores rows; the first has its rewards.
     engine = sa.create_engine(database_url)
     try:
-        def rows() -> list[Any]:
+        def rows() -> dict[str, Any]:
             with engine.connect() as conn:
-                return conn.execute(sa.text("select decision_id, rewards, reward from tip_scores order by created_at")).all()
+                return {r[0]: r for r in conn.execute(sa.text("select decision_id, rewards, reward from tip_scores"))}
 
-        await eventually(lambda: len(rows()) == 2 and rows()[0][1] is not None, timeout=15)
-        rewards = {r[0]: r for r in rows()}[decision][1]
+        await eventually(lambda: len(rows()) == 2 and rows()[decision][1] is not None, timeout=15)
+        rewards = rows()[decision][1]
         rewards = orjson.loads(rewards) if isinstance(rewards, str) else rewards
         assert rewards == {"tip-focus-1": 1.0, "tip-breaks-1": 0.0}
     finally:

@@ -70,3 +70,12 @@ async def test_features_with_age_freshness_and_fallbacks(start_service, nc, tmp_
     row = await eventually(offline_row)
     stored = row[0] if isinstance(row[0], dict) else orjson.loads(row[0])
     assert stored["tasks_created_7d"] == 2 and stored["preferred_hour"] == 11
+
+
+async def test_openapi_document_describes_every_route(start_service) -> None:
+    running = await start_service()
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        document = (await http.get("/openapi.json")).json()
+    paths = document["paths"]
+    assert {"/healthz", "/readyz", "/metrics", "/users/{user_id}/features", "/score"} <= set(paths)
+    assert paths["/readyz"]["get"]["responses"]["503"]["description"] == "still catching up, or NATS is away"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import nats
 import orjson
 import pytest
 import sqlalchemy as sa
@@ -166,3 +167,24 @@ async def test_the_shadow_scores_every_request_and_never_reaches_a_user(start_se
     by_tip = {r["tip_id"]: r for r in logged["ranked"]}
     assert by_tip["tip-1"]["shadow_score"] > by_tip["tip-0"]["shadow_score"]
     assert by_tip["tip-0"]["model_score"] > by_tip["tip-1"]["model_score"]
+
+
+async def test_decisions_wait_for_nats_and_are_published_once_it_is_back(start_service, nats_server, nc) -> None:
+    running = await start_service()
+    service = running.service
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        assert (await http.post("/score", json=body())).status_code == 200
+        await eventually(lambda: service.publisher.published == 1)
+        nats_server.stop()
+        await eventually(lambda: not service.nc.is_connected)
+        answers = [await http.post("/score", json=body()) for _ in range(5)]
+        assert all(a.status_code == 200 for a in answers), "served while NATS is away: the log waits, not the user"
+        assert service.publisher.published == 1
+        nats_server.start()
+        await eventually(lambda: service.publisher.published == 6, timeout=30)
+    client = await nats.connect(nats_server.url)
+    try:
+        info = await client.jetstream().stream_info("DECISIONS")
+        assert info.state.messages == 6, "every decision once: retries were de-duplicated by Nats-Msg-Id"
+    finally:
+        await client.close()

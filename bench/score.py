@@ -1,0 +1,198 @@
+"""/score latency and throughput against a no-op endpoint of the same server, in the same run.
+
+    python bench/score.py                          # 5,000 users with 2 days of history, 5 s per phase
+    python bench/score.py --users 500 --duration 2 # a quick run
+
+Steps:
+1. Start the service as `tipstream run` does (uvicorn, uvloop, httptools; its own embedded
+   nats-server; SQLite in a temporary directory) in a subprocess.
+2. Publish simulated history for `--users` users through JetStream and wait until it is folded,
+   so /score reads real profile state.
+3. In a separate load-generator process, 8 concurrent keep-alive clients on loopback (closed
+   loop: each sends its next request when the answer is in) run, one after the other:
+   a warm-up, `GET /healthz` (the no-op baseline), `POST /score` with 10 and with 50 candidates,
+   each for `--duration` seconds or `--requests` requests, whichever comes first.
+4. Read the service's metrics: decisions published to JetStream, feature cache hits.
+Goals (issue 4): p99 < 2 ms with 10 candidates, < 5 ms with 50; >= 0.5 of the no-op's throughput.
+Last line: {"bench": "score", "p99_ms_10": ..., "p99_ms_50": ..., "rps_10": ..., "noop_rps": ..., "ratio": ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _harness import ServiceProcess, connect, encode_request, metric, percentile, request_once  # noqa: E402
+
+CLIENTS = 8
+CATEGORIES = ("focus", "planning", "breaks", "batching", "review")
+TIPS = [f"tip-{c}-{i}" for c in CATEGORIES for i in range(12)]  # 60 tips: enough for 50 candidates
+
+
+def score_requests(count: int, users: int, candidates: int, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    requests = []
+    for _ in range(count):
+        tips = rng.sample(TIPS, candidates)
+        body = {"user_id": f"u-{rng.randrange(users)}",
+                "candidates": [{"tip_id": t, "category": t.split("-")[1]} for t in tips]}
+        requests.append(encode_request("POST", "/score", json.dumps(body).encode()))
+    return requests
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _run_phase(port: int, pid: int, requests: list[bytes], duration_s: float, limit: int) -> dict[str, Any]:
+    clients = [await connect(port) for _ in range(CLIENTS)]
+    latencies: list[int] = []
+    errors = 0
+    sent = 0
+    deadline = time.perf_counter() + duration_s
+
+    async def client_loop(client: Any, offset: int) -> None:
+        nonlocal errors, sent
+        i = offset
+        while sent < limit and time.perf_counter() < deadline:
+            sent += 1
+            raw = requests[i % len(requests)]
+            i += CLIENTS
+            started = time.perf_counter_ns()
+            status, _ = await client.send(raw)
+            latencies.append(time.perf_counter_ns() - started)
+            if status != 200:
+                errors += 1
+
+    started, cpu = time.perf_counter(), process_cpu_s(pid)
+    await asyncio.gather(*(client_loop(c, k) for k, c in enumerate(clients)))
+    elapsed, cpu = time.perf_counter() - started, process_cpu_s(pid) - cpu
+    for c in clients:
+        c.transport.close()
+    ms = sorted(x / 1e6 for x in latencies)
+    return {"requests": len(ms), "errors": errors, "rps": len(ms) / elapsed,
+            "p50_ms": percentile(ms, 0.50), "p99_ms": percentile(ms, 0.99), "max_ms": ms[-1] if ms else None,
+            "service_cpu_us": cpu / max(len(ms), 1) * 1e6}
+
+
+def load_generator(port: int, pid: int, phases: list[tuple[str, list[bytes], float, int]], out: Any) -> None:
+    """Runs in its own process, on uvloop: the clients' CPU stays off the service's interpreter."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+    async def run() -> dict[str, Any]:
+        return {name: await _run_phase(port, pid, reqs, duration, limit) for name, reqs, duration, limit in phases}
+
+    out.send(asyncio.run(run()))
+
+
+async def seed(service: ServiceProcess, users: int, days: int) -> int:
+    import nats
+
+    from streams.jetstream import publish_events
+    from streams.simulator import Population
+
+    events = list(Population(users=users, seed=42).history(days=days, start_ms=int(time.time() * 1000) - days * 86_400_000))
+    nc = await nats.connect(service.nats_url)
+    js = nc.jetstream(publish_async_max_pending=4_000)
+    await publish_events(js, events)
+    await nc.close()
+    signals = sum(1 for subject, _ in events if subject.startswith("signals."))
+    feedback = len(events) - signals
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        _, text = await request_once(service.port, "GET", "/metrics")
+        text = text.decode()
+        if (metric(text, "tipstream_stream_position", 'stream="SIGNALS"') >= signals
+                and metric(text, "tipstream_stream_position", 'stream="FEEDBACK"') >= feedback):
+            return len(events)
+        await asyncio.sleep(0.2)
+    raise RuntimeError("the seeded history was not folded in time")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=5_000, help="users with simulated history (default 5000)")
+    parser.add_argument("--days", type=int, default=2, help="days of history per user (default 2)")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per phase (default 5)")
+    parser.add_argument("--requests", type=int, default=200_000, help="at most this many requests per phase")
+    parser.add_argument("--feature-cache-ms", type=int, default=None,
+                        help="TIPSTREAM_FEATURE_CACHE_MS for the service (default: the service's default)")
+    parser.add_argument("--shadow", choices=("logreg", "fm"), help="also run a shadow of this kind")
+    parser.add_argument("--policy", default=None, help="TIPSTREAM_POLICY (default: the service's default)")
+    args = parser.parse_args()
+
+    settings: dict[str, Any] = {}
+    if args.feature_cache_ms is not None:
+        settings["feature_cache_ms"] = args.feature_cache_ms
+    if args.shadow:
+        settings["bootstrap_shadow_kind"] = args.shadow
+    if args.policy:
+        settings["policy"] = args.policy
+    service = ServiceProcess(**settings)
+    try:
+        asyncio.run(service.wait_ready())
+        started = time.perf_counter()
+        seeded = asyncio.run(seed(service, args.users, args.days))
+        print(f"seeded {seeded} events for {args.users} users in {time.perf_counter() - started:.1f}s", flush=True)
+        noop = [encode_request("GET", "/healthz")]
+        phases = [
+            ("warm-up", score_requests(2_000, args.users, 10, 1), min(2.0, args.duration), args.requests),
+            ("noop", noop, args.duration, args.requests),
+            ("score_10", score_requests(5_000, args.users, 10, 2), args.duration, args.requests),
+            ("score_50", score_requests(5_000, args.users, 50, 3), args.duration, args.requests),
+        ]
+        receive, send = multiprocessing.Pipe(duplex=False)
+        generator = multiprocessing.get_context("spawn").Process(target=load_generator,
+                                                                  args=(service.port, service.process.pid, phases, send))
+        generator.start()
+        results = receive.recv()
+        generator.join()
+        _, text = asyncio.run(request_once(service.port, "GET", "/metrics"))
+    finally:
+        service.stop()
+    text = text.decode()
+    for name in ("noop", "score_10", "score_50"):
+        r = results[name]
+        print(f"{name:>9}: {r['rps']:8.0f} req/s  p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  "
+              f"max {r['max_ms']:.1f} ms  service CPU {r['service_cpu_us']:.0f} us/request  "
+              f"({r['requests']} requests, {r['errors']} errors)")
+    hits = metric(text, "tipstream_feature_cache_total", 'result="hit"')
+    misses = metric(text, "tipstream_feature_cache_total", 'result="miss"')
+    handled = metric(text, "tipstream_score_seconds_count")
+    if handled:
+        print(f"/score's own work (validate, features, models, policy, decision): "
+              f"{metric(text, 'tipstream_score_seconds_sum') / handled * 1e6:.0f} us per request on average")
+    published = metric(text, "tipstream_decisions_total", 'outcome="published"')
+    print(f"decisions published to JetStream: {published:.0f}; profile feature cache hits "
+          f"{hits / max(hits + misses, 1):.0%}")
+    ratio = results["score_10"]["rps"] / results["noop"]["rps"]
+    print(f"ratio (score_10 / noop throughput): {ratio:.2f}")
+    print(json.dumps({"bench": "score", "p99_ms_10": round(results["score_10"]["p99_ms"], 3),
+                      "p99_ms_50": round(results["score_50"]["p99_ms"], 3), "rps_10": round(results["score_10"]["rps"]),
+                      "noop_rps": round(results["noop"]["rps"]), "ratio": round(ratio, 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The model registry: SQL persistence, admin endpoints behind a bearer token, the CLI, cards from the log."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import httpx
+import orjson
+import sqlalchemy as sa
+
+from app import migrate
+from app.cli import main
+from app.db import make_engine
+from app.registry_store import RegistryStore
+from models.registry import ModelVersion, Registry
+from tests.conftest import eventually, reset_postgres
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+NOW = "2026-11-26T09:00:00+01:00"
+
+
+def score_body(user: str, explore: bool = True) -> dict[str, Any]:
+    return {"user_id": user, "context": {"now": NOW}, "explore": explore,
+            "candidates": [{"tip_id": "tip-focus-1", "category": "focus"}, {"tip_id": "tip-breaks-1", "category": "breaks"}]}
+
+
+async def test_changes_are_refused_without_the_token(start_service, nc, tmp_path) -> None:
+    running = await start_service()  # no TIPSTREAM_ADMIN_TOKEN
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        refused = await http.post("/admin/models/v1/promote", headers=AUTH)
+        assert refused.status_code == 403 and "TIPSTREAM_ADMIN_TOKEN" in refused.json()["error"]
+        assert (await http.get("/models")).json()["champion"] == "v1", "reads stay open"
+    await running.stop()
+
+    # A fresh data directory: `v2` as shadow is only registered on a first start.
+    running = await start_service(admin_token=TOKEN, bootstrap_shadow_kind="logreg", data_dir=tmp_path / "second")
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        missing = await http.post("/admin/models/v2/promote")
+        assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
+        wrong = await http.post("/admin/models/v2/promote", headers={"Authorization": "Bearer guess"})
+        assert wrong.status_code == 403
+        assert (await http.get("/models")).json()["champion"] == "v1", "nothing changed"
+        # The shadow serves nobody until promoted with the token.
+        answer = (await http.post("/score", json=score_body("u-1"))).json()
+        assert answer["model_version"] == "v1"
+        ok = await http.post("/admin/models/v2/promote", headers=AUTH, json={"actor": "alice", "note": "ok"})
+        assert ok.status_code == 200 and ok.json()["champion"] == "v2"
+        assert (await http.post("/score", json=score_body("u-1"))).json()["model_version"] == "v2"
+
+
+async def test_register_shadow_promote_rollback_with_cards_and_history(start_service, nc, database_url) -> None:
+    running = await start_service(database_url=database_url, admin_token=TOKEN, checkpoint_every_s=0.1)
+    service = running.service
+    js = nc.jetstream()
+    # A decision log with rewards: 60 decisions, each reacted to.
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        for i in range(60):
+            user = f"u-{i % 20}"
+            answer = (await http.post("/score", json=score_body(user))).json()
+            top = answer["ranked"][0]["tip_id"]
+            reaction = "acted" if (top == "tip-focus-1") == (i % 3 != 0) else "dismissed"
+            event = {"id": f"f-{i}", "type": "tip.reacted", "user_id": user, "ts": NOW,
+                     "data": {"tip_id": top, "decision_id": answer["decision_id"], "reaction": reaction}}
+            await js.publish("feedback.tip.reacted", orjson.dumps(event), headers={"Nats-Msg-Id": event["id"]})
+        await eventually(lambda: service.learner.credited == 60)
+        await eventually(lambda: not service.decision_log.backlog)
+
+        registered = await http.post("/admin/models", headers=AUTH, json={
+            "version": "v2", "kind": "fm", "params": {"learning_rate": 0.05, "n_factors": 4}, "actor": "alice"})
+        assert registered.status_code == 200, registered.text
+        card = registered.json()["card"]
+        assert card["offline_metrics"]["n"] == 60 and card["offline_metrics"]["roc_auc"] is not None
+        assert set(card["fairness"]) == {"tenure", "timezone"}
+        assert card["fairness"]["timezone"]["segments"]["emea"]["n"] == 60
+        assert "user_id*category" in card["inputs"]
+        assert registered.json()["n_learned"] == 60, "trained over the log"
+
+        early = await http.post("/admin/models/v2/promote", headers=AUTH)
+        assert early.status_code == 409 and "tipstream models shadow v2" in early.json()["error"]
+        assert (await http.post("/admin/models/v9/shadow", headers=AUTH)).status_code == 404
+        assert (await http.post("/admin/models/v2/shadow", headers=AUTH, json={"actor": "bob"})).status_code == 200
+        assert (await http.post("/admin/models/v2/promote", headers=AUTH, json={"actor": "bob"})).status_code == 200
+        assert (await http.post("/score", json=score_body("u-1"))).json()["model_version"] == "v2"
+        back = await http.post("/admin/rollback", headers=AUTH, json={"actor": "carol", "note": "AUC dropped"})
+        assert back.json()["champion"] == "v1"
+        assert (await http.post("/score", json=score_body("u-1"))).json()["model_version"] == "v1"
+        markdown = (await http.get("/models/v2/card")).text
+    assert "## Rollout history" in markdown and "| rollback | v1 | carol | AUC dropped |" in markdown
+    assert "### By timezone" in markdown
+
+    # Everything is in SQL, and a restart comes back with the same roles.
+    engine = sa.create_engine(database_url)
+    with engine.connect() as conn:
+        actions = conn.execute(sa.text("select action, version, actor from model_rollouts order by seq")).all()
+        roles = dict(conn.execute(sa.text("select role, version from model_roles")).all())
+    engine.dispose()
+    assert [tuple(a) for a in actions] == [
+        ("register", "v1", "tipstream"), ("promote", "v1", "tipstream"), ("register", "v2", "alice"),
+        ("shadow", "v2", "bob"), ("promote", "v2", "bob"), ("rollback", "v1", "carol")]
+    assert roles == {"champion": "v1"}
+    learned_v2 = service.lineup.models["v2"].n_learned
+    await running.stop()
+    again = await start_service(database_url=database_url, admin_token=TOKEN)
+    assert (again.service.lineup.champion_version, again.service.lineup.shadow_version) == ("v1", None)
+    assert again.service.lineup.models["v2"].n_learned == learned_v2
+
+
+async def test_the_cli_reads_the_database_and_changes_through_the_service(start_service, nc, tmp_path,
+                                                                           monkeypatch, capsys) -> None:
+    running = await start_service(admin_token=TOKEN, bootstrap_shadow_kind="logreg")
+    monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.delenv("TIPSTREAM_ADMIN_TOKEN", raising=False)
+
+    async def cli(*argv: str) -> tuple[int, str, str]:
+        code = await asyncio.to_thread(main, list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, _ = await cli("models", "list")
+    assert code == 0 and "v1" in out and "champion" in out and "shadow" in out
+    code, out, _ = await cli("models", "card", "v1")
+    assert code == 0 and out.startswith("# Model card: v1")
+
+    code, _, err = await cli("models", "promote", "v2", "--url", running.base_url)
+    assert code == 2 and "TIPSTREAM_ADMIN_TOKEN" in err
+    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "wrong")
+    code, _, err = await cli("models", "promote", "v2", "--url", running.base_url)
+    assert code == 1 and "403" in err
+    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", TOKEN)
+    code, out, _ = await cli("models", "promote", "v2", "--url", running.base_url, "--actor", "dana", "--note", "go")
+    assert code == 0 and "champion: v2" in out and "by dana: go" in out
+    code, out, _ = await cli("models", "rollback", "--url", running.base_url)
+    assert code == 0 and "champion: v1" in out
+    code, _, err = await cli("models", "rollback", "--url", running.base_url)
+    assert code == 1 and "409" in err and "no earlier champion" in err
+    assert running.service.lineup.champion_version == "v1"
+
+
+def test_the_registry_round_trips_through_sql_and_migrations_go_down(database_url: str) -> None:
+    migrate.upgrade(database_url)
+    engine = make_engine(database_url)
+    store = RegistryStore(engine)
+    clock_at = [datetime(2026, 11, 26, tzinfo=timezone.utc)]
+
+    def clock() -> datetime:
+        clock_at[0] += timedelta(minutes=1)
+        return clock_at[0]
+
+    reg = Registry(clock=clock)
+    for v in ("v1", "v2", "v3"):
+        reg.register(ModelVersion(v, "logreg", {"learning_rate": 0.1, "interactions": [["a", "b"]]}, ["a"], clock()),
+                     actor="ci")
+    reg.bootstrap("v1", actor="ops")
+    store.save(reg, known_entries=0, new_models={"v1": (b"model-1", 3)})
+    saved = len(reg.history)
+    reg.set_shadow("v2", actor="ops")
+    reg.promote("v2", actor="ops")
+    reg.set_shadow("v3", actor="ops")
+    reg.promote("v3", actor="ops")
+    reg.rollback(actor="ops")
+    reg.retire("v1", actor="ops", note="old")
+    store.save(reg, known_entries=saved, new_models={})
+    loaded, models = store.load()
+    assert loaded.to_dict() == reg.to_dict()
+    assert models["v1"] == (b"model-1", 3) and models["v2"] == (None, 0)
+    engine.dispose()
+
+    migrate.downgrade(database_url, "0001")
+    names = set(sa.inspect(sa.create_engine(database_url)).get_table_names())
+    assert "tip_scores" not in names and "model_versions" not in names and "user_state" in names
+    migrate.upgrade(database_url)
+    if database_url.startswith("postgresql"):
+        reset_postgres(database_url)

@@ -1,0 +1,230 @@
+"""Scoring without a server: request validation, feature assembly and caching, policies, the publisher."""
+
+from __future__ import annotations
+
+import asyncio
+import doctest
+import random
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+import app.decisions
+import app.evaluation
+import app.learner
+import app.registry_store
+import app.scoring
+from app import migrate
+from app.db import make_engine
+from app.decisions import DecisionLogFull, DecisionPublisher
+from app.lineup import Lineup
+from app.registry_store import RegistryStore
+from app.scoring import RequestError, Scorer, parse_request
+from app.settings import DEFAULT_REWARDS, POLICY_PARAMS, Settings
+from models import reward
+from models.policy import POLICIES, make_policy
+from streams.events import parse_event
+from streams.store import OnlineStore
+
+
+@pytest.mark.parametrize("module", [app.decisions, app.evaluation, app.learner, app.registry_store, app.scoring])
+def test_doctests(module: Any) -> None:
+    assert doctest.testmod(module, raise_on_error=False).failed == 0
+
+
+def test_settings_mirror_the_models_defaults() -> None:
+    assert DEFAULT_REWARDS == reward.DEFAULT_REWARDS
+    assert POLICY_PARAMS == {name: cls.PARAMS for name, cls in POLICIES.items()}
+    for name in POLICIES:
+        assert make_policy(name, **Settings(policy=name).policy_params()).name == name
+
+
+def test_an_unknown_reaction_in_the_reward_map_is_refused_with_the_setting_named() -> None:
+    with pytest.raises(ValueError, match="TIPSTREAM_REWARDS names unknown reactions"):
+        Settings(rewards={"loved": 1.0})
+    assert Settings(rewards={"snoozed": 0.5}).rewards == {**DEFAULT_REWARDS, "snoozed": 0.5}
+
+
+@pytest.mark.parametrize("body, field", [
+    (b"", "body"),
+    (b'{"user_id": "", "candidates": [{"tip_id": "a"}]}', "user_id"),
+    (b'{"user_id": "u", "candidates": [{"tip_id": "a", "category": ""}]}', "candidates.0.category"),
+    (b'{"user_id": "u", "candidates": [{"tip_id": "a"}], "context": {"tasks": 3}}', "context.tasks"),
+    (b'{"user_id": "u", "candidates": [{"tip_id": "a", "features": {"1bad": 1}}]}', "candidates.0.features.1bad"),
+    (b'{"user_id": "u", "candidates": [{"tip_id": "a"}], "profile_features": {"preferred_hour": true}}',
+     "profile_features.preferred_hour"),
+])
+def test_bad_requests_name_the_field(body: bytes, field: str) -> None:
+    with pytest.raises(RequestError) as error:
+        parse_request(body)
+    assert error.value.field == field and str(error.value).startswith(f"{field}: ")
+
+
+def _event(i: int, kind: str, ts: str, user: str = "u-1", **data: Any) -> Any:
+    return parse_event(orjson.dumps({"id": f"e-{i}", "type": kind, "user_id": user, "ts": ts, "data": data}))
+
+
+@pytest.fixture
+def lineup(tmp_path: Path) -> Lineup:
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    lineup = Lineup(RegistryStore(engine), engine, eval_max_rewards=10)
+    lineup.load("logreg", 0.1, None)
+    yield lineup
+    engine.dispose()
+
+
+def _request(user: str = "u-1", now: str | None = "2026-11-26T15:00:00+01:00", **extra: Any) -> Any:
+    body: dict[str, Any] = {"user_id": user, "candidates": [{"tip_id": "a"}, {"tip_id": "b"}], **extra}
+    if now is not None:
+        body["context"] = {"now": now}
+    return parse_request(orjson.dumps(body))
+
+
+def test_profile_features_are_reused_until_the_user_changes_or_time_moves(lineup: Lineup) -> None:
+    store = OnlineStore()
+    store.apply(_event(1, "task.completed", "2026-11-26T14:00:00+01:00", task_id="t-1"))
+    scorer = Scorer(store, lineup, make_policy("greedy"), random.Random(0), feature_cache_ms=1000)
+    calls = []
+    original = app.scoring.evaluate
+
+    def counting(state: Any, now_ms: int) -> Any:
+        calls.append(now_ms)
+        return original(state, now_ms)
+
+    app.scoring.evaluate = counting
+    try:
+        first = scorer.score(_request())
+        assert scorer.score(_request()).response["features"] == first.response["features"]
+        assert len(calls) == 1, "the same explicit now: reused"
+        scorer.score(_request(now="2026-11-26T15:00:00.500+01:00"))
+        assert len(calls) == 2, "an explicit now is evaluated exactly"
+        scorer.score(_request(now=None))
+        scorer.score(_request(now=None))
+        assert len(calls) == 3, "on the clock, reused within feature_cache_ms"
+        store.apply(_event(2, "task.created", "2026-11-26T14:30:00+01:00", task_id="t-2"))
+        changed = scorer.score(_request())
+        assert len(calls) == 4 and changed.response["features"]["tasks_created_7d"] == 1, "a new event invalidates"
+        assert orjson.loads(changed.payload)["features_at"] == "2026-11-26T15:00:00.000+01:00"
+    finally:
+        app.scoring.evaluate = original
+
+
+def test_caller_features_fill_only_fallbacks_and_context_uses_the_users_offset(lineup: Lineup) -> None:
+    store = OnlineStore()
+    hour_ago = datetime.now(timezone(timedelta(hours=-5))) - timedelta(hours=1)
+    store.apply(_event(1, "task.completed", hour_ago.isoformat(), task_id="t-1"))
+    scorer = Scorer(store, lineup, make_policy("greedy"), random.Random(0), feature_cache_ms=0)
+    caller = {"preferred_hour": (hour_ago.hour + 3) % 24, "mean_hours_to_complete_28d": 2.0, "tip_volume_24h": 9}
+    scored = scorer.score(_request(now=None, profile_features=caller))
+    features = scored.response["features"]
+    assert features["preferred_hour"] == hour_ago.hour and features["tip_volume_24h"] == 0, "the server's values win"
+    assert features["mean_hours_to_complete_28d"] == 2.0
+    assert scored.response["caller_features"] == ["mean_hours_to_complete_28d"]
+    assert features["utc_offset_min"] == -300, "no context.now: the user's own offset"
+    assert features["is_new_user"] is True
+
+
+@pytest.mark.parametrize("policy", ["epsilon_greedy", "softmax", "thompson", "greedy"])
+def test_every_policy_answers_with_propensities_and_explore_false_is_greedy(lineup: Lineup, policy: str) -> None:
+    scorer = Scorer(OnlineStore(), lineup, make_policy(policy), random.Random(1), feature_cache_ms=0)
+    answer = scorer.score(_request()).response
+    assert sum(r["propensity"] for r in answer["ranked"]) == pytest.approx(1.0)
+    greedy = scorer.score(_request(explore=False))
+    assert greedy.response["ranked"][0]["propensity"] == 1.0 and greedy.decision["policy"] == "greedy"
+
+
+class FakeNats:
+    """The part of the NATS client the publisher uses; JetStream's answers are scripted."""
+
+    def __init__(self) -> None:
+        self.stored: list[str] = []  # decision ids, once each (the duplicate window)
+        self.answers: list[str] = []  # per publish, in order: "ok" (default), "error", "lost"
+        self.is_connected = True
+        self.handler: Any = None
+
+    def new_inbox(self) -> str:
+        return "_INBOX.test"
+
+    async def subscribe_raw(self, subject: str, handler: Any) -> None:
+        self.handler = handler
+
+    async def _send_command(self, blob: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        while blob:
+            line, blob = blob.split(b"\r\n", 1)
+            _, _, reply, header_size, total = line.split(b" ")
+            message, blob = blob[: int(total)], blob[int(total) + 2 :]
+            decision_id = message[: int(header_size)].split(b"Nats-Msg-Id: ")[1].split(b"\r\n")[0].decode()
+            answer = self.answers.pop(0) if self.answers else "ok"
+            if answer == "ok":
+                if decision_id not in self.stored:
+                    self.stored.append(decision_id)
+                loop.call_soon(self.handler, reply, b"", b'{"stream":"DECISIONS","seq":1}', None)
+            elif answer == "error":
+                loop.call_soon(self.handler, reply, b"", b'{"error":{"code":500}}', None)
+
+    async def _flush_pending(self) -> None:
+        pass
+
+
+async def test_the_publisher_retries_failures_and_never_drops_a_decision() -> None:
+    nc = FakeNats()
+    nc.answers = ["ok", "error", "lost", "ok", "error"]
+    published: list[str] = []
+    publisher = DecisionPublisher(lambda: nc, queue_max=100, batch=4, window=3, ack_timeout_s=0.2,
+                                  on_published=published.append)
+    await publisher.start()
+    task = asyncio.create_task(publisher.run())
+    for i in range(10):
+        assert publisher.offer("decisions.score", f"d-{i}", b"{}")
+    assert await publisher.flush(5)
+    task.cancel()
+    assert sorted(nc.stored) == sorted(published) == sorted(f"d-{i}" for i in range(10))
+    assert publisher.published == 10 and publisher.waiting == 0 and publisher.retried == 3
+
+
+async def test_nothing_is_written_while_nats_is_away() -> None:
+    nc = FakeNats()
+    nc.is_connected = False
+    publisher = DecisionPublisher(lambda: nc, queue_max=100, batch=4, window=10, ack_timeout_s=0.2)
+    await publisher.start()
+    task = asyncio.create_task(publisher.run())
+    publisher.offer("decisions.score", "d-1", b"{}")
+    assert not await publisher.flush(0.3) and nc.stored == []
+    nc.is_connected = True
+    assert await publisher.flush(5) and nc.stored == ["d-1"]
+    task.cancel()
+
+
+async def test_a_full_queue_pushes_back_then_refuses() -> None:
+    nc = FakeNats()
+    publisher = DecisionPublisher(lambda: nc, queue_max=2, batch=1, window=10)
+    await publisher.start()
+    assert publisher.offer("decisions.score", "d-1", b"{}") and publisher.offer("decisions.score", "d-2", b"{}")
+    assert not publisher.offer("decisions.score", "d-3", b"{}")
+    with pytest.raises(DecisionLogFull, match="TIPSTREAM_DECISION_QUEUE_MAX"):
+        await publisher.put("decisions.score", "d-3", b"{}", timeout_s=0.05)
+    task = asyncio.create_task(publisher.run())  # room comes once the queue drains: put succeeds
+    await publisher.put("decisions.score", "d-3", b"{}", timeout_s=2)
+    assert await publisher.flush(2)
+    task.cancel()
+    assert publisher.published == 3
+
+
+def test_the_openapi_document_describes_score_and_the_model_routes(tmp_path: Path) -> None:
+    from app.api import create_app, schemas
+
+    schema = schemas.get_schema(routes=create_app(Settings(data_dir=tmp_path)).routes)
+    mine = {p: ops for p, ops in schema["paths"].items() if p == "/score" or "models" in p or "rollback" in p}
+    assert "/score" in mine and "/admin/rollback" in mine and "/models/{version}/card" in mine
+    for path, operations in mine.items():
+        for operation in operations.values():
+            for status, response in operation["responses"].items():
+                assert set(response) == {"description"}, (path, status, response)  # YAML parsed as meant
+    body = mine["/score"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["properties"]["candidates"]["maxItems"] == 100

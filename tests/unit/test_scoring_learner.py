@@ -1,0 +1,188 @@
+"""The learner without a server: joins, credits once, waits for late decisions, bounded memory, snapshots."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import orjson
+import pytest
+
+from app import migrate
+from app.checkpoints import SqlCheckpointStore
+from app.db import make_engine
+from app.decisions import LoggedDecision, TipScoresLog
+from app.learner import ConfirmingCheckpointStore, Learner
+from app.learning_metrics import FEEDBACK
+from app.lineup import Lineup
+from app.registry_store import RegistryStore
+from app.scoring import Scorer, parse_request
+from app.settings import DEFAULT_REWARDS
+from models.policy import make_policy
+from streams.events import parse_event
+from streams.store import OnlineStore
+
+NOW = "2026-11-26T09:00:00+01:00"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class World:
+    """A scorer and a learner over one store and lineup, as the service wires them."""
+
+    def __init__(self, tmp_path: Path, **learner: Any) -> None:
+        self.url = f"sqlite:///{tmp_path / 'l.db'}"  # a second World on the same path: a restart
+        migrate.upgrade(self.url)
+        self.engine = make_engine(self.url)
+        self.store = OnlineStore()
+        self.lineup = Lineup(RegistryStore(self.engine), self.engine, eval_max_rewards=100)
+        self.lineup.load("logreg", 0.1, "logreg")  # v1 champion, v2 shadow: both learn
+        self.log = TipScoresLog()
+        self.clock = Clock()
+        options = {"cache_mb": 64, "window_s": 3600, "pending_max": 100, "pending_max_age_s": 60,
+                   "snapshot_every_s": 0} | learner
+        self.learner = Learner(self.lineup, self.store, self.log, rewards=DEFAULT_REWARDS, clock=self.clock, **options)
+        self.scorer = Scorer(self.store, self.lineup, make_policy("greedy"), random.Random(0), feature_cache_ms=0)
+        self.sink = self.learner.feedback_sink()
+        self._ids = 0
+
+    def score(self, user: str = "u-1", tips: tuple[str, ...] = ("a", "b"), serve: bool = True) -> Any:
+        body = {"user_id": user, "context": {"now": NOW}, "candidates": [{"tip_id": t} for t in tips]}
+        scored = self.scorer.score(parse_request(orjson.dumps(body)))
+        if serve:
+            self.learner.served(scored.decision_id, scored.payload, scored.decision)
+        return scored
+
+    def react(self, decision_id: str | None, tip: str, reaction: str = "acted", user: str = "u-1",
+              event_id: str | None = None) -> None:
+        self._ids += 1
+        data = {"tip_id": tip, "reaction": reaction} | ({"decision_id": decision_id} if decision_id else {})
+        event = {"id": event_id or f"f-{self._ids}", "type": "tip.reacted", "user_id": user, "ts": NOW, "data": data}
+        self.sink(parse_event(orjson.dumps(event)))
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    w = World(tmp_path)
+    yield w
+    w.engine.dispose()
+
+
+def outcomes() -> dict[str, float]:
+    names = ("credited", "duplicate", "no_decision", "waiting", "unknown_decision", "expired", "unknown_tip")
+    return {n: FEEDBACK.labels(n)._value.get() for n in names}
+
+
+def delta(before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before[k] for k, v in outcomes().items() if v != before[k]}
+
+
+def test_feedback_trains_champion_and_shadow_once_per_decision_and_tip(world: World) -> None:
+    before = outcomes()
+    scored = world.score()
+    world.react(scored.decision_id, "a", "acted", event_id="f-1")
+    world.react(scored.decision_id, "a", "acted", event_id="f-1")  # redelivered
+    world.react(scored.decision_id, "a", "liked", event_id="f-9")  # re-sent with a new id
+    world.react(scored.decision_id, "b", "dismissed")
+    world.react(scored.decision_id, "zzz", "acted")  # not a candidate
+    world.react(None, "a", "liked")  # no decision
+    assert delta(before) == {"credited": 2, "duplicate": 2, "unknown_tip": 1, "no_decision": 1}
+    assert {v: m.n_learned for v, m in world.lineup.learning} == {"v1": 2, "v2": 2}
+    assert world.lineup.prior.count("a") == 1.0 and world.lineup.prior.count("b") == 1.0
+    # Learned from the features as served: the model's input is the logged decision's.
+    assert world.lineup.champion.feature_names == sorted(
+        set(orjson.loads(scored.payload)["features"]) | {"tip_id"})
+
+
+def test_feedback_before_its_decision_waits_then_joins(world: World) -> None:
+    before = outcomes()
+    scored = world.score(serve=False)  # served elsewhere: only the stream brings it
+    world.react(scored.decision_id, "a")
+    assert delta(before) == {"waiting": 1} and world.lineup.champion.n_learned == 0
+    assert world.learner.add_logged(LoggedDecision(scored.decision_id, scored.payload))
+    assert delta(before) == {"waiting": 1, "credited": 1} and not world.learner.pending
+    assert not world.learner.add_logged(LoggedDecision(scored.decision_id, scored.payload)), "a redelivery"
+    [row] = world.log.dirty.values()
+    assert row["decision_id"] == scored.decision_id and row["rewards"] == {"a": 1.0}
+
+
+def test_waiting_is_bounded_in_count_and_age(tmp_path: Path) -> None:
+    w = World(tmp_path, pending_max=3, pending_max_age_s=10)
+    before = outcomes()
+    for i in range(5):
+        w.react(f"d-unknown-{i}", "a")
+    assert delta(before) == {"waiting": 5, "unknown_decision": 2} and len(w.learner._pending_order) == 3
+    w.clock.now += 11
+    w.learner.expire()
+    assert delta(before) == {"waiting": 5, "unknown_decision": 5} and not w.learner.pending
+    w.engine.dispose()
+
+
+def test_the_join_cache_is_bounded_and_older_feedback_is_expired(tmp_path: Path) -> None:
+    w = World(tmp_path, cache_mb=0.01)  # about ten decisions
+    first = w.score()
+    for _ in range(30):
+        w.score()
+    assert first.decision_id not in w.learner.cache and len(w.learner.cache) < 15
+    assert w.learner.cache_bytes <= 0.01 * 1024 * 1024
+    before = outcomes()
+    w.react(first.decision_id, "a")
+    assert delta(before) == {"expired": 1}
+    w.engine.dispose()
+
+
+def test_a_snapshot_restores_models_credits_and_waiting_feedback(world: World, tmp_path: Path) -> None:
+    scored = world.score()
+    world.learner.add_logged(LoggedDecision(scored.decision_id, scored.payload))
+    world.react(scored.decision_id, "a")
+    world.react("d-later", "b")
+    world.store.advance("FEEDBACK", 2)
+    target = ConfirmingCheckpointStore(SqlCheckpointStore(world.engine))
+    snapshots = [(p, p.snapshot()) for p in (world.learner, world.log)]
+    target.save({"FEEDBACK": 2}, [], snapshots)
+    assert world.learner.snapshot() is None, "confirmed, nothing new"
+
+    again = World(tmp_path)  # a restart: new objects over the same database
+    positions = again.learner.restore(again.engine)
+    assert positions == {"FEEDBACK": 2, "DECISIONS": 0}
+    assert again.lineup.champion.n_learned == 1 and again.lineup.prior.count("a") == 1.0
+    assert "d-later" in again.learner.pending
+    # The decision comes back from the stream with its credit: the replayed feedback is a duplicate.
+    again.learner.add_logged(LoggedDecision(scored.decision_id, scored.payload))
+    before = outcomes()
+    again.learner.on_feedback(parse_event(orjson.dumps({
+        "id": "f-1", "type": "tip.reacted", "user_id": "u-1", "ts": NOW,
+        "data": {"tip_id": "a", "decision_id": scored.decision_id, "reaction": "acted"}})), False)
+    assert delta(before) == {"duplicate": 1}
+    assert [row["rewards"] for row in again.log.dirty.values()] == [{"a": 1.0}]
+    again.engine.dispose()
+
+
+def test_failed_saves_are_retried_by_the_next_checkpoint(world: World) -> None:
+    scored = world.score()
+    world.learner.add_logged(LoggedDecision(scored.decision_id, scored.payload))
+    first = world.log.snapshot()
+    assert first is not None and len(first[1]) == 1
+    # The transaction failed (no `saved`): the rows come again with the next snapshot.
+    other = world.score()
+    world.learner.add_logged(LoggedDecision(other.decision_id, other.payload))
+    second = world.log.snapshot()
+    assert sorted(r["decision_id"] for r in second[1]) == sorted([scored.decision_id, other.decision_id])
+    world.log.saved(second)
+    assert world.log.snapshot() is None and world.log.backlog == 0
+    world.react(scored.decision_id, "a")
+    learner_snapshot = world.learner.snapshot()
+    assert learner_snapshot is not None and set(learner_snapshot["models"]) == {"v1", "v2"}
+    again = world.learner.snapshot()
+    assert again is not None and again["models"], "unconfirmed: taken again, models and all"
+    world.learner.saved(again)
+    world.score()  # a change, but nothing learned: the models in SQL are current
+    assert world.learner.snapshot()["models"] == {}
