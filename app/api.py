@@ -94,7 +94,8 @@ async def user_features(request: Request) -> Response:
 
 
 async def openapi(request: Request) -> Response:
-    return schemas.OpenAPIResponse(request=request)
+    # Starlette's OpenAPIResponse renders YAML; the path promises JSON.
+    return JSONResponse(schemas.get_schema(routes=request.app.routes))
 
 
 def create_app(settings: Settings, service: Service | None = None) -> Starlette:
