@@ -44,7 +44,7 @@ def _simulate(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(simulate(
             users=args.users, rate=args.rate, count=args.count, duration=args.duration,
-            seed=args.seed, nats_url=args.nats_url, progress=not args.quiet,
+            seed=args.seed, nats_url=args.nats_url, progress=not args.quiet, pregenerate=args.pregenerate,
         ))
     except NoStreamResponseError:
         print("No stream takes signals.> on that server: start `tipstream run` against it first "
@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--seed", type=int, default=1)
     sim.add_argument("--nats-url", help="default: NATS_URL, else the running embedded server's")
     sim.add_argument("--quiet", action="store_true", help="no progress display")
+    sim.add_argument("--pregenerate", action="store_true",
+                     help="make every event before publishing (load generation that costs the least CPU)")
     sim.set_defaults(func=_simulate)
 
     mig = commands.add_parser("migrate", help="apply migrations (alembic)")
