@@ -56,3 +56,12 @@ def test_simulate_without_streams_fails_loudly_and_says_why(nats_server) -> None
 def test_simulate_without_a_bound_says_what_to_add() -> None:
     done = subprocess.run([TIPSTREAM, "simulate"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "--count" in done.stderr
+
+
+async def test_pregenerated_load_publishes_exactly_the_count(nats_server, nc) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    done = subprocess.run([TIPSTREAM, "simulate", "--count", "250", "--rate", "0", "--pregenerate",
+                           "--nats-url", nats_server.url, "--quiet"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert sum([(await js.stream_info(n)).state.messages for n in ("SIGNALS", "FEEDBACK")]) == 250
