@@ -21,7 +21,7 @@ from app.metrics import METRICS
 from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream.checkpoints")
-SERIALISE_CHUNK = 200  # ~2.5 ms of the event loop per chunk
+SERIALISE_CHUNK = 50  # ~0.6 ms of the event loop per chunk
 
 
 class Participant(Protocol):
