@@ -13,12 +13,11 @@ from app.db import make_engine
 from tests.conftest import reset_postgres
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
-def checkpoint_store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Any]:
-    if request.param == "memory":
+def _store(kind: str, request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Any]:
+    if kind == "memory":
         yield MemoryCheckpointStore()
         return
-    if request.param == "postgres":
+    if kind == "postgres":
         url = request.getfixturevalue("postgres_url")
         reset_postgres(url)
     else:
@@ -27,6 +26,17 @@ def checkpoint_store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[
     engine = make_engine(url)
     yield SqlCheckpointStore(engine)
     engine.dispose()
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def checkpoint_store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Any]:
+    yield from _store(request.param, request, tmp_path)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def sql_checkpoint_store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Any]:
+    """The stores with transactions."""
+    yield from _store(request.param, request, tmp_path)
 
 
 def test_a_new_store_is_empty(checkpoint_store: Any) -> None:
@@ -42,7 +52,8 @@ def test_saved_state_and_positions_load_back(checkpoint_store: Any) -> None:
     assert dict(states) == {"u-1": b"newer", "u-2": b""}
 
 
-def test_a_failed_save_changes_nothing(checkpoint_store: Any) -> None:
+def test_a_failed_save_changes_nothing(sql_checkpoint_store: Any) -> None:
+    checkpoint_store = sql_checkpoint_store
     checkpoint_store.save({"SIGNALS": 10}, [("u-1", b"v1")])
 
     class Boom:
@@ -54,8 +65,6 @@ def test_a_failed_save_changes_nothing(checkpoint_store: Any) -> None:
         def write(self, conn: Any, snapshot: Any) -> None:
             raise RuntimeError("disk full")
 
-    if isinstance(checkpoint_store, MemoryCheckpointStore):
-        pytest.skip("the memory store has no transactions to roll back")
     with pytest.raises(RuntimeError):
         checkpoint_store.save({"SIGNALS": 20}, [("u-1", b"v2")], [(Boom(), 1)])
     positions, states = checkpoint_store.load()
