@@ -24,7 +24,7 @@ from __future__ import annotations
 import struct
 from array import array
 from bisect import bisect_left
-from datetime import date, datetime, timedelta, timezone
+from datetime import date, datetime, timedelta, timezone  # noqa: F401 - the doctests use them
 from zlib import crc32
 from typing import Any, Callable
 
