@@ -92,17 +92,20 @@ class Log:
     def insert(self, ts: int, fp: int, payload: tuple[int, ...]) -> bool:
         """Insert in (ts, fp) order; False when that exact event is already here."""
         ts_col = self.ts
-        if not ts_col or ts > ts_col[-1]:
-            index = len(ts_col)  # the common case: in order
-        else:
-            index = bisect_left(ts_col, ts)
-            fp_col = self.fp
-            while index < len(ts_col) and ts_col[index] == ts:
-                if fp_col[index] == fp:
-                    return False
-                if fp_col[index] > fp:
-                    break
-                index += 1
+        if not ts_col or ts > ts_col[-1]:  # the common case: in order, so append
+            ts_col.append(ts)
+            self.fp.append(fp)
+            for column, value in zip(self.cols, payload):
+                column.append(value)
+            return True
+        index = bisect_left(ts_col, ts)
+        fp_col = self.fp
+        while index < len(ts_col) and ts_col[index] == ts:
+            if fp_col[index] == fp:
+                return False
+            if fp_col[index] > fp:
+                break
+            index += 1
         ts_col.insert(index, ts)
         self.fp.insert(index, fp)
         for column, value in zip(self.cols, payload):
