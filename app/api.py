@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from datetime import datetime, timezone
 from typing import AsyncIterator
 
@@ -122,6 +121,5 @@ def create_app(settings: Settings, service: Service | None = None) -> Starlette:
         lifespan=lifespan,
     )
     app.state.service = service
-    app.state.started = time.time()
     return app
 

@@ -34,7 +34,7 @@ from app.metrics import METRICS
 from app.offline import OfflineFeatureWriter
 from app.settings import Settings
 from app.decisions import DecisionPublisher, TipScoresLog, decode_decision
-from app.learner import ConfirmingCheckpointStore, Learner
+from app.learner import Learner
 from app.lineup import Lineup
 from app.registry_store import RegistryStore
 from app.scoring import Scorer
@@ -58,7 +58,6 @@ class Service:
         self.nats_url = settings.nats_url or ""
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
-        self.started_at = time.time()
         # Learning: the registry's models, the decision log, the learner, /score.
         self.lineup = Lineup(RegistryStore(self.engine), self.engine, eval_max_rewards=settings.card_eval_max_rewards)
         self.decision_log = TipScoresLog()
@@ -106,7 +105,7 @@ class Service:
         await self._load_learning()
         log.info("checkpoint restored: %d users (loading in the background), positions %s (%.2fs)",
                  len(self.store.cold), self.store.positions, time.perf_counter() - started)
-        self.checkpointer = Checkpointer(self.store, ConfirmingCheckpointStore(target), s.checkpoint_every_events,
+        self.checkpointer = Checkpointer(self.store, target, s.checkpoint_every_events,
                                          s.checkpoint_every_s, participants=[self.learner, self.decision_log])
         for spec in jsx.INGESTED_STREAMS:
             ingest = StreamIngest(

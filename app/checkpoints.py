@@ -35,6 +35,9 @@ class Participant(Protocol):
     def write(self, conn: Connection, snapshot: Any) -> None:
         """Called inside the checkpoint transaction, in a worker thread."""
 
+    def saved(self, snapshot: Any) -> None:
+        """Called on the event loop once the transaction holding `snapshot` has committed."""
+
 
 class CheckpointStore(Protocol):
     def load(self) -> tuple[dict[str, int], Iterator[tuple[str, bytes]]]: ...
@@ -71,7 +74,7 @@ class SqlCheckpointStore:
     def load(self) -> tuple[dict[str, int], Iterator[tuple[str, bytes]]]:
         with self.engine.connect() as conn:
             positions = {row.stream: row.seq for row in conn.execute(select(db.stream_positions))}
-        return positions, self._states()
+        return positions, self.states()
 
     def user_ids(self) -> list[str]:
         with self.engine.connect() as conn:
@@ -84,9 +87,7 @@ class SqlCheckpointStore:
             return {user_id: bytes(blob) for user_id, blob in rows}
 
     def states(self) -> Iterator[tuple[str, bytes]]:
-        return self._states()
-
-    def _states(self) -> Iterator[tuple[str, bytes]]:
+        """Every user's state, streamed (the warm-up after a lazy restore)."""
         with self.engine.connect() as conn:
             result = conn.execution_options(stream_results=True, yield_per=10_000).execute(
                 select(db.user_state.c.user_id, db.user_state.c.state)
@@ -116,7 +117,8 @@ class Checkpointer:
     1. Take the positions and the set of changed users from the online store, and a
        snapshot from each participant (None: nothing changed).
     2. Serialise those users in chunks, yielding to the event loop between chunks.
-    3. Write states and positions in one transaction, in a worker thread.
+    3. Write states, positions and snapshots in one transaction, in a worker thread; then
+       tell each participant its snapshot is safe.
     4. On failure, hand the users back to the store and retry with backoff: a database
        that is away delays checkpoints, it never loses events (they stay in the stream).
     """
@@ -180,6 +182,9 @@ class Checkpointer:
             self.store.abort_checkpoint(users)
             raise
         self._saved_positions = positions
+        for participant, snapshot in extras:
+            if snapshot is not None:
+                participant.saved(snapshot)
         for listener in self.on_saved:
             listener(users)
         self.last_applied = applied

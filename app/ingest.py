@@ -55,12 +55,11 @@ class StreamIngest:
                  checkpointer: Checkpointer, *, batch: int, max_event_bytes: int, max_uncheckpointed: int,
                  max_future_s: float | None = None,
                  decode: Callable[[str, bytes], Any] = decode_wire_event,
-                 sink: Callable[[Any], bool] | None = None,
-                 on_applied: Callable[[Any], None] | None = None) -> None:
+                 sink: Callable[[Any], bool] | None = None) -> None:
         self.nc, self.js, self.spec, self.store, self.checkpointer = nc, js, spec, store, checkpointer
-        # decode: bytes to an event or a Rejection; sink: folds it, True when it was new;
-        # on_applied: sees each new event after the fold (the learner, for feedback).
-        self.decode, self.sink, self.on_applied = decode, sink or store.apply, on_applied
+        # decode: bytes to an event or a Rejection; sink: folds it (the online store, or the
+        # learner wrapping it for feedback).
+        self.decode, self.sink = decode, sink or store.apply
         self.batch, self.max_event_bytes, self.max_uncheckpointed = batch, max_event_bytes, max_uncheckpointed
         # A clock far ahead would make one event the user's "newest" and prune their history.
         self.max_future = None if max_future_s is None else timedelta(seconds=max_future_s)
@@ -133,7 +132,7 @@ class StreamIngest:
     async def process(self, chunk: list[jsx.RawMsg]) -> None:
         store, rejected = self.store, []
         applied_before, ignored_before = store.applied, store.ignored
-        limit, decode, sink, on_applied = self.max_event_bytes, self.decode, self.sink, self.on_applied
+        limit, decode, sink = self.max_event_bytes, self.decode, self.sink
         if self.max_future is not None:
             store.max_ts_ms = int((time.time() + self.max_future.total_seconds()) * 1000)
         for msg in chunk:
@@ -146,8 +145,7 @@ class StreamIngest:
                 rejected.append((msg, event))
             else:
                 try:
-                    if sink(event) and on_applied is not None:
-                        on_applied(event)
+                    sink(event)
                 except FutureEvent:
                     rejected.append((msg, Rejection(
                         "future_ts", f"ts {event.ts.isoformat()} is more than {self.max_future} ahead of this "

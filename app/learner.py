@@ -321,7 +321,7 @@ class Learner:
         ], ["name"])
 
     def saved(self, snapshot: dict[str, Any]) -> None:
-        self._confirmed.append((snapshot["gen"], snapshot["learn_seq"]))  # from the checkpoint's worker thread
+        self._confirmed.append((snapshot["gen"], snapshot["learn_seq"]))
 
     def restore(self, engine: Engine) -> dict[str, int] | None:
         """Load the last snapshot (worker thread, before ingest starts); the stream positions to
@@ -353,25 +353,3 @@ class Learner:
         """How many tips this user reacted to (in the fold's 30-day horizon): the prior's `u`."""
         state = self.store.users.get(user_id)
         return len(state.logs["tip.reacted"]) if state is not None else 0
-
-
-class ConfirmingCheckpointStore:
-    """Wraps a checkpoint store to tell participants that their snapshot was committed.
-
-    `Checkpointer` hands a participant's snapshot to `save` and forgets it; a participant that
-    keeps work until it is safely written (rows, model snapshots) needs to know when that
-    happened, so `saved(snapshot)` is called, in the worker thread, after the commit.
-    """
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    def load(self) -> Any:
-        return self.inner.load()
-
-    def save(self, positions: dict[str, int], states: list[tuple[str, bytes]], extras: Any = ()) -> None:
-        self.inner.save(positions, states, extras)
-        for participant, snapshot in extras:
-            saved = getattr(participant, "saved", None)
-            if saved is not None and snapshot is not None:
-                saved(snapshot)

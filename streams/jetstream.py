@@ -80,11 +80,6 @@ def event_headers(event_id: str) -> dict[str, str]:
     return {"Nats-Msg-Id": event_id}
 
 
-async def publish_event(js: JetStreamContext, subject: str, event: dict[str, Any]) -> Any:
-    """Publish one event and wait for JetStream to store it."""
-    return await js.publish(subject, orjson.dumps(event), headers=event_headers(event["id"]))
-
-
 async def publish_events(
     js: JetStreamContext,
     events: Iterable[tuple[str, dict[str, Any]]],

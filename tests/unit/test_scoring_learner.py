@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from pathlib import Path
@@ -11,10 +12,10 @@ import orjson
 import pytest
 
 from app import migrate
-from app.checkpoints import SqlCheckpointStore
+from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.db import make_engine
 from app.decisions import LoggedDecision, TipScoresLog
-from app.learner import ConfirmingCheckpointStore, Learner
+from app.learner import Learner
 from app.learning_metrics import FEEDBACK
 from app.lineup import Lineup
 from app.registry_store import RegistryStore
@@ -145,9 +146,9 @@ def test_a_snapshot_restores_models_credits_and_waiting_feedback(world: World, t
     world.react(scored.decision_id, "a")
     world.react("d-later", "b")
     world.store.advance("FEEDBACK", 2)
-    target = ConfirmingCheckpointStore(SqlCheckpointStore(world.engine))
-    snapshots = [(p, p.snapshot()) for p in (world.learner, world.log)]
-    target.save({"FEEDBACK": 2}, [], snapshots)
+    checkpointer = Checkpointer(world.store, SqlCheckpointStore(world.engine), every_events=1, every_s=60,
+                                participants=[world.learner, world.log])
+    assert asyncio.run(checkpointer.checkpoint())
     assert world.learner.snapshot() is None, "confirmed, nothing new"
 
     again = World(tmp_path)  # a restart: new objects over the same database
