@@ -69,7 +69,7 @@ class Service:
         )
         self.lineup.participants.append(self.learner)
         self.scorer = Scorer(self.store, self.lineup, make_policy(settings.policy, **settings.policy_params()),
-                             random.Random(settings.policy_seed), feature_cache_ms=settings.feature_cache_ms)
+                             random.Random(settings.policy_seed), feature_cache_users=settings.feature_cache_users)
         self.publisher = DecisionPublisher(
             lambda: self.nc, queue_max=settings.decision_queue_max, batch=settings.decision_batch,
             window=settings.decision_window, on_published=self.learner.published)

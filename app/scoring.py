@@ -3,7 +3,8 @@
 The hot path does no SQL and awaits nothing but room in the decision queue. Steps:
 1. Validate the body (`ScoreRequest`); any problem is a 422 naming the field, nothing logged.
 2. Profile features of the user from the online store at `now` (the request's `context.now`,
-   else the clock), reused for `feature_cache_ms` while no event for the user arrives.
+   else the clock): a snapshot reused while no event for the user arrives and no window
+   edge has passed, so the values are exact either way (`features.Snapshot`).
 3. The caller's `profile_features` fill only what the server lacks (a fallback value);
    the server's own values win. Which ones were used is answered and logged.
 4. Context features (local hour and weekday in the user's offset, the task count).
@@ -33,14 +34,13 @@ from app.learning_metrics import FEATURE_CACHE, SCORE_REQUESTS, SCORE_SECONDS, S
 from app.lineup import Lineup
 from models.policy import Greedy, Policy
 from models.reward import PopularityPrior
-from streams.features import CONTEXT_FEATURES, FEATURE_NAMES, FEATURES, context_features, evaluate
+from streams.features import CONTEXT_FEATURES, FEATURE_NAMES, FEATURES, Snapshot, context_features, snapshot
 from streams.fold import DAY_MS, SIGNAL_KINDS, UserState, to_ms
 from streams.store import OnlineStore
 
 MAX_CANDIDATES = 100
 MAX_CANDIDATE_FEATURES = 32
 NEW_USER_MS = 7 * DAY_MS
-FEATURE_CACHE_USERS = 200_000
 # Inputs the server sets itself; a candidate's own features may not reuse these names.
 SERVER_INPUTS = frozenset(FEATURE_NAMES) | {f.name for f in CONTEXT_FEATURES} | {
     "user_id", "tip_id", "category", "utc_offset_min", "is_new_user"}
@@ -205,58 +205,65 @@ def blend_many(prior: PopularityPrior, tips: list[str], model_scores: list[float
     return out
 
 
-def _is_new(state: UserState, now_ms: int) -> bool:
-    """No signal older than 7 days in the fold's horizon (a first week, or a return after 30+ days)."""
-    earliest = min((log.ts[0] for kind in SIGNAL_KINDS if len(log := state.logs[kind])), default=None)
-    return earliest is None or earliest > now_ms - NEW_USER_MS
+def _first_signal_ms(state: UserState) -> int | None:
+    return min((log.ts[0] for kind in SIGNAL_KINDS if len(log := state.logs[kind])), default=None)
+
+
+@dataclass(slots=True)
+class _Cached:
+    state: UserState
+    marker: tuple[int, int, int]
+    snapshot: Snapshot
+    first_signal_ms: int | None
 
 
 class Scorer:
     def __init__(self, store: OnlineStore, lineup: Lineup, policy: Policy, rng: random.Random, *,
-                 feature_cache_ms: int) -> None:
+                 feature_cache_users: int) -> None:
         self.store, self.lineup, self.policy, self.rng = store, lineup, policy, rng
         self.greedy = Greedy()
-        self.feature_cache_ms = feature_cache_ms
-        # user id -> (state, change marker, evaluated at ms, values, fallback names, is new)
-        self._cache: dict[str, tuple[UserState, tuple[int, int, int], int, dict[str, Any], frozenset[str], bool]] = {}
+        self.feature_cache_users = feature_cache_users
+        self._cache: dict[str, _Cached] = {}
 
-    def _profile(self, user_id: str, state: UserState | None, now_ms: int,
-                 exact: bool) -> tuple[dict[str, Any], frozenset[str], bool, int]:
-        """(values, names that are fallbacks, is new user, the time they were evaluated at)."""
+    def _profile(self, user_id: str, state: UserState | None,
+                 now_ms: int) -> tuple[dict[str, Any], frozenset[str], bool]:
+        """(values, names that are fallbacks, is new user), exactly as at `now_ms`.
+
+        A user's snapshot is reused while no event for them arrives (any fold changes the
+        newest time or the total length of the logs) and `now_ms` is within its reach.
+        """
         if state is None:
-            return _FALLBACKS, _ALL_FALLBACK, True, now_ms
-        # Any fold of a new event changes the newest time or the total length of the logs.
+            return _FALLBACKS, _ALL_FALLBACK, True
         marker = (state.newest_ms, state.offset_s, sum(len(log.ts) for log in state.logs.values()))
-        hit = self._cache.get(user_id)
-        if hit is not None and hit[0] is state and hit[1] == marker:
-            age = now_ms - hit[2]
-            if age == 0 or (not exact and 0 <= age <= self.feature_cache_ms):
-                _CACHE_HIT.inc()
-                return hit[3], hit[4], hit[5], hit[2]
-        _CACHE_MISS.inc()
-        evaluated = evaluate(state, now_ms)
-        values = {name: v.value for name, v in evaluated.items()}
-        fallbacks = frozenset(name for name, v in evaluated.items() if v.fallback)
-        new = _is_new(state, now_ms)
-        if self.feature_cache_ms or exact:
-            cache = self._cache
-            cache[user_id] = (state, marker, now_ms, values, fallbacks, new)
-            if len(cache) > FEATURE_CACHE_USERS:
-                del cache[next(iter(cache))]
-        return values, fallbacks, new, now_ms
+        cache = self._cache
+        hit = cache.get(user_id)
+        if hit is not None and hit.state is state and hit.marker == marker and hit.snapshot.covers(now_ms):
+            _CACHE_HIT.inc()
+        else:
+            _CACHE_MISS.inc()
+            hit = _Cached(state, marker, snapshot(state, now_ms), _first_signal_ms(state))
+            if self.feature_cache_users:
+                cache.pop(user_id, None)  # re-inserted last: the oldest entry is the one evicted
+                cache[user_id] = hit
+                if len(cache) > self.feature_cache_users:
+                    del cache[next(iter(cache))]
+        snap, first = hit.snapshot, hit.first_signal_ms
+        # New: no signal older than 7 days in the fold's horizon (a first week, or a return after 30+ days).
+        new = first is None or first > now_ms - NEW_USER_MS
+        return snap.values_at(now_ms), snap.fallbacks, new
 
     def score(self, request: ScoreRequest) -> Scored:
         user_id = request.user_id
         state = self.store.state_of(user_id)  # a user still cold after a restart is loaded first
         context = request.context
         if context is not None and context.now is not None:
-            now_ms, exact = to_ms(context.now), True
+            now_ms = to_ms(context.now)
             offset = context.now.utcoffset()
             offset_s = int(offset.total_seconds()) if offset is not None else 0
         else:
-            now_ms, exact = time.time_ns() // 1_000_000, False
+            now_ms = time.time_ns() // 1_000_000
             offset_s = state.offset_s if state is not None else 0
-        profile, fallbacks, new_user, features_at = self._profile(user_id, state, now_ms, exact)
+        profile, fallbacks, new_user = self._profile(user_id, state, now_ms)
         caller = request.profile_features
         used: list[str] = []
         if caller:
@@ -313,7 +320,7 @@ class Scorer:
             "id": decision_id, "type": DECISION_TYPE, "v": 1, "ts": ts, "user_id": user_id,
             "model_version": lineup.champion_version, "shadow_version": lineup.shadow_version,
             "prompt_version": None, "policy": policy.name, "explore": request.explore,
-            "features_at": ts if features_at == now_ms else _iso(features_at, offset_s),
+            "features_at": ts,  # profile values are exact at the decision's time (see _profile)
             "features": shared, "caller_features": used, "ranked": logged, "shadow": shadow,
         }
         response = {"decision_id": decision_id, "model_version": lineup.champion_version, "ranked": ranked,

@@ -104,10 +104,10 @@ class Settings(BaseSettings):
         description="Reward per reaction, JSON, e.g. `{\"acted\": 1, \"liked\": 0.8}`; reactions left out keep their default.",
     )
     score_max_body_bytes: int = Field(262_144, ge=1024, description="Larger `/score` bodies get 413.")
-    feature_cache_ms: int = Field(
-        1000, ge=0,
-        description="`/score` reuses a user's profile features evaluated this recently (on the clock) while no event "
-                    "for the user arrived; 0: evaluate every request. The time used is logged with the decision.",
+    feature_cache_users: int = Field(
+        200_000, ge=0,
+        description="Users whose profile feature snapshot `/score` keeps; a snapshot is reused while no event for the "
+                    "user arrives and no window edge passes, so values stay exact. 0: evaluate every request.",
     )
     decision_queue_max: int = Field(
         20_000, ge=1, description="Decisions waiting for JetStream; when full, `/score` waits, then answers 503."

@@ -136,15 +136,15 @@ def main() -> int:
     parser.add_argument("--days", type=int, default=2, help="days of history per user (default 2)")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per phase (default 5)")
     parser.add_argument("--requests", type=int, default=200_000, help="at most this many requests per phase")
-    parser.add_argument("--feature-cache-ms", type=int, default=None,
-                        help="TIPSTREAM_FEATURE_CACHE_MS for the service (default: the service's default)")
+    parser.add_argument("--feature-cache-users", type=int, default=None,
+                        help="TIPSTREAM_FEATURE_CACHE_USERS for the service (default: the service's default)")
     parser.add_argument("--shadow", choices=("logreg", "fm"), help="also run a shadow of this kind")
     parser.add_argument("--policy", default=None, help="TIPSTREAM_POLICY (default: the service's default)")
     args = parser.parse_args()
 
     settings: dict[str, Any] = {}
-    if args.feature_cache_ms is not None:
-        settings["feature_cache_ms"] = args.feature_cache_ms
+    if args.feature_cache_users is not None:
+        settings["feature_cache_users"] = args.feature_cache_users
     if args.shadow:
         settings["bootstrap_shadow_kind"] = args.shadow
     if args.policy:

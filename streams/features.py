@@ -269,6 +269,85 @@ def evaluate(state: UserState | None, now_ms: int) -> dict[str, FeatureValue]:
     return values
 
 
+# Every window length a feature uses, in days: where the reach of a snapshot ends.
+WINDOW_DAYS = (1, 7, 28, 30)
+_CONTINUOUS = ("seconds_since_active", "engagement_score")
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Profile feature values at `at_ms`, exact for any `now` in `[at_ms, until_ms)` while the state holds.
+
+    Between two events, most features only change when `now` crosses an edge: an event
+    entering or leaving a window, a due time passing, a local midnight. `until_ms` is the
+    first such edge, so `/score` can reuse a snapshot and still serve exact windows. The two
+    features that change continuously are carried forward exactly: `seconds_since_active`
+    from the latest signal, `engagement_score` by its decay (all its terms share the factor).
+
+    >>> from streams.events import parse_event
+    >>> from streams.fold import UserState, apply
+    >>> state = UserState()
+    >>> _ = apply(state, parse_event(b'{"id": "a", "type": "app.opened", "user_id": "u", "ts": "2026-11-26T09:00:00Z"}'))
+    >>> snap = snapshot(state, state.newest_ms)
+    >>> (snap.until_ms - snap.at_ms) // HOUR_MS  # the streak's local midnight comes first
+    15
+    >>> snap.values_at(snap.at_ms + HOUR_MS)["seconds_since_active"]
+    3600.0
+    """
+
+    at_ms: int
+    until_ms: int
+    values: dict[str, int | float]
+    fallbacks: frozenset[str]
+    latest_signal_ms: int | None
+
+    def covers(self, now_ms: int) -> bool:
+        return self.at_ms <= now_ms < self.until_ms
+
+    def values_at(self, now_ms: int) -> dict[str, int | float]:
+        """The values at `now_ms`; only meaningful where `covers(now_ms)`."""
+        elapsed = now_ms - self.at_ms
+        if elapsed == 0:
+            return self.values
+        values = dict(self.values)
+        if self.latest_signal_ms is not None:
+            values["seconds_since_active"] = (now_ms - self.latest_signal_ms) / 1000
+        values["engagement_score"] = values["engagement_score"] * 2.0 ** (-elapsed / (ENGAGEMENT_HALF_LIFE_DAYS * DAY_MS))
+        return values
+
+
+def snapshot(state: UserState, now_ms: int) -> Snapshot:
+    """Evaluate every profile feature at `now_ms`, and find how long the values hold."""
+    evaluation = _Evaluation(state, now_ms)
+    values: dict[str, int | float] = {}
+    fallbacks = []
+    for feature in FEATURES:
+        value, used_fallback = evaluation.value(feature.name)
+        values[feature.name] = value
+        if used_fallback:
+            fallbacks.append(feature.name)
+    signals = [t for t in (evaluation.latest(k) for k in SIGNAL_KINDS) if t is not None]
+    return Snapshot(now_ms, _valid_until(evaluation), values, frozenset(fallbacks), max(signals) if signals else None)
+
+
+def _valid_until(evaluation: _Evaluation) -> int:
+    """The first `now` after `evaluation.now` at which some profile feature may change (continuous ones aside)."""
+    now, offset_ms = evaluation.now, evaluation.state.offset_s * 1000
+    until = ((now + offset_ms) // DAY_MS + 1) * DAY_MS - offset_ms  # active_day_streak: the next local midnight
+    for kind, log in evaluation.logs.items():
+        stamps, hi = log.ts, evaluation.hi[kind]
+        if hi < len(stamps):
+            until = min(until, stamps[hi])  # a later event comes into view
+        for days in WINDOW_DAYS:
+            lo = evaluation.lo(kind, days)
+            if lo < hi:
+                until = min(until, stamps[lo] + days * DAY_MS)  # the oldest event in the window leaves it
+    for due_s in evaluation._open_tasks().values():
+        if due_s and due_s * 1000 > now:
+            until = min(until, due_s * 1000)  # an open task falls overdue
+    return until
+
+
 def context_features(local_hour: int, local_weekday: int, tasks: list[Any] | None) -> dict[str, int]:
     """The request-time features; callers pass `now` already in the user's offset."""
     return {"hour_of_day": local_hour, "day_of_week": local_weekday, "context_task_count": len(tasks or ())}

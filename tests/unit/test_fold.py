@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from datetime import datetime, timedelta, timezone
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streams.events import parse_event
-from streams.features import FEATURE_NAMES, evaluate
+from streams.features import FEATURE_NAMES, WINDOW_DAYS, evaluate, snapshot
 from streams.fold import DAY_MS, UserState, apply, to_ms
 from streams.simulator import Population
 from streams.store import OnlineStore
@@ -76,6 +77,36 @@ def test_two_halves_with_a_checkpoint_between_equal_the_whole(events: list[Any],
     for event in events:  # replay from before the checkpoint: already-folded events count once
         restored.apply(event)
     assert restored.users["u"] == fold_all(events)
+
+
+@settings(max_examples=80, deadline=None)
+@given(event_log(), st.data())
+def test_a_snapshot_equals_a_fresh_evaluation_everywhere_it_reaches(events: list[Any], data: st.DataObject) -> None:
+    state = fold_all(events)
+    at = state.newest_ms + data.draw(st.integers(-40 * DAY_MS, 2 * DAY_MS), label="at - newest")
+    snap = snapshot(state, at)
+    assert snap.until_ms > at
+    # Every instant where some feature could change, and the one before it: a snapshot reaching
+    # one edge too far, or missing one, is caught.
+    edges = {t + days * DAY_MS for log in state.logs.values() for t in log.ts for days in (0, *WINDOW_DAYS)}
+    edges |= {due * 1000 for kind in ("task.created", "task.rescheduled") for due in state.logs[kind].cols[1]}
+    nows = {at, snap.until_ms - 1} | {t + d for t in edges for d in (-1, 0) if at <= t + d < snap.until_ms}
+    for now in sorted(nows):
+        fresh = {name: v.value for name, v in evaluate(state, now).items()}
+        carried = snap.values_at(now)
+        for name in FEATURE_NAMES:
+            assert math.isclose(carried[name], fresh[name], rel_tol=1e-12, abs_tol=1e-12), (name, now - at)
+        assert snap.fallbacks == {name for name, v in evaluate(state, now).items() if v.fallback}
+
+
+def test_a_snapshot_ends_where_an_open_task_falls_overdue() -> None:
+    created = parse_event(orjson.dumps({"id": "c", "type": "task.created", "user_id": "u", "ts": "2026-11-26T10:00:00Z",
+                                        "data": {"task_id": "t", "due": "2026-11-26T12:00:00Z"}}))
+    state = fold_all([created])
+    snap = snapshot(state, state.newest_ms)
+    due_ms = to_ms(datetime(2026, 11, 26, 12, tzinfo=timezone.utc))
+    assert snap.until_ms == due_ms
+    assert snap.values_at(due_ms - 1)["overdue_tasks"] == 0 and evaluate(state, due_ms)["overdue_tasks"].value == 1
 
 
 def reference_features(raw: list[dict[str, Any]], now: datetime) -> dict[str, Any]:

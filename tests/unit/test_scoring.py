@@ -85,40 +85,45 @@ def _request(user: str = "u-1", now: str | None = "2026-11-26T15:00:00+01:00", *
     return parse_request(orjson.dumps(body))
 
 
-def test_profile_features_are_reused_until_the_user_changes_or_time_moves(lineup: Lineup) -> None:
+def test_profile_snapshots_are_reused_only_while_exact(lineup: Lineup) -> None:
     store = OnlineStore()
     store.apply(_event(1, "task.completed", "2026-11-26T14:00:00+01:00", task_id="t-1"))
-    scorer = Scorer(store, lineup, make_policy("greedy"), random.Random(0), feature_cache_ms=1000)
+    scorer = Scorer(store, lineup, make_policy("greedy"), random.Random(0), feature_cache_users=10)
+    uncached = Scorer(store, lineup, make_policy("greedy"), random.Random(0), feature_cache_users=0)
     calls = []
-    original = app.scoring.evaluate
+    original = app.scoring.snapshot
 
     def counting(state: Any, now_ms: int) -> Any:
         calls.append(now_ms)
         return original(state, now_ms)
 
-    app.scoring.evaluate = counting
+    app.scoring.snapshot = counting
     try:
         first = scorer.score(_request())
         assert scorer.score(_request()).response["features"] == first.response["features"]
-        assert len(calls) == 1, "the same explicit now: reused"
-        scorer.score(_request(now="2026-11-26T15:00:00.500+01:00"))
-        assert len(calls) == 2, "an explicit now is evaluated exactly"
-        scorer.score(_request(now=None))
-        scorer.score(_request(now=None))
-        assert len(calls) == 3, "on the clock, reused within feature_cache_ms"
+        assert len(calls) == 1, "the same now: reused"
+        later = scorer.score(_request(now="2026-11-26T15:00:01.500+01:00")).response["features"]
+        assert len(calls) == 1, "a later now before any window edge: reused"
+        assert later["seconds_since_active"] == 3601.5, "carried forward to the new now"
+        scorer.score(_request(now="2026-11-26T14:59:00+01:00"))
+        assert len(calls) == 2, "an earlier now is evaluated afresh"
+        next_day = "2026-11-27T00:00:00+01:00"  # the user's local midnight: the streak may change
+        assert scorer.score(_request(now=next_day)).response["features"] == \
+            uncached.score(_request(now=next_day)).response["features"]
+        assert len(calls) == 4, "past the snapshot's reach: evaluated again (the uncached scorer counted one)"
         store.apply(_event(2, "task.created", "2026-11-26T14:30:00+01:00", task_id="t-2"))
         changed = scorer.score(_request())
-        assert len(calls) == 4 and changed.response["features"]["tasks_created_7d"] == 1, "a new event invalidates"
+        assert len(calls) == 5 and changed.response["features"]["tasks_created_7d"] == 1, "a new event invalidates"
         assert orjson.loads(changed.payload)["features_at"] == "2026-11-26T15:00:00.000+01:00"
     finally:
-        app.scoring.evaluate = original
+        app.scoring.snapshot = original
 
 
 def test_caller_features_fill_only_fallbacks_and_context_uses_the_users_offset(lineup: Lineup) -> None:
     store = OnlineStore()
     hour_ago = datetime.now(timezone(timedelta(hours=-5))) - timedelta(hours=1)
     store.apply(_event(1, "task.completed", hour_ago.isoformat(), task_id="t-1"))
-    scorer = Scorer(store, lineup, make_policy("greedy"), random.Random(0), feature_cache_ms=0)
+    scorer = Scorer(store, lineup, make_policy("greedy"), random.Random(0), feature_cache_users=0)
     caller = {"preferred_hour": (hour_ago.hour + 3) % 24, "mean_hours_to_complete_28d": 2.0, "tip_volume_24h": 9}
     scored = scorer.score(_request(now=None, profile_features=caller))
     features = scored.response["features"]
@@ -131,7 +136,7 @@ def test_caller_features_fill_only_fallbacks_and_context_uses_the_users_offset(l
 
 @pytest.mark.parametrize("policy", ["epsilon_greedy", "softmax", "thompson", "greedy"])
 def test_every_policy_answers_with_propensities_and_explore_false_is_greedy(lineup: Lineup, policy: str) -> None:
-    scorer = Scorer(OnlineStore(), lineup, make_policy(policy), random.Random(1), feature_cache_ms=0)
+    scorer = Scorer(OnlineStore(), lineup, make_policy(policy), random.Random(1), feature_cache_users=0)
     answer = scorer.score(_request()).response
     assert sum(r["propensity"] for r in answer["ranked"]) == pytest.approx(1.0)
     greedy = scorer.score(_request(explore=False))

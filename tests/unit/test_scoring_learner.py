@@ -51,7 +51,7 @@ class World:
         options = {"cache_mb": 64, "window_s": 3600, "pending_max": 100, "pending_max_age_s": 60,
                    "snapshot_every_s": 0} | learner
         self.learner = Learner(self.lineup, self.store, self.log, rewards=DEFAULT_REWARDS, clock=self.clock, **options)
-        self.scorer = Scorer(self.store, self.lineup, make_policy("greedy"), random.Random(0), feature_cache_ms=0)
+        self.scorer = Scorer(self.store, self.lineup, make_policy("greedy"), random.Random(0), feature_cache_users=0)
         self.sink = self.learner.feedback_sink()
         self._ids = 0
 

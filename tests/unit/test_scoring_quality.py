@@ -89,7 +89,7 @@ def test_served_tips_earn_clearly_more_than_random_ranking(tmp_path: Path) -> No
     learner = Learner(lineup, store, TipScoresLog(), rewards=settings.rewards, cache_mb=64, window_s=1e9,
                       pending_max=1_000, pending_max_age_s=600, snapshot_every_s=5)
     scorer = Scorer(store, lineup, make_policy(settings.policy, **settings.policy_params()), random.Random(3),
-                    feature_cache_ms=settings.feature_cache_ms)
+                    feature_cache_users=settings.feature_cache_users)
     sink = learner.feedback_sink()
     population, rng = Population(users=USERS, seed=11), random.Random(12)
     earned, baseline = [], []
