@@ -352,4 +352,4 @@ class Learner:
     def user_reactions(self, user_id: str) -> int:
         """How many tips this user reacted to (in the fold's 30-day horizon): the prior's `u`."""
         state = self.store.users.get(user_id)
-        return len(state.logs["tip.reacted"]) if state is not None else 0
+        return state.count("tip.reacted") if state is not None else 0

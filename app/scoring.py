@@ -206,7 +206,7 @@ def blend_many(prior: PopularityPrior, tips: list[str], model_scores: list[float
 
 
 def _first_signal_ms(state: UserState) -> int | None:
-    return min((log.ts[0] for kind in SIGNAL_KINDS if len(log := state.logs[kind])), default=None)
+    return min((t for kind in SIGNAL_KINDS if (t := state.first_ms(kind)) is not None), default=None)
 
 
 @dataclass(slots=True)
@@ -234,7 +234,7 @@ class Scorer:
         """
         if state is None:
             return _FALLBACKS, _ALL_FALLBACK, True
-        marker = (state.newest_ms, state.offset_s, sum(len(log.ts) for log in state.logs.values()))
+        marker = (state.newest_ms, state.offset_s, sum(map(len, state.logs)))
         cache = self._cache
         hit = cache.get(user_id)
         if hit is not None and hit.state is state and hit.marker == marker and hit.snapshot.covers(now_ms):
@@ -281,7 +281,7 @@ class Scorer:
         tips = [c.tip_id for c in candidates]
         lineup = self.lineup
         prior = lineup.prior
-        reactions = len(state.logs["tip.reacted"]) if state is not None else 0
+        reactions = state.count("tip.reacted") if state is not None else 0
         model_scores = lineup.champion.predict_many(xs, shared=shared)
         scores = blend_many(prior, tips, model_scores, reactions)
         policy = self.policy if request.explore else self.greedy

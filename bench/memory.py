@@ -121,7 +121,7 @@ async def main() -> None:
 
     store, per_user = typical_users(args.users)
     blob = sum(len(s.to_bytes()) for s in store.users.values()) / args.users
-    kept = sum(len(log) for s in store.users.values() for log in s.logs.values()) / args.users
+    kept = sum(s.events_kept for s in store.users.values()) / args.users
     print(f"typical user: {kept:.0f} events kept, {per_user:,.0f} bytes resident, "
           f"{blob:,.0f} bytes in a checkpoint (goal: < 4,096 resident)")
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,13 +19,12 @@ FeatureValue(value=9, age_s=None, fresh=False, fallback=True)
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
-from streams.fold import DAY_MS, SIGNAL_KINDS, UserState
+from streams.fold import DAY_MS, KIND_NAMES, SIGNAL_KINDS, UserState
 
 HOUR_MS = 3_600_000
 ENGAGEMENT_HALF_LIFE_DAYS = 3.0
@@ -97,41 +96,39 @@ FEATURE_NAMES = tuple(f.name for f in FEATURES)
 BY_NAME = {f.name: f for f in FEATURES + CONTEXT_FEATURES}
 
 
-_EMPTY = np.zeros(0, dtype=np.int64)
-
-
 class _Evaluation:
     """Evaluates every profile feature of one user at `now` (ms), vectorised over the logs.
 
-    Each log is viewed (not copied) as numpy arrays up to `now`; windows are index
-    ranges found by binary search, so a feature costs a few microseconds, not a loop.
+    Times are compared relative to the state's `base_ms` (as the logs keep them); each
+    kind's records up to `now` are a numpy view, and windows are index ranges found by
+    binary search, so a feature costs a few microseconds, not a loop over events.
     """
 
     def __init__(self, state: UserState, now: int) -> None:
-        self.state, self.now, self.logs = state, now, state.logs
-        self.hi = {kind: bisect_right(log.ts, now) for kind, log in self.logs.items()}
+        self.state, self.now, self.base = state, now, state.base_ms
+        self.rel = now - state.base_ms
+        self.records = {kind: state.records(kind) for kind in KIND_NAMES}
+        self.stamps = {kind: records["ts"].astype(np.int64) for kind, records in self.records.items()}
+        self.hi = {kind: int(np.searchsorted(stamps, self.rel, "right")) for kind, stamps in self.stamps.items()}
         self._open: dict[int, int] | None = None
         self._reactions: list[int] | None = None
 
     def latest(self, kind: str) -> int | None:
         hi = self.hi[kind]
-        return self.logs[kind].ts[hi - 1] if hi else None
+        return int(self.stamps[kind][hi - 1]) + self.base if hi else None
 
     def lo(self, kind: str, days: float) -> int:
-        return bisect_right(self.logs[kind].ts, self.now - int(days * DAY_MS))
+        return int(np.searchsorted(self.stamps[kind], self.rel - int(days * DAY_MS), "right"))
 
     def count(self, kind: str, days: float) -> int:
         return self.hi[kind] - self.lo(kind, days)
 
     def ts(self, kind: str) -> np.ndarray:
-        log = self.logs[kind]
-        return np.frombuffer(log.ts, dtype=np.int64)[: self.hi[kind]] if len(log) else _EMPTY
+        """Times up to `now`, relative to `base`."""
+        return self.stamps[kind][: self.hi[kind]]
 
-    def col(self, kind: str, index: int) -> np.ndarray:
-        log = self.logs[kind]
-        column = log.cols[index]
-        return np.frombuffer(column, dtype=np.uint32 if column.typecode == "I" else np.uint8)[: self.hi[kind]] \
-            if len(log) else _EMPTY
+    def col(self, kind: str, name: str) -> np.ndarray:
+        return self.records[kind][name][: self.hi[kind]]
 
     def value(self, name: str) -> tuple[Any, bool]:
         return getattr(self, name)()
@@ -146,7 +143,7 @@ class _Evaluation:
         return (self.count("task.completed", 7) + 1) / (self.count("task.created", 7) + 2), False
 
     def preferred_hour(self) -> tuple[int, bool]:
-        hours = self.col("task.completed", 1)[self.lo("task.completed", 28):]
+        hours = self.col("task.completed", "local_hour")[self.lo("task.completed", 28):]
         if not len(hours):
             return BY_NAME["preferred_hour"].fallback, True
         return int(np.argmax(np.bincount(hours, minlength=24))), False  # argmax: the first, i.e. earliest, maximum
@@ -157,11 +154,8 @@ class _Evaluation:
     def _reaction_counts(self) -> list[int]:
         """Reactions in 30 days, counted per reaction code (acted, liked, snoozed, dismissed, disliked)."""
         if self._reactions is None:
-            log, hi = self.logs["tip.reacted"], self.hi["tip.reacted"]
-            counts = [0] * 5
-            for code in log.cols[1][self.lo("tip.reacted", 30):hi]:
-                counts[code] += 1
-            self._reactions = counts
+            codes = self.col("tip.reacted", "reaction")[self.lo("tip.reacted", 30):]
+            self._reactions = np.bincount(codes, minlength=5).tolist()
         return self._reactions
 
     def tip_positive_rate_30d(self) -> tuple[float, bool]:
@@ -185,15 +179,14 @@ class _Evaluation:
         """
         if self._open is not None:
             return self._open
-        created, hi = self.logs["task.created"], self.hi["task.created"]
         lo = self.lo("task.created", 30)
-        closed = set(self.logs["task.completed"].cols[0][: self.hi["task.completed"]])
-        closed.update(self.logs["task.deleted"].cols[0][: self.hi["task.deleted"]])
-        due_of = {task: due for task, due in zip(created.cols[0][lo:hi], created.cols[1][lo:hi]) if task not in closed}
+        closed = set(self.col("task.completed", "task").tolist())
+        closed.update(self.col("task.deleted", "task").tolist())
+        created = self.records["task.created"][lo : self.hi["task.created"]]
+        due_of = {task: due for task, due in zip(created["task"].tolist(), created["due_s"].tolist()) if task not in closed}
         if due_of:
-            moved = self.logs["task.rescheduled"]
-            end = self.hi["task.rescheduled"]
-            for task, due in zip(moved.cols[0][:end], moved.cols[1][:end]):  # in time order: the latest wins
+            moved = self.records["task.rescheduled"][: self.hi["task.rescheduled"]]
+            for task, due in zip(moved["task"].tolist(), moved["due_s"].tolist()):  # in time order: the latest wins
                 if task in due_of:
                     due_of[task] = due
         self._open = due_of
@@ -210,11 +203,12 @@ class _Evaluation:
         return self.count("task.rescheduled", 30) / (self.count("task.created", 30) + 1), False
 
     def active_day_streak(self) -> tuple[int, bool]:
+        # base is a whole day (UTC), so local day numbers can be taken relative to it.
         offset_ms = self.state.offset_s * 1000
         days: set[int] = set()
         for kind in SIGNAL_KINDS:
-            days.update((t + offset_ms) // DAY_MS for t in self.logs[kind].ts[: self.hi[kind]])
-        day = (self.now + offset_ms) // DAY_MS
+            days.update(((self.ts(kind) + offset_ms) // DAY_MS).tolist())
+        day = (self.rel + offset_ms) // DAY_MS
         if day not in days:
             day -= 1  # a streak survives until today is over
         streak = 0
@@ -223,15 +217,16 @@ class _Evaluation:
         return streak, False
 
     def mean_hours_to_complete_28d(self) -> tuple[float, bool]:
-        done, created = self.logs["task.completed"], self.logs["task.created"]
         lo, hi = self.lo("task.completed", 28), self.hi["task.completed"]
         if lo == hi:
             return BY_NAME["mean_hours_to_complete_28d"].fallback, True
         end = self.hi["task.created"]
         created_at: dict[int, int] = {}
-        for task, at in zip(reversed(created.cols[0][:end]), reversed(created.ts[:end])):
+        created = self.records["task.created"]["task"][:end].tolist()
+        for task, at in zip(reversed(created), reversed(self.stamps["task.created"][:end].tolist())):
             created_at[task] = at  # walking backwards, the earliest creation is written last
-        spans = [at - created_at[task] for task, at in zip(done.cols[0][lo:hi], done.ts[lo:hi])
+        done = self.records["task.completed"]["task"][lo:hi].tolist()
+        spans = [at - created_at[task] for task, at in zip(done, self.stamps["task.completed"][lo:hi].tolist())
                  if created_at.get(task, at + 1) <= at]
         if not spans:
             return BY_NAME["mean_hours_to_complete_28d"].fallback, True
@@ -241,7 +236,7 @@ class _Evaluation:
         stamps = np.concatenate([self.ts(k)[self.lo(k, 30):] for k in SIGNAL_KINDS])
         if not len(stamps):
             return 0.0, False
-        return float(np.exp2(-(self.now - stamps) / (ENGAGEMENT_HALF_LIFE_DAYS * DAY_MS)).sum()), False
+        return float(np.exp2(-(self.rel - stamps) / (ENGAGEMENT_HALF_LIFE_DAYS * DAY_MS)).sum()), False
 
     def app_opens_7d(self) -> tuple[int, bool]:
         return self.count("app.opened", 7), False
@@ -258,7 +253,7 @@ def evaluate(state: UserState | None, now_ms: int) -> dict[str, FeatureValue]:
     if state is None:
         return {f.name: FeatureValue(f.fallback, None, False, True) for f in FEATURES}
     evaluation = _Evaluation(state, now_ms)
-    latest = {kind: evaluation.latest(kind) for kind in state.logs}
+    latest = {kind: evaluation.latest(kind) for kind in KIND_NAMES}
     values: dict[str, FeatureValue] = {}
     for feature in FEATURES:
         value, used_fallback = evaluation.value(feature.name)
@@ -334,14 +329,15 @@ def _valid_until(evaluation: _Evaluation) -> int:
     """The first `now` after `evaluation.now` at which some profile feature may change (continuous ones aside)."""
     now, offset_ms = evaluation.now, evaluation.state.offset_s * 1000
     until = ((now + offset_ms) // DAY_MS + 1) * DAY_MS - offset_ms  # active_day_streak: the next local midnight
-    for kind, log in evaluation.logs.items():
-        stamps, hi = log.ts, evaluation.hi[kind]
+    base = evaluation.base
+    for kind, stamps in evaluation.stamps.items():
+        hi = evaluation.hi[kind]
         if hi < len(stamps):
-            until = min(until, stamps[hi])  # a later event comes into view
+            until = min(until, int(stamps[hi]) + base)  # a later event comes into view
         for days in WINDOW_DAYS:
             lo = evaluation.lo(kind, days)
             if lo < hi:
-                until = min(until, stamps[lo] + days * DAY_MS)  # the oldest event in the window leaves it
+                until = min(until, int(stamps[lo]) + base + days * DAY_MS)  # the oldest event in the window leaves it
     for due_s in evaluation._open_tasks().values():
         if due_s and due_s * 1000 > now:
             until = min(until, due_s * 1000)  # an open task falls overdue

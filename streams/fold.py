@@ -6,27 +6,32 @@ event). Features are evaluated from these logs at any `now` (see `features.py`),
 windows are exact over event time and late events land where their time says.
 
 Why logs and not counters: the same events in any order, any batching, with any
-duplicates, must give the same state. Sorted logs keyed by (time, event fingerprint)
-are canonical, and the fingerprint found at the same time is how a redelivered event
-is recognised long after JetStream's duplicate window has passed.
+duplicates, must give the same state. Sorted logs of whole records are canonical, and
+finding the same record again is how a redelivered event is recognised long after
+JetStream's duplicate window has passed.
+
+A log is one immutable `bytes` of packed fixed-size records (`RECORDS`), replaced on each
+change: the fewest objects per user, no over-allocation, and a reader holding a view of
+it never blocks the fold. Times are kept in milliseconds relative to the user's
+`base_ms` (the horizon's start), so they fit 32 bits.
 
 >>> from streams.events import parse_event
 >>> state = UserState()
 >>> raw = b'{"id": "e1", "type": "task.completed", "user_id": "u", "ts": "2026-11-26T08:00:00+01:00", "data": {"task_id": "t"}}'
 >>> apply(state, parse_event(raw)), apply(state, parse_event(raw))
 (True, False)
->>> len(state.logs["task.completed"])
-1
+>>> state.count("task.completed"), state.times("task.completed").tolist() == [to_ms(datetime(2026, 11, 26, 7, tzinfo=timezone.utc))]
+(1, True)
 """
 
 from __future__ import annotations
 
 import struct
-from array import array
-from bisect import bisect_left
 from datetime import date, datetime, timedelta, timezone  # noqa: F401 - the doctests use them
-from zlib import crc32
 from typing import Any, Callable
+from zlib import crc32
+
+import numpy as np
 
 DAY_MS = 86_400_000
 HORIZON_DAYS = 31  # longest window (30 d) plus one day, so `(now - 30d, now]` is exact for now >= newest
@@ -35,18 +40,30 @@ _EPOCH_DAY = date(1970, 1, 1).toordinal()
 
 REACTION_CODES = {"acted": 0, "liked": 1, "snoozed": 2, "dismissed": 3, "disliked": 4}
 
-# Per event kind: the payload columns kept beside (ts, fingerprint), with array typecodes.
-# 'q' ms since epoch, 'I' 32-bit fingerprints or seconds, 'B' small codes.
+# Per event kind: the record's fields after (ts: ms since base_ms, u32; fp: 16 bits of the
+# event id's CRC-32), with struct codes. Only what some feature reads is kept; a feature
+# needing more is added here and filled by replaying the log.
 KINDS: dict[str, tuple[tuple[str, str], ...]] = {
-    "task.created": (("task", "I"), ("due_s", "I"), ("priority", "B")),
+    "task.created": (("task", "I"), ("due_s", "I")),
     "task.completed": (("task", "I"), ("local_hour", "B")),
     "task.rescheduled": (("task", "I"), ("due_s", "I")),
     "task.deleted": (("task", "I"),),
     "app.opened": (),
-    "tip.shown": (("tip", "I"),),
-    "tip.reacted": (("tip", "I"), ("reaction", "B")),
+    "tip.shown": (),
+    "tip.reacted": (("reaction", "B"),),
 }
+KIND_NAMES = tuple(KINDS)
+KIND_INDEX = {kind: i for i, kind in enumerate(KINDS)}
 SIGNAL_KINDS = tuple(k for k in KINDS if k != "tip.reacted")
+RECORDS = {kind: struct.Struct("<IH" + "".join(code for _, code in fields)) for kind, fields in KINDS.items()}
+SIZES = tuple(RECORDS[kind].size for kind in KINDS)
+DTYPES = {kind: np.dtype([("ts", "<u4"), ("fp", "<u2")] + [(name, "<" + code.replace("I", "u4").replace("B", "u1"))
+                                                             for name, code in fields])
+          for kind, fields in KINDS.items()}
+_TS = struct.Struct("<I")
+_HEADER = struct.Struct("<4sqiq")  # magic, newest_ms, offset_s, base_ms
+_MAGIC = b"TSU2"
+_LENGTH = struct.Struct("<I")
 
 
 def fingerprint(text: str) -> int:
@@ -76,64 +93,40 @@ def _local_ms(moment: datetime) -> int:
             * 1000 + moment.microsecond // 1000)
 
 
-class Log:
-    """A time-sorted column store: ts (ms), fp (event fingerprint), then payload columns."""
-
-    __slots__ = ("ts", "fp", "cols")
-
-    def __init__(self, kind: str) -> None:
-        self.ts = array("q")
-        self.fp = array("I")
-        self.cols = tuple(array(code) for _, code in KINDS[kind])
-
-    def __len__(self) -> int:
-        return len(self.ts)
-
-    def insert(self, ts: int, fp: int, payload: tuple[int, ...]) -> bool:
-        """Insert in (ts, fp) order; False when that exact event is already here."""
-        ts_col = self.ts
-        if not ts_col or ts > ts_col[-1]:  # the common case: in order, so append
-            ts_col.append(ts)
-            self.fp.append(fp)
-            for column, value in zip(self.cols, payload):
-                column.append(value)
-            return True
-        index = bisect_left(ts_col, ts)
-        fp_col = self.fp
-        while index < len(ts_col) and ts_col[index] == ts:
-            if fp_col[index] == fp:
-                return False
-            if fp_col[index] > fp:
-                break
-            index += 1
-        ts_col.insert(index, ts)
-        self.fp.insert(index, fp)
-        for column, value in zip(self.cols, payload):
-            column.insert(index, value)
-        return True
-
-    def prune_before(self, cutoff_ms: int) -> None:
-        drop = bisect_left(self.ts, cutoff_ms)
-        if drop:
-            del self.ts[:drop]
-            del self.fp[:drop]
-            for column in self.cols:
-                del column[:drop]
-
-
 class UserState:
-    """Everything the fold knows of one user."""
+    """Everything the fold knows of one user: one packed log per kind, and where time stands."""
 
-    __slots__ = ("logs", "newest_ms", "offset_s")
+    __slots__ = ("logs", "newest_ms", "offset_s", "base_ms")
 
     def __init__(self) -> None:
-        self.logs: dict[str, Log] = {kind: Log(kind) for kind in KINDS}
+        self.logs: list[bytes] = [b""] * len(KINDS)
         self.newest_ms = -(2**62)
         self.offset_s = 0  # UTC offset of the newest event: the user's current zone
+        self.base_ms = 0  # what the logs' times count from: the horizon's start at the last prune
 
     @property
     def cutoff_ms(self) -> int:
         return (self.newest_ms // DAY_MS - HORIZON_DAYS) * DAY_MS
+
+    def count(self, kind: str) -> int:
+        i = KIND_INDEX[kind]
+        return len(self.logs[i]) // SIZES[i]
+
+    @property
+    def events_kept(self) -> int:
+        return sum(len(log) // size for log, size in zip(self.logs, SIZES))
+
+    def records(self, kind: str) -> np.ndarray:
+        """The kind's records as a read-only structured array (a view; `ts` relative to `base_ms`)."""
+        return np.frombuffer(self.logs[KIND_INDEX[kind]], dtype=DTYPES[kind])
+
+    def times(self, kind: str) -> np.ndarray:
+        """The kind's event times, ms since the epoch, oldest first."""
+        return self.records(kind)["ts"].astype(np.int64) + self.base_ms
+
+    def first_ms(self, kind: str) -> int | None:
+        log = self.logs[KIND_INDEX[kind]]
+        return _TS.unpack_from(log, 0)[0] + self.base_ms if log else None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, UserState) and self.to_bytes() == other.to_bytes()
@@ -142,51 +135,66 @@ class UserState:
 
     def to_bytes(self) -> bytes:
         """Compact and canonical: equal states give equal bytes."""
-        parts = [struct.pack("<qi", self.newest_ms, self.offset_s)]
-        for log in self.logs.values():
-            parts.append(_pack(log.ts))
-            parts.append(_pack(log.fp))
-            parts.extend(_pack(column) for column in log.cols)
+        parts = [_HEADER.pack(_MAGIC, self.newest_ms, self.offset_s, self.base_ms)]
+        for log in self.logs:
+            parts.append(_LENGTH.pack(len(log)))
+            parts.append(log)
         return b"".join(parts)
 
     @classmethod
-    def from_bytes(cls, blob: bytes) -> "UserState":
+    def from_bytes(cls, blob: bytes) -> UserState:
+        if blob[:4] != _MAGIC:
+            return _from_v1_bytes(blob)
         state = cls()
-        state.newest_ms, state.offset_s = struct.unpack_from("<qi", blob, 0)
-        view = memoryview(blob)
-        pos = 12
-        for log in state.logs.values():
-            pos = _unpack_into(log.ts, view, pos)
-            pos = _unpack_into(log.fp, view, pos)
-            for column in log.cols:
-                pos = _unpack_into(column, view, pos)
+        _, state.newest_ms, state.offset_s, state.base_ms = _HEADER.unpack_from(blob, 0)
+        pos = _HEADER.size
+        for i in range(len(KINDS)):
+            (length,) = _LENGTH.unpack_from(blob, pos)
+            pos += 4
+            state.logs[i] = blob[pos : pos + length]
+            pos += length
         return state
 
 
-def _pack(column: array) -> bytes:
-    return struct.pack("<I", len(column)) + column.tobytes()
-
-
-def _unpack_into(column: array, view: memoryview, pos: int) -> int:
-    (count,) = struct.unpack_from("<I", view, pos)
-    end = pos + 4 + count * column.itemsize
-    column.frombytes(view[pos + 4 : end])
-    return end
+def _from_v1_bytes(blob: bytes) -> UserState:
+    """Upcast a checkpoint written before packed logs (int64 times, a column per field)."""
+    v1_columns = {"task.created": "IIB", "task.completed": "IB", "task.rescheduled": "II", "task.deleted": "I",
+                  "app.opened": "", "tip.shown": "I", "tip.reacted": "IB"}
+    v1_keep = {"task.created": (0, 1), "task.completed": (0, 1), "task.rescheduled": (0, 1), "task.deleted": (0,),
+               "app.opened": (), "tip.shown": (), "tip.reacted": (1,)}
+    state = UserState()
+    state.newest_ms, state.offset_s = struct.unpack_from("<qi", blob, 0)
+    state.base_ms = state.cutoff_ms
+    pos = 12
+    for i, kind in enumerate(KINDS):
+        columns = []
+        for code in "qI" + v1_columns[kind]:
+            (count,) = _LENGTH.unpack_from(blob, pos)
+            width = struct.calcsize(code)
+            columns.append(struct.unpack_from(f"<{count}{code}", blob, pos + 4))
+            pos += 4 + count * width
+        stamps, fps, payload = columns[0], columns[1], columns[2:]
+        kept = [payload[j] for j in v1_keep[kind]]
+        record = RECORDS[kind]
+        rows = {record.pack(ts - state.base_ms, fp & 0xFFFF, *(col[n] for col in kept))
+                for n, (ts, fp) in enumerate(zip(stamps, fps)) if ts >= state.base_ms}
+        state.logs[i] = b"".join(sorted(rows, key=lambda r: (_TS.unpack_from(r)[0], r)))
+    return state
 
 
 def _due_s(due: datetime | None) -> int:
     return NO_DUE if due is None else max(1, min(to_ms(due) // 1000, 2**32 - 1))
 
 
-# One function per event type: what of the event its log keeps, beside time and id.
+# One function per event type: what of the event its record keeps, beside time and id.
 PAYLOAD: dict[str, Callable[[Any], tuple[int, ...]]] = {
-    "task.created": lambda e: (fingerprint(e.data.task_id), _due_s(e.data.due), e.data.priority or 0),
+    "task.created": lambda e: (fingerprint(e.data.task_id), _due_s(e.data.due)),
     "task.completed": lambda e: (fingerprint(e.data.task_id), e.ts.hour),
     "task.rescheduled": lambda e: (fingerprint(e.data.task_id), _due_s(e.data.due)),
     "task.deleted": lambda e: (fingerprint(e.data.task_id),),
     "app.opened": lambda e: (),
-    "tip.shown": lambda e: (fingerprint(e.data.tip_id),),
-    "tip.reacted": lambda e: (fingerprint(e.data.tip_id), REACTION_CODES[e.data.reaction]),
+    "tip.shown": lambda e: (),
+    "tip.reacted": lambda e: (REACTION_CODES[e.data.reaction],),
 }
 
 
@@ -202,8 +210,11 @@ def apply(state: UserState, event: Any, max_ts_ms: int | None = None) -> bool:
 
     Steps, in order:
     1. Drop the event if it is older than every window can reach from the newest event.
-    2. Insert it into its kind's log; a (time, fingerprint) already there is a duplicate.
-    3. Advance the newest time and zone, prune what fell out of every window.
+    2. A newer event on a later day moves the horizon: prune what fell out of every window
+       and count times from the new horizon's start.
+    3. Insert its record into its kind's log in (time, record) order; the same record
+       already there is a duplicate.
+    4. Advance the newest time and zone.
     """
     moment = event.ts
     offset = moment.utcoffset()
@@ -215,21 +226,61 @@ def apply(state: UserState, event: Any, max_ts_ms: int | None = None) -> bool:
     if ts_ms < (newest // DAY_MS - HORIZON_DAYS) * DAY_MS:
         return False
     kind = event.type
-    if not state.logs[kind].insert(ts_ms, fingerprint(event.id), PAYLOAD[kind](event)):
-        return False
+    i = KIND_INDEX[kind]
+    if ts_ms // DAY_MS > newest // DAY_MS:
+        # Before the insert, so every kept time stays within 32 bits of base_ms. The event
+        # itself is the newest, so neither the prune nor the dedup concerns it.
+        _move_horizon(state, (ts_ms // DAY_MS - HORIZON_DAYS) * DAY_MS)
+    record = RECORDS[kind].pack(ts_ms - state.base_ms, crc32(event.id.encode()) & 0xFFFF, *PAYLOAD[kind](event))
+    log = state.logs[i]
+    if not log or ts_ms - state.base_ms > _TS.unpack_from(log, len(log) - SIZES[i])[0]:
+        state.logs[i] = log + record  # the common case: in order, so append
+    else:
+        merged = _insert(log, record, SIZES[i])
+        if merged is None:
+            return False
+        state.logs[i] = merged
     if ts_ms > newest or (ts_ms == newest and offset_s > state.offset_s):
         # A newer event, or the same instant in a second zone (the larger offset wins,
         # so the choice doesn't depend on arrival order).
         state.newest_ms, state.offset_s = ts_ms, offset_s
-        if ts_ms // DAY_MS != newest // DAY_MS:
-            _prune_logs(state)
     return True
 
 
-def _prune_logs(state: UserState) -> None:
+def _insert(log: bytes, record: bytes, size: int) -> bytes | None:
+    """`log` with `record` in (time, record bytes) order, or None when it is already there."""
+    ts = _TS.unpack_from(record)[0]
+    lo, hi = 0, len(log) // size
+    while lo < hi:  # the first record at or after ts
+        mid = (lo + hi) // 2
+        if _TS.unpack_from(log, mid * size)[0] < ts:
+            lo = mid + 1
+        else:
+            hi = mid
+    count = len(log) // size
+    while lo < count:
+        at = lo * size
+        other = log[at : at + size]
+        if _TS.unpack_from(other)[0] != ts or other > record:
+            break
+        if other == record:
+            return None
+        lo += 1
+    at = lo * size
+    return log[:at] + record + log[at:]
+
+
+def _move_horizon(state: UserState, cutoff_ms: int) -> None:
     # The cutoff depends only on the newest event, never on arrival order, so any
     # order of the same events prunes to the same state.
-    cutoff = state.cutoff_ms
-    for log in state.logs.values():
-        log.prune_before(cutoff)
-
+    shift = cutoff_ms - state.base_ms
+    for i, kind in enumerate(KINDS):
+        log = state.logs[i]
+        if not log:
+            continue
+        records = np.frombuffer(log, dtype=DTYPES[kind])
+        kept = records[np.searchsorted(records["ts"].astype(np.int64), shift):].copy()
+        if len(kept):
+            kept["ts"] -= shift  # every kept time is >= shift, so this never wraps
+        state.logs[i] = kept.tobytes()
+    state.base_ms = cutoff_ms

@@ -123,7 +123,7 @@ async def test_feedback_without_or_before_its_decision_is_counted_kept_and_joine
     await publish(js, feedback("f-1", "d-elsewhere-1", "tip-focus-1", "acted"))
     await eventually(lambda: count("waiting") == waiting + 1)
     assert count("no_decision") == no_decision + 1
-    assert len(service.store.users["u-1"].logs["tip.reacted"]) == 2, "the fold keeps both for the user's features"
+    assert service.store.users["u-1"].count("tip.reacted") == 2, "the fold keeps both for the user's features"
 
     decision = {
         "id": "d-elsewhere-1", "type": "decision.scored", "v": 1, "ts": NOW, "user_id": "u-1",

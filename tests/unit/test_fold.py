@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import struct
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from streams.events import parse_event
 from streams.features import FEATURE_NAMES, WINDOW_DAYS, evaluate, snapshot
-from streams.fold import DAY_MS, UserState, apply, to_ms
+from streams.fold import DAY_MS, REACTION_CODES, UserState, apply, fingerprint, to_ms
 from streams.simulator import Population
 from streams.store import OnlineStore
 
@@ -88,8 +89,8 @@ def test_a_snapshot_equals_a_fresh_evaluation_everywhere_it_reaches(events: list
     assert snap.until_ms > at
     # Every instant where some feature could change, and the one before it: a snapshot reaching
     # one edge too far, or missing one, is caught.
-    edges = {t + days * DAY_MS for log in state.logs.values() for t in log.ts for days in (0, *WINDOW_DAYS)}
-    edges |= {due * 1000 for kind in ("task.created", "task.rescheduled") for due in state.logs[kind].cols[1]}
+    edges = {t + days * DAY_MS for kind in KINDS for t in state.times(kind).tolist() for days in (0, *WINDOW_DAYS)}
+    edges |= {due * 1000 for kind in ("task.created", "task.rescheduled") for due in state.records(kind)["due_s"].tolist()}
     nows = {at, snap.until_ms - 1} | {t + d for t in edges for d in (-1, 0) if at <= t + d < snap.until_ms}
     for now in sorted(nows):
         fresh = {name: v.value for name, v in evaluate(state, now).items()}
@@ -107,6 +108,37 @@ def test_a_snapshot_ends_where_an_open_task_falls_overdue() -> None:
     due_ms = to_ms(datetime(2026, 11, 26, 12, tzinfo=timezone.utc))
     assert snap.until_ms == due_ms
     assert snap.values_at(due_ms - 1)["overdue_tasks"] == 0 and evaluate(state, due_ms)["overdue_tasks"].value == 1
+
+
+def _v1_blob(events: list[Any]) -> bytes:
+    """A checkpoint as the previous layout wrote it: int64 times, 32-bit fingerprints, a column per field."""
+    columns = {"task.created": "IIB", "task.completed": "IB", "task.rescheduled": "II", "task.deleted": "I",
+               "app.opened": "", "tip.shown": "I", "tip.reacted": "IB"}
+    state = fold_all(events)
+    parts = [struct.pack("<qi", state.newest_ms, state.offset_s)]
+    for kind, codes in columns.items():
+        rows = sorted({(to_ms(e.ts), fingerprint(e.id), *_v1_payload(e)) for e in events if e.type == kind
+                       and to_ms(e.ts) >= state.cutoff_ms})
+        for n, code in enumerate("qI" + codes):
+            parts.append(struct.pack(f"<I{len(rows)}{code}", len(rows), *(row[n] for row in rows)))
+    return b"".join(parts)
+
+
+def _v1_payload(e: Any) -> tuple[int, ...]:
+    due = lambda d: 0 if d is None else to_ms(d) // 1000  # noqa: E731
+    return {"task.created": lambda: (fingerprint(e.data.task_id), due(e.data.due), e.data.priority or 0),
+            "task.completed": lambda: (fingerprint(e.data.task_id), e.ts.hour),
+            "task.rescheduled": lambda: (fingerprint(e.data.task_id), due(e.data.due)),
+            "task.deleted": lambda: (fingerprint(e.data.task_id),),
+            "app.opened": lambda: (),
+            "tip.shown": lambda: (fingerprint(e.data.tip_id),),
+            "tip.reacted": lambda: (fingerprint(e.data.tip_id), REACTION_CODES[e.data.reaction])}[e.type]()
+
+
+@settings(max_examples=30, deadline=None)
+@given(event_log())
+def test_a_checkpoint_in_the_previous_layout_is_upcast_to_the_same_state(events: list[Any]) -> None:
+    assert UserState.from_bytes(_v1_blob(events)) == fold_all(events)
 
 
 def reference_features(raw: list[dict[str, Any]], now: datetime) -> dict[str, Any]:
@@ -183,8 +215,8 @@ def test_state_stays_bounded_as_time_goes_on() -> None:
     for day, (_, event) in enumerate(population.history(days=120, start_ms=to_ms(BASE))):
         apply(state, parse_event(orjson.dumps(event)))
         if day % 400 == 0:
-            sizes.append(sum(len(log) for log in state.logs.values()))
-    span_days = (max(log.ts[-1] for log in state.logs.values() if len(log)) -
-                 min(log.ts[0] for log in state.logs.values() if len(log))) / DAY_MS
+            sizes.append(state.events_kept)
+    stamps = [t for kind in KINDS for t in state.times(kind).tolist()]
+    span_days = (max(stamps) - min(stamps)) / DAY_MS
     assert span_days <= 32
     assert max(sizes[-5:]) < 2 * min(sizes[len(sizes) // 2:])  # flat, not growing

@@ -32,7 +32,7 @@ def test_cold_users_are_loaded_on_first_use_and_never_overwritten_by_the_warm_up
     assert not store.apply(opened(1, "a"))  # already in the checkpointed state
     assert fetched == [["a"]]
     assert store.warm(blobs.items()) == 1  # only b: a is live and newer than its checkpoint
-    assert len(store.users["a"].logs["app.opened"]) == 2 and not store.cold
+    assert store.users["a"].count("app.opened") == 2 and not store.cold
 
 
 def test_future_events_are_refused_without_leaving_an_empty_user() -> None:
