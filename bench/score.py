@@ -140,6 +140,8 @@ def main() -> int:
                         help="TIPSTREAM_FEATURE_CACHE_USERS for the service (default: the service's default)")
     parser.add_argument("--shadow", choices=("logreg", "fm"), help="also run a shadow of this kind")
     parser.add_argument("--policy", default=None, help="TIPSTREAM_POLICY (default: the service's default)")
+    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                        help="any other service setting, e.g. checkpoint_every_s=1 (repeatable)")
     args = parser.parse_args()
 
     settings: dict[str, Any] = {}
@@ -149,6 +151,7 @@ def main() -> int:
         settings["bootstrap_shadow_kind"] = args.shadow
     if args.policy:
         settings["policy"] = args.policy
+    settings.update(item.split("=", 1) for item in args.env)
     service = ServiceProcess(**settings)
     try:
         asyncio.run(service.wait_ready())
@@ -186,6 +189,10 @@ def main() -> int:
     published = metric(text, "tipstream_decisions_total", 'outcome="published"')
     print(f"decisions published to JetStream: {published:.0f}; profile feature cache hits "
           f"{hits / max(hits + misses, 1):.0%}")
+    checkpoints = metric(text, "tipstream_checkpoint_seconds_count")
+    if checkpoints:
+        print(f"checkpoints during the run: {checkpoints:.0f}, "
+              f"{metric(text, 'tipstream_checkpoint_seconds_sum') / checkpoints * 1000:.0f} ms each on average")
     ratio = results["score_10"]["rps"] / results["noop"]["rps"]
     print(f"ratio (score_10 / noop throughput): {ratio:.2f}")
     print(json.dumps({"bench": "score", "p99_ms_10": round(results["score_10"]["p99_ms"], 3),
