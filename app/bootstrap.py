@@ -26,6 +26,7 @@ from typing import Any
 
 
 from app import migrate
+from app.checkpoint_writer import CheckpointWriter
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.db import make_engine
 from app.embedded_nats import EmbeddedNats
@@ -54,6 +55,7 @@ class Service:
         self.nc: jsx.IngestClient | None = None
         self.ingests: list[StreamIngest] = []
         self.checkpointer: Checkpointer | None = None
+        self.checkpoint_writer: CheckpointWriter | None = None
         self.offline: OfflineFeatureWriter | None = None
         self.nats_url = settings.nats_url or ""
         self._tasks: list[asyncio.Task[Any]] = []
@@ -105,8 +107,10 @@ class Service:
         await self._load_learning()
         log.info("checkpoint restored: %d users (loading in the background), positions %s (%.2fs)",
                  len(self.store.cold), self.store.positions, time.perf_counter() - started)
-        self.checkpointer = Checkpointer(self.store, target, s.checkpoint_every_events,
-                                         s.checkpoint_every_s, participants=[self.learner, self.decision_log])
+        if s.checkpoint_writer == "process":
+            self.checkpoint_writer = CheckpointWriter(s.sqlalchemy_url)
+        self.checkpointer = Checkpointer(self.store, target, s.checkpoint_every_events, s.checkpoint_every_s,
+                                         participants=[self.learner, self.decision_log], writer=self.checkpoint_writer)
         for spec in jsx.INGESTED_STREAMS:
             ingest = StreamIngest(
                 self.nc, js, spec, self.store, self.checkpointer, batch=s.ingest_batch,
@@ -218,6 +222,8 @@ class Service:
                 await self.checkpointer.checkpoint()
             except Exception as error:  # noqa: BLE001
                 log.warning("last checkpoint failed (%s); the next start replays from the previous one", error)
+        if self.checkpoint_writer:
+            await asyncio.to_thread(self.checkpoint_writer.close)
         if self.nc:
             try:
                 await self.nc.drain() if self.nc.is_connected else await self.nc.close()

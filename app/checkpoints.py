@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 from sqlalchemy import Engine, select
 from sqlalchemy.engine import Connection
 
 from app import db
+from app.checkpoint_rows import write_checkpoint
 from app.metrics import METRICS
 from streams.store import OnlineStore
 
@@ -32,8 +32,9 @@ class Participant(Protocol):
     def snapshot(self) -> Any:
         """Called on the event loop at step 1: a cheap, consistent copy to write later."""
 
-    def write(self, conn: Connection, snapshot: Any) -> None:
-        """Called inside the checkpoint transaction, in a worker thread."""
+    # write(conn, snapshot): called inside the checkpoint transaction, with nothing but the
+    # snapshot: a staticmethod, because it may run in the checkpoint writer process.
+    write: Callable[[Connection, Any], None]
 
     def saved(self, snapshot: Any) -> None:
         """Called on the event loop once the transaction holding `snapshot` has committed."""
@@ -97,17 +98,8 @@ class SqlCheckpointStore:
 
     def save(self, positions: dict[str, int], states: list[tuple[str, bytes]],
              extras: Sequence[tuple[Participant, Any]] = ()) -> None:
-        now = datetime.now(timezone.utc)
         with self.engine.begin() as conn:
-            for participant, snapshot in extras:
-                participant.write(conn, snapshot)
-            db.upsert(conn, db.user_state, [{"user_id": u, "state": b, "updated_at": now} for u, b in states], ["user_id"])
-            db.upsert(
-                conn,
-                db.stream_positions,
-                [{"stream": s, "seq": q, "updated_at": now} for s, q in positions.items()],
-                ["stream"],
-            )
+            write_checkpoint(conn, positions, states, [(p.write, snapshot) for p, snapshot in extras])
 
 
 class Checkpointer:
@@ -117,15 +109,17 @@ class Checkpointer:
     1. Take the positions and the set of changed users from the online store, and a
        snapshot from each participant (None: nothing changed).
     2. Serialise those users in chunks, yielding to the event loop between chunks.
-    3. Write states, positions and snapshots in one transaction, in a worker thread; then
-       tell each participant its snapshot is safe.
+    3. Write states, positions and snapshots in one transaction, in the writer process (or a
+       worker thread); then tell each participant its snapshot is safe.
     4. On failure, hand the users back to the store and retry with backoff: a database
        that is away delays checkpoints, it never loses events (they stay in the stream).
     """
 
     def __init__(self, store: OnlineStore, target: CheckpointStore, every_events: int, every_s: float,
-                 participants: Sequence[Participant] = ()) -> None:
+                 participants: Sequence[Participant] = (), writer: Any = None) -> None:
         self.store, self.target = store, target
+        # writer: a CheckpointWriter (a process) for SQL targets; else target.save runs in a thread.
+        self.writer = writer
         self.participants = list(participants)
         self.on_saved: list[Callable[[list[str]], None]] = []  # told which users each checkpoint saved
         self.every_events, self.every_s = every_events, every_s
@@ -177,7 +171,10 @@ class Checkpointer:
             for start in range(0, len(users), SERIALISE_CHUNK):
                 states.extend((u, self.store.users[u].to_bytes()) for u in users[start : start + SERIALISE_CHUNK])
                 await asyncio.sleep(0)
-            await asyncio.to_thread(self.target.save, positions, states, extras)
+            if self.writer is not None:
+                await self.writer.save(positions, states, [(p.write, snap) for p, snap in extras])
+            else:
+                await asyncio.to_thread(self.target.save, positions, states, extras)
         except BaseException:
             self.store.abort_checkpoint(users)
             raise

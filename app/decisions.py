@@ -35,9 +35,8 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 import orjson
-from sqlalchemy.engine import Connection
 
-from app import db
+from app.checkpoint_rows import write_tip_scores
 from app.learning_metrics import DECISION_QUEUE, DECISION_ROWS, DECISIONS
 from streams.events import Rejection
 
@@ -182,12 +181,7 @@ class TipScoresLog:
         self._unconfirmed[self._gen] = rows
         return self._gen, list(rows.values())
 
-    def write(self, conn: Connection, snapshot: tuple[int, list[dict[str, Any]]] | None) -> None:
-        if snapshot is None:
-            return
-        _, rows = snapshot
-        for start in range(0, len(rows), 5_000):
-            db.upsert(conn, db.tip_scores, rows[start : start + 5_000], ["decision_id"])
+    write = staticmethod(write_tip_scores)
 
     def saved(self, snapshot: tuple[int, list[dict[str, Any]]]) -> None:
         self._confirmed.append(snapshot[0])

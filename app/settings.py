@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     checkpoint_every_s: float = Field(
         5.0, gt=0, description="...or after this many seconds, whichever first (a crash replays at most this much)."
     )
+    checkpoint_writer: Literal["process", "thread"] = Field(
+        "process",
+        description="Where checkpoint transactions run: `process` (a worker process, off the serving interpreter's "
+                    "GIL) or `thread` (a thread of the service: one process less, slower checkpoints under load).",
+    )
     max_uncheckpointed_events: int = Field(
         1_000_000,
         ge=1,

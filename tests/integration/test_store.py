@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Iterator
 
 import pytest
 import sqlalchemy as sa
 
 from app import migrate
+from app.checkpoint_writer import CheckpointWriter
 from app.checkpoints import MemoryCheckpointStore, SqlCheckpointStore
 from app.db import make_engine
 from tests.conftest import reset_postgres
@@ -87,3 +91,31 @@ def test_migrations_go_up_and_down(database_url: str) -> None:
     assert names == set()
     migrate.upgrade(database_url)  # and up again: nothing left behind to trip over
     engine.dispose()
+
+
+def _disk_full(conn: Any, snapshot: Any) -> None:
+    raise RuntimeError("disk full")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_the_writer_process_commits_all_or_nothing_and_outlives_a_dead_worker(
+        kind: str, request: pytest.FixtureRequest, tmp_path: Any) -> None:
+    store = next(_store(kind, request, tmp_path))
+    writer = CheckpointWriter(store.engine.url.render_as_string(hide_password=False))
+    try:
+        await writer.save({"SIGNALS": 10}, [("u-1", b"v1")], [])
+        with pytest.raises(RuntimeError, match="disk full"):
+            await writer.save({"SIGNALS": 20}, [("u-1", b"v2")], [(_disk_full, None)])
+        positions, states = store.load()
+        assert positions == {"SIGNALS": 10} and dict(states) == {"u-1": b"v1"}
+
+        for process in list(writer._pool._processes.values()):  # type: ignore[union-attr]
+            os.kill(process.pid, signal.SIGKILL)
+        with pytest.raises(BrokenProcessPool):
+            await writer.save({"SIGNALS": 30}, [("u-1", b"v3")], [])
+        await writer.save({"SIGNALS": 30}, [("u-1", b"v3")], [])  # a new worker: the checkpointer's retry
+        positions, states = store.load()
+        assert positions == {"SIGNALS": 30} and dict(states) == {"u-1": b"v3"}
+    finally:
+        writer.close()
+        store.engine.dispose()

@@ -1,0 +1,51 @@
+"""What a checkpoint writes: users' states, positions, and the participants' rows.
+
+Plain functions of (connection, data), run inside the checkpoint transaction, usually in
+the writer process (see `checkpoint_writer.py`), which imports only this module's light
+dependencies: the participants themselves (the learner with its models) stay in the service.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Callable, Sequence
+
+from sqlalchemy.engine import Connection
+
+from app import db
+from app.registry_store import write_models
+
+Write = tuple[Callable[[Connection, Any], None], Any]
+
+
+def write_checkpoint(conn: Connection, positions: dict[str, int], states: list[tuple[str, bytes]],
+                     writes: Sequence[Write] = ()) -> None:
+    """One checkpoint's rows, inside the caller's transaction: what the participants write, the
+    users' states, then the positions they reflect."""
+    now = datetime.now(timezone.utc)
+    for write, snapshot in writes:
+        write(conn, snapshot)
+    db.upsert(conn, db.user_state, [{"user_id": u, "state": b, "updated_at": now} for u, b in states], ["user_id"])
+    db.upsert(conn, db.stream_positions,
+              [{"stream": s, "seq": q, "updated_at": now} for s, q in positions.items()], ["stream"])
+
+
+def write_learner_state(conn: Connection, snapshot: dict[str, Any] | None) -> None:
+    """The learner's joins and credits, the popularity prior, and the models that learned."""
+    if snapshot is None:
+        return
+    now = datetime.now(timezone.utc)
+    write_models(conn, snapshot["models"])
+    db.upsert(conn, db.learner_state, [
+        {"name": "learner", "state": snapshot["state"], "updated_at": now},
+        {"name": "prior", "state": snapshot["prior"], "updated_at": now},
+    ], ["name"])
+
+
+def write_tip_scores(conn: Connection, snapshot: tuple[int, list[dict[str, Any]]] | None) -> None:
+    """The `tip_scores` rows marked since the last confirmed checkpoint."""
+    if snapshot is None:
+        return
+    _, rows = snapshot
+    for start in range(0, len(rows), 5_000):
+        db.upsert(conn, db.tip_scores, rows[start : start + 5_000], ["decision_id"])
