@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import httpx
+import pytest
 
 from streams.fold import to_ms
 from streams.jetstream import publish_events
@@ -12,9 +13,10 @@ from streams.simulator import Population
 from tests.conftest import eventually
 
 
-async def test_restart_serves_checkpointed_users_before_they_are_loaded(start_service, nc) -> None:
+@pytest.mark.parametrize("writer", ["thread", "process"])
+async def test_restart_serves_checkpointed_users_before_they_are_loaded(start_service, nc, writer: str) -> None:
     events = list(Population(users=300, seed=2).history(days=2, start_ms=to_ms(datetime(2026, 11, 1, tzinfo=timezone.utc))))
-    first = await start_service()
+    first = await start_service(checkpoint_writer=writer)
     await publish_events(nc.jetstream(), events)
     await eventually(lambda: first.service.store.applied == len(events), timeout=30)
     before = {user: state.to_bytes() for user, state in first.service.store.users.items()}
