@@ -13,7 +13,7 @@ JetStream's duplicate window has passed.
 A log is one immutable `bytes` of packed fixed-size records (`RECORDS`), replaced on each
 change: the fewest objects per user, no over-allocation, and a reader holding a view of
 it never blocks the fold. Times are kept in milliseconds relative to the user's
-`base_ms` (the horizon's start), so they fit 32 bits.
+`base_ms` (the horizon's start, rounded down to `REBASE_DAYS`), so they fit 32 bits.
 
 >>> from streams.events import parse_event
 >>> state = UserState()
@@ -35,6 +35,7 @@ import numpy as np
 
 DAY_MS = 86_400_000
 HORIZON_DAYS = 31  # longest window (30 d) plus one day, so `(now - 30d, now]` is exact for now >= newest
+REBASE_DAYS = 8  # kept times span < HORIZON_DAYS + 1 + REBASE_DAYS days of base_ms: 40 < 49.7, the reach of 32 bits
 NO_DUE = 0
 _EPOCH_DAY = date(1970, 1, 1).toordinal()
 
@@ -102,7 +103,7 @@ class UserState:
         self.logs: list[bytes] = [b""] * len(KINDS)
         self.newest_ms = -(2**62)
         self.offset_s = 0  # UTC offset of the newest event: the user's current zone
-        self.base_ms = 0  # what the logs' times count from: the horizon's start at the last prune
+        self.base_ms = 0  # what the logs' times count from (see _base_for)
 
     @property
     def cutoff_ms(self) -> int:
@@ -164,7 +165,7 @@ def _from_v1_bytes(blob: bytes) -> UserState:
                "app.opened": (), "tip.shown": (), "tip.reacted": (1,)}
     state = UserState()
     state.newest_ms, state.offset_s = struct.unpack_from("<qi", blob, 0)
-    state.base_ms = state.cutoff_ms
+    state.base_ms = _base_for(state.cutoff_ms)
     pos = 12
     for i, kind in enumerate(KINDS):
         columns = []
@@ -177,7 +178,7 @@ def _from_v1_bytes(blob: bytes) -> UserState:
         kept = [payload[j] for j in v1_keep[kind]]
         record = RECORDS[kind]
         rows = {record.pack(ts - state.base_ms, fp & 0xFFFF, *(col[n] for col in kept))
-                for n, (ts, fp) in enumerate(zip(stamps, fps)) if ts >= state.base_ms}
+                for n, (ts, fp) in enumerate(zip(stamps, fps)) if ts >= state.cutoff_ms}
         state.logs[i] = b"".join(sorted(rows, key=lambda r: (_TS.unpack_from(r)[0], r)))
     return state
 
@@ -198,6 +199,11 @@ PAYLOAD: dict[str, Callable[[Any], tuple[int, ...]]] = {
 }
 
 
+# Per kind, what the fold needs of it in one lookup: log index, record packer, record size, payload.
+_PLAN = {kind: (KIND_INDEX[kind], RECORDS[kind].pack, RECORDS[kind].size, PAYLOAD[kind]) for kind in KINDS}
+_unpack_ts = _TS.unpack_from
+
+
 class FutureEvent(ValueError):
     """The event is stamped later than the caller's limit (a publisher's clock running ahead)."""
 
@@ -211,7 +217,7 @@ def apply(state: UserState, event: Any, max_ts_ms: int | None = None) -> bool:
     Steps, in order:
     1. Drop the event if it is older than every window can reach from the newest event.
     2. A newer event on a later day moves the horizon: prune what fell out of every window
-       and count times from the new horizon's start.
+       (and every REBASE_DAYS, count times from a new base).
     3. Insert its record into its kind's log in (time, record) order; the same record
        already there is a duplicate.
     4. Advance the newest time and zone.
@@ -219,24 +225,26 @@ def apply(state: UserState, event: Any, max_ts_ms: int | None = None) -> bool:
     moment = event.ts
     offset = moment.utcoffset()
     offset_s = offset.days * 86_400 + offset.seconds
-    ts_ms = _local_ms(moment) - offset_s * 1000
+    # to_ms, inlined: this runs once per event.
+    ts_ms = (((moment.toordinal() - _EPOCH_DAY) * 86_400 + moment.hour * 3600 + moment.minute * 60 + moment.second
+              - offset_s) * 1000 + moment.microsecond // 1000)
     if max_ts_ms is not None and ts_ms > max_ts_ms:
         raise FutureEvent(f"ts {moment.isoformat()} is later than the limit")
     newest = state.newest_ms
     if ts_ms < (newest // DAY_MS - HORIZON_DAYS) * DAY_MS:
         return False
-    kind = event.type
-    i = KIND_INDEX[kind]
+    i, pack, size, payload = _PLAN[event.type]
     if ts_ms // DAY_MS > newest // DAY_MS:
         # Before the insert, so every kept time stays within 32 bits of base_ms. The event
         # itself is the newest, so neither the prune nor the dedup concerns it.
         _move_horizon(state, (ts_ms // DAY_MS - HORIZON_DAYS) * DAY_MS)
-    record = RECORDS[kind].pack(ts_ms - state.base_ms, crc32(event.id.encode()) & 0xFFFF, *PAYLOAD[kind](event))
+    rel = ts_ms - state.base_ms
+    record = pack(rel, crc32(event.id.encode()) & 0xFFFF, *payload(event))
     log = state.logs[i]
-    if not log or ts_ms - state.base_ms > _TS.unpack_from(log, len(log) - SIZES[i])[0]:
+    if not log or rel > _unpack_ts(log, len(log) - size)[0]:
         state.logs[i] = log + record  # the common case: in order, so append
     else:
-        merged = _insert(log, record, SIZES[i])
+        merged = _insert(log, record, size)
         if merged is None:
             return False
         state.logs[i] = merged
@@ -250,13 +258,7 @@ def apply(state: UserState, event: Any, max_ts_ms: int | None = None) -> bool:
 def _insert(log: bytes, record: bytes, size: int) -> bytes | None:
     """`log` with `record` in (time, record bytes) order, or None when it is already there."""
     ts = _TS.unpack_from(record)[0]
-    lo, hi = 0, len(log) // size
-    while lo < hi:  # the first record at or after ts
-        mid = (lo + hi) // 2
-        if _TS.unpack_from(log, mid * size)[0] < ts:
-            lo = mid + 1
-        else:
-            hi = mid
+    lo = _first_at_or_after(log, ts, size)
     count = len(log) // size
     while lo < count:
         at = lo * size
@@ -270,17 +272,39 @@ def _insert(log: bytes, record: bytes, size: int) -> bytes | None:
     return log[:at] + record + log[at:]
 
 
+def _base_for(cutoff_ms: int) -> int:
+    """Where times count from: the cutoff rounded down to REBASE_DAYS, so that records are
+    rewritten every few days, not daily. A function of the cutoff alone: states stay canonical."""
+    return cutoff_ms - cutoff_ms % (REBASE_DAYS * DAY_MS)
+
+
 def _move_horizon(state: UserState, cutoff_ms: int) -> None:
     # The cutoff depends only on the newest event, never on arrival order, so any
     # order of the same events prunes to the same state.
-    shift = cutoff_ms - state.base_ms
+    base = _base_for(cutoff_ms)
+    shift, drop_before = base - state.base_ms, cutoff_ms - state.base_ms
     for i, kind in enumerate(KINDS):
         log = state.logs[i]
         if not log:
             continue
-        records = np.frombuffer(log, dtype=DTYPES[kind])
-        kept = records[np.searchsorted(records["ts"].astype(np.int64), shift):].copy()
-        if len(kept):
-            kept["ts"] -= shift  # every kept time is >= shift, so this never wraps
-        state.logs[i] = kept.tobytes()
-    state.base_ms = cutoff_ms
+        if shift:  # rebase (every REBASE_DAYS): rewrite every time, dropping what fell out
+            records = np.frombuffer(log, dtype=DTYPES[kind])
+            stamps = records["ts"].astype(np.int64)
+            kept = records[np.searchsorted(stamps, drop_before):].copy()
+            kept["ts"] = stamps[len(stamps) - len(kept):] - shift
+            state.logs[i] = kept.tobytes()
+        elif _unpack_ts(log, 0)[0] < drop_before:  # daily: cut the expired head off
+            state.logs[i] = log[_first_at_or_after(log, drop_before, SIZES[i]) * SIZES[i]:]
+    state.base_ms = base
+
+
+def _first_at_or_after(log: bytes, ts: int, size: int) -> int:
+    """Index of the first record whose time is >= ts (binary search over the packed records)."""
+    lo, hi = 0, len(log) // size
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _unpack_ts(log, mid * size)[0] < ts:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo

@@ -169,8 +169,10 @@ class FastParser(Parser):
                     if end - pos < self.needed + 2:
                         break
                     arg = self.msg_arg
-                    pos = await self._deliver(raw_handlers, arg["sid"], arg["subject"], arg["reply"],
-                                              self.header_needed, self.needed, buf, pos)
+                    pos = self._deliver_raw(raw_handlers, arg["sid"], arg["subject"], arg["reply"],
+                                            self.header_needed, self.needed, buf, pos) \
+                        or await self._deliver(arg["sid"], arg["subject"], arg["reply"],
+                                               self.header_needed, self.needed, buf, pos)
                     self.header_needed = 0
                     self.state = AWAITING_CONTROL_LINE
                     continue
@@ -192,7 +194,8 @@ class FastParser(Parser):
                 subject, sid, reply = groups[0], int(groups[1]), groups[3] or b""
                 start = found.end()
                 if end - start >= needed + 2:  # the common case: the whole message is here
-                    pos = await self._deliver(raw_handlers, sid, subject, reply, header_size, needed, buf, start)
+                    pos = self._deliver_raw(raw_handlers, sid, subject, reply, header_size, needed, buf, start) \
+                        or await self._deliver(sid, subject, reply, header_size, needed, buf, start)
                 else:
                     self.msg_arg["subject"], self.msg_arg["sid"], self.msg_arg["reply"] = subject, sid, reply
                     self.header_needed, self.needed = header_size, needed
@@ -202,17 +205,23 @@ class FastParser(Parser):
             if pos:
                 del buf[:pos]
 
-    async def _deliver(self, raw_handlers: dict[int, Any], sid: int, subject: bytes, reply: bytes,
+    @staticmethod
+    def _deliver_raw(raw_handlers: dict[int, Any], sid: int, subject: bytes, reply: bytes,
+                     header_size: int, needed: int, buf: bytearray, pos: int) -> int:
+        """Hand the message to its raw handler (no coroutine per message); 0 when it has none."""
+        handler = raw_handlers.get(sid)
+        if handler is None:
+            return 0
+        # Only status messages (no reply) need their headers; events carry none we read.
+        header = bytes(buf[pos : pos + header_size]) if header_size and not reply else None
+        handler(subject, reply, bytes(buf[pos + header_size : pos + needed]), header)
+        return pos + needed + 2
+
+    async def _deliver(self, sid: int, subject: bytes, reply: bytes,
                        header_size: int, needed: int, buf: bytearray, pos: int) -> int:
         payload = bytes(buf[pos + header_size : pos + needed])
-        handler = raw_handlers.get(sid)
-        if handler is not None:
-            # Only status messages (no reply) need their headers; events carry none we read.
-            header = bytes(buf[pos : pos + header_size]) if header_size and not reply else None
-            handler(subject, reply, payload, header)  # no coroutine per message
-        else:
-            header = bytes(buf[pos : pos + header_size]) if header_size else None
-            await self.nc._process_msg(sid, subject, reply, payload, header)
+        header = bytes(buf[pos : pos + header_size]) if header_size else None
+        await self.nc._process_msg(sid, subject, reply, payload, header)
         return pos + needed + 2
 
 
@@ -269,6 +278,7 @@ class BatchPuller:
         self._sub: Any = None
         self._watchdog: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
+        self._subjects: dict[bytes, str] = {}
 
     async def start(self) -> None:
         self._sub = await self.nc.subscribe_raw(self.inbox, self._on_raw)
@@ -319,7 +329,12 @@ class BatchPuller:
             self._request_soon()
             return
         self.requested -= 1
-        self.on_message((subject.decode(), reply, data))
+        name = self._subjects.get(subject)
+        if name is None:
+            name = subject.decode()
+            if len(self._subjects) < 1024:  # a few event types, so a few subjects: decode each once
+                self._subjects[subject] = name
+        self.on_message((name, reply, data))
         if self.requested <= self.batch // 2:
             self.last_activity = time.monotonic()  # per request, not per message: the watchdog needs no more
             self._request_soon()
