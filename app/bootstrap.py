@@ -107,7 +107,7 @@ class Service:
         await self._load_learning()
         log.info("checkpoint restored: %d users (loading in the background), positions %s (%.2fs)",
                  len(self.store.cold), self.store.positions, time.perf_counter() - started)
-        if s.checkpoint_writer == "process":
+        if s.checkpoint_in_process:
             self.checkpoint_writer = CheckpointWriter(s.sqlalchemy_url)
         self.checkpointer = Checkpointer(self.store, target, s.checkpoint_every_events, s.checkpoint_every_s,
                                          participants=[self.learner, self.decision_log], writer=self.checkpoint_writer)

@@ -6,6 +6,8 @@ fails when the two drift apart.
 
 from __future__ import annotations
 
+import os
+
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -67,11 +69,11 @@ class Settings(BaseSettings):
     checkpoint_every_s: float = Field(
         5.0, gt=0, description="...or after this many seconds, whichever first (a crash replays at most this much)."
     )
-    checkpoint_writer: Literal["thread", "process"] = Field(
-        "thread",
+    checkpoint_writer: Literal["auto", "thread", "process"] = Field(
+        "auto",
         description="Where checkpoint transactions run: `thread` (in the service; they share its GIL, so under load "
                     "they take longer) or `process` (a writer process: faster checkpoints, but it needs a core of its "
-                    "own; on two cores it cost ingest a quarter of its rate).",
+                    "own; on two cores it cost ingest a quarter of its rate). `auto`: `process` with 4 or more CPUs.",
     )
     max_uncheckpointed_events: int = Field(
         1_000_000,
@@ -170,6 +172,13 @@ class Settings(BaseSettings):
                 f"TIPSTREAM_LOG_LEVEL={value!r} is not a log level; use debug, info, warning, error or critical."
             )
         return level
+
+    @property
+    def checkpoint_in_process(self) -> bool:
+        """Whether checkpoints run in a writer process (`checkpoint_writer`, with `auto` resolved)."""
+        if self.checkpoint_writer == "auto":
+            return len(os.sched_getaffinity(0)) >= 4 if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) >= 4
+        return self.checkpoint_writer == "process"
 
     @property
     def sqlalchemy_url(self) -> str:

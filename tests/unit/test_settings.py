@@ -1,0 +1,23 @@
+"""Settings that are resolved, not just read."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from app.settings import Settings
+
+
+@pytest.mark.parametrize(("cpus", "expected"), [(2, False), (4, True), (16, True)])
+def test_checkpoint_writer_auto_takes_a_process_only_with_cores_to_spare(
+        monkeypatch: pytest.MonkeyPatch, cpus: int, expected: bool) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    assert Settings().checkpoint_in_process is expected
+    assert Settings(checkpoint_writer="thread").checkpoint_in_process is False
+    assert Settings(checkpoint_writer="process").checkpoint_in_process is True
+
+
+def test_an_unknown_checkpoint_writer_is_refused_with_the_choices() -> None:
+    with pytest.raises(ValueError, match="'auto', 'thread' or 'process'"):
+        Settings(checkpoint_writer="fork")
