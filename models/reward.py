@@ -88,6 +88,10 @@ def _check_reward(reward: float) -> float:
 
 # A cross plan: (key prefix, a, a's label if fixed else None, b, b's label if fixed else None).
 CrossPlan = list[tuple[str, str, str | None, str, str | None]]
+# The same, compiled for candidates that share some members: (head, a or None, separator,
+# b or None, tail); the key is head + label(x[a]) + separator + label(x[b]) + tail, the fixed
+# labels already inside head or tail.
+CompiledPlan = list[tuple[str, str | None, str, str | None, str]]
 
 
 class Interactions(base.Transformer):
@@ -113,22 +117,46 @@ class Interactions(base.Transformer):
         self.cross(x, self._plan0, out)
         return out
 
-    def plan(self, shared: Mapping[str, Any]) -> tuple[CrossPlan, CrossPlan]:
+    def plan(self, shared: Mapping[str, Any]) -> tuple[CompiledPlan, CompiledPlan]:
         """Split the crosses for candidates that share `shared` (their keys must not overlap it):
         the crosses computed once from `shared`, and per-candidate ones with shared members
-        already labelled. A cross with a shared member that is None never fires and is dropped."""
-        once: CrossPlan = []
-        each: CrossPlan = []
+        already labelled. A cross with a shared member that is None never fires and is dropped.
+
+        >>> once, each = Interactions().plan({"user_id": "u-1", "hour_of_day": 14, "preferred_hour": 9})
+        >>> each
+        [('category*hour_of_day=', 'category', '*12-17', None, ''), ('tip_id*preferred_hour=', 'tip_id', '*6-11', None, ''), ('user_id*category=u-1*', None, '', 'category', '')]
+        """
+        once: CompiledPlan = []
+        each: CompiledPlan = []
         for prefix, a, _, b, _ in self._plan0:
             in_a, in_b = a in shared, b in shared
             if in_a and in_b:
-                once.append((prefix, a, None, b, None))
+                once.append((prefix, a, "*", b, ""))
             elif (in_a and shared[a] is None) or (in_b and shared[b] is None):
                 continue
+            elif in_a:
+                each.append((f"{prefix}{self.label(shared[a])}*", None, "", b, ""))
+            elif in_b:
+                each.append((prefix, a, f"*{self.label(shared[b])}", None, ""))
             else:
-                each.append((prefix, a, self.label(shared[a]) if in_a else None,
-                             b, self.label(shared[b]) if in_b else None))
+                each.append((prefix, a, "*", b, ""))
         return once, each
+
+    def cross_planned(self, x: Mapping[str, Any], plan: CompiledPlan, out: dict[str, float]) -> None:
+        """`cross` over a plan from `plan()`: one string join per key."""
+        labels = self._labels
+        for head, a, separator, b, tail in plan:
+            if a is not None:
+                va = x.get(a)
+                if va is None:
+                    continue
+                head += va if type(va) is str or isinstance(va, str) else labels[int(va) % 24]
+            if b is not None:
+                vb = x.get(b)
+                if vb is None:
+                    continue
+                tail = (vb if type(vb) is str or isinstance(vb, str) else labels[int(vb) % 24]) + tail
+            out[head + separator + tail] = 1.0
 
     def cross(self, x: Mapping[str, Any], plan: CrossPlan, out: dict[str, float]) -> None:
         labels = self._labels
@@ -301,8 +329,11 @@ class TipModel:
 
     # -- features ---------------------------------------------------------------------------
 
-    def _features(self, x: Mapping[str, Any], plan: CrossPlan) -> dict[str, float]:
-        """The classifier's input: scaled numerics, one-hot strings, crosses (as the pipeline)."""
+    def _features(self, x: Mapping[str, Any], plan: Any, cross: Callable[..., None] | None = None) -> dict[str, float]:
+        """The classifier's input: scaled numerics, one-hot strings, crosses (as the pipeline).
+
+        `plan` is `Interactions._plan0` for `cross` (the default), or a plan from
+        `Interactions.plan` for `Interactions.cross_planned`."""
         moments = self._moments
         out: dict[str, float] = {}
         for k, v in x.items():
@@ -318,7 +349,7 @@ class TipModel:
                 out[f"{k}_{v}"] = 1.0
             else:
                 raise TypeError(f"feature {k!r} must be a number, a string or None; got {type(v).__name__}")
-        self.interactions.cross(x, plan, out)
+        (cross or self.interactions.cross)(x, plan, out)
         return out
 
     def _logit(self, t: dict[str, float]) -> float:
@@ -363,17 +394,18 @@ class TipModel:
                     shared[k] = v
             if shared:
                 xs = [{k: v for k, v in x.items() if k not in shared} for x in xs]
-        elif any(shared.keys() & x.keys() for x in xs):
+        elif not shared.keys().isdisjoint(set().union(*xs)):
             return [self.predict_one({**shared, **x}) for x in xs]
         once, each = self.interactions.plan(shared)
-        base_t = self._features(shared, once)
+        planned = self.interactions.cross_planned
+        base_t = self._features(shared, once, planned)
         sigmoid = _sigmoid
         clf = self.classifier
         features = self._features
         if not self._fm:
             weights = clf._weights
             base_logit = weights.dot(base_t) + clf.intercept
-            return [sigmoid(base_logit + weights.dot(features(x, each))) for x in xs]
+            return [sigmoid(base_logit + weights.dot(features(x, each, planned))) for x in xs]
         # FM: the shared linear term and the shared sums of the pairwise term, then all the
         # candidates' latent rows in one matrix.
         w, latents = clf.weights, clf.latents
@@ -388,7 +420,7 @@ class TipModel:
         w_get, lat_get = w.get, latents.get
         for c, x in enumerate(xs):
             lin = lin0
-            for j, xj in features(x, each).items():
+            for j, xj in features(x, each, planned).items():
                 lin += w_get(j, 0.0) * xj
                 v = lat_get(j)
                 if v is not None:

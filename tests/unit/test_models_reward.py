@@ -169,6 +169,23 @@ def test_snapshot_round_trip_is_exact_and_keeps_learning_identically(kind: str) 
     assert [copy.predict_one(x) for x in probes] == [model.predict_one(x) for x in probes]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_predict_many_equals_predict_one_for_every_shape_of_cross(kind: str) -> None:
+    # Crosses of two shared members, of two candidate members, of one of each (either way round).
+    pairs = (("user_id", "hour_of_day"), ("tip_id", "category"), ("user_id", "category"), ("tip_id", "preferred_hour"))
+    model = TipModel(kind=kind, interactions=pairs, learning_rate=0.2)
+    rng = random.Random(4)
+    for _ in range(500):
+        model.learn_one({"user_id": f"u-{rng.randrange(3)}", "hour_of_day": rng.randrange(24), "preferred_hour": 9,
+                         "tip_id": f"t-{rng.randrange(5)}", "category": rng.choice(CATEGORIES)}, rng.random())
+    shared = {"user_id": "u-1", "hour_of_day": 14, "preferred_hour": 9}
+    candidates = [{"tip_id": f"t-{i}", "category": c} for i in range(5) for c in CATEGORIES]
+    one = [model.predict_one({**shared, **c}) for c in candidates]
+    assert model.predict_many(candidates, shared=shared) == pytest.approx(one, abs=1e-12)
+    assert model.predict_many(candidates, shared={**shared, "user_id": None}) == pytest.approx(
+        [model.predict_one({**shared, "user_id": None, **c}) for c in candidates], abs=1e-12)
+
+
 def test_snapshot_of_something_else_is_refused() -> None:
     with pytest.raises(ValueError, match="not a TipModel snapshot"):
         TipModel.from_bytes(b"garbage")
