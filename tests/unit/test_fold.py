@@ -100,6 +100,27 @@ def test_a_snapshot_equals_a_fresh_evaluation_everywhere_it_reaches(events: list
         assert snap.fallbacks == {name for name, v in evaluate(state, now).items() if v.fallback}
 
 
+def test_long_absences_and_far_dates_keep_exact_times_in_any_order() -> None:
+    def opened(i: int, at: datetime) -> Any:
+        return parse_event(orjson.dumps({"id": f"o{i}", "type": "app.opened", "user_id": "u", "ts": at.isoformat()}))
+
+    # Gaps longer than 32 bits of milliseconds (49.7 days), dates far from now, one before 1970.
+    moments = [datetime(1969, 12, 25, tzinfo=timezone.utc), BASE, BASE + timedelta(days=3, milliseconds=7),
+               BASE + timedelta(days=60), BASE + timedelta(days=200, hours=5), BASE + timedelta(days=205),
+               datetime(2100, 1, 1, 23, 59, 59, 999_000, tzinfo=timezone.utc),
+               datetime(2100, 1, 20, tzinfo=timezone.utc)]
+    events = [opened(i, m) for i, m in enumerate(moments)]
+    forward, backward = fold_all(events), fold_all(events[::-1])
+    assert forward == backward
+    assert forward.times("app.opened").tolist() == [to_ms(m) for m in moments[-2:]]
+    now = to_ms(moments[-1])
+    assert evaluate(forward, now)["seconds_since_active"].value == 0.0
+    assert evaluate(forward, now)["app_opens_7d"].value == 1
+    edge = to_ms(moments[-2]) + 7 * DAY_MS  # the first 2100 event leaves (now - 7d, now] exactly here
+    assert evaluate(forward, edge - 1)["app_opens_7d"].value == 1
+    assert evaluate(forward, edge)["app_opens_7d"].value == 0
+
+
 def test_a_snapshot_ends_where_an_open_task_falls_overdue() -> None:
     created = parse_event(orjson.dumps({"id": "c", "type": "task.created", "user_id": "u", "ts": "2026-11-26T10:00:00Z",
                                         "data": {"task_id": "t", "due": "2026-11-26T12:00:00Z"}}))
