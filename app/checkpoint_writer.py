@@ -58,8 +58,10 @@ class CheckpointWriter:
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor(), _save, positions, states, list(writes))
         except BrokenProcessPool:
-            log.warning("the checkpoint writer process died; starting a new one")
-            self._pool = None
+            log.warning("the checkpoint writer process died; the next checkpoint starts a new one")
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+                self._pool = None
             raise
 
     def close(self) -> None:

@@ -30,12 +30,23 @@ import numpy as np
 Ranking = tuple[list[int], list[float]]
 
 
-def _greedy_order(scores: Sequence[float]) -> list[int]:
+def _check_finite(scores: Sequence[float]) -> None:
     for s in scores:
-        if not math.isfinite(s):  # a NaN would make the sort order meaningless
+        if not math.isfinite(s):  # a NaN would make any order meaningless
             raise ValueError(f"scores must be finite numbers, got {s!r}")
+
+
+def _greedy_order(scores: Sequence[float]) -> list[int]:
+    _check_finite(scores)
     # sorted() is stable, so equal scores keep input order: ties go to the lower index.
     return sorted(range(len(scores)), key=lambda i: -scores[i])
+
+
+def _positive_finite(name: str, value: float) -> float:
+    value = float(value)
+    if not value > 0.0 or math.isinf(value):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return value
 
 
 class Policy:
@@ -125,13 +136,10 @@ class Softmax(Policy):
     PARAMS = ("temperature",)
 
     def __init__(self, temperature: float = 0.1) -> None:
-        temperature = float(temperature)
-        if not temperature > 0.0 or math.isinf(temperature):
-            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
-        self.temperature = temperature
+        self.temperature = _positive_finite("temperature", temperature)
 
     def rank(self, scores: Sequence[float], rng: random.Random, samples: Mapping[str, Any] | None = None) -> Ranking:
-        _greedy_order(scores)  # validates
+        _check_finite(scores)
         n = len(scores)
         if n == 0:
             return [], []
@@ -172,14 +180,11 @@ class ThompsonSampling(Policy):
     def __init__(self, n_draws: int = 128, concentration: float = 10.0) -> None:
         if float(n_draws) != int(n_draws) or int(n_draws) < 1:
             raise ValueError(f"n_draws must be a positive integer, got {n_draws!r}")
-        concentration = float(concentration)
-        if not concentration > 0.0 or math.isinf(concentration):
-            raise ValueError(f"concentration must be a positive finite number, got {concentration!r}")
         self.n_draws = int(n_draws)
-        self.concentration = concentration
+        self.concentration = _positive_finite("concentration", concentration)
 
     def rank(self, scores: Sequence[float], rng: random.Random, samples: Mapping[str, Any] | None = None) -> Ranking:
-        _greedy_order(scores)  # validates
+        _check_finite(scores)
         n = len(scores)
         if n == 0:
             return [], []

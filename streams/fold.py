@@ -62,6 +62,7 @@ DTYPES = {kind: np.dtype([("ts", "<u4"), ("fp", "<u2")] + [(name, "<" + code.rep
                                                              for name, code in fields])
           for kind, fields in KINDS.items()}
 _TS = struct.Struct("<I")
+_unpack_ts = _TS.unpack_from
 _HEADER = struct.Struct("<4sqiq")  # magic, newest_ms, offset_s, base_ms
 _MAGIC = b"TSU2"
 _LENGTH = struct.Struct("<I")
@@ -127,7 +128,7 @@ class UserState:
 
     def first_ms(self, kind: str) -> int | None:
         log = self.logs[KIND_INDEX[kind]]
-        return _TS.unpack_from(log, 0)[0] + self.base_ms if log else None
+        return _unpack_ts(log, 0)[0] + self.base_ms if log else None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, UserState) and self.to_bytes() == other.to_bytes()
@@ -179,7 +180,7 @@ def _from_v1_bytes(blob: bytes) -> UserState:
         record = RECORDS[kind]
         rows = {record.pack(ts - state.base_ms, fp & 0xFFFF, *(col[n] for col in kept))
                 for n, (ts, fp) in enumerate(zip(stamps, fps)) if ts >= state.cutoff_ms}
-        state.logs[i] = b"".join(sorted(rows, key=lambda r: (_TS.unpack_from(r)[0], r)))
+        state.logs[i] = b"".join(sorted(rows, key=lambda r: (_unpack_ts(r)[0], r)))
     return state
 
 
@@ -201,7 +202,6 @@ PAYLOAD: dict[str, Callable[[Any], tuple[int, ...]]] = {
 
 # Per kind, what the fold needs of it in one lookup: log index, record packer, record size, payload.
 _PLAN = {kind: (KIND_INDEX[kind], RECORDS[kind].pack, RECORDS[kind].size, PAYLOAD[kind]) for kind in KINDS}
-_unpack_ts = _TS.unpack_from
 
 
 class FutureEvent(ValueError):
@@ -257,13 +257,13 @@ def apply(state: UserState, event: Any, max_ts_ms: int | None = None) -> bool:
 
 def _insert(log: bytes, record: bytes, size: int) -> bytes | None:
     """`log` with `record` in (time, record bytes) order, or None when it is already there."""
-    ts = _TS.unpack_from(record)[0]
+    ts = _unpack_ts(record)[0]
     lo = _first_at_or_after(log, ts, size)
     count = len(log) // size
     while lo < count:
         at = lo * size
         other = log[at : at + size]
-        if _TS.unpack_from(other)[0] != ts or other > record:
+        if _unpack_ts(other)[0] != ts or other > record:
             break
         if other == record:
             return None
