@@ -75,7 +75,7 @@ FEATURES: tuple[Feature, ...] = (
        "`reschedules / (tasks created + 1)` over 30 days."),
     _f("active_day_streak", "int", 2, "all signals", 0,
        "Consecutive local days (in the user's current offset) with any signal, ending today or yesterday; "
-       "at most 31, the fold's horizon."),
+       "at most 32: the fold keeps the newest event's day and the 31 before it."),
     _f("mean_hours_to_complete_28d", "float", 28, "task.created, task.completed", 24.0,
        "Mean hours from creation to completion, over completions in 28 days whose creation is known."),
     _f("engagement_score", "float", 30, "all signals", 0.0,
@@ -95,6 +95,10 @@ CONTEXT_FEATURES: tuple[Feature, ...] = (
 FEATURE_NAMES = tuple(f.name for f in FEATURES)
 BY_NAME = {f.name: f for f in FEATURES + CONTEXT_FEATURES}
 
+# Every window length a feature uses, in days: where the reach of a snapshot ends.
+WINDOW_DAYS = (1, 7, 28, 30)
+_WINDOW_SPANS = np.array((0,) + tuple(days * DAY_MS for days in WINDOW_DAYS), dtype=np.int64)  # `now` first
+
 
 class _Evaluation:
     """Evaluates every profile feature of one user at `now` (ms), vectorised over the logs.
@@ -109,7 +113,13 @@ class _Evaluation:
         self.rel = now - state.base_ms
         self.records = {kind: state.records(kind) for kind in KIND_NAMES}
         self.stamps = {kind: records["ts"].astype(np.int64) for kind, records in self.records.items()}
-        self.hi = {kind: int(np.searchsorted(stamps, self.rel, "right")) for kind, stamps in self.stamps.items()}
+        # One binary search per kind finds `now` and every window's start (`lo`), not one per feature.
+        edges = self.rel - _WINDOW_SPANS
+        self.hi, self._lows = {}, {}
+        for kind, stamps in self.stamps.items():
+            hi, *lows = stamps.searchsorted(edges, "right").tolist()
+            self.hi[kind] = hi
+            self._lows[kind] = dict(zip(WINDOW_DAYS, lows))
         self._open: dict[int, int] | None = None
         self._reactions: list[int] | None = None
 
@@ -117,10 +127,14 @@ class _Evaluation:
         hi = self.hi[kind]
         return int(self.stamps[kind][hi - 1]) + self.base if hi else None
 
-    def lo(self, kind: str, days: float) -> int:
-        return int(np.searchsorted(self.stamps[kind], self.rel - int(days * DAY_MS), "right"))
+    def lo(self, kind: str, days: int) -> int:
+        """The index of the kind's first event in `(now - days, now]`."""
+        low = self._lows[kind].get(days)
+        if low is None:
+            low = int(self.stamps[kind].searchsorted(self.rel - days * DAY_MS, "right"))
+        return low
 
-    def count(self, kind: str, days: float) -> int:
+    def count(self, kind: str, days: int) -> int:
         return self.hi[kind] - self.lo(kind, days)
 
     def ts(self, kind: str) -> np.ndarray:
@@ -205,32 +219,32 @@ class _Evaluation:
     def active_day_streak(self) -> tuple[int, bool]:
         # base is a whole day (UTC), so local day numbers can be taken relative to it.
         offset_ms = self.state.offset_s * 1000
-        days: set[int] = set()
-        for kind in SIGNAL_KINDS:
-            days.update(((self.ts(kind) + offset_ms) // DAY_MS).tolist())
-        day = (self.rel + offset_ms) // DAY_MS
-        if day not in days:
-            day -= 1  # a streak survives until today is over
+        today = (self.rel + offset_ms) // DAY_MS
+        days = today - (np.concatenate([self.ts(kind) for kind in SIGNAL_KINDS]) + offset_ms) // DAY_MS
+        active = np.zeros(int(days.max()) + 2 if len(days) else 2, dtype=bool)  # by days ago, 0 = today; last False
+        active[days] = True
+        flags = active.tolist()
+        day = 0 if flags[0] else 1  # a streak survives until today is over
         streak = 0
-        while day in days:
-            streak, day = streak + 1, day - 1
+        while flags[day]:
+            streak, day = streak + 1, day + 1
         return streak, False
 
     def mean_hours_to_complete_28d(self) -> tuple[float, bool]:
         lo, hi = self.lo("task.completed", 28), self.hi["task.completed"]
-        if lo == hi:
-            return BY_NAME["mean_hours_to_complete_28d"].fallback, True
         end = self.hi["task.created"]
-        created_at: dict[int, int] = {}
-        created = self.records["task.created"]["task"][:end].tolist()
-        for task, at in zip(reversed(created), reversed(self.stamps["task.created"][:end].tolist())):
-            created_at[task] = at  # walking backwards, the earliest creation is written last
-        done = self.records["task.completed"]["task"][lo:hi].tolist()
-        spans = [at - created_at[task] for task, at in zip(done, self.stamps["task.completed"][lo:hi].tolist())
-                 if created_at.get(task, at + 1) <= at]
-        if not spans:
+        if lo == hi or not end:
             return BY_NAME["mean_hours_to_complete_28d"].fallback, True
-        return sum(spans) / len(spans) / HOUR_MS, False
+        # The log is in time order, so a task's first occurrence is its earliest creation.
+        tasks, first = np.unique(self.records["task.created"]["task"][:end], return_index=True)
+        created_at = self.stamps["task.created"][first]
+        done, done_at = self.records["task.completed"]["task"][lo:hi], self.stamps["task.completed"][lo:hi]
+        at = np.minimum(tasks.searchsorted(done), len(tasks) - 1)
+        known = (tasks[at] == done) & (created_at[at] <= done_at)
+        spans = done_at[known] - created_at[at[known]]
+        if not len(spans):
+            return BY_NAME["mean_hours_to_complete_28d"].fallback, True
+        return int(spans.sum()) / len(spans) / HOUR_MS, False
 
     def engagement_score(self) -> tuple[float, bool]:
         stamps = np.concatenate([self.ts(k)[self.lo(k, 30):] for k in SIGNAL_KINDS])
@@ -264,8 +278,6 @@ def evaluate(state: UserState | None, now_ms: int) -> dict[str, FeatureValue]:
     return values
 
 
-# Every window length a feature uses, in days: where the reach of a snapshot ends.
-WINDOW_DAYS = (1, 7, 28, 30)
 _CONTINUOUS = ("seconds_since_active", "engagement_score")
 
 
