@@ -173,7 +173,7 @@ async def _rollback(request: Request, body: ChangeBody) -> Any:
 async def _evaluate(request: Request, body: ChangeBody) -> Any:
     """
     responses:
-      200: {description: the refreshed model card (progressive validation and fairness over the log)}
+      200: {description: 'the refreshed model card: progressive validation, fairness, and off-policy value over the log'}
       401: {description: no bearer token}
       403: {description: 'wrong token, or TIPSTREAM_ADMIN_TOKEN unset'}
       404: {description: no such version}

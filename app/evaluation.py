@@ -4,7 +4,9 @@ The log is `tip_scores`: each rewarded decision gives one (features as served, r
 example per credited tip, in decision order. A version's configuration is evaluated by
 training a fresh model of it over that log, predicting each example before learning it
 (River's progressive validation); the records then feed `fairness_check` by tenure (new vs
-established users) and by time-zone region (from the logged `utc_offset_min`).
+established users) and by time-zone region (from the logged `utc_offset_min`). A version
+that has served or shadowed also gets `policy_value`: the reward its own choices would have
+earned, estimated off-policy from the logged propensities.
 """
 
 from __future__ import annotations
@@ -18,21 +20,30 @@ from sqlalchemy import Engine, select
 from app import db
 from app.decisions import learning_input
 from models.registry import ModelCard
+from models import offpolicy
 from models.reward import Record, TipModel, fairness_check, progressive_validation, tenure_segment, timezone_segment
 
 Example = tuple[dict[str, Any], float]
 
 
-def rewarded_log(engine: Engine, limit: int) -> list[Example]:
-    """The newest `limit` rewarded examples, oldest first."""
+Decision = tuple[dict[str, Any], dict[str, float]]  # the logged decision, its rewards by tip
+
+
+def rewarded_decisions(engine: Engine, limit: int) -> list[Decision]:
+    """The newest `limit` decisions that earned any reward, oldest first."""
     table = db.tip_scores
     query = (select(table.c.decision, table.c.rewards).where(table.c.rewarded_at.is_not(None))
              .order_by(table.c.created_at.desc(), table.c.decision_id.desc()).limit(limit))
     with engine.connect() as conn:
         rows = conn.execute(query).all()
+    return [(orjson.loads(text), rewards or {}) for text, rewards in reversed(rows)]
+
+
+def rewarded_log(decisions: list[Decision], limit: int) -> list[Example]:
+    """The newest `limit` (features as served, reward) examples of `decisions`, oldest first."""
     examples: list[Example] = []
-    for text, rewards in reversed(rows):
-        examples.extend(examples_of(orjson.loads(text), rewards or {}))
+    for decision, rewards in decisions:
+        examples.extend(examples_of(decision, rewards))
     return examples[-limit:]
 
 
@@ -42,6 +53,51 @@ def examples_of(decision: Mapping[str, Any], rewards: Mapping[str, float]) -> It
         candidate = by_tip.get(tip_id)
         if candidate is not None:
             yield learning_input(decision["features"], candidate), float(reward)
+
+
+def policy_value(decisions: list[Decision], version: str) -> dict[str, Any]:
+    """What `version` would have earned without exploration, estimated from the logged
+    propensities (`models.offpolicy`), beside what the served policy earned.
+
+    The reward of a decision is that of the tip served first (0 when only other tips got a
+    reaction); decisions nobody reacted to are not counted, as the learner does not learn
+    from silence. As champion, the version's choice is its best-scored tip; as shadow, its
+    logged first tip, compared with the champion's best on the same decisions.
+
+    >>> decision = {"model_version": "v1", "shadow": {"version": "v2", "first": "b"},
+    ...             "ranked": [{"tip_id": "a", "score": 0.9, "propensity": 0.95},
+    ...                        {"tip_id": "b", "score": 0.1, "propensity": 0.05}]}
+    >>> report = policy_value([(decision, {"a": 1.0})], "v2")
+    >>> report["as_shadow"]["decisions"], report["as_shadow"]["logged_reward"], report["as_shadow"]["estimate"]["agreed"]
+    (1, 1.0, 0)
+    >>> report["as_shadow"]["champion_greedy"]["snips"]
+    1.0
+    """
+    as_champion, as_shadow = [], []
+    for decision, rewards in decisions:
+        served = decision["ranked"][0]
+        best = max(decision["ranked"], key=lambda candidate: candidate["score"])["tip_id"]
+        logged = (served["tip_id"], float(served["propensity"]), float(rewards.get(served["tip_id"], 0.0)), best)
+        if decision.get("model_version") == version:
+            as_champion.append(logged)
+        shadow = decision.get("shadow") or {}
+        if shadow.get("version") == version:
+            as_shadow.append((logged, shadow["first"]))
+    report: dict[str, Any] = {"source": "inverse propensity scoring over the rewarded decision log (tip_scores)"}
+    if as_champion:
+        report["as_champion"] = {
+            "decisions": len(as_champion),
+            "logged_reward": sum(r for _, _, r, _ in as_champion) / len(as_champion),
+            "greedy": offpolicy.estimate((best == tip, p, r) for tip, p, r, best in as_champion).to_dict(),
+        }
+    if as_shadow:
+        report["as_shadow"] = {
+            "decisions": len(as_shadow),
+            "logged_reward": sum(r for (_, _, r, _), _ in as_shadow) / len(as_shadow),
+            "estimate": offpolicy.estimate((first == tip, p, r) for (tip, p, r, _), first in as_shadow).to_dict(),
+            "champion_greedy": offpolicy.estimate((best == tip, p, r) for (tip, p, r, best), _ in as_shadow).to_dict(),
+        }
+    return report
 
 
 def evaluate(params: Mapping[str, Any], examples: list[Example], min_n: int = 30) -> tuple[TipModel, ModelCard]:

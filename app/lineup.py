@@ -124,9 +124,10 @@ class Lineup:
         await self._change(lambda reg: reg.retire(version, actor=actor, note=note))
 
     async def evaluate(self, version: str) -> ModelCard:
-        """Refresh a version's card: progressive validation of its configuration over the log."""
+        """Refresh a version's card: progressive validation of its configuration over the log,
+        and the off-policy value of its choices where it served or shadowed."""
         mv = self.registry.get(version)
-        _, card = await asyncio.to_thread(self._evaluate, dict(mv.params))
+        _, card = await asyncio.to_thread(self._evaluate, dict(mv.params), version)
 
         def update(reg: Registry) -> ModelCard:
             target = reg.get(version).card
@@ -136,8 +137,12 @@ class Lineup:
 
         return await self._change(update)
 
-    def _evaluate(self, params: dict[str, Any]) -> tuple[TipModel, ModelCard]:
-        return evaluation.evaluate(params, evaluation.rewarded_log(self.engine, self.eval_max_rewards))
+    def _evaluate(self, params: dict[str, Any], version: str | None = None) -> tuple[TipModel, ModelCard]:
+        decisions = evaluation.rewarded_decisions(self.engine, self.eval_max_rewards)
+        model, card = evaluation.evaluate(params, evaluation.rewarded_log(decisions, self.eval_max_rewards))
+        if version is not None:
+            card.offline_metrics["policy_value"] = evaluation.policy_value(decisions, version)
+        return model, card
 
     # -- reads -------------------------------------------------------------------------------
 

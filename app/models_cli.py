@@ -142,7 +142,7 @@ def add_models_commands(commands: Any) -> None:
             "promote": "make a shadowed version the champion",
             "rollback": "restore the previous champion",
             "retire": "take a version out of service for good",
-            "evaluate": "refresh a version's card: progressive validation and fairness over the log",
+            "evaluate": "refresh a version's card: progressive validation, fairness and off-policy value over the log",
         }
         parser = sub.add_parser(action, help=helps[action] + " (through the running service)")
         if action != "rollback":

@@ -322,6 +322,25 @@ def _fmt(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
+def _policy_value_lines(report: dict[str, Any] | None) -> list[str]:
+    """The off-policy estimates (app.evaluation.policy_value) as a table, when there are any."""
+    if not report or not ({"as_champion", "as_shadow"} & report.keys()):
+        return []
+    lines = ["", "## Policy value (off-policy, from the logged propensities)", "",
+             "Mean reward of the tip served first: as logged (with exploration), and estimated (self-normalised "
+             "inverse propensity scoring) had this version's own first choice been served.", "",
+             "| as | decisions | logged reward | estimate | 95% interval | agreed | effective n | champion's best, same decisions |",
+             "|---|---|---|---|---|---|---|---|"]
+    for role, key in (("champion", "greedy"), ("shadow", "estimate")):
+        part = report.get(f"as_{role}")
+        if part:
+            value, baseline = part[key], part.get("champion_greedy")
+            lines.append(f"| {role} | {part['decisions']} | {_fmt(part['logged_reward'])} | {_fmt(value['snips'])} | "
+                         f"{_fmt(value['ci95'])} | {value['agreed']} | {_fmt(value['effective_n'])} | "
+                         f"{_fmt(baseline['snips']) if baseline else '-'} |")
+    return lines
+
+
 def card_markdown(mv: ModelVersion, role: str | None = None) -> str:
     """The model card as Markdown.
 
@@ -353,10 +372,12 @@ def card_markdown(mv: ModelVersion, role: str | None = None) -> str:
     else:
         lines += [", ".join(mv.feature_names) or "(none recorded)"]
     lines += ["", "## Offline metrics (progressive validation: predict, then learn, over the log)", ""]
-    if c.offline_metrics:
-        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in c.offline_metrics.items()]
+    metrics = {k: v for k, v in c.offline_metrics.items() if k != "policy_value"}
+    if metrics:
+        lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
     else:
         lines += ["(not evaluated)"]
+    lines += _policy_value_lines(c.offline_metrics.get("policy_value"))
     lines += ["", "## Fairness", ""]
     if not c.fairness:
         lines += ["(not checked)"]

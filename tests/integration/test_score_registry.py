@@ -67,6 +67,9 @@ async def test_register_shadow_promote_rollback_with_cards_and_history(start_ser
             await js.publish("feedback.tip.reacted", orjson.dumps(event), headers={"Nats-Msg-Id": event["id"]})
         await eventually(lambda: service.learner.credited == 60)
         await eventually(lambda: not service.decision_log.backlog)
+        evaluated = await http.post("/admin/models/v1/evaluate", headers=AUTH)
+        value = evaluated.json()["offline_metrics"]["policy_value"]["as_champion"]
+        assert value["decisions"] == 60 and 0 < value["logged_reward"] < 1 and value["greedy"]["agreed"] > 0
 
         registered = await http.post("/admin/models", headers=AUTH, json={
             "version": "v2", "kind": "fm", "params": {"learning_rate": 0.05, "n_factors": 4}, "actor": "alice"})

@@ -14,6 +14,7 @@ import pytest
 from app import migrate
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.db import make_engine
+from app.checkpoint_rows import write_tip_scores
 from app.decisions import LoggedDecision, TipScoresLog
 from app.learner import Learner
 from app.learning_metrics import FEEDBACK
@@ -187,3 +188,43 @@ def test_failed_saves_are_retried_by_the_next_checkpoint(world: World) -> None:
     world.learner.saved(again)
     world.score()  # a change, but nothing learned: the models in SQL are current
     assert world.learner.snapshot()["models"] == {}
+
+
+def test_cards_estimate_what_the_champion_and_the_shadow_would_have_earned(world: World) -> None:
+    users, tips = [f"u-{i}" for i in range(5)], ("a", "b", "c")
+    for user in users:  # every tip has a reward history, so the models' scores count in the blend
+        for tip in tips:  # (these decisions were never acknowledged by JetStream: they have no row)
+            world.react(world.score(user=user, tips=tips).decision_id, tip, "liked", user=user)
+    for _ in range(300):  # the shadow comes to prefer "b", the champion "a"
+        for version, liked in (("v1", "a"), ("v2", "b")):
+            for tip in tips:
+                world.lineup.models[version].learn_one({"tip_id": tip}, 1.0 if tip == liked else 0.0)
+    world.scorer.policy = make_policy("epsilon_greedy", epsilon=0.5)
+    served = []
+    for i in range(60):
+        user = users[i % 5]
+        scored = world.score(user=user, tips=tips)
+        world.learner.published(scored.decision_id)  # JetStream acknowledged it: the row is marked
+        first = scored.decision["ranked"][0]
+        best = max(scored.decision["ranked"], key=lambda c: c["score"])["tip_id"]
+        reward = 1.0 if first["tip_id"] == "b" else 0.0
+        served.append((first["tip_id"], first["propensity"], reward, best, scored.decision["shadow"]["first"]))
+        world.react(scored.decision_id, first["tip_id"], "acted" if reward else "dismissed", user=user)
+    with world.engine.begin() as conn:
+        write_tip_scores(conn, world.log.snapshot())
+
+    def snips(agrees: list[bool]) -> float:
+        weights = [1 / p if a else 0.0 for a, (_, p, _, _, _) in zip(agrees, served)]
+        return sum(w * r for w, (_, _, r, _, _) in zip(weights, served)) / sum(weights)
+
+    card = asyncio.run(world.lineup.evaluate("v2"))
+    shadow = card.offline_metrics["policy_value"]["as_shadow"]
+    as_shadow = [tip == first for tip, _, _, _, first in served]
+    as_champion = [tip == best for tip, _, _, best, _ in served]
+    assert 0 < sum(as_shadow) < 60 and 0 < sum(as_champion) < 60, "both agree with the log only sometimes"
+    assert shadow["decisions"] == 60 and shadow["logged_reward"] == sum(r for _, _, r, _, _ in served) / 60
+    assert shadow["estimate"]["agreed"] == sum(as_shadow) and shadow["champion_greedy"]["agreed"] == sum(as_champion)
+    assert shadow["estimate"]["snips"] == pytest.approx(snips(as_shadow))
+    assert shadow["champion_greedy"]["snips"] == pytest.approx(snips(as_champion))
+    assert shadow["estimate"]["snips"] > shadow["champion_greedy"]["snips"], "the shadow's choice is the rewarded one"
+    assert "## Policy value" in world.lineup.registry.card_markdown("v2")
