@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from datetime import datetime, timezone
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AwareDatetime, TypeAdapter, ValidationError
@@ -73,7 +73,7 @@ async def user_features(request: Request) -> Response:
     user_id = request.path_params["user_id"]
     raw_at = request.query_params.get("at")
     if raw_at is None:
-        at = datetime.now(timezone.utc)
+        at = datetime.now(UTC)
     else:
         try:
             at = _AT.validate_python(raw_at)

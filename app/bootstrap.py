@@ -24,21 +24,20 @@ import sys
 import time
 from typing import Any
 
-
 from app import migrate
 from app.checkpoint_writer import CheckpointWriter
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.db import make_engine
+from app.decisions import DecisionPublisher, TipScoresLog, decode_decision
 from app.embedded_nats import EmbeddedNats
 from app.ingest import StreamIngest
-from app.metrics import METRICS
-from app.offline import OfflineFeatureWriter
-from app.settings import Settings
-from app.decisions import DecisionPublisher, TipScoresLog, decode_decision
 from app.learner import Learner
 from app.lineup import Lineup
+from app.metrics import METRICS
+from app.offline import OfflineFeatureWriter
 from app.registry_store import RegistryStore
 from app.scoring import Scorer
+from app.settings import Settings
 from models.policy import make_policy
 from streams import jetstream as jsx
 from streams.store import OnlineStore

@@ -7,8 +7,9 @@ dependencies: the participants themselves (the learner with its models) stay in 
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy.engine import Connection
 
@@ -22,7 +23,7 @@ def write_checkpoint(conn: Connection, positions: dict[str, int], states: list[t
                      writes: Sequence[Write] = ()) -> None:
     """One checkpoint's rows, inside the caller's transaction: what the participants write, the
     users' states, then the positions they reflect."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for write, snapshot in writes:
         write(conn, snapshot)
     db.upsert(conn, db.user_state, [{"user_id": u, "state": b, "updated_at": now} for u, b in states], ["user_id"])
@@ -34,7 +35,7 @@ def write_learner_state(conn: Connection, snapshot: dict[str, Any] | None) -> No
     """The learner's joins and credits, the popularity prior, and the models that learned."""
     if snapshot is None:
         return
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     write_models(conn, snapshot["models"])
     db.upsert(conn, db.learner_state, [
         {"name": "learner", "state": snapshot["state"], "updated_at": now},

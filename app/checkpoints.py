@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 from sqlalchemy import Engine, select
 from sqlalchemy.engine import Connection
@@ -143,7 +144,7 @@ class Checkpointer:
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.every_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
             try:

@@ -30,9 +30,10 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 
@@ -123,7 +124,7 @@ def learning_input(shared: dict[str, Any], logged: dict[str, Any]) -> dict[str, 
 
 
 def _utc(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, timezone.utc)
+    return datetime.fromtimestamp(ms / 1000, UTC)
 
 
 def tip_score_row(decision: dict[str, Any], text: str, rewards: dict[str, float] | None,
@@ -257,7 +258,7 @@ class DecisionPublisher:
                     f"{self.queue_max}); is NATS reachable? Retry shortly.")
             try:
                 await asyncio.wait_for(self._room.wait(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def flush(self, timeout_s: float) -> bool:
@@ -265,7 +266,7 @@ class DecisionPublisher:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("%d decisions not yet published at shutdown; they were served but are not in the log",
                         self.waiting)
             return False
@@ -324,7 +325,7 @@ class DecisionPublisher:
         while True:
             try:
                 await asyncio.wait_for(self._work.wait(), timeout=min(1.0, self.ack_timeout_s))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._work.clear()
             DECISION_QUEUE.set(self.waiting)

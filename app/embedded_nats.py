@@ -51,12 +51,12 @@ class EmbeddedNats:
             nats_server_binary(), "-a", self.host, "-p", str(self.port), "-js",
             "-sd", str(self.store_dir), "--ports_file_dir", str(ports_dir),
         ]
-        log_file = open(self.store_dir / "nats-server.log", "ab")
         # Its own session: Ctrl-C in a terminal signals the whole process group, and the
         # server must outlive tipstream's graceful shutdown, which stops it last.
-        self.process = subprocess.Popen(command, stdout=log_file, stderr=log_file, preexec_fn=die_with_parent,
-                                        start_new_session=True)
-        log_file.close()
+        # preexec_fn: PR_SET_PDEATHSIG can only be set in the child; die_with_parent takes no lock.
+        with open(self.store_dir / "nats-server.log", "ab") as log_file:
+            self.process = subprocess.Popen(command, stdout=log_file, stderr=log_file,
+                                            preexec_fn=die_with_parent, start_new_session=True)  # noqa: PLW1509
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -11,16 +11,17 @@ earned, estimated off-policy from the logged propensities.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 import orjson
 from sqlalchemy import Engine, select
 
 from app import db
 from app.decisions import learning_input
-from models.registry import ModelCard
 from models import offpolicy
+from models.registry import ModelCard
 from models.reward import Record, TipModel, fairness_check, progressive_validation, tenure_segment, timezone_segment
 
 Example = tuple[dict[str, Any], float]
@@ -111,7 +112,7 @@ def evaluate(params: Mapping[str, Any], examples: list[Example], min_n: int = 30
     model = TipModel(**params)
     records: list[Record] = []
     metrics: dict[str, Any] = dict(progressive_validation(model, examples, records=records))
-    metrics["evaluated_at"] = datetime.now(timezone.utc).isoformat()
+    metrics["evaluated_at"] = datetime.now(UTC).isoformat()
     metrics["source"] = "progressive validation over the rewarded decision log (tip_scores)"
     fairness = {
         "tenure": fairness_check(records, tenure_segment, min_n=min_n),

@@ -27,18 +27,19 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from app import db
+from app.checkpoint_rows import write_learner_state
 from app.decisions import LoggedDecision, TipScoresLog, learning_input, tip_score_row
 from app.learning_metrics import FEEDBACK, JOIN_CACHE, LEARNED, PENDING
 from app.lineup import Lineup
-from app.checkpoint_rows import write_learner_state
 from models.reward import PopularityPrior
 from streams.store import OnlineStore
 

@@ -62,7 +62,7 @@ def _list(args: argparse.Namespace) -> int:
 def _card(args: argparse.Namespace) -> int:
     from models.registry import RegistryError
 
-    registry, models = _registry()
+    registry, _ = _registry()
     try:
         if args.json:
             print(json.dumps(registry.get(args.version).to_dict() | {"role": registry.role(args.version)}, indent=2))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine
@@ -38,7 +38,7 @@ def feature_row(user_id: str, store: OnlineStore, now: datetime) -> dict[str, An
     values = evaluate(state, state.newest_ms)
     return {
         "user_id": user_id,
-        "as_of": datetime.fromtimestamp(state.newest_ms / 1000, tz=timezone.utc),
+        "as_of": datetime.fromtimestamp(state.newest_ms / 1000, tz=UTC),
         "features": {name: value.value for name, value in values.items()},
         "updated_at": now,
     }
@@ -66,7 +66,7 @@ class OfflineFeatureWriter:
 
     async def write_pass(self) -> int:
         users, self.pending = sorted(self.pending), set()
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         rows: list[dict[str, Any]] = []
         for start in range(0, len(users), EVALUATE_CHUNK):
             began = time.perf_counter()

@@ -9,9 +9,10 @@ participant (`write_models`), in the checkpoint's transaction.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import Engine, select, update
 from sqlalchemy.engine import Connection
@@ -72,7 +73,7 @@ def _card_row(card: ModelCard) -> dict[str, Any]:
 
 def _aware(moment: datetime) -> datetime:
     # SQLite hands back naive datetimes; everything stored is UTC.
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 class RegistryStore:
@@ -108,7 +109,7 @@ class RegistryStore:
         `new_models`: bytes of versions registered by this change (existing rows keep theirs);
         `extras`: (checkpoint participant, snapshot) pairs written in the same transaction.
         """
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         with self.engine.begin() as conn:
             existing = set(conn.execute(select(db.model_versions.c.version)).scalars())
             for mv in registry.versions.values():
@@ -149,7 +150,7 @@ class RegistryStore:
 
 def write_models(conn: Connection, models: dict[str, tuple[bytes, int]]) -> None:
     """The learner's model snapshots, inside the checkpoint transaction."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for version, (blob, n_learned) in models.items():
         conn.execute(update(db.model_versions).where(db.model_versions.c.version == version)
                      .values(model=blob, n_learned=n_learned, updated_at=now))

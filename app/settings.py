@@ -7,7 +7,6 @@ fails when the two drift apart.
 from __future__ import annotations
 
 import os
-
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal

@@ -27,11 +27,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import orjson  # noqa: E402
-from ingest import synthetic  # noqa: E402
+import orjson
+from ingest import synthetic
 
-from app.ingest import decode_wire_event  # noqa: E402
-from streams.store import OnlineStore  # noqa: E402
+from app.ingest import decode_wire_event
+from streams.store import OnlineStore
 
 
 def main() -> None:

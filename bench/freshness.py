@@ -24,12 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import httpx  # noqa: E402
-import nats  # noqa: E402
-import orjson  # noqa: E402
+import httpx
+import nats
+import orjson
 
-from app.embedded_nats import EmbeddedNats  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from app.embedded_nats import EmbeddedNats
+from tests.conftest import free_port
 
 BIN = Path(sys.executable).parent
 

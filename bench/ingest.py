@@ -17,22 +17,22 @@ import argparse
 import asyncio
 import json
 import statistics
-
-import orjson
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import orjson
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy  # noqa: E402
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from app.bootstrap import Service  # noqa: E402
-from app.embedded_nats import EmbeddedNats  # noqa: E402
-from app.settings import Settings  # noqa: E402
-from streams.jetstream import INGESTED_STREAMS, BatchPuller, IngestClient, connect, ensure_streams, publish_events  # noqa: E402
-from streams.simulator import Population  # noqa: E402
+from app.bootstrap import Service
+from app.embedded_nats import EmbeddedNats
+from app.settings import Settings
+from streams.jetstream import INGESTED_STREAMS, BatchPuller, IngestClient, connect, ensure_streams, publish_events
+from streams.simulator import Population
 
 PADDING = {"client": {"app": "tipstream-bench", "version": "3.14.159", "platform": "android-15", "locale": "de-DE",
                       "session": "s-01JD8Q7ZC4Y6T2M9KXW3H5N0PB"}, "source": "mobile"}

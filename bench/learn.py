@@ -31,11 +31,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import nats  # noqa: E402
-import orjson  # noqa: E402
+import nats
+import orjson
+from _harness import ServiceProcess, connect, encode_request, metric, percentile, request_once
 
-from _harness import ServiceProcess, connect, encode_request, metric, percentile, request_once  # noqa: E402
-from app.embedded_nats import EmbeddedNats  # noqa: E402
+from app.embedded_nats import EmbeddedNats
 
 TIPS = [f"tip-{c}-{i}" for c in ("focus", "planning", "breaks", "batching", "review") for i in range(4)]
 REACTIONS = ("acted", "liked", "snoozed", "dismissed", "disliked")
@@ -61,7 +61,7 @@ async def latency(service: ServiceProcess, nats_url: str, trials: int) -> list[f
     for i in range(trials):
         user, tips = f"lat-{i}", ["tip-focus-0", "tip-breaks-0"]
         raw = score_request(user, tips, explore=False)
-        status, body = await client.send(raw)
+        _, body = await client.send(raw)
         answer = orjson.loads(body)
         top = answer["ranked"][0]
         payload, headers = feedback(f"lat-fb-{i}", user, answer["decision_id"], top["tip_id"], "acted")

@@ -22,22 +22,22 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import httpx  # noqa: E402
-import orjson  # noqa: E402
+import httpx
+import orjson
 
-from app import migrate  # noqa: E402
-from app.checkpoints import SqlCheckpointStore  # noqa: E402
-from app.db import make_engine  # noqa: E402
-from app.settings import Settings  # noqa: E402
-from streams.events import parse_event  # noqa: E402
-from streams.fold import to_ms  # noqa: E402
-from streams.simulator import Population  # noqa: E402
-from streams.store import OnlineStore  # noqa: E402
+from app import migrate
+from app.checkpoints import SqlCheckpointStore
+from app.db import make_engine
+from app.settings import Settings
+from streams.events import parse_event
+from streams.fold import to_ms
+from streams.simulator import Population
+from streams.store import OnlineStore
 
 
 def typical_users(count: int) -> tuple[OnlineStore, float]:
@@ -47,7 +47,7 @@ def typical_users(count: int) -> tuple[OnlineStore, float]:
     array buffers), which RSS cannot isolate from the freed event objects around it.
     """
     population = Population(users=count, seed=8)
-    start = to_ms(datetime(2026, 10, 1, tzinfo=timezone.utc))
+    start = to_ms(datetime(2026, 10, 1, tzinfo=UTC))
     folded = OnlineStore()
     for _, event in population.history(days=30, start_ms=start):
         folded.apply(parse_event(orjson.dumps(event)))

@@ -33,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _harness import ServiceProcess, connect, encode_request, metric, percentile, request_once  # noqa: E402
+from _harness import ServiceProcess, connect, encode_request, metric, percentile, request_once
 
 CLIENTS = 8
 CATEGORIES = ("focus", "planning", "breaks", "batching", "review")

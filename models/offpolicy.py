@@ -21,8 +21,9 @@ True
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any
 
 Z95 = 1.959964
 

@@ -40,7 +40,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 Action = Literal["register", "promote", "shadow", "rollback", "retire"]
@@ -49,7 +49,7 @@ CLI = "tipstream models"  # named in error messages, so an operator knows what t
 
 
 def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class RegistryError(Exception):
@@ -327,8 +327,8 @@ def _policy_value_lines(report: dict[str, Any] | None) -> list[str]:
     if not report or not ({"as_champion", "as_shadow"} & report.keys()):
         return []
     lines = ["", "## Policy value (off-policy, from the logged propensities)", "",
-             "Mean reward of the tip served first: as logged (with exploration), and estimated (self-normalised "
-             "inverse propensity scoring) had this version's own first choice been served.", "",
+             ("Mean reward of the tip served first: as logged (with exploration), and estimated (self-normalised "
+              "inverse propensity scoring) had this version's own first choice been served."), "",
              "| as | decisions | logged reward | estimate | 95% interval | agreed | effective n | champion's best, same decisions |",
              "|---|---|---|---|---|---|---|---|"]
     for role, key in (("champion", "greedy"), ("shadow", "estimate")):

@@ -14,8 +14,9 @@ Parsing is the only way in: `parse_event` turns raw bytes into a typed event or 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Literal, Union
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -106,9 +107,9 @@ class TipReacted(_Envelope):
     data: TipReactedData
 
 
-Signal = Union[TaskCreated, TaskCompleted, TaskRescheduled, TaskDeleted, AppOpened, TipShown]
+Signal = TaskCreated | TaskCompleted | TaskRescheduled | TaskDeleted | AppOpened | TipShown
 Feedback = TipReacted
-Event = Annotated[Union[Signal, Feedback], Field(discriminator="type")]
+Event = Annotated[Signal | Feedback, Field(discriminator="type")]
 EVENT_ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
 
 SIGNAL_TYPES = frozenset(

@@ -27,8 +27,9 @@ it never blocks the fold. Times are kept in milliseconds relative to the user's
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from datetime import date, datetime, timedelta, timezone  # noqa: F401 - the doctests use them
-from typing import Any, Callable
+from typing import Any
 from zlib import crc32
 
 import numpy as np
@@ -98,7 +99,7 @@ def _local_ms(moment: datetime) -> int:
 class UserState:
     """Everything the fold knows of one user: one packed log per kind, and where time stands."""
 
-    __slots__ = ("logs", "newest_ms", "offset_s", "base_ms")
+    __slots__ = ("base_ms", "logs", "newest_ms", "offset_s")
 
     def __init__(self) -> None:
         self.logs: list[bytes] = [b""] * len(KINDS)

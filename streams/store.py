@@ -15,7 +15,8 @@ True
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from streams.fold import FutureEvent, UserState, apply
 

@@ -9,8 +9,9 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any
 
 import nats
 import pytest
@@ -18,7 +19,7 @@ import sqlalchemy as sa
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from app.embedded_nats import nats_server_binary  # noqa: E402
+from app.embedded_nats import nats_server_binary
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "TIPSTREAM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

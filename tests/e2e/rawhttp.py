@@ -7,6 +7,7 @@ httpx costs about a millisecond of client CPU per request here (httpcore retries
 from __future__ import annotations
 
 import asyncio
+from typing import Self
 from urllib.parse import urlsplit
 
 
@@ -39,7 +40,7 @@ class Pool:
         self.free: asyncio.Queue[Connection] = asyncio.Queue()
         self.all: list[Connection] = []
 
-    async def __aenter__(self) -> "Pool":
+    async def __aenter__(self) -> Self:
         for _ in range(self.size):
             reader, writer = await asyncio.open_connection(self.host, self.port)
             connection = Connection(reader, writer, f"{self.host}:{self.port}")

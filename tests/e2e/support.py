@@ -29,7 +29,7 @@ class ServiceProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.base_url = f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30) -> "ServiceProcess":
+    def start(self, timeout: float = 30) -> ServiceProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "service.log", "ab")
         self.process = subprocess.Popen([TIPSTREAM, "run"], env=self.env, stdout=log, stderr=log)

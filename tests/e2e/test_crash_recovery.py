@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -19,7 +19,7 @@ from streams.store import OnlineStore
 from tests.e2e.support import ServiceProcess, wait_until
 
 pytestmark = pytest.mark.slow
-START = to_ms(datetime(2026, 10, 1, tzinfo=timezone.utc))
+START = to_ms(datetime(2026, 10, 1, tzinfo=UTC))
 
 
 def checkpointed(url: str, stream: str) -> int:

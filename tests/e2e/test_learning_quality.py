@@ -34,7 +34,7 @@ async def test_served_tips_earn_clearly_more_than_random_ranking_through_nats(st
             acks = [await js.publish_async("feedback.tip.reacted", orjson.dumps(e), headers={"Nats-Msg-Id": e["id"]})
                     for e in events]
             await asyncio.gather(*acks)
-            await eventually(lambda: learner.credited == USERS * (index + 1), interval=0.005)
+            await eventually(lambda expected=USERS * (index + 1): learner.credited == expected, interval=0.005)
             earned += got
             baseline += base
     served, random_ranking, early = verdict(earned, baseline)

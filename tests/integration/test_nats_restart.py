@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import nats
 import orjson
@@ -16,7 +16,7 @@ from tests.conftest import eventually
 
 
 async def test_service_reconnects_after_a_nats_restart_and_catches_up(start_service, nats_server) -> None:
-    events = list(Population(users=20, seed=4).history(days=5, start_ms=to_ms(datetime(2026, 11, 1, tzinfo=timezone.utc))))
+    events = list(Population(users=20, seed=4).history(days=5, start_ms=to_ms(datetime(2026, 11, 1, tzinfo=UTC))))
     half = len(events) // 2
     running = await start_service()
     store = running.service.store

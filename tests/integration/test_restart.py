@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import httpx
 import pytest
@@ -15,7 +15,7 @@ from tests.conftest import eventually
 
 @pytest.mark.parametrize("writer", ["thread", "process"])
 async def test_restart_serves_checkpointed_users_before_they_are_loaded(start_service, nc, writer: str) -> None:
-    events = list(Population(users=300, seed=2).history(days=2, start_ms=to_ms(datetime(2026, 11, 1, tzinfo=timezone.utc))))
+    events = list(Population(users=300, seed=2).history(days=2, start_ms=to_ms(datetime(2026, 11, 1, tzinfo=UTC))))
     first = await start_service(checkpoint_writer=writer)
     await publish_events(nc.jetstream(), events)
     await eventually(lambda: first.service.store.applied == len(events), timeout=30)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -146,7 +146,7 @@ def test_the_registry_round_trips_through_sql_and_migrations_go_down(database_ur
     migrate.upgrade(database_url)
     engine = make_engine(database_url)
     store = RegistryStore(engine)
-    clock_at = [datetime(2026, 11, 26, tzinfo=timezone.utc)]
+    clock_at = [datetime(2026, 11, 26, tzinfo=UTC)]
 
     def clock() -> datetime:
         clock_at[0] += timedelta(minutes=1)

@@ -6,7 +6,7 @@ import math
 import random
 import struct
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import orjson
@@ -19,7 +19,7 @@ from streams.fold import DAY_MS, REACTION_CODES, UserState, apply, fingerprint, 
 from streams.simulator import Population
 from streams.store import OnlineStore
 
-BASE = datetime(2026, 10, 1, tzinfo=timezone.utc)
+BASE = datetime(2026, 10, 1, tzinfo=UTC)
 KINDS = ["task.created", "task.completed", "task.rescheduled", "task.deleted", "app.opened", "tip.shown", "tip.reacted"]
 REACTIONS = ["acted", "liked", "snoozed", "dismissed", "disliked"]
 
@@ -109,10 +109,10 @@ def test_long_absences_and_far_dates_keep_exact_times_in_any_order() -> None:
         return parse_event(orjson.dumps({"id": f"o{i}", "type": "app.opened", "user_id": "u", "ts": at.isoformat()}))
 
     # Gaps longer than 32 bits of milliseconds (49.7 days), dates far from now, one before 1970.
-    moments = [datetime(1969, 12, 25, tzinfo=timezone.utc), BASE, BASE + timedelta(days=3, milliseconds=7),
+    moments = [datetime(1969, 12, 25, tzinfo=UTC), BASE, BASE + timedelta(days=3, milliseconds=7),
                BASE + timedelta(days=60), BASE + timedelta(days=200, hours=5), BASE + timedelta(days=205),
-               datetime(2100, 1, 1, 23, 59, 59, 999_000, tzinfo=timezone.utc),
-               datetime(2100, 1, 20, tzinfo=timezone.utc)]
+               datetime(2100, 1, 1, 23, 59, 59, 999_000, tzinfo=UTC),
+               datetime(2100, 1, 20, tzinfo=UTC)]
     events = [opened(i, m) for i, m in enumerate(moments)]
     forward, backward = fold_all(events), fold_all(events[::-1])
     assert forward == backward
@@ -130,7 +130,7 @@ def test_a_snapshot_ends_where_an_open_task_falls_overdue() -> None:
                                         "data": {"task_id": "t", "due": "2026-11-26T12:00:00Z"}}))
     state = fold_all([created])
     snap = snapshot(state, state.newest_ms)
-    due_ms = to_ms(datetime(2026, 11, 26, 12, tzinfo=timezone.utc))
+    due_ms = to_ms(datetime(2026, 11, 26, 12, tzinfo=UTC))
     assert snap.until_ms == due_ms
     assert snap.values_at(due_ms - 1)["overdue_tasks"] == 0 and evaluate(state, due_ms)["overdue_tasks"].value == 1
 
@@ -234,7 +234,7 @@ def reference_features(raw: list[dict[str, Any]], now: datetime, *, kept_from: d
 
 def assert_features_match(state: UserState, raw: list[dict[str, Any]], now: datetime) -> int:
     """Every feature of `state` at `now` against the reference; returns how many were compared."""
-    expected = reference_features(raw, now, kept_from=datetime.fromtimestamp(state.cutoff_ms / 1000, timezone.utc),
+    expected = reference_features(raw, now, kept_from=datetime.fromtimestamp(state.cutoff_ms / 1000, UTC),
                                   offset=timedelta(seconds=state.offset_s))
     got = evaluate(state, to_ms(now))
     assert set(expected) == set(FEATURE_NAMES)
@@ -259,7 +259,7 @@ def test_core_features_match_a_direct_computation_over_the_raw_events() -> None:
         mine = [e for e in raw if e["user_id"] == user.user_id]
         state = store.users[user.user_id]
         for hours_after in (0, 1, 13, 30, 24 * 3, 24 * 8):
-            now = datetime.fromtimestamp(state.newest_ms / 1000, tz=timezone.utc) + timedelta(hours=hours_after)
+            now = datetime.fromtimestamp(state.newest_ms / 1000, tz=UTC) + timedelta(hours=hours_after)
             checked += assert_features_match(state, mine, now)
     assert checked == 6 * 6 * len(FEATURE_NAMES)
 
@@ -272,7 +272,7 @@ def test_every_feature_matches_a_direct_computation_in_any_order_and_with_duplic
     dues = {(e["data"]["task_id"], datetime.fromisoformat(e["ts"])): e["id"] for e in raw if "due" in e["data"]}
     assume(len(dues) == len({e["id"] for e in raw if "due" in e["data"]}))
     state = fold_all([parse_event(orjson.dumps(e)) for e in raw])
-    now = datetime.fromtimestamp(state.newest_ms / 1000, tz=timezone.utc) + timedelta(hours=hours_after, milliseconds=1)
+    now = datetime.fromtimestamp(state.newest_ms / 1000, tz=UTC) + timedelta(hours=hours_after, milliseconds=1)
     assert_features_match(state, raw, now)
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from models.registry import ModelCard, ModelVersion, Registry, RegistryError, RolloutEntry, card_markdown
 from models.reward import TipModel, fairness_check, progressive_validation, tenure_segment, timezone_segment
 
-T0 = datetime(2026, 11, 26, 8, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
 
 
 class Clock:

@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import orjson
 import pytest
 
 from app import migrate
+from app.checkpoint_rows import write_tip_scores
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.db import make_engine
-from app.checkpoint_rows import write_tip_scores
 from app.decisions import LoggedDecision, TipScoresLog
 from app.learner import Learner
 from app.learning_metrics import FEEDBACK
