@@ -73,10 +73,16 @@ def policy_value(decisions: list[Decision], version: str) -> dict[str, Any]:
     (1, 1.0, 0)
     >>> report["as_shadow"]["champion_greedy"]["snips"]
     1.0
+    >>> policy_value([({**decision, "ranked": [{"tip_id": "a", "score": 0.9, "propensity": 0.0}]}, {})], "v1")
+    {'source': 'inverse propensity scoring over the rewarded decision log (tip_scores)', 'skipped_without_propensity': 1}
     """
     as_champion, as_shadow = [], []
+    unusable = 0
     for decision, rewards in decisions:
         served = decision["ranked"][0]
+        if not 0.0 < served.get("propensity", 0.0) <= 1.0:
+            unusable += 1  # logged without a usable propensity: it can weigh nothing
+            continue
         best = max(decision["ranked"], key=lambda candidate: candidate["score"])["tip_id"]
         logged = (served["tip_id"], float(served["propensity"]), float(rewards.get(served["tip_id"], 0.0)), best)
         if decision.get("model_version") == version:
@@ -85,6 +91,8 @@ def policy_value(decisions: list[Decision], version: str) -> dict[str, Any]:
         if shadow.get("version") == version:
             as_shadow.append((logged, shadow["first"]))
     report: dict[str, Any] = {"source": "inverse propensity scoring over the rewarded decision log (tip_scores)"}
+    if unusable:
+        report["skipped_without_propensity"] = unusable
     if as_champion:
         report["as_champion"] = {
             "decisions": len(as_champion),
