@@ -188,7 +188,7 @@ def reference_features(raw: list[dict[str, Any]], now: datetime, *, kept_from: d
 
     def due_s(event: dict[str, Any]) -> int:
         due = event["data"].get("due")
-        return int(datetime.fromisoformat(due).timestamp() * 1000) // 1000 if due else 0
+        return to_ms(datetime.fromisoformat(due)) // 1000 if due else 0
 
     created, completed = len(of("task.created", 7)), len(of("task.completed", 7))
     hours = Counter(e["at"].hour for e in of("task.completed", 28))
@@ -222,7 +222,7 @@ def reference_features(raw: list[dict[str, Any]], now: datetime, *, kept_from: d
         "seconds_since_active": (now - max(signals)).total_seconds() if signals else 30 * 86_400.0,
         "app_opens_7d": len(of("app.opened", 7)),
         "open_tasks": len(due),
-        "overdue_tasks": sum(1 for d in due.values() if d and d <= now.timestamp()),
+        "overdue_tasks": sum(1 for d in due.values() if d and d * 1000 <= to_ms(now)),
         "postpone_rate_30d": len(of("task.rescheduled", 30)) / (len(of("task.created", 30)) + 1),
         "active_day_streak": streak,
         "mean_hours_to_complete_28d": sum(spans) / len(spans) if spans else 24.0,
