@@ -27,6 +27,7 @@ from typing import Any
 from app import migrate
 from app.checkpoint_writer import CheckpointWriter
 from app.checkpoints import Checkpointer, SqlCheckpointStore
+from app.collector import FreezePolicy
 from app.db import make_engine
 from app.decisions import DecisionPublisher, TipScoresLog, decode_decision
 from app.embedded_nats import EmbeddedNats
@@ -56,6 +57,7 @@ class Service:
         self.checkpointer: Checkpointer | None = None
         self.checkpoint_writer: CheckpointWriter | None = None
         self.offline: OfflineFeatureWriter | None = None
+        self.freezer = FreezePolicy(settings.gc_freeze_every_users)
         self.nats_url = settings.nats_url or ""
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
@@ -120,6 +122,8 @@ class Service:
             self.ingests.append(ingest)
             self._tasks.append(asyncio.create_task(ingest.run(), name=f"ingest {spec.name}"))
         await self._start_decision_log(js)
+        # Users folded from the streams (a first start, new users) are frozen as the store grows.
+        self.checkpointer.on_saved.append(lambda _: self.freezer.check(len(self.store.users)))
         self._tasks.append(asyncio.create_task(self.checkpointer.run(), name="checkpointer"))
         if s.offline_features_every_s:
             self.offline = OfflineFeatureWriter(self.store, self.engine, s.offline_features_every_s)
@@ -189,10 +193,8 @@ class Service:
             for start in range(0, len(chunk), 100):
                 self.store.warm(chunk[start : start + 100])
                 await asyncio.sleep(0)
+            self.freezer.check(len(self.store.users))  # as they load: each pass visits only the newest
         await reader
-        # Millions of long-lived state objects: keep the collector from rescanning them.
-        gc.collect()
-        gc.freeze()
         METRICS.users.set(len(self.store.users))
         log.info("all %d users loaded in %.1fs", len(self.store.users), time.perf_counter() - started)
 

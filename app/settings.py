@@ -83,6 +83,11 @@ class Settings(BaseSettings):
     offline_features_every_s: float = Field(
         30.0, ge=0, description="How often changed users' rows in `user_features` are refreshed (0: never)."
     )
+    gc_freeze_every_users: int = Field(
+        50_000, ge=0,
+        description="Each time the store grows by this many users, their state is frozen out of the cycle "
+                    "collector's full passes (with 1M users one pass stalled the loop ~0.7 s). 0: never.",
+    )
 
     # -- scoring, decisions, learning (issue 4; docs/learning.md) ---------------------------
     admin_token: SecretStr | None = Field(

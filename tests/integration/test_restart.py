@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from datetime import UTC, datetime
 
 import httpx
@@ -31,3 +32,31 @@ async def test_restart_serves_checkpointed_users_before_they_are_loaded(start_se
     await eventually(lambda: second.service.warm, timeout=30)
     assert {user: state.to_bytes() for user, state in store.users.items()} == before
     assert store.applied == 0, "nothing re-applied: the checkpoint covered every event"
+
+
+def tracked_ids() -> set[int]:
+    """Objects a full collection visits (the frozen generation excluded)."""
+    return {id(obj) for obj in gc.get_objects()}
+
+
+async def test_user_states_are_frozen_out_of_full_collections_as_the_store_grows(start_service, nc) -> None:
+    events = list(Population(users=300, seed=4).history(days=1, start_ms=to_ms(datetime(2026, 11, 1, tzinfo=UTC))))
+    try:
+        # Folded from the streams: frozen after the checkpoint that saved them.
+        first = await start_service(gc_freeze_every_users=300, checkpoint_every_s=0.1)
+        await publish_events(nc.jetstream(), events)
+        store = first.service.store
+        await eventually(lambda: store.applied == len(events) and first.service.freezer.users_at_freeze == 300,
+                         timeout=30)
+        visited = tracked_ids()
+        assert not any(id(state) in visited or id(state.logs) in visited for state in store.users.values())
+        await first.stop()
+
+        # Loaded from a checkpoint: frozen as the warm-up loads them.
+        second = await start_service(gc_freeze_every_users=300)
+        await eventually(lambda: second.service.warm, timeout=30)
+        assert second.service.freezer.users_at_freeze == 300
+        visited = tracked_ids()
+        assert not any(id(state) in visited for state in second.service.store.users.values())
+    finally:
+        gc.unfreeze()  # the rest of this test process collects as usual

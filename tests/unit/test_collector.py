@@ -1,0 +1,37 @@
+"""Long-lived state is frozen out of the collector's full passes as the store grows (app/collector.py)."""
+
+from __future__ import annotations
+
+import doctest
+import gc
+import weakref
+
+import app.collector
+from app.collector import FreezePolicy
+
+
+def test_doctests() -> None:
+    assert doctest.testmod(app.collector, raise_on_error=False).failed == 0
+
+
+class Cycle:
+    def __init__(self) -> None:
+        self.me = self  # only the collector can free it
+
+
+def test_a_freeze_happens_per_growth_step_and_collects_garbage_first() -> None:
+    policy = FreezePolicy(every_users=10)
+    gc.disable()  # no automatic pass may free the garbage before the policy does
+    try:
+        states = [Cycle() for _ in range(10)]
+        garbage = weakref.ref(Cycle())
+        assert not policy.check(9) and garbage() is not None
+        assert policy.check(10)
+        assert garbage() is None, "collected before the freeze, not frozen for good"
+        visited = {id(obj) for obj in gc.get_objects()}
+        assert not any(id(state) in visited for state in states), "full passes no longer visit them"
+        assert not policy.check(19) and policy.check(20), "the next step counts from the last freeze"
+        assert not FreezePolicy(every_users=0).check(10**9), "0 means never"
+    finally:
+        gc.unfreeze()
+        gc.enable()
