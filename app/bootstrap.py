@@ -11,7 +11,8 @@ Start-up steps, in order:
 Learning (docs/learning.md) joins in at step 4: the model registry and the learner's last
 snapshot are loaded, and FEEDBACK and DECISIONS are re-read from the positions that snapshot
 reflects; at step 5 the FEEDBACK ingest feeds the learner, a DECISIONS ingest reads the
-decision log back, and the decision publisher starts.
+decision log back until caught up (then only what others publish: `decision_tail.py`), and the
+decision publisher starts.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from app.checkpoint_writer import CheckpointWriter
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.collector import FreezePolicy
 from app.db import make_engine
+from app.decision_tail import OwnTail
 from app.decisions import DecisionPublisher, TipScoresLog, decode_decision
 from app.embedded_nats import EmbeddedNats
 from app.ingest import StreamIngest
@@ -77,6 +79,7 @@ class Service:
             lambda: self.nc, queue_max=settings.decision_queue_max, batch=settings.decision_batch,
             window=settings.decision_window, on_published=self.learner.published)
         self._publisher_task: asyncio.Task[None] | None = None
+        self.decision_tail: OwnTail | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -146,7 +149,8 @@ class Service:
         return {"sink": self.learner.feedback_sink()} if spec is jsx.FEEDBACK else {}
 
     async def _start_decision_log(self, js: Any) -> None:
-        """Read DECISIONS back into the learner (join cache, tip_scores rows); start publishing decisions."""
+        """Read DECISIONS back into the learner (join cache, tip_scores rows) until caught up, then only
+        what others publish; start publishing decisions."""
         assert self.nc is not None and self.checkpointer is not None
         s = self.settings
         ingest = StreamIngest(
@@ -157,6 +161,14 @@ class Service:
         await ingest.start()
         self.ingests.append(ingest)
         self._tasks.append(asyncio.create_task(ingest.run(), name="ingest DECISIONS"))
+
+        async def last_seq() -> int:
+            return (await js.stream_info(jsx.DECISIONS.name)).state.last_seq
+
+        # Once caught up, this process's own decisions are not read back (see decision_tail.py).
+        self.decision_tail = OwnTail(ingest, self.store, last_seq)
+        self.publisher.on_stored = self.decision_tail.stored
+        self._tasks.append(asyncio.create_task(self.decision_tail.run(), name="decisions tail"))
         await self.publisher.start()
         self._publisher_task = asyncio.create_task(self.publisher.run(), name="decision publisher")
 

@@ -189,6 +189,22 @@ class TipScoresLog:
         DECISION_ROWS.inc(len(snapshot[1]))
 
 
+def _stored_seq(ack: bytes) -> int | None:
+    """The stream sequence in a JetStream publish acknowledgement.
+
+    >>> _stored_seq(b'{"stream":"DECISIONS","seq":42,"duplicate":true}'), _stored_seq(b'{"stream":"X"}')
+    (42, None)
+    """
+    start = ack.find(b'"seq":')
+    if start < 0:
+        return None
+    start += 6
+    end = start
+    while end < len(ack) and 48 <= ack[end] <= 57:
+        end += 1
+    return int(ack[start:end]) if end > start else None
+
+
 class DecisionLogFull(Exception):
     """The queue stayed full: JetStream is away or slower than /score."""
 
@@ -211,9 +227,10 @@ class DecisionPublisher:
     """
 
     def __init__(self, nc: Callable[[], Any], *, queue_max: int, batch: int, window: int,
-                 ack_timeout_s: float = 5.0, on_published: Callable[[str], None] | None = None) -> None:
+                 ack_timeout_s: float = 5.0, on_published: Callable[[str], None] | None = None,
+                 on_stored: Callable[[int], None] | None = None) -> None:
         self._nc, self.queue_max, self.batch, self.window = nc, queue_max, batch, window
-        self.ack_timeout_s, self.on_published = ack_timeout_s, on_published
+        self.ack_timeout_s, self.on_published, self.on_stored = ack_timeout_s, on_published, on_stored
         self.queue: deque[tuple[str, str, bytes]] = deque()  # (subject, decision id, payload)
         self.inflight: dict[int, tuple[float, tuple[str, str, bytes]]] = {}  # token -> (sent at, item)
         self.published = 0
@@ -285,6 +302,10 @@ class DecisionPublisher:
             _PUBLISHED.inc()
             if self.on_published is not None:
                 self.on_published(item[1])
+            if self.on_stored is not None:
+                seq = _stored_seq(data)
+                if seq is not None:
+                    self.on_stored(seq)
         else:  # an error answer, or a status such as 503 no responders
             log.warning("JetStream refused decision %s (%s); retrying", item[1], (data or headers or b"")[:200])
             self._requeue([item])

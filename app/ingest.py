@@ -89,6 +89,12 @@ class StreamIngest:
         if self.puller:
             await self.puller.stop()
 
+    async def pause_reading(self) -> None:
+        """Stop asking for messages, and drop the pull request outstanding (`request_reset` reads again)."""
+        if self.puller:
+            await self.puller.stop()
+            self.puller = None
+
     def request_reset(self) -> None:
         """After a reconnect: in-flight deliveries may be lost, so resume from our own position."""
         self.reset_needed = True

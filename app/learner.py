@@ -3,9 +3,10 @@
 A decision enters the join cache when /score serves it (`served`, so feedback can be joined
 before the decision has made the round trip through JetStream); JetStream's acknowledgement
 (`published`) marks it logged and writes its `tip_scores` row. The DECISIONS stream is read
-back too (`add_logged`): a decision served here is found in the cache at once; after a restart
-the read-back rebuilds the cache, and decisions served elsewhere join it. Feedback (`on_feedback`, called for every `tip.reacted` event
-read from FEEDBACK, including ones the fold already held):
+back (`add_logged`) after a restart, to rebuild the cache, and afterwards only for decisions
+published by others (`decision_tail.py`): this process's own are not read back once caught up.
+Feedback (`on_feedback`, called for every `tip.reacted` event read from FEEDBACK, including
+ones the fold already held):
 
 1. No `decision_id`: counted (`no_decision`); the fold keeps the event for the user's features.
 2. Decision not in the cache: older than the cache reaches -> `expired`; else the feedback waits

@@ -79,7 +79,9 @@ class OnlineStore:
         return False
 
     def advance(self, stream: str, seq: int) -> None:
-        self.positions[stream] = seq
+        """Positions only move forward (two paths may report the same stream's progress)."""
+        if seq > self.positions.get(stream, 0):
+            self.positions[stream] = seq
 
     @property
     def dirty_count(self) -> int:

@@ -188,3 +188,31 @@ async def test_decisions_wait_for_nats_and_are_published_once_it_is_back(start_s
         assert info.state.messages == 6, "every decision once: retries were de-duplicated by Nats-Msg-Id"
     finally:
         await client.close()
+
+
+async def test_own_decisions_are_not_read_back_but_others_are(start_service, nc) -> None:
+    running = await start_service()
+    service, js = running.service, nc.jetstream()
+    await eventually(lambda: service.decision_tail.following)
+    read_back: list[str] = []
+    [decisions] = [ingest for ingest in service.ingests if ingest.spec.name == "DECISIONS"]
+    sink = decisions.sink
+    decisions.sink = lambda logged: read_back.append(logged.id) or sink(logged)
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        answers = [(await http.post("/score", json=body(user_id=f"u-{i}"))).json() for i in range(30)]
+    assert all("decision_id" in a for a in answers)
+    last = (await js.stream_info("DECISIONS")).state.last_seq
+    # The position follows JetStream's acknowledgements of our own publishes, none read back.
+    await eventually(lambda: service.store.positions["DECISIONS"] == last)
+    assert read_back == [] and service.decision_tail.following
+
+    # A decision someone else publishes is read within a tick or two, and joins feedback.
+    foreign = {"id": "d-other-1", "type": "decision.scored", "v": 1, "ts": NOW, "user_id": "u-1",
+               "model_version": "v1", "features": {"user_id": "u-1", "hour_of_day": 9},
+               "ranked": [{"tip_id": "tip-0", "score": 0.5, "propensity": 1.0}]}
+    await js.publish("decisions.score", orjson.dumps(foreign), headers={"Nats-Msg-Id": foreign["id"]})
+    await eventually(lambda: "d-other-1" in read_back)
+    assert service.decision_tail.resumed >= 1
+    await eventually(lambda: service.decision_tail.following, timeout=10)
+    assert service.store.positions["DECISIONS"] >= last + 1
+    assert set(read_back) == {"d-other-1"}, "reading again started after our own decisions"
