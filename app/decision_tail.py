@@ -41,6 +41,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from app.metrics import METRICS
 from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream.decisions")
@@ -55,6 +56,7 @@ class OwnTail:
         self.resumed = 0  # times a message not ours sent us back to reading
         self._acked: list[int] = []
         self._last_seen: int | None = None
+        self._position_gauge = METRICS.position.labels(STREAM)
 
     @property
     def position(self) -> int:
@@ -79,6 +81,7 @@ class OwnTail:
             position = max(position, heapq.heappop(acked))
         if position != self.position:
             self.store.advance(STREAM, position)
+            self._position_gauge.set(position)
 
     async def tick(self) -> None:
         ingest = self.ingest

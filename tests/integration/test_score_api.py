@@ -201,10 +201,15 @@ async def test_own_decisions_are_not_read_back_but_others_are(start_service, nc)
     async with httpx.AsyncClient(base_url=running.base_url) as http:
         answers = [(await http.post("/score", json=body(user_id=f"u-{i}"))).json() for i in range(30)]
     assert all("decision_id" in a for a in answers)
+    await eventually(lambda: service.publisher.published == 30)  # answers do not wait for the log
     last = (await js.stream_info("DECISIONS")).state.last_seq
     # The position follows JetStream's acknowledgements of our own publishes, none read back.
     await eventually(lambda: service.store.positions["DECISIONS"] == last)
     assert read_back == [] and service.decision_tail.following
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        metrics = (await http.get("/metrics")).text
+    gauge = [line for line in metrics.splitlines() if line.startswith('tipstream_stream_position{stream="DECISIONS"}')]
+    assert gauge == [f'tipstream_stream_position{{stream="DECISIONS"}} {float(last)}'], (gauge, last)
 
     # A decision someone else publishes is read within a tick or two, and joins feedback.
     foreign = {"id": "d-other-1", "type": "decision.scored", "v": 1, "ts": NOW, "user_id": "u-1",
