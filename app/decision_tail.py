@@ -1,7 +1,7 @@
 """DECISIONS is read back only for what this process did not write itself.
 
 The learner needs every decision in the log: its own from `/score` (it holds them from the
-moment they are served) and any another publisher writes. Reading its own back cost 25-30 us
+moment they are served) and any that another publisher writes. Reading its own back cost 25-30 us
 of service CPU per decision under load, so once the DECISIONS ingest has caught up it pauses,
 and the stream position follows JetStream's acknowledgements of this process's publishes:
 a sequence number acknowledged to us is a message the learner already holds.
