@@ -108,4 +108,9 @@ class OwnTail:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.tick_s)
-            await self.tick()
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not stop the position from following
+                log.exception("the DECISIONS tail's tick failed; trying again at the next")
