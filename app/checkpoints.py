@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Engine, select
 from sqlalchemy.engine import Connection
@@ -20,6 +20,9 @@ from app import db
 from app.checkpoint_rows import write_checkpoint
 from app.metrics import METRICS
 from streams.store import OnlineStore
+
+if TYPE_CHECKING:
+    from app.checkpoint_writer import CheckpointWriter
 
 log = logging.getLogger("tipstream.checkpoints")
 SERIALISE_CHUNK = 50  # ~0.6 ms of the event loop per chunk
@@ -117,9 +120,9 @@ class Checkpointer:
     """
 
     def __init__(self, store: OnlineStore, target: CheckpointStore, every_events: int, every_s: float,
-                 participants: Sequence[Participant] = (), writer: Any = None) -> None:
+                 participants: Sequence[Participant] = (), writer: CheckpointWriter | None = None) -> None:
         self.store, self.target = store, target
-        # writer: a CheckpointWriter (a process) for SQL targets; else target.save runs in a thread.
+        # writer: a process for SQL targets' transactions; without one, target.save runs in a thread.
         self.writer = writer
         self.participants = list(participants)
         self.on_saved: list[Callable[[list[str]], None]] = []  # told which users each checkpoint saved

@@ -19,6 +19,7 @@ Steps, every `tick_s`:
 The position only ever covers messages held, so a checkpoint's DECISIONS position stays
 exact and a restart replays from it as before.
 
+>>> import asyncio
 >>> class Ingest:
 ...     caught_up, lag, buffer, puller, resets, reset_needed = True, 0, [], None, 0, False
 ...     def request_reset(self): self.resets += 1
@@ -35,13 +36,13 @@ exact and a restart replays from it as before.
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from app.metrics import METRICS
+from app.periodic import every
 from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream.decisions")
@@ -106,11 +107,4 @@ class OwnTail:
         self._last_seen = last
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.tick_s)
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug here must not stop the position from following
-                log.exception("the DECISIONS tail's tick failed; trying again at the next")
+        await every(self.tick_s, self.tick, "the DECISIONS tail's tick")

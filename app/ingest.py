@@ -173,7 +173,7 @@ class StreamIngest:
         self._applied.inc(store.applied - applied_before)
         self._ignored.inc(store.ignored - ignored_before)
         self._lag.set(pending)
-        self._position.set(seq)
+        self._position.set(store.positions[self.spec.name])  # positions only move forward
         self.checkpointer.nudge()
 
     async def _dead_letter(self, msg: jsx.RawMsg, rejection: Rejection) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from app import db
+from app.periodic import every
 from streams.features import evaluate
 from streams.store import OnlineStore
 
@@ -55,14 +56,7 @@ class OfflineFeatureWriter:
         self.pending.update(users)
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.every_s)
-            try:
-                await self.write_pass()
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # noqa: BLE001 - retried next pass
-                log.warning("user_features pass failed (%s); will retry", error)
+        await every(self.every_s, self.write_pass, "a user_features pass")
 
     async def write_pass(self) -> int:
         users, self.pending = sorted(self.pending), set()

@@ -86,12 +86,10 @@ def _check_reward(reward: float) -> float:
     return reward
 
 
-# A cross plan: (key prefix, a, a's label if fixed else None, b, b's label if fixed else None).
-CrossPlan = list[tuple[str, str, str | None, str, str | None]]
-# The same, compiled for candidates that share some members: (head, a or None, separator,
-# b or None, tail); the key is head + label(x[a]) + separator + label(x[b]) + tail, the fixed
-# labels already inside head or tail.
-CompiledPlan = list[tuple[str, str | None, str, str | None, str]]
+# A cross plan: (head, a or None, separator, b or None, tail); the key is head + label(x[a]) +
+# separator + label(x[b]) + tail, a member's label already inside head or tail when it is
+# shared by every candidate (see `Interactions.plan`).
+CrossPlan = list[tuple[str, str | None, str, str | None, str]]
 
 
 class Interactions(base.Transformer):
@@ -107,7 +105,7 @@ class Interactions(base.Transformer):
         self.hour_bucket = hour_bucket
         width = hour_bucket
         self._labels = tuple(f"{h // width * width}-{min(h // width * width + width, 24) - 1}" for h in range(24))
-        self._plan0: CrossPlan = [(f"{a}*{b}=", a, None, b, None) for a, b in self.pairs]
+        self._plan0: CrossPlan = [(f"{a}*{b}=", a, "*", b, "") for a, b in self.pairs]
 
     def label(self, value: Any) -> str:
         return value if isinstance(value, str) else self._labels[int(value) % 24]
@@ -117,7 +115,7 @@ class Interactions(base.Transformer):
         self.cross(x, self._plan0, out)
         return out
 
-    def plan(self, shared: Mapping[str, Any]) -> tuple[CompiledPlan, CompiledPlan]:
+    def plan(self, shared: Mapping[str, Any]) -> tuple[CrossPlan, CrossPlan]:
         """Split the crosses for candidates that share `shared` (their keys must not overlap it):
         the crosses computed once from `shared`, and per-candidate ones with shared members
         already labelled. A cross with a shared member that is None never fires and is dropped.
@@ -126,8 +124,8 @@ class Interactions(base.Transformer):
         >>> each
         [('category*hour_of_day=', 'category', '*12-17', None, ''), ('tip_id*preferred_hour=', 'tip_id', '*6-11', None, ''), ('user_id*category=u-1*', None, '', 'category', '')]
         """
-        once: CompiledPlan = []
-        each: CompiledPlan = []
+        once: CrossPlan = []
+        each: CrossPlan = []
         for prefix, a, _, b, _ in self._plan0:
             in_a, in_b = a in shared, b in shared
             if in_a and in_b:
@@ -142,8 +140,8 @@ class Interactions(base.Transformer):
                 each.append((prefix, a, "*", b, ""))
         return once, each
 
-    def cross_planned(self, x: Mapping[str, Any], plan: CompiledPlan, out: dict[str, float]) -> None:
-        """`cross` over a plan from `plan()`: one string join per key."""
+    def cross(self, x: Mapping[str, Any], plan: CrossPlan, out: dict[str, float]) -> None:
+        """The crosses of `x` under `plan` (`_plan0`, or one from `plan()`): one string join per key."""
         labels = self._labels
         for head, a, separator, b, tail in plan:
             if a is not None:
@@ -157,21 +155,6 @@ class Interactions(base.Transformer):
                     continue
                 tail = (vb if type(vb) is str or isinstance(vb, str) else labels[int(vb) % 24]) + tail
             out[head + separator + tail] = 1.0
-
-    def cross(self, x: Mapping[str, Any], plan: CrossPlan, out: dict[str, float]) -> None:
-        labels = self._labels
-        for prefix, a, la, b, lb in plan:
-            if la is None:
-                va = x.get(a)
-                if va is None:
-                    continue
-                la = va if isinstance(va, str) else labels[int(va) % 24]
-            if lb is None:
-                vb = x.get(b)
-                if vb is None:
-                    continue
-                lb = vb if isinstance(vb, str) else labels[int(vb) % 24]
-            out[f"{prefix}{la}*{lb}"] = 1.0
 
 
 class _FastFMClassifier(facto.FMClassifier):
@@ -329,11 +312,9 @@ class TipModel:
 
     # -- features ---------------------------------------------------------------------------
 
-    def _features(self, x: Mapping[str, Any], plan: Any, cross: Callable[..., None] | None = None) -> dict[str, float]:
-        """The classifier's input: scaled numerics, one-hot strings, crosses (as the pipeline).
-
-        `plan` is `Interactions._plan0` for `cross` (the default), or a plan from
-        `Interactions.plan` for `Interactions.cross_planned`."""
+    def _features(self, x: Mapping[str, Any], plan: CrossPlan) -> dict[str, float]:
+        """The classifier's input: scaled numerics, one-hot strings, crosses (as the pipeline);
+        `plan` is `Interactions._plan0`, or the per-candidate part of `Interactions.plan`."""
         moments = self._moments
         out: dict[str, float] = {}
         for k, v in x.items():
@@ -349,7 +330,7 @@ class TipModel:
                 out[f"{k}_{v}"] = 1.0
             else:
                 raise TypeError(f"feature {k!r} must be a number, a string or None; got {type(v).__name__}")
-        (cross or self.interactions.cross)(x, plan, out)
+        self.interactions.cross(x, plan, out)
         return out
 
     def _logit(self, t: dict[str, float]) -> float:
@@ -397,15 +378,14 @@ class TipModel:
         elif not shared.keys().isdisjoint(set().union(*xs)):
             return [self.predict_one({**shared, **x}) for x in xs]
         once, each = self.interactions.plan(shared)
-        planned = self.interactions.cross_planned
-        base_t = self._features(shared, once, planned)
+        base_t = self._features(shared, once)
         sigmoid = _sigmoid
         clf = self.classifier
         features = self._features
         if not self._fm:
             weights = clf._weights
             base_logit = weights.dot(base_t) + clf.intercept
-            return [sigmoid(base_logit + weights.dot(features(x, each, planned))) for x in xs]
+            return [sigmoid(base_logit + weights.dot(features(x, each))) for x in xs]
         # FM: the shared linear term and the shared sums of the pairwise term, then all the
         # candidates' latent rows in one matrix.
         w, latents = clf.weights, clf.latents
@@ -420,7 +400,7 @@ class TipModel:
         w_get, lat_get = w.get, latents.get
         for c, x in enumerate(xs):
             lin = lin0
-            for j, xj in features(x, each, planned).items():
+            for j, xj in features(x, each).items():
                 lin += w_get(j, 0.0) * xj
                 v = lat_get(j)
                 if v is not None:

@@ -278,9 +278,6 @@ def evaluate(state: UserState | None, now_ms: int) -> dict[str, FeatureValue]:
     return values
 
 
-_CONTINUOUS = ("seconds_since_active", "engagement_score")
-
-
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """Profile feature values at `at_ms`, exact for any `now` in `[at_ms, until_ms)` while the state holds.

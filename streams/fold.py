@@ -226,9 +226,7 @@ def apply(state: UserState, event: Any, max_ts_ms: int | None = None) -> bool:
     moment = event.ts
     offset = moment.utcoffset()
     offset_s = offset.days * 86_400 + offset.seconds
-    # to_ms, inlined: this runs once per event.
-    ts_ms = (((moment.toordinal() - _EPOCH_DAY) * 86_400 + moment.hour * 3600 + moment.minute * 60 + moment.second
-              - offset_s) * 1000 + moment.microsecond // 1000)
+    ts_ms = _local_ms(moment) - offset_s * 1000
     if max_ts_ms is not None and ts_ms > max_ts_ms:
         raise FutureEvent(f"ts {moment.isoformat()} is later than the limit")
     newest = state.newest_ms
@@ -240,7 +238,7 @@ def apply(state: UserState, event: Any, max_ts_ms: int | None = None) -> bool:
         # itself is the newest, so neither the prune nor the dedup concerns it.
         _move_horizon(state, (ts_ms // DAY_MS - HORIZON_DAYS) * DAY_MS)
     rel = ts_ms - state.base_ms
-    record = pack(rel, crc32(event.id.encode()) & 0xFFFF, *payload(event))
+    record = pack(rel, fingerprint(event.id) & 0xFFFF, *payload(event))
     log = state.logs[i]
     if not log or rel > _unpack_ts(log, len(log) - size)[0]:
         state.logs[i] = log + record  # the common case: in order, so append
