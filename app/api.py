@@ -110,11 +110,12 @@ def create_app(settings: Settings, service: Service | None = None) -> Starlette:
 
     app = Starlette(
         routes=[
+            # Routes are matched in order: the hot path is tried first.
+            Route("/score", score_endpoint, methods=["POST"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
             Route("/users/{user_id}/features", user_features),
-            Route("/score", score_endpoint, methods=["POST"]),
             *admin.routes(),
             Route("/openapi.json", openapi, include_in_schema=False),
         ],

@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from app import db
+from app.metrics import METRICS
 from app.periodic import every
 from streams.features import evaluate
 from streams.store import OnlineStore
@@ -54,6 +55,7 @@ class OfflineFeatureWriter:
     def saved(self, users: list[str]) -> None:
         """Called after each checkpoint with the users it saved."""
         self.pending.update(users)
+        METRICS.offline_pending.set(len(self.pending))
 
     async def run(self) -> None:
         await every(self.every_s, self.write_pass, "a user_features pass")
@@ -75,6 +77,8 @@ class OfflineFeatureWriter:
         except BaseException:
             self.pending.update(users)
             raise
+        finally:
+            METRICS.offline_pending.set(len(self.pending))
         self.rows_written += len(rows)
         return len(rows)
 

@@ -34,7 +34,7 @@ from pydantic import (
     StringConstraints,
     ValidationError,
 )
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from app.decisions import DECISION_TYPE, SUBJECT_SCORE, DecisionLogFull, candidate_input, encode, new_decision_id
@@ -141,8 +141,11 @@ def parse_request(body: bytes) -> ScoreRequest:
                 message = e["msg"].removeprefix("Value error, ")
                 errors.append({"field": _field(e["loc"]), "message": message})
         raise RequestError(errors[0]["field"], errors[0]["message"], errors) from None
+    candidates = request.candidates
+    if len({c.tip_id for c in candidates}) == len(candidates) and not any(c.features for c in candidates):
+        return _checked_profile(request)  # the common shape: distinct tips, no features of their own
     seen: dict[str, int] = {}
-    for i, candidate in enumerate(request.candidates):
+    for i, candidate in enumerate(candidates):
         first = seen.setdefault(candidate.tip_id, i)
         if first != i:
             raise RequestError(f"candidates.{i}.tip_id",
@@ -151,6 +154,10 @@ def parse_request(body: bytes) -> ScoreRequest:
             if name in SERVER_INPUTS:
                 raise RequestError(f"candidates.{i}.features.{name}",
                                    f"{name!r} is a feature the server computes; give the candidate's own feature another name")
+    return _checked_profile(request)
+
+
+def _checked_profile(request: ScoreRequest) -> ScoreRequest:
     for name in request.profile_features or ():
         if name not in _PROFILE_NAMES:
             raise RequestError(f"profile_features.{name}",
@@ -337,17 +344,27 @@ class Scorer:
 
 
 async def _read_body(request: Request, limit: int) -> bytes | None:
-    """The body, or None when it is larger than `limit` (read no further than that)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        return None
+    """The body, or None when it is larger than `limit` (read no further than that).
+
+    Straight from the ASGI messages: Starlette's `Headers` and `stream()` cost ~15 us a
+    request here, a tenth of /score's own work."""
+    for name, value in request.scope["headers"]:
+        if name == b"content-length":
+            if value.isdigit() and int(value) > limit:
+                return None
+            break
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        message = await request.receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             return None
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 _ANSWERED = SCORE_REQUESTS.labels("200")

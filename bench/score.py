@@ -7,7 +7,8 @@ Steps:
 1. Start the service as `tipstream run` does (uvicorn, uvloop, httptools; its own embedded
    nats-server; SQLite in a temporary directory) in a subprocess.
 2. Publish simulated history for `--users` users through JetStream and wait until it is folded,
-   so /score reads real profile state.
+   checkpointed and written to `user_features`, so /score reads real profile state and the
+   measurement starts from a steady state.
 3. In a separate load-generator process, 8 concurrent keep-alive clients on loopback (closed
    loop: each sends its next request when the answer is in) run, one after the other:
    a warm-up, `GET /healthz` (the no-op baseline), `POST /score` with 10 and with 50 candidates,
@@ -123,8 +124,11 @@ async def seed(service: ServiceProcess, users: int, days: int) -> int:
     while time.monotonic() < deadline:
         _, text = await request_once(service.port, "GET", "/metrics")
         text = text.decode()
-        if (metric(text, "tipstream_stream_position", 'stream="SIGNALS"') >= signals
-                and metric(text, "tipstream_stream_position", 'stream="FEEDBACK"') >= feedback):
+        # Measured from a steady state: the seed folded, checkpointed, and its user_features rows
+        # written (that pass yields to requests, but would still share the cores with them).
+        if (metric(text, "tipstream_checkpoint_position", 'stream="SIGNALS"') >= signals
+                and metric(text, "tipstream_checkpoint_position", 'stream="FEEDBACK"') >= feedback
+                and metric(text, "tipstream_offline_pending_users") == 0):
             return len(events)
         await asyncio.sleep(0.2)
     raise RuntimeError("the seeded history was not folded in time")

@@ -33,7 +33,7 @@ import math
 import numbers
 import pickle
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -141,7 +141,12 @@ class Interactions(base.Transformer):
         return once, each
 
     def cross(self, x: Mapping[str, Any], plan: CrossPlan, out: dict[str, float]) -> None:
-        """The crosses of `x` under `plan` (`_plan0`, or one from `plan()`): one string join per key."""
+        """The crosses of `x` under `plan` (`_plan0`, or one from `plan()`), one-hot into `out`."""
+        for key in self.keys(x, plan):
+            out[key] = 1.0
+
+    def keys(self, x: Mapping[str, Any], plan: CrossPlan) -> Iterator[str]:
+        """The cross keys of `x` under `plan`: one string join per key; a missing member, none."""
         labels = self._labels
         for head, a, separator, b, tail in plan:
             if a is not None:
@@ -154,7 +159,7 @@ class Interactions(base.Transformer):
                 if vb is None:
                     continue
                 tail = (vb if type(vb) is str or isinstance(vb, str) else labels[int(vb) % 24]) + tail
-            out[head + separator + tail] = 1.0
+            yield head + separator + tail
 
 
 class _FastFMClassifier(facto.FMClassifier):
@@ -333,6 +338,29 @@ class TipModel:
         self.interactions.cross(x, plan, out)
         return out
 
+    def _linear(self, x: Mapping[str, Any], plan: CrossPlan, weight: Callable[[str, float], float]) -> float:
+        """`weights . _features(x, plan)` without building the feature dict: one-hot keys add
+        their weight, numerics their weight times the scaled value (the candidate part of the
+        logistic score, ~2x faster than the dict and `dot`)."""
+        z = 0.0
+        moments = self._moments
+        for k, v in x.items():
+            if type(v) is str:
+                z += weight(f"{k}_{v}", 0.0)
+            elif v is None:
+                continue
+            elif type(v) is float or type(v) is int or isinstance(v, numbers.Real):
+                ms = moments.get(k)
+                if ms is not None and ms[1]:
+                    z += weight(k, 0.0) * ((v - ms[0]) / ms[1])
+            elif isinstance(v, str):
+                z += weight(f"{k}_{v}", 0.0)
+            else:
+                raise TypeError(f"feature {k!r} must be a number, a string or None; got {type(v).__name__}")
+        for key in self.interactions.keys(x, plan):
+            z += weight(key, 0.0)
+        return z
+
     def _logit(self, t: dict[str, float]) -> float:
         clf = self.classifier
         if not self._fm:
@@ -385,7 +413,7 @@ class TipModel:
         if not self._fm:
             weights = clf._weights
             base_logit = weights.dot(base_t) + clf.intercept
-            return [sigmoid(base_logit + weights.dot(features(x, each))) for x in xs]
+            return [sigmoid(base_logit + self._linear(x, each, weights.get)) for x in xs]
         # FM: the shared linear term and the shared sums of the pairwise term, then all the
         # candidates' latent rows in one matrix.
         w, latents = clf.weights, clf.latents

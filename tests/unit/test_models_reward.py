@@ -177,9 +177,12 @@ def test_predict_many_equals_predict_one_for_every_shape_of_cross(kind: str) -> 
     rng = random.Random(4)
     for _ in range(500):
         model.learn_one({"user_id": f"u-{rng.randrange(3)}", "hour_of_day": rng.randrange(24), "preferred_hour": 9,
-                         "tip_id": f"t-{rng.randrange(5)}", "category": rng.choice(CATEGORIES)}, rng.random())
+                         "tip_id": f"t-{rng.randrange(5)}", "category": rng.choice(CATEGORIES),
+                         "length_s": rng.uniform(5, 60), "short": rng.random() < 0.5}, rng.random())
     shared = {"user_id": "u-1", "hour_of_day": 14, "preferred_hour": 9}
-    candidates = [{"tip_id": f"t-{i}", "category": c} for i in range(5) for c in CATEGORIES]
+    # Candidates' own inputs of every type: text, float, bool, missing.
+    candidates = [{"tip_id": f"t-{i}", "category": c, "length_s": 10.0 * i, "short": i < 2, "source": None}
+                  for i in range(5) for c in CATEGORIES]
     one = [model.predict_one({**shared, **c}) for c in candidates]
     assert model.predict_many(candidates, shared=shared) == pytest.approx(one, abs=1e-12)
     assert model.predict_many(candidates, shared={**shared, "user_id": None}) == pytest.approx(
