@@ -29,7 +29,7 @@ import itertools
 import logging
 import os
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -232,7 +232,9 @@ class DecisionPublisher:
         self._nc, self.queue_max, self.batch, self.window = nc, queue_max, batch, window
         self.ack_timeout_s, self.on_published, self.on_stored = ack_timeout_s, on_published, on_stored
         self.queue: deque[tuple[str, str, bytes]] = deque()  # (subject, decision id, payload)
-        self.inflight: dict[int, tuple[float, tuple[str, str, bytes]]] = {}  # token -> (sent at, item)
+        # token -> (sent at, item), oldest first; acks remove from the front, which an OrderedDict
+        # absorbs in O(1) (a dict's `next(iter())` would scan the removed slots).
+        self.inflight: OrderedDict[int, tuple[float, tuple[str, str, bytes]]] = OrderedDict()
         self.published = 0
         self.retried = 0
         self._token = 0
@@ -330,11 +332,10 @@ class DecisionPublisher:
         order, so the oldest is first: only the front of `inflight` needs looking at."""
         inflight, late = self.inflight, []
         while inflight:
-            token = next(iter(inflight))
-            sent_at, item = inflight[token]
+            sent_at, item = next(iter(inflight.values()))
             if sent_at >= now - self.ack_timeout_s:
                 break
-            del inflight[token]
+            inflight.popitem(last=False)
             late.append(item)
         if late:
             self._requeue(late)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -89,7 +89,10 @@ class Learner:
         self.pending_max, self.pending_max_age_s = pending_max, pending_max_age_s
         self.snapshot_every_s = snapshot_every_s
         self.clock = clock
-        self.cache: dict[str, _Entry] = {}
+        # Oldest first. An OrderedDict, not a dict: a dict evicted from the front scans the
+        # deleted slots before its first live entry on every `next(iter())`, ~50 us per /score
+        # once 110k decisions are held (measured); OrderedDict finds the oldest in O(1).
+        self.cache: OrderedDict[str, _Entry] = OrderedDict()
         self.cache_bytes = 0
         self.evicted_upto_ms = 0  # decisions created before this are no longer joinable
         # decision id -> {tip id: (reaction, arrival time s)}, and arrival order for eviction
@@ -156,11 +159,10 @@ class Learner:
         cache, horizon = self.cache, entry.added_ms - self.window_ms
         # Oldest first (insertion order): past the memory budget, or past the join window.
         while cache:
-            first_id = next(iter(cache))
-            first = cache[first_id]
+            first_id, first = next(iter(cache.items()))
             if self.cache_bytes <= self.cache_limit and first.added_ms >= horizon:
                 break
-            del cache[first_id]
+            cache.popitem(last=False)
             self.cache_bytes -= len(first.data) + ENTRY_OVERHEAD
             self.evicted_upto_ms = max(self.evicted_upto_ms, decision_time_ms(first_id) or first.added_ms)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any
@@ -238,7 +239,7 @@ class Scorer:
         self.store, self.lineup, self.policy, self.rng = store, lineup, policy, rng
         self.greedy = Greedy()
         self.feature_cache_users = feature_cache_users
-        self._cache: dict[str, _Cached] = {}
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()  # LRU; see Learner.cache for why not a dict
 
     def _profile(self, user_id: str, state: UserState | None,
                  now_ms: int) -> tuple[dict[str, Any], frozenset[str], bool]:
@@ -258,10 +259,10 @@ class Scorer:
             _CACHE_MISS.inc()
             hit = _Cached(state, marker, snapshot(state, now_ms), _first_signal_ms(state))
             if self.feature_cache_users:
-                cache.pop(user_id, None)  # re-inserted last: the oldest entry is the one evicted
                 cache[user_id] = hit
+                cache.move_to_end(user_id)  # the least recently refreshed entry is the one evicted
                 if len(cache) > self.feature_cache_users:
-                    del cache[next(iter(cache))]
+                    cache.popitem(last=False)
         snap, first = hit.snapshot, hit.first_signal_ms
         # New: no signal older than 7 days in the fold's horizon (a first week, or a return after 30+ days).
         new = first is None or first > now_ms - NEW_USER_MS
