@@ -99,6 +99,9 @@ class Learner:
         self.pending: dict[str, dict[str, tuple[str, float]]] = {}
         self._pending_order: deque[tuple[float, str, str]] = deque()
         self._restored_credits: dict[str, tuple[dict[str, float], int | None]] = {}
+        # The cache's entries holding credits: a snapshot lists these without walking the whole
+        # cache (120k entries when full: 8-20 ms of the event loop every snapshot, measured).
+        self._credited: dict[str, _Entry] = {}
         self.credited = 0
         self._learned: dict[str, Any] = {}
         self._waiting = 0  # feedback in `pending`
@@ -138,6 +141,7 @@ class Learner:
             credits = self._restored_credits.pop(logged.id, None)
             if credits is not None:
                 entry.credits, entry.rewarded_ms = credits
+                self._credited[logged.id] = entry
             self._insert(logged.id, entry)
         elif entry.logged:
             return False  # a redelivery
@@ -163,6 +167,7 @@ class Learner:
             if self.cache_bytes <= self.cache_limit and first.added_ms >= horizon:
                 break
             cache.popitem(last=False)
+            self._credited.pop(first_id, None)
             self.cache_bytes -= len(first.data) + ENTRY_OVERHEAD
             self.evicted_upto_ms = max(self.evicted_upto_ms, decision_time_ms(first_id) or first.added_ms)
 
@@ -262,6 +267,7 @@ class Learner:
         self._learn_seq += 1
         entry.credits = {**(credits or {}), tip_id: reward}
         entry.rewarded_ms = int(self.clock() * 1000)
+        self._credited[decision_id] = entry
         if entry.logged:
             entry.decision = decision
             self._mark_row(entry)
@@ -297,7 +303,7 @@ class Learner:
         resume = next(iter(self.cache.values())).position if self.cache else positions.get("DECISIONS", 0)
         state = {
             "positions": {"FEEDBACK": positions.get("FEEDBACK", 0), "DECISIONS": resume},
-            "credits": {d: [e.credits, e.rewarded_ms] for d, e in self.cache.items() if e.credits}
+            "credits": {d: [e.credits, e.rewarded_ms] for d, e in self._credited.items()}
                        | {d: [c, r] for d, (c, r) in self._restored_credits.items()},
             "pending": [[d, t, reaction, at] for d, waiting in self.pending.items()
                         for t, (reaction, at) in waiting.items()],
