@@ -118,8 +118,8 @@ class Settings(BaseSettings):
     score_max_body_bytes: int = Field(262_144, ge=1024, description="Larger `/score` bodies get 413.")
     feature_cache_users: int = Field(
         200_000, ge=0,
-        description="Users whose profile feature snapshot `/score` keeps; a snapshot is reused while no event for the "
-                    "user arrives and no window edge passes, so values stay exact. 0: evaluate every request.",
+        description="Users whose profile feature snapshot `/score` keeps (~1.3 KB each); a snapshot is reused while no "
+                    "event for the user arrives and no window edge passes, so values stay exact. 0: evaluate every request.",
     )
     decision_queue_max: int = Field(
         20_000, ge=1, description="Decisions waiting for JetStream; when full, `/score` waits, then answers 503."
