@@ -39,7 +39,7 @@ from sqlalchemy.engine import Engine
 from app import db
 from app.checkpoint_rows import write_learner_state
 from app.decisions import LoggedDecision, TipScoresLog, learning_input, tip_score_row
-from app.learning_metrics import FEEDBACK, JOIN_CACHE, LEARNED, PENDING
+from app.learning_metrics import FEEDBACK, JOIN_CACHE, LEARNED, MODEL_SNAPSHOT_SECONDS, PENDING
 from app.lineup import Lineup
 from models.reward import PopularityPrior
 from streams.store import OnlineStore
@@ -48,6 +48,7 @@ log = logging.getLogger("tipstream.learner")
 _OUTCOME = {name: FEEDBACK.labels(name) for name in (
     "credited", "duplicate", "no_decision", "waiting", "unknown_decision", "expired", "unknown_tip")}
 
+MODELS_LOOP_SHARE = 0.01  # of the event loop's time, at most, spent serialising models for snapshots
 ENTRY_OVERHEAD = 240  # bytes a cache entry costs beyond its payload (object, dict slot)
 
 
@@ -81,14 +82,15 @@ class Learner:
 
     def __init__(self, lineup: Lineup, store: OnlineStore, decision_log: TipScoresLog, *,
                  rewards: dict[str, float], cache_mb: float, window_s: float, pending_max: int,
-                 pending_max_age_s: float, snapshot_every_s: float, clock: Callable[[], float] = time.time) -> None:
+                 pending_max_age_s: float, snapshot_every_s: float, clock: Callable[[], float] = time.time,
+                 timer: Callable[[], float] = time.perf_counter) -> None:
         self.lineup, self.store, self.decision_log = lineup, store, decision_log
         self.rewards = dict(rewards)
         self.cache_limit = int(cache_mb * 1024 * 1024)
         self.window_ms = int(window_s * 1000)
         self.pending_max, self.pending_max_age_s = pending_max, pending_max_age_s
         self.snapshot_every_s = snapshot_every_s
-        self.clock = clock
+        self.clock, self.timer = clock, timer
         # Oldest first. An OrderedDict, not a dict: a dict evicted from the front scans the
         # deleted slots before its first live entry on every `next(iter())`, ~50 us per /score
         # once 110k decisions are held (measured); OrderedDict finds the oldest in O(1).
@@ -107,6 +109,7 @@ class Learner:
         self._waiting = 0  # feedback in `pending`
         self._changed = False
         self._last_snapshot = 0.0
+        self._models_cost_s = 0.0  # what serialising the models took last time, on the event loop
         self._unconfirmed: list[int] = []
         self._confirmed: list[tuple[int, int | None]] = []  # (generation, learn_seq of its models)
         self._gen = 0
@@ -293,7 +296,11 @@ class Learner:
         JOIN_CACHE.set(len(self.cache))
         # Checkpoints run one at a time, so an unconfirmed snapshot here is one that failed: retry now.
         failed = bool(self._unconfirmed)
-        if not force and not failed and (not self._changed or now - self._last_snapshot < self.snapshot_every_s):
+        # Models grow with the users who give feedback (a user x category cross each): 400k weights
+        # took ~200 ms to pickle here, all of it holding the event loop. Snapshots are spaced so that
+        # this stays under MODELS_LOOP_SHARE of the loop's time; a restart replays a little more.
+        every_s = max(self.snapshot_every_s, self._models_cost_s / MODELS_LOOP_SHARE)
+        if not force and not failed and (not self._changed or now - self._last_snapshot < every_s):
             return None
         self._gen += 1
         self._unconfirmed.append(self._gen)
@@ -311,12 +318,18 @@ class Learner:
         }
         # Models are pickled only when they learned since the last snapshot known to be saved.
         with_models = force or self._learn_seq != self._models_saved_seq
+        models: dict[str, tuple[bytes, int]] = {}
+        if with_models:
+            started = self.timer()
+            models = {v: (m.to_bytes(), m.n_learned) for v, m in self.lineup.learning}
+            self._models_cost_s = self.timer() - started
+            MODEL_SNAPSHOT_SECONDS.observe(self._models_cost_s)
         return {
             "gen": self._gen,
             "learn_seq": self._learn_seq if with_models else None,
             "state": orjson.dumps(state),
             "prior": self.lineup.prior.to_bytes(),
-            "models": {v: (m.to_bytes(), m.n_learned) for v, m in self.lineup.learning} if with_models else {},
+            "models": models,
         }
 
     write = staticmethod(write_learner_state)

@@ -50,8 +50,9 @@ class World:
         self.lineup.load("logreg", 0.1, "logreg")  # v1 champion, v2 shadow: both learn
         self.log = TipScoresLog()
         self.clock = Clock()
+        # The simulated clock also times serialising models: it takes no time unless a test says so.
         options = {"cache_mb": 64, "window_s": 3600, "pending_max": 100, "pending_max_age_s": 60,
-                   "snapshot_every_s": 0} | learner
+                   "snapshot_every_s": 0, "timer": self.clock} | learner
         self.learner = Learner(self.lineup, self.store, self.log, rewards=DEFAULT_REWARDS, clock=self.clock, **options)
         self.scorer = Scorer(self.store, self.lineup, make_policy("greedy"), random.Random(0), feature_cache_users=0)
         self.sink = self.learner.feedback_sink()
@@ -174,6 +175,34 @@ def test_a_snapshot_restores_models_credits_and_waiting_feedback(world: World, t
     assert delta(before) == {"duplicate": 1}
     assert [row["rewards"] for row in again.log.dirty.values()] == [{"a": 1.0}]
     again.engine.dispose()
+
+
+def test_model_snapshots_are_spaced_by_what_serialising_the_models_costs(tmp_path: Path) -> None:
+    class SlowToSerialise:  # each reading 0.25 s later: a snapshot's models take 0.5 s
+        now = 0.0
+
+        def __call__(self) -> float:
+            self.now += 0.25
+            return self.now
+
+    w = World(tmp_path, snapshot_every_s=1, timer=SlowToSerialise())
+
+    def learn_one_more() -> None:
+        scored = w.score()
+        w.learner.add_logged(LoggedDecision(scored.decision_id, scored.payload))
+        w.react(scored.decision_id, "a")
+
+    learn_one_more()
+    first = w.learner.snapshot()
+    assert first is not None and set(first["models"]) == {"v1", "v2"}
+    w.learner.saved(first)
+    learn_one_more()
+    w.clock.now += 2  # past TIPSTREAM_MODEL_SNAPSHOT_EVERY_S, but 0.5 s of serialising allow one per 50 s
+    assert w.learner.snapshot() is None
+    w.clock.now += 48
+    second = w.learner.snapshot()
+    assert second is not None and second["models"] and second["learn_seq"] == 2
+    w.engine.dispose()
 
 
 def test_failed_saves_are_retried_by_the_next_checkpoint(world: World) -> None:
