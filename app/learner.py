@@ -297,7 +297,7 @@ class Learner:
         # Checkpoints run one at a time, so an unconfirmed snapshot here is one that failed: retry now.
         failed = bool(self._unconfirmed)
         # Models grow with the users who give feedback (a user x category cross each): 400k weights
-        # took ~200 ms to pickle here, all of it holding the event loop. Snapshots are spaced so that
+        # take ~55 ms to serialise, all of it holding the event loop. Snapshots are spaced so that
         # this stays under MODELS_LOOP_SHARE of the loop's time; a restart replays a little more.
         every_s = max(self.snapshot_every_s, self._models_cost_s / MODELS_LOOP_SHARE)
         if not force and not failed and (not self._changed or now - self._last_snapshot < every_s):

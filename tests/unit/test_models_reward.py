@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 import random
 
 import pytest
@@ -187,6 +188,20 @@ def test_predict_many_equals_predict_one_for_every_shape_of_cross(kind: str) -> 
     assert model.predict_many(candidates, shared=shared) == pytest.approx(one, abs=1e-12)
     assert model.predict_many(candidates, shared={**shared, "user_id": None}) == pytest.approx(
         [model.predict_one({**shared, "user_id": None, **c}) for c in candidates], abs=1e-12)
+
+
+def test_weights_are_snapshotted_exactly_whatever_their_value_and_older_snapshots_still_load() -> None:
+    model = _trained("logreg", n=300)
+    weights = model.classifier._weights
+    weights["user_id_odd"], weights["user_id_over"], weights["user_id_under"] = math.nan, math.inf, -5e-324
+    copy = TipModel.from_bytes(model.to_bytes())
+    before, after = weights.to_dict(), copy.classifier._weights.to_dict()
+    assert list(after) == list(before)
+    assert all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(before.values(), after.values()))
+    # Written by stock pickle, as before weights had their own format.
+    stock = TipModel.from_bytes(b"tipstream:TipModel:1\n" + pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL))
+    probes = [{**_user(h), "tip_id": f"tip-{c}-1", "category": c} for h in (7, 22) for c in CATEGORIES]
+    assert [stock.predict_one(x) for x in probes] == [copy.predict_one(x) for x in probes]
 
 
 def test_snapshot_of_something_else_is_refused() -> None:
