@@ -34,6 +34,7 @@ import math
 import numbers
 import pickle
 import random
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -59,23 +60,43 @@ _MAGIC = {"TipModel": b"tipstream:TipModel:1\n", "PopularityPrior": b"tipstream:
 
 
 class _Pickler(pickle.Pickler):
-    """Pickles River's weight vectors as two flat buffers (keys as JSON, values as float64).
+    """Pickles a model's per-feature tables as flat buffers: keys as JSON, values as float64.
 
-    A model gains weights with every user who gives feedback (`user_id` and its cross with
-    `category`), and its snapshot is taken on the event loop: stock pickle took ~160 ms for
-    400k weights here, this ~30 ms. Exact, NaN and infinities included.
+    A model gains features with every user who gives feedback (`user_id` and its cross with
+    `category`), and its snapshot is taken on the event loop. Stock pickle took 120-200 ms for
+    a logistic regression's 400k weights here (this: ~55 ms), and 680 ms for a factorisation
+    machine's 100k latent vectors, one numpy array each. Exact, NaN and infinities included.
     """
 
     def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is not utils.VectorDict:
-            return NotImplemented
-        _, (data, *rest) = obj.__reduce__()
-        values = np.fromiter(data.values(), np.float64, len(data)).tobytes()
-        return _vector_from_buffers, (orjson.dumps(list(data)), values, *rest)
+        kind = type(obj)
+        if kind is utils.VectorDict:  # River's linear weights
+            _, (data, *rest) = obj.__reduce__()
+            return _vector_from_buffers, (*_buffers(data, list(data.values())), *rest)
+        if kind is defaultdict and obj:  # the factorisation machine's weights and latents
+            values = list(obj.values())
+            if all(type(v) is float for v in values):
+                return _table_from_buffers, (obj.default_factory, *_buffers(obj, values), 0)
+            first = values[0]
+            if type(first) is np.ndarray and first.ndim == 1 and all(
+                    type(v) is np.ndarray and v.dtype == np.float64 and v.shape == first.shape for v in values):
+                return _table_from_buffers, (obj.default_factory, *_buffers(obj, values), len(first))
+        return NotImplemented
+
+
+def _buffers(table: Mapping[str, Any], values: list[Any]) -> tuple[bytes, bytes]:
+    return orjson.dumps(list(table)), np.asarray(values, np.float64).tobytes()
 
 
 def _vector_from_buffers(keys: bytes, values: bytes, *rest: Any) -> utils.VectorDict:
     return utils.VectorDict(dict(zip(orjson.loads(keys), np.frombuffer(values, np.float64).tolist())), *rest)
+
+
+def _table_from_buffers(factory: Any, keys: bytes, values: bytes, width: int) -> defaultdict:
+    flat = np.frombuffer(values, np.float64)
+    # Each latent vector its own array, as learning leaves them (a view would pin the whole block).
+    rows = flat.tolist() if width == 0 else list(flat.reshape(-1, width).copy())
+    return defaultdict(factory, zip(orjson.loads(keys), rows))
 
 
 def _dumps(obj: object) -> bytes:

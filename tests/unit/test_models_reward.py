@@ -6,6 +6,7 @@ import math
 import pickle
 import random
 
+import numpy as np
 import pytest
 from river import facto, optim
 
@@ -190,15 +191,23 @@ def test_predict_many_equals_predict_one_for_every_shape_of_cross(kind: str) -> 
         [model.predict_one({**shared, "user_id": None, **c}) for c in candidates], abs=1e-12)
 
 
-def test_weights_are_snapshotted_exactly_whatever_their_value_and_older_snapshots_still_load() -> None:
-    model = _trained("logreg", n=300)
-    weights = model.classifier._weights
+@pytest.mark.parametrize("kind", KINDS)
+def test_weights_are_snapshotted_exactly_whatever_their_value_and_older_snapshots_still_load(kind: str) -> None:
+    model = _trained(kind, n=300)
+    clf = model.classifier
+    weights = clf._weights if kind == "logreg" else clf.weights
     weights["user_id_odd"], weights["user_id_over"], weights["user_id_under"] = math.nan, math.inf, -5e-324
     copy = TipModel.from_bytes(model.to_bytes())
-    before, after = weights.to_dict(), copy.classifier._weights.to_dict()
-    assert list(after) == list(before)
-    assert all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(before.values(), after.values()))
-    # Written by stock pickle, as before weights had their own format.
+    tables = [(weights, copy.classifier._weights if kind == "logreg" else copy.classifier.weights)]
+    if kind == "fm":
+        clf.latents["user_id_odd"] = np.full(clf.n_factors, -math.inf)
+        copy = TipModel.from_bytes(model.to_bytes())
+        tables = [(clf.weights, copy.classifier.weights), (clf.latents, copy.classifier.latents)]
+    for before, after in tables:
+        assert list(after) == list(before)
+        for a, b in zip(np.array(list(before.values())).ravel(), np.array(list(after.values())).ravel()):
+            assert a == b or (math.isnan(a) and math.isnan(b))
+    # Written by stock pickle, as before the tables had their own format.
     stock = TipModel.from_bytes(b"tipstream:TipModel:1\n" + pickle.dumps(model, protocol=pickle.HIGHEST_PROTOCOL))
     probes = [{**_user(h), "tip_id": f"tip-{c}-1", "category": c} for h in (7, 22) for c in CATEGORIES]
     assert [stock.predict_one(x) for x in probes] == [copy.predict_one(x) for x in probes]
