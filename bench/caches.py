@@ -5,7 +5,7 @@
 
 A plain dict used as a FIFO is not: deleting from the front leaves dead slots that every
 `next(iter(d))` walks again, until the dict happens to resize. With the join cache's default
-256 MB (~120k decisions of 2 KB) that cost 269 us per decision served, against 2.6 us before
+256 MB (~115k decisions of 2 KB) that cost 269 us per decision served, against 2.6 us before
 the cache was full; nothing short of a long run at full budget showed it.
 
 Steps:
