@@ -452,14 +452,14 @@ class TipModel:
         elif not shared.keys().isdisjoint(set().union(*xs)):
             return [self.predict_one({**shared, **x}) for x in xs]
         once, each = self.interactions.plan(shared)
-        base_t = self._features(shared, once)
         sigmoid = _sigmoid
         clf = self.classifier
-        features = self._features
         if not self._fm:
-            weights = clf._weights
-            base_logit = weights.dot(base_t) + clf.intercept
-            return [sigmoid(base_logit + self._linear(x, each, weights.get)) for x in xs]
+            weight = clf._weights.get
+            base_logit = self._linear(shared, once, weight) + clf.intercept
+            return [sigmoid(base_logit + self._linear(x, each, weight)) for x in xs]
+        base_t = self._features(shared, once)
+        features = self._features
         # FM: the shared linear term and the shared sums of the pairwise term, then all the
         # candidates' latent rows in one matrix.
         w, latents = clf.weights, clf.latents
