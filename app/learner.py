@@ -94,8 +94,8 @@ class Learner:
         self.snapshot_every_s = snapshot_every_s
         self.clock, self.timer = clock, timer
         # Oldest first. An OrderedDict, not a dict: a dict evicted from the front scans the
-        # deleted slots before its first live entry on every `next(iter())`, ~50 us per /score
-        # once 115k decisions are held (measured); OrderedDict finds the oldest in O(1).
+        # deleted slots before its first live entry on every `next(iter())`: 122-269 us per
+        # decision served once the default 256 MB is full (bench/caches.py). O(1) here.
         self.cache: OrderedDict[str, _Entry] = OrderedDict()
         self.cache_bytes = 0
         self.evicted_upto_ms = 0  # decisions created before this are no longer joinable
@@ -104,7 +104,7 @@ class Learner:
         self._pending_order: deque[tuple[float, str, str]] = deque()
         self._restored_credits: dict[str, tuple[dict[str, float], int | None]] = {}
         # The cache's entries holding credits: a snapshot lists these without walking the whole
-        # cache (115k entries when full: 8-20 ms of the event loop every snapshot, measured).
+        # cache (~20 ms of the event loop per snapshot at 115k entries, measured).
         self._credited: dict[str, _Entry] = {}
         self.credited = 0
         self._learned: dict[str, Any] = {}
