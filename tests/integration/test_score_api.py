@@ -112,10 +112,11 @@ async def test_bad_requests_get_4xx_naming_the_field_and_log_nothing(start_servi
             assert field in answer["error"], (name, answer)
         # Chunked uploads carry no Content-Length: the limit holds on what is read, and a body that
         # arrives in many pieces is put back together.
-        too_big = await http.post("/score", content=in_chunks(orjson.dumps(HUGE), 8_192), headers={"content-type": "application/json"})
+        json_type = {"content-type": "application/json"}
+        too_big = await http.post("/score", content=in_chunks(orjson.dumps(HUGE), 8_192), headers=json_type)
         assert too_big.status_code == 413 and too_big.json()["field"] == "body"
-        ok = await http.post("/score", content=in_chunks(orjson.dumps(body()), 16),
-                             headers={"content-type": "application/json"})  # the log is known to work
+        # A good one after them, so the log is known to work.
+        ok = await http.post("/score", content=in_chunks(orjson.dumps(body()), 16), headers=json_type)
         assert ok.status_code == 200, ok.text
     service = running.service
     await eventually(lambda: service.publisher.published == 1)
