@@ -57,8 +57,10 @@ user_features = Table(
 
 # -- learning (issue 4): the decision log, the model registry, the learner's state ----------
 
-# One row per decision (a /score answer): what was served, with the logged decision event
-# itself (JSON text, as published to `decisions.>`) and the rewards credited to it.
+# One row per decision (a /score answer): what was served, and the rewards credited to it;
+# once rewarded, also the decision event itself (JSON text, as published to `decisions.>`),
+# which evaluation reads. Unrewarded, the event is only in the stream: its ~2 KB was ~60% of
+# the SQL work of a row (measured: 50 us a row with it, 17 without).
 tip_scores = Table(
     "tip_scores",
     metadata,
@@ -73,7 +75,7 @@ tip_scores = Table(
     Column("tip_id", String(128), nullable=False),  # ranked first
     Column("score", Float, nullable=False),
     Column("propensity", Float, nullable=False),
-    Column("decision", Text, nullable=False),
+    Column("decision", Text),  # set once rewarded
     Column("rewards", JSON),  # {tip_id: reward} for every tip of the decision credited so far
     Column("reward", Float),  # the reward of `tip_id`, once credited
     Column("rewarded_at", DateTime(timezone=True)),

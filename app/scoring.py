@@ -188,8 +188,26 @@ def _zone(offset_s: int) -> timezone:
     return zone
 
 
+_ISO_SECONDS: dict[tuple[int, int], tuple[str, str]] = {}
+
+
 def _iso(ms: int, offset_s: int) -> str:
-    return datetime.fromtimestamp(ms / 1000, _zone(offset_s)).isoformat(timespec="milliseconds")
+    """`ms` in the offset, as `datetime.isoformat(timespec="milliseconds")` writes it.
+
+    The date and time up to the second are formatted once per second and offset: a datetime
+    and its isoformat took ~9 us, 5% of /score in-process (py-spy).
+
+    >>> _iso(1_795_694_400_123, 3600), _iso(-1, 0), _iso(1_795_694_400_000, -9000)
+    ('2026-11-26T13:00:00.123+01:00', '1969-12-31T23:59:59.999+00:00', '2026-11-26T09:30:00.000-02:30')
+    """
+    second, milli = divmod(ms, 1000)
+    parts = _ISO_SECONDS.get((second, offset_s))
+    if parts is None:
+        if len(_ISO_SECONDS) >= 1024:  # a second that has passed is rarely asked for again
+            _ISO_SECONDS.clear()
+        text = datetime.fromtimestamp(second, _zone(offset_s)).isoformat(timespec="seconds")
+        parts = _ISO_SECONDS[second, offset_s] = (text[:19], text[19:])
+    return f"{parts[0]}.{milli:03d}{parts[1]}"
 
 
 def blend_many(prior: PopularityPrior, tips: list[str], model_scores: list[float], reactions: int) -> list[float]:

@@ -56,7 +56,7 @@ from streams.events import parse_event
 from streams.simulator import Population
 from streams.store import OnlineStore
 
-NOW_MS = 1_795_705_200_000  # 2026-11-26T12:00Z
+NOW_MS = 1_795_694_400_000  # 2026-11-26T12:00Z, as NOW
 NOW = "2026-11-26T12:00:00+00:00"
 
 

@@ -66,17 +66,23 @@ async def test_feedback_moves_the_next_score_and_redelivery_changes_nothing(star
         assert service.learner.credited == 2 and service.lineup.champion.n_learned == learned
         assert service.lineup.prior.count("tip-focus-1") == 1.0
 
-    # Every decision is logged: two /score answers, two tip_scores rows; the first has its rewards.
+    # Every decision is logged: two /score answers, two tip_scores rows; the first has its rewards,
+    # and, being rewarded, the decision event (which evaluation reads); the other has neither.
     engine = sa.create_engine(database_url)
     try:
         def rows() -> dict[str, Any]:
             with engine.connect() as conn:
-                return {r[0]: r for r in conn.execute(sa.text("select decision_id, rewards, reward from tip_scores"))}
+                return {r[0]: r for r in conn.execute(
+                    sa.text("select decision_id, rewards, reward, decision from tip_scores"))}
 
         await eventually(lambda: len(rows()) == 2 and rows()[decision][1] is not None, timeout=15)
-        rewards = rows()[decision][1]
-        rewards = orjson.loads(rewards) if isinstance(rewards, str) else rewards
-        assert rewards == {"tip-focus-1": 1.0, "tip-breaks-1": 0.0}
+        def json_value(column: Any) -> Any:  # JSON text on SQLite, decoded on PostgreSQL
+            return orjson.loads(column) if isinstance(column, str) else column
+
+        assert json_value(rows()[decision][1]) == {"tip-focus-1": 1.0, "tip-breaks-1": 0.0}
+        assert orjson.loads(rows()[decision][3])["id"] == decision
+        [unrewarded] = [r for d, r in rows().items() if d != decision]
+        assert json_value(unrewarded[1]) is None and unrewarded[3] is None
     finally:
         engine.dispose()
 

@@ -177,3 +177,32 @@ def test_the_registry_round_trips_through_sql_and_migrations_go_down(database_ur
     migrate.upgrade(database_url)
     if database_url.startswith("postgresql"):
         reset_postgres(database_url)
+
+
+def test_tip_scores_rows_keep_their_decision_across_0003(database_url: str) -> None:
+    """0003 lets an unrewarded row go without the decision's text, keeping the text of every
+    row that has it; going down fills the gaps, as the older schema requires text."""
+    migrate.upgrade(database_url, "0002")
+    row = {"user_id": "u-1", "created_at": datetime(2026, 11, 26, tzinfo=UTC), "kind": "scored",
+           "model_version": "v1", "policy": "greedy", "tip_id": "t", "score": 0.5, "propensity": 1.0}
+    insert = sa.text("insert into tip_scores (decision_id, user_id, created_at, kind, model_version, policy, tip_id, "
+                     "score, propensity, decision) values (:decision_id, :user_id, :created_at, :kind, "
+                     ":model_version, :policy, :tip_id, :score, :propensity, :decision)")
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert, {**row, "decision_id": "d-old", "decision": '{"id": "d-old"}'})
+        migrate.upgrade(database_url)
+        with engine.begin() as conn:
+            conn.execute(insert, {**row, "decision_id": "d-new", "decision": None})
+        read = sa.text("select decision_id, decision from tip_scores order by decision_id")
+        with engine.connect() as conn:
+            assert conn.execute(read).all() == [("d-new", None), ("d-old", '{"id": "d-old"}')]
+        migrate.downgrade(database_url, "0002")
+        with engine.connect() as conn:
+            assert conn.execute(read).all() == [("d-new", "null"), ("d-old", '{"id": "d-old"}')]
+    finally:
+        engine.dispose()
+        migrate.upgrade(database_url)
+        if database_url.startswith("postgresql"):
+            reset_postgres(database_url)

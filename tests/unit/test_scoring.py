@@ -134,6 +134,16 @@ def test_caller_features_fill_only_fallbacks_and_context_uses_the_users_offset(l
     assert features["is_new_user"] is True
 
 
+def test_decision_times_are_written_as_datetime_would() -> None:
+    rng = random.Random(3)
+    offsets = [0, 3600, -9000, 19800, 50400, -43200]
+    for _ in range(20_000):  # some share a second and an offset (the cached path), most do not
+        ms, offset_s = rng.randrange(-10**12, 4 * 10**12) // rng.choice([1, 10**6]), rng.choice(offsets)
+        moment = datetime.fromtimestamp(ms // 1000, timezone(timedelta(seconds=offset_s)))
+        expected = moment.replace(microsecond=ms % 1000 * 1000).isoformat(timespec="milliseconds")
+        assert app.scoring._iso(ms, offset_s) == expected, (ms, offset_s)
+
+
 @pytest.mark.parametrize("policy", ["epsilon_greedy", "softmax", "thompson", "greedy"])
 def test_every_policy_answers_with_propensities_and_explore_false_is_greedy(lineup: Lineup, policy: str) -> None:
     scorer = Scorer(OnlineStore(), lineup, make_policy(policy), random.Random(1), feature_cache_users=0)
