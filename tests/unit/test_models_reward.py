@@ -192,6 +192,30 @@ def test_predict_many_equals_predict_one_for_every_shape_of_cross(kind: str) -> 
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_cached_candidate_features_stay_exact_while_the_model_learns(kind: str) -> None:
+    # The candidate cache holds feature keys, never weights or scaling: scores must follow
+    # every learn_one, for other users and hours, and for candidates with numeric inputs.
+    model = TipModel(kind=kind, learning_rate=0.2)
+    rng = random.Random(7)
+    for step in range(60):
+        shared = {"user_id": f"u-{rng.randrange(4)}", "hour_of_day": rng.randrange(24),
+                  "preferred_hour": rng.choice([None, 8, 20]), "tasks_open": rng.uniform(0, 9)}
+        candidates = [{"tip_id": f"t-{i}", "category": CATEGORIES[i % 3]} for i in range(6)]
+        candidates.append({"tip_id": "t-long", "category": "focus", "length_s": rng.choice([10.0, 30.0])})
+        scores = model.predict_many(candidates, shared=shared)
+        assert scores == pytest.approx([model.predict_one({**shared, **c}) for c in candidates], abs=1e-12), step
+        for c in rng.sample(candidates, 3):
+            model.learn_one({**shared, **c}, rng.random())
+    assert model._candidate_cache, "the text-only candidates were cached"
+    snapshot = model.to_bytes()
+    model._candidate_cache.clear()
+    assert model.to_bytes() == snapshot, "the cache is no part of a snapshot"
+    assert TipModel.from_bytes(snapshot)._candidate_cache == {}
+    with pytest.raises(TypeError, match="feature 'tags' must be a number, a string or None"):
+        model.predict_many([{"tip_id": "t-0", "tags": ["a"]}], shared={"user_id": "u-0"})
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_weights_are_snapshotted_exactly_whatever_their_value_and_older_snapshots_still_load(kind: str) -> None:
     model = _trained(kind, n=300)
     clf = model.classifier
