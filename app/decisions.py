@@ -127,16 +127,16 @@ def _utc(ms: int) -> datetime:
     return datetime.fromtimestamp(ms / 1000, UTC)
 
 
-def tip_score_row(decision: dict[str, Any], text: str, rewards: dict[str, float] | None,
+def tip_score_row(decision: dict[str, Any], data: bytes, rewards: dict[str, float] | None,
                   rewarded_at_ms: int | None) -> dict[str, Any]:
     """The `tip_scores` row of a decision (and the rewards credited to it so far); the event's
-    text only once rewarded (see `db.tip_scores`).
+    bytes `data`, as text, only once rewarded (see `db.tip_scores`).
 
     >>> decision = {"id": "d-1", "ts": "2026-11-26T08:00:00.000+01:00", "user_id": "u", "model_version": "v1",
     ...             "ranked": [{"tip_id": "t", "score": 0.5, "propensity": 0.9}]}
-    >>> tip_score_row(decision, "{...}", None, None)["decision"] is None
+    >>> tip_score_row(decision, b"{...}", None, None)["decision"] is None
     True
-    >>> row = tip_score_row(decision, "{...}", {"t": 1.0}, 1_795_694_400_000)
+    >>> row = tip_score_row(decision, b"{...}", {"t": 1.0}, 1_795_694_400_000)
     >>> row["decision"], row["reward"], row["rewarded_at"].isoformat()
     ('{...}', 1.0, '2026-11-26T12:00:00+00:00')
     """
@@ -147,7 +147,7 @@ def tip_score_row(decision: dict[str, Any], text: str, rewards: dict[str, float]
         "kind": decision.get("type", DECISION_TYPE).split(".", 1)[-1], "model_version": decision["model_version"],
         "shadow_version": decision.get("shadow_version"), "prompt_version": decision.get("prompt_version"),
         "policy": decision.get("policy", ""), "tip_id": first["tip_id"], "score": first["score"],
-        "propensity": first["propensity"], "decision": text if rewards else None, "rewards": rewards or None,
+        "propensity": first["propensity"], "decision": data.decode() if rewards else None, "rewards": rewards or None,
         "reward": (rewards or {}).get(first["tip_id"]),
         "rewarded_at": _utc(rewarded_at_ms) if rewarded_at_ms is not None else None,
     }

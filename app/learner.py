@@ -178,7 +178,7 @@ class Learner:
 
     def _mark_row(self, entry: _Entry) -> None:
         decision = entry.decision if entry.decision is not None else orjson.loads(entry.data)
-        self.decision_log.mark(tip_score_row(decision, entry.data.decode(), entry.credits, entry.rewarded_ms))
+        self.decision_log.mark(tip_score_row(decision, entry.data, entry.credits, entry.rewarded_ms))
 
     # -- feedback ----------------------------------------------------------------------------
 

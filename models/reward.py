@@ -56,7 +56,7 @@ DEFAULT_INTERACTIONS: tuple[tuple[str, str], ...] = (
     ("user_id", "category"),
 )
 _MISSING = object()
-CANDIDATE_CACHE_ENTRIES = 100_000  # per cross plan; ~0.5 KB each
+CANDIDATE_CACHE_ENTRIES = 100_000  # over all cross plans; ~0.5 KB each
 _MAGIC = {"TipModel": b"tipstream:TipModel:1\n", "PopularityPrior": b"tipstream:PopularityPrior:1\n"}
 
 
@@ -417,11 +417,13 @@ class TipModel:
         change the dicts returned.
         """
         caches = self._candidate_cache
+        # One bound over every plan (hour buckets x preferred-hour buckets: a few dozen of them);
+        # a request adds at most its candidates past it.
+        if sum(map(len, caches.values())) >= CANDIDATE_CACHE_ENTRIES:
+            caches.clear()
         plan_key = tuple(fixed)
         cache = caches.get(plan_key)
         if cache is None:
-            if len(caches) >= 1_024:  # hour buckets x preferred-hour buckets: a few dozen plans
-                caches.clear()
             cache = caches[plan_key] = {}
         compute, cross, both = self._features, self.interactions.cross, fixed + text
 
@@ -434,10 +436,7 @@ class TipModel:
             if part is None:
                 if not all(type(v) is str or v is None for v in x.values()):
                     return compute(x, both)
-                part = compute(x, fixed)
-                if len(cache) >= CANDIDATE_CACHE_ENTRIES:
-                    cache.clear()
-                cache[key] = part
+                part = cache[key] = compute(x, fixed)
             if not text:
                 return part
             t = part.copy()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from river import facto, optim
 
+from models import reward
 from models.reward import (
     DEFAULT_REWARDS,
     PopularityPrior,
@@ -213,6 +214,15 @@ def test_cached_candidate_features_stay_exact_while_the_model_learns(kind: str) 
     assert TipModel.from_bytes(snapshot)._candidate_cache == {}
     with pytest.raises(TypeError, match="feature 'tags' must be a number, a string or None"):
         model.predict_many([{"tip_id": "t-0", "tags": ["a"]}], shared={"user_id": "u-0"})
+
+
+def test_the_candidate_cache_is_bounded_over_every_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reward, "CANDIDATE_CACHE_ENTRIES", 50)
+    model = TipModel()
+    for hour in range(24):  # four hour buckets: four cross plans
+        model.predict_many([{"tip_id": f"t-{hour}-{i}", "category": "focus"} for i in range(10)],
+                           shared={"user_id": "u-1", "hour_of_day": hour})
+        assert sum(map(len, model._candidate_cache.values())) < 50 + 10
 
 
 @pytest.mark.parametrize("kind", KINDS)
