@@ -48,6 +48,11 @@ from streams.store import OnlineStore
 log = logging.getLogger("tipstream")
 
 
+# Checkpoint writes run in a worker thread; a short GIL switch interval keeps them from
+# holding the event loop (ingest and the API) for the default 5 ms at a time.
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -83,9 +88,7 @@ class Service:
 
     async def start(self) -> None:
         s = self.settings
-        # Checkpoint writes run in a worker thread; a short GIL switch interval keeps them
-        # from holding the event loop (ingest and the API) for the default 5 ms at a time.
-        sys.setswitchinterval(0.0005)
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         # Ingest allocates a few short-lived objects per event, freed by reference counting;
         # the default threshold (700) runs the cycle collector every ~150 events for nothing.
         gc.set_threshold(100_000, 50, 100)

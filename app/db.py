@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -20,8 +22,10 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    TextClause,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -147,11 +151,51 @@ def make_engine(url: str) -> Engine:
 
 
 def upsert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], keys: Iterable[str]) -> None:
-    """Insert or update `rows` (a list passed to execute: executemany, the fast path)."""
+    """Insert or update `rows` (dicts with the same columns); `keys` name the unique columns.
+
+    A table without binary columns gets every row in one statement: the rows travel as one
+    JSON array that the database expands itself (`json_each` in SQLite, `json_populate_recordset`
+    in PostgreSQL). That is for the thread that writes checkpoints beside the event loop:
+    SQLite's driver releases and retakes the GIL around every row of an `executemany`, and
+    each retake waits for the busy loop to yield, so 5,000 rows took 3.5 ms each there
+    (`bench/row_writes.py`); one statement releases the GIL once for all of them.
+    """
     if not rows:
         return
     keys = list(keys)
+    names = list(rows[0])
+    if not any(isinstance(table.c[name].type, LargeBinary) for name in names):
+        statement = _json_upsert(conn.dialect.name, table.name, tuple(names), tuple(keys))
+        conn.execute(statement, {"rows": orjson.dumps(list(rows)).decode()})
+        return
     insert = sqlite_insert if conn.dialect.name == "sqlite" else pg_insert
     statement = insert(table)
-    updates = {c.name: statement.excluded[c.name] for c in table.columns if c.name not in keys}
+    updates = {name: statement.excluded[name] for name in names if name not in keys}
     conn.execute(statement.on_conflict_do_update(index_elements=keys, set_=updates), list(rows))
+
+
+# SQLAlchemy's own text form of a datetime in SQLite (microseconds), here always in UTC.
+_SQLITE_DATETIME = "strftime('%Y-%m-%d %H:%M:%f', {}) || '000'"
+
+
+@functools.cache
+def _json_upsert(dialect: str, table_name: str, column_names: tuple[str, ...], keys: tuple[str, ...]) -> TextClause:
+    table = metadata.tables[table_name]
+    columns = [table.c[name] for name in column_names]
+    names = ", ".join(column_names)
+    updates = ", ".join(f"{c.name} = excluded.{c.name}" for c in columns if c.name not in keys)
+    conflict = f"ON CONFLICT ({', '.join(keys)}) DO " + (f"UPDATE SET {updates}" if updates else "NOTHING")
+    if dialect == "sqlite":
+        values = []
+        for c in columns:
+            value = f"json_extract(value, '$.{c.name}')"  # a JSON null: NULL
+            if isinstance(c.type, DateTime):
+                value = _SQLITE_DATETIME.format(value)
+            elif isinstance(c.type, JSON):
+                value = f"json_quote({value})"  # JSON text, as SQLAlchemy stores it (None: 'null')
+            values.append(value)
+        # "WHERE true": without it, SQLite would read ON CONFLICT as part of the SELECT's join.
+        return text(f"INSERT INTO {table_name} ({names}) SELECT {', '.join(values)} "
+                    f"FROM json_each(:rows) WHERE true {conflict}")
+    return text(f"INSERT INTO {table_name} ({names}) SELECT {names} "
+                f"FROM json_populate_recordset(NULL::{table_name}, CAST(:rows AS json)) {conflict}")

@@ -1,0 +1,75 @@
+"""`db.upsert`'s one-statement path (rows as one JSON array) against SQLite and PostgreSQL:
+every column type comes back as SQLAlchemy wrote it before, and a second upsert updates."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import sqlalchemy as sa
+
+from app import db, migrate
+
+CET = timezone(timedelta(hours=1))
+
+
+def _row(decision_id: str, **changes: Any) -> dict[str, Any]:
+    row = {"decision_id": decision_id, "user_id": "u-1", "created_at": datetime(2026, 11, 26, 8, 0, 0, 123000, CET),
+           "kind": "scored", "model_version": "v1", "shadow_version": None, "prompt_version": None,
+           "policy": "epsilon_greedy", "tip_id": "tip-a", "score": 0.25, "propensity": 0.9, "decision": None,
+           "rewards": None, "reward": None, "rewarded_at": None}
+    return {**row, **changes}
+
+
+def _read(engine: sa.Engine) -> dict[str, dict[str, Any]]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(db.tip_scores)).mappings().all()
+    out = {}
+    for row in rows:
+        row = dict(row)
+        for name in ("created_at", "rewarded_at"):  # SQLite gives naive UTC, PostgreSQL aware
+            if row[name] is not None and row[name].tzinfo is None:
+                row[name] = row[name].replace(tzinfo=UTC)
+        out[row["decision_id"]] = row
+    return out
+
+
+def test_rows_written_in_one_statement_read_back_exactly(database_url: str) -> None:
+    migrate.upgrade(database_url)
+    engine = db.make_engine(database_url)
+    tricky = _row("d-2", user_id="u-'quoted\" \\ é 🙂", score=1e-300, shadow_version="v2",
+                  decision='{"id": "d-2", "text": "line\\nbreak"}', rewards={"tip-a": 1.0, "tip-b": -0.5},
+                  reward=1.0, rewarded_at=datetime(2026, 11, 26, 9, 30, tzinfo=UTC))
+    with engine.begin() as conn:
+        db.upsert(conn, db.tip_scores, [_row("d-1"), tricky], ["decision_id"])
+    stored = _read(engine)
+    assert stored["d-2"] == tricky
+    # A time in another offset is stored as the same instant (SQLite keeps it as UTC text).
+    assert stored["d-1"]["created_at"] == datetime(2026, 11, 26, 7, 0, 0, 123000, UTC)
+    assert stored["d-1"]["rewards"] is None and stored["d-1"]["decision"] is None
+
+    credited = _row("d-1", rewards={"tip-a": 0.5}, reward=0.5, decision="{}",
+                    rewarded_at=datetime(2026, 11, 26, 10, tzinfo=UTC))
+    with engine.begin() as conn:
+        db.upsert(conn, db.tip_scores, [credited], ["decision_id"])
+    stored = _read(engine)
+    assert len(stored) == 2
+    assert stored["d-1"]["rewards"] == {"tip-a": 0.5} and stored["d-1"]["reward"] == 0.5
+    assert stored["d-1"]["rewarded_at"] == datetime(2026, 11, 26, 10, tzinfo=UTC)
+    assert stored["d-2"] == tricky
+    engine.dispose()
+
+
+def test_times_in_sqlite_sort_as_instants(tmp_path: Any) -> None:
+    """Decisions of users in different offsets: ordering by created_at is ordering by instant."""
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    migrate.upgrade(url)
+    engine = db.make_engine(url)
+    early_in_tokyo = datetime(2026, 11, 26, 16, 0, tzinfo=timezone(timedelta(hours=9)))  # 07:00Z
+    later_in_london = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
+    with engine.begin() as conn:
+        db.upsert(conn, db.tip_scores, [_row("d-late", created_at=later_in_london),
+                                        _row("d-early", created_at=early_in_tokyo)], ["decision_id"])
+        order = conn.execute(sa.select(db.tip_scores.c.decision_id).order_by(db.tip_scores.c.created_at)).scalars().all()
+    assert order == ["d-early", "d-late"]
+    engine.dispose()
