@@ -47,6 +47,4 @@ def write_tip_scores(conn: Connection, snapshot: tuple[int, list[dict[str, Any]]
     """The `tip_scores` rows marked since the last confirmed checkpoint."""
     if snapshot is None:
         return
-    _, rows = snapshot
-    for start in range(0, len(rows), 5_000):
-        db.upsert(conn, db.tip_scores, rows[start : start + 5_000], ["decision_id"])
+    db.upsert(conn, db.tip_scores, snapshot[1], ["decision_id"])

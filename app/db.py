@@ -166,13 +166,18 @@ def upsert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], keys:
     names = list(rows[0])
     if not any(isinstance(table.c[name].type, LargeBinary) for name in names):
         statement = _json_upsert(conn.dialect.name, table.name, tuple(names), tuple(keys))
-        conn.execute(statement, {"rows": orjson.dumps(list(rows)).decode()})
+        for start in range(0, len(rows), JSON_ROWS_PER_STATEMENT):
+            conn.execute(statement, {"rows": orjson.dumps(rows[start : start + JSON_ROWS_PER_STATEMENT]).decode()})
         return
     insert = sqlite_insert if conn.dialect.name == "sqlite" else pg_insert
     statement = insert(table)
     updates = {name: statement.excluded[name] for name in names if name not in keys}
     conn.execute(statement.on_conflict_do_update(index_elements=keys, set_=updates), list(rows))
 
+
+# Encoding a statement's rows holds the GIL throughout (~1 us a row): 500 rows keep the event
+# loop's longest wait for it near half a millisecond, the switch interval.
+JSON_ROWS_PER_STATEMENT = 500
 
 # SQLAlchemy's own text form of a datetime in SQLite (microseconds), here always in UTC.
 _SQLITE_DATETIME = "strftime('%Y-%m-%d %H:%M:%f', {}) || '000'"

@@ -73,3 +73,16 @@ def test_times_in_sqlite_sort_as_instants(tmp_path: Any) -> None:
         order = conn.execute(sa.select(db.tip_scores.c.decision_id).order_by(db.tip_scores.c.created_at)).scalars().all()
     assert order == ["d-early", "d-late"]
     engine.dispose()
+
+
+def test_more_rows_than_one_statement_holds_are_all_written(database_url: str) -> None:
+    migrate.upgrade(database_url)
+    engine = db.make_engine(database_url)
+    count = db.JSON_ROWS_PER_STATEMENT * 2 + 1
+    rows = [_row(f"d-{i:05d}", score=i / count) for i in range(count)]
+    with engine.begin() as conn:
+        db.upsert(conn, db.tip_scores, rows, ["decision_id"])
+    stored = _read(engine)
+    assert len(stored) == count
+    assert stored[f"d-{count - 1:05d}"]["score"] == (count - 1) / count
+    engine.dispose()
