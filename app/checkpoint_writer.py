@@ -1,11 +1,11 @@
 """Checkpoint transactions in a process of their own, off the serving interpreter.
 
 A checkpoint under load writes thousands of rows (user states, `tip_scores`). In a thread,
-the rows' Python work competes for the GIL with the event loop, and an `executemany`
-(user states: binary columns) hands the GIL over once per row. `tip_scores` rows now go in one
-statement (`db.upsert`; `bench/row_writes.py`: 13 us a row beside a busy loop, against 195-347
-with `executemany`), but user states still pay it. In a worker process both run at full speed
-on their own core.
+the rows' Python work competes for the GIL with the event loop. `db.upsert` writes many rows
+per statement, so the GIL changes hands once per statement rather than once per row
+(`bench/row_writes.py`: 10-13 us a row beside a busy loop, against 195-347 with
+`executemany`), but the Python work remains. In a worker process both run at full speed on
+their own core.
 
 The worker gets plain data: positions, serialised states, and (write function, snapshot)
 pairs, the functions pickled by name. It dies with the service (PR_SET_PDEATHSIG), so a

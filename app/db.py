@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,6 @@ from sqlalchemy import (
     event,
     text,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
 metadata = MetaData()
@@ -153,31 +152,62 @@ def make_engine(url: str) -> Engine:
 def upsert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], keys: Iterable[str]) -> None:
     """Insert or update `rows` (dicts with the same columns); `keys` name the unique columns.
 
-    A table without binary columns gets every row in one statement: the rows travel as one
-    JSON array that the database expands itself (`json_each` in SQLite, `json_populate_recordset`
-    in PostgreSQL). That is for the thread that writes checkpoints beside the event loop:
-    SQLite's driver releases and retakes the GIL around every row of an `executemany`, and
-    each retake waits for the busy loop to yield, so 5,000 rows took 3.5 ms each there
-    (`bench/row_writes.py`); one statement releases the GIL once for all of them.
+    Many rows go in each statement, never one statement per row: checkpoints are written from
+    a thread beside the event loop, and SQLite's driver releases and retakes the GIL around
+    every row of an `executemany`; each retake waits for the busy loop's switch interval, so
+    a row took 195-347 us there instead of ~12 (`bench/row_writes.py`). A table without
+    binary columns sends its rows as one JSON array that the database expands (`json_each`,
+    `json_populate_recordset`): encoding it is one fast call. A table with binary columns
+    (user states) gets multi-row VALUES with the driver's own parameters.
     """
     if not rows:
         return
-    keys = list(keys)
-    names = list(rows[0])
-    if not any(isinstance(table.c[name].type, LargeBinary) for name in names):
-        statement = _json_upsert(conn.dialect.name, table.name, tuple(names), tuple(keys))
-        for start in range(0, len(rows), JSON_ROWS_PER_STATEMENT):
-            conn.execute(statement, {"rows": orjson.dumps(rows[start : start + JSON_ROWS_PER_STATEMENT]).decode()})
+    names, keys = tuple(rows[0]), tuple(keys)
+    if any(isinstance(table.c[name].type, LargeBinary) for name in names):
+        _values_upsert(conn, table, names, keys, rows)
         return
-    insert = sqlite_insert if conn.dialect.name == "sqlite" else pg_insert
-    statement = insert(table)
-    updates = {name: statement.excluded[name] for name in names if name not in keys}
-    conn.execute(statement.on_conflict_do_update(index_elements=keys, set_=updates), list(rows))
+    statement = _json_upsert(conn.dialect.name, table.name, names, keys)
+    for start in range(0, len(rows), JSON_ROWS_PER_STATEMENT):
+        conn.execute(statement, {"rows": orjson.dumps(rows[start : start + JSON_ROWS_PER_STATEMENT]).decode()})
 
 
-# Encoding a statement's rows holds the GIL throughout (~1 us a row): 500 rows keep the event
-# loop's longest wait for it near half a millisecond, the switch interval.
+# Encoding a statement's rows, or binding its parameters, holds the GIL throughout (~1 us a
+# row, ~0.4 us a parameter): these bounds keep the event loop's longest wait for it near
+# half a millisecond, the switch interval.
 JSON_ROWS_PER_STATEMENT = 500
+PARAMETERS_PER_STATEMENT = 1_500
+
+
+def _values_upsert(conn: Connection, table: Table, names: tuple[str, ...], keys: tuple[str, ...],
+                   rows: Sequence[dict[str, Any]]) -> None:
+    dialect = conn.dialect
+    # SQLAlchemy's own conversions, so the rows read back as if it had written them.
+    processors = [table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names]
+    in_utc = dialect.name == "sqlite"  # SQLite keeps a datetime as text: the same instant must sort the same
+    per = max(1, PARAMETERS_PER_STATEMENT // len(names))
+    for start in range(0, len(rows), per):
+        chunk = rows[start : start + per]
+        params: list[Any] = []
+        for row in chunk:
+            for name, process in zip(names, processors):
+                value = row[name]
+                if in_utc and isinstance(value, datetime) and value.tzinfo is not None:
+                    value = value.astimezone(UTC)
+                params.append(process(value) if process is not None and value is not None else value)
+        conn.exec_driver_sql(_values_sql(dialect.name, table.name, names, keys, len(chunk)), tuple(params))
+
+
+@functools.cache
+def _values_sql(dialect: str, table_name: str, names: tuple[str, ...], keys: tuple[str, ...], count: int) -> str:
+    mark = "?" if dialect == "sqlite" else "%s"
+    row = "(" + ", ".join([mark] * len(names)) + ")"
+    return f"INSERT INTO {table_name} ({', '.join(names)}) VALUES {', '.join([row] * count)} {_on_conflict(names, keys)}"
+
+
+def _on_conflict(names: Iterable[str], keys: tuple[str, ...]) -> str:
+    updates = ", ".join(f"{name} = excluded.{name}" for name in names if name not in keys)
+    return f"ON CONFLICT ({', '.join(keys)}) DO " + (f"UPDATE SET {updates}" if updates else "NOTHING")
+
 
 # SQLAlchemy's own text form of a datetime in SQLite (microseconds), here always in UTC.
 _SQLITE_DATETIME = "strftime('%Y-%m-%d %H:%M:%f', {}) || '000'"
@@ -188,8 +218,7 @@ def _json_upsert(dialect: str, table_name: str, column_names: tuple[str, ...], k
     table = metadata.tables[table_name]
     columns = [table.c[name] for name in column_names]
     names = ", ".join(column_names)
-    updates = ", ".join(f"{c.name} = excluded.{c.name}" for c in columns if c.name not in keys)
-    conflict = f"ON CONFLICT ({', '.join(keys)}) DO " + (f"UPDATE SET {updates}" if updates else "NOTHING")
+    conflict = _on_conflict(column_names, keys)
     if dialect == "sqlite":
         values = []
         for c in columns:

@@ -1,6 +1,7 @@
-"""`tip_scores` rows written by a thread while the event loop is busy: executemany vs one statement.
+"""Checkpoint rows written by a thread while the event loop is busy: executemany vs `db.upsert`.
 
-    python bench/row_writes.py                      # 5,000 rows a batch (a checkpoint's worth), 2 batches
+    python bench/row_writes.py                      # tip_scores, 5,000 rows a batch (a checkpoint's worth), 2 batches
+    python bench/row_writes.py --table user_state   # users' states (binary): multi-row VALUES
     python bench/row_writes.py --rows 200 --batches 1
 
 Checkpoints write from a worker thread beside the event loop (`TIPSTREAM_CHECKPOINT_WRITER`
@@ -8,21 +9,22 @@ Checkpoints write from a worker thread beside the event loop (`TIPSTREAM_CHECKPO
 of an `executemany` and must take it back before the next row; a busy loop gives it up only
 at the switch interval (the service's, 0.5 ms), so every row waits for it, and each
 hand-over costs both threads CPU. `db.upsert` sends the rows as one JSON array in one statement instead: the GIL
-is released once, for the whole batch.
+is released once, for the whole batch. A table with binary columns (`user_state`) gets
+multi-row VALUES statements instead, bound in C: once per statement too.
 
 Steps:
 1. A SQLite database in a temporary directory, migrated as the service migrates it.
 2. A busy thread stands in for the event loop (pure Python, always runnable); `--idle` leaves it out.
-3. Write `--batches` batches of `--rows` decision rows each, in their own transactions:
+3. Write `--batches` batches of `--rows` rows of `--table` each, in their own transactions:
    first with SQLAlchemy's `executemany` (what `db.upsert` did before), then with `db.upsert`.
 4. The busy thread notes its longest wait between two steps: how long a write kept the GIL
    from it (the event loop's stall). Encoding a statement's rows holds the GIL throughout, so
    `db.upsert` encodes at most `JSON_ROWS_PER_STATEMENT` (500) at a time.
-Goals: one statement at least 5x faster per row beside the busy thread (measured: 195-347 us
-a row against 13 us; alone, 12.5 us against 10.5), and a longest wait near the switch
-interval, not the encoding of a whole checkpoint.
-Last line: {"bench": "row_writes", "rows": ..., "executemany_us_per_row": ..., "one_statement_us_per_row": ...,
-"speedup": ..., "executemany_stall_ms": ..., "one_statement_stall_ms": ...}
+Goals: `db.upsert` at least 5x faster per row beside the busy thread (measured for
+tip_scores: 195-347 us a row against 13 us; alone, 12.5 us against 10.5), and a longest wait
+near the switch interval, not the encoding of a whole checkpoint.
+Last line: {"bench": "row_writes", "table": ..., "rows": ..., "executemany_us_per_row": ..., "upsert_us_per_row": ...,
+"speedup": ..., "executemany_stall_ms": ..., "upsert_stall_ms": ...}
 """
 
 from __future__ import annotations
@@ -53,22 +55,31 @@ def decision_rows(batch: int, count: int) -> list[dict[str, Any]]:
              "decision": None, "rewards": None, "reward": None, "rewarded_at": None} for i in range(count)]
 
 
-def executemany(conn: Any, rows: list[dict[str, Any]]) -> None:
-    statement = sqlite_insert(db.tip_scores)
-    updates = {c.name: statement.excluded[c.name] for c in db.tip_scores.columns if c.name != "decision_id"}
-    conn.execute(statement.on_conflict_do_update(index_elements=["decision_id"], set_=updates), rows)
+def state_rows(batch: int, count: int) -> list[dict[str, Any]]:
+    state = bytes(range(256)) * 3  # about a user's state after a few days of events
+    return [{"user_id": f"u-{batch:04d}-{i:06d}", "state": state, "updated_at": datetime(2026, 11, 26, 8, tzinfo=UTC)}
+            for i in range(count)]
 
 
-def one_statement(conn: Any, rows: list[dict[str, Any]]) -> None:
-    db.upsert(conn, db.tip_scores, rows, ["decision_id"])
+TABLES = {"tip_scores": (db.tip_scores, "decision_id", decision_rows), "user_state": (db.user_state, "user_id", state_rows)}
 
 
-def timed(engine: Any, write: Any, batches: list[list[dict[str, Any]]]) -> float:
+def executemany(conn: Any, table: Any, key: str, rows: list[dict[str, Any]]) -> None:
+    statement = sqlite_insert(table)
+    updates = {c.name: statement.excluded[c.name] for c in table.columns if c.name != key}
+    conn.execute(statement.on_conflict_do_update(index_elements=[key], set_=updates), rows)
+
+
+def upsert(conn: Any, table: Any, key: str, rows: list[dict[str, Any]]) -> None:
+    db.upsert(conn, table, rows, [key])
+
+
+def timed(engine: Any, write: Any, table: Any, key: str, batches: list[list[dict[str, Any]]]) -> float:
     """Seconds per row over all batches."""
     started = time.perf_counter()
     for rows in batches:
         with engine.begin() as conn:
-            write(conn, rows)
+            write(conn, table, key, rows)
     return (time.perf_counter() - started) / sum(map(len, batches))
 
 
@@ -76,6 +87,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=5_000, help="rows per batch (default 5000)")
     parser.add_argument("--batches", type=int, default=2, help="batches per way of writing (default 2)")
+    parser.add_argument("--table", choices=sorted(TABLES), default="tip_scores", help="what to write (default tip_scores)")
     parser.add_argument("--idle", action="store_true", help="no busy thread: the writes alone")
     args = parser.parse_args()
 
@@ -97,32 +109,34 @@ def main() -> int:
         url = f"sqlite:///{Path(data_dir) / 'rows.db'}"
         migrate.upgrade(url)
         engine = db.make_engine(url)
+        table, key, make_rows = TABLES[args.table]
         with engine.begin() as conn:  # compile both statements before timing
-            executemany(conn, decision_rows(0, 2))
-            one_statement(conn, decision_rows(0, 2))
+            executemany(conn, table, key, make_rows(0, 2))
+            upsert(conn, table, key, make_rows(0, 2))
         loop = threading.Thread(target=busy, daemon=True)
         if not args.idle:
             loop.start()
         try:
-            many_batches = [decision_rows(1 + b, args.rows) for b in range(args.batches)]
-            one_batches = [decision_rows(1 + args.batches + b, args.rows) for b in range(args.batches)]
+            many_batches = [make_rows(1 + b, args.rows) for b in range(args.batches)]
+            one_batches = [make_rows(1 + args.batches + b, args.rows) for b in range(args.batches)]
             phase = "executemany"
-            many_s = timed(engine, executemany, many_batches)
-            phase = "one statement"
-            one_s = timed(engine, one_statement, one_batches)
+            many_s = timed(engine, executemany, table, key, many_batches)
+            phase = "upsert"
+            one_s = timed(engine, upsert, table, key, one_batches)
         finally:
             stop.set()
         engine.dispose()
     beside = "alone" if args.idle else "beside a busy thread"
-    print(f"{args.rows * args.batches} rows each way, {beside}: executemany {many_s * 1e6:.1f} us a row, "
-          f"one statement {one_s * 1e6:.1f} us a row ({many_s / one_s:.1f}x)")
-    figures = {"bench": "row_writes", "rows": args.rows * args.batches, "executemany_us_per_row": round(many_s * 1e6, 1),
-               "one_statement_us_per_row": round(one_s * 1e6, 1), "speedup": round(many_s / one_s, 1)}
+    print(f"{args.table}: {args.rows * args.batches} rows each way, {beside}: executemany {many_s * 1e6:.1f} us a row, "
+          f"db.upsert {one_s * 1e6:.1f} us a row ({many_s / one_s:.1f}x)")
+    figures = {"bench": "row_writes", "table": args.table, "rows": args.rows * args.batches,
+               "executemany_us_per_row": round(many_s * 1e6, 1), "upsert_us_per_row": round(one_s * 1e6, 1),
+               "speedup": round(many_s / one_s, 1)}
     if not args.idle:
-        many_stall, one_stall = stalls.get("executemany", 0.0) * 1e3, stalls.get("one statement", 0.0) * 1e3
+        many_stall, one_stall = stalls.get("executemany", 0.0) * 1e3, stalls.get("upsert", 0.0) * 1e3
         print(f"the busy thread's longest wait for the GIL: {many_stall:.2f} ms during executemany, "
-              f"{one_stall:.2f} ms during one-statement writes")
-        figures.update(executemany_stall_ms=round(many_stall, 2), one_statement_stall_ms=round(one_stall, 2))
+              f"{one_stall:.2f} ms during db.upsert")
+        figures.update(executemany_stall_ms=round(many_stall, 2), upsert_stall_ms=round(one_stall, 2))
     print(json.dumps(figures))
     return 0
 

@@ -86,3 +86,22 @@ def test_more_rows_than_one_statement_holds_are_all_written(database_url: str) -
     assert len(stored) == count
     assert stored[f"d-{count - 1:05d}"]["score"] == (count - 1) / count
     engine.dispose()
+
+
+def test_binary_rows_go_in_multi_row_statements_and_read_back(database_url: str) -> None:
+    migrate.upgrade(database_url)
+    engine = db.make_engine(database_url)
+    count = db.PARAMETERS_PER_STATEMENT // 3 * 2 + 1  # user_state has 3 columns: three statements
+    at = datetime(2026, 11, 26, 9, 0, 0, 250000, CET)
+    rows = [{"user_id": f"u-{i}", "state": bytes([i % 256]) * (i % 7 + 1) + b"\x00\xff", "updated_at": at}
+            for i in range(count)]
+    with engine.begin() as conn:
+        db.upsert(conn, db.user_state, rows, ["user_id"])
+        db.upsert(conn, db.user_state, [{**rows[0], "state": b"new"}], ["user_id"])
+        stored = {r.user_id: r for r in conn.execute(sa.select(db.user_state))}
+    assert len(stored) == count
+    assert stored["u-0"].state == b"new"
+    assert all(stored[r["user_id"]].state == r["state"] for r in rows[1:])
+    updated = stored[f"u-{count - 1}"].updated_at
+    assert (updated if updated.tzinfo else updated.replace(tzinfo=UTC)) == at
+    engine.dispose()
