@@ -10,7 +10,7 @@ import httpx
 import orjson
 import sqlalchemy as sa
 
-from app import migrate
+from app import db, migrate
 from app.cli import main
 from app.db import make_engine
 from app.registry_store import RegistryStore
@@ -204,5 +204,34 @@ def test_tip_scores_rows_keep_their_decision_across_0003(database_url: str) -> N
     finally:
         engine.dispose()
         migrate.upgrade(database_url)
+        if database_url.startswith("postgresql"):
+            reset_postgres(database_url)
+
+
+def test_0004_puts_rewarded_decision_times_in_utc(database_url: str) -> None:
+    """A rewarded row written with the user's wall-clock time reads back as the instant of its ts."""
+    migrate.upgrade(database_url, "0003")
+    engine = sa.create_engine(database_url)
+    insert = sa.text("insert into tip_scores (decision_id, user_id, created_at, kind, model_version, policy, tip_id, "
+                     "score, propensity, decision) values (:decision_id, 'u', :created_at, 'scored', 'v1', 'greedy', "
+                     "'t', 0.5, 1.0, :decision)")
+    tokyo = '{"id": "d-tokyo", "ts": "2026-11-26T16:00:00.250+09:00"}'
+    try:
+        with engine.begin() as conn:
+            if database_url.startswith("sqlite"):  # as 0003-era code stored it: the wall clock, no offset
+                wall = "2026-11-26 16:00:00.250000"
+            else:
+                wall = datetime(2026, 11, 26, 7, 0, 0, 250000, tzinfo=UTC)
+            conn.execute(insert, {"decision_id": "d-tokyo", "created_at": wall, "decision": tokyo})
+            conn.execute(insert, {"decision_id": "d-unrewarded", "created_at": wall, "decision": None})
+        migrate.upgrade(database_url)
+        with engine.connect() as conn:
+            rows = dict(conn.execute(sa.select(db.tip_scores.c.decision_id, db.tip_scores.c.created_at)).all())
+        as_utc = {k: v if v.tzinfo else v.replace(tzinfo=UTC) for k, v in rows.items()}
+        assert as_utc["d-tokyo"] == datetime(2026, 11, 26, 7, 0, 0, 250000, tzinfo=UTC)
+        if database_url.startswith("sqlite"):
+            assert rows["d-unrewarded"] == datetime(2026, 11, 26, 16, 0, 0, 250000)  # no offset to read: left alone
+    finally:
+        engine.dispose()
         if database_url.startswith("postgresql"):
             reset_postgres(database_url)
