@@ -168,7 +168,9 @@ def upsert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], keys:
         return
     statement = _json_upsert(conn.dialect.name, table.name, names, keys)
     for start in range(0, len(rows), JSON_ROWS_PER_STATEMENT):
-        conn.execute(statement, {"rows": orjson.dumps(rows[start : start + JSON_ROWS_PER_STATEMENT]).decode()})
+        # numpy scalars too, as SQLAlchemy's JSON columns (the stdlib's json) took them
+        encoded = orjson.dumps(rows[start : start + JSON_ROWS_PER_STATEMENT], option=orjson.OPT_SERIALIZE_NUMPY)
+        conn.execute(statement, {"rows": encoded.decode()})
 
 
 # Encoding a statement's rows, or binding its parameters, holds the GIL throughout (~1 us a

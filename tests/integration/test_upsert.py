@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import numpy as np
 import sqlalchemy as sa
 
 from app import db, migrate
@@ -57,6 +58,19 @@ def test_rows_written_in_one_statement_read_back_exactly(database_url: str) -> N
     assert stored["d-1"]["rewards"] == {"tip-a": 0.5} and stored["d-1"]["reward"] == 0.5
     assert stored["d-1"]["rewarded_at"] == datetime(2026, 11, 26, 10, tzinfo=UTC)
     assert stored["d-2"] == tricky
+    engine.dispose()
+
+
+def test_numpy_numbers_are_written_as_numbers(database_url: str) -> None:
+    """Feature values computed with numpy reach the JSON path as numpy scalars."""
+    migrate.upgrade(database_url)
+    engine = db.make_engine(database_url)
+    row = {"user_id": "u-1", "as_of": datetime(2026, 11, 26, tzinfo=UTC), "updated_at": datetime(2026, 11, 26, tzinfo=UTC),
+           "features": {"rate": np.float64(0.25), "count": np.int64(3)}}
+    with engine.begin() as conn:
+        db.upsert(conn, db.user_features, [row], ["user_id"])
+        stored = conn.execute(sa.select(db.user_features.c.features)).scalar_one()
+    assert stored == {"rate": 0.25, "count": 3}
     engine.dispose()
 
 
