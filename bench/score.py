@@ -14,7 +14,8 @@ Steps:
    a warm-up, then `GET /healthz` (the no-op baseline), `POST /score` with 10 and with 50
    candidates, taking turns `--rounds` times; each phase gets `--duration` seconds or `--requests`
    requests in all, whichever comes first.
-4. Read the service's metrics: decisions published to JetStream, feature cache hits.
+4. Read the service's metrics: decisions published to JetStream, feature cache hits. The CPU
+   per request is the service's (all its threads) and, apart, its embedded nats-server's.
 Goals (issue 4): p99 < 2 ms with 10 candidates, < 5 ms with 50; >= 0.5 of the no-op's throughput.
 Last line: {"bench": "score", "p99_ms_10": ..., "p99_ms_50": ..., "rps_10": ..., "noop_rps": ..., "ratio": ...}
 """
@@ -62,7 +63,20 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _run_phase(port: int, pid: int, requests: list[bytes], duration_s: float, limit: int) -> dict[str, Any]:
+def child_pids(pid: int) -> list[int]:
+    """The direct children of a process, whichever of its threads started them (Linux /proc):
+    the service's embedded nats-server."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return children
+
+
+async def _run_phase(port: int, pids: tuple[int, ...], requests: list[bytes], duration_s: float,
+                     limit: int) -> dict[str, Any]:
     clients = [await connect(port) for _ in range(CLIENTS)]
     latencies: list[int] = []
     errors = 0
@@ -82,12 +96,13 @@ async def _run_phase(port: int, pid: int, requests: list[bytes], duration_s: flo
             if status != 200:
                 errors += 1
 
-    started, cpu = time.perf_counter(), process_cpu_s(pid)
+    started, cpu = time.perf_counter(), [process_cpu_s(pid) for pid in pids]
     await asyncio.gather(*(client_loop(c, k) for k, c in enumerate(clients)))
-    elapsed, cpu = time.perf_counter() - started, process_cpu_s(pid) - cpu
+    elapsed = time.perf_counter() - started
+    cpu = [process_cpu_s(pid) - before for pid, before in zip(pids, cpu)]
     for c in clients:
         c.transport.close()
-    return {"latencies": latencies, "errors": errors, "elapsed_s": elapsed, "cpu_s": cpu}
+    return {"latencies": latencies, "errors": errors, "elapsed_s": elapsed, "cpu_s": cpu[0], "children_cpu_s": sum(cpu[1:])}
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -96,10 +111,11 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     elapsed = sum(run["elapsed_s"] for run in runs)
     return {"requests": len(ms), "errors": sum(run["errors"] for run in runs), "rps": len(ms) / elapsed,
             "p50_ms": percentile(ms, 0.50), "p99_ms": percentile(ms, 0.99), "max_ms": ms[-1] if ms else None,
-            "service_cpu_us": sum(run["cpu_s"] for run in runs) / max(len(ms), 1) * 1e6}
+            "service_cpu_us": sum(run["cpu_s"] for run in runs) / max(len(ms), 1) * 1e6,
+            "nats_cpu_us": sum(run["children_cpu_s"] for run in runs) / max(len(ms), 1) * 1e6}
 
 
-def load_generator(port: int, pid: int, phases: list[tuple[str, list[bytes], float, int]], out: Any) -> None:
+def load_generator(port: int, pids: tuple[int, ...], phases: list[tuple[str, list[bytes], float, int]], out: Any) -> None:
     """Runs in its own process, on uvloop: the clients' CPU stays off the service's interpreter."""
     try:
         import uvloop
@@ -111,7 +127,7 @@ def load_generator(port: int, pid: int, phases: list[tuple[str, list[bytes], flo
     async def run() -> dict[str, Any]:
         runs: dict[str, list[dict[str, Any]]] = {}
         for name, reqs, duration, limit in phases:
-            runs.setdefault(name, []).append(await _run_phase(port, pid, reqs, duration, limit))
+            runs.setdefault(name, []).append(await _run_phase(port, pids, reqs, duration, limit))
         return {name: summary(phase_runs) for name, phase_runs in runs.items()}
 
     out.send(asyncio.run(run()))
@@ -186,8 +202,9 @@ def main() -> int:
             phases += [("noop", noop, share, limit), ("score_10", score_10, share, limit),
                        ("score_50", score_50, share, limit)]
         receive, send = multiprocessing.Pipe(duplex=False)
+        pids = (service.process.pid, *child_pids(service.process.pid))  # the service, then its nats-server
         generator = multiprocessing.get_context("spawn").Process(target=load_generator,
-                                                                  args=(service.port, service.process.pid, phases, send))
+                                                                  args=(service.port, pids, phases, send))
         generator.start()
         results = receive.recv()
         generator.join()
@@ -198,8 +215,8 @@ def main() -> int:
     for name in ("noop", "score_10", "score_50"):
         r = results[name]
         print(f"{name:>9}: {r['rps']:8.0f} req/s  p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  "
-              f"max {r['max_ms']:.1f} ms  service CPU {r['service_cpu_us']:.0f} us/request  "
-              f"({r['requests']} requests, {r['errors']} errors)")
+              f"max {r['max_ms']:.1f} ms  service CPU {r['service_cpu_us']:.0f} us/request, "
+              f"its nats-server's {r['nats_cpu_us']:.0f}  ({r['requests']} requests, {r['errors']} errors)")
     hits = metric(text, "tipstream_feature_cache_total", 'result="hit"')
     misses = metric(text, "tipstream_feature_cache_total", 'result="miss"')
     handled = metric(text, "tipstream_score_seconds_count")
