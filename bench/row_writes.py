@@ -8,9 +8,9 @@ Checkpoints write from a worker thread beside the event loop (`TIPSTREAM_CHECKPO
 `thread`, the default on two cores). SQLite's driver releases the GIL around each row's step
 of an `executemany` and must take it back before the next row; a busy loop gives it up only
 at the switch interval (the service's, 0.5 ms), so every row waits for it, and each
-hand-over costs both threads CPU. `db.upsert` sends the rows as one JSON array in one statement instead: the GIL
-is released once, for the whole batch. A table with binary columns (`user_state`) gets
-multi-row VALUES statements instead, bound in C: once per statement too.
+hand-over costs both threads CPU. `db.upsert` sends up to 500 rows as one JSON array in one
+statement instead: the GIL is released once per statement. A table with binary columns
+(`user_state`) gets multi-row VALUES statements, bound in C: once per statement too.
 
 Steps:
 1. A SQLite database in a temporary directory, migrated as the service migrates it.
@@ -21,8 +21,10 @@ Steps:
    from it (the event loop's stall). Encoding a statement's rows holds the GIL throughout, so
    `db.upsert` encodes at most `JSON_ROWS_PER_STATEMENT` (500) at a time.
 Goals: `db.upsert` at least 5x faster per row beside the busy thread (measured for
-tip_scores: 195-347 us a row against 13 us; alone, 12.5 us against 10.5), and a longest wait
-near the switch interval, not the encoding of a whole checkpoint.
+tip_scores: 195-347 us a row against 12-13 us, user states 197.5 against 10.4; alone, 12.5 us
+against 10.5), and a longest wait near the switch interval, not the encoding of a whole
+checkpoint (0.5-0.8 ms). A small run (`--rows 500 --batches 1`) can show one slow first
+transaction: it is the commit's, not the statement's.
 Last line: {"bench": "row_writes", "table": ..., "rows": ..., "executemany_us_per_row": ..., "upsert_us_per_row": ...,
 "speedup": ..., "executemany_stall_ms": ..., "upsert_stall_ms": ...}
 """
