@@ -1,5 +1,6 @@
-"""`db.upsert`'s one-statement path (rows as one JSON array) against SQLite and PostgreSQL:
-every column type comes back as SQLAlchemy wrote it before, and a second upsert updates."""
+"""`db.upsert` against SQLite and PostgreSQL, both its many-rows-per-statement paths (a JSON
+array; multi-row VALUES for binary columns): every column type comes back as SQLAlchemy wrote it
+before, times are stored as instants, and a second upsert updates."""
 
 from __future__ import annotations
 
