@@ -98,6 +98,8 @@ BY_NAME = {f.name: f for f in FEATURES + CONTEXT_FEATURES}
 # Every window length a feature uses, in days: where the reach of a snapshot ends.
 WINDOW_DAYS = (1, 7, 28, 30)
 _WINDOW_SPANS = np.array((0,) + tuple(days * DAY_MS for days in WINDOW_DAYS), dtype=np.int64)  # `now` first
+_WINDOW_MS = tuple(days * DAY_MS for days in WINDOW_DAYS)
+_WINDOW_INDEX = {days: i for i, days in enumerate(WINDOW_DAYS)}
 
 
 class _Evaluation:
@@ -115,11 +117,12 @@ class _Evaluation:
         self.stamps = {kind: records["ts"].astype(np.int64) for kind, records in self.records.items()}
         # One binary search per kind finds `now` and every window's start (`lo`), not one per feature.
         edges = self.rel - _WINDOW_SPANS
-        self.hi, self._lows = {}, {}
+        self.hi: dict[str, int] = {}
+        self._lows: dict[str, list[int]] = {}  # per kind, in WINDOW_DAYS order
         for kind, stamps in self.stamps.items():
             hi, *lows = stamps.searchsorted(edges, "right").tolist()
             self.hi[kind] = hi
-            self._lows[kind] = dict(zip(WINDOW_DAYS, lows))
+            self._lows[kind] = lows
         self._open: dict[int, int] | None = None
         self._reactions: list[int] | None = None
 
@@ -129,10 +132,10 @@ class _Evaluation:
 
     def lo(self, kind: str, days: int) -> int:
         """The index of the kind's first event in `(now - days, now]`."""
-        low = self._lows[kind].get(days)
-        if low is None:
-            low = int(self.stamps[kind].searchsorted(self.rel - days * DAY_MS, "right"))
-        return low
+        index = _WINDOW_INDEX.get(days)
+        if index is None:
+            return int(self.stamps[kind].searchsorted(self.rel - days * DAY_MS, "right"))
+        return self._lows[kind][index]
 
     def count(self, kind: str, days: int) -> int:
         return self.hi[kind] - self.lo(kind, days)
@@ -338,15 +341,19 @@ def _valid_until(evaluation: _Evaluation) -> int:
     """The first `now` after `evaluation.now` at which some profile feature may change (continuous ones aside)."""
     now, offset_ms = evaluation.now, evaluation.state.offset_s * 1000
     until = ((now + offset_ms) // DAY_MS + 1) * DAY_MS - offset_ms  # active_day_streak: the next local midnight
-    base = evaluation.base
+    # Relative to the logs' base until the end: plain ints from `.item`, one pass per kind (this
+    # runs on every profile cache miss of /score).
+    until -= evaluation.base
     for kind, stamps in evaluation.stamps.items():
         hi = evaluation.hi[kind]
         if hi < len(stamps):
-            until = min(until, int(stamps[hi]) + base)  # a later event comes into view
-        for days in WINDOW_DAYS:
-            lo = evaluation.lo(kind, days)
+            until = min(until, stamps.item(hi))  # a later event comes into view
+        if not hi:
+            continue
+        for lo, span in zip(evaluation._lows[kind], _WINDOW_MS):
             if lo < hi:
-                until = min(until, int(stamps[lo]) + base + days * DAY_MS)  # the oldest event in the window leaves it
+                until = min(until, stamps.item(lo) + span)  # the oldest event in the window leaves it
+    until += evaluation.base
     for due_s in evaluation._open_tasks().values():
         if due_s and due_s * 1000 > now:
             until = min(until, due_s * 1000)  # an open task falls overdue
