@@ -16,6 +16,8 @@ Steps:
    requests in all, whichever comes first.
 4. Read the service's metrics: decisions published to JetStream, feature cache hits. The CPU
    per request is the service's (all its threads) and, apart, its embedded nats-server's.
+   The "closed loop" line sets each phase's p50 beside clients / throughput, and its p99 as a
+   multiple of p50: the tail that the no-op shows too is the closed loop's (docs/learning.md).
 Goals (issue 4): p99 < 2 ms with 10 candidates, < 5 ms with 50; >= 0.5 of the no-op's throughput.
 Last line: {"bench": "score", "p99_ms_10": ..., "p99_ms_50": ..., "rps_10": ..., "noop_rps": ..., "ratio": ...}
 """
@@ -230,6 +232,12 @@ def main() -> int:
     if checkpoints:
         print(f"checkpoints during the run: {checkpoints:.0f}, "
               f"{metric(text, 'tipstream_checkpoint_seconds_sum') / checkpoints * 1000:.0f} ms each on average")
+    # Closed loop: the clients wait for one event loop, so p50 follows throughput (clients / rate),
+    # and a tail that is the same multiple of p50 for the no-op is the loop's, not the endpoint's.
+    print("closed loop: " + "; ".join(
+        f"{name} p50 {results[name]['p50_ms']:.2f} ms against {CLIENTS} / rate = "
+        f"{CLIENTS / results[name]['rps'] * 1000:.2f}, p99 {results[name]['p99_ms'] / results[name]['p50_ms']:.1f} x p50"
+        for name in ("noop", "score_10", "score_50")))
     ratio = results["score_10"]["rps"] / results["noop"]["rps"]
     print(f"ratio (score_10 / noop throughput): {ratio:.2f}")
     print(json.dumps({"bench": "score", "p99_ms_10": round(results["score_10"]["p99_ms"], 3),
