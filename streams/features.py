@@ -238,13 +238,16 @@ class _Evaluation:
         end = self.hi["task.created"]
         if lo == hi or not end:
             return BY_NAME["mean_hours_to_complete_28d"].fallback, True
-        # The log is in time order, so a task's first occurrence is its earliest creation.
-        tasks, first = np.unique(self.records["task.created"]["task"][:end], return_index=True)
-        created_at = self.stamps["task.created"][first]
+        # The log is in time order and the sort is stable, so among a task's equal entries the
+        # leftmost (where searchsorted lands) is its earliest creation.
+        created = self.records["task.created"]["task"][:end]
+        order = created.argsort(kind="stable")
+        tasks = created[order]
         done, done_at = self.records["task.completed"]["task"][lo:hi], self.stamps["task.completed"][lo:hi]
-        at = np.minimum(tasks.searchsorted(done), len(tasks) - 1)
-        known = (tasks[at] == done) & (created_at[at] <= done_at)
-        spans = done_at[known] - created_at[at[known]]
+        at = np.minimum(tasks.searchsorted(done), end - 1)
+        created_at = self.stamps["task.created"][order[at]]
+        known = (tasks[at] == done) & (created_at <= done_at)
+        spans = done_at[known] - created_at[known]
         if not len(spans):
             return BY_NAME["mean_hours_to_complete_28d"].fallback, True
         return int(spans.sum()) / len(spans) / HOUR_MS, False
