@@ -57,7 +57,8 @@ class OwnTail:
         self.resumed = 0  # times a message not ours sent us back to reading
         self._acked: list[int] = []
         self._last_seen: int | None = None
-        self._position_gauge = METRICS.position.labels(STREAM)
+        # Read at scrape time, rather than set (under the gauge's lock) on every acknowledgement.
+        METRICS.position.labels(STREAM).set_function(lambda: self.store.positions.get(STREAM, 0))
 
     @property
     def position(self) -> int:
@@ -82,7 +83,6 @@ class OwnTail:
             position = max(position, heapq.heappop(acked))
         if position != self.position:
             self.store.advance(STREAM, position)
-            self._position_gauge.set(position)
 
     async def tick(self) -> None:
         ingest = self.ingest

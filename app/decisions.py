@@ -259,6 +259,7 @@ class DecisionPublisher:
         self._room.set()
         self._idle = asyncio.Event()
         self._idle.set()
+        DECISION_QUEUE.set_function(lambda: self.waiting)  # read at scrape time, not set on every send
 
     @property
     def waiting(self) -> int:
@@ -365,7 +366,6 @@ class DecisionPublisher:
             except TimeoutError:
                 pass
             self._work.clear()
-            DECISION_QUEUE.set(self.waiting)
             if self.inflight and self._expire(time.monotonic()):
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)

@@ -1,34 +1,40 @@
-"""Prometheus metrics of scoring, the decision log and the learner, on the process's registry."""
+"""Prometheus metrics of scoring, the decision log and the learner, on the process's registry.
+
+Those updated on every request or reward are `loop_metrics` ones (plain numbers, event loop
+thread only); `DECISION_ROWS`, which the checkpoint writer's thread counts, and the rarely
+updated ones are prometheus_client's.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from app.loop_metrics import LoopCounter, LoopHistogram
 from app.metrics import METRICS
 
 _r = METRICS.registry
 
-SCORE_REQUESTS = Counter(
+SCORE_REQUESTS = LoopCounter(
     "tipstream_score_requests_total", "POST /score answers, by HTTP status.", ["status"], registry=_r
 )
-SCORE_SECONDS = Histogram(
+SCORE_SECONDS = LoopHistogram(
     "tipstream_score_seconds", "/score's synchronous work: validate, assemble features, score, rank, build the "
     "decision (no I/O happens in it).", registry=_r,
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05),
 )
-FEATURE_CACHE = Counter(
+FEATURE_CACHE = LoopCounter(
     "tipstream_feature_cache_total", "Profile feature evaluations for /score: hit (reused) or miss.", ["result"],
     registry=_r,
 )
-SHADOW_ERRORS = Counter(
+SHADOW_ERRORS = LoopCounter(
     "tipstream_shadow_errors_total", "Shadow scorings that failed (the answer was unaffected).", registry=_r
 )
-SHADOW_DISAGREEMENTS = Counter(
+SHADOW_DISAGREEMENTS = LoopCounter(
     "tipstream_shadow_disagreements_total", "Decisions where the shadow would have ranked another tip first.",
     registry=_r,
 )
 
-DECISIONS = Counter(
+DECISIONS = LoopCounter(
     "tipstream_decisions_total", "Decisions by outcome: published (acknowledged by JetStream), retried, refused "
     "(503: the queue stayed full).", ["outcome"], registry=_r,
 )
@@ -39,14 +45,14 @@ DECISION_ROWS = Counter(
     "tipstream_tip_scores_rows_total", "tip_scores rows written (a decision, or its rewards).", registry=_r
 )
 
-FEEDBACK = Counter(
+FEEDBACK = LoopCounter(
     "tipstream_feedback_total",
     "tip.reacted events seen by the learner, by outcome: credited, duplicate (this decision and tip were credited "
     "already), no_decision, waiting (decision not seen yet), unknown_decision (gave up waiting), expired "
     "(decision left the join cache), unknown_tip (not a candidate of the decision).",
     ["outcome"], registry=_r,
 )
-LEARNED = Counter("tipstream_rewards_learned_total", "learn_one calls, by model version.", ["version"], registry=_r)
+LEARNED = LoopCounter("tipstream_rewards_learned_total", "learn_one calls, by model version.", ["version"], registry=_r)
 JOIN_CACHE = Gauge("tipstream_join_cache_decisions", "Decisions held for joining feedback.", registry=_r)
 PENDING = Gauge("tipstream_feedback_pending", "Feedback waiting for its decision.", registry=_r)
 MODEL_SNAPSHOT_SECONDS = Histogram(

@@ -13,7 +13,10 @@ string hashing fixed, as it changes dict layouts and so the count from run to ru
     PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file=/dev/null python bench/score_cost.py --requests 0 --repeat 1 --no-baseline
 
 The difference of the two "Collected" totals, divided by 300, is the instructions per request
-(add `--path /healthz` to both for the no-op's).
+(add `--path /healthz` to both for the no-op's). It moves by a few percent between runs of the
+same code (631k and 661k for one commit, 2026-11-27): set-up work differs from run to run, so
+more requests in the first run (1,300 against 300, divided by 1,000) halve that; a change of a
+few thousand instructions is better counted in a script that runs only the changed code.
 
 Steps:
 1. Fold `--users` users with 2 days of simulated history into an online store; register the

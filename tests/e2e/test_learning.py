@@ -36,7 +36,7 @@ def scores(body: dict[str, Any]) -> dict[str, float]:
 
 
 def count(outcome: str) -> float:
-    return FEEDBACK.labels(outcome)._value.get()
+    return FEEDBACK.labels(outcome).value
 
 
 async def test_feedback_moves_the_next_score_and_redelivery_changes_nothing(start_service, nc, database_url) -> None:

@@ -84,7 +84,7 @@ def world(tmp_path: Path) -> Iterator[World]:
 
 def outcomes() -> dict[str, float]:
     names = ("credited", "duplicate", "no_decision", "waiting", "unknown_decision", "expired", "unknown_tip")
-    return {n: FEEDBACK.labels(n)._value.get() for n in names}
+    return {n: FEEDBACK.labels(n).value for n in names}
 
 
 def delta(before: dict[str, float]) -> dict[str, float]:
