@@ -3,8 +3,8 @@
 prometheus_client's own metric objects check observability, take a lock and go through a
 value object on every update. /score makes three updates (a cache counter, its status
 counter, its latency histogram), and the decision log two more per decision. Two counter
-increments and one observation cost 18,800 instructions through prometheus_client and 4,300
-here (callgrind, 20,000 of each, beside an empty loop); that is ~2% of a 10-candidate /score
+increments and one observation cost 18,500 instructions through prometheus_client and 4,100
+here (`bench/metrics_cost.py` under callgrind); that is ~2% of a 10-candidate /score
 in-process. These metrics are plain floats that only the event loop thread updates, so they
 need no lock. A scrape (`GET /metrics`, served on the same loop) reads them through a custom
 collector, which is prometheus_client's documented way to expose numbers it does not own. A
