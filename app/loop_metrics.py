@@ -68,7 +68,13 @@ class LoopCounter(Collector):
             self._children[()] = CounterValue()
         registry.register(self)
 
-    def labels(self, *values: str) -> CounterValue:
+    def labels(self, *values: str, **by_name: str) -> CounterValue:
+        """The child for these label values, positional or by name (as prometheus_client's)."""
+        if by_name:
+            if values or set(by_name) != set(self.labelnames):
+                raise ValueError(f"{self.name} takes the labels {', '.join(self.labelnames)}; got "
+                                 f"{', '.join(map(repr, values)) or ', '.join(by_name)}")
+            values = tuple(by_name[name] for name in self.labelnames)
         if len(values) != len(self.labelnames):
             raise ValueError(f"{self.name} takes {len(self.labelnames)} label values "
                              f"({', '.join(self.labelnames)}); got {len(values)}")

@@ -32,6 +32,8 @@ def test_counter_exposes_what_prometheus_client_does() -> None:
         status, amount = rng.choice(("200", "422", "503")), rng.choice((1, 1, 2.5))
         loop.labels(status).inc(amount)
         reference.labels(status).inc(amount)
+    loop.labels(status="201").inc()
+    reference.labels(status="201").inc()
     assert exposition(ours) == exposition(theirs)
 
     plain = LoopCounter("t_plain_total", "No labels.", registry=ours)
@@ -62,6 +64,8 @@ def test_misuse_is_refused_with_the_reason() -> None:
         counter.labels("ok").inc(-1)
     with pytest.raises(ValueError, match="takes 1 label values"):
         counter.labels("ok", "extra")
+    with pytest.raises(ValueError, match="takes the labels outcome; got result"):
+        counter.labels(result="ok")
     with pytest.raises(ValueError, match=r"use \.labels"):
         counter.inc()
     with pytest.raises(ValueError, match="Duplicated timeseries"):
