@@ -17,7 +17,7 @@ from starlette.schemas import SchemaGenerator
 from app import admin
 from app.bootstrap import Service
 from app.metrics import METRICS
-from app.scoring import score_endpoint
+from app.score_endpoint import ScoreEndpoint
 from app.settings import Settings
 from streams.features import evaluate
 from streams.fold import to_ms
@@ -111,7 +111,7 @@ def create_app(settings: Settings, service: Service | None = None) -> Starlette:
     app = Starlette(
         routes=[
             # Routes are matched in order: the hot path is tried first.
-            Route("/score", score_endpoint, methods=["POST"]),
+            Route("/score", ScoreEndpoint(), methods=["POST"]),
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),

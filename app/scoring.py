@@ -1,6 +1,7 @@
-"""POST /score: validate, assemble features, score with the champion (and the shadow), rank.
+"""POST /score's work: validate, assemble features, score with the champion (and the shadow), rank.
 
-The hot path does no SQL and awaits nothing but room in the decision queue. Steps:
+No I/O here: `app/score_endpoint.py` reads the request, queues the decision for the log and
+answers. Steps:
 1. Validate the body (`ScoreRequest`); any problem is a 422 naming the field, nothing logged.
 2. Profile features of the user from the online store at `now` (the request's `context.now`,
    else the clock): a snapshot reused while no event for the user arrives and no window
@@ -24,7 +25,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any
 
-import orjson
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -35,11 +35,9 @@ from pydantic import (
     StringConstraints,
     ValidationError,
 )
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
 
-from app.decisions import DECISION_TYPE, SUBJECT_SCORE, DecisionLogFull, candidate_input, encode, new_decision_id
-from app.learning_metrics import FEATURE_CACHE, SCORE_REQUESTS, SCORE_SECONDS, SHADOW_DISAGREEMENTS, SHADOW_ERRORS
+from app.decisions import DECISION_TYPE, candidate_input, encode, new_decision_id
+from app.learning_metrics import FEATURE_CACHE, SHADOW_DISAGREEMENTS, SHADOW_ERRORS
 from app.lineup import Lineup
 from models.policy import Greedy, Policy
 from models.reward import PopularityPrior
@@ -360,95 +358,3 @@ class Scorer:
         response = {"decision_id": decision_id, "model_version": lineup.champion_version, "ranked": ranked,
                     "features": shared, "caller_features": used}
         return Scored(decision_id, response, decision, encode(decision))
-
-
-async def _read_body(request: Request, limit: int) -> bytes | None:
-    """The body, or None when it is larger than `limit` (read no further than that).
-
-    Straight from the ASGI messages, without building Starlette's `Headers` and `stream()`
-    generator on every request."""
-    for name, value in request.scope["headers"]:
-        if name == b"content-length":
-            if value.isdigit() and int(value) > limit:
-                return None
-            break
-    chunks, size = [], 0
-    while True:
-        message = await request.receive()
-        if message["type"] != "http.request":
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-_ANSWERED = SCORE_REQUESTS.labels("200")
-
-
-def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
-    (_ANSWERED if status == 200 else SCORE_REQUESTS.labels(str(status))).inc()
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
-
-
-async def score_endpoint(request: Request) -> Response:
-    """
-    requestBody:
-      content:
-        application/json:
-          schema:
-            type: object
-            required: [user_id, candidates]
-            additionalProperties: false
-            properties:
-              user_id: {type: string, minLength: 1, maxLength: 128}
-              candidates:
-                type: array
-                minItems: 1
-                maxItems: 100
-                items:
-                  type: object
-                  required: [tip_id]
-                  additionalProperties: false
-                  properties:
-                    tip_id: {type: string, minLength: 1, maxLength: 128}
-                    category: {type: string, maxLength: 64}
-                    features: {type: object, description: "the candidate's own inputs: numbers, strings, booleans"}
-              context:
-                type: object
-                additionalProperties: false
-                properties:
-                  now: {type: string, format: date-time, description: with a UTC offset; default the clock}
-                  tasks: {type: array, maxItems: 1000}
-              profile_features: {type: object, description: fill profile features the server lacks}
-              explore: {type: boolean, default: true}
-    responses:
-      200: {description: '{decision_id, model_version, ranked: [{tip_id, score, propensity}], features, caller_features}'}
-      413: {description: the body is larger than TIPSTREAM_SCORE_MAX_BODY_BYTES}
-      422: {description: 'a bad request: {error, field, errors}; nothing was logged'}
-      503: {description: the decision log is backed up (JetStream away); nothing was served}
-    """
-    service = request.app.state.service
-    limit = service.settings.score_max_body_bytes
-    body = await _read_body(request, limit)
-    if body is None:
-        return _json(413, {"error": f"body: larger than {limit} bytes (TIPSTREAM_SCORE_MAX_BODY_BYTES)",
-                           "field": "body"})
-    started = time.perf_counter()
-    try:
-        scored = service.scorer.score(parse_request(body))
-    except RequestError as error:
-        return _json(422, error.body())
-    SCORE_SECONDS.observe(time.perf_counter() - started)
-    publisher = service.publisher
-    if not publisher.offer(SUBJECT_SCORE, scored.decision_id, scored.payload):
-        try:
-            await publisher.put(SUBJECT_SCORE, scored.decision_id, scored.payload,
-                                service.settings.decision_enqueue_timeout_s)
-        except DecisionLogFull as error:
-            return _json(503, {"error": str(error), "field": None}, {"Retry-After": "1"})
-    service.learner.served(scored.decision_id, scored.payload, scored.decision)
-    return _json(200, scored.response)

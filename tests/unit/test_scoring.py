@@ -243,3 +243,25 @@ def test_the_openapi_document_describes_score_and_the_model_routes(tmp_path: Pat
                 assert set(response) == {"description"}, (path, status, response)  # YAML parsed as meant
     body = mine["/score"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body["properties"]["candidates"]["maxItems"] == 100
+
+
+async def test_a_client_gone_before_its_body_is_answered_nothing_and_logs_nothing() -> None:
+    from types import SimpleNamespace
+
+    from app.score_endpoint import ScoreEndpoint
+
+    offered: list[str] = []
+    service = SimpleNamespace(settings=Settings(), publisher=SimpleNamespace(offer=lambda *a: offered.append(a[1])),
+                              scorer=None, learner=None)
+    scope = {"type": "http", "method": "POST", "path": "/score", "app": SimpleNamespace(state=SimpleNamespace(
+        service=service)), "headers": [(b"content-length", b"40")]}
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await ScoreEndpoint()(scope, receive, send)
+    assert sent == [] and offered == []
