@@ -41,7 +41,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from app.metrics import METRICS
 from app.periodic import every
 from streams.store import OnlineStore
 
@@ -57,8 +56,6 @@ class OwnTail:
         self.resumed = 0  # times a message not ours sent us back to reading
         self._acked: list[int] = []
         self._last_seen: int | None = None
-        # Read at scrape time, rather than set (under the gauge's lock) on every acknowledgement.
-        METRICS.position.labels(STREAM).set_function(lambda: self.store.positions.get(STREAM, 0))
 
     @property
     def position(self) -> int:

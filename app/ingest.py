@@ -75,7 +75,9 @@ class StreamIngest:
         self._applied = METRICS.ingested.labels(spec.name)
         self._ignored = METRICS.ignored.labels(spec.name)
         self._lag = METRICS.lag.labels(spec.name)
-        self._position = METRICS.position.labels(spec.name)
+        # The store's position, read when scraped: it also moves without this ingest (the DECISIONS
+        # tail advances it over this process's acknowledged publishes).
+        METRICS.position.labels(spec.name).set_function(lambda: store.positions.get(spec.name, 0))
 
     def _on_message(self, msg: jsx.RawMsg) -> None:
         self.buffer.append(msg)
@@ -105,7 +107,6 @@ class StreamIngest:
             await self.puller.stop()
         self.buffer.clear()
         start = self.store.positions.get(self.spec.name, 0) + 1
-        self._position.set(start - 1)
         pending = await jsx.reset_durable(self.js, self.spec.name, self.durable, start, max_ack_pending=self.batch * 32)
         self.lag = pending
         self.caught_up = self.caught_up or pending == 0
@@ -173,7 +174,6 @@ class StreamIngest:
         self._applied.inc(store.applied - applied_before)
         self._ignored.inc(store.ignored - ignored_before)
         self._lag.set(pending)
-        self._position.set(store.positions[self.spec.name])  # positions only move forward
         self.checkpointer.nudge()
 
     async def _dead_letter(self, msg: jsx.RawMsg, rejection: Rejection) -> None:

@@ -109,6 +109,9 @@ class Learner:
         self.credited = 0
         self._learned: dict[str, Any] = {}
         self._waiting = 0  # feedback in `pending`
+        # Read when scraped, not set as they change.
+        JOIN_CACHE.set_function(lambda: len(self.cache))
+        PENDING.set_function(lambda: self._waiting)
         self._changed = False
         self._last_snapshot = 0.0
         self._models_cost_s = 0.0  # what serialising the models took last time, on the event loop
@@ -156,7 +159,6 @@ class Learner:
         waiting = self.pending.pop(logged.id, None)
         if waiting:
             self._waiting -= len(waiting)
-            PENDING.set(self._waiting)
             for tip_id, (reaction, _) in waiting.items():
                 self._credit(logged.id, entry, tip_id, reaction)
         return True
@@ -240,7 +242,6 @@ class Learner:
                 _OUTCOME["unknown_decision"].inc()
                 if not waiting:
                     del pending[decision_id]
-        PENDING.set(self._waiting)
 
     def expire(self) -> None:
         """Give up on feedback that waited too long (also called periodically)."""
@@ -295,7 +296,6 @@ class Learner:
                 self._models_saved_seq = max(self._models_saved_seq, learn_seq)
         now = self.clock()
         self._expire_pending(now)
-        JOIN_CACHE.set(len(self.cache))
         # Checkpoints run one at a time, so an unconfirmed snapshot here is one that failed: retry now.
         failed = bool(self._unconfirmed)
         # Models grow with the users who give feedback (a user x category cross each): 400k weights

@@ -245,16 +245,13 @@ def test_the_openapi_document_describes_score_and_the_model_routes(tmp_path: Pat
     assert body["properties"]["candidates"]["maxItems"] == 100
 
 
-async def test_a_client_gone_before_its_body_is_answered_nothing_and_logs_nothing() -> None:
-    from types import SimpleNamespace
+async def test_a_client_gone_before_its_body_is_answered_nothing_and_logs_nothing(tmp_path: Path) -> None:
+    from app.api import create_app
 
-    from app.score_endpoint import ScoreEndpoint
-
-    offered: list[str] = []
-    service = SimpleNamespace(settings=Settings(), publisher=SimpleNamespace(offer=lambda *a: offered.append(a[1])),
-                              scorer=None, learner=None)
-    scope = {"type": "http", "method": "POST", "path": "/score", "app": SimpleNamespace(state=SimpleNamespace(
-        service=service)), "headers": [(b"content-length", b"40")]}
+    app = create_app(Settings(data_dir=tmp_path))  # the real router, endpoint and service (not started)
+    service = app.state.service
+    scope = {"type": "http", "method": "POST", "path": "/score", "raw_path": b"/score", "root_path": "",
+             "query_string": b"", "headers": [(b"content-length", b"40")]}
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -263,5 +260,5 @@ async def test_a_client_gone_before_its_body_is_answered_nothing_and_logs_nothin
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    await ScoreEndpoint()(scope, receive, send)
-    assert sent == [] and offered == []
+    await app(scope, receive, send)
+    assert sent == [] and service.publisher.waiting == 0 and len(service.learner.cache) == 0
