@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
     run = commands.add_parser("run", help="start the service (embedded NATS when NATS_URL is unset)")
     run.add_argument("--demo", type=float, metavar="EVENTS_PER_S", default=0,
-                     help="also publish synthetic traffic at this rate")
+                     help="also run a synthetic app at this many events/s: its users' signals, and tips "
+                          "picked by /score whose reactions the learner learns from")
     run.set_defaults(func=_run)
 
     sim = commands.add_parser("simulate", help="publish synthetic user traffic through JetStream")

@@ -1,45 +1,175 @@
-"""`tipstream run --demo RATE`: synthetic traffic published into the service's own NATS."""
+"""`tipstream run --demo RATE`: a synthetic app and its users, closing the learning loop.
+
+The demo publishes RATE events a second into the service's own NATS, from 200 users with
+time zones and daily rhythms (`streams.simulator`). Nine in ten are signals (tasks, app
+opens); the tenth is a tip, shown the way an app would show it. Steps for each tip:
+1. Ask `POST /score`, over HTTP on the service's own port, to rank 10 of the 20 tips.
+2. Publish `tip.shown` for the tip ranked first, naming the decision.
+3. The user reacts by a hidden taste (two liked categories): publish `tip.reacted`
+   with the decision id, which the learner joins with the decision and learns from.
+4. Tally the reward beside what a random pick among the same candidates would earn.
+Every `REPORT_EVERY_S` the log says how the two compare, so the learning shows.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 from starlette.applications import Starlette
 
+from app.settings import Settings
+from streams.events import subject_for
 from streams.jetstream import publish_events
-from streams.simulator import Population
+from streams.simulator import APP_MIX, Population, expected_reward, score_body
 
 log = logging.getLogger("tipstream.demo")
+logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would bury the service's own log
+
+USERS = 200
+USERS_SEED = 1
+CANDIDATES = 10
+TIP_SHARE = 0.1  # of the demo's events: a tip shown and the reaction to it
+REPORT_EVERY_S = 30.0
+TICKS_PER_S = 10
 
 
-async def _publish_forever(app: Starlette, rate: float) -> None:
-    service = app.state.service
-    js = service.nc.jetstream(publish_async_max_pending=4_000)
-    population = Population(users=200, seed=int(time.time()))
-    per_tick = max(1, int(rate / 10))
+class Tally:
+    """Rewards earned by served tips, beside a random pick's, over the last `window` tips.
+
+    >>> tally = Tally(window=2)
+    >>> for earned, random_pick in ((1.0, 0.5), (0.0, 0.5), (1.0, 0.3)):
+    ...     tally.add(earned, random_pick)
+    >>> tally.summary()
+    '3 tips shown; the last 2 earned 0.50 a tip, a random pick among the same candidates 0.40'
+    """
+
+    def __init__(self, window: int = 500) -> None:
+        self.total = 0
+        self.recent: deque[tuple[float, float]] = deque(maxlen=window)
+
+    def add(self, earned: float, random_pick: float) -> None:
+        self.total += 1
+        self.recent.append((earned, random_pick))
+
+    def summary(self) -> str:
+        if not self.recent:
+            return "no tips shown yet"
+        served = sum(earned for earned, _ in self.recent) / len(self.recent)
+        baseline = sum(random_pick for _, random_pick in self.recent) / len(self.recent)
+        return (f"{self.total} tips shown; the last {len(self.recent)} earned {served:.2f} a tip, "
+                f"a random pick among the same candidates {baseline:.2f}")
+
+
+class DemoApp:
+    """The synthetic app: its users' signals, and tips picked by `/score` (steps in the module docstring)."""
+
+    def __init__(self, js: Any, http: httpx.AsyncClient, rewards: dict[str, float], seed: int) -> None:
+        self.js, self.http, self.rewards = js, http, rewards
+        # The users' tastes come from a fixed seed, so a restart on the same data keeps them;
+        # what they do, and their events' ids, from `seed`.
+        self.population = Population(users=USERS, seed=USERS_SEED, user_prefix="demo", mix=APP_MIX, traffic_seed=seed)
+        self.rng = random.Random(seed)
+        self.tally = Tally()
+        self.refused = 0  # /score answers other than 200: logged now and then, never fatal
+
+    async def tick(self, events: int) -> None:
+        now_ms = int(time.time() * 1000)
+        tips = sum(self.rng.random() < TIP_SHARE for _ in range(events))
+        signals = [self.population.live(now_ms) for _ in range(events - tips)]
+        shown = await asyncio.gather(*(self.show_tip() for _ in range(tips)))
+        await publish_events(self.js, signals + [event for pair in shown for event in pair])
+
+    async def show_tip(self) -> list[tuple[str, dict[str, Any]]]:
+        population = self.population
+        user = self.rng.choice(population.users)
+        at = datetime.now(UTC)
+        tips = self.rng.sample(population.tips, CANDIDATES)
+        response = await self.http.post("/score", json=score_body(user, at, tips))
+        if response.status_code != 200:
+            self.refused += 1
+            if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
+                log.warning("demo: /score answered %d (%s); %d so far", response.status_code,
+                            response.text[:200], self.refused)
+            return []
+        answer = response.json()
+        reaction = population.react(user, answer, at, f"demo-fb-{answer['decision_id']}")
+        top = reaction["data"]["tip_id"]
+        shown = {"id": f"demo-shown-{answer['decision_id']}", "type": "tip.shown", "user_id": user.user_id,
+                 "ts": reaction["ts"], "v": 1, "data": {"tip_id": top, "decision_id": answer["decision_id"]}}
+        self.tally.add(self.rewards[reaction["data"]["reaction"]], expected_reward(user, tips, self.rewards))
+        return [(subject_for("tip.shown"), shown), (subject_for("tip.reacted"), reaction)]
+
+
+async def _wait_for_http(http: httpx.AsyncClient, timeout_s: float = 30.0) -> None:
+    """uvicorn listens only once the lifespan's start-up is over, which is where the demo starts."""
+    deadline = time.monotonic() + timeout_s
     while True:
-        now = int(time.time() * 1000)
-        await publish_events(js, [population.live(now) for _ in range(per_tick)])
-        await asyncio.sleep(per_tick / rate)
+        try:
+            if (await http.get("/healthz")).status_code == 200:
+                return
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.05)
+
+
+def _self_url(settings: Settings) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+async def _run_demo(app: Starlette, rate: float) -> None:
+    service = app.state.service
+    settings: Settings = service.settings
+    js = service.nc.jetstream(publish_async_max_pending=4_000)
+    async with httpx.AsyncClient(base_url=_self_url(settings), timeout=10.0) as http:
+        await _wait_for_http(http)
+        demo = DemoApp(js, http, settings.rewards, seed=int(time.time()))
+        per_tick = max(1, round(rate / TICKS_PER_S))
+        next_report = time.monotonic() + REPORT_EVERY_S
+        while True:
+            started = time.monotonic()
+            try:
+                await demo.tick(per_tick)
+            except (httpx.TransportError, OSError) as error:
+                log.warning("demo: a tick failed (%s); going on", error)
+            if started >= next_report:
+                log.info("demo: %s; the learner has credited %d rewards", demo.tally.summary(),
+                         service.learner.credited)
+                next_report = started + REPORT_EVERY_S
+            await asyncio.sleep(max(0.0, per_tick / rate - (time.monotonic() - started)))
+
+
+def _report_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("demo traffic stopped; the service goes on without it", exc_info=task.exception())
 
 
 def attach_demo(app: Starlette, rate: float) -> None:
-    """Wrap the app's lifespan so the demo publisher starts after the service and stops before it."""
+    """Wrap the app's lifespan so the demo starts after the service and stops before it."""
     inner = app.router.lifespan_context
 
     @contextlib.asynccontextmanager
     async def lifespan(application: Any) -> AsyncIterator[None]:
         async with inner(application):
-            task = asyncio.create_task(_publish_forever(app, rate), name="demo traffic")
-            log.info("demo traffic: %.0f events/s from 200 synthetic users", rate)
+            task = asyncio.create_task(_run_demo(app, rate), name="demo traffic")
+            task.add_done_callback(_report_end)
+            log.info("demo traffic: %.0f events/s from %d synthetic users; one in %d is a tip picked by /score",
+                     rate, USERS, round(1 / TIP_SHARE))
             try:
                 yield
             finally:
                 task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     app.router.lifespan_context = lifespan

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
+import statistics
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -28,6 +29,8 @@ EVENT_MIX = {
     "app.opened": 4.0, "task.created": 6.0, "task.completed": 5.0, "task.rescheduled": 1.0,
     "task.deleted": 1.0, "tip.shown": 2.0, "tip.reacted": 1.0,
 }
+# The same day without tips: for an app that shows the tips /score picks (`score_body`, `react`).
+APP_MIX = {kind: weight for kind, weight in EVENT_MIX.items() if not kind.startswith("tip.")}
 TIP_CATEGORIES = ("focus", "planning", "breaks", "batching", "review")
 TIPS_PER_CATEGORY = 4
 OFFSETS_MIN = (-480, -300, -240, 0, 60, 120, 330, 540)
@@ -52,13 +55,56 @@ def category_of(tip_id: str) -> str:
     return tip_id.split("-")[1] if tip_id.count("-") >= 2 else "other"
 
 
+def local_time(user: SimUser, at: datetime) -> datetime:
+    return at.astimezone(timezone(timedelta(minutes=user.offset_min)))
+
+
+def score_body(user: SimUser, at: datetime, tips: Sequence[str]) -> dict[str, Any]:
+    """The `/score` request the user's app sends to pick one of `tips` at `at`, in the user's time zone.
+
+    >>> user = SimUser("u-1", 60, 14.0, {})
+    >>> score_body(user, datetime(2026, 11, 26, 8, tzinfo=timezone.utc), ["tip-focus-0"])
+    {'user_id': 'u-1', 'context': {'now': '2026-11-26T09:00:00+01:00'}, 'candidates': [{'tip_id': 'tip-focus-0', 'category': 'focus'}]}
+    """
+    return {"user_id": user.user_id, "context": {"now": local_time(user, at).isoformat()},
+            "candidates": [{"tip_id": tip, "category": category_of(tip)} for tip in tips]}
+
+
+def expected_reward(user: SimUser, tips: Sequence[str], rewards: Mapping[str, float]) -> float:
+    """What a tip picked at random among `tips` earns `user` on average (`Population.reaction`'s odds).
+
+    >>> user = SimUser("u-1", 0, 14.0, {"focus": 0.75, "breaks": 0.1})
+    >>> rewards = {"acted": 1.0, "liked": 0.8, "snoozed": 0.3, "dismissed": 0.0, "disliked": 0.0}
+    >>> round(expected_reward(user, ["tip-focus-0"], rewards), 4), round(expected_reward(user, ["tip-breaks-1"], rewards), 4)
+    (0.7, 0.18)
+    """
+    positive = statistics.mean(rewards[reaction] for reaction in REACTIONS[:2])
+    negative = statistics.mean(rewards[reaction] for reaction in REACTIONS[2:])
+    return statistics.mean(user.taste.get(category_of(tip), 0.1) * positive
+                           + (1 - user.taste.get(category_of(tip), 0.1)) * negative for tip in tips)
+
+
 class Population:
-    def __init__(self, users: int, seed: int = 1, user_prefix: str = "u") -> None:
+    def __init__(self, users: int, seed: int = 1, user_prefix: str = "u",
+                 mix: Mapping[str, float] = EVENT_MIX, traffic_seed: int | None = None) -> None:
+        """`seed` draws the users (time zones, rhythms, tastes) and, unless `traffic_seed` is given,
+        what they do; event ids are unique per (`seed`, `traffic_seed`).
+
+        >>> first, second = Population(3, seed=7, traffic_seed=1), Population(3, seed=7, traffic_seed=2)
+        >>> [user.taste for user in first.users] == [user.taste for user in second.users]
+        True
+        >>> first.live(1_790_000_000_000)[1]["id"] != second.live(1_790_000_000_000)[1]["id"]
+        True
+        """
+        self._kinds, self._weights = tuple(mix), tuple(mix.values())
         self.rng = random.Random(seed)
         self.users = [self._make_user(f"{user_prefix}-{i}") for i in range(users)]
         self.tips = tip_ids()
         self._seq = 0
         self._prefix = f"sim{seed}-{user_prefix}"
+        if traffic_seed is not None:
+            self.rng.seed(traffic_seed)
+            self._prefix = f"sim{seed}.{traffic_seed}-{user_prefix}"
 
     def _make_user(self, user_id: str) -> SimUser:
         rng = self.rng
@@ -78,8 +124,7 @@ class Population:
     def event(self, user: SimUser, ts_ms: int) -> tuple[str, dict[str, Any]]:
         """One plausible next event for `user` at `ts_ms`."""
         rng = self.rng
-        kinds, weights = zip(*EVENT_MIX.items())
-        kind = rng.choices(kinds, weights)[0]
+        kind = rng.choices(self._kinds, self._weights)[0]
         if kind in ("task.completed", "task.rescheduled", "task.deleted") and not user.open_tasks:
             kind = "task.created"
         if kind == "tip.reacted" and not user.shown:
@@ -115,6 +160,14 @@ class Population:
         if self.rng.random() < user.taste.get(category_of(tip_id), 0.1):
             return self.rng.choice(REACTIONS[:2])
         return self.rng.choice(REACTIONS[2:])
+
+    def react(self, user: SimUser, answer: Mapping[str, Any], at: datetime, event_id: str) -> dict[str, Any]:
+        """The user's reaction to the tip ranked first in a `/score` answer: a `tip.reacted`
+        feedback event naming the decision, so the learner can credit it."""
+        top = answer["ranked"][0]["tip_id"]
+        return {"id": event_id, "type": "tip.reacted", "user_id": user.user_id,
+                "ts": local_time(user, at).isoformat(timespec="milliseconds"), "v": 1,
+                "data": {"tip_id": top, "decision_id": answer["decision_id"], "reaction": self.reaction(user, top)}}
 
     def live(self, now_ms: int) -> tuple[str, dict[str, Any]]:
         """An event at `now_ms` from a user picked by how active they are at their local hour."""

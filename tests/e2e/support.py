@@ -18,8 +18,9 @@ TIPSTREAM = str(Path(sys.executable).parent / "tipstream")
 
 
 class ServiceProcess:
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
+        self.args = args
         self.data_dir = data_dir
         self.env = {**os.environ, "TIPSTREAM_DATA_DIR": str(data_dir), "TIPSTREAM_PORT": str(self.port),
                     "TIPSTREAM_LOG_LEVEL": "info", **(env or {})}
@@ -32,7 +33,7 @@ class ServiceProcess:
     def start(self, timeout: float = 30) -> ServiceProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "service.log", "ab")
-        self.process = subprocess.Popen([TIPSTREAM, "run"], env=self.env, stdout=log, stderr=log)
+        self.process = subprocess.Popen([TIPSTREAM, "run", *self.args], env=self.env, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import statistics
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from app.scoring import Scorer, parse_request
 from app.settings import Settings
 from models.policy import make_policy
 from streams.events import parse_event
-from streams.simulator import Population, SimUser, category_of
+from streams.simulator import Population, SimUser, expected_reward, score_body
 from streams.store import OnlineStore
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
@@ -37,38 +37,25 @@ REWARDS = Settings().rewards
 MARGIN = 0.08
 
 
-def expected_random(user: SimUser, tips: list[str]) -> float:
-    """Mean reward of a tip picked at random among `tips`: P(positive) x 0.9 + P(negative) x 0.1."""
-    positive = REWARDS["acted"] / 2 + REWARDS["liked"] / 2
-    negative = (REWARDS["snoozed"] + REWARDS["dismissed"] + REWARDS["disliked"]) / 3
-    return statistics.mean(user.taste[category_of(t)] * positive + (1 - user.taste[category_of(t)]) * negative
-                           for t in tips)
-
-
 class Round:
     """One round's requests and, once answered, the feedback events."""
 
     def __init__(self, population: Population, rng: random.Random, index: int) -> None:
         self.population, self.index = population, index
         self.requests: list[tuple[SimUser, datetime, list[str], dict[str, Any]]] = []
+        now = T0 + timedelta(minutes=10 * index)
         for user in population.users:
-            now = (T0 + timedelta(minutes=10 * index)).astimezone(timezone(timedelta(minutes=user.offset_min)))
             tips = rng.sample(population.tips, CANDIDATES)
-            body = {"user_id": user.user_id, "context": {"now": now.isoformat()},
-                    "candidates": [{"tip_id": t, "category": category_of(t)} for t in tips]}
-            self.requests.append((user, now, tips, body))
+            self.requests.append((user, now, tips, score_body(user, now, tips)))
 
     def feedback(self, answers: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[float], list[float]]:
         """Each user's reaction to the tip ranked first: the events, rewards earned, random baselines."""
         events, earned, baseline = [], [], []
         for (user, now, tips, _), answer in zip(self.requests, answers):
-            top = answer["ranked"][0]["tip_id"]
-            reaction = self.population.reaction(user, top)
-            events.append({"id": f"fb-{self.index}-{user.user_id}", "type": "tip.reacted", "user_id": user.user_id,
-                           "ts": now.isoformat(), "v": 1,
-                           "data": {"tip_id": top, "decision_id": answer["decision_id"], "reaction": reaction}})
-            earned.append(REWARDS[reaction])
-            baseline.append(expected_random(user, tips))
+            event = self.population.react(user, answer, now, f"fb-{self.index}-{user.user_id}")
+            events.append(event)
+            earned.append(REWARDS[event["data"]["reaction"]])
+            baseline.append(expected_reward(user, tips, REWARDS))
         return events, earned, baseline
 
 

@@ -1,0 +1,30 @@
+"""`tipstream run --demo`: the synthetic app closes the learning loop through the real service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.support import ServiceProcess, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_scores_tips_over_http_and_the_learner_credits_every_reaction(tmp_path: Path) -> None:
+    service = ServiceProcess(tmp_path / "data", args=("--demo", "400")).start()
+    try:
+        wait_until(lambda: service.metric("tipstream_feedback_total", outcome="credited") >= 50,
+                   what="50 demo reactions credited")
+        # Every reaction names a decision that /score made: none is left unjoined.
+        for outcome in ("no_decision", "unknown_decision", "unknown_tip", "duplicate"):
+            assert service.metric("tipstream_feedback_total", outcome=outcome) == 0, outcome
+        wait_until(lambda: service.metric("tipstream_decisions_total", outcome="published") >= 50,
+                   what="the demo's decisions in the log")
+        assert service.metric("tipstream_events_applied_total", stream="SIGNALS") > 0
+        dead = [line for line in service.get("/metrics").text.splitlines()
+                if line.startswith("tipstream_dlq_total{") and not line.endswith(" 0.0")]
+        assert not dead, dead
+        wait_until(lambda: service.get("/models").json()["models"][0]["n_learned"] > 0, what="the champion learned")
+    finally:
+        assert service.stop(), service.log()
