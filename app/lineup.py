@@ -41,7 +41,8 @@ class Lineup:
 
     # -- start -------------------------------------------------------------------------------
 
-    def load(self, first_kind: str, learning_rate: float, shadow_kind: str | None) -> None:
+    def load(self, first_kind: str, learning_rate: float | None, shadow_kind: str | None,
+             optimizer: str | None = None) -> None:
         """Load the registry and models (worker thread, before serving); on the very first start,
         register `v1` as champion (and `v2` as shadow when `shadow_kind` is set)."""
         registry, blobs = self.store.load()
@@ -51,7 +52,7 @@ class Lineup:
             for version, kind in (("v1", first_kind), ("v2", shadow_kind)):
                 if kind is None or version in registry.versions:
                     continue
-                model = TipModel(kind=kind, learning_rate=learning_rate)
+                model = TipModel(kind=kind, optimizer=optimizer, learning_rate=learning_rate)
                 registry.register(_version(version, model), actor="tipstream", note="first start")
                 new[version] = (model.to_bytes(), 0)
             registry.bootstrap("v1", actor="tipstream")

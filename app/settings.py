@@ -97,7 +97,13 @@ class Settings(BaseSettings):
     model_kind: Literal["logreg", "fm"] = Field(
         "logreg", description="Kind of the first champion (`v1`), created on the first start."
     )
-    model_learning_rate: float = Field(0.1, gt=0, description="SGD step of the first champion's weights.")
+    model_optimizer: Literal["adagrad", "sgd"] | None = Field(
+        None, description="How the first models' weights learn: adagrad (a step per feature) or sgd. "
+                          "Unset: adagrad for logreg, sgd for fm."
+    )
+    model_learning_rate: float | None = Field(
+        None, gt=0, description="The first models' optimizer step. Unset: 0.5 for adagrad, 0.1 for sgd."
+    )
     bootstrap_shadow_kind: Literal["logreg", "fm"] | None = Field(
         None, description="Also register `v2` of this kind as the shadow on the first start. Unset: no shadow."
     )

@@ -98,13 +98,24 @@ async def _run_phase(port: int, pids: tuple[int, ...], requests: list[bytes], du
             if status != 200:
                 errors += 1
 
+    own_before = await own_work(port)
     started, cpu = time.perf_counter(), [process_cpu_s(pid) for pid in pids]
     await asyncio.gather(*(client_loop(c, k) for k, c in enumerate(clients)))
     elapsed = time.perf_counter() - started
     cpu = [process_cpu_s(pid) - before for pid, before in zip(pids, cpu)]
+    own_s, own_n = (after - before for after, before in zip(await own_work(port), own_before))
     for c in clients:
         c.transport.close()
-    return {"latencies": latencies, "errors": errors, "elapsed_s": elapsed, "cpu_s": cpu[0], "children_cpu_s": sum(cpu[1:])}
+    return {"latencies": latencies, "errors": errors, "elapsed_s": elapsed, "cpu_s": cpu[0], "children_cpu_s": sum(cpu[1:]),
+            "own_s": own_s, "own_n": own_n}
+
+
+async def own_work(port: int) -> tuple[float, float]:
+    """The service's `/score` own-work histogram (seconds, requests) so far; read between
+    phases, outside the timed part, so each phase gets its own figure."""
+    _, text = await request_once(port, "GET", "/metrics")
+    decoded = text.decode()
+    return metric(decoded, "tipstream_score_seconds_sum"), metric(decoded, "tipstream_score_seconds_count")
 
 
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -114,7 +125,8 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"requests": len(ms), "errors": sum(run["errors"] for run in runs), "rps": len(ms) / elapsed,
             "p50_ms": percentile(ms, 0.50), "p99_ms": percentile(ms, 0.99), "max_ms": ms[-1] if ms else None,
             "service_cpu_us": sum(run["cpu_s"] for run in runs) / max(len(ms), 1) * 1e6,
-            "nats_cpu_us": sum(run["children_cpu_s"] for run in runs) / max(len(ms), 1) * 1e6}
+            "nats_cpu_us": sum(run["children_cpu_s"] for run in runs) / max(len(ms), 1) * 1e6,
+            "own_us": sum(run["own_s"] for run in runs) / max(sum(run["own_n"] for run in runs), 1) * 1e6}
 
 
 def load_generator(port: int, pids: tuple[int, ...], phases: list[tuple[str, list[bytes], float, int]], out: Any) -> None:
@@ -221,10 +233,14 @@ def main() -> int:
               f"its nats-server's {r['nats_cpu_us']:.0f}  ({r['requests']} requests, {r['errors']} errors)")
     hits = metric(text, "tipstream_feature_cache_total", 'result="hit"')
     misses = metric(text, "tipstream_feature_cache_total", 'result="miss"')
-    handled = metric(text, "tipstream_score_seconds_count")
-    if handled:
-        print(f"/score's own work (validate, features, models, policy, decision): "
-              f"{metric(text, 'tipstream_score_seconds_sum') / handled * 1e6:.0f} us per request on average")
+    # The service CPU of a /score request, in parts: what the no-op costs too (HTTP, the loop,
+    # the kernel), /score's own work (timed inside the service), and the rest: the decision log
+    # (publishing, acknowledgements, the learner's join cache, tip_scores rows) and larger bodies.
+    for name in ("score_10", "score_50"):
+        r = results[name]
+        print(f"{name} service CPU {r['service_cpu_us']:.0f} us a request: the no-op's {results['noop']['service_cpu_us']:.0f}, "
+              f"/score's own work (validate, features, models, policy, decision) {r['own_us']:.0f}, the rest "
+              f"{r['service_cpu_us'] - results['noop']['service_cpu_us'] - r['own_us']:.0f}")
     published = metric(text, "tipstream_decisions_total", 'outcome="published"')
     print(f"decisions published to JetStream: {published:.0f}; profile feature cache hits "
           f"{hits / max(hits + misses, 1):.0%}")

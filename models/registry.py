@@ -103,6 +103,11 @@ class ModelCard:
                    [RolloutEntry.from_dict(e) for e in d.get("rollout_history", [])])
 
 
+# Parameters that models registered before they existed were trained with (`TipModel` fills
+# them in when such a model is read back).
+LEGACY_PARAMS: dict[str, Any] = {"optimizer": "sgd"}
+
+
 @dataclass
 class ModelVersion:
     """A registered model. The serialised model itself (`TipModel.to_bytes()`) is stored
@@ -122,7 +127,7 @@ class ModelVersion:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelVersion:
-        return cls(d["version"], d["kind"], dict(d["params"]), list(d["feature_names"]),
+        return cls(d["version"], d["kind"], {**LEGACY_PARAMS, **d["params"]}, list(d["feature_names"]),
                    datetime.fromisoformat(d["created_at"]), ModelCard.from_dict(d.get("card", {})))
 
 

@@ -42,10 +42,20 @@ import numpy as np
 import orjson
 from river import base, compose, facto, linear_model, metrics, optim, preprocessing, stats, utils
 
+from models.registry import LEGACY_PARAMS
+
 DEFAULT_REWARDS: dict[str, float] = {
     "acted": 1.0, "liked": 0.8, "snoozed": 0.3, "dismissed": 0.0, "disliked": 0.0,
 }
 KINDS = ("logreg", "fm")
+OPTIMIZERS = ("adagrad", "sgd")
+# Per-coordinate steps (AdaGrad) learn a new user's taste from a handful of reactions: the
+# `user_id x category` weights are each seen rarely, and a global SGD step small enough for
+# the common features moves them too slowly (docs/learning.md, "How fast a user's taste is
+# learned"; bench/quality.py). The factorisation machine keeps SGD: its latent vectors take an
+# SGD step of the same size, and at AdaGrad's 0.5 they diverged.
+DEFAULT_OPTIMIZER = {"logreg": "adagrad", "fm": "sgd"}
+DEFAULT_LEARNING_RATE = {"adagrad": 0.5, "sgd": 0.1}
 # Pairs of input features crossed into one-hot interaction features. A numeric member is an
 # hour (0-23) and is bucketed (`hour_bucket` hours per bucket). A pair is skipped when either
 # member is missing from `x`, so `user_id` costs nothing unless the caller sends it; when it
@@ -261,8 +271,12 @@ class TipModel:
     kind
         "logreg" (logistic regression) or "fm" (factorisation machine: learns user x tip
         interactions between every pair of inputs through latent vectors).
+    optimizer
+        How the weights learn: "adagrad" (a step per feature, shrinking as the feature is
+        seen; the default for "logreg") or "sgd" (one step for all; the default for "fm").
     learning_rate
-        SGD step for the weights (and the FM latents).
+        The optimizer's step (default 0.5 for AdaGrad, 0.1 for SGD); the FM latents take
+        an SGD step of this size.
     l2
         L2 penalty on the weights (and the FM latents).
     intercept_lr
@@ -287,7 +301,8 @@ class TipModel:
         self,
         *,
         kind: str = "logreg",
-        learning_rate: float = 0.05,
+        optimizer: str | None = None,
+        learning_rate: float | None = None,
         l2: float = 0.0,
         intercept_lr: float = 0.01,
         n_factors: int = 8,
@@ -297,6 +312,10 @@ class TipModel:
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+        optimizer = optimizer or DEFAULT_OPTIMIZER[kind]
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
+        learning_rate = DEFAULT_LEARNING_RATE[optimizer] if learning_rate is None else learning_rate
         if not learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
         if not 1 <= int(hour_bucket) <= 24:
@@ -304,17 +323,18 @@ class TipModel:
         pairs = tuple((str(a), str(b)) for a, b in interactions)
         # River style: the constructor arguments are the model's identity; clone() rebuilds from them.
         self.params: dict[str, Any] = {
-            "kind": kind, "learning_rate": float(learning_rate), "l2": float(l2),
+            "kind": kind, "optimizer": optimizer, "learning_rate": float(learning_rate), "l2": float(l2),
             "intercept_lr": float(intercept_lr), "n_factors": int(n_factors), "seed": int(seed),
             "hour_bucket": int(hour_bucket), "interactions": pairs,
         }
+        weight_optimizer = optim.AdaGrad(learning_rate) if optimizer == "adagrad" else optim.SGD(learning_rate)
         if kind == "logreg":
             classifier: Any = linear_model.LogisticRegression(
-                optimizer=optim.SGD(learning_rate), l2=l2, intercept_lr=intercept_lr
+                optimizer=weight_optimizer, l2=l2, intercept_lr=intercept_lr
             )
         else:
             classifier = _FastFMClassifier(
-                n_factors=n_factors, weight_optimizer=optim.SGD(learning_rate),
+                n_factors=n_factors, weight_optimizer=weight_optimizer,
                 latent_optimizer=optim.SGD(learning_rate), l2_weight=l2, l2_latent=l2,
                 intercept_lr=intercept_lr, seed=seed,
             )
@@ -452,6 +472,7 @@ class TipModel:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.params = {**LEGACY_PARAMS, **self.params}
         self._candidate_cache = {}
 
     # -- predict / learn --------------------------------------------------------------------

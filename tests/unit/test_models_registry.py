@@ -24,7 +24,8 @@ class Clock:
 
 
 def _version(name: str) -> ModelVersion:
-    return ModelVersion(name, "logreg", {"learning_rate": 0.05, "interactions": [["category", "hour_of_day"]]},
+    return ModelVersion(name, "logreg", {"optimizer": "adagrad", "learning_rate": 0.05,
+                                         "interactions": [["category", "hour_of_day"]]},
                         ["hour_of_day", "tip_id"], T0)
 
 
@@ -152,6 +153,15 @@ def test_json_round_trip_keeps_roles_history_and_cards(reg: Registry) -> None:
     assert copy.get("v1").params["interactions"] == [["category", "hour_of_day"]]
     copy.promote("v3", actor="a")  # shadowed state survived too
     assert copy.rollback(actor="a") == "v2"
+
+
+def test_a_version_registered_before_optimizers_existed_reads_back_as_sgd(reg: Registry) -> None:
+    record = reg.to_dict()
+    for version in record["versions"]:
+        del version["params"]["optimizer"]
+    copy = Registry.from_dict(json.loads(json.dumps(record)), clock=Clock())
+    assert copy.get("v1").params["optimizer"] == "sgd"
+    assert TipModel(**copy.get("v1").params).params["optimizer"] == "sgd"
 
 
 def test_model_card_from_a_real_model() -> None:

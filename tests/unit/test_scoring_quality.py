@@ -33,8 +33,10 @@ from streams.store import OnlineStore
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 USERS, ROUNDS, CANDIDATES = 50, 60, 10  # 3,000 feedback events
 REWARDS = Settings().rewards
-# A conservative bound: measured served reward exceeds random ranking by 0.17-0.21 over seeds.
-MARGIN = 0.08
+# A conservative bound: served reward exceeded random ranking by 0.24-0.27 in the last third
+# over five populations (`bench/quality.py --users 50 --rounds 60 --seeds 5`; 0.17-0.21 when
+# the model learned with one SGD step for all features).
+MARGIN = 0.15
 
 
 class Round:
@@ -65,22 +67,25 @@ def verdict(earned: list[float], baseline: list[float]) -> tuple[float, float, f
     return statistics.mean(earned[-third:]), statistics.mean(baseline[-third:]), statistics.mean(earned[:third])
 
 
-def test_served_tips_earn_clearly_more_than_random_ranking(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'q.db'}"
+def simulate_in_process(data_dir: Path, settings: Settings, users: int = USERS, rounds: int = ROUNDS,
+                        seed: int = 11) -> tuple[list[float], list[float], Learner]:
+    """Rounds of /score and reactions through the service's own objects, without I/O but the
+    registry's SQLite file: (rewards earned, random ranking's expected rewards, the learner).
+    `bench/quality.py` runs it with other settings."""
+    url = f"sqlite:///{data_dir / 'q.db'}"
     migrate.upgrade(url)
     engine = make_engine(url)
-    settings = Settings(data_dir=tmp_path)
     store = OnlineStore()
     lineup = Lineup(RegistryStore(engine), engine, eval_max_rewards=100)
-    lineup.load(settings.model_kind, settings.model_learning_rate, None)
+    lineup.load(settings.model_kind, settings.model_learning_rate, None, settings.model_optimizer)
     learner = Learner(lineup, store, TipScoresLog(), rewards=settings.rewards, cache_mb=64, window_s=1e9,
                       pending_max=1_000, pending_max_age_s=600, snapshot_every_s=5)
-    scorer = Scorer(store, lineup, make_policy(settings.policy, **settings.policy_params()), random.Random(3),
+    scorer = Scorer(store, lineup, make_policy(settings.policy, **settings.policy_params()), random.Random(seed - 8),
                     feature_cache_users=settings.feature_cache_users)
     sink = learner.feedback_sink()
-    population, rng = Population(users=USERS, seed=11), random.Random(12)
+    population, rng = Population(users=users, seed=seed), random.Random(seed + 1)
     earned, baseline = [], []
-    for index in range(ROUNDS):
+    for index in range(rounds):
         round_ = Round(population, rng, index)
         answers = []
         for *_, body in round_.requests:
@@ -93,6 +98,11 @@ def test_served_tips_earn_clearly_more_than_random_ranking(tmp_path: Path) -> No
         earned += got
         baseline += base
     engine.dispose()
+    return earned, baseline, learner
+
+
+def test_served_tips_earn_clearly_more_than_random_ranking(tmp_path: Path) -> None:
+    earned, baseline, learner = simulate_in_process(tmp_path, Settings(data_dir=tmp_path))
     served, random_ranking, early = verdict(earned, baseline)
     assert learner.credited == USERS * ROUNDS
     assert served > random_ranking + MARGIN, (served, random_ranking, early)
