@@ -26,6 +26,10 @@ FEATURE_CACHE = LoopCounter(
     "tipstream_feature_cache_total", "Profile feature evaluations for /score: hit (reused) or miss.", ["result"],
     registry=_r,
 )
+CHAMPION_ERRORS = LoopCounter(
+    "tipstream_champion_errors_total", "/score requests the champion scored with a NaN or an infinity (a model "
+    "that diverged): ranked by the popularity prior instead.", registry=_r,
+)
 SHADOW_ERRORS = LoopCounter(
     "tipstream_shadow_errors_total", "Shadow scorings that failed (the answer was unaffected).", registry=_r
 )

@@ -18,6 +18,8 @@ answers. Steps:
 
 from __future__ import annotations
 
+import logging
+import math
 import random
 import time
 from collections import OrderedDict
@@ -37,13 +39,15 @@ from pydantic import (
 )
 
 from app.decisions import DECISION_TYPE, candidate_input, encode, new_decision_id
-from app.learning_metrics import FEATURE_CACHE, SHADOW_DISAGREEMENTS, SHADOW_ERRORS
+from app.learning_metrics import CHAMPION_ERRORS, FEATURE_CACHE, SHADOW_DISAGREEMENTS, SHADOW_ERRORS
 from app.lineup import Lineup
 from models.policy import Greedy, Policy
 from models.reward import PopularityPrior
 from streams.features import CONTEXT_FEATURES, FEATURE_NAMES, FEATURES, Snapshot, context_features, snapshot
 from streams.fold import DAY_MS, SIGNAL_KINDS, UserState, to_ms
 from streams.store import OnlineStore
+
+log = logging.getLogger("tipstream.scoring")
 
 MAX_CANDIDATES = 100
 MAX_CANDIDATE_FEATURES = 32
@@ -256,6 +260,7 @@ class Scorer:
         self.greedy = Greedy()
         self.feature_cache_users = feature_cache_users
         self._cache: OrderedDict[str, _Cached] = OrderedDict()  # LRU; see Learner.cache for why not a dict
+        self._champion_warned_at = -math.inf
 
     def _profile(self, user_id: str, state: UserState | None,
                  now_ms: int) -> tuple[dict[str, Any], frozenset[str], bool]:
@@ -283,6 +288,16 @@ class Scorer:
         # New: no signal older than 7 days in the fold's horizon (a first week, or a return after 30+ days).
         new = first is None or first > now_ms - NEW_USER_MS
         return snap.values_at(now_ms), snap.fallbacks, new
+
+    def _champion_failed(self, model_scores: list[float]) -> None:
+        CHAMPION_ERRORS.inc()
+        now = time.monotonic()
+        if now - self._champion_warned_at >= 60.0:
+            self._champion_warned_at = now
+            bad = next((s for s in model_scores if not math.isfinite(s)), None)
+            log.error("champion %s scored %r, not a finite number: /score ranks by the popularity prior until it "
+                      "is replaced. Run `tipstream models rollback` (or promote a shadow); "
+                      "tipstream_champion_errors_total counts the requests.", self.lineup.champion_version, bad)
 
     def score(self, request: ScoreRequest) -> Scored:
         user_id = request.user_id
@@ -317,8 +332,14 @@ class Scorer:
         model_scores = lineup.champion.predict_many(xs, shared=shared)
         scores = blend_many(prior, tips, model_scores, reactions)
         policy = self.policy if request.explore else self.greedy
-        samples = prior.thompson_samples(tips, model_scores, reactions) if policy.name == "thompson" else None
-        order, propensities = policy.rank(scores, self.rng, samples)
+        try:
+            samples = prior.thompson_samples(tips, model_scores, reactions) if policy.name == "thompson" else None
+            order, propensities = policy.rank(scores, self.rng, samples)
+        except ValueError:  # a champion that diverged scores NaN: rank by the prior alone, loudly
+            self._champion_failed(model_scores)
+            scores = [prior.mean(tip) for tip in tips]  # the decision logs the champion's own (null)
+            samples = prior.thompson_samples(tips, None, reactions) if policy.name == "thompson" else None
+            order, propensities = policy.rank(scores, self.rng, samples)
 
         shadow_scores: list[float] | None = None
         shadow: dict[str, Any] | None = None

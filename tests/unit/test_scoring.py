@@ -153,6 +153,31 @@ def test_every_policy_answers_with_propensities_and_explore_false_is_greedy(line
     assert greedy.response["ranked"][0]["propensity"] == 1.0 and greedy.decision["policy"] == "greedy"
 
 
+@pytest.mark.parametrize("policy", ["epsilon_greedy", "softmax", "thompson", "greedy"])
+def test_a_champion_that_diverged_is_answered_around_by_the_prior_and_counted(
+        lineup: Lineup, policy: str, caplog: pytest.LogCaptureFixture) -> None:
+    from app.learning_metrics import CHAMPION_ERRORS
+
+    # Both tips rewarded before and a user who has reacted: the champion's score counts for them.
+    lineup.prior.update("a", 0.0)
+    lineup.prior.update("b", 1.0)
+    store = OnlineStore()
+    store.apply(_event(1, "tip.reacted", "2026-11-26T14:00:00+01:00", tip_id="b", reaction="acted"))
+    lineup.champion.classifier._weights["tip_id_a"] = float("nan")  # as a diverged step leaves it
+    scorer = Scorer(store, lineup, make_policy(policy), random.Random(1), feature_cache_users=0)
+    before = CHAMPION_ERRORS.value
+    first, second = scorer.score(_request()), scorer.score(_request(explore=False))
+    assert CHAMPION_ERRORS.value == before + 2
+    assert [r["tip_id"] for r in second.response["ranked"]] == ["b", "a"]  # the prior's order
+    for scored in (first, second):
+        assert all(0.0 <= r["score"] <= 1.0 for r in scored.response["ranked"])
+        assert sum(r["propensity"] for r in scored.response["ranked"]) == pytest.approx(1.0)
+        logged = {r["tip_id"]: r["model_score"] for r in orjson.loads(scored.payload)["ranked"]}
+        assert logged["a"] is None and logged["b"] is not None  # the log says what the champion did
+    errors = [r for r in caplog.records if r.name == "tipstream.scoring"]
+    assert len(errors) == 1 and "tipstream models rollback" in errors[0].getMessage()
+
+
 class FakeNats:
     """The part of the NATS client the publisher uses; JetStream's answers are scripted."""
 
