@@ -327,6 +327,16 @@ def _fmt(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
+def _fmt_interval(bounds: Any) -> str:
+    """
+    >>> _fmt_interval([0.48223251981365894, 0.5716187862814766]), _fmt_interval(None)
+    ('[0.4822, 0.5716]', 'n/a')
+    """
+    if not isinstance(bounds, (list, tuple)) or len(bounds) != 2:
+        return _fmt(bounds)
+    return f"[{_fmt(bounds[0])}, {_fmt(bounds[1])}]"
+
+
 def _policy_value_lines(report: dict[str, Any] | None) -> list[str]:
     """The off-policy estimates (app.evaluation.policy_value) as a table, when there are any."""
     if not report or not ({"as_champion", "as_shadow"} & report.keys()):
@@ -341,7 +351,7 @@ def _policy_value_lines(report: dict[str, Any] | None) -> list[str]:
         if part:
             value, baseline = part[key], part.get("champion_greedy")
             lines.append(f"| {role} | {part['decisions']} | {_fmt(part['logged_reward'])} | {_fmt(value['snips'])} | "
-                         f"{_fmt(value['ci95'])} | {value['agreed']} | {_fmt(value['effective_n'])} | "
+                         f"{_fmt_interval(value['ci95'])} | {value['agreed']} | {_fmt(value['effective_n'])} | "
                          f"{_fmt(baseline['snips']) if baseline else '-'} |")
     return lines
 
