@@ -63,7 +63,7 @@ class Lineup:
         models = {}
         for version, mv in registry.versions.items():
             blob, _ = blobs.get(version, (None, 0))
-            models[version] = TipModel.from_bytes(blob) if blob else TipModel(**mv.params)
+            models[version] = TipModel.from_bytes(blob) if blob else TipModel(**mv.model_params)
         self.registry, self.models = registry, models
         self._stored_entries = len(registry.history)
         self._refresh()
@@ -129,7 +129,7 @@ class Lineup:
         """Refresh a version's card: progressive validation of its configuration over the log,
         and the off-policy value of its choices where it served or shadowed."""
         mv = self.registry.get(version)
-        _, card = await asyncio.to_thread(self._evaluate, dict(mv.params), version)
+        _, card = await asyncio.to_thread(self._evaluate, mv.model_params, version)
 
         def update(reg: Registry) -> ModelCard:
             target = reg.get(version).card

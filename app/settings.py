@@ -97,9 +97,8 @@ class Settings(BaseSettings):
     model_kind: Literal["logreg", "fm"] = Field(
         "logreg", description="Kind of the first champion (`v1`), created on the first start."
     )
-    model_optimizer: Literal["adagrad", "sgd"] | None = Field(
-        None, description="How the first models' weights learn: adagrad (a step per feature) or sgd. "
-                          "Unset: adagrad for logreg, sgd for fm."
+    model_optimizer: Literal["adagrad", "sgd"] = Field(
+        "adagrad", description="How the first models' weights learn: adagrad (a step per feature) or sgd (one for all)."
     )
     model_learning_rate: float | None = Field(
         None, gt=0, description="The first models' optimizer step. Unset: 0.5 for adagrad, 0.1 for sgd."

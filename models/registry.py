@@ -103,9 +103,9 @@ class ModelCard:
                    [RolloutEntry.from_dict(e) for e in d.get("rollout_history", [])])
 
 
-# Parameters that models registered before they existed were trained with (`TipModel` fills
-# them in when such a model is read back).
-LEGACY_PARAMS: dict[str, Any] = {"optimizer": "sgd"}
+# What models registered before these parameters existed were trained with
+# (`ModelVersion.model_params`; `TipModel` fills them in when such a snapshot is read back).
+LEGACY_PARAMS: dict[str, Any] = {"optimizer": "sgd", "latents": "all"}
 
 
 @dataclass
@@ -120,6 +120,16 @@ class ModelVersion:
     created_at: datetime = field(default_factory=_utcnow)
     card: ModelCard = field(default_factory=ModelCard)
 
+    @property
+    def model_params(self) -> dict[str, Any]:
+        """`params` to rebuild the model with: one registered before a parameter existed keeps
+        what it meant then (`LEGACY_PARAMS`).
+
+        >>> ModelVersion("v1", "logreg", {"learning_rate": 0.1}, []).model_params["optimizer"]
+        'sgd'
+        """
+        return {**LEGACY_PARAMS, **self.params}
+
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "kind": self.kind, "params": _jsonable(self.params),
                 "feature_names": list(self.feature_names), "created_at": self.created_at.isoformat(),
@@ -127,7 +137,7 @@ class ModelVersion:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelVersion:
-        return cls(d["version"], d["kind"], {**LEGACY_PARAMS, **d["params"]}, list(d["feature_names"]),
+        return cls(d["version"], d["kind"], dict(d["params"]), list(d["feature_names"]),
                    datetime.fromisoformat(d["created_at"]), ModelCard.from_dict(d.get("card", {})))
 
 

@@ -52,9 +52,8 @@ OPTIMIZERS = ("adagrad", "sgd")
 # Per-coordinate steps (AdaGrad) learn a new user's taste from a handful of reactions: the
 # `user_id x category` weights are each seen rarely, and a global SGD step small enough for
 # the common features moves them too slowly (docs/learning.md, "How fast a user's taste is
-# learned"; bench/quality.py). The factorisation machine keeps SGD: its latent vectors take an
-# SGD step of the same size, and at AdaGrad's 0.5 they diverged.
-DEFAULT_OPTIMIZER = {"logreg": "adagrad", "fm": "sgd"}
+# learned"; bench/quality.py).
+DEFAULT_OPTIMIZER = "adagrad"
 DEFAULT_LEARNING_RATE = {"adagrad": 0.5, "sgd": 0.1}
 # Pairs of input features crossed into one-hot interaction features. A numeric member is an
 # hour (0-23) and is bucketed (`hour_bucket` hours per bucket). A pair is skipped when either
@@ -224,27 +223,43 @@ class Interactions(base.Transformer):
 
 
 class _FastFMClassifier(facto.FMClassifier):
-    """River's FM classifier, with the pairwise term in O(p k) matrix form.
+    """River's FM classifier, with the pairwise term in O(p k) matrix form, over the
+    categorical one-hots only.
 
     sum_{i<j} <v_i, v_j> x_i x_j = 0.5 * (||sum_i v_i x_i||^2 - sum_i ||v_i x_i||^2) (Rendle 2010).
-    Same model, same gradients (a unit test compares it with `facto.FMClassifier`); River's
-    pairwise loop costs ~1 ms per learn_one with 25 active features, this ~0.1 ms.
+    River's pairwise loop costs ~1 ms per learn_one with 25 active features, this ~0.1 ms.
+
+    Features named in `linear_only` (TipModel's numeric inputs) and crosses (their names hold
+    "=") keep a weight but get no latent vector: the pairwise term is the user x tip x category
+    interactions the FM is for. Over every feature, the scaled numerics' products drowned
+    them: on the simulator the FM learned no user's taste within 30 reactions, and with AdaGrad's
+    step it diverged (docs/learning.md). With `linear_only` empty and no crosses it is River's
+    model with the same gradients, which a unit test holds.
     """
 
+    categorical_only = False  # River's model; TipModel sets it (snapshots from before it exist)
+    linear_only: set[str] | frozenset[str] = frozenset()
+
+    def has_latent(self, name: str) -> bool:
+        return not self.categorical_only or (name not in self.linear_only and "=" not in name)
+
     def _calculate_interactions(self, x: dict) -> float:
-        if not x:
+        has_latent = self.has_latent
+        keys = [j for j in x if has_latent(j)]
+        if not keys:
             return 0.0
         latents = self.latents
-        vx = np.array([latents[j] for j in x]) * np.fromiter(x.values(), float, len(x))[:, None]
+        vx = np.array([latents[j] for j in keys]) * np.fromiter((x[j] for j in keys), float, len(keys))[:, None]
         total = vx.sum(axis=0)
         return 0.5 * float(total @ total - (vx * vx).sum())
 
     def _learn_one(self, x: dict, y: bool, w: float = 1.0) -> None:
-        if not x:
+        has_latent = self.has_latent
+        keys = [j for j in x if has_latent(j)]
+        if not keys:
             return super()._learn_one(x, y, w)
         latents = self.latents
-        keys = list(x)
-        xv = np.fromiter(x.values(), float, len(keys))
+        xv = np.fromiter((x[j] for j in keys), float, len(keys))
         V = np.array([latents[j] for j in keys])  # creates unseen latents, in key order, as River does
         vx = V * xv[:, None]
         total = vx.sum(axis=0)
@@ -273,7 +288,7 @@ class TipModel:
         interactions between every pair of inputs through latent vectors).
     optimizer
         How the weights learn: "adagrad" (a step per feature, shrinking as the feature is
-        seen; the default for "logreg") or "sgd" (one step for all; the default for "fm").
+        seen; the default) or "sgd" (one step for all).
     learning_rate
         The optimizer's step (default 0.5 for AdaGrad, 0.1 for SGD); the FM latents take
         an SGD step of this size.
@@ -283,6 +298,9 @@ class TipModel:
         SGD step for the intercept.
     n_factors, seed
         FM only: latent dimensionality and the seed of their random initialisation.
+    latents
+        FM only: which features get a latent vector: "categorical" (the one-hots of string
+        inputs, such as the user, the tip and its category; the default) or "all" (River's FM).
     hour_bucket
         Hours per bucket for the hour members of `interactions`.
     interactions
@@ -307,17 +325,20 @@ class TipModel:
         intercept_lr: float = 0.01,
         n_factors: int = 8,
         seed: int = 0,
+        latents: str = "categorical",
         hour_bucket: int = 6,
         interactions: Iterable[Sequence[str]] = DEFAULT_INTERACTIONS,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
-        optimizer = optimizer or DEFAULT_OPTIMIZER[kind]
+        optimizer = optimizer or DEFAULT_OPTIMIZER
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
         learning_rate = DEFAULT_LEARNING_RATE[optimizer] if learning_rate is None else learning_rate
         if not learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
+        if latents not in ("categorical", "all"):
+            raise ValueError(f"latents must be 'categorical' or 'all'; got {latents!r}")
         if not 1 <= int(hour_bucket) <= 24:
             raise ValueError(f"hour_bucket must be between 1 and 24 hours, got {hour_bucket!r}")
         pairs = tuple((str(a), str(b)) for a, b in interactions)
@@ -325,7 +346,7 @@ class TipModel:
         self.params: dict[str, Any] = {
             "kind": kind, "optimizer": optimizer, "learning_rate": float(learning_rate), "l2": float(l2),
             "intercept_lr": float(intercept_lr), "n_factors": int(n_factors), "seed": int(seed),
-            "hour_bucket": int(hour_bucket), "interactions": pairs,
+            "latents": latents, "hour_bucket": int(hour_bucket), "interactions": pairs,
         }
         weight_optimizer = optim.AdaGrad(learning_rate) if optimizer == "adagrad" else optim.SGD(learning_rate)
         if kind == "logreg":
@@ -358,6 +379,9 @@ class TipModel:
         self._moments: dict[str, tuple[float, float]] = {}
         self.n_learned = 0
         self._inputs: dict[str, str] = {}  # input name -> "numeric" | "categorical", as seen in learn_one
+        if self._fm and latents == "categorical":
+            self.classifier.categorical_only = True
+            self.classifier.linear_only = set()  # the numeric inputs, added as learn_one meets them
         # fixed cross plan -> candidate's items -> its features (see `_candidate_features`)
         self._candidate_cache: dict[tuple[Any, ...], dict[tuple[Any, ...], dict[str, float]]] = {}
 
@@ -418,7 +442,8 @@ class TipModel:
         weights, latents = clf.weights, clf.latents
         linear = clf.intercept + sum(weights.get(j, 0.0) * xj for j, xj in t.items())
         # .get: an unseen feature has no latent yet; River's own predict would draw a random one.
-        rows = [(v, t[j]) for j in t if (v := latents.get(j)) is not None]
+        has_latent = clf.has_latent
+        rows = [(v, t[j]) for j in t if has_latent(j) and (v := latents.get(j)) is not None]
         if not rows:
             return linear
         vx = np.array([v for v, _ in rows]) * np.array([xj for _, xj in rows])[:, None]
@@ -519,7 +544,8 @@ class TipModel:
         w, latents = clf.weights, clf.latents
         n = len(xs)
         lin0 = clf.intercept + sum(w.get(j, 0.0) * xj for j, xj in base_t.items())
-        base_rows = [(v, base_t[j]) for j in base_t if (v := latents.get(j)) is not None]
+        has_latent = clf.has_latent
+        base_rows = [(v, base_t[j]) for j in base_t if has_latent(j) and (v := latents.get(j)) is not None]
         total0, sq0 = np.zeros(clf.n_factors), 0.0
         if base_rows:
             vx0 = np.array([v for v, _ in base_rows]) * np.array([xj for _, xj in base_rows])[:, None]
@@ -530,7 +556,7 @@ class TipModel:
             lin = lin0
             for j, xj in features(x).items():
                 lin += w_get(j, 0.0) * xj
-                v = lat_get(j)
+                v = lat_get(j) if has_latent(j) else None
                 if v is not None:
                     rows.append(v)
                     vals.append(xj)
@@ -567,6 +593,8 @@ class TipModel:
                 numeric[k] = v
                 if k not in inputs:
                     inputs[k] = "numeric"
+                    if self._fm and self.classifier.categorical_only:
+                        self.classifier.linear_only.add(k)
         # As in a River pipeline, the unsupervised scaler learns x before transforming it. It
         # learns once, however many weighted steps the classifier takes.
         self.scaler.learn_one(numeric)

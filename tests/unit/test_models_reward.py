@@ -496,3 +496,38 @@ def test_a_snapshot_from_before_optimizers_existed_keeps_learning_with_sgd() -> 
     restored = TipModel.from_bytes(model.to_bytes())
     assert restored.params["optimizer"] == "sgd"
     assert type(restored.clone().classifier.optimizer) is optim.SGD
+
+
+def test_the_fm_pairs_only_categorical_inputs_and_learns_new_users_tastes() -> None:
+    """Latent vectors for the user, the tip and its category; numerics and crosses stay linear.
+    The same newcomers as the logistic regression's test: 19 of 20 learned here; River's FM over
+    every feature managed 14 with SGD at 0.1 (the old default) and 6 with AdaGrad."""
+    rng = random.Random(1)
+    model = TipModel(kind="fm")
+    categories = ["focus", "planning", "breaks", "batching", "review"]
+    for u in range(40):
+        _taste_reactions(model, rng, f"u-{u}", set(rng.sample(categories, 2)), rounds=4)
+    latents = model.classifier.latents
+    assert "user_id_u-0" in latents and "category_focus" in latents and "tip_id_tip-focus-0" in latents
+    assert not [name for name in latents if "=" in name or name in ("hour_of_day", "tasks_created_7d")]
+    assert model.classifier.linear_only == {"hour_of_day", "tasks_created_7d"}
+    learned = 0
+    for k in range(20):
+        liked = set(rng.sample(categories, 2))
+        _taste_reactions(model, rng, f"new-{k}", liked, rounds=3)
+        scores = {c: model.predict_one({"user_id": f"new-{k}", "category": c, "tip_id": f"tip-{c}-0",
+                                        "hour_of_day": 10, "tasks_created_7d": 12}) for c in categories}
+        learned += min(scores[c] for c in liked) > max(scores[c] for c in categories if c not in liked)
+    assert learned >= 15, learned
+
+
+def test_an_fm_snapshot_from_before_categorical_latents_keeps_pairing_every_feature() -> None:
+    model = TipModel(kind="fm", latents="all", optimizer="sgd")
+    model.learn_one({"user_id": "u", "category": "focus", "hour_of_day": 9}, 1.0)
+    for name in ("optimizer", "latents"):
+        del model.params[name]  # as such a snapshot was written
+    restored = TipModel.from_bytes(model.to_bytes())
+    assert restored.params["latents"] == "all" and not restored.classifier.categorical_only
+    assert "hour_of_day" in restored.classifier.latents
+    x = {"user_id": "u", "category": "focus", "hour_of_day": 9}
+    assert restored.predict_one(x) == pytest.approx(model.predict_one(x), abs=1e-12)
