@@ -461,13 +461,28 @@ def test_segment_functions() -> None:
         "americas", "americas", "emea", "emea", "apac", "apac"]
 
 
+TASTE_CATEGORIES = ["focus", "planning", "breaks", "batching", "review"]
+
+
 def _taste_reactions(model: TipModel, rng: random.Random, user: str, liked: set[str], rounds: int) -> None:
-    categories = ("focus", "planning", "breaks", "batching", "review")
     for _ in range(rounds):
-        for category in categories:
+        for category in TASTE_CATEGORIES:
             x = {"user_id": user, "category": category, "tip_id": f"tip-{category}-{rng.randrange(4)}",
                  "hour_of_day": rng.randrange(24), "tasks_created_7d": rng.randrange(30)}
             model.learn_one(x, 1.0 if category in liked else 0.0)
+
+
+def _newcomers_learned(model: TipModel, rng: random.Random) -> int:
+    """20 new users arrive one by one, each liking 2 of 5 categories and reacting 3 times to
+    each: how many have both liked categories ranked first right after."""
+    learned = 0
+    for k in range(20):
+        liked = set(rng.sample(TASTE_CATEGORIES, 2))
+        _taste_reactions(model, rng, f"new-{k}", liked, rounds=3)
+        scores = {c: model.predict_one({"user_id": f"new-{k}", "category": c, "tip_id": f"tip-{c}-0",
+                                        "hour_of_day": 10, "tasks_created_7d": 12}) for c in TASTE_CATEGORIES}
+        learned += min(scores[c] for c in liked) > max(scores[c] for c in TASTE_CATEGORIES if c not in liked)
+    return learned
 
 
 def test_the_default_model_learns_new_users_tastes_from_a_few_reactions() -> None:
@@ -477,17 +492,9 @@ def test_the_default_model_learns_new_users_tastes_from_a_few_reactions() -> Non
     SGD step for all, 0.1, managed 5-11 over eight seeds)."""
     rng = random.Random(1)
     model = TipModel()
-    categories = ["focus", "planning", "breaks", "batching", "review"]
     for u in range(40):
-        _taste_reactions(model, rng, f"u-{u}", set(rng.sample(categories, 2)), rounds=4)
-    learned = 0
-    for k in range(20):
-        liked = set(rng.sample(categories, 2))
-        _taste_reactions(model, rng, f"new-{k}", liked, rounds=3)
-        scores = {c: model.predict_one({"user_id": f"new-{k}", "category": c, "tip_id": f"tip-{c}-0",
-                                        "hour_of_day": 10, "tasks_created_7d": 12}) for c in categories}
-        learned += min(scores[c] for c in liked) > max(scores[c] for c in categories if c not in liked)
-    assert learned >= 15, learned
+        _taste_reactions(model, rng, f"u-{u}", set(rng.sample(TASTE_CATEGORIES, 2)), rounds=4)
+    assert _newcomers_learned(model, rng) >= 15
 
 
 def test_a_snapshot_from_before_optimizers_existed_keeps_learning_with_sgd() -> None:
@@ -504,21 +511,13 @@ def test_the_fm_pairs_only_categorical_inputs_and_learns_new_users_tastes() -> N
     every feature managed 14 with SGD at 0.1 (the old default) and 6 with AdaGrad."""
     rng = random.Random(1)
     model = TipModel(kind="fm")
-    categories = ["focus", "planning", "breaks", "batching", "review"]
     for u in range(40):
-        _taste_reactions(model, rng, f"u-{u}", set(rng.sample(categories, 2)), rounds=4)
+        _taste_reactions(model, rng, f"u-{u}", set(rng.sample(TASTE_CATEGORIES, 2)), rounds=4)
     latents = model.classifier.latents
     assert "user_id_u-0" in latents and "category_focus" in latents and "tip_id_tip-focus-0" in latents
     assert not [name for name in latents if "=" in name or name in ("hour_of_day", "tasks_created_7d")]
     assert model.classifier.linear_only == {"hour_of_day", "tasks_created_7d"}
-    learned = 0
-    for k in range(20):
-        liked = set(rng.sample(categories, 2))
-        _taste_reactions(model, rng, f"new-{k}", liked, rounds=3)
-        scores = {c: model.predict_one({"user_id": f"new-{k}", "category": c, "tip_id": f"tip-{c}-0",
-                                        "hour_of_day": 10, "tasks_created_7d": 12}) for c in categories}
-        learned += min(scores[c] for c in liked) > max(scores[c] for c in categories if c not in liked)
-    assert learned >= 15, learned
+    assert _newcomers_learned(model, rng) >= 15
 
 
 def test_an_fm_snapshot_from_before_categorical_latents_keeps_pairing_every_feature() -> None:
