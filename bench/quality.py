@@ -3,6 +3,7 @@
     python bench/quality.py                                  # the defaults, 200 users, 30 rounds, 3 seeds
     python bench/quality.py --set model_optimizer=sgd --set model_learning_rate=0.1
     python bench/quality.py --users 50 --rounds 60 --seeds 1  # the unit test's size
+    python bench/quality.py --rounds 60 --drift-at 30         # tastes change halfway: how fast it adapts
 
 Steps:
 1. Simulated users with hidden tastes (two liked tip categories of five) are each scored on
@@ -41,6 +42,8 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=200, help="simulated users (default 200)")
     parser.add_argument("--rounds", type=int, default=30, help="rounds: one /score and one reaction per user (default 30)")
     parser.add_argument("--seeds", type=int, default=3, help="runs with populations 11, 12, ... (default 3)")
+    parser.add_argument("--drift-at", type=int, default=None, metavar="ROUND",
+                        help="from this round on, every user likes two of the categories they disliked")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a service setting, e.g. model_optimizer=sgd or policy=thompson (repeatable)")
     args = parser.parse_args()
@@ -49,7 +52,7 @@ def main() -> int:
     for seed in range(11, 11 + args.seeds):
         with tempfile.TemporaryDirectory() as tmp:
             settings = Settings(data_dir=Path(tmp), **overrides)
-            earned, baseline, _ = simulate_in_process(Path(tmp), settings, args.users, args.rounds, seed)
+            earned, baseline, _ = simulate_in_process(Path(tmp), settings, args.users, args.rounds, seed, args.drift_at)
         by_sixth.append(sixths(earned))
         randoms.append(statistics.mean(baseline))
         print(f"population {seed}: reward by sixth of the run " + " ".join(f"{r:.3f}" for r in by_sixth[-1])

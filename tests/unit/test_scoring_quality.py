@@ -67,10 +67,19 @@ def verdict(earned: list[float], baseline: list[float]) -> tuple[float, float, f
     return statistics.mean(earned[-third:]), statistics.mean(baseline[-third:]), statistics.mean(earned[:third])
 
 
+def change_tastes(population: Population, rng: random.Random) -> None:
+    """Each user now likes two of the categories they disliked, as much as they liked the others."""
+    for user in population.users:
+        liked, disliked = max(user.taste.values()), min(user.taste.values())
+        newly = set(rng.sample([c for c, p in sorted(user.taste.items()) if p == disliked], 2))
+        user.taste = {c: liked if c in newly else disliked for c in user.taste}
+
+
 def simulate_in_process(data_dir: Path, settings: Settings, users: int = USERS, rounds: int = ROUNDS,
-                        seed: int = 11) -> tuple[list[float], list[float], Learner]:
+                        seed: int = 11, drift_at: int | None = None) -> tuple[list[float], list[float], Learner]:
     """Rounds of /score and reactions through the service's own objects, without I/O but the
     registry's SQLite file: (rewards earned, random ranking's expected rewards, the learner).
+    From round `drift_at` on, every user likes two of the categories they disliked.
     `bench/quality.py` runs it with other settings."""
     url = f"sqlite:///{data_dir / 'q.db'}"
     migrate.upgrade(url)
@@ -86,6 +95,8 @@ def simulate_in_process(data_dir: Path, settings: Settings, users: int = USERS, 
     population, rng = Population(users=users, seed=seed), random.Random(seed + 1)
     earned, baseline = [], []
     for index in range(rounds):
+        if index == drift_at:
+            change_tastes(population, random.Random(seed + 1_000))
         round_ = Round(population, rng, index)
         answers = []
         for *_, body in round_.requests:
