@@ -60,6 +60,7 @@ LEARNED = LoopCounter("tipstream_rewards_learned_total", "learn_one calls, by mo
 JOIN_CACHE = Gauge("tipstream_join_cache_decisions", "Decisions held for joining feedback.", registry=_r)
 PENDING = Gauge("tipstream_feedback_pending", "Feedback waiting for its decision.", registry=_r)
 MODEL_SNAPSHOT_SECONDS = Histogram(
-    "tipstream_model_snapshot_seconds", "Serialising the live models for a checkpoint, on the event loop.",
+    "tipstream_model_snapshot_seconds", "Copying the live models for a checkpoint, on the event loop (they are "
+    "serialised where the checkpoint is written).",
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=_r,
 )

@@ -148,9 +148,11 @@ class RegistryStore:
             return len(conn.execute(select(db.model_rollouts.c.seq)).all())
 
 
-def write_models(conn: Connection, models: dict[str, tuple[bytes, int]]) -> None:
-    """The learner's model snapshots, inside the checkpoint transaction."""
+def write_models(conn: Connection, models: dict[str, tuple[Any, int]]) -> None:
+    """The learner's model snapshots, inside the checkpoint transaction: bytes, or a model
+    whose `to_bytes` makes them here (off the event loop; `learner.ModelBytes`)."""
     now = datetime.now(UTC)
-    for version, (blob, n_learned) in models.items():
+    for version, (model, n_learned) in models.items():
+        blob = model if isinstance(model, bytes) else model.to_bytes()
         conn.execute(update(db.model_versions).where(db.model_versions.c.version == version)
                      .values(model=blob, n_learned=n_learned, updated_at=now))

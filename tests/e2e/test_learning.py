@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 import sqlalchemy as sa
 
 from app.learning_metrics import FEEDBACK
@@ -87,8 +88,12 @@ async def test_feedback_moves_the_next_score_and_redelivery_changes_nothing(star
         engine.dispose()
 
 
-async def test_a_restart_resumes_learning_where_it_stopped(start_service, nc, database_url) -> None:
-    settings = {"database_url": database_url, "model_snapshot_every_s": 0, "checkpoint_every_s": 0.2}
+@pytest.mark.parametrize("writer", ["thread", "process"])
+async def test_a_restart_resumes_learning_where_it_stopped(start_service, nc, database_url, writer: str) -> None:
+    """The loop hands the checkpoint a frozen copy of each model; the writer thread serialises
+    it, or the thread feeding the writer process does."""
+    settings = {"database_url": database_url, "model_snapshot_every_s": 0, "checkpoint_every_s": 0.2,
+                "checkpoint_writer": writer}
     running = await start_service(**settings)
     js = nc.jetstream()
     async with httpx.AsyncClient(base_url=running.base_url) as http:

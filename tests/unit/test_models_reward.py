@@ -530,3 +530,18 @@ def test_an_fm_snapshot_from_before_categorical_latents_keeps_pairing_every_feat
     assert "hour_of_day" in restored.classifier.latents
     x = {"user_id": "u", "category": "focus", "hour_of_day": 9}
     assert restored.predict_one(x) == pytest.approx(model.predict_one(x), abs=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_frozen_copy_serialises_as_the_model_did_when_it_was_taken(kind: str) -> None:
+    """The learner takes `frozen()` on the event loop and serialises it elsewhere, later."""
+    rng = random.Random(3)
+    model = TipModel(kind=kind)
+    for u in range(30):
+        _taste_reactions(model, rng, f"u-{u}", set(rng.sample(TASTE_CATEGORIES, 2)), rounds=2)
+    at_freeze = model.to_bytes()
+    frozen = model.frozen()
+    _taste_reactions(model, rng, "late", {"focus", "review"}, rounds=2)  # new users, new weights, new latents
+    assert frozen.to_bytes() == at_freeze
+    assert model.to_bytes() != at_freeze
+    assert frozen.n_learned == model.n_learned - 10
