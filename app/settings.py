@@ -148,8 +148,8 @@ class Settings(BaseSettings):
     )
     model_snapshot_every_s: float = Field(
         5.0, ge=0,
-        description="Models are saved with the checkpoint at most this often (further apart when serialising them would "
-                    "take over 1% of the event loop's time); a restart replays the feedback since.",
+        description="Models are saved with the checkpoint at most this often (further apart when copying and "
+                    "serialising them would take over 1% of the time); a restart replays the feedback since.",
     )
     card_eval_max_rewards: int = Field(
         50_000, ge=1, description="Rewards from the decision log used for a model card's progressive validation."
