@@ -4,7 +4,11 @@
 
     numeric  -> preprocessing.StandardScaler  ┐
     strings  -> preprocessing.OneHotEncoder   ├─> LogisticRegression (kind="logreg")
-    interaction features (category x hour...) ┘   or facto.FMClassifier (kind="fm")
+    interaction features (category x hour...) ┘   or facto.FMClassifier (kind="fm"; latent
+                                                  vectors for the string inputs only)
+
+Both learn their weights with AdaGrad by default (`optimizer`): a user's own features are
+seen rarely and need steps of their own (docs/learning.md, "How fast a user's taste is learned").
 
 The River objects hold all the state (and are what `to_bytes` pickles), but prediction
 runs on a hand-written fast path over the same objects: River's generic `compose` machinery
