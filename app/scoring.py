@@ -289,12 +289,11 @@ class Scorer:
         new = first is None or first > now_ms - NEW_USER_MS
         return snap.values_at(now_ms), snap.fallbacks, new
 
-    def _champion_failed(self, model_scores: list[float]) -> None:
+    def _champion_failed(self, bad: float) -> None:
         CHAMPION_ERRORS.inc()
         now = time.monotonic()
         if now - self._champion_warned_at >= 60.0:
             self._champion_warned_at = now
-            bad = next((s for s in model_scores if not math.isfinite(s)), None)
             log.error("champion %s scored %r, not a finite number: /score ranks by the popularity prior until it "
                       "is replaced. Run `tipstream models rollback` (or promote a shadow); "
                       "tipstream_champion_errors_total counts the requests.", self.lineup.champion_version, bad)
@@ -336,7 +335,10 @@ class Scorer:
             samples = prior.thompson_samples(tips, model_scores, reactions) if policy.name == "thompson" else None
             order, propensities = policy.rank(scores, self.rng, samples)
         except ValueError:  # a champion that diverged scores NaN: rank by the prior alone, loudly
-            self._champion_failed(model_scores)
+            bad = next((s for s in model_scores if not math.isfinite(s)), None)
+            if bad is None:
+                raise  # not the champion's doing
+            self._champion_failed(bad)
             scores = [prior.mean(tip) for tip in tips]  # the decision logs the champion's own (null)
             samples = prior.thompson_samples(tips, None, reactions) if policy.name == "thompson" else None
             order, propensities = policy.rank(scores, self.rng, samples)

@@ -239,8 +239,8 @@ class _FastFMClassifier(facto.FMClassifier):
     "=") keep a weight but get no latent vector: the pairwise term is the user x tip x category
     interactions the FM is for. Over every feature, the scaled numerics' products drowned
     them: on the simulator the FM learned no user's taste within 30 reactions, and with AdaGrad's
-    step it diverged (docs/learning.md). With `linear_only` empty and no crosses it is River's
-    model with the same gradients, which a unit test holds.
+    step it diverged (docs/learning.md). Without `categorical_only` it is River's model with the
+    same gradients, which a unit test holds.
     """
 
     categorical_only = False  # River's model; TipModel sets it (snapshots from before it exist)
@@ -262,11 +262,13 @@ class _FastFMClassifier(facto.FMClassifier):
     def _learn_one(self, x: dict, y: bool, w: float = 1.0) -> None:
         has_latent = self.has_latent
         keys = [j for j in x if has_latent(j)]
-        if not keys:
+        if not x:
             return super()._learn_one(x, y, w)
         latents = self.latents
+        # An example with no categorical input (only numerics and crosses) has no pairwise term:
+        # River's own step would give its numerics latent vectors.
         xv = np.fromiter((x[j] for j in keys), float, len(keys))
-        V = np.array([latents[j] for j in keys])  # creates unseen latents, in key order, as River does
+        V = np.array([latents[j] for j in keys]).reshape(len(keys), self.n_factors)  # creates unseen ones, as River does
         vx = V * xv[:, None]
         total = vx.sum(axis=0)
         weights = self.weights
@@ -291,7 +293,7 @@ class TipModel:
     ----------
     kind
         "logreg" (logistic regression) or "fm" (factorisation machine: learns user x tip
-        interactions between every pair of inputs through latent vectors).
+        interactions through latent vectors; see `latents`).
     optimizer
         How the weights learn: "adagrad" (a step per feature, shrinking as the feature is
         seen; the default) or "sgd" (one step for all).
@@ -619,8 +621,8 @@ class TipModel:
     def frozen(self) -> TipModel:
         """A copy that later learning leaves alone, taken fast enough for the event loop.
 
-        Serialising a model holds the loop for as long as it runs (93-104 ms for 240k weights
-        and their AdaGrad sums). This copies the per-feature tables whole, at C speed (~15 ms
+        Serialising a model holds the loop for as long as it runs (106-123 ms for 240k weights
+        and their AdaGrad sums). This copies the per-feature tables whole, at C speed (17-18 ms
         for the same model), and deep-copies only the small rest, so the bytes can be made
         elsewhere (`to_bytes` of the copy) while this model goes on learning. FM latent vectors
         are shared, not copied: learning replaces them, it never writes into one.
@@ -645,7 +647,6 @@ class TipModel:
                 clone.default_factory = memo.setdefault(id(factory), copy.deepcopy(factory, memo))
             memo[id(table)] = clone
         return copy.deepcopy(self, memo)
-
 
     def to_bytes(self) -> bytes:
         return _dumps(self)

@@ -154,7 +154,7 @@ def test_the_registry_round_trips_through_sql_and_migrations_go_down(database_ur
 
     reg = Registry(clock=clock)
     for v in ("v1", "v2", "v3"):
-        reg.register(ModelVersion(v, "logreg", {"optimizer": "adagrad", "learning_rate": 0.1, "interactions": [["a", "b"]]}, ["a"], clock()),
+        reg.register(ModelVersion(v, "logreg", {"learning_rate": 0.1, "interactions": [["a", "b"]]}, ["a"], clock()),
                      actor="ci")
     reg.bootstrap("v1", actor="ops")
     store.save(reg, known_entries=0, new_models={"v1": (b"model-1", 3)})

@@ -545,3 +545,15 @@ def test_a_frozen_copy_serialises_as_the_model_did_when_it_was_taken(kind: str) 
     assert frozen.to_bytes() == at_freeze
     assert model.to_bytes() != at_freeze
     assert frozen.n_learned == model.n_learned - 10
+
+
+def test_an_fm_example_without_categorical_inputs_learns_its_weights_and_no_latents() -> None:
+    model = TipModel(kind="fm")
+    model.learn_one({"user_id": "u", "category": "focus", "hour_of_day": 9}, 1.0)
+    before = {name: vector.copy() for name, vector in model.classifier.latents.items()}
+    hour_weight = model.classifier.weights["hour_of_day"]
+    model.learn_one({"hour_of_day": 14, "open_tasks": 3}, 0.0)
+    latents = model.classifier.latents
+    assert set(latents) == set(before) == {"user_id_u", "category_focus"}
+    assert all(np.array_equal(latents[name], before[name]) for name in before)
+    assert model.classifier.weights["hour_of_day"] != hour_weight
