@@ -145,8 +145,7 @@ class Service:
         """The registry and models (the first start registers `v1`), then the learner's snapshot:
         FEEDBACK and DECISIONS resume from the positions it reflects, so learning resumes there."""
         s = self.settings
-        await asyncio.to_thread(self.lineup.load, s.model_kind, s.model_learning_rate, s.bootstrap_shadow_kind,
-                                s.model_optimizer)
+        await asyncio.to_thread(lambda: self.lineup.load(s.model_kind, s.bootstrap_shadow_kind, **s.model_params()))
         resume = await asyncio.to_thread(self.learner.restore, self.engine)
         for stream, seq in (resume or {}).items():
             self.store.positions[stream] = min(seq, self.store.positions.get(stream, seq))

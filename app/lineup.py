@@ -41,10 +41,10 @@ class Lineup:
 
     # -- start -------------------------------------------------------------------------------
 
-    def load(self, first_kind: str, learning_rate: float | None, shadow_kind: str | None,
-             optimizer: str | None = None) -> None:
+    def load(self, first_kind: str, shadow_kind: str | None = None, **model_params: Any) -> None:
         """Load the registry and models (worker thread, before serving); on the very first start,
-        register `v1` as champion (and `v2` as shadow when `shadow_kind` is set)."""
+        register `v1` as champion (and `v2` as shadow when `shadow_kind` is set), both with
+        `model_params` (`TipModel`'s; `Settings.model_params`)."""
         registry, blobs = self.store.load()
         if registry.champion is None:
             registry = Registry.from_dict(registry.to_dict())
@@ -52,7 +52,7 @@ class Lineup:
             for version, kind in (("v1", first_kind), ("v2", shadow_kind)):
                 if kind is None or version in registry.versions:
                     continue
-                model = TipModel(kind=kind, optimizer=optimizer, learning_rate=learning_rate)
+                model = TipModel(kind=kind, **model_params)
                 registry.register(_version(version, model), actor="tipstream", note="first start")
                 new[version] = (model.to_bytes(), 0)
             registry.bootstrap("v1", actor="tipstream")

@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # Kept here rather than imported from models/ (River takes seconds to import and every CLI
 # command reads settings); tests/unit/test_scoring.py checks they match models/.
 DEFAULT_REWARDS = {"acted": 1.0, "liked": 0.8, "snoozed": 0.3, "dismissed": 0.0, "disliked": 0.0}
+DEFAULT_USER_FORGETTING = 0.3
 POLICY_PARAMS = {
     "epsilon_greedy": ("epsilon",), "softmax": ("temperature",), "thompson": ("n_draws", "concentration"), "greedy": (),
 }
@@ -103,6 +104,11 @@ class Settings(BaseSettings):
     model_learning_rate: float | None = Field(
         None, gt=0, description="The first models' optimizer step. Unset: 0.5 for adagrad, 0.1 for sgd."
     )
+    model_user_forgetting: float = Field(
+        DEFAULT_USER_FORGETTING, ge=0, lt=1,
+        description="adagrad: share of a user's own features' step history forgotten at each of their reactions "
+                    "(re-learns a changed taste; 0: never forget).",
+    )
     bootstrap_shadow_kind: Literal["logreg", "fm"] | None = Field(
         None, description="Also register `v2` of this kind as the shadow on the first start. Unset: no shadow."
     )
@@ -166,6 +172,11 @@ class Settings(BaseSettings):
         if bad:
             raise ValueError(f"TIPSTREAM_REWARDS values must be between 0 and 1; got {bad}.")
         return {**DEFAULT_REWARDS, **{k: float(v) for k, v in value.items()}}
+
+    def model_params(self) -> dict[str, Any]:
+        """`TipModel` parameters of the models registered on the first start."""
+        return {"optimizer": self.model_optimizer, "learning_rate": self.model_learning_rate,
+                "user_forgetting": self.model_user_forgetting}
 
     def policy_params(self) -> dict[str, Any]:
         """The settings the chosen policy takes, by its parameter names."""

@@ -4,6 +4,7 @@
     python bench/quality.py --set model_optimizer=sgd --set model_learning_rate=0.1
     python bench/quality.py --users 50 --rounds 60 --seeds 1  # the unit test's size
     python bench/quality.py --rounds 60 --drift-at 30         # tastes change halfway: how fast it adapts
+    python bench/quality.py --rounds 60 --drift-at 30 --set model_user_forgetting=0  # as before forgetting
 
 Steps:
 1. Simulated users with hidden tastes (two liked tip categories of five) are each scored on

@@ -78,7 +78,7 @@ def build_app(users: int, data_dir: Path) -> Any:
     migrate.upgrade(url)
     engine = make_engine(url)
     lineup = Lineup(RegistryStore(engine), engine, eval_max_rewards=10)
-    lineup.load("logreg", 0.1, None)
+    lineup.load("logreg", learning_rate=0.1)
     store = OnlineStore()
     for _, event in Population(users=users, seed=42).history(days=2, start_ms=NOW_MS - 2 * 86_400_000):
         store.apply(parse_event(orjson.dumps(event)))

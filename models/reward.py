@@ -9,6 +9,8 @@
 
 Both learn their weights with AdaGrad by default (`optimizer`): a user's own features are
 seen rarely and need steps of their own (docs/learning.md, "How fast a user's taste is learned").
+Those steps forget part of their history with each of the user's reactions (`user_forgetting`),
+so a taste that changes is learned again as a new one is ("When a taste changes").
 
 The River objects hold all the state (and are what `to_bytes` pickles), but prediction
 runs on a hand-written fast path over the same objects: River's generic `compose` machinery
@@ -60,6 +62,12 @@ OPTIMIZERS = ("adagrad", "sgd")
 # learned"; bench/quality.py).
 DEFAULT_OPTIMIZER = "adagrad"
 DEFAULT_LEARNING_RATE = {"adagrad": 0.5, "sgd": 0.1}
+# With each of a user's reactions, AdaGrad forgets this share of its squared-gradient sums for
+# that user's own features. Their steps then stop shrinking, and a taste that changes is learned
+# again as fast as a new one. The shared features keep the whole sums: forgetting those made the
+# model noisy (docs/learning.md, "When a taste changes").
+DEFAULT_USER_FORGETTING = 0.3
+USER_INPUT = "user_id"
 # Pairs of input features crossed into one-hot interaction features. A numeric member is an
 # hour (0-23) and is bucketed (`hour_bucket` hours per bucket). A pair is skipped when either
 # member is missing from `x`, so `user_id` costs nothing unless the caller sends it; when it
@@ -228,6 +236,11 @@ class Interactions(base.Transformer):
             out[head + separator + tail] = 1.0
 
 
+def _user_plan(interactions: Interactions) -> CrossPlan:
+    """The crosses that have `user_id` as a member: features the user alone fires."""
+    return [step for step in interactions._plan0 if USER_INPUT in (step[1], step[3])]
+
+
 class _FastFMClassifier(facto.FMClassifier):
     """River's FM classifier, with the pairwise term in O(p k) matrix form, over the
     categorical one-hots only.
@@ -309,6 +322,9 @@ class TipModel:
     latents
         FM only: which features get a latent vector: "categorical" (the one-hots of string
         inputs, such as the user, the tip and its category; the default) or "all" (River's FM).
+    user_forgetting
+        AdaGrad only: the share of a user's own features' squared-gradient sums (the `user_id`
+        one-hot and its crosses) forgotten with each of that user's reactions, in [0, 1).
     hour_bucket
         Hours per bucket for the hour members of `interactions`.
     interactions
@@ -334,6 +350,7 @@ class TipModel:
         n_factors: int = 8,
         seed: int = 0,
         latents: str = "categorical",
+        user_forgetting: float = DEFAULT_USER_FORGETTING,
         hour_bucket: int = 6,
         interactions: Iterable[Sequence[str]] = DEFAULT_INTERACTIONS,
     ) -> None:
@@ -347,6 +364,8 @@ class TipModel:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
         if latents not in ("categorical", "all"):
             raise ValueError(f"latents must be 'categorical' or 'all'; got {latents!r}")
+        if not 0.0 <= user_forgetting < 1.0:
+            raise ValueError(f"user_forgetting must be in [0, 1), got {user_forgetting!r}")
         if not 1 <= int(hour_bucket) <= 24:
             raise ValueError(f"hour_bucket must be between 1 and 24 hours, got {hour_bucket!r}")
         pairs = tuple((str(a), str(b)) for a, b in interactions)
@@ -354,7 +373,8 @@ class TipModel:
         self.params: dict[str, Any] = {
             "kind": kind, "optimizer": optimizer, "learning_rate": float(learning_rate), "l2": float(l2),
             "intercept_lr": float(intercept_lr), "n_factors": int(n_factors), "seed": int(seed),
-            "latents": latents, "hour_bucket": int(hour_bucket), "interactions": pairs,
+            "latents": latents, "user_forgetting": float(user_forgetting), "hour_bucket": int(hour_bucket),
+            "interactions": pairs,
         }
         weight_optimizer = optim.AdaGrad(learning_rate) if optimizer == "adagrad" else optim.SGD(learning_rate)
         if kind == "logreg":
@@ -392,6 +412,7 @@ class TipModel:
             self.classifier.linear_only = set()  # the numeric inputs, added as learn_one meets them
         # fixed cross plan -> candidate's items -> its features (see `_candidate_features`)
         self._candidate_cache: dict[tuple[Any, ...], dict[tuple[Any, ...], dict[str, float]]] = {}
+        self._user_plan = _user_plan(self.interactions)
 
     # -- identity ---------------------------------------------------------------------------
 
@@ -507,6 +528,7 @@ class TipModel:
         self.__dict__.update(state)
         self.params = self.params | {k: v for k, v in LEGACY_PARAMS.items() if k not in self.params}
         self._candidate_cache = {}
+        self._user_plan = _user_plan(self.interactions)
 
     # -- predict / learn --------------------------------------------------------------------
 
@@ -609,12 +631,40 @@ class TipModel:
         means, vars_, moments = self.scaler.means, self.scaler.vars, self._moments
         for k in numeric:
             moments[k] = (means[k], vars_[k] ** 0.5)
+        self._forget_user_steps(x)
         t = self._features(x, self.interactions._plan0)
         if reward > 0.0:
             self.classifier.learn_one(t, True, w=reward)
         if reward < 1.0:
             self.classifier.learn_one(t, False, w=1.0 - reward)
         self.n_learned += 1
+
+    def _forget_user_steps(self, x: Mapping[str, Any]) -> None:
+        """AdaGrad's sums for the features of `x` that are the user's own (its `user_id`
+        one-hot and crosses) keep `1 - user_forgetting` of themselves, before this reaction's
+        gradient adds to them: G <- (1 - f) G + g^2.
+
+        >>> x = {"user_id": "u", "category": "focus"}
+        >>> for m in (TipModel(), TipModel(user_forgetting=0.0)):
+        ...     for i in range(30):
+        ...         m.learn_one(x, 1.0 if i % 3 else 0.0)  # the user likes two focus tips in three
+        ...     for _ in range(5):
+        ...         m.learn_one(x, 0.0)  # and then none
+        ...     print(round(m.predict_one(x), 2))
+        0.18
+        0.38
+        """
+        keep = 1.0 - self.params["user_forgetting"]
+        user = x.get(USER_INPUT)
+        clf = self.classifier
+        g2 = getattr(clf.weight_optimizer if self._fm else clf.optimizer, "g2", None)
+        if keep == 1.0 or g2 is None or not isinstance(user, str):
+            return
+        own = {f"{USER_INPUT}_{user}": 1.0}
+        self.interactions.cross(x, self._user_plan, own)
+        for j in own:
+            if j in g2:
+                g2[j] *= keep
 
     # -- snapshots --------------------------------------------------------------------------
 

@@ -158,7 +158,7 @@ def test_a_version_registered_before_optimizers_existed_is_rebuilt_as_it_was_tra
     copy = Registry.from_dict(json.loads(json.dumps(reg.to_dict())), clock=Clock())  # params without "optimizer"
     assert "optimizer" not in copy.get("v1").params  # the record reads back as it was
     rebuilt = TipModel(**copy.get("v1").model_params).params
-    assert (rebuilt["optimizer"], rebuilt["latents"]) == ("sgd", "all")
+    assert (rebuilt["optimizer"], rebuilt["latents"], rebuilt["user_forgetting"]) == ("sgd", "all", 0.0)
 
 
 def test_model_card_from_a_real_model() -> None:

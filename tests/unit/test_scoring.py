@@ -23,7 +23,7 @@ from app.decisions import DecisionLogFull, DecisionPublisher
 from app.lineup import Lineup
 from app.registry_store import RegistryStore
 from app.scoring import RequestError, Scorer, parse_request
-from app.settings import DEFAULT_REWARDS, POLICY_PARAMS, Settings
+from app.settings import DEFAULT_REWARDS, DEFAULT_USER_FORGETTING, POLICY_PARAMS, Settings
 from models import reward
 from models.policy import POLICIES, make_policy
 from streams.events import parse_event
@@ -37,6 +37,8 @@ def test_doctests(module: Any) -> None:
 
 def test_settings_mirror_the_models_defaults() -> None:
     assert DEFAULT_REWARDS == reward.DEFAULT_REWARDS
+    assert DEFAULT_USER_FORGETTING == reward.DEFAULT_USER_FORGETTING
+    assert reward.TipModel(**Settings().model_params()).params == reward.TipModel().params
     assert POLICY_PARAMS == {name: cls.PARAMS for name, cls in POLICIES.items()}
     for name in POLICIES:
         assert make_policy(name, **Settings(policy=name).policy_params()).name == name
@@ -73,7 +75,7 @@ def lineup(tmp_path: Path) -> Lineup:
     migrate.upgrade(url)
     engine = make_engine(url)
     lineup = Lineup(RegistryStore(engine), engine, eval_max_rewards=10)
-    lineup.load("logreg", 0.1, None)
+    lineup.load("logreg", learning_rate=0.1)
     yield lineup
     engine.dispose()
 

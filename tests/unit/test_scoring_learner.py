@@ -49,7 +49,7 @@ class World:
         self.engine = make_engine(self.url)
         self.store = OnlineStore()
         self.lineup = Lineup(RegistryStore(self.engine), self.engine, eval_max_rewards=100)
-        self.lineup.load("logreg", 0.1, "logreg")  # v1 champion, v2 shadow: both learn
+        self.lineup.load("logreg", "logreg", learning_rate=0.1)  # v1 champion, v2 shadow: both learn
         self.log = TipScoresLog()
         self.clock = Clock()
         # The simulated clock also times serialising models: it takes no time unless a test says so.

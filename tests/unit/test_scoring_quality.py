@@ -86,7 +86,7 @@ def simulate_in_process(data_dir: Path, settings: Settings, users: int = USERS, 
     engine = make_engine(url)
     store = OnlineStore()
     lineup = Lineup(RegistryStore(engine), engine, eval_max_rewards=100)
-    lineup.load(settings.model_kind, settings.model_learning_rate, None, settings.model_optimizer)
+    lineup.load(settings.model_kind, **settings.model_params())
     learner = Learner(lineup, store, TipScoresLog(), rewards=settings.rewards, cache_mb=64, window_s=1e9,
                       pending_max=1_000, pending_max_age_s=600, snapshot_every_s=5)
     scorer = Scorer(store, lineup, make_policy(settings.policy, **settings.policy_params()), random.Random(seed - 8),
