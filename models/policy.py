@@ -165,7 +165,7 @@ class ThompsonSampling(Policy):
     becomes Beta(1 + s * concentration, 1 + (1 - s) * concentration).
 
     The propensity P(i is first) has no closed form for n Betas, so it is estimated from
-    `n_draws` joint draws (numpy, seeded from `rng`); the served order is the first of those
+    `n_draws` joint draws (numpy, its state drawn from `rng`); the served order is the first of those
     draws, so the chosen candidate's propensity is at least 1 / n_draws (bounded IPS weights).
 
     >>> order, p = ThompsonSampling(n_draws=128).rank([0.1, 0.8, 0.5], random.Random(0),
@@ -182,6 +182,15 @@ class ThompsonSampling(Policy):
             raise ValueError(f"n_draws must be a positive integer, got {n_draws!r}")
         self.n_draws = int(n_draws)
         self.concentration = _positive_finite("concentration", concentration)
+        self._bits = np.random.PCG64(0)
+        self._numpy = np.random.Generator(self._bits)
+
+    def _generator(self, rng: random.Random) -> np.random.Generator:
+        """numpy's generator, its state drawn from `rng`. The state is set, not seeded: seeding
+        a new generator hashes its seed, 18-26 us against 2-3 (of a ~150 us `rank`, 10 candidates)."""
+        self._bits.state = {"bit_generator": "PCG64", "state": {"state": rng.getrandbits(128), "inc": _PCG64_INC},
+                            "has_uint32": 0, "uinteger": 0}
+        return self._numpy
 
     def rank(self, scores: Sequence[float], rng: random.Random, samples: Mapping[str, Any] | None = None) -> Ranking:
         _check_finite(scores)
@@ -202,13 +211,14 @@ class ThompsonSampling(Policy):
                 raise ValueError(f"samples['alpha'] and samples['beta'] need one value per candidate ({n})")
             if not (np.all(alpha > 0) and np.all(beta > 0)):
                 raise ValueError("Beta parameters must be > 0")
-        gen = np.random.Generator(np.random.PCG64(rng.getrandbits(64)))
-        draws = gen.beta(alpha, beta, size=(self.n_draws, n))
+        draws = self._generator(rng).beta(alpha, beta, size=(self.n_draws, n))
         firsts = np.bincount(draws.argmax(axis=1), minlength=n)
         propensities = (firsts / self.n_draws).tolist()
         order = np.argsort(-draws[0], kind="stable").tolist()
         return order, propensities
 
+
+_PCG64_INC = np.random.PCG64(0).state["state"]["inc"]  # any odd number: the stream PCG64(0) uses
 
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls for cls in (EpsilonGreedy, Softmax, ThompsonSampling, Greedy)
