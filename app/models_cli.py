@@ -86,7 +86,7 @@ def _param(text: str) -> tuple[str, Any]:
 
 def _change(args: argparse.Namespace) -> int:
     settings = _settings()
-    if settings.admin_token is None:
+    if settings.admin_token is None or not settings.admin_token.get_secret_value():
         print("Set TIPSTREAM_ADMIN_TOKEN to the server's admin token to change the registry.", file=sys.stderr)
         return 2
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host

@@ -415,7 +415,12 @@ def card_markdown(mv: ModelVersion, role: str | None = None) -> str:
             for seg, m in segments.items():
                 lines.append(f"| {seg} | " + " | ".join(_fmt(m.get(k)) for k in metrics) + " |")
         gaps = report.get("max_gap", {}) if isinstance(report, dict) else {}
-        if gaps:
+        compared = report.get("compared") if isinstance(report, dict) else None
+        if gaps and compared is not None and len(compared) < 2:
+            lines += ["", (f"No gap to report: {len(compared)} segment(s) with at least "
+                           f"{report.get('min_n', '?')} records ({', '.join(compared) or 'none'}); "
+                           "a gap needs two.")]
+        elif gaps:
             worst = report.get("worst", {})
             lines += ["", "Largest gaps between segments with at least "
                       f"{report.get('min_n', '?')} records: "

@@ -439,6 +439,11 @@ class TipModel:
                 hours = [m for m in (a, b) if self._inputs[m] == "numeric"]
                 bucketed = f"; {', '.join(hours)} in {self.interactions.hour_bucket}-hour buckets" if hours else ""
                 out[f"{a}*{b}"] = f"interaction, one-hot{bucketed}"
+        if self._fm:  # what the pairwise term sees (`latents`)
+            every = self.params["latents"] == "all"
+            for name in out:
+                if every or self._inputs.get(name) == "categorical":
+                    out[name] += f", {self.params['n_factors']}-factor latent vectors"
         return out
 
     # -- features ---------------------------------------------------------------------------

@@ -129,6 +129,9 @@ async def test_the_cli_reads_the_database_and_changes_through_the_service(start_
 
     code, _, err = await cli("models", "promote", "v2", "--url", running.base_url)
     assert code == 2 and "TIPSTREAM_ADMIN_TOKEN" in err
+    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "")  # set, but to nothing: the same advice, not a 401
+    code, _, err = await cli("models", "promote", "v2", "--url", running.base_url)
+    assert code == 2 and "Set TIPSTREAM_ADMIN_TOKEN" in err
     monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "wrong")
     code, _, err = await cli("models", "promote", "v2", "--url", running.base_url)
     assert code == 1 and "403" in err

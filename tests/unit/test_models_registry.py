@@ -189,6 +189,15 @@ def test_model_card_from_a_real_model() -> None:
     json.dumps(reg.to_dict())  # the whole card, metrics included, is JSON-ready for SQL
 
 
+def test_a_fairness_check_with_one_segment_large_enough_says_there_is_no_gap() -> None:
+    records = [({"is_new_user": True}, float(i % 2), 0.5) for i in range(40)]
+    records += [({"is_new_user": False, "seconds_since_active": 60.0}, 1.0, 0.5)] * 3
+    card = ModelCard(fairness={"tenure": fairness_check(records, tenure_segment)})
+    md = card_markdown(ModelVersion("m", "logreg", {}, [], T0, card))
+    assert "No gap to report: 1 segment(s) with at least 30 records (new); a gap needs two." in md
+    assert "Largest gaps" not in md
+
+
 def test_card_of_an_unevaluated_version() -> None:
     md = card_markdown(ModelVersion("bare", "fm", {}, [], T0))
     for text in ("- Role: none", "(none recorded)", "(not evaluated)", "(not checked)", "## Rollout history\n\n(none)"):

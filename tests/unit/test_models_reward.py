@@ -309,6 +309,12 @@ def test_feature_names_and_inputs_for_the_card() -> None:
     assert inputs["hour_of_day"] == "numeric, standard-scaled"
     assert inputs["category*hour_of_day"] == "interaction, one-hot; hour_of_day in 6-hour buckets"
     assert TipModel().describe_inputs() == {}  # nothing seen, no cross fired
+    fm = TipModel(kind="fm", n_factors=4, interactions=[("category", "hour_of_day")])
+    fm.learn_one({"tip_id": "t", "category": "c", "hour_of_day": 9}, 1.0)
+    assert fm.describe_inputs() == {
+        "category": "categorical, one-hot, 4-factor latent vectors", "hour_of_day": "numeric, standard-scaled",
+        "tip_id": "categorical, one-hot, 4-factor latent vectors",
+        "category*hour_of_day": "interaction, one-hot; hour_of_day in 6-hour buckets"}
 
 
 @pytest.mark.parametrize("kind", KINDS)
