@@ -14,7 +14,12 @@ Steps:
    a warm-up, then `GET /healthz` (the no-op baseline), `POST /score` with 10 and with 50
    candidates, taking turns `--rounds` times; each phase gets `--duration` seconds or `--requests`
    requests in all, whichever comes first.
-4. Read the service's metrics: decisions published to JetStream, feature cache hits. The CPU
+4. Unless `--open-loop 0`: `POST /score` with 10 candidates in an open loop, requests arriving
+   (Poisson) at `--open-loop` times the closed loop's throughput, for `--duration` seconds, over
+   32 connections: the latency a service sees at a steady load below its limit, where a stall
+   (a checkpoint's transaction sharing the GIL) holds up every request that arrives during it,
+   not only the 8 of a closed loop. Reported apart; the JSON line is the closed loop's.
+5. Read the service's metrics: decisions published to JetStream, feature cache hits. The CPU
    per request is the service's (all its threads) and, apart, its embedded nats-server's.
    The "closed loop" line sets each phase's p50 beside clients / throughput, and its p99 as a
    multiple of p50: the tail that the no-op shows too is the closed loop's (docs/learning.md).
@@ -41,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _harness import ServiceProcess, connect, encode_request, metric, percentile, request_once
 
 CLIENTS = 8
+OPEN_LOOP_CONNECTIONS = 32
 CATEGORIES = ("focus", "planning", "breaks", "batching", "review")
 TIPS = [f"tip-{c}-{i}" for c in CATEGORIES for i in range(12)]  # 60 tips: enough for 50 candidates
 
@@ -110,6 +116,47 @@ async def _run_phase(port: int, pids: tuple[int, ...], requests: list[bytes], du
             "own_s": own_s, "own_n": own_n}
 
 
+async def _run_open_phase(port: int, requests: list[bytes], rate: float, duration_s: float) -> dict[str, Any]:
+    """Open loop: requests arrive at `rate` a second (Poisson), whether or not earlier answers
+    are in, over a pool of keep-alive connections. Each latency runs from the moment the
+    generator gets to the request, waiting for an idle connection included, so a server that
+    falls behind shows as latency; the generator's own lateness (its timer wakes up to ~1.4 ms
+    late here) does not, and the achieved rate shows it."""
+    clients = [await connect(port) for _ in range(OPEN_LOOP_CONNECTIONS)]
+    idle: asyncio.Queue[Any] = asyncio.Queue()
+    for client in clients:
+        idle.put_nowait(client)
+    latencies: list[int] = []
+    errors = 0
+
+    async def one(raw: bytes) -> None:
+        nonlocal errors
+        started = time.perf_counter_ns()
+        client = await idle.get()
+        status, _ = await client.send(raw)
+        latencies.append(time.perf_counter_ns() - started)
+        idle.put_nowait(client)
+        if status != 200:
+            errors += 1
+
+    rng = random.Random(7)
+    tasks = []
+    start = time.perf_counter_ns()
+    arrival, end = start, start + int(duration_s * 1e9)
+    while arrival < end:
+        wait_ns = arrival - time.perf_counter_ns()
+        if wait_ns > 0:
+            await asyncio.sleep(wait_ns / 1e9)
+        tasks.append(asyncio.ensure_future(one(requests[len(tasks) % len(requests)])))
+        arrival += int(rng.expovariate(rate) * 1e9)
+    await asyncio.gather(*tasks)
+    elapsed = (time.perf_counter_ns() - start) / 1e9
+    for c in clients:
+        c.transport.close()
+    return {"latencies": latencies, "errors": errors, "elapsed_s": elapsed, "cpu_s": 0.0, "children_cpu_s": 0.0,
+            "own_s": 0.0, "own_n": 0.0}
+
+
 async def own_work(port: int) -> tuple[float, float]:
     """The service's `/score` own-work histogram (seconds, requests) so far; read between
     phases, outside the timed part, so each phase gets its own figure."""
@@ -123,7 +170,7 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ms = sorted(x / 1e6 for run in runs for x in run["latencies"])
     elapsed = sum(run["elapsed_s"] for run in runs)
     return {"requests": len(ms), "errors": sum(run["errors"] for run in runs), "rps": len(ms) / elapsed,
-            "p50_ms": percentile(ms, 0.50), "p99_ms": percentile(ms, 0.99), "max_ms": ms[-1] if ms else None,
+            "p50_ms": percentile(ms, 0.50), "p90_ms": percentile(ms, 0.90), "p99_ms": percentile(ms, 0.99), "max_ms": ms[-1] if ms else None,
             "service_cpu_us": sum(run["cpu_s"] for run in runs) / max(len(ms), 1) * 1e6,
             "nats_cpu_us": sum(run["children_cpu_s"] for run in runs) / max(len(ms), 1) * 1e6,
             "own_us": sum(run["own_s"] for run in runs) / max(sum(run["own_n"] for run in runs), 1) * 1e6}
@@ -141,7 +188,10 @@ def load_generator(port: int, pids: tuple[int, ...], phases: list[tuple[str, lis
     async def run() -> dict[str, Any]:
         runs: dict[str, list[dict[str, Any]]] = {}
         for name, reqs, duration, limit in phases:
-            runs.setdefault(name, []).append(await _run_phase(port, pids, reqs, duration, limit))
+            if name.startswith("open"):  # `limit` is the arrival rate
+                runs.setdefault(name, []).append(await _run_open_phase(port, reqs, limit, duration))
+            else:
+                runs.setdefault(name, []).append(await _run_phase(port, pids, reqs, duration, limit))
         return {name: summary(phase_runs) for name, phase_runs in runs.items()}
 
     out.send(asyncio.run(run()))
@@ -188,6 +238,9 @@ def main() -> int:
     parser.add_argument("--policy", default=None, help="TIPSTREAM_POLICY (default: the service's default)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="any other service setting, e.g. checkpoint_every_s=1 (repeatable)")
+    parser.add_argument("--open-loop", type=float, default=0.5, metavar="SHARE",
+                        help="then /score with 10 candidates in an open loop, requests arriving at this share "
+                             "of the closed loop's throughput, for --duration seconds (default 0.5; 0: skip)")
     args = parser.parse_args()
 
     # The seed's user_features rows are written within 2 s rather than 30: the run starts sooner,
@@ -222,6 +275,13 @@ def main() -> int:
         generator.start()
         results = receive.recv()
         generator.join()
+        if args.open_loop > 0:
+            rate = args.open_loop * results["score_10"]["rps"]
+            generator = multiprocessing.get_context("spawn").Process(
+                target=load_generator, args=(service.port, pids, [("open_10", score_10, args.duration, rate)], send))
+            generator.start()
+            results |= receive.recv()
+            generator.join()
         _, text = asyncio.run(request_once(service.port, "GET", "/metrics"))
     finally:
         service.stop()
@@ -254,6 +314,12 @@ def main() -> int:
         f"{name} p50 {results[name]['p50_ms']:.2f} ms against {CLIENTS} / rate = "
         f"{CLIENTS / results[name]['rps'] * 1000:.2f}, p99 {results[name]['p99_ms'] / results[name]['p50_ms']:.1f} x p50"
         for name in ("noop", "score_10", "score_50")))
+    if "open_10" in results:
+        r = results["open_10"]
+        print(f"open loop, /score with 10 candidates arriving at {args.open_loop:.0%} of the closed loop's throughput: "
+              f"{r['rps']:.0f} req/s  p50 {r['p50_ms']:.3f} ms  p90 {r['p90_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  "
+              f"max {r['max_ms']:.1f} ms  "
+              f"({r['requests']} requests, {r['errors']} errors)")
     ratio = results["score_10"]["rps"] / results["noop"]["rps"]
     print(f"ratio (score_10 / noop throughput): {ratio:.2f}")
     print(json.dumps({"bench": "score", "p99_ms_10": round(results["score_10"]["p99_ms"], 3),
