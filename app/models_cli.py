@@ -118,12 +118,54 @@ def _change(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     if args.action in ("register", "evaluate"):
-        print(json.dumps(answer, indent=2))
+        print(json.dumps(answer, indent=2) if args.json else _card_summary(args.version, answer))
     else:
         print(f"champion: {answer['champion']}, shadow: {answer['shadow'] or '-'}")
         last = answer["history"][-1]
         print(f"{last['at']} {last['action']} {last['version']} by {last['actor']}: {last['note']}")
     return 0
+
+
+def _card_summary(version: str, answer: dict[str, Any]) -> str:
+    """What a registration or an evaluation found, in a few lines (`--json`: everything).
+
+    >>> estimate = {"snips": 0.5, "ci95": [0.3, 0.7], "agreed": 9, "effective_n": 7.5}
+    >>> print(_card_summary("v2", {"kind": "fm", "card": {"offline_metrics": {"n": 40, "log_loss": 0.61234,
+    ...     "roc_auc": 0.7, "policy_value": {"as_shadow": {"decisions": 12, "logged_reward": 0.4,
+    ...     "estimate": estimate, "champion_greedy": {**estimate, "snips": 0.45}}}}}}))
+    v2 (fm): progressive validation over 40 rewarded decisions: log loss 0.6123, ROC AUC 0.7
+    as shadow, over 12 rewarded decisions (logged reward 0.4): its own first choices 0.5 [0.3, 0.7] (agreed 9, effective n 7.5); the champion's 0.45
+    the whole card: tipstream models card v2
+    """
+    card = answer.get("card", answer)
+    metrics = card.get("offline_metrics") or {}
+    kind = f" ({answer['kind']})" if "kind" in answer else ""
+    if metrics.get("n"):
+        lines = [(f"{version}{kind}: progressive validation over {metrics['n']} rewarded decisions: log loss "
+                 f"{_short(metrics.get('log_loss'))}, ROC AUC {_short(metrics.get('roc_auc'))}")]
+    else:
+        lines = [f"{version}{kind}: no rewarded decisions in the log yet, so no offline metrics"]
+    value = metrics.get("policy_value") or {}
+    for role, own, other in (("champion", "greedy", None), ("shadow", "estimate", "champion_greedy")):
+        found = value.get(f"as_{role}")
+        if not found:
+            continue
+        mine = found.get(own) or {}
+        line = (f"as {role}, over {found['decisions']} rewarded decisions (logged reward "
+                f"{_short(found.get('logged_reward'))}): its own first choices {_short(mine.get('snips'))} "
+                f"[{', '.join(_short(v) for v in mine.get('ci95') or ())}] (agreed {mine.get('agreed')}, "
+                f"effective n {_short(mine.get('effective_n'))})")
+        if other and found.get(other):
+            line += f"; the champion's {_short(found[other].get('snips'))}"
+        lines.append(line)
+    from models.registry import CLI
+
+    lines.append(f"the whole card: {CLI} card {version}")
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def add_models_commands(commands: Any) -> None:
@@ -147,6 +189,8 @@ def add_models_commands(commands: Any) -> None:
         parser = sub.add_parser(action, help=helps[action] + " (through the running service)")
         if action != "rollback":
             parser.add_argument("version")
+        if action in ("register", "evaluate"):
+            parser.add_argument("--json", action="store_true", help="print the whole answer (JSON)")
         if action == "register":
             parser.add_argument("--kind", default="logreg", choices=("logreg", "fm"))
             parser.add_argument("--param", type=_param, action="append", metavar="NAME=VALUE",

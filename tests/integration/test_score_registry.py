@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -143,6 +144,10 @@ async def test_the_cli_reads_the_database_and_changes_through_the_service(start_
     code, _, err = await cli("models", "rollback", "--url", running.base_url)
     assert code == 1 and "409" in err and "no earlier champion" in err
     assert running.service.lineup.champion_version == "v1"
+    code, out, _ = await cli("models", "register", "v3", "--url", running.base_url)
+    assert code == 0 and out.startswith("v3 (logreg): ") and "the whole card: tipstream models card v3" in out
+    code, out, _ = await cli("models", "evaluate", "v3", "--json", "--url", running.base_url)
+    assert code == 0 and "offline_metrics" in json.loads(out)
 
 
 def test_the_registry_round_trips_through_sql_and_migrations_go_down(database_url: str) -> None:

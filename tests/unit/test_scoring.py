@@ -15,6 +15,7 @@ import pytest
 import app.decisions
 import app.evaluation
 import app.learner
+import app.models_cli
 import app.registry_store
 import app.scoring
 from app import migrate
@@ -30,7 +31,8 @@ from streams.events import parse_event
 from streams.store import OnlineStore
 
 
-@pytest.mark.parametrize("module", [app.decisions, app.evaluation, app.learner, app.registry_store, app.scoring])
+@pytest.mark.parametrize("module", [app.decisions, app.evaluation, app.learner, app.models_cli, app.registry_store,
+                                    app.scoring])
 def test_doctests(module: Any) -> None:
     assert doctest.testmod(module, raise_on_error=False).failed == 0
 
