@@ -527,6 +527,7 @@ class TipModel:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_candidate_cache", None)  # derived, and no part of a snapshot
+        state.pop("_user_plan", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
