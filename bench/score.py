@@ -153,8 +153,7 @@ async def _run_open_phase(port: int, requests: list[bytes], rate: float, duratio
     elapsed = (time.perf_counter_ns() - start) / 1e9
     for c in clients:
         c.transport.close()
-    return {"latencies": latencies, "errors": errors, "elapsed_s": elapsed, "cpu_s": 0.0, "children_cpu_s": 0.0,
-            "own_s": 0.0, "own_n": 0.0}
+    return latency_figures(sorted(x / 1e6 for x in latencies), errors, elapsed)
 
 
 async def own_work(port: int) -> tuple[float, float]:
@@ -165,12 +164,17 @@ async def own_work(port: int) -> tuple[float, float]:
     return metric(decoded, "tipstream_score_seconds_sum"), metric(decoded, "tipstream_score_seconds_count")
 
 
+def latency_figures(ms: list[float], errors: int, elapsed_s: float) -> dict[str, Any]:
+    """Throughput and percentiles of sorted latencies (ms)."""
+    return {"requests": len(ms), "errors": errors, "rps": len(ms) / elapsed_s,
+            "p50_ms": percentile(ms, 0.50), "p90_ms": percentile(ms, 0.90), "p99_ms": percentile(ms, 0.99),
+            "max_ms": ms[-1] if ms else None}
+
+
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One phase's figures over all its rounds."""
     ms = sorted(x / 1e6 for run in runs for x in run["latencies"])
-    elapsed = sum(run["elapsed_s"] for run in runs)
-    return {"requests": len(ms), "errors": sum(run["errors"] for run in runs), "rps": len(ms) / elapsed,
-            "p50_ms": percentile(ms, 0.50), "p90_ms": percentile(ms, 0.90), "p99_ms": percentile(ms, 0.99), "max_ms": ms[-1] if ms else None,
+    return latency_figures(ms, sum(run["errors"] for run in runs), sum(run["elapsed_s"] for run in runs)) | {
             "service_cpu_us": sum(run["cpu_s"] for run in runs) / max(len(ms), 1) * 1e6,
             "nats_cpu_us": sum(run["children_cpu_s"] for run in runs) / max(len(ms), 1) * 1e6,
             "own_us": sum(run["own_s"] for run in runs) / max(sum(run["own_n"] for run in runs), 1) * 1e6}
@@ -178,23 +182,30 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def load_generator(port: int, pids: tuple[int, ...], phases: list[tuple[str, list[bytes], float, int]], out: Any) -> None:
     """Runs in its own process, on uvloop: the clients' CPU stays off the service's interpreter."""
+
+    async def run() -> dict[str, Any]:
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for name, reqs, duration, limit in phases:
+            runs.setdefault(name, []).append(await _run_phase(port, pids, reqs, duration, limit))
+        return {name: summary(phase_runs) for name, phase_runs in runs.items()}
+
+    _install_uvloop()
+    out.send(asyncio.run(run()))
+
+
+def open_loop_generator(port: int, requests: list[bytes], rate: float, duration_s: float, out: Any) -> None:
+    """The open-loop phase, in its own process like `load_generator`."""
+    _install_uvloop()
+    out.send(asyncio.run(_run_open_phase(port, requests, rate, duration_s)))
+
+
+def _install_uvloop() -> None:
     try:
         import uvloop
 
         uvloop.install()
     except ImportError:
         pass
-
-    async def run() -> dict[str, Any]:
-        runs: dict[str, list[dict[str, Any]]] = {}
-        for name, reqs, duration, limit in phases:
-            if name.startswith("open"):  # `limit` is the arrival rate
-                runs.setdefault(name, []).append(await _run_open_phase(port, reqs, limit, duration))
-            else:
-                runs.setdefault(name, []).append(await _run_phase(port, pids, reqs, duration, limit))
-        return {name: summary(phase_runs) for name, phase_runs in runs.items()}
-
-    out.send(asyncio.run(run()))
 
 
 async def seed(service: ServiceProcess, users: int, days: int) -> int:
@@ -278,9 +289,9 @@ def main() -> int:
         if args.open_loop > 0:
             rate = args.open_loop * results["score_10"]["rps"]
             generator = multiprocessing.get_context("spawn").Process(
-                target=load_generator, args=(service.port, pids, [("open_10", score_10, args.duration, rate)], send))
+                target=open_loop_generator, args=(service.port, score_10, rate, args.duration, send))
             generator.start()
-            results |= receive.recv()
+            results["open_10"] = receive.recv()
             generator.join()
         _, text = asyncio.run(request_once(service.port, "GET", "/metrics"))
     finally:

@@ -666,7 +666,7 @@ class TipModel:
         g2 = getattr(clf.weight_optimizer if self._fm else clf.optimizer, "g2", None)
         if keep == 1.0 or g2 is None or not isinstance(user, str):
             return
-        own = {f"{USER_INPUT}_{user}": 1.0}
+        own = {f"{USER_INPUT}_{user}": 1.0}  # the one-hot, named as `_features` names it
         self.interactions.cross(x, self._user_plan, own)
         for j in own:
             if j in g2:
