@@ -8,8 +8,9 @@ a sequence number acknowledged to us is a message the learner already holds.
 
 Steps, every `tick_s`:
 1. Reading and caught up (nothing pending, nothing buffered): stop the consumer's puller
-   (its outstanding pull request goes with it); follow. A reconnect that restarts the
-   consumer means reading again.
+   (its outstanding pull request goes with it); follow, and tell `on_follow` (the learner
+   joins the decisions it re-read after a start). A reconnect that restarts the consumer
+   means reading again.
 2. Following: each acknowledged sequence goes into a heap; the position advances over the
    ones that directly follow it, so everything up to the position is held.
 3. Following: if the stream's last sequence seen one tick ago is still ahead of the
@@ -50,8 +51,9 @@ STREAM = "DECISIONS"
 
 class OwnTail:
     def __init__(self, ingest: Any, store: OnlineStore, stream_last_seq: Callable[[], Awaitable[int]] | None,
-                 tick_s: float = 0.5) -> None:
+                 tick_s: float = 0.5, on_follow: Callable[[], None] | None = None) -> None:
         self.ingest, self.store, self.stream_last_seq, self.tick_s = ingest, store, stream_last_seq, tick_s
+        self.on_follow = on_follow
         self.following = False
         self.resumed = 0  # times a message not ours sent us back to reading
         self._acked: list[int] = []
@@ -73,6 +75,8 @@ class OwnTail:
         self.following = True
         self._last_seen = None
         self._advance()
+        if self.on_follow is not None:
+            self.on_follow()
 
     def _advance(self) -> None:
         acked, position = self._acked, self.position

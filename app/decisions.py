@@ -173,18 +173,21 @@ class TipScoresLog:
         self._unconfirmed: dict[int, dict[str, dict[str, Any]]] = {}
         self._confirmed: list[int] = []  # appended from the checkpoint's worker thread
         self._gen = 0
+        self._unconfirmed_rows = 0  # as of the last snapshot: /score reads `backlog` on every request
 
     def mark(self, row: dict[str, Any]) -> None:
         self.dirty[row["decision_id"]] = row
 
     @property
     def backlog(self) -> int:
-        return len(self.dirty) + sum(len(rows) for rows in self._unconfirmed.values())
+        """Rows not known to be written (a saved checkpoint's still count until the next snapshot)."""
+        return len(self.dirty) + self._unconfirmed_rows
 
     def snapshot(self) -> tuple[int, list[dict[str, Any]]] | None:
         while self._confirmed:
             self._unconfirmed.pop(self._confirmed.pop(), None)
         if not self.dirty and not self._unconfirmed:
+            self._unconfirmed_rows = 0
             return None
         # Checkpoints run one at a time, so older generations still here failed: merge them in
         # (the newest row of a decision wins).
@@ -195,6 +198,7 @@ class TipScoresLog:
         self.dirty = {}
         self._gen += 1
         self._unconfirmed[self._gen] = rows
+        self._unconfirmed_rows = len(rows)
         return self._gen, list(rows.values())
 
     write = staticmethod(write_tip_scores)

@@ -13,7 +13,8 @@ ones the fold already held):
    (bounded in count and age) for the decision to arrive -> `waiting`, later `unknown_decision`.
 3. This (decision, tip) was credited already -> `duplicate`: redelivered feedback, or the same
    reaction re-sent with a new event id, is learned once.
-4. The tip is not among the decision's candidates -> `unknown_tip`.
+4. The tip is not among the decision's candidates -> `unknown_tip`; the feedback's user is not
+   the decision's -> `wrong_user` (another user's reaction must not train this user's weights).
 5. Otherwise the reaction's reward (settings) trains every live model with `learn_one` on the
    features as they were served, and updates the popularity prior -> `credited`.
 
@@ -21,6 +22,9 @@ The learner is a checkpoint participant: models, prior, credits, waiting feedbac
 stream positions they reflect are saved with the checkpoint (at most every
 `snapshot_every_s`). On start, FEEDBACK and DECISIONS are re-read from those positions, so a
 restart resumes learning exactly where the snapshot stopped: credits make the replay idempotent.
+While DECISIONS is re-read after a start, the decisions it brings back wait in a segment of the
+cache of their own, ahead of those /score serves meanwhile, so that the cache stays in creation
+order and the memory budget evicts the oldest decisions first (`caught_up` joins the two).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream.learner")
 _OUTCOME = {name: FEEDBACK.labels(name) for name in (
-    "credited", "duplicate", "no_decision", "waiting", "unknown_decision", "expired", "unknown_tip")}
+    "credited", "duplicate", "no_decision", "waiting", "unknown_decision", "expired", "unknown_tip", "wrong_user")}
 
 MODELS_LOOP_SHARE = 0.01  # of the event loop's time, at most, spent serialising models for snapshots
 # Bytes a cache entry costs beyond its payload, measured with tracemalloc: the entry and its
@@ -117,10 +121,14 @@ class Learner:
         # deleted slots before its first live entry on every `next(iter())`: 122-269 us per
         # decision served once the default 256 MB is full (bench/caches.py). O(1) here.
         self.cache: OrderedDict[str, _Entry] = OrderedDict()
+        # Decisions re-read from DECISIONS after a start (`restore`) until caught up: older than
+        # any /score serves meanwhile, so they are evicted first (`_insert`), then joined in front.
+        self._replayed: OrderedDict[str, _Entry] = OrderedDict()
+        self.replaying = False
         self.cache_bytes = 0
         self.evicted_upto_ms = 0  # decisions created before this are no longer joinable
-        # decision id -> {tip id: (reaction, arrival time s)}, and arrival order for eviction
-        self.pending: dict[str, dict[str, tuple[str, float]]] = {}
+        # decision id -> {tip id: (reaction, arrival time s, user id)}, and arrival order for eviction
+        self.pending: dict[str, dict[str, tuple[str, float, str | None]]] = {}
         self._pending_order: deque[tuple[float, str, str]] = deque()
         self._restored_credits: dict[str, tuple[dict[str, float], int | None]] = {}
         # The cache's entries holding credits: a snapshot lists these without walking the whole
@@ -130,7 +138,7 @@ class Learner:
         self._learned: dict[str, Any] = {}
         self._waiting = 0  # feedback in `pending`
         # Read when scraped, not set as they change.
-        JOIN_CACHE.set_function(lambda: len(self.cache))
+        JOIN_CACHE.set_function(lambda: len(self.cache) + len(self._replayed))
         PENDING.set_function(lambda: self._waiting)
         self._changed = False
         self._last_snapshot = 0.0
@@ -159,18 +167,20 @@ class Learner:
 
     def add_logged(self, logged: LoggedDecision) -> bool:
         """The DECISIONS ingest's sink: a decision read back from the stream."""
-        entry = self.cache.get(logged.id)
+        entry = self._lookup(logged.id)
         if entry is None:
             created = decision_time_ms(logged.id)
             now_ms = int(self.clock() * 1000)
             if created is not None and created < now_ms - self.window_ms:
                 return False  # replayed from before the join window: nothing can join it any more
-            entry = _Entry(logged.data, self.store.positions.get("DECISIONS", 0), now_ms, None)
+            # Joinable for the window from its creation, not from when it was read back.
+            entry = _Entry(logged.data, self.store.positions.get("DECISIONS", 0),
+                           min(created, now_ms) if created is not None else now_ms, None)
             credits = self._restored_credits.pop(logged.id, None)
             if credits is not None:
                 entry.credits, entry.rewarded_ms = credits
                 self._credited[logged.id] = entry
-            self._insert(logged.id, entry)
+            self._insert(logged.id, entry, replayed=self.replaying)
         elif entry.logged:
             return False  # a redelivery
         entry.logged = True
@@ -179,17 +189,37 @@ class Learner:
         waiting = self.pending.pop(logged.id, None)
         if waiting:
             self._waiting -= len(waiting)
-            for tip_id, (reaction, _) in waiting.items():
-                self._credit(logged.id, entry, tip_id, reaction)
+            for tip_id, (reaction, _, user_id) in waiting.items():
+                self._credit(logged.id, entry, tip_id, reaction, user_id)
         return True
 
-    def _insert(self, decision_id: str, entry: _Entry) -> None:
-        self.cache[decision_id] = entry
+    def caught_up(self) -> None:
+        """DECISIONS has been read back to its end after a start: the decisions it brought go in
+        front of those served meanwhile, which are newer (called by the DECISIONS tail)."""
+        if not self.replaying:
+            return
+        self.replaying = False
+        if self._replayed:
+            self._replayed.update(self.cache)
+            self.cache, self._replayed = self._replayed, OrderedDict()
+
+    def _lookup(self, decision_id: str) -> _Entry | None:
+        entry = self.cache.get(decision_id)
+        if entry is None and self._replayed:
+            entry = self._replayed.get(decision_id)
+        return entry
+
+    def _insert(self, decision_id: str, entry: _Entry, replayed: bool = False) -> None:
+        (self._replayed if replayed else self.cache)[decision_id] = entry
         self.cache_bytes += len(entry.data) + ENTRY_OVERHEAD
         self._changed = True
-        cache, horizon = self.cache, entry.added_ms - self.window_ms
-        # Oldest first (insertion order): past the memory budget, or past the join window.
-        while cache:
+        horizon = entry.added_ms - self.window_ms
+        # Oldest first (creation order: the replayed segment, then insertion order): past the
+        # memory budget, or past the join window.
+        while True:
+            cache = self._replayed or self.cache
+            if not cache:
+                break
             first_id, first = next(iter(cache.items()))
             if self.cache_bytes <= self.cache_limit and first.added_ms >= horizon:
                 break
@@ -227,13 +257,13 @@ class Learner:
             if new:
                 _OUTCOME["no_decision"].inc()
             return
-        entry = self.cache.get(decision_id)
+        entry = self._lookup(decision_id)
         if entry is None:
-            self._wait(decision_id, data.tip_id, data.reaction)
+            self._wait(decision_id, data.tip_id, data.reaction, event.user_id)
             return
-        self._credit(decision_id, entry, data.tip_id, data.reaction)
+        self._credit(decision_id, entry, data.tip_id, data.reaction, event.user_id)
 
-    def _wait(self, decision_id: str, tip_id: str, reaction: str) -> None:
+    def _wait(self, decision_id: str, tip_id: str, reaction: str, user_id: str) -> None:
         created = decision_time_ms(decision_id)
         if created is not None and created <= self.evicted_upto_ms:
             _OUTCOME["expired"].inc()
@@ -243,7 +273,7 @@ class Learner:
             _OUTCOME["duplicate"].inc()
             return
         now = self.clock()
-        waiting[tip_id] = (reaction, now)
+        waiting[tip_id] = (reaction, now, user_id)
         self._waiting += 1
         self._pending_order.append((now, decision_id, tip_id))
         self._changed = True
@@ -267,7 +297,7 @@ class Learner:
         """Give up on feedback that waited too long (also called periodically)."""
         self._expire_pending(self.clock())
 
-    def _credit(self, decision_id: str, entry: _Entry, tip_id: str, reaction: str) -> None:
+    def _credit(self, decision_id: str, entry: _Entry, tip_id: str, reaction: str, user_id: str | None) -> None:
         credits = entry.credits
         if credits is not None and tip_id in credits:
             _OUTCOME["duplicate"].inc()
@@ -276,6 +306,9 @@ class Learner:
         candidate = next((c for c in decision["ranked"] if c["tip_id"] == tip_id), None)
         if candidate is None:
             _OUTCOME["unknown_tip"].inc()
+            return
+        if user_id is not None and user_id != decision["user_id"]:
+            _OUTCOME["wrong_user"].inc()
             return
         reward = self.rewards[reaction]
         x = learning_input(decision["features"], candidate)
@@ -330,13 +363,15 @@ class Learner:
         self._changed = False
         self._last_snapshot = now
         positions = self.store.positions
-        resume = next(iter(self.cache.values())).position if self.cache else positions.get("DECISIONS", 0)
+        # Re-reading from the oldest position any held decision was added at finds them all again.
+        fronts = [next(iter(c.values())).position for c in (self._replayed, self.cache) if c]
+        resume = min(fronts) if fronts else positions.get("DECISIONS", 0)
         state = {
             "positions": {"FEEDBACK": positions.get("FEEDBACK", 0), "DECISIONS": resume},
             "credits": {d: [e.credits, e.rewarded_ms] for d, e in self._credited.items()}
                        | {d: [c, r] for d, (c, r) in self._restored_credits.items()},
-            "pending": [[d, t, reaction, at] for d, waiting in self.pending.items()
-                        for t, (reaction, at) in waiting.items()],
+            "pending": [[d, t, reaction, at, user_id] for d, waiting in self.pending.items()
+                        for t, (reaction, at, user_id) in waiting.items()],
             "evicted_upto_ms": self.evicted_upto_ms,
         }
         # Models are saved only when they learned since the last snapshot known to be saved. The
@@ -370,6 +405,7 @@ class Learner:
         with engine.connect() as conn:
             query = select(db.learner_state.c.name, db.learner_state.c.state)
             rows = {name: state for name, state in conn.execute(query)}
+        self.replaying = True  # until the DECISIONS tail says it has caught up (`caught_up`)
         if "prior" in rows:
             self.lineup.prior = PopularityPrior.from_bytes(bytes(rows["prior"]))
         if "learner" not in rows:
@@ -380,11 +416,14 @@ class Learner:
             d: (credits, rewarded) for d, (credits, rewarded) in state["credits"].items()
             if (decision_time_ms(d) or horizon) >= horizon
         }
-        for decision_id, tip_id, reaction, at in state["pending"]:
-            self.pending.setdefault(decision_id, {})[tip_id] = (reaction, at)
-            self._pending_order.append((at, decision_id, tip_id))
+        # Waiting feedback waits afresh: its decision can only arrive once DECISIONS is re-read,
+        # and time spent stopped must not make it `unknown_decision` before that (the FEEDBACK
+        # position is past it, so it would be lost). In the order it arrived in.
+        now = self.clock()
+        for decision_id, tip_id, reaction, _, *user in sorted(state["pending"], key=lambda item: item[3]):  # before 2026-12-03: no user
+            self.pending.setdefault(decision_id, {})[tip_id] = (reaction, now, user[0] if user else None)
+            self._pending_order.append((now, decision_id, tip_id))
             self._waiting += 1
-        self._pending_order = deque(sorted(self._pending_order))
         self.evicted_upto_ms = state["evicted_upto_ms"]
         return dict(state["positions"])
 

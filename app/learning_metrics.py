@@ -53,7 +53,8 @@ FEEDBACK = LoopCounter(
     "tipstream_feedback_total",
     "tip.reacted events seen by the learner, by outcome: credited, duplicate (this decision and tip were credited "
     "already), no_decision, waiting (decision not seen yet), unknown_decision (gave up waiting), expired "
-    "(decision left the join cache), unknown_tip (not a candidate of the decision).",
+    "(decision left the join cache), unknown_tip (not a candidate of the decision), wrong_user (the feedback's "
+    "user is not the decision's).",
     ["outcome"], registry=_r,
 )
 LEARNED = LoopCounter("tipstream_rewards_learned_total", "learn_one calls, by model version.", ["version"], registry=_r)

@@ -12,11 +12,13 @@ router and its 500 handler, and its `post` method carries the OpenAPI descriptio
 Steps:
 1. Read the body straight from the ASGI messages, refusing more than
    `TIPSTREAM_SCORE_MAX_BODY_BYTES` (413) before reading it all.
-2. Validate and score (`scoring.parse_request`, `Scorer.score`); a bad request is a 422
+2. While `TIPSTREAM_MAX_UNWRITTEN_DECISIONS` decisions' rows wait for a checkpoint (the
+   database is away), answer 503 with `Retry-After`: serving on would hold ever more of them.
+3. Validate and score (`scoring.parse_request`, `Scorer.score`); a bad request is a 422
    naming the field, and nothing is logged.
-3. Queue the decision for the log without waiting for JetStream; when the queue stays full,
+4. Queue the decision for the log without waiting for JetStream; when the queue stays full,
    answer 503 with `Retry-After`, and nothing was served.
-4. Hand the decision to the learner's join cache, then answer.
+5. Hand the decision to the learner's join cache, then answer.
 """
 
 from __future__ import annotations
@@ -87,6 +89,13 @@ class ScoreEndpoint:
             await send_json(send, 413, {"error": f"body: larger than {limit} bytes (TIPSTREAM_SCORE_MAX_BODY_BYTES)",
                                         "field": "body"})
             return
+        unwritten = service.decision_log.backlog
+        if unwritten >= service.settings.max_unwritten_decisions:
+            await send_json(send, 503, {
+                "error": f"{unwritten} decisions wait for a checkpoint to write their tip_scores rows (is the database "
+                         "away? see the checkpoint errors in the log); /score answers again once they are written "
+                         "(TIPSTREAM_MAX_UNWRITTEN_DECISIONS)", "field": None}, (b"retry-after", b"5"))
+            return
         started = time.perf_counter()
         try:
             scored = service.scorer.score(parse_request(body))
@@ -140,6 +149,6 @@ class ScoreEndpoint:
           200: {description: '{decision_id, model_version, ranked: [{tip_id, score, propensity}], features, caller_features}'}
           413: {description: the body is larger than TIPSTREAM_SCORE_MAX_BODY_BYTES}
           422: {description: 'a bad request: {error, field, errors}; nothing was logged'}
-          503: {description: the decision log is backed up (JetStream away); nothing was served}
+          503: {description: 'the decision log is backed up (JetStream or the database away); nothing was served'}
         """
         raise NotImplementedError("the OpenAPI document reads this docstring; requests go to __call__")

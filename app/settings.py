@@ -138,6 +138,11 @@ class Settings(BaseSettings):
     decision_enqueue_timeout_s: float = Field(
         2.0, ge=0, description="How long `/score` waits for room in a full decision queue before its 503."
     )
+    max_unwritten_decisions: int = Field(
+        500_000, ge=1,
+        description="`/score` answers 503 while this many decisions' `tip_scores` rows wait for a checkpoint (the "
+                    "database is away; ~1 KB each), instead of holding ever more of them in memory.",
+    )
     decision_batch: int = Field(512, ge=1, le=10_000, description="Decisions written to NATS in one buffer.")
     decision_window: int = Field(4_000, ge=1, description="Decisions published but not yet acknowledged by JetStream, at most.")
     learner_join_cache_mb: float = Field(

@@ -53,17 +53,20 @@ def tick(tail: OwnTail) -> None:
 
 def test_it_follows_only_once_the_consumer_has_caught_up_and_then_pauses_it() -> None:
     ingest, store, _, tail = world()
+    follows: list[bool] = []
+    tail.on_follow = lambda: follows.append(True)  # the learner joins what it re-read
     tail.stored(11)  # acknowledged while the consumer still reads: the consumer moves the position
     tick(tail)
     assert not tail.following and store.positions["DECISIONS"] == 10
     ingest.caught_up, ingest.lag = True, 0
     ingest.reset_needed = True
     tick(tail)
-    assert not tail.following, "a consumer restart is pending: not caught up yet"
+    assert not tail.following and not follows, "a consumer restart is pending: not caught up yet"
     ingest.reset_needed = False
     tick(tail)
     assert tail.following and ingest.puller is None, "its puller and outstanding pull are gone"
     assert store.positions["DECISIONS"] == 11, "what was acknowledged meanwhile counts"
+    assert follows == [True]
 
 
 def test_the_position_covers_only_unbroken_runs_of_own_sequences() -> None:

@@ -291,3 +291,31 @@ async def test_a_client_gone_before_its_body_is_answered_nothing_and_logs_nothin
 
     await app(scope, receive, send)
     assert sent == [] and service.publisher.waiting == 0 and len(service.learner.cache) == 0
+
+
+async def test_score_refuses_while_too_many_decision_rows_wait_for_the_database(tmp_path: Path) -> None:
+    """With checkpoints failing, every decision served would add a row held in memory: past
+    TIPSTREAM_MAX_UNWRITTEN_DECISIONS, /score answers 503 and serves nothing."""
+    from app.api import create_app
+
+    app = create_app(Settings(data_dir=tmp_path, max_unwritten_decisions=2))
+    service = app.state.service
+    for i in range(2):
+        service.decision_log.mark({"decision_id": f"d-{i}"})
+    assert service.decision_log.snapshot() is not None  # a checkpoint took them, and never confirmed it
+    body = b'{"user_id": "u-1", "candidates": [{"tip_id": "a"}]}'
+    scope = {"type": "http", "method": "POST", "path": "/score", "raw_path": b"/score", "root_path": "",
+             "query_string": b"", "headers": [(b"content-length", str(len(body)).encode())]}
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    assert sent[0]["status"] == 503 and (b"retry-after", b"5") in sent[0]["headers"]
+    answer = orjson.loads(sent[1]["body"])
+    assert "TIPSTREAM_MAX_UNWRITTEN_DECISIONS" in answer["error"] and answer["error"].startswith("2 decisions")
+    assert service.publisher.waiting == 0 and len(service.learner.cache) == 0

@@ -83,7 +83,8 @@ def world(tmp_path: Path) -> Iterator[World]:
 
 
 def outcomes() -> dict[str, float]:
-    names = ("credited", "duplicate", "no_decision", "waiting", "unknown_decision", "expired", "unknown_tip")
+    names = ("credited", "duplicate", "no_decision", "waiting", "unknown_decision", "expired", "unknown_tip",
+             "wrong_user")
     return {n: FEEDBACK.labels(n).value for n in names}
 
 
@@ -120,6 +121,20 @@ def test_feedback_before_its_decision_waits_then_joins(world: World) -> None:
     assert row["decision_id"] == scored.decision_id and row["rewards"] == {"a": 1.0}
 
 
+def test_feedback_from_another_user_trains_nothing(world: World) -> None:
+    before = outcomes()
+    served = world.score(user="u-1")
+    world.react(served.decision_id, "a", "disliked", user="u-2")
+    # The same through the wait for a decision that has not arrived yet.
+    elsewhere = world.score(user="u-1", serve=False)
+    world.react(elsewhere.decision_id, "b", "acted", user="u-3")
+    world.learner.add_logged(LoggedDecision(elsewhere.decision_id, elsewhere.payload))
+    assert delta(before) == {"wrong_user": 2, "waiting": 1}
+    assert world.lineup.champion.n_learned == 0 and world.lineup.prior.count("a") == 0.0
+    world.react(served.decision_id, "a", "acted", user="u-1")  # its own user's reaction still counts
+    assert delta(before) == {"wrong_user": 2, "waiting": 1, "credited": 1}
+
+
 def test_waiting_is_bounded_in_count_and_age(tmp_path: Path) -> None:
     w = World(tmp_path, pending_max=3, pending_max_age_s=10)
     before = outcomes()
@@ -150,6 +165,37 @@ def test_the_join_cache_is_bounded_and_older_feedback_is_expired(tmp_path: Path)
         w.score()
     assert orjson.loads(w.learner.snapshot()["state"])["credits"] == {}
     w.engine.dispose()
+
+
+def test_after_a_restart_the_decisions_read_back_are_evicted_before_fresh_ones(tmp_path: Path) -> None:
+    """/score serves while DECISIONS is re-read: a full cache must not evict what it just served
+    (nor call feedback for decisions not yet re-read `expired`)."""
+    before_crash = World(tmp_path, cache_mb=0.01)  # about ten decisions
+    stream = []
+    for _ in range(10):
+        scored = before_crash.score()
+        stream.append(LoggedDecision(scored.decision_id, scored.payload))
+        time.sleep(0.002)  # ids carry their creation time in ms: each its own
+    again = World(tmp_path, cache_mb=0.01)
+    again.learner.restore(again.engine)
+    live = again.score()  # answered right after the start
+    for logged in stream[:-1]:
+        again.learner.add_logged(logged)
+    before = outcomes()
+    again.react(live.decision_id, "a")
+    again.react(stream[-1].id, "b")  # its decision is still to be re-read: it waits
+    assert delta(before) == {"credited": 1, "waiting": 1}
+    again.learner.add_logged(stream[-1])
+    again.learner.caught_up()
+    assert delta(before) == {"credited": 2, "waiting": 1}
+    held = list(again.learner.cache)
+    assert held[-1] == live.decision_id and held[:-1] == [d.id for d in stream][-len(held) + 1:]
+    # A later reaction to the oldest decision re-read, now evicted, is reported as such.
+    assert stream[0].id not in again.learner.cache
+    again.react(stream[0].id, "a")
+    assert delta(before) == {"credited": 2, "waiting": 1, "expired": 1}
+    before_crash.engine.dispose()
+    again.engine.dispose()
 
 
 def test_the_join_cache_holds_what_its_budget_counts(tmp_path: Path) -> None:
@@ -204,6 +250,25 @@ def test_a_snapshot_restores_models_credits_and_waiting_feedback(world: World, t
         "data": {"tip_id": "a", "decision_id": scored.decision_id, "reaction": "acted"}})), False)
     assert delta(before) == {"duplicate": 1}
     assert [row["rewards"] for row in again.log.dirty.values()] == [{"a": 1.0}]
+    again.engine.dispose()
+
+
+def test_waiting_feedback_survives_a_long_stop(world: World, tmp_path: Path) -> None:
+    """Feedback saved while waiting for its decision waits afresh after a restart, however long
+    the stop: its FEEDBACK position is saved past it, so expiring it at once would lose it."""
+    elsewhere = world.score(serve=False)
+    world.react(elsewhere.decision_id, "a")
+    world.store.advance("FEEDBACK", 1)
+    checkpointer = Checkpointer(world.store, SqlCheckpointStore(world.engine), every_events=1, every_s=60,
+                                participants=[world.learner, world.log])
+    assert asyncio.run(checkpointer.checkpoint())
+    again = World(tmp_path)
+    again.clock.now = world.clock.now + 3_600  # back an hour later; waiting gives up after 60 s
+    again.learner.restore(again.engine)
+    before = outcomes()
+    again.learner.snapshot()  # the first checkpoint after the start expires what waited too long
+    again.learner.add_logged(LoggedDecision(elsewhere.decision_id, elsewhere.payload))
+    assert delta(before) == {"credited": 1} and again.lineup.champion.n_learned == 1
     again.engine.dispose()
 
 
