@@ -64,6 +64,20 @@ def new_decision_id() -> str:
     return f"d-{time.time_ns() // 1_000_000:012x}{_PROCESS}{next(_COUNTER) & 0xFFFFFFFF:08x}"
 
 
+def decision_time_ms(decision_id: str) -> int | None:
+    """The creation time encoded in our decision ids (`app.decisions.new_decision_id`).
+
+    >>> decision_time_ms("d-019c5e8a2b10" + "0" * 16), decision_time_ms("external-7")
+    (1771112639248, None)
+    """
+    if len(decision_id) == 30 and decision_id.startswith("d-"):
+        try:
+            return int(decision_id[2:14], 16)
+        except ValueError:
+            return None
+    return None
+
+
 def encode(decision: dict[str, Any]) -> bytes:
     """The event's bytes; `id` first, so consumers can read it without parsing the rest.
 

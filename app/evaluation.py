@@ -12,6 +12,7 @@ earned, estimated off-policy from the logged propensities.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,7 +20,7 @@ import orjson
 from sqlalchemy import Engine, select
 
 from app import db
-from app.decisions import learning_input
+from app.decisions import decision_time_ms, learning_input
 from models import offpolicy
 from models.registry import ModelCard
 from models.reward import Record, TipModel, fairness_check, progressive_validation, tenure_segment, timezone_segment
@@ -38,6 +39,32 @@ def rewarded_decisions(engine: Engine, limit: int) -> list[Decision]:
     with engine.connect() as conn:
         rows = conn.execute(query).all()
     return [(orjson.loads(text), rewards or {}) for text, rewards in reversed(rows)]
+
+
+@dataclass(frozen=True, slots=True)
+class TrainedOn:
+    """Which rewards a model trained on the log has seen: the (decision, tip) pairs read, and, when
+    the read stopped at its limit, the creation time (ms, by its id) of the oldest decision in it
+    (older rewards were left out on purpose)."""
+
+    credits: frozenset[tuple[str, str]]
+    from_ms: int | None
+
+
+def trained_on(decisions: list[Decision], limit: int) -> TrainedOn:
+    """What a model trained on `decisions` (`rewarded_decisions(..., limit)`) has seen.
+
+    >>> read = [({"id": "d-019c5e8a2b10" + "0" * 16}, {"a": 1.0})]
+    >>> trained_on(read, limit=10).from_ms is None, len(trained_on(read, limit=10).credits)
+    (True, 1)
+    >>> trained_on(read, limit=1).from_ms  # the read was cut: older rewards were left out
+    1771112639248
+    """
+    credits = frozenset((decision["id"], tip) for decision, rewards in decisions for tip in rewards)
+    if len(decisions) < limit:
+        return TrainedOn(credits, None)
+    created = [t for decision, _ in decisions if (t := decision_time_ms(decision["id"])) is not None]
+    return TrainedOn(credits, min(created) if created else None)
 
 
 def rewarded_log(decisions: list[Decision], limit: int) -> list[Example]:

@@ -42,7 +42,8 @@ from sqlalchemy.engine import Engine
 
 from app import db
 from app.checkpoint_rows import write_learner_state
-from app.decisions import LoggedDecision, TipScoresLog, learning_input, tip_score_row
+from app.decisions import LoggedDecision, TipScoresLog, decision_time_ms, learning_input, tip_score_row
+from app.evaluation import TrainedOn
 from app.learning_metrics import FEEDBACK, JOIN_CACHE, LEARNED, MODEL_SNAPSHOT_SECONDS, PENDING
 from app.lineup import Lineup
 from models.reward import PopularityPrior
@@ -56,20 +57,6 @@ MODELS_LOOP_SHARE = 0.01  # of the event loop's time, at most, spent serialising
 # Bytes a cache entry costs beyond its payload, measured with tracemalloc: the entry and its
 # OrderedDict slot 211, the decision id 79, the bytes object's header 33.
 ENTRY_OVERHEAD = 323
-
-
-def decision_time_ms(decision_id: str) -> int | None:
-    """The creation time encoded in our decision ids (`app.decisions.new_decision_id`).
-
-    >>> decision_time_ms("d-019c5e8a2b10" + "0" * 16), decision_time_ms("external-7")
-    (1771112639248, None)
-    """
-    if len(decision_id) == 30 and decision_id.startswith("d-"):
-        try:
-            return int(decision_id[2:14], 16)
-        except ValueError:
-            return None
-    return None
 
 
 class ModelBytes:
@@ -334,6 +321,26 @@ class Learner:
         self.credited += 1
         self._changed = True
         _OUTCOME["credited"].inc()
+
+    def unseen_rewards(self, trained_on: TrainedOn) -> list[tuple[dict[str, Any], float]]:
+        """The (features as served, reward) examples credited here that a model trained on the
+        log (`trained_on`) has not seen: rows not written yet when it was read, or credited since.
+        A new version learns them before it joins the others (`Lineup._change`)."""
+        examples = []
+        for decision_id, entry in self._credited.items():
+            created = decision_time_ms(decision_id)
+            if trained_on.from_ms is not None and created is not None and created < trained_on.from_ms:
+                continue  # older than what the read kept: left out on purpose
+            decision = None
+            for tip_id, reward in (entry.credits or {}).items():
+                if (decision_id, tip_id) in trained_on.credits:
+                    continue
+                if decision is None:
+                    decision = entry.decision if entry.decision is not None else orjson.loads(entry.data)
+                candidate = next((c for c in decision["ranked"] if c["tip_id"] == tip_id), None)
+                if candidate is not None:
+                    examples.append((learning_input(decision["features"], candidate), reward))
+        return examples
 
     # -- checkpoint participant --------------------------------------------------------------
 

@@ -78,24 +78,39 @@ class Lineup:
 
     # -- changes (admin) ---------------------------------------------------------------------
 
-    async def _change(self, apply: Callable[[Registry], Any],
-                      new_models: dict[str, TipModel] | None = None) -> Any:
+    async def _change(self, apply: Callable[[Registry], Any], new_models: dict[str, TipModel] | None = None,
+                      trained_on: evaluation.TrainedOn | None = None) -> Any:
         """Apply `apply` to a copy of the registry, persist it, then swap it in.
 
-        A new model was trained on the log up to now: the learner's state is saved in the same
-        transaction, so that a restart replays into it only feedback that comes after."""
+        A new model was trained on the rewards in SQL when it was read (`trained_on`). Steps:
+        1. It learns the rewards the learner credited that it has not seen (their rows were not
+           written yet, or came while it was trained), so it is as up to date as the others.
+        2. Its bytes and the learner's state are saved in one transaction, so that a restart
+           replays into it only feedback that comes after.
+        3. It learns with the others while that transaction runs (and stops if it fails)."""
         async with self._lock:
             staged = Registry.from_dict(self.registry.to_dict())
             result = apply(staged)
-            blobs = {v: (m.to_bytes(), m.n_learned) for v, m in (new_models or {}).items()}
+            new_models = new_models or {}
+            for participant in self.participants:
+                for x, reward in participant.unseen_rewards(trained_on) if trained_on is not None else ():
+                    for model in new_models.values():
+                        model.learn_one(x, reward)
+            blobs = {v: (m.to_bytes(), m.n_learned) for v, m in new_models.items()}
             extras = [(p, p.snapshot(force=True)) for p in self.participants] if new_models else []
-            await asyncio.to_thread(self.store.save, staged, known_entries=self._stored_entries, new_models=blobs,
-                                    extras=extras)
+            learning = self.learning
+            self.learning = learning + list(new_models.items())
+            try:
+                await asyncio.to_thread(self.store.save, staged, known_entries=self._stored_entries,
+                                        new_models=blobs, extras=extras)
+            except BaseException:
+                self.learning = learning
+                raise
             for participant, snapshot in extras:
                 participant.saved(snapshot)
             self.registry = staged
             self._stored_entries = len(staged.history)
-            self.models.update(new_models or {})
+            self.models.update(new_models)
             self._refresh()
             return result
 
@@ -108,9 +123,9 @@ class Lineup:
             TipModel(**{**params, "kind": kind})
         except (TypeError, ValueError) as error:
             raise RegistryError(f"Model parameters are not valid: {error}", "invalid") from error
-        model, card = await asyncio.to_thread(self._evaluate, {**params, "kind": kind})
+        model, card, trained_on = await asyncio.to_thread(self._evaluate, {**params, "kind": kind})
         mv = _version(version, model, card)
-        await self._change(lambda reg: reg.register(mv, actor=actor, note=note), {version: model})
+        await self._change(lambda reg: reg.register(mv, actor=actor, note=note), {version: model}, trained_on)
         return self.registry.get(version)
 
     async def set_shadow(self, version: str, actor: str, note: str = "") -> None:
@@ -129,7 +144,7 @@ class Lineup:
         """Refresh a version's card: progressive validation of its configuration over the log,
         and the off-policy value of its choices where it served or shadowed."""
         mv = self.registry.get(version)
-        _, card = await asyncio.to_thread(self._evaluate, mv.model_params, version)
+        _, card, _ = await asyncio.to_thread(self._evaluate, mv.model_params, version)
 
         def update(reg: Registry) -> ModelCard:
             target = reg.get(version).card
@@ -139,12 +154,13 @@ class Lineup:
 
         return await self._change(update)
 
-    def _evaluate(self, params: dict[str, Any], version: str | None = None) -> tuple[TipModel, ModelCard]:
+    def _evaluate(self, params: dict[str, Any],
+                  version: str | None = None) -> tuple[TipModel, ModelCard, evaluation.TrainedOn]:
         decisions = evaluation.rewarded_decisions(self.engine, self.eval_max_rewards)
         model, card = evaluation.evaluate(params, evaluation.rewarded_log(decisions, self.eval_max_rewards))
         if version is not None:
             card.offline_metrics["policy_value"] = evaluation.policy_value(decisions, version)
-        return model, card
+        return model, card, evaluation.trained_on(decisions, self.eval_max_rewards)
 
     # -- reads -------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import random
+import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -360,3 +361,48 @@ def test_cards_estimate_what_the_champion_and_the_shadow_would_have_earned(world
     assert shadow["champion_greedy"]["snips"] == pytest.approx(snips(as_champion))
     assert shadow["estimate"]["snips"] > shadow["champion_greedy"]["snips"], "the shadow's choice is the rewarded one"
     assert "## Policy value" in world.lineup.registry.card_markdown("v2")
+
+
+def test_a_version_registered_learns_the_rewards_the_log_did_not_hold_yet(tmp_path: Path) -> None:
+    """A new version is trained on the rewards in SQL; those credited since the last checkpoint,
+    and while its registration is saved, reach it too, and a restart keeps them."""
+    w = World(tmp_path)
+    w.lineup.participants.append(w.learner)
+    for i in range(3):  # checkpointed: in tip_scores
+        scored = w.score(user=f"u-{i}")
+        w.learner.published(scored.decision_id)
+        w.react(scored.decision_id, "a", user=f"u-{i}")
+    w.store.advance("FEEDBACK", 3)
+    checkpointer = Checkpointer(w.store, SqlCheckpointStore(w.engine), every_events=1, every_s=60,
+                                participants=[w.learner, w.log])
+    assert asyncio.run(checkpointer.checkpoint())
+    for i in range(3, 7):  # credited since: rows not written
+        scored = w.score(user=f"u-{i}")
+        w.learner.published(scored.decision_id)
+        w.react(scored.decision_id, "b", user=f"u-{i}")
+    w.store.advance("FEEDBACK", 7)
+    late = w.score(user="u-7")
+    save, saving = w.lineup.store.save, threading.Event()
+
+    def slow_save(*args: Any, **kwargs: Any) -> None:
+        saving.set()
+        release.wait(5)
+        save(*args, **kwargs)
+
+    async def register_while_a_reward_comes() -> None:
+        registering = asyncio.create_task(w.lineup.register("v3", "logreg", {}, actor="t"))
+        await asyncio.to_thread(saving.wait, 5)
+        w.react(late.decision_id, "a", user="u-7")  # credited while the registration is saved
+        release.set()
+        await registering
+
+    release = threading.Event()
+    w.lineup.store.save = slow_save  # type: ignore[method-assign]
+    asyncio.run(register_while_a_reward_comes())
+    assert {v: m.n_learned for v, m in w.lineup.learning} == {"v1": 8, "v2": 8, "v3": 8}
+    again = World(tmp_path)  # a restart: v3 from its saved bytes, then the feedback after its snapshot
+    positions = again.learner.restore(again.engine)
+    assert positions is not None and positions["FEEDBACK"] == 7
+    assert again.lineup.models["v3"].n_learned == 7, "the reward that came during the save is replayed"
+    w.engine.dispose()
+    again.engine.dispose()
