@@ -44,9 +44,9 @@ from app import db
 from app.checkpoint_rows import write_learner_state
 from app.decisions import LoggedDecision, TipScoresLog, decision_time_ms, learning_input, tip_score_row
 from app.evaluation import TrainedOn
-from app.learning_metrics import FEEDBACK, JOIN_CACHE, LEARNED, MODEL_SNAPSHOT_SECONDS, PENDING
+from app.learning_metrics import FEEDBACK, JOIN_CACHE, LEARNED, MODEL_SNAPSHOT_SECONDS, PENDING, SKIPPED
 from app.lineup import Lineup
-from models.reward import PopularityPrior
+from models.reward import INPUT_BOUND_TEXT, PopularityPrior
 from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream.learner")
@@ -299,16 +299,26 @@ class Learner:
             return
         reward = self.rewards[reaction]
         x = learning_input(decision["features"], candidate)
+        skipped = []
         for version, model in self.lineup.learning:
+            before = model.n_skipped
             try:
                 model.learn_one(x, reward)
             except Exception as error:  # noqa: BLE001 - one bad example must not stop ingest
                 log.warning("model %s could not learn decision %s: %s", version, decision_id, error)
                 continue
+            if model.n_skipped != before:
+                skipped.append(version)
+                SKIPPED.labels(version).inc()
+                continue
             counter = self._learned.get(version)
             if counter is None:
                 counter = self._learned[version] = LEARNED.labels(version)
             counter.inc()
+        if skipped:
+            log.warning("models %s did not learn tip %s of decision %s (tipstream_rewards_skipped_total): a feature "
+                        "number is not finite or is beyond +-%s, which /score refuses; look at who published the "
+                        "decision", ", ".join(skipped), tip_id, decision_id, INPUT_BOUND_TEXT)
         self.lineup.prior.update(tip_id, reward)
         self._learn_seq += 1
         entry.credits = {**(credits or {}), tip_id: reward}

@@ -28,7 +28,7 @@ FEATURE_CACHE = LoopCounter(
 )
 CHAMPION_ERRORS = LoopCounter(
     "tipstream_champion_errors_total", "/score requests the champion scored with a NaN or an infinity (a model "
-    "that diverged): ranked by the popularity prior instead.", registry=_r,
+    "that diverged), or failed to score: ranked by the popularity prior instead.", registry=_r,
 )
 SHADOW_ERRORS = LoopCounter(
     "tipstream_shadow_errors_total", "Shadow scorings that failed (the answer was unaffected).", registry=_r
@@ -58,6 +58,11 @@ FEEDBACK = LoopCounter(
     ["outcome"], registry=_r,
 )
 LEARNED = LoopCounter("tipstream_rewards_learned_total", "learn_one calls, by model version.", ["version"], registry=_r)
+SKIPPED = LoopCounter(
+    "tipstream_rewards_skipped_total", "Rewards a model did not learn, by model version: the example held a number "
+    "that is not finite or is beyond +-1e9 (learning it would have made the weights NaN).",
+    ["version"], registry=_r,
+)
 JOIN_CACHE = Gauge("tipstream_join_cache_decisions", "Decisions held for joining feedback.", registry=_r)
 PENDING = Gauge("tipstream_feedback_pending", "Feedback waiting for its decision.", registry=_r)
 MODEL_SNAPSHOT_SECONDS = Histogram(

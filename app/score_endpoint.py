@@ -136,14 +136,14 @@ class ScoreEndpoint:
                       properties:
                         tip_id: {type: string, minLength: 1, maxLength: 128}
                         category: {type: string, maxLength: 64}
-                        features: {type: object, description: "the candidate's own inputs: numbers, strings, booleans"}
+                        features: {type: object, description: "the candidate's own inputs: numbers (finite, -1e9 to 1e9), strings, booleans"}
                   context:
                     type: object
                     additionalProperties: false
                     properties:
                       now: {type: string, format: date-time, description: with a UTC offset; default the clock}
                       tasks: {type: array, maxItems: 1000}
-                  profile_features: {type: object, description: fill profile features the server lacks}
+                  profile_features: {type: object, description: "fill profile features the server lacks: finite numbers, -1e9 to 1e9"}
                   explore: {type: boolean, default: true}
         responses:
           200: {description: '{decision_id, model_version, ranked: [{tip_id, score, propensity}], features, caller_features}'}

@@ -42,7 +42,7 @@ from app.decisions import DECISION_TYPE, candidate_input, encode, new_decision_i
 from app.learning_metrics import CHAMPION_ERRORS, FEATURE_CACHE, SHADOW_DISAGREEMENTS, SHADOW_ERRORS
 from app.lineup import Lineup
 from models.policy import Greedy, Policy
-from models.reward import PopularityPrior
+from models.reward import INPUT_BOUND, INPUT_BOUND_TEXT, PopularityPrior
 from streams.features import CONTEXT_FEATURES, FEATURE_NAMES, FEATURES, Snapshot, context_features, snapshot
 from streams.fold import DAY_MS, SIGNAL_KINDS, UserState, to_ms
 from streams.store import OnlineStore
@@ -60,9 +60,22 @@ Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 FeatureName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]*$")]
 
 
+_OUT_OF_BOUNDS = f"must be a finite number between -{INPUT_BOUND_TEXT} and {INPUT_BOUND_TEXT}"
+
+
+def _bounded(value: float) -> float:
+    # pydantic's JSON parser reads NaN, Infinity and 1e400 (as inf) into floats; one such number
+    # learned turned every model's predictions NaN, for every user (see `TipModel.learn_one`).
+    if not -INPUT_BOUND <= value <= INPUT_BOUND:  # NaN fails it too
+        raise ValueError(_OUT_OF_BOUNDS)
+    return value
+
+
 def _scalar(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float)):
+    if value is None or isinstance(value, bool):
         return value
+    if isinstance(value, (int, float)):
+        return _bounded(value)
     if isinstance(value, str):
         if len(value) > 128:
             raise ValueError("a text feature may have at most 128 characters")
@@ -73,7 +86,7 @@ def _scalar(value: Any) -> Any:
 def _number(value: Any) -> float | int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError("must be a number")
-    return value
+    return _bounded(value)
 
 
 class _Body(BaseModel):
@@ -289,14 +302,14 @@ class Scorer:
         new = first is None or first > now_ms - NEW_USER_MS
         return snap.values_at(now_ms), snap.fallbacks, new
 
-    def _champion_failed(self, bad: float) -> None:
+    def _champion_failed(self, what: str) -> None:
         CHAMPION_ERRORS.inc()
         now = time.monotonic()
         if now - self._champion_warned_at >= 60.0:
             self._champion_warned_at = now
-            log.error("champion %s scored %r, not a finite number: /score ranks by the popularity prior until it "
-                      "is replaced. Run `tipstream models rollback` (or promote a shadow); "
-                      "tipstream_champion_errors_total counts the requests.", self.lineup.champion_version, bad)
+            log.error("champion %s %s: /score ranks by the popularity prior until it is replaced. Run "
+                      "`tipstream models rollback` (or promote a shadow); tipstream_champion_errors_total counts the "
+                      "requests.", self.lineup.champion_version, what)
 
     def score(self, request: ScoreRequest) -> Scored:
         user_id = request.user_id
@@ -328,17 +341,25 @@ class Scorer:
         lineup = self.lineup
         prior = lineup.prior
         reactions = state.count("tip.reacted") if state is not None else 0
-        model_scores = lineup.champion.predict_many(xs, shared=shared)
-        scores = blend_many(prior, tips, model_scores, reactions)
         policy = self.policy if request.explore else self.greedy
+        failed: str | None = None
         try:
-            samples = prior.thompson_samples(tips, model_scores, reactions) if policy.name == "thompson" else None
-            order, propensities = policy.rank(scores, self.rng, samples)
-        except ValueError:  # a champion that diverged scores NaN: rank by the prior alone, loudly
-            bad = next((s for s in model_scores if not math.isfinite(s)), None)
-            if bad is None:
-                raise  # not the champion's doing
-            self._champion_failed(bad)
+            model_scores = lineup.champion.predict_many(xs, shared=shared)
+        except (ArithmeticError, ValueError) as error:  # e.g. int(inf) for an hour bucket: as diverged, not a 500
+            failed = f"failed: {type(error).__name__}: {error}"
+            model_scores = [math.nan] * len(tips)
+        else:
+            scores = blend_many(prior, tips, model_scores, reactions)
+            try:
+                samples = prior.thompson_samples(tips, model_scores, reactions) if policy.name == "thompson" else None
+                order, propensities = policy.rank(scores, self.rng, samples)
+            except ValueError:  # a champion that diverged scores NaN
+                bad = next((s for s in model_scores if not math.isfinite(s)), None)
+                if bad is None:
+                    raise  # not the champion's doing
+                failed = f"scored {bad!r}, not a finite number"
+        if failed is not None:  # rank by the prior alone, loudly
+            self._champion_failed(failed)
             scores = [prior.mean(tip) for tip in tips]  # the decision logs the champion's own (null)
             samples = prior.thompson_samples(tips, None, reactions) if policy.name == "thompson" else None
             order, propensities = policy.rank(scores, self.rng, samples)

@@ -77,6 +77,11 @@ DEFAULT_INTERACTIONS: tuple[tuple[str, str], ...] = (
     ("tip_id", "preferred_hour"),
     ("user_id", "category"),
 )
+# The largest magnitude a numeric input may have; /score refuses more, and `learn_one` skips it.
+# Far above any real feature (`seconds_since_active` tops out at 30 days, 2.6e6 s), and far below
+# where the scaler's squared deviations overflow (~1e154): one such example made every weight NaN.
+INPUT_BOUND_TEXT = "1e9"  # as error messages write it
+INPUT_BOUND = float(INPUT_BOUND_TEXT)
 _MISSING = object()
 CANDIDATE_CACHE_ENTRIES = 100_000  # over all cross plans; ~0.5 KB each
 _MAGIC = {"TipModel": b"tipstream:TipModel:1\n", "PopularityPrior": b"tipstream:PopularityPrior:1\n"}
@@ -332,12 +337,15 @@ class TipModel:
 
     Inputs are flat dicts: `str` values are categorical (one-hot, River's `name_value`
     naming), numbers and bools are numeric (standard-scaled), `None` means missing.
-    Learn through `learn_one` only: it keeps the fast path's copy of the scaler's moments.
+    Learn through `learn_one` only: it keeps the fast path's copy of the scaler's moments,
+    and skips (`n_skipped`) an example whose numbers would make the weights NaN.
 
     >>> model = TipModel(kind="fm", n_factors=4, seed=1)
     >>> model.params["kind"], model.clone().params == model.params
     ('fm', True)
     """
+
+    n_skipped = 0  # snapshots from before skipping existed have none of their own
 
     def __init__(
         self,
@@ -406,6 +414,7 @@ class TipModel:
         # name -> (mean, std) of the scaler, refreshed by learn_one: one lookup per feature when predicting.
         self._moments: dict[str, tuple[float, float]] = {}
         self.n_learned = 0
+        self.n_skipped = 0
         self._inputs: dict[str, str] = {}  # input name -> "numeric" | "categorical", as seen in learn_one
         if self._fm and latents == "categorical":
             self.classifier.categorical_only = True
@@ -613,30 +622,42 @@ class TipModel:
 
         River's log loss reads a float label 0 < y < 1 as False, so a soft label cannot be
         passed directly; two weighted binary steps give the same expected gradient.
+
+        An example with a number that is not finite or beyond `INPUT_BOUND` changes nothing and
+        counts in `n_skipped`: learning it would make the weights NaN, and with them every later
+        prediction, for every user. Decisions logged before /score refused such numbers may
+        still carry them. (Bounded inputs keep the weights finite: AdaGrad's step is at most the
+        learning rate, and the scaler's squares stay far from overflowing.)
         """
         reward = _check_reward(reward)
         numeric = {}
         inputs = self._inputs
+        unseen: list[tuple[str, str]] = []  # recorded only once the example is known to be learned
         for k, v in x.items():
             tv = type(v)
             if tv is str or (tv is not float and tv is not int and isinstance(v, str)):
                 if k not in inputs:
-                    inputs[k] = "categorical"
+                    unseen.append((k, "categorical"))
             elif v is not None:
                 # exact type checks first: the ABC check costs ~1 us per feature
                 if tv is not float and tv is not int and not isinstance(v, numbers.Real):
                     raise TypeError(f"feature {k!r} must be a number, a string or None; got {type(v).__name__}")
+                if not -INPUT_BOUND <= v <= INPUT_BOUND:  # NaN fails it too
+                    self.n_skipped += 1
+                    return
                 numeric[k] = v
                 if k not in inputs:
-                    inputs[k] = "numeric"
-                    if self._fm and self.classifier.categorical_only:
-                        self.classifier.linear_only.add(k)
+                    unseen.append((k, "numeric"))
         # As in a River pipeline, the unsupervised scaler learns x before transforming it. It
         # learns once, however many weighted steps the classifier takes.
         self.scaler.learn_one(numeric)
         means, vars_, moments = self.scaler.means, self.scaler.vars, self._moments
         for k in numeric:
             moments[k] = (means[k], vars_[k] ** 0.5)
+        for k, use in unseen:
+            inputs[k] = use
+            if use == "numeric" and self._fm and self.classifier.categorical_only:
+                self.classifier.linear_only.add(k)
         self._forget_user_steps(x)
         t = self._features(x, self.interactions._plan0)
         if reward > 0.0:

@@ -608,3 +608,38 @@ def test_an_fm_example_without_categorical_inputs_learns_its_weights_and_no_late
     assert set(latents) == set(before) == {"user_id_u", "category_focus"}
     assert all(np.array_equal(latents[name], before[name]) for name in before)
     assert model.classifier.weights["hour_of_day"] != hour_weight
+
+
+def _probes() -> list[dict]:
+    return [{"tip_id": "a", "user_id": "u1", "len": 30.0}, {"tip_id": "c", "user_id": "u9", "category": "focus"}]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 1e160, -1e308, 10**400],
+                         ids=["nan", "inf", "-inf", "1e160", "-1e308", "10**400"])
+def test_an_example_with_a_non_finite_or_huge_number_is_skipped_and_counted(kind: str, value: float) -> None:
+    model = TipModel(kind=kind)
+    for _ in range(5):
+        model.learn_one({"tip_id": "a", "user_id": "u1", "category": "focus", "len": 30.0}, 1.0)
+    twin = TipModel.from_bytes(model.to_bytes())
+    before = [model.predict_one(x) for x in _probes()]
+    # One caller's huge number, then any ordinary example: before, both made every prediction NaN.
+    model.learn_one({"tip_id": "a", "user_id": "u2", "len": value, "big": value}, 1.0)
+    assert (model.n_learned, model.n_skipped) == (5, 1)
+    assert [model.predict_one(x) for x in _probes()] == before
+    assert "big" not in model.feature_names  # nothing of the example was kept
+    for m in (model, twin):
+        m.learn_one({"tip_id": "b", "user_id": "u3", "len": 31.0}, 0.0)
+    assert (model.n_learned, model.n_skipped) == (6, 1)
+    after = [model.predict_one(x) for x in _probes()]
+    assert all(math.isfinite(p) for p in after)
+    assert after == [twin.predict_one(x) for x in _probes()]  # as if the bad example had never come
+
+
+def test_a_snapshot_from_before_skipping_existed_counts_from_zero() -> None:
+    model = TipModel()
+    del model.__dict__["n_skipped"]  # as unpickled from an older snapshot
+    old = TipModel.from_bytes(model.to_bytes())
+    assert old.n_skipped == 0
+    old.learn_one({"tip_id": "a", "len": math.inf}, 1.0)
+    assert (old.n_learned, old.n_skipped) == (0, 1)

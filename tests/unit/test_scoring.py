@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import doctest
+import math
 import random
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -65,6 +66,29 @@ def test_bad_requests_name_the_field(body: bytes, field: str) -> None:
     with pytest.raises(RequestError) as error:
         parse_request(body)
     assert error.value.field == field and str(error.value).startswith(f"{field}: ")
+
+
+
+@pytest.mark.parametrize("value", [b"NaN", b"Infinity", b"-Infinity", b"1e160", b"1e400", b"-1000000000.5",
+                                   b"1" + b"0" * 400], ids=lambda v: v.decode()[:12])
+@pytest.mark.parametrize("fragment, field", [
+    (b'"candidates": [{"tip_id": "a", "features": {"len": %s}}]', "candidates.0.features.len"),
+    (b'"candidates": [{"tip_id": "a"}], "profile_features": {"preferred_hour": %s}', "profile_features.preferred_hour"),
+], ids=["candidate", "profile"])
+def test_numbers_that_are_not_finite_or_too_large_are_refused_with_the_bound(
+        value: bytes, fragment: bytes, field: str) -> None:
+    # Raw bytes: pydantic's JSON parser reads NaN and Infinity literals as floats.
+    with pytest.raises(RequestError) as error:
+        parse_request(b'{"user_id": "u", ' + fragment % value + b"}")
+    assert error.value.field == field
+    assert error.value.message == "must be a finite number between -1e9 and 1e9"
+
+
+def test_numbers_at_the_bound_are_accepted() -> None:
+    request = parse_request(b'{"user_id": "u", "candidates": [{"tip_id": "a", "features": {"len": 1e9, "n": -1000000000,'
+                            b' "ok": true, "t": "x"}}], "profile_features": {"preferred_hour": -1e9}}')
+    assert request.candidates[0].features == {"len": 1e9, "n": -1_000_000_000, "ok": True, "t": "x"}
+    assert request.profile_features == {"preferred_hour": -1e9}
 
 
 def _event(i: int, kind: str, ts: str, user: str = "u-1", **data: Any) -> Any:
@@ -180,6 +204,37 @@ def test_a_champion_that_diverged_is_answered_around_by_the_prior_and_counted(
         assert logged["a"] is None and logged["b"] is not None  # the log says what the champion did
     errors = [r for r in caplog.records if r.name == "tipstream.scoring"]
     assert len(errors) == 1 and "tipstream models rollback" in errors[0].getMessage()
+
+
+
+def test_a_champion_that_fails_to_score_is_answered_around_by_the_prior_and_counted(
+        lineup: Lineup, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from app.learning_metrics import CHAMPION_ERRORS
+    from app.scoring import Candidate, ScoreRequest
+
+    lineup.prior.update("a", 0.0)
+    lineup.prior.update("b", 1.0)
+    scorer = Scorer(OnlineStore(), lineup, make_policy("thompson"), random.Random(1), feature_cache_users=0)
+    before = CHAMPION_ERRORS.value
+    # What a request validated before numbers were bounded did: int(inf) for an hour bucket.
+    unchecked = ScoreRequest.model_construct(user_id="u-1", candidates=[Candidate(tip_id="a"), Candidate(tip_id="b")],
+                                             context=None, profile_features={"preferred_hour": math.inf},
+                                             explore=False)
+    overflowed = scorer.score(unchecked)
+
+    def failing(*args: Any, **kwargs: Any) -> list[float]:
+        raise ValueError("cannot convert float NaN to integer")
+
+    monkeypatch.setattr(lineup.champion, "predict_many", failing)
+    failed = scorer.score(_request())
+    assert CHAMPION_ERRORS.value == before + 2
+    for scored in (overflowed, failed):
+        assert {r["tip_id"] for r in scored.response["ranked"]} == {"a", "b"}
+        assert sum(r["propensity"] for r in scored.response["ranked"]) == pytest.approx(1.0)
+        assert [r["model_score"] for r in orjson.loads(scored.payload)["ranked"]] == [None, None]
+    assert [r["tip_id"] for r in overflowed.response["ranked"]] == ["b", "a"]  # the prior's order
+    errors = [r.getMessage() for r in caplog.records if r.name == "tipstream.scoring"]
+    assert len(errors) == 1 and "OverflowError" in errors[0] and "tipstream models rollback" in errors[0]
 
 
 class FakeNats:

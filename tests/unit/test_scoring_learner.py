@@ -21,7 +21,7 @@ from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.db import make_engine
 from app.decisions import LoggedDecision, TipScoresLog
 from app.learner import Learner
-from app.learning_metrics import FEEDBACK
+from app.learning_metrics import FEEDBACK, SKIPPED
 from app.lineup import Lineup
 from app.registry_store import RegistryStore
 from app.scoring import Scorer, parse_request
@@ -108,6 +108,29 @@ def test_feedback_trains_champion_and_shadow_once_per_decision_and_tip(world: Wo
     # Learned from the features as served: the model's input is the logged decision's.
     assert world.lineup.champion.feature_names == sorted(
         set(orjson.loads(scored.payload)["features"]) | {"tip_id"})
+
+
+
+def test_a_logged_example_with_a_huge_number_is_skipped_counted_and_poisons_no_model(
+        world: World, caplog: pytest.LogCaptureFixture) -> None:
+    # A decision logged before numbers were bounded, read back from the stream: a replay.
+    scored = world.score(serve=False)
+    decision = orjson.loads(scored.payload)
+    decision["ranked"][0]["features"] = {"len": 1e160}
+    poisoned = decision["ranked"][0]["tip_id"]
+    skipped = {v: SKIPPED.labels(v).value for v in ("v1", "v2")}
+    world.learner.add_logged(LoggedDecision(scored.decision_id, orjson.dumps(decision)))
+    world.react(scored.decision_id, poisoned)
+    later = world.score()
+    world.react(later.decision_id, "a")
+    assert {v: SKIPPED.labels(v).value - skipped[v] for v in skipped} == {"v1": 1, "v2": 1}
+    assert {v: (m.n_learned, m.n_skipped) for v, m in world.lineup.learning} == {"v1": (1, 1), "v2": (1, 1)}
+    for _, model in world.lineup.learning:
+        assert 0.0 < model.predict_one({"tip_id": "zz", "user_id": "u-7"}) < 1.0
+    other = world.score(user="u-9", tips=("x", "y"))
+    assert all(c["model_score"] is not None for c in orjson.loads(other.payload)["ranked"])
+    warnings = [r.getMessage() for r in caplog.records if r.name == "tipstream.learner"]
+    assert len(warnings) == 1 and scored.decision_id in warnings[0] and "v1, v2" in warnings[0]
 
 
 def test_feedback_before_its_decision_waits_then_joins(world: World) -> None:
