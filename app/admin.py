@@ -13,11 +13,12 @@ registry's own message (it names the CLI command that fixes it).
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
@@ -55,8 +56,19 @@ class ChangeBody(BaseModel):
     note: str = Field("", max_length=1000)
 
 
+_VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _version_name(name: str) -> str:
+    # Every later change names the version in a URL path; a name no path can carry could never
+    # be promoted or retired, and versions are immutable.
+    if not _VERSION_NAME.fullmatch(name):
+        raise ValueError("a version name is letters, digits, '.', '_' and '-', starting with a letter or digit")
+    return name
+
+
 class RegisterBody(ChangeBody):
-    version: str = Field(min_length=1, max_length=64)
+    version: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_version_name)]
     kind: str = "logreg"
     params: dict[str, Any] = Field(default_factory=dict)
 

@@ -78,7 +78,8 @@ async def user_features(request: Request) -> Response:
         try:
             at = _AT.validate_python(raw_at)
         except ValidationError:
-            return _error(422, "at", f"'at' must be an ISO 8601 time with a UTC offset, got {raw_at!r}")
+            hint = " (a '+' in a query string reads as a space: write it %2B)" if " " in raw_at else ""
+            return _error(422, "at", f"'at' must be an ISO 8601 time with a UTC offset, got {raw_at!r}{hint}")
     state = request.app.state.service.store.state_of(user_id)
     values = evaluate(state, to_ms(at))
     return JSONResponse({

@@ -252,6 +252,7 @@ class Service:
                 log.info("NATS connection closed uncleanly (%s)", error)
         if self.embedded:
             await self.embedded.astop()
+            (self.settings.data_dir / "nats.url").unlink(missing_ok=True)
         self.engine.dispose()
 
     async def _on_reconnected(self) -> None:

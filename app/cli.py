@@ -7,7 +7,9 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -55,12 +57,23 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
+    from alembic.util import CommandError
+
     from app import migrate
     from app.settings import get_settings
 
     url = get_settings().sqlalchemy_url
-    (migrate.downgrade if args.revision == "base" else migrate.upgrade)(url, args.revision)
-    print(f"database at {args.revision}: {url}")
+    try:
+        (migrate.downgrade if args.revision == "base" else migrate.upgrade)(url, args.revision)
+    except CommandError as error:
+        print(f"{error} (known: head, base, or a revision under migrations/versions)", file=sys.stderr)
+        return 2
+    now = migrate.current(url)
+    print(f"database at {now or 'base'}: {url}")
+    if args.revision not in ("head", "base", now):
+        print(f"{args.revision} is older than {now}; migrate only upgrades. To go back: "
+              f"`.venv/bin/alembic downgrade {args.revision}`.", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -70,6 +83,19 @@ def _docs(args: argparse.Namespace) -> int:
     for path in write_docs(Path(args.out)):
         print(f"wrote {path}")
     return 0
+
+
+def _at_least(low: float, kind: type = int) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,11 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(func=_run)
 
     sim = commands.add_parser("simulate", help="publish synthetic user traffic through JetStream")
-    sim.add_argument("--users", type=int, default=1000)
-    sim.add_argument("--rate", type=float, default=1000.0, help="events per second (0: as fast as possible)")
-    sim.add_argument("--count", type=int, help="stop after this many events")
-    sim.add_argument("--duration", type=float, help="stop after this many seconds")
-    sim.add_argument("--seed", type=int, default=1)
+    sim.add_argument("--users", type=_at_least(1), default=1000)
+    sim.add_argument("--rate", type=_at_least(0, float), default=1000.0, help="events per second (0: as fast as possible)")
+    sim.add_argument("--count", type=_at_least(1), help="stop after this many events")
+    sim.add_argument("--duration", type=_at_least(0, float), help="stop after this many seconds")
+    sim.add_argument("--seed", type=int, default=1,
+                     help="draws the users and what they do; each run's event ids are its own, so a run can repeat")
     sim.add_argument("--nats-url", help="default: NATS_URL, else the running embedded server's")
     sim.add_argument("--quiet", action="store_true", help="no progress display")
     sim.add_argument("--pregenerate", action="store_true",
@@ -95,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     sim.set_defaults(func=_simulate)
 
     mig = commands.add_parser("migrate", help="apply migrations (alembic)")
-    mig.add_argument("revision", nargs="?", default="head", help="head (default), a revision, or base")
+    mig.add_argument("revision", nargs="?", default="head",
+                     help="head (default), a revision, or base (drops every table: stop the service first)")
     mig.set_defaults(func=_migrate)
 
     docs = commands.add_parser("docs", help="regenerate docs/events.schema.json and docs/features.md")

@@ -54,9 +54,20 @@ def pregenerated(population: Population, rate: float, count: int | None,
 
 async def simulate(users: int, rate: float, count: int | None, duration: float | None, seed: int,
                    nats_url: str | None, progress: bool = True, pregenerate: bool = False) -> int:
-    nc = await nats.connect(resolve_nats_url(nats_url), name="tipstream-simulate")
+    url = resolve_nats_url(nats_url)
+
+    async def quiet(error: Exception) -> None:
+        pass
+
+    try:  # a nats.url left by a stopped service must fail fast, not retry for two minutes
+        nc = await nats.connect(url, name="tipstream-simulate", max_reconnect_attempts=3,
+                                reconnect_time_wait=0.5, connect_timeout=5, error_cb=quiet)
+    except (OSError, nats.errors.NoServersError) as error:
+        raise SystemExit(f"No NATS server answers at {url} ({error}): start `tipstream run`, or pass --nats-url.")
     js = nc.jetstream(publish_async_max_pending=4_000)
-    population = Population(users=users, seed=seed)
+    # Event ids of this run's own: a second run with the same seed sends the same traffic again,
+    # which JetStream (and tipstream after it) would drop as duplicates of the first.
+    population = Population(users=users, seed=seed, run=f"{time.time_ns():x}")
     started = time.monotonic()
     total = count
     with Progress(TextColumn("simulate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),

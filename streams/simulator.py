@@ -86,9 +86,10 @@ def expected_reward(user: SimUser, tips: Sequence[str], rewards: Mapping[str, fl
 
 class Population:
     def __init__(self, users: int, seed: int = 1, user_prefix: str = "u",
-                 mix: Mapping[str, float] = EVENT_MIX, traffic_seed: int | None = None) -> None:
+                 mix: Mapping[str, float] = EVENT_MIX, traffic_seed: int | None = None, run: str = "") -> None:
         """`seed` draws the users (time zones, rhythms, tastes) and, unless `traffic_seed` is given,
-        what they do; event ids are unique per (`seed`, `traffic_seed`).
+        what they do; event ids are unique per (`seed`, `traffic_seed`, `run`): a `run` of its own
+        lets the same traffic be sent again, which JetStream would otherwise drop as duplicates.
 
         >>> first, second = Population(3, seed=7, traffic_seed=1), Population(3, seed=7, traffic_seed=2)
         >>> [user.taste for user in first.users] == [user.taste for user in second.users]
@@ -101,10 +102,11 @@ class Population:
         self.users = [self._make_user(f"{user_prefix}-{i}") for i in range(users)]
         self.tips = tip_ids()
         self._seq = 0
-        self._prefix = f"sim{seed}-{user_prefix}"
+        run = f".{run}" if run else ""
+        self._prefix = f"sim{seed}{run}-{user_prefix}"
         if traffic_seed is not None:
             self.rng.seed(traffic_seed)
-            self._prefix = f"sim{seed}.{traffic_seed}-{user_prefix}"
+            self._prefix = f"sim{seed}.{traffic_seed}{run}-{user_prefix}"
 
     def _make_user(self, user_id: str) -> SimUser:
         rng = self.rng

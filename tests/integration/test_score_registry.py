@@ -72,6 +72,9 @@ async def test_register_shadow_promote_rollback_with_cards_and_history(start_ser
         value = evaluated.json()["offline_metrics"]["policy_value"]["as_champion"]
         assert value["decisions"] == 60 and 0 < value["logged_reward"] < 1 and value["greedy"]["agreed"] > 0
 
+        unreachable = await http.post("/admin/models", headers=AUTH, json={"version": "../x y"})
+        assert unreachable.status_code == 422 and unreachable.json()["field"] == "version"  # no path could name it
+        assert "letters, digits" in unreachable.json()["error"]
         registered = await http.post("/admin/models", headers=AUTH, json={
             "version": "v2", "kind": "fm", "params": {"learning_rate": 0.05, "n_factors": 4}, "actor": "alice"})
         assert registered.status_code == 200, registered.text

@@ -1,0 +1,66 @@
+"""The operator's commands fail fast with a message that says what to do (app/cli.py, app/models_cli.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app import migrate
+from app.cli import main
+from tests.conftest import free_port
+
+TIPSTREAM = str(Path(sys.executable).parent / "tipstream")
+
+
+def test_simulate_against_no_server_says_so_at_once(tmp_path: Path) -> None:
+    # A nats.url left behind by a service that has stopped: nothing listens there.
+    (tmp_path / "nats.url").write_text(f"nats://127.0.0.1:{free_port()}")
+    done = subprocess.run([TIPSTREAM, "simulate", "--count", "5", "--quiet"], capture_output=True, text=True,
+                          timeout=60, env={"PATH": "/usr/bin:/bin", "TIPSTREAM_DATA_DIR": str(tmp_path)})
+    assert done.returncode == 1
+    assert "No NATS server answers at nats://127.0.0.1:" in done.stderr and "--nats-url" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("argv", "problem"), [
+    (["--users", "0"], "--users: must be at least 1, got 0"),
+    (["--rate", "-5"], "--rate: must be at least 0, got -5"),
+    (["--count", "many"], "--count: 'many' is not a number"),
+])
+def test_simulate_refuses_bad_arguments(argv: list[str], problem: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["simulate", "--count", "5", *argv])
+    assert exited.value.code == 2 and problem in capsys.readouterr().err
+
+
+def test_migrate_says_where_the_database_is_and_does_not_pretend_to_go_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.setenv("DATABASE_URL", url)
+    from app.settings import get_settings
+
+    get_settings.cache_clear()
+    try:
+        assert main(["migrate"]) == 0
+        head = migrate.current(url)
+        assert head is not None and capsys.readouterr().out == f"database at {head}: {url}\n"
+        assert main(["migrate", "0001"]) == 1
+        out, err = capsys.readouterr()
+        assert out == f"database at {head}: {url}\n" and "alembic downgrade 0001" in err
+        assert migrate.current(url) == head
+        assert main(["migrate", "nope"]) == 2
+        assert "nope" in capsys.readouterr().err
+    finally:
+        get_settings.cache_clear()
+
+
+def test_reading_the_registry_where_there_is_no_database_creates_none(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))
+    with pytest.raises(SystemExit, match="No tipstream database at sqlite:///.*: run this where the service runs"):
+        main(["models", "list"])
+    assert not (tmp_path / "data").exists()
