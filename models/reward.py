@@ -368,6 +368,11 @@ class TipModel:
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {optimizer!r}")
         learning_rate = DEFAULT_LEARNING_RATE[optimizer] if learning_rate is None else learning_rate
+        for name, value in (("learning_rate", learning_rate), ("l2", l2), ("intercept_lr", intercept_lr),
+                            ("n_factors", n_factors), ("seed", seed), ("user_forgetting", user_forgetting),
+                            ("hour_bucket", hour_bucket)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):  # '"fast" > 0' says nothing useful
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if not learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
         if latents not in ("categorical", "all"):

@@ -157,6 +157,10 @@ def test_bad_params_are_refused() -> None:
         TipModel(learning_rate=0)
     with pytest.raises(ValueError, match="hour_bucket"):
         TipModel(hour_bucket=0)
+    with pytest.raises(ValueError, match="learning_rate must be a number, got 'fast'"):
+        TipModel(learning_rate="fast")
+    with pytest.raises(ValueError, match="n_factors must be a number, got True"):
+        TipModel(kind="fm", n_factors=True)
 
 
 @pytest.mark.parametrize("kind", KINDS)
