@@ -89,8 +89,16 @@ def policy_value(decisions: list[Decision], version: str) -> dict[str, Any]:
 
     The reward of a decision is that of the tip served first (0 when only other tips got a
     reaction); decisions nobody reacted to are not counted, as the learner does not learn
-    from silence. As champion, the version's choice is its best-scored tip; as shadow, its
-    logged first tip, compared with the champion's best on the same decisions.
+    from silence. As shadow, the version's choice is its logged first tip, compared with the
+    champion's best on the same decisions; as champion, its best-scored tip.
+
+    Ties: the champion without exploration puts the first of equal scores in the caller's
+    order first, and that order is not logged (the served order moves an explored tip to the
+    front). So the target is greedy with ties broken at random: each of k tips sharing the
+    best score is its choice with probability 1/k. That is what greedy earns on average over
+    the callers' orders; it differs from greedy in the caller's order only where that order
+    says something about the reward. Ties are common: every tip nobody has reacted to scores
+    the base rate. (The shadow's logged first already breaks its ties as it would.)
 
     >>> decision = {"model_version": "v1", "shadow": {"version": "v2", "first": "b"},
     ...             "ranked": [{"tip_id": "a", "score": 0.9, "propensity": 0.95},
@@ -100,38 +108,53 @@ def policy_value(decisions: list[Decision], version: str) -> dict[str, Any]:
     (1, 1.0, 0)
     >>> report["as_shadow"]["champion_greedy"]["snips"]
     1.0
+
+    Three tips tie, and the explored "c" was served: greedy would have served it one time in three.
+
+    >>> tied = {"model_version": "v1", "ranked": [{"tip_id": t, "score": 0.5, "propensity": p}
+    ...                                           for t, p in (("c", 0.1), ("a", 0.8), ("b", 0.1))]}
+    >>> greedy = policy_value([(tied, {"c": 1.0})], "v1")["as_champion"]["greedy"]
+    >>> greedy["agreed"], round(greedy["ips"], 4)  # one decision, weighed (1/3) / 0.1
+    (1, 3.3333)
     >>> policy_value([({**decision, "ranked": [{"tip_id": "a", "score": 0.9, "propensity": 0.0}]}, {})], "v1")
     {'source': 'inverse propensity scoring over the rewarded decision log (tip_scores)', 'skipped_without_propensity': 1}
     """
-    as_champion, as_shadow = [], []
+    as_champion: list[offpolicy.Logged] = []
+    as_shadow: list[tuple[offpolicy.Logged, offpolicy.Logged]] = []
     unusable = 0
     for decision, rewards in decisions:
-        served = decision["ranked"][0]
+        ranked = decision["ranked"]
+        served = ranked[0]
         if not 0.0 < served.get("propensity", 0.0) <= 1.0:
             unusable += 1  # logged without a usable propensity: it can weigh nothing
             continue
-        best = max(decision["ranked"], key=lambda candidate: candidate["score"])["tip_id"]
-        logged = (served["tip_id"], float(served["propensity"]), float(rewards.get(served["tip_id"], 0.0)), best)
+        propensities = {c["tip_id"]: float(c.get("propensity", 0.0)) for c in ranked}
+        top = max(c["score"] for c in ranked)
+        best = [c["tip_id"] for c in ranked if c["score"] == top]
+        greedy = {tip: 1.0 / len(best) for tip in best}
+        tip = served["tip_id"]
+        reward = float(rewards.get(tip, 0.0))
+        logged = (greedy, propensities, tip, reward)
         if decision.get("model_version") == version:
             as_champion.append(logged)
         shadow = decision.get("shadow") or {}
         if shadow.get("version") == version:
-            as_shadow.append((logged, shadow["first"]))
+            as_shadow.append((logged, ({shadow["first"]: 1.0}, propensities, tip, reward)))
     report: dict[str, Any] = {"source": "inverse propensity scoring over the rewarded decision log (tip_scores)"}
     if unusable:
         report["skipped_without_propensity"] = unusable
     if as_champion:
         report["as_champion"] = {
             "decisions": len(as_champion),
-            "logged_reward": sum(r for _, _, r, _ in as_champion) / len(as_champion),
-            "greedy": offpolicy.estimate((best == tip, p, r) for tip, p, r, best in as_champion).to_dict(),
+            "logged_reward": sum(r for *_, r in as_champion) / len(as_champion),
+            "greedy": offpolicy.estimate(as_champion).to_dict(),
         }
     if as_shadow:
         report["as_shadow"] = {
             "decisions": len(as_shadow),
-            "logged_reward": sum(r for (_, _, r, _), _ in as_shadow) / len(as_shadow),
-            "estimate": offpolicy.estimate((first == tip, p, r) for (tip, p, r, _), first in as_shadow).to_dict(),
-            "champion_greedy": offpolicy.estimate((best == tip, p, r) for (tip, p, r, best), _ in as_shadow).to_dict(),
+            "logged_reward": sum(r for (*_, r), _ in as_shadow) / len(as_shadow),
+            "estimate": offpolicy.estimate(own for _, own in as_shadow).to_dict(),
+            "champion_greedy": offpolicy.estimate(champion for champion, _ in as_shadow).to_dict(),
         }
     return report
 

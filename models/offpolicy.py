@@ -1,37 +1,52 @@
 """Off-policy evaluation: what another policy would have earned, from the decisions logged.
 
-Each logged decision served one tip first, with the probability the serving policy gave it
-(its `propensity`), and earned a reward. A deterministic target policy (a shadow's first
-choice, or the champion without exploration) agreed with the served tip or not. Inverse
-propensity scoring re-weights the agreeing decisions by `1 / propensity`:
+Each logged decision served one tip first, drawn by the serving (logging) policy with the
+probability it logged for every candidate (its `propensity`), and earned a reward. A target
+policy (a shadow's first choice, or the champion without exploration) would have put each tip
+first with some probability: 1 for its choice, or 1/k for each of k tips it ranks equal (see
+`app.evaluation.policy_value`). Inverse propensity scoring re-weights each decision's reward
+by `w = target(served) / propensity(served)`, 0 where the target would not have served that tip:
 
-- `ips`: `sum(agree * reward / p) / n`, unbiased when every propensity is right and > 0;
-- `snips` (self-normalised): `sum(agree * reward / p) / sum(agree / p)`, a little biased but
-  far less variable; it is the estimate a card reports, with a 95% interval (delta method);
+- `ips`: `sum(w * reward) / n`, unbiased when every propensity is right and > 0;
+- `snips` (self-normalised): `sum(w * reward) / sum(w)`, a little biased but far less
+  variable; it is the estimate a card reports, with a 95% interval (delta method);
 - `effective_n`: `sum(w) ** 2 / sum(w ** 2)`, how many decisions the estimate is really worth.
 
->>> logged = [(True, 0.9, 1.0), (False, 0.9, 0.0), (True, 0.05, 0.0), (True, 0.9, 0.0)]
+>>> logged = [({"a": 1.0}, {"a": 0.9, "b": 0.1}, "a", 1.0), ({"a": 1.0}, {"a": 0.9, "b": 0.1}, "b", 0.0),
+...           ({"b": 1.0}, {"a": 0.95, "b": 0.05}, "b", 0.0), ({"a": 1.0}, {"a": 0.9, "b": 0.1}, "a", 0.0)]
 >>> value = estimate(logged)
 >>> value.n, value.agreed, round(value.ips, 3), round(value.snips, 3), round(value.effective_n, 2)
 (4, 3, 0.278, 0.05, 1.23)
->>> estimate([(False, 0.5, 1.0)]).snips is None  # the target never agreed: nothing to say
+
+A target that ranks "a" and "b" equal chooses each half the time: a decision serving either
+agrees, at half the weight.
+
+>>> tie = estimate([({"a": 0.5, "b": 0.5}, {"a": 0.5, "b": 0.5}, "b", 1.0),
+...                 ({"a": 0.5, "b": 0.5}, {"a": 0.5, "b": 0.5}, "a", 0.0)])
+>>> tie.agreed, tie.ips, tie.snips
+(2, 0.5, 0.5)
+>>> estimate([({"b": 1.0}, {"a": 0.5, "b": 0.5}, "a", 1.0)]).snips is None  # the target never agreed
 True
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 Z95 = 1.959964
 
+# One decision: the target policy's probability of putting each tip first (tips left out: 0),
+# the logging policy's (the logged propensities), the tip served first and its reward.
+Logged = tuple[Mapping[str, float], Mapping[str, float], str, float]
+
 
 @dataclass(frozen=True, slots=True)
 class PolicyValue:
     n: int  # decisions looked at
-    agreed: int  # of which the target policy would have served the same tip first
+    agreed: int  # of which the target policy could have served the same tip first
     ips: float | None
     snips: float | None
     ci95: tuple[float, float] | None  # around snips, within [0, 1] (rewards are)
@@ -41,20 +56,24 @@ class PolicyValue:
         return asdict(self)
 
 
-def estimate(logged: Iterable[tuple[bool, float, float]]) -> PolicyValue:
-    """`logged`: per decision, (the target agrees with the served tip, its propensity, the reward)."""
+def estimate(logged: Iterable[Logged]) -> PolicyValue:
+    """The value of the target policy of `logged` (see the module's doc)."""
     n = agreed = 0
     weights: list[float] = []
     rewards: list[float] = []
-    for agrees, propensity, reward in logged:
-        n += 1
-        if not agrees:
-            continue
+    for target, propensities, served, reward in logged:
+        propensity = propensities.get(served, 0.0)
         if not 0.0 < propensity <= 1.0:
             raise ValueError(f"the served tip's propensity must be in (0, 1], got {propensity!r}; "
                              "was the decision logged by a policy that never serves it?")
+        n += 1
+        chance = target.get(served, 0.0)
+        if not 0.0 <= chance <= 1.0:
+            raise ValueError(f"the target's probability of a tip must be in [0, 1], got {chance!r}")
+        if chance == 0.0:
+            continue
         agreed += 1
-        weights.append(1.0 / propensity)
+        weights.append(chance / propensity)
         rewards.append(reward)
     if not agreed:
         return PolicyValue(n, 0, 0.0 if n else None, None, None, 0.0)

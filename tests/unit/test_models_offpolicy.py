@@ -19,17 +19,17 @@ def test_doctests() -> None:
     assert doctest.testmod(models.offpolicy, raise_on_error=False).failed == 0
 
 
-def logged_decisions(count: int, epsilon: float, seed: int) -> list[tuple[str, str, float, float]]:
-    """(user kind, served tip, its propensity, reward) under an epsilon-greedy logging policy
-    whose favourite depends on the user: "c" for new users, "b" for busy ones."""
+def logged_decisions(count: int, epsilon: float, seed: int) -> list[tuple[str, str, dict[str, float], float]]:
+    """(user kind, served tip, every tip's propensity, reward) under an epsilon-greedy logging
+    policy whose favourite depends on the user: "c" for new users, "b" for busy ones."""
     rng = random.Random(seed)
     out = []
     for _ in range(count):
         kind = rng.choice(("new", "new", "new", "busy"))
         favourite = "c" if kind == "new" else "b"
         served = rng.choice(TIPS) if rng.random() < epsilon else favourite
-        propensity = (1 - epsilon) * (served == favourite) + epsilon / len(TIPS)
-        out.append((kind, served, propensity, float(rng.random() < REWARD[kind][served])))
+        propensities = {tip: (1 - epsilon) * (tip == favourite) + epsilon / len(TIPS) for tip in TIPS}
+        out.append((kind, served, propensities, float(rng.random() < REWARD[kind][served])))
     return out
 
 
@@ -44,7 +44,7 @@ def true_value(choice: dict[str, str]) -> float:
 ])
 def test_snips_recovers_the_value_of_a_policy_that_was_never_run(choice: dict[str, str]) -> None:
     log = logged_decisions(20_000, epsilon=0.3, seed=4)
-    value = estimate((choice[kind] == served, p, r) for kind, served, p, r in log)
+    value = estimate(({choice[kind]: 1.0}, p, served, r) for kind, served, p, r in log)
     truth = true_value(choice)
     assert value.n == 20_000 and 0 < value.agreed < value.n
     assert value.ci95 is not None and value.ci95[0] <= truth <= value.ci95[1], (value, truth)
@@ -58,14 +58,30 @@ def test_snips_recovers_the_value_of_a_policy_that_was_never_run(choice: dict[st
 def test_estimates_rank_policies_as_their_true_values_do() -> None:
     log = logged_decisions(20_000, epsilon=0.3, seed=11)
     policies = [{"new": n, "busy": b} for n in TIPS for b in TIPS]
-    estimated = {i: estimate((p[kind] == served, q, r) for kind, served, q, r in log).snips for i, p in enumerate(policies)}
+    estimated = {i: estimate(({p[kind]: 1.0}, q, served, r) for kind, served, q, r in log).snips
+                 for i, p in enumerate(policies)}
     best = max(range(len(policies)), key=lambda i: true_value(policies[i]))
     assert max(estimated, key=estimated.__getitem__) == best
 
 
+def test_a_target_that_ties_is_worth_the_mean_of_its_tied_choices() -> None:
+    log = logged_decisions(20_000, epsilon=0.3, seed=5)
+    target = {"new": {"a": 0.5, "c": 0.5}, "busy": {"b": 1.0}}  # new users: "a" or "c", at random
+    value = estimate((target[kind], p, served, r) for kind, served, p, r in log)
+    truth = 0.75 * (REWARD["new"]["a"] + REWARD["new"]["c"]) / 2 + 0.25 * REWARD["busy"]["b"]
+    assert value.ci95 is not None and value.ci95[0] <= truth <= value.ci95[1], (value, truth)
+    assert abs(value.snips - truth) < 0.03 and abs(value.ips - truth) < 0.05
+    # Both tied tips at full weight count the new users twice: IPS near 2 * 0.45 + 0.0875.
+    doubled = estimate(({t: 1.0 for t in target[kind]}, p, served, r) for kind, served, p, r in log)
+    assert abs(doubled.ips - truth) > 0.3
+
+
 def test_no_agreement_gives_no_estimate_and_a_zero_propensity_is_refused() -> None:
-    nothing = estimate([(False, 0.5, 1.0), (False, 0.5, 0.0)])
+    half = {"a": 0.5, "b": 0.5}
+    nothing = estimate([({"b": 1.0}, half, "a", 1.0), ({"b": 1.0}, half, "a", 0.0)])
     assert (nothing.n, nothing.agreed, nothing.snips, nothing.ci95) == (2, 0, None, None)
     assert estimate([]).ips is None
     with pytest.raises(ValueError, match="propensity must be in \\(0, 1\\]"):
-        estimate([(True, 0.0, 1.0)])
+        estimate([({"a": 1.0}, {"a": 0.0, "b": 1.0}, "a", 1.0)])  # served, yet it could not be
+    with pytest.raises(ValueError, match="probability of a tip must be in \\[0, 1\\]"):
+        estimate([({"a": 2.0}, half, "a", 1.0)])

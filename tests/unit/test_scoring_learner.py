@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 import pytest
 
-from app import migrate
+from app import evaluation, migrate
 from app.checkpoint_rows import write_tip_scores
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.db import make_engine
@@ -429,3 +429,29 @@ def test_a_version_registered_learns_the_rewards_the_log_did_not_hold_yet(tmp_pa
     assert again.lineup.models["v3"].n_learned == 7, "the reward that came during the save is replayed"
     w.engine.dispose()
     again.engine.dispose()
+
+
+def cold_decisions(world: World, count: int, pay: dict[str, float]) -> list[tuple[dict[str, Any], dict[str, float]]]:
+    """`count` decisions of tips nobody has reacted to yet, as logged, each with the reward of
+    the tip served first: half over ("a", "b", "c"), whose scores all tie at the base rate, half
+    over "d" alone."""
+    decisions = []
+    for i in range(count):
+        tips = ("a", "b", "c") if i % 2 else ("d",)
+        scored = world.score(user=f"u-{i}", tips=tips, serve=False)
+        served = scored.decision["ranked"][0]["tip_id"]
+        decisions.append((orjson.loads(orjson.dumps(scored.decision)), {served: pay[served]}))
+    return decisions
+
+
+def test_the_greedy_estimate_counts_a_tie_as_a_uniform_choice_among_the_tied(world: World) -> None:
+    world.scorer.policy = make_policy("epsilon_greedy", epsilon=0.3)
+    decisions = cold_decisions(world, 6000, {"a": 0.0, "b": 1.0, "c": 1.0, "d": 0.0})
+    assert len({c["score"] for c in decisions[1][0]["ranked"]}) == 1, "the three tips tie"
+    greedy = evaluation.policy_value(decisions, "v1")["as_champion"]["greedy"]
+    # Served order does not say which tied tip the champion would have put first (the caller's
+    # order is not logged): each of the three is its choice with probability 1/3, worth 2/3;
+    # "d" alone is worth 0. Counting every tied tip as *the* choice weighs tied decisions 3 times.
+    truth = 0.5 * 2 / 3 + 0.5 * 0.0
+    assert greedy["snips"] == pytest.approx(truth, abs=0.03) and greedy["ips"] == pytest.approx(truth, abs=0.03)
+    assert greedy["ci95"][0] <= truth <= greedy["ci95"][1]
