@@ -100,6 +100,10 @@ def policy_value(decisions: list[Decision], version: str) -> dict[str, Any]:
     says something about the reward. Ties are common: every tip nobody has reacted to scores
     the base rate. (The shadow's logged first already breaks its ties as it would.)
 
+    Every candidate's logged propensity goes to the estimate, which leaves out (and counts, in
+    `skipped_unsupported`) the decisions that could not have served the version's choice: an
+    answer to `explore: false` is greedy, every tip but its first at propensity 0.
+
     >>> decision = {"model_version": "v1", "shadow": {"version": "v2", "first": "b"},
     ...             "ranked": [{"tip_id": "a", "score": 0.9, "propensity": 0.95},
     ...                        {"tip_id": "b", "score": 0.1, "propensity": 0.05}]}

@@ -135,12 +135,12 @@ def _change(args: argparse.Namespace) -> int:
 def _card_summary(version: str, answer: dict[str, Any]) -> str:
     """What a registration or an evaluation found, in a few lines (`--json`: everything).
 
-    >>> estimate = {"snips": 0.5, "ci95": [0.3, 0.7], "agreed": 9, "effective_n": 7.5}
+    >>> estimate = {"snips": 0.5, "ci95": [0.3, 0.7], "agreed": 9, "effective_n": 7.5, "skipped_unsupported": 2}
     >>> print(_card_summary("v2", {"kind": "fm", "card": {"offline_metrics": {"n": 40, "log_loss": 0.61234,
     ...     "roc_auc": 0.7, "policy_value": {"as_shadow": {"decisions": 12, "logged_reward": 0.4,
     ...     "estimate": estimate, "champion_greedy": {**estimate, "snips": 0.45}}}}}}))
     v2 (fm): progressive validation over 40 rewarded decisions: log loss 0.6123, ROC AUC 0.7
-    as shadow, over 12 rewarded decisions (logged reward 0.4): its own first choices 0.5 [0.3, 0.7] (agreed 9, effective n 7.5); the champion's 0.45
+    as shadow, over 12 rewarded decisions (logged reward 0.4): its own first choices 0.5 [0.3, 0.7] (agreed 9, effective n 7.5, 2 left out: they could not have served its choice); the champion's 0.45
     the whole card: tipstream models card v2
     """
     card = answer.get("card", answer)
@@ -160,7 +160,10 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
         line = (f"as {role}, over {found['decisions']} rewarded decisions (logged reward "
                 f"{_short(found.get('logged_reward'))}): its own first choices {_short(mine.get('snips'))} "
                 f"[{', '.join(_short(v) for v in mine.get('ci95') or ())}] (agreed {mine.get('agreed')}, "
-                f"effective n {_short(mine.get('effective_n'))})")
+                f"effective n {_short(mine.get('effective_n'))}")
+        if mine.get("skipped_unsupported"):
+            line += f", {mine['skipped_unsupported']} left out: they could not have served its choice"
+        line += ")"
         if other and found.get(other):
             line += f"; the champion's {_short(found[other].get('snips'))}"
         lines.append(line)

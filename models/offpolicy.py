@@ -12,6 +12,12 @@ by `w = target(served) / propensity(served)`, 0 where the target would not have 
   variable; it is the estimate a card reports, with a 95% interval (delta method);
 - `effective_n`: `sum(w) ** 2 / sum(w ** 2)`, how many decisions the estimate is really worth.
 
+Both need support: every tip the target might put first must have had a propensity > 0. A
+decision without it (a greedy answer, `explore: false`, gives every other tip 0) hides what
+the target would have earned at any weight; counted as disagreeing it would pull IPS towards
+0 and narrow the interval with decisions that say nothing. It is left out and counted in
+`skipped_unsupported`: the estimate is then the target's value on the supported decisions.
+
 >>> logged = [({"a": 1.0}, {"a": 0.9, "b": 0.1}, "a", 1.0), ({"a": 1.0}, {"a": 0.9, "b": 0.1}, "b", 0.0),
 ...           ({"b": 1.0}, {"a": 0.95, "b": 0.05}, "b", 0.0), ({"a": 1.0}, {"a": 0.9, "b": 0.1}, "a", 0.0)]
 >>> value = estimate(logged)
@@ -27,6 +33,10 @@ agrees, at half the weight.
 (2, 0.5, 0.5)
 >>> estimate([({"b": 1.0}, {"a": 0.5, "b": 0.5}, "a", 1.0)]).snips is None  # the target never agreed
 True
+>>> greedy_answer = ({"b": 1.0}, {"a": 1.0, "b": 0.0}, "a", 0.2)  # "b" could not have been served
+>>> unsupported = estimate([greedy_answer, ({"b": 1.0}, {"a": 0.5, "b": 0.5}, "b", 0.8)])
+>>> unsupported.n, unsupported.skipped_unsupported, unsupported.ips
+(1, 1, 1.6)
 """
 
 from __future__ import annotations
@@ -45,12 +55,13 @@ Logged = tuple[Mapping[str, float], Mapping[str, float], str, float]
 
 @dataclass(frozen=True, slots=True)
 class PolicyValue:
-    n: int  # decisions looked at
+    n: int  # decisions the estimate rests on
     agreed: int  # of which the target policy could have served the same tip first
     ips: float | None
     snips: float | None
     ci95: tuple[float, float] | None  # around snips, within [0, 1] (rewards are)
     effective_n: float
+    skipped_unsupported: int = 0  # decisions left out: a tip the target might choose had propensity 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,7 +69,7 @@ class PolicyValue:
 
 def estimate(logged: Iterable[Logged]) -> PolicyValue:
     """The value of the target policy of `logged` (see the module's doc)."""
-    n = agreed = 0
+    n = agreed = unsupported = 0
     weights: list[float] = []
     rewards: list[float] = []
     for target, propensities, served, reward in logged:
@@ -66,6 +77,9 @@ def estimate(logged: Iterable[Logged]) -> PolicyValue:
         if not 0.0 < propensity <= 1.0:
             raise ValueError(f"the served tip's propensity must be in (0, 1], got {propensity!r}; "
                              "was the decision logged by a policy that never serves it?")
+        if any(chance > 0.0 and not propensities.get(tip, 0.0) > 0.0 for tip, chance in target.items()):
+            unsupported += 1
+            continue
         n += 1
         chance = target.get(served, 0.0)
         if not 0.0 <= chance <= 1.0:
@@ -76,11 +90,11 @@ def estimate(logged: Iterable[Logged]) -> PolicyValue:
         weights.append(chance / propensity)
         rewards.append(reward)
     if not agreed:
-        return PolicyValue(n, 0, 0.0 if n else None, None, None, 0.0)
+        return PolicyValue(n, 0, 0.0 if n else None, None, None, 0.0, unsupported)
     total = sum(weights)
     weighted = sum(w * r for w, r in zip(weights, rewards))
     snips = weighted / total
     squares = sum(w * w for w in weights)
     spread = math.sqrt(sum((w * (r - snips)) ** 2 for w, r in zip(weights, rewards))) / total
     interval = (max(0.0, snips - Z95 * spread), min(1.0, snips + Z95 * spread))
-    return PolicyValue(n, agreed, weighted / n, snips, interval, total * total / squares)
+    return PolicyValue(n, agreed, weighted / n, snips, interval, total * total / squares, unsupported)

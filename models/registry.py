@@ -353,16 +353,18 @@ def _policy_value_lines(report: dict[str, Any] | None) -> list[str]:
         return []
     lines = ["", "## Policy value (off-policy, from the logged propensities)", "",
              ("Mean reward of the tip served first: as logged (with exploration), and estimated (self-normalised "
-              "inverse propensity scoring) had this version's own first choice been served."), "",
-             "| as | decisions | logged reward | estimate | 95% interval | agreed | effective n | champion's best, same decisions |",
-             "|---|---|---|---|---|---|---|---|"]
+              "inverse propensity scoring) had this version's own first choice been served. The estimate leaves "
+              "out decisions that could not have served that choice (propensity 0, e.g. `explore: false`)."), "",
+             ("| as | decisions | logged reward | estimate | 95% interval | agreed | effective n | left out "
+              "| champion's best, same decisions |"),
+             "|---|---|---|---|---|---|---|---|---|"]
     for role, key in (("champion", "greedy"), ("shadow", "estimate")):
         part = report.get(f"as_{role}")
         if part:
             value, baseline = part[key], part.get("champion_greedy")
             lines.append(f"| {role} | {part['decisions']} | {_fmt(part['logged_reward'])} | {_fmt(value['snips'])} | "
                          f"{_fmt_interval(value['ci95'])} | {value['agreed']} | {_fmt(value['effective_n'])} | "
-                         f"{_fmt(baseline['snips']) if baseline else '-'} |")
+                         f"{value.get('skipped_unsupported', 0)} | {_fmt(baseline['snips']) if baseline else '-'} |")
     return lines
 
 

@@ -61,8 +61,10 @@ class World:
         self.sink = self.learner.feedback_sink()
         self._ids = 0
 
-    def score(self, user: str = "u-1", tips: tuple[str, ...] = ("a", "b"), serve: bool = True) -> Any:
-        body = {"user_id": user, "context": {"now": NOW}, "candidates": [{"tip_id": t} for t in tips]}
+    def score(self, user: str = "u-1", tips: tuple[str, ...] = ("a", "b"), serve: bool = True,
+              explore: bool = True) -> Any:
+        body = {"user_id": user, "context": {"now": NOW}, "candidates": [{"tip_id": t} for t in tips],
+                "explore": explore}
         scored = self.scorer.score(parse_request(orjson.dumps(body)))
         if serve:
             self.learner.served(scored.decision_id, scored.payload, scored.decision)
@@ -346,8 +348,7 @@ def test_failed_saves_are_retried_by_the_next_checkpoint(world: World) -> None:
     assert world.learner.snapshot()["models"] == {}
 
 
-def test_cards_estimate_what_the_champion_and_the_shadow_would_have_earned(world: World) -> None:
-    users, tips = [f"u-{i}" for i in range(5)], ("a", "b", "c")
+def champion_likes_a_and_shadow_b(world: World, users: list[str], tips: tuple[str, ...]) -> None:
     for user in users:  # every tip has a reward history, so the models' scores count in the blend
         for tip in tips:  # (these decisions were never acknowledged by JetStream: they have no row)
             world.react(world.score(user=user, tips=tips).decision_id, tip, "liked", user=user)
@@ -355,6 +356,11 @@ def test_cards_estimate_what_the_champion_and_the_shadow_would_have_earned(world
         for version, liked in (("v1", "a"), ("v2", "b")):
             for tip in tips:
                 world.lineup.models[version].learn_one({"tip_id": tip}, 1.0 if tip == liked else 0.0)
+
+
+def test_cards_estimate_what_the_champion_and_the_shadow_would_have_earned(world: World) -> None:
+    users, tips = [f"u-{i}" for i in range(5)], ("a", "b", "c")
+    champion_likes_a_and_shadow_b(world, users, tips)
     world.scorer.policy = make_policy("epsilon_greedy", epsilon=0.5)
     served = []
     for i in range(60):
@@ -383,7 +389,8 @@ def test_cards_estimate_what_the_champion_and_the_shadow_would_have_earned(world
     assert shadow["estimate"]["snips"] == pytest.approx(snips(as_shadow))
     assert shadow["champion_greedy"]["snips"] == pytest.approx(snips(as_champion))
     assert shadow["estimate"]["snips"] > shadow["champion_greedy"]["snips"], "the shadow's choice is the rewarded one"
-    assert "## Policy value" in world.lineup.registry.card_markdown("v2")
+    markdown = world.lineup.registry.card_markdown("v2")
+    assert "## Policy value" in markdown and "| effective n | left out |" in markdown
 
 
 def test_a_version_registered_learns_the_rewards_the_log_did_not_hold_yet(tmp_path: Path) -> None:
@@ -455,3 +462,29 @@ def test_the_greedy_estimate_counts_a_tie_as_a_uniform_choice_among_the_tied(wor
     truth = 0.5 * 2 / 3 + 0.5 * 0.0
     assert greedy["snips"] == pytest.approx(truth, abs=0.03) and greedy["ips"] == pytest.approx(truth, abs=0.03)
     assert greedy["ci95"][0] <= truth <= greedy["ci95"][1]
+
+
+def test_decisions_that_could_not_serve_the_target_s_choice_are_left_out_and_counted(world: World) -> None:
+    users = [f"u-{i}" for i in range(5)]
+    champion_likes_a_and_shadow_b(world, users, ("a", "b"))
+    world.scorer.policy = make_policy("epsilon_greedy", epsilon=0.3)
+    decisions = []
+    for i in range(2000):
+        # A widget asks with explore=false, and there "b" (the shadow's choice) would pay 0.8.
+        explore = i % 2 == 1
+        pay = {"a": 0.2, "b": 0.1} if explore else {"a": 0.2, "b": 0.8}
+        decision = world.score(user=users[i % 5], explore=explore, serve=False).decision
+        scores = {c["tip_id"]: c["score"] for c in decision["ranked"]}
+        assert decision["shadow"]["first"] == "b" and scores["a"] > scores["b"], "no ties"
+        served = decision["ranked"][0]["tip_id"]
+        decisions.append((orjson.loads(orjson.dumps(decision)), {served: pay[served]}))
+    shadow = evaluation.policy_value(decisions, "v2")["as_shadow"]
+    # Greedy answers give "b" propensity 0: what it would have earned there (0.8) is not in the
+    # log at any weight. The estimate is of the exploring half only, and says so.
+    own = shadow["estimate"]
+    assert (own["n"], own["skipped_unsupported"]) == (1000, 1000)
+    assert own["snips"] == pytest.approx(0.1) and own["ips"] == pytest.approx(0.1, abs=0.03)
+    # The champion's best was served with propensity 1 on greedy answers: those count.
+    champion = shadow["champion_greedy"]
+    assert (champion["n"], champion["skipped_unsupported"]) == (2000, 0)
+    assert champion["snips"] == pytest.approx(0.2)
