@@ -1,9 +1,10 @@
 """Model cards from the decision log: progressive validation and fairness across user segments.
 
 The log is `tip_scores`: each rewarded decision gives one (features as served, reward)
-example per credited tip, in decision order. A version's configuration is evaluated by
-training a fresh model of it over that log, predicting each example before learning it
-(River's progressive validation); the records then feed `fairness_check` by tenure (new vs
+example per credited tip, in decision order, the tips of a decision in the order their
+rewards came. A version's configuration is evaluated by training a fresh model of it over
+that log, predicting each decision's examples before learning them (River's progressive
+validation, a decision at a time); the records then feed `fairness_check` by tenure (new vs
 established users) and by time-zone region (from the logged `utc_offset_min`). A version
 that has served or shadowed also gets `policy_value`: the reward its own choices would have
 earned, estimated off-policy from the logged propensities.
@@ -23,10 +24,15 @@ from app import db
 from app.decisions import decision_time_ms, learning_input
 from models import offpolicy
 from models.registry import ModelCard
-from models.reward import Record, TipModel, fairness_check, progressive_validation, tenure_segment, timezone_segment
-
-Example = tuple[dict[str, Any], float]
-
+from models.reward import (
+    Example,
+    Record,
+    TipModel,
+    fairness_check,
+    progressive_validation,
+    tenure_segment,
+    timezone_segment,
+)
 
 Decision = tuple[dict[str, Any], dict[str, float]]  # the logged decision, its rewards by tip
 
@@ -68,14 +74,22 @@ def trained_on(decisions: list[Decision], limit: int) -> TrainedOn:
 
 
 def rewarded_log(decisions: list[Decision], limit: int) -> list[Example]:
-    """The newest `limit` (features as served, reward) examples of `decisions`, oldest first."""
+    """The newest `limit` examples of `decisions`, oldest first, each keyed by its decision's
+    place in the list, so that progressive validation predicts a decision's tips before
+    learning any of them.
+
+    >>> decision = {"features": {"hour_of_day": 9}, "ranked": [{"tip_id": "a"}, {"tip_id": "b"}]}
+    >>> rewarded_log([(decision, {"b": 1.0, "a": 0.0}), (decision, {"a": 1.0})], 10)
+    [({'hour_of_day': 9, 'tip_id': 'b'}, 1.0, 0), ({'hour_of_day': 9, 'tip_id': 'a'}, 0.0, 0), ({'hour_of_day': 9, 'tip_id': 'a'}, 1.0, 1)]
+    """
     examples: list[Example] = []
-    for decision, rewards in decisions:
-        examples.extend(examples_of(decision, rewards))
+    for key, (decision, rewards) in enumerate(decisions):
+        examples.extend((x, reward, key) for x, reward in examples_of(decision, rewards))
     return examples[-limit:]
 
 
-def examples_of(decision: Mapping[str, Any], rewards: Mapping[str, float]) -> Iterator[Example]:
+def examples_of(decision: Mapping[str, Any], rewards: Mapping[str, float]) -> Iterator[tuple[dict[str, Any], float]]:
+    """(features as served, reward) of each credited tip, in the order the rewards came."""
     by_tip = {c["tip_id"]: c for c in decision["ranked"]}
     for tip_id, reward in rewards.items():
         candidate = by_tip.get(tip_id)

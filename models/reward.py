@@ -42,7 +42,7 @@ import numbers
 import pickle
 import random
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -900,9 +900,19 @@ class _Metrics:
         }
 
 
-def progressive_validation(model: TipModel, stream: Iterable[tuple[Mapping[str, Any], float]], *,
+# (features, reward), or (features, reward, the key of the decision it is a tip of)
+Example = tuple[Mapping[str, Any], float] | tuple[Mapping[str, Any], float, Hashable]
+
+
+def progressive_validation(model: TipModel, stream: Iterable[Example], *,
                            records: list[Record] | None = None, n_thresholds: int = 50) -> dict[str, float | None]:
     """Predict, score, then learn, over a log of (features, reward); River's progressive validation.
+
+    An example may carry a third item, the key of its decision: consecutive examples with the
+    same key are the rewarded tips of one decision, all predicted before any is learned (then
+    learned in stream order). They share the user and the features as served, so learning one
+    tip's reaction before predicting the next would score the model with what was not known
+    when the decision was made. An example without a key stands alone.
 
     `model` learns from the stream (pass `model.clone()` to keep a model untouched). When
     `records` is a list, (x, reward, prediction) triples are appended to it for
@@ -912,16 +922,39 @@ def progressive_validation(model: TipModel, stream: Iterable[tuple[Mapping[str, 
     >>> report = progressive_validation(TipModel(learning_rate=0.2), stream)
     >>> report["n"], report["roc_auc"] > 0.95, report["log_loss"] < 0.3, round(report["mean_reward"], 6)
     (400, True, True, 0.5)
+
+    The user's one reaction to both tips of a decision: keyed, the second is not predicted from the first.
+
+    >>> x = {"user_id": "u-1", "tip_id": "a"}
+    >>> records = []
+    >>> _ = progressive_validation(TipModel(), [(x, 1.0, "d-1"), ({**x, "tip_id": "b"}, 1.0, "d-1")], records=records)
+    >>> [score for _, _, score in records]
+    [0.5, 0.5]
     """
     m = _Metrics(n_thresholds)
-    for x, reward in stream:
-        reward = _check_reward(reward)
-        score = model.predict_one(x)
-        m.update(reward, score)
-        model.learn_one(x, reward)
-        if records is not None:
-            records.append((x, reward, score))
+    for decision in _by_decision(stream):
+        scores = [model.predict_one(x) for x, _ in decision]
+        for (x, reward), score in zip(decision, scores):
+            m.update(reward, score)
+            model.learn_one(x, reward)
+            if records is not None:
+                records.append((x, reward, score))
     return m.get()
+
+
+def _by_decision(stream: Iterable[Example]) -> Iterator[list[tuple[Mapping[str, Any], float]]]:
+    """Runs of consecutive examples with one decision key, as (x, reward) with rewards checked."""
+    run: list[tuple[Mapping[str, Any], float]] = []
+    key: Hashable = None
+    for example in stream:
+        this = example[2] if len(example) > 2 else None
+        if run and (this is None or this != key):
+            yield run
+            run = []
+        run.append((example[0], _check_reward(example[1])))
+        key = this
+    if run:
+        yield run
 
 
 def fairness_check(records: Iterable[Record], segment_fn: Callable[[Mapping[str, Any]], str], *,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import doctest
 import math
 import pickle
 import random
@@ -412,6 +413,10 @@ def test_prior_snapshot_round_trip() -> None:
 
 
 # -- offline metrics ----------------------------------------------------------------------
+
+
+def test_doctests() -> None:  # progressive validation's keyed decisions among them
+    assert doctest.testmod(reward, raise_on_error=False).failed == 0
 
 
 def test_progressive_validation_predicts_before_learning() -> None:

@@ -488,3 +488,18 @@ def test_decisions_that_could_not_serve_the_target_s_choice_are_left_out_and_cou
     champion = shadow["champion_greedy"]
     assert (champion["n"], champion["skipped_unsupported"]) == (2000, 0)
     assert champion["snips"] == pytest.approx(0.2)
+
+
+def test_progressive_validation_predicts_a_decision_s_tips_before_learning_any_of_them() -> None:
+    rng = random.Random(0)
+    decisions = []
+    for i in range(1500):  # one decision per user, who reacts to both tips alike, at random
+        reward = float(rng.random() < 0.5)
+        ranked = [{"tip_id": "a", "score": 0.5, "propensity": 0.9}, {"tip_id": "b", "score": 0.5, "propensity": 0.1}]
+        decisions.append(({"features": {"user_id": f"u-{i}", "hour_of_day": 9}, "ranked": ranked},
+                          {"a": reward, "b": reward}))
+    _, card = evaluation.evaluate({}, evaluation.rewarded_log(decisions, 10_000))
+    # Nothing known when serving says anything about the reaction. Learning the first tip's
+    # reward before predicting the second (same user, same features) would make it look known.
+    assert card.offline_metrics["n"] == 3000
+    assert abs(card.offline_metrics["roc_auc"] - 0.5) < 0.08
