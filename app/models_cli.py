@@ -142,7 +142,15 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
     v2 (fm): progressive validation over 40 rewarded decisions: log loss 0.6123, ROC AUC 0.7
     as shadow, over 12 rewarded decisions (logged reward 0.4): its own first choices 0.5 [0.3, 0.7] (agreed 9, effective n 7.5, 2 left out: they could not have served its choice); the champion's 0.45
     the whole card: tipstream models card v2
+    >>> print(_card_summary("v1", {"offline_metrics": {"n": 1, "policy_value": {"as_champion": {"decisions": 1,
+    ...     "logged_reward": 1.0, "greedy": {"snips": 1.0, "ci95": None, "agreed": 1, "effective_n": 1.0}}}}}))
+    v1: progressive validation over 1 rewarded decisions: log loss None, ROC AUC None
+    as champion, over 1 rewarded decisions (logged reward 1): its own first choices 1 (agreed 1, effective n 1, no interval: effective n under 30 or rewards all alike)
+    the whole card: tipstream models card v1
     """
+    from models.offpolicy import MIN_EFFECTIVE_N
+    from models.registry import CLI
+
     card = answer.get("card", answer)
     metrics = card.get("offline_metrics") or {}
     kind = f" ({answer['kind']})" if "kind" in answer else ""
@@ -157,18 +165,19 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
         if not found:
             continue
         mine = found.get(own) or {}
+        interval = mine.get("ci95")
+        shown = f" [{', '.join(_short(v) for v in interval)}]" if interval else ""
         line = (f"as {role}, over {found['decisions']} rewarded decisions (logged reward "
-                f"{_short(found.get('logged_reward'))}): its own first choices {_short(mine.get('snips'))} "
-                f"[{', '.join(_short(v) for v in mine.get('ci95') or ())}] (agreed {mine.get('agreed')}, "
-                f"effective n {_short(mine.get('effective_n'))}")
+                f"{_short(found.get('logged_reward'))}): its own first choices {_short(mine.get('snips'))}{shown} "
+                f"(agreed {mine.get('agreed')}, effective n {_short(mine.get('effective_n'))}")
+        if not interval and mine.get("snips") is not None:  # offpolicy gives none on too little: say why
+            line += f", no interval: effective n under {MIN_EFFECTIVE_N} or rewards all alike"
         if mine.get("skipped_unsupported"):
             line += f", {mine['skipped_unsupported']} left out: they could not have served its choice"
         line += ")"
         if other and found.get(other):
             line += f"; the champion's {_short(found[other].get('snips'))}"
         lines.append(line)
-    from models.registry import CLI
-
     lines.append(f"the whole card: {CLI} card {version}")
     return "\n".join(lines)
 

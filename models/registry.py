@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from models.offpolicy import MIN_EFFECTIVE_N
+
 Action = Literal["register", "promote", "shadow", "rollback", "retire"]
 ACTIONS: tuple[str, ...] = ("register", "promote", "shadow", "rollback", "retire")
 CLI = "tipstream models"  # named in error messages, so an operator knows what to type
@@ -354,7 +356,8 @@ def _policy_value_lines(report: dict[str, Any] | None) -> list[str]:
     lines = ["", "## Policy value (off-policy, from the logged propensities)", "",
              ("Mean reward of the tip served first: as logged (with exploration), and estimated (self-normalised "
               "inverse propensity scoring) had this version's own first choice been served. The estimate leaves "
-              "out decisions that could not have served that choice (propensity 0, e.g. `explore: false`)."), "",
+              "out decisions that could not have served that choice (propensity 0, e.g. `explore: false`). "
+              f"No interval (n/a) with an effective n under {MIN_EFFECTIVE_N} or rewards all alike."), "",
              ("| as | decisions | logged reward | estimate | 95% interval | agreed | effective n | left out "
               "| champion's best, same decisions |"),
              "|---|---|---|---|---|---|---|---|---|"]

@@ -85,3 +85,15 @@ def test_no_agreement_gives_no_estimate_and_a_zero_propensity_is_refused() -> No
         estimate([({"a": 1.0}, {"a": 0.0, "b": 1.0}, "a", 1.0)])  # served, yet it could not be
     with pytest.raises(ValueError, match="probability of a tip must be in \\[0, 1\\]"):
         estimate([({"a": 2.0}, half, "a", 1.0)])
+
+
+def test_no_interval_without_enough_decisions_or_any_spread() -> None:
+    agrees, other = ({"a": 1.0}, {"a": 0.5, "b": 0.5}, "a"), ({"a": 1.0}, {"a": 0.5, "b": 0.5}, "b")
+    one = estimate([(*agrees, 1.0)])
+    assert one.snips == 1.0 and one.ci95 is None, "one decision: a point, not an interval"
+    alike = estimate([(*agrees, 0.0)] * 100 + [(*other, 1.0)] * 100)
+    assert alike.effective_n == 100 and alike.snips == 0.0 and alike.ci95 is None, "no spread to measure"
+    few = estimate([(*agrees, float(i % 2)) for i in range(20)])
+    assert few.effective_n == 20 and few.ci95 is None
+    enough = estimate([(*agrees, float(i % 2)) for i in range(40)])
+    assert enough.ci95 is not None and enough.ci95[0] < 0.5 < enough.ci95[1]
