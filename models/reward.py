@@ -267,6 +267,19 @@ class _FastFMClassifier(facto.FMClassifier):
     def has_latent(self, name: str) -> bool:
         return not self.categorical_only or (name not in self.linear_only and "=" not in name)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Sorted: a copied set may iterate in another order, and a snapshot's bytes must not
+        # depend on that (a frozen copy serialises as the model did).
+        state = self.__dict__.copy()
+        if "linear_only" in state:
+            state["linear_only"] = sorted(state["linear_only"])
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if "linear_only" in state:
+            self.linear_only = set(state["linear_only"])
+
     def _calculate_interactions(self, x: dict) -> float:
         has_latent = self.has_latent
         keys = [j for j in x if has_latent(j)]
