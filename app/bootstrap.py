@@ -122,7 +122,8 @@ class Service:
         if s.checkpoint_in_process:
             self.checkpoint_writer = CheckpointWriter(s.sqlalchemy_url)
         self.checkpointer = Checkpointer(self.store, target, s.checkpoint_every_events, s.checkpoint_every_s,
-                                         participants=[self.learner, self.decision_log], writer=self.checkpoint_writer)
+                                         participants=[self.learner, self.decision_log], writer=self.checkpoint_writer,
+                                         lock=self.lineup.snapshot_lock)
         for spec in jsx.INGESTED_STREAMS:
             ingest = StreamIngest(
                 self.nc, js, spec, self.store, self.checkpointer, batch=s.ingest_batch,

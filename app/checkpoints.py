@@ -120,8 +120,13 @@ class Checkpointer:
     """
 
     def __init__(self, store: OnlineStore, target: CheckpointStore, every_events: int, every_s: float,
-                 participants: Sequence[Participant] = (), writer: CheckpointWriter | None = None) -> None:
+                 participants: Sequence[Participant] = (), writer: CheckpointWriter | None = None,
+                 lock: asyncio.Lock | None = None) -> None:
         self.store, self.target = store, target
+        # Held from the participants' snapshots to their `saved`: anything else that snapshots them
+        # (a model registration, `Lineup.snapshot_lock`) takes it too, so that an older snapshot
+        # never commits after a newer one.
+        self.lock = lock or asyncio.Lock()
         # writer: a process for SQL targets' transactions; without one, target.save runs in a thread.
         self.writer = writer
         self.participants = list(participants)
@@ -164,6 +169,10 @@ class Checkpointer:
 
     async def checkpoint(self) -> bool:
         """One checkpoint; False when nothing changed since the last."""
+        async with self.lock:
+            return await self._checkpoint()
+
+    async def _checkpoint(self) -> bool:
         applied = self.store.applied
         positions, users = self.store.begin_checkpoint()
         extras = [(p, p.snapshot()) for p in self.participants]

@@ -9,6 +9,7 @@ transaction, and only then swapped in: a refused or failed change leaves the lin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -36,8 +37,10 @@ class Lineup:
         self.learning: list[tuple[str, TipModel]] = []
         self._lock = asyncio.Lock()
         self._stored_entries = 0
-        # Checkpoint participants (the learner) whose state must be saved with a new version.
+        # Checkpoint participants (the learner) whose state must be saved with a new version, and
+        # the checkpointer's lock (`Checkpointer.lock`), held while that snapshot is saved.
         self.participants: list[Any] = []
+        self.snapshot_lock = asyncio.Lock()
 
     # -- start -------------------------------------------------------------------------------
 
@@ -88,7 +91,7 @@ class Lineup:
         2. Its bytes and the learner's state are saved in one transaction, so that a restart
            replays into it only feedback that comes after.
         3. It learns with the others while that transaction runs (and stops if it fails)."""
-        async with self._lock:
+        async with self._lock, self.snapshot_lock if new_models else contextlib.nullcontext():
             staged = Registry.from_dict(self.registry.to_dict())
             result = apply(staged)
             new_models = new_models or {}

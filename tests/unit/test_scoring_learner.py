@@ -503,3 +503,43 @@ def test_progressive_validation_predicts_a_decision_s_tips_before_learning_any_o
     # reward before predicting the second (same user, same features) would make it look known.
     assert card.offline_metrics["n"] == 3000
     assert abs(card.offline_metrics["roc_auc"] - 0.5) < 0.08
+
+
+def test_a_registration_does_not_save_its_learner_snapshot_beside_a_checkpoint(tmp_path: Path) -> None:
+    """Both snapshot the learner: were the older one to commit last, the database would hold
+    models newer than the positions beside them, and a restart would learn rewards twice."""
+    w = World(tmp_path)
+    w.lineup.participants.append(w.learner)
+    scored = w.score()
+    w.learner.published(scored.decision_id)
+    w.react(scored.decision_id, "a")
+    target = SqlCheckpointStore(w.engine)
+    checkpointer = Checkpointer(w.store, target, every_events=1, every_s=60, participants=[w.learner, w.log],
+                                lock=w.lineup.snapshot_lock)
+    saves: list[str] = []
+    writing, release = threading.Event(), threading.Event()
+    checkpoint_save, registry_save = target.save, w.lineup.store.save
+
+    def slow_checkpoint_save(*args: Any) -> None:
+        writing.set()
+        release.wait(5)
+        checkpoint_save(*args)
+        saves.append("checkpoint")
+
+    def registry_save_logged(*args: Any, **kwargs: Any) -> None:
+        registry_save(*args, **kwargs)
+        saves.append("registration")
+
+    async def both() -> None:
+        checkpointing = asyncio.create_task(checkpointer.checkpoint())
+        await asyncio.to_thread(writing.wait, 5)
+        registering = asyncio.create_task(w.lineup.register("v3", "logreg", {}, actor="t"))
+        await asyncio.sleep(0.05)  # room for the registration to save, were it not held back
+        release.set()
+        await asyncio.gather(checkpointing, registering)
+
+    target.save = slow_checkpoint_save  # type: ignore[method-assign]
+    w.lineup.store.save = registry_save_logged  # type: ignore[method-assign]
+    asyncio.run(both())
+    assert saves == ["checkpoint", "registration"]
+    w.engine.dispose()
