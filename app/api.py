@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import AwareDatetime, TypeAdapter, ValidationError
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -27,8 +28,18 @@ _AT = TypeAdapter(AwareDatetime)
 schemas = SchemaGenerator({"openapi": "3.0.0", "info": {"title": "tipstream", "version": "0.1.0"}})
 
 
-def _error(status: int, field: str, message: str) -> JSONResponse:
+def _error(status: int, field: str | None, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "field": field}, status_code=status)
+
+
+async def _http_error(request: Request, error: Exception) -> Response:
+    """Starlette's own refusals (no such path, a method the path does not take) in the API's
+    error shape, with what the path does take."""
+    assert isinstance(error, HTTPException)
+    message = f"{request.method} {request.url.path}: {error.detail}"
+    if error.headers and "Allow" in error.headers:
+        message += f"; this path takes {error.headers['Allow']}"
+    return JSONResponse({"error": message, "field": None}, status_code=error.status_code, headers=error.headers)
 
 
 async def healthz(request: Request) -> Response:
@@ -121,6 +132,7 @@ def create_app(settings: Settings, service: Service | None = None) -> Starlette:
             Route("/openapi.json", openapi, include_in_schema=False),
         ],
         lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error},
     )
     app.state.service = service
     return app

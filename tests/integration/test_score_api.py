@@ -124,6 +124,11 @@ async def test_bad_requests_get_4xx_naming_the_field_and_log_nothing(start_servi
         json_type = {"content-type": "application/json"}
         too_big = await http.post("/score", content=in_chunks(orjson.dumps(HUGE), 8_192), headers=json_type)
         assert too_big.status_code == 413 and too_big.json()["field"] == "body"
+        wrong_method = await http.get("/score")
+        assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+        assert wrong_method.json() == {"error": "GET /score: Method Not Allowed; this path takes POST", "field": None}
+        nowhere = await http.post("/scores", json=body())
+        assert nowhere.status_code == 404 and nowhere.json()["error"] == "POST /scores: Not Found"
         # A good one after them, so the log is known to work.
         ok = await http.post("/score", content=in_chunks(orjson.dumps(body()), 16), headers=json_type)
         assert ok.status_code == 200, ok.text
