@@ -107,12 +107,12 @@ def policy_value(decisions: list[Decision], version: str) -> dict[str, Any]:
     champion's best on the same decisions; as champion, its best-scored tip.
 
     Ties: the champion without exploration puts the first of equal scores in the caller's
-    order first, and that order is not logged (the served order moves an explored tip to the
-    front). So the target is greedy with ties broken at random: each of k tips sharing the
-    best score is its choice with probability 1/k. That is what greedy earns on average over
-    the callers' orders; it differs from greedy in the caller's order only where that order
-    says something about the reward. Ties are common: every tip nobody has reacted to scores
-    the base rate. (The shadow's logged first already breaks its ties as it would.)
+    order first, which the served order does not show (it moves an explored tip to the front).
+    Ties are common: every tip nobody has reacted to scores the base rate. So a decision logs
+    that choice (`greedy`). A decision logged before it did is read as greedy with ties broken
+    at random: each of k tips sharing the best score is the choice with probability 1/k, what
+    greedy earns on average over the callers' orders. (The shadow's logged first already breaks
+    its ties as it would.)
 
     Every candidate's logged propensity goes to the estimate, which leaves out (and counts, in
     `skipped_unsupported`) the decisions that could not have served the version's choice: an
@@ -127,10 +127,14 @@ def policy_value(decisions: list[Decision], version: str) -> dict[str, Any]:
     >>> report["as_shadow"]["champion_greedy"]["snips"]
     1.0
 
-    Three tips tie, and the explored "c" was served: greedy would have served it one time in three.
+    Three tips tie, and the explored "c" was served. Greedy would have served the caller's first, "a";
+    without that logged, it would have served "c" one time in three.
 
-    >>> tied = {"model_version": "v1", "ranked": [{"tip_id": t, "score": 0.5, "propensity": p}
-    ...                                           for t, p in (("c", 0.1), ("a", 0.8), ("b", 0.1))]}
+    >>> tied = {"model_version": "v1", "greedy": "a", "ranked": [
+    ...     {"tip_id": t, "score": 0.5, "propensity": p} for t, p in (("c", 0.1), ("a", 0.8), ("b", 0.1))]}
+    >>> policy_value([(tied, {"c": 1.0})], "v1")["as_champion"]["greedy"]["agreed"]
+    0
+    >>> del tied["greedy"]
     >>> greedy = policy_value([(tied, {"c": 1.0})], "v1")["as_champion"]["greedy"]
     >>> greedy["agreed"], round(greedy["ips"], 4)  # one decision, weighed (1/3) / 0.1
     (1, 3.3333)
@@ -147,9 +151,12 @@ def policy_value(decisions: list[Decision], version: str) -> dict[str, Any]:
             unusable += 1  # logged without a usable propensity: it can weigh nothing
             continue
         propensities = {c["tip_id"]: float(c.get("propensity", 0.0)) for c in ranked}
-        top = max(c["score"] for c in ranked)
-        best = [c["tip_id"] for c in ranked if c["score"] == top]
-        greedy = {tip: 1.0 / len(best) for tip in best}
+        if decision.get("greedy") in propensities:
+            greedy = {decision["greedy"]: 1.0}
+        else:
+            top = max(c["score"] for c in ranked)
+            best = [c["tip_id"] for c in ranked if c["score"] == top]
+            greedy = {tip: 1.0 / len(best) for tip in best}
         tip = served["tip_id"]
         reward = float(rewards.get(tip, 0.0))
         logged = (greedy, propensities, tip, reward)

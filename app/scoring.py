@@ -378,6 +378,9 @@ class Scorer:
                 shadow_scores, shadow = None, None
 
         decision_id = new_decision_id()
+        # What the champion would serve without exploring (the first best in the caller's order,
+        # as `Greedy` ranks): off-policy evaluation's target, which the served order cannot tell.
+        greedy = tips[max(range(len(tips)), key=scores.__getitem__)]
         ranked = [{"tip_id": tips[i], "score": scores[i], "propensity": propensities[i]} for i in order]
         logged = []
         for i in order:
@@ -395,7 +398,7 @@ class Scorer:
         decision = {
             "id": decision_id, "type": DECISION_TYPE, "v": 1, "ts": ts, "user_id": user_id,
             "model_version": lineup.champion_version, "shadow_version": lineup.shadow_version,
-            "prompt_version": None, "policy": policy.name, "explore": request.explore,
+            "prompt_version": None, "policy": policy.name, "explore": request.explore, "greedy": greedy,
             "features_at": ts,  # profile values are exact at the decision's time (see _profile)
             "features": shared, "caller_features": used, "ranked": logged, "shadow": shadow,
         }

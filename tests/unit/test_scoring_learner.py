@@ -451,14 +451,20 @@ def cold_decisions(world: World, count: int, pay: dict[str, float]) -> list[tupl
     return decisions
 
 
-def test_the_greedy_estimate_counts_a_tie_as_a_uniform_choice_among_the_tied(world: World) -> None:
+def test_the_greedy_estimate_takes_the_champion_s_own_choice_among_tied_tips(world: World) -> None:
     world.scorer.policy = make_policy("epsilon_greedy", epsilon=0.3)
     decisions = cold_decisions(world, 6000, {"a": 0.0, "b": 1.0, "c": 1.0, "d": 0.0})
     assert len({c["score"] for c in decisions[1][0]["ranked"]}) == 1, "the three tips tie"
     greedy = evaluation.policy_value(decisions, "v1")["as_champion"]["greedy"]
-    # Served order does not say which tied tip the champion would have put first (the caller's
-    # order is not logged): each of the three is its choice with probability 1/3, worth 2/3;
-    # "d" alone is worth 0. Counting every tied tip as *the* choice weighs tied decisions 3 times.
+    # Without exploring, the champion serves the caller's first of the tied tips, "a", worth 0;
+    # "d" alone is worth 0 too. Taking the best-scored tip in served order counted every
+    # explored decision as agreeing (0.66).
+    assert greedy["snips"] == 0.0 and greedy["ips"] == 0.0 and greedy["agreed"] > 1000
+    # Decisions logged before the champion's choice was: each tied tip is its choice with
+    # probability 1/3, worth 2/3 on average over the callers' orders.
+    for decision, _ in decisions:
+        del decision["greedy"]
+    greedy = evaluation.policy_value(decisions, "v1")["as_champion"]["greedy"]
     truth = 0.5 * 2 / 3 + 0.5 * 0.0
     assert greedy["snips"] == pytest.approx(truth, abs=0.03) and greedy["ips"] == pytest.approx(truth, abs=0.03)
     assert greedy["ci95"][0] <= truth <= greedy["ci95"][1]
