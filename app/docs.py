@@ -45,11 +45,16 @@ def generated() -> dict[str, str]:
     }
 
 
-def write_docs(out: Path, readme: Path = Path("README.md")) -> list[Path]:
+OWN_README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def write_docs(out: Path, readme: Path = OWN_README) -> list[Path]:
+    """The generated files under `out`, and the settings table in tipstream's own README (found
+    beside the package, not in the working directory, and only between its markers)."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    if readme.exists():
-        readme.write_text(readme_with_settings(readme.read_text()))
+    if readme.exists() and README_START in (text := readme.read_text()) and README_END in text:
+        readme.write_text(readme_with_settings(text))
         written.append(readme)
     for name, text in generated().items():
         path = out / name

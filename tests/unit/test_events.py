@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import orjson
 import pytest
@@ -105,3 +106,16 @@ def test_readme_lists_every_setting() -> None:
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert readme_with_settings(readme) == readme, "README's settings table is stale: run `tipstream docs`"
+
+
+def test_docs_elsewhere_leave_other_readmes_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.docs import README_END, README_START, write_docs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text("someone else's README, without the settings markers\n")
+    own = tmp_path / "own.md"
+    own.write_text(f"before\n{README_START}\nstale\n{README_END}\nafter\n")
+    written = write_docs(tmp_path / "out", readme=own)
+    assert own in written and "TIPSTREAM_DATA_DIR" in own.read_text() and own.read_text().endswith("after\n")
+    assert (tmp_path / "README.md").read_text() == "someone else's README, without the settings markers\n"
+    assert write_docs(tmp_path / "out", readme=tmp_path / "README.md")[0].name == "events.schema.json"
