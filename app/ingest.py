@@ -132,7 +132,11 @@ class StreamIngest:
             for start in range(0, len(messages), CHUNK):
                 if self.reset_needed:
                     break
-                await self.process(messages[start : start + CHUNK])
+                # A user's state loaded from the checkpoint on first use can fail (the database is
+                # away): the chunk is folded again once it is back. Events folded before the
+                # failure are ignored then as seen (ids), and the learner's credits are idempotent.
+                await self._retry(functools.partial(self.process, messages[start : start + CHUNK]),
+                                  "fold events (a user's state could not be loaded from the checkpoint)")
                 await asyncio.sleep(0)
             await self._hold_if_checkpoints_lag()
             if self.buffer:
@@ -213,4 +217,5 @@ class StreamIngest:
         self.puller.paused = True
         while self.checkpointer.uncheckpointed >= self.max_uncheckpointed // 2:
             await asyncio.sleep(0.2)
-        self.puller.resume()
+        if self.puller is not None:  # None: the DECISIONS tail stopped reading meanwhile (pause_reading)
+            self.puller.resume()

@@ -283,6 +283,7 @@ class BatchPuller:
         self.requested = 0
         self.idle = False  # the server said: nothing more for now
         self.paused = False
+        self.stopped = False
         self.last_activity = time.monotonic()
         self._sub: Any = None
         self._watchdog: asyncio.Task[None] | None = None
@@ -295,9 +296,14 @@ class BatchPuller:
         await self._request()
 
     async def stop(self) -> None:
+        # Messages of this puller's requests may still be in flight. The consumer that replaces
+        # it replays from the position, so a late one handed on would be folded twice and, being
+        # ahead of the replay, move the position past events not yet folded.
+        self.stopped = True
         if self._watchdog:
             self._watchdog.cancel()
         if self._sub is not None:
+            self.nc._raw_handlers.pop(self._sub._id, None)
             try:
                 await self._sub.unsubscribe()
             except Exception:  # noqa: BLE001, S110 - the connection may already be closed
@@ -326,6 +332,8 @@ class BatchPuller:
             self._loop.create_task(self._send(want))
 
     def _on_raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        if self.stopped:
+            return
         if not reply:
             self.last_activity = time.monotonic()
             # A status: 100 heartbeat; 404 no messages, 408 request expired, 409 conflict end a request.

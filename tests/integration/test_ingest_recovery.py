@@ -1,0 +1,112 @@
+"""The ingest loop against a real nats-server when things go wrong: a consumer re-created
+with deliveries in flight, a user's state that cannot be loaded yet, a hold that outlives its
+puller (app/ingest.py, streams/jetstream.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from app.ingest import StreamIngest
+from streams import jetstream as jsx
+from streams.fold import UserState
+from streams.store import OnlineStore
+
+EVENTS = 3000
+
+
+class Checkpoints:
+    """What ingest reads of the checkpointer: how far behind it is."""
+
+    uncheckpointed = 0
+
+    def nudge(self) -> None:
+        pass
+
+
+async def seeded(nats_server: Any, users: int = 50) -> tuple[Any, Any]:
+    nc = await jsx.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    pad = "x" * 3000  # large messages: a pull's batch is still arriving when the consumer is reset
+    await jsx.publish_events(js, [("signals.app.opened", {
+        "id": f"e{i}", "type": "app.opened", "user_id": f"u{i % users}", "ts": "2026-11-26T08:00:00Z", "pad": pad})
+        for i in range(1, EVENTS + 1)])
+    return nc, js
+
+
+async def fold_all(ingest: StreamIngest, store: OnlineStore) -> list[int]:
+    """Process what arrives until the stream is folded; the first sequence of each chunk."""
+    firsts = []
+    while store.positions.get("SIGNALS", 0) < EVENTS:
+        if not ingest.buffer:
+            await asyncio.sleep(0.01)  # waiting for deliveries, not for a race to settle
+            continue
+        chunk, ingest.buffer = ingest.buffer[:256], ingest.buffer[256:]
+        firsts.append(jsx.stream_sequence(chunk[0][1])[0])
+        assert firsts[-1] == store.positions.get("SIGNALS", 0) + 1, "a chunk skips ahead of the position"
+        await ingest.process(chunk)
+    return firsts
+
+
+async def test_a_consumer_reset_with_deliveries_in_flight_folds_each_event_once_and_in_order(nats_server) -> None:
+    nc, js = await seeded(nats_server)
+    store = OnlineStore()
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=1024, max_event_bytes=16384,
+                          max_uncheckpointed=10**6)
+    await ingest.start()
+    while len(ingest.buffer) < 300:  # part of the first pull's batch is in; the rest is on its way
+        await asyncio.sleep(0)
+    first, ingest.buffer = ingest.buffer[:100], ingest.buffer[100:]
+    await ingest.process(first)
+    await ingest._restart_consumer()  # what a reconnect does: replay from position + 1
+    await fold_all(ingest, store)
+    # Before, the old pull's late deliveries (from ~347 on) were folded first: the position
+    # jumped past 101..346, and their replay was then ignored as already seen.
+    assert (store.applied, store.ignored) == (EVENTS, 0)
+    await ingest.stop()
+    await nc.close()
+
+
+async def test_a_user_state_that_cannot_be_loaded_yet_holds_the_stream_until_it_can(nats_server) -> None:
+    nc, js = await seeded(nats_server)
+    store = OnlineStore()
+    store.cold = {"u3"}  # checkpointed, not loaded yet
+    failures = []
+
+    def fetch_cold(users: list[str]) -> dict[str, bytes]:
+        if len(failures) < 2:
+            failures.append(users)
+            raise ConnectionError("the database is away")
+        return {"u3": UserState().to_bytes()}
+
+    store.fetch_cold = fetch_cold
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=512, max_event_bytes=16384,
+                          max_uncheckpointed=10**6)
+    await ingest.start()
+    running = asyncio.create_task(ingest.run())
+    while store.positions.get("SIGNALS", 0) < EVENTS:
+        assert not running.done(), running  # before, the loop ended on the first failure, for good
+        await asyncio.sleep(0.05)
+    # Folded again after each failure: the two events before it (u1, u2) are seen three times.
+    assert (len(failures), store.applied, store.ignored, "u3" in store.cold) == (2, EVENTS, 4, False)
+    running.cancel()
+    await ingest.stop()
+    await nc.close()
+
+
+async def test_a_hold_ends_quietly_when_the_puller_went_away_meanwhile(nats_server) -> None:
+    nc, js = await seeded(nats_server)
+    checkpoints = Checkpoints()
+    checkpoints.uncheckpointed = 10
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, OnlineStore(), checkpoints, batch=64, max_event_bytes=16384,
+                          max_uncheckpointed=10)
+    await ingest.start()
+    hold = asyncio.create_task(ingest._hold_if_checkpoints_lag())  # the database is away: ingest holds
+    await asyncio.sleep(0)
+    await ingest.pause_reading()  # the DECISIONS tail stops reading: no puller any more
+    checkpoints.uncheckpointed = 0  # a checkpoint succeeds
+    await hold  # before: AttributeError, 'NoneType' object has no attribute 'resume'
+    assert ingest.puller is None
+    await ingest.stop()
+    await nc.close()
