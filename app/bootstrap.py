@@ -193,21 +193,36 @@ class Service:
         self._tasks.append(asyncio.create_task(self._warm_up(target), name="warm-up"))
 
     async def _warm_up(self, target: SqlCheckpointStore) -> None:
-        """Load every cold user, reading in a worker thread and folding in small chunks here."""
-        if not self.store.cold:
-            return
+        """Load every cold user, reading in a worker thread and folding in small chunks here;
+        a read that fails (the database away) is tried again, for the users still cold."""
+        started, delay = time.perf_counter(), 0.5
+        while self.store.cold:
+            try:
+                await self._warm_once(target)
+            except Exception as error:  # noqa: BLE001 - users load on demand meanwhile
+                log.warning("could not load the checkpointed users (%s); %d still to load, trying again in %.1fs",
+                            error, len(self.store.cold), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            break
+        METRICS.users.set(len(self.store.users))
+        log.info("all %d users loaded in %.1fs", len(self.store.users), time.perf_counter() - started)
+
+    async def _warm_once(self, target: SqlCheckpointStore) -> None:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue[list[tuple[str, bytes]]](maxsize=4)
-        started = time.perf_counter()
 
         def read() -> None:
-            chunk: list[tuple[str, bytes]] = []
-            for row in target.states():
-                chunk.append(row)
-                if len(chunk) == 1_000:
-                    asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
-                    chunk = []
-            asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
-            asyncio.run_coroutine_threadsafe(queue.put([]), loop).result()
+            try:
+                chunk: list[tuple[str, bytes]] = []
+                for row in target.states():
+                    chunk.append(row)
+                    if len(chunk) == 1_000:
+                        asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
+                        chunk = []
+                asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
+            finally:  # the end, also of a read that failed: the loop below must not wait for ever
+                asyncio.run_coroutine_threadsafe(queue.put([]), loop).result()
 
         reader = asyncio.create_task(asyncio.to_thread(read))
         while chunk := await queue.get():
@@ -215,9 +230,7 @@ class Service:
                 self.store.warm(chunk[start : start + 100])
                 await asyncio.sleep(0)
             self.freezer.check(len(self.store.users))  # as they load: each pass visits only the newest
-        await reader
-        METRICS.users.set(len(self.store.users))
-        log.info("all %d users loaded in %.1fs", len(self.store.users), time.perf_counter() - started)
+        await reader  # raises what the read raised
 
     @property
     def warm(self) -> bool:

@@ -87,3 +87,30 @@ def test_run_loop_retries_until_the_database_is_back() -> None:
 
     asyncio.run(asyncio.wait_for(run(), timeout=10))
     assert checkpointer.failures == 2
+
+
+async def test_the_warm_up_loads_everyone_after_a_read_that_failed(tmp_path: Any) -> None:
+    """Before, a failed read left the warm-up waiting for ever and `Service.warm` never true."""
+    from app.api import create_app
+    from app.settings import Settings
+
+    source = OnlineStore()
+    for i, user in enumerate(("a", "b", "c")):
+        source.apply(opened(i, user))
+    blobs = {u: s.to_bytes() for u, s in source.users.items()}
+
+    class Checkpoint:  # what the warm-up reads of SqlCheckpointStore
+        reads = 0
+
+        def states(self) -> Any:
+            self.reads += 1
+            yield "a", blobs["a"]
+            if self.reads == 1:
+                raise ConnectionError("the database went away")
+            yield from ((u, blobs[u]) for u in ("b", "c"))
+
+    service = create_app(Settings(data_dir=tmp_path)).state.service  # not started: the store only
+    service.store.cold = set(blobs)
+    checkpoint = Checkpoint()
+    await asyncio.wait_for(service._warm_up(checkpoint), timeout=30)
+    assert checkpoint.reads == 2 and service.warm and sorted(service.store.users) == ["a", "b", "c"]
