@@ -191,6 +191,14 @@ class StreamIngest:
             jsx.DLQ_SEQ: str(seq),
             "Nats-Msg-Id": f"dlq:{self.spec.name}:{seq}",
         }
+        # The server refuses a message whose headers and body together exceed its max_payload, and
+        # drops the connection (nats-py checks the body alone): an event near that size would never
+        # be stored, and each retry would cut every stream off again. Its head is kept instead; the
+        # original stream and sequence above lead to the whole event.
+        room = self.nc.max_payload - jsx.header_bytes({**headers, jsx.DLQ_TRUNCATED: str(len(data))})
+        if len(data) > room:
+            headers[jsx.DLQ_TRUNCATED] = str(len(data))
+            data = data[: max(room, 0)]
         await self.js.publish(f"dlq.{subject}", data, headers=headers)
         METRICS.dlq.labels(self.spec.name, rejection.kind).inc()
         log.info("DLQ %s #%d: %s", self.spec.name, seq, rejection.reason)

@@ -53,6 +53,12 @@ DLQ_KIND = "Tipstream-Dlq-Kind"
 DLQ_SUBJECT = "Tipstream-Original-Subject"
 DLQ_STREAM = "Tipstream-Original-Stream"
 DLQ_SEQ = "Tipstream-Original-Seq"
+DLQ_TRUNCATED = "Tipstream-Dlq-Truncated"  # the original body's size, when the DLQ copy holds only its head
+
+
+def header_bytes(headers: dict[str, str]) -> int:
+    """The size of `headers` on the wire, as nats-py encodes them (`NATS/1.0`, `key: value` lines)."""
+    return len(b"NATS/1.0\r\n\r\n") + sum(len(f"{k}: {v}\r\n".encode()) for k, v in headers.items())
 
 
 async def ensure_streams(
@@ -134,7 +140,19 @@ async def reset_durable(js: JetStreamContext, stream: str, durable: str, start_s
         pass
     info = await js.stream_info(stream)
     first = max(info.state.first_seq, 1)
-    if start_seq < first and info.state.messages:
+    if start_seq > info.state.last_seq + 1:
+        # Sequences only grow, so a checkpoint past the end was taken from another stream (its
+        # store was lost or the stream re-created): starting there would skip every event until
+        # the stream reaches it. Replaying the stream instead is safe: the fold, the learner's
+        # credits and the decision cache each recognise what they already hold by its id.
+        log.error(
+            "the checkpoint wants stream %s from %d, but it ends at %d: the stream is not the one the "
+            "checkpoint was taken from (was it re-created, or its NATS store lost?). Replaying %s from %d; "
+            "check that TIPSTREAM_NATS_URL points at the right server.",
+            stream, start_seq, info.state.last_seq, stream, first,
+        )
+        start_seq = first
+    elif start_seq < first and info.state.messages:
         log.warning(
             "stream %s starts at %d but the checkpoint wants %d: events %d..%d expired by retention. "
             "Raise TIPSTREAM_STREAM_MAX_AGE_DAYS to keep more.", stream, first, start_seq, start_seq, first - 1,

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import httpx
 import orjson
 
-from streams.jetstream import DLQ_KIND, DLQ_REASON, DLQ_SEQ, DLQ_SUBJECT, ensure_streams
+from streams.jetstream import (
+    DLQ_KIND,
+    DLQ_REASON,
+    DLQ_SEQ,
+    DLQ_STREAM,
+    DLQ_SUBJECT,
+    DLQ_TRUNCATED,
+    ensure_streams,
+)
 from tests.conftest import eventually
 
 TS = "2026-11-26T08:00:00+01:00"
@@ -65,6 +74,48 @@ async def test_bad_events_go_to_the_dlq_with_reasons_and_good_ones_around_them_a
         assert body["features"]["tasks_created_7d"]["value"] == len(bad) + 1
         metrics = (await http.get("/metrics")).text
     assert 'tipstream_dlq_total{reason="oversized",stream="SIGNALS"} 1.0' in metrics
+
+
+async def test_an_event_near_max_payload_goes_to_the_dlq_truncated_and_ingest_moves_on(start_service, nc) -> None:
+    running = await start_service()
+    js = nc.jetstream()
+    # The body alone fits the server's max_payload; with the DLQ headers added it would not.
+    padding = nc.max_payload - 100 - len(orjson.dumps(event(1, labels=[""])))
+    big = orjson.dumps(event(1, labels=["x" * padding]))
+    assert nc.max_payload - 200 < len(big) <= nc.max_payload
+    await js.publish("signals.task.created", big)
+    await js.publish("signals.task.created", orjson.dumps(event(2)))
+
+    [message] = await dlq_messages(js, 1)
+    assert message.headers[DLQ_KIND] == "oversized"
+    assert message.headers[DLQ_TRUNCATED] == str(len(big))
+    assert (message.headers[DLQ_STREAM], message.headers[DLQ_SEQ]) == ("SIGNALS", "1"), "where the whole event is"
+    assert 0 < len(message.data) < len(big) and big.startswith(message.data)
+    store = running.service.store
+    await eventually(lambda: store.positions.get("SIGNALS") == 2)
+    assert store.users["u-1"].count("task.created") == 1
+
+
+async def test_a_checkpoint_past_the_end_of_a_recreated_stream_replays_it_and_says_so(
+    start_service, nc, caplog
+) -> None:
+    first = await start_service()
+    js = nc.jetstream()
+    for i in range(5):
+        await js.publish("signals.task.created", orjson.dumps(event(i)))
+    await eventually(lambda: first.service.store.positions.get("SIGNALS") == 5)
+    await first.stop()
+
+    # The stream is re-created (its NATS store lost): its sequences start again, below the checkpoint's.
+    await js.delete_stream("SIGNALS")
+    await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    for i in range(3):
+        await js.publish("signals.task.created", orjson.dumps(event(100 + i, user="u-2")))
+    with caplog.at_level(logging.ERROR, logger="tipstream.jetstream"):
+        second = await start_service()
+        await eventually(lambda: "u-2" in second.service.store.users
+                         and second.service.store.users["u-2"].count("task.created") == 3)
+    assert any("not the one the checkpoint was taken from" in r.getMessage() for r in caplog.records)
 
 
 async def test_redelivered_and_republished_events_count_once(start_service, nc) -> None:
