@@ -148,7 +148,7 @@ async def reset_durable(js: JetStreamContext, stream: str, durable: str, start_s
         log.error(
             "the checkpoint wants stream %s from %d, but it ends at %d: the stream is not the one the "
             "checkpoint was taken from (was it re-created, or its NATS store lost?). Replaying %s from %d; "
-            "check that TIPSTREAM_NATS_URL points at the right server.",
+            "check that NATS_URL points at the right server.",
             stream, start_seq, info.state.last_seq, stream, first,
         )
         start_seq = first
