@@ -5,7 +5,9 @@ answers. Steps:
 1. Validate the body (`ScoreRequest`); any problem is a 422 naming the field, nothing logged.
 2. Profile features of the user from the online store at `now` (the request's `context.now`,
    else the clock): a snapshot reused while no event for the user arrives and no window
-   edge has passed, so the values are exact either way (`features.Snapshot`).
+   edge has passed, so the values are exact either way (`features.Snapshot`). A `now` so far
+   before the user's newest event that a window reaches past what the fold keeps gives that
+   feature as a fallback, as for a user without the data.
 3. The caller's `profile_features` fill only what the server lacks (a fallback value);
    the server's own values win. Which ones were used is answered and logged.
 4. Context features (local hour and weekday in the user's offset, the task count).

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from streams.fold import DAY_MS, KIND_NAMES, SIGNAL_KINDS, UserState
+from streams.fold import DAY_MS, HORIZON_DAYS, KIND_NAMES, SIGNAL_KINDS, UserState
 
 HOUR_MS = 3_600_000
 ENGAGEMENT_HALF_LIFE_DAYS = 3.0
@@ -41,6 +41,7 @@ class Feature:
     source: str
     fallback: int | float
     description: str
+    window_days: int | None = None  # how far before `now` the value reads: where it stops being exact (see _cut_short)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,38 +52,41 @@ class FeatureValue:
     fallback: bool
 
 
-def _f(name: str, dtype: Any, ttl_days: float | None, source: str, fallback: Any, description: str, freshness: Any = "batched") -> Feature:
-    return Feature(name, dtype, freshness, None if ttl_days is None else ttl_days * 86_400, source, fallback, description)
+def _f(name: str, dtype: Any, ttl_days: float | None, source: str, fallback: Any, description: str, freshness: Any = "batched",
+       window: int | None = None) -> Feature:
+    return Feature(name, dtype, freshness, None if ttl_days is None else ttl_days * 86_400, source, fallback, description,
+                   window)
 
 
 FEATURES: tuple[Feature, ...] = (
-    _f("tasks_created_7d", "int", 7, "task.created", 0, "Tasks created in the last 7 days."),
-    _f("tasks_completed_7d", "int", 7, "task.completed", 0, "Tasks completed in the last 7 days."),
+    _f("tasks_created_7d", "int", 7, "task.created", 0, "Tasks created in the last 7 days.", window=7),
+    _f("tasks_completed_7d", "int", 7, "task.completed", 0, "Tasks completed in the last 7 days.", window=7),
     _f("completion_rate_7d", "float", 7, "task.created, task.completed", 0.5,
-       "`(tasks_completed_7d + 1) / (tasks_created_7d + 2)`."),
+       "`(tasks_completed_7d + 1) / (tasks_created_7d + 2)`.", window=7),
     _f("preferred_hour", "int", 28, "task.completed", 9,
-       "Local hour (0-23) with the most completions in 28 days; ties go to the earliest hour."),
-    _f("tip_volume_24h", "int", 1, "tip.shown", 0, "Tips shown in the last 24 hours."),
+       "Local hour (0-23) with the most completions in 28 days; ties go to the earliest hour.", window=28),
+    _f("tip_volume_24h", "int", 1, "tip.shown", 0, "Tips shown in the last 24 hours.", window=1),
     _f("tip_positive_rate_30d", "float", 30, "tip.reacted", 0.5,
-       "`(acted + liked + 1) / (reactions + 2)` over 30 days."),
+       "`(acted + liked + 1) / (reactions + 2)` over 30 days.", window=30),
     _f("seconds_since_active", "float", 30, "all signals", 30 * 86_400.0,
        "`now` minus the time of the latest signal at or before `now`."),
     _f("open_tasks", "int", 30, "task.created, task.completed, task.deleted", 0,
-       "Tasks created in the last 30 days and neither completed nor deleted by `now`."),
+       "Tasks created in the last 30 days and neither completed nor deleted by `now`.", window=30),
     _f("overdue_tasks", "int", 30, "task.created, task.rescheduled, task.completed, task.deleted", 0,
-       "Open tasks whose due time (the latest reschedule, else the creation's `due`) is at or before `now`."),
+       "Open tasks whose due time (the latest reschedule, else the creation's `due`) is at or before `now`.", window=30),
     _f("postpone_rate_30d", "float", 30, "task.rescheduled, task.created", 0.0,
-       "`reschedules / (tasks created + 1)` over 30 days."),
+       "`reschedules / (tasks created + 1)` over 30 days.", window=30),
     _f("active_day_streak", "int", 2, "all signals", 0,
        "Consecutive local days (in the user's current offset) with any signal, ending today or yesterday; "
-       "at most 32: the fold keeps the newest event's day and the 31 before it."),
+       "at most 32: the fold keeps the newest event's day and the 31 before it (earlier, a streak "
+       "running into what the fold dropped is a fallback)."),
     _f("mean_hours_to_complete_28d", "float", 28, "task.created, task.completed", 24.0,
-       "Mean hours from creation to completion, over completions in 28 days whose creation is known."),
+       "Mean hours from creation to completion, over completions in 28 days whose creation is known.", window=28),
     _f("engagement_score", "float", 30, "all signals", 0.0,
-       f"Sum over signals in 30 days of `0.5 ** (age_days / {ENGAGEMENT_HALF_LIFE_DAYS:g})`: half-life {ENGAGEMENT_HALF_LIFE_DAYS:g} days."),
-    _f("app_opens_7d", "int", 7, "app.opened", 0, "App opens in the last 7 days."),
+       f"Sum over signals in 30 days of `0.5 ** (age_days / {ENGAGEMENT_HALF_LIFE_DAYS:g})`: half-life {ENGAGEMENT_HALF_LIFE_DAYS:g} days.", window=30),
+    _f("app_opens_7d", "int", 7, "app.opened", 0, "App opens in the last 7 days.", window=7),
     _f("tip_dismiss_rate_30d", "float", 30, "tip.reacted", 0.5,
-       "`(dismissed + disliked + 1) / (reactions + 2)` over 30 days."),
+       "`(dismissed + disliked + 1) / (reactions + 2)` over 30 days.", window=30),
 )
 CONTEXT_FEATURES: tuple[Feature, ...] = (
     _f("hour_of_day", "int", None, "request: context.now in the user's offset", 12,
@@ -100,6 +104,19 @@ WINDOW_DAYS = (1, 7, 28, 30)
 _WINDOW_MS = tuple(days * DAY_MS for days in WINDOW_DAYS)
 _WINDOW_SPANS = np.array((0, *_WINDOW_MS), dtype=np.int64)  # `now` first, for one search per kind
 _WINDOW_INDEX = {days: i for i, days in enumerate(WINDOW_DAYS)}
+_WINDOWED = tuple((f.name, f.window_days * DAY_MS) for f in FEATURES if f.window_days)
+_LONGEST_MS = max(span for _, span in _WINDOWED)
+
+
+def _cut_short(state: UserState, now_ms: int) -> list[tuple[str, int]]:
+    """(name, first `now` at which it is exact again) of each feature whose window `(now - w, now]`
+    reaches before the state's cutoff: the fold pruned what lay there, so the value would be
+    silently low. Empty whenever `now` is at or after the newest event's day (the horizon
+    keeps 31 days for windows of at most 30), so /score's usual case costs one comparison."""
+    held_ms = now_ms - state.cutoff_ms + 1  # the longest window still wholly held
+    if held_ms >= _LONGEST_MS:
+        return []
+    return [(name, now_ms + span - held_ms) for name, span in _WINDOWED if span > held_ms]
 
 
 class _Evaluation:
@@ -231,6 +248,11 @@ class _Evaluation:
         streak = 0
         while flags[day]:
             streak, day = streak + 1, day + 1
+        # Ran into the local day the cutoff falls in (or past it): pruned days may have continued the
+        # streak. Not exact, unless that day is the documented cap's (31 days back, at now >= newest).
+        horizon_day = today - (self.state.cutoff_ms - self.base + offset_ms) // DAY_MS
+        if day >= horizon_day and horizon_day < HORIZON_DAYS:
+            return BY_NAME["active_day_streak"].fallback, True
         return streak, False
 
     def mean_hours_to_complete_28d(self) -> tuple[float, bool]:
@@ -269,17 +291,26 @@ _SOURCES: dict[str, tuple[str, ...]] = {
 
 
 def evaluate(state: UserState | None, now_ms: int) -> dict[str, FeatureValue]:
-    """Every profile feature at `now_ms`; a user never seen gets fallbacks, flagged."""
+    """Every profile feature at `now_ms`; a user never seen gets fallbacks, flagged.
+
+    So does a feature whose window reaches before what the fold still holds of the user (a
+    `now` long before their newest event): its exact value is not known, so it is treated as
+    unknown (fallback, not fresh), and /score takes the caller's value for it when given.
+    """
     if state is None:
         return {f.name: FeatureValue(f.fallback, None, False, True) for f in FEATURES}
     evaluation = _Evaluation(state, now_ms)
     latest = {kind: evaluation.latest(kind) for kind in KIND_NAMES}
+    cut = {name for name, _ in _cut_short(state, now_ms)}
     values: dict[str, FeatureValue] = {}
     for feature in FEATURES:
-        value, used_fallback = evaluation.value(feature.name)
+        if feature.name in cut:
+            value, used_fallback = feature.fallback, True
+        else:
+            value, used_fallback = evaluation.value(feature.name)
         stamps = [latest[k] for k in _SOURCES[feature.name] if latest[k] is not None]
         age_s = (now_ms - max(stamps)) / 1000 if stamps else None
-        fresh = age_s is not None and feature.ttl_s is not None and age_s <= feature.ttl_s
+        fresh = age_s is not None and feature.ttl_s is not None and age_s <= feature.ttl_s and feature.name not in cut
         values[feature.name] = FeatureValue(value, age_s, fresh, used_fallback)
     return values
 
@@ -331,13 +362,21 @@ def snapshot(state: UserState, now_ms: int) -> Snapshot:
     evaluation = _Evaluation(state, now_ms)
     values: dict[str, int | float] = {}
     fallbacks = []
+    until = _valid_until(evaluation)
+    cut = _cut_short(state, now_ms)  # as in `evaluate`; the snapshot ends where one is exact again
+    if cut:
+        until = min(until, *(exact_from for _, exact_from in cut))
+    unknown = {name for name, _ in cut}
     for feature in FEATURES:
-        value, used_fallback = evaluation.value(feature.name)
+        if feature.name in unknown:
+            value, used_fallback = feature.fallback, True
+        else:
+            value, used_fallback = evaluation.value(feature.name)
         values[feature.name] = value
         if used_fallback:
             fallbacks.append(feature.name)
     signals = [t for t in (evaluation.latest(k) for k in SIGNAL_KINDS) if t is not None]
-    return Snapshot(now_ms, _valid_until(evaluation), values, frozenset(fallbacks), max(signals) if signals else None)
+    return Snapshot(now_ms, until, values, frozenset(fallbacks), max(signals) if signals else None)
 
 
 def _valid_until(evaluation: _Evaluation) -> int:
@@ -376,6 +415,11 @@ def features_markdown() -> str:
         "Generated from `streams/features.py` by `tipstream docs`; do not edit by hand.",
         "Windows are `(now - w, now]` over event time. `batched`: folded from the streams ahead of",
         "the request and evaluated at `now`; `jit`: computed from the request, never cached.",
+        "",
+        "The fold keeps each user's events within 31 days of their newest event. At an earlier `now`",
+        "(`?at=`, `context.now`, a backfill), a window that reaches before that is not known whole: the",
+        "feature takes its fallback, flagged `fallback` and not `fresh` (and /score takes the caller's",
+        "`profile_features` value for it). At or after the newest event, every window is whole.",
         "",
         "| name | dtype | freshness | TTL | source | fallback | description |",
         "|---|---|---|---|---|---|---|",

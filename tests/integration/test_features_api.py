@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -81,3 +82,29 @@ async def test_openapi_document_describes_every_route(start_service) -> None:
     paths = document["paths"]
     assert {"/healthz", "/readyz", "/metrics", "/users/{user_id}/features", "/score"} <= set(paths)
     assert paths["/readyz"]["get"]["responses"]["503"]["description"] == "still catching up, or NATS is away"
+
+
+async def test_a_past_at_flags_windows_reaching_before_what_the_fold_holds(start_service, nc) -> None:
+    running = await start_service()
+    js = nc.jetstream()
+    for d in range(60):  # one reaction a day for 60 days: the fold keeps the last 31
+        await js.publish("feedback.tip.reacted", orjson.dumps({
+            "id": f"p-{d}", "type": "tip.reacted", "user_id": "bo", "ts": _day(d), "data": {"tip_id": "t", "reaction": "acted" if d < 45 else "dismissed"}}))
+    await eventually(lambda: running.service.store.applied == 60)
+
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        async def at(days_back: int) -> dict[str, Any]:
+            return (await http.get("/users/bo/features", params={"at": _day(59 - days_back)})).json()["features"]
+
+        newest = await at(0)
+        assert newest["tip_positive_rate_30d"] == {"value": (15 + 1) / (30 + 2), "age_s": 0.0, "fresh": True,
+                                                   "fallback": False}
+        for days_back in (10, 20):
+            past = await at(days_back)
+            assert past["tip_positive_rate_30d"] == {"value": 0.5, "age_s": 0.0, "fresh": False, "fallback": True}
+            assert past["tip_dismiss_rate_30d"]["fallback"] is True
+        assert (await at(10))["tip_volume_24h"]["fallback"] is False  # a 1-day window 10 days back: whole
+
+
+def _day(d: int) -> str:
+    return (datetime(2026, 9, 1, 12, tzinfo=UTC) + timedelta(days=d)).isoformat()

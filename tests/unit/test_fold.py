@@ -14,7 +14,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from streams.events import parse_event
-from streams.features import ENGAGEMENT_HALF_LIFE_DAYS, FEATURE_NAMES, WINDOW_DAYS, evaluate, snapshot
+from streams.features import ENGAGEMENT_HALF_LIFE_DAYS, FEATURE_NAMES, FEATURES, WINDOW_DAYS, evaluate, snapshot
 from streams.fold import DAY_MS, REACTION_CODES, UserState, apply, fingerprint, to_ms
 from streams.simulator import Population
 from streams.store import OnlineStore
@@ -171,6 +171,7 @@ def reference_features(raw: list[dict[str, Any]], now: datetime, *, kept_from: d
     """Every profile feature computed directly from the raw events, the way its declaration words it.
 
     `kept_from`: the fold's horizon (nothing older is kept); `offset`: the user's current UTC offset.
+    A feature whose window reaches before `kept_from` is not known: it is its declared fallback.
     """
     seen, events = set(), []
     for event in raw:
@@ -206,13 +207,16 @@ def reference_features(raw: list[dict[str, Any]], now: datetime, *, kept_from: d
     streak = 0
     while day in active_days:
         streak, day = streak + 1, day - timedelta(days=1)
+    horizon_day = kept_from.astimezone(zone).date()
+    if day <= horizon_day and (now.astimezone(zone).date() - horizon_day).days < 31:  # cut short, below the cap
+        streak = 0
     spans = []
     for done in of("task.completed", 28):
         made = [e["at"] for e in of("task.created") if e["data"]["task_id"] == done["data"]["task_id"]]
         if made and min(made) <= done["at"]:
             spans.append((done["at"] - min(made)) / timedelta(hours=1))
     half_life_s = ENGAGEMENT_HALF_LIFE_DAYS * 86_400
-    return {
+    values = {
         "tasks_created_7d": created,
         "tasks_completed_7d": completed,
         "completion_rate_7d": (completed + 1) / (created + 2),
@@ -230,6 +234,10 @@ def reference_features(raw: list[dict[str, Any]], now: datetime, *, kept_from: d
                                 for t in signals if now - t < timedelta(days=30)),
         "tip_dismiss_rate_30d": (sum(r in ("dismissed", "disliked") for r in reactions) + 1) / (len(reactions) + 2),
     }
+    for feature in FEATURES:
+        if feature.window_days and now - timedelta(days=feature.window_days) + timedelta(milliseconds=1) < kept_from:
+            values[feature.name] = feature.fallback
+    return values
 
 
 def assert_features_match(state: UserState, raw: list[dict[str, Any]], now: datetime) -> int:
@@ -299,3 +307,33 @@ def test_state_stays_bounded_as_time_goes_on() -> None:
     span_days = (max(stamps) - min(stamps)) / DAY_MS
     assert span_days <= 32
     assert max(sizes[-5:]) < 2 * min(sizes[len(sizes) // 2:])  # flat, not growing
+
+
+def test_a_window_reaching_before_what_the_fold_holds_is_flagged_not_cut_short() -> None:
+    # 60 days of one app open and one reaction a day: the fold keeps 31 days behind the newest.
+    state = UserState()
+    for d in range(60):
+        at = BASE + timedelta(days=d, hours=12)
+        apply(state, parse_event(orjson.dumps({"id": f"o{d}", "type": "app.opened", "user_id": "u", "ts": at.isoformat()})))
+        apply(state, parse_event(orjson.dumps({"id": f"r{d}", "type": "tip.reacted", "user_id": "u", "ts": at.isoformat(),
+                                               "data": {"tip_id": "t", "reaction": "acted" if d < 45 else "dismissed"}})))
+    newest = state.newest_ms
+    no_tasks = {"preferred_hour", "mean_hours_to_complete_28d"}  # fallbacks for want of data, at any `now`
+    assert {name for name, v in evaluate(state, newest).items() if v.fallback} == no_tasks
+    assert snapshot(state, newest).fallbacks == no_tasks
+    for days_back in (10, 20):
+        now = newest - days_back * DAY_MS
+        values, snap = evaluate(state, now), snapshot(state, now)
+        for name in ("tip_positive_rate_30d", "tip_dismiss_rate_30d", "engagement_score"):
+            assert values[name].fallback and not values[name].fresh, (days_back, name)
+            assert name in snap.fallbacks
+        assert values["tip_positive_rate_30d"].value == 0.5  # the declared fallback, not a truncated 0.75
+        assert snap.until_ms <= state.cutoff_ms + 30 * DAY_MS - 1  # a snapshot never outlives the flag
+    whole_again = state.cutoff_ms + 30 * DAY_MS - 1  # the first `now` whose 30-day window the fold holds whole
+    assert evaluate(state, whole_again - 1)["tip_positive_rate_30d"].fallback
+    assert not evaluate(state, whole_again)["tip_positive_rate_30d"].fallback
+    assert "tip_positive_rate_30d" not in snapshot(state, whole_again).fallbacks
+    at_10 = evaluate(state, newest - 10 * DAY_MS)
+    assert at_10["app_opens_7d"].value == 7 and not at_10["app_opens_7d"].fallback and at_10["app_opens_7d"].fresh
+    assert at_10["seconds_since_active"].value == 0.0 and not at_10["seconds_since_active"].fallback
+    assert at_10["active_day_streak"].fallback  # it runs into the pruned days
