@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -146,8 +145,12 @@ class StreamIngest:
         store, rejected = self.store, []
         applied_before, ignored_before = store.applied, store.ignored
         limit, decode, sink = self.max_event_bytes, self.decode, self.sink
-        if self.max_future is not None:
-            store.max_ts_ms = int((time.time() + self.max_future.total_seconds()) * 1000)
+        future_ms = None if self.max_future is None else int(self.max_future.total_seconds() * 1000)
+        if future_ms is not None:
+            # Ahead of when JetStream stored the event, not of this server's clock: a replay (a
+            # restart, a rebuild from the log) then refuses exactly what the first pass refused.
+            # Stored times grow with the sequence, so the chunk's first is a bound for them all.
+            store.max_ts_ms = jsx.stored_ms(chunk[0][1]) + future_ms
         for msg in chunk:
             subject, _, data = msg
             if len(data) > limit:
@@ -160,9 +163,18 @@ class StreamIngest:
                 try:
                     sink(event)
                 except FutureEvent:
+                    assert future_ms is not None
+                    own_limit = jsx.stored_ms(msg[1]) + future_ms  # stored after the chunk's first
+                    if own_limit > store.max_ts_ms:
+                        store.max_ts_ms = own_limit  # a bound for the rest of the chunk too
+                        try:
+                            sink(event)
+                            continue
+                        except FutureEvent:
+                            pass
                     rejected.append((msg, Rejection(
-                        "future_ts", f"ts {event.ts.isoformat()} is more than {self.max_future} ahead of this "
-                        "server's clock; fix the publisher's clock (or raise TIPSTREAM_MAX_FUTURE_S)")))
+                        "future_ts", f"ts {event.ts.isoformat()} is more than {self.max_future} ahead of when "
+                        "JetStream stored it; fix the publisher's clock (or raise TIPSTREAM_MAX_FUTURE_S)")))
         for msg, rejection in rejected:
             await self._retry(functools.partial(self._dead_letter, msg, rejection), "publish to the DLQ")
         last_reply = chunk[-1][1]

@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     )
 
     max_future_s: float = Field(
-        86_400.0, gt=0, description="Events stamped further ahead of this server's clock go to the DLQ as `future_ts`."
+        86_400.0, gt=0, description="Events stamped further ahead of when JetStream stored them go to the DLQ as `future_ts` "
+                               "(the same on every replay)."
     )
     ingest_batch: int = Field(1024, ge=1, le=10_000, description="Messages per JetStream pull request.")
     checkpoint_every_events: int = Field(

@@ -129,6 +129,16 @@ def stream_sequence(reply: bytes) -> tuple[int, int]:
     return int(tokens[7]), int(tokens[10])
 
 
+def stored_ms(reply: bytes) -> int:
+    """When JetStream stored the message (ms since the epoch), from its ack subject, v1 or v2 form.
+
+    >>> stored_ms(b"$JS.ACK.SIGNALS.ingest.1.42.42.1764140400123456789.0")
+    1764140400123
+    """
+    tokens = reply.split(b".")
+    return int(tokens[7] if len(tokens) == 9 else tokens[9]) // 1_000_000
+
+
 async def reset_durable(js: JetStreamContext, stream: str, durable: str, start_seq: int, max_ack_pending: int) -> int:
     """(Re)create the durable consumer so it delivers from `start_seq`: the checkpoint decides.
 
