@@ -251,7 +251,8 @@ class DecisionPublisher:
     2. Write up to `batch` of them as one buffer of HPUB commands, each with `Nats-Msg-Id` =
        the decision id and a reply subject in our ack inbox (JetStream answers every one).
     3. Each acknowledgement (read on the raw inbox path) releases its decision and calls
-       `on_published` with its id; an error answer, or no answer within `ack_timeout_s`, puts
+       `on_published` with its id and bytes; an error answer (after a wait that doubles while
+       refusals go on), or no answer within `ack_timeout_s`, puts
        the decision back at the front of the queue. JetStream's duplicate window drops a copy
        of one that had landed after all.
 
@@ -260,7 +261,7 @@ class DecisionPublisher:
     """
 
     def __init__(self, nc: Callable[[], Any], *, queue_max: int, batch: int, window: int,
-                 ack_timeout_s: float = 5.0, on_published: Callable[[str], None] | None = None,
+                 ack_timeout_s: float = 5.0, on_published: Callable[[str, bytes], None] | None = None,
                  on_stored: Callable[[int], None] | None = None) -> None:
         self._nc, self.queue_max, self.batch, self.window = nc, queue_max, batch, window
         self.ack_timeout_s, self.on_published, self.on_stored = ack_timeout_s, on_published, on_stored
@@ -270,6 +271,7 @@ class DecisionPublisher:
         self.inflight: OrderedDict[int, tuple[float, tuple[str, str, bytes]]] = OrderedDict()
         self.published = 0
         self.retried = 0
+        self._refused, self._refusal_wait = False, 0.0
         self._token = 0
         self._inbox = b""
         self._work = asyncio.Event()
@@ -335,16 +337,22 @@ class DecisionPublisher:
         _, item = sent
         if data.startswith(b'{"stream"') and b'"error"' not in data:
             self.published += 1
+            self._refusal_wait = 0.0
             _PUBLISHED.inc()
             if self.on_published is not None:
-                self.on_published(item[1])
+                self.on_published(item[1], item[2])
             if self.on_stored is not None:
                 seq = _stored_seq(data)
                 if seq is not None:
                     self.on_stored(seq)
         else:  # an error answer, or a status such as 503 no responders
-            log.warning("JetStream refused decision %s (%s); retrying", item[1], (data or headers or b"")[:200])
+            # Retried after a wait that doubles while refusals go on: a refusal that lasts (the
+            # stream gone) was retried thousands of times a second, each with a warning.
+            self._refusal_wait = min(max(self._refusal_wait * 2, 0.1), 5.0)
+            log.warning("JetStream refused decision %s (%s); retrying in %.1fs", item[1],
+                        (data or headers or b"")[:200], self._refusal_wait)
             self._requeue([item])
+            self._refused = True
         self._released()
 
     def _released(self) -> None:
@@ -388,6 +396,9 @@ class DecisionPublisher:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
+            if self._refused:
+                self._refused = False
+                await asyncio.sleep(self._refusal_wait)
             nc = self._nc()
             room = self.window - len(self.inflight)
             if not self.queue or room <= 0:

@@ -144,13 +144,19 @@ class Learner:
             self._insert(decision_id, _Entry(payload, self.store.positions.get("DECISIONS", 0),
                                              int(self.clock() * 1000), decision))
 
-    def published(self, decision_id: str) -> None:
-        """JetStream acknowledged a decision served here: it is in the log, so it gets its row."""
+    def published(self, decision_id: str, payload: bytes | None = None) -> None:
+        """JetStream acknowledged a decision served here: it is in the log, so it gets its row.
+
+        Also one the join cache let go while it waited for JetStream (memory budget): the
+        DECISIONS position moves past it now, so no re-read would ever write its row."""
         entry = self.cache.get(decision_id)
-        if entry is not None and not entry.logged:
-            entry.logged = True
-            self._mark_row(entry)
-            entry.decision = None
+        if entry is not None:
+            if not entry.logged:
+                entry.logged = True
+                self._mark_row(entry)
+                entry.decision = None
+        elif payload is not None:
+            self.decision_log.mark(tip_score_row(orjson.loads(payload), payload, None, None))
 
     def add_logged(self, logged: LoggedDecision) -> bool:
         """The DECISIONS ingest's sink: a decision read back from the stream."""

@@ -549,3 +549,17 @@ def test_a_registration_does_not_save_its_learner_snapshot_beside_a_checkpoint(t
     asyncio.run(both())
     assert saves == ["checkpoint", "registration"]
     w.engine.dispose()
+
+
+def test_a_decision_the_join_cache_let_go_before_its_ack_still_gets_its_row(tmp_path: Path) -> None:
+    """The DECISIONS position moves past an acknowledged decision, so no re-read would write its
+    row later: the acknowledgement carries the decision's bytes for that case."""
+    w = World(tmp_path, cache_mb=0.01)  # about ten decisions
+    waiting = [w.score(user=f"u-{i}") for i in range(40)]  # JetStream away: none acknowledged yet
+    assert waiting[0].decision_id not in w.learner.cache
+    for scored in waiting:
+        w.learner.published(scored.decision_id, scored.payload)
+    assert sorted(w.log.dirty) == sorted(s.decision_id for s in waiting)
+    row = w.log.dirty[waiting[0].decision_id]
+    assert row["user_id"] == "u-0" and row["tip_id"] == waiting[0].decision["ranked"][0]["tip_id"]
+    w.engine.dispose()
