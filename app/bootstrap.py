@@ -25,7 +25,9 @@ import sys
 import time
 from typing import Any
 
-from app import migrate
+import orjson
+
+from app import decision_spool, migrate
 from app.checkpoint_writer import CheckpointWriter
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.collector import FreezePolicy
@@ -179,6 +181,12 @@ class Service:
         self.publisher.on_stored = self.decision_tail.stored
         self._tasks.append(asyncio.create_task(self.decision_tail.run(), name="decisions tail"))
         await self.publisher.start()
+        spooled = decision_spool.take(self.settings.data_dir / decision_spool.SPOOL_NAME)
+        if spooled:
+            for _, decision_id, payload in spooled:  # joinable with their feedback, as when they were served
+                self.learner.served(decision_id, payload, orjson.loads(payload))
+            self.publisher.put_back(spooled)
+            log.info("publishing %d decisions served before the last stop first", len(spooled))
         self._publisher_task = asyncio.create_task(self.publisher.run(), name="decision publisher")
 
     async def _restore(self, target: SqlCheckpointStore) -> None:
@@ -244,9 +252,15 @@ class Service:
         self._stopping = True
         # Decisions already served go to the log before anything else stops.
         if self._publisher_task is not None:
-            await self.publisher.flush(timeout_s=5.0)
+            flushed = await self.publisher.flush(timeout_s=5.0)
             self._publisher_task.cancel()
             await asyncio.gather(self._publisher_task, return_exceptions=True)
+            left = [] if flushed else self.publisher.unpublished()
+            if left:
+                path = self.settings.data_dir / decision_spool.SPOOL_NAME
+                decision_spool.save(path, left)
+                log.warning("%d decisions served are not acknowledged by JetStream yet (is NATS away?); kept in "
+                            "%s, the next start publishes them first", len(left), path)
         for ingest in self.ingests:
             await ingest.stop()
         for task in self._tasks:

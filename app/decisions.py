@@ -322,9 +322,17 @@ class DecisionPublisher:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
             return True
         except TimeoutError:
-            log.warning("%d decisions not yet published at shutdown; they were served but are not in the log",
-                        self.waiting)
             return False
+
+    def unpublished(self) -> list[tuple[str, str, bytes]]:
+        """What JetStream has not acknowledged, oldest first: in flight (in the order sent), then queued."""
+        return [item for _, item in self.inflight.values()] + list(self.queue)
+
+    def put_back(self, items: list[tuple[str, str, bytes]]) -> None:
+        """Decisions served before this start (`decision_spool`): first in line, whatever the queue's bound."""
+        self.queue.extendleft(reversed(items))
+        self._idle.clear()
+        self._released()
 
     def _on_ack(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         try:

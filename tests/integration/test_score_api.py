@@ -246,3 +246,29 @@ async def test_own_decisions_are_not_read_back_but_others_are(start_service, nc)
     await eventually(lambda: service.decision_tail.following, timeout=10)
     assert service.store.positions["DECISIONS"] >= last + 1
     assert set(read_back) == {"d-other-1"}, "reading again started after our own decisions"
+
+
+async def test_decisions_not_yet_in_jetstream_at_shutdown_are_published_at_the_next_start(
+        start_service, nats_server, tmp_path) -> None:
+    from app.decision_spool import SPOOL_NAME
+
+    first = await start_service()
+    async with httpx.AsyncClient(base_url=first.base_url) as http:
+        assert (await http.post("/score", json=body())).status_code == 200
+        await eventually(lambda: first.service.publisher.published == 1)
+        nats_server.stop()
+        await eventually(lambda: not first.service.nc.is_connected)
+        answers = [(await http.post("/score", json=body())).json()["decision_id"] for _ in range(3)]
+    await first.stop()  # NATS is still away: before, these three were lost here
+    spool = tmp_path / "data" / SPOOL_NAME
+    assert spool.exists()
+    nats_server.start()
+    second = await start_service()
+    await eventually(lambda: second.service.publisher.published == 3, timeout=30)
+    assert not spool.exists() and all(d in second.service.learner.cache for d in answers)
+    client = await nats.connect(nats_server.url)
+    try:
+        info = await client.jetstream().stream_info("DECISIONS")
+        assert info.state.messages == 4
+    finally:
+        await client.close()

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
+import app.decision_spool
 import app.decisions
 import app.evaluation
 import app.learner
@@ -32,8 +33,8 @@ from streams.events import parse_event
 from streams.store import OnlineStore
 
 
-@pytest.mark.parametrize("module", [app.decisions, app.evaluation, app.learner, app.models_cli, app.registry_store,
-                                    app.scoring])
+@pytest.mark.parametrize("module", [app.decision_spool, app.decisions, app.evaluation, app.learner, app.models_cli,
+                                    app.registry_store, app.scoring])
 def test_doctests(module: Any) -> None:
     assert doctest.testmod(module, raise_on_error=False).failed == 0
 

@@ -1,0 +1,50 @@
+"""Decisions served but not yet in JetStream when the service stops: kept in a file, published first
+at the next start.
+
+/score never waits for JetStream, so at shutdown some answers may still be queued or waiting for
+their acknowledgement (NATS away, or slow). Dropping them would break the decision log's promise
+that every answer is logged. A copy that had landed after all is dropped by JetStream's duplicate
+window (`Nats-Msg-Id`) when the restart comes within it.
+
+>>> import tempfile, pathlib
+>>> path = pathlib.Path(tempfile.mkdtemp()) / SPOOL_NAME
+>>> save(path, [("decisions.score", "d-1", b'{"id":"d-1"}')])
+>>> take(path), path.exists()
+([('decisions.score', 'd-1', b'{"id":"d-1"}')], False)
+>>> take(path)
+[]
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import orjson
+
+SPOOL_NAME = "unpublished-decisions.jsonl"
+Item = tuple[str, str, bytes]  # subject, decision id, the event's bytes
+
+
+def save(path: Path, items: list[Item]) -> None:
+    """Write `items` whole or not at all (a temporary file renamed over the spool)."""
+    temporary = path.with_suffix(".tmp")
+    with temporary.open("wb") as out:
+        for subject, decision_id, payload in items:
+            out.write(orjson.dumps({"subject": subject, "id": decision_id, "event": payload.decode()}) + b"\n")
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
+
+
+def take(path: Path) -> list[Item]:
+    """The spooled decisions, oldest first; the file is gone afterwards (they are the caller's now)."""
+    if not path.exists():
+        return []
+    items = []
+    for line in path.read_bytes().splitlines():
+        if line.strip():
+            row = orjson.loads(line)
+            items.append((row["subject"], row["id"], row["event"].encode()))
+    path.unlink()
+    return items
