@@ -65,10 +65,15 @@ class OwnTail:
 
     def stored(self, seq: int) -> None:
         """JetStream stored one of our decisions at `seq`."""
-        if seq > self.position:
-            heapq.heappush(self._acked, seq)
+        position = self.position
+        if seq > position:
+            acked = self._acked
+            heapq.heappush(acked, seq)
             if self.following:
                 self._advance()
+            else:  # the consumer moves the position meanwhile: what it passed need not be kept
+                while acked[0] <= position:
+                    heapq.heappop(acked)
 
     async def follow(self) -> None:
         await self.ingest.pause_reading()

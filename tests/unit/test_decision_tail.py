@@ -117,3 +117,13 @@ def test_own_acknowledgements_keep_it_following() -> None:
         tick(tail)
     assert tail.following and ingest.resets == 0
 
+
+
+def test_while_reading_the_acknowledgements_kept_are_only_those_ahead_of_the_position() -> None:
+    """Under steady /score load the consumer may never catch up: the heap must not keep one entry
+    per decision published meanwhile."""
+    _, store, _, tail = world(position=10)
+    for seq in range(11, 2011):
+        tail.stored(seq)
+        store.positions["DECISIONS"] = seq - 5  # the consumer reads close behind
+    assert len(tail._acked) <= 6
