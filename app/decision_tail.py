@@ -11,8 +11,9 @@ Steps, every `tick_s`:
    (its outstanding pull request goes with it); follow, and tell `on_follow` (the learner
    joins the decisions it re-read after a start). A reconnect that restarts the consumer
    means reading again.
-2. Following: each acknowledged sequence goes into a heap; the position advances over the
-   ones that directly follow it, so everything up to the position is held.
+2. Each acknowledged sequence goes into a heap. While reading, those the consumer's position
+   passes are let go; while following, the position advances over the ones that directly
+   follow it, so everything up to the position is held.
 3. Following: if the stream's last sequence seen one tick ago is still ahead of the
    position, a message there is not ours (or its acknowledgement was lost): read again from
    the position + 1, and follow again once caught up.

@@ -4,7 +4,8 @@ A decision event (wire contract v1, subject `decisions.score`, header `Nats-Msg-
 
     {"id": "d-0193...", "type": "decision.scored", "v": 1, "ts": "2026-11-26T08:00:00.123+01:00",
      "user_id": "u-42", "model_version": "v1", "shadow_version": "v2", "prompt_version": null,
-     "policy": "epsilon_greedy", "explore": true, "features_at": "2026-11-26T08:00:00.123+01:00",
+     "policy": "epsilon_greedy", "explore": true, "greedy": "tip-focus-1",  # the champion's own first
+     "features_at": "2026-11-26T08:00:00.123+01:00",
      "features": {"user_id": "u-42", "hour_of_day": 8, ...},        # shared by every candidate
      "caller_features": ["preferred_hour"],                          # filled in from the request
      "ranked": [{"tip_id": "tip-focus-1", "category": "focus", "score": 0.71, "propensity": 0.93,

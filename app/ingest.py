@@ -1,8 +1,8 @@
 """The ingest loop: JetStream messages in, validated, folded into the online store, bad ones to the DLQ.
 
 Where ingest resumes after a restart is decided by the last checkpoint, not by the
-consumer's acknowledgements: on start (and after a reconnect) the durable consumer is
-re-created at the checkpointed position + 1, and events already folded are recognised
+consumer's acknowledgements: on start the durable consumer is re-created at the checkpointed
+position + 1 (after a reconnect, at the position in memory + 1), and events already folded are recognised
 by the fold and counted once. Acknowledgements (ack-all, once per chunk) only tell the
 server and its monitoring how far ingest has got.
 """

@@ -1,6 +1,6 @@
 """Typed settings, read once from the environment (and a `.env` file if present).
 
-Every field here is listed in the README's settings table; `tests/test_docs.py`
+Every field here is listed in the README's settings table; `tests/unit/test_events.py`
 fails when the two drift apart.
 """
 
@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     # -- scoring, decisions, learning (issue 4; docs/learning.md) ---------------------------
     admin_token: SecretStr | None = Field(
         None,
-        description="Bearer token for admin changes (register, shadow, promote, rollback). Unset: admin changes are refused.",
+        description="Bearer token for admin changes (register, shadow, promote, retire, evaluate, rollback). Unset: admin changes are refused.",
     )
     model_kind: Literal["logreg", "fm"] = Field(
         "logreg", description="Kind of the first champion (`v1`), created on the first start."
