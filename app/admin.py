@@ -88,7 +88,8 @@ def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[ChangeBo
         except ValidationError as error:
             first = error.errors(include_url=False)[0]
             field = ".".join(str(p) for p in first["loc"]) or "body"
-            return _json(422, {"error": f"{field}: {first['msg']}", "field": field})
+            message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own words
+            return _json(422, {"error": f"{field}: {message}", "field": field})
         try:
             result = await action(request, parsed)
         except RegistryError as error:

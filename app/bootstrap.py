@@ -267,6 +267,7 @@ class Service:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.checkpointer:
+            self.learner.snapshot_at_next_checkpoint()
             try:
                 await self.checkpointer.checkpoint()
             except Exception as error:  # noqa: BLE001

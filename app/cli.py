@@ -63,10 +63,14 @@ def _migrate(args: argparse.Namespace) -> int:
     from app.settings import get_settings
 
     url = get_settings().sqlalchemy_url
+    known = migrate.revisions()
+    if args.revision not in ("head", "base", *known):  # checked first: an attempt would create the database
+        print(f"Unknown revision {args.revision!r}; known: head, base, {', '.join(known)}.", file=sys.stderr)
+        return 2
     try:
         (migrate.downgrade if args.revision == "base" else migrate.upgrade)(url, args.revision)
     except CommandError as error:
-        print(f"{error} (known: head, base, or a revision under migrations/versions)", file=sys.stderr)
+        print(error, file=sys.stderr)
         return 2
     now = migrate.current(url)
     print(f"database at {now or 'base'}: {url}")

@@ -30,6 +30,7 @@ order and the memory budget evicts the oldest decisions first (`caught_up` joins
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -413,6 +414,10 @@ class Learner:
             "prior": self.lineup.prior.to_bytes(),
             "models": models,
         }
+
+    def snapshot_at_next_checkpoint(self) -> None:
+        """Whatever the spacing of snapshots: at a clean stop, so the next start replays nothing."""
+        self._last_snapshot = -math.inf
 
     write = staticmethod(write_learner_state)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,7 @@ from models.registry import ModelCard, ModelVersion, Registry, RegistryError
 from models.reward import PopularityPrior, TipModel
 
 log = logging.getLogger("tipstream.models")
+MODEL_PARAMETERS = tuple(inspect.signature(TipModel).parameters)
 
 
 class Lineup:
@@ -122,6 +124,10 @@ class Lineup:
         if version in self.registry.versions:
             raise RegistryError(
                 f"Version {version!r} is already registered; versions are immutable, register a new name.")
+        unknown = sorted(set(params) - set(MODEL_PARAMETERS))
+        if unknown:
+            raise RegistryError(f"Unknown model parameter {', '.join(map(repr, unknown))}; known: "
+                                f"{', '.join(p for p in MODEL_PARAMETERS if p != 'kind')}.", "invalid")
         try:
             TipModel(**{**params, "kind": kind})
         except (TypeError, ValueError) as error:

@@ -18,6 +18,14 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+def revisions() -> list[str]:
+    """The known revisions, oldest first."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    return [r.revision for r in reversed(list(script.walk_revisions()))]
+
+
 def upgrade(url: str, revision: str = "head") -> None:
     command.upgrade(alembic_config(url), revision)
 

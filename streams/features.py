@@ -310,7 +310,8 @@ def evaluate(state: UserState | None, now_ms: int) -> dict[str, FeatureValue]:
             value, used_fallback = evaluation.value(feature.name)
         stamps = [latest[k] for k in _SOURCES[feature.name] if latest[k] is not None]
         age_s = (now_ms - max(stamps)) / 1000 if stamps else None
-        fresh = age_s is not None and feature.ttl_s is not None and age_s <= feature.ttl_s and feature.name not in cut
+        # A fallback is not the user's data, however recent their events: never fresh (docs/features.md).
+        fresh = not used_fallback and age_s is not None and feature.ttl_s is not None and age_s <= feature.ttl_s
         values[feature.name] = FeatureValue(value, age_s, fresh, used_fallback)
     return values
 

@@ -52,7 +52,7 @@ def test_migrate_says_where_the_database_is_and_does_not_pretend_to_go_back(
         assert out == f"database at {head}: {url}\n" and "alembic downgrade 0001" in err
         assert migrate.current(url) == head
         assert main(["migrate", "nope"]) == 2
-        assert "nope" in capsys.readouterr().err
+        assert "Unknown revision 'nope'; known: head, base, 0001" in capsys.readouterr().err
     finally:
         get_settings.cache_clear()
 
@@ -64,3 +64,18 @@ def test_reading_the_registry_where_there_is_no_database_creates_none(
     with pytest.raises(SystemExit, match="No tipstream database at sqlite:///.*: run this where the service runs"):
         main(["models", "list"])
     assert not (tmp_path / "data").exists()
+
+
+def test_an_unknown_revision_creates_no_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))
+    from app.settings import get_settings
+
+    get_settings.cache_clear()
+    try:
+        assert main(["migrate", "nope"]) == 2
+    finally:
+        get_settings.cache_clear()
+    assert "Unknown revision 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "data" / "tipstream.db").exists()

@@ -74,7 +74,9 @@ async def test_register_shadow_promote_rollback_with_cards_and_history(start_ser
 
         unreachable = await http.post("/admin/models", headers=AUTH, json={"version": "../x y"})
         assert unreachable.status_code == 422 and unreachable.json()["field"] == "version"  # no path could name it
-        assert "letters, digits" in unreachable.json()["error"]
+        assert unreachable.json()["error"].startswith("version: a version name is letters, digits")
+        unknown = await http.post("/admin/models", headers=AUTH, json={"version": "v7", "params": {"nosuch": 1}})
+        assert unknown.status_code == 422 and "Unknown model parameter 'nosuch'; known: " in unknown.json()["error"]
         registered = await http.post("/admin/models", headers=AUTH, json={
             "version": "v2", "kind": "fm", "params": {"learning_rate": 0.05, "n_factors": 4}, "actor": "alice"})
         assert registered.status_code == 200, registered.text
@@ -246,3 +248,30 @@ def test_0004_puts_rewarded_decision_times_in_utc(database_url: str) -> None:
         engine.dispose()
         if database_url.startswith("postgresql"):
             reset_postgres(database_url)
+
+
+async def test_a_clean_stop_saves_the_learner_where_the_streams_stand(start_service, nc) -> None:
+    """Snapshots of the models are spaced (TIPSTREAM_MODEL_SNAPSHOT_EVERY_S); the last one is
+    taken at a clean stop, so the next start replays no feedback into the models."""
+    running = await start_service(model_snapshot_every_s=3600, checkpoint_every_s=0.1)
+    service = running.service
+    js = nc.jetstream()
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        for i in range(5):
+            answer = (await http.post("/score", json=score_body(f"u-{i}"))).json()
+            event = {"id": f"f-{i}", "type": "tip.reacted", "user_id": f"u-{i}", "ts": NOW,
+                     "data": {"tip_id": answer["ranked"][0]["tip_id"], "decision_id": answer["decision_id"],
+                              "reaction": "acted"}}
+            await js.publish("feedback.tip.reacted", orjson.dumps(event), headers={"Nats-Msg-Id": event["id"]})
+            if i == 0:  # the first reward's snapshot is saved; the next one is an hour away
+                await eventually(lambda: service.learner._last_snapshot > 0 and not service.learner._unconfirmed)
+    await eventually(lambda: service.learner.credited == 5)
+    await running.stop()
+    again = await start_service(model_snapshot_every_s=3600)
+    with again.service.engine.connect() as conn:
+        saved = orjson.loads(conn.execute(sa.select(db.learner_state.c.state).where(
+            db.learner_state.c.name == "learner")).scalar_one())
+        feedback = conn.execute(sa.select(db.stream_positions.c.seq).where(
+            db.stream_positions.c.stream == "FEEDBACK")).scalar_one()
+    assert saved["positions"]["FEEDBACK"] == feedback == 5
+    assert again.service.lineup.champion.n_learned == 5

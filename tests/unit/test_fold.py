@@ -337,3 +337,6 @@ def test_a_window_reaching_before_what_the_fold_holds_is_flagged_not_cut_short()
     assert at_10["app_opens_7d"].value == 7 and not at_10["app_opens_7d"].fallback and at_10["app_opens_7d"].fresh
     assert at_10["seconds_since_active"].value == 0.0 and not at_10["seconds_since_active"].fallback
     assert at_10["active_day_streak"].fallback  # it runs into the pruned days
+    # ...and a fallback is not fresh, however recent the user's signals (it was, for the streak).
+    assert not at_10["active_day_streak"].fresh
+    assert not any(v.fresh and v.fallback for days in (0, 3, 10, 20) for v in evaluate(state, newest - days * DAY_MS).values())
