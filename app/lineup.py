@@ -105,18 +105,32 @@ class Lineup:
             extras = [(p, p.snapshot(force=True)) for p in self.participants] if new_models else []
             learning = self.learning
             self.learning = learning + list(new_models.items())
-            try:
-                await asyncio.to_thread(self.store.save, staged, known_entries=self._stored_entries,
-                                        new_models=blobs, extras=extras)
-            except BaseException:
-                self.learning = learning
-                raise
+            saving = asyncio.ensure_future(asyncio.to_thread(
+                self.store.save, staged, known_entries=self._stored_entries, new_models=blobs, extras=extras))
+            cancelled = False
+            while True:
+                try:
+                    await asyncio.shield(saving)
+                    break
+                except asyncio.CancelledError:
+                    # The transaction goes on in its thread and may commit: wait for it, so that
+                    # memory holds what SQL holds (else later changes are checked against stale
+                    # roles and a restart could find, say, a retired champion).
+                    if saving.cancelled():
+                        self.learning = learning
+                        raise
+                    cancelled = True
+                except BaseException:
+                    self.learning = learning
+                    raise
             for participant, snapshot in extras:
                 participant.saved(snapshot)
             self.registry = staged
             self._stored_entries = len(staged.history)
             self.models.update(new_models)
             self._refresh()
+            if cancelled:
+                raise asyncio.CancelledError
             return result
 
     async def register(self, version: str, kind: str, params: dict[str, Any], actor: str, note: str = "") -> ModelVersion:

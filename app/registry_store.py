@@ -43,7 +43,8 @@ def roles_from_history(history: Iterable[RolloutEntry]) -> Roles:
     r = Roles(None, None, [], set(), set())
     for e in history:
         action, version = e.action, e.version
-        if action == "promote":
+        if action == "promote":  # as Registry.promote
+            r.previous_champions = [v for v in r.previous_champions if v != version]
             if r.champion is not None:
                 r.previous_champions.append(r.champion)
             r.champion = version

@@ -101,7 +101,8 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelCard:
-        return cls(dict(d.get("inputs", {})), dict(d.get("offline_metrics", {})), dict(d.get("fairness", {})),
+        # `or {}`: a card written by hand, or by an older release, may hold null parts.
+        return cls(dict(d.get("inputs") or {}), dict(d.get("offline_metrics") or {}), dict(d.get("fairness") or {}),
                    [RolloutEntry.from_dict(e) for e in d.get("rollout_history", [])])
 
 
@@ -251,6 +252,8 @@ class Registry:
         if version not in self.shadowed:
             raise RegistryError(f"Version {version!r} has not run as shadow; run `{CLI} shadow {version}` first.")
         old = self.champion
+        # A version promoted again leaves the stack: a rollback must never "restore" the champion.
+        self.previous_champions = [v for v in self.previous_champions if v != version]
         if old is not None:
             self.previous_champions.append(old)
         self.champion = version
@@ -364,10 +367,11 @@ def _policy_value_lines(report: dict[str, Any] | None) -> list[str]:
     for role, key in (("champion", "greedy"), ("shadow", "estimate")):
         part = report.get(f"as_{role}")
         if part:
-            value, baseline = part[key], part.get("champion_greedy")
-            lines.append(f"| {role} | {part['decisions']} | {_fmt(part['logged_reward'])} | {_fmt(value['snips'])} | "
-                         f"{_fmt_interval(value['ci95'])} | {value['agreed']} | {_fmt(value['effective_n'])} | "
-                         f"{value.get('skipped_unsupported', 0)} | {_fmt(baseline['snips']) if baseline else '-'} |")
+            value, baseline = part.get(key) or {}, part.get("champion_greedy")
+            lines.append(f"| {role} | {part.get('decisions')} | {_fmt(part.get('logged_reward'))} | "
+                         f"{_fmt(value.get('snips'))} | {_fmt_interval(value.get('ci95'))} | {value.get('agreed')} | "
+                         f"{_fmt(value.get('effective_n'))} | {value.get('skipped_unsupported', 0)} | "
+                         f"{_fmt(baseline.get('snips')) if baseline else '-'} |")
     return lines
 
 
@@ -413,20 +417,20 @@ def card_markdown(mv: ModelVersion, role: str | None = None) -> str:
         lines += ["(not checked)"]
     for name, report in c.fairness.items():
         lines += [f"### By {name}", ""]
-        segments = report.get("segments", {}) if isinstance(report, dict) else {}
+        segments = (report.get("segments") or {}) if isinstance(report, dict) else {}
         metrics = ("n", "roc_auc", "log_loss", "calibration_error", "mean_reward")
         if segments:
             lines += ["| segment | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
             for seg, m in segments.items():
-                lines.append(f"| {seg} | " + " | ".join(_fmt(m.get(k)) for k in metrics) + " |")
-        gaps = report.get("max_gap", {}) if isinstance(report, dict) else {}
+                lines.append(f"| {seg} | " + " | ".join(_fmt((m or {}).get(k)) for k in metrics) + " |")
+        gaps = (report.get("max_gap") or {}) if isinstance(report, dict) else {}
         compared = report.get("compared") if isinstance(report, dict) else None
         if gaps and compared is not None and len(compared) < 2:
             lines += ["", (f"No gap to report: {len(compared)} segment(s) with at least "
                            f"{report.get('min_n', '?')} records ({', '.join(compared) or 'none'}); "
                            "a gap needs two.")]
         elif gaps:
-            worst = report.get("worst", {})
+            worst = report.get("worst") or {}
             lines += ["", "Largest gaps between segments with at least "
                       f"{report.get('min_n', '?')} records: "
                       + ", ".join(f"{k} {_fmt(v)}" + (f" (worst: {worst[k]})" if worst.get(k) else "")

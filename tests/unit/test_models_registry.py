@@ -69,6 +69,21 @@ def test_rollbacks_walk_back_through_earlier_champions(reg: Registry) -> None:
     assert reg.champion == "v1"
 
 
+def test_a_rollback_never_restores_the_champion_itself(reg: Registry) -> None:
+    from app.registry_store import roles_from_history
+
+    reg.set_shadow("v2", actor="a")
+    reg.promote("v2", actor="a")
+    reg.set_shadow("v1", actor="a")
+    reg.promote("v1", actor="a")  # v1 again: before, it stayed in the stack below v2
+    reg.retire("v2", actor="a")
+    assert reg.previous_champions == []
+    with pytest.raises(RegistryError, match="no earlier champion"):  # before: "rollback v1 from v1"
+        reg.rollback(actor="a")
+    replayed = roles_from_history(reg.history)  # a restart reads the same roles
+    assert (replayed.champion, replayed.previous_champions) == (reg.champion, reg.previous_champions)
+
+
 def test_a_version_that_shadowed_before_can_be_promoted_again(reg: Registry) -> None:
     reg.set_shadow("v2", actor="a")
     reg.promote("v2", actor="a")
@@ -207,3 +222,15 @@ def test_card_of_an_unevaluated_version() -> None:
 def test_rollout_entry_round_trip() -> None:
     e = RolloutEntry(T0, "shadow", "v1", "alice", "note with | pipe")
     assert RolloutEntry.from_dict(json.loads(json.dumps(e.to_dict()))) == e
+
+
+def test_a_card_with_null_parts_still_renders() -> None:
+    """A card edited by hand, or written by an older release, may hold nulls where a report was."""
+
+    card = ModelCard.from_dict({"inputs": None, "offline_metrics": {"n": 3, "policy_value": {
+        "as_shadow": {"decisions": 3, "logged_reward": 0.5, "estimate": None, "champion_greedy": None}}},
+        "fairness": {"tenure": {"segments": {"new": None}, "max_gap": {"roc_auc": 0.1}, "worst": None,
+                                "compared": ["new", "established"]}}})
+    text = ModelVersion("v9", "logreg", {}, [], T0, card).to_dict()
+    markdown = card_markdown(ModelVersion.from_dict(text))
+    assert "| shadow | 3 | 0.5 | n/a |" in markdown and "| new | n/a |" in markdown

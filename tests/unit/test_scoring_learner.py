@@ -563,3 +563,29 @@ def test_a_decision_the_join_cache_let_go_before_its_ack_still_gets_its_row(tmp_
     row = w.log.dirty[waiting[0].decision_id]
     assert row["user_id"] == "u-0" and row["tip_id"] == waiting[0].decision["ranked"][0]["tip_id"]
     w.engine.dispose()
+
+
+def test_a_registry_change_cancelled_while_it_is_saved_leaves_memory_as_sql_has_it(world: World) -> None:
+    """The transaction runs on in its thread after the request is cancelled (a client gone, a
+    shutdown) and commits: memory must follow, or later changes are checked against stale roles."""
+    save, saving, release = world.lineup.store.save, threading.Event(), threading.Event()
+
+    def slow_save(*args: Any, **kwargs: Any) -> None:
+        saving.set()
+        release.wait(5)
+        save(*args, **kwargs)
+
+    async def cancel_a_promotion() -> None:
+        world.lineup.store.save = slow_save  # type: ignore[method-assign]
+        promoting = asyncio.create_task(world.lineup.promote("v2", actor="t"))
+        await asyncio.to_thread(saving.wait, 5)
+        promoting.cancel()
+        await asyncio.sleep(0)  # the cancellation reaches the change while its save still runs
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await promoting
+
+    asyncio.run(cancel_a_promotion())
+    stored, _ = world.lineup.store.load()
+    assert stored.champion == world.lineup.registry.champion == "v2"
+    assert world.lineup.champion_version == "v2"
