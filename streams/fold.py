@@ -240,8 +240,16 @@ def apply(state: UserState, event: Any, max_ts_ms: int | None = None) -> bool:
     rel = ts_ms - state.base_ms
     record = pack(rel, fingerprint(event.id) & 0xFFFF, *payload(event))
     log = state.logs[i]
-    if not log or rel > _unpack_ts(log, len(log) - size)[0]:
-        state.logs[i] = log + record  # the common case: in order, so append
+    if not log or rel > _unpack_ts(log, len(log) - size)[0]:  # the common case: in order, so append
+        if len(log) < APPEND_IN_PLACE_BYTES:
+            state.logs[i] = log + record
+        else:  # a heavy user's log: copying it for every event made their events cost O(n) each
+            if log.__class__ is not bytearray:
+                log = state.logs[i] = bytearray(log)
+            try:
+                log += record
+            except BufferError:  # a numpy view of it is alive (none should be): copy, as for short logs
+                state.logs[i] = log + record
     else:
         merged = _insert(log, record, size)
         if merged is None:
@@ -252,6 +260,13 @@ def apply(state: UserState, event: Any, max_ts_ms: int | None = None) -> bool:
         # so the choice doesn't depend on arrival order).
         state.newest_ms, state.offset_s = ts_ms, offset_s
     return True
+
+
+# Past this, a kind's log grows in place (a bytearray, amortised O(1) a record) instead of as new
+# bytes per event. Below it, bytes: no over-allocation for the many users with short logs
+# (bench/memory.py). A numpy view of a log alive across a fold would block the resize; features
+# build theirs per evaluation, on the event loop, and a blocked append copies instead.
+APPEND_IN_PLACE_BYTES = 64 * 1024
 
 
 def _insert(log: bytes, record: bytes, size: int) -> bytes | None:

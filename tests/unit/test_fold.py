@@ -340,3 +340,37 @@ def test_a_window_reaching_before_what_the_fold_holds_is_flagged_not_cut_short()
     # ...and a fallback is not fresh, however recent the user's signals (it was, for the streak).
     assert not at_10["active_day_streak"].fresh
     assert not any(v.fresh and v.fallback for days in (0, 3, 10, 20) for v in evaluate(state, newest - days * DAY_MS).values())
+
+
+def test_a_heavy_user_s_log_grows_in_place_and_folds_to_the_same_state() -> None:
+    """Past APPEND_IN_PLACE_BYTES a kind's log is a bytearray appended in place (before, every
+    event copied the whole log: 80,000 events for one user took 1.9 s against 0.12 s spread over
+    1,000 users). In order, out of order, across a day's prune and with features evaluated in
+    between, the state is the one the same events fold to in another order."""
+    from streams.fold import APPEND_IN_PLACE_BYTES
+
+    events = [parse_event(orjson.dumps({"id": f"o{i}", "type": "app.opened", "user_id": "u",
+                                        "ts": (BASE + timedelta(seconds=40 * i)).isoformat()}))
+              for i in range(12_000)]  # ~5.6 days: the horizon moves, no rebase
+    late = events[5_000::997]  # arrive after newer ones
+    heavy = UserState()
+    for i, event in enumerate(e for e in events if e not in late):
+        apply(heavy, event)
+        if i % 1_500 == 0:  # numpy views of the log come and go between folds
+            evaluate(heavy, heavy.newest_ms)
+            snapshot(heavy, heavy.newest_ms)
+    for event in late:
+        assert apply(heavy, event)
+    assert any(isinstance(log, bytearray) and len(log) >= APPEND_IN_PLACE_BYTES for log in heavy.logs)
+    shuffled = events[:]
+    random.Random(5).shuffle(shuffled)
+    reference = UserState()
+    for event in shuffled:
+        apply(reference, event)
+    assert heavy.to_bytes() == reference.to_bytes()
+    assert UserState.from_bytes(heavy.to_bytes()) == heavy
+    assert not apply(heavy, events[-1]), "a duplicate is still one"
+    held = heavy.records("app.opened")  # a reader that keeps its view across a fold
+    later = parse_event(orjson.dumps({"id": "later", "type": "app.opened", "user_id": "u",
+                                      "ts": (BASE + timedelta(days=6)).isoformat()}))
+    assert apply(heavy, later) and len(held) == heavy.count("app.opened") - 1
