@@ -88,6 +88,7 @@ class Service:
             window=settings.decision_window, on_published=self.learner.published)
         self._publisher_task: asyncio.Task[None] | None = None
         self.decision_tail: OwnTail | None = None
+        self._checkpointed: dict[str, int] = {}  # stream positions of the last checkpoint, as started
 
     async def start(self) -> None:
         s = self.settings
@@ -150,6 +151,7 @@ class Service:
         s = self.settings
         await asyncio.to_thread(lambda: self.lineup.load(s.model_kind, s.bootstrap_shadow_kind, **s.model_params()))
         resume = await asyncio.to_thread(self.learner.restore, self.engine)
+        self._checkpointed = dict(self.store.positions)  # read to here before: see StreamIngest.dead_lettered_upto
         for stream, seq in (resume or {}).items():
             self.store.positions[stream] = min(seq, self.store.positions.get(stream, seq))
         log.info("models: champion %s, shadow %s; learning resumes at %s",
@@ -168,6 +170,7 @@ class Service:
             self.nc, js, jsx.DECISIONS, self.store, self.checkpointer, batch=s.ingest_batch,
             max_event_bytes=max(s.max_event_bytes, s.score_max_body_bytes * 4),
             max_uncheckpointed=s.max_uncheckpointed_events, decode=decode_decision, sink=self.learner.add_logged,
+            dead_lettered_upto=self._checkpointed.get(jsx.DECISIONS.name, 0),
         )
         await ingest.start()
         self.ingests.append(ingest)

@@ -56,7 +56,7 @@ class StreamIngest:
                  checkpointer: Checkpointer, *, batch: int, max_event_bytes: int, max_uncheckpointed: int,
                  max_future_s: float | None = None,
                  decode: Callable[[str, bytes], Any] = decode_wire_event,
-                 sink: Callable[[Any], bool] | None = None) -> None:
+                 sink: Callable[[Any], bool] | None = None, dead_lettered_upto: int = 0) -> None:
         self.nc, self.js, self.spec, self.store, self.checkpointer = nc, js, spec, store, checkpointer
         # decode: bytes to an event or a Rejection; sink: folds it (the online store, or the
         # learner wrapping it for feedback).
@@ -65,6 +65,10 @@ class StreamIngest:
         # A clock far ahead would make one event the user's "newest" and prune their history.
         self.max_future = None if max_future_s is None else timedelta(seconds=max_future_s)
         self.durable = f"tipstream-{spec.name.lower()}"
+        # Messages up to here were read before this start, and the bad ones dead-lettered then: a
+        # stream re-read from further back (DECISIONS, to rebuild the learner's join cache) must
+        # not put them in the DLQ again on every restart.
+        self.dead_lettered_upto = dead_lettered_upto
         self.buffer: list[jsx.RawMsg] = []
         self.wake = asyncio.Event()
         self.reset_needed = False
@@ -176,7 +180,8 @@ class StreamIngest:
                         "future_ts", f"ts {event.ts.isoformat()} is more than {self.max_future} ahead of when "
                         "JetStream stored it; fix the publisher's clock (or raise TIPSTREAM_MAX_FUTURE_S)")))
         for msg, rejection in rejected:
-            await self._retry(functools.partial(self._dead_letter, msg, rejection), "publish to the DLQ")
+            if jsx.stream_sequence(msg[1])[0] > self.dead_lettered_upto:
+                await self._retry(functools.partial(self._dead_letter, msg, rejection), "publish to the DLQ")
         last_reply = chunk[-1][1]
         seq, pending = jsx.stream_sequence(last_reply)
         store.advance(self.spec.name, seq)

@@ -272,3 +272,29 @@ async def test_decisions_not_yet_in_jetstream_at_shutdown_are_published_at_the_n
         assert info.state.messages == 4
     finally:
         await client.close()
+
+
+def dead_lettered(stream: str) -> float:
+    from app.metrics import METRICS
+
+    return sum(s.value for metric in METRICS.dlq.collect() for s in metric.samples
+               if s.name.endswith("_total") and s.labels["stream"] == stream)
+
+
+async def test_a_restart_does_not_dead_letter_a_bad_decision_again(start_service, nc) -> None:
+    """DECISIONS is re-read from its oldest decision still joinable to rebuild the learner's cache;
+    a bad message in that range was dead-lettered before, and must not be again at every start."""
+    running = await start_service(checkpoint_every_s=0.1)
+    service, js = running.service, nc.jetstream()
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        assert (await http.post("/score", json=body())).status_code == 200  # the cache reaches back to here
+    await eventually(lambda: service.publisher.published == 1)
+    before = dead_lettered("DECISIONS")
+    bad = await js.publish("decisions.score", b"not a decision", headers={"Nats-Msg-Id": "bad-1"})
+    await eventually(lambda: dead_lettered("DECISIONS") == before + 1)
+    await eventually(lambda: (service.checkpointer._saved_positions or {}).get("DECISIONS", 0) >= bad.seq)
+    await running.stop()
+    again = await start_service()
+    await eventually(lambda: again.service.decision_tail is not None and again.service.decision_tail.following)
+    assert again.service.store.positions["DECISIONS"] >= bad.seq, "re-read past it"
+    assert dead_lettered("DECISIONS") == before + 1
