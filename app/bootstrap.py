@@ -34,7 +34,7 @@ from app.collector import FreezePolicy
 from app.db import make_engine
 from app.decision_tail import OwnTail
 from app.decisions import DecisionPublisher, TipScoresLog, decode_decision
-from app.embedded_nats import EmbeddedNats
+from app.embedded_nats import URL_FILE, EmbeddedNats
 from app.ingest import StreamIngest
 from app.learner import Learner
 from app.lineup import Lineup
@@ -105,7 +105,7 @@ class Service:
         if not s.nats_url:
             self.embedded = EmbeddedNats(s.data_dir / "nats")
             self.nats_url = await asyncio.to_thread(self.embedded.start)
-            (s.data_dir / "nats.url").write_text(self.nats_url)
+            (s.data_dir / URL_FILE).write_text(self.nats_url)
         self.nc = await jsx.connect(
             self.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
             reconnected_cb=self._on_reconnected, disconnected_cb=self._on_disconnected,
@@ -210,13 +210,12 @@ class Service:
         while self.store.cold:
             try:
                 await self._warm_once(target)
+                break
             except Exception as error:  # noqa: BLE001 - users load on demand meanwhile
                 log.warning("could not load the checkpointed users (%s); %d still to load, trying again in %.1fs",
                             error, len(self.store.cold), delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
-                continue
-            break
         METRICS.users.set(len(self.store.users))
         log.info("all %d users loaded in %.1fs", len(self.store.users), time.perf_counter() - started)
 
@@ -284,7 +283,7 @@ class Service:
                 log.info("NATS connection closed uncleanly (%s)", error)
         if self.embedded:
             await self.embedded.astop()
-            (self.settings.data_dir / "nats.url").unlink(missing_ok=True)
+            (self.settings.data_dir / URL_FILE).unlink(missing_ok=True)
         self.engine.dispose()
 
     async def _on_reconnected(self) -> None:

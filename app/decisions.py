@@ -272,7 +272,7 @@ class DecisionPublisher:
         self.inflight: OrderedDict[int, tuple[float, tuple[str, str, bytes]]] = OrderedDict()
         self.published = 0
         self.retried = 0
-        self._refused, self._refusal_wait = False, 0.0
+        self._refusal_wait = 0.0  # > 0 while JetStream refuses: each send waits this long first
         self._token = 0
         self._inbox = b""
         self._work = asyncio.Event()
@@ -361,7 +361,6 @@ class DecisionPublisher:
             log.warning("JetStream refused decision %s (%s); retrying in %.1fs", item[1],
                         (data or headers or b"")[:200], self._refusal_wait)
             self._requeue([item])
-            self._refused = True
         self._released()
 
     def _released(self) -> None:
@@ -405,8 +404,7 @@ class DecisionPublisher:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            if self._refused:
-                self._refused = False
+            if self._refusal_wait:
                 await asyncio.sleep(self._refusal_wait)
             nc = self._nc()
             room = self.window - len(self.inflight)

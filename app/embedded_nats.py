@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("tipstream.nats")
+# In the data directory while the embedded server runs: where `tipstream simulate` finds it.
+URL_FILE = "nats.url"
 
 
 def nats_server_binary() -> str:

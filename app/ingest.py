@@ -180,8 +180,7 @@ class StreamIngest:
                         "future_ts", f"ts {event.ts.isoformat()} is more than {self.max_future} ahead of when "
                         "JetStream stored it; fix the publisher's clock (or raise TIPSTREAM_MAX_FUTURE_S)")))
         for msg, rejection in rejected:
-            if jsx.stream_sequence(msg[1])[0] > self.dead_lettered_upto:
-                await self._retry(functools.partial(self._dead_letter, msg, rejection), "publish to the DLQ")
+            await self._retry(functools.partial(self._dead_letter, msg, rejection), "publish to the DLQ")
         last_reply = chunk[-1][1]
         seq, pending = jsx.stream_sequence(last_reply)
         store.advance(self.spec.name, seq)
@@ -200,6 +199,8 @@ class StreamIngest:
     async def _dead_letter(self, msg: jsx.RawMsg, rejection: Rejection) -> None:
         subject, reply, data = msg
         seq, _ = jsx.stream_sequence(reply)
+        if seq <= self.dead_lettered_upto:
+            return  # dead-lettered before this start
         headers = {
             jsx.DLQ_REASON: rejection.reason[:1024],
             jsx.DLQ_KIND: rejection.kind,

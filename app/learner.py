@@ -44,7 +44,7 @@ from sqlalchemy.engine import Engine
 from app import db
 from app.checkpoint_rows import write_learner_state
 from app.decisions import LoggedDecision, TipScoresLog, decision_time_ms, learning_input, tip_score_row
-from app.evaluation import TrainedOn
+from app.evaluation import TrainedOn, examples_of
 from app.learning_metrics import FEEDBACK, JOIN_CACHE, LEARNED, MODEL_SNAPSHOT_SECONDS, PENDING, SKIPPED
 from app.lineup import Lineup
 from models.reward import INPUT_BOUND_TEXT, PopularityPrior
@@ -343,20 +343,16 @@ class Learner:
         """The (features as served, reward) examples credited here that a model trained on the
         log (`trained_on`) has not seen: rows not written yet when it was read, or credited since.
         A new version learns them before it joins the others (`Lineup._change`)."""
-        examples = []
+        examples: list[tuple[dict[str, Any], float]] = []
         for decision_id, entry in self._credited.items():
             created = decision_time_ms(decision_id)
             if trained_on.from_ms is not None and created is not None and created < trained_on.from_ms:
                 continue  # older than what the read kept: left out on purpose
-            decision = None
-            for tip_id, reward in (entry.credits or {}).items():
-                if (decision_id, tip_id) in trained_on.credits:
-                    continue
-                if decision is None:
-                    decision = entry.decision if entry.decision is not None else orjson.loads(entry.data)
-                candidate = next((c for c in decision["ranked"] if c["tip_id"] == tip_id), None)
-                if candidate is not None:
-                    examples.append((learning_input(decision["features"], candidate), reward))
+            unseen = {tip: reward for tip, reward in (entry.credits or {}).items()
+                      if (decision_id, tip) not in trained_on.credits}
+            if unseen:
+                decision = entry.decision if entry.decision is not None else orjson.loads(entry.data)
+                examples.extend(examples_of(decision, unseen))
         return examples
 
     # -- checkpoint participant --------------------------------------------------------------

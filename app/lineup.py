@@ -97,9 +97,10 @@ class Lineup:
             staged = Registry.from_dict(self.registry.to_dict())
             result = apply(staged)
             new_models = new_models or {}
-            for participant in self.participants:
-                for x, reward in participant.unseen_rewards(trained_on) if trained_on is not None else ():
-                    for model in new_models.values():
+            if trained_on is not None:
+                examples = [e for participant in self.participants for e in participant.unseen_rewards(trained_on)]
+                for model in new_models.values():
+                    for x, reward in examples:
                         model.learn_one(x, reward)
             blobs = {v: (m.to_bytes(), m.n_learned) for v, m in new_models.items()}
             extras = [(p, p.snapshot(force=True)) for p in self.participants] if new_models else []

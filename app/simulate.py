@@ -13,6 +13,7 @@ from typing import Any
 import nats
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from app.embedded_nats import URL_FILE
 from app.settings import get_settings
 from streams.jetstream import publish_events
 from streams.simulator import Population
@@ -25,7 +26,7 @@ def resolve_nats_url(explicit: str | None) -> str:
     settings = get_settings()
     if settings.nats_url:
         return settings.nats_url
-    written = Path(settings.data_dir) / "nats.url"
+    written = Path(settings.data_dir) / URL_FILE
     if written.exists():
         return written.read_text().strip()
     raise SystemExit(

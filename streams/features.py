@@ -142,6 +142,9 @@ class _Evaluation:
             self._lows[kind] = lows
         self._open: dict[int, int] | None = None
         self._reactions: list[int] | None = None
+        # Windows reaching before what the fold still holds (a `now` long before the newest
+        # event): their features are unknown, and exact again from the `now` given.
+        self.cut = dict(_cut_short(state, now))
 
     def latest(self, kind: str) -> int | None:
         hi = self.hi[kind]
@@ -165,6 +168,9 @@ class _Evaluation:
         return self.records[kind][name][: self.hi[kind]]
 
     def value(self, name: str) -> tuple[Any, bool]:
+        """(value, is a fallback)."""
+        if name in self.cut:
+            return BY_NAME[name].fallback, True
         return getattr(self, name)()
 
     def tasks_created_7d(self) -> tuple[int, bool]:
@@ -301,13 +307,9 @@ def evaluate(state: UserState | None, now_ms: int) -> dict[str, FeatureValue]:
         return {f.name: FeatureValue(f.fallback, None, False, True) for f in FEATURES}
     evaluation = _Evaluation(state, now_ms)
     latest = {kind: evaluation.latest(kind) for kind in KIND_NAMES}
-    cut = {name for name, _ in _cut_short(state, now_ms)}
     values: dict[str, FeatureValue] = {}
     for feature in FEATURES:
-        if feature.name in cut:
-            value, used_fallback = feature.fallback, True
-        else:
-            value, used_fallback = evaluation.value(feature.name)
+        value, used_fallback = evaluation.value(feature.name)
         stamps = [latest[k] for k in _SOURCES[feature.name] if latest[k] is not None]
         age_s = (now_ms - max(stamps)) / 1000 if stamps else None
         # A fallback is not the user's data, however recent their events: never fresh (docs/features.md).
@@ -363,16 +365,10 @@ def snapshot(state: UserState, now_ms: int) -> Snapshot:
     evaluation = _Evaluation(state, now_ms)
     values: dict[str, int | float] = {}
     fallbacks = []
-    until = _valid_until(evaluation)
-    cut = _cut_short(state, now_ms)  # as in `evaluate`; the snapshot ends where one is exact again
-    if cut:
-        until = min(until, *(exact_from for _, exact_from in cut))
-    unknown = {name for name, _ in cut}
+    # It ends where a window cut short is whole again, too.
+    until = min([_valid_until(evaluation), *evaluation.cut.values()])
     for feature in FEATURES:
-        if feature.name in unknown:
-            value, used_fallback = feature.fallback, True
-        else:
-            value, used_fallback = evaluation.value(feature.name)
+        value, used_fallback = evaluation.value(feature.name)
         values[feature.name] = value
         if used_fallback:
             fallbacks.append(feature.name)

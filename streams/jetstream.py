@@ -121,22 +121,30 @@ async def publish_events(
     return count
 
 
-def stream_sequence(reply: bytes) -> tuple[int, int]:
-    """(stream sequence, messages still pending) from a JetStream ack subject, v1 or v2 form."""
+def _ack_fields(reply: bytes) -> tuple[int, int, int]:
+    """(stream sequence, stored time in ns, messages still pending) from a JetStream ack subject:
+    v1 `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>`, or v2 with the
+    domain and account hash before the stream and a token after."""
     tokens = reply.split(b".")
-    if len(tokens) == 9:
-        return int(tokens[5]), int(tokens[8])
-    return int(tokens[7]), int(tokens[10])
+    at = 5 if len(tokens) == 9 else 7
+    return int(tokens[at]), int(tokens[at + 2]), int(tokens[at + 3])
+
+
+def stream_sequence(reply: bytes) -> tuple[int, int]:
+    """(stream sequence, messages still pending) from a JetStream ack subject."""
+    seq, _, pending = _ack_fields(reply)
+    return seq, pending
 
 
 def stored_ms(reply: bytes) -> int:
-    """When JetStream stored the message (ms since the epoch), from its ack subject, v1 or v2 form.
+    """When JetStream stored the message (ms since the epoch), from its ack subject.
 
     >>> stored_ms(b"$JS.ACK.SIGNALS.ingest.1.42.42.1764140400123456789.0")
     1764140400123
+    >>> stored_ms(b"$JS.ACK.hub.ACC.SIGNALS.ingest.1.42.42.1764140400123456789.0.tok")
+    1764140400123
     """
-    tokens = reply.split(b".")
-    return int(tokens[7] if len(tokens) == 9 else tokens[9]) // 1_000_000
+    return _ack_fields(reply)[1] // 1_000_000
 
 
 async def reset_durable(js: JetStreamContext, stream: str, durable: str, start_seq: int, max_ack_pending: int) -> int:
@@ -326,7 +334,8 @@ class BatchPuller:
     async def stop(self) -> None:
         # Messages of this puller's requests may still be in flight. The consumer that replaces
         # it replays from the position, so a late one handed on would be folded twice and, being
-        # ahead of the replay, move the position past events not yet folded.
+        # ahead of the replay, move the position past events not yet folded: its handler goes, and
+        # it asks for nothing more.
         self.stopped = True
         if self._watchdog:
             self._watchdog.cancel()
@@ -345,7 +354,7 @@ class BatchPuller:
     def _claim(self) -> int:
         """Count what we are about to ask for before asking, so arrivals in between don't ask again."""
         want = self.batch - self.requested
-        if want <= 0 or self.paused or not self.nc.is_connected:
+        if want <= 0 or self.paused or self.stopped or not self.nc.is_connected:
             return 0
         self.requested += want
         return want
@@ -360,8 +369,6 @@ class BatchPuller:
             self._loop.create_task(self._send(want))
 
     def _on_raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
-        if self.stopped:
-            return
         if not reply:
             self.last_activity = time.monotonic()
             # A status: 100 heartbeat; 404 no messages, 408 request expired, 409 conflict end a request.

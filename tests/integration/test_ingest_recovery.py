@@ -139,3 +139,25 @@ async def test_a_replay_refuses_the_future_events_the_first_pass_refused(nats_se
     [message] = await dlq.fetch(1, timeout=5)
     assert message.headers["Tipstream-Dlq-Kind"] == "future_ts" and b'"f2"' in message.data
     await nc.close()
+
+
+async def test_a_refusal_that_lasts_is_retried_after_a_wait_that_doubles(nats_server, caplog) -> None:
+    """With no stream for decisions.> (deleted, or a NATS that lost its store) every publish is
+    refused (503 no responders). Before, each refusal was retried at once: ~7,000 times a second."""
+    from app.decisions import DecisionPublisher
+
+    nc = await jsx.connect(nats_server.url)
+    publisher = DecisionPublisher(lambda: nc, queue_max=100, batch=4, window=10, ack_timeout_s=5)
+    await publisher.start()
+    task = asyncio.create_task(publisher.run())
+    publisher.offer("decisions.score", "d-1", b"{}")
+    with caplog.at_level("WARNING", logger="tipstream.decisions"):
+        assert not await publisher.flush(0.8)
+        refusals = [r.getMessage() for r in caplog.records if "refused decision d-1" in r.getMessage()]
+        assert [m.rsplit(" ", 1)[1] for m in refusals[:3]] == ["0.1s", "0.2s", "0.4s"] and len(refusals) <= 4
+        await jsx.ensure_streams(nc.jetstream(), max_age_days=1, max_bytes=-1, duplicate_window_s=120,
+                                 dlq_max_age_days=1)  # the stream is back
+        assert await publisher.flush(10) and publisher.published == 1
+    assert publisher._refusal_wait == 0.0, "an acknowledgement ends the waiting"
+    task.cancel()
+    await nc.close()

@@ -375,20 +375,3 @@ async def test_score_refuses_while_too_many_decision_rows_wait_for_the_database(
     answer = orjson.loads(sent[1]["body"])
     assert "TIPSTREAM_MAX_UNWRITTEN_DECISIONS" in answer["error"] and answer["error"].startswith("2 decisions")
     assert service.publisher.waiting == 0 and len(service.learner.cache) == 0
-
-
-async def test_a_refusal_that_lasts_is_retried_after_a_wait_that_doubles(caplog: pytest.LogCaptureFixture) -> None:
-    """Before, each refusal (the stream gone: 503 no responders) was retried at once: ~7,000
-    times a second on the event loop and nats-server, each with a warning."""
-    nc = FakeNats()
-    nc.answers = ["error", "error", "error"]
-    publisher = DecisionPublisher(lambda: nc, queue_max=100, batch=4, window=10, ack_timeout_s=5)
-    await publisher.start()
-    task = asyncio.create_task(publisher.run())
-    publisher.offer("decisions.score", "d-1", b"{}")
-    with caplog.at_level("WARNING", logger="tipstream.decisions"):
-        assert await publisher.flush(10) and nc.stored == ["d-1"]
-    task.cancel()
-    waits = [r.getMessage().rsplit(" ", 1)[1] for r in caplog.records if "refused decision d-1" in r.getMessage()]
-    assert waits == ["0.1s", "0.2s", "0.4s"]
-    assert publisher._refusal_wait == 0.0, "an acknowledgement ends the waiting"
