@@ -145,13 +145,17 @@ class Softmax(Policy):
             return [], []
         t = self.temperature
         top = max(scores)
-        weights = [math.exp((s - top) / t) for s in scores]  # shifted: no overflow
+        # Shifted by the top score, for the weights and the keys alike: s / t itself overflows
+        # (or, near 1e16 and past, has a spacing that swallows the Gumbel noise) at a tiny
+        # temperature, and equal keys then went to the lower index, not by the propensities.
+        logits = [(s - top) / t for s in scores]
+        weights = [math.exp(z) for z in logits]
         total = sum(weights)
         propensities = [w / total for w in weights]
         keys = []
-        for i, s in enumerate(scores):
+        for i, z in enumerate(logits):
             u = rng.random() or 5e-324  # random() may return 0.0; log(0) is undefined
-            keys.append((s / t - math.log(-math.log(u)), -i))
+            keys.append((z - math.log(-math.log(u)), -i))
         order = [-i for _, i in sorted(keys, reverse=True)]
         return order, propensities
 

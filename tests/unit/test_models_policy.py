@@ -168,3 +168,14 @@ def test_make_policy_errors_name_the_choices() -> None:
         Softmax(0.0)
     with pytest.raises(ValueError, match="n_draws"):
         ThompsonSampling(n_draws=0)
+
+
+@pytest.mark.parametrize("scores, t", [
+    ([0.5, 0.5], 1e-16),  # s / t ~ 5e15: a float's spacing there (1) swallows the Gumbel noise
+    ([0.5, 0.5], 1e-300),  # s / t overflows to inf for both
+    ([1e308, 1e308], 0.1),  # the same with scores that are not probabilities
+    ([0.3, 0.5, 0.5], 1e-17),
+])
+def test_softmax_order_matches_its_propensities_at_extreme_scales(scores: list[float], t: float) -> None:
+    _, p = Softmax(t).rank(scores, random.Random(0))
+    assert _first_frequencies(Softmax(t), scores, 20_000) == pytest.approx(p, abs=0.012)
