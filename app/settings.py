@@ -120,7 +120,8 @@ class Settings(BaseSettings):
     policy_temperature: float = Field(0.1, gt=0, description="softmax: temperature over scores in [0, 1].")
     policy_thompson_draws: int = Field(128, ge=1, le=10_000, description="thompson: joint draws that estimate propensities.")
     policy_thompson_concentration: float = Field(
-        10.0, gt=0, description="thompson: Beta concentration used when a tip has no popularity posterior."
+        10.0, gt=0, description="thompson: Beta concentration around a score when no posteriors are given. Not used by "
+                                "`/score`, which always draws from the popularity prior's posteriors (every tip has one)."
     )
     policy_seed: int | None = Field(None, description="Seed of the exploration policy's random numbers. Unset: random.")
     rewards: dict[str, float] = Field(
