@@ -879,14 +879,22 @@ class PopularityPrior:
 Record = tuple[Mapping[str, Any], float, float]  # (features as served, reward, score served)
 
 
+CALIBRATION_BINS = 10
+
+
 class _Metrics:
-    """Log loss (reward-weighted), ROC AUC on reward >= 0.5, mean reward and mean score."""
+    """Log loss (reward-weighted), ROC AUC on reward >= 0.5, mean reward and mean score, and the
+    expected calibration error: over `CALIBRATION_BINS` equal-width score bins, the mean
+    |mean score - mean reward| weighed by each bin's share of the examples."""
 
     def __init__(self, n_thresholds: int) -> None:
         self.log_loss = metrics.LogLoss()
         self.auc = metrics.ROCAUC(n_thresholds=n_thresholds)
         self.reward, self.score = stats.Mean(), stats.Mean()
         self.n = self.positives = 0
+        # Per bin, sum(score) - sum(reward). The gap between the overall means (what this used to
+        # report) reads 0 for a model that says 0.9 to every 0 and 0.1 to every 1.
+        self.bin_gap = [0.0] * CALIBRATION_BINS
 
     def update(self, reward: float, score: float) -> None:
         # Log loss of a soft label r = r * loss(True) + (1 - r) * loss(False): two weighted updates.
@@ -898,6 +906,7 @@ class _Metrics:
         self.auc.update(positive, score)
         self.reward.update(reward)
         self.score.update(score)
+        self.bin_gap[min(max(int(score * CALIBRATION_BINS), 0), CALIBRATION_BINS - 1)] += score - reward
         self.n += 1
         self.positives += positive
 
@@ -909,7 +918,7 @@ class _Metrics:
             "roc_auc": float(self.auc.get()) if both else None,
             "mean_reward": self.reward.get() if self.n else None,
             "mean_score": self.score.get() if self.n else None,
-            "calibration_error": abs(self.score.get() - self.reward.get()) if self.n else None,
+            "calibration_error": sum(map(abs, self.bin_gap)) / self.n if self.n else None,
         }
 
 

@@ -437,7 +437,8 @@ def test_progressive_validation_predicts_before_learning() -> None:
     m = report["mean_reward"]
     baseline = -sum(r * math.log(m) + (1 - r) * math.log(1 - m) for _, r in stream) / len(stream)
     assert report["log_loss"] < baseline - 0.05
-    assert report["calibration_error"] < 0.05
+    # Binned (ECE): 0.064 here, as AdaGrad at 0.5 trades a little calibration for speed (docs/learning.md).
+    assert report["calibration_error"] < 0.1
 
 
 def test_progressive_validation_of_a_single_class_has_no_auc() -> None:
@@ -673,3 +674,15 @@ def test_a_snapshot_from_before_skipping_existed_counts_from_zero() -> None:
     assert old.n_skipped == 0
     old.learn_one({"tip_id": "a", "len": math.inf}, 1.0)
     assert (old.n_learned, old.n_skipped) == (0, 1)
+
+
+def test_calibration_error_is_binned_not_the_gap_between_means() -> None:
+    # Confident and wrong both ways: the means agree (0.5 and 0.5), the scores never do.
+    records = [({"seconds_since_active": 60.0}, 0.0, 0.9), ({"seconds_since_active": 60.0}, 1.0, 0.1)] * 20
+    report = fairness_check(records, tenure_segment, min_n=1)["segments"]["established"]
+    assert report["calibration_error"] == pytest.approx(0.9)
+    # By hand, 10 equal-width bins weighed by their share: 0.12 (reward 0, 0) and 0.18 (1) share a bin,
+    # 0.7 (1) has its own: 3/4 * |0.14 - 1/3| + 1/4 * |0.7 - 1| = 0.145 + 0.075.
+    records = [({}, 0.0, 0.12), ({}, 0.0, 0.12), ({}, 1.0, 0.18), ({}, 1.0, 0.7)]
+    report = fairness_check(records, tenure_segment, min_n=1)["segments"]["new"]
+    assert report["calibration_error"] == pytest.approx(0.22)
