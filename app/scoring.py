@@ -54,6 +54,7 @@ log = logging.getLogger("tipstream.scoring")
 MAX_CANDIDATES = 100
 MAX_CANDIDATE_FEATURES = 32
 NEW_USER_MS = 7 * DAY_MS
+_NO_EVENT_MS = UserState().newest_ms  # the newest time of a state that has folded no event
 # Inputs the server sets itself; a candidate's own features may not reuse these names.
 SERVER_INPUTS = frozenset(FEATURE_NAMES) | {f.name for f in CONTEXT_FEATURES} | {
     "user_id", "tip_id", "category", "utc_offset_min", "is_new_user"}
@@ -321,9 +322,13 @@ class Scorer:
             now_ms = to_ms(context.now)
             offset = context.now.utcoffset()
             offset_s = int(offset.total_seconds()) if offset is not None else 0
+            offset_min: int | None = offset_s // 60
         else:
             now_ms = time.time_ns() // 1_000_000
             offset_s = state.offset_s if state is not None else 0
+            # No event of the user's: the zone is unknown. The context features are read at UTC, but the
+            # offset is logged as null, not 0, which read as UTC (EMEA in a model card's fairness check).
+            offset_min = offset_s // 60 if state is not None and state.newest_ms != _NO_EVENT_MS else None
         profile, fallbacks, new_user = self._profile(user_id, state, now_ms)
         caller = request.profile_features
         used: list[str] = []
@@ -335,7 +340,7 @@ class Scorer:
         shared = {"user_id": user_id, **profile,
                   **context_features(local_ms // 3_600_000 % 24, (local_ms // DAY_MS + 3) % 7,  # 1970-01-01: Thursday
                                      context.tasks if context is not None else None),
-                  "utc_offset_min": offset_s // 60, "is_new_user": new_user}
+                  "utc_offset_min": offset_min, "is_new_user": new_user}
 
         candidates = request.candidates
         xs = [candidate_input(c.tip_id, c.category, c.features) for c in candidates]

@@ -375,3 +375,17 @@ async def test_score_refuses_while_too_many_decision_rows_wait_for_the_database(
     answer = orjson.loads(sent[1]["body"])
     assert "TIPSTREAM_MAX_UNWRITTEN_DECISIONS" in answer["error"] and answer["error"].startswith("2 decisions")
     assert service.publisher.waiting == 0 and len(service.learner.cache) == 0
+
+
+def test_a_user_s_unknown_time_zone_is_logged_as_unknown_not_as_utc(lineup: Lineup) -> None:
+    # No event of the user's and no context.now: nothing says where the user is. Logged as 0, the
+    # decision was counted in the model card's fairness check as a user in EMEA.
+    scorer = Scorer(OnlineStore(), lineup, make_policy("greedy"), random.Random(0), feature_cache_users=0)
+    scored = scorer.score(_request(now=None))
+    features = orjson.loads(scored.payload)["features"]
+    assert features["utc_offset_min"] is None and scored.response["features"]["utc_offset_min"] is None
+    assert reward.timezone_segment(features) == "unknown"
+    lineup.champion.learn_one(app.decisions.learning_input(features, {"tip_id": "a"}), 1.0)
+    assert lineup.champion.n_learned == 1
+    # Told by context.now, or by the user's newest event, the offset is known (0 is UTC then).
+    assert scorer.score(_request(now="2026-11-26T15:00:00+00:00")).response["features"]["utc_offset_min"] == 0
