@@ -139,12 +139,12 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
     >>> print(_card_summary("v2", {"kind": "fm", "card": {"offline_metrics": {"n": 40, "log_loss": 0.61234,
     ...     "roc_auc": 0.7, "policy_value": {"as_shadow": {"decisions": 12, "logged_reward": 0.4,
     ...     "estimate": estimate, "champion_greedy": {**estimate, "snips": 0.45}}}}}}))
-    v2 (fm): progressive validation over 40 rewarded decisions: log loss 0.6123, ROC AUC 0.7
+    v2 (fm): progressive validation over 40 rewards (rewarded tips of the logged decisions): log loss 0.6123, ROC AUC 0.7
     as shadow, over 12 rewarded decisions (logged reward 0.4): its own first choices 0.5 [0.3, 0.7] (agreed 9, effective n 7.5, 2 left out: they could not have served its choice); the champion's 0.45
     the whole card: tipstream models card v2
     >>> print(_card_summary("v1", {"offline_metrics": {"n": 1, "policy_value": {"as_champion": {"decisions": 1,
     ...     "logged_reward": 1.0, "greedy": {"snips": 1.0, "ci95": None, "agreed": 1, "effective_n": 1.0}}}}}))
-    v1: progressive validation over 1 rewarded decisions: log loss None, ROC AUC None
+    v1: progressive validation over 1 rewards (rewarded tips of the logged decisions): log loss None, ROC AUC None
     as champion, over 1 rewarded decisions (logged reward 1): its own first choices 1 (agreed 1, effective n 1, no interval: effective n under 30 or rewards all alike)
     the whole card: tipstream models card v1
     """
@@ -155,7 +155,9 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
     metrics = card.get("offline_metrics") or {}
     kind = f" ({answer['kind']})" if "kind" in answer else ""
     if metrics.get("n"):
-        lines = [(f"{version}{kind}: progressive validation over {metrics['n']} rewarded decisions: log loss "
+        # `n` counts examples, one per rewarded tip: a decision with two reactions is two.
+        lines = [(f"{version}{kind}: progressive validation over {metrics['n']} rewards (rewarded tips of the "
+                  f"logged decisions): log loss "
                  f"{_short(metrics.get('log_loss'))}, ROC AUC {_short(metrics.get('roc_auc'))}")]
     else:
         lines = [f"{version}{kind}: no rewarded decisions in the log yet, so no offline metrics"]

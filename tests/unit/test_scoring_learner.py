@@ -511,6 +511,18 @@ def test_progressive_validation_predicts_a_decision_s_tips_before_learning_any_o
     assert abs(card.offline_metrics["roc_auc"] - 0.5) < 0.08
 
 
+
+def test_the_card_summary_counts_rewards_not_decisions() -> None:
+    from app.models_cli import _card_summary
+
+    ranked = [{"tip_id": "a", "score": 0.5, "propensity": 0.9}, {"tip_id": "b", "score": 0.5, "propensity": 0.1}]
+    decisions = [({"features": {"hour_of_day": 9}, "ranked": ranked}, {"a": 1.0, "b": 0.0}),
+                 ({"features": {"hour_of_day": 9}, "ranked": ranked}, {"b": 1.0})]
+    _, card = evaluation.evaluate({}, evaluation.rewarded_log(decisions, 10))
+    assert card.offline_metrics["n"] == 3  # two decisions, three rewarded tips
+    summary = _card_summary("v1", {"card": card.to_dict()})
+    assert "progressive validation over 3 rewards (rewarded tips of the logged decisions)" in summary
+
 def test_a_registration_does_not_save_its_learner_snapshot_beside_a_checkpoint(tmp_path: Path) -> None:
     """Both snapshot the learner: were the older one to commit last, the database would hold
     models newer than the positions beside them, and a restart would learn rewards twice."""
