@@ -50,6 +50,7 @@ from score import score_requests
 from app import migrate
 from app.api import create_app
 from app.db import make_engine
+from app.decisions import TipScoresLog
 from app.lineup import Lineup
 from app.registry_store import RegistryStore
 from app.scoring import Scorer
@@ -85,7 +86,8 @@ def build_app(users: int, data_dir: Path) -> Any:
     settings = Settings()
     scorer = Scorer(store, lineup, make_policy(settings.policy, **settings.policy_params()), random.Random(0),
                     feature_cache_users=settings.feature_cache_users)
-    service = types.SimpleNamespace(settings=settings, scorer=scorer, publisher=_QueuedOnly(), learner=_Unjoined())
+    service = types.SimpleNamespace(settings=settings, scorer=scorer, publisher=_QueuedOnly(), learner=_Unjoined(),
+                                    decision_log=TipScoresLog())
     return create_app(settings, service=service)  # type: ignore[arg-type]
 
 

@@ -1,0 +1,47 @@
+"""The in-process benchmarks still run: each, with flags for its smallest run, ends with its JSON line.
+
+The benchmarks are not timed here (speed goals live in `bench/`); this only catches one that
+no longer runs against the code it measures, as `bench/score_cost.py` once stopped when /score
+began reading a service attribute its stub lacked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+SMALLEST_RUNS = {
+    "score_cost": ["--requests", "20", "--repeat", "1", "--users", "10"],
+    "features": ["--users", "10", "--repeat", "1"],
+    "fold": ["--events", "2000", "--repeat", "1"],
+    "caches": ["--decisions", "2000", "--users", "100"],
+    "memory": ["--users", "50", "--restart-users", "50"],
+    "metrics_cost": ["--rounds", "2000", "--repeat", "1"],
+    "row_writes": ["--rows", "200", "--batches", "1"],
+    "quality": ["--users", "20", "--rounds", "4", "--seeds", "1"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALLEST_RUNS))
+def test_bench_runs_and_ends_with_its_json_line(name: str, tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *SMALLEST_RUNS[name]], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["bench"] == name
+    numbers = [v for v in figures.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    assert numbers and all(math.isfinite(v) for v in numbers), figures
+
+
+def test_every_in_process_bench_is_covered() -> None:
+    """A new bench that needs no service joins the list above (the others start one: run by hand)."""
+    starts_a_service = {"score", "learn", "ingest", "freshness"}
+    found = {p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_")}
+    assert found - starts_a_service == set(SMALLEST_RUNS)
