@@ -160,6 +160,8 @@ def parse_request(body: bytes) -> ScoreRequest:
                 message = e["msg"].removeprefix("Value error, ")
                 errors.append({"field": _field(e["loc"]), "message": message})
         raise RequestError(errors[0]["field"], errors[0]["message"], errors) from None
+    if b"\\u0000" in body:  # JSON can carry a NUL only as this escape: the check costs nothing otherwise
+        _refuse_nul(request)
     candidates = request.candidates
     if len({c.tip_id for c in candidates}) == len(candidates) and not any(c.features for c in candidates):
         return _checked_profile(request)  # the common shape: distinct tips, no features of their own
@@ -174,6 +176,21 @@ def parse_request(body: bytes) -> ScoreRequest:
                 raise RequestError(f"candidates.{i}.features.{name}",
                                    f"{name!r} is a feature the server computes; give the candidate's own feature another name")
     return _checked_profile(request)
+
+
+def _refuse_nul(request: ScoreRequest) -> None:
+    # PostgreSQL cannot store a NUL in text: one logged decision with it failed every later
+    # checkpoint (its tip_scores row goes with the rest), so nothing more was saved.
+    def check(field: str, value: Any) -> None:
+        if isinstance(value, str) and "\x00" in value:
+            raise RequestError(field, "must not contain the NUL character (\\u0000); the database cannot store it")
+
+    check("user_id", request.user_id)
+    for i, c in enumerate(request.candidates):
+        check(f"candidates.{i}.tip_id", c.tip_id)
+        check(f"candidates.{i}.category", c.category)
+        for name, value in (c.features or {}).items():
+            check(f"candidates.{i}.features.{name}", value)
 
 
 def _checked_profile(request: ScoreRequest) -> ScoreRequest:
