@@ -26,7 +26,7 @@ import random
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Annotated, Any
 
 from pydantic import (
@@ -103,8 +103,18 @@ class Candidate(_Body):
         None, max_length=MAX_CANDIDATE_FEATURES)
 
 
+def _representable(now: datetime) -> datetime:
+    # The decision's `ts` is `now` in UTC: 9999-12-31T23:00-02:00 is in year 10000 there, which
+    # no datetime holds (it was a 500 after scoring).
+    try:
+        now.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("must be between 0001-01-01 and 9999-12-31 in UTC") from None
+    return now
+
+
 class Context(_Body):
-    now: AwareDatetime | None = None
+    now: Annotated[AwareDatetime, AfterValidator(_representable)] | None = None
     tasks: list[dict[str, Any] | Annotated[str, StringConstraints(max_length=256)]] | None = Field(None, max_length=1000)
 
 
