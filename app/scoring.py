@@ -113,9 +113,17 @@ def _representable(now: datetime) -> datetime:
     return now
 
 
+def _task(value: Any) -> Any:
+    # One check, not a union of two types: pydantic named a union's member in the field
+    # ("context.tasks.0.dict[str,any]") and reported one error per member.
+    if isinstance(value, dict) or (isinstance(value, str) and len(value) <= 256):
+        return value
+    raise ValueError("must be an object (a task) or a string of at most 256 characters")
+
+
 class Context(_Body):
     now: Annotated[AwareDatetime, AfterValidator(_representable)] | None = None
-    tasks: list[dict[str, Any] | Annotated[str, StringConstraints(max_length=256)]] | None = Field(None, max_length=1000)
+    tasks: list[Annotated[Any, AfterValidator(_task)]] | None = Field(None, max_length=1000)
 
 
 class ScoreRequest(_Body):

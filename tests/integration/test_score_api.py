@@ -84,6 +84,8 @@ BAD: list[tuple[str, Any, int, str]] = [
     ("now without offset", body(context={"now": "2026-11-26T09:00:00"}), 422, "context.now"),
     ("now past year 9999 in UTC", body(context={"now": "9999-12-31T23:00:00-02:00"}), 422, "context.now"),
     ("now before year 1 in UTC", body(context={"now": "0001-01-01T00:00:00+01:00"}), 422, "context.now"),
+    ("a task neither an object nor a string", body(context={"tasks": [{"id": 1}, 7]}), 422, "context.tasks.1"),
+    ("a task string too long", body(context={"tasks": ["t" * 257]}), 422, "context.tasks.0"),
     ("candidate feature a list", body(candidates=[{"tip_id": "a", "features": {"len": [1]}}]), 422,
      "candidates.0.features.len"),
     ("candidate feature named like a server one", body(candidates=[{"tip_id": "a", "features": {"hour_of_day": 3}}]),
