@@ -50,10 +50,17 @@ def _refusal(request: Request) -> Response | None:
     return None
 
 
+def _storable(text: str) -> str:
+    # PostgreSQL cannot store a NUL in text: the change failed as it was saved, a bare 500.
+    if "\x00" in text:
+        raise ValueError("must not contain the NUL character (\\u0000); the database cannot store it")
+    return text
+
+
 class ChangeBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    actor: str = Field("admin-api", min_length=1, max_length=128)
-    note: str = Field("", max_length=1000)
+    actor: Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_storable)] = "admin-api"
+    note: Annotated[str, Field(max_length=1000), AfterValidator(_storable)] = ""
 
 
 _VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

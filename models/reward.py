@@ -386,6 +386,14 @@ class TipModel:
                             ("hour_bucket", hour_bucket)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):  # '"fast" > 0' says nothing useful
                 raise ValueError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):  # int(inf) was an OverflowError; a NaN rate, a model of NaNs
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        # Checked here, not at the first learn_one: FM's random generator takes only these seeds,
+        # and a version that cannot learn must not be registered.
+        if not 0 <= int(seed) < 2**32:
+            raise ValueError(f"seed must be between 0 and 2**32 - 1, got {seed!r}")
+        if int(n_factors) < 1:
+            raise ValueError(f"n_factors must be at least 1, got {n_factors!r}")
         if not learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
         if latents not in ("categorical", "all"):

@@ -52,6 +52,35 @@ async def test_changes_are_refused_without_the_token(start_service, nc, tmp_path
         assert (await http.post("/score", json=score_body("u-1"))).json()["model_version"] == "v2"
 
 
+BAD_CHANGES: list[tuple[str, bytes, str]] = [
+    # int(inf) was an OverflowError; a NaN or infinite rate a model of NaNs, and on PostgreSQL a 500.
+    ("/admin/models", b'{"version": "v3", "params": {"hour_bucket": 1e400}}', "hour_bucket must be a finite number"),
+    ("/admin/models", b'{"version": "v3", "kind": "fm", "params": {"n_factors": Infinity}}', "n_factors must be a finite"),
+    ("/admin/models", b'{"version": "v3", "params": {"l2": NaN}}', "l2 must be a finite number"),
+    ("/admin/models", b'{"version": "v3", "params": {"learning_rate": Infinity}}', "learning_rate must be a finite"),
+    # Registered, then every answer naming it was a 500 (orjson: "Integer exceeds 64-bit range").
+    ("/admin/models", b'{"version": "v3", "params": {"seed": 1e300}}', "seed must be between 0 and 2**32 - 1"),
+    # An FM with these could not learn a single reward.
+    ("/admin/models", b'{"version": "v3", "kind": "fm", "params": {"seed": -1}}', "seed must be between"),
+    ("/admin/models", b'{"version": "v3", "kind": "fm", "params": {"n_factors": 0}}', "n_factors must be at least 1"),
+    # PostgreSQL cannot store a NUL: a bare 500.
+    ("/admin/models", b'{"version": "v3", "note": "a\\u0000b"}', "note: must not contain the NUL character"),
+    ("/admin/models/v2/promote", b'{"actor": "\\u0000"}', "actor: must not contain the NUL character"),
+]
+
+
+async def test_bad_changes_are_422_saying_why_and_change_nothing(start_service, nc, database_url) -> None:
+    running = await start_service(database_url=database_url, admin_token=TOKEN, bootstrap_shadow_kind="logreg")
+    history = len(running.service.lineup.registry.history)
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        before = (await http.get("/models")).json()
+        for path, content, says in BAD_CHANGES:
+            refused = await http.post(path, content=content, headers={**AUTH, "content-type": "application/json"})
+            assert refused.status_code == 422 and says in refused.json()["error"], (content, refused.text)
+        assert (await http.get("/models")).json() == before
+    assert len(running.service.lineup.registry.history) == history
+
+
 async def test_register_shadow_promote_rollback_with_cards_and_history(start_service, nc, database_url) -> None:
     running = await start_service(database_url=database_url, admin_token=TOKEN, checkpoint_every_s=0.1)
     service = running.service
