@@ -403,6 +403,8 @@ class TipModel:
         if not 1 <= int(hour_bucket) <= 24:
             raise ValueError(f"hour_bucket must be between 1 and 24 hours, got {hour_bucket!r}")
         pairs = tuple((str(a), str(b)) for a, b in interactions)
+        if not pairs:  # River's clone() reads an empty tuple parameter's first item: an IndexError
+            raise ValueError("interactions must list at least one pair of inputs, e.g. [[\"category\", \"hour_of_day\"]]")
         # River style: the constructor arguments are the model's identity; clone() rebuilds from them.
         self.params: dict[str, Any] = {
             "kind": kind, "optimizer": optimizer, "learning_rate": float(learning_rate), "l2": float(l2),

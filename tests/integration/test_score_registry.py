@@ -63,6 +63,7 @@ BAD_CHANGES: list[tuple[str, bytes, str]] = [
     # An FM with these could not learn a single reward.
     ("/admin/models", b'{"version": "v3", "kind": "fm", "params": {"seed": -1}}', "seed must be between"),
     ("/admin/models", b'{"version": "v3", "kind": "fm", "params": {"n_factors": 0}}', "n_factors must be at least 1"),
+    ("/admin/models", b'{"version": "v3", "params": {"interactions": []}}', "interactions must list at least one pair"),
     # PostgreSQL cannot store a NUL: a bare 500.
     ("/admin/models", b'{"version": "v3", "note": "a\\u0000b"}', "note: must not contain the NUL character"),
     ("/admin/models/v2/promote", b'{"actor": "\\u0000"}', "actor: must not contain the NUL character"),
