@@ -14,6 +14,7 @@ import json
 import socket
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -96,7 +97,11 @@ def _change(args: argparse.Namespace) -> int:
         print("Set TIPSTREAM_ADMIN_TOKEN to the server's admin token to change the registry.", file=sys.stderr)
         return 2
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it
     base = (args.url or f"http://{host}:{settings.port}").rstrip("/")
+    if not base.startswith(("http://", "https://")):  # urllib said only "unknown url type"
+        print(f"--url {base!r} needs its scheme, e.g. http://{base}.", file=sys.stderr)
+        return 2
     body: dict[str, Any] = {"actor": args.actor, "note": args.note}
     if args.action == "rollback":
         path = "/admin/rollback"
@@ -104,7 +109,8 @@ def _change(args: argparse.Namespace) -> int:
         path = "/admin/models"
         body |= {"version": args.version, "kind": args.kind, "params": dict(args.param or [])}
     else:
-        path = f"/admin/models/{args.version}/{args.action}"
+        # Quoted: "v 2" was a traceback (InvalidURL), and "v2/promote?" sent to evaluate promoted v2.
+        path = f"/admin/models/{urllib.parse.quote(args.version, safe='')}/{args.action}"
     request = urllib.request.Request(
         base + path, data=json.dumps(body).encode(), method="POST",
         headers={"Content-Type": "application/json",

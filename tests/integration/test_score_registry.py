@@ -172,6 +172,13 @@ async def test_the_cli_reads_the_database_and_changes_through_the_service(start_
     code, _, err = await cli("models", "promote", "v2", "--url", running.base_url)
     assert code == 1 and "403" in err
     monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", TOKEN)
+    # The version is one path segment, whatever it holds: unquoted, this promoted v2.
+    code, _, err = await cli("models", "evaluate", "v2/promote?", "--url", running.base_url)
+    assert code == 1 and "404" in err and running.service.lineup.champion_version == "v1"
+    code, _, err = await cli("models", "promote", "v 2", "--url", running.base_url)
+    assert code == 1 and "Unknown model version 'v 2'" in err
+    code, _, err = await cli("models", "promote", "v2", "--url", running.base_url.removeprefix("http://"))
+    assert code == 2 and f"needs its scheme, e.g. {running.base_url}" in err
     code, out, _ = await cli("models", "promote", "v2", "--url", running.base_url, "--actor", "dana", "--note", "go")
     assert code == 0 and "champion: v2" in out and "by dana: go" in out
     code, out, _ = await cli("models", "rollback", "--url", running.base_url)
