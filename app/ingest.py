@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from app.checkpoints import Checkpointer
 from app.metrics import METRICS
 from streams import jetstream as jsx
-from streams.events import EVENT_ADAPTER, FAMILY_OF_TYPE, Rejection, parse_event
+from streams.events import EVENT_ADAPTER, FAMILY_OF_TYPE, Rejection, parse_event, without_nul
 from streams.fold import FutureEvent
 from streams.store import OnlineStore
 
@@ -39,7 +39,7 @@ def decode_wire_event(subject: str, data: bytes) -> Any:
     except ValidationError:
         return parse_event(data)  # the slow path explains (or upcasts)
     if subject == EXPECTED_SUBJECT[event.type]:
-        return event
+        return without_nul(event, data)
     return Rejection("subject_mismatch",
                      f"type {event.type!r} must be published on {EXPECTED_SUBJECT[event.type]!r}, not {subject!r}")
 

@@ -119,3 +119,31 @@ def test_docs_elsewhere_leave_other_readmes_alone(tmp_path: Path, monkeypatch: p
     assert own in written and "TIPSTREAM_DATA_DIR" in own.read_text() and own.read_text().endswith("after\n")
     assert (tmp_path / "README.md").read_text() == "someone else's README, without the settings markers\n"
     assert write_docs(tmp_path / "out", readme=tmp_path / "README.md")[0].name == "events.schema.json"
+
+
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [
+        ({**envelope("app.opened"), "user_id": "u\x00"}, "user_id"),
+        (envelope("task.completed", {"task_id": "t\x00"}), "data.task_id"),
+        (envelope("task.created", {"task_id": "t", "labels": ["ok", "b\x00d"]}), "data.labels.1"),
+        (envelope("tip.reacted", {"tip_id": "tip-1", "decision_id": "d\x00", "reaction": "acted"}), "data.decision_id"),
+    ],
+)
+@pytest.mark.parametrize("path", ["contract", "ingest"])
+def test_a_nul_in_a_kept_text_is_refused_naming_the_field(body: dict, names: str, path: str) -> None:
+    """PostgreSQL cannot store it: one such user id failed every checkpoint after it. Both ways
+    in: the contract's parser, and the ingest's decoder, which calls pydantic-core directly."""
+    from app.ingest import decode_wire_event
+
+    raw = orjson.dumps(body)
+    result = parse_event(raw) if path == "contract" else decode_wire_event(events.subject_for(body["type"]), raw)
+    assert isinstance(result, Rejection) and result.kind == "invalid_field", result
+    assert f"'{names}'" in result.reason and "NUL" in result.reason
+
+
+def test_a_nul_where_nothing_keeps_it_or_an_escaped_backslash_is_accepted() -> None:
+    unknown = parse_event(orjson.dumps(envelope("task.completed", {"task_id": "t", "note": "a\x00b"})))
+    assert not isinstance(unknown, Rejection), unknown
+    text = parse_event(orjson.dumps(envelope("task.completed", {"task_id": "t\\u0000"})))
+    assert not isinstance(text, Rejection) and text.data.task_id == "t\\u0000"
