@@ -27,7 +27,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Annotated, Any
+from typing import Annotated, Any, NotRequired
 
 from pydantic import (
     AfterValidator,
@@ -39,6 +39,7 @@ from pydantic import (
     StringConstraints,
     ValidationError,
 )
+from typing_extensions import TypedDict  # pydantic checks typing's own only from Python 3.12
 
 from app.decisions import DECISION_TYPE, candidate_input, encode, new_decision_id
 from app.learning_metrics import CHAMPION_ERRORS, FEATURE_CACHE, SHADOW_DISAGREEMENTS, SHADOW_ERRORS
@@ -96,11 +97,15 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Candidate(_Body):
+class Candidate(TypedDict):
+    """A checked dict, not a model: building a model instance per candidate was ~40% of
+    validating a 50-candidate request (52 against 32 us)."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
     tip_id: Identifier
-    category: Annotated[str, StringConstraints(min_length=1, max_length=64)] | None = None
-    features: dict[FeatureName, Annotated[Any, AfterValidator(_scalar)]] | None = Field(
-        None, max_length=MAX_CANDIDATE_FEATURES)
+    category: NotRequired[Annotated[str, StringConstraints(min_length=1, max_length=64)] | None]
+    features: NotRequired[Annotated[dict[FeatureName, Annotated[Any, AfterValidator(_scalar)]] | None,
+                                    Field(max_length=MAX_CANDIDATE_FEATURES)]]
 
 
 def _representable(now: datetime) -> datetime:
@@ -181,15 +186,15 @@ def parse_request(body: bytes) -> ScoreRequest:
     if b"\\u0000" in body:  # JSON can carry a NUL only as this escape: the check costs nothing otherwise
         _refuse_nul(request)
     candidates = request.candidates
-    if len({c.tip_id for c in candidates}) == len(candidates) and not any(c.features for c in candidates):
+    if len({c["tip_id"] for c in candidates}) == len(candidates) and not any(c.get("features") for c in candidates):
         return _checked_profile(request)  # the common shape: distinct tips, no features of their own
     seen: dict[str, int] = {}
     for i, candidate in enumerate(candidates):
-        first = seen.setdefault(candidate.tip_id, i)
+        first = seen.setdefault(candidate["tip_id"], i)
         if first != i:
             raise RequestError(f"candidates.{i}.tip_id",
-                               f"{candidate.tip_id!r} is also candidate {first}; each candidate must be a different tip")
-        for name in candidate.features or ():
+                               f"{candidate['tip_id']!r} is also candidate {first}; each candidate must be a different tip")
+        for name in candidate.get("features") or ():
             if name in SERVER_INPUTS:
                 raise RequestError(f"candidates.{i}.features.{name}",
                                    f"{name!r} is a feature the server computes; give the candidate's own feature another name")
@@ -205,9 +210,9 @@ def _refuse_nul(request: ScoreRequest) -> None:
 
     check("user_id", request.user_id)
     for i, c in enumerate(request.candidates):
-        check(f"candidates.{i}.tip_id", c.tip_id)
-        check(f"candidates.{i}.category", c.category)
-        for name, value in (c.features or {}).items():
+        check(f"candidates.{i}.tip_id", c["tip_id"])
+        check(f"candidates.{i}.category", c.get("category"))
+        for name, value in (c.get("features") or {}).items():
             check(f"candidates.{i}.features.{name}", value)
 
 
@@ -378,8 +383,8 @@ class Scorer:
                   "utc_offset_min": offset_min, "is_new_user": new_user}
 
         candidates = request.candidates
-        xs = [candidate_input(c.tip_id, c.category, c.features) for c in candidates]
-        tips = [c.tip_id for c in candidates]
+        xs = [candidate_input(c["tip_id"], c.get("category"), c.get("features")) for c in candidates]
+        tips = [c["tip_id"] for c in candidates]
         lineup = self.lineup
         prior = lineup.prior
         reactions = state.count("tip.reacted") if state is not None else 0
@@ -427,12 +432,13 @@ class Scorer:
         logged = []
         for i in order:
             c = candidates[i]
-            entry: dict[str, Any] = {"tip_id": c.tip_id, "score": scores[i], "propensity": propensities[i],
+            entry: dict[str, Any] = {"tip_id": c["tip_id"], "score": scores[i], "propensity": propensities[i],
                                      "model_score": model_scores[i]}
-            if c.category is not None:
-                entry["category"] = c.category
-            if c.features:
-                entry["features"] = c.features
+            category, features = c.get("category"), c.get("features")
+            if category is not None:
+                entry["category"] = category
+            if features:
+                entry["features"] = features
             if shadow_scores is not None:
                 entry["shadow_score"] = shadow_scores[i]
             logged.append(entry)

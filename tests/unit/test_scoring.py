@@ -88,7 +88,7 @@ def test_numbers_that_are_not_finite_or_too_large_are_refused_with_the_bound(
 def test_numbers_at_the_bound_are_accepted() -> None:
     request = parse_request(b'{"user_id": "u", "candidates": [{"tip_id": "a", "features": {"len": 1e9, "n": -1000000000,'
                             b' "ok": true, "t": "x"}}], "profile_features": {"preferred_hour": -1e9}}')
-    assert request.candidates[0].features == {"len": 1e9, "n": -1_000_000_000, "ok": True, "t": "x"}
+    assert request.candidates[0]["features"] == {"len": 1e9, "n": -1_000_000_000, "ok": True, "t": "x"}
     assert request.profile_features == {"preferred_hour": -1e9}
 
 
