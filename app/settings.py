@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEFAULT_REWARDS = {"acted": 1.0, "liked": 0.8, "snoozed": 0.3, "dismissed": 0.0, "disliked": 0.0}
 DEFAULT_USER_FORGETTING = 0.3
 POLICY_PARAMS = {
-    "epsilon_greedy": ("epsilon",), "softmax": ("temperature",), "thompson": ("n_draws", "concentration"), "greedy": (),
+    "epsilon_greedy": ("epsilon",), "softmax": ("temperature",), "thompson": ("cells", "concentration"), "greedy": (),
 }
 
 
@@ -118,7 +118,9 @@ class Settings(BaseSettings):
     )
     policy_epsilon: float = Field(0.1, ge=0, le=1, description="epsilon_greedy: share of answers that explore.")
     policy_temperature: float = Field(0.1, gt=0, description="softmax: temperature over scores in [0, 1].")
-    policy_thompson_draws: int = Field(128, ge=1, le=10_000, description="thompson: joint draws that estimate propensities.")
+    policy_thompson_cells: int = Field(
+        256, ge=16, le=65_536, description="thompson: cells of [0, 1] over which each candidate's chance of coming first "
+                                           "(its logged propensity) is integrated.")
     policy_thompson_concentration: float = Field(
         10.0, gt=0, description="thompson: Beta concentration around a score when no posteriors are given. Not used by "
                                 "`/score`, which always draws from the popularity prior's posteriors (every tip has one)."
@@ -188,7 +190,7 @@ class Settings(BaseSettings):
     def policy_params(self) -> dict[str, Any]:
         """The settings the chosen policy takes, by its parameter names."""
         given = {"epsilon": self.policy_epsilon, "temperature": self.policy_temperature,
-                 "n_draws": self.policy_thompson_draws, "concentration": self.policy_thompson_concentration}
+                 "cells": self.policy_thompson_cells, "concentration": self.policy_thompson_concentration}
         return {name: given[name] for name in POLICY_PARAMS[self.policy]}
 
     @field_validator("log_level")

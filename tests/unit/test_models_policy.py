@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections import Counter
@@ -13,7 +14,7 @@ from scipy import integrate, stats
 from models.policy import EpsilonGreedy, Greedy, Softmax, ThompsonSampling, make_policy
 
 SCORES = [0.2, 0.7, 0.5, 0.65]
-ALL = [Greedy(), EpsilonGreedy(0.2), Softmax(0.1), ThompsonSampling(n_draws=128)]
+ALL = [Greedy(), EpsilonGreedy(0.2), Softmax(0.1), ThompsonSampling()]
 
 
 def _first_frequencies(policy, scores, n, seed=0, samples=None) -> list[float]:
@@ -109,28 +110,85 @@ def _true_first_probabilities(alpha, beta) -> list[float]:
 def test_thompson_propensities_match_first_place_frequencies() -> None:
     samples = {"alpha": ALPHA, "beta": BETA}
     truth = _true_first_probabilities(ALPHA, BETA)
-    policy = ThompsonSampling(n_draws=128)
+    policy = ThompsonSampling()
     rng = random.Random(11)
     runs = [policy.rank(SCORES, rng, samples) for _ in range(3000)]
-    mean_propensity = np.mean([p for _, p in runs], axis=0)
-    assert mean_propensity.tolist() == pytest.approx(truth, abs=0.01)
+    assert runs[0][1] == pytest.approx(truth, abs=0.003)  # 400,000 draws: ~0.001 of noise
+    assert all(p == runs[0][1] for _, p in runs)  # integrated, not estimated: the same every time
     firsts = Counter(order[0] for order, _ in runs)
     assert [firsts[i] / 3000 for i in range(4)] == pytest.approx(truth, abs=0.03)
-    # The served candidate was among the draws, so its propensity is never 0.
-    assert all(p[order[0]] >= 1 / 128 for order, p in runs)
+
+
+def _quad_first_probabilities(alpha, beta) -> list[float]:
+    """integrate.quad, below 1/2 in x and above it in y = 1 - x (Beta(b, a)), so that the steep
+    ends of a density sit at 0, where floats are fine, with breakpoints down to 1e-12."""
+    points = [0.0, 1e-12, 1e-9, 1e-6, 1e-3, 0.05, 0.2, 0.5]
+    n, out = len(alpha), []
+    for i in range(n):
+        def low(x, i=i):
+            return stats.beta.pdf(x, alpha[i], beta[i]) * math.prod(
+                stats.beta.cdf(x, alpha[j], beta[j]) for j in range(n) if j != i)
+
+        def high(y, i=i):
+            return stats.beta.pdf(y, beta[i], alpha[i]) * math.prod(
+                stats.beta.sf(y, beta[j], alpha[j]) for j in range(n) if j != i)
+
+        out.append(sum(integrate.quad(f, lo, hi, limit=500)[0]
+                       for f in (low, high) for lo, hi in itertools.pairwise(points)))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("alpha", "beta"),
+    [
+        ([3.0, 5.0], [7.0, 5.0]),
+        ([1.0, 80.0, 5.0], [9.0, 20.0, 5.0]),
+        ([0.117, 0.107], [1.883, 1.893]),  # two new tips (concentration 2), steep at 0: was 0.006 off
+        ([1.9, 1.8, 1.95], [0.1, 0.2, 0.05]),  # steep at 1
+        ([0.3, 0.2], [0.7, 0.8]),  # unbounded at both ends
+        ([0.8, 60.0, 0.3, 150.0], [199.2, 140.0, 1.7, 50.0]),  # the prior's widest and narrowest
+    ],
+)
+def test_thompson_propensities_agree_with_numerical_integration(alpha, beta) -> None:
+    _, p = ThompsonSampling().rank([0.5] * len(alpha), random.Random(0), {"alpha": alpha, "beta": beta})
+    assert p == pytest.approx(_quad_first_probabilities(alpha, beta), abs=3e-4)
+
+
+def test_thompson_never_logs_0_for_a_tip_that_can_come_first() -> None:
+    """Counted from 128 joint draws, 37% of the tips that could come first logged 0, so
+    off-policy evaluation left those decisions out as ones the policy could not have made."""
+    rng = np.random.default_rng(3)
+    concentration = rng.uniform(2, 200, 10)
+    mean = rng.uniform(0.05, 0.6, 10)
+    alpha, beta = (mean * concentration).tolist(), ((1 - mean) * concentration).tolist()
+    truth = _true_first_probabilities(alpha, beta)
+    _, p = ThompsonSampling().rank([0.5] * 10, random.Random(0), {"alpha": alpha, "beta": beta})
+    can_come_first = [i for i, t in enumerate(truth) if t > 0]
+    assert len(can_come_first) >= 5 and all(p[i] > 0 for i in can_come_first)
+    assert p == pytest.approx(truth, abs=0.003)
+
+
+def test_thompson_serves_by_its_propensities_when_draws_crowd_at_1() -> None:
+    """Beta(1.99, 0.01) rounds to exactly 1.0 most of the time: ordered by such draws, the
+    ties went to the lower index, and the first tip was served ~3/4 of the time, not 1/2."""
+    samples = {"alpha": [1.99, 1.99], "beta": [0.01, 0.01]}
+    rng = random.Random(5)
+    runs = [ThompsonSampling().rank([0.5, 0.5], rng, samples) for _ in range(4000)]
+    assert runs[0][1] == pytest.approx([0.5, 0.5], abs=1e-9)
+    assert sum(order[0] == 0 for order, _ in runs) / 4000 == pytest.approx(0.5, abs=0.03)
 
 
 def test_thompson_two_candidates_against_the_closed_form() -> None:
     a1, b1, a2, b2 = 3.0, 7.0, 5.0, 5.0
     p_first, _ = integrate.quad(lambda x: stats.beta.pdf(x, a1, b1) * stats.beta.cdf(x, a2, b2), 0, 1)
-    _, p = ThompsonSampling(n_draws=20_000).rank([0.3, 0.5], random.Random(0), {"alpha": [a1, a2], "beta": [b1, b2]})
-    assert p[0] == pytest.approx(p_first, abs=0.01)
+    _, p = ThompsonSampling().rank([0.3, 0.5], random.Random(0), {"alpha": [a1, a2], "beta": [b1, b2]})
+    assert p[0] == pytest.approx(p_first, abs=1e-4)
 
 
 def test_thompson_without_posteriors_uses_the_scores() -> None:
-    _, p = ThompsonSampling(n_draws=4000, concentration=200.0).rank([0.1, 0.9, 0.5], random.Random(0))
+    _, p = ThompsonSampling(concentration=200.0).rank([0.1, 0.9, 0.5], random.Random(0))
     assert p[1] > 0.99
-    _, p = ThompsonSampling(n_draws=4000, concentration=2.0).rank([0.1, 0.9, 0.5], random.Random(0))
+    _, p = ThompsonSampling(concentration=2.0).rank([0.1, 0.9, 0.5], random.Random(0))
     assert 0.4 < p[1] < 0.9  # wide posteriors: real exploration
 
 
@@ -148,7 +206,7 @@ def test_make_policy_builds_each_policy() -> None:
     assert make_policy("epsilon_greedy", epsilon=0.2) == EpsilonGreedy(0.2)
     assert make_policy("Epsilon-Greedy", epsilon="0.05") == EpsilonGreedy(0.05)
     assert make_policy("softmax", temperature=0.3) == Softmax(0.3)
-    assert make_policy("thompson", n_draws="64", concentration=None) == ThompsonSampling(64)
+    assert make_policy("thompson", cells="64", concentration=None) == ThompsonSampling(64)
     assert make_policy("greedy") == Greedy()
     assert make_policy("softmax", epsilon=None).params == {"temperature": 0.1}  # None: not set
 
@@ -166,8 +224,8 @@ def test_make_policy_errors_name_the_choices() -> None:
         make_policy("softmax", temperature="hot")
     with pytest.raises(ValueError, match="temperature"):
         Softmax(0.0)
-    with pytest.raises(ValueError, match="n_draws"):
-        ThompsonSampling(n_draws=0)
+    with pytest.raises(ValueError, match="cells"):
+        ThompsonSampling(cells=8)
 
 
 @pytest.mark.parametrize("scores, t", [
