@@ -140,7 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     add_models_commands(commands)
 
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    from app.settings import SettingsError
+
+    try:
+        return int(args.func(args) or 0)
+    except SettingsError as error:
+        print(error, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,9 +22,9 @@ CHANGES = ("register", "shadow", "promote", "rollback", "retire", "evaluate")
 
 
 def _settings() -> Any:
-    from app.settings import Settings
+    from app.settings import load_settings
 
-    return Settings()  # read now: the environment is the operator's, not a cached copy
+    return load_settings()  # read now: the environment is the operator's, not a cached copy
 
 
 def _default_actor() -> str:

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Kept here rather than imported from models/ (River takes seconds to import and every CLI
@@ -25,7 +25,8 @@ POLICY_PARAMS = {
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="TIPSTREAM_", env_file=".env", extra="ignore", frozen=True, populate_by_name=True
+        env_prefix="TIPSTREAM_", env_file=".env", extra="ignore", frozen=True, populate_by_name=True,
+        allow_inf_nan=False,  # TIPSTREAM_POLICY_TEMPERATURE=inf passed here and failed deep in the start-up
     )
 
     data_dir: Path = Field(
@@ -217,7 +218,36 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'tipstream.db').resolve()}"
 
 
+class SettingsError(ValueError):
+    """A setting's value is wrong: the message names each variable and what it needs."""
+
+
+def load_settings() -> Settings:
+    """Settings from the environment (and `.env`), or a SettingsError naming each bad variable.
+
+    >>> import os
+    >>> os.environ["TIPSTREAM_PORT"] = "eighty"
+    >>> try:
+    ...     load_settings()
+    ... except SettingsError as error:
+    ...     print(error)
+    TIPSTREAM_PORT='eighty': Input should be a valid integer, unable to parse string as an integer
+    Fix it, or unset it for its default (the README's settings table lists them all).
+    >>> del os.environ["TIPSTREAM_PORT"]
+    """
+    try:
+        return Settings()
+    except ValidationError as error:
+        lines = []
+        for problem in error.errors(include_url=False):
+            name = str(problem["loc"][0]) if problem["loc"] else "?"
+            variable = name if name.isupper() else f"TIPSTREAM_{name.upper()}"
+            lines.append(f"{variable}={problem['input']!r}: {problem['msg'].removeprefix('Value error, ')}")
+        lines.append("Fix it, or unset it for its default (the README's settings table lists them all).")
+        raise SettingsError("\n".join(lines)) from None
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The process's settings, read from the environment on first use."""
-    return Settings()
+    return load_settings()

@@ -79,3 +79,18 @@ def test_an_unknown_revision_creates_no_database(tmp_path: Path, monkeypatch: py
         get_settings.cache_clear()
     assert "Unknown revision 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "data" / "tipstream.db").exists()
+
+
+@pytest.mark.parametrize(("command", "variable", "value", "problem"), [
+    (["run"], "TIPSTREAM_POLICY_TEMPERATURE", "inf", "Input should be a finite number"),
+    (["run"], "TIPSTREAM_PORT", "eighty", "valid integer"),
+    (["models", "list"], "TIPSTREAM_POLICY", "ucb", "'epsilon_greedy', 'softmax', 'thompson' or 'greedy'"),
+])
+def test_a_bad_setting_is_one_message_naming_the_variable(
+        tmp_path: Path, command: list[str], variable: str, value: str, problem: str) -> None:
+    """Before: a pydantic traceback, or for an infinite temperature, a start-up that failed later on."""
+    done = subprocess.run([TIPSTREAM, *command], capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "TIPSTREAM_DATA_DIR": str(tmp_path), variable: value})
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"{variable}={value!r}: " in done.stderr and problem in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "tipstream.db").exists()
