@@ -199,7 +199,7 @@ async def _evaluate(request: Request, body: ChangeBody) -> Any:
       403: {description: 'wrong token, or TIPSTREAM_ADMIN_TOKEN unset'}
       404: {description: no such version}
     """
-    card = await _lineup(request).evaluate(request.path_params["version"])
+    card = await _lineup(request).evaluate(request.path_params["version"], body.actor, body.note)
     return card.to_dict()
 
 

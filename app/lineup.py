@@ -164,19 +164,14 @@ class Lineup:
     async def retire(self, version: str, actor: str, note: str = "") -> None:
         await self._change(lambda reg: reg.retire(version, actor=actor, note=note))
 
-    async def evaluate(self, version: str) -> ModelCard:
+    async def evaluate(self, version: str, actor: str, note: str = "") -> ModelCard:
         """Refresh a version's card: progressive validation of its configuration over the log,
         and the off-policy value of its choices where it served or shadowed."""
         mv = self.registry.get(version)
         _, card, _ = await asyncio.to_thread(self._evaluate, mv.model_params, version)
-
-        def update(reg: Registry) -> ModelCard:
-            target = reg.get(version).card
-            target.inputs = self.models[version].describe_inputs() or card.inputs
-            target.offline_metrics, target.fairness = card.offline_metrics, card.fairness
-            return target
-
-        return await self._change(update)
+        return await self._change(lambda reg: reg.refresh_card(
+            version, actor, note, inputs=self.models[version].describe_inputs() or card.inputs,
+            offline_metrics=card.offline_metrics, fairness=card.fairness))
 
     def _evaluate(self, params: dict[str, Any],
                   version: str | None = None) -> tuple[TipModel, ModelCard, evaluation.TrainedOn]:

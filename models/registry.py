@@ -45,8 +45,8 @@ from typing import Any, Literal
 
 from models.offpolicy import MIN_EFFECTIVE_N
 
-Action = Literal["register", "promote", "shadow", "rollback", "retire"]
-ACTIONS: tuple[str, ...] = ("register", "promote", "shadow", "rollback", "retire")
+Action = Literal["register", "promote", "shadow", "rollback", "retire", "evaluate"]
+ACTIONS: tuple[str, ...] = ("register", "promote", "shadow", "rollback", "retire", "evaluate")
 CLI = "tipstream models"  # named in error messages, so an operator knows what to type
 
 
@@ -290,6 +290,16 @@ class Registry:
         self.retired.add(version)
         self.previous_champions = [v for v in self.previous_champions if v != version]
         self._record("retire", version, actor, note)
+
+    def refresh_card(self, version: str, actor: str, note: str = "", **parts: Any) -> ModelCard:
+        """Replace parts of a version's card (`inputs`, `offline_metrics`, `fairness`): an
+        `evaluate` entry in the history, as every admin change is; roles do not change."""
+        self._check_actor(actor)
+        card = self.get(version).card
+        for name, value in parts.items():
+            setattr(card, name, value)
+        self._record("evaluate", version, actor, note)
+        return card
 
     # -- persistence ------------------------------------------------------------------------
 

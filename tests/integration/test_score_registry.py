@@ -98,9 +98,12 @@ async def test_register_shadow_promote_rollback_with_cards_and_history(start_ser
             await js.publish("feedback.tip.reacted", orjson.dumps(event), headers={"Nats-Msg-Id": event["id"]})
         await eventually(lambda: service.learner.credited == 60)
         await eventually(lambda: not service.decision_log.backlog)
-        evaluated = await http.post("/admin/models/v1/evaluate", headers=AUTH)
+        evaluated = await http.post("/admin/models/v1/evaluate", headers=AUTH, json={"actor": "bob", "note": "weekly"})
         value = evaluated.json()["offline_metrics"]["policy_value"]["as_champion"]
         assert value["decisions"] == 60 and 0 < value["logged_reward"] < 1 and value["greedy"]["agreed"] > 0
+        refreshed = evaluated.json()["rollout_history"][-1]
+        assert (refreshed["action"], refreshed["actor"], refreshed["note"]) == ("evaluate", "bob", "weekly")
+        assert service.lineup.champion_version == "v1"  # recorded, and no role moved
 
         unreachable = await http.post("/admin/models", headers=AUTH, json={"version": "../x y"})
         assert unreachable.status_code == 422 and unreachable.json()["field"] == "version"  # no path could name it
@@ -137,8 +140,8 @@ async def test_register_shadow_promote_rollback_with_cards_and_history(start_ser
         roles = dict(conn.execute(sa.text("select role, version from model_roles")).all())
     engine.dispose()
     assert [tuple(a) for a in actions] == [
-        ("register", "v1", "tipstream"), ("promote", "v1", "tipstream"), ("register", "v2", "alice"),
-        ("shadow", "v2", "bob"), ("promote", "v2", "bob"), ("rollback", "v1", "carol")]
+        ("register", "v1", "tipstream"), ("promote", "v1", "tipstream"), ("evaluate", "v1", "bob"),
+        ("register", "v2", "alice"), ("shadow", "v2", "bob"), ("promote", "v2", "bob"), ("rollback", "v1", "carol")]
     assert roles == {"champion": "v1"}
     learned_v2 = service.lineup.models["v2"].n_learned
     await running.stop()

@@ -379,7 +379,10 @@ def test_cards_estimate_what_the_champion_and_the_shadow_would_have_earned(world
         weights = [1 / p if a else 0.0 for a, (_, p, _, _, _) in zip(agrees, served)]
         return sum(w * r for w, (_, _, r, _, _) in zip(weights, served)) / sum(weights)
 
-    card = asyncio.run(world.lineup.evaluate("v2"))
+    card = asyncio.run(world.lineup.evaluate("v2", "ops", "before promoting"))
+    refreshed = world.lineup.registry.history[-1]
+    assert (refreshed.action, refreshed.version, refreshed.actor, refreshed.note) == (
+        "evaluate", "v2", "ops", "before promoting")  # an admin change: in the history, as the README says
     shadow = card.offline_metrics["policy_value"]["as_shadow"]
     as_shadow = [tip == first for tip, _, _, _, first in served]
     as_champion = [tip == best for tip, _, _, best, _ in served]
