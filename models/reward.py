@@ -317,6 +317,9 @@ class _FastFMClassifier(facto.FMClassifier):
             latents[j] = V[i].copy()
 
 
+MAX_FACTORS = 256  # a mistyped 10**8 would have asked for 800 MB of latent vector per user and tip
+
+
 class TipModel:
     """Online P(positive | user features, tip) as a River pipeline.
 
@@ -392,8 +395,8 @@ class TipModel:
         # and a version that cannot learn must not be registered.
         if not 0 <= int(seed) < 2**32:
             raise ValueError(f"seed must be between 0 and 2**32 - 1, got {seed!r}")
-        if int(n_factors) < 1:
-            raise ValueError(f"n_factors must be at least 1, got {n_factors!r}")
+        if not 1 <= int(n_factors) <= MAX_FACTORS:  # each user, tip and category gets this many floats
+            raise ValueError(f"n_factors must be from 1 to {MAX_FACTORS}, got {n_factors!r}")
         if not learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
         if latents not in ("categorical", "all"):

@@ -62,7 +62,8 @@ BAD_CHANGES: list[tuple[str, bytes, str]] = [
     ("/admin/models", b'{"version": "v3", "params": {"seed": 1e300}}', "seed must be between 0 and 2**32 - 1"),
     # An FM with these could not learn a single reward.
     ("/admin/models", b'{"version": "v3", "kind": "fm", "params": {"seed": -1}}', "seed must be between"),
-    ("/admin/models", b'{"version": "v3", "kind": "fm", "params": {"n_factors": 0}}', "n_factors must be at least 1"),
+    ("/admin/models", b'{"version": "v3", "kind": "fm", "params": {"n_factors": 0}}', "n_factors must be from 1 to 256"),
+    ("/admin/models", b'{"version": "v3", "kind": "fm", "params": {"n_factors": 100000000}}', "n_factors must be from 1 to"),
     ("/admin/models", b'{"version": "v3", "params": {"interactions": []}}', "interactions must list at least one pair"),
     # PostgreSQL cannot store a NUL: a bare 500.
     ("/admin/models", b'{"version": "v3", "note": "a\\u0000b"}', "note: must not contain the NUL character"),
