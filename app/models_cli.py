@@ -18,6 +18,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+ANSWER_TIMEOUT_S = 120.0  # register trains the new version on the log before it answers
 CHANGES = ("register", "shadow", "promote", "rollback", "retire", "evaluate")
 
 
@@ -116,7 +117,7 @@ def _change(args: argparse.Namespace) -> int:
         headers={"Content-Type": "application/json",
                  "Authorization": f"Bearer {settings.admin_token.get_secret_value()}"})
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
+        with urllib.request.urlopen(request, timeout=ANSWER_TIMEOUT_S) as response:
             answer = json.loads(response.read())
     except urllib.error.HTTPError as error:
         try:
@@ -127,6 +128,14 @@ def _change(args: argparse.Namespace) -> int:
         return 1
     except urllib.error.URLError as error:
         print(f"No tipstream answering at {base} ({error.reason}); start it with `tipstream run` or pass --url.",
+              file=sys.stderr)
+        return 1
+    except TimeoutError:  # the read, after the connection: the server took the change and is still at it
+        print(f"{base} took more than {ANSWER_TIMEOUT_S:.0f} s to answer; the change may still land: see "
+              "`tipstream models list` before trying again.", file=sys.stderr)
+        return 1
+    except json.JSONDecodeError:
+        print(f"{base} answered, but not as tipstream does (no JSON): is --url the service's address?",
               file=sys.stderr)
         return 1
     if args.action in ("register", "evaluate"):

@@ -94,3 +94,42 @@ def test_a_bad_setting_is_one_message_naming_the_variable(
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"{variable}={value!r}: " in done.stderr and problem in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "tipstream.db").exists()
+
+
+@pytest.mark.parametrize(("behaviour", "problem"), [
+    ("html", "answered, but not as tipstream does (no JSON): is --url the service's address?"),
+    ("slow", "took more than 0 s to answer; the change may still land: see `tipstream models list`"),
+])
+def test_a_change_answered_oddly_is_a_message(behaviour: str, problem: str, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A register still training past the timeout, or a --url pointing at another web server:
+    both were tracebacks."""
+    import http.server
+    import threading
+
+    release = threading.Event()
+
+    class Odd(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if behaviour == "slow":
+                release.wait(10)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<html>not tipstream</html>")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Odd)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "t")
+    monkeypatch.setattr("app.models_cli.ANSWER_TIMEOUT_S", 0.3)
+    try:
+        assert main(["models", "promote", "v2", "--url", f"http://127.0.0.1:{server.server_port}"]) == 1
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+    assert problem in capsys.readouterr().err
