@@ -396,15 +396,15 @@ class Scorer:
             failed = f"failed: {type(error).__name__}: {error}"
             model_scores = [math.nan] * len(tips)
         else:
-            scores = blend_many(prior, tips, model_scores, reactions)
-            try:
+            # Checked here, not left to the policy: the prior's blend gives unseen tips their base
+            # rate whatever the model says, so a NaN champion went unnoticed while every tip was new.
+            if not math.isfinite(sum(model_scores)):  # probabilities: the sum of finite ones is finite
+                bad = next(s for s in model_scores if not math.isfinite(s))
+                failed = f"scored {bad!r}, not a finite number"
+            else:
+                scores = blend_many(prior, tips, model_scores, reactions)
                 samples = prior.thompson_samples(tips, model_scores, reactions) if policy.name == "thompson" else None
                 order, propensities = policy.rank(scores, self.rng, samples)
-            except ValueError:  # a champion that diverged scores NaN
-                bad = next((s for s in model_scores if not math.isfinite(s)), None)
-                if bad is None:
-                    raise  # not the champion's doing
-                failed = f"scored {bad!r}, not a finite number"
         if failed is not None:  # rank by the prior alone, loudly
             self._champion_failed(failed)
             scores = [prior.mean(tip) for tip in tips]  # the decision logs the champion's own (null)

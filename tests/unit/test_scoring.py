@@ -208,6 +208,19 @@ def test_a_champion_that_diverged_is_answered_around_by_the_prior_and_counted(
 
 
 
+@pytest.mark.parametrize("policy", ["epsilon_greedy", "softmax", "thompson", "greedy"])
+def test_a_diverged_champion_is_noticed_while_every_tip_is_new(lineup: Lineup, policy: str) -> None:
+    """Unseen tips are ranked by the prior whatever the model says, so epsilon-greedy and
+    softmax used to serve on without counting the NaN champion (only Thompson sampling noticed)."""
+    from app.learning_metrics import CHAMPION_ERRORS
+
+    lineup.champion.classifier._weights["tip_id_a"] = float("nan")
+    scorer = Scorer(OnlineStore(), lineup, make_policy(policy), random.Random(1), feature_cache_users=0)
+    before = CHAMPION_ERRORS.value
+    scored = scorer.score(_request())
+    assert CHAMPION_ERRORS.value == before + 1
+    assert sum(r["propensity"] for r in scored.response["ranked"]) == pytest.approx(1.0)
+
 def test_a_champion_that_fails_to_score_is_answered_around_by_the_prior_and_counted(
         lineup: Lineup, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     from app.learning_metrics import CHAMPION_ERRORS
