@@ -3,7 +3,8 @@
 The log is `tip_scores`: each rewarded decision gives one (features as served, reward)
 example per credited tip, in decision order, the tips of a decision in the order their
 rewards came. A version's configuration is evaluated by training a fresh model of it over
-that log, predicting each decision's examples before learning them (River's progressive
+that log, predicting each decision with only the rewards that had arrived (`rewarded_at`)
+when it was served, and learning rewards in order of arrival (River's delayed progressive
 validation, a decision at a time); the records then feed `fairness_check` by tenure (new vs
 established users) and by time-zone region (from the logged `utc_offset_min`). A version
 that has served or shadowed also gets `policy_value`: the reward its own choices would have
@@ -34,17 +35,19 @@ from models.reward import (
     timezone_segment,
 )
 
-Decision = tuple[dict[str, Any], dict[str, float]]  # the logged decision, its rewards by tip
+# The logged decision and its rewards by tip; as read from `tip_scores`, also when its last
+# reward arrived (`rewarded_at`).
+Decision = tuple[dict[str, Any], dict[str, float]] | tuple[dict[str, Any], dict[str, float], datetime | None]
 
 
 def rewarded_decisions(engine: Engine, limit: int) -> list[Decision]:
     """The newest `limit` decisions that earned any reward, oldest first."""
     table = db.tip_scores
-    query = (select(table.c.decision, table.c.rewards).where(table.c.rewarded_at.is_not(None))
+    query = (select(table.c.decision, table.c.rewards, table.c.rewarded_at).where(table.c.rewarded_at.is_not(None))
              .order_by(table.c.created_at.desc(), table.c.decision_id.desc()).limit(limit))
     with engine.connect() as conn:
         rows = conn.execute(query).all()
-    return [(orjson.loads(text), rewards or {}) for text, rewards in reversed(rows)]
+    return [(orjson.loads(text), rewards or {}, rewarded) for text, rewards, rewarded in reversed(rows)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,10 +69,10 @@ def trained_on(decisions: list[Decision], limit: int) -> TrainedOn:
     >>> trained_on(read, limit=1).from_ms  # the read was cut: older rewards were left out
     1771112639248
     """
-    credits = frozenset((decision["id"], tip) for decision, rewards in decisions for tip in rewards)
+    credits = frozenset((decision["id"], tip) for decision, rewards, *_ in decisions for tip in rewards)
     if len(decisions) < limit:
         return TrainedOn(credits, None)
-    created = [t for decision, _ in decisions if (t := decision_time_ms(decision["id"])) is not None]
+    created = [t for decision, *_ in decisions if (t := decision_time_ms(decision["id"])) is not None]
     return TrainedOn(credits, min(created) if created else None)
 
 
@@ -78,14 +81,54 @@ def rewarded_log(decisions: list[Decision], limit: int) -> list[Example]:
     place in the list, so that progressive validation predicts a decision's tips before
     learning any of them.
 
+    Read from `tip_scores` (`rewarded_decisions`), with `rewarded_at`, an example also carries
+    when its decision was served and when its reward arrived (seconds since the epoch), so that
+    progressive validation predicts each decision with only the rewards that had arrived by
+    then, and the examples go in the order served. Served: the time in our decision ids, the
+    service's clock, which also stamps `rewarded_at` (the logged `ts` is the caller's
+    `context.now` when given, a backfill's past); else the logged `ts`. A row keeps one
+    `rewarded_at`, its last reward's: each of its tips is taken to arrive then, which may learn
+    an earlier reaction later than the service did, never sooner. Without `rewarded_at`, the
+    rewards arrive when their decision was served (learned right after it is predicted).
+
     >>> decision = {"features": {"hour_of_day": 9}, "ranked": [{"tip_id": "a"}, {"tip_id": "b"}]}
     >>> rewarded_log([(decision, {"b": 1.0, "a": 0.0}), (decision, {"a": 1.0})], 10)
     [({'hour_of_day': 9, 'tip_id': 'b'}, 1.0, 0), ({'hour_of_day': 9, 'tip_id': 'a'}, 0.0, 0), ({'hour_of_day': 9, 'tip_id': 'a'}, 1.0, 1)]
+    >>> at_8 = {**decision, "ts": "2026-11-26T09:00:00+01:00"}
+    >>> rewarded_log([(at_8, {"a": 1.0}, None), (at_8, {"b": 0.0}, datetime(2026, 11, 26, 9, tzinfo=UTC))], 10)
+    [({'hour_of_day': 9, 'tip_id': 'a'}, 1.0, 0, 1795680000.0, 1795680000.0), ({'hour_of_day': 9, 'tip_id': 'b'}, 0.0, 1, 1795680000.0, 1795683600.0)]
     """
     examples: list[Example] = []
-    for key, (decision, rewards) in enumerate(decisions):
-        examples.extend((x, reward, key) for x, reward in examples_of(decision, rewards))
+    timed: list[tuple[float, int, Decision]] = []
+    for key, logged in enumerate(decisions):
+        served = _served_s(logged[0]) if len(logged) > 2 else None
+        if served is not None:
+            timed.append((served, key, logged))
+        else:  # untimed: in the order given, learned right after it is predicted
+            examples.extend((x, reward, key) for x, reward in examples_of(logged[0], logged[1]))
+    # In the order served. The query's, `created_at`, is the logged `ts`: the caller's clock when
+    # it gave `context.now`, and SQLite keeps its wall time without the offset.
+    timed.sort(key=lambda item: item[:2])
+    for served, key, (decision, rewards, *rest) in timed:
+        arrived = _seconds(rest[0]) if rest and rest[0] is not None else served
+        examples.extend((x, reward, key, served, arrived) for x, reward in examples_of(decision, rewards))
     return examples[-limit:]
+
+
+def _served_s(decision: Mapping[str, Any]) -> float | None:
+    """When the service served `decision`, in seconds since the epoch (None: it does not say)."""
+    ms = decision_time_ms(decision["id"]) if isinstance(decision.get("id"), str) else None
+    if ms is not None:
+        return ms / 1000
+    try:
+        return _seconds(datetime.fromisoformat(decision["ts"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _seconds(at: datetime) -> float:
+    """Seconds since the epoch; a time without a zone (SQLite gives them back so) is UTC, as stored."""
+    return (at if at.tzinfo is not None else at.replace(tzinfo=UTC)).timestamp()
 
 
 def examples_of(decision: Mapping[str, Any], rewards: Mapping[str, float]) -> Iterator[tuple[dict[str, Any], float]]:
@@ -144,7 +187,7 @@ def policy_value(decisions: list[Decision], version: str) -> dict[str, Any]:
     as_champion: list[offpolicy.Logged] = []
     as_shadow: list[tuple[offpolicy.Logged, offpolicy.Logged]] = []
     unusable = 0
-    for decision, rewards in decisions:
+    for decision, rewards, *_ in decisions:
         ranked = decision["ranked"]
         served = ranked[0]
         if not 0.0 < served.get("propensity", 0.0) <= 1.0:
@@ -185,7 +228,8 @@ def policy_value(decisions: list[Decision], version: str) -> dict[str, Any]:
 
 
 def evaluate(params: Mapping[str, Any], examples: list[Example], min_n: int = 30) -> tuple[TipModel, ModelCard]:
-    """A model trained on `examples` by progressive validation, and the card's metrics and fairness.
+    """A model trained on `examples` by progressive validation (delayed, when the examples carry
+    their times: see `rewarded_log`), and the card's metrics and fairness.
 
     >>> examples = [({"tip_id": "a", "utc_offset_min": 60}, 1.0), ({"tip_id": "b", "utc_offset_min": -300}, 0.0)] * 50
     >>> model, card = evaluate({"learning_rate": 0.2}, examples)

@@ -36,6 +36,7 @@ positive with weight r and a negative with weight 1 - r.
 from __future__ import annotations
 
 import copy
+import heapq
 import io
 import math
 import numbers
@@ -935,8 +936,10 @@ class _Metrics:
         }
 
 
-# (features, reward), or (features, reward, the key of the decision it is a tip of)
-Example = tuple[Mapping[str, Any], float] | tuple[Mapping[str, Any], float, Hashable]
+# (features, reward); (features, reward, the key of the decision it is a tip of); or that and
+# (when the decision was served, when its reward arrived), both as numbers on one clock.
+Example = (tuple[Mapping[str, Any], float] | tuple[Mapping[str, Any], float, Hashable]
+           | tuple[Mapping[str, Any], float, Hashable, float, float])
 
 
 def progressive_validation(model: TipModel, stream: Iterable[Example], *,
@@ -948,6 +951,17 @@ def progressive_validation(model: TipModel, stream: Iterable[Example], *,
     learned in stream order). They share the user and the features as served, so learning one
     tip's reaction before predicting the next would score the model with what was not known
     when the decision was made. An example without a key stands alone.
+
+    Rewards come late: a user reacts minutes or hours after being served, and may be served
+    again meanwhile. An example may then also carry when its decision was served and when its
+    reward arrived (a fourth and fifth item; the stream in the order served): each decision is
+    predicted with only the rewards that had arrived by then (at or before its time), and a
+    reward is learned in order of arrival (ties: in stream order), as the service learned it.
+    This is River's delayed progressive validation (`river.evaluate.progressive_val_score` with
+    `moment` and `delay`), as an event-time merge: O(n log n). Learning each reward right after
+    its decision instead scores the model with what it could not have known when it served.
+    Without the times, a decision's rewards are learned right after it is predicted. Rewards
+    still waiting at the end of the stream are learned then, so `model` learns every example.
 
     `model` learns from the stream (pass `model.clone()` to keep a model untouched). When
     `records` is a list, (x, reward, prediction) triples are appended to it for
@@ -965,31 +979,62 @@ def progressive_validation(model: TipModel, stream: Iterable[Example], *,
     >>> _ = progressive_validation(TipModel(), [(x, 1.0, "d-1"), ({**x, "tip_id": "b"}, 1.0, "d-1")], records=records)
     >>> [score for _, _, score in records]
     [0.5, 0.5]
+
+    Served at 0 and at 10, the first decision's reward arrived at 60: the second is predicted
+    without it. Had it arrived at 10, the second would have been predicted with it.
+
+    >>> records = []
+    >>> _ = progressive_validation(TipModel(), [(x, 1.0, "d-1", 0, 60), (x, 1.0, "d-2", 10, 70)], records=records)
+    >>> [score for _, _, score in records]
+    [0.5, 0.5]
+    >>> records = []
+    >>> _ = progressive_validation(TipModel(), [(x, 1.0, "d-1", 0, 10), (x, 1.0, "d-2", 10, 70)], records=records)
+    >>> records[1][2] > 0.5
+    True
     """
     m = _Metrics(n_thresholds)
-    for decision in _by_decision(stream):
-        scores = [model.predict_one(x) for x, _ in decision]
-        for (x, reward), score in zip(decision, scores):
-            m.update(reward, score)
+    arrivals: list[tuple[float, int, Mapping[str, Any], float]] = []  # a heap: rewards not learned yet
+    order = 0
+    for decision, served in _by_decision(stream):
+        while arrivals and served is not None and arrivals[0][0] <= served:
+            _, _, x, reward = heapq.heappop(arrivals)
             model.learn_one(x, reward)
+        scores = [model.predict_one(x) for x, _, _ in decision]
+        for (x, reward, arrived), score in zip(decision, scores):
+            m.update(reward, score)
             if records is not None:
                 records.append((x, reward, score))
+            if arrived is None:
+                model.learn_one(x, reward)
+            else:
+                heapq.heappush(arrivals, (arrived, order, x, reward))
+                order += 1
+    while arrivals:
+        _, _, x, reward = heapq.heappop(arrivals)
+        model.learn_one(x, reward)
     return m.get()
 
 
-def _by_decision(stream: Iterable[Example]) -> Iterator[list[tuple[Mapping[str, Any], float]]]:
-    """Runs of consecutive examples with one decision key, as (x, reward) with rewards checked."""
-    run: list[tuple[Mapping[str, Any], float]] = []
+def _by_decision(stream: Iterable[Example]) -> Iterator[tuple[list[tuple[Mapping[str, Any], float, float | None]],
+                                                              float | None]]:
+    """Runs of consecutive examples with one decision key, as (x, reward, arrived) with rewards
+    checked, and when the run's decision was served (None: untimed)."""
+    run: list[tuple[Mapping[str, Any], float, float | None]] = []
     key: Hashable = None
+    served: float | None = None
     for example in stream:
         this = example[2] if len(example) > 2 else None
         if run and (this is None or this != key):
-            yield run
+            yield run, served
             run = []
-        run.append((example[0], _check_reward(example[1])))
+        timed = len(example) > 4
+        if not run:
+            served = float(example[3]) if timed else None  # type: ignore[misc]
+        arrived = float(example[4]) if timed else None  # type: ignore[misc]
+        run.append((example[0], _check_reward(example[1]), arrived))
         key = this
     if run:
-        yield run
+        yield run, served
 
 
 def fairness_check(records: Iterable[Record], segment_fn: Callable[[Mapping[str, Any]], str], *,
