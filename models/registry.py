@@ -428,7 +428,7 @@ def card_markdown(mv: ModelVersion, role: str | None = None) -> str:
     for name, report in c.fairness.items():
         lines += [f"### By {name}", ""]
         segments = (report.get("segments") or {}) if isinstance(report, dict) else {}
-        metrics = ("n", "roc_auc", "log_loss", "calibration_error", "mean_reward")
+        metrics = ("n", "positives", "roc_auc", "log_loss", "calibration_error", "mean_reward")
         if segments:
             lines += ["| segment | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
             for seg, m in segments.items():
@@ -445,6 +445,10 @@ def card_markdown(mv: ModelVersion, role: str | None = None) -> str:
                       f"{report.get('min_n', '?')} records: "
                       + ", ".join(f"{k} {_fmt(v)}" + (f" (worst: {worst[k]})" if worst.get(k) else "")
                                   for k, v in gaps.items())]
+        left_out = (report.get("auc_left_out") or {}) if isinstance(report, dict) else {}
+        if left_out:
+            lines += ["", "ROC AUC left out of the gap: "
+                      + "; ".join(f"{seg} ({_fmt(why)})" for seg, why in left_out.items())]
         lines.append("")
     lines += ["## Rollout history", ""]
     if c.rollout_history:

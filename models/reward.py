@@ -929,7 +929,7 @@ class _Metrics:
         return {
             "n": self.n,
             "log_loss": self.log_loss.get() if self.n else None,
-            "roc_auc": float(self.auc.get()) if both else None,
+            "roc_auc": float(self.auc.get()) + 0.0 if both else None,  # + 0.0: River can give -0.0
             "mean_reward": self.reward.get() if self.n else None,
             "mean_score": self.score.get() if self.n else None,
             "calibration_error": sum(map(abs, self.bin_gap)) / self.n if self.n else None,
@@ -1037,19 +1037,33 @@ def _by_decision(stream: Iterable[Example]) -> Iterator[tuple[list[tuple[Mapping
         yield run, served
 
 
+# A segment's ROC AUC takes part in a fairness gap only with at least this many positives (reward
+# >= 0.5) and this many negatives. AUC ranks each positive against each negative: over 30 records
+# with 1 positive it is where one example falls, 0 or 1 by chance (a random scorer's AUC has a
+# standard deviation of ~0.30 there), and such a segment was named the worst. With 10 of each,
+# ~0.13; the floor trades that noise against leaving small segments out.
+MIN_CLASS_N = 10
+
+
 def fairness_check(records: Iterable[Record], segment_fn: Callable[[Mapping[str, Any]], str], *,
-                   min_n: int = 30, n_thresholds: int = 50) -> dict[str, Any]:
+                   min_n: int = 30, min_class: int = MIN_CLASS_N, n_thresholds: int = 50) -> dict[str, Any]:
     """Metrics per user segment and the largest gap between segments.
 
     `records` are (features as served, reward, score served), e.g. from the decision log or
     `progressive_validation(..., records=...)`. Gaps only compare segments with at least
-    `min_n` records (smaller ones are reported but would be noise).
+    `min_n` records (smaller ones are reported but would be noise), and the ROC AUC gap only
+    those of them with at least `min_class` positives and `min_class` negatives
+    (`MIN_CLASS_N`); `auc_left_out` says, for each segment compared otherwise, why its AUC is
+    not. Each segment reports its `positives` beside `n`.
 
     >>> recs = [({"seconds_since_active": 60}, 1.0, 0.9), ({"seconds_since_active": 60}, 0.0, 0.2),
     ...         ({"seconds_since_active": 9e6}, 1.0, 0.5), ({"seconds_since_active": 9e6}, 0.0, 0.5)]
-    >>> report = fairness_check(recs, tenure_segment, min_n=1)
+    >>> report = fairness_check(recs, tenure_segment, min_n=1, min_class=1)
     >>> sorted(report["segments"]), report["max_gap"]["roc_auc"], report["worst"]["roc_auc"]
     (['established', 'new'], 0.5, 'new')
+    >>> report = fairness_check(recs, tenure_segment, min_n=1)
+    >>> report["max_gap"]["roc_auc"], report["max_gap"]["log_loss"] > 0, report["auc_left_out"]["new"]
+    (None, True, '1 positive and 1 negative: ROC AUC needs 10 of each')
     """
     per: dict[str, _Metrics] = {}
     for x, reward, score in records:
@@ -1058,20 +1072,32 @@ def fairness_check(records: Iterable[Record], segment_fn: Callable[[Mapping[str,
         if m is None:
             m = per[seg] = _Metrics(n_thresholds)
         m.update(float(reward), float(score))
-    segments = {seg: m.get() for seg, m in sorted(per.items())}
+    segments = {seg: {**m.get(), "positives": m.positives} for seg, m in sorted(per.items())}
     compared = [seg for seg, s in segments.items() if s["n"] >= min_n]
+    auc_left_out: dict[str, str] = {}
+    for seg in compared:
+        positives, negatives = segments[seg]["positives"], segments[seg]["n"] - segments[seg]["positives"]
+        if min(positives, negatives) < min_class:
+            auc_left_out[seg] = (f"{_count(positives, 'positive')} and {_count(negatives, 'negative')}: "
+                                 f"ROC AUC needs {min_class} of each")
     gaps: dict[str, float | None] = {}
     worst: dict[str, str | None] = {}
     # For each metric, which direction is "worse" decides the segment named in `worst`.
     for metric, higher_is_better in (("roc_auc", True), ("log_loss", False), ("calibration_error", False),
                                       ("mean_reward", True)):
-        values = {seg: segments[seg][metric] for seg in compared if segments[seg][metric] is not None}
+        values = {seg: segments[seg][metric] for seg in compared if segments[seg][metric] is not None
+                  and not (metric == "roc_auc" and seg in auc_left_out)}
         if len(values) < 2:
             gaps[metric], worst[metric] = None, None
             continue
         gaps[metric] = max(values.values()) - min(values.values())
         worst[metric] = (min if higher_is_better else max)(values, key=values.__getitem__)
-    return {"segments": segments, "compared": compared, "max_gap": gaps, "worst": worst, "min_n": min_n}
+    return {"segments": segments, "compared": compared, "max_gap": gaps, "worst": worst, "min_n": min_n,
+            "min_class": min_class, "auc_left_out": auc_left_out}
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 NEW_USER_AFTER_S = 7 * 86_400.0

@@ -213,6 +213,18 @@ def test_a_fairness_check_with_one_segment_large_enough_says_there_is_no_gap() -
     assert "Largest gaps" not in md
 
 
+def test_the_card_says_why_a_segment_s_auc_is_left_out_of_the_gap() -> None:
+    records = [({"utc_offset_min": -300}, float(i % 2), 0.2 + 0.6 * (i % 2)) for i in range(60)]
+    records += [({"utc_offset_min": 60}, float(i % 2), 0.5) for i in range(60)]
+    records += [({"utc_offset_min": 540}, 0.0, 0.5)] * 29 + [({"utc_offset_min": 540}, 1.0, 0.1)]
+    card = ModelCard(fairness={"timezone": fairness_check(records, timezone_segment)})
+    md = card_markdown(ModelVersion("m", "logreg", {}, [], T0, card))
+    assert "| segment | n | positives | roc_auc |" in md and "| apac | 30 | 1 | 0 |" in md
+    assert ("ROC AUC left out of the gap: apac (1 positive and 29 negatives: ROC AUC needs 10 of each)"
+            in md)
+    assert "roc_auc 0.5 (worst: emea)" in md
+
+
 def test_card_of_an_unevaluated_version() -> None:
     md = card_markdown(ModelVersion("bare", "fm", {}, [], T0))
     for text in ("- Role: none", "(none recorded)", "(not evaluated)", "(not checked)", "## Rollout history\n\n(none)"):

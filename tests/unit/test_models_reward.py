@@ -473,6 +473,29 @@ def test_fairness_gaps_ignore_small_segments() -> None:
     assert report["segments"]["apac"]["n"] == 2
 
 
+def test_a_segment_with_few_of_one_class_is_left_out_of_the_auc_gap() -> None:
+    rng = random.Random(3)
+    records = []
+    for i in range(400):  # americas and emea: both classes, informative scores
+        acted = float(i % 2)
+        offset = -300 if i < 200 else 60
+        records.append(({"utc_offset_min": offset}, acted, min(max(0.3 + 0.4 * acted + rng.gauss(0, 0.15), 0.0), 1.0)))
+    # apac: 30 records (past min_n), one positive, scored below every negative: its AUC reads 0.
+    records += [({"utc_offset_min": 540}, 0.0, 0.5)] * 29 + [({"utc_offset_min": 540}, 1.0, 0.1)]
+    report = fairness_check(records, timezone_segment, min_n=30)
+    assert report["worst"]["roc_auc"] != "apac" and report["max_gap"]["roc_auc"] < 0.1
+    apac = report["segments"]["apac"]
+    assert (apac["n"], apac["positives"], apac["roc_auc"]) == (30, 1, 0.0), "reported as it is"
+    assert report["compared"] == ["americas", "apac", "emea"], "its other metrics still count"
+    assert report["min_class"] == reward.MIN_CLASS_N == 10
+    assert report["auc_left_out"] == {"apac": "1 positive and 29 negatives: ROC AUC needs 10 of each"}
+    assert report["worst"]["log_loss"] == "apac", "log loss needs no class count"
+    # Ten of each is enough.
+    records += [({"utc_offset_min": 540}, 1.0, 0.1)] * 9
+    report = fairness_check(records, timezone_segment, min_n=30)
+    assert report["auc_left_out"] == {} and report["worst"]["roc_auc"] == "apac"
+
+
 def test_segment_functions() -> None:
     assert tenure_segment({"is_new_user": 1}) == "new"
     assert tenure_segment({"is_new_user": False, "seconds_since_active": 9e9}) == "established"
