@@ -71,9 +71,10 @@ FEATURES: tuple[Feature, ...] = (
     _f("seconds_since_active", "float", 30, "all signals", 30 * 86_400.0,
        "`now` minus the time of the latest signal at or before `now`."),
     _f("open_tasks", "int", 30, "task.created, task.completed, task.deleted", 0,
-       "Tasks created in the last 30 days and neither completed nor deleted by `now`.", window=30),
+       "Tasks created in the last 30 days and neither completed nor deleted in them.", window=30),
     _f("overdue_tasks", "int", 30, "task.created, task.rescheduled, task.completed, task.deleted", 0,
-       "Open tasks whose due time (the latest reschedule, else the creation's `due`) is at or before `now`.", window=30),
+       "Open tasks whose due time (the latest reschedule in 30 days, else the creation's `due`) is at or before "
+       "`now`.", window=30),
     _f("postpone_rate_30d", "float", 30, "task.rescheduled, task.created", 0.0,
        "`reschedules / (tasks created + 1)` over 30 days.", window=30),
     _f("active_day_streak", "int", 2, "all signals", 0,
@@ -81,7 +82,8 @@ FEATURES: tuple[Feature, ...] = (
        "at most 32: the fold keeps the newest event's day and the 31 before it (earlier, a streak "
        "running into what the fold dropped is a fallback)."),
     _f("mean_hours_to_complete_28d", "float", 28, "task.created, task.completed", 24.0,
-       "Mean hours from creation to completion, over completions in 28 days whose creation is known.", window=28),
+       "Mean hours from creation to completion, over completions in 28 days whose creation (the earliest) is in "
+       "the last 30 days.", window=30),
     _f("engagement_score", "float", 30, "all signals", 0.0,
        f"Sum over signals in 30 days of `0.5 ** (age_days / {ENGAGEMENT_HALF_LIFE_DAYS:g})`: half-life {ENGAGEMENT_HALF_LIFE_DAYS:g} days.", window=30),
     _f("app_opens_7d", "int", 7, "app.opened", 0, "App opens in the last 7 days.", window=7),
@@ -219,13 +221,16 @@ class _Evaluation:
         """
         if self._open is not None:
             return self._open
+        # Closures and reschedules are read from the same 30 days as creations, not from all the fold
+        # holds: what it holds ends at a cutoff set by the newest event, so an unrelated later event
+        # moved it and reopened (or re-dated) a task closed 31 days back and re-created since.
         lo = self.lo("task.created", 30)
-        closed = set(self.col("task.completed", "task").tolist())
-        closed.update(self.col("task.deleted", "task").tolist())
+        closed = set(self.col("task.completed", "task")[self.lo("task.completed", 30):].tolist())
+        closed.update(self.col("task.deleted", "task")[self.lo("task.deleted", 30):].tolist())
         created = self.records["task.created"][lo : self.hi["task.created"]]
         due_of = {task: due for task, due in zip(created["task"].tolist(), created["due_s"].tolist()) if task not in closed}
         if due_of:
-            moved = self.records["task.rescheduled"][: self.hi["task.rescheduled"]]
+            moved = self.records["task.rescheduled"][self.lo("task.rescheduled", 30) : self.hi["task.rescheduled"]]
             for task, due in zip(moved["task"].tolist(), moved["due_s"].tolist()):  # in time order: the latest wins
                 if task in due_of:
                     due_of[task] = due
@@ -263,17 +268,19 @@ class _Evaluation:
 
     def mean_hours_to_complete_28d(self) -> tuple[float, bool]:
         lo, hi = self.lo("task.completed", 28), self.hi["task.completed"]
-        end = self.hi["task.created"]
-        if lo == hi or not end:
+        # Creations in 30 days, not all the fold holds: its cutoff follows the newest event, so an
+        # unrelated later event dropped a creation and changed the mean at the same `now`.
+        start, end = self.lo("task.created", 30), self.hi["task.created"]
+        if lo == hi or start == end:
             return BY_NAME["mean_hours_to_complete_28d"].fallback, True
         # The log is in time order and the sort is stable, so among a task's equal entries the
         # leftmost (where searchsorted lands) is its earliest creation.
-        created = self.records["task.created"]["task"][:end]
+        created = self.records["task.created"]["task"][start:end]
         order = created.argsort(kind="stable")
         tasks = created[order]
         done, done_at = self.records["task.completed"]["task"][lo:hi], self.stamps["task.completed"][lo:hi]
-        at = np.minimum(tasks.searchsorted(done), end - 1)
-        created_at = self.stamps["task.created"][order[at]]
+        at = np.minimum(tasks.searchsorted(done), end - start - 1)
+        created_at = self.stamps["task.created"][start + order[at]]
         known = (tasks[at] == done) & (created_at <= done_at)
         spans = done_at[known] - created_at[known]
         if not len(spans):

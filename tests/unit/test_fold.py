@@ -195,9 +195,9 @@ def reference_features(raw: list[dict[str, Any]], now: datetime, *, kept_from: d
     hours = Counter(e["at"].hour for e in of("task.completed", 28))
     reactions = [e["data"]["reaction"] for e in of("tip.reacted", 30)]
     signals = [e["at"] for e in events if e["type"] != "tip.reacted"]
-    closed = {e["data"]["task_id"] for e in of("task.completed") + of("task.deleted")}
+    closed = {e["data"]["task_id"] for e in of("task.completed", 30) + of("task.deleted", 30)}
     due = {e["data"]["task_id"]: due_s(e) for e in of("task.created", 30) if e["data"]["task_id"] not in closed}
-    for e in of("task.rescheduled"):  # in time order: the latest wins
+    for e in of("task.rescheduled", 30):  # in time order: the latest wins
         if e["data"]["task_id"] in due:
             due[e["data"]["task_id"]] = due_s(e)
     zone = timezone(offset)
@@ -212,7 +212,7 @@ def reference_features(raw: list[dict[str, Any]], now: datetime, *, kept_from: d
         streak = 0
     spans = []
     for done in of("task.completed", 28):
-        made = [e["at"] for e in of("task.created") if e["data"]["task_id"] == done["data"]["task_id"]]
+        made = [e["at"] for e in of("task.created", 30) if e["data"]["task_id"] == done["data"]["task_id"]]
         if made and min(made) <= done["at"]:
             spans.append((done["at"] - min(made)) / timedelta(hours=1))
     half_life_s = ENGAGEMENT_HALF_LIFE_DAYS * 86_400
