@@ -1127,6 +1127,8 @@ def timezone_segment(x: Mapping[str, Any]) -> str:
     offset = x.get("utc_offset_min")
     if offset is None:
         return "unknown"
-    if offset <= -180:
+    if offset < -600:  # west of Hawaii: Niue, American Samoa
+        return "apac"
+    if offset <= -120:  # to Greenland and Newfoundland in summer (-2:00, -2:30); the Azores are -1:00
         return "americas"
     return "emea" if offset < 300 else "apac"

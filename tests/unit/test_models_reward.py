@@ -503,6 +503,9 @@ def test_segment_functions() -> None:
     assert tenure_segment({"seconds_since_active": 3600.0}) == "established"
     assert [timezone_segment({"utc_offset_min": m}) for m in (-480, -240, 0, 120, 330, 540)] == [
         "americas", "americas", "emea", "emea", "apac", "apac"]
+    # The edges: St. John's in summer and Nuuk are America, the Azores Europe, Hawaii America, Niue the Pacific.
+    assert [timezone_segment({"utc_offset_min": m}) for m in (-150, -120, -60, -600, -660, 780)] == [
+        "americas", "americas", "emea", "americas", "apac", "apac"]
 
 
 TASTE_CATEGORIES = ["focus", "planning", "breaks", "batching", "review"]
