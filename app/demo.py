@@ -140,6 +140,10 @@ async def _run_demo(app: Starlette, rate: float) -> None:
             started = time.monotonic()
             try:
                 await demo.tick(per_tick)
+            except httpx.ConnectError as error:
+                # Refused: uvicorn closes its socket at SIGTERM before the lifespan stops the demo
+                # (it answered /healthz at the start), so this is the service stopping.
+                log.debug("demo: the service stopped listening (%s)", error)
             except (httpx.TransportError, OSError) as error:
                 log.warning("demo: a tick failed (%s); going on", error)
             if started >= next_report:
