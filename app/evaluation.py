@@ -85,8 +85,8 @@ def rewarded_log(decisions: list[Decision], limit: int) -> list[Example]:
     when its decision was served and when its reward arrived (seconds since the epoch), so that
     progressive validation predicts each decision with only the rewards that had arrived by
     then, and the examples go in the order served. Served: the time in our decision ids, the
-    service's clock, which also stamps `rewarded_at` (the logged `ts` is the caller's
-    `context.now` when given, a backfill's past); else the logged `ts`. A row keeps one
+    service's clock (the logged `ts` is the caller's `context.now` when given, a backfill's
+    past); else the logged `ts`. `rewarded_at` is when JetStream stored the feedback. A row keeps one
     `rewarded_at`, its last reward's: each of its tips is taken to arrive then, which may learn
     an earlier reaction later than the service did, never sooner. Without `rewarded_at`, the
     rewards arrive when their decision was served (learned right after it is predicted).

@@ -44,6 +44,27 @@ def decode_wire_event(subject: str, data: bytes) -> Any:
                      f"type {event.type!r} must be published on {EXPECTED_SUBJECT[event.type]!r}, not {subject!r}")
 
 
+class ReadUpTo:
+    """How far a stream has been read since the start, in the time JetStream stored its messages:
+    another stream's ingest waits on it (`StreamIngest`'s `after`)."""
+
+    def __init__(self) -> None:
+        self.stored_ms = 0
+        self.caught_up = False
+        self._moved = asyncio.Event()
+
+    def advance(self, stored_ms: int, caught_up: bool) -> None:
+        self.stored_ms = max(self.stored_ms, stored_ms)
+        self.caught_up = self.caught_up or caught_up
+        self._moved.set()
+
+    async def reached(self, stored_ms: int) -> None:
+        """Until the stream has been read past messages stored at `stored_ms`, or to its end."""
+        while not self.caught_up and self.stored_ms < stored_ms:
+            self._moved.clear()
+            await self._moved.wait()
+
+
 class StreamIngest:
     """Steps per chunk of messages:
     1. Validate and fold each message into the online store; collect rejections.
@@ -56,11 +77,13 @@ class StreamIngest:
                  checkpointer: Checkpointer, *, batch: int, max_event_bytes: int, max_uncheckpointed: int,
                  max_future_s: float | None = None,
                  decode: Callable[[str, bytes], Any] = decode_wire_event,
-                 sink: Callable[[Any], bool] | None = None, dead_lettered_upto: int = 0) -> None:
+                 sink: Callable[..., bool] | None = None, sink_reply: bool = False,
+                 dead_lettered_upto: int = 0, read: ReadUpTo | None = None, after: ReadUpTo | None = None) -> None:
         self.nc, self.js, self.spec, self.store, self.checkpointer = nc, js, spec, store, checkpointer
         # decode: bytes to an event or a Rejection; sink: folds it (the online store, or the
-        # learner wrapping it for feedback).
-        self.decode, self.sink = decode, sink or store.apply
+        # learner wrapping it for feedback). `sink_reply`: the sink also takes the message's ack
+        # subject, which says when JetStream stored it (the learner stamps rewards with that).
+        self.decode, self.sink, self.sink_reply = decode, sink or store.apply, sink_reply
         self.batch, self.max_event_bytes, self.max_uncheckpointed = batch, max_event_bytes, max_uncheckpointed
         # A clock far ahead would make one event the user's "newest" and prune their history.
         self.max_future = None if max_future_s is None else timedelta(seconds=max_future_s)
@@ -69,6 +92,13 @@ class StreamIngest:
         # stream re-read from further back (DECISIONS, to rebuild the learner's join cache) must
         # not put them in the DLQ again on every restart.
         self.dead_lettered_upto = dead_lettered_upto
+        # `read`: how far this stream has been read, for others to wait on. `after`: until another
+        # stream has caught up once, a chunk waits for it to be read past when the chunk's last
+        # message was stored. FEEDBACK follows DECISIONS so: live, a decision is known before its
+        # feedback comes, and the learner learns in FEEDBACK's order; a replay (a restart, a
+        # rebuild from the log) that read feedback first would learn it when its decision came,
+        # in DECISIONS' order, and the models would differ from the live ones.
+        self.read, self.after = read, after
         self.buffer: list[jsx.RawMsg] = []
         self.wake = asyncio.Event()
         self.reset_needed = False
@@ -113,6 +143,8 @@ class StreamIngest:
         pending = await jsx.reset_durable(self.js, self.spec.name, self.durable, start, max_ack_pending=self.batch * 32)
         self.lag = pending
         self.caught_up = self.caught_up or pending == 0
+        if self.read is not None:
+            self.read.advance(0, self.caught_up)
         self.puller = jsx.BatchPuller(self.nc, self.spec.name, self.durable, self.batch, self._on_message)
         await self.puller.start()
         log.info("consuming %s from sequence %d", self.spec.name, start)
@@ -128,6 +160,8 @@ class StreamIngest:
             if not self.buffer:
                 if self.puller and self.puller.idle:
                     self.caught_up = True
+                    if self.read is not None:
+                        self.read.advance(0, True)
                     self.lag = 0
                     self._lag.set(0)
                 continue
@@ -135,6 +169,8 @@ class StreamIngest:
             for start in range(0, len(messages), CHUNK):
                 if self.reset_needed:
                     break
+                if self.after is not None and not self.after.caught_up:
+                    await self.after.reached(jsx.stored_ms(messages[min(start + CHUNK, len(messages)) - 1][1]))
                 # A user's state loaded from the checkpoint on first use can fail (the database is
                 # away): the chunk is folded again once it is back. Events folded before the
                 # failure are ignored then as seen (ids), and the learner's credits are idempotent.
@@ -148,7 +184,7 @@ class StreamIngest:
     async def process(self, chunk: list[jsx.RawMsg]) -> None:
         store, rejected = self.store, []
         applied_before, ignored_before = store.applied, store.ignored
-        limit, decode, sink = self.max_event_bytes, self.decode, self.sink
+        limit, decode, sink, sink_reply = self.max_event_bytes, self.decode, self.sink, self.sink_reply
         future_ms = None if self.max_future is None else int(self.max_future.total_seconds() * 1000)
         if future_ms is not None:
             # Ahead of when JetStream stored the event, not of this server's clock: a replay (a
@@ -156,7 +192,7 @@ class StreamIngest:
             # Stored times grow with the sequence, so the chunk's first is a bound for them all.
             store.max_ts_ms = jsx.stored_ms(chunk[0][1]) + future_ms
         for msg in chunk:
-            subject, _, data = msg
+            subject, reply, data = msg
             if len(data) > limit:
                 rejected.append((msg, Rejection("oversized", f"event is {len(data)} bytes; the limit is {limit} (TIPSTREAM_MAX_EVENT_BYTES)")))
                 continue
@@ -165,14 +201,14 @@ class StreamIngest:
                 rejected.append((msg, event))
             else:
                 try:
-                    sink(event)
+                    sink(event, reply) if sink_reply else sink(event)
                 except FutureEvent:
                     assert future_ms is not None
-                    own_limit = jsx.stored_ms(msg[1]) + future_ms  # stored after the chunk's first
+                    own_limit = jsx.stored_ms(reply) + future_ms  # stored after the chunk's first
                     if own_limit > store.max_ts_ms:
                         store.max_ts_ms = own_limit  # a bound for the rest of the chunk too
                         try:
-                            sink(event)
+                            sink(event, reply) if sink_reply else sink(event)
                             continue
                         except FutureEvent:
                             pass
@@ -187,6 +223,8 @@ class StreamIngest:
         self.lag = pending
         if pending == 0:
             self.caught_up = True
+        if self.read is not None:
+            self.read.advance(jsx.stored_ms(last_reply), self.caught_up)
         try:
             await self.nc.publish(last_reply.decode(), b"+ACK")
         except Exception:  # noqa: BLE001, S110 - acks are advisory; the checkpoint decides

@@ -48,6 +48,7 @@ from app.evaluation import TrainedOn, examples_of
 from app.learning_metrics import FEEDBACK, JOIN_CACHE, LEARNED, MODEL_SNAPSHOT_SECONDS, PENDING, SKIPPED
 from app.lineup import Lineup
 from models.reward import INPUT_BOUND_TEXT, PopularityPrior
+from streams.jetstream import stored_ms
 from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream.learner")
@@ -115,8 +116,10 @@ class Learner:
         self.replaying = False
         self.cache_bytes = 0
         self.evicted_upto_ms = 0  # decisions created before this are no longer joinable
-        # decision id -> {tip id: (reaction, arrival time s, user id)}, and arrival order for eviction
-        self.pending: dict[str, dict[str, tuple[str, float, str | None]]] = {}
+        # decision id -> {tip id: (reaction, arrival time s, user id, stored ms)}, and arrival order
+        # for eviction. The arrival time (this clock) times the wait; the feedback's stored time
+        # in FEEDBACK (None: unknown) stamps the reward when the decision comes (see `_credit`).
+        self.pending: dict[str, dict[str, tuple[str, float, str | None, int | None]]] = {}
         self._pending_order: deque[tuple[float, str, str]] = deque()
         self._restored_credits: dict[str, tuple[dict[str, float], int | None]] = {}
         # The cache's entries holding credits: a snapshot lists these without walking the whole
@@ -183,8 +186,8 @@ class Learner:
         waiting = self.pending.pop(logged.id, None)
         if waiting:
             self._waiting -= len(waiting)
-            for tip_id, (reaction, _, user_id) in waiting.items():
-                self._credit(logged.id, entry, tip_id, reaction, user_id)
+            for tip_id, (reaction, _, user_id, stored_ms) in waiting.items():
+                self._credit(logged.id, entry, tip_id, reaction, user_id, stored_ms)
         return True
 
     def caught_up(self) -> None:
@@ -228,23 +231,26 @@ class Learner:
 
     # -- feedback ----------------------------------------------------------------------------
 
-    def feedback_sink(self) -> Callable[[Any], bool]:
+    def feedback_sink(self) -> Callable[..., bool]:
         """The FEEDBACK ingest's sink: fold the event, then let the learner see it.
 
         The learner sees every event, also those the fold already held: a checkpoint can save
         a user's state with events past the saved position, and those events must still reach
         a learner restored from that checkpoint. Credits keep the learning idempotent.
+        `reply` is the message's ack subject, which says when JetStream stored it (`on_feedback`).
         """
         apply, on_feedback = self.store.apply, self.on_feedback
 
-        def sink(event: Any) -> bool:
+        def sink(event: Any, reply: bytes | None = None) -> bool:
             new = apply(event)
-            on_feedback(event, new)
+            on_feedback(event, new, stored_ms(reply) if reply is not None and event.type == "tip.reacted" else None)
             return new
 
         return sink
 
-    def on_feedback(self, event: Any, new: bool = True) -> None:
+    def on_feedback(self, event: Any, new: bool = True, stored_at_ms: int | None = None) -> None:
+        """`stored_at_ms`: when JetStream stored the feedback; it stamps the reward (`rewarded_at`),
+        so that a replay of the log (a rebuild) stamps it as the first pass did."""
         data = event.data
         decision_id = data.decision_id
         if decision_id is None:
@@ -253,11 +259,11 @@ class Learner:
             return
         entry = self._lookup(decision_id)
         if entry is None:
-            self._wait(decision_id, data.tip_id, data.reaction, event.user_id)
+            self._wait(decision_id, data.tip_id, data.reaction, event.user_id, stored_at_ms)
             return
-        self._credit(decision_id, entry, data.tip_id, data.reaction, event.user_id)
+        self._credit(decision_id, entry, data.tip_id, data.reaction, event.user_id, stored_at_ms)
 
-    def _wait(self, decision_id: str, tip_id: str, reaction: str, user_id: str) -> None:
+    def _wait(self, decision_id: str, tip_id: str, reaction: str, user_id: str, stored_at_ms: int | None) -> None:
         created = decision_time_ms(decision_id)
         if created is not None and created <= self.evicted_upto_ms:
             _OUTCOME["expired"].inc()
@@ -267,7 +273,7 @@ class Learner:
             _OUTCOME["duplicate"].inc()
             return
         now = self.clock()
-        waiting[tip_id] = (reaction, now, user_id)
+        waiting[tip_id] = (reaction, now, user_id, stored_at_ms)
         self._waiting += 1
         self._pending_order.append((now, decision_id, tip_id))
         self._changed = True
@@ -291,7 +297,8 @@ class Learner:
         """Give up on feedback that waited too long (also called periodically)."""
         self._expire_pending(self.clock())
 
-    def _credit(self, decision_id: str, entry: _Entry, tip_id: str, reaction: str, user_id: str | None) -> None:
+    def _credit(self, decision_id: str, entry: _Entry, tip_id: str, reaction: str, user_id: str | None,
+                stored_at_ms: int | None = None) -> None:
         credits = entry.credits
         if credits is not None and tip_id in credits:
             _OUTCOME["duplicate"].inc()
@@ -329,7 +336,10 @@ class Learner:
         self.lineup.prior.update(tip_id, reward)
         self._learn_seq += 1
         entry.credits = {**(credits or {}), tip_id: reward}
-        entry.rewarded_ms = int(self.clock() * 1000)
+        # When the reward reached the log, not when it was credited here: a replay (a restart, a
+        # rebuild from the log) credits it again later, and evaluation reads this time as when
+        # the reward became known (`evaluation.rewarded_log`). The clock only without a stored time.
+        entry.rewarded_ms = stored_at_ms if stored_at_ms is not None else int(self.clock() * 1000)
         self._credited[decision_id] = entry
         if entry.logged:
             entry.decision = decision
@@ -390,8 +400,8 @@ class Learner:
             "positions": {"FEEDBACK": positions.get("FEEDBACK", 0), "DECISIONS": resume},
             "credits": {d: [e.credits, e.rewarded_ms] for d, e in self._credited.items()}
                        | {d: [c, r] for d, (c, r) in self._restored_credits.items()},
-            "pending": [[d, t, reaction, at, user_id] for d, waiting in self.pending.items()
-                        for t, (reaction, at, user_id) in waiting.items()],
+            "pending": [[d, t, reaction, at, user_id, stored] for d, waiting in self.pending.items()
+                        for t, (reaction, at, user_id, stored) in waiting.items()],
             "evicted_upto_ms": self.evicted_upto_ms,
         }
         # Models are saved only when they learned since the last snapshot known to be saved. The
@@ -444,8 +454,10 @@ class Learner:
         # and time spent stopped must not make it `unknown_decision` before that (the FEEDBACK
         # position is past it, so it would be lost). In the order it arrived in.
         now = self.clock()
-        for decision_id, tip_id, reaction, _, *user in sorted(state["pending"], key=lambda item: item[3]):  # before 2026-12-03: no user
-            self.pending.setdefault(decision_id, {})[tip_id] = (reaction, now, user[0] if user else None)
+        # Older snapshots' entries lack the user (before 2026-12-03), or the stored time.
+        for decision_id, tip_id, reaction, _, *rest in sorted(state["pending"], key=lambda item: item[3]):
+            user, stored = (rest + [None, None])[:2]
+            self.pending.setdefault(decision_id, {})[tip_id] = (reaction, now, user, stored)
             self._pending_order.append((now, decision_id, tip_id))
             self._waiting += 1
         self.evicted_upto_ms = state["evicted_upto_ms"]
