@@ -200,6 +200,17 @@ def test_predict_many_equals_predict_one_for_every_shape_of_cross(kind: str) -> 
     assert model.predict_many(candidates, shared=shared) == pytest.approx(one, abs=1e-12)
     assert model.predict_many(candidates, shared={**shared, "user_id": None}) == pytest.approx(
         [model.predict_one({**shared, "user_id": None, **c}) for c in candidates], abs=1e-12)
+    # Text-only candidates: their cached part plus the user's crosses, one by one (logreg), also
+    # with a member missing and a pair listed twice (one key, as in predict_one's dict).
+    texts = [{"tip_id": f"t-{i}", "category": c} for i in range(5) for c in CATEGORIES] + [{"tip_id": "t-9"}]
+    for request in range(2):  # the second from the cache
+        assert model.predict_many(texts, shared=shared) == pytest.approx(
+            [model.predict_one({**shared, **c}) for c in texts], abs=1e-12), request
+    twice = TipModel(kind=kind, interactions=(*pairs, ("user_id", "category")), learning_rate=0.2)
+    for c in texts:
+        twice.learn_one({**shared, **c}, 1.0 if c.get("category") == "focus" else 0.0)
+    assert twice.predict_many(texts, shared=shared) == pytest.approx(
+        [twice.predict_one({**shared, **c}) for c in texts], abs=1e-12)
 
 
 @pytest.mark.parametrize("kind", KINDS)
