@@ -186,8 +186,8 @@ class Learner:
         waiting = self.pending.pop(logged.id, None)
         if waiting:
             self._waiting -= len(waiting)
-            for tip_id, (reaction, _, user_id, stored_ms) in waiting.items():
-                self._credit(logged.id, entry, tip_id, reaction, user_id, stored_ms)
+            for tip_id, (reaction, _, user_id, stored_at_ms) in waiting.items():
+                self._credit(logged.id, entry, tip_id, reaction, user_id, stored_at_ms)
         return True
 
     def caught_up(self) -> None:
