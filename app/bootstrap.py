@@ -135,6 +135,8 @@ class Service:
             )
             await ingest.start()
             self.ingests.append(ingest)
+            if spec is jsx.FEEDBACK:  # the learner judges its join window in FEEDBACK's time while it is behind
+                self.learner.feedback_caught_up = lambda ingest=ingest: ingest.caught_up
             self._tasks.append(asyncio.create_task(ingest.run(), name=f"ingest {spec.name}"))
         await self._start_decision_log(js)
         # Users folded from the streams (a first start, new users) are frozen as the store grows.

@@ -116,6 +116,17 @@ class Learner:
         self.replaying = False
         self.cache_bytes = 0
         self.evicted_upto_ms = 0  # decisions created before this are no longer joinable
+        # The join window is judged in FEEDBACK's time, not this clock's: feedback stored later
+        # than the window after its decision is expired. While FEEDBACK is behind (a restart after
+        # an outage, a rebuild from the log), the clock would expire decisions whose feedback,
+        # stored within the window, is still to be read. `feedback_ms`: the stored time of the
+        # newest feedback seen; `feedback_caught_up`: set by the service to the FEEDBACK ingest's.
+        self.feedback_ms = 0
+        self.feedback_caught_up: Callable[[], bool] = lambda: True
+        # No snapshot at the start (a first start, a rebuild from the log): no `tip_scores` row
+        # exists, so every decision re-read gets its row, however old. With a snapshot, one
+        # before the window is skipped: re-marking it without its credits would erase its rewards.
+        self.rows_to_rebuild = False
         # decision id -> {tip id: (reaction, arrival time s, user id, stored ms)}, and arrival order
         # for eviction. The arrival time (this clock) times the wait; the feedback's stored time
         # in FEEDBACK (None: unknown) stamps the reward when the decision comes (see `_credit`).
@@ -162,13 +173,18 @@ class Learner:
         elif payload is not None:
             self.decision_log.mark(tip_score_row(orjson.loads(payload), payload, None, None))
 
+    def window_end_ms(self) -> int:
+        """The time the join window ends at: now, or while FEEDBACK is behind, its own time."""
+        now_ms = int(self.clock() * 1000)
+        return now_ms if self.feedback_caught_up() else min(now_ms, self.feedback_ms)
+
     def add_logged(self, logged: LoggedDecision) -> bool:
         """The DECISIONS ingest's sink: a decision read back from the stream."""
         entry = self._lookup(logged.id)
         if entry is None:
             created = decision_time_ms(logged.id)
             now_ms = int(self.clock() * 1000)
-            if created is not None and created < now_ms - self.window_ms:
+            if created is not None and not self.rows_to_rebuild and created < self.window_end_ms() - self.window_ms:
                 return False  # replayed from before the join window: nothing can join it any more
             # Joinable for the window from its creation, not from when it was read back.
             entry = _Entry(logged.data, self.store.positions.get("DECISIONS", 0),
@@ -196,6 +212,7 @@ class Learner:
         if not self.replaying:
             return
         self.replaying = False
+        self.rows_to_rebuild = False
         if self._replayed:
             self._replayed.update(self.cache)
             self.cache, self._replayed = self._replayed, OrderedDict()
@@ -210,7 +227,7 @@ class Learner:
         (self._replayed if replayed else self.cache)[decision_id] = entry
         self.cache_bytes += len(entry.data) + ENTRY_OVERHEAD
         self._changed = True
-        horizon = entry.added_ms - self.window_ms
+        horizon = min(entry.added_ms, self.window_end_ms()) - self.window_ms
         # Oldest first (creation order: the replayed segment, then insertion order): past the
         # memory budget, or past the join window.
         while True:
@@ -243,7 +260,10 @@ class Learner:
 
         def sink(event: Any, reply: bytes | None = None) -> bool:
             new = apply(event)
-            on_feedback(event, new, stored_ms(reply) if reply is not None and event.type == "tip.reacted" else None)
+            stored = stored_ms(reply) if reply is not None else None
+            if stored is not None and stored > self.feedback_ms:
+                self.feedback_ms = stored
+            on_feedback(event, new, stored if event.type == "tip.reacted" else None)
             return new
 
         return sink
@@ -403,6 +423,7 @@ class Learner:
             "pending": [[d, t, reaction, at, user_id, stored] for d, waiting in self.pending.items()
                         for t, (reaction, at, user_id, stored) in waiting.items()],
             "evicted_upto_ms": self.evicted_upto_ms,
+            "feedback_ms": self.feedback_ms,
         }
         # Models are saved only when they learned since the last snapshot known to be saved. The
         # loop takes a frozen copy; the bytes are made where the checkpoint is written.
@@ -443,9 +464,13 @@ class Learner:
         if "prior" in rows:
             self.lineup.prior = PopularityPrior.from_bytes(bytes(rows["prior"]))
         if "learner" not in rows:
+            self.rows_to_rebuild = True
             return None
         state = orjson.loads(bytes(rows["learner"]))
-        horizon = int(self.clock() * 1000) - self.window_ms
+        # FEEDBACK is read again from the snapshot's position, stored up to its `feedback_ms`
+        # (older snapshots: unknown, so the clock's time, as before).
+        self.feedback_ms = state.get("feedback_ms", int(self.clock() * 1000))
+        horizon = min(int(self.clock() * 1000), self.feedback_ms) - self.window_ms
         self._restored_credits = {
             d: (credits, rewarded) for d, (credits, rewarded) in state["credits"].items()
             if (decision_time_ms(d) or horizon) >= horizon

@@ -225,6 +225,66 @@ def test_after_a_restart_the_decisions_read_back_are_evicted_before_fresh_ones(t
     again.engine.dispose()
 
 
+def _ack(stored_s: float, seq: int) -> bytes:
+    """A FEEDBACK message's ack subject: it says when JetStream stored the message."""
+    return f"$JS.ACK.FEEDBACK.ingest.1.{seq}.{seq}.{int(stored_s * 1e9)}.0".encode()
+
+
+def test_the_join_window_is_judged_in_feedbacks_time_across_an_outage(tmp_path: Path) -> None:
+    """Window 1 h; the service stops for 2 h. A reaction stored 10 minutes after its decision,
+    during the outage, is read after the restart: it is credited. Judged by this clock, the
+    decision re-read from DECISIONS was 2 h old and skipped, and the reaction never learned."""
+    before_stop = World(tmp_path)
+    served = before_stop.score(serve=False)
+    decision = LoggedDecision(served.decision_id, served.payload)
+    before_stop.learner.add_logged(decision)
+    t0 = before_stop.clock.now
+    other = before_stop.score()
+    reaction = {"id": "f-0", "type": "tip.reacted", "user_id": "u-1", "ts": NOW,
+                "data": {"tip_id": "a", "decision_id": other.decision_id, "reaction": "acted"}}
+    before_stop.sink(parse_event(orjson.dumps(reaction)), _ack(t0, 1))
+    with before_stop.engine.begin() as conn:
+        before_stop.learner.write(conn, before_stop.learner.snapshot(force=True))
+
+    after = World(tmp_path)
+    after.clock.now = t0 + 7200
+    after.learner.restore(after.engine)
+    behind = True
+    after.learner.feedback_caught_up = lambda: not behind
+    assert after.learner.add_logged(decision)  # DECISIONS re-read
+    before = outcomes()
+    late = {**reaction, "id": "f-1", "data": {**reaction["data"], "decision_id": decision.id, "tip_id": "b"}}
+    after.sink(parse_event(orjson.dumps(late)), _ack(t0 + 600, 2))
+    assert delta(before) == {"credited": 1}
+    assert after.log.dirty[decision.id]["rewarded_at"].timestamp() == pytest.approx(t0 + 600, abs=0.001)
+    # Once FEEDBACK has caught up, the window is the clock's again: the 2-hour-old decision goes.
+    behind = False
+    after.score()
+    assert decision.id not in after.learner.cache and decision.id not in after.learner._replayed
+    after.sink(parse_event(orjson.dumps({**late, "id": "f-2", "data": {**late["data"], "tip_id": "a"}})),
+               _ack(t0 + 7200, 3))
+    assert delta(before) == {"credited": 1, "expired": 1}
+    before_stop.engine.dispose()
+    after.engine.dispose()
+
+
+def test_a_rebuild_gives_every_decision_read_back_its_row_however_old(tmp_path: Path) -> None:
+    """No snapshot (the database dropped to rebuild from the log): a decision older than the
+    join window still gets its `tip_scores` row. With a snapshot it is skipped, as its row exists."""
+    earlier = World(tmp_path / "a")
+    old = earlier.score(serve=False)
+    rebuilt = World(tmp_path / "b")
+    rebuilt.clock.now += 7200  # window 1 h: the decision is 2 h old
+    assert rebuilt.learner.restore(rebuilt.engine) is None
+    assert rebuilt.learner.add_logged(LoggedDecision(old.decision_id, old.payload))
+    assert rebuilt.log.dirty[old.decision_id]["decision_id"] == old.decision_id
+    rebuilt.learner.caught_up()
+    newer = earlier.score(serve=False)
+    assert not rebuilt.learner.add_logged(LoggedDecision(newer.decision_id, newer.payload))  # the rebuild is over
+    earlier.engine.dispose()
+    rebuilt.engine.dispose()
+
+
 def test_the_join_cache_holds_what_its_budget_counts(tmp_path: Path) -> None:
     """The memory the cached decisions really take (tracemalloc) is within a quarter of what
     `cache_bytes` counts: the budget is the memory. Payloads as orjson returned them held 4-16
