@@ -35,7 +35,7 @@ from app.db import make_engine
 from app.decision_tail import OwnTail
 from app.decisions import DecisionPublisher, TipScoresLog, decode_decision
 from app.embedded_nats import URL_FILE, EmbeddedNats
-from app.ingest import StreamIngest
+from app.ingest import ReadUpTo, StreamIngest
 from app.learner import Learner
 from app.lineup import Lineup
 from app.metrics import METRICS
@@ -89,6 +89,7 @@ class Service:
         self._publisher_task: asyncio.Task[None] | None = None
         self.decision_tail: OwnTail | None = None
         self._checkpointed: dict[str, int] = {}  # stream positions of the last checkpoint, as started
+        self.decisions_read = ReadUpTo()  # how far the DECISIONS ingest has read since the start
 
     async def start(self) -> None:
         s = self.settings
@@ -162,7 +163,15 @@ class Service:
     def _ingest_hooks(self, spec: jsx.StreamSpec) -> dict[str, Any]:
         # The learner sees every feedback event, also those the fold already holds (see Learner.feedback_sink).
         # With each message's ack subject: the learner stamps a reward with when it was stored.
-        return {"sink": self.learner.feedback_sink(), "sink_reply": True} if spec is jsx.FEEDBACK else {}
+        if spec is not jsx.FEEDBACK:
+            return {}
+        hooks: dict[str, Any] = {"sink": self.learner.feedback_sink(), "sink_reply": True}
+        if self.learner.rows_to_rebuild:
+            # No snapshot: a first start, or a rebuild from the log. FEEDBACK follows DECISIONS, so
+            # rewards are learned in the order they were live. Not after an ordinary restart: it
+            # would hold back every feedback feature while the join window of DECISIONS is re-read.
+            hooks["after"] = self.decisions_read
+        return hooks
 
     async def _start_decision_log(self, js: Any) -> None:
         """Read DECISIONS back into the learner (join cache, tip_scores rows) until caught up, then only
@@ -173,7 +182,7 @@ class Service:
             self.nc, js, jsx.DECISIONS, self.store, self.checkpointer, batch=s.ingest_batch,
             max_event_bytes=max(s.max_event_bytes, s.score_max_body_bytes * 4),
             max_uncheckpointed=s.max_uncheckpointed_events, decode=decode_decision, sink=self.learner.add_logged,
-            dead_lettered_upto=self._checkpointed.get(jsx.DECISIONS.name, 0),
+            dead_lettered_upto=self._checkpointed.get(jsx.DECISIONS.name, 0), read=self.decisions_read,
         )
         await ingest.start()
         self.ingests.append(ingest)

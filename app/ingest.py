@@ -44,6 +44,27 @@ def decode_wire_event(subject: str, data: bytes) -> Any:
                      f"type {event.type!r} must be published on {EXPECTED_SUBJECT[event.type]!r}, not {subject!r}")
 
 
+class ReadUpTo:
+    """How far a stream has been read since the start, in the time JetStream stored its messages:
+    another stream's ingest waits on it (`StreamIngest`'s `after`)."""
+
+    def __init__(self) -> None:
+        self.stored_ms = 0
+        self.caught_up = False
+        self._moved = asyncio.Event()
+
+    def advance(self, stored_ms: int, caught_up: bool) -> None:
+        self.stored_ms = max(self.stored_ms, stored_ms)
+        self.caught_up = self.caught_up or caught_up
+        self._moved.set()
+
+    async def reached(self, stored_ms: int) -> None:
+        """Until the stream has been read past messages stored at `stored_ms`, or to its end."""
+        while not self.caught_up and self.stored_ms < stored_ms:
+            self._moved.clear()
+            await self._moved.wait()
+
+
 class StreamIngest:
     """Steps per chunk of messages:
     1. Validate and fold each message into the online store; collect rejections.
@@ -57,7 +78,7 @@ class StreamIngest:
                  max_future_s: float | None = None,
                  decode: Callable[[str, bytes], Any] = decode_wire_event,
                  sink: Callable[..., bool] | None = None, sink_reply: bool = False,
-                 dead_lettered_upto: int = 0) -> None:
+                 dead_lettered_upto: int = 0, read: ReadUpTo | None = None, after: ReadUpTo | None = None) -> None:
         self.nc, self.js, self.spec, self.store, self.checkpointer = nc, js, spec, store, checkpointer
         # decode: bytes to an event or a Rejection; sink: folds it (the online store, or the
         # learner wrapping it for feedback). `sink_reply`: the sink also takes the message's ack
@@ -71,6 +92,12 @@ class StreamIngest:
         # stream re-read from further back (DECISIONS, to rebuild the learner's join cache) must
         # not put them in the DLQ again on every restart.
         self.dead_lettered_upto = dead_lettered_upto
+        # `read`: how far this stream has been read, for another to wait on. `after`: until that
+        # other stream has caught up once, a chunk waits for it to be read past when the chunk's
+        # last message was stored. A rebuild from the log makes FEEDBACK follow DECISIONS so: live,
+        # a decision is known before its feedback comes, and rewards are learned in FEEDBACK's
+        # order; read first, a reward waits and is learned in DECISIONS' order instead.
+        self.read, self.after = read, after
         self.buffer: list[jsx.RawMsg] = []
         self.wake = asyncio.Event()
         self.reset_needed = False
@@ -115,6 +142,8 @@ class StreamIngest:
         pending = await jsx.reset_durable(self.js, self.spec.name, self.durable, start, max_ack_pending=self.batch * 32)
         self.lag = pending
         self.caught_up = self.caught_up or pending == 0
+        if self.read is not None:
+            self.read.advance(0, self.caught_up)
         self.puller = jsx.BatchPuller(self.nc, self.spec.name, self.durable, self.batch, self._on_message)
         await self.puller.start()
         log.info("consuming %s from sequence %d", self.spec.name, start)
@@ -130,6 +159,8 @@ class StreamIngest:
             if not self.buffer:
                 if self.puller and self.puller.idle:
                     self.caught_up = True
+                    if self.read is not None:
+                        self.read.advance(0, True)
                     self.lag = 0
                     self._lag.set(0)
                 continue
@@ -137,6 +168,8 @@ class StreamIngest:
             for start in range(0, len(messages), CHUNK):
                 if self.reset_needed:
                     break
+                if self.after is not None and not self.after.caught_up:
+                    await self.after.reached(jsx.stored_ms(messages[min(start + CHUNK, len(messages)) - 1][1]))
                 # A user's state loaded from the checkpoint on first use can fail (the database is
                 # away): the chunk is folded again once it is back. Events folded before the
                 # failure are ignored then as seen (ids), and the learner's credits are idempotent.
@@ -189,6 +222,8 @@ class StreamIngest:
         self.lag = pending
         if pending == 0:
             self.caught_up = True
+        if self.read is not None:
+            self.read.advance(jsx.stored_ms(last_reply), self.caught_up)
         try:
             await self.nc.publish(last_reply.decode(), b"+ACK")
         except Exception:  # noqa: BLE001, S110 - acks are advisory; the checkpoint decides

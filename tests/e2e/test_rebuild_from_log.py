@@ -129,10 +129,5 @@ async def test_a_rebuild_from_the_log_equals_what_was_built_live(
     del rebuilt_rows[rebuilt.probe_id]
     # Every column, `rewarded_at` too: it is when the reward reached FEEDBACK, not when it was credited.
     assert rebuilt_rows == live_rows
-    # The same rewards from the same v1, but not always in the same order: a replay that reads a
-    # feedback event before its decision learns it when the decision comes (DECISIONS' order),
-    # where live it was learned as it came (FEEDBACK's), and AdaGrad's steps depend on their order.
-    # Making FEEDBACK wait for DECISIONS would give exact equality, at the cost of folding no
-    # feedback after every restart until the whole join window of DECISIONS is re-read.
-    assert rebuilt.scores.keys() == live.scores.keys()
-    assert all(abs(rebuilt.scores[t] - live.scores[t]) < 0.05 for t in live.scores), (rebuilt.scores, live.scores)
+    # Exactly: the rebuild learns the same rewards in the same order (FEEDBACK's) from the same v1.
+    assert rebuilt.scores == live.scores
