@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -98,6 +99,8 @@ class StreamIngest:
         # a decision is known before its feedback comes, and rewards are learned in FEEDBACK's
         # order; read first, a reward waits and is learned in DECISIONS' order instead.
         self.read, self.after = read, after
+        self.progress_every_s = jsx.ACK_WAIT_S / 3  # while waiting for `after` (`_wait_for_after`)
+        self._progressed = 0.0
         self.buffer: list[jsx.RawMsg] = []
         self.wake = asyncio.Event()
         self.reset_needed = False
@@ -169,7 +172,8 @@ class StreamIngest:
                 if self.reset_needed:
                     break
                 if self.after is not None and not self.after.caught_up:
-                    await self.after.reached(jsx.stored_ms(messages[min(start + CHUNK, len(messages)) - 1][1]))
+                    await self._wait_for_after(jsx.stored_ms(messages[min(start + CHUNK, len(messages)) - 1][1]),
+                                               messages[start:])
                 # A user's state loaded from the checkpoint on first use can fail (the database is
                 # away): the chunk is folded again once it is back. Events folded before the
                 # failure are ignored then as seen (ids), and the learner's credits are idempotent.
@@ -179,6 +183,28 @@ class StreamIngest:
             await self._hold_if_checkpoints_lag()
             if self.buffer:
                 self.wake.set()
+
+    async def _wait_for_after(self, stored_ms: int, held: list[jsx.RawMsg]) -> None:
+        """Until the stream followed (`after`) has been read past `stored_ms`. That takes minutes
+        in all (a rebuild re-reads all of DECISIONS), chunk by chunk: the messages delivered and
+        held here meanwhile are said to be in progress, or JetStream would deliver each again
+        after every ack_wait (folded again, the bad ones dead-lettered again, held twice)."""
+        assert self.after is not None
+        while True:
+            due = self._progressed + self.progress_every_s - time.monotonic()
+            if due <= 0:
+                self._progressed = time.monotonic()
+                for _, reply, _ in (*held, *self.buffer):
+                    try:
+                        await self.nc.publish(reply.decode(), b"+WPI")
+                    except Exception:  # noqa: BLE001, S110 - advisory, as acks are
+                        pass
+                continue
+            try:
+                await asyncio.wait_for(self.after.reached(stored_ms), timeout=due)
+                return
+            except TimeoutError:
+                pass
 
     async def process(self, chunk: list[jsx.RawMsg]) -> None:
         store, rejected = self.store, []

@@ -33,6 +33,7 @@ from nats.protocol.parser import AWAITING_CONTROL_LINE, AWAITING_MSG_PAYLOAD, Pa
 log = logging.getLogger("tipstream.jetstream")
 
 DAY_S = 86_400
+ACK_WAIT_S = 60  # a message delivered and not acknowledged this long is delivered again
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ async def reset_durable(js: JetStreamContext, stream: str, durable: str, start_s
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=max(start_seq, 1),
             ack_policy=AckPolicy.ALL,
-            ack_wait=60,
+            ack_wait=ACK_WAIT_S,
             max_ack_pending=max_ack_pending,
             max_deliver=-1,
         ),

@@ -5,6 +5,7 @@ puller (app/ingest.py, streams/jetstream.py)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import orjson
@@ -160,4 +161,47 @@ async def test_a_refusal_that_lasts_is_retried_after_a_wait_that_doubles(nats_se
         assert await publisher.flush(10) and publisher.published == 1
     assert publisher._refusal_wait == 0.0, "an acknowledgement ends the waiting"
     task.cancel()
+    await nc.close()
+
+
+
+async def test_feedback_held_back_for_decisions_longer_than_ack_wait_is_not_redelivered(nats_server,
+                                                                                     monkeypatch) -> None:
+    """A rebuild from the log holds each FEEDBACK chunk until DECISIONS has been read past it
+    (`ReadUpTo`): minutes in all, for what the consumer delivered ahead. Before, those messages
+    were redelivered after every ack_wait: folded again (counted `ignored`), each a `duplicate`
+    to the learner, the bad ones dead-lettered again, and held in memory once more each time.
+    Held messages are now said to be in progress (`+WPI`), however the wait is split in chunks."""
+    from app.ingest import ReadUpTo
+
+    real = jsx.ConsumerConfig
+    monkeypatch.setattr(jsx, "ConsumerConfig", lambda **kw: real(**{**kw, "ack_wait": 1}))  # 60 s, scaled down
+    nc = await jsx.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    groups, per_group, gap_s = 10, 256, 0.25  # a chunk each, stored a gap apart
+    first_ms = int(time.time() * 1000)
+    for group in range(groups):
+        await jsx.publish_events(js, [("feedback.tip.reacted", {
+            "id": f"f{group}-{i}", "type": "tip.reacted", "user_id": f"u{i % 7}", "ts": "2026-11-26T08:00:00Z",
+            "v": 1, "data": {"tip_id": "t", "decision_id": f"d{i}", "reaction": "liked"}}) for i in range(per_group)])
+        await asyncio.sleep(gap_s)
+    store, decisions = OnlineStore(), ReadUpTo()
+    ingest = StreamIngest(nc, js, jsx.FEEDBACK, store, Checkpoints(), batch=128, max_event_bytes=16384,
+                          max_uncheckpointed=10**6, after=decisions)
+    ingest.progress_every_s = 0.3  # a third of the (scaled) ack_wait, as with the real one
+    await ingest.start()
+    running = asyncio.create_task(ingest.run())
+    await asyncio.sleep(1.5)  # DECISIONS is read up to the first feedback: FEEDBACK waits past ack_wait
+    assert store.applied == 0
+    started = time.monotonic()
+    while store.positions.get("FEEDBACK", 0) < groups * per_group:
+        # DECISIONS is read at the pace the feedback was stored: each chunk waits less than
+        # `progress_every_s`, the whole more than ack_wait.
+        decisions.advance(first_ms + int((time.monotonic() - started) * 1000), False)
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(1.5)  # late redeliveries, if any, are folded too
+    assert (store.applied, store.ignored) == (groups * per_group, 0)
+    running.cancel()
+    await ingest.stop()
     await nc.close()
