@@ -167,9 +167,10 @@ class Service:
             return {}
         hooks: dict[str, Any] = {"sink": self.learner.feedback_sink(), "sink_reply": True}
         if self.learner.rows_to_rebuild:
-            # No snapshot: a first start, or a rebuild from the log. FEEDBACK follows DECISIONS, so
-            # rewards are learned in the order they were live. Not after an ordinary restart: it
-            # would hold back every feedback feature while the join window of DECISIONS is re-read.
+            # No snapshot (or one of a rebuild stopped half way): a first start, or a rebuild from
+            # the log. FEEDBACK follows DECISIONS, so rewards are learned in the order they were
+            # live. Not after an ordinary restart: it would hold back every feedback feature while
+            # the join window of DECISIONS is re-read.
             hooks["after"] = self.decisions_read
         return hooks
 

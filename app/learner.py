@@ -126,6 +126,8 @@ class Learner:
         # No snapshot at the start (a first start, a rebuild from the log): no `tip_scores` row
         # exists, so every decision re-read gets its row, however old. With a snapshot, one
         # before the window is skipped: re-marking it without its credits would erase its rewards.
+        # Until DECISIONS has caught up (`caught_up`), snapshots say so: a rebuild stopped half way
+        # goes on as a rebuild, its credits restored however old.
         self.rows_to_rebuild = False
         # decision id -> {tip id: (reaction, arrival time s, user id, stored ms)}, and arrival order
         # for eviction. The arrival time (this clock) times the wait; the feedback's stored time
@@ -424,6 +426,7 @@ class Learner:
                         for t, (reaction, at, user_id, stored) in waiting.items()],
             "evicted_upto_ms": self.evicted_upto_ms,
             "feedback_ms": self.feedback_ms,
+            "rows_to_rebuild": self.rows_to_rebuild,
         }
         # Models are saved only when they learned since the last snapshot known to be saved. The
         # loop takes a frozen copy; the bytes are made where the checkpoint is written.
@@ -471,9 +474,10 @@ class Learner:
         # (older snapshots: unknown, so the clock's time, as before).
         self.feedback_ms = state.get("feedback_ms", int(self.clock() * 1000))
         horizon = min(int(self.clock() * 1000), self.feedback_ms) - self.window_ms
+        self.rows_to_rebuild = state.get("rows_to_rebuild", False)  # older snapshots: not a rebuild
         self._restored_credits = {
             d: (credits, rewarded) for d, (credits, rewarded) in state["credits"].items()
-            if (decision_time_ms(d) or horizon) >= horizon
+            if self.rows_to_rebuild or (decision_time_ms(d) or horizon) >= horizon
         }
         # Waiting feedback waits afresh: its decision can only arrive once DECISIONS is re-read,
         # and time spent stopped must not make it `unknown_decision` before that (the FEEDBACK

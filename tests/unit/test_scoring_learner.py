@@ -705,3 +705,39 @@ def test_a_registry_change_cancelled_while_it_is_saved_leaves_memory_as_sql_has_
     stored, _ = world.lineup.store.load()
     assert stored.champion == world.lineup.registry.champion == "v2"
     assert world.lineup.champion_version == "v2"
+
+
+def test_a_rebuild_stopped_half_way_goes_on_as_a_rebuild(tmp_path: Path) -> None:
+    """A rebuild from the log checkpoints as it goes; stopped (or crashed) half way, the next
+    start has a snapshot. Before, that start was an ordinary restart: a decision older than the
+    window, not re-read yet, was skipped (no `tip_scores` row, its reaction never learned), and
+    one re-read again was marked without the credits of the first pass (the restore dropped them
+    as too old), erasing its reward from its row."""
+    earlier = World(tmp_path / "a")
+    first, second = earlier.score(serve=False), earlier.score(serve=False)
+    rebuild = World(tmp_path / "b")
+    rebuild.clock.now += 7200  # window 1 h: both decisions are 2 h old
+    assert rebuild.learner.restore(rebuild.engine) is None
+    assert rebuild.learner.add_logged(LoggedDecision(first.decision_id, first.payload))
+    t0 = earlier.clock.now
+    reaction = {"id": "f-0", "type": "tip.reacted", "user_id": "u-1", "ts": NOW,
+                "data": {"tip_id": "a", "decision_id": first.decision_id, "reaction": "acted"}}
+    rebuild.sink(parse_event(orjson.dumps(reaction)), _ack(t0 + 60, 1))
+    assert rebuild.log.dirty[first.decision_id]["rewards"] == {"a": 1.0}
+    other = {**reaction, "id": "f-1", "data": {"tip_id": "a", "reaction": "acted"}}  # FEEDBACK read further
+    rebuild.sink(parse_event(orjson.dumps(other)), _ack(t0 + 5400, 2))
+    with rebuild.engine.begin() as conn:  # a checkpoint, then the rebuild stops
+        rebuild.learner.write(conn, rebuild.learner.snapshot(force=True))
+
+    resumed = World(tmp_path / "b")
+    resumed.clock.now = rebuild.clock.now + 60
+    assert resumed.learner.restore(resumed.engine) is not None
+    before = outcomes()
+    resumed.react(second.decision_id, "b", "liked")  # FEEDBACK is read from its position: not waiting
+    resumed.learner.add_logged(LoggedDecision(first.decision_id, first.payload))  # DECISIONS from the front
+    assert resumed.log.dirty.get(first.decision_id, {"rewards": {"a": 1.0}})["rewards"] == {"a": 1.0}
+    assert resumed.learner.add_logged(LoggedDecision(second.decision_id, second.payload))
+    assert resumed.log.dirty[second.decision_id]["rewards"] == {"b": 0.8}
+    assert delta(before) == {"waiting": 1, "credited": 1}
+    for world in (earlier, rebuild, resumed):
+        world.engine.dispose()
