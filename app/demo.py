@@ -136,16 +136,17 @@ async def _run_demo(app: Starlette, rate: float) -> None:
         demo = DemoApp(js, http, settings.rewards, seed=int(time.time()))
         per_tick = max(1, round(rate / TICKS_PER_S))
         next_report = time.monotonic() + REPORT_EVERY_S
+        failed = 0
         while True:
             started = time.monotonic()
             try:
                 await demo.tick(per_tick)
-            except httpx.ConnectError as error:
-                # Refused: uvicorn closes its socket at SIGTERM before the lifespan stops the demo
-                # (it answered /healthz at the start), so this is the service stopping.
-                log.debug("demo: the service stopped listening (%s)", error)
+                failed = 0
             except (httpx.TransportError, OSError) as error:
-                log.warning("demo: a tick failed (%s); going on", error)
+                # One failure is what a stop looks like: uvicorn closes its socket and its
+                # connections at SIGTERM before the lifespan stops the demo. Two in a row are not.
+                failed += 1
+                (log.warning if failed > 1 else log.debug)("demo: a tick failed (%r); going on", error)
             if started >= next_report:
                 log.info("demo: %s; the learner has credited %d rewards", demo.tally.summary(),
                          service.learner.credited)
