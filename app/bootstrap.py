@@ -90,6 +90,7 @@ class Service:
         self.decision_tail: OwnTail | None = None
         self._checkpointed: dict[str, int] = {}  # stream positions of the last checkpoint, as started
         self.decisions_read = ReadUpTo()  # how far the DECISIONS ingest has read since the start
+        self.feedback_read = ReadUpTo()  # and FEEDBACK's: the learner's join window follows it
 
     async def start(self) -> None:
         s = self.settings
@@ -136,8 +137,6 @@ class Service:
             )
             await ingest.start()
             self.ingests.append(ingest)
-            if spec is jsx.FEEDBACK:  # the learner judges its join window in FEEDBACK's time while it is behind
-                self.learner.feedback_caught_up = lambda ingest=ingest: ingest.caught_up
             self._tasks.append(asyncio.create_task(ingest.run(), name=f"ingest {spec.name}"))
         await self._start_decision_log(js)
         # Users folded from the streams (a first start, new users) are frozen as the store grows.
@@ -165,7 +164,9 @@ class Service:
         # With each message's ack subject: the learner stamps a reward with when it was stored.
         if spec is not jsx.FEEDBACK:
             return {}
-        hooks: dict[str, Any] = {"sink": self.learner.feedback_sink(), "sink_reply": True}
+        # FEEDBACK's progress: the learner judges its join window in FEEDBACK's time while it is behind.
+        self.learner.feedback_read = self.feedback_read
+        hooks: dict[str, Any] = {"sink": self.learner.feedback_sink(), "sink_reply": True, "read": self.feedback_read}
         if self.learner.rows_to_rebuild:
             # No snapshot (or one of a rebuild stopped half way): a first start, or a rebuild from
             # the log. FEEDBACK follows DECISIONS, so rewards are learned in the order they were

@@ -49,9 +49,9 @@ class ReadUpTo:
     """How far a stream has been read since the start, in the time JetStream stored its messages:
     another stream's ingest waits on it (`StreamIngest`'s `after`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, caught_up: bool = False) -> None:
         self.stored_ms = 0
-        self.caught_up = False
+        self.caught_up = caught_up
         self._moved = asyncio.Event()
 
     def advance(self, stored_ms: int, caught_up: bool) -> None:

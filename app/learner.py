@@ -45,6 +45,7 @@ from app import db
 from app.checkpoint_rows import write_learner_state
 from app.decisions import LoggedDecision, TipScoresLog, decision_time_ms, learning_input, tip_score_row
 from app.evaluation import TrainedOn, examples_of
+from app.ingest import ReadUpTo
 from app.learning_metrics import FEEDBACK, JOIN_CACHE, LEARNED, MODEL_SNAPSHOT_SECONDS, PENDING, SKIPPED
 from app.lineup import Lineup
 from models.reward import INPUT_BOUND_TEXT, PopularityPrior
@@ -119,10 +120,11 @@ class Learner:
         # The join window is judged in FEEDBACK's time, not this clock's: feedback stored later
         # than the window after its decision is expired. While FEEDBACK is behind (a restart after
         # an outage, a rebuild from the log), the clock would expire decisions whose feedback,
-        # stored within the window, is still to be read. `feedback_ms`: the stored time of the
-        # newest feedback seen; `feedback_caught_up`: set by the service to the FEEDBACK ingest's.
-        self.feedback_ms = 0
-        self.feedback_caught_up: Callable[[], bool] = lambda: True
+        # stored within the window, is still to be read. `feedback_read`: the FEEDBACK ingest's
+        # progress (the service's); `_feedback_from_ms`: how far FEEDBACK had been read at the
+        # snapshot restored.
+        self.feedback_read = ReadUpTo(caught_up=True)
+        self._feedback_from_ms = 0
         # No snapshot at the start (a first start, a rebuild from the log): no `tip_scores` row
         # exists, so every decision re-read gets its row, however old. With a snapshot, one
         # before the window is skipped: re-marking it without its credits would erase its rewards.
@@ -175,10 +177,15 @@ class Learner:
         elif payload is not None:
             self.decision_log.mark(tip_score_row(orjson.loads(payload), payload, None, None))
 
+    @property
+    def feedback_ms(self) -> int:
+        """The stored time of the newest feedback read, in this run or before the restart."""
+        return max(self._feedback_from_ms, self.feedback_read.stored_ms)
+
     def window_end_ms(self) -> int:
         """The time the join window ends at: now, or while FEEDBACK is behind, its own time."""
         now_ms = int(self.clock() * 1000)
-        return now_ms if self.feedback_caught_up() else min(now_ms, self.feedback_ms)
+        return now_ms if self.feedback_read.caught_up else min(now_ms, self.feedback_ms)
 
     def add_logged(self, logged: LoggedDecision) -> bool:
         """The DECISIONS ingest's sink: a decision read back from the stream."""
@@ -262,10 +269,7 @@ class Learner:
 
         def sink(event: Any, reply: bytes | None = None) -> bool:
             new = apply(event)
-            stored = stored_ms(reply) if reply is not None else None
-            if stored is not None and stored > self.feedback_ms:
-                self.feedback_ms = stored
-            on_feedback(event, new, stored if event.type == "tip.reacted" else None)
+            on_feedback(event, new, stored_ms(reply) if reply is not None and event.type == "tip.reacted" else None)
             return new
 
         return sink
@@ -472,7 +476,7 @@ class Learner:
         state = orjson.loads(bytes(rows["learner"]))
         # FEEDBACK is read again from the snapshot's position, stored up to its `feedback_ms`
         # (older snapshots: unknown, so the clock's time, as before).
-        self.feedback_ms = state.get("feedback_ms", int(self.clock() * 1000))
+        self._feedback_from_ms = state.get("feedback_ms", int(self.clock() * 1000))
         horizon = min(int(self.clock() * 1000), self.feedback_ms) - self.window_ms
         self.rows_to_rebuild = state.get("rows_to_rebuild", False)  # older snapshots: not a rebuild
         self._restored_credits = {

@@ -21,6 +21,7 @@ from app.checkpoint_rows import write_tip_scores
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.db import make_engine
 from app.decisions import LoggedDecision, TipScoresLog, tip_score_row
+from app.ingest import ReadUpTo
 from app.learner import Learner
 from app.learning_metrics import FEEDBACK, SKIPPED
 from app.lineup import Lineup
@@ -243,14 +244,15 @@ def test_the_join_window_is_judged_in_feedbacks_time_across_an_outage(tmp_path: 
     reaction = {"id": "f-0", "type": "tip.reacted", "user_id": "u-1", "ts": NOW,
                 "data": {"tip_id": "a", "decision_id": other.decision_id, "reaction": "acted"}}
     before_stop.sink(parse_event(orjson.dumps(reaction)), _ack(t0, 1))
+    before_stop.learner.feedback_read.advance(int(t0 * 1000), caught_up=True)  # as the FEEDBACK ingest does
     with before_stop.engine.begin() as conn:
         before_stop.learner.write(conn, before_stop.learner.snapshot(force=True))
 
     after = World(tmp_path)
     after.clock.now = t0 + 7200
     after.learner.restore(after.engine)
-    behind = True
-    after.learner.feedback_caught_up = lambda: not behind
+    after.learner.feedback_read = ReadUpTo()  # FEEDBACK is behind
+    assert after.learner.feedback_ms == int(t0 * 1000)  # as far as it had been read: the snapshot says
     assert after.learner.add_logged(decision)  # DECISIONS re-read
     before = outcomes()
     late = {**reaction, "id": "f-1", "data": {**reaction["data"], "decision_id": decision.id, "tip_id": "b"}}
@@ -258,7 +260,7 @@ def test_the_join_window_is_judged_in_feedbacks_time_across_an_outage(tmp_path: 
     assert delta(before) == {"credited": 1}
     assert after.log.dirty[decision.id]["rewarded_at"].timestamp() == pytest.approx(t0 + 600, abs=0.001)
     # Once FEEDBACK has caught up, the window is the clock's again: the 2-hour-old decision goes.
-    behind = False
+    after.learner.feedback_read.advance(int((t0 + 7200) * 1000), caught_up=True)
     after.score()
     assert decision.id not in after.learner.cache and decision.id not in after.learner._replayed
     after.sink(parse_event(orjson.dumps({**late, "id": "f-2", "data": {**late["data"], "tip_id": "a"}})),
