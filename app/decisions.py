@@ -157,11 +157,14 @@ def tip_score_row(decision: dict[str, Any], data: bytes, rewards: dict[str, floa
     >>> tip_score_row(decision, b"{...}", None, None)["decision"] is None
     True
     >>> row = tip_score_row(decision, b"{...}", {"t": 1.0}, 1_795_694_400_000)
-    >>> row["decision"], row["reward"], row["rewarded_at"].isoformat()
-    ('{...}', 1.0, '2026-11-26T12:00:00+00:00')
+    >>> row["decision"], row["reward"], row["rewarded_at"].isoformat(), row["created_at"].isoformat()
+    ('{...}', 1.0, '2026-11-26T12:00:00+00:00', '2026-11-26T07:00:00+00:00')
     """
     first = decision["ranked"][0]
-    created = datetime.fromisoformat(decision["ts"])
+    # In UTC, the same instant: `ts` keeps the caller's offset, which may be up to 23:59, and
+    # SQLite reads offsets only up to 14:59, PostgreSQL up to 15:59; one such row failed every
+    # later checkpoint, as it was retried with the rest.
+    created = datetime.fromisoformat(decision["ts"]).astimezone(UTC)
     return {
         "decision_id": decision["id"], "user_id": decision["user_id"], "created_at": created,
         "kind": decision.get("type", DECISION_TYPE).split(".", 1)[-1], "model_version": decision["model_version"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -10,6 +11,7 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
+from app import db
 from streams.features import FEATURE_NAMES
 from tests.conftest import eventually
 
@@ -67,6 +69,28 @@ async def test_an_answer_ranks_every_candidate_and_is_logged_once(start_service,
         engine.dispose()
     assert stored[:4] == (answer["decision_id"], "u-1", "v1", answer["ranked"][0]["tip_id"])
     assert stored[5] is None  # no reward yet: the event is in the stream only (above)
+
+
+
+async def test_a_decision_in_any_offset_gets_its_row_and_checkpoints_go_on(start_service, nc, database_url) -> None:
+    """`context.now` may carry any offset up to 23:59; SQLite reads one up to 14:59 and PostgreSQL up
+    to 15:59, so a decision at +23:59 kept its `tip_scores` row, and every later checkpoint, from
+    being written (each retried it with the rest)."""
+    running = await start_service(database_url=database_url, checkpoint_every_s=0.1)
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        for now in ("2026-11-26T09:00:00+23:59", "2026-11-26T09:00:00-23:59"):
+            assert (await http.post("/score", json=body(context={"now": now}))).status_code == 200
+    engine = sa.create_engine(database_url)
+
+    def created() -> list[datetime]:
+        with engine.connect() as conn:
+            found = conn.execute(sa.select(db.tip_scores.c.created_at)).scalars().all()
+        return sorted((t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC) for t in found)
+    try:
+        stored = await eventually(lambda: len(created()) == 2 and created())
+    finally:
+        engine.dispose()
+    assert stored == [datetime(2026, 11, 25, 9, 1, tzinfo=UTC), datetime(2026, 11, 27, 8, 59, tzinfo=UTC)]
 
 
 HUGE = {"user_id": "u-1", "candidates": candidates(3), "context": {"tasks": ["x" * 200] * 1000}}
