@@ -100,7 +100,7 @@ def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[ChangeBo
         try:
             result = await action(request, parsed)
         except RegistryError as error:
-            return _json(STATUS.get(error.code, 409), {"error": str(error), "field": None})
+            return _json(STATUS.get(error.code, 409), {"error": str(error), "field": error.field})
         return _json(200, result)
 
     endpoint.__doc__ = action.__doc__
@@ -153,7 +153,7 @@ async def _register(request: Request, body: RegisterBody) -> Any:
       401: {description: no bearer token}
       403: {description: 'wrong token, or TIPSTREAM_ADMIN_TOKEN unset'}
       409: {description: the version exists}
-      422: {description: bad parameters}
+      422: {description: 'bad parameters, or a model that overflows learning the log (field: params)'}
     """
     mv = await _lineup(request).register(body.version, body.kind, body.params, body.actor, body.note)
     return _lineup(request).describe(mv.version)
@@ -198,6 +198,7 @@ async def _evaluate(request: Request, body: ChangeBody) -> Any:
       401: {description: no bearer token}
       403: {description: 'wrong token, or TIPSTREAM_ADMIN_TOKEN unset'}
       404: {description: no such version}
+      422: {description: "the version's model overflows learning the log (its params); nothing changed"}
     """
     card = await _lineup(request).evaluate(request.path_params["version"], body.actor, body.note)
     return card.to_dict()

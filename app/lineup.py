@@ -20,7 +20,7 @@ from sqlalchemy import Engine
 from app import evaluation
 from app.registry_store import RegistryStore
 from models.registry import ModelCard, ModelVersion, Registry, RegistryError
-from models.reward import PopularityPrior, TipModel
+from models.reward import Diverged, PopularityPrior, TipModel
 
 log = logging.getLogger("tipstream.models")
 MODEL_PARAMETERS = tuple(inspect.signature(TipModel).parameters)
@@ -142,11 +142,11 @@ class Lineup:
         unknown = sorted(set(params) - set(MODEL_PARAMETERS))
         if unknown:
             raise RegistryError(f"Unknown model parameter {', '.join(map(repr, unknown))}; known: "
-                                f"{', '.join(p for p in MODEL_PARAMETERS if p != 'kind')}.", "invalid")
+                                f"{', '.join(p for p in MODEL_PARAMETERS if p != 'kind')}.", "invalid", "params")
         try:
             TipModel(**{**params, "kind": kind})
         except (TypeError, ValueError) as error:
-            raise RegistryError(f"Model parameters are not valid: {error}", "invalid") from error
+            raise RegistryError(f"Model parameters are not valid: {error}", "invalid", "params") from error
         model, card, trained_on = await asyncio.to_thread(self._evaluate, {**params, "kind": kind})
         mv = _version(version, model, card)
         await self._change(lambda reg: reg.register(mv, actor=actor, note=note), {version: model}, trained_on)
@@ -176,7 +176,14 @@ class Lineup:
     def _evaluate(self, params: dict[str, Any],
                   version: str | None = None) -> tuple[TipModel, ModelCard, evaluation.TrainedOn]:
         decisions = evaluation.rewarded_decisions(self.engine, self.eval_max_rewards)
-        model, card = evaluation.evaluate(params, evaluation.rewarded_log(decisions, self.eval_max_rewards))
+        try:
+            model, card = evaluation.evaluate(params, evaluation.rewarded_log(decisions, self.eval_max_rewards))
+        except Diverged as error:
+            resolved = TipModel(**params).params
+            steps = ", ".join(f"{name} {resolved[name]:g}" for name in ("learning_rate", "intercept_lr", "l2"))
+            raise RegistryError(
+                f"The model overflowed learning the logged rewards ({error}): its steps ({steps}) are too large "
+                "for its weights; register a version with a smaller learning_rate.", "invalid", "params") from None
         if version is not None:
             card.offline_metrics["policy_value"] = evaluation.policy_value(decisions, version)
         return model, card, evaluation.trained_on(decisions, self.eval_max_rewards)

@@ -56,11 +56,12 @@ def _utcnow() -> datetime:
 
 class RegistryError(Exception):
     """A refused registry change. `code` maps to an HTTP status: not_found -> 404,
-    conflict -> 409, invalid -> 422."""
+    conflict -> 409, invalid -> 422; `field`, when set, is the request's field at fault."""
 
-    def __init__(self, message: str, code: Literal["not_found", "conflict", "invalid"] = "conflict") -> None:
+    def __init__(self, message: str, code: Literal["not_found", "conflict", "invalid"] = "conflict",
+                 field: str | None = None) -> None:
         super().__init__(message)
-        self.code = code
+        self.code, self.field = code, field
 
 
 @dataclass(frozen=True)

@@ -911,6 +911,8 @@ class _Metrics:
         self.bin_gap = [0.0] * CALIBRATION_BINS
 
     def update(self, reward: float, score: float) -> None:
+        if not math.isfinite(score):  # a calibration bin of NaN was a bare ValueError
+            raise Diverged(f"it scored {score!r} after {self.n} of the rewards")
         # Log loss of a soft label r = r * loss(True) + (1 - r) * loss(False): two weighted updates.
         if reward > 0.0:
             self.log_loss.update(True, score, w=reward)
@@ -934,6 +936,11 @@ class _Metrics:
             "mean_score": self.score.get() if self.n else None,
             "calibration_error": sum(map(abs, self.bin_gap)) / self.n if self.n else None,
         }
+
+
+class Diverged(ValueError):
+    """A model scored a number that is not finite: its weights overflowed as it learned (a step
+    too large for them, such as a learning rate of 1e308)."""
 
 
 # (features, reward); (features, reward, the key of the decision it is a tip of); or that and

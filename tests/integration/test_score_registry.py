@@ -28,6 +28,14 @@ def score_body(user: str, explore: bool = True) -> dict[str, Any]:
             "candidates": [{"tip_id": "tip-focus-1", "category": "focus"}, {"tip_id": "tip-breaks-1", "category": "breaks"}]}
 
 
+async def score_and_act(http: httpx.AsyncClient, js: Any, i: int) -> None:
+    """A decision for user `u-{i}`, and their `acted` on its first tip."""
+    answer = (await http.post("/score", json=score_body(f"u-{i}"))).json()
+    event = {"id": f"f-{i}", "type": "tip.reacted", "user_id": f"u-{i}", "ts": NOW,
+             "data": {"tip_id": answer["ranked"][0]["tip_id"], "decision_id": answer["decision_id"], "reaction": "acted"}}
+    await js.publish("feedback.tip.reacted", orjson.dumps(event), headers={"Nats-Msg-Id": event["id"]})
+
+
 async def test_changes_are_refused_without_the_token(start_service, nc, tmp_path) -> None:
     running = await start_service()  # no TIPSTREAM_ADMIN_TOKEN
     async with httpx.AsyncClient(base_url=running.base_url) as http:
@@ -81,6 +89,29 @@ async def test_bad_changes_are_422_saying_why_and_change_nothing(start_service, 
             assert refused.status_code == 422 and says in refused.json()["error"], (content, refused.text)
         assert (await http.get("/models")).json() == before
     assert len(running.service.lineup.registry.history) == history
+
+
+
+async def test_a_version_whose_model_overflows_on_the_log_is_422_not_500(start_service, nc) -> None:
+    """A learning rate past what the weights can hold (1e308: a first step overflows) made the
+    model score NaN, and the card's metrics failed on it: register and evaluate were 500s."""
+    running = await start_service(admin_token=TOKEN, checkpoint_every_s=0.1)
+    service, js = running.service, nc.jetstream()
+    overflowing = {"version": "v2", "params": {"learning_rate": 1e308}}
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        assert (await http.post("/admin/models", headers=AUTH, json=overflowing)).status_code == 200  # no log yet
+        for i in range(2):
+            await score_and_act(http, js, i)
+        await eventually(lambda: service.learner.credited == 2 and not service.decision_log.backlog)
+        history = len(service.lineup.registry.history)
+        before = (await http.get("/models")).json()
+        evaluated = await http.post("/admin/models/v2/evaluate", headers=AUTH)
+        again = await http.post("/admin/models", headers=AUTH, json={**overflowing, "version": "v3"})
+        for refused in (evaluated, again):
+            assert refused.status_code == 422, refused.text
+            assert "learning_rate" in refused.json()["error"] and refused.json()["field"] == "params"
+        assert (await http.get("/models")).json() == before
+    assert len(service.lineup.registry.history) == history
 
 
 async def test_register_shadow_promote_rollback_with_cards_and_history(start_service, nc, database_url) -> None:
@@ -299,11 +330,7 @@ async def test_a_clean_stop_saves_the_learner_where_the_streams_stand(start_serv
     js = nc.jetstream()
     async with httpx.AsyncClient(base_url=running.base_url) as http:
         for i in range(5):
-            answer = (await http.post("/score", json=score_body(f"u-{i}"))).json()
-            event = {"id": f"f-{i}", "type": "tip.reacted", "user_id": f"u-{i}", "ts": NOW,
-                     "data": {"tip_id": answer["ranked"][0]["tip_id"], "decision_id": answer["decision_id"],
-                              "reaction": "acted"}}
-            await js.publish("feedback.tip.reacted", orjson.dumps(event), headers={"Nats-Msg-Id": event["id"]})
+            await score_and_act(http, js, i)
             if i == 0:  # the first reward's snapshot is saved; the next one is an hour away
                 await eventually(lambda: service.learner._last_snapshot > 0 and not service.learner._unconfirmed)
     await eventually(lambda: service.learner.credited == 5)
