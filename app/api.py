@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Annotated
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import AwareDatetime, TypeAdapter, ValidationError
+from pydantic import AwareDatetime, BeforeValidator, TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -19,11 +20,12 @@ from app import admin
 from app.bootstrap import Service
 from app.metrics import METRICS
 from app.score_endpoint import ScoreEndpoint
+from app.scoring import TIME_WITH_OFFSET, written_time
 from app.settings import Settings
 from streams.features import evaluate
 from streams.fold import to_ms
 
-_AT = TypeAdapter(AwareDatetime)
+_AT = TypeAdapter(Annotated[AwareDatetime, BeforeValidator(written_time)])
 
 schemas = SchemaGenerator({"openapi": "3.0.0", "info": {"title": "tipstream", "version": "0.1.0"}})
 
@@ -90,7 +92,7 @@ async def user_features(request: Request) -> Response:
             at = _AT.validate_python(raw_at)
         except ValidationError:
             hint = " (a '+' in a query string reads as a space: write it %2B)" if " " in raw_at else ""
-            return _error(422, "at", f"'at' must be an ISO 8601 time with a UTC offset, got {raw_at!r}{hint}")
+            return _error(422, "at", f"'at' must be {TIME_WITH_OFFSET}, got {raw_at!r}{hint}")
     state = request.app.state.service.store.state_of(user_id)
     values = evaluate(state, to_ms(at))
     return JSONResponse({

@@ -33,6 +33,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -108,6 +109,18 @@ class Candidate(TypedDict):
                                     Field(max_length=MAX_CANDIDATE_FEATURES)]]
 
 
+TIME_WITH_OFFSET = "an ISO 8601 time with a UTC offset, e.g. 2026-11-26T09:00:00+01:00"
+
+
+def written_time(value: Any) -> Any:
+    """`value` when it is written as a date and time; pydantic also reads a number, or a string
+    of one, as Unix time in UTC, a time without the user's offset (as one without an offset,
+    which is refused), so the local hour and weekday would silently be UTC's."""
+    if isinstance(value, str) and value[4:5] == "-":  # every ISO 8601 date-time starts YYYY-
+        return value
+    raise ValueError(f"must be {TIME_WITH_OFFSET} (Unix time, a number, carries no offset)")
+
+
 def _representable(now: datetime) -> datetime:
     # The decision's `ts` is `now` in UTC: 9999-12-31T23:00-02:00 is in year 10000 there, which
     # no datetime holds (it was a 500 after scoring).
@@ -127,7 +140,7 @@ def _task(value: Any) -> Any:
 
 
 class Context(_Body):
-    now: Annotated[AwareDatetime, AfterValidator(_representable)] | None = None
+    now: Annotated[AwareDatetime, BeforeValidator(written_time), AfterValidator(_representable)] | None = None
     tasks: list[Annotated[Any, AfterValidator(_task)]] | None = Field(None, max_length=1000)
 
 

@@ -61,6 +61,9 @@ async def test_features_with_age_freshness_and_fallbacks(start_service, nc, tmp_
         assert bad.status_code == 422 and bad.json()["field"] == "at"
         naive = await http.get("/users/ana/features", params={"at": "2026-11-25T21:00:00"})
         assert naive.status_code == 422 and "offset" in naive.json()["error"]
+        for unix in ("1795694400", "0.5"):  # pydantic read these as Unix time in UTC
+            number = await http.get("/users/ana/features", params={"at": unix})
+            assert number.status_code == 422 and number.json()["field"] == "at", number.text
         unencoded = await http.get("/users/ana/features?at=2026-11-25T21:00:00+01:00")  # '+' unescaped: a space
         assert unencoded.status_code == 422 and "write it %2B" in unencoded.json()["error"]
 

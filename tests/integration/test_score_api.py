@@ -108,6 +108,9 @@ BAD: list[tuple[str, Any, int, str]] = [
     ("now without offset", body(context={"now": "2026-11-26T09:00:00"}), 422, "context.now"),
     ("now past year 9999 in UTC", body(context={"now": "9999-12-31T23:00:00-02:00"}), 422, "context.now"),
     ("now before year 1 in UTC", body(context={"now": "0001-01-01T00:00:00+01:00"}), 422, "context.now"),
+    # pydantic read a number as Unix time in UTC: the user's local hour and weekday silently UTC's.
+    ("now in Unix time", body(context={"now": 1795694400}), 422, "context.now"),
+    ("now in Unix time as text", body(context={"now": "1795694400.5"}), 422, "context.now"),
     ("a task neither an object nor a string", body(context={"tasks": [{"id": 1}, 7]}), 422, "context.tasks.1"),
     ("a task string too long", body(context={"tasks": ["t" * 257]}), 422, "context.tasks.0"),
     ("candidate feature a list", body(candidates=[{"tip_id": "a", "features": {"len": [1]}}]), 422,
