@@ -23,7 +23,8 @@ from models.registry import ModelCard, ModelVersion, Registry, RegistryError
 from models.reward import Diverged, PopularityPrior, TipModel
 
 log = logging.getLogger("tipstream.models")
-MODEL_PARAMETERS = tuple(inspect.signature(TipModel).parameters)
+# What `register` takes in `params`: `kind` goes beside them (in them, the body's replaced it).
+MODEL_PARAMETERS = tuple(p for p in inspect.signature(TipModel).parameters if p != "kind")
 
 
 class Lineup:
@@ -142,7 +143,8 @@ class Lineup:
         unknown = sorted(set(params) - set(MODEL_PARAMETERS))
         if unknown:
             raise RegistryError(f"Unknown model parameter {', '.join(map(repr, unknown))}; known: "
-                                f"{', '.join(p for p in MODEL_PARAMETERS if p != 'kind')}.", "invalid", "params")
+                                f"{', '.join(MODEL_PARAMETERS)}; the kind goes beside them (`kind`, the CLI's "
+                                "`--kind`).", "invalid", "params")
         try:
             TipModel(**{**params, "kind": kind})
         except (TypeError, ValueError) as error:

@@ -73,6 +73,8 @@ BAD_CHANGES: list[tuple[str, bytes, str]] = [
     ("/admin/models", b'{"version": "v3", "kind": "fm", "params": {"n_factors": 0}}', "n_factors must be from 1 to 256"),
     ("/admin/models", b'{"version": "v3", "kind": "fm", "params": {"n_factors": 100000000}}', "n_factors must be from 1 to"),
     ("/admin/models", b'{"version": "v3", "params": {"interactions": []}}', "interactions must list at least one pair"),
+    # The body's kind (default logreg) replaced it: a logreg was registered, as asked for no fm.
+    ("/admin/models", b'{"version": "v3", "params": {"kind": "fm"}}', "Unknown model parameter 'kind'"),
     # PostgreSQL cannot store a NUL: a bare 500.
     ("/admin/models", b'{"version": "v3", "note": "a\\u0000b"}', "note: must not contain the NUL character"),
     ("/admin/models/v2/promote", b'{"actor": "\\u0000"}', "actor: must not contain the NUL character"),
