@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import orjson
+import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -57,9 +58,16 @@ def _storable(text: str) -> str:
     return text
 
 
+def _someone(actor: str) -> str:
+    # The registry refuses a blank actor too, but in words that do not name the field.
+    if not actor.strip():
+        raise ValueError("must name who makes the change, not be blank")
+    return actor
+
+
 class ChangeBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    actor: Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_storable)] = "admin-api"
+    actor: Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_storable), AfterValidator(_someone)] = "admin-api"
     note: Annotated[str, Field(max_length=1000), AfterValidator(_storable)] = ""
 
 
@@ -103,8 +111,27 @@ def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[ChangeBo
             return _json(STATUS.get(error.code, 409), {"error": str(error), "field": error.field})
         return _json(200, result)
 
-    endpoint.__doc__ = action.__doc__
+    endpoint.__doc__ = _admin_doc(action.__doc__ or "", body)
     return endpoint
+
+
+_REFUSALS = {
+    401: {"description": "no bearer token"},
+    403: {"description": "wrong token, or TIPSTREAM_ADMIN_TOKEN unset"},
+    422: {"description": "a bad body (the field named); nothing changed"},
+}
+
+
+def _admin_doc(doc: str, body: type[ChangeBody]) -> str:
+    """The action's OpenAPI description (YAML), with what every change shares: the token, the body
+    and their refusals; the action's own answers win."""
+    spec = yaml.safe_load(doc)
+    required = any(field.is_required() for field in body.model_fields.values())  # else an empty body will do
+    spec["security"] = [{"admin": []}]
+    spec["requestBody"] = {"required": required, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{body.__name__}"}}}}
+    spec["responses"] = dict(sorted({**_REFUSALS, **spec["responses"]}.items()))
+    return yaml.safe_dump(spec, sort_keys=False)
 
 
 def _lineup(request: Request) -> Any:
@@ -136,7 +163,10 @@ async def get_model(request: Request) -> Response:
 async def get_card(request: Request) -> Response:
     """
     responses:
-      200: {description: the model card as Markdown}
+      200:
+        description: the model card as Markdown
+        content:
+          text/markdown: {schema: {type: string}}
       404: {description: no such version}
     """
     try:
@@ -150,8 +180,6 @@ async def _register(request: Request, body: RegisterBody) -> Any:
     """
     responses:
       200: {description: 'registered; trained over the decision log, card filled in'}
-      401: {description: no bearer token}
-      403: {description: 'wrong token, or TIPSTREAM_ADMIN_TOKEN unset'}
       409: {description: the version exists}
       422: {description: 'bad parameters, or a model that overflows learning the log (field: params)'}
     """
@@ -169,8 +197,6 @@ def _role_change(method: str) -> Callable[[Request, ChangeBody], Awaitable[Any]]
     action.__doc__ = f"""
     responses:
       200: {{description: '{method} done; the roles now and the latest rollout history'}}
-      401: {{description: no bearer token}}
-      403: {{description: 'wrong token, or TIPSTREAM_ADMIN_TOKEN unset'}}
       404: {{description: no such version}}
       409: {{description: refused by the registry rules (the message says what to do)}}
     """
@@ -181,8 +207,6 @@ async def _rollback(request: Request, body: ChangeBody) -> Any:
     """
     responses:
       200: {description: the previous champion is back}
-      401: {description: no bearer token}
-      403: {description: 'wrong token, or TIPSTREAM_ADMIN_TOKEN unset'}
       409: {description: nothing to roll back to}
     """
     lineup = _lineup(request)
@@ -195,10 +219,8 @@ async def _evaluate(request: Request, body: ChangeBody) -> Any:
     """
     responses:
       200: {description: 'the refreshed model card: progressive validation, fairness, and off-policy value over the log'}
-      401: {description: no bearer token}
-      403: {description: 'wrong token, or TIPSTREAM_ADMIN_TOKEN unset'}
       404: {description: no such version}
-      422: {description: "the version's model overflows learning the log (its params); nothing changed"}
+      422: {description: "a bad body, or the version's model overflows learning the log (field: params); nothing changed"}
     """
     card = await _lineup(request).evaluate(request.path_params["version"], body.actor, body.note)
     return card.to_dict()

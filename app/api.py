@@ -17,6 +17,7 @@ from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
 from app import admin
+from app import openapi as openapi_document
 from app.bootstrap import Service
 from app.metrics import METRICS
 from app.score_endpoint import ScoreEndpoint
@@ -27,7 +28,7 @@ from streams.fold import to_ms
 
 _AT = TypeAdapter(Annotated[AwareDatetime, BeforeValidator(written_time)])
 
-schemas = SchemaGenerator({"openapi": "3.0.0", "info": {"title": "tipstream", "version": "0.1.0"}})
+schemas = SchemaGenerator(openapi_document.BASE)
 
 
 def _error(status: int, field: str | None, message: str) -> JSONResponse:
@@ -47,7 +48,11 @@ async def _http_error(request: Request, error: Exception) -> Response:
 async def healthz(request: Request) -> Response:
     """
     responses:
-      200: {description: the process is up}
+      200:
+        description: the process is up
+        content:
+          application/json:
+            schema: {type: object, properties: {status: {const: ok}}}
     """
     return JSONResponse({"status": "ok"})
 
@@ -55,8 +60,23 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     """
     responses:
-      200: {description: caught up with every stream}
-      503: {description: 'still catching up, or NATS is away'}
+      200: &ready
+        description: caught up with every stream
+        content:
+          application/json:
+            schema:
+              type: object
+              required: [ready, streams]
+              properties:
+                ready: {type: boolean}
+                streams:
+                  type: object
+                  additionalProperties:
+                    type: object
+                    properties: {caught_up: {type: boolean}, lag: {type: integer}}
+      503:
+        <<: *ready
+        description: 'still catching up, or NATS is away'
     """
     service: Service = request.app.state.service
     streams = {i.spec.name: {"caught_up": i.caught_up, "lag": i.lag} for i in service.ingests}
@@ -67,7 +87,10 @@ async def readyz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     """
     responses:
-      200: {description: Prometheus text format}
+      200:
+        description: Prometheus text format
+        content:
+          text/plain: {schema: {type: string}}
     """
     METRICS.users.set(len(request.app.state.service.store.users))
     return Response(generate_latest(METRICS.registry), media_type=CONTENT_TYPE_LATEST)
@@ -76,11 +99,15 @@ async def metrics(request: Request) -> Response:
 async def user_features(request: Request) -> Response:
     """
     parameters:
-      - {name: user_id, in: path, required: true, schema: {type: string}}
+      - {name: user_id, in: path, required: true, schema: {type: string, minLength: 1}}
       - {name: at, in: query, required: false, schema: {type: string, format: date-time},
-         description: evaluate at this time (with a UTC offset); default now}
+         description: 'evaluate at this time, an ISO 8601 time with a UTC offset (its + written %2B); default now'}
     responses:
-      200: {description: 'every profile feature with value, age, freshness and fallback flags'}
+      200:
+        description: 'every profile feature with value, age, freshness and fallback flags; a user never seen: known false, every value a fallback'
+        content:
+          application/json:
+            schema: {$ref: '#/components/schemas/UserFeatures'}
       422: {description: '`at` is not a time with a UTC offset'}
     """
     user_id = request.path_params["user_id"]
@@ -108,7 +135,7 @@ async def user_features(request: Request) -> Response:
 
 async def openapi(request: Request) -> Response:
     # Starlette's OpenAPIResponse renders YAML; the path promises JSON.
-    return JSONResponse(schemas.get_schema(routes=request.app.routes))
+    return JSONResponse(openapi_document.complete(schemas.get_schema(routes=request.app.routes)))
 
 
 def create_app(settings: Settings, service: Service | None = None) -> Starlette:

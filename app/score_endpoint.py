@@ -117,38 +117,21 @@ class ScoreEndpoint:
     async def post(self) -> None:
         """
         requestBody:
+          required: true
           content:
             application/json:
-              schema:
-                type: object
-                required: [user_id, candidates]
-                additionalProperties: false
-                properties:
-                  user_id: {type: string, minLength: 1, maxLength: 128}
-                  candidates:
-                    type: array
-                    minItems: 1
-                    maxItems: 100
-                    items:
-                      type: object
-                      required: [tip_id]
-                      additionalProperties: false
-                      properties:
-                        tip_id: {type: string, minLength: 1, maxLength: 128}
-                        category: {type: string, maxLength: 64}
-                        features: {type: object, description: "the candidate's own inputs: numbers (finite, -1e9 to 1e9), strings, booleans"}
-                  context:
-                    type: object
-                    additionalProperties: false
-                    properties:
-                      now: {type: string, format: date-time, description: with a UTC offset; default the clock}
-                      tasks: {type: array, maxItems: 1000}
-                  profile_features: {type: object, description: "fill profile features the server lacks: finite numbers, -1e9 to 1e9"}
-                  explore: {type: boolean, default: true}
+              schema: {$ref: '#/components/schemas/ScoreRequest'}
         responses:
-          200: {description: '{decision_id, model_version, ranked: [{tip_id, score, propensity}], features, caller_features}'}
+          200:
+            description: the candidates ranked, first the one to show; the answer is logged as a decision
+            content:
+              application/json:
+                schema: {$ref: '#/components/schemas/ScoreAnswer'}
           413: {description: the body is larger than TIPSTREAM_SCORE_MAX_BODY_BYTES}
-          422: {description: 'a bad request: {error, field, errors}; nothing was logged'}
-          503: {description: 'the decision log is backed up (JetStream or the database away); nothing was served'}
+          422: {description: 'a bad request: every problem in `errors`; nothing was logged'}
+          503:
+            description: 'the decision log is backed up (JetStream or the database away); nothing was served'
+            headers:
+              Retry-After: {schema: {type: integer}, description: seconds}
         """
         raise NotImplementedError("the OpenAPI document reads this docstring; requests go to __call__")

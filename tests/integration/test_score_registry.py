@@ -78,6 +78,8 @@ BAD_CHANGES: list[tuple[str, bytes, str]] = [
     # PostgreSQL cannot store a NUL: a bare 500.
     ("/admin/models", b'{"version": "v3", "note": "a\\u0000b"}', "note: must not contain the NUL character"),
     ("/admin/models/v2/promote", b'{"actor": "\\u0000"}', "actor: must not contain the NUL character"),
+    # The registry refused it too, in words that named no field (and `field` was null).
+    ("/admin/models/v2/promote", b'{"actor": "  "}', "actor: must name who makes the change"),
 ]
 
 

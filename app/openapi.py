@@ -1,0 +1,186 @@
+"""The OpenAPI document at /openapi.json: each route's docstring (YAML), and the schemas they
+refer to, built here from the bounds the code enforces, so the document cannot drift from them.
+
+OpenAPI 3.1: its schemas are JSON Schema, which can say what /score takes (a candidate's own
+feature names, through `propertyNames`; `null` where null is accepted); 3.0 could not.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+from app.scoring import MAX_CANDIDATE_FEATURES, MAX_CANDIDATES, SERVER_INPUTS, TIME_WITH_OFFSET
+from models.reward import INPUT_BOUND, KINDS, MAX_FACTORS, OPTIMIZERS
+from streams.features import FEATURE_NAMES
+
+# PostgreSQL cannot store a NUL in text: ids and text that are kept refuse it (a 422).
+_NO_NUL = "^[^\\u0000]*$"
+
+
+def _text(max_length: int, min_length: int = 1, stored: bool = True) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string", "minLength": min_length, "maxLength": max_length}
+    if stored:
+        schema["pattern"] = _NO_NUL
+    return schema
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {**schema, "type": [schema["type"], "null"]}
+
+
+_NUMBER = {"type": "number", "minimum": -INPUT_BOUND, "maximum": INPUT_BOUND,
+           "description": f"finite, from -{INPUT_BOUND:g} to {INPUT_BOUND:g}"}
+
+_CANDIDATE = {
+    "type": "object", "required": ["tip_id"], "additionalProperties": False,
+    "properties": {
+        "tip_id": {**_text(128), "description": "each candidate a different tip"},
+        "category": _nullable(_text(64)),
+        "features": {
+            "type": ["object", "null"], "maxProperties": MAX_CANDIDATE_FEATURES,
+            "description": "the candidate's own inputs; a name the server computes is refused",
+            "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_.:-]*$", "maxLength": 64,
+                              "not": {"enum": sorted(SERVER_INPUTS)}},
+            "additionalProperties": {"anyOf": [_NUMBER, _text(128, min_length=0), {"type": ["boolean", "null"]}]},
+        },
+    },
+}
+
+SCORE_REQUEST = {
+    "type": "object", "required": ["user_id", "candidates"], "additionalProperties": False,
+    "properties": {
+        "user_id": _text(128),
+        # uniqueItems says only part of it: no two candidates may name the same tip.
+        "candidates": {"type": "array", "minItems": 1, "maxItems": MAX_CANDIDATES, "uniqueItems": True,
+                       "items": _CANDIDATE},
+        "context": {
+            "type": ["object", "null"], "additionalProperties": False,
+            "properties": {
+                "now": {"type": ["string", "null"], "format": "date-time",
+                        "description": f"{TIME_WITH_OFFSET}, from 0001-01-01 to 9999-12-31 in UTC; default the clock"},
+                "tasks": {"type": ["array", "null"], "maxItems": 1000,
+                          "items": {"anyOf": [{"type": "object"}, {"type": "string", "maxLength": 256}]}},
+            },
+        },
+        "profile_features": {
+            "type": ["object", "null"], "additionalProperties": False,
+            "description": "fill profile features the server lacks (a fallback); the server's own values win",
+            "properties": {name: _NUMBER for name in FEATURE_NAMES},
+        },
+        "explore": {"type": "boolean", "default": True},
+    },
+}
+
+_PROBABILITY = {"type": "number", "minimum": 0, "maximum": 1}
+
+SCORE_ANSWER = {
+    "type": "object", "required": ["decision_id", "model_version", "ranked", "features", "caller_features"],
+    "properties": {
+        "decision_id": {"type": "string"},
+        "model_version": {"type": "string"},
+        "ranked": {"type": "array", "items": {
+            "type": "object", "required": ["tip_id", "score", "propensity"],
+            "properties": {"tip_id": {"type": "string"}, "score": _PROBABILITY, "propensity": _PROBABILITY}}},
+        "features": {"type": "object", "description": "the inputs shared by every candidate, as logged"},
+        "caller_features": {"type": "array", "items": {"type": "string"},
+                            "description": "the profile_features used (the server had only a fallback)"},
+    },
+}
+
+ERROR = {
+    "type": "object", "required": ["error", "field"],
+    "properties": {
+        "error": {"type": "string", "description": "what was wrong and, where it helps, what to do"},
+        "field": {"type": ["string", "null"], "description": "the dotted path of the field at fault"},
+        "errors": {"type": "array", "description": "/score: every problem found (at most 20)",
+                   "items": {"type": "object", "properties": {"field": {"type": "string"},
+                                                              "message": {"type": "string"}}}},
+    },
+}
+
+_FEATURE_VALUE = {
+    "type": "object", "required": ["value", "age_s", "fresh", "fallback"],
+    "properties": {"value": {}, "age_s": {"type": ["number", "null"]}, "fresh": {"type": "boolean"},
+                   "fallback": {"type": "boolean"}},
+}
+
+USER_FEATURES = {
+    "type": "object", "required": ["user_id", "at", "known", "features"],
+    "properties": {
+        "user_id": {"type": "string"}, "at": {"type": "string", "format": "date-time"},
+        "known": {"type": "boolean"},
+        "features": {"type": "object", "required": list(FEATURE_NAMES), "additionalProperties": False,
+                     "properties": {name: _FEATURE_VALUE for name in FEATURE_NAMES}},
+    },
+}
+
+_WHOLE = "a whole number (a fraction is cut)"
+MODEL_PARAMETER_SCHEMAS = {
+    "optimizer": {"type": "string", "enum": list(OPTIMIZERS)},
+    "learning_rate": {"type": "number", "exclusiveMinimum": 0},
+    "l2": {"type": "number"},
+    "intercept_lr": {"type": "number"},
+    "n_factors": {"type": "number", "minimum": 1, "maximum": MAX_FACTORS, "description": f"FM only; {_WHOLE}"},
+    "seed": {"type": "number", "minimum": 0, "maximum": 2**32 - 1, "description": f"FM only; {_WHOLE}"},
+    "latents": {"type": "string", "enum": ["categorical", "all"], "description": "FM only"},
+    "user_forgetting": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "description": "AdaGrad only"},
+    "hour_bucket": {"type": "number", "minimum": 1, "maximum": 24, "description": _WHOLE},
+    "interactions": {"type": "array", "minItems": 1, "description": "pairs of input names crossed into one-hots",
+                     "items": {"type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "string"}}},
+}
+
+CHANGE_BODY = {
+    "type": "object", "additionalProperties": False,
+    "description": "who makes the change and why, for the rollout history; an empty body takes the defaults",
+    "properties": {"actor": {**_text(128), "allOf": [{"pattern": "\\S"}], "default": "admin-api",
+                             "description": "who makes the change (not blank)"},
+                   "note": {**_text(1000, min_length=0), "default": ""}},
+}
+
+REGISTER_BODY = {
+    "type": "object", "required": ["version"], "additionalProperties": False,
+    "properties": {
+        **CHANGE_BODY["properties"],
+        "version": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$"},
+        "kind": {"type": "string", "enum": list(KINDS), "default": "logreg"},
+        "params": {"type": "object", "additionalProperties": False, "properties": MODEL_PARAMETER_SCHEMAS,
+                   "description": "the model's parameters; those left out take their defaults (see "
+                                  "`tipstream models card v1`)"},
+    },
+}
+
+COMPONENTS = {
+    "schemas": {"ScoreRequest": SCORE_REQUEST, "ScoreAnswer": SCORE_ANSWER, "Error": ERROR,
+                "UserFeatures": USER_FEATURES, "ChangeBody": CHANGE_BODY, "RegisterBody": REGISTER_BODY},
+    "securitySchemes": {"admin": {"type": "http", "scheme": "bearer",
+                                  "description": "the server's TIPSTREAM_ADMIN_TOKEN"}},
+}
+
+BASE = {"openapi": "3.1.0", "info": {"title": "tipstream", "version": "0.1.0"}, "components": COMPONENTS}
+
+_TEMPLATE = re.compile(r"{(\w+)}")
+_ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+
+
+def complete(document: dict[str, Any]) -> dict[str, Any]:
+    """The document of the routes' docstrings, with what every operation shares filled in:
+    - each `{name}` of its path declared as a required string parameter, unless the operation
+      declares it (an undeclared one makes the document invalid: clients refuse the operation);
+    - a 4xx or 5xx answer without its own content has the API's error body (`Error`)."""
+    document = copy.deepcopy(document)
+    for path, operations in document["paths"].items():
+        names = _TEMPLATE.findall(path)
+        for operation in operations.values():
+            declared = operation.setdefault("parameters", [])
+            for name in names:
+                if not any(p.get("in") == "path" and p.get("name") == name for p in declared):
+                    declared.append({"name": name, "in": "path", "required": True,
+                                     "schema": {"type": "string", "minLength": 1}})
+            if not declared:
+                del operation["parameters"]
+            for status, response in operation.get("responses", {}).items():
+                if int(status) >= 400 and "content" not in response:
+                    response["content"] = _ERROR_CONTENT
+    return document
