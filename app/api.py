@@ -20,11 +20,12 @@ from app import admin
 from app import openapi as openapi_document
 from app.bootstrap import Service
 from app.metrics import METRICS
-from app.score_endpoint import ScoreEndpoint
+from app.score_endpoint import UNAVAILABLE, ScoreEndpoint
 from app.scoring import TIME_WITH_OFFSET, written_time
 from app.settings import Settings
 from streams.features import evaluate
 from streams.fold import to_ms
+from streams.store import StateUnavailable
 
 _AT = TypeAdapter(Annotated[AwareDatetime, BeforeValidator(written_time)])
 
@@ -109,6 +110,7 @@ async def user_features(request: Request) -> Response:
           application/json:
             schema: {$ref: '#/components/schemas/UserFeatures'}
       422: {description: '`at` is not a time with a UTC offset'}
+      503: {description: "the user's state is still to be loaded from the database, which is away"}
     """
     user_id = request.path_params["user_id"]
     raw_at = request.query_params.get("at")
@@ -120,7 +122,10 @@ async def user_features(request: Request) -> Response:
         except ValidationError:
             hint = " (a '+' in a query string reads as a space: write it %2B)" if " " in raw_at else ""
             return _error(422, "at", f"'at' must be {TIME_WITH_OFFSET}, got {raw_at!r}{hint}")
-    state = request.app.state.service.store.state_of(user_id)
+    try:
+        state = request.app.state.service.store.state_of(user_id)
+    except StateUnavailable:
+        return JSONResponse(UNAVAILABLE, status_code=503, headers={"Retry-After": "5"})
     values = evaluate(state, to_ms(at))
     return JSONResponse({
         "user_id": user_id,

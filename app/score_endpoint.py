@@ -15,7 +15,8 @@ Steps:
 2. While `TIPSTREAM_MAX_UNWRITTEN_DECISIONS` decisions' rows wait for a checkpoint (the
    database is away), answer 503 with `Retry-After`: serving on would hold ever more of them.
 3. Validate and score (`scoring.parse_request`, `Scorer.score`); a bad request is a 422
-   naming the field, and nothing is logged.
+   naming the field, and nothing is logged. A user still to be loaded from the checkpoint after
+   a restart while the database is away is a 503 with `Retry-After`.
 4. Queue the decision for the log without waiting for JetStream; when the queue stays full,
    answer 503 with `Retry-After`, and nothing was served.
 5. Hand the decision to the learner's join cache, then answer.
@@ -32,6 +33,7 @@ import orjson
 from app.decisions import SUBJECT_SCORE, DecisionLogFull
 from app.learning_metrics import SCORE_REQUESTS, SCORE_SECONDS
 from app.scoring import RequestError, parse_request
+from streams.store import StateUnavailable
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -40,6 +42,9 @@ Send = Callable[[Message], Awaitable[None]]
 
 _ANSWERED = SCORE_REQUESTS.labels("200")
 _JSON = (b"content-type", b"application/json")
+# A user not loaded from the checkpoint yet after a restart, while the database is away.
+UNAVAILABLE = {"error": "user_id: this user's state is still to be loaded from the checkpoint, and the database is "
+                        "away (see the warnings in the log); try again shortly", "field": "user_id"}
 
 
 class ClientGone(Exception):
@@ -102,6 +107,9 @@ class ScoreEndpoint:
         except RequestError as error:
             await send_json(send, 422, error.body())
             return
+        except StateUnavailable:
+            await send_json(send, 503, UNAVAILABLE, (b"retry-after", b"5"))
+            return
         SCORE_SECONDS.observe(time.perf_counter() - started)
         publisher = service.publisher
         if not publisher.offer(SUBJECT_SCORE, scored.decision_id, scored.payload):
@@ -130,7 +138,8 @@ class ScoreEndpoint:
           413: {description: the body is larger than TIPSTREAM_SCORE_MAX_BODY_BYTES}
           422: {description: 'a bad request: every problem in `errors`; nothing was logged'}
           503:
-            description: 'the decision log is backed up (JetStream or the database away); nothing was served'
+            description: "the decision log is backed up (JetStream or the database away), or the user's state is
+              still to be loaded from the database, which is away; nothing was served"
             headers:
               Retry-After: {schema: {type: integer}, description: seconds}
         """

@@ -21,6 +21,11 @@ from typing import Any
 from streams.fold import FutureEvent, UserState, apply
 
 
+class StateUnavailable(Exception):
+    """A user's checkpointed state could not be read (the database is away); they stay cold, to
+    be loaded at the next try."""
+
+
 class OnlineStore:
     def __init__(self) -> None:
         self.users: dict[str, UserState] = {}
@@ -43,7 +48,10 @@ class OnlineStore:
 
     def _thaw(self, user_id: str) -> UserState:
         assert self.fetch_cold is not None, "cold users need fetch_cold"
-        blob = self.fetch_cold([user_id]).get(user_id)
+        try:
+            blob = self.fetch_cold([user_id]).get(user_id)
+        except Exception as error:  # whatever the database driver raises
+            raise StateUnavailable(user_id) from error
         self.cold.discard(user_id)
         state = self.users[user_id] = UserState.from_bytes(blob) if blob is not None else UserState()
         return state

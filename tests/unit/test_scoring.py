@@ -388,3 +388,28 @@ def test_a_user_s_unknown_time_zone_is_logged_as_unknown_not_as_utc(lineup: Line
     assert lineup.champion.n_learned == 1
     # Told by context.now, or by the user's newest event, the offset is known (0 is UTC then).
     assert scorer.score(_request(now="2026-11-26T15:00:00+00:00")).response["features"]["utc_offset_min"] == 0
+
+
+async def test_a_user_not_loaded_yet_while_the_database_is_away_is_a_503_not_a_500(tmp_path: Path) -> None:
+    """After a restart, users load from the checkpoint in the background, and on demand; with the
+    database away, the demand load failed inside the handler: a bare 500."""
+    import httpx
+    import sqlalchemy.exc
+
+    from app.api import create_app
+
+    app = create_app(Settings(data_dir=tmp_path))
+    service = app.state.service
+
+    def database_away(user_ids: list[str]) -> dict[str, bytes]:
+        raise sqlalchemy.exc.OperationalError("SELECT user_state", {}, ConnectionRefusedError("connection refused"))
+
+    service.store.cold, service.store.fetch_cold = {"u-1"}, database_away
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tipstream") as http:
+        scored = await http.post("/score", json={"user_id": "u-1", "candidates": [{"tip_id": "a"}]})
+        features = await http.get("/users/u-1/features")
+    for answer in (scored, features):
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "5", answer.text
+        assert answer.json()["field"] == "user_id" and "database" in answer.json()["error"]
+    assert service.publisher.waiting == 0 and len(service.learner.cache) == 0
+    assert service.store.cold == {"u-1"}, "loaded when the database is back"
