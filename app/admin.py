@@ -7,7 +7,7 @@
 
 Without a configured token every change is refused (403) with the setting to set; a missing
 header is 401, a wrong token 403. Registry refusals map to 404 / 409 / 422 with the
-registry's own message (it names the CLI command that fixes it).
+registry's own message (it names the CLI command that fixes it); the database away, to 503.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import orjson
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
@@ -109,6 +110,11 @@ def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[ChangeBo
             result = await action(request, parsed)
         except RegistryError as error:
             return _json(STATUS.get(error.code, 409), {"error": str(error), "field": error.field})
+        except SQLAlchemyError as error:  # a change is swapped in only once saved (see Lineup._change)
+            response = _json(503, {"error": f"the database is away ({type(error).__name__}); nothing changed: try "
+                                            "again once it is back", "field": None})
+            response.headers["Retry-After"] = "5"
+            return response
         return _json(200, result)
 
     endpoint.__doc__ = _admin_doc(action.__doc__ or "", body)
@@ -119,6 +125,7 @@ _REFUSALS = {
     401: {"description": "no bearer token"},
     403: {"description": "wrong token, or TIPSTREAM_ADMIN_TOKEN unset"},
     422: {"description": "a bad body (the field named); nothing changed"},
+    503: {"description": "the database is away; nothing changed", "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
 }
 
 

@@ -118,6 +118,27 @@ async def test_a_version_whose_model_overflows_on_the_log_is_422_not_500(start_s
     assert len(service.lineup.registry.history) == history
 
 
+async def test_a_change_while_the_database_is_away_is_a_503_and_changes_nothing(start_service, nc, monkeypatch) -> None:
+    """The registry is saved before a change is swapped in; a save that failed was a bare 500."""
+    import sqlalchemy.exc
+
+    running = await start_service(admin_token=TOKEN, bootstrap_shadow_kind="logreg")
+    lineup = running.service.lineup
+
+    def database_away(*args: Any, **kwargs: Any) -> None:
+        raise sqlalchemy.exc.OperationalError("INSERT INTO model_rollouts", {}, ConnectionRefusedError("refused"))
+
+    monkeypatch.setattr(lineup.store, "save", database_away)
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        before = (await http.get("/models")).json()
+        for path, body in (("/admin/models/v2/promote", {}), ("/admin/models", {"version": "v3"})):
+            refused = await http.post(path, headers=AUTH, json=body)
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "5", refused.text
+            assert "database" in refused.json()["error"] and "nothing changed" in refused.json()["error"]
+        assert (await http.get("/models")).json() == before
+    assert lineup.champion_version == "v1" and "v3" not in lineup.models
+
+
 async def test_register_shadow_promote_rollback_with_cards_and_history(start_service, nc, database_url) -> None:
     running = await start_service(database_url=database_url, admin_token=TOKEN, checkpoint_every_s=0.1)
     service = running.service
