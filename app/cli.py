@@ -23,15 +23,15 @@ def _run(args: argparse.Namespace) -> int:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    if args.demo:
-        from app.demo import attach_demo
-
-        attach_demo(app, rate=args.demo)
     # access_log off: uvicorn formats each line's arguments (path quoting included) before the
     # logger drops it at "warning", a few µs on every request.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                             loop="uvloop", http="httptools", lifespan="on", access_log=False)
     server = uvicorn.Server(config)
+    if args.demo:
+        from app.demo import attach_demo
+
+        attach_demo(app, rate=args.demo, stopping=lambda: server.should_exit)
     print(f"tipstream on http://{settings.host}:{settings.port} (data in {settings.data_dir})", flush=True)
     server.run()
     return 0
