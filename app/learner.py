@@ -158,10 +158,14 @@ class Learner:
     # -- decisions ---------------------------------------------------------------------------
 
     def served(self, decision_id: str, payload: bytes, decision: dict[str, Any]) -> None:
-        """A decision /score has just answered with (and queued for the log)."""
-        if decision_id not in self.cache:
-            self._insert(decision_id, _Entry(payload, self.store.positions.get("DECISIONS", 0),
-                                             int(self.clock() * 1000), decision))
+        """A decision /score has just answered with (and queued for the log), or one served before
+        this start that the stop spooled (`decision_spool`): the DECISIONS re-read may hold that one
+        already (it landed, its acknowledgement lost), and a second entry would shadow its credits."""
+        if self._lookup(decision_id) is None:
+            entry = _Entry(payload, self.store.positions.get("DECISIONS", 0), int(self.clock() * 1000), decision)
+            if self._restored_credits:
+                self._adopt_credits(decision_id, entry)
+            self._insert(decision_id, entry)
 
     def published(self, decision_id: str, payload: bytes | None = None) -> None:
         """JetStream acknowledged a decision served here: it is in the log, so it gets its row.
@@ -198,10 +202,7 @@ class Learner:
             # Joinable for the window from its creation, not from when it was read back.
             entry = _Entry(logged.data, self.store.positions.get("DECISIONS", 0),
                            min(created, now_ms) if created is not None else now_ms, None)
-            credits = self._restored_credits.pop(logged.id, None)
-            if credits is not None:
-                entry.credits, entry.rewarded_ms = credits
-                self._credited[logged.id] = entry
+            self._adopt_credits(logged.id, entry)
             self._insert(logged.id, entry, replayed=self.replaying)
         elif entry.logged:
             return False  # a redelivery
@@ -214,6 +215,15 @@ class Learner:
             for tip_id, (reaction, _, user_id, stored_at_ms) in waiting.items():
                 self._credit(logged.id, entry, tip_id, reaction, user_id, stored_at_ms)
         return True
+
+    def _adopt_credits(self, decision_id: str, entry: _Entry) -> None:
+        """What the restored snapshot credited to this decision: a feedback replayed or re-sent is a
+        duplicate, and its row keeps the rewards. Also for a spooled decision, served here again:
+        its feedback could be credited before JetStream ever acknowledged it."""
+        credits = self._restored_credits.pop(decision_id, None)
+        if credits is not None:
+            entry.credits, entry.rewarded_ms = credits
+            self._credited[decision_id] = entry
 
     def caught_up(self) -> None:
         """DECISIONS has been read back to its end after a start: the decisions it brought go in
