@@ -198,11 +198,12 @@ class Service:
         self.publisher.on_stored = self.decision_tail.stored
         self._tasks.append(asyncio.create_task(self.decision_tail.run(), name="decisions tail"))
         await self.publisher.start()
-        spooled = decision_spool.take(self.settings.data_dir / decision_spool.SPOOL_NAME)
+        spool = self.settings.data_dir / decision_spool.SPOOL_NAME
+        spooled = decision_spool.read(spool)
         if spooled:
             for _, decision_id, payload in spooled:  # joinable with their feedback, as when they were served
                 self.learner.served(decision_id, payload, orjson.loads(payload))
-            self.publisher.put_back(spooled)
+            self.publisher.put_back(spooled, on_all_published=lambda: spool.unlink(missing_ok=True))
             log.info("publishing %d decisions served before the last stop first", len(spooled))
         self._publisher_task = asyncio.create_task(self.publisher.run(), name="decision publisher")
 

@@ -6,12 +6,16 @@ their acknowledgement (NATS away, or slow). Dropping them would break the decisi
 that every answer is logged. A copy that had landed after all is dropped by JetStream's duplicate
 window (`Nats-Msg-Id`) when the restart comes within it.
 
+The next start reads the file but leaves it in place until JetStream has acknowledged every
+decision in it (the publisher's `put_back`): removed as it was read, a crash of that run before
+then (NATS still away) lost what the clean stop had kept.
+
 >>> import tempfile, pathlib
 >>> path = pathlib.Path(tempfile.mkdtemp()) / SPOOL_NAME
 >>> save(path, [("decisions.score", "d-1", b'{"id":"d-1"}')])
->>> take(path), path.exists()
-([('decisions.score', 'd-1', b'{"id":"d-1"}')], False)
->>> take(path)
+>>> read(path), path.exists()
+([('decisions.score', 'd-1', b'{"id":"d-1"}')], True)
+>>> path.unlink(); read(path)
 []
 """
 
@@ -37,8 +41,8 @@ def save(path: Path, items: list[Item]) -> None:
     os.replace(temporary, path)
 
 
-def take(path: Path) -> list[Item]:
-    """The spooled decisions, oldest first; the file is gone afterwards (they are the caller's now)."""
+def read(path: Path) -> list[Item]:
+    """The spooled decisions, oldest first; the file stays until JetStream has them all."""
     if not path.exists():
         return []
     items = []
@@ -46,5 +50,4 @@ def take(path: Path) -> list[Item]:
         if line.strip():
             row = orjson.loads(line)
             items.append((row["subject"], row["id"], row["event"].encode()))
-    path.unlink()
     return items

@@ -276,6 +276,8 @@ class DecisionPublisher:
         self.published = 0
         self.retried = 0
         self._refusal_wait = 0.0  # > 0 while JetStream refuses: each send waits this long first
+        self._put_back: set[str] = set()  # decisions from before this start not acknowledged yet
+        self._on_all_put_back: Callable[[], None] | None = None
         self._token = 0
         self._inbox = b""
         self._work = asyncio.Event()
@@ -332,11 +334,21 @@ class DecisionPublisher:
         """What JetStream has not acknowledged, oldest first: in flight (in the order sent), then queued."""
         return [item for _, item in self.inflight.values()] + list(self.queue)
 
-    def put_back(self, items: list[tuple[str, str, bytes]]) -> None:
-        """Decisions served before this start (`decision_spool`): first in line, whatever the queue's bound."""
+    def put_back(self, items: list[tuple[str, str, bytes]], on_all_published: Callable[[], None] | None = None) -> None:
+        """Decisions served before this start (`decision_spool`): first in line, whatever the queue's
+        bound. `on_all_published` is called once JetStream has acknowledged every one of them: until
+        then their spool must stay, or a crash of this run would lose them."""
         self.queue.extendleft(reversed(items))
+        self._put_back.update(decision_id for _, decision_id, _ in items)
+        self._on_all_put_back = on_all_published
         self._idle.clear()
         self._released()
+
+    def _put_back_published(self, decision_id: str) -> None:
+        self._put_back.discard(decision_id)
+        if not self._put_back and self._on_all_put_back is not None:
+            done, self._on_all_put_back = self._on_all_put_back, None
+            done()
 
     def _on_ack(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         try:
@@ -353,6 +365,8 @@ class DecisionPublisher:
             _PUBLISHED.inc()
             if self.on_published is not None:
                 self.on_published(item[1], item[2])
+            if self._put_back:
+                self._put_back_published(item[1])
             if self.on_stored is not None:
                 seq = _stored_seq(data)
                 if seq is not None:

@@ -43,9 +43,8 @@ async def test_a_decision_spooled_at_a_stop_keeps_the_reward_it_was_credited(
     await running.stop()
     spool = tmp_path / "data" / decision_spool.SPOOL_NAME
     assert spool.exists(), "the stop kept the unpublished decision"
-    if landed:  # put in the stream as the refused publish would have, the spool left as it was
-        [(subject, _, payload)] = decision_spool.take(spool)
-        decision_spool.save(spool, [(subject, decision, payload)])
+    if landed:  # put in the stream as the refused publish would have
+        [(subject, _, payload)] = decision_spool.read(spool)
         await js.add_stream(name="DECISIONS", subjects=["decisions.>"])
         await js.publish(subject, payload, headers={"Nats-Msg-Id": decision})
 
