@@ -15,12 +15,18 @@ A decision event (wire contract v1, subject `decisions.score`, header `Nats-Msg-
 The learner joins feedback with the `features` and the candidate's own fields, so a model
 learns from the features as they were served.
 
->>> payload = encode({"id": "d-1", "type": "decision.scored", "user_id": "u"})
+Every decision read back is checked for what the learner's join and its `tip_scores` row use (one
+from another publisher may lack it); one that falls short goes to the DLQ saying what to fix.
+
+>>> payload = encode({"id": "d-1", "type": "decision.scored", "ts": "2026-11-26T08:00:00+01:00", "user_id": "u",
+...                   "model_version": "v1", "features": {}, "ranked": [{"tip_id": "t", "score": 0.5, "propensity": 1}]})
 >>> decoded = decode_decision("decisions.score", payload)
->>> decoded.id, decoded.data == payload
-('d-1', True)
+>>> decoded.id, decoded.data == payload, decoded.body["user_id"]
+('d-1', True, 'u')
 >>> decode_decision("decisions.score", b'{"id": 7}').kind
 'invalid_field'
+>>> decode_decision("decisions.score", payload.replace(b'"tip_id":"t"', b'"tip":"t"')).reason
+"ranked[0]: field 'tip_id' must be a string of 1-128 characters without NUL"
 """
 
 from __future__ import annotations
@@ -47,7 +53,6 @@ _PUBLISHED, _RETRIED = DECISIONS.labels("published"), DECISIONS.labels("retried"
 
 SUBJECT_SCORE = "decisions.score"
 DECISION_TYPE = "decision.scored"
-_ID_PREFIX = b'{"id":"'
 
 
 _PROCESS = os.urandom(4).hex()  # unique per process start: ids never repeat across restarts
@@ -91,33 +96,94 @@ def encode(decision: dict[str, Any]) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class LoggedDecision:
-    """A decision read back from the DECISIONS stream: its id, and its bytes (parsed on demand)."""
+    """A decision read back from the DECISIONS stream: its id, its bytes and, once checked, its body."""
 
     id: str
     data: bytes
+    body: dict[str, Any] | None = None  # None: parsed from `data` when needed
 
     def parsed(self) -> dict[str, Any]:
-        return orjson.loads(self.data)
+        return self.body if self.body is not None else orjson.loads(self.data)
+
+
+# Text fields and the length of the `tip_scores` column each lands in (`db.tip_scores`): a longer
+# value, or one holding a NUL (PostgreSQL stores none), failed every checkpoint after it.
+_REQUIRED_TEXT = (("id", 128), ("user_id", 128), ("model_version", 64))
+_OPTIONAL_TEXT = (("shadow_version", 64), ("prompt_version", 64), ("policy", 32))
+_KIND_MAX = 16
+
+
+def _text(value: Any, limit: int, required: bool = True) -> bool:
+    if value is None:
+        return not required
+    shortest = 1 if required else 0
+    return isinstance(value, str) and shortest <= len(value) <= limit and "\x00" not in value
+
+
+_NUMBERS = (int, float)  # exact classes: orjson makes no others, and a bool is no number here
+
+
+def _candidate_problem(candidate: Any) -> str | None:
+    # Class identity rather than isinstance: a restart re-reads every decision of the join window.
+    if candidate.__class__ is not dict:
+        return "a candidate must be an object"
+    tip_id = candidate.get("tip_id")
+    if tip_id.__class__ is not str or not 0 < len(tip_id) <= 128 or "\x00" in tip_id:
+        return "field 'tip_id' must be a string of 1-128 characters without NUL"
+    if candidate.get("score").__class__ not in _NUMBERS or candidate.get("propensity").__class__ not in _NUMBERS:
+        return "fields 'score' and 'propensity' must be numbers"
+    category, features = candidate.get("category"), candidate.get("features")
+    if (category is not None and category.__class__ is not str) or (features is not None and features.__class__ is not dict):
+        return "'category' must be a string and 'features' an object, when given"
+    return None
+
+
+def _aware_time(value: Any) -> bool:
+    try:
+        return isinstance(value, str) and datetime.fromisoformat(value).tzinfo is not None
+    except ValueError:
+        return False
+
+
+def decision_problem(body: dict[str, Any]) -> Rejection | None:
+    """Why a decision cannot be joined or get its `tip_scores` row, or None. A decision /score
+    wrote always passes; one from another publisher that did not was joined anyway, and feedback
+    naming it failed in the learner, holding FEEDBACK at that event for good."""
+    for name, limit in _REQUIRED_TEXT:
+        if not _text(body.get(name), limit):
+            return Rejection("invalid_field", f"field {name!r} must be a string of 1-{limit} characters without NUL")
+    for name, limit in _OPTIONAL_TEXT:
+        if not _text(body.get(name), limit, required=False):
+            return Rejection("invalid_field", f"field {name!r} must be a string of at most {limit} characters "
+                                              "without NUL, or null")
+    kind = body.get("type", DECISION_TYPE)
+    if not isinstance(kind, str) or not _text(kind.split(".", 1)[-1], _KIND_MAX):
+        return Rejection("invalid_field", f"field 'type' must be a string, its part after the first dot 1-{_KIND_MAX} "
+                                          "characters without NUL")
+    if not _aware_time(body.get("ts")):
+        return Rejection("invalid_field", "field 'ts' must be an ISO 8601 time with a UTC offset")
+    ranked = body.get("ranked")
+    if not isinstance(ranked, list) or not ranked or not isinstance(body.get("features"), dict):
+        return Rejection("missing_field", "a decision needs 'ranked' (a list of 1 or more candidates) and "
+                                          "'features' (an object)")
+    for i, candidate in enumerate(ranked):
+        problem = _candidate_problem(candidate)
+        if problem is not None:
+            return Rejection("invalid_field", f"ranked[{i}]: {problem}")
+    return None
 
 
 def decode_decision(subject: str, data: bytes) -> LoggedDecision | Rejection:
-    """The ingest `decode` for DECISIONS: the id from the first bytes when they are ours, else a full parse."""
-    if data.startswith(_ID_PREFIX):
-        end = data.find(b'"', len(_ID_PREFIX))
-        if 0 < end <= len(_ID_PREFIX) + 128 and b"\\" not in data[len(_ID_PREFIX):end]:
-            return LoggedDecision(data[len(_ID_PREFIX):end].decode(), data)
+    """The ingest `decode` for DECISIONS: parsed and checked (`decision_problem`). The learner
+    parsed every decision read back anyway, for its row; it takes this body instead."""
     try:
         body = orjson.loads(data)
     except orjson.JSONDecodeError as error:
         return Rejection("invalid_json", f"decision is not valid JSON: {error}")
     if not isinstance(body, dict):
         return Rejection("invalid_json", "a decision must be a JSON object")
-    ident = body.get("id")
-    if not isinstance(ident, str) or not 1 <= len(ident) <= 128:
-        return Rejection("invalid_field", "field 'id' must be a string of 1-128 characters")
-    if not isinstance(body.get("ranked"), list) or not isinstance(body.get("features"), dict):
-        return Rejection("missing_field", "a decision needs 'ranked' (a list) and 'features' (an object)")
-    return LoggedDecision(ident, data)
+    problem = decision_problem(body)
+    return problem if problem is not None else LoggedDecision(body["id"], data, body)
 
 
 def candidate_input(tip_id: str, category: str | None, features: dict[str, Any] | None) -> dict[str, Any]:

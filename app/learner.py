@@ -201,7 +201,7 @@ class Learner:
                 return False  # replayed from before the join window: nothing can join it any more
             # Joinable for the window from its creation, not from when it was read back.
             entry = _Entry(logged.data, self.store.positions.get("DECISIONS", 0),
-                           min(created, now_ms) if created is not None else now_ms, None)
+                           min(created, now_ms) if created is not None else now_ms, logged.body)
             self._adopt_credits(logged.id, entry)
             self._insert(logged.id, entry, replayed=self.replaying)
         elif entry.logged:

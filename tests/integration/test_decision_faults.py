@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from app import decision_spool
 from tests.conftest import eventually
-from tests.e2e.test_learning import BODY, count, feedback, publish
+from tests.e2e.test_learning import BODY, NOW, count, feedback, publish
 
 
 def tip_scores(url: str) -> dict[str, object]:
@@ -59,3 +59,52 @@ async def test_a_decision_spooled_at_a_stop_keeps_the_reward_it_was_credited(
     await eventually(lambda: service.store.positions.get("FEEDBACK") == 2)
     assert service.lineup.champion.n_learned == learned, "the reaction was learned twice"
     assert count("duplicate") == duplicates + 1
+
+
+def foreign(decision_id: str, **changes: object) -> dict[str, object]:
+    """A decision as another publisher writes it to DECISIONS, with `changes`."""
+    return {"id": decision_id, "type": "decision.scored", "v": 1, "ts": NOW, "user_id": "u-1", "model_version": "v1",
+            "policy": "greedy", "features": {"user_id": "u-1", "hour_of_day": 9},
+            "ranked": [{"tip_id": "tip-focus-1", "category": "focus", "score": 0.5, "propensity": 1.0}], **changes}
+
+
+def dead_lettered() -> float:
+    from app.metrics import METRICS
+
+    return sum(s.value for metric in METRICS.dlq.collect() for s in metric.samples
+               if s.name.endswith("_total") and s.labels["stream"] == "DECISIONS")
+
+
+MALFORMED = {  # each one a field the learner or a tip_scores row needs
+    "no-tip-id": {"ranked": [{"score": 0.5, "propensity": 1.0}]},
+    "no-candidate": {"ranked": []},
+    "no-user": {"user_id": None},
+    "no-ts": {"ts": "yesterday"},
+    "score-text": {"ranked": [{"tip_id": "tip-focus-1", "score": "high", "propensity": 1.0}]},
+    "tip-id-too-long": {"ranked": [{"tip_id": "t" * 200, "score": 0.5, "propensity": 1.0}]},
+    "kind-too-long": {"type": "decision." + "x" * 40},
+    "nul-in-user": {"user_id": "u-\u0000"},
+    "features-list": {"ranked": [{"tip_id": "tip-focus-1", "features": [1], "score": 0.5, "propensity": 1.0}]},
+}
+
+
+async def test_a_malformed_decision_from_another_publisher_goes_to_the_dlq(start_service, nc, database_url) -> None:
+    """Decisions are read back from DECISIONS, also those others publish. One lacking what a row or
+    a join needs used to be joined anyway: feedback naming it failed in the learner and held FEEDBACK
+    at that event for good, and a value its `tip_scores` column cannot hold failed every checkpoint."""
+    running = await start_service(database_url=database_url, checkpoint_every_s=0.1)
+    service, js = running.service, nc.jetstream()
+    before = dead_lettered()
+    for name, changes in MALFORMED.items():
+        event = foreign(f"d-bad-{name}", **changes)
+        await js.publish("decisions.score", orjson.dumps(event), headers={"Nats-Msg-Id": event["id"]})
+        await publish(js, feedback(f"f-{name}", event["id"], "tip-focus-1", "acted"))
+    await js.publish("decisions.score", orjson.dumps(foreign("d-good")), headers={"Nats-Msg-Id": "d-good"})
+    await publish(js, feedback("f-good", "d-good", "tip-focus-1", "acted"))
+
+    await eventually(lambda: service.learner.credited == 1, timeout=10)
+    assert dead_lettered() == before + len(MALFORMED)
+    assert service.store.positions["FEEDBACK"] == len(MALFORMED) + 1
+    last = (await js.stream_info("DECISIONS")).state.last_seq
+    await eventually(lambda: (service.checkpointer._saved_positions or {}).get("DECISIONS", 0) >= last, timeout=10)
+    assert "d-good" in tip_scores(service.settings.sqlalchemy_url)
