@@ -303,6 +303,7 @@ class Service:
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS; resuming each stream from its own position")
+        self.publisher.reconnected()
         for ingest in self.ingests:
             ingest.request_reset()
 

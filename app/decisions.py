@@ -308,6 +308,9 @@ def _stored_seq(ack: bytes) -> int | None:
     return int(ack[start:end]) if end > start else None
 
 
+AWAY_POLL_S = 0.1  # how often the publisher looks for the connection while NATS is away
+
+
 class DecisionLogFull(Exception):
     """The queue stayed full: JetStream is away or slower than /score."""
 
@@ -446,6 +449,16 @@ class DecisionPublisher:
             self._requeue([item])
         self._released()
 
+    def reconnected(self) -> None:
+        """NATS is back on a new connection. What was sent on the old one and not acknowledged never
+        will be (the acknowledgement went to a dead socket): send it again now rather than after
+        `ack_timeout_s`, so that it is not held in memory, exposed to a crash, for seconds."""
+        if self.inflight:
+            self._requeue([item for _, item in self.inflight.values()])
+            self.inflight.clear()
+        self._released()
+        self._work.set()
+
     def _released(self) -> None:
         queued, inflight = len(self.queue), len(self.inflight)
         if queued + inflight < self.queue_max and not self._room.is_set():
@@ -494,8 +507,10 @@ class DecisionPublisher:
             if not self.queue or room <= 0:
                 continue
             if nc is None or not nc.is_connected:
-                await asyncio.sleep(backoff)  # nothing is sent while away; the queue holds them
-                backoff = min(backoff * 2, 5.0)
+                # Nothing is sent while away; the queue holds them. Looked at often, not after waits
+                # that double: those reached 5 s, and the decisions served during an outage stayed
+                # here that long after NATS was back.
+                await asyncio.sleep(AWAY_POLL_S)
                 self._work.set()
                 continue
             backoff = 0.1

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import time
+
 import httpx
 import orjson
 import pytest
@@ -108,3 +111,51 @@ async def test_a_malformed_decision_from_another_publisher_goes_to_the_dlq(start
     last = (await js.stream_info("DECISIONS")).state.last_seq
     await eventually(lambda: (service.checkpointer._saved_positions or {}).get("DECISIONS", 0) >= last, timeout=10)
     assert "d-good" in tip_scores(service.settings.sqlalchemy_url)
+
+
+async def reconnected(service: object, nats_server: object) -> float:
+    """Start NATS again and wait until the service is connected; the time it was."""
+    nats_server.start()  # type: ignore[attr-defined]
+    await eventually(lambda: service.nc.is_connected, timeout=10)  # type: ignore[attr-defined]
+    return time.monotonic()
+
+
+async def test_decisions_queued_while_nats_was_away_are_published_as_soon_as_it_is_back(
+        start_service, nats_server) -> None:
+    """The publisher looked for the connection again after waits that doubled up to 5 s: after an
+    outage of a few seconds, the decisions served meanwhile stayed in memory (exposed to a crash,
+    filling the queue towards 503s) for seconds after NATS was back."""
+    running = await start_service()
+    service = running.service
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        assert (await http.post("/score", json=BODY)).status_code == 200
+        await eventually(lambda: service.publisher.published == 1)
+        nats_server.stop()
+        await eventually(lambda: not service.nc.is_connected)
+        for _ in range(5):
+            assert (await http.post("/score", json=BODY)).status_code == 200
+        outage_ends = time.monotonic() + 3.3  # the waits had reached 1.6 s, the next was 3.2
+        await eventually(lambda: time.monotonic() > outage_ends, timeout=5, interval=0.1)
+    back = await reconnected(service, nats_server)
+    await eventually(lambda: service.publisher.published == 6, timeout=10)
+    assert time.monotonic() - back < 1.0, "published within a second of NATS being back"
+
+
+async def test_decisions_in_flight_when_nats_went_away_are_sent_again_once_it_is_back(
+        start_service, nats_server) -> None:
+    """A decision written to a connection that then died gets no acknowledgement: on the new
+    connection it is sent again at once, not after the 5 s acknowledgement timeout."""
+    running = await start_service()
+    service = running.service
+    await eventually(lambda: service.decision_tail.following)
+    nats_server.process.send_signal(signal.SIGSTOP)  # the server takes the decision and never answers
+    try:
+        async with httpx.AsyncClient(base_url=running.base_url) as http:
+            assert (await http.post("/score", json=BODY)).status_code == 200
+        await eventually(lambda: len(service.publisher.inflight) == 1)
+    finally:
+        nats_server.process.kill()
+        nats_server.process.wait(10)
+    back = await reconnected(service, nats_server)
+    await eventually(lambda: service.publisher.published == 1, timeout=10)
+    assert time.monotonic() - back < 1.0, "sent again on the new connection at once"
