@@ -133,7 +133,8 @@ class Service:
             ingest = StreamIngest(
                 self.nc, js, spec, self.store, self.checkpointer, batch=s.ingest_batch,
                 max_event_bytes=s.max_event_bytes, max_uncheckpointed=s.max_uncheckpointed_events,
-                max_future_s=s.max_future_s, **self._ingest_hooks(spec),
+                max_future_s=s.max_future_s, dead_lettered_upto=self._checkpointed.get(spec.name, 0),
+                **self._ingest_hooks(spec),
             )
             await ingest.start()
             self.ingests.append(ingest)

@@ -90,8 +90,8 @@ class StreamIngest:
         self.max_future = None if max_future_s is None else timedelta(seconds=max_future_s)
         self.durable = f"tipstream-{spec.name.lower()}"
         # Messages up to here were read before this start, and the bad ones dead-lettered then: a
-        # stream re-read from further back (DECISIONS, to rebuild the learner's join cache) must
-        # not put them in the DLQ again on every restart.
+        # stream re-read from further back (DECISIONS, to rebuild the learner's join cache; FEEDBACK,
+        # from the learner's last snapshot) must not put them in the DLQ again on every restart.
         self.dead_lettered_upto = dead_lettered_upto
         # `read`: how far this stream has been read, for another to wait on. `after`: until that
         # other stream has caught up once, a chunk waits for it to be read past when the chunk's

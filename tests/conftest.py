@@ -140,6 +140,14 @@ async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: 
         await asyncio.sleep(interval)
 
 
+def dead_lettered(stream: str) -> float:
+    """`tipstream_dlq_total` of `stream`, over every reason (the registry is this process's)."""
+    from app.metrics import METRICS
+
+    return sum(s.value for metric in METRICS.dlq.collect() for s in metric.samples
+               if s.name.endswith("_total") and s.labels["stream"] == stream)
+
+
 class RunningService:
     def __init__(self, app: Any, server: Any, task: asyncio.Task[Any]) -> None:
         self.app, self.server, self.task = app, server, task

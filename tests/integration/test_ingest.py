@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 import orjson
+import sqlalchemy as sa
 
 from streams.jetstream import (
     DLQ_KIND,
@@ -17,7 +18,7 @@ from streams.jetstream import (
     DLQ_TRUNCATED,
     ensure_streams,
 )
-from tests.conftest import eventually
+from tests.conftest import dead_lettered, eventually
 
 TS = "2026-11-26T08:00:00+01:00"
 
@@ -148,3 +149,38 @@ async def test_readyz_turns_ready_once_caught_up(start_service, nc) -> None:
         assert body["streams"]["SIGNALS"] == {"caught_up": True, "lag": 0}
         assert running.service.store.positions["SIGNALS"] == 500
         assert (await http.get("/healthz")).json() == {"status": "ok"}
+
+
+def feedback(i: int, reaction: str = "liked", **data: Any) -> dict[str, Any]:
+    return {"id": f"f-{i}", "type": "tip.reacted", "user_id": "u-1", "ts": TS, "v": 1,
+            "data": {"tip_id": "tip-1", "reaction": reaction, **data}}
+
+
+def learner_positions(engine: Any) -> dict[str, int]:
+    with engine.connect() as conn:
+        row = conn.execute(sa.text("select state from learner_state where name = 'learner'")).first()
+    return orjson.loads(bytes(row[0]))["positions"] if row else {}
+
+
+async def test_a_restart_does_not_dead_letter_a_bad_feedback_again(start_service, nc) -> None:
+    """FEEDBACK is re-read from the learner's last snapshot, which moves only when the learner
+    learned something: feedback without a decision teaches it nothing. A bad message in that range
+    was dead-lettered before the stop, and must not be again at every start (before: counted and
+    published again each time, a second DLQ copy once JetStream's duplicate window had passed)."""
+    js = nc.jetstream()
+    first = await start_service(checkpoint_every_s=0.1)
+    await js.publish("feedback.tip.reacted", orjson.dumps(feedback(1, decision_id="d-unknown")))
+    await eventually(lambda: learner_positions(first.service.engine).get("FEEDBACK") == 1)  # it waits: a change
+    before = dead_lettered("FEEDBACK")
+    for i in range(2, 10):
+        await js.publish("feedback.tip.reacted", orjson.dumps(feedback(i)))
+    bad = await js.publish("feedback.tip.reacted", orjson.dumps(feedback(10, reaction="meh")))
+    await eventually(lambda: dead_lettered("FEEDBACK") == before + 1)
+    await first.stop()
+    assert learner_positions(first.service.engine)["FEEDBACK"] < bad.seq, "re-read from before the bad one"
+
+    again = await start_service()
+    await eventually(lambda: again.service.ready)
+    assert again.service.store.positions["FEEDBACK"] == bad.seq
+    assert dead_lettered("FEEDBACK") == before + 1
+    assert (await js.stream_info("DLQ")).state.messages == 1

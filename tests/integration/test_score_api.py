@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from app import db
 from streams.features import FEATURE_NAMES
-from tests.conftest import eventually
+from tests.conftest import dead_lettered, eventually
 
 NOW = "2026-11-26T09:00:00+01:00"
 
@@ -311,13 +311,6 @@ async def test_decisions_not_yet_in_jetstream_at_shutdown_are_published_at_the_n
         assert info.state.messages == 4
     finally:
         await client.close()
-
-
-def dead_lettered(stream: str) -> float:
-    from app.metrics import METRICS
-
-    return sum(s.value for metric in METRICS.dlq.collect() for s in metric.samples
-               if s.name.endswith("_total") and s.labels["stream"] == stream)
 
 
 async def test_a_restart_does_not_dead_letter_a_bad_decision_again(start_service, nc) -> None:
