@@ -125,6 +125,9 @@ class StreamIngest:
             self.wake.set()
 
     async def start(self) -> None:
+        # Dead-lettered past the last checkpoint, before a crash: read again now, but not dead-lettered
+        # again (JetStream's duplicate window covers only a quick restart).
+        self.dead_lettered_upto = max(self.dead_lettered_upto, await jsx.last_dead_lettered(self.js, self.spec))
         await self._restart_consumer()
 
     async def stop(self) -> None:

@@ -92,6 +92,26 @@ async def ensure_streams(
             log.info("updated limits of stream %s", spec.name)
 
 
+async def last_dead_lettered(js: JetStreamContext, spec: StreamSpec) -> int:
+    """The highest sequence of `spec` already in the DLQ (0: none).
+
+    Ingest dead-letters in sequence order, so the newest DLQ message from the stream holds it. One
+    stored before the stream was created came from an earlier stream of that name (re-created, its
+    sequences started again) and says nothing of this one.
+    """
+    created = (await js.stream_info(spec.name)).created
+    upto = 0
+    for subject in spec.subjects:
+        try:
+            last = await js.get_last_msg(DLQ.name, f"dlq.{subject}")
+        except NotFoundError:
+            continue
+        headers = last.headers or {}
+        if headers.get(DLQ_STREAM) == spec.name and not (created and last.time and last.time < created):
+            upto = max(upto, int(headers.get(DLQ_SEQ, 0)))
+    return upto
+
+
 def event_headers(event_id: str) -> dict[str, str]:
     return {"Nats-Msg-Id": event_id}
 

@@ -16,7 +16,10 @@ from streams.jetstream import (
     DLQ_STREAM,
     DLQ_SUBJECT,
     DLQ_TRUNCATED,
+    FEEDBACK,
+    SIGNALS,
     ensure_streams,
+    last_dead_lettered,
 )
 from tests.conftest import dead_lettered, eventually
 
@@ -184,3 +187,17 @@ async def test_a_restart_does_not_dead_letter_a_bad_feedback_again(start_service
     assert again.service.store.positions["FEEDBACK"] == bad.seq
     assert dead_lettered("FEEDBACK") == before + 1
     assert (await js.stream_info("DLQ")).state.messages == 1
+
+
+async def test_what_was_dead_lettered_is_read_from_the_dlq_but_not_from_a_stream_of_the_same_name_before(nc) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    assert await last_dead_lettered(js, SIGNALS) == 0
+    for seq in (3, 7):
+        await js.publish("dlq.signals.app.opened", b"{", headers={DLQ_STREAM: "SIGNALS", DLQ_SEQ: str(seq)})
+    await js.publish("dlq.feedback.tip.reacted", b"{", headers={DLQ_STREAM: "FEEDBACK", DLQ_SEQ: "5"})
+    assert (await last_dead_lettered(js, SIGNALS), await last_dead_lettered(js, FEEDBACK)) == (7, 5)
+
+    await js.delete_stream("SIGNALS")  # re-created: its sequences start again
+    await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    assert await last_dead_lettered(js, SIGNALS) == 0
