@@ -66,6 +66,10 @@ def test_unknown_fields_are_tolerated_but_not_kept() -> None:
         (orjson.dumps(envelope("tip.reacted", {"tip_id": "t", "reaction": "meh"})), "invalid_field", "data.reaction"),
         (orjson.dumps(envelope("task.completed", {})), "missing_field", "data.task_id"),
         (orjson.dumps({**envelope("app.opened"), "ts": "2026-11-26T08:01:02"}), "invalid_field", "ts"),
+        # Unix time has no offset: read as UTC, it made the user's zone UTC (their newest event's).
+        (orjson.dumps({**envelope("app.opened"), "ts": 1764140462}), "invalid_field", "'ts': must be ISO 8601"),
+        (orjson.dumps({**envelope("app.opened"), "ts": 1764140462.123}), "invalid_field", "with the user's UTC offset"),
+        (orjson.dumps({**envelope("app.opened"), "ts": "1764140462123"}), "invalid_field", "'ts': must be ISO 8601"),
         (orjson.dumps({**envelope("app.opened"), "id": "x" * 129}), "invalid_field", "id"),
         (orjson.dumps({**envelope("app.opened"), "v": 7}), "unsupported_version", "v=7"),
     ],
