@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -51,7 +52,10 @@ class _IsoText:
         return {"type": "string", "format": "date-time"}
 
 
-EventTime = Annotated[AwareDatetime, _IsoText]
+# An instant a datetime can hold in UTC, whatever the offset: one in year 0 was folded, then every
+# `user_features` pass failed on it (its rows are stamped with the user's newest event).
+EventTime = Annotated[AwareDatetime, Field(ge=datetime.min.replace(tzinfo=UTC), le=datetime.max.replace(tzinfo=UTC)),
+                      _IsoText]
 Reaction = Literal["acted", "liked", "snoozed", "dismissed", "disliked"]
 REACTIONS: tuple[str, ...] = ("acted", "liked", "snoozed", "dismissed", "disliked")
 

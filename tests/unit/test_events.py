@@ -219,3 +219,27 @@ def test_the_ingest_decoder_gives_the_contracts_verdict(message: tuple[str, byte
         if not isinstance(contract, Rejection):
             contract = check_subject(contract, subject) or contract
         assert verdict(decode_wire_event(subject, raw)) == verdict(contract)
+
+
+@pytest.mark.parametrize(("ts", "accepted"), [
+    ("0001-01-01T00:00:00+05:00", False),  # 0000-12-31T19:00Z: no datetime can hold it
+    ("0001-01-01T05:00:00+05:00", True),
+    ("9999-12-31T23:59:59.999-00:01", False),
+    ("9999-12-31T23:59:59.999+00:00", True),
+])
+def test_an_event_time_must_be_an_instant_a_datetime_can_hold(ts: str, accepted: bool) -> None:
+    """One accepted event in year 0 (UTC) failed every later `user_features` pass, for every user in
+    it: its row is stamped with the user's newest event as a datetime."""
+    from datetime import UTC, datetime
+
+    from app.offline import feature_row
+    from streams.store import OnlineStore
+
+    event = parse_event(orjson.dumps({**envelope("app.opened"), "ts": ts}))
+    if not accepted:
+        assert isinstance(event, Rejection) and event.kind == "invalid_field" and "'ts'" in event.reason, event
+        return
+    store = OnlineStore()
+    store.apply(event)
+    row = feature_row(event.user_id, store, datetime.now(UTC))
+    assert row is not None and abs(row["as_of"] - event.ts).total_seconds() < 0.001
