@@ -39,20 +39,24 @@ async def test_kill_9_mid_stream_loses_nothing_and_counts_nothing_twice(
 ) -> None:
     events = list(Population(users=40, seed=11).history(days=12, start_ms=START))
     events += events[100:300]  # apps re-send some events with the same ids
-    half = len(events) // 2
+    # and some are bad: each must reach the DLQ once, also when read again after the kill
+    published = [m for i, (subject, e) in enumerate(events)
+                 for m in [(subject, e)] + [(subject, {**e, "id": f"bad-{i}", "ts": "soon"})] * (i % 50 == 0)]
+    bad = len(published) - len(events)
+    half = len(published) // 2
     js = nc.jetstream(publish_async_max_pending=2_000)
     env = {"NATS_URL": nats_server.url, "DATABASE_URL": database_url,
            "TIPSTREAM_CHECKPOINT_EVERY_EVENTS": "500", "TIPSTREAM_CHECKPOINT_EVERY_S": "0.2",
-           "TIPSTREAM_INGEST_BATCH": "256"}
+           "TIPSTREAM_INGEST_BATCH": "256", "TIPSTREAM_DUPLICATE_WINDOW_S": "1"}  # hides no second DLQ copy
     service = ServiceProcess(tmp_path / "data", env).start()
-    await publish_events(js, events[:half])
+    await publish_events(js, published[:half])
     # Kill after a checkpoint but before ingest has finished: acked events exist past the checkpoint.
     wait_until(lambda: checkpointed(database_url, "SIGNALS") > 1_000, what="a first checkpoint")
     service.kill()
     assert checkpointed(database_url, "SIGNALS") < half, "the kill should land mid-stream"
 
     service = ServiceProcess(tmp_path / "data", env).start()
-    await publish_events(js, events[half:])
+    await publish_events(js, published[half:])
     total = {name: (await js.stream_info(name)).state.last_seq for name in ("SIGNALS", "FEEDBACK")}
     wait_until(lambda: all(service.metric("tipstream_stream_position", stream=s) == n for s, n in total.items()),
                timeout=60, what="caught up")
@@ -69,6 +73,7 @@ async def test_kill_9_mid_stream_loses_nothing_and_counts_nothing_twice(
     assert set(recovered) == set(expected.users)
     mismatched = [u for u, state in expected.users.items() if state.to_bytes() != recovered[u]]
     assert not mismatched, f"{len(mismatched)} users differ from an uninterrupted fold"
+    assert (await js.stream_info("DLQ")).state.messages == bad
 
 
 async def test_a_bad_event_dead_lettered_before_a_kill_9_is_not_dead_lettered_again(
