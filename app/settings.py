@@ -53,7 +53,9 @@ class Settings(BaseSettings):
         -1, description="Byte limit per stream (-1: none). Oldest events go first when reached."
     )
     duplicate_window_s: float = Field(
-        120.0, gt=0, description="JetStream's `Nats-Msg-Id` duplicate window; tipstream's own id memory covers the rest."
+        120.0, gt=0, description="JetStream's `Nats-Msg-Id` duplicate window: a re-sent id is dropped within it, "
+        "whatever its content. After it, the fold recognises the same event (same id, type, user, time "
+        "and kept fields) for as long as it can matter; the same id with other content counts again."
     )
     dlq_max_age_days: float = Field(30.0, gt=0, description="Retention of the DLQ stream.")
     max_event_bytes: int = Field(
