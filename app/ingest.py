@@ -13,7 +13,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -104,7 +104,7 @@ class StreamIngest:
         # a decision is known before its feedback comes, and rewards are learned in FEEDBACK's
         # order; read first, a reward waits and is learned in DECISIONS' order instead.
         self.read, self.after = read, after
-        self.progress_every_s = jsx.ACK_WAIT_S / 3  # while waiting for `after` (`_wait_for_after`)
+        self.progress_every_s = jsx.ACK_WAIT_S / 3  # while waiting for `after`, or for checkpoints
         self._progressed = 0.0
         self.buffer: list[jsx.RawMsg] = []
         self.wake = asyncio.Event()
@@ -199,20 +199,24 @@ class StreamIngest:
         after every ack_wait (folded again, the bad ones dead-lettered again, held twice)."""
         assert self.after is not None
         while True:
-            due = self._progressed + self.progress_every_s - time.monotonic()
-            if due <= 0:
-                self._progressed = time.monotonic()
-                for _, reply, _ in (*held, *self.buffer):
-                    try:
-                        await self.nc.publish(reply.decode(), b"+WPI")
-                    except Exception:  # noqa: BLE001, S110 - advisory, as acks are
-                        pass
-                continue
             try:
-                await asyncio.wait_for(self.after.reached(stored_ms), timeout=due)
+                await asyncio.wait_for(self.after.reached(stored_ms), timeout=await self._keep_in_progress(held))
                 return
             except TimeoutError:
                 pass
+
+    async def _keep_in_progress(self, held: Sequence[jsx.RawMsg] = ()) -> float:
+        """Every `progress_every_s`, say that the messages delivered and not acknowledged yet (`held`,
+        and the buffer) are in progress, or JetStream delivers each again after ack_wait (folded
+        again, the bad ones dead-lettered again). The seconds until the next time."""
+        if time.monotonic() - self._progressed >= self.progress_every_s:
+            self._progressed = time.monotonic()
+            for _, reply, _ in (*held, *self.buffer):
+                try:
+                    await self.nc.publish(reply.decode(), b"+WPI")
+                except Exception:  # noqa: BLE001, S110 - advisory, as acks are
+                    pass
+        return max(self._progressed + self.progress_every_s - time.monotonic(), 0.0)
 
     async def process(self, chunk: list[jsx.RawMsg]) -> None:
         store, rejected = self.store, []
@@ -313,6 +317,7 @@ class StreamIngest:
                     self.checkpointer.uncheckpointed, self.spec.name)
         self.puller.paused = True
         while self.checkpointer.uncheckpointed >= self.max_uncheckpointed // 2:
+            await self._keep_in_progress()  # the buffer: delivered before the pause, not folded yet
             await asyncio.sleep(0.2)
         if self.puller is not None:  # None: the DECISIONS tail stopped reading meanwhile (pause_reading)
             self.puller.resume()

@@ -205,3 +205,43 @@ async def test_feedback_held_back_for_decisions_longer_than_ack_wait_is_not_rede
     running.cancel()
     await ingest.stop()
     await nc.close()
+
+
+async def test_messages_held_while_checkpoints_lag_past_ack_wait_are_not_redelivered(nats_server, monkeypatch) -> None:
+    """Ingest holds while too many events wait for a checkpoint (the database away), for as long as
+    that lasts. Before, the messages delivered and not folded yet were redelivered once the hold
+    passed ack_wait: folded again (counted ignored), the bad ones dead-lettered again (past
+    JetStream's duplicate window, a second DLQ copy). They are now said to be in progress, as those
+    held for DECISIONS are."""
+    from tests.conftest import dead_lettered, eventually
+
+    real = jsx.ConsumerConfig
+    monkeypatch.setattr(jsx, "ConsumerConfig", lambda **kw: real(**{**kw, "ack_wait": 1}))  # 60 s, scaled down
+    nc = await jsx.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    await jsx.publish_events(js, [("signals.app.opened", {
+        "id": f"e{i}", "type": "app.opened", "user_id": f"u{i % 7}", "ts": "bad" if i % 100 == 0 else "2026-11-26T08:00:00Z"})
+        for i in range(1, 401)])
+    checkpoints, store = Checkpoints(), OnlineStore()
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, store, checkpoints, batch=256, max_event_bytes=16384,
+                          max_uncheckpointed=100)
+    ingest.progress_every_s = 0.3  # a third of the (scaled) ack_wait, as with the real one
+    before = dead_lettered("SIGNALS")
+    await ingest.start()
+    checkpoints.uncheckpointed = 100  # the database is away: ingest holds after its first chunk
+    running = asyncio.create_task(ingest.run())
+    while not (ingest.puller and ingest.puller.paused and ingest.buffer):
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(1.5)  # the database stays away past ack_wait
+    checkpoints.uncheckpointed = 0  # a checkpoint succeeds
+    await eventually(lambda: store.positions.get("SIGNALS") == 400)
+    await eventually(lambda: _all_acked(js, ingest.durable))  # nothing left to redeliver
+    assert (store.applied, store.ignored, dead_lettered("SIGNALS") - before) == (396, 0, 4)
+    running.cancel()
+    await ingest.stop()
+    await nc.close()
+
+
+async def _all_acked(js: Any, durable: str) -> bool:
+    return (await js.consumer_info("SIGNALS", durable)).num_ack_pending == 0
