@@ -13,7 +13,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -106,6 +106,7 @@ class StreamIngest:
         self.read, self.after = read, after
         self.progress_every_s = jsx.ACK_WAIT_S / 3  # while waiting for `after`, or for checkpoints
         self._progressed = 0.0
+        self._held: list[jsx.RawMsg] = []
         self.buffer: list[jsx.RawMsg] = []
         self.wake = asyncio.Event()
         self.reset_needed = False
@@ -179,44 +180,52 @@ class StreamIngest:
             for start in range(0, len(messages), CHUNK):
                 if self.reset_needed:
                     break
+                self._held = messages[start:]  # delivered, not acknowledged yet (`_keep_in_progress`)
                 if self.after is not None and not self.after.caught_up:
-                    await self._wait_for_after(jsx.stored_ms(messages[min(start + CHUNK, len(messages)) - 1][1]),
-                                               messages[start:])
+                    await self._wait_for_after(jsx.stored_ms(messages[min(start + CHUNK, len(messages)) - 1][1]))
                 # A user's state loaded from the checkpoint on first use can fail (the database is
                 # away): the chunk is folded again once it is back. Events folded before the
                 # failure are ignored then as seen (ids), and the learner's credits are idempotent.
                 await self._retry(functools.partial(self.process, messages[start : start + CHUNK]),
                                   "fold events (a user's state could not be loaded from the checkpoint)")
                 await asyncio.sleep(0)
+            self._held = []
             await self._hold_if_checkpoints_lag()
             if self.buffer:
                 self.wake.set()
 
-    async def _wait_for_after(self, stored_ms: int, held: list[jsx.RawMsg]) -> None:
-        """Until the stream followed (`after`) has been read past `stored_ms`. That takes minutes
-        in all (a rebuild re-reads all of DECISIONS), chunk by chunk: the messages delivered and
-        held here meanwhile are said to be in progress, or JetStream would deliver each again
-        after every ack_wait (folded again, the bad ones dead-lettered again, held twice)."""
+    async def _wait_for_after(self, stored_ms: int) -> None:
+        """Until the stream followed (`after`) has been read past `stored_ms`: minutes in all (a
+        rebuild re-reads all of DECISIONS), chunk by chunk, with what is held kept in progress."""
         assert self.after is not None
         while True:
             try:
-                await asyncio.wait_for(self.after.reached(stored_ms), timeout=await self._keep_in_progress(held))
+                await asyncio.wait_for(self.after.reached(stored_ms), timeout=await self._keep_in_progress())
                 return
             except TimeoutError:
                 pass
 
-    async def _keep_in_progress(self, held: Sequence[jsx.RawMsg] = ()) -> float:
-        """Every `progress_every_s`, say that the messages delivered and not acknowledged yet (`held`,
-        and the buffer) are in progress, or JetStream delivers each again after ack_wait (folded
-        again, the bad ones dead-lettered again). The seconds until the next time."""
+    async def _keep_in_progress(self) -> float:
+        """Every `progress_every_s`, say that the messages delivered and not acknowledged yet (the
+        batch being folded, and the buffer) are in progress: JetStream would deliver each again
+        after every ack_wait that a wait (for `after`, for a retry, for checkpoints) outlasts, to
+        be folded again, the bad ones dead-lettered again, and held twice. The seconds until the
+        next time."""
         if time.monotonic() - self._progressed >= self.progress_every_s:
             self._progressed = time.monotonic()
-            for _, reply, _ in (*held, *self.buffer):
+            # Not while NATS is away: the reconnect re-creates the consumer, which delivers them anew.
+            for _, reply, _ in (*self._held, *self.buffer) if self.nc.is_connected else ():
                 try:
                     await self.nc.publish(reply.decode(), b"+WPI")
                 except Exception:  # noqa: BLE001, S110 - advisory, as acks are
                     pass
         return max(self._progressed + self.progress_every_s - time.monotonic(), 0.0)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, keeping what is held in progress."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, await self._keep_in_progress()))
 
     async def process(self, chunk: list[jsx.RawMsg]) -> None:
         store, rejected = self.store, []
@@ -306,7 +315,7 @@ class StreamIngest:
                 raise
             except Exception as error:  # noqa: BLE001
                 log.warning("could not %s for %s (%s); retrying in %.1fs", what, self.spec.name, error, delay)
-                await asyncio.sleep(delay)
+                await self._pause(delay)
                 delay = min(delay * 2, 10.0)
 
     async def _hold_if_checkpoints_lag(self) -> None:
@@ -317,7 +326,6 @@ class StreamIngest:
                     self.checkpointer.uncheckpointed, self.spec.name)
         self.puller.paused = True
         while self.checkpointer.uncheckpointed >= self.max_uncheckpointed // 2:
-            await self._keep_in_progress()  # the buffer: delivered before the pause, not folded yet
-            await asyncio.sleep(0.2)
+            await self._pause(0.2)
         if self.puller is not None:  # None: the DECISIONS tail stopped reading meanwhile (pause_reading)
             self.puller.resume()

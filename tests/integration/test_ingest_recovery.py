@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -71,19 +72,25 @@ async def test_a_consumer_reset_with_deliveries_in_flight_folds_each_event_once_
     await nc.close()
 
 
-async def test_a_user_state_that_cannot_be_loaded_yet_holds_the_stream_until_it_can(nats_server) -> None:
-    nc, js = await seeded(nats_server)
-    store = OnlineStore()
-    store.cold = {"u3"}  # checkpointed, not loaded yet
-    failures = []
+def with_u3_cold(store: OnlineStore, away: Callable[[list[list[str]]], bool]) -> list[list[str]]:
+    """u3 is checkpointed and not loaded yet; loading it fails while `away(failures so far)`. The failures."""
+    store.cold = {"u3"}
+    failures: list[list[str]] = []
 
     def fetch_cold(users: list[str]) -> dict[str, bytes]:
-        if len(failures) < 2:
+        if away(failures):
             failures.append(users)
             raise ConnectionError("the database is away")
         return {"u3": UserState().to_bytes()}
 
     store.fetch_cold = fetch_cold
+    return failures
+
+
+async def test_a_user_state_that_cannot_be_loaded_yet_holds_the_stream_until_it_can(nats_server) -> None:
+    nc, js = await seeded(nats_server)
+    store = OnlineStore()
+    failures = with_u3_cold(store, lambda failures: len(failures) < 2)
     ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=512, max_event_bytes=16384,
                           max_uncheckpointed=10**6)
     await ingest.start()
@@ -245,3 +252,34 @@ async def test_messages_held_while_checkpoints_lag_past_ack_wait_are_not_redeliv
 
 async def _all_acked(js: Any, durable: str) -> bool:
     return (await js.consumer_info("SIGNALS", durable)).num_ack_pending == 0
+
+
+async def test_a_user_state_that_cannot_be_loaded_for_longer_than_ack_wait_gets_nothing_redelivered(
+    nats_server, monkeypatch
+) -> None:
+    """The chunk with the user waits, with what was delivered behind it, for as long as the database
+    is away. Before, all of that was redelivered after ack_wait, and again after each ack_wait
+    (each time up to max_ack_pending more copies held in memory): folded again, counted ignored."""
+    from tests.conftest import eventually
+
+    real = jsx.ConsumerConfig
+    monkeypatch.setattr(jsx, "ConsumerConfig", lambda **kw: real(**{**kw, "ack_wait": 1}))  # 60 s, scaled down
+    nc, js = await seeded(nats_server)
+    store, away = OnlineStore(), asyncio.Event()
+    away.set()
+    failures = with_u3_cold(store, lambda _: away.is_set())
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=512, max_event_bytes=16384,
+                          max_uncheckpointed=10**6)
+    ingest.progress_every_s = 0.3  # a third of the (scaled) ack_wait, as with the real one
+    await ingest.start()
+    running = asyncio.create_task(ingest.run())
+    await eventually(lambda: failures)
+    await asyncio.sleep(2.0)  # the database stays away past ack_wait
+    away.clear()
+    await eventually(lambda: store.positions.get("SIGNALS", 0) == EVENTS)
+    await eventually(lambda: _all_acked(js, ingest.durable))  # nothing left to redeliver
+    # Each failed try folds the chunk's events before u3's first again (at most e1 and e2): only those.
+    assert store.applied == EVENTS and store.ignored <= 2 * len(failures), (store.ignored, len(failures))
+    running.cancel()
+    await ingest.stop()
+    await nc.close()
