@@ -254,6 +254,9 @@ def parse_event(raw: bytes) -> Any:
             return without_nul(EVENT_ADAPTER.validate_python(upcast(orjson.loads(raw))), raw)
         except (ValidationError, orjson.JSONDecodeError):
             pass
+        except Exception as error:  # noqa: BLE001 - an upcaster meets a malformed old event: refuse it
+            return Rejection(rejection.kind, f"{rejection.reason}; upcasting it failed ({error.__class__.__name__}: "
+                                             f"{error})")
     return rejection
 
 

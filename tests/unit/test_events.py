@@ -97,6 +97,19 @@ def test_upcasters_bring_old_versions_forward(monkeypatch: pytest.MonkeyPatch) -
     assert event.data.task_id == "t-7" and event.v == 1
 
 
+@pytest.mark.parametrize("data", [{"task": "t-7"}, "t-7", None])
+def test_an_old_event_its_upcaster_cannot_read_is_refused_not_raised(monkeypatch: pytest.MonkeyPatch,
+                                                                      data: object) -> None:
+    """Upcasters are written for well-formed old events. One that fails on a malformed one (here a
+    KeyError or TypeError) used to escape `parse_event`: the ingest retried its chunk for ever, and
+    the stream stopped at that event."""
+    monkeypatch.setitem(events.UPCASTERS, ("task.completed", 0),
+                        lambda raw: {**raw, "v": 1, "data": {"task_id": raw["data"]["todo"]}})
+    result = parse_event(orjson.dumps({**envelope("task.completed"), "v": 0, "data": data}))
+    assert isinstance(result, Rejection) and result.kind == "unsupported_version", result
+    assert "v=0" in result.reason and "upcasting it failed" in result.reason
+
+
 def test_committed_docs_match_the_code() -> None:
     from pathlib import Path
 
