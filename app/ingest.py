@@ -104,7 +104,7 @@ class StreamIngest:
         # a decision is known before its feedback comes, and rewards are learned in FEEDBACK's
         # order; read first, a reward waits and is learned in DECISIONS' order instead.
         self.read, self.after = read, after
-        self.progress_every_s = jsx.ACK_WAIT_S / 3  # while waiting for `after`, or for checkpoints
+        self.progress_every_s = jsx.ACK_WAIT_S / 3  # while a wait holds delivered messages (`_keep_in_progress`)
         self._progressed = 0.0
         self._held: list[jsx.RawMsg] = []
         self.buffer: list[jsx.RawMsg] = []

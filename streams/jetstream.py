@@ -107,8 +107,9 @@ async def last_dead_lettered(js: JetStreamContext, spec: StreamSpec) -> int:
         except NotFoundError:
             continue
         headers = last.headers or {}
-        if headers.get(DLQ_STREAM) == spec.name and not (created and last.time and last.time < created):
-            upto = max(upto, int(headers.get(DLQ_SEQ, 0)))
+        seq = headers.get(DLQ_SEQ, "")
+        if headers.get(DLQ_STREAM) == spec.name and seq.isdigit() and not (created and last.time and last.time < created):
+            upto = max(upto, int(seq))
     return upto
 
 
