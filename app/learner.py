@@ -147,6 +147,7 @@ class Learner:
         JOIN_CACHE.set_function(lambda: len(self.cache) + len(self._replayed))
         PENDING.set_function(lambda: self._waiting)
         self._changed = False
+        self._snapshot_positions = (0, 0)  # (FEEDBACK, DECISIONS) of the last snapshot taken
         self._last_snapshot = 0.0
         self._models_cost_s = 0.0  # what copying and serialising the models took last time
         self._unconfirmed: list[int] = []
@@ -422,18 +423,22 @@ class Learner:
         # ms more, taking the GIL in turns). Snapshots are spaced so that both together stay under
         # MODELS_LOOP_SHARE of the time; a restart replays a little more.
         every_s = max(self.snapshot_every_s, self._models_cost_s / MODELS_LOOP_SHARE)
-        if not force and not failed and (not self._changed or now - self._last_snapshot < every_s):
+        positions = self.store.positions
+        # Re-reading from the oldest position any held decision was added at finds them all again.
+        fronts = [next(iter(c.values())).position for c in (self._replayed, self.cache) if c]
+        resume = (positions.get("FEEDBACK", 0), min(fronts) if fronts else positions.get("DECISIONS", 0))
+        # Read further with nothing learned (feedback without a decision) is a change too: the
+        # next start re-reads from these positions, and they stood still for such feedback.
+        changed = self._changed or resume != self._snapshot_positions
+        if not force and not failed and (not changed or now - self._last_snapshot < every_s):
             return None
         self._gen += 1
         self._unconfirmed.append(self._gen)
         self._changed = False
+        self._snapshot_positions = resume
         self._last_snapshot = now
-        positions = self.store.positions
-        # Re-reading from the oldest position any held decision was added at finds them all again.
-        fronts = [next(iter(c.values())).position for c in (self._replayed, self.cache) if c]
-        resume = min(fronts) if fronts else positions.get("DECISIONS", 0)
         state = {
-            "positions": {"FEEDBACK": positions.get("FEEDBACK", 0), "DECISIONS": resume},
+            "positions": {"FEEDBACK": resume[0], "DECISIONS": resume[1]},
             "credits": {d: [e.credits, e.rewarded_ms] for d, e in self._credited.items()}
                        | {d: [c, r] for d, (c, r) in self._restored_credits.items()},
             "pending": [[d, t, reaction, at, user_id, stored] for d, waiting in self.pending.items()

@@ -743,3 +743,18 @@ def test_a_rebuild_stopped_half_way_goes_on_as_a_rebuild(tmp_path: Path) -> None
     assert delta(before) == {"waiting": 1, "credited": 1}
     for world in (earlier, rebuild, resumed):
         world.engine.dispose()
+
+
+def test_feedback_that_teaches_nothing_still_moves_the_snapshots_position(world: World) -> None:
+    """Feedback without a decision changes no model, but FEEDBACK has been read past it. A snapshot
+    left at its old position had every restart re-read FEEDBACK from there: all of it, for an app
+    that never names decisions."""
+    world.learner.saved(world.learner.snapshot(force=True))
+    for _ in range(3):
+        world.react(None, "a")
+    world.store.advance("FEEDBACK", 3)
+    moved = world.learner.snapshot()
+    assert moved is not None and orjson.loads(moved["state"])["positions"]["FEEDBACK"] == 3
+    assert moved["models"] == {}, "nothing learned: the models are not copied again"
+    world.learner.saved(moved)
+    assert world.learner.snapshot() is None
