@@ -7,7 +7,8 @@ definitions serving uses, so there is no train/serve skew.
 Steps of one pass:
 1. Take the users saved by checkpoints since the last pass.
 2. Evaluate their features in small chunks, pausing between chunks so the pass uses at most
-   a tenth of the event loop.
+   a tenth of the event loop. A user whose row cannot be computed is logged and kept for the
+   next pass; the others' rows are still written.
 3. Upsert the rows in batches, in a worker thread; on failure, keep the users for the next pass.
 """
 
@@ -64,21 +65,32 @@ class OfflineFeatureWriter:
         users, self.pending = sorted(self.pending), set()
         now = datetime.now(UTC)
         rows: list[dict[str, Any]] = []
-        for start in range(0, len(users), EVALUATE_CHUNK):
-            began = time.perf_counter()
-            for user_id in users[start : start + EVALUATE_CHUNK]:
-                row = feature_row(user_id, self.store, now)
-                if row is not None:
-                    rows.append(row)
-            # At most a tenth of the event loop: analytics must not slow ingest or the API.
-            await asyncio.sleep((time.perf_counter() - began) * (1 / CPU_SHARE - 1))
+        failed: list[str] = []
         try:
+            for start in range(0, len(users), EVALUATE_CHUNK):
+                began = time.perf_counter()
+                for user_id in users[start : start + EVALUATE_CHUNK]:
+                    try:
+                        row = feature_row(user_id, self.store, now)
+                    except Exception as error:  # noqa: BLE001 - one user must not cost the others their rows
+                        failed.append(user_id)
+                        if len(failed) == 1:
+                            log.warning("user_features: the row of %r could not be computed (%s: %s); it is tried "
+                                        "again next pass", user_id, type(error).__name__, error)
+                        continue
+                    if row is not None:
+                        rows.append(row)
+                # At most a tenth of the event loop: analytics must not slow ingest or the API.
+                await asyncio.sleep((time.perf_counter() - began) * (1 / CPU_SHARE - 1))
             await asyncio.to_thread(self._write, rows)
         except BaseException:
             self.pending.update(users)
             raise
         finally:
+            self.pending.update(failed)
             METRICS.offline_pending.set(len(self.pending))
+        if len(failed) > 1:
+            log.warning("user_features: %d users' rows could not be computed this pass", len(failed))
         self.rows_written += len(rows)
         return len(rows)
 
