@@ -331,7 +331,7 @@ class Learner:
                     del pending[decision_id]
 
     def expire(self) -> None:
-        """Give up on feedback that waited too long (also called periodically)."""
+        """Give up on feedback that waited too long (each checkpoint's `snapshot` does this too)."""
         self._expire_pending(self.clock())
 
     def _credit(self, decision_id: str, entry: _Entry, tip_id: str, reaction: str, user_id: str | None,
