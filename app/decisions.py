@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import os
 import time
 from collections import OrderedDict, deque
@@ -345,6 +346,8 @@ class DecisionPublisher:
         self.published = 0
         self.retried = 0
         self._refusal_wait = 0.0  # > 0 while JetStream refuses: each send waits this long first
+        self._refused_at = -math.inf  # when it last doubled: refusals of decisions sent before are that round's
+        self._refused_ahead = 0  # refused since the last send, back at the front of the queue in order
         self._put_back: set[str] = set()  # decisions from before this start not acknowledged yet
         self._on_all_put_back: Callable[[], None] | None = None
         self._token = 0
@@ -427,7 +430,7 @@ class DecisionPublisher:
         sent = self.inflight.pop(token, None)
         if sent is None:
             return  # answered after we gave up on it: it was re-queued already
-        _, item = sent
+        sent_at, item = sent
         if data.startswith(b'{"stream"') and b'"error"' not in data:
             self.published += 1
             self._refusal_wait = 0.0
@@ -442,11 +445,19 @@ class DecisionPublisher:
                     self.on_stored(seq)
         else:  # an error answer, or a status such as 503 no responders
             # Retried after a wait that doubles while refusals go on: a refusal that lasts (the
-            # stream gone) was retried thousands of times a second, each with a warning.
-            self._refusal_wait = min(max(self._refusal_wait * 2, 0.1), 5.0)
-            log.warning("JetStream refused decision %s (%s); retrying in %.1fs", item[1],
-                        (data or headers or b"")[:200], self._refusal_wait)
-            self._requeue([item])
+            # stream gone) was retried thousands of times a second, each with a warning. Doubled
+            # once per round of sends, not per decision refused: one refused batch took it to
+            # the ceiling at once.
+            if sent_at >= self._refused_at:
+                self._refused_at = time.monotonic()
+                self._refusal_wait = min(max(self._refusal_wait * 2, 0.1), 5.0)
+                log.warning("JetStream refused decision %s (%s); retrying in %.1fs", item[1],
+                            (data or headers or b"")[:200], self._refusal_wait)
+            # Behind those refused before it, not in front: one at a time at the front reversed them.
+            self.queue.insert(min(self._refused_ahead, len(self.queue)), item)
+            self._refused_ahead += 1
+            self.retried += 1
+            _RETRIED.inc()
         self._released()
 
     def reconnected(self) -> None:
@@ -521,6 +532,7 @@ class DecisionPublisher:
     async def _send(self, nc: Any, count: int) -> None:
         """One buffer of `count` HPUB commands, handed to the client's writer."""
         now = time.monotonic()
+        self._refused_ahead = 0
         parts = []
         inbox, inflight = self._inbox, self.inflight
         for _ in range(count):
