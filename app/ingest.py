@@ -25,7 +25,7 @@ from app.metrics import METRICS
 from streams import jetstream as jsx
 from streams.events import EVENT_ADAPTER, FAMILY_OF_TYPE, Rejection, check_subject, parse_event, without_nul
 from streams.fold import FutureEvent
-from streams.store import OnlineStore
+from streams.store import OnlineStore, StateUnavailable
 
 log = logging.getLogger("tipstream.ingest")
 CHUNK = 256  # events folded between two chances for the API to run
@@ -261,6 +261,17 @@ class StreamIngest:
                     rejected.append((msg, Rejection(
                         "future_ts", f"ts {event.ts.isoformat()} is more than {self.max_future} ahead of when "
                         "JetStream stored it; fix the publisher's clock (or raise TIPSTREAM_MAX_FUTURE_S)")))
+                except StateUnavailable:
+                    raise  # the database is away: the chunk is folded again once it is back (`_retry`)
+                except Exception as error:  # one event must not hold the stream for ever
+                    # A bug of ours that this event brings out: retried, it held every later event
+                    # of the stream, for every user. It is kept in the DLQ, as a bad event is.
+                    log.exception("%s #%d could not be processed; it goes to the DLQ and the stream moves "
+                                  "on. This is a bug in tipstream: please report it with the DLQ message",
+                                  self.spec.name, jsx.stream_sequence(reply)[0])
+                    rejected.append((msg, Rejection(
+                        "processing_failed", f"processing failed: {type(error).__name__}: {error} (a bug in "
+                        "tipstream; once fixed, publish the event again)")))
         for msg, rejection in rejected:
             await self._retry(functools.partial(self._dead_letter, msg, rejection), "publish to the DLQ")
         last_reply = chunk[-1][1]

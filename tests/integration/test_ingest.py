@@ -203,3 +203,29 @@ async def test_what_was_dead_lettered_is_read_from_the_dlq_but_not_from_a_stream
     await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
     assert await last_dead_lettered(js, SIGNALS) == 0
 
+
+async def test_an_event_that_fails_in_processing_goes_to_the_dlq_and_the_stream_moves_on(
+        start_service, nc, monkeypatch, caplog) -> None:
+    """An exception from folding one event (a bug: a `ts` in year 0 was one) retried its chunk for
+    ever, every later event of the stream held behind it, for every user."""
+    import streams.store
+
+    fold = streams.store.apply
+
+    def fails_on_boom(state: Any, event: Any, max_ts_ms: Any) -> bool:
+        if event.id == "boom":
+            raise ValueError("a bug in the fold")
+        return fold(state, event, max_ts_ms)
+
+    monkeypatch.setattr(streams.store, "apply", fails_on_boom)
+    running = await start_service()
+    js = nc.jetstream()
+    for body in (event(1), {**event(2), "id": "boom"}, event(3)):
+        await js.publish("signals.task.created", orjson.dumps(body), headers={"Nats-Msg-Id": body["id"]})
+    (message,) = await dlq_messages(js, 1)
+    assert message.headers[DLQ_KIND] == "processing_failed"
+    assert "ValueError: a bug in the fold" in message.headers[DLQ_REASON]
+    store = running.service.store
+    await eventually(lambda: store.positions.get("SIGNALS") == 3)
+    assert store.users["u-1"].count("task.created") == 2
+    assert "Traceback" in caplog.text, "a bug is logged with its traceback"
