@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tipstream.checkpoints")
 SERIALISE_CHUNK = 50  # ~0.6 ms of the event loop per chunk
+PROBE_EVERY_S = 0.5  # while a checkpoint waits to retry, how often it asks whether the database is back
 
 
 class Participant(Protocol):
@@ -50,6 +51,10 @@ class CheckpointStore(Protocol):
     def save(self, positions: dict[str, int], states: list[tuple[str, bytes]],
              extras: Sequence[tuple[Participant, Any]] = ()) -> None: ...
 
+    def reachable(self) -> bool:
+        """Whether the store answers now (asked while a failed checkpoint waits to retry)."""
+        ...
+
 
 class MemoryCheckpointStore:
     """For tests and the pure-core examples: same contract, no database."""
@@ -69,6 +74,9 @@ class MemoryCheckpointStore:
         for participant, snapshot in extras:
             self.extras[participant.name] = snapshot
 
+    def reachable(self) -> bool:
+        return True
+
 
 class SqlCheckpointStore:
     """SQLite or PostgreSQL, through SQLAlchemy Core."""
@@ -80,6 +88,14 @@ class SqlCheckpointStore:
         with self.engine.connect() as conn:
             positions = {row.stream: row.seq for row in conn.execute(select(db.stream_positions))}
         return positions, self.states()
+
+    def reachable(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(select(1))
+        except Exception:  # noqa: BLE001 - whatever the driver raises: not yet
+            return False
+        return True
 
     def user_ids(self) -> list[str]:
         with self.engine.connect() as conn:
@@ -147,8 +163,10 @@ class Checkpointer:
         if self.uncheckpointed >= self.every_events:
             self._wake.set()
 
+    retry_first_s, retry_max_s = 0.5, 30.0  # the wait after a failed checkpoint, doubling up to the max
+
     async def run(self) -> None:
-        backoff = 0.5
+        backoff = self.retry_first_s
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.every_s)
@@ -157,15 +175,29 @@ class Checkpointer:
             self._wake.clear()
             try:
                 await self.checkpoint()
-                backoff = 0.5
+                backoff = self.retry_first_s
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # noqa: BLE001 - any database error is retried
                 self.failures += 1
                 METRICS.checkpoint_failures.inc()
-                log.warning("checkpoint failed (%s); retrying in %.1fs. Events are safe in the streams.", error, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 30.0)
+                log.warning("checkpoint failed (%s); retrying in %.1fs, or once the database answers again. Events "
+                            "are safe in the streams.", error, backoff)
+                await self._wait_to_retry(backoff)
+                backoff = min(backoff * 2, self.retry_max_s)
+
+    async def _wait_to_retry(self, backoff_s: float) -> None:
+        """`backoff_s`, cut short once the database answers again: waited out whole, it kept /score
+        answering 503 (its decisions' rows wait for a checkpoint) up to 30 s after the database was
+        back. A database that answers at once failed on something else: the whole wait then."""
+        if await asyncio.to_thread(self.target.reachable):
+            await asyncio.sleep(backoff_s)
+            return
+        deadline = time.monotonic() + backoff_s
+        while (left := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(PROBE_EVERY_S, left))
+            if await asyncio.to_thread(self.target.reachable):
+                return
 
     async def checkpoint(self) -> bool:
         """One checkpoint; False when nothing changed since the last."""

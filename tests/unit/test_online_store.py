@@ -47,12 +47,16 @@ class FlakyStore(MemoryCheckpointStore):
     def __init__(self, failures: int) -> None:
         super().__init__()
         self.failures = failures
+        self.away = False
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         if self.failures:
             self.failures -= 1
             raise ConnectionError("database away")
         super().save(*args, **kwargs)
+
+    def reachable(self) -> bool:
+        return not self.away
 
 
 async def test_a_failed_checkpoint_hands_its_users_back_for_the_next_one() -> None:
@@ -87,6 +91,31 @@ def test_run_loop_retries_until_the_database_is_back() -> None:
 
     asyncio.run(asyncio.wait_for(run(), timeout=10))
     assert checkpointer.failures == 2
+
+
+async def test_a_retry_comes_once_the_database_answers_not_after_the_whole_backoff() -> None:
+    """Waited out whole, the backoff (up to 30 s) kept /score answering 503 that long after the
+    database was back: its unwritten decisions wait for a checkpoint."""
+    store = OnlineStore()
+    store.apply(opened(1))
+    store.advance("SIGNALS", 1)
+    target = FlakyStore(failures=1)
+    target.away = True
+    checkpointer = Checkpointer(store, target, every_events=1, every_s=0.01)
+    checkpointer.retry_first_s = 60.0  # as after a long outage
+    task = asyncio.create_task(checkpointer.run())
+    try:
+        while not checkpointer.failures:
+            await asyncio.sleep(0.01)
+        target.away = False
+        await asyncio.wait_for(_until(lambda: target.positions == {"SIGNALS": 1}), timeout=10)
+    finally:
+        task.cancel()
+
+
+async def _until(done: Any) -> None:
+    while not done():
+        await asyncio.sleep(0.01)
 
 
 async def test_the_warm_up_loads_everyone_after_a_read_that_failed(tmp_path: Any) -> None:
