@@ -156,7 +156,8 @@ class Service:
         resume = await asyncio.to_thread(self.learner.restore, self.engine)
         self._checkpointed = dict(self.store.positions)  # read to here before: see StreamIngest.dead_lettered_upto
         for stream, seq in (resume or {}).items():
-            self.store.positions[stream] = min(seq, self.store.positions.get(stream, seq))
+            if seq or stream in self.store.positions:  # a stream never read stays without a position
+                self.store.positions[stream] = min(seq, self.store.positions.get(stream, seq))
         log.info("models: champion %s, shadow %s; learning resumes at %s",
                  self.lineup.champion_version, self.lineup.shadow_version, resume)
 
