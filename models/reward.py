@@ -180,9 +180,18 @@ class Interactions(base.Transformer):
     def __init__(self, pairs: Sequence[Sequence[str]] = DEFAULT_INTERACTIONS, hour_bucket: int = 6) -> None:
         self.pairs = tuple((str(a), str(b)) for a, b in pairs)
         self.hour_bucket = hour_bucket
-        width = hour_bucket
+        self._derive()
+
+    def _derive(self) -> None:
+        width = self.hour_bucket
         self._labels = tuple(f"{h // width * width}-{min(h // width * width + width, 24) - 1}" for h in range(24))
         self._plan0: CrossPlan = [(f"{a}*{b}=", a, "*", b, "") for a, b in self.pairs]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Derived again, not read back: snapshots from before 8640a09 hold a `_plan0` of another
+        # shape, (prefix, a, None, b, None), on which `cross` raised a TypeError for every example.
+        self.__dict__.update(state)
+        self._derive()
 
     def label(self, value: Any) -> str:
         return value if isinstance(value, str) else self._labels[int(value) % 24]

@@ -704,6 +704,24 @@ def test_an_example_with_a_non_finite_or_huge_number_is_skipped_and_counted(kind
     assert after == [twin.predict_one(x) for x in _probes()]  # as if the bad example had never come
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_snapshot_from_before_the_cross_plan_changed_shape_predicts_and_learns(kind: str) -> None:
+    """Snapshots written before 8640a09 hold `Interactions._plan0` as (prefix, a, None, b, None):
+    unpickled as they were, every prediction and every learn_one raised a TypeError."""
+    model = _trained(kind, n=200)
+    old = TipModel.from_bytes(model.to_bytes())
+    old.interactions._plan0 = [(f"{a}*{b}=", a, None, b, None) for a, b in old.interactions.pairs]
+    restored = TipModel.from_bytes(old.to_bytes())
+    user = {**_user(9), "user_id": "u-1"}
+    candidates = [{"tip_id": f"tip-{c}-1", "category": c} for c in CATEGORIES]
+    expected = [model.predict_one({**user, **c}) for c in candidates]
+    assert [restored.predict_one({**user, **c}) for c in candidates] == expected
+    assert restored.predict_many(candidates, shared=user) == pytest.approx(expected, abs=1e-12)
+    for m in (model, restored):
+        m.learn_one({**user, **candidates[0]}, 1.0)
+    assert [restored.predict_one({**user, **c}) for c in candidates] == [model.predict_one({**user, **c}) for c in candidates]
+
+
 def test_a_snapshot_from_before_skipping_existed_counts_from_zero() -> None:
     model = TipModel()
     del model.__dict__["n_skipped"]  # as unpickled from an older snapshot
