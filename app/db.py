@@ -97,7 +97,7 @@ model_versions = Table(
     Column("card", JSON, nullable=False),  # inputs, offline metrics, fairness (history: model_rollouts)
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("model", LargeBinary),
-    Column("n_learned", BigInteger, nullable=False, default=0),
+    Column("n_learned", BigInteger, nullable=False, server_default="0"),  # as 0002 creates it
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
