@@ -672,7 +672,7 @@ class TipModel:
         """
         reward = _check_reward(reward)
         numeric = {}
-        inputs = self._inputs
+        inputs, moments = self._inputs, self._moments
         unseen: list[tuple[str, str]] = []  # recorded only once the example is known to be learned
         for k, v in x.items():
             tv = type(v)
@@ -687,12 +687,14 @@ class TipModel:
                     self.n_skipped += 1
                     return
                 numeric[k] = v
-                if k not in inputs:
+                # Not `inputs`: an input seen as text first is numeric too from its first number
+                # (`moments` holds every input ever learned as one), or the FM would pair it.
+                if k not in moments:
                     unseen.append((k, "numeric"))
         # As in a River pipeline, the unsupervised scaler learns x before transforming it. It
         # learns once, however many weighted steps the classifier takes.
         self.scaler.learn_one(numeric)
-        means, vars_, moments = self.scaler.means, self.scaler.vars, self._moments
+        means, vars_ = self.scaler.means, self.scaler.vars
         for k in numeric:
             moments[k] = (means[k], vars_[k] ** 0.5)
         for k, use in unseen:

@@ -678,6 +678,19 @@ def test_an_fm_example_without_categorical_inputs_learns_its_weights_and_no_late
     assert model.classifier.weights["hour_of_day"] != hour_weight
 
 
+def test_an_input_seen_as_text_before_it_is_a_number_is_numeric_too() -> None:
+    """An input first learned as a string was recorded as categorical for good: its later numbers
+    got FM latent vectors (the pairing of scaled numerics the FM leaves out) and the card said
+    "categorical". Seen the other way round it was numeric; the order decided."""
+    for first in ("long", 30.0):
+        model = TipModel(kind="fm")
+        for value in (first, 30.0, "long", 40.0):
+            model.learn_one({"user_id": "u", "tip_id": "a", "len": value}, 1.0 if value == 30.0 else 0.0)
+        assert model.classifier.linear_only == {"len"}, first
+        assert "len" not in model.classifier.latents and "len_long" in model.classifier.latents, first
+        assert model.describe_inputs()["len"] == "numeric, standard-scaled", first
+
+
 def _probes() -> list[dict]:
     return [{"tip_id": "a", "user_id": "u1", "len": 30.0}, {"tip_id": "c", "user_id": "u9", "category": "focus"}]
 
