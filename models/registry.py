@@ -231,6 +231,8 @@ class Registry:
                 f"There is already a champion ({self.champion!r}); shadow {version!r} with "
                 f"`{CLI} shadow {version}`, then promote it.")
         self.champion = version
+        if self.shadow == version:  # as `promote`, and as the store replays it (cannot be both)
+            self.shadow = None
         self._record("promote", version, actor, note or "initial champion: nothing to shadow against")
 
     def set_shadow(self, version: str, actor: str, note: str = "") -> None:

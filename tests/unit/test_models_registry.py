@@ -7,7 +7,10 @@ import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given, seed, settings
+from hypothesis import strategies as st
 
+from app.registry_store import roles_from_history
 from models.registry import ModelCard, ModelVersion, Registry, RegistryError, RolloutEntry, card_markdown
 from models.reward import TipModel, fairness_check, progressive_validation, tenure_segment, timezone_segment
 
@@ -246,3 +249,32 @@ def test_a_card_with_null_parts_still_renders() -> None:
     text = ModelVersion("v9", "logreg", {}, [], T0, card).to_dict()
     markdown = card_markdown(ModelVersion.from_dict(text))
     assert "| shadow | 3 | 0.5 | n/a |" in markdown and "| new | n/a |" in markdown
+
+
+VERSIONS = ("v1", "v2", "v3")
+CHANGES = st.lists(st.tuples(st.sampled_from(("bootstrap", "set_shadow", "promote", "rollback", "retire")),
+                             st.sampled_from(VERSIONS)), max_size=25)
+
+
+@seed(0)
+@settings(max_examples=400, deadline=None)
+@given(CHANGES)
+def test_the_stored_history_replays_into_the_roles_the_registry_holds(changes: list[tuple[str, str]]) -> None:
+    """The SQL store loads roles by replaying the history (`roles_from_history`); any sequence of
+    changes, refused ones included, must replay into what the registry held when it saved them.
+    A shadow bootstrapped as champion stayed the shadow too in memory, and was not after a restart."""
+    reg = Registry()
+    for v in VERSIONS:
+        reg.register(ModelVersion(v, "logreg", {}, []), actor="ci")
+    for action, version in changes:
+        try:
+            if action == "rollback":
+                reg.rollback(actor="ops")
+            else:
+                getattr(reg, action)(version, actor="ops")
+        except RegistryError:
+            pass
+        assert reg.champion is None or reg.champion != reg.shadow
+    roles = roles_from_history(reg.history)
+    assert (roles.champion, roles.shadow, roles.previous_champions, roles.shadowed, roles.retired) == (
+        reg.champion, reg.shadow, reg.previous_champions, reg.shadowed, reg.retired)
