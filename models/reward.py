@@ -330,6 +330,21 @@ class _FastFMClassifier(facto.FMClassifier):
 MAX_FACTORS = 256  # a mistyped 10**8 would have asked for 800 MB of latent vector per user and tip
 
 
+
+def _pairs(interactions: Any) -> tuple[tuple[str, str], ...]:
+    """The pairs of input names to cross, checked: `"ab"` unpacked as the pair ("a", "b")."""
+    example = 'e.g. [["category", "hour_of_day"]]'
+    if isinstance(interactions, str | bytes) or not isinstance(interactions, Iterable):
+        raise ValueError(f"interactions must be a list of pairs of input names, {example}; got {interactions!r}")
+    pairs = []
+    for pair in interactions:
+        if (isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2
+                or not all(isinstance(name, str) and name for name in pair)):
+            raise ValueError(f"interactions must list pairs of two input names, {example}; got {pair!r}")
+        pairs.append((pair[0], pair[1]))
+    return tuple(pairs)
+
+
 class TipModel:
     """Online P(positive | user features, tip) as a River pipeline.
 
@@ -409,13 +424,16 @@ class TipModel:
             raise ValueError(f"n_factors must be from 1 to {MAX_FACTORS}, got {n_factors!r}")
         if not learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
+        for name, value in (("l2", l2), ("intercept_lr", intercept_lr)):
+            if value < 0:  # a negative penalty grows every weight; a negative step climbs the loss
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
         if latents not in ("categorical", "all"):
             raise ValueError(f"latents must be 'categorical' or 'all'; got {latents!r}")
         if not 0.0 <= user_forgetting < 1.0:
             raise ValueError(f"user_forgetting must be in [0, 1), got {user_forgetting!r}")
         if not 1 <= int(hour_bucket) <= 24:
             raise ValueError(f"hour_bucket must be between 1 and 24 hours, got {hour_bucket!r}")
-        pairs = tuple((str(a), str(b)) for a, b in interactions)
+        pairs = _pairs(interactions)
         if not pairs:  # River's clone() reads an empty tuple parameter's first item: an IndexError
             raise ValueError("interactions must list at least one pair of inputs, e.g. [[\"category\", \"hour_of_day\"]]")
         # River style: the constructor arguments are the model's identity; clone() rebuilds from them.

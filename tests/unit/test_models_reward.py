@@ -167,6 +167,14 @@ def test_bad_params_are_refused() -> None:
         TipModel(learning_rate="fast")
     with pytest.raises(ValueError, match="n_factors must be a number, got True"):
         TipModel(kind="fm", n_factors=True)
+    # Accepted before: a negative penalty grows every weight; "ab" was read as the pair (a, b).
+    with pytest.raises(ValueError, match="l2 must be >= 0"):
+        TipModel(l2=-0.1)
+    with pytest.raises(ValueError, match="intercept_lr must be >= 0"):
+        TipModel(intercept_lr=-1)
+    for bad in (["ab"], [["category"]], [["category", "hour_of_day", "tip_id"]], [["category", 7]], [["", "tip_id"]]):
+        with pytest.raises(ValueError, match="interactions"):
+            TipModel(interactions=bad)
 
 
 @pytest.mark.parametrize("kind", KINDS)
