@@ -1,7 +1,7 @@
 """The lineup: the registry and the River models it names, as /score and the learner use them.
 
-Everything here runs on the event loop; /score reads `champion` and `shadow`, the learner
-trains `learning` (every version not retired, so that a shadow promoted or a champion rolled
+Everything here runs on the event loop but training over the log (`evaluate_log`, in a process
+of its own); /score reads `champion` and `shadow`, the learner trains `learning` (every version not retired, so that a shadow promoted or a champion rolled
 back to is up to date). A registry change is made on a copy, persisted in one SQL
 transaction, and only then swapped in: a refused or failed change leaves the lineup as it was.
 """
@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import multiprocessing
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from sqlalchemy import Engine
@@ -149,7 +151,7 @@ class Lineup:
             TipModel(**{**params, "kind": kind})
         except (TypeError, ValueError) as error:
             raise RegistryError(f"Model parameters are not valid: {error}", "invalid", "params") from error
-        model, card, trained_on = await asyncio.to_thread(self._evaluate, {**params, "kind": kind})
+        model, card, trained_on = await self._evaluated({**params, "kind": kind})
         mv = _version(version, model, card)
         await self._change(lambda reg: reg.register(mv, actor=actor, note=note), {version: model}, trained_on)
         return self.registry.get(version)
@@ -170,25 +172,31 @@ class Lineup:
         """Refresh a version's card: progressive validation of its configuration over the log,
         and the off-policy value of its choices where it served or shadowed."""
         mv = self.registry.get(version)
-        _, card, _ = await asyncio.to_thread(self._evaluate, mv.model_params, version)
+        _, card, _ = await self._evaluated(mv.model_params, version)
         return await self._change(lambda reg: reg.refresh_card(
             version, actor, note, inputs=self.models[version].describe_inputs() or card.inputs,
             offline_metrics=card.offline_metrics, fairness=card.fairness))
 
-    def _evaluate(self, params: dict[str, Any],
-                  version: str | None = None) -> tuple[TipModel, ModelCard, evaluation.TrainedOn]:
-        decisions = evaluation.rewarded_decisions(self.engine, self.eval_max_rewards)
+    async def _evaluated(self, params: dict[str, Any],
+                         version: str | None = None) -> tuple[TipModel, ModelCard, evaluation.TrainedOn]:
+        """`evaluate_log` over this lineup's database, in a process of its own.
+
+        Not in a thread: training over the log creates a latent vector (FM) or reads a row
+        (SQLite, psycopg) with the GIL released for an instant, again and again, and CPython
+        asks a thread for the GIL only when it has not changed hands for 5 ms: the event loop
+        waited up to 1.2 s for it while an FM trained on 50k rewards of 20k users, and /score
+        with it. An in-memory SQLite database, which no other process can open, stays in a thread."""
+        url = self.engine.url
+        if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
+            return await asyncio.to_thread(evaluate_log, self.engine, self.eval_max_rewards, params, version)
+        # spawn: a fork of a process with an event loop and threads is not safe.
+        pool = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), initializer=_start_evaluator)
         try:
-            model, card = evaluation.evaluate(params, evaluation.rewarded_log(decisions, self.eval_max_rewards))
-        except Diverged as error:
-            resolved = TipModel(**params).params
-            steps = ", ".join(f"{name} {resolved[name]:g}" for name in ("learning_rate", "intercept_lr", "l2"))
-            raise RegistryError(
-                f"The model overflowed learning the logged rewards ({error}): its steps ({steps}) are too large "
-                "for its weights; register a version with a smaller learning_rate.", "invalid", "params") from None
-        if version is not None:
-            card.offline_metrics["policy_value"] = evaluation.policy_value(decisions, version)
-        return model, card, evaluation.trained_on(decisions, self.eval_max_rewards)
+            blob, card, trained = await asyncio.get_running_loop().run_in_executor(
+                pool, _evaluate_at, url.render_as_string(hide_password=False), self.eval_max_rewards, params, version)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return TipModel.from_bytes(blob), card, trained
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -207,3 +215,40 @@ class Lineup:
 def _version(version: str, model: TipModel, card: ModelCard | None = None) -> ModelVersion:
     return ModelVersion(version, model.params["kind"], dict(model.params), model.feature_names,
                         card=card or ModelCard(inputs=model.describe_inputs()))
+
+
+def evaluate_log(engine: Engine, limit: int, params: dict[str, Any],
+                 version: str | None = None) -> tuple[TipModel, ModelCard, evaluation.TrainedOn]:
+    """A model of `params` trained over the newest `limit` rewarded decisions, its card, and what
+    it trained on; with `version`, the card also gets the version's off-policy value."""
+    decisions = evaluation.rewarded_decisions(engine, limit)
+    try:
+        model, card = evaluation.evaluate(params, evaluation.rewarded_log(decisions, limit))
+    except Diverged as error:
+        resolved = TipModel(**params).params
+        steps = ", ".join(f"{name} {resolved[name]:g}" for name in ("learning_rate", "intercept_lr", "l2"))
+        raise RegistryError(
+            f"The model overflowed learning the logged rewards ({error}): its steps ({steps}) are too large "
+            "for its weights; register a version with a smaller learning_rate.", "invalid", "params") from None
+    if version is not None:
+        card.offline_metrics["policy_value"] = evaluation.policy_value(decisions, version)
+    return model, card, evaluation.trained_on(decisions, limit)
+
+
+def _start_evaluator() -> None:
+    from app.embedded_nats import die_with_parent
+
+    die_with_parent()  # a killed service leaves no evaluation running
+
+
+def _evaluate_at(database_url: str, limit: int, params: dict[str, Any],
+                 version: str | None) -> tuple[bytes, ModelCard, evaluation.TrainedOn]:
+    """`evaluate_log` in the evaluation process: the model goes back as its bytes."""
+    from app.db import make_engine
+
+    engine = make_engine(database_url)
+    try:
+        model, card, trained = evaluate_log(engine, limit, params, version)
+    finally:
+        engine.dispose()
+    return model.to_bytes(), card, trained

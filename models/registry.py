@@ -63,6 +63,10 @@ class RegistryError(Exception):
         super().__init__(message)
         self.code, self.field = code, field
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Raised in the evaluation process (app.lineup): its code and field must survive the trip.
+        return type(self), (str(self), self.code, self.field)
+
 
 @dataclass(frozen=True)
 class RolloutEntry:

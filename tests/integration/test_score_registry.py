@@ -368,3 +368,48 @@ async def test_a_clean_stop_saves_the_learner_where_the_streams_stand(start_serv
             db.stream_positions.c.stream == "FEEDBACK")).scalar_one()
     assert saved["positions"]["FEEDBACK"] == feedback == 5
     assert again.service.lineup.champion.n_learned == 5
+
+
+def rewarded_rows(count: int) -> list[dict[str, Any]]:
+    """`tip_scores` rows of `count` rewarded decisions, each of a user of its own."""
+    from app.decisions import decision_time_ms, new_decision_id, tip_score_row
+
+    rows = []
+    for i in range(count):
+        decision_id = new_decision_id()
+        decision = {"id": decision_id, "ts": NOW, "user_id": f"u-{i}", "model_version": "v1",
+                    "features": {"user_id": f"u-{i}", "hour_of_day": i % 24, "utc_offset_min": 60},
+                    "ranked": [{"tip_id": f"tip-{c}-1", "category": c, "score": 0.5, "propensity": 0.5}
+                               for c in ("focus", "breaks")]}
+        rows.append(tip_score_row(decision, orjson.dumps(decision), {"tip-focus-1": float(i % 2)},
+                                  decision_time_ms(decision_id)))
+    return rows
+
+
+async def test_a_registration_over_a_large_log_leaves_the_event_loop_free(start_service, nc) -> None:
+    """Training over the log ran in a thread, where a factorisation machine gave the event loop the
+    GIL only in turns: it releases the GIL for an instant at each new latent vector (one per user),
+    and CPython then never forces a switch. /score waited 0.5-1.2 s at a time over 20k users."""
+    running = await start_service(admin_token=TOKEN)
+    engine = make_engine(running.service.settings.sqlalchemy_url)
+    with engine.begin() as conn:
+        db.upsert(conn, db.tip_scores, rewarded_rows(15_000), ["decision_id"])
+    engine.dispose()
+    longest, registering = 0.0, True
+
+    async def watch_the_loop() -> None:
+        nonlocal longest
+        loop = asyncio.get_running_loop()
+        while registering:
+            started = loop.time()
+            await asyncio.sleep(0.005)
+            longest = max(longest, loop.time() - started)
+
+    watching = asyncio.create_task(watch_the_loop())
+    async with httpx.AsyncClient(base_url=running.base_url, timeout=120) as http:
+        answer = await http.post("/admin/models", headers=AUTH, json={"version": "v2", "kind": "fm"})
+    registering = False
+    await watching
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["n_learned"] == 15_000
+    assert longest < 0.25, f"the event loop stood still for {longest:.3f} s during the registration"
