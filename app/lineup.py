@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import logging
 import multiprocessing
+import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -190,7 +191,8 @@ class Lineup:
         if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
             return await asyncio.to_thread(evaluate_log, self.engine, self.eval_max_rewards, params, version)
         # spawn: a fork of a process with an event loop and threads is not safe.
-        pool = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), initializer=_start_evaluator)
+        pool = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), initializer=_start_evaluator,
+                                   initargs=(os.getpid(),))
         try:
             blob, card, trained = await asyncio.get_running_loop().run_in_executor(
                 pool, _evaluate_at, url.render_as_string(hide_password=False), self.eval_max_rewards, params, version)
@@ -235,10 +237,16 @@ def evaluate_log(engine: Engine, limit: int, params: dict[str, Any],
     return model, card, evaluation.trained_on(decisions, limit)
 
 
-def _start_evaluator() -> None:
+def _start_evaluator(service_pid: int) -> None:
+    """A killed service leaves no evaluation running. The kernel ends this process with its
+    parent (`die_with_parent`), but only a parent alive when asked: a spawned process imports
+    the service's modules first (seconds), and one whose service was killed meanwhile ran on,
+    blocked for good on sending its result."""
     from app.embedded_nats import die_with_parent
 
-    die_with_parent()  # a killed service leaves no evaluation running
+    die_with_parent()
+    if os.getppid() != service_pid:
+        os._exit(1)
 
 
 def _evaluate_at(database_url: str, limit: int, params: dict[str, Any],

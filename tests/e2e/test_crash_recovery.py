@@ -101,3 +101,47 @@ async def test_a_bad_event_dead_lettered_before_a_kill_9_is_not_dead_lettered_ag
     assert service.metric("tipstream_dlq_total", reason="invalid_field", stream="SIGNALS") == 0
     assert (await js.stream_info("DLQ")).state.messages == 1
     assert service.stop(), service.log()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_kill_9_during_a_registration_leaves_no_evaluation_running(tmp_path: Path, nats_server) -> None:
+    """The evaluation process was told to die with the service only once it had imported the
+    service's modules; killed before that, the service left it blocked for good on sending its
+    result (a model of 3,000 users)."""
+    import httpx
+
+    from app import db
+    from tests.integration.test_score_registry import AUTH, TOKEN, rewarded_rows
+
+    env = {"NATS_URL": nats_server.url, "TIPSTREAM_ADMIN_TOKEN": TOKEN}
+    service = ServiceProcess(tmp_path / "data", env).start()
+    engine = make_engine(f"sqlite:///{tmp_path / 'data' / 'tipstream.db'}")
+    with engine.begin() as conn:
+        db.upsert(conn, db.tip_scores, rewarded_rows(3_000), ["decision_id"])
+    engine.dispose()
+    assert service.process is not None
+    before = set(_children(service.process.pid))
+    # The answer does not matter, the evaluation process does.
+    with httpx.Client(base_url=service.base_url) as http, pytest.raises(httpx.TimeoutException):
+        http.post("/admin/models", headers=AUTH, json={"version": "v2", "kind": "fm"}, timeout=0.3)
+    evaluators = wait_until(lambda: set(_children(service.process.pid)) - before, 10, "an evaluation process")
+    service.kill()
+    wait_until(lambda: not any(map(_running, evaluators)), 20, "the evaluation process's end")
