@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -28,12 +29,12 @@ log = logging.getLogger("tipstream.checkpoints")
 _engine: Any = None
 
 
-def _start_worker(database_url: str) -> None:
+def _start_worker(database_url: str, service_pid: int) -> None:
     from app.db import make_engine
-    from app.embedded_nats import die_with_parent
+    from app.embedded_nats import die_with_service
 
     global _engine
-    die_with_parent()
+    die_with_service(service_pid)
     _engine = make_engine(database_url)
 
 
@@ -53,7 +54,7 @@ class CheckpointWriter:
         if self._pool is None:
             # spawn: a fork of a process with an event loop and threads is not safe.
             self._pool = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"),
-                                             initializer=_start_worker, initargs=(self.database_url,))
+                                             initializer=_start_worker, initargs=(self.database_url, os.getpid()))
         return self._pool
 
     async def save(self, positions: dict[str, int], states: list[tuple[str, bytes]], writes: Sequence[Write]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -35,6 +36,16 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def die_with_service(service_pid: int) -> None:
+    """`die_with_parent` for a spawned worker process, checked. The kernel ends a process with its
+    parent only if asked while the parent lives, and a spawned process first imports the service's
+    modules (seconds): one whose service was killed meanwhile ran on for good, blocked on sending
+    its result. So it checks that its parent is still the service, and ends at once if not."""
+    die_with_parent()
+    if os.getppid() != service_pid:
+        os._exit(1)
 
 
 class EmbeddedNats:

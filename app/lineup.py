@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from app import evaluation
+from app.embedded_nats import die_with_service
 from app.registry_store import RegistryStore
 from models.registry import ModelCard, ModelVersion, Registry, RegistryError
 from models.reward import Diverged, PopularityPrior, TipModel
@@ -191,7 +192,7 @@ class Lineup:
         if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
             return await asyncio.to_thread(evaluate_log, self.engine, self.eval_max_rewards, params, version)
         # spawn: a fork of a process with an event loop and threads is not safe.
-        pool = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), initializer=_start_evaluator,
+        pool = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), initializer=die_with_service,
                                    initargs=(os.getpid(),))
         try:
             blob, card, trained = await asyncio.get_running_loop().run_in_executor(
@@ -235,18 +236,6 @@ def evaluate_log(engine: Engine, limit: int, params: dict[str, Any],
     if version is not None:
         card.offline_metrics["policy_value"] = evaluation.policy_value(decisions, version)
     return model, card, evaluation.trained_on(decisions, limit)
-
-
-def _start_evaluator(service_pid: int) -> None:
-    """A killed service leaves no evaluation running. The kernel ends this process with its
-    parent (`die_with_parent`), but only a parent alive when asked: a spawned process imports
-    the service's modules first (seconds), and one whose service was killed meanwhile ran on,
-    blocked for good on sending its result."""
-    from app.embedded_nats import die_with_parent
-
-    die_with_parent()
-    if os.getppid() != service_pid:
-        os._exit(1)
 
 
 def _evaluate_at(database_url: str, limit: int, params: dict[str, Any],
