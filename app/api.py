@@ -5,10 +5,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Annotated
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import AwareDatetime, BeforeValidator, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -21,13 +20,14 @@ from app import openapi as openapi_document
 from app.bootstrap import Service
 from app.metrics import METRICS
 from app.score_endpoint import UNAVAILABLE, ScoreEndpoint
-from app.scoring import TIME_WITH_OFFSET, written_time
+from app.scoring import TIME_WITH_OFFSET
 from app.settings import Settings
+from streams.events import EventTime
 from streams.features import evaluate
 from streams.fold import to_ms
 from streams.store import StateUnavailable
 
-_AT = TypeAdapter(Annotated[AwareDatetime, BeforeValidator(written_time)])
+_AT = TypeAdapter(EventTime)
 
 schemas = SchemaGenerator(openapi_document.BASE)
 

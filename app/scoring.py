@@ -26,14 +26,12 @@ import random
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, NotRequired
 
 from pydantic import (
     AfterValidator,
-    AwareDatetime,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     StrictBool,
@@ -47,6 +45,7 @@ from app.learning_metrics import CHAMPION_ERRORS, FEATURE_CACHE, SHADOW_DISAGREE
 from app.lineup import Lineup
 from models.policy import Greedy, Policy
 from models.reward import INPUT_BOUND, INPUT_BOUND_TEXT, PopularityPrior
+from streams.events import EventTime
 from streams.features import CONTEXT_FEATURES, FEATURE_NAMES, FEATURES, Snapshot, context_features, snapshot
 from streams.fold import DAY_MS, SIGNAL_KINDS, UserState, to_ms
 from streams.store import OnlineStore
@@ -110,25 +109,15 @@ class Candidate(TypedDict):
 
 
 TIME_WITH_OFFSET = "an ISO 8601 time with a UTC offset, e.g. 2026-11-26T09:00:00+01:00"
-
-
-def written_time(value: Any) -> Any:
-    """`value` when it is written as a date and time; pydantic also reads a number, or a string
-    of one, as Unix time in UTC, a time without the user's offset (as one without an offset,
-    which is refused), so the local hour and weekday would silently be UTC's."""
-    if isinstance(value, str) and value[4:5] == "-":  # every ISO 8601 date-time starts YYYY-
-        return value
-    raise ValueError(f"must be {TIME_WITH_OFFSET} (Unix time, a number, carries no offset)")
-
-
-def _representable(now: datetime) -> datetime:
-    # The decision's `ts` is `now` in UTC: 9999-12-31T23:00-02:00 is in year 10000 there, which
-    # no datetime holds (it was a 500 after scoring).
-    try:
-        now.astimezone(UTC)
-    except OverflowError:
-        raise ValueError("must be between 0001-01-01 and 9999-12-31 in UTC") from None
-    return now
+# `EventTime`'s refusals, worded for a caller: a number (pydantic would read Unix time, in UTC,
+# so the local hour and weekday would silently be UTC's), or an instant no datetime holds in UTC
+# (the decision's `ts` is `now` in UTC: 9999-12-31T23:00-02:00 was a 500 after scoring).
+_TIME_ERRORS = {
+    "string_type": f"must be {TIME_WITH_OFFSET} (Unix time, a number, carries no offset)",
+    "string_pattern_mismatch": f"must be {TIME_WITH_OFFSET} (Unix time, a number, carries no offset)",
+    "greater_than_equal": "must be between 0001-01-01 and 9999-12-31 in UTC",
+    "less_than_equal": "must be between 0001-01-01 and 9999-12-31 in UTC",
+}
 
 
 def _task(value: Any) -> Any:
@@ -140,7 +129,7 @@ def _task(value: Any) -> Any:
 
 
 class Context(_Body):
-    now: Annotated[AwareDatetime, BeforeValidator(written_time), AfterValidator(_representable)] | None = None
+    now: EventTime | None = None  # the events' own rule for a time: ISO 8601 text, an offset, in range
     tasks: list[Annotated[Any, AfterValidator(_task)]] | None = Field(None, max_length=1000)
 
 
@@ -193,8 +182,11 @@ def parse_request(body: bytes) -> ScoreRequest:
             elif e["type"] == "model_type" and not e["loc"]:
                 errors.append({"field": "body", "message": "must be a JSON object"})
             else:
+                field = _field(e["loc"])
                 message = e["msg"].removeprefix("Value error, ")
-                errors.append({"field": _field(e["loc"]), "message": message})
+                if field == "context.now":
+                    message = _TIME_ERRORS.get(e["type"], message)
+                errors.append({"field": field, "message": message})
         raise RequestError(errors[0]["field"], errors[0]["message"], errors) from None
     if b"\\u0000" in body:  # JSON can carry a NUL only as this escape: the check costs nothing otherwise
         _refuse_nul(request)
