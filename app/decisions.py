@@ -454,10 +454,8 @@ class DecisionPublisher:
                 log.warning("JetStream refused decision %s (%s); retrying in %.1fs", item[1],
                             (data or headers or b"")[:200], self._refusal_wait)
             # Behind those refused before it, not in front: one at a time at the front reversed them.
-            self.queue.insert(min(self._refused_ahead, len(self.queue)), item)
+            self._requeue([item], at=self._refused_ahead)
             self._refused_ahead += 1
-            self.retried += 1
-            _RETRIED.inc()
         self._released()
 
     def reconnected(self) -> None:
@@ -479,8 +477,12 @@ class DecisionPublisher:
         elif queued and inflight < self.window and not self._work.is_set():
             self._work.set()
 
-    def _requeue(self, items: list[tuple[str, str, bytes]]) -> None:
+    def _requeue(self, items: list[tuple[str, str, bytes]], at: int = 0) -> None:
+        """Back in the queue, in their order, `at` places from its front."""
+        at = min(at, len(self.queue))
+        self.queue.rotate(-at)
         self.queue.extendleft(reversed(items))
+        self.queue.rotate(at)
         self.retried += len(items)
         _RETRIED.inc(len(items))
 
