@@ -60,7 +60,7 @@ def _storable(text: str) -> str:
 
 
 def _someone(actor: str) -> str:
-    # The registry refuses a blank actor too, but in words that do not name the field.
+    # The registry refuses a blank actor too, but a registration only after it has trained (seconds).
     if not actor.strip():
         raise ValueError("must name who makes the change, not be blank")
     return actor

@@ -1,8 +1,8 @@
 """The lineup: the registry and the River models it names, as /score and the learner use them.
 
 Everything here runs on the event loop but training over the log (`evaluate_log`, in a process
-of its own); /score reads `champion` and `shadow`, the learner trains `learning` (every version not retired, so that a shadow promoted or a champion rolled
-back to is up to date). A registry change is made on a copy, persisted in one SQL
+of its own); /score reads `champion` and `shadow`, the learner trains `learning` (every version
+not retired, so that a shadow promoted or a champion rolled back to is up to date). A registry change is made on a copy, persisted in one SQL
 transaction, and only then swapped in: a refused or failed change leaves the lineup as it was.
 """
 

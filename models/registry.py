@@ -207,7 +207,7 @@ class Registry:
     def _check_actor(actor: str) -> None:
         # Checked before any state changes, so a refused change leaves nothing half-applied.
         if not isinstance(actor, str) or not actor.strip():
-            raise RegistryError("Every registry change needs an actor (who is making it).", "invalid")
+            raise RegistryError("Every registry change needs an actor (who is making it).", "invalid", "actor")
 
     def _usable(self, version: str, doing: str, actor: str) -> ModelVersion:
         self._check_actor(actor)
