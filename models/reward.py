@@ -330,7 +330,6 @@ class _FastFMClassifier(facto.FMClassifier):
 MAX_FACTORS = 256  # a mistyped 10**8 would have asked for 800 MB of latent vector per user and tip
 
 
-
 def _pairs(interactions: Any) -> tuple[tuple[str, str], ...]:
     """The pairs of input names to cross, checked: `"ab"` unpacked as the pair ("a", "b")."""
     example = 'e.g. [["category", "hour_of_day"]]'

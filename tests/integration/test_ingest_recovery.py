@@ -180,6 +180,7 @@ async def test_feedback_held_back_for_decisions_longer_than_ack_wait_is_not_rede
     to the learner, the bad ones dead-lettered again, and held in memory once more each time.
     Held messages are now said to be in progress (`+WPI`), however the wait is split in chunks."""
     from app.ingest import ReadUpTo
+    from tests.conftest import eventually
 
     real = jsx.ConsumerConfig
     monkeypatch.setattr(jsx, "ConsumerConfig", lambda **kw: real(**{**kw, "ack_wait": 1}))  # 60 s, scaled down
@@ -207,7 +208,7 @@ async def test_feedback_held_back_for_decisions_longer_than_ack_wait_is_not_rede
         # `progress_every_s`, the whole more than ack_wait.
         decisions.advance(first_ms + int((time.monotonic() - started) * 1000), False)
         await asyncio.sleep(0.02)
-    await asyncio.sleep(1.5)  # late redeliveries, if any, are folded too
+    await eventually(lambda: _all_acked(js, ingest.durable, "FEEDBACK"))  # a redelivery would be pending
     assert (store.applied, store.ignored) == (groups * per_group, 0)
     running.cancel()
     await ingest.stop()
@@ -250,8 +251,8 @@ async def test_messages_held_while_checkpoints_lag_past_ack_wait_are_not_redeliv
     await nc.close()
 
 
-async def _all_acked(js: Any, durable: str) -> bool:
-    return (await js.consumer_info("SIGNALS", durable)).num_ack_pending == 0
+async def _all_acked(js: Any, durable: str, stream: str = "SIGNALS") -> bool:
+    return (await js.consumer_info(stream, durable)).num_ack_pending == 0
 
 
 async def test_a_user_state_that_cannot_be_loaded_for_longer_than_ack_wait_gets_nothing_redelivered(
