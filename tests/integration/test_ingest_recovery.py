@@ -172,6 +172,32 @@ async def test_a_refusal_that_lasts_is_retried_after_a_wait_that_doubles(nats_se
 
 
 
+async def test_one_refused_batch_waits_once_and_goes_back_in_order(nats_server, caplog) -> None:
+    """The wait doubles from one round of sends to the next, not per decision refused: one refused
+    batch of 8 took it to the 5 s ceiling at once, with a warning each; and the refused went back
+    one at a time at the front, reversed."""
+    from app.decisions import DecisionPublisher
+
+    nc = await jsx.connect(nats_server.url)
+    publisher = DecisionPublisher(lambda: nc, queue_max=100, batch=8, window=8, ack_timeout_s=5)
+    await publisher.start()
+    task = asyncio.create_task(publisher.run())
+    with caplog.at_level("WARNING", logger="tipstream.decisions"):
+        for i in range(8):
+            publisher.offer("decisions.score", f"d-{i}", b"{}")
+        while publisher.retried < 8:  # no stream for decisions.>: the whole batch is refused
+            await asyncio.sleep(0.01)
+        js = nc.jetstream()
+        await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+        assert await publisher.flush(2), "sent again after the first wait (0.1 s), not after 5 s"
+    refusals = [r.getMessage() for r in caplog.records if "JetStream refused" in r.getMessage()]
+    assert len(refusals) == 1 and refusals[0].endswith("0.1s"), refusals
+    stored = [(await js.get_msg("DECISIONS", seq)).headers["Nats-Msg-Id"] for seq in range(1, 9)]
+    assert stored == [f"d-{i}" for i in range(8)]
+    task.cancel()
+    await nc.close()
+
+
 async def test_feedback_held_back_for_decisions_longer_than_ack_wait_is_not_redelivered(nats_server,
                                                                                      monkeypatch) -> None:
     """A rebuild from the log holds each FEEDBACK chunk until DECISIONS has been read past it

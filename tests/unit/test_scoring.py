@@ -301,21 +301,6 @@ async def test_the_publisher_retries_failures_and_never_drops_a_decision() -> No
     assert publisher.published == 10 and publisher.waiting == 0 and publisher.retried == 3
 
 
-async def test_one_refused_batch_waits_once_not_once_per_decision() -> None:
-    """The wait doubles while refusals go on, from one round of sends to the next: counted per
-    refused decision, one refused batch of 8 jumped to the 5 s ceiling at once."""
-    nc = FakeNats()
-    nc.answers = ["error"] * 8
-    publisher = DecisionPublisher(lambda: nc, queue_max=100, batch=8, window=8, ack_timeout_s=5)
-    await publisher.start()
-    task = asyncio.create_task(publisher.run())
-    for i in range(8):
-        assert publisher.offer("decisions.score", f"d-{i}", b"{}")
-    assert await publisher.flush(2), "sent again after the first wait (0.1 s), not after 5 s"
-    task.cancel()
-    assert nc.stored == [f"d-{i}" for i in range(8)] and publisher.retried == 8
-
-
 async def test_nothing_is_written_while_nats_is_away() -> None:
     nc = FakeNats()
     nc.is_connected = False
