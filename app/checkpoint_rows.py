@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from sqlalchemy import delete
 from sqlalchemy.engine import Connection
 
 from app import db
@@ -32,14 +33,20 @@ def write_checkpoint(conn: Connection, positions: dict[str, int], states: list[t
 
 
 def write_learner_state(conn: Connection, snapshot: dict[str, Any] | None) -> None:
-    """The learner's joins and credits, the popularity prior, and the models that learned."""
+    """The learner's joins, the popularity prior, the models that learned, and the minutes of
+    credits that changed (`credit_log`: None deletes a minute's row)."""
     if snapshot is None:
         return
     now = datetime.now(UTC)
     write_models(conn, snapshot["models"])
+    credits = snapshot.get("credits", {})
+    gone = [name for name, data in credits.items() if data is None]
+    if gone:
+        conn.execute(delete(db.learner_state).where(db.learner_state.c.name.in_(gone)))
     db.upsert(conn, db.learner_state, [
         {"name": "learner", "state": snapshot["state"], "updated_at": now},
         {"name": "prior", "state": snapshot["prior"], "updated_at": now},
+        *({"name": name, "state": data, "updated_at": now} for name, data in credits.items() if data is not None),
     ], ["name"])
 
 

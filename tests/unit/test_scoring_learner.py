@@ -185,13 +185,11 @@ def test_the_join_cache_is_bounded_and_older_feedback_is_expired(tmp_path: Path)
     before = outcomes()
     w.react(first.decision_id, "a")
     assert delta(before) == {"expired": 1}
-    # Credits are snapshotted for the decisions still held, and leave with their decision.
+    # A credit is saved with the snapshot after it (in its minute's row, `credit_log`).
     credited = w.score()
     w.react(credited.decision_id, "a")
-    assert set(orjson.loads(w.learner.snapshot()["state"])["credits"]) == {credited.decision_id}
-    for _ in range(30):
-        w.score()
-    assert orjson.loads(w.learner.snapshot()["state"])["credits"] == {}
+    rows = w.learner.snapshot()["credits"]
+    assert [set(orjson.loads(data)) for data in rows.values()] == [{credited.decision_id}]
     w.engine.dispose()
 
 
