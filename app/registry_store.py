@@ -102,12 +102,13 @@ class RegistryStore:
         models = {r.version: (bytes(r.model) if r.model is not None else None, int(r.n_learned)) for r in rows}
         return Registry.from_dict(state), models
 
-    def save(self, registry: Registry, *, known_entries: int, new_models: dict[str, tuple[bytes, int]],
+    def save(self, registry: Registry, *, known_entries: int, new_models: dict[str, tuple[Any, int]],
              extras: Sequence[tuple[Any, Any]] = ()) -> None:
         """Persist a registry change in one transaction.
 
         `known_entries`: how many history entries are already stored (the rest are appended);
-        `new_models`: bytes of versions registered by this change (existing rows keep theirs);
+        `new_models`: versions registered by this change, as bytes or as models whose `to_bytes`
+        makes them here, off the event loop (existing rows keep theirs);
         `extras`: (checkpoint participant, snapshot) pairs written in the same transaction.
         """
         now = datetime.now(UTC)
@@ -121,6 +122,8 @@ class RegistryStore:
                                  .values(**values))
                 else:
                     blob, n_learned = new_models.get(mv.version, (None, 0))
+                    if blob is not None and not isinstance(blob, bytes):
+                        blob = blob.to_bytes()
                     conn.execute(db.model_versions.insert().values(
                         version=mv.version, created_at=mv.created_at, model=blob, n_learned=n_learned, **values))
             cards: dict[int, list[str]] = {}

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 import pytest
+import sqlalchemy as sa
 
 from app import evaluation, migrate
 from app.checkpoint_rows import write_tip_scores
@@ -756,3 +757,22 @@ def test_feedback_that_teaches_nothing_still_moves_the_snapshots_position(world:
     assert moved["models"] == {}, "nothing learned: the models are not copied again"
     world.learner.saved(moved)
     assert world.learner.snapshot() is None
+
+
+def test_a_registration_makes_the_new_model_s_bytes_off_the_event_loop(world: World, monkeypatch: Any) -> None:
+    """Serialising a large model takes ~100 ms (240k weights), a stall for every /score waiting on
+    the loop; a frozen copy takes ~18. The loop copies, the saving thread serialises."""
+    from models.reward import TipModel
+
+    serialised_on, to_bytes = [], TipModel.to_bytes
+
+    def recording(model: TipModel) -> bytes:
+        serialised_on.append(threading.current_thread())
+        return to_bytes(model)
+
+    monkeypatch.setattr(TipModel, "to_bytes", recording)
+    asyncio.run(world.lineup.register("v3", "logreg", {}, actor="t"))
+    assert serialised_on and threading.main_thread() not in serialised_on
+    with world.engine.connect() as conn:
+        saved = conn.execute(sa.text("select model, n_learned from model_versions where version = 'v3'")).one()
+    assert TipModel.from_bytes(bytes(saved[0])).n_learned == saved[1] == world.lineup.models["v3"].n_learned
