@@ -47,7 +47,7 @@ class CreditLog:
         self._rows: OrderedDict[int, None] = OrderedDict()
         self._newest = 0  # credits never go to a minute before it, whose row may be saved and closed
         self._dirty: set[int] = set()
-        self._unconfirmed: dict[int, set[int]] = {}  # snapshot generation -> the minutes it wrote
+        self._unconfirmed: dict[int, set[int]] = {}  # the last snapshot not confirmed -> the minutes it wrote
 
     def credit(self, decision_id: str, credits: dict[str, float], rewarded_ms: int | None, now_ms: int) -> None:
         """Record all of a decision's credits so far, given at `now_ms`."""
@@ -72,7 +72,10 @@ class CreditLog:
             minutes |= written
         self._dirty = set()
         if minutes:
-            self._unconfirmed[gen] = minutes
+            # This one writes again every minute of those not confirmed, so it alone stands for
+            # them: kept each with its own, N failed snapshots in a row (a database outage) held N
+            # ever larger sets, and each snapshot went through them all.
+            self._unconfirmed = {gen: minutes}
         return {f"{ROW_PREFIX}{m}": orjson.dumps(self._open[m]) if m in self._rows else None for m in sorted(minutes)}
 
     def confirmed(self, gen: int) -> None:

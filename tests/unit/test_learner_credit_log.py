@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from app import db
 from app.checkpoints import Checkpointer, SqlCheckpointStore
+from app.credit_log import MINUTE_MS, CreditLog
 from app.decisions import LoggedDecision
 from streams.events import parse_event
 from tests.unit.test_scoring_learner import NOW, World, delta, outcomes
@@ -138,3 +139,18 @@ def test_a_snapshot_from_before_the_credit_log_is_read_and_saved_as_rows(tmp_pat
     assert [set(orjson.loads(data)) for data in snapshot["credits"].values()] == [{scored.decision_id}]
     world.engine.dispose()
     again.engine.dispose()
+
+
+def test_failed_snapshots_in_a_row_keep_one_set_of_minutes_to_write_again() -> None:
+    """A database outage fails every snapshot: each writes again all the failed ones wrote, so
+    the newest set holds them all. Kept per generation, N failures held N ever larger copies
+    (quadratic memory, and as much work for each snapshot)."""
+    log = CreditLog()
+    for minute in range(200):
+        log.credit(f"d-{minute}", {"a": 1.0}, None, now_ms=minute * MINUTE_MS)
+        written = log.changes(gen=minute + 1)  # its transaction fails: never confirmed
+    assert len(written) == 200
+    assert sum(len(minutes) for minutes in log._unconfirmed.values()) == 200
+    log.confirmed(200)
+    assert log.changes(gen=201) == {} and list(log._open) == [199]
+
