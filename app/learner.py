@@ -442,7 +442,12 @@ class Learner:
         self._snapshot_positions = resume
         self._last_snapshot = now
         if not self.rows_to_rebuild:  # a rebuild keeps its credits, however old (`restore`)
-            self.credit_log.drop_before(self.window_end_ms() - self.window_ms)
+            # From the horizon a start restores credits from, not from now's: until FEEDBACK has
+            # caught up, a start judges the window in FEEDBACK's time (`add_logged`), which stays
+            # behind while no feedback comes. The decisions it reads back from further than now's
+            # window need their credits, else their rows lose their rewards and a re-sent feedback
+            # is learned again.
+            self.credit_log.drop_before(min(self.window_end_ms(), self.feedback_ms) - self.window_ms)
         state = {
             "positions": {"FEEDBACK": resume[0], "DECISIONS": resume[1]},
             "pending": [[d, t, reaction, at, user_id, stored] for d, waiting in self.pending.items()

@@ -19,6 +19,7 @@ from app import db
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.credit_log import MINUTE_MS, CreditLog
 from app.decisions import LoggedDecision
+from app.ingest import ReadUpTo
 from streams.events import parse_event
 from tests.unit.test_scoring_learner import NOW, World, delta, outcomes
 
@@ -31,11 +32,13 @@ def checkpoint(world: World) -> None:
 
 
 def rewarded(world: World, minutes_apart: float = 1.0) -> Any:
-    """A decision logged and rewarded ("a" acted), `minutes_apart` after the clock's last."""
+    """A decision logged and rewarded ("a" acted), `minutes_apart` after the clock's last; FEEDBACK
+    read up to then."""
     world.clock.now += 60 * minutes_apart
     scored = world.score()
     world.learner.add_logged(LoggedDecision(scored.decision_id, scored.payload))
     world.react(scored.decision_id, "a")
+    world.learner.feedback_read.advance(int(world.clock.now * 1000), caught_up=True)  # as its ingest does
     return scored
 
 
@@ -154,3 +157,27 @@ def test_failed_snapshots_in_a_row_keep_one_set_of_minutes_to_write_again() -> N
     log.confirmed(200)
     assert log.changes(gen=201) == {} and list(log._open) == [199]
 
+
+def test_a_decision_read_back_after_a_quiet_spell_keeps_its_credits_and_its_row_its_rewards(
+        tmp_path: Path) -> None:
+    """No feedback for longer than the join window, then a snapshot (a registration's, or a failed
+    one retried). A start judges the window in FEEDBACK's time until it has caught up (`restore`,
+    `add_logged`): the decision comes back from DECISIONS, so its minute must not be deleted."""
+    world = World(tmp_path)  # a join window of an hour
+    scored = rewarded(world, minutes_apart=0)
+    checkpoint(world)
+    world.clock.now += 3600 + 180  # quiet: no feedback, no decision
+    snapshot = world.learner.snapshot(force=True)
+    with world.engine.begin() as conn:
+        world.learner.write(conn, snapshot)
+    world.learner.saved(snapshot)
+    assert credit_rows(world.engine)
+
+    again = World(tmp_path)
+    again.clock.now = world.clock.now
+    again.learner.feedback_read = ReadUpTo()  # FEEDBACK is read again from the snapshot's position
+    again.learner.restore(again.engine)
+    assert sent_again(again, [scored]) == {"duplicate": 1}
+    assert again.log.dirty[scored.decision_id]["rewards"] == {"a": 1.0}  # not erased by the re-read
+    world.engine.dispose()
+    again.engine.dispose()
