@@ -9,13 +9,16 @@ duplicate, not learned twice.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import sqlalchemy as sa
 
-from app import db
+from app import db, scoring
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.credit_log import MINUTE_MS, CreditLog
 from app.decisions import LoggedDecision
@@ -181,3 +184,105 @@ def test_a_decision_read_back_after_a_quiet_spell_keeps_its_credits_and_its_row_
     assert again.log.dirty[scored.decision_id]["rewards"] == {"a": 1.0}  # not erased by the re-read
     world.engine.dispose()
     again.engine.dispose()
+
+
+def test_random_credits_checkpoints_failures_and_restarts_learn_each_reward_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decisions and feedback (some sent again) over streams, with checkpoints (some failing),
+    registrations' snapshots, the clock moving (also back a little), clean stops and kill -9
+    restarts that re-read both streams from the snapshot's positions: each (decision, tip) is
+    learned once, its `tip_scores` row keeps every reward, and the rows stay within the window."""
+    for seed in range(4):
+        _random_run(tmp_path / str(seed), random.Random(seed), monkeypatch)
+
+
+class _FailingStore(SqlCheckpointStore):
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the database is away")
+
+
+def _random_run(path: Path, rng: random.Random, monkeypatch: pytest.MonkeyPatch) -> None:
+    path.mkdir()
+    ids = itertools.count()
+    world = World(path)  # a join window of an hour
+    clock = world.clock
+    # Decision ids carry the simulated clock's time, as served ones carry the real one.
+    monkeypatch.setattr(scoring, "new_decision_id", lambda: f"d-{int(clock.now * 1000):012x}{next(ids):016x}")
+    decisions: list[tuple[str, bytes]] = []  # DECISIONS, FEEDBACK: a position is how many were read
+    feedback: list[tuple[bytes, int]] = []
+    made: dict[str, float] = {}
+    sent: dict[str, set[str]] = {}  # decision -> the tips whose feedback was sent (each learned once)
+
+    def read_decision(w: World, seq: int) -> None:
+        decision_id, payload = decisions[seq - 1]
+        w.learner.add_logged(LoggedDecision(decision_id, payload))
+        w.store.advance("DECISIONS", seq)
+
+    def read_feedback(w: World, seq: int) -> None:
+        data, stored_ms = feedback[seq - 1]
+        w.learner.on_feedback(parse_event(data), True, stored_ms)
+        w.store.advance("FEEDBACK", seq)
+        w.learner.feedback_read.advance(stored_ms, caught_up=True)
+
+    def checkpoint_now(w: World, fail: bool = False) -> None:
+        store = (_FailingStore if fail else SqlCheckpointStore)(w.engine)
+        checkpointer = Checkpointer(w.store, store, every_events=1, every_s=60, participants=[w.learner, w.log])
+        try:
+            asyncio.run(checkpointer.checkpoint())
+        except RuntimeError:
+            assert fail
+
+    for _ in range(120):
+        op = rng.random()
+        if op < 0.25:
+            scored = world.score(serve=False)
+            decisions.append((scored.decision_id, scored.payload))
+            made[scored.decision_id] = clock.now
+            read_decision(world, len(decisions))
+        elif op < 0.55:
+            recent = [d for d, at in made.items() if clock.now - 1500 <= at <= clock.now]
+            if recent:
+                decision_id, tip = rng.choice(recent), rng.choice("ab")
+                sent.setdefault(decision_id, set()).add(tip)
+                feedback.append((orjson.dumps({
+                    "id": f"f-{len(feedback)}", "type": "tip.reacted", "user_id": "u-1", "ts": NOW,
+                    "data": {"tip_id": tip, "decision_id": decision_id, "reaction": "acted"}}),
+                    int(clock.now * 1000)))
+                read_feedback(world, len(feedback))
+        elif op < 0.7:
+            clock.now += rng.choice([5, 30, 70, 400, 900, -20])
+        elif op < 0.85:
+            checkpoint_now(world, fail=rng.random() < 0.3)
+        elif op < 0.9:  # a registration's snapshot, in its own transaction (which may fail)
+            snapshot = world.learner.snapshot(force=True)
+            if rng.random() < 0.7:
+                with world.engine.begin() as conn:
+                    world.learner.write(conn, snapshot)
+                world.learner.saved(snapshot)
+        else:  # a clean stop, or kill -9; then a start re-reads both streams from the snapshot
+            if rng.random() < 0.5:
+                world.learner.snapshot_at_next_checkpoint()
+                checkpoint_now(world)
+            world.engine.dispose()
+            world, now = World(path), clock.now
+            world.clock = clock
+            world.learner.clock = clock
+            world.learner.feedback_read = ReadUpTo()
+            resume = world.learner.restore(world.engine) or {}
+            for seq in range(resume.get("DECISIONS", 0) + 1, len(decisions) + 1):
+                read_decision(world, seq)
+            world.learner.caught_up()
+            for seq in range(resume.get("FEEDBACK", 0) + 1, len(feedback) + 1):
+                read_feedback(world, seq)
+            assert clock.now == now
+
+    world.learner.snapshot_at_next_checkpoint()
+    checkpoint_now(world)
+    pairs = sum(len(tips) for tips in sent.values())
+    assert world.lineup.champion.n_learned == pairs
+    with world.engine.connect() as conn:
+        rows = dict(conn.execute(sa.select(db.tip_scores.c.decision_id, db.tip_scores.c.rewards)).all())
+    assert {d: set(rows[d] or {}) for d in sent} == sent
+    horizon_minute = (min(clock.now * 1000, world.learner.feedback_ms) - world.learner.window_ms) // MINUTE_MS
+    assert all(int(name.split(":")[1]) >= horizon_minute - 1 for name in credit_rows(world.engine))
+    world.engine.dispose()
