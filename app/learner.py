@@ -249,9 +249,11 @@ class Learner:
         (self._replayed if replayed else self.cache)[decision_id] = entry
         self.cache_bytes += len(entry.data) + ENTRY_OVERHEAD
         self._changed = True
-        horizon = min(entry.added_ms, self.window_end_ms()) - self.window_ms
+        self._evict(min(entry.added_ms, self.window_end_ms()) - self.window_ms)
+
+    def _evict(self, horizon: int) -> None:
         # Oldest first (creation order: the replayed segment, then insertion order): past the
-        # memory budget, or past the join window.
+        # memory budget, or past the join window (added before `horizon`).
         while True:
             cache = self._replayed or self.cache
             if not cache:
@@ -427,6 +429,14 @@ class Learner:
         # ms more, taking the GIL in turns). Snapshots are spaced so that both together stay under
         # MODELS_LOOP_SHARE of the time; a restart replays a little more.
         every_s = max(self.snapshot_every_s, self._models_cost_s / MODELS_LOOP_SHARE)
+        # Credits given before this leave the log (`credit_log.drop_before`, below). The decisions
+        # still held from before it (none came since to evict them) leave too, so that the DECISIONS
+        # position saved moves past them: read back at the next start, one whose id is not ours
+        # (no time in it, so taken back whatever its age) would come back without its credits, its
+        # row would lose its rewards and a re-sent feedback would be learned again.
+        credits_from_ms = min(self.window_end_ms(), self.feedback_ms) - self.window_ms
+        if not self.rows_to_rebuild:  # a rebuild keeps its credits, however old (`restore`)
+            self._evict(credits_from_ms)
         positions = self.store.positions
         # Re-reading from the oldest position any held decision was added at finds them all again.
         fronts = [next(iter(c.values())).position for c in (self._replayed, self.cache) if c]
@@ -441,13 +451,13 @@ class Learner:
         self._changed = False
         self._snapshot_positions = resume
         self._last_snapshot = now
-        if not self.rows_to_rebuild:  # a rebuild keeps its credits, however old (`restore`)
+        if not self.rows_to_rebuild:
             # From the horizon a start restores credits from, not from now's: until FEEDBACK has
             # caught up, a start judges the window in FEEDBACK's time (`add_logged`), which stays
             # behind while no feedback comes. The decisions it reads back from further than now's
             # window need their credits, else their rows lose their rewards and a re-sent feedback
             # is learned again.
-            self.credit_log.drop_before(min(self.window_end_ms(), self.feedback_ms) - self.window_ms)
+            self.credit_log.drop_before(credits_from_ms)
         state = {
             "positions": {"FEEDBACK": resume[0], "DECISIONS": resume[1]},
             "pending": [[d, t, reaction, at, user_id, stored] for d, waiting in self.pending.items()

@@ -286,3 +286,35 @@ def _random_run(path: Path, rng: random.Random, monkeypatch: pytest.MonkeyPatch)
     horizon_minute = (min(clock.now * 1000, world.learner.feedback_ms) - world.learner.window_ms) // MINUTE_MS
     assert all(int(name.split(":")[1]) >= horizon_minute - 1 for name in credit_rows(world.engine))
     world.engine.dispose()
+
+
+def test_a_decision_of_another_publisher_held_past_the_window_is_not_read_back_without_its_credits(
+        tmp_path: Path) -> None:
+    """A decision id not ours carries no time: a start takes it back whatever its age. Held in the
+    cache past the window (no decision came since to evict it), its credits' minute is deleted;
+    the snapshot that deletes it must not leave it to be read back, else its row loses its rewards
+    and a re-sent feedback is learned again."""
+    world = World(tmp_path)  # a join window of an hour
+    body = orjson.loads(world.score(serve=False).payload) | {"id": "external-1"}
+    world.learner.add_logged(LoggedDecision("external-1", orjson.dumps(body)))
+    world.store.advance("DECISIONS", 1)
+    world.react("external-1", "a")
+    world.learner.feedback_read.advance(int(world.clock.now * 1000), caught_up=True)
+    checkpoint(world)
+    world.clock.now += 3600 + 180
+    world.react(None, "b")  # FEEDBACK goes on, without decisions
+    world.learner.feedback_read.advance(int(world.clock.now * 1000), caught_up=True)
+    checkpoint(world)
+    assert credit_rows(world.engine) == {}
+
+    again = World(tmp_path)
+    again.clock.now = world.clock.now
+    resume = again.learner.restore(again.engine)
+    if resume is not None and resume["DECISIONS"] < 1:  # DECISIONS is read again from there
+        again.learner.add_logged(LoggedDecision("external-1", orjson.dumps(body)))
+    before = outcomes()
+    again.react("external-1", "a", event_id="again")
+    assert "credited" not in delta(before)
+    assert "external-1" not in again.log.dirty  # its row keeps its rewards
+    world.engine.dispose()
+    again.engine.dispose()
