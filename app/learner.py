@@ -227,6 +227,11 @@ class Learner:
         if credits is not None:
             entry.credits, entry.rewarded_ms = credits
             self._credited[decision_id] = entry
+            if decision_time_ms(decision_id) is None:
+                # No time in its id: held for a window from now (`add_logged`), so its credits are
+                # saved again now, else they would leave with the minute they were given in, a
+                # window after it, and the next start would read it back without them.
+                self.credit_log.credit(decision_id, entry.credits, entry.rewarded_ms, int(self.clock() * 1000))
 
     def caught_up(self) -> None:
         """DECISIONS has been read back to its end after a start: the decisions it brought go in

@@ -318,3 +318,45 @@ def test_a_decision_of_another_publisher_held_past_the_window_is_not_read_back_w
     assert "external-1" not in again.log.dirty  # its row keeps its rewards
     world.engine.dispose()
     again.engine.dispose()
+
+
+def test_a_decision_of_another_publisher_read_back_keeps_its_credits_as_long_as_it_is_held(
+        tmp_path: Path) -> None:
+    """Read back at a start, a decision whose id carries no time is held for a window from then
+    (`add_logged`): its credits, given long before, must stay saved as long, not leave with the
+    minute they were given in."""
+    world = World(tmp_path)  # a join window of an hour
+    body = orjson.loads(world.score(serve=False).payload) | {"id": "external-1"}
+    logged = LoggedDecision("external-1", orjson.dumps(body))
+    world.learner.add_logged(logged)
+    world.store.advance("DECISIONS", 1)
+    world.react("external-1", "a")
+    world.learner.feedback_read.advance(int(world.clock.now * 1000), caught_up=True)
+    checkpoint(world)
+
+    def start_again(minutes_later: float) -> World:
+        again = World(tmp_path)
+        again.clock.now = world.clock.now + 60 * minutes_later
+        resume = again.learner.restore(again.engine)
+        assert resume is not None and resume["DECISIONS"] == 0  # held: DECISIONS is read again from the start
+        for stream, seq in resume.items():
+            again.store.advance(stream, seq)
+        again.learner.add_logged(logged)
+        again.store.advance("DECISIONS", 1)
+        again.learner.caught_up()
+        return again
+
+    again = start_again(minutes_later=50)
+    again.clock.now += 20 * 60
+    again.react(None, "b")  # FEEDBACK goes on, without decisions
+    again.learner.feedback_read.advance(int(again.clock.now * 1000), caught_up=True)
+    checkpoint(again)  # deletes the minute the credit was given in
+    assert "external-1" in again.learner.cache
+
+    last = start_again(minutes_later=71)
+    assert last.log.dirty["external-1"]["rewards"] == {"a": 1.0}  # its row keeps its rewards
+    before = outcomes()
+    last.react("external-1", "a", event_id="again")
+    assert delta(before) == {"duplicate": 1}
+    for w in (world, again, last):
+        w.engine.dispose()
