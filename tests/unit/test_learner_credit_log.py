@@ -188,8 +188,9 @@ def test_a_decision_read_back_after_a_quiet_spell_keeps_its_credits_and_its_row_
 
 def test_random_credits_checkpoints_failures_and_restarts_learn_each_reward_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Decisions and feedback (some sent again) over streams, with checkpoints (some failing),
-    registrations' snapshots, the clock moving (also back a little), clean stops and kill -9
+    """Decisions (some another publisher's) and feedback (some sent again, some without a decision)
+    over streams, with checkpoints (some failing), registrations' snapshots, the clock moving (also
+    back a little, and on past the window), clean stops and kill -9
     restarts that re-read both streams from the snapshot's positions: each (decision, tip) is
     learned once, its `tip_scores` row keeps every reward, and the rows stay within the window."""
     for seed in range(4):
@@ -236,12 +237,21 @@ def _random_run(path: Path, rng: random.Random, monkeypatch: pytest.MonkeyPatch)
         op = rng.random()
         if op < 0.25:
             scored = world.score(serve=False)
-            decisions.append((scored.decision_id, scored.payload))
-            made[scored.decision_id] = clock.now
+            decision_id, payload = scored.decision_id, scored.payload
+            if rng.random() < 0.2:  # another publisher's: no time in its id
+                decision_id = f"x-{len(decisions)}"
+                payload = orjson.dumps(orjson.loads(payload) | {"id": decision_id})
+            decisions.append((decision_id, payload))
+            made[decision_id] = clock.now
             read_decision(world, len(decisions))
         elif op < 0.55:
             recent = [d for d, at in made.items() if clock.now - 1500 <= at <= clock.now]
-            if recent:
+            if rng.random() < 0.15:  # feedback without a decision: FEEDBACK's time moves on
+                feedback.append((orjson.dumps({
+                    "id": f"f-{len(feedback)}", "type": "tip.reacted", "user_id": "u-1", "ts": NOW,
+                    "data": {"tip_id": "a", "reaction": "acted"}}), int(clock.now * 1000)))
+                read_feedback(world, len(feedback))
+            elif recent:
                 decision_id, tip = rng.choice(recent), rng.choice("ab")
                 sent.setdefault(decision_id, set()).add(tip)
                 feedback.append((orjson.dumps({
@@ -250,7 +260,7 @@ def _random_run(path: Path, rng: random.Random, monkeypatch: pytest.MonkeyPatch)
                     int(clock.now * 1000)))
                 read_feedback(world, len(feedback))
         elif op < 0.7:
-            clock.now += rng.choice([5, 30, 70, 400, 900, -20])
+            clock.now += rng.choice([5, 30, 70, 400, 900, 3700, -20])  # 3700: quiet for longer than the window
         elif op < 0.85:
             checkpoint_now(world, fail=rng.random() < 0.3)
         elif op < 0.9:  # a registration's snapshot, in its own transaction (which may fail)
@@ -269,6 +279,8 @@ def _random_run(path: Path, rng: random.Random, monkeypatch: pytest.MonkeyPatch)
             world.learner.clock = clock
             world.learner.feedback_read = ReadUpTo()
             resume = world.learner.restore(world.engine) or {}
+            for stream, seq in resume.items():  # as the service's start does
+                world.store.advance(stream, seq)
             for seq in range(resume.get("DECISIONS", 0) + 1, len(decisions) + 1):
                 read_decision(world, seq)
             world.learner.caught_up()
