@@ -465,6 +465,9 @@ class Learner:
             self.credit_log.drop_before(credits_from_ms)
         state = {
             "positions": {"FEEDBACK": resume[0], "DECISIONS": resume[1]},
+            # Empty: the credits are in their minutes' rows. Kept so that a release from before the
+            # credit log, rolled back to, starts (it read this key unconditionally).
+            "credits": {},
             "pending": [[d, t, reaction, at, user_id, stored] for d, waiting in self.pending.items()
                         for t, (reaction, at, user_id, stored) in waiting.items()],
             "evicted_upto_ms": self.evicted_upto_ms,

@@ -372,3 +372,14 @@ def test_a_decision_of_another_publisher_read_back_keeps_its_credits_as_long_as_
     assert delta(before) == {"duplicate": 1}
     for w in (world, again, last):
         w.engine.dispose()
+
+
+def test_the_learner_s_own_row_still_has_an_empty_credits_map_for_a_rolled_back_release(tmp_path: Path) -> None:
+    """Releases before the credit log read `state["credits"]` unconditionally at start: rolled
+    back to, they would not start at all. They find it empty (and re-sent feedback of the window
+    may be learned again), the credits being in their minutes' rows."""
+    world = World(tmp_path)
+    rewarded(world)
+    snapshot = world.learner.snapshot()
+    assert orjson.loads(snapshot["state"])["credits"] == {} and snapshot["credits"]
+    world.engine.dispose()
