@@ -17,10 +17,12 @@ Steps:
    rounds of `--per-round` fresh rewards, each followed by a snapshot (timed: the loop's share)
    and its write (bytes of `learner_state` rows written).
 3. The same after rewarding `--credited` decisions in all, over the window's other half.
+4. The same again with `--waiting` reactions held for decisions that have not arrived (another
+   publisher's, say; `TIPSTREAM_LEARNER_PENDING_MAX` at most, saved with every snapshot).
 Goal: the loop's time and the bytes a snapshot writes do not grow with the rewarded decisions
 held (ratio large/small near 1). Last line:
 {"bench": "snapshot", "credited": ..., "loop_ms_small": ..., "loop_ms_large": ..., "loop_ratio": ...,
- "bytes_small": ..., "bytes_large": ...}
+ "bytes_small": ..., "bytes_large": ..., "waiting": ..., "loop_ms_waiting": ...}
 """
 
 from __future__ import annotations
@@ -118,6 +120,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20, help="snapshots timed in each phase (the median counts)")
     parser.add_argument("--per-round", type=int, default=100, help="new rewards between two snapshots")
     parser.add_argument("--every-s", type=float, default=5.0, help="simulated time between two snapshots")
+    parser.add_argument("--waiting", type=int, default=defaults.learner_pending_max,
+                        help="reactions waiting for their decision in the last phase (default: the bound)")
     parser.add_argument("--users", type=int, default=300, help="users the decisions are for")
     args = parser.parse_args()
 
@@ -133,7 +137,8 @@ def main() -> int:
         spread_ms = int(window_s * 1000) // 2
         clock = Clock(int(time.time() * 1000) - 2 * spread_ms)
         learner = Learner(lineup, OnlineStore(), TipScoresLog(), rewards=DEFAULT_REWARDS, cache_mb=4096,
-                          window_s=window_s, pending_max=100, pending_max_age_s=60, snapshot_every_s=0,
+                          window_s=window_s, pending_max=max(args.waiting, 1), pending_max_age_s=defaults.learner_pending_max_age_s,
+                          snapshot_every_s=0,
                           clock=clock)
         rewarder = Rewarder(learner, args.users, clock)
 
@@ -151,10 +156,19 @@ def main() -> int:
         fill(args.credited - learner.credited)
         large_ms, large_bytes = phase(learner, rewarder, engine, args.rounds, args.per_round, every_ms)
         print(f"{learner.credited} rewarded: snapshot {large_ms:.2f} ms of the loop, {large_bytes} bytes written")
+        credited = learner.credited
+        for n in range(args.waiting):
+            learner.on_feedback(parse_event(orjson.dumps({
+                "id": f"w-{n}", "type": "tip.reacted", "user_id": f"u-{n % args.users}",
+                "ts": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(clock.ms / 1000)),
+                "data": {"tip_id": TIPS[0], "decision_id": f"elsewhere-{n}", "reaction": "liked"}})))
+        waiting_ms, _ = phase(learner, rewarder, engine, args.rounds, args.per_round, every_ms)
+        print(f"{learner._waiting} waiting: snapshot {waiting_ms:.2f} ms of the loop")
         engine.dispose()
-    print(json.dumps({"bench": "snapshot", "credited": learner.credited, "loop_ms_small": round(small_ms, 2),
+    print(json.dumps({"bench": "snapshot", "credited": credited, "loop_ms_small": round(small_ms, 2),
                       "loop_ms_large": round(large_ms, 2), "loop_ratio": round(large_ms / small_ms, 2),
-                      "bytes_small": small_bytes, "bytes_large": large_bytes}))
+                      "bytes_small": small_bytes, "bytes_large": large_bytes, "waiting": args.waiting,
+                      "loop_ms_waiting": round(waiting_ms, 2)}))
     return 0
 
 

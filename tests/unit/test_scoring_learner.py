@@ -776,3 +776,27 @@ def test_a_registration_makes_the_new_model_s_bytes_off_the_event_loop(world: Wo
     with world.engine.connect() as conn:
         saved = conn.execute(sa.text("select model, n_learned from model_versions where version = 'v3'")).one()
     assert TipModel.from_bytes(bytes(saved[0])).n_learned == saved[1] == world.lineup.models["v3"].n_learned
+
+
+def test_waiting_feedback_saved_by_an_older_release_as_a_list_is_restored(world: World, tmp_path: Path) -> None:
+    """Snapshots before 2026-12-03 listed waiting feedback as [decision, tip, reaction, at, user,
+    stored]; they now keep the learner's own map (`waiting`), written in one call."""
+    elsewhere = world.score(serve=False)
+    world.react(elsewhere.decision_id, "a")
+    world.store.advance("FEEDBACK", 1)
+    checkpointer = Checkpointer(world.store, SqlCheckpointStore(world.engine), every_events=1, every_s=60,
+                                participants=[world.learner, world.log])
+    assert asyncio.run(checkpointer.checkpoint())
+    with world.engine.begin() as conn:
+        state = orjson.loads(bytes(conn.execute(sa.text("select state from learner_state where name = 'learner'"))
+                                   .scalar_one()))
+        assert state["waiting"] == {elsewhere.decision_id: {"a": ["acted", world.clock.now, "u-1", None]}}
+        old = {k: v for k, v in state.items() if k != "waiting"} | {
+            "pending": [[elsewhere.decision_id, "a", "acted", world.clock.now, "u-1", None]]}
+        conn.execute(sa.text("update learner_state set state = :s where name = 'learner'"), {"s": orjson.dumps(old)})
+    again = World(tmp_path)
+    again.learner.restore(again.engine)
+    before = outcomes()
+    again.learner.add_logged(LoggedDecision(elsewhere.decision_id, elsewhere.payload))
+    assert delta(before) == {"credited": 1} and again.lineup.champion.n_learned == 1
+    again.engine.dispose()
