@@ -800,3 +800,22 @@ def test_waiting_feedback_saved_by_an_older_release_as_a_list_is_restored(world:
     again.learner.add_logged(LoggedDecision(elsewhere.decision_id, elsewhere.payload))
     assert delta(before) == {"credited": 1} and again.lineup.champion.n_learned == 1
     again.engine.dispose()
+
+
+def test_a_registration_learns_no_reward_older_than_what_its_read_of_the_log_kept(world: World) -> None:
+    """A read of the log cut at its limit left older rewards out on purpose (`TrainedOn.from_ms`):
+    the credits here of those decisions are not 'unseen', only the newer ones are."""
+    from app.decisions import decision_time_ms
+    from app.evaluation import TrainedOn
+
+    older = world.score()
+    newer = world.score()
+    while decision_time_ms(newer.decision_id) == decision_time_ms(older.decision_id):
+        newer = world.score()  # ids a millisecond apart at least
+    seen = world.score()
+    for scored in (older, newer, seen):
+        world.react(scored.decision_id, "a")
+    read = TrainedOn(frozenset({(seen.decision_id, "a")}), from_ms=decision_time_ms(newer.decision_id))
+    examples = world.learner.unseen_rewards(read)
+    assert len(examples) == 1 and examples[0][1] == DEFAULT_REWARDS["acted"]
+    assert len(world.learner.unseen_rewards(TrainedOn(frozenset(), None))) == 3
