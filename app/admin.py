@@ -1,7 +1,8 @@
 """Model registry routes: reads are open, changes need `Authorization: Bearer <TIPSTREAM_ADMIN_TOKEN>`.
 
 - `GET /models`, `GET /models/{version}` (JSON, with the card), `GET /models/{version}/card` (Markdown).
-- `POST /admin/models` `{version, kind, params?, actor?, note?}`: register (trained over the log).
+- `POST /admin/models` `{version, kind?, params?, actor?, note?}`: register (trained over the log;
+  `kind` defaults to logreg).
 - `POST /admin/models/{version}/shadow|promote|retire|evaluate` `{actor?, note?}`.
 - `POST /admin/rollback` `{actor?, note?}`.
 
