@@ -43,7 +43,11 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL, e.g. `postgresql+psycopg://user@host/db`. Unset: SQLite at `<data_dir>/tipstream.db`.",
     )
     host: str = Field("127.0.0.1", description="HTTP bind address.")
-    port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 picks a free one).")
+    port: int = Field(
+        8000, ge=0, le=65535,
+        description="HTTP port. 0 picks a free one, for servers started in-process (the tests): `tipstream run` "
+                    "does not report which it took, and its `--demo` and `tipstream models` need the port itself.",
+    )
     log_level: str = Field("info", description="Python log level for tipstream's loggers.")
 
     stream_max_age_days: float = Field(
