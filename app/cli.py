@@ -28,12 +28,16 @@ def _run(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                             loop="uvloop", http="httptools", lifespan="on", access_log=False)
     server = uvicorn.Server(config)
+    # Bound here, not by uvicorn, to know the port before serving: with TIPSTREAM_PORT=0 the system
+    # picks one, and both the line below and the demo's requests need the one it picked.
+    sock = config.bind_socket()
+    port = sock.getsockname()[1]
     if args.demo:
         from app.demo import attach_demo
 
-        attach_demo(app, rate=args.demo, stopping=lambda: server.should_exit)
-    print(f"tipstream on http://{settings.host}:{settings.port} (data in {settings.data_dir})", flush=True)
-    server.run()
+        attach_demo(app, rate=args.demo, stopping=lambda: server.should_exit, port=port)
+    print(f"tipstream on http://{settings.host}:{port} (data in {settings.data_dir})", flush=True)
+    server.run(sockets=[sock])
     return 0
 
 

@@ -122,16 +122,16 @@ async def _wait_for_http(http: httpx.AsyncClient, timeout_s: float = 30.0) -> No
         await asyncio.sleep(0.05)
 
 
-def _self_url(settings: Settings) -> str:
+def _self_url(settings: Settings, port: int | None) -> str:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    return f"http://{host}:{settings.port}"
+    return f"http://{host}:{settings.port if port is None else port}"
 
 
-async def _run_demo(app: Starlette, rate: float, stopping: Callable[[], bool]) -> None:
+async def _run_demo(app: Starlette, rate: float, stopping: Callable[[], bool], port: int | None) -> None:
     service = app.state.service
     settings: Settings = service.settings
     js = service.nc.jetstream(publish_async_max_pending=4_000)
-    async with httpx.AsyncClient(base_url=_self_url(settings), timeout=10.0) as http:
+    async with httpx.AsyncClient(base_url=_self_url(settings, port), timeout=10.0) as http:
         await _wait_for_http(http)
         demo = DemoApp(js, http, settings.rewards, seed=int(time.time()))
         per_tick = max(1, round(rate / TICKS_PER_S))
@@ -160,17 +160,19 @@ def _report_end(task: asyncio.Task[None]) -> None:
         log.error("demo traffic stopped; the service goes on without it", exc_info=task.exception())
 
 
-def attach_demo(app: Starlette, rate: float, stopping: Callable[[], bool] = lambda: False) -> None:
+def attach_demo(app: Starlette, rate: float, stopping: Callable[[], bool] = lambda: False,
+                port: int | None = None) -> None:
     """Wrap the app's lifespan so the demo starts after the service and stops before it.
 
     `stopping` says the server has begun to stop (uvicorn's `should_exit`): from then on a
-    failed request is the stop, not a failure of the demo's."""
+    failed request is the stop, not a failure of the demo's. `port`: the one the server listens
+    on, when not `TIPSTREAM_PORT` (0: the system picked it)."""
     inner = app.router.lifespan_context
 
     @contextlib.asynccontextmanager
     async def lifespan(application: Any) -> AsyncIterator[None]:
         async with inner(application):
-            task = asyncio.create_task(_run_demo(app, rate, stopping), name="demo traffic")
+            task = asyncio.create_task(_run_demo(app, rate, stopping, port), name="demo traffic")
             task.add_done_callback(_report_end)
             log.info("demo traffic: %.0f events/s from %d synthetic users; one in %d is a tip picked by /score",
                      rate, USERS, round(1 / TIP_SHARE))

@@ -45,8 +45,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="HTTP bind address.")
     port: int = Field(
         8000, ge=0, le=65535,
-        description="HTTP port. 0 picks a free one, for servers started in-process (the tests): `tipstream run` "
-                    "does not report which it took, and its `--demo` and `tipstream models` need the port itself.",
+        description="HTTP port. 0 picks a free one: `tipstream run` prints which (`tipstream on http://...`), "
+                    "and `tipstream models` then needs `--url`.",
     )
     log_level: str = Field("info", description="Python log level for tipstream's loggers.")
 

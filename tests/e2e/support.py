@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,10 +32,26 @@ class ServiceProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30) -> ServiceProcess:
+        self._launch()
+        return self._answering(time.monotonic() + timeout)
+
+    def start_on_printed_port(self, timeout: float = 30) -> ServiceProcess:
+        """Start, and take the port from the line `tipstream run` prints (with TIPSTREAM_PORT=0)."""
+        self._launch()
+        deadline = time.monotonic() + timeout
+        found = wait_until(lambda: re.search(r"tipstream on http://[^:]+:(\d+) ", self.log()), timeout,
+                           "the line naming the port")
+        self.port = int(found.group(1))
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        return self._answering(deadline)
+
+    def _launch(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "service.log", "ab")
         self.process = subprocess.Popen([TIPSTREAM, "run", *self.args], env=self.env, stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout
+
+    def _answering(self, deadline: float) -> ServiceProcess:
+        assert self.process is not None
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise AssertionError(f"tipstream exited with {self.process.returncode}:\n{self.log()}")
@@ -44,7 +61,7 @@ class ServiceProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.05)
-        raise AssertionError(f"tipstream did not answer within {timeout}s:\n{self.log()}")
+        raise AssertionError(f"tipstream did not answer in time:\n{self.log()}")
 
     def get(self, path: str, **params: Any) -> Any:
         return httpx.get(f"{self.base_url}{path}", params=params, timeout=10)

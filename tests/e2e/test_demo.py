@@ -29,3 +29,16 @@ def test_demo_scores_tips_over_http_and_the_learner_credits_every_reaction(tmp_p
     finally:
         assert service.stop(), service.log()
     assert "a tick failed" not in service.log()  # the service stopping is not the demo failing
+
+
+def test_port_0_runs_on_the_port_the_system_picked_and_says_which(tmp_path: Path) -> None:
+    """`tipstream run` printed `http://127.0.0.1:0`, and the demo asked /score on port 0."""
+    service = ServiceProcess(tmp_path / "data", env={"TIPSTREAM_PORT": "0"}, args=("--demo", "400"))
+    service.start_on_printed_port()
+    try:
+        assert service.port != 0
+        wait_until(lambda: service.metric("tipstream_feedback_total", outcome="credited") >= 20,
+                   what="20 demo reactions credited")
+    finally:
+        assert service.stop(), service.log()
+    assert "a tick failed" not in service.log()
