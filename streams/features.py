@@ -30,6 +30,7 @@ HOUR_MS = 3_600_000
 ENGAGEMENT_HALF_LIFE_DAYS = 3.0
 POSITIVE_REACTIONS = (0, 1)  # acted, liked
 NEGATIVE_REACTIONS = (3, 4)  # dismissed, disliked
+STREAK_CAP = HORIZON_DAYS + 1  # active_day_streak: the newest event's (UTC) day and the 31 the fold keeps before it
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +80,9 @@ FEATURES: tuple[Feature, ...] = (
        "`reschedules / (tasks created + 1)` over 30 days.", window=30),
     _f("active_day_streak", "int", 2, "all signals", 0,
        "Consecutive local days (in the user's current offset) with any signal, ending today or yesterday; "
-       "at most 32: the fold keeps the newest event's day and the 31 before it (earlier, a streak "
-       "running into what the fold dropped is a fallback)."),
+       "at most 32: the fold keeps the newest event's day and the 31 before it. A streak shorter than that, "
+       "ended by a local day the fold holds only in part (at an earlier `now`; or, with an offset, the day "
+       "31 back from the newest), is a fallback: pruned events may have continued it."),
     _f("mean_hours_to_complete_28d", "float", 28, "task.created, task.completed", 24.0,
        "Mean hours from creation to completion, over completions in 28 days whose creation (the earliest) is in "
        "the last 30 days.", window=30),
@@ -259,10 +261,15 @@ class _Evaluation:
         streak = 0
         while flags[day]:
             streak, day = streak + 1, day + 1
-        # Ran into the local day the cutoff falls in (or past it): pruned days may have continued the
-        # streak. Not exact, unless that day is the documented cap's (31 days back, at now >= newest).
-        horizon_day = today - (self.state.cutoff_ms - self.base + offset_ms) // DAY_MS
-        if day >= horizon_day and horizon_day < HORIZON_DAYS:
+        # Capped: the fold's horizon is in UTC days, so with an offset a local day it holds in part
+        # (31-32 days back) could add a 33rd.
+        if streak >= STREAK_CAP:
+            return STREAK_CAP, False
+        # The day that ended the streak shows no signal, which is known only if the fold holds it
+        # whole, from its local midnight: else pruned events may have continued the streak. (Judged
+        # by the local day the cutoff falls in, a streak ending on a day held whole at offset 0 was a
+        # fallback, and one ending on a day held in part 31 days back was taken as exact.)
+        if (today - day) * DAY_MS - offset_ms < self.state.cutoff_ms - self.base:
             return BY_NAME["active_day_streak"].fallback, True
         return streak, False
 

@@ -207,8 +207,8 @@ def reference_features(raw: list[dict[str, Any]], now: datetime, *, kept_from: d
     streak = 0
     while day in active_days:
         streak, day = streak + 1, day - timedelta(days=1)
-    horizon_day = kept_from.astimezone(zone).date()
-    if day <= horizon_day and (now.astimezone(zone).date() - horizon_day).days < 31:  # cut short, below the cap
+    streak = min(streak, 32)  # at most 32
+    if streak < 32 and datetime.combine(day, datetime.min.time(), zone) < kept_from:  # ended by a day held in part
         streak = 0
     spans = []
     for done in of("task.completed", 28):
