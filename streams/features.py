@@ -74,8 +74,8 @@ FEATURES: tuple[Feature, ...] = (
     _f("open_tasks", "int", 30, "task.created, task.completed, task.deleted", 0,
        "Tasks created in the last 30 days and neither completed nor deleted in them.", window=30),
     _f("overdue_tasks", "int", 30, "task.created, task.rescheduled, task.completed, task.deleted", 0,
-       "Open tasks whose due time (the latest reschedule in 30 days, else the creation's `due`) is at or before "
-       "`now`.", window=30),
+       "Open tasks whose due time (the latest reschedule in 30 days, else the creation's `due`; kept to the "
+       "second, rounded down) is at or before `now`.", window=30),
     _f("postpone_rate_30d", "float", 30, "task.rescheduled, task.created", 0.0,
        "`reschedules / (tasks created + 1)` over 30 days.", window=30),
     _f("active_day_streak", "int", 2, "all signals", 0,

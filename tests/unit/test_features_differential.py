@@ -267,3 +267,15 @@ def test_a_streak_ended_by_a_day_held_whole_is_exact_at_an_earlier_now() -> None
     assert _at(state.cutoff_ms) == datetime(2026, 10, 26, tzinfo=UTC) == (newest - 31 * DAY).replace(hour=0)
     value = evaluate(state, state.newest_ms - 3 * DAY // MS)["active_day_streak"]
     assert (value.value, value.fallback) == (27, False)
+
+
+def test_a_due_time_counts_from_its_whole_second() -> None:
+    # The records keep dues in seconds: a task due at 10:00:00.900 is overdue from 10:00:00.000, as
+    # overdue_tasks' description says (it said "at or before `now`" only).
+    assert "kept to the second, rounded down" in BY_NAME["overdue_tasks"].description
+    due = datetime(2026, 11, 26, 10, tzinfo=UTC)
+    state = fold([parse_event(orjson.dumps({"id": "c", "type": "task.created", "user_id": "u",
+                                            "ts": (due - timedelta(hours=1)).isoformat(),
+                                            "data": {"task_id": "t", "due": (due + 900 * MS).isoformat()}}))])
+    assert evaluate(state, _ms(due) - 1)["overdue_tasks"].value == 0
+    assert evaluate(state, _ms(due))["overdue_tasks"].value == 1
