@@ -32,6 +32,16 @@ OFFSETS = [timedelta(hours=5, minutes=30), timedelta(hours=-3), timedelta(hours=
 BY_NAME = {f.name: f for f in FEATURES}
 
 
+def completion_hours(completed: list[dict[str, Any]], created: list[dict[str, Any]]) -> list[float]:
+    """Hours from each task's earliest creation among `created` to its completion in `completed`."""
+    spans = []
+    for done in completed:
+        made = [e["at"] for e in created if e["data"]["task_id"] == done["data"]["task_id"]]
+        if made and min(made) <= done["at"]:
+            spans.append((done["at"] - min(made)) / timedelta(hours=1))
+    return spans
+
+
 def reference(raw: list[dict[str, Any]], now_ms: int, current_offset: timedelta) -> dict[str, Any]:
     """Each feature at `now_ms`; None where there is no data (the registry's fallback applies)."""
     now = EPOCH + now_ms * MS
@@ -63,11 +73,7 @@ def reference(raw: list[dict[str, Any]], now_ms: int, current_offset: timedelta)
     streak = 0
     while day in active:
         streak, day = streak + 1, day - DAY
-    spans = []
-    for done in win("task.completed", 28):
-        made = [e["at"] for e in win("task.created", 30) if e["data"]["task_id"] == done["data"]["task_id"]]
-        if made and min(made) <= done["at"]:
-            spans.append((done["at"] - min(made)) / timedelta(hours=1))
+    spans = completion_hours(win("task.completed", 28), win("task.created", 30))
     return {
         "tasks_created_7d": created,
         "tasks_completed_7d": completed,

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from streams.events import parse_event
 from streams.features import FEATURE_NAMES, FEATURES, evaluate
 from streams.fold import UserState, apply
+from tests.unit.test_feature_reference import completion_hours
 
 MS, DAY, EPOCH = timedelta(milliseconds=1), timedelta(days=1), datetime(1970, 1, 1, tzinfo=UTC)
 SIGNALS = ("task.created", "task.completed", "task.rescheduled", "task.deleted", "app.opened", "tip.shown")
@@ -146,11 +147,7 @@ def reference(raw: list[dict[str, Any]], now: datetime, zone: timedelta, kept_fr
         while day in active:
             streak, day = streak + 1, day - DAY
         return streak, datetime.combine(day, datetime.min.time(), local)
-    spans = []
-    for done in win("task.completed", 28):
-        made = [e["at"] for e in win("task.created", 30) if e["data"]["task_id"] == done["data"]["task_id"]]
-        if made and min(made) <= done["at"]:
-            spans.append((done["at"] - min(made)) / timedelta(hours=1))
+    spans = completion_hours(win("task.completed", 28), win("task.created", 30))
     return {
         "tasks_created_7d": created,
         "tasks_completed_7d": completed,

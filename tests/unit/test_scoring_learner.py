@@ -341,15 +341,21 @@ def test_a_snapshot_restores_models_credits_and_waiting_feedback(world: World, t
     again.engine.dispose()
 
 
-def test_waiting_feedback_survives_a_long_stop(world: World, tmp_path: Path) -> None:
-    """Feedback saved while waiting for its decision waits afresh after a restart, however long
-    the stop: its FEEDBACK position is saved past it, so expiring it at once would lose it."""
+def checkpointed_waiting(world: World) -> Any:
+    """A reaction waiting for a decision served elsewhere, saved by a checkpoint; that decision."""
     elsewhere = world.score(serve=False)
     world.react(elsewhere.decision_id, "a")
     world.store.advance("FEEDBACK", 1)
     checkpointer = Checkpointer(world.store, SqlCheckpointStore(world.engine), every_events=1, every_s=60,
                                 participants=[world.learner, world.log])
     assert asyncio.run(checkpointer.checkpoint())
+    return elsewhere
+
+
+def test_waiting_feedback_survives_a_long_stop(world: World, tmp_path: Path) -> None:
+    """Feedback saved while waiting for its decision waits afresh after a restart, however long
+    the stop: its FEEDBACK position is saved past it, so expiring it at once would lose it."""
+    elsewhere = checkpointed_waiting(world)
     again = World(tmp_path)
     again.clock.now = world.clock.now + 3_600  # back an hour later; waiting gives up after 60 s
     again.learner.restore(again.engine)
@@ -781,12 +787,7 @@ def test_a_registration_makes_the_new_model_s_bytes_off_the_event_loop(world: Wo
 def test_waiting_feedback_saved_by_an_older_release_as_a_list_is_restored(world: World, tmp_path: Path) -> None:
     """Snapshots before 2026-12-03 listed waiting feedback as [decision, tip, reaction, at, user,
     stored]; they now keep the learner's own map (`waiting`), written in one call."""
-    elsewhere = world.score(serve=False)
-    world.react(elsewhere.decision_id, "a")
-    world.store.advance("FEEDBACK", 1)
-    checkpointer = Checkpointer(world.store, SqlCheckpointStore(world.engine), every_events=1, every_s=60,
-                                participants=[world.learner, world.log])
-    assert asyncio.run(checkpointer.checkpoint())
+    elsewhere = checkpointed_waiting(world)
     with world.engine.begin() as conn:
         state = orjson.loads(bytes(conn.execute(sa.text("select state from learner_state where name = 'learner'"))
                                    .scalar_one()))
