@@ -47,7 +47,11 @@ class CreditLog:
         self._rows: OrderedDict[int, None] = OrderedDict()
         self._newest = 0  # credits never go to a minute before it, whose row may be saved and closed
         self._dirty: set[int] = set()
-        self._unconfirmed: dict[int, set[int]] = {}  # the last snapshot not confirmed -> the minutes it wrote
+        # The last snapshot not confirmed, and the minutes it wrote. One is enough: each snapshot
+        # writes again every minute of those before it not confirmed (kept one per snapshot, N
+        # failed in a row, a database outage, held N ever larger sets).
+        self._unconfirmed_gen: int | None = None
+        self._unconfirmed: set[int] = set()
 
     def credit(self, decision_id: str, credits: dict[str, float], rewarded_ms: int | None, now_ms: int) -> None:
         """Record all of a decision's credits so far, given at `now_ms`."""
@@ -67,23 +71,18 @@ class CreditLog:
     def changes(self, gen: int) -> dict[str, bytes | None]:
         """The rows snapshot `gen` writes (None: delete): the minutes changed since the last snapshot,
         and again those of snapshots not confirmed (failed)."""
-        minutes = set(self._dirty)
-        for written in self._unconfirmed.values():
-            minutes |= written
+        minutes = self._dirty | self._unconfirmed
         self._dirty = set()
         if minutes:
-            # This one writes again every minute of those not confirmed, so it alone stands for
-            # them: kept each with its own, N failed snapshots in a row (a database outage) held N
-            # ever larger sets, and each snapshot went through them all.
-            self._unconfirmed = {gen: minutes}
+            self._unconfirmed_gen, self._unconfirmed = gen, minutes
         return {f"{ROW_PREFIX}{m}": orjson.dumps(self._open[m]) if m in self._rows else None for m in sorted(minutes)}
 
     def confirmed(self, gen: int) -> None:
         """Snapshot `gen` is saved, and with it the minutes of those before it: past minutes saved
         leave memory (the newest stays open: more credits may come in it)."""
-        for done in [g for g in self._unconfirmed if g <= gen]:
-            del self._unconfirmed[done]
-        keep = set(self._dirty).union(*self._unconfirmed.values())
+        if self._unconfirmed_gen is not None and self._unconfirmed_gen <= gen:
+            self._unconfirmed_gen, self._unconfirmed = None, set()
+        keep = self._dirty | self._unconfirmed
         for minute in [m for m in self._open if m != self._newest and m not in keep]:
             del self._open[minute]
 

@@ -122,12 +122,12 @@ async def _wait_for_http(http: httpx.AsyncClient, timeout_s: float = 30.0) -> No
         await asyncio.sleep(0.05)
 
 
-def _self_url(settings: Settings, port: int | None) -> str:
+def _self_url(settings: Settings, port: int) -> str:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    return f"http://{host}:{settings.port if port is None else port}"
+    return f"http://{host}:{port}"
 
 
-async def _run_demo(app: Starlette, rate: float, stopping: Callable[[], bool], port: int | None) -> None:
+async def _run_demo(app: Starlette, rate: float, stopping: Callable[[], bool], port: int) -> None:
     service = app.state.service
     settings: Settings = service.settings
     js = service.nc.jetstream(publish_async_max_pending=4_000)
@@ -160,13 +160,12 @@ def _report_end(task: asyncio.Task[None]) -> None:
         log.error("demo traffic stopped; the service goes on without it", exc_info=task.exception())
 
 
-def attach_demo(app: Starlette, rate: float, stopping: Callable[[], bool] = lambda: False,
-                port: int | None = None) -> None:
+def attach_demo(app: Starlette, rate: float, port: int, stopping: Callable[[], bool] = lambda: False) -> None:
     """Wrap the app's lifespan so the demo starts after the service and stops before it.
 
     `stopping` says the server has begun to stop (uvicorn's `should_exit`): from then on a
     failed request is the stop, not a failure of the demo's. `port`: the one the server listens
-    on, when not `TIPSTREAM_PORT` (0: the system picked it)."""
+    on (with `TIPSTREAM_PORT=0`, the one the system picked)."""
     inner = app.router.lifespan_context
 
     @contextlib.asynccontextmanager

@@ -194,6 +194,11 @@ class Learner:
         now_ms = int(self.clock() * 1000)
         return now_ms if self.feedback_read.caught_up else min(now_ms, self.feedback_ms)
 
+    def _restorable_from_ms(self) -> int:
+        """The oldest decision time a start keeps credits for (`restore`): the join window ending at
+        FEEDBACK's time (the stored time of the newest feedback read), or at now's if that is earlier."""
+        return min(int(self.clock() * 1000), self.feedback_ms) - self.window_ms
+
     def add_logged(self, logged: LoggedDecision) -> bool:
         """The DECISIONS ingest's sink: a decision read back from the stream."""
         entry = self._lookup(logged.id)
@@ -448,7 +453,7 @@ class Learner:
         # position saved moves past them: read back at the next start, one whose id is not ours
         # (no time in it, so taken back whatever its age) would come back without its credits, its
         # row would lose its rewards and a re-sent feedback would be learned again.
-        credits_from_ms = min(self.window_end_ms(), self.feedback_ms) - self.window_ms
+        credits_from_ms = self._restorable_from_ms()
         if not self.rows_to_rebuild:  # a rebuild keeps its credits, however old (`restore`)
             self._evict(credits_from_ms)
         positions = self.store.positions
@@ -532,7 +537,7 @@ class Learner:
         # FEEDBACK is read again from the snapshot's position, stored up to its `feedback_ms`
         # (older snapshots: unknown, so the clock's time, as before).
         self._feedback_from_ms = state.get("feedback_ms", int(self.clock() * 1000))
-        horizon = min(int(self.clock() * 1000), self.feedback_ms) - self.window_ms
+        horizon = self._restorable_from_ms()
         self.rows_to_rebuild = state.get("rows_to_rebuild", False)  # older snapshots: not a rebuild
         credits = self.credit_log.load({name: bytes(data) for name, data in rows.items()})
         if "credits" in state:  # a snapshot from before the credit log held them all itself

@@ -122,8 +122,8 @@ class RegistryStore:
                                  .values(**values))
                 else:
                     blob, n_learned = new_models.get(mv.version, (None, 0))
-                    if blob is not None and not isinstance(blob, bytes):
-                        blob = blob.to_bytes()
+                    if blob is not None:
+                        blob = model_bytes(blob)
                     conn.execute(db.model_versions.insert().values(
                         version=mv.version, created_at=mv.created_at, model=blob, n_learned=n_learned, **values))
             cards: dict[int, list[str]] = {}
@@ -152,11 +152,16 @@ class RegistryStore:
             return len(conn.execute(select(db.model_rollouts.c.seq)).all())
 
 
+def model_bytes(model: Any) -> bytes:
+    """Bytes as they are, or made from a model (or frozen copy) here, off the event loop."""
+    return model if isinstance(model, bytes) else model.to_bytes()
+
+
 def write_models(conn: Connection, models: dict[str, tuple[Any, int]]) -> None:
     """The learner's model snapshots, inside the checkpoint transaction: bytes, or a model
     whose `to_bytes` makes them here (off the event loop; `learner.ModelBytes`)."""
     now = datetime.now(UTC)
     for version, (model, n_learned) in models.items():
-        blob = model if isinstance(model, bytes) else model.to_bytes()
+        blob = model_bytes(model)
         conn.execute(update(db.model_versions).where(db.model_versions.c.version == version)
                      .values(model=blob, n_learned=n_learned, updated_at=now))
