@@ -103,7 +103,9 @@ class Lineup:
             result = apply(staged)
             new_models = new_models or {}
             if trained_on is not None:
-                examples = [e for participant in self.participants for e in participant.unseen_rewards(trained_on)]
+                examples = []
+                for participant in self.participants:
+                    examples += await participant.unseen_rewards(trained_on)
                 for model in new_models.values():
                     for x, reward in examples:
                         model.learn_one(x, reward)

@@ -17,12 +17,18 @@ Steps:
    rounds of `--per-round` fresh rewards, each followed by a snapshot (timed: the loop's share)
    and its write (bytes of `learner_state` rows written).
 3. The same after rewarding `--credited` decisions in all, over the window's other half.
-4. The same again with `--waiting` reactions held for decisions that have not arrived (another
+4. A registration's look for the rewards its new model has not seen (`Learner.unseen_rewards`,
+   on the loop too): against a read of the log that holds every credit but the `--per-round`
+   given since; the longest stretch it holds the loop between two yields (`unseen_ms`) and all
+   of them (`unseen_total_ms`), medians of `--rounds`.
+5. The same snapshots again with `--waiting` reactions held for decisions that have not arrived (another
    publisher's, say; `TIPSTREAM_LEARNER_PENDING_MAX` at most, saved with every snapshot).
 Goal: the loop's time and the bytes a snapshot writes do not grow with the rewarded decisions
-held (ratio large/small near 1). Last line:
+held (ratio large/small near 1); no turn of the loop over a few ms for a registration's look
+(its whole time does grow with them). Last line:
 {"bench": "snapshot", "credited": ..., "loop_ms_small": ..., "loop_ms_large": ..., "loop_ratio": ...,
- "bytes_small": ..., "bytes_large": ..., "waiting": ..., "loop_ms_waiting": ...}
+ "bytes_small": ..., "bytes_large": ..., "unseen_ms": ..., "unseen_total_ms": ..., "waiting": ...,
+ "loop_ms_waiting": ...}
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import orjson
 from app import migrate
 from app.db import make_engine
 from app.decisions import TipScoresLog
+from app.evaluation import TrainedOn
 from app.learner import Learner
 from app.lineup import Lineup
 from app.registry_store import RegistryStore
@@ -87,6 +94,20 @@ class Rewarder:
         event = {"id": f"f-{n}", "type": "tip.reacted", "user_id": user, "ts": ts,
                  "data": {"tip_id": tips[n % 3], "decision_id": decision_id, "reaction": "liked"}}
         self.sink(parse_event(orjson.dumps(event)))
+
+
+def in_turns(coroutine: Any) -> tuple[Any, list[float]]:
+    """Run a coroutine that only yields to the loop (`asyncio.sleep(0)`): its result, and how long
+    each stretch between two yields held the loop (s)."""
+    turns = []
+    while True:
+        started = time.perf_counter()
+        try:
+            coroutine.send(None)
+        except StopIteration as done:
+            turns.append(time.perf_counter() - started)
+            return done.value, turns
+        turns.append(time.perf_counter() - started)
 
 
 def snapshot_round(learner: Learner, rewarder: Rewarder, engine: Any, per_round: int,
@@ -157,6 +178,18 @@ def main() -> int:
         large_ms, large_bytes = phase(learner, rewarder, engine, args.rounds, args.per_round, every_ms)
         print(f"{learner.credited} rewarded: snapshot {large_ms:.2f} ms of the loop, {large_bytes} bytes written")
         credited = learner.credited
+        read = TrainedOn(frozenset((d, t) for d, entry in learner._credited.items() for t in entry.credits), None)
+        for _ in range(args.per_round):
+            rewarder.reward()
+        longest, total = [], []
+        for _ in range(args.rounds):
+            unseen, turns = in_turns(learner.unseen_rewards(read))
+            longest.append(max(turns))
+            total.append(sum(turns))
+        assert len(unseen) == args.per_round, len(unseen)
+        unseen_ms, unseen_total_ms = statistics.median(longest) * 1000, statistics.median(total) * 1000
+        print(f"{learner.credited} rewarded, {len(unseen)} of them unseen by a new model: found in "
+              f"{unseen_total_ms:.2f} ms, {len(turns)} turns of the loop, the longest {unseen_ms:.2f} ms")
         for n in range(args.waiting):
             learner.on_feedback(parse_event(orjson.dumps({
                 "id": f"w-{n}", "type": "tip.reacted", "user_id": f"u-{n % args.users}",
@@ -167,7 +200,9 @@ def main() -> int:
         engine.dispose()
     print(json.dumps({"bench": "snapshot", "credited": credited, "loop_ms_small": round(small_ms, 2),
                       "loop_ms_large": round(large_ms, 2), "loop_ratio": round(large_ms / small_ms, 2),
-                      "bytes_small": small_bytes, "bytes_large": large_bytes, "waiting": args.waiting,
+                      "bytes_small": small_bytes, "bytes_large": large_bytes, "unseen_ms": round(unseen_ms, 2),
+                      "unseen_total_ms": round(unseen_total_ms, 2),
+                      "waiting": args.waiting,
                       "loop_ms_waiting": round(waiting_ms, 2)}))
     return 0
 
