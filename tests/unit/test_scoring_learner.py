@@ -835,8 +835,8 @@ def test_a_registration_finds_each_unseen_reward_once_while_its_look_yields_to_t
     decisions = [world.score(tips=("a", "b")) for _ in range(4)]
     for scored in decisions:
         world.react(scored.decision_id, "a")
-    first, second, third, last = (s.decision_id for s in decisions)
-    read = TrainedOn(frozenset((d, "a") for d in (first, second, third)), None)  # `last`'s row not read
+    first, second, third, _ = (s.decision_id for s in decisions)
+    read = TrainedOn(frozenset((d, "a") for d in (first, second, third)), None)  # the fourth's row not read
     look = world.learner.unseen_rewards(read)
     turns = 0
     while True:
