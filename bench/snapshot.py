@@ -21,8 +21,10 @@ Steps:
    on the loop too): against a read of the log that holds every credit but the `--per-round`
    given since; the longest stretch it holds the loop between two yields (`unseen_ms`) and all
    of them (`unseen_total_ms`), medians of `--rounds`.
-5. The same snapshots again with `--waiting` reactions held for decisions that have not arrived (another
-   publisher's, say; `TIPSTREAM_LEARNER_PENDING_MAX` at most, saved with every snapshot).
+5. The same snapshots again with `--waiting` reactions held for decisions that have not arrived
+   (another publisher's, say; `TIPSTREAM_LEARNER_PENDING_MAX` at most, saved with every
+   snapshot), arriving steadily over the time they may wait, and one more with each reward of
+   the rounds, so that at the bound the oldest expire as new ones come.
 Goal: the loop's time and the bytes a snapshot writes do not grow with the rewarded decisions
 held (ratio large/small near 1); no turn of the loop over a few ms for a registration's look
 (its whole time does grow with them). Last line:
@@ -96,6 +98,31 @@ class Rewarder:
         self.sink(parse_event(orjson.dumps(event)))
 
 
+class Waiter:
+    """Feedback naming a decision that never comes (another publisher's, say): it waits."""
+
+    def __init__(self, learner: Learner, users: int, clock: Clock) -> None:
+        self.learner, self.users, self.clock, self.n = learner, users, clock, 0
+
+    def wait(self) -> None:
+        self.n += 1
+        self.learner.on_feedback(parse_event(orjson.dumps({
+            "id": f"w-{self.n}", "type": "tip.reacted", "user_id": f"u-{self.n % self.users}",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(self.clock.ms / 1000)),
+            "data": {"tip_id": TIPS[0], "decision_id": f"elsewhere-{self.n}", "reaction": "liked"}})))
+
+
+class WaitingToo:
+    """A rewarder that also brings a waiting reaction with each reward."""
+
+    def __init__(self, rewarder: Rewarder, waiter: Waiter) -> None:
+        self.rewarder, self.waiter, self.clock = rewarder, waiter, rewarder.clock
+
+    def reward(self) -> None:
+        self.rewarder.reward()
+        self.waiter.wait()
+
+
 def in_turns(coroutine: Any) -> tuple[Any, list[float]]:
     """Run a coroutine that only yields to the loop (`asyncio.sleep(0)`): its result, and how long
     each stretch between two yields held the loop (s)."""
@@ -110,7 +137,7 @@ def in_turns(coroutine: Any) -> tuple[Any, list[float]]:
         turns.append(time.perf_counter() - started)
 
 
-def snapshot_round(learner: Learner, rewarder: Rewarder, engine: Any, per_round: int,
+def snapshot_round(learner: Learner, rewarder: Rewarder | WaitingToo, engine: Any, per_round: int,
                    every_ms: int) -> tuple[float, int]:
     for _ in range(per_round):
         rewarder.clock.ms += every_ms // per_round
@@ -127,7 +154,7 @@ def snapshot_round(learner: Learner, rewarder: Rewarder, engine: Any, per_round:
     return loop_s * 1000, written
 
 
-def phase(learner: Learner, rewarder: Rewarder, engine: Any, rounds: int, per_round: int,
+def phase(learner: Learner, rewarder: Rewarder | WaitingToo, engine: Any, rounds: int, per_round: int,
           every_ms: int) -> tuple[float, int]:
     measured = [snapshot_round(learner, rewarder, engine, per_round, every_ms) for _ in range(rounds)]
     return statistics.median(ms for ms, _ in measured), int(statistics.median(size for _, size in measured))
@@ -190,12 +217,16 @@ def main() -> int:
         unseen_ms, unseen_total_ms = statistics.median(longest) * 1000, statistics.median(total) * 1000
         print(f"{learner.credited} rewarded, {len(unseen)} of them unseen by a new model: found in "
               f"{unseen_total_ms:.2f} ms, {len(turns)} turns of the loop, the longest {unseen_ms:.2f} ms")
-        for n in range(args.waiting):
-            learner.on_feedback(parse_event(orjson.dumps({
-                "id": f"w-{n}", "type": "tip.reacted", "user_id": f"u-{n % args.users}",
-                "ts": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(clock.ms / 1000)),
-                "data": {"tip_id": TIPS[0], "decision_id": f"elsewhere-{n}", "reaction": "liked"}})))
-        waiting_ms, _ = phase(learner, rewarder, engine, args.rounds, args.per_round, every_ms)
+        # Reactions naming decisions that never come, arriving steadily over the time they may wait
+        # (`TIPSTREAM_LEARNER_PENDING_MAX_AGE_S`), as many as the bound, and more in each round:
+        # the oldest expire as new ones come.
+        waiter = Waiter(learner, args.users, clock)
+        spacing_ms = int(defaults.learner_pending_max_age_s * 1000) // max(args.waiting, 1)
+        for _ in range(args.waiting):
+            clock.ms += spacing_ms
+            waiter.wait()
+        waiting_rewarder = WaitingToo(rewarder, waiter)
+        waiting_ms, _ = phase(learner, waiting_rewarder, engine, args.rounds, args.per_round, every_ms)
         print(f"{learner._waiting} waiting: snapshot {waiting_ms:.2f} ms of the loop")
         engine.dispose()
     print(json.dumps({"bench": "snapshot", "credited": credited, "loop_ms_small": round(small_ms, 2),
