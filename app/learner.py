@@ -154,7 +154,9 @@ class Learner:
         self.credit_log = CreditLog()  # what the snapshots save of the credits: the new ones
         # The cache's entries holding credits (a registration learns those its training missed).
         self._credited: dict[str, _Entry] = {}
-        self._credited_during_scan: set[str] | None = None  # while `unseen_rewards` yields to the loop
+        # While `unseen_rewards` yields to the loop: the entries credited meanwhile, kept even if the
+        # join cache lets them go before it looks again (the live models learned their rewards).
+        self._credited_during_scan: dict[str, _Entry] | None = None
         self.credited = 0
         self._learned: dict[str, Any] = {}
         self._waiting = 0  # feedback in `pending`
@@ -248,7 +250,7 @@ class Learner:
             entry.credits, entry.rewarded_ms = credits
             self._credited[decision_id] = entry
             if self._credited_during_scan is not None:
-                self._credited_during_scan.add(decision_id)
+                self._credited_during_scan[decision_id] = entry
             if decision_time_ms(decision_id) is None:
                 # No time in its id: held for a window from now (`add_logged`), so its credits are
                 # saved again now, else they would leave with the minute they were given in, a
@@ -446,7 +448,7 @@ class Learner:
         entry.rewarded_ms = stored_at_ms if stored_at_ms is not None else int(self.clock() * 1000)
         self._credited[decision_id] = entry
         if self._credited_during_scan is not None:
-            self._credited_during_scan.add(decision_id)
+            self._credited_during_scan[decision_id] = entry
         self.credit_log.credit(decision_id, entry.credits, entry.rewarded_ms, int(self.clock() * 1000))
         if entry.logged:
             entry.decision = decision
@@ -492,7 +494,7 @@ class Learner:
         # (290 ms in one turn, bench/snapshot.py).
         credited = self._credited
         ids = list(credited)
-        self._credited_during_scan = again = set()
+        self._credited_during_scan = again = {}
         try:
             for start in range(0, len(ids), UNSEEN_SCAN_CHUNK):
                 await asyncio.sleep(0)  # the first time: after the copy, itself ~3-5 ms at 100k
@@ -506,10 +508,8 @@ class Learner:
                             break
         finally:
             self._credited_during_scan = None
-        for decision_id in again:
-            entry = self._credited.get(decision_id)
-            if entry is not None:
-                take(decision_id, entry)
+        for decision_id, entry in again.items():  # also those the join cache let go since
+            take(decision_id, entry)
         return examples
 
     # -- checkpoint participant --------------------------------------------------------------

@@ -934,3 +934,26 @@ def test_a_registration_finds_each_unseen_reward_once_while_its_look_yields_to_t
     assert rewards == sorted([DEFAULT_REWARDS["acted"], DEFAULT_REWARDS["liked"], DEFAULT_REWARDS["disliked"],
                               DEFAULT_REWARDS["snoozed"]])
     assert world.learner._credited_during_scan is None
+
+
+def test_a_reward_credited_while_the_look_yields_is_found_though_the_join_cache_lets_it_go(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Credited during the look, every live model learned it: the new one must too, even when the
+    join cache lets its decision go before the look's second pass."""
+    import app.learner
+    from app.evaluation import TrainedOn
+
+    monkeypatch.setattr(app.learner, "UNSEEN_SCAN_CHUNK", 1)
+    decisions = [world.score() for _ in range(2)]
+    for scored in decisions:
+        world.react(scored.decision_id, "a")
+    look = world.learner.unseen_rewards(TrainedOn(frozenset((s.decision_id, "a") for s in decisions), None))
+    look.send(None)  # after the copy of the ids
+    late = world.score(tips=("c",))
+    world.react(late.decision_id, "c", "liked")
+    world.learner._credited.pop(late.decision_id)  # as the join cache's eviction does
+    with pytest.raises(StopIteration) as done:
+        while True:
+            look.send(None)
+    assert [reward for _, reward in done.value.value] == [DEFAULT_REWARDS["liked"]]
+
