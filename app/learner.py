@@ -389,10 +389,13 @@ class Learner:
         # `order` may also hold entries already joined; they are skipped when they come up.
         while order and (self._waiting > self.pending_max or order[0][0] < now - self.pending_max_age_s
                          or len(order) > 2 * self.pending_max):
-            _, decision_id, tip_id = order.popleft()
+            arrived, decision_id, tip_id = order.popleft()
             waiting = pending.get(decision_id)
-            entry = waiting.pop(tip_id, None) if waiting is not None else None
-            if entry is not None:
+            entry = waiting.get(tip_id) if waiting is not None else None
+            # Skipped: joined since, or joined and waiting again (a decision without a time in its
+            # id, let go by the join cache, the reaction sent again): that wait has its own place.
+            if entry is not None and entry[1] == arrived:
+                del waiting[tip_id]
                 self._waiting -= 1
                 self._unbucket(decision_id, entry[1], waiting)
                 _OUTCOME["unknown_decision"].inc()

@@ -957,3 +957,23 @@ def test_a_reward_credited_while_the_look_yields_is_found_though_the_join_cache_
             look.send(None)
     assert [reward for _, reward in done.value.value] == [DEFAULT_REWARDS["liked"]]
 
+
+def test_a_reaction_waiting_again_is_not_expired_by_its_earlier_wait(world: World) -> None:
+    """A decision without a time in its id joins its waiting reaction, the join cache lets it go,
+    and the reaction is sent again: it waits afresh, its full age, not from the first wait."""
+    scored = world.score(serve=False)
+    world.react("external-1", "a")
+    assert world.learner.add_logged(LoggedDecision("external-1", scored.payload))
+    world.learner._evict(int(world.clock.now * 1000) + 1)  # as the join window's end does
+    assert "external-1" not in world.learner.cache
+    world.clock.now += 30
+    before = outcomes()
+    world.react("external-1", "a", event_id="f-resent")
+    world.clock.now += 31  # the first wait is 61 s old, this one 31
+    world.learner.expire()
+    assert delta(before) == {"waiting": 1} and "a" in world.learner.pending["external-1"]
+    assert world.learner._waiting == 1
+    world.clock.now += 30
+    world.learner.expire()
+    assert delta(before) == {"waiting": 1, "unknown_decision": 1} and not world.learner.pending
+    assert not world.learner._waiting_buckets and world.learner._waiting == 0
