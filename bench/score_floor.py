@@ -1,22 +1,27 @@
-"""The floor under bench/score.py's goals: a bare River scorer against a no-op, same server, same run.
+"""Under bench/score.py's goals: a bare scorer against a no-op, same server, same load, same run.
 
     python bench/score_floor.py                 # 5 s per phase, 5 rounds
     python bench/score_floor.py --duration 1    # a quick run
 
 Issue 4 asks `/score` for >= 0.5 of a no-op endpoint's throughput, p99 < 2 ms at 10 candidates
-and < 5 ms at 50. This bench measures what the cheapest possible scorer gets on the same
-machine in the same way: no validation beyond parsing the JSON, no profile features, no
-exploration, no decision log, one River pipeline (one-hot tip and category, scaled numbers,
-logistic regression) and `predict_proba_one` per candidate. Whatever the service does on top
-(everything issue 4 requires besides scoring) can only lower its ratio below this one.
+and < 5 ms at 50. This bench measures what a bare scorer gets on the same machine in the same
+way: no validation beyond parsing the JSON, no profile features, no exploration, no decision
+log, no shadow; only a model over 20 numbers per candidate, by `--model`:
+- `scaler_logreg` (default): River's `StandardScaler | LogisticRegression`, `predict_proba_one`
+  per candidate (DESIGN.md's measured scorer);
+- `one_hot`: the same with one-hot tip and category beside the scaled numbers (closer to the
+  service's champion, without its crosses);
+- `dot`: a logistic regression's weights summed by hand, no River call: what is left is HTTP,
+  JSON and the loop.
+The service does everything else issue 4 requires on top of its scoring.
 
 Steps:
-1. Train the pipeline on 2,000 examples of a fixed seed, in a server process run as
+1. Train the model on 2,000 examples of a fixed seed, in a server process run as
    `tipstream run` runs its app (uvicorn, uvloop, httptools, no access log), with a Starlette
    no-op (`GET /healthz`, as the service's) and the bare `POST /score`.
 2. bench/score.py's load generator, in its own process: 8 keep-alive clients in a closed loop,
    the no-op and `/score` with 10 and with 50 candidates taking turns `--rounds` times.
-Last line: {"bench": "score_floor", "p99_ms_10": ..., "p99_ms_50": ..., "rps_10": ..., "noop_rps": ..., "ratio": ...}
+Last line: {"bench": "score_floor", "model": ..., "p99_ms_10": ..., "p99_ms_50": ..., "rps_10": ..., "noop_rps": ..., "ratio": ...}
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import json
 import multiprocessing
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +45,10 @@ from score import load_generator, score_requests
 NUMERIC = 20  # DESIGN.md's "River scaler + logistic regression, 20 features"
 
 
-def train_pipeline(kind: str, examples: int = 2_000, seed: int = 7) -> Any:
-    """`scaler_logreg`: DESIGN.md's measured scorer, a scaler and a logistic regression over 20
-    numbers. `one_hot`: closer to the service's champion (one-hot tip and category beside the
-    scaled numbers; no crosses), and slower. Trained on a fixed synthetic sample."""
+def trained_scorer(kind: str, examples: int = 2_000, seed: int = 7) -> Callable[[dict[str, Any]], float]:
+    """P(positive) of one candidate's features, by the model `kind` (see the module's docstring),
+    trained on a fixed synthetic sample."""
+    import math
     import random
 
     from river import compose, linear_model, preprocessing
@@ -50,6 +56,8 @@ def train_pipeline(kind: str, examples: int = 2_000, seed: int = 7) -> Any:
 
     if kind == "scaler_logreg":
         model = preprocessing.StandardScaler() | linear_model.LogisticRegression()
+    elif kind == "dot":
+        model = linear_model.LogisticRegression()
     else:
         numbers = [f"{side}{i}" for side in "ut" for i in range(NUMERIC // 2)]
         model = (compose.Select(*numbers) | preprocessing.StandardScaler()) + \
@@ -60,7 +68,10 @@ def train_pipeline(kind: str, examples: int = 2_000, seed: int = 7) -> Any:
         tip = rng.randrange(len(TIPS))
         x = features(kind, TIPS[tip], tip, f"u-{rng.randrange(5_000)}")
         model.learn_one(x, rng.random() < (0.6 if tip % 12 < 2 else 0.3))
-    return model
+    if kind != "dot":
+        return lambda x: model.predict_proba_one(x)[True]
+    weights, bias = dict(model.weights), model.intercept
+    return lambda x: 1 / (1 + math.exp(-bias - sum(weights[k] * v for k, v in x.items())))
 
 
 def user_numbers(user_id: str) -> dict[str, float]:
@@ -90,7 +101,7 @@ def serve(port: int, kind: str) -> None:
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    model = train_pipeline(kind)
+    score_of = trained_scorer(kind)
     # What a server would hold per tip, so that a request builds only the user's part.
     per_tip = {tip_id: tip_numbers(kind, tip_id, i) for i, tip_id in enumerate(TIPS)}
 
@@ -109,7 +120,7 @@ def serve(port: int, kind: str) -> None:
                 more = message.get("more_body", False)
             request = orjson.loads(body)
             user = user_numbers(request["user_id"])
-            scored = sorted(((model.predict_proba_one(user | per_tip[c["tip_id"]])[True], c["tip_id"])
+            scored = sorted(((score_of(user | per_tip[c["tip_id"]]), c["tip_id"])
                              for c in request["candidates"]), reverse=True)
             answer = orjson.dumps({"ranked": [{"tip_id": t, "score": s} for s, t in scored]})
             await send({"type": "http.response.start", "status": 200,
@@ -139,7 +150,7 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per phase (default 5)")
     parser.add_argument("--rounds", type=int, default=5, help="the phases take turns this many times (default 5)")
     parser.add_argument("--requests", type=int, default=200_000, help="at most this many requests per phase")
-    parser.add_argument("--model", choices=("scaler_logreg", "one_hot"), default="scaler_logreg",
+    parser.add_argument("--model", choices=("scaler_logreg", "one_hot", "dot"), default="scaler_logreg",
                         help="the bare scorer's model (default scaler_logreg, DESIGN.md's measured one)")
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
