@@ -248,14 +248,19 @@ class Learner:
         credits = self._restored_credits.pop(decision_id, None)
         if credits is not None:
             entry.credits, entry.rewarded_ms = credits
-            self._credited[decision_id] = entry
-            if self._credited_during_scan is not None:
-                self._credited_during_scan[decision_id] = entry
+            self._note_credited(decision_id, entry)
             if decision_time_ms(decision_id) is None:
                 # No time in its id: held for a window from now (`add_logged`), so its credits are
                 # saved again now, else they would leave with the minute they were given in, a
                 # window after it, and the next start would read it back without them.
                 self.credit_log.credit(decision_id, entry.credits, entry.rewarded_ms, int(self.clock() * 1000))
+
+    def _note_credited(self, decision_id: str, entry: _Entry) -> None:
+        """`entry` holds credits now: a registration's look for unseen rewards goes over these,
+        and over those noted while it yields to the loop."""
+        self._credited[decision_id] = entry
+        if self._credited_during_scan is not None:
+            self._credited_during_scan[decision_id] = entry
 
     def caught_up(self) -> None:
         """DECISIONS has been read back to its end after a start: the decisions it brought go in
@@ -449,9 +454,7 @@ class Learner:
         # rebuild from the log) credits it again later, and evaluation reads this time as when
         # the reward became known (`evaluation.rewarded_log`). The clock only without a stored time.
         entry.rewarded_ms = stored_at_ms if stored_at_ms is not None else int(self.clock() * 1000)
-        self._credited[decision_id] = entry
-        if self._credited_during_scan is not None:
-            self._credited_during_scan[decision_id] = entry
+        self._note_credited(decision_id, entry)
         self.credit_log.credit(decision_id, entry.credits, entry.rewarded_ms, int(self.clock() * 1000))
         if entry.logged:
             entry.decision = decision

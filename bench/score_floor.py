@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _harness import encode_request, free_port, request_once
-from score import load_generator, score_requests
+from score import TIPS, load_generator, score_requests
 
 NUMERIC = 20  # DESIGN.md's "River scaler + logistic regression, 20 features"
 
@@ -52,7 +52,6 @@ def trained_scorer(kind: str, examples: int = 2_000, seed: int = 7) -> Callable[
     import random
 
     from river import compose, linear_model, preprocessing
-    from score import TIPS
 
     if kind == "scaler_logreg":
         model = preprocessing.StandardScaler() | linear_model.LogisticRegression()
@@ -66,7 +65,7 @@ def trained_scorer(kind: str, examples: int = 2_000, seed: int = 7) -> Callable[
     rng = random.Random(seed)
     for _ in range(examples):
         tip = rng.randrange(len(TIPS))
-        x = features(kind, TIPS[tip], tip, f"u-{rng.randrange(5_000)}")
+        x = user_numbers(f"u-{rng.randrange(5_000)}") | tip_numbers(kind, TIPS[tip], tip)
         model.learn_one(x, rng.random() < (0.6 if tip % 12 < 2 else 0.3))
     if kind != "dot":
         return lambda x: model.predict_proba_one(x)[True]
@@ -88,14 +87,9 @@ def tip_numbers(kind: str, tip_id: str, tip: int) -> dict[str, Any]:
     return x
 
 
-def features(kind: str, tip_id: str, tip: int, user_id: str) -> dict[str, Any]:
-    return user_numbers(user_id) | tip_numbers(kind, tip_id, tip)
-
-
 def serve(port: int, kind: str) -> None:
     import orjson
     import uvicorn
-    from score import TIPS
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
