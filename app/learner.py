@@ -33,7 +33,7 @@ import asyncio
 import logging
 import math
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +50,7 @@ from app.evaluation import TrainedOn, examples_of
 from app.ingest import ReadUpTo
 from app.learning_metrics import FEEDBACK, JOIN_CACHE, LEARNED, MODEL_SNAPSHOT_SECONDS, PENDING, SKIPPED
 from app.lineup import Lineup
+from app.waiting import WaitingFeedback
 from models.reward import INPUT_BOUND_TEXT, PopularityPrior
 from streams.jetstream import stored_ms
 from streams.store import OnlineStore
@@ -65,10 +66,6 @@ ENTRY_OVERHEAD = 323
 # Credited decisions a registration's look for unseen rewards tests between two yields to the event
 # loop: ~3.5 ms of it on a slow day (1.1-1.7 us each, bench/snapshot.py).
 UNSEEN_SCAN_CHUNK = 2_000
-# Waiting feedback is saved by the bucket of time it arrived in, and a snapshot serialises again
-# only the buckets that changed since the last: all of it took 22-29 ms of the loop at the 100k
-# bound, every snapshot.
-WAITING_BUCKET_S = 5
 
 
 class ModelBytes:
@@ -113,7 +110,6 @@ class Learner:
         self.rewards = dict(rewards)
         self.cache_limit = int(cache_mb * 1024 * 1024)
         self.window_ms = int(window_s * 1000)
-        self.pending_max, self.pending_max_age_s = pending_max, pending_max_age_s
         self.snapshot_every_s = snapshot_every_s
         self.clock, self.timer = clock, timer
         # Oldest first. An OrderedDict, not a dict: a dict evicted from the front scans the
@@ -140,15 +136,9 @@ class Learner:
         # Until DECISIONS has caught up (`caught_up`), snapshots say so: a rebuild stopped half way
         # goes on as a rebuild, its credits restored however old.
         self.rows_to_rebuild = False
-        # decision id -> {tip id: (reaction, arrival time s, user id, stored ms)}, and arrival order
-        # for eviction. The arrival time (this clock) times the wait; the feedback's stored time
-        # in FEEDBACK (None: unknown) stamps the reward when the decision comes (see `_credit`).
-        self.pending: dict[str, dict[str, tuple[str, float, str | None, int | None]]] = {}
-        self._pending_order: deque[tuple[float, str, str]] = deque()
-        # bucket (arrival // WAITING_BUCKET_S) -> decisions with feedback waiting since then, and
-        # the buckets serialised and unchanged since (`_waiting_json`).
-        self._waiting_buckets: dict[int, set[str]] = {}
-        self._waiting_json: dict[int, bytes] = {}
+        # Feedback whose decision has not come, timed on this clock; its stored time in FEEDBACK
+        # stamps the reward when the decision comes (see `_credit`).
+        self.waiting = WaitingFeedback(pending_max, pending_max_age_s)
         # Credits restored at the start (their rows stay), until their decision is served or re-read.
         self._restored_credits: dict[str, tuple[dict[str, float], int | None]] = {}
         self.credit_log = CreditLog()  # what the snapshots save of the credits: the new ones
@@ -159,10 +149,9 @@ class Learner:
         self._credited_during_scan: dict[str, _Entry] | None = None
         self.credited = 0
         self._learned: dict[str, Any] = {}
-        self._waiting = 0  # feedback in `pending`
         # Read when scraped, not set as they change.
         JOIN_CACHE.set_function(lambda: len(self.cache) + len(self._replayed))
-        PENDING.set_function(lambda: self._waiting)
+        PENDING.set_function(lambda: len(self.waiting))
         self._changed = False
         self._snapshot_positions = (0, 0)  # (FEEDBACK, DECISIONS) of the last snapshot taken
         self._last_snapshot = 0.0
@@ -232,11 +221,8 @@ class Learner:
         entry.logged = True
         self._mark_row(entry)
         entry.decision = None
-        waiting = self.pending.pop(logged.id, None)
+        waiting = self.waiting.take(logged.id)
         if waiting:
-            self._waiting -= len(waiting)
-            for _, at, *_ in waiting.values():
-                self._unbucket(logged.id, at, {})
             for tip_id, (reaction, _, user_id, stored_at_ms) in waiting.items():
                 self._credit(logged.id, entry, tip_id, reaction, user_id, stored_at_ms)
         return True
@@ -343,73 +329,23 @@ class Learner:
         if created is not None and created <= self.evicted_upto_ms:
             _OUTCOME["expired"].inc()
             return
-        if tip_id in self.pending.get(decision_id, ()):
+        if self.waiting.holds(decision_id, tip_id):
             _OUTCOME["duplicate"].inc()
             return
         now = self.clock()
-        self._hold(decision_id, tip_id, (reaction, now, user_id, stored_at_ms))
+        self.waiting.hold(decision_id, tip_id, (reaction, now, user_id, stored_at_ms))
         self._changed = True
         _OUTCOME["waiting"].inc()
-        self._expire_pending(now)
+        self._expire_waiting(now)
 
-    def _hold(self, decision_id: str, tip_id: str, entry: tuple[str, float, str | None, int | None]) -> None:
-        """Feedback waits for its decision (`entry`: reaction, arrival, user, stored ms)."""
-        self.pending.setdefault(decision_id, {})[tip_id] = entry
-        self._waiting += 1
-        self._pending_order.append((entry[1], decision_id, tip_id))
-        bucket = int(entry[1] // WAITING_BUCKET_S)
-        self._waiting_buckets.setdefault(bucket, set()).add(decision_id)
-        self._waiting_json.pop(bucket, None)
-
-    def _unbucket(self, decision_id: str, arrived: float, still_waiting: dict[str, Any]) -> None:
-        """Feedback for `decision_id` that arrived at `arrived` waits no more; `still_waiting` is
-        what of that decision does."""
-        bucket = int(arrived // WAITING_BUCKET_S)
-        self._waiting_json.pop(bucket, None)
-        if any(int(entry[1] // WAITING_BUCKET_S) == bucket for entry in still_waiting.values()):
-            return
-        decisions = self._waiting_buckets.get(bucket)
-        if decisions is not None:
-            decisions.discard(decision_id)
-            if not decisions:
-                del self._waiting_buckets[bucket]
-
-    def _waiting_snapshot(self) -> list[orjson.Fragment]:
-        """The waiting feedback by bucket, each {decision: {tip: entry}} in JSON: those unchanged
-        since the last snapshot as they were serialised then. As fragments, which the state's
-        `orjson.dumps` copies once: joined here first, the copies of megabytes took ~4 ms."""
-        pending, serialised = self.pending, self._waiting_json
-        parts = []
-        for bucket, decisions in self._waiting_buckets.items():
-            data = serialised.get(bucket)
-            if data is None:
-                data = serialised[bucket] = orjson.dumps({
-                    d: {t: entry for t, entry in pending[d].items() if int(entry[1] // WAITING_BUCKET_S) == bucket}
-                    for d in decisions})
-            parts.append(orjson.Fragment(data))
-        return parts
-
-    def _expire_pending(self, now: float) -> None:
-        order, pending = self._pending_order, self.pending
-        # `order` may also hold entries already joined; they are skipped when they come up.
-        while order and (self._waiting > self.pending_max or order[0][0] < now - self.pending_max_age_s
-                         or len(order) > 2 * self.pending_max):
-            arrived, decision_id, tip_id = order.popleft()
-            waiting = pending.get(decision_id)
-            entry = waiting.get(tip_id) if waiting is not None else None
-            # Skipped: joined since, or joined and waiting again (a decision without a time in its
-            # id, let go by the join cache, the reaction sent again): that wait has its own place.
-            if entry is not None and entry[1] == arrived:
-                del waiting[tip_id]
-                self._waiting -= 1
-                self._unbucket(decision_id, entry[1], waiting)
-                _OUTCOME["unknown_decision"].inc()
-                if not waiting:
-                    del pending[decision_id]
+    def _expire_waiting(self, now: float) -> None:
+        expired = self.waiting.expire(now)
+        if expired:
+            _OUTCOME["unknown_decision"].inc(expired)
 
     def expire(self) -> None:
         """Give up on feedback that waited too long (each checkpoint's `snapshot` does this too)."""
-        self._expire_pending(self.clock())
+        self._expire_waiting(self.clock())
 
     def _credit(self, decision_id: str, entry: _Entry, tip_id: str, reaction: str, user_id: str | None,
                 stored_at_ms: int | None = None) -> None:
@@ -532,7 +468,7 @@ class Learner:
             if learn_seq is not None:
                 self._models_saved_seq = max(self._models_saved_seq, learn_seq)
         now = self.clock()
-        self._expire_pending(now)
+        self._expire_waiting(now)
         # Checkpoints run one at a time, so an unconfirmed snapshot here is one that failed: retry now.
         failed = bool(self._unconfirmed)
         # Models grow with the users who give feedback (a user x category cross each). The loop
@@ -574,10 +510,9 @@ class Learner:
             # Empty: the credits are in their minutes' rows. Kept so that a release from before the
             # credit log, rolled back to, starts (it read this key unconditionally).
             "credits": {},
-            # By bucket of arrival, each {decision: {tip: (reaction, at, user, stored ms)}}, only the
-            # buckets that changed serialised again (`_waiting_snapshot`). `waiting` (the whole map)
-            # and `pending` (the older list form) stay, empty, for earlier releases rolled back to.
-            "waiting_buckets": self._waiting_snapshot(),
+            # By bucket of arrival (`WaitingFeedback.snapshot`). `waiting` (the whole map) and
+            # `pending` (the older list form) stay, empty, for earlier releases rolled back to.
+            "waiting_buckets": self.waiting.snapshot(),
             "waiting": {},
             "pending": [],
             "evicted_upto_ms": self.evicted_upto_ms,
@@ -640,21 +575,9 @@ class Learner:
                 self.credit_log.credit(decision_id, rewards, rewarded_ms, now_ms)  # saved the new way next
         self._restored_credits = {d: c for d, c in credits.items()
                                   if self.rows_to_rebuild or (decision_time_ms(d) or horizon) >= horizon}
-        # Waiting feedback waits afresh: its decision can only arrive once DECISIONS is re-read,
-        # and time spent stopped must not make it `unknown_decision` before that (the FEEDBACK
-        # position is past it, so it would be lost). In the order it arrived in.
-        now = self.clock()
-        # Older snapshots list them, some entries without the user (before 2026-12-03) or the stored time.
-        if "waiting_buckets" in state:
-            waiting = [[d, t, *entry] for bucket in state["waiting_buckets"] for d, tips in bucket.items()
-                       for t, entry in tips.items()]
-        elif "waiting" in state:  # before 2026-12-03's buckets: the whole map
-            waiting = [[d, t, *entry] for d, tips in state["waiting"].items() for t, entry in tips.items()]
-        else:
-            waiting = state["pending"]
-        for decision_id, tip_id, reaction, _, *rest in sorted(waiting, key=lambda item: item[3]):
-            user, stored = (rest + [None, None])[:2]
-            self._hold(decision_id, tip_id, (reaction, now, user, stored))
+        # Waiting feedback waits afresh, else time spent stopped would give up on it before DECISIONS
+        # is re-read (the FEEDBACK position is past it, so it would be lost).
+        self.waiting.restore(state, self.clock())
         self.evicted_upto_ms = state["evicted_upto_ms"]
         return dict(state["positions"])
 

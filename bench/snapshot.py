@@ -227,7 +227,7 @@ def main() -> int:
             waiter.wait()
         waiting_rewarder = WaitingToo(rewarder, waiter)
         waiting_ms, _ = phase(learner, waiting_rewarder, engine, args.rounds, args.per_round, every_ms)
-        print(f"{learner._waiting} waiting: snapshot {waiting_ms:.2f} ms of the loop")
+        print(f"{len(learner.waiting)} waiting: snapshot {waiting_ms:.2f} ms of the loop")
         engine.dispose()
     print(json.dumps({"bench": "snapshot", "credited": credited, "loop_ms_small": round(small_ms, 2),
                       "loop_ms_large": round(large_ms, 2), "loop_ratio": round(large_ms / small_ms, 2),

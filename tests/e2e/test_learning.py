@@ -145,7 +145,7 @@ async def test_feedback_without_or_before_its_decision_is_counted_kept_and_joine
     }
     await js.publish("decisions.score", orjson.dumps(decision), headers={"Nats-Msg-Id": decision["id"]})
     await eventually(lambda: service.learner.credited == 1)
-    assert not service.learner.pending
+    assert not service.learner.waiting.by_decision
 
 
 async def test_feedback_after_the_last_model_snapshot_is_replayed_on_restart(start_service, nc) -> None:

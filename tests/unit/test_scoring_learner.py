@@ -144,7 +144,7 @@ def test_feedback_before_its_decision_waits_then_joins(world: World) -> None:
     world.react(scored.decision_id, "a")
     assert delta(before) == {"waiting": 1} and world.lineup.champion.n_learned == 0
     assert world.learner.add_logged(LoggedDecision(scored.decision_id, scored.payload))
-    assert delta(before) == {"waiting": 1, "credited": 1} and not world.learner.pending
+    assert delta(before) == {"waiting": 1, "credited": 1} and not world.learner.waiting.by_decision
     assert not world.learner.add_logged(LoggedDecision(scored.decision_id, scored.payload)), "a redelivery"
     [row] = world.log.dirty.values()
     assert row["decision_id"] == scored.decision_id and row["rewards"] == {"a": 1.0}
@@ -169,10 +169,10 @@ def test_waiting_is_bounded_in_count_and_age(tmp_path: Path) -> None:
     before = outcomes()
     for i in range(5):
         w.react(f"d-unknown-{i}", "a")
-    assert delta(before) == {"waiting": 5, "unknown_decision": 2} and len(w.learner._pending_order) == 3
+    assert delta(before) == {"waiting": 5, "unknown_decision": 2} and len(w.learner.waiting._order) == 3
     w.clock.now += 11
     w.learner.expire()
-    assert delta(before) == {"waiting": 5, "unknown_decision": 5} and not w.learner.pending
+    assert delta(before) == {"waiting": 5, "unknown_decision": 5} and not w.learner.waiting.by_decision
     w.engine.dispose()
 
 
@@ -329,7 +329,7 @@ def test_a_snapshot_restores_models_credits_and_waiting_feedback(world: World, t
     positions = again.learner.restore(again.engine)
     assert positions == {"FEEDBACK": 2, "DECISIONS": 0}
     assert again.lineup.champion.n_learned == 1 and again.lineup.prior.count("a") == 1.0
-    assert "d-later" in again.learner.pending
+    assert "d-later" in again.learner.waiting.by_decision
     # The decision comes back from the stream with its credit: the replayed feedback is a duplicate.
     again.learner.add_logged(LoggedDecision(scored.decision_id, scored.payload))
     before = outcomes()
@@ -815,26 +815,26 @@ def saved_waiting(state: dict[str, Any]) -> dict[tuple[str, str], list[Any]]:
 
 
 def held_waiting(learner: Learner) -> dict[tuple[str, str], list[Any]]:
-    return {(d, t): list(entry) for d, tips in learner.pending.items() for t, entry in tips.items()}
+    return {(d, t): list(entry) for d, tips in learner.waiting.by_decision.items() for t, entry in tips.items()}
 
 
 def test_a_snapshot_serialises_again_only_the_waiting_buckets_that_changed(world: World) -> None:
     """Waiting feedback is saved by bucket of arrival: at the 100k bound, serialising all of it
     took 22-29 ms of the event loop every snapshot."""
-    from app.learner import WAITING_BUCKET_S
+    from app.waiting import BUCKET_S
 
     old = [world.score(serve=False) for _ in range(3)]
     for scored in old:
         world.react(scored.decision_id, "a")
-        world.clock.now += WAITING_BUCKET_S
+        world.clock.now += BUCKET_S
     world.learner.snapshot(force=True)
-    serialised = dict(world.learner._waiting_json)
+    serialised = dict(world.learner.waiting._json)
     assert len(serialised) == 3
     new = world.score(serve=False)
     world.react(new.decision_id, "b")  # a fourth bucket
     world.learner.add_logged(LoggedDecision(old[0].decision_id, old[0].payload))  # the first bucket's joined
     state = orjson.loads(world.learner.snapshot(force=True)["state"])
-    again = world.learner._waiting_json
+    again = world.learner.waiting._json
     assert len(again) == 3 and all(again[b] is serialised[b] for b in list(serialised)[1:])
     assert saved_waiting(state) == held_waiting(world.learner) and len(held_waiting(world.learner)) == 3
 
@@ -867,7 +867,7 @@ def test_waiting_feedback_saved_by_bucket_is_exactly_what_waits(tmp_path: Path, 
                 world.learner.write(conn, snapshot)
             world.learner.saved(snapshot)
             snapshots += 1
-    assert snapshots > 20 and world.learner._waiting == len(held_waiting(world.learner))
+    assert snapshots > 20 and len(world.learner.waiting) == len(held_waiting(world.learner))
     final = world.learner.snapshot(force=True)
     with world.engine.begin() as conn:
         world.learner.write(conn, final)
@@ -971,9 +971,9 @@ def test_a_reaction_waiting_again_is_not_expired_by_its_earlier_wait(world: Worl
     world.react("external-1", "a", event_id="f-resent")
     world.clock.now += 31  # the first wait is 61 s old, this one 31
     world.learner.expire()
-    assert delta(before) == {"waiting": 1} and "a" in world.learner.pending["external-1"]
-    assert world.learner._waiting == 1
+    assert delta(before) == {"waiting": 1} and world.learner.waiting.holds("external-1", "a")
+    assert len(world.learner.waiting) == 1
     world.clock.now += 30
     world.learner.expire()
-    assert delta(before) == {"waiting": 1, "unknown_decision": 1} and not world.learner.pending
-    assert not world.learner._waiting_buckets and world.learner._waiting == 0
+    assert delta(before) == {"waiting": 1, "unknown_decision": 1} and not world.learner.waiting.by_decision
+    assert not world.learner.waiting._buckets and len(world.learner.waiting) == 0
