@@ -32,8 +32,9 @@ from app.checkpoint_writer import CheckpointWriter
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.collector import FreezePolicy
 from app.db import make_engine
+from app.decision_publisher import DecisionPublisher
 from app.decision_tail import OwnTail
-from app.decisions import DecisionPublisher, TipScoresLog, decode_decision
+from app.decisions import TipScoresLog, decode_decision
 from app.embedded_nats import URL_FILE, EmbeddedNats
 from app.ingest import ReadUpTo, StreamIngest
 from app.learner import Learner

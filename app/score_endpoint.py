@@ -30,7 +30,8 @@ from typing import Any
 
 import orjson
 
-from app.decisions import SUBJECT_SCORE, DecisionLogFull
+from app.decision_publisher import DecisionLogFull
+from app.decisions import SUBJECT_SCORE
 from app.learning_metrics import SCORE_REQUESTS, SCORE_SECONDS
 from app.scoring import RequestError, parse_request
 from streams.store import StateUnavailable

@@ -152,7 +152,7 @@ async def test_a_replay_refuses_the_future_events_the_first_pass_refused(nats_se
 async def test_a_refusal_that_lasts_is_retried_after_a_wait_that_doubles(nats_server, caplog) -> None:
     """With no stream for decisions.> (deleted, or a NATS that lost its store) every publish is
     refused (503 no responders). Before, each refusal was retried at once: ~7,000 times a second."""
-    from app.decisions import DecisionPublisher
+    from app.decision_publisher import DecisionPublisher
 
     nc = await jsx.connect(nats_server.url)
     publisher = DecisionPublisher(lambda: nc, queue_max=100, batch=4, window=10, ack_timeout_s=5)
@@ -176,7 +176,7 @@ async def test_one_refused_batch_waits_once_and_goes_back_in_order(nats_server, 
     """The wait doubles from one round of sends to the next, not per decision refused: one refused
     batch of 8 took it to the 5 s ceiling at once, with a warning each; and the refused went back
     one at a time at the front, reversed."""
-    from app.decisions import DecisionPublisher
+    from app.decision_publisher import DecisionPublisher
 
     nc = await jsx.connect(nats_server.url)
     publisher = DecisionPublisher(lambda: nc, queue_max=100, batch=8, window=8, ack_timeout_s=5)

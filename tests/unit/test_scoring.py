@@ -22,7 +22,7 @@ import app.registry_store
 import app.scoring
 from app import migrate
 from app.db import make_engine
-from app.decisions import DecisionLogFull, DecisionPublisher
+from app.decision_publisher import DecisionLogFull, DecisionPublisher
 from app.lineup import Lineup
 from app.registry_store import RegistryStore
 from app.scoring import RequestError, Scorer, parse_request
