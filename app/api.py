@@ -20,7 +20,7 @@ from app import openapi as openapi_document
 from app.bootstrap import Service
 from app.metrics import METRICS
 from app.score_endpoint import UNAVAILABLE, ScoreEndpoint
-from app.scoring import TIME_WITH_OFFSET
+from app.score_request import TIME_WITH_OFFSET
 from app.settings import Settings
 from streams.events import EventTime
 from streams.features import evaluate

@@ -11,7 +11,7 @@ import copy
 import re
 from typing import Any
 
-from app.scoring import MAX_CANDIDATE_FEATURES, MAX_CANDIDATES, SERVER_INPUTS, TIME_WITH_OFFSET
+from app.score_request import MAX_CANDIDATE_FEATURES, MAX_CANDIDATES, SERVER_INPUTS, TIME_WITH_OFFSET
 from models.reward import INPUT_BOUND, KINDS, MAX_FACTORS, OPTIMIZERS
 from streams.features import FEATURE_NAMES
 

@@ -33,7 +33,7 @@ import orjson
 from app.decision_publisher import DecisionLogFull
 from app.decisions import SUBJECT_SCORE
 from app.learning_metrics import SCORE_REQUESTS, SCORE_SECONDS
-from app.scoring import RequestError, parse_request
+from app.score_request import RequestError, parse_request
 from streams.store import StateUnavailable
 
 Scope = MutableMapping[str, Any]

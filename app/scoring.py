@@ -1,8 +1,9 @@
-"""POST /score's work: validate, assemble features, score with the champion (and the shadow), rank.
+"""POST /score's work: assemble features, score with the champion (and the shadow), rank.
 
 No I/O here: `app/score_endpoint.py` reads the request, queues the decision for the log and
 answers. Steps:
-1. Validate the body (`ScoreRequest`); any problem is a 422 naming the field, nothing logged.
+1. The body comes validated (`score_request.parse_request`): any problem was a 422 naming the
+   field, and nothing was logged.
 2. Profile features of the user from the online store at `now` (the request's `context.now`,
    else the clock): a snapshot reused while no event for the user arrives and no window
    edge has passed, so the values are exact either way (`features.Snapshot`). A `now` so far
@@ -27,206 +28,22 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Annotated, Any, NotRequired
-
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StringConstraints,
-    ValidationError,
-)
-from typing_extensions import TypedDict  # pydantic checks typing's own only from Python 3.12
+from typing import Any
 
 from app.decisions import DECISION_TYPE, candidate_input, encode, new_decision_id
 from app.learning_metrics import CHAMPION_ERRORS, FEATURE_CACHE, SHADOW_DISAGREEMENTS, SHADOW_ERRORS
 from app.lineup import Lineup
+from app.score_request import ScoreRequest
 from models.policy import Greedy, Policy
-from models.reward import INPUT_BOUND, INPUT_BOUND_TEXT, PopularityPrior
-from streams.events import EventTime
-from streams.features import CONTEXT_FEATURES, FEATURE_NAMES, FEATURES, Snapshot, context_features, snapshot
+from models.reward import PopularityPrior
+from streams.features import FEATURE_NAMES, FEATURES, Snapshot, context_features, snapshot
 from streams.fold import DAY_MS, SIGNAL_KINDS, UserState, to_ms
 from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream.scoring")
 
-MAX_CANDIDATES = 100
-MAX_CANDIDATE_FEATURES = 32
 NEW_USER_MS = 7 * DAY_MS
 _NO_EVENT_MS = UserState().newest_ms  # the newest time of a state that has folded no event
-# Inputs the server sets itself; a candidate's own features may not reuse these names.
-SERVER_INPUTS = frozenset(FEATURE_NAMES) | {f.name for f in CONTEXT_FEATURES} | {
-    "user_id", "tip_id", "category", "utc_offset_min", "is_new_user"}
-
-Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128)]
-FeatureName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]*$")]
-
-
-_OUT_OF_BOUNDS = f"must be a finite number between -{INPUT_BOUND_TEXT} and {INPUT_BOUND_TEXT}"
-
-
-def _bounded(value: float) -> float:
-    # pydantic's JSON parser reads NaN, Infinity and 1e400 (as inf) into floats; one such number
-    # learned turned every model's predictions NaN, for every user (see `TipModel.learn_one`).
-    if not -INPUT_BOUND <= value <= INPUT_BOUND:  # NaN fails it too
-        raise ValueError(_OUT_OF_BOUNDS)
-    return value
-
-
-def _scalar(value: Any) -> Any:
-    if value is None or isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)):
-        return _bounded(value)
-    if isinstance(value, str):
-        if len(value) > 128:
-            raise ValueError("a text feature may have at most 128 characters")
-        return value
-    raise ValueError("must be a number, a string, true/false or null")
-
-
-def _number(value: Any) -> float | int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError("must be a number")
-    return _bounded(value)
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Candidate(TypedDict):
-    """A checked dict, not a model: building a model instance per candidate was ~40% of
-    validating a 50-candidate request (52 against 32 us)."""
-
-    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
-    tip_id: Identifier
-    category: NotRequired[Annotated[str, StringConstraints(min_length=1, max_length=64)] | None]
-    features: NotRequired[Annotated[dict[FeatureName, Annotated[Any, AfterValidator(_scalar)]] | None,
-                                    Field(max_length=MAX_CANDIDATE_FEATURES)]]
-
-
-TIME_WITH_OFFSET = "an ISO 8601 time with a UTC offset, e.g. 2026-11-26T09:00:00+01:00"
-# `EventTime`'s refusals, worded for a caller: a number (pydantic would read Unix time, in UTC,
-# so the local hour and weekday would silently be UTC's), or an instant no datetime holds in UTC
-# (the decision's `ts` is `now` in UTC: 9999-12-31T23:00-02:00 was a 500 after scoring).
-_TIME_ERRORS = {
-    "string_type": f"must be {TIME_WITH_OFFSET} (Unix time, a number, carries no offset)",
-    "string_pattern_mismatch": f"must be {TIME_WITH_OFFSET} (Unix time, a number, carries no offset)",
-    "greater_than_equal": "must be between 0001-01-01 and 9999-12-31 in UTC",
-    "less_than_equal": "must be between 0001-01-01 and 9999-12-31 in UTC",
-}
-
-
-def _task(value: Any) -> Any:
-    # One check, not a union of two types: pydantic named a union's member in the field
-    # ("context.tasks.0.dict[str,any]") and reported one error per member.
-    if isinstance(value, dict) or (isinstance(value, str) and len(value) <= 256):
-        return value
-    raise ValueError("must be an object (a task) or a string of at most 256 characters")
-
-
-class Context(_Body):
-    now: EventTime | None = None  # the events' own rule for a time: ISO 8601 text, an offset, in range
-    tasks: list[Annotated[Any, AfterValidator(_task)]] | None = Field(None, max_length=1000)
-
-
-class ScoreRequest(_Body):
-    user_id: Identifier
-    candidates: list[Candidate] = Field(min_length=1, max_length=MAX_CANDIDATES)
-    context: Context | None = None
-    profile_features: dict[str, Annotated[Any, AfterValidator(_number)]] | None = Field(None, max_length=64)
-    explore: StrictBool = True
-
-
-class RequestError(Exception):
-    """A bad request: `field` is the dotted path of the first problem."""
-
-    def __init__(self, field: str, message: str, errors: list[dict[str, str]] | None = None) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
-        self.errors = errors or [{"field": field, "message": message}]
-
-    def body(self) -> dict[str, Any]:
-        return {"error": str(self), "field": self.field, "errors": self.errors}
-
-
-def _field(loc: tuple[Any, ...]) -> str:
-    # pydantic marks a bad dict key with a trailing "[key]"; the key itself names the field.
-    return ".".join(str(part) for part in loc if part != "[key]") or "body"
-
-
-def parse_request(body: bytes) -> ScoreRequest:
-    """The validated request, or a RequestError naming the field.
-
-    >>> parse_request(b'{"user_id": "u", "candidates": [{"tip_id": "a"}, {"tip_id": "a"}]}')
-    Traceback (most recent call last):
-    ...
-    app.scoring.RequestError: candidates.1.tip_id: 'a' is also candidate 0; each candidate must be a different tip
-    >>> try:
-    ...     parse_request(b'{"user_id": "u", "candidates": [{"tip_id": 7}], "extra": 1}')
-    ... except RequestError as error:
-    ...     print(error.errors)
-    [{'field': 'candidates.0.tip_id', 'message': 'Input should be a valid string'}, {'field': 'extra', 'message': 'Extra inputs are not permitted'}]
-    """
-    try:
-        request = ScoreRequest.model_validate_json(body)
-    except ValidationError as error:
-        found = error.errors(include_url=False)
-        errors = []
-        for e in found[:20]:
-            if e["type"] == "json_invalid":
-                errors.append({"field": "body", "message": f"not valid JSON: {e.get('ctx', {}).get('error', e['msg'])}"})
-            elif e["type"] == "model_type" and not e["loc"]:
-                errors.append({"field": "body", "message": "must be a JSON object"})
-            else:
-                field = _field(e["loc"])
-                message = e["msg"].removeprefix("Value error, ")
-                if field == "context.now":
-                    message = _TIME_ERRORS.get(e["type"], message)
-                errors.append({"field": field, "message": message})
-        raise RequestError(errors[0]["field"], errors[0]["message"], errors) from None
-    if b"\\u0000" in body:  # JSON can carry a NUL only as this escape: the check costs nothing otherwise
-        _refuse_nul(request)
-    candidates = request.candidates
-    if len({c["tip_id"] for c in candidates}) == len(candidates) and not any(c.get("features") for c in candidates):
-        return _checked_profile(request)  # the common shape: distinct tips, no features of their own
-    seen: dict[str, int] = {}
-    for i, candidate in enumerate(candidates):
-        first = seen.setdefault(candidate["tip_id"], i)
-        if first != i:
-            raise RequestError(f"candidates.{i}.tip_id",
-                               f"{candidate['tip_id']!r} is also candidate {first}; each candidate must be a different tip")
-        for name in candidate.get("features") or ():
-            if name in SERVER_INPUTS:
-                raise RequestError(f"candidates.{i}.features.{name}",
-                                   f"{name!r} is a feature the server computes; give the candidate's own feature another name")
-    return _checked_profile(request)
-
-
-def _refuse_nul(request: ScoreRequest) -> None:
-    # PostgreSQL cannot store a NUL in text: one logged decision with it failed every later
-    # checkpoint (its tip_scores row goes with the rest), so nothing more was saved.
-    def check(field: str, value: Any) -> None:
-        if isinstance(value, str) and "\x00" in value:
-            raise RequestError(field, "must not contain the NUL character (\\u0000); the database cannot store it")
-
-    check("user_id", request.user_id)
-    for i, c in enumerate(request.candidates):
-        check(f"candidates.{i}.tip_id", c["tip_id"])
-        check(f"candidates.{i}.category", c.get("category"))
-        for name, value in (c.get("features") or {}).items():
-            check(f"candidates.{i}.features.{name}", value)
-
-
-def _checked_profile(request: ScoreRequest) -> ScoreRequest:
-    for name in request.profile_features or ():
-        if name not in _PROFILE_NAMES:
-            raise RequestError(f"profile_features.{name}",
-                               f"unknown profile feature {name!r}; known: {', '.join(FEATURE_NAMES)}")
-    return request
 
 
 @dataclass(slots=True)
@@ -239,7 +56,6 @@ class Scored:
 
 _CACHE_HIT, _CACHE_MISS = FEATURE_CACHE.labels("hit"), FEATURE_CACHE.labels("miss")
 _FALLBACKS = {f.name: f.fallback for f in FEATURES}
-_PROFILE_NAMES = frozenset(FEATURE_NAMES)
 _ALL_FALLBACK = frozenset(FEATURE_NAMES)
 _ZONES: dict[int, timezone] = {}
 

@@ -11,7 +11,7 @@ import pytest
 from app.admin import ChangeBody, RegisterBody
 from app.lineup import MODEL_PARAMETERS
 from app.openapi import complete
-from app.scoring import RequestError, parse_request
+from app.score_request import RequestError, parse_request
 from app.settings import Settings
 
 

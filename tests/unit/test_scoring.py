@@ -25,7 +25,8 @@ from app.db import make_engine
 from app.decision_publisher import DecisionLogFull, DecisionPublisher
 from app.lineup import Lineup
 from app.registry_store import RegistryStore
-from app.scoring import RequestError, Scorer, parse_request
+from app.score_request import RequestError, parse_request
+from app.scoring import Scorer
 from app.settings import DEFAULT_REWARDS, DEFAULT_USER_FORGETTING, POLICY_PARAMS, Settings
 from models import reward
 from models.policy import POLICIES, make_policy
@@ -224,7 +225,7 @@ def test_a_diverged_champion_is_noticed_while_every_tip_is_new(lineup: Lineup, p
 def test_a_champion_that_fails_to_score_is_answered_around_by_the_prior_and_counted(
         lineup: Lineup, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     from app.learning_metrics import CHAMPION_ERRORS
-    from app.scoring import Candidate, ScoreRequest
+    from app.score_request import Candidate, ScoreRequest
 
     lineup.prior.update("a", 0.0)
     lineup.prior.update("b", 1.0)

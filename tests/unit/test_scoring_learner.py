@@ -27,7 +27,8 @@ from app.learner import Learner
 from app.learning_metrics import FEEDBACK, SKIPPED
 from app.lineup import Lineup
 from app.registry_store import RegistryStore
-from app.scoring import Scorer, parse_request
+from app.score_request import parse_request
+from app.scoring import Scorer
 from app.settings import DEFAULT_REWARDS
 from models.policy import make_policy
 from streams.events import parse_event
