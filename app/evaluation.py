@@ -25,10 +25,10 @@ from app import db
 from app.decisions import decision_time_ms, learning_input
 from models import offpolicy
 from models.registry import ModelCard
-from models.reward import (
+from models.reward import TipModel
+from models.validation import (
     Example,
     Record,
-    TipModel,
     fairness_check,
     progressive_validation,
     tenure_segment,

@@ -24,7 +24,8 @@ from app import evaluation
 from app.embedded_nats import die_with_service
 from app.registry_store import RegistryStore
 from models.registry import ModelCard, ModelVersion, Registry, RegistryError
-from models.reward import Diverged, PopularityPrior, TipModel
+from models.reward import PopularityPrior, TipModel
+from models.validation import Diverged
 
 log = logging.getLogger("tipstream.models")
 # What `register` takes in `params`: `kind` goes beside them (in them, the body's replaced it).

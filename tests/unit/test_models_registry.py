@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from app.registry_store import roles_from_history
 from models.registry import ModelCard, ModelVersion, Registry, RegistryError, RolloutEntry, card_markdown
-from models.reward import TipModel, fairness_check, progressive_validation, tenure_segment, timezone_segment
+from models.reward import TipModel
+from models.validation import fairness_check, progressive_validation, tenure_segment, timezone_segment
 
 T0 = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
 

@@ -1,4 +1,4 @@
-"""TipModel, PopularityPrior and the offline metrics in models/reward.py."""
+"""TipModel and PopularityPrior (models/reward.py), and the offline metrics of models/validation.py."""
 
 from __future__ import annotations
 
@@ -15,18 +15,15 @@ import numpy as np
 import pytest
 from river import facto, optim
 
-from models import reward
+from models import reward, validation
 from models.reward import (
     DEFAULT_REWARDS,
     PopularityPrior,
     TipModel,
     _FastFMClassifier,
     _sigmoid,
-    fairness_check,
-    progressive_validation,
-    tenure_segment,
-    timezone_segment,
 )
+from models.validation import fairness_check, progressive_validation, tenure_segment, timezone_segment
 
 ROOT = Path(__file__).resolve().parents[2]
 KINDS = ("logreg", "fm")
@@ -440,7 +437,7 @@ def test_prior_snapshot_round_trip() -> None:
 
 
 def test_doctests() -> None:  # progressive validation's keyed decisions among them
-    assert doctest.testmod(reward, raise_on_error=False).failed == 0
+    assert doctest.testmod(validation, raise_on_error=False).failed == 0
 
 
 def test_progressive_validation_predicts_before_learning() -> None:
@@ -506,7 +503,7 @@ def test_a_segment_with_few_of_one_class_is_left_out_of_the_auc_gap() -> None:
     apac = report["segments"]["apac"]
     assert (apac["n"], apac["positives"], apac["roc_auc"]) == (30, 1, 0.0), "reported as it is"
     assert report["compared"] == ["americas", "apac", "emea"], "its other metrics still count"
-    assert report["min_class"] == reward.MIN_CLASS_N == 10
+    assert report["min_class"] == validation.MIN_CLASS_N == 10
     assert report["auc_left_out"] == {"apac": "1 positive and 29 negatives: ROC AUC needs 10 of each"}
     assert report["worst"]["log_loss"] == "apac", "log loss needs no class count"
     # Ten of each is enough.

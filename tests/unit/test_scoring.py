@@ -28,7 +28,7 @@ from app.registry_store import RegistryStore
 from app.score_request import RequestError, parse_request
 from app.scoring import Scorer
 from app.settings import DEFAULT_REWARDS, DEFAULT_USER_FORGETTING, POLICY_PARAMS, Settings
-from models import reward
+from models import reward, validation
 from models.policy import POLICIES, make_policy
 from streams.events import parse_event
 from streams.store import OnlineStore
@@ -384,7 +384,7 @@ def test_a_user_s_unknown_time_zone_is_logged_as_unknown_not_as_utc(lineup: Line
     scored = scorer.score(_request(now=None))
     features = orjson.loads(scored.payload)["features"]
     assert features["utc_offset_min"] is None and scored.response["features"]["utc_offset_min"] is None
-    assert reward.timezone_segment(features) == "unknown"
+    assert validation.timezone_segment(features) == "unknown"
     lineup.champion.learn_one(app.decisions.learning_input(features, {"tip_id": "a"}), 1.0)
     assert lineup.champion.n_learned == 1
     # Told by context.now, or by the user's newest event, the offset is known (0 is UTC then).

@@ -1,0 +1,271 @@
+"""Offline evaluation of a reward model over the decision log: progressive validation and fairness.
+
+A version's model card (app/evaluation.py; docs/learning.md, "Model registry") says how a model of
+its configuration would have done on the rewards logged: `progressive_validation` replays them
+through it, each decision predicted before it is learned, and `fairness_check` compares the same
+records across user segments (`tenure_segment`, `timezone_segment`).
+
+Apart from models/reward.py because nothing here serves or learns: it judges a `TipModel` from
+outside, and the model never needs it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from typing import Any
+
+from river import metrics, stats
+
+from models.reward import TipModel, _check_reward
+
+Record = tuple[Mapping[str, Any], float, float]  # (features as served, reward, score served)
+
+
+CALIBRATION_BINS = 10
+
+
+class _Metrics:
+    """Log loss (reward-weighted), ROC AUC on reward >= 0.5, mean reward and mean score, and the
+    expected calibration error: over `CALIBRATION_BINS` equal-width score bins, the mean
+    |mean score - mean reward| weighed by each bin's share of the examples."""
+
+    def __init__(self, n_thresholds: int) -> None:
+        self.log_loss = metrics.LogLoss()
+        self.auc = metrics.ROCAUC(n_thresholds=n_thresholds)
+        self.reward, self.score = stats.Mean(), stats.Mean()
+        self.n = self.positives = 0
+        # Per bin, sum(score) - sum(reward). The gap between the overall means (what this used to
+        # report) reads 0 for a model that says 0.9 to every 0 and 0.1 to every 1.
+        self.bin_gap = [0.0] * CALIBRATION_BINS
+
+    def update(self, reward: float, score: float) -> None:
+        if not math.isfinite(score):  # a calibration bin of NaN was a bare ValueError
+            raise Diverged(f"it scored {score!r} after {self.n} of the rewards")
+        # Log loss of a soft label r = r * loss(True) + (1 - r) * loss(False): two weighted updates.
+        if reward > 0.0:
+            self.log_loss.update(True, score, w=reward)
+        if reward < 1.0:
+            self.log_loss.update(False, score, w=1.0 - reward)
+        positive = reward >= 0.5
+        self.auc.update(positive, score)
+        self.reward.update(reward)
+        self.score.update(score)
+        self.bin_gap[min(max(int(score * CALIBRATION_BINS), 0), CALIBRATION_BINS - 1)] += score - reward
+        self.n += 1
+        self.positives += positive
+
+    def get(self) -> dict[str, float | None]:
+        both = 0 < self.positives < self.n  # AUC is undefined with a single class
+        return {
+            "n": self.n,
+            "log_loss": self.log_loss.get() if self.n else None,
+            "roc_auc": float(self.auc.get()) + 0.0 if both else None,  # + 0.0: River can give -0.0
+            "mean_reward": self.reward.get() if self.n else None,
+            "mean_score": self.score.get() if self.n else None,
+            "calibration_error": sum(map(abs, self.bin_gap)) / self.n if self.n else None,
+        }
+
+
+class Diverged(ValueError):
+    """A model scored a number that is not finite: its weights overflowed as it learned (a step
+    too large for them, such as a learning rate of 1e308)."""
+
+
+# (features, reward); (features, reward, the key of the decision it is a tip of); or that and
+# (when the decision was served, when its reward arrived), both as numbers on one clock.
+Example = (tuple[Mapping[str, Any], float] | tuple[Mapping[str, Any], float, Hashable]
+           | tuple[Mapping[str, Any], float, Hashable, float, float])
+
+
+def progressive_validation(model: TipModel, stream: Iterable[Example], *,
+                           records: list[Record] | None = None, n_thresholds: int = 50) -> dict[str, float | None]:
+    """Predict, score, then learn, over a log of (features, reward); River's progressive validation.
+
+    An example may carry a third item, the key of its decision: consecutive examples with the
+    same key are the rewarded tips of one decision, all predicted before any is learned (then
+    learned in stream order). They share the user and the features as served, so learning one
+    tip's reaction before predicting the next would score the model with what was not known
+    when the decision was made. An example without a key stands alone.
+
+    Rewards come late: a user reacts minutes or hours after being served, and may be served
+    again meanwhile. An example may then also carry when its decision was served and when its
+    reward arrived (a fourth and fifth item; the stream in the order served): each decision is
+    predicted with only the rewards that had arrived by then (at or before its time), and a
+    reward is learned in order of arrival (ties: in stream order), as the service learned it.
+    This is River's delayed progressive validation (`river.evaluate.progressive_val_score` with
+    `moment` and `delay`), as an event-time merge: O(n log n). Learning each reward right after
+    its decision instead scores the model with what it could not have known when it served.
+    Without the times, a decision's rewards are learned right after it is predicted. Rewards
+    still waiting at the end of the stream are learned then, so `model` learns every example.
+
+    `model` learns from the stream (pass `model.clone()` to keep a model untouched). When
+    `records` is a list, (x, reward, prediction) triples are appended to it for
+    `fairness_check`. ROC AUC is River's thresholded approximation (`n_thresholds`).
+
+    >>> stream = [({"tip_id": "a"}, 1.0), ({"tip_id": "b"}, 0.0)] * 200
+    >>> report = progressive_validation(TipModel(learning_rate=0.2), stream)
+    >>> report["n"], report["roc_auc"] > 0.95, report["log_loss"] < 0.3, round(report["mean_reward"], 6)
+    (400, True, True, 0.5)
+
+    The user's one reaction to both tips of a decision: keyed, the second is not predicted from the first.
+
+    >>> x = {"user_id": "u-1", "tip_id": "a"}
+    >>> records = []
+    >>> _ = progressive_validation(TipModel(), [(x, 1.0, "d-1"), ({**x, "tip_id": "b"}, 1.0, "d-1")], records=records)
+    >>> [score for _, _, score in records]
+    [0.5, 0.5]
+
+    Served at 0 and at 10, the first decision's reward arrived at 60: the second is predicted
+    without it. Had it arrived at 10, the second would have been predicted with it.
+
+    >>> records = []
+    >>> _ = progressive_validation(TipModel(), [(x, 1.0, "d-1", 0, 60), (x, 1.0, "d-2", 10, 70)], records=records)
+    >>> [score for _, _, score in records]
+    [0.5, 0.5]
+    >>> records = []
+    >>> _ = progressive_validation(TipModel(), [(x, 1.0, "d-1", 0, 10), (x, 1.0, "d-2", 10, 70)], records=records)
+    >>> records[1][2] > 0.5
+    True
+    """
+    m = _Metrics(n_thresholds)
+    arrivals: list[tuple[float, int, Mapping[str, Any], float]] = []  # a heap: rewards not learned yet
+    order = 0
+    for decision, served in _by_decision(stream):
+        while arrivals and served is not None and arrivals[0][0] <= served:
+            _, _, x, reward = heapq.heappop(arrivals)
+            model.learn_one(x, reward)
+        scores = [model.predict_one(x) for x, _, _ in decision]
+        for (x, reward, arrived), score in zip(decision, scores):
+            m.update(reward, score)
+            if records is not None:
+                records.append((x, reward, score))
+            if arrived is None:
+                model.learn_one(x, reward)
+            else:
+                heapq.heappush(arrivals, (arrived, order, x, reward))
+                order += 1
+    while arrivals:
+        _, _, x, reward = heapq.heappop(arrivals)
+        model.learn_one(x, reward)
+    return m.get()
+
+
+def _by_decision(stream: Iterable[Example]) -> Iterator[tuple[list[tuple[Mapping[str, Any], float, float | None]],
+                                                              float | None]]:
+    """Runs of consecutive examples with one decision key, as (x, reward, arrived) with rewards
+    checked, and when the run's decision was served (None: untimed)."""
+    run: list[tuple[Mapping[str, Any], float, float | None]] = []
+    key: Hashable = None
+    served: float | None = None
+    for example in stream:
+        this = example[2] if len(example) > 2 else None
+        if run and (this is None or this != key):
+            yield run, served
+            run = []
+        timed = len(example) > 4
+        if not run:
+            served = float(example[3]) if timed else None  # type: ignore[misc]
+        arrived = float(example[4]) if timed else None  # type: ignore[misc]
+        run.append((example[0], _check_reward(example[1]), arrived))
+        key = this
+    if run:
+        yield run, served
+
+
+# A segment's ROC AUC takes part in a fairness gap only with at least this many positives (reward
+# >= 0.5) and this many negatives. AUC ranks each positive against each negative: over 30 records
+# with 1 positive it is where one example falls, 0 or 1 by chance (a random scorer's AUC has a
+# standard deviation of ~0.30 there), and such a segment was named the worst. With 10 of each,
+# ~0.13; the floor trades that noise against leaving small segments out.
+MIN_CLASS_N = 10
+
+
+def fairness_check(records: Iterable[Record], segment_fn: Callable[[Mapping[str, Any]], str], *,
+                   min_n: int = 30, min_class: int = MIN_CLASS_N, n_thresholds: int = 50) -> dict[str, Any]:
+    """Metrics per user segment and the largest gap between segments.
+
+    `records` are (features as served, reward, score served), e.g. from the decision log or
+    `progressive_validation(..., records=...)`. Gaps only compare segments with at least
+    `min_n` records (smaller ones are reported but would be noise), and the ROC AUC gap only
+    those of them with at least `min_class` positives and `min_class` negatives
+    (`MIN_CLASS_N`); `auc_left_out` says, for each segment compared otherwise, why its AUC is
+    not. Each segment reports its `positives` beside `n`.
+
+    >>> recs = [({"seconds_since_active": 60}, 1.0, 0.9), ({"seconds_since_active": 60}, 0.0, 0.2),
+    ...         ({"seconds_since_active": 9e6}, 1.0, 0.5), ({"seconds_since_active": 9e6}, 0.0, 0.5)]
+    >>> report = fairness_check(recs, tenure_segment, min_n=1, min_class=1)
+    >>> sorted(report["segments"]), report["max_gap"]["roc_auc"], report["worst"]["roc_auc"]
+    (['established', 'new'], 0.5, 'new')
+    >>> report = fairness_check(recs, tenure_segment, min_n=1)
+    >>> report["max_gap"]["roc_auc"], report["max_gap"]["log_loss"] > 0, report["auc_left_out"]["new"]
+    (None, True, '1 positive and 1 negative: ROC AUC needs 10 of each')
+    """
+    per: dict[str, _Metrics] = {}
+    for x, reward, score in records:
+        seg = segment_fn(x)
+        m = per.get(seg)
+        if m is None:
+            m = per[seg] = _Metrics(n_thresholds)
+        m.update(float(reward), float(score))
+    segments = {seg: {**m.get(), "positives": m.positives} for seg, m in sorted(per.items())}
+    compared = [seg for seg, s in segments.items() if s["n"] >= min_n]
+    auc_left_out: dict[str, str] = {}
+    for seg in compared:
+        positives, negatives = segments[seg]["positives"], segments[seg]["n"] - segments[seg]["positives"]
+        if min(positives, negatives) < min_class:
+            auc_left_out[seg] = (f"{_count(positives, 'positive')} and {_count(negatives, 'negative')}: "
+                                 f"ROC AUC needs {min_class} of each")
+    gaps: dict[str, float | None] = {}
+    worst: dict[str, str | None] = {}
+    # For each metric, which direction is "worse" decides the segment named in `worst`.
+    for metric, higher_is_better in (("roc_auc", True), ("log_loss", False), ("calibration_error", False),
+                                      ("mean_reward", True)):
+        values = {seg: segments[seg][metric] for seg in compared if segments[seg][metric] is not None
+                  and not (metric == "roc_auc" and seg in auc_left_out)}
+        if len(values) < 2:
+            gaps[metric], worst[metric] = None, None
+            continue
+        gaps[metric] = max(values.values()) - min(values.values())
+        worst[metric] = (min if higher_is_better else max)(values, key=values.__getitem__)
+    return {"segments": segments, "compared": compared, "max_gap": gaps, "worst": worst, "min_n": min_n,
+            "min_class": min_class, "auc_left_out": auc_left_out}
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+NEW_USER_AFTER_S = 7 * 86_400.0
+
+
+def tenure_segment(x: Mapping[str, Any], inactive_s: float = NEW_USER_AFTER_S) -> str:
+    """"new" or "established": the `is_new_user` flag when logged, else no signal for
+    `inactive_s` (a new user's `seconds_since_active` is its 30-day fallback; a long-lapsed
+    user looks the same, which is acceptable for this check).
+
+    >>> tenure_segment({"is_new_user": True}), tenure_segment({"seconds_since_active": 120.0})
+    ('new', 'established')
+    """
+    flag = x.get("is_new_user")
+    if flag is not None:
+        return "new" if flag else "established"
+    since = x.get("seconds_since_active")
+    return "new" if since is None or since >= inactive_s else "established"
+
+
+def timezone_segment(x: Mapping[str, Any]) -> str:
+    """Time-zone region from a logged `utc_offset_min`: americas, emea, apac, or unknown.
+
+    >>> [timezone_segment({"utc_offset_min": m}) for m in (-300, 60, 540)], timezone_segment({})
+    (['americas', 'emea', 'apac'], 'unknown')
+    """
+    offset = x.get("utc_offset_min")
+    if offset is None:
+        return "unknown"
+    if offset < -600:  # west of Hawaii: Niue, American Samoa
+        return "apac"
+    if offset <= -120:  # to Greenland and Newfoundland in summer (-2:00, -2:30); the Azores are -1:00
+        return "americas"
+    return "emea" if offset < 300 else "apac"
