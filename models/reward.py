@@ -155,7 +155,7 @@ def _sigmoid(z: float) -> float:
     return e / (1.0 + e)
 
 
-def _check_reward(reward: float) -> float:
+def check_reward(reward: float) -> float:
     reward = float(reward)
     if not 0.0 <= reward <= 1.0:  # also rejects NaN
         raise ValueError(f"reward must be in [0, 1], got {reward!r}")
@@ -686,7 +686,7 @@ class TipModel:
         still carry them. (Bounded inputs keep the weights finite: AdaGrad's step is at most the
         learning rate, and the scaler's squares stay far from overflowing.)
         """
-        reward = _check_reward(reward)
+        reward = check_reward(reward)
         numeric = {}
         inputs, moments = self._inputs, self._moments
         unseen: list[tuple[str, str]] = []  # recorded only once the example is known to be learned
@@ -837,7 +837,7 @@ class PopularityPrior:
         return PopularityPrior(**{**self.params, **changes})
 
     def update(self, tip_id: str, reward: float) -> None:
-        reward = _check_reward(reward)
+        reward = check_reward(reward)
         counts = self._tips.get(tip_id)
         if counts is None:
             counts = self._tips[tip_id] = [0.0, 0.0]

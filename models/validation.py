@@ -18,7 +18,7 @@ from typing import Any
 
 from river import metrics, stats
 
-from models.reward import TipModel, _check_reward
+from models.reward import TipModel, check_reward
 
 Record = tuple[Mapping[str, Any], float, float]  # (features as served, reward, score served)
 
@@ -168,7 +168,7 @@ def _by_decision(stream: Iterable[Example]) -> Iterator[tuple[list[tuple[Mapping
         if not run:
             served = float(example[3]) if timed else None  # type: ignore[misc]
         arrived = float(example[4]) if timed else None  # type: ignore[misc]
-        run.append((example[0], _check_reward(example[1]), arrived))
+        run.append((example[0], check_reward(example[1]), arrived))
         key = this
     if run:
         yield run, served

@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import doctest
 
-import app.decision_tail
 from app.decision_tail import OwnTail
 from streams.store import OnlineStore
-
-
-def test_doctests() -> None:
-    assert doctest.testmod(app.decision_tail, raise_on_error=False).failed == 0
 
 
 class Ingest:

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import doctest
 import random
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-import app.loop_metrics
 from app.loop_metrics import LoopCounter, LoopHistogram
 
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05)
-
-
-def test_doctests() -> None:
-    assert doctest.testmod(app.loop_metrics, raise_on_error=False).failed == 0
 
 
 def exposition(registry: CollectorRegistry) -> str:

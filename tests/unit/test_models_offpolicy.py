@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import doctest
 import random
 
 import pytest
 
-import models.offpolicy
 from models.offpolicy import estimate
 
 # Two kinds of user, three tips; reward probabilities known to the test only.
 REWARD = {"new": {"a": 0.8, "b": 0.2, "c": 0.4}, "busy": {"a": 0.05, "b": 0.35, "c": 0.15}}
 TIPS = ("a", "b", "c")
-
-
-def test_doctests() -> None:
-    assert doctest.testmod(models.offpolicy, raise_on_error=False).failed == 0
 
 
 def logged_decisions(count: int, epsilon: float, seed: int) -> list[tuple[str, str, dict[str, float], float]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import math
 import os
 import pickle
@@ -434,10 +433,6 @@ def test_prior_snapshot_round_trip() -> None:
 
 
 # -- offline metrics ----------------------------------------------------------------------
-
-
-def test_doctests() -> None:  # progressive validation's keyed decisions among them
-    assert doctest.testmod(validation, raise_on_error=False).failed == 0
 
 
 def test_progressive_validation_predicts_before_learning() -> None:

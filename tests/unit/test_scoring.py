@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import doctest
 import math
 import random
 from datetime import datetime, timedelta, timezone
@@ -32,12 +31,6 @@ from models import reward, validation
 from models.policy import POLICIES, make_policy
 from streams.events import parse_event
 from streams.store import OnlineStore
-
-
-@pytest.mark.parametrize("module", [app.decision_spool, app.decisions, app.evaluation, app.learner, app.models_cli,
-                                    app.registry_store, app.scoring])
-def test_doctests(module: Any) -> None:
-    assert doctest.testmod(module, raise_on_error=False).failed == 0
 
 
 def test_settings_mirror_the_models_defaults() -> None:
