@@ -159,7 +159,10 @@ def policy_value(decisions: list[Decision], version: str) -> dict[str, Any]:
 
     Every candidate's logged propensity goes to the estimate, which leaves out (and counts, in
     `skipped_unsupported`) the decisions that could not have served the version's choice: an
-    answer to `explore: false` is greedy, every tip but its first at propensity 0.
+    answer to `explore: false` is greedy, every tip but its first at propensity 0. The shadow
+    and the champion's greedy are compared on the decisions that could have served any tip
+    (`full_support`): leaving out only those where the shadow disagreed would keep the greedy
+    answers it agreed with, and lean its estimate towards the champion's.
 
     >>> decision = {"model_version": "v1", "shadow": {"version": "v2", "first": "b"},
     ...             "ranked": [{"tip_id": "a", "score": 0.9, "propensity": 0.95},
@@ -221,8 +224,8 @@ def policy_value(decisions: list[Decision], version: str) -> dict[str, Any]:
         report["as_shadow"] = {
             "decisions": len(as_shadow),
             "logged_reward": sum(r for (*_, r), _ in as_shadow) / len(as_shadow),
-            "estimate": offpolicy.estimate(own for _, own in as_shadow).to_dict(),
-            "champion_greedy": offpolicy.estimate(champion for champion, _ in as_shadow).to_dict(),
+            "estimate": offpolicy.estimate((own for _, own in as_shadow), full_support=True).to_dict(),
+            "champion_greedy": offpolicy.estimate((champion for champion, _ in as_shadow), full_support=True).to_dict(),
         }
     return report
 

@@ -20,6 +20,12 @@ served tip one of several the target might choose, stand in for the others), and
 would say how much of the log the estimate covers. It is left out and counted in
 `skipped_unsupported`: the estimate is then the target's value on the supported decisions.
 
+Which decisions those are depends on the target, which biases a target whose choice is not
+fixed in advance (a shadow's first tip): of the greedy answers it keeps only those where the
+shadow agreed with the served tip, each at weight 1, so its estimate leans towards what greedy
+earned. `full_support=True` keeps only the decisions where every logged tip could have been
+served, whatever the target: two policies compared that way rest on the same decisions.
+
 The interval is None when the normal approximation has too little to stand on: an effective
 n under `MIN_EFFECTIVE_N`, or rewards that are all alike (their spread reads 0, and one
 agreeing decision would give `(1.0, 1.0)`). Simulated epsilon-greedy logs at effective n 30
@@ -45,6 +51,9 @@ True
 >>> unsupported = estimate([greedy_answer, ({"b": 1.0}, {"a": 0.5, "b": 0.5}, "b", 0.8)])
 >>> unsupported.n, unsupported.skipped_unsupported, unsupported.ips
 (1, 1, 1.6)
+>>> agreeing = ({"a": 1.0}, {"a": 1.0, "b": 0.0}, "a", 0.2)  # a target that agreed with the greedy answer
+>>> estimate([agreeing]).n, estimate([agreeing], full_support=True).skipped_unsupported
+(1, 1)
 """
 
 from __future__ import annotations
@@ -76,8 +85,9 @@ class PolicyValue:
         return asdict(self)
 
 
-def estimate(logged: Iterable[Logged]) -> PolicyValue:
-    """The value of the target policy of `logged` (see the module's doc)."""
+def estimate(logged: Iterable[Logged], full_support: bool = False) -> PolicyValue:
+    """The value of the target policy of `logged` (see the module's doc). With `full_support`,
+    a decision counts only if every logged tip could have been served (see the module's doc)."""
     n = agreed = unsupported = 0
     weights: list[float] = []
     rewards: list[float] = []
@@ -86,6 +96,9 @@ def estimate(logged: Iterable[Logged]) -> PolicyValue:
         if not 0.0 < propensity <= 1.0:
             raise ValueError(f"the served tip's propensity must be in (0, 1], got {propensity!r}; "
                              "was the decision logged by a policy that never serves it?")
+        if full_support and not all(p > 0.0 for p in propensities.values()):
+            unsupported += 1
+            continue
         if any(chance > 0.0 and not propensities.get(tip, 0.0) > 0.0 for tip, chance in target.items()):
             unsupported += 1
             continue

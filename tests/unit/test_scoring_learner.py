@@ -562,10 +562,35 @@ def test_decisions_that_could_not_serve_the_target_s_choice_are_left_out_and_cou
     own = shadow["estimate"]
     assert (own["n"], own["skipped_unsupported"]) == (1000, 1000)
     assert own["snips"] == pytest.approx(0.1) and own["ips"] == pytest.approx(0.1, abs=0.03)
-    # The champion's best was served with propensity 1 on greedy answers: those count.
+    # The champion's best was served with propensity 1 on greedy answers, but the two are
+    # compared on the same decisions: those that could have served either tip.
     champion = shadow["champion_greedy"]
-    assert (champion["n"], champion["skipped_unsupported"]) == (2000, 0)
+    assert (champion["n"], champion["skipped_unsupported"]) == (1000, 1000)
     assert champion["snips"] == pytest.approx(0.2)
+    # As champion alone, greedy answers count (its choice was served with propensity 1).
+    assert evaluation.policy_value(decisions, "v1")["as_champion"]["greedy"]["n"] == 2000
+
+
+def test_a_shadow_is_not_credited_with_the_greedy_answers_it_happened_to_agree_with() -> None:
+    rng = random.Random(3)
+    decisions = []
+    for i in range(4000):
+        greedy_answer = i % 2 == 0
+        # On greedy answers "a" was served; the shadow agrees on the well-paid ones (reward 1)
+        # and prefers "b" on the others. Kept, the agreeing ones would lift its estimate.
+        reward = float(rng.random() < 0.5)
+        if greedy_answer:
+            ranked = [{"tip_id": "a", "score": 0.9, "propensity": 1.0}, {"tip_id": "b", "score": 0.1, "propensity": 0.0}]
+            shadow_first, served, paid = ("a" if reward else "b"), "a", reward
+        else:
+            served = "a" if rng.random() < 0.5 else "b"
+            ranked = [{"tip_id": t, "score": s, "propensity": 0.5} for t, s in ((served, 0.9), ("b" if served == "a" else "a", 0.1))]
+            shadow_first, paid = "b", 0.3 if served == "b" else 0.0
+        decision = {"model_version": "v1", "greedy": "a", "shadow": {"version": "v2", "first": shadow_first}, "ranked": ranked}
+        decisions.append((decision, {served: paid}))
+    own = evaluation.policy_value(decisions, "v2")["as_shadow"]["estimate"]
+    assert (own["n"], own["skipped_unsupported"]) == (2000, 2000)
+    assert own["snips"] == pytest.approx(0.3)
 
 
 def test_progressive_validation_predicts_a_decision_s_tips_before_learning_any_of_them() -> None:
