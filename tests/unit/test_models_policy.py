@@ -178,6 +178,22 @@ def test_thompson_serves_by_its_propensities_when_draws_crowd_at_1() -> None:
     assert sum(order[0] == 0 for order, _ in runs) / 4000 == pytest.approx(0.5, abs=0.03)
 
 
+@pytest.mark.parametrize("at_zero", [True, False])
+def test_thompson_serves_by_its_propensities_when_gamma_draws_underflow(at_zero: bool) -> None:
+    """The prior gives a tip scoring ~0 Beta(2e-6, 2): its Gamma(2e-6) draw underflowed to 0,
+    every such tip tied, and the first of them was served every time (mirrored: scoring ~1)."""
+    tiny, wide = [2e-6, 4e-6, 6e-6], [2.0, 2.0, 2.0]
+    alpha, beta = (tiny, wide) if at_zero else (wide, tiny)
+    rng = random.Random(7)
+    runs = [ThompsonSampling().rank([0.5] * 3, rng, {"alpha": alpha, "beta": beta}) for _ in range(3000)]
+    # Near 0, where all three sit, x^shape is each CDF: P(first) goes by shape, 1 : 2 : 3. Near
+    # 1, -log(1 - x) is exponential at rate shape: P(first) = P(its exponential is the largest).
+    expected = [1 / 6, 2 / 6, 3 / 6] if at_zero else [7 / 12, 4 / 15, 3 / 20]
+    assert runs[0][1] == pytest.approx(expected, abs=1e-3)
+    firsts = Counter(order[0] for order, _ in runs)
+    assert [firsts[i] / 3000 for i in range(3)] == pytest.approx(expected, abs=0.03)
+
+
 def test_thompson_two_candidates_against_the_closed_form() -> None:
     a1, b1, a2, b2 = 3.0, 7.0, 5.0, 5.0
     p_first, _ = integrate.quad(lambda x: stats.beta.pdf(x, a1, b1) * stats.beta.cdf(x, a2, b2), 0, 1)
