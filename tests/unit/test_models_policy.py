@@ -154,6 +154,14 @@ def test_thompson_propensities_agree_with_numerical_integration(alpha, beta) -> 
     assert p == pytest.approx(_quad_first_probabilities(alpha, beta), abs=3e-4)
 
 
+def test_thompson_propensities_of_rare_rewards_at_the_prior_s_full_concentration() -> None:
+    """Means of 0.25-1% at the prior's cap (200) are narrow for 256 cells: 0.008 off before
+    they were doubled for it."""
+    alpha, beta = [0.5, 2.0, 1.0], [49.5, 198.0, 99.0]
+    _, p = ThompsonSampling().rank([0.5] * 3, random.Random(0), {"alpha": alpha, "beta": beta})
+    assert p == pytest.approx(_quad_first_probabilities(alpha, beta), abs=1e-3)
+
+
 def test_thompson_never_logs_0_for_a_tip_that_can_come_first() -> None:
     """Counted from 128 joint draws, 37% of the tips that could come first logged 0, so
     off-policy evaluation left those decisions out as ones the policy could not have made."""
