@@ -48,7 +48,7 @@ from app.credit_log import CreditLog
 from app.decisions import LoggedDecision, TipScoresLog, decision_time_ms, learning_input, tip_score_row
 from app.evaluation import TrainedOn, examples_of
 from app.ingest import ReadUpTo
-from app.learning_metrics import FEEDBACK, JOIN_CACHE, LEARNED, MODEL_SNAPSHOT_SECONDS, PENDING, SKIPPED
+from app.learning_metrics import DIVERGED, FEEDBACK, JOIN_CACHE, LEARNED, MODEL_SNAPSHOT_SECONDS, PENDING, SKIPPED
 from app.lineup import Lineup
 from app.waiting import WaitingFeedback
 from models.reward import INPUT_BOUND_TEXT, PopularityPrior
@@ -149,6 +149,7 @@ class Learner:
         self._credited_during_scan: dict[str, _Entry] | None = None
         self.credited = 0
         self._learned: dict[str, Any] = {}
+        self._diverged_versions: set[str] = set()  # told once each
         # Read when scraped, not set as they change.
         JOIN_CACHE.set_function(lambda: len(self.cache) + len(self._replayed))
         PENDING.set_function(lambda: len(self.waiting))
@@ -161,6 +162,14 @@ class Learner:
         self._gen = 0
         self._learn_seq = 0  # rewards learned so far; the models in SQL hold `_models_saved_seq` of them
         self._models_saved_seq = 0
+
+    def _diverged(self, version: str) -> None:
+        DIVERGED.labels(version).inc()
+        if version not in self._diverged_versions:
+            self._diverged_versions.add(version)
+            log.error("model %s has diverged (a learning step overflowed its weights; it scores NaN) and learns "
+                      "nothing more. Retire it with `tipstream models retire %s` (roll back first if it is the "
+                      "champion) and register one with a smaller learning_rate.", version, version)
 
     # -- decisions ---------------------------------------------------------------------------
 
@@ -365,6 +374,9 @@ class Learner:
         x = learning_input(decision["features"], candidate)
         skipped = []
         for version, model in self.lineup.learning:
+            if model.diverged:  # it learns nothing more, and counting its steps would say it does
+                self._diverged(version)
+                continue
             before = model.n_skipped
             try:
                 model.learn_one(x, reward)

@@ -58,6 +58,11 @@ FEEDBACK = LoopCounter(
     ["outcome"], registry=_r,
 )
 LEARNED = LoopCounter("tipstream_rewards_learned_total", "learn_one calls, by model version.", ["version"], registry=_r)
+DIVERGED = LoopCounter(
+    "tipstream_rewards_diverged_total", "Rewards a model did not learn because it had diverged (a step overflowed its "
+    "weights; it scores NaN), by model version. Retire it and register one with a smaller learning_rate.",
+    ["version"], registry=_r,
+)
 SKIPPED = LoopCounter(
     "tipstream_rewards_skipped_total", "Rewards a model did not learn, by model version: the example held a number "
     "that is not finite or is beyond +-1e9 (learning it would have made the weights NaN).",

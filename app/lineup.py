@@ -164,10 +164,21 @@ class Lineup:
         return self.registry.get(version)
 
     async def set_shadow(self, version: str, actor: str, note: str = "") -> None:
+        self._refuse_diverged(version, "shadow")
         await self._change(lambda reg: reg.set_shadow(version, actor=actor, note=note))
 
     async def promote(self, version: str, actor: str, note: str = "") -> None:
+        self._refuse_diverged(version, "promote")
         await self._change(lambda reg: reg.promote(version, actor=actor, note=note))
+
+    def _refuse_diverged(self, version: str, doing: str) -> None:
+        """A champion that scores NaN leaves /score ranking by the popularity prior: promoting one
+        "succeeded", and the model it replaced stopped serving for nothing."""
+        model = self.models.get(version)
+        if model is not None and model.diverged:
+            raise RegistryError(
+                f"Version {version!r} has diverged (a learning step overflowed its weights; it scores NaN), so it "
+                f"cannot {doing}. Retire it and register a version with a smaller learning_rate.")
 
     async def rollback(self, actor: str, note: str = "") -> str:
         return await self._change(lambda reg: reg.rollback(actor=actor, note=note))

@@ -137,7 +137,7 @@ class Scorer:
         self.greedy = Greedy()
         self.feature_cache_users = feature_cache_users
         self._cache: OrderedDict[str, _Cached] = OrderedDict()  # LRU; see Learner.cache for why not a dict
-        self._champion_warned_at = -math.inf
+        self._champion_warned_at = self._shadow_warned_at = -math.inf
 
     def _profile(self, user_id: str, state: UserState | None,
                  now_ms: int) -> tuple[dict[str, Any], frozenset[str], bool]:
@@ -174,6 +174,15 @@ class Scorer:
             log.error("champion %s %s: /score ranks by the popularity prior until it is replaced. Run "
                       "`tipstream models rollback` (or promote a shadow); tipstream_champion_errors_total counts the "
                       "requests.", self.lineup.champion_version, what)
+
+    def _shadow_failed(self, error: Exception) -> None:
+        SHADOW_ERRORS.inc()
+        now = time.monotonic()
+        if now - self._shadow_warned_at >= 60.0:
+            self._shadow_warned_at = now
+            log.warning("shadow %s could not score (%s: %s); decisions log no shadow until it is replaced: "
+                        "tipstream_shadow_errors_total counts them.", self.lineup.shadow_version,
+                        type(error).__name__, error)
 
     def score(self, request: ScoreRequest) -> Scored:
         user_id = request.user_id
@@ -236,13 +245,16 @@ class Scorer:
         shadow: dict[str, Any] | None = None
         if lineup.shadow is not None:
             try:  # computed after the answer is fixed; it is only logged
-                shadow_scores = blend_many(prior, tips, lineup.shadow.predict_many(xs, shared=shared), reactions)
+                raw = lineup.shadow.predict_many(xs, shared=shared)
+                if not math.isfinite(sum(raw)):  # else logged as null, and counted as an opinion
+                    raise ValueError(f"shadow {lineup.shadow_version} scored {next(s for s in raw if not math.isfinite(s))!r}")
+                shadow_scores = blend_many(prior, tips, raw, reactions)
                 first = max(range(len(tips)), key=shadow_scores.__getitem__)
                 shadow = {"version": lineup.shadow_version, "first": tips[first]}
                 if first != order[0]:
                     SHADOW_DISAGREEMENTS.inc()
-            except Exception:  # noqa: BLE001 - a broken shadow must never affect an answer
-                SHADOW_ERRORS.inc()
+            except Exception as error:  # noqa: BLE001 - a broken shadow must never affect an answer
+                self._shadow_failed(error)
                 shadow_scores, shadow = None, None
 
         decision_id = new_decision_id()

@@ -490,6 +490,20 @@ class TipModel:
         return f"TipModel({', '.join(f'{k}={v!r}' for k, v in self.params.items())}, n_learned={self.n_learned})"
 
     @property
+    def diverged(self) -> bool:
+        """Whether learning overflowed the weights: a step too large for them (a learning rate
+        of 1e308, say) makes a prediction NaN, and its NaN gradient reaches the intercept, which
+        every example updates; from then on the model scores NaN for everyone.
+
+        >>> model = TipModel(learning_rate=1e308)
+        >>> for reward in (0.0, 1.0):
+        ...     model.learn_one({"tip_id": "a", "hour_of_day": 3}, reward)
+        >>> model.diverged, TipModel().diverged
+        (True, False)
+        """
+        return not math.isfinite(self.classifier.intercept)
+
+    @property
     def feature_names(self) -> list[str]:
         """Input names seen while learning, sorted."""
         return sorted(self._inputs)

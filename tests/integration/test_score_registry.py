@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from app import db, migrate
 from app.cli import main
 from app.db import make_engine
+from app.learning_metrics import SHADOW_ERRORS
 from app.registry_store import RegistryStore
 from models.registry import ModelVersion, Registry
 from tests.conftest import eventually, reset_postgres
@@ -116,6 +117,33 @@ async def test_a_version_whose_model_overflows_on_the_log_is_422_not_500(start_s
             assert "learning_rate" in refused.json()["error"] and refused.json()["field"] == "params"
         assert (await http.get("/models")).json() == before
     assert len(service.lineup.registry.history) == history
+
+
+async def test_a_shadow_that_diverges_logs_no_opinion_and_cannot_be_promoted(start_service, nc) -> None:
+    """Registered while the log had no rewards, an overflowing model passed; its NaN scores were
+    then logged as the shadow's (null), counted as learned, and its promotion succeeded, leaving
+    /score to rank by the popularity prior."""
+    running = await start_service(admin_token=TOKEN, checkpoint_every_s=0.1)
+    service, js = running.service, nc.jetstream()
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        registered = await http.post("/admin/models", headers=AUTH, json={"version": "v2", "params": {"learning_rate": 1e308}})
+        assert registered.status_code == 200, registered.text
+        assert (await http.post("/admin/models/v2/shadow", headers=AUTH)).status_code == 200
+        for i in range(3):
+            await score_and_act(http, js, i)
+        await eventually(lambda: service.learner.credited == 3)
+        assert service.lineup.models["v2"].diverged and not service.lineup.models["v1"].diverged
+        errors = SHADOW_ERRORS.value
+        answer = (await http.post("/score", json=score_body("u-late"))).json()
+        assert answer["model_version"] == "v1" and SHADOW_ERRORS.value == errors + 1
+        logged = service.learner.cache[answer["decision_id"]].decision
+        assert logged["shadow"] is None and all("shadow_score" not in c for c in logged["ranked"])
+        assert 'tipstream_rewards_diverged_total{version="v2"}' in (await http.get("/metrics")).text
+        history = len(service.lineup.registry.history)
+        refused = await http.post("/admin/models/v2/promote", headers=AUTH)
+        assert refused.status_code == 409 and "diverged" in refused.json()["error"], refused.text
+        assert "learning_rate" in refused.json()["error"]
+    assert service.lineup.champion_version == "v1" and len(service.lineup.registry.history) == history
 
 
 async def test_a_change_while_the_database_is_away_is_a_503_and_changes_nothing(start_service, nc, monkeypatch) -> None:
