@@ -137,7 +137,7 @@ class Scorer:
         self.greedy = Greedy()
         self.feature_cache_users = feature_cache_users
         self._cache: OrderedDict[str, _Cached] = OrderedDict()  # LRU; see Learner.cache for why not a dict
-        self._champion_warned_at = self._shadow_warned_at = -math.inf
+        self._told_at: dict[str, float] = {}  # `_tell`'s last time per subject
 
     def _profile(self, user_id: str, state: UserState | None,
                  now_ms: int) -> tuple[dict[str, Any], frozenset[str], bool]:
@@ -168,21 +168,22 @@ class Scorer:
 
     def _champion_failed(self, what: str) -> None:
         CHAMPION_ERRORS.inc()
-        now = time.monotonic()
-        if now - self._champion_warned_at >= 60.0:
-            self._champion_warned_at = now
-            log.error("champion %s %s: /score ranks by the popularity prior until it is replaced. Run "
-                      "`tipstream models rollback` (or promote a shadow); tipstream_champion_errors_total counts the "
-                      "requests.", self.lineup.champion_version, what)
+        self._tell("champion", logging.ERROR, "champion %s %s: /score ranks by the popularity prior until it is "
+                   "replaced. Run `tipstream models rollback` (or promote a shadow); tipstream_champion_errors_total "
+                   "counts the requests.", self.lineup.champion_version, what)
 
     def _shadow_failed(self, error: Exception) -> None:
         SHADOW_ERRORS.inc()
+        self._tell("shadow", logging.WARNING, "shadow %s could not score (%s: %s); decisions log no shadow until it "
+                   "is replaced: tipstream_shadow_errors_total counts them.", self.lineup.shadow_version,
+                   type(error).__name__, error)
+
+    def _tell(self, about: str, level: int, message: str, *args: Any) -> None:
+        """Log once a minute per subject: a broken model fails every request."""
         now = time.monotonic()
-        if now - self._shadow_warned_at >= 60.0:
-            self._shadow_warned_at = now
-            log.warning("shadow %s could not score (%s: %s); decisions log no shadow until it is replaced: "
-                        "tipstream_shadow_errors_total counts them.", self.lineup.shadow_version,
-                        type(error).__name__, error)
+        if now - self._told_at.get(about, -math.inf) >= 60.0:
+            self._told_at[about] = now
+            log.log(level, message, *args)
 
     def score(self, request: ScoreRequest) -> Scored:
         user_id = request.user_id
