@@ -421,7 +421,9 @@ def card_markdown(mv: ModelVersion, role: str | None = None) -> str:
     if c.inputs:
         lines += ["| input | use |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in sorted(c.inputs.items())]
     else:
-        lines += [", ".join(mv.feature_names) or "(none recorded)"]
+        lines += [", ".join(mv.feature_names)
+                  or f"(none when this card was written: the model had learned nothing; `{CLI} evaluate {mv.version}` "
+                     "refreshes it)"]
     lines += ["", "## Offline metrics (progressive validation: predict, then learn, over the log)", ""]
     metrics = {k: v for k, v in c.offline_metrics.items() if k != "policy_value"}
     if metrics:
@@ -431,7 +433,7 @@ def card_markdown(mv: ModelVersion, role: str | None = None) -> str:
     lines += _policy_value_lines(c.offline_metrics.get("policy_value"))
     lines += ["", "## Fairness", ""]
     if not c.fairness:
-        lines += ["(not checked)"]
+        lines += ["(not checked)", ""]
     for name, report in c.fairness.items():
         lines += [f"### By {name}", ""]
         segments = (report.get("segments") or {}) if isinstance(report, dict) else {}

@@ -231,8 +231,10 @@ def test_the_card_says_why_a_segment_s_auc_is_left_out_of_the_gap() -> None:
 
 def test_card_of_an_unevaluated_version() -> None:
     md = card_markdown(ModelVersion("bare", "fm", {}, [], T0))
-    for text in ("- Role: none", "(none recorded)", "(not evaluated)", "(not checked)", "## Rollout history\n\n(none)"):
+    for text in ("- Role: none", "the model had learned nothing; `tipstream models evaluate bare` refreshes it",
+                 "(not evaluated)", "(not checked)\n\n## Rollout history\n\n(none)"):
         assert text in md
+    assert "\n\n\n" not in md
 
 
 def test_rollout_entry_round_trip() -> None:
