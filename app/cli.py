@@ -53,6 +53,7 @@ def _simulate(args: argparse.Namespace) -> int:
         return asyncio.run(simulate(
             users=args.users, rate=args.rate, count=args.count, duration=args.duration,
             seed=args.seed, nats_url=args.nats_url, progress=not args.quiet, pregenerate=args.pregenerate,
+            user_prefix=args.user_prefix,
         ))
     except NoStreamResponseError:
         print("No stream takes signals.> on that server: start `tipstream run` against it first "
@@ -106,6 +107,13 @@ def _at_least(low: float, kind: type = int) -> Callable[[str], Any]:
     return parse
 
 
+def _user_prefix(text: str) -> str:
+    # User ids are at most 128 characters; the prefix leaves room for "-" and the number.
+    if not text or len(text) > 64 or not text.isprintable() or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"must be 1 to 64 printable characters without spaces, got {text!r}")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tipstream", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--duration", type=_at_least(0, float), help="stop after this many seconds")
     sim.add_argument("--seed", type=int, default=1,
                      help="draws the users and what they do; each run's event ids are its own, so a run can repeat")
+    sim.add_argument("--user-prefix", type=_user_prefix, default="sim",
+                     help="simulated users are PREFIX-0, PREFIX-1, ...: pick one no real user id starts with "
+                          "(default: sim), as their events fold into the same tables")
     sim.add_argument("--nats-url", help="default: NATS_URL, else the running embedded server's")
     sim.add_argument("--quiet", action="store_true", help="no progress display")
     sim.add_argument("--pregenerate", action="store_true",

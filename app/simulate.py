@@ -54,7 +54,8 @@ def pregenerated(population: Population, rate: float, count: int | None,
 
 
 async def simulate(users: int, rate: float, count: int | None, duration: float | None, seed: int,
-                   nats_url: str | None, progress: bool = True, pregenerate: bool = False) -> int:
+                   nats_url: str | None, progress: bool = True, pregenerate: bool = False,
+                   user_prefix: str = "sim") -> int:
     url = resolve_nats_url(nats_url)
 
     async def quiet(error: Exception) -> None:
@@ -68,7 +69,7 @@ async def simulate(users: int, rate: float, count: int | None, duration: float |
     js = nc.jetstream(publish_async_max_pending=4_000)
     # Event ids of this run's own: a second run with the same seed sends the same traffic again,
     # which JetStream (and tipstream after it) would drop as duplicates of the first.
-    population = Population(users=users, seed=seed, run=f"{time.time_ns():x}")
+    population = Population(users=users, seed=seed, run=f"{time.time_ns():x}", user_prefix=user_prefix)
     started = time.monotonic()
     total = count
     with Progress(TextColumn("simulate"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),

@@ -18,12 +18,14 @@ async def test_simulate_publishes_a_bounded_count_of_valid_events(nats_server, n
     js = nc.jetstream()
     await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
     done = subprocess.run([TIPSTREAM, "simulate", "--count", "600", "--rate", "0", "--users", "50",
-                           "--nats-url", nats_server.url, "--quiet"], capture_output=True, text=True, timeout=60)
+                           "--nats-url", nats_server.url, "--quiet", "--user-prefix", "load"],
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "published 600 events" in done.stdout
     total = sum([(await js.stream_info(name)).state.messages for name in ("SIGNALS", "FEEDBACK")])
     assert total == 600
     kinds: Counter[str] = Counter()
+    users: set[str] = set()
     for stream, subject in (("SIGNALS", "signals.>"), ("FEEDBACK", "feedback.>")):
         sub = await js.pull_subscribe(subject, stream=stream)
         count = (await js.stream_info(stream)).state.messages
@@ -33,8 +35,11 @@ async def test_simulate_publishes_a_bounded_count_of_valid_events(nats_server, n
                 assert not isinstance(event, Rejection), event
                 assert msg.subject.endswith(event.type) and msg.headers["Nats-Msg-Id"] == event.id
                 kinds[event.type] += 1
+                users.add(event.user_id)
                 count -= 1
     assert len(kinds) == 7, kinds
+    # Simulated users are named apart from real ones (`u-1` was both).
+    assert users and all(u.startswith("load-") and u[5:].isdigit() and int(u[5:]) < 50 for u in users), users
 
 
 async def test_simulate_paces_to_the_rate(nats_server, nc) -> None:

@@ -29,6 +29,7 @@ def test_simulate_against_no_server_says_so_at_once(tmp_path: Path) -> None:
     (["--users", "0"], "--users: must be at least 1, got 0"),
     (["--rate", "-5"], "--rate: must be at least 0, got -5"),
     (["--count", "many"], "--count: 'many' is not a number"),
+    (["--user-prefix", "my users"], "--user-prefix: must be 1 to 64 printable characters without spaces"),
 ])
 def test_simulate_refuses_bad_arguments(argv: list[str], problem: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
