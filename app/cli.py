@@ -118,7 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tipstream", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="start the service (embedded NATS when NATS_URL is unset)")
+    from app.settings import settings_help
+
+    run = commands.add_parser(
+        "run", help="start the service (embedded NATS when NATS_URL is unset)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="settings, read from the environment (or a .env file) at start; the README's table has them "
+               f"in full:\n{settings_help()}",
+    )
     run.add_argument("--demo", type=float, metavar="EVENTS_PER_S", default=0,
                      help="also run a synthetic app at this many events/s: its users' signals, and tips "
                           "picked by /score whose reactions the learner learns from")

@@ -1,12 +1,13 @@
 """Typed settings, read once from the environment (and a `.env` file if present).
 
-Every field here is listed in the README's settings table; `tests/unit/test_events.py`
-fails when the two drift apart.
+Every field here is listed in the README's settings table (`tests/unit/test_events.py` fails
+when the two drift apart) and in `tipstream run --help`, both generated from the fields.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -223,6 +224,40 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'tipstream.db').resolve()}"
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable that sets a field (its first alias, else the prefixed name).
+
+    >>> env_name("nats_url"), env_name("port")
+    ('NATS_URL', 'TIPSTREAM_PORT')
+    """
+    alias = Settings.model_fields[field_name].validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return f"TIPSTREAM_{field_name.upper()}"
+
+
+def default_text(field_name: str) -> str:
+    """A field's default as the README's table shows it: `value`, or unset."""
+    default = Settings.model_fields[field_name].default
+    return "unset" if default is None else f"`{default}`"
+
+
+def settings_help() -> str:
+    """Each setting for `tipstream run --help`: variable, default, and its description's first
+    sentence, with what unset means where it says (the README's table has the rest).
+
+    >>> lines = settings_help().splitlines()
+    >>> print(lines[lines.index("  DATABASE_URL=unset") + 1].strip())
+    SQLAlchemy URL, e.g. `postgresql+psycopg://user@host/db`. Unset: SQLite at `<data_dir>/tipstream.db`.
+    """
+    lines = []
+    for name, field in Settings.model_fields.items():
+        sentences = re.split(r"(?<=\.)\s+(?=[A-Z])", field.description or "")
+        meaning = " ".join(sentences[:1] + [s for s in sentences[1:] if s.startswith("Unset:")])
+        lines.append(f"  {env_name(name)}={default_text(name).strip('`')}\n      {meaning}")
+    return "\n".join(lines)
 
 
 class SettingsError(ValueError):

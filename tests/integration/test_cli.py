@@ -134,3 +134,17 @@ def test_a_change_answered_oddly_is_a_message(behaviour: str, problem: str, monk
         server.shutdown()
         server.server_close()
     assert problem in capsys.readouterr().err
+
+
+def test_run_help_lists_every_setting_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    """Generated from app/settings.py: a setting added there is in the help without more ado."""
+    from app.settings import Settings, env_name
+
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--help"])
+    help_text = capsys.readouterr().out
+    assert exited.value.code == 0
+    for name in Settings.model_fields:
+        assert f"\n  {env_name(name)}=" in help_text, name
+    assert "\n  TIPSTREAM_PORT=8000\n      HTTP port." in help_text
+    assert "\n  NATS_URL=unset\n      NATS server to use. Unset: start an embedded" in help_text
