@@ -143,12 +143,15 @@ async def openapi(request: Request) -> Response:
     return JSONResponse(openapi_document.complete(schemas.get_schema(routes=request.app.routes)))
 
 
-def create_app(settings: Settings, service: Service | None = None) -> Starlette:
+def create_app(settings: Settings, service: Service | None = None, *, started: bool = False) -> Starlette:
+    """`started`: the service is started already, and the lifespan only stops it (`tipstream run`
+    starts it first, to tell a failed start as a message rather than uvicorn's traceback)."""
     service = service or Service(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await service.start()
+        if not started:
+            await service.start()
         try:
             yield
         finally:

@@ -2,7 +2,7 @@
 
 Start-up steps, in order:
 1. Apply migrations (alembic upgrade head).
-2. Start the embedded nats-server if NATS_URL is unset; connect.
+2. Start the embedded nats-server if NATS_URL is unset; connect (tried for TIPSTREAM_NATS_CONNECT_TIMEOUT_S).
 3. Create or update the streams.
 4. Load the latest checkpoint into the online store.
 5. Re-create each durable consumer at its checkpointed position + 1 and start ingest.
@@ -44,6 +44,7 @@ from app.offline import OfflineFeatureWriter
 from app.registry_store import RegistryStore
 from app.scoring import Scorer
 from app.settings import Settings
+from app.startup import StartupError
 from models.policy import make_policy
 from streams import jetstream as jsx
 from streams.store import OnlineStore
@@ -70,6 +71,7 @@ class Service:
         self.offline: OfflineFeatureWriter | None = None
         self.freezer = FreezePolicy(settings.gc_freeze_every_users)
         self.nats_url = settings.nats_url or ""
+        self._connect_error: Exception | None = None  # the first connection's last failure
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
         # Learning: the registry's models, the decision log, the learner, /score.
@@ -109,11 +111,7 @@ class Service:
             self.embedded = EmbeddedNats(s.data_dir / "nats")
             self.nats_url = await asyncio.to_thread(self.embedded.start)
             (s.data_dir / URL_FILE).write_text(self.nats_url)
-        self.nc = await jsx.connect(
-            self.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-            reconnected_cb=self._on_reconnected, disconnected_cb=self._on_disconnected,
-            error_cb=self._on_error, name="tipstream",
-        )
+        self.nc = await self._connect()
         js = self.nc.jetstream(timeout=10)
         await jsx.ensure_streams(
             js, max_age_days=s.stream_max_age_days, max_bytes=s.stream_max_bytes,
@@ -148,6 +146,28 @@ class Service:
             self.offline = OfflineFeatureWriter(self.store, self.engine, s.offline_features_every_s)
             self.checkpointer.on_saved.append(self.offline.saved)
             self._tasks.append(asyncio.create_task(self.offline.run(), name="offline features"))
+
+    async def _connect(self) -> jsx.IngestClient:
+        """The first connection, tried for `nats_connect_timeout_s`: a server that is not there
+        is the operator's to start, and retrying for ever hid that. Once connected, a lost
+        connection is retried for as long as it takes (-1), as the server comes back."""
+        timeout = self.settings.nats_connect_timeout_s
+        try:
+            return await asyncio.wait_for(jsx.connect(
+                self.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                reconnected_cb=self._on_reconnected, disconnected_cb=self._on_disconnected,
+                error_cb=self._on_error, name="tipstream",
+            ), timeout)
+        except TimeoutError:
+            cause = self._connect_error or "no answer"
+            if self.embedded is None:
+                raise StartupError(
+                    f"Cannot reach NATS at {self.nats_url} (NATS_URL) within {timeout:g} s: {cause}. Start NATS "
+                    "there (with JetStream: `nats-server -js`), or unset NATS_URL to run an embedded one; "
+                    "TIPSTREAM_NATS_CONNECT_TIMEOUT_S sets how long to wait.") from None
+            raise StartupError(
+                f"The embedded nats-server at {self.nats_url} did not answer within {timeout:g} s: {cause}. "
+                f"See {self.embedded.store_dir / 'nats-server.log'}.") from None
 
     async def _load_learning(self) -> None:
         """The registry and models (the first start registers `v1`), then the learner's snapshot:
@@ -315,4 +335,10 @@ class Service:
             log.warning("disconnected from NATS; reconnecting")
 
     async def _on_error(self, error: Exception) -> None:
+        if self.nc is None:  # the first connection: one line, and the last error for _connect's message
+            if self._connect_error is None:
+                log.warning("waiting for NATS at %s (%s); trying for %g s", self.nats_url, error,
+                            self.settings.nats_connect_timeout_s)
+            self._connect_error = error
+            return
         log.warning("NATS: %s", error)

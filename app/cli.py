@@ -15,30 +15,20 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
 def _run(args: argparse.Namespace) -> int:
-    import uvicorn
+    import uvloop
 
-    from app.api import create_app
     from app.settings import get_settings
+    from app.startup import hold_data_dir, listen_socket, serve
 
     settings = get_settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(settings)
-    # access_log off: uvicorn formats each line's arguments (path quoting included) before the
-    # logger drops it at "warning", a few µs on every request.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
-                            loop="uvloop", http="httptools", lifespan="on", access_log=False)
-    server = uvicorn.Server(config)
-    # Bound here, not by uvicorn, to know the port before serving: with TIPSTREAM_PORT=0 the system
-    # picks one, and both the line below and the demo's requests need the one it picked.
-    sock = config.bind_socket()
-    port = sock.getsockname()[1]
-    if args.demo:
-        from app.demo import attach_demo
-
-        attach_demo(app, rate=args.demo, stopping=lambda: server.should_exit, port=port)
-    print(f"tipstream on http://{settings.host}:{port} (data in {settings.data_dir})", flush=True)
-    server.run(sockets=[sock])
-    return 0
+    held = hold_data_dir(settings.data_dir)  # first: a second service on the directory changes nothing
+    sock = listen_socket(settings)
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(serve(settings, sock, args.demo))
+    finally:
+        os.close(held)  # after the service has stopped, its embedded nats-server with it
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -163,12 +153,16 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     from app.settings import SettingsError
+    from app.startup import StartupError
 
     try:
         return int(args.func(args) or 0)
     except SettingsError as error:
         print(error, file=sys.stderr)
         return 2
+    except StartupError as error:
+        print(f"tipstream: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

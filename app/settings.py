@@ -38,6 +38,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("NATS_URL", "TIPSTREAM_NATS_URL"),
         description="NATS server to use. Unset: start an embedded `nats-server` under the data directory.",
     )
+    nats_connect_timeout_s: float = Field(
+        20.0, gt=0,
+        description="How long `tipstream run` keeps trying to reach NATS at start before it exits with a message. "
+                    "Once connected, a lost connection is retried for as long as it takes.",
+    )
     database_url: str | None = Field(
         None,
         validation_alias=AliasChoices("DATABASE_URL", "TIPSTREAM_DATABASE_URL"),

@@ -1,0 +1,189 @@
+"""`tipstream run` up to serving: the data directory held, the port bound, the service started,
+and each failure the operator can fix told as one message (what failed, which setting, what to do)."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from app.bootstrap import Service
+    from app.settings import Settings
+
+# In the data directory, locked while a service uses it; it holds that service's pid.
+LOCK_FILE = "tipstream.lock"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StartupError(RuntimeError):
+    """A start that cannot go on: the message names what failed, the setting and the fix."""
+
+
+def hold_data_dir(data_dir: Path) -> int:
+    """Lock the data directory for this process's life; its file descriptor, to keep open.
+
+    Two services on one directory would share the embedded NATS store and the SQLite file. The
+    lock is the kernel's (flock), so it goes with the process however it ends: a crash or SIGKILL
+    leaves no stale lock behind, and the file itself is left in place (removing it would let a
+    third start lock a new file while the second still holds the old one).
+    """
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise StartupError(f"Cannot use the data directory {data_dir} (TIPSTREAM_DATA_DIR): {error.strerror}. "
+                           "Set TIPSTREAM_DATA_DIR to a directory this user can write.") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        os.close(fd)
+        raise StartupError(
+            f"The data directory {data_dir.resolve()} is in use by another tipstream"
+            f"{f' (pid {holder})' if holder.isdigit() else ''}: two would share its NATS store and database. "
+            "Stop that one, or set TIPSTREAM_DATA_DIR to another directory.") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def listen_socket(settings: Settings) -> socket.socket:
+    """The HTTP socket, bound before the service starts: a taken port fails in a moment, not
+    after migrations and NATS, and with `TIPSTREAM_PORT=0` the port is known before serving."""
+    host, port = settings.host, settings.port
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        if error.errno == errno.EADDRINUSE:
+            raise StartupError(f"Port {port} on {host} is already in use (TIPSTREAM_PORT={port}): stop what "
+                               "listens there, or set TIPSTREAM_PORT to a free port (0 picks one).") from None
+        raise StartupError(f"Cannot listen on {host}:{port} (TIPSTREAM_HOST, TIPSTREAM_PORT): "
+                           f"{error.strerror or error}. Set TIPSTREAM_HOST to an address of this machine "
+                           "(127.0.0.1, or 0.0.0.0 for all) and TIPSTREAM_PORT to a free port above 1023.") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def explain(error: BaseException, settings: Settings) -> StartupError | None:
+    """A start-up failure the operator can fix, as a message; None for anything else (a bug: its
+    traceback is the useful report)."""
+    if isinstance(error, StartupError):
+        return error
+    from nats.js.errors import APIError
+    from sqlalchemy.exc import ArgumentError, DBAPIError
+
+    if isinstance(error, ArgumentError):  # not echoed: the URL may hold a password
+        return StartupError(f"DATABASE_URL is not a database URL tipstream can use ({error}). Write it as "
+                            "`postgresql+psycopg://user:password@host/database`, or unset it for SQLite under "
+                            "TIPSTREAM_DATA_DIR.")
+    if isinstance(error, DBAPIError):
+        return _database_error(error, settings)
+    if isinstance(error, APIError):
+        return _jetstream_error(error, settings)
+    return None
+
+
+def _database_error(error: Any, settings: Settings) -> StartupError:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.sqlalchemy_url).render_as_string(hide_password=True)
+    cause = str(error.orig or error).strip().splitlines()[-1]
+    if settings.database_url:
+        fix = ("Check that the server runs and the database exists (e.g. `createdb`), or unset DATABASE_URL "
+               "for SQLite under TIPSTREAM_DATA_DIR.")
+        return StartupError(f"Cannot open the database {url} (DATABASE_URL): {cause}. {fix}")
+    return StartupError(f"Cannot open the database {url} (SQLite under TIPSTREAM_DATA_DIR): {cause}. "
+                        "Set TIPSTREAM_DATA_DIR to a directory this user can write, or DATABASE_URL to PostgreSQL.")
+
+
+def _jetstream_error(error: Any, settings: Settings) -> StartupError:
+    from streams.jetstream import ALL_STREAMS
+
+    where = f"{settings.nats_url} (NATS_URL)" if settings.nats_url else "the embedded nats-server"
+    message = f"JetStream at {where} refused tipstream's start: {error.description} (error {error.err_code})."
+    if error.err_code == 10065:  # subjects overlap with an existing stream
+        streams = ", ".join(f"{spec.name} ({' '.join(spec.subjects)})" for spec in ALL_STREAMS)
+        message += (f" tipstream's streams {streams} need those subjects to themselves: remove or change the "
+                    "stream that takes them (`nats stream ls`), or point NATS_URL at another server "
+                    "(unset: an embedded one).")
+    return StartupError(message)
+
+
+async def start(service: Service) -> int | None:
+    """Start the service; on SIGINT or SIGTERM meanwhile, stop what has started and return the signal.
+
+    uvicorn's own signal handlers come with the server, after the start: until then a signal
+    waited for the start to end, and waiting for NATS can last. A failed start is stopped too
+    (the embedded nats-server, connections) and raised as a StartupError when the operator can
+    fix it.
+    """
+    loop = asyncio.get_running_loop()
+    starting = asyncio.ensure_future(service.start())
+    received: list[int] = []
+
+    def stop(sig: int) -> None:
+        received.append(sig)
+        starting.cancel()
+
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        await starting
+        return None
+    except BaseException as error:  # noqa: BLE001 - stopped below, then raised again
+        failed = error
+    finally:
+        for sig in STOP_SIGNALS:  # a second signal while stopping ends the process at once
+            loop.remove_signal_handler(sig)
+    await service.stop()
+    if received and starting.cancelled():
+        return received[0]
+    raise explain(failed, service.settings) or failed
+
+
+async def serve(settings: Settings, sock: socket.socket, demo_rate: float) -> int:
+    """Start, then serve on `sock` until SIGINT or SIGTERM; the exit code."""
+    import uvicorn
+
+    from app.api import create_app
+    from app.bootstrap import Service
+
+    try:
+        service = Service(settings)  # the database engine: a URL of no known kind fails here
+    except Exception as error:  # noqa: BLE001 - raised again, as a message where the operator can fix it
+        raise explain(error, settings) or error from None
+    stopped_by = await start(service)
+    if stopped_by is not None:
+        return 128 + stopped_by  # the shell's code for a process ended by that signal
+    port = sock.getsockname()[1]
+    app = create_app(settings, service, started=True)
+    # access_log off: uvicorn formats each line's arguments (path quoting included) before the
+    # logger drops it at "warning", a few µs on every request.
+    config = uvicorn.Config(app, log_level="warning", http="httptools", lifespan="on", access_log=False)
+    line = f"tipstream on http://{settings.host}:{port} (data in {settings.data_dir})"
+
+    class Server(uvicorn.Server):
+        # The line once the socket listens: printed before, it named a port nothing answered on
+        # yet, or ever (a start that failed).
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                print(line, flush=True)
+
+    server = Server(config)
+    if demo_rate:
+        from app.demo import attach_demo
+
+        attach_demo(app, rate=demo_rate, stopping=lambda: server.should_exit, port=port)
+    await server.serve(sockets=[sock])
+    return 0
+

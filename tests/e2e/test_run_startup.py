@@ -1,0 +1,125 @@
+"""`tipstream run`'s start, as an operator meets it: one service per data directory, a bounded
+wait for NATS that a signal ends, and each failure they can fix told as one message (app/startup.py)."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import POSTGRES_ADMIN_URL, NatsServer, _postgres_reachable, free_port
+from tests.e2e.support import TIPSTREAM, ServiceProcess, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def environment(tmp_path: Path, **env: str) -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "TIPSTREAM_DATA_DIR": str(tmp_path / "data"), "TIPSTREAM_PORT": "0", **env}
+
+
+def run(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TIPSTREAM, "run"], capture_output=True, text=True, timeout=60,
+                          env=environment(tmp_path, **env))
+
+
+def assert_one_message(done: subprocess.CompletedProcess[str], *parts: str) -> None:
+    assert done.returncode == 1, done.stderr[-3000:]
+    message = [line for line in done.stderr.splitlines() if line.startswith("tipstream: ")]
+    assert len(message) == 1, done.stderr[-3000:]
+    for part in parts:
+        assert part in message[0], message[0]
+    assert "Traceback" not in done.stderr and "tipstream on http" not in done.stdout
+
+
+def test_a_second_service_on_the_data_directory_stops_at_once_and_the_first_runs_on(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    first = ServiceProcess(data, env={"TIPSTREAM_PORT": "0"})
+    first._launch()
+    assert first.process is not None
+    found = wait_until(lambda: "tipstream on http://" in first.log() and first.log(), what="the line naming the port")
+    # Printed once listening, after the start: the first request answers, no retrying.
+    assert found.index("checkpoint restored") < found.index("tipstream on http://")
+    port = int(found.split("tipstream on http://127.0.0.1:", 1)[1].split(" ", 1)[0])
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+    url = (data / "nats.url").read_text()
+
+    begun = time.monotonic()
+    second = run(tmp_path)
+    assert time.monotonic() - begun < 20, "before migrations, NATS or the port"
+    assert second.stderr.strip() == (
+        f"tipstream: The data directory {data.resolve()} is in use by another tipstream (pid {first.process.pid}): "
+        "two would share its NATS store and database. Stop that one, or set TIPSTREAM_DATA_DIR to another directory.")
+    assert_one_message(second)
+
+    assert (data / "nats.url").read_text() == url, "the second's stop took the first's nats.url"
+    assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
+    assert first.stop(), first.log()
+
+
+def test_nats_away_at_start_is_a_message_after_the_bound(tmp_path: Path) -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+    begun = time.monotonic()
+    done = run(tmp_path, NATS_URL=url, TIPSTREAM_NATS_CONNECT_TIMEOUT_S="1")
+    assert time.monotonic() - begun < 30
+    assert_one_message(done, f"Cannot reach NATS at {url} (NATS_URL) within 1 s: ", "Connection refused",
+                       "Start NATS there", "unset NATS_URL", "TIPSTREAM_NATS_CONNECT_TIMEOUT_S")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_waiting_for_nats_stops_at_once(tmp_path: Path, sig: signal.Signals) -> None:
+    out = tmp_path / "out.log"
+    with out.open("wb") as log:
+        process = subprocess.Popen([TIPSTREAM, "run"], stdout=log, stderr=subprocess.STDOUT, env=environment(
+            tmp_path, NATS_URL=f"nats://127.0.0.1:{free_port()}", TIPSTREAM_NATS_CONNECT_TIMEOUT_S="300"))
+    try:
+        wait_until(lambda: "waiting for NATS at" in out.read_text(), timeout=60, what="the wait for NATS")
+        sent = time.monotonic()
+        process.send_signal(sig)
+        assert process.wait(10) == 128 + sig
+        assert time.monotonic() - sent < 5
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "Traceback" not in out.read_text()
+
+
+def test_a_taken_port_is_a_message_naming_tipstream_port(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run(tmp_path, TIPSTREAM_PORT=str(port))
+    assert_one_message(done, f"Port {port} on 127.0.0.1 is already in use (TIPSTREAM_PORT={port})",
+                       "set TIPSTREAM_PORT to a free port")
+
+
+def test_a_missing_postgres_database_is_a_message_naming_database_url(tmp_path: Path) -> None:
+    problem = _postgres_reachable()
+    if problem:
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL} ({problem})")
+    name = f"tipstream_missing_{uuid.uuid4().hex[:8]}"
+    done = run(tmp_path, DATABASE_URL=POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}")
+    assert_one_message(done, "Cannot open the database postgresql+psycopg://", "(DATABASE_URL)",
+                       f'database "{name}" does not exist', "unset DATABASE_URL")
+
+
+def test_a_database_url_of_no_known_kind_is_a_message_without_its_password(tmp_path: Path) -> None:
+    done = run(tmp_path, DATABASE_URL="postgres://tipstream:hunter2@127.0.0.1/tipstream")
+    assert_one_message(done, "DATABASE_URL is not a database URL tipstream can use",
+                       "sqlalchemy.dialects:postgres", "postgresql+psycopg://")
+    assert "hunter2" not in done.stderr
+
+
+async def test_a_stream_taking_tipstream_s_subjects_is_a_message(tmp_path: Path, nats_server: NatsServer,
+                                                                 nc: object) -> None:
+    await nc.jetstream().add_stream(name="SOMEONE_ELSES", subjects=["signals.>"])  # type: ignore[attr-defined]
+    done = run(tmp_path, NATS_URL=nats_server.url)
+    assert_one_message(done, f"JetStream at {nats_server.url} (NATS_URL) refused", "subjects overlap",
+                       "SIGNALS (signals.>)", "`nats stream ls`")
