@@ -11,7 +11,7 @@ answers. Steps:
    feature as a fallback, as for a user without the data.
 3. The caller's `profile_features` fill only what the server lacks (a fallback value);
    the server's own values win. Which ones were used is answered and logged.
-4. Context features (local hour and weekday in the user's offset, the task count).
+4. Context features (local hour and weekday in context.now's offset, else the user's newest event's; the task count).
 5. The champion scores every candidate; the popularity prior blends in for new users and
    new tips (cold start); the exploration policy orders them and gives propensities.
 6. The shadow scores the same inputs; its scores are logged beside the champion's and never

@@ -93,9 +93,10 @@ FEATURES: tuple[Feature, ...] = (
        "`(dismissed + disliked + 1) / (reactions + 2)` over 30 days.", window=30),
 )
 CONTEXT_FEATURES: tuple[Feature, ...] = (
-    _f("hour_of_day", "int", None, "request: context.now in the user's offset", 12,
+    _f("hour_of_day", "int", None, "request: context.now in its own offset; without it, the server's clock in "
+       "the offset of the user's newest event (UTC for a user with none)", 12,
        "Local hour of the request.", freshness="jit"),
-    _f("day_of_week", "int", None, "request: context.now in the user's offset", 0,
+    _f("day_of_week", "int", None, "request: context.now in its own offset; without it, as `hour_of_day`", 0,
        "Local weekday of the request, Monday = 0.", freshness="jit"),
     _f("context_task_count", "int", None, "request: context.tasks", 0,
        "Number of tasks in the request's task list.", freshness="jit"),
@@ -414,7 +415,7 @@ def _valid_until(evaluation: _Evaluation) -> int:
 
 
 def context_features(local_hour: int, local_weekday: int, tasks: list[Any] | None) -> dict[str, int]:
-    """The request-time features; callers pass `now` already in the user's offset."""
+    """The request-time features; callers pass `now` already in the offset to read them in."""
     return {"hour_of_day": local_hour, "day_of_week": local_weekday, "context_task_count": len(tasks or ())}
 
 
