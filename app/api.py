@@ -100,7 +100,7 @@ async def metrics(request: Request) -> Response:
 async def user_features(request: Request) -> Response:
     """
     parameters:
-      - {name: user_id, in: path, required: true, schema: {type: string, minLength: 1}}
+      - {name: user_id, in: path, required: true, schema: {type: string, minLength: 1, maxLength: 128}}
       - {name: at, in: query, required: false, schema: {type: string, format: date-time},
          description: 'evaluate at this time, an ISO 8601 time with a UTC offset (its + written %2B); default now'}
     responses:
@@ -109,10 +109,13 @@ async def user_features(request: Request) -> Response:
         content:
           application/json:
             schema: {$ref: '#/components/schemas/UserFeatures'}
-      422: {description: '`at` is not a time with a UTC offset'}
+      422: {description: '`at` is not a time with a UTC offset, or the user id is longer than 128 characters or holds a NUL'}
       503: {description: "the user's state is still to be loaded from the database, which is away"}
     """
     user_id = request.path_params["user_id"]
+    if len(user_id) > 128 or "\x00" in user_id:  # what an event's user_id may be; a NUL failed PostgreSQL's read
+        return _error(422, "user_id", f"a user id is 1 to 128 characters without NUL, got {len(user_id)} characters"
+                      + (" with a NUL" if "\x00" in user_id else ""))
     raw_at = request.query_params.get("at")
     if raw_at is None:
         at = datetime.now(UTC)

@@ -66,6 +66,10 @@ async def test_features_with_age_freshness_and_fallbacks(start_service, nc, tmp_
             assert number.status_code == 422 and number.json()["field"] == "at", number.text
         unencoded = await http.get("/users/ana/features?at=2026-11-25T21:00:00+01:00")  # '+' unescaped: a space
         assert unencoded.status_code == 422 and "write it %2B" in unencoded.json()["error"]
+        for wrong in ("x" * 129, "a%00b"):  # no event could have made such a user
+            refused = await http.get(f"/users/{wrong}/features")
+            assert refused.status_code == 422 and refused.json()["field"] == "user_id", refused.text
+        assert (await http.get(f"/users/{'x' * 128}/features")).json()["known"] is False
 
     engine = running.service.engine
 
