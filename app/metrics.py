@@ -12,9 +12,12 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.ingested = Counter("tipstream_events_applied_total", "Events folded into state.", ["stream"], registry=r)
+        self.ingested = Counter(
+            "tipstream_events_applied_total", "Events folded into state; for DECISIONS, decisions read back into the "
+            "learner's join cache.", ["stream"], registry=r)
         self.ignored = Counter(
-            "tipstream_events_ignored_total", "Duplicates and events older than every window.", ["stream"], registry=r
+            "tipstream_events_ignored_total", "Duplicates and events older than every window (for DECISIONS, "
+            "redeliveries and decisions older than the join window).", ["stream"], registry=r
         )
         self.dlq = Counter("tipstream_dlq_total", "Events sent to the DLQ, by reason.", ["stream", "reason"], registry=r)
         self.lag = Gauge("tipstream_stream_lag", "Messages in the stream not yet consumed.", ["stream"], registry=r)

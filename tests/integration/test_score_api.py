@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from app import db
+from app.metrics import METRICS
 from streams.features import FEATURE_NAMES
 from tests.conftest import dead_lettered, eventually
 
@@ -276,6 +277,7 @@ async def test_own_decisions_are_not_read_back_but_others_are(start_service, nc)
     assert gauge == [f'tipstream_stream_position{{stream="DECISIONS"}} {float(last)}'], (gauge, last)
 
     # A decision someone else publishes is read within a tick or two, and joins feedback.
+    applied = METRICS.ingested.labels("DECISIONS")._value.get()
     foreign = {"id": "d-other-1", "type": "decision.scored", "v": 1, "ts": NOW, "user_id": "u-1",
                "model_version": "v1", "features": {"user_id": "u-1", "hour_of_day": 9},
                "ranked": [{"tip_id": "tip-0", "score": 0.5, "propensity": 1.0}]}
@@ -285,6 +287,8 @@ async def test_own_decisions_are_not_read_back_but_others_are(start_service, nc)
     await eventually(lambda: service.decision_tail.following, timeout=10)
     assert service.store.positions["DECISIONS"] >= last + 1
     assert set(read_back) == {"d-other-1"}, "reading again started after our own decisions"
+    # Counted as the learner took it: the ingest's count is the fold's, which decisions skip (it read 0).
+    assert METRICS.ingested.labels("DECISIONS")._value.get() == applied + 1
 
 
 async def test_decisions_not_yet_in_jetstream_at_shutdown_are_published_at_the_next_start(
