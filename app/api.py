@@ -75,13 +75,18 @@ async def readyz(request: Request) -> Response:
                   additionalProperties:
                     type: object
                     properties: {caught_up: {type: boolean}, lag: {type: integer}}
+                checkpoint:
+                  description: 'whether state is being saved: a failing checkpoint does not make the service unready (it serves from memory, and events are safe in the streams), but says why here'
+                  type: [object, 'null']
+                  properties: {ok: {type: boolean}, last_error: {type: [string, 'null']}, since_last_ok_s: {type: number}}
       503:
         <<: *ready
         description: 'still catching up, or NATS is away'
     """
     service: Service = request.app.state.service
     streams = {i.spec.name: {"caught_up": i.caught_up, "lag": i.lag} for i in service.ingests}
-    body = {"ready": service.ready, "streams": streams}
+    checkpoint = service.checkpointer.health() if service.checkpointer is not None else None
+    body = {"ready": service.ready, "streams": streams, "checkpoint": checkpoint}
     return JSONResponse(body, status_code=200 if service.ready else 503)
 
 

@@ -151,6 +151,7 @@ class Checkpointer:
         self.last_applied = store.applied
         self.last_ok = time.monotonic()
         self.failures = 0
+        self.last_error: str | None = None  # of the checkpoint that failed last, until one succeeds
         self._saved_positions: dict[str, int] | None = None
         self._wake = asyncio.Event()
 
@@ -180,11 +181,17 @@ class Checkpointer:
                 raise
             except Exception as error:  # noqa: BLE001 - any database error is retried
                 self.failures += 1
+                self.last_error = f"{type(error).__name__}: {error}".splitlines()[0]
                 METRICS.checkpoint_failures.inc()
                 log.warning("checkpoint failed (%s); retrying in %.1fs, or once the database answers again. Events "
-                            "are safe in the streams.", error, backoff)
+                            "are safe in the streams.%s", error, backoff, _fix_for(error))
                 await self._wait_to_retry(backoff)
                 backoff = min(backoff * 2, self.retry_max_s)
+
+    def health(self) -> dict[str, Any]:
+        """For /readyz: whether the last checkpoint succeeded, and how long ago one did."""
+        return {"ok": self.last_error is None, "last_error": self.last_error,
+                "since_last_ok_s": round(time.monotonic() - self.last_ok, 1)}
 
     async def _wait_to_retry(self, backoff_s: float) -> None:
         """`backoff_s`, cut short once the database answers again: waited out whole, it kept /score
@@ -231,8 +238,18 @@ class Checkpointer:
             listener(users)
         self.last_applied = applied
         self.last_ok = time.monotonic()
+        self.last_error = None
         METRICS.checkpoint_seconds.observe(time.perf_counter() - started)
         METRICS.checkpoint_users.inc(len(users))
         for stream, seq in positions.items():
             METRICS.checkpoint_position.labels(stream).set(seq)
         return True
+
+
+def _fix_for(error: Exception) -> str:
+    """What to do, for a failure a retry cannot mend: tables gone while the service ran."""
+    text = str(error).lower()
+    if "no such table" in text or ("relation" in text and "does not exist" in text):
+        return (" The database has no tipstream tables (`tipstream migrate base` while running?): restart "
+                "tipstream, which migrates at start, or run `tipstream migrate`.")
+    return ""

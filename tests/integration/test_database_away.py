@@ -57,3 +57,31 @@ async def test_checkpoints_wait_for_the_database_and_lose_nothing(start_service,
         set_connections(database, True)
     await eventually(lambda: checkpointed(postgres_url) == 200, timeout=30)
     await eventually(lambda: running.service.checkpointer.uncheckpointed == 0)
+
+
+async def test_tables_dropped_under_a_running_service_are_told_in_readyz_and_the_log(
+        start_service, nc, caplog: pytest.LogCaptureFixture) -> None:
+    """`tipstream migrate base` while the service ran: every checkpoint failed, and /readyz said
+    nothing of it, nor the log what to do."""
+    import httpx
+
+    from app import migrate
+
+    running = await start_service(checkpoint_every_s=0.1)
+    url = running.service.settings.sqlalchemy_url
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        assert (await http.get("/readyz")).json()["checkpoint"]["ok"] is True
+        migrate.downgrade(url)
+        js = nc.jetstream()
+        await js.publish("signals.app.opened", opened(1))
+
+        async def told() -> dict | None:
+            body = (await http.get("/readyz")).json()
+            return body if not body["checkpoint"]["ok"] else None
+
+        body = await eventually(told)
+        assert "no such table" in body["checkpoint"]["last_error"] and body["ready"] is True
+        assert any("run `tipstream migrate`" in r.getMessage() for r in caplog.records)
+        migrate.upgrade(url)
+        await eventually(lambda: running.service.checkpointer.last_error is None, timeout=30)
+        assert (await http.get("/readyz")).json()["checkpoint"]["ok"] is True
