@@ -121,8 +121,10 @@ class Service:
         started = time.perf_counter()
         await self._restore(target)
         await self._load_learning()
-        log.info("checkpoint restored: %d users (loading in the background), positions %s (%.2fs)",
-                 len(self.store.cold), self.store.positions, time.perf_counter() - started)
+        cold = len(self.store.cold)
+        log.info("checkpoint restored: %s, positions %s (%.2fs)",
+                 f"{cold} users (loading in the background)" if cold else "no users yet",
+                 self.store.positions, time.perf_counter() - started)
         if s.checkpoint_in_process:
             self.checkpoint_writer = CheckpointWriter(s.sqlalchemy_url)
         self.checkpointer = Checkpointer(self.store, target, s.checkpoint_every_events, s.checkpoint_every_s,

@@ -64,6 +64,8 @@ def _list(args: argparse.Namespace) -> int:
     for version, mv in registry.versions.items():
         role = registry.role(version) or "-"
         print(f"{version:<16} {mv.kind:<8} {role:<10} {models[version][1]:>16}  {mv.created_at.isoformat()}")
+    print("(rewards learned as of the models' last save to the database; the running service's GET /models "
+          "has them live)")
     return 0
 
 

@@ -247,7 +247,7 @@ async def test_the_cli_reads_the_database_and_changes_through_the_service(start_
         return code, out, err
 
     code, out, _ = await cli("models", "list")
-    assert code == 0 and "v1" in out and "champion" in out and "shadow" in out
+    assert code == 0 and "v1" in out and "champion" in out and "shadow" in out and "last save" in out
     code, out, _ = await cli("models", "card", "v1")
     assert code == 0 and out.startswith("# Model card: v1")
 
