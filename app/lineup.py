@@ -158,6 +158,9 @@ class Lineup:
             TipModel(**{**params, "kind": kind})
         except (TypeError, ValueError) as error:
             raise RegistryError(f"Model parameters are not valid: {error}", "invalid", "params") from error
+        ignored = _ignored_parameters(kind, params)
+        if ignored:
+            raise RegistryError(f"Model parameters are not valid: {ignored}", "invalid", "params")
         model, card, trained_on = await self._evaluated({**params, "kind": kind})
         mv = _version(version, model, card)
         await self._change(lambda reg: reg.register(mv, actor=actor, note=note), {version: model}, trained_on)
@@ -229,6 +232,31 @@ class Lineup:
         return [{"version": v, "kind": mv.kind, "role": self.registry.role(v),
                  "created_at": mv.created_at.isoformat(), "n_learned": self.models[v].n_learned}
                 for v, mv in self.registry.versions.items()]
+
+
+# Parameters a model of another kind (or optimizer) takes and this one would ignore: registered, a
+# logreg with n_factors=4 learned as any logreg and its card listed n_factors 4 as if it counted.
+FM_ONLY_PARAMETERS = ("n_factors", "seed", "latents")
+
+
+def _ignored_parameters(kind: str, params: dict[str, Any]) -> str:
+    """Why some given parameters would change nothing, or "".
+
+    >>> _ignored_parameters("logreg", {"n_factors": 4, "learning_rate": 0.1})
+    "n_factors applies only to kind 'fm' (this is a 'logreg'); leave it out or register with kind fm"
+    >>> _ignored_parameters("fm", {"optimizer": "sgd", "user_forgetting": 0.5})
+    "user_forgetting applies only to optimizer 'adagrad' (this one learns with 'sgd'); leave it out"
+    >>> _ignored_parameters("fm", {"n_factors": 4, "user_forgetting": 0.5})
+    ''
+    """
+    if kind != "fm":
+        given = [p for p in FM_ONLY_PARAMETERS if p in params]
+        if given:
+            return (f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to kind 'fm' (this is a "
+                    f"{kind!r}); leave {'it' if len(given) == 1 else 'them'} out or register with kind fm")
+    if "user_forgetting" in params and params.get("optimizer") == "sgd":
+        return "user_forgetting applies only to optimizer 'adagrad' (this one learns with 'sgd'); leave it out"
+    return ""
 
 
 def _version(version: str, model: TipModel, card: ModelCard | None = None) -> ModelVersion:

@@ -76,6 +76,12 @@ BAD_CHANGES: list[tuple[str, bytes, str]] = [
     ("/admin/models", b'{"version": "v3", "params": {"interactions": []}}', "interactions must list at least one pair"),
     # The body's kind (default logreg) replaced it: a logreg was registered, as asked for no fm.
     ("/admin/models", b'{"version": "v3", "params": {"kind": "fm"}}', "Unknown model parameter 'kind'"),
+    # Registered as asked, learned as any logreg (or SGD) does, and listed on its card as if it counted.
+    ("/admin/models", b'{"version": "v3", "params": {"n_factors": 4}}', "n_factors applies only to kind 'fm'"),
+    ("/admin/models", b'{"version": "v3", "kind": "logreg", "params": {"seed": 3, "latents": "all"}}',
+     "seed, latents apply only to kind 'fm'"),
+    ("/admin/models", b'{"version": "v3", "params": {"optimizer": "sgd", "user_forgetting": 0.5}}',
+     "user_forgetting applies only to optimizer 'adagrad'"),
     # PostgreSQL cannot store a NUL: a bare 500.
     ("/admin/models", b'{"version": "v3", "note": "a\\u0000b"}', "note: must not contain the NUL character"),
     ("/admin/models/v2/promote", b'{"actor": "\\u0000"}', "actor: must not contain the NUL character"),
