@@ -157,13 +157,23 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
     ...     "roc_auc": 0.7, "policy_value": {"as_shadow": {"decisions": 12, "logged_reward": 0.4,
     ...     "estimate": estimate, "champion_greedy": {**estimate, "snips": 0.45}}}}}}))
     v2 (fm): progressive validation over 40 rewards (rewarded tips of the logged decisions): log loss 0.6123, ROC AUC 0.7
-    as shadow, over 12 rewarded decisions (logged reward 0.4): its own first choices 0.5 [0.3, 0.7] (agreed 9, effective n 7.5, 2 left out: they could not have served its choice); the champion's 0.45
+    as shadow, over 12 rewarded decisions (logged reward 0.4): its own first choices 0.5 [0.3, 0.7] (agreed 9, effective n 7.5, 2 left out: not every tip could have been served there, as under explore: false or TIPSTREAM_POLICY=greedy); the champion's 0.45
     the whole card: tipstream models card v2
     >>> print(_card_summary("v1", {"offline_metrics": {"n": 1, "policy_value": {"as_champion": {"decisions": 1,
     ...     "logged_reward": 1.0, "greedy": {"snips": 1.0, "ci95": None, "agreed": 1, "effective_n": 1.0}}}}}))
-    v1: progressive validation over 1 rewards (rewarded tips of the logged decisions): log loss None, ROC AUC None
+    v1: progressive validation over 1 rewards (rewarded tips of the logged decisions): log loss n/a, ROC AUC n/a
     as champion, over 1 rewarded decisions (logged reward 1): its own first choices 1 (agreed 1, effective n 1, no interval: effective n under 30 or rewards all alike)
     the whole card: tipstream models card v1
+
+    A shadow is compared where every tip could have been served: under `explore: false` or the
+    greedy policy, nowhere, whether or not it agreed with the tip served.
+
+    >>> none = {"snips": None, "ci95": None, "agreed": 0, "effective_n": 0.0, "skipped_unsupported": 800}
+    >>> print(_card_summary("v2", {"offline_metrics": {"n": 800, "log_loss": 0.5, "roc_auc": 0.7, "policy_value": {
+    ...     "as_shadow": {"decisions": 800, "logged_reward": 0.71, "estimate": none, "champion_greedy": none}}}}))
+    v2: progressive validation over 800 rewards (rewarded tips of the logged decisions): log loss 0.5, ROC AUC 0.7
+    as shadow, over 800 rewarded decisions (logged reward 0.71): its own first choices n/a (agreed 0, effective n 0, 800 left out: not every tip could have been served there, as under explore: false or TIPSTREAM_POLICY=greedy); the champion's n/a
+    the whole card: tipstream models card v2
     """
     from models.offpolicy import MIN_EFFECTIVE_N
     from models.registry import CLI
@@ -192,7 +202,10 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
         if not interval and mine.get("snips") is not None:  # offpolicy gives none on too little: say why
             line += f", no interval: effective n under {MIN_EFFECTIVE_N} or rewards all alike"
         if mine.get("skipped_unsupported"):
-            line += f", {mine['skipped_unsupported']} left out: they could not have served its choice"
+            # As shadow, on the decisions where any tip could have been served (`evaluation.policy_value`).
+            why = ("not every tip could have been served there, as under explore: false or TIPSTREAM_POLICY=greedy"
+                   if role == "shadow" else "they could not have served its choice")
+            line += f", {mine['skipped_unsupported']} left out: {why}"
         line += ")"
         if other and found.get(other):
             line += f"; the champion's {_short(found[other].get('snips'))}"
@@ -202,6 +215,8 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
 
 
 def _short(value: Any) -> str:
+    if value is None:  # as the card writes it: "None" read as Python's, not as "no estimate"
+        return "n/a"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
