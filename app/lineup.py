@@ -24,7 +24,7 @@ from app import evaluation
 from app.embedded_nats import die_with_service
 from app.registry_store import RegistryStore
 from models.registry import ModelCard, ModelVersion, Registry, RegistryError
-from models.reward import PopularityPrior, TipModel
+from models.reward import KINDS, PopularityPrior, TipModel
 from models.validation import Diverged
 
 log = logging.getLogger("tipstream.models")
@@ -154,6 +154,8 @@ class Lineup:
             raise RegistryError(f"Unknown model parameter {', '.join(map(repr, unknown))}; known: "
                                 f"{', '.join(MODEL_PARAMETERS)}; the kind goes beside them (`kind`, the CLI's "
                                 "`--kind`).", "invalid", "params")
+        if kind not in KINDS:  # the body's own field, not one of its params
+            raise RegistryError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}", "invalid", "kind")
         try:
             TipModel(**{**params, "kind": kind})
         except (TypeError, ValueError) as error:

@@ -102,6 +102,14 @@ async def test_bad_changes_are_422_saying_why_and_change_nothing(start_service, 
     assert len(running.service.lineup.registry.history) == history
 
 
+async def test_an_unknown_kind_is_422_naming_the_kind_field(start_service, nc) -> None:
+    """It named `params`, which the body may not even have."""
+    running = await start_service(admin_token=TOKEN)
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        refused = await http.post("/admin/models", headers=AUTH, json={"version": "v2", "kind": "svm"})
+    assert refused.status_code == 422
+    assert refused.json() == {"error": "kind must be one of logreg, fm; got 'svm'", "field": "kind"}
+
 
 async def test_a_version_whose_model_overflows_on_the_log_is_422_not_500(start_service, nc) -> None:
     """A learning rate past what the weights can hold (1e308: a first step overflows) made the
