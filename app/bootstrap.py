@@ -130,6 +130,7 @@ class Service:
         self.checkpointer = Checkpointer(self.store, target, s.checkpoint_every_events, s.checkpoint_every_s,
                                          participants=[self.learner, self.decision_log], writer=self.checkpoint_writer,
                                          lock=self.lineup.snapshot_lock)
+        self.lineup.flush = self.checkpointer.checkpoint
         for spec in jsx.INGESTED_STREAMS:
             ingest = StreamIngest(
                 self.nc, js, spec, self.store, self.checkpointer, batch=s.ingest_batch,

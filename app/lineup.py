@@ -14,7 +14,7 @@ import inspect
 import logging
 import multiprocessing
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -49,6 +49,9 @@ class Lineup:
         # the checkpointer's lock (`Checkpointer.lock`), held while that snapshot is saved.
         self.participants: list[Any] = []
         self.snapshot_lock = asyncio.Lock()
+        # A checkpoint now (`Checkpointer.checkpoint`, set by the service): the rewards credited since
+        # the last one reach `tip_scores` before a card is made from it (`_evaluated`).
+        self.flush: Callable[[], Awaitable[Any]] | None = None
 
     # -- start -------------------------------------------------------------------------------
 
@@ -208,7 +211,17 @@ class Lineup:
         (SQLite, psycopg) with the GIL released for an instant, again and again, and CPython
         asks a thread for the GIL only when it has not changed hands for 5 ms: the event loop
         waited up to 1.2 s for it while an FM trained on 50k rewards of 20k users, and /score
-        with it. An in-memory SQLite database, which no other process can open, stays in a thread."""
+        with it. An in-memory SQLite database, which no other process can open, stays in a thread.
+
+        The log is checkpointed first: registered or evaluated within a checkpoint's interval of a
+        burst of feedback, a card read "no rewarded decisions in the log yet" (n 0) beside a
+        model that had learned them all."""
+        if self.flush is not None:
+            try:
+                await self.flush()
+            except Exception as error:  # noqa: BLE001 - the checkpointer retries; the card reads what SQL has
+                log.warning("a checkpoint before reading the log failed (%s); the card leaves out the rewards "
+                            "since the last one", error)
         url = self.engine.url
         if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
             return await asyncio.to_thread(evaluate_log, self.engine, self.eval_max_rewards, params, version)

@@ -111,6 +111,24 @@ async def test_an_unknown_kind_is_422_naming_the_kind_field(start_service, nc) -
     assert refused.json() == {"error": "kind must be one of logreg, fm; got 'svm'", "field": "kind"}
 
 
+async def test_a_card_made_right_after_feedback_counts_every_reward_learned(start_service, nc) -> None:
+    """The card read `tip_scores` as the last checkpoint left it: registered or evaluated within
+    TIPSTREAM_CHECKPOINT_EVERY_S of a burst of feedback, it said no rewarded decisions (n 0)
+    while the version had learned them all."""
+    running = await start_service(admin_token=TOKEN, checkpoint_every_s=600, bootstrap_shadow_kind="logreg")
+    service, js = running.service, nc.jetstream()
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        for i in range(3):
+            await score_and_act(http, js, i)
+        await eventually(lambda: service.learner.credited == 3)
+        registered = await http.post("/admin/models", headers=AUTH, json={"version": "v3"})
+        assert registered.status_code == 200, registered.text
+        assert registered.json()["card"]["offline_metrics"]["n"] == 3
+        evaluated = await http.post("/admin/models/v2/evaluate", headers=AUTH)
+        assert evaluated.status_code == 200, evaluated.text
+        assert evaluated.json()["offline_metrics"]["n"] == 3
+
+
 async def test_a_version_whose_model_overflows_on_the_log_is_422_not_500(start_service, nc) -> None:
     """A learning rate past what the weights can hold (1e308: a first step overflows) made the
     model score NaN, and the card's metrics failed on it: register and evaluate were 500s."""
