@@ -375,8 +375,11 @@ def _policy_value_lines(report: dict[str, Any] | None) -> list[str]:
         return []
     lines = ["", "## Policy value (off-policy, from the logged propensities)", "",
              ("Mean reward of the tip served first: as logged (with exploration), and estimated (self-normalised "
-              "inverse propensity scoring) had this version's own first choice been served. The estimate leaves "
-              "out decisions that could not have served that choice (propensity 0, e.g. `explore: false`). "
+              "inverse propensity scoring) had this version's own first choice been served, per decision that got "
+              "a reaction. As champion, the estimate leaves out decisions that could not have served its choice "
+              "(propensity 0, e.g. `explore: false`); as shadow, it and the champion's beside it leave out every "
+              "decision where not every tip could be served (`explore: false`, the greedy policy: under "
+              "TIPSTREAM_POLICY=greedy a shadow cannot be estimated). "
               f"No interval (n/a) with an effective n under {MIN_EFFECTIVE_N} or rewards all alike."), "",
              ("| as | decisions | logged reward | estimate | 95% interval | agreed | effective n | left out "
               "| champion's best, same decisions |"),
