@@ -22,6 +22,7 @@ from typing_extensions import TypedDict  # pydantic checks typing's own only fro
 
 from models.reward import INPUT_BOUND, INPUT_BOUND_TEXT
 from streams.events import EventTime
+from streams.features import BY_NAME as FEATURES_BY_NAME
 from streams.features import CONTEXT_FEATURES, FEATURE_NAMES
 
 MAX_CANDIDATES = 100
@@ -195,10 +196,15 @@ _PROFILE_NAMES = frozenset(FEATURE_NAMES)
 
 
 def _checked_profile(request: ScoreRequest) -> ScoreRequest:
-    for name in request.profile_features or ():
+    # In range, not just a number: the models scale each input by its running mean and spread,
+    # so one caller's milliseconds for seconds would shift that input for every user.
+    for name, value in (request.profile_features or {}).items():
         if name not in _PROFILE_NAMES:
             raise RequestError(f"profile_features.{name}",
                                f"unknown profile feature {name!r}; known: {', '.join(FEATURE_NAMES)}")
+        problem = FEATURES_BY_NAME[name].problem(value)
+        if problem is not None:
+            raise RequestError(f"profile_features.{name}", problem)
     return request
 
 

@@ -43,6 +43,25 @@ class Feature:
     fallback: int | float
     description: str
     window_days: int | None = None  # how far before `now` the value reads: where it stops being exact (see _cut_short)
+    high: float | None = None  # the largest value it can take; every feature is >= 0
+
+    @property
+    def valid(self) -> str:
+        """Its range, as docs/features.md shows it."""
+        whole = " (whole)" if self.dtype == "int" else ""
+        return (f">= 0{whole}" if self.high is None else f"0 to {self.high:g}{whole}")
+
+    def problem(self, value: float) -> str | None:
+        """Why `value` cannot be this feature's (a caller's `profile_features`), or None.
+
+        >>> BY_NAME["preferred_hour"].problem(14), BY_NAME["preferred_hour"].problem(24)
+        (None, 'must be 0 to 23 (whole), as the server computes it (docs/features.md); got 24')
+        >>> BY_NAME["seconds_since_active"].problem(-5), BY_NAME["open_tasks"].problem(2.5) is not None
+        ('must be >= 0, as the server computes it (docs/features.md); got -5', True)
+        """
+        if value < 0 or (self.high is not None and value > self.high) or (self.dtype == "int" and value != int(value)):
+            return f"must be {self.valid}, as the server computes it (docs/features.md); got {value!r}"
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +73,9 @@ class FeatureValue:
 
 
 def _f(name: str, dtype: Any, ttl_days: float | None, source: str, fallback: Any, description: str, freshness: Any = "batched",
-       window: int | None = None) -> Feature:
+       window: int | None = None, high: float | None = None) -> Feature:
     return Feature(name, dtype, freshness, None if ttl_days is None else ttl_days * 86_400, source, fallback, description,
-                   window)
+                   window, high)
 
 
 FEATURES: tuple[Feature, ...] = (
@@ -65,10 +84,10 @@ FEATURES: tuple[Feature, ...] = (
     _f("completion_rate_7d", "float", 7, "task.created, task.completed", 0.5,
        "`(tasks_completed_7d + 1) / (tasks_created_7d + 2)`.", window=7),
     _f("preferred_hour", "int", 28, "task.completed", 9,
-       "Local hour (0-23) with the most completions in 28 days; ties go to the earliest hour.", window=28),
+       "Local hour (0-23) with the most completions in 28 days; ties go to the earliest hour.", window=28, high=23),
     _f("tip_volume_24h", "int", 1, "tip.shown", 0, "Tips shown in the last 24 hours.", window=1),
     _f("tip_positive_rate_30d", "float", 30, "tip.reacted", 0.5,
-       "`(acted + liked + 1) / (reactions + 2)` over 30 days.", window=30),
+       "`(acted + liked + 1) / (reactions + 2)` over 30 days.", window=30, high=1),
     _f("seconds_since_active", "float", 30, "all signals", 30 * 86_400.0,
        "`now` minus the time of the latest signal at or before `now`."),
     _f("open_tasks", "int", 30, "task.created, task.completed, task.deleted", 0,
@@ -82,7 +101,7 @@ FEATURES: tuple[Feature, ...] = (
        "Consecutive local days (in the user's current offset) with any signal, ending today or yesterday; "
        "at most 32: the fold keeps the newest event's day and the 31 before it. A streak shorter than that, "
        "ended by a local day the fold holds only in part (at an earlier `now`; or, with an offset, the day "
-       "31 back from the newest), is a fallback: pruned events may have continued it."),
+       "31 back from the newest), is a fallback: pruned events may have continued it.", high=STREAK_CAP),
     _f("mean_hours_to_complete_28d", "float", 28, "task.created, task.completed", 24.0,
        "Mean hours from creation to completion, over completions in 28 days whose creation (the earliest) is in "
        "the last 30 days.", window=30),
@@ -90,14 +109,14 @@ FEATURES: tuple[Feature, ...] = (
        f"Sum over signals in 30 days of `0.5 ** (age_days / {ENGAGEMENT_HALF_LIFE_DAYS:g})`: half-life {ENGAGEMENT_HALF_LIFE_DAYS:g} days.", window=30),
     _f("app_opens_7d", "int", 7, "app.opened", 0, "App opens in the last 7 days.", window=7),
     _f("tip_dismiss_rate_30d", "float", 30, "tip.reacted", 0.5,
-       "`(dismissed + disliked + 1) / (reactions + 2)` over 30 days.", window=30),
+       "`(dismissed + disliked + 1) / (reactions + 2)` over 30 days.", window=30, high=1),
 )
 CONTEXT_FEATURES: tuple[Feature, ...] = (
     _f("hour_of_day", "int", None, "request: context.now in its own offset; without it, the server's clock in "
        "the offset of the user's newest event (UTC for a user with none)", 12,
-       "Local hour of the request.", freshness="jit"),
+       "Local hour of the request.", freshness="jit", high=23),
     _f("day_of_week", "int", None, "request: context.now in its own offset; without it, as `hour_of_day`", 0,
-       "Local weekday of the request, Monday = 0.", freshness="jit"),
+       "Local weekday of the request, Monday = 0.", freshness="jit", high=6),
     _f("context_task_count", "int", None, "request: context.tasks", 0,
        "Number of tasks in the request's task list.", freshness="jit"),
 )
@@ -433,11 +452,14 @@ def features_markdown() -> str:
         "feature takes its fallback, flagged `fallback` and not `fresh` (and /score takes the caller's",
         "`profile_features` value for it). At or after the newest event, every window is whole.",
         "",
-        "| name | dtype | freshness | TTL | source | fallback | description |",
-        "|---|---|---|---|---|---|---|",
+        "A caller's `profile_features` value outside a feature's range is refused (422).",
+        "",
+        "| name | dtype | range | freshness | TTL | source | fallback | description |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for f in FEATURES + CONTEXT_FEATURES:
         ttl = "-" if f.ttl_s is None else f"{f.ttl_s / 86_400:g} d"
-        lines.append(f"| `{f.name}` | {f.dtype} | {f.freshness} | {ttl} | {f.source} | {f.fallback} | {f.description} |")
+        lines.append(f"| `{f.name}` | {f.dtype} | {f.valid} | {f.freshness} | {ttl} | {f.source} | {f.fallback} | "
+                     f"{f.description} |")
     return "\n".join(lines) + "\n"
 

@@ -81,9 +81,33 @@ def test_numbers_that_are_not_finite_or_too_large_are_refused_with_the_bound(
 
 def test_numbers_at_the_bound_are_accepted() -> None:
     request = parse_request(b'{"user_id": "u", "candidates": [{"tip_id": "a", "features": {"len": 1e9, "n": -1000000000,'
-                            b' "ok": true, "t": "x"}}], "profile_features": {"preferred_hour": -1e9}}')
+                            b' "ok": true, "t": "x"}}], "profile_features": {"engagement_score": 1e9}}')
     assert request.candidates[0]["features"] == {"len": 1e9, "n": -1_000_000_000, "ok": True, "t": "x"}
-    assert request.profile_features == {"preferred_hour": -1e9}
+    assert request.profile_features == {"engagement_score": 1e9}
+
+
+@pytest.mark.parametrize(("features", "field", "problem"), [
+    ({"preferred_hour": 24}, "preferred_hour", "must be 0 to 23 (whole)"),
+    ({"preferred_hour": 9.5}, "preferred_hour", "must be 0 to 23 (whole)"),
+    ({"seconds_since_active": -5}, "seconds_since_active", "must be >= 0"),
+    ({"tip_positive_rate_30d": 1.5}, "tip_positive_rate_30d", "must be 0 to 1,"),
+    ({"open_tasks": 2.5}, "open_tasks", "must be >= 0 (whole)"),
+    ({"tasks_created_7d": 3, "active_day_streak": 40}, "active_day_streak", "must be 0 to 32 (whole)"),
+])
+def test_caller_profile_features_out_of_their_range_are_refused(features: dict, field: str, problem: str) -> None:
+    """Only checked to be numbers, a caller's milliseconds for seconds (or an hour of 1e9) reached
+    the models, which scale each input by its running mean and spread: for every user."""
+    body = {"user_id": "u", "candidates": [{"tip_id": "a"}], "profile_features": features}
+    with pytest.raises(RequestError) as error:
+        parse_request(orjson.dumps(body))
+    assert error.value.field == f"profile_features.{field}" and problem in error.value.message
+
+
+def test_caller_profile_features_at_the_ends_of_their_range_are_accepted() -> None:
+    edges = {"preferred_hour": 23, "seconds_since_active": 0, "tip_dismiss_rate_30d": 1.0, "open_tasks": 3.0,
+             "completion_rate_7d": 1.5}  # more completed than created in the week: above 1 is possible
+    request = parse_request(orjson.dumps({"user_id": "u", "candidates": [{"tip_id": "a"}], "profile_features": edges}))
+    assert request.profile_features == edges
 
 
 def _event(i: int, kind: str, ts: str, user: str = "u-1", **data: Any) -> Any:
