@@ -169,6 +169,7 @@ class _Evaluation:
         # Windows reaching before what the fold still holds (a `now` long before the newest
         # event): their features are unknown, and exact again from the `now` given.
         self.cut = dict(_cut_short(state, now))
+        self._unsourced = {kind for kind, stamps in self.stamps.items() if not len(stamps)}
 
     def latest(self, kind: str) -> int | None:
         hi = self.hi[kind]
@@ -192,8 +193,11 @@ class _Evaluation:
         return self.records[kind][name][: self.hi[kind]]
 
     def value(self, name: str) -> tuple[Any, bool]:
-        """(value, is a fallback)."""
-        if name in self.cut:
+        """(value, is a fallback). A feature whose source events the fold holds none of, at any
+        time, is unknown rather than 0: the app may not publish them (only feedback, say), and
+        the caller's `profile_features` value is then the one to use."""
+        unsourced = self._unsourced
+        if name in self.cut or (unsourced and unsourced >= _SOURCE_SETS[name]):
             return BY_NAME[name].fallback, True
         return getattr(self, name)()
 
@@ -324,10 +328,12 @@ class _Evaluation:
         return self.count("app.opened", 7), False
 
 
-_SOURCES: dict[str, tuple[str, ...]] = {
+# Each profile feature's event kinds (its `source`), as the fold names them.
+SOURCE_KINDS: dict[str, tuple[str, ...]] = {
     f.name: tuple(SIGNAL_KINDS) if f.source == "all signals" else tuple(s.strip() for s in f.source.split(","))
     for f in FEATURES
 }
+_SOURCE_SETS = {name: frozenset(kinds) for name, kinds in SOURCE_KINDS.items()}
 
 
 def evaluate(state: UserState | None, now_ms: int) -> dict[str, FeatureValue]:
@@ -344,7 +350,7 @@ def evaluate(state: UserState | None, now_ms: int) -> dict[str, FeatureValue]:
     values: dict[str, FeatureValue] = {}
     for feature in FEATURES:
         value, used_fallback = evaluation.value(feature.name)
-        stamps = [latest[k] for k in _SOURCES[feature.name] if latest[k] is not None]
+        stamps = [latest[k] for k in SOURCE_KINDS[feature.name] if latest[k] is not None]
         age_s = (now_ms - max(stamps)) / 1000 if stamps else None
         # A fallback is not the user's data, however recent their events: never fresh (docs/features.md).
         fresh = not used_fallback and age_s is not None and feature.ttl_s is not None and age_s <= feature.ttl_s
@@ -451,6 +457,8 @@ def features_markdown() -> str:
         "(`?at=`, `context.now`, a backfill), a window that reaches before that is not known whole: the",
         "feature takes its fallback, flagged `fallback` and not `fresh` (and /score takes the caller's",
         "`profile_features` value for it). At or after the newest event, every window is whole.",
+        "A feature whose source events the fold holds none of for the user (an app that publishes",
+        "feedback but no task events, say) is unknown too: its fallback, flagged, and the caller's value.",
         "",
         "A caller's `profile_features` value outside a feature's range is refused (422).",
         "",

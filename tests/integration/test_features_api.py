@@ -94,10 +94,12 @@ async def test_openapi_document_describes_every_route(start_service) -> None:
 async def test_a_past_at_flags_windows_reaching_before_what_the_fold_holds(start_service, nc) -> None:
     running = await start_service()
     js = nc.jetstream()
-    for d in range(60):  # one reaction a day for 60 days: the fold keeps the last 31
+    for d in range(60):  # a tip shown and its reaction a day for 60 days: the fold keeps the last 31
+        await js.publish("signals.tip.shown", orjson.dumps({
+            "id": f"s-{d}", "type": "tip.shown", "user_id": "bo", "ts": _day(d), "data": {"tip_id": "t"}}))
         await js.publish("feedback.tip.reacted", orjson.dumps({
             "id": f"p-{d}", "type": "tip.reacted", "user_id": "bo", "ts": _day(d), "data": {"tip_id": "t", "reaction": "acted" if d < 45 else "dismissed"}}))
-    await eventually(lambda: running.service.store.applied == 60)
+    await eventually(lambda: running.service.store.applied == 120)
 
     async with httpx.AsyncClient(base_url=running.base_url) as http:
         async def at(days_back: int) -> dict[str, Any]:

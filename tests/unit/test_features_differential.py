@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streams.events import parse_event
-from streams.features import FEATURE_NAMES, FEATURES, evaluate
+from streams.features import FEATURE_NAMES, FEATURES, SOURCE_KINDS, evaluate
 from streams.fold import UserState, apply
 from tests.unit.test_feature_reference import completion_hours
 
@@ -187,7 +187,9 @@ def check(state: UserState, raw: list[dict[str, Any]], now_ms: int) -> None:
     for name in FEATURE_NAMES:
         value, expected, feature = got[name], want[name], BY_NAME[name]
         where = (name, now - newest, value, expected)
-        if name == "active_day_streak":
+        if not any(len(state.records(kind)) for kind in SOURCE_KINDS[name]):
+            assert value.fallback, where  # none of its events held at all: unknown (the app may not publish them)
+        elif name == "active_day_streak":
             true_streak, (held_streak, stop_midnight) = expected
             # Unknown only while what the fold holds is short of the cap and was stopped by a day it
             # does not hold whole; at the cap, or stopped by a day held whole, it is the true one, capped.

@@ -318,7 +318,9 @@ def test_a_window_reaching_before_what_the_fold_holds_is_flagged_not_cut_short()
         apply(state, parse_event(orjson.dumps({"id": f"r{d}", "type": "tip.reacted", "user_id": "u", "ts": at.isoformat(),
                                                "data": {"tip_id": "t", "reaction": "acted" if d < 45 else "dismissed"}})))
     newest = state.newest_ms
-    no_tasks = {"preferred_hour", "mean_hours_to_complete_28d"}  # fallbacks for want of data, at any `now`
+    # Unknown at any `now`: no task or tip.shown event held (the app may not publish them).
+    no_tasks = {"tasks_created_7d", "tasks_completed_7d", "completion_rate_7d", "preferred_hour", "open_tasks",
+                "overdue_tasks", "postpone_rate_30d", "mean_hours_to_complete_28d", "tip_volume_24h"}
     assert {name for name, v in evaluate(state, newest).items() if v.fallback} == no_tasks
     assert snapshot(state, newest).fallbacks == no_tasks
     for days_back in (10, 20):

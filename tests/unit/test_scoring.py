@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -170,15 +170,30 @@ def test_caller_features_fill_only_fallbacks_and_context_uses_the_users_offset(l
     store = OnlineStore()
     hour_ago = datetime.now(timezone(timedelta(hours=-5))) - timedelta(hours=1)
     store.apply(_event(1, "task.completed", hour_ago.isoformat(), task_id="t-1"))
+    store.apply(_event(2, "tip.shown", (hour_ago - timedelta(days=2)).isoformat(), tip_id="a"))
     scorer = Scorer(store, lineup, make_policy("greedy"), random.Random(0), feature_cache_users=0)
     caller = {"preferred_hour": (hour_ago.hour + 3) % 24, "mean_hours_to_complete_28d": 2.0, "tip_volume_24h": 9}
     scored = scorer.score(_request(now=None, profile_features=caller))
     features = scored.response["features"]
+    # None shown in the last day, and the server holds the one shown before: 0 is known.
     assert features["preferred_hour"] == hour_ago.hour and features["tip_volume_24h"] == 0, "the server's values win"
     assert features["mean_hours_to_complete_28d"] == 2.0
     assert scored.response["caller_features"] == ["mean_hours_to_complete_28d"]
     assert features["utc_offset_min"] == -300, "no context.now: the user's own offset"
     assert features["is_new_user"] is True
+
+
+def test_caller_features_fill_what_the_app_never_sent_the_server(lineup: Lineup) -> None:
+    """An app that publishes only feedback: after a user's first reaction, the server's task counts
+    read 0, as if known, and the caller's were dropped."""
+    store = OnlineStore()
+    store.apply(_event(1, "tip.reacted", datetime.now(UTC).isoformat(), tip_id="a", reaction="liked"))
+    scorer = Scorer(store, lineup, make_policy("greedy"), random.Random(0), feature_cache_users=0)
+    caller = {"tasks_created_7d": 10, "tip_positive_rate_30d": 0.9}
+    scored = scorer.score(_request(now=None, profile_features=caller))
+    assert scored.response["features"]["tasks_created_7d"] == 10
+    assert scored.response["features"]["tip_positive_rate_30d"] == 2 / 3, "a reaction is held: the server's rate"
+    assert scored.response["caller_features"] == ["tasks_created_7d"]
 
 
 def test_decision_times_are_written_as_datetime_would() -> None:
