@@ -106,9 +106,16 @@ def _database_error(error: Any, settings: Settings) -> StartupError:
 
 
 def _jetstream_error(error: Any, settings: Settings) -> StartupError:
+    from nats.js.errors import ServiceUnavailableError
+
     from streams.jetstream import ALL_STREAMS
 
     where = f"{settings.nats_url} (NATS_URL)" if settings.nats_url else "the embedded nats-server"
+    if isinstance(error, ServiceUnavailableError) and error.description is None:
+        # nats-py's answer to "no responders": nothing serves the JetStream API (it read "None (error None)").
+        return StartupError(f"NATS at {where} does not serve JetStream, which tipstream's streams need: start it "
+                            "with JetStream (`nats-server -js`, or `jetstream {}` in its config) for this account, "
+                            "or unset NATS_URL to run an embedded one.")
     message = f"JetStream at {where} refused tipstream's start: {error.description} (error {error.err_code})."
     if error.err_code == 10065:  # subjects overlap with an existing stream
         streams = ", ".join(f"{spec.name} ({' '.join(spec.subjects)})" for spec in ALL_STREAMS)

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.embedded_nats import nats_server_binary
 from tests.conftest import POSTGRES_ADMIN_URL, NatsServer, _postgres_reachable, free_port
 from tests.e2e.support import TIPSTREAM, ServiceProcess, wait_until
 
@@ -123,3 +124,27 @@ async def test_a_stream_taking_tipstream_s_subjects_is_a_message(tmp_path: Path,
     done = run(tmp_path, NATS_URL=nats_server.url)
     assert_one_message(done, f"JetStream at {nats_server.url} (NATS_URL) refused", "subjects overlap",
                        "SIGNALS (signals.>)", "`nats stream ls`")
+
+
+def test_a_nats_server_without_jetstream_is_a_message_saying_so(tmp_path: Path) -> None:
+    """nats-py answers "no responders" with an APIError of neither description nor code: the
+    message read "refused tipstream's start: None (error None)"."""
+    port = free_port()
+    server = subprocess.Popen([nats_server_binary(), "-a", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def listening() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            except OSError:
+                return False
+            return True
+
+        wait_until(listening, timeout=10, what="nats-server without JetStream")
+        done = run(tmp_path, NATS_URL=f"nats://127.0.0.1:{port}")
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert_one_message(done, f"NATS at nats://127.0.0.1:{port} (NATS_URL) does not serve JetStream",
+                       "nats-server -js", "unset NATS_URL")
+    assert "None" not in done.stderr.splitlines()[-1]
