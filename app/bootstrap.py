@@ -44,7 +44,7 @@ from app.offline import OfflineFeatureWriter
 from app.registry_store import RegistryStore
 from app.scoring import Scorer
 from app.settings import Settings
-from app.startup import StartupError
+from app.startup import StartupError, shown_url
 from models.policy import make_policy
 from streams import jetstream as jsx
 from streams.store import OnlineStore
@@ -165,7 +165,7 @@ class Service:
             cause = self._connect_error or "no answer"
             if self.embedded is None:
                 raise StartupError(
-                    f"Cannot reach NATS at {self.nats_url} (NATS_URL) within {timeout:g} s: {cause}. Start NATS "
+                    f"Cannot reach NATS at {shown_url(self.nats_url)} (NATS_URL) within {timeout:g} s: {cause}. Start NATS "
                     "there (with JetStream: `nats-server -js`), or unset NATS_URL to run an embedded one; "
                     "TIPSTREAM_NATS_CONNECT_TIMEOUT_S sets how long to wait.") from None
             raise StartupError(
@@ -349,7 +349,7 @@ class Service:
     async def _on_error(self, error: Exception) -> None:
         if self.nc is None:  # the first connection: one line, and the last error for _connect's message
             if self._connect_error is None:
-                log.warning("waiting for NATS at %s (%s); trying for %g s", self.nats_url, error,
+                log.warning("waiting for NATS at %s (%s); trying for %g s", shown_url(self.nats_url), error,
                             self.settings.nats_connect_timeout_s)
             self._connect_error = error
             return

@@ -7,6 +7,7 @@ import asyncio
 import errno
 import fcntl
 import os
+import re
 import signal
 import socket
 from pathlib import Path
@@ -23,6 +24,18 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 class StartupError(RuntimeError):
     """A start that cannot go on: the message names what failed, the setting and the fix."""
+
+
+def shown_url(url: str) -> str:
+    """`url` for a message or the log: without the password or token it may carry, as the
+    database's is left out.
+
+    >>> shown_url("nats://tipstream:hunter2@nats.internal:4222"), shown_url("nats://s3cret@h:4222")
+    ('nats://tipstream:***@nats.internal:4222', 'nats://***@h:4222')
+    >>> shown_url("nats://127.0.0.1:4222")
+    'nats://127.0.0.1:4222'
+    """
+    return re.sub(r"(?<=://)([^/@:]*:)?[^/@]*@", lambda found: f"{found.group(1) or ''}***@", url)
 
 
 def hold_data_dir(data_dir: Path) -> int:
@@ -110,7 +123,7 @@ def _jetstream_error(error: Any, settings: Settings) -> StartupError:
 
     from streams.jetstream import ALL_STREAMS
 
-    where = f"{settings.nats_url} (NATS_URL)" if settings.nats_url else "the embedded nats-server"
+    where = f"{shown_url(settings.nats_url)} (NATS_URL)" if settings.nats_url else "the embedded nats-server"
     if isinstance(error, ServiceUnavailableError) and error.description is None:
         # nats-py's answer to "no responders": nothing serves the JetStream API (it read "None (error None)").
         return StartupError(f"NATS at {where} does not serve JetStream, which tipstream's streams need: start it "

@@ -148,3 +148,13 @@ def test_a_nats_server_without_jetstream_is_a_message_saying_so(tmp_path: Path) 
     assert_one_message(done, f"NATS at nats://127.0.0.1:{port} (NATS_URL) does not serve JetStream",
                        "nats-server -js", "unset NATS_URL")
     assert "None" not in done.stderr.splitlines()[-1]
+
+
+def test_nats_credentials_stay_out_of_the_start_up_message_and_log(tmp_path: Path) -> None:
+    """NATS_URL may carry a user's password or a token, as DATABASE_URL may: the database's was
+    left out of every message, NATS's was written to stderr and the log."""
+    port = free_port()
+    done = run(tmp_path, NATS_URL=f"nats://tipstream:hunter2@127.0.0.1:{port}", TIPSTREAM_NATS_CONNECT_TIMEOUT_S="1")
+    assert_one_message(done, f"Cannot reach NATS at nats://tipstream:***@127.0.0.1:{port} (NATS_URL)")
+    assert "waiting for NATS at nats://tipstream:***@" in done.stderr
+    assert "hunter2" not in done.stderr + done.stdout
