@@ -181,7 +181,6 @@ class Checkpointer:
                 raise
             except Exception as error:  # noqa: BLE001 - any database error is retried
                 self.failures += 1
-                self.last_error = f"{type(error).__name__}: {error}".splitlines()[0]
                 METRICS.checkpoint_failures.inc()
                 log.warning("checkpoint failed (%s); retrying in %.1fs, or once the database answers again. Events "
                             "are safe in the streams.%s", error, backoff, _fix_for(error))
@@ -189,7 +188,8 @@ class Checkpointer:
                 backoff = min(backoff * 2, self.retry_max_s)
 
     def health(self) -> dict[str, Any]:
-        """For /readyz: whether the last checkpoint succeeded, and how long ago one did."""
+        """For /readyz: whether the last checkpoint succeeded, and how long ago one did (or found
+        nothing to save: an idle service is not behind)."""
         return {"ok": self.last_error is None, "last_error": self.last_error,
                 "since_last_ok_s": round(time.monotonic() - self.last_ok, 1)}
 
@@ -209,13 +209,18 @@ class Checkpointer:
     async def checkpoint(self) -> bool:
         """One checkpoint; False when nothing changed since the last."""
         async with self.lock:
-            return await self._checkpoint()
+            try:
+                return await self._checkpoint()
+            except Exception as error:  # also those asked for outside `run` (before a card reads the log)
+                self.last_error = f"{type(error).__name__}: {error}".splitlines()[0]
+                raise
 
     async def _checkpoint(self) -> bool:
         applied = self.store.applied
         positions, users = self.store.begin_checkpoint()
         extras = [(p, p.snapshot()) for p in self.participants]
         if not users and positions == self._saved_positions and all(snap is None for _, snap in extras):
+            self.last_ok, self.last_error = time.monotonic(), None  # in step with the database: as good as a save
             return False
         started = time.perf_counter()
         try:

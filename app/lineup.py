@@ -189,6 +189,8 @@ class Lineup:
                 f"cannot {doing}. Retire it and register a version with a smaller learning_rate.")
 
     async def rollback(self, actor: str, note: str = "") -> str:
+        if self.registry.previous_champions:  # none: the registry says so itself
+            self._refuse_diverged(self.registry.previous_champions[-1], "be rolled back to")
         return await self._change(lambda reg: reg.rollback(actor=actor, note=note))
 
     async def retire(self, version: str, actor: str, note: str = "") -> None:

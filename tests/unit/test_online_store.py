@@ -68,12 +68,16 @@ async def test_a_failed_checkpoint_hands_its_users_back_for_the_next_one() -> No
     with pytest.raises(ConnectionError):
         await checkpointer.checkpoint()
     assert store.dirty_count == 1 and checkpointer.uncheckpointed == 1
+    # /readyz tells it, also for a checkpoint asked for outside the loop (before a card reads the log).
+    assert checkpointer.health()["ok"] is False and checkpointer.health()["last_error"] == "ConnectionError: database away"
     store.apply(opened(2, "b"))
     store.advance("SIGNALS", 2)
     assert await checkpointer.checkpoint()
     assert target.positions == {"SIGNALS": 2} and set(target.states) == {"a", "b"}
-    assert checkpointer.uncheckpointed == 0
+    assert checkpointer.uncheckpointed == 0 and checkpointer.health()["ok"] is True
+    saved_at = checkpointer.last_ok
     assert not await checkpointer.checkpoint(), "nothing changed: nothing written"
+    assert checkpointer.last_ok > saved_at, "in step with the database: an idle service is not behind"
 
 
 def test_run_loop_retries_until_the_database_is_back() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import math
 import random
 import threading
 import time
@@ -31,6 +32,7 @@ from app.score_request import parse_request
 from app.scoring import Scorer
 from app.settings import DEFAULT_REWARDS
 from models.policy import make_policy
+from models.registry import RegistryError
 from streams.events import parse_event
 from streams.store import OnlineStore
 
@@ -1003,3 +1005,13 @@ def test_a_reaction_waiting_again_is_not_expired_by_its_earlier_wait(world: Worl
     world.learner.expire()
     assert delta(before) == {"waiting": 1, "unknown_decision": 1} and not world.learner.waiting.by_decision
     assert not world.learner.waiting._buckets and len(world.learner.waiting) == 0
+
+
+def test_a_rollback_to_a_champion_that_diverged_since_is_refused(world: World) -> None:
+    """promote and shadow refused a diverged version; a rollback restored one, and /score ranked
+    by the prior."""
+    asyncio.run(world.lineup.promote("v2", "ops"))
+    world.lineup.models["v1"].classifier.intercept = math.nan  # as a step that overflowed leaves it
+    with pytest.raises(RegistryError, match="v1.*diverged"):
+        asyncio.run(world.lineup.rollback("ops"))
+    assert world.lineup.champion_version == "v2" and world.lineup.registry.previous_champions == ["v1"]
