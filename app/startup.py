@@ -138,35 +138,64 @@ def _jetstream_error(error: Any, settings: Settings) -> StartupError:
     return StartupError(message)
 
 
-async def start(service: Service) -> int | None:
+class Stopper:
+    """SIGINT and SIGTERM, from the start of `tipstream run` to its end: what was received, and
+    what it stops (the start while it runs, the server once it serves).
+
+    One handler throughout, so no signal falls between two: one that came as the start ended
+    was run after the start's handler had gone and was lost (the service went on to serve), and
+    one between that and uvicorn's own ended the process with no last checkpoint. uvicorn puts
+    this handler back after serving and raises the signal it caught again; Python's default for
+    SIGINT then ended the process with a KeyboardInterrupt traceback.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.starting: asyncio.Future[Any] | None = None
+        self.server: Any = None  # uvicorn.Server, once there is one
+
+    def __call__(self, sig: int, frame: Any = None) -> None:
+        self.received.append(sig)
+        if self.starting is not None:
+            self.starting.cancel()
+        if self.server is not None:
+            self.server.should_exit = True
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's code for a process ended by the first signal, else 0."""
+        return 128 + self.received[0] if self.received else 0
+
+
+async def start(service: Service, stopper: Stopper | None = None) -> int | None:
     """Start the service; on SIGINT or SIGTERM meanwhile, stop what has started and return the signal.
 
     uvicorn's own signal handlers come with the server, after the start: until then a signal
     waited for the start to end, and waiting for NATS can last. A failed start is stopped too
     (the embedded nats-server, connections) and raised as a StartupError when the operator can
-    fix it.
+    fix it. Started, the handlers stay (`Stopper`): a signal that comes as the start ends is
+    handled once the loop reads it, and stops the server `serve` starts.
     """
     loop = asyncio.get_running_loop()
-    starting = asyncio.ensure_future(service.start())
-    received: list[int] = []
-
-    def stop(sig: int) -> None:
-        received.append(sig)
-        starting.cancel()
-
+    stopper = stopper or Stopper()
+    starting = stopper.starting = asyncio.ensure_future(service.start())
     for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, stop, sig)
+        loop.add_signal_handler(sig, stopper, sig)
     try:
         await starting
-        return None
     except BaseException as error:  # noqa: BLE001 - stopped below, then raised again
         failed = error
-    finally:
-        for sig in STOP_SIGNALS:  # a second signal while stopping ends the process at once
-            loop.remove_signal_handler(sig)
+    else:
+        # The handlers stay: one whose signal came as the start ended runs later, and stops the server.
+        stopper.starting = None
+        if not stopper.received:
+            return None
+        failed = asyncio.CancelledError()
+    for sig in STOP_SIGNALS:  # a second signal while stopping ends the process at once
+        loop.remove_signal_handler(sig)
     await service.stop()
-    if received and starting.cancelled():
-        return received[0]
+    if stopper.received:
+        return stopper.received[0]
     raise explain(failed, service.settings) or failed
 
 
@@ -181,7 +210,8 @@ async def serve(settings: Settings, sock: socket.socket, demo_rate: float) -> in
         service = Service(settings)  # the database engine: a URL of no known kind fails here
     except Exception as error:  # noqa: BLE001 - raised again, as a message where the operator can fix it
         raise explain(error, settings) or error from None
-    stopped_by = await start(service)
+    stopper = Stopper()
+    stopped_by = await start(service, stopper)
     if stopped_by is not None:
         return 128 + stopped_by  # the shell's code for a process ended by that signal
     port = sock.getsockname()[1]
@@ -200,10 +230,15 @@ async def serve(settings: Settings, sock: socket.socket, demo_rate: float) -> in
                 print(line, flush=True)
 
     server = Server(config)
+    stopper.server = server
+    for sig in STOP_SIGNALS:  # Python's handler now, which uvicorn keeps and puts back (`Stopper`)
+        signal.signal(sig, stopper)
+    if stopper.received:  # came between the start and here: serve nothing, stop as on a signal
+        server.should_exit = True
     if demo_rate:
         from app.demo import attach_demo
 
         attach_demo(app, rate=demo_rate, stopping=lambda: server.should_exit, port=port)
     await server.serve(sockets=[sock])
-    return 0
+    return stopper.exit_code
 

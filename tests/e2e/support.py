@@ -80,12 +80,13 @@ class ServiceProcess:
         self.process.wait(10)
 
     def stop(self) -> bool:
-        """SIGTERM and wait; True when it shut down cleanly (uvicorn re-raises the signal after shutdown)."""
+        """SIGTERM and wait; True when it shut down cleanly: exit code 128 + SIGTERM, as a shell
+        reports a process the signal ended, and no traceback."""
         assert self.process is not None
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             self.process.wait(30)
-        return self.process.returncode in (0, -signal.SIGTERM) and "Traceback" not in self.log()
+        return self.process.returncode == 128 + signal.SIGTERM and "Traceback" not in self.log()
 
     def log(self) -> str:
         path = self.data_dir / "service.log"

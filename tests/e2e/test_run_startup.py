@@ -158,3 +158,15 @@ def test_nats_credentials_stay_out_of_the_start_up_message_and_log(tmp_path: Pat
     assert_one_message(done, f"Cannot reach NATS at nats://tipstream:***@127.0.0.1:{port} (NATS_URL)")
     assert "waiting for NATS at nats://tipstream:***@" in done.stderr
     assert "hunter2" not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_a_running_service_stops_it_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
+    """uvicorn raises the signal it caught again once it has stopped; Python's default for SIGINT
+    then ended Ctrl-C with a KeyboardInterrupt traceback (exit -2)."""
+    service = ServiceProcess(tmp_path / "data", env={"TIPSTREAM_PORT": "0"}).start_on_printed_port()
+    assert service.process is not None
+    service.process.send_signal(sig)
+    assert service.process.wait(30) == 128 + sig, service.log()
+    assert "Traceback" not in service.log() and "KeyboardInterrupt" not in service.log()
+    assert "embedded nats-server stopped" in service.log()
