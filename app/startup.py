@@ -91,6 +91,11 @@ def explain(error: BaseException, settings: Settings) -> StartupError | None:
     traceback is the useful report)."""
     if isinstance(error, StartupError):
         return error
+    from app.embedded_nats import EmbeddedNatsError
+
+    if isinstance(error, EmbeddedNatsError):
+        return StartupError(f"{str(error)[:1].upper()}{str(error)[1:]}. Or set NATS_URL to a NATS server with "
+                            "JetStream, and tipstream uses it instead of starting its own.")
     from nats.js.errors import APIError
     from sqlalchemy.exc import ArgumentError, DBAPIError
 
@@ -208,6 +213,10 @@ async def serve(settings: Settings, sock: socket.socket, demo_rate: float) -> in
 
     try:
         service = Service(settings)  # the database engine: a URL of no known kind fails here
+    except ValueError as error:  # SQLAlchemy's parse of the URL, e.g. a port that is not a number
+        raise StartupError(f"DATABASE_URL cannot be read ({error}). Write it as "
+                           "`postgresql+psycopg://user:password@host:5432/database`, or unset it for SQLite under "
+                           "TIPSTREAM_DATA_DIR.") from None
     except Exception as error:  # noqa: BLE001 - raised again, as a message where the operator can fix it
         raise explain(error, settings) or error from None
     stopper = Stopper()

@@ -118,6 +118,13 @@ def test_a_database_url_of_no_known_kind_is_a_message_without_its_password(tmp_p
     assert "hunter2" not in done.stderr
 
 
+def test_a_database_url_with_a_port_that_is_not_a_number_is_a_message(tmp_path: Path) -> None:
+    """SQLAlchemy's ValueError ended the start with a traceback."""
+    done = run(tmp_path, DATABASE_URL="postgresql+psycopg://tipstream:hunter2@127.0.0.1:notaport/tipstream")
+    assert_one_message(done, "DATABASE_URL cannot be read", "'notaport'", "host:5432")
+    assert "hunter2" not in done.stderr
+
+
 async def test_a_stream_taking_tipstream_s_subjects_is_a_message(tmp_path: Path, nats_server: NatsServer,
                                                                  nc: object) -> None:
     await nc.jetstream().add_stream(name="SOMEONE_ELSES", subjects=["signals.>"])  # type: ignore[attr-defined]

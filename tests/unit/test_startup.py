@@ -45,3 +45,13 @@ async def test_a_signal_that_comes_as_the_start_ends_stops_the_server() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     assert stopper.received[:1] == [signal.SIGTERM] and stopper.exit_code == 128 + signal.SIGTERM
+
+
+def test_an_embedded_nats_server_that_cannot_start_is_a_message_with_the_way_out() -> None:
+    from app.embedded_nats import EmbeddedNatsError
+    from app.startup import explain
+
+    told = explain(EmbeddedNatsError("the embedded nats-server exited with code 1; see data/nats/nats-server.log"),
+                   SimpleNamespace())
+    assert told is not None and str(told).startswith("The embedded nats-server exited with code 1; see data/nats")
+    assert "set NATS_URL" in str(told)
