@@ -206,19 +206,10 @@ class Service:
         what others publish; start publishing decisions."""
         assert self.nc is not None and self.checkpointer is not None
         s = self.settings
-        add_logged = self.learner.add_logged
-        # Decisions go to the learner, not the fold, whose counts the ingest reports: counted here.
-        joined, ignored = METRICS.ingested.labels(jsx.DECISIONS.name), METRICS.ignored.labels(jsx.DECISIONS.name)
-
-        def read_back(logged: Any) -> bool:
-            taken = add_logged(logged)
-            (joined if taken else ignored).inc()
-            return taken
-
         ingest = StreamIngest(
             self.nc, js, jsx.DECISIONS, self.store, self.checkpointer, batch=s.ingest_batch,
             max_event_bytes=max(s.max_event_bytes, s.score_max_body_bytes * 4),
-            max_uncheckpointed=s.max_uncheckpointed_events, decode=decode_decision, sink=read_back,
+            max_uncheckpointed=s.max_uncheckpointed_events, decode=decode_decision, sink=self.learner.add_logged,
             dead_lettered_upto=self._checkpointed.get(jsx.DECISIONS.name, 0), read=self.decisions_read,
         )
         await ingest.start()

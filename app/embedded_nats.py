@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("tipstream.nats")
+# In the data directory while the embedded server runs: where `tipstream simulate` finds it.
+URL_FILE = "nats.url"
 
 
 class EmbeddedNatsError(RuntimeError):
     """The embedded nats-server could not be started; the message says where to look."""
-# In the data directory while the embedded server runs: where `tipstream simulate` finds it.
-URL_FILE = "nats.url"
 
 
 def nats_server_binary() -> str:

@@ -86,8 +86,9 @@ class StreamIngest:
                  sink: Callable[..., bool] | None = None, sink_reply: bool = False,
                  dead_lettered_upto: int = 0, read: ReadUpTo | None = None, after: ReadUpTo | None = None) -> None:
         self.nc, self.js, self.spec, self.store, self.checkpointer = nc, js, spec, store, checkpointer
-        # decode: bytes to an event or a Rejection; sink: folds it (the online store, or the
-        # learner wrapping it for feedback). `sink_reply`: the sink also takes the message's ack
+        # decode: bytes to an event or a Rejection; sink: folds it (the online store, the learner
+        # wrapping it for feedback, the learner's join cache for decisions) and says whether it
+        # was new: the applied and ignored counts are its answers. `sink_reply`: the sink also takes the message's ack
         # subject, which says when JetStream stored it (the learner stamps rewards with that).
         self.decode, self.sink, self.sink_reply = decode, sink or store.apply, sink_reply
         self.batch, self.max_event_bytes, self.max_uncheckpointed = batch, max_event_bytes, max_uncheckpointed
@@ -229,7 +230,7 @@ class StreamIngest:
 
     async def process(self, chunk: list[jsx.RawMsg]) -> None:
         store, rejected = self.store, []
-        applied_before, ignored_before = store.applied, store.ignored
+        taken = handed = 0  # the sink's answers: applied (True) or ignored, whatever the sink folds into
         limit, decode, sink, sink_reply = self.max_event_bytes, self.decode, self.sink, self.sink_reply
         future_ms = None if self.max_future is None else int(self.max_future.total_seconds() * 1000)
         if future_ms is not None:
@@ -247,14 +248,16 @@ class StreamIngest:
                 rejected.append((msg, event))
             else:
                 try:
-                    sink(event, reply) if sink_reply else sink(event)
+                    taken += sink(event, reply) if sink_reply else sink(event)
+                    handed += 1
                 except FutureEvent:
                     assert future_ms is not None
                     own_limit = jsx.stored_ms(reply) + future_ms  # stored after the chunk's first
                     if own_limit > store.max_ts_ms:
                         store.max_ts_ms = own_limit  # a bound for the rest of the chunk too
                         try:
-                            sink(event, reply) if sink_reply else sink(event)
+                            taken += sink(event, reply) if sink_reply else sink(event)
+                            handed += 1
                             continue
                         except FutureEvent:
                             pass
@@ -286,8 +289,8 @@ class StreamIngest:
             await self.nc.publish(last_reply.decode(), b"+ACK")
         except Exception:  # noqa: BLE001, S110 - acks are advisory; the checkpoint decides
             pass
-        self._applied.inc(store.applied - applied_before)
-        self._ignored.inc(store.ignored - ignored_before)
+        self._applied.inc(taken)
+        self._ignored.inc(handed - taken)
         self._lag.set(pending)
         self.checkpointer.nudge()
 

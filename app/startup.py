@@ -172,7 +172,7 @@ class Stopper:
         return 128 + self.received[0] if self.received else 0
 
 
-async def start(service: Service, stopper: Stopper | None = None) -> int | None:
+async def start(service: Service, stopper: Stopper) -> int | None:
     """Start the service; on SIGINT or SIGTERM meanwhile, stop what has started and return the signal.
 
     uvicorn's own signal handlers come with the server, after the start: until then a signal
@@ -182,7 +182,6 @@ async def start(service: Service, stopper: Stopper | None = None) -> int | None:
     handled once the loop reads it, and stops the server `serve` starts.
     """
     loop = asyncio.get_running_loop()
-    stopper = stopper or Stopper()
     starting = stopper.starting = asyncio.ensure_future(service.start())
     for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stopper, sig)
@@ -220,9 +219,8 @@ async def serve(settings: Settings, sock: socket.socket, demo_rate: float) -> in
     except Exception as error:  # noqa: BLE001 - raised again, as a message where the operator can fix it
         raise explain(error, settings) or error from None
     stopper = Stopper()
-    stopped_by = await start(service, stopper)
-    if stopped_by is not None:
-        return 128 + stopped_by  # the shell's code for a process ended by that signal
+    if await start(service, stopper) is not None:
+        return stopper.exit_code
     port = sock.getsockname()[1]
     app = create_app(settings, service, started=True)
     # access_log off: uvicorn formats each line's arguments (path quoting included) before the
@@ -250,4 +248,3 @@ async def serve(settings: Settings, sock: socket.socket, demo_rate: float) -> in
         attach_demo(app, rate=demo_rate, stopping=lambda: server.should_exit, port=port)
     await server.serve(sockets=[sock])
     return stopper.exit_code
-

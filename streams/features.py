@@ -197,7 +197,7 @@ class _Evaluation:
         time, is unknown rather than 0: the app may not publish them (only feedback, say), and
         the caller's `profile_features` value is then the one to use."""
         unsourced = self._unsourced
-        if name in self.cut or (unsourced and unsourced >= _SOURCE_SETS[name]):
+        if name in self.cut or (unsourced and unsourced >= SOURCE_KINDS[name]):
             return BY_NAME[name].fallback, True
         return getattr(self, name)()
 
@@ -329,11 +329,10 @@ class _Evaluation:
 
 
 # Each profile feature's event kinds (its `source`), as the fold names them.
-SOURCE_KINDS: dict[str, tuple[str, ...]] = {
-    f.name: tuple(SIGNAL_KINDS) if f.source == "all signals" else tuple(s.strip() for s in f.source.split(","))
+SOURCE_KINDS: dict[str, frozenset[str]] = {
+    f.name: frozenset(SIGNAL_KINDS) if f.source == "all signals" else frozenset(s.strip() for s in f.source.split(","))
     for f in FEATURES
 }
-_SOURCE_SETS = {name: frozenset(kinds) for name, kinds in SOURCE_KINDS.items()}
 
 
 def evaluate(state: UserState | None, now_ms: int) -> dict[str, FeatureValue]:
