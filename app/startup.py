@@ -61,6 +61,12 @@ def hold_data_dir(data_dir: Path) -> int:
             f"The data directory {data_dir.resolve()} is in use by another tipstream"
             f"{f' (pid {holder})' if holder.isdigit() else ''}: two would share its NATS store and database. "
             "Stop that one, or set TIPSTREAM_DATA_DIR to another directory.") from None
+    except OSError as error:  # ENOLCK or EOPNOTSUPP: a network file system without locks
+        os.close(fd)
+        raise StartupError(
+            f"Cannot lock the data directory {data_dir.resolve()} (TIPSTREAM_DATA_DIR): {error.strerror}. Its file "
+            "system does not take locks (NFS without a lock daemon does not); set TIPSTREAM_DATA_DIR to a "
+            "directory on a local disk.") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd

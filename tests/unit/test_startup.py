@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import os
 import signal
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from app.startup import Stopper, start
+import pytest
+
+from app.startup import StartupError, Stopper, hold_data_dir, start
 
 
 class EndsWithASignal:
@@ -55,3 +60,17 @@ def test_an_embedded_nats_server_that_cannot_start_is_a_message_with_the_way_out
                    SimpleNamespace())
     assert told is not None and str(told).startswith("The embedded nats-server exited with code 1; see data/nats")
     assert "set NATS_URL" in str(told)
+
+
+def test_a_data_directory_whose_file_system_takes_no_locks_is_a_message_with_the_way_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    opened_before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(StartupError) as refused:
+        hold_data_dir(tmp_path)
+    assert "Cannot lock the data directory" in str(refused.value)
+    assert "No locks available" in str(refused.value) and "TIPSTREAM_DATA_DIR" in str(refused.value)
+    assert len(os.listdir("/proc/self/fd")) == opened_before  # the lock file is not left open
