@@ -27,6 +27,7 @@ import httpx
 from starlette.applications import Starlette
 
 from app.settings import Settings
+from app.startup import HTTP_KEEP_ALIVE_S
 from streams.events import subject_for
 from streams.jetstream import publish_events
 from streams.simulator import APP_MIX, Population, expected_reward, score_body
@@ -40,6 +41,9 @@ CANDIDATES = 10
 TIP_SHARE = 0.1  # of the demo's events: a tip shown and the reaction to it
 REPORT_EVERY_S = 30.0
 TICKS_PER_S = 10
+# Idle connections are let go well before the service closes them: reusing one it is closing
+# failed a whole tick now and then (httpx's default expiry equals uvicorn's keep-alive).
+DEMO_HTTP_LIMITS = httpx.Limits(keepalive_expiry=HTTP_KEEP_ALIVE_S / 2)
 
 
 class Tally:
@@ -131,7 +135,7 @@ async def _run_demo(app: Starlette, rate: float, stopping: Callable[[], bool], p
     service = app.state.service
     settings: Settings = service.settings
     js = service.nc.jetstream(publish_async_max_pending=4_000)
-    async with httpx.AsyncClient(base_url=_self_url(settings, port), timeout=10.0) as http:
+    async with httpx.AsyncClient(base_url=_self_url(settings, port), timeout=10.0, limits=DEMO_HTTP_LIMITS) as http:
         await _wait_for_http(http)
         demo = DemoApp(js, http, settings.rewards, seed=int(time.time()))
         per_tick = max(1, round(rate / TICKS_PER_S))

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 # In the data directory, locked while a service uses it; it holds that service's pid.
 LOCK_FILE = "tipstream.lock"
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# uvicorn's default: an idle HTTP connection is closed after this long. A client keeping idle
+# connections as long may send on one the server is closing, and reads an empty answer.
+HTTP_KEEP_ALIVE_S = 5
 
 
 class StartupError(RuntimeError):
@@ -231,7 +234,8 @@ async def serve(settings: Settings, sock: socket.socket, demo_rate: float) -> in
     app = create_app(settings, service, started=True)
     # access_log off: uvicorn formats each line's arguments (path quoting included) before the
     # logger drops it at "warning", a few µs on every request.
-    config = uvicorn.Config(app, log_level="warning", http="httptools", lifespan="on", access_log=False)
+    config = uvicorn.Config(app, log_level="warning", http="httptools", lifespan="on", access_log=False,
+                            timeout_keep_alive=HTTP_KEEP_ALIVE_S)
     line = f"tipstream on http://{settings.host}:{port} (data in {settings.data_dir})"
 
     class Server(uvicorn.Server):
