@@ -145,7 +145,8 @@ def _change(args: argparse.Namespace) -> int:
     else:
         print(f"champion: {answer['champion']}, shadow: {answer['shadow'] or '-'}")
         last = answer["history"][-1]
-        print(f"{last['at']} {last['action']} {last['version']} by {last['actor']}: {last['note']}")
+        note = f": {last['note']}" if last["note"] else ""
+        print(f"{last['at']} {last['action']} {last['version']} by {last['actor']}{note}")
     return 0
 
 

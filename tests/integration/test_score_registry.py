@@ -310,6 +310,8 @@ async def test_the_cli_reads_the_database_and_changes_through_the_service(start_
     assert code == 0 and out.startswith("v3 (logreg): ") and "the whole card: tipstream models card v3" in out
     code, out, _ = await cli("models", "evaluate", "v3", "--json", "--url", running.base_url)
     assert code == 0 and "offline_metrics" in json.loads(out)
+    code, out, _ = await cli("models", "retire", "v3", "--url", running.base_url)
+    assert code == 0 and " retire v3 by " in out and not out.rstrip().endswith(":")  # no note: no colon before nothing
 
 
 def test_the_registry_round_trips_through_sql_and_migrations_go_down(database_url: str) -> None:
