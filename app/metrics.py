@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics
 
 # The *_created series double the output and say nothing an operator needs.
 disable_created_metrics()
@@ -35,6 +35,8 @@ class Metrics:
         self.offline_pending = Gauge(
             "tipstream_offline_pending_users", "Users whose user_features row awaits a pass.", registry=r
         )
+        # Resident memory, CPU and open files, read from /proc when scraped (nothing on the hot path).
+        ProcessCollector(registry=r)
 
 
 METRICS = Metrics()

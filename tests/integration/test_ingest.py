@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -78,6 +80,12 @@ async def test_bad_events_go_to_the_dlq_with_reasons_and_good_ones_around_them_a
         assert body["features"]["tasks_created_7d"]["value"] == len(bad) + 1
         metrics = (await http.get("/metrics")).text
     assert 'tipstream_dlq_total{reason="oversized",stream="SIGNALS"} 1.0' in metrics
+    # Every family docs/metrics.md lists is exposed, the process's memory and CPU with tipstream's own.
+    table = (Path(__file__).parents[2] / "docs" / "metrics.md").read_text()
+    documented = re.findall(r"^\| `(\w+)` \| (\w+) ", table, re.MULTILINE)
+    assert len(documented) > 30
+    for name, kind in documented:
+        assert f"# TYPE {name} {kind}" in metrics, name
 
 
 async def test_an_event_near_max_payload_goes_to_the_dlq_truncated_and_ingest_moves_on(start_service, nc) -> None:
