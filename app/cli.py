@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="head (default), a revision, or base (drops every table: stop the service first)")
     mig.set_defaults(func=_migrate)
 
-    docs = commands.add_parser("docs", help="regenerate docs/events.schema.json, docs/features.md and the "
-                                            "README's settings table")
+    docs = commands.add_parser("docs", help="regenerate docs/events.schema.json, docs/features.md, "
+                                            "docs/metrics.md and the README's settings table")
     docs.add_argument("--out", default="docs")
     docs.set_defaults(func=_docs)
 
