@@ -26,14 +26,42 @@ Record = tuple[Mapping[str, Any], float, float]  # (features as served, reward, 
 CALIBRATION_BINS = 10
 
 
-class _Metrics:
-    """Log loss (reward-weighted), ROC AUC on reward >= 0.5, mean reward and mean score, and the
-    expected calibration error: over `CALIBRATION_BINS` equal-width score bins, the mean
-    |mean score - mean reward| weighed by each bin's share of the examples."""
+class _RocAuc:
+    """Exact ROC AUC: the share of (positive, negative) pairs the scores put in order, a tie
+    counting half (Mann-Whitney U / (positives * negatives)). River's `ROCAUC` counts each
+    example against `n_thresholds` fixed cut points over [0, 1] instead: every score between
+    two of them ties, so a model that ranks perfectly within a narrow band (rewards rare, every
+    score near 0.1) read 0.71 at 50 thresholds, not 1. One count per distinct score."""
 
-    def __init__(self, n_thresholds: int) -> None:
+    def __init__(self) -> None:
+        self.counts: dict[float, list[int]] = {}  # score -> [negatives, positives]
+
+    def update(self, positive: bool, score: float) -> None:
+        counts = self.counts.get(score)
+        if counts is None:
+            counts = self.counts[score] = [0, 0]
+        counts[positive] += 1
+
+    def get(self) -> float | None:
+        below = pairs = positives = 0.0  # pairs: twice the ordered pairs, a tie once
+        for score in sorted(self.counts):
+            negatives, pos = self.counts[score]
+            pairs += pos * (2 * below + negatives)
+            below += negatives
+            positives += pos
+        if not positives or not below:
+            return None
+        return pairs / (2 * positives * below)
+
+
+class _Metrics:
+    """Log loss (reward-weighted), ROC AUC on reward >= 0.5 (exact, ties count half), mean reward
+    and mean score, and the expected calibration error: over `CALIBRATION_BINS` equal-width score
+    bins, the mean |mean score - mean reward| weighed by each bin's share of the examples."""
+
+    def __init__(self) -> None:
         self.log_loss = metrics.LogLoss()
-        self.auc = metrics.ROCAUC(n_thresholds=n_thresholds)
+        self.auc = _RocAuc()
         self.reward, self.score = stats.Mean(), stats.Mean()
         self.n = self.positives = 0
         # Per bin, sum(score) - sum(reward). The gap between the overall means (what this used to
@@ -57,11 +85,10 @@ class _Metrics:
         self.positives += positive
 
     def get(self) -> dict[str, float | None]:
-        both = 0 < self.positives < self.n  # AUC is undefined with a single class
         return {
             "n": self.n,
             "log_loss": self.log_loss.get() if self.n else None,
-            "roc_auc": float(self.auc.get()) + 0.0 if both else None,  # + 0.0: River can give -0.0
+            "roc_auc": self.auc.get(),  # None with a single class: AUC is undefined
             "mean_reward": self.reward.get() if self.n else None,
             "mean_score": self.score.get() if self.n else None,
             "calibration_error": sum(map(abs, self.bin_gap)) / self.n if self.n else None,
@@ -80,7 +107,7 @@ Example = (tuple[Mapping[str, Any], float] | tuple[Mapping[str, Any], float, Has
 
 
 def progressive_validation(model: TipModel, stream: Iterable[Example], *,
-                           records: list[Record] | None = None, n_thresholds: int = 50) -> dict[str, float | None]:
+                           records: list[Record] | None = None) -> dict[str, float | None]:
     """Predict, score, then learn, over a log of (features, reward); River's progressive validation.
 
     An example may carry a third item, the key of its decision: consecutive examples with the
@@ -102,7 +129,7 @@ def progressive_validation(model: TipModel, stream: Iterable[Example], *,
 
     `model` learns from the stream (pass `model.clone()` to keep a model untouched). When
     `records` is a list, (x, reward, prediction) triples are appended to it for
-    `fairness_check`. ROC AUC is River's thresholded approximation (`n_thresholds`).
+    `fairness_check`. ROC AUC is exact, ties counting half (not River's thresholded `ROCAUC`).
 
     >>> stream = [({"tip_id": "a"}, 1.0), ({"tip_id": "b"}, 0.0)] * 200
     >>> report = progressive_validation(TipModel(learning_rate=0.2), stream)
@@ -129,7 +156,7 @@ def progressive_validation(model: TipModel, stream: Iterable[Example], *,
     >>> records[1][2] > 0.5
     True
     """
-    m = _Metrics(n_thresholds)
+    m = _Metrics()
     arrivals: list[tuple[float, int, Mapping[str, Any], float]] = []  # a heap: rewards not learned yet
     order = 0
     for decision, served in _by_decision(stream):
@@ -183,7 +210,7 @@ MIN_CLASS_N = 10
 
 
 def fairness_check(records: Iterable[Record], segment_fn: Callable[[Mapping[str, Any]], str], *,
-                   min_n: int = 30, min_class: int = MIN_CLASS_N, n_thresholds: int = 50) -> dict[str, Any]:
+                   min_n: int = 30, min_class: int = MIN_CLASS_N) -> dict[str, Any]:
     """Metrics per user segment and the largest gap between segments.
 
     `records` are (features as served, reward, score served), e.g. from the decision log or
@@ -207,7 +234,7 @@ def fairness_check(records: Iterable[Record], segment_fn: Callable[[Mapping[str,
         seg = segment_fn(x)
         m = per.get(seg)
         if m is None:
-            m = per[seg] = _Metrics(n_thresholds)
+            m = per[seg] = _Metrics()
         m.update(float(reward), float(score))
     segments = {seg: {**m.get(), "positives": m.positives} for seg, m in sorted(per.items())}
     compared = [seg for seg, s in segments.items() if s["n"] >= min_n]

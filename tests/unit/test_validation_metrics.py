@@ -1,0 +1,91 @@
+"""The offline metrics of models/validation.py against references computed by hand here."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from scipy import stats
+
+from models.validation import CALIBRATION_BINS, _Metrics, fairness_check, timezone_segment
+
+
+def _auc(rewards: list[float], scores: list[float]) -> float:
+    """Every (positive, negative) pair: 1 in order, 1/2 tied."""
+    pos = [s for r, s in zip(rewards, scores) if r >= 0.5]
+    neg = [s for r, s in zip(rewards, scores) if r < 0.5]
+    return sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg) / (len(pos) * len(neg))
+
+
+def _log_loss(rewards: list[float], scores: list[float]) -> float:
+    eps = 1e-15
+    return -sum(r * math.log(min(max(s, eps), 1 - eps)) + (1 - r) * math.log(1 - min(max(s, eps), 1 - eps))
+                for r, s in zip(rewards, scores)) / len(rewards)
+
+
+def _ece(rewards: list[float], scores: list[float]) -> float:
+    bins: dict[int, list[tuple[float, float]]] = {}
+    for r, s in zip(rewards, scores):
+        bins.setdefault(min(int(s * CALIBRATION_BINS), CALIBRATION_BINS - 1), []).append((r, s))
+    n = len(rewards)
+    return sum(len(b) / n * abs(sum(s for _, s in b) / len(b) - sum(r for r, _ in b) / len(b)) for b in bins.values())
+
+
+def _report(rewards: list[float], scores: list[float]) -> dict:
+    m = _Metrics()
+    for r, s in zip(rewards, scores):
+        m.update(r, s)
+    return m.get()
+
+
+def test_roc_auc_is_exact_for_scores_in_a_narrow_band() -> None:
+    # Rare rewards, every score near 0.1, and a perfect ranking: River's ROCAUC(50) read 0.71.
+    rng = random.Random(0)
+    rewards = [float(rng.random() < 0.3) for _ in range(1000)]
+    scores = [0.10 + 0.01 * r + 0.005 * rng.random() for r in rewards]
+    assert _report(rewards, scores)["roc_auc"] == 1.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_metrics_match_references_with_ties_and_soft_rewards(seed: int) -> None:
+    rng = random.Random(seed)
+    rewards = [rng.choice((0.0, 0.0, 1.0, 0.5, 0.2, 0.8)) for _ in range(300)]
+    # Few distinct scores: many ties, within and across classes; 0 and 1 included.
+    scores = [rng.choice((0.0, 0.05, 0.1, 0.1000001, 0.35, 0.5, 0.9, 1.0)) for _ in range(300)]
+    report = _report(rewards, scores)
+    assert report["roc_auc"] == pytest.approx(_auc(rewards, scores), abs=1e-12)
+    positive = [s for r, s in zip(rewards, scores) if r >= 0.5]
+    negative = [s for r, s in zip(rewards, scores) if r < 0.5]
+    u = stats.mannwhitneyu(positive, negative, alternative="two-sided").statistic
+    assert report["roc_auc"] == pytest.approx(u / (len(positive) * len(negative)), abs=1e-12)
+    assert report["log_loss"] == pytest.approx(_log_loss(rewards, scores), rel=1e-9)
+    assert report["calibration_error"] == pytest.approx(_ece(rewards, scores), abs=1e-12)
+    assert report["mean_reward"] == pytest.approx(sum(rewards) / len(rewards))
+    assert report["mean_score"] == pytest.approx(sum(scores) / len(scores))
+
+
+def test_roc_auc_edge_cases() -> None:
+    assert _report([1.0, 0.0], [0.3, 0.3])["roc_auc"] == 0.5  # one tie: half
+    assert _report([1.0, 0.0], [0.2, 0.3])["roc_auc"] == 0.0
+    assert math.copysign(1.0, _report([1.0, 0.0], [0.2, 0.3])["roc_auc"]) == 1.0  # not -0.0
+    assert _report([1.0, 1.0], [0.2, 0.3])["roc_auc"] is None  # one class
+    assert _report([0.4, 0.0], [0.2, 0.3])["roc_auc"] is None  # 0.4 is a negative
+    empty = _Metrics().get()
+    assert empty["n"] == 0 and all(v is None for k, v in empty.items() if k != "n")
+
+
+def test_fairness_segments_report_exact_auc_and_counts() -> None:
+    rng = random.Random(4)
+    records = []
+    for _ in range(600):
+        offset = rng.choice((-300, 60, 540))
+        reward = float(rng.random() < 0.2)
+        records.append(({"utc_offset_min": offset}, reward, 0.1 + 0.003 * reward * (offset + 301) / 841
+                        + 0.002 * rng.random()))
+    report = fairness_check(records, timezone_segment)
+    for seg, s in report["segments"].items():
+        mine = [(r, sc) for x, r, sc in records if timezone_segment(x) == seg]
+        rewards, scores = [r for r, _ in mine], [sc for _, sc in mine]
+        assert (s["n"], s["positives"]) == (len(mine), sum(r >= 0.5 for r in rewards))
+        assert s["roc_auc"] == pytest.approx(_auc(rewards, scores), abs=1e-12)
