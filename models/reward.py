@@ -162,6 +162,8 @@ def check_reward(reward: float) -> float:
     return reward
 
 
+_FLAGS = {True: "true", False: "false"}  # a bool member's label in a cross
+
 # A cross plan: (head, a or None, separator, b or None, tail); the key is head + label(x[a]) +
 # separator + label(x[b]) + tail, a member's label already inside head or tail when it is
 # shared by every candidate (see `Interactions.plan`).
@@ -169,11 +171,14 @@ CrossPlan = list[tuple[str, str | None, str, str | None, str]]
 
 
 class Interactions(base.Transformer):
-    """One-hot crosses of feature pairs; numeric members are hours, bucketed.
+    """One-hot crosses of feature pairs; numeric members are hours, bucketed, and a bool member
+    is "true" or "false" (as an hour, True and False were both hour 0-5: the cross ignored it).
 
     >>> Interactions((("category", "hour_of_day"),), hour_bucket=6).transform_one(
     ...     {"category": "focus", "hour_of_day": 14})
     {'category*hour_of_day=focus*12-17': 1.0}
+    >>> Interactions((("is_new_user", "category"),)).transform_one({"category": "focus", "is_new_user": False})
+    {'is_new_user*category=false*focus': 1.0}
     """
 
     def __init__(self, pairs: Sequence[Sequence[str]] = DEFAULT_INTERACTIONS, hour_bucket: int = 6) -> None:
@@ -193,7 +198,9 @@ class Interactions(base.Transformer):
         self._derive()
 
     def label(self, value: Any) -> str:
-        return value if isinstance(value, str) else self._labels[int(value) % 24]
+        if isinstance(value, str):
+            return value
+        return _FLAGS[value] if type(value) is bool else self._labels[int(value) % 24]
 
     def transform_one(self, x: dict) -> dict:
         out: dict[str, float] = {}
@@ -241,12 +248,14 @@ class Interactions(base.Transformer):
                 va = x.get(a)
                 if va is None:
                     continue
-                head += va if type(va) is str or isinstance(va, str) else labels[int(va) % 24]
+                head += (va if type(va) is str or isinstance(va, str)
+                         else _FLAGS[va] if type(va) is bool else labels[int(va) % 24])
             if b is not None:
                 vb = x.get(b)
                 if vb is None:
                     continue
-                tail = (vb if type(vb) is str or isinstance(vb, str) else labels[int(vb) % 24]) + tail
+                tail = (vb if type(vb) is str or isinstance(vb, str)
+                        else _FLAGS[vb] if type(vb) is bool else labels[int(vb) % 24]) + tail
             out[head + separator + tail] = 1.0
 
 
@@ -473,6 +482,7 @@ class TipModel:
         self.n_learned = 0
         self.n_skipped = 0
         self._inputs: dict[str, str] = {}  # input name -> "numeric" | "categorical", as seen in learn_one
+        self._flags: set[str] = set()  # the numeric inputs first seen as a bool (crossed as "true"/"false")
         if self._fm and latents == "categorical":
             self.classifier.categorical_only = True
             self.classifier.linear_only = set()  # the numeric inputs, added as learn_one meets them
@@ -516,7 +526,7 @@ class TipModel:
         }
         for a, b in self.interactions.pairs:
             if a in self._inputs and b in self._inputs:  # only the crosses that have fired
-                hours = [m for m in (a, b) if self._inputs[m] == "numeric"]
+                hours = [m for m in (a, b) if self._inputs[m] == "numeric" and m not in self._flags]
                 bucketed = f"; {', '.join(hours)} in {self.interactions.hour_bucket}-hour buckets" if hours else ""
                 out[f"{a}*{b}"] = f"interaction, one-hot{bucketed}"
         if self._fm:  # what the pairwise term sees (`latents`)
@@ -608,10 +618,12 @@ class TipModel:
         state = self.__dict__.copy()
         state.pop("_candidate_cache", None)  # derived, and no part of a snapshot
         state.pop("_user_plan", None)
+        state["_flags"] = sorted(self._flags)  # a set iterates by string hash: bytes must not depend on it
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._flags = set(state.get("_flags", ()))  # none in snapshots from before bools were told apart
         self.params = self.params | {k: v for k, v in LEGACY_PARAMS.items() if k not in self.params}
         self._candidate_cache = {}
         self._user_plan = _user_plan(self.interactions)
@@ -729,6 +741,8 @@ class TipModel:
             moments[k] = (means[k], vars_[k] ** 0.5)
         for k, use in unseen:
             inputs[k] = use
+            if use == "numeric" and type(x[k]) is bool:
+                self._flags.add(k)
             if use == "numeric" and self._fm and self.classifier.categorical_only:
                 self.classifier.linear_only.add(k)
         self._forget_user_steps(x)

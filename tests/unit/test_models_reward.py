@@ -754,3 +754,28 @@ def test_calibration_error_is_binned_not_the_gap_between_means() -> None:
     records = [({}, 0.0, 0.12), ({}, 0.0, 0.12), ({}, 1.0, 0.18), ({}, 1.0, 0.7)]
     report = fairness_check(records, tenure_segment, min_n=1)["segments"]["new"]
     assert report["calibration_error"] == pytest.approx(0.22)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_bool_crossed_with_a_category_tells_true_from_false(kind: str) -> None:
+    # New users like focus tips, established ones breaks tips. As an hour, True and False were
+    # both the bucket 0-5: the cross fired alike for both and the model stayed near 0.5 for all four.
+    model = TipModel(kind=kind, interactions=[["is_new_user", "category"]])
+    rng = random.Random(5)
+    for _ in range(3000):
+        new, category = rng.random() < 0.5, rng.choice(("focus", "breaks"))
+        model.learn_one({"is_new_user": new, "category": category, "tip_id": "t"},
+                        float(rng.random() < (0.9 if new == (category == "focus") else 0.1)))
+    for new in (True, False):
+        liked, other = ("focus", "breaks") if new else ("breaks", "focus")
+        x = {"is_new_user": new, "tip_id": "t"}
+        assert model.predict_one({**x, "category": liked}) > 0.8
+        assert model.predict_one({**x, "category": other}) < 0.2
+        many = model.predict_many([{"tip_id": "t", "category": liked}, {"tip_id": "t", "category": other}],
+                                  shared={"is_new_user": new})
+        assert many == pytest.approx([model.predict_one({**x, "category": c}) for c in (liked, other)], abs=1e-12)
+        assert model.predict_one({**x, "category": liked}) == pytest.approx(
+            model.pipeline.predict_proba_one({**x, "category": liked})[True], abs=1e-12)
+    assert model.describe_inputs()["is_new_user*category"] == "interaction, one-hot"  # not "in 6-hour buckets"
+    restored = TipModel.from_bytes(model.to_bytes())
+    assert restored.describe_inputs() == model.describe_inputs()
