@@ -210,6 +210,7 @@ class Service:
             self.nc, js, jsx.DECISIONS, self.store, self.checkpointer, batch=s.ingest_batch,
             max_event_bytes=max(s.max_event_bytes, s.score_max_body_bytes * 4),
             max_uncheckpointed=s.max_uncheckpointed_events, decode=decode_decision, sink=self.learner.add_logged,
+            sink_reply=True,
             dead_lettered_upto=self._checkpointed.get(jsx.DECISIONS.name, 0), read=self.decisions_read,
         )
         await ingest.start()

@@ -30,6 +30,7 @@ order and the memory budget evicts the oldest decisions first (`caught_up` joins
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import math
 import time
@@ -97,6 +98,7 @@ class _Entry:
     credits: dict[str, float] | None = None
     rewarded_ms: int | None = None
     logged: bool = False  # read back from the DECISIONS stream
+    stored_ms: int = 0  # when JetStream stored it, when read back from DECISIONS (0: not known)
 
 
 class Learner:
@@ -139,6 +141,15 @@ class Learner:
         # Feedback whose decision has not come, timed on this clock; its stored time in FEEDBACK
         # stamps the reward when the decision comes (see `_credit`).
         self.waiting = WaitingFeedback(pending_max, pending_max_age_s)
+        self.pending_max_age_ms = int(pending_max_age_s * 1000)
+        # While FEEDBACK is read back (a rebuild, a restart), feedback that reached FEEDBACK before its
+        # decision could be joined waits as it did live, though DECISIONS was read further and holds
+        # it: (when the decision became joinable, order, decision id), credited once FEEDBACK's time
+        # passes that (`_release_due`). Credited at once, its reward was learned in another order
+        # than live (`_joinable_ms`).
+        self._due: list[tuple[int, int, str]] = []
+        self._due_seq = 0
+        self._feedback_seen_ms = 0  # the stored time of the newest feedback the learner has seen
         # Credits restored at the start (their rows stay), until their decision is served or re-read.
         self._restored_credits: dict[str, tuple[dict[str, float], int | None]] = {}
         self.credit_log = CreditLog()  # what the snapshots save of the credits: the new ones
@@ -212,8 +223,9 @@ class Learner:
         FEEDBACK's time (the stored time of the newest feedback read), or at now's if that is earlier."""
         return min(int(self.clock() * 1000), self.feedback_ms) - self.window_ms
 
-    def add_logged(self, logged: LoggedDecision) -> bool:
-        """The DECISIONS ingest's sink: a decision read back from the stream."""
+    def add_logged(self, logged: LoggedDecision, reply: bytes | None = None) -> bool:
+        """The DECISIONS ingest's sink: a decision read back from the stream (`reply`, its ack
+        subject, says when JetStream stored it)."""
         entry = self._lookup(logged.id)
         if entry is None:
             created = decision_time_ms(logged.id)
@@ -222,7 +234,8 @@ class Learner:
                 return False  # replayed from before the join window: nothing can join it any more
             # Joinable for the window from its creation, not from when it was read back.
             entry = _Entry(logged.data, self.store.positions.get("DECISIONS", 0),
-                           min(created, now_ms) if created is not None else now_ms, logged.body)
+                           min(created, now_ms) if created is not None else now_ms, logged.body,
+                           stored_ms=stored_ms(reply) if reply is not None else 0)
             self._adopt_credits(logged.id, entry)
             self._insert(logged.id, entry, replayed=self.replaying)
         elif entry.logged:
@@ -230,11 +243,44 @@ class Learner:
         entry.logged = True
         self._mark_row(entry)
         entry.decision = None
-        waiting = self.waiting.take(logged.id)
-        if waiting:
-            for tip_id, (reaction, _, user_id, stored_at_ms) in waiting.items():
-                self._credit(logged.id, entry, tip_id, reaction, user_id, stored_at_ms)
+        if logged.id in self.waiting.by_decision:
+            joinable_ms = self._joinable_ms(logged.id, entry)
+            if not self.feedback_read.caught_up and joinable_ms > self._feedback_seen_ms:
+                self._defer(logged.id, joinable_ms)  # FEEDBACK had not reached it yet, live
+            else:
+                self._credit_waiting(logged.id, entry, joinable_ms)
         return True
+
+    @staticmethod
+    def _joinable_ms(decision_id: str, entry: _Entry) -> int:
+        """When feedback could first join this decision, live, in FEEDBACK's time. One of ours (a
+        time in its id): from before any feedback could name it (0), as /score served it. Another
+        publisher's: once JetStream had stored it and the DECISIONS ingest read it (0: not known)."""
+        return 0 if decision_time_ms(decision_id) is not None else entry.stored_ms
+
+    def _defer(self, decision_id: str, joinable_ms: int) -> None:
+        self._due_seq += 1
+        heapq.heappush(self._due, (joinable_ms, self._due_seq, decision_id))
+
+    def _release_due(self, upto_ms: float) -> None:
+        """Credit the feedback deferred for decisions joinable (live) at or before `upto_ms`, in
+        the order they became joinable: live, the decision's arrival credited it there."""
+        due = self._due
+        while due and due[0][0] <= upto_ms:
+            joinable_ms, _, decision_id = heapq.heappop(due)
+            entry = self._lookup(decision_id)
+            if entry is not None:
+                self._credit_waiting(decision_id, entry, joinable_ms)
+
+    def _credit_waiting(self, decision_id: str, entry: _Entry, joinable_ms: int) -> None:
+        waiting = self.waiting.take(decision_id)
+        for tip_id, (reaction, _, user_id, stored_at_ms) in (waiting or {}).items():
+            if stored_at_ms is not None and 0 < stored_at_ms < joinable_ms - self.pending_max_age_ms:
+                # Live, it gave up waiting before the decision came (`pending_max_age_s`): a replay
+                # that reads the decision first must not learn it either.
+                _OUTCOME["unknown_decision"].inc()
+                continue
+            self._credit(decision_id, entry, tip_id, reaction, user_id, stored_at_ms)
 
     def _adopt_credits(self, decision_id: str, entry: _Entry) -> None:
         """What the restored snapshot credited to this decision: a feedback replayed or re-sent is a
@@ -321,6 +367,11 @@ class Learner:
     def on_feedback(self, event: Any, new: bool = True, stored_at_ms: int | None = None) -> None:
         """`stored_at_ms`: when JetStream stored the feedback; it stamps the reward (`rewarded_at`),
         so that a replay of the log (a rebuild) stamps it as the first pass did."""
+        behind = not self.feedback_read.caught_up
+        if stored_at_ms is not None:
+            self._feedback_seen_ms = max(self._feedback_seen_ms, stored_at_ms)
+        if self._due:
+            self._release_due(stored_at_ms if behind and stored_at_ms is not None else math.inf)
         data = event.data
         decision_id = data.decision_id
         if decision_id is None:
@@ -331,6 +382,19 @@ class Learner:
         if entry is None:
             self._wait(decision_id, data.tip_id, data.reaction, event.user_id, stored_at_ms)
             return
+        if behind and stored_at_ms is not None:
+            joinable_ms = self._joinable_ms(decision_id, entry)
+            if joinable_ms > stored_at_ms and not (entry.credits and data.tip_id in entry.credits):
+                # Read back after its decision, but it reached FEEDBACK before the decision could be
+                # joined: live it waited, and was learned when the decision came.
+                if self.waiting.holds(decision_id, data.tip_id):
+                    _OUTCOME["duplicate"].inc()
+                    return
+                self.waiting.hold(decision_id, data.tip_id, (data.reaction, self.clock(), event.user_id, stored_at_ms))
+                self._changed = True
+                self._defer(decision_id, joinable_ms)
+                _OUTCOME["waiting"].inc()
+                return
         self._credit(decision_id, entry, data.tip_id, data.reaction, event.user_id, stored_at_ms)
 
     def _wait(self, decision_id: str, tip_id: str, reaction: str, user_id: str, stored_at_ms: int | None) -> None:
@@ -479,6 +543,8 @@ class Learner:
             self.credit_log.confirmed(gen)
             if learn_seq is not None:
                 self._models_saved_seq = max(self._models_saved_seq, learn_seq)
+        if self._due and self.feedback_read.caught_up:
+            self._release_due(math.inf)  # FEEDBACK has caught up: no later feedback will
         now = self.clock()
         self._expire_waiting(now)
         # Checkpoints run one at a time, so an unconfirmed snapshot here is one that failed: retry now.
@@ -577,6 +643,7 @@ class Learner:
         # FEEDBACK is read again from the snapshot's position, stored up to its `feedback_ms`
         # (older snapshots: unknown, so the clock's time, as before).
         self._feedback_from_ms = state.get("feedback_ms", int(self.clock() * 1000))
+        self._feedback_seen_ms = self._feedback_from_ms
         horizon = self._restorable_from_ms()
         self.rows_to_rebuild = state.get("rows_to_rebuild", False)  # older snapshots: not a rebuild
         credits = self.credit_log.load({name: bytes(data) for name, data in rows.items()})

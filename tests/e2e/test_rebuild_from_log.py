@@ -90,7 +90,7 @@ async def test_a_rebuild_from_the_log_equals_what_was_built_live(
                 decisions[f"{user}/{round_}"] = answer["decision_id"]
     reactions = []
     # Newest decision first: reacting in an order of its own, unlike the order of DECISIONS.
-    for index, user in reversed(list(enumerate(users[:4]))):  # the fifth user gives no feedback
+    for index, user in reversed(list(enumerate(users[:4]))):  # the fifth user's come below
         for round_ in (1, 0):
             decision = decisions[f"{user}/{round_}"]
             reactions.append(feedback(f"fb-{user}-{round_}-a", user, decision, CANDIDATES[index]["tip_id"], "acted"))
@@ -105,12 +105,29 @@ async def test_a_rebuild_from_the_log_equals_what_was_built_live(
     last = {name: (await js.stream_info(name)).state.last_seq for name in STREAMS}
     wait_until(lambda: caught_up(service, last, credited) and service.metric("tipstream_feedback_pending") == 1,
                what="the live service caught up")
+    # Another publisher's decision, logged after the feedback naming it: that waits, and is learned
+    # when the decision comes, after a reward stored in between. The rebuild reads DECISIONS ahead
+    # of FEEDBACK, and learned it at its own place (in another order: other weights).
+    await publish_events(js, [("feedback.tip.reacted", feedback(
+        "fb-ext", users[4], "ext-1", CANDIDATES[2]["tip_id"], "acted"))])
+    wait_until(lambda: service.metric("tipstream_feedback_pending") == 2, what="the reaction waiting")
+    await publish_events(js, [("feedback.tip.reacted", feedback(
+        "fb-mid", users[4], decisions[f"{users[4]}/0"], CANDIDATES[2]["tip_id"], "disliked"))])
+    wait_until(lambda: caught_up(service, {}, credited + 1), what="the reward in between")
+    await publish_events(js, [("decisions.score", {
+        "id": "ext-1", "type": "decision.scored", "v": 1, "ts": AT, "user_id": users[4], "model_version": "v1",
+        "policy": "greedy", "features": {"user_id": users[4], "hour_of_day": 9},
+        "ranked": [{"tip_id": c["tip_id"], "category": c["category"], "score": 0.5, "propensity": 1.0}
+                   for c in CANDIDATES]})])
+    credited += 2
+    wait_until(lambda: caught_up(service, {}, credited) and service.metric("tipstream_feedback_pending") == 1,
+               what="the late decision joined")
     assert service.metric("tipstream_feedback_total", outcome="duplicate") == 1
     live = Knowledge(service, users)
     assert live.n_learned == credited
     assert service.stop(), service.log()
     live_rows = tip_scores(database_url)
-    assert len(live_rows) == len(decisions) + 1 and sum(r["rewards"] is not None for r in live_rows.values()) == 8
+    assert len(live_rows) == len(decisions) + 2 and sum(r["rewards"] is not None for r in live_rows.values()) == 10
 
     # -- rebuild: drop the derived state, start again ------------------------------------------
     migrated = subprocess.run([TIPSTREAM, "migrate", "base"], env=service.env, capture_output=True, text=True)

@@ -272,6 +272,70 @@ def test_the_join_window_is_judged_in_feedbacks_time_across_an_outage(tmp_path: 
     after.engine.dispose()
 
 
+def _foreign(world: World, decision_id: str) -> LoggedDecision:
+    """A decision another publisher logged: an id of its own, with no time in it."""
+    body = orjson.loads(world.score(serve=False).payload) | {"id": decision_id}
+    return LoggedDecision(decision_id, orjson.dumps(body))
+
+
+def test_a_replay_learns_feedback_that_came_before_another_publisher_s_decision_as_live(tmp_path: Path) -> None:
+    """Another publisher's decision can reach DECISIONS after feedback naming it: live, the feedback
+    waits and is learned when the decision comes, after the rewards stored in between; or, once it
+    has waited `pending_max_age_s`, never. A rebuild reads DECISIONS ahead of FEEDBACK, and found the
+    decision already there: it learned the first at its own place in FEEDBACK and the second at all,
+    so its models differed from the live ones, which the README says they equal."""
+    def reaction(event_id: str, decision_id: str, tip: str, kind: str) -> Any:
+        return parse_event(orjson.dumps({"id": event_id, "type": "tip.reacted", "user_id": "u-1", "ts": NOW,
+                                         "data": {"tip_id": tip, "decision_id": decision_id, "reaction": kind}}))
+
+    def decisions_ack(stored_s: float, seq: int) -> bytes:
+        return f"$JS.ACK.DECISIONS.tipstream-decisions.1.{seq}.{seq}.{int(stored_s * 1e9)}.0".encode()
+
+    live = World(tmp_path / "live")
+    t0 = live.clock.now
+    d0, d1, d2 = (_foreign(live, f"ext-{i}") for i in range(3))
+    # (stored at, what): the log, in the order it was stored, across both streams.
+    log: list[tuple[float, str, Any]] = [
+        (t0, "decision", d0),
+        (t0 + 1, "feedback", reaction("f-1", "ext-1", "a", "acted")),  # before its decision
+        (t0 + 2, "feedback", reaction("f-2", "ext-0", "a", "disliked")),
+        (t0 + 3, "feedback", reaction("f-3", "ext-0", "b", "acted")),
+        (t0 + 4, "decision", d1),
+        (t0 + 5, "feedback", reaction("f-4", "ext-1", "b", "liked")),
+        (t0 + 6, "feedback", reaction("f-5", "ext-2", "a", "acted")),  # its decision comes too late
+        (t0 + 6 + 120, "decision", d2),  # pending_max_age_s is 60
+    ]
+    before = outcomes()
+    for seq, (stored_s, kind, item) in enumerate(log, 1):
+        live.clock.now = stored_s
+        live.learner.expire()
+        if kind == "decision":
+            live.learner.add_logged(item, decisions_ack(stored_s, seq))
+        else:
+            live.sink(item, _ack(stored_s, seq))
+    assert delta(before) == {"waiting": 2, "credited": 4, "unknown_decision": 1}
+
+    rebuilt = World(tmp_path / "rebuilt")
+    rebuilt.clock.now = t0 + 3600
+    assert rebuilt.learner.restore(rebuilt.engine) is None
+    rebuilt.learner.feedback_read = ReadUpTo()  # FEEDBACK follows DECISIONS, which is read further
+    before = outcomes()
+    for seq, (stored_s, _, item) in enumerate((e for e in log if e[1] == "decision"), 1):
+        rebuilt.learner.add_logged(item, decisions_ack(stored_s, seq))
+    rebuilt.learner.caught_up()
+    for seq, (stored_s, _, item) in enumerate((e for e in log if e[1] == "feedback"), 1):
+        rebuilt.sink(item, _ack(stored_s, seq))
+    rebuilt.learner.feedback_read.advance(int(log[-1][0] * 1000), caught_up=True)
+    rebuilt.learner.snapshot()
+    assert delta(before) == {"waiting": 2, "credited": 4, "unknown_decision": 1}
+
+    for version in ("v1", "v2"):
+        assert rebuilt.lineup.models[version].to_bytes() == live.lineup.models[version].to_bytes()
+    assert {d: r["rewards"] for d, r in rebuilt.log.dirty.items()} == {d: r["rewards"] for d, r in live.log.dirty.items()}
+    live.engine.dispose()
+    rebuilt.engine.dispose()
+
+
 def test_a_rebuild_gives_every_decision_read_back_its_row_however_old(tmp_path: Path) -> None:
     """No snapshot (the database dropped to rebuild from the log): a decision older than the
     join window still gets its `tip_scores` row. With a snapshot it is skipped, as its row exists."""
