@@ -192,14 +192,13 @@ class Service:
             return {}
         # FEEDBACK's progress: the learner judges its join window in FEEDBACK's time while it is behind.
         self.learner.feedback_read = self.feedback_read
-        hooks: dict[str, Any] = {"sink": self.learner.feedback_sink(), "sink_reply": True, "read": self.feedback_read}
-        if self.learner.rows_to_rebuild:
-            # No snapshot (or one of a rebuild stopped half way): a first start, or a rebuild from
-            # the log. FEEDBACK follows DECISIONS, so rewards are learned in the order they were
-            # live. Not after an ordinary restart: it would hold back every feedback feature while
-            # the join window of DECISIONS is re-read.
-            hooks["after"] = self.decisions_read
-        return hooks
+        # Until DECISIONS has been read back (the learner's join cache: its whole window at a restart,
+        # all of it in a rebuild from the log), FEEDBACK follows it: live, a decision is known before
+        # its feedback comes, and rewards are learned in FEEDBACK's order. Read first, every reward
+        # waited for its decision, was learned in DECISIONS' order instead, and past
+        # TIPSTREAM_LEARNER_PENDING_MAX waiting (the feedback of an outage) was never learned at all.
+        return {"sink": self.learner.feedback_sink(), "sink_reply": True, "read": self.feedback_read,
+                "after": self.decisions_read}
 
     async def _start_decision_log(self, js: Any) -> None:
         """Read DECISIONS back into the learner (join cache, tip_scores rows) until caught up, then only

@@ -101,7 +101,7 @@ class StreamIngest:
         self.dead_lettered_upto = dead_lettered_upto
         # `read`: how far this stream has been read, for another to wait on. `after`: until that
         # other stream has caught up once, a chunk waits for it to be read past when the chunk's
-        # last message was stored. A rebuild from the log makes FEEDBACK follow DECISIONS so: live,
+        # last message was stored. Every start makes FEEDBACK follow DECISIONS so: live,
         # a decision is known before its feedback comes, and rewards are learned in FEEDBACK's
         # order; read first, a reward waits and is learned in DECISIONS' order instead.
         self.read, self.after = read, after
