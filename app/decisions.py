@@ -115,6 +115,19 @@ def _text(value: Any, limit: int, required: bool = True) -> bool:
 
 
 _NUMBERS = (int, float)  # exact classes: orjson makes no others, and a bool is no number here
+# What a model input may be (`TipModel`: a number, a string, a bool, None for missing), as orjson
+# parses them. A list or an object passed once, and no model could learn it: its reward was credited
+# all the same, and once its row held it, every `register` and `evaluate` failed reading it (a 500).
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+_NOT_SCALAR = "must be a number, a string, true/false or null"
+
+
+def _not_scalar(features: dict[str, Any]) -> str | None:
+    """The first feature whose value is no model input, or None."""
+    for name, value in features.items():
+        if value.__class__ not in _SCALARS:
+            return name
+    return None
 
 
 def _candidate_problem(candidate: Any) -> str | None:
@@ -129,6 +142,10 @@ def _candidate_problem(candidate: Any) -> str | None:
     category, features = candidate.get("category"), candidate.get("features")
     if (category is not None and category.__class__ is not str) or (features is not None and features.__class__ is not dict):
         return "'category' must be a string and 'features' an object, when given"
+    if features:
+        name = _not_scalar(features)
+        if name is not None:
+            return f"features.{name} {_NOT_SCALAR}"
     return None
 
 
@@ -157,9 +174,13 @@ def decision_problem(body: dict[str, Any]) -> Rejection | None:
     if not _aware_time(body.get("ts")):
         return Rejection("invalid_field", "field 'ts' must be an ISO 8601 time with a UTC offset")
     ranked = body.get("ranked")
-    if not isinstance(ranked, list) or not ranked or not isinstance(body.get("features"), dict):
+    features = body.get("features")
+    if not isinstance(ranked, list) or not ranked or not isinstance(features, dict):
         return Rejection("missing_field", "a decision needs 'ranked' (a list of 1 or more candidates) and "
                                           "'features' (an object)")
+    name = _not_scalar(features)
+    if name is not None:
+        return Rejection("invalid_field", f"features.{name} {_NOT_SCALAR}")
     for i, candidate in enumerate(ranked):
         problem = _candidate_problem(candidate)
         if problem is not None:

@@ -88,6 +88,10 @@ MALFORMED = {  # each one a field the learner or a tip_scores row needs
     "kind-too-long": {"type": "decision." + "x" * 40},
     "nul-in-user": {"user_id": "u-\u0000"},
     "features-list": {"ranked": [{"tip_id": "tip-focus-1", "features": [1], "score": 0.5, "propensity": 1.0}]},
+    # No model input: every card's progressive validation failed on it once its row held the reward.
+    "feature-value-list": {"features": {"user_id": "u-1", "labels": ["work"]}},
+    "candidate-feature-object": {"ranked": [{"tip_id": "tip-focus-1", "features": {"size": {"w": 3}}, "score": 0.5,
+                                             "propensity": 1.0}]},
 }
 
 

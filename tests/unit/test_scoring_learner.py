@@ -1079,3 +1079,33 @@ def test_a_rollback_to_a_champion_that_diverged_since_is_refused(world: World) -
     with pytest.raises(RegistryError, match="v1.*diverged"):
         asyncio.run(world.lineup.rollback("ops"))
     assert world.lineup.champion_version == "v2" and world.lineup.registry.previous_champions == ["v1"]
+
+
+@pytest.mark.parametrize("where", ["features", "candidate"])
+def test_a_decision_whose_feature_is_not_a_scalar_goes_to_the_dlq_not_into_every_card(
+        world: World, where: str) -> None:
+    """A decision from another publisher with a list or an object as a feature value passed the
+    check: the learner credited its feedback (no model could learn it: a TypeError each), and once
+    its row held the reward, every `register` and `evaluate` failed on it (a 500) while it stayed
+    among the newest rewarded decisions."""
+    from app.decisions import decode_decision
+
+    scored = world.score(serve=False)
+    decision = orjson.loads(scored.payload)
+    if where == "features":
+        decision["features"]["labels"] = ["work", "home"]
+    else:
+        decision["ranked"][0]["features"] = {"size": {"w": 3}}
+    found = decode_decision("decisions.score", orjson.dumps(decision))
+    assert not isinstance(found, LoggedDecision), "refused, with the reason"
+    assert found.kind == "invalid_field" and "number, a string, true/false or null" in found.reason
+    # What it did once joined: the card's progressive validation could not read it.
+    tip = decision["ranked"][0]["tip_id"]
+    with pytest.raises(TypeError):
+        evaluation.evaluate({}, evaluation.rewarded_log([(decision, {tip: 1.0})], 10))
+    # Scalars of every kind pass.
+    decision["features"]["labels"] = None
+    decision["ranked"][0]["features"] = {"size": 3, "unit": "s", "short": True, "note": None, "w": 2.5}
+    if where == "features":
+        decision["ranked"][0].pop("features")
+    assert isinstance(decode_decision("decisions.score", orjson.dumps(decision)), LoggedDecision)
