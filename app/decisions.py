@@ -181,10 +181,17 @@ def decision_problem(body: dict[str, Any]) -> Rejection | None:
     name = _not_scalar(features)
     if name is not None:
         return Rejection("invalid_field", f"features.{name} {_NOT_SCALAR}")
+    seen: dict[str, int] = {}
     for i, candidate in enumerate(ranked):
         problem = _candidate_problem(candidate)
         if problem is not None:
             return Rejection("invalid_field", f"ranked[{i}]: {problem}")
+        # As /score refuses: the learner joins feedback to a tip's first listing, a registration's
+        # training (`evaluation.examples_of`) took its last, so one reward was learned with two inputs.
+        first = seen.setdefault(candidate["tip_id"], i)
+        if first != i:
+            return Rejection("invalid_field", f"ranked[{i}]: tip {candidate['tip_id']!r} is also ranked[{first}]; "
+                                              "each candidate must be a different tip")
     return None
 
 

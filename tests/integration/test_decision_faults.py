@@ -92,6 +92,9 @@ MALFORMED = {  # each one a field the learner or a tip_scores row needs
     "feature-value-list": {"features": {"user_id": "u-1", "labels": ["work"]}},
     "candidate-feature-object": {"ranked": [{"tip_id": "tip-focus-1", "features": {"size": {"w": 3}}, "score": 0.5,
                                              "propensity": 1.0}]},
+    # The learner joined feedback to the first listing, a registration's training took the last.
+    "tip-twice": {"ranked": [{"tip_id": "tip-focus-1", "category": c, "score": 0.5, "propensity": 0.5}
+                             for c in ("focus", "breaks")]},
 }
 
 

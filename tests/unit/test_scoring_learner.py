@@ -1109,3 +1109,25 @@ def test_a_decision_whose_feature_is_not_a_scalar_goes_to_the_dlq_not_into_every
     if where == "features":
         decision["ranked"][0].pop("features")
     assert isinstance(decode_decision("decisions.score", orjson.dumps(decision)), LoggedDecision)
+
+
+def test_a_decision_listing_a_tip_twice_goes_to_the_dlq(world: World) -> None:
+    """/score refuses a tip listed twice; a decision from another publisher that did so was joined,
+    and the learner learned its reward with the first listing's features while a registration's
+    training (`examples_of`) took the last one's: the same reward, two inputs."""
+    from app.decisions import decode_decision
+
+    scored = world.score(serve=False, tips=("a", "b"))
+    decision = orjson.loads(scored.payload)
+    first = decision["ranked"][0]
+    decision["ranked"] = [{**first, "category": "focus"}, {**first, "category": "breaks"}]
+    found = decode_decision("decisions.score", orjson.dumps(decision))
+    assert not isinstance(found, LoggedDecision), "refused, with the reason"
+    assert found.kind == "invalid_field" and found.reason.startswith("ranked[1]: ") and "also ranked[0]" in found.reason
+    # What it did once joined: two inputs for one reward.
+    world.learner.add_logged(LoggedDecision(scored.decision_id, orjson.dumps(decision)))
+    learned: list[dict[str, Any]] = []
+    world.lineup.champion.learn_one = lambda x, reward: learned.append(x)  # type: ignore[method-assign]
+    world.react(scored.decision_id, first["tip_id"])
+    [(trained, _)] = evaluation.examples_of(decision, {first["tip_id"]: 1.0})
+    assert learned[0]["category"] == "focus" and trained["category"] == "breaks"
