@@ -16,7 +16,7 @@ The learner joins feedback with the `features` and the candidate's own fields, s
 learns from the features as they were served.
 Publishing them to JetStream is `decision_publisher.py`'s.
 
-Every decision read back is checked for what the learner's join and its `tip_scores` row use (one
+Every decision read back is checked for what the learner's join, its `tip_scores` row and a model card use (one
 from another publisher may lack it); one that falls short goes to the DLQ saying what to fix.
 
 >>> payload = encode({"id": "d-1", "type": "decision.scored", "ts": "2026-11-26T08:00:00+01:00", "user_id": "u",
@@ -173,6 +173,15 @@ def decision_problem(body: dict[str, Any]) -> Rejection | None:
                                           "characters without NUL")
     if not _aware_time(body.get("ts")):
         return Rejection("invalid_field", "field 'ts' must be an ISO 8601 time with a UTC offset")
+    # A card's policy value reads these of every rewarded decision (`evaluation.policy_value`): a list
+    # there, or a shadow as text or without its first tip, failed every `evaluate` once rewarded.
+    greedy, shadow = body.get("greedy"), body.get("shadow")
+    if greedy is not None and greedy.__class__ is not str:
+        return Rejection("invalid_field", "field 'greedy' must be a tip id (a string), or null")
+    if shadow is not None and (shadow.__class__ is not dict or shadow.get("version").__class__ is not str
+                               or shadow.get("first").__class__ is not str):
+        return Rejection("invalid_field", "field 'shadow' must be an object with the strings 'version' and 'first', "
+                                          "or null")
     ranked = body.get("ranked")
     features = body.get("features")
     if not isinstance(ranked, list) or not ranked or not isinstance(features, dict):

@@ -95,6 +95,9 @@ MALFORMED = {  # each one a field the learner or a tip_scores row needs
     # The learner joined feedback to the first listing, a registration's training took the last.
     "tip-twice": {"ranked": [{"tip_id": "tip-focus-1", "category": c, "score": 0.5, "propensity": 0.5}
                              for c in ("focus", "breaks")]},
+    # Read by every card's policy value (evaluate): a list or a shadow without its first tip failed it.
+    "greedy-list": {"greedy": ["tip-focus-1"]},
+    "shadow-text": {"shadow": "v2"},
 }
 
 

@@ -1131,3 +1131,24 @@ def test_a_decision_listing_a_tip_twice_goes_to_the_dlq(world: World) -> None:
     world.react(scored.decision_id, first["tip_id"])
     [(trained, _)] = evaluation.examples_of(decision, {first["tip_id"]: 1.0})
     assert learned[0]["category"] == "focus" and trained["category"] == "breaks"
+
+
+@pytest.mark.parametrize("change", [{"greedy": ["a"]}, {"shadow": "v2"}, {"shadow": {"version": "v2"}},
+                                    {"shadow": {"version": "v2", "first": ["a"]}}])
+def test_a_decision_whose_greedy_or_shadow_a_card_cannot_read_goes_to_the_dlq(
+        world: World, change: dict[str, Any]) -> None:
+    """A card's policy value reads every rewarded decision's `greedy` and `shadow`: one from another
+    publisher with a list there, or a shadow that is text or names no first tip, passed the check,
+    and once its row held a reward every `evaluate` failed on it (a 500)."""
+    from app.decisions import decode_decision
+
+    scored = world.score(serve=False)
+    decision = orjson.loads(scored.payload) | change
+    found = decode_decision("decisions.score", orjson.dumps(decision))
+    assert not isinstance(found, LoggedDecision), "refused, with the reason"
+    assert found.kind == "invalid_field" and next(iter(change)) in found.reason
+    with pytest.raises((TypeError, AttributeError, KeyError)):  # what it did to the card once joined
+        evaluation.policy_value([(decision, {decision["ranked"][0]["tip_id"]: 1.0})], "v2")
+    for fine in ({"greedy": None, "shadow": None}, {"shadow": {"version": "v2", "first": "a"}}, {}):
+        decision = {k: v for k, v in orjson.loads(scored.payload).items() if k not in ("greedy", "shadow")} | fine
+        assert isinstance(decode_decision("decisions.score", orjson.dumps(decision)), LoggedDecision), fine
