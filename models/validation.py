@@ -276,10 +276,17 @@ def tenure_segment(x: Mapping[str, Any], inactive_s: float = NEW_USER_AFTER_S) -
     ('new', 'established')
     """
     flag = x.get("is_new_user")
-    if flag is not None:
+    if type(flag) is bool or _number(flag) is not None:  # another publisher's 0 / 1 too, not its text
         return "new" if flag else "established"
-    since = x.get("seconds_since_active")
+    since = _number(x.get("seconds_since_active"))
     return "new" if since is None or since >= inactive_s else "established"
+
+
+def _number(value: Any) -> float | None:
+    """A logged number, or None for anything else: a decision from another publisher may log text
+    where /score logs a number ("+01:00" for an offset), and comparing it with one raised a
+    TypeError that failed every card (register, evaluate) while the decision was among the newest."""
+    return value if type(value) is int or type(value) is float else None
 
 
 def timezone_segment(x: Mapping[str, Any]) -> str:
@@ -288,7 +295,7 @@ def timezone_segment(x: Mapping[str, Any]) -> str:
     >>> [timezone_segment({"utc_offset_min": m}) for m in (-300, 60, 540)], timezone_segment({})
     (['americas', 'emea', 'apac'], 'unknown')
     """
-    offset = x.get("utc_offset_min")
+    offset = _number(x.get("utc_offset_min"))
     if offset is None:
         return "unknown"
     if offset < -600:  # west of Hawaii: Niue, American Samoa

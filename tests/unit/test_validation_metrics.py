@@ -89,3 +89,26 @@ def test_fairness_segments_report_exact_auc_and_counts() -> None:
         rewards, scores = [r for r, _ in mine], [sc for _, sc in mine]
         assert (s["n"], s["positives"]) == (len(mine), sum(r >= 0.5 for r in rewards))
         assert s["roc_auc"] == pytest.approx(_auc(rewards, scores), abs=1e-12)
+
+
+def test_segments_read_a_logged_value_of_another_type_as_not_given() -> None:
+    """A decision from another publisher may log `utc_offset_min` as text ("+01:00") or
+    `seconds_since_active` as one: comparing them with numbers raised a TypeError, and every
+    `register` and `evaluate` failed (a 500) while one such decision was among the newest rewarded.
+    A bool is no offset (True read as +00:01, EMEA), and a text `is_new_user` ("false") no flag."""
+    from app import evaluation
+    from models.validation import tenure_segment
+
+    assert timezone_segment({"utc_offset_min": "+01:00"}) == "unknown"
+    assert timezone_segment({"utc_offset_min": True}) == "unknown"
+    assert timezone_segment({"utc_offset_min": 60.0}) == "emea"
+    assert tenure_segment({"seconds_since_active": "long"}) == "new"
+    assert tenure_segment({"is_new_user": "false", "seconds_since_active": 60}) == "established"
+    assert tenure_segment({"is_new_user": False, "seconds_since_active": 9e6}) == "established"
+    assert tenure_segment({"is_new_user": 1, "seconds_since_active": 60}) == "new"
+    decision = {"id": "x", "ts": "2026-11-26T09:00:00+01:00",
+                "features": {"utc_offset_min": "+01:00", "seconds_since_active": "long"},
+                "ranked": [{"tip_id": "a", "score": 0.5, "propensity": 1.0}]}
+    _, card = evaluation.evaluate({}, evaluation.rewarded_log([(decision, {"a": 1.0})], 10))
+    assert card.fairness["timezone"]["segments"]["unknown"]["n"] == 1
+    assert card.fairness["tenure"]["segments"]["new"]["n"] == 1
