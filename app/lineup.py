@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from app import evaluation
+from app.decisions import decision_problem
 from app.embedded_nats import die_with_service
 from app.registry_store import RegistryStore
 from models.registry import ModelCard, ModelVersion, Registry, RegistryError
@@ -286,8 +287,12 @@ def evaluate_log(engine: Engine, limit: int, params: dict[str, Any],
     """A model of `params` trained over the newest `limit` rewarded decisions, its card, and what
     it trained on; with `version`, the card also gets the version's off-policy value."""
     decisions = evaluation.rewarded_decisions(engine, limit)
+    # Rows written before decisions read back were checked for what a card reads (a list as a feature
+    # value, a shadow as text: `decisions.decision_problem`) failed every card for as long as they were
+    # among the newest. Left out, and counted as seen (`trained_on`): a registration must not learn them.
+    usable = [d for d in decisions if decision_problem(d[0]) is None]
     try:
-        model, card = evaluation.evaluate(params, evaluation.rewarded_log(decisions, limit))
+        model, card = evaluation.evaluate(params, evaluation.rewarded_log(usable, limit))
     except Diverged as error:
         resolved = TipModel(**params).params
         steps = ", ".join(f"{name} {resolved[name]:g}" for name in ("learning_rate", "intercept_lr", "l2"))
@@ -295,7 +300,7 @@ def evaluate_log(engine: Engine, limit: int, params: dict[str, Any],
             f"The model overflowed learning the logged rewards ({error}): its steps ({steps}) are too large "
             "for its weights; register a version with a smaller learning_rate.", "invalid", "params") from None
     if version is not None:
-        card.offline_metrics["policy_value"] = evaluation.policy_value(decisions, version)
+        card.offline_metrics["policy_value"] = evaluation.policy_value(usable, version)
     return model, card, evaluation.trained_on(decisions, limit)
 
 

@@ -1152,3 +1152,24 @@ def test_a_decision_whose_greedy_or_shadow_a_card_cannot_read_goes_to_the_dlq(
     for fine in ({"greedy": None, "shadow": None}, {"shadow": {"version": "v2", "first": "a"}}, {}):
         decision = {k: v for k, v in orjson.loads(scored.payload).items() if k not in ("greedy", "shadow")} | fine
         assert isinstance(decode_decision("decisions.score", orjson.dumps(decision)), LoggedDecision), fine
+
+
+def test_a_card_leaves_out_a_logged_decision_the_dlq_would_now_refuse(world: World) -> None:
+    """Rows written before decisions were checked for it (a feature value that is a list, a shadow
+    as text) failed every `register` and `evaluate` for as long as they were among the newest
+    rewarded: they are left out of the card, and counted as seen, so a registration does not
+    learn them afterwards either."""
+    from app.lineup import evaluate_log
+
+    good, bad = world.score(user="u-1", serve=False), world.score(user="u-2", serve=False)
+    broken = orjson.loads(bad.payload)
+    broken["features"]["labels"] = ["work"]
+    broken["shadow"] = "v2"
+    rows = [tip_score_row(orjson.loads(good.payload), good.payload, {"a": 1.0}, 1_795_694_400_000),
+            tip_score_row(broken, orjson.dumps(broken), {"a": 1.0}, 1_795_694_400_000)]
+    with world.engine.begin() as conn:
+        write_tip_scores(conn, (1, rows))
+    model, card, trained = evaluate_log(world.engine, 100, {}, "v1")
+    assert card.offline_metrics["n"] == 1 and model.n_learned == 1
+    assert card.offline_metrics["policy_value"]["as_champion"]["decisions"] == 1
+    assert trained.credits == {(good.decision_id, "a"), (bad.decision_id, "a")}
