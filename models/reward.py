@@ -82,6 +82,21 @@ DEFAULT_INTERACTIONS: tuple[tuple[str, str], ...] = (
 # where the scaler's squared deviations overflow (~1e154): one such example made every weight NaN.
 INPUT_BOUND_TEXT = "1e9"  # as error messages write it
 INPUT_BOUND = float(INPUT_BOUND_TEXT)
+
+
+def within_bounds(x: Mapping[str, Any]) -> bool:
+    """Whether every number of `x` is within `INPUT_BOUND`: `TipModel.learn_one` skips an example
+    that has one beyond it (or NaN), and a card's progressive validation leaves it out too.
+
+    >>> within_bounds({"tip_id": "a", "len": 1e9, "new": True}), within_bounds({"len": -1e10})
+    (True, False)
+    """
+    for v in x.values():
+        if (type(v) is float or type(v) is int) and not -INPUT_BOUND <= v <= INPUT_BOUND:
+            return False
+    return True
+
+
 _MISSING = object()
 CANDIDATE_CACHE_ENTRIES = 100_000  # over all cross plans; ~0.5 KB each
 _MAGIC = {"TipModel": b"tipstream:TipModel:1\n", "PopularityPrior": b"tipstream:PopularityPrior:1\n"}

@@ -18,7 +18,7 @@ from typing import Any
 
 from river import metrics, stats
 
-from models.reward import TipModel, check_reward
+from models.reward import TipModel, check_reward, within_bounds
 
 Record = tuple[Mapping[str, Any], float, float]  # (features as served, reward, score served)
 
@@ -158,11 +158,15 @@ def progressive_validation(model: TipModel, stream: Iterable[Example], *,
     """
     m = _Metrics()
     arrivals: list[tuple[float, int, Mapping[str, Any], float]] = []  # a heap: rewards not learned yet
-    order = 0
-    for decision, served in _by_decision(stream):
+    order = skipped = 0
+    for run, served in _by_decision(stream):
         while arrivals and served is not None and arrivals[0][0] <= served:
             _, _, x, reward = heapq.heappop(arrivals)
             model.learn_one(x, reward)
+        # Left out as the learner leaves it out (`TipModel.learn_one`): predicted, a number past the
+        # bound (+-1e308 from another publisher) made the score NaN, and the card "diverged".
+        decision = [example for example in run if within_bounds(example[0])]
+        skipped += len(run) - len(decision)
         scores = [model.predict_one(x) for x, _, _ in decision]
         for (x, reward, arrived), score in zip(decision, scores):
             m.update(reward, score)
@@ -176,7 +180,10 @@ def progressive_validation(model: TipModel, stream: Iterable[Example], *,
     while arrivals:
         _, _, x, reward = heapq.heappop(arrivals)
         model.learn_one(x, reward)
-    return m.get()
+    report = m.get()
+    if skipped:
+        report["skipped"] = skipped
+    return report
 
 
 def _by_decision(stream: Iterable[Example]) -> Iterator[tuple[list[tuple[Mapping[str, Any], float, float | None]],

@@ -112,3 +112,24 @@ def test_segments_read_a_logged_value_of_another_type_as_not_given() -> None:
     _, card = evaluation.evaluate({}, evaluation.rewarded_log([(decision, {"a": 1.0})], 10))
     assert card.fairness["timezone"]["segments"]["unknown"]["n"] == 1
     assert card.fairness["tenure"]["segments"]["new"]["n"] == 1
+
+
+def test_progressive_validation_leaves_out_what_the_learner_skips() -> None:
+    """The learner skips an example with a number beyond +-1e9 (a decision from another publisher
+    may carry one: /score refuses them). A card predicted it all the same: over scaled inputs with a
+    small spread, +-1e308 made the score NaN, and every `register` and `evaluate` was refused as "the
+    model overflowed" while that decision was among the newest rewarded."""
+    from app import evaluation
+    from models.reward import TipModel
+    from models.validation import progressive_validation
+
+    rng = random.Random(0)
+    decisions = [({"id": f"x{i}", "ts": "2026-11-26T09:00:00+01:00",
+                   "features": {"len": 1.0 + rng.random() * 1e-6, "width": 1.0 + rng.random() * 1e-6},
+                   "ranked": [{"tip_id": "a", "score": 0.5, "propensity": 1.0}]}, {"a": rng.choice([0.0, 1.0])})
+                 for i in range(200)]
+    decisions.insert(100, ({**decisions[0][0], "id": "big", "features": {"len": 1e308, "width": -1e308}}, {"a": 1.0}))
+    model, card = evaluation.evaluate({}, evaluation.rewarded_log(decisions, 1000))
+    assert card.offline_metrics["n"] == 200 and card.offline_metrics["skipped"] == 1
+    assert model.n_learned == 200 and model.n_skipped == 0, "left out, as the learner leaves it out"
+    assert "skipped" not in progressive_validation(TipModel(), [({"len": 1e9}, 1.0)]), "at the bound: used"
