@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceError
 
 # Kept here rather than imported from models/ (River takes seconds to import and every CLI
 # command reads settings); tests/unit/test_scoring.py checks they match models/.
@@ -269,6 +270,9 @@ class SettingsError(ValueError):
     """A setting's value is wrong: the message names each variable and what it needs."""
 
 
+FIX_IT = "Fix it, or unset it for its default (the README's settings table lists them all)."
+
+
 def load_settings() -> Settings:
     """Settings from the environment (and `.env`), or a SettingsError naming each bad variable.
 
@@ -281,16 +285,32 @@ def load_settings() -> Settings:
     TIPSTREAM_PORT='eighty': Input should be a valid integer, unable to parse string as an integer
     Fix it, or unset it for its default (the README's settings table lists them all).
     >>> del os.environ["TIPSTREAM_PORT"]
+    >>> os.environ["TIPSTREAM_REWARDS"] = "acted=1"
+    >>> try:
+    ...     load_settings()
+    ... except SettingsError as error:
+    ...     print(error)
+    TIPSTREAM_REWARDS='acted=1': not valid JSON; Reward per reaction, JSON, e.g. `{"acted": 1, "liked": 0.8}`; reactions left out keep their default.
+    Fix it, or unset it for its default (the README's settings table lists them all).
+    >>> del os.environ["TIPSTREAM_REWARDS"]
     """
     try:
         return Settings()
+    except SourceError as error:  # a JSON-valued setting that is not JSON: pydantic-settings says only which
+        found = re.search(r'field "(\w+)"', str(error))
+        if found is None or found.group(1) not in Settings.model_fields:
+            raise
+        variable = env_name(found.group(1))
+        given = f"={os.environ[variable]!r}" if variable in os.environ else " (in .env)"
+        raise SettingsError(f"{variable}{given}: not valid JSON; {Settings.model_fields[found.group(1)].description}\n"
+                            f"{FIX_IT}") from None
     except ValidationError as error:
         lines = []
         for problem in error.errors(include_url=False):
             name = str(problem["loc"][0]) if problem["loc"] else "?"
             variable = name if name.isupper() else f"TIPSTREAM_{name.upper()}"
             lines.append(f"{variable}={problem['input']!r}: {problem['msg'].removeprefix('Value error, ')}")
-        lines.append("Fix it, or unset it for its default (the README's settings table lists them all).")
+        lines.append(FIX_IT)
         raise SettingsError("\n".join(lines)) from None
 
 
