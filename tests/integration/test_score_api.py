@@ -262,7 +262,7 @@ async def test_own_decisions_are_not_read_back_but_others_are(start_service, nc)
     read_back: list[str] = []
     [decisions] = [ingest for ingest in service.ingests if ingest.spec.name == "DECISIONS"]
     sink = decisions.sink
-    decisions.sink = lambda logged: read_back.append(logged.id) or sink(logged)
+    decisions.sink = lambda logged, reply=None: read_back.append(logged.id) or sink(logged, reply)
     async with httpx.AsyncClient(base_url=running.base_url) as http:
         answers = [(await http.post("/score", json=body(user_id=f"u-{i}"))).json() for i in range(30)]
     assert all("decision_id" in a for a in answers)
