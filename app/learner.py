@@ -228,14 +228,17 @@ class Learner:
         subject, says when JetStream stored it)."""
         entry = self._lookup(logged.id)
         if entry is None:
-            created = decision_time_ms(logged.id)
+            stored = stored_ms(reply) if reply is not None else 0
+            # Joinable for the window from its creation, not from when it was read back: another
+            # publisher's (no time in its id) from when JetStream stored it. Held from each read,
+            # every start read it back and held it a window more, so the DECISIONS position saved
+            # never passed it and every start re-read all of DECISIONS logged since, FEEDBACK behind.
+            created = decision_time_ms(logged.id) or stored or None
             now_ms = int(self.clock() * 1000)
             if created is not None and not self.rows_to_rebuild and created < self.window_end_ms() - self.window_ms:
                 return False  # replayed from before the join window: nothing can join it any more
-            # Joinable for the window from its creation, not from when it was read back.
             entry = _Entry(logged.data, self.store.positions.get("DECISIONS", 0),
-                           min(created, now_ms) if created is not None else now_ms, logged.body,
-                           stored_ms=stored_ms(reply) if reply is not None else 0)
+                           min(created, now_ms) if created is not None else now_ms, logged.body, stored_ms=stored)
             self._adopt_credits(logged.id, entry)
             self._insert(logged.id, entry, replayed=self.replaying)
         elif entry.logged:
@@ -291,9 +294,10 @@ class Learner:
             entry.credits, entry.rewarded_ms = credits
             self._note_credited(decision_id, entry)
             if decision_time_ms(decision_id) is None:
-                # No time in its id: held for a window from now (`add_logged`), so its credits are
-                # saved again now, else they would leave with the minute they were given in, a
-                # window after it, and the next start would read it back without them.
+                # No time in its id: held for a window from when JetStream stored it, or from now
+                # when that is not known (`add_logged`), so its credits are saved again now, else
+                # they could leave with the minute they were given in while it is held, and the
+                # next start would read it back without them.
                 self.credit_log.credit(decision_id, entry.credits, entry.rewarded_ms, int(self.clock() * 1000))
 
     def _note_credited(self, decision_id: str, entry: _Entry) -> None:

@@ -336,6 +336,66 @@ def test_a_replay_learns_feedback_that_came_before_another_publisher_s_decision_
     rebuilt.engine.dispose()
 
 
+def _decisions_ack(stored_s: float, seq: int) -> bytes:
+    """A DECISIONS message's ack subject: it says when JetStream stored the message."""
+    return f"$JS.ACK.DECISIONS.tipstream-decisions.1.{seq}.{seq}.{int(stored_s * 1e9)}.0".encode()
+
+
+def test_another_publisher_s_decision_is_held_a_window_from_when_it_was_stored_not_from_each_start(
+    tmp_path: Path,
+) -> None:
+    """A decision with no time in its id was held for the join window from each time it was read:
+    every start read it back and held it a window more, so the DECISIONS position the snapshots
+    saved never passed it, and every start re-read all of DECISIONS logged since (its retention, 90
+    days by default), FEEDBACK waiting behind. It is held a window from when JetStream stored it."""
+    def checkpoint(world: World) -> None:
+        checkpointer = Checkpointer(world.store, SqlCheckpointStore(world.engine), every_events=1, every_s=60,
+                                    participants=[world.learner, world.log])
+        world.learner.snapshot_at_next_checkpoint()
+        assert asyncio.run(checkpointer.checkpoint())
+
+    first = World(tmp_path)
+    t0 = first.clock.now
+    assert first.learner.restore(first.engine) is None
+    first.learner.add_logged(_foreign(first, "ext-1"), _decisions_ack(t0, 1))
+    first.store.advance("DECISIONS", 1)
+    first.learner.caught_up()  # DECISIONS read to its end
+    checkpoint(first)
+
+    # Ten minutes on (the window is an hour): read back, held, and its feedback still joins.
+    again = World(tmp_path)
+    again.clock.now = t0 + 600
+    again.store.positions.update(again.learner.restore(again.engine) or {})  # as the service resumes
+    assert again.store.positions == {"FEEDBACK": 0, "DECISIONS": 0}
+    assert again.learner.add_logged(_foreign(again, "ext-1"), _decisions_ack(t0, 1))
+    again.store.advance("DECISIONS", 1)
+    again.learner.caught_up()  # DECISIONS read to its end
+    before = outcomes()
+    again.sink(parse_event(orjson.dumps({"id": "f-1", "type": "tip.reacted", "user_id": "u-1", "ts": NOW,
+                                         "data": {"tip_id": "a", "decision_id": "ext-1", "reaction": "acted"}})),
+               _ack(t0 + 600, 1))
+    again.store.advance("FEEDBACK", 1)
+    assert delta(before) == {"credited": 1}
+    checkpoint(again)
+
+    # Two hours on: it left the window an hour ago. Each start used to hold it again, from then.
+    later = World(tmp_path)
+    later.clock.now = t0 + 7200
+    later.store.positions.update(later.learner.restore(later.engine) or {})
+    assert later.store.positions == {"FEEDBACK": 1, "DECISIONS": 0}
+    later.learner.add_logged(_foreign(later, "ext-1"), _decisions_ack(t0, 1))
+    later.store.advance("DECISIONS", 1)
+    later.learner.caught_up()  # DECISIONS read to its end
+    assert later.learner._lookup("ext-1") is None
+    checkpoint(later)
+    last = World(tmp_path)
+    last.clock.now = t0 + 7260
+    assert last.learner.restore(last.engine) == {"FEEDBACK": 1, "DECISIONS": 1}, "the next start reads on"
+    assert not later.log.dirty, "read back past the window, its row (with its reward) is left as it is"
+    for world in (first, again, later, last):
+        world.engine.dispose()
+
+
 def test_a_rebuild_gives_every_decision_read_back_its_row_however_old(tmp_path: Path) -> None:
     """No snapshot (the database dropped to rebuild from the log): a decision older than the
     join window still gets its `tip_scores` row. With a snapshot it is skipped, as its row exists."""
