@@ -310,3 +310,33 @@ async def test_a_user_state_that_cannot_be_loaded_for_longer_than_ack_wait_gets_
     running.cancel()
     await ingest.stop()
     await nc.close()
+
+
+async def test_the_lag_metric_counts_what_a_start_has_to_read_while_feedback_waits_for_decisions(nats_server) -> None:
+    """At a start FEEDBACK waits for DECISIONS to be read back (`ReadUpTo`): seconds for the join
+    window, longer with a larger one. `tipstream_stream_lag` said 0 for FEEDBACK all that while, though
+    /readyz counted the backlog after an outage: it was set only once a chunk had been folded."""
+    from app.ingest import ReadUpTo
+    from app.metrics import METRICS
+    from tests.conftest import eventually
+
+    nc = await jsx.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    await jsx.publish_events(js, [("feedback.tip.reacted", {
+        "id": f"f-{i}", "type": "tip.reacted", "user_id": "u-1", "ts": "2026-11-26T08:00:00Z", "v": 1,
+        "data": {"tip_id": "t", "decision_id": f"d-{i}", "reaction": "liked"}}) for i in range(300)])
+    gauge = METRICS.lag.labels("FEEDBACK")
+    gauge.set(0)
+    store = OnlineStore()
+    ingest = StreamIngest(nc, js, jsx.FEEDBACK, store, Checkpoints(), batch=128, max_event_bytes=16384,
+                          max_uncheckpointed=10**6, after=ReadUpTo())  # DECISIONS not read back yet
+    await ingest.start()
+    running = asyncio.create_task(ingest.run())
+    await eventually(lambda: ingest.buffer or ingest._held, timeout=5)  # delivered, and held
+    assert store.applied == 0 and ingest.lag == 300
+    assert gauge._value.get() == 300
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    await ingest.stop()
+    await nc.close()
