@@ -396,6 +396,78 @@ def test_another_publisher_s_decision_is_held_a_window_from_when_it_was_stored_n
         world.engine.dispose()
 
 
+def _reaction(event_id: str, decision_id: str, tip: str, kind: str = "acted") -> Any:
+    return parse_event(orjson.dumps({"id": event_id, "type": "tip.reacted", "user_id": "u-1", "ts": NOW,
+                                     "data": {"tip_id": tip, "decision_id": decision_id, "reaction": kind}}))
+
+
+@pytest.mark.xfail(strict=True, reason="waiting feedback is given up by the clock while FEEDBACK is read back")
+def test_feedback_deferred_while_feedback_is_read_back_is_not_given_up_by_the_clock(tmp_path: Path) -> None:
+    """Another publisher's decision stored 5 s after feedback naming it: live the feedback waited 5 s
+    and was learned. Read back, the decision is read first and the feedback is deferred until FEEDBACK's
+    time passes the decision's; if the read-back stalls longer than `pending_max_age_s` (the database
+    or NATS away, ingest paused for checkpoints), a checkpoint gave it up by the clock, and a reward
+    live learned was lost as `unknown_decision`. It waits in FEEDBACK's time."""
+    live = World(tmp_path / "live")
+    t0 = live.clock.now
+    decision = _foreign(live, "ext-1")
+    before = outcomes()
+    live.sink(_reaction("f-1", "ext-1", "a"), _ack(t0, 1))
+    live.clock.now = t0 + 5
+    live.learner.add_logged(decision, _decisions_ack(t0 + 5, 1))
+    live.clock.now = t0 + 6
+    live.sink(_reaction("f-2", "ext-1", "b", "liked"), _ack(t0 + 6, 2))
+    assert delta(before) == {"waiting": 1, "credited": 2}
+
+    replay = World(tmp_path / "replay")
+    replay.clock.now = t0 + 30
+    replay.learner.feedback_read = ReadUpTo()  # FEEDBACK is read back, behind DECISIONS
+    before = outcomes()
+    replay.learner.add_logged(decision, _decisions_ack(t0 + 5, 1))
+    replay.sink(_reaction("f-1", "ext-1", "a"), _ack(t0, 1))
+    assert delta(before) == {"waiting": 1}, "deferred: FEEDBACK had not reached the decision yet, live"
+    replay.clock.now = t0 + 120  # the read-back stalls for two minutes; waiting gives up after 60 s
+    replay.learner.snapshot()
+    replay.sink(_reaction("f-2", "ext-1", "b", "liked"), _ack(t0 + 6, 2))
+    assert delta(before) == {"waiting": 1, "credited": 2}
+    assert replay.log.dirty["ext-1"]["rewards"] == live.log.dirty["ext-1"]["rewards"]
+    for version in ("v1", "v2"):
+        assert replay.lineup.models[version].to_bytes() == live.lineup.models[version].to_bytes()
+    live.engine.dispose()
+    replay.engine.dispose()
+
+
+@pytest.mark.xfail(strict=True, reason="waiting feedback is given up by the clock while FEEDBACK is read back")
+def test_feedback_waiting_while_feedback_is_read_back_waits_in_feedback_s_time(tmp_path: Path) -> None:
+    """While FEEDBACK is read back, feedback waiting for a decision DECISIONS has not brought yet is
+    given up once FEEDBACK's time is `pending_max_age_s` past it, as live, not by the clock: a stall
+    of the read-back does not give it up, and it is still given up in the end."""
+    w = World(tmp_path)
+    t0 = w.clock.now
+    w.learner.feedback_read = ReadUpTo()  # FEEDBACK is read back
+    before = outcomes()
+    w.sink(_reaction("f-1", "ext-1", "a"), _ack(t0, 1))  # its decision is stored 5 s later
+    w.sink(_reaction("f-2", "ext-never", "a"), _ack(t0 + 1, 2))  # its decision never comes
+    w.clock.now = t0 + 600  # the read-back stalls for ten minutes
+    w.learner.snapshot()
+    assert delta(before) == {"waiting": 2}
+    w.learner.add_logged(_foreign(w, "ext-1"), _decisions_ack(t0 + 5, 1))
+    w.sink(_reaction("f-3", "ext-1", "b", "liked"), _ack(t0 + 6, 3))
+    assert delta(before) == {"waiting": 2, "credited": 2}
+    w.sink(_reaction("f-4", "ext-2", "a"), _ack(t0 + 30, 4))  # waits: FEEDBACK's time is 29 s past f-2
+    w.learner.snapshot()
+    assert delta(before) == {"waiting": 3, "credited": 2}
+    w.sink(_reaction("f-5", "ext-3", "a"), _ack(t0 + 62, 5))  # 61 s past f-2, 32 s past f-4
+    assert delta(before) == {"waiting": 4, "credited": 2, "unknown_decision": 1}
+    assert set(w.learner.waiting.by_decision) == {"ext-2", "ext-3"}
+    # FEEDBACK has caught up: waiting is the clock's again, and both waited longer than 60 s of it.
+    w.learner.feedback_read.advance(int((t0 + 600) * 1000), caught_up=True)
+    w.learner.snapshot()
+    assert delta(before) == {"waiting": 4, "credited": 2, "unknown_decision": 3}
+    assert not w.learner.waiting.by_decision and len(w.learner.waiting) == 0
+    w.engine.dispose()
+
+
 def test_a_rebuild_gives_every_decision_read_back_its_row_however_old(tmp_path: Path) -> None:
     """No snapshot (the database dropped to rebuild from the log): a decision older than the
     join window still gets its `tip_scores` row. With a snapshot it is skipped, as its row exists."""
