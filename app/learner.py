@@ -138,8 +138,9 @@ class Learner:
         # Until DECISIONS has caught up (`caught_up`), snapshots say so: a rebuild stopped half way
         # goes on as a rebuild, its credits restored however old.
         self.rows_to_rebuild = False
-        # Feedback whose decision has not come, timed on this clock; its stored time in FEEDBACK
-        # stamps the reward when the decision comes (see `_credit`).
+        # Feedback whose decision has not come, timed on this clock, or in FEEDBACK's time while
+        # FEEDBACK is read back (`_waiting_now`); its stored time in FEEDBACK stamps the reward when
+        # the decision comes (see `_credit`).
         self.waiting = WaitingFeedback(pending_max, pending_max_age_s)
         self.pending_max_age_ms = int(pending_max_age_s * 1000)
         # While FEEDBACK is read back (a rebuild, a restart), feedback that reached FEEDBACK before its
@@ -394,10 +395,12 @@ class Learner:
                 if self.waiting.holds(decision_id, data.tip_id):
                     _OUTCOME["duplicate"].inc()
                     return
-                self.waiting.hold(decision_id, data.tip_id, (data.reaction, self.clock(), event.user_id, stored_at_ms))
+                self.waiting.hold(decision_id, data.tip_id,
+                                  (data.reaction, self._waiting_now(), event.user_id, stored_at_ms))
                 self._changed = True
                 self._defer(decision_id, joinable_ms)
                 _OUTCOME["waiting"].inc()
+                self._expire_waiting()  # within `pending_max`, as any feedback held
                 return
         self._credit(decision_id, entry, data.tip_id, data.reaction, event.user_id, stored_at_ms)
 
@@ -409,20 +412,43 @@ class Learner:
         if self.waiting.holds(decision_id, tip_id):
             _OUTCOME["duplicate"].inc()
             return
-        now = self.clock()
-        self.waiting.hold(decision_id, tip_id, (reaction, now, user_id, stored_at_ms))
+        self.waiting.hold(decision_id, tip_id, (reaction, self._waiting_now(), user_id, stored_at_ms))
         self._changed = True
         _OUTCOME["waiting"].inc()
-        self._expire_waiting(now)
+        self._expire_waiting()
 
-    def _expire_waiting(self, now: float) -> None:
+    def _waiting_now(self) -> float:
+        """The time feedback waits in (`pending_max_age_s`): this clock's, live; at a start, until
+        FEEDBACK and DECISIONS have both caught up, FEEDBACK's (the stored time of the newest
+        feedback read, capped by the clock). Live, a reaction waited until the clock was the age past
+        when it came, its decision coming meanwhile or never. Read back, the time that passes is
+        the log's: by the clock, a read-back stalled past the age (the database or NATS away, ingest
+        paused for checkpoints) gave up on feedback whose decision DECISIONS was still to bring, or
+        had brought and FEEDBACK had not reached yet (`_defer`), and lost rewards live learned. The
+        clock's again only once DECISIONS has caught up too: FEEDBACK can reach its end first, and
+        feedback read back from longer ago than the age would be given up at once, its decision
+        maybe still to be read. FEEDBACK follows DECISIONS at a start, so by FEEDBACK's time a
+        decision that came in time has been read. Feedback held at the start (`restore`) waits from
+        the clock's time then, which FEEDBACK's only reaches later."""
+        now = self.clock()
+        feedback_ms = max(self.feedback_ms, self._feedback_seen_ms)
+        if (self.feedback_read.caught_up and not self.replaying) or not feedback_ms:  # not known: the clock's
+            return now
+        return min(now, feedback_ms / 1000)
+
+    def _expire_waiting(self) -> None:
+        now = self._waiting_now()
+        if self._due:
+            # Deferred feedback whose decision FEEDBACK's time has reached is credited first, in its
+            # order: given up for its age here, it was learned live (`_credit_waiting` judges that).
+            self._release_due(math.inf if self.feedback_read.caught_up else max(self.feedback_ms, self._feedback_seen_ms))
         expired = self.waiting.expire(now)
         if expired:
             _OUTCOME["unknown_decision"].inc(expired)
 
     def expire(self) -> None:
         """Give up on feedback that waited too long (each checkpoint's `snapshot` does this too)."""
-        self._expire_waiting(self.clock())
+        self._expire_waiting()
 
     def _credit(self, decision_id: str, entry: _Entry, tip_id: str, reaction: str, user_id: str | None,
                 stored_at_ms: int | None = None) -> None:
@@ -547,10 +573,8 @@ class Learner:
             self.credit_log.confirmed(gen)
             if learn_seq is not None:
                 self._models_saved_seq = max(self._models_saved_seq, learn_seq)
-        if self._due and self.feedback_read.caught_up:
-            self._release_due(math.inf)  # FEEDBACK has caught up: no later feedback will
         now = self.clock()
-        self._expire_waiting(now)
+        self._expire_waiting()  # releases the deferred feedback due, all once FEEDBACK has caught up
         # Checkpoints run one at a time, so an unconfirmed snapshot here is one that failed: retry now.
         failed = bool(self._unconfirmed)
         # Models grow with the users who give feedback (a user x category cross each). The loop

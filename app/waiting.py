@@ -33,8 +33,9 @@ import orjson
 # that each holds many reactions.
 BUCKET_S = 5
 
-# (reaction, arrival on the learner's clock in s, user id, when FEEDBACK stored it in ms): the arrival
-# times the wait; the stored time stamps the reward once the decision comes.
+# (reaction, arrival in s, user id, when FEEDBACK stored it in ms): the arrival times the wait, on
+# the learner's clock, or in FEEDBACK's time while a start reads it back (`Learner._waiting_now`);
+# the stored time stamps the reward once the decision comes.
 Waiting = tuple[str, float, str | None, int | None]
 
 

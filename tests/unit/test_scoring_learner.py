@@ -401,7 +401,6 @@ def _reaction(event_id: str, decision_id: str, tip: str, kind: str = "acted") ->
                                      "data": {"tip_id": tip, "decision_id": decision_id, "reaction": kind}}))
 
 
-@pytest.mark.xfail(strict=True, reason="waiting feedback is given up by the clock while FEEDBACK is read back")
 def test_feedback_deferred_while_feedback_is_read_back_is_not_given_up_by_the_clock(tmp_path: Path) -> None:
     """Another publisher's decision stored 5 s after feedback naming it: live the feedback waited 5 s
     and was learned. Read back, the decision is read first and the feedback is deferred until FEEDBACK's
@@ -437,7 +436,6 @@ def test_feedback_deferred_while_feedback_is_read_back_is_not_given_up_by_the_cl
     replay.engine.dispose()
 
 
-@pytest.mark.xfail(strict=True, reason="waiting feedback is given up by the clock while FEEDBACK is read back")
 def test_feedback_waiting_while_feedback_is_read_back_waits_in_feedback_s_time(tmp_path: Path) -> None:
     """While FEEDBACK is read back, feedback waiting for a decision DECISIONS has not brought yet is
     given up once FEEDBACK's time is `pending_max_age_s` past it, as live, not by the clock: a stall
@@ -465,6 +463,47 @@ def test_feedback_waiting_while_feedback_is_read_back_waits_in_feedback_s_time(t
     w.learner.snapshot()
     assert delta(before) == {"waiting": 4, "credited": 2, "unknown_decision": 3}
     assert not w.learner.waiting.by_decision and len(w.learner.waiting) == 0
+    w.engine.dispose()
+
+
+def test_feedback_read_back_waits_in_feedback_s_time_until_decisions_has_caught_up_too(tmp_path: Path) -> None:
+    """FEEDBACK can reach its end before DECISIONS does (decisions stored after the last feedback):
+    judged by the clock from then, feedback read back from longer ago than `pending_max_age_s` was
+    given up at once, though DECISIONS was still to bring its decision, stored 5 s after it."""
+    w = World(tmp_path)
+    t0 = w.clock.now
+    w.clock.now = t0 + 3600  # a rebuild an hour later
+    assert w.learner.restore(w.engine) is None  # DECISIONS is read back until `caught_up`
+    w.learner.feedback_read = ReadUpTo()
+    before = outcomes()
+    w.sink(_reaction("f-1", "ext-1", "a"), _ack(t0, 1))
+    w.learner.feedback_read.advance(int(t0 * 1000), caught_up=True)  # FEEDBACK's last message
+    w.learner.snapshot()
+    assert delta(before) == {"waiting": 1}
+    w.learner.add_logged(_foreign(w, "ext-1"), _decisions_ack(t0 + 5, 1))
+    assert delta(before) == {"waiting": 1, "credited": 1}
+    # Live again (both caught up): feedback whose decision never comes is given up by the clock.
+    w.learner.caught_up()
+    w.sink(_reaction("f-2", "ext-never", "a"), _ack(t0 + 3600, 2))
+    w.clock.now += 61
+    w.learner.snapshot()
+    assert delta(before) == {"waiting": 2, "credited": 1, "unknown_decision": 1}
+    w.engine.dispose()
+
+
+def test_feedback_deferred_while_feedback_is_read_back_is_held_within_pending_max(tmp_path: Path) -> None:
+    w = World(tmp_path, pending_max=2)
+    t0 = w.clock.now
+    w.learner.feedback_read = ReadUpTo()  # FEEDBACK is read back
+    before = outcomes()
+    for i in range(3):
+        w.learner.add_logged(_foreign(w, f"ext-{i}"), _decisions_ack(t0 + 5, i + 1))
+    for i in range(3):
+        w.sink(_reaction(f"f-{i}", f"ext-{i}", "a"), _ack(t0 + i * 0.1, i + 1))  # deferred
+    assert delta(before) == {"waiting": 3, "unknown_decision": 1} and len(w.learner.waiting) == 2
+    w.sink(_reaction("f-9", "ext-0", "b"), _ack(t0 + 6, 9))
+    assert delta(before) == {"waiting": 3, "unknown_decision": 1, "credited": 3}
+    assert len(w.learner.waiting) == 0
     w.engine.dispose()
 
 
