@@ -604,6 +604,28 @@ def test_waiting_feedback_survives_a_long_stop(world: World, tmp_path: Path) -> 
     again.engine.dispose()
 
 
+def test_waiting_feedback_restored_survives_a_stalled_re_read_of_decisions(tmp_path: Path) -> None:
+    """Restored, waiting feedback waits from the start; until DECISIONS has been re-read, in FEEDBACK's
+    time: a re-read stalled longer than `pending_max_age_s` (60 s here) gave it up by the clock."""
+    before_stop = World(tmp_path)
+    t0 = before_stop.clock.now
+    before_stop.sink(_reaction("f-1", "ext-1", "a"), _ack(t0, 1))
+    before_stop.learner.feedback_read.advance(int(t0 * 1000), caught_up=True)  # as the FEEDBACK ingest does
+    with before_stop.engine.begin() as conn:
+        before_stop.learner.write(conn, before_stop.learner.snapshot(force=True))
+
+    again = World(tmp_path)
+    again.clock.now = t0 + 600  # back 10 minutes later (the window is an hour)
+    again.learner.restore(again.engine)  # FEEDBACK has nothing new; DECISIONS is re-read
+    before = outcomes()
+    again.clock.now += 120  # the re-read stalls (the database away)
+    again.learner.snapshot()
+    again.learner.add_logged(_foreign(again, "ext-1"), _decisions_ack(t0 + 5, 1))
+    assert delta(before) == {"credited": 1}
+    before_stop.engine.dispose()
+    again.engine.dispose()
+
+
 def test_model_snapshots_are_spaced_by_what_serialising_the_models_costs(tmp_path: Path) -> None:
     class SlowToSerialise:  # each reading 0.25 s later: a snapshot's models take 0.5 s
         now = 0.0
