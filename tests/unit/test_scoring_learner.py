@@ -278,31 +278,34 @@ def _foreign(world: World, decision_id: str) -> LoggedDecision:
     return LoggedDecision(decision_id, orjson.dumps(body))
 
 
+def _decisions_ack(stored_s: float, seq: int) -> bytes:
+    """A DECISIONS message's ack subject: it says when JetStream stored the message."""
+    return f"$JS.ACK.DECISIONS.tipstream-decisions.1.{seq}.{seq}.{int(stored_s * 1e9)}.0".encode()
+
+
+def _reaction(event_id: str, decision_id: str, tip: str, kind: str = "acted") -> Any:
+    return parse_event(orjson.dumps({"id": event_id, "type": "tip.reacted", "user_id": "u-1", "ts": NOW,
+                                     "data": {"tip_id": tip, "decision_id": decision_id, "reaction": kind}}))
+
+
 def test_a_replay_learns_feedback_that_came_before_another_publisher_s_decision_as_live(tmp_path: Path) -> None:
     """Another publisher's decision can reach DECISIONS after feedback naming it: live, the feedback
     waits and is learned when the decision comes, after the rewards stored in between; or, once it
     has waited `pending_max_age_s`, never. A rebuild reads DECISIONS ahead of FEEDBACK, and found the
     decision already there: it learned the first at its own place in FEEDBACK and the second at all,
     so its models differed from the live ones, which the README says they equal."""
-    def reaction(event_id: str, decision_id: str, tip: str, kind: str) -> Any:
-        return parse_event(orjson.dumps({"id": event_id, "type": "tip.reacted", "user_id": "u-1", "ts": NOW,
-                                         "data": {"tip_id": tip, "decision_id": decision_id, "reaction": kind}}))
-
-    def decisions_ack(stored_s: float, seq: int) -> bytes:
-        return f"$JS.ACK.DECISIONS.tipstream-decisions.1.{seq}.{seq}.{int(stored_s * 1e9)}.0".encode()
-
     live = World(tmp_path / "live")
     t0 = live.clock.now
     d0, d1, d2 = (_foreign(live, f"ext-{i}") for i in range(3))
     # (stored at, what): the log, in the order it was stored, across both streams.
     log: list[tuple[float, str, Any]] = [
         (t0, "decision", d0),
-        (t0 + 1, "feedback", reaction("f-1", "ext-1", "a", "acted")),  # before its decision
-        (t0 + 2, "feedback", reaction("f-2", "ext-0", "a", "disliked")),
-        (t0 + 3, "feedback", reaction("f-3", "ext-0", "b", "acted")),
+        (t0 + 1, "feedback", _reaction("f-1", "ext-1", "a", "acted")),  # before its decision
+        (t0 + 2, "feedback", _reaction("f-2", "ext-0", "a", "disliked")),
+        (t0 + 3, "feedback", _reaction("f-3", "ext-0", "b", "acted")),
         (t0 + 4, "decision", d1),
-        (t0 + 5, "feedback", reaction("f-4", "ext-1", "b", "liked")),
-        (t0 + 6, "feedback", reaction("f-5", "ext-2", "a", "acted")),  # its decision comes too late
+        (t0 + 5, "feedback", _reaction("f-4", "ext-1", "b", "liked")),
+        (t0 + 6, "feedback", _reaction("f-5", "ext-2", "a", "acted")),  # its decision comes too late
         (t0 + 6 + 120, "decision", d2),  # pending_max_age_s is 60
     ]
     before = outcomes()
@@ -310,7 +313,7 @@ def test_a_replay_learns_feedback_that_came_before_another_publisher_s_decision_
         live.clock.now = stored_s
         live.learner.expire()
         if kind == "decision":
-            live.learner.add_logged(item, decisions_ack(stored_s, seq))
+            live.learner.add_logged(item, _decisions_ack(stored_s, seq))
         else:
             live.sink(item, _ack(stored_s, seq))
     assert delta(before) == {"waiting": 2, "credited": 4, "unknown_decision": 1}
@@ -321,7 +324,7 @@ def test_a_replay_learns_feedback_that_came_before_another_publisher_s_decision_
     rebuilt.learner.feedback_read = ReadUpTo()  # FEEDBACK follows DECISIONS, which is read further
     before = outcomes()
     for seq, (stored_s, _, item) in enumerate((e for e in log if e[1] == "decision"), 1):
-        rebuilt.learner.add_logged(item, decisions_ack(stored_s, seq))
+        rebuilt.learner.add_logged(item, _decisions_ack(stored_s, seq))
     rebuilt.learner.caught_up()
     for seq, (stored_s, _, item) in enumerate((e for e in log if e[1] == "feedback"), 1):
         rebuilt.sink(item, _ack(stored_s, seq))
@@ -334,11 +337,6 @@ def test_a_replay_learns_feedback_that_came_before_another_publisher_s_decision_
     assert {d: r["rewards"] for d, r in rebuilt.log.dirty.items()} == {d: r["rewards"] for d, r in live.log.dirty.items()}
     live.engine.dispose()
     rebuilt.engine.dispose()
-
-
-def _decisions_ack(stored_s: float, seq: int) -> bytes:
-    """A DECISIONS message's ack subject: it says when JetStream stored the message."""
-    return f"$JS.ACK.DECISIONS.tipstream-decisions.1.{seq}.{seq}.{int(stored_s * 1e9)}.0".encode()
 
 
 def test_another_publisher_s_decision_is_held_a_window_from_when_it_was_stored_not_from_each_start(
@@ -371,9 +369,7 @@ def test_another_publisher_s_decision_is_held_a_window_from_when_it_was_stored_n
     again.store.advance("DECISIONS", 1)
     again.learner.caught_up()  # DECISIONS read to its end
     before = outcomes()
-    again.sink(parse_event(orjson.dumps({"id": "f-1", "type": "tip.reacted", "user_id": "u-1", "ts": NOW,
-                                         "data": {"tip_id": "a", "decision_id": "ext-1", "reaction": "acted"}})),
-               _ack(t0 + 600, 1))
+    again.sink(_reaction("f-1", "ext-1", "a"), _ack(t0 + 600, 1))
     again.store.advance("FEEDBACK", 1)
     assert delta(before) == {"credited": 1}
     checkpoint(again)
@@ -394,11 +390,6 @@ def test_another_publisher_s_decision_is_held_a_window_from_when_it_was_stored_n
     assert not later.log.dirty, "read back past the window, its row (with its reward) is left as it is"
     for world in (first, again, later, last):
         world.engine.dispose()
-
-
-def _reaction(event_id: str, decision_id: str, tip: str, kind: str = "acted") -> Any:
-    return parse_event(orjson.dumps({"id": event_id, "type": "tip.reacted", "user_id": "u-1", "ts": NOW,
-                                     "data": {"tip_id": tip, "decision_id": decision_id, "reaction": kind}}))
 
 
 def test_feedback_deferred_while_feedback_is_read_back_is_not_given_up_by_the_clock(tmp_path: Path) -> None:
