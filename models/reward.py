@@ -225,7 +225,7 @@ class Interactions(base.Transformer):
     def plan(self, shared: Mapping[str, Any]) -> tuple[CrossPlan, CrossPlan, CrossPlan]:
         """Split the crosses for candidates that share `shared` (their keys must not overlap it):
         the crosses computed once from `shared`, and two per-candidate parts with shared members
-        already labelled: `fixed`, whose shared labels are hour buckets (or none), and `text`,
+        already labelled: `fixed`, whose shared labels are hour buckets or true/false (or none), and `text`,
         which embed a shared string such as the user's id. A candidate's `fixed` crosses repeat
         across users, so they can be cached (`TipModel.predict_many`); `text` ones rarely do.
         A cross with a shared member that is None never fires and is dropped.

@@ -125,7 +125,9 @@ def progressive_validation(model: TipModel, stream: Iterable[Example], *,
     `moment` and `delay`), as an event-time merge: O(n log n). Learning each reward right after
     its decision instead scores the model with what it could not have known when it served.
     Without the times, a decision's rewards are learned right after it is predicted. Rewards
-    still waiting at the end of the stream are learned then, so `model` learns every example.
+    still waiting at the end of the stream are learned then, so `model` learns every example
+    but those with a number beyond `INPUT_BOUND`, which `TipModel.learn_one` would skip: they are
+    neither predicted nor learned, and the report counts them in `skipped` (absent when none).
 
     `model` learns from the stream (pass `model.clone()` to keep a model untouched). When
     `records` is a list, (x, reward, prediction) triples are appended to it for
