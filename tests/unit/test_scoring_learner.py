@@ -482,6 +482,57 @@ def test_feedback_read_back_waits_in_feedback_s_time_until_decisions_has_caught_
     w.engine.dispose()
 
 
+def test_feedback_deferred_at_a_snapshot_is_deferred_again_after_a_restart(tmp_path: Path) -> None:
+    """The deferred order (`Learner._due`) is not in the snapshot, only the waiting feedback: a
+    restart mid-read-back defers it again when DECISIONS brings its decision back, and learns what
+    live learned, in the same order."""
+    live = World(tmp_path / "live")
+    t0 = live.clock.now
+    decisions = [(t0, _foreign(live, "ext-0")), (t0 + 4, _foreign(live, "ext-1"))]
+    feedback = [(t0 + 1, _reaction("f-1", "ext-1", "a")), (t0 + 2, _reaction("f-2", "ext-0", "a", "disliked")),
+                (t0 + 5, _reaction("f-3", "ext-1", "b", "liked"))]
+    for stored_s, item in sorted([*decisions, *feedback], key=lambda e: e[0]):
+        live.clock.now = stored_s
+        if isinstance(item, LoggedDecision):
+            live.learner.add_logged(item, _decisions_ack(stored_s, decisions.index((stored_s, item)) + 1))
+        else:
+            live.sink(item, _ack(stored_s, feedback.index((stored_s, item)) + 1))
+
+    first = World(tmp_path / "rebuilt")
+    first.clock.now = t0 + 3600
+    assert first.learner.restore(first.engine) is None
+    first.learner.feedback_read = ReadUpTo()  # FEEDBACK follows DECISIONS, which is read to its end
+    for seq, (stored_s, decision) in enumerate(decisions, 1):
+        first.learner.add_logged(decision, _decisions_ack(stored_s, seq))
+        first.store.advance("DECISIONS", seq)
+    first.learner.caught_up()
+    before = outcomes()
+    first.sink(feedback[0][1], _ack(feedback[0][0], 1))
+    first.store.advance("FEEDBACK", 1)
+    first.learner.feedback_read.advance(int(feedback[0][0] * 1000), caught_up=False)
+    assert delta(before) == {"waiting": 1}, "deferred: live, its decision came 3 s later"
+    with first.engine.begin() as conn:
+        first.learner.write(conn, first.learner.snapshot(force=True))
+
+    again = World(tmp_path / "rebuilt")  # stopped there, and started again
+    again.clock.now = t0 + 3700
+    positions = again.learner.restore(again.engine)
+    assert positions == {"FEEDBACK": 1, "DECISIONS": 0}
+    again.learner.feedback_read = ReadUpTo()
+    for seq, (stored_s, decision) in enumerate(decisions, 1):
+        again.learner.add_logged(decision, _decisions_ack(stored_s, seq))
+    again.learner.caught_up()
+    for seq, (stored_s, item) in enumerate(feedback[1:], 2):
+        again.sink(item, _ack(stored_s, seq))
+    again.learner.feedback_read.advance(int(feedback[-1][0] * 1000), caught_up=True)
+    again.learner.snapshot()
+    assert delta(before) == {"waiting": 1, "credited": 3}
+    for version in ("v1", "v2"):
+        assert again.lineup.models[version].to_bytes() == live.lineup.models[version].to_bytes()
+    for world in (live, first, again):
+        world.engine.dispose()
+
+
 def test_feedback_deferred_while_feedback_is_read_back_is_held_within_pending_max(tmp_path: Path) -> None:
     w = World(tmp_path, pending_max=2)
     t0 = w.clock.now
