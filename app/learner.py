@@ -392,15 +392,9 @@ class Learner:
             if joinable_ms > stored_at_ms and not (entry.credits and data.tip_id in entry.credits):
                 # Read back after its decision, but it reached FEEDBACK before the decision could be
                 # joined: live it waited, and was learned when the decision came.
-                if self.waiting.holds(decision_id, data.tip_id):
-                    _OUTCOME["duplicate"].inc()
-                    return
-                self.waiting.hold(decision_id, data.tip_id,
-                                  (data.reaction, self._waiting_now(), event.user_id, stored_at_ms))
-                self._changed = True
-                self._defer(decision_id, joinable_ms)
-                _OUTCOME["waiting"].inc()
-                self._expire_waiting()  # within `pending_max`, as any feedback held
+                if self._hold(decision_id, data.tip_id, data.reaction, event.user_id, stored_at_ms):
+                    self._defer(decision_id, joinable_ms)
+                    self._expire_waiting()  # within `pending_max`, as any feedback held
                 return
         self._credit(decision_id, entry, data.tip_id, data.reaction, event.user_id, stored_at_ms)
 
@@ -409,13 +403,19 @@ class Learner:
         if created is not None and created <= self.evicted_upto_ms:
             _OUTCOME["expired"].inc()
             return
+        if self._hold(decision_id, tip_id, reaction, user_id, stored_at_ms):
+            self._expire_waiting()
+
+    def _hold(self, decision_id: str, tip_id: str, reaction: str, user_id: str | None,
+              stored_at_ms: int | None) -> bool:
+        """Hold feedback until its decision can be joined; False for one held already (a redelivery)."""
         if self.waiting.holds(decision_id, tip_id):
             _OUTCOME["duplicate"].inc()
-            return
+            return False
         self.waiting.hold(decision_id, tip_id, (reaction, self._waiting_now(), user_id, stored_at_ms))
         self._changed = True
         _OUTCOME["waiting"].inc()
-        self._expire_waiting()
+        return True
 
     def _waiting_now(self) -> float:
         """The time feedback waits in (`pending_max_age_s`): this clock's, live; at a start, until
