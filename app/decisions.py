@@ -157,9 +157,9 @@ def _aware_time(value: Any) -> bool:
 
 
 def decision_problem(body: dict[str, Any]) -> Rejection | None:
-    """Why a decision cannot be joined or get its `tip_scores` row, or None. A decision /score
-    wrote always passes; one from another publisher that did not was joined anyway, and feedback
-    naming it failed in the learner, holding FEEDBACK at that event for good."""
+    """Why a decision cannot be joined, get its `tip_scores` row or be read by a model card, or None.
+    A decision /score wrote always passes; one from another publisher that did not was joined
+    anyway, and feedback naming it failed in the learner, holding FEEDBACK at that event for good."""
     for name, limit in _REQUIRED_TEXT:
         if not _text(body.get(name), limit):
             return Rejection("invalid_field", f"field {name!r} must be a string of 1-{limit} characters without NUL")

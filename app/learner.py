@@ -11,6 +11,8 @@ ones the fold already held):
 1. No `decision_id`: counted (`no_decision`); the fold keeps the event for the user's features.
 2. Decision not in the cache: older than the cache reaches -> `expired`; else the feedback waits
    (bounded in count and age) for the decision to arrive -> `waiting`, later `unknown_decision`.
+   Read back at a start, feedback stored before another publisher's decision waits so too, though
+   DECISIONS, read ahead, holds it already: live, it waited (`_defer`).
 3. This (decision, tip) was credited already -> `duplicate`: redelivered feedback, or the same
    reaction re-sent with a new event id, is learned once.
 4. The tip is not among the decision's candidates -> `unknown_tip`; the feedback's user is not
