@@ -149,7 +149,11 @@ def _lineup(request: Request) -> Any:
 async def list_models(request: Request) -> Response:
     """
     responses:
-      200: {description: 'every version: kind, role (champion, shadow, retired or null), rewards learned'}
+      200:
+        description: 'every version: kind, role (champion, shadow, retired or null), rewards learned'
+        content:
+          application/json:
+            schema: {$ref: '#/components/schemas/ModelList'}
     """
     lineup = _lineup(request)
     return _json(200, {"champion": lineup.champion_version, "shadow": lineup.shadow_version,
@@ -159,7 +163,11 @@ async def list_models(request: Request) -> Response:
 async def get_model(request: Request) -> Response:
     """
     responses:
-      200: {description: 'the version, its parameters, role and model card'}
+      200:
+        description: 'the version, its parameters, role and model card'
+        content:
+          application/json:
+            schema: {$ref: '#/components/schemas/ModelVersion'}
       404: {description: no such version}
     """
     try:

@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from app.score_request import MAX_CANDIDATE_FEATURES, MAX_CANDIDATES, SERVER_INPUTS, TIME_WITH_OFFSET
+from models.registry import ACTIONS
 from models.reward import INPUT_BOUND, KINDS, MAX_FACTORS, OPTIMIZERS
 from streams.features import FEATURE_NAMES
 
@@ -151,9 +152,53 @@ REGISTER_BODY = {
     },
 }
 
+# The registry's answers (`Lineup.listing`, `Lineup.describe`, `ModelCard.to_dict`, `RolloutEntry.to_dict`).
+_ROLE = {"enum": ["champion", "shadow", "retired", None], "description": "null: registered, serving nobody"}
+
+ROLLOUT_ENTRY = {
+    "type": "object", "required": ["at", "action", "version", "actor", "note"],
+    "properties": {"at": {"type": "string", "format": "date-time"}, "action": {"type": "string", "enum": list(ACTIONS)},
+                   "version": {"type": "string"}, "actor": {"type": "string"}, "note": {"type": "string"}},
+}
+
+MODEL_CARD = {
+    "type": "object", "required": ["inputs", "offline_metrics", "fairness", "rollout_history"],
+    "properties": {
+        "inputs": {"type": "object", "additionalProperties": {"type": "string"},
+                   "description": "each input the model reads, and how"},
+        "offline_metrics": {"type": "object", "description": "progressive validation and the off-policy estimate "
+                                                             "over the decision log (empty until trained)"},
+        "fairness": {"type": "object", "description": "per segmentation (tenure, timezone)"},
+        "rollout_history": {"type": "array", "items": {"$ref": "#/components/schemas/RolloutEntry"}},
+    },
+}
+
+MODEL_SUMMARY = {
+    "type": "object", "required": ["version", "kind", "role", "created_at", "n_learned"],
+    "properties": {"version": {"type": "string"}, "kind": {"type": "string", "enum": list(KINDS)}, "role": _ROLE,
+                   "created_at": {"type": "string", "format": "date-time"},
+                   "n_learned": {"type": "integer", "minimum": 0, "description": "rewards learned"}},
+}
+
+MODEL_LIST = {
+    "type": "object", "required": ["champion", "shadow", "models"],
+    "properties": {"champion": {"type": "string"}, "shadow": {"type": ["string", "null"]},
+                   "models": {"type": "array", "items": {"$ref": "#/components/schemas/ModelSummary"}}},
+}
+
+MODEL_VERSION = {
+    "type": "object", "required": [*MODEL_SUMMARY["required"], "params", "feature_names", "card"],
+    "properties": {**MODEL_SUMMARY["properties"],
+                   "params": {"type": "object", "description": "as registered; those left out take their defaults"},
+                   "feature_names": {"type": "array", "items": {"type": "string"}},
+                   "card": {"$ref": "#/components/schemas/ModelCard"}},
+}
+
 COMPONENTS = {
     "schemas": {"ScoreRequest": SCORE_REQUEST, "ScoreAnswer": SCORE_ANSWER, "Error": ERROR,
-                "UserFeatures": USER_FEATURES, "ChangeBody": CHANGE_BODY, "RegisterBody": REGISTER_BODY},
+                "UserFeatures": USER_FEATURES, "ChangeBody": CHANGE_BODY, "RegisterBody": REGISTER_BODY,
+                "RolloutEntry": ROLLOUT_ENTRY, "ModelCard": MODEL_CARD, "ModelSummary": MODEL_SUMMARY,
+                "ModelList": MODEL_LIST, "ModelVersion": MODEL_VERSION},
     "securitySchemes": {"admin": {"type": "http", "scheme": "bearer",
                                   "description": "the server's TIPSTREAM_ADMIN_TOKEN"}},
 }

@@ -41,11 +41,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from models.offpolicy import MIN_EFFECTIVE_N
 
 Action = Literal["register", "promote", "shadow", "rollback", "retire", "evaluate"]
+ACTIONS: tuple[Action, ...] = get_args(Action)
 ACTIONS: tuple[str, ...] = ("register", "promote", "shadow", "rollback", "retire", "evaluate")
 CLI = "tipstream models"  # named in error messages, so an operator knows what to type
 
