@@ -195,7 +195,11 @@ async def get_card(request: Request) -> Response:
 async def _register(request: Request, body: RegisterBody) -> Any:
     """
     responses:
-      200: {description: 'registered; trained over the decision log, card filled in'}
+      200:
+        description: 'registered; trained over the decision log, card filled in'
+        content:
+          application/json:
+            schema: {$ref: '#/components/schemas/ModelVersion'}
       409: {description: the version exists}
       422: {description: 'bad parameters, or a model that overflows learning the log (field: params)'}
     """
@@ -212,7 +216,11 @@ def _role_change(method: str) -> Callable[[Request, ChangeBody], Awaitable[Any]]
 
     action.__doc__ = f"""
     responses:
-      200: {{description: '{method} done; the roles now and the latest rollout history'}}
+      200:
+        description: '{method} done; the roles now and the latest rollout history'
+        content:
+          application/json:
+            schema: {{$ref: '#/components/schemas/Roles'}}
       404: {{description: no such version}}
       409: {{description: refused by the registry rules (the message says what to do)}}
     """
@@ -222,7 +230,11 @@ def _role_change(method: str) -> Callable[[Request, ChangeBody], Awaitable[Any]]
 async def _rollback(request: Request, body: ChangeBody) -> Any:
     """
     responses:
-      200: {description: the previous champion is back}
+      200:
+        description: 'the previous champion is back; the roles now and the latest rollout history'
+        content:
+          application/json:
+            schema: {$ref: '#/components/schemas/Roles'}
       409: {description: nothing to roll back to}
     """
     lineup = _lineup(request)
@@ -234,7 +246,11 @@ async def _rollback(request: Request, body: ChangeBody) -> Any:
 async def _evaluate(request: Request, body: ChangeBody) -> Any:
     """
     responses:
-      200: {description: 'the refreshed model card: progressive validation, fairness, and off-policy value over the log'}
+      200:
+        description: 'the refreshed model card: progressive validation, fairness, and off-policy value over the log'
+        content:
+          application/json:
+            schema: {$ref: '#/components/schemas/ModelCard'}
       404: {description: no such version}
       422: {description: "a bad body, or the version's model overflows learning the log (field: params); nothing changed"}
     """

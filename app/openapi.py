@@ -194,11 +194,18 @@ MODEL_VERSION = {
                    "card": {"$ref": "#/components/schemas/ModelCard"}},
 }
 
+ROLES = {
+    "type": "object", "required": ["champion", "shadow", "history"],
+    "properties": {"champion": {"type": "string"}, "shadow": {"type": ["string", "null"]},
+                   "history": {"type": "array", "maxItems": 5, "items": {"$ref": "#/components/schemas/RolloutEntry"},
+                               "description": "the latest rollout history, oldest first"}},
+}
+
 COMPONENTS = {
     "schemas": {"ScoreRequest": SCORE_REQUEST, "ScoreAnswer": SCORE_ANSWER, "Error": ERROR,
                 "UserFeatures": USER_FEATURES, "ChangeBody": CHANGE_BODY, "RegisterBody": REGISTER_BODY,
                 "RolloutEntry": ROLLOUT_ENTRY, "ModelCard": MODEL_CARD, "ModelSummary": MODEL_SUMMARY,
-                "ModelList": MODEL_LIST, "ModelVersion": MODEL_VERSION},
+                "ModelList": MODEL_LIST, "ModelVersion": MODEL_VERSION, "Roles": ROLES},
     "securitySchemes": {"admin": {"type": "http", "scheme": "bearer",
                                   "description": "the server's TIPSTREAM_ADMIN_TOKEN"}},
 }
