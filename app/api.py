@@ -115,7 +115,10 @@ async def user_features(request: Request) -> Response:
           application/json:
             schema: {$ref: '#/components/schemas/UserFeatures'}
       422: {description: '`at` is not a time with a UTC offset, or the user id is longer than 128 characters or holds a NUL'}
-      503: {description: "the user's state is still to be loaded from the database, which is away"}
+      503:
+        description: "the user's state is still to be loaded from the database, which is away"
+        headers:
+          Retry-After: {schema: {type: integer}, description: seconds}
     """
     user_id = request.path_params["user_id"]
     if len(user_id) > 128 or "\x00" in user_id:  # what an event's user_id may be; a NUL failed PostgreSQL's read
