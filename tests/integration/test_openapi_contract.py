@@ -16,12 +16,16 @@ from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
+from streams.store import StateUnavailable
 from tests.conftest import NatsServer, eventually
 
 TOKEN = "contract-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 DOCUMENT_URI = "urn:tipstream:openapi"
 NOW = "2026-11-26T09:00:00+01:00"
+# Headers a client acts on (when to try again): sent, they must be declared. (WWW-Authenticate on a
+# 401 is left out: the `admin` security scheme, HTTP bearer, already says how to authenticate.)
+ACTED_ON = {"retry-after"}
 
 
 # RFC 3339's date-time, as OpenAPI's `format: date-time` means it: a time with its UTC offset.
@@ -60,9 +64,11 @@ class Contract:
             self.problems.append(f"{where}: status not declared (declared: {sorted(declared)}); body {response.text[:200]}")
             return response
         self.checked.add((method, path, status))
-        for header in declared[status].get("headers", {}):
-            if header not in response.headers:
-                self.problems.append(f"{where}: no {header} header, which the document declares")
+        headers = {name.lower() for name in declared[status].get("headers", {})}
+        for header in headers - set(response.headers):
+            self.problems.append(f"{where}: no {header} header, which the document declares")
+        for header in ACTED_ON & set(response.headers) - headers:
+            self.problems.append(f"{where}: a {header} header ({response.headers[header]!r}) the document does not declare")
         content = declared[status].get("content")
         media_type = response.headers.get("content-type", "").split(";")[0].strip()
         if not content:
@@ -83,6 +89,10 @@ class Contract:
         return response
 
 
+def unavailable(user_id: str) -> None:
+    raise StateUnavailable(user_id)
+
+
 def score_body(**changes: Any) -> dict[str, Any]:
     return {"user_id": "ana", "context": {"now": NOW},
             "candidates": [{"tip_id": "tip-focus-1", "category": "focus"}, {"tip_id": "tip-breaks-1"}], **changes}
@@ -95,7 +105,7 @@ async def post_score(http: httpx.AsyncClient, contract: Contract, content: bytes
     return contract.check(answer, "/score", "post")
 
 
-async def test_every_answer_is_what_the_document_says(start_service, nc, tmp_path) -> None:
+async def test_every_answer_is_what_the_document_says(start_service, nc, tmp_path, monkeypatch) -> None:
     running = await start_service(admin_token=TOKEN, bootstrap_shadow_kind="logreg")
     js = nc.jetstream()
     await js.publish("signals.app.opened", orjson.dumps(
@@ -136,6 +146,9 @@ async def test_every_answer_is_what_the_document_says(start_service, nc, tmp_pat
         for bad in (await http.get("/users/ana/features", params={"at": "yesterday"}),
                     await http.get(f"/users/{'x' * 129}/features")):
             assert contract.check(bad, features).status_code == 422
+        with monkeypatch.context() as patch:  # the user's state still to load, and the database away
+            patch.setattr(running.service.store, "state_of", unavailable)
+            assert contract.check(await http.get("/users/bo/features"), features).status_code == 503
 
         for path, url, status in [("/models", "/models", 200), ("/models/{version}", "/models/v1", 200),
                                   ("/models/{version}/card", "/models/v1/card", 200),
