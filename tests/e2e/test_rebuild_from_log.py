@@ -69,14 +69,31 @@ def caught_up(service: ServiceProcess, last: dict[str, int], credited: float) ->
             and service.metric("tipstream_feedback_total", outcome="credited") == credited)
 
 
+async def rebuild(js: Any, data_dir: Path, env: dict[str, str], users: list[str], credited: float
+                  ) -> tuple[ServiceProcess, Knowledge]:
+    """The README's rebuild: `migrate base`, start again, wait for the replay; the running service
+    (to stop) and what it knows."""
+    service = ServiceProcess(data_dir, env)
+    migrated = subprocess.run([TIPSTREAM, "migrate", "base"], env=service.env, capture_output=True, text=True)
+    assert migrated.returncode == 0, migrated.stderr
+    service.start()
+    last = {name: (await js.stream_info(name)).state.last_seq for name in STREAMS}
+    wait_until(lambda: caught_up(service, last, credited), what="the rebuild caught up")
+    return service, Knowledge(service, users)
+
+
+def service_env(nats_server: Any, database_url: str, **settings: str) -> dict[str, str]:
+    return {"NATS_URL": nats_server.url, "DATABASE_URL": database_url, "TIPSTREAM_CHECKPOINT_EVERY_S": "0.2",
+            **{f"TIPSTREAM_{name.upper()}": value for name, value in settings.items()}}
+
+
 async def test_a_rebuild_from_the_log_equals_what_was_built_live(
     nats_server, nc, database_url: str, tmp_path: Path
 ) -> None:
     population = Population(users=5, seed=21)
     users = [u.user_id for u in population.users]
     js = nc.jetstream()
-    env = {"NATS_URL": nats_server.url, "DATABASE_URL": database_url, "TIPSTREAM_CHECKPOINT_EVERY_S": "0.2",
-           "TIPSTREAM_ADMIN_TOKEN": "t"}
+    env = service_env(nats_server, database_url, admin_token="t")
 
     # -- live -------------------------------------------------------------------------------
     service = ServiceProcess(tmp_path / "data", env).start()
@@ -130,14 +147,9 @@ async def test_a_rebuild_from_the_log_equals_what_was_built_live(
     assert len(live_rows) == len(decisions) + 2 and sum(r["rewards"] is not None for r in live_rows.values()) == 10
 
     # -- rebuild: drop the derived state, start again ------------------------------------------
-    migrated = subprocess.run([TIPSTREAM, "migrate", "base"], env=service.env, capture_output=True, text=True)
-    assert migrated.returncode == 0, migrated.stderr
-    service = ServiceProcess(tmp_path / "data", env).start()
-    last = {name: (await js.stream_info(name)).state.last_seq for name in STREAMS}
-    wait_until(lambda: caught_up(service, last, credited), what="the rebuild caught up")
+    service, rebuilt = await rebuild(js, tmp_path / "data", env, users, credited)
     assert service.metric("tipstream_feedback_total", outcome="duplicate") == 1
     assert service.metric("tipstream_feedback_pending") == 1
-    rebuilt = Knowledge(service, users)
     assert service.stop(), service.log()
     rebuilt_rows = tip_scores(database_url)
 
@@ -159,8 +171,7 @@ async def test_a_kill_9_while_feedback_comes_resumes_with_the_weights_of_an_unin
     population = Population(users=4, seed=5)
     users = [u.user_id for u in population.users]
     js = nc.jetstream()
-    env = {"NATS_URL": nats_server.url, "DATABASE_URL": database_url, "TIPSTREAM_CHECKPOINT_EVERY_S": "0.2",
-           "TIPSTREAM_MODEL_SNAPSHOT_EVERY_S": "60"}
+    env = service_env(nats_server, database_url, model_snapshot_every_s="60")
     service = ServiceProcess(tmp_path / "data", env).start()
     await publish_events(js, population.history(days=2, start_ms=START))
     reactions = []
@@ -186,12 +197,7 @@ async def test_a_kill_9_while_feedback_comes_resumes_with_the_weights_of_an_unin
     resumed = Knowledge(service, users)
     assert service.stop(), service.log()
 
-    migrated = subprocess.run([TIPSTREAM, "migrate", "base"], env=service.env, capture_output=True, text=True)
-    assert migrated.returncode == 0, migrated.stderr
-    service = ServiceProcess(tmp_path / "data", env).start()
-    last = {name: (await js.stream_info(name)).state.last_seq for name in STREAMS}
-    wait_until(lambda: caught_up(service, last, float(len(reactions))), what="the rebuild caught up")
-    rebuilt = Knowledge(service, users)
+    service, rebuilt = await rebuild(js, tmp_path / "data", env, users, float(len(reactions)))
     assert service.stop(), service.log()
 
     assert resumed.n_learned == rebuilt.n_learned == len(reactions)
