@@ -144,7 +144,6 @@ class Learner:
         # FEEDBACK is read back (`_waiting_now`); its stored time in FEEDBACK stamps the reward when
         # the decision comes (see `_credit`).
         self.waiting = WaitingFeedback(pending_max, pending_max_age_s)
-        self.pending_max_age_ms = int(pending_max_age_s * 1000)
         # While FEEDBACK is read back (a rebuild, a restart), feedback that reached FEEDBACK before its
         # decision could be joined waits as it did live, though DECISIONS was read further and holds
         # it: (when the decision became joinable, order, decision id), credited once FEEDBACK's time
@@ -251,7 +250,7 @@ class Learner:
         entry.decision = None
         if logged.id in self.waiting.by_decision:
             joinable_ms = self._joinable_ms(logged.id, entry)
-            if not self.feedback_read.caught_up and joinable_ms > self._feedback_seen_ms:
+            if not self.feedback_read.caught_up and joinable_ms > self._feedback_time_ms():
                 self._defer(logged.id, joinable_ms)  # FEEDBACK had not reached it yet, live
             else:
                 self._credit_waiting(logged.id, entry, joinable_ms)
@@ -268,10 +267,12 @@ class Learner:
         self._due_seq += 1
         heapq.heappush(self._due, (joinable_ms, self._due_seq, decision_id))
 
-    def _release_due(self, upto_ms: float) -> None:
-        """Credit the feedback deferred for decisions joinable (live) at or before `upto_ms`, in
-        the order they became joinable: live, the decision's arrival credited it there."""
+    def _release_due(self) -> None:
+        """Credit the feedback deferred for decisions joinable (live) by FEEDBACK's time, all once
+        FEEDBACK has caught up, in the order they became joinable: live, the decision's arrival
+        credited it there."""
         due = self._due
+        upto_ms = math.inf if self.feedback_read.caught_up else self._feedback_time_ms()
         while due and due[0][0] <= upto_ms:
             joinable_ms, _, decision_id = heapq.heappop(due)
             entry = self._lookup(decision_id)
@@ -280,8 +281,9 @@ class Learner:
 
     def _credit_waiting(self, decision_id: str, entry: _Entry, joinable_ms: int) -> None:
         waiting = self.waiting.take(decision_id)
+        gave_up_before_ms = joinable_ms - self.waiting.max_age_s * 1000
         for tip_id, (reaction, _, user_id, stored_at_ms) in (waiting or {}).items():
-            if stored_at_ms is not None and 0 < stored_at_ms < joinable_ms - self.pending_max_age_ms:
+            if stored_at_ms is not None and 0 < stored_at_ms < gave_up_before_ms:
                 # Live, it gave up waiting before the decision came (`pending_max_age_s`): a replay
                 # that reads the decision first must not learn it either.
                 _OUTCOME["unknown_decision"].inc()
@@ -378,7 +380,7 @@ class Learner:
         if stored_at_ms is not None:
             self._feedback_seen_ms = max(self._feedback_seen_ms, stored_at_ms)
         if self._due:
-            self._release_due(stored_at_ms if behind and stored_at_ms is not None else math.inf)
+            self._release_due()
         data = event.data
         decision_id = data.decision_id
         if decision_id is None:
@@ -433,17 +435,22 @@ class Learner:
         decision that came in time has been read. Feedback held at the start (`restore`) waits from
         the clock's time then, which FEEDBACK's only reaches later."""
         now = self.clock()
-        feedback_ms = max(self.feedback_ms, self._feedback_seen_ms)
+        feedback_ms = self._feedback_time_ms()
         if (self.feedback_read.caught_up and not self.replaying) or not feedback_ms:  # not known: the clock's
             return now
         return min(now, feedback_ms / 1000)
+
+    def _feedback_time_ms(self) -> int:
+        """FEEDBACK's time: the stored time of the newest feedback read, to the message (`feedback_ms`
+        moves by chunk, as a snapshot's position does)."""
+        return max(self.feedback_ms, self._feedback_seen_ms)
 
     def _expire_waiting(self) -> None:
         now = self._waiting_now()
         if self._due:
             # Deferred feedback whose decision FEEDBACK's time has reached is credited first, in its
             # order: given up for its age here, it was learned live (`_credit_waiting` judges that).
-            self._release_due(math.inf if self.feedback_read.caught_up else max(self.feedback_ms, self._feedback_seen_ms))
+            self._release_due()
         expired = self.waiting.expire(now)
         if expired:
             _OUTCOME["unknown_decision"].inc(expired)

@@ -47,7 +47,6 @@ from models.offpolicy import MIN_EFFECTIVE_N
 
 Action = Literal["register", "promote", "shadow", "rollback", "retire", "evaluate"]
 ACTIONS: tuple[Action, ...] = get_args(Action)
-ACTIONS: tuple[str, ...] = ("register", "promote", "shadow", "rollback", "retire", "evaluate")
 CLI = "tipstream models"  # named in error messages, so an operator knows what to type
 
 
