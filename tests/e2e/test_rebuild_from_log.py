@@ -82,9 +82,15 @@ async def rebuild(js: Any, data_dir: Path, env: dict[str, str], users: list[str]
     return service, Knowledge(service, users)
 
 
-def service_env(nats_server: Any, database_url: str, **settings: str) -> dict[str, str]:
-    return {"NATS_URL": nats_server.url, "DATABASE_URL": database_url, "TIPSTREAM_CHECKPOINT_EVERY_S": "0.2",
-            **{f"TIPSTREAM_{name.upper()}": value for name, value in settings.items()}}
+async def start_live(nats_server: Any, nc: Any, database_url: str, data_dir: Path, population: Population,
+                     days: int, **settings: str) -> tuple[Any, dict[str, str], ServiceProcess]:
+    """The live service, on a history of `days` of `population`'s signals: JetStream, its settings, it."""
+    env = {"NATS_URL": nats_server.url, "DATABASE_URL": database_url, "TIPSTREAM_CHECKPOINT_EVERY_S": "0.2",
+           **{f"TIPSTREAM_{name.upper()}": value for name, value in settings.items()}}
+    service = ServiceProcess(data_dir, env).start()
+    js = nc.jetstream()
+    await publish_events(js, population.history(days=days, start_ms=START))
+    return js, env, service
 
 
 async def test_a_rebuild_from_the_log_equals_what_was_built_live(
@@ -92,12 +98,10 @@ async def test_a_rebuild_from_the_log_equals_what_was_built_live(
 ) -> None:
     population = Population(users=5, seed=21)
     users = [u.user_id for u in population.users]
-    js = nc.jetstream()
-    env = service_env(nats_server, database_url, admin_token="t")
 
     # -- live -------------------------------------------------------------------------------
-    service = ServiceProcess(tmp_path / "data", env).start()
-    await publish_events(js, population.history(days=3, start_ms=START))
+    js, env, service = await start_live(nats_server, nc, database_url, tmp_path / "data", population, 3,
+                                        admin_token="t")
     decisions: dict[str, str] = {}
     async with httpx.AsyncClient(base_url=service.base_url) as http:
         for index, user in enumerate(users):
@@ -170,10 +174,8 @@ async def test_a_kill_9_while_feedback_comes_resumes_with_the_weights_of_an_unin
     The uninterrupted run is the rebuild from the same log, which the test above holds equal to live."""
     population = Population(users=4, seed=5)
     users = [u.user_id for u in population.users]
-    js = nc.jetstream()
-    env = service_env(nats_server, database_url, model_snapshot_every_s="60")
-    service = ServiceProcess(tmp_path / "data", env).start()
-    await publish_events(js, population.history(days=2, start_ms=START))
+    js, env, service = await start_live(nats_server, nc, database_url, tmp_path / "data", population, 2,
+                                        model_snapshot_every_s="60")
     reactions = []
     async with httpx.AsyncClient(base_url=service.base_url) as http:
         for index, user in enumerate(users):
