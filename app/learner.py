@@ -51,7 +51,16 @@ from app.credit_log import CreditLog
 from app.decisions import LoggedDecision, TipScoresLog, decision_time_ms, learning_input, tip_score_row
 from app.evaluation import TrainedOn, examples_of
 from app.ingest import ReadUpTo
-from app.learning_metrics import DIVERGED, FEEDBACK, JOIN_CACHE, LEARNED, MODEL_SNAPSHOT_SECONDS, PENDING, SKIPPED
+from app.learning_metrics import (
+    DIVERGED,
+    FEEDBACK,
+    JOIN_CACHE,
+    LEARNED,
+    MODEL_SNAPSHOT_SECONDS,
+    MODEL_USERS,
+    PENDING,
+    SKIPPED,
+)
 from app.lineup import Lineup
 from app.waiting import WaitingFeedback
 from models.reward import INPUT_BOUND_TEXT, PopularityPrior
@@ -475,6 +484,11 @@ class Learner:
             return
         reward = self.rewards[reaction]
         x = learning_input(decision["features"], candidate)
+        # When the reward reached the log, not when it was credited here: a replay (a restart, a
+        # rebuild from the log) credits it again later, and evaluation reads this time as when
+        # the reward became known (`evaluation.rewarded_log`); the models forget users who left by
+        # it (`user_ttl_days`). The clock only without a stored time.
+        rewarded_ms = stored_at_ms if stored_at_ms is not None else int(self.clock() * 1000)
         skipped = []
         for version, model in self.lineup.learning:
             if model.diverged:  # it learns nothing more, and counting its steps would say it does
@@ -482,7 +496,7 @@ class Learner:
                 continue
             before = model.n_skipped
             try:
-                model.learn_one(x, reward)
+                model.learn_one(x, reward, rewarded_ms)
             except Exception as error:  # noqa: BLE001 - one bad example must not stop ingest
                 log.warning("model %s could not learn decision %s: %s", version, decision_id, error)
                 continue
@@ -501,10 +515,7 @@ class Learner:
         self.lineup.prior.update(tip_id, reward)
         self._learn_seq += 1
         entry.credits = {**(credits or {}), tip_id: reward}
-        # When the reward reached the log, not when it was credited here: a replay (a restart, a
-        # rebuild from the log) credits it again later, and evaluation reads this time as when
-        # the reward became known (`evaluation.rewarded_log`). The clock only without a stored time.
-        entry.rewarded_ms = stored_at_ms if stored_at_ms is not None else int(self.clock() * 1000)
+        entry.rewarded_ms = rewarded_ms
         self._note_credited(decision_id, entry)
         self.credit_log.credit(decision_id, entry.credits, entry.rewarded_ms, int(self.clock() * 1000))
         if entry.logged:
@@ -515,9 +526,10 @@ class Learner:
         self._changed = True
         _OUTCOME["credited"].inc()
 
-    async def unseen_rewards(self, trained_on: TrainedOn) -> list[tuple[dict[str, Any], float]]:
-        """The (features as served, reward) examples credited here that a model trained on the
-        log (`trained_on`) has not seen: rows not written yet when it was read, or credited since.
+    async def unseen_rewards(self, trained_on: TrainedOn) -> list[tuple[dict[str, Any], float, int | None]]:
+        """The (features as served, reward, when it reached the log) examples credited here that
+        a model trained on the log (`trained_on`) has not seen: rows not written yet when it was
+        read, or credited since.
         A new version learns them before it joins the others (`Lineup._change`), in the same turn
         of the event loop as this returns: nothing credited meanwhile is missed.
 
@@ -526,7 +538,7 @@ class Learner:
         it goes over a copy of their ids, yielding to the loop every `UNSEEN_SCAN_CHUNK` of them
         (~100 ms in all, no turn over ~6), then over those credited while it yielded."""
         seen, from_ms = trained_on.credits, trained_on.from_ms
-        examples: list[tuple[dict[str, Any], float]] = []
+        examples: list[tuple[dict[str, Any], float, int | None]] = []
         given: dict[str, set[str]] = {}  # decision -> tips taken already, for the second pass
 
         def take(decision_id: str, entry: _Entry) -> None:
@@ -545,7 +557,7 @@ class Learner:
             unseen = {tip: reward for tip, reward in credits.items() if (decision_id, tip) not in seen and tip not in taken}
             given.setdefault(decision_id, set()).update(unseen)
             decision = entry.decision if entry.decision is not None else orjson.loads(entry.data)
-            examples.extend(examples_of(decision, unseen))
+            examples.extend((x, reward, entry.rewarded_ms) for x, reward in examples_of(decision, unseen))
 
         # The ids, not (id, entry) pairs: 100k new tuples set off a collection of the whole heap
         # (290 ms in one turn, bench/snapshot.py).
@@ -643,6 +655,9 @@ class Learner:
             models = {v: (ModelBytes(m.frozen()), m.n_learned) for v, m in self.lineup.learning}
             self._models_cost_s = self.timer() - started
             MODEL_SNAPSHOT_SECONDS.observe(self._models_cost_s)
+            for version, model in self.lineup.learning:
+                if model.params["user_ttl_days"] > 0:
+                    MODEL_USERS.labels(version).set(model.users_held)
         return {
             "gen": self._gen,
             "learn_seq": self._learn_seq if with_models else None,

@@ -68,6 +68,11 @@ SKIPPED = LoopCounter(
     "that is not finite or is beyond +-1e9 (learning it would have made the weights NaN).",
     ["version"], registry=_r,
 )
+MODEL_USERS = Gauge(
+    "tipstream_model_users", "Users whose own weights a model version holds, by version, as of its last snapshot: "
+    "each is forgotten once they have not reacted for the version's user_ttl_days (versions that keep every "
+    "user, user_ttl_days 0, are not listed).", ["version"], registry=_r,
+)
 JOIN_CACHE = Gauge("tipstream_join_cache_decisions", "Decisions held for joining feedback.", registry=_r)
 PENDING = Gauge("tipstream_feedback_pending", "Feedback waiting for its decision.", registry=_r)
 MODEL_SNAPSHOT_SECONDS = Histogram(

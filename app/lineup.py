@@ -112,8 +112,8 @@ class Lineup:
                 for participant in self.participants:
                     examples += await participant.unseen_rewards(trained_on)
                 for model in new_models.values():
-                    for x, reward in examples:
-                        model.learn_one(x, reward)
+                    for x, reward, rewarded_ms in examples:
+                        model.learn_one(x, reward, rewarded_ms)
             # A frozen copy, serialised by the saving thread: a large model's bytes took ~100 ms of
             # the event loop (240k weights), the copy ~18 (`TipModel.frozen`).
             blobs = {v: (m.frozen(), m.n_learned) for v, m in new_models.items()}

@@ -127,6 +127,8 @@ MODEL_PARAMETER_SCHEMAS = {
     "seed": {"type": "number", "minimum": 0, "maximum": 2**32 - 1, "description": f"FM only; {_WHOLE}"},
     "latents": {"type": "string", "enum": ["categorical", "all"], "description": "FM only"},
     "user_forgetting": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "description": "AdaGrad only"},
+    "user_ttl_days": {"type": "number", "minimum": 0,
+                      "description": "a user's own weights go this long (log time) after their last reaction; 0: kept"},
     "hour_bucket": {"type": "number", "minimum": 1, "maximum": 24, "description": _WHOLE},
     "interactions": {"type": "array", "minItems": 1, "description": "pairs of input names crossed into one-hots",
                      "items": {"type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "string"}}},

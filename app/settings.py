@@ -20,6 +20,7 @@ from pydantic_settings import SettingsError as SourceError
 # command reads settings); tests/unit/test_scoring.py checks they match models/.
 DEFAULT_REWARDS = {"acted": 1.0, "liked": 0.8, "snoozed": 0.3, "dismissed": 0.0, "disliked": 0.0}
 DEFAULT_USER_FORGETTING = 0.3
+DEFAULT_USER_TTL_DAYS = 90.0
 POLICY_PARAMS = {
     "epsilon_greedy": ("epsilon",), "softmax": ("temperature",), "thompson": ("cells", "concentration"), "greedy": (),
 }
@@ -125,6 +126,11 @@ class Settings(BaseSettings):
         description="adagrad: share of a user's own features' step history forgotten at each of their reactions "
                     "(re-learns a changed taste; 0: never forget).",
     )
+    model_user_ttl_days: float = Field(
+        DEFAULT_USER_TTL_DAYS, ge=0,
+        description="The first models forget a user's own weights this many days (log time) after the user's last "
+                    "reaction (bounds their size; 0: keep every user for good).",
+    )
     bootstrap_shadow_kind: Literal["logreg", "fm"] | None = Field(
         None, description="Also register `v2` of this kind as the shadow on the first start. Unset: no shadow."
     )
@@ -200,7 +206,7 @@ class Settings(BaseSettings):
     def model_params(self) -> dict[str, Any]:
         """`TipModel` parameters of the models registered on the first start."""
         return {"optimizer": self.model_optimizer, "learning_rate": self.model_learning_rate,
-                "user_forgetting": self.model_user_forgetting}
+                "user_forgetting": self.model_user_forgetting, "user_ttl_days": self.model_user_ttl_days}
 
     def policy_params(self) -> dict[str, Any]:
         """The settings the chosen policy takes, by its parameter names."""

@@ -50,6 +50,7 @@ import orjson
 from river import base, compose, facto, linear_model, optim, preprocessing, utils
 
 from models.registry import LEGACY_PARAMS
+from models.user_expiry import DAY_MS, UserExpiry
 
 DEFAULT_REWARDS: dict[str, float] = {
     "acted": 1.0, "liked": 0.8, "snoozed": 0.3, "dismissed": 0.0, "disliked": 0.0,
@@ -67,6 +68,10 @@ DEFAULT_LEARNING_RATE = {"adagrad": 0.5, "sgd": 0.1}
 # again as fast as a new one. The shared features keep the whole sums: forgetting those made the
 # model noisy (docs/learning.md, "When a taste changes").
 DEFAULT_USER_FORGETTING = 0.3
+# A user's own weights go once they have not reacted for this long (log time; `UserExpiry`):
+# three times the fold's 30-day horizon, past which the popularity prior already counts them as
+# new (`PopularityPrior.model_weight`), so a user back after a long break keeps their taste.
+DEFAULT_USER_TTL_DAYS = 90.0
 USER_INPUT = "user_id"
 # Pairs of input features crossed into one-hot interaction features. A numeric member is an
 # hour (0-23) and is bucketed (`hour_bucket` hours per bucket). A pair is skipped when either
@@ -274,6 +279,11 @@ class Interactions(base.Transformer):
             out[head + separator + tail] = 1.0
 
 
+def _expiry(params: Mapping[str, Any]) -> UserExpiry | None:
+    days = params["user_ttl_days"]
+    return UserExpiry(max(1, round(days * DAY_MS))) if days > 0 else None
+
+
 def _user_plan(interactions: Interactions) -> CrossPlan:
     """The crosses that have `user_id` as a member: features the user alone fires."""
     return [step for step in interactions._plan0 if USER_INPUT in (step[1], step[3])]
@@ -393,6 +403,10 @@ class TipModel:
     user_forgetting
         AdaGrad only: the share of a user's own features' squared-gradient sums (the `user_id`
         one-hot and its crosses) forgotten with each of that user's reactions, in [0, 1).
+    user_ttl_days
+        A user's own features (weights, AdaGrad sums, FM latents) are dropped once the user's
+        last reaction is this many days older than the newest one learned, in log time (the
+        `at_ms` given to `learn_one`); 0 keeps them for good. See `models.user_expiry`.
     hour_bucket
         Hours per bucket for the hour members of `interactions`.
     interactions
@@ -422,6 +436,7 @@ class TipModel:
         seed: int = 0,
         latents: str = "categorical",
         user_forgetting: float = DEFAULT_USER_FORGETTING,
+        user_ttl_days: float = DEFAULT_USER_TTL_DAYS,
         hour_bucket: int = 6,
         interactions: Iterable[Sequence[str]] = DEFAULT_INTERACTIONS,
     ) -> None:
@@ -433,7 +448,7 @@ class TipModel:
         learning_rate = DEFAULT_LEARNING_RATE[optimizer] if learning_rate is None else learning_rate
         for name, value in (("learning_rate", learning_rate), ("l2", l2), ("intercept_lr", intercept_lr),
                             ("n_factors", n_factors), ("seed", seed), ("user_forgetting", user_forgetting),
-                            ("hour_bucket", hour_bucket)):
+                            ("user_ttl_days", user_ttl_days), ("hour_bucket", hour_bucket)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):  # '"fast" > 0' says nothing useful
                 raise ValueError(f"{name} must be a number, got {value!r}")
             if not math.isfinite(value):  # int(inf) was an OverflowError; a NaN rate, a model of NaNs
@@ -446,7 +461,7 @@ class TipModel:
             raise ValueError(f"n_factors must be from 1 to {MAX_FACTORS}, got {n_factors!r}")
         if not learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
-        for name, value in (("l2", l2), ("intercept_lr", intercept_lr)):
+        for name, value in (("l2", l2), ("intercept_lr", intercept_lr), ("user_ttl_days", user_ttl_days)):
             if value < 0:  # a negative penalty grows every weight; a negative step climbs the loss
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
         if latents not in ("categorical", "all"):
@@ -462,8 +477,8 @@ class TipModel:
         self.params: dict[str, Any] = {
             "kind": kind, "optimizer": optimizer, "learning_rate": float(learning_rate), "l2": float(l2),
             "intercept_lr": float(intercept_lr), "n_factors": int(n_factors), "seed": int(seed),
-            "latents": latents, "user_forgetting": float(user_forgetting), "hour_bucket": int(hour_bucket),
-            "interactions": pairs,
+            "latents": latents, "user_forgetting": float(user_forgetting), "user_ttl_days": float(user_ttl_days),
+            "hour_bucket": int(hour_bucket), "interactions": pairs,
         }
         weight_optimizer = optim.AdaGrad(learning_rate) if optimizer == "adagrad" else optim.SGD(learning_rate)
         if kind == "logreg":
@@ -504,6 +519,7 @@ class TipModel:
         # fixed cross plan -> candidate's items -> its features (see `_candidate_features`)
         self._candidate_cache: dict[tuple[Any, ...], dict[tuple[Any, ...], dict[str, float]]] = {}
         self._user_plan = _user_plan(self.interactions)
+        self._expiry = _expiry(self.params)
 
     # -- identity ---------------------------------------------------------------------------
 
@@ -642,6 +658,8 @@ class TipModel:
         self.params = self.params | {k: v for k, v in LEGACY_PARAMS.items() if k not in self.params}
         self._candidate_cache = {}
         self._user_plan = _user_plan(self.interactions)
+        if "_expiry" not in state:  # a snapshot from before users were forgotten (its params say 0 days)
+            self._expiry = _expiry(self.params)
 
     # -- predict / learn --------------------------------------------------------------------
 
@@ -715,8 +733,12 @@ class TipModel:
         logits = np.array(lins) + 0.5 * ((totals * totals).sum(axis=1) - (squares + sq0))
         return [sigmoid(z) for z in logits.tolist()]
 
-    def learn_one(self, x: Mapping[str, Any], reward: float) -> None:
+    def learn_one(self, x: Mapping[str, Any], reward: float, at_ms: int | None = None) -> None:
         """Learn y=True with weight `reward` and y=False with weight `1 - reward`.
+
+        `at_ms`: when the reward reached the log (ms since the epoch). It moves the model's time,
+        which forgets users who stopped reacting (`user_ttl_days`); without it, the user's own
+        features are not recorded for forgetting.
 
         River's log loss reads a float label 0 < y < 1 as False, so a soft label cannot be
         passed directly; two weighted binary steps give the same expected gradient.
@@ -760,18 +782,42 @@ class TipModel:
                 self._flags.add(k)
             if use == "numeric" and self._fm and self.classifier.categorical_only:
                 self.classifier.linear_only.add(k)
-        self._forget_user_steps(x)
+        user = x.get(USER_INPUT)
+        expiry = self._expiry if at_ms is not None else None
+        own = None
+        if isinstance(user, str) and (expiry is not None or self._user_steps_forgotten()):
+            own = self._own_features(user, x)
+            self._forget_user_steps(own)
         t = self._features(x, self.interactions._plan0)
         if reward > 0.0:
             self.classifier.learn_one(t, True, w=reward)
         if reward < 1.0:
             self.classifier.learn_one(t, False, w=1.0 - reward)
         self.n_learned += 1
+        if expiry is not None and own is not None:
+            # The names as `t` holds them: the tables keep these very strings as keys, so the
+            # index shares them (its own copies cost ~600 bytes a user).
+            gone = expiry.touch(user, [k for k in t if k in own], at_ms)  # type: ignore[arg-type]
+            if gone:
+                self._drop_features(gone)
 
-    def _forget_user_steps(self, x: Mapping[str, Any]) -> None:
-        """AdaGrad's sums for the features of `x` that are the user's own (its `user_id`
-        one-hot and crosses) keep `1 - user_forgetting` of themselves, before this reaction's
-        gradient adds to them: G <- (1 - f) G + g^2.
+    def _own_features(self, user: str, x: Mapping[str, Any]) -> dict[str, float]:
+        """The features of `x` only `user` fires: its `user_id` one-hot and crosses."""
+        own = {f"{USER_INPUT}_{user}": 1.0}  # the one-hot, named as `_features` names it
+        self.interactions.cross(x, self._user_plan, own)
+        return own
+
+    def _user_steps_forgotten(self) -> bool:
+        return self.params["user_forgetting"] > 0.0 and self._g2() is not None
+
+    def _g2(self) -> Any:
+        clf = self.classifier
+        return getattr(clf.weight_optimizer if self._fm else clf.optimizer, "g2", None)
+
+    def _forget_user_steps(self, own: Mapping[str, float]) -> None:
+        """AdaGrad's sums for the user's own features (`own`: its `user_id` one-hot and
+        crosses) keep `1 - user_forgetting` of themselves, before this reaction's gradient adds
+        to them: G <- (1 - f) G + g^2.
 
         >>> x = {"user_id": "u", "category": "focus"}
         >>> for m in (TipModel(), TipModel(user_forgetting=0.0)):
@@ -784,16 +830,32 @@ class TipModel:
         0.38
         """
         keep = 1.0 - self.params["user_forgetting"]
-        user = x.get(USER_INPUT)
-        clf = self.classifier
-        g2 = getattr(clf.weight_optimizer if self._fm else clf.optimizer, "g2", None)
-        if keep == 1.0 or g2 is None or not isinstance(user, str):
+        g2 = self._g2()
+        if keep == 1.0 or g2 is None:
             return
-        own = {f"{USER_INPUT}_{user}": 1.0}  # the one-hot, named as `_features` names it
-        self.interactions.cross(x, self._user_plan, own)
         for j in own:
             if j in g2:
                 g2[j] *= keep
+
+    def _tables(self) -> list[Any]:
+        """The per-feature tables: weights (and FM latents), and AdaGrad's sums."""
+        clf = self.classifier
+        tables: list[Any] = [clf._weights] if not self._fm else [clf.weights, clf.latents]
+        for optimizer in (getattr(clf, "optimizer", None), getattr(clf, "weight_optimizer", None)):
+            if getattr(optimizer, "g2", None) is not None:
+                tables.append(optimizer.g2)
+        return tables
+
+    def _drop_features(self, names: list[str]) -> None:
+        """Forget the features of users who left (`UserExpiry`): a returning one starts anew."""
+        for table in self._tables():
+            for name in names:
+                table.pop(name, None)
+
+    @property
+    def users_held(self) -> int:
+        """Users whose own features this model holds and will forget (0 when it forgets none)."""
+        return len(self._expiry) if self._expiry is not None else 0
 
     # -- snapshots --------------------------------------------------------------------------
 
@@ -813,13 +875,8 @@ class TipModel:
         >>> copy.n_learned, model.n_learned, copy.predict_one({"tip_id": "a"}) < model.predict_one({"tip_id": "a"})
         (1, 2, True)
         """
-        clf = self.classifier
-        tables: list[Any] = [clf._weights] if not self._fm else [clf.weights, clf.latents]
-        for optimizer in (getattr(clf, "optimizer", None), getattr(clf, "weight_optimizer", None)):
-            if getattr(optimizer, "g2", None) is not None:
-                tables.append(optimizer.g2)
         memo: dict[int, Any] = {}
-        for table in tables:
+        for table in self._tables():
             clone = copy.copy(table)
             factory = getattr(table, "default_factory", None)
             if factory is not None:  # shared with the classifier's initialiser: the copy shares its copy

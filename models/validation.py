@@ -120,7 +120,8 @@ def progressive_validation(model: TipModel, stream: Iterable[Example], *,
     again meanwhile. An example may then also carry when its decision was served and when its
     reward arrived (a fourth and fifth item; the stream in the order served): each decision is
     predicted with only the rewards that had arrived by then (at or before its time), and a
-    reward is learned in order of arrival (ties: in stream order), as the service learned it.
+    reward is learned in order of arrival (ties: in stream order), as the service learned it, and
+    at that time (`learn_one`'s `at_ms`), so the model forgets users who left as the service's did.
     This is River's delayed progressive validation (`river.evaluate.progressive_val_score` with
     `moment` and `delay`), as an event-time merge: O(n log n). Learning each reward right after
     its decision instead scores the model with what it could not have known when it served.
@@ -163,8 +164,8 @@ def progressive_validation(model: TipModel, stream: Iterable[Example], *,
     order = skipped = 0
     for run, served in _by_decision(stream):
         while arrivals and served is not None and arrivals[0][0] <= served:
-            _, _, x, reward = heapq.heappop(arrivals)
-            model.learn_one(x, reward)
+            arrived, _, x, reward = heapq.heappop(arrivals)
+            model.learn_one(x, reward, round(arrived * 1000))
         # Left out as the learner leaves it out (`TipModel.learn_one`): predicted, a number past the
         # bound (+-1e308 from another publisher) made the score NaN, and the card "diverged".
         decision = [example for example in run if within_bounds(example[0])]
@@ -180,8 +181,8 @@ def progressive_validation(model: TipModel, stream: Iterable[Example], *,
                 heapq.heappush(arrivals, (arrived, order, x, reward))
                 order += 1
     while arrivals:
-        _, _, x, reward = heapq.heappop(arrivals)
-        model.learn_one(x, reward)
+        arrived, _, x, reward = heapq.heappop(arrivals)
+        model.learn_one(x, reward, round(arrived * 1000))
     report = m.get()
     if skipped:
         report["skipped"] = skipped

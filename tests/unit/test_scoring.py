@@ -26,7 +26,7 @@ from app.lineup import Lineup
 from app.registry_store import RegistryStore
 from app.score_request import RequestError, parse_request
 from app.scoring import Scorer
-from app.settings import DEFAULT_REWARDS, DEFAULT_USER_FORGETTING, POLICY_PARAMS, Settings
+from app.settings import DEFAULT_REWARDS, DEFAULT_USER_FORGETTING, DEFAULT_USER_TTL_DAYS, POLICY_PARAMS, Settings
 from models import reward, validation
 from models.policy import POLICIES, make_policy
 from streams.events import parse_event
@@ -36,6 +36,7 @@ from streams.store import OnlineStore
 def test_settings_mirror_the_models_defaults() -> None:
     assert DEFAULT_REWARDS == reward.DEFAULT_REWARDS
     assert DEFAULT_USER_FORGETTING == reward.DEFAULT_USER_FORGETTING
+    assert DEFAULT_USER_TTL_DAYS == reward.DEFAULT_USER_TTL_DAYS
     assert reward.TipModel(**Settings().model_params()).params == reward.TipModel().params
     assert POLICY_PARAMS == {name: cls.PARAMS for name, cls in POLICIES.items()}
     for name in POLICIES:

@@ -25,7 +25,7 @@ from app.db import make_engine
 from app.decisions import LoggedDecision, TipScoresLog, tip_score_row
 from app.ingest import ReadUpTo
 from app.learner import Learner
-from app.learning_metrics import FEEDBACK, SKIPPED
+from app.learning_metrics import FEEDBACK, MODEL_USERS, SKIPPED
 from app.lineup import Lineup
 from app.registry_store import RegistryStore
 from app.score_request import parse_request
@@ -270,6 +270,33 @@ def test_the_join_window_is_judged_in_feedbacks_time_across_an_outage(tmp_path: 
     assert delta(before) == {"credited": 1, "expired": 1}
     before_stop.engine.dispose()
     after.engine.dispose()
+
+
+def test_the_models_forget_a_user_who_left_by_when_feedback_was_stored_not_by_the_clock(world: World) -> None:
+    """`user_ttl_days` (90 by default) counts in the log's time, the feedback's stored time, which
+    a rebuild replays; a clock that jumps (a restart weeks later) forgets no one."""
+    day = 86_400
+    t0 = world.clock.now
+
+    def react(user: str, stored_s: float, seq: int) -> None:
+        scored = world.score(user=user)
+        event = {"id": f"f-{seq}", "type": "tip.reacted", "user_id": user, "ts": NOW,
+                 "data": {"tip_id": "a", "decision_id": scored.decision_id, "reaction": "acted"}}
+        world.sink(parse_event(orjson.dumps(event)), _ack(stored_s, seq))
+
+    def holding(user: str) -> list[bool]:
+        return [f"user_id_{user}" in model.classifier._weights for _, model in world.lineup.learning]
+
+    before = outcomes()
+    react("u-1", t0, 1)
+    world.clock.now += 100 * day
+    react("u-2", t0 + 89 * day, 2)
+    assert holding("u-1") == [True, True]
+    react("u-2", t0 + 93 * day, 3)  # gone within 1/32 of the TTL past it (`UserExpiry`)
+    assert holding("u-1") == [False, False] and holding("u-2") == [True, True]
+    assert delta(before) == {"credited": 3}
+    world.learner.snapshot(force=True)
+    assert MODEL_USERS.labels("v1")._value.get() == MODEL_USERS.labels("v2")._value.get() == 1
 
 
 def _foreign(world: World, decision_id: str) -> LoggedDecision:
@@ -1257,7 +1284,7 @@ def test_a_registration_finds_each_unseen_reward_once_while_its_look_yields_to_t
             world.react(late.decision_id, "c", "snoozed")
             world.learner._credited.pop(second)  # as the join cache's eviction does
     assert turns == 4  # a yield before each decision looked at, the first after the copy of the ids
-    rewards = sorted(reward for _, reward in found)
+    rewards = sorted(reward for _, reward, _ in found)
     assert rewards == sorted([DEFAULT_REWARDS["acted"], DEFAULT_REWARDS["liked"], DEFAULT_REWARDS["disliked"],
                               DEFAULT_REWARDS["snoozed"]])
     assert world.learner._credited_during_scan is None
@@ -1282,7 +1309,7 @@ def test_a_reward_credited_while_the_look_yields_is_found_though_the_join_cache_
     with pytest.raises(StopIteration) as done:
         while True:
             look.send(None)
-    assert [reward for _, reward in done.value.value] == [DEFAULT_REWARDS["liked"]]
+    assert [reward for _, reward, _ in done.value.value] == [DEFAULT_REWARDS["liked"]]
 
 
 def test_a_reaction_waiting_again_is_not_expired_by_its_earlier_wait(world: World) -> None:
@@ -1362,7 +1389,7 @@ def test_a_decision_listing_a_tip_twice_goes_to_the_dlq(world: World) -> None:
     # What it did once joined: two inputs for one reward.
     world.learner.add_logged(LoggedDecision(scored.decision_id, orjson.dumps(decision)))
     learned: list[dict[str, Any]] = []
-    world.lineup.champion.learn_one = lambda x, reward: learned.append(x)  # type: ignore[method-assign]
+    world.lineup.champion.learn_one = lambda x, reward, at_ms=None: learned.append(x)  # type: ignore[method-assign]
     world.react(scored.decision_id, first["tip_id"])
     [(trained, _)] = evaluation.examples_of(decision, {first["tip_id"]: 1.0})
     assert learned[0]["category"] == "focus" and trained["category"] == "breaks"

@@ -1,0 +1,111 @@
+"""A model forgets the own features of users who stopped reacting, by log time (`user_ttl_days`)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from models.registry import LEGACY_PARAMS
+from models.reward import TipModel
+from models.user_expiry import DAY_MS
+
+KINDS = ("logreg", "fm")
+T0 = 1_790_000_000_000  # ms, a day in 2026
+
+
+def _x(user: str, category: str = "focus") -> dict:
+    return {"user_id": user, "category": category, "tip_id": f"{category}-1", "hour_of_day": 9}
+
+
+def _tables(model: TipModel) -> list[dict]:
+    return [dict(table.to_dict() if hasattr(table, "to_dict") else table) for table in model._tables()]
+
+
+def _names(model: TipModel) -> set[str]:
+    return set().union(*(table.keys() for table in _tables(model)))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_user_who_stopped_reacting_is_forgotten_and_comes_back_as_a_new_one(kind: str) -> None:
+    model = TipModel(kind=kind, user_ttl_days=1)
+    for i in range(20):
+        model.learn_one(_x("gone"), 1.0, T0 + i)
+        model.learn_one(_x("gone", "breaks"), 0.0, T0 + i)
+        model.learn_one(_x("stays", "breaks"), 1.0, T0 + i)  # the opposite taste
+        model.learn_one(_x("stays"), 0.0, T0 + i)
+    own = {"user_id_gone", "user_id*category=gone*focus", "user_id*category=gone*breaks"}
+    assert own <= _names(model)
+    assert model.predict_one(_x("gone")) > model.predict_one(_x("newcomer")) + 0.05  # learned their taste
+
+    model.learn_one(_x("stays", "breaks"), 1.0, T0 + DAY_MS + 19)  # one day after "gone"'s last: not yet
+    assert own <= _names(model) and model.users_held == 2
+    # Looked for every 1/32 of the TTL: gone by then.
+    model.learn_one(_x("stays", "breaks"), 1.0, T0 + DAY_MS + DAY_MS // 32 + 20)
+
+    assert not own & _names(model), "weights, AdaGrad sums and latents all go"
+    assert "user_id_stays" in _names(model) and model.users_held == 1
+    assert model.predict_one(_x("gone")) == pytest.approx(model.predict_one(_x("newcomer")))
+    assert model.predict_one(_x("stays", "breaks")) > model.predict_one(_x("newcomer", "breaks")) + 0.05
+
+
+def test_the_clock_forgets_no_one_only_the_log_time_given() -> None:
+    """Learned without a time (a test, a doctest), a reaction is not recorded for forgetting; with
+    `user_ttl_days` 0 (what versions registered before it exist say), every user is kept."""
+    untimed, kept = TipModel(user_ttl_days=1), TipModel(user_ttl_days=0)
+    for at_ms in (T0, T0 + 400 * DAY_MS):
+        untimed.learn_one(_x(f"u-{at_ms}"), 1.0)
+        kept.learn_one(_x(f"u-{at_ms}"), 1.0, at_ms)
+    assert {"user_id_u-1790000000000", "user_id_u-1824560000000"} <= _names(untimed) & _names(kept)
+    assert untimed.users_held == kept.users_held == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_snapshot_mid_stream_forgets_exactly_what_one_uninterrupted_model_forgets(kind: str) -> None:
+    """A restart resumes from a snapshot (the frozen copy's bytes) and replays the rest of the log:
+    the users it forgets, and when, must be the same, or a rebuild would not match the live model."""
+    rng = random.Random(3)
+    stream = []
+    at_ms = T0
+    for _ in range(600):
+        at_ms += rng.randrange(0, 4 * 3_600_000)  # hours apart: ~50 days in all, with a TTL of 5
+        user = f"u-{rng.randrange(60)}"
+        stream.append((_x(user, rng.choice(("focus", "breaks", "sleep"))), float(rng.random() < 0.5), at_ms))
+    whole, resumed = TipModel(kind=kind, user_ttl_days=5, seed=1), TipModel(kind=kind, user_ttl_days=5, seed=1)
+    for x, reward, at in stream[:300]:
+        whole.learn_one(x, reward, at)
+        resumed.learn_one(x, reward, at)
+    resumed = TipModel.from_bytes(resumed.frozen().to_bytes())
+    for x, reward, at in stream[300:]:
+        whole.learn_one(x, reward, at)
+        resumed.learn_one(x, reward, at)
+    assert whole.users_held < 60, "some users left for longer than 5 days: the stream must forget them"
+    assert list(resumed._expiry.users.items()) == list(whole._expiry.users.items())
+    for ours, theirs in zip(_tables(resumed), _tables(whole)):
+        assert ours.keys() == theirs.keys()
+        assert all(_same(ours[k], theirs[k]) for k in ours)
+    assert resumed.predict_one(stream[-1][0]) == whole.predict_one(stream[-1][0])
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, float):
+        return a == b or (math.isnan(a) and math.isnan(b))  # type: ignore[arg-type]
+    return bool((a == b).all())  # type: ignore[union-attr]  # an FM latent vector
+
+
+def test_a_model_from_before_forgetting_existed_keeps_every_user() -> None:
+    model = TipModel()
+    model.learn_one(_x("old"), 1.0, T0)
+    del model.__dict__["_expiry"]  # as pickled by the code before it
+    del model.params["user_ttl_days"]
+    restored = TipModel.from_bytes(model.to_bytes())
+    assert restored.params["user_ttl_days"] == LEGACY_PARAMS["user_ttl_days"] == 0.0
+    restored.learn_one(_x("new"), 1.0, T0 + 1000 * DAY_MS)
+    assert "user_id_old" in _names(restored) and restored.users_held == 0
+
+
+@pytest.mark.parametrize("days", [-1, math.nan, math.inf, "90"])
+def test_a_bad_user_ttl_is_refused_by_name(days: object) -> None:
+    with pytest.raises(ValueError, match="user_ttl_days"):
+        TipModel(user_ttl_days=days)  # type: ignore[arg-type]
