@@ -123,7 +123,8 @@ def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[ChangeBo
 
 
 _REFUSALS = {
-    401: {"description": "no bearer token"},
+    401: {"description": "no bearer token", "headers": {"WWW-Authenticate": {
+        "description": "the scheme to authenticate with", "schema": {"type": "string"}}}},
     403: {"description": "wrong token, or TIPSTREAM_ADMIN_TOKEN unset"},
     422: {"description": "a bad body (the field named); nothing changed"},
     503: {"description": "the database is away; nothing changed", "headers": {"Retry-After": {"schema": {"type": "integer"}}}},

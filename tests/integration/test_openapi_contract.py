@@ -23,9 +23,8 @@ TOKEN = "contract-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 DOCUMENT_URI = "urn:tipstream:openapi"
 NOW = "2026-11-26T09:00:00+01:00"
-# Headers a client acts on (when to try again): sent, they must be declared. (WWW-Authenticate on a
-# 401 is left out: the `admin` security scheme, HTTP bearer, already says how to authenticate.)
-ACTED_ON = {"retry-after"}
+# Headers a client acts on (when to try again, how to authenticate): sent, they must be declared.
+ACTED_ON = {"retry-after", "www-authenticate"}
 
 
 # RFC 3339's date-time, as OpenAPI's `format: date-time` means it: a time with its UTC offset.
