@@ -152,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     add_models_commands(commands)
 
     args = parser.parse_args(argv)
-    from app.settings import SettingsError
-    from app.startup import StartupError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from app.settings import SettingsError, get_settings
+    from app.startup import StartupError, explain
 
     try:
         return int(args.func(args) or 0)
@@ -162,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except StartupError as error:
         print(f"tipstream: {error}", file=sys.stderr)
+        return 1
+    except SQLAlchemyError as error:  # `migrate` and `models list`/`card` open the database as `run` does
+        told = explain(error, get_settings())
+        if told is None:
+            raise
+        print(f"tipstream: {told}", file=sys.stderr)
         return 1
 
 

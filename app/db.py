@@ -29,6 +29,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import ArgumentError
 
 metadata = MetaData()
 
@@ -146,7 +147,11 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    try:
+        return create_engine(url, pool_pre_ping=True)
+    except ImportError as error:  # e.g. mysql://: SQLAlchemy knows the dialect, but its driver is not installed
+        raise ArgumentError(f"its driver, {error.name}, is not installed; tipstream runs on PostgreSQL (psycopg) "
+                            "and SQLite") from None
 
 
 def upsert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], keys: Iterable[str]) -> None:

@@ -123,7 +123,10 @@ def _database_error(error: Any, settings: Settings) -> StartupError:
     from sqlalchemy.engine import make_url
 
     url = make_url(settings.sqlalchemy_url).render_as_string(hide_password=True)
-    cause = str(error.orig or error).strip().splitlines()[-1]
+    lines = str(error.orig or error).strip().splitlines()
+    # libpq ends a refused connection with an indented hint ("Is the server running on that host...?"):
+    # the failure itself ("Connection refused") is on the line before.
+    cause = next((line for line in reversed(lines) if not line[:1].isspace()), lines[-1]).strip()
     if settings.database_url:
         fix = ("Check that the server runs and the database exists (e.g. `createdb`), or unset DATABASE_URL "
                "for SQLite under TIPSTREAM_DATA_DIR.")

@@ -148,3 +148,27 @@ def test_run_help_lists_every_setting_with_its_default(capsys: pytest.CaptureFix
         assert f"\n  {env_name(name)}=" in help_text, name
     assert "\n  TIPSTREAM_PORT=8000\n      HTTP port." in help_text
     assert "\n  NATS_URL=unset\n      NATS server to use. Unset: start an embedded" in help_text
+
+
+@pytest.mark.parametrize("command", [["migrate"], ["models", "list"], ["models", "card", "v1"]])
+@pytest.mark.parametrize(("database_url", "problem"), [
+    ("mysql://tipstream:hunter2@127.0.0.1/tipstream", "its driver, MySQLdb, is not installed"),
+    (f"postgresql+psycopg://tipstream:hunter2@127.0.0.1:{free_port()}/tipstream", "Connection refused."),
+])
+def test_a_database_the_commands_cannot_open_is_one_message_without_its_password(
+        command: list[str], database_url: str, problem: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`tipstream run` said what to fix; migrate and the registry reads were tracebacks (the
+    libpq hint line, not the failure, was the cause shown)."""
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    from app.settings import get_settings
+
+    get_settings.cache_clear()
+    try:
+        assert main(command) == 1
+    finally:
+        get_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert err.startswith("tipstream: ") and err.count("\n") == 1 and "DATABASE_URL" in err
+    assert problem in err and "hunter2" not in err
+
