@@ -56,6 +56,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
     from app import migrate
     from app.settings import get_settings
+    from app.startup import shown_database_url
 
     url = get_settings().sqlalchemy_url
     known = migrate.revisions()
@@ -68,7 +69,7 @@ def _migrate(args: argparse.Namespace) -> int:
         print(error, file=sys.stderr)
         return 2
     now = migrate.current(url)
-    print(f"database at {now or 'base'}: {url}")
+    print(f"database at {now or 'base'}: {shown_database_url(url)}")
     if args.revision not in ("head", "base", now):
         print(f"{args.revision} is older than {now}; migrate only upgrades. To go back: "
               f"`.venv/bin/alembic downgrade {args.revision}`.", file=sys.stderr)

@@ -39,13 +39,14 @@ def _registry() -> Any:
     from app import migrate
     from app.db import make_engine
     from app.registry_store import RegistryStore
+    from app.startup import shown_database_url
 
     settings = _settings()
     url = settings.sqlalchemy_url
     # A read must not create a database: from the wrong directory it would make an empty one
     # and report "no versions" while the service runs elsewhere.
     if migrate.current(url) is None:
-        raise SystemExit(f"No tipstream database at {url}: run this where the service runs (its "
+        raise SystemExit(f"No tipstream database at {shown_database_url(url)}: run this where the service runs (its "
                          "TIPSTREAM_DATA_DIR), or set DATABASE_URL / TIPSTREAM_DATA_DIR as the service has them.")
     migrate.upgrade(url)  # a database from an older release reads as this one writes
     engine = make_engine(url)

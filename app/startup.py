@@ -41,6 +41,17 @@ def shown_url(url: str) -> str:
     return re.sub(r"(?<=://)([^/@:]*:)?[^/@]*@", lambda found: f"{found.group(1) or ''}***@", url)
 
 
+def shown_database_url(url: str) -> str:
+    """A database URL for a message, without its password.
+
+    >>> shown_database_url("postgresql+psycopg://tipstream:hunter2@db/tipstream")
+    'postgresql+psycopg://tipstream:***@db/tipstream'
+    """
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def hold_data_dir(data_dir: Path) -> int:
     """Lock the data directory for this process's life; its file descriptor, to keep open.
 
@@ -120,9 +131,7 @@ def explain(error: BaseException, settings: Settings) -> StartupError | None:
 
 
 def _database_error(error: Any, settings: Settings) -> StartupError:
-    from sqlalchemy.engine import make_url
-
-    url = make_url(settings.sqlalchemy_url).render_as_string(hide_password=True)
+    url = shown_database_url(settings.sqlalchemy_url)
     lines = str(error.orig or error).strip().splitlines()
     # libpq ends a refused connection with an indented hint ("Is the server running on that host...?"):
     # the failure itself ("Connection refused") is on the line before.

@@ -172,3 +172,24 @@ def test_a_database_the_commands_cannot_open_is_one_message_without_its_password
     assert err.startswith("tipstream: ") and err.count("\n") == 1 and "DATABASE_URL" in err
     assert problem in err and "hunter2" not in err
 
+
+@pytest.mark.postgres
+def test_migrate_shows_the_database_url_without_its_password(
+        postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.conftest import reset_postgres
+
+    reset_postgres(postgres_url)
+    from sqlalchemy.engine import make_url
+
+    # Trust auth takes any password: enough to see it is not printed.
+    monkeypatch.setenv("DATABASE_URL", make_url(postgres_url).set(password="hunter2").render_as_string(False))
+    from app.settings import get_settings
+
+    get_settings.cache_clear()
+    try:
+        assert main(["migrate"]) == 0 and main(["migrate", "base"]) == 0
+    finally:
+        get_settings.cache_clear()
+        reset_postgres(postgres_url)
+    out = capsys.readouterr().out
+    assert "hunter2" not in out and ":***@" in out, out
