@@ -78,9 +78,10 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _docs(args: argparse.Namespace) -> int:
-    from app.docs import write_docs
+    from app.docs import OWN_README, write_docs
 
-    for path in write_docs(Path(args.out)):
+    # Beside the README it updates, not the working directory's docs/ (from elsewhere, a stray new one).
+    for path in write_docs(Path(args.out) if args.out else OWN_README.parent / "docs"):
         print(f"wrote {path}")
     return 0
 
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     docs = commands.add_parser("docs", help="regenerate docs/events.schema.json, docs/features.md, "
                                             "docs/metrics.md and the README's settings table")
-    docs.add_argument("--out", default="docs")
+    docs.add_argument("--out", help="where the generated files go (default: the docs/ beside the README)")
     docs.set_defaults(func=_docs)
 
     from app.models_cli import add_models_commands

@@ -193,3 +193,16 @@ def test_migrate_shows_the_database_url_without_its_password(
         reset_postgres(postgres_url)
     out = capsys.readouterr().out
     assert "hunter2" not in out and ":***@" in out, out
+
+
+def test_docs_from_another_directory_regenerate_the_docs_beside_the_readme(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's table was updated where it is, but the other files went to ./docs, a new one."""
+    from app import docs
+
+    outs: list[Path] = []
+    monkeypatch.setattr(docs, "write_docs", lambda out: outs.append(out) or [])
+    monkeypatch.chdir(tmp_path)
+    assert main(["docs"]) == 0 and main(["docs", "--out", "elsewhere"]) == 0
+    assert outs == [docs.OWN_README.parent / "docs", Path("elsewhere")]
+    assert not (tmp_path / "docs").exists()
