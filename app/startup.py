@@ -136,6 +136,9 @@ def _database_error(error: Any, settings: Settings) -> StartupError:
     # libpq ends a refused connection with an indented hint ("Is the server running on that host...?"):
     # the failure itself ("Connection refused") is on the line before.
     cause = next((line for line in reversed(lines) if not line[:1].isspace()), lines[-1]).strip()
+    if settings.database_url and settings.database_url.startswith("sqlite"):
+        fix = "Set DATABASE_URL to a file in a directory this user can write, or unset it for TIPSTREAM_DATA_DIR's."
+        return StartupError(f"Cannot open the database {url} (DATABASE_URL): {cause}. {fix}")
     if settings.database_url:
         fix = ("Check that the server runs and the database exists (e.g. `createdb`), or unset DATABASE_URL "
                "for SQLite under TIPSTREAM_DATA_DIR.")

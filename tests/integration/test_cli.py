@@ -206,3 +206,25 @@ def test_docs_from_another_directory_regenerate_the_docs_beside_the_readme(
     assert main(["docs"]) == 0 and main(["docs", "--out", "elsewhere"]) == 0
     assert outs == [docs.OWN_README.parent / "docs", Path("elsewhere")]
     assert not (tmp_path / "docs").exists()
+
+
+@pytest.mark.parametrize("variable", ["DATABASE_URL", "TIPSTREAM_DATA_DIR"])
+def test_a_sqlite_file_whose_directory_cannot_be_made_is_one_message(
+        variable: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Its mkdir's OSError was a traceback, from `run` and `migrate` alike."""
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    if variable == "DATABASE_URL":
+        monkeypatch.setenv(variable, f"sqlite:///{tmp_path / 'a-file' / 'data' / 'tipstream.db'}")
+    else:
+        monkeypatch.setenv(variable, str(tmp_path / "a-file" / "data"))
+    from app.settings import get_settings
+
+    get_settings.cache_clear()
+    try:
+        assert main(["migrate"]) == 1
+    finally:
+        get_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert err.startswith("tipstream: Cannot open the database sqlite:///") and err.count("\n") == 1
+    assert "Not a directory" in err and f"Set {variable} to a" in err
