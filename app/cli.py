@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -92,6 +93,8 @@ def _at_least(low: float, kind: type = int) -> Callable[[str], Any]:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):  # float() takes "nan" and "inf": `--demo nan` was a traceback at start
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
         return value
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="settings, read from the environment (or a .env file) at start; the README's table has them "
                f"in full:\n{settings_help()}",
     )
-    run.add_argument("--demo", type=float, metavar="EVENTS_PER_S", default=0,
+    run.add_argument("--demo", type=_at_least(0, float), metavar="EVENTS_PER_S", default=0,
                      help="also run a synthetic app at this many events/s: its users' signals, and tips "
                           "picked by /score whose reactions the learner learns from")
     run.set_defaults(func=_run)

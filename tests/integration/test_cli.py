@@ -30,6 +30,8 @@ def test_simulate_against_no_server_says_so_at_once(tmp_path: Path) -> None:
     (["--rate", "-5"], "--rate: must be at least 0, got -5"),
     (["--count", "many"], "--count: 'many' is not a number"),
     (["--user-prefix", "my users"], "--user-prefix: must be 1 to 64 printable characters without spaces"),
+    (["--rate", "nan"], "--rate: must be a finite number, got nan"),
+    (["--duration", "inf"], "--duration: must be a finite number, got inf"),
 ])
 def test_simulate_refuses_bad_arguments(argv: list[str], problem: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
@@ -228,3 +230,11 @@ def test_a_sqlite_file_whose_directory_cannot_be_made_is_one_message(
     err = capsys.readouterr().err
     assert err.startswith("tipstream: Cannot open the database sqlite:///") and err.count("\n") == 1
     assert "Not a directory" in err and f"Set {variable} to a" in err
+
+
+@pytest.mark.parametrize(("rate", "problem"), [("-5", "must be at least 0, got -5"), ("nan", "must be a finite number")])
+def test_run_refuses_a_demo_rate_that_is_no_rate(rate: str, problem: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """-5 ran a demo at a rate of its own; nan was a traceback once the service had started."""
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--demo", rate])
+    assert exited.value.code == 2 and f"--demo: {problem}" in capsys.readouterr().err
