@@ -214,6 +214,15 @@ class Settings(BaseSettings):
                  "cells": self.policy_thompson_cells, "concentration": self.policy_thompson_concentration}
         return {name: given[name] for name in POLICY_PARAMS[self.policy]}
 
+    @field_validator("stream_max_bytes")
+    @classmethod
+    def _byte_limit(cls, value: int) -> int:
+        # NATS reads 0 and any negative as no limit: TIPSTREAM_STREAM_MAX_BYTES=0 started a service
+        # whose streams grew without bound, and not as "0: never" reads elsewhere in this table.
+        if value == 0 or value < -1:
+            raise ValueError("must be -1 (no limit) or a number of bytes above 0")
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:

@@ -21,3 +21,10 @@ def test_checkpoint_writer_auto_takes_a_process_only_with_cores_to_spare(
 def test_an_unknown_checkpoint_writer_is_refused_with_the_choices() -> None:
     with pytest.raises(ValueError, match="'auto', 'thread' or 'process'"):
         Settings(checkpoint_writer="fork")
+
+
+@pytest.mark.parametrize("limit", [0, -5])
+def test_a_stream_byte_limit_that_nats_would_read_as_none_is_refused(limit: int) -> None:
+    with pytest.raises(ValueError, match=r"must be -1 \(no limit\) or a number of bytes above 0"):
+        Settings(stream_max_bytes=limit)
+    assert Settings(stream_max_bytes=-1).stream_max_bytes == -1 and Settings(stream_max_bytes=1).stream_max_bytes == 1
