@@ -120,10 +120,12 @@ class Service:
         target = SqlCheckpointStore(self.engine)
         started = time.perf_counter()
         await self._restore(target)
+        # Counted before the learning loads: by then the warm-up may have loaded every user, and a
+        # restart with all of them logged "no users yet".
+        restored = len(self.store.cold)
         await self._load_learning()
-        cold = len(self.store.cold)
         log.info("checkpoint restored: %s, positions %s (%.2fs)",
-                 f"{cold} users (loading in the background)" if cold else "no users yet",
+                 f"{restored} users (loading in the background)" if restored else "no users yet",
                  self.store.positions, time.perf_counter() - started)
         if s.checkpoint_in_process:
             self.checkpoint_writer = CheckpointWriter(s.sqlalchemy_url)

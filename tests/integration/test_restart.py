@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 from datetime import UTC, datetime
 
 import httpx
@@ -15,7 +16,8 @@ from tests.conftest import eventually
 
 
 @pytest.mark.parametrize("writer", ["thread", "process"])
-async def test_restart_serves_checkpointed_users_before_they_are_loaded(start_service, nc, writer: str) -> None:
+async def test_restart_serves_checkpointed_users_before_they_are_loaded(
+        start_service, nc, writer: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     events = list(Population(users=300, seed=2).history(days=2, start_ms=to_ms(datetime(2026, 11, 1, tzinfo=UTC))))
     first = await start_service(checkpoint_writer=writer)
     await publish_events(nc.jetstream(), events)
@@ -23,8 +25,19 @@ async def test_restart_serves_checkpointed_users_before_they_are_loaded(start_se
     before = {user: state.to_bytes() for user, state in first.service.store.users.items()}
     await first.stop()
 
+    caplog.set_level(logging.INFO, logger="tipstream")
+    from app.bootstrap import Service
+
+    load_learning = Service._load_learning
+
+    async def after_the_warm_up(self: Service) -> None:  # as when loading the models took longer (River's import)
+        await eventually(lambda: not self.store.cold, timeout=30)
+        await load_learning(self)
+
+    monkeypatch.setattr(Service, "_load_learning", after_the_warm_up)
     second = await start_service()
     store = second.service.store
+    assert f"checkpoint restored: {len(before)} users (loading in the background)" in caplog.text
     assert store.positions == first.service.store.positions
     async with httpx.AsyncClient(base_url=second.base_url) as http:
         body = (await http.get("/users/u-299/features")).json()
