@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as error:
         print(f"tipstream: {error}", file=sys.stderr)
         return 1
-    except SQLAlchemyError as error:  # `migrate` and `models list`/`card` open the database as `run` does
+    except (SQLAlchemyError, ValueError) as error:  # `migrate` and `models list`/`card` open the database as `run` does
         told = explain(error, get_settings())
         if told is None:
             raise

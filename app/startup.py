@@ -125,9 +125,23 @@ def explain(error: BaseException, settings: Settings) -> StartupError | None:
                             "TIPSTREAM_DATA_DIR.")
     if isinstance(error, DBAPIError):
         return _database_error(error, settings)
+    if isinstance(error, ValueError) and not _parses(settings.sqlalchemy_url):  # e.g. a port that is not a number
+        return StartupError(f"DATABASE_URL cannot be read ({error}). Write it as "
+                            "`postgresql+psycopg://user:password@host:5432/database`, or unset it for SQLite under "
+                            "TIPSTREAM_DATA_DIR.")
     if isinstance(error, APIError):
         return _jetstream_error(error, settings)
     return None
+
+
+def _parses(url: str) -> bool:
+    from sqlalchemy.engine import make_url
+
+    try:
+        make_url(url)
+    except ValueError:
+        return False
+    return True
 
 
 def _database_error(error: Any, settings: Settings) -> StartupError:
@@ -236,10 +250,6 @@ async def serve(settings: Settings, sock: socket.socket, demo_rate: float) -> in
 
     try:
         service = Service(settings)  # the database engine: a URL of no known kind fails here
-    except ValueError as error:  # SQLAlchemy's parse of the URL, e.g. a port that is not a number
-        raise StartupError(f"DATABASE_URL cannot be read ({error}). Write it as "
-                           "`postgresql+psycopg://user:password@host:5432/database`, or unset it for SQLite under "
-                           "TIPSTREAM_DATA_DIR.") from None
     except Exception as error:  # noqa: BLE001 - raised again, as a message where the operator can fix it
         raise explain(error, settings) or error from None
     stopper = Stopper()

@@ -156,6 +156,7 @@ def test_run_help_lists_every_setting_with_its_default(capsys: pytest.CaptureFix
 @pytest.mark.parametrize(("database_url", "problem"), [
     ("mysql://tipstream:hunter2@127.0.0.1/tipstream", "its driver, MySQLdb, is not installed"),
     (f"postgresql+psycopg://tipstream:hunter2@127.0.0.1:{free_port()}/tipstream", "Connection refused."),
+    ("postgresql+psycopg://tipstream:hunter2@127.0.0.1:notaport/tipstream", "DATABASE_URL cannot be read"),
 ])
 def test_a_database_the_commands_cannot_open_is_one_message_without_its_password(
         command: list[str], database_url: str, problem: str, monkeypatch: pytest.MonkeyPatch,
