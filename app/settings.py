@@ -214,6 +214,15 @@ class Settings(BaseSettings):
                  "cells": self.policy_thompson_cells, "concentration": self.policy_thompson_concentration}
         return {name: given[name] for name in POLICY_PARAMS[self.policy]}
 
+    @field_validator("nats_url")
+    @classmethod
+    def _nats_scheme(cls, value: str | None) -> str | None:
+        # nats-py read http://host:4222 as a host name it could not find, told only after the connect timeout.
+        scheme = value.partition("://")[0] if value and "://" in value else None
+        if scheme is not None and scheme.lower() not in ("nats", "tls", "ws", "wss"):
+            raise ValueError(f"a NATS server's URL starts with nats:// (or tls://, ws://, wss://), not {scheme}://")
+        return value
+
     @field_validator("stream_max_bytes")
     @classmethod
     def _byte_limit(cls, value: int) -> int:

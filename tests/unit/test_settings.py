@@ -28,3 +28,14 @@ def test_a_stream_byte_limit_that_nats_would_read_as_none_is_refused(limit: int)
     with pytest.raises(ValueError, match=r"must be -1 \(no limit\) or a number of bytes above 0"):
         Settings(stream_max_bytes=limit)
     assert Settings(stream_max_bytes=-1).stream_max_bytes == -1 and Settings(stream_max_bytes=1).stream_max_bytes == 1
+
+
+def test_a_nats_url_of_another_scheme_is_refused_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("NATS_URL", "http://127.0.0.1:4222")
+    with pytest.raises(SettingsError, match=r"NATS_URL='http://127.0.0.1:4222': a NATS server's URL starts with nats://"):
+        load_settings()
+    for good in ("nats://127.0.0.1:4222", "tls://nats.internal:4222", "127.0.0.1:4222"):
+        monkeypatch.setenv("NATS_URL", good)
+        assert load_settings().nats_url == good
