@@ -57,13 +57,19 @@ def _migrate(args: argparse.Namespace) -> int:
 
     from app import migrate
     from app.settings import get_settings
-    from app.startup import shown_database_url
+    from app.startup import data_dir_holder, shown_database_url
 
-    url = get_settings().sqlalchemy_url
+    settings = get_settings()
+    url = settings.sqlalchemy_url
     known = migrate.revisions()
     if args.revision not in ("head", "base", *known):  # checked first: an attempt would create the database
         print(f"Unknown revision {args.revision!r}; known: head, base, {', '.join(known)}.", file=sys.stderr)
         return 2
+    # The tables dropped under a running service: its checkpoints failed until it was restarted.
+    if args.revision == "base" and (pid := data_dir_holder(settings.data_dir)) is not None:
+        print(f"A tipstream (pid {pid}) runs on {settings.data_dir.resolve()} (TIPSTREAM_DATA_DIR): stop it "
+              "before `tipstream migrate base`, then start it again to rebuild from the log.", file=sys.stderr)
+        return 1
     try:
         (migrate.downgrade if args.revision == "base" else migrate.upgrade)(url, args.revision)
     except CommandError as error:

@@ -86,6 +86,23 @@ def hold_data_dir(data_dir: Path) -> int:
     return fd
 
 
+def data_dir_holder(data_dir: Path) -> str | None:
+    """The pid (or "?") of the service holding `data_dir`, None when none does; creates nothing."""
+    try:
+        fd = os.open(data_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.read(fd, 32).decode(errors="replace").strip() or "?"
+    except OSError:  # a file system without locks: as hold_data_dir, nothing to tell
+        return None
+    finally:
+        os.close(fd)
+    return None
+
+
 def listen_socket(settings: Settings) -> socket.socket:
     """The HTTP socket, bound before the service starts: a taken port fails in a moment, not
     after migrations and NATS, and with `TIPSTREAM_PORT=0` the port is known before serving."""

@@ -239,3 +239,27 @@ def test_run_refuses_a_demo_rate_that_is_no_rate(rate: str, problem: str, capsys
     with pytest.raises(SystemExit) as exited:
         main(["run", "--demo", rate])
     assert exited.value.code == 2 and f"--demo: {problem}" in capsys.readouterr().err
+
+
+def test_migrate_base_refuses_to_drop_the_tables_of_a_running_service(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    from app.settings import get_settings
+    from app.startup import hold_data_dir
+
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))
+    get_settings.cache_clear()
+    try:
+        assert main(["migrate"]) == 0
+        url = get_settings().sqlalchemy_url
+        held = hold_data_dir(tmp_path / "data")  # as `tipstream run` does
+        try:
+            assert main(["migrate", "base"]) == 1
+        finally:
+            os.close(held)
+        assert f"(pid {os.getpid()}) runs on" in capsys.readouterr().err and migrate.current(url) is not None
+        assert main(["migrate", "base"]) == 0 and migrate.current(url) is None
+    finally:
+        get_settings.cache_clear()
