@@ -6,6 +6,7 @@ when the two drift apart) and in `tipstream run --help`, both generated from the
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from functools import lru_cache
@@ -269,9 +270,16 @@ def env_name(field_name: str) -> str:
 
 
 def default_text(field_name: str) -> str:
-    """A field's default as the README's table shows it: `value`, or unset."""
+    """A field's default as the README's table shows it: `value`, or unset; a JSON setting's as
+    JSON, so that it can be copied into the variable (Python's repr has single quotes).
+
+    >>> default_text("port"), default_text("nats_url"), default_text("rewards")[:16]
+    ('`8000`', 'unset', '`{"acted": 1.0, ')
+    """
     default = Settings.model_fields[field_name].default
-    return "unset" if default is None else f"`{default}`"
+    if default is None:
+        return "unset"
+    return f"`{json.dumps(default)}`" if isinstance(default, dict) else f"`{default}`"
 
 
 def settings_help() -> str:
