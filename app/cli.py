@@ -133,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(func=_run)
 
     sim = commands.add_parser("simulate", help="publish synthetic user traffic through JetStream")
-    sim.add_argument("--users", type=_at_least(1), default=1000)
-    sim.add_argument("--rate", type=_at_least(0, float), default=1000.0, help="events per second (0: as fast as possible)")
+    sim.add_argument("--users", type=_at_least(1), default=1000, help="simulated users (default: %(default)s)")
+    sim.add_argument("--rate", type=_at_least(0, float), default=1000.0,
+                     help="events per second (default: %(default)g; 0: as fast as possible)")
     sim.add_argument("--count", type=_at_least(1), help="stop after this many events")
     sim.add_argument("--duration", type=_at_least(0, float), help="stop after this many seconds")
     sim.add_argument("--seed", type=int, default=1,
