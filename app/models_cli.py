@@ -102,10 +102,19 @@ def _change(args: argparse.Namespace) -> int:
         return 2
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     host = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it
-    base = (args.url or f"http://{host}:{settings.port}").rstrip("/")
+    if args.url is None and settings.port == 0:  # http://host:0 was "connection refused"
+        print("TIPSTREAM_PORT is 0, so the service picked its port: pass --url as `tipstream run` printed it "
+              "(tipstream on http://...).", file=sys.stderr)
+        return 2
+    base = args.url or f"http://{host}:{settings.port}"
     if not base.startswith(("http://", "https://")):  # urllib said only "unknown url type"
         print(f"--url {base!r} needs its scheme, e.g. http://{base}.", file=sys.stderr)
         return 2
+    if not _url_is_usable(base):  # http.client's InvalidURL was a traceback
+        print(f"--url {base!r} is not the service's address: write it as http://HOST:PORT, e.g. "
+              "http://127.0.0.1:8000.", file=sys.stderr)
+        return 2
+    base = base.rstrip("/")
     body: dict[str, Any] = {"actor": args.actor, "note": args.note}
     if args.action == "rollback":
         path = "/admin/rollback"
@@ -149,6 +158,21 @@ def _change(args: argparse.Namespace) -> int:
         note = f": {last['note']}" if last["note"] else ""
         print(f"{last['at']} {last['action']} {last['version']} by {last['actor']}{note}")
     return 0
+
+
+def _url_is_usable(url: str) -> bool:
+    """Whether urllib can send to `url`: a host without spaces or control characters, a port that is one.
+
+    >>> [_url_is_usable(url) for url in ("http://127.0.0.1:8000", "https://[::1]", "http:", "http://x y",
+    ...                                  "http://h:port", "http://h:99999")]
+    [True, True, False, False, False, False]
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number or out of range
+    except ValueError:
+        return False
+    return bool(parts.hostname) and all(c.isprintable() and not c.isspace() for c in parts.netloc)
 
 
 def _card_summary(version: str, answer: dict[str, Any]) -> str:

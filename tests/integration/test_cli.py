@@ -263,3 +263,19 @@ def test_migrate_base_refuses_to_drop_the_tables_of_a_running_service(
         assert main(["migrate", "base"]) == 0 and migrate.current(url) is None
     finally:
         get_settings.cache_clear()
+
+
+@pytest.mark.parametrize(("url", "port", "problem"), [
+    ("http://x y", "8000", "--url 'http://x y' is not the service's address: write it as http://HOST:PORT"),
+    ("http://", "8000", "--url 'http://' is not the service's address"),
+    ("http://127.0.0.1:port", "8000", "is not the service's address"),
+    (None, "0", "TIPSTREAM_PORT is 0, so the service picked its port: pass --url"),
+])
+def test_a_change_sent_nowhere_usable_is_a_message(url: str | None, port: str, problem: str,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A URL http.client refuses was an InvalidURL traceback; TIPSTREAM_PORT=0 was "connection refused" on port 0."""
+    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "t")
+    monkeypatch.setenv("TIPSTREAM_PORT", port)
+    assert main(["models", "promote", "v2", *(["--url", url] if url is not None else [])]) == 2
+    assert problem in capsys.readouterr().err
