@@ -52,6 +52,15 @@ def shown_database_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+def http_url(host: str, port: int) -> str:
+    """The service's address as a URL, to print and to pass as `tipstream models --url`.
+
+    >>> http_url("127.0.0.1", 8000), http_url("::1", 8000)
+    ('http://127.0.0.1:8000', 'http://[::1]:8000')
+    """
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"  # IPv6 in brackets, as URLs write it
+
+
 def hold_data_dir(data_dir: Path) -> int:
     """Lock the data directory for this process's life; its file descriptor, to keep open.
 
@@ -278,7 +287,7 @@ async def serve(settings: Settings, sock: socket.socket, demo_rate: float) -> in
     # logger drops it at "warning", a few µs on every request.
     config = uvicorn.Config(app, log_level="warning", http="httptools", lifespan="on", access_log=False,
                             timeout_keep_alive=HTTP_KEEP_ALIVE_S)
-    line = f"tipstream on http://{settings.host}:{port} (data in {settings.data_dir})"
+    line = f"tipstream on {http_url(settings.host, port)} (data in {settings.data_dir})"
 
     class Server(uvicorn.Server):
         # The line once the socket listens: printed before, it named a port nothing answered on
