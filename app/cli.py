@@ -15,6 +15,12 @@ from typing import Any
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if level != "debug":  # alembic (1.20 here) logs setting up each of its plugins at info: seven lines of noise per start
+        logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+
+
 def _run(args: argparse.Namespace) -> int:
     import uvloop
 
@@ -22,7 +28,7 @@ def _run(args: argparse.Namespace) -> int:
     from app.startup import hold_data_dir, listen_socket, serve
 
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     held = hold_data_dir(settings.data_dir)  # first: a second service on the directory changes nothing
     sock = listen_socket(settings)
     try:

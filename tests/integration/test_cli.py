@@ -279,3 +279,14 @@ def test_a_change_sent_nowhere_usable_is_a_message(url: str | None, port: str, p
     monkeypatch.setenv("TIPSTREAM_PORT", port)
     assert main(["models", "promote", "v2", *(["--url", url] if url is not None else [])]) == 2
     assert problem in capsys.readouterr().err
+
+
+def test_run_logs_alembic_s_migrations_but_not_its_plugins(tmp_path: Path) -> None:
+    """In a process of its own, logging set before alembic is imported (as `run` does): alembic
+    sets its plugins up once per process, as it is imported."""
+    script = ("import sys; from app.cli import configure_logging; configure_logging('info'); "
+              "from app import migrate; migrate.upgrade(sys.argv[1])")
+    done = subprocess.run([sys.executable, "-c", script, f"sqlite:///{tmp_path / 'm.db'}"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Running upgrade" in done.stderr and "setup plugin" not in done.stderr
