@@ -93,8 +93,10 @@ def _migrate(args: argparse.Namespace) -> int:
 def _docs(args: argparse.Namespace) -> int:
     from app.docs import OWN_README, write_docs
 
-    # Beside the README it updates, not the working directory's docs/ (from elsewhere, a stray new one).
-    for path in write_docs(Path(args.out) if args.out else OWN_README.parent / "docs"):
+    # Beside the README it updates, not the working directory's docs/ (from elsewhere, a stray new one);
+    # installed from a wheel, there is no README beside the package, and never a docs/ to write there.
+    default = OWN_README.parent / "docs" if OWN_README.exists() else Path("docs")
+    for path in write_docs(Path(args.out) if args.out else default):
         print(f"wrote {path}")
     return 0
 

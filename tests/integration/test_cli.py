@@ -209,6 +209,8 @@ def test_docs_from_another_directory_regenerate_the_docs_beside_the_readme(
     assert main(["docs"]) == 0 and main(["docs", "--out", "elsewhere"]) == 0
     assert outs == [docs.OWN_README.parent / "docs", Path("elsewhere")]
     assert not (tmp_path / "docs").exists()
+    monkeypatch.setattr(docs, "OWN_README", tmp_path / "site-packages" / "README.md")  # installed from a wheel
+    assert main(["docs"]) == 0 and outs[-1] == Path("docs")
 
 
 @pytest.mark.parametrize("variable", ["DATABASE_URL", "TIPSTREAM_DATA_DIR"])
