@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     add_models_commands(commands)
 
     args = parser.parse_args(argv)
+    from alembic.util import CommandError
     from sqlalchemy.exc import SQLAlchemyError
 
     from app.settings import SettingsError, get_settings
@@ -185,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as error:
         print(f"tipstream: {error}", file=sys.stderr)
         return 1
-    except (SQLAlchemyError, ValueError) as error:  # `migrate` and `models list`/`card` open the database as `run` does
+    # `models list`/`card` open (and migrate) the database as `run` does
+    except (SQLAlchemyError, ValueError, CommandError) as error:
         told = explain(error, get_settings())
         if told is None:
             raise

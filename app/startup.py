@@ -151,6 +151,13 @@ def explain(error: BaseException, settings: Settings) -> StartupError | None:
                             "TIPSTREAM_DATA_DIR.")
     if isinstance(error, DBAPIError):
         return _database_error(error, settings)
+    from alembic.util import CommandError
+
+    if isinstance(error, CommandError):  # e.g. a revision this release does not know: a newer one migrated it
+        where, other = ("DATABASE_URL", "database") if settings.database_url else ("TIPSTREAM_DATA_DIR", "directory")
+        return StartupError(f"Cannot migrate the database {shown_database_url(settings.sqlalchemy_url)} ({where}): "
+                            f"{error}. Another release of tipstream wrote it (a newer one, if this one does not know "
+                            f"its revision): run that release on it, or set {where} to another {other}.")
     if isinstance(error, ValueError) and not _parses(settings.sqlalchemy_url):  # e.g. a port that is not a number
         return StartupError(f"DATABASE_URL cannot be read ({error}). Write it as "
                             "`postgresql+psycopg://user:password@host:5432/database`, or unset it for SQLite under "

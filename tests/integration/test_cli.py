@@ -292,3 +292,33 @@ def test_run_logs_alembic_s_migrations_but_not_its_plugins(tmp_path: Path) -> No
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Running upgrade" in done.stderr and "setup plugin" not in done.stderr
+
+
+def test_a_database_from_a_newer_release_is_one_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """alembic's "Can't locate revision" was a traceback from `run` and `models list`."""
+    import sqlalchemy as sa
+
+    from app.settings import get_settings
+    from app.startup import explain
+
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path))
+    get_settings.cache_clear()
+    try:
+        assert main(["migrate"]) == 0
+        engine = sa.create_engine(get_settings().sqlalchemy_url)
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099'"))
+        engine.dispose()
+        capsys.readouterr()
+        assert main(["models", "list"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("tipstream: Cannot migrate the database sqlite:///") and err.count("\n") == 1
+        assert "'0099'" in err and "(TIPSTREAM_DATA_DIR)" in err and "run that release" in err
+        from alembic.util import CommandError
+
+        told = explain(CommandError("Can't locate revision identified by '0099'"), get_settings())  # as from `run`
+        assert told is not None and str(told) == err.removeprefix("tipstream: ").strip()
+    finally:
+        get_settings.cache_clear()
