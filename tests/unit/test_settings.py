@@ -39,3 +39,19 @@ def test_a_nats_url_of_another_scheme_is_refused_at_once(monkeypatch: pytest.Mon
     for good in ("nats://127.0.0.1:4222", "tls://nats.internal:4222", "127.0.0.1:4222"):
         monkeypatch.setenv("NATS_URL", good)
         assert load_settings().nats_url == good
+
+
+@pytest.mark.parametrize(("value", "told"), [
+    ('{"acted": 2}', """TIPSTREAM_REWARDS='{"acted": 2}': rewards must be between 0 and 1"""),
+    ('{"acted": "x"}', """TIPSTREAM_REWARDS='{"acted": "x"}': acted: Input should be a valid number"""),
+    ('{"foo": 1}', """TIPSTREAM_REWARDS='{"foo": 1}': names unknown reactions ['foo']; known: acted,"""),
+])
+def test_a_bad_json_setting_is_told_as_the_operator_wrote_it(value: str, told: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was the parsed value, as Python writes it ({'acted': 2}), and the variable's name twice."""
+    from app.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("TIPSTREAM_REWARDS", value)
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert str(refused.value).startswith(told), str(refused.value)
