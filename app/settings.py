@@ -342,7 +342,12 @@ def load_settings() -> Settings:
             name = str(problem["loc"][0]) if problem["loc"] else "?"
             variable = name if name.isupper() else f"TIPSTREAM_{name.upper()}"
             # As the operator wrote it: a JSON setting's input is the parsed value, shown as Python wrote it.
-            given = repr(os.environ[variable]) if variable in os.environ else f"{problem['input']!r} (in .env)"
+            value = os.environ[variable] if variable in os.environ else problem["input"]
+            if variable == "NATS_URL":  # it may carry a password or token
+                from app.startup import shown_url
+
+                value = shown_url(str(value))
+            given = repr(value) if variable in os.environ else f"{value!r} (in .env)"
             inside = "".join(f"{part}: " for part in problem["loc"][1:])  # which entry of a JSON setting
             lines.append(f"{variable}={given}: {inside}{problem['msg'].removeprefix('Value error, ')}")
         lines.append(FIX_IT)

@@ -36,6 +36,9 @@ def test_a_nats_url_of_another_scheme_is_refused_at_once(monkeypatch: pytest.Mon
     monkeypatch.setenv("NATS_URL", "http://127.0.0.1:4222")
     with pytest.raises(SettingsError, match=r"NATS_URL='http://127.0.0.1:4222': a NATS server's URL starts with nats://"):
         load_settings()
+    monkeypatch.setenv("NATS_URL", "http://tipstream:hunter2@127.0.0.1:4222")
+    with pytest.raises(SettingsError, match=r"NATS_URL='http://tipstream:\*\*\*@127.0.0.1:4222': a NATS server's"):
+        load_settings()
     for good in ("nats://127.0.0.1:4222", "tls://nats.internal:4222", "127.0.0.1:4222"):
         monkeypatch.setenv("NATS_URL", good)
         assert load_settings().nats_url == good
