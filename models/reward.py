@@ -784,22 +784,22 @@ class TipModel:
                 self.classifier.linear_only.add(k)
         user = x.get(USER_INPUT)
         expiry = self._expiry if at_ms is not None else None
-        own = None
+        t = self._features(x, self.interactions._plan0)
         if isinstance(user, str) and (expiry is not None or self._user_steps_forgotten()):
             own = self._own_features(user, x)
+            if expiry is not None:
+                # Before learning: a user back after the TTL must be taught as a new one, from
+                # nothing of their own. The names as `t` holds them: the tables keep these very
+                # strings as keys, so the index shares them (its own copies cost ~600 bytes a user).
+                gone = expiry.touch(user, [k for k in t if k in own], at_ms)  # type: ignore[arg-type]
+                if gone:
+                    self._drop_features(gone)
             self._forget_user_steps(own)
-        t = self._features(x, self.interactions._plan0)
         if reward > 0.0:
             self.classifier.learn_one(t, True, w=reward)
         if reward < 1.0:
             self.classifier.learn_one(t, False, w=1.0 - reward)
         self.n_learned += 1
-        if expiry is not None and own is not None:
-            # The names as `t` holds them: the tables keep these very strings as keys, so the
-            # index shares them (its own copies cost ~600 bytes a user).
-            gone = expiry.touch(user, [k for k in t if k in own], at_ms)  # type: ignore[arg-type]
-            if gone:
-                self._drop_features(gone)
 
     def _own_features(self, user: str, x: Mapping[str, Any]) -> dict[str, float]:
         """The features of `x` only `user` fires: its `user_id` one-hot and crosses."""

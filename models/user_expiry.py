@@ -47,8 +47,17 @@ class UserExpiry:
     A reaction stored before the newest one learned (the log's order is the learner's, not the
     stored times') counts at the newest time:
 
-    >>> expiry.touch("c", ["user_id_c"], at_ms=3), expiry.touch("b", [], at_ms=130)
-    ([], ['user_id_c'])
+    >>> expiry.touch("c", ["user_id_c"], at_ms=3), expiry.touch("b", [], at_ms=100)
+    ([], [])
+    >>> expiry.touch("b", [], at_ms=130)
+    ['user_id_c']
+
+    A user back after more than `ttl_ms`, whom no sweep had found yet, loses what they taught
+    before all the same: their old features are answered too, to be dropped before this
+    reaction is learned.
+
+    >>> expiry.touch("b", ["user_id_b"], at_ms=200), expiry.keys_of("b")
+    (['user_id_b', 'user_id*category=b*focus'], ('user_id_b',))
     """
 
     def __init__(self, ttl_ms: int) -> None:
@@ -71,10 +80,19 @@ class UserExpiry:
 
     def touch(self, user: str, keys: Iterable[str], at_ms: int) -> list[str]:
         """Record that `user`, whose own features include `keys`, reacted at `at_ms`; answer the
-        own features of the users found to have not reacted for more than `ttl_ms`."""
+        own features of the users found to have not reacted for more than `ttl_ms`, `user`'s
+        from before this reaction among them when that is so (drop them before learning it)."""
         now = self.now_ms = max(self.now_ms, int(at_ms))
+        cutoff = now - self.ttl_ms
         users = self.users
         entry = users.get(user)
+        gone: list[str] = []
+        if entry is not None and entry[0] < cutoff:
+            # Gone by the rule, only not swept yet (sweeps are 1/32 of the TTL apart, and a quiet
+            # log's first reaction is the one that sweeps): taught on top of the old weights,
+            # they would keep them for good.
+            gone.extend(entry[1])
+            entry = None
         if entry is None:
             own = tuple(keys)
         else:
@@ -84,11 +102,9 @@ class UserExpiry:
                 own += added
         users[user] = (now, own)
         if now < self.next_sweep_ms:
-            return []
+            return gone
         self.next_sweep_ms = now + self.sweep_ms
-        cutoff = now - self.ttl_ms
         gone_users = [u for u, (last, _) in users.items() if last < cutoff]
-        gone: list[str] = []
         for u in gone_users:
             gone.extend(users.pop(u)[1])
         return gone

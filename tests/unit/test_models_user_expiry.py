@@ -50,6 +50,25 @@ def test_a_user_who_stopped_reacting_is_forgotten_and_comes_back_as_a_new_one(ki
     assert model.predict_one(_x("stays", "breaks")) > model.predict_one(_x("newcomer", "breaks")) + 0.05
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_user_back_after_the_ttl_starts_anew_before_any_sweep_found_them(kind: str) -> None:
+    """Sweeps come every 1/32 of the TTL, and the first reaction after a quiet spell is the one
+    that sweeps: a user whose own return is that reaction, or who returns between two sweeps,
+    must not be taught on top of the weights they should have lost, and kept for good."""
+    back, fresh = TipModel(kind=kind, user_ttl_days=1), TipModel(kind=kind, user_ttl_days=1)
+    for model in (back, fresh):
+        for i in range(20):
+            model.learn_one(_x("back"), 1.0, T0 + i)
+    back.learn_one(_x("back"), 0.0, T0 + 2 * DAY_MS)
+    fresh.learn_one(_x("newcomer"), 0.0, T0 + 2 * DAY_MS)
+
+    assert back.predict_one(_x("back")) == pytest.approx(fresh.predict_one(_x("newcomer")))
+    back.learn_one(_x("back"), 0.0, T0 + 2 * DAY_MS + 1)  # and with a new one's step sizes (AdaGrad's sums)
+    fresh.learn_one(_x("newcomer"), 0.0, T0 + 2 * DAY_MS + 1)
+    assert back.predict_one(_x("back")) == pytest.approx(fresh.predict_one(_x("newcomer")))
+    assert back.users_held == fresh.users_held == 1
+
+
 def test_the_clock_forgets_no_one_only_the_log_time_given() -> None:
     """Learned without a time (a test, a doctest), a reaction is not recorded for forgetting; with
     `user_ttl_days` 0 (what versions registered before it exist say), every user is kept."""
