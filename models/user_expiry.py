@@ -30,7 +30,8 @@ class UserExpiry:
     `touch` records a reaction and answers the feature names of the users who have not reacted
     for more than `ttl_ms`. It looks for them once per `sweep_ms` of log time (1/32 of the TTL:
     a user goes between `ttl_ms` and 1/32 more after their last reaction), over every user: a
-    Python loop, ~50 ms at a million. Looking at every reaction, for the oldest user only,
+    Python loop, ~0.1 s at a million users in the order first seen, ~0.4 s once their
+    reactions have interleaved (each entry is then a cache miss). Looking at every reaction, for the oldest user only,
     needs a table kept in order of last reaction, and the snapshot's copy of an OrderedDict
     took 0.3 us a user on the event loop, a plain dict's 0.01.
 
