@@ -101,7 +101,8 @@ class Diverged(ValueError):
 
 
 # (features, reward); (features, reward, the key of the decision it is a tip of); or that and
-# (when the decision was served, when its reward arrived), both as numbers on one clock.
+# (when the decision was served, when its reward arrived), both in seconds since the epoch: the
+# arrival is also the log time the model learns the reward at (`TipModel.learn_one`'s `at_ms`).
 Example = (tuple[Mapping[str, Any], float] | tuple[Mapping[str, Any], float, Hashable]
            | tuple[Mapping[str, Any], float, Hashable, float, float])
 
