@@ -783,18 +783,16 @@ class TipModel:
             if use == "numeric" and self._fm and self.classifier.categorical_only:
                 self.classifier.linear_only.add(k)
         user = x.get(USER_INPUT)
-        expiry = self._expiry if at_ms is not None else None
-        t = self._features(x, self.interactions._plan0)
-        if isinstance(user, str) and (expiry is not None or self._user_steps_forgotten()):
-            own = self._own_features(user, x)
-            if expiry is not None:
+        if isinstance(user, str):
+            if self._expiry is not None and at_ms is not None:
                 # Before learning: a user back after the TTL must be taught as a new one, from
-                # nothing of their own. The names as `t` holds them: the tables keep these very
-                # strings as keys, so the index shares them (its own copies cost ~600 bytes a user).
-                gone = expiry.touch(user, [k for k in t if k in own], at_ms)  # type: ignore[arg-type]
+                # nothing of their own.
+                gone = self._expiry.touch(user, self._user_tags(x), at_ms)
                 if gone:
-                    self._drop_features(gone)
-            self._forget_user_steps(own)
+                    self._drop_features([name for u, tags in gone for name in self._user_feature_names(u, tags)])
+            if self._user_steps_forgotten():
+                self._forget_user_steps(self._own_features(user, x))
+        t = self._features(x, self.interactions._plan0)
         if reward > 0.0:
             self.classifier.learn_one(t, True, w=reward)
         if reward < 1.0:
@@ -806,6 +804,38 @@ class TipModel:
         own = {f"{USER_INPUT}_{user}": 1.0}  # the one-hot, named as `_features` names it
         self.interactions.cross(x, self._user_plan, own)
         return own
+
+    def _user_tags(self, x: Mapping[str, Any]) -> list[tuple[int, str | None]]:
+        """What names the user's crosses in `x`, for `UserExpiry`: (its step in `_user_plan`, the
+        other member's label) each, None for a pair of `user_id` with itself. Labels repeat across
+        users (categories, hours), so the index holds each once, where whole names held the user's
+        id again in each (~600 bytes a user)."""
+        tags = []
+        for step, (_, a, _, b, _) in enumerate(self._user_plan):
+            other = b if a == USER_INPUT else a
+            if other == USER_INPUT:
+                tags.append((step, None))
+                continue
+            value = x.get(other)
+            if value is not None:
+                tags.append((step, self.interactions.label(value)))
+        return tags
+
+    def _user_feature_names(self, user: str, tags: Iterable[Any]) -> list[str]:
+        """The names of `user`'s own features that `tags` (`_user_tags`) stand for, as `cross` names them.
+
+        >>> model = TipModel()
+        >>> x = {"user_id": "u-1", "category": "focus", "tip_id": "t"}
+        >>> model._user_feature_names("u-1", model._user_tags(x)) == list(model._own_features("u-1", x))
+        True
+        """
+        names = [f"{USER_INPUT}_{user}"]
+        plan = self._user_plan
+        for step, label in tags:
+            head, a, separator, b, tail = plan[step]
+            names.append(head + (user if a == USER_INPUT else label) + separator
+                         + (user if b == USER_INPUT else label) + tail)
+        return names
 
     def _user_steps_forgotten(self) -> bool:
         return self.params["user_forgetting"] > 0.0 and self._g2() is not None

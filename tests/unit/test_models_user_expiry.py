@@ -80,18 +80,31 @@ def test_the_clock_forgets_no_one_only_the_log_time_given() -> None:
     assert untimed.users_held == kept.users_held == 0
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_a_snapshot_mid_stream_forgets_exactly_what_one_uninterrupted_model_forgets(kind: str) -> None:
+CONFIGURATIONS = {
+    "logreg": {"kind": "logreg"},
+    "fm": {"kind": "fm"},
+    "fm, latents for all": {"kind": "fm", "latents": "all"},
+    # The user second in a pair, crossed with an hour, with a bool; names `UserExpiry` must rebuild.
+    "custom crosses": {"kind": "logreg", "interactions": [["category", "user_id"], ["user_id", "hour_of_day"],
+                                                          ["is_new", "user_id"], ["category", "hour_of_day"]]},
+}
+
+
+@pytest.mark.parametrize("name", CONFIGURATIONS)
+def test_a_snapshot_mid_stream_forgets_exactly_what_one_uninterrupted_model_forgets(name: str) -> None:
     """A restart resumes from a snapshot (the frozen copy's bytes) and replays the rest of the log:
-    the users it forgets, and when, must be the same, or a rebuild would not match the live model."""
+    the users it forgets, and when, must be the same, or a rebuild would not match the live model.
+    And what goes is all of each user's own: no feature naming them is left."""
     rng = random.Random(3)
     stream = []
     at_ms = T0
     for _ in range(600):
         at_ms += rng.randrange(0, 4 * 3_600_000)  # hours apart: ~50 days in all, with a TTL of 5
-        user = f"u-{rng.randrange(60)}"
-        stream.append((_x(user, rng.choice(("focus", "breaks", "sleep"))), float(rng.random() < 0.5), at_ms))
-    whole, resumed = TipModel(kind=kind, user_ttl_days=5, seed=1), TipModel(kind=kind, user_ttl_days=5, seed=1)
+        x = {**_x(f"<u{rng.randrange(60)}>", rng.choice(("focus", "breaks", "sleep"))),
+             "hour_of_day": rng.randrange(24), "is_new": rng.random() < 0.5}
+        stream.append((x, float(rng.random() < 0.5), at_ms))
+    params = {**CONFIGURATIONS[name], "user_ttl_days": 5, "seed": 1}
+    whole, resumed = TipModel(**params), TipModel(**params)
     for x, reward, at in stream[:300]:
         whole.learn_one(x, reward, at)
         resumed.learn_one(x, reward, at)
@@ -100,11 +113,16 @@ def test_a_snapshot_mid_stream_forgets_exactly_what_one_uninterrupted_model_forg
         whole.learn_one(x, reward, at)
         resumed.learn_one(x, reward, at)
     assert whole.users_held < 60, "some users left for longer than 5 days: the stream must forget them"
-    assert list(resumed._expiry.users.items()) == list(whole._expiry.users.items())
+    assert resumed._expiry.users == whole._expiry.users
+    assert resumed._expiry.buckets == whole._expiry.buckets
     for ours, theirs in zip(_tables(resumed), _tables(whole)):
         assert ours.keys() == theirs.keys()
         assert all(_same(ours[k], theirs[k]) for k in ours)
     assert resumed.predict_one(stream[-1][0]) == whole.predict_one(stream[-1][0])
+    names = _names(whole)
+    gone = {x["user_id"] for x, _, _ in stream} - set(whole._expiry.users)
+    assert gone and not [n for n in names if any(user in n for user in gone)]
+    assert all(any(user in n for n in names) for user in whole._expiry.users)
 
 
 def _same(a: object, b: object) -> bool:
