@@ -171,6 +171,7 @@ class Learner:
         self._credited_during_scan: dict[str, _Entry] | None = None
         self.credited = 0
         self._learned: dict[str, Any] = {}
+        self._users_counted: set[str] = set()  # versions `tipstream_model_users` has a series for
         self._diverged_versions: set[str] = set()  # told once each
         # Read when scraped, not set as they change.
         JOIN_CACHE.set_function(lambda: len(self.cache) + len(self._replayed))
@@ -655,9 +656,7 @@ class Learner:
             models = {v: (ModelBytes(m.frozen()), m.n_learned) for v, m in self.lineup.learning}
             self._models_cost_s = self.timer() - started
             MODEL_SNAPSHOT_SECONDS.observe(self._models_cost_s)
-            for version, model in self.lineup.learning:
-                if model.params["user_ttl_days"] > 0:
-                    MODEL_USERS.labels(version).set(model.users_held)
+            self._count_model_users()
         return {
             "gen": self._gen,
             "learn_seq": self._learn_seq if with_models else None,
@@ -666,6 +665,14 @@ class Learner:
             "prior": self.lineup.prior.to_bytes(),
             "models": models,
         }
+
+    def _count_model_users(self) -> None:
+        forgetting = {v: m.users_held for v, m in self.lineup.learning if m.params["user_ttl_days"] > 0}
+        for version in self._users_counted - forgetting.keys():  # retired since: no longer a model that learns
+            MODEL_USERS.remove(version)
+        for version, held in forgetting.items():
+            MODEL_USERS.labels(version).set(held)
+        self._users_counted = set(forgetting)
 
     def snapshot_at_next_checkpoint(self) -> None:
         """Whatever the spacing of snapshots: at a clean stop, so the next start replays nothing."""

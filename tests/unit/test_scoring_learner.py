@@ -296,7 +296,11 @@ def test_the_models_forget_a_user_who_left_by_when_feedback_was_stored_not_by_th
     assert holding("u-1") == [False, False] and holding("u-2") == [True, True]
     assert delta(before) == {"credited": 3}
     world.learner.snapshot(force=True)
-    assert MODEL_USERS.labels("v1")._value.get() == MODEL_USERS.labels("v2")._value.get() == 1
+    held = {s.labels["version"]: s.value for s in MODEL_USERS.collect()[0].samples}
+    assert held["v1"] == held["v2"] == 1
+    world.lineup.learning = world.lineup.learning[:1]  # as retiring v2 leaves it
+    world.learner.snapshot(force=True)
+    assert "v2" not in {s.labels["version"] for s in MODEL_USERS.collect()[0].samples}
 
 
 def _foreign(world: World, decision_id: str) -> LoggedDecision:
