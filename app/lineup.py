@@ -243,13 +243,20 @@ class Lineup:
     def describe(self, version: str) -> dict[str, Any]:
         mv = self.registry.get(version)
         model = self.models.get(version)
-        return mv.to_dict() | {"role": self.registry.role(version),
-                               "n_learned": model.n_learned if model is not None else 0}
+        return mv.to_dict() | {"role": self.registry.role(version), **_learned(model)}
 
     def listing(self) -> list[dict[str, Any]]:
         return [{"version": v, "kind": mv.kind, "role": self.registry.role(v),
-                 "created_at": mv.created_at.isoformat(), "n_learned": self.models[v].n_learned}
+                 "created_at": mv.created_at.isoformat(), **_learned(self.models.get(v))}
                 for v, mv in self.registry.versions.items()]
+
+
+def _learned(model: TipModel | None) -> dict[str, Any]:
+    """Rewards learned, and the users whose own weights the model holds (None: it keeps every
+    user, `user_ttl_days` 0, and counts none)."""
+    if model is None:
+        return {"n_learned": 0, "users_held": None}
+    return {"n_learned": model.n_learned, "users_held": model.users_held if model.params["user_ttl_days"] > 0 else None}
 
 
 # Parameters a model of another kind (or optimizer) takes and this one would ignore: registered, a

@@ -176,10 +176,13 @@ MODEL_CARD = {
 }
 
 MODEL_SUMMARY = {
-    "type": "object", "required": ["version", "kind", "role", "created_at", "n_learned"],
+    "type": "object", "required": ["version", "kind", "role", "created_at", "n_learned", "users_held"],
     "properties": {"version": {"type": "string"}, "kind": {"type": "string", "enum": list(KINDS)}, "role": _ROLE,
                    "created_at": {"type": "string", "format": "date-time"},
-                   "n_learned": {"type": "integer", "minimum": 0, "description": "rewards learned"}},
+                   "n_learned": {"type": "integer", "minimum": 0, "description": "rewards learned"},
+                   "users_held": {"type": ["integer", "null"], "minimum": 0,
+                                  "description": "users whose own weights it holds, each forgotten after user_ttl_days "
+                                                 "without a reaction; null for a version that keeps every user"}},
 }
 
 MODEL_LIST = {

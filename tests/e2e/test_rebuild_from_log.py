@@ -56,7 +56,8 @@ class Knowledge:
 
     def __init__(self, service: ServiceProcess, users: list[str]) -> None:
         self.features = {u: service.get(f"/users/{u}/features", at=AT).json() for u in users}
-        self.n_learned = service.get("/models/v1").json()["n_learned"]
+        summary = service.get("/models/v1").json()
+        self.n_learned, self.users_held = summary["n_learned"], summary["users_held"]
         probe = {"user_id": users[0], "explore": False, "context": {"now": AT}, "candidates": CANDIDATES}
         answer = httpx.post(f"{service.base_url}/score", json=probe, timeout=10).json()
         self.probe_id = answer["decision_id"]  # the probe is a decision too: left out of the comparison
@@ -171,11 +172,13 @@ async def test_a_kill_9_while_feedback_comes_resumes_with_the_weights_of_an_unin
 ) -> None:
     """Learned, but not in a model snapshot yet (they are 60 s apart here), when the process dies:
     the restart learns those rewards again from FEEDBACK, in the same order, and counts none twice.
-    The uninterrupted run is the rebuild from the same log, which the test above holds equal to live."""
+    The uninterrupted run is the rebuild from the same log, which the test above holds equal to live.
+    The models forget a user 0.86 s (of FEEDBACK's time) after their last reaction: those who reacted
+    only before the kill are forgotten as the ones after it are learned, in both runs alike."""
     population = Population(users=4, seed=5)
     users = [u.user_id for u in population.users]
     js, env, service = await start_live(nats_server, nc, database_url, tmp_path / "data", population, 2,
-                                        model_snapshot_every_s="60")
+                                        model_snapshot_every_s="60", model_user_ttl_days="0.00001")
     reactions = []
     async with httpx.AsyncClient(base_url=service.base_url) as http:
         for index, user in enumerate(users):
@@ -203,4 +206,6 @@ async def test_a_kill_9_while_feedback_comes_resumes_with_the_weights_of_an_unin
     assert service.stop(), service.log()
 
     assert resumed.n_learned == rebuilt.n_learned == len(reactions)
+    # The restart took seconds: the first half's two users were forgotten, the second half's held.
+    assert resumed.users_held == rebuilt.users_held == 2
     assert resumed.scores == rebuilt.scores
