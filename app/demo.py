@@ -1,6 +1,6 @@
 """`tipstream run --demo RATE`: a synthetic app and its users, closing the learning loop.
 
-The demo publishes RATE events a second into the service's own NATS, from 200 users with
+The demo publishes RATE events a second into the service's own NATS, from 50 users with
 time zones and daily rhythms (`streams.simulator`). Nine in ten are signals (tasks, app
 opens); the tenth is a tip, shown the way an app would show it. Steps for each tip:
 1. Ask `POST /score`, over HTTP on the service's own port, to rank 10 of the 20 tips.
@@ -35,7 +35,10 @@ from streams.simulator import APP_MIX, Population, expected_reward, score_body
 log = logging.getLogger("tipstream.demo")
 logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would bury the service's own log
 
-USERS = 200
+# Few enough that each meets a tip every few seconds at `--demo 200`, so the learning shows in the first
+# report: the served tips earned 0.51 against a random pick's 0.39 at 30 s, 0.61 at 60 s. With 200
+# users each had reacted ~3 times by then, and the first report showed none (0.39 against 0.38).
+USERS = 50
 USERS_SEED = 1
 CANDIDATES = 10
 TIP_SHARE = 0.1  # of the demo's events: a tip shown and the reaction to it
