@@ -14,7 +14,7 @@ ones the fold already held):
    Read back at a start, feedback stored before another publisher's decision waits so too, though
    DECISIONS, read ahead, holds it already: live, it waited (`_defer`).
 3. This (decision, tip) was credited already -> `duplicate`: redelivered feedback, or the same
-   reaction re-sent with a new event id, is learned once.
+   reaction re-sent with a new event id, is learned once (from another user: `wrong_user`).
 4. The tip is not among the decision's candidates -> `unknown_tip`; the feedback's user is not
    the decision's -> `wrong_user` (another user's reaction must not train this user's weights).
 5. Otherwise the reaction's reward (settings) trains every live model with `learn_one` on the
@@ -472,10 +472,17 @@ class Learner:
     def _credit(self, decision_id: str, entry: _Entry, tip_id: str, reaction: str, user_id: str | None,
                 stored_at_ms: int | None = None) -> None:
         credits = entry.credits
+        decision = entry.decision
         if credits is not None and tip_id in credits:
+            if user_id is not None:  # parsed only for a credited tip's reactions, rare but for replays
+                decision = decision if decision is not None else orjson.loads(entry.data)
+                if user_id != decision["user_id"]:
+                    # Another user's reaction is told as such, before or after the decision's own.
+                    _OUTCOME["wrong_user"].inc()
+                    return
             _OUTCOME["duplicate"].inc()
             return
-        decision = entry.decision if entry.decision is not None else orjson.loads(entry.data)
+        decision = decision if decision is not None else orjson.loads(entry.data)
         candidate = next((c for c in decision["ranked"] if c["tip_id"] == tip_id), None)
         if candidate is None:
             _OUTCOME["unknown_tip"].inc()

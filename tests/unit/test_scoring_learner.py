@@ -165,6 +165,11 @@ def test_feedback_from_another_user_trains_nothing(world: World) -> None:
     assert world.lineup.champion.n_learned == 0 and world.lineup.prior.count("a") == 0.0
     world.react(served.decision_id, "a", "acted", user="u-1")  # its own user's reaction still counts
     assert delta(before) == {"wrong_user": 2, "waiting": 1, "credited": 1}
+    # Once it is credited, another user's reaction to it is still theirs, not a redelivery.
+    world.react(served.decision_id, "a", "liked", user="u-2")
+    assert delta(before) == {"wrong_user": 3, "waiting": 1, "credited": 1}
+    world.react(served.decision_id, "a", "liked", user="u-1")
+    assert delta(before) == {"wrong_user": 3, "waiting": 1, "credited": 1, "duplicate": 1}
 
 
 def test_waiting_is_bounded_in_count_and_age(tmp_path: Path) -> None:
