@@ -204,6 +204,8 @@ async def backed_up_and_not_ready(start_service: Any, contract: Contract, nats: 
                                     checkpoint_every_s=600)
     async with httpx.AsyncClient(base_url=backed_up.base_url) as http:
         assert (await post_score(http, contract)).status_code == 200
+        # Its row waits once JetStream has acknowledged the decision: asked before, /score still served.
+        await eventually(lambda: backed_up.service.decision_log.backlog >= 1)
         assert (await post_score(http, contract)).status_code == 503
 
         # NATS away: not ready, in the same shape.
