@@ -98,7 +98,9 @@ async def metrics(request: Request) -> Response:
         content:
           text/plain: {schema: {type: string}}
     """
-    METRICS.users.set(len(request.app.state.service.store.users))
+    store = request.app.state.service.store
+    METRICS.users.set(len(store.users))
+    METRICS.users_dormant.set(len(store.dormant))
     return Response(generate_latest(METRICS.registry), media_type=CONTENT_TYPE_LATEST)
 
 

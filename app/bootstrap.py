@@ -150,6 +150,7 @@ class Service:
         if s.offline_features_every_s:
             self.offline = OfflineFeatureWriter(self.store, self.engine, s.offline_features_every_s)
             self.checkpointer.on_saved.append(self.offline.saved)
+            self.checkpointer.keep_awake.append(self.offline.holds)
             self._tasks.append(asyncio.create_task(self.offline.run(), name="offline features"))
 
     async def _connect(self) -> jsx.IngestClient:
@@ -259,8 +260,13 @@ class Service:
                             error, len(self.store.cold), delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
+        # Those loaded before the newest event had been seen were judged against an older one. (The
+        # warm-up may end before the checkpointer exists: its first checkpoint looks then.)
+        if self.checkpointer is not None:
+            await self.checkpointer.rest_idle()
         METRICS.users.set(len(self.store.users))
-        log.info("all %d users loaded in %.1fs", len(self.store.users), time.perf_counter() - started)
+        log.info("all %d users loaded in %.1fs (%d idle ones left in the database)", len(self.store.users),
+                 time.perf_counter() - started, len(self.store.dormant))
 
     async def _warm_once(self, target: SqlCheckpointStore) -> None:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue[list[tuple[str, bytes]]](maxsize=4)

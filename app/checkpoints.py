@@ -19,12 +19,14 @@ from sqlalchemy.engine import Connection
 from app import db
 from app.checkpoint_rows import write_checkpoint
 from app.metrics import METRICS
-from streams.store import OnlineStore
+from streams.fold import DAY_MS
+from streams.store import IDLE_DAYS, OnlineStore
 
 if TYPE_CHECKING:
     from app.checkpoint_writer import CheckpointWriter
 
 log = logging.getLogger("tipstream.checkpoints")
+REST_CHUNK = 10_000  # users looked at per turn of the event loop when letting go of idle ones
 SERIALISE_CHUNK = 50  # ~0.6 ms of the event loop per chunk
 PROBE_EVERY_S = 0.5  # while a checkpoint waits to retry, how often it asks whether the database is back
 
@@ -133,6 +135,7 @@ class Checkpointer:
        worker thread); then tell each participant its snapshot is safe.
     4. On failure, hand the users back to the store and retry with backoff: a database
        that is away delays checkpoints, it never loses events (they stay in the stream).
+    5. Once per day of the log's time, let go of idle users' states (`rest_idle`).
     """
 
     def __init__(self, store: OnlineStore, target: CheckpointStore, every_events: int, every_s: float,
@@ -154,6 +157,10 @@ class Checkpointer:
         self.last_error: str | None = None  # of the checkpoint that failed last, until one succeeds
         self._saved_positions: dict[str, int] | None = None
         self._wake = asyncio.Event()
+        # Users that must stay in memory though idle: the offline writer's, until its pass reads them.
+        self.keep_awake: list[Callable[[str], bool]] = []
+        self._rested_day: int | None = None
+        self._rest_later: list[str] = []  # idle, but not saved yet or kept: looked at again next time
 
     @property
     def uncheckpointed(self) -> int:
@@ -221,6 +228,7 @@ class Checkpointer:
         extras = [(p, p.snapshot()) for p in self.participants]
         if not users and positions == self._saved_positions and all(snap is None for _, snap in extras):
             self.last_ok, self.last_error = time.monotonic(), None  # in step with the database: as good as a save
+            await self._rest_idle()  # the first time after a start: those the warm-up loaded early
             return False
         started = time.perf_counter()
         try:
@@ -248,7 +256,45 @@ class Checkpointer:
         METRICS.checkpoint_users.inc(len(users))
         for stream, seq in positions.items():
             METRICS.checkpoint_position.labels(stream).set(seq)
+        await self._rest_idle()
         return True
+
+    async def rest_idle(self) -> int:
+        """`_rest_idle` now, whatever the day (the warm-up has loaded every user)."""
+        async with self.lock:
+            self._rested_day = None
+            return await self._rest_idle()
+
+    async def _rest_idle(self) -> int:
+        """Let go of the states of users idle for `IDLE_DAYS` of the log's time (their newest event
+        that far behind the newest folded), once per day of it: a user who left kept up to 30 days
+        of events in memory for good. Their state is in the database; their next event or request
+        loads it back (`OnlineStore.state_of`).
+
+        Run holding the lock, after a save committed: a user not changed since that checkpoint's
+        hand-over is in the database as it is in memory. The look goes over every user, a chunk
+        at a time, yielding to the loop between chunks; an idle user not saved yet or kept is looked
+        at again at the next checkpoint, alone."""
+        store = self.store
+        day = store.newest_ms // DAY_MS
+        if day != self._rested_day:
+            self._rested_day = day
+            ids = list(store.users)
+        elif self._rest_later:
+            ids = self._rest_later
+        else:
+            return 0
+        keep = self.keep_awake
+        later: list[str] = []
+        rested = 0
+        for start in range(0, len(ids), REST_CHUNK):
+            rested += store.rest(ids[start : start + REST_CHUNK], lambda user: any(k(user) for k in keep), later)
+            await asyncio.sleep(0)
+        self._rest_later = later
+        if rested:
+            log.info("%d idle users let go of from memory (no event for %d days); %d held, %d in the database only",
+                     rested, IDLE_DAYS, len(store.users), len(store.dormant))
+        return rested
 
 
 def _fix_for(error: Exception) -> str:

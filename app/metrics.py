@@ -32,6 +32,10 @@ class Metrics:
         self.checkpoint_users = Counter("tipstream_checkpoint_users_total", "User states written.", registry=r)
         self.checkpoint_failures = Counter("tipstream_checkpoint_failures_total", "Failed checkpoint writes.", registry=r)
         self.users = Gauge("tipstream_users", "Users held in the online store.", registry=r)
+        self.users_dormant = Gauge(
+            "tipstream_users_dormant", "Idle users (no event for 32 days of the log's time) let go of from memory: "
+            "in the database only, loaded back by their next event or request.", registry=r,
+        )
         self.offline_pending = Gauge(
             "tipstream_offline_pending_users", "Users whose user_features row awaits a pass.", registry=r
         )

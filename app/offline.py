@@ -51,7 +51,12 @@ class OfflineFeatureWriter:
     def __init__(self, store: OnlineStore, engine: Engine, every_s: float) -> None:
         self.store, self.engine, self.every_s = store, engine, every_s
         self.pending: set[str] = set()
+        self._in_pass: set[str] = set()
         self.rows_written = 0
+
+    def holds(self, user_id: str) -> bool:
+        """Whether a pass is still to read this user's state: it must stay in memory (it reads no other)."""
+        return user_id in self.pending or user_id in self._in_pass
 
     def saved(self, users: list[str]) -> None:
         """Called after each checkpoint with the users it saved."""
@@ -63,6 +68,7 @@ class OfflineFeatureWriter:
 
     async def write_pass(self) -> int:
         users, self.pending = sorted(self.pending), set()
+        self._in_pass = set(users)
         now = datetime.now(UTC)
         rows: list[dict[str, Any]] = []
         failed: list[str] = []
@@ -87,6 +93,7 @@ class OfflineFeatureWriter:
             self.pending.update(users)
             raise
         finally:
+            self._in_pass = set()
             self.pending.update(failed)
             METRICS.offline_pending.set(len(self.pending))
         if len(failed) > 1:

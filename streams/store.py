@@ -18,7 +18,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from streams.fold import FutureEvent, UserState, apply
+from streams.fold import DAY_MS, HORIZON_DAYS, FutureEvent, UserState, apply
+
+# A user with no event for this long before the newest folded is idle: their state can leave memory
+# (`rest`), being in the checkpoint, and comes back from it if they do (`state_of`, `apply`).
+IDLE_DAYS = HORIZON_DAYS + 1
 
 
 class StateUnavailable(Exception):
@@ -35,6 +39,10 @@ class OnlineStore:
         self._dirty: set[str] = set()
         # Lazy restore: users in the checkpoint not loaded yet, and how to fetch their state.
         self.cold: set[str] = set()
+        # Idle users let go of since (`rest`): in the checkpoint too, fetched as cold ones are, but
+        # not waited for by the warm-up (`cold` is what readiness waits on).
+        self.dormant: set[str] = set()
+        self.newest_ms = -(2**62)  # the newest event time folded or loaded: the log's time
         # Set by ingest from its clock: events stamped later are refused (fold.FutureEvent).
         self.max_ts_ms: int | None = None
         self.fetch_cold: Callable[[list[str]], dict[str, bytes]] | None = None
@@ -42,7 +50,7 @@ class OnlineStore:
     def state_of(self, user_id: str) -> UserState | None:
         """The user's state, loading it from the checkpoint first if it is still cold."""
         state = self.users.get(user_id)
-        if state is None and user_id in self.cold:
+        if state is None and (user_id in self.cold or user_id in self.dormant):
             state = self._thaw(user_id)
         return state
 
@@ -53,23 +61,30 @@ class OnlineStore:
         except Exception as error:  # whatever the database driver raises
             raise StateUnavailable(user_id) from error
         self.cold.discard(user_id)
+        self.dormant.discard(user_id)
         state = self.users[user_id] = UserState.from_bytes(blob) if blob is not None else UserState()
         return state
 
     def warm(self, states: Iterable[tuple[str, bytes]]) -> int:
-        """Load checkpointed users that nothing has needed yet; returns how many."""
+        """Load checkpointed users that nothing has needed yet; returns how many. One idle by the
+        newest event loaded so far goes to `dormant` instead: memory holds the users who are active."""
         loaded = 0
         for user_id, blob in states:
             if user_id in self.cold:
-                self.users[user_id] = UserState.from_bytes(blob)
+                state = UserState.from_bytes(blob)
+                self.newest_ms = max(self.newest_ms, state.newest_ms)
                 self.cold.discard(user_id)
+                if state.newest_ms < self.idle_before_ms():
+                    self.dormant.add(user_id)
+                else:
+                    self.users[user_id] = state
                 loaded += 1
         return loaded
 
     def apply(self, event: Any) -> bool:
         state = self.users.get(event.user_id)
         if state is None:
-            if event.user_id in self.cold:
+            if event.user_id in self.cold or event.user_id in self.dormant:
                 state = self._thaw(event.user_id)
             else:
                 state = self.users[event.user_id] = UserState()
@@ -82,6 +97,7 @@ class OnlineStore:
         if changed:
             self.applied += 1
             self._dirty.add(event.user_id)
+            self.newest_ms = max(self.newest_ms, state.newest_ms)
             return True
         self.ignored += 1
         return False
@@ -104,6 +120,41 @@ class OnlineStore:
         """
         dirty, self._dirty = self._dirty, set()
         return dict(self.positions), sorted(dirty)
+
+    def idle_before_ms(self) -> int:
+        """Users whose newest event is older than this are idle: `IDLE_DAYS` before the newest
+        event folded, from the start of its day."""
+        return (self.newest_ms // DAY_MS - IDLE_DAYS) * DAY_MS
+
+    def rest(self, user_ids: Iterable[str], keep: Callable[[str], bool] = lambda _: False,
+             later: list[str] | None = None) -> int:
+        """Let go of the states of those of `user_ids` that are idle, saved (not changed since the
+        last checkpoint's hand-over, which must have committed) and not kept (`keep`); how many.
+        The idle ones that are not saved or are kept go to `later`.
+
+        >>> from streams.events import parse_event
+        >>> store = OnlineStore()
+        >>> for user, day in (("gone", "2026-09-01"), ("here", "2026-11-26")):
+        ...     _ = store.apply(parse_event(f'{{"id": "{user}", "type": "app.opened", "user_id": "{user}", '
+        ...                                 f'"ts": "{day}T08:00:00Z"}}'.encode()))
+        >>> _ = store.begin_checkpoint()  # and its save committed
+        >>> store.rest(list(store.users)), sorted(store.users), store.dormant
+        (1, ['here'], {'gone'})
+        """
+        before, users, dirty = self.idle_before_ms(), self.users, self._dirty
+        rested = 0
+        for user_id in user_ids:
+            state = users.get(user_id)
+            if state is None or state.newest_ms >= before:
+                continue
+            if user_id in dirty or keep(user_id):
+                if later is not None:
+                    later.append(user_id)
+                continue
+            del users[user_id]
+            self.dormant.add(user_id)
+            rested += 1
+        return rested
 
     def abort_checkpoint(self, users: Iterable[str]) -> None:
         """The write failed: those users still need saving."""

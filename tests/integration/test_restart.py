@@ -5,9 +5,11 @@ from __future__ import annotations
 import gc
 import logging
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from streams.fold import to_ms
 from streams.jetstream import publish_events
@@ -73,3 +75,36 @@ async def test_user_states_are_frozen_out_of_full_collections_as_the_store_grows
         assert not any(id(state) in visited for state in second.service.store.users.values())
     finally:
         gc.unfreeze()  # the rest of this test process collects as usual
+
+
+def opened(i: int, user: str, ts: str) -> tuple[str, dict[str, Any]]:
+    return "signals.app.opened", {"id": f"{user}-{i}", "type": "app.opened", "user_id": user, "ts": ts, "v": 1}
+
+
+async def test_an_idle_user_leaves_memory_and_comes_back_from_the_database(start_service, nc) -> None:
+    """No event for 32 days of the log's time: after a checkpoint the user is in the database
+    only, answers as before, and a restart does not load them back into memory."""
+    idle = [opened(i, "idle", f"2026-09-0{i + 1}T08:00:00+01:00") for i in range(3)]
+    active = [opened(i, "active", "2026-11-26T08:00:00+01:00") for i in range(2)]
+    first = await start_service(checkpoint_every_s=0.1, offline_features_every_s=0.2)
+    await publish_events(nc.jetstream(), idle + active)
+    store = first.service.store
+    await eventually(lambda: store.dormant == {"idle"}, timeout=30)
+    assert list(store.users) == ["active"]
+    # Not before the offline writer's pass had read it: its user_features row was written.
+    with first.service.engine.connect() as conn:
+        assert "idle" in conn.execute(sa.text("select user_id from user_features")).scalars().all()
+    async with httpx.AsyncClient(base_url=first.base_url) as http:
+        assert "tipstream_users_dormant 1.0" in (await http.get("/metrics")).text
+        at = {"at": "2026-09-03T09:00:00+01:00"}  # within the idle user's history: three opens in 7 days
+        body = (await http.get("/users/idle/features", params=at)).json()
+    assert body["known"] and body["features"]["app_opens_7d"]["value"] == 3
+    await first.stop()
+
+    second = await start_service(checkpoint_every_s=0.1)
+    store = second.service.store
+    await eventually(lambda: not store.cold and store.dormant == {"idle"}, timeout=30)
+    async with httpx.AsyncClient(base_url=second.base_url) as http:
+        again = (await http.get("/users/idle/features", params=at)).json()
+    assert again == body
+    await second.stop()

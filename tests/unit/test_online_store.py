@@ -147,3 +147,56 @@ async def test_the_warm_up_loads_everyone_after_a_read_that_failed(tmp_path: Any
     checkpoint = Checkpoint()
     await asyncio.wait_for(service._warm_up(checkpoint), timeout=30)
     assert checkpoint.reads == 2 and service.warm and sorted(service.store.users) == ["a", "b", "c"]
+
+
+async def test_idle_users_leave_memory_after_a_checkpoint_and_come_back_whole() -> None:
+    """A user with no event for 32 days of the log's time is let go of once the database holds
+    their state as memory does; a request or an event loads it back from the checkpoint."""
+    store = OnlineStore()
+
+    class IngestDuringTheWrite(MemoryCheckpointStore):
+        saves = 0
+
+        def save(self, *args: Any, **kwargs: Any) -> None:
+            super().save(*args, **kwargs)
+            self.saves += 1
+            if self.saves == 1:  # an event for "late" after its hand-over
+                store.apply(opened(4, "late", ts="2026-09-02T08:00:00+01:00"))
+
+    target = IngestDuringTheWrite()
+    fetched: list[str] = []
+    store.fetch_cold = lambda ids: (fetched.extend(ids), {i: target.states[i] for i in ids})[1]
+    checkpointer = Checkpointer(store, target, every_events=1, every_s=60)
+    kept = {"kept"}  # as the offline writer holds a user its pass has not read yet
+    checkpointer.keep_awake.append(kept.__contains__)
+    for i, user in enumerate(("gone", "kept", "late")):
+        store.apply(opened(i, user, ts="2026-09-01T08:00:00+01:00"))
+    store.apply(opened(3, "here", ts="2026-11-26T08:00:00+01:00"))
+    assert await checkpointer.checkpoint()
+    assert sorted(store.users) == ["here", "kept", "late"] and store.dormant == {"gone"}
+    store.apply(opened(5, "here", ts="2026-11-27T08:00:00+01:00"))  # a new day of the log: another look
+    assert await checkpointer.checkpoint()
+    assert sorted(store.users) == ["here", "kept"] and store.dormant == {"gone", "late"}
+    kept.clear()  # its pass has read it: the next checkpoint looks at it again, the same day of the log
+    store.apply(opened(6, "here", ts="2026-11-27T09:00:00+01:00"))
+    assert await checkpointer.checkpoint()
+    assert list(store.users) == ["here"] and store.dormant == {"gone", "kept", "late"}
+    store.apply(opened(7, "here", ts="2026-11-28T08:00:00+01:00"))
+
+    late = store.state_of("late")  # a request loads it back, as saved: both of its events
+    assert late is not None and late.count("app.opened") == 2 and late.to_bytes() == target.states["late"]
+    assert store.apply(opened(8, "gone", ts="2026-11-28T09:00:00+01:00"))  # an event: loaded, then folded
+    assert fetched == ["late", "gone"] and store.dormant == {"kept"}
+
+
+def test_the_warm_up_leaves_idle_users_in_the_database() -> None:
+    source = OnlineStore()
+    source.apply(opened(1, "active", ts="2026-11-26T08:00:00+01:00"))
+    source.apply(opened(2, "idle", ts="2026-09-01T08:00:00+01:00"))
+    blobs = {u: s.to_bytes() for u, s in source.users.items()}
+    store = OnlineStore()
+    store.cold = set(blobs)
+    store.fetch_cold = lambda ids: {i: blobs[i] for i in ids}
+    assert store.warm(blobs.items()) == 2
+    assert list(store.users) == ["active"] and store.dormant == {"idle"} and not store.cold
+    assert store.state_of("idle").to_bytes() == blobs["idle"]
