@@ -145,7 +145,7 @@ class Service:
             self._tasks.append(asyncio.create_task(ingest.run(), name=f"ingest {spec.name}"))
         await self._start_decision_log(js)
         # Users folded from the streams (a first start, new users) are frozen as the store grows.
-        self.checkpointer.on_saved.append(lambda _: self.freezer.check(len(self.store.users)))
+        self.checkpointer.on_saved.append(lambda _: self.freezer.check(self.store.taken_in))
         self._tasks.append(asyncio.create_task(self.checkpointer.run(), name="checkpointer"))
         if s.offline_features_every_s:
             self.offline = OfflineFeatureWriter(self.store, self.engine, s.offline_features_every_s)
@@ -288,7 +288,7 @@ class Service:
             for start in range(0, len(chunk), 100):
                 self.store.warm(chunk[start : start + 100])
                 await asyncio.sleep(0)
-            self.freezer.check(len(self.store.users))  # as they load: each pass visits only the newest
+            self.freezer.check(self.store.taken_in)  # as they load: each pass visits only the newest
         await reader  # raises what the read raised
 
     @property

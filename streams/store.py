@@ -42,6 +42,7 @@ class OnlineStore:
         # Idle users let go of since (`rest`): in the checkpoint too, fetched as cold ones are, but
         # not waited for by the warm-up (`cold` is what readiness waits on).
         self.dormant: set[str] = set()
+        self.rested = 0  # users let go of since the start (`taken_in`)
         self.newest_ms = -(2**62)  # the newest event time folded or loaded: the log's time
         # Set by ingest from its clock: events stamped later are refused (fold.FutureEvent).
         self.max_ts_ms: int | None = None
@@ -121,6 +122,13 @@ class OnlineStore:
         dirty, self._dirty = self._dirty, set()
         return dict(self.positions), sorted(dirty)
 
+    @property
+    def taken_in(self) -> int:
+        """Users that came into memory since the start, in it still or let go of since: the
+        freezer's measure of growth. The store's size alone stays flat once idle users leave,
+        and the users coming in (new, returning) were never frozen."""
+        return len(self.users) + self.rested
+
     def idle_before_ms(self) -> int:
         """Users whose newest event is older than this are idle: `IDLE_DAYS` before the newest
         event folded, from the start of its day."""
@@ -154,6 +162,7 @@ class OnlineStore:
             del users[user_id]
             self.dormant.add(user_id)
             rested += 1
+        self.rested += rested
         return rested
 
     def abort_checkpoint(self, users: Iterable[str]) -> None:

@@ -9,6 +9,7 @@ import orjson
 import pytest
 
 from app.checkpoints import Checkpointer, MemoryCheckpointStore
+from app.collector import FreezePolicy
 from streams.events import parse_event
 from streams.fold import FutureEvent
 from streams.store import OnlineStore
@@ -200,3 +201,20 @@ def test_the_warm_up_leaves_idle_users_in_the_database() -> None:
     assert store.warm(blobs.items()) == 2
     assert list(store.users) == ["active"] and store.dormant == {"idle"} and not store.cold
     assert store.state_of("idle").to_bytes() == blobs["idle"]
+
+
+def test_users_coming_in_after_idle_ones_left_are_frozen_too() -> None:
+    """Idle users leaving kept the store's size flat: new and returning users, counted against
+    the size at the last freeze, were never frozen, and full collections visited ever more of them."""
+    store = OnlineStore()
+    freezer = FreezePolicy(every_users=2)
+    for i, user in enumerate(("a", "b")):
+        store.apply(opened(i, user, ts="2026-09-01T08:00:00+01:00"))
+    assert freezer.due(store.taken_in)
+    freezer.users_at_freeze = store.taken_in  # as `check` does, without freezing this test's objects
+    store.begin_checkpoint()  # and its save committed
+    store.apply(opened(2, "c", ts="2026-11-26T08:00:00+01:00"))
+    assert store.rest(["a", "b"]) == 2 and len(store.users) == 1
+    assert not freezer.due(store.taken_in)
+    store.apply(opened(3, "d", ts="2026-11-26T09:00:00+01:00"))
+    assert freezer.due(store.taken_in)  # c and d came in since the freeze
