@@ -146,9 +146,12 @@ class OnlineStore:
         ...     _ = store.apply(parse_event(f'{{"id": "{user}", "type": "app.opened", "user_id": "{user}", '
         ...                                 f'"ts": "{day}T08:00:00Z"}}'.encode()))
         >>> _ = store.begin_checkpoint()  # and its save committed
+        >>> store.fetch_cold = lambda ids: {}  # where the checkpoint is read back from
         >>> store.rest(list(store.users)), sorted(store.users), store.dormant
         (1, ['here'], {'gone'})
         """
+        if self.fetch_cold is None:  # nowhere to load them back from
+            return 0
         before, users, dirty = self.idle_before_ms(), self.users, self._dirty
         rested = 0
         for user_id in user_ids:
