@@ -62,6 +62,7 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = OnlineStore()
+        self.store.idle_days = settings.idle_user_days
         self.engine = make_engine(settings.sqlalchemy_url)
         self.embedded: EmbeddedNats | None = None
         self.nc: jsx.IngestClient | None = None

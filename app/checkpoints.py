@@ -20,7 +20,7 @@ from app import db
 from app.checkpoint_rows import write_checkpoint
 from app.metrics import METRICS
 from streams.fold import DAY_MS
-from streams.store import IDLE_DAYS, OnlineStore
+from streams.store import OnlineStore
 
 if TYPE_CHECKING:
     from app.checkpoint_writer import CheckpointWriter
@@ -266,7 +266,7 @@ class Checkpointer:
             return await self._rest_idle()
 
     async def _rest_idle(self) -> int:
-        """Let go of the states of users idle for `IDLE_DAYS` of the log's time (their newest event
+        """Let go of the states of users idle for `idle_days` of the log's time (their newest event
         that far behind the newest folded), once per day of it: a user who left kept up to 30 days
         of events in memory for good. Their state is in the database; their next event or request
         loads it back (`OnlineStore.state_of`).
@@ -292,8 +292,8 @@ class Checkpointer:
             await asyncio.sleep(0)
         self._rest_later = later
         if rested:
-            log.info("%d idle users let go of from memory (no event for %d days); %d held, %d in the database only",
-                     rested, IDLE_DAYS, len(store.users), len(store.dormant))
+            log.info("%d idle users let go of from memory (no event for %g days); %d held, %d in the database only",
+                     rested, store.idle_days, len(store.users), len(store.dormant))
         return rested
 
 

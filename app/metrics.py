@@ -33,7 +33,7 @@ class Metrics:
         self.checkpoint_failures = Counter("tipstream_checkpoint_failures_total", "Failed checkpoint writes.", registry=r)
         self.users = Gauge("tipstream_users", "Users held in the online store.", registry=r)
         self.users_dormant = Gauge(
-            "tipstream_users_dormant", "Idle users (no event for 32 days of the log's time) let go of from memory: "
+            "tipstream_users_dormant", "Idle users (no event for TIPSTREAM_IDLE_USER_DAYS of the log's time) let go of from memory: "
             "in the database only, loaded back by their next event or request.", registry=r,
         )
         self.offline_pending = Gauge(

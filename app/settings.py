@@ -164,6 +164,12 @@ class Settings(BaseSettings):
     decision_enqueue_timeout_s: float = Field(
         2.0, ge=0, description="How long `/score` waits for room in a full decision queue before its 503."
     )
+    idle_user_days: float = Field(
+        32, ge=0,
+        description="A user with no event for this many days (of the log's time) is kept in the database only, "
+                    "loaded back by their next event or request; while the database is away such an event holds up "
+                    "its stream. 0: every user stays in memory.",
+    )
     max_unwritten_decisions: int = Field(
         500_000, ge=1,
         description="`/score` answers 503 while this many decisions' `tip_scores` rows wait for a checkpoint (the "

@@ -21,7 +21,8 @@ from typing import Any
 from streams.fold import DAY_MS, HORIZON_DAYS, FutureEvent, UserState, apply
 
 # A user with no event for this long before the newest folded is idle: their state can leave memory
-# (`rest`), being in the checkpoint, and comes back from it if they do (`state_of`, `apply`).
+# (`rest`), being in the checkpoint, and comes back from it if they do (`state_of`, `apply`). The
+# default of `OnlineStore.idle_days` (`TIPSTREAM_IDLE_USER_DAYS`): every window is empty by then.
 IDLE_DAYS = HORIZON_DAYS + 1
 
 
@@ -42,6 +43,7 @@ class OnlineStore:
         # Idle users let go of since (`rest`): in the checkpoint too, fetched as cold ones are, but
         # not waited for by the warm-up (`cold` is what readiness waits on).
         self.dormant: set[str] = set()
+        self.idle_days: float = IDLE_DAYS  # 0: every user stays in memory
         self.rested = 0  # users let go of since the start (`taken_in`)
         self.newest_ms = -(2**62)  # the newest event time folded or loaded: the log's time
         # Set by ingest from its clock: events stamped later are refused (fold.FutureEvent).
@@ -130,9 +132,11 @@ class OnlineStore:
         return len(self.users) + self.rested
 
     def idle_before_ms(self) -> int:
-        """Users whose newest event is older than this are idle: `IDLE_DAYS` before the newest
-        event folded, from the start of its day."""
-        return (self.newest_ms // DAY_MS - IDLE_DAYS) * DAY_MS
+        """Users whose newest event is older than this are idle: `idle_days` before the newest
+        event folded, from the start of its day (none when `idle_days` is 0)."""
+        if not self.idle_days:
+            return -(2**63)
+        return self.newest_ms // DAY_MS * DAY_MS - round(self.idle_days * DAY_MS)
 
     def rest(self, user_ids: Iterable[str], keep: Callable[[str], bool] = lambda _: False,
              later: list[str] | None = None) -> int:

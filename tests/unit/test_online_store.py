@@ -207,6 +207,7 @@ def test_users_coming_in_after_idle_ones_left_are_frozen_too() -> None:
     """Idle users leaving kept the store's size flat: new and returning users, counted against
     the size at the last freeze, were never frozen, and full collections visited ever more of them."""
     store = OnlineStore()
+    store.fetch_cold = lambda ids: {}  # where the checkpoint is read back from
     freezer = FreezePolicy(every_users=2)
     for i, user in enumerate(("a", "b")):
         store.apply(opened(i, user, ts="2026-09-01T08:00:00+01:00"))
@@ -218,3 +219,13 @@ def test_users_coming_in_after_idle_ones_left_are_frozen_too() -> None:
     assert not freezer.due(store.taken_in)
     store.apply(opened(3, "d", ts="2026-11-26T09:00:00+01:00"))
     assert freezer.due(store.taken_in)  # c and d came in since the freeze
+
+
+async def test_idle_user_days_0_keeps_every_user_in_memory() -> None:
+    store = OnlineStore()
+    store.idle_days = 0
+    store.fetch_cold = lambda ids: {}
+    store.apply(opened(1, "idle", ts="2026-01-01T08:00:00+01:00"))
+    store.apply(opened(2, "active", ts="2026-11-26T08:00:00+01:00"))
+    assert await Checkpointer(store, MemoryCheckpointStore(), every_events=1, every_s=60).checkpoint()
+    assert sorted(store.users) == ["active", "idle"] and not store.dormant
