@@ -674,7 +674,7 @@ class Learner:
         }
 
     def _count_model_users(self) -> None:
-        forgetting = {v: m.users_held for v, m in self.lineup.learning if m.params["user_ttl_days"] > 0}
+        forgetting = {v: held for v, m in self.lineup.learning if (held := m.users_held) is not None}
         for version in self._users_counted - forgetting.keys():  # retired since: no longer a model that learns
             MODEL_USERS.remove(version)
         for version, held in forgetting.items():

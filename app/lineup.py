@@ -252,11 +252,10 @@ class Lineup:
 
 
 def _learned(model: TipModel | None) -> dict[str, Any]:
-    """Rewards learned, and the users whose own weights the model holds (None: it keeps every
-    user, `user_ttl_days` 0, and counts none)."""
+    """Rewards learned, and the users whose own weights the model holds (`TipModel.users_held`)."""
     if model is None:
         return {"n_learned": 0, "users_held": None}
-    return {"n_learned": model.n_learned, "users_held": model.users_held if model.params["user_ttl_days"] > 0 else None}
+    return {"n_learned": model.n_learned, "users_held": model.users_held}
 
 
 # Parameters a model of another kind (or optimizer) takes and this one would ignore: registered, a

@@ -96,17 +96,18 @@ def _param(text: str) -> tuple[str, Any]:
 
 
 def _change(args: argparse.Namespace) -> int:
+    from app.startup import http_url
+
     settings = _settings()
     if settings.admin_token is None or not settings.admin_token.get_secret_value():
         print("Set TIPSTREAM_ADMIN_TOKEN to the server's admin token to change the registry.", file=sys.stderr)
         return 2
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    host = f"[{host}]" if ":" in host else host  # an IPv6 address, as a URL writes it
     if args.url is None and settings.port == 0:  # http://host:0 was "connection refused"
         print("TIPSTREAM_PORT is 0, so the service picked its port: pass --url as `tipstream run` printed it "
               "(tipstream on http://...).", file=sys.stderr)
         return 2
-    base = args.url or f"http://{host}:{settings.port}"
+    base = args.url or http_url(host, settings.port)
     if not base.startswith(("http://", "https://")):  # urllib said only "unknown url type"
         print(f"--url {base!r} needs its scheme, e.g. http://{base}.", file=sys.stderr)
         return 2

@@ -86,7 +86,7 @@ def main() -> None:
     keeper = TipModel(kind=args.kind, user_ttl_days=0)
     learn_users(keeper, 0, total, args.reactions, random.Random(0), spread)
     weights_kept = sum(map(len, model._tables())) / sum(map(len, keeper._tables()))
-    users_held = model.users_held if args.ttl_days else total
+    users_held = model.users_held if model.users_held is not None else total
     timings = []
     for _ in range(args.repeat):
         started = time.perf_counter()

@@ -883,9 +883,10 @@ class TipModel:
                 table.pop(name, None)
 
     @property
-    def users_held(self) -> int:
-        """Users whose own features this model holds and will forget (0 when it forgets none)."""
-        return len(self._expiry) if self._expiry is not None else 0
+    def users_held(self) -> int | None:
+        """Users whose own features this model holds and will forget; None when it keeps every
+        user (`user_ttl_days` 0) and counts none."""
+        return len(self._expiry) if self._expiry is not None else None
 
     # -- snapshots --------------------------------------------------------------------------
 

@@ -47,8 +47,8 @@ class UserExpiry:
     []
     >>> expiry.touch("b", [], at_ms=66)
     [('a', ())]
-    >>> len(expiry), expiry.tags_of("b")
-    (1, (('focus',),))
+    >>> len(expiry), expiry.users["b"]
+    (1, (66, (('focus',),)))
 
     A reaction stored before the newest one learned (the log's order is the learner's, not the
     stored times') counts at the newest time:
@@ -59,8 +59,8 @@ class UserExpiry:
     A user back after more than `ttl_ms`, whose bucket has not gone yet, is answered all the same,
     before this reaction is learned, with the tags of before it; they keep only the new ones:
 
-    >>> expiry.touch("b", [("breaks",)], at_ms=131), expiry.tags_of("b")
-    ([('b', (('focus',),))], (('breaks',),))
+    >>> expiry.touch("b", [("breaks",)], at_ms=131), expiry.users["b"]
+    ([('b', (('focus',),))], (131, (('breaks',),)))
     """
 
     def __init__(self, ttl_ms: int) -> None:
@@ -79,10 +79,6 @@ class UserExpiry:
 
     def __len__(self) -> int:
         return len(self.users)
-
-    def tags_of(self, user: str) -> tuple[Hashable, ...]:
-        entry = self.users.get(user)
-        return entry[1] if entry is not None else ()
 
     def touch(self, user: str, tags: Iterable[Hashable], at_ms: int) -> Gone:
         """Record that `user`, whose own features include those `tags` name, reacted at `at_ms`;

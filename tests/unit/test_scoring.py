@@ -30,13 +30,14 @@ from app.settings import DEFAULT_REWARDS, DEFAULT_USER_FORGETTING, DEFAULT_USER_
 from models import reward, validation
 from models.policy import POLICIES, make_policy
 from streams.events import parse_event
-from streams.store import OnlineStore
+from streams.store import IDLE_DAYS, OnlineStore
 
 
 def test_settings_mirror_the_models_defaults() -> None:
     assert DEFAULT_REWARDS == reward.DEFAULT_REWARDS
     assert DEFAULT_USER_FORGETTING == reward.DEFAULT_USER_FORGETTING
     assert DEFAULT_USER_TTL_DAYS == reward.DEFAULT_USER_TTL_DAYS
+    assert Settings().idle_user_days == IDLE_DAYS  # the store's default, for what builds it without settings
     assert reward.TipModel(**Settings().model_params()).params == reward.TipModel().params
     assert POLICY_PARAMS == {name: cls.PARAMS for name, cls in POLICIES.items()}
     for name in POLICIES:
