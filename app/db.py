@@ -28,7 +28,7 @@ from sqlalchemy import (
     event,
     text,
 )
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 
 metadata = MetaData()
@@ -151,10 +151,30 @@ def make_engine(url: str) -> Engine:
 
         return engine
     try:
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, connect_args=_network_bounds(url))
     except ImportError as error:  # e.g. mysql://: SQLAlchemy knows the dialect, but its driver is not installed
         raise ArgumentError(f"its driver, {error.name}, is not installed; tipstream runs on PostgreSQL (psycopg) "
                             "and SQLite") from None
+
+
+# Seconds that a PostgreSQL host may stay silent before a call gives up (and the caller treats
+# the database as away). Some calls run on the event loop (loading a user still cold after a
+# start or let go while idle), and libpq's own defaults wait for ever for a server that accepts
+# the connection and never answers, and ~15 minutes (TCP's retries) for one that stops
+# acknowledging mid-query: the whole service would hang that long.
+NETWORK_BOUNDS = {"connect_timeout": 10, "tcp_user_timeout": 10_000}
+
+
+def _network_bounds(url: str) -> dict[str, int]:
+    """libpq's timeouts that `url` does not set itself (its query may: `?connect_timeout=30`).
+
+    >>> _network_bounds("postgresql+psycopg://db/tipstream")
+    {'connect_timeout': 10, 'tcp_user_timeout': 10000}
+    >>> _network_bounds("postgresql+psycopg://db/tipstream?connect_timeout=30")
+    {'tcp_user_timeout': 10000}
+    """
+    given = make_url(url).query
+    return {name: value for name, value in NETWORK_BOUNDS.items() if name not in given}
 
 
 def upsert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], keys: Iterable[str]) -> None:
