@@ -409,6 +409,34 @@ def test_0004_puts_rewarded_decision_times_in_utc(database_url: str) -> None:
             reset_postgres(database_url)
 
 
+def test_0004_reads_every_offset_a_decision_may_carry(database_url: str) -> None:
+    """`context.now` may carry an offset up to 23:59 (`test_score_api`), and 0003-era code stored
+    its wall clock on SQLite. SQLite's strftime reads offsets only up to 14:59: it gave NULL for
+    the others, the NOT NULL `created_at` refused it, and the upgrade failed, so no release after
+    0003 could start on that database."""
+    migrate.upgrade(database_url, "0003")
+    engine = sa.create_engine(database_url)
+    row = {"user_id": "u", "kind": "scored", "model_version": "v1", "policy": "greedy", "tip_id": "t",
+           "score": 0.5, "propensity": 1.0, "rewards": {"t": 1.0}, "reward": 1.0,
+           "rewarded_at": datetime(2026, 11, 27, tzinfo=UTC)}
+    served = {"d-east": "2026-11-26T16:00:00.250+23:59", "d-west": "2026-11-26T16:00:00.250-15:30",
+              "d-tokyo": "2026-11-26T16:00:00.250+09:00"}
+    try:
+        with engine.begin() as conn:  # as 0003-era code wrote them: SQLAlchemy's own DateTime
+            conn.execute(db.tip_scores.insert(), [
+                {**row, "decision_id": key, "created_at": datetime.fromisoformat(ts),
+                 "decision": json.dumps({"id": key, "ts": ts})} for key, ts in served.items()])
+        migrate.upgrade(database_url)
+        with engine.connect() as conn:
+            rows = dict(conn.execute(sa.select(db.tip_scores.c.decision_id, db.tip_scores.c.created_at)).all())
+        as_utc = {k: v if v.tzinfo else v.replace(tzinfo=UTC) for k, v in rows.items()}
+        assert as_utc == {key: datetime.fromisoformat(ts).astimezone(UTC) for key, ts in served.items()}
+    finally:
+        engine.dispose()
+        if database_url.startswith("postgresql"):
+            reset_postgres(database_url)
+
+
 async def test_a_clean_stop_saves_the_learner_where_the_streams_stand(start_service, nc) -> None:
     """Snapshots of the models are spaced (TIPSTREAM_MODEL_SNAPSHOT_EVERY_S); the last one is
     taken at a clean stop, so the next start replays no feedback into the models."""
