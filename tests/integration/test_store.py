@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,7 +18,7 @@ from app import migrate
 from app.checkpoint_writer import CheckpointWriter
 from app.checkpoints import MemoryCheckpointStore, SqlCheckpointStore
 from app.db import make_engine
-from tests.conftest import reset_postgres
+from tests.conftest import eventually, reset_postgres
 
 
 def _store(kind: str, request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Any]:
@@ -108,6 +111,45 @@ def test_the_tables_in_app_db_are_what_the_migrations_create(database_url: str) 
         context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
         assert compare_metadata(context, db.metadata) == []
     engine.dispose()
+
+
+async def test_two_upgrades_of_one_postgresql_database_at_once_both_succeed(postgres_url: str, tmp_path: Path) -> None:
+    """Two services starting on a new release (or `tipstream migrate` beside a start) both read the
+    old revision and both ran the next one: the second's CREATE TABLE failed on the first's
+    ("duplicate key value violates unique constraint"), and its start with it. The table lock held
+    here lines both up at the read of the revision, the moment of the race, without timing."""
+    reset_postgres(postgres_url)
+    migrate.upgrade(postgres_url, "0001")
+    env = {**os.environ, "DATABASE_URL": postgres_url, "TIPSTREAM_DATA_DIR": str(tmp_path)}
+    tipstream = str(Path(sys.executable).parent / "tipstream")
+    engine = sa.create_engine(postgres_url)
+    waiting = sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                      "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")
+
+    def both_wait() -> bool:
+        with engine.connect() as conn:
+            return conn.execute(waiting).scalar_one() == 2
+
+    runs: list[subprocess.Popen[str]] = []
+    try:
+        with engine.connect() as holder:
+            holder.execute(sa.text("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE"))
+            runs = [subprocess.Popen([tipstream, "migrate"], env=env, text=True, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE) for _ in range(2)]
+            await eventually(both_wait, timeout=60)
+            holder.rollback()
+        done = [run.communicate(timeout=60) for run in runs]
+        assert [run.returncode for run in runs] == [0, 0], [err for _, err in done]
+        told = [err for _, err in done if "Another tipstream is migrating this database; waiting" in err]
+        assert len(told) == 1  # the one that waited said why
+        assert migrate.current(postgres_url) == migrate.revisions()[-1]
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+        engine.dispose()
+        reset_postgres(postgres_url)
 
 
 def _disk_full(conn: Any, snapshot: Any) -> None:
