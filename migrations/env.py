@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 
 from alembic import context
-from sqlalchemy import text
-from sqlalchemy.engine import Connection
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection, Engine
 
 from app.db import make_engine, metadata
 from app.settings import get_settings
@@ -33,15 +33,33 @@ def hold_migration_lock(connection: Connection) -> None:
     connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
 
 
+def own_sqlite_transactions(engine: Engine) -> None:
+    """An upgrade (or downgrade) in one SQLite transaction, as on PostgreSQL. The driver (pysqlite)
+    opens none before DDL, so a revision cut short (an error, a kill) left the tables it had created
+    at the older revision, and every later upgrade failed on them. BEGIN IMMEDIATE takes the write
+    lock first: a second migrator waits (the 30 s busy timeout), then reads the new revision."""
+    if engine.dialect.name != "sqlite":
+        return
+
+    @event.listens_for(engine, "connect")
+    def _no_driver_transactions(dbapi_connection: object, _record: object) -> None:
+        dbapi_connection.isolation_level = None  # type: ignore[attr-defined]
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 if context.is_offline_mode():
     context.configure(url=url, target_metadata=metadata, literal_binds=True)
     with context.begin_transaction():
         context.run_migrations()
 else:
     engine = make_engine(url)
+    own_sqlite_transactions(engine)
     try:
         with engine.connect() as connection:
-            context.configure(connection=connection, target_metadata=metadata)
+            context.configure(connection=connection, target_metadata=metadata, transactional_ddl=True)
             with context.begin_transaction():
                 hold_migration_lock(connection)
                 context.run_migrations()
