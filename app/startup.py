@@ -177,12 +177,25 @@ def _parses(url: str) -> bool:
     return True
 
 
+# PostgreSQL's SQLSTATEs for a user without the right to create in a schema or write a table
+# (insufficient_privilege), or without USAGE on any schema of its search_path (invalid_schema_name:
+# "no schema has been selected to create in").
+NOT_ALLOWED = ("42501", "3F000")
+
+
 def _database_error(error: Any, settings: Settings) -> StartupError:
     url = shown_database_url(settings.sqlalchemy_url)
-    lines = str(error.orig or error).strip().splitlines()
-    # libpq ends a refused connection with an indented hint ("Is the server running on that host...?"):
-    # the failure itself ("Connection refused") is on the line before.
-    cause = next((line for line in reversed(lines) if not line[:1].isspace()), lines[-1]).strip()
+    cause = _cause(error)
+    if getattr(getattr(error.orig, "diag", None), "sqlstate", None) in NOT_ALLOWED:
+        from sqlalchemy.engine import make_url
+
+        user = make_url(settings.sqlalchemy_url).username or "<user>"
+        return StartupError(
+            f"The database {url} (DATABASE_URL) refused tipstream's user: {cause}. tipstream creates and "
+            f"writes its own tables: grant that (PostgreSQL 15 and later let only the database's owner create "
+            f"in `public`: `GRANT USAGE, CREATE ON SCHEMA public TO {user}`, and on tables another user "
+            f"made, `GRANT ALL ON ALL TABLES IN SCHEMA public TO {user}` and the same ON ALL SEQUENCES), or set "
+            "DATABASE_URL to the owner's user.")
     if settings.database_url and settings.database_url.startswith("sqlite"):
         fix = "Set DATABASE_URL to a file in a directory this user can write, or unset it for TIPSTREAM_DATA_DIR's."
         return StartupError(f"Cannot open the database {url} (DATABASE_URL): {cause}. {fix}")
@@ -192,6 +205,18 @@ def _database_error(error: Any, settings: Settings) -> StartupError:
         return StartupError(f"Cannot open the database {url} (DATABASE_URL): {cause}. {fix}")
     return StartupError(f"Cannot open the database {url} (SQLite under TIPSTREAM_DATA_DIR): {cause}. "
                         "Set TIPSTREAM_DATA_DIR to a directory this user can write, or DATABASE_URL to PostgreSQL.")
+
+
+def _cause(error: Any) -> str:
+    """What failed, in one line: the server's own message when it answered (psycopg's text goes
+    on with the statement's "LINE 2: ..." and a caret, or a DETAIL), else the driver's."""
+    primary = getattr(getattr(error.orig, "diag", None), "message_primary", None)
+    if primary:
+        return primary.strip()
+    lines = str(error.orig or error).strip().splitlines()
+    # libpq ends a refused connection with an indented hint ("Is the server running on that host...?"):
+    # the failure itself ("Connection refused") is on the line before.
+    return next((line for line in reversed(lines) if not line[:1].isspace()), lines[-1]).strip()
 
 
 def _jetstream_error(error: Any, settings: Settings) -> StartupError:

@@ -198,6 +198,50 @@ def test_migrate_shows_the_database_url_without_its_password(
     assert "hunter2" not in out and ":***@" in out, out
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize(("granted", "problem"), [
+    ("GRANT USAGE ON SCHEMA public TO PUBLIC", "permission denied for schema public"),  # PostgreSQL 15's default
+    ("", "no schema has been selected to create in"),  # a schema made by CREATE SCHEMA: nothing granted
+])
+def test_a_postgresql_user_that_may_not_create_tables_is_told_the_grant(
+        granted: str, problem: str, postgres_url: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """PostgreSQL 15 and later let only a database's owner create tables in `public`. The message
+    showed the last line of psycopg's text, "LINE 2: CREATE TABLE alembic_version (", not the
+    error, and told to check that the server runs and the database exists."""
+    import uuid
+
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+
+    from app.settings import get_settings
+    from tests.conftest import POSTGRES_ADMIN_URL, reset_postgres
+
+    reset_postgres(postgres_url)
+    if granted:
+        owner = sa.create_engine(postgres_url)
+        with owner.begin() as conn:
+            conn.execute(sa.text(granted))
+        owner.dispose()
+    role = f"tipstream_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE ROLE {role} LOGIN"))
+    monkeypatch.setenv("DATABASE_URL", make_url(postgres_url).set(username=role).render_as_string(False))
+    get_settings.cache_clear()
+    try:
+        assert main(["migrate"]) == 1
+    finally:
+        get_settings.cache_clear()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP ROLE {role}"))
+        admin.dispose()
+    err = capsys.readouterr().err
+    assert err.startswith("tipstream: ") and err.count("\n") == 1, err
+    assert problem in err and f"GRANT USAGE, CREATE ON SCHEMA public TO {role}" in err
+    assert "LINE" not in err and "createdb" not in err
+
+
 def test_docs_from_another_directory_regenerate_the_docs_beside_the_readme(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's table was updated where it is, but the other files went to ./docs, a new one."""
