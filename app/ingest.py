@@ -108,6 +108,9 @@ class StreamIngest:
         self.progress_every_s = jsx.ACK_WAIT_S / 3  # while a wait holds delivered messages (`_keep_in_progress`)
         self._progressed = 0.0
         self._held: list[jsx.RawMsg] = []
+        # How many of the chunk's events a try that failed (a state that could not be loaded) had
+        # folded and counted: the next try sees them again as duplicates, which they are not.
+        self._counted_by_failed_try = 0
         self.buffer: list[jsx.RawMsg] = []
         self.wake = asyncio.Event()
         self.reset_needed = False
@@ -188,6 +191,7 @@ class StreamIngest:
                 # A user's state loaded from the checkpoint on first use can fail (the database is
                 # away): the chunk is folded again once it is back. Events folded before the
                 # failure are ignored then as seen (ids), and the learner's credits are idempotent.
+                self._counted_by_failed_try = 0
                 await self._retry(functools.partial(self.process, messages[start : start + CHUNK]),
                                   "fold events (a user's state could not be loaded from the checkpoint)")
                 await asyncio.sleep(0)
@@ -266,7 +270,10 @@ class StreamIngest:
                         "future_ts", f"ts {event.ts.isoformat()} is more than {self.max_future} ahead of when "
                         "JetStream stored it; fix the publisher's clock (or raise TIPSTREAM_MAX_FUTURE_S)")))
                 except StateUnavailable:
-                    raise  # the database is away: the chunk is folded again once it is back (`_retry`)
+                    # The database is away: the chunk is folded again once it is back (`_retry`).
+                    self._count(taken, handed)
+                    self._counted_by_failed_try = max(handed, self._counted_by_failed_try)
+                    raise
                 except Exception as error:  # one event must not hold the stream for ever
                     # A bug of ours that this event brings out: retried, it held every later event
                     # of the stream, for every user. It is kept in the DLQ, as a bad event is.
@@ -290,10 +297,15 @@ class StreamIngest:
             await self.nc.publish(last_reply.decode(), b"+ACK")
         except Exception:  # noqa: BLE001, S110 - acks are advisory; the checkpoint decides
             pass
-        self._applied.inc(taken)
-        self._ignored.inc(handed - taken)
+        self._count(taken, handed)
+        self._counted_by_failed_try = 0
         self._lag.set(pending)
         self.checkpointer.nudge()
+
+    def _count(self, taken: int, handed: int) -> None:
+        """Count a try's answers, leaving out the events an earlier try of the chunk counted."""
+        self._applied.inc(taken)  # those seen again were not taken: each was applied once
+        self._ignored.inc(max(handed - self._counted_by_failed_try - taken, 0))
 
     async def _dead_letter(self, msg: jsx.RawMsg, rejection: Rejection) -> None:
         subject, reply, data = msg

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from app.ingest import StreamIngest
+from app.metrics import METRICS
 from streams import jetstream as jsx
 from streams.fold import UserState
 from streams.store import OnlineStore
@@ -87,12 +88,18 @@ def with_u3_cold(store: OnlineStore, away: Callable[[list[list[str]]], bool]) ->
     return failures
 
 
+def _counts() -> tuple[float, float]:
+    """SIGNALS' applied and ignored counters (tipstream_events_*_total)."""
+    return METRICS.ingested.labels("SIGNALS")._value.get(), METRICS.ignored.labels("SIGNALS")._value.get()
+
+
 async def test_a_user_state_that_cannot_be_loaded_yet_holds_the_stream_until_it_can(nats_server) -> None:
     nc, js = await seeded(nats_server)
     store = OnlineStore()
     failures = with_u3_cold(store, lambda failures: len(failures) < 2)
     ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=512, max_event_bytes=16384,
                           max_uncheckpointed=10**6)
+    counted = _counts()
     await ingest.start()
     running = asyncio.create_task(ingest.run())
     while store.positions.get("SIGNALS", 0) < EVENTS:
@@ -102,6 +109,9 @@ async def test_a_user_state_that_cannot_be_loaded_yet_holds_the_stream_until_it_
     # The chunk is folded again after each failure: its events before u3's first (at most e1 and
     # e2, by where the chunk starts) are seen again, and only those.
     assert store.ignored <= 2 * 2
+    # Each event is counted once, as applied: those seen again are not duplicates of the stream's.
+    # Before, the metric counted e1 and e2 as ignored after each failure.
+    assert [now - before for now, before in zip(_counts(), counted, strict=True)] == [EVENTS, 0]
     running.cancel()
     await ingest.stop()
     await nc.close()
@@ -298,6 +308,7 @@ async def test_a_user_state_that_cannot_be_loaded_for_longer_than_ack_wait_gets_
     ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=512, max_event_bytes=16384,
                           max_uncheckpointed=10**6)
     ingest.progress_every_s = 0.3  # a third of the (scaled) ack_wait, as with the real one
+    counted = _counts()
     await ingest.start()
     running = asyncio.create_task(ingest.run())
     await eventually(lambda: failures)
@@ -307,6 +318,7 @@ async def test_a_user_state_that_cannot_be_loaded_for_longer_than_ack_wait_gets_
     await eventually(lambda: _all_acked(js, ingest.durable))  # nothing left to redeliver
     # Each failed try folds the chunk's events before u3's first again (at most e1 and e2): only those.
     assert store.applied == EVENTS and store.ignored <= 2 * len(failures), (store.ignored, len(failures))
+    assert [now - before for now, before in zip(_counts(), counted, strict=True)] == [EVENTS, 0]
     running.cancel()
     await ingest.stop()
     await nc.close()
