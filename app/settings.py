@@ -34,7 +34,8 @@ class Settings(BaseSettings):
     )
 
     data_dir: Path = Field(
-        Path("data"), description="Where the SQLite file and the embedded NATS store live."
+        Path("data"), description="Where the SQLite file and the embedded NATS store live, and the decisions "
+        "JetStream had not acknowledged at a stop (published first at the next start): keep it across restarts."
     )
     nats_url: str | None = Field(
         None,

@@ -1,0 +1,29 @@
+"""compose.yaml, the production-shaped deployment: what it must keep across a container's life."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from app.settings import Settings
+
+COMPOSE = yaml.safe_load((Path(__file__).parents[2] / "compose.yaml").read_text())
+
+
+def test_the_data_dir_is_a_named_volume() -> None:
+    """The decisions JetStream had not acknowledged at a stop are spooled there for the next
+    start (app/decision_spool.py): in the container's own layer, recreating it lost them."""
+    service = COMPOSE["services"]["tipstream"]
+    data_dir = service["environment"]["TIPSTREAM_DATA_DIR"]
+    mounted = {volume.split(":")[1]: volume.split(":")[0] for volume in service["volumes"]}
+    assert mounted.get(data_dir) in COMPOSE["volumes"], (data_dir, mounted)
+
+
+def test_the_environment_names_only_real_settings() -> None:
+    """A misspelt TIPSTREAM_ variable is ignored by the service, silently."""
+    known = {f"TIPSTREAM_{name.upper()}" for name in Settings.model_fields} | {"NATS_URL", "DATABASE_URL"}
+    for name, service in COMPOSE["services"].items():
+        for variable in service.get("environment", {}):
+            if service.get("image", "").startswith("python") or variable.startswith("TIPSTREAM_"):
+                assert variable in known, f"{name}: {variable} is not a setting"
