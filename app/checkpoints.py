@@ -213,6 +213,10 @@ class Checkpointer:
             if await asyncio.to_thread(self.target.reachable):
                 return
 
+    def _succeeded(self) -> None:
+        self.last_ok, self.last_error = time.monotonic(), None
+        METRICS.checkpoint_ok_at.set(time.time())
+
     async def checkpoint(self) -> bool:
         """One checkpoint; False when nothing changed since the last."""
         async with self.lock:
@@ -227,7 +231,7 @@ class Checkpointer:
         positions, users = self.store.begin_checkpoint()
         extras = [(p, p.snapshot()) for p in self.participants]
         if not users and positions == self._saved_positions and all(snap is None for _, snap in extras):
-            self.last_ok, self.last_error = time.monotonic(), None  # in step with the database: as good as a save
+            self._succeeded()  # in step with the database: as good as a save
             await self._rest_idle()  # the first time after a start: those the warm-up loaded early
             return False
         started = time.perf_counter()
@@ -250,8 +254,7 @@ class Checkpointer:
         for listener in self.on_saved:
             listener(users)
         self.last_applied = applied
-        self.last_ok = time.monotonic()
-        self.last_error = None
+        self._succeeded()
         METRICS.checkpoint_seconds.observe(time.perf_counter() - started)
         METRICS.checkpoint_users.inc(len(users))
         for stream, seq in positions.items():

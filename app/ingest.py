@@ -118,6 +118,7 @@ class StreamIngest:
         self.lag = 0
         self.puller: jsx.BatchPuller | None = None
         self._applied = METRICS.ingested.labels(spec.name)
+        self._fold_delay = METRICS.fold_delay.labels(spec.name)
         self._ignored = METRICS.ignored.labels(spec.name)
         self._lag = METRICS.lag.labels(spec.name)
         # The store's position, read when scraped: it also moves without this ingest (the DECISIONS
@@ -234,7 +235,7 @@ class StreamIngest:
             await asyncio.sleep(min(left, await self._keep_in_progress()))
 
     async def process(self, chunk: list[jsx.RawMsg]) -> None:
-        store, rejected = self.store, []
+        store, rejected, live = self.store, [], self.caught_up
         taken = handed = 0  # the sink's answers: applied (True) or ignored, whatever the sink folds into
         limit, decode, sink, sink_reply = self.max_event_bytes, self.decode, self.sink, self.sink_reply
         future_ms = None if self.max_future is None else int(self.max_future.total_seconds() * 1000)
@@ -299,6 +300,8 @@ class StreamIngest:
             pass
         self._count(taken, handed)
         self._counted_by_failed_try = 0
+        if live:  # the chunk's first event waited longest; once per chunk, not a cost per event
+            self._fold_delay.observe(max(time.time() - jsx.stored_ms(chunk[0][1]) / 1000, 0.0))
         self._lag.set(pending)
         self.checkpointer.nudge()
 

@@ -55,6 +55,7 @@ from app.learning_metrics import (
     DIVERGED,
     FEEDBACK,
     JOIN_CACHE,
+    LEARN_DELAY,
     LEARNED,
     MODEL_SNAPSHOT_SECONDS,
     MODEL_USERS,
@@ -533,6 +534,8 @@ class Learner:
         self.credited += 1
         self._changed = True
         _OUTCOME["credited"].inc()
+        if stored_at_ms is not None and self.feedback_read.caught_up and not self.replaying:
+            LEARN_DELAY.observe(max(self.clock() - stored_at_ms / 1000, 0.0))
 
     async def unseen_rewards(self, trained_on: TrainedOn) -> list[tuple[dict[str, Any], float, int | None]]:
         """The (features as served, reward, when it reached the log) examples credited here that

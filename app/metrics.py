@@ -31,6 +31,17 @@ class Metrics:
         )
         self.checkpoint_users = Counter("tipstream_checkpoint_users_total", "User states written.", registry=r)
         self.checkpoint_failures = Counter("tipstream_checkpoint_failures_total", "Failed checkpoint writes.", registry=r)
+        self.checkpoint_ok_at = Gauge(
+            "tipstream_checkpoint_ok_timestamp_seconds", "Unix time of the last checkpoint written or found "
+            "with nothing to write; alert on its age (time() - it): events folded since are replayed by a restart, "
+            "and /score answers 503 once TIPSTREAM_MAX_UNWRITTEN_DECISIONS wait for one.", registry=r,
+        )
+        self.fold_delay = Histogram(
+            "tipstream_fold_delay_seconds", "Seconds from JetStream storing an event to its fold into the user's state, "
+            "for the oldest event of each batch folded once the stream has caught up (a start's read-back is left "
+            "out), by this host's clock against the NATS server's.", ["stream"], registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
         self.users = Gauge("tipstream_users", "Users held in the online store.", registry=r)
         self.users_dormant = Gauge(
             "tipstream_users_dormant", "Idle users (no event for TIPSTREAM_IDLE_USER_DAYS of the log's time) let go of from memory: "

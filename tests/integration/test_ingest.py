@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
 import sqlalchemy as sa
+from prometheus_client import generate_latest
 
+from app.metrics import METRICS
 from streams.jetstream import (
     DLQ_KIND,
     DLQ_REASON,
@@ -161,6 +164,40 @@ async def test_readyz_turns_ready_once_caught_up(start_service, nc) -> None:
         assert body["streams"]["SIGNALS"] == {"caught_up": True, "lag": 0}
         assert running.service.store.positions["SIGNALS"] == 500
         assert (await http.get("/healthz")).json() == {"status": "ok"}
+
+
+def _series(metrics_text: str, name: str) -> float:
+    """One series' value from /metrics (0 when it has none yet)."""
+    match = re.search(rf"^{re.escape(name)} (\S+)$", metrics_text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+async def test_metrics_time_what_is_folded_live_and_when_a_checkpoint_last_succeeded(start_service, nc) -> None:
+    """An operator alerts on seconds, not on messages: how long a live event took to reach the
+    user's state (the backlog read at a start is left out), and how old the last checkpoint is."""
+    js = nc.jetstream()
+    await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    for i in range(300):
+        await js.publish("signals.app.opened", orjson.dumps(event(i, "app.opened")))
+    count, total = (f'tipstream_fold_delay_seconds_{kind}{{stream="SIGNALS"}}' for kind in ("count", "sum"))
+    before = generate_latest(METRICS.registry).decode()  # the process's: earlier tests' too
+    running = await start_service(checkpoint_every_s=0.2)
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        await eventually(lambda: running.service.ready)
+        backlog = _series((await http.get("/metrics")).text, count) - _series(before, count)
+        for i in range(300, 310):
+            await js.publish("signals.app.opened", orjson.dumps(event(i, "app.opened")))
+        await eventually(lambda: running.service.store.positions.get("SIGNALS") == 310)
+        started = time.time()
+        text = await eventually(lambda: _metrics_with_checkpoint_after(http, started))
+    live = _series(text, count) - _series(before, count) - backlog
+    seconds = _series(text, total) - _series(before, total)
+    assert backlog == 0 and 1 <= live <= 10 and 0 <= seconds < 5 * live, (backlog, live, seconds)
+
+
+async def _metrics_with_checkpoint_after(http: httpx.AsyncClient, started: float) -> str | None:
+    text = (await http.get("/metrics")).text
+    return text if _series(text, "tipstream_checkpoint_ok_timestamp_seconds") >= started else None
 
 
 def feedback(i: int, reaction: str = "liked", **data: Any) -> dict[str, Any]:

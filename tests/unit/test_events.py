@@ -121,6 +121,30 @@ def test_committed_docs_match_the_code() -> None:
     assert set(schema["discriminator"]["mapping"]) == set(GOOD)
 
 
+def test_the_metrics_and_settings_the_docs_name_exist() -> None:
+    """The README's alerts and docs/ name series and settings by hand: a rename would leave an
+    alert that never fires."""
+    import re
+    from pathlib import Path
+
+    import app.learning_metrics  # noqa: F401 - its series join the registry on import
+    from app.metrics import METRICS
+    from app.settings import Settings
+
+    series = {sample.name for family in METRICS.registry.collect() for sample in family.samples}
+    series |= {family.name for family in METRICS.registry.collect()}
+    suffixes = ("_bucket", "_sum", "_count", "_total")
+    settings = {f"TIPSTREAM_{name.upper()}" for name in Settings.model_fields}
+    root = Path(__file__).resolve().parents[2]
+    for path in (root / "README.md", *sorted((root / "docs").glob("*.md"))):
+        text = path.read_text()
+        for name in set(re.findall(r"\btipstream_[a-z_]+[a-z]", text)):
+            stem = next((name.removesuffix(s) for s in suffixes if name.endswith(s)), name)
+            assert name in series or stem in series, f"{path.name} names {name}, which /metrics does not have"
+        for name in set(re.findall(r"\bTIPSTREAM_[A-Z0-9_]+[A-Z0-9]", text)):
+            assert name in settings or name.startswith("TIPSTREAM_TEST_"), f"{path.name} names {name}, not a setting"
+
+
 def test_readme_lists_every_setting() -> None:
     from pathlib import Path
 

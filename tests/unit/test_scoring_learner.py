@@ -25,7 +25,7 @@ from app.db import make_engine
 from app.decisions import LoggedDecision, TipScoresLog, tip_score_row
 from app.ingest import ReadUpTo
 from app.learner import Learner
-from app.learning_metrics import FEEDBACK, MODEL_USERS, SKIPPED
+from app.learning_metrics import FEEDBACK, LEARN_DELAY, MODEL_USERS, SKIPPED
 from app.lineup import Lineup
 from app.registry_store import RegistryStore
 from app.score_request import parse_request
@@ -306,6 +306,32 @@ def test_the_models_forget_a_user_who_left_by_when_feedback_was_stored_not_by_th
     world.lineup.learning = world.lineup.learning[:1]  # as retiring v2 leaves it
     world.learner.snapshot(force=True)
     assert "v2" not in {s.labels["version"] for s in MODEL_USERS.collect()[0].samples}
+
+
+def _learn_delays() -> dict[str, float]:
+    """tipstream_reward_learn_delay_seconds: its cumulative bucket counts by bound, and its sum."""
+    samples = next(iter(LEARN_DELAY.collect())).samples
+    return {s.labels.get("le", s.name.rsplit("_", 1)[-1]): s.value for s in samples}
+
+
+def test_the_learn_delay_runs_from_when_jetstream_stored_the_reaction_to_when_it_was_learned(world: World) -> None:
+    """Live only: a start's read-back learns minutes-old feedback, which says nothing of the learner."""
+    t0, before = world.clock.now, _learn_delays()
+
+    def react(stored_s: float, seq: int, wait_s: float = 0.0) -> None:
+        scored = world.score()
+        world.clock.now = stored_s + wait_s
+        event = {"id": f"f-{seq}", "type": "tip.reacted", "user_id": "u-1", "ts": NOW,
+                 "data": {"tip_id": "a", "decision_id": scored.decision_id, "reaction": "acted"}}
+        world.sink(parse_event(orjson.dumps(event)), _ack(stored_s, seq))
+
+    react(t0, 1, wait_s=0.3)
+    after = _learn_delays()
+    added = {bound: after[bound] - before[bound] for bound in ("0.25", "0.5", "+Inf", "sum")}
+    assert added == {"0.25": 0, "0.5": 1, "+Inf": 1, "sum": pytest.approx(0.3, abs=0.002)}  # stored times are to the ms
+    world.learner.feedback_read = ReadUpTo()  # FEEDBACK read back after a start
+    react(t0 + 1, 2, wait_s=600)
+    assert _learn_delays() == after and world.lineup.champion.n_learned == 2
 
 
 def _foreign(world: World, decision_id: str) -> LoggedDecision:
