@@ -61,7 +61,7 @@ LEARN_DELAY = LoopHistogram(
     "tipstream_reward_learn_delay_seconds", "Seconds from JetStream storing a reaction to every model having learned "
     "it (the promise: under 1 s), for feedback read once FEEDBACK has caught up; a reaction that waited for its "
     "decision counts its wait. By this host's clock against the NATS server's.", registry=_r,
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 LEARNED = LoopCounter("tipstream_rewards_learned_total", "learn_one calls, by model version.", ["version"], registry=_r)
 DIVERGED = LoopCounter(

@@ -40,7 +40,7 @@ class Metrics:
             "tipstream_fold_delay_seconds", "Seconds from JetStream storing an event to its fold into the user's state, "
             "for the oldest event of each batch folded once the stream has caught up (a start's read-back is left "
             "out), by this host's clock against the NATS server's.", ["stream"], registry=r,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
         self.users = Gauge("tipstream_users", "Users held in the online store.", registry=r)
         self.users_dormant = Gauge(
