@@ -157,21 +157,25 @@ def make_engine(url: str) -> Engine:
                             "and SQLite") from None
 
 
-# Seconds that a PostgreSQL host may stay silent before a call gives up (and the caller treats
-# the database as away). Some calls run on the event loop (loading a user still cold after a
-# start or let go while idle), and libpq's own defaults wait for ever for a server that accepts
-# the connection and never answers, and ~15 minutes (TCP's retries) for one that stops
-# acknowledging mid-query: the whole service would hang that long.
-NETWORK_BOUNDS = {"connect_timeout": 10, "tcp_user_timeout": 10_000}
+# How long a PostgreSQL host may stay silent before a call gives up (and the caller treats the
+# database as away). Some calls run on the event loop (loading a user still cold after a start
+# or let go while idle), and libpq by default waits for ever for a server that accepts the
+# connection and never answers, ~15 minutes (TCP's retries) for one that stops acknowledging
+# what is sent, and ~2 hours (the first keepalive) for a link that dies while an answer is
+# awaited: the whole service would hang that long. A server whose kernel still acknowledges
+# while the server itself is wedged is not bounded here; nothing in libpq can tell it from a
+# slow query.
+NETWORK_BOUNDS = {"connect_timeout": 10, "tcp_user_timeout": 10_000,
+                  "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 
 
 def _network_bounds(url: str) -> dict[str, int]:
     """libpq's timeouts that `url` does not set itself (its query may: `?connect_timeout=30`).
 
-    >>> _network_bounds("postgresql+psycopg://db/tipstream")
-    {'connect_timeout': 10, 'tcp_user_timeout': 10000}
-    >>> _network_bounds("postgresql+psycopg://db/tipstream?connect_timeout=30")
-    {'tcp_user_timeout': 10000}
+    >>> _network_bounds("postgresql+psycopg://db/tipstream")["connect_timeout"]
+    10
+    >>> "connect_timeout" in _network_bounds("postgresql+psycopg://db/tipstream?connect_timeout=30")
+    False
     """
     given = make_url(url).query
     return {name: value for name, value in NETWORK_BOUNDS.items() if name not in given}

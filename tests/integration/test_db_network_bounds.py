@@ -73,11 +73,12 @@ def test_the_url_can_set_its_own_bound(silent_server: int, monkeypatch) -> None:
     assert isinstance(error, OperationalError) and took < 8, (error, took)
 
 
-def test_connections_carry_both_bounds(postgres_url: str) -> None:
-    """The mid-query bound (tcp_user_timeout) needs a link that drops packets, which loopback
-    cannot; libpq holding it for the connection is what can be checked here."""
+def test_connections_carry_every_bound(postgres_url: str) -> None:
+    """The bounds past the connection (tcp_user_timeout, keepalives) need a link that drops
+    packets, which loopback cannot; libpq holding them for the connection is what can be checked."""
     engine = db.make_engine(postgres_url)
     with engine.connect() as conn:
         parameters = conn.connection.dbapi_connection.info.get_parameters()
     engine.dispose()
-    assert (parameters["connect_timeout"], parameters["tcp_user_timeout"]) == ("10", "10000")
+    assert {name: parameters.get(name) for name in db.NETWORK_BOUNDS} == {
+        name: str(value) for name, value in db.NETWORK_BOUNDS.items()}
