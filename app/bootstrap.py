@@ -41,6 +41,7 @@ from app.learner import Learner
 from app.lineup import Lineup
 from app.metrics import METRICS
 from app.offline import OfflineFeatureWriter
+from app.periodic import every
 from app.registry_store import RegistryStore
 from app.scoring import Scorer
 from app.settings import Settings
@@ -56,6 +57,7 @@ log = logging.getLogger("tipstream")
 # holding the event loop (ingest and the API) for the default 5 ms at a time.
 GIL_SWITCH_INTERVAL_S = 0.0005
 GC_YOUNG_THRESHOLD = 20_000  # objects; why in Service.start
+EMBEDDED_NATS_CHECK_S = 0.5  # how often the embedded nats-server is checked for having exited
 
 
 class Service:
@@ -112,6 +114,9 @@ class Service:
             self.embedded = EmbeddedNats(s.data_dir / "nats")
             self.nats_url = await asyncio.to_thread(self.embedded.start)
             (s.data_dir / URL_FILE).write_text(self.nats_url)
+            self._tasks.append(asyncio.create_task(
+                every(EMBEDDED_NATS_CHECK_S, self._keep_embedded_nats_up, "starting the embedded nats-server again"),
+                name="embedded nats-server"))
         self.nc = await self._connect()
         js = self.nc.jetstream(timeout=10)
         await jsx.ensure_streams(
@@ -335,6 +340,11 @@ class Service:
             await self.embedded.astop()
             (self.settings.data_dir / URL_FILE).unlink(missing_ok=True)
         self.engine.dispose()
+
+    async def _keep_embedded_nats_up(self) -> None:
+        # The connection reconnects on its own once the server is back at the same URL.
+        if self.embedded is not None and not self._stopping:
+            await asyncio.to_thread(self.embedded.restart_if_exited)
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS; resuming each stream from its own position")

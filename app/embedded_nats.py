@@ -87,11 +87,24 @@ class EmbeddedNats:
 
                 ports = json.loads(files[0].read_text())
                 self.url = ports["nats"][0]
+                # A restart (`restart_if_exited`) binds the same port: publishers and the service's
+                # own connection keep the URL they were given.
+                self.port = int(self.url.rsplit(":", 1)[1])
                 log.info("embedded nats-server on %s, store %s", self.url, self.store_dir)
                 return self.url
             time.sleep(0.05)
         self.stop()
         raise EmbeddedNatsError(f"the embedded nats-server did not start within {timeout_s}s")
+
+    def restart_if_exited(self) -> bool:
+        """Start the server again, on the same port and store, if it has exited (killed, crashed);
+        True when it did. Without this the service ran on with NATS gone for good, /healthz 200."""
+        if self.process is None or self.process.poll() is None:
+            return False
+        log.error("the embedded nats-server exited with code %s (see %s); starting it again",
+                  self.process.returncode, self.store_dir / "nats-server.log")
+        self.start()
+        return True
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:
