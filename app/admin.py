@@ -174,7 +174,7 @@ async def get_model(request: Request) -> Response:
     try:
         return _json(200, _lineup(request).describe(request.path_params["version"]))
     except RegistryError as error:
-        return _json(STATUS[error.code], {"error": str(error), "field": "version"})
+        return _json(STATUS[error.code], {"error": str(error), "field": error.field})
 
 
 async def get_card(request: Request) -> Response:
@@ -190,7 +190,7 @@ async def get_card(request: Request) -> Response:
         return PlainTextResponse(_lineup(request).registry.card_markdown(request.path_params["version"]),
                                  media_type="text/markdown")
     except RegistryError as error:
-        return _json(STATUS[error.code], {"error": str(error), "field": "version"})
+        return _json(STATUS[error.code], {"error": str(error), "field": error.field})
 
 
 async def _register(request: Request, body: RegisterBody) -> Any:

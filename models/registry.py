@@ -181,7 +181,8 @@ class Registry:
         if mv is None:
             known = ", ".join(self.versions) or "none yet"
             raise RegistryError(
-                f"Unknown model version {version!r} (known: {known}); list them with `{CLI} list`.", "not_found")
+                f"Unknown model version {version!r} (known: {known}); list them with `{CLI} list`.", "not_found",
+                "version")  # the request's field at fault, whether in the path or the body
         return mv
 
     def role(self, version: str) -> str | None:

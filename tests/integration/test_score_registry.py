@@ -239,7 +239,8 @@ async def test_register_shadow_promote_rollback_with_cards_and_history(start_ser
 
         early = await http.post("/admin/models/v2/promote", headers=AUTH)
         assert early.status_code == 409 and "tipstream models shadow v2" in early.json()["error"]
-        assert (await http.post("/admin/models/v9/shadow", headers=AUTH)).status_code == 404
+        nowhere = await http.post("/admin/models/v9/shadow", headers=AUTH)
+        assert nowhere.status_code == 404 and nowhere.json()["field"] == "version", "as GET /models/v9 names it"
         assert (await http.post("/admin/models/v2/shadow", headers=AUTH, json={"actor": "bob"})).status_code == 200
         assert (await http.post("/admin/models/v2/promote", headers=AUTH, json={"actor": "bob"})).status_code == 200
         assert (await http.post("/score", json=score_body("u-1"))).json()["model_version"] == "v2"
