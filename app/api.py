@@ -123,7 +123,8 @@ async def user_features(request: Request) -> Response:
           Retry-After: {schema: {type: integer}, description: seconds}
     """
     user_id = request.path_params["user_id"]
-    if len(user_id) > 128 or "\x00" in user_id:  # what an event's user_id may be; a NUL failed PostgreSQL's read
+    # What an event's user_id may be; a NUL failed PostgreSQL's read. Empty: "/users//features".
+    if not 1 <= len(user_id) <= 128 or "\x00" in user_id:
         return _error(422, "user_id", f"a user id is 1 to 128 characters without NUL, got {len(user_id)} characters"
                       + (" with a NUL" if "\x00" in user_id else ""))
     raw_at = request.query_params.get("at")
@@ -177,7 +178,8 @@ def create_app(settings: Settings, service: Service | None = None, *, started: b
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
-            Route("/users/{user_id}/features", user_features),
+            # `path`: a user id may hold a '/' ("org/42"), which the default convertor stops at.
+            Route("/users/{user_id:path}/features", user_features),
             *admin.routes(),
             Route("/openapi.json", openapi, include_in_schema=False),
         ],

@@ -117,3 +117,23 @@ async def test_a_past_at_flags_windows_reaching_before_what_the_fold_holds(start
 
 def _day(d: int) -> str:
     return (datetime(2026, 9, 1, 12, tzinfo=UTC) + timedelta(days=d)).isoformat()
+
+
+async def test_a_user_id_with_a_slash_is_served_like_any_other(start_service, nc) -> None:
+    # Events take any 1-128 characters as a user id ("org/42"); the path's `{user_id}` stopped at a '/'
+    # (percent-encoded or not, the path is decoded before routing), so such a user was a bare 404.
+    running = await start_service()
+    opened = {"id": "slash-1", "type": "app.opened", "user_id": "org/42", "ts": "2026-11-25T21:00:00+01:00"}
+    await nc.jetstream().publish("signals.app.opened", orjson.dumps(opened))
+    await eventually(lambda: running.service.store.applied == 1)
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        for path in ("/users/org%2F42/features", "/users/org/42/features"):
+            answer = await http.get(path, params={"at": "2026-11-25T22:00:00+01:00"})
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            assert body["user_id"] == "org/42" and body["known"] is True
+            assert body["features"]["app_opens_7d"]["value"] == 1
+        empty = await http.get("/users//features")
+        assert empty.status_code == 422 and empty.json()["field"] == "user_id", empty.text
+        document = (await http.get("/openapi.json")).json()
+    assert "/users/{user_id}/features" in document["paths"], "the document names the parameter, not its convertor"
