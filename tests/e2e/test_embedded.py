@@ -79,18 +79,20 @@ async def test_an_embedded_nats_server_that_dies_is_started_again_at_the_same_ur
     # publish nothing, and decisions would pile up in memory until /score answered 503.
     data = tmp_path / "data"
     service = ServiceProcess(data).start()
-    url = (data / "nats.url").read_text()
-    await publish(url, [opened(i) for i in range(10)])
-    wait_until(lambda: service.metric("tipstream_stream_position", stream="SIGNALS") == 10, what="10 applied")
-    first = embedded_pid(data)
-    assert first is not None
-    os.kill(first, signal.SIGKILL)
-    wait_until(lambda: embedded_pid(data) not in (None, first), timeout=15, what="a new embedded nats-server")
-    wait_until(lambda: service.get("/readyz").status_code == 200, timeout=15, what="ready again")
-    assert (data / "nats.url").read_text() == url, "publishers keep the URL they were given"
-    await publish(url, [opened(i) for i in range(10, 20)])
-    wait_until(lambda: service.metric("tipstream_stream_position", stream="SIGNALS") == 20, what="20 applied")
-    body = service.get("/users/u-7/features", at="2026-11-26T09:00:00+01:00").json()
-    assert body["features"]["app_opens_7d"]["value"] == 20
-    assert service.stop(), service.log()
+    try:
+        url = (data / "nats.url").read_text()
+        await publish(url, [opened(i) for i in range(10)])
+        wait_until(lambda: service.metric("tipstream_stream_position", stream="SIGNALS") == 10, what="10 applied")
+        first = embedded_pid(data)
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: embedded_pid(data) not in (None, first), timeout=15, what="a new embedded nats-server")
+        wait_until(lambda: service.get("/readyz").status_code == 200, timeout=15, what="ready again")
+        assert (data / "nats.url").read_text() == url, "publishers keep the URL they were given"
+        await publish(url, [opened(i) for i in range(10, 20)])
+        wait_until(lambda: service.metric("tipstream_stream_position", stream="SIGNALS") == 20, what="20 applied")
+        body = service.get("/users/u-7/features", at="2026-11-26T09:00:00+01:00").json()
+        assert body["features"]["app_opens_7d"]["value"] == 20
+    finally:
+        assert service.stop(), service.log()
     assert embedded_pid(data) is None
