@@ -131,6 +131,12 @@ class StreamIngest:
             self.wake.set()
 
     async def start(self) -> None:
+        # The checkpointed position says what was read (and dead-lettered) before only on the stream
+        # it was taken from. Past this stream's end, the stream was re-created (`reset_durable`
+        # replays it from its first message): its bad events below that position were skipped,
+        # neither folded nor dead-lettered.
+        if self.dead_lettered_upto > (await self.js.stream_info(self.spec.name)).state.last_seq:
+            self.dead_lettered_upto = 0
         # Dead-lettered past the last checkpoint, before a crash: read again now, but not dead-lettered
         # again (JetStream's duplicate window covers only a quick restart).
         self.dead_lettered_upto = max(self.dead_lettered_upto, await jsx.last_dead_lettered(self.js, self.spec))

@@ -134,6 +134,41 @@ async def test_a_checkpoint_past_the_end_of_a_recreated_stream_replays_it_and_sa
     assert any("not the one the checkpoint was taken from" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_bad_event_of_a_recreated_stream_goes_to_the_dlq_though_the_checkpoint_is_past_it(
+    start_service, nc
+) -> None:
+    """The checkpointed position tells what was dead-lettered before this start only on the stream
+    it was taken from. Past the end of a re-created stream, it skipped the new stream's bad events
+    below it: neither folded nor in the DLQ."""
+    first = await start_service()
+    js = nc.jetstream()
+    for i in range(5):
+        await js.publish("signals.task.created", orjson.dumps(event(i)))
+    await eventually(lambda: first.service.store.positions.get("SIGNALS") == 5)
+    await first.stop()
+
+    await js.delete_stream("SIGNALS")  # its NATS store lost: sequences start again, below the checkpoint's
+    await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    await js.publish("signals.task.created", orjson.dumps(event(100, user="u-2")))
+    await js.publish("signals.task.created", b"{not json")
+    await js.publish("signals.task.created", orjson.dumps(event(101, user="u-2")))
+    before = dead_lettered("SIGNALS")
+    second = await start_service()
+    store = second.service.store
+    await eventually(lambda: second.service.ready and "u-2" in store.users)  # every message read
+    assert store.users["u-2"].count("task.created") == 2
+    assert dead_lettered("SIGNALS") == before + 1
+    [copy] = await dlq_messages(js, 1)
+    assert copy.headers[DLQ_STREAM] == "SIGNALS" and copy.headers[DLQ_SEQ] == "2"
+    await second.stop()
+
+    # The checkpoint is still past the stream's end (positions only move forward): the next start
+    # replays it again, and finds the bad event in the DLQ already.
+    third = await start_service()
+    await eventually(lambda: third.service.ready and "u-2" in third.service.store.users)
+    assert dead_lettered("SIGNALS") == before + 1
+
+
 async def test_redelivered_and_republished_events_count_once(start_service, nc) -> None:
     running = await start_service(duplicate_window_s=1)
     js = nc.jetstream()
