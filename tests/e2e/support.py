@@ -16,6 +16,9 @@ import httpx
 from tests.conftest import free_port
 
 TIPSTREAM = str(Path(sys.executable).parent / "tipstream")
+# Every service launched, for tests/e2e/conftest.py to kill those a failing test left running:
+# they held their port and data directory, and a nats-server each, for the rest of the suite.
+LAUNCHED: list[subprocess.Popen[bytes]] = []
 
 
 class ServiceProcess:
@@ -49,6 +52,7 @@ class ServiceProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "service.log", "ab")
         self.process = subprocess.Popen([TIPSTREAM, "run", *self.args], env=self.env, stdout=log, stderr=log)
+        LAUNCHED.append(self.process)
 
     def _answering(self, deadline: float) -> ServiceProcess:
         assert self.process is not None
