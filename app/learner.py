@@ -472,6 +472,13 @@ class Learner:
 
     def _credit(self, decision_id: str, entry: _Entry, tip_id: str, reaction: str, user_id: str | None,
                 stored_at_ms: int | None = None) -> None:
+        if stored_at_ms is not None and entry.added_ms < stored_at_ms - self.window_ms:
+            # Stored later than the join window after its decision: expired, as once the cache has let
+            # the decision go. It lets decisions go only when one is added or a snapshot is taken, so
+            # on an idle service, or within a read-back of FEEDBACK (a restart, a rebuild), such a
+            # reaction was learned where the live run had expired it.
+            _OUTCOME["expired"].inc()
+            return
         credits = entry.credits
         decision = entry.decision
         if credits is not None and tip_id in credits:

@@ -1470,3 +1470,29 @@ def test_a_card_leaves_out_a_logged_decision_the_dlq_would_now_refuse(world: Wor
     assert card.offline_metrics["n"] == 1 and model.n_learned == 1
     assert card.offline_metrics["policy_value"]["as_champion"]["decisions"] == 1
     assert trained.credits == {(good.decision_id, "a"), (bad.decision_id, "a")}
+
+
+@pytest.mark.parametrize("feedback", ["live", "read back"])
+def test_feedback_stored_more_than_the_window_after_its_decision_is_expired_though_no_serve_evicted_it(
+        tmp_path: Path, feedback: str) -> None:
+    """Window 1 h. A reaction JetStream stored 2 h after its decision is `expired`, whether or not
+    something evicted the decision first: the join cache lets decisions go only when another is
+    added or a snapshot is taken, so on an idle service, or within a read-back of FEEDBACK (a
+    restart, a rebuild from the log), it was credited and learned, where a busier moment (or the
+    live run a rebuild repeats) had expired it."""
+    w = World(tmp_path)
+    t0 = w.clock.now
+    served = w.score()
+    if feedback == "read back":
+        w.learner.feedback_read = ReadUpTo()  # FEEDBACK is behind: its own time ends the window
+    reaction = {"id": "f-0", "type": "tip.reacted", "user_id": "u-1", "ts": NOW,
+                "data": {"tip_id": "a", "decision_id": served.decision_id, "reaction": "acted"}}
+    before = outcomes()
+    w.sink(parse_event(orjson.dumps(reaction)), _ack(t0 + 600, 1))  # within the window
+    w.clock.now = t0 + 7200
+    late = {**reaction, "id": "f-1", "data": {**reaction["data"], "tip_id": "b"}}
+    w.sink(parse_event(orjson.dumps(late)), _ack(t0 + 7200, 2))
+    assert delta(before) == {"credited": 1, "expired": 1}
+    assert [m.n_learned for _, m in w.lineup.learning] == [1, 1]
+    assert w.learner.cache[served.decision_id].credits == {"a": 1.0}
+    w.engine.dispose()
