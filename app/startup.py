@@ -196,6 +196,11 @@ def _database_error(error: Any, settings: Settings) -> StartupError:
             f"in `public`: `GRANT USAGE, CREATE ON SCHEMA public TO {user}`, and on tables another user "
             f"made, `GRANT ALL ON ALL TABLES IN SCHEMA public TO {user}` and the same ON ALL SEQUENCES), or set "
             "DATABASE_URL to the owner's user.")
+    if cause == "database is locked":  # SQLite, after its 30 s busy timeout: the path is fine
+        where = "DATABASE_URL" if settings.database_url else "SQLite under TIPSTREAM_DATA_DIR"
+        return StartupError(f"The database {url} ({where}) stayed locked by another process for 30 s: a "
+                            "migration, a tool holding a write transaction open, or another tipstream on a copy "
+                            "of this data directory. Stop it (or let it finish) and start again.")
     if settings.database_url and settings.database_url.startswith("sqlite"):
         fix = "Set DATABASE_URL to a file in a directory this user can write, or unset it for TIPSTREAM_DATA_DIR's."
         return StartupError(f"Cannot open the database {url} (DATABASE_URL): {cause}. {fix}")

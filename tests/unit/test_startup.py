@@ -74,3 +74,26 @@ def test_a_data_directory_whose_file_system_takes_no_locks_is_a_message_with_the
     assert "Cannot lock the data directory" in str(refused.value)
     assert "No locks available" in str(refused.value) and "TIPSTREAM_DATA_DIR" in str(refused.value)
     assert len(os.listdir("/proc/self/fd")) == opened_before  # the lock file is not left open
+
+
+def test_a_sqlite_database_another_process_keeps_locked_is_told_as_such(tmp_path: Path) -> None:
+    """The busy timeout ran out: the message said to set TIPSTREAM_DATA_DIR to a directory this
+    user can write, which was not the problem."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from app.settings import Settings
+    from app.startup import explain
+
+    path = tmp_path / "tipstream.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(sqlite3.OperationalError) as locked:
+            sqlite3.connect(path, timeout=0.05).execute("CREATE TABLE t (x)")
+    finally:
+        holder.close()
+    error = OperationalError("CREATE TABLE t (x)", None, locked.value)
+    message = str(explain(error, Settings(data_dir=tmp_path)))
+    assert "stayed locked by another process" in message and "TIPSTREAM_DATA_DIR to a" not in message, message
