@@ -52,11 +52,15 @@ def die_with_service(service_pid: int) -> None:
         os._exit(1)
 
 
+RESTART_FIRST_WAIT_S, RESTART_MAX_WAIT_S = 1.0, 30.0  # after a failed restart
+
+
 class EmbeddedNats:
     def __init__(self, store_dir: Path, host: str = "127.0.0.1", port: int = -1) -> None:
         self.store_dir, self.host, self.port = store_dir, host, port
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
+        self._restart_at, self._restart_wait_s = 0.0, RESTART_FIRST_WAIT_S
 
     def start(self, timeout_s: float = 15.0) -> str:
         self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -98,12 +102,20 @@ class EmbeddedNats:
 
     def restart_if_exited(self) -> bool:
         """Start the server again, on the same port and store, if it has exited (killed, crashed);
-        True when it did. Without this the service ran on with NATS gone for good, /healthz 200."""
-        if self.process is None or self.process.poll() is None:
+        True when it did. Without this the service ran on with NATS gone for good, /healthz 200.
+        A restart that fails (the port taken meanwhile) is tried again after a wait that doubles up
+        to `RESTART_MAX_WAIT_S`: every check, it started a server and logged twice a second."""
+        if self.process is None or self.process.poll() is None or time.monotonic() < self._restart_at:
             return False
         log.error("the embedded nats-server exited with code %s (see %s); starting it again",
                   self.process.returncode, self.store_dir / "nats-server.log")
-        self.start()
+        try:
+            self.start()
+        except EmbeddedNatsError:
+            self._restart_at = time.monotonic() + self._restart_wait_s
+            self._restart_wait_s = min(self._restart_wait_s * 2, RESTART_MAX_WAIT_S)
+            raise
+        self._restart_wait_s = RESTART_FIRST_WAIT_S
         return True
 
     def stop(self, timeout_s: float = 10.0) -> None:

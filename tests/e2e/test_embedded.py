@@ -96,3 +96,28 @@ async def test_an_embedded_nats_server_that_dies_is_started_again_at_the_same_ur
     finally:
         assert service.stop(), service.log()
     assert embedded_pid(data) is None
+
+
+def test_a_restart_that_fails_is_tried_again_after_a_wait_not_at_every_check(tmp_path: Path) -> None:
+    """The port taken meanwhile: each check (every 0.5 s) started a server and logged twice."""
+    import socket
+    import time
+
+    from app.embedded_nats import RESTART_FIRST_WAIT_S, EmbeddedNats, EmbeddedNatsError
+
+    embedded = EmbeddedNats(tmp_path / "nats")
+    embedded.start()
+    try:
+        embedded.process.kill()
+        embedded.process.wait(10)
+        with socket.create_server(("127.0.0.1", embedded.port)) as squatter:
+            with pytest.raises(EmbeddedNatsError):
+                embedded.restart_if_exited()
+            failed = embedded.process
+            assert embedded.restart_if_exited() is False and embedded.process is failed  # nothing started
+            squatter.close()
+            embedded._restart_at = time.monotonic()  # the wait is over
+            assert embedded.restart_if_exited() is True and embedded.process.poll() is None
+        assert embedded._restart_wait_s == RESTART_FIRST_WAIT_S  # a success starts the doubling over
+    finally:
+        embedded.stop()
