@@ -34,7 +34,8 @@ SHADOW_ERRORS = LoopCounter(
     "tipstream_shadow_errors_total", "Shadow scorings that failed (the answer was unaffected).", registry=_r
 )
 SHADOW_DISAGREEMENTS = LoopCounter(
-    "tipstream_shadow_disagreements_total", "Decisions where the shadow would have ranked another tip first.",
+    "tipstream_shadow_disagreements_total", "Decisions where the shadow would have ranked another tip first than "
+    "the champion without exploring (the tip served may be an exploration pick, which is not counted).",
     registry=_r,
 )
 

@@ -242,6 +242,9 @@ class Scorer:
             samples = prior.thompson_samples(tips, None, reactions) if policy.name == "thompson" else None
             order, propensities = policy.rank(scores, self.rng, samples)
 
+        # What the champion would serve without exploring (the first best in the caller's order,
+        # as `Greedy` ranks): off-policy evaluation's target, which the served order cannot tell.
+        best = max(range(len(tips)), key=scores.__getitem__)
         shadow_scores: list[float] | None = None
         shadow: dict[str, Any] | None = None
         if lineup.shadow is not None:
@@ -252,16 +255,16 @@ class Scorer:
                 shadow_scores = blend_many(prior, tips, raw, reactions)
                 first = max(range(len(tips)), key=shadow_scores.__getitem__)
                 shadow = {"version": lineup.shadow_version, "first": tips[first]}
-                if first != order[0]:
+                # Against the champion's own choice, not the served tip: an explored first tip is
+                # the policy's, and counted so, an identical shadow "disagreed" on every one.
+                if first != best:
                     SHADOW_DISAGREEMENTS.inc()
             except Exception as error:  # noqa: BLE001 - a broken shadow must never affect an answer
                 self._shadow_failed(error)
                 shadow_scores, shadow = None, None
 
         decision_id = new_decision_id()
-        # What the champion would serve without exploring (the first best in the caller's order,
-        # as `Greedy` ranks): off-policy evaluation's target, which the served order cannot tell.
-        greedy = tips[max(range(len(tips)), key=scores.__getitem__)]
+        greedy = tips[best]
         ranked = [{"tip_id": tips[i], "score": scores[i], "propensity": propensities[i]} for i in order]
         logged = []
         for i in order:

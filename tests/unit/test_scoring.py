@@ -448,3 +448,23 @@ async def test_a_user_not_loaded_yet_while_the_database_is_away_is_a_503_not_a_5
         assert answer.json()["field"] == "user_id" and "database" in answer.json()["error"]
     assert service.publisher.waiting == 0 and len(service.learner.cache) == 0
     assert service.store.cold == {"u-1"}, "loaded when the database is back"
+
+
+def test_a_shadow_disagrees_with_the_champion_s_choice_not_with_an_explored_tip(tmp_path: Path) -> None:
+    """A shadow identical to the champion never disagrees. Compared with the tip served, it was
+    counted as disagreeing on most decisions that explored."""
+    from app.learning_metrics import SHADOW_DISAGREEMENTS
+
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    lineup = Lineup(RegistryStore(engine), engine, eval_max_rewards=10)
+    lineup.load("logreg", "logreg", learning_rate=0.1)  # v2, the shadow, is v1 again
+    scorer = Scorer(OnlineStore(), lineup, make_policy("epsilon_greedy", epsilon=1.0), random.Random(3),
+                    feature_cache_users=0)
+    tips = [{"tip_id": t, "category": c} for t, c in (("a", "x"), ("b", "y"), ("c", "z"), ("d", "x"))]
+    before = SHADOW_DISAGREEMENTS.value
+    served = {scorer.score(parse_request(orjson.dumps({"user_id": "u-1", "candidates": tips}))).decision["ranked"][0]["tip_id"]
+              for _ in range(40)}
+    engine.dispose()
+    assert len(served) > 1 and SHADOW_DISAGREEMENTS.value == before, served
