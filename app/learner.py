@@ -415,7 +415,10 @@ class Learner:
 
     def _wait(self, decision_id: str, tip_id: str, reaction: str, user_id: str, stored_at_ms: int | None) -> None:
         created = decision_time_ms(decision_id)
-        if created is not None and created <= self.evicted_upto_ms:
+        # Past the join window when the feedback was stored, as `_credit` judges it: nothing can
+        # join it any more (a start skips such decisions), so it waited and was counted unknown.
+        if created is not None and (created <= self.evicted_upto_ms
+                                    or (stored_at_ms is not None and created < stored_at_ms - self.window_ms)):
             _OUTCOME["expired"].inc()
             return
         if self._hold(decision_id, tip_id, reaction, user_id, stored_at_ms):

@@ -1496,3 +1496,17 @@ def test_feedback_stored_more_than_the_window_after_its_decision_is_expired_thou
     assert [m.n_learned for _, m in w.lineup.learning] == [1, 1]
     assert w.learner.cache[served.decision_id].credits == {"a": 1.0}
     w.engine.dispose()
+
+
+def test_feedback_for_one_of_our_decisions_older_than_the_window_and_not_held_is_expired_at_once(
+        world: World) -> None:
+    """Window 1 h; the decision (its id says when it was served) is not in the join cache: a start
+    skipped it for its age, and none can bring it back. The reaction waited for it, then counted
+    as unknown_decision, as if the decision might still come."""
+    t0 = world.clock.now
+    old = f"d-{int((t0 - 7200) * 1000):012x}" + "0" * 16
+    reaction = {"id": "f-0", "type": "tip.reacted", "user_id": "u-1", "ts": NOW,
+                "data": {"tip_id": "a", "decision_id": old, "reaction": "acted"}}
+    before = outcomes()
+    world.sink(parse_event(orjson.dumps(reaction)), _ack(t0, 1))
+    assert delta(before) == {"expired": 1} and not world.learner.waiting.holds(old, "a")
