@@ -278,8 +278,10 @@ class _Evaluation:
         offset_ms = self.state.offset_s * 1000
         today = (self.rel + offset_ms) // DAY_MS
         days = today - (np.concatenate([self.ts(kind) for kind in SIGNAL_KINDS]) + offset_ms) // DAY_MS
-        active = np.zeros(int(days.max()) + 2 if len(days) else 2, dtype=bool)  # by days ago, 0 = today; last False
-        active[days] = True
+        # By days ago, 0 = today, the last always False. Only as far back as the cap: sized by the
+        # oldest event, a `now` in the year 9999 (`?at=`) built ~2.9 million days, 30 ms and tens of MB.
+        active = np.zeros(STREAK_CAP + 2, dtype=bool)
+        active[days[(days >= 0) & (days <= STREAK_CAP)]] = True
         flags = active.tolist()
         day = 0 if flags[0] else 1  # a streak survives until today is over
         streak = 0

@@ -268,6 +268,21 @@ def test_a_streak_ended_by_a_day_held_whole_is_exact_at_an_earlier_now() -> None
     assert (value.value, value.fallback) == (27, False)
 
 
+def test_a_far_future_now_costs_no_more_than_today() -> None:
+    """`GET /users/{id}/features?at=9999-...` is a request anyone may send: the streak was counted
+    in an array of one flag per day since the oldest event, ~2.9 million of them (30 ms, tens of MB)."""
+    import tracemalloc
+
+    newest = datetime(2026, 11, 26, 9, tzinfo=UTC)
+    state = fold([_opened(d, newest - d * DAY) for d in range(31)])
+    far = int(datetime(9999, 12, 31, tzinfo=UTC).timestamp() * 1000)
+    tracemalloc.start()
+    value = evaluate(state, far)["active_day_streak"]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert (value.value, value.fallback) == (0, False) and peak < 1_000_000, peak
+
+
 def test_a_due_time_counts_from_its_whole_second() -> None:
     # The records keep dues in seconds: a task due at 10:00:00.900 is overdue from 10:00:00.000, as
     # overdue_tasks' description says (it said "at or before `now`" only).
