@@ -453,6 +453,8 @@ def features_markdown() -> str:
         "Generated from `streams/features.py` by `tipstream docs`; do not edit by hand.",
         "Windows are `(now - w, now]` over event time. `batched`: folded from the streams ahead of",
         "the request and evaluated at `now`; `jit`: computed from the request, never cached.",
+        "Times are kept to the millisecond, rounded down, events' and `now` alike: an event at",
+        "08:00:00.0005 counts in a window ending at 08:00:00.000.",
         "",
         "The fold keeps each user's events within 31 days of their newest event. At an earlier `now`",
         "(`?at=`, `context.now`, a backfill), a window that reaches before that is not known whole: the",
