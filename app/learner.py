@@ -60,11 +60,12 @@ from app.learning_metrics import (
     MODEL_SNAPSHOT_SECONDS,
     MODEL_USERS,
     PENDING,
+    REFUSED,
     SKIPPED,
 )
 from app.lineup import Lineup
 from app.waiting import WaitingFeedback
-from models.reward import INPUT_BOUND_TEXT, PopularityPrior
+from models.reward import INPUT_BOUND_TEXT, MAX_INPUTS, MAX_VALUES, PopularityPrior
 from streams.jetstream import stored_ms
 from streams.store import OnlineStore
 
@@ -174,6 +175,7 @@ class Learner:
         self._learned: dict[str, Any] = {}
         self._users_counted: set[str] = set()  # versions `tipstream_model_users` has a series for
         self._diverged_versions: set[str] = set()  # told once each
+        self._refused_versions: set[str] = set()  # told once each
         # Read when scraped, not set as they change.
         JOIN_CACHE.set_function(lambda: len(self.cache) + len(self._replayed))
         PENDING.set_function(lambda: len(self.waiting))
@@ -194,6 +196,16 @@ class Learner:
             log.error("model %s has diverged (a learning step overflowed its weights; it scores NaN) and learns "
                       "nothing more. Retire it with `tipstream models retire %s` (roll back first if it is the "
                       "champion) and register one with a smaller learning_rate.", version, version)
+
+    def _refused(self, version: str, n: int) -> None:
+        REFUSED.labels(version).inc(n)
+        if version not in self._refused_versions:
+            self._refused_versions.add(version)
+            log.warning("model %s has reached its bound of %d input names or of %d text values (tip ids, categories, "
+                        "candidates' text features; models.reward.MAX_INPUTS, MAX_VALUES) and leaves new ones out of "
+                        "what it learns (tipstream_inputs_refused_total). A caller naming features or tips anew with "
+                        "every request fills them; a version registered afresh learns the current ones.",
+                        version, MAX_INPUTS, MAX_VALUES)
 
     # -- decisions ---------------------------------------------------------------------------
 
@@ -513,12 +525,14 @@ class Learner:
             if model.diverged:  # it learns nothing more, and counting its steps would say it does
                 self._diverged(version)
                 continue
-            before = model.n_skipped
+            before, refused = model.n_skipped, model.n_refused
             try:
                 model.learn_one(x, reward, rewarded_ms)
             except Exception as error:  # noqa: BLE001 - one bad example must not stop ingest
                 log.warning("model %s could not learn decision %s: %s", version, decision_id, error)
                 continue
+            if model.n_refused != refused:
+                self._refused(version, model.n_refused - refused)
             if model.n_skipped != before:
                 skipped.append(version)
                 SKIPPED.labels(version).inc()

@@ -75,6 +75,12 @@ SKIPPED = LoopCounter(
     "that is not finite or is beyond +-1e9 (learning it would have made the weights NaN).",
     ["version"], registry=_r,
 )
+REFUSED = LoopCounter(
+    "tipstream_inputs_refused_total", "Inputs a model left out of the rewards it learned, by model version: a new "
+    "input name past models.reward.MAX_INPUTS names, or a new text value (tip id, category, a candidate's text "
+    "feature) past MAX_VALUES values; the rest of each example was learned. Register a fresh version to learn them.",
+    ["version"], registry=_r,
+)
 MODEL_USERS = Gauge(
     "tipstream_model_users", "Users whose own weights a model version holds, by version, as of its last snapshot: "
     "each is forgotten once they have not reacted for the version's user_ttl_days (versions that keep every "

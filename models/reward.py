@@ -102,6 +102,17 @@ def within_bounds(x: Mapping[str, Any]) -> bool:
     return True
 
 
+# What a model learns that no user owns never leaves it: a weight (and AdaGrad's sum, the
+# scaler's moments, an FM latent vector) per input name, and per value of a text input (a tip id,
+# a category, a candidate's own text feature) with its crosses. Callers name both: a candidate
+# has up to 32 features of any name and text values of any kind, and another publisher's
+# decision more, so a client that reacted to candidates with new names or values grew every
+# model by 10-15 KB (32 new names) or 1.4-2 KB (a new tip, category and text value) a reward, for
+# good. Past these bounds a model leaves a new name, or a new value, out of the examples it
+# learns (`n_refused`): the rest of the example is learned, and scoring gives the input nothing,
+# as for one never seen. `user_id` values are not counted: they go with their user (`user_ttl_days`).
+MAX_INPUTS = 1_000
+MAX_VALUES = 100_000
 _MISSING = object()
 CANDIDATE_CACHE_ENTRIES = 100_000  # over all cross plans; ~0.5 KB each
 _MAGIC = {"TipModel": b"tipstream:TipModel:1\n", "PopularityPrior": b"tipstream:PopularityPrior:1\n"}
@@ -423,6 +434,10 @@ class TipModel:
     """
 
     n_skipped = 0  # snapshots from before skipping existed have none of their own
+    # Text values held (`MAX_VALUES`), and inputs left out past the bounds; snapshots from before
+    # the bounds count from their first learn_one since.
+    n_values = 0
+    n_refused = 0
 
     def __init__(
         self,
@@ -511,6 +526,8 @@ class TipModel:
         self._moments: dict[str, tuple[float, float]] = {}
         self.n_learned = 0
         self.n_skipped = 0
+        self.n_values = 0
+        self.n_refused = 0
         self._inputs: dict[str, str] = {}  # input name -> "numeric" | "categorical", as seen in learn_one
         self._flags: set[str] = set()  # the numeric inputs first seen as a bool (crossed as "true"/"false")
         if self._fm and latents == "categorical":
@@ -752,12 +769,16 @@ class TipModel:
         reward = check_reward(reward)
         numeric = {}
         inputs, moments = self._inputs, self._moments
+        weights = self.classifier.weights if self._fm else self.classifier._weights
         unseen: list[tuple[str, str]] = []  # recorded only once the example is known to be learned
+        new_values: list[str] = []  # text inputs with a value no weight holds yet (`MAX_VALUES`)
         for k, v in x.items():
             tv = type(v)
             if tv is str or (tv is not float and tv is not int and isinstance(v, str)):
                 if k not in inputs:
                     unseen.append((k, "categorical"))
+                if k != USER_INPUT and f"{k}_{v}" not in weights:
+                    new_values.append(k)
             elif v is not None:
                 # exact type checks first: the ABC check costs ~1 us per feature
                 if tv is not float and tv is not int and not isinstance(v, numbers.Real):
@@ -770,6 +791,8 @@ class TipModel:
                 # (`moments` holds every input ever learned as one), or the FM would pair it.
                 if k not in moments:
                     unseen.append((k, "numeric"))
+        if new_values or unseen:
+            x, numeric, unseen = self._bounded(x, numeric, unseen, new_values)
         # As in a River pipeline, the unsupervised scaler learns x before transforming it. It
         # learns once, however many weighted steps the classifier takes.
         self.scaler.learn_one(numeric)
@@ -798,6 +821,42 @@ class TipModel:
         if reward < 1.0:
             self.classifier.learn_one(t, False, w=1.0 - reward)
         self.n_learned += 1
+
+    def _bounded(self, x: Mapping[str, Any], numeric: dict[str, Any], unseen: list[tuple[str, str]],
+                 new_values: list[str]) -> tuple[Mapping[str, Any], dict[str, Any], list[tuple[str, str]]]:
+        """`x` without the new input names past `MAX_INPUTS` and the new text values past
+        `MAX_VALUES` (counted in `n_refused`); the values kept are counted in `n_values`.
+
+        >>> model = TipModel()
+        >>> model.n_values = MAX_VALUES - 1
+        >>> model.learn_one({"tip_id": "a", "category": "focus"}, 1.0)
+        >>> model.n_values, model.n_refused, sorted(model.classifier._weights)
+        (100000, 1, ['tip_id_a'])
+        """
+        inputs = self._inputs
+        refused: set[str] = set()
+        names = len(inputs)
+        for k, _ in unseen:
+            if k in inputs:  # a text input's first number: not a new name
+                continue
+            if names < MAX_INPUTS:
+                names += 1
+            else:
+                refused.add(k)
+        kept = 0
+        for k in new_values:
+            if k in refused:
+                continue
+            if self.n_values + kept < MAX_VALUES:
+                kept += 1
+            else:
+                refused.add(k)
+        self.n_values += kept
+        if not refused:
+            return x, numeric, unseen
+        self.n_refused += len(refused)
+        return ({k: v for k, v in x.items() if k not in refused}, {k: v for k, v in numeric.items() if k not in refused},
+                [(k, use) for k, use in unseen if k not in refused])
 
     def _own_features(self, user: str, x: Mapping[str, Any]) -> dict[str, float]:
         """The features of `x` only `user` fires: its `user_id` one-hot and crosses."""

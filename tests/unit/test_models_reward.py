@@ -779,3 +779,61 @@ def test_a_bool_crossed_with_a_category_tells_true_from_false(kind: str) -> None
     assert model.describe_inputs()["is_new_user*category"] == "interaction, one-hot"  # not "in 6-hour buckets"
     restored = TipModel.from_bytes(model.to_bytes())
     assert restored.describe_inputs() == model.describe_inputs()
+
+
+def _weights(model: TipModel) -> dict:
+    return model.classifier.weights if model.params["kind"] == "fm" else model.classifier._weights
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_input_names_a_caller_makes_up_are_bounded(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A candidate's features are named by the caller: each new name learned cost every model a
+    weight, AdaGrad's sum and the scaler's moments for good (10-15 KB a reward with 32 new names)."""
+    monkeypatch.setattr(reward, "MAX_INPUTS", 20)
+    model = TipModel(kind=kind)
+    shared = {"user_id": "u-1", "tip_id": "a", "category": "focus", "hour_of_day": 9}
+    for i in range(50):
+        model.learn_one({**shared, f"len_{i}": float(i), f"flag_{i}": True, f"kind_{i}": "x"}, 1.0, 1_000 * i)
+    assert len(model.feature_names) == 20
+    assert len(model.scaler.means) <= 20 and len(model._moments) <= 20
+    assert model.n_refused == 150 - (20 - 4)  # 4 names of `shared`, then 16 made-up ones fitted
+    assert model.n_learned == 50  # the rest of each example was learned
+    assert len(_weights(model)) < 40
+    known = model.predict_one(shared)
+    model.learn_one({**shared, "len_49": 1e3}, 1.0, 60_000)  # left out: the example is learned without it
+    assert model.predict_one(shared) > known
+    assert model.predict_one({**shared, "len_49": 1e3}) == model.predict_one(shared)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_text_values_shared_by_users_are_bounded_and_user_ids_are_not_counted(
+        kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tip ids, categories and a candidate's text features are the caller's too: every new value
+    learned stayed in every model for good (1.4-2 KB a reward for a new tip, category and text)."""
+    monkeypatch.setattr(reward, "MAX_VALUES", 30)
+    model = TipModel(kind=kind)
+    for i in range(200):
+        model.learn_one({"user_id": f"u-{i}", "tip_id": f"tip-{i}", "category": f"cat-{i % 100}",
+                         "label": f"text-{i}", "hour_of_day": i % 24}, float(i % 2), 1_000 * i)
+    assert model.n_values == 30
+    assert model.n_refused == 3 * 200 - 30 - 10  # cat-0 to cat-9, held from the first ten, come back
+    held = {name for name in _weights(model) if not name.startswith("user_id")}
+    # The 30 values, each with its crosses with hour_of_day buckets: nothing past them.
+    assert len({n for n in held if "*" not in n and "=" not in n and n != "hour_of_day"}) == 30
+    assert len(held) <= 30 * 5 + 1
+    assert model.users_held == 200  # every user learned, their own one-hot kept (forgotten by the TTL)
+    again = TipModel.from_bytes(model.to_bytes())
+    assert (again.n_values, again.n_refused) == (30, model.n_refused)
+    again.learn_one({"user_id": "u-0", "tip_id": "tip-0", "category": "cat-0"}, 1.0, 300_000)
+    assert again.n_values == 30  # values held are learned again without counting twice
+
+
+def test_a_snapshot_from_before_the_bounds_counts_from_zero() -> None:
+    model = TipModel()
+    model.learn_one({"tip_id": "a"}, 1.0)
+    for name in ("n_values", "n_refused"):
+        del model.__dict__[name]  # as unpickled from an older snapshot
+    old = TipModel.from_bytes(model.to_bytes())
+    assert (old.n_values, old.n_refused) == (0, 0)
+    old.learn_one({"tip_id": "b"}, 1.0)
+    assert (old.n_values, old.n_refused) == (1, 0)

@@ -25,12 +25,13 @@ from app.db import make_engine
 from app.decisions import LoggedDecision, TipScoresLog, tip_score_row
 from app.ingest import ReadUpTo
 from app.learner import Learner
-from app.learning_metrics import FEEDBACK, LEARN_DELAY, MODEL_USERS, SKIPPED
+from app.learning_metrics import FEEDBACK, LEARN_DELAY, MODEL_USERS, REFUSED, SKIPPED
 from app.lineup import Lineup
 from app.registry_store import RegistryStore
 from app.score_request import parse_request
 from app.scoring import Scorer
 from app.settings import DEFAULT_REWARDS
+from models import reward
 from models.policy import make_policy
 from models.registry import RegistryError
 from streams.events import parse_event
@@ -117,6 +118,26 @@ def test_feedback_trains_champion_and_shadow_once_per_decision_and_tip(world: Wo
     assert world.lineup.champion.feature_names == sorted(
         set(orjson.loads(scored.payload)["features"]) | {"tip_id"})
 
+
+
+def test_inputs_past_a_models_bounds_are_counted_and_told_once_per_version(
+        world: World, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    scored = world.score()
+    world.react(scored.decision_id, "a")
+    held = len(world.lineup.champion.feature_names)
+    monkeypatch.setattr(reward, "MAX_INPUTS", held)  # full: every new name is left out
+    refused = {v: REFUSED.labels(v).value for v in ("v1", "v2")}
+    for i in range(3):
+        body = {"user_id": "u-1", "context": {"now": NOW},
+                "candidates": [{"tip_id": "a", "features": {f"made_up_{i}": 1.0, f"also_{i}": "x"}}, {"tip_id": "b"}]}
+        made = world.scorer.score(parse_request(orjson.dumps(body)))
+        world.learner.served(made.decision_id, made.payload, made.decision)
+        world.react(made.decision_id, "a")
+    assert {v: REFUSED.labels(v).value - refused[v] for v in refused} == {"v1": 6, "v2": 6}
+    assert {v: len(m.feature_names) for v, m in world.lineup.learning} == {"v1": held, "v2": held}
+    assert {v: m.n_learned for v, m in world.lineup.learning} == {"v1": 4, "v2": 4}  # learned without them
+    told = [r.getMessage() for r in caplog.records if r.name == "tipstream.learner" and "bound" in r.getMessage()]
+    assert len(told) == 2 and all("tipstream_inputs_refused_total" in m for m in told)
 
 
 def test_a_logged_example_with_a_huge_number_is_skipped_counted_and_poisons_no_model(
