@@ -41,7 +41,7 @@ import math
 import numbers
 import pickle
 import random
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -987,6 +987,13 @@ class TipModel:
         return _loads(cls, data)
 
 
+# Tips whose rewards the popularity prior counts; past it, the tip rewarded longest ago leaves (its
+# mean is the base rate again, as for a new tip). A tip id is the caller's, and every one rewarded
+# was kept for good: ~200 bytes each, a new one with every reward of a client that makes them up,
+# and catalogues churn. Far above a real catalogue (20 MB at the bound).
+PRIOR_MAX_TIPS = 100_000
+
+
 class PopularityPrior:
     """Per-tip Beta(alpha, beta) pseudo-counts of rewards, global across users (cold start).
 
@@ -1019,18 +1026,29 @@ class PopularityPrior:
             "strength": float(strength), "tip_k": float(tip_k), "user_k": float(user_k),
             "max_concentration": float(max_concentration),
         }
-        self._tips: dict[str, list[float]] = {}  # tip_id -> [sum of rewards, observations]
+        # tip_id -> [sum of rewards, observations], the tip rewarded longest ago first (`PRIOR_MAX_TIPS`).
+        self._tips: OrderedDict[str, list[float]] = OrderedDict()
         self._reward_sum = 0.0
         self._n = 0.0
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if type(self._tips) is not OrderedDict:  # a snapshot from before the bound: a dict, in first-reward order
+            self._tips = OrderedDict(self._tips)
 
     def clone(self, **changes: float) -> PopularityPrior:
         return PopularityPrior(**{**self.params, **changes})
 
     def update(self, tip_id: str, reward: float) -> None:
         reward = check_reward(reward)
-        counts = self._tips.get(tip_id)
+        tips = self._tips
+        counts = tips.get(tip_id)
         if counts is None:
-            counts = self._tips[tip_id] = [0.0, 0.0]
+            counts = tips[tip_id] = [0.0, 0.0]
+            if len(tips) > PRIOR_MAX_TIPS:
+                tips.popitem(last=False)
+        else:
+            tips.move_to_end(tip_id)
         counts[0] += reward
         counts[1] += 1.0
         self._reward_sum += reward

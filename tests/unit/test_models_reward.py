@@ -837,3 +837,35 @@ def test_a_snapshot_from_before_the_bounds_counts_from_zero() -> None:
     assert (old.n_values, old.n_refused) == (0, 0)
     old.learn_one({"tip_id": "b"}, 1.0)
     assert (old.n_values, old.n_refused) == (1, 0)
+
+
+def test_the_prior_keeps_the_tips_rewarded_most_recently(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every tip id rewarded stayed in the prior for good (~200 bytes each): a client making up
+    tip ids grew it with every reward."""
+    monkeypatch.setattr(reward, "PRIOR_MAX_TIPS", 3)
+    prior = PopularityPrior()
+    for tip in ("a", "b", "c", "a", "d"):
+        prior.update(tip, 1.0)
+    assert len(prior._tips) == 3
+    assert (prior.count("a"), prior.count("b"), prior.count("c"), prior.count("d")) == (2.0, 0.0, 1.0, 1.0)
+    assert prior.mean("b") == prior.mean("never-seen")  # gone: a new tip again, at the base rate
+    assert prior.base_rate == 6 / 7  # every reward still counts in the base rate
+    again = PopularityPrior.from_bytes(prior.to_bytes())
+    for p in (prior, again):
+        p.update("e", 0.0)
+    assert list(again._tips) == list(prior._tips) == ["a", "d", "e"]
+    for tip in (f"t-{i}" for i in range(1_000)):
+        prior.update(tip, 0.5)
+    assert len(prior._tips) == 3
+
+
+def test_a_prior_from_before_the_bound_keeps_its_tips_and_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    prior = PopularityPrior()
+    for tip in ("a", "b", "c"):
+        prior.update(tip, 1.0)
+    prior._tips = dict(prior._tips)  # as pickled before the bound
+    old = PopularityPrior.from_bytes(prior.to_bytes())
+    monkeypatch.setattr(reward, "PRIOR_MAX_TIPS", 3)
+    old.update("a", 0.0)
+    old.update("d", 0.0)
+    assert list(old._tips) == ["c", "a", "d"]
