@@ -33,11 +33,29 @@ log = logging.getLogger("tipstream.models")
 MODEL_PARAMETERS = tuple(p for p in inspect.signature(TipModel).parameters if p != "kind")
 
 
+class RetiredModel:
+    """What the lineup keeps of a retired version's model: no more than `GET /models` says of it.
+
+    Retiring is for good (the registry refuses every role to a retired version), so its model will
+    never score or learn again; kept whole, every version ever registered stayed in memory (and
+    was loaded at every start), one model's weights each, tens of MB for a busy one."""
+
+    __slots__ = ("n_learned",)
+    users_held = None  # it forgets no one any more: not counted, as `tipstream_model_users` leaves it out
+    diverged = False  # a retired version takes no role anyway
+
+    def __init__(self, n_learned: int) -> None:
+        self.n_learned = n_learned
+
+    def describe_inputs(self) -> dict[str, str]:
+        return {}  # its card's, as registered or last evaluated
+
+
 class Lineup:
     def __init__(self, store: RegistryStore, engine: Engine, *, eval_max_rewards: int) -> None:
         self.store, self.engine, self.eval_max_rewards = store, engine, eval_max_rewards
         self.registry = Registry()
-        self.models: dict[str, TipModel] = {}
+        self.models: dict[str, TipModel | RetiredModel] = {}
         self.prior = PopularityPrior()
         self.champion_version = ""
         self.champion: TipModel = TipModel()
@@ -75,10 +93,13 @@ class Lineup:
                 registry.set_shadow("v2", actor="tipstream", note="first start")
             self.store.save(registry, known_entries=self.store.stored_entries(), new_models=new)
             registry, blobs = self.store.load()
-        models = {}
+        models: dict[str, TipModel | RetiredModel] = {}
         for version, mv in registry.versions.items():
-            blob, _ = blobs.get(version, (None, 0))
-            models[version] = TipModel.from_bytes(blob) if blob else TipModel(**mv.model_params)
+            blob, n_learned = blobs.get(version, (None, 0))
+            if version in registry.retired:
+                models[version] = RetiredModel(n_learned)
+            else:
+                models[version] = TipModel.from_bytes(blob) if blob else TipModel(**mv.model_params)
         self.registry, self.models = registry, models
         self._stored_entries = len(registry.history)
         self._refresh()
@@ -86,10 +107,20 @@ class Lineup:
     def _refresh(self) -> None:
         reg = self.registry
         assert reg.champion is not None
-        self.champion_version, self.champion = reg.champion, self.models[reg.champion]
+        models = self.models
+        for version in reg.retired:
+            model = models.get(version)
+            if isinstance(model, TipModel):  # retired just now: its weights leave memory
+                models[version] = RetiredModel(model.n_learned)
+        self.champion_version, self.champion = reg.champion, self._model(reg.champion)
         self.shadow_version = reg.shadow
-        self.shadow = self.models[reg.shadow] if reg.shadow is not None else None
-        self.learning = [(v, m) for v, m in self.models.items() if v not in reg.retired]
+        self.shadow = self._model(reg.shadow) if reg.shadow is not None else None
+        self.learning = [(v, m) for v, m in models.items() if isinstance(m, TipModel) and v not in reg.retired]
+
+    def _model(self, version: str) -> TipModel:
+        model = self.models[version]
+        assert isinstance(model, TipModel), f"{version} is retired"
+        return model
 
     # -- changes (admin) ---------------------------------------------------------------------
 
@@ -251,7 +282,7 @@ class Lineup:
                 for v, mv in self.registry.versions.items()]
 
 
-def _learned(model: TipModel | None) -> dict[str, Any]:
+def _learned(model: TipModel | RetiredModel | None) -> dict[str, Any]:
     """Rewards learned, and the users whose own weights the model holds (`TipModel.users_held`)."""
     if model is None:
         return {"n_learned": 0, "users_held": None}

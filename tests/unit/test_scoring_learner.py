@@ -9,6 +9,7 @@ import random
 import threading
 import time
 import tracemalloc
+import weakref
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -26,7 +27,7 @@ from app.decisions import LoggedDecision, TipScoresLog, tip_score_row
 from app.ingest import ReadUpTo
 from app.learner import Learner
 from app.learning_metrics import FEEDBACK, LEARN_DELAY, MODEL_USERS, REFUSED, SKIPPED
-from app.lineup import Lineup
+from app.lineup import Lineup, RetiredModel
 from app.registry_store import RegistryStore
 from app.score_request import parse_request
 from app.scoring import Scorer
@@ -34,6 +35,7 @@ from app.settings import DEFAULT_REWARDS
 from models import reward
 from models.policy import make_policy
 from models.registry import RegistryError
+from models.reward import TipModel
 from streams.events import parse_event
 from streams.store import OnlineStore
 
@@ -1531,3 +1533,31 @@ def test_feedback_for_one_of_our_decisions_older_than_the_window_and_not_held_is
     before = outcomes()
     world.sink(parse_event(orjson.dumps(reaction)), _ack(t0, 1))
     assert delta(before) == {"expired": 1} and not world.learner.waiting.holds(old, "a")
+
+
+def test_a_retired_versions_model_leaves_memory_and_is_not_loaded_at_a_start(tmp_path: Path) -> None:
+    """Retiring is for good, but every version ever registered kept its whole model in memory, and
+    every start loaded them all again: one model's weights per registration, for the process's life."""
+    world = World(tmp_path)
+    for user in ("u-1", "u-2"):
+        scored = world.score(user=user)
+        world.react(scored.decision_id, "a", user=user)
+    retired = weakref.ref(world.lineup.models["v2"])
+    asyncio.run(world.lineup.retire("v2", actor="ops"))
+    gc.collect()
+    assert retired() is None, "the retired model is still held"
+    assert [v for v, _ in world.lineup.learning] == ["v1"]
+    assert {d["version"]: (d["role"], d["n_learned"], d["users_held"]) for d in world.lineup.listing()} == {
+        "v1": ("champion", 2, 2), "v2": ("retired", 2, None)}
+    with pytest.raises(RegistryError, match="retired"):
+        asyncio.run(world.lineup.promote("v2", actor="ops"))
+    card = asyncio.run(world.lineup.evaluate("v2", "ops"))
+    assert card.inputs == world.lineup.registry.get("v2").card.inputs
+    world.engine.dispose()
+    again = World(tmp_path)  # a restart
+    try:
+        assert isinstance(again.lineup.models["v2"], RetiredModel)
+        assert isinstance(again.lineup.models["v1"], TipModel)
+        assert again.lineup.describe("v2")["role"] == "retired"
+    finally:
+        again.engine.dispose()
