@@ -220,6 +220,10 @@ class Service:
             max_uncheckpointed=s.max_uncheckpointed_events, decode=decode_decision, sink=self.learner.add_logged,
             sink_reply=True,
             dead_lettered_upto=self._checkpointed.get(jsx.DECISIONS.name, 0), read=self.decisions_read,
+            # Each decision read back adds a tip_scores row that waits for a checkpoint: bounded as
+            # /score's own are (it answers 503 there), else another publisher's decisions, or a
+            # rebuild's read-back, piled up in memory for as long as the database was away.
+            backlog=lambda: self.decision_log.backlog, max_backlog=s.max_unwritten_decisions,
         )
         await ingest.start()
         self.ingests.append(ingest)

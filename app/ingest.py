@@ -84,8 +84,13 @@ class StreamIngest:
                  max_future_s: float | None = None,
                  decode: Callable[[str, bytes], Any] = decode_wire_event,
                  sink: Callable[..., bool] | None = None, sink_reply: bool = False,
-                 dead_lettered_upto: int = 0, read: ReadUpTo | None = None, after: ReadUpTo | None = None) -> None:
+                 dead_lettered_upto: int = 0, read: ReadUpTo | None = None, after: ReadUpTo | None = None,
+                 backlog: Callable[[], int] | None = None, max_backlog: int = 0) -> None:
         self.nc, self.js, self.spec, self.store, self.checkpointer = nc, js, spec, store, checkpointer
+        # What else of this stream waits in memory for a checkpoint, and how much of it may: the
+        # DECISIONS ingest's `tip_scores` rows (`TipScoresLog.backlog`), which its sink adds and
+        # which folds no event, so `max_uncheckpointed` never held it (`_hold_if_checkpoints_lag`).
+        self.backlog, self.max_backlog = backlog, max_backlog
         # decode: bytes to an event or a Rejection; sink: folds it (the online store, the learner
         # wrapping it for feedback, the learner's join cache for decisions) and says whether it
         # was new: the applied and ignored counts are its answers. `sink_reply`: the sink also takes the message's ack
@@ -354,14 +359,22 @@ class StreamIngest:
                 await self._pause(delay)
                 delay = min(delay * 2, 10.0)
 
+    def _lagging(self, share: int) -> bool:
+        """Whether 1/`share` of a bound is reached: the events applied and not checkpointed, or this
+        stream's own `backlog`."""
+        return (self.checkpointer.uncheckpointed >= self.max_uncheckpointed // share
+                or (self.backlog is not None and self.backlog() >= self.max_backlog // share))
+
     async def _hold_if_checkpoints_lag(self) -> None:
-        """Back-pressure: stop pulling while too many applied events wait for a checkpoint."""
-        if self.checkpointer.uncheckpointed < self.max_uncheckpointed or self.puller is None:
+        """Back-pressure: stop pulling while too many applied events (or `backlog`) wait for a checkpoint."""
+        if self.puller is None or not self._lagging(1):
             return
-        log.warning("%d events not checkpointed yet (is the database away?); pausing %s",
-                    self.checkpointer.uncheckpointed, self.spec.name)
+        log.warning("%d events not checkpointed yet%s (is the database away?); pausing %s",
+                    self.checkpointer.uncheckpointed,
+                    f", {self.backlog()} rows waiting (at most {self.max_backlog})" if self.backlog is not None else "",
+                    self.spec.name)
         self.puller.paused = True
-        while self.checkpointer.uncheckpointed >= self.max_uncheckpointed // 2:
+        while self._lagging(2):
             await self._pause(0.2)
         if self.puller is not None:  # None: the DECISIONS tail stopped reading meanwhile (pause_reading)
             self.puller.resume()

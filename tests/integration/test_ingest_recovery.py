@@ -134,6 +134,33 @@ async def test_a_hold_ends_quietly_when_the_puller_went_away_meanwhile(nats_serv
     await nc.close()
 
 
+async def test_ingest_holds_while_its_own_backlog_waits_for_a_checkpoint(nats_server) -> None:
+    """The DECISIONS ingest adds a tip_scores row per decision read back and folds no event, so the
+    bound on events not checkpointed never held it: with the database away, another publisher's
+    decisions (or a rebuild's read-back) piled up rows in memory without end."""
+    nc, js = await seeded(nats_server)
+    rows = [0]
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, OnlineStore(), Checkpoints(), batch=64, max_event_bytes=16384,
+                          max_uncheckpointed=10**6, backlog=lambda: rows[0], max_backlog=10)
+    await ingest.start()
+    await ingest._hold_if_checkpoints_lag()  # under the bound: no hold
+    assert not ingest.puller.paused
+    rows[0] = 10  # the database is away: rows wait
+    hold = asyncio.create_task(ingest._hold_if_checkpoints_lag())
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert ingest.puller.paused and not hold.done()
+    rows[0] = 5  # half the bound: still held
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not hold.done()
+    rows[0] = 4  # a checkpoint wrote most of them
+    await asyncio.wait_for(hold, 5)
+    assert not ingest.puller.paused
+    await ingest.stop()
+    await nc.close()
+
+
 async def test_a_replay_refuses_the_future_events_the_first_pass_refused(nats_server) -> None:
     """`future_ts` is judged against when JetStream stored the event, not against this server's
     clock: replayed a year later, an event stamped two days after it was stored is still refused
