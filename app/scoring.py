@@ -137,6 +137,10 @@ class Scorer:
         self.greedy = Greedy()
         self.feature_cache_users = feature_cache_users
         self._cache: OrderedDict[str, _Cached] = OrderedDict()  # LRU; see Learner.cache for why not a dict
+        # An entry holds the user's state: one kept for a user the store lets go of (idle) kept the
+        # whole state in memory (~8 KB, against the snapshot's ~1.3) until the LRU reached it, which it
+        # never did while fewer users than the cache holds were served.
+        store.on_rest.append(lambda user_id: self._cache.pop(user_id, None))
         self._told_at: dict[str, float] = {}  # `_tell`'s last time per subject
 
     def _profile(self, user_id: str, state: UserState | None,

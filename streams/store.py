@@ -49,6 +49,9 @@ class OnlineStore:
         # Set by ingest from its clock: events stamped later are refused (fold.FutureEvent).
         self.max_ts_ms: int | None = None
         self.fetch_cold: Callable[[list[str]], dict[str, bytes]] | None = None
+        # Told each user `rest` lets go of: what holds a user's state besides the store (/score's
+        # feature cache) lets go of it too, else it stays in memory all the same.
+        self.on_rest: list[Callable[[str], object]] = []
 
     def state_of(self, user_id: str) -> UserState | None:
         """The user's state, loading it from the checkpoint first if it is still cold."""
@@ -168,6 +171,8 @@ class OnlineStore:
                 continue
             del users[user_id]
             self.dormant.add(user_id)
+            for forget in self.on_rest:
+                forget(user_id)
             rested += 1
         self.rested += rested
         return rested
