@@ -114,7 +114,12 @@ def within_bounds(x: Mapping[str, Any]) -> bool:
 MAX_INPUTS = 1_000
 MAX_VALUES = 100_000
 _MISSING = object()
-CANDIDATE_CACHE_ENTRIES = 100_000  # over all cross plans; ~0.5 KB each
+CANDIDATE_CACHE_ENTRIES = 100_000  # over all cross plans; ~0.5 KB each for a tip id and a category
+# ... and their inputs and features, all entries together. A candidate's own text features are the
+# caller's (up to 32, of 128 characters), and an entry of such a candidate took 16.5 KB: 100,000
+# of them 1.65 GB a model (the champion's and the shadow's each), from /score requests alone. An
+# item takes ~85 bytes for a tip id and a category (6 items an entry), ~235 for those: 50-140 MB.
+CANDIDATE_CACHE_ITEMS = 600_000
 _MAGIC = {"TipModel": b"tipstream:TipModel:1\n", "PopularityPrior": b"tipstream:PopularityPrior:1\n"}
 
 
@@ -535,6 +540,7 @@ class TipModel:
             self.classifier.linear_only = set()  # the numeric inputs, added as learn_one meets them
         # fixed cross plan -> candidate's items -> its features (see `_candidate_features`)
         self._candidate_cache: dict[tuple[Any, ...], dict[tuple[Any, ...], dict[str, float]]] = {}
+        self._candidate_items = [0]  # inputs and features its entries hold (`CANDIDATE_CACHE_ITEMS`)
         self._user_plan = _user_plan(self.interactions)
         self._expiry = _expiry(self.params)
 
@@ -633,11 +639,12 @@ class TipModel:
         nothing else, so entries never go stale; the cache is only bounded. Callers must not
         change the dicts returned.
         """
-        caches = self._candidate_cache
+        caches, held = self._candidate_cache, self._candidate_items
         # One bound over every plan (hour buckets x preferred-hour buckets: a few dozen of them);
         # a request adds at most its candidates past it.
-        if sum(map(len, caches.values())) >= CANDIDATE_CACHE_ENTRIES:
+        if held[0] >= CANDIDATE_CACHE_ITEMS or sum(map(len, caches.values())) >= CANDIDATE_CACHE_ENTRIES:
             caches.clear()
+            held[0] = 0
         plan_key = tuple(fixed)
         cache = caches.get(plan_key)
         if cache is None:
@@ -654,6 +661,7 @@ class TipModel:
                 if not all(type(v) is str or v is None for v in x.values()):
                     return compute(x, both)
                 part = cache[key] = compute(x, fixed)
+                held[0] += len(key) + len(part)
             if not text:
                 return part
             t = part.copy()
@@ -665,6 +673,7 @@ class TipModel:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_candidate_cache", None)  # derived, and no part of a snapshot
+        state.pop("_candidate_items", None)
         state.pop("_user_plan", None)
         state["_flags"] = sorted(self._flags)  # a set iterates by string hash: bytes must not depend on it
         return state
@@ -674,6 +683,7 @@ class TipModel:
         self._flags = set(state.get("_flags", ()))  # none in snapshots from before bools were told apart
         self.params = self.params | {k: v for k, v in LEGACY_PARAMS.items() if k not in self.params}
         self._candidate_cache = {}
+        self._candidate_items = [0]
         self._user_plan = _user_plan(self.interactions)
         if "_expiry" not in state:  # a snapshot from before users were forgotten (its params say 0 days)
             self._expiry = _expiry(self.params)

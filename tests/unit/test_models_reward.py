@@ -250,6 +250,23 @@ def test_the_candidate_cache_is_bounded_over_every_plan(monkeypatch: pytest.Monk
         assert sum(map(len, model._candidate_cache.values())) < 50 + 10
 
 
+def test_the_candidate_cache_is_bounded_in_what_its_entries_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bounded in entries only, a caller's candidates with 32 long text features of their own made
+    each entry 16.5 KB, 33 times a tip id's and a category's: 1.65 GB a model at the bound."""
+    monkeypatch.setattr(reward, "CANDIDATE_CACHE_ITEMS", 2_000)
+    model = TipModel()
+    model.learn_one({"user_id": "u-1", "tip_id": "t-0-0", "f0": "0-0-0", "hour_of_day": 9}, 1.0)
+    shared = {"user_id": "u-1", "hour_of_day": 9}
+    for r in range(20):
+        xs = [{"tip_id": f"t-{r}-{c}", **{f"f{j}": f"{r}-{c}-{j}".ljust(128, "x") for j in range(32)}}
+              for c in range(10)]
+        assert model.predict_many(xs, shared=shared) == pytest.approx(
+            [model.predict_one({**shared, **x}) for x in xs], abs=1e-12)
+        held = sum(len(key) + len(part) for cache in model._candidate_cache.values() for key, part in cache.items())
+        assert held == model._candidate_items[0] < 2_000 + 10 * 70, r  # a request adds at most its own past it
+    assert model._candidate_cache, "they are cached still"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_weights_are_snapshotted_exactly_whatever_their_value_and_older_snapshots_still_load(kind: str) -> None:
     model = _trained(kind, n=300)
