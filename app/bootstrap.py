@@ -91,7 +91,8 @@ class Service:
                              random.Random(settings.policy_seed), feature_cache_users=settings.feature_cache_users)
         self.publisher = DecisionPublisher(
             lambda: self.nc, queue_max=settings.decision_queue_max, batch=settings.decision_batch,
-            window=settings.decision_window, on_published=self.learner.published)
+            window=settings.decision_window, queue_max_bytes=settings.decision_queue_mb * 1024 * 1024,
+            on_published=self.learner.published)
         self._publisher_task: asyncio.Task[None] | None = None
         self.decision_tail: OwnTail | None = None
         self._checkpointed: dict[str, int] = {}  # stream positions of the last checkpoint, as started

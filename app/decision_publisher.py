@@ -64,9 +64,14 @@ class DecisionPublisher:
     """
 
     def __init__(self, nc: Callable[[], Any], *, queue_max: int, batch: int, window: int,
-                 ack_timeout_s: float = 5.0, on_published: Callable[[str, bytes], None] | None = None,
+                 queue_max_bytes: float = math.inf, ack_timeout_s: float = 5.0,
+                 on_published: Callable[[str, bytes], None] | None = None,
                  on_stored: Callable[[int], None] | None = None) -> None:
         self._nc, self.queue_max, self.batch, self.window = nc, queue_max, batch, window
+        # The bytes of the decisions waiting or in flight, and how many may wait: a decision is the
+        # caller's to size (a /score body of 256 KB made one of 228 KB), so `queue_max` of them held
+        # 4.5 GB while NATS was away, where 2 KB decisions hold 40 MB.
+        self.queue_max_bytes, self.bytes = queue_max_bytes, 0
         self.ack_timeout_s, self.on_published, self.on_stored = ack_timeout_s, on_published, on_stored
         self.queue: deque[tuple[str, str, bytes]] = deque()  # (subject, decision id, payload)
         # token -> (sent at, item), oldest first; acks remove from the front, which an OrderedDict
@@ -100,10 +105,11 @@ class DecisionPublisher:
 
     def offer(self, subject: str, decision_id: str, payload: bytes) -> bool:
         """Queue a decision; False when the queue is full (nothing was queued)."""
-        if len(self.queue) + len(self.inflight) >= self.queue_max:
+        if len(self.queue) + len(self.inflight) >= self.queue_max or self.bytes >= self.queue_max_bytes:
             self._room.clear()
             return False
         self.queue.append((subject, decision_id, payload))
+        self.bytes += len(payload)
         self._idle.clear()
         self._work.set()
         return True
@@ -116,8 +122,9 @@ class DecisionPublisher:
             if left <= 0:
                 DECISIONS.labels("refused").inc()
                 raise DecisionLogFull(
-                    f"{self.waiting} decisions are waiting for JetStream (TIPSTREAM_DECISION_QUEUE_MAX="
-                    f"{self.queue_max}); is NATS reachable? Retry shortly.")
+                    f"{self.waiting} decisions ({self.bytes / 1048576:.1f} MB) are waiting for JetStream "
+                    f"(TIPSTREAM_DECISION_QUEUE_MAX={self.queue_max}, TIPSTREAM_DECISION_QUEUE_MB="
+                    f"{self.queue_max_bytes / 1048576:g}); is NATS reachable? Retry shortly.")
             try:
                 await asyncio.wait_for(self._room.wait(), left)
             except TimeoutError:
@@ -140,6 +147,7 @@ class DecisionPublisher:
         bound. `on_all_published` is called once JetStream has acknowledged every one of them: until
         then their spool must stay, or a crash of this run would lose them."""
         self.queue.extendleft(reversed(items))
+        self.bytes += sum(len(payload) for _, _, payload in items)
         self._put_back.update(decision_id for _, decision_id, _ in items)
         self._on_all_put_back = on_all_published
         self._idle.clear()
@@ -162,6 +170,7 @@ class DecisionPublisher:
         sent_at, item = sent
         if data.startswith(b'{"stream"') and b'"error"' not in data:
             self.published += 1
+            self.bytes -= len(item[2])
             self._refusal_wait = 0.0
             _PUBLISHED.inc()
             if self.on_published is not None:
@@ -199,7 +208,7 @@ class DecisionPublisher:
 
     def _released(self) -> None:
         queued, inflight = len(self.queue), len(self.inflight)
-        if queued + inflight < self.queue_max and not self._room.is_set():
+        if queued + inflight < self.queue_max and self.bytes < self.queue_max_bytes and not self._room.is_set():
             self._room.set()
         if not queued and not inflight:
             self._idle.set()

@@ -162,6 +162,11 @@ class Settings(BaseSettings):
     decision_queue_max: int = Field(
         20_000, ge=1, description="Decisions waiting for JetStream; when full, `/score` waits, then answers 503."
     )
+    decision_queue_mb: float = Field(
+        256.0, gt=0, description="Memory for the decisions waiting for JetStream (their bytes); when full, `/score` "
+                                 "waits, then answers 503, as for `TIPSTREAM_DECISION_QUEUE_MAX` (a caller's large "
+                                 "requests make large decisions: up to ~230 KB each)."
+    )
     decision_enqueue_timeout_s: float = Field(
         2.0, ge=0, description="How long `/score` waits for room in a full decision queue before its 503."
     )

@@ -364,6 +364,26 @@ async def test_a_full_queue_pushes_back_then_refuses() -> None:
     assert publisher.published == 3
 
 
+async def test_the_queue_is_bounded_in_bytes_too() -> None:
+    """A decision is the caller's to size (a 256 KB /score body made one of 228 KB): bounded in count
+    only, the queue held 4.5 GB of them while NATS was away."""
+    nc = FakeNats()
+    nc.answers = ["error", "lost"]  # retried ones are counted once, and released once stored
+    publisher = DecisionPublisher(lambda: nc, queue_max=100, batch=1, window=10, ack_timeout_s=0.2,
+                                  queue_max_bytes=10)
+    await publisher.start()
+    assert publisher.offer("decisions.score", "d-1", b"123456") and publisher.offer("decisions.score", "d-2", b"7890")
+    assert publisher.bytes == 10 and not publisher.offer("decisions.score", "d-3", b"{}")
+    with pytest.raises(DecisionLogFull, match="TIPSTREAM_DECISION_QUEUE_MB"):
+        await publisher.put("decisions.score", "d-3", b"{}", timeout_s=0.05)
+    task = asyncio.create_task(publisher.run())
+    await publisher.put("decisions.score", "d-3", b"{}", timeout_s=5)  # room once some are stored
+    assert await publisher.flush(5)
+    task.cancel()
+    assert sorted(nc.stored) == ["d-1", "d-2", "d-3"] and publisher.retried == 2
+    assert publisher.bytes == 0 and publisher.waiting == 0
+
+
 async def test_a_client_gone_before_its_body_is_answered_nothing_and_logs_nothing(tmp_path: Path) -> None:
     from app.api import create_app
 
