@@ -65,7 +65,7 @@ from app.learning_metrics import (
 )
 from app.lineup import Lineup
 from app.waiting import WaitingFeedback
-from models.reward import INPUT_BOUND_TEXT, MAX_INPUTS, MAX_VALUES, PopularityPrior
+from models.reward import INPUT_BOUND_TEXT, MAX_INPUTS, PopularityPrior
 from streams.jetstream import stored_ms
 from streams.store import OnlineStore
 
@@ -197,15 +197,15 @@ class Learner:
                       "nothing more. Retire it with `tipstream models retire %s` (roll back first if it is the "
                       "champion) and register one with a smaller learning_rate.", version, version)
 
-    def _refused(self, version: str, n: int) -> None:
+    def _refused(self, version: str, n: int, max_values: int) -> None:
         REFUSED.labels(version).inc(n)
         if version not in self._refused_versions:
             self._refused_versions.add(version)
-            log.warning("model %s has reached its bound of %d input names or of %d text values (tip ids, categories, "
-                        "candidates' text features; models.reward.MAX_INPUTS, MAX_VALUES) and leaves new ones out of "
-                        "what it learns (tipstream_inputs_refused_total). A caller naming features or tips anew with "
-                        "every request fills them; a version registered afresh learns the current ones.",
-                        version, MAX_INPUTS, MAX_VALUES)
+            log.warning("model %s has reached its bound of %d input names (models.reward.MAX_INPUTS) or of %d text "
+                        "values (tip ids, categories, candidates' text features: its max_values) and leaves new ones "
+                        "out of what it learns (tipstream_inputs_refused_total). A caller naming features or tips anew "
+                        "with every request fills them; register a version with a larger max_values (or 0, no bound), "
+                        "which learns the current ones.", version, MAX_INPUTS, max_values)
 
     # -- decisions ---------------------------------------------------------------------------
 
@@ -532,7 +532,7 @@ class Learner:
                 log.warning("model %s could not learn decision %s: %s", version, decision_id, error)
                 continue
             if model.n_refused != refused:
-                self._refused(version, model.n_refused - refused)
+                self._refused(version, model.n_refused - refused, model.params["max_values"])
             if model.n_skipped != before:
                 skipped.append(version)
                 SKIPPED.labels(version).inc()

@@ -78,7 +78,8 @@ SKIPPED = LoopCounter(
 REFUSED = LoopCounter(
     "tipstream_inputs_refused_total", "Inputs a model left out of the rewards it learned, by model version: a new "
     "input name past models.reward.MAX_INPUTS names, or a new text value (tip id, category, a candidate's text "
-    "feature) past MAX_VALUES values; the rest of each example was learned. Register a fresh version to learn them.",
+    "feature) past the version's max_values; the rest of each example was learned. Register a version with a "
+    "larger max_values to learn them.",
     ["version"], registry=_r,
 )
 MODEL_USERS = Gauge(

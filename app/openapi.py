@@ -129,6 +129,8 @@ MODEL_PARAMETER_SCHEMAS = {
     "user_forgetting": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "description": "AdaGrad only"},
     "user_ttl_days": {"type": "number", "minimum": 0,
                       "description": "a user's own weights go this long (log time) after their last reaction; 0: kept"},
+    "max_values": {"type": "number", "minimum": 0, "description": "the most tip ids, categories and candidates' text "
+                   f"values it learns weights for; 0: no bound; {_WHOLE}"},
     "hour_bucket": {"type": "number", "minimum": 1, "maximum": 24, "description": _WHOLE},
     "interactions": {"type": "array", "minItems": 1, "description": "pairs of input names crossed into one-hots",
                      "items": {"type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "string"}}},

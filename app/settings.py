@@ -22,6 +22,7 @@ from pydantic_settings import SettingsError as SourceError
 DEFAULT_REWARDS = {"acted": 1.0, "liked": 0.8, "snoozed": 0.3, "dismissed": 0.0, "disliked": 0.0}
 DEFAULT_USER_FORGETTING = 0.3
 DEFAULT_USER_TTL_DAYS = 90.0
+DEFAULT_MAX_VALUES = 100_000
 POLICY_PARAMS = {
     "epsilon_greedy": ("epsilon",), "softmax": ("temperature",), "thompson": ("cells", "concentration"), "greedy": (),
 }
@@ -133,6 +134,12 @@ class Settings(BaseSettings):
         description="The first models forget a user's own weights this many days (log time) after the user's last "
                     "reaction (bounds their size; 0: keep every user for good).",
     )
+    model_max_values: int = Field(
+        DEFAULT_MAX_VALUES, ge=0,
+        description="The first models learn weights for at most this many tip ids, categories and candidates' text "
+                    "values (bounds what callers can make them hold; new ones past it are left out of learning, "
+                    "counted in tipstream_inputs_refused_total; 0: no bound).",
+    )
     bootstrap_shadow_kind: Literal["logreg", "fm"] | None = Field(
         None, description="Also register `v2` of this kind as the shadow on the first start. Unset: no shadow."
     )
@@ -219,7 +226,8 @@ class Settings(BaseSettings):
     def model_params(self) -> dict[str, Any]:
         """`TipModel` parameters of the models registered on the first start."""
         return {"optimizer": self.model_optimizer, "learning_rate": self.model_learning_rate,
-                "user_forgetting": self.model_user_forgetting, "user_ttl_days": self.model_user_ttl_days}
+                "user_forgetting": self.model_user_forgetting, "user_ttl_days": self.model_user_ttl_days,
+                "max_values": self.model_max_values}
 
     def policy_params(self) -> dict[str, Any]:
         """The settings the chosen policy takes, by its parameter names."""

@@ -113,7 +113,8 @@ class ModelCard:
 
 # What models registered before these parameters existed were trained with
 # (`ModelVersion.model_params`; `TipModel` fills them in when such a snapshot is read back).
-LEGACY_PARAMS: dict[str, Any] = {"optimizer": "sgd", "latents": "all", "user_forgetting": 0.0, "user_ttl_days": 0.0}
+LEGACY_PARAMS: dict[str, Any] = {"optimizer": "sgd", "latents": "all", "user_forgetting": 0.0, "user_ttl_days": 0.0,
+                                 "max_values": 0}
 
 
 @dataclass

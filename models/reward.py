@@ -111,8 +111,10 @@ def within_bounds(x: Mapping[str, Any]) -> bool:
 # good. Past these bounds a model leaves a new name, or a new value, out of the examples it
 # learns (`n_refused`): the rest of the example is learned, and scoring gives the input nothing,
 # as for one never seen. `user_id` values are not counted: they go with their user (`user_ttl_days`).
+# The values' bound is a parameter (`max_values`): a catalogue that turns its tips over for good
+# (generated tips, each an id of its own) reaches it in time, and its operator may want more.
 MAX_INPUTS = 1_000
-MAX_VALUES = 100_000
+DEFAULT_MAX_VALUES = 100_000
 _MISSING = object()
 CANDIDATE_CACHE_ENTRIES = 100_000  # over all cross plans; ~0.5 KB each for a tip id and a category
 # ... and their inputs and features, all entries together. A candidate's own text features are the
@@ -423,6 +425,10 @@ class TipModel:
         A user's own features (weights, AdaGrad sums, FM latents) are dropped once the user's
         last reaction is this many days older than the newest one learned, in log time (the
         `at_ms` given to `learn_one`); 0 keeps them for good. See `models.user_expiry`.
+    max_values
+        The most values of text inputs other than `user_id` (tip ids, categories, a candidate's
+        text features) the model learns weights for; new ones past it are left out of what it
+        learns (`n_refused`). 0: no bound.
     hour_bucket
         Hours per bucket for the hour members of `interactions`.
     interactions
@@ -439,7 +445,7 @@ class TipModel:
     """
 
     n_skipped = 0  # snapshots from before skipping existed have none of their own
-    # Text values held (`MAX_VALUES`), and inputs left out past the bounds; snapshots from before
+    # Text values held (`max_values`), and inputs left out past the bounds; snapshots from before
     # the bounds count from their first learn_one since.
     n_values = 0
     n_refused = 0
@@ -457,6 +463,7 @@ class TipModel:
         latents: str = "categorical",
         user_forgetting: float = DEFAULT_USER_FORGETTING,
         user_ttl_days: float = DEFAULT_USER_TTL_DAYS,
+        max_values: int = DEFAULT_MAX_VALUES,
         hour_bucket: int = 6,
         interactions: Iterable[Sequence[str]] = DEFAULT_INTERACTIONS,
     ) -> None:
@@ -468,7 +475,7 @@ class TipModel:
         learning_rate = DEFAULT_LEARNING_RATE[optimizer] if learning_rate is None else learning_rate
         for name, value in (("learning_rate", learning_rate), ("l2", l2), ("intercept_lr", intercept_lr),
                             ("n_factors", n_factors), ("seed", seed), ("user_forgetting", user_forgetting),
-                            ("user_ttl_days", user_ttl_days), ("hour_bucket", hour_bucket)):
+                            ("user_ttl_days", user_ttl_days), ("max_values", max_values), ("hour_bucket", hour_bucket)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):  # '"fast" > 0' says nothing useful
                 raise ValueError(f"{name} must be a number, got {value!r}")
             if not math.isfinite(value):  # int(inf) was an OverflowError; a NaN rate, a model of NaNs
@@ -484,6 +491,8 @@ class TipModel:
         for name, value in (("l2", l2), ("intercept_lr", intercept_lr), ("user_ttl_days", user_ttl_days)):
             if value < 0:  # a negative penalty grows every weight; a negative step climbs the loss
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
+        if max_values < 0:
+            raise ValueError(f"max_values must be >= 0 (0: no bound), got {max_values!r}")
         if latents not in ("categorical", "all"):
             raise ValueError(f"latents must be 'categorical' or 'all'; got {latents!r}")
         if not 0.0 <= user_forgetting < 1.0:
@@ -498,7 +507,7 @@ class TipModel:
             "kind": kind, "optimizer": optimizer, "learning_rate": float(learning_rate), "l2": float(l2),
             "intercept_lr": float(intercept_lr), "n_factors": int(n_factors), "seed": int(seed),
             "latents": latents, "user_forgetting": float(user_forgetting), "user_ttl_days": float(user_ttl_days),
-            "hour_bucket": int(hour_bucket), "interactions": pairs,
+            "max_values": int(max_values), "hour_bucket": int(hour_bucket), "interactions": pairs,
         }
         weight_optimizer = optim.AdaGrad(learning_rate) if optimizer == "adagrad" else optim.SGD(learning_rate)
         if kind == "logreg":
@@ -781,7 +790,7 @@ class TipModel:
         inputs, moments = self._inputs, self._moments
         weights = self.classifier.weights if self._fm else self.classifier._weights
         unseen: list[tuple[str, str]] = []  # recorded only once the example is known to be learned
-        new_values: list[str] = []  # text inputs with a value no weight holds yet (`MAX_VALUES`)
+        new_values: list[str] = []  # text inputs with a value no weight holds yet (`max_values`)
         for k, v in x.items():
             tv = type(v)
             if tv is str or (tv is not float and tv is not int and isinstance(v, str)):
@@ -835,15 +844,15 @@ class TipModel:
     def _bounded(self, x: Mapping[str, Any], numeric: dict[str, Any], unseen: list[tuple[str, str]],
                  new_values: list[str]) -> tuple[Mapping[str, Any], dict[str, Any], list[tuple[str, str]]]:
         """`x` without the new input names past `MAX_INPUTS` and the new text values past
-        `MAX_VALUES` (counted in `n_refused`); the values kept are counted in `n_values`.
+        `max_values` (counted in `n_refused`); the values kept are counted in `n_values`.
 
-        >>> model = TipModel()
-        >>> model.n_values = MAX_VALUES - 1
+        >>> model = TipModel(max_values=100)
+        >>> model.n_values = 99
         >>> model.learn_one({"tip_id": "a", "category": "focus"}, 1.0)
         >>> model.n_values, model.n_refused, sorted(model.classifier._weights)
-        (100000, 1, ['tip_id_a'])
+        (100, 1, ['tip_id_a'])
         """
-        inputs = self._inputs
+        inputs, max_values = self._inputs, self.params["max_values"]
         refused: set[str] = set()
         names = len(inputs)
         for k, _ in unseen:
@@ -857,7 +866,7 @@ class TipModel:
         for k in new_values:
             if k in refused:
                 continue
-            if self.n_values + kept < MAX_VALUES:
+            if self.n_values + kept < max_values or not max_values:
                 kept += 1
             else:
                 refused.add(k)

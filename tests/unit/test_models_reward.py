@@ -15,6 +15,7 @@ import pytest
 from river import facto, optim
 
 from models import reward, validation
+from models.registry import ModelVersion
 from models.reward import (
     DEFAULT_REWARDS,
     PopularityPrior,
@@ -827,8 +828,7 @@ def test_text_values_shared_by_users_are_bounded_and_user_ids_are_not_counted(
         kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tip ids, categories and a candidate's text features are the caller's too: every new value
     learned stayed in every model for good (1.4-2 KB a reward for a new tip, category and text)."""
-    monkeypatch.setattr(reward, "MAX_VALUES", 30)
-    model = TipModel(kind=kind)
+    model = TipModel(kind=kind, max_values=30)
     for i in range(200):
         model.learn_one({"user_id": f"u-{i}", "tip_id": f"tip-{i}", "category": f"cat-{i % 100}",
                          "label": f"text-{i}", "hour_of_day": i % 24}, float(i % 2), 1_000 * i)
@@ -843,6 +843,23 @@ def test_text_values_shared_by_users_are_bounded_and_user_ids_are_not_counted(
     assert (again.n_values, again.n_refused) == (30, model.n_refused)
     again.learn_one({"user_id": "u-0", "tip_id": "tip-0", "category": "cat-0"}, 1.0, 300_000)
     assert again.n_values == 30  # values held are learned again without counting twice
+
+
+def test_max_values_is_the_version_s_own_and_0_is_no_bound() -> None:
+    """A catalogue that turns its tips over for good (generated tips, an id each) reaches the
+    default in time: its operator registers a version with more, or none."""
+    unbounded = TipModel(max_values=0)
+    for i in range(50):
+        unbounded.learn_one({"tip_id": f"tip-{i}"}, 1.0)
+    assert (unbounded.n_values, unbounded.n_refused) == (50, 0)
+    assert TipModel().params["max_values"] == reward.DEFAULT_MAX_VALUES
+    assert TipModel(max_values=7).clone().params["max_values"] == 7
+    assert TipModel(max_values=2.5).params["max_values"] == 2  # cut, as every whole-number parameter
+    for bad in (-1, "many"):
+        with pytest.raises(ValueError, match="max_values"):
+            TipModel(max_values=bad)
+    legacy = ModelVersion("v1", "logreg", {"learning_rate": 0.1}, [])  # registered before the bound
+    assert TipModel(**legacy.model_params).params["max_values"] == 0
 
 
 def test_a_snapshot_from_before_the_bounds_counts_from_zero() -> None:

@@ -26,7 +26,14 @@ from app.lineup import Lineup
 from app.registry_store import RegistryStore
 from app.score_request import RequestError, parse_request
 from app.scoring import Scorer
-from app.settings import DEFAULT_REWARDS, DEFAULT_USER_FORGETTING, DEFAULT_USER_TTL_DAYS, POLICY_PARAMS, Settings
+from app.settings import (
+    DEFAULT_MAX_VALUES,
+    DEFAULT_REWARDS,
+    DEFAULT_USER_FORGETTING,
+    DEFAULT_USER_TTL_DAYS,
+    POLICY_PARAMS,
+    Settings,
+)
 from models import reward, validation
 from models.policy import POLICIES, make_policy
 from streams.events import parse_event
@@ -37,6 +44,7 @@ def test_settings_mirror_the_models_defaults() -> None:
     assert DEFAULT_REWARDS == reward.DEFAULT_REWARDS
     assert DEFAULT_USER_FORGETTING == reward.DEFAULT_USER_FORGETTING
     assert DEFAULT_USER_TTL_DAYS == reward.DEFAULT_USER_TTL_DAYS
+    assert DEFAULT_MAX_VALUES == reward.DEFAULT_MAX_VALUES
     assert Settings().idle_user_days == IDLE_DAYS  # the store's default, for what builds it without settings
     assert reward.TipModel(**Settings().model_params()).params == reward.TipModel().params
     assert POLICY_PARAMS == {name: cls.PARAMS for name, cls in POLICIES.items()}
