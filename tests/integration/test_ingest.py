@@ -112,19 +112,24 @@ async def test_an_event_near_max_payload_goes_to_the_dlq_truncated_and_ingest_mo
     assert store.users["u-1"].count("task.created") == 1
 
 
-async def test_a_checkpoint_past_the_end_of_a_recreated_stream_replays_it_and_says_so(
-    start_service, nc, caplog
-) -> None:
+async def _checkpoint_then_recreate_signals(start_service: Any, nc: Any) -> Any:
+    """A service checkpoints SIGNALS at 5 and stops; then the stream is re-created (its NATS store
+    lost), so its sequences start again, below the checkpoint's. JetStream, for the test to publish."""
     first = await start_service()
     js = nc.jetstream()
     for i in range(5):
         await js.publish("signals.task.created", orjson.dumps(event(i)))
     await eventually(lambda: first.service.store.positions.get("SIGNALS") == 5)
     await first.stop()
-
-    # The stream is re-created (its NATS store lost): its sequences start again, below the checkpoint's.
     await js.delete_stream("SIGNALS")
     await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    return js
+
+
+async def test_a_checkpoint_past_the_end_of_a_recreated_stream_replays_it_and_says_so(
+    start_service, nc, caplog
+) -> None:
+    js = await _checkpoint_then_recreate_signals(start_service, nc)
     for i in range(3):
         await js.publish("signals.task.created", orjson.dumps(event(100 + i, user="u-2")))
     with caplog.at_level(logging.ERROR, logger="tipstream.jetstream"):
@@ -140,15 +145,7 @@ async def test_a_bad_event_of_a_recreated_stream_goes_to_the_dlq_though_the_chec
     """The checkpointed position tells what was dead-lettered before this start only on the stream
     it was taken from. Past the end of a re-created stream, it skipped the new stream's bad events
     below it: neither folded nor in the DLQ."""
-    first = await start_service()
-    js = nc.jetstream()
-    for i in range(5):
-        await js.publish("signals.task.created", orjson.dumps(event(i)))
-    await eventually(lambda: first.service.store.positions.get("SIGNALS") == 5)
-    await first.stop()
-
-    await js.delete_stream("SIGNALS")  # its NATS store lost: sequences start again, below the checkpoint's
-    await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    js = await _checkpoint_then_recreate_signals(start_service, nc)
     await js.publish("signals.task.created", orjson.dumps(event(100, user="u-2")))
     await js.publish("signals.task.created", b"{not json")
     await js.publish("signals.task.created", orjson.dumps(event(101, user="u-2")))
