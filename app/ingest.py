@@ -203,7 +203,6 @@ class StreamIngest:
                 # A user's state loaded from the checkpoint on first use can fail (the database is
                 # away): the chunk is folded again once it is back. Events folded before the
                 # failure are ignored then as seen (ids), and the learner's credits are idempotent.
-                self._counted_by_failed_try = 0
                 await self._retry(functools.partial(self.process, messages[start : start + CHUNK]),
                                   "fold events (a user's state could not be loaded from the checkpoint)")
                 await asyncio.sleep(0)

@@ -427,10 +427,9 @@ class Learner:
 
     def _wait(self, decision_id: str, tip_id: str, reaction: str, user_id: str, stored_at_ms: int | None) -> None:
         created = decision_time_ms(decision_id)
-        # Past the join window when the feedback was stored, as `_credit` judges it: nothing can
-        # join it any more (a start skips such decisions), so it waited and was counted unknown.
-        if created is not None and (created <= self.evicted_upto_ms
-                                    or (stored_at_ms is not None and created < stored_at_ms - self.window_ms)):
+        # Past the join window too: nothing can join it any more (a start skips such decisions),
+        # so it waited and was counted unknown.
+        if created is not None and (created <= self.evicted_upto_ms or self._past_window(created, stored_at_ms)):
             _OUTCOME["expired"].inc()
             return
         if self._hold(decision_id, tip_id, reaction, user_id, stored_at_ms):
@@ -485,13 +484,17 @@ class Learner:
         """Give up on feedback that waited too long (each checkpoint's `snapshot` does this too)."""
         self._expire_waiting()
 
+    def _past_window(self, decision_ms: int, stored_at_ms: int | None) -> bool:
+        """Feedback JetStream stored more than the join window after its decision: `expired`,
+        in FEEDBACK's time, whether the cache holds the decision still or not."""
+        return stored_at_ms is not None and decision_ms < stored_at_ms - self.window_ms
+
     def _credit(self, decision_id: str, entry: _Entry, tip_id: str, reaction: str, user_id: str | None,
                 stored_at_ms: int | None = None) -> None:
-        if stored_at_ms is not None and entry.added_ms < stored_at_ms - self.window_ms:
-            # Stored later than the join window after its decision: expired, as once the cache has let
-            # the decision go. It lets decisions go only when one is added or a snapshot is taken, so
-            # on an idle service, or within a read-back of FEEDBACK (a restart, a rebuild), such a
-            # reaction was learned where the live run had expired it.
+        if self._past_window(entry.added_ms, stored_at_ms):
+            # As once the cache has let the decision go. It lets decisions go only when one is
+            # added or a snapshot is taken, so on an idle service, or within a read-back of FEEDBACK
+            # (a restart, a rebuild), such a reaction was learned where the live run had expired it.
             _OUTCOME["expired"].inc()
             return
         credits = entry.credits

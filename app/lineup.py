@@ -115,7 +115,7 @@ class Lineup:
         self.champion_version, self.champion = reg.champion, self._model(reg.champion)
         self.shadow_version = reg.shadow
         self.shadow = self._model(reg.shadow) if reg.shadow is not None else None
-        self.learning = [(v, m) for v, m in models.items() if isinstance(m, TipModel) and v not in reg.retired]
+        self.learning = [(v, m) for v, m in models.items() if isinstance(m, TipModel)]  # retired ones are not
 
     def _model(self, version: str) -> TipModel:
         model = self.models[version]

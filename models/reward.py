@@ -832,8 +832,7 @@ class TipModel:
                 gone = self._expiry.touch(user, self._user_tags(x), at_ms)
                 if gone:
                     self._drop_features([name for u, tags in gone for name in self._user_feature_names(u, tags)])
-            if self._user_steps_forgotten():
-                self._forget_user_steps(self._own_features(user, x))
+            self._forget_user_steps(user, x)
         t = self._features(x, self.interactions._plan0)
         if reward > 0.0:
             self.classifier.learn_one(t, True, w=reward)
@@ -915,17 +914,10 @@ class TipModel:
                          + (user if b == USER_INPUT else label) + tail)
         return names
 
-    def _user_steps_forgotten(self) -> bool:
-        return self.params["user_forgetting"] > 0.0 and self._g2() is not None
-
-    def _g2(self) -> Any:
-        clf = self.classifier
-        return getattr(clf.weight_optimizer if self._fm else clf.optimizer, "g2", None)
-
-    def _forget_user_steps(self, own: Mapping[str, float]) -> None:
-        """AdaGrad's sums for the user's own features (`own`: its `user_id` one-hot and
-        crosses) keep `1 - user_forgetting` of themselves, before this reaction's gradient adds
-        to them: G <- (1 - f) G + g^2.
+    def _forget_user_steps(self, user: str, x: Mapping[str, Any]) -> None:
+        """AdaGrad's sums for `user`'s own features in `x` (`_own_features`: its `user_id`
+        one-hot and crosses) keep `1 - user_forgetting` of themselves, before this reaction's
+        gradient adds to them: G <- (1 - f) G + g^2.
 
         >>> x = {"user_id": "u", "category": "focus"}
         >>> for m in (TipModel(), TipModel(user_forgetting=0.0)):
@@ -938,10 +930,11 @@ class TipModel:
         0.38
         """
         keep = 1.0 - self.params["user_forgetting"]
-        g2 = self._g2()
-        if keep == 1.0 or g2 is None:
+        clf = self.classifier
+        g2 = getattr(clf.weight_optimizer if self._fm else clf.optimizer, "g2", None)
+        if keep == 1.0 or g2 is None:  # SGD keeps no sums
             return
-        for j in own:
+        for j in self._own_features(user, x):
             if j in g2:
                 g2[j] *= keep
 

@@ -610,7 +610,7 @@ def test_only_a_users_own_step_history_fades(kind: str) -> None:
     clf = model.classifier
     g2 = (clf.weight_optimizer if kind == "fm" else clf.optimizer).g2
     before = dict(g2)
-    model._forget_user_steps(model._own_features("u", x))
+    model._forget_user_steps("u", x)
     own = {"user_id_u", "user_id*category=u*focus"}
     assert own <= set(before)
     assert {j: g2[j] for j in own} == {j: before[j] * 0.5 for j in own}
