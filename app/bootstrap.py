@@ -6,7 +6,8 @@ Start-up steps, in order:
 3. Create or update the streams.
 4. Load the latest checkpoint into the online store.
 5. Re-create each durable consumer at its checkpointed position + 1 and start ingest.
-6. Start the checkpointer. Shutdown runs the steps backwards and writes a last checkpoint.
+6. Start the checkpointer, the offline features and the tip_scores retention. Shutdown runs the
+   steps backwards and writes a last checkpoint.
 
 Learning (docs/learning.md) joins in at step 4: the model registry and the learner's last
 snapshot are loaded, and FEEDBACK and DECISIONS are re-read from the positions that snapshot
@@ -43,6 +44,8 @@ from app.metrics import METRICS
 from app.offline import OfflineFeatureWriter
 from app.periodic import every
 from app.registry_store import RegistryStore
+from app.retention import EVERY_S as RETENTION_EVERY_S
+from app.retention import TipScoresRetention
 from app.scoring import Scorer
 from app.settings import Settings
 from app.startup import StartupError, shown_url
@@ -159,6 +162,10 @@ class Service:
             self.checkpointer.on_saved.append(self.offline.saved)
             self.checkpointer.keep_awake.append(self.offline.holds)
             self._tasks.append(asyncio.create_task(self.offline.run(), name="offline features"))
+        if s.tip_scores_max_age_days:
+            retention = TipScoresRetention(self.engine, s.tip_scores_max_age_days)
+            self._tasks.append(asyncio.create_task(
+                every(RETENTION_EVERY_S, retention.prune, "deleting old tip_scores rows"), name="tip_scores retention"))
 
     async def _connect(self) -> jsx.IngestClient:
         """The first connection, tried for `nats_connect_timeout_s`: a server that is not there

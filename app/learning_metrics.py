@@ -49,6 +49,10 @@ DECISION_QUEUE = Gauge(
 DECISION_ROWS = Counter(
     "tipstream_tip_scores_rows_total", "tip_scores rows written (a decision, or its rewards).", registry=_r
 )
+DECISION_ROWS_PRUNED = Counter(
+    "tipstream_tip_scores_pruned_total", "tip_scores rows deleted for being older than "
+    "TIPSTREAM_TIP_SCORES_MAX_AGE_DAYS.", registry=_r
+)
 
 FEEDBACK = LoopCounter(
     "tipstream_feedback_total",

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
 
@@ -196,6 +196,11 @@ class Settings(BaseSettings):
     learner_join_window_s: float = Field(
         3 * 86_400.0, gt=0, description="Feedback later than this after its decision is counted as expired."
     )
+    tip_scores_max_age_days: float = Field(
+        90.0, ge=0,
+        description="`tip_scores` rows (the decision log in SQL) older than this are deleted, oldest first, every "
+                    "minute (0: kept for ever). Longer than the join window. Model cards read back this far.",
+    )
     learner_pending_max: int = Field(
         100_000, ge=1, description="Feedback waiting for its decision to arrive (bounded; the oldest give up first)."
     )
@@ -234,6 +239,17 @@ class Settings(BaseSettings):
         given = {"epsilon": self.policy_epsilon, "temperature": self.policy_temperature,
                  "cells": self.policy_thompson_cells, "concentration": self.policy_thompson_concentration}
         return {name: given[name] for name in POLICY_PARAMS[self.policy]}
+
+    @field_validator("tip_scores_max_age_days")
+    @classmethod
+    def _outlives_join_window(cls, value: float, info: ValidationInfo) -> float:
+        # A reward credited to a deleted row would write the row back, to be deleted again a minute later.
+        window_s = info.data.get("learner_join_window_s")
+        if value and window_s is not None and value * 86_400 <= window_s:
+            raise ValueError(
+                f"must be longer than the join window (TIPSTREAM_LEARNER_JOIN_WINDOW_S={window_s:g}, "
+                f"{window_s / 86_400:g} days), in which a reward may still come for a decision; or 0 to keep every row")
+        return value
 
     @field_validator("nats_url")
     @classmethod

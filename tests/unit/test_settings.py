@@ -58,3 +58,15 @@ def test_a_bad_json_setting_is_told_as_the_operator_wrote_it(value: str, told: s
     with pytest.raises(SettingsError) as refused:
         load_settings()
     assert str(refused.value).startswith(told), str(refused.value)
+
+
+def test_tip_scores_kept_no_longer_than_the_join_window_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("TIPSTREAM_TIP_SCORES_MAX_AGE_DAYS", "2")
+    with pytest.raises(SettingsError, match=r"TIPSTREAM_TIP_SCORES_MAX_AGE_DAYS='2': must be longer than the join "
+                                            r"window \(TIPSTREAM_LEARNER_JOIN_WINDOW_S=259200, 3 days\)"):
+        load_settings()
+    monkeypatch.setenv("TIPSTREAM_LEARNER_JOIN_WINDOW_S", "3600")
+    assert load_settings().tip_scores_max_age_days == 2
+    assert Settings(tip_scores_max_age_days=0).tip_scores_max_age_days == 0  # kept for ever

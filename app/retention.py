@@ -1,0 +1,87 @@
+"""How long the SQL decision log keeps its rows: `tip_scores` older than a bound are deleted.
+
+Every `/score` answer adds a row, and nothing else ever removes one: at the ~5,000 answers a
+second one service gives here, the table grew by ~430 million rows a day, until the disk was
+full. The streams keep `TIPSTREAM_STREAM_MAX_AGE_DAYS` of the log, so a rebuild cannot bring
+older rows back anyway; the SQL log keeps `TIPSTREAM_TIP_SCORES_MAX_AGE_DAYS` (the same 90 days
+by default; 0 keeps them all).
+
+Steps of one pass (every `EVERY_S` seconds):
+1. The cut is the wall clock less the bound: a row's `created_at` is when its decision was made.
+2. Delete the oldest `BATCH` rows before the cut, in a transaction of their own, in a worker
+   thread (SQLite and psycopg let go of the GIL while the database works); the checkpoint's
+   transactions wait at most one batch.
+3. Repeat until a batch comes back short: after a long stop, a backlog of millions goes in
+   one pass, a batch at a time, with progress logged.
+
+A reward can only reach a row younger than the join window (`TIPSTREAM_LEARNER_JOIN_WINDOW_S`),
+which the settings keep shorter than the bound: a deleted row is never written again by a
+late reward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine, delete, select
+from sqlalchemy.engine import Connection
+
+from app import db
+from app.learning_metrics import DECISION_ROWS_PRUNED
+
+log = logging.getLogger("tipstream.retention")
+DAY_S = 86_400.0
+BATCH = 10_000  # rows a transaction: 20-30 ms of SQLite's write lock, 25-100 ms on PostgreSQL (measured)
+EVERY_S = 60.0
+PROGRESS_EVERY_S = 10.0
+
+
+def cut_for(now_s: float, max_age_days: float) -> datetime:
+    """The instant before which rows go.
+
+    >>> cut_for(90 * 86_400 + 60, 90).isoformat()
+    '1970-01-01T00:01:00+00:00'
+    """
+    return datetime.fromtimestamp(now_s - max_age_days * DAY_S, UTC)
+
+
+def delete_before(conn: Connection, cut: datetime, limit: int) -> int:
+    """Delete the oldest `limit` rows made before `cut` (by the `created_at` index); how many went."""
+    table = db.tip_scores
+    oldest = select(table.c.decision_id).where(table.c.created_at < cut).order_by(table.c.created_at).limit(limit)
+    return conn.execute(delete(table).where(table.c.decision_id.in_(oldest.scalar_subquery()))).rowcount
+
+
+class TipScoresRetention:
+    """Keeps `tip_scores` to `max_age_days`; the service runs `prune` every `EVERY_S` seconds."""
+
+    def __init__(self, engine: Engine, max_age_days: float, clock: Callable[[], float] = time.time,
+                 batch: int = BATCH) -> None:
+        self.engine, self.max_age_days, self.clock, self.batch = engine, max_age_days, clock, batch
+
+    def _delete_batch(self, cut: datetime) -> int:
+        with self.engine.begin() as conn:
+            return delete_before(conn, cut, self.batch)
+
+    async def prune(self) -> int:
+        """One pass (steps 1-3); the rows deleted."""
+        cut = cut_for(self.clock(), self.max_age_days)
+        total, started = 0, time.monotonic()
+        next_report = started + PROGRESS_EVERY_S
+        while True:
+            deleted = await asyncio.to_thread(self._delete_batch, cut)
+            total += deleted
+            DECISION_ROWS_PRUNED.inc(deleted)
+            if deleted < self.batch:
+                break
+            if time.monotonic() >= next_report:
+                next_report += PROGRESS_EVERY_S
+                log.info("deleting tip_scores rows made before %s: %d so far", cut.isoformat(), total)
+        if total:
+            log.info("deleted %d tip_scores rows made before %s (TIPSTREAM_TIP_SCORES_MAX_AGE_DAYS=%g) in %.1fs",
+                     total, cut.isoformat(), self.max_age_days, time.monotonic() - started)
+        return total

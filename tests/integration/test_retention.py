@@ -1,0 +1,78 @@
+"""`tip_scores` keeps `TIPSTREAM_TIP_SCORES_MAX_AGE_DAYS` of decisions (app/retention.py),
+on SQLite and PostgreSQL, and the running service deletes older rows by itself."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+from app import db, migrate
+from app.learning_metrics import DECISION_ROWS_PRUNED
+from app.retention import TipScoresRetention
+from tests.conftest import eventually
+
+NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+PLUS_14 = timezone(timedelta(hours=14))
+
+
+def row(decision_id: str, created_at: datetime) -> dict[str, Any]:
+    return {"decision_id": decision_id, "user_id": "u1", "created_at": created_at, "kind": "logreg",
+            "model_version": "v1", "shadow_version": None, "prompt_version": None, "policy": "epsilon_greedy",
+            "tip_id": "t1", "score": 0.5, "propensity": 0.9, "decision": None, "rewards": None, "reward": None,
+            "rewarded_at": None}
+
+
+def decision_ids(engine: sa.Engine) -> set[str]:
+    with engine.connect() as conn:
+        return set(conn.execute(sa.select(db.tip_scores.c.decision_id)).scalars())
+
+
+def pruned_so_far() -> float:
+    return DECISION_ROWS_PRUNED._value.get()
+
+
+async def test_rows_older_than_the_bound_go_in_batches_and_younger_ones_stay(database_url: str) -> None:
+    migrate.upgrade(database_url)
+    engine = db.make_engine(database_url)
+    cut = NOW - timedelta(days=30)
+    old = [row(f"old-{i}", cut - timedelta(minutes=i + 1)) for i in range(23)]
+    # The same instant written at +14:00: compared as an instant, not as the text of a local time.
+    old.append(row("old-far-east", (cut - timedelta(seconds=1)).astimezone(PLUS_14)))
+    young = [row("at-the-cut", cut), row("young", NOW - timedelta(days=1)),
+             row("young-far-east", (cut + timedelta(seconds=1)).astimezone(PLUS_14))]
+    with engine.begin() as conn:
+        db.upsert(conn, db.tip_scores, old + young, ["decision_id"])
+    before = pruned_so_far()
+
+    retention = TipScoresRetention(engine, max_age_days=30, clock=NOW.timestamp, batch=5)
+    assert await retention.prune() == len(old)  # five full batches, then a short one
+
+    assert decision_ids(engine) == {r["decision_id"] for r in young}
+    assert pruned_so_far() - before == len(old)
+    assert await retention.prune() == 0
+    engine.dispose()
+
+
+async def test_the_service_deletes_old_rows_and_keeps_the_decisions_it_just_made(
+        start_service: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app import bootstrap
+
+    monkeypatch.setattr(bootstrap, "RETENTION_EVERY_S", 0.05)
+    running = await start_service(tip_scores_max_age_days=10)
+    engine = running.service.engine
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        db.upsert(conn, db.tip_scores, [row("d-last-month", now - timedelta(days=31)),
+                                        row("d-last-week", now - timedelta(days=7))], ["decision_id"])
+    async with httpx.AsyncClient(base_url=running.base_url) as client:
+        answer = await client.post("/score", json={"user_id": "u1", "candidates": [
+            {"tip_id": "tip-a"}, {"tip_id": "tip-b"}]})
+    assert answer.status_code == 200, answer.text
+    made_now = answer.json()["decision_id"]
+
+    await eventually(lambda: made_now in decision_ids(engine) and "d-last-month" not in decision_ids(engine))
+    assert "d-last-week" in decision_ids(engine)
