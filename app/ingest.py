@@ -20,6 +20,7 @@ from typing import Any
 from nats.js import JetStreamContext
 from pydantic import ValidationError
 
+from app.catch_up import CatchUpProgress
 from app.checkpoints import Checkpointer
 from app.metrics import METRICS
 from streams import jetstream as jsx
@@ -120,6 +121,7 @@ class StreamIngest:
         self.wake = asyncio.Event()
         self.reset_needed = False
         self.caught_up = False
+        self.catch_up = CatchUpProgress(spec.name)
         self.lag = 0
         self.puller: jsx.BatchPuller | None = None
         self._applied = METRICS.ingested.labels(spec.name)
@@ -176,6 +178,7 @@ class StreamIngest:
         self.puller = jsx.BatchPuller(self.nc, self.spec.name, self.durable, self.batch, self._on_message)
         await self.puller.start()
         log.info("consuming %s from sequence %d", self.spec.name, start)
+        self.catch_up.begin(start, pending)
 
     async def run(self) -> None:
         while True:
@@ -187,6 +190,8 @@ class StreamIngest:
                 continue
             if not self.buffer:
                 if self.puller and self.puller.idle:
+                    if not self.caught_up:
+                        self.catch_up.read(self.store.positions.get(self.spec.name, 0), 0)
                     self.caught_up = True
                     if self.read is not None:
                         self.read.advance(0, True)
@@ -300,6 +305,8 @@ class StreamIngest:
         seq, pending = jsx.stream_sequence(last_reply)
         store.advance(self.spec.name, seq)
         self.lag = pending
+        if not live:
+            self.catch_up.read(seq, pending)
         if pending == 0:
             self.caught_up = True
         if self.read is not None:

@@ -198,6 +198,28 @@ async def test_readyz_turns_ready_once_caught_up(start_service, nc) -> None:
         assert (await http.get("/healthz")).json() == {"status": "ok"}
 
 
+async def test_a_long_catch_up_tells_its_progress_in_the_log(start_service, nc, monkeypatch, caplog) -> None:
+    from app import catch_up
+
+    monkeypatch.setattr(catch_up, "REPORT_EVERY_S", 0.0)  # a line for every chunk read
+    js = nc.jetstream()
+    await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    total = 3_000
+    for i in range(total):
+        await js.publish("signals.app.opened", orjson.dumps(event(i, "app.opened")))
+    caplog.set_level(logging.INFO, logger="tipstream.ingest")
+    running = await start_service()
+    await eventually(lambda: running.service.ingests[0].caught_up)
+
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SIGNALS: ")]
+    steps = [re.fullmatch(r"SIGNALS: catching up, ([\d,]+) events read, ([\d,]+) to go \([\d,]+ events/s, about "
+                          r"[\d,]+ s left\)", line) for line in lines[:-1]]
+    assert steps and all(steps), lines
+    read = [int(step.group(1).replace(",", "")) for step in steps]
+    assert read == sorted(read) and all(int(s.group(2).replace(",", "")) == total - n for s, n in zip(steps, read))
+    assert re.fullmatch(r"SIGNALS: caught up, 3,000 events read in [\d.]+ s \([\d,]+ events/s\)", lines[-1]), lines
+
+
 def _series(metrics_text: str, name: str) -> float:
     """One series' value from /metrics (0 when it has none yet)."""
     match = re.search(rf"^{re.escape(name)} (\S+)$", metrics_text, re.MULTILINE)
