@@ -22,6 +22,7 @@ from app.metrics import METRICS
 from app.score_endpoint import UNAVAILABLE, ScoreEndpoint
 from app.score_request import TIME_WITH_OFFSET
 from app.settings import Settings
+from app.thaw import load_state
 from streams.events import EventTime
 from streams.features import evaluate
 from streams.fold import to_ms
@@ -136,8 +137,11 @@ async def user_features(request: Request) -> Response:
         except ValidationError:
             hint = " (a '+' in a query string reads as a space: write it %2B)" if " " in raw_at else ""
             return _error(422, "at", f"'at' must be {TIME_WITH_OFFSET}, got {raw_at!r}{hint}")
+    store = request.app.state.service.store
     try:
-        state = request.app.state.service.store.state_of(user_id)
+        if store.in_checkpoint_only(user_id):
+            await load_state(store, user_id)
+        state = store.state_of(user_id)
     except StateUnavailable:
         return JSONResponse(UNAVAILABLE, status_code=503, headers={"Retry-After": "5"})
     values = evaluate(state, to_ms(at))

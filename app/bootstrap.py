@@ -231,7 +231,7 @@ class Service:
             # Each decision read back adds a tip_scores row that waits for a checkpoint: bounded as
             # /score's own are (it answers 503 there), else another publisher's decisions, or a
             # rebuild's read-back, piled up in memory for as long as the database was away.
-            backlog=lambda: self.decision_log.backlog, max_backlog=s.max_unwritten_decisions,
+            backlog=lambda: self.decision_log.backlog, max_backlog=s.max_unwritten_decisions, folds=False,
         )
         await ingest.start()
         self.ingests.append(ingest)

@@ -158,13 +158,13 @@ def make_engine(url: str) -> Engine:
 
 
 # How long a PostgreSQL host may stay silent before a call gives up (and the caller treats the
-# database as away). Some calls run on the event loop (loading a user still cold after a start
-# or let go while idle), and libpq by default waits for ever for a server that accepts the
-# connection and never answers, ~15 minutes (TCP's retries) for one that stops acknowledging
-# what is sent, and ~2 hours (the first keepalive) for a link that dies while an answer is
-# awaited: the whole service would hang that long. A server whose kernel still acknowledges
-# while the server itself is wedged is not bounded here; nothing in libpq can tell it from a
-# slow query.
+# database as away). libpq by default waits for ever for a server that accepts the connection
+# and never answers, ~15 minutes (TCP's retries) for one that stops acknowledging what is sent,
+# and ~2 hours (the first keepalive) for a link that dies while an answer is awaited: a start
+# hung that long, and a checkpoint, and what waited on a user's read (`app/thaw.py`, which gives
+# up waiting after 10 s, but whose worker thread stays busy). A server whose kernel still
+# acknowledges while the server itself is wedged is not bounded here; nothing in libpq can tell
+# it from a slow query.
 NETWORK_BOUNDS = {"connect_timeout": 10, "tcp_user_timeout": 10_000,
                   "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from app.catch_up import CatchUpProgress
 from app.checkpoints import Checkpointer
 from app.metrics import METRICS
+from app.thaw import load_state
 from streams import jetstream as jsx
 from streams.events import EVENT_ADAPTER, FAMILY_OF_TYPE, Rejection, check_subject, parse_event, without_nul
 from streams.fold import FutureEvent
@@ -74,7 +75,8 @@ class ReadUpTo:
 
 class StreamIngest:
     """Steps per chunk of messages:
-    1. Validate and fold each message into the online store; collect rejections.
+    1. Validate and fold each message into the online store (a user whose state is in the
+       checkpoint only is read first, off the event loop); collect rejections.
     2. Publish each rejection to `dlq.<subject>` and wait for JetStream to store it.
     3. Advance the stream position (what the next checkpoint will record).
     4. Acknowledge the chunk's last message (ack-all), update metrics, nudge the checkpointer.
@@ -86,7 +88,7 @@ class StreamIngest:
                  decode: Callable[[str, bytes], Any] = decode_wire_event,
                  sink: Callable[..., bool] | None = None, sink_reply: bool = False,
                  dead_lettered_upto: int = 0, read: ReadUpTo | None = None, after: ReadUpTo | None = None,
-                 backlog: Callable[[], int] | None = None, max_backlog: int = 0) -> None:
+                 backlog: Callable[[], int] | None = None, max_backlog: int = 0, folds: bool = True) -> None:
         self.nc, self.js, self.spec, self.store, self.checkpointer = nc, js, spec, store, checkpointer
         # What else of this stream waits in memory for a checkpoint, and how much of it may: the
         # DECISIONS ingest's `tip_scores` rows (`TipScoresLog.backlog`), which its sink adds and
@@ -97,6 +99,9 @@ class StreamIngest:
         # was new: the applied and ignored counts are its answers. `sink_reply`: the sink also takes the message's ack
         # subject, which says when JetStream stored it (the learner stamps rewards with that).
         self.decode, self.sink, self.sink_reply = decode, sink or store.apply, sink_reply
+        # Whether the sink folds events into users' states (not DECISIONS'): a user whose state is
+        # in the checkpoint only is then read first, in a worker thread (`app/thaw.py`).
+        self.folds = folds
         self.batch, self.max_event_bytes, self.max_uncheckpointed = batch, max_event_bytes, max_uncheckpointed
         # A clock far ahead would make one event the user's "newest" and prune their history.
         self.max_future = None if max_future_s is None else timedelta(seconds=max_future_s)
@@ -252,7 +257,7 @@ class StreamIngest:
     async def process(self, chunk: list[jsx.RawMsg]) -> None:
         store, rejected, live = self.store, [], self.caught_up
         taken = handed = 0  # the sink's answers: applied (True) or ignored, whatever the sink folds into
-        limit, decode, sink, sink_reply = self.max_event_bytes, self.decode, self.sink, self.sink_reply
+        limit, decode, sink, sink_reply, folds = self.max_event_bytes, self.decode, self.sink, self.sink_reply, self.folds
         future_ms = None if self.max_future is None else int(self.max_future.total_seconds() * 1000)
         if future_ms is not None:
             # Ahead of when JetStream stored the event, not of this server's clock: a replay (a
@@ -269,6 +274,8 @@ class StreamIngest:
                 rejected.append((msg, event))
             else:
                 try:
+                    if folds and store.in_checkpoint_only(event.user_id):
+                        await load_state(store, event.user_id)
                     taken += sink(event, reply) if sink_reply else sink(event)
                     handed += 1
                 except FutureEvent:

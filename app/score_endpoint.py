@@ -15,8 +15,9 @@ Steps:
 2. While `TIPSTREAM_MAX_UNWRITTEN_DECISIONS` decisions' rows wait for a checkpoint (the
    database is away), answer 503 with `Retry-After`: serving on would hold ever more of them.
 3. Validate and score (`scoring.parse_request`, `Scorer.score`); a bad request is a 422
-   naming the field, and nothing is logged. A user still to be loaded from the checkpoint after
-   a restart while the database is away is a 503 with `Retry-After`.
+   naming the field, and nothing is logged. A user whose state is in the checkpoint only (cold
+   after a restart, or let go of while idle) is read first, in a worker thread (`app/thaw.py`);
+   if the database does not answer, a 503 with `Retry-After`.
 4. Queue the decision for the log without waiting for JetStream; when the queue stays full,
    answer 503 with `Retry-After`, and nothing was served.
 5. Hand the decision to the learner's join cache, then answer.
@@ -34,6 +35,7 @@ from app.decision_publisher import DecisionLogFull
 from app.decisions import SUBJECT_SCORE
 from app.learning_metrics import SCORE_REQUESTS, SCORE_SECONDS
 from app.score_request import RequestError, parse_request
+from app.thaw import load_state
 from streams.store import StateUnavailable
 
 Scope = MutableMapping[str, Any]
@@ -104,7 +106,11 @@ class ScoreEndpoint:
             return
         started = time.perf_counter()
         try:
-            scored = service.scorer.score(parse_request(body))
+            request, scorer = parse_request(body), service.scorer
+            if scorer.store.in_checkpoint_only(request.user_id):
+                await load_state(scorer.store, request.user_id)
+                started = time.perf_counter()
+            scored = scorer.score(request)
         except RequestError as error:
             await send_json(send, 422, error.body())
             return

@@ -61,15 +61,40 @@ class OnlineStore:
         return state
 
     def _thaw(self, user_id: str) -> UserState:
+        """Read on the spot, on the caller's thread: the service reads a user off its event loop
+        first (`app/thaw.py`), so this is the fallback of a path that did not."""
         assert self.fetch_cold is not None, "cold users need fetch_cold"
         try:
             blob = self.fetch_cold([user_id]).get(user_id)
         except Exception as error:  # whatever the database driver raises
             raise StateUnavailable(user_id) from error
+        return self._thawed(user_id, blob)
+
+    def _thawed(self, user_id: str, blob: bytes | None) -> UserState:
         self.cold.discard(user_id)
         self.dormant.discard(user_id)
         state = self.users[user_id] = UserState.from_bytes(blob) if blob is not None else UserState()
         return state
+
+    def in_checkpoint_only(self, user_id: str) -> bool:
+        """Whether the user's state is in the checkpoint and not in memory (cold, or dormant)."""
+        return user_id not in self.users and (user_id in self.cold or user_id in self.dormant)
+
+    def install(self, user_id: str, blob: bytes | None, rested_then: int) -> bool:
+        """Take a user's state read from the checkpoint elsewhere (a worker thread) while `rested`
+        was `rested_then`; False when it is left out: the user is in memory by now, or users were
+        let go of meanwhile (this one may have been among them, with a newer row than was read).
+
+        >>> store = OnlineStore()
+        >>> store.dormant.add("u")
+        >>> rested = store.rested
+        >>> store.install("u", None, rested), store.in_checkpoint_only("u"), store.install("u", None, rested)
+        (True, False, False)
+        """
+        if self.rested != rested_then or not self.in_checkpoint_only(user_id):
+            return False
+        self._thawed(user_id, blob)
+        return True
 
     def warm(self, states: Iterable[tuple[str, bytes]]) -> int:
         """Load checkpointed users that nothing has needed yet; returns how many. One idle by the

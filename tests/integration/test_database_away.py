@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import httpx
 import orjson
 import pytest
 import sqlalchemy as sa
@@ -57,6 +60,58 @@ async def test_checkpoints_wait_for_the_database_and_lose_nothing(start_service,
         set_connections(database, True)
     await eventually(lambda: checkpointed(postgres_url) == 200, timeout=30)
     await eventually(lambda: running.service.checkpointer.uncheckpointed == 0)
+
+
+def reads_waiting_on_user_state(url: str) -> int:
+    """The service's reads of `user_state` that wait for a lock (pg_locks, not granted)."""
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        waiting = conn.execute(sa.text(
+            "select count(*) from pg_locks l join pg_stat_activity a on a.pid = l.pid "
+            "where not l.granted and a.query ilike 'select user_state.user_id%'")).scalar_one()
+    engine.dispose()
+    return waiting
+
+
+@pytest.mark.postgres
+async def test_a_locked_user_state_table_holds_up_only_what_needs_a_user_read_from_it(
+        start_service, nc, postgres_url) -> None:
+    """An operator's VACUUM FULL or ALTER TABLE locks `user_state`. Reading back a user let go of
+    while idle waits for the lock in a worker thread (app/thaw.py): the service goes on answering
+    everything else, and answers that user from their state once the lock goes. Read on the event
+    loop, the whole service stopped until then."""
+    from tests.conftest import reset_postgres
+
+    reset_postgres(postgres_url)
+    # The offline writer keeps a user in memory until its pass has read them.
+    running = await start_service(database_url=postgres_url, checkpoint_every_s=0.1, offline_features_every_s=0.2)
+    js = nc.jetstream()
+    for i, (user, day) in enumerate([("idle", "2026-09-01"), ("idle", "2026-09-02"), ("active", "2026-11-26")]):
+        await js.publish("signals.app.opened", orjson.dumps(
+            {"id": f"e-{i}", "type": "app.opened", "user_id": user, "ts": f"{day}T08:00:00+01:00"}))
+    store = running.service.store
+    await eventually(lambda: store.dormant == {"idle"}, timeout=30)
+
+    locker = sa.create_engine(postgres_url)
+    with locker.connect() as conn:
+        conn.execute(sa.text("LOCK TABLE user_state IN ACCESS EXCLUSIVE MODE"))
+        async with httpx.AsyncClient(base_url=running.base_url) as http:
+            at = {"at": "2026-09-02T09:00:00+01:00"}
+            features = asyncio.create_task(http.get("/users/idle/features", params=at))
+            score = asyncio.create_task(http.post("/score", json={"user_id": "idle", "candidates": [{"tip_id": "a"}]}))
+            await eventually(lambda: reads_waiting_on_user_state(postgres_url) >= 1)
+
+            assert (await http.get("/healthz", timeout=2)).status_code == 200
+            other = await http.post("/score", json={"user_id": "active", "candidates": [{"tip_id": "a"}]}, timeout=2)
+            assert other.status_code == 200, other.text
+            assert not features.done() and not score.done() and store.in_checkpoint_only("idle")
+            conn.rollback()  # the operator's lock goes
+
+            body = (await features).json()
+            assert body["known"] and body["features"]["app_opens_7d"]["value"] == 2
+            assert (await score).status_code == 200
+    locker.dispose()
+    assert "idle" in store.users
 
 
 async def test_tables_dropped_under_a_running_service_are_told_in_readyz_and_the_log(

@@ -1,0 +1,33 @@
+"""Users whose state is only in the checkpoint are read in a worker thread, off the event loop.
+
+A user still cold after a restart, or let go of while idle (`OnlineStore.rest`), is read back
+from the database by the first event or request that needs them. Read on the event loop, one
+slow read held up everything the service does: a table locked by an operator's `VACUUM FULL` or
+`ALTER TABLE` on PostgreSQL, or a server stopped while its kernel still acknowledged, froze
+`/healthz`, every `/score` and every stream until the database answered, however long. Read in a
+thread, only what needs that user waits, for at most `LOAD_TIMEOUT_S`; then it is a 503 with
+`Retry-After` (a request) or a retry of the chunk (ingest), as for a database that is away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from streams.store import OnlineStore, StateUnavailable
+
+LOAD_TIMEOUT_S = 10.0
+
+
+async def load_state(store: OnlineStore, user_id: str) -> None:
+    """Read `user_id`'s checkpointed state in a worker thread and put it in the store (unless the
+    store changed meanwhile in a way that makes the read stale: `OnlineStore.install`; then the
+    caller's own read, on the spot, takes it). Raises StateUnavailable when the read fails or takes
+    longer than `LOAD_TIMEOUT_S`."""
+    fetch = store.fetch_cold
+    assert fetch is not None, "users in the checkpoint only need fetch_cold"
+    rested = store.rested
+    try:
+        blobs = await asyncio.wait_for(asyncio.to_thread(fetch, [user_id]), LOAD_TIMEOUT_S)
+    except Exception as error:  # whatever the driver raises, or the timeout
+        raise StateUnavailable(user_id) from error
+    store.install(user_id, blobs.get(user_id), rested)
