@@ -183,7 +183,7 @@ class StreamIngest:
         self.puller = jsx.BatchPuller(self.nc, self.spec.name, self.durable, self.batch, self._on_message)
         await self.puller.start()
         log.info("consuming %s from sequence %d", self.spec.name, start)
-        self.catch_up.begin(start, pending)
+        self.catch_up.begin(pending)
 
     async def run(self) -> None:
         while True:
@@ -196,7 +196,7 @@ class StreamIngest:
             if not self.buffer:
                 if self.puller and self.puller.idle:
                     if not self.caught_up:
-                        self.catch_up.read(self.store.positions.get(self.spec.name, 0), 0)
+                        self.catch_up.read(0, 0)
                     self.caught_up = True
                     if self.read is not None:
                         self.read.advance(0, True)
@@ -313,7 +313,7 @@ class StreamIngest:
         store.advance(self.spec.name, seq)
         self.lag = pending
         if not live:
-            self.catch_up.read(seq, pending)
+            self.catch_up.read(len(chunk), pending)
         if pending == 0:
             self.caught_up = True
         if self.read is not None:

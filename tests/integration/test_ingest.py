@@ -220,6 +220,23 @@ async def test_a_long_catch_up_tells_its_progress_in_the_log(start_service, nc, 
     assert re.fullmatch(r"SIGNALS: caught up, 3,000 events read in [\d.]+ s \([\d,]+ events/s\)", lines[-1]), lines
 
 
+async def test_the_catch_up_counts_the_events_read_not_the_sequences_aged_out(start_service, nc, caplog) -> None:
+    # A stream past its retention starts after sequence 1, where a rebuild's consumer starts:
+    # the sequences before its first message were told as read (3,000 read of 1,000 kept).
+    js = nc.jetstream()
+    await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    for i in range(3_000):
+        await js.publish("signals.app.opened", orjson.dumps(event(i, "app.opened")))
+    await js.purge_stream("SIGNALS", seq=2_001)  # as retention would: the oldest 2,000 are gone
+    caplog.set_level(logging.INFO, logger="tipstream.ingest")
+    running = await start_service()
+    await eventually(lambda: running.service.ingests[0].caught_up)
+
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SIGNALS: caught up")]
+    assert len(lines) == 1 and re.fullmatch(r"SIGNALS: caught up, 1,000 events read in [\d.]+ s \([\d,]+ events/s\)",
+                                            lines[0]), lines
+
+
 def _series(metrics_text: str, name: str) -> float:
     """One series' value from /metrics (0 when it has none yet)."""
     match = re.search(rf"^{re.escape(name)} (\S+)$", metrics_text, re.MULTILINE)
