@@ -13,6 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
+from dotenv import dotenv_values
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
@@ -339,6 +340,8 @@ class SettingsError(ValueError):
 
 
 FIX_IT = "Fix it, or unset it for its default (the README's settings table lists them all)."
+FIX_DEFAULT = ("A default refused is refused for another setting's value: set this one, or change that one (the "
+               "README's settings table lists them all).")
 
 
 def load_settings() -> Settings:
@@ -373,7 +376,9 @@ def load_settings() -> Settings:
         raise SettingsError(f"{variable}{given}: not valid JSON; {Settings.model_fields[found.group(1)].description}\n"
                             f"{FIX_IT}") from None
     except ValidationError as error:
-        lines = []
+        lines, fixes = [], []
+        env_file = Path(str(Settings.model_config.get("env_file") or ".env"))
+        in_dotenv = {k.lower() for k in dotenv_values(env_file)} if env_file.is_file() else set()
         for problem in error.errors(include_url=False):
             name = str(problem["loc"][0]) if problem["loc"] else "?"
             variable = name if name.isupper() else f"TIPSTREAM_{name.upper()}"
@@ -383,10 +388,17 @@ def load_settings() -> Settings:
                 from app.startup import shown_url
 
                 value = shown_url(str(value))
-            given = repr(value) if variable in os.environ else f"{value!r} (in .env)"
+            if variable in os.environ:
+                given, fix = repr(value), FIX_IT
+            elif variable.lower() in in_dotenv:
+                given, fix = f"{value!r} (in .env)", FIX_IT
+            else:  # refused for another setting's value (a cross-check): "unset it" cannot fix it
+                given, fix = f"{value!r} (its default)", FIX_DEFAULT
+            if fix not in fixes:
+                fixes.append(fix)
             inside = "".join(f"{part}: " for part in problem["loc"][1:])  # which entry of a JSON setting
             lines.append(f"{variable}={given}: {inside}{problem['msg'].removeprefix('Value error, ')}")
-        lines.append(FIX_IT)
+        lines.extend(fixes)
         raise SettingsError("\n".join(lines)) from None
 
 

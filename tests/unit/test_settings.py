@@ -70,3 +70,23 @@ def test_tip_scores_kept_no_longer_than_the_join_window_is_refused(monkeypatch: 
     monkeypatch.setenv("TIPSTREAM_LEARNER_JOIN_WINDOW_S", "3600")
     assert load_settings().tip_scores_max_age_days == 2
     assert Settings(tip_scores_max_age_days=0).tip_scores_max_age_days == 0  # kept for ever
+
+
+def test_a_default_refused_for_another_settings_value_is_told_as_the_default(
+        monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """It was told as `(in .env)` with no .env anywhere, and "unset it for its default": the default it was."""
+    from app.settings import SettingsError, load_settings
+
+    monkeypatch.chdir(tmp_path)  # no .env here
+    monkeypatch.delenv("TIPSTREAM_TIP_SCORES_MAX_AGE_DAYS", raising=False)
+    monkeypatch.setenv("TIPSTREAM_LEARNER_JOIN_WINDOW_S", str(100 * 86_400))
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    told = str(refused.value)
+    assert told.startswith("TIPSTREAM_TIP_SCORES_MAX_AGE_DAYS=90.0 (its default): must be longer than the join"), told
+    assert "(in .env)" not in told and "unset it for its default" not in told, told
+
+    (tmp_path / ".env").write_text("TIPSTREAM_TIP_SCORES_MAX_AGE_DAYS=1\n")
+    monkeypatch.delenv("TIPSTREAM_LEARNER_JOIN_WINDOW_S")
+    with pytest.raises(SettingsError, match=r"TIPSTREAM_TIP_SCORES_MAX_AGE_DAYS='1' \(in .env\): must be longer"):
+        load_settings()
