@@ -7,16 +7,19 @@ older rows back anyway; the SQL log keeps `TIPSTREAM_TIP_SCORES_MAX_AGE_DAYS` (t
 by default; 0 keeps them all).
 
 Steps of one pass (every `EVERY_S` seconds):
-1. The cut is the wall clock less the bound: a row's `created_at` is when its decision was made.
-2. Delete the oldest `BATCH` rows before the cut, in a transaction of their own, in a worker
-   thread (SQLite and psycopg let go of the GIL while the database works); the checkpoint's
-   transactions wait at most one batch.
+1. The cut is the wall clock less the bound.
+2. Delete the oldest `BATCH` rows whose `created_at` and `rewarded_at` (if any) are both before
+   the cut, in a transaction of their own, in a worker thread (SQLite and psycopg let go of the
+   GIL while the database works); the checkpoint's transactions wait at most one batch.
 3. Repeat until a batch comes back short: after a long stop, a backlog of millions goes in
    one pass, a batch at a time, with progress logged.
 
-A reward can only reach a row younger than the join window (`TIPSTREAM_LEARNER_JOIN_WINDOW_S`),
-which the settings keep shorter than the bound: a deleted row is never written again by a
-late reward.
+`created_at` is the decision's time, which is the request's `context.now` when one is given, so
+it may lie in the past (a backfill). Such a row may go before its reward comes, inside the join
+window (`TIPSTREAM_LEARNER_JOIN_WINDOW_S`, measured from when it was served); the reward then
+writes the whole row back (the learner holds the decision), and `rewarded_at` keeps it for the
+bound. A row served in the present is older than the join window, which the settings keep
+shorter than the bound, before it can go.
 """
 
 from __future__ import annotations
@@ -50,10 +53,14 @@ def cut_for(now_s: float, max_age_days: float) -> datetime:
 
 
 def delete_before(conn: Connection, cut: datetime, limit: int) -> int:
-    """Delete the oldest `limit` rows made before `cut` (by the `created_at` index); how many went."""
+    """Delete the oldest `limit` rows (by the `created_at` index) whose decision and last reward are
+    both before `cut`; how many went."""
     table = db.tip_scores
-    oldest = select(table.c.decision_id).where(table.c.created_at < cut).order_by(table.c.created_at).limit(limit)
-    return conn.execute(delete(table).where(table.c.decision_id.in_(oldest.scalar_subquery()))).rowcount
+    # In the outer statement too: PostgreSQL re-checks a row a concurrent checkpoint has just
+    # rewarded against the outer conditions only, and the subquery's answer was read before it.
+    old = (table.c.created_at < cut) & (table.c.rewarded_at.is_(None) | (table.c.rewarded_at < cut))
+    oldest = select(table.c.decision_id).where(old).order_by(table.c.created_at).limit(limit)
+    return conn.execute(delete(table).where(table.c.decision_id.in_(oldest.scalar_subquery()), old)).rowcount
 
 
 class TipScoresRetention:

@@ -43,13 +43,18 @@ async def test_rows_older_than_the_bound_go_in_batches_and_younger_ones_stay(dat
     # The same instant written at +14:00: compared as an instant, not as the text of a local time.
     old.append(row("old-far-east", (cut - timedelta(seconds=1)).astimezone(PLUS_14)))
     young = [row("at-the-cut", cut), row("young", NOW - timedelta(days=1)),
-             row("young-far-east", (cut + timedelta(seconds=1)).astimezone(PLUS_14))]
+             row("young-far-east", (cut + timedelta(seconds=1)).astimezone(PLUS_14)),
+             # Served for a past `context.now` (a backfill) and rewarded since: kept for its reward.
+             {**row("backdated-rewarded", cut - timedelta(days=5)), "reward": 1.0, "rewards": {"t1": 1.0},
+              "rewarded_at": NOW - timedelta(minutes=3)}]
+    old.append({**row("rewarded-long-ago", cut - timedelta(days=2)), "reward": 0.0, "rewards": {"t1": 0.0},
+                "rewarded_at": cut - timedelta(days=1)})
     with engine.begin() as conn:
         db.upsert(conn, db.tip_scores, old + young, ["decision_id"])
     before = pruned_so_far()
 
     retention = TipScoresRetention(engine, max_age_days=30, clock=NOW.timestamp, batch=5)
-    assert await retention.prune() == len(old)  # five full batches, then a short one
+    assert await retention.prune() == len(old)  # five full batches, then an empty one
 
     assert decision_ids(engine) == {r["decision_id"] for r in young}
     assert pruned_so_far() - before == len(old)
