@@ -192,6 +192,9 @@ async def reset_durable(js: JetStreamContext, stream: str, durable: str, start_s
             stream, start_seq, info.state.last_seq, stream, first,
         )
         start_seq = first
+    elif start_seq == 1 and first > 1:
+        # No checkpoint (a first start on an old stream, a rebuild): nothing was missed.
+        log.info("stream %s keeps sequences %d on; those before are past its retention", stream, first)
     elif start_seq < first and info.state.messages:
         log.warning(
             "stream %s starts at %d but the checkpoint wants %d: events %d..%d expired by retention. "

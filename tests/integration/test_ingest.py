@@ -139,6 +139,26 @@ async def test_a_checkpoint_past_the_end_of_a_recreated_stream_replays_it_and_sa
     assert any("not the one the checkpoint was taken from" in r.getMessage() for r in caplog.records)
 
 
+async def test_events_past_retention_are_warned_of_only_when_a_checkpoint_wanted_them(nc, caplog) -> None:
+    from streams.jetstream import reset_durable
+
+    js = nc.jetstream()
+    await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    for i in range(5):
+        await js.publish("signals.app.opened", orjson.dumps(event(i, "app.opened")))
+    await js.purge_stream("SIGNALS", seq=4)  # as retention does: 1..3 are gone
+    with caplog.at_level(logging.INFO, logger="tipstream.jetstream"):
+        assert await reset_durable(js, "SIGNALS", "test-rebuild", 1, max_ack_pending=10) == 2
+        rebuild = [(r.levelname, r.getMessage()) for r in caplog.records]
+        caplog.clear()
+        await reset_durable(js, "SIGNALS", "test-behind", 2, max_ack_pending=10)
+        behind = [(r.levelname, r.getMessage()) for r in caplog.records]
+    # No checkpoint (a rebuild): nothing was missed, so no warning.
+    assert rebuild == [("INFO", "stream SIGNALS keeps sequences 4 on; those before are past its retention")]
+    assert behind == [("WARNING", "stream SIGNALS starts at 4 but the checkpoint wants 2: events 2..3 expired by "
+                                  "retention. Raise TIPSTREAM_STREAM_MAX_AGE_DAYS to keep more.")]
+
+
 async def test_a_bad_event_of_a_recreated_stream_goes_to_the_dlq_though_the_checkpoint_is_past_it(
     start_service, nc
 ) -> None:
