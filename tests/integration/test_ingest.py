@@ -155,8 +155,9 @@ async def test_events_past_retention_are_warned_of_only_when_a_checkpoint_wanted
         behind = [(r.levelname, r.getMessage()) for r in caplog.records]
     # No checkpoint (a rebuild): nothing was missed, so no warning.
     assert rebuild == [("INFO", "stream SIGNALS keeps sequences 4 on; those before are past its retention")]
-    assert behind == [("WARNING", "stream SIGNALS starts at 4 but the checkpoint wants 2: events 2..3 expired by "
-                                  "retention. Raise TIPSTREAM_STREAM_MAX_AGE_DAYS to keep more.")]
+    warned = ("stream SIGNALS starts at 4 but the checkpoint wants 2: events 2..3 expired by retention. Raise "
+              "TIPSTREAM_STREAM_MAX_AGE_DAYS to keep more.")
+    assert behind == [("WARNING", warned)]
 
 
 async def test_a_bad_event_of_a_recreated_stream_goes_to_the_dlq_though_the_checkpoint_is_past_it(
