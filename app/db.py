@@ -131,6 +131,9 @@ learner_state = Table(
 )
 
 
+WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024
+
+
 def make_engine(url: str) -> Engine:
     """An engine tuned for the dialect: SQLite in WAL mode (readers never block the checkpoint)."""
     if url.startswith("sqlite"):
@@ -147,6 +150,9 @@ def make_engine(url: str) -> Engine:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
+            # A burst of large checkpoints grows the WAL file, and SQLite keeps it that size after
+            # (18 MB in a soak, for good); past this it is cut back once a checkpoint resets it.
+            cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")
             cursor.close()
 
         return engine

@@ -1,0 +1,25 @@
+"""SQLite's WAL file is cut back after a burst (`db.WAL_SIZE_LIMIT_BYTES`), not kept at its largest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from app import db
+
+
+def test_the_wal_file_shrinks_back_after_a_large_transaction(tmp_path: Path) -> None:
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'tipstream.db'}")
+    wal = tmp_path / "tipstream.db-wal"
+    with engine.begin() as conn:
+        conn.execute(sa.text("create table blobs (id integer primary key, data blob)"))
+    with engine.begin() as conn:  # a checkpoint writing many users' states at once
+        conn.execute(sa.text("insert into blobs (data) values (:data)"), [{"data": b"x" * 100_000}] * 400)
+    burst = wal.stat().st_size
+    assert burst > 2 * db.WAL_SIZE_LIMIT_BYTES
+    for i in range(5):  # ordinary small transactions after it: the WAL is checkpointed, then reset
+        with engine.begin() as conn:
+            conn.execute(sa.text("update blobs set data = :data where id = :id"), {"data": b"y", "id": i + 1})
+    assert wal.stat().st_size <= db.WAL_SIZE_LIMIT_BYTES, f"the WAL kept {wal.stat().st_size} bytes (burst: {burst})"
+    engine.dispose()
