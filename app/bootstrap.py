@@ -28,7 +28,7 @@ from typing import Any
 
 import orjson
 
-from app import decision_spool, migrate
+from app import decision_spool, loop_lag, migrate
 from app.checkpoint_writer import CheckpointWriter
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.collector import FreezePolicy
@@ -112,6 +112,7 @@ class Service:
         # 2-5% of ingest's time in the collector instead of ~3% (bench/ingest.py, timed with
         # gc.callbacks).
         gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
+        self._tasks.append(asyncio.create_task(loop_lag.watch(METRICS.loop_lag.observe), name="event loop lag"))
         s.data_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(migrate.upgrade, s.sqlalchemy_url)
         if not s.nats_url:

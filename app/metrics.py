@@ -42,6 +42,11 @@ class Metrics:
             "out), by this host's clock against the NATS server's.", ["stream"], registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
+        self.loop_lag = Histogram(
+            "tipstream_event_loop_lag_seconds", "How late the event loop woke a timer due every "
+            "0.25 s: the time something held the loop without yielding (every request and stream waited meanwhile).",
+            registry=r, buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30),
+        )
         self.users = Gauge("tipstream_users", "Users held in the online store.", registry=r)
         self.users_dormant = Gauge(
             "tipstream_users_dormant", "Idle users (no event for TIPSTREAM_IDLE_USER_DAYS of the log's time) let go of from memory: "
