@@ -55,6 +55,7 @@ from app.learning_metrics import (
     DIVERGED,
     FEEDBACK,
     JOIN_CACHE,
+    JOIN_CACHE_BYTES,
     LEARN_DELAY,
     LEARNED,
     MODEL_SNAPSHOT_SECONDS,
@@ -178,6 +179,7 @@ class Learner:
         self._refused_versions: set[str] = set()  # told once each
         # Read when scraped, not set as they change.
         JOIN_CACHE.set_function(lambda: len(self.cache) + len(self._replayed))
+        JOIN_CACHE_BYTES.set_function(lambda: self.cache_bytes)
         PENDING.set_function(lambda: len(self.waiting))
         self._changed = False
         self._snapshot_positions = (0, 0)  # (FEEDBACK, DECISIONS) of the last snapshot taken

@@ -92,6 +92,10 @@ MODEL_USERS = Gauge(
     "user, user_ttl_days 0, are not listed).", ["version"], registry=_r,
 )
 JOIN_CACHE = Gauge("tipstream_join_cache_decisions", "Decisions held for joining feedback.", registry=_r)
+JOIN_CACHE_BYTES = Gauge(
+    "tipstream_join_cache_bytes", "Bytes the join cache counts against TIPSTREAM_LEARNER_JOIN_CACHE_MB (the decisions' "
+    "encoded size and a fixed overhead each; resident memory runs ~20% above it).", registry=_r,
+)
 PENDING = Gauge("tipstream_feedback_pending", "Feedback waiting for its decision.", registry=_r)
 MODEL_SNAPSHOT_SECONDS = Histogram(
     "tipstream_model_snapshot_seconds", "Copying the live models for a checkpoint, on the event loop (they are "

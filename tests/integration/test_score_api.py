@@ -71,6 +71,12 @@ async def test_an_answer_ranks_every_candidate_and_is_logged_once(start_service,
     assert stored[:4] == (answer["decision_id"], "u-1", "v1", answer["ranked"][0]["tip_id"])
     assert stored[5] is None  # no reward yet: the event is in the stream only (above)
 
+    # The learner holds it for its feedback, and says how much of its budget that takes.
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        metrics = (await http.get("/metrics")).text
+    held = running.service.learner.cache_bytes
+    assert held > len(message.data) and f"tipstream_join_cache_bytes {float(held)}" in metrics
+
 
 
 async def test_a_decision_in_any_offset_gets_its_row_and_checkpoints_go_on(start_service, nc, database_url) -> None:
