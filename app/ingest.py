@@ -259,11 +259,12 @@ class StreamIngest:
         taken = handed = 0  # the sink's answers: applied (True) or ignored, whatever the sink folds into
         limit, decode, sink, sink_reply, folds = self.max_event_bytes, self.decode, self.sink, self.sink_reply, self.folds
         future_ms = None if self.max_future is None else int(self.max_future.total_seconds() * 1000)
+        bound = None
         if future_ms is not None:
             # Ahead of when JetStream stored the event, not of this server's clock: a replay (a
             # restart, a rebuild from the log) then refuses exactly what the first pass refused.
             # Stored times grow with the sequence, so the chunk's first is a bound for them all.
-            store.max_ts_ms = jsx.stored_ms(chunk[0][1]) + future_ms
+            bound = store.max_ts_ms = jsx.stored_ms(chunk[0][1]) + future_ms
         for msg in chunk:
             subject, reply, data = msg
             if len(data) > limit:
@@ -276,13 +277,14 @@ class StreamIngest:
                 try:
                     if folds and store.in_checkpoint_only(event.user_id):
                         await load_state(store, event.user_id)
+                        store.max_ts_ms = bound  # another stream's chunk may have set its own meanwhile
                     taken += sink(event, reply) if sink_reply else sink(event)
                     handed += 1
                 except FutureEvent:
                     assert future_ms is not None
                     own_limit = jsx.stored_ms(reply) + future_ms  # stored after the chunk's first
                     if own_limit > store.max_ts_ms:
-                        store.max_ts_ms = own_limit  # a bound for the rest of the chunk too
+                        bound = store.max_ts_ms = own_limit  # a bound for the rest of the chunk too
                         try:
                             taken += sink(event, reply) if sink_reply else sink(event)
                             handed += 1

@@ -5,6 +5,7 @@ puller (app/ingest.py, streams/jetstream.py)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,7 @@ from app.metrics import METRICS
 from streams import jetstream as jsx
 from streams.fold import UserState
 from streams.store import OnlineStore
+from tests.conftest import dead_lettered
 
 EVENTS = 3000
 
@@ -377,5 +379,49 @@ async def test_the_lag_metric_counts_what_a_start_has_to_read_while_feedback_wai
     assert gauge._value.get() == 300
     running.cancel()
     await asyncio.gather(running, return_exceptions=True)
+    await ingest.stop()
+    await nc.close()
+
+
+async def test_a_chunk_waiting_on_a_users_read_keeps_its_own_future_bound(nats_server) -> None:
+    """A user in the checkpoint only is read in a worker thread (app/thaw.py), and other streams'
+    chunks run meanwhile, each setting the store's bound on event times (`max_ts_ms`) from when
+    JetStream stored its own first message. The waiting chunk goes on with its own bound: with
+    another's, an event a day and more ahead of when it was stored was folded, where a replay
+    refuses it."""
+    nc = await jsx.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    await jsx.publish_events(js, [
+        ("signals.app.opened", {"id": "e1", "type": "app.opened", "user_id": "back", "ts": now}),
+        ("signals.app.opened", {"id": "e2", "type": "app.opened", "user_id": "other", "ts": "2099-01-01T00:00:00Z"}),
+    ])
+    reading, release = threading.Event(), threading.Event()
+
+    def fetch(user_ids: list[str]) -> dict[str, bytes]:  # the checkpoint, slow to answer
+        reading.set()
+        release.wait(10)
+        return {"back": UserState().to_bytes()}
+
+    store = OnlineStore()
+    store.dormant.add("back")
+    store.fetch_cold = fetch
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=16, max_event_bytes=16384,
+                          max_uncheckpointed=10**6, max_future_s=86_400)
+    await ingest.start()
+    while len(ingest.buffer) < 2:
+        await asyncio.sleep(0.01)  # waiting for deliveries
+    chunk, ingest.buffer = ingest.buffer[:2], ingest.buffer[2:]
+    dead_before = dead_lettered("SIGNALS")
+    folding = asyncio.create_task(ingest.process(chunk))
+    while not reading.is_set():
+        await asyncio.sleep(0.01)
+    store.max_ts_ms = 2**62  # what a chunk of a stream stored far later would set
+    release.set()
+    await folding
+
+    assert "back" in store.users and "other" not in store.users
+    assert dead_lettered("SIGNALS") - dead_before == 1, "the event from 2099 is refused as future_ts"
     await ingest.stop()
     await nc.close()
