@@ -1,7 +1,7 @@
 """The online store: every user's fold state in memory, and the stream positions it reflects.
 
 The API reads it from the same event loop that ingest writes it from, between two
-chunks of events, so reads need no locks and never see half an event.
+events, so reads need no locks and never see half an event.
 
 >>> from streams.events import parse_event
 >>> store = OnlineStore()
