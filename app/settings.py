@@ -244,7 +244,7 @@ class Settings(BaseSettings):
     @field_validator("tip_scores_max_age_days")
     @classmethod
     def _outlives_join_window(cls, value: float, info: ValidationInfo) -> float:
-        # A reward credited to a deleted row would write the row back, to be deleted again a minute later.
+        # Rows still inside the join window may earn a reward: deleted, readers of tip_scores miss them until it comes.
         window_s = info.data.get("learner_join_window_s")
         if value and window_s is not None and value * 86_400 <= window_s:
             raise ValueError(
