@@ -92,6 +92,11 @@ MODEL_USERS = Gauge(
     "user, user_ttl_days 0, are not listed).", ["version"], registry=_r,
 )
 JOIN_CACHE = Gauge("tipstream_join_cache_decisions", "Decisions held for joining feedback.", registry=_r)
+CANDIDATE_CACHE = Gauge(
+    "tipstream_candidate_cache_items", "Inputs and features held by the champion's and the shadow's candidate "
+    "feature caches, read when scraped; each empties at 600,000 (~70-95 MB resident a model) and fills again as "
+    "candidates come (new tips, new hours).", registry=_r,
+)
 JOIN_CACHE_BYTES = Gauge(
     "tipstream_join_cache_bytes", "Bytes the join cache counts against TIPSTREAM_LEARNER_JOIN_CACHE_MB (the decisions' "
     "encoded size and a fixed overhead each; resident memory runs ~20% above it).", registry=_r,

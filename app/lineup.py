@@ -23,6 +23,7 @@ from sqlalchemy import Engine
 from app import evaluation
 from app.decisions import decision_problem
 from app.embedded_nats import die_with_service
+from app.learning_metrics import CANDIDATE_CACHE
 from app.registry_store import RegistryStore
 from models.registry import ModelCard, ModelVersion, Registry, RegistryError
 from models.reward import KINDS, PopularityPrior, TipModel
@@ -68,6 +69,8 @@ class Lineup:
         # the checkpointer's lock (`Checkpointer.lock`), held while that snapshot is saved.
         self.participants: list[Any] = []
         self.snapshot_lock = asyncio.Lock()
+        CANDIDATE_CACHE.set_function(lambda: self.champion.candidate_cache_items + (
+            self.shadow.candidate_cache_items if self.shadow is not None else 0))
         # A checkpoint now (`Checkpointer.checkpoint`, set by the service): the rewards credited since
         # the last one reach `tip_scores` before a card is made from it (`_evaluated`).
         self.flush: Callable[[], Awaitable[Any]] | None = None

@@ -76,6 +76,9 @@ async def test_an_answer_ranks_every_candidate_and_is_logged_once(start_service,
         metrics = (await http.get("/metrics")).text
     held = running.service.learner.cache_bytes
     assert held > len(message.data) and f"tipstream_join_cache_bytes {float(held)}" in metrics
+    # And the champion's candidate features (10 tips and their categories) are cached for the next request.
+    cached = running.service.lineup.champion.candidate_cache_items
+    assert cached >= 10 and f"tipstream_candidate_cache_items {float(cached)}" in metrics
 
 
 
