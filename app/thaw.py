@@ -7,15 +7,26 @@ slow read held up everything the service does: a table locked by an operator's `
 `/healthz`, every `/score` and every stream until the database answered, however long. Read in a
 thread, only what needs that user waits, for at most `LOAD_TIMEOUT_S`; then it is a 503 with
 `Retry-After` (a request) or a retry of the chunk (ingest), as for a database that is away.
+
+The reads have threads of their own, `READERS` of them. A read that gives up waiting leaves its
+thread blocked until the database answers (a lock lasts as long as the operator's command): in
+the loop's default executor, a few dozen of them (a /score for each of as many idle users) took
+every worker thread, and what else the service runs in a thread (the offline writer, tip_scores
+retention, model saves, the checkpointer's probes, the embedded NATS server's restart) waited for
+the lock too. Fewer than the connections the engine keeps (5), so they never hold them all either;
+more than one read at a time, as on the event loop before.
 """
 
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 from streams.store import OnlineStore, StateUnavailable
 
 LOAD_TIMEOUT_S = 10.0
+READERS = 4
+_readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="tipstream-user-read")
 
 
 async def load_state(store: OnlineStore, user_id: str) -> None:
@@ -27,7 +38,9 @@ async def load_state(store: OnlineStore, user_id: str) -> None:
     assert fetch is not None, "users in the checkpoint only need fetch_cold"
     rested = store.rested
     try:
-        blobs = await asyncio.wait_for(asyncio.to_thread(fetch, [user_id]), LOAD_TIMEOUT_S)
+        # One queued behind stuck reads is dropped unstarted when the wait gives up.
+        blobs = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(_readers, fetch, [user_id]),
+                                       LOAD_TIMEOUT_S)
     except Exception as error:  # whatever the driver raises, or the timeout
         raise StateUnavailable(user_id) from error
     store.install(user_id, blobs.get(user_id), rested)

@@ -140,3 +140,40 @@ async def test_tables_dropped_under_a_running_service_are_told_in_readyz_and_the
         migrate.upgrade(url)
         await eventually(lambda: running.service.checkpointer.last_error is None, timeout=30)
         assert (await http.get("/readyz")).json()["checkpoint"]["ok"] is True
+
+
+@pytest.mark.postgres
+async def test_reads_stuck_on_a_locked_user_state_leave_the_services_worker_threads_free(
+        postgres_url, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read of a user waiting for a lock on `user_state` gives up waiting after LOAD_TIMEOUT_S,
+    but its thread stays blocked until the lock goes. In the loop's default executor, a few dozen
+    such reads (a /score for each of as many idle users) took every worker thread: everything else
+    the service runs in a thread (the offline writer, tip_scores retention, model saves, the
+    checkpointer's probes, the embedded NATS server's restart) waited for the lock too."""
+    from app import migrate, thaw
+    from app.checkpoints import SqlCheckpointStore
+    from app.db import make_engine
+    from streams.store import OnlineStore, StateUnavailable
+    from tests.conftest import reset_postgres
+
+    reset_postgres(postgres_url)
+    migrate.upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    store = OnlineStore()
+    store.fetch_cold = SqlCheckpointStore(engine).fetch
+    users = [f"idle-{i}" for i in range(40)]
+    store.dormant.update(users)
+    monkeypatch.setattr(thaw, "LOAD_TIMEOUT_S", 0.5)
+
+    locker = sa.create_engine(postgres_url)
+    with locker.connect() as conn:
+        conn.execute(sa.text("LOCK TABLE user_state IN ACCESS EXCLUSIVE MODE"))
+        answers = await asyncio.gather(*(thaw.load_state(store, u) for u in users), return_exceptions=True)
+        assert all(isinstance(a, StateUnavailable) for a in answers)
+        # Another table, from another thread, while the lock lasts.
+        with_other = asyncio.to_thread(lambda: engine.connect().close() or "free")
+        assert await asyncio.wait_for(with_other, 5) == "free"
+        conn.rollback()
+    locker.dispose()
+    await eventually(lambda: reads_waiting_on_user_state(postgres_url) == 0)
+    engine.dispose()
