@@ -30,17 +30,20 @@ _readers = ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="tipstream
 
 
 async def load_state(store: OnlineStore, user_id: str) -> None:
-    """Read `user_id`'s checkpointed state in a worker thread and put it in the store (unless the
-    store changed meanwhile in a way that makes the read stale: `OnlineStore.install`; then the
-    caller's own read, on the spot, takes it). Raises StateUnavailable when the read fails or takes
-    longer than `LOAD_TIMEOUT_S`."""
+    """Read `user_id`'s checkpointed state in a worker thread and put it in the store. A read made
+    stale meanwhile (users let go of: `OnlineStore.install` leaves it out) is made again, in the
+    thread too: the caller's own read, on the spot, ran on the event loop. Raises StateUnavailable
+    when a read fails, or when the user is not in by `LOAD_TIMEOUT_S`."""
     fetch = store.fetch_cold
     assert fetch is not None, "users in the checkpoint only need fetch_cold"
-    rested = store.rested
-    try:
-        # One queued behind stuck reads is dropped unstarted when the wait gives up.
-        blobs = await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(_readers, fetch, [user_id]),
-                                       LOAD_TIMEOUT_S)
-    except Exception as error:  # whatever the driver raises, or the timeout
-        raise StateUnavailable(user_id) from error
-    store.install(user_id, blobs.get(user_id), rested)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LOAD_TIMEOUT_S
+    while store.in_checkpoint_only(user_id):
+        rested = store.rested
+        try:
+            # One queued behind stuck reads is dropped unstarted when the wait gives up.
+            blobs = await asyncio.wait_for(loop.run_in_executor(_readers, fetch, [user_id]),
+                                           max(deadline - loop.time(), 0.0))
+        except Exception as error:  # whatever the driver raises, or the timeout
+            raise StateUnavailable(user_id) from error
+        store.install(user_id, blobs.get(user_id), rested)

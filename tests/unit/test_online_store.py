@@ -229,3 +229,40 @@ async def test_idle_user_days_0_keeps_every_user_in_memory() -> None:
     store.apply(opened(2, "active", ts="2026-11-26T08:00:00+01:00"))
     assert await Checkpointer(store, MemoryCheckpointStore(), every_events=1, every_s=60).checkpoint()
     assert sorted(store.users) == ["active", "idle"] and not store.dormant
+
+
+async def test_a_read_made_stale_by_users_let_go_of_meanwhile_is_read_again_off_the_loop() -> None:
+    """`load_state` reads a user in a worker thread; `install` leaves the answer out when other
+    users were let go of meanwhile (this one may have been among them, with a newer row). The
+    caller's `apply` or `state_of` then read the user on the spot, on the event loop: the very read
+    app/thaw.py moves off it (a table locked by the time it runs held the whole service)."""
+    import threading
+
+    from app import thaw
+
+    blob = OnlineStore()
+    blob.apply(opened(1, "back"))
+    saved = blob.users["back"].to_bytes()
+    loop_thread, reading, release = threading.get_ident(), threading.Event(), threading.Event()
+    read_on: list[bool] = []
+
+    def fetch(ids: list[str]) -> dict[str, bytes]:
+        read_on.append(threading.get_ident() == loop_thread)
+        reading.set()
+        release.wait(5)
+        return {"back": saved}
+
+    store = OnlineStore()
+    store.fetch_cold = fetch
+    store.dormant.add("back")
+    store.apply(opened(2, "gone", ts="2026-09-01T08:00:00+01:00"))
+    store.apply(opened(3, "here"))
+    store.begin_checkpoint()  # and its save committed
+    loading = asyncio.create_task(thaw.load_state(store, "back"))
+    while not reading.is_set():
+        await asyncio.sleep(0.01)
+    assert store.rest(["gone"]) == 1  # the checkpointer lets an idle user go meanwhile
+    release.set()
+    await loading
+    assert store.apply(opened(1, "back", ts="2026-11-26T08:00:00+01:00")) is False  # in the row read
+    assert read_on and not any(read_on), "read again on the event loop"
