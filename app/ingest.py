@@ -277,6 +277,9 @@ class StreamIngest:
                 try:
                     if folds and store.in_checkpoint_only(event.user_id):
                         await load_state(store, event.user_id)
+                        # Reads add up (256 cold users after a start): past ack_wait, JetStream
+                        # would deliver the chunk again.
+                        await self._keep_in_progress()
                         store.max_ts_ms = bound  # another stream's chunk may have set its own meanwhile
                     taken += sink(event, reply) if sink_reply else sink(event)
                     handed += 1

@@ -425,3 +425,41 @@ async def test_a_chunk_waiting_on_a_users_read_keeps_its_own_future_bound(nats_s
     assert dead_lettered("SIGNALS") - dead_before == 1, "the event from 2099 is refused as future_ts"
     await ingest.stop()
     await nc.close()
+
+
+async def test_a_chunk_waiting_on_users_reads_keeps_its_messages_in_progress(nats_server, monkeypatch) -> None:
+    """Each user in the checkpoint only is read in a worker thread (app/thaw.py) while the chunk
+    waits, with its messages delivered and not acknowledged. Reads that together outlast ack_wait
+    (after a start every user is cold, and a chunk holds up to 256 of them) had JetStream deliver
+    the chunk's messages again, to be folded again and held twice: the waits for `after`, for a
+    retry and for checkpoints say they are in progress, this one did not."""
+    monkeypatch.setattr(jsx, "ACK_WAIT_S", 1)
+    nc = await jsx.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    users = [f"back-{i}" for i in range(6)]
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    await jsx.publish_events(js, [("signals.app.opened", {"id": f"e{i}", "type": "app.opened", "user_id": user,
+                                                          "ts": now}) for i, user in enumerate(users)])
+
+    def fetch(user_ids: list[str]) -> dict[str, bytes]:  # the checkpoint, slowish to answer
+        time.sleep(0.4)
+        return {user_ids[0]: UserState().to_bytes()}
+
+    store = OnlineStore()
+    store.dormant.update(users)
+    store.fetch_cold = fetch
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=16, max_event_bytes=16384,
+                          max_uncheckpointed=10**6)
+    await ingest.start()
+    while len(ingest.buffer) < len(users):
+        await asyncio.sleep(0.01)  # waiting for deliveries
+    chunk, ingest.buffer = ingest.buffer, []
+    ingest._held = chunk  # as `run` does
+    await ingest.process(chunk)
+
+    assert set(users) <= set(store.users)
+    assert (await js.consumer_info("SIGNALS", ingest.durable)).num_redelivered == 0
+    assert not ingest.buffer, "delivered again"
+    await ingest.stop()
+    await nc.close()
