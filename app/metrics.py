@@ -47,6 +47,12 @@ class Metrics:
             "0.25 s: the time something held the loop without yielding (every request and stream waited meanwhile).",
             registry=r, buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30),
         )
+        self.user_reads = Histogram(
+            "tipstream_user_read_seconds", "Reads of a user's state from the checkpoint (cold after a start, or let go "
+            "of while idle) for an event or a request, from asking to having it (or giving up after 10 s), in "
+            "worker threads: what such an event or request waited.", registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10),
+        )
         self.users = Gauge("tipstream_users", "Users held in the online store.", registry=r)
         self.users_dormant = Gauge(
             "tipstream_users_dormant", "Idle users (no event for TIPSTREAM_IDLE_USER_DAYS of the log's time) let go of from memory: "

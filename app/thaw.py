@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
+from app.metrics import METRICS
 from streams.store import OnlineStore, StateUnavailable
 
 LOAD_TIMEOUT_S = 10.0
@@ -37,13 +38,17 @@ async def load_state(store: OnlineStore, user_id: str) -> None:
     fetch = store.fetch_cold
     assert fetch is not None, "users in the checkpoint only need fetch_cold"
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + LOAD_TIMEOUT_S
-    while store.in_checkpoint_only(user_id):
-        rested = store.rested
-        try:
-            # One queued behind stuck reads is dropped unstarted when the wait gives up.
-            blobs = await asyncio.wait_for(loop.run_in_executor(_readers, fetch, [user_id]),
-                                           max(deadline - loop.time(), 0.0))
-        except Exception as error:  # whatever the driver raises, or the timeout
-            raise StateUnavailable(user_id) from error
-        store.install(user_id, blobs.get(user_id), rested)
+    started = loop.time()
+    deadline = started + LOAD_TIMEOUT_S
+    try:
+        while store.in_checkpoint_only(user_id):
+            rested = store.rested
+            try:
+                # One queued behind stuck reads is dropped unstarted when the wait gives up.
+                blobs = await asyncio.wait_for(loop.run_in_executor(_readers, fetch, [user_id]),
+                                               max(deadline - loop.time(), 0.0))
+            except Exception as error:  # whatever the driver raises, or the timeout
+                raise StateUnavailable(user_id) from error
+            store.install(user_id, blobs.get(user_id), rested)
+    finally:
+        METRICS.user_reads.observe(loop.time() - started)

@@ -92,6 +92,12 @@ async def test_a_locked_user_state_table_holds_up_only_what_needs_a_user_read_fr
     store = running.service.store
     await eventually(lambda: store.dormant == {"idle"}, timeout=30)
 
+    def reads_over(seconds: str) -> float:  # the histogram's count less its bucket up to `seconds`
+        samples = {(s.name, s.labels.get("le")): s.value for s in METRICS.user_reads.collect()[0].samples}
+        return samples[("tipstream_user_read_seconds_count", None)] - samples[
+            ("tipstream_user_read_seconds_bucket", seconds)]
+
+    slow_before = reads_over("0.1")
     locker = sa.create_engine(postgres_url)
     with locker.connect() as conn:
         conn.execute(sa.text("LOCK TABLE user_state IN ACCESS EXCLUSIVE MODE"))
@@ -105,13 +111,15 @@ async def test_a_locked_user_state_table_holds_up_only_what_needs_a_user_read_fr
             other = await http.post("/score", json={"user_id": "active", "candidates": [{"tip_id": "a"}]}, timeout=2)
             assert other.status_code == 200, other.text
             assert not features.done() and not score.done() and store.in_checkpoint_only("idle")
-            conn.rollback()  # the operator's lock goes
+            await asyncio.sleep(0.2)  # the operator's command runs a while (the outage simulated)
+            conn.rollback()  # and its lock goes
 
             body = (await features).json()
             assert body["known"] and body["features"]["app_opens_7d"]["value"] == 2
             assert (await score).status_code == 200
     locker.dispose()
     assert "idle" in store.users
+    assert reads_over("0.1") - slow_before >= 1, "tipstream_user_read_seconds shows the read that waited on the lock"
 
 
 async def test_tables_dropped_under_a_running_service_are_told_in_readyz_and_the_log(
