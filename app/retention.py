@@ -28,7 +28,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, delete, select
 from sqlalchemy.engine import Connection
@@ -37,7 +37,6 @@ from app import db
 from app.learning_metrics import DECISION_ROWS_PRUNED
 
 log = logging.getLogger("tipstream.retention")
-DAY_S = 86_400.0
 BATCH = 10_000  # rows a transaction: 20-30 ms of SQLite's write lock, 25-100 ms on PostgreSQL (measured)
 EVERY_S = 60.0
 PROGRESS_EVERY_S = 10.0
@@ -49,7 +48,7 @@ def cut_for(now_s: float, max_age_days: float) -> datetime:
     >>> cut_for(90 * 86_400 + 60, 90).isoformat()
     '1970-01-01T00:01:00+00:00'
     """
-    return datetime.fromtimestamp(now_s - max_age_days * DAY_S, UTC)
+    return datetime.fromtimestamp(now_s, UTC) - timedelta(days=max_age_days)
 
 
 def delete_before(conn: Connection, cut: datetime, limit: int) -> int:
