@@ -81,6 +81,9 @@ def _migrate(args: argparse.Namespace) -> int:
     except CommandError as error:
         print(error, file=sys.stderr)
         return 2
+    except migrate.MigrationBlocked as error:
+        print(f"{shown_database_url(url)}: {error}", file=sys.stderr)
+        return 1
     now = migrate.current(url)
     print(f"database at {now or 'base'}: {shown_database_url(url)}")
     if args.revision not in ("head", "base", now):

@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 import migrations
+
+log = logging.getLogger("tipstream.migrate")
+
+# How long one attempt waits for a table lock on PostgreSQL. A DDL statement waiting for its lock
+# makes every later query on that table queue behind it: behind a session holding a transaction
+# open on `tip_scores` (a backup, a psql left in BEGIN), the running service's writes and
+# checkpoints stopped for as long as that session lasted, not just the migration.
+LOCK_TIMEOUT_S = 5.0
+LOCK_ATTEMPTS = 5
+LOCK_NOT_AVAILABLE = "55P03"
+
+
+class MigrationBlocked(Exception):
+    """Another session held a table the migration must lock, through every attempt."""
 
 
 def alembic_config(url: str) -> Config:
@@ -26,12 +45,80 @@ def revisions() -> list[str]:
     return [r.revision for r in reversed(list(script.walk_revisions()))]
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(url), revision)
+def upgrade(url: str, revision: str = "head", *, lock_timeout_s: float = LOCK_TIMEOUT_S,
+            attempts: int = LOCK_ATTEMPTS, pause_s: float = 1.0) -> None:
+    _with_lock_retries(command.upgrade, url, revision, lock_timeout_s, attempts, pause_s)
 
 
-def downgrade(url: str, revision: str = "base") -> None:
-    command.downgrade(alembic_config(url), revision)
+def downgrade(url: str, revision: str = "base", *, lock_timeout_s: float = LOCK_TIMEOUT_S,
+              attempts: int = LOCK_ATTEMPTS, pause_s: float = 1.0) -> None:
+    _with_lock_retries(command.downgrade, url, revision, lock_timeout_s, attempts, pause_s)
+
+
+def _with_lock_retries(step: Callable[[Config, str], None], url: str, revision: str, lock_timeout_s: float,
+                       attempts: int, pause_s: float) -> None:
+    """Run `step`, again after a pause (doubling) each time a lock wait timed out. An attempt that
+    timed out rolled back whole (one transaction on PostgreSQL), so the next starts where it did."""
+    config = alembic_config(url)
+    config.attributes["lock_timeout_ms"] = max(1, round(lock_timeout_s * 1000))  # read by migrations/env.py
+    for attempt in range(1, attempts + 1):
+        try:
+            step(config, revision)
+            return
+        except DBAPIError as error:
+            if getattr(getattr(error.orig, "diag", None), "sqlstate", None) != LOCK_NOT_AVAILABLE:
+                raise
+            holders = lock_holders(url, held_for_s=lock_timeout_s)
+            if attempt == attempts:
+                pids = ", ".join(str(holder["pid"]) for holder in holders) or "<pid>"
+                raise MigrationBlocked(
+                    f"The migration to {revision} waited for a table lock {attempts} times, {lock_timeout_s:g} s "
+                    f"each, and gave up: {describe(holders)}. It waits no longer than that so that the running "
+                    f"service's queries do not queue behind it. Let that transaction finish, or end it "
+                    f"(`SELECT pg_terminate_backend({pids})`), then try again.") from None
+            pause = pause_s * 2 ** (attempt - 1)
+            log.warning("The migration to %s waited %g s for a table lock: %s. Trying again in %g s "
+                        "(attempt %d of %d).", revision, lock_timeout_s, describe(holders), pause, attempt + 1,
+                        attempts)
+            time.sleep(pause)
+
+
+def lock_holders(url: str, held_for_s: float) -> list[dict[str, object]]:
+    """The other sessions of this PostgreSQL database holding a lock on one of tipstream's tables
+    within a transaction open for at least `held_for_s`: those a migration's lock wait timed out on
+    (a shorter transaction began after the wait did)."""
+    from app.db import make_engine, metadata
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(text(
+                "SELECT DISTINCT a.pid, a.application_name, a.state, a.xact_start,"
+                " extract(epoch FROM now() - a.xact_start) AS open_s, left(a.query, 80) AS query"
+                " FROM pg_locks l JOIN pg_class c ON c.oid = l.relation JOIN pg_stat_activity a ON a.pid = l.pid"
+                " WHERE l.granted AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                " AND c.relname = ANY(:tables) AND a.pid <> pg_backend_pid()"
+                " AND a.xact_start <= now() - make_interval(secs => :held_for_s)"
+                " ORDER BY a.xact_start"),
+                {"tables": [*metadata.tables, "alembic_version"], "held_for_s": held_for_s})
+            return [dict(row._mapping) for row in rows]
+    finally:
+        engine.dispose()
+
+
+def describe(holders: list[dict[str, object]]) -> str:
+    """
+    >>> describe([{"pid": 7, "application_name": "psql", "state": "idle in transaction", "open_s": 135.2,
+    ...            "query": "SELECT count(*) FROM tip_scores"}])
+    "held by pid 7 (psql, idle in transaction, its transaction open 135 s; last query: 'SELECT count(*) FROM tip_scores')"
+    >>> describe([])
+    'no session holds it any longer'
+    """
+    if not holders:
+        return "no session holds it any longer"
+    return "held by " + "; ".join(
+        f"pid {h['pid']} ({h['application_name'] or 'no application name'}, {h['state']}, its transaction open "
+        f"{_seconds(float(h['open_s']))} s; last query: {h['query']!r})" for h in holders)
 
 
 def current(url: str) -> str | None:
@@ -51,3 +138,7 @@ def current(url: str) -> str | None:
             return MigrationContext.configure(connection).get_current_revision()
     finally:
         engine.dispose()
+
+
+def _seconds(seconds: float) -> str:
+    return f"{seconds:.0f}" if seconds >= 10 else f"{seconds:.1f}"

@@ -153,6 +153,10 @@ def explain(error: BaseException, settings: Settings) -> StartupError | None:
         return _database_error(error, settings)
     from alembic.util import CommandError
 
+    from app.migrate import MigrationBlocked
+
+    if isinstance(error, MigrationBlocked):
+        return StartupError(f"Cannot migrate the database {shown_database_url(settings.sqlalchemy_url)}: {error}")
     if isinstance(error, CommandError):  # e.g. a revision this release does not know: a newer one migrated it
         where, other = ("DATABASE_URL", "database") if settings.database_url else ("TIPSTREAM_DATA_DIR", "directory")
         return StartupError(f"Cannot migrate the database {shown_database_url(settings.sqlalchemy_url)} ({where}): "

@@ -33,6 +33,14 @@ def hold_migration_lock(connection: Connection) -> None:
     connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
 
 
+def bound_lock_waits(connection: Connection) -> None:
+    """Give up a table lock wait after app.migrate's timeout (retried there). Set after the
+    advisory lock: another migration may rightly take longer than that."""
+    if connection.dialect.name != "postgresql" or "lock_timeout_ms" not in config.attributes:
+        return
+    connection.execute(text(f"SET LOCAL lock_timeout = {int(config.attributes['lock_timeout_ms'])}"))
+
+
 def own_sqlite_transactions(engine: Engine) -> None:
     """An upgrade (or downgrade) in one SQLite transaction, as on PostgreSQL. The driver (pysqlite)
     opens none before DDL, so a revision cut short (an error, a kill) left the tables it had created
@@ -62,6 +70,7 @@ else:
             context.configure(connection=connection, target_metadata=metadata, transactional_ddl=True)
             with context.begin_transaction():
                 hold_migration_lock(connection)
+                bound_lock_waits(connection)
                 context.run_migrations()
     finally:
         engine.dispose()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -172,6 +174,55 @@ async def test_two_upgrades_of_one_postgresql_database_at_once_both_succeed(post
                 run.wait()
         engine.dispose()
         reset_postgres(postgres_url)
+
+
+
+def _hold_tip_scores(postgres_url: str) -> tuple[sa.Engine, sa.Connection, int]:
+    """A session left in a transaction that read `tip_scores`, as a psql left in BEGIN or a backup."""
+    engine = sa.create_engine(postgres_url, connect_args={"application_name": "left-in-begin"})
+    holder = engine.connect()
+    pid = holder.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+    holder.execute(sa.text("SELECT count(*) FROM tip_scores"))
+    return engine, holder, pid
+
+
+def test_a_migration_behind_a_held_table_gives_up_and_names_the_holder(postgres_url: str) -> None:
+    """Before, 0003's ALTER TABLE waited for as long as the holder lasted, and every query of the
+    running service on `tip_scores` queued behind it."""
+    reset_postgres(postgres_url)
+    migrate.upgrade(postgres_url, "0002")
+    engine, holder, pid = _hold_tip_scores(postgres_url)
+    try:
+        with pytest.raises(migrate.MigrationBlocked) as blocked:
+            migrate.upgrade(postgres_url, lock_timeout_s=0.2, attempts=2, pause_s=0.05)
+        told = str(blocked.value)
+        assert f"pid {pid} (left-in-begin, idle in transaction" in told
+        assert "SELECT count(*) FROM tip_scores" in told and f"pg_terminate_backend({pid})" in told
+        assert migrate.current(postgres_url) == "0002"  # rolled back whole
+    finally:
+        holder.close()
+        engine.dispose()
+    migrate.upgrade(postgres_url)
+    assert migrate.current(postgres_url) == migrate.revisions()[-1]
+
+
+async def test_a_migration_behind_a_held_table_goes_on_once_it_is_let_go(
+        postgres_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    reset_postgres(postgres_url)
+    migrate.upgrade(postgres_url, "0002")
+    engine, holder, pid = _hold_tip_scores(postgres_url)
+    try:
+        with caplog.at_level(logging.WARNING, logger="tipstream.migrate"):
+            upgrading = asyncio.create_task(asyncio.to_thread(
+                migrate.upgrade, postgres_url, lock_timeout_s=0.2, attempts=5, pause_s=0.3))
+            warned = await eventually(lambda: [r.getMessage() for r in caplog.records if "table lock" in r.getMessage()])
+            holder.rollback()
+            await upgrading
+        assert f"held by pid {pid} (left-in-begin" in warned[0] and "attempt 2 of 5" in warned[0]
+        assert migrate.current(postgres_url) == migrate.revisions()[-1]
+    finally:
+        holder.close()
+        engine.dispose()
 
 
 def _disk_full(conn: Any, snapshot: Any) -> None:

@@ -62,6 +62,16 @@ def test_an_embedded_nats_server_that_cannot_start_is_a_message_with_the_way_out
     assert "set NATS_URL" in str(told)
 
 
+
+def test_a_migration_blocked_by_another_session_is_a_message_naming_the_database(tmp_path: Path) -> None:
+    from app.migrate import MigrationBlocked
+    from app.settings import Settings
+    from app.startup import explain
+
+    told = explain(MigrationBlocked("The migration to head waited for a table lock 5 times"), Settings(data_dir=tmp_path))
+    assert told is not None and str(told).startswith(f"Cannot migrate the database sqlite:///{tmp_path}")
+    assert str(told).endswith("waited for a table lock 5 times")
+
 def test_a_data_directory_whose_file_system_takes_no_locks_is_a_message_with_the_way_out(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def no_locks(fd: int, operation: int) -> None:
