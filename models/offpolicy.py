@@ -7,7 +7,9 @@ first with some probability: 1 for its choice, or 1/k for each of k tips it rank
 `app.evaluation.policy_value`). Inverse propensity scoring re-weights each decision's reward
 by `w = target(served) / propensity(served)`, 0 where the target would not have served that tip:
 
-- `ips`: `sum(w * reward) / n`, unbiased when every propensity is right, given support (below);
+- `ips`: `sum(w * reward) / n`, unbiased when every propensity is right, given support (below),
+  and `logged` holds every decision: a log that keeps only decisions somebody reacted to (the
+  rewarded log, `app.evaluation.policy_value`) divides by the logging policy's reacted count;
 - `snips` (self-normalised): `sum(w * reward) / sum(w)`, a little biased but far less
   variable; it is the estimate a card reports, with a 95% interval (delta method, a normal
   approximation);
@@ -30,7 +32,8 @@ The interval is None when the normal approximation has too little to stand on: a
 n under `MIN_EFFECTIVE_N`, or rewards that are all alike (their spread reads 0, and one
 agreeing decision would give `(1.0, 1.0)`). Simulated epsilon-greedy logs at effective n 30
 gave coverage 0.92-0.95 for mean rewards of 0.2-0.5, but 0.76 for 0.05: with rare rewards,
-read the interval as too narrow.
+read the interval as too narrow. Softmax and Thompson sampling logs have heavy-tailed weights:
+there it covered 83-84% at effective n 170-320.
 
 >>> logged = [({"a": 1.0}, {"a": 0.9, "b": 0.1}, "a", 1.0), ({"a": 1.0}, {"a": 0.9, "b": 0.1}, "b", 0.0),
 ...           ({"b": 1.0}, {"a": 0.95, "b": 0.05}, "b", 0.0), ({"a": 1.0}, {"a": 0.9, "b": 0.1}, "a", 0.0)]

@@ -91,3 +91,28 @@ def test_no_interval_without_enough_decisions_or_any_spread() -> None:
     assert few.effective_n == 20 and few.ci95 is None
     enough = estimate([(*agrees, float(i % 2)) for i in range(40)])
     assert enough.ci95 is not None and enough.ci95[0] < 0.5 < enough.ci95[1]
+
+
+def test_on_the_rewarded_log_the_estimate_is_the_reward_per_decision_reacted_to() -> None:
+    """docs/learning.md, "Policy value": the card's log leaves out decisions nobody reacted to, so
+    SNIPS estimates the reward per reacted decision, not per decision, and IPS neither. Tip "a" gets
+    a reaction 90% of the time, half of them worth 1; "b" 10%, always worth 1."""
+    from app.evaluation import policy_value
+    from models.policy import EpsilonGreedy
+
+    react, good = {"a": 0.9, "b": 0.1}, {"a": 0.5, "b": 1.0}
+    policy, rng, log = EpsilonGreedy(0.2), random.Random(3), []
+    for i in range(20_000):
+        order, propensities = policy.rank([0.6, 0.4], rng)
+        served = "ab"[order[0]]
+        if rng.random() >= react[served]:
+            continue  # silence: no reward, so no row in the rewarded log
+        ranked = [{"tip_id": "ab"[j], "score": (0.6, 0.4)[j], "propensity": propensities[j]} for j in order]
+        log.append(({"id": f"x{i}", "model_version": "v1", "greedy": "a", "shadow": {"version": "v2", "first": "b"},
+                     "ranked": ranked}, {served: float(rng.random() < good[served])}))
+    report = policy_value(log, "v2")["as_shadow"]
+    shadow, champion = report["estimate"], report["champion_greedy"]
+    assert abs(shadow["snips"] - 1.0) < 0.02 and abs(champion["snips"] - 0.5) < 0.02  # per reacted decision
+    per_decision = {"a": 0.45, "b": 0.10}  # what each earns per decision served: the opposite order
+    assert shadow["snips"] > champion["snips"] and per_decision["b"] < per_decision["a"]
+    assert abs(shadow["ips"] - 0.1 / 0.82) < 0.02  # divided by the logging policy's reacted decisions (82%)
