@@ -86,6 +86,7 @@ TIME_WITH_OFFSET = "an ISO 8601 time with a UTC offset, e.g. 2026-11-26T09:00:00
 _TIME_ERRORS = {
     "string_type": f"must be {TIME_WITH_OFFSET} (Unix time, a number, carries no offset)",
     "string_pattern_mismatch": f"must be {TIME_WITH_OFFSET} (Unix time, a number, carries no offset)",
+    "timezone_aware": f"must be {TIME_WITH_OFFSET} (this one has no offset)",
     "greater_than_equal": "must be between 0001-01-01 and 9999-12-31 in UTC",
     "less_than_equal": "must be between 0001-01-01 and 9999-12-31 in UTC",
 }

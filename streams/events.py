@@ -201,6 +201,10 @@ def _describe(error: ValidationError) -> Rejection:
     if where == "ts" and etype in ("string_type", "string_pattern_mismatch"):
         return Rejection("invalid_field", f"field 'ts': must be ISO 8601 text with the user's UTC offset, e.g. "
                                           f"2026-11-26T08:01:02.123+01:00, not {first['input']!r}")
+    if etype == "timezone_aware":  # pydantic's "Input should have timezone info" named no fix
+        whose = "the user's" if where == "ts" else "a"
+        return Rejection("invalid_field", f"field '{where}': must be ISO 8601 text with {whose} UTC offset, e.g. "
+                                          f"2026-11-26T08:01:02.123+01:00, not {first['input']!r} (it has none)")
     if where == "v":
         return Rejection(
             "unsupported_version",

@@ -73,6 +73,14 @@ def test_bad_requests_name_the_field(body: bytes, field: str) -> None:
     assert error.value.field == field and str(error.value).startswith(f"{field}: ")
 
 
+@pytest.mark.parametrize("now", [b'"2026-11-26T09:00:00"', b"1795694400", b'"1795694400.5"'])
+def test_a_now_without_an_offset_is_refused_with_an_example_of_one(now: bytes) -> None:
+    # A naive time got pydantic's "Input should have timezone info", which named no fix.
+    with pytest.raises(RequestError) as error:
+        parse_request(b'{"user_id": "u", "candidates": [{"tip_id": "a"}], "context": {"now": ' + now + b"}}")
+    assert error.value.field == "context.now"
+    assert "must be an ISO 8601 time with a UTC offset, e.g. 2026-11-26T09:00:00+01:00" in error.value.message
+
 
 @pytest.mark.parametrize("value", [b"NaN", b"Infinity", b"-Infinity", b"1e160", b"1e400", b"-1000000000.5",
                                    b"1" + b"0" * 400], ids=lambda v: v.decode()[:12])
