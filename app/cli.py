@@ -24,11 +24,13 @@ def configure_logging(level: str) -> None:
 def _run(args: argparse.Namespace) -> int:
     import uvloop
 
-    from app.settings import get_settings
+    from app.settings import get_settings, unknown_variables
     from app.startup import hold_data_dir, listen_socket, serve
 
     settings = get_settings()
     configure_logging(settings.log_level)
+    for line in unknown_variables():
+        logging.getLogger("tipstream").warning("%s", line)
     held = hold_data_dir(settings.data_dir)  # first: a second service on the directory changes nothing
     sock = listen_socket(settings)
     try:

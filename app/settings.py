@@ -6,6 +6,7 @@ when the two drift apart) and in `tipstream run --help`, both generated from the
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -400,6 +401,40 @@ def load_settings() -> Settings:
             lines.append(f"{variable}={given}: {inside}{problem['msg'].removeprefix('Value error, ')}")
         lines.extend(fixes)
         raise SettingsError("\n".join(lines)) from None
+
+
+# The test harness's own variables (tests/conftest.py, .ci/run), not the service's.
+_NOT_SETTINGS_PREFIXES = ("TIPSTREAM_TEST_", "TIPSTREAM_REQUIRE_POSTGRES")
+
+
+def unknown_variables(environ: dict[str, str] | None = None, env_file: Path = Path(".env")) -> list[str]:
+    """A line for each `TIPSTREAM_*` variable (environment or `.env`) that is no setting, naming
+    the setting it was likely meant for: pydantic-settings ignores it, so a misspelt setting
+    kept its default without a word.
+
+    >>> unknown_variables({"TIPSTREAM_POLICY_EPSILLON": "0.5", "TIPSTREAM_PORT": "8000"}, Path("/nonexistent"))
+    ['TIPSTREAM_POLICY_EPSILLON is not a tipstream setting and is ignored (did you mean TIPSTREAM_POLICY_EPSILON?)']
+    """
+    known = set()
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        known.update(alias.choices if isinstance(alias, AliasChoices) else [f"TIPSTREAM_{name.upper()}"])
+    given = set(os.environ if environ is None else environ)
+    if env_file.is_file():
+        given.update(k for k in dotenv_values(env_file) if k)
+    lines = []
+    for variable in sorted(given):
+        upper = variable.upper()  # pydantic-settings matches names whatever their case
+        if not upper.startswith("TIPSTREAM_") or upper in known or upper.startswith(_NOT_SETTINGS_PREFIXES):
+            continue
+        # Matched without the prefix they share, which made every name look close.
+        close = difflib.get_close_matches(upper[len("TIPSTREAM_"):], sorted(env_name(n)[len("TIPSTREAM_"):]
+                                          for n in Settings.model_fields if env_name(n).startswith("TIPSTREAM_")),
+                                          n=1, cutoff=0.75)
+        hint = (f" (did you mean TIPSTREAM_{close[0]}?)" if close
+                else " (the README's settings table lists them all)")
+        lines.append(f"{variable} is not a tipstream setting and is ignored{hint}")
+    return lines
 
 
 @lru_cache(maxsize=1)

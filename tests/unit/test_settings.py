@@ -90,3 +90,19 @@ def test_a_default_refused_for_another_settings_value_is_told_as_the_default(
     monkeypatch.delenv("TIPSTREAM_LEARNER_JOIN_WINDOW_S")
     with pytest.raises(SettingsError, match=r"TIPSTREAM_TIP_SCORES_MAX_AGE_DAYS='1' \(in .env\): must be longer"):
         load_settings()
+
+
+def test_a_misspelt_setting_is_named_with_the_one_it_was_likely_meant_for(tmp_path) -> None:
+    """pydantic-settings ignores an unknown variable: TIPSTREAM_POLICY_EPSILLON=0.5 started a
+    service with epsilon 0.1, and nothing said so."""
+    from app.settings import unknown_variables
+
+    env_file = tmp_path / ".env"
+    env_file.write_text("TIPSTREAM_PROT=8001\nTIPSTREAM_LOG_LEVEL=debug\n")
+    environ = {"TIPSTREAM_POLICY_EPSILLON": "0.5", "TIPSTREAM_PORT": "8000", "TIPSTREAM_NATS_URL": "nats://x",
+               "TIPSTREAM_TEST_POSTGRES_URL": "postgresql://x", "TIPSTREAM_FOO": "1", "HOME": "/root"}
+    assert unknown_variables(environ, env_file) == [
+        "TIPSTREAM_FOO is not a tipstream setting and is ignored (the README's settings table lists them all)",
+        "TIPSTREAM_POLICY_EPSILLON is not a tipstream setting and is ignored (did you mean TIPSTREAM_POLICY_EPSILON?)",
+        "TIPSTREAM_PROT is not a tipstream setting and is ignored (did you mean TIPSTREAM_PORT?)",
+    ]
