@@ -134,7 +134,9 @@ async def user_features(request: Request) -> Response:
     else:
         try:
             at = _AT.validate_python(raw_at)
-        except ValidationError:
+        except ValidationError as error:
+            if error.errors()[0]["type"] in ("greater_than_equal", "less_than_equal"):  # it has an offset
+                return _error(422, "at", f"'at' must be between 0001-01-01 and 9999-12-31 in UTC, got {raw_at!r}")
             hint = " (a '+' in a query string reads as a space: write it %2B)" if " " in raw_at else ""
             return _error(422, "at", f"'at' must be {TIME_WITH_OFFSET}, got {raw_at!r}{hint}")
     store = request.app.state.service.store

@@ -64,6 +64,9 @@ async def test_features_with_age_freshness_and_fallbacks(start_service, nc, tmp_
         for unix in ("1795694400", "0.5"):  # pydantic read these as Unix time in UTC
             number = await http.get("/users/ana/features", params={"at": unix})
             assert number.status_code == 422 and number.json()["field"] == "at", number.text
+        for edge in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:00:00-02:00"):  # offsets given: out of range in UTC
+            outside = await http.get("/users/ana/features", params={"at": edge})
+            assert outside.status_code == 422 and "between 0001-01-01 and 9999-12-31 in UTC" in outside.json()["error"]
         unencoded = await http.get("/users/ana/features?at=2026-11-25T21:00:00+01:00")  # '+' unescaped: a space
         assert unencoded.status_code == 422 and "write it %2B" in unencoded.json()["error"]
         for wrong in ("x" * 129, "a%00b"):  # no event could have made such a user
