@@ -174,7 +174,8 @@ class StreamIngest:
             await self.puller.stop()
         self.buffer.clear()
         start = self.store.positions.get(self.spec.name, 0) + 1
-        pending = await jsx.reset_durable(self.js, self.spec.name, self.durable, start, max_ack_pending=self.batch * 32)
+        pending, start = await jsx.reset_durable(self.js, self.spec.name, self.durable, start,
+                                                 max_ack_pending=self.batch * 32)
         self.lag = pending
         self._lag.set(pending)  # also while FEEDBACK waits for DECISIONS at a start, before a chunk is folded
         self.caught_up = self.caught_up or pending == 0

@@ -169,10 +169,13 @@ def stored_ms(reply: bytes) -> int:
     return _ack_fields(reply)[1] // 1_000_000
 
 
-async def reset_durable(js: JetStreamContext, stream: str, durable: str, start_seq: int, max_ack_pending: int) -> int:
+async def reset_durable(
+    js: JetStreamContext, stream: str, durable: str, start_seq: int, max_ack_pending: int
+) -> tuple[int, int]:
     """(Re)create the durable consumer so it delivers from `start_seq`: the checkpoint decides.
 
-    Returns how many messages it has to deliver.
+    Returns how many messages it has to deliver, and the sequence it delivers from (the stream's
+    first when `start_seq` is past its end or before its first).
     """
     try:
         await js.delete_consumer(stream, durable)
@@ -212,7 +215,7 @@ async def reset_durable(js: JetStreamContext, stream: str, durable: str, start_s
             max_deliver=-1,
         ),
     )
-    return created.num_pending or 0
+    return created.num_pending or 0, max(start_seq, first)
 
 
 RawMsg = tuple[str, bytes, bytes]  # (subject, reply, body): all ingest needs of a message

@@ -133,11 +133,14 @@ async def test_a_checkpoint_past_the_end_of_a_recreated_stream_replays_it_and_sa
     js = await _checkpoint_then_recreate_signals(start_service, nc)
     for i in range(3):
         await js.publish("signals.task.created", orjson.dumps(event(100 + i, user="u-2")))
-    with caplog.at_level(logging.ERROR, logger="tipstream.jetstream"):
+    with caplog.at_level(logging.INFO):
         second = await start_service()
         await eventually(lambda: "u-2" in second.service.store.users
                          and second.service.store.users["u-2"].count("task.created") == 3)
     assert any("not the one the checkpoint was taken from" in r.getMessage() for r in caplog.records)
+    # The line after the error said "consuming SIGNALS from sequence 6", the checkpoint's, not the replay's.
+    consuming = [r.getMessage() for r in caplog.records if r.getMessage().startswith("consuming SIGNALS")]
+    assert consuming == ["consuming SIGNALS from sequence 1"], consuming
 
 
 async def test_events_past_retention_are_warned_of_only_when_a_checkpoint_wanted_them(nc, caplog) -> None:
@@ -149,7 +152,7 @@ async def test_events_past_retention_are_warned_of_only_when_a_checkpoint_wanted
         await js.publish("signals.app.opened", orjson.dumps(event(i, "app.opened")))
     await js.purge_stream("SIGNALS", seq=4)  # as retention does: 1..3 are gone
     with caplog.at_level(logging.INFO, logger="tipstream.jetstream"):
-        assert await reset_durable(js, "SIGNALS", "test-rebuild", 1, max_ack_pending=10) == 2
+        assert await reset_durable(js, "SIGNALS", "test-rebuild", 1, max_ack_pending=10) == (2, 4)
         rebuild = [(r.levelname, r.getMessage()) for r in caplog.records]
         caplog.clear()
         await reset_durable(js, "SIGNALS", "test-behind", 2, max_ack_pending=10)
