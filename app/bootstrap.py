@@ -47,7 +47,7 @@ from app.registry_store import RegistryStore
 from app.retention import EVERY_S as RETENTION_EVERY_S
 from app.retention import TipScoresRetention
 from app.scoring import Scorer
-from app.settings import Settings
+from app.settings import Settings, env_name
 from app.startup import StartupError, shown_url
 from models.policy import make_policy
 from streams import jetstream as jsx
@@ -195,6 +195,18 @@ class Service:
         FEEDBACK and DECISIONS resume from the positions it reflects, so learning resumes there."""
         s = self.settings
         await asyncio.to_thread(lambda: self.lineup.load(s.model_kind, s.bootstrap_shadow_kind, **s.model_params()))
+        for name, wanted, registered in self.lineup.first_start_unused:
+            field = {"kind": "model_kind", "shadow_kind": "bootstrap_shadow_kind"}.get(name, f"model_{name}")
+            if field not in s.model_fields_set:  # a default that differs from v1's: nobody asked for it now
+                continue
+            if name == "shadow_kind":
+                found = "no v2 was registered" if registered is None else f"v2 was registered as {registered}"
+            else:
+                found = f"v1 was registered with {name} {registered}"
+            option = f"--kind {wanted}" if name in ("kind", "shadow_kind") else f"--param {name}={wanted}"
+            log.warning("%s=%s is read on the first start only and %s: it changes nothing now. To use it, register "
+                        "a version (`tipstream models register <name> %s`), then %s.", env_name(field),
+                        getattr(s, field), found, option, "shadow it" if name == "shadow_kind" else "shadow and promote it")
         resume = await asyncio.to_thread(self.learner.restore, self.engine)
         self._checkpointed = dict(self.store.positions)  # read to here before: see StreamIngest.dead_lettered_upto
         for stream, seq in (resume or {}).items():

@@ -65,6 +65,8 @@ class Lineup:
         self.learning: list[tuple[str, TipModel]] = []
         self._lock = asyncio.Lock()
         self._stored_entries = 0
+        # First-start settings that differ from the registered v1/v2 (`_unused_first_start`).
+        self.first_start_unused: list[tuple[str, Any, Any]] = []
         # Checkpoint participants (the learner) whose state must be saved with a new version, and
         # the checkpointer's lock (`Checkpointer.lock`), held while that snapshot is saved.
         self.participants: list[Any] = []
@@ -82,6 +84,8 @@ class Lineup:
         register `v1` as champion (and `v2` as shadow when `shadow_kind` is set), both with
         `model_params` (`TipModel`'s; `Settings.model_params`)."""
         registry, blobs = self.store.load()
+        self.first_start_unused = [] if registry.champion is None else _unused_first_start(
+            registry, first_kind, shadow_kind, model_params)
         if registry.champion is None:
             registry = Registry.from_dict(registry.to_dict())
             new: dict[str, tuple[bytes, int]] = {}
@@ -315,6 +319,24 @@ def _ignored_parameters(kind: str, params: dict[str, Any]) -> str:
     if "user_forgetting" in params and params.get("optimizer") == "sgd":
         return "user_forgetting applies only to optimizer 'adagrad' (this one learns with 'sgd'); leave it out"
     return ""
+
+
+def _unused_first_start(registry: Registry, first_kind: str, shadow_kind: str | None,
+                        model_params: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """What the first start's settings ask for that the registered `v1` (or `v2`) is not: the
+    settings are read on the first start only, so a later change to them changes nothing.
+    `(parameter, configured, registered)`; "shadow_kind" for the shadow's kind."""
+    unused = []
+    v1 = registry.versions.get("v1")
+    if v1 is not None:
+        wanted = TipModel(kind=first_kind, **model_params).params
+        for name in ("kind", *model_params):
+            if wanted[name] != v1.model_params.get(name):
+                unused.append((name, wanted[name], v1.model_params.get(name)))
+    v2 = registry.versions.get("v2")
+    if shadow_kind is not None and (v2 is None or v2.kind != shadow_kind):
+        unused.append(("shadow_kind", shadow_kind, None if v2 is None else v2.kind))
+    return unused
 
 
 def _version(version: str, model: TipModel, card: ModelCard | None = None) -> ModelVersion:

@@ -524,3 +524,25 @@ def test_a_user_the_store_lets_go_of_leaves_the_feature_cache_too(lineup: Lineup
     assert list(scorer._cache) == ["active"]
     assert scorer.score(_request(user="idle")).response["features"] == served["idle"]  # loaded back
     assert list(scorer._cache) == ["active", "idle"]
+
+
+def test_first_start_settings_that_the_registered_models_do_not_have_are_found(tmp_path: Path) -> None:
+    """TIPSTREAM_MODEL_KIND and its kin make v1 (and v2) on the first start only: set later, they
+    changed nothing, and the start said nothing (`Service._load_learning` now warns of each)."""
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    try:
+        first = Lineup(RegistryStore(engine), engine, eval_max_rewards=10)
+        first.load("logreg", learning_rate=0.1)
+        assert first.first_start_unused == []
+        again = Lineup(RegistryStore(engine), engine, eval_max_rewards=10)
+        again.load("logreg", learning_rate=0.1)
+        assert again.first_start_unused == [], "the same settings: nothing to say"
+        changed = Lineup(RegistryStore(engine), engine, eval_max_rewards=10)
+        changed.load("fm", "fm", learning_rate=0.2, max_values=10)
+        assert changed.first_start_unused == [("kind", "fm", "logreg"), ("learning_rate", 0.2, 0.1),
+                                              ("max_values", 10, 100_000), ("shadow_kind", "fm", None)]
+        assert (changed.champion_version, changed.shadow_version) == ("v1", None)
+    finally:
+        engine.dispose()
