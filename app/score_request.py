@@ -33,6 +33,7 @@ SERVER_INPUTS = frozenset(FEATURE_NAMES) | {f.name for f in CONTEXT_FEATURES} | 
 
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 FeatureName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]*$")]
+FEATURE_NAME_RULE = "a feature name starts with a letter or '_', then letters, digits and '_', '.', ':', '-' only"
 
 
 _OUT_OF_BOUNDS = f"must be a finite number between -{INPUT_BOUND_TEXT} and {INPUT_BOUND_TEXT}"
@@ -158,6 +159,8 @@ def parse_request(body: bytes) -> ScoreRequest:
                 message = e["msg"].removeprefix("Value error, ")
                 if field == "context.now":
                     message = _TIME_ERRORS.get(e["type"], message)
+                elif e["type"] == "string_pattern_mismatch" and "[key]" in e["loc"]:  # the regex, said in words
+                    message = FEATURE_NAME_RULE
                 errors.append({"field": field, "message": message})
         raise RequestError(errors[0]["field"], errors[0]["message"], errors) from None
     if b"\\u0000" in body:  # JSON can carry a NUL only as this escape: the check costs nothing otherwise

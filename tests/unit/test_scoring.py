@@ -73,6 +73,16 @@ def test_bad_requests_name_the_field(body: bytes, field: str) -> None:
     assert error.value.field == field and str(error.value).startswith(f"{field}: ")
 
 
+@pytest.mark.parametrize("name", ["a b", "1bad", "tone/level"])
+def test_a_bad_candidate_feature_name_is_refused_with_the_rule_in_words(name: str) -> None:
+    # It was pydantic's "String should match pattern '^[A-Za-z_][A-Za-z0-9_.:-]*$'".
+    body = {"user_id": "u", "candidates": [{"tip_id": "a", "features": {name: 1}}]}
+    with pytest.raises(RequestError) as error:
+        parse_request(orjson.dumps(body))
+    assert error.value.field == f"candidates.0.features.{name}"
+    assert error.value.message == "a feature name starts with a letter or '_', then letters, digits and '_', '.', ':', '-' only"
+
+
 @pytest.mark.parametrize("now", [b'"2026-11-26T09:00:00"', b"1795694400", b'"1795694400.5"'])
 def test_a_now_without_an_offset_is_refused_with_an_example_of_one(now: bytes) -> None:
     # A naive time got pydantic's "Input should have timezone info", which named no fix.
