@@ -253,6 +253,23 @@ class Settings(BaseSettings):
                 f"{window_s / 86_400:g} days), in which a reward may still come for a decision; or 0 to keep every row")
         return value
 
+    @field_validator("duplicate_window_s", "dlq_max_age_days")
+    @classmethod
+    def _window_within_retention(cls, value: float, info: ValidationInfo) -> float:
+        # JetStream refuses a stream whose duplicate window outlasts its retention, and the start
+        # ended with its words only ("duplicates window can not be larger then max age"), no setting named.
+        if info.field_name == "duplicate_window_s":
+            days = info.data.get("stream_max_age_days")
+            if days is not None and value > days * 86_400:
+                raise ValueError(f"JetStream's duplicate window must not outlast the streams' retention "
+                                 f"(TIPSTREAM_STREAM_MAX_AGE_DAYS={days:g}, {days * 86_400:g} s)")
+        else:
+            window_s = info.data.get("duplicate_window_s")
+            if window_s is not None and value * 86_400 < window_s:
+                raise ValueError(f"the DLQ's retention must be at least JetStream's duplicate window "
+                                 f"(TIPSTREAM_DUPLICATE_WINDOW_S={window_s:g} s, {window_s / 86_400:g} days)")
+        return value
+
     @field_validator("nats_url")
     @classmethod
     def _nats_scheme(cls, value: str | None) -> str | None:

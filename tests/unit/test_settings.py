@@ -106,3 +106,25 @@ def test_a_misspelt_setting_is_named_with_the_one_it_was_likely_meant_for(tmp_pa
         "TIPSTREAM_POLICY_EPSILLON is not a tipstream setting and is ignored (did you mean TIPSTREAM_POLICY_EPSILON?)",
         "TIPSTREAM_PROT is not a tipstream setting and is ignored (did you mean TIPSTREAM_PORT?)",
     ]
+
+
+@pytest.mark.parametrize(("variables", "told"), [
+    ({"TIPSTREAM_STREAM_MAX_AGE_DAYS": "0.001"},
+     ("TIPSTREAM_DUPLICATE_WINDOW_S=120.0 (its default): JetStream's duplicate window must not outlast the streams' "
+      "retention (TIPSTREAM_STREAM_MAX_AGE_DAYS=0.001, 86.4 s)")),
+    ({"TIPSTREAM_DLQ_MAX_AGE_DAYS": "0.001"},
+     ("TIPSTREAM_DLQ_MAX_AGE_DAYS='0.001': the DLQ's retention must be at least JetStream's duplicate window "
+      "(TIPSTREAM_DUPLICATE_WINDOW_S=120 s, 0.00138889 days)")),
+])
+def test_a_duplicate_window_longer_than_a_retention_is_refused_naming_both(
+        monkeypatch: pytest.MonkeyPatch, tmp_path, variables: dict, told: str) -> None:
+    """JetStream refused the stream at the start: "duplicates window can not be larger then max
+    age (error 10052)", exit 1, and no setting named."""
+    from app.settings import SettingsError, load_settings
+
+    monkeypatch.chdir(tmp_path)  # no .env here
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert str(refused.value).startswith(told), str(refused.value)
