@@ -178,8 +178,11 @@ def test_a_database_the_commands_cannot_open_is_one_message_without_its_password
 
 @pytest.mark.postgres
 def test_migrate_shows_the_database_url_without_its_password(
-        postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path) -> None:
     from tests.conftest import reset_postgres
+
+    # Not the repository's ./data: a `make run` there (the README's other command) made `migrate base` refuse.
+    monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))
 
     reset_postgres(postgres_url)
     from sqlalchemy.engine import make_url
