@@ -117,7 +117,7 @@ async def user_features(request: Request) -> Response:
         content:
           application/json:
             schema: {$ref: '#/components/schemas/UserFeatures'}
-      422: {description: '`at` is not a time with a UTC offset, or the user id is longer than 128 characters or holds a NUL'}
+      422: {description: '`at` is not a time with a UTC offset (or a query parameter other than `at` is given), or the user id is longer than 128 characters or holds a NUL'}
       503:
         description: "the user's state is still to be loaded from the database, which is away"
         headers:
@@ -128,6 +128,11 @@ async def user_features(request: Request) -> Response:
     if not 1 <= len(user_id) <= 128 or "\x00" in user_id:
         return _error(422, "user_id", f"a user id is 1 to 128 characters without NUL, got {len(user_id)} characters"
                       + (" with a NUL" if "\x00" in user_id else ""))
+    # /score refuses a field it does not know; so does this: `?as_of=` answered as of now, silently.
+    unknown = sorted(set(request.query_params) - {"at"})
+    if unknown:
+        return _error(422, unknown[0], f"unknown query parameter {unknown[0]!r}; this endpoint takes only 'at', "
+                                       f"e.g. ?at=2026-11-26T09:00:00%2B01:00")
     raw_at = request.query_params.get("at")
     if raw_at is None:
         at = datetime.now(UTC)
