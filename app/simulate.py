@@ -19,16 +19,18 @@ from streams.jetstream import publish_events
 from streams.simulator import Population
 
 
-def resolve_nats_url(explicit: str | None) -> str:
-    """--nats-url, else NATS_URL, else the URL the running embedded server wrote."""
+def _nats_url_and_source(explicit: str | None) -> tuple[str, str]:
+    """--nats-url, else NATS_URL, else the URL the running embedded server wrote; and what to do
+    when nothing answers there, which depends on where the URL came from."""
     if explicit:
-        return explicit
+        return explicit, "is a NATS server running there? check --nats-url"
     settings = get_settings()
     if settings.nats_url:
-        return settings.nats_url
+        return settings.nats_url, "is a NATS server running there? check NATS_URL, or pass --nats-url"
     written = Path(settings.data_dir) / URL_FILE
     if written.exists():
-        return written.read_text().strip()
+        return written.read_text().strip(), (f"{written} names it: start `tipstream run` (its embedded server "
+                                             "writes it at each start), or pass --nats-url")
     raise SystemExit(
         f"No NATS server to publish to: set NATS_URL, pass --nats-url, or start `tipstream run` "
         f"(its embedded server writes {written})."
@@ -56,7 +58,7 @@ def pregenerated(population: Population, rate: float, count: int | None,
 async def simulate(users: int, rate: float, count: int | None, duration: float | None, seed: int,
                    nats_url: str | None, progress: bool = True, pregenerate: bool = False,
                    user_prefix: str = "sim") -> int:
-    url = resolve_nats_url(nats_url)
+    url, fix = _nats_url_and_source(nats_url)
 
     async def quiet(error: Exception) -> None:
         pass
@@ -65,7 +67,7 @@ async def simulate(users: int, rate: float, count: int | None, duration: float |
         nc = await nats.connect(url, name="tipstream-simulate", max_reconnect_attempts=3,
                                 reconnect_time_wait=0.5, connect_timeout=5, error_cb=quiet)
     except (OSError, nats.errors.NoServersError) as error:
-        raise SystemExit(f"No NATS server answers at {url} ({error}): start `tipstream run`, or pass --nats-url.")
+        raise SystemExit(f"No NATS server answers at {url} ({error}): {fix}.")
     js = nc.jetstream(publish_async_max_pending=4_000)
     # Event ids of this run's own: a second run with the same seed sends the same traffic again,
     # which JetStream (and tipstream after it) would drop as duplicates of the first.

@@ -22,7 +22,13 @@ def test_simulate_against_no_server_says_so_at_once(tmp_path: Path) -> None:
                           timeout=60, env={"PATH": "/usr/bin:/bin", "TIPSTREAM_DATA_DIR": str(tmp_path)})
     assert done.returncode == 1
     assert "No NATS server answers at nats://127.0.0.1:" in done.stderr and "--nats-url" in done.stderr
+    assert "nats.url names it: start `tipstream run`" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+    # Given with --nats-url, the URL is the caller's: it was told to "start `tipstream run`, or pass --nats-url".
+    done = subprocess.run([TIPSTREAM, "simulate", "--count", "5", "--quiet", "--nats-url",
+                           f"nats://127.0.0.1:{free_port()}"], capture_output=True, text=True,
+                          timeout=60, env={"PATH": "/usr/bin:/bin", "TIPSTREAM_DATA_DIR": str(tmp_path)})
+    assert done.returncode == 1 and "is a NATS server running there? check --nats-url." in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize(("argv", "problem"), [
