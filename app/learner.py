@@ -74,6 +74,21 @@ log = logging.getLogger("tipstream.learner")
 _OUTCOME = {name: FEEDBACK.labels(name) for name in (
     "credited", "duplicate", "no_decision", "waiting", "unknown_decision", "expired", "unknown_tip", "wrong_user")}
 
+TELL_EVERY_S = 60.0  # a publisher's mistake in feedback is logged at most this often per kind
+_told_at: dict[str, float] = {}
+
+
+def _tell(outcome: str, message: str, *args: Any) -> None:
+    """Log feedback not learned for its publisher's mistake, at most once every `TELL_EVERY_S` per
+    outcome (the metric counts each): it showed in tipstream_feedback_total only, so a publisher's
+    wrong tip id or user id went unseen in the log."""
+    now = time.monotonic()
+    if now - _told_at.get(outcome, -math.inf) >= TELL_EVERY_S:
+        _told_at[outcome] = now
+        log.warning(message + "; not learned (tipstream_feedback_total{outcome=\"%s\"} counts each, this line "
+                    "comes at most once a minute)", *args, outcome)
+
+
 MODELS_LOOP_SHARE = 0.01  # of the event loop's time, at most, spent serialising models for snapshots
 # Bytes a cache entry costs beyond its payload, measured with tracemalloc: the entry and its
 # OrderedDict slot 211, the decision id 79, the bytes object's header 33.
@@ -481,6 +496,9 @@ class Learner:
         expired = self.waiting.expire(now)
         if expired:
             _OUTCOME["unknown_decision"].inc(expired)
+            _tell("unknown_decision", "%d feedback event(s) gave up waiting for the decisions they name, which never "
+                  "came to DECISIONS within TIPSTREAM_LEARNER_PENDING_MAX_AGE_S (%g s): a decision_id /score did "
+                  "not answer", expired, self.waiting.max_age_s)
 
     def expire(self) -> None:
         """Give up on feedback that waited too long (each checkpoint's `snapshot` does this too)."""
@@ -507,6 +525,8 @@ class Learner:
                 if user_id != decision["user_id"]:
                     # Another user's reaction is told as such, before or after the decision's own.
                     _OUTCOME["wrong_user"].inc()
+                    _tell("wrong_user", "feedback of user %r names decision %s, which /score made for user %r",
+                          user_id, decision_id, decision["user_id"])
                     return
             _OUTCOME["duplicate"].inc()
             return
@@ -514,9 +534,13 @@ class Learner:
         candidate = next((c for c in decision["ranked"] if c["tip_id"] == tip_id), None)
         if candidate is None:
             _OUTCOME["unknown_tip"].inc()
+            _tell("unknown_tip", "feedback names tip %r, which is not a candidate of decision %s (%s)", tip_id,
+                  decision_id, ", ".join(repr(c["tip_id"]) for c in decision["ranked"][:10]))
             return
         if user_id is not None and user_id != decision["user_id"]:
             _OUTCOME["wrong_user"].inc()
+            _tell("wrong_user", "feedback of user %r names decision %s, which /score made for user %r",
+                  user_id, decision_id, decision["user_id"])
             return
         reward = self.rewards[reaction]
         x = learning_input(decision["features"], candidate)

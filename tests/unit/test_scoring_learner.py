@@ -176,6 +176,27 @@ def test_feedback_before_its_decision_waits_then_joins(world: World) -> None:
     assert row["decision_id"] == scored.decision_id and row["rewards"] == {"a": 1.0}
 
 
+def test_feedback_a_publisher_got_wrong_is_told_in_the_log_at_most_once_a_minute(
+        world: World, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tip id or user id the decision does not have showed in tipstream_feedback_total only."""
+    import logging
+
+    from app import learner as learner_module
+
+    monkeypatch.setattr(learner_module, "_told_at", {})
+    scored = world.score(user="u-1", tips=("a", "b"))
+    with caplog.at_level(logging.WARNING, logger="tipstream.learner"):
+        world.react(scored.decision_id, "zzz", "acted")
+        world.react(scored.decision_id, "yyy", "acted")  # within the minute: counted, not told again
+        world.react(scored.decision_id, "a", "acted", user="u-2")
+    told = [r.getMessage() for r in caplog.records]
+    assert len(told) == 2, told
+    assert told[0].startswith(f"feedback names tip 'zzz', which is not a candidate of decision {scored.decision_id} "
+                              "('a', 'b'); not learned (tipstream_feedback_total{outcome=\"unknown_tip\"}"), told[0]
+    assert told[1].startswith(f"feedback of user 'u-2' names decision {scored.decision_id}, which /score made for "
+                              "user 'u-1'; not learned"), told[1]
+
+
 def test_feedback_from_another_user_trains_nothing(world: World) -> None:
     before = outcomes()
     served = world.score(user="u-1")
