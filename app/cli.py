@@ -101,7 +101,8 @@ def _docs(args: argparse.Namespace) -> int:
     # Beside the README it updates, not the working directory's docs/ (from elsewhere, a stray new one);
     # installed from a wheel, there is no README beside the package, and never a docs/ to write there.
     default = OWN_README.parent / "docs" if OWN_README.exists() else Path("docs")
-    for path in write_docs(Path(args.out) if args.out else default):
+    # Elsewhere, only the generated files: `--out` to look at them rewrote the README in place too.
+    for path in write_docs(Path(args.out), readme=None) if args.out else write_docs(default):
         print(f"wrote {path}")
     return 0
 
@@ -169,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
 
     docs = commands.add_parser("docs", help="regenerate docs/events.schema.json, docs/features.md, "
                                             "docs/metrics.md and the README's settings table")
-    docs.add_argument("--out", help="where the generated files go (default: the docs/ beside the README)")
+    docs.add_argument("--out", help="where the generated files go (default: the docs/ beside the README); "
+                                    "with --out, the README's settings table is left as it is")
     docs.set_defaults(func=_docs)
 
     from app.models_cli import add_models_commands

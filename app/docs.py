@@ -62,12 +62,13 @@ def generated() -> dict[str, str]:
 OWN_README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def write_docs(out: Path, readme: Path = OWN_README) -> list[Path]:
+def write_docs(out: Path, readme: Path | None = OWN_README) -> list[Path]:
     """The generated files under `out`, and the settings table in tipstream's own README (found
-    beside the package, not in the working directory, and only between its markers)."""
+    beside the package, not in the working directory, and only between its markers; None: no
+    README)."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    if readme.exists() and README_START in (text := readme.read_text()) and README_END in text:
+    if readme is not None and readme.exists() and README_START in (text := readme.read_text()) and README_END in text:
         readme.write_text(readme_with_settings(text))
         written.append(readme)
     for name, text in generated().items():

@@ -257,10 +257,12 @@ def test_docs_from_another_directory_regenerate_the_docs_beside_the_readme(
     from app import docs
 
     outs: list[Path] = []
-    monkeypatch.setattr(docs, "write_docs", lambda out: outs.append(out) or [])
+    readmes: list[Path | None] = []
+    monkeypatch.setattr(docs, "write_docs", lambda out, readme=docs.OWN_README: outs.append(out) or readmes.append(readme) or [])
     monkeypatch.chdir(tmp_path)
     assert main(["docs"]) == 0 and main(["docs", "--out", "elsewhere"]) == 0
     assert outs == [docs.OWN_README.parent / "docs", Path("elsewhere")]
+    assert readmes == [docs.OWN_README, None]  # --out rewrote the repository's README too
     assert not (tmp_path / "docs").exists()
     monkeypatch.setattr(docs, "OWN_README", tmp_path / "site-packages" / "README.md")  # installed from a wheel
     assert main(["docs"]) == 0 and outs[-1] == Path("docs")
