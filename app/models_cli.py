@@ -56,6 +56,12 @@ def _registry() -> Any:
         engine.dispose()
 
 
+def _reads_the_database(url: str) -> str:
+    raise argparse.ArgumentTypeError(
+        "`list` and `card` read the database, not the service: set DATABASE_URL (or TIPSTREAM_DATA_DIR) as the "
+        "service has it; the running service's GET /models and GET /models/{version} answer over HTTP")
+
+
 def _list(args: argparse.Namespace) -> int:
     registry, models = _registry()
     if not registry.versions:
@@ -256,6 +262,9 @@ def add_models_commands(commands: Any) -> None:
     card.add_argument("version")
     card.add_argument("--json", action="store_true", help="JSON instead of Markdown")
     card.set_defaults(func=_card)
+    for reader in (listing, card):
+        # Taken only to say why not: as the changes take --url, `list --url` was "unrecognized arguments".
+        reader.add_argument("--url", type=_reads_the_database, help=argparse.SUPPRESS)
     for action in CHANGES:
         helps = {
             "register": "register a new version, trained over the decision log",

@@ -75,6 +75,16 @@ def test_reading_the_registry_where_there_is_no_database_creates_none(
     assert not (tmp_path / "data").exists()
 
 
+
+@pytest.mark.parametrize("command", [["models", "list"], ["models", "card", "v1"]])
+def test_the_registry_readers_given_a_service_url_say_they_read_the_database(
+        command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """As the changes take --url, `models list --url ...` was told only 'unrecognized arguments'."""
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--url", "http://127.0.0.1:8000"])
+    assert exited.value.code == 2
+    assert "read the database, not the service: set DATABASE_URL" in capsys.readouterr().err
+
 def test_an_unknown_revision_creates_no_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
