@@ -206,7 +206,7 @@ def _describe(error: ValidationError) -> Rejection:
         return Rejection("invalid_field", f"field '{where}': must be ISO 8601 text with {whose} UTC offset, e.g. "
                                           f"2026-11-26T08:01:02.123+01:00, not {first['input']!r} (it has none)")
     if where == "v" and (type(first["input"]) is not int):  # "1", 1.0, null: not a version number at all
-        return Rejection("invalid_field", f"field 'v': must be the contract version as a JSON number "
+        return Rejection("invalid_field", f"field 'v': must be the contract version as a JSON integer "
                                           f"(this server reads {CURRENT_VERSION}), not {orjson.dumps(first['input']).decode()}")
     if where == "v":
         return Rejection(

@@ -77,8 +77,9 @@ def test_unknown_fields_are_tolerated_but_not_kept() -> None:
         (orjson.dumps({**envelope("app.opened"), "id": "x" * 129}), "invalid_field", "id"),
         (orjson.dumps({**envelope("app.opened"), "v": 7}), "unsupported_version", "v=7"),
         # The version as text read "v='1' is not supported; this server reads v1": the problem is the type.
-        (orjson.dumps({**envelope("app.opened"), "v": "1"}), "invalid_field", "'v': must be the contract version as a JSON number"),
-        (orjson.dumps({**envelope("app.opened"), "v": None}), "invalid_field", "'v': must be the contract version as a JSON number"),
+        (orjson.dumps({**envelope("app.opened"), "v": "1"}), "invalid_field", "'v': must be the contract version as a JSON integer"),
+        (orjson.dumps({**envelope("app.opened"), "v": None}), "invalid_field", "'v': must be the contract version as a JSON integer"),
+        (orjson.dumps({**envelope("app.opened"), "v": 1.5}), "invalid_field", "'v': must be the contract version as a JSON integer"),
     ],
 )
 def test_bad_events_are_refused_with_a_reason_that_names_the_problem(raw: bytes, kind: str, names: str) -> None:
