@@ -79,7 +79,8 @@ def _f(name: str, dtype: Any, ttl_days: float | None, source: str, fallback: Any
 
 
 FEATURES: tuple[Feature, ...] = (
-    _f("tasks_created_7d", "int", 7, "task.created", 0, "Tasks created in the last 7 days.", window=7),
+    _f("tasks_created_7d", "int", 7, "task.created", 0, "`task.created` events in the last 7 days (a task created twice, with two event ids, counts twice).",
+       window=7),
     _f("tasks_completed_7d", "int", 7, "task.completed", 0, "Tasks completed in the last 7 days.", window=7),
     _f("completion_rate_7d", "float", 7, "task.created, task.completed", 0.5,
        "`(tasks_completed_7d + 1) / (tasks_created_7d + 2)`.", window=7),
@@ -93,8 +94,9 @@ FEATURES: tuple[Feature, ...] = (
     _f("open_tasks", "int", 30, "task.created, task.completed, task.deleted", 0,
        "Tasks created in the last 30 days and neither completed nor deleted in them.", window=30),
     _f("overdue_tasks", "int", 30, "task.created, task.rescheduled, task.completed, task.deleted", 0,
-       "Open tasks whose due time (the latest reschedule in 30 days, else the creation's `due`; kept to the "
-       "second, rounded down) is at or before `now`.", window=30),
+       "Open tasks whose due time (the latest reschedule in 30 days, else the latest creation's `due`, so a "
+       "`task.created` sent again without `due` clears it; kept to the second, rounded down) is at or before "
+       "`now`.", window=30),
     _f("postpone_rate_30d", "float", 30, "task.rescheduled, task.created", 0.0,
        "`reschedules / (tasks created + 1)` over 30 days.", window=30),
     _f("active_day_streak", "int", 2, "all signals", 0,

@@ -195,3 +195,17 @@ def test_an_unrelated_later_event_does_not_change_task_features_at_the_same_now(
     values = evaluate(after, at)
     assert values["open_tasks"].value == 1 and values["overdue_tasks"].value == 0  # t: re-created, due in 3 days
     assert values["mean_hours_to_complete_28d"].fallback  # u's creation is not in the last 30 days
+
+
+def test_a_task_created_again_counts_again_and_its_latest_creation_sets_its_due() -> None:
+    """As the descriptions say: `task.created` events are counted, and a second one for the same
+    task without `due` clears the first's (an app re-sending the task as it now is)."""
+    now = datetime(2026, 11, 26, 12, tzinfo=UTC)
+    state = UserState()
+    apply(state, _event(0, "task.created", now - timedelta(days=2), task_id="t", due=(now - timedelta(days=1)).isoformat()))
+    at = (now - EPOCH) // MS
+    assert evaluate(state, at)["overdue_tasks"].value == 1
+    apply(state, _event(1, "task.created", now - timedelta(hours=1), task_id="t"))
+    values = evaluate(state, at)
+    assert values["overdue_tasks"].value == 0 and values["open_tasks"].value == 1
+    assert values["tasks_created_7d"].value == 2
