@@ -376,3 +376,22 @@ def test_a_heavy_user_s_log_grows_in_place_and_folds_to_the_same_state() -> None
     later = parse_event(orjson.dumps({"id": "later", "type": "app.opened", "user_id": "u",
                                       "ts": (BASE + timedelta(days=6)).isoformat()}))
     assert apply(heavy, later) and len(held) == heavy.count("app.opened") - 1
+
+
+def test_many_events_of_one_user_at_one_instant_fold_in_linear_time_and_dedup() -> None:
+    # A publisher sending many events of one user stamped at one instant made each insert walk
+    # every record of that instant in Python: 20,000 took ~14 s, stalling ingest for everyone.
+    import time
+
+    raws = [f'{{"id": "e{i}", "type": "task.created", "user_id": "u", "ts": "2026-11-26T08:00:00+01:00", '
+            f'"data": {{"task_id": "t{i}"}}}}'.encode() for i in range(20_000)]
+    events = [parse_event(raw) for raw in raws]
+    state = UserState()
+    started = time.perf_counter()
+    assert all(apply(state, e) for e in events)
+    assert time.perf_counter() - started < 3.0
+    assert not any(apply(state, e) for e in events[::97])  # each one again is a duplicate
+    shuffled = UserState()
+    for e in random.Random(7).sample(events, len(events)):
+        apply(shuffled, e)
+    assert shuffled == state and state.count("task.created") == 20_000
