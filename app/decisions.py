@@ -145,7 +145,7 @@ def _candidate_problem(candidate: Any) -> str | None:
     if features:
         name = _not_scalar(features)
         if name is not None:
-            return f"features.{name} {_NOT_SCALAR}"
+            return f"features.{name!r} {_NOT_SCALAR}"  # repr: a publisher's key (CR/LF) goes into the log
     return None
 
 
@@ -189,7 +189,7 @@ def decision_problem(body: dict[str, Any]) -> Rejection | None:
                                           "'features' (an object)")
     name = _not_scalar(features)
     if name is not None:
-        return Rejection("invalid_field", f"features.{name} {_NOT_SCALAR}")
+        return Rejection("invalid_field", f"features.{name!r} {_NOT_SCALAR}")
     seen: dict[str, int] = {}
     for i, candidate in enumerate(ranked):
         problem = _candidate_problem(candidate)

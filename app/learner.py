@@ -525,7 +525,7 @@ class Learner:
                 if user_id != decision["user_id"]:
                     # Another user's reaction is told as such, before or after the decision's own.
                     _OUTCOME["wrong_user"].inc()
-                    _tell("wrong_user", "feedback of user %r names decision %s, which /score made for user %r",
+                    _tell("wrong_user", "feedback of user %r names decision %r, which /score made for user %r",
                           user_id, decision_id, decision["user_id"])
                     return
             _OUTCOME["duplicate"].inc()
@@ -534,12 +534,12 @@ class Learner:
         candidate = next((c for c in decision["ranked"] if c["tip_id"] == tip_id), None)
         if candidate is None:
             _OUTCOME["unknown_tip"].inc()
-            _tell("unknown_tip", "feedback names tip %r, which is not a candidate of decision %s (%s)", tip_id,
+            _tell("unknown_tip", "feedback names tip %r, which is not a candidate of decision %r (%s)", tip_id,
                   decision_id, ", ".join(repr(c["tip_id"]) for c in decision["ranked"][:10]))
             return
         if user_id is not None and user_id != decision["user_id"]:
             _OUTCOME["wrong_user"].inc()
-            _tell("wrong_user", "feedback of user %r names decision %s, which /score made for user %r",
+            _tell("wrong_user", "feedback of user %r names decision %r, which /score made for user %r",
                   user_id, decision_id, decision["user_id"])
             return
         reward = self.rewards[reaction]
@@ -558,7 +558,7 @@ class Learner:
             try:
                 model.learn_one(x, reward, rewarded_ms)
             except Exception as error:  # noqa: BLE001 - one bad example must not stop ingest
-                log.warning("model %s could not learn decision %s: %s", version, decision_id, error)
+                log.warning("model %s could not learn decision %r: %s", version, decision_id, error)
                 continue
             if model.n_refused != refused:
                 self._refused(version, model.n_refused - refused, model.params["max_values"])
@@ -571,7 +571,7 @@ class Learner:
                 counter = self._learned[version] = LEARNED.labels(version)
             counter.inc()
         if skipped:
-            log.warning("models %s did not learn tip %s of decision %s (tipstream_rewards_skipped_total): a feature "
+            log.warning("models %s did not learn tip %r of decision %r (tipstream_rewards_skipped_total): a feature "
                         "number is not finite or is beyond +-%s, which /score refuses; look at who published the "
                         "decision", ", ".join(skipped), tip_id, decision_id, INPUT_BOUND_TEXT)
         self.lineup.prior.update(tip_id, reward)

@@ -191,10 +191,37 @@ def test_feedback_a_publisher_got_wrong_is_told_in_the_log_at_most_once_a_minute
         world.react(scored.decision_id, "a", "acted", user="u-2")
     told = [r.getMessage() for r in caplog.records]
     assert len(told) == 2, told
-    assert told[0].startswith(f"feedback names tip 'zzz', which is not a candidate of decision {scored.decision_id} "
+    assert told[0].startswith(f"feedback names tip 'zzz', which is not a candidate of decision {scored.decision_id!r} "
                               "('a', 'b'); not learned (tipstream_feedback_total{outcome=\"unknown_tip\"}"), told[0]
-    assert told[1].startswith(f"feedback of user 'u-2' names decision {scored.decision_id}, which /score made for "
+    assert told[1].startswith(f"feedback of user 'u-2' names decision {scored.decision_id!r}, which /score made for "
                               "user 'u-1'; not learned"), told[1]
+
+
+def test_a_publisher_s_decision_id_or_feature_name_cannot_forge_log_lines(
+        world: World, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another publisher's decision (DECISIONS) with CR/LF in its id or a feature's name put them
+    into the log as they were: a line of the attacker's own wording after the real one."""
+    import logging
+
+    from app import learner as learner_module
+    from app.decisions import decode_decision
+
+    monkeypatch.setattr(learner_module, "_told_at", {})
+    forged = "\n2026-12-04 18:00:00,000 ERROR tipstream: forged"
+    scored = world.score(serve=False, tips=("a", "b"))
+    decision = orjson.loads(scored.payload)
+    refused = decode_decision("decisions.score", orjson.dumps(
+        {**decision, "features": {**decision["features"], f"x{forged}": [1]}}))
+    assert not isinstance(refused, LoggedDecision) and "\n" not in refused.reason and "\r" not in refused.reason
+    decision["id"] = f"d-1{forged}"
+    found = decode_decision("decisions.score", orjson.dumps(decision))
+    assert isinstance(found, LoggedDecision)
+    world.learner.add_logged(found)
+    with caplog.at_level(logging.WARNING, logger="tipstream.learner"):
+        world.react(decision["id"], "zzz", "acted")
+        world.react(decision["id"], "a", "acted", user="u-2")
+    told = [r.getMessage() for r in caplog.records]
+    assert len(told) == 2 and not any("\n" in line for line in told), told
 
 
 def test_feedback_from_another_user_trains_nothing(world: World) -> None:
