@@ -23,6 +23,42 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # uvicorn's default: an idle HTTP connection is closed after this long. A client keeping idle
 # connections as long may send on one the server is closing, and reads an empty answer.
 HTTP_KEEP_ALIVE_S = 5
+# A request's line and headers, at most: uvicorn's httptools protocol buffered them without a
+# bound (three connections sending 100 MB of one header, never ended, held 300 MB).
+HTTP_MAX_HEAD_BYTES = 64 * 1024
+
+
+def bounded_http_protocol() -> type:
+    """uvicorn's httptools protocol, answering 431 and closing a connection whose request line and
+    headers pass HTTP_MAX_HEAD_BYTES before they end (bytes of the chunk a request began in are not
+    counted: the bound holds within one read)."""
+    from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+    class BoundedHttpToolsProtocol(HttpToolsProtocol):
+        _head_bytes, _in_head, _feeding = 0, True, 0
+
+        def data_received(self, data: bytes) -> None:
+            self._feeding = len(data)
+            super().data_received(data)
+            if not self._in_head or self.transport.is_closing():
+                return
+            self._head_bytes += len(data)
+            if self._head_bytes > HTTP_MAX_HEAD_BYTES:
+                message = f"request line and headers larger than {HTTP_MAX_HEAD_BYTES} bytes".encode()
+                self.transport.write(b"".join([
+                    STATUS_LINE[431], b"content-type: text/plain; charset=utf-8\r\n",
+                    b"content-length: %d\r\n" % len(message), b"connection: close\r\n\r\n", message]))
+                self.transport.close()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head, self._head_bytes = True, -self._feeding
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+    return BoundedHttpToolsProtocol
 
 
 class StartupError(RuntimeError):
@@ -326,7 +362,7 @@ async def serve(settings: Settings, sock: socket.socket, demo_rate: float) -> in
     app = create_app(settings, service, started=True)
     # access_log off: uvicorn formats each line's arguments (path quoting included) before the
     # logger drops it at "warning", a few µs on every request.
-    config = uvicorn.Config(app, log_level="warning", http="httptools", lifespan="on", access_log=False,
+    config = uvicorn.Config(app, log_level="warning", http=bounded_http_protocol(), lifespan="on", access_log=False,
                             timeout_keep_alive=HTTP_KEEP_ALIVE_S)
     line = f"tipstream on {http_url(settings.host, port)} (data in {settings.data_dir})"
 

@@ -107,3 +107,60 @@ def test_a_sqlite_database_another_process_keeps_locked_is_told_as_such(tmp_path
     error = OperationalError("CREATE TABLE t (x)", None, locked.value)
     message = str(explain(error, Settings(data_dir=tmp_path)))
     assert "stayed locked by another process" in message and "TIPSTREAM_DATA_DIR to a" not in message, message
+
+
+async def test_a_request_head_past_the_bound_is_refused_and_its_connection_closed() -> None:
+    """uvicorn's httptools protocol buffered a request's headers without a bound: a client sending
+    one endless header (never ended) held as much memory as it sent."""
+    import socket
+
+    import uvicorn
+
+    from app.startup import HTTP_MAX_HEAD_BYTES, bounded_http_protocol
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        size = 0
+        while True:
+            message = await receive()
+            size += len(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(str(size)))]})
+        await send({"type": "http.response.body", "body": str(size).encode()})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, http=bounded_http_protocol(), lifespan="off", log_level="warning"))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+
+        async def ask(head: bytes, body: bytes = b"", chunk: int = 16 * 1024) -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                data = head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+                for at in range(0, len(data), chunk):
+                    writer.write(data[at : at + chunk])
+                    await writer.drain()
+                return await asyncio.wait_for(reader.read(), 10)  # until the server closes
+            except ConnectionResetError:
+                return b"reset"
+            finally:
+                writer.close()
+
+        small = b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-A: " + b"a" * 8000 + b"\r\n"
+        answer = await ask(small, b"b" * 300_000)  # a large body is no head
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"300000"), answer[:200]
+        huge = b"GET / HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * (4 * HTTP_MAX_HEAD_BYTES)
+        answer = await ask(huge, chunk=4096)
+        assert answer.startswith(b"HTTP/1.1 431") or answer == b"reset", answer[:200]
+        many = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"a" * 100) for i in range(4000))
+        answer = await ask(many, chunk=4096)
+        assert answer.startswith(b"HTTP/1.1 431") or answer == b"reset", answer[:200]
+    finally:
+        server.should_exit = True
+        await serving
