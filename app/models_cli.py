@@ -19,6 +19,18 @@ import urllib.request
 from typing import Any
 
 ANSWER_TIMEOUT_S = 120.0  # register trains the new version on the log before it answers
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """The service never redirects a change. urllib followed a 301/302/303 as a GET, with the
+    admin token, to wherever it pointed (another host too), and printed that answer as if the
+    change had been made."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        return None  # urllib then raises the 3xx as an HTTPError
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
 CHANGES = ("register", "shadow", "promote", "rollback", "retire", "evaluate")
 
 
@@ -136,9 +148,14 @@ def _change(args: argparse.Namespace) -> int:
         headers={"Content-Type": "application/json",
                  "Authorization": f"Bearer {settings.admin_token.get_secret_value()}"})
     try:
-        with urllib.request.urlopen(request, timeout=ANSWER_TIMEOUT_S) as response:
+        with _OPENER.open(request, timeout=ANSWER_TIMEOUT_S) as response:
             answer = json.loads(response.read())
     except urllib.error.HTTPError as error:
+        if 300 <= error.code < 400:
+            print(f"{base} answered {error.code}, a redirect to {error.headers.get('Location')!r}; not followed (it "
+                  "would carry TIPSTREAM_ADMIN_TOKEN), and nothing changed: pass --url as the service's own "
+                  "address.", file=sys.stderr)
+            return 1
         try:
             message = json.loads(error.read()).get("error", "")
         except Exception:  # noqa: BLE001

@@ -387,3 +387,48 @@ def test_a_database_from_a_newer_release_is_one_message(tmp_path: Path, monkeypa
         assert told is not None and str(told) == err.removeprefix("tipstream: ").strip()
     finally:
         get_settings.cache_clear()
+
+
+def test_a_change_answered_with_a_redirect_is_not_followed_with_the_token(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """urllib followed a 302 as a GET, Authorization included, to another host and port, and
+    printed that answer as the change made."""
+    import http.server
+    import threading
+
+    got: list[str | None] = []
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            got.append(self.headers.get("Authorization"))
+            body = (b'{"champion": "v2", "shadow": null, "history": [{"at": "now", "action": "promote", '
+                    b'"version": "v2", "actor": "x", "note": ""}]}')
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    elsewhere = http.server.HTTPServer(("127.0.0.1", 0), Elsewhere)
+
+    class Redirects(Elsewhere):
+        def do_POST(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{elsewhere.server_port}/steal")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    front = http.server.HTTPServer(("127.0.0.1", 0), Redirects)
+    for server in (front, elsewhere):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "the-secret")
+        assert main(["models", "promote", "v2", "--url", f"http://127.0.0.1:{front.server_port}"]) == 1
+    finally:
+        front.shutdown()
+        elsewhere.shutdown()
+    out = capsys.readouterr()
+    assert got == [] and "the-secret" not in out.out + out.err
+    assert "answered 302, a redirect to" in out.err and "nothing changed" in out.err and "champion" not in out.out
