@@ -82,10 +82,22 @@ def shown_database_url(url: str) -> str:
 
     >>> shown_database_url("postgresql+psycopg://tipstream:hunter2@db/tipstream")
     'postgresql+psycopg://tipstream:***@db/tipstream'
+
+    libpq also takes the password as a query parameter, which `hide_password` leaves as it is:
+
+    >>> shown_database_url("postgresql+psycopg://tipstream@db/tipstream?password=hunter2&sslmode=require")
+    'postgresql+psycopg://tipstream@db/tipstream?password=***&sslmode=require'
     """
     from sqlalchemy.engine import make_url
 
-    return make_url(url).render_as_string(hide_password=True)
+    parsed = make_url(url)
+    secret = {key: "***" for key in parsed.query if key.lower() in _SECRET_QUERY_KEYS}
+    if secret:
+        parsed = parsed.update_query_dict(secret)
+    return parsed.render_as_string(hide_password=True).replace("=%2A%2A%2A", "=***")
+
+
+_SECRET_QUERY_KEYS = ("password", "sslpassword")
 
 
 def http_url(host: str, port: int) -> str:

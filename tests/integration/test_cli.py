@@ -432,3 +432,19 @@ def test_a_change_answered_with_a_redirect_is_not_followed_with_the_token(
     out = capsys.readouterr()
     assert got == [] and "the-secret" not in out.out + out.err
     assert "answered 302, a redirect to" in out.err and "nothing changed" in out.err and "champion" not in out.out
+
+
+def test_a_database_password_given_as_a_query_parameter_is_not_shown(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """libpq takes `?password=`; the messages hid only the password before the host."""
+    from app.settings import get_settings
+
+    monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("DATABASE_URL", f"postgresql+psycopg://bob@127.0.0.1:{free_port()}/x?password=hunter2&sslmode=disable")
+    get_settings.cache_clear()
+    try:
+        assert main(["migrate"]) == 1
+    finally:
+        get_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert "hunter2" not in err and "?password=***&sslmode=disable (DATABASE_URL)" in err, err
