@@ -73,8 +73,13 @@ def shown_url(url: str) -> str:
     ('nats://tipstream:***@nats.internal:4222', 'nats://***@h:4222')
     >>> shown_url("nats://127.0.0.1:4222")
     'nats://127.0.0.1:4222'
+
+    A password may hold an '@' (nats-py, as urllib, reads the host after the last one):
+
+    >>> shown_url("nats://tipstream:p@ss@nats.internal:4222,nats://b:pw@h2:4222")
+    'nats://tipstream:***@nats.internal:4222,nats://b:***@h2:4222'
     """
-    return re.sub(r"(?<=://)([^/@:]*:)?[^/@]*@", lambda found: f"{found.group(1) or ''}***@", url)
+    return re.sub(r"(?<=://)([^/@:]*:)?[^/]*@", lambda found: f"{found.group(1) or ''}***@", url)
 
 
 def shown_database_url(url: str) -> str:
