@@ -67,7 +67,9 @@ async def simulate(users: int, rate: float, count: int | None, duration: float |
         nc = await nats.connect(url, name="tipstream-simulate", max_reconnect_attempts=3,
                                 reconnect_time_wait=0.5, connect_timeout=5, error_cb=quiet)
     except (OSError, nats.errors.NoServersError) as error:
-        raise SystemExit(f"No NATS server answers at {url} ({error}): {fix}.")
+        from app.startup import shown_url  # the URL may carry a password or token
+
+        raise SystemExit(f"No NATS server answers at {shown_url(url)} ({error}): {fix}.")
     js = nc.jetstream(publish_async_max_pending=4_000)
     # Event ids of this run's own: a second run with the same seed sends the same traffic again,
     # which JetStream (and tipstream after it) would drop as duplicates of the first.

@@ -29,6 +29,11 @@ def test_simulate_against_no_server_says_so_at_once(tmp_path: Path) -> None:
                            f"nats://127.0.0.1:{free_port()}"], capture_output=True, text=True,
                           timeout=60, env={"PATH": "/usr/bin:/bin", "TIPSTREAM_DATA_DIR": str(tmp_path)})
     assert done.returncode == 1 and "is a NATS server running there? check --nats-url." in done.stderr, done.stderr
+    # Its password or token is not echoed, as `tipstream run` does not.
+    done = subprocess.run([TIPSTREAM, "simulate", "--count", "5", "--quiet", "--nats-url",
+                           f"nats://tipstream:hunter2@127.0.0.1:{free_port()}"], capture_output=True, text=True,
+                          timeout=60, env={"PATH": "/usr/bin:/bin", "TIPSTREAM_DATA_DIR": str(tmp_path)})
+    assert done.returncode == 1 and "hunter2" not in done.stderr and "nats://tipstream:***@127.0.0.1:" in done.stderr
 
 
 @pytest.mark.parametrize(("argv", "problem"), [
