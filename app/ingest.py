@@ -52,6 +52,24 @@ def _on_subject(event: Any, subject: str) -> Any:
     return event if event.__class__ is Rejection else check_subject(event, subject) or event
 
 
+# A subject, as the DLQ's own, at most this long: a publisher may use one near the server's control
+# line limit (4 KiB), and `dlq.` with a reply inbox took the DLQ publish past it. The server then
+# closed tipstream's connection, for good, at every start, while the event stayed in the stream.
+DLQ_SUBJECT_MAX = 1024
+
+
+def dlq_subject(subject: str) -> str:
+    """`dlq.<subject>`, or `dlq.<family>.subject_too_long` for a subject over DLQ_SUBJECT_MAX bytes (the
+    header Tipstream-Original-Subject holds it whole).
+
+    >>> dlq_subject("signals.task.created"), dlq_subject("signals." + "a" * 2000)
+    ('dlq.signals.task.created', 'dlq.signals.subject_too_long')
+    """
+    if len(subject.encode()) <= DLQ_SUBJECT_MAX:
+        return f"dlq.{subject}"
+    return f"dlq.{subject.split('.', 1)[0]}.subject_too_long"
+
+
 class ReadUpTo:
     """How far a stream has been read since the start, in the time JetStream stored its messages:
     another stream's ingest waits on it (`StreamIngest`'s `after`)."""
@@ -361,7 +379,7 @@ class StreamIngest:
         if len(data) > room:
             headers[jsx.DLQ_TRUNCATED] = str(len(data))
             data = data[: max(room, 0)]
-        await self.js.publish(f"dlq.{subject}", data, headers=headers)
+        await self.js.publish(dlq_subject(subject), data, headers=headers)
         METRICS.dlq.labels(self.spec.name, rejection.kind).inc()
         log.info("DLQ %s #%d: %s", self.spec.name, seq, rejection.reason)
 

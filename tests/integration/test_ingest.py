@@ -394,3 +394,21 @@ async def test_an_event_that_fails_in_processing_goes_to_the_dlq_and_the_stream_
     await eventually(lambda: store.positions.get("SIGNALS") == 3)
     assert store.users["u-1"].count("task.created") == 2
     assert "Traceback" in caplog.text, "a bug is logged with its traceback"
+
+
+async def test_an_event_on_a_subject_near_the_control_line_limit_goes_to_the_dlq_and_ingest_moves_on(
+        start_service, nc) -> None:
+    """Published on a subject of ~4 KiB (fine for its own publish), a bad event's DLQ copy on
+    `dlq.<subject>`, with its reply inbox, passed the server's control line limit: the server
+    closed tipstream's connection, for good, and did so again at every start."""
+    running = await start_service()
+    js = nc.jetstream()
+    subject = "signals." + "a" * 4075
+    await nc.publish(subject, b"not json")  # a core publish: no reply inbox, so it fits
+    await js.publish("signals.task.created", orjson.dumps(event(2)))
+    [message] = await dlq_messages(js, 1)
+    assert message.subject == "dlq.signals.subject_too_long" and message.headers[DLQ_SUBJECT] == subject
+    assert message.headers[DLQ_KIND] == "invalid_json"
+    store = running.service.store
+    await eventually(lambda: store.positions.get("SIGNALS") == 2)
+    assert store.users["u-1"].count("task.created") == 1 and running.service.ready
