@@ -38,7 +38,10 @@ def _json(status: int, body: Any) -> Response:
 def _refusal(request: Request) -> Response | None:
     """None when the request carries the admin token; else the 401/403 answer."""
     token = request.app.state.service.settings.admin_token
-    if token is None or not token.get_secret_value():
+    # Stripped, as the header's token is: one read from a file ends with a newline, and then no
+    # request ever matched it (and the CLI's request failed with a traceback showing it).
+    secret = token.get_secret_value().strip() if token is not None else ""
+    if not secret:
         return _json(403, {"error": "admin changes are disabled on this server: set TIPSTREAM_ADMIN_TOKEN "
                                     "to a secret and send it as `Authorization: Bearer <token>`", "field": None})
     header = request.headers.get("authorization", "")
@@ -48,7 +51,7 @@ def _refusal(request: Request) -> Response | None:
                                "field": "Authorization"})
         response.headers["WWW-Authenticate"] = 'Bearer realm="tipstream admin"'
         return response
-    if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+    if not hmac.compare_digest(given.strip().encode(), secret.encode()):
         return _json(403, {"error": "the bearer token is not TIPSTREAM_ADMIN_TOKEN", "field": "Authorization"})
     return None
 

@@ -117,8 +117,15 @@ def _change(args: argparse.Namespace) -> int:
     from app.startup import http_url
 
     settings = _settings()
-    if settings.admin_token is None or not settings.admin_token.get_secret_value():
+    # Stripped, as the server strips it: a token read from a file ends with a newline, which no header
+    # can carry; http.client's ValueError was a traceback that showed the token.
+    token = settings.admin_token.get_secret_value().strip() if settings.admin_token is not None else ""
+    if not token:
         print("Set TIPSTREAM_ADMIN_TOKEN to the server's admin token to change the registry.", file=sys.stderr)
+        return 2
+    if not all(" " <= c <= "~" for c in token):
+        print("TIPSTREAM_ADMIN_TOKEN holds a character an HTTP header cannot carry (a control character, or "
+              "one outside ASCII): use printable ASCII, on the server too.", file=sys.stderr)
         return 2
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     if args.url is None and settings.port == 0:  # http://host:0 was "connection refused"
@@ -146,7 +153,7 @@ def _change(args: argparse.Namespace) -> int:
     request = urllib.request.Request(
         base + path, data=json.dumps(body).encode(), method="POST",
         headers={"Content-Type": "application/json",
-                 "Authorization": f"Bearer {settings.admin_token.get_secret_value()}"})
+                 "Authorization": f"Bearer {token}"})
     try:
         with _OPENER.open(request, timeout=ANSWER_TIMEOUT_S) as response:
             answer = json.loads(response.read())
