@@ -24,6 +24,7 @@ import logging
 import random
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -80,6 +81,10 @@ class Service:
         self._connect_error: Exception | None = None  # the first connection's last failure
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
+        # Called with a message when the service cannot go on and must be started again (`serve`
+        # stops the server with exit code 1): the NATS connection closed for good.
+        self.on_fatal: Callable[[str], None] | None = None
+        self.fatal: str | None = None
         # Learning: the registry's models, the decision log, the learner, /score.
         self.lineup = Lineup(RegistryStore(self.engine), self.engine, eval_max_rewards=settings.card_eval_max_rewards)
         self.decision_log = TipScoresLog()
@@ -177,7 +182,7 @@ class Service:
             return await asyncio.wait_for(jsx.connect(
                 self.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                 reconnected_cb=self._on_reconnected, disconnected_cb=self._on_disconnected,
-                error_cb=self._on_error, name="tipstream",
+                error_cb=self._on_error, closed_cb=self._on_closed, name="tipstream",
             ), timeout)
         except TimeoutError:
             cause = self._connect_error or "no answer"
@@ -389,3 +394,19 @@ class Service:
             self._connect_error = error
             return
         log.warning("NATS: %s", error)
+
+    async def _on_closed(self) -> None:
+        """nats-py closes the connection for good, without reconnecting, on an error the server
+        sends on a live connection (but a stale connection's): an expired user JWT, a protocol limit
+        passed. Ingest and the decision log then retried on the closed client for ever while
+        /healthz answered ok. A new start makes a new connection (or says why it cannot)."""
+        if self._stopping or self.fatal is not None:
+            return
+        cause = (self.nc.last_error if self.nc is not None else None) or "no error given"
+        self.fatal = (f"NATS closed tipstream's connection to {shown_url(self.nats_url)} for good "
+                      f"({cause}), and nats-py does not reconnect after that. "
+                      "tipstream stops (exit code 1) so that its supervisor starts it again with a new connection; "
+                      "if the server refused its credentials, fix NATS_URL first.")
+        log.error("%s", self.fatal)
+        if self.on_fatal is not None:
+            self.on_fatal(self.fatal)

@@ -316,6 +316,7 @@ class Stopper:
         self.received: list[int] = []
         self.starting: asyncio.Future[Any] | None = None
         self.server: Any = None  # uvicorn.Server, once there is one
+        self.failed: str | None = None  # why the service stopped itself (`fail`)
 
     def __call__(self, sig: int, frame: Any = None) -> None:
         self.received.append(sig)
@@ -324,10 +325,19 @@ class Stopper:
         if self.server is not None:
             self.server.should_exit = True
 
+    def fail(self, message: str) -> None:
+        """The serving service cannot go on (`Service.on_fatal`): stop the server, exit code 1."""
+        self.failed = message
+        if self.server is not None:
+            self.server.should_exit = True
+
     @property
     def exit_code(self) -> int:
-        """The shell's code for a process ended by the first signal, else 0."""
-        return 128 + self.received[0] if self.received else 0
+        """The shell's code for a process ended by the first signal; 1 for a service that stopped
+        itself (`fail`); else 0."""
+        if self.received:
+            return 128 + self.received[0]
+        return 1 if self.failed else 0
 
 
 async def start(service: Service, stopper: Stopper) -> int | None:
@@ -397,6 +407,9 @@ async def serve(settings: Settings, sock: socket.socket, demo_rate: float) -> in
         signal.signal(sig, stopper)
     if stopper.received:  # came between the start and here: serve nothing, stop as on a signal
         server.should_exit = True
+    service.on_fatal = stopper.fail
+    if service.fatal is not None:  # came as the start ended
+        stopper.fail(service.fatal)
     if demo_rate:
         from app.demo import attach_demo
 

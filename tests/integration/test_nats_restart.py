@@ -40,3 +40,27 @@ async def test_service_reconnects_after_a_nats_restart_and_catches_up(start_serv
         expected.apply(parse_event(orjson.dumps(event)))
     assert store.users == expected.users
     assert store.applied == len(events)
+
+
+async def test_a_connection_nats_closes_for_good_stops_the_service_with_a_message(start_service) -> None:
+    """nats-py closes the connection without reconnecting on an error the server sends (here its
+    control line limit, passed by a subject of 5,000 bytes; live: an expired user JWT, a protocol
+    limit). Ingest and the decision log retried on the closed client for ever, and nothing said so."""
+    running = await start_service()
+    service = running.service
+    told: list[str] = []
+    service.on_fatal = told.append
+    await service.nc.publish("signals." + "x" * 5_000, b"{}")
+    await eventually(lambda: told)
+    assert service.nc.is_closed and not service.ready
+    assert told == [service.fatal]
+    assert "closed tipstream's connection" in told[0] and "maximum control line exceeded" in told[0]
+    assert "exit code 1" in told[0]
+
+
+async def test_the_service_stopping_closes_its_connection_without_calling_it_fatal(start_service) -> None:
+    running = await start_service()
+    told: list[str] = []
+    running.service.on_fatal = told.append
+    await running.stop()
+    assert running.service.nc.is_closed and told == [] and running.service.fatal is None

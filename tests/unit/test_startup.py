@@ -52,6 +52,17 @@ async def test_a_signal_that_comes_as_the_start_ends_stops_the_server() -> None:
     assert stopper.received[:1] == [signal.SIGTERM] and stopper.exit_code == 128 + signal.SIGTERM
 
 
+
+def test_a_service_that_stops_itself_stops_the_server_with_exit_code_1() -> None:
+    """`Service.on_fatal` (the NATS connection closed for good): before, the process served on."""
+    stopper = Stopper()
+    stopper.server = SimpleNamespace(should_exit=False)
+    assert stopper.exit_code == 0
+    stopper.fail("NATS closed tipstream's connection for good")
+    assert stopper.server.should_exit and stopper.exit_code == 1
+    stopper(signal.SIGTERM)  # a signal as well: the shell's code for it, as before
+    assert stopper.exit_code == 128 + signal.SIGTERM
+
 def test_an_embedded_nats_server_that_cannot_start_is_a_message_with_the_way_out() -> None:
     from app.embedded_nats import EmbeddedNatsError
     from app.startup import explain
