@@ -62,6 +62,7 @@ log = logging.getLogger("tipstream")
 GIL_SWITCH_INTERVAL_S = 0.0005
 GC_YOUNG_THRESHOLD = 20_000  # objects; why in Service.start
 EMBEDDED_NATS_CHECK_S = 0.5  # how often the embedded nats-server is checked for having exited
+NATS_ERROR_REPEAT_S = 60.0  # the same NATS error is logged at most this often
 
 
 class Service:
@@ -79,6 +80,7 @@ class Service:
         self.freezer = FreezePolicy(settings.gc_freeze_every_users)
         self.nats_url = settings.nats_url or ""
         self._connect_error: Exception | None = None  # the first connection's last failure
+        self._last_nats_error: tuple[str, float, int] | None = None  # (text, logged at, repeats since)
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
         # Called with a message when the service cannot go on and must be started again (`serve`
@@ -393,7 +395,17 @@ class Service:
                             self.settings.nats_connect_timeout_s)
             self._connect_error = error
             return
-        log.warning("NATS: %s", error)
+        # The same error again within a minute is counted, not logged: a server that refuses the
+        # credentials once it is back (a reload that changed them) answers every reconnect, twice
+        # a second, with "Authorization Violation".
+        text, now = str(error), time.monotonic()
+        last = self._last_nats_error
+        if last is not None and last[0] == text and now - last[1] < NATS_ERROR_REPEAT_S:
+            self._last_nats_error = (text, last[1], last[2] + 1)
+            return
+        again = f" ({last[2]} more times since)" if last is not None and last[0] == text and last[2] else ""
+        self._last_nats_error = (text, now, 0)
+        log.warning("NATS: %s%s", error, again)
 
     async def _on_closed(self) -> None:
         """nats-py closes the connection for good, without reconnecting, on an error the server
