@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import random
 import sys
 import time
@@ -125,7 +126,11 @@ class Service:
         if not s.nats_url:
             self.embedded = EmbeddedNats(s.data_dir / "nats")
             self.nats_url = await asyncio.to_thread(self.embedded.start)
-            (s.data_dir / URL_FILE).write_text(self.nats_url)
+            # It holds the embedded server's token: for this user only, as the server's own config.
+            fd = os.open(s.data_dir / URL_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as file:
+                os.fchmod(file.fileno(), 0o600)
+                file.write(self.nats_url)
             self._tasks.append(asyncio.create_task(
                 every(EMBEDDED_NATS_CHECK_S, self._keep_embedded_nats_up, "starting the embedded nats-server again"),
                 name="embedded nats-server"))
@@ -194,7 +199,7 @@ class Service:
                     "there (with JetStream: `nats-server -js`), or unset NATS_URL to run an embedded one; "
                     "TIPSTREAM_NATS_CONNECT_TIMEOUT_S sets how long to wait.") from None
             raise StartupError(
-                f"The embedded nats-server at {self.nats_url} did not answer within {timeout:g} s: {cause}. "
+                f"The embedded nats-server at {shown_url(self.nats_url)} did not answer within {timeout:g} s: {cause}. "
                 f"See {self.embedded.store_dir / 'nats-server.log'}.") from None
 
     async def _load_learning(self) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -56,11 +57,24 @@ RESTART_FIRST_WAIT_S, RESTART_MAX_WAIT_S = 1.0, 30.0  # after a failed restart
 
 
 class EmbeddedNats:
+    """The server takes only clients with a token made at each start (in `url`): with none, any
+    local process could publish into the streams, or delete them. The token goes in a config
+    file only its owner can read, not on the command line, which every local user can (`ps`)."""
+
     def __init__(self, store_dir: Path, host: str = "127.0.0.1", port: int = -1) -> None:
         self.store_dir, self.host, self.port = store_dir, host, port
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
+        self._token = secrets.token_urlsafe(24)  # the same through restarts: clients keep their URL
         self._restart_at, self._restart_wait_s = 0.0, RESTART_FIRST_WAIT_S
+
+    def _write_config(self) -> Path:
+        config = self.store_dir / "nats-server.conf"
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            os.fchmod(file.fileno(), 0o600)  # one left by an older release may be readable
+            file.write(f'authorization {{ token: "{self._token}" }}\n')
+        return config
 
     def start(self, timeout_s: float = 15.0) -> str:
         self.store_dir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +83,7 @@ class EmbeddedNats:
         for stale in ports_dir.glob("*.ports"):
             stale.unlink()
         command = [
-            nats_server_binary(), "-a", self.host, "-p", str(self.port), "-js",
+            nats_server_binary(), "-c", str(self._write_config()), "-a", self.host, "-p", str(self.port), "-js",
             "-sd", str(self.store_dir), "--ports_file_dir", str(ports_dir),
         ]
         # Its own session: Ctrl-C in a terminal signals the whole process group, and the
@@ -90,11 +104,12 @@ class EmbeddedNats:
                 import json
 
                 ports = json.loads(files[0].read_text())
-                self.url = ports["nats"][0]
+                bare = ports["nats"][0]  # nats://host:port
                 # A restart (`restart_if_exited`) binds the same port: publishers and the service's
                 # own connection keep the URL they were given.
-                self.port = int(self.url.rsplit(":", 1)[1])
-                log.info("embedded nats-server on %s, store %s", self.url, self.store_dir)
+                self.port = int(bare.rsplit(":", 1)[1])
+                self.url = bare.replace("://", f"://{self._token}@", 1)
+                log.info("embedded nats-server on %s, store %s", bare, self.store_dir)
                 return self.url
             time.sleep(0.05)
         self.stop()

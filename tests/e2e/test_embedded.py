@@ -121,3 +121,27 @@ def test_a_restart_that_fails_is_tried_again_after_a_wait_not_at_every_check(tmp
         assert embedded._restart_wait_s == RESTART_FIRST_WAIT_S  # a success starts the doubling over
     finally:
         embedded.stop()
+
+
+async def test_the_embedded_server_takes_only_clients_with_its_token(tmp_path: Path) -> None:
+    """With no auth, any local process could publish into the streams or delete them (a review
+    deleted DLQ with a plain `js.delete_stream`); `nats.url` was readable by every user."""
+    data = tmp_path / "data"
+    service = ServiceProcess(data).start()
+    try:
+        url = (data / "nats.url").read_text()
+        scheme, rest = url.split("://", 1)
+        token, address = rest.split("@", 1)
+        assert len(token) >= 32
+        assert (data / "nats.url").stat().st_mode & 0o777 == 0o600
+        config = data / "nats" / "nats-server.conf"
+        assert token in config.read_text() and config.stat().st_mode & 0o777 == 0o600
+        pid = embedded_pid(data)
+        assert pid is not None and token.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()  # not in `ps`
+        with pytest.raises(Exception, match="[Aa]uthorization"):
+            await nats.connect(f"{scheme}://{address}", allow_reconnect=False, max_reconnect_attempts=0)
+        await publish(url, [opened(i) for i in range(3)])  # with it, as publishers reading nats.url do
+        wait_until(lambda: service.metric("tipstream_stream_position", stream="SIGNALS") == 3, what="3 applied")
+        assert token not in service.log(), "the token stays out of the log"
+    finally:
+        assert service.stop(), service.log()
