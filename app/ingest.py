@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -56,6 +57,9 @@ def _on_subject(event: Any, subject: str) -> Any:
 # line limit (4 KiB), and `dlq.` with a reply inbox took the DLQ publish past it. The server then
 # closed tipstream's connection, for good, at every start, while the event stayed in the stream.
 DLQ_SUBJECT_MAX = 1024
+# Dead-lettered events logged one by one per stream and minute; the rest are counted and told in
+# one line (tipstream_dlq_total counts each): a publisher sending bad events wrote a line apiece.
+DLQ_LOG_PER_MINUTE = 10
 
 
 def dlq_subject(subject: str) -> str:
@@ -128,6 +132,7 @@ class StreamIngest:
         # stream re-read from further back (DECISIONS, to rebuild the learner's join cache; FEEDBACK,
         # from the learner's last snapshot) must not put them in the DLQ again on every restart.
         self.dead_lettered_upto = dead_lettered_upto
+        self._dlq_minute_from, self._dlq_logged, self._dlq_unlogged = -math.inf, 0, 0
         # `read`: how far this stream has been read, for another to wait on. `after`: until that
         # other stream has caught up once, a chunk waits for it to be read past when the chunk's
         # last message was stored. Every start makes FEEDBACK follow DECISIONS so: live,
@@ -381,7 +386,21 @@ class StreamIngest:
             data = data[: max(room, 0)]
         await self.js.publish(dlq_subject(subject), data, headers=headers)
         METRICS.dlq.labels(self.spec.name, rejection.kind).inc()
-        log.info("DLQ %s #%d: %s", self.spec.name, seq, rejection.reason)
+        self._log_dead_letter(seq, rejection)
+
+    def _log_dead_letter(self, seq: int, rejection: Rejection) -> None:
+        now = time.monotonic()
+        if now - self._dlq_minute_from >= 60:
+            if self._dlq_unlogged:
+                log.info("DLQ %s: %d more events dead-lettered after the last %d logged, not logged one by one "
+                         "(tipstream_dlq_total counts each; their reasons are in the DLQ's headers)",
+                         self.spec.name, self._dlq_unlogged, DLQ_LOG_PER_MINUTE)
+            self._dlq_minute_from, self._dlq_logged, self._dlq_unlogged = now, 0, 0
+        if self._dlq_logged < DLQ_LOG_PER_MINUTE:
+            self._dlq_logged += 1
+            log.info("DLQ %s #%d: %s", self.spec.name, seq, rejection.reason)
+        else:
+            self._dlq_unlogged += 1
 
     async def _retry(self, action: Any, what: str) -> None:
         """Transient failures (NATS away) are retried with backoff; nothing is skipped."""

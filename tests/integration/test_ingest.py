@@ -412,3 +412,29 @@ async def test_an_event_on_a_subject_near_the_control_line_limit_goes_to_the_dlq
     store = running.service.store
     await eventually(lambda: store.positions.get("SIGNALS") == 2)
     assert store.users["u-1"].count("task.created") == 1 and running.service.ready
+
+
+async def test_dead_letters_are_logged_one_by_one_up_to_a_bound_a_minute_then_counted(
+        start_service, nc, caplog, monkeypatch) -> None:
+    """A publisher sending bad events wrote a log line apiece: a flood of them, a flood of lines."""
+    from app import ingest
+
+    await start_service()
+    js = nc.jetstream()
+    before = dead_lettered("SIGNALS")  # the registry is the process's: earlier tests' count too
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("DLQ SIGNALS")]
+
+    with caplog.at_level(logging.INFO, logger="tipstream.ingest"):
+        for i in range(ingest.DLQ_LOG_PER_MINUTE + 5):
+            await js.publish("signals.task.created", b'{"id": "broken-%d", ' % i)
+        await eventually(lambda: dead_lettered("SIGNALS") - before == ingest.DLQ_LOG_PER_MINUTE + 5)
+        assert len(lines()) == ingest.DLQ_LOG_PER_MINUTE
+        later = time.monotonic() + 61
+        monkeypatch.setattr(ingest.time, "monotonic", lambda: later)
+        await js.publish("signals.task.created", b'{"id": "broken-last", ')
+        await eventually(lambda: len(lines()) == ingest.DLQ_LOG_PER_MINUTE + 2)
+    told = lines()[-2:]
+    assert told[0].startswith(f"DLQ SIGNALS: 5 more events dead-lettered after the last {ingest.DLQ_LOG_PER_MINUTE}")
+    assert told[1].startswith(f"DLQ SIGNALS #{ingest.DLQ_LOG_PER_MINUTE + 6}: body is not valid JSON")
