@@ -147,6 +147,7 @@ class Service:
         # restart with all of them logged "no users yet".
         restored = len(self.store.cold)
         await self._load_learning()
+        await self._forget_positions_of_another_stream(js, await asyncio.to_thread(target.position_times))
         log.info("checkpoint restored: %s, positions %s (%.2fs)",
                  f"{restored} users (loading in the background)" if restored else "no users yet",
                  self.store.positions, time.perf_counter() - started)
@@ -226,6 +227,27 @@ class Service:
                 self.store.positions[stream] = min(seq, self.store.positions.get(stream, seq))
         log.info("models: champion %s, shadow %s; learning resumes at %s",
                  self.lineup.champion_version, self.lineup.shadow_version, resume)
+
+    async def _forget_positions_of_another_stream(self, js: Any, written: dict[str, Any]) -> None:
+        """A checkpointed position whose message was stored after that checkpoint was written came
+        from another stream of that name (its NATS store lost, or restored from an older copy, and
+        published to since): resuming after it would skip, silently, the new stream's events up to
+        it. Such a stream is replayed from its first message instead, as one that ends before the
+        position is (`jsx.reset_durable`): the fold, the learner's credits and the decision cache
+        recognise what they hold; its bad events are dead-lettered (the DLQ says which were)."""
+        for stream, seq in list(self._checkpointed.items()):
+            when = written.get(stream)
+            if seq <= 0 or when is None:
+                continue
+            state = (await js.stream_info(stream)).state
+            if not (state.first_seq <= seq <= state.last_seq and await jsx.stored_after(js, stream, seq, when)):
+                continue
+            log.error("the checkpoint read stream %s up to %d, but its message %d was stored after that checkpoint "
+                      "was written: the stream is not the one the checkpoint was taken from (was its NATS store lost "
+                      "or restored from an older copy?). Replaying %s from its first message; check that NATS_URL "
+                      "points at the right server.", stream, seq, seq, stream)
+            self._checkpointed[stream] = 0
+            self.store.positions[stream] = 0
 
     def _ingest_hooks(self, spec: jsx.StreamSpec) -> dict[str, Any]:
         # The learner sees every feedback event, also those the fold already holds (see Learner.feedback_sink).

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Engine, select
@@ -90,6 +91,12 @@ class SqlCheckpointStore:
         with self.engine.connect() as conn:
             positions = {row.stream: row.seq for row in conn.execute(select(db.stream_positions))}
         return positions, self.states()
+
+    def position_times(self) -> dict[str, datetime]:
+        """When each stream's position was last written (the checkpoint's time, which the message at
+        that position was stored before)."""
+        with self.engine.connect() as conn:
+            return {row.stream: row.updated_at for row in conn.execute(select(db.stream_positions))}
 
     def reachable(self) -> bool:
         try:

@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -111,6 +112,19 @@ async def last_dead_lettered(js: JetStreamContext, spec: StreamSpec) -> int:
         if headers.get(DLQ_STREAM) == spec.name and seq.isdigit() and not (created and last.time and last.time < created):
             upto = max(upto, int(seq))
     return upto
+
+
+async def stored_after(js: JetStreamContext, stream: str, seq: int, when: datetime) -> bool:
+    """Whether the stream's message `seq` was stored after `when` (a checkpoint that says it read that
+    far: then it read another stream of that name, its store lost or restored from an older copy, whose
+    sequences have since grown past the checkpoint's). One second is left for the clocks to differ."""
+    try:
+        msg = await js.get_msg(stream, seq)
+    except NotFoundError:
+        return False
+    if when.tzinfo is None:  # SQLite hands back the UTC it was given without its zone
+        when = when.replace(tzinfo=UTC)
+    return msg.time is not None and msg.time > when + timedelta(seconds=1)
 
 
 def event_headers(event_id: str) -> dict[str, str]:

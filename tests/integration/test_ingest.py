@@ -143,6 +143,38 @@ async def test_a_checkpoint_past_the_end_of_a_recreated_stream_replays_it_and_sa
     assert consuming == ["consuming SIGNALS from sequence 1"], consuming
 
 
+async def test_a_recreated_stream_that_grew_past_the_checkpoint_before_the_start_is_replayed_whole(
+    start_service, nc, caplog
+) -> None:
+    """Its NATS store lost (or restored from an older copy) while the service was stopped, and
+    published to meanwhile past the checkpoint's position: the start resumed after that position,
+    and the new stream's events up to it were never folded nor dead-lettered, with nothing logged."""
+    js = await _checkpoint_then_recreate_signals(start_service, nc)
+    await asyncio.sleep(1.2)  # the checkpoint's time and the new stream's are on one clock here
+    await js.publish("signals.task.created", b"{not json")
+    for i in range(7):
+        await js.publish("signals.task.created", orjson.dumps(event(100 + i, user="u-2")))
+    before = dead_lettered("SIGNALS")
+    with caplog.at_level(logging.INFO):
+        second = await start_service()
+        store = second.service.store
+        await eventually(lambda: second.service.ready and "u-2" in store.users)
+    assert store.users["u-2"].count("task.created") == 7
+    assert store.users["u-1"].count("task.created") == 5, "the old stream's events, from the checkpoint"
+    assert dead_lettered("SIGNALS") == before + 1
+    assert any("stored after that checkpoint was written" in r.getMessage() for r in caplog.records)
+    await second.stop()
+
+    # The position is the new stream's now: the next start resumes after it, and says nothing.
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        third = await start_service()
+        await eventually(lambda: third.service.ready and "u-2" in third.service.store.users)
+    assert third.service.store.users["u-2"].count("task.created") == 7
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert dead_lettered("SIGNALS") == before + 1
+
+
 async def test_events_past_retention_are_warned_of_only_when_a_checkpoint_wanted_them(nc, caplog) -> None:
     from streams.jetstream import reset_durable
 
