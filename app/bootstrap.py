@@ -56,6 +56,7 @@ from streams import jetstream as jsx
 from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream")
+LAST_OFFLINE_PASS_S = 30.0  # a stop waits this long at most for the last user_features pass
 
 
 # Checkpoint writes run in a worker thread; a short GIL switch interval keeps them from
@@ -388,6 +389,8 @@ class Service:
                 await self.checkpointer.checkpoint()
             except Exception as error:  # noqa: BLE001
                 log.warning("last checkpoint failed (%s); the next start replays from the previous one", error)
+            else:
+                await self._last_offline_pass()
         if self.checkpoint_writer:
             await asyncio.to_thread(self.checkpoint_writer.close)
         if self.nc:
@@ -399,6 +402,19 @@ class Service:
             await self.embedded.astop()
             (self.settings.data_dir / URL_FILE).unlink(missing_ok=True)
         self.engine.dispose()
+
+    async def _last_offline_pass(self) -> None:
+        """The users saved since the last `user_features` pass get their rows now: the writer knows
+        them in memory only, so a stop left their rows as they were, older than their state, until
+        their next event (for good, for a user who sends none)."""
+        if self.offline is None or not self.offline.pending:
+            return
+        try:
+            await asyncio.wait_for(self.offline.write_pass(pause=False), timeout=LAST_OFFLINE_PASS_S)
+        except Exception as error:  # noqa: BLE001 - the database away, or too many users for the bound
+            log.warning("user_features: the last pass did not finish (%s: %s); rows of users changed in the last "
+                        "%g s stay older than their state until their next event", type(error).__name__, error,
+                        self.settings.offline_features_every_s)
 
     async def _keep_embedded_nats_up(self) -> None:
         # The connection reconnects on its own once the server is back at the same URL.

@@ -87,6 +87,26 @@ async def test_features_with_age_freshness_and_fallbacks(start_service, nc, tmp_
     assert stored["tasks_created_7d"] == 2 and stored["preferred_hour"] == 11
 
 
+async def test_a_stop_writes_the_user_features_rows_its_last_checkpoint_saved(start_service, nc, tmp_path) -> None:
+    """The offline writer knew the users saved since its last pass in memory only: a stop before the
+    next pass left their rows older than their state (in a drill, every demo user's, by minutes), and
+    a user who sent nothing more kept that row for good."""
+    running = await start_service(offline_features_every_s=3600, checkpoint_every_s=0.1)
+    js = nc.jetstream()
+    for item in EVENTS:
+        await js.publish(f"signals.{item['type']}", orjson.dumps(item))
+    await eventually(lambda: running.service.store.applied == 5)
+    await running.stop()
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'data' / 'tipstream.db'}")
+    with engine.connect() as conn:
+        row = conn.execute(sa.text("select features from user_features where user_id = 'ana'")).first()
+    engine.dispose()
+    assert row is not None
+    stored = row[0] if isinstance(row[0], dict) else orjson.loads(row[0])
+    assert stored["tasks_created_7d"] == 2 and stored["app_opens_7d"] == 1
+
+
 async def test_openapi_document_describes_every_route(start_service) -> None:
     running = await start_service()
     async with httpx.AsyncClient(base_url=running.base_url) as http:
