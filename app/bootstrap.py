@@ -233,20 +233,26 @@ class Service:
         """A checkpointed position whose message was stored after that checkpoint was written came
         from another stream of that name (its NATS store lost, or restored from an older copy, and
         published to since): resuming after it would skip, silently, the new stream's events up to
-        it. Such a stream is replayed from its first message instead, as one that ends before the
-        position is (`jsx.reset_durable`): the fold, the learner's credits and the decision cache
-        recognise what they hold; its bad events are dead-lettered (the DLQ says which were)."""
+        it. Such a stream, and one that ends before the position, is replayed from its first message
+        with its position set back to 0: the fold, the learner's credits and the decision cache
+        recognise what they hold; its bad events are dead-lettered (the DLQ says which were). Kept,
+        the old position held until the new stream passed it: every start replayed the whole stream
+        and logged the error again, and a consumer re-created meanwhile (a reconnect) resumed after
+        it, skipping what was not read yet."""
         for stream, seq in list(self._checkpointed.items()):
             when = written.get(stream)
             if seq <= 0 or when is None:
                 continue
             state = (await js.stream_info(stream)).state
-            if not (state.first_seq <= seq <= state.last_seq and await jsx.stored_after(js, stream, seq, when)):
+            if seq > state.last_seq:
+                why = f"it ends at {state.last_seq}"
+            elif state.first_seq <= seq and await jsx.stored_after(js, stream, seq, when):
+                why = f"its message {seq} was stored after that checkpoint was written"
+            else:
                 continue
-            log.error("the checkpoint read stream %s up to %d, but its message %d was stored after that checkpoint "
-                      "was written: the stream is not the one the checkpoint was taken from (was its NATS store lost "
-                      "or restored from an older copy?). Replaying %s from its first message; check that NATS_URL "
-                      "points at the right server.", stream, seq, seq, stream)
+            log.error("the checkpoint read stream %s up to %d, but %s: the stream is not the one the checkpoint was "
+                      "taken from (was its NATS store lost or restored from an older copy?). Replaying %s from its "
+                      "first message; check that NATS_URL points at the right server.", stream, seq, why, stream)
             self._checkpointed[stream] = 0
             self.store.positions[stream] = 0
 

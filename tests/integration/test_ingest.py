@@ -197,7 +197,7 @@ async def test_events_past_retention_are_warned_of_only_when_a_checkpoint_wanted
 
 
 async def test_a_bad_event_of_a_recreated_stream_goes_to_the_dlq_though_the_checkpoint_is_past_it(
-    start_service, nc
+    start_service, nc, caplog
 ) -> None:
     """The checkpointed position tells what was dead-lettered before this start only on the stream
     it was taken from. Past the end of a re-created stream, it skipped the new stream's bad events
@@ -216,11 +216,18 @@ async def test_a_bad_event_of_a_recreated_stream_goes_to_the_dlq_though_the_chec
     assert copy.headers[DLQ_STREAM] == "SIGNALS" and copy.headers[DLQ_SEQ] == "2"
     await second.stop()
 
-    # The checkpoint is still past the stream's end (positions only move forward): the next start
-    # replays it again, and finds the bad event in the DLQ already.
-    third = await start_service()
-    await eventually(lambda: third.service.ready and "u-2" in third.service.store.users)
+    # The position is the new stream's since the second start: the next resumes after it, says
+    # nothing, and dead-letters nothing again. It stayed past the stream's end, and every start
+    # replayed the whole stream and logged the error again until the stream passed it.
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        third = await start_service()
+        await eventually(lambda: third.service.ready and "u-2" in third.service.store.users)
     assert dead_lettered("SIGNALS") == before + 1
+    assert third.service.store.users["u-2"].count("task.created") == 2
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    consuming = [r.getMessage() for r in caplog.records if r.getMessage().startswith("consuming SIGNALS")]
+    assert consuming == ["consuming SIGNALS from sequence 4"], consuming
 
 
 async def test_redelivered_and_republished_events_count_once(start_service, nc) -> None:
