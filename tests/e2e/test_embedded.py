@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -61,6 +62,23 @@ async def test_embedded_server_comes_up_and_a_second_start_reuses_its_streams(tm
     body = service.get("/users/u-7/features", at="2026-11-26T09:00:00+01:00").json()
     assert body["known"] and body["features"]["app_opens_7d"]["value"] == 150
     assert service.stop()
+
+
+async def test_a_lost_embedded_store_is_named_in_the_error_not_nats_url(tmp_path: Path) -> None:
+    """The error for a stream that is not the checkpoint's told to check NATS_URL, which an embedded
+    server's user never set: it names the store that was lost instead."""
+    data = tmp_path / "data"
+    service = ServiceProcess(data).start()
+    await publish((data / "nats.url").read_text(), [opened(i) for i in range(20)])
+    wait_until(lambda: service.metric("tipstream_stream_position", stream="SIGNALS") == 20, what="20 applied")
+    assert service.stop(), service.log()
+    shutil.rmtree(data / "nats")
+
+    service = ServiceProcess(data).start()
+    wait_until(lambda: service.get("/readyz").status_code == 200, what="ready")
+    assert service.stop()
+    [line] = [line for line in service.log().splitlines() if "ERROR" in line and "SIGNALS" in line]
+    assert f"the embedded server's store, {data / 'nats'}" in line and "NATS_URL" not in line, line
 
 
 async def test_a_killed_service_takes_its_nats_server_with_it(tmp_path: Path) -> None:
