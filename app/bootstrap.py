@@ -137,10 +137,17 @@ class Service:
                 name="embedded nats-server"))
         self.nc = await self._connect()
         js = self.nc.jetstream(timeout=10)
-        await jsx.ensure_streams(
-            js, max_age_days=s.stream_max_age_days, max_bytes=s.stream_max_bytes,
-            duplicate_window_s=s.duplicate_window_s, dlq_max_age_days=s.dlq_max_age_days,
-        )
+        streams_lock = asyncio.Lock()  # every ingest that finds its stream gone asks at once: one creates them
+
+        async def ensure_streams() -> None:
+            async with streams_lock:
+                await jsx.ensure_streams(
+                    js, max_age_days=s.stream_max_age_days, max_bytes=s.stream_max_bytes,
+                    duplicate_window_s=s.duplicate_window_s, dlq_max_age_days=s.dlq_max_age_days,
+                )
+
+        self._ensure_streams = ensure_streams
+        await self._ensure_streams()
         target = SqlCheckpointStore(self.engine)
         started = time.perf_counter()
         await self._restore(target)
@@ -163,7 +170,7 @@ class Service:
                 self.nc, js, spec, self.store, self.checkpointer, batch=s.ingest_batch,
                 max_event_bytes=s.max_event_bytes, max_uncheckpointed=s.max_uncheckpointed_events,
                 max_future_s=s.max_future_s, dead_lettered_upto=self._checkpointed.get(spec.name, 0),
-                **self._ingest_hooks(spec),
+                ensure_streams=self._ensure_streams, **self._ingest_hooks(spec),
             )
             await ingest.start()
             self.ingests.append(ingest)
@@ -288,6 +295,7 @@ class Service:
             # /score's own are (it answers 503 there), else another publisher's decisions, or a
             # rebuild's read-back, piled up in memory for as long as the database was away.
             backlog=lambda: self.decision_log.backlog, max_backlog=s.max_unwritten_decisions, folds=False,
+            ensure_streams=self._ensure_streams,
         )
         await ingest.start()
         self.ingests.append(ingest)

@@ -14,11 +14,12 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from app.catch_up import CatchUpProgress
@@ -110,8 +111,11 @@ class StreamIngest:
                  decode: Callable[[str, bytes], Any] = decode_wire_event,
                  sink: Callable[..., bool] | None = None, sink_reply: bool = False,
                  dead_lettered_upto: int = 0, read: ReadUpTo | None = None, after: ReadUpTo | None = None,
-                 backlog: Callable[[], int] | None = None, max_backlog: int = 0, folds: bool = True) -> None:
+                 backlog: Callable[[], int] | None = None, max_backlog: int = 0, folds: bool = True,
+                 ensure_streams: Callable[[], Awaitable[None]] | None = None) -> None:
         self.nc, self.js, self.spec, self.store, self.checkpointer = nc, js, spec, store, checkpointer
+        # Creates the streams again when this one is gone (a reconnect to a server whose store was lost).
+        self.ensure_streams = ensure_streams
         # What else of this stream waits in memory for a checkpoint, and how much of it may: the
         # DECISIONS ingest's `tip_scores` rows (`TipScoresLog.backlog`), which its sink adds and
         # which folds no event, so `max_uncheckpointed` never held it (`_hold_if_checkpoints_lag`).
@@ -197,8 +201,24 @@ class StreamIngest:
             await self.puller.stop()
         self.buffer.clear()
         start = self.store.positions.get(self.spec.name, 0) + 1
-        pending, start = await jsx.reset_durable(self.js, self.spec.name, self.durable, start,
-                                                 max_ack_pending=self.batch * 32)
+        try:
+            pending, start = await jsx.reset_durable(self.js, self.spec.name, self.durable, start,
+                                                     max_ack_pending=self.batch * 32)
+        except NotFoundError:
+            if self.ensure_streams is None:
+                raise
+            # The server came back without the stream (its store lost or replaced, the stream deleted):
+            # retried as it was, every re-creation failed for ever while /readyz said ready and
+            # publishers were refused. The new stream is read from its first message, with its
+            # position and what it dead-lettered its own, as at a start (`Service._forget_positions...`).
+            log.error("stream %s is gone from NATS (was its store lost, or the stream deleted?); creating the "
+                      "streams again and reading %s from its first message: what was folded stays, and nothing "
+                      "is counted twice.", self.spec.name, self.spec.name)
+            await self.ensure_streams()
+            self.store.positions[self.spec.name] = 0
+            self.dead_lettered_upto = await jsx.last_dead_lettered(self.js, self.spec)
+            pending, start = await jsx.reset_durable(self.js, self.spec.name, self.durable, 1,
+                                                     max_ack_pending=self.batch * 32)
         self.lag = pending
         self._lag.set(pending)  # also while FEEDBACK waits for DECISIONS at a start, before a chunk is folded
         self.caught_up = self.caught_up or pending == 0

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from datetime import UTC, datetime
 
 import nats
 import orjson
+from nats.js.errors import NotFoundError
 
 from streams.events import parse_event
 from streams.fold import to_ms
@@ -64,3 +67,48 @@ async def test_the_service_stopping_closes_its_connection_without_calling_it_fat
     running.service.on_fatal = told.append
     await running.stop()
     assert running.service.nc.is_closed and told == [] and running.service.fatal is None
+
+
+async def test_a_nats_server_back_without_its_store_gets_the_streams_again_and_nothing_is_lost(
+    start_service, nats_server
+) -> None:
+    """The server restarted with its store lost (or another server at the same address): re-creating a
+    consumer failed on 'stream not found' for ever, /readyz said ready, and publishers were refused."""
+    events = list(Population(users=20, seed=5).history(days=5, start_ms=to_ms(datetime(2026, 11, 1, tzinfo=UTC))))
+    half = len(events) // 2
+    running = await start_service()
+    store = running.service.store
+
+    client = await nats.connect(nats_server.url)
+    await publish_events(client.jetstream(), events[:half])
+    await client.close()
+    await eventually(lambda: store.applied >= half)
+    nats_server.stop()
+    shutil.rmtree(nats_server.store / "jetstream")
+    nats_server.start()
+
+    client = await nats.connect(nats_server.url)
+    js = client.jetstream()
+
+    async def streams_back() -> bool:
+        try:
+            await js.stream_info("SIGNALS")
+            await js.stream_info("FEEDBACK")
+        except NotFoundError:
+            return False
+        return True
+
+    deadline = asyncio.get_running_loop().time() + 20
+    while not await streams_back():
+        assert asyncio.get_running_loop().time() < deadline, "the service never created the streams again"
+        await asyncio.sleep(0.2)
+    await publish_events(js, events[half:])
+    last = {name: (await js.stream_info(name)).state.last_seq for name in ("SIGNALS", "FEEDBACK")}
+    await client.close()
+    await eventually(lambda: all(store.positions.get(s) == n for s, n in last.items()), timeout=30)
+
+    expected = OnlineStore()
+    for _, event in events:
+        expected.apply(parse_event(orjson.dumps(event)))
+    assert store.users == expected.users
+    assert store.applied == len(events)
