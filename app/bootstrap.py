@@ -257,11 +257,12 @@ class Service:
                 why = f"its message {seq} was stored after that checkpoint was written"
             else:
                 continue
-            store = (f"the embedded server's store, {self.settings.data_dir / 'nats'}" if self.embedded
-                     else "the NATS store of the server in NATS_URL (or is it the right server?)")
+            where = (f"the embedded server's store ({self.settings.data_dir / 'nats'}) lost, or restored from an "
+                     "older copy?" if self.embedded else "the store of the server in NATS_URL lost, or restored "
+                     "from an older copy, or does NATS_URL name another server?")
             log.error("the checkpoint read stream %s up to %d, but %s: the stream is not the one the checkpoint was "
-                      "taken from. Was %s lost, or restored from an older copy? Replaying %s from its first message: "
-                      "what the checkpoint holds stays, and nothing is counted twice.", stream, seq, why, store, stream)
+                      "taken from. Was %s Replaying %s from its first message: what the checkpoint holds stays, and "
+                      "nothing is counted twice.", stream, seq, why, where, stream)
             self._checkpointed[stream] = 0
             self.store.positions[stream] = 0
 
