@@ -200,9 +200,9 @@ class StreamIngest:
         if self.puller:
             await self.puller.stop()
         self.buffer.clear()
-        start = self.store.positions.get(self.spec.name, 0) + 1
+        wanted = self.store.positions.get(self.spec.name, 0) + 1
         try:
-            pending, start = await jsx.reset_durable(self.js, self.spec.name, self.durable, start,
+            pending, start = await jsx.reset_durable(self.js, self.spec.name, self.durable, wanted,
                                                      max_ack_pending=self.batch * 32)
         except NotFoundError:
             if self.ensure_streams is None:
@@ -219,6 +219,13 @@ class StreamIngest:
             self.dead_lettered_upto = await jsx.last_dead_lettered(self.js, self.spec)
             pending, start = await jsx.reset_durable(self.js, self.spec.name, self.durable, 1,
                                                      max_ack_pending=self.batch * 32)
+        if start < wanted:
+            # Past the stream's end (reset_durable replays it from its first message): a server back
+            # with an older copy of its store. The position and what was dead-lettered are the new
+            # stream's from here, as at a start: kept, the new stream's bad events below the old
+            # position were neither folded nor dead-lettered.
+            self.store.positions[self.spec.name] = start - 1
+            self.dead_lettered_upto = await jsx.last_dead_lettered(self.js, self.spec)
         self.lag = pending
         self._lag.set(pending)  # also while FEEDBACK waits for DECISIONS at a start, before a chunk is folded
         self.caught_up = self.caught_up or pending == 0

@@ -15,7 +15,7 @@ from streams.fold import to_ms
 from streams.jetstream import publish_events
 from streams.simulator import Population
 from streams.store import OnlineStore
-from tests.conftest import eventually
+from tests.conftest import dead_lettered, eventually
 
 
 async def test_service_reconnects_after_a_nats_restart_and_catches_up(start_service, nats_server) -> None:
@@ -112,3 +112,51 @@ async def test_a_nats_server_back_without_its_store_gets_the_streams_again_and_n
         expected.apply(parse_event(orjson.dumps(event)))
     assert store.users == expected.users
     assert store.applied == len(events)
+
+
+def opened(i: int, user: str = "u-1") -> dict:
+    return {"id": f"o-{user}-{i}", "type": "app.opened", "user_id": user, "ts": "2026-11-26T08:00:00+01:00", "v": 1,
+            "data": {}}
+
+
+async def test_a_nats_server_back_with_an_older_store_dead_letters_the_new_bad_events(
+    start_service, nats_server
+) -> None:
+    """A start read SIGNALS to 11; the server then came back under it with a copy of its store taken
+    at 5. The consumer replayed from 1, but the start's watermark (11) stayed: a bad event the new
+    stream stored at 6 was taken for one dead-lettered before, and was in the DLQ nowhere."""
+    first = await start_service(checkpoint_every_s=0.1)
+    client = await nats.connect(nats_server.url)
+    js = client.jetstream()
+    for i in range(5):
+        await js.publish("signals.app.opened", orjson.dumps(opened(i)))
+    await client.close()
+    await eventually(lambda: first.service.store.positions.get("SIGNALS") == 5)
+    nats_server.stop()
+    old = nats_server.store.parent / "nats-at-5"
+    shutil.copytree(nats_server.store / "jetstream", old)
+    nats_server.start()
+    client = await nats.connect(nats_server.url)
+    js = client.jetstream()
+    for i in range(5, 11):
+        await js.publish("signals.app.opened", orjson.dumps(opened(i)))
+    await client.close()
+    await eventually(lambda: first.service.store.positions.get("SIGNALS") == 11, timeout=20)
+    await first.stop()
+
+    second = await start_service()
+    store = second.service.store
+    await eventually(lambda: second.service.ready)
+    nats_server.stop()
+    shutil.rmtree(nats_server.store / "jetstream")
+    shutil.copytree(old, nats_server.store / "jetstream")
+    nats_server.start()
+    before = dead_lettered("SIGNALS")
+    client = await nats.connect(nats_server.url)
+    js = client.jetstream()
+    assert (await js.publish("signals.app.opened", b"{not json")).seq == 6
+    await js.publish("signals.app.opened", orjson.dumps(opened(0, user="u-2")))
+    await client.close()
+    await eventually(lambda: "u-2" in store.users, timeout=20)
+    assert dead_lettered("SIGNALS") == before + 1
+    assert store.users["u-1"].count("app.opened") == 11 and store.users["u-2"].count("app.opened") == 1
