@@ -43,7 +43,7 @@ from app.ingest import ReadUpTo, StreamIngest
 from app.learner import Learner
 from app.lineup import Lineup
 from app.metrics import METRICS
-from app.offline import OfflineFeatureWriter
+from app.offline import OfflineFeatureWriter, users_behind
 from app.periodic import every
 from app.registry_store import RegistryStore
 from app.retention import EVERY_S as RETENTION_EVERY_S
@@ -183,6 +183,10 @@ class Service:
             self.offline = OfflineFeatureWriter(self.store, self.engine, s.offline_features_every_s)
             self.checkpointer.on_saved.append(self.offline.saved)
             self.checkpointer.keep_awake.append(self.offline.holds)
+            try:
+                self.offline.saved(await asyncio.to_thread(users_behind, self.engine))
+            except Exception as error:  # noqa: BLE001 - the rows catch up at the users' next events
+                log.warning("user_features: could not look for rows older than their users' state (%s)", error)
             self._tasks.append(asyncio.create_task(self.offline.run(), name="offline features"))
         if s.tip_scores_max_age_days:
             retention = TipScoresRetention(self.engine, s.tip_scores_max_age_days)

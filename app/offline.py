@@ -20,7 +20,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, or_, select
 
 from app import db
 from app.metrics import METRICS
@@ -45,6 +45,18 @@ def feature_row(user_id: str, store: OnlineStore, now: datetime) -> dict[str, An
         "features": {name: value.value for name, value in values.items()},
         "updated_at": now,
     }
+
+
+def users_behind(engine: Engine) -> list[str]:
+    """Users whose state a checkpoint saved after their `user_features` row was written, or who have
+    none: the writer knows the users saved since its last pass in memory only, so a crash (kill -9)
+    lost them, and their rows stayed older than their state until their next event."""
+    state, features = db.user_state, db.user_features
+    query = (select(state.c.user_id)
+             .select_from(state.outerjoin(features, features.c.user_id == state.c.user_id))
+             .where(or_(features.c.user_id.is_(None), features.c.updated_at < state.c.updated_at)))
+    with engine.connect() as conn:
+        return list(conn.execute(query).scalars())
 
 
 class OfflineFeatureWriter:

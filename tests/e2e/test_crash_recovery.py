@@ -145,3 +145,34 @@ def test_a_kill_9_during_a_registration_leaves_no_evaluation_running(tmp_path: P
     evaluators = wait_until(lambda: set(_children(service.process.pid)) - before, 10, "an evaluation process")
     service.kill()
     wait_until(lambda: not any(map(_running, evaluators)), 20, "the evaluation process's end")
+
+
+async def test_user_features_rows_a_kill_9_left_behind_are_written_after_the_restart(
+    nats_server, nc, tmp_path: Path
+) -> None:
+    """The offline writer knows the users saved since its last pass in memory only: after a kill -9
+    their rows stayed older than their state (or missing) until their next event."""
+    events = list(Population(users=5, seed=12).history(days=2, start_ms=START))
+    data = tmp_path / "data"
+    url = f"sqlite:///{data / 'tipstream.db'}"
+    env = {"NATS_URL": nats_server.url, "TIPSTREAM_CHECKPOINT_EVERY_S": "0.2",
+           "TIPSTREAM_OFFLINE_FEATURES_EVERY_S": "3600"}
+    service = ServiceProcess(data, env).start()
+    await publish_events(nc.jetstream(), events)
+    last = (await nc.jetstream().stream_info("SIGNALS")).state.last_seq
+    wait_until(lambda: checkpointed(url, "SIGNALS") == last, what="every event checkpointed")
+    service.kill()
+
+    def rows() -> set[str]:
+        engine = sa.create_engine(url)
+        try:
+            with engine.connect() as conn:
+                return set(conn.execute(sa.text("select user_id from user_features")).scalars())
+        finally:
+            engine.dispose()
+
+    assert rows() == set(), "no pass ran before the kill"
+    users = {event["user_id"] for _, event in events}
+    service = ServiceProcess(data, {**env, "TIPSTREAM_OFFLINE_FEATURES_EVERY_S": "0.5"}).start()
+    wait_until(lambda: rows() == users, timeout=15, what="a user_features row for every user")
+    assert service.stop()
