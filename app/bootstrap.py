@@ -258,7 +258,10 @@ class Service:
             if seq > state.last_seq:
                 why = f"it ends at {state.last_seq}"
             elif state.first_seq <= seq and await jsx.stored_after(js, stream, seq, when):
-                why = f"its message {seq} was stored after that checkpoint was written"
+                # By the NATS server's clock against this host's: one running more than a second
+                # ahead of it reads so too, and every start would replay the stream (so said).
+                why = (f"its message {seq} was stored after that checkpoint was written (or the NATS server's "
+                       "clock runs more than 1 s ahead of this host's: keep both on NTP)")
             else:
                 continue
             where = (f"the embedded server's store ({self.settings.data_dir / 'nats'}) lost, or restored from an "
