@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import random
 import sys
 import time
@@ -38,10 +37,11 @@ from app.db import make_engine
 from app.decision_publisher import DecisionPublisher
 from app.decision_tail import OwnTail
 from app.decisions import TipScoresLog, decode_decision
-from app.embedded_nats import URL_FILE, EmbeddedNats
+from app.embedded_nats import URL_FILE, EmbeddedNats, write_private
 from app.ingest import ReadUpTo, StreamIngest
 from app.learner import Learner
 from app.lineup import Lineup
+from app.log_throttle import LogThrottle
 from app.metrics import METRICS
 from app.offline import OfflineFeatureWriter, users_behind
 from app.periodic import every
@@ -64,7 +64,6 @@ LAST_OFFLINE_PASS_S = 30.0  # a stop waits this long at most for the last user_f
 GIL_SWITCH_INTERVAL_S = 0.0005
 GC_YOUNG_THRESHOLD = 20_000  # objects; why in Service.start
 EMBEDDED_NATS_CHECK_S = 0.5  # how often the embedded nats-server is checked for having exited
-NATS_ERROR_REPEAT_S = 60.0  # the same NATS error is logged at most this often
 
 
 class Service:
@@ -82,7 +81,7 @@ class Service:
         self.freezer = FreezePolicy(settings.gc_freeze_every_users)
         self.nats_url = settings.nats_url or ""
         self._connect_error: Exception | None = None  # the first connection's last failure
-        self._last_nats_error: tuple[str, float, int] | None = None  # (text, logged at, repeats since)
+        self._nats_errors = LogThrottle()  # the same NATS error: once a minute
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
         # Called with a message when the service cannot go on and must be started again (`serve`
@@ -127,11 +126,7 @@ class Service:
         if not s.nats_url:
             self.embedded = EmbeddedNats(s.data_dir / "nats")
             self.nats_url = await asyncio.to_thread(self.embedded.start)
-            # It holds the embedded server's token: for this user only, as the server's own config.
-            fd = os.open(s.data_dir / URL_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as file:
-                os.fchmod(file.fileno(), 0o600)
-                file.write(self.nats_url)
+            write_private(s.data_dir / URL_FILE, self.nats_url)  # it holds the server's token
             self._tasks.append(asyncio.create_task(
                 every(EMBEDDED_NATS_CHECK_S, self._keep_embedded_nats_up, "starting the embedded nats-server again"),
                 name="embedded nats-server"))
@@ -465,14 +460,9 @@ class Service:
         # The same error again within a minute is counted, not logged: a server that refuses the
         # credentials once it is back (a reload that changed them) answers every reconnect, twice
         # a second, with "Authorization Violation".
-        text, now = str(error), time.monotonic()
-        last = self._last_nats_error
-        if last is not None and last[0] == text and now - last[1] < NATS_ERROR_REPEAT_S:
-            self._last_nats_error = (text, last[1], last[2] + 1)
-            return
-        again = f" ({last[2]} more times since)" if last is not None and last[0] == text and last[2] else ""
-        self._last_nats_error = (text, now, 0)
-        log.warning("NATS: %s%s", error, again)
+        left_out = self._nats_errors.allow(str(error))
+        if left_out is not None:
+            log.warning("NATS: %s%s", error, f" ({left_out} more times since)" if left_out else "")
 
     async def _on_closed(self) -> None:
         """nats-py closes the connection for good, without reconnecting, on an error the server

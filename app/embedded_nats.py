@@ -53,6 +53,14 @@ def die_with_service(service_pid: int) -> None:
         os._exit(1)
 
 
+def write_private(path: Path, text: str) -> None:
+    """`text` in a file only its owner can read (the embedded server's token is in it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        os.fchmod(file.fileno(), 0o600)  # one left by an older release may be readable
+        file.write(text)
+
+
 RESTART_FIRST_WAIT_S, RESTART_MAX_WAIT_S = 1.0, 30.0  # after a failed restart
 
 
@@ -70,10 +78,7 @@ class EmbeddedNats:
 
     def _write_config(self) -> Path:
         config = self.store_dir / "nats-server.conf"
-        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as file:
-            os.fchmod(file.fileno(), 0o600)  # one left by an older release may be readable
-            file.write(f'authorization {{ token: "{self._token}" }}\n')
+        write_private(config, f'authorization {{ token: "{self._token}" }}\n')
         return config
 
     def start(self, timeout_s: float = 15.0) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -24,6 +23,7 @@ from pydantic import ValidationError
 
 from app.catch_up import CatchUpProgress
 from app.checkpoints import Checkpointer
+from app.log_throttle import LogThrottle
 from app.metrics import METRICS
 from app.thaw import load_state
 from streams import jetstream as jsx
@@ -136,7 +136,7 @@ class StreamIngest:
         # stream re-read from further back (DECISIONS, to rebuild the learner's join cache; FEEDBACK,
         # from the learner's last snapshot) must not put them in the DLQ again on every restart.
         self.dead_lettered_upto = dead_lettered_upto
-        self._dlq_minute_from, self._dlq_logged, self._dlq_unlogged = -math.inf, 0, 0
+        self._dlq_lines = LogThrottle(per_window=DLQ_LOG_PER_MINUTE)
         # `read`: how far this stream has been read, for another to wait on. `after`: until that
         # other stream has caught up once, a chunk waits for it to be read past when the chunk's
         # last message was stored. Every start makes FEEDBACK follow DECISIONS so: live,
@@ -201,6 +201,7 @@ class StreamIngest:
             await self.puller.stop()
         self.buffer.clear()
         wanted = self.store.positions.get(self.spec.name, 0) + 1
+        recreated = False
         try:
             pending, start = await jsx.reset_durable(self.js, self.spec.name, self.durable, wanted,
                                                      max_ack_pending=self.batch * 32)
@@ -215,15 +216,14 @@ class StreamIngest:
                       "streams again and reading %s from its first message: what was folded stays, and nothing "
                       "is counted twice.", self.spec.name, self.spec.name)
             await self.ensure_streams()
-            self.store.positions[self.spec.name] = 0
-            self.dead_lettered_upto = await jsx.last_dead_lettered(self.js, self.spec)
+            recreated = True
             pending, start = await jsx.reset_durable(self.js, self.spec.name, self.durable, 1,
                                                      max_ack_pending=self.batch * 32)
-        if start < wanted:
-            # Past the stream's end (reset_durable replays it from its first message): a server back
-            # with an older copy of its store. The position and what was dead-lettered are the new
-            # stream's from here, as at a start: kept, the new stream's bad events below the old
-            # position were neither folded nor dead-lettered.
+        if recreated or start < wanted:
+            # Created again, or past the stream's end (reset_durable replays it from its first
+            # message: a server back with an older copy of its store). The position and what was
+            # dead-lettered are the new stream's from here, as at a start: kept, the new stream's
+            # bad events below the old position were neither folded nor dead-lettered.
             self.store.positions[self.spec.name] = start - 1
             self.dead_lettered_upto = await jsx.last_dead_lettered(self.js, self.spec)
         self.lag = pending
@@ -416,18 +416,13 @@ class StreamIngest:
         self._log_dead_letter(seq, rejection)
 
     def _log_dead_letter(self, seq: int, rejection: Rejection) -> None:
-        now = time.monotonic()
-        if now - self._dlq_minute_from >= 60:
-            if self._dlq_unlogged:
-                log.info("DLQ %s: %d more events dead-lettered after the last %d logged, not logged one by one "
-                         "(tipstream_dlq_total counts each; their reasons are in the DLQ's headers)",
-                         self.spec.name, self._dlq_unlogged, DLQ_LOG_PER_MINUTE)
-            self._dlq_minute_from, self._dlq_logged, self._dlq_unlogged = now, 0, 0
-        if self._dlq_logged < DLQ_LOG_PER_MINUTE:
-            self._dlq_logged += 1
+        left_out = self._dlq_lines.allow(None)
+        if left_out:
+            log.info("DLQ %s: %d more events dead-lettered after the last %d logged, not logged one by one "
+                     "(tipstream_dlq_total counts each; their reasons are in the DLQ's headers)",
+                     self.spec.name, left_out, DLQ_LOG_PER_MINUTE)
+        if left_out is not None:
             log.info("DLQ %s #%d: %s", self.spec.name, seq, rejection.reason)
-        else:
-            self._dlq_unlogged += 1
 
     async def _retry(self, action: Any, what: str) -> None:
         """Transient failures (NATS away) are retried with backoff; nothing is skipped."""

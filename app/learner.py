@@ -65,6 +65,7 @@ from app.learning_metrics import (
     SKIPPED,
 )
 from app.lineup import Lineup
+from app.log_throttle import LogThrottle
 from app.waiting import WaitingFeedback
 from models.reward import INPUT_BOUND_TEXT, MAX_INPUTS, PopularityPrior
 from streams.jetstream import stored_ms
@@ -74,19 +75,21 @@ log = logging.getLogger("tipstream.learner")
 _OUTCOME = {name: FEEDBACK.labels(name) for name in (
     "credited", "duplicate", "no_decision", "waiting", "unknown_decision", "expired", "unknown_tip", "wrong_user")}
 
-TELL_EVERY_S = 60.0  # a publisher's mistake in feedback is logged at most this often per kind
-_told_at: dict[str, float] = {}
+_TOLD = LogThrottle()  # a publisher's mistake in feedback: once a minute per outcome
 
 
 def _tell(outcome: str, message: str, *args: Any) -> None:
-    """Log feedback not learned for its publisher's mistake, at most once every `TELL_EVERY_S` per
-    outcome (the metric counts each): it showed in tipstream_feedback_total only, so a publisher's
-    wrong tip id or user id went unseen in the log."""
-    now = time.monotonic()
-    if now - _told_at.get(outcome, -math.inf) >= TELL_EVERY_S:
-        _told_at[outcome] = now
+    """Log feedback not learned for its publisher's mistake, once a minute per outcome (the metric
+    counts each): it showed in tipstream_feedback_total only, so a publisher's wrong tip id or user
+    id went unseen in the log."""
+    if _TOLD.allow(outcome) is not None:
         log.warning(message + "; not learned (tipstream_feedback_total{outcome=\"%s\"} counts each, this line "
                     "comes at most once a minute)", *args, outcome)
+
+
+def _tell_wrong_user(user_id: str, decision_id: str, decision: dict[str, Any]) -> None:
+    _tell("wrong_user", "feedback of user %r names decision %r, which /score made for user %r",
+          user_id, decision_id, decision["user_id"])
 
 
 MODELS_LOOP_SHARE = 0.01  # of the event loop's time, at most, spent serialising models for snapshots
@@ -525,8 +528,7 @@ class Learner:
                 if user_id != decision["user_id"]:
                     # Another user's reaction is told as such, before or after the decision's own.
                     _OUTCOME["wrong_user"].inc()
-                    _tell("wrong_user", "feedback of user %r names decision %r, which /score made for user %r",
-                          user_id, decision_id, decision["user_id"])
+                    _tell_wrong_user(user_id, decision_id, decision)
                     return
             _OUTCOME["duplicate"].inc()
             return
@@ -539,8 +541,7 @@ class Learner:
             return
         if user_id is not None and user_id != decision["user_id"]:
             _OUTCOME["wrong_user"].inc()
-            _tell("wrong_user", "feedback of user %r names decision %r, which /score made for user %r",
-                  user_id, decision_id, decision["user_id"])
+            _tell_wrong_user(user_id, decision_id, decision)
             return
         reward = self.rewards[reaction]
         x = learning_input(decision["features"], candidate)

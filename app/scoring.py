@@ -33,6 +33,7 @@ from typing import Any
 from app.decisions import DECISION_TYPE, candidate_input, encode, new_decision_id
 from app.learning_metrics import CHAMPION_ERRORS, FEATURE_CACHE, SHADOW_DISAGREEMENTS, SHADOW_ERRORS
 from app.lineup import Lineup
+from app.log_throttle import LogThrottle
 from app.score_request import ScoreRequest
 from models.policy import Greedy, Policy
 from models.reward import PopularityPrior
@@ -141,7 +142,7 @@ class Scorer:
         # whole state in memory (~8 KB, against the snapshot's ~1.3) until the LRU reached it, which it
         # never did while fewer users than the cache holds were served.
         store.on_rest.append(lambda user_id: self._cache.pop(user_id, None))
-        self._told_at: dict[str, float] = {}  # `_tell`'s last time per subject
+        self._throttle = LogThrottle()  # `_tell`'s: once a minute per subject
 
     def _profile(self, user_id: str, state: UserState | None,
                  now_ms: int) -> tuple[dict[str, Any], frozenset[str], bool]:
@@ -184,9 +185,7 @@ class Scorer:
 
     def _tell(self, about: str, level: int, message: str, *args: Any) -> None:
         """Log once a minute per subject: a broken model fails every request."""
-        now = time.monotonic()
-        if now - self._told_at.get(about, -math.inf) >= 60.0:
-            self._told_at[about] = now
+        if self._throttle.allow(about) is not None:
             log.log(level, message, *args)
 
     def score(self, request: ScoreRequest) -> Scored:

@@ -470,7 +470,7 @@ async def test_dead_letters_are_logged_one_by_one_up_to_a_bound_a_minute_then_co
             await js.publish("signals.task.created", b'{"id": "broken-%d", ' % i)
         await eventually(lambda: dead_lettered("SIGNALS") - before == ingest.DLQ_LOG_PER_MINUTE + 5)
         assert len(lines()) == ingest.DLQ_LOG_PER_MINUTE
-        signals._dlq_minute_from -= 61  # as a minute later
+        signals._dlq_lines.clock = lambda: time.monotonic() + 61  # as a minute later
         await js.publish("signals.task.created", b'{"id": "broken-last", ')
         await eventually(lambda: len(lines()) == ingest.DLQ_LOG_PER_MINUTE + 2)
     told = lines()[-2:]

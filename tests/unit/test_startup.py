@@ -179,22 +179,23 @@ async def test_a_request_head_past_the_bound_is_refused_and_its_connection_close
 
 
 async def test_the_same_nats_error_again_within_a_minute_is_counted_not_logged(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A server that refuses the credentials once it is back answers every reconnect (twice a
     second) with the same error: each was a warning line."""
     from app import bootstrap
+    from app.log_throttle import WINDOW_S
     from app.settings import Settings
 
     service = bootstrap.Service(Settings(data_dir=tmp_path))
     service.nc = SimpleNamespace()  # connected once: errors are the live connection's
     now = [1000.0]
-    monkeypatch.setattr(bootstrap.time, "monotonic", lambda: now[0])
+    service._nats_errors.clock = lambda: now[0]
     refused = Exception("nats: 'Authorization Violation'")
     with caplog.at_level(logging.WARNING, logger="tipstream"):
         for _ in range(5):
             await service._on_error(refused)
             now[0] += 0.5
-        now[0] += bootstrap.NATS_ERROR_REPEAT_S
+        now[0] += WINDOW_S
         await service._on_error(refused)
         await service._on_error(Exception("nats: another"))
     service.engine.dispose()

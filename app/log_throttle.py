@@ -1,0 +1,48 @@
+"""Log lines a publisher or a server can repeat without end, bounded per minute.
+
+A bad event, a publisher's wrong feedback, a NATS error answering every reconnect: each wrote a
+line, so whoever sent them decided how fast the log grew. The metrics count every one; the log
+says the first few of each kind a minute, and how many it left out.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable
+
+WINDOW_S = 60.0
+MAX_KEYS = 1_024  # keys may be a server's error texts: past this, the windows start again
+
+
+class LogThrottle:
+    """`allow(key)`: None when this line is left out; else how many lines of `key` were left out
+    before it (0 at first), to be told with it.
+
+    >>> now = [0.0]
+    >>> throttle = LogThrottle(per_window=2, clock=lambda: now[0])
+    >>> [throttle.allow("dlq") for _ in range(4)]
+    [0, 0, None, None]
+    >>> now[0] = 60.0
+    >>> throttle.allow("dlq"), throttle.allow("other")
+    (2, 0)
+    """
+
+    def __init__(self, per_window: int = 1, window_s: float = WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_window, self.window_s, self.clock = per_window, window_s, clock
+        self._windows: dict[Hashable, list[float]] = {}  # key -> [window start, allowed, left out]
+
+    def allow(self, key: Hashable) -> int | None:
+        now = self.clock()
+        window = self._windows.get(key)
+        if window is None or now - window[0] >= self.window_s:
+            left_out = int(window[2]) if window is not None else 0
+            if window is None and len(self._windows) >= MAX_KEYS:
+                self._windows.clear()
+            self._windows[key] = [now, 1, 0]
+            return left_out
+        if window[1] < self.per_window:
+            window[1] += 1
+            return 0
+        window[2] += 1
+        return None
