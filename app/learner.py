@@ -19,6 +19,14 @@ ones the fold already held):
    the decision's -> `wrong_user` (another user's reaction must not train this user's weights).
 5. Otherwise the reaction's reward (settings) trains every live model with `learn_one` on the
    features as they were served, and updates the popularity prior -> `credited`.
+6. With `silence_reward` set (off by default), a decision nobody reacted to within `silence_after_s`
+   of its creation is credited that reward for its first tip (`_release_silences`, app/silence.py);
+   a reaction to that tip stored later -> `late`, learned no more.
+
+Silence is judged in FEEDBACK's time, as the join window is: a decision's silence is learned just
+before the first feedback stored after it is due, or, with none, by the clock (less
+`SILENCE_READ_ALLOWANCE_MS`, for feedback stored but not yet read) once FEEDBACK has caught up. A
+replay of the log (a restart, a rebuild) learns it at the same place among the rewards as live.
 
 The learner is a checkpoint participant: models, prior, credits (the new ones: `credit_log`),
 waiting feedback and the stream positions they reflect are saved with the checkpoint (at most
@@ -62,10 +70,12 @@ from app.learning_metrics import (
     MODEL_USERS,
     PENDING,
     REFUSED,
+    SILENCES,
     SKIPPED,
 )
 from app.lineup import Lineup
 from app.log_throttle import LogThrottle
+from app.silence import Silences
 from app.waiting import WaitingFeedback
 from models.reward import INPUT_BOUND_TEXT, MAX_INPUTS, PopularityPrior
 from streams.jetstream import stored_ms
@@ -73,7 +83,9 @@ from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream.learner")
 _OUTCOME = {name: FEEDBACK.labels(name) for name in (
-    "credited", "duplicate", "no_decision", "waiting", "unknown_decision", "expired", "unknown_tip", "wrong_user")}
+    "credited", "duplicate", "late", "no_decision", "waiting", "unknown_decision", "expired", "unknown_tip",
+    "wrong_user")}
+_SILENCE = {name: SILENCES.labels(name) for name in ("credited", "answered", "evicted")}
 
 _TOLD = LogThrottle()  # a publisher's mistake in feedback: once a minute per outcome
 
@@ -99,6 +111,12 @@ ENTRY_OVERHEAD = 323
 # Credited decisions a registration's look for unseen rewards tests between two yields to the event
 # loop: ~3.5 ms of it on a slow day (1.1-1.7 us each, bench/snapshot.py).
 UNSEEN_SCAN_CHUNK = 2_000
+# By the clock, a decision's silence is learned this long after it is due: feedback stored before
+# then has been read by FEEDBACK's ingest (live, it reads within milliseconds), so the reaction it
+# missed is not taken for silence, which a replay of the log would not do.
+SILENCE_READ_ALLOWANCE_MS = 5_000
+# Rewards learned from feedback before the learner says, once, that none was negative (`_learn`).
+POSITIVE_ONLY_WARN_AFTER = 1_000
 
 
 class ModelBytes:
@@ -138,10 +156,14 @@ class Learner:
 
     def __init__(self, lineup: Lineup, store: OnlineStore, decision_log: TipScoresLog, *,
                  rewards: dict[str, float], cache_mb: float, window_s: float, pending_max: int,
-                 pending_max_age_s: float, snapshot_every_s: float, clock: Callable[[], float] = time.time,
+                 pending_max_age_s: float, snapshot_every_s: float, silence_reward: float | None = None,
+                 silence_after_s: float = 600.0, clock: Callable[[], float] = time.time,
                  timer: Callable[[], float] = time.perf_counter) -> None:
         self.lineup, self.store, self.decision_log = lineup, store, decision_log
         self.rewards = dict(rewards)
+        self.silence_reward = silence_reward
+        self.silences = Silences(int(silence_after_s * 1000)) if silence_reward is not None else None
+        self._positives_only = 0  # rewards learned from feedback, all positive so far (-1: a negative came, or told)
         self.cache_limit = int(cache_mb * 1024 * 1024)
         self.window_ms = int(window_s * 1000)
         self.snapshot_every_s = snapshot_every_s
@@ -376,7 +398,15 @@ class Learner:
         (self._replayed if replayed else self.cache)[decision_id] = entry
         self.cache_bytes += len(entry.data) + ENTRY_OVERHEAD
         self._changed = True
+        if self.silences is not None and not entry.credits:  # credited before a restart: answered already
+            self.silences.watch(decision_id, self._created_ms(decision_id, entry))
         self._evict(min(entry.added_ms, self.window_end_ms()) - self.window_ms)
+
+    @staticmethod
+    def _created_ms(decision_id: str, entry: _Entry) -> int:
+        """When the decision was made, the same on every read of the log: the time in our ids;
+        another publisher's, when JetStream stored it (else when it was first held)."""
+        return decision_time_ms(decision_id) or entry.stored_ms or entry.added_ms
 
     def _evict(self, horizon: int) -> None:
         # Oldest first (creation order: the replayed segment, then insertion order): past the
@@ -424,6 +454,8 @@ class Learner:
             self._feedback_seen_ms = max(self._feedback_seen_ms, stored_at_ms)
         if self._due:
             self._release_due()
+        if self.silences is not None and stored_at_ms is not None:
+            self._release_silences(stored_at_ms)  # those due before this reaction was stored
         data = event.data
         decision_id = data.decision_id
         if decision_id is None:
@@ -496,12 +528,48 @@ class Learner:
             # Deferred feedback whose decision FEEDBACK's time has reached is credited first, in its
             # order: given up for its age here, it was learned live (`_credit_waiting` judges that).
             self._release_due()
+        if self.silences is not None:
+            self._release_silences(self._silence_horizon_ms())
         expired = self.waiting.expire(now)
         if expired:
             _OUTCOME["unknown_decision"].inc(expired)
             _tell("unknown_decision", "%d feedback event(s) gave up waiting for the decisions they name, which never "
                   "came to DECISIONS within TIPSTREAM_LEARNER_PENDING_MAX_AGE_S (%g s): a decision_id /score did "
                   "not answer", expired, self.waiting.max_age_s)
+
+    def _silence_horizon_ms(self) -> int:
+        """Silences due before this are learned without waiting for more feedback: by the clock,
+        less the allowance, live; in FEEDBACK's time while it is read back (or not at all, before
+        any feedback is read)."""
+        if self.feedback_read.caught_up and not self.replaying:
+            return int(self.clock() * 1000) - SILENCE_READ_ALLOWANCE_MS
+        return self._feedback_time_ms()
+
+    def _release_silences(self, before_ms: int) -> None:
+        """Credit `silence_reward` to the first tip of each decision due before `before_ms` that no
+        reaction was credited to (an answer to any of its tips counts)."""
+        assert self.silences is not None and self.silence_reward is not None
+        evicted = 0
+        for decision_id, due_ms in self.silences.due(before_ms):
+            entry = self._lookup(decision_id)
+            if entry is None:
+                evicted += 1
+            elif entry.credits:
+                _SILENCE["answered"].inc()
+            else:
+                decision = entry.decision if entry.decision is not None else orjson.loads(entry.data)
+                first = decision["ranked"][0]
+                self._learn(decision_id, entry, decision, first, self.silence_reward, due_ms)
+                _SILENCE["credited"].inc()
+        held = len(self.cache) + len(self._replayed)
+        evicted += self.silences.sweep(lambda decision_id: self._lookup(decision_id) is not None, held)
+        if evicted:
+            _SILENCE["evicted"].inc(evicted)
+            if _TOLD.allow("silence_evicted") is not None:
+                log.warning("%d decision(s) left the join cache (TIPSTREAM_LEARNER_JOIN_CACHE_MB) before "
+                            "TIPSTREAM_SILENCE_AFTER_S had passed, so their silence is not learned: raise the budget "
+                            "or shorten the wait (tipstream_silences_total{outcome=\"evicted\"} counts each, this "
+                            "line comes at most once a minute)", evicted)
 
     def expire(self) -> None:
         """Give up on feedback that waited too long (each checkpoint's `snapshot` does this too)."""
@@ -530,7 +598,7 @@ class Learner:
                     _OUTCOME["wrong_user"].inc()
                     _tell_wrong_user(user_id, decision_id, decision)
                     return
-            _OUTCOME["duplicate"].inc()
+            _OUTCOME["late" if self._silenced(decision_id, entry) else "duplicate"].inc()
             return
         decision = decision if decision is not None else orjson.loads(entry.data)
         candidate = next((c for c in decision["ranked"] if c["tip_id"] == tip_id), None)
@@ -544,12 +612,45 @@ class Learner:
             _tell_wrong_user(user_id, decision_id, decision)
             return
         reward = self.rewards[reaction]
-        x = learning_input(decision["features"], candidate)
         # When the reward reached the log, not when it was credited here: a replay (a restart, a
         # rebuild from the log) credits it again later, and evaluation reads this time as when
         # the reward became known (`evaluation.rewarded_log`); the models forget users who left by
         # it (`user_ttl_days`). The clock only without a stored time.
         rewarded_ms = stored_at_ms if stored_at_ms is not None else int(self.clock() * 1000)
+        self._learn(decision_id, entry, decision, candidate, reward, rewarded_ms)
+        self._note_reward_sign(reward)
+        _OUTCOME["credited"].inc()
+        if stored_at_ms is not None and self.feedback_read.caught_up and not self.replaying:
+            LEARN_DELAY.observe(max(self.clock() - stored_at_ms / 1000, 0.0))
+
+    def _silenced(self, decision_id: str, entry: _Entry) -> bool:
+        """The decision's only credit is its silence's (stamped with its due time, `_release_silences`)."""
+        return (self.silences is not None and entry.credits is not None and len(entry.credits) == 1
+                and entry.rewarded_ms == self._created_ms(decision_id, entry) + self.silences.after_ms)
+
+    def _note_reward_sign(self, reward: float) -> None:
+        """Say once when the first rewards from feedback are all positive: an app that publishes only
+        the reactions it sees (clicks) teaches the models that every tip pleases."""
+        if self._positives_only < 0:
+            return
+        if reward < 0.5:
+            self._positives_only = -1
+            return
+        self._positives_only += 1
+        if self._positives_only >= POSITIVE_ONLY_WARN_AFTER:
+            self._positives_only = -1
+            if self.silence_reward is None:
+                log.warning("the first %d rewards learned from feedback were all positive (reward >= 0.5): the models "
+                            "learn that every tip pleases. Publish `dismissed` for tips a user ignored, or set "
+                            "TIPSTREAM_SILENCE_REWARD (e.g. 0) to learn that reward for a decision nobody reacts to "
+                            "within TIPSTREAM_SILENCE_AFTER_S (README, \"Feedback\")", POSITIVE_ONLY_WARN_AFTER)
+
+    def _learn(self, decision_id: str, entry: _Entry, decision: dict[str, Any], candidate: dict[str, Any],
+               reward: float, rewarded_ms: int) -> None:
+        """Every live model and the prior learn `reward` for `candidate` of the decision, as served;
+        the credit is recorded (the snapshot's credit log, the `tip_scores` row)."""
+        tip_id = candidate["tip_id"]
+        x = learning_input(decision["features"], candidate)
         skipped = []
         for version, model in self.lineup.learning:
             if model.diverged:  # it learns nothing more, and counting its steps would say it does
@@ -577,7 +678,7 @@ class Learner:
                         "decision", ", ".join(skipped), tip_id, decision_id, INPUT_BOUND_TEXT)
         self.lineup.prior.update(tip_id, reward)
         self._learn_seq += 1
-        entry.credits = {**(credits or {}), tip_id: reward}
+        entry.credits = {**(entry.credits or {}), tip_id: reward}
         entry.rewarded_ms = rewarded_ms
         self._note_credited(decision_id, entry)
         self.credit_log.credit(decision_id, entry.credits, entry.rewarded_ms, int(self.clock() * 1000))
@@ -587,9 +688,6 @@ class Learner:
             entry.decision = None
         self.credited += 1
         self._changed = True
-        _OUTCOME["credited"].inc()
-        if stored_at_ms is not None and self.feedback_read.caught_up and not self.replaying:
-            LEARN_DELAY.observe(max(self.clock() - stored_at_ms / 1000, 0.0))
 
     async def unseen_rewards(self, trained_on: TrainedOn) -> list[tuple[dict[str, Any], float, int | None]]:
         """The (features as served, reward, when it reached the log) examples credited here that

@@ -57,9 +57,16 @@ DECISION_ROWS_PRUNED = Counter(
 FEEDBACK = LoopCounter(
     "tipstream_feedback_total",
     "tip.reacted events seen by the learner, by outcome: credited, duplicate (this decision and tip were credited "
-    "already), no_decision, waiting (decision not seen yet), unknown_decision (gave up waiting), expired "
-    "(decision left the join cache), unknown_tip (not a candidate of the decision), wrong_user (the feedback's "
-    "user is not the decision's).",
+    "already), late (stored after the decision's silence was learned, TIPSTREAM_SILENCE_AFTER_S), no_decision, "
+    "waiting (decision not seen yet), unknown_decision (gave up waiting), expired (decision left the join cache), "
+    "unknown_tip (not a candidate of the decision), wrong_user (the feedback's user is not the decision's).",
+    ["outcome"], registry=_r,
+)
+SILENCES = LoopCounter(
+    "tipstream_silences_total",
+    "Decisions whose wait for a reaction (TIPSTREAM_SILENCE_AFTER_S) ended, with TIPSTREAM_SILENCE_REWARD set, by "
+    "outcome: credited (nobody reacted: the first tip learned the silence reward), answered (a reaction was "
+    "credited), evicted (the join cache let the decision go first: its memory budget is too small for the wait).",
     ["outcome"], registry=_r,
 )
 LEARN_DELAY = LoopHistogram(

@@ -209,6 +209,18 @@ class Settings(BaseSettings):
     learner_pending_max_age_s: float = Field(
         600.0, gt=0, description="Feedback whose decision has not arrived after this long is counted as unknown."
     )
+    silence_reward: float | None = Field(
+        None, ge=0, le=1,
+        description="Reward learned for a decision nobody reacted to within `TIPSTREAM_SILENCE_AFTER_S`, credited to "
+                    "its first tip (Azure Personalizer's default reward), e.g. 0. Unset: only reactions teach the "
+                    "models; set it when your app publishes the reactions it sees (clicks) and not the ignored tips.",
+    )
+    silence_after_s: float = Field(
+        600.0, gt=0,
+        description="How long a decision waits for a reaction before `TIPSTREAM_SILENCE_REWARD` is learned for it, in "
+                    "the time JetStream stores feedback; a reaction to that tip stored later is counted `late` and not "
+                    "learned. Shorter than the join window.",
+    )
     model_snapshot_every_s: float = Field(
         5.0, ge=0,
         description="Models are saved with the checkpoint at most this often (further apart when copying and "
@@ -251,6 +263,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"must be longer than the join window (TIPSTREAM_LEARNER_JOIN_WINDOW_S={window_s:g}, "
                 f"{window_s / 86_400:g} days), in which a reward may still come for a decision; or 0 to keep every row")
+        return value
+
+    @field_validator("silence_after_s")
+    @classmethod
+    def _within_join_window(cls, value: float, info: ValidationInfo) -> float:
+        window_s = info.data.get("learner_join_window_s")
+        if window_s is not None and value >= window_s:
+            raise ValueError(
+                f"must be shorter than the join window (TIPSTREAM_LEARNER_JOIN_WINDOW_S={window_s:g}), which holds "
+                "the decision until its silence is learned")
         return value
 
     @field_validator("duplicate_window_s", "dlq_max_age_days")

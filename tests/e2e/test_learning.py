@@ -12,7 +12,8 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from app.learning_metrics import FEEDBACK
+from app import learner as learner_module
+from app.learning_metrics import FEEDBACK, SILENCES
 from tests.conftest import eventually
 
 NOW = "2026-11-26T09:00:00+01:00"
@@ -204,3 +205,48 @@ async def test_feedback_that_came_while_the_service_was_stopped_is_learned_in_or
     await eventually(lambda: service.ready and service.store.positions.get("FEEDBACK") == len(decisions), timeout=20)
     assert count("unknown_decision") == unknown
     assert service.learner.credited == len(decisions) == service.lineup.champion.n_learned
+
+
+async def test_a_decision_nobody_answers_learns_the_silence_reward_once_across_a_restart(
+        start_service, nc, database_url, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(learner_module, "SILENCE_READ_ALLOWANCE_MS", 200)  # feedback here is read within ms
+    settings = {"database_url": database_url, "checkpoint_every_s": 0.2, "model_snapshot_every_s": 0,
+                "silence_reward": 0.0, "silence_after_s": 1.0}
+    running = await start_service(**settings)
+    service = running.service
+    silenced = SILENCES.labels("credited").value
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        first = (await http.post("/score", json=BODY)).json()
+        served = first["ranked"][0]["tip_id"]
+        await eventually(lambda: SILENCES.labels("credited").value == silenced + 1, timeout=20)
+        assert service.lineup.champion.n_learned == 1
+        second = (await http.post("/score", json=BODY)).json()
+    assert scores(second)[served] < scores(first)[served], "the tip nobody answered scores lower"
+    await eventually(lambda: SILENCES.labels("credited").value == silenced + 2, timeout=20)
+
+    # Answered after the wait: late, not learned.
+    late, credited = count("late"), service.learner.credited
+    await publish(nc.jetstream(), feedback("f-late", first["decision_id"], served, "acted"))
+    await eventually(lambda: count("late") == late + 1)
+    assert service.learner.credited == credited and service.lineup.champion.n_learned == 2
+    await eventually(lambda: service.learner._unconfirmed == [] and not service.learner._changed)
+    await running.stop()
+
+    # The two decisions re-read from DECISIONS come back with their silence credited: a decision
+    # made after the start has its silence learned, and theirs are not learned again.
+    again = await start_service(**settings)
+    await eventually(lambda: again.service.ready)
+    assert again.service.lineup.champion.n_learned == 2
+    async with httpx.AsyncClient(base_url=again.base_url) as http:
+        third = (await http.post("/score", json=BODY)).json()["decision_id"]
+    # Theirs were due long before: re-learned, they would have been by the time the third's is.
+    await eventually(lambda: again.service.learner._lookup(third).credits is not None, timeout=20)
+    assert again.service.lineup.champion.n_learned == 3 and SILENCES.labels("credited").value == silenced + 3
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            reward = conn.execute(sa.text("select reward from tip_scores where decision_id = :d"),
+                                  {"d": first["decision_id"]}).scalar_one()
+        assert reward == 0.0
+    finally:
+        engine.dispose()

@@ -116,3 +116,25 @@ def test_on_the_rewarded_log_the_estimate_is_the_reward_per_decision_reacted_to(
     per_decision = {"a": 0.45, "b": 0.10}  # what each earns per decision served: the opposite order
     assert shadow["snips"] > champion["snips"] and per_decision["b"] < per_decision["a"]
     assert abs(shadow["ips"] - 0.1 / 0.82) < 0.02  # divided by the logging policy's reacted decisions (82%)
+
+
+def test_with_silence_learned_the_estimate_is_the_reward_per_decision_served() -> None:
+    """The same log with `TIPSTREAM_SILENCE_REWARD=0`: a decision nobody reacted to gets its row's
+    reward, 0 for the tip served first (`Learner._release_silences`), so the card ranks the versions
+    by what they earn per decision served."""
+    from app.evaluation import policy_value
+    from models.policy import EpsilonGreedy
+
+    react, good = {"a": 0.9, "b": 0.1}, {"a": 0.5, "b": 1.0}
+    policy, rng, log = EpsilonGreedy(0.2), random.Random(3), []
+    for i in range(20_000):
+        order, propensities = policy.rank([0.6, 0.4], rng)
+        served = "ab"[order[0]]
+        reward = float(rng.random() < good[served]) if rng.random() < react[served] else 0.0  # silence: 0
+        ranked = [{"tip_id": "ab"[j], "score": (0.6, 0.4)[j], "propensity": propensities[j]} for j in order]
+        log.append(({"id": f"x{i}", "model_version": "v1", "greedy": "a", "shadow": {"version": "v2", "first": "b"},
+                     "ranked": ranked}, {served: reward}))
+    report = policy_value(log, "v2")["as_shadow"]
+    shadow, champion = report["estimate"], report["champion_greedy"]
+    assert abs(shadow["snips"] - 0.10) < 0.02 and abs(champion["snips"] - 0.45) < 0.02
+    assert shadow["ci95"][1] < champion["ci95"][0], "the champion's tip is the better one, and the card says so"

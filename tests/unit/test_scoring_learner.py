@@ -95,7 +95,7 @@ def world(tmp_path: Path) -> Iterator[World]:
 
 
 def outcomes() -> dict[str, float]:
-    names = ("credited", "duplicate", "no_decision", "waiting", "unknown_decision", "expired", "unknown_tip",
+    names = ("credited", "duplicate", "late", "no_decision", "waiting", "unknown_decision", "expired", "unknown_tip",
              "wrong_user")
     return {n: FEEDBACK.labels(n).value for n in names}
 

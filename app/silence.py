@@ -1,0 +1,63 @@
+"""Decisions waiting to learn their silence: no reaction within `TIPSTREAM_SILENCE_AFTER_S`.
+
+A team whose app publishes only the reactions it sees (a click: `acted`) gives the models
+positives only, and they learn that every tip pleases. With `TIPSTREAM_SILENCE_REWARD` set,
+a decision nobody reacted to within the wait is credited that reward for the tip it served
+first, as Azure Personalizer's default reward did (`Learner._release_silences`).
+
+Each decision the join cache takes is watched until its silence is due: a heap by due time,
+so the order in which decisions arrive (the ones re-read after a start come after those
+/score serves meanwhile) does not matter. The heap holds one small tuple per decision of
+the wait; those the join cache let go are swept out once they outnumber the live ones.
+
+>>> silences = Silences(after_ms=600_000)
+>>> silences.watch("d-2", created_ms=2_000); silences.watch("d-1", created_ms=1_000)
+>>> list(silences.due(before_ms=601_500)), len(silences)
+([('d-1', 601000)], 1)
+>>> list(silences.due(before_ms=602_000)), list(silences.due(before_ms=602_001))
+([], [('d-2', 602000)])
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterator
+
+# The heap is swept of decisions the join cache let go once it holds this many more than the cache
+# (and at least this many more): the sweep is O(n), so it runs at most once per this many watched.
+SWEEP_SLACK = 10_000
+
+
+class Silences:
+    __slots__ = ("_heap", "after_ms")
+
+    def __init__(self, after_ms: int) -> None:
+        self.after_ms = after_ms
+        self._heap: list[tuple[int, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def watch(self, decision_id: str, created_ms: int) -> None:
+        heapq.heappush(self._heap, (created_ms + self.after_ms, decision_id))
+
+    def due(self, before_ms: float) -> Iterator[tuple[str, int]]:
+        """(decision id, due time) of each silence due strictly before `before_ms`, oldest first,
+        each once: a reaction stored at the due time itself still counts as an answer."""
+        heap = self._heap
+        while heap and heap[0][0] < before_ms:
+            due_ms, decision_id = heapq.heappop(heap)
+            yield decision_id, due_ms
+
+    def sweep(self, held: Callable[[str], bool], held_count: int) -> int:
+        """Forget the decisions no longer `held` (by the join cache) once the heap outgrows it by
+        `SWEEP_SLACK`; how many were forgotten. Under load the cache's memory budget can let a
+        decision go before its silence is due: without this the heap would grow with the traffic
+        of the whole wait (~80 bytes a decision)."""
+        if len(self._heap) <= held_count + SWEEP_SLACK:
+            return 0
+        kept = [item for item in self._heap if held(item[1])]
+        forgotten = len(self._heap) - len(kept)
+        heapq.heapify(kept)
+        self._heap = kept
+        return forgotten

@@ -1,0 +1,214 @@
+"""Learning from silence: a decision nobody reacted to within the wait learns `silence_reward`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app import learner as learner_module
+from app.checkpoints import Checkpointer, SqlCheckpointStore
+from app.decisions import LoggedDecision, decision_time_ms
+from app.ingest import ReadUpTo
+from app.learning_metrics import SILENCES
+from app.settings import Settings
+from tests.unit.test_scoring_learner import World, _ack, _reaction, delta, outcomes
+
+WAIT_S = 600
+ALLOWANCE_S = learner_module.SILENCE_READ_ALLOWANCE_MS / 1000
+
+
+def silences() -> dict[str, float]:
+    return {n: SILENCES.labels(n).value for n in ("credited", "answered", "evicted")}
+
+
+def silence_delta(before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before[k] for k, v in silences().items() if v != before[k]}
+
+
+def quiet_world(tmp_path: Path, **learner: Any) -> World:
+    return World(tmp_path, **({"silence_reward": 0.0, "silence_after_s": WAIT_S} | learner))
+
+
+def learned(world: World) -> dict[str, int]:
+    return {v: m.n_learned for v, m in world.lineup.learning}
+
+
+def served_at_s(decision_id: str) -> float:
+    created = decision_time_ms(decision_id)
+    assert created is not None
+    return created / 1000
+
+
+def test_a_decision_nobody_answers_learns_the_silence_reward_for_its_first_tip(tmp_path: Path) -> None:
+    world = quiet_world(tmp_path)
+    scored = world.score(tips=("a", "b", "c"))
+    first = scored.decision["ranked"][0]["tip_id"]
+    world.learner.add_logged(LoggedDecision(scored.decision_id, scored.payload))
+    before, told = silences(), outcomes()
+    world.clock.now = served_at_s(scored.decision_id) + WAIT_S + ALLOWANCE_S - 0.5
+    world.learner.expire()
+    assert silence_delta(before) == {} and learned(world) == {"v1": 0, "v2": 0}, "not due yet by the clock"
+    world.clock.now += 1
+    world.learner.expire()
+    assert silence_delta(before) == {"credited": 1} and delta(told) == {}, "not feedback: its own counter"
+    assert learned(world) == {"v1": 1, "v2": 1}
+    assert world.lineup.prior.count(first) == 1.0 and world.lineup.prior.mean(first) < 0.5
+    row = world.log.dirty[scored.decision_id]
+    assert row["rewards"] == {first: 0.0} and row["reward"] == 0.0
+    # Stamped with when it was due, not with when this clock noticed: a replay stamps it the same.
+    assert row["rewarded_at"].timestamp() == pytest.approx(served_at_s(scored.decision_id) + WAIT_S, abs=0.001)
+    world.learner.expire()
+    assert silence_delta(before) == {"credited": 1}, "learned once"
+    world.engine.dispose()
+
+
+def test_a_reaction_within_the_wait_answers_the_decision_and_one_after_it_is_late(tmp_path: Path) -> None:
+    world = quiet_world(tmp_path)
+    answered, ignored = world.score(), world.score()
+    t0 = served_at_s(ignored.decision_id)
+    first = ignored.decision["ranked"][0]["tip_id"]
+    second = ignored.decision["ranked"][1]["tip_id"]
+    before, told = silences(), outcomes()
+    # Any tip of a decision answers it: the other tip of `answered`, stored within the wait.
+    other = answered.decision["ranked"][1]["tip_id"]
+    world.sink(_reaction("f-1", answered.decision_id, other, "liked"), _ack(t0 + WAIT_S - 1, 1))
+    world.clock.now = t0 + WAIT_S + ALLOWANCE_S + 1
+    world.learner.expire()
+    assert silence_delta(before) == {"credited": 1, "answered": 1}
+    assert learned(world) == {"v1": 2, "v2": 2}
+    # The ignored decision's first tip, answered after its silence was learned: late, not learned again.
+    world.sink(_reaction("f-2", ignored.decision_id, first, "acted"), _ack(t0 + WAIT_S + 30, 2))
+    assert delta(told) == {"credited": 1, "late": 1}
+    # Another of its tips is another answer: learned.
+    world.sink(_reaction("f-3", ignored.decision_id, second, "acted"), _ack(t0 + WAIT_S + 31, 3))
+    assert delta(told) == {"credited": 2, "late": 1} and learned(world) == {"v1": 3, "v2": 3}
+    world.engine.dispose()
+
+
+def test_silence_is_learned_before_the_first_feedback_stored_after_it_was_due(tmp_path: Path) -> None:
+    """Judged in FEEDBACK's time: a reaction to another decision stored after the silence was due
+    learns the silence first, whatever this clock says, as a replay of the log would."""
+    world = quiet_world(tmp_path)
+    ignored, later = world.score(), world.score()
+    t0 = served_at_s(ignored.decision_id)
+    order: list[float] = []
+    champion = world.lineup.champion
+    learn_one = champion.learn_one
+    champion.learn_one = lambda x, reward, at_ms=None: (order.append(reward), learn_one(x, reward, at_ms))[1]
+    before = silences()
+    world.sink(_reaction("f-1", later.decision_id, "a", "acted"), _ack(t0 + WAIT_S - 0.001, 1))  # at the due time
+    assert order == [1.0] and silence_delta(before) == {}
+    world.sink(_reaction("f-2", later.decision_id, "b", "acted"), _ack(t0 + WAIT_S + 0.002, 2))  # just after
+    # `later`, made a moment after `ignored`, may be due by then too: answered (by "f-1").
+    assert order == [1.0, 0.0, 1.0] and silence_delta(before).get("credited") == 1
+    world.engine.dispose()
+
+
+def test_while_feedback_is_read_back_silence_waits_for_feedback_s_time_not_the_clock(tmp_path: Path) -> None:
+    world = quiet_world(tmp_path)
+    scored = world.score()
+    t0 = served_at_s(scored.decision_id)
+    world.learner.feedback_read = ReadUpTo()  # FEEDBACK behind: a restart after an outage
+    world.clock.now = t0 + 10 * WAIT_S
+    before = silences()
+    world.learner.expire()
+    assert silence_delta(before) == {}, "feedback stored within the wait may still be read"
+    world.learner.feedback_read.advance(int((t0 + WAIT_S + 1) * 1000), caught_up=False)
+    world.learner.expire()
+    assert silence_delta(before) == {"credited": 1}
+    world.engine.dispose()
+
+
+def test_a_restart_learns_no_silence_twice_and_learns_one_the_crash_lost(tmp_path: Path) -> None:
+    world = quiet_world(tmp_path)
+    saved = world.score()
+    lost = world.score(serve=False)
+    while served_at_s(lost.decision_id) < served_at_s(saved.decision_id) + 0.005:  # made 5 ms later at least
+        lost = world.score(serve=False)
+    world.learner.served(lost.decision_id, lost.payload, lost.decision)
+    for scored in (saved, lost):
+        world.learner.add_logged(LoggedDecision(scored.decision_id, scored.payload))
+    t0 = served_at_s(lost.decision_id)
+    world.clock.now = served_at_s(saved.decision_id) + WAIT_S + ALLOWANCE_S + 0.002
+    world.learner.expire()  # `saved`'s silence only
+    assert learned(world) == {"v1": 1, "v2": 1}
+    checkpointer = Checkpointer(world.store, SqlCheckpointStore(world.engine), every_events=1, every_s=60,
+                                participants=[world.learner, world.log])
+    assert asyncio.run(checkpointer.checkpoint())
+    world.clock.now = t0 + WAIT_S + ALLOWANCE_S + 1
+    world.learner.expire()  # `lost`'s: learned, then the process dies before the next checkpoint
+    assert learned(world) == {"v1": 2, "v2": 2}
+
+    again = quiet_world(tmp_path)
+    again.clock.now = world.clock.now + 60
+    again.learner.restore(again.engine)
+    assert learned(again) == {"v1": 1, "v2": 1}
+    before = silences()
+    for scored in (saved, lost):  # DECISIONS read back
+        again.learner.add_logged(LoggedDecision(scored.decision_id, scored.payload))
+    again.learner.caught_up()
+    again.learner.expire()
+    assert silence_delta(before) == {"credited": 1} and learned(again) == {"v1": 2, "v2": 2}
+    assert {d: row["rewards"] is not None for d, row in again.log.dirty.items()} == {
+        saved.decision_id: True, lost.decision_id: True}
+    world.engine.dispose()
+    again.engine.dispose()
+
+
+def test_decisions_the_join_cache_lets_go_before_their_silence_are_counted_and_told(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr("app.silence.SWEEP_SLACK", 5)
+    monkeypatch.setattr(learner_module, "_TOLD", learner_module.LogThrottle())
+    world = quiet_world(tmp_path, cache_mb=0.01)  # ~10 KB: a few decisions
+    served = [world.score() for _ in range(40)]
+    held = len(world.learner.cache)
+    assert 0 < held < 30
+    before = silences()
+    with caplog.at_level(logging.WARNING, "tipstream.learner"):
+        world.learner.expire()  # nothing due yet: the heap is swept of those let go
+    assert silence_delta(before) == {"evicted": 40 - held}
+    assert len(world.learner.silences) == held
+    assert "TIPSTREAM_LEARNER_JOIN_CACHE_MB" in caplog.text
+    world.clock.now = served_at_s(served[-1].decision_id) + WAIT_S + ALLOWANCE_S + 1
+    world.learner.expire()
+    assert silence_delta(before) == {"evicted": 40 - held, "credited": held}
+    world.engine.dispose()
+
+
+def test_off_by_default_and_only_positive_feedback_is_told_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(learner_module, "POSITIVE_ONLY_WARN_AFTER", 3)
+    world = World(tmp_path)
+    decisions = [world.score() for _ in range(5)]
+    before = silences()
+    world.clock.now += 10 * WAIT_S
+    with caplog.at_level(logging.WARNING, "tipstream.learner"):
+        world.learner.expire()
+        for scored in decisions:
+            world.react(scored.decision_id, "a", "acted")
+    assert silence_delta(before) == {} and world.learner.silences is None
+    assert caplog.text.count("were all positive") == 1 and "TIPSTREAM_SILENCE_REWARD" in caplog.text
+    world.engine.dispose()
+
+
+def test_no_warning_when_a_negative_reward_comes_early(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(learner_module, "POSITIVE_ONLY_WARN_AFTER", 3)
+    world = World(tmp_path)
+    with caplog.at_level(logging.WARNING, "tipstream.learner"):
+        for i in range(6):
+            world.react(world.score().decision_id, "a", "dismissed" if i == 1 else "acted")
+    assert "were all positive" not in caplog.text
+    world.engine.dispose()
+
+
+def test_the_wait_must_be_shorter_than_the_join_window() -> None:
+    with pytest.raises(ValueError, match="shorter than the join window"):
+        Settings(silence_reward=0.0, silence_after_s=3600, learner_join_window_s=3600)
+    assert Settings(silence_reward=0.2).silence_after_s == 600
+    with pytest.raises(ValueError, match="less than or equal to 1"):
+        Settings(silence_reward=1.5)
