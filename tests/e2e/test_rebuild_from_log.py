@@ -8,6 +8,7 @@ Real nats-server, real `tipstream` processes, SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -209,3 +210,66 @@ async def test_a_kill_9_while_feedback_comes_resumes_with_the_weights_of_an_unin
     # The restart took seconds: the first half's two users were forgotten, the second half's held.
     assert resumed.users_held == rebuilt.users_held == 2
     assert resumed.scores == rebuilt.scores
+
+
+def model_bytes(url: str) -> dict[str, tuple[int, str]]:
+    """Each version's learned count and a digest of its model as the last snapshot saved it."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("select version, n_learned, model from model_versions")).all()
+    finally:
+        engine.dispose()
+    return {version: (n, hashlib.md5(bytes(model)).hexdigest()) for version, n, model in rows}
+
+
+async def test_a_rebuild_learns_each_silence_where_the_live_run_did(
+    nats_server, nc, database_url: str, tmp_path: Path
+) -> None:
+    """`TIPSTREAM_SILENCE_REWARD`: live, the clock learns the silences (no feedback comes while they
+    fall due); the rebuild reads FEEDBACK behind, and learns them just before the first reaction
+    stored after them, or by the clock once caught up. Same rewards, same order, same rows: the
+    same model, to the byte."""
+    population = Population(users=3, seed=8)
+    users = [u.user_id for u in population.users]
+    js, env, service = await start_live(nats_server, nc, database_url, tmp_path / "data", population, 1,
+                                        silence_reward="0", silence_after_s="1")
+    async with httpx.AsyncClient(base_url=service.base_url) as http:
+        answers = [(await http.post("/score", json={"user_id": user, "context": {"now": AT}, "explore": False,
+                                                    "candidates": CANDIDATES})).json() for user in users]
+    answered, late, other_tip = answers
+    await publish_events(js, [("feedback.tip.reacted", feedback(
+        "fb-in-time", users[0], answered["decision_id"], answered["ranked"][1]["tip_id"], "liked"))])
+    wait_until(lambda: service.metric("tipstream_silences_total", outcome="credited") == 2
+               and service.metric("tipstream_silences_total", outcome="answered") == 1, what="two silences learned")
+    # After their silence: the first tip's reaction is late; another tip's is learned.
+    await publish_events(js, [("feedback.tip.reacted", event) for event in (
+        feedback("fb-late", users[1], late["decision_id"], late["ranked"][0]["tip_id"], "acted"),
+        feedback("fb-other", users[2], other_tip["decision_id"], other_tip["ranked"][1]["tip_id"], "acted"))])
+    last = {name: (await js.stream_info(name)).state.last_seq for name in STREAMS}
+    wait_until(lambda: caught_up(service, last, 2.0), what="the live service caught up")
+    assert service.metric("tipstream_feedback_total", outcome="late") == 1
+    live = Knowledge(service, users)  # its probe is a decision too: its silence comes by the clock
+    wait_until(lambda: service.metric("tipstream_silences_total", outcome="credited") == 3, what="the probe's")
+    assert service.stop(), service.log()
+    live_rows, live_models = tip_scores(database_url), model_bytes(database_url)
+    assert live.n_learned == 4 and live_models["v1"][0] == 5  # a reaction in time, another tip's, three silences
+    assert {d: live_rows[d]["rewards"] for d in (a["decision_id"] for a in answers)} == {
+        answered["decision_id"]: {answered["ranked"][1]["tip_id"]: 0.8},
+        late["decision_id"]: {late["ranked"][0]["tip_id"]: 0.0},
+        other_tip["decision_id"]: {other_tip["ranked"][0]["tip_id"]: 0.0, other_tip["ranked"][1]["tip_id"]: 1.0}}
+
+    # The rebuild, stopped once it has learned what live did (no probe: it would be one more decision).
+    service = ServiceProcess(tmp_path / "data", env)
+    migrated = subprocess.run([TIPSTREAM, "migrate", "base"], env=service.env, capture_output=True, text=True)
+    assert migrated.returncode == 0, migrated.stderr
+    service.start()
+    last = {name: (await js.stream_info(name)).state.last_seq for name in STREAMS}
+    wait_until(lambda: caught_up(service, last, 2.0)
+               and service.metric("tipstream_silences_total", outcome="credited") == 3, what="the rebuild caught up")
+    assert service.metric("tipstream_feedback_total", outcome="late") == 1
+    features = {u: service.get(f"/users/{u}/features", at=AT).json() for u in users}
+    assert service.stop(), service.log()
+    assert features == live.features
+    assert tip_scores(database_url) == live_rows  # `rewarded_at` too: a silence is stamped with when it was due
+    assert model_bytes(database_url) == live_models
