@@ -643,7 +643,8 @@ class Learner:
                 log.warning("the first %d rewards learned from feedback were all positive (reward >= 0.5): the models "
                             "learn that every tip pleases. Publish `dismissed` for tips a user ignored, or set "
                             "TIPSTREAM_SILENCE_REWARD (e.g. 0) to learn that reward for a decision nobody reacts to "
-                            "within TIPSTREAM_SILENCE_AFTER_S (README, \"Feedback\")", POSITIVE_ONLY_WARN_AFTER)
+                            "within TIPSTREAM_SILENCE_AFTER_S (docs/learning.md, \"Learning from silence\")",
+                            POSITIVE_ONLY_WARN_AFTER)
 
     def _learn(self, decision_id: str, entry: _Entry, decision: dict[str, Any], candidate: dict[str, Any],
                reward: float, rewarded_ms: int) -> None:

@@ -5,6 +5,8 @@
     python bench/quality.py --users 50 --rounds 60 --seeds 1  # the unit test's size
     python bench/quality.py --rounds 60 --drift-at 30         # tastes change halfway: how fast it adapts
     python bench/quality.py --rounds 60 --drift-at 30 --set model_user_forgetting=0  # as before forgetting
+    python bench/quality.py --clicks-only                    # the app publishes acted and liked only
+    python bench/quality.py --clicks-only --set silence_reward=0  # ... and silence is learned as 0
 
 Steps:
 1. Simulated users with hidden tastes (two liked tip categories of five) are each scored on
@@ -45,6 +47,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3, help="runs with populations 11, 12, ... (default 3)")
     parser.add_argument("--drift-at", type=int, default=None, metavar="ROUND",
                         help="from this round on, every user likes two of the categories they disliked")
+    parser.add_argument("--clicks-only", action="store_true",
+                        help="publish only acted and liked reactions (users ignore the tips they do not like)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="a service setting, e.g. model_optimizer=sgd or policy=thompson (repeatable)")
     args = parser.parse_args()
@@ -53,7 +57,8 @@ def main() -> int:
     for seed in range(11, 11 + args.seeds):
         with tempfile.TemporaryDirectory() as tmp:
             settings = Settings(data_dir=Path(tmp), **overrides)
-            earned, baseline, _ = simulate_in_process(Path(tmp), settings, args.users, args.rounds, seed, args.drift_at)
+            earned, baseline, _ = simulate_in_process(Path(tmp), settings, args.users, args.rounds, seed, args.drift_at,
+                                                    args.clicks_only)
         by_sixth.append(sixths(earned))
         randoms.append(statistics.mean(baseline))
         print(f"population {seed}: reward by sixth of the run " + " ".join(f"{r:.3f}" for r in by_sixth[-1])
