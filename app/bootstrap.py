@@ -122,7 +122,7 @@ class Service:
         # gc.callbacks).
         gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
         self._tasks.append(asyncio.create_task(loop_lag.watch(METRICS.loop_lag.observe), name="event loop lag"))
-        s.data_dir.mkdir(parents=True, exist_ok=True)
+        s.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # as `startup.hold_data_dir` makes it
         await asyncio.to_thread(migrate.upgrade, s.sqlalchemy_url)
         if not s.nats_url:
             self.embedded = EmbeddedNats(s.data_dir / "nats")

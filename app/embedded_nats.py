@@ -82,7 +82,7 @@ class EmbeddedNats:
         return config
 
     def start(self, timeout_s: float = 15.0) -> str:
-        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self.store_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the events: owner-only, as the data dir
         ports_dir = self.store_dir / "ports"
         ports_dir.mkdir(exist_ok=True)
         for stale in ports_dir.glob("*.ports"):

@@ -123,7 +123,10 @@ def hold_data_dir(data_dir: Path) -> int:
     third start lock a new file while the second still holds the old one).
     """
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        # Owner-only when this creates it: it holds the users' events (the embedded NATS store) and
+        # their features (the SQLite file), which the umask's usual 022 left readable to every local
+        # user. One that exists keeps the mode its owner gave it.
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:
         raise StartupError(f"Cannot use the data directory {data_dir} (TIPSTREAM_DATA_DIR): {error.strerror}. "

@@ -152,6 +152,8 @@ async def test_the_embedded_server_takes_only_clients_with_its_token(tmp_path: P
         token, address = rest.split("@", 1)
         assert len(token) >= 32
         assert (data / "nats.url").stat().st_mode & 0o777 == 0o600
+        # The events in a directory only its owner reads (this harness made `data` itself, for the log).
+        assert (data / "nats").stat().st_mode & 0o777 == 0o700
         config = data / "nats" / "nats-server.conf"
         assert token in config.read_text() and config.stat().st_mode & 0o777 == 0o600
         pid = embedded_pid(data)

@@ -202,3 +202,13 @@ async def test_the_same_nats_error_again_within_a_minute_is_counted_not_logged(
     assert [r.getMessage() for r in caplog.records] == [
         "NATS: nats: 'Authorization Violation'", "NATS: nats: 'Authorization Violation' (4 more times since)",
         "NATS: nats: another"]
+
+
+def test_a_data_directory_it_creates_is_its_owner_s_only_and_one_that_exists_keeps_its_mode(tmp_path: Path) -> None:
+    os.close(hold_data_dir(tmp_path / "new" / "data"))
+    assert (tmp_path / "new" / "data").stat().st_mode & 0o777 == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    os.chmod(shared, 0o750)
+    os.close(hold_data_dir(shared))
+    assert shared.stat().st_mode & 0o777 == 0o750
