@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from app import migrate
 from app.cli import main
+from app.settings import get_settings
 from tests.conftest import free_port
 
 TIPSTREAM = str(Path(sys.executable).parent / "tipstream")
+
+
+@pytest.fixture(autouse=True)
+def settings_from_env() -> Iterator[None]:
+    """`main` reads the settings once (`get_settings` is cached): a test sets the environment
+    first, and leaves its settings to no other test."""
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
 
 
 def test_simulate_against_no_server_says_so_at_once(tmp_path: Path) -> None:
@@ -54,21 +65,15 @@ def test_migrate_says_where_the_database_is_and_does_not_pretend_to_go_back(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path / 'm.db'}"
     monkeypatch.setenv("DATABASE_URL", url)
-    from app.settings import get_settings
-
-    get_settings.cache_clear()
-    try:
-        assert main(["migrate"]) == 0
-        head = migrate.current(url)
-        assert head is not None and capsys.readouterr().out == f"database at {head}: {url}\n"
-        assert main(["migrate", "0001"]) == 1
-        out, err = capsys.readouterr()
-        assert out == f"database at {head}: {url}\n" and "alembic downgrade 0001" in err
-        assert migrate.current(url) == head
-        assert main(["migrate", "nope"]) == 2
-        assert "Unknown revision 'nope'; known: head, base, 0001" in capsys.readouterr().err
-    finally:
-        get_settings.cache_clear()
+    assert main(["migrate"]) == 0
+    head = migrate.current(url)
+    assert head is not None and capsys.readouterr().out == f"database at {head}: {url}\n"
+    assert main(["migrate", "0001"]) == 1
+    out, err = capsys.readouterr()
+    assert out == f"database at {head}: {url}\n" and "alembic downgrade 0001" in err
+    assert migrate.current(url) == head
+    assert main(["migrate", "nope"]) == 2
+    assert "Unknown revision 'nope'; known: head, base, 0001" in capsys.readouterr().err
 
 
 def test_reading_the_registry_where_there_is_no_database_creates_none(
@@ -94,13 +99,7 @@ def test_an_unknown_revision_creates_no_database(tmp_path: Path, monkeypatch: py
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))
-    from app.settings import get_settings
-
-    get_settings.cache_clear()
-    try:
-        assert main(["migrate", "nope"]) == 2
-    finally:
-        get_settings.cache_clear()
+    assert main(["migrate", "nope"]) == 2
     assert "Unknown revision 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "data" / "tipstream.db").exists()
 
@@ -185,13 +184,7 @@ def test_a_database_the_commands_cannot_open_is_one_message_without_its_password
     """`tipstream run` said what to fix; migrate and the registry reads were tracebacks (the
     libpq hint line, not the failure, was the cause shown)."""
     monkeypatch.setenv("DATABASE_URL", database_url)
-    from app.settings import get_settings
-
-    get_settings.cache_clear()
-    try:
-        assert main(command) == 1
-    finally:
-        get_settings.cache_clear()
+    assert main(command) == 1
     err = capsys.readouterr().err
     assert err.startswith("tipstream: ") and err.count("\n") == 1 and "DATABASE_URL" in err
     assert problem in err and "hunter2" not in err
@@ -210,13 +203,9 @@ def test_migrate_shows_the_database_url_without_its_password(
 
     # Trust auth takes any password: enough to see it is not printed.
     monkeypatch.setenv("DATABASE_URL", make_url(postgres_url).set(password="hunter2").render_as_string(False))
-    from app.settings import get_settings
-
-    get_settings.cache_clear()
     try:
         assert main(["migrate"]) == 0 and main(["migrate", "base"]) == 0
     finally:
-        get_settings.cache_clear()
         reset_postgres(postgres_url)
     out = capsys.readouterr().out
     assert "hunter2" not in out and ":***@" in out, out
@@ -238,7 +227,6 @@ def test_a_postgresql_user_that_may_not_create_tables_is_told_the_grant(
     import sqlalchemy as sa
     from sqlalchemy.engine import make_url
 
-    from app.settings import get_settings
     from tests.conftest import POSTGRES_ADMIN_URL, reset_postgres
 
     reset_postgres(postgres_url)
@@ -252,11 +240,9 @@ def test_a_postgresql_user_that_may_not_create_tables_is_told_the_grant(
     with admin.connect() as conn:
         conn.execute(sa.text(f"CREATE ROLE {role} LOGIN"))
     monkeypatch.setenv("DATABASE_URL", make_url(postgres_url).set(username=role).render_as_string(False))
-    get_settings.cache_clear()
     try:
         assert main(["migrate"]) == 1
     finally:
-        get_settings.cache_clear()
         with admin.connect() as conn:
             conn.execute(sa.text(f"DROP ROLE {role}"))
         admin.dispose()
@@ -293,13 +279,7 @@ def test_a_sqlite_file_whose_directory_cannot_be_made_is_one_message(
         monkeypatch.setenv(variable, f"sqlite:///{tmp_path / 'a-file' / 'data' / 'tipstream.db'}")
     else:
         monkeypatch.setenv(variable, str(tmp_path / "a-file" / "data"))
-    from app.settings import get_settings
-
-    get_settings.cache_clear()
-    try:
-        assert main(["migrate"]) == 1
-    finally:
-        get_settings.cache_clear()
+    assert main(["migrate"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("tipstream: Cannot open the database sqlite:///") and err.count("\n") == 1
     assert "Not a directory" in err and f"Set {variable} to a" in err
@@ -317,24 +297,19 @@ def test_migrate_base_refuses_to_drop_the_tables_of_a_running_service(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     import os
 
-    from app.settings import get_settings
     from app.startup import hold_data_dir
 
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))
-    get_settings.cache_clear()
+    assert main(["migrate"]) == 0
+    url = get_settings().sqlalchemy_url
+    held = hold_data_dir(tmp_path / "data")  # as `tipstream run` does
     try:
-        assert main(["migrate"]) == 0
-        url = get_settings().sqlalchemy_url
-        held = hold_data_dir(tmp_path / "data")  # as `tipstream run` does
-        try:
-            assert main(["migrate", "base"]) == 1
-        finally:
-            os.close(held)
-        assert f"(pid {os.getpid()}) runs on" in capsys.readouterr().err and migrate.current(url) is not None
-        assert main(["migrate", "base"]) == 0 and migrate.current(url) is None
+        assert main(["migrate", "base"]) == 1
     finally:
-        get_settings.cache_clear()
+        os.close(held)
+    assert f"(pid {os.getpid()}) runs on" in capsys.readouterr().err and migrate.current(url) is not None
+    assert main(["migrate", "base"]) == 0 and migrate.current(url) is None
 
 
 @pytest.mark.parametrize(("url", "port", "problem"), [
@@ -369,29 +344,24 @@ def test_a_database_from_a_newer_release_is_one_message(tmp_path: Path, monkeypa
     """alembic's "Can't locate revision" was a traceback from `run` and `models list`."""
     import sqlalchemy as sa
 
-    from app.settings import get_settings
     from app.startup import explain
 
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path))
-    get_settings.cache_clear()
-    try:
-        assert main(["migrate"]) == 0
-        engine = sa.create_engine(get_settings().sqlalchemy_url)
-        with engine.begin() as conn:
-            conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099'"))
-        engine.dispose()
-        capsys.readouterr()
-        assert main(["models", "list"]) == 1
-        err = capsys.readouterr().err
-        assert err.startswith("tipstream: Cannot migrate the database sqlite:///") and err.count("\n") == 1
-        assert "'0099'" in err and "(TIPSTREAM_DATA_DIR)" in err and "run that release" in err
-        from alembic.util import CommandError
+    assert main(["migrate"]) == 0
+    engine = sa.create_engine(get_settings().sqlalchemy_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099'"))
+    engine.dispose()
+    capsys.readouterr()
+    assert main(["models", "list"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tipstream: Cannot migrate the database sqlite:///") and err.count("\n") == 1
+    assert "'0099'" in err and "(TIPSTREAM_DATA_DIR)" in err and "run that release" in err
+    from alembic.util import CommandError
 
-        told = explain(CommandError("Can't locate revision identified by '0099'"), get_settings())  # as from `run`
-        assert told is not None and str(told) == err.removeprefix("tipstream: ").strip()
-    finally:
-        get_settings.cache_clear()
+    told = explain(CommandError("Can't locate revision identified by '0099'"), get_settings())  # as from `run`
+    assert told is not None and str(told) == err.removeprefix("tipstream: ").strip()
 
 
 def test_a_change_answered_with_a_redirect_is_not_followed_with_the_token(
@@ -442,14 +412,8 @@ def test_a_change_answered_with_a_redirect_is_not_followed_with_the_token(
 def test_a_database_password_given_as_a_query_parameter_is_not_shown(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """libpq takes `?password=`; the messages hid only the password before the host."""
-    from app.settings import get_settings
-
     monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("DATABASE_URL", f"postgresql+psycopg://bob@127.0.0.1:{free_port()}/x?password=hunter2&sslmode=disable")
-    get_settings.cache_clear()
-    try:
-        assert main(["migrate"]) == 1
-    finally:
-        get_settings.cache_clear()
+    assert main(["migrate"]) == 1
     err = capsys.readouterr().err
     assert "hunter2" not in err and "?password=***&sslmode=disable (DATABASE_URL)" in err, err
