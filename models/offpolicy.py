@@ -70,6 +70,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from scipy.special import stdtrit  # Student's t quantile; scipy comes loaded with River
+
 MIN_EFFECTIVE_N = 30  # below it, no interval (the usual floor for a normal or t approximation)
 
 # One decision: the target policy's probability of putting each tip first (tips left out: 0),
@@ -139,67 +141,6 @@ def estimate(logged: Iterable[Logged], full_support: bool = False) -> PolicyValu
         # Not bounds that use E[w] = 1 (empirical likelihood): the card's log holds only the
         # decisions somebody reacted to, where E[w] is not 1.
         freedom = max(squares * squares / sum(w ** 4 for w in weights) - 1.0, 1.0)
-        half = t_quantile(0.975, freedom) * spread
+        half = float(stdtrit(freedom, 0.975)) * spread
         interval = (max(0.0, snips - half), min(1.0, snips + half))
     return PolicyValue(n, agreed, weighted / n, snips, interval, effective_n, unsupported)
-
-
-def t_quantile(p: float, df: float) -> float:
-    """Student's t quantile for `p` in (0.5, 1) and `df` >= 1 degrees of freedom (not a whole
-    number only), by bisection on the distribution's tail (scipy is no dependency).
-
-    >>> round(t_quantile(0.975, 1), 3), round(t_quantile(0.975, 10), 3), round(t_quantile(0.975, 1e9), 4)
-    (12.706, 2.228, 1.96)
-    """
-    if not 0.5 < p < 1.0 or not df >= 1.0:
-        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1, got {p!r}, {df!r}")
-    tail = 1.0 - p
-    low, high = 0.0, 1.0
-    while _t_tail(high, df) > tail:
-        high *= 2.0
-    for _ in range(100):
-        middle = (low + high) / 2.0
-        if _t_tail(middle, df) > tail:
-            low = middle
-        else:
-            high = middle
-        if high - low <= 1e-12 * high:
-            break
-    return (low + high) / 2.0
-
-
-def _t_tail(t: float, df: float) -> float:
-    """P(T > t) for t >= 0: half the regularised incomplete beta I_x(df / 2, 1 / 2), x = df / (df + t^2)."""
-    return 0.5 * _incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
-
-
-def _incomplete_beta(a: float, b: float, x: float) -> float:
-    """The regularised incomplete beta I_x(a, b), by its continued fraction (Lentz's method, as in
-    Numerical Recipes' betacf), on the side of x where it converges quickly."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _beta_fraction(a, b, x) / a
-    return 1.0 - front * _beta_fraction(b, a, 1.0 - x) / b
-
-
-def _beta_fraction(a: float, b: float, x: float) -> float:
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + numerator * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + numerator / c
-            if abs(c) < tiny:
-                c = tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
