@@ -83,6 +83,12 @@ class ReadUpTo:
         self.stored_ms = 0
         self.caught_up = caught_up
         self._moved = asyncio.Event()
+        # Whether everything stored in the stream until a moment ago has been read, now: unlike
+        # `caught_up` (once, for good), false again while ingest is held up (paused for checkpoints,
+        # a backlog delivered and not folded yet, a consumer re-created). The ingest reading the
+        # stream sets it (`StreamIngest.drained`); the learner's silence asks it before trusting
+        # the clock (`Learner._silence_horizon_ms`).
+        self.drained: Callable[[], bool] = lambda: self.caught_up
 
     def advance(self, stored_ms: int, caught_up: bool) -> None:
         self.stored_ms = max(self.stored_ms, stored_ms)
@@ -143,6 +149,8 @@ class StreamIngest:
         # a decision is known before its feedback comes, and rewards are learned in FEEDBACK's
         # order; read first, a reward waits and is learned in DECISIONS' order instead.
         self.read, self.after = read, after
+        if read is not None:
+            read.drained = self.drained
         self.progress_every_s = jsx.ACK_WAIT_S / 3  # while a wait holds delivered messages (`_keep_in_progress`)
         self._progressed = 0.0
         self._held: list[jsx.RawMsg] = []
@@ -163,6 +171,15 @@ class StreamIngest:
         # The store's position, read when scraped: it also moves without this ingest (the DECISIONS
         # tail advances it over this process's acknowledged publishes).
         METRICS.position.labels(spec.name).set_function(lambda: store.positions.get(spec.name, 0))
+
+    def drained(self) -> bool:
+        """Whether all this stream stored until a moment ago has been read: the server said it has
+        nothing more for the pull request outstanding (it says so every `expires_s` when idle), and
+        nothing delivered waits to be folded. False while ingest is paused for checkpoints (the
+        database away), between consumers, or away from NATS: what is stored meanwhile is unread."""
+        puller = self.puller
+        return (puller is not None and puller.idle and not puller.paused and not puller.stopped
+                and not self.buffer and not self._held and self.lag == 0 and self.nc.is_connected)
 
     def _on_message(self, msg: jsx.RawMsg) -> None:
         self.buffer.append(msg)

@@ -540,8 +540,12 @@ class Learner:
     def _silence_horizon_ms(self) -> int:
         """Silences due before this are learned without waiting for more feedback: by the clock,
         less the allowance, live; in FEEDBACK's time while it is read back (or not at all, before
-        any feedback is read)."""
-        if self.feedback_read.caught_up and not self.replaying:
+        any feedback is read), and while its ingest is held up (`ReadUpTo.drained`): paused for
+        checkpoints (the database away), a backlog not folded yet, NATS away. By the clock then, a
+        reaction stored within the wait and read later was counted `late` and its silence learned,
+        which a replay of the log, reading the reaction first, does not do."""
+        read = self.feedback_read
+        if read.caught_up and not self.replaying and read.drained():
             return int(self.clock() * 1000) - SILENCE_READ_ALLOWANCE_MS
         return self._feedback_time_ms()
 

@@ -423,6 +423,7 @@ class BatchPuller:
             self._request_soon()
             return
         self.requested -= 1
+        self.idle = False  # more may follow: known to have nothing more only at the next status
         name = self._subjects.get(subject)
         if name is None:
             name = subject.decode()
@@ -437,6 +438,7 @@ class BatchPuller:
         """Ask again after a pause."""
         self.paused = False
         self.requested = 0
+        self.idle = False  # what was stored while paused is still to come
         self._request_soon()
 
     async def _watch(self) -> None:

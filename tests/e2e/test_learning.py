@@ -5,6 +5,8 @@ Real nats-server, real HTTP (uvicorn), SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import httpx
@@ -250,3 +252,48 @@ async def test_a_decision_nobody_answers_learns_the_silence_reward_once_across_a
         assert reward == 0.0
     finally:
         engine.dispose()
+
+
+@pytest.mark.postgres
+async def test_a_reaction_stored_within_the_wait_and_read_late_answers_the_decision(
+        start_service, nc, postgres_url) -> None:
+    """FEEDBACK's ingest held up (here: the database away, so ingest pauses for checkpoints) while a
+    reaction stored within the wait waits unread: the clock must not take it for silence. A replay of
+    the log reads the reaction before the silence is due and learns it; live must too."""
+    from tests.conftest import reset_postgres
+    from tests.integration.test_database_away import set_connections
+
+    reset_postgres(postgres_url)
+    database = postgres_url.rsplit("/", 1)[1]
+    settings = {"database_url": postgres_url, "checkpoint_every_s": 0.2, "model_snapshot_every_s": 0,
+                "silence_reward": 0.0, "silence_after_s": 2.0, "max_uncheckpointed_events": 2}
+    running = await start_service(**settings)
+    service = running.service
+    js = nc.jetstream()
+    silenced, answered = SILENCES.labels("credited").value, SILENCES.labels("answered").value
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        decision = (await http.post("/score", json=BODY)).json()
+    served = time.time()
+    await eventually(lambda: service.checkpointer.uncheckpointed == 0 and service.learner._unconfirmed == [])
+    late = count("late")
+    set_connections(database, False)
+    try:
+        # Events the database's absence leaves uncheckpointed: FEEDBACK pauses after them.
+        await publish(js, feedback("f-0", None, "tip-focus-1", "acted"))
+        await publish(js, feedback("f-00", None, "tip-focus-1", "acted"))
+        await eventually(lambda: service.store.positions.get("FEEDBACK") == 2)
+        ingest = next(i for i in service.ingests if i.spec.name == "FEEDBACK")
+        await eventually(lambda: ingest.puller is not None and ingest.puller.paused)
+        assert time.time() - served < 1.5, "this test needs the reaction stored within the wait"
+        # The user acts on the tip a second after it was served: stored within the wait, not read yet.
+        await publish(js, feedback("f-1", decision["decision_id"], decision["ranked"][0]["tip_id"], "acted"))
+        # Checkpoints go on failing, each a look at the clock, well past the wait and its allowance.
+        await asyncio.sleep(2.0 + learner_module.SILENCE_READ_ALLOWANCE_MS / 1000 + 1.5)
+        assert service.store.positions.get("FEEDBACK") == 2, "the reaction is still unread"
+    finally:
+        set_connections(database, True)
+    await eventually(lambda: service.store.positions.get("FEEDBACK") == 3, timeout=30)
+    assert count("late") == late, "the reaction came within the wait"
+    assert service.learner._lookup(decision["decision_id"]).credits == {decision["ranked"][0]["tip_id"]: 1.0}
+    await eventually(lambda: SILENCES.labels("answered").value == answered + 1, timeout=20)
+    assert SILENCES.labels("credited").value == silenced
