@@ -269,7 +269,9 @@ class Settings(BaseSettings):
     @classmethod
     def _within_join_window(cls, value: float, info: ValidationInfo) -> float:
         window_s = info.data.get("learner_join_window_s")
-        if window_s is not None and value >= window_s:
+        # Only with silence learned: off (the default), the wait is unused, and a join window under
+        # the default wait (10 minutes) must still start, as it did before silence was learned.
+        if info.data.get("silence_reward") is not None and window_s is not None and value >= window_s:
             raise ValueError(
                 f"must be shorter than the join window (TIPSTREAM_LEARNER_JOIN_WINDOW_S={window_s:g}), which holds "
                 "the decision until its silence is learned")

@@ -212,3 +212,12 @@ def test_the_wait_must_be_shorter_than_the_join_window() -> None:
     assert Settings(silence_reward=0.2).silence_after_s == 600
     with pytest.raises(ValueError, match="less than or equal to 1"):
         Settings(silence_reward=1.5)
+
+
+def test_a_join_window_shorter_than_the_default_wait_starts_with_silence_off() -> None:
+    """The wait is checked against the join window only when silence is learned: off (the default),
+    a window of 5 minutes, under the default wait of 10, must not refuse to start."""
+    assert Settings(learner_join_window_s=300).learner_join_window_s == 300
+    with pytest.raises(ValueError, match="shorter than the join window"):
+        Settings(learner_join_window_s=300, silence_reward=0.0)
+    assert Settings(learner_join_window_s=300, silence_reward=0.0, silence_after_s=60).silence_after_s == 60
