@@ -14,8 +14,8 @@ from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.decisions import LoggedDecision, decision_time_ms
 from app.ingest import ReadUpTo
 from app.learning_metrics import SILENCES
-from app.settings import Settings
-from tests.unit.test_scoring_learner import World, _ack, _reaction, delta, outcomes
+from app.settings import DEFAULT_REWARDS, Settings
+from tests.unit.test_scoring_learner import World, _ack, _decisions_ack, _foreign, _reaction, delta, outcomes
 
 WAIT_S = 600
 ALLOWANCE_S = learner_module.SILENCE_READ_ALLOWANCE_MS / 1000
@@ -221,3 +221,52 @@ def test_a_join_window_shorter_than_the_default_wait_starts_with_silence_off() -
     with pytest.raises(ValueError, match="shorter than the join window"):
         Settings(learner_join_window_s=300, silence_reward=0.0)
     assert Settings(learner_join_window_s=300, silence_reward=0.0, silence_after_s=60).silence_after_s == 60
+
+
+def _record(world: World) -> list[float]:
+    order: list[float] = []
+    champion = world.lineup.champion
+    learn_one = champion.learn_one
+    champion.learn_one = lambda x, reward, at_ms=None: (order.append(reward), learn_one(x, reward, at_ms))[1]
+    return order
+
+
+def test_a_replay_learns_a_silence_due_before_deferred_feedback_s_decision_came_as_live(tmp_path: Path) -> None:
+    """Feedback stored before another publisher's decision waits for it, live, and is learned when
+    it comes; a silence due before then was learned first (by the clock, no feedback in between).
+    Read back, the decision is read first and the feedback deferred until FEEDBACK's time passes the
+    decision's: both fall due at the next feedback, and the deferred one was learned first, so the
+    models learned in another order than live."""
+    wait_s = 10
+    live = quiet_world(tmp_path / "live", silence_after_s=wait_s)
+    ignored = live.score()
+    c1 = served_at_s(ignored.decision_id)
+    foreign = _foreign(live, "ext-1")
+    order = _record(live)
+    live.clock.now = c1 + 1
+    live.sink(_reaction("f-1", "ext-1", "a"), _ack(c1 + 1, 1))  # before its decision: waits
+    live.clock.now = c1 + wait_s + ALLOWANCE_S + 2
+    live.learner.snapshot()  # the silence, by the clock
+    live.clock.now = c1 + 20
+    live.learner.add_logged(foreign, _decisions_ack(c1 + 20, 2))  # f-1 learned now
+    live.clock.now = c1 + 25
+    live.sink(_reaction("f-2", "ext-1", "b", "liked"), _ack(c1 + 25, 2))
+    assert order == [0.0, 1.0, DEFAULT_REWARDS["liked"]]
+
+    replay = quiet_world(tmp_path / "replay", silence_after_s=wait_s)
+    replay.clock.now = c1 + 3600
+    assert replay.learner.restore(replay.engine) is None  # a rebuild from the log
+    replay.learner.feedback_read = ReadUpTo()  # FEEDBACK follows DECISIONS, read further
+    replayed = _record(replay)
+    replay.learner.add_logged(LoggedDecision(ignored.decision_id, ignored.payload), _decisions_ack(c1 + 0.01, 1))
+    replay.learner.add_logged(foreign, _decisions_ack(c1 + 20, 2))
+    replay.learner.caught_up()
+    replay.sink(_reaction("f-1", "ext-1", "a"), _ack(c1 + 1, 1))
+    replay.sink(_reaction("f-2", "ext-1", "b", "liked"), _ack(c1 + 25, 2))
+    assert replayed == order
+    for world in (live, replay):
+        del world.lineup.champion.learn_one  # the recorder: models are compared by their bytes
+    for version in ("v1", "v2"):
+        assert replay.lineup.models[version].to_bytes() == live.lineup.models[version].to_bytes()
+    live.engine.dispose()
+    replay.engine.dispose()
