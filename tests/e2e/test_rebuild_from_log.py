@@ -273,3 +273,51 @@ async def test_a_rebuild_learns_each_silence_where_the_live_run_did(
     assert features == live.features
     assert tip_scores(database_url) == live_rows  # `rewarded_at` too: a silence is stamped with when it was due
     assert model_bytes(database_url) == live_models
+
+
+async def test_a_kill_9_after_silences_were_learned_and_before_their_snapshot_learns_each_once(
+    nats_server, nc, database_url: str, tmp_path: Path
+) -> None:
+    """Silences learned by the clock, models not saved yet (snapshots 60 s apart), then kill -9: the
+    restart re-reads the decisions and learns each silence again, once, and equals the rebuild from
+    the same log, to the model's byte."""
+    population = Population(users=3, seed=9)
+    users = [u.user_id for u in population.users]
+    js, env, service = await start_live(nats_server, nc, database_url, tmp_path / "data", population, 1,
+                                        silence_reward="0", silence_after_s="3", model_snapshot_every_s="60")
+    last = {name: (await js.stream_info(name)).state.last_seq for name in STREAMS}
+    wait_until(lambda: caught_up(service, last, 0.0) and model_bytes(database_url).get("v1", (None,))[0] == 0,
+               what="the history read and a first snapshot saved")
+    async with httpx.AsyncClient(base_url=service.base_url) as http:
+        answers = [(await http.post("/score", json={"user_id": user, "context": {"now": AT}, "explore": False,
+                                                    "candidates": CANDIDATES})).json() for user in users]
+    await publish_events(js, [("feedback.tip.reacted", feedback(
+        "fb-in-time", users[0], answers[0]["decision_id"], answers[0]["ranked"][1]["tip_id"], "liked"))])
+    wait_until(lambda: service.metric("tipstream_silences_total", outcome="credited") == 2
+               and service.metric("tipstream_silences_total", outcome="answered") == 1, what="two silences learned")
+    assert service.get("/models/v1").json()["n_learned"] == 3
+    assert model_bytes(database_url)["v1"][0] == 0, "the kill must land before the models are saved"
+    service.kill()
+
+    service = ServiceProcess(tmp_path / "data", env).start()
+    wait_until(lambda: service.metric("tipstream_silences_total", outcome="credited") == 2
+               and service.metric("tipstream_feedback_total", outcome="credited") == 1, what="learned again")
+    assert service.get("/models/v1").json()["n_learned"] == 3
+    assert service.metric("tipstream_feedback_total", outcome="duplicate") == 0
+    assert service.stop(), service.log()
+    resumed_rows, resumed_models = tip_scores(database_url), model_bytes(database_url)
+    assert resumed_models["v1"][0] == 3
+    assert {d: resumed_rows[d]["rewards"] for d in (a["decision_id"] for a in answers)} == {
+        answers[0]["decision_id"]: {answers[0]["ranked"][1]["tip_id"]: 0.8},
+        answers[1]["decision_id"]: {answers[1]["ranked"][0]["tip_id"]: 0.0},
+        answers[2]["decision_id"]: {answers[2]["ranked"][0]["tip_id"]: 0.0}}
+
+    service = ServiceProcess(tmp_path / "data", env)
+    migrated = subprocess.run([TIPSTREAM, "migrate", "base"], env=service.env, capture_output=True, text=True)
+    assert migrated.returncode == 0, migrated.stderr
+    service.start()
+    wait_until(lambda: caught_up(service, last, 1.0)
+               and service.metric("tipstream_silences_total", outcome="credited") == 2, what="the rebuild caught up")
+    assert service.stop(), service.log()
+    assert tip_scores(database_url) == resumed_rows
+    assert model_bytes(database_url) == resumed_models
