@@ -346,10 +346,10 @@ class Learner:
 
     def _credit_waiting(self, decision_id: str, entry: _Entry, joinable_ms: int) -> None:
         if self.silences is not None and joinable_ms:
-            # Silences due before the decision could be joined first, live (by the clock, no feedback
-            # between) and read back (deferred until FEEDBACK's time passes the decision's, where
-            # both fall due): else a replay learned this feedback before them, live after.
-            self._release_silences(min(joinable_ms, self._silence_horizon_ms()))
+            # Silences the clock had learned, live, when the decision came (due before its stored time,
+            # less the allowance) first, also read back (deferred until FEEDBACK's time passes the
+            # decision's, where both fall due): else a replay learned this feedback before them, live after.
+            self._release_silences(min(joinable_ms - SILENCE_READ_ALLOWANCE_MS, self._silence_horizon_ms()))
         waiting = self.waiting.take(decision_id)
         gave_up_before_ms = joinable_ms - self.waiting.max_age_s * 1000
         for tip_id, (reaction, _, user_id, stored_at_ms) in (waiting or {}).items():

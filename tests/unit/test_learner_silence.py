@@ -231,27 +231,34 @@ def _record(world: World) -> list[float]:
     return order
 
 
-def test_a_replay_learns_a_silence_due_before_deferred_feedback_s_decision_came_as_live(tmp_path: Path) -> None:
+@pytest.mark.parametrize("decision_after_due_s", [10, 2])
+def test_a_replay_learns_a_silence_due_before_deferred_feedback_s_decision_came_as_live(
+        tmp_path: Path, decision_after_due_s: float) -> None:
     """Feedback stored before another publisher's decision waits for it, live, and is learned when
-    it comes; a silence due before then was learned first (by the clock, no feedback in between).
-    Read back, the decision is read first and the feedback deferred until FEEDBACK's time passes the
-    decision's: both fall due at the next feedback, and the deferred one was learned first, so the
-    models learned in another order than live."""
+    it comes; a silence due before then, and by more than the allowance, was learned first (by the
+    clock, no feedback in between), one due just before then after it. Read back, the decision is
+    read first and the feedback deferred until FEEDBACK's time passes the decision's: both fall due
+    at the next feedback, and the deferred one was learned first, so the models learned in another
+    order than live."""
     wait_s = 10
     live = quiet_world(tmp_path / "live", silence_after_s=wait_s)
     ignored = live.score()
     c1 = served_at_s(ignored.decision_id)
+    stored_s = c1 + wait_s + decision_after_due_s  # the decision's
     foreign = _foreign(live, "ext-1")
     order = _record(live)
     live.clock.now = c1 + 1
     live.sink(_reaction("f-1", "ext-1", "a"), _ack(c1 + 1, 1))  # before its decision: waits
-    live.clock.now = c1 + wait_s + ALLOWANCE_S + 2
-    live.learner.snapshot()  # the silence, by the clock
-    live.clock.now = c1 + 20
-    live.learner.add_logged(foreign, _decisions_ack(c1 + 20, 2))  # f-1 learned now
-    live.clock.now = c1 + 25
-    live.sink(_reaction("f-2", "ext-1", "b", "liked"), _ack(c1 + 25, 2))
-    assert order == [0.0, 1.0, DEFAULT_REWARDS["liked"]]
+    for checkpoint_s in (c1 + wait_s + 1, c1 + wait_s + ALLOWANCE_S + 1, stored_s - 0.5):
+        if checkpoint_s < stored_s:  # checkpoints: the silence, by the clock, once due by the allowance
+            live.clock.now = checkpoint_s
+            live.learner.snapshot()
+    live.clock.now = stored_s
+    live.learner.add_logged(foreign, _decisions_ack(stored_s, 2))  # f-1 learned now
+    live.clock.now = stored_s + 5
+    live.sink(_reaction("f-2", "ext-1", "b", "liked"), _ack(stored_s + 5, 2))
+    silence_first = decision_after_due_s > ALLOWANCE_S
+    assert order == ([0.0, 1.0] if silence_first else [1.0, 0.0]) + [DEFAULT_REWARDS["liked"]]
 
     replay = quiet_world(tmp_path / "replay", silence_after_s=wait_s)
     replay.clock.now = c1 + 3600
@@ -259,10 +266,10 @@ def test_a_replay_learns_a_silence_due_before_deferred_feedback_s_decision_came_
     replay.learner.feedback_read = ReadUpTo()  # FEEDBACK follows DECISIONS, read further
     replayed = _record(replay)
     replay.learner.add_logged(LoggedDecision(ignored.decision_id, ignored.payload), _decisions_ack(c1 + 0.01, 1))
-    replay.learner.add_logged(foreign, _decisions_ack(c1 + 20, 2))
+    replay.learner.add_logged(foreign, _decisions_ack(stored_s, 2))
     replay.learner.caught_up()
     replay.sink(_reaction("f-1", "ext-1", "a"), _ack(c1 + 1, 1))
-    replay.sink(_reaction("f-2", "ext-1", "b", "liked"), _ack(c1 + 25, 2))
+    replay.sink(_reaction("f-2", "ext-1", "b", "liked"), _ack(stored_s + 5, 2))
     assert replayed == order
     for world in (live, replay):
         del world.lineup.champion.learn_one  # the recorder: models are compared by their bytes
