@@ -282,7 +282,7 @@ class Service:
         # waited for its decision, was learned in DECISIONS' order instead, and past
         # TIPSTREAM_LEARNER_PENDING_MAX waiting (the feedback of an outage) was never learned at all.
         return {"sink": self.learner.feedback_sink(), "sink_reply": True, "read": self.feedback_read,
-                "after": self.decisions_read}
+                "after": self.decisions_read, "before": self.learner.silences_before}
 
     async def _start_decision_log(self, js: Any) -> None:
         """Read DECISIONS back into the learner (join cache, tip_scores rows) until caught up, then only

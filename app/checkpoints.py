@@ -234,6 +234,10 @@ class Checkpointer:
                 raise
 
     async def _checkpoint(self) -> bool:
+        for participant in self.participants:  # work `snapshot` would do in one turn of the loop, in turns
+            prepare = getattr(participant, "before_snapshot", None)
+            if prepare is not None:
+                await prepare()
         applied = self.store.applied
         positions, users = self.store.begin_checkpoint()
         extras = [(p, p.snapshot()) for p in self.participants]

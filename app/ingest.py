@@ -118,7 +118,8 @@ class StreamIngest:
                  sink: Callable[..., bool] | None = None, sink_reply: bool = False,
                  dead_lettered_upto: int = 0, read: ReadUpTo | None = None, after: ReadUpTo | None = None,
                  backlog: Callable[[], int] | None = None, max_backlog: int = 0, folds: bool = True,
-                 ensure_streams: Callable[[], Awaitable[None]] | None = None) -> None:
+                 ensure_streams: Callable[[], Awaitable[None]] | None = None,
+                 before: Callable[[bytes], Awaitable[None] | None] | None = None) -> None:
         self.nc, self.js, self.spec, self.store, self.checkpointer = nc, js, spec, store, checkpointer
         # Creates the streams again when this one is gone (a reconnect to a server whose store was lost).
         self.ensure_streams = ensure_streams
@@ -149,6 +150,9 @@ class StreamIngest:
         # a decision is known before its feedback comes, and rewards are learned in FEEDBACK's
         # order; read first, a reward waits and is learned in DECISIONS' order instead.
         self.read, self.after = read, after
+        # Asked with each message's ack subject before it is handed to the sink: work to await first,
+        # in turns of the loop (the learner's silences due before it was stored), or None.
+        self.before = before
         if read is not None:
             read.drained = self.drained
         self.progress_every_s = jsx.ACK_WAIT_S / 3  # while a wait holds delivered messages (`_keep_in_progress`)
@@ -326,6 +330,7 @@ class StreamIngest:
         store, rejected, live = self.store, [], self.caught_up
         taken = handed = 0  # the sink's answers: applied (True) or ignored, whatever the sink folds into
         limit, decode, sink, sink_reply, folds = self.max_event_bytes, self.decode, self.sink, self.sink_reply, self.folds
+        before = self.before
         future_ms = None if self.max_future is None else int(self.max_future.total_seconds() * 1000)
         bound = None
         if future_ms is not None:
@@ -342,6 +347,9 @@ class StreamIngest:
             if event.__class__ is Rejection:
                 rejected.append((msg, event))
             else:
+                if before is not None and (pending := before(reply)) is not None:
+                    await pending
+                    store.max_ts_ms = bound  # another stream's chunk may have set its own meanwhile
                 try:
                     if folds and store.in_checkpoint_only(event.user_id):
                         await load_state(store, event.user_id)

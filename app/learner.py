@@ -41,11 +41,12 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +118,11 @@ UNSEEN_SCAN_CHUNK = 2_000
 SILENCE_READ_ALLOWANCE_MS = 5_000
 # Rewards learned from feedback before the learner says, once, that none was negative (`_learn`).
 POSITIVE_ONLY_WARN_AFTER = 1_000
+# Silences learned between two chances for the API to run (`learn_silences`), as ingest folds CHUNK
+# events: ~85 us each with two live models, so one turn stays under ~25 ms. After a restart, every
+# decision of the wait before the stop fell due at once (60,000 at 100 decisions/s): learned in one
+# turn, at the first feedback read back or the first checkpoint, they held the loop for seconds.
+SILENCES_PER_TURN = 256
 
 
 class ModelBytes:
@@ -554,12 +560,46 @@ class Learner:
             return int(self.clock() * 1000) - SILENCE_READ_ALLOWANCE_MS
         return self._feedback_time_ms()
 
-    def _release_silences(self, before_ms: int) -> None:
+    def silences_before(self, reply: bytes) -> Awaitable[None] | None:
+        """The FEEDBACK ingest asks this before each message (`reply`, its ack subject): when silences
+        are due before it was stored, learn them in turns of the loop (`learn_silences`), before the
+        message, where `on_feedback` learns them (in one turn)."""
+        if self.silences is None:
+            return None
+        before_ms = stored_ms(reply)
+        if not self.silences.due_before(before_ms):
+            return None
+        return self.learn_silences(lambda: before_ms)
+
+    async def before_snapshot(self) -> None:
+        """The checkpointer's, before it takes the snapshots: the silences due by the clock, in turns
+        of the loop (`snapshot` learns them in one)."""
+        if self.silences is not None:
+            await self.learn_silences(self._silence_horizon_ms)
+
+    async def learn_silences(self, before: Callable[[], float]) -> None:
+        """Learn the silences due before `before()`, `SILENCES_PER_TURN` per turn of the loop. Not those
+        due after a deferred feedback's decision less the allowance: that feedback is learned first
+        (`_credit_waiting`); `on_feedback` or `snapshot` learns them in their order."""
+        silences = self.silences
+        assert silences is not None
+        while True:
+            before_ms = before()
+            if self._due:
+                before_ms = min(before_ms, self._due[0][0] - SILENCE_READ_ALLOWANCE_MS)
+            if not silences.due_before(before_ms):
+                return
+            self._release_silences(before_ms, SILENCES_PER_TURN)
+            if not silences.due_before(before_ms):
+                return
+            await asyncio.sleep(0)
+
+    def _release_silences(self, before_ms: float, limit: int | None = None) -> None:
         """Credit `silence_reward` to the first tip of each decision due before `before_ms` that no
-        reaction was credited to (an answer to any of its tips counts)."""
+        reaction was credited to (an answer to any of its tips counts); the first `limit` only."""
         assert self.silences is not None and self.silence_reward is not None
         evicted = 0
-        for decision_id, due_ms in self.silences.due(before_ms):
+        for decision_id, due_ms in itertools.islice(self.silences.due(before_ms), limit):
             entry = self._lookup(decision_id)
             if entry is None:
                 evicted += 1

@@ -41,6 +41,10 @@ class Silences:
     def watch(self, decision_id: str, created_ms: int) -> None:
         heapq.heappush(self._heap, (created_ms + self.after_ms, decision_id))
 
+    def due_before(self, before_ms: float) -> bool:
+        """Whether a silence is due strictly before `before_ms`."""
+        return bool(self._heap) and self._heap[0][0] < before_ms
+
     def due(self, before_ms: float) -> Iterator[tuple[str, int]]:
         """(decision id, due time) of each silence due strictly before `before_ms`, oldest first,
         each once: a reaction stored at the due time itself still counts as an answer."""

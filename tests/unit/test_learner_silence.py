@@ -277,3 +277,60 @@ def test_a_replay_learns_a_silence_due_before_deferred_feedback_s_decision_came_
         assert replay.lineup.models[version].to_bytes() == live.lineup.models[version].to_bytes()
     live.engine.dispose()
     replay.engine.dispose()
+
+
+def test_silences_due_at_once_are_learned_in_turns_of_the_loop(tmp_path: Path) -> None:
+    """After a restart, every decision of the wait before the stop falls due at once (60,000 at 100
+    decisions/s): learned in one turn of the loop, at the first feedback read back or at the first
+    checkpoint, they held /score for seconds (~85 us each, two models). The FEEDBACK ingest awaits
+    them before the message (`silences_before`), the checkpointer before the snapshots
+    (`before_snapshot`), `SILENCES_PER_TURN` per turn, in the same order as `on_feedback`."""
+    n = 3 * learner_module.SILENCES_PER_TURN + 10
+    world = quiet_world(tmp_path)
+    ids = [world.score().decision_id for _ in range(2 * n)]
+    world.learner.feedback_read = ReadUpTo()  # FEEDBACK read back after a start
+    turns = 0
+    at_turn: list[int] = []
+    learn = world.learner._learn
+    world.learner._learn = lambda *args: (at_turn.append(turns), learn(*args))[1]  # type: ignore[method-assign]
+
+    async def main() -> None:
+        nonlocal turns
+
+        async def tick() -> None:
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0)
+        # A feedback stored after the first n were due, read back: they are learned before it, in turns.
+        stored_ms = decision_time_ms(ids[n - 1]) + 1 + WAIT_S * 1000
+        due = sum(1 for d in ids if (decision_time_ms(d) or 0) + WAIT_S * 1000 < stored_ms)
+        assert learner_module.SILENCES_PER_TURN < due < 2 * n
+        ack = _ack(stored_ms / 1000, 1)
+        pending = world.learner.silences_before(ack)
+        assert pending is not None
+        await pending
+        world.sink(_reaction("f-1", ids[-1], "a"), ack)
+        assert len(at_turn) == due + 1 and at_turn[-1] == at_turn[-2], "then the feedback, in the same turn"
+        await asyncio.sleep(0)  # the checkpoint is a task of its own
+        # The rest by the clock, once caught up, at a checkpoint.
+        world.learner.feedback_read.advance(0, caught_up=True)
+        world.learner.caught_up()
+        world.clock.now = served_at_s(ids[-1]) + WAIT_S + ALLOWANCE_S + 1
+        checkpointer = Checkpointer(world.store, SqlCheckpointStore(world.engine), every_events=1, every_s=60,
+                                    participants=[world.learner, world.log])
+        await checkpointer.checkpoint()
+        ticker.cancel()
+
+    before = silences()
+    asyncio.run(main())
+    assert silence_delta(before) == {"credited": 2 * n - 1, "answered": 1}
+    per_turn: dict[int, int] = {}
+    for turn in at_turn:
+        per_turn[turn] = per_turn.get(turn, 0) + 1
+    assert max(per_turn.values()) <= learner_module.SILENCES_PER_TURN + 1  # + the feedback after them
+    assert len(per_turn) >= 2 * n // learner_module.SILENCES_PER_TURN
+    world.engine.dispose()
