@@ -282,7 +282,9 @@ class Service:
         # waited for its decision, was learned in DECISIONS' order instead, and past
         # TIPSTREAM_LEARNER_PENDING_MAX waiting (the feedback of an outage) was never learned at all.
         return {"sink": self.learner.feedback_sink(), "sink_reply": True, "read": self.feedback_read,
-                "after": self.decisions_read, "before": self.learner.silences_before}
+                "after": self.decisions_read,
+                # Off (the default), no call per message at all.
+                "before": self.learner.silences_before if self.learner.silences is not None else None}
 
     async def _start_decision_log(self, js: Any) -> None:
         """Read DECISIONS back into the learner (join cache, tip_scores rows) until caught up, then only
