@@ -223,6 +223,9 @@ def model_bytes(url: str) -> dict[str, tuple[int, str]]:
     return {version: (n, hashlib.md5(bytes(model)).hexdigest()) for version, n, model in rows}
 
 
+# SQLite only: what is under test is the learner's order; the other tests here hold PostgreSQL's rows
+# and models to a rebuild's, and each silence waits seconds of the clock (~25 s a run).
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_rebuild_learns_each_silence_where_the_live_run_did(
     nats_server, nc, database_url: str, tmp_path: Path
 ) -> None:
@@ -275,6 +278,9 @@ async def test_a_rebuild_learns_each_silence_where_the_live_run_did(
     assert model_bytes(database_url) == live_models
 
 
+# SQLite only: what is under test is the learner's order; the other tests here hold PostgreSQL's rows
+# and models to a rebuild's, and each silence waits seconds of the clock (~25 s a run).
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_kill_9_after_silences_were_learned_and_before_their_snapshot_learns_each_once(
     nats_server, nc, database_url: str, tmp_path: Path
 ) -> None:
