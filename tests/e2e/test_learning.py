@@ -209,6 +209,9 @@ async def test_feedback_that_came_while_the_service_was_stopped_is_learned_in_or
     assert service.learner.credited == len(decisions) == service.lineup.champion.n_learned
 
 
+# SQLite only: the learner's part is under test; PostgreSQL's rows and credits are the other tests'
+# (each silence waits seconds of the clock).
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_decision_nobody_answers_learns_the_silence_reward_once_across_a_restart(
         start_service, nc, database_url, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(learner_module, "SILENCE_READ_ALLOWANCE_MS", 200)  # feedback here is read within ms
