@@ -1,6 +1,6 @@
 """How often the off-policy estimate's 95% interval (models/offpolicy.py) holds the true value.
 
-    python bench/offpolicy_coverage.py                  # 3 pools x 9 logs, 400 replications each (~2 min)
+    python bench/offpolicy_coverage.py                  # 3 pools x 9 logs, 400 replications each (~40 s)
     python bench/offpolicy_coverage.py --seeds 1 --replications 200
 
 Steps:
