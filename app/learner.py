@@ -604,12 +604,10 @@ class Learner:
             if entry is None:
                 evicted += 1
             elif entry.credits:
-                _SILENCE["answered"].inc()
+                if entry.rewarded_ms != due_ms:  # not its own silence, learned before a reaction came (`_credit`)
+                    _SILENCE["answered"].inc()
             else:
-                decision = entry.decision if entry.decision is not None else orjson.loads(entry.data)
-                first = decision["ranked"][0]
-                self._learn(decision_id, entry, decision, first, self.silence_reward, due_ms)
-                _SILENCE["credited"].inc()
+                self._learn_silence(decision_id, entry, due_ms)
         held = len(self.cache) + len(self._replayed)
         evicted += self.silences.sweep(lambda decision_id: self._lookup(decision_id) is not None, held)
         if evicted:
@@ -619,6 +617,12 @@ class Learner:
                             "TIPSTREAM_SILENCE_AFTER_S had passed, so their silence is not learned: raise the budget "
                             "or shorten the wait (tipstream_silences_total{outcome=\"evicted\"} counts each, this "
                             "line comes at most once a minute)", evicted)
+
+    def _learn_silence(self, decision_id: str, entry: _Entry, due_ms: int) -> None:
+        assert self.silence_reward is not None
+        decision = entry.decision if entry.decision is not None else orjson.loads(entry.data)
+        self._learn(decision_id, entry, decision, decision["ranked"][0], self.silence_reward, due_ms)
+        _SILENCE["credited"].inc()
 
     def expire(self) -> None:
         """Give up on feedback that waited too long (each checkpoint's `snapshot` does this too)."""
@@ -637,6 +641,14 @@ class Learner:
             # (a restart, a rebuild), such a reaction was learned where the live run had expired it.
             _OUTCOME["expired"].inc()
             return
+        if self.silences is not None and stored_at_ms is not None and not entry.credits:
+            due_ms = self._created_ms(decision_id, entry) + self.silences.after_ms
+            if due_ms < stored_at_ms:
+                # Stored after the wait, for one of our decisions that reached DECISIONS only after it
+                # (spooled at a stop, published at the next start): a rebuild reads the decision after
+                # this reaction, which waited for it, but live the decision was served before, and its
+                # silence learned first (`_release_silences`): so here too, and the reaction is late.
+                self._learn_silence(decision_id, entry, due_ms)
         credits = entry.credits
         decision = entry.decision
         if credits is not None and tip_id in credits:

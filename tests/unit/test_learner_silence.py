@@ -338,3 +338,33 @@ def test_silences_due_at_once_are_learned_in_turns_of_the_loop(tmp_path: Path) -
     assert max(per_turn.values()) <= learner_module.SILENCES_PER_TURN + 1  # + the feedback after them
     assert len(per_turn) >= 2 * n // learner_module.SILENCES_PER_TURN
     world.engine.dispose()
+
+
+def test_a_spooled_decision_s_late_reaction_is_late_on_a_rebuild_too(tmp_path: Path) -> None:
+    """A decision served just before a stop is spooled (not in DECISIONS yet) and published at the
+    next start; a reaction to its first tip is stored during the stop, after the wait. The restart
+    serves the spooled decision again before FEEDBACK is read back: its silence is learned first and
+    the reaction is late. A rebuild reads DECISIONS only up to the reaction's time before it: the
+    reaction waits for the decision, which once read must not take it as an answer."""
+    (tmp_path / "live").mkdir(), (tmp_path / "rebuild").mkdir()
+    live, rebuilt = quiet_world(tmp_path / "live"), quiet_world(tmp_path / "rebuild")
+    scored = live.score(serve=False)
+    first = scored.decision["ranked"][0]["tip_id"]
+    t0 = served_at_s(scored.decision_id)
+    reaction, stored = _reaction("f-1", scored.decision_id, first, "acted"), _ack(t0 + WAIT_S + 60, 1)
+
+    before = outcomes()
+    live.learner.served(scored.decision_id, scored.payload, scored.decision)  # from the spool, at the start
+    live.sink(reaction, stored)
+    assert delta(before) == {"late": 1}
+
+    rebuilt.learner.restore(rebuilt.engine)  # no snapshot: a rebuild
+    rebuilt.learner.feedback_read = ReadUpTo()
+    rebuilt.sink(reaction, stored)
+    assert delta(before) == {"late": 1, "waiting": 1}
+    rebuilt.learner.add_logged(LoggedDecision(scored.decision_id, scored.payload), _decisions_ack(t0 + 3000, 1))
+    assert delta(before) == {"late": 2, "waiting": 1}
+    assert rebuilt.log.dirty[scored.decision_id]["rewards"] == {first: 0.0}
+    assert learned(rebuilt) == learned(live) == {"v1": 1, "v2": 1}
+    live.engine.dispose()
+    rebuilt.engine.dispose()
