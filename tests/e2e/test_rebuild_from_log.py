@@ -212,6 +212,15 @@ async def test_a_kill_9_while_feedback_comes_resumes_with_the_weights_of_an_unin
     assert resumed.scores == rebuilt.scores
 
 
+def learner_snapshot_saved(url: str) -> bool:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.text("select count(*) from learner_state where name = 'learner'")).scalar_one() > 0
+    finally:
+        engine.dispose()
+
+
 def model_bytes(url: str) -> dict[str, tuple[int, str]]:
     """Each version's learned count and a digest of its model as the last snapshot saved it."""
     engine = sa.create_engine(url)
@@ -297,6 +306,9 @@ async def test_a_kill_9_after_silences_were_learned_and_before_their_snapshot_le
     async with httpx.AsyncClient(base_url=service.base_url) as http:
         answers = [(await http.post("/score", json={"user_id": user, "context": {"now": AT}, "explore": False,
                                                     "candidates": CANDIDATES})).json() for user in users]
+    # The learner's first snapshot (its decisions, no model learned yet), before anything is learned:
+    # the next is 60 s later. Taken after the reaction below, it saved the model the kill must find unsaved.
+    wait_until(lambda: learner_snapshot_saved(database_url), what="the learner's first snapshot")
     await publish_events(js, [("feedback.tip.reacted", feedback(
         "fb-in-time", users[0], answers[0]["decision_id"], answers[0]["ranked"][1]["tip_id"], "liked"))])
     wait_until(lambda: service.metric("tipstream_silences_total", outcome="credited") == 2
