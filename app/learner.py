@@ -410,7 +410,7 @@ class Learner:
         self.cache_bytes += len(entry.data) + ENTRY_OVERHEAD
         self._changed = True
         if self.silences is not None and not entry.credits:  # credited before a restart: answered already
-            self.silences.watch(decision_id, self._created_ms(decision_id, entry))
+            self.silences.watch(decision_id, self._silence_due_ms(decision_id, entry))
         self._evict(min(entry.added_ms, self.window_end_ms()) - self.window_ms)
 
     @staticmethod
@@ -418,6 +418,10 @@ class Learner:
         """When the decision was made, the same on every read of the log: the time in our ids;
         another publisher's, when JetStream stored it (else when it was first held)."""
         return decision_time_ms(decision_id) or entry.stored_ms or entry.added_ms
+
+    def _silence_due_ms(self, decision_id: str, entry: _Entry) -> int:
+        assert self.silences is not None
+        return self._created_ms(decision_id, entry) + self.silences.after_ms
 
     def _evict(self, horizon: int) -> None:
         # Oldest first (creation order: the replayed segment, then insertion order): past the
@@ -642,7 +646,7 @@ class Learner:
             _OUTCOME["expired"].inc()
             return
         if self.silences is not None and stored_at_ms is not None and not entry.credits:
-            due_ms = self._created_ms(decision_id, entry) + self.silences.after_ms
+            due_ms = self._silence_due_ms(decision_id, entry)
             if due_ms < stored_at_ms:
                 # Stored after the wait, for one of our decisions that reached DECISIONS only after it
                 # (spooled at a stop, published at the next start): a rebuild reads the decision after
@@ -687,7 +691,7 @@ class Learner:
     def _silenced(self, decision_id: str, entry: _Entry) -> bool:
         """The decision's only credit is its silence's (stamped with its due time, `_release_silences`)."""
         return (self.silences is not None and entry.credits is not None and len(entry.credits) == 1
-                and entry.rewarded_ms == self._created_ms(decision_id, entry) + self.silences.after_ms)
+                and entry.rewarded_ms == self._silence_due_ms(decision_id, entry))
 
     def _note_reward_sign(self, reward: float) -> None:
         """Say once when the first rewards from feedback are all positive: an app that publishes only

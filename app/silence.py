@@ -11,7 +11,7 @@ so the order in which decisions arrive (the ones re-read after a start come afte
 the wait; those the join cache let go are swept out once they outnumber the live ones.
 
 >>> silences = Silences(after_ms=600_000)
->>> silences.watch("d-2", created_ms=2_000); silences.watch("d-1", created_ms=1_000)
+>>> silences.watch("d-2", due_ms=602_000); silences.watch("d-1", due_ms=601_000)
 >>> list(silences.due(before_ms=601_500)), len(silences)
 ([('d-1', 601000)], 1)
 >>> list(silences.due(before_ms=602_000)), list(silences.due(before_ms=602_001))
@@ -38,8 +38,8 @@ class Silences:
     def __len__(self) -> int:
         return len(self._heap)
 
-    def watch(self, decision_id: str, created_ms: int) -> None:
-        heapq.heappush(self._heap, (created_ms + self.after_ms, decision_id))
+    def watch(self, decision_id: str, due_ms: int) -> None:
+        heapq.heappush(self._heap, (due_ms, decision_id))
 
     def due_before(self, before_ms: float) -> bool:
         """Whether a silence is due strictly before `before_ms`."""

@@ -40,15 +40,19 @@ def json_value(column: Any) -> Any:  # JSON text on SQLite, decoded on PostgreSQ
     return orjson.loads(column) if isinstance(column, str) else column
 
 
-def tip_scores(url: str) -> dict[str, dict[str, Any]]:
+def query(url: str, sql: str) -> list[Any]:
+    """The rows of `sql` as mappings, over a connection of its own (the service is another process)."""
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
-            rows = conn.execute(sa.text(
-                "select decision_id, user_id, created_at, model_version, policy, tip_id, score, propensity, "
-                "rewards, reward, decision, rewarded_at from tip_scores")).mappings().all()
+            return list(conn.execute(sa.text(sql)).mappings())
     finally:
         engine.dispose()
+
+
+def tip_scores(url: str) -> dict[str, dict[str, Any]]:
+    rows = query(url, "select decision_id, user_id, created_at, model_version, policy, tip_id, score, propensity, "
+                      "rewards, reward, decision, rewarded_at from tip_scores")
     return {r["decision_id"]: {**r, "rewards": json_value(r["rewards"])} for r in rows}
 
 
@@ -213,23 +217,13 @@ async def test_a_kill_9_while_feedback_comes_resumes_with_the_weights_of_an_unin
 
 
 def learner_snapshot_saved(url: str) -> bool:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return conn.execute(sa.text("select count(*) from learner_state where name = 'learner'")).scalar_one() > 0
-    finally:
-        engine.dispose()
+    return bool(query(url, "select name from learner_state where name = 'learner'"))
 
 
 def model_bytes(url: str) -> dict[str, tuple[int, str]]:
     """Each version's learned count and a digest of its model as the last snapshot saved it."""
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(sa.text("select version, n_learned, model from model_versions")).all()
-    finally:
-        engine.dispose()
-    return {version: (n, hashlib.md5(bytes(model)).hexdigest()) for version, n, model in rows}
+    return {r["version"]: (r["n_learned"], hashlib.md5(bytes(r["model"])).hexdigest())
+            for r in query(url, "select version, n_learned, model from model_versions")}
 
 
 # SQLite only: what is under test is the learner's order; the other tests here hold PostgreSQL's rows

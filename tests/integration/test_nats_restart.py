@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 from datetime import UTC, datetime
 
@@ -100,10 +99,7 @@ async def test_a_nats_server_back_without_its_store_gets_the_streams_again_and_n
             return False
         return True
 
-    deadline = asyncio.get_running_loop().time() + 20
-    while not await streams_back():
-        assert asyncio.get_running_loop().time() < deadline, "the service never created the streams again"
-        await asyncio.sleep(0.2)
+    await eventually(streams_back, timeout=20)  # the service creates the streams again
     await _publish_rest_and_check(client, store, events, half)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from app.startup import StartupError, Stopper, hold_data_dir, start
+from tests.conftest import eventually
 
 
 class EndsWithASignal:
@@ -148,8 +149,7 @@ async def test_a_request_head_past_the_bound_is_refused_and_its_connection_close
     server = uvicorn.Server(uvicorn.Config(app, http=bounded_http_protocol(), lifespan="off", log_level="warning"))
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        while not server.started:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: server.started or serving.done())
 
         async def ask(head: bytes, body: bytes = b"", chunk: int = 16 * 1024) -> bytes:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
