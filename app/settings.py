@@ -25,6 +25,9 @@ DEFAULT_REWARDS = {"acted": 1.0, "liked": 0.8, "snoozed": 0.3, "dismissed": 0.0,
 DEFAULT_USER_FORGETTING = 0.3
 DEFAULT_USER_TTL_DAYS = 90.0
 DEFAULT_MAX_VALUES = 100_000
+# An admin token answers to anyone who reaches the port, at thousands of guesses a second: fewer
+# characters than this fall to guessing (16 URL-safe characters are 96 bits).
+MIN_ADMIN_TOKEN_CHARS = 16
 POLICY_PARAMS = {
     "epsilon_greedy": ("epsilon",), "softmax": ("temperature",), "thompson": ("cells", "concentration"), "greedy": (),
 }
@@ -115,7 +118,9 @@ class Settings(BaseSettings):
     # -- scoring, decisions, learning (issue 4; docs/learning.md) ---------------------------
     admin_token: SecretStr | None = Field(
         None,
-        description="Bearer token for admin changes (register, shadow, promote, retire, evaluate, rollback). Unset: admin changes are refused.",
+        description="Bearer token for admin changes (register, shadow, promote, retire, evaluate, rollback), at least "
+                    "16 characters (`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`). Unset: admin "
+                    "changes are refused.",
     )
     model_kind: Literal["logreg", "fm"] = Field(
         "logreg", description="Kind of the first champion (`v1`), created on the first start."
@@ -229,6 +234,16 @@ class Settings(BaseSettings):
     card_eval_max_rewards: int = Field(
         50_000, ge=1, description="Rewards from the decision log used for a model card's progressive validation."
     )
+
+    @field_validator("admin_token")
+    @classmethod
+    def _hard_to_guess(cls, value: SecretStr | None) -> SecretStr | None:
+        secret = value.get_secret_value().strip() if value is not None else ""
+        if secret and len(secret) < MIN_ADMIN_TOKEN_CHARS:
+            raise ValueError(
+                f"is {len(secret)} characters long, short enough to guess; an admin token needs at least "
+                f"{MIN_ADMIN_TOKEN_CHARS}: make one with `python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+        return value
 
     @field_validator("rewards")
     @classmethod
@@ -377,6 +392,9 @@ def settings_help() -> str:
     return "\n".join(lines)
 
 
+SECRET_FIELDS = {name for name, field in Settings.model_fields.items() if "SecretStr" in str(field.annotation)}
+
+
 class SettingsError(ValueError):
     """A setting's value is wrong: the message names each variable and what it needs."""
 
@@ -430,6 +448,8 @@ def load_settings() -> Settings:
                 from app.startup import shown_url
 
                 value = shown_url(str(value))
+            elif name in SECRET_FIELDS:  # an error must not print it into logs
+                value = "**********"
             if variable in os.environ:
                 given, fix = repr(value), FIX_IT
             elif variable.lower() in in_dotenv:

@@ -107,7 +107,7 @@ async def test_a_rebuild_from_the_log_equals_what_was_built_live(
 
     # -- live -------------------------------------------------------------------------------
     js, env, service = await start_live(nats_server, nc, database_url, tmp_path / "data", population, 3,
-                                        admin_token="t")
+                                        admin_token="t" * 16)
     decisions: dict[str, str] = {}
     async with httpx.AsyncClient(base_url=service.base_url) as http:
         for index, user in enumerate(users):

@@ -147,7 +147,7 @@ def test_a_change_answered_oddly_is_a_message(behaviour: str, problem: str, monk
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Odd)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "t")
+    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "t" * 16)
     monkeypatch.setattr("app.models_cli.ANSWER_TIMEOUT_S", 0.3)
     try:
         assert main(["models", "promote", "v2", "--url", f"http://127.0.0.1:{server.server_port}"]) == 1
@@ -322,7 +322,7 @@ def test_a_change_sent_nowhere_usable_is_a_message(url: str | None, port: str, p
                                                    monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """A URL http.client refuses was an InvalidURL traceback; TIPSTREAM_PORT=0 was "connection refused" on port 0."""
-    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "t")
+    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "t" * 16)
     monkeypatch.setenv("TIPSTREAM_PORT", port)
     assert main(["models", "promote", "v2", *(["--url", url] if url is not None else [])]) == 2
     assert problem in capsys.readouterr().err
@@ -399,13 +399,13 @@ def test_a_change_answered_with_a_redirect_is_not_followed_with_the_token(
     for server in (front, elsewhere):
         threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "the-secret")
+        monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "the-secret-of-the-test")
         assert main(["models", "promote", "v2", "--url", f"http://127.0.0.1:{front.server_port}"]) == 1
     finally:
         front.shutdown()
         elsewhere.shutdown()
     out = capsys.readouterr()
-    assert got == [] and "the-secret" not in out.out + out.err
+    assert got == [] and "the-secret-of-the-test" not in out.out + out.err
     assert "answered 302, a redirect to" in out.err and "nothing changed" in out.err and "champion" not in out.out
 
 

@@ -19,7 +19,7 @@ from referencing.jsonschema import DRAFT202012
 from streams.store import StateUnavailable
 from tests.conftest import NatsServer, eventually
 
-TOKEN = "contract-token"
+TOKEN = "contract-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 DOCUMENT_URI = "urn:tipstream:openapi"
 NOW = "2026-11-26T09:00:00+01:00"

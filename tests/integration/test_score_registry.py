@@ -19,7 +19,7 @@ from app.registry_store import RegistryStore
 from models.registry import ModelVersion, Registry
 from tests.conftest import eventually, reset_postgres
 
-TOKEN = "s3cret-token"
+TOKEN = "s3cret-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 NOW = "2026-11-26T09:00:00+01:00"
 
@@ -296,14 +296,14 @@ async def test_the_cli_reads_the_database_and_changes_through_the_service(start_
     monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "")  # set, but to nothing: the same advice, not a 401
     code, _, err = await cli("models", "promote", "v2", "--url", running.base_url)
     assert code == 2 and "Set TIPSTREAM_ADMIN_TOKEN" in err
-    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "wrong")
+    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "wrong-token-of-the-right-length")
     code, _, err = await cli("models", "promote", "v2", "--url", running.base_url)
     assert code == 1 and "403" in err
     # A token read from a file ends with a newline: http.client refused the header with a traceback
     # that showed the token. Stripped, as the server strips its own.
-    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "wr\x01ong-secret")
+    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "wr\x01ong-secret-but-long")
     code, _, err = await cli("models", "promote", "v2", "--url", running.base_url)
-    assert code == 2 and "cannot carry" in err and "wr\x01ong-secret" not in err
+    assert code == 2 and "cannot carry" in err and "wr\x01ong-secret-but-long" not in err
     monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", TOKEN + "\n")
     code, _, err = await cli("models", "evaluate", "nosuch", "--url", running.base_url)
     assert code == 1 and "404" in err, err

@@ -128,3 +128,23 @@ def test_a_duplicate_window_longer_than_a_retention_is_refused_naming_both(
     with pytest.raises(SettingsError) as refused:
         load_settings()
     assert str(refused.value).startswith(told), str(refused.value)
+
+
+@pytest.mark.parametrize("token", ["hunter2", "  fifteen-chars!  ", "hunter2\n"])
+def test_an_admin_token_short_enough_to_guess_is_refused_without_being_shown(
+        token: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", token)
+    with pytest.raises(SettingsError, match=r"TIPSTREAM_ADMIN_TOKEN='\*+': is \d+ characters long.*at least 16"
+                                            r".*secrets\.token_urlsafe") as refused:
+        load_settings()
+    assert token.strip() not in str(refused.value)
+
+
+@pytest.mark.parametrize("token", ["", "   ", "sixteen-chars-ok", "  sixteen-chars-ok\n"])
+def test_an_admin_token_long_enough_or_blank_is_taken(token: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.settings import load_settings
+
+    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", token)
+    assert load_settings().admin_token.get_secret_value() == token  # blank: admin changes refused, as before
