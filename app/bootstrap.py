@@ -19,6 +19,7 @@ decision publisher starts.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import random
@@ -160,6 +161,7 @@ class Service:
         self.checkpointer = Checkpointer(self.store, target, s.checkpoint_every_events, s.checkpoint_every_s,
                                          participants=[self.learner, self.decision_log], writer=self.checkpoint_writer,
                                          lock=self.lineup.snapshot_lock)
+        self.checkpointer.stored_us = functools.partial(jsx.stored_us, js)
         self.lineup.flush = self.checkpointer.checkpoint
         for spec in jsx.INGESTED_STREAMS:
             ingest = StreamIngest(
@@ -240,20 +242,28 @@ class Service:
         """A checkpointed position whose message was stored after that checkpoint was written came
         from another stream of that name (its NATS store lost, or restored from an older copy, and
         published to since): resuming after it would skip, silently, the new stream's events up to
-        it. Such a stream, and one that ends before the position, is replayed from its first message
-        with its position set back to 0: the fold, the learner's credits and the decision cache
+        it. The message there is told from the one read by when NATS stored it, recorded with the
+        position (`Checkpointer.stored_us`); a position without it compares the stored time with the
+        checkpoint's, by this host's clock. Such a stream, and one that ends before the position, is
+        replayed from its first message with its position set back to 0: the fold, the learner's credits and the decision cache
         recognise what they hold; its bad events are dead-lettered (the DLQ says which were). Kept,
         the old position held until the new stream passed it: every start replayed the whole stream
         and logged the error again, and a consumer re-created meanwhile (a reconnect) resumed after
         it, skipping what was not read yet."""
         for stream, seq in list(self._checkpointed.items()):
-            when = written.get(stream)
+            when, mark = written.get(stream, (None, None))
             if seq <= 0 or when is None:
                 continue
             state = (await js.stream_info(stream)).state
             if seq > state.last_seq:
                 why = f"it ends at {state.last_seq}"
-            elif state.first_seq <= seq and await jsx.stored_after(js, stream, seq, when):
+            elif state.first_seq > seq:  # aged out: nothing left to tell the streams apart by
+                continue
+            elif mark is not None and (now := await jsx.stored_us(js, stream, seq)) is not None:
+                if now == mark:  # by the server's clock both times: exact, whatever this host's says
+                    continue
+                why = f"its message {seq} is not the one read there (NATS stored it at another time)"
+            elif await jsx.stored_after(js, stream, seq, when):  # no mark: an older release's, or NATS was away
                 # By the NATS server's clock against this host's: one running more than a second
                 # ahead of it reads so too, and every start would replay the stream (so said).
                 why = (f"its message {seq} was stored after that checkpoint was written (or the NATS server's "

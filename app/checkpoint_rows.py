@@ -21,15 +21,18 @@ Write = tuple[Callable[[Connection, Any], None], Any]
 
 
 def write_checkpoint(conn: Connection, positions: dict[str, int], states: list[tuple[str, bytes]],
-                     writes: Sequence[Write] = ()) -> None:
+                     writes: Sequence[Write] = (), marks: dict[str, int] | None = None) -> None:
     """One checkpoint's rows, inside the caller's transaction: what the participants write, the
-    users' states, then the positions they reflect."""
+    users' states, then the positions they reflect, each with when NATS stored its message
+    (`marks`, where known)."""
+    marks = marks or {}
     now = datetime.now(UTC)
     for write, snapshot in writes:
         write(conn, snapshot)
     db.upsert(conn, db.user_state, [{"user_id": u, "state": b, "updated_at": now} for u, b in states], ["user_id"])
     db.upsert(conn, db.stream_positions,
-              [{"stream": s, "seq": q, "updated_at": now} for s, q in positions.items()], ["stream"])
+              [{"stream": s, "seq": q, "updated_at": now, "stored_us": marks.get(s)} for s, q in positions.items()],
+              ["stream"])
 
 
 def write_learner_state(conn: Connection, snapshot: dict[str, Any] | None) -> None:

@@ -38,9 +38,10 @@ def _start_worker(database_url: str, service_pid: int) -> None:
     _engine = make_engine(database_url)
 
 
-def _save(positions: dict[str, int], states: list[tuple[str, bytes]], writes: Sequence[Write]) -> None:
+def _save(positions: dict[str, int], states: list[tuple[str, bytes]], writes: Sequence[Write],
+          marks: dict[str, int] | None = None) -> None:
     with _engine.begin() as conn:
-        write_checkpoint(conn, positions, states, writes)
+        write_checkpoint(conn, positions, states, writes, marks)
 
 
 class CheckpointWriter:
@@ -57,9 +58,11 @@ class CheckpointWriter:
                                              initializer=_start_worker, initargs=(self.database_url, os.getpid()))
         return self._pool
 
-    async def save(self, positions: dict[str, int], states: list[tuple[str, bytes]], writes: Sequence[Write]) -> None:
+    async def save(self, positions: dict[str, int], states: list[tuple[str, bytes]], writes: Sequence[Write],
+                   marks: dict[str, int] | None = None) -> None:
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor(), _save, positions, states, list(writes))
+            await asyncio.get_running_loop().run_in_executor(self._executor(), _save, positions, states, list(writes),
+                                                             marks)
         except BrokenProcessPool:
             log.warning("the checkpoint writer process died; the next checkpoint starts a new one")
             if self._pool is not None:

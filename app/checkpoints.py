@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -52,7 +52,7 @@ class CheckpointStore(Protocol):
     def load(self) -> tuple[dict[str, int], Iterator[tuple[str, bytes]]]: ...
 
     def save(self, positions: dict[str, int], states: list[tuple[str, bytes]],
-             extras: Sequence[tuple[Participant, Any]] = ()) -> None: ...
+             extras: Sequence[tuple[Participant, Any]] = (), marks: dict[str, int] | None = None) -> None: ...
 
     def reachable(self) -> bool:
         """Whether the store answers now (asked while a failed checkpoint waits to retry)."""
@@ -64,6 +64,7 @@ class MemoryCheckpointStore:
 
     def __init__(self) -> None:
         self.positions: dict[str, int] = {}
+        self.marks: dict[str, int] = {}
         self.states: dict[str, bytes] = {}
         self.extras: dict[str, Any] = {}
 
@@ -71,9 +72,14 @@ class MemoryCheckpointStore:
         return dict(self.positions), iter(list(self.states.items()))
 
     def save(self, positions: dict[str, int], states: list[tuple[str, bytes]],
-             extras: Sequence[tuple[Participant, Any]] = ()) -> None:
+             extras: Sequence[tuple[Participant, Any]] = (), marks: dict[str, int] | None = None) -> None:
         self.states.update(states)
         self.positions.update(positions)
+        for stream in positions:
+            if marks and stream in marks:
+                self.marks[stream] = marks[stream]
+            else:
+                self.marks.pop(stream, None)
         for participant, snapshot in extras:
             self.extras[participant.name] = snapshot
 
@@ -92,11 +98,12 @@ class SqlCheckpointStore:
             positions = {row.stream: row.seq for row in conn.execute(select(db.stream_positions))}
         return positions, self.states()
 
-    def position_times(self) -> dict[str, datetime]:
+    def position_times(self) -> dict[str, tuple[datetime, int | None]]:
         """When each stream's position was last written (the checkpoint's time, which the message at
-        that position was stored before)."""
+        that position was stored before), and when NATS stored that message (µs; None: not known)."""
         with self.engine.connect() as conn:
-            return {row.stream: row.updated_at for row in conn.execute(select(db.stream_positions))}
+            rows = conn.execute(select(db.stream_positions))
+            return {row.stream: (row.updated_at, row.stored_us) for row in rows}
 
     def reachable(self) -> bool:
         try:
@@ -126,9 +133,9 @@ class SqlCheckpointStore:
                 yield user_id, bytes(blob)
 
     def save(self, positions: dict[str, int], states: list[tuple[str, bytes]],
-             extras: Sequence[tuple[Participant, Any]] = ()) -> None:
+             extras: Sequence[tuple[Participant, Any]] = (), marks: dict[str, int] | None = None) -> None:
         with self.engine.begin() as conn:
-            write_checkpoint(conn, positions, states, [(p.write, snapshot) for p, snapshot in extras])
+            write_checkpoint(conn, positions, states, [(p.write, snapshot) for p, snapshot in extras], marks)
 
 
 class Checkpointer:
@@ -137,7 +144,9 @@ class Checkpointer:
     Steps of one checkpoint:
     1. Take the positions and the set of changed users from the online store, and a
        snapshot from each participant (None: nothing changed).
-    2. Serialise those users in chunks, yielding to the event loop between chunks.
+    2. Ask NATS when it stored the message at each position that moved (`stored_us`), so that a
+       start can tell, without comparing clocks, that a stream is still the one read. Serialise
+       the changed users in chunks, yielding to the event loop between chunks.
     3. Write states, positions and snapshots in one transaction, in the writer process (or a
        worker thread); then tell each participant its snapshot is safe.
     4. On failure, hand the users back to the store and retry with backoff: a database
@@ -163,6 +172,9 @@ class Checkpointer:
         self.failures = 0
         self.last_error: str | None = None  # of the checkpoint that failed last, until one succeeds
         self._saved_positions: dict[str, int] | None = None
+        # (stream, seq) -> when NATS stored that message, µs (None: not known); set by the service.
+        self.stored_us: Callable[[str, int], Awaitable[int | None]] | None = None
+        self._marks: dict[str, tuple[int, int]] = {}  # stream -> (seq, stored µs), of the last asked
         self._wake = asyncio.Event()
         # Users that must stay in memory though idle: the offline writer's, until its pass reads them.
         self.keep_awake: list[Callable[[str], bool]] = []
@@ -247,14 +259,15 @@ class Checkpointer:
             return False
         started = time.perf_counter()
         try:
+            marks = await self._stored_marks(positions)
             states: list[tuple[str, bytes]] = []
             for start in range(0, len(users), SERIALISE_CHUNK):
                 states.extend((u, self.store.users[u].to_bytes()) for u in users[start : start + SERIALISE_CHUNK])
                 await asyncio.sleep(0)
             if self.writer is not None:
-                await self.writer.save(positions, states, [(p.write, snap) for p, snap in extras])
+                await self.writer.save(positions, states, [(p.write, snap) for p, snap in extras], marks)
             else:
-                await asyncio.to_thread(self.target.save, positions, states, extras)
+                await asyncio.to_thread(self.target.save, positions, states, extras, marks)
         except BaseException:
             self.store.abort_checkpoint(users)
             raise
@@ -272,6 +285,20 @@ class Checkpointer:
             METRICS.checkpoint_position.labels(stream).set(seq)
         await self._rest_idle()
         return True
+
+    async def _stored_marks(self, positions: dict[str, int]) -> dict[str, int]:
+        """When NATS stored the message at each position: asked once per position it moves to."""
+        if self.stored_us is None:
+            return {}
+        moved = [(stream, seq) for stream, seq in positions.items()
+                 if seq > 0 and self._marks.get(stream, (0, 0))[0] != seq]
+        for (stream, seq), mark in zip(moved, await asyncio.gather(*(self.stored_us(s, q) for s, q in moved)),
+                                       strict=True):
+            if mark is None:
+                self._marks.pop(stream, None)
+            else:
+                self._marks[stream] = (seq, mark)
+        return {stream: mark for stream, (seq, mark) in self._marks.items() if positions.get(stream) == seq}
 
     async def rest_idle(self) -> int:
         """`_rest_idle` now, whatever the day (the warm-up has loaded every user)."""

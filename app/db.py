@@ -39,6 +39,9 @@ stream_positions = Table(
     Column("stream", String(64), primary_key=True),
     Column("seq", BigInteger, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # When NATS stored the message at `seq` (µs, its own clock; null: not known): at a start, the
+    # same message there says the stream is the one this position was read from.
+    Column("stored_us", BigInteger, nullable=True),
 )
 
 user_state = Table(

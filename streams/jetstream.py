@@ -114,6 +114,20 @@ async def last_dead_lettered(js: JetStreamContext, spec: StreamSpec) -> int:
     return upto
 
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+async def stored_us(js: JetStreamContext, stream: str, seq: int, timeout_s: float = 1.0) -> int | None:
+    """When the stream's message `seq` was stored, in µs since the epoch by the NATS server's clock
+    (None: gone, or the server did not answer). Which message a checkpointed position names: the
+    same stream answers the same figure at every start, exactly, whatever this host's clock says."""
+    try:
+        msg = await asyncio.wait_for(js.get_msg(stream, seq), timeout_s)
+    except Exception:  # noqa: BLE001 - deleted, aged out, or NATS away or slow: not known, and said so
+        return None
+    return None if msg.time is None else (msg.time - EPOCH) // timedelta(microseconds=1)
+
+
 async def stored_after(js: JetStreamContext, stream: str, seq: int, when: datetime) -> bool:
     """Whether the stream's message `seq` was stored after `when` (a checkpoint that says it read that
     far: then it read another stream of that name, its store lost or restored from an older copy, whose

@@ -150,7 +150,7 @@ async def test_a_recreated_stream_that_grew_past_the_checkpoint_before_the_start
     published to meanwhile past the checkpoint's position: the start resumed after that position,
     and the new stream's events up to it were never folded nor dead-lettered, with nothing logged."""
     js = await _checkpoint_then_recreate_signals(start_service, nc)
-    await asyncio.sleep(1.2)  # the checkpoint's time and the new stream's are on one clock here
+    # At once: told apart by when NATS stored the message at the position, not by the clock.
     await js.publish("signals.task.created", b"{not json")
     for i in range(7):
         await js.publish("signals.task.created", orjson.dumps(event(100 + i, user="u-2")))
@@ -162,7 +162,7 @@ async def test_a_recreated_stream_that_grew_past_the_checkpoint_before_the_start
     assert store.users["u-2"].count("task.created") == 7
     assert store.users["u-1"].count("task.created") == 5, "the old stream's events, from the checkpoint"
     assert dead_lettered("SIGNALS") == before + 1
-    assert any("stored after that checkpoint was written" in r.getMessage() for r in caplog.records)
+    assert any("its message 5 is not the one read there" in r.getMessage() for r in caplog.records)
     await second.stop()
 
     # The position is the new stream's now: the next start resumes after it, and says nothing.
@@ -173,6 +173,51 @@ async def test_a_recreated_stream_that_grew_past_the_checkpoint_before_the_start
     assert third.service.store.users["u-2"].count("task.created") == 7
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert dead_lettered("SIGNALS") == before + 1
+
+
+async def _restart_with_positions_written(start_service: Any, nc: Any, caplog: Any, change: str) -> list[str]:
+    """Checkpoint SIGNALS at 5, stop, `change` the stored positions (SQL), publish 2 events and
+    start again: the log lines about consuming SIGNALS, and any error."""
+    first = await start_service()
+    js = nc.jetstream()
+    for i in range(5):
+        await js.publish("signals.task.created", orjson.dumps(event(i)))
+    await eventually(lambda: first.service.store.positions.get("SIGNALS") == 5)
+    engine = first.service.engine
+    await first.stop()
+    with engine.begin() as conn:
+        assert conn.execute(sa.text("select stored_us from stream_positions where stream = 'SIGNALS'")).scalar()
+        conn.execute(sa.text(change))
+    for i in range(5, 7):
+        await js.publish("signals.task.created", orjson.dumps(event(i)))
+    with caplog.at_level(logging.INFO):
+        second = await start_service()
+        await eventually(lambda: second.service.store.positions.get("SIGNALS") == 7)
+    assert second.service.store.users["u-1"].count("task.created") == 7
+    return [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.ERROR or r.getMessage().startswith("consuming SIGNALS")]
+
+
+async def test_a_nats_clock_ahead_of_this_hosts_does_not_make_a_start_replay_the_stream(
+    start_service, nc, caplog
+) -> None:
+    """The check for a re-created stream compared the message's stored time (the NATS server's
+    clock) with the checkpoint's (this host's): a server a second ahead made every start replay
+    every stream from its first message, and say the stream was another."""
+    host_clock_years_behind = "update stream_positions set updated_at = '2000-01-01 00:00:00'"
+    said = await _restart_with_positions_written(start_service, nc, caplog, host_clock_years_behind)
+    assert said == ["consuming SIGNALS from sequence 6"]
+
+
+async def test_a_checkpoint_without_the_stored_time_is_checked_by_the_clock_as_before(
+    start_service, nc, caplog
+) -> None:
+    """An older release's checkpoint has no stored time: its checkpoint time is all there is."""
+    said = await _restart_with_positions_written(
+        start_service, nc, caplog,
+        "update stream_positions set stored_us = null, updated_at = '2000-01-01 00:00:00'")
+    assert "stored after that checkpoint was written" in said[0]
+    assert said[1:] == ["consuming SIGNALS from sequence 1"]
 
 
 async def test_events_past_retention_are_warned_of_only_when_a_checkpoint_wanted_them(nc, caplog) -> None:

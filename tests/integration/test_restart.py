@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from streams.fold import to_ms
-from streams.jetstream import publish_events
+from streams.jetstream import publish_events, stored_us
 from streams.simulator import Population
 from tests.conftest import eventually
 
@@ -26,6 +26,9 @@ async def test_restart_serves_checkpointed_users_before_they_are_loaded(
     await eventually(lambda: first.service.store.applied == len(events), timeout=30)
     before = {user: state.to_bytes() for user, state in first.service.store.users.items()}
     await first.stop()
+    with first.service.engine.connect() as conn:  # what tells the stream apart at the start, by either writer
+        mark = conn.execute(sa.text("select stored_us from stream_positions where stream = 'SIGNALS'")).scalar()
+    assert mark is not None and mark == await stored_us(nc.jetstream(), "SIGNALS", first.service.store.positions["SIGNALS"])
 
     caplog.set_level(logging.INFO, logger="tipstream")
     from app.bootstrap import Service
