@@ -50,6 +50,7 @@ from app.registry_store import RegistryStore
 from app.retention import EVERY_S as RETENTION_EVERY_S
 from app.retention import TipScoresRetention
 from app.scoring import Scorer
+from app.service_lock import ServiceLock, ServiceLockTaken
 from app.settings import Settings, env_name
 from app.startup import StartupError, shown_url
 from models.policy import make_policy
@@ -65,6 +66,7 @@ LAST_OFFLINE_PASS_S = 30.0  # a stop waits this long at most for the last user_f
 GIL_SWITCH_INTERVAL_S = 0.0005
 GC_YOUNG_THRESHOLD = 20_000  # objects; why in Service.start
 EMBEDDED_NATS_CHECK_S = 0.5  # how often the embedded nats-server is checked for having exited
+SERVICE_LOCK_CHECK_S = 10.0  # how often the database lock's connection is checked (PostgreSQL restarted?)
 
 
 class Service:
@@ -73,6 +75,7 @@ class Service:
         self.store = OnlineStore()
         self.store.idle_days = settings.idle_user_days
         self.engine = make_engine(settings.sqlalchemy_url)
+        self.service_lock = ServiceLock(settings.sqlalchemy_url)
         self.embedded: EmbeddedNats | None = None
         self.nc: jsx.IngestClient | None = None
         self.ingests: list[StreamIngest] = []
@@ -113,6 +116,17 @@ class Service:
         self.feedback_read = ReadUpTo()  # and FEEDBACK's: the learner's join window follows it
 
     async def start(self) -> None:
+        try:
+            await asyncio.to_thread(self.service_lock.acquire)
+        except ServiceLockTaken as taken:
+            raise StartupError(str(taken)) from None
+        try:
+            await self._start()
+        except BaseException:  # a start that failed (or was cut short) lets the next one take the database
+            await asyncio.to_thread(self.service_lock.release)
+            raise
+
+    async def _start(self) -> None:
         s = self.settings
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         # Ingest allocates a few short-lived objects per event, freed by reference counting;
@@ -124,6 +138,10 @@ class Service:
         gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
         self._tasks.append(asyncio.create_task(loop_lag.watch(METRICS.loop_lag.observe), name="event loop lag"))
         s.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # as `startup.hold_data_dir` makes it
+        if self.service_lock.needed:
+            self._tasks.append(asyncio.create_task(
+                every(SERVICE_LOCK_CHECK_S, self._keep_service_lock, "checking the database lock"),
+                name="database lock"))
         await asyncio.to_thread(migrate.upgrade, s.sqlalchemy_url)
         if not s.nats_url:
             self.embedded = EmbeddedNats(s.data_dir / "nats")
@@ -434,6 +452,14 @@ class Service:
             await self.embedded.astop()
             (self.settings.data_dir / URL_FILE).unlink(missing_ok=True)
         self.engine.dispose()
+        await asyncio.to_thread(self.service_lock.release)  # last: nothing of this service writes after it
+
+    async def _keep_service_lock(self) -> None:
+        try:
+            await asyncio.to_thread(self.service_lock.keep)
+        except ServiceLockTaken as taken:
+            self._fail(f"While PostgreSQL was away, this service lost its database lock, and another service took "
+                       f"it: {taken} This one stops (exit code 1).")
 
     async def _last_offline_pass(self) -> None:
         """The users saved since the last `user_features` pass get their rows now: the writer knows
@@ -485,10 +511,16 @@ class Service:
         if self._stopping or self.fatal is not None:
             return
         cause = (self.nc.last_error if self.nc is not None else None) or "no error given"
-        self.fatal = (f"NATS closed tipstream's connection to {shown_url(self.nats_url)} for good "
-                      f"({cause}), and nats-py does not reconnect after that. "
-                      "tipstream stops (exit code 1) so that its supervisor starts it again with a new connection; "
-                      "if the server refused its credentials, fix NATS_URL first.")
+        self._fail(f"NATS closed tipstream's connection to {shown_url(self.nats_url)} for good "
+                   f"({cause}), and nats-py does not reconnect after that. "
+                   "tipstream stops (exit code 1) so that its supervisor starts it again with a new connection; "
+                   "if the server refused its credentials, fix NATS_URL first.")
+
+    def _fail(self, why: str) -> None:
+        """The service cannot go on: say why, and have `serve` stop it with exit code 1."""
+        if self._stopping or self.fatal is not None:
+            return
+        self.fatal = why
         log.error("%s", self.fatal)
         if self.on_fatal is not None:
             self.on_fatal(self.fatal)

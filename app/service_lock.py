@@ -1,0 +1,105 @@
+"""One service per PostgreSQL database: a session advisory lock, held as long as the service runs.
+
+Two services on one database (two replicas, or a new one started before the old one stopped)
+each re-created the other's durable consumers in NATS, so each folded some of every stream's
+events, and both wrote user states, positions and models over each other's: features and models
+went wrong with nothing said. SQLite needs no such lock: its file is in the data directory, which
+`app.startup.hold_data_dir` holds.
+
+The lock lives with its connection, so a crash lets go of it at once; PostgreSQL restarted lets go
+of it too, and `keep` takes it again, or tells the service to stop if another took it meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+from sqlalchemy import Connection, Engine, text
+
+from app.db import make_engine
+
+log = logging.getLogger("tipstream.service_lock")
+
+SERVICE_LOCK = 0x7469707365727663  # "tipservc"; the migrations' lock is another key (migrations/env.py)
+# pg_locks shows a bigint key as two 32-bit halves.
+_HALVES = {"high": SERVICE_LOCK >> 32, "low": SERVICE_LOCK & 0xFFFFFFFF}
+
+
+class ServiceLockTaken(RuntimeError):
+    """Another tipstream service holds the database."""
+
+
+class ServiceLock:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.name = f"tipstream {socket.gethostname()} pid {os.getpid()}"[:63]  # application_name's limit
+        self._engine: Engine | None = None
+        self._conn: Connection | None = None
+
+    @property
+    def needed(self) -> bool:
+        return self.url.startswith("postgresql")
+
+    def acquire(self) -> None:
+        """Take the lock, or raise ServiceLockTaken naming who holds it."""
+        if not self.needed:
+            return
+        self._engine = make_engine(self.url)
+        conn = self._engine.connect()
+        conn.execute(text("SELECT set_config('application_name', :name, false)"), {"name": self.name})
+        taken = conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": SERVICE_LOCK}).scalar_one()
+        conn.commit()
+        if not taken:
+            holder = self._holder(conn)
+            conn.close()
+            self.release()
+            raise ServiceLockTaken(
+                f"Another tipstream service runs against this database ({holder}). One service per database: "
+                "two would each read part of every stream and write over each other's state. Stop the other "
+                "first (in Kubernetes: one replica, with the Recreate strategy), or give this one a database "
+                "of its own (DATABASE_URL).")
+        self._conn = conn
+
+    def keep(self) -> None:
+        """Still held? After PostgreSQL restarted, the lock went with the connection: take it again.
+        Raises ServiceLockTaken if another service took it meanwhile; other errors: the database is
+        away, and the next call tries again."""
+        if not self.needed:
+            return
+        if self._conn is not None:
+            try:
+                self._conn.execute(text("SELECT 1")).scalar_one()
+                self._conn.commit()
+                return
+            except Exception:  # noqa: BLE001 - the connection is gone: so is the lock
+                self._conn.invalidate()
+                self._conn.close()
+                self._conn = None
+                log.warning("the database connection holding this service's lock was lost; taking the lock again")
+        self.release()
+        self.acquire()
+        log.info("this service's database lock is held again")
+
+    def release(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()  # the session's end lets go of the lock
+            except Exception:  # noqa: BLE001, S110 - closed with the engine below either way
+                pass
+            self._conn = None
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    @staticmethod
+    def _holder(conn: Connection) -> str:
+        row = conn.execute(text(
+            "SELECT a.application_name, a.client_addr, a.pid, a.backend_start FROM pg_locks l "
+            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+            "AND l.classid = :high AND l.objid = :low AND l.objsubid = 1"), _HALVES).first()
+        if row is None:
+            return "it let go just now: start again"
+        where = f" from {row.client_addr}" if row.client_addr is not None else ""
+        return f"{row.application_name or 'unnamed'}{where}, server pid {row.pid}, connected since {row.backend_start:%Y-%m-%d %H:%M:%S %Z}"

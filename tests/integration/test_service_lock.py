@@ -1,0 +1,102 @@
+"""One service per PostgreSQL database: a second is refused, naming the first; a lock lost with its
+connection (PostgreSQL restarted) is taken again, or the service stops if another took it."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import sqlalchemy as sa
+
+from app.bootstrap import Service
+from app.service_lock import SERVICE_LOCK, ServiceLock, ServiceLockTaken
+from app.settings import Settings
+from app.startup import StartupError
+from tests.conftest import reset_postgres
+
+
+def lock_holders(url: str) -> list[int]:
+    """Server pids of the sessions holding the service lock."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(sa.text(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = :high "
+                "AND objid = :low AND objsubid = 1"), {"high": SERVICE_LOCK >> 32, "low": SERVICE_LOCK & 0xFFFFFFFF},
+            ).scalars())
+    finally:
+        engine.dispose()
+
+
+def end_sessions(url: str, pids: list[int]) -> None:
+    """As a PostgreSQL restart does to every session."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            for pid in pids:
+                conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    finally:
+        engine.dispose()
+
+
+async def test_a_second_service_on_the_database_is_refused_naming_the_first(
+        start_service, nats_server, postgres_url: str, tmp_path) -> None:
+    reset_postgres(postgres_url)
+    first = await start_service(database_url=postgres_url)
+    assert len(lock_holders(postgres_url)) == 1
+    second = Service(Settings(database_url=postgres_url, data_dir=tmp_path / "second", nats_url=nats_server.url))
+    with pytest.raises(StartupError) as refused:
+        await second.start()
+    said = str(refused.value)
+    assert said.startswith("Another tipstream service runs against this database (tipstream "
+                           f"{socket.gethostname()} pid {os.getpid()}"), said
+    assert "Recreate strategy" in said and "DATABASE_URL" in said
+    await first.stop()
+    assert lock_holders(postgres_url) == [], "a stop lets go of it"
+    await start_service(database_url=postgres_url, data_dir=tmp_path / "second")
+    assert len(lock_holders(postgres_url)) == 1
+
+
+def test_a_lock_lost_with_its_connection_is_taken_again(postgres_url: str) -> None:
+    lock = ServiceLock(postgres_url)
+    lock.acquire()
+    try:
+        [held_by] = lock_holders(postgres_url)
+        lock.keep()  # held: nothing to do
+        assert lock_holders(postgres_url) == [held_by]
+        end_sessions(postgres_url, [held_by])
+        assert lock_holders(postgres_url) == []
+        lock.keep()
+        [again] = lock_holders(postgres_url)
+        assert again != held_by
+    finally:
+        lock.release()
+    assert lock_holders(postgres_url) == []
+
+
+async def test_a_service_whose_lock_another_took_meanwhile_stops(start_service, postgres_url: str) -> None:
+    reset_postgres(postgres_url)
+    running = await start_service(database_url=postgres_url)
+    service = running.service
+    told: list[str] = []
+    service.on_fatal = told.append
+    end_sessions(postgres_url, lock_holders(postgres_url))
+    other = ServiceLock(postgres_url)
+    other.acquire()  # another service, started while this one's lock was gone
+    try:
+        with pytest.raises(ServiceLockTaken):
+            ServiceLock(postgres_url).acquire()
+        await service._keep_service_lock()
+        assert told == [service.fatal]
+        assert "lost its database lock, and another service took it: Another tipstream service" in told[0]
+    finally:
+        other.release()
+
+
+def test_sqlite_takes_no_database_lock(tmp_path) -> None:
+    lock = ServiceLock(f"sqlite:///{tmp_path / 'tipstream.db'}")
+    lock.acquire()
+    lock.keep()
+    lock.release()
+    assert not lock.needed and lock._conn is None  # the data directory's flock holds the file
