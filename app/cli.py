@@ -64,6 +64,7 @@ def _migrate(args: argparse.Namespace) -> int:
     from alembic.util import CommandError
 
     from app import migrate
+    from app.service_lock import ServiceLock, ServiceLockTaken
     from app.settings import get_settings
     from app.startup import data_dir_holder, shown_database_url
 
@@ -78,14 +79,24 @@ def _migrate(args: argparse.Namespace) -> int:
         print(f"A tipstream (pid {pid}) runs on {settings.data_dir.resolve()} (TIPSTREAM_DATA_DIR): stop it "
               "before `tipstream migrate base`, then start it again to rebuild from the log.", file=sys.stderr)
         return 1
+    # Held while the tables go, so that no service starts meanwhile (nor runs from another data directory).
+    lock = ServiceLock(url)
     try:
+        if args.revision == "base":
+            lock.acquire()
         (migrate.downgrade if args.revision == "base" else migrate.upgrade)(url, args.revision)
+    except ServiceLockTaken as taken:
+        print(f"A tipstream service runs against {shown_database_url(url)} ({taken.holder}): stop it before "
+              "`tipstream migrate base`, then start it again to rebuild from the log.", file=sys.stderr)
+        return 1
     except CommandError as error:
         print(error, file=sys.stderr)
         return 2
     except migrate.MigrationBlocked as error:
         print(f"{shown_database_url(url)}: {error}", file=sys.stderr)
         return 1
+    finally:
+        lock.release()
     now = migrate.current(url)
     print(f"database at {now or 'base'}: {shown_database_url(url)}")
     if args.revision not in ("head", "base", now):

@@ -28,7 +28,15 @@ _HALVES = {"high": SERVICE_LOCK >> 32, "low": SERVICE_LOCK & 0xFFFFFFFF}
 
 
 class ServiceLockTaken(RuntimeError):
-    """Another tipstream service holds the database."""
+    """Another tipstream service holds the database: `holder` says which."""
+
+    def __init__(self, holder: str) -> None:
+        self.holder = holder
+        super().__init__(
+            f"Another tipstream service runs against this database ({holder}). One service per database: "
+            "two would each read part of every stream and write over each other's state. Stop the other "
+            "first (in Kubernetes: one replica, with the Recreate strategy), or give this one a database "
+            "of its own (DATABASE_URL).")
 
 
 class ServiceLock:
@@ -55,11 +63,7 @@ class ServiceLock:
             holder = self._holder(conn)
             conn.close()
             self.release()
-            raise ServiceLockTaken(
-                f"Another tipstream service runs against this database ({holder}). One service per database: "
-                "two would each read part of every stream and write over each other's state. Stop the other "
-                "first (in Kubernetes: one replica, with the Recreate strategy), or give this one a database "
-                "of its own (DATABASE_URL).")
+            raise ServiceLockTaken(holder)
         self._conn = conn
 
     def keep(self) -> None:

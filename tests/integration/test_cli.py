@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -295,8 +296,6 @@ def test_run_refuses_a_demo_rate_that_is_no_rate(rate: str, problem: str, capsys
 
 def test_migrate_base_refuses_to_drop_the_tables_of_a_running_service(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    import os
-
     from app.startup import hold_data_dir
 
     monkeypatch.delenv("DATABASE_URL", raising=False)
@@ -310,6 +309,29 @@ def test_migrate_base_refuses_to_drop_the_tables_of_a_running_service(
         os.close(held)
     assert f"(pid {os.getpid()}) runs on" in capsys.readouterr().err and migrate.current(url) is not None
     assert main(["migrate", "base"]) == 0 and migrate.current(url) is None
+
+
+@pytest.mark.postgres
+def test_migrate_base_refuses_to_drop_the_tables_a_service_elsewhere_uses(
+        postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A service on another host (or data directory) holds the PostgreSQL database's lock."""
+    from app.service_lock import ServiceLock
+    from tests.conftest import reset_postgres
+
+    reset_postgres(postgres_url)
+    monkeypatch.setenv("DATABASE_URL", postgres_url)
+    monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))  # not the service's: no flock to find
+    assert main(["migrate"]) == 0
+    running = ServiceLock(postgres_url)
+    running.acquire()
+    try:
+        assert main(["migrate", "base"]) == 1
+    finally:
+        running.release()
+    err = capsys.readouterr().err
+    assert "A tipstream service runs against" in err and f"pid {os.getpid()}" in err and "stop it before" in err
+    assert migrate.current(postgres_url) is not None
+    assert main(["migrate", "base"]) == 0 and migrate.current(postgres_url) is None
 
 
 @pytest.mark.parametrize(("url", "port", "problem"), [
