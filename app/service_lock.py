@@ -23,6 +23,8 @@ from app.db import make_engine
 log = logging.getLogger("tipstream.service_lock")
 
 SERVICE_LOCK = 0x7469707365727663  # "tipservc"; the migrations' lock is another key (migrations/env.py)
+SERVER_KEEPALIVES = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3",
+                     "tcp_user_timeout": "30000"}  # a dead client's session ends within ~30 s
 # pg_locks shows a bigint key as two 32-bit halves.
 _HALVES = {"high": SERVICE_LOCK >> 32, "low": SERVICE_LOCK & 0xFFFFFFFF}
 
@@ -35,8 +37,8 @@ class ServiceLockTaken(RuntimeError):
         super().__init__(
             f"Another tipstream service runs against this database ({holder}). One service per database: "
             "two would each read part of every stream and write over each other's state. Stop the other "
-            "first (in Kubernetes: one replica, with the Recreate strategy), or give this one a database "
-            "of its own (DATABASE_URL).")
+            "first (in Kubernetes: one replica, with the Recreate strategy; a host that died lets go within "
+            "~30 s), or give this one a database of its own (DATABASE_URL).")
 
 
 class ServiceLock:
@@ -57,6 +59,12 @@ class ServiceLock:
         self._engine = make_engine(self.url)
         conn = self._engine.connect()
         conn.execute(text("SELECT set_config('application_name', :name, false)"), {"name": self.name})
+        # The server's own keepalives on this session: a host that died (power, network) kept its lock
+        # until PostgreSQL's default probes, ~2 hours, and its replacement could not start until then.
+        known = conn.execute(text("SELECT name FROM pg_settings WHERE name = ANY(:names)"),
+                             {"names": list(SERVER_KEEPALIVES)}).scalars()  # tcp_user_timeout: PostgreSQL 12 on
+        for name in known:
+            conn.execute(text("SELECT set_config(:name, :value, false)"), {"name": name, "value": SERVER_KEEPALIVES[name]})
         taken = conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": SERVICE_LOCK}).scalar_one()
         conn.commit()
         if not taken:

@@ -63,6 +63,9 @@ def test_a_lock_lost_with_its_connection_is_taken_again(postgres_url: str) -> No
     lock.acquire()
     try:
         [held_by] = lock_holders(postgres_url)
+        # A host that dies lets go within ~30 s, not after PostgreSQL's default keepalive (2 hours).
+        assert lock._conn.execute(sa.text("SHOW tcp_keepalives_idle")).scalar() == "10"
+        assert lock._conn.execute(sa.text("SHOW tcp_user_timeout")).scalar() == "30000"
         lock.keep()  # held: nothing to do
         assert lock_holders(postgres_url) == [held_by]
         end_sessions(postgres_url, [held_by])
