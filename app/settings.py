@@ -309,6 +309,16 @@ class Settings(BaseSettings):
                                  f"(TIPSTREAM_DUPLICATE_WINDOW_S={window_s:g} s, {window_s / 86_400:g} days)")
         return value
 
+    @field_validator("data_dir", "host", mode="before")
+    @classmethod
+    def _not_blank(cls, value: Any, info: ValidationInfo) -> Any:
+        # Blank (`TIPSTREAM_DATA_DIR=$DIR` with DIR unset) read as the working directory, which then held the
+        # database and the NATS store; a blank host bound every interface and printed `http://:8000`.
+        if isinstance(value, str) and not value.strip():
+            example = "data" if info.field_name == "data_dir" else "127.0.0.1, or 0.0.0.0 for every interface"
+            raise ValueError(f"must not be blank (e.g. {example})")
+        return value
+
     @field_validator("nats_url")
     @classmethod
     def _nats_scheme(cls, value: str | None) -> str | None:

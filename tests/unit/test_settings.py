@@ -148,3 +148,16 @@ def test_an_admin_token_long_enough_or_blank_is_taken(token: str, monkeypatch: p
 
     monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", token)
     assert load_settings().admin_token.get_secret_value() == token  # blank: admin changes refused, as before
+
+
+@pytest.mark.parametrize("variable", ["TIPSTREAM_DATA_DIR", "TIPSTREAM_HOST"])
+def test_a_blank_data_dir_or_host_is_refused_naming_it(variable: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blank, the data directory was the working directory and the host every interface, without a word."""
+    from app.settings import SettingsError, load_settings
+
+    monkeypatch.setenv(variable, " ")
+    with pytest.raises(SettingsError, match=rf"{variable}=' ': must not be blank"):
+        load_settings()
+    monkeypatch.setenv(variable, "")
+    with pytest.raises(SettingsError, match=rf"{variable}='': must not be blank"):
+        load_settings()
