@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.schemas import SchemaGenerator
 
 from app import admin
@@ -42,9 +42,20 @@ async def _http_error(request: Request, error: Exception) -> Response:
     error shape, with what the path does take."""
     assert isinstance(error, HTTPException)
     message = f"{request.method} {request.url.path}: {error.detail}"
+    if error.status_code == 404 and (bare := _slashless(request)) is not None:
+        message += f"; the path is {bare}, without the trailing slash"
     if error.headers and "Allow" in error.headers:
         message += f"; this path takes {error.headers['Allow']}"
     return JSONResponse({"error": message, "field": None}, status_code=error.status_code, headers=error.headers)
+
+
+def _slashless(request: Request) -> str | None:
+    """The path without its trailing slash(es), when that is one of the API's."""
+    path = request.scope["path"]
+    if path == "/" or not path.endswith("/"):
+        return None
+    scope = {**request.scope, "path": path.rstrip("/")}
+    return scope["path"] if any(route.matches(scope)[0] is not Match.NONE for route in request.app.routes) else None
 
 
 async def healthz(request: Request) -> Response:
@@ -197,6 +208,9 @@ def create_app(settings: Settings, service: Service | None = None, *, started: b
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error},
     )
+    # Starlette answered a trailing slash with a 307 to the Host header's address and no body:
+    # curl printed nothing, and a client that does not follow redirects got no answer to read.
+    app.router.redirect_slashes = False
     app.state.service = service
     return app
 

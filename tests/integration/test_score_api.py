@@ -178,6 +178,12 @@ async def test_bad_requests_get_4xx_naming_the_field_and_log_nothing(start_servi
         assert wrong_method.json() == {"error": "GET /score: Method Not Allowed; this path takes POST", "field": None}
         nowhere = await http.post("/scores", json=body())
         assert nowhere.status_code == 404 and nowhere.json()["error"] == "POST /scores: Not Found"
+        # A trailing slash was a 307 with no body, to wherever the Host header pointed.
+        slashed = await http.post("/score/", json=body(), headers={"host": "elsewhere.example"})
+        assert slashed.status_code == 404 and "location" not in slashed.headers
+        assert slashed.json()["error"] == "POST /score/: Not Found; the path is /score, without the trailing slash"
+        features = await http.get("/users/u-1/features/")
+        assert features.json()["error"].endswith("the path is /users/u-1/features, without the trailing slash")
         # A good one after them, so the log is known to work.
         ok = await http.post("/score", content=in_chunks(orjson.dumps(body()), 16), headers=json_type)
         assert ok.status_code == 200, ok.text
