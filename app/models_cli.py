@@ -163,10 +163,11 @@ def _change(args: argparse.Namespace) -> int:
                   "would carry TIPSTREAM_ADMIN_TOKEN), and nothing changed: pass --url as the service's own "
                   "address.", file=sys.stderr)
             return 1
-        try:
-            message = json.loads(error.read()).get("error", "")
-        except Exception:  # noqa: BLE001
-            message = error.reason
+        message = _their_error(error.read())
+        if message is None:  # another web server's page: "refused (404): File not found" read as tipstream's word
+            print(f"{base} answered {error.code} ({error.reason}), but not as tipstream does (no JSON error): is "
+                  "--url the service's address?", file=sys.stderr)
+            return 1
         print(f"refused ({error.code}): {message}", file=sys.stderr)
         return 1
     except urllib.error.URLError as error:
@@ -189,6 +190,19 @@ def _change(args: argparse.Namespace) -> int:
         note = f": {last['note']}" if last["note"] else ""
         print(f"{last['at']} {last['action']} {last['version']} by {last['actor']}{note}")
     return 0
+
+
+def _their_error(body: bytes) -> str | None:
+    """The message of tipstream's error answer (`{"error": ..., "field": ...}`), or None for any other body.
+
+    >>> _their_error(b'{"error": "no such version", "field": "version"}'), _their_error(b"<html>Not Found</html>")
+    ('no such version', None)
+    """
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return None
+    return answer["error"] if isinstance(answer, dict) and isinstance(answer.get("error"), str) else None
 
 
 def _url_is_usable(url: str) -> bool:

@@ -122,12 +122,13 @@ def test_a_bad_setting_is_one_message_naming_the_variable(
 
 @pytest.mark.parametrize(("behaviour", "problem"), [
     ("html", "answered, but not as tipstream does (no JSON): is --url the service's address?"),
+    ("404", "answered 404 (Not Found), but not as tipstream does (no JSON error): is --url the service's address?"),
     ("slow", "took more than 0 s to answer; the change may still land: see `tipstream models list`"),
 ])
 def test_a_change_answered_oddly_is_a_message(behaviour: str, problem: str, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     """A register still training past the timeout, or a --url pointing at another web server:
-    both were tracebacks."""
+    both were tracebacks. That server's 404 page read as tipstream's refusal ("refused (404): Not Found")."""
     import http.server
     import threading
 
@@ -138,7 +139,7 @@ def test_a_change_answered_oddly_is_a_message(behaviour: str, problem: str, monk
             self.rfile.read(int(self.headers["Content-Length"]))
             if behaviour == "slow":
                 release.wait(10)
-            self.send_response(200)
+            self.send_response(404 if behaviour == "404" else 200)  # 404: another web app where tipstream is not
             self.send_header("Content-Type", "text/html")
             self.end_headers()
             self.wfile.write(b"<html>not tipstream</html>")
