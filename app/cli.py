@@ -133,6 +133,15 @@ def _at_least(low: float, kind: type = int) -> Callable[[str], Any]:
     return parse
 
 
+def _nats_url(text: str) -> str:
+    # As NATS_URL is checked (app/settings.py): an http:// URL read as "No NATS server answers there".
+    scheme = text.partition("://")[0] if "://" in text else None
+    if scheme is not None and scheme.lower() not in ("nats", "tls", "ws", "wss"):
+        raise argparse.ArgumentTypeError(f"a NATS server's URL starts with nats:// (or tls://, ws://, wss://), "
+                                         f"not {scheme}://")
+    return text
+
+
 def _user_prefix(text: str) -> str:
     # User ids are at most 128 characters; the prefix leaves room for "-" and the number.
     if not text or len(text) > 64 or not text.isprintable() or any(c.isspace() for c in text):
@@ -168,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--user-prefix", type=_user_prefix, default="sim",
                      help="simulated users are PREFIX-0, PREFIX-1, ...: pick one no real user id starts with "
                           "(default: sim), as their events fold into the same tables")
-    sim.add_argument("--nats-url", help="default: NATS_URL, else the running embedded server's")
+    sim.add_argument("--nats-url", type=_nats_url, help="default: NATS_URL, else the running embedded server's")
     sim.add_argument("--quiet", action="store_true", help="no progress display")
     sim.add_argument("--pregenerate", action="store_true",
                      help="make every event before publishing (load generation that costs the least CPU)")

@@ -55,6 +55,7 @@ def test_simulate_against_no_server_says_so_at_once(tmp_path: Path) -> None:
     (["--user-prefix", "my users"], "--user-prefix: must be 1 to 64 printable characters without spaces"),
     (["--rate", "nan"], "--rate: must be a finite number, got nan"),
     (["--duration", "inf"], "--duration: must be a finite number, got inf"),
+    (["--nats-url", "http://127.0.0.1:4222"], "--nats-url: a NATS server's URL starts with nats://"),
 ])
 def test_simulate_refuses_bad_arguments(argv: list[str], problem: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:
