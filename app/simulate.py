@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,14 +91,21 @@ async def simulate(users: int, rate: float, count: int | None, duration: float |
         else:
             events = paced(population, rate, count, duration)
         per_chunk = max(1, int(rate / 20)) if rate else 1_000
-        sent = 0
-        while chunk := list(itertools.islice(events, per_chunk)):
-            sent += await publish_events(js, chunk)
-            report(sent)
-            ahead = sent / rate - (time.monotonic() - started) if rate else 0
-            if ahead > 0:
-                await asyncio.sleep(ahead)
+        sent, interrupted = 0, False
+        try:
+            while chunk := list(itertools.islice(events, per_chunk)):
+                sent += await publish_events(js, chunk)
+                report(sent)
+                ahead = sent / rate - (time.monotonic() - started) if rate else 0
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+        except asyncio.CancelledError:  # Ctrl-C (asyncio.run cancels this task): a traceback, and no count, before
+            interrupted = True
     await nc.drain()
     elapsed = time.monotonic() - started
-    print(f"published {sent} events in {elapsed:.1f}s ({sent / max(elapsed, 1e-9):,.0f}/s)")
+    summary = f"published {sent} events in {elapsed:.1f}s ({sent / max(elapsed, 1e-9):,.0f}/s)"
+    if interrupted:
+        print(f"interrupted: {summary}; the batch in flight may be in JetStream too")
+        return 128 + signal.SIGINT
+    print(summary)
     return 0

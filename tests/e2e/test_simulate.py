@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from streams.events import Rejection, parse_event
 from streams.jetstream import ensure_streams
+from tests.conftest import eventually
 
 TIPSTREAM = str(Path(sys.executable).parent / "tipstream")
 
@@ -70,3 +72,22 @@ async def test_pregenerated_load_publishes_exactly_the_count(nats_server, nc) ->
                            "--nats-url", nats_server.url, "--quiet"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert sum([(await js.stream_info(n)).state.messages for n in ("SIGNALS", "FEEDBACK")]) == 250
+
+
+async def test_ctrl_c_stops_simulate_with_its_count_not_a_traceback(nats_server, nc) -> None:
+    """The README's run is 60 s long: stopped early with Ctrl-C, it ended in a KeyboardInterrupt traceback."""
+    js = nc.jetstream()
+    await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    run = subprocess.Popen([TIPSTREAM, "simulate", "--duration", "60", "--rate", "100", "--nats-url", nats_server.url,
+                            "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        async def publishing() -> bool:
+            return (await js.stream_info("SIGNALS")).state.messages > 0
+
+        await eventually(publishing, timeout=30)
+        run.send_signal(signal.SIGINT)
+        out, err = run.communicate(timeout=30)
+    finally:
+        run.kill()
+    assert run.returncode == 130 and "Traceback" not in err, err
+    assert out.startswith("interrupted: published ") and " events in " in out, out
