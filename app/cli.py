@@ -207,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C while migrating or reading the registry: a traceback before
+        print("tipstream: interrupted", file=sys.stderr)
+        return 130
     except SettingsError as error:
         print(error, file=sys.stderr)
         return 2

@@ -182,6 +182,10 @@ def _change(args: argparse.Namespace) -> int:
         print(f"{base} answered, but not as tipstream does (no JSON): is --url the service's address?",
               file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a traceback before; the server, sent the change, goes on with it
+        print(f"Interrupted before {base} answered; the change may still land: see `tipstream models list` "
+              "before trying again.", file=sys.stderr)
+        return 130
     if args.action in ("register", "evaluate"):
         print(json.dumps(answer, indent=2) if args.json else _card_summary(args.version, answer))
     else:

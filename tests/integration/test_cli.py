@@ -441,3 +441,18 @@ def test_a_database_password_given_as_a_query_parameter_is_not_shown(
     assert main(["migrate"]) == 1
     err = capsys.readouterr().err
     assert "hunter2" not in err and "?password=***&sslmode=disable (DATABASE_URL)" in err, err
+
+
+def test_ctrl_c_while_a_change_waits_for_its_answer_says_it_may_still_land(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A register trains for seconds before it answers: Ctrl-C was a traceback, and the version landed anyway."""
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "t")
+    monkeypatch.setattr("app.models_cli._OPENER.open", interrupted)
+    assert main(["models", "register", "v9", "--url", "http://127.0.0.1:9"]) == 130
+    assert "Interrupted before http://127.0.0.1:9 answered; the change may still land" in capsys.readouterr().err
+    monkeypatch.setattr("app.cli._docs", lambda args: interrupted())
+    assert main(["docs"]) == 130
+    assert capsys.readouterr().err == "tipstream: interrupted\n"
