@@ -113,7 +113,13 @@ def _docs(args: argparse.Namespace) -> int:
     # installed from a wheel, there is no README beside the package, and never a docs/ to write there.
     default = OWN_README.parent / "docs" if OWN_README.exists() else Path("docs")
     # Elsewhere, only the generated files: `--out` to look at them rewrote the README in place too.
-    for path in write_docs(Path(args.out), readme=None) if args.out else write_docs(default):
+    try:
+        written = write_docs(Path(args.out), readme=None) if args.out else write_docs(default)
+    except OSError as error:  # `--out docs/metrics.md` (a file, not a directory) was a traceback
+        hint = " --out names a directory, made if missing." if args.out else ""
+        print(f"Cannot write the docs to {error.filename or args.out}: {error.strerror or error}.{hint}", file=sys.stderr)
+        return 1
+    for path in written:
         print(f"wrote {path}")
     return 0
 

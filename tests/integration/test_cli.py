@@ -456,3 +456,12 @@ def test_ctrl_c_while_a_change_waits_for_its_answer_says_it_may_still_land(
     monkeypatch.setattr("app.cli._docs", lambda args: interrupted())
     assert main(["docs"]) == 130
     assert capsys.readouterr().err == "tipstream: interrupted\n"
+
+
+def test_docs_out_naming_a_file_is_one_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--out docs/metrics.md` (a file where a directory goes) was a FileExistsError traceback."""
+    taken = tmp_path / "metrics.md"
+    taken.write_text("mine")
+    assert main(["docs", "--out", str(taken)]) == 1
+    assert f"Cannot write the docs to {taken}: File exists. --out names a directory" in capsys.readouterr().err
+    assert taken.read_text() == "mine"
