@@ -449,7 +449,7 @@ def test_ctrl_c_while_a_change_waits_for_its_answer_says_it_may_still_land(
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "t")
+    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "t" * 16)
     monkeypatch.setattr("app.models_cli._OPENER.open", interrupted)
     assert main(["models", "register", "v9", "--url", "http://127.0.0.1:9"]) == 130
     assert "Interrupted before http://127.0.0.1:9 answered; the change may still land" in capsys.readouterr().err
