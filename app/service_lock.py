@@ -65,10 +65,15 @@ class ServiceLock:
                              {"names": list(SERVER_KEEPALIVES)}).scalars()  # tcp_user_timeout: PostgreSQL 12 on
         for name in known:
             conn.execute(text("SELECT set_config(:name, :value, false)"), {"name": name, "value": SERVER_KEEPALIVES[name]})
-        taken = conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": SERVICE_LOCK}).scalar_one()
-        conn.commit()
-        if not taken:
-            holder = self._holder(conn)
+        try:
+            taken = conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": SERVICE_LOCK}).scalar_one()
+            conn.commit()
+            holder = None if taken else self._holder(conn)
+        except BaseException:  # the session may hold the lock: it must not outlive this failure
+            conn.close()
+            self.release()
+            raise
+        if holder is not None:
             conn.close()
             self.release()
             raise ServiceLockTaken(holder)
@@ -110,8 +115,12 @@ class ServiceLock:
         row = conn.execute(text(
             "SELECT a.application_name, a.client_addr, a.pid, a.backend_start FROM pg_locks l "
             "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+            # Advisory locks are per database: a service on another database of the server is not the holder.
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
             "AND l.classid = :high AND l.objid = :low AND l.objsubid = 1"), _HALVES).first()
         if row is None:
             return "it let go just now: start again"
         where = f" from {row.client_addr}" if row.client_addr is not None else ""
-        return f"{row.application_name or 'unnamed'}{where}, server pid {row.pid}, connected since {row.backend_start:%Y-%m-%d %H:%M:%S %Z}"
+        # Another role's session shows no address nor start time without pg_read_all_stats.
+        since = f", connected since {row.backend_start:%Y-%m-%d %H:%M:%S %Z}" if row.backend_start is not None else ""
+        return f"{row.application_name or 'unnamed'}{where}, server pid {row.pid}{since}"

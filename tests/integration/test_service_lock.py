@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
+from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -13,7 +15,34 @@ from app.bootstrap import Service
 from app.service_lock import SERVICE_LOCK, ServiceLock, ServiceLockTaken
 from app.settings import Settings
 from app.startup import StartupError
-from tests.conftest import reset_postgres
+from tests.conftest import POSTGRES_ADMIN_URL, reset_postgres
+
+
+@pytest.fixture
+def other_database(postgres_url: str) -> Iterator[str]:
+    """Another database of the same PostgreSQL server (another deployment's)."""
+    name = f"tipstream_other_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def plain_role(postgres_url: str) -> Iterator[str]:
+    """`postgres_url` as a role that is neither superuser nor pg_read_all_stats (a managed database's)."""
+    name = f"tipstream_plain_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE ROLE "{name}" LOGIN'))
+    url = sa.make_url(postgres_url).set(username=name).render_as_string(hide_password=False)
+    yield url
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP ROLE IF EXISTS "{name}"'))
+    admin.dispose()
 
 
 def lock_holders(url: str) -> list[int]:
@@ -103,3 +132,35 @@ def test_sqlite_takes_no_database_lock(tmp_path) -> None:
     lock.keep()
     lock.release()
     assert not lock.needed and lock._conn is None  # the data directory's flock holds the file
+
+
+def test_the_holder_named_is_one_on_this_database_not_another_of_the_server(postgres_url: str, other_database: str) -> None:
+    """Advisory locks are per database: a service of another deployment, on another database of the
+    same server, holds a lock of the same key. It was named as this database's holder."""
+    elsewhere = ServiceLock(other_database)
+    elsewhere.acquire()
+    engine = sa.create_engine(postgres_url)
+    try:
+        with engine.connect() as conn:
+            assert ServiceLock._holder(conn) == "it let go just now: start again"
+        here = ServiceLock(postgres_url)
+        here.acquire()  # not refused: that lock is another database's
+        here.release()
+    finally:
+        engine.dispose()
+        elsewhere.release()
+
+
+def test_a_holder_of_another_role_is_named_without_what_that_role_cannot_see(postgres_url: str, plain_role: str) -> None:
+    """pg_stat_activity hides another role's address and start time from a plain role: the refusal
+    failed with a TypeError formatting the missing time, where it should name the holder."""
+    first = ServiceLock(postgres_url)
+    first.acquire()
+    try:
+        second = ServiceLock(plain_role)
+        with pytest.raises(ServiceLockTaken) as refused:
+            second.acquire()
+        assert refused.value.holder.startswith(f"tipstream {socket.gethostname()} pid {os.getpid()}, server pid ")
+        assert second._conn is None and second._engine is None
+    finally:
+        first.release()
