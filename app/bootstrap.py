@@ -433,7 +433,10 @@ class Service:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.checkpointer:
+        if self.checkpointer and self.checkpointer.refused is not None:
+            log.warning("no last checkpoint: %s, whose state it would overwrite; what was read since the last "
+                        "checkpoint stays in the streams", self.checkpointer.refused)
+        elif self.checkpointer:
             self.learner.snapshot_at_next_checkpoint()
             try:
                 await self.checkpointer.checkpoint()
@@ -458,6 +461,8 @@ class Service:
         try:
             await asyncio.to_thread(self.service_lock.keep)
         except ServiceLockTaken as taken:
+            if self.checkpointer is not None:  # from now on, and at the stop: the database is the other's
+                self.checkpointer.refused = "another service took the database lock"
             self._fail(f"While PostgreSQL was away, this service lost its database lock, and another service took "
                        f"it: {taken} This one stops (exit code 1).")
 

@@ -172,6 +172,9 @@ class Checkpointer:
         self.failures = 0
         self.last_error: str | None = None  # of the checkpoint that failed last, until one succeeds
         self._saved_positions: dict[str, int] | None = None
+        # Why this service may write no more checkpoints (another service took its database): set, a
+        # checkpoint writes nothing, which would go over that service's state and positions.
+        self.refused: str | None = None
         # (stream, seq) -> when NATS stored that message, µs (None: not known); set by the service.
         self.stored_us: Callable[[str, int], Awaitable[int | None]] | None = None
         self._marks: dict[str, tuple[int, int]] = {}  # stream -> (seq, stored µs), of the last asked
@@ -237,8 +240,11 @@ class Checkpointer:
         METRICS.checkpoint_ok_at.set(time.time())
 
     async def checkpoint(self) -> bool:
-        """One checkpoint; False when nothing changed since the last."""
+        """One checkpoint; False when nothing changed since the last (or `refused`)."""
         async with self.lock:
+            if self.refused is not None:
+                self.last_error = self.refused
+                return False
             try:
                 return await self._checkpoint()
             except Exception as error:  # also those asked for outside `run` (before a card reads the log)

@@ -8,6 +8,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 
+import orjson
 import pytest
 import sqlalchemy as sa
 
@@ -15,7 +16,7 @@ from app.bootstrap import Service
 from app.service_lock import SERVICE_LOCK, ServiceLock, ServiceLockTaken
 from app.settings import Settings
 from app.startup import StartupError
-from tests.conftest import POSTGRES_ADMIN_URL, reset_postgres
+from tests.conftest import POSTGRES_ADMIN_URL, eventually, reset_postgres
 
 
 @pytest.fixture
@@ -124,6 +125,40 @@ async def test_a_service_whose_lock_another_took_meanwhile_stops(start_service, 
         assert "lost its database lock, and another service took it: Another tipstream service" in told[0]
     finally:
         other.release()
+
+
+async def test_a_service_whose_lock_another_took_writes_no_more_checkpoints(
+        start_service, nc, postgres_url: str, caplog) -> None:
+    """Told to stop, it wrote a last checkpoint on the way out: its states and positions over those
+    of the service that now holds the database, what the lock is there to prevent."""
+    reset_postgres(postgres_url)
+    running = await start_service(database_url=postgres_url, checkpoint_every_s=3600,
+                                  checkpoint_every_events=1_000_000)
+    service = running.service
+    service.on_fatal = lambda _: None
+    end_sessions(postgres_url, lock_holders(postgres_url))
+    other = ServiceLock(postgres_url)
+    other.acquire()
+    try:
+        await service._keep_service_lock()
+        assert service.fatal is not None
+        event = {"id": "e-1", "type": "app.opened", "user_id": "u-1", "ts": "2026-11-26T08:00:00+01:00", "v": 1,
+                 "data": {}}
+        await nc.jetstream().publish("signals.app.opened", orjson.dumps(event))
+        await eventually(lambda: service.store.positions.get("SIGNALS") == 1)
+        assert await service.checkpointer.checkpoint() is False
+        await running.stop()
+    finally:
+        other.release()
+    engine = sa.create_engine(postgres_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("select count(*) from user_state")).scalar() == 0
+            assert conn.execute(sa.text("select seq from stream_positions where stream = 'SIGNALS'")).scalar() in (None, 0)
+    finally:
+        engine.dispose()
+    assert any(r.getMessage().startswith("no last checkpoint: another service took the database lock")
+               for r in caplog.records)
 
 
 def test_sqlite_takes_no_database_lock(tmp_path) -> None:
