@@ -306,6 +306,11 @@ class Checkpointer:
                 self._marks[stream] = (seq, mark)
         return {stream: mark for stream, (seq, mark) in self._marks.items() if positions.get(stream) == seq}
 
+    def forget_stored(self, stream: str) -> None:
+        """The stream is another now (created again, or an older copy): its positions' stored times are
+        asked again, though a position comes back to a sequence asked before."""
+        self._marks.pop(stream, None)
+
     async def rest_idle(self) -> int:
         """`_rest_idle` now, whatever the day (the warm-up has loaded every user)."""
         async with self.lock:

@@ -246,6 +246,7 @@ class StreamIngest:
             # dead-lettered are the new stream's from here, as at a start: kept, the new stream's
             # bad events below the old position were neither folded nor dead-lettered.
             self.store.positions[self.spec.name] = start - 1
+            self.checkpointer.forget_stored(self.spec.name)
             self.dead_lettered_upto = await jsx.last_dead_lettered(self.js, self.spec)
         self.lag = pending
         self._lag.set(pending)  # also while FEEDBACK waits for DECISIONS at a start, before a chunk is folded

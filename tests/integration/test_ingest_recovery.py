@@ -30,6 +30,9 @@ class Checkpoints:
     def nudge(self) -> None:
         pass
 
+    def forget_stored(self, stream: str) -> None:
+        pass
+
 
 async def seeded(nats_server: Any, users: int = 50) -> tuple[Any, Any]:
     nc = await jsx.connect(nats_server.url)

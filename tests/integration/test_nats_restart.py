@@ -7,11 +7,12 @@ from datetime import UTC, datetime
 
 import nats
 import orjson
+import sqlalchemy as sa
 from nats.js.errors import NotFoundError
 
 from streams.events import parse_event
 from streams.fold import to_ms
-from streams.jetstream import publish_events
+from streams.jetstream import publish_events, stored_us
 from streams.simulator import Population
 from streams.store import OnlineStore
 from tests.conftest import dead_lettered, eventually
@@ -149,3 +150,46 @@ async def test_a_nats_server_back_with_an_older_store_dead_letters_the_new_bad_e
     # A chunk's rejections go to the DLQ after its events are folded: u-2 can be in before it is.
     await eventually(lambda: "u-2" in store.users and dead_lettered("SIGNALS") == before + 1, timeout=20)
     assert store.users["u-1"].count("app.opened") == 11 and store.users["u-2"].count("app.opened") == 1
+
+
+def _checkpointed_mark(engine, stream: str) -> tuple[int, int | None] | None:
+    with engine.connect() as conn:
+        row = conn.execute(sa.text("select seq, stored_us from stream_positions where stream = :s"), {"s": stream}).first()
+    return None if row is None else (row.seq, row.stored_us)
+
+
+async def test_a_stream_created_again_under_the_service_is_checkpointed_with_its_own_stored_times(
+    start_service, nats_server
+) -> None:
+    """The checkpointer asks when NATS stored the message at a position once per position, and kept
+    the answer by sequence alone: the stream created again, its position back at 5 was written with
+    the old stream's message 5's time, and the next start took the stream for another and replayed it."""
+    first = await start_service(checkpoint_every_s=0.1)
+    engine = first.service.engine
+    client = await nats.connect(nats_server.url)
+    for i in range(5):
+        await client.jetstream().publish("signals.app.opened", orjson.dumps(opened(i)))
+    await client.close()
+    await eventually(lambda: (_checkpointed_mark(engine, "SIGNALS") or (0, None))[0] == 5)
+    old_mark = _checkpointed_mark(engine, "SIGNALS")[1]
+    nats_server.stop()
+    shutil.rmtree(nats_server.store / "jetstream")
+    nats_server.start()
+    client = await nats.connect(nats_server.url)
+    js = client.jetstream()
+
+    async def published_again() -> bool:
+        try:
+            for i in range(5, 10):
+                await js.publish("signals.app.opened", orjson.dumps(opened(i)))
+        except Exception:  # noqa: BLE001 - the service has not created the streams again yet
+            return False
+        return True
+
+    await eventually(published_again, timeout=20)
+    await eventually(lambda: first.service.store.users["u-1"].count("app.opened") == 10, timeout=20)
+    assert first.service.store.positions["SIGNALS"] == 5
+    await first.stop()
+    seq, mark = _checkpointed_mark(engine, "SIGNALS")
+    assert seq == 5 and mark == await stored_us(js, "SIGNALS", 5) and mark != old_mark
+    await client.close()
