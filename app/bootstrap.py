@@ -88,6 +88,7 @@ class Service:
         self._nats_errors = LogThrottle()  # the same NATS error: once a minute
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
+        self._lock_retaking = False  # the database lock's session was lost and is not taken again yet
         # Called with a message when the service cannot go on and must be started again (`serve`
         # stops the server with exit code 1): the NATS connection closed for good.
         self.on_fatal: Callable[[str], None] | None = None
@@ -465,6 +466,14 @@ class Service:
                 self.checkpointer.refused = "another service took the database lock"
             self._fail(f"While PostgreSQL was away, this service lost its database lock, and another service took "
                        f"it: {taken} This one stops (exit code 1).")
+        except Exception as error:  # noqa: BLE001 - the database away: tried again at the next check
+            # Said once an outage, not every check: a multi-line driver error every 10 s for as long as it lasted.
+            if not self._lock_retaking:
+                log.warning("cannot take this service's database lock again yet (%s); trying every %g s until "
+                            "PostgreSQL answers", str(error).strip().splitlines()[0], SERVICE_LOCK_CHECK_S)
+            self._lock_retaking = True
+        else:
+            self._lock_retaking = False
 
     async def _last_offline_pass(self) -> None:
         """The users saved since the last `user_features` pass get their rows now: the writer knows

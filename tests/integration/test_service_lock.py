@@ -3,6 +3,7 @@ connection (PostgreSQL restarted) is taken again, or the service stops if anothe
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
@@ -159,6 +160,27 @@ async def test_a_service_whose_lock_another_took_writes_no_more_checkpoints(
         engine.dispose()
     assert any(r.getMessage().startswith("no last checkpoint: another service took the database lock")
                for r in caplog.records)
+
+
+async def test_a_lock_that_cannot_be_taken_again_yet_is_said_once_not_every_check(
+        start_service, postgres_url: str, caplog) -> None:
+    """PostgreSQL away: each check (every 10 s) logged the driver's multi-line error, for as long as it lasted."""
+    reset_postgres(postgres_url)
+    running = await start_service(database_url=postgres_url)
+    lock = running.service.service_lock
+    lock.url = "postgresql+psycopg://postgres@127.0.0.1:1/away"  # as the server does while it is down
+    end_sessions(postgres_url, lock_holders(postgres_url))
+    with caplog.at_level(logging.INFO, logger="tipstream"):
+        for _ in range(3):
+            await running.service._keep_service_lock()
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(said) == 2, said
+        assert said[0].startswith("the database connection holding this service's lock was lost")
+        assert said[1].startswith("cannot take this service's database lock again yet (") and "\n" not in said[1]
+        lock.url = postgres_url  # back
+        await running.service._keep_service_lock()
+        assert len(lock_holders(postgres_url)) == 1
+        assert "this service's database lock is held again" in caplog.messages
 
 
 def test_sqlite_takes_no_database_lock(tmp_path) -> None:
