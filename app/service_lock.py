@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 
 from sqlalchemy import Connection, Engine, text
 
@@ -47,6 +48,10 @@ class ServiceLock:
         self.name = f"tipstream {socket.gethostname()} pid {os.getpid()}"[:63]  # application_name's limit
         self._engine: Engine | None = None
         self._conn: Connection | None = None
+        # `keep` runs in a worker thread that a stop's cancel does not end: one still taking the lock
+        # again when `release` ran took it after, and held it for the rest of the process.
+        self._mutex = threading.Lock()
+        self._released = False
 
     @property
     def needed(self) -> bool:
@@ -56,26 +61,36 @@ class ServiceLock:
         """Take the lock, or raise ServiceLockTaken naming who holds it."""
         if not self.needed:
             return
+        with self._mutex:
+            self._released = False
+            self._take()
+
+    def _take(self) -> None:
         self._engine = make_engine(self.url)
-        conn = self._engine.connect()
-        conn.execute(text("SELECT set_config('application_name', :name, false)"), {"name": self.name})
-        # The server's own keepalives on this session: a host that died (power, network) kept its lock
-        # until PostgreSQL's default probes, ~2 hours, and its replacement could not start until then.
-        known = conn.execute(text("SELECT name FROM pg_settings WHERE name = ANY(:names)"),
-                             {"names": list(SERVER_KEEPALIVES)}).scalars()  # tcp_user_timeout: PostgreSQL 12 on
-        for name in known:
-            conn.execute(text("SELECT set_config(:name, :value, false)"), {"name": name, "value": SERVER_KEEPALIVES[name]})
         try:
+            conn = self._engine.connect()
+        except BaseException:
+            self._drop()
+            raise
+        try:
+            conn.execute(text("SELECT set_config('application_name', :name, false)"), {"name": self.name})
+            # The server's own keepalives on this session: a host that died (power, network) kept its lock
+            # until PostgreSQL's default probes, ~2 hours, and its replacement could not start until then.
+            known = conn.execute(text("SELECT name FROM pg_settings WHERE name = ANY(:names)"),
+                                 {"names": list(SERVER_KEEPALIVES)}).scalars()  # tcp_user_timeout: PostgreSQL 12 on
+            for name in known:
+                conn.execute(text("SELECT set_config(:name, :value, false)"),
+                             {"name": name, "value": SERVER_KEEPALIVES[name]})
             taken = conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": SERVICE_LOCK}).scalar_one()
             conn.commit()
             holder = None if taken else self._holder(conn)
         except BaseException:  # the session may hold the lock: it must not outlive this failure
             conn.close()
-            self.release()
+            self._drop()
             raise
         if holder is not None:
             conn.close()
-            self.release()
+            self._drop()
             raise ServiceLockTaken(holder)
         self._conn = conn
 
@@ -85,6 +100,11 @@ class ServiceLock:
         away, and the next call tries again."""
         if not self.needed:
             return
+        with self._mutex:
+            if not self._released:
+                self._keep()
+
+    def _keep(self) -> None:
         if self._conn is not None:
             try:
                 self._conn.execute(text("SELECT 1")).scalar_one()
@@ -95,11 +115,17 @@ class ServiceLock:
                 self._conn.close()
                 self._conn = None
                 log.warning("the database connection holding this service's lock was lost; taking the lock again")
-        self.release()
-        self.acquire()
+        self._drop()
+        self._take()
         log.info("this service's database lock is held again")
 
     def release(self) -> None:
+        """Let go of the lock, for good: a `keep` after this takes nothing."""
+        with self._mutex:
+            self._released = True
+            self._drop()
+
+    def _drop(self) -> None:
         if self._conn is not None:
             try:
                 self._conn.close()  # the session's end lets go of the lock

@@ -183,6 +183,17 @@ async def test_a_lock_that_cannot_be_taken_again_yet_is_said_once_not_every_chec
         assert "this service's database lock is held again" in caplog.messages
 
 
+def test_a_lock_let_go_of_is_not_taken_again_by_a_check_that_comes_after(postgres_url: str) -> None:
+    """A stop cancels the checks' task, but not a check already in its worker thread: one still
+    taking the lock again (PostgreSQL back after an outage) took it after the stop let go of it."""
+    lock = ServiceLock(postgres_url)
+    lock.acquire()
+    end_sessions(postgres_url, lock_holders(postgres_url))  # lost: the next check takes it again
+    lock.release()
+    lock.keep()
+    assert lock_holders(postgres_url) == [] and lock._conn is None
+
+
 def test_sqlite_takes_no_database_lock(tmp_path) -> None:
     lock = ServiceLock(f"sqlite:///{tmp_path / 'tipstream.db'}")
     lock.acquire()
