@@ -89,6 +89,7 @@ class Service:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
         self._lock_retaking = False  # the database lock's session was lost and is not taken again yet
+        self._database_taken: str | None = None  # another service took the database lock: why we write no more
         # Called with a message when the service cannot go on and must be started again (`serve`
         # stops the server with exit code 1): the NATS connection closed for good.
         self.on_fatal: Callable[[str], None] | None = None
@@ -181,6 +182,7 @@ class Service:
                                          participants=[self.learner, self.decision_log], writer=self.checkpoint_writer,
                                          lock=self.lineup.snapshot_lock)
         self.checkpointer.stored_us = functools.partial(jsx.stored_us, js)
+        self.checkpointer.refused = self._database_taken  # lost during the start already
         self.lineup.flush = self.checkpointer.checkpoint
         for spec in jsx.INGESTED_STREAMS:
             ingest = StreamIngest(
@@ -462,8 +464,9 @@ class Service:
         try:
             await asyncio.to_thread(self.service_lock.keep)
         except ServiceLockTaken as taken:
+            self._database_taken = "another service took the database lock"
             if self.checkpointer is not None:  # from now on, and at the stop: the database is the other's
-                self.checkpointer.refused = "another service took the database lock"
+                self.checkpointer.refused = self._database_taken
             self._fail(f"While PostgreSQL was away, this service lost its database lock, and another service took "
                        f"it: {taken} This one stops (exit code 1).")
         except Exception as error:  # noqa: BLE001 - the database away: tried again at the next check

@@ -183,6 +183,34 @@ async def test_a_lock_that_cannot_be_taken_again_yet_is_said_once_not_every_chec
         assert "this service's database lock is held again" in caplog.messages
 
 
+async def test_a_lock_another_took_during_the_start_leaves_the_checkpoints_off_too(
+        nats_server, postgres_url: str, tmp_path, monkeypatch) -> None:
+    """Lost while the start was under way (before the checkpointer existed), the loss stopped nothing
+    from writing: the stop that followed wrote its last checkpoint over the other service's."""
+    import streams.jetstream as jsx
+
+    reset_postgres(postgres_url)
+    service = Service(Settings(database_url=postgres_url, data_dir=tmp_path / "data", nats_url=nats_server.url))
+    other = ServiceLock(postgres_url)
+    ensure_streams = jsx.ensure_streams
+
+    async def lost_meanwhile(*args, **kwargs) -> None:
+        await ensure_streams(*args, **kwargs)
+        if service.fatal is None:
+            end_sessions(postgres_url, lock_holders(postgres_url))
+            other.acquire()
+            await service._keep_service_lock()
+
+    monkeypatch.setattr(jsx, "ensure_streams", lost_meanwhile)
+    try:
+        await service.start()
+        assert service.fatal is not None and service.checkpointer.refused is not None
+        assert await service.checkpointer.checkpoint() is False
+        await service.stop()
+    finally:
+        other.release()
+
+
 def test_a_lock_let_go_of_is_not_taken_again_by_a_check_that_comes_after(postgres_url: str) -> None:
     """A stop cancels the checks' task, but not a check already in its worker thread: one still
     taking the lock again (PostgreSQL back after an outage) took it after the stop let go of it."""
