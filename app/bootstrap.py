@@ -89,7 +89,7 @@ class Service:
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
         self._lock_retaking = False  # the database lock's session was lost and is not taken again yet
-        self._database_taken: str | None = None  # another service took the database lock: why we write no more
+        self._database_not_ours: str | None = None  # why this service writes no more checkpoints (the lock let go of)
         # Called with a message when the service cannot go on and must be started again (`serve`
         # stops the server with exit code 1): the NATS connection closed for good.
         self.on_fatal: Callable[[str], None] | None = None
@@ -125,6 +125,11 @@ class Service:
         try:
             await self._start()
         except BaseException:  # a start that failed (or was cut short) lets the next one take the database
+            if self.service_lock.needed:  # and writes nothing after: the stop that follows wrote a last checkpoint
+                self._database_not_ours = ("the start failed and let go of the database lock, which another service "
+                                           "may hold by now")
+                if self.checkpointer is not None:
+                    self.checkpointer.refused = self._database_not_ours
             await asyncio.to_thread(self.service_lock.release)
             raise
 
@@ -182,7 +187,7 @@ class Service:
                                          participants=[self.learner, self.decision_log], writer=self.checkpoint_writer,
                                          lock=self.lineup.snapshot_lock)
         self.checkpointer.stored_us = functools.partial(jsx.stored_us, js)
-        self.checkpointer.refused = self._database_taken  # lost during the start already
+        self.checkpointer.refused = self._database_not_ours  # lost during the start already
         self.lineup.flush = self.checkpointer.checkpoint
         for spec in jsx.INGESTED_STREAMS:
             ingest = StreamIngest(
@@ -437,8 +442,8 @@ class Service:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.checkpointer and self.checkpointer.refused is not None:
-            log.warning("no last checkpoint: %s, whose state it would overwrite; what was read since the last "
-                        "checkpoint stays in the streams", self.checkpointer.refused)
+            log.warning("no last checkpoint: %s (it would write over that service's state); what was read since "
+                        "the last checkpoint stays in the streams", self.checkpointer.refused)
         elif self.checkpointer:
             self.learner.snapshot_at_next_checkpoint()
             try:
@@ -464,9 +469,9 @@ class Service:
         try:
             await asyncio.to_thread(self.service_lock.keep)
         except ServiceLockTaken as taken:
-            self._database_taken = "another service took the database lock"
+            self._database_not_ours = "another service took the database lock"
             if self.checkpointer is not None:  # from now on, and at the stop: the database is the other's
-                self.checkpointer.refused = self._database_taken
+                self.checkpointer.refused = self._database_not_ours
             self._fail(f"While PostgreSQL was away, this service lost its database lock, and another service took "
                        f"it: {taken} This one stops (exit code 1).")
         except Exception as error:  # noqa: BLE001 - the database away: tried again at the next check

@@ -211,6 +211,35 @@ async def test_a_lock_another_took_during_the_start_leaves_the_checkpoints_off_t
         other.release()
 
 
+async def test_a_failed_start_writes_no_checkpoint_after_letting_go_of_the_lock(
+        nats_server, nc, postgres_url: str, tmp_path, monkeypatch) -> None:
+    """A start that fails lets go of the database lock at once; the stop that follows it (as
+    `tipstream run` does) then wrote a last checkpoint, with another service free to hold the database."""
+    reset_postgres(postgres_url)
+    service = Service(Settings(database_url=postgres_url, data_dir=tmp_path / "data", nats_url=nats_server.url))
+    event = {"id": "e-1", "type": "app.opened", "user_id": "u-1", "ts": "2026-11-26T08:00:00+01:00", "v": 1, "data": {}}
+    js = nc.jetstream()
+    await js.add_stream(name="SIGNALS", subjects=["signals.>"])
+    await js.publish("signals.app.opened", orjson.dumps(event))
+
+    async def fails() -> None:  # once the start has folded something a last checkpoint would write
+        await eventually(lambda: service.store.positions.get("SIGNALS") == 1)
+        raise RuntimeError("the decision publisher could not start")
+
+    monkeypatch.setattr(service.publisher, "start", fails)
+    with pytest.raises(RuntimeError):
+        await service.start()
+    assert service.checkpointer is not None and lock_holders(postgres_url) == []
+    await service.stop()
+    engine = sa.create_engine(postgres_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("select count(*) from learner_state")).scalar() == 0
+            assert conn.execute(sa.text("select count(*) from stream_positions")).scalar() == 0
+    finally:
+        engine.dispose()
+
+
 def test_a_lock_let_go_of_is_not_taken_again_by_a_check_that_comes_after(postgres_url: str) -> None:
     """A stop cancels the checks' task, but not a check already in its worker thread: one still
     taking the lock again (PostgreSQL back after an outage) took it after the stop let go of it."""
