@@ -66,6 +66,10 @@ LAST_OFFLINE_PASS_S = 30.0  # a stop waits this long at most for the last user_f
 GIL_SWITCH_INTERVAL_S = 0.0005
 GC_YOUNG_THRESHOLD = 20_000  # objects; why in Service.start
 EMBEDDED_NATS_CHECK_S = 0.5  # how often the embedded nats-server is checked for having exited
+# How long a start waits for when NATS stored the message at a checkpointed position: as long as
+# for any JetStream call. (A checkpoint waits 1 s.) Not answered, it was told by the clocks instead,
+# and a NATS clock more than a second ahead of this host's replayed the stream from its first message.
+STORED_TIME_AT_START_S = 10.0
 SERVICE_LOCK_CHECK_S = 10.0  # how often the database lock's connection is checked (PostgreSQL restarted?)
 
 
@@ -285,7 +289,7 @@ class Service:
                 why = f"it ends at {state.last_seq}"
             elif state.first_seq > seq:  # aged out: nothing left to tell the streams apart by
                 continue
-            elif mark is not None and (now := await jsx.stored_us(js, stream, seq)) is not None:
+            elif mark is not None and (now := await jsx.stored_us(js, stream, seq, STORED_TIME_AT_START_S)) is not None:
                 if now == mark:  # by the server's clock both times: exact, whatever this host's says
                     continue
                 why = f"its message {seq} is not the one read there (NATS stored it at another time)"

@@ -175,9 +175,10 @@ async def test_a_recreated_stream_that_grew_past_the_checkpoint_before_the_start
     assert dead_lettered("SIGNALS") == before + 1
 
 
-async def _restart_with_positions_written(start_service: Any, nc: Any, caplog: Any, change: str) -> list[str]:
+async def _restart_with_positions_written(start_service: Any, nc: Any, caplog: Any, change: str,
+                                         before_start: Any = None) -> list[str]:
     """Checkpoint SIGNALS at 5, stop, `change` the stored positions (SQL), publish 2 events and
-    start again: the log lines about consuming SIGNALS, and any error."""
+    start again (after `before_start()`): the log lines about consuming SIGNALS, and any error."""
     first = await start_service()
     js = nc.jetstream()
     for i in range(5):
@@ -190,6 +191,8 @@ async def _restart_with_positions_written(start_service: Any, nc: Any, caplog: A
         conn.execute(sa.text(change))
     for i in range(5, 7):
         await js.publish("signals.task.created", orjson.dumps(event(i)))
+    if before_start is not None:
+        before_start()
     with caplog.at_level(logging.INFO):
         second = await start_service()
         await eventually(lambda: second.service.store.positions.get("SIGNALS") == 7)
@@ -206,6 +209,27 @@ async def test_a_nats_clock_ahead_of_this_hosts_does_not_make_a_start_replay_the
     every stream from its first message, and say the stream was another."""
     host_clock_years_behind = "update stream_positions set updated_at = '2000-01-01 00:00:00'"
     said = await _restart_with_positions_written(start_service, nc, caplog, host_clock_years_behind)
+    assert said == ["consuming SIGNALS from sequence 6"]
+
+
+async def test_a_nats_slow_to_answer_at_the_start_is_waited_for_not_told_by_the_clock(
+    start_service, nc, caplog, monkeypatch
+) -> None:
+    """The start asked when the message was stored with the checkpoint's 1 s bound: a NATS server
+    slower than that (busy recovering its streams after a restart) was told by the clocks instead,
+    and one whose clock ran ahead of this host's had every stream replayed from its first message."""
+    from nats.js import JetStreamContext
+
+    get_msg = JetStreamContext.get_msg
+
+    async def slow(self: Any, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(1.5)  # the server's answer takes this long: a simulated slowness, not a wait for a race
+        return await get_msg(self, *args, **kwargs)
+
+    host_clock_years_behind = "update stream_positions set updated_at = '2000-01-01 00:00:00'"
+    said = await _restart_with_positions_written(
+        start_service, nc, caplog, host_clock_years_behind,
+        before_start=lambda: monkeypatch.setattr(JetStreamContext, "get_msg", slow))
     assert said == ["consuming SIGNALS from sequence 6"]
 
 
