@@ -30,6 +30,21 @@ SERVER_KEEPALIVES = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5"
 _HALVES = {"high": SERVICE_LOCK >> 32, "low": SERVICE_LOCK & 0xFFFFFFFF}
 
 
+def session_name(host: str, pid: int) -> str:
+    """The lock's session's application_name (63 bytes at most): a long host name is cut from its
+    front, as a Kubernetes pod's name ends with what tells it from its siblings, and the pid stays.
+
+    >>> session_name("web-1", 42)
+    'tipstream web-1 pid 42'
+    >>> name = session_name("tipstream-production-eu-west-1-feature-store-7d9f8b6c5d-x2k4q", 1234567)
+    >>> name, len(name)
+    ('tipstream ...-west-1-feature-store-7d9f8b6c5d-x2k4q pid 1234567', 63)
+    """
+    host = host.encode("ascii", "replace").decode()  # PostgreSQL shows anything else as '?'
+    room = 63 - len(f"tipstream  pid {pid}")
+    return f"tipstream {host if len(host) <= room else '...' + host[len(host) - room + 3:]} pid {pid}"
+
+
 class ServiceLockTaken(RuntimeError):
     """Another tipstream service holds the database: `holder` says which."""
 
@@ -45,7 +60,7 @@ class ServiceLockTaken(RuntimeError):
 class ServiceLock:
     def __init__(self, url: str) -> None:
         self.url = url
-        self.name = f"tipstream {socket.gethostname()} pid {os.getpid()}"[:63]  # application_name's limit
+        self.name = session_name(socket.gethostname(), os.getpid())
         self._engine: Engine | None = None
         self._conn: Connection | None = None
         # `keep` runs in a worker thread that a stop's cancel does not end: one still taking the lock

@@ -240,6 +240,21 @@ async def test_a_failed_start_writes_no_checkpoint_after_letting_go_of_the_lock(
         engine.dispose()
 
 
+def test_a_long_host_name_keeps_what_tells_the_holder_apart(postgres_url: str, monkeypatch) -> None:
+    """application_name holds 63 bytes: a pod's long name, cut at the end, lost its own suffix and the pid."""
+    pod = "tipstream-production-eu-west-1-feature-store-7d9f8b6c5d-x2k4q"
+    monkeypatch.setattr(socket, "gethostname", lambda: pod)
+    first = ServiceLock(postgres_url)
+    first.acquire()
+    try:
+        with pytest.raises(ServiceLockTaken) as refused:
+            ServiceLock(postgres_url).acquire()
+    finally:
+        first.release()
+    assert refused.value.holder.startswith("tipstream ...")
+    assert f"-7d9f8b6c5d-x2k4q pid {os.getpid()}" in refused.value.holder
+
+
 def test_a_lock_let_go_of_is_not_taken_again_by_a_check_that_comes_after(postgres_url: str) -> None:
     """A stop cancels the checks' task, but not a check already in its worker thread: one still
     taking the lock again (PostgreSQL back after an outage) took it after the stop let go of it."""
