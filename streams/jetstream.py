@@ -35,6 +35,11 @@ log = logging.getLogger("tipstream.jetstream")
 
 DAY_S = 86_400
 ACK_WAIT_S = 60  # a message delivered and not acknowledged this long is delivered again
+# A pull request left unfilled expires after this long, and the server then says the stream has
+# nothing more (408): how soon an idle stream is known to be read to its end (`BatchPuller.idle`),
+# which a silence learned by the clock waits for. At 5 s, a quiet service learned silences up to
+# 5 s late after each reaction and after each start; at 1 s an idle stream costs one request a second.
+PULL_EXPIRES_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -368,7 +373,7 @@ class BatchPuller:
     """Keeps up to `batch` messages requested; hands each arrival to `on_message` (synchronous, cheap)."""
 
     def __init__(self, nc: IngestClient, stream: str, durable: str, batch: int,
-                 on_message: Callable[[RawMsg], None], expires_s: float = 5.0) -> None:
+                 on_message: Callable[[RawMsg], None], expires_s: float = PULL_EXPIRES_S) -> None:
         self.nc, self.batch, self.on_message, self.expires_s = nc, batch, on_message, expires_s
         self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self.inbox = nc.new_inbox()
