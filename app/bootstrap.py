@@ -59,6 +59,7 @@ from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream")
 LAST_OFFLINE_PASS_S = 30.0  # a stop waits this long at most for the last user_features pass
+STOP_FLUSH_S = 5.0  # and this long for JetStream to acknowledge the decisions served; the rest are spooled
 
 
 # Checkpoint writes run in a worker thread; a short GIL switch interval keeps them from
@@ -431,7 +432,7 @@ class Service:
         self._stopping = True
         # Decisions already served go to the log before anything else stops.
         if self._publisher_task is not None:
-            flushed = await self.publisher.flush(timeout_s=5.0)
+            flushed = await self.publisher.flush(timeout_s=STOP_FLUSH_S)
             self._publisher_task.cancel()
             await asyncio.gather(self._publisher_task, return_exceptions=True)
             left = [] if flushed else self.publisher.unpublished()

@@ -28,12 +28,15 @@ def tip_scores(url: str) -> dict[str, object]:
 
 @pytest.mark.parametrize("landed", [False, True])
 async def test_a_decision_spooled_at_a_stop_keeps_the_reward_it_was_credited(
-        start_service, nc, tmp_path, landed: bool) -> None:
+        start_service, nc, tmp_path, monkeypatch, landed: bool) -> None:
     """Feedback can be credited before JetStream acknowledges its decision (the join cache holds it
     from the answer on). When the stop then spools the decision, the next start must rejoin it with
     the credit the learner's snapshot kept: its row carries the reward, and a re-sent reaction is
     not learned a second time. `landed`: the decision had reached the stream after all (its
     acknowledgement lost), so the start also reads it back from DECISIONS."""
+    from app import bootstrap
+
+    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.5)  # JetStream refuses the decision: a stop waits out any bound
     settings = {"checkpoint_every_s": 0.1}
     running = await start_service(**settings)
     js = nc.jetstream()

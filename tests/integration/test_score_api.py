@@ -307,9 +307,11 @@ async def test_own_decisions_are_not_read_back_but_others_are(start_service, nc)
 
 
 async def test_decisions_not_yet_in_jetstream_at_shutdown_are_published_at_the_next_start(
-        start_service, nats_server, tmp_path) -> None:
+        start_service, nats_server, tmp_path, monkeypatch) -> None:
+    from app import bootstrap
     from app.decision_spool import SPOOL_NAME
 
+    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.5)  # NATS is away: a stop waits out any bound
     first = await start_service()
     async with httpx.AsyncClient(base_url=first.base_url) as http:
         assert (await http.post("/score", json=body())).status_code == 200
