@@ -28,7 +28,8 @@ REACTION = {"id": "f-6", "type": "tip.reacted", "user_id": "ana", "ts": "2026-11
 
 
 async def test_features_with_age_freshness_and_fallbacks(start_service, nc, tmp_path) -> None:
-    running = await start_service(offline_features_every_s=0.2)
+    # A user's offline row follows the checkpoint that saves them (every 5 s by default).
+    running = await start_service(offline_features_every_s=0.2, checkpoint_every_s=0.2)
     js = nc.jetstream()
     for item in EVENTS:
         await js.publish(f"signals.{item['type']}", orjson.dumps(item))

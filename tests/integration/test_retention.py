@@ -67,7 +67,8 @@ async def test_the_service_deletes_old_rows_and_keeps_the_decisions_it_just_made
     from app import bootstrap
 
     monkeypatch.setattr(bootstrap, "RETENTION_EVERY_S", 0.05)
-    running = await start_service(tip_scores_max_age_days=10)
+    # The decision's row is written with the checkpoint (every 5 s by default).
+    running = await start_service(tip_scores_max_age_days=10, checkpoint_every_s=0.1)
     engine = running.service.engine
     now = datetime.now(UTC)
     with engine.begin() as conn:
