@@ -258,13 +258,15 @@ async def test_a_decision_nobody_answers_learns_the_silence_reward_once_across_a
 
 @pytest.mark.postgres
 async def test_a_reaction_stored_within_the_wait_and_read_late_answers_the_decision(
-        start_service, nc, postgres_url) -> None:
+        start_service, nc, postgres_url, monkeypatch: pytest.MonkeyPatch) -> None:
     """FEEDBACK's ingest held up (here: the database away, so ingest pauses for checkpoints) while a
     reaction stored within the wait waits unread: the clock must not take it for silence. A replay of
     the log reads the reaction before the silence is due and learns it; live must too."""
     from tests.conftest import reset_postgres
     from tests.integration.test_database_away import set_connections
 
+    # Feedback here is read within ms; the clock set past the wait below is far past either allowance.
+    monkeypatch.setattr(learner_module, "SILENCE_READ_ALLOWANCE_MS", 200)
     reset_postgres(postgres_url)
     database = postgres_url.rsplit("/", 1)[1]
     settings = {"database_url": postgres_url, "checkpoint_every_s": 0.2, "model_snapshot_every_s": 0,
