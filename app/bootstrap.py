@@ -276,8 +276,9 @@ class Service:
         it. The message there is told from the one read by when NATS stored it, recorded with the
         position (`Checkpointer.stored_us`); a position without it compares the stored time with the
         checkpoint's, by this host's clock. Such a stream, and one that ends before the position, is
-        replayed from its first message with its position set back to 0: the fold, the learner's credits and the decision cache
-        recognise what they hold; its bad events are dead-lettered (the DLQ says which were). Kept,
+        replayed from its first message with its position set back to 0: the fold, the learner's
+        credits and the decision cache recognise what they hold; its bad events are dead-lettered
+        (the DLQ says which were). Kept,
         the old position held until the new stream passed it: every start replayed the whole stream
         and logged the error again, and a consumer re-created meanwhile (a reconnect) resumed after
         it, skipping what was not read yet."""
