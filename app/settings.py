@@ -405,6 +405,15 @@ def settings_help() -> str:
 SECRET_FIELDS = {name for name, field in Settings.model_fields.items() if "SecretStr" in str(field.annotation)}
 
 
+def _in_environ(variable: str) -> tuple[str, str] | None:
+    """(name, value) of `variable` in the environment, in any case: settings are read regardless of
+    it, and an error for `tipstream_policy=ucb` told of a default and said to unset nothing."""
+    if variable in os.environ:
+        return variable, os.environ[variable]
+    upper = variable.upper()
+    return next(((k, v) for k, v in os.environ.items() if k.upper() == upper), None)
+
+
 class SettingsError(ValueError):
     """A setting's value is wrong: the message names each variable and what it needs."""
 
@@ -442,7 +451,10 @@ def load_settings() -> Settings:
         if found is None or found.group(1) not in Settings.model_fields:
             raise
         variable = env_name(found.group(1))
-        given = f"={os.environ[variable]!r}" if variable in os.environ else " (in .env)"
+        written = _in_environ(variable)
+        if written is not None:
+            variable = written[0]
+        given = f"={written[1]!r}" if written is not None else " (in .env)"
         raise SettingsError(f"{variable}{given}: not valid JSON; {Settings.model_fields[found.group(1)].description}\n"
                             f"{FIX_IT}") from None
     except ValidationError as error:
@@ -452,15 +464,18 @@ def load_settings() -> Settings:
         for problem in error.errors(include_url=False):
             name = str(problem["loc"][0]) if problem["loc"] else "?"
             variable = name if name.isupper() else f"TIPSTREAM_{name.upper()}"
+            written = _in_environ(variable)
+            if written is not None:  # named as the operator wrote it: `tipstream_policy` is read too
+                variable = written[0]
             # As the operator wrote it: a JSON setting's input is the parsed value, shown as Python wrote it.
-            value = os.environ[variable] if variable in os.environ else problem["input"]
-            if variable == "NATS_URL":  # it may carry a password or token
+            value = written[1] if written is not None else problem["input"]
+            if variable.upper() == "NATS_URL":  # it may carry a password or token
                 from app.startup import shown_url
 
                 value = shown_url(str(value))
             elif name in SECRET_FIELDS:  # an error must not print it into logs
                 value = "**********"
-            if variable in os.environ:
+            if written is not None:
                 given, fix = repr(value), FIX_IT
             elif variable.lower() in in_dotenv:
                 given, fix = f"{value!r} (in .env)", FIX_IT

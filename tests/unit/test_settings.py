@@ -161,3 +161,18 @@ def test_a_blank_data_dir_or_host_is_refused_naming_it(variable: str, monkeypatc
     monkeypatch.setenv(variable, "")
     with pytest.raises(SettingsError, match=rf"{variable}='': must not be blank"):
         load_settings()
+
+
+def test_a_setting_written_in_lower_case_is_told_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings are read whatever their case; an error for one told of a default, and to unset nothing."""
+    from app.settings import FIX_IT, SettingsError, load_settings
+
+    monkeypatch.setenv("tipstream_policy", "ucb")
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert str(refused.value).startswith("tipstream_policy='ucb': Input should be"), str(refused.value)
+    assert FIX_IT in str(refused.value) and "(its default)" not in str(refused.value)
+    monkeypatch.delenv("tipstream_policy")
+    monkeypatch.setenv("nats_url", "http://tipstream:hunter2@127.0.0.1:4222")
+    with pytest.raises(SettingsError, match=r"nats_url='http://tipstream:\*\*\*@127.0.0.1:4222'"):
+        load_settings()
