@@ -143,6 +143,9 @@ class StreamIngest:
         # stream re-read from further back (DECISIONS, to rebuild the learner's join cache; FEEDBACK,
         # from the learner's last snapshot) must not put them in the DLQ again on every restart.
         self.dead_lettered_upto = dead_lettered_upto
+        # (sequence, when NATS stored it, µs) of the last message read: a server back after a
+        # reconnect with another message there is another stream (`_replaced_under_us`).
+        self._last_read: tuple[int, int] | None = None
         self._dlq_lines = LogThrottle(per_window=DLQ_LOG_PER_MINUTE)
         # `read`: how far this stream has been read, for another to wait on. `after`: until that
         # other stream has caught up once, a chunk waits for it to be read past when the chunk's
@@ -222,7 +225,9 @@ class StreamIngest:
             await self.puller.stop()
         self.buffer.clear()
         wanted = self.store.positions.get(self.spec.name, 0) + 1
-        recreated = False
+        recreated = await self._replaced_under_us(wanted - 1)
+        if recreated:
+            wanted = 1
         try:
             pending, start = await jsx.reset_durable(self.js, self.spec.name, self.durable, wanted,
                                                      max_ack_pending=self.batch * 32)
@@ -246,6 +251,7 @@ class StreamIngest:
             # dead-lettered are the new stream's from here, as at a start: kept, the new stream's
             # bad events below the old position were neither folded nor dead-lettered.
             self.store.positions[self.spec.name] = start - 1
+            self._last_read = None  # the old stream's
             self.checkpointer.forget_stored(self.spec.name)
             self.dead_lettered_upto = await jsx.last_dead_lettered(self.js, self.spec)
         self.lag = pending
@@ -257,6 +263,22 @@ class StreamIngest:
         await self.puller.start()
         log.info("consuming %s from sequence %d", self.spec.name, start)
         self.catch_up.begin(pending)
+
+    async def _replaced_under_us(self, seq: int) -> bool:
+        """Whether the server holds another message at `seq`, the last one read, than the one read:
+        back with an older copy of its store, published to past this position before the reconnect.
+        Resumed after it, the new stream's messages up to it were skipped without a word; the start
+        checks the same of a checkpointed position (`Service._forget_positions_of_another_stream`)."""
+        last = self._last_read
+        if last is None or seq <= 0 or last[0] != seq:  # DECISIONS moved by our own acks: not read here
+            return False
+        now = await jsx.stored_us(self.js, self.spec.name, seq)
+        if now is None or now == last[1]:  # gone (then reset_durable tells), or the same message
+            return False
+        log.error("stream %s came back with another message at %d, the last one read (NATS stored it at another "
+                  "time): its store replaced by an older copy and published to since? Reading %s from its first "
+                  "message: what was folded stays, and nothing is counted twice.", self.spec.name, seq, self.spec.name)
+        return True
 
     async def run(self) -> None:
         while True:
@@ -392,6 +414,7 @@ class StreamIngest:
             await self._retry(functools.partial(self._dead_letter, msg, rejection), "publish to the DLQ")
         last_reply = chunk[-1][1]
         seq, pending = jsx.stream_sequence(last_reply)
+        self._last_read = (seq, jsx.stored_us_of(last_reply))
         store.advance(self.spec.name, seq)
         self.lag = pending
         if not live:

@@ -191,6 +191,15 @@ def stream_sequence(reply: bytes) -> tuple[int, int]:
     return seq, pending
 
 
+def stored_us_of(reply: bytes) -> int:
+    """When JetStream stored the message (µs since the epoch, as `stored_us` reads it back), from its ack subject.
+
+    >>> stored_us_of(b"$JS.ACK.SIGNALS.ingest.1.42.42.1764140400123456789.0")
+    1764140400123456
+    """
+    return _ack_fields(reply)[1] // 1000
+
+
 def stored_ms(reply: bytes) -> int:
     """When JetStream stored the message (ms since the epoch), from its ack subject.
 

@@ -152,6 +152,49 @@ async def test_a_nats_server_back_with_an_older_store_dead_letters_the_new_bad_e
     assert store.users["u-1"].count("app.opened") == 11 and store.users["u-2"].count("app.opened") == 1
 
 
+async def test_a_server_back_with_an_older_store_grown_past_the_position_is_read_again_whole(
+    start_service, nats_server, caplog
+) -> None:
+    """Back after a reconnect with a copy of its store taken at 5, and published to past the position
+    (11) while this service could not reach it: resumed after 11, the new stream's 6..11 were skipped."""
+    from tests.conftest import NatsServer
+
+    running = await start_service()
+    store = running.service.store
+    client = await nats.connect(nats_server.url)
+    for i in range(5):
+        await client.jetstream().publish("signals.app.opened", orjson.dumps(opened(i)))
+    await client.close()
+    await eventually(lambda: store.positions.get("SIGNALS") == 5)
+    nats_server.stop()
+    old = nats_server.store.parent / "nats-at-5"
+    shutil.copytree(nats_server.store / "jetstream", old)
+    nats_server.start()
+    client = await nats.connect(nats_server.url)
+    for i in range(5, 11):
+        await client.jetstream().publish("signals.app.opened", orjson.dumps(opened(i)))
+    await client.close()
+    await eventually(lambda: store.positions.get("SIGNALS") == 11, timeout=20)
+
+    nats_server.stop()
+    shutil.rmtree(nats_server.store / "jetstream")
+    shutil.copytree(old, nats_server.store / "jetstream")
+    elsewhere = NatsServer(nats_server.store)  # the same store at another address, which the service does not know
+    elsewhere.start()
+    try:
+        client = await nats.connect(elsewhere.url)
+        for i in range(7):
+            assert (await client.jetstream().publish("signals.app.opened", orjson.dumps(opened(i, user="u-2")))).seq == 6 + i
+        await client.close()
+    finally:
+        elsewhere.stop()
+    with caplog.at_level("ERROR"):
+        nats_server.start()
+        await eventually(lambda: "u-2" in store.users and store.users["u-2"].count("app.opened") == 7, timeout=20)
+    assert store.users["u-1"].count("app.opened") == 11, "the old stream's events stay, none counted twice"
+    assert any("came back with another message at 11, the last one read" in r.getMessage() for r in caplog.records)
+
+
 def _checkpointed_mark(engine, stream: str) -> tuple[int, int | None] | None:
     with engine.connect() as conn:
         row = conn.execute(sa.text("select seq, stored_us from stream_positions where stream = :s"), {"s": stream}).first()
