@@ -175,6 +175,14 @@ class Service:
 
         self._ensure_streams = ensure_streams
         await self._ensure_streams()
+        # Before any consumer is re-created: that would take the running one's from under it.
+        busy = await jsx.read_by_another(js, [spec.name for spec in (*jsx.INGESTED_STREAMS, jsx.DECISIONS)])
+        if busy:
+            raise StartupError(
+                f"Another tipstream service reads {', '.join(busy)} from the NATS server at {shown_url(self.nats_url)} "
+                f"(NATS_URL): a pull request waits on its consumer {jsx.durable_of(busy[0])}. Two would each read "
+                "part of every stream and write over each other's state: stop the other first, or give each service "
+                "a NATS server or account of its own.")
         target = SqlCheckpointStore(self.engine)
         started = time.perf_counter()
         await self._restore(target)

@@ -138,7 +138,7 @@ class StreamIngest:
         self.batch, self.max_event_bytes, self.max_uncheckpointed = batch, max_event_bytes, max_uncheckpointed
         # A clock far ahead would make one event the user's "newest" and prune their history.
         self.max_future = None if max_future_s is None else timedelta(seconds=max_future_s)
-        self.durable = f"tipstream-{spec.name.lower()}"
+        self.durable = jsx.durable_of(spec.name)
         # Messages up to here were read before this start, and the bad ones dead-lettered then: a
         # stream re-read from further back (DECISIONS, to rebuild the learner's join cache; FEEDBACK,
         # from the learner's last snapshot) must not put them in the DLQ again on every restart.

@@ -119,6 +119,27 @@ async def last_dead_lettered(js: JetStreamContext, spec: StreamSpec) -> int:
     return upto
 
 
+def durable_of(stream: str) -> str:
+    """The durable consumer tipstream reads `stream` through: one per stream, so one service per NATS account."""
+    return f"tipstream-{stream.lower()}"
+
+
+async def read_by_another(js: JetStreamContext, streams: Iterable[str]) -> list[str]:
+    """Those of `streams` whose tipstream consumer has a pull request waiting now: another service
+    reads them. The server lets go of a client's requests as its connection ends, a crash included
+    (nats-server 2.9 and 2.15 alike), so a waiting one is a running service's; one between two
+    requests is not seen, which lets a second service start as before."""
+    busy = []
+    for stream in streams:
+        try:
+            info = await js.consumer_info(stream, durable_of(stream))
+        except NotFoundError:
+            continue
+        if info.num_waiting:
+            busy.append(stream)
+    return busy
+
+
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 import sqlalchemy as sa
 from prometheus_client import generate_latest
 
@@ -242,6 +243,33 @@ async def test_a_checkpoint_without_the_stored_time_is_checked_by_the_clock_as_b
         "update stream_positions set stored_us = null, updated_at = '2000-01-01 00:00:00'")
     assert "stored after that checkpoint was written" in said[0]
     assert said[1:] == ["consuming SIGNALS from sequence 1"]
+
+
+async def test_a_second_service_on_the_same_nats_is_refused_and_the_first_reads_on(
+    start_service, nats_server, nc, tmp_path
+) -> None:
+    """Two services (SQLite, each its own data directory) on one NATS server: the second re-created
+    the first's durable consumers, and each folded part of every stream."""
+    from app.bootstrap import Service
+    from app.settings import Settings
+    from app.startup import StartupError
+
+    first = await start_service()
+    await eventually(lambda: first.service.ready)
+    second = Service(Settings(data_dir=tmp_path / "second", nats_url=nats_server.url))
+    with pytest.raises(StartupError) as refused:
+        await second.start()
+    await second.stop()
+    assert str(refused.value).startswith("Another tipstream service reads SIGNALS, FEEDBACK"), str(refused.value)
+    assert "tipstream-signals" in str(refused.value)
+    js = nc.jetstream()
+    for i in range(3):  # all of them, to the first: its consumers were left alone
+        await js.publish("signals.task.created", orjson.dumps(event(i)))
+    await eventually(lambda: first.service.store.positions.get("SIGNALS") == 3)
+    assert first.service.store.users["u-1"].count("task.created") == 3
+    await first.stop()
+    third = await start_service(data_dir=tmp_path / "second")  # the first stopped: its requests went with it
+    await eventually(lambda: third.service.ready)
 
 
 async def test_events_past_retention_are_warned_of_only_when_a_checkpoint_wanted_them(nc, caplog) -> None:
