@@ -407,11 +407,15 @@ SECRET_FIELDS = {name for name, field in Settings.model_fields.items() if "Secre
 
 def _in_environ(variable: str) -> tuple[str, str] | None:
     """(name, value) of `variable` in the environment, in any case: settings are read regardless of
-    it, and an error for `tipstream_policy=ucb` told of a default and said to unset nothing."""
-    if variable in os.environ:
-        return variable, os.environ[variable]
+    it, and an error for `tipstream_policy=ucb` told of a default and said to unset nothing. Of two
+    spellings the last one is read (pydantic-settings folds the environment to lower case in order),
+    so it is the one named: the first named `TIPSTREAM_PORT=8080`, valid, for `tipstream_port=eighty`."""
     upper = variable.upper()
-    return next(((k, v) for k, v in os.environ.items() if k.upper() == upper), None)
+    found = None
+    for name, value in os.environ.items():
+        if name.upper() == upper:
+            found = name, value
+    return found
 
 
 class SettingsError(ValueError):

@@ -176,3 +176,16 @@ def test_a_setting_written_in_lower_case_is_told_as_written(monkeypatch: pytest.
     monkeypatch.setenv("nats_url", "http://tipstream:hunter2@127.0.0.1:4222")
     with pytest.raises(SettingsError, match=r"nats_url='http://tipstream:\*\*\*@127.0.0.1:4222'"):
         load_settings()
+
+
+def test_a_setting_written_twice_in_two_cases_is_named_as_the_one_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pydantic-settings reads the last of `TIPSTREAM_PORT` and `tipstream_port`: the error named the
+    other, valid, one."""
+    from app.settings import SettingsError, load_settings
+
+    monkeypatch.delenv("TIPSTREAM_PORT", raising=False)
+    monkeypatch.setenv("TIPSTREAM_PORT", "8080")
+    monkeypatch.setenv("tipstream_port", "eighty")
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert str(refused.value).startswith("tipstream_port='eighty': Input should be"), str(refused.value)
