@@ -124,19 +124,31 @@ def durable_of(stream: str) -> str:
     return f"tipstream-{stream.lower()}"
 
 
-async def read_by_another(js: JetStreamContext, streams: Iterable[str]) -> list[str]:
+async def read_by_another(js: JetStreamContext, streams: Iterable[str],
+                          again_after_s: float = PULL_EXPIRES_S + 0.5) -> list[str]:
     """Those of `streams` whose tipstream consumer has a pull request waiting now: another service
     reads them. The server lets go of a client's requests as its connection ends, a crash included
     (nats-server 2.9 and 2.15 alike), so a waiting one is a running service's; one between two
-    requests is not seen, which lets a second service start as before."""
-    busy = []
-    for stream in streams:
-        try:
-            info = await js.consumer_info(stream, durable_of(stream))
-        except NotFoundError:
-            continue
-        if info.num_waiting:
-            busy.append(stream)
+    requests is not seen, which lets a second service start as before. One seen is looked for again
+    once it has expired: a running service asks again at once, while the last request of a service
+    gone this instant, or whose connection the server has not seen end (its host lost), is still
+    there for up to PULL_EXPIRES_S, and refused the restart that replaced it."""
+
+    async def waiting(names: Iterable[str]) -> list[str]:
+        busy = []
+        for stream in names:
+            try:
+                info = await js.consumer_info(stream, durable_of(stream))
+            except NotFoundError:
+                continue
+            if info.num_waiting:
+                busy.append(stream)
+        return busy
+
+    busy = await waiting(streams)
+    if busy:
+        await asyncio.sleep(again_after_s)
+        busy = await waiting(busy)
     return busy
 
 

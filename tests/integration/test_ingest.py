@@ -272,6 +272,25 @@ async def test_a_second_service_on_the_same_nats_is_refused_and_the_first_reads_
     await eventually(lambda: third.service.ready)
 
 
+async def test_a_pull_request_left_by_a_service_gone_does_not_refuse_the_restart(start_service, nc, tmp_path) -> None:
+    """The last request of a service gone this instant, or whose host was lost with its connection
+    (the server keeps it until it expires), is no running service's: the restart was refused."""
+    first = await start_service()
+    await eventually(lambda: first.service.ready)
+    await first.stop()
+    left = nc.new_inbox()
+    await nc.subscribe(left)  # never asked again, as from a service no longer there
+    await nc.publish("$JS.API.CONSUMER.MSG.NEXT.SIGNALS.tipstream-signals",
+                     orjson.dumps({"batch": 10, "expires": int(1e9)}), reply=left)
+    await nc.flush()
+    js = nc.jetstream()
+    assert (await js.consumer_info("SIGNALS", "tipstream-signals")).num_waiting >= 1
+    again = await start_service()
+    await eventually(lambda: again.service.ready)
+    await js.publish("signals.task.created", orjson.dumps(event(0)))
+    await eventually(lambda: again.service.store.positions.get("SIGNALS") == 1)
+
+
 async def test_events_past_retention_are_warned_of_only_when_a_checkpoint_wanted_them(nc, caplog) -> None:
     from streams.jetstream import reset_durable
 
