@@ -265,13 +265,17 @@ class StreamIngest:
         self.catch_up.begin(pending)
 
     async def _replaced_under_us(self, seq: int) -> bool:
-        """Whether the server holds another message at `seq`, the last one read, than the one read:
+        """Whether the server holds another message at the last one read (`seq`, the position, or before
+        it for DECISIONS followed by our acks) than the one read:
         back with an older copy of its store, published to past this position before the reconnect.
         Resumed after it, the new stream's messages up to it were skipped without a word; the start
         checks the same of a checkpointed position (`Service._forget_positions_of_another_stream`)."""
         last = self._last_read
-        if last is None or seq <= 0 or last[0] != seq:  # DECISIONS moved by our own acks: not read here
+        # DECISIONS followed by our own publishes' acks is past the last message read: that one is
+        # asked after (the one at the position was never read, and went unchecked while followed).
+        if last is None or seq <= 0 or last[0] > seq:
             return False
+        seq = last[0]
         now = await jsx.stored_us(self.js, self.spec.name, seq)
         if now is None or now == last[1]:  # gone (then reset_durable tells), or the same message
             return False

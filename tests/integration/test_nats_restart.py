@@ -236,3 +236,63 @@ async def test_a_stream_created_again_under_the_service_is_checkpointed_with_its
     seq, mark = _checkpointed_mark(engine, "SIGNALS")
     assert seq == 5 and mark == await stored_us(js, "SIGNALS", 5) and mark != old_mark
     await client.close()
+
+
+async def test_decisions_followed_by_our_acks_and_back_with_an_older_store_grown_past_are_read_again(
+    start_service, nats_server, caplog
+) -> None:
+    """DECISIONS followed by our own publishes' acks: its position (4) is past the last message read (1),
+    so the message at the position was never checked, and the new stream's 1..4 were skipped."""
+    import httpx
+
+    from tests.conftest import NatsServer
+    from tests.integration.test_score_api import body
+
+    def decision(did: str) -> dict:
+        return {"id": did, "type": "decision.scored", "v": 1, "ts": datetime.now(UTC).isoformat(), "user_id": "u-1",
+                "model_version": "v1", "features": {"user_id": "u-1", "hour_of_day": 9},
+                "ranked": [{"tip_id": "tip-0", "score": 0.5, "propensity": 1.0}]}
+
+    running = await start_service()
+    service = running.service
+    await eventually(lambda: service.decision_tail.following)
+    nats_server.stop()
+    old = nats_server.store.parent / "nats-empty"
+    shutil.copytree(nats_server.store / "jetstream", old)
+    nats_server.start()
+    [decisions] = [ingest for ingest in service.ingests if ingest.spec.name == "DECISIONS"]
+    tail = service.decision_tail
+    paused = lambda: tail.following and decisions.puller is None and not decisions.reset_needed  # noqa: E731
+    await eventually(lambda: service.nc.is_connected and paused(), timeout=20)
+    read: list[str] = []
+    sink = decisions.sink
+    decisions.sink = lambda logged, reply=None: read.append(logged.id) or sink(logged, reply)
+    client = await nats.connect(nats_server.url)
+    await client.jetstream().publish("decisions.score", orjson.dumps(decision("d-old")), headers={"Nats-Msg-Id": "d-old"})
+    await client.close()
+    await eventually(lambda: read == ["d-old"] and paused() and service.store.positions.get("DECISIONS") == 1, timeout=10)
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        for _ in range(3):
+            assert (await http.post("/score", json=body())).status_code == 200
+    await eventually(lambda: service.store.positions.get("DECISIONS") == 4, timeout=10)
+    assert read == ["d-old"] and paused(), "followed by our acks, not read"
+
+    nats_server.stop()
+    shutil.rmtree(nats_server.store / "jetstream")
+    shutil.copytree(old, nats_server.store / "jetstream")
+    elsewhere = NatsServer(nats_server.store)
+    elsewhere.start()
+    try:
+        client = await nats.connect(elsewhere.url)
+        for i in range(6):
+            ack = await client.jetstream().publish("decisions.score", orjson.dumps(decision(f"d-new-{i}")),
+                                                   headers={"Nats-Msg-Id": f"d-new-{i}"})
+            assert ack.seq == 1 + i
+        await client.close()
+    finally:
+        elsewhere.stop()
+    with caplog.at_level("ERROR"):
+        nats_server.start()
+        await eventually(lambda: "d-new-5" in read, timeout=20)
+    assert {f"d-new-{i}" for i in range(6)} <= set(read), read
+    assert any("came back with another message at 1" in r.getMessage() for r in caplog.records)
