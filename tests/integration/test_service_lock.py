@@ -3,6 +3,7 @@ connection (PostgreSQL restarted) is taken again, or the service stops if anothe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -20,31 +21,34 @@ from app.startup import StartupError
 from tests.conftest import POSTGRES_ADMIN_URL, eventually, reset_postgres
 
 
+@contextlib.contextmanager
+def server_object(create: str, drop: str) -> Iterator[None]:
+    """A database or role made on the PostgreSQL server for one test, and dropped after it."""
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(create))
+        yield
+        with admin.connect() as conn:
+            conn.execute(sa.text(drop))
+    finally:
+        admin.dispose()
+
+
 @pytest.fixture
 def other_database(postgres_url: str) -> Iterator[str]:
     """Another database of the same PostgreSQL server (another deployment's)."""
     name = f"tipstream_other_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with server_object(f'CREATE DATABASE "{name}"', f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'):
+        yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
 
 
 @pytest.fixture
 def plain_role(postgres_url: str) -> Iterator[str]:
     """`postgres_url` as a role that is neither superuser nor pg_read_all_stats (a managed database's)."""
     name = f"tipstream_plain_{uuid.uuid4().hex[:10]}"
-    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE ROLE "{name}" LOGIN'))
-    url = sa.make_url(postgres_url).set(username=name).render_as_string(hide_password=False)
-    yield url
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP ROLE IF EXISTS "{name}"'))
-    admin.dispose()
+    with server_object(f'CREATE ROLE "{name}" LOGIN', f'DROP ROLE IF EXISTS "{name}"'):
+        yield sa.make_url(postgres_url).set(username=name).render_as_string(hide_password=False)
 
 
 def lock_holders(url: str) -> list[int]:
