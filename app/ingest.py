@@ -253,6 +253,9 @@ class StreamIngest:
             self.store.positions[self.spec.name] = start - 1
             self._last_read = None  # the old stream's
             self.checkpointer.forget_stored(self.spec.name)
+            # Set first: asking failed (NATS away again), the retry saw no re-created stream, and the
+            # old stream's watermark stayed, the new stream's bad events below it in the DLQ nowhere.
+            self.dead_lettered_upto = 0
             self.dead_lettered_upto = await jsx.last_dead_lettered(self.js, self.spec)
         self.lag = pending
         self._lag.set(pending)  # also while FEEDBACK waits for DECISIONS at a start, before a chunk is folded

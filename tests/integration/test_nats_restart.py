@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import nats
 import orjson
+import pytest
 import sqlalchemy as sa
 from nats.js.errors import NotFoundError
 
@@ -109,12 +110,15 @@ def opened(i: int, user: str = "u-1") -> dict:
             "data": {}}
 
 
+@pytest.mark.parametrize("asking_fails_once", [False, True])
 async def test_a_nats_server_back_with_an_older_store_dead_letters_the_new_bad_events(
-    start_service, nats_server
+    start_service, nats_server, monkeypatch, asking_fails_once: bool
 ) -> None:
     """A start read SIGNALS to 11; the server then came back under it with a copy of its store taken
     at 5. The consumer replayed from 1, but the start's watermark (11) stayed: a bad event the new
-    stream stored at 6 was taken for one dead-lettered before, and was in the DLQ nowhere."""
+    stream stored at 6 was taken for one dead-lettered before, and was in the DLQ nowhere. So too
+    when asking the DLQ for the new stream's watermark failed once (NATS away again): the retry
+    no longer saw a re-created stream, and kept the old watermark."""
     first = await start_service(checkpoint_every_s=0.1)
     client = await nats.connect(nats_server.url)
     js = client.jetstream()
@@ -137,6 +141,18 @@ async def test_a_nats_server_back_with_an_older_store_dead_letters_the_new_bad_e
     second = await start_service()
     store = second.service.store
     await eventually(lambda: second.service.ready)
+    if asking_fails_once:
+        from streams import jetstream as jsx
+
+        asked = jsx.last_dead_lettered
+        failures = [ConnectionError("NATS away again")]
+
+        async def fails_once(*args: object) -> int:
+            if failures:
+                raise failures.pop()
+            return await asked(*args)
+
+        monkeypatch.setattr(jsx, "last_dead_lettered", fails_once)
     nats_server.stop()
     shutil.rmtree(nats_server.store / "jetstream")
     shutil.copytree(old, nats_server.store / "jetstream")
@@ -150,6 +166,7 @@ async def test_a_nats_server_back_with_an_older_store_dead_letters_the_new_bad_e
     # A chunk's rejections go to the DLQ after its events are folded: u-2 can be in before it is.
     await eventually(lambda: "u-2" in store.users and dead_lettered("SIGNALS") == before + 1, timeout=20)
     assert store.users["u-1"].count("app.opened") == 11 and store.users["u-2"].count("app.opened") == 1
+    assert not asking_fails_once or not failures, "the failure was met"
 
 
 async def test_a_server_back_with_an_older_store_grown_past_the_position_is_read_again_whole(
