@@ -131,10 +131,8 @@ class Service:
             await self._start()
         except BaseException:  # a start that failed (or was cut short) lets the next one take the database
             if self.service_lock.needed:  # and writes nothing after: the stop that follows wrote a last checkpoint
-                self._database_not_ours = ("the start failed and let go of the database lock, which another service "
-                                           "may hold by now")
-                if self.checkpointer is not None:
-                    self.checkpointer.refused = self._database_not_ours
+                self._give_up_database("the start failed and let go of the database lock, which another service "
+                                       "may hold by now")
             await asyncio.to_thread(self.service_lock.release)
             raise
 
@@ -479,13 +477,17 @@ class Service:
         self.engine.dispose()
         await asyncio.to_thread(self.service_lock.release)  # last: nothing of this service writes after it
 
+    def _give_up_database(self, why: str) -> None:
+        """No checkpoint from now on, nor a last one at the stop: the database may be another service's."""
+        self._database_not_ours = why
+        if self.checkpointer is not None:  # else the one the start makes takes it (`_start`)
+            self.checkpointer.refused = why
+
     async def _keep_service_lock(self) -> None:
         try:
             await asyncio.to_thread(self.service_lock.keep)
         except ServiceLockTaken as taken:
-            self._database_not_ours = "another service took the database lock"
-            if self.checkpointer is not None:  # from now on, and at the stop: the database is the other's
-                self.checkpointer.refused = self._database_not_ours
+            self._give_up_database("another service took the database lock")
             self._fail(f"While PostgreSQL was away, this service lost its database lock, and another service took "
                        f"it: {taken} This one stops (exit code 1).")
         except Exception as error:  # noqa: BLE001 - the database away: tried again at the next check

@@ -140,11 +140,12 @@ def _at_least(low: float, kind: type = int) -> Callable[[str], Any]:
 
 
 def _nats_url(text: str) -> str:
-    # As NATS_URL is checked (app/settings.py): an http:// URL read as "No NATS server answers there".
-    scheme = text.partition("://")[0] if "://" in text else None
-    if scheme is not None and scheme.lower() not in ("nats", "tls", "ws", "wss"):
-        raise argparse.ArgumentTypeError(f"a NATS server's URL starts with nats:// (or tls://, ws://, wss://), "
-                                         f"not {scheme}://")
+    # As NATS_URL is checked: an http:// URL read as "No NATS server answers there".
+    from app.settings import nats_scheme_problem
+
+    problem = nats_scheme_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 

@@ -420,8 +420,8 @@ class StreamIngest:
         for msg, rejection in rejected:
             await self._retry(functools.partial(self._dead_letter, msg, rejection), "publish to the DLQ")
         last_reply = chunk[-1][1]
-        seq, pending = jsx.stream_sequence(last_reply)
-        self._last_read = (seq, jsx.stored_us_of(last_reply))
+        seq, stored_ns, pending = jsx.ack_fields(last_reply)  # once a chunk: the ack subject parsed once
+        self._last_read = (seq, stored_ns // 1000)  # µs, cut as `jsx.stored_us` reads it back
         store.advance(self.spec.name, seq)
         self.lag = pending
         if not live:
@@ -429,7 +429,7 @@ class StreamIngest:
         if pending == 0:
             self.caught_up = True
         if self.read is not None:
-            self.read.advance(jsx.stored_ms(last_reply), self.caught_up)
+            self.read.advance(stored_ns // 1_000_000, self.caught_up)
         try:
             await self.nc.publish(last_reply.decode(), b"+ACK")
         except Exception:  # noqa: BLE001, S110 - acks are advisory; the checkpoint decides

@@ -33,6 +33,21 @@ POLICY_PARAMS = {
 }
 
 
+def nats_scheme_problem(url: str | None) -> str | None:
+    """What is wrong with `url`'s scheme for a NATS server, or None. nats-py read http://host:4222 as
+    a host name it could not find, and said so only after the connect timeout.
+
+    >>> nats_scheme_problem("nats://127.0.0.1:4222") is None, nats_scheme_problem("127.0.0.1:4222") is None
+    (True, True)
+    >>> nats_scheme_problem("http://127.0.0.1:4222")
+    "a NATS server's URL starts with nats:// (or tls://, ws://, wss://), not http://"
+    """
+    scheme = url.partition("://")[0] if url and "://" in url else None
+    if scheme is not None and scheme.lower() not in ("nats", "tls", "ws", "wss"):
+        return f"a NATS server's URL starts with nats:// (or tls://, ws://, wss://), not {scheme}://"
+    return None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TIPSTREAM_", env_file=".env", extra="ignore", frozen=True, populate_by_name=True,
@@ -322,10 +337,9 @@ class Settings(BaseSettings):
     @field_validator("nats_url")
     @classmethod
     def _nats_scheme(cls, value: str | None) -> str | None:
-        # nats-py read http://host:4222 as a host name it could not find, told only after the connect timeout.
-        scheme = value.partition("://")[0] if value and "://" in value else None
-        if scheme is not None and scheme.lower() not in ("nats", "tls", "ws", "wss"):
-            raise ValueError(f"a NATS server's URL starts with nats:// (or tls://, ws://, wss://), not {scheme}://")
+        problem = nats_scheme_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("stream_max_bytes")

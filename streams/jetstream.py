@@ -209,7 +209,7 @@ async def publish_events(
     return count
 
 
-def _ack_fields(reply: bytes) -> tuple[int, int, int]:
+def ack_fields(reply: bytes) -> tuple[int, int, int]:
     """(stream sequence, stored time in ns, messages still pending) from a JetStream ack subject:
     v1 `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>`, or v2 with the
     domain and account hash before the stream and a token after."""
@@ -220,17 +220,8 @@ def _ack_fields(reply: bytes) -> tuple[int, int, int]:
 
 def stream_sequence(reply: bytes) -> tuple[int, int]:
     """(stream sequence, messages still pending) from a JetStream ack subject."""
-    seq, _, pending = _ack_fields(reply)
+    seq, _, pending = ack_fields(reply)
     return seq, pending
-
-
-def stored_us_of(reply: bytes) -> int:
-    """When JetStream stored the message (µs since the epoch, as `stored_us` reads it back), from its ack subject.
-
-    >>> stored_us_of(b"$JS.ACK.SIGNALS.ingest.1.42.42.1764140400123456789.0")
-    1764140400123456
-    """
-    return _ack_fields(reply)[1] // 1000
 
 
 def stored_ms(reply: bytes) -> int:
@@ -241,7 +232,7 @@ def stored_ms(reply: bytes) -> int:
     >>> stored_ms(b"$JS.ACK.hub.ACC.SIGNALS.ingest.1.42.42.1764140400123456789.0.tok")
     1764140400123
     """
-    return _ack_fields(reply)[1] // 1_000_000
+    return ack_fields(reply)[1] // 1_000_000
 
 
 async def reset_durable(
