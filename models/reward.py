@@ -482,6 +482,10 @@ class TipModel:
                 raise ValueError(f"{name} must be a number, got {value!r}")
             if not math.isfinite(value):  # int(inf) was an OverflowError; a NaN rate, a model of NaNs
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
+        for name, value in (("n_factors", n_factors), ("seed", seed), ("max_values", max_values),
+                            ("hour_bucket", hour_bucket)):
+            if value != int(value):  # cut, max_values 0.5 was 0: no bound at all
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
         # Checked here, not at the first learn_one: FM's random generator takes only these seeds,
         # and a version that cannot learn must not be registered.
         if not 0 <= int(seed) < 2**32:

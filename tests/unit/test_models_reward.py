@@ -854,12 +854,19 @@ def test_max_values_is_the_version_s_own_and_0_is_no_bound() -> None:
     assert (unbounded.n_values, unbounded.n_refused) == (50, 0)
     assert TipModel().params["max_values"] == reward.DEFAULT_MAX_VALUES
     assert TipModel(max_values=7).clone().params["max_values"] == 7
-    assert TipModel(max_values=2.5).params["max_values"] == 2  # cut, as every whole-number parameter
-    for bad in (-1, "many"):
+    assert TipModel(max_values=7.0).params["max_values"] == 7  # as JSON may write it
+    for bad in (-1, "many", 0.5):  # 0.5 cut to 0 would be no bound at all
         with pytest.raises(ValueError, match="max_values"):
             TipModel(max_values=bad)
     legacy = ModelVersion("v1", "logreg", {"learning_rate": 0.1}, [])  # registered before the bound
     assert TipModel(**legacy.model_params).params["max_values"] == 0
+
+
+@pytest.mark.parametrize("name", ["n_factors", "seed", "hour_bucket"])
+def test_a_whole_number_parameter_with_a_fraction_is_refused_by_name(name: str) -> None:
+    assert TipModel(**{name: 3.0}).params[name] == 3
+    with pytest.raises(ValueError, match=f"{name} must be a whole number, got 2.5"):
+        TipModel(**{name: 2.5})
 
 
 def test_a_snapshot_from_before_the_bounds_counts_from_zero() -> None:
