@@ -216,6 +216,7 @@ class Service:
         self._tasks.append(asyncio.create_task(self.checkpointer.run(), name="checkpointer"))
         if s.offline_features_every_s:
             self.offline = OfflineFeatureWriter(self.store, self.engine, s.offline_features_every_s)
+            self.offline.refused = self._database_not_ours
             self.checkpointer.on_saved.append(self.offline.saved)
             self.checkpointer.keep_awake.append(self.offline.holds)
             try:
@@ -478,10 +479,13 @@ class Service:
         await asyncio.to_thread(self.service_lock.release)  # last: nothing of this service writes after it
 
     def _give_up_database(self, why: str) -> None:
-        """No checkpoint from now on, nor a last one at the stop: the database may be another service's."""
+        """No checkpoint or user_features row from now on, nor a last one at the stop: the database may be
+        another service's."""
         self._database_not_ours = why
         if self.checkpointer is not None:  # else the one the start makes takes it (`_start`)
             self.checkpointer.refused = why
+        if self.offline is not None:
+            self.offline.refused = why
 
     async def _keep_service_lock(self) -> None:
         try:

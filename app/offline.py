@@ -65,6 +65,7 @@ class OfflineFeatureWriter:
         self.pending: set[str] = set()
         self._in_pass: set[str] = set()
         self.rows_written = 0
+        self.refused: str | None = None  # why the database is no longer this service's: it writes no row
 
     def holds(self, user_id: str) -> bool:
         """Whether a pass is still to read this user's state: it must stay in memory (it reads no other)."""
@@ -80,6 +81,8 @@ class OfflineFeatureWriter:
 
     async def write_pass(self, pause: bool = True) -> int:
         """`pause=False`: the whole event loop's time (at a stop, nothing else needs it)."""
+        if self.refused is not None:  # another service's rows, from its fresher state, would be overwritten
+            return 0
         users, self.pending = sorted(self.pending), set()
         self._in_pass = set(users)
         now = datetime.now(UTC)

@@ -50,3 +50,19 @@ async def test_a_user_whose_row_fails_stays_pending_and_the_others_are_written(
         assert written == {"u-1", "u-3"}
     finally:
         engine.dispose()
+
+
+async def test_a_service_that_gave_up_its_database_writes_no_row(database_url: str) -> None:
+    """After losing its database lock to another service, whose state is fresher, this one's rows would
+    overwrite that service's; its pending users are kept, unwritten, until it stops."""
+    migrate.upgrade(database_url)
+    engine = make_engine(database_url)
+    writer = OfflineFeatureWriter(_store(), engine, every_s=60)
+    writer.saved(list(USERS))
+    writer.refused = "another service took the database lock"
+    try:
+        assert await writer.write_pass() == 0
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(db.user_features)).scalar() == 0
+    finally:
+        engine.dispose()
