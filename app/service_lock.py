@@ -3,8 +3,9 @@
 Two services on one database (two replicas, or a new one started before the old one stopped)
 each re-created the other's durable consumers in NATS, so each folded some of every stream's
 events, and both wrote user states, positions and models over each other's: features and models
-went wrong with nothing said. SQLite needs no such lock: its file is in the data directory, which
-`app.startup.hold_data_dir` holds.
+went wrong with nothing said. SQLite's file is the data directory's by default, which
+`app.startup.hold_data_dir` holds; one elsewhere (`DATABASE_URL`), which services with data
+directories of their own could share, is held by the kernel's lock (flock) on a file beside it.
 
 The lock lives with its connection, so a crash lets go of it at once; PostgreSQL restarted lets go
 of it too, and `keep` takes it again, or tells the service to stop if another took it meanwhile.
@@ -12,12 +13,14 @@ of it too, and `keep` takes it again, or tells the service to stop if another to
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import socket
 import threading
+from pathlib import Path
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, make_url, text
 
 from app.db import make_engine
 
@@ -57,12 +60,34 @@ class ServiceLockTaken(RuntimeError):
             "~30 s), or give this one a database of its own (DATABASE_URL).")
 
 
+def sqlite_lock_path(url: str, data_dir: Path | None) -> Path | None:
+    """The file whose flock holds a SQLite database outside the data directory; None for one inside
+    it (the data directory's own lock holds it), in memory, or on another server.
+
+    >>> str(sqlite_lock_path("sqlite:////srv/shared/tips.db", Path("/srv/a")))
+    '/srv/shared/tips.db-tipstream.lock'
+    >>> sqlite_lock_path("sqlite:////srv/a/tipstream.db", Path("/srv/a")) is None
+    True
+    >>> sqlite_lock_path("sqlite://", None), sqlite_lock_path("postgresql://db/tips", None)
+    (None, None)
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    database = Path(parsed.database).resolve()
+    if data_dir is not None and database.parent == data_dir.resolve():
+        return None
+    return database.with_name(database.name + "-tipstream.lock")
+
+
 class ServiceLock:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, data_dir: Path | None = None) -> None:
         self.url = url
         self.name = session_name(socket.gethostname(), os.getpid())
         self._engine: Engine | None = None
         self._conn: Connection | None = None
+        self._file_path = sqlite_lock_path(url, data_dir)
+        self._file: int | None = None
         # `keep` runs in a worker thread that a stop's cancel does not end: one still taking the lock
         # again when `release` ran took it after, and held it for the rest of the process.
         self._mutex = threading.Lock()
@@ -74,6 +99,8 @@ class ServiceLock:
 
     def acquire(self) -> None:
         """Take the lock, or raise ServiceLockTaken naming who holds it."""
+        if self._file_path is not None:
+            self._take_file(self._file_path)
         if not self.needed:
             return
         with self._mutex:
@@ -109,6 +136,24 @@ class ServiceLock:
             raise ServiceLockTaken(holder)
         self._conn = conn
 
+    def _take_file(self, path: Path) -> None:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:  # its directory missing or not writable: SQLite's own error says so, at the migration
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip()
+            os.close(fd)
+            raise ServiceLockTaken(f"{holder or 'a tipstream'}, as {path} says") from None
+        except OSError:  # a file system without locks (NFS without its lock daemon): as SQLite's own locks
+            os.close(fd)
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{self.name}\n".encode())
+        self._file = fd
+
     def keep(self) -> None:
         """Still held? After PostgreSQL restarted, the lock went with the connection: take it again.
         Raises ServiceLockTaken if another service took it meanwhile; other errors: the database is
@@ -139,6 +184,9 @@ class ServiceLock:
         with self._mutex:
             self._released = True
             self._drop()
+            if self._file is not None:
+                os.close(self._file)  # the file stays: removing it would let a third start lock a new one
+                self._file = None
 
     def _drop(self) -> None:
         if self._conn is not None:

@@ -313,18 +313,16 @@ def test_migrate_base_refuses_to_drop_the_tables_of_a_running_service(
     assert main(["migrate", "base"]) == 0 and migrate.current(url) is None
 
 
-@pytest.mark.postgres
 def test_migrate_base_refuses_to_drop_the_tables_a_service_elsewhere_uses(
-        postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """A service on another host (or data directory) holds the PostgreSQL database's lock."""
+        database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A service on another host or data directory holds the PostgreSQL database's lock, or the
+    lock beside a SQLite file outside the data directory."""
     from app.service_lock import ServiceLock
-    from tests.conftest import reset_postgres
 
-    reset_postgres(postgres_url)
-    monkeypatch.setenv("DATABASE_URL", postgres_url)
+    monkeypatch.setenv("DATABASE_URL", database_url)
     monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))  # not the service's: no flock to find
     assert main(["migrate"]) == 0
-    running = ServiceLock(postgres_url)
+    running = ServiceLock(database_url, tmp_path / "service")
     running.acquire()
     try:
         assert main(["migrate", "base"]) == 1
@@ -332,8 +330,8 @@ def test_migrate_base_refuses_to_drop_the_tables_a_service_elsewhere_uses(
         running.release()
     err = capsys.readouterr().err
     assert "A tipstream service runs against" in err and f"pid {os.getpid()}" in err and "stop it before" in err
-    assert migrate.current(postgres_url) is not None
-    assert main(["migrate", "base"]) == 0 and migrate.current(postgres_url) is None
+    assert migrate.current(database_url) is not None
+    assert main(["migrate", "base"]) == 0 and migrate.current(database_url) is None
 
 
 @pytest.mark.parametrize(("url", "port", "problem"), [

@@ -270,12 +270,41 @@ def test_a_lock_let_go_of_is_not_taken_again_by_a_check_that_comes_after(postgre
     assert lock_holders(postgres_url) == [] and lock._conn is None
 
 
-def test_sqlite_takes_no_database_lock(tmp_path) -> None:
-    lock = ServiceLock(f"sqlite:///{tmp_path / 'tipstream.db'}")
+def test_sqlite_in_the_data_directory_takes_no_lock_of_its_own(tmp_path) -> None:
+    lock = ServiceLock(f"sqlite:///{tmp_path / 'tipstream.db'}", tmp_path)
     lock.acquire()
+    ServiceLock(f"sqlite:///{tmp_path / 'tipstream.db'}", tmp_path).acquire()  # the data directory's flock holds it
     lock.keep()
     lock.release()
-    assert not lock.needed and lock._conn is None  # the data directory's flock holds the file
+    assert not lock.needed and lock._conn is None
+    assert os.listdir(tmp_path) == []
+
+
+def test_sqlite_outside_the_data_directory_is_held_by_one_service(tmp_path) -> None:
+    """Services with data directories of their own, given one SQLite file (DATABASE_URL): a second
+    is refused, naming the first, until the first lets go."""
+    url = f"sqlite:///{tmp_path / 'shared' / 'tips.db'}"
+    (tmp_path / "shared").mkdir()
+    first = ServiceLock(url, tmp_path / "a")
+    first.acquire()
+    with pytest.raises(ServiceLockTaken) as refused:
+        ServiceLock(url, tmp_path / "b").acquire()
+    assert refused.value.holder == (f"tipstream {socket.gethostname()} pid {os.getpid()}, "
+                                    f"as {tmp_path / 'shared' / 'tips.db-tipstream.lock'} says")
+    first.release()
+    second = ServiceLock(url, tmp_path / "b")
+    second.acquire()
+    second.release()
+
+
+async def test_a_second_service_on_a_sqlite_file_outside_its_data_directory_is_refused(
+        start_service, nats_server, tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'tips.db'}"
+    await start_service(database_url=url, data_dir=tmp_path / "first")
+    second = Service(Settings(database_url=url, data_dir=tmp_path / "second", nats_url=nats_server.url))
+    with pytest.raises(StartupError, match=r"Another tipstream service runs against this database \(tipstream .*"
+                       r"tips\.db-tipstream\.lock says\)"):
+        await second.start()
 
 
 def test_the_holder_named_is_one_on_this_database_not_another_of_the_server(postgres_url: str, other_database: str) -> None:
