@@ -38,7 +38,7 @@ from app.db import make_engine
 from app.decision_publisher import DecisionPublisher
 from app.decision_tail import OwnTail
 from app.decisions import TipScoresLog, decode_decision
-from app.embedded_nats import URL_FILE, EmbeddedNats, write_private
+from app.embedded_nats import STORE_DIR, URL_FILE, EmbeddedNats, write_private
 from app.ingest import ReadUpTo, StreamIngest
 from app.learner import Learner
 from app.lineup import Lineup
@@ -154,7 +154,7 @@ class Service:
                 name="database lock"))
         await asyncio.to_thread(migrate.upgrade, s.sqlalchemy_url)
         if not s.nats_url:
-            self.embedded = EmbeddedNats(s.data_dir / "nats")
+            self.embedded = EmbeddedNats(s.data_dir / STORE_DIR)
             self.nats_url = await asyncio.to_thread(self.embedded.start)
             write_private(s.data_dir / URL_FILE, self.nats_url)  # it holds the server's token
             self._tasks.append(asyncio.create_task(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import itertools
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -17,6 +19,7 @@ from pathlib import Path
 log = logging.getLogger("tipstream.nats")
 # In the data directory while the embedded server runs: where `tipstream simulate` finds it.
 URL_FILE = "nats.url"
+STORE_DIR = "nats"  # the embedded server's store, in the data directory
 
 
 class EmbeddedNatsError(RuntimeError):
@@ -51,6 +54,36 @@ def die_with_service(service_pid: int) -> None:
     die_with_parent()
     if os.getppid() != service_pid:
         os._exit(1)
+
+
+def server_on_store(store_dir: Path) -> int | None:
+    """The pid of a nats-server running on `store_dir`, None if none is seen (or not on Linux).
+
+    Every release's embedded server writes its ports file under `<store>/ports`, named
+    `<binary>_<pid>.ports`; a file left by a server that was killed names a pid that is gone, or
+    one reused by a process whose command line names another store (or none).
+    """
+    try:
+        files = [path.name for path in (store_dir / "ports").glob("*.ports")]
+    except OSError:
+        return None
+    for name in files:
+        match = re.search(r"_(\d+)\.ports$", name)
+        if match is None or int(match.group(1)) == os.getpid():
+            continue
+        pid = int(match.group(1))
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:  # gone, or not this user's to read
+            continue
+        for flag, value in itertools.pairwise(args):
+            if flag in (b"-sd", b"--sd", b"-store_dir", b"--store_dir"):
+                try:  # relative to that process's working directory, as the server reads it
+                    if os.path.samefile(Path(f"/proc/{pid}/cwd") / os.fsdecode(value), store_dir):
+                        return pid
+                except OSError:
+                    continue
+    return None
 
 
 def write_private(path: Path, text: str) -> None:

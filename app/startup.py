@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 
 # In the data directory, locked while a service uses it; it holds that service's pid.
 LOCK_FILE = "tipstream.lock"
+# How long a start waits for a nats-server found on the embedded store to end (that of a service
+# just killed ends on its own: the kernel sends it SIGTERM) before taking it for a running service's.
+STORE_SERVER_WAIT_S = 10.0
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # uvicorn's default: an idle HTTP connection is closed after this long. A client keeping idle
 # connections as long may send on one the server is closing, and reads an empty answer.
@@ -146,9 +149,35 @@ def hold_data_dir(data_dir: Path) -> int:
             f"Cannot lock the data directory {data_dir.resolve()} (TIPSTREAM_DATA_DIR): {error.strerror}. Its file "
             "system does not take locks (NFS without a lock daemon does not); set TIPSTREAM_DATA_DIR to a "
             "directory on a local disk.") from None
+    try:
+        _no_server_on_the_store(data_dir)
+    except StartupError:
+        os.close(fd)
+        raise
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     return fd
+
+
+def _no_server_on_the_store(data_dir: Path) -> None:
+    """A release from before the lock (2026-12-04) takes none, so a service of one still running on
+    the directory is told by its embedded nats-server instead: started anyway, a second server ran on
+    the same JetStream store and two services wrote one database (an upgrade started before the old
+    release was stopped). A server whose service was just killed is given time to end."""
+    import time
+
+    from app.embedded_nats import STORE_DIR, server_on_store
+
+    store = data_dir / STORE_DIR
+    deadline = time.monotonic() + STORE_SERVER_WAIT_S
+    while (pid := server_on_store(store)) is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if pid is not None:
+        raise StartupError(
+            f"The data directory {data_dir.resolve()} is in use by another tipstream: a nats-server (pid {pid}) runs "
+            f"on its NATS store {store.resolve()}, as a service of a release from before 2026-12-04 (which takes no "
+            "lock on the directory) runs it: two would share its NATS store and database. Stop that one, or set "
+            "TIPSTREAM_DATA_DIR to another directory.")
 
 
 def data_dir_holder(data_dir: Path) -> str | None:

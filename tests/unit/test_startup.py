@@ -8,12 +8,17 @@ import fcntl
 import logging
 import os
 import signal
+import subprocess
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from app import startup
+from app.embedded_nats import nats_server_binary
 from app.startup import StartupError, Stopper, hold_data_dir, start
 from tests.conftest import eventually
 
@@ -212,3 +217,60 @@ def test_a_data_directory_it_creates_is_its_owner_s_only_and_one_that_exists_kee
     os.chmod(shared, 0o750)
     os.close(hold_data_dir(shared))
     assert shared.stat().st_mode & 0o777 == 0o750
+
+
+def _pre_lock_release_server(cwd: Path, store: str) -> subprocess.Popen[bytes]:
+    """A nats-server started as a release from before the data directory's lock started its embedded
+    one (app/embedded_nats.py at debcc9a): the store named relative to its working directory."""
+    (cwd / store / "ports").mkdir(parents=True)
+    server = subprocess.Popen(
+        [nats_server_binary(), "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", store, "--ports_file_dir",
+         str(cwd / store / "ports")], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not list((cwd / store / "ports").glob("*.ports")):
+        assert time.monotonic() < deadline and server.poll() is None, "nats-server did not start"
+        time.sleep(0.02)
+    return server
+
+
+def test_a_service_of_a_release_without_the_lock_on_the_directory_is_told_by_its_nats_server(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Upgrading, the new release started before the old one was stopped: it took the lock the old one
+    # does not take, started a second nats-server on the same JetStream store, and both wrote the database.
+    monkeypatch.setattr(startup, "STORE_SERVER_WAIT_S", 0.3, raising=False)
+    data = tmp_path / "data"
+    server = _pre_lock_release_server(tmp_path, "data/nats")
+    try:
+        with pytest.raises(StartupError) as refused:
+            hold_data_dir(data)
+        assert str(refused.value) == (
+            f"The data directory {data.resolve()} is in use by another tipstream: a nats-server (pid {server.pid}) "
+            f"runs on its NATS store {(data / 'nats').resolve()}, as a service of a release from before 2026-12-04 "
+            "(which takes no lock on the directory) runs it: two would share its NATS store and database. Stop that "
+            "one, or set TIPSTREAM_DATA_DIR to another directory.")
+        with open(data / startup.LOCK_FILE) as file:  # let go of
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        server.terminate()
+        server.wait(10)
+    # Files that name no server on this store: one whose server was killed, another process's pid.
+    for pid in (server.pid, os.getppid()):
+        (data / "nats" / "ports" / f"nats-server_{pid}.ports").write_text("{}")
+    os.close(hold_data_dir(data))
+
+
+def test_a_nats_server_that_ends_while_the_start_waits_is_no_other_service(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The embedded server of a service killed this instant ends on its own (the kernel's SIGTERM).
+    monkeypatch.setattr(startup, "STORE_SERVER_WAIT_S", 10.0, raising=False)
+    server = _pre_lock_release_server(tmp_path, "nats")
+    ending = threading.Timer(0.3, server.terminate)
+    ending.start()
+    try:
+        began = time.monotonic()
+        os.close(hold_data_dir(tmp_path))
+        assert server.poll() is not None and time.monotonic() - began < 5
+    finally:
+        ending.cancel()
+        server.terminate()
+        server.wait(10)
