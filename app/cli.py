@@ -75,8 +75,8 @@ def _migrate(args: argparse.Namespace) -> int:
         print(f"Unknown revision {args.revision!r}; known: head, base, {', '.join(known)}.", file=sys.stderr)
         return 2
     # The tables dropped under a running service: its checkpoints failed until it was restarted.
-    if args.revision == "base" and (pid := data_dir_holder(settings.data_dir)) is not None:
-        print(f"A tipstream (pid {pid}) runs on {settings.data_dir.resolve()} (TIPSTREAM_DATA_DIR): stop it "
+    if args.revision == "base" and (holder := data_dir_holder(settings.data_dir)) is not None:
+        print(f"A tipstream ({holder}) runs on {settings.data_dir.resolve()} (TIPSTREAM_DATA_DIR): stop it "
               "before `tipstream migrate base`, then start it again to rebuild from the log.", file=sys.stderr)
         return 1
     # Held while the tables go, so that no service starts meanwhile (nor runs from another data directory).

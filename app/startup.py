@@ -181,20 +181,25 @@ def _no_server_on_the_store(data_dir: Path) -> None:
 
 
 def data_dir_holder(data_dir: Path) -> str | None:
-    """The pid (or "?") of the service holding `data_dir`, None when none does; creates nothing."""
+    """Which service holds `data_dir` ("pid 123", "pid ?"), None when none does; creates nothing. A
+    service of a release from before the lock is named by its embedded nats-server (`hold_data_dir`)."""
+    from app.embedded_nats import STORE_DIR, server_on_store
+
     try:
         fd = os.open(data_dir / LOCK_FILE, os.O_RDONLY)
     except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return os.read(fd, 32).decode(errors="replace").strip() or "?"
-    except OSError:  # a file system without locks: as hold_data_dir, nothing to tell
-        return None
-    finally:
-        os.close(fd)
-    return None
+        fd = None
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f"pid {os.read(fd, 32).decode(errors='replace').strip() or '?'}"
+        except OSError:  # a file system without locks: as hold_data_dir, nothing to tell
+            return None
+        finally:
+            os.close(fd)
+    server = server_on_store(data_dir / STORE_DIR)
+    return None if server is None else f"its nats-server's pid {server}; a release from before 2026-12-04"
 
 
 def listen_socket(settings: Settings) -> socket.socket:

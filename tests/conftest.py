@@ -64,6 +64,20 @@ class NatsServer:
             self.process.wait(10)
 
 
+def pre_lock_release_server(cwd: Path, store: str) -> subprocess.Popen[bytes]:
+    """A nats-server started as a release from before the data directory's lock started its embedded
+    one (app/embedded_nats.py at debcc9a): the store named relative to its working directory."""
+    (cwd / store / "ports").mkdir(parents=True)
+    server = subprocess.Popen(
+        [nats_server_binary(), "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", store, "--ports_file_dir",
+         str(cwd / store / "ports")], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not list((cwd / store / "ports").glob("*.ports")):
+        assert time.monotonic() < deadline and server.poll() is None, "nats-server did not start"
+        time.sleep(0.02)
+    return server
+
+
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     server = NatsServer(tmp_path / "nats")

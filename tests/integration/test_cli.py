@@ -13,7 +13,7 @@ import pytest
 from app import migrate
 from app.cli import main
 from app.settings import get_settings
-from tests.conftest import free_port
+from tests.conftest import free_port, pre_lock_release_server
 
 TIPSTREAM = str(Path(sys.executable).parent / "tipstream")
 
@@ -310,6 +310,24 @@ def test_migrate_base_refuses_to_drop_the_tables_of_a_running_service(
     finally:
         os.close(held)
     assert f"(pid {os.getpid()}) runs on" in capsys.readouterr().err and migrate.current(url) is not None
+    assert main(["migrate", "base"]) == 0 and migrate.current(url) is None
+
+
+def test_migrate_base_refuses_to_drop_the_tables_of_a_running_service_of_a_release_without_the_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Such a service (before 2026-12-04) is told by its embedded nats-server: its tables went under it.
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))
+    assert main(["migrate"]) == 0
+    url = get_settings().sqlalchemy_url
+    server = pre_lock_release_server(tmp_path, "data/nats")
+    try:
+        assert main(["migrate", "base"]) == 1
+    finally:
+        server.terminate()
+        server.wait(10)
+    assert f"A tipstream (its nats-server's pid {server.pid}; a release from before 2026-12-04) runs on" in (
+        capsys.readouterr().err) and migrate.current(url) is not None
     assert main(["migrate", "base"]) == 0 and migrate.current(url) is None
 
 

@@ -8,7 +8,6 @@ import fcntl
 import logging
 import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -18,9 +17,8 @@ from typing import Any
 import pytest
 
 from app import startup
-from app.embedded_nats import nats_server_binary
 from app.startup import StartupError, Stopper, hold_data_dir, start
-from tests.conftest import eventually
+from tests.conftest import eventually, pre_lock_release_server
 
 
 class EndsWithASignal:
@@ -219,27 +217,13 @@ def test_a_data_directory_it_creates_is_its_owner_s_only_and_one_that_exists_kee
     assert shared.stat().st_mode & 0o777 == 0o750
 
 
-def _pre_lock_release_server(cwd: Path, store: str) -> subprocess.Popen[bytes]:
-    """A nats-server started as a release from before the data directory's lock started its embedded
-    one (app/embedded_nats.py at debcc9a): the store named relative to its working directory."""
-    (cwd / store / "ports").mkdir(parents=True)
-    server = subprocess.Popen(
-        [nats_server_binary(), "-a", "127.0.0.1", "-p", "-1", "-js", "-sd", store, "--ports_file_dir",
-         str(cwd / store / "ports")], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not list((cwd / store / "ports").glob("*.ports")):
-        assert time.monotonic() < deadline and server.poll() is None, "nats-server did not start"
-        time.sleep(0.02)
-    return server
-
-
 def test_a_service_of_a_release_without_the_lock_on_the_directory_is_told_by_its_nats_server(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Upgrading, the new release started before the old one was stopped: it took the lock the old one
     # does not take, started a second nats-server on the same JetStream store, and both wrote the database.
     monkeypatch.setattr(startup, "STORE_SERVER_WAIT_S", 0.3, raising=False)
     data = tmp_path / "data"
-    server = _pre_lock_release_server(tmp_path, "data/nats")
+    server = pre_lock_release_server(tmp_path, "data/nats")
     try:
         with pytest.raises(StartupError) as refused:
             hold_data_dir(data)
@@ -263,7 +247,7 @@ def test_a_nats_server_that_ends_while_the_start_waits_is_no_other_service(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The embedded server of a service killed this instant ends on its own (the kernel's SIGTERM).
     monkeypatch.setattr(startup, "STORE_SERVER_WAIT_S", 10.0, raising=False)
-    server = _pre_lock_release_server(tmp_path, "nats")
+    server = pre_lock_release_server(tmp_path, "nats")
     ending = threading.Timer(0.3, server.terminate)
     ending.start()
     try:
