@@ -48,6 +48,8 @@ def _default_actor() -> str:
 
 
 def _registry() -> Any:
+    from sqlalchemy.exc import DBAPIError
+
     from app import migrate
     from app.db import make_engine
     from app.registry_store import RegistryStore
@@ -60,10 +62,21 @@ def _registry() -> Any:
     if migrate.current(url) is None:
         raise SystemExit(f"No tipstream database at {shown_database_url(url)}: run this where the service runs (its "
                          "TIPSTREAM_DATA_DIR), or set DATABASE_URL / TIPSTREAM_DATA_DIR as the service has them.")
-    migrate.upgrade(url)  # a database from an older release reads as this one writes
+    revision = migrate.current(url)
+    if revision not in migrate.revisions():
+        migrate.upgrade(url)  # a newer release's: says so (alembic cannot locate the revision)
+    # Read as it is, not migrated first: the database of an older release still serving it (a new
+    # release's CLI tried before the upgrade) was migrated to a revision that release does not know,
+    # and its next start failed on it.
     engine = make_engine(url)
     try:
         return RegistryStore(engine).load()
+    except DBAPIError:
+        if revision == migrate.revisions()[-1]:
+            raise
+        raise SystemExit(f"The database at {shown_database_url(url)} is at revision {revision}, of an older release "
+                         "whose registry this one cannot read: upgrade it (`tipstream migrate`, or start this release "
+                         "on it), after stopping any older service that runs on it.") from None
     finally:
         engine.dispose()
 

@@ -379,6 +379,26 @@ def test_run_logs_alembic_s_migrations_but_not_its_plugins(tmp_path: Path) -> No
     assert "Running upgrade" in done.stderr and "setup plugin" not in done.stderr
 
 
+def test_reading_the_registry_leaves_an_older_release_s_database_at_its_revision(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`models list` and `card` migrated it: the older release that still served it (the new release's
+    CLI tried before the upgrade) failed its next start on a revision it does not know."""
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path))
+    url = get_settings().sqlalchemy_url
+    older = migrate.revisions()[-2]
+    migrate.upgrade(url, older)
+    assert main(["models", "list"]) == 0
+    assert main(["models", "card", "v1"]) == 1  # none registered yet: said, and nothing changed
+    assert migrate.current(url) == older
+    assert "No model versions yet" in capsys.readouterr().out
+    # One from before the registry had tables: told to upgrade, not a traceback, and left as it is.
+    migrate.downgrade(url, migrate.revisions()[0])
+    with pytest.raises(SystemExit, match=f"is at revision {migrate.revisions()[0]}, of an older release"):
+        main(["models", "list"])
+    assert migrate.current(url) == migrate.revisions()[0]
+
+
 def test_a_database_from_a_newer_release_is_one_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     """alembic's "Can't locate revision" was a traceback from `run` and `models list`."""
