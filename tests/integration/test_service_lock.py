@@ -52,13 +52,16 @@ def plain_role(postgres_url: str) -> Iterator[str]:
 
 
 def lock_holders(url: str) -> list[int]:
-    """Server pids of the sessions holding the service lock."""
+    """Server pids of the sessions holding the service lock on this database (not another of the
+    server's: a service running on it is no holder here)."""
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
             return list(conn.execute(sa.text(
                 "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND classid = :high "
-                "AND objid = :low AND objsubid = 1"), {"high": SERVICE_LOCK >> 32, "low": SERVICE_LOCK & 0xFFFFFFFF},
+                "AND objid = :low AND objsubid = 1 "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"),
+                {"high": SERVICE_LOCK >> 32, "low": SERVICE_LOCK & 0xFFFFFFFF},
             ).scalars())
     finally:
         engine.dispose()
