@@ -281,7 +281,7 @@ class Lineup:
     def describe(self, version: str) -> dict[str, Any]:
         mv = self.registry.get(version)
         model = self.models.get(version)
-        return mv.to_dict() | {"role": self.registry.role(version), **_learned(model)}
+        return mv.shown() | {"role": self.registry.role(version), **_learned(model)}
 
     def listing(self) -> list[dict[str, Any]]:
         return [{"version": v, "kind": mv.kind, "role": self.registry.role(v),

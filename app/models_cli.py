@@ -107,7 +107,7 @@ def _card(args: argparse.Namespace) -> int:
     registry, _ = _registry()
     try:
         if args.json:
-            print(json.dumps(registry.get(args.version).to_dict() | {"role": registry.role(args.version)}, indent=2))
+            print(json.dumps(registry.get(args.version).shown() | {"role": registry.role(args.version)}, indent=2))
         else:
             print(registry.card_markdown(args.version), end="")
     except RegistryError as error:

@@ -144,6 +144,15 @@ class ModelVersion:
                 "feature_names": list(self.feature_names), "created_at": self.created_at.isoformat(),
                 "card": self.card.to_dict()}
 
+    def shown(self) -> dict[str, Any]:
+        """`to_dict` for people: `params` as the model takes them, so one registered before a parameter
+        existed shows what it means (`LEGACY_PARAMS`), where it hid that such a version forgets no user.
+
+        >>> ModelVersion("v1", "logreg", {"learning_rate": 0.1}, []).shown()["params"]["user_ttl_days"]
+        0.0
+        """
+        return self.to_dict() | {"params": _jsonable(self.model_params)}
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelVersion:
         return cls(d["version"], d["kind"], dict(d["params"]), list(d["feature_names"]),
@@ -421,7 +430,7 @@ def card_markdown(mv: ModelVersion, role: str | None = None) -> str:
     lines = [f"# Model card: {mv.version}", "", f"- Kind: {mv.kind}", f"- Role: {role or 'none'}",
              f"- Created: {mv.created_at.isoformat()}", ""]
     lines += ["## Parameters", "", "| parameter | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(mv.params.items())] or ["| (none) | |"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(mv.model_params.items())] or ["| (none) | |"]
     lines += ["", "## Inputs", ""]
     if c.inputs:
         lines += ["| input | use |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in sorted(c.inputs.items())]

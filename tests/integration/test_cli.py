@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -501,3 +502,28 @@ def test_docs_out_naming_a_file_is_one_message(tmp_path: Path, capsys: pytest.Ca
     assert main(["docs", "--out", str(taken)]) == 1
     assert f"Cannot write the docs to {taken}: File exists. --out names a directory" in capsys.readouterr().err
     assert taken.read_text() == "mine"
+
+
+def test_a_version_registered_before_a_parameter_existed_shows_what_it_means(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Its stored params lack `user_ttl_days` and the rest: `card` showed them as stored, which hid
+    that such a version forgets no user and bounds no values."""
+    from app.db import make_engine
+    from app.registry_store import RegistryStore
+    from models.registry import ModelVersion, Registry
+
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path))
+    url = get_settings().sqlalchemy_url
+    migrate.upgrade(url)
+    registry = Registry()
+    registry.register(ModelVersion("v1", "logreg", {"learning_rate": 0.1}, ["hour_of_day"]), actor="an older release")
+    engine = make_engine(url)
+    RegistryStore(engine).save(registry, known_entries=0, new_models={})
+    engine.dispose()
+    assert main(["models", "card", "v1", "--json"]) == 0
+    params = json.loads(capsys.readouterr().out)["params"]
+    assert params == {"learning_rate": 0.1, "optimizer": "sgd", "latents": "all", "user_forgetting": 0.0,
+                      "user_ttl_days": 0.0, "max_values": 0}
+    assert main(["models", "card", "v1"]) == 0
+    assert "| user_ttl_days | 0 |" in capsys.readouterr().out
