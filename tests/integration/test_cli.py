@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -297,38 +298,36 @@ def test_run_refuses_a_demo_rate_that_is_no_rate(rate: str, problem: str, capsys
     assert exited.value.code == 2 and f"--demo: {problem}" in capsys.readouterr().err
 
 
-def test_migrate_base_refuses_to_drop_the_tables_of_a_running_service(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+@contextlib.contextmanager
+def service_on_data_dir(data_dir: Path, release: str) -> Iterator[str]:
+    """What a running service holds on its data directory; yields how `migrate base` names it."""
     from app.startup import hold_data_dir
 
+    if release == "current":
+        held = hold_data_dir(data_dir)  # as `tipstream run` does
+        try:
+            yield f"A tipstream (pid {os.getpid()}) runs on"
+        finally:
+            os.close(held)
+    else:  # before 2026-12-04: no lock; told by its embedded nats-server
+        server = pre_lock_release_server(data_dir.parent, f"{data_dir.name}/nats")
+        try:
+            yield f"A tipstream (its nats-server's pid {server.pid}; a release from before 2026-12-04) runs on"
+        finally:
+            server.terminate()
+            server.wait(10)
+
+
+@pytest.mark.parametrize("release", ["current", "before the lock"])
+def test_migrate_base_refuses_to_drop_the_tables_of_a_running_service(
+        release: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))
     assert main(["migrate"]) == 0
     url = get_settings().sqlalchemy_url
-    held = hold_data_dir(tmp_path / "data")  # as `tipstream run` does
-    try:
+    with service_on_data_dir(tmp_path / "data", release) as named:
         assert main(["migrate", "base"]) == 1
-    finally:
-        os.close(held)
-    assert f"(pid {os.getpid()}) runs on" in capsys.readouterr().err and migrate.current(url) is not None
-    assert main(["migrate", "base"]) == 0 and migrate.current(url) is None
-
-
-def test_migrate_base_refuses_to_drop_the_tables_of_a_running_service_of_a_release_without_the_lock(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    # Such a service (before 2026-12-04) is told by its embedded nats-server: its tables went under it.
-    monkeypatch.delenv("DATABASE_URL", raising=False)
-    monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))
-    assert main(["migrate"]) == 0
-    url = get_settings().sqlalchemy_url
-    server = pre_lock_release_server(tmp_path, "data/nats")
-    try:
-        assert main(["migrate", "base"]) == 1
-    finally:
-        server.terminate()
-        server.wait(10)
-    assert f"A tipstream (its nats-server's pid {server.pid}; a release from before 2026-12-04) runs on" in (
-        capsys.readouterr().err) and migrate.current(url) is not None
+    assert named in capsys.readouterr().err and migrate.current(url) is not None
     assert main(["migrate", "base"]) == 0 and migrate.current(url) is None
 
 
