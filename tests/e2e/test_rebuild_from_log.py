@@ -19,6 +19,8 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
+from app import decision_spool
+from app.decisions import new_decision_id
 from streams.fold import to_ms
 from streams.jetstream import publish_events
 from streams.simulator import Population
@@ -333,3 +335,59 @@ async def test_a_kill_9_after_silences_were_learned_and_before_their_snapshot_le
     assert service.stop(), service.log()
     assert tip_scores(database_url) == resumed_rows
     assert model_bytes(database_url) == resumed_models
+
+
+# SQLite only: what is under test is the learner's join; the first test here holds PostgreSQL's rows to a rebuild's.
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_rebuild_credits_a_spooled_decision_s_reaction_stored_before_the_decision_as_the_start_did(
+    nats_server, nc, database_url: str, tmp_path: Path
+) -> None:
+    """A decision the stop spooled (NATS away) reaches DECISIONS at the next start, after the app's
+    reaction to it reached FEEDBACK and after decisions another publisher logged meanwhile. The start
+    serves it again from the spool and credits the reaction at its place in FEEDBACK. The rebuild reads
+    FEEDBACK behind DECISIONS only as far as when each chunk of feedback was stored, so the reaction
+    comes first (`waiting`, most runs) and joins the decision when DECISIONS brings it: the same
+    rewards, rows and model bytes as the start, and nothing left waiting."""
+    data_dir = tmp_path / "data"
+    env = {"NATS_URL": nats_server.url, "DATABASE_URL": database_url, "TIPSTREAM_CHECKPOINT_EVERY_S": "0.2"}
+    js = nc.jetstream()
+    service = ServiceProcess(data_dir, env).start()
+    body = {"user_id": "u-1", "context": {"now": AT}, "explore": False, "candidates": CANDIDATES}
+    async with httpx.AsyncClient(base_url=service.base_url) as http:
+        served = (await http.post("/score", json=body)).json()["decision_id"]
+    await publish_events(js, [("feedback.tip.reacted", feedback("fb-1", "u-1", served, CANDIDATES[0]["tip_id"], "acted"))])
+    wait_until(lambda: service.metric("tipstream_feedback_total", outcome="credited") == 1, what="the first reward")
+    assert service.stop(), service.log()
+
+    def decision(decision_id: str, user: str) -> dict[str, Any]:
+        return {"id": decision_id, "type": "decision.scored", "v": 1, "ts": AT, "user_id": user,
+                "model_version": "v1", "policy": "greedy", "features": {"user_id": user, "hour_of_day": 9},
+                "ranked": [{"tip_id": c["tip_id"], "category": c["category"], "score": 0.5, "propensity": 1.0}
+                           for c in CANDIDATES]}
+
+    spool = data_dir / decision_spool.SPOOL_NAME
+    spooled = new_decision_id()
+    decision_spool.save(spool, [("decisions.score", spooled, orjson.dumps(decision(spooled, "u-1")))])
+    await publish_events(js, [("feedback.tip.reacted", feedback("fb-2", "u-1", spooled, CANDIDATES[1]["tip_id"], "liked"))])
+    # Between the reaction and the spooled decision, more decisions than the rebuild asks for at a time
+    # (TIPSTREAM_INGEST_BATCH, 64 there): FEEDBACK reads the reaction before DECISIONS brings its decision.
+    await publish_events(js, [("decisions.score", decision(f"ext-{n}", "u-2")) for n in range(100)])
+    service = ServiceProcess(data_dir, env).start()
+    wait_until(lambda: service.metric("tipstream_feedback_total", outcome="credited") == 1 and not spool.exists(),
+               what="the spooled decision published and its reaction credited")
+    last = {name: (await js.stream_info(name)).state.last_seq for name in STREAMS}
+    wait_until(lambda: caught_up(service, last, 1.0), what="the start caught up")
+    assert service.stop(), service.log()
+    live_rows, live_models = tip_scores(database_url), model_bytes(database_url)
+    assert live_rows[spooled]["rewards"] == {CANDIDATES[1]["tip_id"]: 0.8} and live_models["v1"][0] == 2
+
+    service = ServiceProcess(data_dir, {**env, "TIPSTREAM_INGEST_BATCH": "64"})
+    migrated = subprocess.run([TIPSTREAM, "migrate", "base"], env=service.env, capture_output=True, text=True)
+    assert migrated.returncode == 0, migrated.stderr
+    service.start()
+    wait_until(lambda: caught_up(service, last, 2.0), what="the rebuild caught up")
+    assert service.metric("tipstream_feedback_pending") == 0
+    assert service.metric("tipstream_feedback_total", outcome="unknown_decision") == 0
+    assert service.stop(), service.log()
+    assert tip_scores(database_url) == live_rows
+    assert model_bytes(database_url) == live_models
