@@ -266,6 +266,8 @@ class Learner:
             if self._restored_credits:
                 self._adopt_credits(decision_id, entry)
             self._insert(decision_id, entry)
+            if decision_id in self.waiting.by_decision:  # a spooled one's reaction, read by the start before it
+                self._credit_waiting(decision_id, entry, 0)
 
     def published(self, decision_id: str, payload: bytes | None = None) -> None:
         """JetStream acknowledged a decision served here: it is in the log, so it gets its row.

@@ -176,6 +176,18 @@ def test_feedback_before_its_decision_waits_then_joins(world: World) -> None:
     assert row["decision_id"] == scored.decision_id and row["rewards"] == {"a": 1.0}
 
 
+def test_a_spooled_decision_served_again_joins_the_feedback_read_before_it(world: World) -> None:
+    """A start reads FEEDBACK while it publishes the spool: a reaction to a spooled decision read
+    first waited, and no read-back brings one of our own decisions again to join it."""
+    before = outcomes()
+    spooled = world.score(serve=False)
+    world.react(spooled.decision_id, "a")
+    assert delta(before) == {"waiting": 1}
+    world.learner.served(spooled.decision_id, spooled.payload, spooled.decision)
+    assert delta(before) == {"waiting": 1, "credited": 1} and not world.learner.waiting.by_decision
+    assert {v: m.n_learned for v, m in world.lineup.learning} == {"v1": 1, "v2": 1}
+
+
 def test_feedback_a_publisher_got_wrong_is_told_in_the_log_at_most_once_a_minute(
         world: World, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """A tip id or user id the decision does not have showed in tipstream_feedback_total only."""
