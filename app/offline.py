@@ -5,7 +5,9 @@ that changed, with every feature evaluated at the user's newest event: the same
 definitions serving uses, so there is no train/serve skew.
 
 Steps of one pass:
-1. Take the users saved by checkpoints since the last pass.
+1. Take the users saved by checkpoints since the last pass. Those whose state is in the
+   checkpoint only (idle ones let go of, cold ones after a start) are read from it, in a
+   worker thread: memory holds no newer state of theirs.
 2. Evaluate their features in small chunks, pausing between chunks so the pass uses at most
    a tenth of the event loop. A user whose row cannot be computed is logged and kept for the
    next pass; the others' rows are still written.
@@ -26,6 +28,7 @@ from app import db
 from app.metrics import METRICS
 from app.periodic import every
 from streams.features import evaluate
+from streams.fold import UserState
 from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream.offline")
@@ -34,8 +37,12 @@ CPU_SHARE = 0.1
 WRITE_BATCH = 1_000
 
 
-def feature_row(user_id: str, store: OnlineStore, now: datetime) -> dict[str, Any] | None:
+def feature_row(user_id: str, store: OnlineStore, now: datetime,
+                saved: dict[str, bytes] | None = None) -> dict[str, Any] | None:
+    """The user's row from their state in memory, else from `saved` (their checkpointed state)."""
     state = store.users.get(user_id)
+    if state is None and saved is not None and user_id in saved:
+        state = UserState.from_bytes(saved[user_id])
     if state is None:
         return None
     values = evaluate(state, state.newest_ms)
@@ -88,12 +95,16 @@ class OfflineFeatureWriter:
         now = datetime.now(UTC)
         rows: list[dict[str, Any]] = []
         failed: list[str] = []
+        unread: set[str] = set()
         try:
+            saved, unread = await self._checkpointed(users)
             for start in range(0, len(users), EVALUATE_CHUNK):
                 began = time.perf_counter()
                 for user_id in users[start : start + EVALUATE_CHUNK]:
+                    if user_id in unread:
+                        continue  # the next pass
                     try:
-                        row = feature_row(user_id, self.store, now)
+                        row = feature_row(user_id, self.store, now, saved)
                     except Exception as error:  # noqa: BLE001 - one user must not cost the others their rows
                         failed.append(user_id)
                         if len(failed) == 1:
@@ -111,11 +122,30 @@ class OfflineFeatureWriter:
         finally:
             self._in_pass = set()
             self.pending.update(failed)
+            self.pending.update(unread)
             METRICS.offline_pending.set(len(self.pending))
         if len(failed) > 1:
             log.warning("user_features: %d users' rows could not be computed this pass", len(failed))
         self.rows_written += len(rows)
         return len(rows)
+
+    async def _checkpointed(self, users: list[str]) -> tuple[dict[str, bytes], set[str]]:
+        """The checkpointed states of those of `users` whose state is there only (a user let go of
+        while idle, or still cold after a start, whom a crash's `users_behind` handed to this pass),
+        and the users whose read failed (kept for the next pass). Skipped, as they were, their rows
+        stayed older than their state until their next event, which an idle user may never send."""
+        store, saved = self.store, {}
+        absent = [user_id for user_id in users if store.in_checkpoint_only(user_id)]
+        if not absent or store.fetch_cold is None:
+            return saved, set()
+        try:
+            for start in range(0, len(absent), WRITE_BATCH):
+                saved.update(await asyncio.to_thread(store.fetch_cold, absent[start : start + WRITE_BATCH]))
+        except Exception as error:  # noqa: BLE001 - whatever the driver raises: the next pass tries again
+            log.warning("user_features: the states of %d users held in the checkpoint only could not be read (%s); "
+                        "their rows are written next pass", len(absent), error)
+            return {}, set(absent)
+        return saved, set()
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         for start in range(0, len(rows), WRITE_BATCH):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -9,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from app import db, migrate, offline
+from app.checkpoints import SqlCheckpointStore
 from app.db import make_engine
 from app.offline import OfflineFeatureWriter
 from streams.events import parse_event
@@ -64,5 +66,59 @@ async def test_a_service_that_gave_up_its_database_writes_no_row(database_url: s
         assert await writer.write_pass() == 0
         with engine.connect() as conn:
             assert conn.execute(sa.select(sa.func.count()).select_from(db.user_features)).scalar() == 0
+    finally:
+        engine.dispose()
+
+
+async def test_users_held_in_the_checkpoint_only_get_their_rows_from_it(database_url: str) -> None:
+    """After a kill -9, `users_behind` hands the first pass the users saved after their row was
+    written; one let go of while idle (dormant) or not loaded back yet (cold) is not in memory, and
+    the pass skipped them and forgot them: their rows stayed older than their state for good, unlike
+    a rebuild's (a drill: 12 idle users' rows a day of events behind). Now it reads the state the
+    checkpoint holds, which is theirs."""
+    migrate.upgrade(database_url)
+    engine = make_engine(database_url)
+    store = _store()
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        db.upsert(conn, db.user_state, [{"user_id": u, "state": store.users[u].to_bytes(), "updated_at": now}
+                                        for u in USERS], ["user_id"])
+    expected = {u: offline.feature_row(u, store, now) for u in USERS}
+    store.fetch_cold = SqlCheckpointStore(engine).fetch
+    del store.users["u-2"]
+    store.dormant.add("u-2")  # let go of while idle
+    del store.users["u-3"]
+    store.cold.add("u-3")  # not loaded back yet after a start
+    writer = OfflineFeatureWriter(store, engine, every_s=60)
+    writer.saved(list(USERS))
+    try:
+        assert await writer.write_pass() == 3
+        assert writer.pending == set()
+        with engine.connect() as conn:
+            written = {r.user_id: r for r in conn.execute(sa.select(db.user_features))}
+        assert set(written) == set(USERS)
+        for user in USERS:
+            assert written[user].features == expected[user]["features"], user
+        assert store.in_checkpoint_only("u-2") and store.in_checkpoint_only("u-3"), "left where they were"
+    finally:
+        engine.dispose()
+
+
+async def test_users_held_in_the_checkpoint_only_stay_pending_when_it_cannot_be_read(database_url: str) -> None:
+    migrate.upgrade(database_url)
+    engine = make_engine(database_url)
+    store = _store()
+
+    def away(user_ids: list[str]) -> dict[str, bytes]:
+        raise sa.exc.OperationalError("select", {}, Exception("the database is away"))
+
+    store.fetch_cold = away
+    del store.users["u-2"]
+    store.dormant.add("u-2")
+    writer = OfflineFeatureWriter(store, engine, every_s=60)
+    writer.saved(list(USERS))
+    try:
+        assert await writer.write_pass() == 2
+        assert writer.pending == {"u-2"}, "kept for the next pass"
     finally:
         engine.dispose()
