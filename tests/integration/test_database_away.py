@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import orjson
@@ -185,3 +186,48 @@ async def test_reads_stuck_on_a_locked_user_state_leave_the_services_worker_thre
     locker.dispose()
     await eventually(lambda: reads_waiting_on_user_state(postgres_url) == 0)
     engine.dispose()
+
+
+async def test_a_stream_held_at_a_user_read_goes_on_once_the_database_answers(
+        start_service, nc, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An event for a user let go of while idle holds its stream while the database is away, retried
+    with a backoff that doubles to 10 s. The wait was not cut short when the database came back, as the
+    checkpointer's is: the stream, every user's events in it, stayed held up to 10 s after (5.4 s in
+    a drill). Now it asks every PROBE_EVERY_S, as the checkpointer does."""
+    running = await start_service(checkpoint_every_s=0.1, offline_features_every_s=0.2)
+    js = nc.jetstream()
+    for i, (user, day) in enumerate([("idle", "2026-09-01"), ("active", "2026-11-26")]):
+        await js.publish("signals.app.opened", orjson.dumps(
+            {"id": f"e-{i}", "type": "app.opened", "user_id": user, "ts": f"{day}T08:00:00+01:00"}))
+    service = running.service
+    store = service.store
+    await eventually(lambda: store.dormant == {"idle"}, timeout=30)
+
+    away, failed, back_at = True, 0, 0.0
+    read = store.fetch_cold
+
+    def fetch(user_ids: list[str]) -> dict[str, bytes]:
+        nonlocal failed
+        if away:
+            failed += 1
+            raise sa.exc.OperationalError("select", {}, Exception("the database is away"))
+        return read(user_ids)
+
+    def reachable() -> bool:
+        nonlocal away, back_at
+        if away and failed >= 5:  # the retry now waits 3.2 s: the database comes back as it starts
+            away, back_at = False, time.monotonic()
+            return False
+        return not away
+
+    monkeypatch.setattr(store, "fetch_cold", fetch)
+    monkeypatch.setattr(service.checkpointer.target, "reachable", reachable)
+    await js.publish("signals.app.opened", orjson.dumps(
+        {"id": "e-2", "type": "app.opened", "user_id": "idle", "ts": "2026-11-26T09:00:00+01:00"}))
+    await eventually(lambda: failed >= 5, timeout=20)
+    await asyncio.sleep(0.3)  # back by now, whether anyone asked or not
+    if away:
+        away, back_at = False, time.monotonic()
+    await eventually(lambda: "idle" in store.users, timeout=20)
+    assert failed == 5
+    assert time.monotonic() - back_at < 1.5, "folded within a probe or two of the database's return"
