@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tipstream.checkpoints")
 REST_CHUNK = 10_000  # users looked at per turn of the event loop when letting go of idle ones
 SERIALISE_CHUNK = 50  # ~0.6 ms of the event loop per chunk
-PROBE_EVERY_S = 0.5  # while a checkpoint (or ingest held at a user read) waits to retry, how often it asks whether the database is back
+# While a checkpoint (or ingest held at a user read) waits to retry: how often it asks whether the database is back.
+PROBE_EVERY_S = 0.5
 
 
 class Participant(Protocol):
