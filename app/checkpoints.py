@@ -214,7 +214,7 @@ class Checkpointer:
                 METRICS.checkpoint_failures.inc()
                 log.warning("checkpoint failed (%s); retrying in %.1fs, or once the database answers again. Events "
                             "are safe in the streams.%s", error, backoff, _fix_for(error))
-                await self._wait_to_retry(backoff)
+                await self.wait_to_retry(backoff)
                 backoff = min(backoff * 2, self.retry_max_s)
 
     def health(self) -> dict[str, Any]:
@@ -223,16 +223,18 @@ class Checkpointer:
         return {"ok": self.last_error is None, "last_error": self.last_error,
                 "since_last_ok_s": round(time.monotonic() - self.last_ok, 1)}
 
-    async def _wait_to_retry(self, backoff_s: float) -> None:
+    async def wait_to_retry(self, backoff_s: float,
+                            pause: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         """`backoff_s`, cut short once the database answers again: waited out whole, it kept /score
         answering 503 (its decisions' rows wait for a checkpoint) up to 30 s after the database was
-        back. A database that answers at once failed on something else: the whole wait then."""
+        back, and ingest held at a user's state it could not read (`pause`: its own) held the stream
+        up to 10 s. A database that answers at once failed on something else: the whole wait then."""
         if await asyncio.to_thread(self.target.reachable):
-            await asyncio.sleep(backoff_s)
+            await pause(backoff_s)
             return
         deadline = time.monotonic() + backoff_s
         while (left := deadline - time.monotonic()) > 0:
-            await asyncio.sleep(min(PROBE_EVERY_S, left))
+            await pause(min(PROBE_EVERY_S, left))
             if await asyncio.to_thread(self.target.reachable):
                 return
 

@@ -22,7 +22,7 @@ from nats.js.errors import NotFoundError
 from pydantic import ValidationError
 
 from app.catch_up import CatchUpProgress
-from app.checkpoints import PROBE_EVERY_S, Checkpointer
+from app.checkpoints import Checkpointer
 from app.log_throttle import LogThrottle
 from app.metrics import METRICS
 from app.thaw import load_state
@@ -490,27 +490,11 @@ class StreamIngest:
                 raise
             except Exception as error:  # noqa: BLE001
                 log.warning("could not %s for %s (%s); retrying in %.1fs", what, self.spec.name, error, delay)
-                if isinstance(error, StateUnavailable):
-                    await self._pause_for_the_database(delay)
+                if isinstance(error, StateUnavailable):  # a user's state: retried once the database is back
+                    await self.checkpointer.wait_to_retry(delay, self._pause)
                 else:
                     await self._pause(delay)
                 delay = min(delay * 2, 10.0)
-
-    async def _pause_for_the_database(self, seconds: float) -> None:
-        """`seconds`, cut short once the database answers again (a user's state could not be read
-        from it), as the checkpointer's wait is: waited out whole, the stream, every user's events
-        in it, stayed held up to 10 s after the database was back. A database that answers at once
-        failed on something else (a read stuck on a lock gives up after `thaw.LOAD_TIMEOUT_S`): the
-        whole wait then."""
-        reachable = self.checkpointer.target.reachable
-        if await asyncio.to_thread(reachable):
-            await self._pause(seconds)
-            return
-        end = time.monotonic() + seconds
-        while (left := end - time.monotonic()) > 0:
-            await self._pause(min(left, PROBE_EVERY_S))
-            if await asyncio.to_thread(reachable):
-                return
 
     def _lagging(self, share: int) -> bool:
         """Whether 1/`share` of a bound is reached: the events applied and not checkpointed, or this

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -32,6 +32,9 @@ class Checkpoints:
 
     def forget_stored(self, stream: str) -> None:
         pass
+
+    async def wait_to_retry(self, seconds: float, pause: Callable[[float], Awaitable[None]]) -> None:
+        await pause(seconds)  # as a database that answers: the whole wait
 
 
 async def seeded(nats_server: Any, users: int = 50) -> tuple[Any, Any]:
