@@ -69,21 +69,26 @@ def server_on_store(store_dir: Path) -> int | None:
         return None
     for name in files:
         match = re.search(r"_(\d+)\.ports$", name)
-        if match is None or int(match.group(1)) == os.getpid():
-            continue
-        pid = int(match.group(1))
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:  # gone, or not this user's to read
-            continue
-        for flag, value in itertools.pairwise(args):
-            if flag in (b"-sd", b"--sd", b"-store_dir", b"--store_dir"):
-                try:  # relative to that process's working directory, as the server reads it
-                    if os.path.samefile(Path(f"/proc/{pid}/cwd") / os.fsdecode(value), store_dir):
-                        return pid
-                except OSError:
-                    continue
+        if match is not None and int(match.group(1)) != os.getpid() and runs_on_store(int(match.group(1)), store_dir):
+            return int(match.group(1))
     return None
+
+
+def runs_on_store(pid: int, store_dir: Path) -> bool:
+    """Whether process `pid` is alive with `store_dir` as its store: one that has exited reads no
+    command line (gone, or a zombie), though its ports file went as its shutdown began."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:  # gone, or not this user's to read
+        return False
+    for flag, value in itertools.pairwise(args):
+        if flag in (b"-sd", b"--sd", b"-store_dir", b"--store_dir"):
+            try:  # relative to that process's working directory, as the server reads it
+                if os.path.samefile(Path(f"/proc/{pid}/cwd") / os.fsdecode(value), store_dir):
+                    return True
+            except OSError:
+                continue
+    return False
 
 
 def write_private(path: Path, text: str) -> None:

@@ -166,12 +166,16 @@ def _no_server_on_the_store(data_dir: Path) -> None:
     release was stopped). A server whose service was just killed is given time to end."""
     import time
 
-    from app.embedded_nats import STORE_DIR, server_on_store
+    from app.embedded_nats import STORE_DIR, runs_on_store, server_on_store
 
     store = data_dir / STORE_DIR
     deadline = time.monotonic() + STORE_SERVER_WAIT_S
-    while (pid := server_on_store(store)) is not None and time.monotonic() < deadline:
+    pid = server_on_store(store)
+    while pid is not None and time.monotonic() < deadline:
         time.sleep(0.1)
+        # Until it has exited, not only removed its ports file: it may still be writing the store.
+        if not runs_on_store(pid, store):
+            pid = server_on_store(store)
     if pid is not None:
         raise StartupError(
             f"The data directory {data_dir.resolve()} is in use by another tipstream: a nats-server (pid {pid}) runs "
