@@ -59,10 +59,10 @@ def _registry() -> Any:
     url = settings.sqlalchemy_url
     # A read must not create a database: from the wrong directory it would make an empty one
     # and report "no versions" while the service runs elsewhere.
-    if migrate.current(url) is None:
+    revision = migrate.current(url)
+    if revision is None:
         raise SystemExit(f"No tipstream database at {shown_database_url(url)}: run this where the service runs (its "
                          "TIPSTREAM_DATA_DIR), or set DATABASE_URL / TIPSTREAM_DATA_DIR as the service has them.")
-    revision = migrate.current(url)
     if revision not in migrate.revisions():
         migrate.upgrade(url)  # a newer release's: says so (alembic cannot locate the revision)
     # Read as it is, not migrated first: the database of an older release still serving it (a new

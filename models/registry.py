@@ -430,7 +430,7 @@ def card_markdown(mv: ModelVersion, role: str | None = None) -> str:
     lines = [f"# Model card: {mv.version}", "", f"- Kind: {mv.kind}", f"- Role: {role or 'none'}",
              f"- Created: {mv.created_at.isoformat()}", ""]
     lines += ["## Parameters", "", "| parameter | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(mv.model_params.items())] or ["| (none) | |"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(mv.model_params.items())]
     lines += ["", "## Inputs", ""]
     if c.inputs:
         lines += ["| input | use |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in sorted(c.inputs.items())]
