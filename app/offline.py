@@ -97,24 +97,26 @@ class OfflineFeatureWriter:
         failed: list[str] = []
         unread: set[str] = set()
         try:
-            saved, unread = await self._checkpointed(users)
-            for start in range(0, len(users), EVALUATE_CHUNK):
-                began = time.perf_counter()
-                for user_id in users[start : start + EVALUATE_CHUNK]:
-                    if user_id in unread:
-                        continue  # the next pass
-                    try:
-                        row = feature_row(user_id, self.store, now, saved)
-                    except Exception as error:  # noqa: BLE001 - one user must not cost the others their rows
-                        failed.append(user_id)
-                        if len(failed) == 1:
-                            log.warning("user_features: the row of %r could not be computed (%s: %s); it is tried "
-                                        "again next pass", user_id, type(error).__name__, error)
-                        continue
-                    if row is not None:
-                        rows.append(row)
-                # At most a tenth of the event loop: analytics must not slow ingest or the API.
-                await asyncio.sleep((time.perf_counter() - began) * (1 / CPU_SHARE - 1) if pause else 0)
+            for batch_start in range(0, len(users), WRITE_BATCH):  # the states read from the checkpoint: a batch's
+                batch = users[batch_start : batch_start + WRITE_BATCH]
+                saved = await self._checkpointed(batch, unread)
+                for start in range(0, len(batch), EVALUATE_CHUNK):
+                    began = time.perf_counter()
+                    for user_id in batch[start : start + EVALUATE_CHUNK]:
+                        if user_id in unread:
+                            continue  # the next pass
+                        try:
+                            row = feature_row(user_id, self.store, now, saved)
+                        except Exception as error:  # noqa: BLE001 - one user must not cost the others their rows
+                            failed.append(user_id)
+                            if len(failed) == 1:
+                                log.warning("user_features: the row of %r could not be computed (%s: %s); it is "
+                                            "tried again next pass", user_id, type(error).__name__, error)
+                            continue
+                        if row is not None:
+                            rows.append(row)
+                    # At most a tenth of the event loop: analytics must not slow ingest or the API.
+                    await asyncio.sleep((time.perf_counter() - began) * (1 / CPU_SHARE - 1) if pause else 0)
             await asyncio.to_thread(self._write, rows)
         except BaseException:
             self.pending.update(users)
@@ -129,23 +131,24 @@ class OfflineFeatureWriter:
         self.rows_written += len(rows)
         return len(rows)
 
-    async def _checkpointed(self, users: list[str]) -> tuple[dict[str, bytes], set[str]]:
+    async def _checkpointed(self, users: list[str], unread: set[str]) -> dict[str, bytes]:
         """The checkpointed states of those of `users` whose state is there only (a user let go of
-        while idle, or still cold after a start, whom a crash's `users_behind` handed to this pass),
-        and the users whose read failed (kept for the next pass). Skipped, as they were, their rows
-        stayed older than their state until their next event, which an idle user may never send."""
-        store, saved = self.store, {}
+        while idle, or still cold after a start, whom a crash's `users_behind` handed to this pass).
+        Skipped, as they were, their rows stayed older than their state until their next event,
+        which an idle user may never send. Those whose read fails go to `unread`, kept for the next
+        pass, as do the rest of the pass's once one read has failed."""
+        store = self.store
         absent = [user_id for user_id in users if store.in_checkpoint_only(user_id)]
         if not absent or store.fetch_cold is None:
-            return saved, set()
-        try:
-            for start in range(0, len(absent), WRITE_BATCH):
-                saved.update(await asyncio.to_thread(store.fetch_cold, absent[start : start + WRITE_BATCH]))
-        except Exception as error:  # noqa: BLE001 - whatever the driver raises: the next pass tries again
-            log.warning("user_features: the states of %d users held in the checkpoint only could not be read (%s); "
-                        "their rows are written next pass", len(absent), error)
-            return {}, set(absent)
-        return saved, set()
+            return {}
+        if not unread:
+            try:
+                return await asyncio.to_thread(store.fetch_cold, absent)
+            except Exception as error:  # noqa: BLE001 - whatever the driver raises: the next pass tries again
+                log.warning("user_features: the states of users held in the checkpoint only could not be read (%s); "
+                            "their rows are written next pass", error)
+        unread.update(absent)
+        return {}
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         for start in range(0, len(rows), WRITE_BATCH):

@@ -70,7 +70,8 @@ async def test_a_service_that_gave_up_its_database_writes_no_row(database_url: s
         engine.dispose()
 
 
-async def test_users_held_in_the_checkpoint_only_get_their_rows_from_it(database_url: str) -> None:
+async def test_users_held_in_the_checkpoint_only_get_their_rows_from_it(
+        database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """After a kill -9, `users_behind` hands the first pass the users saved after their row was
     written; one let go of while idle (dormant) or not loaded back yet (cold) is not in memory, and
     the pass skipped them and forgot them: their rows stayed older than their state for good, unlike
@@ -84,7 +85,9 @@ async def test_users_held_in_the_checkpoint_only_get_their_rows_from_it(database
         db.upsert(conn, db.user_state, [{"user_id": u, "state": store.users[u].to_bytes(), "updated_at": now}
                                         for u in USERS], ["user_id"])
     expected = {u: offline.feature_row(u, store, now) for u in USERS}
-    store.fetch_cold = SqlCheckpointStore(engine).fetch
+    fetch, asked = SqlCheckpointStore(engine).fetch, []
+    store.fetch_cold = lambda user_ids: asked.append(list(user_ids)) or fetch(user_ids)
+    monkeypatch.setattr(offline, "WRITE_BATCH", 2)  # a pass holds a batch's states at once, not all of them
     del store.users["u-2"]
     store.dormant.add("u-2")  # let go of while idle
     del store.users["u-3"]
@@ -100,6 +103,7 @@ async def test_users_held_in_the_checkpoint_only_get_their_rows_from_it(database
         for user in USERS:
             assert written[user].features == expected[user]["features"], user
         assert store.in_checkpoint_only("u-2") and store.in_checkpoint_only("u-3"), "left where they were"
+        assert asked == [["u-2"], ["u-3"]]
     finally:
         engine.dispose()
 
