@@ -80,7 +80,7 @@ class Service:
         self.store = OnlineStore()
         self.store.idle_days = settings.idle_user_days
         self.engine = make_engine(settings.sqlalchemy_url)
-        self.service_lock = ServiceLock(settings.sqlalchemy_url, settings.data_dir)
+        self.service_lock = ServiceLock(settings.sqlalchemy_url)
         self.embedded: EmbeddedNats | None = None
         self.nc: jsx.IngestClient | None = None
         self.ingests: list[StreamIngest] = []

@@ -80,7 +80,7 @@ def _migrate(args: argparse.Namespace) -> int:
               "before `tipstream migrate base`, then start it again to rebuild from the log.", file=sys.stderr)
         return 1
     # Held while the tables go, so that no service starts meanwhile (nor runs from another data directory).
-    lock = ServiceLock(url, settings.data_dir)
+    lock = ServiceLock(url)
     try:
         if args.revision == "base":
             lock.acquire()

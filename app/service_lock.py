@@ -3,9 +3,9 @@
 Two services on one database (two replicas, or a new one started before the old one stopped)
 each re-created the other's durable consumers in NATS, so each folded some of every stream's
 events, and both wrote user states, positions and models over each other's: features and models
-went wrong with nothing said. SQLite's file is the data directory's by default, which
-`app.startup.hold_data_dir` holds; one elsewhere (`DATABASE_URL`), which services with data
-directories of their own could share, is held by the kernel's lock (flock) on a file beside it.
+went wrong with nothing said. A SQLite file, which services with data directories of their own
+could share (`DATABASE_URL`; `app.startup.hold_data_dir` holds one directory only, also when the
+file is in it), is held by the kernel's lock (flock) on a file beside it.
 
 The lock lives with its connection, so a crash lets go of it at once; PostgreSQL restarted lets go
 of it too, and `keep` takes it again, or tells the service to stop if another took it meanwhile.
@@ -60,33 +60,34 @@ class ServiceLockTaken(RuntimeError):
             "~30 s), or give this one a database of its own (DATABASE_URL).")
 
 
-def sqlite_lock_path(url: str, data_dir: Path | None) -> Path | None:
-    """The file whose flock holds a SQLite database outside the data directory; None for one inside
-    it (the data directory's own lock holds it), in memory, or on another server.
+def sqlite_lock_path(url: str) -> Path | None:
+    """The file whose flock holds a SQLite database; None for one in memory, or on another server.
 
-    >>> str(sqlite_lock_path("sqlite:////srv/shared/tips.db", Path("/srv/a")))
+    Also one in the service's data directory, which that directory's lock does not hold from a
+    service with a directory of its own given the file (`DATABASE_URL`): it took the lock beside
+    the file, which no one held, and both services wrote the one database.
+
+    >>> str(sqlite_lock_path("sqlite:////srv/shared/tips.db"))
     '/srv/shared/tips.db-tipstream.lock'
-    >>> sqlite_lock_path("sqlite:////srv/a/tipstream.db", Path("/srv/a")) is None
-    True
-    >>> sqlite_lock_path("sqlite://", None), sqlite_lock_path("postgresql://db/tips", None)
+    >>> str(sqlite_lock_path("sqlite:////srv/a/tipstream.db"))
+    '/srv/a/tipstream.db-tipstream.lock'
+    >>> sqlite_lock_path("sqlite://"), sqlite_lock_path("postgresql://db/tips")
     (None, None)
     """
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     database = Path(parsed.database).resolve()
-    if data_dir is not None and database.parent == data_dir.resolve():
-        return None
     return database.with_name(database.name + "-tipstream.lock")
 
 
 class ServiceLock:
-    def __init__(self, url: str, data_dir: Path | None = None) -> None:
+    def __init__(self, url: str) -> None:
         self.url = url
         self.name = session_name(socket.gethostname(), os.getpid())
         self._engine: Engine | None = None
         self._conn: Connection | None = None
-        self._file_path = sqlite_lock_path(url, data_dir)
+        self._file_path = sqlite_lock_path(url)
         self._file: int | None = None
         # `keep` runs in a worker thread that a stop's cancel does not end: one still taking the lock
         # again when `release` ran took it after, and held it for the rest of the process.

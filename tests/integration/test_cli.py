@@ -340,7 +340,7 @@ def test_migrate_base_refuses_to_drop_the_tables_a_service_elsewhere_uses(
     monkeypatch.setenv("DATABASE_URL", database_url)
     monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))  # not the service's: no flock to find
     assert main(["migrate"]) == 0
-    running = ServiceLock(database_url, tmp_path / "service")
+    running = ServiceLock(database_url)
     running.acquire()
     try:
         assert main(["migrate", "base"]) == 1

@@ -18,7 +18,7 @@ from app.bootstrap import Service
 from app.service_lock import SERVICE_LOCK, ServiceLock, ServiceLockTaken
 from app.settings import Settings
 from app.startup import StartupError
-from tests.conftest import POSTGRES_ADMIN_URL, eventually, reset_postgres
+from tests.conftest import POSTGRES_ADMIN_URL, NatsServer, eventually, reset_postgres
 
 
 @contextlib.contextmanager
@@ -273,14 +273,13 @@ def test_a_lock_let_go_of_is_not_taken_again_by_a_check_that_comes_after(postgre
     assert lock_holders(postgres_url) == [] and lock._conn is None
 
 
-def test_sqlite_in_the_data_directory_takes_no_lock_of_its_own(tmp_path) -> None:
-    lock = ServiceLock(f"sqlite:///{tmp_path / 'tipstream.db'}", tmp_path)
+def test_sqlite_takes_no_database_lock_but_the_file_s(tmp_path) -> None:
+    lock = ServiceLock(f"sqlite:///{tmp_path / 'tipstream.db'}")
     lock.acquire()
-    ServiceLock(f"sqlite:///{tmp_path / 'tipstream.db'}", tmp_path).acquire()  # the data directory's flock holds it
     lock.keep()
     lock.release()
     assert not lock.needed and lock._conn is None
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["tipstream.db-tipstream.lock"]
 
 
 def test_sqlite_outside_the_data_directory_is_held_by_one_service(tmp_path) -> None:
@@ -288,14 +287,14 @@ def test_sqlite_outside_the_data_directory_is_held_by_one_service(tmp_path) -> N
     is refused, naming the first, until the first lets go."""
     url = f"sqlite:///{tmp_path / 'shared' / 'tips.db'}"
     (tmp_path / "shared").mkdir()
-    first = ServiceLock(url, tmp_path / "a")
+    first = ServiceLock(url)
     first.acquire()
     with pytest.raises(ServiceLockTaken) as refused:
-        ServiceLock(url, tmp_path / "b").acquire()
+        ServiceLock(url).acquire()
     assert refused.value.holder == (f"tipstream {socket.gethostname()} pid {os.getpid()}, "
                                     f"as {tmp_path / 'shared' / 'tips.db-tipstream.lock'} says")
     first.release()
-    second = ServiceLock(url, tmp_path / "b")
+    second = ServiceLock(url)
     second.acquire()
     second.release()
 
@@ -308,6 +307,26 @@ async def test_a_second_service_on_a_sqlite_file_outside_its_data_directory_is_r
     with pytest.raises(StartupError, match=r"Another tipstream service runs against this database \(tipstream .*"
                        r"tips\.db-tipstream\.lock says\)"):
         await second.start()
+
+
+async def test_a_service_given_another_s_sqlite_file_in_that_one_s_data_directory_is_refused(
+        start_service, nats_server, tmp_path) -> None:
+    """The first service's file is in its data directory (the default), whose lock holds that
+    directory only: the second, from a directory of its own (DATABASE_URL), took the lock beside the
+    file, which the first had not taken, and both wrote the one database."""
+    url = f"sqlite:///{tmp_path / 'first' / 'tipstream.db'}"
+    await start_service(database_url=url, data_dir=tmp_path / "first")
+    its_own = NatsServer(tmp_path / "its-own-nats")  # as each one's embedded server: no consumer shared to tell it
+    its_own.start()
+    second = Service(Settings(database_url=url, data_dir=tmp_path / "second", nats_url=its_own.url))
+    try:
+        with pytest.raises(StartupError, match=r"Another tipstream service runs against this database \(tipstream "
+                           r".*tipstream\.db-tipstream\.lock says\)"):
+            await second.start()
+    finally:
+        if second.nc is not None:  # it started all the same
+            await second.stop()
+        its_own.stop()
 
 
 def test_the_holder_named_is_one_on_this_database_not_another_of_the_server(postgres_url: str, other_database: str) -> None:
