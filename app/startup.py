@@ -149,13 +149,15 @@ def hold_data_dir(data_dir: Path) -> int:
             f"Cannot lock the data directory {data_dir.resolve()} (TIPSTREAM_DATA_DIR): {error.strerror}. Its file "
             "system does not take locks (NFS without a lock daemon does not); set TIPSTREAM_DATA_DIR to a "
             "directory on a local disk.") from None
+    # Ours before the wait below: through it, another start or `migrate base` named the pid the file
+    # still held, of a service gone since.
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
     try:
         _no_server_on_the_store(data_dir)
     except StartupError:
         os.close(fd)
         raise
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
     return fd
 
 

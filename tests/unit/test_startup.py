@@ -260,3 +260,15 @@ def test_a_nats_server_that_ends_while_the_start_waits_is_no_other_service(
         ending.cancel()
         server.terminate()
         server.wait(10)
+
+
+def test_while_the_start_waits_for_a_nats_server_on_the_store_the_lock_file_names_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the wait, a second start or `migrate base` named the pid the file still held, of a
+    service that had stopped long before."""
+    (tmp_path / startup.LOCK_FILE).write_text("999999\n")  # left by the last service, gone
+    named = []
+    monkeypatch.setattr(startup, "_no_server_on_the_store", lambda data_dir: named.append(
+        startup.data_dir_holder(data_dir)))
+    os.close(hold_data_dir(tmp_path))
+    assert named == [f"pid {os.getpid()}"]
