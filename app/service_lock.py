@@ -51,13 +51,15 @@ def session_name(host: str, pid: int) -> str:
 class ServiceLockTaken(RuntimeError):
     """Another tipstream service holds the database: `holder` says which."""
 
-    def __init__(self, holder: str) -> None:
+    def __init__(self, holder: str, *, file: bool = False) -> None:
         self.holder = holder
+        # A file's lock goes with its process, which is on this host: no replicas, no dead host to wait for.
+        how = "" if file else (" (in Kubernetes: one replica, with the Recreate strategy; a host that died lets "
+                               "go within ~30 s)")
         super().__init__(
             f"Another tipstream service runs against this database ({holder}). One service per database: "
-            "two would each read part of every stream and write over each other's state. Stop the other "
-            "first (in Kubernetes: one replica, with the Recreate strategy; a host that died lets go within "
-            "~30 s), or give this one a database of its own (DATABASE_URL).")
+            f"two would each read part of every stream and write over each other's state. Stop the other "
+            f"first{how}, or give this one a database of its own (DATABASE_URL).")
 
 
 def sqlite_lock_path(url: str) -> Path | None:
@@ -147,7 +149,7 @@ class ServiceLock:
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip()
             os.close(fd)
-            raise ServiceLockTaken(f"{holder or 'a tipstream'}, as {path} says") from None
+            raise ServiceLockTaken(f"{holder or 'a tipstream'}, as {path} says", file=True) from None
         except OSError:  # a file system without locks (NFS without its lock daemon): as SQLite's own locks
             os.close(fd)
             return

@@ -305,8 +305,9 @@ async def test_a_second_service_on_a_sqlite_file_outside_its_data_directory_is_r
     await start_service(database_url=url, data_dir=tmp_path / "first")
     second = Service(Settings(database_url=url, data_dir=tmp_path / "second", nats_url=nats_server.url))
     with pytest.raises(StartupError, match=r"Another tipstream service runs against this database \(tipstream .*"
-                       r"tips\.db-tipstream\.lock says\)"):
+                       r"tips\.db-tipstream\.lock says\)") as refused:
         await second.start()
+    assert "Stop the other first, or give this one a database of its own" in str(refused.value)  # no replicas here
 
 
 async def test_a_service_given_another_s_sqlite_file_in_that_one_s_data_directory_is_refused(
