@@ -63,8 +63,11 @@ def _registry() -> Any:
     if revision is None:
         raise SystemExit(f"No tipstream database at {shown_database_url(url)}: run this where the service runs (its "
                          "TIPSTREAM_DATA_DIR), or set DATABASE_URL / TIPSTREAM_DATA_DIR as the service has them.")
-    if revision not in migrate.revisions():
-        migrate.upgrade(url)  # a newer release's: says so (alembic cannot locate the revision)
+    if revision not in migrate.revisions():  # read-only: "Cannot migrate", as a start says, would mislead
+        where = "DATABASE_URL" if settings.database_url else "TIPSTREAM_DATA_DIR"
+        raise SystemExit(f"The database at {shown_database_url(url)} ({where}) is at revision {revision!r}, which this "
+                         "release does not know: a newer tipstream wrote it. Read it with that release's "
+                         "`tipstream models`.")
     # Read as it is, not migrated first: the database of an older release still serving it (a new
     # release's CLI tried before the upgrade) was migrated to a revision that release does not know,
     # and its next start failed on it.

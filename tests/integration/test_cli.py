@@ -413,15 +413,14 @@ def test_a_database_from_a_newer_release_is_one_message(tmp_path: Path, monkeypa
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE alembic_version SET version_num = '0099'"))
     engine.dispose()
-    capsys.readouterr()
-    assert main(["models", "list"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("tipstream: Cannot migrate the database sqlite:///") and err.count("\n") == 1
-    assert "'0099'" in err and "(TIPSTREAM_DATA_DIR)" in err and "run that release" in err
+    with pytest.raises(SystemExit, match=r"The database at sqlite:///.* \(TIPSTREAM_DATA_DIR\) is at revision '0099', "
+                       r"which this release does not know: a newer tipstream wrote it. Read it with that release's"):
+        main(["models", "list"])  # a read: nothing to migrate
     from alembic.util import CommandError
 
     told = explain(CommandError("Can't locate revision identified by '0099'"), get_settings())  # as from `run`
-    assert told is not None and str(told) == err.removeprefix("tipstream: ").strip()
+    assert told is not None and str(told).startswith("Cannot migrate the database sqlite:///")
+    assert "'0099'" in str(told) and "(TIPSTREAM_DATA_DIR)" in str(told) and "run that release" in str(told)
 
 
 def test_a_change_answered_with_a_redirect_is_not_followed_with_the_token(
