@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import logging
 import os
 import re
 import signal
@@ -173,6 +174,10 @@ def _no_server_on_the_store(data_dir: Path) -> None:
     store = data_dir / STORE_DIR
     deadline = time.monotonic() + STORE_SERVER_WAIT_S
     pid = server_on_store(store)
+    if pid is not None:
+        logging.getLogger("tipstream").info(
+            "a nats-server (pid %d) runs on %s: waiting up to %g s for it to end (a service just killed), else this "
+            "start stops", pid, store.resolve(), STORE_SERVER_WAIT_S)
     while pid is not None and time.monotonic() < deadline:
         time.sleep(0.1)
         # Until it has exited, not only removed its ports file: it may still be writing the store.

@@ -244,9 +244,10 @@ def test_a_service_of_a_release_without_the_lock_on_the_directory_is_told_by_its
 
 
 def test_a_nats_server_that_ends_while_the_start_waits_is_no_other_service(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     # The embedded server of a service killed this instant ends on its own (the kernel's SIGTERM).
     monkeypatch.setattr(startup, "STORE_SERVER_WAIT_S", 10.0, raising=False)
+    caplog.set_level(logging.INFO, logger="tipstream")
     server = pre_lock_release_server(tmp_path, "nats")
     ending = threading.Timer(0.3, server.terminate)
     ending.start()
@@ -254,6 +255,8 @@ def test_a_nats_server_that_ends_while_the_start_waits_is_no_other_service(
         began = time.monotonic()
         os.close(hold_data_dir(tmp_path))
         assert time.monotonic() - began < 5, "waited for the server to end, not the whole wait"
+        [said] = [r.getMessage() for r in caplog.records if r.name == "tipstream"]  # not silent for up to 10 s
+        assert said.startswith(f"a nats-server (pid {server.pid}) runs on ") and "waiting up to 10 s" in said
         # It had exited as far as /proc tells (no command line); the kernel may not have reaped it yet.
         assert server.wait(2) is not None
     finally:
