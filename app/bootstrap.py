@@ -285,10 +285,9 @@ class Service:
         checkpoint's, by this host's clock. Such a stream, and one that ends before the position, is
         replayed from its first message with its position set back to 0: the fold, the learner's
         credits and the decision cache recognise what they hold; its bad events are dead-lettered
-        (the DLQ says which were). Kept,
-        the old position held until the new stream passed it: every start replayed the whole stream
-        and logged the error again, and a consumer re-created meanwhile (a reconnect) resumed after
-        it, skipping what was not read yet."""
+        (the DLQ says which were). Kept, the old position held until the new stream passed it: every
+        start replayed the whole stream and logged the error again, and a consumer re-created
+        meanwhile (a reconnect) resumed after it, skipping what was not read yet."""
         for stream, seq in list(self._checkpointed.items()):
             when, mark = written.get(stream, (None, None))
             if seq <= 0 or when is None:

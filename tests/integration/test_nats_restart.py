@@ -19,6 +19,15 @@ from streams.store import OnlineStore
 from tests.conftest import dead_lettered, eventually
 
 
+def _swap_store(nats_server, older=None) -> None:
+    """Stop the server and lose its JetStream store, or put back an older copy (`older`); the caller
+    starts it again, at its address or another."""
+    nats_server.stop()
+    shutil.rmtree(nats_server.store / "jetstream")
+    if older is not None:
+        shutil.copytree(older, nats_server.store / "jetstream")
+
+
 async def _publish_and_fold(nats_server, store: OnlineStore, events: list) -> None:
     client = await nats.connect(nats_server.url)
     await publish_events(client.jetstream(), events)
@@ -86,8 +95,7 @@ async def test_a_nats_server_back_without_its_store_gets_the_streams_again_and_n
     running = await start_service()
     store = running.service.store
     await _publish_and_fold(nats_server, store, events[:half])
-    nats_server.stop()
-    shutil.rmtree(nats_server.store / "jetstream")
+    _swap_store(nats_server)
     nats_server.start()
 
     client = await nats.connect(nats_server.url)
@@ -153,9 +161,7 @@ async def test_a_nats_server_back_with_an_older_store_dead_letters_the_new_bad_e
             return await asked(*args)
 
         monkeypatch.setattr(jsx, "last_dead_lettered", fails_once)
-    nats_server.stop()
-    shutil.rmtree(nats_server.store / "jetstream")
-    shutil.copytree(old, nats_server.store / "jetstream")
+    _swap_store(nats_server, old)
     nats_server.start()
     before = dead_lettered("SIGNALS")
     client = await nats.connect(nats_server.url)
@@ -193,9 +199,7 @@ async def test_a_server_back_with_an_older_store_grown_past_the_position_is_read
     await client.close()
     await eventually(lambda: store.positions.get("SIGNALS") == 11, timeout=20)
 
-    nats_server.stop()
-    shutil.rmtree(nats_server.store / "jetstream")
-    shutil.copytree(old, nats_server.store / "jetstream")
+    _swap_store(nats_server, old)
     elsewhere = NatsServer(nats_server.store)  # the same store at another address, which the service does not know
     elsewhere.start()
     try:
@@ -232,8 +236,7 @@ async def test_a_stream_created_again_under_the_service_is_checkpointed_with_its
     await client.close()
     await eventually(lambda: (_checkpointed_mark(engine, "SIGNALS") or (0, None))[0] == 5)
     old_mark = _checkpointed_mark(engine, "SIGNALS")[1]
-    nats_server.stop()
-    shutil.rmtree(nats_server.store / "jetstream")
+    _swap_store(nats_server)
     nats_server.start()
     client = await nats.connect(nats_server.url)
     js = client.jetstream()
@@ -294,9 +297,7 @@ async def test_decisions_followed_by_our_acks_and_back_with_an_older_store_grown
     await eventually(lambda: service.store.positions.get("DECISIONS") == 4, timeout=10)
     assert read == ["d-old"] and paused(), "followed by our acks, not read"
 
-    nats_server.stop()
-    shutil.rmtree(nats_server.store / "jetstream")
-    shutil.copytree(old, nats_server.store / "jetstream")
+    _swap_store(nats_server, old)
     elsewhere = NatsServer(nats_server.store)
     elsewhere.start()
     try:
