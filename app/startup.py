@@ -30,16 +30,40 @@ HTTP_KEEP_ALIVE_S = 5
 # A request's line and headers, at most: uvicorn's httptools protocol buffered them without a
 # bound (three connections sending 100 MB of one header, never ended, held 300 MB).
 HTTP_MAX_HEAD_BYTES = 64 * 1024
+# A request's line, headers and body, from its first byte to its last, at most. uvicorn waits for
+# them without a bound: a client sending a few bytes of a request and then nothing (slowloris) held
+# its connection, a file descriptor, for good; enough of them and the service accepted no client.
+HTTP_REQUEST_READ_S = 30.0
 
 
-def bounded_http_protocol() -> type:
-    """uvicorn's httptools protocol, answering 431 and closing a connection whose request line and
-    headers pass HTTP_MAX_HEAD_BYTES before they end (bytes of the chunk a request began in are not
-    counted: the bound holds within one read)."""
+def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S) -> type:
+    """uvicorn's httptools protocol, with bounds uvicorn lacks on what a client can hold:
+
+    - a request line and headers past HTTP_MAX_HEAD_BYTES before they end: 431, and the connection
+      closed (bytes of the chunk a request began in are not counted: the bound holds within one read);
+    - a request not all received `request_read_s` after its first byte: 408, and the connection
+      closed (the endpoint, if it was reading the body, reads a disconnect);
+    - a new connection that sends nothing: closed after the keep-alive timeout, as an idle one is
+      after an answer (uvicorn arms that timer only after a response)."""
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+    def refusal(status: int, message: str) -> bytes:
+        text = message.encode()
+        return b"".join([STATUS_LINE[status], b"content-type: text/plain; charset=utf-8\r\n",
+                         b"content-length: %d\r\n" % len(text), b"connection: close\r\n\r\n", text])
 
     class BoundedHttpToolsProtocol(HttpToolsProtocol):
         _head_bytes, _in_head, _feeding = 0, True, 0
+        _read_deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                self.timeout_keep_alive_handler)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._end_read_deadline()
+            super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
             self._feeding = len(data)
@@ -48,19 +72,39 @@ def bounded_http_protocol() -> type:
                 return
             self._head_bytes += len(data)
             if self._head_bytes > HTTP_MAX_HEAD_BYTES:
-                message = f"request line and headers larger than {HTTP_MAX_HEAD_BYTES} bytes".encode()
-                self.transport.write(b"".join([
-                    STATUS_LINE[431], b"content-type: text/plain; charset=utf-8\r\n",
-                    b"content-length: %d\r\n" % len(message), b"connection: close\r\n\r\n", message]))
+                self.transport.write(refusal(431, f"request line and headers larger than {HTTP_MAX_HEAD_BYTES} bytes"))
                 self.transport.close()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._in_head, self._head_bytes = True, -self._feeding
+            self._end_read_deadline()
+            self._read_deadline = self.loop.call_later(request_read_s, self._read_too_slow)
 
         def on_headers_complete(self) -> None:
             self._in_head = False
             super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._end_read_deadline()
+            super().on_message_complete()
+
+        def _end_read_deadline(self) -> None:
+            if self._read_deadline is not None:
+                self._read_deadline.cancel()
+                self._read_deadline = None
+
+        def _read_too_slow(self) -> None:
+            self._read_deadline = None
+            if self.transport.is_closing():
+                return
+            cycle = None if self._in_head else self.cycle  # the request's own, once its head was read
+            if cycle is None or not cycle.response_started:
+                if cycle is not None:  # the endpoint reads a disconnect, and its answer goes nowhere
+                    cycle.disconnected = True
+                    cycle.message_event.set()
+                self.transport.write(refusal(408, f"request not received within {request_read_s:g} s"))
+            self.transport.close()
 
     return BoundedHttpToolsProtocol
 

@@ -125,34 +125,56 @@ def test_a_sqlite_database_another_process_keeps_locked_is_told_as_such(tmp_path
     assert "stayed locked by another process" in message and "TIPSTREAM_DATA_DIR to a" not in message, message
 
 
-async def test_a_request_head_past_the_bound_is_refused_and_its_connection_closed() -> None:
-    """uvicorn's httptools protocol buffered a request's headers without a bound: a client sending
-    one endless header (never ended) held as much memory as it sent."""
-    import socket
+class CountingServer:
+    """A real uvicorn server on the bounded protocol; its app answers the size of the body it read,
+    and notes each request whose client went away before the body ended."""
 
-    import uvicorn
+    def __init__(self, **bounds: float) -> None:
+        self.bounds, self.disconnects = bounds, 0
 
-    from app.startup import HTTP_MAX_HEAD_BYTES, bounded_http_protocol
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
+    async def app(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
         size = 0
         while True:
             message = await receive()
+            if message["type"] == "http.disconnect":
+                self.disconnects += 1
+                return
             size += len(message.get("body", b""))
             if not message.get("more_body"):
                 break
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(str(size)))]})
         await send({"type": "http.response.body", "body": str(size).encode()})
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, http=bounded_http_protocol(), lifespan="off", log_level="warning"))
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        await eventually(lambda: server.started or serving.done())
+    async def __aenter__(self) -> int:
+        import socket
+
+        import uvicorn
+
+        from app.startup import bounded_http_protocol
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        read_s = self.bounds.get("request_read_s", startup.HTTP_REQUEST_READ_S)
+        self.server = uvicorn.Server(uvicorn.Config(
+            self.app, http=bounded_http_protocol(read_s), interface="asgi3", lifespan="off", log_level="warning",
+            timeout_keep_alive=self.bounds.get("keep_alive_s", startup.HTTP_KEEP_ALIVE_S)))
+        self.serving = asyncio.create_task(self.server.serve(sockets=[sock]))
+        await eventually(lambda: self.server.started or self.serving.done())
+        return sock.getsockname()[1]
+
+    async def __aexit__(self, *_: object) -> None:
+        self.server.should_exit = True
+        await self.serving
+
+
+async def test_a_request_head_past_the_bound_is_refused_and_its_connection_closed() -> None:
+    """uvicorn's httptools protocol buffered a request's headers without a bound: a client sending
+    one endless header (never ended) held as much memory as it sent."""
+    from app.startup import HTTP_MAX_HEAD_BYTES
+
+    async with CountingServer() as port:
 
         async def ask(head: bytes, body: bytes = b"", chunk: int = 16 * 1024) -> bytes:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -176,9 +198,33 @@ async def test_a_request_head_past_the_bound_is_refused_and_its_connection_close
         many = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"a" * 100) for i in range(4000))
         answer = await ask(many, chunk=4096)
         assert answer.startswith(b"HTTP/1.1 431") or answer == b"reset", answer[:200]
-    finally:
-        server.should_exit = True
-        await serving
+
+
+async def test_a_client_that_sends_part_of_a_request_or_nothing_is_not_waited_for_for_good() -> None:
+    """uvicorn waits without a bound for a request's rest, and arms no idle timer before a first
+    answer: connections sending a few bytes, or none, then nothing (slowloris) held a file
+    descriptor each for good, and enough of them left the service accepting no client."""
+    server = CountingServer(request_read_s=0.6, keep_alive_s=0.6)
+    async with server as port:
+
+        async def left_after(sent: bytes) -> bytes:
+            """All the server sends before it closes (not waited for past 10 s: it would wait for good)."""
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(sent)
+                return await asyncio.wait_for(reader.read(), 10)
+            finally:
+                writer.close()
+
+        assert await left_after(b"") == b""  # closed as an idle connection is
+        assert (await left_after(b"POST / HTTP/1.1\r\nHost: x\r\n")).startswith(b"HTTP/1.1 408")
+        body_short = await left_after(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"b" * 10)
+        assert body_short.startswith(b"HTTP/1.1 408") and body_short.endswith(b"within 0.6 s"), body_short
+        await eventually(lambda: server.disconnects == 1)  # the endpoint was told, and answered nothing
+        # A request received in time is answered, and its deadline ends with it: the idle connection
+        # is then closed with nothing more sent.
+        answer = await left_after(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\n3"), answer
 
 
 async def test_the_same_nats_error_again_within_a_minute_is_counted_not_logged(
