@@ -22,7 +22,7 @@ import orjson
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -98,6 +98,14 @@ async def _body(request: Request, model: type[ChangeBody]) -> ChangeBody:
     return model.model_validate_json(raw or b"{}")
 
 
+class _NoAnswer(Response):
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+
+_NO_ANSWER = _NoAnswer()
+
+
 def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[ChangeBody] = ChangeBody) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         refused = _refusal(request)
@@ -105,6 +113,8 @@ def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[ChangeBo
             return refused
         try:
             parsed = await _body(request, body)
+        except ClientDisconnect:  # gone before its body ended: nothing changed, and no one to answer
+            return _NO_ANSWER
         except ValidationError as error:
             first = error.errors(include_url=False)[0]
             field = ".".join(str(p) for p in first["loc"]) or "body"
