@@ -14,7 +14,7 @@ from typing import Any
 from app.score_request import MAX_CANDIDATE_FEATURES, MAX_CANDIDATES, SERVER_INPUTS, TIME_WITH_OFFSET
 from models.registry import ACTIONS
 from models.reward import INPUT_BOUND, KINDS, MAX_FACTORS, OPTIMIZERS
-from streams.features import FEATURE_NAMES
+from streams.features import FEATURE_NAMES, FEATURES, Feature
 
 # PostgreSQL cannot store a NUL in text: ids and text that are kept refuse it (a 422).
 _NO_NUL = "^[^\\u0000]*$"
@@ -33,6 +33,16 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 
 _NUMBER = {"type": "number", "minimum": -INPUT_BOUND, "maximum": INPUT_BOUND,
            "description": f"finite, from -{INPUT_BOUND:g} to {INPUT_BOUND:g}"}
+
+
+
+def _profile_value(feature: Feature) -> dict[str, Any]:
+    """What `profile_features` takes for `feature`: the range the server computes it in
+    (`Feature.problem`), within the bound on every number."""
+    high = INPUT_BOUND if feature.high is None else min(feature.high, INPUT_BOUND)
+    return {"type": "integer" if feature.dtype == "int" else "number", "minimum": 0, "maximum": high,
+            "description": f"{feature.valid}, as the server computes it (docs/features.md)"}
+
 
 _CANDIDATE = {
     "type": "object", "required": ["tip_id"], "additionalProperties": False,
@@ -68,7 +78,7 @@ SCORE_REQUEST = {
         "profile_features": {
             "type": ["object", "null"], "additionalProperties": False,
             "description": "fill profile features the server lacks (a fallback); the server's own values win",
-            "properties": {name: _NUMBER for name in FEATURE_NAMES},
+            "properties": {feature.name: _profile_value(feature) for feature in FEATURES},
         },
         "explore": {"type": "boolean", "default": True},
     },
