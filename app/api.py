@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import TypeAdapter, ValidationError
 from starlette.applications import Starlette
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -29,6 +30,16 @@ from streams.fold import to_ms
 from streams.store import StateUnavailable
 
 _AT = TypeAdapter(EventTime)
+
+
+class _AnyText(PathConvertor):
+    """A path parameter that is any text: a '/', as with `path`, and a line break too. `path`'s
+    `.*` stops at a "\\n", which an event's user id may hold: such a user's features were a 404."""
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("text", _AnyText())
 
 schemas = SchemaGenerator(openapi_document.BASE)
 
@@ -200,8 +211,9 @@ def create_app(settings: Settings, service: Service | None = None, *, started: b
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
-            # `path`: a user id may hold a '/' ("org/42"), which the default convertor stops at.
-            Route("/users/{user_id:path}/features", user_features),
+            # `text`: a user id may hold a '/' ("org/42"), which the default convertor stops at, or a
+            # line break, which `path` stops at.
+            Route("/users/{user_id:text}/features", user_features),
             *admin.routes(),
             Route("/openapi.json", openapi, include_in_schema=False),
         ],

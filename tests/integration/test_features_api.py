@@ -163,3 +163,18 @@ async def test_a_user_id_with_a_slash_is_served_like_any_other(start_service, nc
         assert empty.status_code == 422 and empty.json()["field"] == "user_id", empty.text
         document = (await http.get("/openapi.json")).json()
     assert "/users/{user_id}/features" in document["paths"], "the document names the parameter, not its convertor"
+
+
+async def test_a_user_id_with_a_line_break_is_served_like_any_other(start_service, nc) -> None:
+    # An event's user id may hold a "\n" (and /score serves it); the path's `{user_id}` matched with
+    # `.*`, which stops at one, so that user's features were a 404 "Not Found" (a fuzz campaign).
+    running = await start_service()
+    opened = {"id": "lf-1", "type": "app.opened", "user_id": "line\nbreak", "ts": "2026-11-25T21:00:00+01:00"}
+    await nc.jetstream().publish("signals.app.opened", orjson.dumps(opened))
+    await eventually(lambda: running.service.store.applied == 1)
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        answer = await http.get("/users/line%0Abreak/features", params={"at": "2026-11-25T22:00:00+01:00"})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["user_id"] == "line\nbreak" and answer.json()["known"] is True
+        too_long = await http.get("/users/" + "%0A" * 129 + "/features")
+        assert too_long.status_code == 422 and too_long.json()["field"] == "user_id", too_long.text
