@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from urllib.parse import unquote_to_bytes
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import TypeAdapter, ValidationError
@@ -139,13 +140,17 @@ async def user_features(request: Request) -> Response:
         content:
           application/json:
             schema: {$ref: '#/components/schemas/UserFeatures'}
-      422: {description: '`at` is not a time with a UTC offset (or a query parameter other than `at` is given), or the user id is longer than 128 characters or holds a NUL'}
+      422: {description: '`at` is not a time with a UTC offset (or a query parameter other than `at` is given), or the user id is longer than 128 characters, holds a NUL or is not UTF-8'}
       503:
         description: "the user's state is still to be loaded from the database, which is away"
         headers:
           Retry-After: {schema: {type: integer}, description: seconds}
     """
     user_id = request.path_params["user_id"]
+    # The server decodes a percent-encoded path with errors replaced: "%FF" asked for the user "\ufffd".
+    if "\ufffd" in user_id and not _utf8(request.scope.get("raw_path", b"")):
+        return _error(422, "user_id", "the user id is not UTF-8 once percent-decoded (encode its text as UTF-8, "
+                                      "then percent-encode those bytes)")
     # What an event's user_id may be; a NUL failed PostgreSQL's read. Empty: "/users//features".
     if not 1 <= len(user_id) <= 128 or "\x00" in user_id:
         return _error(422, "user_id", f"a user id is 1 to 128 characters without NUL, got {len(user_id)} characters"
@@ -183,6 +188,14 @@ async def user_features(request: Request) -> Response:
             for name, v in values.items()
         },
     })
+
+
+def _utf8(raw_path: bytes) -> bool:
+    try:
+        unquote_to_bytes(raw_path).decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 async def openapi(request: Request) -> Response:

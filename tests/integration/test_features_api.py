@@ -178,3 +178,19 @@ async def test_a_user_id_with_a_line_break_is_served_like_any_other(start_servic
         assert answer.json()["user_id"] == "line\nbreak" and answer.json()["known"] is True
         too_long = await http.get("/users/" + "%0A" * 129 + "/features")
         assert too_long.status_code == 422 and too_long.json()["field"] == "user_id", too_long.text
+
+
+async def test_a_user_id_that_is_not_utf8_is_a_422_not_another_users_features(start_service, nc) -> None:
+    # The path is percent-decoded with errors replaced: "%FF%FE" answered for the user "\ufffd\ufffd",
+    # a user id an event may well hold, as if the caller had asked for it (a fuzz campaign).
+    running = await start_service()
+    opened = {"id": "fffd-1", "type": "app.opened", "user_id": "\ufffd\ufffd", "ts": "2026-11-25T21:00:00+01:00"}
+    await nc.jetstream().publish("signals.app.opened", orjson.dumps(opened))
+    await eventually(lambda: running.service.store.applied == 1)
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        for raw in ("%FF%FE", "%ED%A0%80", "ok%C3"):  # not UTF-8, an encoded surrogate, a sequence cut short
+            answer = await http.get(f"/users/{raw}/features")
+            assert answer.status_code == 422 and answer.json()["field"] == "user_id", (raw, answer.text)
+            assert "UTF-8" in answer.json()["error"]
+        answer = await http.get("/users/%EF%BF%BD%EF%BF%BD/features", params={"at": "2026-11-25T22:00:00+01:00"})
+        assert answer.status_code == 200 and answer.json()["known"] is True, answer.text
