@@ -13,7 +13,7 @@ from typing import Any
 
 from app.score_request import MAX_CANDIDATE_FEATURES, MAX_CANDIDATES, SERVER_INPUTS, TIME_WITH_OFFSET
 from models.registry import ACTIONS
-from models.reward import INPUT_BOUND, KINDS, MAX_FACTORS, OPTIMIZERS
+from models.reward import INPUT_BOUND, KINDS, MAX_FACTORS, MAX_USER_TTL_DAYS, OPTIMIZERS
 from streams.features import FEATURE_NAMES, FEATURES, Feature
 
 # PostgreSQL cannot store a NUL in text: ids and text that are kept refuse it (a 422).
@@ -137,7 +137,7 @@ MODEL_PARAMETER_SCHEMAS = {
     "seed": {"type": "number", "minimum": 0, "maximum": 2**32 - 1, "description": f"FM only; {_WHOLE}"},
     "latents": {"type": "string", "enum": ["categorical", "all"], "description": "FM only"},
     "user_forgetting": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "description": "AdaGrad only"},
-    "user_ttl_days": {"type": "number", "minimum": 0,
+    "user_ttl_days": {"type": "number", "minimum": 0, "maximum": MAX_USER_TTL_DAYS,
                       "description": "a user's own weights go this long (log time) after their last reaction; 0: kept"},
     "max_values": {"type": "number", "minimum": 0, "description": "the most tip ids, categories and candidates' text "
                    f"values it learns weights for; 0: no bound; {_WHOLE}"},

@@ -24,6 +24,7 @@ from pydantic_settings import SettingsError as SourceError
 DEFAULT_REWARDS = {"acted": 1.0, "liked": 0.8, "snoozed": 0.3, "dismissed": 0.0, "disliked": 0.0}
 DEFAULT_USER_FORGETTING = 0.3
 DEFAULT_USER_TTL_DAYS = 90.0
+MAX_USER_TTL_DAYS = 3_652_059
 DEFAULT_MAX_VALUES = 100_000
 # An admin token answers to anyone who reaches the port, at thousands of guesses a second: fewer
 # characters than this fall to guessing (16 URL-safe characters are 96 bits).
@@ -152,7 +153,7 @@ class Settings(BaseSettings):
                     "(re-learns a changed taste; 0: never forget).",
     )
     model_user_ttl_days: float = Field(
-        DEFAULT_USER_TTL_DAYS, ge=0,
+        DEFAULT_USER_TTL_DAYS, ge=0, le=MAX_USER_TTL_DAYS,
         description="The first models forget a user's own weights this many days (log time) after the user's last "
                     "reaction (bounds their size; 0: keep every user for good).",
     )

@@ -72,6 +72,9 @@ DEFAULT_USER_FORGETTING = 0.3
 # three times the fold's 30-day horizon, past which the popularity prior already counts them as
 # new (`PopularityPrior.model_weight`), so a user back after a long break keeps their taste.
 DEFAULT_USER_TTL_DAYS = 90.0
+# The span of the times an event may hold (0001-01-01 to 9999-12-31): a longer TTL forgets nobody, as
+# 0 does, and 1e308 days overflowed to an infinity of milliseconds (a registration's bare 500).
+MAX_USER_TTL_DAYS = 3_652_059
 USER_INPUT = "user_id"
 # Pairs of input features crossed into one-hot interaction features. A numeric member is an
 # hour (0-23) and is bucketed (`hour_bucket` hours per bucket). A pair is skipped when either
@@ -497,6 +500,9 @@ class TipModel:
         for name, value in (("l2", l2), ("intercept_lr", intercept_lr), ("user_ttl_days", user_ttl_days)):
             if value < 0:  # a negative penalty grows every weight; a negative step climbs the loss
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
+        if user_ttl_days > MAX_USER_TTL_DAYS:
+            raise ValueError(f"user_ttl_days must be at most {MAX_USER_TTL_DAYS:,} (the span of the times an event may "
+                             f"hold; 0 keeps every user for good), got {user_ttl_days!r}")
         if max_values < 0:
             raise ValueError(f"max_values must be >= 0 (0: no bound), got {max_values!r}")
         if latents not in ("categorical", "all"):

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from models.registry import LEGACY_PARAMS
-from models.reward import TipModel
+from models.reward import MAX_USER_TTL_DAYS, TipModel
 from models.user_expiry import DAY_MS
 
 KINDS = ("logreg", "fm")
@@ -142,7 +142,8 @@ def test_a_model_from_before_forgetting_existed_keeps_every_user() -> None:
     assert "user_id_old" in _names(restored) and restored.users_held is None
 
 
-@pytest.mark.parametrize("days", [-1, math.nan, math.inf, "90"])
+# 1e308: finite, but its milliseconds are not (an OverflowError, so a registration's bare 500).
+@pytest.mark.parametrize("days", [-1, math.nan, math.inf, "90", 1e308, MAX_USER_TTL_DAYS + 1])
 def test_a_bad_user_ttl_is_refused_by_name(days: object) -> None:
     with pytest.raises(ValueError, match="user_ttl_days"):
         TipModel(user_ttl_days=days)  # type: ignore[arg-type]
