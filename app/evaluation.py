@@ -27,6 +27,7 @@ from models import offpolicy
 from models.registry import ModelCard
 from models.reward import TipModel
 from models.validation import (
+    Diverged,
     Example,
     Record,
     fairness_check,
@@ -241,7 +242,10 @@ def evaluate(params: Mapping[str, Any], examples: list[Example], min_n: int = 30
     """
     model = TipModel(**params)
     records: list[Record] = []
-    metrics: dict[str, Any] = dict(progressive_validation(model, examples, records=records))
+    try:
+        metrics: dict[str, Any] = dict(progressive_validation(model, examples, records=records))
+    except ArithmeticError as error:  # River's own step overflowed (l2 1e308): a bare 500 where NaN scores were a 422
+        raise Diverged(f"a learning step overflowed ({error}) after {model.n_learned} of the rewards") from None
     metrics["evaluated_at"] = datetime.now(UTC).isoformat()
     metrics["source"] = "progressive validation over the rewarded decision log (tip_scores)"
     fairness = {

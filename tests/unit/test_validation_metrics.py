@@ -133,3 +133,14 @@ def test_progressive_validation_leaves_out_what_the_learner_skips() -> None:
     assert card.offline_metrics["n"] == 200 and card.offline_metrics["skipped"] == 1
     assert model.n_learned == 200 and model.n_skipped == 0, "left out, as the learner leaves it out"
     assert "skipped" not in progressive_validation(TipModel(), [({"len": 1e9}, 1.0)]), "at the bound: used"
+
+
+def test_a_step_that_overflows_in_river_is_diverged_not_an_error_of_its_own() -> None:
+    """An l2 of 1e308 overflows in River's own arithmetic (an OverflowError) before any score is
+    NaN: a registration or evaluation was a bare 500, where the model that scored NaN was a 422."""
+    from app import evaluation
+    from models.validation import Diverged
+
+    examples = [({"tip_id": "a", "len": 2.0}, 1.0), ({"tip_id": "b", "len": 3.0}, 0.0)] * 3
+    with pytest.raises(Diverged, match="overflowed"):
+        evaluation.evaluate({"l2": 1e308}, examples)
