@@ -13,7 +13,7 @@ from typing import Any
 
 from app.score_request import MAX_CANDIDATE_FEATURES, MAX_CANDIDATES, SERVER_INPUTS, TIME_WITH_OFFSET
 from models.registry import ACTIONS
-from models.reward import INPUT_BOUND, KINDS, MAX_FACTORS, MAX_USER_TTL_DAYS, OPTIMIZERS
+from models.reward import INPUT_BOUND, KINDS, MAX_FACTORS, MAX_MAX_VALUES, MAX_USER_TTL_DAYS, OPTIMIZERS
 from streams.features import FEATURE_NAMES, FEATURES, Feature
 
 # PostgreSQL cannot store a NUL in text: ids and text that are kept refuse it (a 422).
@@ -139,8 +139,9 @@ MODEL_PARAMETER_SCHEMAS = {
     "user_forgetting": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "description": "AdaGrad only"},
     "user_ttl_days": {"type": "number", "minimum": 0, "maximum": MAX_USER_TTL_DAYS,
                       "description": "a user's own weights go this long (log time) after their last reaction; 0: kept"},
-    "max_values": {"type": "number", "minimum": 0, "description": "the most tip ids, categories and candidates' text "
-                   f"values it learns weights for; 0: no bound; {_WHOLE}"},
+    "max_values": {"type": "number", "minimum": 0, "maximum": MAX_MAX_VALUES,
+                   "description": "the most tip ids, categories and candidates' text values it learns weights for; "
+                                  f"0: no bound; {_WHOLE}"},
     "hour_bucket": {"type": "number", "minimum": 1, "maximum": 24, "description": _WHOLE},
     "interactions": {"type": "array", "minItems": 1, "description": "pairs of input names crossed into one-hots",
                      "items": {"type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "string"}}},

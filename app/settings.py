@@ -26,6 +26,7 @@ DEFAULT_USER_FORGETTING = 0.3
 DEFAULT_USER_TTL_DAYS = 90.0
 MAX_USER_TTL_DAYS = 3_652_059
 DEFAULT_MAX_VALUES = 100_000
+MAX_MAX_VALUES = 2**63 - 1
 # An admin token answers to anyone who reaches the port, at thousands of guesses a second: fewer
 # characters than this fall to guessing (16 URL-safe characters are 96 bits).
 MIN_ADMIN_TOKEN_CHARS = 16
@@ -158,7 +159,7 @@ class Settings(BaseSettings):
                     "reaction (bounds their size; 0: keep every user for good).",
     )
     model_max_values: int = Field(
-        DEFAULT_MAX_VALUES, ge=0,
+        DEFAULT_MAX_VALUES, ge=0, le=MAX_MAX_VALUES,
         description="The first models learn weights for at most this many tip ids, categories and candidates' text "
                     "values (bounds what callers can make them hold; new ones past it are left out of learning, "
                     "counted in tipstream_inputs_refused_total; 0: no bound).",

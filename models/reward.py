@@ -118,6 +118,9 @@ def within_bounds(x: Mapping[str, Any]) -> bool:
 # (generated tips, each an id of its own) reaches it in time, and its operator may want more.
 MAX_INPUTS = 1_000
 DEFAULT_MAX_VALUES = 100_000
+# What a JSON answer (orjson) and PostgreSQL's bigint hold: max_values 1e300 was registered, then its
+# registration's answer and every read of the version (GET /models/{version}) were a bare 500.
+MAX_MAX_VALUES = 2**63 - 1
 _MISSING = object()
 # Over all cross plans; for a tip id and a category ~0.7 KB each traced, ~0.9 KB resident (measured
 # under /score load with new tips: a full cache took 70-95 MB of RSS a model, then emptied).
@@ -503,8 +506,8 @@ class TipModel:
         if user_ttl_days > MAX_USER_TTL_DAYS:
             raise ValueError(f"user_ttl_days must be at most {MAX_USER_TTL_DAYS:,} (the span of the times an event may "
                              f"hold; 0 keeps every user for good), got {user_ttl_days!r}")
-        if max_values < 0:
-            raise ValueError(f"max_values must be >= 0 (0: no bound), got {max_values!r}")
+        if not 0 <= max_values <= MAX_MAX_VALUES:
+            raise ValueError(f"max_values must be from 0 (no bound) to 2**63 - 1, got {max_values!r}")
         if latents not in ("categorical", "all"):
             raise ValueError(f"latents must be 'categorical' or 'all'; got {latents!r}")
         if not 0.0 <= user_forgetting < 1.0:

@@ -169,6 +169,10 @@ def test_bad_params_are_refused() -> None:
         TipModel(l2=-0.1)
     with pytest.raises(ValueError, match="intercept_lr must be >= 0"):
         TipModel(intercept_lr=-1)
+    # Accepted before: int(1e300) was registered, and no JSON answer could then show the version (a 500).
+    with pytest.raises(ValueError, match="max_values must be from 0"):
+        TipModel(max_values=1e300)
+    assert TipModel(max_values=2**63 - 1).params["max_values"] == 2**63 - 1
     for bad in (["ab"], [["category"]], [["category", "hour_of_day", "tip_id"]], [["category", 7]], [["", "tip_id"]]):
         with pytest.raises(ValueError, match="interactions"):
             TipModel(interactions=bad)

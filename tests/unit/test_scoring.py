@@ -31,6 +31,7 @@ from app.settings import (
     DEFAULT_REWARDS,
     DEFAULT_USER_FORGETTING,
     DEFAULT_USER_TTL_DAYS,
+    MAX_MAX_VALUES,
     MAX_USER_TTL_DAYS,
     POLICY_PARAMS,
     Settings,
@@ -46,6 +47,7 @@ def test_settings_mirror_the_models_defaults() -> None:
     assert DEFAULT_USER_FORGETTING == reward.DEFAULT_USER_FORGETTING
     assert DEFAULT_USER_TTL_DAYS == reward.DEFAULT_USER_TTL_DAYS
     assert MAX_USER_TTL_DAYS == reward.MAX_USER_TTL_DAYS
+    assert MAX_MAX_VALUES == reward.MAX_MAX_VALUES
     assert DEFAULT_MAX_VALUES == reward.DEFAULT_MAX_VALUES
     assert Settings().idle_user_days == IDLE_DAYS  # the store's default, for what builds it without settings
     assert reward.TipModel(**Settings().model_params()).params == reward.TipModel().params
