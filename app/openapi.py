@@ -127,24 +127,24 @@ USER_FEATURES = {
     },
 }
 
-_WHOLE = "a whole number (a fraction is cut)"
 MODEL_PARAMETER_SCHEMAS = {
     "optimizer": {"type": "string", "enum": list(OPTIMIZERS)},
     "learning_rate": {"type": "number", "exclusiveMinimum": 0},
-    "l2": {"type": "number"},
-    "intercept_lr": {"type": "number"},
-    "n_factors": {"type": "number", "minimum": 1, "maximum": MAX_FACTORS, "description": f"FM only; {_WHOLE}"},
-    "seed": {"type": "number", "minimum": 0, "maximum": 2**32 - 1, "description": f"FM only; {_WHOLE}"},
+    "l2": {"type": "number", "minimum": 0},
+    "intercept_lr": {"type": "number", "minimum": 0},
+    "n_factors": {"type": "integer", "minimum": 1, "maximum": MAX_FACTORS, "description": "FM only"},
+    "seed": {"type": "integer", "minimum": 0, "maximum": 2**32 - 1, "description": "FM only"},
     "latents": {"type": "string", "enum": ["categorical", "all"], "description": "FM only"},
     "user_forgetting": {"type": "number", "minimum": 0, "exclusiveMaximum": 1, "description": "AdaGrad only"},
     "user_ttl_days": {"type": "number", "minimum": 0, "maximum": MAX_USER_TTL_DAYS,
                       "description": "a user's own weights go this long (log time) after their last reaction; 0: kept"},
-    "max_values": {"type": "number", "minimum": 0, "maximum": MAX_MAX_VALUES,
+    "max_values": {"type": "integer", "minimum": 0, "maximum": MAX_MAX_VALUES,
                    "description": "the most tip ids, categories and candidates' text values it learns weights for; "
-                                  f"0: no bound; {_WHOLE}"},
-    "hour_bucket": {"type": "number", "minimum": 1, "maximum": 24, "description": _WHOLE},
+                                  "0: no bound"},
+    "hour_bucket": {"type": "integer", "minimum": 1, "maximum": 24},
     "interactions": {"type": "array", "minItems": 1, "description": "pairs of input names crossed into one-hots",
-                     "items": {"type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "string"}}},
+                     "items": {"type": "array", "minItems": 2, "maxItems": 2,
+                               "items": {"type": "string", "minLength": 1}}},
 }
 
 CHANGE_BODY = {

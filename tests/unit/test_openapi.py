@@ -121,3 +121,36 @@ def test_the_admin_body_schemas_are_the_models(document: dict[str, Any]) -> None
         assert set(documented["properties"]) == set(model.model_fields), name
         assert set(documented.get("required", ())) == {n for n, f in model.model_fields.items() if f.is_required()}
     assert set(schemas["RegisterBody"]["properties"]["params"]["properties"]) == set(MODEL_PARAMETERS)
+
+
+def test_the_model_parameter_schemas_hold_the_models_bounds(document: dict[str, Any]) -> None:
+    """A bound the document gives is the model's: at it, accepted; past it, refused by name. l2 -1
+    and n_factors 2.5 ("a whole number, a fraction is cut", said the document) passed it and were a 422,
+    as was an interaction of an empty input name."""
+    from models.reward import TipModel
+
+    params = document["components"]["schemas"]["RegisterBody"]["properties"]["params"]["properties"]
+    assert params["interactions"]["items"]["items"]["minLength"] == 1
+    with pytest.raises(ValueError, match="interactions"):
+        TipModel(interactions=[["", "tip_id"]])
+    for name, schema in params.items():
+        if schema["type"] not in ("number", "integer"):
+            continue
+        if "minimum" in schema:
+            TipModel(**{name: schema["minimum"]})
+            with pytest.raises(ValueError, match=name):
+                TipModel(**{name: schema["minimum"] - 1})
+        else:
+            assert "exclusiveMinimum" in schema, f"{name}: the model refuses some numbers, the document none"
+            with pytest.raises(ValueError, match=name):
+                TipModel(**{name: schema["exclusiveMinimum"]})
+        if "maximum" in schema:
+            TipModel(**{name: schema["maximum"]})
+            with pytest.raises(ValueError, match=name):
+                TipModel(**{name: schema["maximum"] + 1})
+        if "exclusiveMaximum" in schema:
+            with pytest.raises(ValueError, match=name):
+                TipModel(**{name: schema["exclusiveMaximum"]})
+        if schema["type"] == "integer":
+            with pytest.raises(ValueError, match=f"{name} must be a whole number"):
+                TipModel(**{name: schema["minimum"] + 1.5})
