@@ -140,7 +140,7 @@ async def user_features(request: Request) -> Response:
         content:
           application/json:
             schema: {$ref: '#/components/schemas/UserFeatures'}
-      422: {description: '`at` is not a time with a UTC offset (or a query parameter other than `at` is given), or the user id is longer than 128 characters, holds a NUL or is not UTF-8'}
+      422: {description: '`at` is not a time with a UTC offset or is given twice (or a query parameter other than `at` is given), or the user id is longer than 128 characters, holds a NUL or is not UTF-8'}
       503:
         description: "the user's state is still to be loaded from the database, which is away"
         headers:
@@ -160,7 +160,10 @@ async def user_features(request: Request) -> Response:
     if unknown:
         return _error(422, unknown[0], f"unknown query parameter {unknown[0]!r}; this endpoint takes only 'at', "
                                        f"e.g. ?at=2026-11-26T09:00:00%2B01:00")
-    raw_at = request.query_params.get("at")
+    given = request.query_params.getlist("at")
+    if len(given) > 1:  # the last one was taken, "?at=nonsense&at=<a time>" a 200 as of that time
+        return _error(422, "at", f"'at' is given {len(given)} times; give it once")
+    raw_at = given[0] if given else None
     if raw_at is None:
         at = datetime.now(UTC)
     else:

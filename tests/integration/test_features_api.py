@@ -70,6 +70,9 @@ async def test_features_with_age_freshness_and_fallbacks(start_service, nc, tmp_
             assert outside.status_code == 422 and "between 0001-01-01 and 9999-12-31 in UTC" in outside.json()["error"]
         mistyped = await http.get("/users/ana/features", params={"as_of": "2026-11-25T21:00:00+01:00"})
         assert mistyped.status_code == 422 and mistyped.json()["field"] == "as_of", mistyped.text  # was now's answer
+        for twice in ("at=yesterday&at=2026-11-25T21:00:00Z", "at=2026-11-25T21:00:00Z&at=2026-11-26T21:00:00Z"):
+            repeated = await http.get(f"/users/ana/features?{twice}")  # the last was taken: the first, ignored
+            assert repeated.status_code == 422 and repeated.json()["field"] == "at", repeated.text
         unencoded = await http.get("/users/ana/features?at=2026-11-25T21:00:00+01:00")  # '+' unescaped: a space
         assert unencoded.status_code == 422 and "write it %2B" in unencoded.json()["error"]
         for wrong in ("x" * 129, "a%00b"):  # no event could have made such a user
