@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -358,6 +359,9 @@ class Registry:
         return card_markdown(self.get(version), self.role(version))
 
 
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "n/a"
@@ -367,7 +371,8 @@ def _fmt(value: Any) -> str:
         return "nan" if math.isnan(value) else f"{value:.4g}"
     if isinstance(value, (list, tuple, dict)):
         value = json.dumps(value, default=str)
-    return str(value).replace("|", "\\|")
+    # A line break ends a Markdown table's row: a note of two lines broke the rollout table off there.
+    return _LINE_BREAK.sub("<br>", str(value).replace("|", "\\|"))
 
 
 def _fmt_interval(bounds: Any) -> str:

@@ -281,3 +281,13 @@ def test_the_stored_history_replays_into_the_roles_the_registry_holds(changes: l
     roles = roles_from_history(reg.history)
     assert (roles.champion, roles.shadow, roles.previous_champions, roles.shadowed, roles.retired) == (
         reg.champion, reg.shadow, reg.previous_champions, reg.shadowed, reg.retired)
+
+
+def test_a_note_of_several_lines_stays_in_its_row_of_the_rollout_table(reg: Registry) -> None:
+    """A line break ends a Markdown table's row: the rest of a two-line note (the admin API takes
+    any text) was a line of its own, a heading here, and the rows after it fell out of the table."""
+    reg.set_shadow("v2", actor="bob|ops", note="after review\r\n## approved\rby ops\nticket 7")
+    md = reg.card_markdown("v2")
+    table = md[md.index("| at | action |"):].split("\n\n")[0].strip().split("\n")
+    assert all(line.startswith("|") and line.endswith("|") for line in table), table
+    assert "| bob\\|ops | after review<br>## approved<br>by ops<br>ticket 7 |" in table[-1]
