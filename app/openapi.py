@@ -35,7 +35,6 @@ _NUMBER = {"type": "number", "minimum": -INPUT_BOUND, "maximum": INPUT_BOUND,
            "description": f"finite, from -{INPUT_BOUND:g} to {INPUT_BOUND:g}"}
 
 
-
 def _profile_value(feature: Feature) -> dict[str, Any]:
     """What `profile_features` takes for `feature`: the range the server computes it in
     (`Feature.problem`), within the bound on every number."""
