@@ -10,8 +10,9 @@ messages and writes its answer itself. It still goes through Starlette's middlew
 router and its 500 handler, and its `post` method carries the OpenAPI description.
 
 Steps:
-1. Read the body straight from the ASGI messages, refusing more than
-   `TIPSTREAM_SCORE_MAX_BODY_BYTES` (413) before reading it all.
+1. Refuse a body not declared `application/json` (415) or declared larger than
+   `TIPSTREAM_SCORE_MAX_BODY_BYTES` (413). Read it straight from the ASGI messages, refusing
+   more than that bound (413) before reading it all.
 2. While `TIPSTREAM_MAX_UNWRITTEN_DECISIONS` decisions' rows wait for a checkpoint (the
    database is away), answer 503 with `Retry-After`: serving on would hold ever more of them.
 3. Validate and score (`scoring.parse_request`, `Scorer.score`); a bad request is a 422
@@ -54,13 +55,31 @@ class ClientGone(Exception):
     """The client disconnected before its body was read: there is no one to answer."""
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
-    """The body, or None when it is larger than `limit` (read no further than that)."""
+def too_large(limit: int) -> dict[str, Any]:
+    return {"error": f"body: larger than {limit} bytes (TIPSTREAM_SCORE_MAX_BODY_BYTES)", "field": "body"}
+
+
+def refusal_by_headers(scope: Scope, limit: int) -> tuple[int, dict[str, Any]] | None:
+    """The status and answer for a request its headers refuse: a declared length past `limit`
+    (413), or a body not declared JSON (415). A body of another media type was read as JSON: a web
+    page could have any visitor's browser log decisions here with a plain form or text POST, which
+    no CORS preflight stops, as one of `application/json` does."""
+    media = b""
     for name, value in scope["headers"]:
         if name == b"content-length":
             if value.isdigit() and int(value) > limit:
-                return None
-            break
+                return 413, too_large(limit)
+        elif name == b"content-type":
+            media = value.partition(b";")[0].strip().lower()
+    if media == b"application/json" or media.endswith(b"+json"):
+        return None
+    given = f"'{media.decode('latin-1')}'" if media else "none"
+    return 415, {"error": f"Content-Type: the body must be sent as JSON, with `Content-Type: application/json` "
+                          f"(given: {given})", "field": "Content-Type"}
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+    """The body, or None when it is larger than `limit` (read no further than that)."""
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -89,13 +108,16 @@ class ScoreEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         service = scope["app"].state.service
         limit = service.settings.score_max_body_bytes
+        refused = refusal_by_headers(scope, limit)
+        if refused is not None:
+            await send_json(send, *refused)
+            return
         try:
             body = await read_body(scope, receive, limit)
         except ClientGone:
             return
         if body is None:
-            await send_json(send, 413, {"error": f"body: larger than {limit} bytes (TIPSTREAM_SCORE_MAX_BODY_BYTES)",
-                                        "field": "body"})
+            await send_json(send, 413, too_large(limit))
             return
         unwritten = service.decision_log.backlog
         if unwritten >= service.settings.max_unwritten_decisions:
@@ -143,6 +165,7 @@ class ScoreEndpoint:
               application/json:
                 schema: {$ref: '#/components/schemas/ScoreAnswer'}
           413: {description: the body is larger than TIPSTREAM_SCORE_MAX_BODY_BYTES}
+          415: {description: 'the body is not declared JSON: send it with `Content-Type: application/json`'}
           422: {description: 'a bad request: every problem in `errors`; nothing was logged'}
           503:
             description: "the decision log is backed up (JetStream or the database away), or the user's state is

@@ -173,6 +173,12 @@ async def test_bad_requests_get_4xx_naming_the_field_and_log_nothing(start_servi
         json_type = {"content-type": "application/json"}
         too_big = await http.post("/score", content=in_chunks(orjson.dumps(HUGE), 8_192), headers=json_type)
         assert too_big.status_code == 413 and too_big.json()["field"] == "body"
+        # Read as JSON whatever its type, a form or text POST from any web page a browser showed
+        # logged a decision, with no CORS preflight to stop it.
+        for media in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+            typed = await http.post("/score", content=orjson.dumps(body()), headers={"content-type": media or ""})
+            assert typed.status_code == 415 and typed.json()["field"] == "Content-Type", (media, typed.text)
+            assert "application/json" in typed.json()["error"] and (media or "none").split(";")[0] in typed.text
         wrong_method = await http.get("/score")
         assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
         assert wrong_method.json() == {"error": "GET /score: Method Not Allowed; this path takes POST", "field": None}
@@ -184,13 +190,14 @@ async def test_bad_requests_get_4xx_naming_the_field_and_log_nothing(start_servi
         assert slashed.json()["error"] == "POST /score/: Not Found; the path is /score, without the trailing slash"
         features = await http.get("/users/u-1/features/")
         assert features.json()["error"].endswith("the path is /users/u-1/features, without the trailing slash")
-        # A good one after them, so the log is known to work.
-        ok = await http.post("/score", content=in_chunks(orjson.dumps(body()), 16), headers=json_type)
-        assert ok.status_code == 200, ok.text
+        # Good ones after them, so the log is known to work: JSON however its type says so.
+        ok = [await http.post("/score", content=in_chunks(orjson.dumps(body()), 16), headers={"content-type": media})
+              for media in ("application/json", "Application/JSON; charset=utf-8", "application/vnd.app+json")]
+        assert [answer.status_code for answer in ok] == [200] * 3, [answer.text for answer in ok]
     service = running.service
-    await eventually(lambda: service.publisher.published == 1)
-    assert [d for d in service.learner.cache] == [ok.json()["decision_id"]]
-    assert await decisions_in_stream(nc.jetstream()) == 1
+    await eventually(lambda: service.publisher.published == 3)
+    assert [d for d in service.learner.cache] == [answer.json()["decision_id"] for answer in ok]
+    assert await decisions_in_stream(nc.jetstream()) == 3
 
 
 async def test_server_features_win_and_caller_features_fill_what_it_lacks(start_service, nc) -> None:

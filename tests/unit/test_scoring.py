@@ -425,7 +425,7 @@ async def test_a_client_gone_before_its_body_is_answered_nothing_and_logs_nothin
     app = create_app(Settings(data_dir=tmp_path, admin_token=token))
     service = app.state.service
     scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "root_path": "",
-             "query_string": b"", "headers": [(b"content-length", b"40"),
+             "query_string": b"", "headers": [(b"content-length", b"40"), (b"content-type", b"application/json"),
                                                (b"authorization", f"Bearer {token}".encode())]}
     sent: list[dict[str, Any]] = []
 
@@ -451,7 +451,7 @@ async def test_score_refuses_while_too_many_decision_rows_wait_for_the_database(
     assert service.decision_log.snapshot() is not None  # a checkpoint took them, and never confirmed it
     body = b'{"user_id": "u-1", "candidates": [{"tip_id": "a"}]}'
     scope = {"type": "http", "method": "POST", "path": "/score", "raw_path": b"/score", "root_path": "",
-             "query_string": b"", "headers": [(b"content-length", str(len(body)).encode())]}
+             "query_string": b"", "headers": [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]}
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
