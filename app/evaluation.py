@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import orjson
 from sqlalchemy import Engine, select
 
@@ -243,7 +244,10 @@ def evaluate(params: Mapping[str, Any], examples: list[Example], min_n: int = 30
     model = TipModel(**params)
     records: list[Record] = []
     try:
-        metrics: dict[str, Any] = dict(progressive_validation(model, examples, records=records))
+        # A diverging model is told by its scores, below, and refused by name: numpy's overflow
+        # warnings on the way were lines on the service's stderr that told the operator nothing.
+        with np.errstate(over="ignore", invalid="ignore"):
+            metrics: dict[str, Any] = dict(progressive_validation(model, examples, records=records))
     except ArithmeticError as error:  # River's own step overflowed (l2 1e308): a bare 500 where NaN scores were a 422
         raise Diverged(f"a learning step overflowed ({error}) after {model.n_learned} of the rewards") from None
     metrics["evaluated_at"] = datetime.now(UTC).isoformat()

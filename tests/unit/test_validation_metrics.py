@@ -144,3 +144,18 @@ def test_a_step_that_overflows_in_river_is_diverged_not_an_error_of_its_own() ->
     examples = [({"tip_id": "a", "len": 2.0}, 1.0), ({"tip_id": "b", "len": 3.0}, 0.0)] * 3
     with pytest.raises(Diverged, match="overflowed"):
         evaluation.evaluate({"l2": 1e308}, examples)
+
+
+def test_a_diverging_factorisation_machine_is_refused_without_numpy_warnings() -> None:
+    """Its overflows were numpy RuntimeWarnings on the service's stderr, lines that told the operator
+    nothing the 422 naming params does not."""
+    import warnings
+
+    from app import evaluation
+    from models.validation import Diverged
+
+    examples = [({"tip_id": "a", "len": 2.0, "category": "x"}, 1.0), ({"tip_id": "b", "len": 3.0, "category": "y"}, 0.0)]
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(Diverged, match="scored nan"):
+        warnings.simplefilter("always")
+        evaluation.evaluate({"kind": "fm", "learning_rate": 1e10}, examples * 20)
+    assert [str(w.message) for w in caught] == []
