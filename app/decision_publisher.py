@@ -19,7 +19,9 @@ from typing import Any
 from app.learning_metrics import DECISION_QUEUE, DECISIONS
 
 log = logging.getLogger("tipstream.decisions")
-_PUBLISHED, _RETRIED = DECISIONS.labels("published"), DECISIONS.labels("retried")
+# Each outcome exposed at 0 from the start: a series that first appears at 40 refusals (one burst, NATS away
+# for a few seconds) has no increase() in Prometheus, and the README's alert on refusals never fired for it.
+_PUBLISHED, _RETRIED, _REFUSED = (DECISIONS.labels(outcome) for outcome in ("published", "retried", "refused"))
 
 
 def _stored_seq(ack: bytes) -> int | None:
@@ -120,7 +122,7 @@ class DecisionPublisher:
         while not self.offer(subject, decision_id, payload):
             left = deadline - time.monotonic()
             if left <= 0:
-                DECISIONS.labels("refused").inc()
+                _REFUSED.inc()
                 raise DecisionLogFull(
                     f"{self.waiting} decisions ({self.bytes / 1048576:.1f} MB) are waiting for JetStream "
                     f"(TIPSTREAM_DECISION_QUEUE_MAX={self.queue_max}, TIPSTREAM_DECISION_QUEUE_MB="

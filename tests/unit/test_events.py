@@ -153,6 +153,26 @@ def test_the_metrics_and_settings_the_docs_name_exist() -> None:
             assert name in settings or name.startswith("TIPSTREAM_TEST_"), f"{path.name} names {name}, not a setting"
 
 
+def test_the_series_the_readme_alerts_select_by_label_exist_before_their_first_count() -> None:
+    """`increase()` of a series that first appears at 40 is 0: an alert on a labelled outcome that
+    the service did not expose at 0 from the start missed the burst that created it."""
+    import re
+    from pathlib import Path
+
+    # Each module exposes its outcomes as it is imported.
+    import app.decision_publisher
+    import app.learner  # noqa: F401
+    from app.metrics import METRICS
+
+    present = {(sample.name, tuple(sorted(sample.labels.items())))
+               for family in METRICS.registry.collect() for sample in family.samples}
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    selected = set(re.findall(r'\b(tipstream_[a-z_]+_total)\{(\w+)="(\w+)"\}', readme))
+    assert selected, "the README's alerts select no labelled series any more: update this test"
+    for name, label, value in selected:
+        assert (name, ((label, value),)) in present, f"{name}{{{label}=\"{value}\"}} appears only once counted"
+
+
 def test_readme_lists_every_setting() -> None:
     from pathlib import Path
 
