@@ -27,7 +27,15 @@ from app.log_throttle import LogThrottle
 from app.metrics import METRICS
 from app.thaw import load_state
 from streams import jetstream as jsx
-from streams.events import EVENT_ADAPTER, FAMILY_OF_TYPE, Rejection, check_subject, parse_event, without_nul
+from streams.events import (
+    EVENT_ADAPTER,
+    FAMILY_OF_TYPE,
+    REJECTION_KINDS,
+    Rejection,
+    check_subject,
+    parse_event,
+    without_nul,
+)
 from streams.fold import FutureEvent
 from streams.store import OnlineStore, StateUnavailable
 
@@ -175,6 +183,10 @@ class StreamIngest:
         self._fold_delay = METRICS.fold_delay.labels(spec.name)
         self._ignored = METRICS.ignored.labels(spec.name)
         self._lag = METRICS.lag.labels(spec.name)
+        # At 0 from the start: a series that first appears at 1,000 (one bad publisher's burst) has no
+        # increase() in Prometheus, and the README's DLQ alert never fired for it.
+        for kind in REJECTION_KINDS:
+            METRICS.dlq.labels(spec.name, kind)
         # The store's position, read when scraped: it also moves without this ingest (the DECISIONS
         # tail advances it over this process's acknowledged publishes).
         METRICS.position.labels(spec.name).set_function(lambda: store.positions.get(spec.name, 0))

@@ -178,6 +178,12 @@ class Rejection:
     reason: str
 
 
+# Every `Rejection.kind`, here and in ingest (`oversized`, `future_ts`, `processing_failed`): each stream's
+# `tipstream_dlq_total` has a series for each from the start, at 0, for the README's alert on its increase().
+REJECTION_KINDS = ("invalid_json", "invalid_utf8", "unknown_type", "missing_field", "invalid_field",
+                   "unsupported_version", "subject_mismatch", "oversized", "future_ts", "processing_failed")
+
+
 def _describe(error: ValidationError) -> Rejection:
     first = error.errors(include_url=False)[0]
     # Drop the union branch name pydantic puts first in the location.

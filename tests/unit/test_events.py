@@ -173,6 +173,33 @@ def test_the_series_the_readme_alerts_select_by_label_exist_before_their_first_c
         assert (name, ((label, value),)) in present, f"{name}{{{label}=\"{value}\"}} appears only once counted"
 
 
+def test_each_streams_dlq_reasons_are_exposed_at_0_from_its_start() -> None:
+    """The README alerts on `increase(tipstream_dlq_total[10m])`: a reason first counted in a burst
+    appeared at its full count, and increase() read 0."""
+    import re
+    from pathlib import Path
+
+    from app.ingest import StreamIngest
+    from app.metrics import METRICS
+    from streams import jetstream as jsx
+    from streams.events import REJECTION_KINDS
+    from streams.store import OnlineStore
+
+    root = Path(__file__).resolve().parents[2]
+    made = set()
+    for path in (*(root / "app").glob("*.py"), *(root / "streams").glob("*.py")):
+        text = path.read_text()
+        made |= set(re.findall(r'Rejection\(\s*"(\w+)"', text))
+        made |= {kind for pair in re.findall(r'kind = "(\w+)" if .* else "(\w+)"', text) for kind in pair}
+    assert made and made <= set(REJECTION_KINDS), f"kinds missing from REJECTION_KINDS: {made - set(REJECTION_KINDS)}"
+
+    StreamIngest(None, None, jsx.FEEDBACK, OnlineStore(), None, batch=1, max_event_bytes=1,
+                 max_uncheckpointed=1)
+    exposed = {sample.labels["reason"] for family in METRICS.registry.collect() for sample in family.samples
+               if sample.name == "tipstream_dlq_total" and sample.labels.get("stream") == "FEEDBACK"}
+    assert exposed >= set(REJECTION_KINDS)
+
+
 def test_readme_lists_every_setting() -> None:
     from pathlib import Path
 
