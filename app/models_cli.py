@@ -312,11 +312,12 @@ def _short(value: Any) -> str:
 
 
 def add_models_commands(commands: Any) -> None:
-    models = commands.add_parser("models", help="the model registry: list, cards, shadow, promote, rollback")
+    models = commands.add_parser("models", help=f"the model registry: list, card, {', '.join(CHANGES)}")
     sub = models.add_subparsers(dest="models_command", required=True)
-    listing = sub.add_parser("list", help="every version with its role (from the database)")
+    where = "from the database: DATABASE_URL, else <TIPSTREAM_DATA_DIR>/tipstream.db, as the service has them"
+    listing = sub.add_parser("list", help=f"every version with its role ({where})")
     listing.set_defaults(func=_list)
-    card = sub.add_parser("card", help="a version's model card (from the database)")
+    card = sub.add_parser("card", help=f"a version's model card ({where})")
     card.add_argument("version")
     card.add_argument("--json", action="store_true", help="JSON instead of Markdown")
     card.set_defaults(func=_card)
@@ -338,7 +339,8 @@ def add_models_commands(commands: Any) -> None:
         if action in ("register", "evaluate"):
             parser.add_argument("--json", action="store_true", help="print the whole answer (JSON)")
         if action == "register":
-            parser.add_argument("--kind", default="logreg", choices=("logreg", "fm"))
+            parser.add_argument("--kind", default="logreg", choices=("logreg", "fm"),
+                                help="logistic regression or factorisation machine (default: logreg)")
             parser.add_argument("--param", type=_param, action="append", metavar="NAME=VALUE",
                                 help="a TipModel parameter, e.g. learning_rate=0.1 (repeatable)")
         parser.add_argument("--actor", default=_default_actor(), help="who makes the change (default: user@host)")

@@ -177,6 +177,19 @@ def test_run_help_lists_every_setting_with_its_default(capsys: pytest.CaptureFix
     assert "\n  NATS_URL=unset\n      NATS server to use. Unset: start an embedded" in help_text
 
 
+def test_help_names_every_models_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """`tipstream --help` summed `models` up as list, cards, shadow, promote and rollback: register,
+    retire and evaluate, which the README names, were left out."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    summary = " ".join(capsys.readouterr().out.split()).partition("the model registry:")[2].partition("options:")[0]
+    for command in ("list", "card", "register", "shadow", "promote", "rollback", "retire", "evaluate"):
+        assert command in summary, command
+    with pytest.raises(SystemExit):
+        main(["models", "--help"])
+    assert "DATABASE_URL" in capsys.readouterr().out  # where list and card read
+
+
 @pytest.mark.parametrize("command", [["migrate"], ["models", "list"], ["models", "card", "v1"]])
 @pytest.mark.parametrize(("database_url", "problem"), [
     ("mysql://tipstream:hunter2@127.0.0.1/tipstream", "its driver, MySQLdb, is not installed"),
