@@ -42,8 +42,11 @@ def _refusal(request: Request) -> Response | None:
     # request ever matched it (and the CLI's request failed with a traceback showing it).
     secret = token.get_secret_value().strip() if token is not None else ""
     if not secret:
-        return _json(403, {"error": "admin changes are disabled on this server: set TIPSTREAM_ADMIN_TOKEN "
-                                    "to a secret and send it as `Authorization: Bearer <token>`", "field": None})
+        # Said to a client that sent a token, often the CLI with its own TIPSTREAM_ADMIN_TOKEN set: the
+        # setting to fix is the server's, which only a restart reads.
+        return _json(403, {"error": "admin changes are disabled on this server: restart it with TIPSTREAM_ADMIN_TOKEN "
+                                    "set to a secret of 16 characters or more, and send that secret as "
+                                    "`Authorization: Bearer <token>`", "field": None})
     header = request.headers.get("authorization", "")
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer" or not given:

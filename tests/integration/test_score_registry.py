@@ -42,6 +42,7 @@ async def test_changes_are_refused_without_the_token(start_service, nc, tmp_path
     async with httpx.AsyncClient(base_url=running.base_url) as http:
         refused = await http.post("/admin/models/v1/promote", headers=AUTH)
         assert refused.status_code == 403 and "TIPSTREAM_ADMIN_TOKEN" in refused.json()["error"]
+        assert "restart it with TIPSTREAM_ADMIN_TOKEN" in refused.json()["error"]  # the server's, not the client's
         assert (await http.get("/models")).json()["champion"] == "v1", "reads stay open"
     await running.stop()
 
