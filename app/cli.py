@@ -100,8 +100,9 @@ def _migrate(args: argparse.Namespace) -> int:
     now = migrate.current(url)
     print(f"database at {now or 'base'}: {shown_database_url(url)}")
     if args.revision not in ("head", "base", now):
-        print(f"{args.revision} is older than {now}; migrate only upgrades. To go back: "
-              f"`.venv/bin/alembic downgrade {args.revision}`.", file=sys.stderr)
+        # A downgrade under a running service drops what it writes to: the hint says to stop it first.
+        print(f"{args.revision} is older than {now}; migrate only upgrades. To go back (for an older release): "
+              f"stop the service, then `.venv/bin/alembic downgrade {args.revision}`.", file=sys.stderr)
         return 1
     return 0
 

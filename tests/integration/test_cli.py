@@ -74,7 +74,7 @@ def test_migrate_says_where_the_database_is_and_does_not_pretend_to_go_back(
     assert head is not None and capsys.readouterr().out == f"database at {head}: {url}\n"
     assert main(["migrate", "0001"]) == 1
     out, err = capsys.readouterr()
-    assert out == f"database at {head}: {url}\n" and "alembic downgrade 0001" in err
+    assert out == f"database at {head}: {url}\n" and "stop the service, then `.venv/bin/alembic downgrade 0001`" in err
     assert migrate.current(url) == head
     assert main(["migrate", "nope"]) == 2
     assert "Unknown revision 'nope'; known: head, base, 0001" in capsys.readouterr().err
