@@ -60,6 +60,9 @@ def _registry() -> Any:
     # A read must not create a database: from the wrong directory it would make an empty one
     # and report "no versions" while the service runs elsewhere.
     revision = migrate.current(url)
+    if revision is None and settings.database_url:  # the data directory plays no part: not to be named
+        raise SystemExit(f"No tipstream tables at {shown_database_url(url)} (DATABASE_URL): no service has started "
+                         "on that database yet, or the service's DATABASE_URL is another; set it as the service has it.")
     if revision is None:
         raise SystemExit(f"No tipstream database at {shown_database_url(url)}: run this where the service runs (its "
                          "TIPSTREAM_DATA_DIR), or set DATABASE_URL / TIPSTREAM_DATA_DIR as the service has them.")

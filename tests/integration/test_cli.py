@@ -87,6 +87,12 @@ def test_reading_the_registry_where_there_is_no_database_creates_none(
     with pytest.raises(SystemExit, match="No tipstream database at sqlite:///.*: run this where the service runs"):
         main(["models", "list"])
     assert not (tmp_path / "data").exists()
+    # Where DATABASE_URL names the database, the data directory has nothing to do with it.
+    get_settings.cache_clear()
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    with pytest.raises(SystemExit, match=r"No tipstream tables at sqlite:///.*elsewhere\.db \(DATABASE_URL\)") as told:
+        main(["models", "card", "v1"])
+    assert "TIPSTREAM_DATA_DIR" not in str(told.value) and not (tmp_path / "elsewhere.db").exists()
 
 
 
