@@ -74,6 +74,20 @@ def server_on_store(store_dir: Path) -> int | None:
     return None
 
 
+def started_by(pid: int) -> int | None:
+    """The pid of the process that started `pid` (its parent), None when it is gone or was left to init.
+
+    >>> started_by(os.getpid()) == os.getppid(), started_by(2**22 + 1)
+    (True, None)
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    parent = int(stat.rpartition(")")[2].split()[1])  # the command in parentheses may hold spaces
+    return parent if parent > 1 else None
+
+
 def runs_on_store(pid: int, store_dir: Path) -> bool:
     """Whether process `pid` is alive with `store_dir` as its store: one that has exited reads no
     command line (gone, or a zombie), though its ports file went as its shutdown began."""

@@ -213,7 +213,7 @@ def _no_server_on_the_store(data_dir: Path) -> None:
     release was stopped). A server whose service was just killed is given time to end."""
     import time
 
-    from app.embedded_nats import STORE_DIR, runs_on_store, server_on_store
+    from app.embedded_nats import STORE_DIR, runs_on_store, server_on_store, started_by
 
     store = data_dir / STORE_DIR
     deadline = time.monotonic() + STORE_SERVER_WAIT_S
@@ -228,17 +228,21 @@ def _no_server_on_the_store(data_dir: Path) -> None:
         if not runs_on_store(pid, store):
             pid = server_on_store(store)
     if pid is not None:
+        # The service to stop is the server's parent: stopped alone, the server left that service running
+        # without NATS, and this start free to begin a second server under it.
+        service = started_by(pid)
+        by, one = ("", "one") if service is None else (f", started by pid {service}", f"service (pid {service})")
         raise StartupError(
-            f"The data directory {data_dir.resolve()} is in use by another tipstream: a nats-server (pid {pid}) runs "
-            f"on its NATS store {store.resolve()}, as a service of a release from before 2026-12-04 (which takes no "
-            "lock on the directory) runs it: two would share its NATS store and database. Stop that one, or set "
+            f"The data directory {data_dir.resolve()} is in use by another tipstream: a nats-server (pid {pid}{by}) "
+            f"runs on its NATS store {store.resolve()}, as a service of a release from before 2026-12-04 (which takes "
+            f"no lock on the directory) runs it: two would share its NATS store and database. Stop that {one}, or set "
             "TIPSTREAM_DATA_DIR to another directory.")
 
 
 def data_dir_holder(data_dir: Path) -> str | None:
     """Which service holds `data_dir` ("pid 123", "pid ?"), None when none does; creates nothing. A
     service of a release from before the lock is named by its embedded nats-server (`hold_data_dir`)."""
-    from app.embedded_nats import STORE_DIR, server_on_store
+    from app.embedded_nats import STORE_DIR, server_on_store, started_by
 
     try:
         fd = os.open(data_dir / LOCK_FILE, os.O_RDONLY)
@@ -254,7 +258,11 @@ def data_dir_holder(data_dir: Path) -> str | None:
         finally:
             os.close(fd)
     server = server_on_store(data_dir / STORE_DIR)
-    return None if server is None else f"its nats-server's pid {server}; a release from before 2026-12-04"
+    if server is None:
+        return None
+    service = started_by(server)
+    return (f"{'' if service is None else f'pid {service}, '}its nats-server's pid {server}; "
+            "a release from before 2026-12-04")
 
 
 def listen_socket(settings: Settings) -> socket.socket:

@@ -331,7 +331,8 @@ def service_on_data_dir(data_dir: Path, release: str) -> Iterator[str]:
     else:  # before 2026-12-04: no lock; told by its embedded nats-server
         server = pre_lock_release_server(data_dir.parent, f"{data_dir.name}/nats")
         try:
-            yield f"A tipstream (its nats-server's pid {server.pid}; a release from before 2026-12-04) runs on"
+            yield (f"A tipstream (pid {os.getpid()}, its nats-server's pid {server.pid}; a release from before "
+                   "2026-12-04) runs on")
         finally:
             server.terminate()
             server.wait(10)

@@ -274,10 +274,11 @@ def test_a_service_of_a_release_without_the_lock_on_the_directory_is_told_by_its
         with pytest.raises(StartupError) as refused:
             hold_data_dir(data)
         assert str(refused.value) == (
-            f"The data directory {data.resolve()} is in use by another tipstream: a nats-server (pid {server.pid}) "
-            f"runs on its NATS store {(data / 'nats').resolve()}, as a service of a release from before 2026-12-04 "
-            "(which takes no lock on the directory) runs it: two would share its NATS store and database. Stop that "
-            "one, or set TIPSTREAM_DATA_DIR to another directory.")
+            f"The data directory {data.resolve()} is in use by another tipstream: a nats-server (pid {server.pid}, "
+            f"started by pid {os.getpid()}) runs on its NATS store {(data / 'nats').resolve()}, as a service of a "
+            "release from before 2026-12-04 (which takes no lock on the directory) runs it: two would share its NATS "
+            f"store and database. Stop that service (pid {os.getpid()}), or set TIPSTREAM_DATA_DIR to another "
+            "directory.")  # the service to stop, this test here: its server stopped alone left it without NATS
         with open(data / startup.LOCK_FILE) as file:  # let go of
             fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
