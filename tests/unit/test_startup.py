@@ -198,6 +198,18 @@ async def test_a_request_head_past_the_bound_is_refused_and_its_connection_close
         many = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"a" * 100) for i in range(4000))
         answer = await ask(many, chunk=4096)
         assert answer.startswith(b"HTTP/1.1 431") or answer == b"reset", answer[:200]
+        # Sent at once, so likely read at once: the read a request began in was not counted, and a head as
+        # long as one read (up to 256 KB) passed.
+        once = b"GET / HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * (3 * HTTP_MAX_HEAD_BYTES // 2) + b"\r\n"
+        answer = await ask(once, chunk=len(once) + 100)
+        assert answer.startswith(b"HTTP/1.1 431") or answer == b"reset", answer[:200]
+        # Requests pipelined after a large body: the head read beside the body's bytes is no longer head.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n" + b"b" * 200_000
+                     + b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-A: " + b"a" * 8000 + b"\r\n\r\n")
+        answers = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert answers.count(b"HTTP/1.1 200") == 2, answers[:400]
 
 
 async def test_a_client_that_sends_part_of_a_request_or_nothing_is_not_waited_for_for_good() -> None:
