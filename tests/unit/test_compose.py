@@ -27,3 +27,12 @@ def test_the_environment_names_only_real_settings() -> None:
         for variable in service.get("environment", {}):
             if service.get("image", "").startswith("python") or variable.startswith("TIPSTREAM_"):
                 assert variable in known, f"{name}: {variable} is not a setting"
+
+
+def test_the_nats_server_without_auth_is_published_on_loopback_only() -> None:
+    """It takes any client: published on every interface, anyone who could reach the host could
+    publish events into the streams or delete them, the log the database is rebuilt from."""
+    nats = COMPOSE["services"]["nats"]
+    assert "--auth" not in nats["command"] and "-c" not in nats["command"]  # else this test may go
+    for published in nats["ports"]:
+        assert published.startswith("127.0.0.1:"), published
