@@ -24,5 +24,6 @@ bench: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/tipstream docs
 
+# Not data/: the default TIPSTREAM_DATA_DIR holds the NATS store, the log everything is rebuilt from.
 clean:
-	rm -rf $(VENV) data .pytest_cache
+	rm -rf $(VENV) .pytest_cache
