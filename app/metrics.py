@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, disable_created_metrics
 
+from streams.events import REJECTION_KINDS
+
 # The *_created series double the output and say nothing an operator needs.
 disable_created_metrics()
 
@@ -19,7 +21,9 @@ class Metrics:
             "tipstream_events_ignored_total", "Duplicates and events older than every window (for DECISIONS, "
             "redeliveries and decisions older than the join window).", ["stream"], registry=r
         )
-        self.dlq = Counter("tipstream_dlq_total", "Events sent to the DLQ, by reason.", ["stream", "reason"], registry=r)
+        self.dlq = Counter(
+            "tipstream_dlq_total", "Events sent to the DLQ, by stream and reason (their Tipstream-Dlq-Kind header): "
+            f"{', '.join(REJECTION_KINDS)}; each at 0 from its stream's start.", ["stream", "reason"], registry=r)
         self.lag = Gauge("tipstream_stream_lag", "Messages in the stream not yet consumed.", ["stream"], registry=r)
         self.position = Gauge("tipstream_stream_position", "Last stream sequence applied.", ["stream"], registry=r)
         self.checkpoint_position = Gauge(
