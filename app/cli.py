@@ -74,20 +74,29 @@ def _migrate(args: argparse.Namespace) -> int:
     if args.revision not in ("head", "base", *known):  # checked first: an attempt would create the database
         print(f"Unknown revision {args.revision!r}; known: head, base, {', '.join(known)}.", file=sys.stderr)
         return 2
-    # The tables dropped under a running service: its checkpoints failed until it was restarted.
-    if args.revision == "base" and (holder := data_dir_holder(settings.data_dir)) is not None:
-        print(f"A tipstream ({holder}) runs on {settings.data_dir.resolve()} (TIPSTREAM_DATA_DIR): stop it "
-              "before `tipstream migrate base`, then start it again to rebuild from the log.", file=sys.stderr)
-        return 1
+    drops = args.revision == "base"
+    if drops:  # The tables dropped under a running service: its checkpoints failed until it was restarted.
+        command, then = "`tipstream migrate base`", "then start it again to rebuild from the log"
+    else:  # An old release would not start again on the new revision: the README said not to, nothing stopped it.
+        command, then = "`tipstream migrate`", ("as it would not start again on the newer revision; or start this "
+                                                "release in its place, which migrates the database as it starts")
+    if (holder := data_dir_holder(settings.data_dir)) is not None:
+        # A service on a database at head (or an older revision asked for) finds nothing done, as before.
+        was = None if drops else migrate.current(url)
+        target = known[-1] if args.revision == "head" else args.revision
+        if drops or was is None or (was in known and known.index(was) < known.index(target)):
+            print(f"A tipstream ({holder}) runs on {settings.data_dir.resolve()} (TIPSTREAM_DATA_DIR): stop it "
+                  f"before {command}, {then}.", file=sys.stderr)
+            return 1
     # Held while the tables go, so that no service starts meanwhile (nor runs from another data directory).
     lock = ServiceLock(url)
     try:
-        if args.revision == "base":
+        if drops:
             lock.acquire()
-        (migrate.downgrade if args.revision == "base" else migrate.upgrade)(url, args.revision)
+        (migrate.downgrade if drops else migrate.upgrade)(url, args.revision)
     except ServiceLockTaken as taken:
         print(f"A tipstream service runs against {shown_database_url(url)} ({taken.holder}): stop it before "
-              "`tipstream migrate base`, then start it again to rebuild from the log.", file=sys.stderr)
+              f"{command}, {then}.", file=sys.stderr)
         return 1
     except CommandError as error:
         print(error, file=sys.stderr)

@@ -351,6 +351,27 @@ def test_migrate_base_refuses_to_drop_the_tables_of_a_running_service(
     assert main(["migrate", "base"]) == 0 and migrate.current(url) is None
 
 
+@pytest.mark.parametrize("release", ["current", "before the lock"])
+def test_migrate_refuses_to_upgrade_the_database_under_a_running_service(
+        release: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README said not to run a new release's `tipstream migrate` while the old one serves the
+    database (it would not start again on the newer revision), and nothing stopped it."""
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))
+    url = get_settings().sqlalchemy_url
+    older = migrate.revisions()[-2]
+    assert main(["migrate", older]) == 0
+    with service_on_data_dir(tmp_path / "data", release) as named:
+        assert main(["migrate"]) == 1
+        err = capsys.readouterr().err
+        assert named in err and "stop it before `tipstream migrate`" in err, err
+        assert migrate.current(url) == older
+    assert main(["migrate"]) == 0 and migrate.current(url) == migrate.revisions()[-1]
+    if release == "current":
+        with service_on_data_dir(tmp_path / "data", release):  # at head: nothing to do, nothing refused
+            assert main(["migrate"]) == 0
+
+
 def test_migrate_base_refuses_to_drop_the_tables_a_service_elsewhere_uses(
         database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A service on another host or data directory holds the PostgreSQL database's lock, or the
