@@ -143,7 +143,9 @@ def make_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             try:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                # Its user's only, as a data directory the service creates: `tipstream migrate` run first
+                # made it with the umask's mode (0755), which the service then kept, users' data readable.
+                Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as error:  # as the database failing to open, which app.startup.explain tells the operator
                 raise OperationalError(f"mkdir {Path(path).parent}", None, error) from None
         engine = create_engine(url, connect_args={"timeout": 30})

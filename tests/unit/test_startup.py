@@ -275,6 +275,15 @@ def test_a_data_directory_it_creates_is_its_owner_s_only_and_one_that_exists_kee
     assert shared.stat().st_mode & 0o777 == 0o750
 
 
+def test_a_directory_made_for_a_sqlite_file_is_its_owner_s_only(tmp_path: Path) -> None:
+    """`tipstream migrate` (or `models`) run before the first start made the data directory with the
+    umask's mode, which the service then kept: the users' events and features readable by all."""
+    from app.db import make_engine
+
+    make_engine(f"sqlite:///{tmp_path / 'data' / 'tipstream.db'}").dispose()
+    assert (tmp_path / "data").stat().st_mode & 0o777 == 0o700
+
+
 def test_a_service_of_a_release_without_the_lock_on_the_directory_is_told_by_its_nats_server(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Upgrading, the new release started before the old one was stopped: it took the lock the old one
