@@ -57,10 +57,23 @@ class _RocAuc:
 class _Metrics:
     """Log loss (reward-weighted), ROC AUC on reward >= 0.5 (exact, ties count half), mean reward
     and mean score, and the expected calibration error: over `CALIBRATION_BINS` equal-width score
-    bins, the mean |mean score - mean reward| weighed by each bin's share of the examples."""
+    bins, the mean |mean score - mean reward| weighed by each bin's share of the examples.
+
+    Beside the log loss, `log_loss_base_rate`: that of predicting, for every example, the mean
+    reward of those before it ((sum + 1) / (n + 2)), which knows no user and no tip. A log loss of
+    0.71 says nothing on its own (soft rewards are not 0 or 1, so even a perfect model's is above
+    0); below its base rate's, the model's probabilities are the better.
+
+    >>> m = _Metrics()
+    >>> for reward, score in [(1.0, 0.9), (0.0, 0.1)] * 50:
+    ...     m.update(reward, score)
+    >>> report = m.get()
+    >>> round(report["log_loss"], 3), round(report["log_loss_base_rate"], 3)
+    (0.105, 0.714)
+    """
 
     def __init__(self) -> None:
-        self.log_loss = metrics.LogLoss()
+        self.log_loss, self.log_loss_base_rate = metrics.LogLoss(), metrics.LogLoss()
         self.auc = _RocAuc()
         self.reward, self.score = stats.Mean(), stats.Mean()
         self.n = self.positives = 0
@@ -72,10 +85,13 @@ class _Metrics:
         if not math.isfinite(score):  # a calibration bin of NaN was a bare ValueError
             raise Diverged(f"it scored {score!r} after {self.n} of the rewards")
         # Log loss of a soft label r = r * loss(True) + (1 - r) * loss(False): two weighted updates.
+        base_rate = (self.reward.get() * self.n + 1.0) / (self.n + 2.0)
         if reward > 0.0:
             self.log_loss.update(True, score, w=reward)
+            self.log_loss_base_rate.update(True, base_rate, w=reward)
         if reward < 1.0:
             self.log_loss.update(False, score, w=1.0 - reward)
+            self.log_loss_base_rate.update(False, base_rate, w=1.0 - reward)
         positive = reward >= 0.5
         self.auc.update(positive, score)
         self.reward.update(reward)
@@ -88,6 +104,7 @@ class _Metrics:
         return {
             "n": self.n,
             "log_loss": self.log_loss.get() if self.n else None,
+            "log_loss_base_rate": self.log_loss_base_rate.get() if self.n else None,
             "roc_auc": self.auc.get(),  # None with a single class: AUC is undefined
             "mean_reward": self.reward.get() if self.n else None,
             "mean_score": self.score.get() if self.n else None,

@@ -60,6 +60,8 @@ def test_metrics_match_references_with_ties_and_soft_rewards(seed: int) -> None:
     u = stats.mannwhitneyu(positive, negative, alternative="two-sided").statistic
     assert report["roc_auc"] == pytest.approx(u / (len(positive) * len(negative)), abs=1e-12)
     assert report["log_loss"] == pytest.approx(_log_loss(rewards, scores), rel=1e-9)
+    base_rates = [(sum(rewards[:i]) + 1) / (i + 2) for i in range(len(rewards))]  # knowing only the rewards before
+    assert report["log_loss_base_rate"] == pytest.approx(_log_loss(rewards, base_rates), rel=1e-9)
     assert report["calibration_error"] == pytest.approx(_ece(rewards, scores), abs=1e-12)
     assert report["mean_reward"] == pytest.approx(sum(rewards) / len(rewards))
     assert report["mean_score"] == pytest.approx(sum(scores) / len(scores))
