@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from app import decision_spool, loop_lag, migrate
+from app import decision_spool, loop_lag, migrate, version
 from app.checkpoint_writer import CheckpointWriter
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.collector import FreezePolicy
@@ -147,6 +147,8 @@ class Service:
         # gc.callbacks).
         gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
         self._tasks.append(asyncio.create_task(loop_lag.watch(METRICS.loop_lag.observe), name="event loop lag"))
+        release = await asyncio.to_thread(version.describe)  # git, once a process
+        METRICS.build_info.labels(release.version, release.schema, release.commit or "").set(1)
         s.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # as `startup.hold_data_dir` makes it
         if self.service_lock.needed:
             self._tasks.append(asyncio.create_task(

@@ -166,8 +166,23 @@ def _user_prefix(text: str) -> str:
     return text
 
 
+class _PrintRelease(argparse.Action):
+    """`--version`, worked out only when asked: it reads the migrations and asks git."""
+
+    def __init__(self, option_strings: list[str], dest: str, **_: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0,
+                         help="which release this is (package version, database schema, commit) and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from app.version import describe
+
+        print(describe())
+        parser.exit()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tipstream", description=__doc__)
+    parser.add_argument("--version", action=_PrintRelease)
     commands = parser.add_subparsers(dest="command", required=True)
 
     from app.settings import settings_help

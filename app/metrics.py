@@ -24,6 +24,10 @@ class Metrics:
         self.dlq = Counter(
             "tipstream_dlq_total", "Events sent to the DLQ, by stream and reason (their Tipstream-Dlq-Kind header): "
             f"{', '.join(REJECTION_KINDS)}; each at 0 from its stream's start.", ["stream", "reason"], registry=r)
+        self.build_info = Gauge(
+            "tipstream_build_info", "1, labelled with the release that runs (`tipstream --version`): its package "
+            "version, database schema and commit (empty outside a git checkout).", ["version", "schema", "commit"],
+            registry=r)
         self.lag = Gauge("tipstream_stream_lag", "Messages in the stream not yet consumed.", ["stream"], registry=r)
         self.position = Gauge("tipstream_stream_position", "Last stream sequence applied.", ["stream"], registry=r)
         self.checkpoint_position = Gauge(

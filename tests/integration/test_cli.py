@@ -50,6 +50,21 @@ def test_simulate_against_no_server_says_so_at_once(tmp_path: Path) -> None:
     assert done.returncode == 1 and "hunter2" not in done.stderr and "nats://tipstream:***@127.0.0.1:" in done.stderr
 
 
+def test_version_names_the_release_its_schema_and_commit(capsys: pytest.CaptureFixture[str]) -> None:
+    """Releases are told apart by commit and date; nothing said which one ran."""
+    import subprocess
+    from importlib.metadata import version as package_version
+
+    from app import migrate
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    head = subprocess.run(["git", "log", "-1", "--format=%h %cs"], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).parent).stdout.strip()
+    assert capsys.readouterr().out == f"tipstream {package_version('tipstream')}, database schema {migrate.revisions()[-1]} (commit {head})\n"
+
+
 @pytest.mark.parametrize(("argv", "problem"), [
     (["--users", "0"], "--users: must be at least 1, got 0"),
     (["--rate", "-5"], "--rate: must be at least 0, got -5"),
