@@ -438,7 +438,8 @@ def card_markdown(mv: ModelVersion, role: str | None = None) -> str:
     lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(mv.model_params.items())]
     lines += ["", "## Inputs", ""]
     if c.inputs:
-        lines += ["| input | use |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in sorted(c.inputs.items())]
+        # An input's name may be a caller's (a candidate's own features): a '|' or a line break in it broke the table.
+        lines += ["| input | use |", "|---|---|"] + [f"| {_fmt(k)} | {_fmt(v)} |" for k, v in sorted(c.inputs.items())]
     else:
         lines += [", ".join(mv.feature_names)
                   or f"(none when this card was written: the model had learned nothing; `{CLI} evaluate {mv.version}` "

@@ -291,3 +291,15 @@ def test_a_note_of_several_lines_stays_in_its_row_of_the_rollout_table(reg: Regi
     table = md[md.index("| at | action |"):].split("\n\n")[0].strip().split("\n")
     assert all(line.startswith("|") and line.endswith("|") for line in table), table
     assert "| bob\\|ops | after review<br>## approved<br>by ops<br>ticket 7 |" in table[-1]
+
+
+def test_an_input_named_by_a_caller_stays_in_its_row_of_the_inputs_table() -> None:
+    """A candidate's own feature names are the caller's: one holding a '|' or a line break split its row."""
+    model = TipModel()
+    model.learn_one({"tip_id": "a", "len|gth": 2.0, "two\nlines": "x"}, 1.0)
+    mv = ModelVersion("v1", "logreg", {}, model.feature_names, datetime(2026, 11, 26, tzinfo=UTC),
+                      ModelCard(inputs=model.describe_inputs()))
+    md = card_markdown(mv)
+    table = md[md.index("| input | use |"):].split("\n\n")[0].strip().split("\n")
+    assert all(line.startswith("|") and line.count(" | ") == 1 for line in table[2:]), table
+    assert any(line.startswith("| len\\|gth | ") for line in table) and any("two<br>lines" in line for line in table)
