@@ -115,7 +115,7 @@ class Settings(BaseSettings):
         "auto",
         description="Where checkpoint transactions run: `thread` (in the service; they share its GIL, so under load "
                     "they take longer) or `process` (a writer process: faster checkpoints, but it needs a core of its "
-                    "own; on two cores it cost ingest a quarter of its rate). `auto`: `process` with 4 or more CPUs.",
+                    "own; on two cores it slows ingest by about a quarter). `auto`: `process` with 4 or more CPUs.",
     )
     max_uncheckpointed_events: int = Field(
         1_000_000,
@@ -129,7 +129,7 @@ class Settings(BaseSettings):
     gc_freeze_every_users: int = Field(
         50_000, ge=0,
         description="Each time the store grows by this many users, their state is frozen out of the cycle "
-                    "collector's full passes (with 1M users one pass stalled the loop ~0.7 s). 0: never.",
+                    "collector's full passes (a pass over 1M users stalls the event loop ~0.7 s). 0: never.",
     )
 
     # -- scoring, decisions, learning (issue 4; docs/learning.md) ---------------------------
