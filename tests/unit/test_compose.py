@@ -36,3 +36,10 @@ def test_the_nats_server_without_auth_is_published_on_loopback_only() -> None:
     assert "--auth" not in nats["command"] and "-c" not in nats["command"]  # else this test may go
     for published in nats["ports"]:
         assert published.startswith("127.0.0.1:"), published
+
+
+def test_the_service_without_a_token_for_reads_is_published_on_loopback_only() -> None:
+    """/score, every user's features and /metrics answer whoever reaches the port: published on every
+    interface, anyone who could reach the host read users' features and logged decisions."""
+    for published in COMPOSE["services"]["tipstream"]["ports"]:
+        assert published.startswith("127.0.0.1:"), published
