@@ -22,10 +22,11 @@ import orjson
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from app.request_body import ClientGone, read_body
 from models.registry import RegistryError
 
 STATUS = {"not_found": 404, "conflict": 409, "invalid": 422}
@@ -96,8 +97,18 @@ class RegisterBody(ChangeBody):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+# A change's body is a version's name, parameters and a note: a few KB. Read whole, 5 MB was parsed.
+ADMIN_MAX_BODY_BYTES = 1 << 20
+
+
+class _TooLarge(Exception):
+    pass
+
+
 async def _body(request: Request, model: type[ChangeBody]) -> ChangeBody:
-    raw = await request.body()
+    raw = await read_body(request.receive, ADMIN_MAX_BODY_BYTES)
+    if raw is None:
+        raise _TooLarge()
     return model.model_validate_json(raw or b"{}")
 
 
@@ -116,8 +127,10 @@ def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[ChangeBo
             return refused
         try:
             parsed = await _body(request, body)
-        except ClientDisconnect:  # gone before its body ended: nothing changed, and no one to answer
+        except ClientGone:  # gone before its body ended: nothing changed, and no one to answer
             return _NO_ANSWER
+        except _TooLarge:
+            return _json(413, {"error": f"body: larger than {ADMIN_MAX_BODY_BYTES} bytes", "field": "body"})
         except ValidationError as error:
             first = error.errors(include_url=False)[0]
             field = ".".join(str(p) for p in first["loc"]) or "body"
@@ -142,6 +155,7 @@ _REFUSALS = {
     401: {"description": "no bearer token", "headers": {"WWW-Authenticate": {
         "description": "the scheme to authenticate with", "schema": {"type": "string"}}}},
     403: {"description": "wrong token, or TIPSTREAM_ADMIN_TOKEN unset"},
+    413: {"description": f"the body is larger than {ADMIN_MAX_BODY_BYTES} bytes; nothing changed"},
     422: {"description": "a bad body (the field named); nothing changed"},
     503: {"description": "the database is away; nothing changed", "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
 }

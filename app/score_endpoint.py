@@ -35,14 +35,12 @@ import orjson
 from app.decision_publisher import DecisionLogFull
 from app.decisions import SUBJECT_SCORE
 from app.learning_metrics import SCORE_REQUESTS, SCORE_SECONDS
+from app.request_body import ClientGone, Receive, read_body
 from app.score_request import RequestError, parse_request
 from app.thaw import load_state
 from streams.store import StateUnavailable
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _ANSWERED = SCORE_REQUESTS.labels("200")
 _JSON = (b"content-type", b"application/json")
@@ -51,15 +49,11 @@ UNAVAILABLE = {"error": "user_id: this user's state is still to be loaded from t
                         "away (see the warnings in the log); try again shortly", "field": "user_id"}
 
 
-class ClientGone(Exception):
-    """The client disconnected before its body was read: there is no one to answer."""
-
-
 def too_large(limit: int) -> dict[str, Any]:
     return {"error": f"body: larger than {limit} bytes (TIPSTREAM_SCORE_MAX_BODY_BYTES)", "field": "body"}
 
 
-def refusal_by_headers(scope: Scope, limit: int) -> tuple[int, dict[str, Any]] | None:
+def refusal_by_headers(scope: MutableMapping[str, Any], limit: int) -> tuple[int, dict[str, Any]] | None:
     """The status and answer for a request its headers refuse: a declared length past `limit`
     (413), or a body not declared JSON (415). A body of another media type was read as JSON: a web
     page could have any visitor's browser log decisions here with a plain form or text POST, which
@@ -78,22 +72,6 @@ def refusal_by_headers(scope: Scope, limit: int) -> tuple[int, dict[str, Any]] |
                           f"(given: {given})", "field": "Content-Type"}
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
-    """The body, or None when it is larger than `limit` (read no further than that)."""
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            raise ClientGone()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
 async def send_json(send: Send, status: int, body: dict[str, Any], *headers: tuple[bytes, bytes]) -> None:
     (_ANSWERED if status == 200 else SCORE_REQUESTS.labels(str(status))).inc()
     payload = orjson.dumps(body)
@@ -105,7 +83,7 @@ async def send_json(send: Send, status: int, body: dict[str, Any], *headers: tup
 class ScoreEndpoint:
     """The ASGI app of `POST /score` (see the module's docstring for the steps)."""
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         service = scope["app"].state.service
         limit = service.settings.score_max_body_bytes
         refused = refusal_by_headers(scope, limit)
@@ -113,7 +91,7 @@ class ScoreEndpoint:
             await send_json(send, *refused)
             return
         try:
-            body = await read_body(scope, receive, limit)
+            body = await read_body(receive, limit)
         except ClientGone:
             return
         if body is None:

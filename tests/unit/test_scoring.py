@@ -439,6 +439,31 @@ async def test_a_client_gone_before_its_body_is_answered_nothing_and_logs_nothin
     assert sent == [] and service.publisher.waiting == 0 and len(service.learner.cache) == 0
 
 
+async def test_an_admin_body_past_its_bound_is_a_413_read_no_further(tmp_path: Path) -> None:
+    """Read whole by `request.body()`, a 5 MB registration body was parsed (a change's body is a few KB)."""
+    from app.admin import ADMIN_MAX_BODY_BYTES
+    from app.api import create_app
+
+    token = "a-token-of-16-chars-or-more"
+    app = create_app(Settings(data_dir=tmp_path, admin_token=token))
+    scope = {"type": "http", "method": "POST", "path": "/admin/models", "raw_path": b"/admin/models",
+             "root_path": "", "query_string": b"", "headers": [(b"authorization", f"Bearer {token}".encode())]}
+    chunk = b" " * (ADMIN_MAX_BODY_BYTES // 4)
+    read, sent = [0], []
+
+    async def receive() -> dict[str, Any]:
+        read[0] += 1
+        return {"type": "http.request", "body": chunk, "more_body": True}  # never ends
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    assert sent[0]["status"] == 413 and read[0] == 5, "one chunk past the bound, and no further"
+    assert orjson.loads(sent[1]["body"]) == {"error": f"body: larger than {ADMIN_MAX_BODY_BYTES} bytes",
+                                             "field": "body"}
+
+
 async def test_score_refuses_while_too_many_decision_rows_wait_for_the_database(tmp_path: Path) -> None:
     """With checkpoints failing, every decision served would add a row held in memory: past
     TIPSTREAM_MAX_UNWRITTEN_DECISIONS, /score answers 503 and serves nothing."""

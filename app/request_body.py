@@ -1,0 +1,30 @@
+"""A request's body read straight from its ASGI messages, up to a bound: Starlette's
+`request.body()` reads it whole, however large, and raises through the endpoint (a traceback
+logged as an error) when the client goes away before it ends."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+
+
+class ClientGone(Exception):
+    """The client disconnected before its body was read: there is no one to answer."""
+
+
+async def read_body(receive: Receive, limit: int) -> bytes | None:
+    """The body, or None when it is larger than `limit` (read no further than that)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
