@@ -948,10 +948,3 @@ class Learner:
         self.waiting.restore(state, self.clock())
         self.evicted_upto_ms = state["evicted_upto_ms"]
         return dict(state["positions"])
-
-    # -- reads -------------------------------------------------------------------------------
-
-    def user_reactions(self, user_id: str) -> int:
-        """How many tips this user reacted to (in the fold's 30-day horizon): the prior's `u`."""
-        state = self.store.users.get(user_id)
-        return state.count("tip.reacted") if state is not None else 0
