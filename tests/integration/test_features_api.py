@@ -148,52 +148,34 @@ def _day(d: int) -> str:
     return (datetime(2026, 9, 1, 12, tzinfo=UTC) + timedelta(days=d)).isoformat()
 
 
-async def test_a_user_id_with_a_slash_is_served_like_any_other(start_service, nc) -> None:
-    # Events take any 1-128 characters as a user id ("org/42"); the path's `{user_id}` stopped at a '/'
-    # (percent-encoded or not, the path is decoded before routing), so such a user was a bare 404.
+async def test_any_user_id_an_event_may_hold_is_served_like_any_other(start_service, nc) -> None:
+    """Events take any 1-128 characters as a user id. The path's `{user_id}` stopped at a '/' (percent-encoded
+    or not, the path is decoded before routing), then, matched with `.*`, at a "\n": such users' features
+    were a bare 404. And the path is percent-decoded with errors replaced: "%FF%FE" answered for the user
+    "\ufffd\ufffd", an id an event may well hold, as if the caller had asked for it (a fuzz campaign)."""
     running = await start_service()
-    opened = {"id": "slash-1", "type": "app.opened", "user_id": "org/42", "ts": "2026-11-25T21:00:00+01:00"}
-    await nc.jetstream().publish("signals.app.opened", orjson.dumps(opened))
-    await eventually(lambda: running.service.store.applied == 1)
+    users = ("org/42", "line\nbreak", "\ufffd\ufffd")
+    for n, user in enumerate(users):
+        opened = {"id": f"odd-{n}", "type": "app.opened", "user_id": user, "ts": "2026-11-25T21:00:00+01:00"}
+        await nc.jetstream().publish("signals.app.opened", orjson.dumps(opened))
+    await eventually(lambda: running.service.store.applied == len(users))
+    paths = {"org/42": ("/users/org%2F42/features", "/users/org/42/features"),
+             "line\nbreak": ("/users/line%0Abreak/features",),
+             "\ufffd\ufffd": ("/users/%EF%BF%BD%EF%BF%BD/features",)}
     async with httpx.AsyncClient(base_url=running.base_url) as http:
-        for path in ("/users/org%2F42/features", "/users/org/42/features"):
-            answer = await http.get(path, params={"at": "2026-11-25T22:00:00+01:00"})
-            assert answer.status_code == 200, answer.text
-            body = answer.json()
-            assert body["user_id"] == "org/42" and body["known"] is True
-            assert body["features"]["app_opens_7d"]["value"] == 1
-        empty = await http.get("/users//features")
-        assert empty.status_code == 422 and empty.json()["field"] == "user_id", empty.text
-        document = (await http.get("/openapi.json")).json()
-    assert "/users/{user_id}/features" in document["paths"], "the document names the parameter, not its convertor"
-
-
-async def test_a_user_id_with_a_line_break_is_served_like_any_other(start_service, nc) -> None:
-    # An event's user id may hold a "\n" (and /score serves it); the path's `{user_id}` matched with
-    # `.*`, which stops at one, so that user's features were a 404 "Not Found" (a fuzz campaign).
-    running = await start_service()
-    opened = {"id": "lf-1", "type": "app.opened", "user_id": "line\nbreak", "ts": "2026-11-25T21:00:00+01:00"}
-    await nc.jetstream().publish("signals.app.opened", orjson.dumps(opened))
-    await eventually(lambda: running.service.store.applied == 1)
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
-        answer = await http.get("/users/line%0Abreak/features", params={"at": "2026-11-25T22:00:00+01:00"})
-        assert answer.status_code == 200, answer.text
-        assert answer.json()["user_id"] == "line\nbreak" and answer.json()["known"] is True
-        too_long = await http.get("/users/" + "%0A" * 129 + "/features")
-        assert too_long.status_code == 422 and too_long.json()["field"] == "user_id", too_long.text
-
-
-async def test_a_user_id_that_is_not_utf8_is_a_422_not_another_users_features(start_service, nc) -> None:
-    # The path is percent-decoded with errors replaced: "%FF%FE" answered for the user "\ufffd\ufffd",
-    # a user id an event may well hold, as if the caller had asked for it (a fuzz campaign).
-    running = await start_service()
-    opened = {"id": "fffd-1", "type": "app.opened", "user_id": "\ufffd\ufffd", "ts": "2026-11-25T21:00:00+01:00"}
-    await nc.jetstream().publish("signals.app.opened", orjson.dumps(opened))
-    await eventually(lambda: running.service.store.applied == 1)
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        for user, asked in paths.items():
+            for path in asked:
+                answer = await http.get(path, params={"at": "2026-11-25T22:00:00+01:00"})
+                assert answer.status_code == 200, (path, answer.text)
+                body = answer.json()
+                assert body["user_id"] == user and body["known"] is True, path
+                assert body["features"]["app_opens_7d"]["value"] == 1, path
+        for bad in ("", "%0A" * 129):  # empty, too long
+            answer = await http.get(f"/users/{bad}/features")
+            assert answer.status_code == 422 and answer.json()["field"] == "user_id", (bad, answer.text)
         for raw in ("%FF%FE", "%ED%A0%80", "ok%C3"):  # not UTF-8, an encoded surrogate, a sequence cut short
             answer = await http.get(f"/users/{raw}/features")
             assert answer.status_code == 422 and answer.json()["field"] == "user_id", (raw, answer.text)
             assert "UTF-8" in answer.json()["error"]
-        answer = await http.get("/users/%EF%BF%BD%EF%BF%BD/features", params={"at": "2026-11-25T22:00:00+01:00"})
-        assert answer.status_code == 200 and answer.json()["known"] is True, answer.text
+        document = (await http.get("/openapi.json")).json()
+    assert "/users/{user_id}/features" in document["paths"], "the document names the parameter, not its convertor"
