@@ -62,7 +62,8 @@ def test_version_names_the_release_its_schema_and_commit(capsys: pytest.CaptureF
     assert exited.value.code == 0
     head = subprocess.run(["git", "log", "-1", "--format=%h %cs"], capture_output=True, text=True, check=True,
                           cwd=Path(__file__).parent).stdout.strip()
-    assert capsys.readouterr().out == f"tipstream {package_version('tipstream')}, database schema {migrate.revisions()[-1]} (commit {head})\n"
+    schema = migrate.revisions()[-1]
+    assert capsys.readouterr().out == f"tipstream {package_version('tipstream')}, database schema {schema} (commit {head})\n"
 
 
 @pytest.mark.parametrize(("argv", "problem"), [
