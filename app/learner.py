@@ -610,7 +610,7 @@ class Learner:
             if entry is None:
                 evicted += 1
             elif entry.credits:
-                if entry.rewarded_ms != due_ms:  # not its own silence, learned before a reaction came (`_credit`)
+                if entry.rewarded_ms != due_ms + 1:  # not its own silence, learned before a reaction came (`_credit`)
                     _SILENCE["answered"].inc()
             else:
                 self._learn_silence(decision_id, entry, due_ms)
@@ -625,9 +625,13 @@ class Learner:
                             "line comes at most once a minute)", evicted)
 
     def _learn_silence(self, decision_id: str, entry: _Entry, due_ms: int) -> None:
+        """Stamped the millisecond after the wait, when it is known: a reaction stored at its last one
+        answers it (`Silences.due`), so no reaction credited is stamped so, and a credit stamped so is
+        the silence's (`_silenced`). Stamped with `due_ms`, as such a reaction, it was told from it by
+        nothing: the reaction sent again counted `late`, its wait not `answered`."""
         assert self.silence_reward is not None
         decision = entry.decision if entry.decision is not None else orjson.loads(entry.data)
-        self._learn(decision_id, entry, decision, decision["ranked"][0], self.silence_reward, due_ms)
+        self._learn(decision_id, entry, decision, decision["ranked"][0], self.silence_reward, due_ms + 1)
         _SILENCE["credited"].inc()
 
     def expire(self) -> None:
@@ -691,9 +695,9 @@ class Learner:
             LEARN_DELAY.observe(max(self.clock() - stored_at_ms / 1000, 0.0))
 
     def _silenced(self, decision_id: str, entry: _Entry) -> bool:
-        """The decision's only credit is its silence's (stamped with its due time, `_release_silences`)."""
+        """The decision's only credit is its silence's (stamped the millisecond after its wait, `_learn_silence`)."""
         return (self.silences is not None and entry.credits is not None and len(entry.credits) == 1
-                and entry.rewarded_ms == self._silence_due_ms(decision_id, entry))
+                and entry.rewarded_ms == self._silence_due_ms(decision_id, entry) + 1)
 
     def _note_reward_sign(self, reward: float) -> None:
         """Say once when the first rewards from feedback are all positive: an app that publishes only

@@ -59,8 +59,8 @@ def test_a_decision_nobody_answers_learns_the_silence_reward_for_its_first_tip(t
     assert world.lineup.prior.count(first) == 1.0 and world.lineup.prior.mean(first) < 0.5
     row = world.log.dirty[scored.decision_id]
     assert row["rewards"] == {first: 0.0} and row["reward"] == 0.0
-    # Stamped with when it was due, not with when this clock noticed: a replay stamps it the same.
-    assert row["rewarded_at"].timestamp() == pytest.approx(served_at_s(scored.decision_id) + WAIT_S, abs=0.001)
+    # Stamped the millisecond after its wait, not when this clock noticed: a replay stamps it the same.
+    assert row["rewarded_at"].timestamp() == pytest.approx(served_at_s(scored.decision_id) + WAIT_S + 0.001, abs=0.0005)
     world.learner.expire()
     assert silence_delta(before) == {"credited": 1}, "learned once"
     world.engine.dispose()
@@ -368,3 +368,27 @@ def test_a_spooled_decision_s_late_reaction_is_late_on_a_rebuild_too(tmp_path: P
     assert learned(rebuilt) == learned(live) == {"v1": 1, "v2": 1}
     live.engine.dispose()
     rebuilt.engine.dispose()
+
+
+def test_a_reaction_stored_as_the_wait_ends_answers_it_and_is_not_taken_for_its_silence(tmp_path: Path) -> None:
+    """A reaction stored at the wait's last millisecond answers the decision (`Silences.due`): credited,
+    stamped with that time. Stamped so too, the silence's credit was told from it by its stamp alone:
+    the reaction sent again was counted `late` (its silence learned) and its wait not `answered`."""
+    world = quiet_world(tmp_path)
+    scored = world.score()
+    created = decision_time_ms(scored.decision_id)
+    assert created is not None
+    due_ms = created + WAIT_S * 1000
+    first = scored.decision["ranked"][0]["tip_id"]
+
+    def ack(ms: int, seq: int) -> bytes:
+        return f"$JS.ACK.FEEDBACK.ingest.1.{seq}.{seq}.{ms * 1_000_000}.0".encode()
+
+    before, waits = outcomes(), silences()
+    world.sink(_reaction("f-1", scored.decision_id, first), ack(due_ms, 1))
+    world.sink(_reaction("f-2", scored.decision_id, first), ack(due_ms + 1, 2))
+    assert delta(before) == {"credited": 1, "duplicate": 1}
+    world.clock.now = due_ms / 1000 + WAIT_S
+    world.learner.expire()
+    assert silence_delta(waits) == {"answered": 1} and learned(world) == {"v1": 1, "v2": 1}
+    world.engine.dispose()

@@ -432,10 +432,10 @@ class LearnerMachine(RuleBasedStateMachine):
                 if want is not None and not (decision_id in self.silenced and tip == self._first(decision_id)):
                     assert want == reward, (decision_id, tip, want, reward)
                     continue
-                # A silence: the first tip, the silence reward, stamped when due, no reaction credited by then.
+                # A silence: the first tip, the silence reward, stamped after its wait, no reaction credited within.
                 assert self.silence, (decision_id, tip, reward)
                 due_ms = self.decisions[decision_id]["created_ms"] + WAIT_S * 1000
-                assert tip == self._first(decision_id) and reward == SILENCE and rewarded_ms == due_ms
+                assert tip == self._first(decision_id) and reward == SILENCE and rewarded_ms == due_ms + 1
                 assert self.answered_by_ms.get(decision_id, due_ms + 1) > due_ms
             for key, reward in self.credits.items():  # the contract's credits are all learned
                 assert key in side.learned, (key, reward)
