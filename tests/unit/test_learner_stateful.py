@@ -23,6 +23,7 @@ the clock a fake; checkpoints go to SQLite through the real checkpointer.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import random
 import shutil
@@ -79,6 +80,7 @@ def _migrated() -> Path:
     """A database migrated once for the module, copied for each service's first start."""
     if not _TEMPLATE:
         path = Path(tempfile.mkdtemp(prefix="learner-stateful-template-")) / "l.db"
+        atexit.register(shutil.rmtree, path.parent, True)
         migrate.upgrade(f"sqlite:///{path}")
         _TEMPLATE.append(path)
     return _TEMPLATE[0]
