@@ -13,7 +13,15 @@ from typing import Any
 
 from app.score_request import MAX_CANDIDATE_FEATURES, MAX_CANDIDATES, SERVER_INPUTS, TIME_WITH_OFFSET
 from models.registry import ACTIONS
-from models.reward import INPUT_BOUND, KINDS, MAX_FACTORS, MAX_MAX_VALUES, MAX_USER_TTL_DAYS, OPTIMIZERS
+from models.reward import (
+    INPUT_BOUND,
+    KINDS,
+    MAX_FACTORS,
+    MAX_INTERACTIONS,
+    MAX_MAX_VALUES,
+    MAX_USER_TTL_DAYS,
+    OPTIMIZERS,
+)
 from streams.features import FEATURE_NAMES, FEATURES, Feature
 
 # PostgreSQL cannot store a NUL in text: ids and text that are kept refuse it (a 422).
@@ -141,7 +149,7 @@ MODEL_PARAMETER_SCHEMAS = {
                    "description": "the most tip ids, categories and candidates' text values it learns weights for; "
                                   "0: no bound"},
     "hour_bucket": {"type": "integer", "minimum": 1, "maximum": 24},
-    "interactions": {"type": "array", "minItems": 1, "description": "pairs of input names crossed into one-hots",
+    "interactions": {"type": "array", "minItems": 1, "maxItems": MAX_INTERACTIONS, "description": "pairs of input names crossed into one-hots",
                      "items": {"type": "array", "minItems": 2, "maxItems": 2,
                                "items": {"type": "string", "minLength": 1}}},
 }

@@ -389,11 +389,19 @@ class _FastFMClassifier(facto.FMClassifier):
 MAX_FACTORS = 256  # a mistyped 10**8 would have asked for 800 MB of latent vector per user and tip
 
 
+# Each pair is a cross made for every candidate of every /score: 5,000 were registered, and promoted
+# they would have cost each request thousands of crosses a candidate.
+MAX_INTERACTIONS = 64
+
+
 def _pairs(interactions: Any) -> tuple[tuple[str, str], ...]:
     """The pairs of input names to cross, checked: `"ab"` unpacked as the pair ("a", "b")."""
     example = 'e.g. [["category", "hour_of_day"]]'
     if isinstance(interactions, str | bytes) or not isinstance(interactions, Iterable):
         raise ValueError(f"interactions must be a list of pairs of input names, {example}; got {interactions!r}")
+    interactions = list(interactions)
+    if len(interactions) > MAX_INTERACTIONS:
+        raise ValueError(f"interactions may list at most {MAX_INTERACTIONS} pairs, got {len(interactions)}")
     pairs = []
     for pair in interactions:
         if (isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2

@@ -82,6 +82,9 @@ BAD_CHANGES: list[tuple[str, bytes, str]] = [
     ("/admin/models", b'{"version": "v3", "kind": "fm", "params": {"n_factors": 0}}', "n_factors must be from 1 to 256"),
     ("/admin/models", b'{"version": "v3", "kind": "fm", "params": {"n_factors": 100000000}}', "n_factors must be from 1 to"),
     ("/admin/models", b'{"version": "v3", "params": {"interactions": []}}', "interactions must list at least one pair"),
+    # Each pair is a cross for every candidate of every request: 5,000 were registered.
+    ("/admin/models", b'{"version": "v3", "params": {"interactions": [%s]}}' % b", ".join([b'["category", "hour_of_day"]'] * 65),
+     "interactions may list at most 64 pairs, got 65"),
     # The body's kind (default logreg) replaced it: a logreg was registered, as asked for no fm.
     ("/admin/models", b'{"version": "v3", "params": {"kind": "fm"}}', "Unknown model parameter 'kind'"),
     # Registered as asked, learned as any logreg (or SGD) does, and listed on its card as if it counted.
