@@ -101,17 +101,6 @@ class RegisterBody(ChangeBody):
 ADMIN_MAX_BODY_BYTES = 1 << 20
 
 
-class _TooLarge(Exception):
-    pass
-
-
-async def _body(request: Request, model: type[ChangeBody]) -> ChangeBody:
-    raw = await read_body(request.receive, ADMIN_MAX_BODY_BYTES)
-    if raw is None:
-        raise _TooLarge()
-    return model.model_validate_json(raw or b"{}")
-
-
 class _NoAnswer(Response):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         pass
@@ -126,11 +115,13 @@ def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[ChangeBo
         if refused is not None:
             return refused
         try:
-            parsed = await _body(request, body)
+            raw = await read_body(request.receive, ADMIN_MAX_BODY_BYTES)
         except ClientGone:  # gone before its body ended: nothing changed, and no one to answer
             return _NO_ANSWER
-        except _TooLarge:
+        if raw is None:
             return _json(413, {"error": f"body: larger than {ADMIN_MAX_BODY_BYTES} bytes", "field": "body"})
+        try:
+            parsed = body.model_validate_json(raw or b"{}")
         except ValidationError as error:
             first = error.errors(include_url=False)[0]
             field = ".".join(str(p) for p in first["loc"]) or "body"

@@ -39,8 +39,9 @@ HTTP_REQUEST_READ_S = 30.0
 def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S) -> type:
     """uvicorn's httptools protocol, with bounds uvicorn lacks on what a client can hold:
 
-    - a request line and headers past HTTP_MAX_HEAD_BYTES before they end: 431, and the connection
-      closed (a read that began inside the previous request, pipelined, counts from the next read);
+    - a request line and headers past HTTP_MAX_HEAD_BYTES: 431, and the connection closed. A head
+      that ends is measured as parsed; one that has not ended yet by the bytes read after the read it
+      began in (where it starts in that read is not known: it may follow another request's bytes);
     - a request not all received `request_read_s` after its first byte: 408, and the connection
       closed (the endpoint, if it was reading the body, reads a disconnect);
     - a new connection that sends nothing: closed after the keep-alive timeout, as an idle one is
@@ -53,8 +54,7 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S) -> type:
                          b"content-length: %d\r\n" % len(text), b"connection: close\r\n\r\n", text])
 
     class BoundedHttpToolsProtocol(HttpToolsProtocol):
-        _head_bytes, _in_head, _feeding, _in_message, _read_began_between = 0, True, 0, False, True
-        _head_size, _refused = 0, False
+        _head_bytes, _head_size, _in_head, _feeding, _refused = 0, 0, True, 0, False
         _read_deadline: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -67,7 +67,7 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S) -> type:
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            self._feeding, self._read_began_between = len(data), not self._in_message
+            self._feeding = len(data)
             super().data_received(data)
             if not self._in_head or self.transport.is_closing():
                 return
@@ -82,17 +82,12 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S) -> type:
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            # A read that began between requests holds this one's bytes only: all of it counts. The read
-            # of a request begun after another's bytes (pipelined) is left out, as where this one starts in
-            # it is not known. Leaving out every request's first read let a head as long as a read (uvloop's
-            # are up to 256 KB) pass the bound: 200 KB of one header sent at once was answered 200.
-            self._in_head, self._head_bytes = True, 0 if self._read_began_between else -self._feeding
-            self._in_message, self._read_began_between, self._head_size = True, False, 0
+            self._in_head, self._head_bytes, self._head_size = True, -self._feeding, 0
             self._end_read_deadline()
             self._read_deadline = self.loop.call_later(request_read_s, self._read_too_slow)
 
-        # A head that ends within the reads counted above is measured as parsed: one read whole (a head
-        # sent at once) passed the count of the bytes still waiting for their head's end, and was served.
+        # Measured as parsed: a head sent in one read (uvloop's are up to 256 KB) ends before the count of
+        # the bytes after that read sees it, and 200 KB of one header sent at once was answered 200.
         def on_url(self, url: bytes) -> None:
             self._head_size += len(url)
             super().on_url(url)
@@ -114,7 +109,6 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S) -> type:
                 super().on_body(body)
 
         def on_message_complete(self) -> None:
-            self._in_message = False
             self._end_read_deadline()
             if not self._refused:
                 super().on_message_complete()

@@ -89,7 +89,7 @@ async def test_bad_events_go_to_the_dlq_with_reasons_and_good_ones_around_them_a
     # Every family docs/metrics.md lists is exposed, and (on Linux, as here) the process's own.
     assert "# TYPE process_resident_memory_bytes gauge" in metrics
     release = version.describe()
-    assert (f'tipstream_build_info{{commit="{release.commit}",schema="{release.schema}",version="{release.version}"}} 1.0'
+    assert (f'tipstream_build_info{{commit="{release.commit or ""}",schema="{release.schema}",version="{release.version}"}} 1.0'
             in metrics), "the release that runs, as `tipstream --version` names it"
     table = (Path(__file__).parents[2] / "docs" / "metrics.md").read_text()
     documented = re.findall(r"^\| `(\w+)` \| (\w+) ", table, re.MULTILINE)
