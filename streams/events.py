@@ -253,6 +253,18 @@ def without_nul(event: Any, raw: bytes) -> Any:
     return event
 
 
+def _older(raw: bytes) -> dict[str, Any] | None:
+    """The payload as a dict when it says it is of an older version (`v` a JSON integer below ours)."""
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(payload, dict):
+        return None
+    version = payload.get("v")
+    return payload if type(version) is int and version < CURRENT_VERSION else None
+
+
 def parse_event(raw: bytes) -> Any:
     """Bytes to a typed event, or a Rejection naming the problem."""
     try:
@@ -261,16 +273,25 @@ def parse_event(raw: bytes) -> Any:
         rejection = _describe(error)
     else:
         return without_nul(event, raw)
-    if rejection.kind in ("invalid_field", "unsupported_version") and UPCASTERS:
-        # Slow path only for old versions: decode, upcast, validate again.
-        try:
-            return without_nul(EVENT_ADAPTER.validate_python(upcast(orjson.loads(raw))), raw)
-        except (ValidationError, orjson.JSONDecodeError):
-            pass
-        except Exception as error:  # noqa: BLE001 - an upcaster meets a malformed old event: refuse it
-            return Rejection(rejection.kind, f"{rejection.reason}; upcasting it failed ({error.__class__.__name__}: "
-                                             f"{error})")
-    return rejection
+    # Slow path only for old versions: decode, upcast, validate again. Whatever the first error: an
+    # old event lacks fields ours requires (missing_field) or has a type since renamed (unknown_type),
+    # which are what upcasters are for; tried only on a wrong field or version, such events were refused.
+    old = _older(raw) if UPCASTERS else None
+    if old is None:
+        return rejection
+    try:
+        current = upcast(old)
+    except Exception as error:  # noqa: BLE001 - an upcaster meets a malformed old event: refuse it
+        return Rejection(rejection.kind, f"{rejection.reason}; upcasting it failed ({error.__class__.__name__}: "
+                                         f"{error})")
+    try:
+        return without_nul(EVENT_ADAPTER.validate_python(current), raw)
+    except ValidationError as error:
+        if current.get("v") != CURRENT_VERSION:  # no upcaster for its type and version: said as it was
+            return rejection
+        # Upcast, and still not a valid event: what is wrong with it, not "v0 is not supported".
+        refused = _describe(error)
+        return Rejection(refused.kind, f"{refused.reason} (upcast from v{old['v']})")
 
 
 def check_subject(event: Any, subject: str) -> Rejection | None:

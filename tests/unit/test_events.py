@@ -105,6 +105,34 @@ def test_upcasters_bring_old_versions_forward(monkeypatch: pytest.MonkeyPatch) -
     assert event.data.task_id == "t-7" and event.v == 1
 
 
+@pytest.mark.parametrize(("key", "step", "old"), [
+    # v0 called the user `user`: its first error is user_id missing, not the version.
+    (("task.completed", 0), lambda raw: {**{k: v for k, v in raw.items() if k != "user"}, "user_id": raw["user"], "v": 1},
+     {**{k: v for k, v in envelope("task.completed").items() if k != "user_id"}, "user": "u-42", "v": 0}),
+    # v0 called the type `task.done`: its first error is an unknown type.
+    (("task.done", 0), lambda raw: {**raw, "type": "task.completed", "v": 1},
+     {**envelope("task.completed"), "type": "task.done", "v": 0}),
+])
+def test_an_old_event_is_upcast_whatever_its_first_error(monkeypatch: pytest.MonkeyPatch, key: Any, step: Any,
+                                                          old: dict[str, Any]) -> None:
+    """Upcasting was tried only when the first error was a wrong field or version: an old event lacking
+    a field ours requires, or of a type since renamed, was refused though an upcaster was registered."""
+    monkeypatch.setitem(events.UPCASTERS, key, step)
+    event = parse_event(orjson.dumps(old))
+    assert not isinstance(event, Rejection), event
+    assert (event.type, event.user_id, event.data.task_id, event.v) == ("task.completed", "u-42", "t-1", 1)
+
+
+def test_an_upcast_event_still_invalid_is_refused_for_what_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(events.UPCASTERS, ("task.completed", 0), lambda raw: {**raw, "v": 1})
+    result = parse_event(orjson.dumps({**envelope("task.completed", {"task": "t-7"}), "v": 0}))
+    assert isinstance(result, Rejection) and result.kind == "missing_field", result
+    assert result.reason == "field 'data.task_id' is required (upcast from v0)"  # not "v=0 is not supported"
+    # A version no upcaster reads is refused as before.
+    result = parse_event(orjson.dumps({**envelope("app.opened"), "v": 0}))
+    assert isinstance(result, Rejection) and result.kind == "unsupported_version", result
+
+
 @pytest.mark.parametrize("data", [{"task": "t-7"}, "t-7", None])
 def test_an_old_event_its_upcaster_cannot_read_is_refused_not_raised(monkeypatch: pytest.MonkeyPatch,
                                                                       data: object) -> None:
