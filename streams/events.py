@@ -14,6 +14,7 @@ Parsing is the only way in: `parse_event` turns raw bytes into a typed event or 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -184,6 +185,10 @@ REJECTION_KINDS = ("invalid_json", "invalid_utf8", "unknown_type", "missing_fiel
                    "unsupported_version", "subject_mismatch", "oversized", "future_ts", "processing_failed")
 
 
+HALF_A_PAIR = ("holds half a UTF-16 surrogate pair (a \\ud800-\\udfff escape alone), not a character: a text cut "
+               "inside an emoji? Send whole characters")
+
+
 def _describe(error: ValidationError) -> Rejection:
     first = error.errors(include_url=False)[0]
     # Drop the union branch name pydantic puts first in the location.
@@ -219,15 +224,17 @@ def _describe(error: ValidationError) -> Rejection:
             "unsupported_version",
             f"v={first['input']!r} is not supported; this server reads v{CURRENT_VERSION} (and older via upcasters)",
         )
+    if etype == "string_unicode":  # pydantic's "unable to parse raw data as a unicode string"
+        return Rejection("invalid_field", f"field '{where}': {HALF_A_PAIR}")
     if where == "body":
         return Rejection("invalid_json", f"body must be a JSON object: {first['msg']}")
     return Rejection("invalid_field", f"field '{where}': {first['msg']}")
 
 
-def _nul_in(value: Any, where: str) -> str | None:
-    """The dotted path of the first text holding a NUL, if any."""
+def _text_in(value: Any, where: str, bad: Callable[[str], bool]) -> str | None:
+    """The dotted path of the first text that is `bad`, if any."""
     if isinstance(value, str):
-        return where if "\x00" in value else None
+        return where if bad(value) else None
     if isinstance(value, BaseModel):
         value = {name: getattr(value, name) for name in type(value).model_fields}
     if isinstance(value, dict):
@@ -237,32 +244,59 @@ def _nul_in(value: Any, where: str) -> str | None:
     else:
         return None
     for key, item in items:
-        found = _nul_in(item, f"{where}.{key}" if where else str(key))
+        found = _text_in(item, f"{where}.{key}" if where else str(key), bad)
         if found is not None:
             return found
     return None
+
+
+def _has_nul(text: str) -> bool:
+    return "\x00" in text
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def without_nul(event: Any, raw: bytes) -> Any:
     """The event parsed from `raw`, or a Rejection when a text it keeps holds a NUL."""
     # PostgreSQL text cannot hold a NUL: one kept in state (a user id, say) failed every later
     # checkpoint. JSON carries a NUL only as this escape, so other events skip the walk.
-    if b"\\u0000" in raw and (where := _nul_in(event, "")) is not None:
+    if b"\\u0000" in raw and (where := _text_in(event, "", _has_nul)) is not None:
         return Rejection("invalid_field", f"field '{where}': must not contain the NUL character (\\u0000); "
                                           "the database cannot store it")
     return event
 
 
-def _older(raw: bytes) -> dict[str, Any] | None:
-    """The payload as a dict when it says it is of an older version (`v` a JSON integer below ours)."""
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(raw: bytes) -> Any:
+    """The payload decoded, as the slow paths read it: a lone surrogate escape (`\\ud83d`, half an
+    emoji, as JavaScript's JSON.stringify writes a string cut inside one) is read too, which
+    pydantic's parser and orjson refuse. None when it is not JSON at all."""
     try:
-        payload = orjson.loads(raw)
+        return orjson.loads(raw)
     except orjson.JSONDecodeError:
+        if b"\\u" not in raw:
+            return None
+    try:  # text first: from bytes, json.loads also reads UTF-16 and a BOM, which pydantic's parser refuses
+        return json.loads(raw.decode(), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, NaN or Infinity, nested past the stack
         return None
-    if not isinstance(payload, dict):
-        return None
-    version = payload.get("v")
-    return payload if type(version) is int and version < CURRENT_VERSION else None
+
+
+def _kept(event: Any, raw: bytes) -> Any:
+    """An event validated on a slow path, or a Rejection when a text it keeps cannot be stored."""
+    where = _text_in(event, "", _has_lone_surrogate)
+    if where is not None:
+        return Rejection("invalid_field", f"field '{where}': {HALF_A_PAIR}")
+    return without_nul(event, raw)
 
 
 def parse_event(raw: bytes) -> Any:
@@ -273,25 +307,41 @@ def parse_event(raw: bytes) -> Any:
         rejection = _describe(error)
     else:
         return without_nul(event, raw)
-    # Slow path only for old versions: decode, upcast, validate again. Whatever the first error: an
-    # old event lacks fields ours requires (missing_field) or has a type since renamed (unknown_type),
-    # which are what upcasters are for; tried only on a wrong field or version, such events were refused.
-    old = _older(raw) if UPCASTERS else None
-    if old is None:
+    # Slow paths, only for a refused event: a lone surrogate, and old versions.
+    payload = None
+    if rejection.kind == "invalid_json" and b"\\u" in raw:
+        # pydantic's parser refuses a lone surrogate anywhere, so one in a field this contract does not
+        # know (a title cut inside an emoji) refused the whole event, which unknown fields must not do.
+        payload = _loads(raw)
+        if payload is None:
+            return rejection
+        try:
+            return _kept(EVENT_ADAPTER.validate_python(payload), raw)
+        except ValidationError as error:
+            rejection = _describe(error)
+    # Old versions: decode, upcast, validate again. Whatever the first error: an old event lacks
+    # fields ours requires (missing_field) or has a type since renamed (unknown_type), which are what
+    # upcasters are for; tried only on a wrong field or version, such events were refused.
+    if not UPCASTERS:
+        return rejection
+    if payload is None:
+        payload = _loads(raw)
+    version = payload.get("v") if isinstance(payload, dict) else None
+    if type(version) is not int or version >= CURRENT_VERSION:
         return rejection
     try:
-        current = upcast(old)
+        current = upcast(payload)
     except Exception as error:  # noqa: BLE001 - an upcaster meets a malformed old event: refuse it
         return Rejection(rejection.kind, f"{rejection.reason}; upcasting it failed ({error.__class__.__name__}: "
                                          f"{error})")
     try:
-        return without_nul(EVENT_ADAPTER.validate_python(current), raw)
+        return _kept(EVENT_ADAPTER.validate_python(current), raw)
     except ValidationError as error:
         if current.get("v") != CURRENT_VERSION:  # no upcaster for its type and version: said as it was
             return rejection
         # Upcast, and still not a valid event: what is wrong with it, not "v0 is not supported".
         refused = _describe(error)
-        return Rejection(refused.kind, f"{refused.reason} (upcast from v{old['v']})")
+        return Rejection(refused.kind, f"{refused.reason} (upcast from v{version})")
 
 
 def check_subject(event: Any, subject: str) -> Rejection | None:

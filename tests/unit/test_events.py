@@ -89,6 +89,38 @@ def test_bad_events_are_refused_with_a_reason_that_names_the_problem(raw: bytes,
     assert names in result.reason, result.reason
 
 
+def test_half_an_emoji_in_an_unknown_field_is_tolerated_and_in_a_kept_one_refused_naming_it() -> None:
+    """JavaScript's JSON.stringify writes a string cut inside an emoji as a lone surrogate escape
+    (`"\\ud83d"`). pydantic's parser refused such a body whole ("unexpected end of hex escape"), so
+    one in a field the contract does not know refused the event, which unknown fields must not do."""
+    cut = '"Buy milk \\ud83d"'
+    body = orjson.dumps(envelope("task.created", {**GOOD["task.created"], "title": "x"}, note="n"))
+    raw = body.replace(b'"x"', cut.encode()).replace(b'"n"', b'"\\udc00"')
+    event = parse_event(raw)
+    assert not isinstance(event, Rejection), event
+    assert event.data.task_id == "t-1" and event.ts.hour == 8
+    from app.ingest import decode_wire_event
+
+    assert decode_wire_event("signals.task.created", raw) == event
+    for field in ("user_id", "task_id", "labels"):
+        kept = orjson.dumps(envelope("task.created", {**GOOD["task.created"], "labels": ["ok", "x"]}, user_id="x"))
+        if field == "user_id":
+            kept = kept.replace(b'"user_id":"x"', f'"user_id":{cut}'.encode())
+        elif field == "task_id":
+            kept = kept.replace(b'"task_id":"t-1"', f'"task_id":{cut}'.encode())
+        else:
+            kept = kept.replace(b'"ok","x"', f'"ok",{cut}'.encode())
+        result = parse_event(kept)
+        assert isinstance(result, Rejection) and result.kind == "invalid_field", (field, result)
+        where = {"user_id": "'user_id'", "task_id": "'data.task_id'", "labels": "'data.labels.1'"}[field]
+        assert result.reason.startswith(f"field {where}: holds half a UTF-16 surrogate pair"), result.reason
+    # Not JSON for another reason as well: refused as before.
+    result = parse_event(raw.replace(b'"n"', b"NaN").replace(b'"\\udc00"', b"NaN"))
+    assert isinstance(result, Rejection) and result.kind == "invalid_json", result
+    result = parse_event(raw[:-1])
+    assert isinstance(result, Rejection) and result.kind == "invalid_json", result
+
+
 def test_feedback_on_a_signal_subject_is_refused() -> None:
     event = parse_event(orjson.dumps(envelope("tip.reacted")))
     rejection = check_subject(event, "signals.tip.reacted")
