@@ -71,7 +71,10 @@ class TaskCreatedData(_Model):
     due: AwareDatetime | None = None
     priority: Annotated[int, Field(ge=1, le=4)] | None = None
     project_id: Identifier | None = None
-    labels: list[Annotated[str, Field(max_length=128)]] = Field(default_factory=list, max_length=64)
+    # null reads as absent, as for the other optional fields: Go's encoding/json writes a nil slice
+    # as null, and such a publisher's every task.created without labels was dead-lettered.
+    labels: Annotated[list[Annotated[str, Field(max_length=128)]], Field(max_length=64)] | None = Field(
+        default_factory=list)
 
 
 class TaskRefData(_Model):
@@ -127,7 +130,7 @@ class TaskDeleted(_Envelope):
 
 class AppOpened(_Envelope):
     type: Literal["app.opened"]
-    data: AppOpenedData = AppOpenedData()
+    data: AppOpenedData | None = AppOpenedData()  # null as absent (Go writes a nil map as null), as for labels
 
 
 class TipShown(_Envelope):

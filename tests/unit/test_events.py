@@ -44,6 +44,22 @@ def test_every_type_parses_and_keeps_its_local_time(kind: str) -> None:
     assert check_subject(event, events.subject_for(kind)) is None
 
 
+@pytest.mark.parametrize(("kind", "data"), [
+    ("task.created", {"task_id": "t-1", "due": None, "priority": None, "project_id": None, "labels": None}),
+    ("tip.shown", {"tip_id": "tip-1", "decision_id": None}),
+    ("tip.reacted", {"tip_id": "tip-1", "decision_id": None, "reaction": "liked"}),
+    ("app.opened", None),
+])
+def test_null_in_an_optional_field_reads_as_absent(kind: str, data: dict | None) -> None:
+    """As every optional field of the contract is: Go's encoding/json writes a nil slice or map as
+    null, and `labels: null` (or an app.opened's `data: null`) dead-lettered the whole event."""
+    event = parse_event(orjson.dumps({**envelope(kind), "data": data}))
+    assert not isinstance(event, Rejection), event
+    bare = {key: value for key, value in (data or {}).items() if value is not None}
+    body = {k: v for k, v in envelope(kind).items() if k != "data"} | ({"data": bare} if data is not None else {})
+    assert verdict(event) == verdict(parse_event(orjson.dumps(body)))
+
+
 def test_unknown_fields_are_tolerated_but_not_kept() -> None:
     body = envelope("task.completed", {"task_id": "t", "colour": "red"}, source="mobile")
     event = parse_event(orjson.dumps(body))
