@@ -385,7 +385,11 @@ class StreamIngest:
             if len(data) > limit:
                 rejected.append((msg, Rejection("oversized", f"event is {len(data)} bytes; the limit is {limit} (TIPSTREAM_MAX_EVENT_BYTES)")))
                 continue
-            event = decode(subject, data)
+            try:
+                event = decode(subject, data)
+            except Exception as error:  # noqa: BLE001 - as for a fold that fails, below: raised from
+                # here, the chunk was retried for ever, and the stream held at this event for every user.
+                event = self._failed(reply, error)
             if event.__class__ is Rejection:
                 rejected.append((msg, event))
             else:
@@ -420,15 +424,10 @@ class StreamIngest:
                     self._count(taken, handed)
                     self._counted_by_failed_try = max(handed, self._counted_by_failed_try)
                     raise
-                except Exception as error:  # one event must not hold the stream for ever
+                except Exception as error:  # noqa: BLE001 - one event must not hold the stream for ever
                     # A bug of ours that this event brings out: retried, it held every later event
                     # of the stream, for every user. It is kept in the DLQ, as a bad event is.
-                    log.exception("%s #%d could not be processed; it goes to the DLQ and the stream moves "
-                                  "on. This is a bug in tipstream: please report it with the DLQ message",
-                                  self.spec.name, jsx.stream_sequence(reply)[0])
-                    rejected.append((msg, Rejection(
-                        "processing_failed", f"processing failed: {type(error).__name__}: {error} (a bug in "
-                        "tipstream; once fixed, publish the event again)")))
+                    rejected.append((msg, self._failed(reply, error)))
         for msg, rejection in rejected:
             await self._retry(functools.partial(self._dead_letter, msg, rejection), "publish to the DLQ")
         last_reply = chunk[-1][1]
@@ -452,6 +451,14 @@ class StreamIngest:
             self._fold_delay.observe(max(time.time() - jsx.stored_ms(chunk[0][1]) / 1000, 0.0))
         self._lag.set(pending)
         self.checkpointer.nudge()
+
+    def _failed(self, reply: bytes, error: Exception) -> Rejection:
+        """The rejection of an event whose decoding or folding raised (a bug of ours), logged with its traceback."""
+        log.error("%s #%d could not be processed; it goes to the DLQ and the stream moves on. This is a bug in "
+                  "tipstream: please report it with the DLQ message", self.spec.name, jsx.stream_sequence(reply)[0],
+                  exc_info=error)
+        return Rejection("processing_failed", f"processing failed: {type(error).__name__}: {error} (a bug in "
+                                              "tipstream; once fixed, publish the event again)")
 
     def _count(self, taken: int, handed: int) -> None:
         """Count a try's answers, leaving out the events an earlier try of the chunk counted."""

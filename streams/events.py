@@ -192,6 +192,14 @@ HALF_A_PAIR = ("holds half a UTF-16 surrogate pair (a \\ud800-\\udfff escape alo
                "inside an emoji? Send whole characters")
 
 
+def _as_json(value: Any) -> str:
+    """A value the publisher sent, written back as JSON for a reason: orjson raised on an integer past
+    64 bits (`"v": [18446744073709551616]`), out of `parse_event`, and the ingest retried that event
+    for ever, holding its stream."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 100 else text[:99] + "…"
+
+
 def _describe(error: ValidationError) -> Rejection:
     first = error.errors(include_url=False)[0]
     # Drop the union branch name pydantic puts first in the location.
@@ -206,8 +214,11 @@ def _describe(error: ValidationError) -> Rejection:
         return Rejection(kind, f"body is not valid JSON: {detail}")
     if etype == "union_tag_invalid":
         known = ", ".join(sorted(FAMILY_OF_TYPE))
-        tag = first.get("ctx", {}).get("tag", "?")
-        return Rejection("unknown_type", f"type {tag!r} is not an event type; known: {known}")
+        given = first["input"].get("type") if isinstance(first["input"], dict) else None
+        if not isinstance(given, str):  # as JSON: pydantic's tag is str() of it, so null read 'None' and 5 read '5'
+            return Rejection("invalid_field", f"field 'type': must be an event type, a string, not "
+                                              f"{_as_json(given)}; known: {known}")
+        return Rejection("unknown_type", f"type {given!r} is not an event type; known: {known}")
     if etype == "union_tag_not_found":
         return Rejection("missing_field", "field 'type' is required")
     if etype == "missing":
@@ -221,7 +232,7 @@ def _describe(error: ValidationError) -> Rejection:
                                           f"2026-11-26T08:01:02.123+01:00, not {first['input']!r} (it has none)")
     if where == "v" and (type(first["input"]) is not int):  # "1", 1.0, null: not a version number at all
         return Rejection("invalid_field", f"field 'v': must be the contract version as a JSON integer "
-                                          f"(this server reads {CURRENT_VERSION}), not {orjson.dumps(first['input']).decode()}")
+                                          f"(this server reads {CURRENT_VERSION}), not {_as_json(first['input'])}")
     if where == "v":
         return Rejection(
             "unsupported_version",

@@ -530,27 +530,40 @@ async def test_what_was_dead_lettered_is_read_from_the_dlq_but_not_from_a_stream
 
 async def test_an_event_that_fails_in_processing_goes_to_the_dlq_and_the_stream_moves_on(
         start_service, nc, monkeypatch, caplog) -> None:
-    """An exception from folding one event (a bug: a `ts` in year 0 was one) retried its chunk for
-    ever, every later event of the stream held behind it, for every user."""
+    """An exception from folding one event (a bug: a `ts` in year 0 was one), or from decoding it (one
+    refused for a `v` of [2**64], whose reason orjson could not write), retried its chunk for ever,
+    every later event of the stream held behind it, for every user."""
+    import app.ingest
     import streams.store
 
-    fold = streams.store.apply
+    fold, parse = streams.store.apply, app.ingest.parse_event
 
     def fails_on_boom(state: Any, event: Any, max_ts_ms: Any) -> bool:
         if event.id == "boom":
             raise ValueError("a bug in the fold")
         return fold(state, event, max_ts_ms)
 
+    def fails_on_crash(raw: bytes) -> Any:
+        if b'"crash"' in raw:
+            raise ValueError("a bug in the decoder")
+        return parse(raw)
+
     monkeypatch.setattr(streams.store, "apply", fails_on_boom)
+    monkeypatch.setattr(app.ingest, "parse_event", fails_on_crash)
     running = await start_service()
     js = nc.jetstream()
-    for body in (event(1), {**event(2), "id": "boom"}, event(3)):
-        await js.publish("signals.task.created", orjson.dumps(body), headers={"Nats-Msg-Id": body["id"]})
-    (message,) = await dlq_messages(js, 1)
-    assert message.headers[DLQ_KIND] == "processing_failed"
-    assert "ValueError: a bug in the fold" in message.headers[DLQ_REASON]
+    bodies = [orjson.dumps(body) for body in (event(1), {**event(2), "id": "boom"}, {**event(4), "id": "crash", "v": "1"},
+                                               {**event(5), "v": ["2**64"]}, event(3))]
+    bodies[3] = bodies[3].replace(b'"2**64"', str(2**64).encode())  # orjson writes no integer past 64 bits
+    for body in bodies:
+        await js.publish("signals.task.created", body)
+    messages = await dlq_messages(js, 3)
+    reasons = {m.headers[DLQ_SEQ]: (m.headers[DLQ_KIND], m.headers[DLQ_REASON]) for m in messages}
+    assert reasons["2"][0] == "processing_failed" and "ValueError: a bug in the fold" in reasons["2"][1]
+    assert reasons["3"][0] == "processing_failed" and "ValueError: a bug in the decoder" in reasons["3"][1]
+    assert reasons["4"][0] == "invalid_field" and reasons["4"][1].endswith("not [18446744073709551616]")
     store = running.service.store
-    await eventually(lambda: store.positions.get("SIGNALS") == 3)
+    await eventually(lambda: store.positions.get("SIGNALS") == len(bodies))
     assert store.users["u-1"].count("task.created") == 2
     assert "Traceback" in caplog.text, "a bug is logged with its traceback"
 

@@ -96,6 +96,12 @@ def test_unknown_fields_are_tolerated_but_not_kept() -> None:
         (orjson.dumps({**envelope("app.opened"), "v": "1"}), "invalid_field", "'v': must be the contract version as a JSON integer"),
         (orjson.dumps({**envelope("app.opened"), "v": None}), "invalid_field", "'v': must be the contract version as a JSON integer"),
         (orjson.dumps({**envelope("app.opened"), "v": 1.5}), "invalid_field", "'v': must be the contract version as a JSON integer"),
+        # orjson could not write the reason: the TypeError escaped, and ingest retried the event for ever.
+        (orjson.dumps({**envelope("app.opened"), "v": ["2**64"]}).replace(b'"2**64"', str(2**64).encode()), "invalid_field",
+         "as a JSON integer (this server reads 1), not [18446744073709551616]"),
+        # A type that is no string, said as JSON (it read "type 'None' is not an event type").
+        (orjson.dumps({**envelope("app.opened"), "type": None}), "invalid_field", "'type': must be an event type, a string, not null"),
+        (orjson.dumps({**envelope("app.opened"), "type": 5}), "invalid_field", "'type': must be an event type, a string, not 5"),
     ],
 )
 def test_bad_events_are_refused_with_a_reason_that_names_the_problem(raw: bytes, kind: str, names: str) -> None:
