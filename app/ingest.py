@@ -470,8 +470,11 @@ class StreamIngest:
         seq, _ = jsx.stream_sequence(reply)
         if seq <= self.dead_lettered_upto:
             return  # dead-lettered before this start
+        # On one line, in UTF-8: a line break in a header value (an exception's words, say) breaks the
+        # message's headers, and a lone surrogate cannot be encoded; either failed the publish for good.
+        reason = " ".join(rejection.reason.split()).encode("utf-8", "backslashreplace").decode()
         headers = {
-            jsx.DLQ_REASON: rejection.reason[:1024],
+            jsx.DLQ_REASON: reason[:1024],
             jsx.DLQ_KIND: rejection.kind,
             jsx.DLQ_SUBJECT: subject,
             jsx.DLQ_STREAM: self.spec.name,

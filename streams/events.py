@@ -196,7 +196,7 @@ def _as_json(value: Any) -> str:
     """A value the publisher sent, written back as JSON for a reason: orjson raised on an integer past
     64 bits (`"v": [18446744073709551616]`), out of `parse_event`, and the ingest retried that event
     for ever, holding its stream."""
-    text = json.dumps(value, ensure_ascii=False)
+    text = json.dumps(value)  # ASCII: a lone surrogate left as it was could not be put in a header
     return text if len(text) <= 100 else text[:99] + "…"
 
 

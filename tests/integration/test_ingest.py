@@ -544,8 +544,8 @@ async def test_an_event_that_fails_in_processing_goes_to_the_dlq_and_the_stream_
         return fold(state, event, max_ts_ms)
 
     def fails_on_crash(raw: bytes) -> Any:
-        if b'"crash"' in raw:
-            raise ValueError("a bug in the decoder")
+        if b'"crash"' in raw:  # words no header can carry as they are
+            raise ValueError("a bug in the decoder\r\nsaid on two lines, with half an emoji: \ud83d")
         return parse(raw)
 
     monkeypatch.setattr(streams.store, "apply", fails_on_boom)
@@ -555,13 +555,16 @@ async def test_an_event_that_fails_in_processing_goes_to_the_dlq_and_the_stream_
     bodies = [orjson.dumps(body) for body in (event(1), {**event(2), "id": "boom"}, {**event(4), "id": "crash", "v": "1"},
                                                {**event(5), "v": ["2**64"]}, event(3))]
     bodies[3] = bodies[3].replace(b'"2**64"', str(2**64).encode())  # orjson writes no integer past 64 bits
+    bodies.insert(4, orjson.dumps({**event(6), "v": ["half"]}).replace(b'"half"', b'"\\ud83d"'))
     for body in bodies:
         await js.publish("signals.task.created", body)
-    messages = await dlq_messages(js, 3)
+    messages = await dlq_messages(js, 4)
     reasons = {m.headers[DLQ_SEQ]: (m.headers[DLQ_KIND], m.headers[DLQ_REASON]) for m in messages}
     assert reasons["2"][0] == "processing_failed" and "ValueError: a bug in the fold" in reasons["2"][1]
-    assert reasons["3"][0] == "processing_failed" and "ValueError: a bug in the decoder" in reasons["3"][1]
+    assert reasons["3"][0] == "processing_failed"
+    assert "ValueError: a bug in the decoder said on two lines, with half an emoji: \\ud83d (a bug" in reasons["3"][1]
     assert reasons["4"][0] == "invalid_field" and reasons["4"][1].endswith("not [18446744073709551616]")
+    assert reasons["5"][0] == "invalid_field" and reasons["5"][1].endswith('not ["\\ud83d"]')
     store = running.service.store
     await eventually(lambda: store.positions.get("SIGNALS") == len(bodies))
     assert store.users["u-1"].count("task.created") == 2

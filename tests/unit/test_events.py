@@ -99,6 +99,9 @@ def test_unknown_fields_are_tolerated_but_not_kept() -> None:
         # orjson could not write the reason: the TypeError escaped, and ingest retried the event for ever.
         (orjson.dumps({**envelope("app.opened"), "v": ["2**64"]}).replace(b'"2**64"', str(2**64).encode()), "invalid_field",
          "as a JSON integer (this server reads 1), not [18446744073709551616]"),
+        # Half an emoji, quoted as JSON writes it: as it was, the reason could not be put in a DLQ header.
+        (orjson.dumps({**envelope("app.opened"), "v": ["half"]}).replace(b'"half"', b'"\\ud83d"'), "invalid_field",
+         'not ["\\ud83d"]'),
         # A type that is no string, said as JSON (it read "type 'None' is not an event type").
         (orjson.dumps({**envelope("app.opened"), "type": None}), "invalid_field", "'type': must be an event type, a string, not null"),
         (orjson.dumps({**envelope("app.opened"), "type": 5}), "invalid_field", "'type': must be an event type, a string, not 5"),
