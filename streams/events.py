@@ -296,8 +296,8 @@ def _loads(raw: bytes) -> Any:
     pydantic's parser and orjson refuse. None when it is not JSON at all."""
     try:
         return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        if b"\\u" not in raw:
+    except orjson.JSONDecodeError as error:
+        if "surrogate" not in str(error):  # refused for anything else: refused, as pydantic's parser does
             return None
     try:  # text first: from bytes, json.loads also reads UTF-16 and a BOM, which pydantic's parser refuses
         return json.loads(raw.decode(), parse_constant=_refuse_constant)
@@ -323,7 +323,7 @@ def parse_event(raw: bytes) -> Any:
         return without_nul(event, raw)
     # Slow paths, only for a refused event: a lone surrogate, and old versions.
     payload = None
-    if rejection.kind == "invalid_json" and b"\\u" in raw:
+    if rejection.kind == "invalid_json" and ("surrogate" in rejection.reason or "hex escape" in rejection.reason):
         # pydantic's parser refuses a lone surrogate anywhere, so one in a field this contract does not
         # know (a title cut inside an emoji) refused the whole event, which unknown fields must not do.
         payload = _loads(raw)

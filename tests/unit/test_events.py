@@ -144,6 +144,12 @@ def test_half_an_emoji_in_an_unknown_field_is_tolerated_and_in_a_kept_one_refuse
     assert isinstance(result, Rejection) and result.kind == "invalid_json", result
     result = parse_event(raw[:-1])
     assert isinstance(result, Rejection) and result.kind == "invalid_json", result
+    # Only a lone surrogate takes that path: nested past pydantic's parser's limit, a body is refused
+    # whether or not it holds a \u escape elsewhere (with one, Python's parser read it and it was accepted).
+    deep = orjson.dumps(envelope("app.opened", x="deep", y="A")).replace(b'"deep"', b"[" * 300 + b"]" * 300)
+    for body in (deep, deep.replace(b'"A"', b'"\\u0041"')):
+        result = parse_event(body)
+        assert isinstance(result, Rejection) and "recursion limit" in result.reason, result
 
 
 def test_feedback_on_a_signal_subject_is_refused() -> None:
