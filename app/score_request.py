@@ -7,6 +7,7 @@ cannot store, an unknown profile feature) are checked after it, only where they 
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, NotRequired
 
 from pydantic import (
@@ -21,7 +22,7 @@ from pydantic import (
 from typing_extensions import TypedDict  # pydantic checks typing's own only from Python 3.12
 
 from models.reward import INPUT_BOUND, INPUT_BOUND_TEXT
-from streams.events import EventTime
+from streams.events import HALF_A_PAIR, EventTime
 from streams.features import BY_NAME as FEATURES_BY_NAME
 from streams.features import CONTEXT_FEATURES, FEATURE_NAMES
 
@@ -151,7 +152,10 @@ def parse_request(body: bytes) -> ScoreRequest:
         errors = []
         for e in found[:20]:
             if e["type"] == "json_invalid":
-                errors.append({"field": "body", "message": f"not valid JSON: {e.get('ctx', {}).get('error', e['msg'])}"})
+                detail = str(e.get("ctx", {}).get("error", e["msg"]))
+                where = _half_a_pair(body) if "surrogate" in detail or "hex escape" in detail else None
+                errors.append({"field": where, "message": HALF_A_PAIR} if where is not None
+                              else {"field": "body", "message": f"not valid JSON: {detail}"})
             elif e["type"] == "model_type" and not e["loc"]:
                 errors.append({"field": "body", "message": "must be a JSON object"})
             else:
@@ -179,6 +183,37 @@ def parse_request(body: bytes) -> ScoreRequest:
                 raise RequestError(f"candidates.{i}.features.{name}",
                                    f"{name!r} is a feature the server computes; give the candidate's own feature another name")
     return _checked_profile(request)
+
+
+def _half_a_pair(body: bytes) -> str | None:
+    """The dotted path of the first text holding a lone surrogate, as JSON.stringify writes a string cut
+    inside an emoji (`"\\ud83d"`): pydantic's parser refuses the body for it, and the 422 named `body`."""
+    try:
+        data = json.loads(body.decode())
+    except (ValueError, RecursionError):
+        return None
+
+    def walk(value: Any, path: list[str]) -> str | None:
+        if isinstance(value, str):
+            return None if _encodable(value) else (".".join(path) or "body")
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            # A key as the path shows it, in UTF-8: a lone surrogate there failed the answer's encoding.
+            name = str(key).encode("utf-8", "backslashreplace").decode()
+            found = ".".join([*path, name]) if not _encodable(str(key)) else walk(item, [*path, name])
+            if found is not None:
+                return found
+        return None
+
+    return walk(data, [])
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _refuse_nul(request: ScoreRequest) -> None:
