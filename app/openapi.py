@@ -77,7 +77,9 @@ SCORE_REQUEST = {
             "type": ["object", "null"], "additionalProperties": False,
             "properties": {
                 "now": {"type": ["string", "null"], "format": "date-time",
-                        "description": f"{TIME_WITH_OFFSET}, from 0001-01-01 to 9999-12-31 in UTC; default the clock"},
+                        "description": f"{TIME_WITH_OFFSET}, from 0001-01-01 to 9999-12-31 in UTC; default the clock. "
+                                       "In Z or -00:00 (no offset told), only the instant is taken: the local "
+                                       "hour and weekday are in the offset of the user's newest event"},
                 "tasks": {"type": ["array", "null"], "maxItems": 1000,
                           "items": {"anyOf": [{"type": "object"}, {"type": "string", "maxLength": 256}]}},
             },

@@ -11,7 +11,8 @@ answers. Steps:
    feature as a fallback, as for a user without the data.
 3. The caller's `profile_features` fill only what the server lacks (a fallback value);
    the server's own values win. Which ones were used is answered and logged.
-4. Context features (local hour and weekday in context.now's offset, else the user's newest event's; the task count).
+4. Context features (local hour and weekday in context.now's offset, else the user's newest event's: also for a
+   context.now in `Z`, which tells no offset; the task count).
 5. The champion scores every candidate; the popularity prior blends in for new users and
    new tips (cold start); the exploration policy orders them and gives propensities.
 6. The shadow scores the same inputs; its scores are logged beside the champion's and never
@@ -192,13 +193,14 @@ class Scorer:
         user_id = request.user_id
         state = self.store.state_of(user_id)  # a user still cold after a restart is loaded first
         context = request.context
-        if context is not None and context.now is not None:
-            now_ms = to_ms(context.now)
-            offset = context.now.utcoffset()
+        now = context.now if context is not None else None
+        if now is not None and context.offset_known:
+            now_ms = to_ms(now)
+            offset = now.utcoffset()
             offset_s = int(offset.total_seconds()) if offset is not None else 0
             offset_min: int | None = offset_s // 60
         else:
-            now_ms = time.time_ns() // 1_000_000
+            now_ms = to_ms(now) if now is not None else time.time_ns() // 1_000_000
             offset_s = state.offset_s if state is not None else 0
             # No event of the user's: the zone is unknown. The context features are read at UTC, but the
             # offset is logged as null, not 0, which read as UTC (EMEA in a model card's fairness check).

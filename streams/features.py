@@ -114,10 +114,12 @@ FEATURES: tuple[Feature, ...] = (
        "`(dismissed + disliked + 1) / (reactions + 2)` over 30 days.", window=30, high=1),
 )
 CONTEXT_FEATURES: tuple[Feature, ...] = (
-    _f("hour_of_day", "int", None, "request: context.now in its own offset; without it, the server's clock in "
-       "the offset of the user's newest event (UTC for a user with none)", 12,
+    _f("hour_of_day", "int", None, "request: context.now in its own offset; without it, or in `Z` (no offset "
+       "told), the server's clock or that instant in the offset of the user's newest event (UTC for a user with "
+       "none)", 12,
        "Local hour of the request.", freshness="jit", high=23),
-    _f("day_of_week", "int", None, "request: context.now in its own offset; without it, as `hour_of_day`", 0,
+    _f("day_of_week", "int", None, "request: context.now in its own offset; without it, or in `Z`, as "
+       "`hour_of_day`", 0,
        "Local weekday of the request, Monday = 0.", freshness="jit", high=6),
     _f("context_task_count", "int", None, "request: context.tasks", 0,
        "Number of tasks in the request's task list.", freshness="jit"),

@@ -219,6 +219,22 @@ def test_caller_features_fill_only_fallbacks_and_context_uses_the_users_offset(l
     assert features["is_new_user"] is True
 
 
+@pytest.mark.parametrize("written", ["2026-11-26T14:00:00Z", "2026-11-26T14:00:00.000z", "2026-11-26T14:00:00-00:00"])
+def test_a_now_in_z_is_read_in_the_users_offset(lineup: Lineup, written: str) -> None:
+    """`Z` says UTC with the local offset unknown (RFC 9557), and is what JavaScript's toISOString()
+    writes: read in it, a user of -05:00 scored at 09:00 local had the hour of 14:00."""
+    store = OnlineStore()
+    store.apply(_event(1, "app.opened", "2026-11-26T08:30:00-05:00"))
+    scorer = Scorer(store, lineup, make_policy("greedy"), random.Random(0), feature_cache_users=0)
+    features = scorer.score(_request(now=written)).response["features"]
+    assert (features["hour_of_day"], features["utc_offset_min"]) == (9, -300)
+    assert features["seconds_since_active"] == 1800, "the instant is the one written"
+    told = scorer.score(_request(now="2026-11-26T14:00:00+00:00")).response["features"]
+    assert (told["hour_of_day"], told["utc_offset_min"]) == (14, 0), "+00:00 tells the offset: UTC"
+    stranger = scorer.score(_request(user="u-2", now=written)).response["features"]
+    assert (stranger["hour_of_day"], stranger["utc_offset_min"]) == (14, None), "no event: UTC, the zone unknown"
+
+
 def test_caller_features_fill_what_the_app_never_sent_the_server(lineup: Lineup) -> None:
     """An app that publishes only feedback: after a user's first reaction, the server's task counts
     read 0, as if known, and the caller's were dropped."""
