@@ -353,6 +353,8 @@ class Service:
             backlog=lambda: self.decision_log.backlog, max_backlog=s.max_unwritten_decisions, folds=False,
             ensure_streams=self._ensure_streams,
         )
+        # What the checkpoint read of DECISIONS has its rows already: read back, they are not marked again.
+        self.learner.rows_written_upto = self._checkpointed.get(jsx.DECISIONS.name, 0)
         await ingest.start()
         self.ingests.append(ingest)
         self._tasks.append(asyncio.create_task(ingest.run(), name="ingest DECISIONS"))

@@ -383,3 +383,29 @@ def test_the_learner_s_own_row_still_has_an_empty_credits_map_for_a_rolled_back_
     snapshot = world.learner.snapshot()
     assert orjson.loads(snapshot["state"])["credits"] == {} and snapshot["credits"]
     world.engine.dispose()
+
+
+def test_a_start_does_not_write_again_the_rows_of_decisions_its_checkpoint_had_read(tmp_path: Path) -> None:
+    """A start reads the join window back from DECISIONS (27,000 decisions after 45 minutes of
+    `--demo 100`). Each one's `tip_scores` row was marked again and held until one checkpoint wrote
+    them all: +90 MB resident after the restart of the soak. Those the checkpoint had read up to
+    have their rows, with their rewards; only the decisions past its position get theirs."""
+    world = World(tmp_path, window_s=86_400)
+    decisions = [rewarded(world, minutes_apart=0) for _ in range(3)]
+    checkpoint(world)
+
+    again = World(tmp_path, window_s=86_400)
+    again.clock.now = world.clock.now
+    again.learner.restore(again.engine)
+    again.learner.rows_written_upto = 2  # the checkpoint had read DECISIONS up to the second
+    stored_ns = int(world.clock.now * 1e9)
+    for seq, scored in enumerate(decisions, start=1):
+        reply = f"$JS.ACK.DECISIONS.learner.1.{seq}.{seq}.{stored_ns}.{3 - seq}".encode()
+        assert again.learner.add_logged(LoggedDecision(scored.decision_id, scored.payload), reply)
+    assert list(again.log.dirty) == [decisions[2].decision_id]
+    assert sent_again(again, decisions) == {"duplicate": 3}  # the credits are held all the same
+    with again.engine.connect() as conn:
+        rows = conn.execute(sa.select(db.tip_scores.c.decision_id, db.tip_scores.c.reward)).all()
+    assert sorted(rows) == sorted((scored.decision_id, 1.0) for scored in decisions)
+    world.engine.dispose()
+    again.engine.dispose()
