@@ -191,9 +191,11 @@ class Service:
         restored = len(self.store.cold)
         await self._load_learning()
         await self._forget_positions_of_another_stream(js, await asyncio.to_thread(target.position_times))
+        # The checkpoint's own positions: the streams' read positions are the learning's by now, where
+        # it resumes (logged with the models), and DECISIONS read 0 after every start.
         log.info("checkpoint restored: %s, positions %s (%.2fs)",
                  f"{restored} users (loading in the background)" if restored else "no users yet",
-                 self.store.positions, time.perf_counter() - started)
+                 self._checkpointed, time.perf_counter() - started)
         if s.checkpoint_in_process:
             self.checkpoint_writer = CheckpointWriter(s.sqlalchemy_url)
         self.checkpointer = Checkpointer(self.store, target, s.checkpoint_every_events, s.checkpoint_every_s,
