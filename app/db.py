@@ -180,6 +180,18 @@ NETWORK_BOUNDS = {"connect_timeout": 10, "tcp_user_timeout": 10_000,
                   "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 
 
+def autovacuum_is_off(engine: Engine) -> bool:
+    """Whether the database is a PostgreSQL server whose autovacuum is off (SQLite has none to turn off).
+
+    >>> autovacuum_is_off(make_engine("sqlite://"))
+    False
+    """
+    if engine.dialect.name != "postgresql":
+        return False
+    with engine.connect() as conn:
+        return conn.execute(text("SHOW autovacuum")).scalar() == "off"
+
+
 def _network_bounds(url: str) -> dict[str, int]:
     """libpq's timeouts that `url` does not set itself (its query may: `?connect_timeout=30`).
 
