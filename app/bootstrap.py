@@ -378,7 +378,7 @@ class Service:
         spooled = decision_spool.read(spool)
         if spooled:
             for _, decision_id, payload in spooled:  # joinable with their feedback, as when they were served
-                self.learner.served(decision_id, payload, orjson.loads(payload))
+                self.learner.served(decision_id, payload, orjson.loads(payload), spooled=True)
             self.publisher.put_back(spooled, on_all_published=lambda: spool.unlink(missing_ok=True))
             log.info("publishing %d decisions served before the last stop first", len(spooled))
         self._publisher_task = asyncio.create_task(self.publisher.run(), name="decision publisher")

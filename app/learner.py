@@ -264,12 +264,22 @@ class Learner:
 
     # -- decisions ---------------------------------------------------------------------------
 
-    def served(self, decision_id: str, payload: bytes, decision: dict[str, Any]) -> None:
+    def served(self, decision_id: str, payload: bytes, decision: dict[str, Any], spooled: bool = False) -> None:
         """A decision /score has just answered with (and queued for the log), or one served before
-        this start that the stop spooled (`decision_spool`): the DECISIONS re-read may hold that one
-        already (it landed, its acknowledgement lost), and a second entry would shadow its credits."""
+        this start that the stop spooled (`decision_spool`, `spooled`): the DECISIONS re-read may hold
+        that one already (it landed, its acknowledgement lost), and a second entry would shadow its credits."""
         if self._lookup(decision_id) is None:
-            entry = _Entry(payload, self.store.positions.get("DECISIONS", 0), int(self.clock() * 1000), decision)
+            now_ms = int(self.clock() * 1000)
+            created = now_ms
+            if spooled:
+                # From when it was served, as a re-read one is (`add_logged`): held from the start, it
+                # took feedback that the run without a stop had expired (NATS away longer than the
+                # window), and past the window its credits were not restored, so its silence was learned
+                # again.
+                created = min(decision_time_ms(decision_id) or now_ms, now_ms)
+                if created < self.window_end_ms() - self.window_ms:
+                    return
+            entry = _Entry(payload, self.store.positions.get("DECISIONS", 0), created, decision)
             if self._restored_credits:
                 self._adopt_credits(decision_id, entry)
             self._insert(decision_id, entry)

@@ -188,6 +188,22 @@ def test_a_spooled_decision_served_again_joins_the_feedback_read_before_it(world
     assert {v: m.n_learned for v, m in world.lineup.learning} == {"v1": 1, "v2": 1}
 
 
+def test_a_spooled_decision_is_joinable_for_the_window_from_when_it_was_served_not_from_the_start(
+        world: World) -> None:
+    """NATS away for over an hour, then a clean stop: a decision served before the outage is spooled,
+    served again at the start. A reaction stored more than the window after it was made is `expired`,
+    as without the stop; held from the start, it was credited (and its silence, its credits past the
+    window not restored, learned a second time)."""
+    t0 = world.clock.now
+    spooled = world.score(serve=False)
+    world.clock.now = t0 + 3600 + 100
+    world.learner.served(spooled.decision_id, spooled.payload, spooled.decision, spooled=True)
+    before = outcomes()
+    world.sink(_reaction("f-1", spooled.decision_id, "a"), _ack(world.clock.now, 1))
+    assert delta(before) == {"expired": 1}
+    assert {v: m.n_learned for v, m in world.lineup.learning} == {"v1": 0, "v2": 0}
+
+
 def test_feedback_a_publisher_got_wrong_is_told_in_the_log_at_most_once_a_minute(
         world: World, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """A tip id or user id the decision does not have showed in tipstream_feedback_total only."""
