@@ -502,15 +502,22 @@ class Learner:
         if entry is None:
             self._wait(decision_id, data.tip_id, data.reaction, event.user_id, stored_at_ms)
             return
-        if behind and stored_at_ms is not None:
+        if stored_at_ms is not None:
             joinable_ms = self._joinable_ms(decision_id, entry)
             if joinable_ms > stored_at_ms and not (entry.credits and data.tip_id in entry.credits):
-                # Read back after its decision, but it reached FEEDBACK before the decision could be
-                # joined: live it waited, and was learned when the decision came.
-                if self._hold(decision_id, data.tip_id, data.reaction, event.user_id, stored_at_ms):
-                    self._defer(decision_id, joinable_ms)
-                    self._expire_waiting()  # within `pending_max`, as any feedback held
-                return
+                if behind:
+                    # Read back after its decision, but it reached FEEDBACK before the decision could be
+                    # joined: live it waited, and was learned when the decision came.
+                    if self._hold(decision_id, data.tip_id, data.reaction, event.user_id, stored_at_ms):
+                        self._defer(decision_id, joinable_ms)
+                        self._expire_waiting()  # within `pending_max`, as any feedback held
+                    return
+                if stored_at_ms < joinable_ms - self.waiting.max_age_s * 1000:
+                    # Delivered again live (its ack lost) after the decision came, it had given up
+                    # waiting before, as a replay judges it (`_credit_waiting`): credited now, it was
+                    # learned by this run only.
+                    _OUTCOME["unknown_decision"].inc()
+                    return
         self._credit(decision_id, entry, data.tip_id, data.reaction, event.user_id, stored_at_ms)
 
     def _wait(self, decision_id: str, tip_id: str, reaction: str, user_id: str, stored_at_ms: int | None) -> None:
@@ -519,6 +526,13 @@ class Learner:
         # so it waited and was counted unknown.
         if created is not None and (created <= self.evicted_upto_ms or self._past_window(created, stored_at_ms)):
             _OUTCOME["expired"].inc()
+            return
+        if (stored_at_ms is not None and not self.waiting.holds(decision_id, tip_id)
+                and stored_at_ms < self._waiting_now() * 1000 - self.waiting.max_age_s * 1000):
+            # Delivered again (its ack lost) after it gave up waiting: it can no longer count (a decision
+            # coming now came too late for it, `_credit_waiting`), and held again it took the place of a
+            # reaction to the same tip sent since, which was counted a duplicate and never learned.
+            _OUTCOME["unknown_decision"].inc()
             return
         if self._hold(decision_id, tip_id, reaction, user_id, stored_at_ms):
             self._expire_waiting()

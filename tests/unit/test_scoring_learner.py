@@ -204,6 +204,30 @@ def test_a_spooled_decision_is_joinable_for_the_window_from_when_it_was_served_n
     assert {v: m.n_learned for v, m in world.lineup.learning} == {"v1": 0, "v2": 0}
 
 
+def test_feedback_delivered_again_after_it_gave_up_waiting_is_not_learned(world: World) -> None:
+    """Another publisher's decision stored 70 s after a reaction naming it: the reaction gave up
+    waiting after 60 s. JetStream delivers it again (its ack lost) after the decision came: it is
+    `unknown_decision` again, not credited; and delivered again before the decision came, it is not
+    held afresh, where it took the place of a reaction to the same tip sent since, counted a duplicate."""
+    t0 = world.clock.now
+    decision = _foreign(world, "ext-1")
+    before = outcomes()
+    world.sink(_reaction("f-1", "ext-1", "a", "disliked"), _ack(t0, 1))
+    world.sink(_reaction("f-2", "ext-1", "b", "disliked"), _ack(t0, 2))
+    world.clock.now = t0 + 61
+    world.learner.expire()
+    assert delta(before) == {"waiting": 2, "unknown_decision": 2}
+    world.sink(_reaction("f-1", "ext-1", "a", "disliked"), _ack(t0, 1))  # again, before the decision
+    world.sink(_reaction("f-3", "ext-1", "a", "acted"), _ack(t0 + 61, 3))  # sent again since, a new id
+    assert delta(before) == {"waiting": 3, "unknown_decision": 3}
+    world.clock.now = t0 + 70
+    world.learner.add_logged(decision, _decisions_ack(t0 + 70, 1))
+    world.sink(_reaction("f-2", "ext-1", "b", "disliked"), _ack(t0, 2))  # again, after the decision
+    assert delta(before) == {"waiting": 3, "unknown_decision": 4, "credited": 1}
+    assert world.learner.cache["ext-1"].credits == {"a": 1.0}
+    assert {v: m.n_learned for v, m in world.lineup.learning} == {"v1": 1, "v2": 1}
+
+
 def test_feedback_a_publisher_got_wrong_is_told_in_the_log_at_most_once_a_minute(
         world: World, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """A tip id or user id the decision does not have showed in tipstream_feedback_total only."""
