@@ -505,18 +505,19 @@ class Learner:
         if stored_at_ms is not None:
             joinable_ms = self._joinable_ms(decision_id, entry)
             if joinable_ms > stored_at_ms and not (entry.credits and data.tip_id in entry.credits):
+                if stored_at_ms < joinable_ms - self.waiting.max_age_s * 1000:
+                    # It gave up waiting before the decision came, live (`_credit_waiting` judges so).
+                    # Read back, held until FEEDBACK's time reached the decision, it took the place of a
+                    # reaction to its tip stored since, which live was credited (counted a duplicate and
+                    # lost); delivered again live (its ack lost), it was credited by this run only.
+                    _OUTCOME["unknown_decision"].inc()
+                    return
                 if behind:
                     # Read back after its decision, but it reached FEEDBACK before the decision could be
                     # joined: live it waited, and was learned when the decision came.
                     if self._hold(decision_id, data.tip_id, data.reaction, event.user_id, stored_at_ms):
                         self._defer(decision_id, joinable_ms)
                         self._expire_waiting()  # within `pending_max`, as any feedback held
-                    return
-                if stored_at_ms < joinable_ms - self.waiting.max_age_s * 1000:
-                    # Delivered again live (its ack lost) after the decision came, it had given up
-                    # waiting before, as a replay judges it (`_credit_waiting`): credited now, it was
-                    # learned by this run only.
-                    _OUTCOME["unknown_decision"].inc()
                     return
         self._credit(decision_id, entry, data.tip_id, data.reaction, event.user_id, stored_at_ms)
 

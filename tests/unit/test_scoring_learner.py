@@ -517,7 +517,8 @@ def test_a_replay_learns_feedback_that_came_before_another_publisher_s_decision_
         rebuilt.sink(item, _ack(stored_s, seq))
     rebuilt.learner.feedback_read.advance(int(log[-1][0] * 1000), caught_up=True)
     rebuilt.learner.snapshot()
-    assert delta(before) == {"waiting": 2, "credited": 4, "unknown_decision": 1}
+    # The reaction whose decision came too late is given up as it is read: it does not wait again.
+    assert delta(before) == {"waiting": 1, "credited": 4, "unknown_decision": 1}
 
     for version in ("v1", "v2"):
         assert rebuilt.lineup.models[version].to_bytes() == live.lineup.models[version].to_bytes()
@@ -577,6 +578,40 @@ def test_another_publisher_s_decision_is_held_a_window_from_when_it_was_stored_n
     assert not later.log.dirty, "read back past the window, its row (with its reward) is left as it is"
     for world in (first, again, later, last):
         world.engine.dispose()
+
+
+def test_a_replay_does_not_let_a_reaction_that_gave_up_take_the_place_of_a_later_one(tmp_path: Path) -> None:
+    """Another publisher's decision is stored 70 s after a reaction to its tip "a" (which gives up after
+    60 s) and 5 s after another to the same tip: live, the second is credited. Read back, the decision
+    is read first and the first reaction was held until FEEDBACK's time reached the decision; the
+    second, to the same tip, was then a duplicate, and the reward live learned was lost."""
+    live = World(tmp_path / "live")
+    t0 = live.clock.now
+    decision = _foreign(live, "ext-1")
+    log = [(t0, _reaction("f-1", "ext-1", "a", "disliked")), (t0 + 65, _reaction("f-2", "ext-1", "a", "acted"))]
+    for seq, (stored_s, reaction) in enumerate(log, 1):
+        live.clock.now = stored_s
+        live.learner.expire()
+        live.sink(reaction, _ack(stored_s, seq))
+    live.clock.now = t0 + 70
+    live.learner.add_logged(decision, _decisions_ack(t0 + 70, 1))
+    assert live.learner.cache["ext-1"].credits == {"a": 1.0}
+
+    replay = World(tmp_path / "replay")
+    replay.clock.now = t0 + 600
+    replay.learner.feedback_read = ReadUpTo()  # FEEDBACK is read back, behind DECISIONS
+    before = outcomes()
+    replay.learner.add_logged(decision, _decisions_ack(t0 + 70, 1))
+    for seq, (stored_s, reaction) in enumerate(log, 1):
+        replay.sink(reaction, _ack(stored_s, seq))
+    replay.learner.feedback_read.advance(int((t0 + 65) * 1000), caught_up=True)
+    replay.learner.snapshot()
+    assert delta(before) == {"unknown_decision": 1, "waiting": 1, "credited": 1}
+    assert replay.learner.cache["ext-1"].credits == {"a": 1.0}
+    for version in ("v1", "v2"):
+        assert replay.lineup.models[version].to_bytes() == live.lineup.models[version].to_bytes()
+    live.engine.dispose()
+    replay.engine.dispose()
 
 
 def test_feedback_deferred_while_feedback_is_read_back_is_not_given_up_by_the_clock(tmp_path: Path) -> None:
