@@ -528,6 +528,11 @@ class Learner:
         if created is not None and (created <= self.evicted_upto_ms or self._past_window(created, stored_at_ms)):
             _OUTCOME["expired"].inc()
             return
+        # Give up first on what waited its age: read back, FEEDBACK's time moves with each message, and a
+        # reaction given up live still held here took the place of this one to its tip (a duplicate).
+        expired = self.waiting.expire(self._waiting_now())
+        if expired:
+            _OUTCOME["unknown_decision"].inc(expired)
         if (stored_at_ms is not None and not self.waiting.holds(decision_id, tip_id)
                 and stored_at_ms < self._waiting_now() * 1000 - self.waiting.max_age_s * 1000):
             # Delivered again (its ack lost) after it gave up waiting: it can no longer count (a decision

@@ -614,6 +614,27 @@ def test_a_replay_does_not_let_a_reaction_that_gave_up_take_the_place_of_a_later
     replay.engine.dispose()
 
 
+def test_read_back_a_reaction_that_gave_up_does_not_take_the_place_of_a_later_one(tmp_path: Path) -> None:
+    """Read back before another publisher's decision: a reaction to tip "a" waits; another to "a" stored
+    65 s later finds it given up (FEEDBACK's time passed it by 60 s), as live, and waits in its place:
+    it was a duplicate, and the reward live learned when the decision came was lost."""
+    replay = World(tmp_path)
+    t0 = replay.clock.now
+    decision = _foreign(replay, "ext-1")
+    replay.clock.now = t0 + 600
+    replay.learner.feedback_read = ReadUpTo()  # FEEDBACK is read back
+    before = outcomes()
+    replay.sink(_reaction("f-1", "ext-1", "a", "disliked"), _ack(t0, 1))
+    replay.sink(_reaction("f-2", "ext-1", "a", "acted"), _ack(t0 + 65, 2))
+    assert delta(before) == {"waiting": 2, "unknown_decision": 1}
+    replay.learner.add_logged(decision, _decisions_ack(t0 + 70, 1))
+    replay.learner.feedback_read.advance(int((t0 + 65) * 1000), caught_up=True)
+    replay.learner.snapshot()  # FEEDBACK has caught up: the decision's wait is over
+    assert delta(before) == {"waiting": 2, "unknown_decision": 1, "credited": 1}
+    assert replay.learner.cache["ext-1"].credits == {"a": 1.0}
+    replay.engine.dispose()
+
+
 def test_feedback_deferred_while_feedback_is_read_back_is_not_given_up_by_the_clock(tmp_path: Path) -> None:
     """Another publisher's decision stored 5 s after feedback naming it: live the feedback waited 5 s
     and was learned. Read back, the decision is read first and the feedback is deferred until FEEDBACK's
