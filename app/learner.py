@@ -417,6 +417,14 @@ class Learner:
         self.rows_to_rebuild = False
         self.rows_written_upto = 0  # the start's read-back only: a stream re-created later starts over at 1
         if self._replayed:
+            # A snapshot resumes DECISIONS from the front's position. Those served meanwhile now follow
+            # the read-back's, though served at a position it had not passed yet (it passed our own, held
+            # already, before bringing another's): resumed from further on, a restart did not hold them,
+            # and their reactions were never learned. So the read-back's are held from no further on.
+            served_from = min((entry.position for entry in self.cache.values()), default=None)
+            if served_from is not None:
+                for entry in self._replayed.values():
+                    entry.position = min(entry.position, served_from)
             self._replayed.update(self.cache)
             self.cache, self._replayed = self._replayed, OrderedDict()
 

@@ -1719,3 +1719,20 @@ def test_a_retired_versions_model_leaves_memory_and_is_not_loaded_at_a_start(tmp
         assert again.lineup.describe("v2")["role"] == "retired"
     finally:
         again.engine.dispose()
+
+
+def test_a_decision_served_while_decisions_are_read_back_is_re_read_after_a_restart(world: World) -> None:
+    """A start reads DECISIONS back (`replaying`) while /score serves. Served at position 0, its decision
+    came after the ones the read-back brought later (position 6, after our own read back and known), and
+    a snapshot resumed from the front's position: the restart re-read from 7, so the served one was not
+    held any more and its reaction was `unknown_decision`, never learned (helper-76's fault campaign)."""
+    world.learner.replaying = True
+    served = world.score()
+    world.store.positions["DECISIONS"] = 6  # the read-back has passed our own decisions, held already
+    other = world.score(user="u-2", serve=False)  # another publisher's, read back
+    world.learner.add_logged(LoggedDecision(other.decision_id, other.payload))
+    world.learner.caught_up()
+    snapshot = world.learner.snapshot(force=True)
+    assert snapshot is not None
+    assert orjson.loads(snapshot["state"])["positions"]["DECISIONS"] == 0, "re-read from where it was served"
+    assert world.learner._lookup(served.decision_id) is not None
