@@ -25,7 +25,7 @@ from pydantic import (
 from typing_extensions import TypedDict  # pydantic checks typing's own only from Python 3.12
 
 from models.reward import INPUT_BOUND, INPUT_BOUND_TEXT
-from streams.events import HALF_A_PAIR, EventTime
+from streams.events import HALF_A_PAIR, EventTime, has_lone_surrogate
 from streams.features import BY_NAME as FEATURES_BY_NAME
 from streams.features import CONTEXT_FEATURES, FEATURE_NAMES
 
@@ -219,25 +219,17 @@ def _half_a_pair(body: bytes) -> str | None:
 
     def walk(value: Any, path: list[str]) -> str | None:
         if isinstance(value, str):
-            return None if _encodable(value) else (".".join(path) or "body")
+            return (".".join(path) or "body") if has_lone_surrogate(value) else None
         items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
         for key, item in items:
             # A key as the path shows it, in UTF-8: a lone surrogate there failed the answer's encoding.
             name = str(key).encode("utf-8", "backslashreplace").decode()
-            found = ".".join([*path, name]) if not _encodable(str(key)) else walk(item, [*path, name])
+            found = ".".join([*path, name]) if has_lone_surrogate(str(key)) else walk(item, [*path, name])
             if found is not None:
                 return found
         return None
 
     return walk(data, [])
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _refuse_nul(request: ScoreRequest) -> None:

@@ -268,7 +268,7 @@ def _has_nul(text: str) -> bool:
     return "\x00" in text
 
 
-def _has_lone_surrogate(text: str) -> bool:
+def has_lone_surrogate(text: str) -> bool:
     try:
         text.encode()
     except UnicodeEncodeError:
@@ -307,7 +307,7 @@ def _loads(raw: bytes) -> Any:
 
 def _kept(event: Any, raw: bytes) -> Any:
     """An event validated on a slow path, or a Rejection when a text it keeps cannot be stored."""
-    where = _text_in(event, "", _has_lone_surrogate)
+    where = _text_in(event, "", has_lone_surrogate)
     if where is not None:
         return Rejection("invalid_field", f"field '{where}': {HALF_A_PAIR}")
     return without_nul(event, raw)
