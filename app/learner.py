@@ -329,6 +329,18 @@ class Learner:
             now_ms = int(self.clock() * 1000)
             if created is not None and not self.rows_to_rebuild and created < self.window_end_ms() - self.window_ms:
                 return False  # replayed from before the join window: nothing can join it any more
+            timed = decision_time_ms(logged.id)
+            if (timed is not None and timed <= self.evicted_upto_ms and not self.replaying
+                    and logged.id not in self.waiting.by_decision):
+                # The cache let it go, or one made after it: feedback naming it is `expired` (`_wait`). Held
+                # again, it came back without its credits (let go before JetStream's ack, in an outage, and
+                # read back after the reconnect): a reaction sent again, or its silence, was learned twice.
+                # Feedback waiting for it says it was never held here. A start's re-read holds it still: its
+                # credits are restored then.
+                # Another tipstream's, never held, has no row yet; one of ours gets this row from its ack too.
+                credits, rewarded_ms = self._restored_credits.pop(logged.id, (None, None))
+                self.decision_log.mark(tip_score_row(logged.parsed(), logged.data, credits, rewarded_ms))
+                return True
             entry = _Entry(logged.data, self.store.positions.get("DECISIONS", 0),
                            min(created, now_ms) if created is not None else now_ms, logged.body, stored_ms=stored)
             self._adopt_credits(logged.id, entry)

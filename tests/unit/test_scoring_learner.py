@@ -23,7 +23,7 @@ from app import evaluation, migrate
 from app.checkpoint_rows import write_tip_scores
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.db import make_engine
-from app.decisions import LoggedDecision, TipScoresLog, tip_score_row
+from app.decisions import LoggedDecision, TipScoresLog, decision_time_ms, tip_score_row
 from app.ingest import ReadUpTo
 from app.learner import Learner
 from app.learning_metrics import FEEDBACK, LEARN_DELAY, MODEL_USERS, REFUSED, SKIPPED
@@ -1255,6 +1255,32 @@ def test_a_decision_the_join_cache_let_go_before_its_ack_still_gets_its_row(tmp_
     assert sorted(w.log.dirty) == sorted(s.decision_id for s in waiting)
     row = w.log.dirty[waiting[0].decision_id]
     assert row["user_id"] == "u-0" and row["tip_id"] == waiting[0].decision["ranked"][0]["tip_id"]
+    w.engine.dispose()
+
+
+def test_a_decision_the_join_cache_let_go_before_its_ack_is_not_held_again_when_read_back(tmp_path: Path) -> None:
+    """NATS away: the budget lets a credited decision go before JetStream acknowledged it, and the
+    DECISIONS ingest reads it back after the reconnect. Held again, it had lost its credits, and the
+    reaction sent again was learned a second time. It stays let go (`expired`, as `_wait` counts
+    feedback for it), and so does another tipstream's decision made before it, which gets its row."""
+    w = World(tmp_path, cache_mb=0.002)  # about one decision
+    t0 = w.clock.now
+    let_go = w.score()
+    w.sink(_reaction("f-1", let_go.decision_id, "a"), _ack(t0, 1))
+    for _ in range(3):
+        w.score()
+    assert w.learner._lookup(let_go.decision_id) is None
+    elsewhere = _foreign(w, f"d-{decision_time_ms(let_go.decision_id):012x}{0xE15E:08x}{0:08x}")
+    before = outcomes()
+    assert w.learner.add_logged(LoggedDecision(let_go.decision_id, let_go.payload), _decisions_ack(t0 + 1, 1))
+    assert w.learner.add_logged(elsewhere, _decisions_ack(t0 + 1, 2))
+    w.sink(_reaction("f-2", let_go.decision_id, "a"), _ack(t0 + 1, 2))  # the reaction sent again
+    w.sink(_reaction("f-3", let_go.decision_id, "b"), _ack(t0 + 1, 3))
+    w.sink(_reaction("f-4", elsewhere.id, "a"), _ack(t0 + 1, 4))
+    assert delta(before) == {"expired": 3}
+    assert {v: m.n_learned for v, m in w.lineup.learning} == {"v1": 1, "v2": 1}
+    assert w.learner._lookup(let_go.decision_id) is None and w.learner._lookup(elsewhere.id) is None
+    assert w.log.dirty[elsewhere.id]["rewards"] is None
     w.engine.dispose()
 
 
