@@ -8,6 +8,7 @@ cannot store, an unknown profile feature) are checked after it, only where they 
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, NotRequired
 
 from pydantic import (
@@ -15,12 +16,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ModelWrapValidatorHandler,
-    PrivateAttr,
     StrictBool,
     StringConstraints,
     ValidationError,
-    model_validator,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
 )
 from typing_extensions import TypedDict  # pydantic checks typing's own only from Python 3.12
 
@@ -107,28 +107,22 @@ def _task(value: Any) -> Any:
 
 # RFC 9557: `Z` (and RFC 3339's `-00:00`) says the time is in UTC with the local offset unknown. It is
 # what JavaScript's `toISOString()` writes, whatever the user's zone: read in it, a user of +01:00
-# scored at 09:00 had the hour of 08:00.
-UNKNOWN_OFFSET_SUFFIXES = ("Z", "z", "-00:00")
+# scored at 09:00 had the hour of 08:00. Such a `now` carries this zone, UTC by another name.
+OFFSET_UNKNOWN = timezone(timedelta(0), "UTC, local offset unknown")
+_UNKNOWN_OFFSET_SUFFIXES = ("Z", "z", "-00:00")
+
+
+def _offset_told(value: Any, handler: ValidatorFunctionWrapHandler) -> datetime:
+    moment = handler(value)
+    if isinstance(value, str) and value.endswith(_UNKNOWN_OFFSET_SUFFIXES):
+        return moment.replace(tzinfo=OFFSET_UNKNOWN)
+    return moment
 
 
 class Context(_Body):
-    now: EventTime | None = None  # the events' own rule for a time: ISO 8601 text, an offset, in range
+    # The events' own rule for a time: ISO 8601 text, an offset, in range.
+    now: Annotated[EventTime, WrapValidator(_offset_told)] | None = None
     tasks: list[Annotated[Any, AfterValidator(_task)]] | None = Field(None, max_length=1000)
-    _offset_known: bool = PrivateAttr(True)
-
-    @model_validator(mode="wrap")
-    @classmethod
-    def _told_offset(cls, data: Any, handler: ModelWrapValidatorHandler[Context]) -> Context:
-        context = handler(data)
-        now = data.get("now") if isinstance(data, dict) else None
-        if isinstance(now, str) and now.endswith(UNKNOWN_OFFSET_SUFFIXES):
-            context._offset_known = False
-        return context
-
-    @property
-    def offset_known(self) -> bool:
-        """Whether `now` tells the user's offset (`+00:00` does; `Z` and `-00:00` do not)."""
-        return self._offset_known
 
 
 class ScoreRequest(_Body):

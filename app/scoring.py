@@ -35,7 +35,7 @@ from app.decisions import DECISION_TYPE, candidate_input, encode, new_decision_i
 from app.learning_metrics import CHAMPION_ERRORS, FEATURE_CACHE, SHADOW_DISAGREEMENTS, SHADOW_ERRORS
 from app.lineup import Lineup
 from app.log_throttle import LogThrottle
-from app.score_request import ScoreRequest
+from app.score_request import OFFSET_UNKNOWN, ScoreRequest
 from models.policy import Greedy, Policy
 from models.reward import PopularityPrior
 from streams.features import FEATURE_NAMES, FEATURES, Snapshot, context_features, snapshot
@@ -194,7 +194,7 @@ class Scorer:
         state = self.store.state_of(user_id)  # a user still cold after a restart is loaded first
         context = request.context
         now = context.now if context is not None else None
-        if now is not None and context.offset_known:
+        if now is not None and now.tzinfo is not OFFSET_UNKNOWN:
             now_ms = to_ms(now)
             offset = now.utcoffset()
             offset_s = int(offset.total_seconds()) if offset is not None else 0
