@@ -79,7 +79,7 @@ from app.log_throttle import LogThrottle
 from app.silence import Silences
 from app.waiting import WaitingFeedback
 from models.reward import INPUT_BOUND_TEXT, MAX_INPUTS, PopularityPrior
-from streams.jetstream import ack_fields, stored_ms
+from streams.jetstream import ack_fields, delivery_count, stored_ms
 from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream.learner")
@@ -497,14 +497,19 @@ class Learner:
 
         def sink(event: Any, reply: bytes | None = None) -> bool:
             new = apply(event)
-            on_feedback(event, new, stored_ms(reply) if reply is not None and event.type == "tip.reacted" else None)
+            if reply is None or event.type != "tip.reacted":
+                on_feedback(event, new)
+            else:
+                on_feedback(event, new, stored_ms(reply), delivery_count(reply) > 1)
             return new
 
         return sink
 
-    def on_feedback(self, event: Any, new: bool = True, stored_at_ms: int | None = None) -> None:
+    def on_feedback(self, event: Any, new: bool = True, stored_at_ms: int | None = None,
+                    redelivered: bool = False) -> None:
         """`stored_at_ms`: when JetStream stored the feedback; it stamps the reward (`rewarded_at`),
-        so that a replay of the log (a rebuild) stamps it as the first pass did."""
+        so that a replay of the log (a rebuild) stamps it as the first pass did. `redelivered`: JetStream
+        delivers it again (its ack lost)."""
         behind = not self.feedback_read.caught_up
         if stored_at_ms is not None:
             self._feedback_seen_ms = max(self._feedback_seen_ms, stored_at_ms)
@@ -520,7 +525,7 @@ class Learner:
             return
         entry = self._lookup(decision_id)
         if entry is None:
-            self._wait(decision_id, data.tip_id, data.reaction, event.user_id, stored_at_ms)
+            self._wait(decision_id, data.tip_id, data.reaction, event.user_id, stored_at_ms, redelivered)
             return
         if stored_at_ms is not None:
             joinable_ms = self._joinable_ms(decision_id, entry)
@@ -541,7 +546,8 @@ class Learner:
                     return
         self._credit(decision_id, entry, data.tip_id, data.reaction, event.user_id, stored_at_ms)
 
-    def _wait(self, decision_id: str, tip_id: str, reaction: str, user_id: str, stored_at_ms: int | None) -> None:
+    def _wait(self, decision_id: str, tip_id: str, reaction: str, user_id: str, stored_at_ms: int | None,
+              redelivered: bool = False) -> None:
         created = decision_time_ms(decision_id)
         # Past the join window too: nothing can join it any more (a start skips such decisions),
         # so it waited and was counted unknown.
@@ -553,11 +559,13 @@ class Learner:
         expired = self.waiting.expire(self._waiting_now())
         if expired:
             _OUTCOME["unknown_decision"].inc(expired)
-        if (stored_at_ms is not None and not self.waiting.holds(decision_id, tip_id)
+        if (redelivered and stored_at_ms is not None and not self.waiting.holds(decision_id, tip_id)
                 and stored_at_ms < self._waiting_now() * 1000 - self.waiting.max_age_s * 1000):
             # Delivered again (its ack lost) after it gave up waiting: it can no longer count (a decision
             # coming now came too late for it, `_credit_waiting`), and held again it took the place of a
-            # reaction to the same tip sent since, which was counted a duplicate and never learned.
+            # reaction to the same tip sent since, which was counted a duplicate and never learned. Only
+            # what JetStream says it delivers again: live, its stored time (NATS's clock) is compared with
+            # this clock, and with NATS's behind by more than the age, every first delivery would count.
             _OUTCOME["unknown_decision"].inc()
             return
         if self._hold(decision_id, tip_id, reaction, user_id, stored_at_ms):

@@ -218,6 +218,18 @@ def ack_fields(reply: bytes) -> tuple[int, int, int]:
     return int(tokens[at]), int(tokens[at + 2]), int(tokens[at + 3])
 
 
+def delivery_count(reply: bytes) -> int:
+    """How many times JetStream has delivered the message, this time included, from its ack subject.
+
+    >>> delivery_count(b"$JS.ACK.FEEDBACK.ingest.2.42.43.1764140400123456789.0")
+    2
+    >>> delivery_count(b"$JS.ACK.hub.ACC.FEEDBACK.ingest.1.42.42.1764140400123456789.0.tok")
+    1
+    """
+    tokens = reply.split(b".")
+    return int(tokens[4 if len(tokens) == 9 else 6])
+
+
 def stream_sequence(reply: bytes) -> tuple[int, int]:
     """(stream sequence, messages still pending) from a JetStream ack subject."""
     seq, _, pending = ack_fields(reply)

@@ -501,6 +501,7 @@ class LearnerMachine(RuleBasedStateMachine):
     def redeliver(self, pick: int) -> None:
         """JetStream delivers a message again (no ack reached it): the same event id, the same stored time."""
         event, reply, stored = self.feedback[-1 - pick % min(len(self.feedback), 8)]
+        reply = reply.replace(b".ingest.1.", b".ingest.2.", 1)  # as JetStream counts its deliveries
         data = orjson.loads(event)["data"]
         decision_id = data.get("decision_id")
         for side, got in zip(self.sides, self._read_live((event, reply, stored), None), strict=True):

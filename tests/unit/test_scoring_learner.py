@@ -217,15 +217,28 @@ def test_feedback_delivered_again_after_it_gave_up_waiting_is_not_learned(world:
     world.clock.now = t0 + 61
     world.learner.expire()
     assert delta(before) == {"waiting": 2, "unknown_decision": 2}
-    world.sink(_reaction("f-1", "ext-1", "a", "disliked"), _ack(t0, 1))  # again, before the decision
+    world.sink(_reaction("f-1", "ext-1", "a", "disliked"), _ack(t0, 1, delivered=2))  # again, before the decision
     world.sink(_reaction("f-3", "ext-1", "a", "acted"), _ack(t0 + 61, 3))  # sent again since, a new id
     assert delta(before) == {"waiting": 3, "unknown_decision": 3}
     world.clock.now = t0 + 70
     world.learner.add_logged(decision, _decisions_ack(t0 + 70, 1))
-    world.sink(_reaction("f-2", "ext-1", "b", "disliked"), _ack(t0, 2))  # again, after the decision
+    world.sink(_reaction("f-2", "ext-1", "b", "disliked"), _ack(t0, 2, delivered=2))  # again, after the decision
     assert delta(before) == {"waiting": 3, "unknown_decision": 4, "credited": 1}
     assert world.learner.cache["ext-1"].credits == {"a": 1.0}
     assert {v: m.n_learned for v, m in world.lineup.learning} == {"v1": 1, "v2": 1}
+
+
+def test_feedback_waits_for_another_publisher_s_decision_whatever_the_nats_server_s_clock(world: World) -> None:
+    """A NATS server whose clock is behind this one's by more than the wait (60 s here): a reaction
+    JetStream delivers for the first time, its decision not come yet, waits for it. Judged a redelivery
+    after it gave up by its stored time, every such reaction was given up at once."""
+    t0 = world.clock.now
+    decision = _foreign(world, "ext-1")
+    before = outcomes()
+    world.sink(_reaction("f-1", "ext-1", "a", "acted"), _ack(t0 - 1_200, 1))  # NATS 20 minutes behind
+    assert delta(before) == {"waiting": 1}
+    world.learner.add_logged(decision, _decisions_ack(t0 - 1_199, 1))
+    assert delta(before) == {"waiting": 1, "credited": 1}
 
 
 def test_feedback_a_publisher_got_wrong_is_told_in_the_log_at_most_once_a_minute(
@@ -358,9 +371,10 @@ def test_after_a_restart_the_decisions_read_back_are_evicted_before_fresh_ones(t
     again.engine.dispose()
 
 
-def _ack(stored_s: float, seq: int) -> bytes:
-    """A FEEDBACK message's ack subject: it says when JetStream stored the message."""
-    return f"$JS.ACK.FEEDBACK.ingest.1.{seq}.{seq}.{int(stored_s * 1e9)}.0".encode()
+def _ack(stored_s: float, seq: int, delivered: int = 1) -> bytes:
+    """A FEEDBACK message's ack subject: it says when JetStream stored the message, and how many times
+    it has delivered it."""
+    return f"$JS.ACK.FEEDBACK.ingest.{delivered}.{seq}.{seq}.{int(stored_s * 1e9)}.0".encode()
 
 
 def test_the_join_window_is_judged_in_feedbacks_time_across_an_outage(tmp_path: Path) -> None:
