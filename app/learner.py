@@ -79,7 +79,7 @@ from app.log_throttle import LogThrottle
 from app.silence import Silences
 from app.waiting import WaitingFeedback
 from models.reward import INPUT_BOUND_TEXT, MAX_INPUTS, PopularityPrior
-from streams.jetstream import ack_fields, delivery_count, stored_ms
+from streams.jetstream import ack_fields, delivery, stored_ms
 from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream.learner")
@@ -325,11 +325,11 @@ class Learner:
             # publisher's (no time in its id) from when JetStream stored it. Held from each read,
             # every start read it back and held it a window more, so the DECISIONS position saved
             # never passed it and every start re-read all of DECISIONS logged since, FEEDBACK behind.
-            created = decision_time_ms(logged.id) or stored or None
+            timed = decision_time_ms(logged.id)
+            created = timed or stored or None
             now_ms = int(self.clock() * 1000)
             if created is not None and not self.rows_to_rebuild and created < self.window_end_ms() - self.window_ms:
                 return False  # replayed from before the join window: nothing can join it any more
-            timed = decision_time_ms(logged.id)
             if (timed is not None and timed <= self.evicted_upto_ms and not self.replaying
                     and logged.id not in self.waiting.by_decision):
                 # The cache let it go, or one made after it: feedback naming it is `expired` (`_wait`). Held
@@ -500,7 +500,8 @@ class Learner:
             if reply is None or event.type != "tip.reacted":
                 on_feedback(event, new)
             else:
-                on_feedback(event, new, stored_ms(reply), delivery_count(reply) > 1)
+                stored_at_ms, delivered = delivery(reply)
+                on_feedback(event, new, stored_at_ms, delivered > 1)
             return new
 
         return sink
@@ -556,9 +557,7 @@ class Learner:
             return
         # Give up first on what waited its age: read back, FEEDBACK's time moves with each message, and a
         # reaction given up live still held here took the place of this one to its tip (a duplicate).
-        expired = self.waiting.expire(self._waiting_now())
-        if expired:
-            _OUTCOME["unknown_decision"].inc(expired)
+        self._expire_waiting()
         if (redelivered and stored_at_ms is not None and not self.waiting.holds(decision_id, tip_id)
                 and stored_at_ms < self._waiting_now() * 1000 - self.waiting.max_age_s * 1000):
             # Delivered again (its ack lost) after it gave up waiting: it can no longer count (a decision

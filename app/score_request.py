@@ -7,7 +7,6 @@ cannot store, an unknown profile feature) are checked after it, only where they 
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, NotRequired
 
@@ -25,7 +24,7 @@ from pydantic import (
 from typing_extensions import TypedDict  # pydantic checks typing's own only from Python 3.12
 
 from models.reward import INPUT_BOUND, INPUT_BOUND_TEXT
-from streams.events import HALF_A_PAIR, EventTime, has_lone_surrogate
+from streams.events import HALF_A_PAIR, EventTime, has_lone_surrogate, lenient_loads, text_path
 from streams.features import BY_NAME as FEATURES_BY_NAME
 from streams.features import CONTEXT_FEATURES, FEATURE_NAMES
 
@@ -206,24 +205,8 @@ def parse_request(body: bytes) -> ScoreRequest:
 def _half_a_pair(body: bytes) -> str | None:
     """The dotted path of the first text holding a lone surrogate, as JSON.stringify writes a string cut
     inside an emoji (`"\\ud83d"`): pydantic's parser refuses the body for it, and the 422 named `body`."""
-    try:
-        data = json.loads(body.decode())
-    except (ValueError, RecursionError):
-        return None
-
-    def walk(value: Any, path: list[str]) -> str | None:
-        if isinstance(value, str):
-            return (".".join(path) or "body") if has_lone_surrogate(value) else None
-        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-        for key, item in items:
-            # A key as the path shows it, in UTF-8: a lone surrogate there failed the answer's encoding.
-            name = str(key).encode("utf-8", "backslashreplace").decode()
-            found = ".".join([*path, name]) if has_lone_surrogate(str(key)) else walk(item, [*path, name])
-            if found is not None:
-                return found
-        return None
-
-    return walk(data, [])
+    where = text_path(lenient_loads(body), has_lone_surrogate)
+    return None if where is None else where or "body"
 
 
 def _refuse_nul(request: ScoreRequest) -> None:

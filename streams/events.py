@@ -245,8 +245,9 @@ def _describe(error: ValidationError) -> Rejection:
     return Rejection("invalid_field", f"field '{where}': {first['msg']}")
 
 
-def _text_in(value: Any, where: str, bad: Callable[[str], bool]) -> str | None:
-    """The dotted path of the first text that is `bad`, if any."""
+def text_path(value: Any, bad: Callable[[str], bool], where: str = "") -> str | None:
+    """The dotted path of the first text that is `bad`, a key or a value, if any (a bad key written with
+    escapes, so that the path can be answered)."""
     if isinstance(value, str):
         return where if bad(value) else None
     if isinstance(value, BaseModel):
@@ -258,7 +259,11 @@ def _text_in(value: Any, where: str, bad: Callable[[str], bool]) -> str | None:
     else:
         return None
     for key, item in items:
-        found = _text_in(item, f"{where}.{key}" if where else str(key), bad)
+        name = str(key)
+        path = f"{where}.{name}" if where else name
+        if bad(name):
+            return path.encode("utf-8", "backslashreplace").decode()
+        found = text_path(item, bad, path)
         if found is not None:
             return found
     return None
@@ -280,7 +285,7 @@ def without_nul(event: Any, raw: bytes) -> Any:
     """The event parsed from `raw`, or a Rejection when a text it keeps holds a NUL."""
     # PostgreSQL text cannot hold a NUL: one kept in state (a user id, say) failed every later
     # checkpoint. JSON carries a NUL only as this escape, so other events skip the walk.
-    if b"\\u0000" in raw and (where := _text_in(event, "", _has_nul)) is not None:
+    if b"\\u0000" in raw and (where := text_path(event, _has_nul)) is not None:
         return Rejection("invalid_field", f"field '{where}': must not contain the NUL character (\\u0000); "
                                           "the database cannot store it")
     return event
@@ -290,7 +295,7 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _loads(raw: bytes) -> Any:
+def lenient_loads(raw: bytes) -> Any:
     """The payload decoded, as the slow paths read it: a lone surrogate escape (`\\ud83d`, half an
     emoji, as JavaScript's JSON.stringify writes a string cut inside one) is read too, which
     pydantic's parser and orjson refuse. None when it is not JSON at all."""
@@ -307,7 +312,7 @@ def _loads(raw: bytes) -> Any:
 
 def _kept(event: Any, raw: bytes) -> Any:
     """An event validated on a slow path, or a Rejection when a text it keeps cannot be stored."""
-    where = _text_in(event, "", has_lone_surrogate)
+    where = text_path(event, has_lone_surrogate)
     if where is not None:
         return Rejection("invalid_field", f"field '{where}': {HALF_A_PAIR}")
     return without_nul(event, raw)
@@ -326,7 +331,7 @@ def parse_event(raw: bytes) -> Any:
     if rejection.kind == "invalid_json" and ("surrogate" in rejection.reason or "hex escape" in rejection.reason):
         # pydantic's parser refuses a lone surrogate anywhere, so one in a field this contract does not
         # know (a title cut inside an emoji) refused the whole event, which unknown fields must not do.
-        payload = _loads(raw)
+        payload = lenient_loads(raw)
         if payload is None:
             return rejection
         try:
@@ -339,7 +344,7 @@ def parse_event(raw: bytes) -> Any:
     if not UPCASTERS:
         return rejection
     if payload is None:
-        payload = _loads(raw)
+        payload = lenient_loads(raw)
     version = payload.get("v") if isinstance(payload, dict) else None
     if type(version) is not int or version >= CURRENT_VERSION:
         return rejection

@@ -218,16 +218,18 @@ def ack_fields(reply: bytes) -> tuple[int, int, int]:
     return int(tokens[at]), int(tokens[at + 2]), int(tokens[at + 3])
 
 
-def delivery_count(reply: bytes) -> int:
-    """How many times JetStream has delivered the message, this time included, from its ack subject.
+def delivery(reply: bytes) -> tuple[int, int]:
+    """(when JetStream stored the message in ms, how many times it has delivered it, this time
+    included) from its ack subject, read once.
 
-    >>> delivery_count(b"$JS.ACK.FEEDBACK.ingest.2.42.43.1764140400123456789.0")
-    2
-    >>> delivery_count(b"$JS.ACK.hub.ACC.FEEDBACK.ingest.1.42.42.1764140400123456789.0.tok")
-    1
+    >>> delivery(b"$JS.ACK.FEEDBACK.ingest.2.42.43.1764140400123456789.0")
+    (1764140400123, 2)
+    >>> delivery(b"$JS.ACK.hub.ACC.FEEDBACK.ingest.1.42.42.1764140400123456789.0.tok")
+    (1764140400123, 1)
     """
     tokens = reply.split(b".")
-    return int(tokens[4 if len(tokens) == 9 else 6])
+    at = 4 if len(tokens) == 9 else 6
+    return int(tokens[at + 3]) // 1_000_000, int(tokens[at])
 
 
 def stream_sequence(reply: bytes) -> tuple[int, int]:
