@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     ConfigDict,
@@ -36,6 +37,17 @@ from pydantic_core import core_schema
 CURRENT_VERSION = 1
 
 Identifier = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+def _none_if_zero(value: Any) -> Any:
+    return value or None
+
+
+# A Go publisher writes a field it never set as its type's zero value, unless the field is tagged
+# `omitempty`: "" for an id, 0 for a number. An optional field reads it as absent: refused, the whole
+# event was dead-lettered over a field the service does not even keep.
+OptionalIdentifier = Annotated[str, Field(max_length=128, description='1-128 characters; "" reads as absent'),
+                               AfterValidator(_none_if_zero)] | None
 ISO_TEXT = r"^\d{4}-"  # a year first: not a number of seconds
 
 
@@ -69,8 +81,9 @@ class _Model(BaseModel):
 class TaskCreatedData(_Model):
     task_id: Identifier
     due: AwareDatetime | None = None
-    priority: Annotated[int, Field(ge=1, le=4)] | None = None
-    project_id: Identifier | None = None
+    priority: Annotated[int, Field(ge=0, le=4, description="1-4; 0 reads as absent"),
+                        AfterValidator(_none_if_zero)] | None = None
+    project_id: OptionalIdentifier = None
     # null reads as absent, as for the other optional fields: Go's encoding/json writes a nil slice
     # as null, and such a publisher's every task.created without labels was dead-lettered.
     labels: Annotated[list[Annotated[str, Field(max_length=128)]], Field(max_length=64)] | None = Field(
@@ -92,12 +105,12 @@ class AppOpenedData(_Model):
 
 class TipShownData(_Model):
     tip_id: Identifier
-    decision_id: Identifier | None = None
+    decision_id: OptionalIdentifier = None
 
 
 class TipReactedData(_Model):
     tip_id: Identifier
-    decision_id: Identifier | None = None
+    decision_id: OptionalIdentifier = None
     reaction: Reaction
 
 

@@ -96,7 +96,8 @@ FEATURES: tuple[Feature, ...] = (
     _f("overdue_tasks", "int", 30, "task.created, task.rescheduled, task.completed, task.deleted", 0,
        "Open tasks whose due time (the latest reschedule in 30 days, else the latest creation's `due`, so a "
        "`task.created` sent again without `due` clears it; kept to the second, rounded down) is at or before "
-       "`now`.", window=30),
+       "`now`. A `due` at or before 1970-01-01T00:00:00Z (Go's zero `time.Time`, Unix time 0) means none.",
+       window=30),
     _f("postpone_rate_30d", "float", 30, "task.rescheduled, task.created", 0.0,
        "`reschedules / (tasks created + 1)` over 30 days.", window=30),
     _f("active_day_streak", "int", 2, "all signals", 0,

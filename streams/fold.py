@@ -186,7 +186,12 @@ def _from_v1_bytes(blob: bytes) -> UserState:
 
 
 def _due_s(due: datetime | None) -> int:
-    return NO_DUE if due is None else max(1, min(to_ms(due) // 1000, 2**32 - 1))
+    # A due at or before the Unix epoch is a zero value, not a date: Go's zero time.Time
+    # (0001-01-01T00:00:00Z, written even with `omitempty`) or a Unix time 0. Kept, it counted the
+    # task overdue for ever.
+    if due is None or (due_s := to_ms(due) // 1000) <= 0:
+        return NO_DUE
+    return min(due_s, 2**32 - 1)
 
 
 # One function per event type: what of the event its record keeps, beside time and id.

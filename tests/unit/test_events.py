@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from app.docs import generated
 from streams import events
 from streams.events import Rejection, check_subject, parse_event
-from streams.fold import UserState, apply
+from streams.features import evaluate
+from streams.fold import UserState, apply, to_ms
 
 GOOD = {
     "task.created": {"task_id": "t-1", "due": "2026-11-27T09:00:00+01:00", "priority": 2, "project_id": "p", "labels": ["a"]},
@@ -58,6 +59,44 @@ def test_null_in_an_optional_field_reads_as_absent(kind: str, data: dict | None)
     bare = {key: value for key, value in (data or {}).items() if value is not None}
     body = {k: v for k, v in envelope(kind).items() if k != "data"} | ({"data": bare} if data is not None else {})
     assert verdict(event) == verdict(parse_event(orjson.dumps(body)))
+
+
+GO_ZERO_VALUES = [
+    ("task.created", {"task_id": "t-1", "due": "0001-01-01T00:00:00Z", "priority": 0, "project_id": "",
+                      "labels": None}),
+    ("tip.shown", {"tip_id": "tip-1", "decision_id": ""}),
+    ("tip.reacted", {"tip_id": "tip-1", "decision_id": "", "reaction": "liked"}),
+]
+
+
+@pytest.mark.parametrize(("kind", "data"), GO_ZERO_VALUES)
+def test_a_go_zero_value_in_an_optional_field_reads_as_absent(kind: str, data: dict) -> None:
+    """A Go struct without `omitempty` writes "" for an id and 0 for a priority it never set: each
+    refused, the whole event was dead-lettered over a field the service does not keep."""
+    event = parse_event(orjson.dumps(envelope(kind, data)))
+    assert not isinstance(event, Rejection), event
+    assert getattr(event.data, "decision_id", None) is None
+    assert getattr(event.data, "priority", None) is None and getattr(event.data, "project_id", None) is None
+
+
+def test_a_go_zero_value_does_not_hide_what_else_is_wrong() -> None:
+    body = envelope("tip.reacted", {"tip_id": "tip-1", "decision_id": "", "reaction": "loved"})
+    rejection = parse_event(orjson.dumps(body))
+    assert isinstance(rejection, Rejection) and "'data.reaction'" in rejection.reason, rejection
+    # Only the zero value is absent: another bad priority, or an empty id the contract requires, is refused.
+    for data in ({"task_id": "t-1", "priority": 5, "project_id": ""}, {"task_id": "", "priority": 0}):
+        rejection = parse_event(orjson.dumps(envelope("task.created", data)))
+        assert isinstance(rejection, Rejection) and rejection.kind == "invalid_field", rejection
+        assert ("'data.priority'" if data["task_id"] else "'data.task_id'") in rejection.reason
+
+
+def test_a_due_at_or_before_the_unix_epoch_is_no_due() -> None:
+    """Go's zero time.Time is written even with `omitempty`; kept, it made the task overdue for ever."""
+    state = UserState()
+    for n, due in enumerate(("0001-01-01T00:00:00Z", "1970-01-01T00:00:00+00:00", "1970-01-01T00:00:01Z")):
+        apply(state, parse_event(orjson.dumps(envelope("task.created", {"task_id": f"t-{n}", "due": due}, id=f"e{n}"))))
+    values = evaluate(state, to_ms(parse_event(orjson.dumps(envelope("app.opened"))).ts))
+    assert values["open_tasks"].value == 3 and values["overdue_tasks"].value == 1  # only the second after the epoch
 
 
 def test_unknown_fields_are_tolerated_but_not_kept() -> None:
