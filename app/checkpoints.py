@@ -19,8 +19,9 @@ from sqlalchemy.engine import Connection
 
 from app import db
 from app.checkpoint_rows import write_checkpoint
+from app.log_throttle import LogThrottle
 from app.metrics import METRICS
-from streams.fold import DAY_MS
+from streams.fold import DAY_MS, MAX_RECORDS_PER_KIND, SIZES, at_cap
 from streams.store import OnlineStore
 
 if TYPE_CHECKING:
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("tipstream.checkpoints")
 REST_CHUNK = 10_000  # users looked at per turn of the event loop when letting go of idle ones
 SERIALISE_CHUNK = 50  # ~0.6 ms of the event loop per chunk
+# No smaller state can hold a kind at the fold's cap: only these are looked at.
+_HEAVY_STATE_BYTES = MAX_RECORDS_PER_KIND * min(SIZES)
+_AT_CAP_TOLD = LogThrottle()
 # While a checkpoint (or ingest held at a user read) waits to retry: how often it asks whether the database is back.
 PROBE_EVERY_S = 0.5
 
@@ -183,6 +187,7 @@ class Checkpointer:
         # Users that must stay in memory though idle: the offline writer's, until its pass reads them.
         self.keep_awake: list[Callable[[str], bool]] = []
         self._rested_day: int | None = None
+        self._at_cap: set[str] = set()  # users with a kind at the fold's cap, as last saved
         self._rest_later: list[str] = []  # idle, but not saved yet or kept: looked at again next time
 
     @property
@@ -270,8 +275,11 @@ class Checkpointer:
         try:
             marks = await self._stored_marks(positions)
             states: list[tuple[str, bytes]] = []
+            heavy: list[str] = []
             for start in range(0, len(users), SERIALISE_CHUNK):
-                states.extend((u, self.store.users[u].to_bytes()) for u in users[start : start + SERIALISE_CHUNK])
+                chunk = [(u, self.store.users[u].to_bytes()) for u in users[start : start + SERIALISE_CHUNK]]
+                states.extend(chunk)
+                heavy.extend(u for u, blob in chunk if len(blob) >= _HEAVY_STATE_BYTES)
                 await asyncio.sleep(0)
             if self.writer is not None:
                 await self.writer.save(positions, states, [(p.write, snap) for p, snap in extras], marks)
@@ -288,12 +296,33 @@ class Checkpointer:
             listener(users)
         self.last_applied = applied
         self._succeeded()
+        if heavy or self._at_cap:
+            self._count_at_cap(users, heavy)
         METRICS.checkpoint_seconds.observe(time.perf_counter() - started)
         METRICS.checkpoint_users.inc(len(users))
         for stream, seq in positions.items():
             METRICS.checkpoint_position.labels(stream).set(seq)
         await self._rest_idle()
         return True
+
+    def _count_at_cap(self, saved: list[str], heavy: list[str]) -> None:
+        """Keep count of the users a kind of whose events is at the fold's cap, as last saved, and
+        tell the operator of those there: one user's publisher sending in a loop, most likely."""
+        self._at_cap.difference_update(saved)
+        found = []
+        for user_id in heavy:
+            state = self.store.users.get(user_id)
+            kinds = [kind for kind, _ in at_cap(state)] if state is not None else []
+            if kinds:
+                self._at_cap.add(user_id)
+                found.append(f"{user_id!r} ({', '.join(kinds)})")
+        METRICS.users_at_cap.set(len(self._at_cap))
+        if found and _AT_CAP_TOLD.allow("at_cap") is not None:
+            log.warning(
+                "%d user(s) hold %s events of one kind in 31 days, the most a user's state keeps of a kind: %s. "
+                "Their oldest events of that kind are dropped, and their features reading before what is kept are "
+                "fallbacks. A publisher sending the same user's events in a loop? Find it by the user id; the "
+                "events are still in the stream.", len(found), f"{MAX_RECORDS_PER_KIND:,}", "; ".join(found[:5]))
 
     async def _stored_marks(self, positions: dict[str, int]) -> dict[str, int]:
         """When NATS stored the message at each position: asked once per position it moves to."""

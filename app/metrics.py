@@ -38,6 +38,11 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
         self.checkpoint_users = Counter("tipstream_checkpoint_users_total", "User states written.", registry=r)
+        self.users_at_cap = Gauge(
+            "tipstream_users_at_event_cap", "Users holding the most events of one kind a user's state keeps "
+            "(streams.fold.MAX_RECORDS_PER_KIND in 31 days), as last checkpointed: their oldest of that kind are "
+            "dropped, and features reading before what is kept are fallbacks. Above 0: a publisher in a loop?",
+            registry=r)
         self.checkpoint_failures = Counter("tipstream_checkpoint_failures_total", "Failed checkpoint writes.", registry=r)
         self.checkpoint_ok_at = Gauge(
             "tipstream_checkpoint_ok_timestamp_seconds", "Unix time of the last checkpoint written or found "

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from streams.fold import DAY_MS, HORIZON_DAYS, KIND_NAMES, SIGNAL_KINDS, UserState
+from streams.fold import DAY_MS, HORIZON_DAYS, KIND_NAMES, MAX_RECORDS_PER_KIND, SIGNAL_KINDS, UserState, at_cap
 
 HOUR_MS = 3_600_000
 ENGAGEMENT_HALF_LIFE_DAYS = 3.0
@@ -137,15 +137,19 @@ _WINDOWED = tuple((f.name, f.window_days * DAY_MS) for f in FEATURES if f.window
 _LONGEST_MS = max(span for _, span in _WINDOWED)
 
 
-def _cut_short(state: UserState, now_ms: int) -> list[tuple[str, int]]:
+def _cut_short(state: UserState, now_ms: int, capped: list[tuple[str, int]]) -> list[tuple[str, int]]:
     """(name, first `now` at which it is exact again) of each feature whose window `(now - w, now]`
-    reaches before the state's cutoff: the fold pruned what lay there, so the value would be
-    silently low. Empty whenever `now` is at or after the newest event's day (the horizon
-    keeps 31 days for windows of at most 30), so /score's usual case costs one comparison."""
+    reaches before the state's cutoff, or before the oldest record of a kind it reads that is at
+    the fold's cap (`capped`, from `at_cap`): the fold dropped what lay there, so the value would
+    be silently low. Empty whenever `now` is at or after the newest event's day (the horizon
+    keeps 31 days for windows of at most 30) and no kind is at the cap, so /score's usual case
+    costs two comparisons."""
     held_ms = now_ms - state.cutoff_ms + 1  # the longest window still wholly held
-    if held_ms >= _LONGEST_MS:
-        return []
-    return [(name, now_ms + span - held_ms) for name, span in _WINDOWED if span > held_ms]
+    cut = [] if held_ms >= _LONGEST_MS else [(name, now_ms + span - held_ms) for name, span in _WINDOWED
+                                             if span > held_ms]
+    for kind, oldest_ms in capped:
+        cut += [(name, oldest_ms + span) for name, span, kinds in _REACH if kind in kinds and now_ms - span < oldest_ms]
+    return cut
 
 
 class _Evaluation:
@@ -173,7 +177,11 @@ class _Evaluation:
         self._reactions: list[int] | None = None
         # Windows reaching before what the fold still holds (a `now` long before the newest
         # event): their features are unknown, and exact again from the `now` given.
-        self.cut = dict(_cut_short(state, now))
+        capped = at_cap(state)
+        self.cut = dict(_cut_short(state, now, capped))
+        # Where the streak's last day must begin to be known empty: a signal kind at the cap may
+        # have had records on an earlier day.
+        self.signals_held_from = max([state.cutoff_ms, *(oldest + 1 for kind, oldest in capped if kind in SIGNAL_KINDS)])
         self._unsourced = {kind for kind, stamps in self.stamps.items() if not len(stamps)}
 
     def latest(self, kind: str) -> int | None:
@@ -300,7 +308,7 @@ class _Evaluation:
         # whole, from its local midnight: else pruned events may have continued the streak. (Judged
         # by the local day the cutoff falls in, a streak ending on a day held whole at offset 0 was a
         # fallback, and one ending on a day held in part 31 days back was taken as exact.)
-        if (today - day) * DAY_MS - offset_ms < self.state.cutoff_ms - self.base:
+        if (today - day) * DAY_MS - offset_ms < self.signals_held_from - self.base:
             return BY_NAME["active_day_streak"].fallback, True
         return streak, False
 
@@ -340,6 +348,12 @@ SOURCE_KINDS: dict[str, frozenset[str]] = {
     f.name: frozenset(SIGNAL_KINDS) if f.source == "all signals" else frozenset(s.strip() for s in f.source.split(","))
     for f in FEATURES
 }
+
+
+# How far before `now` each feature reads, and from which kinds, for a kind at the fold's cap: its
+# window, or for the latest signal only `now` itself (the streak judges the day that ends it).
+_REACH = tuple((f.name, (f.window_days or 0) * DAY_MS, SOURCE_KINDS[f.name]) for f in FEATURES
+               if f.name != "active_day_streak")
 
 
 def evaluate(state: UserState | None, now_ms: int) -> dict[str, FeatureValue]:
@@ -400,7 +414,7 @@ class Snapshot:
         if elapsed == 0:
             return self.values
         values = dict(self.values)
-        if self.latest_signal_ms is not None:
+        if self.latest_signal_ms is not None and "seconds_since_active" not in self.fallbacks:  # cut short: stays so
             values["seconds_since_active"] = (now_ms - self.latest_signal_ms) / 1000
         values["engagement_score"] = values["engagement_score"] * 2.0 ** (-elapsed / (ENGAGEMENT_HALF_LIFE_DAYS * DAY_MS))
         return values
@@ -467,6 +481,11 @@ def features_markdown() -> str:
         "`profile_features` value for it). At or after the newest event, every window is whole.",
         "A feature whose source events the fold holds none of for the user (an app that publishes",
         "feedback but no task events, say) is unknown too: its fallback, flagged, and the caller's value.",
+        "",
+        f"A user's state keeps at most {MAX_RECORDS_PER_KIND:,} events of one kind in those 31 days, the",
+        "newest: a publisher sending one user's events in a loop otherwise grew it, and each evaluation of",
+        "it, without bound. A feature reading before the oldest event kept of a kind at that cap takes its",
+        "fallback, flagged, as above (`tipstream_users_at_event_cap` counts such users).",
         "",
         "A caller's `profile_features` value outside a feature's range is refused (422).",
         "",

@@ -2,7 +2,7 @@
 
 Each user's state is a set of small time-sorted logs, one per event kind, holding
 exactly what some feature window can still reach (30 days behind the user's newest
-event). Features are evaluated from these logs at any `now` (see `features.py`), so
+event), up to `MAX_RECORDS_PER_KIND` records a kind. Features are evaluated from these logs at any `now` (see `features.py`), so
 windows are exact over event time and late events land where their time says.
 
 Why logs and not counters: the same events in any order, any batching, with any
@@ -226,7 +226,9 @@ def apply(state: UserState, event: Any, max_ts_ms: int | None = None) -> bool:
        (and every REBASE_DAYS, count times from a new base).
     3. Insert its record into its kind's log in (time, record) order; the same record
        already there is a duplicate.
-    4. Advance the newest time and zone.
+    4. Past MAX_RECORDS_PER_KIND, drop the kind's oldest record (if that is this one, it
+       changed nothing).
+    5. Advance the newest time and zone.
     """
     moment = event.ts
     offset = moment.utcoffset()
@@ -247,24 +249,57 @@ def apply(state: UserState, event: Any, max_ts_ms: int | None = None) -> bool:
     log = state.logs[i]
     if not log or rel > _unpack_ts(log, len(log) - size)[0]:  # the common case: in order, so append
         if len(log) < APPEND_IN_PLACE_BYTES:
-            state.logs[i] = log + record
+            log = state.logs[i] = log + record
         else:  # a heavy user's log: copying it for every event made their events cost O(n) each
             if log.__class__ is not bytearray:
                 log = state.logs[i] = bytearray(log)
             try:
                 log += record
             except BufferError:  # a numpy view of it is alive (none should be): copy, as for short logs
-                state.logs[i] = log + record
+                log = state.logs[i] = log + record
     else:
         merged = _insert(log, record, size)
         if merged is None:
             return False
-        state.logs[i] = merged
+        log = state.logs[i] = merged
+    excess = len(log) - MAX_RECORDS_PER_KIND * size
+    if excess > 0:  # one record, but more after an older release's checkpoint
+        dropped = bytes(log[:excess])
+        state.logs[i] = _without_oldest(log, excess)
+        if any(dropped[at : at + size] == record for at in range(0, excess, size)):
+            return False  # older than every record the kind keeps: it changes nothing
     if ts_ms > newest or (ts_ms == newest and offset_s > state.offset_s):
         # A newer event, or the same instant in a second zone (the larger offset wins,
         # so the choice doesn't depend on arrival order).
         state.newest_ms, state.offset_s = ts_ms, offset_s
     return True
+
+
+# A user's log of one kind keeps at most this many records, the newest (by time, then record bytes,
+# as the log is ordered): a publisher stuck in a loop for one user grew that user's state without
+# bound, and with it each evaluation of their features (on the event loop: 15 ms at 50,000
+# task.created) and each checkpoint. 20,000 in the 31-day horizon is 645 a day of one kind, past
+# what a person does. The newest N of a set do not depend on the order it came in, so the state
+# stays canonical; features reading before a full kind's oldest record are fallbacks (features.py).
+MAX_RECORDS_PER_KIND = 20_000
+
+
+def at_cap(state: UserState) -> list[tuple[str, int]]:
+    """(kind, time of its oldest record, ms) of each kind holding MAX_RECORDS_PER_KIND records: what
+    lies before that time may have been dropped."""
+    cap = MAX_RECORDS_PER_KIND
+    return [(kind, _unpack_ts(log, 0)[0] + state.base_ms)
+            for kind, log, size in zip(KINDS, state.logs, SIZES) if len(log) >= cap * size]
+
+
+def _without_oldest(log: bytes | bytearray, length: int) -> bytes | bytearray:
+    if log.__class__ is bytearray:
+        try:
+            del log[:length]  # O(1): CPython moves the bytearray's start
+            return log
+        except BufferError:  # a numpy view of it is alive: copy
+            pass
+    return log[length:]
 
 
 # Past this, a kind's log grows in place (a bytearray, amortised O(1) a record) instead of as new

@@ -17,7 +17,9 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import orjson
+import pytest
 
+from streams import fold
 from streams.events import parse_event
 from streams.features import FEATURE_NAMES, FEATURES, SOURCE_KINDS, evaluate, snapshot
 from streams.fold import DAY_MS, UserState, apply
@@ -127,9 +129,41 @@ def history(rng: random.Random, now: datetime) -> list[dict[str, Any]]:
     return raw
 
 
-def test_every_feature_equals_the_reference_or_is_a_flagged_fallback() -> None:
+def oldest_kept(raw: list[dict[str, Any]], state: UserState, cap: int | None) -> dict[str, int]:
+    """Per kind with `cap` events or more in the fold's horizon, the time (ms) of its cap-th newest:
+    what lies before it may have been dropped (the fold cannot tell `cap` events from more)."""
+    times: dict[str, set[tuple[int, str]]] = {}
+    for e in raw:
+        at_ms = (datetime.fromisoformat(e["ts"]) - EPOCH) // MS
+        if at_ms >= state.cutoff_ms:
+            times.setdefault(e["type"], set()).add((at_ms, e["id"]))
+    return {kind: sorted(held, reverse=True)[cap - 1][0] for kind, held in times.items()
+            if cap is not None and len(held) >= cap}
+
+
+def dropped_by_cap(name: str, now: int, oldest: dict[str, int]) -> bool:
+    """Whether the feature at `now` reads before the oldest record of a kind at the cap."""
+    window_days = BY_NAME[name].window_days
+    for kind in SOURCE_KINDS[name] & oldest.keys():
+        if window_days is not None and now - window_days * DAY_MS < oldest[kind]:
+            return True
+        if name == "seconds_since_active" and now < oldest[kind]:
+            return True
+        if name == "active_day_streak":  # the day that ended it may have held a dropped signal
+            return True
+    return False
+
+
+@pytest.mark.parametrize("cap", [None, 3])
+def test_every_feature_equals_the_reference_or_is_a_flagged_fallback(cap: int | None,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `cap`, each kind's log keeps only its `cap` newest records (the fold's MAX_RECORDS_PER_KIND,
+    lowered so that these short histories reach it): a feature is then exact over every event, or a
+    flagged fallback where it reads before what a kind at the cap still holds."""
+    if cap is not None:
+        monkeypatch.setattr(fold, "MAX_RECORDS_PER_KIND", cap)
     rng = random.Random(20261126)
-    compared = 0
+    compared = capped = 0
     for _ in range(250):
         now0 = datetime(2026, 3, 1, tzinfo=UTC) + timedelta(days=rng.randint(40, 80), milliseconds=rng.randint(0, DAY_MS))
         raw = history(rng, now0)
@@ -137,6 +171,12 @@ def test_every_feature_equals_the_reference_or_is_a_flagged_fallback() -> None:
         for event in raw:
             store.apply(parse_event(orjson.dumps(event)))
         state = store.users["u"]
+        oldest = oldest_kept(raw, state, cap)
+        capped += bool(oldest)
+        for kind in KINDS:
+            assert state.count(kind) <= (cap or fold.MAX_RECORDS_PER_KIND)
+            if kind in oldest:
+                assert state.count(kind) == cap and state.first_ms(kind) == oldest[kind]
         stamps = [datetime.fromisoformat(e["ts"]) for e in raw]
         current_offset = max(t.utcoffset() for t in stamps if t == max(stamps))  # type: ignore[type-var]
         newest = state.newest_ms
@@ -159,7 +199,7 @@ def test_every_feature_equals_the_reference_or_is_a_flagged_fallback() -> None:
                         reaches_past = now < newest and now - feature.window_days * DAY_MS + 1 < state.cutoff_ms
                     else:
                         reaches_past = now < newest or any(state.cutoff_ms > (t - EPOCH) // MS for t in stamps)
-                    assert want is None or reaches_past, where
+                    assert want is None or reaches_past or dropped_by_cap(name, now, oldest), where
                 else:
                     assert want is not None and math.isclose(value.value, want, rel_tol=1e-9, abs_tol=1e-9), where
                     assert value.fresh == (value.age_s is not None and value.age_s <= feature.ttl_s), where
@@ -169,6 +209,7 @@ def test_every_feature_equals_the_reference_or_is_a_flagged_fallback() -> None:
             carried = snap.values_at(later)
             assert all(math.isclose(carried[k], v.value, rel_tol=1e-9) for k, v in evaluate(state, later).items())
     assert compared > 250 * 5 * len(FEATURE_NAMES)
+    assert capped > 100 if cap else not capped
 
 
 def _event(i: int, kind: str, at: datetime, **data: Any) -> Any:

@@ -8,11 +8,13 @@ import struct
 from collections import Counter
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
+from unittest import mock
 
 import orjson
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from streams import fold
 from streams.events import parse_event
 from streams.features import ENGAGEMENT_HALF_LIFE_DAYS, FEATURE_NAMES, FEATURES, WINDOW_DAYS, evaluate, snapshot
 from streams.fold import DAY_MS, REACTION_CODES, UserState, apply, fingerprint, to_ms
@@ -395,3 +397,36 @@ def test_many_events_of_one_user_at_one_instant_fold_in_linear_time_and_dedup() 
     for e in random.Random(7).sample(events, len(events)):
         apply(shuffled, e)
     assert shuffled == state and state.count("task.created") == 20_000
+
+
+@settings(max_examples=60, deadline=None)
+@given(event_log(), st.randoms(use_true_random=False))
+def test_at_the_event_cap_any_order_with_duplicates_gives_the_same_state(events: list[Any],
+                                                                         rng: random.Random) -> None:
+    """Each kind keeps its newest MAX_RECORDS_PER_KIND records (lowered to 3 here, so these short
+    logs reach it): the newest of a set, whatever order it came in and however often."""
+    shuffled = events[:]
+    rng.shuffle(shuffled)
+    with mock.patch.object(fold, "MAX_RECORDS_PER_KIND", 3):
+        state = fold_all(events)
+        assert fold_all(shuffled) == state
+        assert all(state.count(kind) <= 3 for kind in KINDS)
+        assert not any(apply(state, event) for event in events), "each one again changes nothing"
+
+
+def test_a_flood_of_one_user_s_events_keeps_the_newest_at_the_cap() -> None:
+    """A publisher in a loop for one user: past MAX_RECORDS_PER_KIND the oldest record goes (in place,
+    for a heavy log), an event older than all kept changes nothing, and any order folds the same."""
+    cap = fold.MAX_RECORDS_PER_KIND
+    events = [parse_event(orjson.dumps({"id": f"o{i}", "type": "app.opened", "user_id": "u",
+                                        "ts": (BASE + timedelta(seconds=10 * i)).isoformat()}))
+              for i in range(cap + 500)]
+    state = UserState()
+    assert all(apply(state, event) for event in events)
+    assert state.count("app.opened") == cap and state.first_ms("app.opened") == to_ms(events[500].ts)
+    assert not apply(state, events[0]) and not apply(state, events[499]), "older than every record kept"
+    assert state.count("app.opened") == cap
+    shuffled = UserState()
+    for event in random.Random(3).sample(events, len(events)):
+        apply(shuffled, event)
+    assert shuffled == state

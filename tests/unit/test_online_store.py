@@ -266,3 +266,29 @@ async def test_a_read_made_stale_by_users_let_go_of_meanwhile_is_read_again_off_
     await loading
     assert store.apply(opened(1, "back", ts="2026-11-26T08:00:00+01:00")) is False  # in the row read
     assert read_on and not any(read_on), "read again on the event loop"
+
+
+async def test_a_user_at_the_event_cap_is_counted_and_told_until_back_under_it(caplog: pytest.LogCaptureFixture) -> None:
+    """One user's publisher in a loop: the fold keeps their newest MAX_RECORDS_PER_KIND of a kind,
+    and the operator hears of it (a gauge, a warning naming the user), not of calm users."""
+    from datetime import datetime, timedelta
+
+    from app.metrics import METRICS
+    from streams.fold import MAX_RECORDS_PER_KIND
+
+    start = datetime.fromisoformat("2026-11-26T08:00:00+01:00")
+    store = OnlineStore()
+    checkpointer = Checkpointer(store, MemoryCheckpointStore(), every_events=1, every_s=60)
+    for i in range(MAX_RECORDS_PER_KIND + 5):
+        store.apply(opened(i, "flood", (start + timedelta(seconds=i)).isoformat()))
+    store.apply(opened(0, "calm"))
+    assert store.users["flood"].count("app.opened") == MAX_RECORDS_PER_KIND
+    caplog.clear()
+    assert await checkpointer.checkpoint()
+    assert METRICS.users_at_cap._value.get() == 1
+    told = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(told) == 1 and "'flood' (app.opened)" in told[0] and "calm" not in told[0], told
+    # Forty days on, the old events fell out of every window: under the cap again.
+    store.apply(opened(-1, "flood", (start + timedelta(days=40)).isoformat()))
+    assert await checkpointer.checkpoint()
+    assert METRICS.users_at_cap._value.get() == 0
