@@ -11,6 +11,9 @@ ones the fold already held):
 1. No `decision_id`: counted (`no_decision`); the fold keeps the event for the user's features.
 2. Decision not in the cache: older than the cache reaches -> `expired`; else the feedback waits
    (bounded in count and age) for the decision to arrive -> `waiting`, later `unknown_decision`.
+   One waits for each (decision, tip, user): the same user's to that tip again is a `duplicate`,
+   another user's waits beside it (only the decision says which user's is wrong: in one place, the
+   wrong one would shut out the decision's user's own, then be refused as `wrong_user`).
    Read back at a start, feedback stored before another publisher's decision waits so too, though
    DECISIONS, read ahead, holds it already: live, it waited (`_defer`).
 3. This (decision, tip) was credited already -> `duplicate`: redelivered feedback, or the same
@@ -390,7 +393,7 @@ class Learner:
             self._release_silences(min(joinable_ms - SILENCE_READ_ALLOWANCE_MS, self._silence_horizon_ms()))
         waiting = self.waiting.take(decision_id)
         gave_up_before_ms = joinable_ms - self.waiting.max_age_s * 1000
-        for tip_id, (reaction, _, user_id, stored_at_ms) in (waiting or {}).items():
+        for (tip_id, _), (reaction, _, user_id, stored_at_ms) in (waiting or {}).items():
             if stored_at_ms is not None and 0 < stored_at_ms < gave_up_before_ms:
                 # Live, it gave up waiting before the decision came (`pending_max_age_s`): a replay
                 # that reads the decision first must not learn it either.
@@ -558,7 +561,7 @@ class Learner:
         # Give up first on what waited its age: read back, FEEDBACK's time moves with each message, and a
         # reaction given up live still held here took the place of this one to its tip (a duplicate).
         self._expire_waiting()
-        if (redelivered and stored_at_ms is not None and not self.waiting.holds(decision_id, tip_id)
+        if (redelivered and stored_at_ms is not None and not self.waiting.holds(decision_id, tip_id, user_id)
                 and stored_at_ms < self._waiting_now() * 1000 - self.waiting.max_age_s * 1000):
             # Delivered again (its ack lost) after it gave up waiting: it can no longer count (a decision
             # coming now came too late for it, `_credit_waiting`), and held again it took the place of a
@@ -572,8 +575,10 @@ class Learner:
 
     def _hold(self, decision_id: str, tip_id: str, reaction: str, user_id: str | None,
               stored_at_ms: int | None) -> bool:
-        """Hold feedback until its decision can be joined; False for one held already (a redelivery)."""
-        if self.waiting.holds(decision_id, tip_id):
+        """Hold feedback until its decision can be joined; False for one of its user's to this tip held already
+        (a redelivery, or re-sent). Another user's held does not shut it out: only the decision says whose is
+        the wrong one."""
+        if self.waiting.holds(decision_id, tip_id, user_id):
             _OUTCOME["duplicate"].inc()
             return False
         self.waiting.hold(decision_id, tip_id, (reaction, self._waiting_now(), user_id, stored_at_ms))
@@ -938,9 +943,11 @@ class Learner:
             # Empty: the credits are in their minutes' rows. Kept so that a release from before the
             # credit log, rolled back to, starts (it read this key unconditionally).
             "credits": {},
-            # By bucket of arrival (`WaitingFeedback.snapshot`). `waiting` (the whole map) and
-            # `pending` (the older list form) stay, empty, for earlier releases rolled back to.
-            "waiting_buckets": self.waiting.snapshot(),
+            # By bucket of arrival (`WaitingFeedback.snapshot`). `waiting_buckets` (by bucket, one user
+            # a tip), `waiting` (the whole map) and `pending` (the older list form) stay, empty, for
+            # earlier releases rolled back to.
+            "waiting_rows": self.waiting.snapshot(),
+            "waiting_buckets": [],
             "waiting": {},
             "pending": [],
             "evicted_upto_ms": self.evicted_upto_ms,

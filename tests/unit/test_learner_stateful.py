@@ -460,7 +460,7 @@ class LearnerMachine(RuleBasedStateMachine):
         if decision_id in self.unjoined and (created is None or created >= message[2] - WINDOW_S * 1000):
             # Another publisher's, not in DECISIONS yet: it waits (past the window by its id: expired, below).
             self.unjoined[decision_id].append((tip, user, reaction, message[2]))
-            held = [side.learner.waiting.holds(decision_id, tip) for side in sides]
+            held = [side.learner.waiting.holds(decision_id, tip, user) for side in sides]
             for got, was in zip(self._read_live(message, len(self.feedback), sides), held, strict=True):
                 assert got == {"duplicate" if was else "waiting": 1}, (got, was, decision_id, tip)
             return

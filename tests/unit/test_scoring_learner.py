@@ -19,7 +19,7 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from app import evaluation, migrate
+from app import db, evaluation, migrate
 from app.checkpoint_rows import write_tip_scores
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.db import make_engine
@@ -310,6 +310,36 @@ def test_feedback_from_another_user_trains_nothing(world: World) -> None:
     assert delta(before) == {"wrong_user": 3, "waiting": 1, "credited": 1, "duplicate": 1}
 
 
+@pytest.mark.parametrize("wrong_first", [True, False])
+def test_another_user_s_reaction_waiting_does_not_shut_out_the_decision_s_user_s_own(
+        world: World, wrong_first: bool) -> None:
+    """Reactions to a decision not come yet, one from another user (an app's bug, or someone naming
+    another user's decision id): held first, it took the (decision, tip), the decision's user's own
+    reaction to that tip was counted a duplicate, and when the decision came the other user's was
+    refused (`wrong_user`) and the right one was lost. Both wait now; the decision tells them apart."""
+    elsewhere = world.score(user="u-1", serve=False)
+    decision_id = elsewhere.decision_id
+    before = outcomes()
+    right = {"tip": "a", "reaction": "acted", "user": "u-1", "event_id": "f-right"}
+    wrong = {"tip": "a", "reaction": "disliked", "user": "u-2", "event_id": "f-wrong"}
+    for reaction in ([wrong, right] if wrong_first else [right, wrong]):
+        world.react(decision_id, **reaction)
+    assert delta(before) == {"waiting": 2} and len(world.learner.waiting) == 2
+    world.react(decision_id, **right)  # redelivered while both wait
+    world.react(decision_id, **wrong)
+    world.react(decision_id, "a", "liked", user="u-1")  # re-sent with a new event id
+    assert delta(before) == {"waiting": 2, "duplicate": 3}
+    assert world.learner.add_logged(LoggedDecision(decision_id, elsewhere.payload))
+    assert delta(before) == {"waiting": 2, "duplicate": 3, "credited": 1, "wrong_user": 1}
+    assert not world.learner.waiting.by_decision and len(world.learner.waiting) == 0
+    assert {v: m.n_learned for v, m in world.lineup.learning} == {"v1": 1, "v2": 1}
+    assert world.lineup.prior.count("a") == 1.0 and world.learner.cache[decision_id].credits == {"a": 1.0}
+    world.react(decision_id, **right)  # redelivered after the join: learned once
+    world.react(decision_id, **wrong)
+    assert delta(before) == {"waiting": 2, "duplicate": 4, "credited": 1, "wrong_user": 2}
+    assert {v: m.n_learned for v, m in world.lineup.learning} == {"v1": 1, "v2": 1}
+
+
 def test_waiting_is_bounded_in_count_and_age(tmp_path: Path) -> None:
     w = World(tmp_path, pending_max=3, pending_max_age_s=10)
     before = outcomes()
@@ -484,8 +514,8 @@ def _decisions_ack(stored_s: float, seq: int) -> bytes:
     return f"$JS.ACK.DECISIONS.tipstream-decisions.1.{seq}.{seq}.{int(stored_s * 1e9)}.0".encode()
 
 
-def _reaction(event_id: str, decision_id: str, tip: str, kind: str = "acted") -> Any:
-    return parse_event(orjson.dumps({"id": event_id, "type": "tip.reacted", "user_id": "u-1", "ts": NOW,
+def _reaction(event_id: str, decision_id: str, tip: str, kind: str = "acted", user: str = "u-1") -> Any:
+    return parse_event(orjson.dumps({"id": event_id, "type": "tip.reacted", "user_id": user, "ts": NOW,
                                      "data": {"tip_id": tip, "decision_id": decision_id, "reaction": kind}}))
 
 
@@ -646,6 +676,28 @@ def test_read_back_a_reaction_that_gave_up_does_not_take_the_place_of_a_later_on
     replay.learner.snapshot()  # FEEDBACK has caught up: the decision's wait is over
     assert delta(before) == {"waiting": 2, "unknown_decision": 1, "credited": 1}
     assert replay.learner.cache["ext-1"].credits == {"a": 1.0}
+    replay.engine.dispose()
+
+
+def test_read_back_another_user_s_reaction_deferred_does_not_shut_out_the_decision_s_user_s_own(
+        tmp_path: Path) -> None:
+    """Read back, reactions stored before another publisher's decision wait until FEEDBACK's time passes
+    it, as live (`_defer`), though DECISIONS brought it already: another user's to a tip, held first,
+    shut out the decision's user's own to that tip, counted a duplicate, where live it was learned."""
+    replay = World(tmp_path)
+    t0 = replay.clock.now
+    decision = _foreign(replay, "ext-1")  # made for u-1
+    replay.clock.now = t0 + 600
+    replay.learner.feedback_read = ReadUpTo()  # FEEDBACK is read back, behind DECISIONS
+    replay.learner.add_logged(decision, _decisions_ack(t0 + 5, 1))
+    before = outcomes()
+    replay.sink(_reaction("f-1", "ext-1", "a", "disliked", user="u-2"), _ack(t0 + 1, 1))
+    replay.sink(_reaction("f-2", "ext-1", "a", "acted"), _ack(t0 + 2, 2))
+    replay.sink(_reaction("f-1", "ext-1", "a", "disliked", user="u-2"), _ack(t0 + 1, 1, delivered=2))
+    assert delta(before) == {"waiting": 2, "duplicate": 1}
+    replay.sink(_reaction("f-3", "ext-1", "b", "liked"), _ack(t0 + 6, 3))  # FEEDBACK's time passes the decision's
+    assert delta(before) == {"waiting": 2, "duplicate": 1, "credited": 2, "wrong_user": 1}
+    assert replay.learner.cache["ext-1"].credits == {"a": 1.0, "b": 0.8} and len(replay.learner.waiting) == 0
     replay.engine.dispose()
 
 
@@ -1394,20 +1446,22 @@ def test_a_registration_makes_the_new_model_s_bytes_off_the_event_loop(world: Wo
     assert TipModel.from_bytes(bytes(saved[0])).n_learned == saved[1] == world.lineup.models["v3"].n_learned
 
 
-@pytest.mark.parametrize("layout", ["list", "map"])
+@pytest.mark.parametrize("layout", ["list", "map", "buckets"])
 def test_waiting_feedback_saved_by_an_older_release_is_restored(world: World, tmp_path: Path, layout: str) -> None:
     """Snapshots before 2026-12-03 listed waiting feedback as [decision, tip, reaction, at, user,
-    stored] (`pending`), then kept the learner's whole map (`waiting`); they are now saved by
-    bucket of arrival (`waiting_buckets`), each serialised again only when it changed."""
+    stored] (`pending`), then kept the learner's whole map (`waiting`), then that map by bucket of
+    arrival (`waiting_buckets`, before 2026-12-05), which holds one user's reaction a tip; they are
+    now saved as those rows by bucket (`waiting_rows`), each serialised again only when it changed."""
     elsewhere = checkpointed_waiting(world)
     with world.engine.begin() as conn:
         state = orjson.loads(bytes(conn.execute(sa.text("select state from learner_state where name = 'learner'"))
                                    .scalar_one()))
-        held = {elsewhere.decision_id: {"a": ["acted", world.clock.now, "u-1", None]}}
-        assert state["waiting_buckets"] == [held] and state["waiting"] == {} and state["pending"] == []
-        old = {k: v for k, v in state.items() if k not in ("waiting_buckets", "waiting", "pending")} | (
-            {"pending": [[elsewhere.decision_id, "a", "acted", world.clock.now, "u-1", None]]} if layout == "list"
-            else {"waiting": held})
+        row = [elsewhere.decision_id, "a", "acted", world.clock.now, "u-1", None]
+        assert state["waiting_rows"] == [[row]]
+        assert state["waiting_buckets"] == [] and state["waiting"] == {} and state["pending"] == []
+        held = {elsewhere.decision_id: {"a": row[2:]}}
+        old = {k: v for k, v in state.items() if k not in ("waiting_rows", "waiting_buckets", "waiting", "pending")}
+        old |= {"list": {"pending": [row]}, "map": {"waiting": held}, "buckets": {"waiting_buckets": [held]}}[layout]
         conn.execute(sa.text("update learner_state set state = :s where name = 'learner'"), {"s": orjson.dumps(old)})
     again = World(tmp_path)
     again.learner.restore(again.engine)
@@ -1417,15 +1471,50 @@ def test_waiting_feedback_saved_by_an_older_release_is_restored(world: World, tm
     again.engine.dispose()
 
 
-def saved_waiting(state: dict[str, Any]) -> dict[tuple[str, str], list[Any]]:
-    saved = [((d, t), entry) for bucket in state["waiting_buckets"] for d, tips in bucket.items()
-             for t, entry in tips.items()]
+# The learner's snapshot as the release before 2026-12-05 (main at 03c6b2e) wrote it, `Learner.snapshot`'s
+# "state": u-1's reactions to tips a (at T) and b (at T + 6, the next bucket) of another publisher's decision
+# ext-1, u-2's to tip a of ext-2, both decisions made for u-1 and not come yet.
+WAITING_BUCKETS_STATE = (
+    b'{"positions":{"FEEDBACK":3,"DECISIONS":0},"credits":{},"waiting_buckets":[{"ext-1":{"a":["acted",'
+    b'1780000000.5,"u-1",1780000000500]}},{"ext-2":{"a":["liked",1780000006.5,"u-2",1780000006500]},"ext-1":{"b":'
+    b'["liked",1780000006.5,"u-1",1780000006500]}}],"waiting":{},"pending":[],"evicted_upto_ms":0,'
+    b'"feedback_ms":1780000006500,"rows_to_rebuild":false}')
+
+
+def test_waiting_feedback_in_a_snapshot_the_release_before_wrote_is_joined_once_after_the_upgrade(
+        world: World) -> None:
+    """Stop the release before, start this one: the reactions its snapshot held waiting are joined
+    when their decisions come, once each (another user's refused); redelivered then, a duplicate."""
+    t = 1_780_000_000.5
+    with world.engine.begin() as conn:
+        conn.execute(sa.insert(db.learner_state).values(name="learner", state=WAITING_BUCKETS_STATE,
+                                                        updated_at=datetime.now(UTC)))
+    world.clock.now = t + 30
+    assert world.learner.restore(world.engine) == {"FEEDBACK": 3, "DECISIONS": 0}
+    assert held_waiting(world.learner) == {("ext-1", "a", "u-1"): ["acted", t + 30, "u-1", int(t * 1000)],
+                                           ("ext-1", "b", "u-1"): ["liked", t + 30, "u-1", int(t * 1000) + 6000],
+                                           ("ext-2", "a", "u-2"): ["liked", t + 30, "u-2", int(t * 1000) + 6000]}
+    before = outcomes()
+    for seq, decision_id in enumerate(("ext-1", "ext-2"), 1):
+        world.learner.add_logged(_foreign(world, decision_id), _decisions_ack(t + 20, seq))
+    world.learner.caught_up()
+    assert delta(before) == {"credited": 2, "wrong_user": 1} and len(world.learner.waiting) == 0
+    assert world.learner.cache["ext-1"].credits == {"a": 1.0, "b": 0.8} and not world.learner.cache["ext-2"].credits
+    world.sink(_reaction("f-1", "ext-1", "a"), _ack(t, 1))  # FEEDBACK redelivers what the snapshot held
+    assert delta(before) == {"credited": 2, "wrong_user": 1, "duplicate": 1}
+    assert {v: m.n_learned for v, m in world.lineup.learning} == {"v1": 2, "v2": 2}
+    state = orjson.loads(world.learner.snapshot(force=True)["state"])
+    assert state["waiting_rows"] == [] and state["waiting_buckets"] == []
+
+
+def saved_waiting(state: dict[str, Any]) -> dict[tuple[str, str, str], list[Any]]:
+    saved = [((d, t, entry[2]), entry) for bucket in state["waiting_rows"] for d, t, *entry in bucket]
     assert len(saved) == len(dict(saved)), "a reaction saved in two buckets"
     return dict(saved)
 
 
-def held_waiting(learner: Learner) -> dict[tuple[str, str], list[Any]]:
-    return {(d, t): list(entry) for d, tips in learner.waiting.by_decision.items() for t, entry in tips.items()}
+def held_waiting(learner: Learner) -> dict[tuple[str, str, str], list[Any]]:
+    return {(d, t, u): list(entry) for d, held in learner.waiting.by_decision.items() for (t, u), entry in held.items()}
 
 
 def test_a_snapshot_serialises_again_only_the_waiting_buckets_that_changed(world: World) -> None:
@@ -1451,8 +1540,8 @@ def test_a_snapshot_serialises_again_only_the_waiting_buckets_that_changed(world
 
 @pytest.mark.parametrize("seed", range(6))
 def test_waiting_feedback_saved_by_bucket_is_exactly_what_waits(tmp_path: Path, seed: int) -> None:
-    """Reactions wait, are joined by their decision, expire by age and past the bound, with
-    snapshots between: every snapshot holds exactly what waits (each bucket it reuses unchanged),
+    """Reactions (some from another user than the decision's) wait, are joined by their decision,
+    expire by age and past the bound, with snapshots between: every snapshot holds exactly what waits (each bucket it reuses unchanged),
     and a restart restores it."""
     rng = random.Random(seed)
     world = World(tmp_path, pending_max=12, pending_max_age_s=60)
@@ -1463,7 +1552,7 @@ def test_waiting_feedback_saved_by_bucket_is_exactly_what_waits(tmp_path: Path, 
         if action < 0.5:
             if not unserved or rng.random() < 0.3:
                 unserved.append(world.score(serve=False, tips=("a", "b", "c")))
-            world.react(rng.choice(unserved).decision_id, rng.choice("abc"))
+            world.react(rng.choice(unserved).decision_id, rng.choice("abc"), user=rng.choice(["u-1", "u-1", "u-2"]))
         elif action < 0.6 and unserved:
             scored = unserved.pop(rng.randrange(len(unserved)))
             world.learner.add_logged(LoggedDecision(scored.decision_id, scored.payload))
@@ -1581,7 +1670,7 @@ def test_a_reaction_waiting_again_is_not_expired_by_its_earlier_wait(world: Worl
     world.react("external-1", "a", event_id="f-resent")
     world.clock.now += 31  # the first wait is 61 s old, this one 31
     world.learner.expire()
-    assert delta(before) == {"waiting": 1} and world.learner.waiting.holds("external-1", "a")
+    assert delta(before) == {"waiting": 1} and world.learner.waiting.holds("external-1", "a", "u-1")
     assert len(world.learner.waiting) == 1
     world.clock.now += 30
     world.learner.expire()
@@ -1730,7 +1819,7 @@ def test_feedback_for_one_of_our_decisions_older_than_the_window_and_not_held_is
                 "data": {"tip_id": "a", "decision_id": old, "reaction": "acted"}}
     before = outcomes()
     world.sink(parse_event(orjson.dumps(reaction)), _ack(t0, 1))
-    assert delta(before) == {"expired": 1} and not world.learner.waiting.holds(old, "a")
+    assert delta(before) == {"expired": 1} and not world.learner.waiting.holds(old, "a", "u-1")
 
 
 def test_a_retired_versions_model_leaves_memory_and_is_not_loaded_at_a_start(tmp_path: Path) -> None:
