@@ -57,7 +57,7 @@ DECISION_ROWS_PRUNED = Counter(
 FEEDBACK = LoopCounter(
     "tipstream_feedback_total",
     "tip.reacted events seen by the learner, by outcome: credited, duplicate (this decision and tip were credited "
-    "already), late (stored after the decision's silence was learned, TIPSTREAM_SILENCE_AFTER_S), no_decision, "
+    "already, or the same user's reaction to it waits already), late (stored after the decision's silence was learned, TIPSTREAM_SILENCE_AFTER_S), no_decision, "
     "waiting (decision not seen yet), unknown_decision (gave up waiting), expired (decision left the join cache), "
     "unknown_tip (not a candidate of the decision), wrong_user (the feedback's user is not the decision's).",
     ["outcome"], registry=_r,
