@@ -39,7 +39,7 @@ from app.decision_publisher import DecisionPublisher
 from app.decision_tail import OwnTail
 from app.decisions import TipScoresLog, decode_decision
 from app.embedded_nats import STORE_DIR, URL_FILE, EmbeddedNats, write_private
-from app.ingest import ReadUpTo, StreamIngest
+from app.ingest import ACK_PENDING_BATCHES, ReadUpTo, StreamIngest
 from app.learner import Learner
 from app.lineup import Lineup
 from app.log_throttle import LogThrottle
@@ -169,6 +169,7 @@ class Service:
                 name="embedded nats-server"))
         self.nc = await self._connect()
         js = self.nc.jetstream(timeout=10)
+        await self._check_server(js)
         streams_lock = asyncio.Lock()  # every ingest that finds its stream gone asks at once: one creates them
 
         async def ensure_streams() -> None:
@@ -259,6 +260,29 @@ class Service:
             raise StartupError(
                 f"The embedded nats-server at {shown_url(self.nats_url)} did not answer within {timeout:g} s: {cause}. "
                 f"See {self.embedded.store_dir / 'nats-server.log'}.") from None
+
+    async def _check_server(self, js: Any) -> None:
+        """The server's release and the account's JetStream limits, told before anything is created:
+        a limit the streams or consumers would break ended the start with the server's bare words
+        (`app.startup` gives them a fix), or, for storage, let the service run until it filled."""
+        assert self.nc is not None
+        s, version = self.settings, str(self.nc._server_info.get("version", "?"))
+        where = f"{shown_url(self.nats_url)} (NATS_URL)" if s.nats_url else "the embedded nats-server"
+        if (too_old := jsx.server_too_old(version, where)) is not None:
+            if (found := jsx.release(version)) is not None and found < jsx.FIRST_WITH_JETSTREAM:
+                raise StartupError(too_old)
+            log.warning("%s", too_old)
+        limits = await jsx.account_limits(js)  # an account without JetStream: APIError 10039, told by app.startup
+        log.info("NATS: nats-server %s at %s", version, where)
+        if (unbounded := jsx.unbounded_in_bounded_account(limits, s.stream_max_bytes)) is not None:
+            log.warning("%s", unbounded)
+        wanted = s.ingest_batch * ACK_PENDING_BATCHES
+        if limits.max_ack_pending is not None and 0 < limits.max_ack_pending < wanted:
+            log.warning("This NATS account lets a consumer hold %d unacknowledged messages (max_ack_pending), fewer "
+                        "than the %d ingest asks for (TIPSTREAM_INGEST_BATCH=%d x %d): ingest runs with %d, which "
+                        "can slow it. Raise the account's max_ack_pending to %d or more to read at full speed.",
+                        limits.max_ack_pending, wanted, s.ingest_batch, ACK_PENDING_BATCHES,
+                        limits.max_ack_pending, wanted)
 
     async def _load_learning(self) -> None:
         """The registry and models (the first start registers `v1`), then the learner's snapshot:

@@ -41,6 +41,7 @@ from streams.store import OnlineStore, StateUnavailable
 
 log = logging.getLogger("tipstream.ingest")
 CHUNK = 256  # events folded between two chances for the API to run
+ACK_PENDING_BATCHES = 32  # pull requests' worth of messages a consumer may hold unacknowledged (max_ack_pending)
 EXPECTED_SUBJECT = {t: f"{family}.{t}" for t, family in FAMILY_OF_TYPE.items()}
 validate_json = EVENT_ADAPTER.validator.validate_json  # pydantic-core directly: no wrapper per event
 
@@ -242,7 +243,7 @@ class StreamIngest:
             wanted = 1
         try:
             pending, start = await jsx.reset_durable(self.js, self.spec.name, self.durable, wanted,
-                                                     max_ack_pending=self.batch * 32)
+                                                     max_ack_pending=self.batch * ACK_PENDING_BATCHES)
         except NotFoundError:
             if self.ensure_streams is None:
                 raise
@@ -256,7 +257,7 @@ class StreamIngest:
             await self.ensure_streams()
             recreated = True
             pending, start = await jsx.reset_durable(self.js, self.spec.name, self.durable, 1,
-                                                     max_ack_pending=self.batch * 32)
+                                                     max_ack_pending=self.batch * ACK_PENDING_BATCHES)
         if recreated or start < wanted:
             # Created again, or past the stream's end (reset_durable replays it from its first
             # message: a server back with an older copy of its store). The position and what was

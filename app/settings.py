@@ -63,7 +63,8 @@ class Settings(BaseSettings):
     nats_url: str | None = Field(
         None,
         validation_alias=AliasChoices("NATS_URL", "TIPSTREAM_NATS_URL"),
-        description="NATS server to use. Unset: start an embedded `nats-server` under the data directory.",
+        description="NATS server to use: nats-server 2.9 or newer, with JetStream (README, \"Which NATS servers\"). "
+        "Unset: start an embedded `nats-server` under the data directory.",
     )
     nats_connect_timeout_s: float = Field(
         20.0, gt=0,

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -405,6 +406,35 @@ def _cause(error: Any) -> str:
     return next((line for line in reversed(lines) if not line[:1].isspace()), lines[-1]).strip()
 
 
+def _storage_fix(settings: Settings) -> str:
+    if settings.stream_max_bytes > 0:
+        return (f"Each of tipstream's four streams reserves TIPSTREAM_STREAM_MAX_BYTES={settings.stream_max_bytes} "
+                f"bytes ({4 * settings.stream_max_bytes:,} in all) of the account's JetStream file storage "
+                "(`max_file` in the account's `jetstream {}` limits, or the server's `max_file_store`): lower "
+                "TIPSTREAM_STREAM_MAX_BYTES to fit, or raise that limit.")
+    return ("The account's or the server's JetStream file storage is full (`max_file` in the account's "
+            "`jetstream {}` limits, the server's `max_file_store`, or the disk of its store_dir): free or raise it.")
+
+
+# The account limits (nats-server's JetStream error codes, the same from 2.9 to 2.15) a start can
+# run into, and what the operator does about each; the server's own words say only what was hit.
+_JETSTREAM_FIXES: dict[int | None, Callable[[Settings], str]] = {
+    10039: lambda _: ("Enable JetStream for the account of NATS_URL's user (`jetstream: enabled`, or limits, in "
+                      "the account's config), connect as a user of an account that has it, or unset NATS_URL to run "
+                      "an embedded server."),
+    10027: lambda _: ("tipstream needs four streams of its own (SIGNALS, FEEDBACK, DECISIONS, DLQ) beside the "
+                      "account's others: raise `max_streams` in the account's `jetstream {}` limits, or give "
+                      "tipstream an account of its own."),
+    10026: lambda _: ("tipstream needs one consumer of its own on each of SIGNALS, FEEDBACK and DECISIONS: raise "
+                      "`max_consumers` (nats-server counts it per stream) in the account's `jetstream {}` limits, or "
+                      "remove the consumers nobody needs from those streams (`nats consumer ls`)."),
+    10113: lambda _: ("This account requires every stream to have a byte limit (`max_bytes_required`): set "
+                      "TIPSTREAM_STREAM_MAX_BYTES, in bytes per stream (the four streams reserve four times that of "
+                      "the account's storage, and drop their oldest events at it)."),
+    10047: _storage_fix,
+}
+
+
 def _jetstream_error(error: Any, settings: Settings) -> StartupError:
     from nats.js.errors import ServiceUnavailableError
 
@@ -417,6 +447,9 @@ def _jetstream_error(error: Any, settings: Settings) -> StartupError:
                             "with JetStream (`nats-server -js`, or `jetstream {}` in its config) for this account, "
                             "or unset NATS_URL to run an embedded one.")
     message = f"JetStream at {where} refused tipstream's start: {error.description} (error {error.err_code})."
+    fix = _JETSTREAM_FIXES.get(error.err_code)
+    if fix is not None:
+        return StartupError(f"{message} {fix(settings)}")
     if error.err_code == 10065:  # subjects overlap with an existing stream
         streams = ", ".join(f"{spec.name} ({' '.join(spec.subjects)})" for spec in ALL_STREAMS)
         message += (f" tipstream's streams {streams} need those subjects to themselves: remove or change the "

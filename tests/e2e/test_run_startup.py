@@ -14,7 +14,14 @@ import httpx
 import pytest
 
 from app.embedded_nats import nats_server_binary
-from tests.conftest import POSTGRES_ADMIN_URL, NatsServer, _postgres_reachable, free_port
+from tests.conftest import (
+    POSTGRES_ADMIN_URL,
+    NatsServer,
+    _postgres_reachable,
+    account_url,
+    free_port,
+    limited_account_server,
+)
 from tests.e2e.support import TIPSTREAM, ServiceProcess, wait_until
 
 pytestmark = pytest.mark.slow
@@ -177,3 +184,44 @@ def test_a_signal_to_a_running_service_stops_it_cleanly(tmp_path: Path, sig: sig
     assert service.process.wait(30) == 128 + sig, service.log()
     assert "Traceback" not in service.log() and "KeyboardInterrupt" not in service.log()
     assert "embedded nats-server stopped" in service.log()
+
+
+@pytest.mark.parametrize(("limits", "env", "parts"), [
+    ("max_streams: 3", {}, ["maximum number of streams reached (error 10027)", "four streams of its own",
+                            "raise `max_streams`"]),
+    ("max_bytes_required: true", {}, ["(error 10113)", "set TIPSTREAM_STREAM_MAX_BYTES"]),
+    ("max_file: 1M", {"TIPSTREAM_STREAM_MAX_BYTES": "1000000"},
+     ["insufficient storage resources available (error 10047)", "TIPSTREAM_STREAM_MAX_BYTES=1000000",
+      "(4,000,000 in all)", "lower TIPSTREAM_STREAM_MAX_BYTES"]),
+    (None, {}, ["JetStream not enabled for account (error 10039)", "Enable JetStream for the account"]),
+], ids=["max_streams", "max_bytes_required", "max_file", "no_jetstream"])
+def test_an_account_whose_jetstream_limits_are_too_small_is_a_message_with_the_fix(
+        tmp_path: Path, limits: str | None, env: dict[str, str], parts: list[str]) -> None:
+    """The server's words alone ("maximum number of streams reached") named the limit, not what
+    tipstream needs of it nor which setting or limit to change."""
+    server = limited_account_server(tmp_path / "nats", limits)
+    server.start()
+    try:
+        done = run(tmp_path, NATS_URL=account_url(server), **env)
+    finally:
+        server.stop()
+    assert_one_message(done, f"JetStream at nats://t:***@127.0.0.1:{server.port} (NATS_URL) refused", *parts)
+
+
+async def test_an_account_whose_consumers_are_taken_is_a_message_with_the_fix(tmp_path: Path) -> None:
+    """nats-server counts `max_consumers` per stream: one on SIGNALS already, another's, leaves no room."""
+    import nats
+    from nats.js.api import ConsumerConfig
+
+    server = limited_account_server(tmp_path / "nats", "max_consumers: 1")
+    server.start()
+    try:
+        nc = await nats.connect(account_url(server))
+        await nc.jetstream().add_stream(name="SIGNALS", subjects=["signals.>"])
+        await nc.jetstream().add_consumer("SIGNALS", ConsumerConfig(durable_name="someone-else"))
+        await nc.close()
+        done = run(tmp_path, NATS_URL=account_url(server))
+    finally:
+        server.stop()
+    assert_one_message(done, "maximum consumers limit reached (error 10026)", "one consumer of its own on each of",
+                       "raise `max_consumers`", "`nats consumer ls`")

@@ -1,0 +1,89 @@
+"""What the start checks of the NATS server in NATS_URL (README, "Which NATS servers"): its release,
+and its account's JetStream limits the service can live with: it starts, says what they cost, and
+runs. (Limits it cannot live with end the start with the fix: tests/e2e/test_run_startup.py.)"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from app.bootstrap import Service
+from app.settings import Settings
+from app.startup import StartupError
+from streams.fold import to_ms
+from streams.jetstream import durable_of, publish_events
+from streams.simulator import Population
+from tests.conftest import NatsServer, account_url, eventually, limited_account_server
+
+
+@pytest.fixture
+def capped_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """Storage capped, and at most 100 unacknowledged messages a consumer."""
+    server = limited_account_server(tmp_path / "capped", "max_file: 1G, max_ack_pending: 100")
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_an_account_capping_unacknowledged_messages_slows_ingest_and_stops_nothing(
+        start_service, capped_server: NatsServer, caplog: pytest.LogCaptureFixture) -> None:
+    """The consumers asked for TIPSTREAM_INGEST_BATCH x 32 and the server refused them (10121):
+    the start ended. Ingest acknowledges a chunk at a time, so the account's cap is enough."""
+    caplog.set_level(logging.WARNING, logger="tipstream")
+    running = await start_service(nats_url=account_url(capped_server))
+    events = list(Population(users=50, seed=3).history(days=1, start_ms=to_ms(datetime(2026, 11, 1, tzinfo=UTC))))
+    assert len(events) > 500
+    nc = await nats.connect(account_url(capped_server))
+    try:
+        await publish_events(nc.jetstream(), events)
+        await eventually(lambda: running.service.store.applied == len(events), timeout=30)
+        info = await nc.jetstream().consumer_info("SIGNALS", durable_of("SIGNALS"))
+        assert info.config.max_ack_pending == 100
+    finally:
+        await nc.close()
+    warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "lets a consumer hold 100 unacknowledged messages (max_ack_pending)" in warnings
+    assert "Raise the account's max_ack_pending to 32768" in warnings
+    # Unbounded streams in an account with a storage limit: once full, every event would be refused.
+    assert "limited to 1,000,000,000 bytes (max_file)" in warnings
+    assert "Set TIPSTREAM_STREAM_MAX_BYTES to at most 250,000,000" in warnings
+
+
+def as_release(monkeypatch: pytest.MonkeyPatch, version: str) -> None:
+    """Every connection of the service reports `version` as its server's (no such old binary here)."""
+    connect = Service._connect
+
+    async def connected(self: Service) -> Any:
+        nc = await connect(self)
+        nc._server_info["version"] = version
+        return nc
+
+    monkeypatch.setattr(Service, "_connect", connected)
+
+
+async def test_a_server_older_than_any_run_against_is_named_and_one_without_jetstream_stops_the_start(
+        start_service, nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="tipstream")
+    as_release(monkeypatch, "2.8.4")
+    running = await start_service()
+    await eventually(lambda: running.service.ready)
+    [warning] = [r.getMessage() for r in caplog.records if "2.8.4" in r.getMessage()]
+    assert warning.startswith(f"nats-server 2.8.4 at {nats_server.url} (NATS_URL) is older than any tipstream was "
+                              "run against (2.9.10, 2.10.25, 2.15.1)"), warning
+    assert "upgrade the server to 2.9 or newer" in warning
+    await running.stop()
+
+    as_release(monkeypatch, "2.1.9")
+    service = Service(Settings(data_dir=tmp_path / "data", nats_url=nats_server.url))
+    with pytest.raises(StartupError) as refused:
+        await service.start()
+    await service.stop()
+    assert str(refused.value).startswith(f"nats-server 2.1.9 at {nats_server.url} (NATS_URL) has no JetStream"), \
+        str(refused.value)
