@@ -394,7 +394,8 @@ class Service:
             return (await js.stream_info(jsx.DECISIONS.name)).state.last_seq
 
         # Once caught up, this process's own decisions are not read back (see decision_tail.py).
-        self.decision_tail = OwnTail(ingest, self.store, last_seq, on_follow=self.learner.caught_up)
+        self.decision_tail = OwnTail(ingest, self.store, last_seq, on_follow=self.learner.caught_up,
+                                     stream_next_seq=functools.partial(jsx.next_stored, js, jsx.DECISIONS))
         self.publisher.on_stored = self.decision_tail.stored
         self._tasks.append(asyncio.create_task(self.decision_tail.run(), name="decisions tail"))
         await self.publisher.start()

@@ -16,7 +16,11 @@ Steps, every `tick_s`:
    follow it, so everything up to the position is held.
 3. Following: if the stream's last sequence seen one tick ago is still ahead of the
    position, a message there is not ours (or its acknowledgement was lost): read again from
-   the position + 1, and follow again once caught up.
+   the position + 1, and follow again once caught up. Unless the stream says it holds no
+   message there (`stream_next_seq`), or the last reading went through it: nats-server 2.9
+   gives a sequence to a message it then refuses to store (the account's storage full), so the
+   stream's last sequence can stay ahead of every message in it, and the consumer was
+   re-created every other tick for as long as the account stayed full.
 
 The position only ever covers messages held, so a checkpoint's DECISIONS position stays
 exact and a restart replays from it as before.
@@ -52,13 +56,19 @@ STREAM = "DECISIONS"
 
 class OwnTail:
     def __init__(self, ingest: Any, store: OnlineStore, stream_last_seq: Callable[[], Awaitable[int]] | None,
-                 tick_s: float = 0.5, on_follow: Callable[[], None] | None = None) -> None:
+                 tick_s: float = 0.5, on_follow: Callable[[], None] | None = None,
+                 stream_next_seq: Callable[[int], Awaitable[int | None]] | None = None) -> None:
         self.ingest, self.store, self.stream_last_seq, self.tick_s = ingest, store, stream_last_seq, tick_s
+        self.stream_next_seq = stream_next_seq  # the first message at or after a sequence; None: none
         self.on_follow = on_follow
         self.following = False
         self.resumed = 0  # times a message not ours sent us back to reading
         self._acked: list[int] = []
         self._last_seen: int | None = None
+        # The stream's last sequence when a reading from `position + 1` was asked for, and that position:
+        # once following again, there is nothing past the position up to it (a sequence given to no
+        # message). Forgotten when the position goes back (the stream re-created: its sequences anew).
+        self._read_through, self._read_from = 0, 0
 
     @property
     def position(self) -> int:
@@ -106,12 +116,30 @@ class OwnTail:
         except Exception as error:  # noqa: BLE001 - NATS away: the next tick asks again
             log.debug("could not read the DECISIONS stream's last sequence (%s)", error)
             return
-        if self._last_seen is not None and self.position < self._last_seen:
-            log.info("DECISIONS holds messages not published here after %d: reading them", self.position)
+        position = self.position
+        if position < self._read_from:
+            self._read_through = 0
+        if self._last_seen is not None and max(position, self._read_through) < self._last_seen:
+            if await self._holds_none_after(position):
+                self._read_through, self._read_from = last, position
+                self._last_seen = last
+                return
+            log.info("DECISIONS holds messages not published here after %d: reading them", position)
             self.following = False
             self.resumed += 1
+            self._read_through, self._read_from = last, position
             ingest.request_reset()  # the consumer restarts at the position + 1
         self._last_seen = last
+
+    async def _holds_none_after(self, position: int) -> bool:
+        """Whether the stream says it has no message past `position` (False when it cannot say)."""
+        if self.stream_next_seq is None:
+            return False
+        try:
+            return await self.stream_next_seq(position + 1) is None
+        except Exception as error:  # noqa: BLE001 - NATS away, or a server that cannot say: read, as before
+            log.debug("could not look for a DECISIONS message after %d (%s)", position, error)
+            return False
 
     async def run(self) -> None:
         await every(self.tick_s, self.tick, "the DECISIONS tail's tick")

@@ -235,6 +235,14 @@ async def stored_us(js: JetStreamContext, stream: str, seq: int, timeout_s: floa
     return None if msg.time is None else (msg.time - EPOCH) // timedelta(microseconds=1)
 
 
+async def next_stored(js: JetStreamContext, spec: StreamSpec, seq: int) -> int | None:
+    """The sequence of the stream's first message at or after `seq`; None when it holds none there."""
+    try:
+        return (await js.get_msg(spec.name, seq=seq, subject=spec.subjects[0], next=True)).seq
+    except NotFoundError:
+        return None
+
+
 async def stored_after(js: JetStreamContext, stream: str, seq: int, when: datetime) -> bool:
     """Whether the stream's message `seq` was stored after `when` (a checkpoint that says it read that
     far: then it read another stream of that name, its store lost or restored from an older copy, whose

@@ -16,7 +16,7 @@ import httpx
 import orjson
 import pytest
 
-from streams.jetstream import DLQ_KIND, DLQ_SEQ, publish_events, release
+from streams.jetstream import DECISIONS, DLQ_KIND, DLQ_SEQ, next_stored, publish_events, release
 from tests.conftest import NatsServer, eventually
 
 # Debian's package installs it here; another path (an older release unpacked by hand) can be named.
@@ -70,6 +70,8 @@ async def test_the_service_runs_whole_on_an_older_nats_server(
     await eventually(lambda: service.learner.credited == 1)
     assert service.publisher.published == 1
 
+    # How the decision log's tail tells a sequence given to no message (decision_tail.py) on this server.
+    assert await next_stored(js, DECISIONS, 1) == 1 and await next_stored(js, DECISIONS, 2) is None
     dead = await js.get_last_msg("DLQ", "dlq.signals.task.created")
     assert dead.headers[DLQ_KIND] == "missing_field" and dead.headers[DLQ_SEQ] == "51"
     await eventually(lambda: service.store.positions.get("SIGNALS") == 51)

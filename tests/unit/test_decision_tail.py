@@ -121,3 +121,59 @@ def test_while_reading_the_acknowledgements_kept_are_only_those_ahead_of_the_pos
         tail.stored(seq)
         store.positions["DECISIONS"] = seq - 5  # the consumer reads close behind
     assert len(tail._acked) <= 6
+
+
+def test_sequences_given_to_no_message_are_read_through_once() -> None:
+    """nats-server 2.9.10, its account's storage full: each refused publish still took a sequence,
+    the stream's last stayed ahead of every message, and the consumer was re-created every other
+    tick (measured: "reading them" every 1.5 s for as long as the account stayed full)."""
+    ingest, store, stream, tail = world(position=574, last=582)
+    asyncio.run(tail.follow())
+    tick(tail)
+    tick(tail)
+    assert ingest.resets == 1, "575-582 may be someone else's: read"
+    ingest.caught_up, ingest.lag = True, 0  # the consumer found nothing there
+    for _ in range(5):
+        tick(tail)
+    assert tail.following and ingest.resets == 1 and store.positions["DECISIONS"] == 574
+    stream.last = 583  # the account has room again: one of ours, past the sequences given to nothing
+    tail.stored(583)
+    tick(tail)
+    tick(tail)
+    assert ingest.resets == 2, "read once more, from 575, to pass them"
+
+
+def test_a_stream_created_again_forgets_what_the_old_one_was_read_through() -> None:
+    ingest, store, stream, tail = world(position=574, last=582)
+    asyncio.run(tail.follow())
+    tick(tail)
+    tick(tail)
+    ingest.caught_up, ingest.lag = True, 0
+    tick(tail)
+    assert tail.following and ingest.resets == 1
+    store.positions["DECISIONS"], stream.last = 0, 3  # re-created, published to by another
+    tick(tail)
+    tick(tail)
+    assert ingest.resets == 2, "the new stream's 1-3 are read"
+
+
+def test_a_stream_that_says_it_holds_nothing_past_the_position_is_not_read() -> None:
+    """The same, where the stream can be asked for its next message (nats-server 2.9 and later):
+    the sequences each refused retry takes are never read at all."""
+    ingest, store, stream, tail = world(position=568, last=568)
+    held = set(range(1, 569))
+
+    async def next_seq(seq: int) -> int | None:
+        return min((s for s in held if s >= seq), default=None)
+
+    tail.stream_next_seq = next_seq
+    asyncio.run(tail.follow())
+    for last in range(569, 620, 5):  # a refused retry every tick or so: a sequence each, no message
+        stream.last = last
+        tick(tail)
+    assert tail.following and ingest.resets == 0 and store.positions["DECISIONS"] == 568
+    held.add(620)  # room again: a message at last, someone else's
+    stream.last = 620
+    tick(tail)
+    tick(tail)
+    assert ingest.resets == 1 and not tail.following
