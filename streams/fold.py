@@ -267,7 +267,12 @@ def apply(state: UserState, event: Any, max_ts_ms: int | None = None) -> bool:
         dropped = bytes(log[:excess])
         state.logs[i] = _without_oldest(log, excess)
         if any(dropped[at : at + size] == record for at in range(0, excess, size)):
-            return False  # older than every record the kind keeps: it changes nothing
+            # Older than every record the kind keeps, but it may share the newest instant (every kept
+            # record of the kind is then at it): its zone counts as it would have, come before them.
+            if ts_ms == newest and offset_s > state.offset_s:
+                state.offset_s = offset_s
+                return True
+            return False
     if ts_ms > newest or (ts_ms == newest and offset_s > state.offset_s):
         # A newer event, or the same instant in a second zone (the larger offset wins,
         # so the choice doesn't depend on arrival order).

@@ -430,3 +430,49 @@ def test_a_flood_of_one_user_s_events_keeps_the_newest_at_the_cap() -> None:
     for event in random.Random(3).sample(events, len(events)):
         apply(shuffled, event)
     assert shuffled == state
+
+
+@st.composite
+def crowded_log(draw: Any) -> list[Any]:
+    """A publisher in a loop: many events of a few kinds at a few instants, in several zones, so
+    that a kind at the cap (3 here) drops records sharing the newest instant."""
+    instants = [BASE + timedelta(seconds=s) for s in draw(st.lists(st.integers(0, 2), min_size=1, max_size=3))]
+    raw = []
+    for i in range(draw(st.integers(1, 10))):
+        moment = draw(st.sampled_from(instants))
+        offset = timedelta(minutes=draw(st.sampled_from([-480, 0, 60, 330])))
+        kind = draw(st.sampled_from(["app.opened", "app.opened", "tip.reacted"]))
+        data = {"app.opened": {}, "tip.reacted": {"tip_id": "tip-0", "reaction": draw(st.sampled_from(REACTIONS))}}[kind]
+        raw.append({"id": f"e-{i}", "type": kind, "user_id": "u", "ts": moment.astimezone(timezone(offset)).isoformat(),
+                    "data": data})
+    events = [parse_event(orjson.dumps(e)) for e in raw]
+    return events + draw(st.lists(st.sampled_from(events), max_size=4))
+
+
+@settings(max_examples=150, deadline=None)
+@given(crowded_log(), st.randoms(use_true_random=False))
+def test_at_the_cap_many_events_at_one_instant_in_several_zones_fold_the_same_in_any_order(
+        events: list[Any], rng: random.Random) -> None:
+    """The user's zone is the largest offset among their newest instant's events, also of one the cap
+    drops at once: it came after the kind's kept records at that instant, or before them."""
+    shuffled = events[:]
+    rng.shuffle(shuffled)
+    with mock.patch.object(fold, "MAX_RECORDS_PER_KIND", 3):
+        state = fold_all(events)
+        assert fold_all(shuffled) == state
+        assert not any(apply(state, event) for event in events), "each one again changes nothing"
+
+
+def test_a_dropped_event_s_zone_counts_at_the_newest_instant() -> None:
+    def opened(i: int, ts: str) -> Any:
+        return parse_event(orjson.dumps({"id": f"e{i}", "type": "app.opened", "user_id": "u", "ts": ts}))
+
+    with mock.patch.object(fold, "MAX_RECORDS_PER_KIND", 3):
+        events = [opened(i, "2026-11-26T08:00:00+00:00") for i in range(4)]
+        # At one time, records are in the order of their bytes: the fingerprint's, little-endian.
+        lowest = min(events, key=lambda e: struct.pack("<H", fingerprint(e.id) & 0xFFFF))
+        zoned = opened(int(lowest.id[1:]), "2026-11-26T10:00:00+02:00")  # the same event id, instant and record
+        others = [e for e in events if e is not lowest]
+        first, last = fold_all([zoned, *others]), fold_all(others)
+        assert apply(last, zoned), "the zone changed"
+        assert last == first and last.offset_s == 7200 and last.count("app.opened") == 3
