@@ -154,7 +154,7 @@ class UserState:
         for i in range(len(KINDS)):
             (length,) = _LENGTH.unpack_from(blob, pos)
             pos += 4
-            state.logs[i] = blob[pos : pos + length]
+            state.logs[i] = _capped(blob[pos : pos + length], SIZES[i])
             pos += length
         return state
 
@@ -181,8 +181,16 @@ def _from_v1_bytes(blob: bytes) -> UserState:
         record = RECORDS[kind]
         rows = {record.pack(ts - state.base_ms, fp & 0xFFFF, *(col[n] for col in kept))
                 for n, (ts, fp) in enumerate(zip(stamps, fps)) if ts >= state.cutoff_ms}
-        state.logs[i] = b"".join(sorted(rows, key=lambda r: (_unpack_ts(r)[0], r)))
+        state.logs[i] = _capped(b"".join(sorted(rows, key=lambda r: (_unpack_ts(r)[0], r))), record.size)
     return state
+
+
+def _capped(log: bytes, size: int) -> bytes:
+    # A checkpoint written before the cap (or with a higher one) may hold more: kept, the state
+    # differed from the one its events fold to, and the next event of the kind dropped the excess
+    # at once while its apply said it changed nothing.
+    excess = len(log) - MAX_RECORDS_PER_KIND * size
+    return log[excess:] if excess > 0 else log
 
 
 def _due_s(due: datetime | None) -> int:
@@ -263,7 +271,7 @@ def apply(state: UserState, event: Any, max_ts_ms: int | None = None) -> bool:
             return False
         log = state.logs[i] = merged
     excess = len(log) - MAX_RECORDS_PER_KIND * size
-    if excess > 0:  # one record, but more after an older release's checkpoint
+    if excess > 0:  # one record: from_bytes caps what a checkpoint holds
         dropped = bytes(log[:excess])
         state.logs[i] = _without_oldest(log, excess)
         if any(dropped[at : at + size] == record for at in range(0, excess, size)):

@@ -476,3 +476,17 @@ def test_a_dropped_event_s_zone_counts_at_the_newest_instant() -> None:
         first, last = fold_all([zoned, *others]), fold_all(others)
         assert apply(last, zoned), "the zone changed"
         assert last == first and last.offset_s == 7200 and last.count("app.opened") == 3
+
+
+@settings(max_examples=30, deadline=None)
+@given(event_log())
+def test_a_checkpoint_holding_more_than_the_cap_restores_to_the_state_its_events_fold_to(events: list[Any]) -> None:
+    """Written before the cap, by either layout: the state restored is the one the events fold to now,
+    and each event again changes nothing (it dropped the excess while saying it had not)."""
+    uncapped = fold_all(events).to_bytes()
+    with mock.patch.object(fold, "MAX_RECORDS_PER_KIND", 3):
+        folded = fold_all(events)
+        for blob in (uncapped, _v1_blob(events)):
+            restored = UserState.from_bytes(blob)
+            assert restored == folded
+            assert not any(apply(restored, event) for event in events) and restored == folded
