@@ -24,7 +24,16 @@ from typing import Any, Literal
 
 import numpy as np
 
-from streams.fold import DAY_MS, HORIZON_DAYS, KIND_NAMES, MAX_RECORDS_PER_KIND, SIGNAL_KINDS, UserState, at_cap
+from streams.fold import (
+    DAY_MS,
+    HORIZON_DAYS,
+    KIND_NAMES,
+    MAX_RECORDS_PER_KIND,
+    SIGNAL_KINDS,
+    ZERO_DUE,
+    UserState,
+    at_cap,
+)
 
 HOUR_MS = 3_600_000
 ENGAGEMENT_HALF_LIFE_DAYS = 3.0
@@ -96,7 +105,7 @@ FEATURES: tuple[Feature, ...] = (
     _f("overdue_tasks", "int", 30, "task.created, task.rescheduled, task.completed, task.deleted", 0,
        "Open tasks whose due time (the latest reschedule in 30 days, else the latest creation's `due`, so a "
        "`task.created` sent again without `due` clears it; kept to the second, rounded down) is at or before "
-       "`now`. A `due` at or before 1970-01-01T00:00:00Z (Go's zero `time.Time`, Unix time 0) means none.",
+       "`now`. A `due` before 1970-01-01T00:00:02Z (Go's zero `time.Time`, Unix time 0) means none.",
        window=30),
     _f("postpone_rate_30d", "float", 30, "task.rescheduled, task.created", 0.0,
        "`reschedules / (tasks created + 1)` over 30 days.", window=30),
@@ -254,7 +263,7 @@ class _Evaluation:
         return (self.now - max(stamps)) / 1000, False
 
     def _open_tasks(self) -> dict[int, int]:
-        """Open task fingerprint -> due (s, 0 for none), as of `now`.
+        """Open task fingerprint -> due (s; NO_DUE or ZERO_DUE for none), as of `now`.
 
         Plain sets and dicts: for the few hundred tasks a user has, they beat numpy's set operations.
         """
@@ -281,7 +290,7 @@ class _Evaluation:
 
     def overdue_tasks(self) -> tuple[int, bool]:
         now_s = self.now / 1000
-        return sum(1 for due in self._open_tasks().values() if due and due <= now_s), False
+        return sum(1 for due in self._open_tasks().values() if ZERO_DUE < due <= now_s), False
 
     def postpone_rate_30d(self) -> tuple[float, bool]:
         return self.count("task.rescheduled", 30) / (self.count("task.created", 30) + 1), False
@@ -454,7 +463,7 @@ def _valid_until(evaluation: _Evaluation) -> int:
                 until = min(until, stamps.item(lo) + span)  # the oldest event in the window leaves it
     until += evaluation.base
     for due_s in evaluation._open_tasks().values():
-        if due_s and due_s * 1000 > now:
+        if due_s > ZERO_DUE and due_s * 1000 > now:
             until = min(until, due_s * 1000)  # an open task falls overdue
     return until
 

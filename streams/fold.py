@@ -38,6 +38,7 @@ DAY_MS = 86_400_000
 HORIZON_DAYS = 31  # longest window (30 d) plus one day, so `(now - 30d, now]` is exact for now >= newest
 REBASE_DAYS = 8  # kept times span < HORIZON_DAYS + 1 + REBASE_DAYS days of base_ms: 40 < 49.7, the reach of 32 bits
 NO_DUE = 0
+ZERO_DUE = 1  # a due before 1970-01-01T00:00:02Z (a zero value, not a date): none, as NO_DUE
 _EPOCH_DAY = date(1970, 1, 1).toordinal()
 
 REACTION_CODES = {"acted": 0, "liked": 1, "snoozed": 2, "dismissed": 3, "disliked": 4}
@@ -194,12 +195,11 @@ def _capped(log: bytes, size: int) -> bytes:
 
 
 def _due_s(due: datetime | None) -> int:
-    # A due at or before the Unix epoch is a zero value, not a date: Go's zero time.Time
-    # (0001-01-01T00:00:00Z, written even with `omitempty`) or a Unix time 0. Kept, it counted the
-    # task overdue for ever.
-    if due is None or (due_s := to_ms(due) // 1000) <= 0:
-        return NO_DUE
-    return min(due_s, 2**32 - 1)
+    # A due at or before the Unix epoch (Go's zero time.Time, 0001-01-01T00:00:00Z, written even with
+    # `omitempty`; or a Unix time 0) is kept as ZERO_DUE, as every release has kept it, and read as no
+    # due (features.py). Written as NO_DUE instead, the records held in checkpoints (and their
+    # overdue tasks) stayed, and the same event redelivered was a second, new record.
+    return NO_DUE if due is None else max(ZERO_DUE, min(to_ms(due) // 1000, 2**32 - 1))
 
 
 # One function per event type: what of the event its record keeps, beside time and id.

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.docs import generated
-from streams import events
+from streams import events, fold
 from streams.events import Rejection, check_subject, parse_event
 from streams.features import evaluate
 from streams.fold import UserState, apply, to_ms
@@ -90,13 +90,35 @@ def test_a_go_zero_value_does_not_hide_what_else_is_wrong() -> None:
         assert ("'data.priority'" if data["task_id"] else "'data.task_id'") in rejection.reason
 
 
-def test_a_due_at_or_before_the_unix_epoch_is_no_due() -> None:
+def test_a_due_before_the_unix_epoch_s_second_second_is_no_due() -> None:
     """Go's zero time.Time is written even with `omitempty`; kept, it made the task overdue for ever."""
     state = UserState()
-    for n, due in enumerate(("0001-01-01T00:00:00Z", "1970-01-01T00:00:00+00:00", "1970-01-01T00:00:01Z")):
+    dues = ("0001-01-01T00:00:00Z", "1970-01-01T00:00:00+00:00", "1970-01-01T00:00:01.999Z", "1970-01-01T00:00:02Z")
+    for n, due in enumerate(dues):
         apply(state, parse_event(orjson.dumps(envelope("task.created", {"task_id": f"t-{n}", "due": due}, id=f"e{n}"))))
     values = evaluate(state, to_ms(parse_event(orjson.dumps(envelope("app.opened"))).ts))
-    assert values["open_tasks"].value == 3 and values["overdue_tasks"].value == 1  # only the second after the epoch
+    assert values["open_tasks"].value == 4 and values["overdue_tasks"].value == 1  # only the last
+
+
+def _due_s_of_earlier_releases(due: Any) -> int:
+    return fold.NO_DUE if due is None else max(1, min(to_ms(due) // 1000, 2**32 - 1))
+
+
+def test_a_zero_due_held_in_a_checkpoint_of_an_earlier_release_is_no_due_and_its_event_a_duplicate() -> None:
+    """Releases before kept a due at or before the epoch as 1 (s): their checkpoints hold such records.
+    Read as the fold writes them now, they count no task overdue, and the same event redelivered (a
+    replay from the checkpoint's positions) is a duplicate, not a second task.created."""
+    created = parse_event(orjson.dumps(envelope("task.created", {"task_id": "t", "due": "0001-01-01T00:00:00Z"})))
+    with mock.patch.object(fold, "_due_s", _due_s_of_earlier_releases):
+        earlier = UserState()
+        apply(earlier, created)
+    restored = UserState.from_bytes(earlier.to_bytes())
+    assert not apply(restored, created), "a redelivery is a duplicate"
+    now = UserState()
+    apply(now, created)
+    assert restored == now
+    values = evaluate(restored, to_ms(created.ts))
+    assert values["tasks_created_7d"].value == 1 and values["overdue_tasks"].value == 0
 
 
 def test_unknown_fields_are_tolerated_but_not_kept() -> None:

@@ -26,6 +26,7 @@ from streams.fold import DAY_MS, UserState, apply
 from streams.store import OnlineStore
 
 MS, DAY, EPOCH = timedelta(milliseconds=1), timedelta(days=1), datetime(1970, 1, 1, tzinfo=UTC)
+SECOND = timedelta(seconds=1)
 GO_ZERO_TIME = datetime(1, 1, 1, tzinfo=UTC)  # a Go time.Time never set
 SIGNALS = {"task.created", "task.completed", "task.rescheduled", "task.deleted", "app.opened", "tip.shown"}
 KINDS = [*sorted(SIGNALS), "tip.reacted"]
@@ -86,7 +87,9 @@ def reference(raw: list[dict[str, Any]], now_ms: int, current_offset: timedelta)
         "tip_positive_rate_30d": (reactions["acted"] + reactions["liked"] + 1) / (sum(reactions.values()) + 2),
         "seconds_since_active": (now - max(signals)) / timedelta(seconds=1) if signals else None,
         "open_tasks": len(open_due),
-        "overdue_tasks": sum(1 for due in open_due.values() if due and EPOCH < datetime.fromisoformat(due) <= now),
+        # Kept to the second: a due before the epoch's second second is a zero value, no due.
+        "overdue_tasks": sum(1 for due in open_due.values()
+                             if due and EPOCH + 2 * SECOND <= datetime.fromisoformat(due) <= now),
         "postpone_rate_30d": len(win("task.rescheduled", 30)) / (len(win("task.created", 30)) + 1),
         "active_day_streak": streak,
         "mean_hours_to_complete_28d": sum(spans) / len(spans) if spans else None,
@@ -113,7 +116,7 @@ def history(rng: random.Random, now: datetime) -> list[dict[str, Any]]:
         # Whole seconds: the fold keeps due times in seconds.
         due = rng.choice([now, now - MS, at + timedelta(hours=rng.randint(-72, 72)),
                           now + timedelta(seconds=rng.randint(-5000, 5000)), GO_ZERO_TIME, EPOCH,
-                          EPOCH + timedelta(seconds=1)]).replace(microsecond=0)
+                          EPOCH + SECOND, EPOCH + 2 * SECOND]).replace(microsecond=0)
         # Go's zero time in another offset is before year 1.
         due_text = (due if due < EPOCH else due.astimezone(timezone(rng.choice(OFFSETS)))).isoformat()
         task = rng.choice(tasks)
