@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -21,7 +22,7 @@ from app import db
 from app.checkpoint_rows import write_checkpoint
 from app.log_throttle import LogThrottle
 from app.metrics import METRICS
-from streams.fold import DAY_MS, MAX_RECORDS_PER_KIND, SIZES, at_cap
+from streams.fold import DAY_MS, HORIZON_DAYS, MAX_RECORDS_PER_KIND, SIZES, at_cap
 from streams.store import OnlineStore
 
 if TYPE_CHECKING:
@@ -187,7 +188,8 @@ class Checkpointer:
         # Users that must stay in memory though idle: the offline writer's, until its pass reads them.
         self.keep_awake: list[Callable[[str], bool]] = []
         self._rested_day: int | None = None
-        self._at_cap: set[str] = set()  # users with a kind at the fold's cap, as last saved
+        # Users with a kind at the fold's cap, as last saved -> the oldest record such a kind holds (ms).
+        self._at_cap: dict[str, int] = {}
         self._rest_later: list[str] = []  # idle, but not saved yet or kept: looked at again next time
 
     @property
@@ -308,14 +310,20 @@ class Checkpointer:
     def _count_at_cap(self, saved: list[str], heavy: list[str]) -> None:
         """Keep count of the users a kind of whose events is at the fold's cap, as last saved, and
         tell the operator of those there: one user's publisher sending in a loop, most likely."""
-        self._at_cap.difference_update(saved)
+        # Counted while what a capped kind holds is within the horizon of the log's time: some window
+        # reaches it. Past that, a user whose flood stopped was counted for good (never saved again,
+        # or let go of from memory), and not after a start: the alert fired until one. `saved` is
+        # sorted (begin_checkpoint): a few searches, not a pass over every user saved.
+        horizon_ms = (self.store.newest_ms // DAY_MS - HORIZON_DAYS) * DAY_MS
+        self._at_cap = {user_id: oldest for user_id, oldest in self._at_cap.items()
+                        if oldest >= horizon_ms and not _among(saved, user_id)}
         found = []
         for user_id in heavy:
             state = self.store.users.get(user_id)
-            kinds = [kind for kind, _ in at_cap(state)] if state is not None else []
-            if kinds:
-                self._at_cap.add(user_id)
-                found.append(f"{user_id!r} ({', '.join(kinds)})")
+            capped = at_cap(state) if state is not None else []
+            if capped and (oldest := max(at for _, at in capped)) >= horizon_ms:
+                self._at_cap[user_id] = oldest
+                found.append(f"{user_id!r} ({', '.join(kind for kind, _ in capped)})")
         METRICS.users_at_cap.set(len(self._at_cap))
         if found and _AT_CAP_TOLD.allow("at_cap") is not None:
             log.warning(
@@ -379,6 +387,11 @@ class Checkpointer:
             log.info("%d idle users let go of from memory (no event for %g days); %d held, %d in the database only",
                      rested, store.idle_days, len(store.users), len(store.dormant))
         return rested
+
+
+def _among(ordered: list[str], item: str) -> bool:
+    at = bisect_left(ordered, item)
+    return at < len(ordered) and ordered[at] == item
 
 
 def _fix_for(error: Exception) -> str:

@@ -40,7 +40,8 @@ class Metrics:
         self.checkpoint_users = Counter("tipstream_checkpoint_users_total", "User states written.", registry=r)
         self.users_at_cap = Gauge(
             "tipstream_users_at_event_cap", "Users holding the most events of one kind a user's state keeps "
-            "(streams.fold.MAX_RECORDS_PER_KIND in 31 days), as last checkpointed: their oldest of that kind are "
+            "(streams.fold.MAX_RECORDS_PER_KIND in 31 days), as last checkpointed, while those are within 31 days of "
+            "the newest event folded (some window reaches them): their oldest of that kind are "
             "dropped, and features reading before what is kept are fallbacks. Above 0: a publisher in a loop?",
             registry=r)
         self.checkpoint_failures = Counter("tipstream_checkpoint_failures_total", "Failed checkpoint writes.", registry=r)

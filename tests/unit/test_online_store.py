@@ -292,3 +292,33 @@ async def test_a_user_at_the_event_cap_is_counted_and_told_until_back_under_it(c
     store.apply(opened(-1, "flood", (start + timedelta(days=40)).isoformat()))
     assert await checkpointer.checkpoint()
     assert METRICS.users_at_cap._value.get() == 0
+
+
+@pytest.mark.parametrize("idle_days", [None, 0])
+async def test_a_user_at_the_event_cap_who_stopped_leaves_the_count_once_past_the_log_s_horizon(
+        idle_days: float | None) -> None:
+    """A flood that stopped: once the log's time is 31 days past what the user's capped kind holds, no
+    window reaches it, and the gauge (and its alert) is quiet, whether the user was let go of from
+    memory (as a start would find them: not counted) or kept in it (`idle_days` 0)."""
+    from datetime import datetime, timedelta
+
+    from app.metrics import METRICS
+    from streams.fold import MAX_RECORDS_PER_KIND
+
+    start = datetime.fromisoformat("2026-09-01T08:00:00+01:00")
+    store = OnlineStore()
+    store.fetch_cold = lambda ids: {}
+    if idle_days is not None:
+        store.idle_days = idle_days
+    checkpointer = Checkpointer(store, MemoryCheckpointStore(), every_events=1, every_s=60)
+    for i in range(MAX_RECORDS_PER_KIND + 5):
+        store.apply(opened(i, "flood", (start + timedelta(seconds=i)).isoformat()))
+    assert await checkpointer.checkpoint()
+    assert METRICS.users_at_cap._value.get() == 1
+    store.apply(opened(0, "calm", (start + timedelta(days=20)).isoformat()))
+    assert await checkpointer.checkpoint()
+    assert METRICS.users_at_cap._value.get() == 1, "still within 31 days of the log's time"
+    store.apply(opened(1, "calm", (start + timedelta(days=40)).isoformat()))
+    assert await checkpointer.checkpoint()
+    assert ("flood" in store.dormant) == (idle_days is None)
+    assert METRICS.users_at_cap._value.get() == 0
