@@ -127,7 +127,7 @@ def _first_signal_ms(state: UserState) -> int | None:
 @dataclass(slots=True)
 class _Cached:
     state: UserState
-    marker: tuple[int, int, int]
+    marker: tuple[int, int, int, int]
     snapshot: Snapshot
     first_signal_ms: int | None
 
@@ -150,11 +150,12 @@ class Scorer:
         """(values, names that are fallbacks, is new user), exactly as at `now_ms`.
 
         A user's snapshot is reused while no event for them arrives (any fold changes the
-        newest time or the total length of the logs) and `now_ms` is within its reach.
+        newest time, the zone, the total length of the logs or, at the cap, what it dropped) and
+        `now_ms` is within its reach.
         """
         if state is None:
             return _FALLBACKS, _ALL_FALLBACK, True
-        marker = (state.newest_ms, state.offset_s, sum(map(len, state.logs)))
+        marker = (state.newest_ms, state.offset_s, sum(map(len, state.logs)), state.dropped)
         cache = self._cache
         hit = cache.get(user_id)
         if hit is not None and hit.state is state and hit.marker == marker and hit.snapshot.covers(now_ms):

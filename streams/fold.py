@@ -100,13 +100,17 @@ def _local_ms(moment: datetime) -> int:
 class UserState:
     """Everything the fold knows of one user: one packed log per kind, and where time stands."""
 
-    __slots__ = ("base_ms", "logs", "newest_ms", "offset_s")
+    __slots__ = ("base_ms", "dropped", "logs", "newest_ms", "offset_s")
 
     def __init__(self) -> None:
         self.logs: list[bytes] = [b""] * len(KINDS)
         self.newest_ms = -(2**62)
         self.offset_s = 0  # UTC offset of the newest event: the user's current zone
         self.base_ms = 0  # what the logs' times count from (see _base_for)
+        # Records the cap dropped from this object (not saved: no part of the state). A fold at the cap
+        # keeps the newest time, zone and the logs' total length, which are otherwise what tells a
+        # reader (/score's snapshot cache) that the state changed.
+        self.dropped = 0
 
     @property
     def cutoff_ms(self) -> int:
@@ -274,6 +278,7 @@ def apply(state: UserState, event: Any, max_ts_ms: int | None = None) -> bool:
     if excess > 0:  # one record: from_bytes caps what a checkpoint holds
         dropped = bytes(log[:excess])
         state.logs[i] = _without_oldest(log, excess)
+        state.dropped += 1
         if any(dropped[at : at + size] == record for at in range(0, excess, size)):
             # Older than every record the kind keeps, but it may share the newest instant (every kept
             # record of the kind is then at it): its zone counts as it would have, come before them.

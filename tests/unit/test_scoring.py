@@ -611,3 +611,26 @@ def test_first_start_settings_that_the_registered_models_do_not_have_are_found(t
         assert (changed.champion_version, changed.shadow_version) == ("v1", None)
     finally:
         engine.dispose()
+
+
+def test_a_cached_snapshot_is_not_reused_after_a_fold_at_the_event_cap(lineup: Lineup,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the cap (lowered to 3 here), a late event drops the kind's oldest record: the logs' total
+    length, the newest time and the zone all stay, and the snapshot of before was served as exact."""
+    from streams import fold
+    from streams.features import evaluate
+    from streams.fold import to_ms
+
+    monkeypatch.setattr(fold, "MAX_RECORDS_PER_KIND", 3)
+    store = OnlineStore()
+    for i, day in enumerate((10, 18, 22)):
+        store.apply(_event(i, "app.opened", f"2026-11-{day}T08:00:00+01:00"))
+    store.apply(_event(3, "task.created", "2026-11-26T08:00:00+01:00", task_id="t"))
+    scorer = Scorer(store, lineup, make_policy("greedy"), random.Random(0), feature_cache_users=10)
+    state, now_ms = store.users["u-1"], to_ms(datetime.fromisoformat("2026-11-26T15:00:00+01:00"))
+    assert scorer._profile("u-1", state, now_ms)[0]["app_opens_7d"] == 1
+    assert store.apply(_event(4, "app.opened", "2026-11-25T08:00:00+01:00"))  # late: the one of the 10th goes
+    values, fallbacks, _ = scorer._profile("u-1", state, now_ms)
+    fresh = evaluate(state, now_ms)
+    assert values == {name: v.value for name, v in fresh.items()} and values["app_opens_7d"] == 2
+    assert fallbacks == {name for name, v in fresh.items() if v.fallback}
