@@ -490,3 +490,46 @@ def test_a_checkpoint_holding_more_than_the_cap_restores_to_the_state_its_events
             restored = UserState.from_bytes(blob)
             assert restored == folded
             assert not any(apply(restored, event) for event in events) and restored == folded
+
+
+@st.composite
+def horizon_crossing_log(draw: Any) -> list[Any]:
+    """Few instants (so records share times at the cap), some a day, the horizon (31 days) or a rebase
+    (8 days) apart, in several zones, with redeliveries."""
+    days = [0, 1, 7, 8, 9, 16, 30, 31, 32, 40, 49]
+    instants = [BASE + timedelta(days=draw(st.sampled_from(days)), milliseconds=draw(st.sampled_from([0, 1, DAY_MS - 1])))
+                for _ in range(draw(st.integers(1, 5)))]
+    raw = []
+    for i in range(draw(st.integers(1, 20))):
+        moment, kind, task = draw(st.sampled_from(instants)), draw(st.sampled_from(KINDS)), f"t-{draw(st.integers(0, 2))}"
+        offset = timezone(timedelta(minutes=draw(st.sampled_from([-480, 0, 60, 330]))))
+        data = {"task.created": {"task_id": task, "due": (moment + timedelta(hours=3)).isoformat()},
+                "task.completed": {"task_id": task}, "task.deleted": {"task_id": task},
+                "task.rescheduled": {"task_id": task, "due": moment.isoformat()}, "app.opened": {},
+                "tip.shown": {"tip_id": "tip-0"}, "tip.reacted": {"tip_id": "tip-0", "reaction": "liked"}}[kind]
+        raw.append({"id": f"e-{i}", "type": kind, "user_id": "u", "ts": moment.astimezone(offset).isoformat(),
+                    "data": data})
+    events = [parse_event(orjson.dumps(e)) for e in raw]
+    return events + draw(st.lists(st.sampled_from(events), max_size=5))
+
+
+@settings(max_examples=80, deadline=None)
+@given(horizon_crossing_log(), st.integers(1, 3), st.data())
+def test_at_the_cap_a_live_fold_with_restarts_and_views_alive_equals_the_whole_log_s(
+        events: list[Any], cap: int, data: st.DataObject) -> None:
+    """Heavy users' logs (bytearrays grown and cut in place, here from the first record) with numpy
+    views of them alive (the copy on BufferError), restarts from the checkpoint's bytes between
+    events, the daily prune and the rebase: the state is the one the whole log folds to in order."""
+    with mock.patch.object(fold, "MAX_RECORDS_PER_KIND", cap), mock.patch.object(fold, "APPEND_IN_PLACE_BYTES", 0):
+        whole = fold_all(sorted(events, key=lambda e: (e.ts, e.id)))
+        live, views = UserState(), []
+        for event in data.draw(st.permutations(events), label="arrival"):
+            step = data.draw(st.sampled_from(["fold", "fold", "restart", "view", "release"]), label="step")
+            if step == "restart":
+                live, views = UserState.from_bytes(live.to_bytes()), []
+            elif step == "view":
+                views.append(live.records(data.draw(st.sampled_from(KINDS), label="kind")))
+            elif step == "release":
+                views.clear()
+            apply(live, event)
+        assert live == whole
