@@ -156,10 +156,13 @@ class UserState:
         state = cls()
         _, state.newest_ms, state.offset_s, state.base_ms = _HEADER.unpack_from(blob, 0)
         pos = _HEADER.size
-        for i in range(len(KINDS)):
+        cap = MAX_RECORDS_PER_KIND
+        logs = state.logs
+        for i, size in enumerate(SIZES):
             (length,) = _LENGTH.unpack_from(blob, pos)
             pos += 4
-            state.logs[i] = _capped(blob[pos : pos + length], SIZES[i])
+            # Read for every user at a start: the cap's slice only past it.
+            logs[i] = blob[pos : pos + length] if length <= cap * size else _capped(blob[pos : pos + length], size)
             pos += length
         return state
 
