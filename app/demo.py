@@ -24,8 +24,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import nats.errors
 from starlette.applications import Starlette
 
+from app.log_throttle import LogThrottle
 from app.settings import Settings
 from app.startup import HTTP_KEEP_ALIVE_S
 from streams.events import subject_for
@@ -33,6 +35,7 @@ from streams.jetstream import publish_events
 from streams.simulator import APP_MIX, Population, expected_reward, score_body
 
 log = logging.getLogger("tipstream.demo")
+_TICK_FAILED = LogThrottle()  # ten ticks a second fail while NATS is away: once a minute per kind of failure
 logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would bury the service's own log
 
 # Few enough that each meets a tip every few seconds at `--demo 200`, so the learning shows in the first
@@ -93,7 +96,7 @@ class DemoApp:
         tips = sum(self.rng.random() < TIP_SHARE for _ in range(events))
         signals = [self.population.live(now_ms) for _ in range(events - tips)]
         shown = await asyncio.gather(*(self.show_tip() for _ in range(tips)))
-        await publish_events(self.js, signals + [event for pair in shown for event in pair])
+        await publish_events(self.js, signals + [event for pair in shown for event in pair], ack_timeout_s=5.0)
 
     async def show_tip(self) -> list[tuple[str, dict[str, Any]]]:
         population = self.population
@@ -147,14 +150,17 @@ async def _run_demo(app: Starlette, rate: float, stopping: Callable[[], bool], p
             started = time.monotonic()
             try:
                 await demo.tick(per_tick)
-            except (httpx.TransportError, OSError) as error:
+            except (TimeoutError, httpx.TransportError, OSError, nats.errors.Error) as error:
                 # uvicorn closes its socket and its connections at SIGTERM, before the lifespan
                 # stops the demo: a request then fails because the service is stopping, not the
                 # demo (counting failures in a row instead still warned when a stop under load
-                # took two ticks).
+                # took two ticks). NATS away or refusing (a server restarting, an account full)
+                # stopped the demo for good, for what the service itself rides out.
                 if stopping():
                     return
-                log.warning("demo: a tick failed (%r); going on", error)
+                if (left_out := _TICK_FAILED.allow(type(error))) is not None:
+                    log.warning("demo: a tick failed (%r); going on%s", error,
+                                f" ({left_out} more failed since)" if left_out else "")
             if started >= next_report:
                 log.info("demo: %s; the learner has credited %d rewards", demo.tally.summary(),
                          service.learner.credited)

@@ -264,11 +264,14 @@ async def publish_events(
     js: JetStreamContext,
     events: Iterable[tuple[str, dict[str, Any]]],
     on_progress: Callable[[int], None] | None = None,
+    ack_timeout_s: float = 30.0,
 ) -> int:
     """Publish (subject, event) pairs with a bounded window of unacknowledged publishes.
 
     Every publish is acknowledged by JetStream before this returns; core NATS publish
-    would lose events under load, so it is never used for events.
+    would lose events under load, so it is never used for events. An acknowledgement not
+    come in `ack_timeout_s` raises TimeoutError: nats-py's publish_async waits for one for
+    ever, and a server that stopped answering held the publisher with it.
     """
     count = 0
     pending: list[asyncio.Future[Any]] = []
@@ -276,14 +279,22 @@ async def publish_events(
         pending.append(await js.publish_async(subject, orjson.dumps(event), headers=event_headers(event["id"])))
         count += 1
         if len(pending) >= 1_000:
-            await asyncio.gather(*pending)
+            await _acknowledged(pending, ack_timeout_s)
             pending.clear()
             if on_progress:
                 on_progress(count)
-    await asyncio.gather(*pending)
+    await _acknowledged(pending, ack_timeout_s)
     if on_progress:
         on_progress(count)
     return count
+
+
+async def _acknowledged(pending: list[asyncio.Future[Any]], timeout_s: float) -> None:
+    try:
+        await asyncio.wait_for(asyncio.gather(*pending), timeout_s)
+    except TimeoutError:
+        raise TimeoutError(f"JetStream did not acknowledge {len(pending)} published events within {timeout_s:g} s "
+                           "(the server stopped answering?); they may or may not be stored") from None
 
 
 def ack_fields(reply: bytes) -> tuple[int, int, int]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import NatsServer
 from tests.e2e.support import ServiceProcess, wait_until
 
 pytestmark = pytest.mark.slow
@@ -42,3 +44,24 @@ def test_port_0_runs_on_the_port_the_system_picked_and_says_which(tmp_path: Path
     finally:
         assert service.stop(), service.log()
     assert "a tick failed" not in service.log()
+
+
+def test_the_demo_rides_out_nats_away_as_the_service_does(tmp_path: Path, nats_server: NatsServer) -> None:
+    """A NATS server that stops answering (here SIGSTOP: a restart, a full account refuse alike) made a
+    tick's publish time out, and the demo stopped for good while the service rode it out."""
+    service = ServiceProcess(tmp_path / "data", env={"NATS_URL": nats_server.url}, args=("--demo", "200")).start()
+    try:
+        wait_until(lambda: service.metric("tipstream_feedback_total", outcome="credited") >= 20,
+                   what="20 demo reactions credited")
+        assert nats_server.process is not None
+        nats_server.process.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: "demo: a tick failed" in service.log(), timeout=30, what="a tick failing")
+        finally:
+            nats_server.process.send_signal(signal.SIGCONT)
+        credited = service.metric("tipstream_feedback_total", outcome="credited")
+        wait_until(lambda: service.metric("tipstream_feedback_total", outcome="credited") >= credited + 20,
+                   timeout=60, what="the demo going on once NATS answers again")
+    finally:
+        assert service.stop(), service.log()
+    assert "demo traffic stopped" not in service.log()
