@@ -196,7 +196,7 @@ def test_run_help_lists_every_setting_with_its_default(capsys: pytest.CaptureFix
     for name in Settings.model_fields:
         assert f"\n  {env_name(name)}=" in help_text, name
     assert "\n  TIPSTREAM_PORT=8000\n      HTTP port." in help_text
-    assert "\n  NATS_URL=unset\n      NATS server to use. Unset: start an embedded" in help_text
+    assert "\n  NATS_URL=unset\n      NATS server to use: nats-server 2.9 or newer" in help_text
 
 
 def test_help_names_every_models_command(capsys: pytest.CaptureFixture[str]) -> None:
