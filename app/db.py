@@ -59,6 +59,8 @@ user_features = Table(
     Column("as_of", DateTime(timezone=True), nullable=False),
     Column("features", JSON, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    # The names of `features` that hold their fallback, not the user's data (null: written before 0006).
+    Column("fallbacks", JSON, nullable=True),
 )
 
 

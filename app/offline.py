@@ -2,7 +2,8 @@
 
 Rows are written at the cadence of `TIPSTREAM_OFFLINE_FEATURES_EVERY_S`, for the users
 that changed, with every feature evaluated at the user's newest event: the same
-definitions serving uses, so there is no train/serve skew.
+definitions serving uses, so there is no train/serve skew. `fallbacks` names the features
+that hold their fallback, not the user's data, as serving flags them.
 
 Steps of one pass:
 1. Take the users saved by checkpoints since the last pass. Those whose state is in the
@@ -51,6 +52,7 @@ def feature_row(user_id: str, store: OnlineStore, now: datetime,
         "as_of": datetime.fromtimestamp(state.newest_ms / 1000, tz=UTC),
         "features": {name: value.value for name, value in values.items()},
         "updated_at": now,
+        "fallbacks": sorted(name for name, value in values.items() if value.fallback),
     }
 
 

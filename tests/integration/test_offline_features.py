@@ -102,6 +102,10 @@ async def test_users_held_in_the_checkpoint_only_get_their_rows_from_it(
         assert set(written) == set(USERS)
         for user in USERS:
             assert written[user].features == expected[user]["features"], user
+            # Only app.opened: every task and tip feature is the registry's fallback, and says so.
+            assert written[user].fallbacks == expected[user]["fallbacks"], user
+            assert {"preferred_hour", "tasks_created_7d", "tip_positive_rate_30d"} <= set(written[user].fallbacks)
+            assert not {"seconds_since_active", "app_opens_7d"} & set(written[user].fallbacks)
         assert store.in_checkpoint_only("u-2") and store.in_checkpoint_only("u-3"), "left where they were"
         assert asked == [["u-2"], ["u-3"]]
     finally:
