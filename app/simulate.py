@@ -7,7 +7,7 @@ import itertools
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,20 +56,43 @@ def pregenerated(population: Population, rate: float, count: int | None,
     return iter([population.live(int(start_ms + i * step_ms)) for i in range(total)])
 
 
+async def _acknowledged(publishing: Awaitable[int], closed: asyncio.Event) -> int | None:
+    """`publishing`'s count, or None if the connection closes first: nats-py never settles the
+    acknowledgements it still waited for then, so waiting on them alone would never end."""
+    publish = asyncio.ensure_future(publishing)
+    gone = asyncio.ensure_future(closed.wait())
+    try:
+        await asyncio.wait({publish, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not publish.done():
+            return None
+        try:
+            return publish.result()
+        except nats.errors.ConnectionClosedError:
+            return None
+    finally:
+        gone.cancel()
+        publish.cancel()
+
+
 async def simulate(users: int, rate: float, count: int | None, duration: float | None, seed: int,
                    nats_url: str | None, progress: bool = True, pregenerate: bool = False,
                    user_prefix: str = "sim") -> int:
     url, fix = _nats_url_and_source(nats_url)
 
+    from app.startup import shown_url  # the URL may carry a password or token
+
+    closed = asyncio.Event()
+
     async def quiet(error: Exception) -> None:
         pass
 
+    async def on_closed() -> None:
+        closed.set()
+
     try:  # a nats.url left by a stopped service must fail fast, not retry for two minutes
         nc = await nats.connect(url, name="tipstream-simulate", max_reconnect_attempts=3,
-                                reconnect_time_wait=0.5, connect_timeout=5, error_cb=quiet)
+                                reconnect_time_wait=0.5, connect_timeout=5, error_cb=quiet, closed_cb=on_closed)
     except (OSError, nats.errors.NoServersError) as error:
-        from app.startup import shown_url  # the URL may carry a password or token
-
         raise SystemExit(f"No NATS server answers at {shown_url(url)} ({error}): {fix}.")
     js = nc.jetstream(publish_async_max_pending=4_000)
     # Event ids of this run's own: a second run with the same seed sends the same traffic again,
@@ -94,7 +117,12 @@ async def simulate(users: int, rate: float, count: int | None, duration: float |
         sent, interrupted = 0, False
         try:
             while chunk := list(itertools.islice(events, per_chunk)):
-                sent += await publish_events(js, chunk)
+                acknowledged = await _acknowledged(publish_events(js, chunk), closed)
+                if acknowledged is None:  # the service stopped, and its embedded server with it
+                    raise SystemExit(
+                        f"Lost the NATS server at {shown_url(url)} after {sent} events acknowledged "
+                        f"(the last {len(chunk)} may be in JetStream too): {fix}.")
+                sent += acknowledged
                 report(sent)
                 ahead = sent / rate - (time.monotonic() - started) if rate else 0
                 if ahead > 0:

@@ -91,3 +91,23 @@ async def test_ctrl_c_stops_simulate_with_its_count_not_a_traceback(nats_server,
         run.kill()
     assert run.returncode == 130 and "Traceback" not in err, err
     assert out.startswith("interrupted: published ") and " events in " in out, out
+
+
+async def test_simulate_ends_saying_so_when_its_nats_server_stops(nats_server, nc) -> None:
+    """The service stopped during the README's 60 s run (its embedded server with it): nats-py never
+    settles the acknowledgements it still waited for, and simulate waited for them for good."""
+    js = nc.jetstream()
+    await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    run = subprocess.Popen([TIPSTREAM, "simulate", "--duration", "60", "--rate", "100", "--nats-url", nats_server.url,
+                            "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        async def publishing() -> bool:
+            return (await js.stream_info("SIGNALS")).state.messages > 0
+
+        await eventually(publishing, timeout=30)
+        nats_server.stop()
+        _, err = run.communicate(timeout=30)
+    finally:
+        run.kill()
+    assert run.returncode == 1 and "Traceback" not in err, err
+    assert nats_server.url in err and "--nats-url" in err and " events " in err, err
