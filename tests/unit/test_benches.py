@@ -49,3 +49,11 @@ def test_every_in_process_bench_is_covered() -> None:
     starts_a_service = {"score", "learn", "ingest", "freshness"}
     found = {p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_")}
     assert found - starts_a_service == set(SMALLEST_RUNS)
+
+
+def test_the_readme_names_every_bench() -> None:
+    """The README's "Benchmarks" list is where a user finds them: `offpolicy_coverage.py` was missing."""
+    readme = (BENCH.parent / "README.md").read_text()
+    section = readme.partition("\n## Benchmarks\n")[2].partition("\n## ")[0]
+    found = {p.name for p in BENCH.glob("*.py") if not p.stem.startswith("_")}
+    assert {name for name in found if f"`{name} " not in section and f"`{name}`" not in section} == set()
