@@ -7,6 +7,7 @@ cannot store, an unknown profile feature) are checked after it, only where they 
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, NotRequired
 
@@ -171,6 +172,8 @@ def parse_request(body: bytes) -> ScoreRequest:
             if e["type"] == "json_invalid":
                 detail = str(e.get("ctx", {}).get("error", e["msg"]))
                 where = _half_a_pair(body) if "surrogate" in detail or "hex escape" in detail else None
+                if where is not None and (refused := _refused_in_whole_characters(body, where)) is not None:
+                    raise refused from None
                 errors.append({"field": where, "message": HALF_A_PAIR} if where is not None
                               else {"field": "body", "message": f"not valid JSON: {detail}"})
             elif e["type"] == "model_type" and not e["loc"]:
@@ -207,6 +210,31 @@ def _half_a_pair(body: bytes) -> str | None:
     inside an emoji (`"\\ud83d"`): pydantic's parser refuses the body for it, and the 422 named `body`."""
     where = text_path(lenient_loads(body), has_lone_surrogate)
     return None if where is None else where or "body"
+
+
+def _whole(value: Any) -> Any:
+    """A JSON value with each half of a surrogate pair made '?'."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode()
+    if isinstance(value, dict):
+        return {_whole(key): _whole(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_whole(item) for item in value]
+    return value
+
+
+def _refused_in_whole_characters(body: bytes, where: str) -> RequestError | None:
+    """The refusal of the text at `where`, or of a field around it, that the same body in whole
+    characters gets: a field the request does not name is refused as such, whatever it holds. Told
+    of the half pair first, a caller who fixed it was then told the field is unknown."""
+    try:
+        parse_request(json.dumps(_whole(lenient_loads(body)), allow_nan=False).encode())
+    except RequestError as error:
+        if any(e["field"] and (where == e["field"] or where.startswith(f"{e['field']}.")) for e in error.errors):
+            return error
+    except (ValueError, RecursionError):  # a number JSON cannot say (1e400 read as infinity), nesting past the stack
+        pass
+    return None
 
 
 def _refuse_nul(request: ScoreRequest) -> None:

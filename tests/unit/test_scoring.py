@@ -81,6 +81,17 @@ def test_bad_requests_name_the_field(body: bytes, field: str) -> None:
     assert error.value.field == field and str(error.value).startswith(f"{field}: ")
 
 
+@pytest.mark.parametrize("body, field", [
+    (b'{"user_id": "u", "candidates": [{"tip_id": "a"}], "note": "Breathe \\ud83d"}', "note"),
+    (b'{"user_id": "u", "candidates": [{"tip_id": "a", "meta": {"title": "\\ud83d"}}]}', "candidates.0.meta"),
+])
+def test_half_a_pair_in_a_field_the_request_does_not_name_is_refused_for_the_field(body: bytes, field: str) -> None:
+    # It was refused for the half pair: the caller who sent whole characters was then told the field is unknown.
+    with pytest.raises(RequestError) as error:
+        parse_request(body)
+    assert (error.value.field, error.value.message) == (field, "Extra inputs are not permitted")
+
+
 @pytest.mark.parametrize("name", ["a b", "1bad", "tone/level"])
 def test_a_bad_candidate_feature_name_is_refused_with_the_rule_in_words(name: str) -> None:
     # It was pydantic's "String should match pattern '^[A-Za-z_][A-Za-z0-9_.:-]*$'".
