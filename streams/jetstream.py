@@ -28,7 +28,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, TooManyStalledMsgsError
 from nats.protocol.parser import AWAITING_CONTROL_LINE, AWAITING_MSG_PAYLOAD, Parser
 
 log = logging.getLogger("tipstream.jetstream")
@@ -260,41 +260,65 @@ def event_headers(event_id: str) -> dict[str, str]:
     return {"Nats-Msg-Id": event_id}
 
 
+# Acknowledgements come within milliseconds; none for this long means they were lost with a
+# connection that dropped (nats-py never settles them then), and the events are published again.
+PUBLISH_ACK_WAIT_S = 5.0
+
+
 async def publish_events(
     js: JetStreamContext,
     events: Iterable[tuple[str, dict[str, Any]]],
     on_progress: Callable[[int], None] | None = None,
-    ack_timeout_s: float = 30.0,
+    ack_wait_s: float = PUBLISH_ACK_WAIT_S,
 ) -> int:
     """Publish (subject, event) pairs with a bounded window of unacknowledged publishes.
 
     Every publish is acknowledged by JetStream before this returns; core NATS publish
-    would lose events under load, so it is never used for events. An acknowledgement not
-    come in `ack_timeout_s` raises TimeoutError: nats-py's publish_async waits for one for
-    ever, and a server that stopped answering held the publisher with it.
+    would lose events under load, so it is never used for events. What is not acknowledged
+    within `ack_wait_s` is published again (`_publish_acknowledged`): nats-py waits for an
+    acknowledgement for ever.
     """
     count = 0
-    pending: list[asyncio.Future[Any]] = []
-    for subject, event in events:
-        pending.append(await js.publish_async(subject, orjson.dumps(event), headers=event_headers(event["id"])))
+    batch: list[tuple[str, dict[str, Any]]] = []
+    for pair in events:
+        batch.append(pair)
         count += 1
-        if len(pending) >= 1_000:
-            await _acknowledged(pending, ack_timeout_s)
-            pending.clear()
+        if len(batch) >= 1_000:
+            await _publish_acknowledged(js, batch, ack_wait_s)
+            batch.clear()
             if on_progress:
                 on_progress(count)
-    await _acknowledged(pending, ack_timeout_s)
+    await _publish_acknowledged(js, batch, ack_wait_s)
     if on_progress:
         on_progress(count)
     return count
 
 
-async def _acknowledged(pending: list[asyncio.Future[Any]], timeout_s: float) -> None:
-    try:
-        await asyncio.wait_for(asyncio.gather(*pending), timeout_s)
-    except TimeoutError:
-        raise TimeoutError(f"JetStream did not acknowledge {len(pending)} published events within {timeout_s:g} s "
-                           "(the server stopped answering?); they may or may not be stored") from None
+async def _publish_acknowledged(js: JetStreamContext, batch: list[tuple[str, dict[str, Any]]], ack_wait_s: float) -> None:
+    """`batch` published until JetStream has acknowledged every event of it. After a reconnect (an
+    embedded server started again on its port) the acknowledgements in flight never came, and the
+    publisher waited for them for good; published again, each event is stored once, by its
+    `Nats-Msg-Id` within the stream's duplicate window (after it, the fold recognises it)."""
+    while batch:
+        pending: list[asyncio.Future[Any]] = []
+        try:
+            async with asyncio.timeout(ack_wait_s):
+                for subject, event in batch:
+                    pending.append(await js.publish_async(subject, orjson.dumps(event), headers=event_headers(event["id"])))
+                await asyncio.gather(*pending)
+            return
+        except (TimeoutError, TooManyStalledMsgsError):  # nats-py says the latter when a wait for a place times out
+            left = [pair for i, pair in enumerate(batch) if i >= len(pending) or not _acked(pending[i])]
+            log.warning("JetStream acknowledged %d of %d events within %g s; publishing the rest again",
+                        len(batch) - len(left), len(batch), ack_wait_s)
+            batch = left
+        finally:
+            for future in pending:  # each holds one of publish_async_max_pending's places until settled
+                future.cancel()
+
+
+def _acked(future: asyncio.Future[Any]) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
 
 
 def ack_fields(reply: bytes) -> tuple[int, int, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -111,3 +112,70 @@ async def test_simulate_ends_saying_so_when_its_nats_server_stops(nats_server, n
         run.kill()
     assert run.returncode == 1 and "Traceback" not in err, err
     assert nats_server.url in err and "--nats-url" in err and " events " in err, err
+
+
+class _CuttableProxy:
+    """TCP to a NATS server that can lose what the server sends (acknowledgements in flight), then
+    drop its clients' connections, as a server killed and started again on its port does."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port, self.muted, self.lost = target_port, False, 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers += [writer, upstream_writer]
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, from_server: bool) -> None:
+            try:
+                while data := await source.read(65536):
+                    if from_server and self.muted:
+                        self.lost += len(data)
+                        continue
+                    sink.write(data)
+                    await sink.drain()
+            except OSError:
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, upstream_writer, False), pipe(upstream_reader, writer, True))
+
+    def cut(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        self.writers.clear()
+        self.muted = False
+
+
+async def test_simulate_publishes_again_what_a_dropped_connection_left_unacknowledged(nats_server, nc) -> None:
+    """The service's embedded server killed and started again on its port: simulate reconnected, but
+    nats-py never settles the acknowledgements lost with the old connection, and it waited for them
+    for good."""
+    js = nc.jetstream()
+    await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    proxy = _CuttableProxy(nats_server.port)
+    port = await proxy.start()
+    run = subprocess.Popen([TIPSTREAM, "simulate", "--count", "100000", "--rate", "0", "--users", "100",
+                            "--nats-url", f"nats://127.0.0.1:{port}", "--quiet"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        async def stored() -> int:
+            return sum([(await js.stream_info(n)).state.messages for n in ("SIGNALS", "FEEDBACK")])
+
+        await eventually(stored, timeout=30)
+        proxy.muted = True
+        await eventually(lambda: proxy.lost, timeout=30)
+        proxy.cut()
+        out, err = await asyncio.to_thread(run.communicate, timeout=60)
+    finally:
+        run.kill()
+        proxy.server.close()
+    assert run.returncode == 0 and "Traceback" not in err, err
+    assert out.startswith("published 100000 events"), out
+    # Published again after the reconnect, each event is stored once (JetStream's duplicate window).
+    assert await stored() == 100000
