@@ -96,7 +96,9 @@ class DemoApp:
         tips = sum(self.rng.random() < TIP_SHARE for _ in range(events))
         signals = [self.population.live(now_ms) for _ in range(events - tips)]
         shown = await asyncio.gather(*(self.show_tip() for _ in range(tips)))
-        await publish_events(self.js, signals + [event for pair in shown for event in pair], ack_timeout_s=5.0)
+        # Not published again: the next tick's events stand in for these, and the demo goes on (/score
+        # too) while NATS is away or refuses, as the service does.
+        await publish_events(self.js, signals + [event for pair in shown for event in pair], again=False)
 
     async def show_tip(self) -> list[tuple[str, dict[str, Any]]]:
         population = self.population

@@ -270,13 +270,15 @@ async def publish_events(
     events: Iterable[tuple[str, dict[str, Any]]],
     on_progress: Callable[[int], None] | None = None,
     ack_wait_s: float = PUBLISH_ACK_WAIT_S,
+    again: bool = True,
 ) -> int:
     """Publish (subject, event) pairs with a bounded window of unacknowledged publishes.
 
     Every publish is acknowledged by JetStream before this returns; core NATS publish
     would lose events under load, so it is never used for events. What is not acknowledged
-    within `ack_wait_s` is published again (`_publish_acknowledged`): nats-py waits for an
-    acknowledgement for ever.
+    within `ack_wait_s` is published again (`_publish_acknowledged`), or with `again` False
+    raises TimeoutError: nats-py waits for an acknowledgement for ever (also when an account
+    full refuses the event: the server's error goes to the connection's error callback).
     """
     count = 0
     batch: list[tuple[str, dict[str, Any]]] = []
@@ -284,17 +286,18 @@ async def publish_events(
         batch.append(pair)
         count += 1
         if len(batch) >= 1_000:
-            await _publish_acknowledged(js, batch, ack_wait_s)
+            await _publish_acknowledged(js, batch, ack_wait_s, again)
             batch.clear()
             if on_progress:
                 on_progress(count)
-    await _publish_acknowledged(js, batch, ack_wait_s)
+    await _publish_acknowledged(js, batch, ack_wait_s, again)
     if on_progress:
         on_progress(count)
     return count
 
 
-async def _publish_acknowledged(js: JetStreamContext, batch: list[tuple[str, dict[str, Any]]], ack_wait_s: float) -> None:
+async def _publish_acknowledged(js: JetStreamContext, batch: list[tuple[str, dict[str, Any]]], ack_wait_s: float,
+                                again: bool = True) -> None:
     """`batch` published until JetStream has acknowledged every event of it. After a reconnect (an
     embedded server started again on its port) the acknowledgements in flight never came, and the
     publisher waited for them for good; published again, each event is stored once, by its
@@ -309,6 +312,9 @@ async def _publish_acknowledged(js: JetStreamContext, batch: list[tuple[str, dic
             return
         except (TimeoutError, TooManyStalledMsgsError):  # nats-py says the latter when a wait for a place times out
             left = [pair for i, pair in enumerate(batch) if i >= len(pending) or not _acked(pending[i])]
+            if not again:
+                raise TimeoutError(f"JetStream acknowledged {len(batch) - len(left)} of {len(batch)} events within "
+                                   f"{ack_wait_s:g} s") from None
             log.warning("JetStream acknowledged %d of %d events within %g s; publishing the rest again",
                         len(batch) - len(left), len(batch), ack_wait_s)
             batch = left
