@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -148,6 +150,11 @@ def make_engine(url: str) -> Engine:
                 # Its user's only, as a data directory the service creates: `tipstream migrate` run first
                 # made it with the umask's mode (0755), which the service then kept, users' data readable.
                 Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                # The file too, before SQLite makes it with the umask's mode: in a data directory that
+                # already existed (0755, say), the users' events and features were readable by every
+                # local user. SQLite gives its -wal and -shm files the database file's mode.
+                with contextlib.suppress(FileExistsError):
+                    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             except OSError as error:  # as the database failing to open, which app.startup.explain tells the operator
                 raise OperationalError(f"mkdir {Path(path).parent}", None, error) from None
         engine = create_engine(url, connect_args={"timeout": 30})
