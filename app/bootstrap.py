@@ -177,6 +177,7 @@ class Service:
                 await jsx.ensure_streams(
                     js, max_age_days=s.stream_max_age_days, max_bytes=s.stream_max_bytes,
                     duplicate_window_s=s.duplicate_window_s, dlq_max_age_days=s.dlq_max_age_days,
+                    replicas=s.stream_replicas,
                 )
 
         self._ensure_streams = ensure_streams

@@ -43,10 +43,13 @@ def nats_scheme_problem(url: str | None) -> str | None:
     (True, True)
     >>> nats_scheme_problem("http://127.0.0.1:4222")
     "a NATS server's URL starts with nats:// (or tls://, ws://, wss://), not http://"
+    >>> nats_scheme_problem("nats://a:4222,nats://b:4222") is None, nats_scheme_problem("nats://a:4222,http://b:4222")
+    (True, "a NATS server's URL starts with nats:// (or tls://, ws://, wss://), not http://")
     """
-    scheme = url.partition("://")[0] if url and "://" in url else None
-    if scheme is not None and scheme.lower() not in ("nats", "tls", "ws", "wss"):
-        return f"a NATS server's URL starts with nats:// (or tls://, ws://, wss://), not {scheme}://"
+    for part in (url or "").split(","):  # a cluster's nodes, comma-separated
+        scheme = part.strip().partition("://")[0] if "://" in part else None
+        if scheme is not None and scheme.lower() not in ("nats", "tls", "ws", "wss"):
+            return f"a NATS server's URL starts with nats:// (or tls://, ws://, wss://), not {scheme}://"
     return None
 
 
@@ -63,7 +66,8 @@ class Settings(BaseSettings):
     nats_url: str | None = Field(
         None,
         validation_alias=AliasChoices("NATS_URL", "TIPSTREAM_NATS_URL"),
-        description="NATS server to use: nats-server 2.9 or newer, with JetStream (README, \"Which NATS servers\"). "
+        description="NATS server to use: nats-server 2.9 or newer, with JetStream (README, \"Which NATS servers\"); "
+        "a cluster's nodes comma-separated (`nats://n1:4222,nats://n2:4222,nats://n3:4222`). "
         "Unset: start an embedded `nats-server` under the data directory.",
     )
     nats_connect_timeout_s: float = Field(
@@ -90,6 +94,13 @@ class Settings(BaseSettings):
     )
     stream_max_bytes: int = Field(
         -1, description="Byte limit per stream (-1: none). Oldest events go first when reached."
+    )
+    stream_replicas: int = Field(
+        1, ge=1, le=5,
+        description="Copies JetStream keeps of each of tipstream's streams, each on another node of a NATS cluster "
+                    "(1-5; 3 on a 3-node cluster survives the loss of any one node). A stream with another count "
+                    "is scaled to it at start. More than 1 needs NATS_URL to name a cluster with at least that many "
+                    "nodes (README, \"On a NATS cluster\").",
     )
     duplicate_window_s: float = Field(
         120.0, gt=0, description="JetStream's `Nats-Msg-Id` duplicate window: a re-sent id is dropped within it, "
@@ -343,6 +354,16 @@ class Settings(BaseSettings):
         problem = nats_scheme_problem(value)
         if problem is not None:
             raise ValueError(problem)
+        return value
+
+    @field_validator("stream_replicas")
+    @classmethod
+    def _replicas_need_a_cluster(cls, value: int, info: ValidationInfo) -> int:
+        # The embedded server is a single one, which refuses a stream of more copies (its words only).
+        if value > 1 and "nats_url" in info.data and not info.data["nats_url"]:
+            raise ValueError(f"the embedded nats-server (NATS_URL unset) is a single server, which keeps one copy of a "
+                             f"stream: set NATS_URL to a NATS cluster of at least {value} nodes, or "
+                             "TIPSTREAM_STREAM_REPLICAS to 1")
         return value
 
     @field_validator("stream_max_bytes")

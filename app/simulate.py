@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from app.embedded_nats import URL_FILE
 from app.settings import get_settings
-from streams.jetstream import publish_events
+from streams.jetstream import publish_events, server_urls
 from streams.simulator import Population
 
 
@@ -90,7 +90,7 @@ async def simulate(users: int, rate: float, count: int | None, duration: float |
         closed.set()
 
     try:  # a nats.url left by a stopped service must fail fast, not retry for two minutes
-        nc = await nats.connect(url, name="tipstream-simulate", max_reconnect_attempts=3,
+        nc = await nats.connect(server_urls(url), name="tipstream-simulate", max_reconnect_attempts=3,
                                 reconnect_time_wait=0.5, connect_timeout=5, error_cb=quiet, closed_cb=on_closed)
     except (OSError, nats.errors.NoServersError) as error:
         raise SystemExit(f"No NATS server answers at {shown_url(url)} ({error}): {fix}.")

@@ -416,8 +416,8 @@ def _storage_fix(settings: Settings) -> str:
             "`jetstream {}` limits, the server's `max_file_store`, or the disk of its store_dir): free or raise it.")
 
 
-# The account limits (nats-server's JetStream error codes, the same from 2.9 to 2.15) a start can
-# run into, and what the operator does about each; the server's own words say only what was hit.
+# The account limits and cluster sizes (nats-server's JetStream error codes, the same from 2.9 to 2.15) a start
+# can run into, and what the operator does about each; the server's own words say only what was hit.
 _JETSTREAM_FIXES: dict[int | None, Callable[[Settings], str]] = {
     10039: lambda _: ("Enable JetStream for the account of NATS_URL's user (`jetstream: enabled`, or limits, in "
                       "the account's config), connect as a user of an account that has it, or unset NATS_URL to run "
@@ -432,7 +432,22 @@ _JETSTREAM_FIXES: dict[int | None, Callable[[Settings], str]] = {
                       "TIPSTREAM_STREAM_MAX_BYTES, in bytes per stream (the four streams reserve four times that of "
                       "the account's storage, and drop their oldest events at it)."),
     10047: _storage_fix,
+    10074: lambda s: (f"TIPSTREAM_STREAM_REPLICAS={s.stream_replicas} asks for {s.stream_replicas} copies of each "
+                      "stream, and NATS_URL names a single server (no cluster), which keeps one: set "
+                      f"TIPSTREAM_STREAM_REPLICAS=1, or set NATS_URL to a NATS cluster of at least {s.stream_replicas} "
+                      "nodes."),
+    10005: lambda s: _replicas_fix(s, "has fewer nodes with JetStream up"),
+    # streams.jetstream.NO_LEADER, written out: importing it here would load nats-py for every command.
+    -1: lambda s: _replicas_fix(s, "could not elect a leader for it: fewer nodes are up, or they cannot "
+                                   "reach each other"),
 }
+
+
+def _replicas_fix(settings: Settings, why: str) -> str:
+    n = settings.stream_replicas
+    return (f"TIPSTREAM_STREAM_REPLICAS={n} puts each stream's {n} copies on {n} nodes of the NATS cluster, which "
+            f"{why}: start the missing nodes (`nats server list` names those up), or set TIPSTREAM_STREAM_REPLICAS "
+            "to at most the number of nodes up.")
 
 
 def _jetstream_error(error: Any, settings: Settings) -> StartupError:

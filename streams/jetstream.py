@@ -28,7 +28,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError, TooManyStalledMsgsError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError, TooManyStalledMsgsError
 from nats.protocol.parser import AWAITING_CONTROL_LINE, AWAITING_MSG_PAYLOAD, Parser
 
 log = logging.getLogger("tipstream.jetstream")
@@ -68,34 +68,107 @@ def header_bytes(headers: dict[str, str]) -> int:
     return len(b"NATS/1.0\r\n\r\n") + sum(len(f"{k}: {v}\r\n".encode()) for k, v in headers.items())
 
 
+# JetStream keeps 1 to 5 copies of a stream, each on another node of a cluster; a single server keeps one.
+MAX_REPLICAS = 5
+# How long a start waits for a stream whose copies changed to have a leader again (an election, a few seconds)
+LEADER_WAIT_S = 30.0
+NOT_CLUSTERED = 10074  # nats-server's error code: "replicas > 1 not supported in non-clustered mode"
+NO_LEADER = -1  # ours, not the server's: a stream left without a leader after its copies changed
+
+
 async def ensure_streams(
-    js: JetStreamContext, *, max_age_days: float, max_bytes: int, duplicate_window_s: float, dlq_max_age_days: float
+    js: JetStreamContext, *, max_age_days: float, max_bytes: int, duplicate_window_s: float, dlq_max_age_days: float,
+    replicas: int = 1,
 ) -> None:
-    """Create the four streams, or bring their limits in line with the settings. Idempotent."""
+    """Create the four streams, or bring their limits and copies (`replicas`) in line with the settings. Idempotent."""
     for spec in ALL_STREAMS:
-        age = dlq_max_age_days if spec is DLQ else max_age_days
         config = StreamConfig(
             name=spec.name,
             subjects=list(spec.subjects),
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             discard=DiscardPolicy.OLD,
-            max_age=age * DAY_S,
+            max_age=(dlq_max_age_days if spec is DLQ else max_age_days) * DAY_S,
             max_bytes=max_bytes,
             duplicate_window=duplicate_window_s,
+            # Always sent: an update without it sets the stream back to one copy.
+            num_replicas=replicas,
         )
         try:
             info = await js.stream_info(spec.name)
         except NotFoundError:
             await js.add_stream(config)
-            log.info("created stream %s", spec.name)
+            log.info("created stream %s (%s)", spec.name, copies(replicas))
             continue
-        current = info.config
-        if (current.max_age, current.max_bytes, current.duplicate_window) != (
-            config.max_age, config.max_bytes, config.duplicate_window,
-        ):
-            await js.update_stream(config)
-            log.info("updated limits of stream %s", spec.name)
+        changed = stream_changes(info.config, config)
+        if not changed:
+            continue
+        was = replicas_of(info.config)
+        await js.update_stream(config)
+        # Scaling up copies the stream to the new nodes in the background; scaling down drops copies.
+        # Either way the stream keeps its messages and its sequences.
+        log.info("updated stream %s: %s", spec.name, "; ".join(changed))
+        if was != replicas:
+            await _copies_in_place(js, spec.name, replicas, was)
+
+
+def copies(replicas: int) -> str:
+    """
+    >>> copies(1), copies(3)
+    ('1 copy', '3 copies')
+    """
+    return f"{replicas} cop{'y' if replicas == 1 else 'ies'}"
+
+
+def replicas_of(config: Any) -> int:
+    """A stream's copies as its config says (a server leaves 0 or nothing for one)."""
+    return config.num_replicas or 1
+
+
+def stream_changes(current: Any, wanted: Any) -> list[str]:
+    """What an update of `current` to `wanted` changes, for the log.
+
+    >>> from types import SimpleNamespace as C
+    >>> stream_changes(C(max_age=86400.0, max_bytes=-1, duplicate_window=120.0, num_replicas=1),
+    ...                C(max_age=86400.0, max_bytes=1000, duplicate_window=120.0, num_replicas=3))
+    ['max_bytes -1 -> 1000', 'replicas 1 -> 3']
+    >>> stream_changes(C(max_age=1.0, max_bytes=-1, duplicate_window=1.0, num_replicas=None),
+    ...                C(max_age=1.0, max_bytes=-1, duplicate_window=1.0, num_replicas=1))
+    []
+    """
+    changes = [f"{name} {getattr(current, name):g} -> {getattr(wanted, name):g}"
+               for name in ("max_age", "max_bytes", "duplicate_window") if getattr(current, name) != getattr(wanted, name)]
+    if replicas_of(current) != replicas_of(wanted):
+        changes.append(f"replicas {replicas_of(current)} -> {replicas_of(wanted)}")
+    return changes
+
+
+async def _copies_in_place(js: JetStreamContext, stream: str, replicas: int, was: int) -> None:
+    """After its copies changed: refuse a single server that took more than one (2.9 accepts the update and
+    keeps one), then wait for the stream's leader: the cluster elects one again, and until then every call on
+    the stream (a consumer made, a publish) fails."""
+    deadline = time.monotonic() + LEADER_WAIT_S
+    while True:
+        try:
+            info = await js.stream_info(stream)
+        except (TimeoutError, ServiceUnavailableError):  # no leader to answer yet
+            info = None
+        if info is not None:
+            if replicas > 1 and not clustered(info):
+                raise APIError(code=400, err_code=NOT_CLUSTERED, stream=stream,
+                               description="replicas > 1 not supported in non-clustered mode")
+            if not clustered(info) or info.cluster.leader:
+                return
+        if time.monotonic() > deadline:
+            raise APIError(code=503, err_code=NO_LEADER, stream=stream, description=(
+                f"stream {stream} has no leader {LEADER_WAIT_S:g} s after its copies went from {was} to {replicas}"))
+        await asyncio.sleep(0.1)
+
+
+def clustered(info: Any) -> bool:
+    """Whether a stream's info comes from a NATS cluster (a single server names no cluster: 2.9 gives no
+    cluster info at all, 2.10 on give one without a name)."""
+    return info.cluster is not None and bool(info.cluster.name)
 
 
 # The nats-server releases tipstream was run against end to end (ingest, the DLQ, the decision log,
@@ -530,9 +603,21 @@ class IngestClient(NATS):
         handler(subject, reply, data, headers)
 
 
+def server_urls(url: str) -> list[str]:
+    """The servers of a NATS URL that names several, comma-separated (a cluster's nodes), as nats-py takes
+    them: it reads a string as one server, and "nats://a:4222,nats://b:4222" as a port it cannot parse.
+
+    >>> server_urls("nats://a:4222, nats://b:4222,"), server_urls("nats://a:4222")
+    (['nats://a:4222', 'nats://b:4222'], ['nats://a:4222'])
+    """
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
 async def connect(url: str, **options: Any) -> IngestClient:
+    """A connection to `url`, one server or several comma-separated: nats-py moves to another of them
+    when the one it is on goes away."""
     client = IngestClient()
-    await client.connect(url, **options)
+    await client.connect(server_urls(url), **options)
     return client
 
 

@@ -140,6 +140,21 @@ async def test_a_stream_taking_tipstream_s_subjects_is_a_message(tmp_path: Path,
                        "SIGNALS (signals.>)", "`nats stream ls`")
 
 
+def test_more_stream_copies_than_a_single_server_keeps_is_a_message_naming_the_setting(
+        tmp_path: Path, nats_server: NatsServer) -> None:
+    done = run(tmp_path, NATS_URL=nats_server.url, TIPSTREAM_STREAM_REPLICAS="3")
+    assert_one_message(done, "replicas > 1 not supported in non-clustered mode (error 10074)",
+                       "TIPSTREAM_STREAM_REPLICAS=3 asks for 3 copies", "set TIPSTREAM_STREAM_REPLICAS=1",
+                       "a NATS cluster of at least 3 nodes")
+
+
+def test_more_stream_copies_with_the_embedded_server_is_refused_before_the_start(tmp_path: Path) -> None:
+    done = run(tmp_path, TIPSTREAM_STREAM_REPLICAS="3")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "TIPSTREAM_STREAM_REPLICAS='3': the embedded nats-server (NATS_URL unset) is a single server" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_a_nats_server_without_jetstream_is_a_message_saying_so(tmp_path: Path) -> None:
     """nats-py answers "no responders" with an APIError of neither description nor code: the
     message read "refused tipstream's start: None (error None)"."""

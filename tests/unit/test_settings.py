@@ -30,6 +30,26 @@ def test_a_stream_byte_limit_that_nats_would_read_as_none_is_refused(limit: int)
     assert Settings(stream_max_bytes=-1).stream_max_bytes == -1 and Settings(stream_max_bytes=1).stream_max_bytes == 1
 
 
+@pytest.mark.parametrize("replicas", [0, 6])
+def test_stream_copies_are_those_jetstream_keeps(replicas: int) -> None:
+    with pytest.raises(ValueError, match="TIPSTREAM_STREAM_REPLICAS|stream_replicas"):
+        Settings(nats_url="nats://a:4222", stream_replicas=replicas)
+
+
+def test_more_than_one_stream_copy_needs_a_nats_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded server is a single one, which keeps one copy: refused before anything starts."""
+    from app.settings import SettingsError, load_settings
+
+    monkeypatch.delenv("NATS_URL", raising=False)
+    monkeypatch.setenv("TIPSTREAM_STREAM_REPLICAS", "3")
+    with pytest.raises(SettingsError, match=r"TIPSTREAM_STREAM_REPLICAS='3': the embedded nats-server \(NATS_URL unset\) "
+                                            r"is a single server.*a NATS cluster of at least 3 nodes"):
+        load_settings()
+    cluster = "nats://n1:4222,nats://n2:4222,nats://n3:4222"
+    monkeypatch.setenv("NATS_URL", cluster)
+    assert load_settings().stream_replicas == 3 and load_settings().nats_url == cluster
+
+
 def test_a_nats_url_of_another_scheme_is_refused_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
     from app.settings import SettingsError, load_settings
 
