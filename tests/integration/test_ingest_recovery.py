@@ -17,7 +17,7 @@ from app.metrics import METRICS
 from streams import jetstream as jsx
 from streams.fold import UserState
 from streams.store import OnlineStore
-from tests.conftest import dead_lettered
+from tests.conftest import dead_lettered, eventually
 
 EVENTS = 3000
 
@@ -469,3 +469,32 @@ async def test_a_chunk_waiting_on_users_reads_keeps_its_messages_in_progress(nat
     assert not ingest.buffer, "delivered again"
     await ingest.stop()
     await nc.close()
+
+
+async def test_a_message_lost_on_its_way_is_read_again_not_acknowledged_past(nats_server) -> None:
+    """A consumer whose leader (a NATS cluster's node) was lost with messages on their way goes on after them
+    on its new leader: folded on, the chunk's acknowledgement (ack-all) took them as read, and they were lost
+    to the fold for good. Ingest sees the hole, and reads again from its position."""
+    nc, js = await seeded(nats_server)
+    store = OnlineStore()
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=256, max_event_bytes=16384,
+                          max_uncheckpointed=10**6)
+    deliver, dropped = ingest._on_message, []
+
+    def on_message(msg: jsx.RawMsg) -> None:
+        if jsx.stream_sequence(msg[1])[0] == 500 and not dropped:
+            dropped.append(msg)  # lost on its way: never handed to ingest
+            return
+        deliver(msg)
+
+    ingest._on_message = on_message  # type: ignore[method-assign]
+    await ingest.start()
+    task = asyncio.create_task(ingest.run())
+    try:
+        await eventually(lambda: store.positions.get("SIGNALS") == EVENTS, timeout=20)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await ingest.stop()
+        await nc.close()
+    assert dropped and (store.applied, store.ignored) == (EVENTS, 0)
