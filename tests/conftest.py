@@ -71,6 +71,55 @@ class NatsServer:
             self.process.terminate()
             self.process.wait(10)
 
+    def kill(self) -> None:
+        """SIGKILL: a node lost, with no chance to hand over what it leads."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+class NatsCluster:
+    """`size` nats-servers (`NatsServer`) on loopback, routed into one JetStream cluster: each its own
+    store and client and cluster ports, kept across a restart so that a node comes back where it was."""
+
+    def __init__(self, root: Path, size: int = 3, name: str = "tipstream-test") -> None:
+        cluster_ports = [free_port() for _ in range(size)]
+        routes = ",".join(f"nats://127.0.0.1:{port}" for port in cluster_ports)
+        self.nodes = {
+            f"n{i}": NatsServer(root / f"n{i}", args=(
+                "--server_name", f"n{i}", "--cluster_name", name, "--cluster", f"nats://127.0.0.1:{port}",
+                "--routes", routes))
+            for i, port in enumerate(cluster_ports)
+        }
+
+    @property
+    def url(self) -> str:
+        """Every node's URL, comma-separated, as NATS_URL names a cluster."""
+        return ",".join(node.url for node in self.nodes.values())
+
+    def start(self) -> None:
+        for node in self.nodes.values():
+            node.start()
+
+    def stop(self) -> None:
+        for node in self.nodes.values():
+            node.stop()
+
+    async def wait_for_jetstream(self, timeout: float = 20.0) -> None:
+        """Until the cluster has elected its meta leader: before, JetStream answers no API call."""
+
+        async def answers() -> bool:
+            client = await nats.connect(self.url.split(","), max_reconnect_attempts=1)
+            try:
+                await client.jetstream(timeout=1).account_info()
+            except Exception:  # noqa: BLE001 - no meta leader yet
+                return False
+            finally:
+                await client.close()
+            return True
+
+        await eventually(answers, timeout=timeout, interval=0.1)
+
 
 def limited_account_server(store: Path, limits: str | None) -> NatsServer:
     """A nats-server whose one account, user `t` password `t` (`account_url`), has the JetStream
@@ -105,6 +154,18 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def nats_cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
+    """A 3-node JetStream cluster, its meta leader elected."""
+    cluster = NatsCluster(tmp_path / "cluster")
+    try:
+        cluster.start()
+        await cluster.wait_for_jetstream()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture
@@ -195,27 +256,31 @@ class RunningService:
         await self.task
 
 
-@pytest.fixture
-async def start_service(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[Callable[..., Any]]:
-    """Start the whole service in this process, served over real HTTP by uvicorn on a free port."""
+async def serve_in_process(**values: Any) -> RunningService:
+    """The whole service with these settings, started in this process and served over real HTTP by
+    uvicorn on a free port (`RunningService.stop` stops it)."""
     import uvicorn
 
     from app.api import create_app
     from app.settings import Settings
 
+    app = create_app(Settings(**{"port": 0, **values}))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning"))
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # leave Ctrl-C to pytest
+    task = asyncio.create_task(server.serve())
+    await eventually(lambda: server.started or task.done(), timeout=20)
+    if task.done():
+        task.result()
+    return RunningService(app, server, task)
+
+
+@pytest.fixture
+async def start_service(tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[Callable[..., Any]]:
+    """Start the whole service in this process, served over real HTTP by uvicorn on a free port."""
     running: list[RunningService] = []
 
     async def start(**overrides: Any) -> RunningService:
-        values: dict[str, Any] = {"data_dir": tmp_path / "data", "nats_url": nats_server.url, "port": 0}
-        values.update(overrides)
-        app = create_app(Settings(**values))
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning"))
-        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # leave Ctrl-C to pytest
-        task = asyncio.create_task(server.serve())
-        await eventually(lambda: server.started or task.done(), timeout=20)
-        if task.done():
-            task.result()
-        result = RunningService(app, server, task)
+        result = await serve_in_process(**{"data_dir": tmp_path / "data", "nats_url": nats_server.url, **overrides})
         running.append(result)
         return result
 

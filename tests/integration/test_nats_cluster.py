@@ -1,0 +1,218 @@
+"""The service on a real 3-node NATS cluster (README, "On a NATS cluster"): its streams kept in three copies
+(TIPSTREAM_STREAM_REPLICAS=3), and the node leading SIGNALS lost (SIGKILL) under it: ingest and /score go on
+once the cluster has elected new leaders, with no event lost or folded twice, and the node rejoins."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nats
+import orjson
+import pytest
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
+
+from app.settings import Settings
+from streams import jetstream as jsx
+from streams.events import parse_event
+from streams.fold import to_ms
+from streams.jetstream import ALL_STREAMS, event_headers, publish_events
+from streams.simulator import Population
+from streams.store import OnlineStore
+from tests.conftest import NatsCluster, NatsServer, eventually, serve_in_process
+
+log = logging.getLogger("tipstream.test")
+
+# What a publish meets while the stream it goes to has no leader, or its node is gone.
+NO_LEADER_YET = (NoStreamResponseError, NoRespondersError, ServiceUnavailableError, NatsTimeout, TimeoutError)
+
+
+async def publish_through_failover(js: Any, events: list[tuple[str, dict[str, Any]]], deadline_s: float) -> float:
+    """Publish each event until JetStream acknowledges it, again under the same `Nats-Msg-Id` after a
+    failure (one stored whose acknowledgement was lost is dropped as a duplicate); when the first
+    was acknowledged, by the monotonic clock."""
+    first = None
+    deadline = time.monotonic() + deadline_s
+    for subject, event in events:
+        while True:
+            try:
+                await js.publish(subject, orjson.dumps(event), headers=event_headers(event["id"]), timeout=1)
+                break
+            except NO_LEADER_YET:
+                assert time.monotonic() < deadline, f"JetStream took no event within {deadline_s} s of the loss"
+                await asyncio.sleep(0.02)  # a pause between tries, as a publisher's retry has
+        first = first or time.monotonic()
+    assert first is not None
+    return first
+
+
+async def stream_cluster(js: Any, name: str) -> Any:
+    return (await js.stream_info(name)).cluster
+
+
+async def current_on(js: Any, name: str, node: str) -> bool:
+    """Whether `node` holds a copy of stream `name` caught up with its leader."""
+    try:
+        cluster = await stream_cluster(js, name)
+    except NO_LEADER_YET:
+        return False
+    return cluster.leader == node or any(p.name == node and p.current and not p.offline
+                                         for p in cluster.replicas or ())
+
+
+async def score(http: httpx.AsyncClient, user_id: str) -> str:
+    """POST /score for `user_id`; the decision's id."""
+    answer = await http.post("/score", json={"user_id": user_id, "candidates": [
+        {"tip_id": "tip-a", "category": "focus"}, {"tip_id": "tip-b", "category": "breaks"}]})
+    assert answer.status_code == 200, answer.text
+    return answer.json()["decision_id"]
+
+
+async def logged_decisions(js: Any, at_least: int) -> list[str] | None:
+    """The ids of the decisions in DECISIONS, once `at_least` are there (None before)."""
+    try:
+        last = (await js.stream_info("DECISIONS")).state.last_seq
+        if last < at_least:
+            return None
+        return [(await js.get_msg("DECISIONS", seq)).headers["Nats-Msg-Id"] for seq in range(1, last + 1)]
+    except NO_LEADER_YET:
+        return None
+
+
+async def rejoined_all(js: Any, node: str) -> bool:
+    return all([await current_on(js, spec.name, node) for spec in ALL_STREAMS])
+
+
+def fold_of(events: list[tuple[str, dict[str, Any]]]) -> OnlineStore:
+    expected = OnlineStore()
+    for _, event in events:
+        expected.apply(parse_event(orjson.dumps(event)))
+    return expected
+
+
+@pytest.fixture
+async def service_on_cluster(tmp_path: Path, nats_cluster: NatsCluster) -> Any:
+    running = await serve_in_process(data_dir=tmp_path / "data", nats_url=nats_cluster.url, stream_replicas=3,
+                                     checkpoint_every_s=0.2)
+    yield running
+    await running.stop()
+
+
+async def test_a_node_lost_under_the_service_stops_neither_ingest_nor_score(
+        nats_cluster: NatsCluster, service_on_cluster: Any, tmp_path: Path) -> None:
+    started = time.monotonic()
+    service = service_on_cluster.service
+    store = service.store
+    events = list(Population(users=20, seed=7).history(days=3, start_ms=to_ms(datetime(2026, 11, 1, tzinfo=UTC))))
+    half = len(events) // 2
+    client = await nats.connect(nats_cluster.url.split(","), reconnect_time_wait=0.1, max_reconnect_attempts=-1)
+    js = client.jetstream(timeout=2)
+    try:
+        for spec in ALL_STREAMS:  # three copies of each, one on every node
+            info = await js.stream_info(spec.name)
+            assert info.config.num_replicas == 3, spec.name
+            assert len(info.cluster.replicas or ()) == 2 and info.cluster.leader, info.cluster
+        await publish_events(js, events[:half])
+        await eventually(lambda: store.applied == half, timeout=10)
+
+        leader = (await stream_cluster(js, "SIGNALS")).leader
+        on_it = service.nc.connected_url.port == nats_cluster.nodes[leader].port
+        lost: NatsServer = nats_cluster.nodes[leader]
+        lost.kill()
+        killed = time.monotonic()
+        async with httpx.AsyncClient(base_url=service_on_cluster.base_url, timeout=10) as http:
+            during = await score(http, events[0][1]["user_id"])  # from memory; its decision waits for JetStream
+            resumed = await publish_through_failover(js, events[half:], deadline_s=15)
+            await eventually(lambda: store.applied == len(events), timeout=15)
+            ingested = time.monotonic()
+            after = await score(http, events[-1][1]["user_id"])
+
+        # Each event stored once, and folded once: the state equals one pass over them all.
+        stored = sum([(await js.stream_info(name)).state.messages for name in ("SIGNALS", "FEEDBACK")])
+        assert stored == len(events)
+        assert store.users == fold_of(events).users
+        # Both decisions in the decision log, once each.
+        await eventually(lambda: logged_decisions(js, 2), timeout=15)
+        assert sorted(await logged_decisions(js, 2)) == sorted([during, after])
+        scored = time.monotonic()
+
+        lost.start()
+        await eventually(lambda: rejoined_all(js, leader), timeout=15, interval=0.1)
+        rejoined = time.monotonic()
+    finally:
+        await client.close()
+    log.warning(
+        "cluster failover: %s (the service %s on it) killed; publishes acknowledged again after %.2f s, all %d events "
+        "folded after %.2f s, both /score decisions (one during the election) in DECISIONS after %.2f s; the node "
+        "current again %.2f s after its restart; %d events stored, 0 lost, 0 twice; the test took %.1f s",
+        leader, "was" if on_it else "was not", resumed - killed, len(events), ingested - killed, scored - killed,
+        rejoined - scored, stored, time.monotonic() - started)
+    assert time.monotonic() - started < 30
+
+
+async def test_a_stream_s_copies_follow_the_setting_up_and_down_and_keep_its_messages(
+        nats_cluster: NatsCluster, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="tipstream.jetstream")
+    limits = {"max_age_days": 1, "max_bytes": -1, "duplicate_window_s": 120, "dlq_max_age_days": 1}
+    client = await nats.connect(nats_cluster.url.split(","))
+    js = client.jetstream()
+    try:
+        await jsx.ensure_streams(js, **limits)  # as a release before the setting made them: one copy
+        await publish_events(js, [("signals.app.opened", opened(i)) for i in range(50)])
+        for replicas in (3, 1):
+            caplog.clear()
+            await jsx.ensure_streams(js, **limits, replicas=replicas)
+            for spec in jsx.ALL_STREAMS:
+                info = await js.stream_info(spec.name)
+                assert info.config.num_replicas == replicas and info.cluster.leader  # led: ready for consumers
+            await eventually(functools.partial(all_copies_current, js, replicas), timeout=15, interval=0.1)  # background
+            assert (await js.stream_info("SIGNALS")).state.messages == 50
+            was = 4 - replicas
+            assert f"updated stream SIGNALS: replicas {was} -> {replicas}" in caplog.text
+            await jsx.ensure_streams(js, **limits, replicas=replicas)  # nothing more to change: nothing logged
+            assert caplog.text.count("updated stream SIGNALS") == 1
+    finally:
+        await client.close()
+
+
+async def all_copies_current(js: Any, replicas: int) -> bool:
+    for spec in jsx.ALL_STREAMS:
+        cluster = await stream_cluster(js, spec.name)
+        others = [p for p in cluster.replicas or () if p.current and not p.offline]
+        if not cluster.leader or len(others) != replicas - 1 or len(cluster.replicas or ()) != replicas - 1:
+            return False
+    return True
+
+
+def opened(i: int) -> dict[str, Any]:
+    return {"id": f"o-{i}", "type": "app.opened", "user_id": "u-1", "ts": "2026-11-26T08:00:00+01:00", "v": 1, "data": {}}
+
+
+async def test_more_copies_than_the_cluster_has_nodes_is_a_start_up_message_with_the_fix(
+        nats_cluster: NatsCluster, tmp_path: Path) -> None:
+    """5 copies on 3 nodes: JetStream finds no nodes to put them on (10005). (3 with one of the 3 nodes down is
+    taken: the cluster places the third copy on the node away, which catches up once back.)"""
+    from app.bootstrap import Service
+    from app.startup import explain
+
+    replicas = 5
+    settings = Settings(data_dir=tmp_path / "data", nats_url=nats_cluster.url, stream_replicas=replicas, port=0)
+    service = Service(settings)
+    try:
+        with pytest.raises(APIError) as refused:
+            await service.start()
+    finally:
+        await service.stop()
+    message = str(explain(refused.value, settings))
+    assert "no suitable peers for placement (error 10005)" in message, message
+    assert (f"TIPSTREAM_STREAM_REPLICAS={replicas} puts each stream's {replicas} copies on {replicas} nodes of the "
+            "NATS cluster") in message, message
+    assert "start the missing nodes" in message and "set TIPSTREAM_STREAM_REPLICAS to at most" in message
