@@ -8,6 +8,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,25 @@ async def service_on_cluster(tmp_path: Path, nats_cluster: NatsCluster) -> Any:
     await running.stop()
 
 
+async def lead_signals(client: Any, js: Any, wanted: Callable[[str], bool]) -> str:
+    """Have the cluster elect SIGNALS' leader again until it is a node `wanted` takes; that node."""
+
+    async def led_as_wanted() -> str | None:
+        leader = (await stream_cluster(js, "SIGNALS")).leader
+        if leader and wanted(leader):
+            return leader
+        if leader:  # another election: one of the two other nodes, at random
+            await client.request("$JS.API.STREAM.LEADER.STEPDOWN.SIGNALS", b"", timeout=2)
+        return None
+
+    return await eventually(led_as_wanted, timeout=15, interval=0.2)
+
+
+@pytest.mark.parametrize("service_on_it", [True, False], ids=["service-on-the-lost-node", "service-elsewhere"])
 async def test_a_node_lost_under_the_service_stops_neither_ingest_nor_score(
-        nats_cluster: NatsCluster, service_on_cluster: Any, tmp_path: Path) -> None:
+        nats_cluster: NatsCluster, service_on_cluster: Any, service_on_it: bool) -> None:
+    """On the lost node, the service reconnects to another and re-creates its consumers there; elsewhere, its
+    pull requests and deliveries in flight at the lost leader are gone, and its consumer's new leader goes on."""
     started = time.monotonic()
     service = service_on_cluster.service
     store = service.store
@@ -123,8 +141,9 @@ async def test_a_node_lost_under_the_service_stops_neither_ingest_nor_score(
         await publish_events(js, events[:half])
         await eventually(lambda: store.applied == half, timeout=10)
 
-        leader = (await stream_cluster(js, "SIGNALS")).leader
-        on_it = service.nc.connected_url.port == nats_cluster.nodes[leader].port
+        service_node = next(name for name, node in nats_cluster.nodes.items()
+                            if node.port == service.nc.connected_url.port)
+        leader = await lead_signals(client, js, lambda node: (node == service_node) == service_on_it)
         lost: NatsServer = nats_cluster.nodes[leader]
         lost.kill()
         killed = time.monotonic()
@@ -153,7 +172,7 @@ async def test_a_node_lost_under_the_service_stops_neither_ingest_nor_score(
         "cluster failover: %s (the service %s on it) killed; publishes acknowledged again after %.2f s, all %d events "
         "folded after %.2f s, both /score decisions (one during the election) in DECISIONS after %.2f s; the node "
         "current again %.2f s after its restart; %d events stored, 0 lost, 0 twice; the test took %.1f s",
-        leader, "was" if on_it else "was not", resumed - killed, len(events), ingested - killed, scored - killed,
+        leader, "was" if service_on_it else "was not", resumed - killed, len(events), ingested - killed, scored - killed,
         rejoined - scored, stored, time.monotonic() - started)
     assert time.monotonic() - started < 30
 
@@ -216,3 +235,20 @@ async def test_more_copies_than_the_cluster_has_nodes_is_a_start_up_message_with
     assert (f"TIPSTREAM_STREAM_REPLICAS={replicas} puts each stream's {replicas} copies on {replicas} nodes of the "
             "NATS cluster") in message, message
     assert "start the missing nodes" in message and "set TIPSTREAM_STREAM_REPLICAS to at most" in message
+
+
+async def test_a_single_server_s_streams_are_not_scaled_past_one_copy(nats_server: NatsServer) -> None:
+    """nats-server 2.10 on refuse the update (10074); 2.9 took it and kept one copy, the config saying three
+    (TIPSTREAM_TEST_NATS_SERVER=/usr/sbin/nats-server runs this against 2.9.10): refused as 2.10 refuses it."""
+    limits = {"max_age_days": 1, "max_bytes": -1, "duplicate_window_s": 120, "dlq_max_age_days": 1}
+    client = await nats.connect(nats_server.url)
+    js = client.jetstream()
+    try:
+        await jsx.ensure_streams(js, **limits)
+        with pytest.raises(APIError) as refused:
+            await jsx.ensure_streams(js, **limits, replicas=3)
+        assert refused.value.err_code == jsx.NOT_CLUSTERED
+        await jsx.ensure_streams(js, **limits, replicas=1)  # the next start, told the fix
+        assert all([(await js.stream_info(spec.name)).config.num_replicas == 1 for spec in jsx.ALL_STREAMS])
+    finally:
+        await client.close()
