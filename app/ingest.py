@@ -44,7 +44,9 @@ CHUNK = 256  # events folded between two chances for the API to run
 ACK_PENDING_BATCHES = 32  # pull requests' worth of messages a consumer may hold unacknowledged (max_ack_pending)
 # How long each JetStream call of a consumer's re-creation after a reconnect waits for its answer before it is
 # tried again (`_retry`). On a NATS cluster that lost a node, the stream's calls go unanswered until it has a new
-# leader (4-9 s): waited out with the start's bound (10 s), ingest resumed 10-16 s after the loss instead of 5-7 s.
+# leader (4-9 s): waited out with the start's bound (10 s), ingest resumed 11-16 s after the loss; now 4-7 s in
+# half the runs, up to 18 s when the new consumer's own election is slow (README, "On a NATS cluster"). Waiting
+# for the stream's leader first and then re-creating with the 10 s bound did no better (5-16 s).
 RESET_CALL_TIMEOUT_S = 2.0
 EXPECTED_SUBJECT = {t: f"{family}.{t}" for t, family in FAMILY_OF_TYPE.items()}
 validate_json = EVENT_ADAPTER.validator.validate_json  # pydantic-core directly: no wrapper per event

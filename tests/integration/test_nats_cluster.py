@@ -138,6 +138,9 @@ async def test_a_node_lost_under_the_service_stops_neither_ingest_nor_score(
             info = await js.stream_info(spec.name)
             assert info.config.num_replicas == 3, spec.name
             assert len(info.cluster.replicas or ()) == 2 and info.cluster.leader, info.cluster
+        for spec in (*jsx.INGESTED_STREAMS, jsx.DECISIONS):  # and of the consumers, which follow their stream
+            consumer = await js.consumer_info(spec.name, jsx.durable_of(spec.name))
+            assert len(consumer.cluster.replicas or ()) == 2, consumer.cluster
         await publish_events(js, events[:half])
         await eventually(lambda: store.applied == half, timeout=10)
 
