@@ -461,7 +461,8 @@ def _jetstream_error(error: Any, settings: Settings) -> StartupError:
         return StartupError(f"NATS at {where} does not serve JetStream, which tipstream's streams need: start it "
                             "with JetStream (`nats-server -js`, or `jetstream {}` in its config) for this account, "
                             "or unset NATS_URL to run an embedded one.")
-    message = f"JetStream at {where} refused tipstream's start: {error.description} (error {error.err_code})."
+    code = f" (error {error.err_code})" if (error.err_code or 0) > 0 else ""  # -1: tipstream's own, no server's
+    message = f"JetStream at {where} refused tipstream's start: {error.description}{code}."
     fix = _JETSTREAM_FIXES.get(error.err_code)
     if fix is not None:
         return StartupError(f"{message} {fix(settings)}")

@@ -343,3 +343,21 @@ def test_while_the_start_waits_for_a_nats_server_on_the_store_the_lock_file_name
         startup.data_dir_holder(data_dir)))
     os.close(hold_data_dir(tmp_path))
     assert named == [f"pid {os.getpid()}"]
+
+
+def test_a_stream_left_without_a_leader_after_its_copies_changed_is_a_message_naming_the_setting(
+        tmp_path: Path) -> None:
+    from nats.js.errors import APIError
+
+    from app.settings import Settings
+    from app.startup import explain
+    from streams import jetstream as jsx
+
+    settings = Settings(data_dir=tmp_path, nats_url="nats://n1:4222,nats://n2:4222", stream_replicas=3)
+    error = APIError(code=503, err_code=jsx.NO_LEADER, stream="SIGNALS",
+                     description="stream SIGNALS has no leader 30 s after its copies went from 1 to 3")
+    message = str(explain(error, settings))
+    assert message.startswith("JetStream at nats://n1:4222,nats://n2:4222 (NATS_URL) refused tipstream's start: "
+                              "stream SIGNALS has no leader 30 s after its copies went from 1 to 3. "), message
+    assert "TIPSTREAM_STREAM_REPLICAS=3 puts each stream's 3 copies on 3 nodes" in message
+    assert "could not elect a leader for it" in message and "(error" not in message
