@@ -68,8 +68,6 @@ def header_bytes(headers: dict[str, str]) -> int:
     return len(b"NATS/1.0\r\n\r\n") + sum(len(f"{k}: {v}\r\n".encode()) for k, v in headers.items())
 
 
-# JetStream keeps 1 to 5 copies of a stream, each on another node of a cluster; a single server keeps one.
-MAX_REPLICAS = 5
 # How long a start waits for a stream whose copies changed to have a leader again (an election, a few seconds)
 LEADER_WAIT_S = 30.0
 NOT_CLUSTERED = 10074  # nats-server's error code: "replicas > 1 not supported in non-clustered mode"
@@ -108,6 +106,9 @@ async def ensure_streams(
         # Scaling up copies the stream to the new nodes in the background; scaling down drops copies.
         # Either way the stream keeps its messages and its sequences.
         log.info("updated stream %s: %s", spec.name, "; ".join(changed))
+        if replicas < was:  # TIPSTREAM_STREAM_REPLICAS left at its default on streams made with more, say
+            log.warning("stream %s now keeps %s instead of %d: losing the node that holds it stops ingest until "
+                        "it is back. Set TIPSTREAM_STREAM_REPLICAS=%d to keep them", spec.name, copies(replicas), was, was)
         if was != replicas:
             await _copies_in_place(js, spec.name, replicas, was)
 

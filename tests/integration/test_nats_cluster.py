@@ -199,6 +199,9 @@ async def test_a_stream_s_copies_follow_the_setting_up_and_down_and_keep_its_mes
             assert (await js.stream_info("SIGNALS")).state.messages == 50
             was = 4 - replicas
             assert f"updated stream SIGNALS: replicas {was} -> {replicas}" in caplog.text
+            down = "stream SIGNALS now keeps 1 copy instead of 3: losing the node that holds it stops ingest"
+            assert (down in caplog.text) == (replicas < was)
+            assert ("Set TIPSTREAM_STREAM_REPLICAS=3 to keep them" in caplog.text) == (replicas < was)
             await jsx.ensure_streams(js, **limits, replicas=replicas)  # nothing more to change: nothing logged
             assert caplog.text.count("updated stream SIGNALS") == 1
     finally:
