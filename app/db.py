@@ -144,7 +144,7 @@ WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024
 def make_engine(url: str) -> Engine:
     """An engine tuned for the dialect: SQLite in WAL mode (readers never block the checkpoint)."""
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
+        path = make_url(url).database  # None or ":memory:" for a database in memory ("sqlite://")
         if path and path != ":memory:":
             try:
                 # Its user's only, as a data directory the service creates: `tipstream migrate` run first
