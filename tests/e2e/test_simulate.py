@@ -9,6 +9,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from streams.events import Rejection, parse_event
 from streams.jetstream import ensure_streams
@@ -75,17 +76,28 @@ async def test_pregenerated_load_publishes_exactly_the_count(nats_server, nc) ->
     assert sum([(await js.stream_info(n)).state.messages for n in ("SIGNALS", "FEEDBACK")]) == 250
 
 
-async def test_ctrl_c_stops_simulate_with_its_count_not_a_traceback(nats_server, nc) -> None:
-    """The README's run is 60 s long: stopped early with Ctrl-C, it ended in a KeyboardInterrupt traceback."""
+async def _the_readme_s_run_publishing(nats_server: Any, nc: Any) -> subprocess.Popen[str]:
+    """The README's 60 s `tipstream simulate`, once its first events are in SIGNALS."""
     js = nc.jetstream()
     await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
     run = subprocess.Popen([TIPSTREAM, "simulate", "--duration", "60", "--rate", "100", "--nats-url", nats_server.url,
                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        async def publishing() -> bool:
-            return (await js.stream_info("SIGNALS")).state.messages > 0
 
+    async def publishing() -> bool:
+        return (await js.stream_info("SIGNALS")).state.messages > 0
+
+    try:
         await eventually(publishing, timeout=30)
+    except BaseException:
+        run.kill()
+        raise
+    return run
+
+
+async def test_ctrl_c_stops_simulate_with_its_count_not_a_traceback(nats_server, nc) -> None:
+    """The README's run is 60 s long: stopped early with Ctrl-C, it ended in a KeyboardInterrupt traceback."""
+    run = await _the_readme_s_run_publishing(nats_server, nc)
+    try:
         run.send_signal(signal.SIGINT)
         out, err = run.communicate(timeout=30)
     finally:
@@ -97,15 +109,8 @@ async def test_ctrl_c_stops_simulate_with_its_count_not_a_traceback(nats_server,
 async def test_simulate_ends_saying_so_when_its_nats_server_stops(nats_server, nc) -> None:
     """The service stopped during the README's 60 s run (its embedded server with it): nats-py never
     settles the acknowledgements it still waited for, and simulate waited for them for good."""
-    js = nc.jetstream()
-    await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
-    run = subprocess.Popen([TIPSTREAM, "simulate", "--duration", "60", "--rate", "100", "--nats-url", nats_server.url,
-                            "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = await _the_readme_s_run_publishing(nats_server, nc)
     try:
-        async def publishing() -> bool:
-            return (await js.stream_info("SIGNALS")).state.messages > 0
-
-        await eventually(publishing, timeout=30)
         nats_server.stop()
         _, err = run.communicate(timeout=30)
     finally:
