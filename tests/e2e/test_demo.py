@@ -58,6 +58,8 @@ def test_the_demo_goes_on_past_jetstream_refusing_its_events(tmp_path: Path) -> 
         wait_until(lambda: sum(service.metric("tipstream_score_requests_total", status=s)
                                for s in ("200", "503")) >= scored + 6, timeout=60, what="the demo going on")
     finally:
-        assert service.stop(), service.log()
-        server.stop()
+        try:
+            assert service.stop(), service.log()
+        finally:
+            server.stop()
     assert "demo traffic stopped" not in service.log()
