@@ -156,7 +156,7 @@ def make_engine(url: str) -> Engine:
                 with contextlib.suppress(FileExistsError):
                     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             except OSError as error:  # as the database failing to open, which app.startup.explain tells the operator
-                raise OperationalError(f"mkdir {Path(path).parent}", None, error) from None
+                raise OperationalError(f"create {path}", None, error) from None
         engine = create_engine(url, connect_args={"timeout": 30})
 
         @event.listens_for(engine, "connect")

@@ -152,7 +152,7 @@ async def _run_demo(app: Starlette, rate: float, stopping: Callable[[], bool], p
             started = time.monotonic()
             try:
                 await demo.tick(per_tick)
-            except (TimeoutError, httpx.TransportError, OSError, nats.errors.Error) as error:
+            except (httpx.TransportError, OSError, nats.errors.Error) as error:  # OSError: TimeoutError too
                 # uvicorn closes its socket and its connections at SIGTERM, before the lifespan
                 # stops the demo: a request then fails because the service is stopping, not the
                 # demo (counting failures in a row instead still warned when a stop under load

@@ -2,8 +2,9 @@
 
 Each user's state is a set of small time-sorted logs, one per event kind, holding
 exactly what some feature window can still reach (30 days behind the user's newest
-event), up to `MAX_RECORDS_PER_KIND` records a kind. Features are evaluated from these logs at any `now` (see `features.py`), so
-windows are exact over event time and late events land where their time says.
+event), up to `MAX_RECORDS_PER_KIND` records a kind. Features are evaluated from these
+logs at any `now` (see `features.py`), so windows are exact over event time and late
+events land where their time says.
 
 Why logs and not counters: the same events in any order, any batching, with any
 duplicates, must give the same state. Sorted logs of whole records are canonical, and
@@ -277,12 +278,11 @@ def apply(state: UserState, event: Any, max_ts_ms: int | None = None) -> bool:
         if merged is None:
             return False
         log = state.logs[i] = merged
-    excess = len(log) - MAX_RECORDS_PER_KIND * size
-    if excess > 0:  # one record: from_bytes caps what a checkpoint holds
-        dropped = bytes(log[:excess])
-        state.logs[i] = _without_oldest(log, excess)
+    if len(log) > MAX_RECORDS_PER_KIND * size:  # by one record: from_bytes caps what a checkpoint holds
+        oldest = bytes(log[:size])
+        state.logs[i] = _without_oldest(log, size)
         state.dropped += 1
-        if any(dropped[at : at + size] == record for at in range(0, excess, size)):
+        if oldest == record:
             # Older than every record the kind keeps, but it may share the newest instant (every kept
             # record of the kind is then at it): its zone counts as it would have, come before them.
             if ts_ms == newest and offset_s > state.offset_s:

@@ -371,7 +371,7 @@ async def publish_events(
 
 
 async def _publish_acknowledged(js: JetStreamContext, batch: list[tuple[str, dict[str, Any]]], ack_wait_s: float,
-                                again: bool = True) -> None:
+                                again: bool) -> None:
     """`batch` published until JetStream has acknowledged every event of it. After a reconnect (an
     embedded server started again on its port) the acknowledgements in flight never came, and the
     publisher waited for them for good; published again, each event is stored once, by its
