@@ -1,0 +1,376 @@
+"""Erase users' messages from a JetStream stream: the log part of forgetting a user.
+
+Subjects do not carry the user (`signals.<type>`, `dlq.<subject>`, ...), so `scrub` reads the
+stream from its first message through a given sequence and deletes each message whose body
+belongs to one of the users. Deletion is the server's default (`STREAM.MSG.DELETE` without
+`no_erase`), which overwrites the message in the store with random bytes, not only unlinks it.
+
+Which user a body belongs to (`owners`):
+- a body that parses as a JSON object: its top-level `user_id` (SIGNALS, FEEDBACK, DECISIONS, and
+  DLQ copies of such events that were rejected for their content). With a key given twice, the
+  last counts, as orjson (and the ingest's parser) read it;
+- a body that does not parse (a DLQ copy of invalid JSON, invalid UTF-8, or one cut to fit,
+  `Tipstream-Dlq-Truncated`): every `"user_id": "<JSON string>"` in its bytes, at any depth, the
+  string decoded. Limits: a key itself spelt with escapes (`"user\\u005fid"`), or a body cut off
+  before its id's closing quote, is not attributed to anyone and is kept; a nested `user_id`
+  (a decision's `features`) is attributed too, but it names the same user there.
+
+Scanning is close to the raw read rate because almost no body is parsed: a body can only
+belong to a user when it holds the id's shortest JSON spelling (orjson's) or any backslash,
+since every other spelling of the id, and of the key, needs an escape (`may_belong`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
+
+log = logging.getLogger("tipstream.scrub")
+
+PROGRESS_EVERY = 10_000
+BATCH = 1024  # messages per pull request; the next is asked for when half has arrived
+PULL_EXPIRES_S = 1.0  # an unfilled request ends this long after the stream ran out: how the end is known
+STALL_S = PULL_EXPIRES_S + 4.0  # nothing at all this long (a lost request, a reconnect): read again from where we are
+DELETES_IN_FLIGHT = 64
+# nats-server (2.15) answers every refused delete with one code, JSStreamMsgDeleteFailedF (10057, status 500),
+# and tells the reasons apart only by the description: "no message found" (deleted, or aged out), "stream store
+# EOF" (past the stream's end: it was re-created), "message delete not permitted" (created with deny_delete).
+DELETE_FAILED = 10057
+GONE = ("no message found", "stream store eof", "not found")
+
+
+class ScrubError(RuntimeError):
+    """The server refused what scrubbing needs; the message names what an operator must change."""
+
+
+@dataclass(frozen=True)
+class ScrubReport:
+    stream: str
+    through_seq: int  # the last sequence read: the asked-for bound, or the stream's last when lower; 0: nothing
+    scanned: int  # messages read (sequences up to through_seq that were stored while the scan passed them)
+    matched: int  # of those, the users' messages
+    deleted: int  # of those, deleted (and erased) by this run
+    already_gone: int  # matched, but gone before the delete came (aged out, or deleted by another scrub)
+    elapsed_s: float
+
+
+_USER_ID = re.compile(rb'"user_id"[ \t\r\n]*:[ \t\r\n]*"((?:[^"\\]|\\.)*)"', re.DOTALL)
+
+
+def needles(user_ids: Iterable[str]) -> tuple[bytes, ...]:
+    """The shortest JSON spelling of each id, as a body must hold it unless it uses an escape.
+
+    >>> needles(["u-1", "zoë", 'a"b'])
+    (b'"u-1"', b'"zo\\xc3\\xab"', b'"a\\\\"b"')
+    """
+    return tuple(orjson.dumps(user_id) for user_id in user_ids)
+
+
+def may_belong(body: bytes, spelt: tuple[bytes, ...]) -> bool:
+    """Whether `body` can belong to a user whose id `spelt` holds: it holds the id's shortest spelling
+    (quotes included, so "u-1" does not find "u-10"), or an escape, with which the id or the key can be
+    spelt otherwise ("u-\\u00e9", "user\\u005fid"). False is certain; True is to be checked (`owners`).
+
+    >>> may_belong(b'{"user_id": "u-10"}', needles(["u-1"])), may_belong(b'{"user_id": "u-1"}', needles(["u-1"]))
+    (False, True)
+    >>> may_belong(b'{"user_id": "u-\\\\u0031"}', needles(["u-1"]))
+    True
+    """
+    return b"\\" in body or any(needle in body for needle in spelt)
+
+
+def owners(body: bytes) -> frozenset[str]:
+    """The users `body` belongs to (see the module's docstring); usually one, none when it names none.
+
+    >>> sorted(owners(b'{"id": "e-1", "user_id": "u-\\\\u00e9", "data": {"user_id": "other"}}'))
+    ['u-\\xe9']
+    >>> sorted(owners(b'{"id": "broken", "user_id": "u-1", "data": {"user_id": "u-2"'))  # invalid JSON
+    ['u-1', 'u-2']
+    >>> sorted(owners(b'{"user_id": "u-1\\xff", "user_id": "u-\\\\"q"}')), sorted(owners(b'{"user_id": "u-10'))
+    (['u-"q'], [])
+    >>> sorted(owners(b'[1, 2]')), sorted(owners(b'{"user_id": 42}'))
+    ([], [])
+    """
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return frozenset(found for found in map(_json_string, _USER_ID.findall(body)) if found is not None)
+    user_id = parsed.get("user_id") if isinstance(parsed, dict) else None
+    return frozenset((user_id,)) if isinstance(user_id, str) else frozenset()
+
+
+def _json_string(inner: bytes) -> str | None:
+    """The text of a JSON string's inside, None when it is not valid JSON (a bad escape, invalid UTF-8)."""
+    try:
+        return orjson.loads(b'"' + inner + b'"')
+    except orjson.JSONDecodeError:
+        return None
+
+
+def belongs(body: bytes, user_ids: frozenset[str], spelt: tuple[bytes, ...]) -> bool:
+    """
+    >>> ids = frozenset({"u-1"}); spelt = needles(ids)
+    >>> belongs(b'{"user_id": "u-1"}', ids, spelt), belongs(b'{"user_id": "u-10", "note": "u-1"}', ids, spelt)
+    (True, False)
+    """
+    return may_belong(body, spelt) and not owners(body).isdisjoint(user_ids)
+
+
+async def scrub(
+    js: JetStreamContext, stream: str, user_ids: frozenset[str], through_seq: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> ScrubReport:
+    """Delete (with the server's erase) every message of `stream` up to and including `through_seq` that
+    belongs to one of `user_ids`. Messages stored later are kept: new data, for the caller to judge.
+
+    A missing stream, a bound below its first sequence or no ids: nothing to do. Idempotent: a second run
+    matches nothing. `progress(scanned, through_seq)` is called every PROGRESS_EVERY messages and at the
+    end. Raises ScrubError when the server refuses (no JetStream, no permission, deletes denied).
+    """
+    started = time.perf_counter()
+    info = await _stream_info(js, stream)
+    if info is None or not info.state.messages or not user_ids:
+        return ScrubReport(stream, 0, 0, 0, 0, 0, time.perf_counter() - started)
+    first, bound = max(info.state.first_seq, 1), min(through_seq, info.state.last_seq)
+    if bound < first:
+        return ScrubReport(stream, 0, 0, 0, 0, 0, time.perf_counter() - started)
+    spelt = needles(user_ids)
+    found: list[int] = []
+
+    def on_body(seq: int, body: bytes) -> None:
+        if may_belong(body, spelt) and not owners(body).isdisjoint(user_ids):
+            found.append(seq)
+
+    scanned = await read_through(js, stream, first, bound, on_body, progress)
+    deleted, gone = await delete_all(js, stream, found)
+    report = ScrubReport(stream, bound, scanned, len(found), deleted, gone, time.perf_counter() - started)
+    log.info("scrubbed %s through %d: %d scanned, %d matched, %d deleted, %d already gone, %.1f s", stream, bound,
+             report.scanned, report.matched, report.deleted, report.already_gone, report.elapsed_s)
+    return report
+
+
+async def _stream_info(js: JetStreamContext, stream: str) -> Any:
+    try:
+        return await js.stream_info(stream)
+    except NotFoundError:
+        return None
+    except (NoRespondersError, ServiceUnavailableError) as e:
+        raise ScrubError(f"JetStream did not answer for stream {stream} ({e}): enable JetStream for this account "
+                         "(nats-server -js, or a jetstream block in the account's config)") from e
+    except (TimeoutError, NatsTimeoutError) as e:
+        raise ScrubError(f"no answer from JetStream about stream {stream}: check that this NATS user may publish to "
+                         "$JS.API.> and subscribe to _INBOX.> (the server log names a permissions violation)") from e
+
+
+async def delete_all(js: JetStreamContext, stream: str, seqs: list[int]) -> tuple[int, int]:
+    """(deleted, already gone) of the stream's messages `seqs`, a few deletes in flight at a time."""
+    deleted = gone = 0
+    for at in range(0, len(seqs), DELETES_IN_FLIGHT):
+        for erased in await asyncio.gather(*(_delete(js, stream, seq) for seq in seqs[at : at + DELETES_IN_FLIGHT])):
+            deleted += erased
+            gone += not erased
+    return deleted, gone
+
+
+def is_gone(description: str | None) -> bool:
+    """Whether a refused delete's description says the message is not there (see DELETE_FAILED).
+
+    >>> is_gone("no message found"), is_gone("stream store EOF"), is_gone("message delete not permitted")
+    (True, True, False)
+    """
+    return any(phrase in (description or "").lower() for phrase in GONE)
+
+
+async def _delete(js: JetStreamContext, stream: str, seq: int) -> bool:
+    """True when erased now, False when it was already gone."""
+    try:
+        return await js.delete_msg(stream, seq)  # {"seq": n}: no `no_erase`, so the server overwrites it
+    except NotFoundError:
+        return False  # the stream itself is gone (deleted meanwhile), and the message with it
+    except APIError as e:
+        if is_gone(e.description):
+            return False
+        if "not permitted" in (e.description or ""):
+            raise ScrubError(f"stream {stream} refused to delete message {seq} ({e.description}): a stream created "
+                             "with deny_delete keeps every message; allow deletes in its config "
+                             f"(`nats stream edit {stream} --no-deny-delete`) and run the scrub again") from e
+        raise ScrubError(f"deleting message {seq} of stream {stream} failed: {e}") from e
+    except (TimeoutError, NatsTimeoutError) as e:
+        raise ScrubError(f"no answer to deleting message {seq} of stream {stream}: check that this NATS user may "
+                         f"publish to $JS.API.STREAM.MSG.DELETE.{stream} (the server log names a permissions "
+                         "violation)") from e
+
+
+async def read_through(
+    js: JetStreamContext, stream: str, first: int, bound: int, on_body: Callable[[int, bytes], None],
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Hand every stored message of `stream` from `first` through `bound` to `on_body(seq, body)` once, in
+    order; return how many. Reads through a consumer of its own (never tipstream's durables), removed after."""
+    reader = _Reader(js, stream, bound, on_body, progress)
+    start = first
+    while True:
+        resumed = await reader.run_from(start)
+        if resumed is None:
+            break
+        log.warning("reading stream %s for a scrub: %s; reading again from %d", stream, reader.why, resumed)
+        start = resumed
+    if progress:
+        progress(reader.scanned, bound)
+    return reader.scanned
+
+
+def ack_position(reply: bytes) -> tuple[int, int, int]:
+    """(stream sequence, consumer sequence, messages after it) from a JetStream ack subject, v1 or v2
+    (`streams.jetstream.ack_fields`).
+
+    >>> ack_position(b"$JS.ACK.DLQ.tipstream-scrub-1.1.42.7.1764140400123456789.3")
+    (42, 7, 3)
+    >>> ack_position(b"$JS.ACK.hub.ACC.DLQ.tipstream-scrub-1.1.42.7.1764140400123456789.3.tok")
+    (42, 7, 3)
+    """
+    tokens = reply.split(b".")
+    at = 5 if len(tokens) == 9 else 7
+    return int(tokens[at]), int(tokens[at + 1]), int(tokens[at + 3])
+
+
+_PENDING = re.compile(rb"Nats-Pending-Messages:\s*(\d+)", re.IGNORECASE)
+
+
+class _Reader:
+    """One pass over a stream through a consumer of its own: AckNone, so nothing is redelivered, and
+    instead every delivery's consumer sequence is checked to follow the last. A message lost on the way
+    (a slow consumer's buffer dropped, a reconnect) leaves a gap, and the pass is read again from the last
+    message handed on: an erasure must not pass over a message unseen."""
+
+    def __init__(self, js: JetStreamContext, stream: str, bound: int, on_body: Callable[[int, bytes], None],
+                 progress: Callable[[int, int], None] | None) -> None:
+        self.js, self.nc, self.stream, self.bound = js, js._nc, stream, bound
+        self.on_body, self.progress = on_body, progress
+        self.scanned = 0
+        self.last_seq = 0  # the last sequence handed on
+        self.why = ""
+
+    async def run_from(self, start: int) -> int | None:
+        """Read from `start`: None once read through the bound; else where to read again from (`why` says why)."""
+        self.cseq, self.requested, self.last_activity = 0, 0, time.monotonic()
+        self.done: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        name = f"tipstream-scrub-{uuid.uuid4().hex[:16]}"
+        created = await self.js.add_consumer(self.stream, ConsumerConfig(
+            name=name, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start,
+            ack_policy=AckPolicy.NONE, mem_storage=True, num_replicas=1,
+            inactive_threshold=60.0,  # a crashed scrub's consumer goes by itself
+        ))
+        if not created.num_pending:
+            await self._remove(name, None)
+            return None
+        self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{name}"
+        self.inbox = self.nc.new_inbox()
+        sub = await self._subscribe()
+        try:
+            await self._request()
+            while not self.done.done():
+                await asyncio.wait([self.done], timeout=1.0)
+                if not self.done.done() and time.monotonic() - self.last_activity > STALL_S:
+                    self._finish(self.last_seq + 1 if self.last_seq else start, "nothing arrived for a while")
+            return self.done.result()
+        finally:
+            await self._remove(name, sub)
+
+    async def _subscribe(self) -> Any:
+        if hasattr(self.nc, "subscribe_raw"):  # tipstream's IngestClient: no Msg object per message
+            return await self.nc.subscribe_raw(self.inbox, self._on_raw)
+
+        async def on_msg(msg: Any) -> None:
+            status = (msg.headers or {}).get("Status", "") if not msg.reply else ""
+            pending = (msg.headers or {}).get("Nats-Pending-Messages") if status else None
+            self._on_message(msg.reply.encode(), msg.data, status.encode(), pending)
+
+        return await self.nc.subscribe(self.inbox, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
+
+    def _on_raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        status = headers[9:12] if headers and not reply else b""
+        pending = _PENDING.search(headers) if status else None
+        self._on_message(reply, data, status, pending.group(1) if pending else None)
+
+    def _on_message(self, reply: bytes, body: bytes, status: bytes, pending: Any) -> None:
+        if self.done.done():
+            return  # the old pass's deliveries still on their way
+        self.last_activity = time.monotonic()
+        if not reply:
+            self._on_status(status, pending)
+            return
+        seq, cseq, after = ack_position(reply)
+        if cseq != self.cseq + 1:
+            self._finish(self.last_seq + 1, f"deliveries {self.cseq + 1}..{cseq - 1} were lost on the way")
+            return
+        self.cseq, self.requested = cseq, self.requested - 1
+        if seq > self.bound:
+            self._finish(None)
+            return
+        self.on_body(seq, body)
+        self.last_seq = seq
+        self.scanned += 1
+        if self.progress and self.scanned % PROGRESS_EVERY == 0:
+            self.progress(self.scanned, self.bound)
+        if seq == self.bound or after == 0:
+            self._finish(None)
+        elif self.requested <= BATCH // 2:
+            asyncio.get_running_loop().create_task(self._request())
+
+    def _on_status(self, status: bytes, pending: Any) -> None:
+        if status == b"100":
+            return
+        if status in (b"404", b"408"):
+            # A request ended unfilled: usually the stream ran out (its last messages deleted meanwhile), but a
+            # busy server also lets a request expire half-filled. The consumer's own count tells which.
+            self.requested = max(0, self.requested - int(pending)) if pending else 0
+            asyncio.get_running_loop().create_task(self._ended_or_more())
+            return
+        self._finish(self.last_seq + 1, f"the server ended a pull with status {status.decode(errors='replace')}")
+
+    async def _ended_or_more(self) -> None:
+        try:
+            info = await self.js.consumer_info(self.stream, self.next_subject.rsplit(".", 1)[1])
+        except Exception as e:  # noqa: BLE001 - whatever it was, reading again from where we are is safe
+            self._finish(self.last_seq + 1, f"the consumer could not be looked up ({e!r})")
+            return
+        if not info.num_pending:
+            self._finish(None)
+        else:
+            await self._request()
+
+    async def _request(self) -> None:
+        want = BATCH - self.requested
+        if want <= 0 or self.done.done():
+            return
+        self.requested += want
+        body = orjson.dumps({"batch": want, "expires": int(PULL_EXPIRES_S * 1e9)})
+        await self.nc.publish(self.next_subject, body, reply=self.inbox)
+
+    def _finish(self, again_from: int | None, why: str = "") -> None:
+        if not self.done.done():
+            self.why = why
+            self.done.set_result(again_from)
+
+    async def _remove(self, name: str, sub: Any) -> None:
+        if sub is not None:
+            getattr(self.nc, "_raw_handlers", {}).pop(sub._id, None)
+            await sub.unsubscribe()
+        try:
+            await self.js.delete_consumer(self.stream, name)
+        except Exception as e:  # noqa: BLE001 - it goes by itself after inactive_threshold
+            log.debug("scrub consumer %s on %s not removed: %r", name, self.stream, e)
