@@ -114,9 +114,12 @@ async def test_exactly_the_users_messages_up_to_the_bound_go_and_every_other_sta
     assert [c.name for c in await js.consumers_info(stream)] == [durable_of(stream)]  # its own consumer removed
 
 
-async def test_a_second_run_finds_nothing(js) -> None:
+async def test_a_second_run_finds_nothing(js, monkeypatch) -> None:
     published = await publish(js, "SIGNALS")
-    first = await scrub(js, "SIGNALS", FORGET, 10**9)
+    monkeypatch.setattr(scrub_module, "PROGRESS_EVERY", 10)
+    seen: list[tuple[int, int]] = []
+    first = await scrub(js, "SIGNALS", FORGET, 10**9, progress=lambda scanned, through: seen.append((scanned, through)))
+    assert seen == [(10, 44), (20, 44), (30, 44), (40, 44), (44, 44)] and len(published) == 44
     again = await scrub(js, "SIGNALS", FORGET, 10**9)
     assert first.deleted == sum(owner is not None for _, owner in published) > 0
     assert first.through_seq == again.through_seq == len(published)
