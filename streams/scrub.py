@@ -19,6 +19,18 @@ Scanning is close to the raw read rate because almost no body is parsed: one reg
 over its bytes reads each `"user_id": "<value>"` spelt without escapes, and only a body whose value
 is one of the ids, or that holds any backslash (every other spelling of an id, or of the key, needs
 one), is parsed (`may_belong`).
+
+Reading (bench/scrub.py, 50,000 300-byte events, this 2-core machine): the scrub's own AckNone pull consumer
+with tipstream's `IngestClient` (raw inbox, no `Msg` objects) reads ~175k msg/s, the scan with matching ~140k
+(0.78); the same pull through a plain nats-py client ~80k, nats-py's ordered push consumer ~70k; batched
+direct gets (`$JS.API.DIRECT.GET` with a batch) ~160k, but need `allow_direct`, which tipstream's streams
+are not created with, and only one request can be in flight (the next starts after the last sequence got).
+
+Erasing: the server overwrites the message's record in its block file with random bytes and fsyncs, one
+at a time per stream: ~150 messages/s here (no_erase: 23,000/s). It does not overwrite on a store encrypted
+at rest (nats-server's filestore turns `secure` off there: the key protects it). On a cluster (replicas > 1)
+the delete goes through the stream's RAFT group and each node erases its copy; the group's log may hold the
+original until it is compacted (not tested here).
 """
 
 from __future__ import annotations
@@ -143,7 +155,8 @@ async def scrub(
     progress: Callable[[int, int], None] | None = None,
 ) -> ScrubReport:
     """Delete (with the server's erase) every message of `stream` up to and including `through_seq` that
-    belongs to one of `user_ids`. Messages stored later are kept: new data, for the caller to judge.
+    belongs to one of `user_ids`. Messages stored later are kept: new data, for the caller to judge; take
+    `through_seq` from the stream's `state.last_seq` when the request is accepted.
 
     A missing stream, a bound below its first sequence or no ids: nothing to do. Idempotent: a second run
     matches nothing. `progress(scanned, through_seq)` is called every PROGRESS_EVERY messages and at the
