@@ -221,7 +221,9 @@ def is_gone(description: str | None) -> bool:
 async def _delete(js: JetStreamContext, stream: str, seq: int) -> bool:
     """True when erased now, False when it was already gone."""
     try:
-        return await js.delete_msg(stream, seq)  # {"seq": n}: no `no_erase`, so the server overwrites it
+        # {"seq": n}: no `no_erase`, so the server overwrites it. nats-py waits 5 s for the answer whatever the
+        # context's timeout (delete_msg passes none to its API request).
+        return await js.delete_msg(stream, seq)
     except NotFoundError:
         return False  # the stream itself is gone (deleted meanwhile), and the message with it
     except APIError as e:
@@ -290,14 +292,10 @@ class _Reader:
 
     async def run_from(self, start: int) -> int | None:
         """Read from `start`: None once read through the bound; else where to read again from (`why` says why)."""
-        self.cseq, self.requested, self.last_activity = 0, 0, time.monotonic()
+        self.start, self.cseq, self.requested, self.last_activity = start, 0, 0, time.monotonic()
         self.done: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         name = f"tipstream-scrub-{uuid.uuid4().hex[:16]}"
-        created = await self.js.add_consumer(self.stream, ConsumerConfig(
-            name=name, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start,
-            ack_policy=AckPolicy.NONE, mem_storage=True, num_replicas=1,
-            inactive_threshold=60.0,  # a crashed scrub's consumer goes by itself
-        ))
+        created = await self._create(name, start)
         if not created.num_pending:
             await self._remove(name, None)
             return None
@@ -309,10 +307,28 @@ class _Reader:
             while not self.done.done():
                 await asyncio.wait([self.done], timeout=1.0)
                 if not self.done.done() and time.monotonic() - self.last_activity > STALL_S:
-                    self._finish(self.last_seq + 1 if self.last_seq else start, "nothing arrived for a while")
+                    self._finish(self._resume_at(), "nothing arrived for a while")
             return self.done.result()
         finally:
             await self._remove(name, sub)
+
+    async def _create(self, name: str, start: int) -> Any:
+        config = ConsumerConfig(
+            name=name, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start,
+            ack_policy=AckPolicy.NONE, mem_storage=True, num_replicas=1,
+            inactive_threshold=60.0,  # a crashed scrub's consumer goes by itself
+        )
+        try:
+            return await self.js.add_consumer(self.stream, config)
+        except APIError as e:
+            raise ScrubError(f"stream {self.stream} refused a consumer to read it ({e.description}): a scrub reads "
+                             "through one of its own, so the account's or the stream's max_consumers must leave "
+                             "room for one more") from e
+        except (TimeoutError, NatsTimeoutError) as e:
+            raise ScrubError(f"no answer to creating a consumer on stream {self.stream}: check that this NATS user "
+                             f"may publish to $JS.API.CONSUMER.CREATE.{self.stream}.> and "
+                             f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.> (the server log names a permissions "
+                             "violation)") from e
 
     async def _subscribe(self) -> Any:
         if hasattr(self.nc, "subscribe_raw"):  # tipstream's IngestClient: no Msg object per message
@@ -339,7 +355,7 @@ class _Reader:
             return
         seq, cseq, after = ack_position(reply)
         if cseq != self.cseq + 1:
-            self._finish(self.last_seq + 1, f"deliveries {self.cseq + 1}..{cseq - 1} were lost on the way")
+            self._finish(self._resume_at(), f"deliveries {self.cseq + 1}..{cseq - 1} were lost on the way")
             return
         self.cseq, self.requested = cseq, self.requested - 1
         if seq > self.bound:
@@ -364,18 +380,19 @@ class _Reader:
             self.requested = max(0, self.requested - int(pending)) if pending else 0
             asyncio.get_running_loop().create_task(self._ended_or_more())
             return
-        self._finish(self.last_seq + 1, f"the server ended a pull with status {status.decode(errors='replace')}")
+        self._finish(self._resume_at(), f"the server ended a pull with status {status.decode(errors='replace')}")
 
     async def _ended_or_more(self) -> None:
         try:
             info = await self.js.consumer_info(self.stream, self.next_subject.rsplit(".", 1)[1])
         except Exception as e:  # noqa: BLE001 - whatever it was, reading again from where we are is safe
-            self._finish(self.last_seq + 1, f"the consumer could not be looked up ({e!r})")
+            self._finish(self._resume_at(), f"the consumer could not be looked up ({e!r})")
             return
-        if not info.num_pending:
-            self._finish(None)
-        else:
+        if info.num_pending:
             await self._request()
+        elif info.delivered.consumer_seq <= self.cseq:
+            self._finish(None)
+        # else: the rest is on its way (sent before the server answered this), or lost: the stall watch catches that
 
     async def _request(self) -> None:
         want = BATCH - self.requested
@@ -384,6 +401,9 @@ class _Reader:
         self.requested += want
         body = orjson.dumps({"batch": want, "expires": int(PULL_EXPIRES_S * 1e9)})
         await self.nc.publish(self.next_subject, body, reply=self.inbox)
+
+    def _resume_at(self) -> int:
+        return max(self.last_seq + 1, self.start)
 
     def _finish(self, again_from: int | None, why: str = "") -> None:
         if not self.done.done():

@@ -197,6 +197,31 @@ async def test_an_account_without_jetstream_is_told_how_to_enable_it(no_jetstrea
         await client.close()
 
 
+async def test_a_user_not_allowed_to_delete_is_told_which_subject(tmp_path: Path) -> None:
+    """The server answers a denied publish with -ERR and nothing on the reply subject: 5 s (delete_msg's wait)."""
+    store = tmp_path / "denied"
+    store.mkdir()
+    (store / "accounts.conf").write_text(
+        'accounts { T: { jetstream: enabled, users: [{user: t, password: t, permissions: '
+        '{publish: {deny: ["$JS.API.STREAM.MSG.DELETE.>"]}}}] } }\n')
+    server = NatsServer(store, args=("-c", str(store / "accounts.conf")))
+    server.start()
+    async def permissions_violation(e: Exception) -> None:  # the server's -ERR: nats-py then waits out the request
+        pass
+
+    client = await connect(account_url(server), error_cb=permissions_violation)
+    try:
+        js = client.jetstream(timeout=1)
+        await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+        await js.publish("signals.task.created", orjson.dumps(event(1, "u-1")))
+        with pytest.raises(ScrubError, match=r"may publish to \$JS.API.STREAM.MSG.DELETE.SIGNALS"):
+            await scrub(js, "SIGNALS", FORGET, 10)
+        assert await stored(js, "SIGNALS", 1)
+    finally:
+        await client.close()
+        server.stop()
+
+
 async def test_a_stream_that_denies_deletes_names_the_setting(js) -> None:
     await js.add_stream(StreamConfig(name="KEPT", subjects=["kept.>"], deny_delete=True))
     await js.publish("kept.x", orjson.dumps(event(1, "u-1")))
