@@ -61,10 +61,9 @@ STALL_S = PULL_EXPIRES_S + 4.0  # nothing at all this long (a lost request, a re
 # here, ~150/s, against 23,000/s with no_erase), so more in flight only queue: 8 keep it busy, and keep the
 # last of them answered well within a request's timeout on a slower disk.
 DELETES_IN_FLIGHT = 8
-# nats-server (2.15) answers every refused delete with one code, JSStreamMsgDeleteFailedF (10057, status 500),
-# and tells the reasons apart only by the description: "no message found" (deleted, or aged out), "stream store
-# EOF" (past the stream's end: it was re-created), "message delete not permitted" (created with deny_delete).
-DELETE_FAILED = 10057
+# nats-server (2.15) tells a message already gone by the description, not by one code: "sequence N not found"
+# (10043) where its block recorded the delete, "no message found" or "stream store EOF" (past the end: the stream
+# was re-created) with 10057, the code of every refused delete, "message delete not permitted" (deny_delete) too.
 GONE = ("no message found", "stream store eof", "not found")
 
 
@@ -210,7 +209,7 @@ async def delete_all(js: JetStreamContext, stream: str, seqs: list[int]) -> tupl
 
 
 def is_gone(description: str | None) -> bool:
-    """Whether a refused delete's description says the message is not there (see DELETE_FAILED).
+    """Whether a refused delete's description says the message is not there (see GONE).
 
     >>> is_gone("no message found"), is_gone("stream store EOF"), is_gone("message delete not permitted")
     (True, True, False)
