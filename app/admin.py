@@ -13,6 +13,7 @@ registry's own message (it names the CLI command that fixes it); the database aw
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
 from collections.abc import Awaitable, Callable
@@ -74,10 +75,18 @@ def _someone(actor: str) -> str:
     return actor
 
 
+Actor = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_storable), AfterValidator(_someone)]
+
+
 class ChangeBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    actor: Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_storable), AfterValidator(_someone)] = "admin-api"
+    actor: Actor = "admin-api"
     note: Annotated[str, Field(max_length=1000), AfterValidator(_storable)] = ""
+
+
+class ForgetBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    actor: Actor = "admin-api"  # kept with the request: no note, which could hold what the request erases
 
 
 _VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -109,7 +118,8 @@ class _NoAnswer(Response):
 _NO_ANSWER = _NoAnswer()
 
 
-def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[ChangeBody] = ChangeBody) -> Callable[[Request], Awaitable[Response]]:
+def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[BaseModel] = ChangeBody,
+           status: int = 200) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         refused = _refusal(request)
         if refused is not None:
@@ -131,12 +141,14 @@ def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[ChangeBo
             result = await action(request, parsed)
         except RegistryError as error:
             return _json(STATUS.get(error.code, 409), {"error": str(error), "field": error.field})
+        except BadUserId as error:
+            return _json(422, {"error": f"user_id: {error}", "field": "user_id"})
         except SQLAlchemyError as error:  # a change is swapped in only once saved (see Lineup._change)
             response = _json(503, {"error": f"the database is away ({type(error).__name__}); nothing changed: try "
                                             "again once it is back", "field": None})
             response.headers["Retry-After"] = "5"
             return response
-        return _json(200, result)
+        return _json(status, result)
 
     endpoint.__doc__ = _admin_doc(action.__doc__ or "", body)
     return endpoint
@@ -152,7 +164,7 @@ _REFUSALS = {
 }
 
 
-def _admin_doc(doc: str, body: type[ChangeBody]) -> str:
+def _admin_doc(doc: str, body: type[BaseModel]) -> str:
     """The action's OpenAPI description (YAML), with what every change shares: the token, the body
     and their refusals; the action's own answers win."""
     spec = yaml.safe_load(doc)
@@ -280,6 +292,76 @@ async def _evaluate(request: Request, body: ChangeBody) -> Any:
     return card.to_dict()
 
 
+class BadUserId(ValueError):
+    pass
+
+
+def _user_id(request: Request) -> str:
+    user_id = request.path_params["user_id"]
+    # As an event's user_id may be. The server decodes a percent-encoded path with errors replaced:
+    # "%FF" named the user "\ufffd", who would have been forgotten instead.
+    if not 1 <= len(user_id) <= 128 or "\x00" in user_id or "\ufffd" in user_id:
+        raise BadUserId("a user id is 1 to 128 characters of UTF-8 (percent-encoded in the path), without NUL")
+    return user_id
+
+
+def _eraser(request: Request) -> Any:
+    eraser = request.app.state.service.eraser
+    if eraser is None:
+        raise RegistryError("the service is still starting: try again in a moment", "conflict", None)
+    return eraser
+
+
+async def _forget(request: Request, body: ForgetBody) -> Any:
+    """
+    responses:
+      202:
+        description: "the request is saved and under way; GET this path for where it is. Their state, the
+          learner's decisions and own model features go within a second; their messages in the streams next"
+        content:
+          application/json:
+            schema: {$ref: '#/components/schemas/Erasure'}
+      422: {description: 'the user id is longer than 128 characters, holds a NUL or is not UTF-8'}
+    """
+    user_id, eraser = _user_id(request), _eraser(request)
+    row = await asyncio.to_thread(eraser.request, user_id, body.actor)
+    eraser.wake()
+    return row
+
+
+async def forget_status(request: Request) -> Response:
+    """
+    security: [{admin: []}]
+    responses:
+      200:
+        description: "the request to forget the user: requested, dropped (state and rows gone, messages next) or done"
+        content:
+          application/json:
+            schema: {$ref: '#/components/schemas/Erasure'}
+      401:
+        description: no bearer token
+        headers:
+          WWW-Authenticate: {description: the scheme to authenticate with, schema: {type: string}}
+      403: {description: 'wrong token, or TIPSTREAM_ADMIN_TOKEN unset'}
+      404: {description: no request to forget this user}
+      422: {description: 'the user id is longer than 128 characters, holds a NUL or is not UTF-8'}
+    """
+    refused = _refusal(request)
+    if refused is not None:
+        return refused
+    try:
+        user_id, eraser = _user_id(request), _eraser(request)
+    except BadUserId as error:
+        return _json(422, {"error": f"user_id: {error}", "field": "user_id"})
+    except RegistryError as error:
+        return _json(409, {"error": str(error), "field": None})
+    row = await asyncio.to_thread(eraser.status, user_id)
+    if row is None:
+        return _json(404, {"error": f"no request to forget user {user_id!r}: POST to this path makes one",
+                           "field": "user_id"})
+    return _json(200, row)
+
+
 def routes() -> list[Route]:
     return [
         Route("/models", list_models, methods=["GET"]),
@@ -291,4 +373,6 @@ def routes() -> list[Route]:
         Route("/admin/models/{version}/retire", _admin(_role_change("retire")), methods=["POST"]),
         Route("/admin/models/{version}/evaluate", _admin(_evaluate), methods=["POST"]),
         Route("/admin/rollback", _admin(_rollback), methods=["POST"]),
+        Route("/admin/users/{user_id:text}/forget", _admin(_forget, ForgetBody, status=202), methods=["POST"]),
+        Route("/admin/users/{user_id:text}/forget", forget_status, methods=["GET"]),
     ]

@@ -39,6 +39,7 @@ from app.decision_publisher import DecisionPublisher
 from app.decision_tail import OwnTail
 from app.decisions import TipScoresLog, decode_decision
 from app.embedded_nats import STORE_DIR, URL_FILE, EmbeddedNats, write_private
+from app.erasure import Eraser
 from app.ingest import ACK_PENDING_BATCHES, ReadUpTo, StreamIngest
 from app.learner import Learner
 from app.lineup import Lineup
@@ -55,6 +56,7 @@ from app.settings import Settings, env_name
 from app.startup import StartupError, shown_url
 from models.policy import make_policy
 from streams import jetstream as jsx
+from streams.scrub import scrub
 from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream")
@@ -85,6 +87,7 @@ class Service:
         self.nc: jsx.IngestClient | None = None
         self.ingests: list[StreamIngest] = []
         self.checkpointer: Checkpointer | None = None
+        self.eraser: Eraser | None = None
         self.checkpoint_writer: CheckpointWriter | None = None
         self.offline: OfflineFeatureWriter | None = None
         self.freezer = FreezePolicy(settings.gc_freeze_every_users)
@@ -209,6 +212,11 @@ class Service:
                                          participants=[self.learner, self.decision_log], writer=self.checkpoint_writer,
                                          lock=self.lineup.snapshot_lock)
         self.checkpointer.stored_us = functools.partial(jsx.stored_us, js)
+        self.eraser = Eraser(self.engine, self.store, self.learner, checkpoint=self.checkpointer.checkpoint,
+                             lock=self.checkpointer.lock, ingests=self.ingests, js=js, scrub=scrub,
+                             learning_versions=lambda: {version for version, _ in self.lineup.learning})
+        self.checkpointer.participants.append(self.eraser)  # last: its deletes follow the other rows (write_erasures)
+        await asyncio.to_thread(self.eraser.resume)  # before DECISIONS is read back
         self.checkpointer.refused = self._database_not_ours  # lost during the start already
         self.lineup.flush = self.checkpointer.checkpoint
         for spec in jsx.INGESTED_STREAMS:
@@ -235,6 +243,9 @@ class Service:
             except Exception as error:  # noqa: BLE001 - the rows catch up at the users' next events
                 log.warning("user_features: could not look for rows older than their users' state (%s)", error)
             self._tasks.append(asyncio.create_task(self.offline.run(), name="offline features"))
+        if self.offline is not None:
+            self.eraser.offline = self.offline
+        self._tasks.append(asyncio.create_task(self.eraser.run(), name="erasures"))
         if s.tip_scores_max_age_days:
             retention = TipScoresRetention(self.engine, s.tip_scores_max_age_days)
             self._tasks.append(asyncio.create_task(

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete
+from sqlalchemy import and_, delete, update
 from sqlalchemy.engine import Connection
 
 from app import db
@@ -58,3 +58,22 @@ def write_tip_scores(conn: Connection, snapshot: tuple[int, list[dict[str, Any]]
     if snapshot is None:
         return
     db.upsert(conn, db.tip_scores, snapshot[1], ["decision_id"])
+
+
+def write_erasures(conn: Connection, dropped: list[dict[str, Any]] | None) -> None:
+    """The rows of the users forgotten since the last checkpoint go, and their requests are marked
+    dropped: in the transaction that saves the positions read to when their state was dropped, so a
+    restart never folds their events again. Written after the other participants' rows (their last
+    decisions' `tip_scores` rows among them) and before the users' states: one of theirs saved here
+    holds only events folded since."""
+    for erased in dropped or ():
+        user_id, at = erased["user_id"], erased["dropped_at"]
+        conn.execute(delete(db.user_state).where(db.user_state.c.user_id == user_id))
+        conn.execute(delete(db.user_features).where(db.user_features.c.user_id == user_id))
+        conn.execute(delete(db.tip_scores).where(and_(db.tip_scores.c.user_id == user_id,
+                                                      db.tip_scores.c.created_at <= at)))
+        table = db.erasures
+        # Not a request made since (its time moved): that one drops what came after this one.
+        conn.execute(update(table).where(and_(table.c.user_id == user_id, table.c.status == "requested",
+                                              table.c.requested_at == erased["requested_at"]))
+                     .values(status="dropped", dropped_at=at, bounds=erased["bounds"], report=erased["report"]))

@@ -229,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     from app.models_cli import add_models_commands
 
     add_models_commands(commands)
+    from app.users_cli import add_users_commands
+
+    add_users_commands(commands)
 
     args = parser.parse_args(argv)
     from alembic.util import CommandError

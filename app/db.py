@@ -137,6 +137,22 @@ learner_state = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
+# Requests to forget a user (`app/erasure.py`): one row a user, the record that it was done. `status`
+# goes requested -> dropped (their state and rows deleted, in a checkpoint's transaction, with the
+# stream positions read to then: `bounds`) -> done (their messages deleted from the streams too).
+erasures = Table(
+    "erasures",
+    metadata,
+    Column("user_id", String(128), primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("requested_at", DateTime(timezone=True), nullable=False),
+    Column("requested_by", String(128), nullable=False),
+    Column("dropped_at", DateTime(timezone=True)),
+    Column("bounds", JSON),  # {stream: the last sequence whose messages of theirs are deleted}
+    Column("report", JSON),  # what was deleted, by where
+    Column("done_at", DateTime(timezone=True)),
+)
+
 
 WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024
 

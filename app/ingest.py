@@ -176,6 +176,9 @@ class StreamIngest:
         self.progress_every_s = jsx.ACK_WAIT_S / 3  # while a wait holds delivered messages (`_keep_in_progress`)
         self._progressed = 0.0
         self._held: list[jsx.RawMsg] = []
+        # Within a chunk's fold, which may wait (a user's state read, the learner): the store then holds
+        # part of the chunk, past the stream's position. A user is forgotten between two chunks.
+        self.folding = False
         # How many of the chunk's events a try that failed (a state that could not be loaded) had
         # folded and counted: the next try sees them again as duplicates, which they are not.
         self._counted_by_failed_try = 0
@@ -408,6 +411,13 @@ class StreamIngest:
             await asyncio.sleep(min(left, await self._keep_in_progress()))
 
     async def process(self, chunk: list[jsx.RawMsg]) -> None:
+        self.folding = True
+        try:
+            await self._process(chunk)
+        finally:
+            self.folding = False
+
+    async def _process(self, chunk: list[jsx.RawMsg]) -> None:
         store, rejected, live = self.store, [], self.caught_up
         taken = handed = 0  # the sink's answers: applied (True) or ignored, whatever the sink folds into
         limit, decode, sink, sink_reply, folds = self.max_event_bytes, self.decode, self.sink, self.sink_reply, self.folds

@@ -246,6 +246,9 @@ class Learner:
         self._gen = 0
         self._learn_seq = 0  # rewards learned so far; the models in SQL hold `_models_saved_seq` of them
         self._models_saved_seq = 0
+        # Users being forgotten (`app/erasure.py`) -> when: their decisions made until then are no longer
+        # held, also read back from DECISIONS (a start re-reads it) before their messages are deleted.
+        self.erasing: dict[str, int] = {}
 
     def _diverged(self, version: str) -> None:
         DIVERGED.labels(version).inc()
@@ -301,7 +304,9 @@ class Learner:
                 self._mark_row(entry)
                 entry.decision = None
         elif payload is not None:
-            self.decision_log.mark(tip_score_row(orjson.loads(payload), payload, None, None))
+            decision = orjson.loads(payload)
+            if not (self.erasing and self._forgotten(decision, decision_time_ms(decision_id) or 0)):
+                self.decision_log.mark(tip_score_row(decision, payload, None, None))
 
     @property
     def feedback_ms(self) -> int:
@@ -331,6 +336,8 @@ class Learner:
             timed = decision_time_ms(logged.id)
             created = timed or stored or None
             now_ms = int(self.clock() * 1000)
+            if self.erasing and self._forgotten(logged.parsed(), created or now_ms):
+                return False
             if created is not None and not self.rows_to_rebuild and created < self.window_end_ms() - self.window_ms:
                 return False  # replayed from before the join window: nothing can join it any more
             if (timed is not None and timed <= self.evicted_upto_ms and not self.replaying
@@ -485,6 +492,37 @@ class Learner:
     def _mark_row(self, entry: _Entry) -> None:
         decision = entry.decision if entry.decision is not None else orjson.loads(entry.data)
         self.decision_log.mark(tip_score_row(decision, entry.data, entry.credits, entry.rewarded_ms))
+
+    def _forgotten(self, decision: dict[str, Any], created_ms: int) -> bool:
+        """Whether `decision` was made for a user being forgotten, before the request was acted on."""
+        until = self.erasing.get(decision.get("user_id"))  # type: ignore[arg-type]
+        return until is not None and created_ms <= until
+
+    def forget_user(self, user_id: str, at_ms: int) -> int:
+        """Drop what the learner holds of `user_id`, a user to forget as of `at_ms`: their decisions
+        in the join cache, their reactions waiting for one, and their own features in every model
+        that learns (`TipModel.forget_user`); how many decisions went. Their decisions made until
+        then and read back later (a start re-reads DECISIONS) are not held again while `erasing`
+        names them. Feedback of theirs naming a decision that went counts as `unknown_decision`."""
+        self.erasing[user_id] = at_ms
+        needle = orjson.dumps(user_id)  # as decisions are encoded: only those that may be theirs are parsed
+        gone = 0
+        for cache in (self._replayed, self.cache):
+            theirs = [decision_id for decision_id, entry in cache.items()
+                      if needle in entry.data and orjson.loads(entry.data).get("user_id") == user_id]
+            for decision_id in theirs:
+                entry = cache.pop(decision_id)
+                self._credited.pop(decision_id, None)
+                self.cache_bytes -= len(entry.data) + ENTRY_OVERHEAD
+            gone += len(theirs)
+        self.waiting.drop_user(user_id)
+        for _, model in self.lineup.learning:
+            model.forget_user(user_id)
+        # The models changed without a reward: saved by the next snapshot, which is taken at once.
+        self._learn_seq += 1
+        self._changed = True
+        self.snapshot_at_next_checkpoint()
+        return gone
 
     # -- feedback ----------------------------------------------------------------------------
 

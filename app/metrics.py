@@ -38,6 +38,9 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
         self.checkpoint_users = Counter("tipstream_checkpoint_users_total", "User states written.", registry=r)
+        self.erasures_unfinished = Gauge(
+            "tipstream_erasures_unfinished", "Requests to forget a user not done yet (POST /admin/users/{id}/forget): "
+            "their messages in the streams still to delete, or the service unable to (its log says why).", registry=r)
         self.users_at_cap = Gauge(
             "tipstream_users_at_event_cap", "Users holding the most events of one kind a user's state keeps "
             "(streams.fold.MAX_RECORDS_PER_KIND in 31 days), as last checkpointed, while those are within 31 days of "

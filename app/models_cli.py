@@ -132,7 +132,11 @@ def _param(text: str) -> tuple[str, Any]:
         return name, value
 
 
-def _change(args: argparse.Namespace) -> int:
+def admin_call(url: str | None, path: str, body: dict[str, Any] | None, doing: str, see: str,
+               method: str = "POST") -> Any:
+    """The running service's answer to an admin request (`TIPSTREAM_ADMIN_TOKEN`), or the exit code after
+    saying on stderr why there is none. `doing` and `see` complete the messages: what the call is for,
+    and where to look whether it landed after all."""
     from app.startup import http_url
 
     settings = _settings()
@@ -140,18 +144,18 @@ def _change(args: argparse.Namespace) -> int:
     # can carry; http.client's ValueError was a traceback that showed the token.
     token = settings.admin_token.get_secret_value().strip() if settings.admin_token is not None else ""
     if not token:
-        print("Set TIPSTREAM_ADMIN_TOKEN to the server's admin token to change the registry.", file=sys.stderr)
+        print(f"Set TIPSTREAM_ADMIN_TOKEN to the server's admin token to {doing}.", file=sys.stderr)
         return 2
     if not all(" " <= c <= "~" for c in token):
         print("TIPSTREAM_ADMIN_TOKEN holds a character an HTTP header cannot carry (a control character, or "
               "one outside ASCII): use printable ASCII, on the server too.", file=sys.stderr)
         return 2
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    if args.url is None and settings.port == 0:  # http://host:0 was "connection refused"
+    if url is None and settings.port == 0:  # http://host:0 was "connection refused"
         print("TIPSTREAM_PORT is 0, so the service picked its port: pass --url as `tipstream run` printed it "
               "(tipstream on http://...).", file=sys.stderr)
         return 2
-    base = args.url or http_url(host, settings.port)
+    base = url or http_url(host, settings.port)
     if not base.startswith(("http://", "https://")):  # urllib said only "unknown url type"
         print(f"--url {base!r} needs its scheme, e.g. http://{base}.", file=sys.stderr)
         return 2
@@ -160,17 +164,8 @@ def _change(args: argparse.Namespace) -> int:
               "http://127.0.0.1:8000.", file=sys.stderr)
         return 2
     base = base.rstrip("/")
-    body: dict[str, Any] = {"actor": args.actor, "note": args.note}
-    if args.action == "rollback":
-        path = "/admin/rollback"
-    elif args.action == "register":
-        path = "/admin/models"
-        body |= {"version": args.version, "kind": args.kind, "params": dict(args.param or [])}
-    else:
-        # Quoted: "v 2" was a traceback (InvalidURL), and "v2/promote?" sent to evaluate promoted v2.
-        path = f"/admin/models/{urllib.parse.quote(args.version, safe='')}/{args.action}"
     request = urllib.request.Request(
-        base + path, data=json.dumps(body).encode(), method="POST",
+        base + path, data=None if body is None else json.dumps(body).encode(), method=method,
         headers={"Content-Type": "application/json",
                  "Authorization": f"Bearer {token}"})
     try:
@@ -195,16 +190,32 @@ def _change(args: argparse.Namespace) -> int:
         return 1
     except TimeoutError:  # the read, after the connection: the server took the change and is still at it
         print(f"{base} took more than {ANSWER_TIMEOUT_S:.0f} s to answer; the change may still land: see "
-              "`tipstream models list` before trying again.", file=sys.stderr)
+              f"{see} before trying again.", file=sys.stderr)
         return 1
     except json.JSONDecodeError:
         print(f"{base} answered, but not as tipstream does (no JSON): is --url the service's address?",
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a traceback before; the server, sent the change, goes on with it
-        print(f"Interrupted before {base} answered; the change may still land: see `tipstream models list` "
+        print(f"Interrupted before {base} answered; the change may still land: see {see} "
               "before trying again.", file=sys.stderr)
         return 130
+    return answer
+
+
+def _change(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"actor": args.actor, "note": args.note}
+    if args.action == "rollback":
+        path = "/admin/rollback"
+    elif args.action == "register":
+        path = "/admin/models"
+        body |= {"version": args.version, "kind": args.kind, "params": dict(args.param or [])}
+    else:
+        # Quoted: "v 2" was a traceback (InvalidURL), and "v2/promote?" sent to evaluate promoted v2.
+        path = f"/admin/models/{urllib.parse.quote(args.version, safe='')}/{args.action}"
+    answer = admin_call(args.url, path, body, "change the registry", "`tipstream models list`")
+    if isinstance(answer, int):
+        return answer
     if args.action in ("register", "evaluate"):
         print(json.dumps(answer, indent=2) if args.json else _card_summary(args.version, answer))
     else:

@@ -75,6 +75,9 @@ class OfflineFeatureWriter:
         self._in_pass: set[str] = set()
         self.rows_written = 0
         self.refused: str | None = None  # why the database is no longer this service's: it writes no row
+        # Users forgotten since the start: a row a pass computed before, written after their row was
+        # deleted, would bring their features back.
+        self.forgotten: set[str] = set()
 
     def holds(self, user_id: str) -> bool:
         """Whether a pass is still to read this user's state: it must stay in memory (it reads no other)."""
@@ -84,6 +87,12 @@ class OfflineFeatureWriter:
         """Called after each checkpoint with the users it saved."""
         self.pending.update(users)
         METRICS.offline_pending.set(len(self.pending))
+
+    def forget(self, user_id: str) -> None:
+        """A user to forget: no pass writes a row of theirs computed before now."""
+        self.pending.discard(user_id)
+        self._in_pass.discard(user_id)
+        self.forgotten.add(user_id)
 
     async def run(self) -> None:
         await every(self.every_s, self.write_pass, "a user_features pass")
@@ -119,6 +128,8 @@ class OfflineFeatureWriter:
                             rows.append(row)
                     # At most a tenth of the event loop: analytics must not slow ingest or the API.
                     await asyncio.sleep((time.perf_counter() - began) * (1 / CPU_SHARE - 1) if pause else 0)
+            if self.forgotten:
+                rows = [row for row in rows if row["user_id"] not in self.forgotten or row["user_id"] in self._in_pass]
             await asyncio.to_thread(self._write, rows)
         except BaseException:
             self.pending.update(users)

@@ -164,6 +164,12 @@ CHANGE_BODY = {
                    "note": {**_text(1000, min_length=0), "default": ""}},
 }
 
+FORGET_BODY = {
+    "type": "object", "additionalProperties": False,
+    "description": "who asks, kept with the request; an empty body takes the default",
+    "properties": {"actor": CHANGE_BODY["properties"]["actor"]},
+}
+
 REGISTER_BODY = {
     "type": "object", "required": ["version"], "additionalProperties": False,
     "properties": {
@@ -228,11 +234,28 @@ ROLES = {
                                "description": "the latest rollout history, oldest first"}},
 }
 
+_WHEN = {"type": ["string", "null"], "format": "date-time"}
+ERASURE = {
+    "type": "object", "required": ["user_id", "status", "requested_at", "requested_by"],
+    "properties": {
+        "user_id": {"type": "string"},
+        "status": {"enum": ["requested", "dropped", "done"], "description": "requested: saved, under way; dropped: "
+                   "their state, rows and the learner's hold of them are gone, their messages are being deleted; "
+                   "done"},
+        "requested_at": {"type": "string", "format": "date-time"}, "requested_by": {"type": "string"},
+        "dropped_at": _WHEN, "done_at": _WHEN,
+        "bounds": {"type": ["object", "null"], "additionalProperties": {"type": "integer"},
+                   "description": "per stream, the last sequence whose messages of theirs are deleted"},
+        "report": {"type": ["object", "null"], "description": "what was deleted, by where"},
+    },
+}
+
 COMPONENTS = {
     "schemas": {"ScoreRequest": SCORE_REQUEST, "ScoreAnswer": SCORE_ANSWER, "Error": ERROR,
                 "UserFeatures": USER_FEATURES, "ChangeBody": CHANGE_BODY, "RegisterBody": REGISTER_BODY,
                 "RolloutEntry": ROLLOUT_ENTRY, "ModelCard": MODEL_CARD, "ModelSummary": MODEL_SUMMARY,
-                "ModelList": MODEL_LIST, "ModelVersion": MODEL_VERSION, "Roles": ROLES},
+                "ModelList": MODEL_LIST, "ModelVersion": MODEL_VERSION, "Roles": ROLES,
+                "Erasure": ERASURE, "ForgetBody": FORGET_BODY},
     "securitySchemes": {"admin": {"type": "http", "scheme": "bearer",
                                   "description": "the server's TIPSTREAM_ADMIN_TOKEN"}},
 }

@@ -93,6 +93,20 @@ class WaitingFeedback:
                 self._unbucket(decision_id, entry[1], {})
         return waiting
 
+    def drop_user(self, user_id: str) -> int:
+        """Let go of every reaction of `user_id` waiting (a user to forget); how many."""
+        dropped = 0
+        for decision_id in list(self.by_decision):
+            waiting = self.by_decision[decision_id]
+            for key in [key for key in waiting if key[1] == user_id]:
+                entry = waiting.pop(key)
+                self._count -= 1
+                dropped += 1
+                self._unbucket(decision_id, entry[1], waiting)
+            if not waiting:
+                del self.by_decision[decision_id]
+        return dropped
+
     def expire(self, now: float) -> int:
         """Give up on the oldest reactions past the count, and on those older than `max_age_s`;
         how many."""

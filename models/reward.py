@@ -976,6 +976,60 @@ class TipModel:
             for name in names:
                 table.pop(name, None)
 
+    def forget_user(self, user: str) -> int:
+        """Drop what only `user` taught the model: their own features' weights, AdaGrad sums and FM
+        latents (`_own_features`), as when they leave (`user_ttl_days`); how many features went. What
+        every user shares (the intercept, the tips' and categories' weights, the scaler) keeps what
+        they taught it, as a rebuild without them would not, exactly: it is no one's alone.
+
+        >>> model = TipModel()
+        >>> for user in ("u-1", "u-10"):
+        ...     for _ in range(20):
+        ...         model.learn_one({"user_id": user, "category": "focus", "tip_id": "t"}, 1.0, at_ms=0)
+        >>> x = lambda user: {"user_id": user, "category": "focus", "tip_id": "t"}
+        >>> kept = model.predict_one(x("u-10"))
+        >>> model.forget_user("u-1"), model.forget_user("u-1")
+        (2, 0)
+        >>> model.predict_one(x("u-1")) == model.predict_one(x("someone new")), model.predict_one(x("u-10")) == kept
+        (True, True)
+        """
+        tags = self._expiry.forget(user) if self._expiry is not None else None
+        # Their tags are known only to a model that forgets users and learned them with a time; any
+        # other looks its tables over for the names their features have.
+        names = self._user_feature_names(user, tags) if tags is not None else self._names_of(user)
+        dropped = set()
+        for table in self._tables():
+            for name in names:
+                if table.pop(name, None) is not None:
+                    dropped.add(name)
+        return len(dropped)
+
+    def _names_of(self, user: str) -> list[str]:
+        """The names of `user`'s own features among those the model holds, found by their form (`cross`
+        names them): a pass over every feature.
+
+        >>> model = TipModel(user_ttl_days=0)
+        >>> model.learn_one({"user_id": "u-1", "category": "focus"}, 1.0)
+        >>> model.learn_one({"user_id": "u-10", "category": "focus"}, 1.0)
+        >>> sorted(model._names_of("u-1"))
+        ['user_id*category=u-1*focus', 'user_id_u-1']
+        """
+        whole, prefixes, suffixes = {f"{USER_INPUT}_{user}"}, [], []
+        for head, a, separator, b, tail in self._user_plan:
+            if a == USER_INPUT and b == USER_INPUT:
+                whole.add(head + user + separator + user + tail)
+            elif a == USER_INPUT:
+                prefixes.append((head + user + separator, tail))
+            else:
+                suffixes.append((head, separator + user + tail))
+        found = set()
+        for table in self._tables():
+            for name in table:
+                if name in whole or any(name.startswith(p) and name.endswith(t) for p, t in prefixes) or any(
+                        name.startswith(h) and name.endswith(t) for h, t in suffixes):
+                    found.add(name)
+        return list(found)
+
     @property
     def candidate_cache_items(self) -> int:
         """Inputs and features the candidate feature cache holds (`CANDIDATE_CACHE_ITEMS` at most)."""

@@ -125,6 +125,27 @@ class UserExpiry:
                     gone.append((u, users.pop(u)[1]))
         return gone
 
+    def forget(self, user: str) -> tuple[Hashable, ...] | None:
+        """Stop keeping `user` (a request to forget them); the tags of their own features, or None
+        when they are not held.
+
+        >>> expiry = UserExpiry(ttl_ms=64)
+        >>> expiry.touch("a", [("focus",)], at_ms=0), expiry.touch("b", [], at_ms=1)
+        ([], [])
+        >>> expiry.forget("a"), expiry.forget("a"), len(expiry), expiry.buckets
+        ((('focus',),), None, 1, {0: {'b'}})
+        """
+        entry = self.users.pop(user, None)
+        if entry is None:
+            return None
+        bucket = entry[0] // self.bucket_ms
+        held = self.buckets.get(bucket)
+        if held is not None:
+            held.discard(user)
+            if not held:
+                del self.buckets[bucket]
+        return entry[1]
+
     # -- copies and snapshots ------------------------------------------------------------------
 
     def __deepcopy__(self, memo: dict[int, Any]) -> UserExpiry:

@@ -133,6 +133,26 @@ class OnlineStore:
         self.ignored += 1
         return False
 
+    def forget(self, user_id: str) -> bool:
+        """Drop the user's state, a user to forget: from memory, and from what is loaded from the
+        checkpoint (whose row the caller deletes); False when none was held. An event of theirs
+        folded after this starts a new state.
+
+        >>> from streams.events import parse_event
+        >>> store = OnlineStore()
+        >>> store.apply(parse_event(b'{"id": "e1", "type": "app.opened", "user_id": "u", "ts": "2026-11-26T08:00:00Z"}'))
+        True
+        >>> store.forget("u"), store.forget("u"), store.users, store.begin_checkpoint()
+        (True, False, {}, ({}, []))
+        """
+        held = self.users.pop(user_id, None) is not None or user_id in self.cold or user_id in self.dormant
+        self.cold.discard(user_id)
+        self.dormant.discard(user_id)
+        self._dirty.discard(user_id)
+        for forget in self.on_rest:  # what holds their state besides the store lets go of it too
+            forget(user_id)
+        return held
+
     def advance(self, stream: str, seq: int) -> None:
         """Positions only move forward (two paths may report the same stream's progress)."""
         if seq > self.positions.get(stream, 0):

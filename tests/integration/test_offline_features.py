@@ -130,3 +130,40 @@ async def test_users_held_in_the_checkpoint_only_stay_pending_when_it_cannot_be_
         assert writer.pending == {"u-2"}, "kept for the next pass"
     finally:
         engine.dispose()
+
+
+async def test_a_row_computed_before_its_user_is_forgotten_is_not_written(
+        database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass evaluates, then writes in a worker thread: a user forgotten in between (their row deleted
+    by the checkpoint) got it back from the pass. One of theirs forgotten and come back is written."""
+    migrate.upgrade(database_url)
+    engine = make_engine(database_url)
+    store = _store()
+    writer = OfflineFeatureWriter(store, engine, every_s=60)
+    writer.saved(list(USERS))
+    write = writer._write
+
+    def forgotten_meanwhile(rows: list[dict[str, Any]]) -> None:
+        assert {row["user_id"] for row in rows} == {"u-1", "u-3"}
+        write(rows)
+
+    evaluate = offline.evaluate
+
+    def forget_u2_once_evaluated(state: Any, now_ms: int) -> Any:
+        values = evaluate(state, now_ms)
+        if state is store.users.get("u-2") and not writer.forgotten:
+            writer.forget("u-2")  # as the eraser does, on the loop, between the evaluation and the write
+        return values
+
+    monkeypatch.setattr(offline, "evaluate", forget_u2_once_evaluated)
+    monkeypatch.setattr(writer, "_write", forgotten_meanwhile)
+    try:
+        assert await writer.write_pass(pause=False) == 2
+        monkeypatch.setattr(writer, "_write", write)
+        writer.saved(["u-2"])  # their next event, saved by a checkpoint
+        assert await writer.write_pass(pause=False) == 1
+        with engine.connect() as conn:
+            written = set(conn.execute(sa.select(db.user_features.c.user_id)).scalars())
+        assert written == set(USERS)
+    finally:
+        engine.dispose()

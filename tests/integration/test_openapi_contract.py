@@ -181,6 +181,20 @@ async def test_every_answer_is_what_the_document_says(start_service, nc, tmp_pat
         assert await admin("/admin/models/{version}/shadow", "/admin/models/v1/shadow") == 409  # the champion
         assert await admin(register, "/admin/models", {"version": "-x"}) == 422
 
+        forget = "/admin/users/{user_id}/forget"
+
+        async def asked(url: str, headers: dict[str, str] = AUTH) -> int:
+            return contract.check(await http.get(url, headers=headers), forget).status_code
+
+        assert await admin(forget, "/admin/users/forget-me/forget", headers={}) == 401
+        assert await asked("/admin/users/forget-me/forget", headers={}) == 401
+        assert await asked("/admin/users/forget-me/forget", headers={"Authorization": "Bearer guess"}) == 403
+        assert await asked("/admin/users/forget-me/forget") == 404
+        assert await admin(forget, f"/admin/users/{'x' * 129}/forget") == 422
+        assert await asked("/admin/users/%FF/forget") == 422
+        assert await admin(forget, "/admin/users/forget-me/forget", {"actor": "dpo"}) == 202
+        assert await asked("/admin/users/forget-me/forget") == 200
+
         assert contract.check(await http.get("/healthz"), "/healthz").status_code == 200
         assert contract.check(await http.get("/readyz"), "/readyz").status_code == 200
         assert contract.check(await http.get("/metrics"), "/metrics").status_code == 200

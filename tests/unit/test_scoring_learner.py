@@ -1865,3 +1865,43 @@ def test_a_decision_served_while_decisions_are_read_back_is_re_read_after_a_rest
     assert snapshot is not None
     assert orjson.loads(snapshot["state"])["positions"]["DECISIONS"] == 0, "re-read from where it was served"
     assert world.learner._lookup(served.decision_id) is not None
+
+
+def test_forgetting_a_user_drops_their_decisions_waiting_reactions_and_own_features(world: World) -> None:
+    from app import learner as learner_module
+
+    mine, theirs = world.score(user="u-1"), world.score(user="u-10")
+    world.react(mine.decision_id, "a", user="u-1")
+    world.react(theirs.decision_id, "a", user="u-10")
+    coming = world.score(user="u-1", serve=False)  # a decision still to come, a reaction waiting for it
+    world.react(coming.decision_id, "b", user="u-1")
+    world.react(coming.decision_id, "b", user="u-10")  # another user's, waiting beside it
+    x = {"user_id": "u-10", "tip_id": "a"}
+    kept = {v: m.predict_one(x) for v, m in world.lineup.learning}
+    cached = world.learner.cache_bytes
+    world.learner.saved(world.learner.snapshot())
+    assert world.learner.snapshot(force=False) is None or not world.learner.snapshot()["models"]
+
+    at_ms = int(time.time() * 1000) + 1  # as the service acts: by the clock the decision ids are timed by
+    assert world.learner.forget_user("u-1", at_ms) == 1
+    assert list(world.learner.cache) == [theirs.decision_id]
+    assert world.learner.cache_bytes == cached - len(mine.payload) - learner_module.ENTRY_OVERHEAD
+    assert [key for waits in world.learner.waiting.by_decision.values() for key in waits] == [("b", "u-10")]
+    assert len(world.learner.waiting) == 1
+    assert all(m.forget_user("u-1") == 0 for _, m in world.lineup.learning), "nothing of theirs left in a model"
+    assert {v: m.predict_one(x) for v, m in world.lineup.learning} == kept
+    # Their decisions made until then are not held again, read back from DECISIONS or acknowledged late,
+    # and get no tip_scores row; another user's are, and a decision of theirs made later is new.
+    snapshot = world.learner.snapshot()
+    assert snapshot is not None and set(snapshot["models"]) == {"v1", "v2"}, "saved without them, though no reward came"
+    assert not world.learner.add_logged(LoggedDecision(mine.decision_id, mine.payload))
+    world.learner.published(coming.decision_id, coming.payload)
+    assert mine.decision_id not in world.learner.cache and coming.decision_id not in world.learner.cache
+    assert coming.decision_id not in world.log.dirty
+    while int(time.time() * 1000) <= at_ms:  # a decision made later is timed later
+        time.sleep(0.001)
+    later = world.score(user="u-1")
+    assert later.decision_id in world.learner.cache
+    before = outcomes()
+    world.react(later.decision_id, "a", user="u-1")
+    assert delta(before) == {"credited": 1}

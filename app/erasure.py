@@ -1,0 +1,271 @@
+"""Forgetting a user: a request to erase what tipstream holds of them (the right to erasure).
+
+Each request is a row of `erasures`, its `status` moving on as each step is done:
+
+1. `requested`: saved before anything else, so that a stop or a crash never loses it; the service
+   takes it up at once, or at its next start.
+2. Between two chunks of ingest (no stream's chunk half folded), holding the checkpoint lock: the
+   user's state goes from memory with /score's cache of it (`OnlineStore.forget`), and from the
+   learner their decisions, their reactions waiting for one, and their own features in every model
+   that learns (`Learner.forget_user`). `bounds`: the stream positions read to then.
+3. A checkpoint at once deletes their `user_state`, `user_features` and `tip_scores` rows and marks
+   the request `dropped`, with its bounds, in the transaction that saves positions past them
+   (`checkpoint_rows.write_erasures`): a restart never folds those events again.
+4. Their messages up to the bounds are deleted from SIGNALS, FEEDBACK, DECISIONS and the DLQ
+   (`streams.scrub`), so a rebuild from the log never brings them back; then the `tip_scores` rows
+   of their decisions acknowledged meanwhile, and their own features in the saved bytes of the
+   versions that no longer learn (retired ones).
+5. `done`, with a report of what went where.
+
+What is theirs and stays: what every user shares in the models (the intercept, the tips' weights,
+the popularity prior) keeps what their rewards taught it; the `erasures` row, the record that the
+request was made and done. Events of theirs read after step 2 are new: the user came back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import and_, delete, select, update
+from sqlalchemy.engine import Engine
+
+from app import db
+from app.checkpoint_rows import write_erasures
+from app.metrics import METRICS
+from streams import jetstream as jsx
+from streams.store import OnlineStore
+
+log = logging.getLogger("tipstream.erasure")
+POLL_S = 30.0  # requests are also looked for this often: one saved while the database was away
+RETRY_MAX_S = 60.0
+PROGRESS_EVERY_S = 10.0
+SCRUBBED = (jsx.SIGNALS.name, jsx.FEEDBACK.name, jsx.DECISIONS.name, jsx.DLQ.name)
+
+Scrub = Callable[..., Awaitable[Any]]
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)  # SQLite hands back no zone
+
+
+def _ms(moment: datetime) -> int:
+    return int(_utc(moment).timestamp() * 1000)
+
+
+class Eraser:
+    """Takes requests to forget users through the steps above; a checkpoint participant (step 3)."""
+
+    name = "erasures"
+    write = staticmethod(write_erasures)
+
+    def __init__(self, engine: Engine, store: OnlineStore, learner: Any, *, checkpoint: Callable[[], Awaitable[Any]],
+                 lock: asyncio.Lock, ingests: Sequence[Any] = (), offline: Any = None,
+                 js: Any = None, scrub: Scrub | None = None,
+                 learning_versions: Callable[[], set[str]] | None = None) -> None:
+        self.engine, self.store, self.learner = engine, store, learner
+        self.checkpoint, self.lock, self.ingests, self.offline = checkpoint, lock, ingests, offline
+        self.js, self.scrub = js, scrub
+        # The versions that learn, whose models the learner's snapshot saves: any other's bytes are
+        # rewritten here (step 4).
+        self.learning_versions = learning_versions or set
+        self._dropped: list[dict[str, Any]] = []  # step 2 done, step 3 not committed yet
+        self._wake = asyncio.Event()
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def request(self, user_id: str, actor: str) -> dict[str, Any]:
+        """Save a request to forget `user_id` (a worker thread); the row. A user asked for again (done,
+        or on the way) is taken through every step again: events of theirs may have come since."""
+        now = datetime.now(UTC)
+        row = {"user_id": user_id, "status": "requested", "requested_at": now, "requested_by": actor,
+               "dropped_at": None, "bounds": None, "report": None, "done_at": None}
+        with self.engine.begin() as conn:
+            db.upsert(conn, db.erasures, [row], ["user_id"])
+        return _shown(row)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def status(self, user_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(db.erasures).where(db.erasures.c.user_id == user_id)).mappings().first()
+        return _shown(dict(row)) if row is not None else None
+
+    def resume(self) -> None:
+        """At the start, before DECISIONS is read back: the users whose messages are still to delete are
+        forgotten by the learner as of then (their decisions read back are not held again)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(db.erasures.c.user_id, db.erasures.c.dropped_at)
+                                .where(db.erasures.c.status == "dropped")).all()
+        for user_id, dropped_at in rows:
+            self.learner.erasing[user_id] = _ms(dropped_at)
+
+    # -- the checkpoint participant (step 3) --------------------------------------------------------
+
+    def snapshot(self) -> list[dict[str, Any]] | None:
+        return list(self._dropped) or None
+
+    def saved(self, snapshot: list[dict[str, Any]]) -> None:
+        self._dropped = [entry for entry in self._dropped if not any(entry is saved for saved in snapshot)]
+        self._wake.set()
+
+    # -- the work --------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        backoff = 1.0
+        while True:
+            try:
+                await self.work()
+                backoff = 1.0
+                timeout = POLL_S
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # noqa: BLE001 - the database or NATS away: the request waits, saved
+                log.warning("forgetting a user did not go through (%s: %s); trying again in %.0f s. The request is "
+                            "saved and goes on from the step it reached.", type(error).__name__, error, backoff)
+                timeout, backoff = backoff, min(backoff * 2, RETRY_MAX_S)
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+
+    async def work(self) -> int:
+        """Take every request saved through every step it has still to go; how many were done."""
+        rows = await asyncio.to_thread(self._unfinished)
+        METRICS.erasures_unfinished.set(len(rows))
+        waiting = {entry["user_id"] for entry in self._dropped}
+        requested = [row for row in rows if row["status"] == "requested" and row["user_id"] not in waiting]
+        if requested:
+            await self._drop(requested)
+        if self._dropped:
+            await self.checkpoint()
+            rows = await asyncio.to_thread(self._unfinished)
+        # Users dropped together share their bounds: their messages are found in one pass over the
+        # streams (a scan of millions of messages each), and the report counts that pass's.
+        together: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            if row["status"] == "dropped":
+                together.setdefault(orjson.dumps(row["bounds"], option=orjson.OPT_SORT_KEYS).decode(), []).append(row)
+        done = 0
+        for group in together.values():
+            await self._delete_messages(group)
+            done += len(group)
+        METRICS.erasures_unfinished.set(len(rows) - done)
+        return done
+
+    def _unfinished(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            query = select(db.erasures).where(db.erasures.c.status != "done").order_by(db.erasures.c.requested_at)
+            return [dict(row) for row in conn.execute(query).mappings()]
+
+    async def _between_chunks(self) -> None:
+        # A chunk's fold can wait (a user's state read from the database): the store then holds
+        # events past the position, which the bounds would leave out of step 4.
+        while any(ingest.folding for ingest in self.ingests):
+            await asyncio.sleep(0.001)
+
+    async def _drop(self, rows: list[dict[str, Any]]) -> None:
+        """Step 2, for each of `rows`."""
+        # Asked first too: NATS away, nothing is dropped yet, and the whole step is tried again.
+        ends = await self._ends()
+        async with self.lock:
+            await self._between_chunks()
+            at = datetime.now(UTC)
+            entries = []
+            for row in rows:
+                user_id = row["user_id"]
+                held = self.store.forget(user_id)
+                decisions = self.learner.forget_user(user_id, _ms(at))
+                if self.offline is not None:
+                    self.offline.forget(user_id)
+                positions = self.store.positions
+                entries.append({
+                    "user_id": user_id, "requested_at": row["requested_at"], "dropped_at": at,
+                    "bounds": {stream: positions.get(stream, 0) for stream in (jsx.SIGNALS.name, jsx.FEEDBACK.name)},
+                    "report": {"state": held, "decisions_held": decisions},
+                })
+            # Nothing is folded from these two: whatever they hold now was stored before the request
+            # was acted on. (A decision of theirs on its way to JetStream is not held again: `erasing`.)
+            with contextlib.suppress(Exception):  # as asked before, then
+                ends = await self._ends()
+            for entry in entries:
+                entry["bounds"].update(ends)
+                log.info("forgetting user %r: their state and what the learner held of them are gone (%s); their "
+                         "messages through %s are deleted next", entry["user_id"], entry["report"], entry["bounds"])
+            self._dropped.extend(entries)
+
+    async def _ends(self) -> dict[str, int]:
+        """The last sequence DECISIONS and the DLQ hold."""
+        if self.js is None:
+            return dict.fromkeys((jsx.DECISIONS.name, jsx.DLQ.name), 0)
+        return {stream: int((await self.js.stream_info(stream)).state.last_seq)
+                for stream in (jsx.DECISIONS.name, jsx.DLQ.name)}
+
+    async def _delete_messages(self, rows: list[dict[str, Any]]) -> None:
+        """Steps 4 and 5 for requests dropped together (the same bounds)."""
+        users, bounds = frozenset(row["user_id"] for row in rows), rows[0]["bounds"] or {}
+        shown = ", ".join(sorted(map(repr, users)))
+        found: dict[str, int] = {"users_in_pass": len(users)} if len(users) > 1 else {}
+        if self.scrub is not None and self.js is not None:
+            for stream in SCRUBBED:
+                last = [time.monotonic()]
+
+                def progress(scanned: int, through: int, stream: str = stream, last: list[float] = last) -> None:
+                    if time.monotonic() - last[0] >= PROGRESS_EVERY_S:
+                        last[0] = time.monotonic()
+                        log.info("forgetting %s: %s read to #%d of #%d", shown, stream, scanned, through)
+
+                result = await self.scrub(self.js, stream, users, int(bounds.get(stream, 0)), progress)
+                found[f"messages_{stream.lower()}"] = result.deleted
+        async with self.lock:  # a registry change (a rollback to a retired version) loads the bytes rewritten here
+            reports = await asyncio.to_thread(self._finish, rows, self.learning_versions(), found)
+        for row, report in zip(rows, reports, strict=True):
+            until = _ms(row["dropped_at"])
+            if self.learner.erasing.get(row["user_id"]) == until:
+                del self.learner.erasing[row["user_id"]]
+            log.info("forgot user %r: %s", row["user_id"], report)
+
+    def _finish(self, rows: list[dict[str, Any]], learning: set[str], found: dict[str, int]) -> list[dict[str, Any]]:
+        """In a worker thread, for requests dropped together: the `tip_scores` rows of their decisions
+        acknowledged after step 3, their features in the versions that do not learn (each loaded once),
+        and the requests marked done; their reports."""
+        from models.reward import TipModel  # the models are the service's; not this module's importers'
+
+        table, versions, erasures = db.tip_scores, db.model_versions, db.erasures
+        reports = []
+        with self.engine.begin() as conn:
+            retired: dict[str, int] = {}
+            for version, blob in conn.execute(select(versions.c.version, versions.c.model)
+                                              .where(versions.c.model.is_not(None))).all():
+                if version in learning:
+                    continue
+                model = TipModel.from_bytes(bytes(blob))
+                held = {row["user_id"] for row in rows if model.forget_user(row["user_id"])}
+                if held:
+                    conn.execute(update(versions).where(versions.c.version == version).values(model=model.to_bytes()))
+                for user_id in held:
+                    retired[user_id] = retired.get(user_id, 0) + 1
+            for row in rows:
+                user_id, at = row["user_id"], _utc(row["dropped_at"])
+                late = conn.execute(delete(table).where(and_(table.c.user_id == user_id,
+                                                             table.c.created_at <= at))).rowcount
+                report = {**(row["report"] or {}), **found, "tip_scores_late": late,
+                          "retired_models": retired.get(user_id, 0)}
+                conn.execute(update(erasures).where(and_(erasures.c.user_id == user_id, erasures.c.status == "dropped",
+                                                         erasures.c.dropped_at == row["dropped_at"]))
+                             .values(status="done", report=report, done_at=datetime.now(UTC)))
+                reports.append(report)
+        return reports
+
+
+def _shown(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as JSON can carry it (SQLAlchemy's keys are a subclass of str, which orjson refuses)."""
+    return {str(key): (_utc(value).isoformat() if isinstance(value, datetime) else value) for key, value in row.items()}

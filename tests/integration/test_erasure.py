@@ -1,0 +1,214 @@
+"""Forgetting a user (`POST /admin/users/{id}/forget`): their state, rows, the learner's hold of them
+and their messages in every stream go; every other user's stay as they were. Real nats-server, real
+HTTP, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import orjson
+import sqlalchemy as sa
+from nats.js.errors import NotFoundError
+
+from app.erasure import Eraser
+from models.reward import TipModel
+from streams.jetstream import publish_events
+from tests.conftest import eventually
+
+TOKEN = "erasure-token-for-tests"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+NOW = "2026-11-26T09:00:00+01:00"
+USERS = ("u-1", "u-10", "u-2")  # u-1 is forgotten; u-10 has its id as a prefix
+CANDIDATES = [{"tip_id": "tip-focus-1", "category": "focus"}, {"tip_id": "tip-breaks-1", "category": "breaks"}]
+
+
+def signals(user: str) -> list[tuple[str, dict[str, Any]]]:
+    return [(f"signals.{kind}", {"id": f"{user}-e{i}", "type": kind, "user_id": user, "ts": f"2026-11-26T0{8 - i}:00:00+01:00",
+             "data": data}) for i, (kind, data) in enumerate([
+                 ("task.created", {"task_id": "t-1"}), ("task.completed", {"task_id": "t-1"}), ("app.opened", {})])]
+
+
+def reaction(user: str, decision_id: str) -> tuple[str, dict[str, Any]]:
+    return "feedback.tip.reacted", {"id": f"{user}-r", "type": "tip.reacted", "user_id": user, "ts": NOW,
+                                    "data": {"tip_id": "tip-focus-1", "decision_id": decision_id, "reaction": "acted"}}
+
+
+async def stored(js: Any, stream: str) -> dict[int, bytes]:
+    """Every message the stream holds, by sequence."""
+    info = await js.stream_info(stream)
+    held = {}
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        try:
+            held[seq] = (await js.get_msg(stream, seq)).data
+        except NotFoundError:
+            continue
+    return held
+
+
+def owner(data: bytes) -> str | None:
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return body.get("user_id") if isinstance(body, dict) else None
+
+
+def rows(url: str, table: str) -> dict[str, int]:
+    """Rows of `table` per user."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return dict(conn.execute(sa.text(f"select user_id, count(*) from {table} group by user_id")).all())
+    finally:
+        engine.dispose()
+
+
+async def forget(http: httpx.AsyncClient, user: str) -> dict[str, Any]:
+    answer = await http.post(f"/admin/users/{user}/forget", json={"actor": "dpo@example"}, headers=AUTH)
+    assert answer.status_code == 202, answer.text
+    return answer.json()
+
+
+async def status(http: httpx.AsyncClient, user: str) -> dict[str, Any]:
+    return (await http.get(f"/admin/users/{user}/forget", headers=AUTH)).json()
+
+
+async def traffic(running: Any, js: Any, http: httpx.AsyncClient) -> None:
+    """Each user's signals, a /score and a reaction to it; a bad event of u-1's in the DLQ."""
+    service = running.service
+    await publish_events(js, [event for user in USERS for event in signals(user)])
+    await js.publish("signals.task.created", orjson.dumps({"id": "u-1-bad", "type": "task.created", "user_id": "u-1",
+                                                            "ts": NOW, "data": {}}))
+    credited = service.learner.credited
+    for user in USERS:
+        answer = (await http.post("/score", json={"user_id": user, "explore": False, "context": {"now": NOW},
+                                                  "candidates": CANDIDATES})).json()
+        await publish_events(js, [reaction(user, answer["decision_id"])])
+    await eventually(lambda: service.learner.credited == credited + len(USERS), timeout=15)
+
+
+async def test_a_forgotten_user_is_gone_from_state_rows_models_and_streams(start_service, nc, database_url) -> None:
+    url = database_url
+    settings = {"database_url": url, "admin_token": TOKEN, "checkpoint_every_s": 0.2,
+                "offline_features_every_s": 0.2}
+    running = await start_service(**settings)
+    service, js = running.service, nc.jetstream()
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        await traffic(running, js, http)
+        await eventually(lambda: set(rows(url, "user_features")) == set(USERS)
+                         and set(rows(url, "tip_scores")) == set(USERS), timeout=15)
+        # A version that no longer learns, trained over the log: its saved bytes hold u-1 too.
+        assert (await http.post("/admin/models", json={"version": "v3"}, headers=AUTH)).status_code == 200
+        assert (await http.post("/admin/models/v3/retire", json={}, headers=AUTH)).status_code == 200
+        others = {user: service.store.users[user].to_bytes() for user in USERS[1:]}
+        x = {"user_id": "u-10", "category": "focus", "tip_id": "tip-focus-1"}
+        u10_score = service.lineup.champion.predict_one(x)
+        before = {stream: await stored(js, stream) for stream in ("SIGNALS", "FEEDBACK", "DECISIONS", "DLQ")}
+        assert all(any(owner(data) == "u-1" for data in held.values()) for held in before.values())
+
+        assert (await http.post("/admin/users/u-1/forget", json={})).status_code == 401
+        requested = await forget(http, "u-1")
+        assert requested["status"] == "requested" and requested["requested_by"] == "dpo@example"
+
+        async def done() -> bool:
+            return (await status(http, "u-1"))["status"] == "done"
+
+        await eventually(done, timeout=30)
+        report = (await status(http, "u-1"))["report"]
+        assert report["state"] is True and report["messages_signals"] == 4 and report["messages_dlq"] == 1
+        assert report["messages_feedback"] == 1 and report["messages_decisions"] == 1 and report["retired_models"] == 1
+
+        assert "u-1" not in service.store.users
+        assert (await http.get("/users/u-1/features")).json()["known"] is False
+        for user, blob in others.items():
+            assert service.store.users[user].to_bytes() == blob
+        for table in ("user_state", "user_features", "tip_scores"):
+            assert set(rows(url, table)) == {"u-10", "u-2"}, table
+        assert service.lineup.champion.forget_user("u-1") == 0, "nothing of theirs left to forget"
+        assert service.lineup.champion.predict_one(x) == u10_score
+        engine = sa.create_engine(url)
+        with engine.connect() as conn:
+            retired = conn.execute(sa.text("select model from model_versions where version = 'v3'")).scalar()
+        engine.dispose()
+        assert TipModel.from_bytes(bytes(retired)).forget_user("u-1") == 0
+        for stream, held in before.items():
+            after = await stored(js, stream)
+            assert {seq: data for seq, data in held.items() if owner(data) != "u-1"} == after, stream
+
+    await running.stop()
+    # A restart brings nothing of theirs back: the checkpoint and the learner's snapshot hold none.
+    again = await start_service(**settings)
+    await eventually(lambda: again.service.warm, timeout=15)
+    assert "u-1" not in again.service.store.users and set(again.service.store.users) == {"u-10", "u-2"}
+    assert again.service.lineup.champion.forget_user("u-1") == 0
+    # Their next event is a new user's first.
+    await publish_events(js, [("signals.app.opened", {"id": "u-1-back", "type": "app.opened", "user_id": "u-1", "ts": NOW,
+                                                      "data": {}})])
+    await eventually(lambda: "u-1" in again.service.store.users)
+    assert again.service.store.users["u-1"].events_kept == 1
+
+
+async def test_a_request_outlives_a_crash_at_each_step(start_service, nc, tmp_path, monkeypatch) -> None:
+    url = f"sqlite:///{tmp_path / 'erasure.db'}"
+    settings = {"database_url": url, "admin_token": TOKEN, "checkpoint_every_s": 0.2}
+    running = await start_service(**settings)
+    js = nc.jetstream()
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        await traffic(running, js, http)
+    await running.stop()
+
+    # Saved while the service was down: taken up at the start.
+    Eraser(sa.create_engine(url), None, None, checkpoint=None, lock=None).request("u-1", "dpo")  # type: ignore[arg-type]
+    # And the service stops after step 3, before any message is deleted.
+    from app import erasure
+
+    stopped = []
+
+    async def stop_before_deleting(self: Eraser, rows: list[dict[str, Any]]) -> None:
+        stopped.extend(row["user_id"] for row in rows)
+
+    monkeypatch.setattr(erasure.Eraser, "_delete_messages", stop_before_deleting)
+    second = await start_service(**settings)
+    await eventually(lambda: "u-1" in stopped, timeout=15)
+    assert "u-1" not in second.service.store.users
+    assert set(rows(url, "user_state")) == {"u-10", "u-2"}
+    await second.stop()
+    assert any(owner(data) == "u-1" for data in (await stored(js, "SIGNALS")).values())
+
+    monkeypatch.undo()
+    third = await start_service(**settings)
+    # Their decision, read back from DECISIONS at the start, is not held again while it waits to be deleted.
+    assert not any(owner(entry.data) == "u-1" for entry in [*third.service.learner.cache.values(),
+                                                             *third.service.learner._replayed.values()])
+    async with httpx.AsyncClient(base_url=third.base_url) as http:
+        async def done() -> bool:
+            return (await status(http, "u-1"))["status"] == "done"
+
+        await eventually(done, timeout=30)
+    for stream in ("SIGNALS", "FEEDBACK", "DECISIONS", "DLQ"):
+        assert not any(owner(data) == "u-1" for data in (await stored(js, stream)).values()), stream
+    assert "u-1" not in third.service.learner.erasing
+    assert "u-1" not in third.service.store.users
+
+
+async def test_the_cli_forgets_a_user_through_the_service(start_service, nc, tmp_path, monkeypatch, capsys) -> None:
+    from app.cli import main
+
+    running = await start_service(admin_token=TOKEN, checkpoint_every_s=0.2)
+    await publish_events(nc.jetstream(), signals("org/42"))  # a '/' in the id: quoted whole in the path
+    await eventually(lambda: "org/42" in running.service.store.users)
+    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", TOKEN)
+    url = ["--url", running.base_url]
+    assert await asyncio.to_thread(main, ["users", "forget", "org/42", "--wait", "--actor", "dpo", *url]) == 0
+    out = capsys.readouterr().out
+    assert "org/42: requested (asked " in out and "org/42: done" in out and "messages_signals 3" in out
+    assert "org/42" not in running.service.store.users
+    assert await asyncio.to_thread(main, ["users", "forget-status", "org/42", *url]) == 0
+    assert "org/42: done" in capsys.readouterr().out
+    assert await asyncio.to_thread(main, ["users", "forget-status", "nobody", *url]) == 1
+    assert "refused (404): no request to forget user 'nobody'" in capsys.readouterr().err
+    monkeypatch.delenv("TIPSTREAM_ADMIN_TOKEN")
+    assert await asyncio.to_thread(main, ["users", "forget", "u-2", *url]) == 2
+    assert "Set TIPSTREAM_ADMIN_TOKEN to the server's admin token to forget a user." in capsys.readouterr().err

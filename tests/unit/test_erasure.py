@@ -1,0 +1,58 @@
+"""The eraser's step 2 (`app/erasure.py`), without I/O."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from app.erasure import Eraser
+from streams.events import parse_event
+from streams.store import OnlineStore
+
+
+class Learner:
+    def __init__(self) -> None:
+        self.erasing: dict[str, int] = {}
+        self.forgotten: list[str] = []
+
+    def forget_user(self, user_id: str, at_ms: int) -> int:
+        self.erasing[user_id] = at_ms
+        self.forgotten.append(user_id)
+        return 0
+
+
+class Ingest:
+    folding = True
+
+
+def opened(event_id: str, user: str) -> Any:
+    return parse_event(orjson.dumps({"id": event_id, "type": "app.opened", "user_id": user,
+                                     "ts": "2026-11-26T08:00:00+01:00"}))
+
+
+async def test_a_user_is_forgotten_between_two_chunks_never_within_one() -> None:
+    """Within a chunk's fold (which may wait for a user's state read) the store holds events past the
+    stream's position: dropped then, the bounds would leave them out of the messages deleted, and a
+    rebuild from the log would bring them back."""
+    store, learner, ingest = OnlineStore(), Learner(), Ingest()
+    store.apply(opened("e1", "u"))
+    store.apply(opened("e2", "other"))
+    store.advance("SIGNALS", 7)
+    eraser = Eraser(None, store, learner, checkpoint=None, lock=asyncio.Lock(), ingests=[ingest])  # type: ignore[arg-type]
+    dropping = asyncio.create_task(eraser._drop([{"user_id": "u", "requested_at": datetime.now(UTC)}]))
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert not dropping.done() and "u" in store.users and not learner.forgotten
+    store.apply(opened("e3", "u"))  # the rest of the chunk
+    store.advance("SIGNALS", 9)
+    ingest.folding = False
+    await dropping
+    assert set(store.users) == {"other"} and learner.forgotten == ["u"]
+    [entry] = eraser.snapshot() or []
+    assert entry["bounds"] == {"SIGNALS": 9, "FEEDBACK": 0, "DECISIONS": 0, "DLQ": 0}
+    assert entry["report"] == {"state": True, "decisions_held": 0}
+    eraser.saved([entry])
+    assert eraser.snapshot() is None
