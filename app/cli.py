@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     from alembic.util import CommandError
     from sqlalchemy.exc import SQLAlchemyError
 
+    from app.db import DatabaseEncodingError
     from app.settings import SettingsError, get_settings
     from app.startup import StartupError, explain
 
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tipstream: {error}", file=sys.stderr)
         return 1
     # `models list`/`card` open (and migrate) the database as `run` does
-    except (SQLAlchemyError, ValueError, CommandError) as error:
+    except (SQLAlchemyError, ValueError, CommandError, DatabaseEncodingError) as error:
         told = explain(error, get_settings())
         if told is None:
             raise

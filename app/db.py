@@ -187,10 +187,36 @@ def make_engine(url: str) -> Engine:
 
         return engine
     try:
-        return create_engine(url, pool_pre_ping=True, connect_args=_network_bounds(url))
+        engine = create_engine(url, pool_pre_ping=True, connect_args=_network_bounds(url))
     except ImportError as error:  # e.g. mysql://: SQLAlchemy knows the dialect, but its driver is not installed
         raise ArgumentError(f"its driver, {error.name}, is not installed; tipstream runs on PostgreSQL (psycopg) "
                             "and SQLite") from None
+    if engine.dialect.name == "postgresql":
+        # Before SQLAlchemy's own first query (insert=True), which a SQL_ASCII database fails with a TypeError.
+        event.listen(engine, "first_connect", _refuse_other_encodings, insert=True)
+    return engine
+
+
+class DatabaseEncodingError(Exception):
+    """A PostgreSQL database not encoded in UTF8."""
+
+
+def _refuse_other_encodings(dbapi_connection: Any, _record: Any) -> None:
+    """Ids, tip ids and features are any Unicode text. A LATIN1 database took the tables and every
+    row, until the first user id outside LATIN1 failed its checkpoint, and every checkpoint after
+    it, as that user's state was retried with the rest; a SQL_ASCII one failed the migration with
+    a TypeError (the driver hands its text back as bytes)."""
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SELECT current_database(), current_setting('server_encoding')")
+        name, encoding = (value.decode("ascii", "replace") if isinstance(value, bytes) else value
+                          for value in cursor.fetchone())
+    dbapi_connection.rollback()  # as the pool hands it over: no transaction open
+    if encoding.upper() != "UTF8":
+        raise DatabaseEncodingError(
+            f"The PostgreSQL database {name} is encoded {encoding}, not UTF8: tipstream keeps user ids, tip ids and "
+            f"features as Unicode text, and the first one {encoding} cannot hold would fail every checkpoint from "
+            f"then on. Create a UTF8 database (`createdb -E UTF8 -T template0 <name>`) and set DATABASE_URL to it; "
+            f"to keep what this one holds, copy it over first (`pg_dump {name} | psql <name>`).")
 
 
 # How long a PostgreSQL host may stay silent before a call gives up (and the caller treats the

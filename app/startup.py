@@ -329,6 +329,10 @@ def explain(error: BaseException, settings: Settings) -> StartupError | None:
                             "TIPSTREAM_DATA_DIR.")
     if isinstance(error, DBAPIError):
         return _database_error(error, settings)
+    from app.db import DatabaseEncodingError
+
+    if isinstance(error, DatabaseEncodingError):
+        return StartupError(str(error))
     from alembic.util import CommandError
 
     from app.migrate import MigrationBlocked

@@ -292,6 +292,41 @@ def test_a_postgresql_user_that_may_not_create_tables_is_told_the_grant(
     assert "LINE" not in err and "createdb" not in err
 
 
+@pytest.mark.parametrize("encoding", ["LATIN1", "SQL_ASCII"])
+def test_a_postgresql_database_not_in_utf8_is_refused_before_anything_is_written(
+        encoding: str, postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A LATIN1 database took the migration, the start and every row until the first user id outside
+    LATIN1: that checkpoint failed, and every one after it (the user's state is retried with the
+    rest). A SQL_ASCII one failed the migration with a TypeError from SQLAlchemy's first query."""
+    import psycopg
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+
+    from app.db import DatabaseEncodingError
+    from tests.conftest import POSTGRES_ADMIN_URL
+
+    name = f"{make_url(postgres_url).database}_{encoding.lower()}"
+    url = make_url(postgres_url).set(database=name).render_as_string(False)
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE \"{name}\" ENCODING '{encoding}' TEMPLATE template0 "
+                             "LC_COLLATE 'C' LC_CTYPE 'C'"))
+    monkeypatch.setenv("DATABASE_URL", url)
+    try:
+        with pytest.raises(DatabaseEncodingError, match=f"encoded {encoding}, not UTF8"):
+            migrate.upgrade(url)
+        assert main(["migrate"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"tipstream: The PostgreSQL database {name} is encoded {encoding}, not UTF8"), err
+        assert "createdb -E UTF8 -T template0" in err and err.count("\n") == 1
+        with psycopg.connect(make_url(url).set(drivername="postgresql").render_as_string(False)) as conn:
+            assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone() == (0,)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 def test_docs_from_another_directory_regenerate_the_docs_beside_the_readme(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's table was updated where it is, but the other files went to ./docs, a new one."""
