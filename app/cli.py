@@ -66,7 +66,7 @@ def _migrate(args: argparse.Namespace) -> int:
     from app import migrate
     from app.service_lock import ServiceLock, ServiceLockTaken
     from app.settings import get_settings
-    from app.startup import data_dir_holder, shown_database_url
+    from app.startup import data_dir_holder, explain, shown_database_url
 
     settings = get_settings()
     url = settings.sqlalchemy_url
@@ -98,9 +98,9 @@ def _migrate(args: argparse.Namespace) -> int:
         print(f"A tipstream service runs against {shown_database_url(url)} ({taken.holder}): stop it before "
               f"{command}, {then}.", file=sys.stderr)
         return 1
-    except CommandError as error:
-        print(error, file=sys.stderr)
-        return 2
+    except CommandError as error:  # a revision this release does not know: alembic's own words named no fix
+        print(f"tipstream: {explain(error, settings)}", file=sys.stderr)
+        return 1
     except migrate.MigrationBlocked as error:
         print(f"{shown_database_url(url)}: {error}", file=sys.stderr)
         return 1

@@ -340,10 +340,18 @@ def explain(error: BaseException, settings: Settings) -> StartupError | None:
     if isinstance(error, MigrationBlocked):
         return StartupError(f"Cannot migrate the database {shown_database_url(settings.sqlalchemy_url)}: {error}")
     if isinstance(error, CommandError):  # e.g. a revision this release does not know: a newer one migrated it
+        from app.migrate import revisions
+
         where, other = ("DATABASE_URL", "database") if settings.database_url else ("TIPSTREAM_DATA_DIR", "directory")
+        # A release rolled back finds the database its successor migrated: "run that release" is no fix
+        # for a rollback, and the downgrade only that release's migrations know how to do was not named.
+        head = revisions()[-1]
         return StartupError(f"Cannot migrate the database {shown_database_url(settings.sqlalchemy_url)} ({where}): "
                             f"{error}. Another release of tipstream wrote it (a newer one, if this one does not know "
-                            f"its revision): run that release on it, or set {where} to another {other}.")
+                            f"its revision): run that release on it, or set {where} to another {other}. To go back "
+                            f"to this release on it, stop the service, then take the database down to this release's "
+                            f"schema with the newer release's migrations: `.venv/bin/alembic downgrade {head}` in its "
+                            "directory (README, \"Upgrading\").")
     if isinstance(error, ValueError) and not _parses(settings.sqlalchemy_url):  # e.g. a port that is not a number
         return StartupError(f"DATABASE_URL cannot be read ({error}). Write it as "
                             "`postgresql+psycopg://user:password@host:5432/database`, or unset it for SQLite under "

@@ -513,6 +513,13 @@ def test_a_database_from_a_newer_release_is_one_message(tmp_path: Path, monkeypa
     told = explain(CommandError("Can't locate revision identified by '0099'"), get_settings())  # as from `run`
     assert told is not None and str(told).startswith("Cannot migrate the database sqlite:///")
     assert "'0099'" in str(told) and "(TIPSTREAM_DATA_DIR)" in str(told) and "run that release" in str(told)
+    # A release rolled back: the way back is the newer release's downgrade to this one's schema, named.
+    head = migrate.revisions()[-1]
+    assert f"`.venv/bin/alembic downgrade {head}` in its directory" in str(told)
+    capsys.readouterr()
+    assert main(["migrate"]) == 1  # alembic's bare "Can't locate revision identified by '0099'", exit code 2
+    err = capsys.readouterr().err
+    assert err == f"tipstream: {told}\n", err
 
 
 def test_a_change_answered_with_a_redirect_is_not_followed_with_the_token(
