@@ -125,13 +125,17 @@ def current(url: str) -> str | None:
     """The revision the database is at; None for an empty database, or an SQLite file that does
     not exist (which this does not create)."""
     from alembic.runtime.migration import MigrationContext
+    from sqlalchemy.engine import make_url
 
     from app.db import make_engine
 
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        if str(path) != ":memory:" and not path.exists():
-            return None
+    # SQLAlchemy's reading of the path, as make_engine's: cut from the text, `sqlite:///t.db?timeout=60`
+    # named no file (a database at head read as none: `models list` said there was none, and `migrate`
+    # refused beside a running service), and `sqlite+pysqlite:///t.db` was opened, creating the file.
+    parsed = make_url(url)
+    if (parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:")
+            and not Path(parsed.database).exists()):
+        return None
     engine = make_engine(url)
     try:
         with engine.connect() as connection:

@@ -112,6 +112,19 @@ def test_reading_the_registry_where_there_is_no_database_creates_none(
 
 
 
+def test_a_sqlite_url_with_a_query_or_a_driver_names_its_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`migrate.current` cut the path from the URL's text: with a query (`?timeout=60`) it looked for a
+    file named with it, found none, and said a database at head had no tables; with the driver named
+    (`sqlite+pysqlite://`) it opened the file, creating a database where there was none."""
+    url = f"sqlite:///{tmp_path / 'm.db'}?timeout=60"
+    monkeypatch.setenv("DATABASE_URL", url)
+    assert main(["migrate"]) == 0 and migrate.current(url) == migrate.revisions()[-1]
+    assert main(["models", "list"]) == 0 and "No model versions yet" in capsys.readouterr().out
+    missing = tmp_path / "missing.db"
+    assert migrate.current(f"sqlite+pysqlite:///{missing}") is None and not missing.exists()
+
+
 @pytest.mark.parametrize("command", [["models", "list"], ["models", "card", "v1"]])
 def test_the_registry_readers_given_a_service_url_say_they_read_the_database(
         command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
