@@ -65,6 +65,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
     from app import migrate
     from app.service_lock import ServiceLock, ServiceLockTaken
+    from app.service_lock import holder as service_holder
     from app.settings import get_settings
     from app.startup import data_dir_holder, explain, shown_database_url
 
@@ -87,6 +88,16 @@ def _migrate(args: argparse.Namespace) -> int:
         if drops or was is None or (was in known and known.index(was) < known.index(target)):
             print(f"A tipstream ({holder}) runs on {settings.data_dir.resolve()} (TIPSTREAM_DATA_DIR): stop it "
                   f"before {command}, {then}.", file=sys.stderr)
+            return 1
+    if not drops:
+        # An older release serving a PostgreSQL database from another host (or data directory) holds its lock:
+        # upgraded under it, it would not start again. Looked at, not taken: two `tipstream migrate` at once
+        # both go on (the migration's own lock orders them).
+        was = migrate.current(url)
+        target = known[-1] if args.revision == "head" else args.revision
+        if was in known and known.index(was) < known.index(target) and (holder := service_holder(url)) is not None:
+            print(f"A tipstream service runs against {shown_database_url(url)} ({holder}): stop it before "
+                  f"{command}, {then}.", file=sys.stderr)
             return 1
     # Held while the tables go, so that no service starts meanwhile (nor runs from another data directory).
     lock = ServiceLock(url)

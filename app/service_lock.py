@@ -204,15 +204,33 @@ class ServiceLock:
 
     @staticmethod
     def _holder(conn: Connection) -> str:
-        row = conn.execute(text(
-            "SELECT a.application_name, a.client_addr, a.pid, a.backend_start FROM pg_locks l "
-            "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
-            # Advisory locks are per database: a service on another database of the server is not the holder.
-            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-            "AND l.classid = :high AND l.objid = :low AND l.objsubid = 1"), _HALVES).first()
-        if row is None:
-            return "it let go just now: start again"
-        where = f" from {row.client_addr}" if row.client_addr is not None else ""
-        # Another role's session shows no address nor start time without pg_read_all_stats.
-        since = f", connected since {row.backend_start:%Y-%m-%d %H:%M:%S %Z}" if row.backend_start is not None else ""
-        return f"{row.application_name or 'unnamed'}{where}, server pid {row.pid}{since}"
+        return _holder_of(conn) or "it let go just now: start again"
+
+
+def holder(url: str) -> str | None:
+    """Who holds the PostgreSQL database's lock (a service running on it, from any host), without
+    taking it; None: no one, or not PostgreSQL. Taking it to see, `tipstream migrate` beside another
+    one, or beside a start, would have refused that one."""
+    if not url.startswith("postgresql"):
+        return None
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return _holder_of(conn)
+    finally:
+        engine.dispose()
+
+
+def _holder_of(conn: Connection) -> str | None:
+    row = conn.execute(text(
+        "SELECT a.application_name, a.client_addr, a.pid, a.backend_start FROM pg_locks l "
+        "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+        # Advisory locks are per database: a service on another database of the server is not the holder.
+        "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+        "AND l.classid = :high AND l.objid = :low AND l.objsubid = 1"), _HALVES).first()
+    if row is None:
+        return None
+    where = f" from {row.client_addr}" if row.client_addr is not None else ""
+    # Another role's session shows no address nor start time without pg_read_all_stats.
+    since = f", connected since {row.backend_start:%Y-%m-%d %H:%M:%S %Z}" if row.backend_start is not None else ""
+    return f"{row.application_name or 'unnamed'}{where}, server pid {row.pid}{since}"

@@ -457,6 +457,35 @@ def test_migrate_base_refuses_to_drop_the_tables_a_service_elsewhere_uses(
     assert main(["migrate", "base"]) == 0 and migrate.current(database_url) is None
 
 
+def test_migrate_refuses_to_upgrade_a_postgresql_database_a_service_elsewhere_serves(
+        postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """An older release on another host holds the database's lock: upgraded under it, it would not
+    start again. Only the data directory was looked at, and this one is not that service's."""
+    from app.service_lock import ServiceLock
+    from tests.conftest import reset_postgres
+
+    reset_postgres(postgres_url)
+    monkeypatch.setenv("DATABASE_URL", postgres_url)
+    monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))
+    older = migrate.revisions()[-2]
+    migrate.upgrade(postgres_url, older)
+    running = ServiceLock(postgres_url)
+    running.acquire()
+    try:
+        assert main(["migrate"]) == 1
+        err = capsys.readouterr().err
+        assert "A tipstream service runs against" in err and f"pid {os.getpid()}" in err, err
+        assert "stop it before `tipstream migrate`" in err and migrate.current(postgres_url) == older
+    finally:
+        running.release()
+    assert main(["migrate"]) == 0 and migrate.current(postgres_url) == migrate.revisions()[-1]
+    running.acquire()
+    try:  # at head: nothing to do, nothing refused
+        assert main(["migrate"]) == 0
+    finally:
+        running.release()
+
+
 @pytest.mark.parametrize(("url", "port", "problem"), [
     ("http://x y", "8000", "--url 'http://x y' is not the service's address: write it as http://HOST:PORT"),
     ("http://", "8000", "--url 'http://' is not the service's address"),
