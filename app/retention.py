@@ -10,7 +10,8 @@ Steps of one pass (every `EVERY_S` seconds):
 1. The cut is the wall clock less the bound.
 2. Delete the oldest `BATCH` rows whose `created_at` and `rewarded_at` (if any) are both before
    the cut, in a transaction of their own, in a worker thread (SQLite and psycopg let go of the
-   GIL while the database works); the checkpoint's transactions wait at most one batch.
+   GIL while the database works); the checkpoint's transactions wait at most one batch. A row a
+   checkpoint holds is left for the next pass (PostgreSQL's SKIP LOCKED): the pass waits for none.
 3. Repeat until a batch comes back short: after a long stop, a backlog of millions goes in
    one pass, a batch at a time, with progress logged.
 
@@ -58,7 +59,12 @@ def delete_before(conn: Connection, cut: datetime, limit: int) -> int:
     # In the outer statement too: PostgreSQL re-checks a row a concurrent checkpoint has just
     # rewarded against the outer conditions only, and the subquery's answer was read before it.
     old = (table.c.created_at < cut) & (table.c.rewarded_at.is_(None) | (table.c.rewarded_at < cut))
-    oldest = select(table.c.decision_id).where(old).order_by(table.c.created_at).limit(limit)
+    # Rows a checkpoint holds (rewriting old rows: a rebuild from the log, a backfill) are left for the
+    # next pass, not waited for: waiting, the delete and the checkpoint each held rows the other
+    # wanted, and PostgreSQL aborted one of them (deadlock detected), the checkpoint as often as not.
+    # Locked here first, the rows deleted are waited on by a checkpoint at most, never the other way.
+    oldest = (select(table.c.decision_id).where(old).order_by(table.c.created_at).limit(limit)
+              .with_for_update(skip_locked=True))
     return conn.execute(delete(table).where(table.c.decision_id.in_(oldest.scalar_subquery()), old)).rowcount
 
 

@@ -62,6 +62,37 @@ async def test_rows_older_than_the_bound_go_in_batches_and_younger_ones_stay(dat
     engine.dispose()
 
 
+async def test_a_pass_leaves_the_rows_a_checkpoint_holds_and_never_waits_for_them(postgres_url: str) -> None:
+    """A checkpoint rewriting old rows (a rebuild from the log with a shorter bound than the streams',
+    a backfill's rewards) and a pass each held rows the other went on to: PostgreSQL aborted one of
+    them, deadlock detected (18 in 20 s of both at once), the checkpoint as often as the pass. A pass
+    now takes only rows no one holds: the checkpoint waits for it at most, never the other way."""
+    from tests.conftest import reset_postgres
+
+    reset_postgres(postgres_url)
+    migrate.upgrade(postgres_url)
+    engine = db.make_engine(postgres_url)
+    # A wait for a row lock fails at once here, instead of ending in the deadlock the checkpoint makes below.
+    bounded = sa.create_engine(postgres_url, connect_args={"options": "-c lock_timeout=2000"})
+    cut = NOW - timedelta(days=30)
+    rows = [row(f"old-{i}", cut - timedelta(days=1, minutes=i)) for i in range(2)]
+    with engine.begin() as conn:
+        db.upsert(conn, db.tip_scores, rows, ["decision_id"])
+    try:
+        with engine.begin() as checkpoint:
+            rewarded = [{**r, "reward": 1.0, "rewards": {"t1": 1.0}, "rewarded_at": cut - timedelta(hours=1)}
+                        for r in rows]
+            db.upsert(checkpoint, db.tip_scores, rewarded[1:], ["decision_id"])  # holds old-1, not yet old-0
+            retention = TipScoresRetention(bounded, max_age_days=30, clock=NOW.timestamp)
+            assert await retention.prune() == 1  # old-0; old-1 is the next pass's
+            db.upsert(checkpoint, db.tip_scores, rewarded[:1], ["decision_id"])  # old-0 written back whole
+        assert decision_ids(engine) == {"old-0", "old-1"}
+        assert await retention.prune() == 2
+    finally:
+        bounded.dispose()
+        engine.dispose()
+
+
 async def test_the_service_deletes_old_rows_and_keeps_the_decisions_it_just_made(
         start_service: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from app import bootstrap
