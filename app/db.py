@@ -194,7 +194,18 @@ def make_engine(url: str) -> Engine:
     if engine.dialect.name == "postgresql":
         # Before SQLAlchemy's own first query (insert=True), which a SQL_ASCII database fails with a TypeError.
         event.listen(engine, "first_connect", _refuse_other_encodings, insert=True)
+        event.listen(engine, "connect", _in_utc)
     return engine
+
+
+def _in_utc(dbapi_connection: Any, _record: Any) -> None:
+    """Times read back in UTC, as SQLite's are and as everything else tipstream shows: PostgreSQL gives
+    a timestamptz in the session's zone, which initdb sets to the host's, so model cards and their
+    rollout history read back as '2026-11-25T20:31:00-03:30' beside entries added since in UTC. A SET,
+    not the `options` startup parameter, which PgBouncer refuses."""
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SET TIME ZONE 'UTC'")
+    dbapi_connection.commit()  # else the pool's rollback on the connection's return undoes it
 
 
 class DatabaseEncodingError(Exception):

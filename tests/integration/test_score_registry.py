@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 import sqlalchemy as sa
 
 from app import db, migrate
@@ -369,6 +370,28 @@ def test_the_registry_round_trips_through_sql_and_migrations_go_down(database_ur
     migrate.upgrade(database_url)
     if database_url.startswith("postgresql"):
         reset_postgres(database_url)
+
+
+def test_the_registry_reads_back_in_utc_whatever_the_server_s_time_zone(
+        postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL hands back a timestamptz in the session's zone, which initdb sets to the host's:
+    on such a server every registry time (cards, rollout history, `models list`) read back in it,
+    '2026-11-25T20:31:00-03:30' beside the UTC of everything else and of the entries added since."""
+    monkeypatch.setenv("PGTZ", "America/St_Johns")  # libpq's: the session's zone, as the server's default would
+    reset_postgres(postgres_url)
+    migrate.upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    try:
+        reg = Registry(clock=lambda: datetime(2026, 11, 26, 0, 1, tzinfo=UTC))
+        reg.register(ModelVersion("v1", "logreg", {}, ["a"], datetime(2026, 11, 26, tzinfo=UTC)), actor="ci")
+        reg.bootstrap("v1", actor="ops")
+        RegistryStore(engine).save(reg, known_entries=0, new_models={})
+        loaded, _ = RegistryStore(engine).load()
+        assert loaded.to_dict() == reg.to_dict()
+        assert loaded.history[0].at.isoformat() == "2026-11-26T00:01:00+00:00"
+    finally:
+        engine.dispose()
+        reset_postgres(postgres_url)
 
 
 def test_tip_scores_rows_keep_their_decision_across_0003(database_url: str) -> None:
