@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -218,11 +219,19 @@ def _refuse_other_encodings(dbapi_connection: Any, _record: Any) -> None:
     it, as that user's state was retried with the rest; a SQL_ASCII one failed the migration with
     a TypeError (the driver hands its text back as bytes)."""
     with dbapi_connection.cursor() as cursor:
-        cursor.execute("SELECT current_database(), current_setting('server_encoding')")
-        name, encoding = (value.decode("ascii", "replace") if isinstance(value, bytes) else value
-                          for value in cursor.fetchone())
+        cursor.execute("SELECT current_database(), current_setting('server_encoding'), "
+                       "to_regclass('stream_positions') IS NOT NULL")
+        name, encoding, serving = (value.decode("ascii", "replace") if isinstance(value, bytes) else value
+                                   for value in cursor.fetchone())
     dbapi_connection.rollback()  # as the pool hands it over: no transaction open
-    if encoding.upper() != "UTF8":
+    if encoding.upper() != "UTF8" and serving and encoding.upper() != "SQL_ASCII":
+        # A service already runs on it, and has met no id the encoding cannot hold (or its checkpoints
+        # would be failing): refused, an upgrade would stop it over what may never come. Said instead.
+        logging.getLogger("tipstream").warning(
+            "The PostgreSQL database %s is encoded %s, not UTF8: the first user id, tip id or feature %s cannot hold "
+            "will fail every checkpoint from then on. Move to a UTF8 database (`createdb -E UTF8 -T template0 "
+            "<name>`, `pg_dump %s | psql <name>`, then DATABASE_URL) before one comes.", name, encoding, encoding, name)
+    elif encoding.upper() != "UTF8":
         raise DatabaseEncodingError(
             f"The PostgreSQL database {name} is encoded {encoding}, not UTF8: tipstream keeps user ids, tip ids and "
             f"features as Unicode text, and the first one {encoding} cannot hold would fail every checkpoint from "

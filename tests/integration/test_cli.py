@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -307,7 +308,8 @@ def test_a_postgresql_user_that_may_not_create_tables_is_told_the_grant(
 
 @pytest.mark.parametrize("encoding", ["LATIN1", "SQL_ASCII"])
 def test_a_postgresql_database_not_in_utf8_is_refused_before_anything_is_written(
-        encoding: str, postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        encoding: str, postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
     """A LATIN1 database took the migration, the start and every row until the first user id outside
     LATIN1: that checkpoint failed, and every one after it (the user's state is retried with the
     rest). A SQL_ASCII one failed the migration with a TypeError from SQLAlchemy's first query."""
@@ -315,7 +317,7 @@ def test_a_postgresql_database_not_in_utf8_is_refused_before_anything_is_written
     import sqlalchemy as sa
     from sqlalchemy.engine import make_url
 
-    from app.db import DatabaseEncodingError
+    from app.db import DatabaseEncodingError, make_engine
     from tests.conftest import POSTGRES_ADMIN_URL
 
     name = f"{make_url(postgres_url).database}_{encoding.lower()}"
@@ -334,6 +336,16 @@ def test_a_postgresql_database_not_in_utf8_is_refused_before_anything_is_written
         assert "createdb -E UTF8 -T template0" in err and err.count("\n") == 1
         with psycopg.connect(make_url(url).set(drivername="postgresql").render_as_string(False)) as conn:
             assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone() == (0,)
+        if encoding == "LATIN1":
+            # One a service already runs on, not failing yet: an upgrade does not stop it; it is told.
+            with psycopg.connect(make_url(url).set(drivername="postgresql").render_as_string(False)) as conn:
+                conn.execute("CREATE TABLE stream_positions (stream text)")
+            caplog.set_level(logging.WARNING, logger="tipstream")
+            engine = make_engine(url)
+            with engine.connect() as conn:
+                assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+            engine.dispose()
+            assert f"The PostgreSQL database {name} is encoded LATIN1, not UTF8: the first user id" in caplog.text
     finally:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
