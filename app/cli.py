@@ -104,6 +104,14 @@ def _migrate(args: argparse.Namespace) -> int:
     try:
         if drops:
             lock.acquire()
+            if unfinished := _unfinished_erasures(url):
+                # Their messages are still in the streams: the rebuild would bring those users back, and the
+                # requests, in the tables dropped, would be gone.
+                print(f"{len(unfinished)} request(s) to forget a user are not done ({', '.join(map(repr, unfinished[:5]))}"
+                      f"{', ...' if len(unfinished) > 5 else ''}): dropped now, a rebuild from the log would bring "
+                      "those users back. Start the service until `tipstream users forget-status <id>` says done "
+                      "(tipstream_erasures_unfinished 0), then stop it and drop the tables.", file=sys.stderr)
+                return 1
         (migrate.downgrade if drops else migrate.upgrade)(url, args.revision)
     except ServiceLockTaken as taken:
         print(f"A tipstream service runs against {shown_database_url(url)} ({taken.holder}): stop it before "
@@ -125,6 +133,25 @@ def _migrate(args: argparse.Namespace) -> int:
               f"stop the service, then `.venv/bin/alembic downgrade {args.revision}`.", file=sys.stderr)
         return 1
     return 0
+
+
+def _unfinished_erasures(url: str) -> list[str]:
+    """The users whose requests to be forgotten are not done, on a database that has the table."""
+    from sqlalchemy import inspect, select
+
+    from app import migrate
+    from app.db import erasures, make_engine
+
+    if migrate.current(url) is None:  # no tables (opened, a SQLite file would be made)
+        return []
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            if not inspect(conn).has_table("erasures"):
+                return []
+            return list(conn.execute(select(erasures.c.user_id).where(erasures.c.status != "done")).scalars())
+    finally:
+        engine.dispose()
 
 
 def _docs(args: argparse.Namespace) -> int:

@@ -414,6 +414,28 @@ def service_on_data_dir(data_dir: Path, release: str) -> Iterator[str]:
             server.wait(10)
 
 
+def test_migrate_base_refuses_while_a_request_to_forget_a_user_is_not_done(
+        database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The user's messages are still in the streams: the rebuild would bring them back, and the request
+    was in the tables dropped."""
+    import sqlalchemy as sa
+
+    from app.erasure import Eraser
+
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    assert main(["migrate"]) == 0
+    engine = sa.create_engine(database_url)
+    Eraser(engine, None, None, checkpoint=None, lock=None).request("u-42", "dpo")  # type: ignore[arg-type]
+    assert main(["migrate", "base"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("1 request(s) to forget a user are not done ('u-42'): dropped now, a rebuild") and \
+        "tipstream users forget-status <id>" in err
+    with engine.begin() as conn:
+        conn.execute(sa.text("update erasures set status = 'done'"))
+    engine.dispose()
+    assert main(["migrate", "base"]) == 0 and migrate.current(database_url) is None
+
+
 @pytest.mark.parametrize("release", ["current", "before the lock"])
 def test_migrate_base_refuses_to_drop_the_tables_of_a_running_service(
         release: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
