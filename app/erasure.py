@@ -84,6 +84,7 @@ class Eraser:
         """Save a request to forget `user_id` (a worker thread); the row. A user asked for again (done,
         or on the way) is taken through every step again: events of theirs may have come since."""
         now = datetime.now(UTC)
+        now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # as SQLite keeps it: answered as read back
         row = {"user_id": user_id, "status": "requested", "requested_at": now, "requested_by": actor,
                "dropped_at": None, "bounds": None, "report": None, "done_at": None}
         with self.engine.begin() as conn:
