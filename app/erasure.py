@@ -4,7 +4,9 @@ Each request is a row of `erasures`, its `status` moving on as each step is done
 
 1. `requested`: saved before anything else, so that a stop or a crash never loses it; the service
    takes it up at once, or at its next start.
-2. Between two chunks of ingest (no stream's chunk half folded), holding the checkpoint lock: the
+2. Once ingest has folded what SIGNALS and FEEDBACK held when the request was taken up (a service
+   catching up would fold their older events after it), between two chunks of ingest (no stream's
+   chunk half folded), holding the checkpoint lock: the
    user's state goes from memory with /score's cache of it (`OnlineStore.forget`), and from the
    learner their decisions, their reactions waiting for one, and their own features in every model
    that learns (`Learner.forget_user`). `bounds`: the stream positions read to then.
@@ -47,6 +49,8 @@ POLL_S = 30.0  # requests are also looked for this often: one saved while the da
 RETRY_MAX_S = 60.0
 PROGRESS_EVERY_S = 10.0
 SCRUBBED = (jsx.SIGNALS.name, jsx.FEEDBACK.name, jsx.DECISIONS.name, jsx.DLQ.name)
+FOLDED = (jsx.SIGNALS.name, jsx.FEEDBACK.name)
+READ_THROUGH_POLL_S = 0.02
 
 Scrub = Callable[..., Awaitable[Any]]
 
@@ -175,7 +179,8 @@ class Eraser:
 
     async def _drop(self, rows: list[dict[str, Any]]) -> None:
         """Step 2, for each of `rows`."""
-        # Asked first too: NATS away, nothing is dropped yet, and the whole step is tried again.
+        await self._read_through(await self._ends(FOLDED), rows)
+        # Asked before too: NATS away, nothing is dropped yet, and the whole step is tried again.
         ends = await self._ends()
         async with self.lock:
             await self._between_chunks()
@@ -203,12 +208,25 @@ class Eraser:
                          "messages through %s are deleted next", entry["user_id"], entry["report"], entry["bounds"])
             self._dropped.extend(entries)
 
-    async def _ends(self) -> dict[str, int]:
-        """The last sequence DECISIONS and the DLQ hold."""
+    async def _ends(self, streams: tuple[str, ...] = (jsx.DECISIONS.name, jsx.DLQ.name)) -> dict[str, int]:
+        """The last sequence each of `streams` holds."""
         if self.js is None:
-            return dict.fromkeys((jsx.DECISIONS.name, jsx.DLQ.name), 0)
-        return {stream: int((await self.js.stream_info(stream)).state.last_seq)
-                for stream in (jsx.DECISIONS.name, jsx.DLQ.name)}
+            return dict.fromkeys(streams, 0)
+        return {stream: int((await self.js.stream_info(stream)).state.last_seq) for stream in streams}
+
+    async def _read_through(self, ends: dict[str, int], rows: list[dict[str, Any]]) -> None:
+        """Wait for ingest to have folded what SIGNALS and FEEDBACK held when the request was taken up:
+        behind (a start's catch-up, NATS away a while), their events stored before it would be folded
+        after step 2, as a new state. Not holding the lock: ingest pauses for the checkpoints it takes."""
+        told = time.monotonic()
+        while behind := {s: (self.store.positions.get(s, 0), seq) for s, seq in ends.items()
+                         if self.store.positions.get(s, 0) < seq}:
+            if time.monotonic() - told >= PROGRESS_EVERY_S:
+                told = time.monotonic()
+                log.info("forgetting %s: waiting for ingest to read what was stored before the request (%s)",
+                         ", ".join(repr(row["user_id"]) for row in rows[:5]),
+                         ", ".join(f"{s} at #{at} of #{seq}" for s, (at, seq) in behind.items()))
+            await asyncio.sleep(READ_THROUGH_POLL_S)
 
     async def _delete_messages(self, rows: list[dict[str, Any]]) -> None:
         """Steps 4 and 5 for requests dropped together (the same bounds)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -56,3 +57,33 @@ async def test_a_user_is_forgotten_between_two_chunks_never_within_one() -> None
     assert entry["report"] == {"state": True, "decisions_held": 0}
     eraser.saved([entry])
     assert eraser.snapshot() is None
+
+
+class Streams:
+    """A JetStream context's `stream_info`, each stream's last sequence."""
+
+    def __init__(self, last: dict[str, int]) -> None:
+        self.last = last
+
+    async def stream_info(self, stream: str) -> Any:
+        return SimpleNamespace(state=SimpleNamespace(last_seq=self.last.get(stream, 0)))
+
+
+async def test_a_user_is_forgotten_once_ingest_has_read_what_was_stored_before_the_request() -> None:
+    """A service behind (catching up after a start, or NATS away a while) would fold their events
+    stored before the request after it, as a new state that the messages' deletion then left alive."""
+    store, learner, ingest = OnlineStore(), Learner(), Ingest()
+    ingest.folding = False
+    store.apply(opened("e1", "u"))
+    store.advance("SIGNALS", 5)
+    eraser = Eraser(None, store, learner, checkpoint=None, lock=asyncio.Lock(), ingests=[ingest],  # type: ignore[arg-type]
+                    js=Streams({"SIGNALS": 8, "FEEDBACK": 0, "DECISIONS": 3, "DLQ": 1}))
+    dropping = asyncio.create_task(eraser._drop([{"user_id": "u", "requested_at": datetime.now(UTC)}]))
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert not dropping.done() and not learner.forgotten
+    store.apply(opened("e2", "u"))  # stored before the request, read since
+    store.advance("SIGNALS", 8)
+    await asyncio.wait_for(dropping, 5)
+    assert "u" not in store.users and learner.forgotten == ["u"]
+    assert (eraser.snapshot() or [])[0]["bounds"] == {"SIGNALS": 8, "FEEDBACK": 0, "DECISIONS": 3, "DLQ": 1}
