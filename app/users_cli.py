@@ -1,5 +1,7 @@
 """`tipstream users forget ID`: a request to forget a user, through the running service's admin
-endpoint with `TIPSTREAM_ADMIN_TOKEN` (the service holds their state and models; see app/erasure.py)."""
+endpoint with `TIPSTREAM_ADMIN_TOKEN` (the service holds their state and models; see app/erasure.py).
+`tipstream users export ID`: what tipstream holds of them, read from NATS and the database
+(`app/export.py`)."""
 
 from __future__ import annotations
 
@@ -50,6 +52,61 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+    import os
+    import sys
+
+    from app import migrate
+    from app.db import make_engine
+    from app.export import export_user
+    from app.settings import get_settings
+    from app.simulate import _nats_url_and_source
+    from app.startup import shown_database_url
+    from streams.jetstream import connect
+
+    url = get_settings().sqlalchemy_url
+    if migrate.current(url) is None:  # opened, an empty SQLite file would be made where none was
+        print(f"No tipstream database at {shown_database_url(url)}: run this where the service runs (its "
+              "TIPSTREAM_DATA_DIR), or set DATABASE_URL as the service has it.", file=sys.stderr)
+        return 1
+    nats_url, where = _nats_url_and_source(args.nats_url)
+    last = [0.0]
+
+    def progress(stream: str, scanned: int, of: int) -> None:
+        if time.monotonic() - last[0] >= 5:
+            last[0] = time.monotonic()
+            print(f"{stream}: read to #{scanned:,} of #{of:,}", file=sys.stderr)
+
+    async def run() -> dict[str, Any]:
+        try:
+            nc = await connect(nats_url, allow_reconnect=False)
+        except Exception as error:  # noqa: BLE001 - whatever the client raises: said with where the URL came from
+            raise SystemExit(f"No NATS server answering at {nats_url} ({error}): {where}") from None
+        try:
+            return await export_user(nc.jetstream(timeout=10), engine, args.user_id, progress)
+        finally:
+            await nc.close()
+
+    engine = make_engine(url)
+    try:
+        found = asyncio.run(run())
+    finally:
+        engine.dispose()
+    text = json.dumps(found, indent=2, ensure_ascii=False)
+    if args.out is None:
+        print(text)
+    else:  # their data: readable by the one who exports it only
+        with open(os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as out:
+            out.write(text + "\n")
+    counts = ", ".join(f"{stream} {len(messages)}" for stream, messages in found["streams"].items())
+    print(f"{args.user_id}: messages {counts}; tip_scores {len(found['tip_scores'])}; user_features "
+          f"{'1' if found['user_features'] else '0'}; model versions with their weights {len(found['model_weights'])}",
+          file=sys.stderr)
+    return 0
+
+
 def add_users_commands(commands: Any) -> None:
     users = commands.add_parser("users", help="forget a user: their state, rows, model features and messages")
     sub = users.add_subparsers(dest="users_command", required=True)
@@ -64,3 +121,10 @@ def add_users_commands(commands: Any) -> None:
         parser.add_argument("--url", help="the service (default: http://TIPSTREAM_HOST:TIPSTREAM_PORT)")
     forget.set_defaults(func=_forget)
     status.set_defaults(func=_status)
+    export = sub.add_parser("export", help="what tipstream holds of a user, as JSON: their events and decisions in "
+                                           "the streams, their rows, their model weights (read from NATS and the "
+                                           "database, not through the service)")
+    export.add_argument("user_id")
+    export.add_argument("--out", help="write it to this file (made readable by you only), not to stdout")
+    export.add_argument("--nats-url", help="default: NATS_URL, else the running embedded server's")
+    export.set_defaults(func=_export)

@@ -212,3 +212,49 @@ async def test_the_cli_forgets_a_user_through_the_service(start_service, nc, tmp
     monkeypatch.delenv("TIPSTREAM_ADMIN_TOKEN")
     assert await asyncio.to_thread(main, ["users", "forget", "u-2", *url]) == 2
     assert "Set TIPSTREAM_ADMIN_TOKEN to the server's admin token to forget a user." in capsys.readouterr().err
+
+
+async def test_an_export_holds_a_users_data_until_they_are_forgotten(start_service, nc, nats_server, tmp_path,
+                                                                   monkeypatch, capsys) -> None:
+    """`tipstream users export` (the right of access) reads what forgetting deletes: their events and
+    decisions in the streams, their rows, their own model weights; another user's stay out."""
+    from app.cli import main
+
+    url = f"sqlite:///{tmp_path / 'export.db'}"
+    running = await start_service(database_url=url, admin_token=TOKEN, checkpoint_every_s=0.2,
+                                  offline_features_every_s=0.2)
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        await traffic(running, nc.jetstream(), http)
+        await eventually(lambda: "u-1" in rows(url, "user_features") and "u-1" in rows(url, "tip_scores"), timeout=15)
+        await eventually(lambda: running.service.learner._models_saved_seq == running.service.learner._learn_seq,
+                         timeout=15)
+        monkeypatch.setenv("DATABASE_URL", url)
+        out = tmp_path / "u-1.json"
+        args = ["users", "export", "u-1", "--nats-url", nats_server.url, "--out", str(out)]
+        assert await asyncio.to_thread(main, args) == 0
+        assert oct(out.stat().st_mode & 0o777) == "0o600"
+        found = orjson.loads(out.read_bytes())
+        streams = found["streams"]
+        assert [m["message"]["id"] for m in streams["SIGNALS"]] == ["u-1-e0", "u-1-e1", "u-1-e2", "u-1-bad"]
+        assert [m["message"]["id"] for m in streams["FEEDBACK"]] == ["u-1-r"]
+        assert [m["message"]["user_id"] for m in streams["DECISIONS"]] == ["u-1"]
+        assert [m["message"]["id"] for m in streams["DLQ"]] == ["u-1-bad"]
+        assert found["user_features"]["user_id"] == "u-1" and "tasks_created_7d" in found["user_features"]["features"]
+        assert [row["decision_id"] for row in found["tip_scores"]] == [streams["DECISIONS"][0]["message"]["id"]]
+        assert "user_id_u-1" in found["model_weights"]["v1"] and not any(
+            "u-10" in name for weights in found["model_weights"].values() for name in weights)
+        assert "u-1: messages SIGNALS 4, FEEDBACK 1, DECISIONS 1, DLQ 1; tip_scores 1" in capsys.readouterr().err
+
+        await forget(http, "u-1")
+
+        async def done() -> bool:
+            return (await status(http, "u-1"))["status"] == "done"
+
+        await eventually(done, timeout=30)
+        await eventually(lambda: running.service.learner._models_saved_seq == running.service.learner._learn_seq,
+                         timeout=15)
+        assert await asyncio.to_thread(main, args) == 0
+        after = orjson.loads(out.read_bytes())
+        assert after["streams"] == {"SIGNALS": [], "FEEDBACK": [], "DECISIONS": [], "DLQ": []}
+        assert after["user_features"] is None and after["tip_scores"] == [] and after["model_weights"] == {}
+        assert after["erasure"]["status"] == "done"

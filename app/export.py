@@ -1,0 +1,113 @@
+"""Exporting a user: what tipstream holds of one user, for a request to see it (the right of access).
+
+Read, never written: the events of theirs the streams hold (SIGNALS, FEEDBACK, the DLQ) and the
+decisions made for them (DECISIONS), found as forgetting finds them (`streams.scrub`); their rows in
+the database (`user_features`, `tip_scores`, `erasures`); and their own features' weights in each
+model version saved (`TipModel.forget_user` drops the same). The scan reads every stream through a
+consumer of its own, in this process: a running service is not slowed by it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+
+from app import db
+from streams import jetstream as jsx
+from streams.scrub import belongs, read_through, spellings
+
+READ = (jsx.SIGNALS.name, jsx.FEEDBACK.name, jsx.DECISIONS.name, jsx.DLQ.name)
+
+
+def message(body: bytes) -> Any:
+    """A message's body as its JSON, or as text when it is not JSON (a dead-lettered one may not be).
+
+    >>> message(b'{"user_id": "u"}'), message(b'{"user_id": "u", "d')
+    ({'user_id': 'u'}, '{"user_id": "u", "d')
+    """
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body.decode("utf-8", "backslashreplace")
+
+
+async def from_streams(js: Any, user_id: str,
+                       progress: Callable[[str, int, int], None] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Per stream, the user's messages in the order stored: `{"seq": ..., "message": ...}`."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    users, spelt = frozenset((user_id,)), spellings((user_id,))
+    for stream in READ:
+        theirs: list[dict[str, Any]] = []
+        try:
+            info = await js.stream_info(stream)
+        except Exception:  # noqa: BLE001 - a stream never created holds nothing of theirs
+            found[stream] = theirs
+            continue
+
+        def keep(seq: int, body: bytes, theirs: list[dict[str, Any]] = theirs) -> None:
+            if belongs(body, users, spelt):
+                theirs.append({"seq": seq, "message": message(body)})
+
+        if info.state.messages:
+            await read_through(js, stream, max(info.state.first_seq, 1), info.state.last_seq, keep,
+                               None if progress is None else lambda n, of, s=stream: progress(s, n, of))
+        found[stream] = theirs
+    return found
+
+
+def from_database(engine: Engine, user_id: str) -> dict[str, Any]:
+    """Their rows, and their own features' weights in each version's saved model."""
+    from models.reward import TipModel  # River's import: only when a model is read
+
+    with engine.connect() as conn:
+        features = conn.execute(select(db.user_features).where(db.user_features.c.user_id == user_id)).mappings().first()
+        scores = conn.execute(select(db.tip_scores).where(db.tip_scores.c.user_id == user_id)
+                              .order_by(db.tip_scores.c.created_at)).mappings().all()
+        erasure = conn.execute(select(db.erasures).where(db.erasures.c.user_id == user_id)).mappings().first()
+        versions = conn.execute(select(db.model_versions.c.version, db.model_versions.c.model)
+                                .where(db.model_versions.c.model.is_not(None))).all()
+    weights = {}
+    for version, blob in versions:
+        model = TipModel.from_bytes(bytes(blob))
+        table = model._tables()[0]
+        own = {name: float(table[name]) for name in sorted(model._names_of(user_id)) if name in table}
+        if own:
+            weights[version] = own
+    return {
+        "user_features": _row(features),
+        "tip_scores": [_row(row) for row in scores],
+        "erasure": _row(erasure),
+        "model_weights": weights,
+    }
+
+
+def _row(row: Any) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {str(key): _value(value) for key, value in dict(row).items()}
+
+
+def _value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+    if isinstance(value, str) and value[:1] in "{[":  # JSON text: SQLite's JSON columns, the decision event
+        try:
+            return orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+async def export_user(js: Any, engine: Engine, user_id: str,
+                      progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    streams = await from_streams(js, user_id, progress)
+    return {"user_id": user_id, "exported_at": datetime.now(UTC).isoformat(), "streams": streams,
+            **from_database(engine, user_id)}
