@@ -413,6 +413,11 @@ class Service:
         await self.publisher.start()
         spool = self.settings.data_dir / decision_spool.SPOOL_NAME
         spooled = decision_spool.read(spool)
+        if spooled and len(kept := await asyncio.to_thread(self.eraser.without_forgotten, spooled)) < len(spooled):
+            log.info("%d decisions served before the last stop were for users forgotten since: not published",
+                     len(spooled) - len(kept))
+            spooled = kept
+            await asyncio.to_thread(decision_spool.save, spool, spooled)  # nor kept on disk
         if spooled:
             for _, decision_id, payload in spooled:  # joinable with their feedback, as when they were served
                 self.learner.served(decision_id, payload, orjson.loads(payload), spooled=True)

@@ -40,6 +40,7 @@ from sqlalchemy.engine import Engine
 
 from app import db
 from app.checkpoint_rows import write_erasures
+from app.decisions import decision_time_ms
 from app.metrics import METRICS
 from streams import jetstream as jsx
 from streams.store import OnlineStore
@@ -111,6 +112,26 @@ class Eraser:
                                 .where(db.erasures.c.status == "dropped")).all()
         for user_id, dropped_at in rows:
             self.learner.erasing[user_id] = _ms(dropped_at)
+
+    def without_forgotten(self, spooled: list[tuple[str, str, bytes]]) -> list[tuple[str, str, bytes]]:
+        """Of the decisions the last stop spooled (`decision_spool`), those not made for a user forgotten
+        since, before the request was acted on: published now, they would land in DECISIONS past the
+        messages deleted, and stay there."""
+        if not spooled:
+            return spooled
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(db.erasures.c.user_id, db.erasures.c.dropped_at)
+                                .where(db.erasures.c.dropped_at.is_not(None))).all()
+        until = {user_id: _ms(dropped_at) for user_id, dropped_at in rows}
+        if not until:
+            return spooled
+        kept = []
+        for item in spooled:
+            decision = orjson.loads(item[2])
+            forgotten_at = until.get(decision.get("user_id"))
+            if forgotten_at is None or (decision_time_ms(item[1]) or 0) > forgotten_at:
+                kept.append(item)
+        return kept
 
     # -- the checkpoint participant (step 3) --------------------------------------------------------
 

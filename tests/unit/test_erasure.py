@@ -87,3 +87,35 @@ async def test_a_user_is_forgotten_once_ingest_has_read_what_was_stored_before_t
     await asyncio.wait_for(dropping, 5)
     assert "u" not in store.users and learner.forgotten == ["u"]
     assert (eraser.snapshot() or [])[0]["bounds"] == {"SIGNALS": 8, "FEEDBACK": 0, "DECISIONS": 3, "DLQ": 1}
+
+
+def test_decisions_spooled_for_a_user_forgotten_since_are_not_published(tmp_path: Any) -> None:
+    """Published at the next start, they would land in DECISIONS past the messages deleted, and stay."""
+    from sqlalchemy import update
+
+    from app import db, migrate
+    from app.db import make_engine
+    from app.decisions import new_decision_id
+
+    url = f"sqlite:///{tmp_path / 'spool.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    eraser = Eraser(engine, OnlineStore(), Learner(), checkpoint=None, lock=None)  # type: ignore[arg-type]
+
+    def spooled(user: str) -> tuple[str, str, bytes]:
+        decision_id = new_decision_id()
+        return "decisions.score", decision_id, orjson.dumps({"id": decision_id, "user_id": user})
+
+    before = [spooled("u"), spooled("other"), spooled("asked")]
+    assert eraser.without_forgotten(before) == before, "nobody forgotten yet"
+    eraser.request("u", "dpo")
+    eraser.request("asked", "dpo")  # requested only: their decisions published now get deleted with the rest
+    dropped_at = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(update(db.erasures).where(db.erasures.c.user_id == "u")
+                     .values(status="done", dropped_at=dropped_at))
+    while datetime.now(UTC) <= dropped_at:  # a decision made later is timed later
+        pass
+    later = spooled("u")  # the user came back after it
+    assert eraser.without_forgotten([*before, later]) == [before[1], before[2], later]
+    engine.dispose()
