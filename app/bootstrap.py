@@ -382,8 +382,16 @@ class Service:
     async def _start_decision_log(self, js: Any) -> None:
         """Read DECISIONS back into the learner (join cache, tip_scores rows) until caught up, then only
         what others publish; start publishing decisions."""
-        assert self.nc is not None and self.checkpointer is not None
+        assert self.nc is not None and self.checkpointer is not None and self.eraser is not None
         s = self.settings
+        spool = self.settings.data_dir / decision_spool.SPOOL_NAME
+        spooled = decision_spool.read(spool)
+        # Before DECISIONS is read: the spooled ones must be held before a copy that landed is read back.
+        if spooled and len(kept := await asyncio.to_thread(self.eraser.without_forgotten, spooled)) < len(spooled):
+            log.info("%d decisions served before the last stop were for users forgotten since: not published",
+                     len(spooled) - len(kept))
+            spooled = kept
+            await asyncio.to_thread(decision_spool.save, spool, spooled)  # nor kept on disk
         ingest = StreamIngest(
             self.nc, js, jsx.DECISIONS, self.store, self.checkpointer, batch=s.ingest_batch,
             max_event_bytes=max(s.max_event_bytes, s.score_max_body_bytes * 4),
@@ -411,13 +419,6 @@ class Service:
         self.publisher.on_stored = self.decision_tail.stored
         self._tasks.append(asyncio.create_task(self.decision_tail.run(), name="decisions tail"))
         await self.publisher.start()
-        spool = self.settings.data_dir / decision_spool.SPOOL_NAME
-        spooled = decision_spool.read(spool)
-        if spooled and len(kept := await asyncio.to_thread(self.eraser.without_forgotten, spooled)) < len(spooled):
-            log.info("%d decisions served before the last stop were for users forgotten since: not published",
-                     len(spooled) - len(kept))
-            spooled = kept
-            await asyncio.to_thread(decision_spool.save, spool, spooled)  # nor kept on disk
         if spooled:
             for _, decision_id, payload in spooled:  # joinable with their feedback, as when they were served
                 self.learner.served(decision_id, payload, orjson.loads(payload), spooled=True)
