@@ -14,7 +14,8 @@ Each request is a row of `erasures`, its `status` moving on as each step is done
    the request `dropped`, with its bounds, in the transaction that saves positions past them
    (`checkpoint_rows.write_erasures`): a restart never folds those events again.
 4. Their messages up to the bounds are deleted from SIGNALS, FEEDBACK, DECISIONS and the DLQ
-   (`streams.scrub`), so a rebuild from the log never brings them back; then the `tip_scores` rows
+   (`streams.scrub`), so a rebuild from the log never brings them back (DECISIONS' bound moved past
+   their decisions /score had queued for JetStream at step 2, once stored); then the `tip_scores` rows
    of their decisions acknowledged meanwhile, and their own features in the saved bytes of the
    versions that no longer learn (retired ones).
 5. `done`, with a report of what went where.
@@ -52,6 +53,7 @@ PROGRESS_EVERY_S = 10.0
 SCRUBBED = (jsx.SIGNALS.name, jsx.FEEDBACK.name, jsx.DECISIONS.name, jsx.DLQ.name)
 FOLDED = (jsx.SIGNALS.name, jsx.FEEDBACK.name)
 READ_THROUGH_POLL_S = 0.02
+ON_THE_WAY_POLL_S = 0.1  # each look copies the publisher's queue, which holds thousands while NATS is away
 
 Scrub = Callable[..., Awaitable[Any]]
 
@@ -73,7 +75,8 @@ class Eraser:
     def __init__(self, engine: Engine, store: OnlineStore, learner: Any, *, checkpoint: Callable[[], Awaitable[Any]],
                  lock: asyncio.Lock, ingests: Sequence[Any] = (), offline: Any = None,
                  js: Any = None, scrub: Scrub | None = None,
-                 learning_versions: Callable[[], set[str]] | None = None) -> None:
+                 learning_versions: Callable[[], set[str]] | None = None,
+                 unpublished: Callable[[], Sequence[tuple[str, str, bytes]]] | None = None) -> None:
         self.engine, self.store, self.learner = engine, store, learner
         self.checkpoint, self.lock, self.ingests, self.offline = checkpoint, lock, ingests, offline
         self.js, self.scrub = js, scrub
@@ -81,6 +84,10 @@ class Eraser:
         # rewritten here (step 4).
         self.learning_versions = learning_versions or set
         self._dropped: list[dict[str, Any]] = []  # step 2 done, step 3 not committed yet
+        # What /score served and JetStream has not acknowledged yet (the decision publisher's queue):
+        # a user's decisions there at step 2 are stored in DECISIONS after its bound was read.
+        self.unpublished = unpublished or list
+        self._on_the_way: dict[str, set[str]] = {}  # user -> their decisions unacknowledged at step 2
         self._wake = asyncio.Event()
 
     # -- requests ------------------------------------------------------------------------------
@@ -213,6 +220,7 @@ class Eraser:
                 decisions = self.learner.forget_user(user_id, _ms(at))
                 if self.offline is not None:
                     self.offline.forget(user_id)
+                self._on_the_way[user_id] = _decisions_of(user_id, self.unpublished())
                 positions = self.store.positions
                 entries.append({
                     "user_id": user_id, "requested_at": row["requested_at"], "dropped_at": at,
@@ -255,6 +263,7 @@ class Eraser:
         shown = ", ".join(sorted(map(repr, users)))
         found: dict[str, int] = {"users_in_pass": len(users)} if len(users) > 1 else {}
         if self.scrub is not None and self.js is not None:
+            bounds = await self._past_decisions_on_the_way(users, bounds)
             for stream in SCRUBBED:
                 last = [time.monotonic()]
 
@@ -268,10 +277,30 @@ class Eraser:
         async with self.lock:  # a registry change (a rollback to a retired version) loads the bytes rewritten here
             reports = await asyncio.to_thread(self._finish, rows, self.learning_versions(), found)
         for row, report in zip(rows, reports, strict=True):
+            self._on_the_way.pop(row["user_id"], None)
             until = _ms(row["dropped_at"])
             if self.learner.erasing.get(row["user_id"]) == until:
                 del self.learner.erasing[row["user_id"]]
             log.info("forgot user %r: %s", row["user_id"], report)
+
+    async def _past_decisions_on_the_way(self, users: frozenset[str], bounds: dict[str, Any]) -> dict[str, Any]:
+        """`bounds`, DECISIONS' moved past the users' decisions that were on their way to JetStream at step 2
+        (served with their state, queued while NATS was slow or away): JetStream stores them after the bound
+        was read, where the scrub left them, and a restart or a rebuild held them again (a `tip_scores` row,
+        their features as served). Waits for their acknowledgements (the publisher never drops one), and so
+        also keeps `Learner.erasing` until then: acknowledged after step 5, one got a `tip_scores` row."""
+        waited = set().union(*(self._on_the_way.get(user_id, ()) for user_id in users))
+        if not waited:
+            return bounds
+        told = time.monotonic()
+        while pending := waited & {decision_id for _, decision_id, _ in self.unpublished()}:
+            if time.monotonic() - told >= PROGRESS_EVERY_S:
+                told = time.monotonic()
+                log.info("forgetting %s: waiting for JetStream to store %d of their decisions served before the "
+                         "request (is NATS reachable?)", ", ".join(sorted(map(repr, users))), len(pending))
+            await asyncio.sleep(ON_THE_WAY_POLL_S)
+        through = (await self._ends((jsx.DECISIONS.name,)))[jsx.DECISIONS.name]
+        return {**bounds, jsx.DECISIONS.name: max(int(bounds.get(jsx.DECISIONS.name, 0)), through)}
 
     def _finish(self, rows: list[dict[str, Any]], learning: set[str], found: dict[str, int]) -> list[dict[str, Any]]:
         """In a worker thread, for requests dropped together: the `tip_scores` rows of their decisions
@@ -304,6 +333,13 @@ class Eraser:
                              .values(status="done", report=report, done_at=datetime.now(UTC)))
                 reports.append(report)
         return reports
+
+
+def _decisions_of(user_id: str, items: Sequence[tuple[str, str, bytes]]) -> set[str]:
+    """The ids of `user_id`'s decisions among the publisher's `(subject, decision id, payload)` items."""
+    needle = orjson.dumps(user_id)  # as /score encodes them: only those that may be theirs are parsed
+    return {decision_id for _, decision_id, payload in items
+            if needle in payload and orjson.loads(payload).get("user_id") == user_id}
 
 
 def _shown(row: dict[str, Any]) -> dict[str, Any]:

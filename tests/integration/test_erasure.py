@@ -258,3 +258,40 @@ async def test_an_export_holds_a_users_data_until_they_are_forgotten(start_servi
         assert after["streams"] == {"SIGNALS": [], "FEEDBACK": [], "DECISIONS": [], "DLQ": []}
         assert after["user_features"] is None and after["tip_scores"] == [] and after["model_weights"] == {}
         assert after["erasure"]["status"] == "done"
+
+
+async def test_a_decision_still_on_its_way_to_jetstream_when_forgotten_is_deleted_too(start_service, nc,
+                                                                                       database_url) -> None:
+    """/score queues its decision and answers; JetStream may store it after the request was acted on
+    (NATS slow or away a moment): it was made with their state before the request, so it goes too,
+    and gets no `tip_scores` row when its acknowledgement comes."""
+    url = database_url
+    running = await start_service(database_url=url, admin_token=TOKEN, checkpoint_every_s=0.2)
+    service, js = running.service, nc.jetstream()
+    publisher = service.publisher
+    await publish_events(js, signals("u-1") + signals("u-2"))
+    await eventually(lambda: {"u-1", "u-2"} <= set(service.store.users))
+    connection = publisher._nc
+    publisher._nc = lambda: None  # as while NATS is away: the queue holds what /score served
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        for user in ("u-1", "u-2"):
+            answer = await http.post("/score", json={"user_id": user, "explore": False, "context": {"now": NOW},
+                                                     "candidates": CANDIDATES})
+            assert answer.status_code == 200, answer.text
+        assert publisher.waiting == 2
+        await forget(http, "u-1")
+
+        async def dropped() -> bool:
+            return (await status(http, "u-1"))["status"] in ("dropped", "done")
+
+        await eventually(dropped, timeout=15)
+        publisher._nc = connection
+        await eventually(lambda: publisher.waiting == 0, timeout=15)
+
+        async def done() -> bool:
+            return (await status(http, "u-1"))["status"] == "done"
+
+        await eventually(done, timeout=30)
+    held = await stored(js, "DECISIONS")
+    assert sorted(owner(data) for data in held.values()) == ["u-2"]
+    await eventually(lambda: set(rows(url, "tip_scores")) == {"u-2"}, timeout=15)
