@@ -9,7 +9,8 @@ Each request is a row of `erasures`, its `status` moving on as each step is done
    chunk half folded), holding the checkpoint lock: the
    user's state goes from memory with /score's cache of it (`OnlineStore.forget`), and from the
    learner their decisions, their reactions waiting for one, and their own features in every model
-   that learns (`Learner.forget_user`). `bounds`: the stream positions read to then.
+   that learns (`Learner.forget_user`; a version being registered then, trained over their rows, as it
+   joins them: `Lineup.forget_user`). `bounds`: the stream positions read to then.
 3. A checkpoint at once deletes their `user_state`, `user_features` and `tip_scores` rows and marks
    the request `dropped`, with its bounds, in the transaction that saves positions past them
    (`checkpoint_rows.write_erasures`): a restart never folds those events again.

@@ -516,8 +516,7 @@ class Learner:
                 self.cache_bytes -= len(entry.data) + ENTRY_OVERHEAD
             gone += len(theirs)
         self.waiting.drop_user(user_id)
-        for _, model in self.lineup.learning:
-            model.forget_user(user_id)
+        self.lineup.forget_user(user_id)
         # The models changed without a reward: saved by the next snapshot, which is taken at once.
         self._learn_seq += 1
         self._changed = True

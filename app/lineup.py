@@ -71,6 +71,9 @@ class Lineup:
         # the checkpointer's lock (`Checkpointer.lock`), held while that snapshot is saved.
         self.participants: list[Any] = []
         self.snapshot_lock = asyncio.Lock()
+        # Users forgotten in this run, in order (`forget_user`): a version trained over the log while
+        # one was forgotten may have read their rows, and drops their features before it learns.
+        self.forgotten: list[str] = []
         CANDIDATE_CACHE.set_function(lambda: self.champion.candidate_cache_items + (
             self.shadow.candidate_cache_items if self.shadow is not None else 0))
         # A checkpoint now (`Checkpointer.checkpoint`, set by the service): the rewards credited since
@@ -124,6 +127,19 @@ class Lineup:
         self.shadow = self._model(reg.shadow) if reg.shadow is not None else None
         self.learning = [(v, m) for v, m in models.items() if isinstance(m, TipModel)]  # retired ones are not
 
+    def forget_user(self, user_id: str) -> None:
+        """Drop a user's own features from every version that learns (forgetting a user, `app/erasure.py`),
+        and from those that join them after a training over the log that may have read their rows."""
+        self.forgotten.append(user_id)
+        for _, model in self.learning:
+            model.forget_user(user_id)
+
+    def _forgotten_since(self, mark: int) -> set[str]:
+        """The users forgotten after `len(self.forgotten)` was `mark`, and those being forgotten still
+        (`Learner.erasing`: their rows may not be deleted yet, also those a start resumed)."""
+        being = {user_id for participant in self.participants for user_id in getattr(participant, "erasing", ())}
+        return being | set(self.forgotten[mark:])
+
     def _model(self, version: str) -> TipModel:
         model = self.models[version]
         assert isinstance(model, TipModel), f"{version} is retired"
@@ -132,7 +148,7 @@ class Lineup:
     # -- changes (admin) ---------------------------------------------------------------------
 
     async def _change(self, apply: Callable[[Registry], Any], new_models: dict[str, TipModel] | None = None,
-                      trained_on: evaluation.TrainedOn | None = None) -> Any:
+                      trained_on: evaluation.TrainedOn | None = None, forgotten_from: int | None = None) -> Any:
         """Apply `apply` to a copy of the registry, persist it, then swap it in.
 
         A new model was trained on the rewards in SQL when it was read (`trained_on`). Steps:
@@ -145,6 +161,11 @@ class Lineup:
             staged = Registry.from_dict(self.registry.to_dict())
             result = apply(staged)
             new_models = new_models or {}
+            if forgotten_from is not None:
+                # Trained for seconds while a user was forgotten: it read their rows, and no forget reached it.
+                for user_id in self._forgotten_since(forgotten_from):
+                    for model in new_models.values():
+                        model.forget_user(user_id)
             if trained_on is not None:
                 examples = []
                 for participant in self.participants:
@@ -205,9 +226,11 @@ class Lineup:
         ignored = _ignored_parameters(kind, params)
         if ignored:
             raise RegistryError(f"Model parameters are not valid: {ignored}", "invalid", "params")
+        forgotten_from = len(self.forgotten)
         model, card, trained_on = await self._evaluated({**params, "kind": kind})
         mv = _version(version, model, card)
-        await self._change(lambda reg: reg.register(mv, actor=actor, note=note), {version: model}, trained_on)
+        await self._change(lambda reg: reg.register(mv, actor=actor, note=note), {version: model}, trained_on,
+                           forgotten_from)
         return self.registry.get(version)
 
     async def set_shadow(self, version: str, actor: str, note: str = "") -> None:

@@ -295,3 +295,49 @@ async def test_a_decision_still_on_its_way_to_jetstream_when_forgotten_is_delete
     held = await stored(js, "DECISIONS")
     assert sorted(owner(data) for data in held.values()) == ["u-2"]
     await eventually(lambda: set(rows(url, "tip_scores")) == {"u-2"}, timeout=15)
+
+
+async def test_a_version_registered_while_a_user_is_forgotten_keeps_nothing_of_theirs(start_service, nc, database_url,
+                                                                                     monkeypatch) -> None:
+    """A registration trains over `tip_scores` in a process of its own, for seconds: the rows it read
+    may be a user's forgotten meanwhile, whose features the versions learning then dropped. The new
+    version joins them after: it must drop them too."""
+    from app.lineup import Lineup
+
+    url = database_url
+    running = await start_service(database_url=url, admin_token=TOKEN, checkpoint_every_s=0.2)
+    service, js = running.service, nc.jetstream()
+    trained, go_on = asyncio.Event(), asyncio.Event()
+    evaluated = Lineup._evaluated
+
+    async def held(self: Lineup, params: dict[str, Any], version: str | None = None) -> Any:
+        result = await evaluated(self, params, version)
+        if version is None:  # a registration's, not a card's refresh
+            trained.set()
+            await go_on.wait()
+        return result
+
+    monkeypatch.setattr(Lineup, "_evaluated", held)
+    async with httpx.AsyncClient(base_url=running.base_url, timeout=60) as http:
+        await traffic(running, js, http)
+        await eventually(lambda: set(rows(url, "tip_scores")) == set(USERS), timeout=15)
+        registering = asyncio.ensure_future(http.post("/admin/models", json={"version": "v3"}, headers=AUTH))
+        await asyncio.wait_for(trained.wait(), 60)
+        await forget(http, "u-1")
+
+        async def done() -> bool:
+            return (await status(http, "u-1"))["status"] == "done"
+
+        await eventually(done, timeout=30)
+        go_on.set()
+        assert (await registering).status_code == 200
+    v3 = service.lineup.models["v3"]
+    assert "v3" in {version for version, _ in service.lineup.learning}
+    assert v3.forget_user("u-10") > 0, "it learned the others"
+    assert v3.forget_user("u-1") == 0, "nothing of theirs left to forget"
+    await service.checkpointer.checkpoint()
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        saved = conn.execute(sa.text("select model from model_versions where version = 'v3'")).scalar()
+    engine.dispose()
+    assert TipModel.from_bytes(bytes(saved)).forget_user("u-1") == 0
