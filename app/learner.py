@@ -506,7 +506,7 @@ class Learner:
         names them. Feedback of theirs naming a decision that went counts as `unknown_decision`."""
         self.erasing[user_id] = at_ms
         needle = orjson.dumps(user_id)  # as decisions are encoded: only those that may be theirs are parsed
-        gone = 0
+        gone: set[str] = set()
         for cache in (self._replayed, self.cache):
             theirs = [decision_id for decision_id, entry in cache.items()
                       if needle in entry.data and orjson.loads(entry.data).get("user_id") == user_id]
@@ -514,14 +514,16 @@ class Learner:
                 entry = cache.pop(decision_id)
                 self._credited.pop(decision_id, None)
                 self.cache_bytes -= len(entry.data) + ENTRY_OVERHEAD
-            gone += len(theirs)
+            gone.update(theirs)
+        if self.silences is not None:
+            self.silences.drop(gone)
         self.waiting.drop_user(user_id)
         self.lineup.forget_user(user_id)
         # The models changed without a reward: saved by the next snapshot, which is taken at once.
         self._learn_seq += 1
         self._changed = True
         self.snapshot_at_next_checkpoint()
-        return gone
+        return len(gone)
 
     # -- feedback ----------------------------------------------------------------------------
 

@@ -41,6 +41,13 @@ class Silences:
     def watch(self, decision_id: str, due_ms: int) -> None:
         heapq.heappush(self._heap, (due_ms, decision_id))
 
+    def drop(self, decision_ids: set[str]) -> None:
+        """Stop waiting on these decisions (a forgotten user's): they left the join cache, though not for
+        want of memory, which is what a due decision missing from it counts as (`evicted`)."""
+        if decision_ids:
+            self._heap = [item for item in self._heap if item[1] not in decision_ids]
+            heapq.heapify(self._heap)
+
     def due_before(self, before_ms: float) -> bool:
         """Whether a silence is due strictly before `before_ms`."""
         return bool(self._heap) and self._heap[0][0] < before_ms

@@ -392,3 +392,21 @@ def test_a_reaction_stored_as_the_wait_ends_answers_it_and_is_not_taken_for_its_
     world.learner.expire()
     assert silence_delta(waits) == {"answered": 1} and learned(world) == {"v1": 1, "v2": 1}
     world.engine.dispose()
+
+
+def test_a_forgotten_users_decisions_wait_for_no_silence(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Their decisions left the join cache because the user was forgotten, not for want of memory: no
+    `evicted` (an alert, and a warning to raise the cache's budget), and the others' silences are learned."""
+    world = quiet_world(tmp_path)
+    theirs, other = world.score(user="u-1"), world.score(user="u-2")
+    for scored in (theirs, other):
+        world.learner.add_logged(LoggedDecision(scored.decision_id, scored.payload))
+    assert world.learner.forget_user("u-1", int(world.clock.now * 1000) + 1) == 1
+    before = silences()
+    world.clock.now = served_at_s(other.decision_id) + WAIT_S + ALLOWANCE_S + 1
+    with caplog.at_level(logging.WARNING, logger="tipstream.learner"):
+        world.learner.expire()
+    assert silence_delta(before) == {"credited": 1}
+    assert "left the join cache" not in caplog.text
+    assert len(world.learner.silences) == 0
+    world.engine.dispose()
