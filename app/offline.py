@@ -78,6 +78,7 @@ class OfflineFeatureWriter:
         # Users forgotten since the start: a row a pass computed before, written after their row was
         # deleted, would bring their features back.
         self.forgotten: set[str] = set()
+        self._writing: asyncio.Future[None] | None = None  # a pass's rows on their way to the database
 
     def holds(self, user_id: str) -> bool:
         """Whether a pass is still to read this user's state: it must stay in memory (it reads no other)."""
@@ -93,6 +94,13 @@ class OfflineFeatureWriter:
         self.pending.discard(user_id)
         self._in_pass.discard(user_id)
         self.forgotten.add(user_id)
+
+    async def written(self) -> None:
+        """Until the rows a pass is writing are in: filtered before a user was forgotten, a row of theirs
+        written in a later batch's transaction than the one deleting theirs would be left behind."""
+        writing = self._writing
+        if writing is not None and not writing.done():
+            await asyncio.wait({writing})
 
     async def run(self) -> None:
         await every(self.every_s, self.write_pass, "a user_features pass")
@@ -130,7 +138,8 @@ class OfflineFeatureWriter:
                     await asyncio.sleep((time.perf_counter() - began) * (1 / CPU_SHARE - 1) if pause else 0)
             if self.forgotten:
                 rows = [row for row in rows if row["user_id"] not in self.forgotten or row["user_id"] in self._in_pass]
-            await asyncio.to_thread(self._write, rows)
+            self._writing = writing = asyncio.ensure_future(asyncio.to_thread(self._write, rows))
+            await writing
         except BaseException:
             self.pending.update(users)
             raise

@@ -341,3 +341,46 @@ async def test_a_version_registered_while_a_user_is_forgotten_keeps_nothing_of_t
         saved = conn.execute(sa.text("select model from model_versions where version = 'v3'")).scalar()
     engine.dispose()
     assert TipModel.from_bytes(bytes(saved)).forget_user("u-1") == 0
+
+
+async def test_a_user_features_row_being_written_when_forgotten_is_not_left_behind(start_service, nc, database_url,
+                                                                                  monkeypatch) -> None:
+    """A `user_features` pass computes its rows, then writes them in a worker thread, a batch per
+    transaction: a row of the user's computed before the request must not land after their row was deleted."""
+    import threading
+
+    from app.offline import OfflineFeatureWriter
+
+    url = database_url
+    entered, release = threading.Event(), threading.Event()
+    write = OfflineFeatureWriter._write
+
+    def held(self: OfflineFeatureWriter, batch: list[dict[str, Any]]) -> None:
+        if any(row["user_id"] == "u-1" for row in batch):
+            entered.set()
+            release.wait(30)
+        write(self, batch)
+
+    monkeypatch.setattr(OfflineFeatureWriter, "_write", held)
+    running = await start_service(database_url=url, admin_token=TOKEN, checkpoint_every_s=0.2,
+                                  offline_features_every_s=0.2)
+    service, js = running.service, nc.jetstream()
+    await publish_events(js, signals("u-1") + signals("u-2"))
+    assert await asyncio.to_thread(entered.wait, 15)
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        await forget(http, "u-1")
+        await eventually(lambda: "u-1" in service.offline.forgotten, timeout=15)  # step 2 done
+        written = service.offline.rows_written
+        # Step 3 at once (its own checkpoint, or this one): it must not commit before the row is written,
+        # so that it deletes it. Given 2 s to do so, it did, and the row came after.
+        checkpoint = asyncio.ensure_future(service.checkpointer.checkpoint())
+        await asyncio.wait({checkpoint}, timeout=2)
+        release.set()
+        await checkpoint
+
+        async def done() -> bool:
+            return (await status(http, "u-1"))["status"] == "done"
+
+        await eventually(done, timeout=30)
+    await eventually(lambda: service.offline.rows_written > written, timeout=15)
+    assert set(rows(url, "user_features")) == {"u-2"}
