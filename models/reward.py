@@ -1019,14 +1019,28 @@ class TipModel:
             if a == USER_INPUT and b == USER_INPUT:
                 whole.add(head + user + separator + user + tail)
             elif a == USER_INPUT:
-                prefixes.append((head + user + separator, tail))
+                prefixes.append((head + user + separator, tail, b, separator))
             else:
-                suffixes.append((head, separator + user + tail))
+                suffixes.append((head, separator + user + tail, a, separator))
+        tables = self._tables()
+
+        def value_of(member: str, value: str, separator: str) -> bool:
+            # Whether the cross's other part is a value `member` took: its form alone read "u-1*evil"'s
+            # cross with "focus" as "u-1"'s with "evil*focus", and forgetting "u-1" dropped it.
+            if self._inputs.get(member) == "categorical":
+                return any(f"{member}_{value}" in table for table in tables)
+            return separator not in value  # an hour's bucket, a flag
+
         found = set()
-        for table in self._tables():
+        for table in tables:
             for name in table:
-                if name in whole or any(name.startswith(p) and name.endswith(t) for p, t in prefixes) or any(
-                        name.startswith(h) and name.endswith(t) for h, t in suffixes):
+                if name in whole or any(
+                        name.startswith(p) and name.endswith(t) and len(name) >= len(p) + len(t)
+                        and value_of(member, name[len(p):len(name) - len(t)], sep)
+                        for p, t, member, sep in prefixes) or any(
+                        name.startswith(h) and name.endswith(t) and len(name) >= len(h) + len(t)
+                        and value_of(member, name[len(h):len(name) - len(t)], sep)
+                        for h, t, member, sep in suffixes):
                     found.add(name)
         return list(found)
 

@@ -147,3 +147,24 @@ def test_a_model_from_before_forgetting_existed_keeps_every_user() -> None:
 def test_a_bad_user_ttl_is_refused_by_name(days: object) -> None:
     with pytest.raises(ValueError, match="user_ttl_days"):
         TipModel(user_ttl_days=days)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["logreg", "fm"])
+@pytest.mark.parametrize("ttl_days", [0, 90])
+def test_forgetting_a_user_leaves_a_user_whose_id_holds_theirs_and_the_separator(kind: str, ttl_days: int) -> None:
+    """A cross is named `user_id*category=<user>*<category>`: "u-1*evil" with "focus" starts as "u-1"'s
+    would. Forgetting "u-1" (a request to forget a user) drops theirs only; the others' predictions stay."""
+    model = TipModel(kind=kind, user_ttl_days=ttl_days)
+    users = ("u-1", "u-1*evil", "x*u-1", "u-10")
+
+    def x(user: str) -> dict[str, object]:
+        return {"user_id": user, "category": "focus", "tip_id": "t", "hour_of_day": 9}
+
+    for step in range(10):
+        for user in users:
+            model.learn_one(x(user), float(step % 2), at_ms=step * 1000)
+    before = {user: model.predict_one(x(user)) for user in users[1:]}
+    assert model.forget_user("u-1") > 0
+    assert {user: model.predict_one(x(user)) for user in users[1:]} == before
+    assert model.predict_one(x("u-1")) == model.predict_one(x("someone new"))
+    assert model.forget_user("u-1") == 0
