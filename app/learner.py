@@ -505,11 +505,14 @@ class Learner:
         then and read back later (a start re-reads DECISIONS) are not held again while `erasing`
         names them. Feedback of theirs naming a decision that went counts as `unknown_decision`."""
         self.erasing[user_id] = at_ms
-        needle = orjson.dumps(user_id)  # as decisions are encoded: only those that may be theirs are parsed
+        # As /score encodes them: only those that may be theirs are parsed, and those with a backslash
+        # (another publisher's JSON may spell the id with escapes, "zo\u00eb").
+        needle = orjson.dumps(user_id)
         gone: set[str] = set()
         for cache in (self._replayed, self.cache):
             theirs = [decision_id for decision_id, entry in cache.items()
-                      if needle in entry.data and orjson.loads(entry.data).get("user_id") == user_id]
+                      if (needle in entry.data or b"\\" in entry.data)
+                      and orjson.loads(entry.data).get("user_id") == user_id]
             for decision_id in theirs:
                 entry = cache.pop(decision_id)
                 self._credited.pop(decision_id, None)

@@ -1905,3 +1905,17 @@ def test_forgetting_a_user_drops_their_decisions_waiting_reactions_and_own_featu
     before = outcomes()
     world.react(later.decision_id, "a", user="u-1")
     assert delta(before) == {"credited": 1}
+
+
+def test_forgetting_a_user_finds_their_decisions_another_publisher_spelt_with_escapes(world: World) -> None:
+    """JSON may spell an id with escapes (Python's `json.dumps` writes "zo\\u00eb"): such a decision of
+    theirs, read back from DECISIONS, goes too, and would otherwise be credited, learned and given a row."""
+    import json
+
+    body = orjson.loads(world.score(user="zoë", serve=False).payload) | {"id": "other-1"}
+    escaped = json.dumps(body).encode()  # ensure_ascii: every non-ASCII character escaped
+    assert b"zo\\u00eb" in escaped
+    assert world.learner.add_logged(LoggedDecision("other-1", escaped))
+    assert world.learner._lookup("other-1") is not None
+    assert world.learner.forget_user("zoë", int(time.time() * 1000) + 1) == 1
+    assert world.learner._lookup("other-1") is None
