@@ -384,3 +384,33 @@ async def test_a_user_features_row_being_written_when_forgotten_is_not_left_behi
         await eventually(done, timeout=30)
     await eventually(lambda: service.offline.rows_written > written, timeout=15)
     assert set(rows(url, "user_features")) == {"u-2"}
+
+
+async def test_a_request_after_a_rebuild_from_a_log_whose_last_messages_were_erased_is_done(start_service, nc,
+                                                                                            tmp_path) -> None:
+    """A forgotten user's messages were the last SIGNALS held: the stream's last sequence stays theirs, which
+    a rebuild from the log (an empty database) never reads. Each request waited for ingest to read that far."""
+    settings = {"database_url": f"sqlite:///{tmp_path / 'first.db'}", "admin_token": TOKEN, "checkpoint_every_s": 0.2}
+    running = await start_service(**settings)
+    js = nc.jetstream()
+    await publish_events(js, signals("u-2") + signals("u-1"))
+    await eventually(lambda: "u-1" in running.service.store.users)
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        await forget(http, "u-1")
+
+        async def done() -> bool:
+            return (await status(http, "u-1"))["status"] == "done"
+
+        await eventually(done, timeout=30)
+    await running.stop()
+
+    rebuilt = await start_service(**{**settings, "database_url": f"sqlite:///{tmp_path / 'rebuilt.db'}"})
+    await eventually(lambda: rebuilt.service.ready, timeout=15)
+    assert set(rebuilt.service.store.users) == {"u-2"}
+    async with httpx.AsyncClient(base_url=rebuilt.base_url) as http:
+        await forget(http, "u-2")
+
+        async def done_too() -> bool:
+            return (await status(http, "u-2"))["status"] == "done"
+
+        await eventually(done_too, timeout=30)
