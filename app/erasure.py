@@ -283,7 +283,7 @@ class Eraser:
         shown = ", ".join(sorted(map(repr, users)))
         found: dict[str, int] = {"users_in_pass": len(users)} if len(users) > 1 else {}
         if self.scrub is not None and self.js is not None:
-            bounds = await self._past_decisions_on_the_way(users, bounds)
+            bounds = await self._past_decisions_on_the_way(rows, bounds)
             for stream in SCRUBBED:
                 last = [time.monotonic()]
 
@@ -303,12 +303,13 @@ class Eraser:
                 del self.learner.erasing[row["user_id"]]
             log.info("forgot user %r: %s", row["user_id"], report)
 
-    async def _past_decisions_on_the_way(self, users: frozenset[str], bounds: dict[str, Any]) -> dict[str, Any]:
+    async def _past_decisions_on_the_way(self, rows: list[dict[str, Any]], bounds: dict[str, Any]) -> dict[str, Any]:
         """`bounds`, DECISIONS' moved past the users' decisions that were on their way to JetStream at step 2
         (served with their state, queued while NATS was slow or away): JetStream stores them after the bound
         was read, where the scrub left them, and a restart or a rebuild held them again (a `tip_scores` row,
         their features as served). Waits for their acknowledgements (the publisher never drops one), and so
         also keeps `Learner.erasing` until then: acknowledged after step 5, one got a `tip_scores` row."""
+        users = [row["user_id"] for row in rows]
         waited = set().union(*(self._on_the_way.get(user_id, ()) for user_id in users))
         if not waited:
             return bounds

@@ -285,6 +285,8 @@ class Learner:
                 created = min(decision_time_ms(decision_id) or now_ms, now_ms)
                 if created < self.window_end_ms() - self.window_ms:
                     return
+                if self.erasing and self._forgotten(decision, created):
+                    return  # a user being forgotten: its acknowledgement gives it no row either (`published`)
             entry = _Entry(payload, self.store.positions.get("DECISIONS", 0), created, decision)
             if self._restored_credits:
                 self._adopt_credits(decision_id, entry)

@@ -414,3 +414,45 @@ async def test_a_request_after_a_rebuild_from_a_log_whose_last_messages_were_era
             return (await status(http, "u-2"))["status"] == "done"
 
         await eventually(done_too, timeout=30)
+
+
+async def test_a_decision_spooled_at_a_stop_while_its_user_is_forgotten_is_deleted_at_the_next_start(
+        start_service, nc, database_url, monkeypatch) -> None:
+    """The stop spools what JetStream has not acknowledged; the next start publishes it first. One of a
+    user being forgotten, served before the request, is not held again, gets no `tip_scores` row, and goes
+    from DECISIONS with the rest of theirs."""
+    from app import bootstrap
+
+    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.1)
+    url = database_url
+    settings = {"database_url": url, "admin_token": TOKEN, "checkpoint_every_s": 0.2}
+    running = await start_service(**settings)
+    service, js = running.service, nc.jetstream()
+    await publish_events(js, signals("u-1") + signals("u-2"))
+    await eventually(lambda: {"u-1", "u-2"} <= set(service.store.users))
+    service.publisher._nc = lambda: None  # as while NATS is away
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        for user in ("u-1", "u-2"):
+            answer = await http.post("/score", json={"user_id": user, "explore": False, "context": {"now": NOW},
+                                                     "candidates": CANDIDATES})
+            assert answer.status_code == 200, answer.text
+        await forget(http, "u-1")
+
+        async def dropped() -> bool:
+            return (await status(http, "u-1"))["status"] != "requested"
+
+        await eventually(dropped, timeout=15)
+    await running.stop()
+
+    again = await start_service(**settings)
+    async with httpx.AsyncClient(base_url=again.base_url) as http:
+        async def done() -> bool:
+            return (await status(http, "u-1"))["status"] == "done"
+
+        await eventually(done, timeout=30)
+    await eventually(lambda: again.service.publisher.waiting == 0, timeout=15)
+    assert sorted(owner(data) for data in (await stored(js, "DECISIONS")).values()) == ["u-2"]
+    assert not any(owner(entry.data) == "u-1" for entry in [*again.service.learner.cache.values(),
+                                                             *again.service.learner._replayed.values()])
+    await again.service.checkpointer.checkpoint()
+    assert set(rows(url, "tip_scores")) == {"u-2"}
