@@ -190,6 +190,7 @@ class Checkpointer:
         self._rested_day: int | None = None
         # Users with a kind at the fold's cap, as last saved -> the oldest record such a kind holds (ms).
         self._at_cap: dict[str, int] = {}
+        store.on_forget.append(self._forget_at_cap)
         self._rest_later: list[str] = []  # idle, but not saved yet or kept: looked at again next time
 
     @property
@@ -306,6 +307,11 @@ class Checkpointer:
             METRICS.checkpoint_position.labels(stream).set(seq)
         await self._rest_idle()
         return True
+
+    def _forget_at_cap(self, user_id: str) -> None:
+        """A user forgotten: never saved again, they stayed counted (their id held) up to 31 days."""
+        if self._at_cap.pop(user_id, None) is not None:
+            METRICS.users_at_cap.set(len(self._at_cap))
 
     def _count_at_cap(self, saved: list[str], heavy: list[str]) -> None:
         """Keep count of the users a kind of whose events is at the fold's cap, as last saved, and

@@ -52,6 +52,9 @@ class OnlineStore:
         # Told each user `rest` lets go of: what holds a user's state besides the store (/score's
         # feature cache) lets go of it too, else it stays in memory all the same.
         self.on_rest: list[Callable[[str], object]] = []
+        # Told each user `forget` drops (a request to erase them): what keeps more of them than their
+        # state (the checkpointer's count of users at the event cap) lets go of it.
+        self.on_forget: list[Callable[[str], object]] = []
 
     def state_of(self, user_id: str) -> UserState | None:
         """The user's state, loading it from the checkpoint first if it is still cold."""
@@ -149,7 +152,7 @@ class OnlineStore:
         self.cold.discard(user_id)
         self.dormant.discard(user_id)
         self._dirty.discard(user_id)
-        for forget in self.on_rest:  # what holds their state besides the store lets go of it too
+        for forget in (*self.on_rest, *self.on_forget):  # what holds their state besides the store lets go of it too
             forget(user_id)
         return held
 

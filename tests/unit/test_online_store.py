@@ -322,3 +322,25 @@ async def test_a_user_at_the_event_cap_who_stopped_leaves_the_count_once_past_th
     assert await checkpointer.checkpoint()
     assert ("flood" in store.dormant) == (idle_days is None)
     assert METRICS.users_at_cap._value.get() == 0
+
+
+async def test_a_user_at_the_event_cap_who_is_forgotten_leaves_the_count_at_once() -> None:
+    """Forgotten (a request to erase them), their id and their oldest capped event's time leave the
+    checkpointer's memory and the gauge: kept, they stayed up to 31 days, never saved again."""
+    from datetime import datetime, timedelta
+
+    from app.metrics import METRICS
+    from streams.fold import MAX_RECORDS_PER_KIND
+
+    start = datetime.fromisoformat("2026-11-26T08:00:00+01:00")
+    store = OnlineStore()
+    checkpointer = Checkpointer(store, MemoryCheckpointStore(), every_events=1, every_s=60)
+    for i in range(MAX_RECORDS_PER_KIND + 5):
+        store.apply(opened(i, "flood", (start + timedelta(seconds=i)).isoformat()))
+    assert await checkpointer.checkpoint()
+    assert METRICS.users_at_cap._value.get() == 1
+    assert store.forget("flood")
+    assert METRICS.users_at_cap._value.get() == 0
+    store.apply(opened(0, "calm"))
+    assert await checkpointer.checkpoint()
+    assert METRICS.users_at_cap._value.get() == 0 and "flood" not in checkpointer._at_cap
