@@ -11,10 +11,12 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, delete, update
+import orjson
+from sqlalchemy import and_, delete, select, update
 from sqlalchemy.engine import Connection
 
 from app import db
+from app.credit_log import ROW_PREFIX as CREDITS_ROW
 from app.registry_store import write_models
 
 Write = tuple[Callable[[Connection, Any], None], Any]
@@ -51,6 +53,24 @@ def write_learner_state(conn: Connection, snapshot: dict[str, Any] | None) -> No
         {"name": "prior", "state": snapshot["prior"], "updated_at": now},
         *({"name": name, "state": data, "updated_at": now} for name, data in credits.items() if data is not None),
     ], ["name"])
+    if forgotten := set(snapshot.get("forgotten_credits") or ()):
+        _delete_credits(conn, forgotten)
+
+
+def _delete_credits(conn: Connection, decision_ids: set[str]) -> None:
+    """Forgotten users' decisions go from every minute's row of credits (`CreditLog.forget`): a closed
+    minute is in no snapshot again, and kept what their reactions credited for the join window."""
+    table = db.learner_state
+    rows = conn.execute(select(table.c.name, table.c.state).where(table.c.name.like(f"{CREDITS_ROW}%"))).all()
+    for name, data in rows:
+        credits = orjson.loads(bytes(data))
+        kept = {decision_id: held for decision_id, held in credits.items() if decision_id not in decision_ids}
+        if len(kept) == len(credits):
+            continue
+        if kept:
+            conn.execute(update(table).where(table.c.name == name).values(state=orjson.dumps(kept)))
+        else:
+            conn.execute(delete(table).where(table.c.name == name))
 
 
 def write_tip_scores(conn: Connection, snapshot: tuple[int, list[dict[str, Any]]] | None) -> None:

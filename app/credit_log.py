@@ -52,6 +52,9 @@ class CreditLog:
         # failed in a row, a database outage, held N ever larger sets).
         self._unconfirmed_gen: int | None = None
         self._unconfirmed: set[int] = set()
+        # Decisions of forgotten users whose credits the saved rows may still hold -> the snapshot that
+        # last asked for them to go (None: none yet): asked again until one is confirmed.
+        self._forgotten: dict[str, int | None] = {}
 
     def credit(self, decision_id: str, credits: dict[str, float], rewarded_ms: int | None, now_ms: int) -> None:
         """Record all of a decision's credits so far, given at `now_ms`."""
@@ -59,6 +62,31 @@ class CreditLog:
         self._open.setdefault(minute, {})[decision_id] = [credits, rewarded_ms]
         self._rows[minute] = None
         self._dirty.add(minute)
+
+    def forget(self, decision_ids: set[str]) -> None:
+        """Let go of these decisions' credits (a forgotten user's): from the minutes in memory now, and
+        from the rows saved, closed ones too, by the next snapshot (`forgotten`).
+
+        >>> log = CreditLog()
+        >>> log.credit("d-1", {"tip-1": 1.0}, 1_000, now_ms=120_500)
+        >>> log.credit("d-2", {"tip-1": 0.0}, 1_000, now_ms=120_600)
+        >>> log.forget({"d-1"}); log.changes(gen=1), log.forgotten(gen=1)
+        ({'credits:2': b'{"d-2":[{"tip-1":0.0},1000]}'}, ['d-1'])
+        >>> log.confirmed(1); log.forgotten(gen=2)
+        []
+        """
+        for minute, credits in self._open.items():
+            if not credits.keys().isdisjoint(decision_ids):
+                for decision_id in decision_ids:
+                    credits.pop(decision_id, None)
+                self._dirty.add(minute)
+        self._forgotten.update(dict.fromkeys(decision_ids))
+
+    def forgotten(self, gen: int) -> list[str]:
+        """The decisions whose credits snapshot `gen` deletes from every saved row (`forget`)."""
+        for decision_id in self._forgotten:
+            self._forgotten[decision_id] = gen
+        return sorted(self._forgotten)
 
     def drop_before(self, ms: int) -> None:
         """Delete the minutes that end at or before `ms`: their decisions are out of the join window."""
@@ -75,13 +103,17 @@ class CreditLog:
         self._dirty = set()
         if minutes:
             self._unconfirmed_gen, self._unconfirmed = gen, minutes
-        return {f"{ROW_PREFIX}{m}": orjson.dumps(self._open[m]) if m in self._rows else None for m in sorted(minutes)}
+        # A minute emptied (`forget`) goes: a row of no credits would stay until the window passed it.
+        return {f"{ROW_PREFIX}{m}": orjson.dumps(self._open[m]) if m in self._rows and self._open.get(m) else None
+                for m in sorted(minutes)}
 
     def confirmed(self, gen: int) -> None:
         """Snapshot `gen` is saved, and with it the minutes of those before it: past minutes saved
         leave memory (the newest stays open: more credits may come in it)."""
         if self._unconfirmed_gen is not None and self._unconfirmed_gen <= gen:
             self._unconfirmed_gen, self._unconfirmed = None, set()
+        if self._forgotten:
+            self._forgotten = {d: sent for d, sent in self._forgotten.items() if sent is None or sent > gen}
         keep = self._dirty | self._unconfirmed
         for minute in [m for m in self._open if m != self._newest and m not in keep]:
             del self._open[minute]

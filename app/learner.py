@@ -511,6 +511,7 @@ class Learner:
         # (another publisher's JSON may spell the id with escapes, "zo\u00eb").
         needle = orjson.dumps(user_id)
         gone: set[str] = set()
+        credited: set[str] = set()
         for cache in (self._replayed, self.cache):
             theirs = [decision_id for decision_id, entry in cache.items()
                       if (needle in entry.data or b"\\" in entry.data)
@@ -519,7 +520,11 @@ class Learner:
                 entry = cache.pop(decision_id)
                 self._credited.pop(decision_id, None)
                 self.cache_bytes -= len(entry.data) + ENTRY_OVERHEAD
+                if entry.credits:
+                    credited.add(decision_id)
             gone.update(theirs)
+        # What their reactions credited, saved by the minute for the join window (`credit_log`).
+        self.credit_log.forget(credited)
         if self.silences is not None:
             self.silences.drop(gone)
         self.waiting.drop_user(user_id)
@@ -1013,6 +1018,7 @@ class Learner:
             "learn_seq": self._learn_seq if with_models else None,
             "state": orjson.dumps(state),
             "credits": self.credit_log.changes(self._gen),
+            "forgotten_credits": self.credit_log.forgotten(self._gen),
             "prior": self.lineup.prior.to_bytes(),
             "models": models,
         }

@@ -409,3 +409,28 @@ def test_a_start_does_not_write_again_the_rows_of_decisions_its_checkpoint_had_r
     assert sorted(rows) == sorted((scored.decision_id, 1.0) for scored in decisions)
     world.engine.dispose()
     again.engine.dispose()
+
+
+def test_a_forgotten_users_credits_leave_the_saved_rows_and_memory(tmp_path: Path) -> None:
+    """What a user's reactions credited (a decision id, the tips, the rewards, when) is saved by the
+    minute in `learner_state`, for the join window: forgotten, theirs go from every minute's row, those
+    saved and closed too, at the next checkpoint; the others' stay."""
+    world = World(tmp_path)
+    theirs = rewarded(world)
+    checkpoint(world)
+    world.clock.now += 120  # their minute is closed and saved: it left memory
+    mine = rewarded(world)
+    world.score(user="u-2")
+    other = world.score(user="u-2")
+    world.learner.add_logged(LoggedDecision(other.decision_id, other.payload))
+    world.react(other.decision_id, "a", user="u-2")
+    checkpoint(world)
+    saved = {d for row in credit_rows(world.engine).values() for d in row}
+    assert {theirs.decision_id, mine.decision_id, other.decision_id} <= saved
+
+    assert world.learner.forget_user("u-1", int(world.clock.now * 1000) + 1) == 2
+    checkpoint(world)
+    saved = {d for row in credit_rows(world.engine).values() for d in row}
+    assert other.decision_id in saved and not saved & {theirs.decision_id, mine.decision_id}
+    assert all(row for row in credit_rows(world.engine).values()), "a minute left empty is deleted"
+    world.engine.dispose()
