@@ -334,7 +334,7 @@ class StreamIngest:
             for start in range(0, len(messages), CHUNK):
                 if self.reset_needed:
                     break
-                if self.folds and await self._skips_stored(messages[start : start + CHUNK]):
+                if await self._skips_stored(messages[start : start + CHUNK]):
                     self.request_reset()  # read again from the position; what follows it here is dropped
                     break
                 self._held = messages[start:]  # delivered, not acknowledged yet (`_keep_in_progress`)
@@ -354,7 +354,8 @@ class StreamIngest:
     async def _skips_stored(self, chunk: list[jsx.RawMsg]) -> bool:
         """Whether `chunk` passes over a message the stream holds after the position. A consumer delivers in
         order, but on a NATS cluster one whose leader was lost with messages on their way to us goes on after
-        them on its new leader, and the next acknowledgement (ack-all) takes them as read: lost to the fold.
+        them on its new leader, and the next acknowledgement (ack-all) takes them as read: lost to the fold, or
+        for DECISIONS to the learner's join cache.
         Asked of the server once per hole, and only when the chunk's sequences do not follow the position one by
         one (retention passed over some, a message was deleted, one was delivered again). Not exact when a
         message delivered again sits inside the chunk with a hole that its count makes up for: holes come from

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from app.decisions import decode_decision
 from app.ingest import StreamIngest
 from app.metrics import METRICS
 from streams import jetstream as jsx
@@ -471,6 +472,31 @@ async def test_a_chunk_waiting_on_users_reads_keeps_its_messages_in_progress(nat
     await nc.close()
 
 
+def drop_once(ingest: StreamIngest, seq: int) -> list[jsx.RawMsg]:
+    """Have message `seq` lost on its way, once: never handed to `ingest`. What was dropped."""
+    deliver, dropped = ingest._on_message, []
+
+    def on_message(msg: jsx.RawMsg) -> None:
+        if jsx.stream_sequence(msg[1])[0] == seq and not dropped:
+            dropped.append(msg)
+            return
+        deliver(msg)
+
+    ingest._on_message = on_message  # type: ignore[method-assign]
+    return dropped
+
+
+async def run_until(ingest: StreamIngest, position: int) -> None:
+    await ingest.start()
+    task = asyncio.create_task(ingest.run())
+    try:
+        await eventually(lambda: ingest.store.positions.get(ingest.spec.name) == position, timeout=20)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await ingest.stop()
+
+
 async def test_a_message_lost_on_its_way_is_read_again_not_acknowledged_past(nats_server) -> None:
     """A consumer whose leader (a NATS cluster's node) was lost with messages on their way goes on after them
     on its new leader: folded on, the chunk's acknowledgement (ack-all) took them as read, and they were lost
@@ -479,22 +505,41 @@ async def test_a_message_lost_on_its_way_is_read_again_not_acknowledged_past(nat
     store = OnlineStore()
     ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=256, max_event_bytes=16384,
                           max_uncheckpointed=10**6)
-    deliver, dropped = ingest._on_message, []
-
-    def on_message(msg: jsx.RawMsg) -> None:
-        if jsx.stream_sequence(msg[1])[0] == 500 and not dropped:
-            dropped.append(msg)  # lost on its way: never handed to ingest
-            return
-        deliver(msg)
-
-    ingest._on_message = on_message  # type: ignore[method-assign]
-    await ingest.start()
-    task = asyncio.create_task(ingest.run())
+    dropped = drop_once(ingest, 500)
     try:
-        await eventually(lambda: store.positions.get("SIGNALS") == EVENTS, timeout=20)
+        await run_until(ingest, EVENTS)
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await ingest.stop()
         await nc.close()
     assert dropped and (store.applied, store.ignored) == (EVENTS, 0)
+
+
+def decision(i: int, pad: int = 0) -> dict[str, Any]:
+    """Another publisher's decision (no time in its id), as DECISIONS holds it."""
+    return {"id": f"other-{i}", "type": "decision.scored", "v": 1, "ts": "2026-11-26T08:00:00+00:00",
+            "user_id": f"u-{i % 50}", "model_version": "v1", "features": {"pad": "x" * pad},
+            "ranked": [{"tip_id": "tip-0", "score": 0.5, "propensity": 1.0}]}
+
+
+def reading_decisions(nc: Any, js: Any, read: set[str], batch: int = 256) -> StreamIngest:
+    """The DECISIONS ingest as the service runs it, its sink (the learner's join cache) noting each id read."""
+    return StreamIngest(nc, js, jsx.DECISIONS, OnlineStore(), Checkpoints(), batch=batch, max_event_bytes=1 << 20,
+                        max_uncheckpointed=10**9, decode=decode_decision,
+                        sink=lambda logged, reply: read.add(logged.id) or True, sink_reply=True, folds=False)
+
+
+async def test_a_decision_lost_on_its_way_is_read_again_not_acknowledged_past(nats_server) -> None:
+    """As for SIGNALS, on DECISIONS: read back at a start (the learner's join cache) or from another publisher,
+    a decision passed over never reached the learner, and a reaction to it waited, then gave up
+    (`unknown_decision`); the checkpoint's position past it, a restart did not write its tip_scores row."""
+    nc = await jsx.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    await jsx.publish_events(js, [("decisions.scored", decision(i)) for i in range(EVENTS)])
+    read: set[str] = set()
+    ingest = reading_decisions(nc, js, read)
+    dropped = drop_once(ingest, 500)
+    try:
+        await run_until(ingest, EVENTS)
+    finally:
+        await nc.close()
+    assert dropped and len(read) == EVENTS
