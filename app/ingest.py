@@ -90,6 +90,44 @@ def dlq_subject(subject: str) -> str:
     return f"dlq.{subject.split('.', 1)[0]}.subject_too_long"
 
 
+def delivered_in_turn(position: int, first: tuple[int, int], last: tuple[int, int], count: int) -> bool:
+    """Whether a chunk of `count` messages whose first and last have these (stream, consumer) sequences
+    (`jsx.sequences`) holds the stream's messages after `position`, one after another, none lost on its way:
+    the usual case, told from two messages. By the stream's sequences alone, a message delivered again inside
+    the chunk made up for one passed over; the delivery lost then leaves a gap in the consumer's, which counts
+    every delivery. (A new leader numbers on from the deliveries it knows of: one lost leader gives a gap or,
+    behind, repeats, not both; two in one chunk could cancel out.)
+
+    >>> delivered_in_turn(100, (101, 7), (104, 10), 4)
+    True
+    >>> delivered_in_turn(100, (101, 7), (104, 11), 4)  # 101, 102, 102 again, 104: 103's delivery was lost
+    False
+    >>> delivered_in_turn(100, (102, 7), (105, 10), 4)  # 101 passed over
+    False
+    """
+    return first[0] == position + 1 and last[0] - first[0] == count - 1 and last[1] - first[1] == count - 1
+
+
+def holes_after(position: int, seqs: list[int]) -> list[tuple[int, int]]:
+    """Where the stream sequences delivered pass over others after `position`: (the first passed over, the
+    one delivered after the gap), in order. One delivered again, or at or before the position (delivered
+    again after its acknowledgement was lost), fills no gap.
+
+    >>> holes_after(100, [101, 102, 102, 104])
+    [(103, 104)]
+    >>> holes_after(100, [103, 101, 99, 102, 107, 109])
+    [(104, 107), (108, 109)]
+    >>> holes_after(100, [101, 102, 101])
+    []
+    """
+    holes, expected = [], position + 1
+    for seq in sorted(set(seqs)):
+        if seq > expected:
+            holes.append((expected, seq))
+        expected = max(expected, seq + 1)
+    return holes
+
+
 class ReadUpTo:
     """How far a stream has been read since the start, in the time JetStream stored its messages:
     another stream's ingest waits on it (`StreamIngest`'s `after`)."""
@@ -355,27 +393,21 @@ class StreamIngest:
         """Whether `chunk` passes over a message the stream holds after the position. A consumer delivers in
         order, but on a NATS cluster one whose leader was lost with messages on their way to us goes on after
         them on its new leader, and the next acknowledgement (ack-all) takes them as read: lost to the fold, or
-        for DECISIONS to the learner's join cache.
-        Asked of the server once per hole, and only when the chunk's sequences do not follow the position one by
-        one (retention passed over some, a message was deleted, one was delivered again). Not exact when a
-        message delivered again sits inside the chunk with a hole that its count makes up for: holes come from
-        a lost leader, which is also what loses acknowledgements, but the next one (ack-all) covers those."""
+        for DECISIONS to the learner's join cache. Asked of the server once per hole (retention passed over some,
+        a message was deleted), and only when the chunk is not the usual run of deliveries (`delivered_in_turn`)."""
         position = self.store.positions.get(self.spec.name, 0)
-        first, last = jsx.stream_sequence(chunk[0][1])[0], jsx.stream_sequence(chunk[-1][1])[0]
-        if first == position + 1 and last - first + 1 == len(chunk):  # the usual case: two parses a chunk
+        first, last = jsx.sequences(chunk[0][1]), jsx.sequences(chunk[-1][1])
+        if delivered_in_turn(position, first, last, len(chunk)):  # two parses a chunk
             return False
-        expected = position + 1
-        for seq in sorted({jsx.stream_sequence(reply)[0] for _, reply, _ in chunk}):
-            if seq > expected:
-                try:
-                    stored = await jsx.next_stored(self.js, self.spec, expected)
-                except Exception:  # noqa: BLE001 - not known: read again from the position, which loses nothing
-                    stored = expected
-                if stored is not None and stored < seq:
-                    log.warning("%s: message %d was not delivered, but %d was (a NATS node lost with it on its way?); "
-                                "reading %s again from %d", self.spec.name, stored, seq, self.spec.name, expected)
-                    return True
-            expected = max(expected, seq + 1)
+        for expected, seq in holes_after(position, [jsx.sequences(reply)[0] for _, reply, _ in chunk]):
+            try:
+                stored = await jsx.next_stored(self.js, self.spec, expected)
+            except Exception:  # noqa: BLE001 - not known: read again from the position, which loses nothing
+                stored = expected
+            if stored is not None and stored < seq:
+                log.warning("%s: message %d was not delivered, but %d was (a NATS node lost with it on its way?); "
+                            "reading %s again from %d", self.spec.name, stored, seq, self.spec.name, position + 1)
+                return True
         return False
 
     async def _wait_for_after(self, stored_ms: int) -> None:

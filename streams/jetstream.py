@@ -424,6 +424,20 @@ def delivery(reply: bytes) -> tuple[int, int]:
     return int(tokens[at + 3]) // 1_000_000, int(tokens[at])
 
 
+def sequences(reply: bytes) -> tuple[int, int]:
+    """(stream sequence, consumer sequence) from a JetStream ack subject. The consumer's counts its deliveries,
+    a message delivered again included, so one lost on its way leaves a gap in it.
+
+    >>> sequences(b"$JS.ACK.SIGNALS.ingest.2.42.43.1764140400123456789.0")
+    (42, 43)
+    >>> sequences(b"$JS.ACK.hub.ACC.SIGNALS.ingest.1.42.42.1764140400123456789.0.tok")
+    (42, 42)
+    """
+    tokens = reply.split(b".")
+    at = 5 if len(tokens) == 9 else 7
+    return int(tokens[at]), int(tokens[at + 1])
+
+
 def stream_sequence(reply: bytes) -> tuple[int, int]:
     """(stream sequence, messages still pending) from a JetStream ack subject."""
     seq, _, pending = ack_fields(reply)

@@ -543,3 +543,27 @@ async def test_a_decision_lost_on_its_way_is_read_again_not_acknowledged_past(na
     finally:
         await nc.close()
     assert dropped and len(read) == EVENTS
+
+
+def delivered(seq: int, consumer_seq: int, times: int = 1) -> jsx.RawMsg:
+    """A SIGNALS message as a consumer delivers it: its ack subject holds its sequences."""
+    reply = f"$JS.ACK.SIGNALS.{jsx.durable_of('SIGNALS')}.{times}.{seq}.{consumer_seq}.1764140400123456789.0"
+    return "signals.app.opened", reply.encode(), b"{}"
+
+
+async def test_a_message_delivered_again_does_not_hide_one_passed_over(nats_server) -> None:
+    """101, 102, 102 delivered again, 104: as many messages as 101..104, so counted by the stream's sequences
+    the chunk looked whole, and its acknowledgement took 103 (stored) as read. The consumer's sequence has a
+    gap where 103's delivery was lost."""
+    nc, js = await seeded(nats_server)
+    store = OnlineStore()
+    store.positions["SIGNALS"] = 100
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=256, max_event_bytes=16384,
+                          max_uncheckpointed=10**6)
+    try:
+        assert await ingest._skips_stored([delivered(101, 1), delivered(102, 2), delivered(102, 3, 2),
+                                           delivered(104, 5)])
+        assert not await ingest._skips_stored([delivered(101, 1), delivered(102, 2), delivered(102, 3, 2),
+                                               delivered(103, 4)])
+    finally:
+        await nc.close()
