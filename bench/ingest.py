@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -103,12 +106,7 @@ async def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        server = EmbeddedNats(Path(tmp) / "nats")
-        url = server.start()
-        try:
-            nc = await connect(url)
-            js = nc.jetstream(publish_async_max_pending=4_000)
-            await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+        async with streams_server(Path(tmp)) as (url, nc, js):
             events = synthetic(args.events, args.users)
             size = sum(len(orjson.dumps(e)) for _, e in events[:1000]) / min(1000, len(events))
             started = time.perf_counter()
@@ -133,8 +131,20 @@ async def main() -> None:
             print(json.dumps({"bench": "ingest", "events": len(events), "events_per_s": round(ingest),
                               "raw_events_per_s": round(raw), "ratio": round(ingest / raw, 3),
                               "runs": args.repeat}))
-        finally:
-            server.stop()
+
+
+@contextlib.asynccontextmanager
+async def streams_server(tmp: Path) -> AsyncIterator[tuple[str, IngestClient, Any]]:
+    """A nats-server of its own in `tmp` with tipstream's streams, and a connection to it (also bench/scrub.py's)."""
+    server = EmbeddedNats(tmp / "nats")
+    url = server.start()
+    try:
+        nc = await connect(url)
+        js = nc.jetstream(publish_async_max_pending=4_000)
+        await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+        yield url, nc, js
+    finally:
+        server.stop()
 
 
 if __name__ == "__main__":

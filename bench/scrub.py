@@ -30,11 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import orjson
-from ingest import synthetic
+from ingest import streams_server, synthetic
 from nats.js.api import StreamConfig
 
-from app.embedded_nats import EmbeddedNats
-from streams.jetstream import SIGNALS, IngestClient, connect, ensure_streams, publish_events
+from streams.jetstream import SIGNALS, IngestClient, publish_events
 from streams.scrub import belongs, read_through, scrub, spellings
 
 _SEQ = re.compile(rb"Nats-Sequence:\s*(\d+)", re.IGNORECASE)
@@ -84,12 +83,7 @@ async def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        server = EmbeddedNats(Path(tmp) / "nats")
-        url = server.start()
-        try:
-            nc = await connect(url)
-            js = nc.jetstream(publish_async_max_pending=4_000)
-            await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+        async with streams_server(Path(tmp)) as (_, nc, js):
             events = [(subject, event) for subject, event in synthetic(args.messages * 2, args.users)
                       if subject.startswith("signals.")][: args.messages]
             await publish_events(js, events)
@@ -115,8 +109,6 @@ async def main() -> None:
             again = await scrub(js, SIGNALS.name, forget, last)
             assert report.deleted == expected and again.matched == 0, (report, again)
             await nc.close()
-        finally:
-            server.stop()
 
     raw, scan, direct = statistics.median(raws), statistics.median(scans), statistics.median(directs)
     print(f"raw read (pull, AckNone)  : {raw:,.0f} msg/s (median of {args.repeat})")
