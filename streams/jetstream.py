@@ -401,13 +401,18 @@ def _acked(future: asyncio.Future[Any]) -> bool:
     return future.done() and not future.cancelled() and future.exception() is None
 
 
-def ack_fields(reply: bytes) -> tuple[int, int, int]:
-    """(stream sequence, stored time in ns, messages still pending) from a JetStream ack subject:
-    v1 `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>`, or v2 with the
-    domain and account hash before the stream and a token after."""
+def _ack_tokens(reply: bytes) -> tuple[list[bytes], int]:
+    """A JetStream ack subject's tokens, and where `<delivered>` is among them: v1
+    `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>`, or v2 with the domain and
+    account hash before the stream and a token after."""
     tokens = reply.split(b".")
-    at = 5 if len(tokens) == 9 else 7
-    return int(tokens[at]), int(tokens[at + 2]), int(tokens[at + 3])
+    return tokens, 4 if len(tokens) == 9 else 6
+
+
+def ack_fields(reply: bytes) -> tuple[int, int, int]:
+    """(stream sequence, stored time in ns, messages still pending) from a JetStream ack subject."""
+    tokens, at = _ack_tokens(reply)
+    return int(tokens[at + 1]), int(tokens[at + 3]), int(tokens[at + 4])
 
 
 def delivery(reply: bytes) -> tuple[int, int]:
@@ -419,8 +424,7 @@ def delivery(reply: bytes) -> tuple[int, int]:
     >>> delivery(b"$JS.ACK.hub.ACC.FEEDBACK.ingest.1.42.42.1764140400123456789.0.tok")
     (1764140400123, 1)
     """
-    tokens = reply.split(b".")
-    at = 4 if len(tokens) == 9 else 6
+    tokens, at = _ack_tokens(reply)
     return int(tokens[at + 3]) // 1_000_000, int(tokens[at])
 
 
@@ -433,9 +437,8 @@ def sequences(reply: bytes) -> tuple[int, int]:
     >>> sequences(b"$JS.ACK.hub.ACC.SIGNALS.ingest.1.42.42.1764140400123456789.0.tok")
     (42, 42)
     """
-    tokens = reply.split(b".")
-    at = 5 if len(tokens) == 9 else 7
-    return int(tokens[at]), int(tokens[at + 1])
+    tokens, at = _ack_tokens(reply)
+    return int(tokens[at + 1]), int(tokens[at + 2])
 
 
 def stream_sequence(reply: bytes) -> tuple[int, int]:
