@@ -401,7 +401,7 @@ def _acked(future: asyncio.Future[Any]) -> bool:
     return future.done() and not future.cancelled() and future.exception() is None
 
 
-def _ack_tokens(reply: bytes) -> tuple[list[bytes], int]:
+def ack_tokens(reply: bytes) -> tuple[list[bytes], int]:
     """A JetStream ack subject's tokens, and where `<delivered>` is among them: v1
     `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>`, or v2 with the domain and
     account hash before the stream and a token after."""
@@ -411,7 +411,7 @@ def _ack_tokens(reply: bytes) -> tuple[list[bytes], int]:
 
 def ack_fields(reply: bytes) -> tuple[int, int, int]:
     """(stream sequence, stored time in ns, messages still pending) from a JetStream ack subject."""
-    tokens, at = _ack_tokens(reply)
+    tokens, at = ack_tokens(reply)
     return int(tokens[at + 1]), int(tokens[at + 3]), int(tokens[at + 4])
 
 
@@ -424,7 +424,7 @@ def delivery(reply: bytes) -> tuple[int, int]:
     >>> delivery(b"$JS.ACK.hub.ACC.FEEDBACK.ingest.1.42.42.1764140400123456789.0.tok")
     (1764140400123, 1)
     """
-    tokens, at = _ack_tokens(reply)
+    tokens, at = ack_tokens(reply)
     return int(tokens[at + 3]) // 1_000_000, int(tokens[at])
 
 
@@ -437,7 +437,7 @@ def sequences(reply: bytes) -> tuple[int, int]:
     >>> sequences(b"$JS.ACK.hub.ACC.SIGNALS.ingest.1.42.42.1764140400123456789.0.tok")
     (42, 42)
     """
-    tokens, at = _ack_tokens(reply)
+    tokens, at = ack_tokens(reply)
     return int(tokens[at + 1]), int(tokens[at + 2])
 
 

@@ -51,6 +51,8 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
+from streams.jetstream import ack_tokens
+
 log = logging.getLogger("tipstream.scrub")
 
 PROGRESS_EVERY = 10_000
@@ -260,16 +262,15 @@ async def read_through(
 
 def ack_position(reply: bytes) -> tuple[int, int, int]:
     """(stream sequence, consumer sequence, messages after it) from a JetStream ack subject, v1 or v2
-    (`streams.jetstream.ack_fields`).
+    (`streams.jetstream.ack_tokens`).
 
     >>> ack_position(b"$JS.ACK.DLQ.tipstream-scrub-1.1.42.7.1764140400123456789.3")
     (42, 7, 3)
     >>> ack_position(b"$JS.ACK.hub.ACC.DLQ.tipstream-scrub-1.1.42.7.1764140400123456789.3.tok")
     (42, 7, 3)
     """
-    tokens = reply.split(b".")
-    at = 5 if len(tokens) == 9 else 7
-    return int(tokens[at]), int(tokens[at + 1]), int(tokens[at + 3])
+    tokens, at = ack_tokens(reply)
+    return int(tokens[at + 1]), int(tokens[at + 2]), int(tokens[at + 4])
 
 
 _PENDING = re.compile(rb"Nats-Pending-Messages:\s*(\d+)", re.IGNORECASE)
