@@ -224,7 +224,7 @@ class Eraser:
             for row in rows:
                 user_id = row["user_id"]
                 held = self.store.forget(user_id)
-                decisions = self.learner.forget_user(user_id, _ms(at))
+                decisions = await self.learner.forget_user(user_id, _ms(at))
                 if self.offline is not None:
                     self.offline.forget(user_id)
                 self._on_the_way[user_id] = _decisions_of(user_id, self.unpublished())

@@ -126,6 +126,8 @@ POSITIVE_ONLY_WARN_AFTER = 1_000
 # decision of the wait before the stop fell due at once (60,000 at 100 decisions/s): learned in one
 # turn, at the first feedback read back or the first checkpoint, they held the loop for seconds.
 SILENCES_PER_TURN = 256
+# Join-cache entries looked at between two chances for the API to run while forgetting a user (~7 ms).
+FORGET_SCAN_CHUNK = 5_000
 
 
 class ModelBytes:
@@ -500,39 +502,49 @@ class Learner:
         until = self.erasing.get(decision.get("user_id"))  # type: ignore[arg-type]
         return until is not None and created_ms <= until
 
-    def forget_user(self, user_id: str, at_ms: int) -> int:
-        """Drop what the learner holds of `user_id`, a user to forget as of `at_ms`: their decisions
-        in the join cache, their reactions waiting for one, and their own features in every model
-        that learns (`TipModel.forget_user`); how many decisions went. Their decisions made until
-        then and read back later (a start re-reads DECISIONS) are not held again while `erasing`
-        names them. Feedback of theirs naming a decision that went counts as `unknown_decision`."""
+    async def forget_user(self, user_id: str, at_ms: int) -> int:
+        """Drop what the learner holds of `user_id`, a user to forget as of `at_ms`: their reactions
+        waiting for a decision and their own features in every model (`Lineup.forget_user`) at once,
+        then their decisions in the join cache made until then; how many decisions went. Those read
+        back later (a start re-reads DECISIONS) are not held again while `erasing` names them.
+        Feedback of theirs naming a decision that went counts as `unknown_decision`."""
         self.erasing[user_id] = at_ms
-        # As /score encodes them: only those that may be theirs are parsed, and those with a backslash
-        # (another publisher's JSON may spell the id with escapes, "zo\u00eb").
-        needle = orjson.dumps(user_id)
-        gone: set[str] = set()
-        credited: set[str] = set()
-        for cache in (self._replayed, self.cache):
-            theirs = [decision_id for decision_id, entry in cache.items()
-                      if (needle in entry.data or b"\\" in entry.data)
-                      and orjson.loads(entry.data).get("user_id") == user_id]
-            for decision_id in theirs:
-                entry = cache.pop(decision_id)
-                self._credited.pop(decision_id, None)
-                self.cache_bytes -= len(entry.data) + ENTRY_OVERHEAD
-                if entry.credits:
-                    credited.add(decision_id)
-            gone.update(theirs)
-        # What their reactions credited, saved by the minute for the join window (`credit_log`).
-        self.credit_log.forget(credited)
-        if self.silences is not None:
-            self.silences.drop(gone)
         self.waiting.drop_user(user_id)
         self.lineup.forget_user(user_id)
         # The models changed without a reward: saved by the next snapshot, which is taken at once.
         self._learn_seq += 1
         self._changed = True
         self.snapshot_at_next_checkpoint()
+        # As /score encodes them: only those that may be theirs are parsed, and those with a backslash
+        # (another publisher's JSON may spell the id with escapes, "zo\u00eb"). Looked over in turns: a
+        # full cache (~100,000 decisions) held the event loop ~140 ms.
+        needle = orjson.dumps(user_id)
+        theirs: list[str] = []
+        for cache in (self._replayed, self.cache):
+            held = list(cache.items())
+            for start in range(0, len(held), FORGET_SCAN_CHUNK):
+                theirs += [decision_id for decision_id, entry in held[start : start + FORGET_SCAN_CHUNK]
+                           if (needle in entry.data or b"\\" in entry.data)
+                           and orjson.loads(entry.data).get("user_id") == user_id
+                           and self._created_ms(decision_id, entry) <= at_ms]
+                await asyncio.sleep(0)
+        gone: set[str] = set()
+        credited: set[str] = set()
+        for decision_id in theirs:  # those still held: the cache may have let some go meanwhile
+            cache = self._replayed if decision_id in self._replayed else self.cache
+            entry = cache.pop(decision_id, None)
+            if entry is None:
+                continue
+            gone.add(decision_id)
+            self._credited.pop(decision_id, None)
+            self.cache_bytes -= len(entry.data) + ENTRY_OVERHEAD
+            if entry.credits:
+                credited.add(decision_id)
+        # What their reactions credited, saved by the minute for the join window (`credit_log`).
+        self.credit_log.forget(credited)
+        if self.silences is not None:
+            self.silences.drop(gone)
+        self._changed = True
         return len(gone)
 
     # -- feedback ----------------------------------------------------------------------------

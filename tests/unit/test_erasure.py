@@ -19,7 +19,7 @@ class Learner:
         self.erasing: dict[str, int] = {}
         self.forgotten: list[str] = []
 
-    def forget_user(self, user_id: str, at_ms: int) -> int:
+    async def forget_user(self, user_id: str, at_ms: int) -> int:
         self.erasing[user_id] = at_ms
         self.forgotten.append(user_id)
         return 0
