@@ -28,4 +28,12 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # A request not done: its user's messages are still in the streams, and the table is its only record.
+    pending = op.get_bind().execute(sa.text("SELECT user_id FROM erasures WHERE status != 'done'")).scalars().all()
+    if pending:
+        shown = ", ".join(repr(user_id) for user_id in pending[:5]) + (", ..." if len(pending) > 5 else "")
+        raise RuntimeError(
+            f"{len(pending)} request(s) to forget a user are not done ({shown}): dropping the erasures table loses "
+            "them, and a rebuild from the log would bring those users back. Start the service until "
+            "`tipstream users forget-status <id>` says done (tipstream_erasures_unfinished 0), then downgrade.")
     op.drop_table("erasures")

@@ -430,9 +430,14 @@ def test_migrate_base_refuses_while_a_request_to_forget_a_user_is_not_done(
     err = capsys.readouterr().err
     assert err.startswith("1 request(s) to forget a user are not done ('u-42'): dropped now, a rebuild") and \
         "tipstream users forget-status <id>" in err
+    # Nor does a downgrade to a release from before forgetting users existed (alembic downgrade 0006).
+    with pytest.raises(RuntimeError, match=r"1 request\(s\) to forget a user are not done \('u-42'\)"):
+        migrate.downgrade(database_url, "0006")
+    assert migrate.current(database_url) == "0007"
     with engine.begin() as conn:
         conn.execute(sa.text("update erasures set status = 'done'"))
     engine.dispose()
+    migrate.downgrade(database_url, "0006")
     assert main(["migrate", "base"]) == 0 and migrate.current(database_url) is None
 
 
