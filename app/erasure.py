@@ -45,6 +45,7 @@ from app.checkpoint_rows import write_erasures
 from app.decisions import decision_time_ms
 from app.metrics import METRICS
 from streams import jetstream as jsx
+from streams.scrub import belongs, spellings
 from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream.erasure")
@@ -115,11 +116,15 @@ class Eraser:
     def resume(self) -> None:
         """At the start, before DECISIONS is read back: the users whose messages are still to delete are
         forgotten by the learner as of then (their decisions read back are not held again)."""
+        self.learner.erasing.update(self._dropped_at(done_too=False))
+
+    def _dropped_at(self, done_too: bool) -> dict[str, int]:
+        """Users whose state was dropped (step 2 done; `done_too`: and requests done) -> when, ms."""
+        table = db.erasures
+        wanted = table.c.dropped_at.is_not(None) if done_too else table.c.status == "dropped"
         with self.engine.connect() as conn:
-            rows = conn.execute(select(db.erasures.c.user_id, db.erasures.c.dropped_at)
-                                .where(db.erasures.c.status == "dropped")).all()
-        for user_id, dropped_at in rows:
-            self.learner.erasing[user_id] = _ms(dropped_at)
+            return {user_id: _ms(at) for user_id, at in conn.execute(select(table.c.user_id, table.c.dropped_at)
+                                                                     .where(wanted)).all()}
 
     def without_forgotten(self, spooled: list[tuple[str, str, bytes]]) -> list[tuple[str, str, bytes]]:
         """Of the decisions the last stop spooled (`decision_spool`), those not made for a user forgotten
@@ -127,10 +132,7 @@ class Eraser:
         messages deleted, and stay there."""
         if not spooled:
             return spooled
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(db.erasures.c.user_id, db.erasures.c.dropped_at)
-                                .where(db.erasures.c.dropped_at.is_not(None))).all()
-        until = {user_id: _ms(dropped_at) for user_id, dropped_at in rows}
+        until = self._dropped_at(done_too=True)
         if not until:
             return spooled
         kept = []
@@ -358,9 +360,9 @@ class Eraser:
 
 def _decisions_of(user_id: str, items: Sequence[tuple[str, str, bytes]]) -> set[str]:
     """The ids of `user_id`'s decisions among the publisher's `(subject, decision id, payload)` items."""
-    needle = orjson.dumps(user_id)  # as /score encodes them: only those that may be theirs are parsed
-    return {decision_id for _, decision_id, payload in items
-            if needle in payload and orjson.loads(payload).get("user_id") == user_id}
+    users = frozenset((user_id,))
+    spelt = spellings(users)
+    return {decision_id for _, decision_id, payload in items if belongs(payload, users, spelt)}
 
 
 def _shown(row: dict[str, Any]) -> dict[str, Any]:

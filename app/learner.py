@@ -83,6 +83,7 @@ from app.silence import Silences
 from app.waiting import WaitingFeedback
 from models.reward import INPUT_BOUND_TEXT, MAX_INPUTS, PopularityPrior
 from streams.jetstream import ack_fields, delivery, stored_ms
+from streams.scrub import belongs, spellings
 from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream.learner")
@@ -126,8 +127,9 @@ POSITIVE_ONLY_WARN_AFTER = 1_000
 # decision of the wait before the stop fell due at once (60,000 at 100 decisions/s): learned in one
 # turn, at the first feedback read back or the first checkpoint, they held the loop for seconds.
 SILENCES_PER_TURN = 256
-# Join-cache entries looked at between two chances for the API to run while forgetting a user (~7 ms).
-FORGET_SCAN_CHUNK = 5_000
+# Join-cache entries looked at between two chances for the API to run while forgetting a user: ~7 ms at
+# ~3.3 us a 2 KB decision (`streams.scrub.belongs`).
+FORGET_SCAN_CHUNK = 2_000
 
 
 class ModelBytes:
@@ -515,18 +517,17 @@ class Learner:
         self._learn_seq += 1
         self._changed = True
         self.snapshot_at_next_checkpoint()
-        # As /score encodes them: only those that may be theirs are parsed, and those with a backslash
-        # (another publisher's JSON may spell the id with escapes, "zo\u00eb"). Looked over in turns: a
-        # full cache (~100,000 decisions) held the event loop ~140 ms.
-        needle = orjson.dumps(user_id)
+        # Matched as the log's messages are (`streams.scrub.belongs`: another publisher's JSON may spell
+        # the id with escapes, "zo\u00eb"). Looked over in turns: a full cache (~100,000 decisions) is
+        # ~330 ms of matching, which held the event loop in one go.
+        users = frozenset((user_id,))
+        spelt = spellings(users)
         theirs: list[str] = []
         for cache in (self._replayed, self.cache):
             held = list(cache.items())
             for start in range(0, len(held), FORGET_SCAN_CHUNK):
                 theirs += [decision_id for decision_id, entry in held[start : start + FORGET_SCAN_CHUNK]
-                           if (needle in entry.data or b"\\" in entry.data)
-                           and orjson.loads(entry.data).get("user_id") == user_id
-                           and self._created_ms(decision_id, entry) <= at_ms]
+                           if belongs(entry.data, users, spelt) and self._created_ms(decision_id, entry) <= at_ms]
                 await asyncio.sleep(0)
         gone: set[str] = set()
         credited: set[str] = set()
