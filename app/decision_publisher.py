@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from app.learning_metrics import DECISION_QUEUE, DECISIONS
+from app.log_throttle import LogThrottle
 
 log = logging.getLogger("tipstream.decisions")
 # Each outcome exposed at 0 from the start: a series that first appears at 40 refusals (one burst, NATS away
@@ -41,6 +42,11 @@ def _stored_seq(ack: bytes) -> int | None:
 
 
 AWAY_POLL_S = 0.1  # how often the publisher looks for the connection while NATS is away
+# The longest wait before a refused decision is sent again. A NATS cluster refuses DECISIONS while it elects the
+# stream's leader (4-9 s after a node is lost): at 5 s, decisions reached the log up to 5 s after it could take
+# them, and their reactions waited as long to be learned. Each round's refusal is a line, at most so many a minute.
+REFUSAL_WAIT_MAX_S = 1.0
+REFUSAL_LINES_PER_MINUTE = 10
 
 
 class DecisionLogFull(Exception):
@@ -84,6 +90,7 @@ class DecisionPublisher:
         self._refusal_wait = 0.0  # > 0 while JetStream refuses: each send waits this long first
         self._refused_at = -math.inf  # when it last doubled: refusals of decisions sent before are that round's
         self._refused_ahead = 0  # refused since the last send, back at the front of the queue in order
+        self._refusal_lines = LogThrottle(per_window=REFUSAL_LINES_PER_MINUTE)
         self._put_back: set[str] = set()  # decisions from before this start not acknowledged yet
         self._on_all_put_back: Callable[[], None] | None = None
         self._token = 0
@@ -190,9 +197,12 @@ class DecisionPublisher:
             # the ceiling at once.
             if sent_at >= self._refused_at:
                 self._refused_at = time.monotonic()
-                self._refusal_wait = min(max(self._refusal_wait * 2, 0.1), 5.0)
-                log.warning("JetStream refused decision %s (%s); retrying in %.1fs", item[1],
-                            (data or headers or b"")[:200], self._refusal_wait)
+                self._refusal_wait = min(max(self._refusal_wait * 2, 0.1), REFUSAL_WAIT_MAX_S)
+                left_out = self._refusal_lines.allow(None)
+                if left_out is not None:
+                    log.warning("JetStream refused decision %s (%s); retrying in %.1fs%s", item[1],
+                                (data or headers or b"")[:200], self._refusal_wait,
+                                f" ({left_out} more refused rounds since the last line)" if left_out else "")
             # Behind those refused before it, not in front: one at a time at the front reversed them.
             self._requeue([item], at=self._refused_ahead)
             self._refused_ahead += 1

@@ -220,7 +220,7 @@ async def test_a_refusal_that_lasts_is_retried_after_a_wait_that_doubles(nats_se
 
 async def test_one_refused_batch_waits_once_and_goes_back_in_order(nats_server, caplog) -> None:
     """The wait doubles from one round of sends to the next, not per decision refused: one refused
-    batch of 8 took it to the 5 s ceiling at once, with a warning each; and the refused went back
+    batch of 8 took it to the ceiling at once, with a warning each; and the refused went back
     one at a time at the front, reversed."""
     from app.decision_publisher import DecisionPublisher
 
@@ -240,6 +240,29 @@ async def test_one_refused_batch_waits_once_and_goes_back_in_order(nats_server, 
     assert len(refusals) == 1 and refusals[0].endswith("0.1s"), refusals
     stored = [(await js.get_msg("DECISIONS", seq)).headers["Nats-Msg-Id"] for seq in range(1, 9)]
     assert stored == [f"d-{i}" for i in range(8)]
+    task.cancel()
+    await nc.close()
+
+
+async def test_a_refusal_that_lasts_is_sent_again_within_the_ceiling_and_logged_a_few_times_a_minute(
+        nats_server, caplog, monkeypatch) -> None:
+    """A NATS cluster refuses DECISIONS while it elects the stream's leader (4-9 s after a node is lost):
+    with the wait doubling to 5 s, decisions reached the log up to 5 s after it could take them. Ceiling
+    and lines a minute scaled down here (1 s and 10 in the service)."""
+    from app import decision_publisher
+
+    monkeypatch.setattr(decision_publisher, "REFUSAL_WAIT_MAX_S", 0.2)
+    monkeypatch.setattr(decision_publisher, "REFUSAL_LINES_PER_MINUTE", 3)
+    nc = await jsx.connect(nats_server.url)
+    publisher = decision_publisher.DecisionPublisher(lambda: nc, queue_max=100, batch=4, window=10, ack_timeout_s=5)
+    await publisher.start()
+    task = asyncio.create_task(publisher.run())
+    publisher.offer("decisions.score", "d-1", b"{}")
+    with caplog.at_level("WARNING", logger="tipstream.decisions"):
+        await eventually(lambda: publisher.retried >= 5, timeout=5)  # no stream: each send refused
+        assert publisher._refusal_wait == 0.2
+        refusals = [r.getMessage() for r in caplog.records if "refused decision d-1" in r.getMessage()]
+        assert [m.rsplit(" ", 1)[1] for m in refusals] == ["0.1s", "0.2s", "0.2s"]
     task.cancel()
     await nc.close()
 
