@@ -153,6 +153,19 @@ erasures = Table(
     Column("report", JSON),  # what was deleted, by where
     Column("done_at", DateTime(timezone=True)),
 )
+# A request done, moved here when its user is asked for again (events of theirs came since): the
+# record that they were forgotten then, which the new request's row would replace.
+erasures_earlier = Table(
+    "erasures_earlier",
+    metadata,
+    Column("user_id", String(128), primary_key=True),
+    Column("requested_at", DateTime(timezone=True), primary_key=True),
+    Column("requested_by", String(128), nullable=False),
+    Column("dropped_at", DateTime(timezone=True)),
+    Column("bounds", JSON),
+    Column("report", JSON),
+    Column("done_at", DateTime(timezone=True)),
+)
 
 
 WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024

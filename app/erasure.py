@@ -37,7 +37,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, delete, select, update
+from sqlalchemy import and_, delete, insert, select, update
 from sqlalchemy.engine import Engine
 
 from app import db
@@ -96,14 +96,23 @@ class Eraser:
 
     def request(self, user_id: str, actor: str) -> dict[str, Any]:
         """Save a request to forget `user_id` (a worker thread); the row. A user asked for again (done,
-        or on the way) is taken through every step again: events of theirs may have come since."""
+        or on the way) is taken through every step again: events of theirs may have come since. The
+        request done before is kept in `erasures_earlier`, the record that they were forgotten then."""
         now = datetime.now(UTC)
         now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # as SQLite keeps it: answered as read back
         row = {"user_id": user_id, "status": "requested", "requested_at": now, "requested_by": actor,
                "dropped_at": None, "bounds": None, "report": None, "done_at": None}
         with self.engine.begin() as conn:
+            done = conn.execute(select(db.erasures).where(and_(db.erasures.c.user_id == user_id,
+                                                               db.erasures.c.status == "done"))
+                                .with_for_update()).mappings().first()
+            if done is not None:  # as it was read, to the microsecond (the upsert's JSON keeps milliseconds)
+                conn.execute(insert(db.erasures_earlier).from_select(
+                    [column.name for column in db.erasures_earlier.columns],
+                    select(*(db.erasures.c[column.name] for column in db.erasures_earlier.columns))
+                    .where(db.erasures.c.user_id == user_id)))
             db.upsert(conn, db.erasures, [row], ["user_id"])
-        return _shown(row)
+        return {**_shown(row), "earlier": self._earlier(user_id)}
 
     def wake(self) -> None:
         self._wake.set()
@@ -111,7 +120,11 @@ class Eraser:
     def status(self, user_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(db.erasures).where(db.erasures.c.user_id == user_id)).mappings().first()
-        return _shown(dict(row)) if row is not None else None
+        return {**_shown(dict(row)), "earlier": self._earlier(user_id)} if row is not None else None
+
+    def _earlier(self, user_id: str) -> list[dict[str, Any]]:
+        """The requests to forget `user_id` done before the one in `erasures`, oldest first."""
+        return [_shown(dict(row)) for row in earlier_erasures(self.engine, user_id)]
 
     def resume(self) -> None:
         """At the start, before DECISIONS is read back: the users whose messages are still to delete are
@@ -356,6 +369,12 @@ class Eraser:
                              .values(status="done", report=report, done_at=datetime.now(UTC)))
                 reports.append(report)
         return reports
+
+
+def earlier_erasures(engine: Engine, user_id: str) -> Sequence[Any]:
+    table = db.erasures_earlier
+    with engine.connect() as conn:
+        return conn.execute(select(table).where(table.c.user_id == user_id).order_by(table.c.requested_at)).mappings().all()
 
 
 def _decisions_of(user_id: str, items: Sequence[tuple[str, str, bytes]]) -> set[str]:

@@ -2,8 +2,8 @@
 
 Read, never written: the events of theirs the streams hold (SIGNALS, FEEDBACK, the DLQ) and the
 decisions made for them (DECISIONS), found as forgetting finds them (`streams.scrub`); their rows in
-the database (`user_features`, `tip_scores`, `erasures`); and their own features' weights in each
-model version saved (`TipModel.forget_user` drops the same). The scan reads every stream through a
+the database (`user_features`, `tip_scores`, `erasures`, `erasures_earlier`); and their own features'
+weights in each model version saved (`TipModel.forget_user` drops the same). The scan reads every stream through a
 consumer of its own, in this process: a running service is not slowed by it.
 """
 
@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from app import db
+from app.erasure import earlier_erasures
 from streams import jetstream as jsx
 from streams.scrub import belongs, read_through, spellings
 
@@ -83,6 +84,7 @@ def from_database(engine: Engine, user_id: str) -> dict[str, Any]:
         "user_features": _row(features),
         "tip_scores": [_row(row) for row in scores],
         "erasure": _row(erasure),
+        "erasures_earlier": [_row(row) for row in earlier_erasures(engine, user_id)],
         "model_weights": weights,
     }
 

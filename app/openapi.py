@@ -247,6 +247,14 @@ ERASURE = {
         "bounds": {"type": ["object", "null"], "additionalProperties": {"type": "integer"},
                    "description": "per stream, the last sequence whose messages of theirs are deleted"},
         "report": {"type": ["object", "null"], "description": "what was deleted, by where"},
+        "earlier": {"type": "array", "description": "requests to forget this user done before this one, oldest first "
+                    "(the user was asked for again: events of theirs came since)", "items": {
+                        "type": "object", "required": ["user_id", "requested_at", "requested_by", "done_at"],
+                        "properties": {"user_id": {"type": "string"},
+                                       "requested_at": {"type": "string", "format": "date-time"},
+                                       "requested_by": {"type": "string"}, "dropped_at": _WHEN, "done_at": _WHEN,
+                                       "bounds": {"type": ["object", "null"]},
+                                       "report": {"type": ["object", "null"]}}}},
     },
 }
 

@@ -24,6 +24,8 @@ def _shown(row: dict[str, Any]) -> str:
     line = f"{row['user_id']}: {row['status']} (asked {row['requested_at']} by {row['requested_by']})"
     if row.get("report"):
         line += "\n  " + ", ".join(f"{key} {value}" for key, value in row["report"].items())
+    for done in row.get("earlier", ()):
+        line += f"\n  forgotten before: done {done['done_at']} (asked {done['requested_at']} by {done['requested_by']})"
     return line
 
 

@@ -433,8 +433,15 @@ def test_migrate_base_refuses_while_a_request_to_forget_a_user_is_not_done(
     # Nor does a downgrade to a release from before forgetting users existed (alembic downgrade 0006).
     with pytest.raises(RuntimeError, match=r"1 request\(s\) to forget a user are not done \('u-42'\)"):
         migrate.downgrade(database_url, "0006")
-    assert migrate.current(database_url) == "0007"
+    assert migrate.current(database_url) == "0008"
     with engine.begin() as conn:
+        conn.execute(sa.text("update erasures set status = 'done'"))
+    # Asked for again: the request done is the record kept, which a release from before 0008 would drop.
+    Eraser(engine, None, None, checkpoint=None, lock=None).request("u-42", "dpo")  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match=r"erasures_earlier holds 1 record\(s\) of users forgotten before"):
+        migrate.downgrade(database_url, "0007")
+    with engine.begin() as conn:
+        conn.execute(sa.text("delete from erasures_earlier"))
         conn.execute(sa.text("update erasures set status = 'done'"))
     engine.dispose()
     migrate.downgrade(database_url, "0006")

@@ -207,6 +207,17 @@ async def test_the_cli_forgets_a_user_through_the_service(start_service, nc, tmp
     assert "org/42" not in running.service.store.users
     assert await asyncio.to_thread(main, ["users", "forget-status", "org/42", *url]) == 0
     assert "org/42: done" in capsys.readouterr().out
+    # Back with an event since, and forgotten again: the first request's record is kept beside the new one.
+    first = running.service.eraser.status("org/42")
+    await publish_events(nc.jetstream(), [("signals.app.opened", {"id": "org/42-back", "type": "app.opened",
+                                                                  "user_id": "org/42", "ts": NOW})])
+    await eventually(lambda: "org/42" in running.service.store.users)
+    assert await asyncio.to_thread(main, ["users", "forget", "org/42", "--wait", *url]) == 0
+    out = capsys.readouterr().out
+    assert "messages_signals 1" in out and f"forgotten before: done {first['done_at']}" in out
+    again = running.service.eraser.status("org/42")
+    assert [earlier["report"] for earlier in again["earlier"]] == [first["report"]]
+    assert again["earlier"][0]["requested_by"] == "dpo" and again["requested_at"] > first["requested_at"]
     assert await asyncio.to_thread(main, ["users", "forget-status", "nobody", *url]) == 1
     assert "refused (404): no request to forget user 'nobody'" in capsys.readouterr().err
     monkeypatch.delenv("TIPSTREAM_ADMIN_TOKEN")
@@ -257,7 +268,7 @@ async def test_an_export_holds_a_users_data_until_they_are_forgotten(start_servi
         after = orjson.loads(out.read_bytes())
         assert after["streams"] == {"SIGNALS": [], "FEEDBACK": [], "DECISIONS": [], "DLQ": []}
         assert after["user_features"] is None and after["tip_scores"] == [] and after["model_weights"] == {}
-        assert after["erasure"]["status"] == "done"
+        assert after["erasure"]["status"] == "done" and after["erasures_earlier"] == []
 
 
 async def test_a_decision_still_on_its_way_to_jetstream_when_forgotten_is_deleted_too(start_service, nc,
