@@ -53,10 +53,25 @@ def test_the_demo_goes_on_past_jetstream_refusing_its_events(tmp_path: Path) -> 
     service = ServiceProcess(tmp_path / "data", env={"NATS_URL": account_url(server)}, args=("--demo", "300"))
     try:
         service.start()
-        wait_until(lambda: "demo: a tick failed" in service.log(), timeout=60, what="JetStream refusing a tick")
-        scored = sum(service.metric("tipstream_score_requests_total", status=s) for s in ("200", "503"))
-        wait_until(lambda: sum(service.metric("tipstream_score_requests_total", status=s)
-                               for s in ("200", "503")) > scored, timeout=60, what="the demo going on")
+
+        def scored() -> float:
+            return sum(service.metric("tipstream_score_requests_total", status=s) for s in ("200", "503"))
+
+        # The /score requests counted before the failure is logged: the count is read first, then the log
+        # (the tick after the failure asks /score at once; counted after the line, it was already in,
+        # and the test waited out one more refused tick, 5 s). The failed tick asked /score before its
+        # 5 s wait for acknowledgements, within which the last count is read.
+        before = [0.0]
+
+        def failed() -> bool:
+            count = scored()
+            if "demo: a tick failed" in service.log():
+                return True
+            before[0] = count
+            return False
+
+        wait_until(failed, timeout=60, what="JetStream refusing a tick")
+        wait_until(lambda: scored() > before[0], timeout=60, what="the demo going on")
     finally:
         try:
             assert service.stop(), service.log()
