@@ -31,24 +31,29 @@ def settings_from_env() -> Iterator[None]:
 
 
 def test_simulate_against_no_server_says_so_at_once(tmp_path: Path) -> None:
+    # Both runs at once: each waits out nats-py's connect attempts (~1.5 s), one after the other 4 s.
+    env = {"PATH": "/usr/bin:/bin", "TIPSTREAM_DATA_DIR": str(tmp_path)}
     # A nats.url left behind by a service that has stopped: nothing listens there.
     (tmp_path / "nats.url").write_text(f"nats://127.0.0.1:{free_port()}")
-    done = subprocess.run([TIPSTREAM, "simulate", "--count", "5", "--quiet"], capture_output=True, text=True,
-                          timeout=60, env={"PATH": "/usr/bin:/bin", "TIPSTREAM_DATA_DIR": str(tmp_path)})
-    assert done.returncode == 1
-    assert "No NATS server answers at nats://127.0.0.1:" in done.stderr and "--nats-url" in done.stderr
-    assert "nats.url names it: start `tipstream run`" in done.stderr, done.stderr
-    assert "Traceback" not in done.stderr
+    left_behind = subprocess.Popen([TIPSTREAM, "simulate", "--count", "5", "--quiet"], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Given with --nats-url, the URL is the caller's: it was told to "start `tipstream run`, or pass --nats-url".
-    done = subprocess.run([TIPSTREAM, "simulate", "--count", "5", "--quiet", "--nats-url",
-                           f"nats://127.0.0.1:{free_port()}"], capture_output=True, text=True,
-                          timeout=60, env={"PATH": "/usr/bin:/bin", "TIPSTREAM_DATA_DIR": str(tmp_path)})
-    assert done.returncode == 1 and "is a NATS server running there? check --nats-url." in done.stderr, done.stderr
     # Its password or token is not echoed, as `tipstream run` does not.
-    done = subprocess.run([TIPSTREAM, "simulate", "--count", "5", "--quiet", "--nats-url",
-                           f"nats://tipstream:hunter2@127.0.0.1:{free_port()}"], capture_output=True, text=True,
-                          timeout=60, env={"PATH": "/usr/bin:/bin", "TIPSTREAM_DATA_DIR": str(tmp_path)})
-    assert done.returncode == 1 and "hunter2" not in done.stderr and "nats://tipstream:***@127.0.0.1:" in done.stderr
+    given = subprocess.Popen([TIPSTREAM, "simulate", "--count", "5", "--quiet", "--nats-url",
+                              f"nats://tipstream:hunter2@127.0.0.1:{free_port()}"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = left_behind.communicate(timeout=60)
+        assert left_behind.returncode == 1
+        assert "No NATS server answers at nats://127.0.0.1:" in stderr and "--nats-url" in stderr
+        assert "nats.url names it: start `tipstream run`" in stderr, stderr
+        assert "Traceback" not in stderr
+        _, stderr = given.communicate(timeout=60)
+        assert given.returncode == 1 and "is a NATS server running there? check --nats-url." in stderr, stderr
+        assert "hunter2" not in stderr and "nats://tipstream:***@127.0.0.1:" in stderr, stderr
+    finally:
+        left_behind.kill()
+        given.kill()
 
 
 def test_version_names_the_release_its_schema_and_commit(capsys: pytest.CaptureFixture[str]) -> None:
