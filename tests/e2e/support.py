@@ -21,10 +21,24 @@ TIPSTREAM = str(Path(sys.executable).parent / "tipstream")
 LAUNCHED: list[subprocess.Popen[bytes]] = []
 
 
+# `tipstream run` with module constants set first (`ServiceProcess`'s `patches`), as in-process tests monkeypatch them.
+PATCHED_RUN = """import importlib, sys
+for name, value in {patches!r}.items():
+    module, attribute = name.rsplit(".", 1)
+    setattr(importlib.import_module(module), attribute, value)
+from app.cli import main
+sys.exit(main())
+"""
+
+
 class ServiceProcess:
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()) -> None:
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
+                 patches: dict[str, Any] | None = None) -> None:
+        """`patches`: module constants ("app.learner.SILENCE_READ_ALLOWANCE_MS") set to these values before
+        `tipstream run` starts, where a test's wait is one of them (what it guards is not)."""
         self.port = free_port()
         self.args = args
+        self.patches = patches or {}
         self.data_dir = data_dir
         self.env = {**os.environ, "TIPSTREAM_DATA_DIR": str(data_dir), "TIPSTREAM_PORT": str(self.port),
                     "TIPSTREAM_LOG_LEVEL": "info", **(env or {})}
@@ -51,7 +65,8 @@ class ServiceProcess:
     def _launch(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "service.log", "ab")
-        self.process = subprocess.Popen([TIPSTREAM, "run", *self.args], env=self.env, stdout=log, stderr=log)
+        command = [sys.executable, "-c", PATCHED_RUN.format(patches=self.patches)] if self.patches else [TIPSTREAM]
+        self.process = subprocess.Popen([*command, "run", *self.args], env=self.env, stdout=log, stderr=log)
         LAUNCHED.append(self.process)
 
     def _answering(self, deadline: float) -> ServiceProcess:

@@ -91,11 +91,12 @@ async def rebuild(js: Any, data_dir: Path, env: dict[str, str], users: list[str]
 
 
 async def start_live(nats_server: Any, nc: Any, database_url: str, data_dir: Path, population: Population,
-                     days: int, **settings: str) -> tuple[Any, dict[str, str], ServiceProcess]:
+                     days: int, patches: dict[str, Any] | None = None, **settings: str
+                     ) -> tuple[Any, dict[str, str], ServiceProcess]:
     """The live service, on a history of `days` of `population`'s signals: JetStream, its settings, it."""
     env = {"NATS_URL": nats_server.url, "DATABASE_URL": database_url, "TIPSTREAM_CHECKPOINT_EVERY_S": "0.2",
            **{f"TIPSTREAM_{name.upper()}": value for name, value in settings.items()}}
-    service = ServiceProcess(data_dir, env).start()
+    service = ServiceProcess(data_dir, env, patches=patches).start()
     js = nc.jetstream()
     await publish_events(js, population.history(days=days, start_ms=START))
     return js, env, service
@@ -228,8 +229,14 @@ def model_bytes(url: str) -> dict[str, tuple[int, str]]:
             for r in query(url, "select version, n_learned, model from model_versions")}
 
 
+# By the clock, a silence is learned this long after it is due (5 s in the service: the time feedback stored
+# before then may take to be read). Feedback here is read within milliseconds, and none is stored within a
+# wait: each of the tests below waited the 5 s once or twice.
+QUICK_SILENCE = {"app.learner.SILENCE_READ_ALLOWANCE_MS": 500}
+
+
 # SQLite only: what is under test is the learner's order; the other tests here hold PostgreSQL's rows
-# and models to a rebuild's, and each silence waits seconds of the clock (~25 s a run).
+# and models to a rebuild's, and each silence waits seconds of the clock (~10 s a run).
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_rebuild_learns_each_silence_where_the_live_run_did(
     nats_server, nc, database_url: str, tmp_path: Path
@@ -241,7 +248,7 @@ async def test_a_rebuild_learns_each_silence_where_the_live_run_did(
     population = Population(users=3, seed=8)
     users = [u.user_id for u in population.users]
     js, env, service = await start_live(nats_server, nc, database_url, tmp_path / "data", population, 1,
-                                        silence_reward="0", silence_after_s="1")
+                                        QUICK_SILENCE, silence_reward="0", silence_after_s="1")
     async with httpx.AsyncClient(base_url=service.base_url) as http:
         answers = [(await http.post("/score", json={"user_id": user, "context": {"now": AT}, "explore": False,
                                                     "candidates": CANDIDATES})).json() for user in users]
@@ -268,7 +275,7 @@ async def test_a_rebuild_learns_each_silence_where_the_live_run_did(
         other_tip["decision_id"]: {other_tip["ranked"][0]["tip_id"]: 0.0, other_tip["ranked"][1]["tip_id"]: 1.0}}
 
     # The rebuild, stopped once it has learned what live did (no probe: it would be one more decision).
-    service = ServiceProcess(tmp_path / "data", env)
+    service = ServiceProcess(tmp_path / "data", env, patches=QUICK_SILENCE)
     migrated = subprocess.run([TIPSTREAM, "migrate", "base"], env=service.env, capture_output=True, text=True)
     assert migrated.returncode == 0, migrated.stderr
     service.start()
@@ -284,7 +291,7 @@ async def test_a_rebuild_learns_each_silence_where_the_live_run_did(
 
 
 # SQLite only: what is under test is the learner's order; the other tests here hold PostgreSQL's rows
-# and models to a rebuild's, and each silence waits seconds of the clock (~25 s a run).
+# and models to a rebuild's, and each silence waits seconds of the clock (~10 s a run).
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_kill_9_after_silences_were_learned_and_before_their_snapshot_learns_each_once(
     nats_server, nc, database_url: str, tmp_path: Path
@@ -295,7 +302,8 @@ async def test_a_kill_9_after_silences_were_learned_and_before_their_snapshot_le
     population = Population(users=3, seed=9)
     users = [u.user_id for u in population.users]
     js, env, service = await start_live(nats_server, nc, database_url, tmp_path / "data", population, 1,
-                                        silence_reward="0", silence_after_s="3", model_snapshot_every_s="60")
+                                        QUICK_SILENCE, silence_reward="0", silence_after_s="3",
+                                        model_snapshot_every_s="60")
     last = {name: (await js.stream_info(name)).state.last_seq for name in STREAMS}
     wait_until(lambda: caught_up(service, last, 0.0) and model_bytes(database_url).get("v1", (None,))[0] == 0,
                what="the history read and a first snapshot saved")
@@ -313,7 +321,7 @@ async def test_a_kill_9_after_silences_were_learned_and_before_their_snapshot_le
     assert model_bytes(database_url)["v1"][0] == 0, "the kill must land before the models are saved"
     service.kill()
 
-    service = ServiceProcess(tmp_path / "data", env).start()
+    service = ServiceProcess(tmp_path / "data", env, patches=QUICK_SILENCE).start()
     wait_until(lambda: service.metric("tipstream_silences_total", outcome="credited") == 2
                and service.metric("tipstream_feedback_total", outcome="credited") == 1, what="learned again")
     assert service.get("/models/v1").json()["n_learned"] == 3
@@ -326,7 +334,7 @@ async def test_a_kill_9_after_silences_were_learned_and_before_their_snapshot_le
         answers[1]["decision_id"]: {answers[1]["ranked"][0]["tip_id"]: 0.0},
         answers[2]["decision_id"]: {answers[2]["ranked"][0]["tip_id"]: 0.0}}
 
-    service = ServiceProcess(tmp_path / "data", env)
+    service = ServiceProcess(tmp_path / "data", env, patches=QUICK_SILENCE)
     migrated = subprocess.run([TIPSTREAM, "migrate", "base"], env=service.env, capture_output=True, text=True)
     assert migrated.returncode == 0, migrated.stderr
     service.start()
