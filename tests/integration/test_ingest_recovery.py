@@ -282,7 +282,7 @@ async def test_feedback_held_back_for_decisions_longer_than_ack_wait_is_not_rede
     nc = await jsx.connect(nats_server.url)
     js = nc.jetstream(timeout=5)
     await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
-    groups, per_group, gap_s = 10, 256, 0.25  # a chunk each, stored a gap apart
+    groups, per_group, gap_s = 10, 256, 0.15  # a chunk each, stored a gap apart
     first_ms = int(time.time() * 1000)
     for group in range(groups):
         await jsx.publish_events(js, [("feedback.tip.reacted", {
