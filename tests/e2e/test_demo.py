@@ -50,7 +50,9 @@ def test_the_demo_goes_on_past_jetstream_refusing_its_events(tmp_path: Path) -> 
     acknowledgement: the demo waited on its tick for good, /score unasked, while the service went on."""
     server = limited_account_server(tmp_path / "nats", "max_file: 200KB")
     server.start()
-    service = ServiceProcess(tmp_path / "data", env={"NATS_URL": account_url(server)}, args=("--demo", "300"))
+    # JetStream refuses the decisions too: a stop waits out any bound for them (5 s), as with 0.5 s.
+    service = ServiceProcess(tmp_path / "data", env={"NATS_URL": account_url(server)}, args=("--demo", "300"),
+                             patches={"app.bootstrap.STOP_FLUSH_S": 0.5})
     try:
         service.start()
 
