@@ -5,12 +5,14 @@ Each request is a row of `erasures`, its `status` moving on as each step is done
 1. `requested`: saved before anything else, so that a stop or a crash never loses it; the service
    takes it up at once, or at its next start.
 2. Once ingest has folded what SIGNALS and FEEDBACK held when the request was taken up (a service
-   catching up would fold their older events after it), between two chunks of ingest (no stream's
-   chunk half folded), holding the checkpoint lock: the
-   user's state goes from memory with /score's cache of it (`OnlineStore.forget`), and from the
-   learner their decisions, their reactions waiting for one, and their own features in every model
-   that learns (`Learner.forget_user`; a version being registered then, trained over their rows, as it
-   joins them: `Lineup.forget_user`). `bounds`: the stream positions read to then.
+   catching up would fold their older events after it), holding the checkpoint lock, the learner's
+   join cache is looked over for their decisions (`Learner.decisions_to_forget`, in turns). Then,
+   between two chunks of ingest (no stream's chunk half folded) and with nothing waited for until
+   the bounds are read: the user's state goes from memory with /score's cache of it
+   (`OnlineStore.forget`), and from the learner their decisions, their reactions waiting for one,
+   and their own features in every model that learns (`Learner.forget_user`; a version being
+   registered then, trained over their rows, as it joins them: `Lineup.forget_user`). `bounds`: the
+   stream positions read to then.
 3. A checkpoint at once deletes their `user_state`, `user_features` and `tip_scores` rows and marks
    the request `dropped`, with its bounds, in the transaction that saves positions past them
    (`checkpoint_rows.write_erasures`): a restart never folds those events again.
@@ -235,11 +237,15 @@ class Eraser:
         async with self.lock:
             await self._between_chunks()
             at = datetime.now(UTC)
+            theirs = {row["user_id"]: await self.learner.decisions_to_forget(row["user_id"], _ms(at)) for row in rows}
+            # That look let the event loop run: a chunk begun meanwhile ends first, and from here to the
+            # bounds nothing waits, so no event or reaction of theirs is folded or learned in between.
+            await self._between_chunks()
             entries = []
             for row in rows:
                 user_id = row["user_id"]
                 held = self.store.forget(user_id)
-                decisions = await self.learner.forget_user(user_id, _ms(at))
+                decisions = self.learner.forget_user(user_id, _ms(at), theirs[user_id])
                 if self.offline is not None:
                     self.offline.forget(user_id)
                 self._on_the_way[user_id] = _decisions_of(user_id, self.unpublished())

@@ -3,8 +3,8 @@
 Read, never written: the events of theirs the streams hold (SIGNALS, FEEDBACK, the DLQ) and the
 decisions made for them (DECISIONS), found as forgetting finds them (`streams.scrub`); their rows in
 the database (`user_features`, `tip_scores`, `erasures`, `erasures_earlier`); and their own features'
-weights in each model version saved (`TipModel.forget_user` drops the same). The scan reads every stream through a
-consumer of its own, in this process: a running service is not slowed by it.
+weights in each model version saved (`TipModel.forget_user` drops the same). The scan reads every
+stream through a consumer of its own, in this process: a running service is not slowed by it.
 """
 
 from __future__ import annotations

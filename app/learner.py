@@ -504,22 +504,14 @@ class Learner:
         until = self.erasing.get(decision.get("user_id"))  # type: ignore[arg-type]
         return until is not None and created_ms <= until
 
-    async def forget_user(self, user_id: str, at_ms: int) -> int:
-        """Drop what the learner holds of `user_id`, a user to forget as of `at_ms`: their reactions
-        waiting for a decision and their own features in every model (`Lineup.forget_user`) at once,
-        then their decisions in the join cache made until then; how many decisions went. Those read
-        back later (a start re-reads DECISIONS) are not held again while `erasing` names them.
-        Feedback of theirs naming a decision that went counts as `unknown_decision`."""
+    async def decisions_to_forget(self, user_id: str, at_ms: int) -> list[str]:
+        """Forgetting `user_id` as of `at_ms`, first: the ids of their decisions the join cache holds,
+        made until then. Looked over in turns, the event loop running between (a full cache, ~100,000
+        decisions, is ~330 ms of matching); those read back meanwhile, and later (a start re-reads
+        DECISIONS), are not held while `erasing` names them. Nothing is dropped yet (`forget_user`)."""
         self.erasing[user_id] = at_ms
-        self.waiting.drop_user(user_id)
-        self.lineup.forget_user(user_id)
-        # The models changed without a reward: saved by the next snapshot, which is taken at once.
-        self._learn_seq += 1
-        self._changed = True
-        self.snapshot_at_next_checkpoint()
         # Matched as the log's messages are (`streams.scrub.belongs`: another publisher's JSON may spell
-        # the id with escapes, "zo\u00eb"). Looked over in turns: a full cache (~100,000 decisions) is
-        # ~330 ms of matching, which held the event loop in one go.
+        # the id with escapes, "zo\u00eb").
         users = frozenset((user_id,))
         spelt = spellings(users)
         theirs: list[str] = []
@@ -529,6 +521,21 @@ class Learner:
                 theirs += [decision_id for decision_id, entry in held[start : start + FORGET_SCAN_CHUNK]
                            if belongs(entry.data, users, spelt) and self._created_ms(decision_id, entry) <= at_ms]
                 await asyncio.sleep(0)
+        return theirs
+
+    def forget_user(self, user_id: str, at_ms: int, theirs: list[str]) -> int:
+        """Then, in one go, nothing read between: their reactions waiting for a decision, their own
+        features in every model (`Lineup.forget_user`) and `theirs` (`decisions_to_forget`) still held;
+        how many decisions went. A reaction of theirs read while the cache was looked over was learned
+        by then: forgotten first, their features came back with it. Feedback of theirs naming a
+        decision that went counts as `unknown_decision`."""
+        self.erasing[user_id] = at_ms
+        self.waiting.drop_user(user_id)
+        self.lineup.forget_user(user_id)
+        # The models changed without a reward: saved by the next snapshot, which is taken at once.
+        self._learn_seq += 1
+        self._changed = True
+        self.snapshot_at_next_checkpoint()
         gone: set[str] = set()
         credited: set[str] = set()
         for decision_id in theirs:  # those still held: the cache may have let some go meanwhile
@@ -545,7 +552,6 @@ class Learner:
         self.credit_log.forget(credited)
         if self.silences is not None:
             self.silences.drop(gone)
-        self._changed = True
         return len(gone)
 
     # -- feedback ----------------------------------------------------------------------------

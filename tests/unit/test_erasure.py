@@ -20,8 +20,11 @@ class Learner:
         self.erasing: dict[str, int] = {}
         self.forgotten: list[str] = []
 
-    async def forget_user(self, user_id: str, at_ms: int) -> int:
+    async def decisions_to_forget(self, user_id: str, at_ms: int) -> list[str]:
         self.erasing[user_id] = at_ms
+        return []
+
+    def forget_user(self, user_id: str, at_ms: int, theirs: list[str]) -> int:
         self.forgotten.append(user_id)
         return 0
 
@@ -58,6 +61,36 @@ async def test_a_user_is_forgotten_between_two_chunks_never_within_one() -> None
     assert entry["report"] == {"state": True, "decisions_held": 0}
     eraser.saved([entry])
     assert eraser.snapshot() is None
+
+
+async def test_a_reaction_learned_while_the_join_cache_is_looked_over_leaves_nothing_of_theirs(
+        tmp_path: Any, monkeypatch: Any) -> None:
+    """The join cache is looked over in turns, the event loop running between (ingest too): a
+    reaction of theirs read then, to a decision of theirs not let go yet, was learned after their
+    features had left the models, and brought them back for good."""
+    from app import learner as learner_module
+    from tests.unit.test_scoring_learner import World
+
+    world = World(tmp_path)
+    scored = world.score(user="u-1")
+    belongs, reacted = learner_module.belongs, []
+
+    def a_reaction_read_meanwhile(*args: Any) -> bool:
+        if not reacted:  # a FEEDBACK chunk folded while the look let the event loop run
+            reacted.append(scored.decision_id)
+            world.react(scored.decision_id, scored.decision["ranked"][0]["tip_id"], user="u-1")
+        return belongs(*args)
+
+    monkeypatch.setattr(learner_module, "belongs", a_reaction_read_meanwhile)
+    ingest = Ingest()
+    ingest.folding = False
+    eraser = Eraser(None, world.store, world.learner, checkpoint=None, lock=asyncio.Lock(),  # type: ignore[arg-type]
+                    ingests=[ingest])
+    await eraser._drop([{"user_id": "u-1", "requested_at": datetime.now(UTC)}])
+    assert reacted and [model.n_learned for _, model in world.lineup.learning] == [1, 1]
+    assert [model.forget_user("u-1") for _, model in world.lineup.learning] == [0, 0], "nothing of theirs left"
+    assert (eraser.snapshot() or [])[0]["report"]["decisions_held"] == 1
+    world.engine.dispose()
 
 
 class Streams:

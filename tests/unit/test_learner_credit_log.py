@@ -24,7 +24,7 @@ from app.credit_log import MINUTE_MS, CreditLog
 from app.decisions import LoggedDecision
 from app.ingest import ReadUpTo
 from streams.events import parse_event
-from tests.unit.test_scoring_learner import NOW, World, delta, outcomes
+from tests.unit.test_scoring_learner import NOW, World, delta, forget, outcomes
 
 
 def checkpoint(world: World) -> None:
@@ -428,7 +428,7 @@ def test_a_forgotten_users_credits_leave_the_saved_rows_and_memory(tmp_path: Pat
     saved = {d for row in credit_rows(world.engine).values() for d in row}
     assert {theirs.decision_id, mine.decision_id, other.decision_id} <= saved
 
-    assert asyncio.run(world.learner.forget_user("u-1", int(world.clock.now * 1000) + 1)) == 2
+    assert forget(world.learner, "u-1", int(world.clock.now * 1000) + 1) == 2
     checkpoint(world)
     saved = {d for row in credit_rows(world.engine).values() for d in row}
     assert other.decision_id in saved and not saved & {theirs.decision_id, mine.decision_id}

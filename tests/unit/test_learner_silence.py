@@ -15,7 +15,7 @@ from app.decisions import LoggedDecision, decision_time_ms
 from app.ingest import ReadUpTo
 from app.learning_metrics import SILENCES
 from app.settings import DEFAULT_REWARDS, Settings
-from tests.unit.test_scoring_learner import World, _ack, _decisions_ack, _foreign, _reaction, delta, outcomes
+from tests.unit.test_scoring_learner import World, _ack, _decisions_ack, _foreign, _reaction, delta, forget, outcomes
 
 WAIT_S = 600
 ALLOWANCE_S = learner_module.SILENCE_READ_ALLOWANCE_MS / 1000
@@ -401,7 +401,7 @@ def test_a_forgotten_users_decisions_wait_for_no_silence(tmp_path: Path, caplog:
     theirs, other = world.score(user="u-1"), world.score(user="u-2")
     for scored in (theirs, other):
         world.learner.add_logged(LoggedDecision(scored.decision_id, scored.payload))
-    assert asyncio.run(world.learner.forget_user("u-1", int(world.clock.now * 1000) + 1)) == 1
+    assert forget(world.learner, "u-1", int(world.clock.now * 1000) + 1) == 1
     before = silences()
     world.clock.now = served_at_s(other.decision_id) + WAIT_S + ALLOWANCE_S + 1
     with caplog.at_level(logging.WARNING, logger="tipstream.learner"):

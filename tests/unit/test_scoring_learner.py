@@ -87,6 +87,11 @@ class World:
         self.sink(parse_event(orjson.dumps(event)))
 
 
+def forget(learner: Learner, user_id: str, at_ms: int) -> int:
+    """What the eraser's step 2 asks of the learner: the look over its join cache, then the drop."""
+    return learner.forget_user(user_id, at_ms, asyncio.run(learner.decisions_to_forget(user_id, at_ms)))
+
+
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
     w = World(tmp_path)
@@ -1883,7 +1888,7 @@ def test_forgetting_a_user_drops_their_decisions_waiting_reactions_and_own_featu
     assert world.learner.snapshot(force=False) is None or not world.learner.snapshot()["models"]
 
     at_ms = int(time.time() * 1000) + 1  # as the service acts: by the clock the decision ids are timed by
-    assert asyncio.run(world.learner.forget_user("u-1", at_ms)) == 1
+    assert forget(world.learner, "u-1", at_ms) == 1
     assert list(world.learner.cache) == [theirs.decision_id]
     assert world.learner.cache_bytes == cached - len(mine.payload) - learner_module.ENTRY_OVERHEAD
     assert [key for waits in world.learner.waiting.by_decision.values() for key in waits] == [("b", "u-10")]
@@ -1917,5 +1922,5 @@ def test_forgetting_a_user_finds_their_decisions_another_publisher_spelt_with_es
     assert b"zo\\u00eb" in escaped
     assert world.learner.add_logged(LoggedDecision("other-1", escaped))
     assert world.learner._lookup("other-1") is not None
-    assert asyncio.run(world.learner.forget_user("zoë", int(time.time() * 1000) + 1)) == 1
+    assert forget(world.learner, "zoë", int(time.time() * 1000) + 1) == 1
     assert world.learner._lookup("other-1") is None
