@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from logging.config import fileConfig
 
 from alembic import context
 from sqlalchemy import event, text
@@ -12,6 +13,11 @@ from app.db import make_engine, metadata
 from app.settings import get_settings
 
 config = context.config
+if config.config_file_name is not None:
+    # Alembic's own command line (`.venv/bin/alembic downgrade 0006`, as the README has it for going
+    # back a release), reading alembic.ini: its logging sections say which revisions ran. Unread, the
+    # command said nothing, whether it had downgraded or not. `tipstream migrate` passes no file.
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
 url = config.get_main_option("sqlalchemy.url") or get_settings().sqlalchemy_url
 log = logging.getLogger("tipstream.migrate")
 

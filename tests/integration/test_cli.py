@@ -102,6 +102,20 @@ def test_migrate_says_where_the_database_is_and_does_not_pretend_to_go_back(
     assert "Unknown revision 'nope'; known: head, base, 0001" in capsys.readouterr().err
 
 
+def test_alembic_downgrade_says_what_it_ran(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's way back to an older release is `.venv/bin/alembic downgrade <revision>` from the
+    repository root; it said nothing, whether it had downgraded or not."""
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.setenv("DATABASE_URL", url)
+    assert main(["migrate"]) == 0
+    *_, before, head = migrate.revisions()
+    done = subprocess.run([str(Path(sys.executable).parent / "alembic"), "downgrade", before], capture_output=True,
+                          text=True, timeout=60, cwd=Path(__file__).parents[2], env={**os.environ, "DATABASE_URL": url})
+    assert done.returncode == 0, done.stderr
+    assert f"Running downgrade {head} -> {before}" in done.stderr, done.stderr
+    assert migrate.current(url) == before
+
+
 def test_reading_the_registry_where_there_is_no_database_creates_none(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
