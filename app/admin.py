@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import re
+import shlex
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -357,7 +358,8 @@ async def forget_status(request: Request) -> Response:
         return _json(409, {"error": str(error), "field": None})
     row = await asyncio.to_thread(eraser.status, user_id)
     if row is None:
-        return _json(404, {"error": f"no request to forget user {user_id!r}: POST to this path makes one",
+        return _json(404, {"error": f"no request to forget user {user_id!r}: POST to this path makes one "
+                                    f"(`tipstream users forget {shlex.quote(user_id)}`)",
                            "field": "user_id"})
     return _json(200, row)
 

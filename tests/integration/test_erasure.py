@@ -219,7 +219,8 @@ async def test_the_cli_forgets_a_user_through_the_service(start_service, nc, tmp
     assert [earlier["report"] for earlier in again["earlier"]] == [first["report"]]
     assert again["earlier"][0]["requested_by"] == "dpo" and again["requested_at"] > first["requested_at"]
     assert await asyncio.to_thread(main, ["users", "forget-status", "nobody", *url]) == 1
-    assert "refused (404): no request to forget user 'nobody'" in capsys.readouterr().err
+    assert "refused (404): no request to forget user 'nobody'" in (err := capsys.readouterr().err)
+    assert "(`tipstream users forget nobody`)" in err  # the command that makes one, not only the HTTP way
     monkeypatch.delenv("TIPSTREAM_ADMIN_TOKEN")
     assert await asyncio.to_thread(main, ["users", "forget", "u-2", *url]) == 2
     assert "Set TIPSTREAM_ADMIN_TOKEN to the server's admin token to forget a user." in capsys.readouterr().err
