@@ -47,6 +47,22 @@ def _default_actor() -> str:
         return "cli"
 
 
+def no_database(settings: Any) -> str:
+    """Why a read found no tipstream tables where `settings` name the database, and what to do."""
+    from app.startup import shown_database_url
+
+    url = settings.sqlalchemy_url
+    if settings.database_url:  # the data directory plays no part: not to be named
+        return (f"No tipstream tables at {shown_database_url(url)} (DATABASE_URL): no service has started on that "
+                "database yet, or the service's DATABASE_URL is another; set it as the service has it.")
+    if (settings.data_dir / "tipstream.db").exists():  # the service's data directory, after `migrate base`
+        return (f"No tipstream tables in {shown_database_url(url)} (TIPSTREAM_DATA_DIR): `tipstream migrate base` "
+                "dropped them, or no start has got that far; start the service (`tipstream run`) to make them "
+                "again and rebuild from the log.")
+    return (f"No tipstream database at {shown_database_url(url)}: run this where the service runs (its "
+            "TIPSTREAM_DATA_DIR), or set DATABASE_URL / TIPSTREAM_DATA_DIR as the service has them.")
+
+
 def _registry() -> Any:
     from sqlalchemy.exc import DBAPIError
 
@@ -60,12 +76,8 @@ def _registry() -> Any:
     # A read must not create a database: from the wrong directory it would make an empty one
     # and report "no versions" while the service runs elsewhere.
     revision = migrate.current(url)
-    if revision is None and settings.database_url:  # the data directory plays no part: not to be named
-        raise SystemExit(f"No tipstream tables at {shown_database_url(url)} (DATABASE_URL): no service has started "
-                         "on that database yet, or the service's DATABASE_URL is another; set it as the service has it.")
     if revision is None:
-        raise SystemExit(f"No tipstream database at {shown_database_url(url)}: run this where the service runs (its "
-                         "TIPSTREAM_DATA_DIR), or set DATABASE_URL / TIPSTREAM_DATA_DIR as the service has them.")
+        raise SystemExit(no_database(settings))
     if revision not in migrate.revisions():  # read-only: "Cannot migrate", as a start says, would mislead
         where = "DATABASE_URL" if settings.database_url else "TIPSTREAM_DATA_DIR"
         raise SystemExit(f"The database at {shown_database_url(url)} ({where}) is at revision {revision!r}, which this "

@@ -10,7 +10,7 @@ import time
 import urllib.parse
 from typing import Any
 
-from app.models_cli import _default_actor, admin_call
+from app.models_cli import _default_actor, admin_call, no_database
 
 WAIT_EVERY_S = 1.0
 
@@ -65,13 +65,11 @@ def _export(args: argparse.Namespace) -> int:
     from app.export import export_user
     from app.settings import get_settings
     from app.simulate import _nats_url_and_source
-    from app.startup import shown_database_url
     from streams.jetstream import connect
 
     url = get_settings().sqlalchemy_url
     if migrate.current(url) is None:  # opened, an empty SQLite file would be made where none was
-        print(f"No tipstream database at {shown_database_url(url)}: run this where the service runs (its "
-              "TIPSTREAM_DATA_DIR), or set DATABASE_URL as the service has it.", file=sys.stderr)
+        print(no_database(get_settings()), file=sys.stderr)
         return 1
     nats_url, where = _nats_url_and_source(args.nats_url)
     last = [0.0]

@@ -117,7 +117,7 @@ def test_alembic_downgrade_says_what_it_ran(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_reading_the_registry_where_there_is_no_database_creates_none(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))
     with pytest.raises(SystemExit, match="No tipstream database at sqlite:///.*: run this where the service runs"):
@@ -129,6 +129,17 @@ def test_reading_the_registry_where_there_is_no_database_creates_none(
     with pytest.raises(SystemExit, match=r"No tipstream tables at sqlite:///.*elsewhere\.db \(DATABASE_URL\)") as told:
         main(["models", "card", "v1"])
     assert "TIPSTREAM_DATA_DIR" not in str(told.value) and not (tmp_path / "elsewhere.db").exists()
+    # The service's data directory after `tipstream migrate base` (the README's rebuild): "run this where
+    # the service runs" sent the operator away from the right place.
+    get_settings.cache_clear()
+    monkeypatch.delenv("DATABASE_URL")
+    assert main(["migrate"]) == 0 and main(["migrate", "base"]) == 0
+    for command in (["models", "list"], ["users", "export", "u-42"]):
+        with pytest.raises(SystemExit, match=r"No tipstream tables in sqlite:///.* \(TIPSTREAM_DATA_DIR\): `tipstream "
+                           r"migrate base` dropped them, or no start has got that far; start the service"):
+            code = main(command)
+            if code:  # the export says it and returns its code
+                raise SystemExit(capsys.readouterr().err)
 
 
 
