@@ -108,7 +108,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def add_users_commands(commands: Any) -> None:
-    users = commands.add_parser("users", help="forget a user: their state, rows, model features and messages")
+    users = commands.add_parser("users", help="a user's data: forget (their state, rows, model features and "
+                                              "messages), forget-status, export (what is held of them)")
     sub = users.add_subparsers(dest="users_command", required=True)
     forget = sub.add_parser("forget", help="forget a user: everything tipstream holds of them goes, their messages "
                                            "in the streams too (through the running service)")

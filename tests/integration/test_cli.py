@@ -256,6 +256,16 @@ def test_help_names_every_models_command(capsys: pytest.CaptureFixture[str]) -> 
     assert "DATABASE_URL" in capsys.readouterr().out  # where list and card read
 
 
+def test_help_names_every_users_command(capsys: pytest.CaptureFixture[str]) -> None:
+    """`tipstream --help` summed `users` up as forgetting a user: `export`, the README's right of
+    access, was not named where an operator looks for it first."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    summary = " ".join(capsys.readouterr().out.split()).partition(" users ")[2].partition("options:")[0]
+    for command in ("forget", "forget-status", "export"):
+        assert command in summary, command
+
+
 @pytest.mark.parametrize("command", [["migrate"], ["models", "list"], ["models", "card", "v1"]])
 @pytest.mark.parametrize(("database_url", "problem"), [
     ("mysql://tipstream:hunter2@127.0.0.1/tipstream", "its driver, MySQLdb, is not installed"),
