@@ -187,6 +187,19 @@ def _at_least(low: float, kind: type = int) -> Callable[[str], Any]:
     return parse
 
 
+DEMO_MAX_RATE = 100_000  # events/s: more than the service folds here (docs/architecture.md)
+
+
+def _demo_rate(text: str) -> float:
+    # The demo makes each tick's events (a tenth of a second's) in one go, on the service's event loop:
+    # `--demo 1e9` held it for good, so that not even SIGTERM stopped the service, and grew without bound.
+    rate = _at_least(0, float)(text)
+    if rate > DEMO_MAX_RATE:
+        raise argparse.ArgumentTypeError(f"must be at most {DEMO_MAX_RATE:,} events/s, got {text}; for more load, "
+                                         "publish with `tipstream simulate --rate 0` beside the service")
+    return rate
+
+
 def _nats_url(text: str) -> str:
     # As NATS_URL is checked: an http:// URL read as "No NATS server answers there".
     from app.settings import nats_scheme_problem
@@ -231,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="settings, read from the environment (or a .env file) at start; the README's table has them "
                f"in full:\n{settings_help()}",
     )
-    run.add_argument("--demo", type=_at_least(0, float), metavar="EVENTS_PER_S", default=0,
+    run.add_argument("--demo", type=_demo_rate, metavar="EVENTS_PER_S", default=0,
                      help="also run a synthetic app at this many events/s: its users' signals, and tips "
                           "picked by /score whose reactions the learner learns from")
     run.set_defaults(func=_run)

@@ -425,9 +425,13 @@ def test_a_sqlite_file_whose_directory_cannot_be_made_is_one_message(
     assert "Not a directory" in err and f"Set {variable} to a" in err
 
 
-@pytest.mark.parametrize(("rate", "problem"), [("-5", "must be at least 0, got -5"), ("nan", "must be a finite number")])
+@pytest.mark.parametrize(("rate", "problem"), [
+    ("-5", "must be at least 0, got -5"), ("nan", "must be a finite number"),
+    ("1e9", "must be at most 100,000 events/s, got 1e9; for more load, publish with `tipstream simulate --rate 0`"),
+])
 def test_run_refuses_a_demo_rate_that_is_no_rate(rate: str, problem: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """-5 ran a demo at a rate of its own; nan was a traceback once the service had started."""
+    """-5 ran a demo at a rate of its own; nan was a traceback once the service had started; 1e9 made
+    ticks of 1e8 events on the event loop, which then never let SIGTERM stop the service."""
     with pytest.raises(SystemExit) as exited:
         main(["run", "--demo", rate])
     assert exited.value.code == 2 and f"--demo: {problem}" in capsys.readouterr().err
