@@ -200,6 +200,11 @@ class Lineup:
             for participant, snapshot in extras:
                 participant.saved(snapshot)
             self.registry = staged
+            # Said in the service's log too: what changed which version users are served by was in the
+            # rollout history only, which no log search (or an operator tailing the log) reads.
+            for entry in staged.history[self._stored_entries:]:
+                log.info("models: %s %s by %s%s; champion %s, shadow %s", entry.action, entry.version, entry.actor,
+                         f" ({entry.note})" if entry.note else "", staged.champion, staged.shadow)
             self._stored_entries = len(staged.history)
             self.models.update(new_models)
             self._refresh()

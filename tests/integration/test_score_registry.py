@@ -211,7 +211,8 @@ async def test_a_change_while_the_database_is_away_is_a_503_and_changes_nothing(
     assert lineup.champion_version == "v1" and "v3" not in lineup.models
 
 
-async def test_register_shadow_promote_rollback_with_cards_and_history(start_service, nc, database_url) -> None:
+async def test_register_shadow_promote_rollback_with_cards_and_history(start_service, nc, database_url, caplog) -> None:
+    caplog.set_level("INFO", logger="tipstream.models")
     running = await start_service(database_url=database_url, admin_token=TOKEN, checkpoint_every_s=0.1)
     service = running.service
     js = nc.jetstream()
@@ -262,6 +263,10 @@ async def test_register_shadow_promote_rollback_with_cards_and_history(start_ser
         markdown = (await http.get("/models/v2/card")).text
     assert "## Rollout history" in markdown and "| rollback | v1 | carol | AUC dropped |" in markdown
     assert "### By timezone" in markdown
+    said = [r.getMessage() for r in caplog.records if r.name == "tipstream.models" and r.getMessage().startswith("models: ")]
+    assert said[-3:] == ["models: shadow v2 by bob; champion v1, shadow v2",
+                         "models: promote v2 by bob (replaces champion v1); champion v2, shadow None",
+                         "models: rollback v1 by carol (AUC dropped); champion v1, shadow None"], said
 
     # Everything is in SQL, and a restart comes back with the same roles.
     engine = sa.create_engine(database_url)
