@@ -239,6 +239,12 @@ def _describe(error: ValidationError) -> Rejection:
     if where == "ts" and etype in ("string_type", "string_pattern_mismatch"):
         return Rejection("invalid_field", f"field 'ts': must be ISO 8601 text with the user's UTC offset, e.g. "
                                           f"2026-11-26T08:01:02.123+01:00, not {first['input']!r}")
+    if where == "ts" and etype in ("datetime_parsing", "datetime_from_date_parsing"):
+        # pydantic's "unexpected extra characters at the end of the input" for "+01" (an offset as
+        # PostgreSQL prints it) did not say that the offset needs its minutes.
+        return Rejection("invalid_field", f"field 'ts': must be ISO 8601 text with the user's UTC offset as +hh:mm, "
+                                          f"-hh:mm or Z, e.g. 2026-11-26T08:01:02.123+01:00, not {first['input']!r} "
+                                          f"({first['ctx']['error'] if 'error' in first.get('ctx', {}) else first['msg']})")
     if etype == "timezone_aware":  # pydantic's "Input should have timezone info" named no fix
         whose = "the user's" if where == "ts" else "a"
         return Rejection("invalid_field", f"field '{where}': must be ISO 8601 text with {whose} UTC offset, e.g. "

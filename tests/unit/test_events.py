@@ -147,6 +147,9 @@ def test_unknown_fields_are_tolerated_but_not_kept() -> None:
          "'ts': must be ISO 8601 text with the user's UTC offset"),
         (orjson.dumps(envelope("task.rescheduled", {"task_id": "t", "due": "2026-11-27T09:00:00"})), "invalid_field",
          "'data.due': must be ISO 8601 text with a UTC offset"),
+        # An offset in hours alone, as PostgreSQL prints it: pydantic's reason named "extra characters" only.
+        (orjson.dumps({**envelope("app.opened"), "ts": "2026-11-26T08:01:02+01"}), "invalid_field",
+         "'ts': must be ISO 8601 text with the user's UTC offset as +hh:mm, -hh:mm or Z"),
         # Unix time has no offset: read as UTC, it made the user's zone UTC (their newest event's).
         (orjson.dumps({**envelope("app.opened"), "ts": 1764140462}), "invalid_field", "'ts': must be ISO 8601"),
         (orjson.dumps({**envelope("app.opened"), "ts": 1764140462.123}), "invalid_field", "with the user's UTC offset"),
