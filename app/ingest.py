@@ -43,10 +43,10 @@ log = logging.getLogger("tipstream.ingest")
 CHUNK = 256  # events folded between two chances for the API to run
 ACK_PENDING_BATCHES = 32  # pull requests' worth of messages a consumer may hold unacknowledged (max_ack_pending)
 # How long each JetStream call of a consumer's re-creation after a reconnect waits for its answer before it is
-# tried again (`_retry`). On a NATS cluster that lost a node, the stream's calls go unanswered until it has a new
-# leader (4-9 s): waited out with the start's bound (10 s), ingest resumed 11-16 s after the loss; now 4-7 s in
-# half the runs, up to 18 s when the new consumer's own election is slow (README, "On a NATS cluster"). Waiting
-# for the stream's leader first and then re-creating with the 10 s bound did no better (5-16 s).
+# asked again (`_retry`, `asking_again`). On a NATS cluster that lost a node, the stream's calls go unanswered until
+# it has a new leader (4-9 s), and the new consumer's until its own copies elect one: waited out with the start's
+# bound (10 s), ingest resumed 11-16 s after the loss. Each unanswered call is asked again at once: with a backoff
+# doubling after each (to 6.4 s by then), a consumer that could be made 11 s after the loss was asked for at 16 s.
 RESET_CALL_TIMEOUT_S = 2.0
 EXPECTED_SUBJECT = {t: f"{family}.{t}" for t, family in FAMILY_OF_TYPE.items()}
 validate_json = EVENT_ADAPTER.validator.validate_json  # pydantic-core directly: no wrapper per event
@@ -200,6 +200,8 @@ class StreamIngest:
         # reconnect with another message there is another stream (`_replaced_under_us`).
         self._last_read: tuple[int, int] | None = None
         self._dlq_lines = LogThrottle(per_window=DLQ_LOG_PER_MINUTE)
+        # A cluster without a quorum answers no call for as long as it lasts: asked again every 2 s, each a line.
+        self._unanswered_lines = LogThrottle(per_window=6)
         # `read`: how far this stream has been read, for another to wait on. `after`: until that
         # other stream has caught up once, a chunk waits for it to be read past when the chunk's
         # last message was stored. Every start makes FEEDBACK follow DECISIONS so: live,
@@ -356,7 +358,8 @@ class StreamIngest:
             if self.reset_needed:
                 self.reset_needed = False
                 quick = self.nc.jetstream(timeout=RESET_CALL_TIMEOUT_S)
-                await self._retry(functools.partial(self._restart_consumer, quick), "re-create the consumer")
+                await self._retry(functools.partial(self._restart_consumer, quick), "re-create the consumer",
+                                  asking_again=True)
                 continue
             if not self.buffer:
                 if self.puller and self.puller.idle:
@@ -584,8 +587,9 @@ class StreamIngest:
         if left_out is not None:
             log.info("DLQ %s #%d: %s", self.spec.name, seq, rejection.reason)
 
-    async def _retry(self, action: Any, what: str) -> None:
-        """Transient failures (NATS away) are retried with backoff; nothing is skipped."""
+    async def _retry(self, action: Any, what: str, asking_again: bool = False) -> None:
+        """Transient failures (NATS away) are retried with backoff; nothing is skipped. `asking_again`: an
+        action whose call went unanswered, having waited out its bound, is tried again at once."""
         delay = 0.2
         while True:
             try:
@@ -593,6 +597,12 @@ class StreamIngest:
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # noqa: BLE001
+                if asking_again and isinstance(error, TimeoutError):
+                    left_out = self._unanswered_lines.allow(None)
+                    if left_out is not None:
+                        log.warning("could not %s for %s (%s: no answer); asking again%s", what, self.spec.name,
+                                    error, f" ({left_out} more unanswered since the last line)" if left_out else "")
+                    continue
                 log.warning("could not %s for %s (%s); retrying in %.1fs", what, self.spec.name, error, delay)
                 if isinstance(error, StateUnavailable):  # a user's state: retried once the database is back
                     await self.checkpointer.wait_to_retry(delay, self._pause)

@@ -267,6 +267,41 @@ async def test_a_refusal_that_lasts_is_sent_again_within_the_ceiling_and_logged_
     await nc.close()
 
 
+async def test_a_consumer_re_creation_nobody_answers_is_asked_again_at_once(nats_server, caplog, monkeypatch) -> None:
+    """A NATS cluster electing a stream's (then the new consumer's) leader drops calls unanswered. Each try
+    of the re-creation after a reconnect waits out its bound (2 s; a quarter second here), then asks again at
+    once: with a backoff doubling after each try on top (6.4 s by the sixth), a consumer that could be made
+    11 s after the loss was asked for at 16 s. A nats-server stopped (SIGSTOP) answers nothing here."""
+    import os
+    import signal
+
+    from app import ingest as ingest_module
+
+    monkeypatch.setattr(ingest_module, "RESET_CALL_TIMEOUT_S", 0.25)
+    caplog.set_level("INFO", logger="tipstream.ingest")
+    nc = await jsx.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, OnlineStore(), Checkpoints(), batch=16, max_event_bytes=16384,
+                          max_uncheckpointed=10**6)
+    await ingest.start()
+    paused: list[float] = []
+    monkeypatch.setattr(ingest, "_pause", lambda seconds: paused.append(seconds) or asyncio.sleep(seconds))
+    caplog.clear()
+    runner = asyncio.create_task(ingest.run())
+    os.kill(nats_server.process.pid, signal.SIGSTOP)
+    try:
+        ingest.request_reset()
+        await eventually(lambda: caplog.text.count("(nats: timeout: no answer); asking again") >= 4, timeout=10)
+    finally:
+        os.kill(nats_server.process.pid, signal.SIGCONT)
+    await eventually(lambda: "consuming SIGNALS from sequence 1" in caplog.text, timeout=10)
+    assert not paused, "no wait on top of the call's own"
+    runner.cancel()
+    await ingest.stop()
+    await nc.close()
+
+
 async def test_feedback_held_back_for_decisions_longer_than_ack_wait_is_not_redelivered(nats_server,
                                                                                      monkeypatch) -> None:
     """A rebuild from the log holds each FEEDBACK chunk until DECISIONS has been read past it

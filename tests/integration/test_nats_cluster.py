@@ -154,7 +154,9 @@ async def test_a_node_lost_under_the_service_stops_neither_ingest_nor_score(
         async with httpx.AsyncClient(base_url=service_on_cluster.base_url, timeout=10) as http:
             during = await score(http, events[0][1]["user_id"])  # from memory; its decision waits for JetStream
             resumed = await publish_through_failover(js, events[half:], deadline_s=15)
-            await eventually(lambda: store.applied == len(events), timeout=15)
+            # A bound for liveness, not a speed goal: with the service on the lost node, its consumers' copies
+            # elect their first leaders after the stream's, up to ~18 s after the loss (README's figures).
+            await eventually(lambda: store.applied == len(events), timeout=30)
             ingested = time.monotonic()
             after = await score(http, events[-1][1]["user_id"])
 
@@ -178,7 +180,7 @@ async def test_a_node_lost_under_the_service_stops_neither_ingest_nor_score(
         "current again %.2f s after its restart; %d events stored, 0 lost, 0 twice; the test took %.1f s",
         leader, "was" if service_on_it else "was not", resumed - killed, len(events), ingested - killed, scored - killed,
         rejoined - scored, stored, time.monotonic() - started)
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 60
 
 
 async def test_a_stream_s_copies_follow_the_setting_up_and_down_and_keep_its_messages(
