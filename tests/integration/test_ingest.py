@@ -291,7 +291,11 @@ async def test_a_pull_request_left_by_a_service_gone_does_not_refuse_the_restart
                      orjson.dumps({"batch": 10, "expires": int(1e9)}), reply=left)
     await nc.flush()
     js = nc.jetstream()
-    assert (await js.consumer_info("SIGNALS", "tipstream-signals")).num_waiting >= 1
+
+    async def waiting() -> bool:  # the server registers a pull request apart from the API's answers
+        return (await js.consumer_info("SIGNALS", "tipstream-signals")).num_waiting >= 1
+
+    await eventually(waiting, timeout=5)
     again = await start_service()
     await eventually(lambda: again.service.ready)
     await js.publish("signals.task.created", orjson.dumps(event(0)))
