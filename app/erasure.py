@@ -108,11 +108,9 @@ class Eraser:
             done = conn.execute(select(db.erasures).where(and_(db.erasures.c.user_id == user_id,
                                                                db.erasures.c.status == "done"))
                                 .with_for_update()).mappings().first()
-            if done is not None:  # as it was read, to the microsecond (the upsert's JSON keeps milliseconds)
-                conn.execute(insert(db.erasures_earlier).from_select(
-                    [column.name for column in db.erasures_earlier.columns],
-                    select(*(db.erasures.c[column.name] for column in db.erasures_earlier.columns))
-                    .where(db.erasures.c.user_id == user_id)))
+            if done is not None:
+                kept = {column.name: done[column.name] for column in db.erasures_earlier.columns}
+                conn.execute(insert(db.erasures_earlier).values(kept))
             db.upsert(conn, db.erasures, [row], ["user_id"])
         return {**_shown(row), "earlier": self._earlier(user_id)}
 

@@ -529,7 +529,6 @@ class Learner:
         how many decisions went. A reaction of theirs read while the cache was looked over was learned
         by then: forgotten first, their features came back with it. Feedback of theirs naming a
         decision that went counts as `unknown_decision`."""
-        self.erasing[user_id] = at_ms
         self.waiting.drop_user(user_id)
         self.lineup.forget_user(user_id)
         # The models changed without a reward: saved by the next snapshot, which is taken at once.

@@ -244,7 +244,7 @@ def _describe(error: ValidationError) -> Rejection:
         # PostgreSQL prints it) did not say that the offset needs its minutes.
         return Rejection("invalid_field", f"field 'ts': must be ISO 8601 text with the user's UTC offset as +hh:mm, "
                                           f"-hh:mm or Z, e.g. 2026-11-26T08:01:02.123+01:00, not {first['input']!r} "
-                                          f"({first['ctx']['error'] if 'error' in first.get('ctx', {}) else first['msg']})")
+                                          f"({first.get('ctx', {}).get('error', first['msg'])})")
     if etype == "timezone_aware":  # pydantic's "Input should have timezone info" named no fix
         whose = "the user's" if where == "ts" else "a"
         return Rejection("invalid_field", f"field '{where}': must be ISO 8601 text with {whose} UTC offset, e.g. "
