@@ -1,4 +1,5 @@
-"""`tipstream`: run the service, publish synthetic traffic, migrate, regenerate docs, manage models."""
+"""`tipstream`: run the service, publish synthetic traffic, migrate, regenerate docs, manage models, forget or export a
+user's data."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ Steps:
    more than that bound (413) before reading it all.
 2. While `TIPSTREAM_MAX_UNWRITTEN_DECISIONS` decisions' rows wait for a checkpoint (the
    database is away), answer 503 with `Retry-After`: serving on would hold ever more of them.
-3. Validate and score (`scoring.parse_request`, `Scorer.score`); a bad request is a 422
+3. Validate and score (`score_request.parse_request`, `Scorer.score`); a bad request is a 422
    naming the field, and nothing is logged. A user whose state is in the checkpoint only (cold
    after a restart, or let go of while idle) is read first, in a worker thread (`app/thaw.py`);
    if the database does not answer, a 503 with `Retry-After`.
