@@ -66,6 +66,7 @@ def _export(args: argparse.Namespace) -> int:
     from app.settings import get_settings
     from app.simulate import _nats_url_and_source
     from streams.jetstream import connect
+    from streams.scrub import ScrubError
 
     url = get_settings().sqlalchemy_url
     if migrate.current(url) is None:  # opened, an empty SQLite file would be made where none was
@@ -86,6 +87,8 @@ def _export(args: argparse.Namespace) -> int:
             raise SystemExit(f"No NATS server answering at {nats_url} ({error}): {where}") from None
         try:
             return await export_user(nc.jetstream(timeout=10), engine, args.user_id, progress)
+        except ScrubError as error:  # a stream refused the reader (its consumers' limit): a traceback said it
+            raise SystemExit(f"Nothing exported: {error}") from None
         finally:
             await nc.close()
 

@@ -321,9 +321,9 @@ class _Reader:
         try:
             return await self.js.add_consumer(self.stream, config)
         except APIError as e:
-            raise ScrubError(f"stream {self.stream} refused a consumer to read it ({e.description}): a scrub reads "
-                             "through one of its own, so the account's or the stream's max_consumers must leave "
-                             "room for one more") from e
+            raise ScrubError(f"stream {self.stream} refused a consumer to read it ({e.description}): forgetting or "
+                             "exporting a user reads each stream through one of its own, so the account's or the "
+                             "stream's max_consumers must leave room for one more") from e
         except (TimeoutError, NatsTimeoutError) as e:
             raise ScrubError(f"no answer to creating a consumer on stream {self.stream}: check that this NATS user "
                              f"may publish to $JS.API.CONSUMER.CREATE.{self.stream}.> and "

@@ -16,7 +16,7 @@ import pytest
 from app import migrate
 from app.cli import main
 from app.settings import get_settings
-from tests.conftest import free_port, pre_lock_release_server
+from tests.conftest import account_url, free_port, limited_account_server, pre_lock_release_server
 
 TIPSTREAM = str(Path(sys.executable).parent / "tipstream")
 
@@ -264,6 +264,35 @@ def test_help_names_every_users_command(capsys: pytest.CaptureFixture[str]) -> N
     summary = " ".join(capsys.readouterr().out.split()).partition(" users ")[2].partition("options:")[0]
     for command in ("forget", "forget-status", "export"):
         assert command in summary, command
+
+
+def test_an_export_a_stream_refuses_a_reader_is_one_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The export reads each stream through a consumer of its own: an account whose `max_consumers`
+    (per stream) the service's own takes up refused it, and the command ended in a traceback."""
+    import asyncio
+
+    import nats
+    from nats.js.api import ConsumerConfig
+
+    server = limited_account_server(tmp_path / "nats", "max_consumers: 1")
+    server.start()
+    try:
+        async def a_read_stream() -> None:
+            nc = await nats.connect(account_url(server))
+            js = nc.jetstream()
+            await js.add_stream(name="SIGNALS", subjects=["signals.>"])
+            await js.publish("signals.app.opened", b'{"id": "e-1"}')
+            await js.add_consumer("SIGNALS", ConsumerConfig(durable_name="the-service"))
+            await nc.close()
+
+        asyncio.run(a_read_stream())
+        monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'export.db'}")
+        assert main(["migrate"]) == 0
+        with pytest.raises(SystemExit, match=r"^Nothing exported: stream SIGNALS refused a consumer to read it "
+                                             r"\(maximum consumers limit reached\).* max_consumers must leave room"):
+            main(["users", "export", "u-1", "--nats-url", account_url(server)])
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("command", [["migrate"], ["models", "list"], ["models", "card", "v1"]])
