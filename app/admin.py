@@ -1,10 +1,13 @@
-"""Model registry routes: reads are open, changes need `Authorization: Bearer <TIPSTREAM_ADMIN_TOKEN>`.
+"""Model registry and erasure routes: registry reads are open, the rest need `Authorization: Bearer
+<TIPSTREAM_ADMIN_TOKEN>`.
 
 - `GET /models`, `GET /models/{version}` (JSON, with the card), `GET /models/{version}/card` (Markdown).
 - `POST /admin/models` `{version, kind?, params?, actor?, note?}`: register (trained over the log;
   `kind` defaults to logreg).
 - `POST /admin/models/{version}/shadow|promote|retire|evaluate` `{actor?, note?}`.
 - `POST /admin/rollback` `{actor?, note?}`.
+- `POST /admin/users/{user_id}/forget` `{actor?}`: 202, a request to forget the user (app/erasure.py);
+  `GET` the same path: where it is (404: none asked).
 
 Without a configured token every change is refused (403) with the setting to set; a missing
 header is 401, a wrong token 403. Registry refusals map to 404 / 409 / 422 with the

@@ -1,5 +1,6 @@
 """`tipstream users forget ID`: a request to forget a user, through the running service's admin
-endpoint with `TIPSTREAM_ADMIN_TOKEN` (the service holds their state and models; see app/erasure.py).
+endpoint with `TIPSTREAM_ADMIN_TOKEN` (the service holds their state and models; see app/erasure.py);
+`tipstream users forget-status ID`, where that request is, the same way.
 `tipstream users export ID`: what tipstream holds of them, read from NATS and the database
 (`app/export.py`)."""
 
