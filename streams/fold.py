@@ -1,10 +1,11 @@
 """The fold: (state, event) -> state, one pure function per event type, no I/O.
 
 Each user's state is a set of small time-sorted logs, one per event kind, holding
-exactly what some feature window can still reach (30 days behind the user's newest
-event), up to `MAX_RECORDS_PER_KIND` records a kind. Features are evaluated from these
-logs at any `now` (see `features.py`), so windows are exact over event time and late
-events land where their time says.
+exactly what some feature window can still reach (`HORIZON_DAYS`, 31 days behind the day of
+the user's newest event: the longest window, 30 days, and one more), up to
+`MAX_RECORDS_PER_KIND` records a kind. Features are evaluated from these logs at any `now`
+(see `features.py`), so windows are exact over event time and late events land where their
+time says.
 
 Why logs and not counters: the same events in any order, any batching, with any
 duplicates, must give the same state. Sorted logs of whole records are canonical, and
