@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from app.request_body import ClientGone, read_body
+from app.request_body import ClientGone, path_is_utf8, read_body
 from models.registry import RegistryError
 
 STATUS = {"not_found": 404, "conflict": 409, "invalid": 422}
@@ -303,8 +303,9 @@ class BadUserId(ValueError):
 def _user_id(request: Request) -> str:
     user_id = request.path_params["user_id"]
     # As an event's user_id may be. The server decodes a percent-encoded path with errors replaced:
-    # "%FF" named the user "\ufffd", who would have been forgotten instead.
-    if not 1 <= len(user_id) <= 128 or "\x00" in user_id or "\ufffd" in user_id:
+    # "%FF" named the user "\ufffd", who would have been forgotten instead. A "\ufffd" sent as UTF-8
+    # is the user's own: refused too, a user whose id holds one could never be forgotten.
+    if not 1 <= len(user_id) <= 128 or "\x00" in user_id or ("\ufffd" in user_id and not path_is_utf8(request.scope)):
         raise BadUserId("a user id is 1 to 128 characters of UTF-8 (percent-encoded in the path), without NUL")
     return user_id
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from urllib.parse import unquote_to_bytes
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import TypeAdapter, ValidationError
@@ -21,6 +20,7 @@ from app import admin
 from app import openapi as openapi_document
 from app.bootstrap import Service
 from app.metrics import METRICS
+from app.request_body import path_is_utf8
 from app.score_endpoint import UNAVAILABLE, ScoreEndpoint
 from app.score_request import TIME_WITH_OFFSET
 from app.settings import Settings
@@ -148,7 +148,7 @@ async def user_features(request: Request) -> Response:
     """
     user_id = request.path_params["user_id"]
     # The server decodes a percent-encoded path with errors replaced: "%FF" asked for the user "\ufffd".
-    if "\ufffd" in user_id and not _utf8(request.scope.get("raw_path", b"")):
+    if "\ufffd" in user_id and not path_is_utf8(request.scope):
         return _error(422, "user_id", "the user id is not UTF-8 once percent-decoded (encode its text as UTF-8, "
                                       "then percent-encode those bytes)")
     # What an event's user_id may be; a NUL failed PostgreSQL's read. Empty: "/users//features".
@@ -191,14 +191,6 @@ async def user_features(request: Request) -> Response:
             for name, v in values.items()
         },
     })
-
-
-def _utf8(raw_path: bytes) -> bool:
-    try:
-        unquote_to_bytes(raw_path).decode()
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 async def openapi(request: Request) -> Response:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
@@ -28,3 +29,14 @@ async def read_body(receive: Receive, limit: int) -> bytes | None:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def path_is_utf8(scope: MutableMapping[str, Any]) -> bool:
+    """Whether the request's path is UTF-8 once percent-decoded. The server decodes it with errors
+    replaced, so a "\ufffd" in a path parameter is either that character, sent as UTF-8 (an event's
+    user_id may hold it), or bytes that are not UTF-8 ("%FF"): this tells the two apart."""
+    try:
+        unquote_to_bytes(scope.get("raw_path", b"")).decode()
+    except UnicodeDecodeError:
+        return False
+    return True

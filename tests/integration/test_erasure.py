@@ -226,6 +226,24 @@ async def test_the_cli_forgets_a_user_through_the_service(start_service, nc, tmp
     assert "Set TIPSTREAM_ADMIN_TOKEN to the server's admin token to forget a user." in capsys.readouterr().err
 
 
+async def test_a_user_whose_id_holds_a_replacement_character_is_forgotten(start_service, nc) -> None:
+    """U+FFFD is a character an event's user_id may hold. The path's "%FF" (not UTF-8) is decoded as
+    one too, and forget refused every id holding one as not UTF-8: such a user could never be forgotten."""
+    running = await start_service(admin_token=TOKEN, checkpoint_every_s=0.2)
+    user = "ana\ufffd"
+    await publish_events(nc.jetstream(), signals(user))
+    await eventually(lambda: user in running.service.store.users)
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        assert (await forget(http, "ana%EF%BF%BD"))["user_id"] == user
+        await eventually(lambda: running.service.eraser.status(user)["status"] == "done", timeout=15)
+        assert (await status(http, "ana%EF%BF%BD"))["report"]["messages_signals"] == 3
+        for undecodable in ("ana%FF", "ana%ED%A0%80"):  # the bytes of no character: no user's id
+            refused = await http.post(f"/admin/users/{undecodable}/forget", json={}, headers=AUTH)
+            assert refused.status_code == 422 and refused.json()["field"] == "user_id", refused.text
+            assert (await http.get(f"/admin/users/{undecodable}/forget", headers=AUTH)).status_code == 422
+    assert user not in running.service.store.users
+
+
 async def test_an_export_holds_a_users_data_until_they_are_forgotten(start_service, nc, nats_server, tmp_path,
                                                                    monkeypatch, capsys) -> None:
     """`tipstream users export` (the right of access) reads what forgetting deletes: their events and
