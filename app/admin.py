@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from app.request_body import ClientGone, path_is_utf8, read_body
+from app.request_body import ClientGone, not_utf8, path_is_utf8, read_body
 from models.registry import RegistryError
 
 STATUS = {"not_found": 404, "conflict": 409, "invalid": 422}
@@ -140,6 +140,8 @@ def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[BaseMode
             first = error.errors(include_url=False)[0]
             field = ".".join(str(p) for p in first["loc"]) or "body"
             message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own words
+            if first["type"] == "json_invalid":
+                message = not_utf8(raw) or message
             return _json(422, {"error": f"{field}: {message}", "field": field})
         try:
             result = await action(request, parsed)

@@ -4,6 +4,7 @@ logged as an error) when the client goes away before it ends."""
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -40,3 +41,19 @@ def path_is_utf8(scope: MutableMapping[str, Any]) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def not_utf8(body: bytes) -> str | None:
+    """Why a body the JSON parser refused is not JSON text in UTF-8, when its bytes tell; else None.
+    The parser said only 'expected value at line 1 column 1' of a body that its sender's editor shows
+    as valid JSON: one saved with a byte order mark (Windows tools write one), or in UTF-16."""
+    if body.startswith(codecs.BOM_UTF8):
+        return "starts with a UTF-8 byte order mark (bytes EF BB BF), which JSON text must not: send it without one"
+    if body[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) or b"\x00" in body[:2]:
+        return "is not UTF-8 (it looks like UTF-16 or UTF-32): send the JSON encoded as UTF-8"
+    try:
+        body.decode()
+    except UnicodeDecodeError as error:
+        return (f"is not UTF-8 (byte {error.start} is 0x{body[error.start]:02X}; Latin-1 or Windows-1252?): send the "
+                "JSON encoded as UTF-8")
+    return None

@@ -24,6 +24,7 @@ from pydantic import (
 )
 from typing_extensions import TypedDict  # pydantic checks typing's own only from Python 3.12
 
+from app.request_body import not_utf8
 from models.reward import INPUT_BOUND, INPUT_BOUND_TEXT
 from streams.events import HALF_A_PAIR, EventTime, has_lone_surrogate, lenient_loads, text_path
 from streams.features import BY_NAME as FEATURES_BY_NAME
@@ -175,7 +176,7 @@ def parse_request(body: bytes) -> ScoreRequest:
                 if where is not None and (refused := _refused_in_whole_characters(body, where)) is not None:
                     raise refused from None
                 errors.append({"field": where, "message": HALF_A_PAIR} if where is not None
-                              else {"field": "body", "message": f"not valid JSON: {detail}"})
+                              else {"field": "body", "message": not_utf8(body) or f"not valid JSON: {detail}"})
             elif e["type"] == "model_type" and not e["loc"]:
                 errors.append({"field": "body", "message": "must be a JSON object"})
             else:

@@ -200,6 +200,30 @@ async def test_bad_requests_get_4xx_naming_the_field_and_log_nothing(start_servi
     assert await decisions_in_stream(nc.jetstream()) == 3
 
 
+async def test_a_body_not_in_utf8_is_refused_as_such_not_as_bad_json(start_service, nc) -> None:
+    """A body saved with a byte order mark, or in UTF-16 or Latin-1, shows as valid JSON in its sender's
+    editor; the 422 said 'not valid JSON: expected value at line 1 column 1' (or 'invalid unicode code
+    point'), which sent them looking for a JSON mistake."""
+    token = "utf8-token-for-tests-0123"
+    running = await start_service(admin_token=token)
+    text = orjson.dumps(body()).decode()
+    encoded = {"byte order mark": (b"\xef\xbb\xbf" + text.encode(), "byte order mark (bytes EF BB BF)"),
+               "UTF-16": (text.encode("utf-16"), "UTF-16"),
+               "UTF-16 without a BOM": (text.encode("utf-16-le"), "UTF-16"),
+               "Latin-1": (orjson.dumps(body(user_id="u-é")).decode().encode("latin-1"), "0xE9")}
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        for name, (content, named) in encoded.items():
+            answer = await http.post("/score", content=content, headers={"content-type": "application/json"})
+            assert answer.status_code == 422 and answer.json()["field"] == "body", (name, answer.text)
+            assert named in answer.json()["error"] and "not valid JSON" not in answer.json()["error"], (name, answer.text)
+            admin = await http.post("/admin/models/v1/evaluate", content=content,
+                                    headers={"content-type": "application/json", "authorization": f"Bearer {token}"})
+            assert admin.status_code == 422 and named in admin.json()["error"], (name, admin.text)
+        served = await http.post("/score", json=body())
+    assert served.status_code == 200
+    assert list(running.service.learner.cache) == [served.json()["decision_id"]], "only the good request was logged"
+
+
 async def test_server_features_win_and_caller_features_fill_what_it_lacks(start_service, nc) -> None:
     running = await start_service()
     js = nc.jetstream()
