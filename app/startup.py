@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import json
 import logging
 import os
 import re
 import signal
 import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,8 +52,9 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S) -> type:
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
     def refusal(status: int, message: str) -> bytes:
-        text = message.encode()
-        return b"".join([STATUS_LINE[status], b"content-type: text/plain; charset=utf-8\r\n",
+        # In the API's own shape: a client reading every 4xx as JSON failed on a plain-text one.
+        text = json.dumps({"error": message, "field": None}).encode()
+        return b"".join([STATUS_LINE[status], b"content-type: application/json\r\n",
                          b"content-length: %d\r\n" % len(text), b"connection: close\r\n\r\n", text])
 
     class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -79,6 +82,16 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S) -> type:
         def _refuse_head(self) -> None:
             self._refused = True
             self.transport.write(refusal(431, f"request line and headers larger than {HTTP_MAX_HEAD_BYTES} bytes"))
+            self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            # Called as uvicorn catches the parser's error. Its own answer, "Invalid HTTP request
+            # received." in plain text, said nothing of what was wrong (the parser's error does).
+            error = sys.exc_info()[1]
+            reason = str(error) if error is not None and str(error) else msg
+            if "url" in reason.lower():
+                reason += " (a path and query string are printable ASCII: percent-encode any other byte, as UTF-8)"
+            self.transport.write(refusal(400, f"not an HTTP/1.1 request this server can read: {reason}"))
             self.transport.close()
 
         def on_message_begin(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -231,12 +232,41 @@ async def test_a_client_that_sends_part_of_a_request_or_nothing_is_not_waited_fo
         assert await left_after(b"") == b""  # closed as an idle connection is
         assert (await left_after(b"POST / HTTP/1.1\r\nHost: x\r\n")).startswith(b"HTTP/1.1 408")
         body_short = await left_after(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"b" * 10)
-        assert body_short.startswith(b"HTTP/1.1 408") and body_short.endswith(b"within 0.6 s"), body_short
+        assert body_short.startswith(b"HTTP/1.1 408") and body_short.endswith(b'{"error": "request not received '
+                                                                               b'within 0.6 s", "field": null}'), body_short
         await eventually(lambda: server.disconnects == 1)  # the endpoint was told, and answered nothing
         # A request received in time is answered, and its deadline ends with it: the idle connection
         # is then closed with nothing more sent.
         answer = await left_after(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
         assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\n3"), answer
+
+
+async def test_a_request_the_parser_refuses_is_told_why_in_json() -> None:
+    """uvicorn answered each with "Invalid HTTP request received." in plain text: a raw 'é' in a
+    path, a NUL in a header and an unknown method alike, and a client reading refusals as JSON failed."""
+    async with CountingServer() as port:
+
+        async def ask(request: bytes) -> tuple[bytes, dict[str, Any]]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(request)
+                head, _, body = (await asyncio.wait_for(reader.read(), 10)).partition(b"\r\n\r\n")
+            finally:
+                writer.close()
+            assert b"content-type: application/json" in head.lower(), head
+            return head.split(b"\r\n")[0], json.loads(body)
+
+        for request, reason in [
+            (b"GET /users/\xc3\xa9/features HTTP/1.1\r\nHost: x\r\n\r\n", "Invalid char in url path"),
+            (b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: \x00\r\n\r\n", "Invalid header value char"),
+            (b"FETCH /score HTTP/1.1\r\nHost: x\r\n\r\n", "Invalid method encountered"),
+            (b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+             "Transfer-Encoding can't be present with Content-Length"),
+        ]:
+            status, refusal = await ask(request)
+            assert status == b"HTTP/1.1 400 Bad Request" and refusal["field"] is None, (status, refusal)
+            assert refusal["error"].startswith(f"not an HTTP/1.1 request this server can read: {reason}"), refusal
+        assert "percent-encode" in (await ask(b"GET /\xff HTTP/1.1\r\nHost: x\r\n\r\n"))[1]["error"]
 
 
 async def test_the_same_nats_error_again_within_a_minute_is_counted_not_logged(
