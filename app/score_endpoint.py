@@ -11,8 +11,9 @@ router and its 500 handler, and its `post` method carries the OpenAPI descriptio
 
 Steps:
 1. Refuse a body not declared `application/json` (415) or declared larger than
-   `TIPSTREAM_SCORE_MAX_BODY_BYTES` (413). Read it straight from the ASGI messages, refusing
-   more than that bound (413) before reading it all.
+   `TIPSTREAM_SCORE_MAX_BODY_BYTES` (413), and a query string (422: the request is the body).
+   Read it straight from the ASGI messages, refusing more than that bound (413) before reading
+   it all.
 2. While `TIPSTREAM_MAX_UNWRITTEN_DECISIONS` decisions' rows wait for a checkpoint (the
    database is away), answer 503 with `Retry-After`: serving on would hold ever more of them.
 3. Validate and score (`score_request.parse_request`, `Scorer.score`); a bad request is a 422
@@ -29,6 +30,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import unquote_plus
 
 import orjson
 
@@ -72,6 +74,17 @@ def refusal_by_headers(scope: MutableMapping[str, Any], limit: int) -> tuple[int
                           f"(given: {given})", "field": "Content-Type"}
 
 
+def refusal_by_query(query: bytes) -> tuple[int, dict[str, Any]] | None:
+    """A 422 for a query string: /score takes its request in the body only, and `?explore=false`
+    was answered as if not given (exploring), where an unknown field of the body is refused."""
+    if not query:
+        return None
+    name = next((unquote_plus(part.partition("=")[0]) for part in query.decode("latin-1").split("&") if part), "")
+    error = RequestError(name or "query", (f"unknown query parameter {name!r}; " if name else "")
+                         + 'POST /score takes no query string: its request is the JSON body (e.g. {"explore": false})')
+    return 422, error.body()
+
+
 async def send_json(send: Send, status: int, body: dict[str, Any], *headers: tuple[bytes, bytes]) -> None:
     (_ANSWERED if status == 200 else SCORE_REQUESTS.labels(str(status))).inc()
     payload = orjson.dumps(body)
@@ -86,7 +99,7 @@ class ScoreEndpoint:
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         service = scope["app"].state.service
         limit = service.settings.score_max_body_bytes
-        refused = refusal_by_headers(scope, limit)
+        refused = refusal_by_headers(scope, limit) or refusal_by_query(scope.get("query_string", b""))
         if refused is not None:
             await send_json(send, *refused)
             return

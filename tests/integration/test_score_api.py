@@ -179,6 +179,11 @@ async def test_bad_requests_get_4xx_naming_the_field_and_log_nothing(start_servi
             typed = await http.post("/score", content=orjson.dumps(body()), headers={"content-type": media or ""})
             assert typed.status_code == 415 and typed.json()["field"] == "Content-Type", (media, typed.text)
             assert "application/json" in typed.json()["error"] and (media or "none").split(";")[0] in typed.text
+        # The request is the body: `?explore=false` was answered as if not given, exploring.
+        for query, field in (("explore=false", "explore"), ("user_id=u-2&x=1", "user_id"), ("&", "query")):
+            queried = await http.post(f"/score?{query}", json=body())
+            assert queried.status_code == 422 and queried.json()["field"] == field, (query, queried.text)
+            assert "takes no query string: its request is the JSON body" in queried.json()["error"], queried.text
         wrong_method = await http.get("/score")
         assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
         assert wrong_method.json() == {"error": "GET /score: Method Not Allowed; this path takes POST", "field": None}
