@@ -494,7 +494,12 @@ class TipModel:
                             ("user_ttl_days", user_ttl_days), ("max_values", max_values), ("hour_bucket", hour_bucket)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):  # '"fast" > 0' says nothing useful
                 raise ValueError(f"{name} must be a number, got {value!r}")
-            if not math.isfinite(value):  # int(inf) was an OverflowError; a NaN rate, a model of NaNs
+            try:
+                finite = math.isfinite(value)
+            except OverflowError:  # an integer past a float's range: raised here, out of the API a bare 500
+                raise ValueError(f"{name} must be a finite number, got one past what a float holds "
+                                 "(about 1.8e308)") from None
+            if not finite:  # int(inf) was an OverflowError; a NaN rate, a model of NaNs
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         for name, value in (("n_factors", n_factors), ("seed", seed), ("max_values", max_values),
                             ("hour_bucket", hour_bucket)):

@@ -76,6 +76,10 @@ BAD_CHANGES: list[tuple[str, bytes, str]] = [
     ("/admin/models", b'{"version": "v3", "kind": "fm", "params": {"n_factors": Infinity}}', "n_factors must be a finite"),
     ("/admin/models", b'{"version": "v3", "params": {"l2": NaN}}', "l2 must be a finite number"),
     ("/admin/models", b'{"version": "v3", "params": {"learning_rate": Infinity}}', "learning_rate must be a finite"),
+    # An integer past a float's range: math.isfinite raised an OverflowError, a bare 500.
+    ("/admin/models", b'{"version": "v3", "params": {"l2": 1%s}}' % (b"0" * 400),
+     "l2 must be a finite number, got one past what a float holds"),
+    ("/admin/models", b'{"version": "v3", "params": {"max_values": -1%s}}' % (b"0" * 320), "max_values must be a finite"),
     # Registered, then every answer naming it was a 500 (orjson: "Integer exceeds 64-bit range").
     ("/admin/models", b'{"version": "v3", "params": {"seed": 1e300}}', "seed must be between 0 and 2**32 - 1"),
     # An FM with these could not learn a single reward.
