@@ -37,6 +37,28 @@ HTTP_MAX_HEAD_BYTES = 64 * 1024
 # them without a bound: a client sending a few bytes of a request and then nothing (slowloris) held
 # its connection, a file descriptor, for good; enough of them and the service accepted no client.
 HTTP_REQUEST_READ_S = 30.0
+# uvicorn warns once for each request it cannot read ("Invalid HTTP request received.",
+# "Unsupported upgrade request."): a client sending such requests decided how fast the log grew.
+CLIENT_WARNINGS_PER_MINUTE = 6
+
+
+class _ClientWarnings:
+    """The HTTP protocol's logger, its warnings (each one a client's request) at most
+    CLIENT_WARNINGS_PER_MINUTE a minute for each text, with how many were left out told after."""
+
+    def __init__(self, logger: logging.Logger, throttle: Any) -> None:
+        self._logger, self._throttle = logger, throttle
+
+    def warning(self, message: str, *args: Any, **kwargs: Any) -> None:
+        left_out = self._throttle.allow(message)
+        if left_out is None:
+            return
+        if left_out:
+            message = f"{message} ({left_out} more in the minute before, left out)"
+        self._logger.warning(message, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # errors, levels: the logger's own
+        return getattr(self._logger, name)
 
 
 def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S) -> type:
@@ -48,8 +70,14 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S) -> type:
     - a request not all received `request_read_s` after its first byte: 408, and the connection
       closed (the endpoint, if it was reading the body, reads a disconnect);
     - a new connection that sends nothing: closed after the keep-alive timeout, as an idle one is
-      after an answer (uvicorn arms that timer only after a response)."""
+      after an answer (uvicorn arms that timer only after a response);
+    - a request the parser refuses: 400 with the parser's reason, and uvicorn's warning for it
+      at most CLIENT_WARNINGS_PER_MINUTE a minute."""
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+    from app.log_throttle import LogThrottle
+
+    client_warnings = LogThrottle(per_window=CLIENT_WARNINGS_PER_MINUTE)
 
     def refusal(status: int, message: str) -> bytes:
         # In the API's own shape: a client reading every 4xx as JSON failed on a plain-text one.
@@ -60,6 +88,10 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S) -> type:
     class BoundedHttpToolsProtocol(HttpToolsProtocol):
         _head_bytes, _head_size, _in_head, _feeding, _refused = 0, 0, True, 0, False
         _read_deadline: asyncio.TimerHandle | None = None
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.logger = _ClientWarnings(self.logger, client_warnings)
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)

@@ -269,6 +269,26 @@ async def test_a_request_the_parser_refuses_is_told_why_in_json() -> None:
         assert "percent-encode" in (await ask(b"GET /\xff HTTP/1.1\r\nHost: x\r\n\r\n"))[1]["error"]
 
 
+async def test_requests_the_parser_refuses_are_warned_of_a_few_times_a_minute() -> None:
+    """uvicorn warned of each one: a client sending them decided how fast the log grew."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("uvicorn.error")
+    async with CountingServer() as port:
+        logger.addHandler(handler)  # after uvicorn's logging configuration, which drops a logger's handlers
+        try:
+            for _ in range(3 * startup.CLIENT_WARNINGS_PER_MINUTE):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"FETCH / HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 400")
+                writer.close()
+        finally:
+            logger.removeHandler(handler)
+    told = [r.getMessage() for r in records if r.getMessage().startswith("Invalid HTTP request received.")]
+    assert len(told) == startup.CLIENT_WARNINGS_PER_MINUTE, told
+
+
 async def test_the_same_nats_error_again_within_a_minute_is_counted_not_logged(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A server that refuses the credentials once it is back answers every reconnect (twice a
