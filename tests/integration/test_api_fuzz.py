@@ -710,6 +710,43 @@ def test_score_at_any_time(fuzzed: Fuzzed, user: str, now: str, explore: bool) -
     assert all(0.0 <= r["score"] <= 1.0 for r in answer.json()["ranked"]), answer.json()["ranked"]
 
 
+REQUEST_LINES = st.one_of(
+    st.binary(max_size=80),
+    st.sampled_from([b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"GET / HTTP/1.0\r\n\r\n", b"GET /healthz HTTP/0.9\r\n\r\n",
+                     b"GET /healthz HTTP/9.9\r\n\r\n", b"GET /healthz\r\n\r\n",
+                     b"\r\n\r\nGET /healthz HTTP/1.1\r\n\r\n",
+                     b"GET http://elsewhere/healthz HTTP/1.1\r\nHost: x\r\n\r\n", b"GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+                     b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"GET /healthz HTTP/1.1\nHost: x\n\n",
+                     b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"]),
+)
+
+
+@FUZZ
+@given(REQUEST_LINES)
+def test_any_bytes_on_the_wire(fuzzed: Fuzzed, data: bytes) -> None:
+    """Whatever a client writes, then ends its side: an answer (a JSON refusal, if it was no request the
+    app could read) or the connection closed, never a wait past the deadline, and no decision."""
+    before = len(fuzzed.served)
+    with socket.create_connection((fuzzed.host, fuzzed.port), timeout=ANSWER_WITHIN_S) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        received = bytearray()
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except TimeoutError:
+            pytest.fail(f"no answer and the connection still open after {ANSWER_WITHIN_S} s: {data!r}")
+        except ConnectionResetError:
+            pass
+    assert_served_nothing(fuzzed, before, data)
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    if head.startswith(b"HTTP/1.1 4"):
+        assert b"content-type: application/json" in head.lower(), (data, bytes(received[:300]))
+        assert orjson.loads(body)["error"], (data, body)
+    else:
+        assert not head or head.startswith((b"HTTP/1.1 200", b"HTTP/1.1 100")), (data, bytes(received[:300]))
+
+
 # --- admin ----------------------------------------------------------------------------------------
 
 
