@@ -59,6 +59,7 @@ class Fuzzed:
         self.host, self.port, self.service = host, port, service
         self.served: list[str] = []
         self.answered_200 = 0
+        self.counted_200_before = 0.0  # /metrics' count of /score's 200s when the fuzz began
 
     def __repr__(self) -> str:  # hypothesis prints it with each failing example
         return f"Fuzzed({self.host}:{self.port})"
@@ -96,6 +97,14 @@ class Fuzzed:
     def score(self, body: bytes, content_type: bytes | None = b"application/json") -> Answer:
         return self.request(b"POST", b"/score", [(b"Content-Type", content_type)] if content_type is not None else [],
                             body)
+
+
+def counted_200(fuzzed: Fuzzed) -> float:
+    """`tipstream_score_requests_total{status="200"}` as GET /metrics says it."""
+    metrics = fuzzed.request(b"GET", b"/metrics").body.decode()
+    line = next((line for line in metrics.splitlines()
+                 if line.startswith('tipstream_score_requests_total{status="200"}')), None)
+    return 0.0 if line is None else float(line.rsplit(" ", 1)[1])
 
 
 def until(check: Any, timeout: float = 20.0) -> bool:
@@ -175,6 +184,7 @@ def fuzzed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         learner_served(decision_id, *args, **kwargs)
 
     service.learner.served = counting
+    result.counted_200_before = counted_200(result)
     try:
         asyncio.run(_publish(nats.url, EVENTS))
         assert until(lambda: service.store.applied >= len(EVENTS)), f"{service.store.applied} events folded"
@@ -867,3 +877,4 @@ def test_score_still_serves_after_the_fuzz(fuzzed: Fuzzed) -> None:
     publisher = fuzzed.service.publisher
     until(lambda: publisher.published >= len(fuzzed.served))
     assert publisher.published == len(fuzzed.served) == fuzzed.answered_200
+    assert counted_200(fuzzed) - fuzzed.counted_200_before == fuzzed.answered_200, "/metrics counted other 200s"
