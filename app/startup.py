@@ -126,6 +126,13 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S) -> type:
             self.transport.write(refusal(400, f"not an HTTP/1.1 request this server can read: {reason}"))
             self.transport.close()
 
+        def _unsupported_upgrade_warning(self) -> None:
+            # uvicorn's, with ws "none": "No supported WebSocket library detected. Please use pip
+            # install 'uvicorn[standard]'", which sent the operator to install what is not wanted.
+            asked = self._get_upgrade()  # None for a CONNECT, which the parser takes for an upgrade too
+            self.logger.warning("A request asked to switch protocols (%s); this service serves HTTP/1.1 only, and "
+                                "answered it as such.", f"Upgrade: {asked.decode('latin-1')}" if asked else "CONNECT")
+
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._in_head, self._head_bytes, self._head_size = True, -self._feeding, 0
@@ -601,6 +608,19 @@ async def start(service: Service, stopper: Stopper) -> int | None:
     raise explain(failed, service.settings) or failed
 
 
+def http_config(app: Any) -> Any:
+    """uvicorn's configuration of the service's HTTP server (a `uvicorn.Config`)."""
+    import uvicorn
+
+    # access_log off: uvicorn formats each line's arguments (path quoting included) before the
+    # logger drops it at "warning", a few µs on every request. ws "none": the service has no
+    # WebSocket route, yet a request with `Upgrade: websocket` went to the websockets library,
+    # which refused it in plain text ("Failed to open a WebSocket connection: invalid request.",
+    # or a 403 for a whole handshake); it is now answered as the HTTP request it also is.
+    return uvicorn.Config(app, log_level="warning", http=bounded_http_protocol(), ws="none", lifespan="on",
+                          access_log=False, timeout_keep_alive=HTTP_KEEP_ALIVE_S)
+
+
 async def serve(settings: Settings, sock: socket.socket, demo_rate: float) -> int:
     """Start, then serve on `sock` until SIGINT or SIGTERM; the exit code."""
     import uvicorn
@@ -617,10 +637,7 @@ async def serve(settings: Settings, sock: socket.socket, demo_rate: float) -> in
         return stopper.exit_code
     port = sock.getsockname()[1]
     app = create_app(settings, service, started=True)
-    # access_log off: uvicorn formats each line's arguments (path quoting included) before the
-    # logger drops it at "warning", a few µs on every request.
-    config = uvicorn.Config(app, log_level="warning", http=bounded_http_protocol(), lifespan="on", access_log=False,
-                            timeout_keep_alive=HTTP_KEEP_ALIVE_S)
+    config = http_config(app)
     line = f"tipstream on {http_url(settings.host, port)} (data in {settings.data_dir})"
 
     class Server(uvicorn.Server):

@@ -289,6 +289,47 @@ async def test_requests_the_parser_refuses_are_warned_of_a_few_times_a_minute() 
     assert len(told) == startup.CLIENT_WARNINGS_PER_MINUTE, told
 
 
+async def test_a_request_to_upgrade_to_websocket_is_answered_as_http() -> None:
+    """The service has no WebSocket route, yet such a request went to the websockets library: a
+    plain-text 400 ("Failed to open a WebSocket connection: invalid request.") for a POST to
+    /score, a 403 for a whole handshake, where the API answers JSON."""
+    import socket
+
+    import uvicorn
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        assert scope["type"] == "http", scope["type"]
+        body = b'{"answered": "%s"}' % scope["method"].encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(startup.http_config(app))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await eventually(lambda: server.started or serving.done())
+        upgrade = b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        handshake = upgrade + b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        for request, method in [
+                (b"POST /score HTTP/1.1\r\nHost: x\r\n" + upgrade + b"Content-Length: 2\r\n\r\n{}", b"POST"),
+                (b"GET /score HTTP/1.1\r\nHost: x\r\n" + handshake + b"\r\n", b"GET")]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+            writer.write(request)
+            answer = await asyncio.wait_for(reader.read(1000), 10)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b'{"answered": "%s"}' % method), answer
+    finally:
+        server.should_exit = True
+        await serving
+
+
 async def test_the_same_nats_error_again_within_a_minute_is_counted_not_logged(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A server that refuses the credentials once it is back answers every reconnect (twice a
