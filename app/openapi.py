@@ -11,7 +11,13 @@ import copy
 import re
 from typing import Any
 
-from app.score_request import MAX_CANDIDATE_FEATURES, MAX_CANDIDATES, SERVER_INPUTS, TIME_WITH_OFFSET
+from app.score_request import (
+    MAX_CANDIDATE_FEATURES,
+    MAX_CANDIDATES,
+    ONE_HOT_PREFIXES,
+    SERVER_INPUTS,
+    TIME_WITH_OFFSET,
+)
 from models.registry import ACTIONS
 from models.reward import (
     INPUT_BOUND,
@@ -58,9 +64,12 @@ _CANDIDATE = {
         "category": _nullable(_text(64)),
         "features": {
             "type": ["object", "null"], "maxProperties": MAX_CANDIDATE_FEATURES,
-            "description": "the candidate's own inputs; a name the server computes is refused",
+            "description": "the candidate's own inputs; a name the server computes is refused, and so is one the "
+                           "model would read as its own: a name starting " + ", ".join(ONE_HOT_PREFIXES) + " or a "
+                           "text value making one with its name (`user` = `id_ana`)",
             "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_.:-]*$", "maxLength": 64,
-                              "not": {"enum": sorted(SERVER_INPUTS)}},
+                              "not": {"anyOf": [{"enum": sorted(SERVER_INPUTS)},
+                                                {"pattern": "^(" + "|".join(ONE_HOT_PREFIXES) + ")"}]}},
             "additionalProperties": {"anyOf": [_NUMBER, _text(128, min_length=0), {"type": ["boolean", "null"]}]},
         },
     },

@@ -1,8 +1,9 @@
 """The body of `POST /score`, checked: every problem a 422 naming its field, before anything is scored.
 
 `parse_request` reads and validates the JSON in one pass (pydantic); the few rules a schema cannot
-say (distinct tips, a candidate feature reusing a name the server computes, a NUL the database
-cannot store, an unknown profile feature) are checked after it, only where they can occur.
+say (distinct tips, a candidate feature reusing a name the server computes or one the model reads
+as its own, a NUL the database cannot store, an unknown profile feature) are checked after it, only
+where they can occur.
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ MAX_CANDIDATE_FEATURES = 32
 # Inputs the server sets itself; a candidate's own features may not reuse these names.
 SERVER_INPUTS = frozenset(FEATURE_NAMES) | {f.name for f in CONTEXT_FEATURES} | {
     "user_id", "tip_id", "category", "utc_offset_min", "is_new_user"}
+
+# The model reads a text input `k` = `v` as the one-hot feature `k_v` (`TipModel._features`): a
+# candidate's own feature read as one of these is the weight of a user, a tip or a category. Named
+# `user` = "id_ana" (or `user_id_ana` = 1), it trained ana's own weight on every user's reactions,
+# and brought it back after ana was forgotten.
+ONE_HOT_PREFIXES = ("user_id_", "tip_id_", "category_")
 
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 FeatureName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]*$")]
@@ -199,10 +206,17 @@ def parse_request(body: bytes) -> ScoreRequest:
         if first != i:
             raise RequestError(f"candidates.{i}.tip_id",
                                f"{candidate['tip_id']!r} is also candidate {first}; each candidate must be a different tip")
-        for name in candidate.get("features") or ():
+        for name, value in (candidate.get("features") or {}).items():
             if name in SERVER_INPUTS:
                 raise RequestError(f"candidates.{i}.features.{name}",
                                    f"{name!r} is a feature the server computes; give the candidate's own feature another name")
+            read_as = f"{name}_{value}" if isinstance(value, str) else name
+            prefix = next((p for p in ONE_HOT_PREFIXES if read_as.startswith(p)), None)
+            if prefix is not None:
+                raise RequestError(f"candidates.{i}.features.{name}",
+                                   f"{name!r} = {value!r} is read by the model as {read_as!r}, its weight for the "
+                                   f"server's own {prefix[:-1]} {read_as[len(prefix):]!r}; give the candidate's own "
+                                   "feature another name")
     return _checked_profile(request)
 
 

@@ -407,7 +407,7 @@ def field_is_in(body: Any, dotted: str) -> bool:
         return True
 
     def walk(value: Any, rest: str) -> bool:
-        if rest == "":
+        if rest == "" or value is OPAQUE:  # JSON written raw (deep nesting): what is in it is not checked
             return True
         if isinstance(value, dict):
             for key in value:
@@ -423,15 +423,18 @@ def field_is_in(body: Any, dotted: str) -> bool:
     return walk(body, dotted)
 
 
+OPAQUE = object()
+
+
 def lenient(body: Any) -> Any:
-    """What the server read the fuzzed body as: Pairs as dicts (the last duplicate wins), Raw as None."""
+    """What the server read the fuzzed body as: Pairs as dicts (the last duplicate wins), Raw as OPAQUE."""
     if isinstance(body, Pairs):
         return {k: lenient(v) for k, v in body.items}
     if isinstance(body, dict):
         return {k: lenient(v) for k, v in body.items()}
     if isinstance(body, list):
         return [lenient(v) for v in body]
-    return None if isinstance(body, Raw) else body
+    return OPAQUE if isinstance(body, Raw) else body
 
 
 # --- /score ---------------------------------------------------------------------------------------

@@ -127,6 +127,12 @@ BAD: list[tuple[str, Any, int, str]] = [
      "candidates.0.features.len"),
     ("candidate feature named like a server one", body(candidates=[{"tip_id": "a", "features": {"hour_of_day": 3}}]),
      422, "candidates.0.features.hour_of_day"),
+    # Read by the model as another user's own weight ('user_id_u-2'), a tip's or a category's: trained on
+    # this user's reactions, and brought back after that user was forgotten.
+    ("candidate feature read as a user's weight", body(candidates=[{"tip_id": "a", "features": {"user": "id_u-2"}}]),
+     422, "candidates.0.features.user"),
+    ("candidate feature named as a category's weight",
+     body(candidates=[{"tip_id": "a", "features": {"category_focus": 1}}]), 422, "candidates.0.features.category_focus"),
     ("unknown profile feature", body(profile_features={"iq": 140}), 422, "profile_features.iq"),
     ("profile feature not a number", body(profile_features={"preferred_hour": "nine"}), 422,
      "profile_features.preferred_hour"),

@@ -85,7 +85,11 @@ def test_the_score_request_schema_holds_the_parsers_bounds(document: dict[str, A
     for bound in (number["minimum"], number["maximum"]):
         parse_request(orjson.dumps(_score(candidates=[{"tip_id": "a", "features": {"f": bound}}])))
         assert _refused(_score(candidates=[{"tip_id": "a", "features": {"f": bound * 1.01}}])) == "candidates.0.features.f"
-    for name in features["propertyNames"]["not"]["enum"]:
+    [reused, read_as_the_models] = features["propertyNames"]["not"]["anyOf"]
+    for name in reused["enum"]:
+        assert _refused(_score(candidates=[{"tip_id": "a", "features": {name: 1}}])) == f"candidates.0.features.{name}"
+    for name in ("user_id_ana", "tip_id_t-1", "category_focus"):  # a user's, a tip's, a category's weight
+        assert re.search(read_as_the_models["pattern"], name)
         assert _refused(_score(candidates=[{"tip_id": "a", "features": {name: 1}}])) == f"candidates.0.features.{name}"
     assert not re.search(features["propertyNames"]["pattern"], "1st")
     assert _refused(_score(candidates=[{"tip_id": "a", "features": {"1st": 1}}])) == "candidates.0.features.1st"
