@@ -306,7 +306,8 @@ def _user_id(request: Request) -> str:
     user_id = request.path_params["user_id"]
     # As an event's user_id may be. The server decodes a percent-encoded path with errors replaced:
     # "%FF" named the user "\ufffd", who would have been forgotten instead. A "\ufffd" sent as UTF-8
-    # is the user's own: refused too, a user whose id holds one could never be forgotten.
+    # is the user's own (an event's user_id may hold one), and is taken: refused as well, that user
+    # could never be forgotten.
     if not 1 <= len(user_id) <= 128 or "\x00" in user_id or ("\ufffd" in user_id and not path_is_utf8(request.scope)):
         raise BadUserId("a user id is 1 to 128 characters of UTF-8 (percent-encoded in the path), without NUL")
     return user_id
