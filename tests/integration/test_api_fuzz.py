@@ -142,15 +142,22 @@ def _database(request: pytest.FixtureRequest, tmp: Path) -> str:
 @pytest.fixture(scope="module")
 def fuzzed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzzed]:
     """The service, started once for the module in a thread with its own event loop."""
+    tmp = tmp_path_factory.mktemp("fuzz")
+    nats = NatsServer(tmp / "nats")
+    nats.start()
+    try:  # the nats-server goes with the module whatever fails on the way
+        yield from _serve(request, tmp, nats)
+    finally:
+        nats.stop()
+
+
+def _serve(request: pytest.FixtureRequest, tmp: Path, nats: NatsServer) -> Iterator[Fuzzed]:
     import uvicorn
 
     from app.api import create_app
     from app.settings import Settings
     from app.startup import http_config
 
-    tmp = tmp_path_factory.mktemp("fuzz")
-    nats = NatsServer(tmp / "nats")
-    nats.start()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     settings_ = Settings(data_dir=tmp / "data", nats_url=nats.url, admin_token=TOKEN, port=0,
@@ -168,29 +175,26 @@ def fuzzed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
     thread = threading.Thread(target=run, name="fuzzed-service", daemon=True)
     thread.start()
-    until(lambda: server.started or failed or not thread.is_alive())
-    if not server.started:
-        nats.stop()
-        raise RuntimeError(f"the service did not start: {failed}")
-    service = app.state.service
-    host, port = sock.getsockname()
-    result = Fuzzed(host, port, service)
-    learner_served = service.learner.served
-
-    def counting(decision_id: str, *args: Any, **kwargs: Any) -> None:
-        result.served.append(decision_id)
-        learner_served(decision_id, *args, **kwargs)
-
-    service.learner.served = counting
-    result.counted_200_before = counted_200(result)
     try:
+        assert until(lambda: server.started or failed or not thread.is_alive()) and server.started, (
+            f"the service did not start: {failed}")
+        service = app.state.service
+        host, port = sock.getsockname()
+        result = Fuzzed(host, port, service)
+        learner_served = service.learner.served
+
+        def counting(decision_id: str, *args: Any, **kwargs: Any) -> None:
+            result.served.append(decision_id)
+            learner_served(decision_id, *args, **kwargs)
+
+        service.learner.served = counting
+        result.counted_200_before = counted_200(result)
         asyncio.run(_publish(nats.url, EVENTS))
         assert until(lambda: service.store.applied >= len(EVENTS)), f"{service.store.applied} events folded"
         yield result
     finally:
         server.should_exit = True
         thread.join(30)
-        nats.stop()
 
 
 def _event(user: str, i: int, kind: str, ts: str, **data: Any) -> tuple[str, dict[str, Any]]:
