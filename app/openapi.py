@@ -66,7 +66,7 @@ _CANDIDATE = {
             "type": ["object", "null"], "maxProperties": MAX_CANDIDATE_FEATURES,
             "description": "the candidate's own inputs; a name the server computes is refused, and so is one the "
                            "model would read as its own: a name starting " + ", ".join(ONE_HOT_PREFIXES) + " or a "
-                           "text value making one with its name (`user` = `id_ana`)",
+                           "text value making one with its name (`user` = `id_ana`), or a cross's name (`a*b=x*y`)",
             "propertyNames": {"pattern": "^[A-Za-z_][A-Za-z0-9_.:-]*$", "maxLength": 64,
                               "not": {"anyOf": [{"enum": sorted(SERVER_INPUTS)},
                                                 {"pattern": "^(" + "|".join(ONE_HOT_PREFIXES) + ")"}]}},

@@ -9,6 +9,7 @@ where they can occur.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, NotRequired
 
@@ -42,6 +43,9 @@ SERVER_INPUTS = frozenset(FEATURE_NAMES) | {f.name for f in CONTEXT_FEATURES} | 
 # `user` = "id_ana" (or `user_id_ana` = 1), it trained ana's own weight on every user's reactions,
 # and brought it back after ana was forgotten.
 ONE_HOT_PREFIXES = ("user_id_", "tip_id_", "category_")
+# A cross is named `a*b=x*y` (`Interactions`), and no input's name holds a '*' or an '=': a text value
+# making that form with its name, `user` = "id*category=ana*focus", was ana's own cross with focus.
+CROSS_FORM = re.compile(r"[^*=]+\*[^*=]+=")
 
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 FeatureName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]*$")]
@@ -217,6 +221,11 @@ def parse_request(body: bytes) -> ScoreRequest:
                                    f"{name!r} = {value!r} is read by the model as {read_as!r}, its weight for the "
                                    f"server's own {prefix[:-1]} {read_as[len(prefix):]!r}; give the candidate's own "
                                    "feature another name")
+            if prefix is None and "=" in read_as and CROSS_FORM.match(read_as):
+                raise RequestError(f"candidates.{i}.features.{name}",
+                                   f"{name!r} = {value!r} is read by the model as {read_as!r}, the form of its "
+                                   "crosses of two inputs ('a*b=x*y'), which may be a user's own; give the "
+                                   "candidate's own feature a value without '*' before '='")
     return _checked_profile(request)
 
 

@@ -131,6 +131,8 @@ BAD: list[tuple[str, Any, int, str]] = [
     # this user's reactions, and brought back after that user was forgotten.
     ("candidate feature read as a user's weight", body(candidates=[{"tip_id": "a", "features": {"user": "id_u-2"}}]),
      422, "candidates.0.features.user"),
+    ("candidate feature read as a user's cross",  # 'user_id*category=u-2*focus': u-2's own, with focus
+     body(candidates=[{"tip_id": "a", "features": {"user": "id*category=u-2*focus"}}]), 422, "candidates.0.features.user"),
     ("candidate feature named as a category's weight",
      body(candidates=[{"tip_id": "a", "features": {"category_focus": 1}}]), 422, "candidates.0.features.category_focus"),
     ("unknown profile feature", body(profile_features={"iq": 140}), 422, "profile_features.iq"),
