@@ -27,11 +27,17 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # Releases of 0008 told the operator to drop the table themselves: one who did is downgraded.
+    if not sa.inspect(op.get_bind()).has_table("erasures_earlier"):
+        return
     # The record that each of those users was forgotten: the release before kept only the last one.
-    kept = op.get_bind().execute(sa.text("SELECT count(*) FROM erasures_earlier")).scalar_one()
-    if kept:
+    users = op.get_bind().execute(sa.text("SELECT user_id FROM erasures_earlier ORDER BY user_id")).scalars().all()
+    if users:
+        named = list(dict.fromkeys(users))
+        shown = ", ".join(repr(user_id) for user_id in named[:5]) + (", ..." if len(named) > 5 else "")
         raise RuntimeError(
-            f"erasures_earlier holds {kept} record(s) of users forgotten before they were asked for again, which "
-            "the release before this one does not keep. Export them first (`tipstream users export <id>` shows a "
-            "user's), then drop the table yourself (DROP TABLE erasures_earlier) and downgrade.")
+            f"erasures_earlier holds {len(users)} record(s) of users forgotten before they were asked for again "
+            f"({shown}), which the release before this one does not keep. Keep them first (`tipstream users "
+            "export <id>` shows a user's; SELECT * FROM erasures_earlier), then delete them yourself "
+            "(DELETE FROM erasures_earlier) and downgrade again.")
     op.drop_table("erasures_earlier")

@@ -521,6 +521,44 @@ def test_migrate_base_refuses_while_a_request_to_forget_a_user_is_not_done(
     assert main(["migrate", "base"]) == 0 and migrate.current(database_url) is None
 
 
+def test_a_downgrade_below_0008_refused_for_erasures_earlier_goes_through_once_its_fix_is_done(
+        database_url: str) -> None:
+    """The refusal named DROP TABLE erasures_earlier, after which the downgrade failed on the table
+    it counts (no such table): its fix is now the DELETE it names, and the table already dropped as
+    the earlier message said is a downgrade too."""
+    import re
+
+    import sqlalchemy as sa
+
+    from app.erasure import Eraser
+
+    migrate.upgrade(database_url)
+    engine = sa.create_engine(database_url)
+    eraser = Eraser(engine, None, None, checkpoint=None, lock=None)  # type: ignore[arg-type]
+    for user_id in ("u-42", "u-7"):
+        eraser.request(user_id, "dpo")
+        with engine.begin() as conn:
+            conn.execute(sa.text("update erasures set status = 'done'"))
+        eraser.request(user_id, "dpo")  # asked for again: the request done moves to erasures_earlier
+    with pytest.raises(RuntimeError) as refused:
+        migrate.downgrade(database_url, "0007")
+    told = str(refused.value)
+    assert told.startswith("erasures_earlier holds 2 record(s) of users forgotten before they were asked for "
+                           "again ('u-42', 'u-7')"), told
+    assert migrate.current(database_url) == "0008"
+    with engine.begin() as conn:  # what the message says to do, as it says it
+        conn.execute(sa.text(re.search(r"\((DELETE FROM \w+)\)", told).group(1)))
+    migrate.downgrade(database_url, "0007")
+    assert migrate.current(database_url) == "0007" and not sa.inspect(engine).has_table("erasures_earlier")
+
+    migrate.upgrade(database_url)
+    with engine.begin() as conn:  # as the refusal of the releases before this one said
+        conn.execute(sa.text("DROP TABLE erasures_earlier"))
+    engine.dispose()
+    migrate.downgrade(database_url, "0007")
+    assert migrate.current(database_url) == "0007"
+
+
 @pytest.mark.parametrize("release", ["current", "before the lock"])
 def test_migrate_base_refuses_to_drop_the_tables_of_a_running_service(
         release: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
