@@ -5,7 +5,7 @@ Revises: 0007
 """
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op
 
 revision = "0008"
 down_revision = "0007"
@@ -29,6 +29,11 @@ def upgrade() -> None:
 def downgrade() -> None:
     # Releases of 0008 told the operator to drop the table themselves: one who did is downgraded.
     if not sa.inspect(op.get_bind()).has_table("erasures_earlier"):
+        return
+    # Down to base is `tipstream migrate base` before a rebuild, which drops the records of erasures too, as the
+    # README says (keep them first); a release before this one would lose only these, silently.
+    if context.get_revision_argument() is None:  # alembic names base so
+        op.drop_table("erasures_earlier")
         return
     # The record that each of those users was forgotten: the release before kept only the last one.
     users = op.get_bind().execute(sa.text("SELECT user_id FROM erasures_earlier ORDER BY user_id")).scalars().all()

@@ -559,6 +559,33 @@ def test_a_downgrade_below_0008_refused_for_erasures_earlier_goes_through_once_i
     assert migrate.current(database_url) == "0007"
 
 
+def test_migrate_base_drops_the_records_of_users_forgotten_more_than_once(
+        database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's rebuild from the log starts with `tipstream migrate base`, which drops the records
+    of erasures (it says to keep them first). With a user forgotten twice it ended in a traceback from
+    0008's refusal to downgrade to 0007, telling to delete the records and 'downgrade again'."""
+    import sqlalchemy as sa
+
+    from app.erasure import Eraser
+
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    assert main(["migrate"]) == 0
+    engine = sa.create_engine(database_url)
+    eraser = Eraser(engine, None, None, checkpoint=None, lock=None)  # type: ignore[arg-type]
+    eraser.request("u-42", "dpo")
+    with engine.begin() as conn:
+        conn.execute(sa.text("update erasures set status = 'done'"))
+    eraser.request("u-42", "dpo")
+    with engine.begin() as conn:
+        conn.execute(sa.text("update erasures set status = 'done'"))
+        assert conn.execute(sa.text("select count(*) from erasures_earlier")).scalar_one() == 1
+    engine.dispose()
+    capsys.readouterr()
+    assert main(["migrate", "base"]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith("database at base: ")
+    assert migrate.current(database_url) is None
+
+
 @pytest.mark.parametrize("release", ["current", "before the lock"])
 def test_migrate_base_refuses_to_drop_the_tables_of_a_running_service(
         release: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
