@@ -6,11 +6,13 @@ import logging
 from logging.config import fileConfig
 
 from alembic import context
+from alembic.util import CommandError
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine
 
 from app.db import make_engine, metadata
 from app.settings import get_settings
+from migrations import DowngradeRefused
 
 config = context.config
 if config.config_file_name is not None:
@@ -78,5 +80,9 @@ else:
                 hold_migration_lock(connection)
                 bound_lock_waits(connection)
                 context.run_migrations()
+    except DowngradeRefused as refused:
+        if config.config_file_name is None:  # tipstream's own commands and tests take the exception
+            raise
+        raise CommandError(str(refused)) from None  # alembic's command line: "FAILED: <message>", exit code 1
     finally:
         engine.dispose()

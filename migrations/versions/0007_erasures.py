@@ -7,6 +7,8 @@ Revises: 0006
 import sqlalchemy as sa
 from alembic import op
 
+from migrations import DowngradeRefused
+
 revision = "0007"
 down_revision = "0006"
 branch_labels = None
@@ -32,7 +34,7 @@ def downgrade() -> None:
     pending = op.get_bind().execute(sa.text("SELECT user_id FROM erasures WHERE status != 'done'")).scalars().all()
     if pending:
         shown = ", ".join(repr(user_id) for user_id in pending[:5]) + (", ..." if len(pending) > 5 else "")
-        raise RuntimeError(
+        raise DowngradeRefused(
             f"{len(pending)} request(s) to forget a user are not done ({shown}): dropping the erasures table loses "
             "them, and a rebuild from the log would bring those users back. Start the service until "
             "`tipstream users forget-status <id>` says done (tipstream_erasures_unfinished 0), then downgrade.")

@@ -7,6 +7,8 @@ Revises: 0007
 import sqlalchemy as sa
 from alembic import context, op
 
+from migrations import DowngradeRefused
+
 revision = "0008"
 down_revision = "0007"
 branch_labels = None
@@ -40,7 +42,7 @@ def downgrade() -> None:
     if users:
         named = list(dict.fromkeys(users))
         shown = ", ".join(repr(user_id) for user_id in named[:5]) + (", ..." if len(named) > 5 else "")
-        raise RuntimeError(
+        raise DowngradeRefused(
             f"erasures_earlier holds {len(users)} record(s) of users forgotten before they were asked for again "
             f"({shown}), which the release before this one does not keep. Keep them first (`tipstream users "
             "export <id>` shows a user's; SELECT * FROM erasures_earlier), then delete them yourself "

@@ -116,6 +116,32 @@ def test_alembic_downgrade_says_what_it_ran(tmp_path: Path, monkeypatch: pytest.
     assert migrate.current(url) == before
 
 
+def test_alembic_downgrade_refused_ends_with_what_to_do_not_a_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A downgrade below 0008 with a user forgotten twice is refused: through alembic's command line,
+    as the README has it, the message naming what to do came last under thirty lines of traceback."""
+    import sqlalchemy as sa
+
+    from app.erasure import Eraser
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.setenv("DATABASE_URL", url)
+    assert main(["migrate"]) == 0
+    engine = sa.create_engine(url)
+    eraser = Eraser(engine, None, None, checkpoint=None, lock=None)  # type: ignore[arg-type]
+    eraser.request("u-42", "dpo")
+    with engine.begin() as conn:
+        conn.execute(sa.text("update erasures set status = 'done'"))
+    eraser.request("u-42", "dpo")
+    engine.dispose()
+    done = subprocess.run([str(Path(sys.executable).parent / "alembic"), "downgrade", "0007"], capture_output=True,
+                          text=True, timeout=60, cwd=Path(__file__).parents[2], env={**os.environ, "DATABASE_URL": url})
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr  # alembic's own refusals exit 255
+    assert done.stdout.startswith("FAILED: erasures_earlier holds 1 record(s) of users forgotten before they were "
+                                  "asked for again ('u-42')") and "DELETE FROM erasures_earlier" in done.stdout
+    assert migrate.current(url) == "0008"
+
+
 def test_reading_the_registry_where_there_is_no_database_creates_none(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
