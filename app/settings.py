@@ -25,6 +25,13 @@ DEFAULT_REWARDS = {"acted": 1.0, "liked": 0.8, "snoozed": 0.3, "dismissed": 0.0,
 DEFAULT_USER_FORGETTING = 0.3
 DEFAULT_USER_TTL_DAYS = 90.0
 MAX_USER_TTL_DAYS = 3_652_059
+# JetStream takes a stream's age as a Go duration, int64 nanoseconds (~292 years), and its byte limit as an
+# int64: past them, the server refused the streams' config as "invalid JSON", naming no setting.
+MAX_STREAM_AGE_DAYS = 106_751
+MAX_STREAM_BYTES = 2**63 - 1
+# An event's ts lies within years 1-9999: a bound as long as that span bounds nothing; a longer one
+# overflowed Python's timedelta (a traceback at start).
+MAX_FUTURE_S = MAX_USER_TTL_DAYS * 86_400
 DEFAULT_MAX_VALUES = 100_000
 MAX_MAX_VALUES = 2**63 - 1
 # An admin token answers to anyone who reaches the port, at thousands of guesses a second: fewer
@@ -90,10 +97,10 @@ class Settings(BaseSettings):
                                                "libraries' (alembic's migrations at info).")
 
     stream_max_age_days: float = Field(
-        90.0, gt=0, description="Retention of SIGNALS, FEEDBACK and DECISIONS; replay reaches back this far."
+        90.0, gt=0, le=MAX_STREAM_AGE_DAYS, description="Retention of SIGNALS, FEEDBACK and DECISIONS; replay reaches back this far."
     )
     stream_max_bytes: int = Field(
-        -1, description="Byte limit per stream (-1: none). Oldest events go first when reached."
+        -1, le=MAX_STREAM_BYTES, description="Byte limit per stream (-1: none). Oldest events go first when reached."
     )
     stream_replicas: int = Field(
         1, ge=1, le=5,
@@ -107,13 +114,13 @@ class Settings(BaseSettings):
         "whatever its content. After it, the fold recognises the same event (same id, type, user, time "
         "and kept fields) for as long as it can matter; the same id with other content counts again."
     )
-    dlq_max_age_days: float = Field(30.0, gt=0, description="Retention of the DLQ stream.")
+    dlq_max_age_days: float = Field(30.0, gt=0, le=MAX_STREAM_AGE_DAYS, description="Retention of the DLQ stream.")
     max_event_bytes: int = Field(
         16_384, gt=0, description="Larger events go to the DLQ as `oversized`."
     )
 
     max_future_s: float = Field(
-        86_400.0, gt=0, description="Events stamped further ahead of when JetStream stored them go to the DLQ as `future_ts` "
+        86_400.0, gt=0, le=MAX_FUTURE_S, description="Events stamped further ahead of when JetStream stored them go to the DLQ as `future_ts` "
                                "(the same on every replay)."
     )
     ingest_batch: int = Field(1024, ge=1, le=10_000, description="Messages per JetStream pull request.")

@@ -87,3 +87,18 @@ async def test_a_server_older_than_any_run_against_is_named_and_one_without_jets
     await service.stop()
     assert str(refused.value).startswith(f"nats-server 2.1.9 at {nats_server.url} (NATS_URL) has no JetStream"), \
         str(refused.value)
+
+
+async def test_the_longest_retention_the_settings_take_is_one_jetstream_takes(nc: Any) -> None:
+    """TIPSTREAM_STREAM_MAX_AGE_DAYS and TIPSTREAM_DLQ_MAX_AGE_DAYS stop where a Go duration does: a day
+    more and the server refuses the streams' config ("invalid JSON"), which named no setting."""
+    from app.settings import MAX_STREAM_AGE_DAYS
+    from streams import jetstream as jsx
+
+    js = nc.jetstream()
+    await jsx.ensure_streams(js, max_age_days=MAX_STREAM_AGE_DAYS, max_bytes=-1, duplicate_window_s=120,
+                             dlq_max_age_days=MAX_STREAM_AGE_DAYS)
+    assert (await js.stream_info("DLQ")).config.max_age == MAX_STREAM_AGE_DAYS * 86_400
+    with pytest.raises(nats.js.errors.BadRequestError, match="max_age"):
+        await jsx.ensure_streams(js, max_age_days=MAX_STREAM_AGE_DAYS + 1, max_bytes=-1, duplicate_window_s=120,
+                                 dlq_max_age_days=MAX_STREAM_AGE_DAYS + 1)

@@ -209,3 +209,20 @@ def test_a_setting_written_twice_in_two_cases_is_named_as_the_one_read(monkeypat
     with pytest.raises(SettingsError) as refused:
         load_settings()
     assert str(refused.value).startswith("tipstream_port='eighty': Input should be"), str(refused.value)
+
+
+@pytest.mark.parametrize(("variable", "bound"), [
+    ("TIPSTREAM_STREAM_MAX_AGE_DAYS", "106751"), ("TIPSTREAM_DLQ_MAX_AGE_DAYS", "106751"),
+    ("TIPSTREAM_STREAM_MAX_BYTES", str(2**63 - 1)), ("TIPSTREAM_MAX_FUTURE_S", str(3_652_059 * 86_400)),
+])
+def test_a_bound_past_what_jetstream_or_an_event_s_time_can_hold_is_refused_naming_it(
+        variable: str, bound: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1e21 ended the start with JetStream's "invalid JSON" (a Go duration, an int64), or, for
+    TIPSTREAM_MAX_FUTURE_S, with an OverflowError traceback."""
+    from app.settings import SettingsError, load_settings
+
+    monkeypatch.setenv(variable, bound)
+    assert str(getattr(load_settings(), variable.removeprefix("TIPSTREAM_").lower())) in (bound, f"{bound}.0")
+    monkeypatch.setenv(variable, "1e21" if variable != "TIPSTREAM_STREAM_MAX_BYTES" else "999999999999999999999")
+    with pytest.raises(SettingsError, match=rf"^{variable}='[0-9e]+': Input should be less than or equal to {bound}"):
+        load_settings()
