@@ -43,13 +43,18 @@ EVERY_S = 60.0
 PROGRESS_EVERY_S = 10.0
 
 
-def cut_for(now_s: float, max_age_days: float) -> datetime:
-    """The instant before which rows go.
+def cut_for(now_s: float, max_age_days: float) -> datetime | None:
+    """The instant before which rows go; None when it is before year 1, older than any row.
 
     >>> cut_for(90 * 86_400 + 60, 90).isoformat()
     '1970-01-01T00:01:00+00:00'
+    >>> cut_for(90 * 86_400, 1e6), cut_for(90 * 86_400, 1e21)
+    (None, None)
     """
-    return datetime.fromtimestamp(now_s, UTC) - timedelta(days=max_age_days)
+    try:
+        return datetime.fromtimestamp(now_s, UTC) - timedelta(days=max_age_days)
+    except OverflowError:  # datetime's range: every pass failed, a warning a minute, for "keep them for ages"
+        return None
 
 
 def delete_before(conn: Connection, cut: datetime, limit: int) -> int:
@@ -82,6 +87,8 @@ class TipScoresRetention:
     async def prune(self) -> int:
         """One pass (steps 1-3); the rows deleted."""
         cut = cut_for(self.clock(), self.max_age_days)
+        if cut is None:
+            return 0
         total, started = 0, time.monotonic()
         next_report = started + PROGRESS_EVERY_S
         while True:

@@ -4,6 +4,7 @@ on SQLite and PostgreSQL, and the running service deletes older rows by itself."
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -59,6 +60,21 @@ async def test_rows_older_than_the_bound_go_in_batches_and_younger_ones_stay(dat
     assert decision_ids(engine) == {r["decision_id"] for r in young}
     assert pruned_so_far() - before == len(old)
     assert await retention.prune() == 0
+    engine.dispose()
+
+
+@pytest.mark.parametrize("max_age_days", [1e6, 1e21])
+async def test_a_bound_reaching_before_year_1_keeps_every_row_and_the_pass_succeeds(
+        max_age_days: float, tmp_path: Path) -> None:
+    """TIPSTREAM_TIP_SCORES_MAX_AGE_DAYS=1000000 (kept for ages) overflowed datetime: every minute's
+    pass failed with a warning ("date value out of range")."""
+    url = f"sqlite:///{tmp_path / 'tipstream.db'}"
+    migrate.upgrade(url)
+    engine = db.make_engine(url)
+    with engine.begin() as conn:
+        db.upsert(conn, db.tip_scores, [row("d-0001", datetime(1, 1, 2, tzinfo=UTC))], ["decision_id"])
+    assert await TipScoresRetention(engine, max_age_days=max_age_days, clock=NOW.timestamp).prune() == 0
+    assert decision_ids(engine) == {"d-0001"}
     engine.dispose()
 
 
