@@ -134,19 +134,27 @@ class EmbeddedNats:
         return config
 
     def start(self, timeout_s: float = 15.0) -> str:
-        self.store_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the events: owner-only, as the data dir
         ports_dir = self.store_dir / "ports"
-        ports_dir.mkdir(exist_ok=True)
-        for stale in ports_dir.glob("*.ports"):
-            stale.unlink()
-        command = [
-            nats_server_binary(), "-c", str(self._write_config()), "-a", self.host, "-p", str(self.port), "-js",
-            "-sd", str(self.store_dir), "--ports_file_dir", str(ports_dir),
-        ]
+        try:
+            self.store_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the events: owner-only, as the data dir
+            ports_dir.mkdir(exist_ok=True)
+            for stale in ports_dir.glob("*.ports"):
+                stale.unlink()
+            command = [
+                nats_server_binary(), "-c", str(self._write_config()), "-a", self.host, "-p", str(self.port), "-js",
+                "-sd", str(self.store_dir), "--ports_file_dir", str(ports_dir),
+            ]
+            log_file = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - closed below, once handed on
+        except OSError as error:  # a store made by another user (root, a container's): a PermissionError traceback
+            raise EmbeddedNatsError(
+                f"the embedded nats-server cannot use its store {self.store_dir} (in TIPSTREAM_DATA_DIR): "
+                f"{error.strerror or error}{f' ({error.filename})' if error.filename else ''}; give it to the user "
+                f"tipstream runs as (`chown -R {os.getuid()} {self.store_dir}`), or set TIPSTREAM_DATA_DIR to a "
+                "directory that user can write") from None
         # Its own session: Ctrl-C in a terminal signals the whole process group, and the
         # server must outlive tipstream's graceful shutdown, which stops it last.
         # preexec_fn: PR_SET_PDEATHSIG can only be set in the child; die_with_parent takes no lock.
-        with open(self.store_dir / "nats-server.log", "ab") as log_file:
+        with log_file:
             self.process = subprocess.Popen(command, stdout=log_file, stderr=log_file,
                                             preexec_fn=die_with_parent, start_new_session=True)  # noqa: PLW1509
         deadline = time.monotonic() + timeout_s

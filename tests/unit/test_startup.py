@@ -80,6 +80,30 @@ def test_an_embedded_nats_server_that_cannot_start_is_a_message_with_the_way_out
 
 
 
+@pytest.mark.parametrize("store", ["read-only", "its ports directory a file"])
+def test_a_nats_store_the_service_cannot_write_is_a_message_with_the_way_out(store: str, tmp_path: Path) -> None:
+    """A store another user made (root, a container's) was a PermissionError traceback at start."""
+    from app.embedded_nats import EmbeddedNats, EmbeddedNatsError
+    from app.startup import explain
+
+    store_dir = tmp_path / "nats"
+    store_dir.mkdir()
+    if store == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes a read-only directory")
+        store_dir.chmod(0o500)
+    else:
+        (store_dir / "ports").write_text("")
+    embedded = EmbeddedNats(store_dir)
+    with pytest.raises(EmbeddedNatsError) as raised:
+        embedded.start(timeout_s=5)
+    store_dir.chmod(0o700)
+    assert embedded.process is None  # no server started on it
+    told = str(explain(raised.value, SimpleNamespace()))
+    assert told.startswith(f"The embedded nats-server cannot use its store {store_dir} (in TIPSTREAM_DATA_DIR): ")
+    assert f"`chown -R {os.getuid()} {store_dir}`" in told and "set NATS_URL" in told
+
+
 def test_a_migration_blocked_by_another_session_is_a_message_naming_the_database(tmp_path: Path) -> None:
     from app.migrate import MigrationBlocked
     from app.settings import Settings
