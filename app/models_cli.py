@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import http.client
 import json
 import socket
 import sys
@@ -197,9 +198,13 @@ def admin_call(url: str | None, path: str, body: dict[str, Any] | None, doing: s
         print(f"refused ({error.code}): {message}", file=sys.stderr)
         return 1
     except urllib.error.URLError as error:
+        if isinstance(error.reason, ConnectionResetError):  # reset while the request was sent: not "start it"
+            return _no_http_answer(base, error.reason, see)
         print(f"No tipstream answering at {base} ({error.reason}); start it with `tipstream run` or pass --url.",
               file=sys.stderr)
         return 1
+    except (http.client.HTTPException, ConnectionError) as error:  # once sent; urllib wraps only the sending
+        return _no_http_answer(base, error, see)
     except TimeoutError:  # the read, after the connection: the server took the change and is still at it
         print(f"{base} took more than {ANSWER_TIMEOUT_S:.0f} s to answer; the change may still land: see "
               f"{see} before trying again.", file=sys.stderr)
@@ -213,6 +218,15 @@ def admin_call(url: str | None, path: str, body: dict[str, Any] | None, doing: s
               "before trying again.", file=sys.stderr)
         return 130
     return answer
+
+
+def _no_http_answer(base: str, error: Exception, see: str) -> int:
+    # Another kind of server on that port (Redis closes, RabbitMQ resets, NATS sends INFO): tracebacks.
+    # The service's own address ends no connection unanswered, but one that stops meanwhile might.
+    print(f"{base} gave no HTTP answer ({error!r:.120}): is --url the service's address (`tipstream run` prints "
+          f"it: tipstream on http://...)? If it is, the change may still land: see {see} before trying again.",
+          file=sys.stderr)
+    return 1
 
 
 def _change(args: argparse.Namespace) -> int:

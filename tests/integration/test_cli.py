@@ -255,6 +255,43 @@ def test_a_change_answered_oddly_is_a_message(behaviour: str, problem: str, monk
     assert problem in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("behaviour", [
+    "close",  # as Redis does on a request that starts with POST
+    "amqp",  # as RabbitMQ does: its protocol's header, then a reset
+    "nats",  # a NATS server's client port, which speaks first
+])
+def test_a_change_sent_to_a_server_that_does_not_speak_http_is_a_message(
+        behaviour: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """--url naming another kind of server's port was a RemoteDisconnected (or ConnectionResetError) traceback."""
+    import socket
+    import struct
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            if behaviour == "nats":
+                conn.sendall(b'INFO {"server_id":"x","version":"2.15.1"}\r\n')
+            conn.recv(65536)
+            if behaviour == "amqp":
+                conn.sendall(b"AMQP\x00\x00\x09\x01")
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # closed with a reset
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "t" * 16)
+    try:
+        code = main(["models", "promote", "v2", "--url", f"http://127.0.0.1:{listener.getsockname()[1]}"])
+    finally:
+        thread.join(5)
+        listener.close()
+    err = capsys.readouterr().err
+    assert code == 1 and "gave no HTTP answer" in err and "Traceback" not in err, err
+    assert "is --url the service's address" in err and "the change may still land" in err
+
+
 def test_run_help_lists_every_setting_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
     """Generated from app/settings.py: a setting added there is in the help without more ado."""
     from app.settings import Settings, env_name
