@@ -648,6 +648,15 @@ async def serve(settings: Settings, sock: socket.socket, demo_rate: float) -> in
             if self.started:
                 print(line, flush=True)
 
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().shutdown(sockets)
+            # uvicorn skips the lifespan's shutdown on a second Ctrl-C: the service's stop (its decisions'
+            # flush, the last checkpoint) then ran only as the loop closed, with its tasks cancelled under
+            # it, and Starlette logged that as a CancelledError traceback. The second one skips the wait
+            # for open connections; the stop still runs.
+            if not self.lifespan.shutdown_event.is_set():
+                await self.lifespan.shutdown()
+
     server = Server(config)
     stopper.server = server
     for sig in STOP_SIGNALS:  # Python's handler now, which uvicorn keeps and puts back (`Stopper`)

@@ -201,6 +201,29 @@ def test_a_signal_to_a_running_service_stops_it_cleanly(tmp_path: Path, sig: sig
     assert "embedded nats-server stopped" in service.log()
 
 
+def test_a_second_ctrl_c_while_stopping_still_stops_the_service_without_a_traceback(tmp_path: Path) -> None:
+    """uvicorn skips the application's shutdown on a second SIGINT: the service's stop ran only as the
+    event loop closed, its tasks cancelled under it, and Starlette logged a CancelledError traceback."""
+    service = ServiceProcess(tmp_path / "data", env={"TIPSTREAM_PORT": "0"}).start_on_printed_port()
+    assert service.process is not None
+    answer = httpx.post(f"{service.base_url}/score", json={"user_id": "u1", "candidates": [{"tip_id": "a"}]})
+    assert answer.status_code == 200, answer.text
+    service.process.send_signal(signal.SIGINT)
+
+    def refused() -> bool:  # the first signal is being handled: uvicorn closed its socket first
+        try:
+            socket.create_connection(("127.0.0.1", service.port), timeout=1).close()
+        except OSError:
+            return True
+        return False
+
+    wait_until(refused, 10, "the listening socket closed")
+    service.process.send_signal(signal.SIGINT)
+    assert service.process.wait(30) == 128 + signal.SIGINT, service.log()
+    assert "Traceback" not in service.log() and "CancelledError" not in service.log(), service.log()
+    assert "embedded nats-server stopped" in service.log() and not (tmp_path / "data" / "nats.url").exists()
+
+
 @pytest.mark.parametrize(("limits", "env", "parts"), [
     ("max_streams: 3", {}, ["maximum number of streams reached (error 10027)", "four streams of its own",
                             "raise `max_streams`"]),
