@@ -25,6 +25,7 @@ import logging
 import random
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
@@ -73,6 +74,9 @@ EMBEDDED_NATS_CHECK_S = 0.5  # how often the embedded nats-server is checked for
 # for any JetStream call. (A checkpoint waits 1 s.) Not answered, it was told by the clocks instead,
 # and a NATS clock more than a second ahead of this host's replayed the stream from its first message.
 STORED_TIME_AT_START_S = 10.0
+# nats-py's connect_timeout (its default): how long it waits for a connection, then for the server's INFO.
+NATS_GREETING_S = 2.0
+NATS_PORTS = " (NATS clients connect on 4222 by default; 8222 is its HTTP monitoring port, 6222 its cluster port)"
 SERVICE_LOCK_CHECK_S = 10.0  # how often the database lock's connection is checked (PostgreSQL restarted?)
 
 
@@ -264,15 +268,40 @@ class Service:
                 error_cb=self._on_error, closed_cb=self._on_closed, name="tipstream",
             ), timeout)
         except TimeoutError:
-            cause = self._connect_error or "no answer"
+            cause = await self._why_unanswered(self._connect_error)
             if self.embedded is None:
+                fix = ("Set NATS_URL to a NATS server's client port" if NATS_PORTS in cause
+                       else "Start NATS there (with JetStream: `nats-server -js`)")
                 raise StartupError(
-                    f"Cannot reach NATS at {shown_url(self.nats_url)} (NATS_URL) within {timeout:g} s: {cause}. Start NATS "
-                    "there (with JetStream: `nats-server -js`), or unset NATS_URL to run an embedded one; "
-                    "TIPSTREAM_NATS_CONNECT_TIMEOUT_S sets how long to wait.") from None
+                    f"Cannot reach NATS at {shown_url(self.nats_url)} (NATS_URL) within {timeout:g} s: {cause}. {fix}, "
+                    "or unset NATS_URL to run an embedded one; TIPSTREAM_NATS_CONNECT_TIMEOUT_S sets how long to "
+                    "wait.") from None
             raise StartupError(
                 f"The embedded nats-server at {shown_url(self.nats_url)} did not answer within {timeout:g} s: {cause}. "
                 f"See {self.embedded.store_dir / 'nats-server.log'}.") from None
+
+    async def _why_unanswered(self, error: Exception | None) -> str:
+        """Why the first connection failed, for the start's message. nats-py says nothing for a server
+        that takes the connection and never greets (Redis, RabbitMQ, an HTTP port): the message read
+        "within 20 s: . Start NATS there", though something else was there."""
+        text = str(error or "")
+        if "expecting INFO" in text or "info message" in text:  # it spoke first, and not NATS
+            return f"{text}, so what listens there is not a NATS server's client port{NATS_PORTS}"
+        if not isinstance(error, TimeoutError) or text:
+            return text or "no answer"
+        listening = []
+        for url in jsx.server_urls(self.nats_url):
+            parts = urllib.parse.urlsplit(url if "://" in url else f"nats://{url}")
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port or 4222), 1)
+            except (OSError, TimeoutError, ValueError):
+                continue
+            writer.close()
+            listening.append(f"{parts.hostname}:{parts.port or 4222}")
+        if listening:
+            return (f"{', '.join(listening)} took the connection but sent no NATS greeting (INFO) within "
+                    f"{NATS_GREETING_S:g} s, so what listens there is not a NATS server's client port{NATS_PORTS}")
+        return f"no connection within {NATS_GREETING_S:g} s (a host that does not answer, or a firewall dropping it)"
 
     async def _check_server(self, js: Any) -> None:
         """The server's release and the account's JetStream limits, told before anything is created:
@@ -587,8 +616,9 @@ class Service:
 
     async def _on_error(self, error: Exception) -> None:
         if self.nc is None:  # the first connection: one line, and the last error for _connect's message
-            if self._connect_error is None:
-                log.warning("waiting for NATS at %s (%s); trying for %g s", shown_url(self.nats_url), error,
+            if self._connect_error is None:  # nats-py's TimeoutError says nothing: it was "()"
+                log.warning("waiting for NATS at %s (%s); trying for %g s", shown_url(self.nats_url),
+                            str(error) or f"no NATS greeting within {NATS_GREETING_S:g} s",
                             self.settings.nats_connect_timeout_s)
             self._connect_error = error
             return

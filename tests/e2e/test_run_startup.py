@@ -79,6 +79,43 @@ def test_nats_away_at_start_is_a_message_after_the_bound(tmp_path: Path) -> None
                        "Start NATS there", "unset NATS_URL", "TIPSTREAM_NATS_CONNECT_TIMEOUT_S")
 
 
+@pytest.mark.parametrize(("greeting", "told"), [
+    (None, "took the connection but sent no NATS greeting (INFO) within 2 s"),  # as Redis or RabbitMQ
+    (b"J\x00\x00\x00\n5.5.5-10.11.6-MariaDB\x00", "expecting INFO message"),  # a server that speaks first
+])
+def test_nats_url_at_a_port_of_another_kind_of_server_is_a_message_saying_so(
+        tmp_path: Path, greeting: bytes | None, told: str) -> None:
+    """The message said "within 20 s: . Start NATS there", with nothing between, though a server
+    answered there: one of another kind."""
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            held.append(conn)
+            if greeting is not None:
+                conn.sendall(greeting)
+
+    threading.Thread(target=accept, daemon=True).start()
+    url = f"nats://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        done = run(tmp_path, NATS_URL=url, TIPSTREAM_NATS_CONNECT_TIMEOUT_S="3")
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+    assert_one_message(done, f"Cannot reach NATS at {url} (NATS_URL) within 3 s: ", told,
+                       "so what listens there is not a NATS server's client port (NATS clients connect on 4222",
+                       "Set NATS_URL to a NATS server's client port", "or unset NATS_URL")
+    assert "()" not in done.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_while_waiting_for_nats_stops_at_once(tmp_path: Path, sig: signal.Signals) -> None:
     out = tmp_path / "out.log"
