@@ -562,11 +562,12 @@ def unknown_variables(environ: dict[str, str] | None = None, env_file: Path = Pa
         upper = variable.upper()  # pydantic-settings matches names whatever their case
         if not upper.startswith("TIPSTREAM_") or upper in known or upper.startswith(_NOT_SETTINGS_PREFIXES):
             continue
-        # Matched without the prefix they share, which made every name look close.
-        close = difflib.get_close_matches(upper[len("TIPSTREAM_"):], sorted(env_name(n)[len("TIPSTREAM_"):]
-                                          for n in Settings.model_fields if env_name(n).startswith("TIPSTREAM_")),
-                                          n=1, cutoff=0.75)
-        hint = (f" (did you mean TIPSTREAM_{close[0]}?)" if close
+        # Matched without the prefix they share, which made every name look close. NATS_URL and DATABASE_URL
+        # are read as TIPSTREAM_NATS_URL and TIPSTREAM_DATABASE_URL too: left out, TIPSTREAM_DATABASE_URI was
+        # named with no suggestion, and the service ran on SQLite.
+        meant = {f"TIPSTREAM_{n.upper()}"[len("TIPSTREAM_"):]: env_name(n) for n in Settings.model_fields}
+        close = difflib.get_close_matches(upper[len("TIPSTREAM_"):], sorted(meant), n=1, cutoff=0.75)
+        hint = (f" (did you mean {meant[close[0]]}?)" if close
                 else " (the README's settings table lists them all)")
         lines.append(f"{variable} is not a tipstream setting and is ignored{hint}")
     return lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -126,6 +127,17 @@ def test_a_misspelt_setting_is_named_with_the_one_it_was_likely_meant_for(tmp_pa
         "TIPSTREAM_POLICY_EPSILLON is not a tipstream setting and is ignored (did you mean TIPSTREAM_POLICY_EPSILON?)",
         "TIPSTREAM_PROT is not a tipstream setting and is ignored (did you mean TIPSTREAM_PORT?)",
     ]
+
+
+@pytest.mark.parametrize(("variable", "meant"), [("TIPSTREAM_DATABASE_URI", "DATABASE_URL"),
+                                                   ("TIPSTREAM_NATSURL", "NATS_URL")])
+def test_a_misspelt_database_or_nats_url_is_named_with_the_setting(variable: str, meant: str) -> None:
+    """They are read as TIPSTREAM_DATABASE_URL and TIPSTREAM_NATS_URL too, but were no candidates: the
+    service ran on SQLite (or an embedded NATS), the line naming the variable suggesting nothing."""
+    from app.settings import unknown_variables
+
+    assert unknown_variables({variable: "x"}, Path("/nonexistent")) == [
+        f"{variable} is not a tipstream setting and is ignored (did you mean {meant}?)"]
 
 
 @pytest.mark.parametrize(("variables", "told"), [
