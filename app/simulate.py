@@ -20,9 +20,10 @@ from streams.jetstream import publish_events, server_urls
 from streams.simulator import Population
 
 
-def _nats_url_and_source(explicit: str | None) -> tuple[str, str]:
+def _nats_url_and_source(explicit: str | None, doing: str = "publish to") -> tuple[str, str]:
     """--nats-url, else NATS_URL, else the URL the running embedded server wrote; and what to do
-    when nothing answers there, which depends on where the URL came from."""
+    when nothing answers there, which depends on where the URL came from. `doing`: what the command
+    wants a server for, as the message without one says."""
     if explicit:
         return explicit, "is a NATS server running there? check --nats-url"
     settings = get_settings()
@@ -33,7 +34,7 @@ def _nats_url_and_source(explicit: str | None) -> tuple[str, str]:
         return written.read_text().strip(), (f"{written} names it: start `tipstream run` (its embedded server "
                                              "writes it at each start), or pass --nats-url")
     raise SystemExit(
-        f"No NATS server to publish to: set NATS_URL, pass --nats-url, or start `tipstream run` "
+        f"No NATS server to {doing}: set NATS_URL, pass --nats-url, or start `tipstream run` "
         f"(its embedded server writes {written})."
     )
 

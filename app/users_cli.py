@@ -73,7 +73,7 @@ def _export(args: argparse.Namespace) -> int:
     if migrate.current(url) is None:  # opened, an empty SQLite file would be made where none was
         print(no_database(get_settings()), file=sys.stderr)
         return 1
-    nats_url, where = _nats_url_and_source(args.nats_url)
+    nats_url, where = _nats_url_and_source(args.nats_url, "read the user's events from")
     last = [0.0]
 
     def progress(stream: str, scanned: int, of: int) -> None:

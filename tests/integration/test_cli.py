@@ -56,6 +56,18 @@ def test_simulate_against_no_server_says_so_at_once(tmp_path: Path) -> None:
         given.kill()
 
 
+@pytest.mark.parametrize(("command", "doing"), [(["simulate", "--count", "1"], "publish to"),
+                                               (["users", "export", "u-42"], "read the user's events from")])
+def test_a_command_without_a_nats_server_to_use_says_what_it_wanted_it_for(
+        command: list[str], doing: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The export, which publishes nothing, said "No NATS server to publish to" (simulate's words)."""
+    monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("NATS_URL", raising=False)
+    migrate.upgrade(f"sqlite:///{tmp_path / 'tipstream.db'}")
+    with pytest.raises(SystemExit, match=f"^No NATS server to {doing}: set NATS_URL, pass --nats-url, or start "):
+        main(command)
+
+
 def test_version_names_the_release_its_schema_and_commit(capsys: pytest.CaptureFixture[str]) -> None:
     """Releases are told apart by commit and date; nothing said which one ran."""
     import subprocess
