@@ -493,6 +493,15 @@ def load_settings() -> Settings:
     Fix it, or unset it for its default (the README's settings table lists them all).
     >>> del os.environ["TIPSTREAM_REWARDS"]
     """
+    env_file = Path(str(Settings.model_config.get("env_file") or ".env"))
+    try:  # pydantic-settings' own read of it was a PermissionError or UnicodeDecodeError traceback
+        if env_file.is_file():
+            env_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeError) as error:
+        raise SettingsError(
+            f"Cannot read {env_file.resolve()}, which tipstream reads settings from ({error}): it is read from the "
+            "working directory as UTF-8 lines of NAME=value (an editor may have saved it as UTF-16). Make it "
+            "readable by this user and UTF-8, or remove it and set the variables in the environment.") from None
     try:
         return Settings()
     except SourceError as error:  # a JSON-valued setting that is not JSON: pydantic-settings says only which

@@ -238,3 +238,23 @@ def test_a_bound_past_what_jetstream_or_an_event_s_time_can_hold_is_refused_nami
     monkeypatch.setenv(variable, "1e21" if variable != "TIPSTREAM_STREAM_MAX_BYTES" else "999999999999999999999")
     with pytest.raises(SettingsError, match=rf"^{variable}='[0-9e]+': Input should be less than or equal to {bound}"):
         load_settings()
+
+
+@pytest.mark.parametrize("problem", ["UTF-16", "unreadable"])
+def test_a_dotenv_file_that_cannot_be_read_is_one_message_naming_it(
+        problem: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An .env saved as UTF-16 (Windows editors do), or not readable by the service's user, was a
+    UnicodeDecodeError or PermissionError traceback from pydantic-settings."""
+    from app.settings import SettingsError, load_settings
+
+    env_file = tmp_path / ".env"
+    if problem == "UTF-16":
+        env_file.write_text("TIPSTREAM_PORT=8001\n", encoding="utf-16")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root reads an unreadable file")
+        env_file.write_text("TIPSTREAM_PORT=8001\n")
+        env_file.chmod(0)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SettingsError, match=rf"^Cannot read {env_file}, which tipstream reads settings from \("):
+        load_settings()
