@@ -529,9 +529,15 @@ class Service:
             left = [] if flushed else self.publisher.unpublished()
             if left:
                 path = self.settings.data_dir / decision_spool.SPOOL_NAME
-                decision_spool.save(path, left)
-                log.warning("%d decisions served are not acknowledged by JetStream yet (is NATS away?); kept in "
-                            "%s, the next start publishes them first", len(left), path)
+                try:
+                    decision_spool.save(path, left)
+                except OSError as error:  # the disk full: the rest of the stop (checkpoint, NATS, lock) goes on
+                    log.error("%d decisions served are not acknowledged by JetStream yet (is NATS away?) and could "
+                              "not be kept in %s (%s): they are lost. Free space in TIPSTREAM_DATA_DIR before "
+                              "the next start.", len(left), path, error.strerror or error)
+                else:
+                    log.warning("%d decisions served are not acknowledged by JetStream yet (is NATS away?); kept "
+                                "in %s, the next start publishes them first", len(left), path)
         for ingest in self.ingests:
             await ingest.stop()
         for task in self._tasks:

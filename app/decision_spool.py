@@ -33,12 +33,16 @@ Item = tuple[str, str, bytes]  # subject, decision id, the event's bytes
 def save(path: Path, items: list[Item]) -> None:
     """Write `items` whole or not at all (a temporary file renamed over the spool)."""
     temporary = path.with_suffix(".tmp")
-    with temporary.open("wb") as out:
-        for subject, decision_id, payload in items:
-            out.write(orjson.dumps({"subject": subject, "id": decision_id, "event": payload.decode()}) + b"\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temporary, path)
+    try:
+        with temporary.open("wb") as out:
+            for subject, decision_id, payload in items:
+                out.write(orjson.dumps({"subject": subject, "id": decision_id, "event": payload.decode()}) + b"\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except OSError:  # a full disk: no half-written file left behind
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def read(path: Path) -> list[Item]:

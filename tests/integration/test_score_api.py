@@ -378,6 +378,32 @@ async def test_decisions_not_yet_in_jetstream_at_shutdown_are_published_at_the_n
         await client.close()
 
 
+async def test_decisions_that_cannot_be_spooled_for_a_full_disk_are_told_and_the_stop_goes_on(
+        start_service, nats_server, tmp_path, monkeypatch, caplog) -> None:
+    """The spool's ENOSPC ended the stop there (Starlette's 'Application shutdown failed' traceback): no
+    last checkpoint, NATS not drained, the database lock kept, and a half-written spool left behind."""
+    import logging
+
+    from app import bootstrap
+    from app.decision_spool import SPOOL_NAME
+
+    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.5)  # NATS is away: a stop waits out any bound
+    first = await start_service()
+    spool = tmp_path / "data" / SPOOL_NAME
+    spool.with_suffix(".tmp").symlink_to("/dev/full")  # where the spool is written first: the kernel's ENOSPC
+    async with httpx.AsyncClient(base_url=first.base_url) as http:
+        nats_server.stop()
+        await eventually(lambda: not first.service.nc.is_connected)
+        assert (await http.post("/score", json=body())).status_code == 200
+    caplog.set_level(logging.INFO, logger="tipstream")
+    await first.stop()
+    told = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and r.name == "tipstream"]
+    assert any(m.startswith(f"1 decisions served are not acknowledged by JetStream yet (is NATS away?) and could "
+                            f"not be kept in {spool} (No space left on device): they are lost.") for m in told), told
+    assert not spool.exists() and not spool.with_suffix(".tmp").exists(), "a half-written spool left behind"
+    assert first.service.nc.is_closed, "the stop ended at the spool"
+
+
 async def test_a_restart_does_not_dead_letter_a_bad_decision_again(start_service, nc) -> None:
     """DECISIONS is re-read from its oldest decision still joinable to rebuild the learner's cache;
     a bad message in that range was dead-lettered before, and must not be again at every start."""
