@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import itertools
 import logging
 import os
@@ -146,11 +147,16 @@ class EmbeddedNats:
             ]
             log_file = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - closed below, once handed on
         except OSError as error:  # a store made by another user (root, a container's): a PermissionError traceback
+            if error.errno in (errno.EACCES, errno.EPERM):
+                fix = f"give it to the user tipstream runs as (`chown -R {os.getuid()} {self.store_dir}`), or "
+            elif error.errno in (errno.ENOSPC, errno.EDQUOT):
+                fix = "free space on its disk, or "
+            else:
+                fix = ""
             raise EmbeddedNatsError(
                 f"the embedded nats-server cannot use its store {self.store_dir} (in TIPSTREAM_DATA_DIR): "
-                f"{error.strerror or error}{f' ({error.filename})' if error.filename else ''}; give it to the user "
-                f"tipstream runs as (`chown -R {os.getuid()} {self.store_dir}`), or set TIPSTREAM_DATA_DIR to a "
-                "directory that user can write") from None
+                f"{error.strerror or error}{f' ({error.filename})' if error.filename else ''}; {fix}set "
+                "TIPSTREAM_DATA_DIR to a directory this user can write") from None
         # Its own session: Ctrl-C in a terminal signals the whole process group, and the
         # server must outlive tipstream's graceful shutdown, which stops it last.
         # preexec_fn: PR_SET_PDEATHSIG can only be set in the child; die_with_parent takes no lock.

@@ -447,6 +447,11 @@ def _database_error(error: Any, settings: Settings) -> StartupError:
         return StartupError(f"The database {url} ({where}) stayed locked by another process for 30 s: a "
                             "migration, a tool holding a write transaction open, or another tipstream on a copy "
                             "of this data directory. Stop it (or let it finish) and start again.")
+    if cause == "database or disk is full":  # SQLite's SQLITE_FULL: "a directory this user can write" is no fix
+        where, elsewhere = (("DATABASE_URL", "DATABASE_URL to a file") if settings.database_url else
+                            ("SQLite under TIPSTREAM_DATA_DIR", "TIPSTREAM_DATA_DIR to a directory"))
+        return StartupError(f"Cannot write the database {url} ({where}): its disk is full. Free space on it (`df` "
+                            f"names the disk), or set {elsewhere} on another disk.")
     if settings.database_url and settings.database_url.startswith("sqlite"):
         fix = "Set DATABASE_URL to a file in a directory this user can write, or unset it for TIPSTREAM_DATA_DIR's."
         return StartupError(f"Cannot open the database {url} (DATABASE_URL): {cause}. {fix}")

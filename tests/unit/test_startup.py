@@ -80,6 +80,44 @@ def test_an_embedded_nats_server_that_cannot_start_is_a_message_with_the_way_out
 
 
 
+def test_a_nats_store_on_a_full_disk_is_a_message_saying_to_free_space(tmp_path: Path) -> None:
+    """The chown told for a store another user made is no fix for a full disk."""
+    from app.embedded_nats import EmbeddedNats, EmbeddedNatsError
+
+    if not os.access("/dev/full", os.W_OK):
+        pytest.skip("/dev/full is not this user's to write here")
+    store_dir = tmp_path / "nats"
+    store_dir.mkdir()
+    (store_dir / "nats-server.conf").symlink_to("/dev/full")  # written first: the kernel's ENOSPC
+    with pytest.raises(EmbeddedNatsError) as raised:
+        EmbeddedNats(store_dir).start(timeout_s=5)
+    assert "No space left on device; free space on its disk, or set TIPSTREAM_DATA_DIR" in str(raised.value)
+    assert "chown" not in str(raised.value)
+
+
+@pytest.mark.parametrize("database_url", [None, "sqlite:///{}/elsewhere.db"])
+def test_a_sqlite_database_on_a_full_disk_is_a_message_saying_to_free_space(
+        tmp_path: Path, database_url: str | None) -> None:
+    """It said to set TIPSTREAM_DATA_DIR to a directory this user can write, which the full one was."""
+    import sqlalchemy as sa
+
+    from app.startup import explain
+
+    url = f"sqlite:///{tmp_path}/tipstream.db" if database_url is None else database_url.format(tmp_path)
+    settings = SimpleNamespace(database_url=database_url and url, sqlalchemy_url=url)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("create table t (x blob)")
+    with pytest.raises(sa.exc.OperationalError) as raised, engine.begin() as conn:
+        conn.exec_driver_sql("pragma max_page_count = 2")  # SQLite's own SQLITE_FULL, as a full disk gives
+        conn.exec_driver_sql("insert into t values (zeroblob(100000))")
+    engine.dispose()
+    told = str(explain(raised.value, settings))
+    assert told.startswith(f"Cannot write the database {url} (")
+    assert "its disk is full. Free space on it (`df` names the disk), or set " in told
+    assert ("DATABASE_URL to a file" if database_url else "TIPSTREAM_DATA_DIR to a directory") in told
+
+
 @pytest.mark.parametrize("store", ["read-only", "its ports directory a file"])
 def test_a_nats_store_the_service_cannot_write_is_a_message_with_the_way_out(store: str, tmp_path: Path) -> None:
     """A store another user made (root, a container's) was a PermissionError traceback at start."""
@@ -101,7 +139,8 @@ def test_a_nats_store_the_service_cannot_write_is_a_message_with_the_way_out(sto
     assert embedded.process is None  # no server started on it
     told = str(explain(raised.value, SimpleNamespace()))
     assert told.startswith(f"The embedded nats-server cannot use its store {store_dir} (in TIPSTREAM_DATA_DIR): ")
-    assert f"`chown -R {os.getuid()} {store_dir}`" in told and "set NATS_URL" in told
+    assert "set TIPSTREAM_DATA_DIR to a directory this user can write" in told and "set NATS_URL" in told
+    assert (f"`chown -R {os.getuid()} {store_dir}`" in told) == (store == "read-only")
 
 
 def test_a_migration_blocked_by_another_session_is_a_message_naming_the_database(tmp_path: Path) -> None:
