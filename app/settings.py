@@ -353,6 +353,10 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             example = "data" if info.field_name == "data_dir" else "127.0.0.1, or 0.0.0.0 for every interface"
             raise ValueError(f"must not be blank (e.g. {example})")
+        # ' /srv/tipstream' was a directory of that name under the working directory, which then held the
+        # database and the NATS store, without a word.
+        if info.field_name == "data_dir" and isinstance(value, str) and value != value.strip():
+            raise ValueError(f"has spaces or a line break around it: remove them (e.g. {value.strip()!r})")
         return value
 
     @field_validator("nats_url")

@@ -376,7 +376,10 @@ def explain(error: BaseException, settings: Settings) -> StartupError | None:
     from sqlalchemy.exc import ArgumentError, DBAPIError
 
     if isinstance(error, ArgumentError):  # not echoed: the URL may hold a password
-        return StartupError(f"DATABASE_URL is not a database URL tipstream can use ({error}). Write it as "
+        url = settings.database_url or ""
+        # SQLAlchemy's "Could not parse" for a URL with a space or line break around it said nothing of them.
+        spaced = " It has spaces or a line break around it: remove them." if url != url.strip() else ""
+        return StartupError(f"DATABASE_URL is not a database URL tipstream can use ({error}).{spaced} Write it as "
                             "`postgresql+psycopg://user:password@host/database`, or unset it for SQLite under "
                             "TIPSTREAM_DATA_DIR.")
     if isinstance(error, DBAPIError):

@@ -162,6 +162,13 @@ def test_a_database_url_of_no_known_kind_is_a_message_without_its_password(tmp_p
     assert "hunter2" not in done.stderr
 
 
+def test_a_database_url_with_a_space_around_it_is_a_message_saying_so(tmp_path: Path) -> None:
+    done = run(tmp_path, DATABASE_URL=" postgresql+psycopg://tipstream:hunter2@127.0.0.1/tipstream")
+    assert_one_message(done, "DATABASE_URL is not a database URL tipstream can use",
+                       "It has spaces or a line break around it: remove them.")
+    assert "hunter2" not in done.stderr
+
+
 def test_a_database_url_with_a_port_that_is_not_a_number_is_a_message(tmp_path: Path) -> None:
     """SQLAlchemy's ValueError ended the start with a traceback."""
     done = run(tmp_path, DATABASE_URL="postgresql+psycopg://tipstream:hunter2@127.0.0.1:notaport/tipstream")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,18 @@ def test_a_blank_data_dir_or_host_is_refused_naming_it(variable: str, monkeypatc
         load_settings()
     monkeypatch.setenv(variable, "")
     with pytest.raises(SettingsError, match=rf"{variable}='': must not be blank"):
+        load_settings()
+
+
+@pytest.mark.parametrize("value", [" /srv/tipstream", "/srv/tipstream\n"])
+def test_a_data_dir_with_spaces_around_it_is_refused_naming_it(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """' /srv/tipstream' was a directory of that name under the working directory: the database and the
+    NATS store went there, without a word."""
+    from app.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("TIPSTREAM_DATA_DIR", value)
+    told = f"TIPSTREAM_DATA_DIR={value!r}: has spaces or a line break around it: remove them (e.g. '/srv/tipstream')"
+    with pytest.raises(SettingsError, match=f"^{re.escape(told)}"):
         load_settings()
 
 
