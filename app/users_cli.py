@@ -55,6 +55,9 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_CONNECT_S = 5.0  # for the connection, then for the server's greeting, each try
+
+
 def _export(args: argparse.Namespace) -> int:
     import asyncio
     import json
@@ -66,6 +69,7 @@ def _export(args: argparse.Namespace) -> int:
     from app.export import export_user
     from app.settings import get_settings
     from app.simulate import _nats_url_and_source
+    from app.startup import shown_url
     from streams.jetstream import connect
     from streams.scrub import ScrubError
 
@@ -82,10 +86,20 @@ def _export(args: argparse.Namespace) -> int:
             print(f"{stream}: read to #{scanned:,} of #{of:,}", file=sys.stderr)
 
     async def run() -> dict[str, Any]:
+        failures: list[Exception] = []
+
+        async def quiet(error: Exception) -> None:  # nats-py's own logged each failed try with a traceback
+            failures.append(error)
+
         try:
-            nc = await connect(nats_url, allow_reconnect=False)
+            # A few tries, as simulate: nats-py's defaults tried a nats.url left by a killed service for 2 minutes.
+            nc = await connect(nats_url, allow_reconnect=False, max_reconnect_attempts=3, reconnect_time_wait=0.5,
+                               connect_timeout=EXPORT_CONNECT_S, error_cb=quiet)
         except Exception as error:  # noqa: BLE001 - whatever the client raises: said with where the URL came from
-            raise SystemExit(f"No NATS server answering at {nats_url} ({error}): {where}") from None
+            cause = failures[-1] if failures else error
+            said = str(cause) or f"no NATS greeting within {EXPORT_CONNECT_S:g} s"
+            # Without its token: the embedded server's nats.url holds one.
+            raise SystemExit(f"No NATS server answering at {shown_url(nats_url)} ({said}): {where}") from None
         try:
             return await export_user(nc.jetstream(timeout=10), engine, args.user_id, progress)
         except ScrubError as error:  # a stream refused the reader (its consumers' limit): a traceback said it

@@ -68,6 +68,23 @@ def test_a_command_without_a_nats_server_to_use_says_what_it_wanted_it_for(
         main(command)
 
 
+def test_an_export_with_the_nats_url_of_a_killed_service_fails_fast_without_showing_its_token(tmp_path: Path) -> None:
+    """A service killed leaves its embedded server's nats.url, token and all. The export tried it for
+    nats-py's 2 minutes, logging a traceback every 2 s, then printed the URL with the token."""
+    import time
+
+    migrate.upgrade(f"sqlite:///{tmp_path / 'tipstream.db'}")
+    (tmp_path / "nats.url").write_text(f"nats://s3cr3t-t0ken@127.0.0.1:{free_port()}")
+    begun = time.monotonic()
+    done = subprocess.run([str(Path(sys.executable).parent / "tipstream"), "users", "export", "u-42"],
+                          capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "TIPSTREAM_DATA_DIR": str(tmp_path)})
+    assert done.returncode == 1 and time.monotonic() - begun < 20, done.stderr[-2000:]
+    assert done.stderr.startswith("No NATS server answering at nats://***@127.0.0.1:"), done.stderr[-2000:]
+    assert "nats.url names it: start `tipstream run`" in done.stderr
+    assert "s3cr3t-t0ken" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
 def test_version_names_the_release_its_schema_and_commit(capsys: pytest.CaptureFixture[str]) -> None:
     """Releases are told apart by commit and date; nothing said which one ran."""
     import subprocess
