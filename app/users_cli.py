@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 import urllib.parse
+from pathlib import Path
 from typing import Any
 
 from app.models_cli import _default_actor, admin_call, no_database
@@ -58,6 +59,21 @@ def _status(args: argparse.Namespace) -> int:
 EXPORT_CONNECT_S = 5.0  # for the connection, then for the server's greeting, each try
 
 
+def _out_problem(out: str) -> str | None:
+    """Why `--out` cannot be written, found without creating it; None when it can."""
+    import os
+
+    path = Path(out)
+    if path.is_dir():
+        return "it is a directory"
+    if path.exists():
+        return None if os.access(path, os.W_OK) else "this user may not write it"
+    parent = path.parent
+    if not parent.is_dir():
+        return f"there is no directory {parent}"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"this user may not create files in {parent}"
+
+
 def _export(args: argparse.Namespace) -> int:
     import asyncio
     import json
@@ -73,6 +89,12 @@ def _export(args: argparse.Namespace) -> int:
     from streams.jetstream import connect
     from streams.scrub import ScrubError
 
+    # Checked first: told only once written, after every stream had been read (minutes for a large one),
+    # a bad --out was a FileNotFoundError or IsADirectoryError traceback and the export was lost.
+    if args.out is not None and (problem := _out_problem(args.out)) is not None:
+        print(f"Cannot write the export to {args.out}: {problem}. --out names a file this user can write, in a "
+              "directory that exists.", file=sys.stderr)
+        return 2
     url = get_settings().sqlalchemy_url
     if migrate.current(url) is None:  # opened, an empty SQLite file would be made where none was
         print(no_database(get_settings()), file=sys.stderr)

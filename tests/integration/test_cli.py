@@ -85,6 +85,21 @@ def test_an_export_with_the_nats_url_of_a_killed_service_fails_fast_without_show
     assert "s3cr3t-t0ken" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
+@pytest.mark.parametrize(("out", "problem"), [("missing/export.json", "there is no directory "),
+                                              (".", "it is a directory")])
+def test_an_export_to_an_out_that_cannot_be_written_is_refused_before_anything_is_read(
+        out: str, problem: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Found only once every stream had been read: a FileNotFoundError or IsADirectoryError traceback,
+    and the export (minutes of reading, for a large stream) lost."""
+    monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("NATS_URL", f"nats://127.0.0.1:{free_port()}")  # nothing there: it must not be tried
+    migrate.upgrade(f"sqlite:///{tmp_path / 'tipstream.db'}")
+    target = tmp_path / out
+    assert main(["users", "export", "u-42", "--out", str(target)]) == 2
+    assert capsys.readouterr().err.startswith(f"Cannot write the export to {target}: {problem}")
+
+
 def test_version_names_the_release_its_schema_and_commit(capsys: pytest.CaptureFixture[str]) -> None:
     """Releases are told apart by commit and date; nothing said which one ran."""
     import subprocess
