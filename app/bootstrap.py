@@ -270,8 +270,13 @@ class Service:
         except TimeoutError:
             cause = await self._why_unanswered(self._connect_error)
             if self.embedded is None:
-                fix = ("Set NATS_URL to a NATS server's client port" if NATS_PORTS in cause
-                       else "Start NATS there (with JetStream: `nats-server -js`)")
+                if NATS_PORTS in cause:
+                    fix = "Set NATS_URL to a NATS server's client port"
+                elif "Authorization Violation" in cause or "Authentication" in cause:  # a server there, not "start" one
+                    fix = ("Set NATS_URL with credentials that server takes: a user and password "
+                           "(nats://user:password@host:4222) or a token (nats://token@host:4222)")
+                else:
+                    fix = "Start NATS there (with JetStream: `nats-server -js`)"
                 raise StartupError(
                     f"Cannot reach NATS at {shown_url(self.nats_url)} (NATS_URL) within {timeout:g} s: {cause}. {fix}, "
                     "or unset NATS_URL to run an embedded one; TIPSTREAM_NATS_CONNECT_TIMEOUT_S sets how long to "

@@ -233,6 +233,19 @@ def test_nats_credentials_stay_out_of_the_start_up_message_and_log(tmp_path: Pat
     assert "hunter2" not in done.stderr + done.stdout
 
 
+def test_nats_credentials_the_server_refuses_are_a_message_saying_to_fix_them(tmp_path: Path) -> None:
+    """It said "Start NATS there", to an operator whose server was there and refused the password."""
+    server = NatsServer(tmp_path / "nats", args=("--user", "tipstream", "--pass", "right-one"))
+    server.start()
+    try:
+        url = f"nats://tipstream:wrong-one@127.0.0.1:{server.port}"
+        done = run(tmp_path, NATS_URL=url, TIPSTREAM_NATS_CONNECT_TIMEOUT_S="1")
+    finally:
+        server.stop()
+    assert_one_message(done, "'Authorization Violation'", "Set NATS_URL with credentials that server takes")
+    assert "Start NATS there" not in done.stderr and "wrong-one" not in done.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_signal_to_a_running_service_stops_it_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
     """uvicorn raises the signal it caught again once it has stopped; Python's default for SIGINT
