@@ -155,8 +155,8 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None,
         description="Bearer token for admin changes (register, shadow, promote, retire, evaluate, rollback), at least "
-                    "16 characters (`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`). Unset: admin "
-                    "changes are refused.",
+                    "16 characters of printable ASCII (`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`). "
+                    "Unset: admin changes are refused.",
     )
     model_kind: Literal["logreg", "fm"] = Field(
         "logreg", description="Kind of the first champion (`v1`), created on the first start."
@@ -275,6 +275,13 @@ class Settings(BaseSettings):
     @classmethod
     def _hard_to_guess(cls, value: SecretStr | None) -> SecretStr | None:
         secret = value.get_secret_value().strip() if value is not None else ""
+        if not all(" " <= c <= "~" for c in secret):
+            # No HTTP header carries it as it is (Starlette reads headers as Latin-1): the server started, and
+            # every admin change was refused as a wrong token, whatever the client sent.
+            raise ValueError(
+                "holds a character an HTTP header cannot carry (a control character, or one outside ASCII), so no "
+                "client could ever send it: use printable ASCII, e.g. from "
+                "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`")
         if secret and len(secret) < MIN_ADMIN_TOKEN_CHARS:
             raise ValueError(
                 f"is {len(secret)} characters long, short enough to guess; an admin token needs at least "

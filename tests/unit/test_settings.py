@@ -175,6 +175,19 @@ def test_an_admin_token_short_enough_to_guess_is_refused_without_being_shown(
     assert token.strip() not in str(refused.value)
 
 
+@pytest.mark.parametrize("token", ["pässwörd-pässwörd-pässwörd", "sixteen\tchars-ok-and-more"])
+def test_an_admin_token_no_http_header_can_carry_is_refused_without_being_shown(
+        token: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server started with it, and refused every admin change as a wrong token, curl's included."""
+    from app.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", token)
+    with pytest.raises(SettingsError, match=r"^TIPSTREAM_ADMIN_TOKEN='\*+': holds a character an HTTP header cannot "
+                                            "carry") as refused:
+        load_settings()
+    assert token not in str(refused.value)
+
+
 @pytest.mark.parametrize("token", ["", "   ", "sixteen-chars-ok", "  sixteen-chars-ok\n"])
 def test_an_admin_token_long_enough_or_blank_is_taken(token: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from app.settings import load_settings
