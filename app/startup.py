@@ -450,6 +450,21 @@ def _database_error(error: Any, settings: Settings) -> StartupError:
         return StartupError(f"The database {url} ({where}) stayed locked by another process for 30 s: a "
                             "migration, a tool holding a write transaction open, or another tipstream on a copy "
                             "of this data directory. Stop it (or let it finish) and start again.")
+    if cause in ("attempt to write a readonly database", "unable to open database file"):
+        # Files another user made (`sudo tipstream migrate` once): "a directory this user can write" missed them.
+        from sqlalchemy.engine import make_url
+
+        database = Path(make_url(settings.sqlalchemy_url).database or "")
+        theirs = [path for path in (database, *(database.with_name(database.name + end) for end in ("-wal", "-shm")))
+                  if path.exists() and not os.access(path, os.R_OK | os.W_OK)]
+        if theirs:
+            owners = ", ".join(f"{path.name} (uid {path.stat().st_uid}, mode {path.stat().st_mode & 0o777:o})"
+                               for path in theirs)
+            fix = (f"Make them writable (`chmod u+rw {database}*`)" if all(p.stat().st_uid == os.getuid() for p in theirs)
+                   else f"Give them to it (`chown {os.getuid()} {database}*`), or run tipstream as the user that "
+                        "owns them")
+            return StartupError(f"Cannot write the database {url}: {cause}; this user (uid {os.getuid()}) may not "
+                                f"write {owners}. {fix}.")
     if cause == "database or disk is full":  # SQLite's SQLITE_FULL: "a directory this user can write" is no fix
         where, elsewhere = (("DATABASE_URL", "DATABASE_URL to a file") if settings.database_url else
                             ("SQLite under TIPSTREAM_DATA_DIR", "TIPSTREAM_DATA_DIR to a directory"))

@@ -100,6 +100,25 @@ def test_an_export_to_an_out_that_cannot_be_written_is_refused_before_anything_i
     assert capsys.readouterr().err.startswith(f"Cannot write the export to {target}: {problem}")
 
 
+@pytest.mark.parametrize("mode", [0o444, 0o000])
+def test_a_sqlite_file_this_user_may_not_write_is_told_with_the_fix(
+        mode: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """SQLite's 'attempt to write a readonly database' or 'unable to open database file' was told as "set
+    TIPSTREAM_DATA_DIR to a directory this user can write", which the data directory was. (A file
+    another user made, as `sudo tipstream migrate` does, is told with a chown instead: no test user
+    can make one.)"""
+    if os.geteuid() == 0:
+        pytest.skip("root writes any file")
+    database = tmp_path / "tipstream.db"
+    database.touch(mode=mode)
+    database.chmod(mode)
+    monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path))
+    assert main(["migrate"]) == 1
+    told = capsys.readouterr().err
+    assert f"may not write tipstream.db (uid {os.getuid()}, mode {mode:o})" in told, told
+    assert f"Make them writable (`chmod u+rw {database}*`)" in told and "a directory this user can write" not in told
+
+
 def test_version_names_the_release_its_schema_and_commit(capsys: pytest.CaptureFixture[str]) -> None:
     """Releases are told apart by commit and date; nothing said which one ran."""
     import subprocess
