@@ -109,8 +109,10 @@ class Settings(BaseSettings):
                     "is scaled to it at start. More than 1 needs NATS_URL to name a cluster with at least that many "
                     "nodes (README, \"On a NATS cluster\").",
     )
+    # JetStream's least (10052, "needs to be >= 100ms"); under a nanosecond it read 0 and took its default, 2 minutes.
+    # The streams' retention is held to at least this window below, so to JetStream's least too.
     duplicate_window_s: float = Field(
-        120.0, gt=0, description="JetStream's `Nats-Msg-Id` duplicate window: a re-sent id is dropped within it, "
+        120.0, ge=0.1, description="JetStream's `Nats-Msg-Id` duplicate window: a re-sent id is dropped within it, "
         "whatever its content. After it, the fold recognises the same event (same id, type, user, time "
         "and kept fields) for as long as it can matter; the same id with other content counts again."
     )

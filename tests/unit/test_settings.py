@@ -284,3 +284,18 @@ def test_a_dotenv_file_that_cannot_be_read_is_one_message_naming_it(
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SettingsError, match=rf"^Cannot read {env_file}, which tipstream reads settings from \("):
         load_settings()
+
+
+@pytest.mark.parametrize("window", ["1e-10", "0.001"])
+def test_a_duplicate_window_under_jetstream_s_least_is_refused_naming_it(
+        window: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a nanosecond, JetStream read 0 and kept its default, 2 minutes, without a word; under
+    100 ms it refused the streams (10052), naming no setting."""
+    from app.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("TIPSTREAM_DUPLICATE_WINDOW_S", window)
+    with pytest.raises(SettingsError, match=rf"^TIPSTREAM_DUPLICATE_WINDOW_S='{window}': Input should be greater "
+                                            r"than or equal to 0\.1"):
+        load_settings()
+    monkeypatch.setenv("TIPSTREAM_DUPLICATE_WINDOW_S", "0.1")
+    assert load_settings().duplicate_window_s == 0.1
