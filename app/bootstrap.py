@@ -80,6 +80,11 @@ NATS_PORTS = " (NATS clients connect on 4222 by default; 8222 is its HTTP monito
 SERVICE_LOCK_CHECK_S = 10.0  # how often the database lock's connection is checked (PostgreSQL restarted?)
 
 
+def _credentials_refused(error: object) -> bool:
+    text = str(error or "")
+    return "Authorization Violation" in text or "Authentication" in text
+
+
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -272,7 +277,7 @@ class Service:
             if self.embedded is None:
                 if NATS_PORTS in cause:
                     fix = "Set NATS_URL to a NATS server's client port"
-                elif "Authorization Violation" in cause or "Authentication" in cause:  # a server there, not "start" one
+                elif _credentials_refused(cause):  # a server there, not "start" one
                     fix = ("Set NATS_URL with credentials that server takes: a user and password "
                            "(nats://user:password@host:4222) or a token (nats://token@host:4222)")
                 else:
@@ -631,7 +636,10 @@ class Service:
                 log.warning("waiting for NATS at %s (%s); trying for %g s", shown_url(self.nats_url),
                             str(error) or f"no NATS greeting within {NATS_GREETING_S:g} s",
                             self.settings.nats_connect_timeout_s)
-            self._connect_error = error
+            # The server closes the connection after refusing the credentials: the reset that follows
+            # ("Connection reset by peer") must not hide the refusal, which names the fix.
+            if not _credentials_refused(self._connect_error):
+                self._connect_error = error
             return
         # The same error again within a minute is counted, not logged: a server that refuses the
         # credentials once it is back (a reload that changed them) answers every reconnect, twice
