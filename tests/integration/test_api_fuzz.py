@@ -10,7 +10,7 @@ application is JSON naming the field or the problem; a refused /score logged no 
 that should be served still are.
 
 The suite draws the same examples each run (`derandomize`), so that CI judges the code and not the
-draw; `TIPSTREAM_FUZZ_EXPLORE=1` draws new ones, and more of them, to look for what is not yet found.
+draw; `TIPSTREAM_TEST_FUZZ_EXPLORE=1` draws new ones, and more of them, to look for what is not yet found.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ NOW = "2026-11-26T09:00:00+01:00"
 # A request not answered within this long is a hang (the slowest legitimate one, a registration,
 # trains over the log in a process of its own: a few seconds).
 ANSWER_WITHIN_S = 20.0
-EXPLORE = bool(os.environ.get("TIPSTREAM_FUZZ_EXPLORE"))
+EXPLORE = bool(os.environ.get("TIPSTREAM_TEST_FUZZ_EXPLORE"))
 FUZZ = settings(max_examples=1500 if EXPLORE else 150, derandomize=not EXPLORE, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 # How the HTTP parser's refusal of a request the app never sees begins (app/startup.py).
