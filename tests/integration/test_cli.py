@@ -183,20 +183,12 @@ def test_alembic_downgrade_refused_ends_with_what_to_do_not_a_traceback(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A downgrade below 0008 with a user forgotten twice is refused: through alembic's command line,
     as the README has it, the message naming what to do came last under thirty lines of traceback."""
-    import sqlalchemy as sa
 
-    from app.erasure import Eraser
 
     url = f"sqlite:///{tmp_path / 'm.db'}"
     monkeypatch.setenv("DATABASE_URL", url)
     assert main(["migrate"]) == 0
-    engine = sa.create_engine(url)
-    eraser = Eraser(engine, None, None, checkpoint=None, lock=None)  # type: ignore[arg-type]
-    eraser.request("u-42", "dpo")
-    with engine.begin() as conn:
-        conn.execute(sa.text("update erasures set status = 'done'"))
-    eraser.request("u-42", "dpo")
-    engine.dispose()
+    _forgotten_twice(url, "u-42")
     done = subprocess.run([str(Path(sys.executable).parent / "alembic"), "downgrade", "0007"], capture_output=True,
                           text=True, timeout=60, cwd=Path(__file__).parents[2], env={**os.environ, "DATABASE_URL": url})
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr  # alembic's own refusals exit 255
@@ -647,6 +639,25 @@ def test_migrate_base_refuses_while_a_request_to_forget_a_user_is_not_done(
     assert main(["migrate", "base"]) == 0 and migrate.current(database_url) is None
 
 
+def _forgotten_twice(url: str, *user_ids: str) -> None:
+    """Each user forgotten, then asked for again: the first request, done, is kept in erasures_earlier."""
+    import sqlalchemy as sa
+
+    from app.erasure import Eraser
+
+    engine = sa.create_engine(url)
+    eraser = Eraser(engine, None, None, checkpoint=None, lock=None)  # type: ignore[arg-type]
+    for user_id in user_ids:
+        eraser.request(user_id, "dpo")
+        with engine.begin() as conn:
+            conn.execute(sa.text("update erasures set status = 'done'"))
+        eraser.request(user_id, "dpo")
+    with engine.begin() as conn:
+        conn.execute(sa.text("update erasures set status = 'done'"))
+        assert conn.execute(sa.text("select count(*) from erasures_earlier")).scalar_one() == len(user_ids)
+    engine.dispose()
+
+
 def test_a_downgrade_below_0008_refused_for_erasures_earlier_goes_through_once_its_fix_is_done(
         database_url: str) -> None:
     """The refusal named DROP TABLE erasures_earlier, after which the downgrade failed on the table
@@ -656,16 +667,10 @@ def test_a_downgrade_below_0008_refused_for_erasures_earlier_goes_through_once_i
 
     import sqlalchemy as sa
 
-    from app.erasure import Eraser
 
     migrate.upgrade(database_url)
+    _forgotten_twice(database_url, "u-42", "u-7")
     engine = sa.create_engine(database_url)
-    eraser = Eraser(engine, None, None, checkpoint=None, lock=None)  # type: ignore[arg-type]
-    for user_id in ("u-42", "u-7"):
-        eraser.request(user_id, "dpo")
-        with engine.begin() as conn:
-            conn.execute(sa.text("update erasures set status = 'done'"))
-        eraser.request(user_id, "dpo")  # asked for again: the request done moves to erasures_earlier
     with pytest.raises(RuntimeError) as refused:
         migrate.downgrade(database_url, "0007")
     told = str(refused.value)
@@ -690,22 +695,11 @@ def test_migrate_base_drops_the_records_of_users_forgotten_more_than_once(
     """The README's rebuild from the log starts with `tipstream migrate base`, which drops the records
     of erasures (it says to keep them first). With a user forgotten twice it ended in a traceback from
     0008's refusal to downgrade to 0007, telling to delete the records and 'downgrade again'."""
-    import sqlalchemy as sa
 
-    from app.erasure import Eraser
 
     monkeypatch.setenv("DATABASE_URL", database_url)
     assert main(["migrate"]) == 0
-    engine = sa.create_engine(database_url)
-    eraser = Eraser(engine, None, None, checkpoint=None, lock=None)  # type: ignore[arg-type]
-    eraser.request("u-42", "dpo")
-    with engine.begin() as conn:
-        conn.execute(sa.text("update erasures set status = 'done'"))
-    eraser.request("u-42", "dpo")
-    with engine.begin() as conn:
-        conn.execute(sa.text("update erasures set status = 'done'"))
-        assert conn.execute(sa.text("select count(*) from erasures_earlier")).scalar_one() == 1
-    engine.dispose()
+    _forgotten_twice(database_url, "u-42")
     capsys.readouterr()
     assert main(["migrate", "base"]) == 0, capsys.readouterr().err
     assert capsys.readouterr().out.startswith("database at base: ")
