@@ -25,9 +25,13 @@ from app.decisions import decision_problem
 from app.embedded_nats import die_with_service
 from app.learning_metrics import CANDIDATE_CACHE
 from app.registry_store import RegistryStore
+from app.settings import POLICY_PARAMS
 from models.registry import ModelCard, ModelVersion, Registry, RegistryError
 from models.reward import KINDS, PopularityPrior, TipModel
 from models.validation import Diverged
+
+# What a caller may send as a version's parameter meaning the exploration policy's.
+EXPLORATION_PARAMETERS = frozenset({"policy", *(name for names in POLICY_PARAMS.values() for name in names)})
 
 log = logging.getLogger("tipstream.models")
 # What `register` takes in `params`: `kind` goes beside them (in them, the body's replaced it).
@@ -218,6 +222,16 @@ class Lineup:
             raise RegistryError(
                 f"Version {version!r} is already registered; versions are immutable, register a new name.")
         unknown = sorted(set(params) - set(MODEL_PARAMETERS))
+        exploring = [name for name in unknown if name in EXPLORATION_PARAMETERS]
+        if exploring:
+            # Azure Personalizer and bandit libraries tie exploration to the model; here it is the
+            # service's, the same for every version, so the list of model parameters alone left the
+            # engineer looking for it among them.
+            raise RegistryError(
+                f"{', '.join(map(repr, exploring))}: exploration is not a version's parameter but the service's, "
+                "the same for every version: set TIPSTREAM_POLICY (epsilon_greedy, softmax, thompson, greedy) and "
+                "its TIPSTREAM_POLICY_EPSILON, TIPSTREAM_POLICY_TEMPERATURE, TIPSTREAM_POLICY_THOMPSON_CELLS or "
+                "TIPSTREAM_POLICY_THOMPSON_CONCENTRATION, and restart the service.", "invalid", "params")
         if unknown:
             raise RegistryError(f"Unknown model parameter {', '.join(map(repr, unknown))}; known: "
                                 f"{', '.join(MODEL_PARAMETERS)}; the kind goes beside them (`kind`, the CLI's "

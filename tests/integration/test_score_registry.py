@@ -92,6 +92,12 @@ BAD_CHANGES: list[tuple[str, bytes, str]] = [
      "interactions may list at most 64 pairs, got 65"),
     # The body's kind (default logreg) replaced it: a logreg was registered, as asked for no fm.
     ("/admin/models", b'{"version": "v3", "params": {"kind": "fm"}}', "Unknown model parameter 'kind'"),
+    # Exploration is the service's setting; the list of model parameters did not say where to find it.
+    ("/admin/models", b'{"version": "v3", "params": {"policy": "softmax"}}',
+     ("'policy': exploration is not a version's parameter but the service's, the same for every version: set "
+      "TIPSTREAM_POLICY")),
+    ("/admin/models", b'{"version": "v3", "params": {"epsilon": 0.2, "learning_rate": 0.1}}',
+     "'epsilon': exploration is not a version's parameter"),
     # Registered as asked, learned as any logreg (or SGD) does, and listed on its card as if it counted.
     ("/admin/models", b'{"version": "v3", "params": {"n_factors": 4}}', "n_factors applies only to kind 'fm'"),
     ("/admin/models", b'{"version": "v3", "kind": "logreg", "params": {"seed": 3, "latents": "all"}}',
