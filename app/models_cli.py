@@ -293,6 +293,7 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
     >>> print(_card_summary("v1", {"offline_metrics": {"n": 1, "policy_value": {"as_champion": {"decisions": 1,
     ...     "logged_reward": 1.0, "greedy": {"snips": 1.0, "ci95": None, "agreed": 1, "effective_n": 1.0}}}}}))
     v1: progressive validation over 1 rewards (rewarded tips of the logged decisions): log loss n/a, ROC AUC n/a
+    too few to read: 1 reward (the fairness check compares at least 30)
     as champion, over 1 rewarded decisions (logged reward 1): its own first choices 1 (agreed 1, effective n 1, no interval: effective n under 30 or rewards all alike)
     the whole card: tipstream models card v1
 
@@ -308,6 +309,7 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
     """
     from models.offpolicy import MIN_EFFECTIVE_N
     from models.registry import CLI
+    from models.validation import too_few
 
     card = answer.get("card", answer)
     metrics = card.get("offline_metrics") or {}
@@ -317,6 +319,9 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
         lines = [(f"{version}{kind}: progressive validation over {metrics['n']} rewards (rewarded tips of the "
                   f"logged decisions): log loss "
                  f"{_short(metrics.get('log_loss'))}, ROC AUC {_short(metrics.get('roc_auc'))}")]
+        few = too_few(metrics)
+        if few:
+            lines.append(f"too few to read: {few}")
     else:
         lines = [f"{version}{kind}: no rewarded decisions in the log yet, so no offline metrics"]
     value = metrics.get("policy_value") or {}

@@ -431,6 +431,8 @@ def card_markdown(mv: ModelVersion, role: str | None = None) -> str:
     | log_loss | 0.6123 |
     ...
     """
+    from models.validation import too_few  # models.validation imports models.reward, which imports this
+
     c = mv.card
     lines = [f"# Model card: {mv.version}", "", f"- Kind: {mv.kind}", f"- Role: {role or 'none'}",
              f"- Created: {mv.created_at.isoformat()}", ""]
@@ -448,6 +450,9 @@ def card_markdown(mv: ModelVersion, role: str | None = None) -> str:
     metrics = {k: v for k, v in c.offline_metrics.items() if k != "policy_value"}
     if metrics:
         lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
+        few = too_few(metrics)
+        if few:
+            lines += ["", f"Too few to read: {few}. Positives are rewards of at least 0.5."]
     else:
         lines += ["(not evaluated)"]
     lines += _policy_value_lines(c.offline_metrics.get("policy_value"))

@@ -149,6 +149,9 @@ async def test_a_card_made_right_after_feedback_counts_every_reward_learned(star
         evaluated = await http.post("/admin/models/v2/evaluate", headers=AUTH)
         assert evaluated.status_code == 200, evaluated.text
         assert evaluated.json()["offline_metrics"]["n"] == 3
+        # A log loss and a calibration error over 3 rewards read as well as over 3,000 without a word.
+        card = (await http.get("/models/v2/card")).text
+        assert "Too few to read: 3 rewards (the fairness check compares at least 30); ROC AUC from " in card, card
 
 
 async def test_a_version_whose_model_overflows_on_the_log_is_422_not_500(start_service, nc) -> None:
@@ -227,12 +230,14 @@ async def test_register_shadow_promote_rollback_with_cards_and_history(start_ser
     service = running.service
     js = nc.jetstream()
     # A decision log with rewards: 60 decisions, each reacted to.
+    acted = 0
     async with httpx.AsyncClient(base_url=running.base_url) as http:
         for i in range(60):
             user = f"u-{i % 20}"
             answer = (await http.post("/score", json=score_body(user))).json()
             top = answer["ranked"][0]["tip_id"]
             reaction = "acted" if (top == "tip-focus-1") == (i % 3 != 0) else "dismissed"
+            acted += reaction == "acted"
             event = {"id": f"f-{i}", "type": "tip.reacted", "user_id": user, "ts": NOW,
                      "data": {"tip_id": top, "decision_id": answer["decision_id"], "reaction": reaction}}
             await js.publish("feedback.tip.reacted", orjson.dumps(event), headers={"Nats-Msg-Id": event["id"]})
@@ -255,6 +260,9 @@ async def test_register_shadow_promote_rollback_with_cards_and_history(start_ser
         assert registered.status_code == 200, registered.text
         card = registered.json()["card"]
         assert card["offline_metrics"]["n"] == 60 and card["offline_metrics"]["roc_auc"] is not None
+        assert card["offline_metrics"]["positives"] == acted, "the AUC's classes: acted is 1, dismissed 0"
+        too_few = (await http.get("/models/v2/card")).text
+        assert ("Too few to read" in too_few) == (min(acted, 60 - acted) < 10), (acted, too_few)
         assert set(card["fairness"]) == {"tenure", "timezone"}
         assert card["fairness"]["timezone"]["segments"]["emea"]["n"] == 60
         assert "user_id*category" in card["inputs"]
