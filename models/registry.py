@@ -299,6 +299,9 @@ class Registry:
 
     def retire(self, version: str, actor: str, note: str = "") -> None:
         """Take a version out of service; it also leaves the rollback stack."""
+        self._check_actor(actor)
+        if version in self.retired:  # "cannot be retired; register a new version instead" read as a failure to fix
+            raise RegistryError(f"Version {version!r} is already retired; there is nothing to do.")
         self._usable(version, "retired", actor)
         if version == self.champion:
             raise RegistryError(

@@ -127,9 +127,11 @@ def test_retire(reg: Registry) -> None:
     reg.retire("v1", actor="a")  # leaves the rollback stack
     with pytest.raises(RegistryError, match="no earlier champion"):
         reg.rollback(actor="a")
-    for action in (reg.set_shadow, reg.promote, reg.retire):
+    for action in (reg.set_shadow, reg.promote):
         with pytest.raises(RegistryError, match="'v3' is retired .* register a new version instead"):
             action("v3", actor="a")
+    with pytest.raises(RegistryError, match="^Version 'v3' is already retired; there is nothing to do.$"):
+        reg.retire("v3", actor="a")
 
 
 def test_unknown_duplicate_and_invalid(reg: Registry) -> None:
