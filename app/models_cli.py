@@ -285,9 +285,9 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
 
     >>> estimate = {"snips": 0.5, "ci95": [0.3, 0.7], "agreed": 9, "effective_n": 7.5, "skipped_unsupported": 2}
     >>> print(_card_summary("v2", {"kind": "fm", "card": {"offline_metrics": {"n": 40, "log_loss": 0.61234,
-    ...     "roc_auc": 0.7, "policy_value": {"as_shadow": {"decisions": 12, "logged_reward": 0.4,
+    ...     "log_loss_base_rate": 0.66, "roc_auc": 0.7, "policy_value": {"as_shadow": {"decisions": 12, "logged_reward": 0.4,
     ...     "estimate": estimate, "champion_greedy": {**estimate, "snips": 0.45}}}}}}))
-    v2 (fm): progressive validation over 40 rewards (rewarded tips of the logged decisions): log loss 0.6123, ROC AUC 0.7
+    v2 (fm): progressive validation over 40 rewards (rewarded tips of the logged decisions): log loss 0.6123 (predicting the mean: 0.66), ROC AUC 0.7
     as shadow, over 12 rewarded decisions (logged reward 0.4): its own first choices 0.5 [0.3, 0.7] (agreed 9, effective n 7.5, 2 left out: not every tip could have been served there, as under explore: false or TIPSTREAM_POLICY=greedy); the champion's 0.45
     the whole card: tipstream models card v2
     >>> print(_card_summary("v1", {"offline_metrics": {"n": 1, "policy_value": {"as_champion": {"decisions": 1,
@@ -316,9 +316,13 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
     kind = f" ({answer['kind']})" if "kind" in answer else ""
     if metrics.get("n"):
         # `n` counts examples, one per rewarded tip: a decision with two reactions is two.
+        # A log loss reads only against its base rate (soft rewards keep every model's above 0): an FM with
+        # latents=all read "log loss 15.44" beside a base rate of 0.64 that only the card showed.
+        base = metrics.get("log_loss_base_rate")
+        against = f" (predicting the mean: {_short(base)})" if base is not None else ""
         lines = [(f"{version}{kind}: progressive validation over {metrics['n']} rewards (rewarded tips of the "
                   f"logged decisions): log loss "
-                 f"{_short(metrics.get('log_loss'))}, ROC AUC {_short(metrics.get('roc_auc'))}")]
+                 f"{_short(metrics.get('log_loss'))}{against}, ROC AUC {_short(metrics.get('roc_auc'))}")]
         few = too_few(metrics)
         if few:
             lines.append(f"too few to read: {few}")
