@@ -414,6 +414,19 @@ def _policy_value_lines(report: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+METRICS_EXPLAINED = (
+    "A fresh model with these parameters goes through the rewarded tips of the logged decisions (the newest "
+    "TIPSTREAM_CARD_EVAL_MAX_REWARDS) in the order served, scoring each with only the rewards that had arrived by "
+    "then and learning each reward as it arrived. `n`: those tips (a decision with two reactions counts two); "
+    "`positives`: those "
+    "with a reward of at least 0.5. `log_loss`: of the rewards as given (0.8, 0.3 are soft labels), lower is "
+    "better; read it against `log_loss_base_rate`, predicting each reward by the mean of those before it: above "
+    "it, the model's probabilities are worse than the mean's. `roc_auc`: the chance that a positive scores above "
+    "a negative (0.5: no better than chance; ties count half). `mean_reward`, `mean_score`: the rewards' mean and "
+    "the model's. `calibration_error`: over ten equal score bins, |mean score - mean reward| weighed by each "
+    "bin's share (0: calibrated). The fairness tables below give the same per segment.")
+
+
 def card_markdown(mv: ModelVersion, role: str | None = None) -> str:
     """The model card as Markdown.
 
@@ -452,6 +465,9 @@ def card_markdown(mv: ModelVersion, role: str | None = None) -> str:
     lines += ["", "## Offline metrics (progressive validation: predict, then learn, over the log)", ""]
     metrics = {k: v for k, v in c.offline_metrics.items() if k != "policy_value"}
     if metrics:
+        # The policy value below says what its numbers mean; these were bare names, read by someone handed
+        # the card without docs/learning.md (is n decisions or rewards? which calibration error?).
+        lines += [METRICS_EXPLAINED, ""]
         lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
         few = too_few(metrics)
         if few:

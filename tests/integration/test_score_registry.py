@@ -152,6 +152,9 @@ async def test_a_card_made_right_after_feedback_counts_every_reward_learned(star
         # A log loss and a calibration error over 3 rewards read as well as over 3,000 without a word.
         card = (await http.get("/models/v2/card")).text
         assert "Too few to read: 3 rewards (the fairness check compares at least 30); ROC AUC from " in card, card
+        # Each number says what it is, on the card itself: n counts rewarded tips, not decisions.
+        assert "`n`: those tips (a decision with two reactions counts two)" in card
+        assert "`calibration_error`: over ten equal score bins" in card
 
 
 async def test_a_version_whose_model_overflows_on_the_log_is_422_not_500(start_service, nc) -> None:
