@@ -151,8 +151,16 @@ def _candidate_problem(candidate: Any) -> str | None:
 
 def _aware_time(value: Any) -> bool:
     try:
-        return isinstance(value, str) and datetime.fromisoformat(value).tzinfo is not None
-    except ValueError:
+        moment = datetime.fromisoformat(value) if isinstance(value, str) else None
+        if moment is None or moment.tzinfo is None:
+            return False
+        # Its row's created_at is the instant in UTC: in year 1 or 9999 an offset can take it out of what a
+        # datetime holds, and making the row raised then (the decision dead-lettered as a bug of ours while the
+        # join cache kept it, and feedback crediting it after it).
+        if moment.year in (1, 9999):
+            moment.astimezone(UTC)
+        return True
+    except (ValueError, OverflowError):
         return False
 
 
@@ -172,7 +180,8 @@ def decision_problem(body: dict[str, Any]) -> Rejection | None:
         return Rejection("invalid_field", f"field 'type' must be a string, its part after the first dot 1-{_KIND_MAX} "
                                           "characters without NUL")
     if not _aware_time(body.get("ts")):
-        return Rejection("invalid_field", "field 'ts' must be an ISO 8601 time with a UTC offset")
+        return Rejection("invalid_field", "field 'ts' must be an ISO 8601 time with a UTC offset, in UTC between "
+                                          "years 1 and 9999")
     # A card's policy value reads these of every rewarded decision (`evaluation.policy_value`): a list
     # there, or a shadow as text or without its first tip, failed every `evaluate` once rewarded.
     greedy, shadow = body.get("greedy"), body.get("shadow")

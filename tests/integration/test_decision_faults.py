@@ -74,11 +74,11 @@ def foreign(decision_id: str, **changes: object) -> dict[str, object]:
             "ranked": [{"tip_id": "tip-focus-1", "category": "focus", "score": 0.5, "propensity": 1.0}], **changes}
 
 
-def dead_lettered() -> float:
+def dead_lettered(stream: str = "DECISIONS", kind: str | None = None) -> float:
     from app.metrics import METRICS
 
     return sum(s.value for metric in METRICS.dlq.collect() for s in metric.samples
-               if s.name.endswith("_total") and s.labels["stream"] == "DECISIONS")
+               if s.name.endswith("_total") and s.labels["stream"] == stream and kind in (None, s.labels["reason"]))
 
 
 MALFORMED = {  # each one a field the learner or a tip_scores row needs
@@ -101,6 +101,10 @@ MALFORMED = {  # each one a field the learner or a tip_scores row needs
     # Read by every card's policy value (evaluate): a list or a shadow without its first tip failed it.
     "greedy-list": {"greedy": ["tip-focus-1"]},
     "shadow-text": {"shadow": "v2"},
+    # An instant before year 1 in UTC: its row's created_at overflowed, the decision went to the DLQ as a bug of
+    # ours (processing_failed) while the join cache kept it, and feedback crediting it went there too.
+    "ts-before-year-1-in-utc": {"ts": "0001-01-01T00:00:00+23:59"},
+    "ts-after-year-9999-in-utc": {"ts": "9999-12-31T23:59:59-23:59"},
 }
 
 
@@ -111,6 +115,7 @@ async def test_a_malformed_decision_from_another_publisher_goes_to_the_dlq(start
     running = await start_service(database_url=database_url, checkpoint_every_s=0.1)
     service, js = running.service, nc.jetstream()
     before = dead_lettered()
+    failed = [dead_lettered(stream, "processing_failed") for stream in ("DECISIONS", "FEEDBACK")]
     for name, changes in MALFORMED.items():
         event = foreign(f"d-bad-{name}", **changes)
         await js.publish("decisions.score", orjson.dumps(event), headers={"Nats-Msg-Id": event["id"]})
@@ -122,6 +127,8 @@ async def test_a_malformed_decision_from_another_publisher_goes_to_the_dlq(start
     # Counted once the DLQ acknowledges each, which the FEEDBACK ingest's credit does not wait for.
     await eventually(lambda: dead_lettered() == before + len(MALFORMED), timeout=10)
     assert service.store.positions["FEEDBACK"] == len(MALFORMED) + 1
+    # Each refused by the check, naming its field: none a bug of ours, and no feedback naming one dead-lettered.
+    assert [dead_lettered(stream, "processing_failed") for stream in ("DECISIONS", "FEEDBACK")] == failed
     last = (await js.stream_info("DECISIONS")).state.last_seq
     await eventually(lambda: (service.checkpointer._saved_positions or {}).get("DECISIONS", 0) >= last, timeout=10)
     assert "d-good" in tip_scores(service.settings.sqlalchemy_url)
