@@ -275,7 +275,8 @@ def tip_score_row(decision: dict[str, Any], data: bytes, rewards: dict[str, floa
         "decision_id": decision["id"], "user_id": decision["user_id"], "created_at": created,
         "kind": decision.get("type", DECISION_TYPE).split(".", 1)[-1], "model_version": decision["model_version"],
         "shadow_version": decision.get("shadow_version"), "prompt_version": decision.get("prompt_version"),
-        "policy": decision.get("policy", ""), "tip_id": first["tip_id"], "score": first["score"],
+        # null as absent, as the check takes it (`_OPTIONAL_TEXT`): the column holds no NULL.
+        "policy": decision.get("policy") or "", "tip_id": first["tip_id"], "score": first["score"],
         "propensity": first["propensity"], "decision": data.decode() if rewards else None, "rewards": rewards or None,
         "reward": (rewards or {}).get(first["tip_id"]),
         "rewarded_at": _utc(rewarded_at_ms) if rewarded_at_ms is not None else None,

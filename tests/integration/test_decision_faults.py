@@ -134,6 +134,27 @@ async def test_a_malformed_decision_from_another_publisher_goes_to_the_dlq(start
     assert "d-good" in tip_scores(service.settings.sqlalchemy_url)
 
 
+async def test_a_decision_from_another_publisher_with_null_optional_texts_gets_its_row(
+        start_service, nc, database_url) -> None:
+    """`policy`, `shadow_version` and `prompt_version` may be null (absent), as the DECISIONS check takes them: a
+    null policy went into the row as NULL, which its column refuses, and every later checkpoint failed."""
+    running = await start_service(database_url=database_url, checkpoint_every_s=0.1)
+    service, js = running.service, nc.jetstream()
+    event = foreign("d-nulls", policy=None, shadow_version=None, prompt_version=None)
+    await js.publish("decisions.score", orjson.dumps(event), headers={"Nats-Msg-Id": event["id"]})
+    last = (await js.stream_info("DECISIONS")).state.last_seq
+    await eventually(lambda: (service.checkpointer._saved_positions or {}).get("DECISIONS", 0) >= last, timeout=10)
+    assert service.checkpointer.last_error is None
+    engine = sa.create_engine(service.settings.sqlalchemy_url)
+    try:
+        with engine.connect() as conn:
+            row = conn.execute(sa.text("select policy, shadow_version, prompt_version from tip_scores "
+                                       "where decision_id = 'd-nulls'")).one()
+    finally:
+        engine.dispose()
+    assert tuple(row) == ("", None, None)
+
+
 async def reconnected(service: object, nats_server: object) -> float:
     """Start NATS again and wait until the service is connected; the time it was."""
     nats_server.start()  # type: ignore[attr-defined]
