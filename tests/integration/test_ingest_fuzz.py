@@ -15,7 +15,7 @@ What every batch must come to, message by message as JetStream stored it:
 - each user's state the one `streams.fold.apply` gives over the events accepted, good events after bad ones
   included.
 
-The suite draws the same examples each run (`derandomize`); `TIPSTREAM_FUZZ_EXPLORE=1` draws new ones, more.
+The suite draws the same examples each run (`derandomize`); `TIPSTREAM_TEST_FUZZ_EXPLORE=1` draws new ones, more.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from streams.fold import UserState, apply, to_ms
 from tests.conftest import NatsServer
 from tests.integration.test_api_fuzz import HOSTILE, TEXT, Pairs, Raw, _database, dump, until
 
-EXPLORE = bool(os.environ.get("TIPSTREAM_FUZZ_EXPLORE"))
+EXPLORE = bool(os.environ.get("TIPSTREAM_TEST_FUZZ_EXPLORE"))
 FUZZ = settings(max_examples=600 if EXPLORE else 120, derandomize=not EXPLORE, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.data_too_large])
