@@ -16,11 +16,8 @@ draw; `TIPSTREAM_TEST_FUZZ_EXPLORE=1` draws new ones, and more of them, to look 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
@@ -34,6 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import NatsServer, _postgres_reachable, reset_postgres
+from tests.integration.served import served_in_a_thread, until
 
 TOKEN = "fuzz-token-0123456789abcdef"
 NOW = "2026-11-26T09:00:00+01:00"
@@ -112,16 +110,6 @@ def counted_200(fuzzed: Fuzzed) -> float:
     return 0.0 if line is None else float(line.rsplit(" ", 1)[1])
 
 
-def until(check: Any, timeout: float = 20.0) -> bool:
-    """Whether `check()` came true within `timeout` (asked every 50 ms)."""
-    done, deadline = threading.Event(), time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        done.wait(0.05)
-    return True
-
-
 def _unchunk(data: bytes) -> bytes:
     out = bytearray()
     while data:
@@ -157,35 +145,15 @@ def fuzzed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 def _serve(request: pytest.FixtureRequest, tmp: Path, nats: NatsServer) -> Iterator[Fuzzed]:
-    import uvicorn
-
     from app.api import create_app
     from app.settings import Settings
-    from app.startup import http_config
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
     settings_ = Settings(data_dir=tmp / "data", nats_url=nats.url, admin_token=TOKEN, port=0,
                          database_url=_database(request, tmp), score_max_body_bytes=65_536)
     app = create_app(settings_)
-    server = uvicorn.Server(http_config(app))  # the production server's
-    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # not the main thread
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            asyncio.run(server.serve(sockets=[sock]))
-        except BaseException as error:  # noqa: BLE001 - told to the test below
-            failed.append(error)
-
-    thread = threading.Thread(target=run, name="fuzzed-service", daemon=True)
-    thread.start()
-    try:
-        assert until(lambda: server.started or failed or not thread.is_alive()) and server.started, (
-            f"the service did not start: {failed}")
+    with served_in_a_thread(app, "fuzzed-service") as served:
         service = app.state.service
-        host, port = sock.getsockname()
-        result = Fuzzed(host, port, service)
+        result = Fuzzed(served.host, served.port, service)
         learner_served = service.learner.served
 
         def counting(decision_id: str, *args: Any, **kwargs: Any) -> None:
@@ -197,9 +165,6 @@ def _serve(request: pytest.FixtureRequest, tmp: Path, nats: NatsServer) -> Itera
         asyncio.run(_publish(nats.url, EVENTS))
         assert until(lambda: service.store.applied >= len(EVENTS)), f"{service.store.applied} events folded"
         yield result
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def _event(user: str, i: int, kind: str, ts: str, **data: Any) -> tuple[str, dict[str, Any]]:

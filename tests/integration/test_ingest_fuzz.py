@@ -24,8 +24,6 @@ import asyncio
 import base64
 import itertools
 import os
-import socket
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +48,8 @@ from streams.events import (
 )
 from streams.fold import UserState, apply, to_ms
 from tests.conftest import NatsServer
-from tests.integration.test_api_fuzz import HOSTILE, TEXT, Pairs, Raw, _database, dump, until
+from tests.integration.served import served_in_a_thread, until
+from tests.integration.test_api_fuzz import HOSTILE, TEXT, Pairs, Raw, _database, dump
 
 EXPLORE = bool(os.environ.get("TIPSTREAM_TEST_FUZZ_EXPLORE"))
 FUZZ = settings(max_examples=600 if EXPLORE else 120, derandomize=not EXPLORE, deadline=None,
@@ -110,42 +109,17 @@ def _task_completed_v0(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _serve(request: pytest.FixtureRequest, tmp: Path, server: NatsServer) -> Iterator[Fuzzed]:
-    import contextlib
-
-    import uvicorn
-
     from app.api import create_app
     from app.settings import Settings
-    from app.startup import http_config
 
     app = create_app(Settings(data_dir=tmp / "data", nats_url=server.url, port=0, database_url=_database(request, tmp),
                               max_event_bytes=MAX_EVENT_BYTES, max_future_s=MAX_FUTURE_S, checkpoint_every_s=0.2))
-    http = uvicorn.Server(http_config(app))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    http.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # not the main thread
-    loop = asyncio.new_event_loop()
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            loop.run_until_complete(http.serve(sockets=[sock]))
-        except BaseException as error:  # noqa: BLE001 - told to the test below
-            failed.append(error)
-
-    thread = threading.Thread(target=run, name="ingest-fuzz-service", daemon=True)
-    thread.start()
-    try:
-        assert until(lambda: http.started or failed or not thread.is_alive()) and http.started, (
-            f"the service did not start: {failed}")
-        result = Fuzzed(app.state.service, loop, server.url)
+    with served_in_a_thread(app, "ingest-fuzz-service") as served:
+        result = Fuzzed(app.state.service, served.loop, server.url)
         yield result
         print(f"\ningest fuzz: {result.examples} batches, {result.messages} messages stored, "
               f"outcomes {dict(sorted(result.kinds.items()))}")
-        assert not failed and thread.is_alive(), f"the service stopped: {failed}"
-    finally:
-        http.should_exit = True
-        thread.join(30)
+        assert not served.failed and served.thread.is_alive(), f"the service stopped: {served.failed}"
 
 
 # --- what a publisher sends ------------------------------------------------------------------------------
