@@ -13,7 +13,8 @@ Steps:
 1. Refuse a body not declared `application/json` (415) or declared larger than
    `TIPSTREAM_SCORE_MAX_BODY_BYTES` (413), and a query string (422: the request is the body).
    Read it straight from the ASGI messages, refusing more than that bound (413) before reading
-   it all.
+   it all. A refusal drops the rest of the body first (up to `request_body.DRAIN_MAX_BYTES`), so
+   that the client reads the answer, not the reset of a connection closed with bytes unread.
 2. While `TIPSTREAM_MAX_UNWRITTEN_DECISIONS` decisions' rows wait for a checkpoint (the
    database is away), answer 503 with `Retry-After`: serving on would hold ever more of them.
 3. Validate and score (`score_request.parse_request`, `Scorer.score`); a bad request is a 422
@@ -37,7 +38,7 @@ import orjson
 from app.decision_publisher import DecisionLogFull
 from app.decisions import SUBJECT_SCORE
 from app.learning_metrics import SCORE_REQUESTS, SCORE_SECONDS
-from app.request_body import ClientGone, Receive, read_body
+from app.request_body import ClientGone, Receive, drain, read_body
 from app.score_request import RequestError, parse_request
 from app.thaw import load_state
 from streams.store import StateUnavailable
@@ -101,6 +102,7 @@ class ScoreEndpoint:
         limit = service.settings.score_max_body_bytes
         refused = refusal_by_headers(scope, limit) or refusal_by_query(scope.get("query_string", b""))
         if refused is not None:
+            await drain(receive, scope)
             await send_json(send, *refused)
             return
         try:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import nats
@@ -424,3 +426,27 @@ async def test_a_restart_does_not_dead_letter_a_bad_decision_again(start_service
     await eventually(lambda: again.service.decision_tail is not None and again.service.decision_tail.following)
     assert again.service.store.positions["DECISIONS"] >= bad.seq, "re-read past it"
     assert dead_lettered("DECISIONS") == before + 1
+
+
+async def test_a_refused_body_still_being_sent_gets_its_answer_not_a_reset(start_service, nc) -> None:
+    """A refusal sent with the rest of the body unread closed a connection holding unread bytes, which
+    the kernel resets: a client still sending 300 kB to a 64 kB bound read "Connection reset by peer",
+    not the 413 (the API fuzz, once in a fresh-clone run)."""
+    running = await start_service(score_max_body_bytes=65_536)
+    parts = urlsplit(running.base_url)
+    big = b"[" * 300_000
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in
+                       (big[i:i + 16_384] for i in range(0, len(big), 16_384))) + b"0\r\n\r\n"
+    framings = {  # refused by its headers, by what is read, and by its media type
+        413: b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(big), big),
+        "413 chunked": b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked,
+        415: b"Content-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (60_000, big[:60_000]),
+    }
+    for _ in range(5):
+        for status, rest in framings.items():
+            reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+            writer.write(b"POST /score HTTP/1.1\r\nHost: test\r\nConnection: close\r\n" + rest)
+            await writer.drain()
+            answer = await reader.read()
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 %s " % str(status).split()[0].encode()), (status, answer[:200])
