@@ -31,7 +31,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import parse_qsl
 
 import orjson
 
@@ -80,7 +80,8 @@ def refusal_by_query(query: bytes) -> tuple[int, dict[str, Any]] | None:
     was answered as if not given (exploring), where an unknown field of the body is refused."""
     if not query:
         return None
-    name = next((unquote_plus(part.partition("=")[0]) for part in query.decode("latin-1").split("&") if part), "")
+    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    name = pairs[0][0] if pairs else ""
     error = RequestError(name or "query", (f"unknown query parameter {name!r}; " if name else "")
                          + 'POST /score takes no query string: its request is the JSON body (e.g. {"explore": false})')
     return 422, error.body()
