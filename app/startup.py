@@ -26,7 +26,9 @@ LOCK_FILE = "tipstream.lock"
 # How long a start waits for a nats-server found on the embedded store to end (that of a service
 # just killed ends on its own: the kernel sends it SIGTERM) before taking it for a running service's.
 STORE_SERVER_WAIT_S = 10.0
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP too: the terminal that ran `tipstream run` closing (an ssh session lost) sends it, and its
+# default ended the process at once, with no last checkpoint and the decisions' batch unsent.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # uvicorn's default: an idle HTTP connection is closed after this long. A client keeping idle
 # connections as long may send on one the server is closing, and reads an empty answer.
 HTTP_KEEP_ALIVE_S = 5
@@ -562,7 +564,7 @@ def _jetstream_error(error: Any, settings: Settings) -> StartupError:
 
 
 class Stopper:
-    """SIGINT and SIGTERM, from the start of `tipstream run` to its end: what was received, and
+    """SIGINT, SIGTERM and SIGHUP, from the start of `tipstream run` to its end: what was received, and
     what it stops (the start while it runs, the server once it serves).
 
     One handler throughout, so no signal falls between two: one that came as the start ended
@@ -601,7 +603,7 @@ class Stopper:
 
 
 async def start(service: Service, stopper: Stopper) -> int | None:
-    """Start the service; on SIGINT or SIGTERM meanwhile, stop what has started and return the signal.
+    """Start the service; on a stop signal (`STOP_SIGNALS`) meanwhile, stop what has started and return the signal.
 
     uvicorn's own signal handlers come with the server, after the start: until then a signal
     waited for the start to end, and waiting for NATS can last. A failed start is stopped too
@@ -645,7 +647,7 @@ def http_config(app: Any) -> Any:
 
 
 async def serve(settings: Settings, sock: socket.socket, demo_rate: float) -> int:
-    """Start, then serve on `sock` until SIGINT or SIGTERM; the exit code."""
+    """Start, then serve on `sock` until a stop signal (`STOP_SIGNALS`); the exit code."""
     import uvicorn
 
     from app.api import create_app

@@ -248,7 +248,7 @@ def test_nats_credentials_the_server_refuses_are_a_message_saying_to_fix_them(tm
     assert "Start NATS there" not in done.stderr and "wrong-one" not in done.stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_signal_to_a_running_service_stops_it_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
     """uvicorn raises the signal it caught again once it has stopped; Python's default for SIGINT
     then ended Ctrl-C with a KeyboardInterrupt traceback (exit -2)."""
