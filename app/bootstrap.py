@@ -57,6 +57,7 @@ from app.settings import Settings, env_name
 from app.startup import StartupError, shown_url
 from models.policy import make_policy
 from streams import jetstream as jsx
+from streams.nats_tls import TlsNotOffered
 from streams.scrub import scrub
 from streams.store import OnlineStore
 
@@ -277,6 +278,9 @@ class Service:
             if self.embedded is None:
                 if NATS_PORTS in cause:
                     fix = "Set NATS_URL to a NATS server's client port"
+                elif isinstance(self._connect_error, TlsNotOffered):
+                    fix = ("Configure TLS on that server (a `tls {}` block in its configuration), or set NATS_URL "
+                           "with nats:// where plain text on the network is acceptable")
                 elif _credentials_refused(cause):  # a server there, not "start" one
                     fix = ("Set NATS_URL with credentials that server takes: a user and password "
                            "(nats://user:password@host:4222) or a token (nats://token@host:4222)")

@@ -74,8 +74,8 @@ class Settings(BaseSettings):
         None,
         validation_alias=AliasChoices("NATS_URL", "TIPSTREAM_NATS_URL"),
         description="NATS server to use: nats-server 2.9 or newer, with JetStream (README, \"Which NATS servers\"); "
-        "a cluster's nodes comma-separated (`nats://n1:4222,nats://n2:4222,nats://n3:4222`). "
-        "Unset: start an embedded `nats-server` under the data directory.",
+        "a cluster's nodes comma-separated (`nats://n1:4222,nats://n2:4222,nats://n3:4222`); `tls://` for TLS "
+        "(README, \"TLS to NATS\"). Unset: start an embedded `nats-server` under the data directory.",
     )
     nats_connect_timeout_s: float = Field(
         20.0, gt=0,

@@ -17,7 +17,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -30,6 +29,8 @@ from nats.js.api import (
 )
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError, TooManyStalledMsgsError
 from nats.protocol.parser import AWAITING_CONTROL_LINE, AWAITING_MSG_PAYLOAD, Parser
+
+from streams.nats_tls import TlsIntentClient
 
 log = logging.getLogger("tipstream.jetstream")
 
@@ -592,7 +593,7 @@ class FastParser(Parser):
         return pos + needed + 2
 
 
-class IngestClient(NATS):
+class IngestClient(TlsIntentClient):
     """A nats-py client with a raw path for pull inboxes.
 
     nats-py parses every message's headers and builds a `Msg` object before a

@@ -248,6 +248,20 @@ def test_nats_credentials_the_server_refuses_are_a_message_saying_to_fix_them(tm
     assert "Start NATS there" not in done.stderr and "wrong-one" not in done.stderr
 
 
+def test_a_tls_nats_url_to_a_server_without_tls_is_a_message_saying_to_configure_it(tmp_path: Path) -> None:
+    """nats-py went on in plain text, the URL's password in its CONNECT (tests/integration/test_nats_tls.py)."""
+    server = NatsServer(tmp_path / "nats", args=("--user", "tipstream", "--pass", "hunter2"))
+    server.start()
+    try:
+        done = run(tmp_path, NATS_URL=f"tls://tipstream:hunter2@127.0.0.1:{server.port}",
+                   TIPSTREAM_NATS_CONNECT_TIMEOUT_S="1")
+    finally:
+        server.stop()
+    assert_one_message(done, "the NATS URL asks for TLS (tls://), and the server at 127.0.0.1:",
+                       "Configure TLS on that server", "or set NATS_URL with nats://")
+    assert "hunter2" not in done.stderr + done.stdout
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_signal_to_a_running_service_stops_it_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
     """uvicorn raises the signal it caught again once it has stopped; Python's default for SIGINT
