@@ -9,6 +9,7 @@ stayed in plain text too. nats.go refuses the first (`checkForSecure`) and upgra
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -47,6 +48,18 @@ def upgrade_or_refuse(info: dict[str, Any], host: str, port: int | None) -> None
     if not (info.get("tls_required") or info.get("tls_available")):
         raise TlsNotOffered(host, port)
     info["tls_required"] = True
+
+
+class _StartTlsEof(logging.Filter):
+    """nats-py makes a plain stream TLS in place (`start_tls`), so asyncio's stream protocol still
+    takes it for plain text and asks, at the server's end of the connection, to keep it half open,
+    which TLS cannot: a harmless warning that came with every connection lost to a TLS server."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != "returning true from eof_received() has no effect when using ssl"
+
+
+logging.getLogger("asyncio").addFilter(_StartTlsEof())
 
 
 class TlsIntentClient(NATS):

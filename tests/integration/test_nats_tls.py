@@ -20,7 +20,7 @@ import trustme
 
 from streams import jetstream as jsx
 from streams.nats_tls import TlsNotOffered
-from tests.conftest import NatsServer, free_port, serve_in_process
+from tests.conftest import NatsServer, eventually, free_port, serve_in_process
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +127,8 @@ async def test_a_tls_url_to_a_server_offering_tls_without_requiring_it_is_upgrad
         server.stop()
 
 
-async def test_the_service_runs_over_tls_to_a_server_that_requires_it(
-        tmp_path: Path, ca: trustme.CA, trusted: None) -> None:
+async def test_the_service_runs_over_tls_to_a_server_that_requires_it_and_reconnects_over_tls(
+        tmp_path: Path, ca: trustme.CA, trusted: None, caplog: pytest.LogCaptureFixture) -> None:
     server, monitoring = start_tls_server(tmp_path / "required", ca, required=True)
     try:
         running = await serve_in_process(data_dir=tmp_path / "data", nats_url=f"tls://127.0.0.1:{server.port}")
@@ -137,6 +137,14 @@ async def test_the_service_runs_over_tls_to_a_server_that_requires_it(
                 answer = await http.post("/score", json={"user_id": "u-1", "candidates": [{"tip_id": "t-1"}]})
             assert answer.status_code == 200, answer.text
             assert [v is not None for v in tls_versions(monitoring, "tipstream")] == [True]
+            nc = running.service.nc
+            reconnects = nc.stats["reconnects"]
+            server.stop()
+            server.start()
+            await eventually(lambda: nc.stats["reconnects"] > reconnects and nc.is_connected)
+            assert [v is not None for v in tls_versions(monitoring, "tipstream")] == [True]
+            # asyncio's warning at a TLS server's end of the connection, filtered (streams/nats_tls.py).
+            assert not [r for r in caplog.records if r.name == "asyncio" and "eof_received" in r.getMessage()]
         finally:
             await running.stop()
     finally:
