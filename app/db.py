@@ -172,7 +172,11 @@ WAL_SIZE_LIMIT_BYTES = 16 * 1024 * 1024
 
 
 def make_engine(url: str) -> Engine:
-    """An engine tuned for the dialect: SQLite in WAL mode (readers never block the checkpoint)."""
+    """An engine tuned for the dialect: SQLite in WAL mode (readers never block the checkpoint).
+
+    Its errors leave out the statement's parameters (`hide_parameters`): a failed checkpoint's warning
+    listed the user ids and states it was writing, and a forgotten user's id could stay in the log
+    that way, beyond the erasure's reach."""
     if url.startswith("sqlite"):
         path = make_url(url).database  # None or ":memory:" for a database in memory ("sqlite://")
         if path and path != ":memory:":
@@ -187,7 +191,7 @@ def make_engine(url: str) -> Engine:
                     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             except OSError as error:  # as the database failing to open, which app.startup.explain tells the operator
                 raise OperationalError(f"create {path}", None, error) from None
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -201,7 +205,7 @@ def make_engine(url: str) -> Engine:
 
         return engine
     try:
-        engine = create_engine(url, pool_pre_ping=True, connect_args=_network_bounds(url))
+        engine = create_engine(url, pool_pre_ping=True, connect_args=_network_bounds(url), hide_parameters=True)
     except ImportError as error:  # e.g. mysql://: SQLAlchemy knows the dialect, but its driver is not installed
         raise ArgumentError(f"its driver, {error.name}, is not installed; tipstream runs on PostgreSQL (psycopg) "
                             "and SQLite") from None
