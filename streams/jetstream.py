@@ -248,8 +248,14 @@ async def last_dead_lettered(js: JetStreamContext, spec: StreamSpec) -> int:
     Ingest dead-letters in sequence order, so the newest DLQ message from the stream holds it. One
     stored before the stream was created came from an earlier stream of that name (re-created, its
     sequences started again) and says nothing of this one.
+
+    Whoever may publish on `dlq.>` can write that message too, so only a sequence ingest could have
+    written is taken: one the stream has reached, in digits int() reads. A forged one past the stream's
+    end kept every later bad event of the stream out of the DLQ (uncounted and unlogged, and so no newer
+    DLQ message ever came to replace it), and one of thousands of digits ended every start.
     """
-    created = (await js.stream_info(spec.name)).created
+    info = await js.stream_info(spec.name)
+    created, last_seq = info.created, info.state.last_seq
     upto = 0
     for subject in spec.subjects:
         try:
@@ -258,7 +264,8 @@ async def last_dead_lettered(js: JetStreamContext, spec: StreamSpec) -> int:
             continue
         headers = last.headers or {}
         seq = headers.get(DLQ_SEQ, "")
-        if headers.get(DLQ_STREAM) == spec.name and seq.isdigit() and not (created and last.time and last.time < created):
+        if (headers.get(DLQ_STREAM) == spec.name and seq.isascii() and seq.isdigit() and len(seq) <= 20
+                and int(seq) <= last_seq and not (created and last.time and last.time < created)):
             upto = max(upto, int(seq))
     return upto
 

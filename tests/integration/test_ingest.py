@@ -521,10 +521,36 @@ async def test_a_restart_does_not_dead_letter_a_bad_feedback_again(start_service
     assert (await js.stream_info("DLQ")).state.messages == 1
 
 
+async def test_a_dlq_message_forged_by_a_publisher_neither_stops_the_dlq_nor_the_start(start_service, nc) -> None:
+    """A start reads how far dead-lettering had got from the newest DLQ message of each stream's subjects,
+    which anyone who may publish on `dlq.>` can write. A sequence past the stream's end turned the DLQ off
+    for that stream (its bad events dropped uncounted, unlogged, and no newer DLQ message ever replaced the
+    forged one), and one of 5,000 digits ended every start (int() refuses it) for the DLQ's retention."""
+    js = nc.jetstream()
+    first = await start_service()
+    good = await js.publish("signals.task.created", orjson.dumps(event(1)))
+    await eventually(lambda: first.service.store.positions.get("SIGNALS") == good.seq)
+    await first.stop()
+    await js.publish("dlq.signals.app.opened", b"{}", headers={DLQ_STREAM: "SIGNALS", DLQ_SEQ: "99999999"})
+    await js.publish("dlq.feedback.tip.reacted", b"{}", headers={DLQ_STREAM: "FEEDBACK", DLQ_SEQ: "9" * 5000})
+    assert await last_dead_lettered(js, SIGNALS) == 0 and await last_dead_lettered(js, FEEDBACK) == 0
+
+    again = await start_service()
+    await eventually(lambda: again.service.ready)
+    before = dead_lettered("SIGNALS")
+    await js.publish("signals.task.created", orjson.dumps({**event(2), "data": {}}))
+    await eventually(lambda: dead_lettered("SIGNALS") == before + 1)
+    assert (await js.stream_info("DLQ")).state.messages == 3
+
+
 async def test_what_was_dead_lettered_is_read_from_the_dlq_but_not_from_a_stream_of_the_same_name_before(nc) -> None:
     js = nc.jetstream()
     await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
     assert await last_dead_lettered(js, SIGNALS) == 0
+    for i in range(7):  # a DLQ message is taken only for a sequence its stream has reached
+        await js.publish("signals.app.opened", orjson.dumps(event(i, "app.opened")))
+        if i < 5:
+            await js.publish("feedback.tip.reacted", orjson.dumps(feedback(i)))
     for seq in (3, 7):
         await js.publish("dlq.signals.app.opened", b"{", headers={DLQ_STREAM: "SIGNALS", DLQ_SEQ: str(seq)})
     await js.publish("dlq.feedback.tip.reacted", b"{", headers={DLQ_STREAM: "FEEDBACK", DLQ_SEQ: "5"})
