@@ -13,8 +13,8 @@ then (NATS still away) lost what the clean stop had kept.
 >>> import tempfile, pathlib
 >>> path = pathlib.Path(tempfile.mkdtemp()) / SPOOL_NAME
 >>> save(path, [("decisions.score", "d-1", b'{"id":"d-1"}')])
->>> read(path), path.exists()
-([('decisions.score', 'd-1', b'{"id":"d-1"}')], True)
+>>> read(path), path.exists(), oct(path.stat().st_mode & 0o777)
+([('decisions.score', 'd-1', b'{"id":"d-1"}')], True, '0o600')
 >>> path.unlink(); read(path)
 []
 """
@@ -34,9 +34,13 @@ def save(path: Path, items: list[Item]) -> None:
     """Write `items` whole or not at all (a temporary file renamed over the spool)."""
     temporary = path.with_suffix(".tmp")
     try:
-        with temporary.open("wb") as out:
-            for subject, decision_id, payload in items:
-                out.write(orjson.dumps({"subject": subject, "id": decision_id, "event": payload.decode()}) + b"\n")
+        # The service's user's only, as the SQLite file: decisions hold users' ids and features, and a data
+        # directory that already existed keeps its mode (0755, say); made with the umask's, every local user
+        # could read them. fchmod: a temporary file left by a crash keeps the mode it was made with.
+        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
+            os.fchmod(out.fileno(), 0o600)
+            out.writelines(orjson.dumps({"subject": subject, "id": decision_id, "event": payload.decode()}) + b"\n"
+                           for subject, decision_id, payload in items)
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, path)
