@@ -7,6 +7,7 @@ endpoint with `TIPSTREAM_ADMIN_TOKEN` (the service holds their state and models;
 from __future__ import annotations
 
 import argparse
+import stat
 import time
 import urllib.parse
 from pathlib import Path
@@ -139,6 +140,10 @@ def _export(args: argparse.Namespace) -> int:
         print(text)
     else:  # their data: readable by the one who exports it only
         with open(os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as out:
+            # A file that already existed kept its mode (0644, say), which O_CREAT's applies only to a new one.
+            # Not a device or a pipe (`--out /dev/stdout`): its mode is not the export's to change.
+            if stat.S_ISREG(os.fstat(out.fileno()).st_mode):
+                os.fchmod(out.fileno(), 0o600)
             out.write(text + "\n")
     counts = ", ".join(f"{stream} {len(messages)}" for stream, messages in found["streams"].items())
     print(f"{args.user_id}: messages {counts}; tip_scores {len(found['tip_scores'])}; user_features "

@@ -260,6 +260,8 @@ async def test_an_export_holds_a_users_data_until_they_are_forgotten(start_servi
                          timeout=15)
         monkeypatch.setenv("DATABASE_URL", url)
         out = tmp_path / "u-1.json"
+        out.write_text("an earlier export\n")
+        out.chmod(0o644)  # one that was there before keeps no mode of its own
         args = ["users", "export", "u-1", "--nats-url", nats_server.url, "--out", str(out)]
         assert await asyncio.to_thread(main, args) == 0
         assert oct(out.stat().st_mode & 0o777) == "0o600"
