@@ -198,6 +198,9 @@ def make_engine(url: str) -> Engine:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
+            # Deleted rows' bytes are zeroed, not left in the file's free space: forgetting a user deletes theirs.
+            # Most builds of SQLite do so by default (Debian's, Python's here), not every one.
+            cursor.execute("PRAGMA secure_delete=ON")
             # A burst of large checkpoints grows the WAL file, and SQLite keeps it that size after
             # (18 MB in a soak, for good); past this it is cut back once a checkpoint resets it.
             cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT_BYTES}")

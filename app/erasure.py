@@ -321,6 +321,7 @@ class Eraser:
             if self.learner.erasing.get(row["user_id"]) == until:
                 del self.learner.erasing[row["user_id"]]
             log.info("forgot user %r: %s", row["user_id"], report)
+        await asyncio.to_thread(self._empty_wal)  # not holding the lock: it may wait for readers
 
     async def _past_decisions_on_the_way(self, rows: list[dict[str, Any]], bounds: dict[str, Any]) -> dict[str, Any]:
         """`bounds`, DECISIONS' moved past the users' decisions that were on their way to JetStream at step 2
@@ -373,6 +374,20 @@ class Eraser:
                              .values(status="done", report=report, done_at=datetime.now(UTC)))
                 reports.append(report)
         return reports
+
+    def _empty_wal(self) -> None:
+        """SQLite: the WAL's older frames still held the users' rows as they were before the deletes (states,
+        decisions, features) until overwritten, minutes on a busy service and for good on an idle one. TRUNCATE
+        copies the newest pages into the file (the freed space zeroed: `secure_delete`) and empties the WAL. It
+        waits for readers of an older snapshot up to the busy timeout; past it, the next request's tries again."""
+        if self.engine.dialect.name != "sqlite":
+            return
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        except Exception as error:  # noqa: BLE001 - the requests are done; the WAL's frames are overwritten in time
+            log.warning("forgetting: the SQLite WAL could not be emptied (%s: %s); its older frames may hold the "
+                        "forgotten users' rows until they are overwritten", type(error).__name__, error)
 
 
 def earlier_erasures(engine: Engine, user_id: str) -> Sequence[Any]:

@@ -276,7 +276,13 @@ async def test_an_export_holds_a_users_data_until_they_are_forgotten(start_servi
         assert "user_id_u-1" in found["model_weights"]["v1"] and not any(
             "u-10" in name for weights in found["model_weights"].values() for name in weights)
         assert "u-1: messages SIGNALS 4, FEEDBACK 1, DECISIONS 1, DLQ 1; tip_scores 1" in capsys.readouterr().err
+        database = tmp_path / "export.db"
 
+        def on_disk() -> int:  # their decision as its row held it, in the SQLite file or its WAL
+            files = (database, database.with_name("export.db-wal"))
+            return sum(f.read_bytes().count(b'"user_id":"u-1"') for f in files if f.exists())
+
+        assert on_disk() > 0
         await forget(http, "u-1")
 
         async def done() -> bool:
@@ -290,6 +296,8 @@ async def test_an_export_holds_a_users_data_until_they_are_forgotten(start_servi
         assert after["streams"] == {"SIGNALS": [], "FEEDBACK": [], "DECISIONS": [], "DLQ": []}
         assert after["user_features"] is None and after["tip_scores"] == [] and after["model_weights"] == {}
         assert after["erasure"]["status"] == "done" and after["erasures_earlier"] == []
+        # Deleted rows stayed in the file's free space and in the WAL's older frames, readable with `strings`.
+        assert on_disk() == 0
 
 
 async def test_a_decision_still_on_its_way_to_jetstream_when_forgotten_is_deleted_too(start_service, nc,
