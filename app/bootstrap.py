@@ -23,6 +23,7 @@ import functools
 import gc
 import logging
 import random
+import ssl
 import sys
 import time
 import urllib.parse
@@ -46,6 +47,7 @@ from app.learner import Learner
 from app.lineup import Lineup
 from app.log_throttle import LogThrottle
 from app.metrics import METRICS
+from app.nats_auth import NatsAuthError, nats_options
 from app.offline import OfflineFeatureWriter, users_behind
 from app.periodic import every
 from app.registry_store import RegistryStore
@@ -268,8 +270,12 @@ class Service:
         connection is retried for as long as it takes (-1), as the server comes back."""
         timeout = self.settings.nats_connect_timeout_s
         try:
+            options = nats_options(self.settings)
+        except NatsAuthError as error:
+            raise StartupError(f"{error}.") from None
+        try:
             return await asyncio.wait_for(jsx.connect(
-                self.nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                self.nats_url, **options, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                 reconnected_cb=self._on_reconnected, disconnected_cb=self._on_disconnected,
                 error_cb=self._on_error, closed_cb=self._on_closed, name="tipstream",
             ), timeout)
@@ -279,8 +285,12 @@ class Service:
                 if NATS_PORTS in cause:
                     fix = "Set NATS_URL to a NATS server's client port"
                 elif isinstance(self._connect_error, TlsNotOffered):
-                    fix = ("Configure TLS on that server (a `tls {}` block in its configuration), or set NATS_URL "
-                           "with nats:// where plain text on the network is acceptable")
+                    fix = ("Configure TLS on that server (a `tls {}` block in its configuration), or, where plain "
+                           "text on the network is acceptable, set NATS_URL with nats:// and unset TIPSTREAM_NATS_TLS_*")
+                elif isinstance(self._connect_error, ssl.SSLError):
+                    fix = ("Set TIPSTREAM_NATS_TLS_CA to the CA that signed the server's certificate, if no CA this "
+                           "machine trusts did (CERTIFICATE_VERIFY_FAILED), and TIPSTREAM_NATS_TLS_CERT (with _KEY) "
+                           "to a client certificate, if the server verifies clients (certificate required)")
                 elif _credentials_refused(cause):  # a server there, not "start" one
                     fix = ("Set NATS_URL with credentials that server takes: a user and password "
                            "(nats://user:password@host:4222) or a token (nats://token@host:4222)")

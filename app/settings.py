@@ -60,6 +60,43 @@ def nats_scheme_problem(url: str | None) -> str | None:
     return None
 
 
+def unreadable_file(path: Path) -> str | None:
+    """Why `path` cannot be read as a file by this user, or None."""
+    if not path.exists():
+        return "no such file"
+    if not path.is_file():
+        return "is not a file"
+    if not os.access(path, os.R_OK):
+        return f"is a file this user (uid {os.getuid()}) may not read"
+    return None
+
+
+def creds_problem(content: bytes) -> str | None:
+    """What a NATS credentials file lacks, or None: nats-py reads it only as it connects, and one without
+    its seed failed there with a TypeError traceback.
+
+    >>> creds_problem(b"-----BEGIN NATS USER JWT-----\\neyJ0.e30.c2ln\\n------END NATS USER JWT------\\n"
+    ...               b"-----BEGIN USER NKEY SEED-----\\nSUAB\\n------END USER NKEY SEED------\\n") is None
+    True
+    >>> creds_problem(b"-----BEGIN NATS USER JWT-----\\neyJ0.e30.c2ln\\n")
+    'is not a NATS credentials file: it has no user NKEY seed (a line starting SU after BEGIN USER NKEY SEED)'
+    """
+    lines = content.splitlines()
+
+    def after(marker: bytes) -> bytes:
+        for i, line in enumerate(lines[:-1]):
+            if marker in line:
+                return lines[i + 1].strip()
+        return b""
+
+    if after(b"BEGIN NATS USER JWT").count(b".") != 2:
+        return "is not a NATS credentials file: it has no user JWT (a line after BEGIN NATS USER JWT)"
+    if not after(b"BEGIN USER NKEY SEED").startswith(b"SU"):
+        return ("is not a NATS credentials file: it has no user NKEY seed (a line starting SU after "
+                "BEGIN USER NKEY SEED)")
+    return None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TIPSTREAM_", env_file=".env", extra="ignore", frozen=True, populate_by_name=True,
@@ -75,12 +112,28 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("NATS_URL", "TIPSTREAM_NATS_URL"),
         description="NATS server to use: nats-server 2.9 or newer, with JetStream (README, \"Which NATS servers\"); "
         "a cluster's nodes comma-separated (`nats://n1:4222,nats://n2:4222,nats://n3:4222`); `tls://` for TLS "
-        "(README, \"TLS to NATS\"). Unset: start an embedded `nats-server` under the data directory.",
+        "(README, \"Credentials and TLS for NATS\"). Unset: start an embedded `nats-server` under the data directory.",
     )
     nats_connect_timeout_s: float = Field(
         20.0, gt=0,
         description="How long `tipstream run` keeps trying to reach NATS at start before it exits with a message. "
                     "Once connected, a lost connection is retried for as long as it takes.",
+    )
+    nats_creds: Path | None = Field(
+        None, description="NATS credentials file (`.creds`: a user JWT and its NKEY seed, as `nsc` and Synadia Cloud "
+        "hand out) to connect to NATS_URL with; read again at each reconnect, so a rotated file is taken up. "
+        "Unset: the URL's own user and password or token, if any.",
+    )
+    nats_tls_ca: Path | None = Field(
+        None, description="PEM file of the CA certificates the NATS server's certificate is checked against, instead "
+        "of the system's (README, \"Credentials and TLS for NATS\"). Set, the connection is TLS, as with `tls://`.",
+    )
+    nats_tls_cert: Path | None = Field(
+        None, description="PEM file of a client certificate, for a NATS server that verifies its clients (mutual "
+        "TLS): its key in the same file, or in TIPSTREAM_NATS_TLS_KEY. Set, the connection is TLS, as with `tls://`.",
+    )
+    nats_tls_key: Path | None = Field(
+        None, description="PEM file of TIPSTREAM_NATS_TLS_CERT's private key, when that file does not hold it.",
     )
     database_url: str | None = Field(
         None,
@@ -372,6 +425,23 @@ class Settings(BaseSettings):
     @classmethod
     def _nats_scheme(cls, value: str | None) -> str | None:
         problem = nats_scheme_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("nats_creds", "nats_tls_ca", "nats_tls_cert", "nats_tls_key")
+    @classmethod
+    def _nats_files(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return value
+        if "nats_url" in info.data and not info.data["nats_url"]:
+            raise ValueError("is for a NATS server of your own, and NATS_URL is unset (the embedded nats-server "
+                             "takes a token of its own, without TLS): set NATS_URL, or unset this")
+        if info.field_name == "nats_tls_key" and info.data.get("nats_tls_cert") is None:
+            raise ValueError("is a client certificate's key, and TIPSTREAM_NATS_TLS_CERT, the certificate, is unset")
+        problem = unreadable_file(value)
+        if problem is None and info.field_name == "nats_creds":
+            problem = creds_problem(value.read_bytes())
         if problem is not None:
             raise ValueError(problem)
         return value

@@ -15,6 +15,7 @@ import nats
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from app.embedded_nats import URL_FILE
+from app.nats_auth import NatsAuthError, nats_options
 from app.settings import get_settings
 from streams.jetstream import connect, publish_events
 from streams.simulator import Population
@@ -92,8 +93,12 @@ async def simulate(users: int, rate: float, count: int | None, duration: float |
     async def on_closed() -> None:
         closed.set()
 
+    try:
+        options = nats_options(get_settings())
+    except NatsAuthError as error:
+        raise SystemExit(f"{error}.") from None
     try:  # a nats.url left by a stopped service must fail fast, not retry for two minutes
-        nc = await connect(url, name="tipstream-simulate", max_reconnect_attempts=3,
+        nc = await connect(url, **options, name="tipstream-simulate", max_reconnect_attempts=3,
                            reconnect_time_wait=0.5, connect_timeout=5, error_cb=quiet, closed_cb=on_closed)
     except (OSError, nats.errors.NoServersError) as error:
         # The last try's own error: "no servers available for connection" alone hid a refusal's reason.

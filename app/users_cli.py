@@ -84,6 +84,7 @@ def _export(args: argparse.Namespace) -> int:
     from app import migrate
     from app.db import make_engine
     from app.export import export_user
+    from app.nats_auth import NatsAuthError, nats_options
     from app.settings import get_settings
     from app.simulate import _nats_url_and_source
     from app.startup import shown_url
@@ -101,6 +102,11 @@ def _export(args: argparse.Namespace) -> int:
         print(no_database(get_settings()), file=sys.stderr)
         return 1
     nats_url, where = _nats_url_and_source(args.nats_url, "read the user's events from")
+    try:
+        options = nats_options(get_settings())
+    except NatsAuthError as error:
+        print(f"{error}.", file=sys.stderr)
+        return 2
     last = [0.0]
 
     def progress(stream: str, scanned: int, of: int) -> None:
@@ -116,8 +122,8 @@ def _export(args: argparse.Namespace) -> int:
 
         try:
             # A few tries, as simulate: nats-py's defaults tried a nats.url left by a killed service for 2 minutes.
-            nc = await connect(nats_url, allow_reconnect=False, max_reconnect_attempts=3, reconnect_time_wait=0.5,
-                               connect_timeout=EXPORT_CONNECT_S, error_cb=quiet)
+            nc = await connect(nats_url, **options, allow_reconnect=False, max_reconnect_attempts=3,
+                               reconnect_time_wait=0.5, connect_timeout=EXPORT_CONNECT_S, error_cb=quiet)
         except Exception as error:  # noqa: BLE001 - whatever the client raises: said with where the URL came from
             cause = failures[-1] if failures else error
             said = str(cause) or f"no NATS greeting within {EXPORT_CONNECT_S:g} s"

@@ -5,6 +5,7 @@ Against a server without TLS, `tls://` connected in plain text and sent the CONN
 included, in the clear; against one that offers TLS without requiring it (`allow_non_tls`), it
 stayed in plain text too. nats.go refuses the first (`checkForSecure`) and upgrades the second;
 `TlsIntentClient` does the same, on every connection and reconnection, before CONNECT is written.
+A TLS context given (`app.nats_auth`: a CA, a client certificate) asks for TLS as `tls://` does.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 
+URL_ASKS = "the NATS URL asks for TLS (tls://)"
+FILES_ASK = "TLS is asked for by the CA or client certificate given"
+
 
 class TlsNotOffered(NatsError):
     """A `tls://` server whose greeting offers no TLS: nothing was sent to it."""
 
-    def __init__(self, host: str, port: int | None) -> None:
+    def __init__(self, host: str, port: int | None, asked_by: str = URL_ASKS) -> None:
         super().__init__(
-            f"the NATS URL asks for TLS (tls://), and the server at {host}:{port} offers none "
+            f"{asked_by}, and the server at {host}:{port} offers none "
             "(its greeting has neither tls_required nor tls_available), so nothing was sent to it")
 
 
@@ -34,7 +38,7 @@ def wants_tls(scheme: str) -> bool:
     return scheme == "tls"
 
 
-def upgrade_or_refuse(info: dict[str, Any], host: str, port: int | None) -> None:
+def upgrade_or_refuse(info: dict[str, Any], host: str, port: int | None, asked_by: str = URL_ASKS) -> None:
     """Mark `info` as requiring TLS, so nats-py upgrades before its CONNECT; refuse a server without it.
 
     >>> info = {"tls_available": True}
@@ -46,7 +50,7 @@ def upgrade_or_refuse(info: dict[str, Any], host: str, port: int | None) -> None
     streams.nats_tls.TlsNotOffered: the NATS URL asks for TLS (tls://), and the server at nats.example:4222 offers none ...
     """
     if not (info.get("tls_required") or info.get("tls_available")):
-        raise TlsNotOffered(host, port)
+        raise TlsNotOffered(host, port, asked_by)
     info["tls_required"] = True
 
 
@@ -69,6 +73,9 @@ class TlsIntentClient(NATS):
         # nats-py calls this with the greeting it has just stored as `_server_info` (the same dict),
         # before it decides on TLS from it and writes CONNECT; later calls are a cluster's updates.
         server = self._current_server
-        if initial_connection and server is not None and wants_tls(server.uri.scheme):
-            upgrade_or_refuse(info, server.uri.hostname or "?", server.uri.port)
+        if initial_connection and server is not None:
+            if wants_tls(server.uri.scheme):
+                upgrade_or_refuse(info, server.uri.hostname or "?", server.uri.port)
+            elif self.options.get("tls") is not None:
+                upgrade_or_refuse(info, server.uri.hostname or "?", server.uri.port, FILES_ASK)
         await super()._process_info(info, initial_connection)

@@ -258,8 +258,23 @@ def test_a_tls_nats_url_to_a_server_without_tls_is_a_message_saying_to_configure
     finally:
         server.stop()
     assert_one_message(done, "the NATS URL asks for TLS (tls://), and the server at 127.0.0.1:",
-                       "Configure TLS on that server", "or set NATS_URL with nats://")
+                       "Configure TLS on that server", "set NATS_URL with nats:// and unset TIPSTREAM_NATS_TLS_*")
     assert "hunter2" not in done.stderr + done.stdout
+
+
+def test_a_nats_server_certificate_from_an_unknown_ca_is_a_message_naming_the_ca_setting(tmp_path: Path) -> None:
+    """It said "Start NATS there" to an operator whose server was there, with a certificate of their own CA."""
+    import trustme
+
+    from tests.integration.test_nats_auth import start_tls_server
+
+    server, _ = start_tls_server(tmp_path / "nats", trustme.CA(), required=True)
+    try:
+        done = run(tmp_path, NATS_URL=f"tls://127.0.0.1:{server.port}", TIPSTREAM_NATS_CONNECT_TIMEOUT_S="1")
+    finally:
+        server.stop()
+    assert_one_message(done, "CERTIFICATE_VERIFY_FAILED", "Set TIPSTREAM_NATS_TLS_CA to the CA that signed")
+    assert "Start NATS there" not in done.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"])

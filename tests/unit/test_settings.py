@@ -299,3 +299,27 @@ def test_a_duplicate_window_under_jetstream_s_least_is_refused_naming_it(
         load_settings()
     monkeypatch.setenv("TIPSTREAM_DUPLICATE_WINDOW_S", "0.1")
     assert load_settings().duplicate_window_s == 0.1
+
+
+@pytest.mark.parametrize(("variable", "content", "with_url", "told"), [
+    ("TIPSTREAM_NATS_CREDS", None, True, "no such file"),
+    ("TIPSTREAM_NATS_CREDS", "port: 4222\n", True, "is not a NATS credentials file: it has no user JWT"),
+    ("TIPSTREAM_NATS_CREDS", "-----BEGIN NATS USER JWT-----\na.b.c\n", True, "it has no user NKEY seed"),
+    ("TIPSTREAM_NATS_CREDS", "-----BEGIN NATS USER JWT-----\na.b.c\n", False, "NATS_URL is unset"),
+    ("TIPSTREAM_NATS_TLS_CA", "", False, "NATS_URL is unset (the embedded nats-server takes a token of its own"),
+    ("TIPSTREAM_NATS_TLS_KEY", "", True, "TIPSTREAM_NATS_TLS_CERT, the certificate, is unset"),
+])
+def test_nats_credentials_and_tls_files_are_checked_at_start_naming_the_setting(
+        variable: str, content: str | None, with_url: bool, told: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A credentials file without its seed failed only as nats-py connected, with a TypeError traceback."""
+    from app.settings import SettingsError, load_settings
+
+    path = tmp_path / "file"
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setenv(variable, str(path))
+    if with_url:
+        monkeypatch.setenv("NATS_URL", "nats://nats.example:4222")
+    with pytest.raises(SettingsError, match=rf"^{variable}='{path}': .*{re.escape(told)}"):
+        load_settings()

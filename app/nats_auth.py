@@ -1,0 +1,56 @@
+"""How tipstream authenticates to a NATS server of the operator's (`NATS_URL`): a credentials file,
+and TLS files (a CA, a client certificate), as nats-py's `connect` options. The service, `tipstream
+simulate` and `tipstream users export` connect with the same ones."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import Any
+
+from app.settings import Settings
+
+
+class NatsAuthError(ValueError):
+    """A TLS file that is not what its setting says: the message names the setting and the fix."""
+
+
+def _no_passphrase() -> str:
+    # Without a callback, OpenSSL asks for an encrypted key's passphrase on the terminal, and the start
+    # waited there for good (or failed on EOF under a supervisor).
+    raise NatsAuthError("is encrypted with a passphrase, which tipstream has no setting for: write it without "
+                        "one (`openssl pkey -in key.pem -out plain.pem`) and keep that file readable by this user only")
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The TLS context of TIPSTREAM_NATS_TLS_CA / _CERT / _KEY, or None for none set: nats-py then
+    makes the default one (the system's CAs) for a `tls://` URL."""
+    ca, cert, key = settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key
+    if ca is None and cert is None:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+    except ssl.SSLError as error:
+        raise NatsAuthError(f"TIPSTREAM_NATS_TLS_CA={ca}: holds no CA certificate in PEM ({error.reason or error}): "
+                            "name the PEM file of the CA that signed the NATS server's certificate") from None
+    if cert is not None:
+        named = f"TIPSTREAM_NATS_TLS_CERT={cert}" + (f" with TIPSTREAM_NATS_TLS_KEY={key}" if key is not None else "")
+        try:
+            context.load_cert_chain(str(cert), str(key) if key is not None else None, password=_no_passphrase)
+        except NatsAuthError as error:
+            raise NatsAuthError(f"{named}: the key {error}") from None
+        except ssl.SSLError as error:
+            raise NatsAuthError(
+                f"{named}: not a client certificate and its private key in PEM ({error.reason or error}): the key "
+                "goes in the certificate's file or in TIPSTREAM_NATS_TLS_KEY, and must be that certificate's") from None
+    return context
+
+
+def nats_options(settings: Settings) -> dict[str, Any]:
+    """nats-py's `connect` options for the settings' credentials file and TLS files, each only when set."""
+    options: dict[str, Any] = {}
+    if settings.nats_creds is not None:
+        options["user_credentials"] = str(Path(settings.nats_creds))
+    if (context := tls_context(settings)) is not None:
+        options["tls"] = context
+    return options

@@ -1,0 +1,274 @@
+"""Connecting to NATS servers set up as operators run them, real nats-servers all: TLS, mutual TLS
+and a credentials file (streams/nats_tls.py, app/nats_auth.py).
+
+nats-py alone upgraded to TLS only on the server's `tls_required`: a `tls://` URL to a server
+without TLS sent its CONNECT, credentials included, in plain text, and one to a server offering
+TLS without requiring it stayed in plain text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import nats
+import nkeys
+import pytest
+import trustme
+from cryptography.hazmat.primitives import serialization
+
+from app.nats_auth import NatsAuthError, nats_options
+from app.settings import Settings
+from streams import jetstream as jsx
+from streams.nats_tls import TlsNotOffered
+from tests.conftest import NatsServer, eventually, free_port, serve_in_process
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def trusted(ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test CA as the one OpenSSL trusts, as an operator with a private CA sets it."""
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+
+
+def start_tls_server(store: Path, ca: trustme.CA, *, required: bool,
+                     verify_clients: bool = False) -> tuple[NatsServer, int]:
+    """A nats-server with a certificate for 127.0.0.1, requiring TLS or only offering it, and with
+    `verify_clients` a client certificate signed by `ca`; its monitoring port, whose /connz tells
+    which connections are TLS."""
+    store.mkdir(parents=True)
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(store / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(store / "key.pem"))
+    ca.cert_pem.write_to_path(str(store / "ca.pem"))
+    optional = "" if required else "allow_non_tls: true\n"
+    verify = f', ca_file: "{store / "ca.pem"}", verify: true' if verify_clients else ""
+    (store / "tls.conf").write_text(
+        f'tls {{ cert_file: "{store / "cert.pem"}", key_file: "{store / "key.pem"}"{verify} }}\n{optional}')
+    monitoring = free_port()
+    server = NatsServer(store, args=("-c", str(store / "tls.conf"), "-m", str(monitoring)))
+    server.start()
+    return server, monitoring
+
+
+def tls_versions(monitoring: int, name: str) -> list[str | None]:
+    """The TLS version of each connection named `name`, by the server's word (None: plain text)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{monitoring}/connz", timeout=5) as answer:
+        connections = json.load(answer).get("connections") or []
+    return [c.get("tls_version") for c in connections if c.get("name") == name]
+
+
+@pytest.fixture
+def plain_server(tmp_path: Path) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path / "plain", args=("--auth", "s3cret-token"))
+    server.start()
+    yield server
+    server.stop()
+
+
+class Recorder:
+    """A TCP relay to `port` keeping every byte a client sent: what went over the wire in the clear."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.sent = port, bytearray()
+
+    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.port)
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, keep: bool) -> None:
+            while data := await reader.read(65536):
+                if keep:
+                    self.sent += data
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        await asyncio.gather(pipe(client_r, server_w, True), pipe(server_r, client_w, False),
+                             return_exceptions=True)
+
+    async def __aenter__(self) -> int:
+        self.listener = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return self.listener.sockets[0].getsockname()[1]
+
+    async def __aexit__(self, *_: object) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+async def recorder(plain_server: NatsServer) -> AsyncIterator[Recorder]:
+    yield Recorder(plain_server.port)
+
+
+async def test_a_tls_url_to_a_server_without_tls_is_refused_before_its_credentials_are_sent(
+        recorder: Recorder) -> None:
+    async with recorder as port:
+        with pytest.raises(TlsNotOffered, match=rf"asks for TLS .* server at 127\.0\.0\.1:{port} offers none"):
+            await jsx.connect(f"tls://s3cret-token@127.0.0.1:{port}", allow_reconnect=False, connect_timeout=5)
+        assert b"CONNECT" not in recorder.sent and b"s3cret" not in recorder.sent
+        # The same relay, in plain text by the URL's own word: it records what a client sends.
+        plain = await jsx.connect(f"nats://s3cret-token@127.0.0.1:{port}", allow_reconnect=False)
+        await plain.close()
+        assert b"CONNECT" in recorder.sent and b"s3cret-token" in recorder.sent
+
+
+async def test_a_tls_url_to_a_server_offering_tls_without_requiring_it_is_upgraded(
+        tmp_path: Path, ca: trustme.CA, trusted: None) -> None:
+    server, monitoring = start_tls_server(tmp_path / "optional", ca, required=False)
+    try:
+        secure = await jsx.connect(f"tls://127.0.0.1:{server.port}", name="secure", allow_reconnect=False)
+        plain = await nats.connect(f"nats://127.0.0.1:{server.port}", name="plain", allow_reconnect=False)
+        try:
+            assert [v is not None and v.startswith("1.") for v in tls_versions(monitoring, "secure")] == [True]
+            assert tls_versions(monitoring, "plain") == [None]  # the server's word tells the two apart
+        finally:
+            await secure.close()
+            await plain.close()
+    finally:
+        server.stop()
+
+
+async def test_the_service_runs_over_tls_to_a_server_that_requires_it_and_reconnects_over_tls(
+        tmp_path: Path, ca: trustme.CA, trusted: None, caplog: pytest.LogCaptureFixture) -> None:
+    server, monitoring = start_tls_server(tmp_path / "required", ca, required=True)
+    try:
+        running = await serve_in_process(data_dir=tmp_path / "data", nats_url=f"tls://127.0.0.1:{server.port}")
+        try:
+            async with httpx.AsyncClient(base_url=running.base_url) as http:
+                answer = await http.post("/score", json={"user_id": "u-1", "candidates": [{"tip_id": "t-1"}]})
+            assert answer.status_code == 200, answer.text
+            assert [v is not None for v in tls_versions(monitoring, "tipstream")] == [True]
+            nc = running.service.nc
+            reconnects = nc.stats["reconnects"]
+            server.stop()
+            server.start()
+            await eventually(lambda: nc.stats["reconnects"] > reconnects and nc.is_connected)
+            assert [v is not None for v in tls_versions(monitoring, "tipstream")] == [True]
+            # asyncio's warning at a TLS server's end of the connection, filtered (streams/nats_tls.py).
+            assert not [r for r in caplog.records if r.name == "asyncio" and "eof_received" in r.getMessage()]
+        finally:
+            await running.stop()
+    finally:
+        server.stop()
+
+
+def client_files(ca: trustme.CA, where: Path) -> dict[str, Path]:
+    """A client certificate and its key signed by `ca`, and `ca` itself, as PEM files."""
+    where.mkdir(parents=True, exist_ok=True)
+    client = ca.issue_cert("tipstream@example.com")
+    client.cert_chain_pems[0].write_to_path(str(where / "client.pem"))
+    client.private_key_pem.write_to_path(str(where / "client.key"))
+    ca.cert_pem.write_to_path(str(where / "ca.pem"))
+    return {"ca": where / "ca.pem", "cert": where / "client.pem", "key": where / "client.key"}
+
+
+async def test_a_client_certificate_and_a_private_ca_reach_a_server_that_verifies_clients(
+        tmp_path: Path, ca: trustme.CA) -> None:
+    """A nats:// URL with TLS files is TLS too, checked against TIPSTREAM_NATS_TLS_CA, not the system's CAs."""
+    server, monitoring = start_tls_server(tmp_path / "mtls", ca, required=True, verify_clients=True)
+    files = client_files(ca, tmp_path / "client")
+    url = f"nats://127.0.0.1:{server.port}"
+    try:
+        settings = Settings(nats_url=url, nats_tls_ca=files["ca"], nats_tls_cert=files["cert"],
+                            nats_tls_key=files["key"])
+        client = await jsx.connect(url, **nats_options(settings), name="mtls", allow_reconnect=False)
+        try:
+            assert [v is not None for v in tls_versions(monitoring, "mtls")] == [True]
+        finally:
+            await client.close()
+        # The server's check of the client is real: without the certificate, it refuses the handshake.
+        without = Settings(nats_url=url, nats_tls_ca=files["ca"])
+        with pytest.raises(OSError):  # its alert (an SSLError), or the reset that may reach the client first
+            await jsx.connect(url, **nats_options(without), allow_reconnect=False, connect_timeout=5)
+    finally:
+        server.stop()
+
+
+def test_tls_files_that_are_not_what_their_setting_says_are_a_message_naming_it(
+        tmp_path: Path, ca: trustme.CA) -> None:
+    files = client_files(ca, tmp_path)
+    url = "nats://127.0.0.1:4222"
+    with pytest.raises(NatsAuthError, match=r"^TIPSTREAM_NATS_TLS_CA=.*: holds no CA certificate in PEM"):
+        nats_options(Settings(nats_url=url, nats_tls_ca=files["key"]))
+    other = client_files(trustme.CA(), tmp_path / "other")
+    with pytest.raises(NatsAuthError, match=r"with TIPSTREAM_NATS_TLS_KEY=.*must be that certificate's"):
+        nats_options(Settings(nats_url=url, nats_tls_cert=files["cert"], nats_tls_key=other["key"]))
+    # An encrypted key: OpenSSL asked for its passphrase on the terminal, and the start waited there.
+    key = serialization.load_pem_private_key(files["key"].read_bytes(), password=None)
+    (tmp_path / "locked.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")))
+    with pytest.raises(NatsAuthError, match=r"the key is encrypted with a passphrase.*openssl pkey"):
+        nats_options(Settings(nats_url=url, nats_tls_cert=files["cert"], nats_tls_key=tmp_path / "locked.key"))
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+JWT_HEADER = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+
+
+def _jwt(issuer: nkeys.KeyPair, subject: str, name: str, nats_claims: dict[str, object]) -> str:
+    """A NATS JWT (v2) as `nsc` signs one: ed25519 by the issuer's NKEY."""
+    claims = {"jti": _b64(os.urandom(24)), "iat": int(time.time()), "iss": issuer.public_key.decode(),
+              "sub": subject, "name": name, "nats": {**nats_claims, "version": 2}}
+    signed = f"{JWT_HEADER}.{_b64(json.dumps(claims).encode())}"
+    return f"{signed}.{_b64(issuer.sign(signed.encode()))}"
+
+
+def operator_mode_server(store: Path) -> tuple[NatsServer, Path]:
+    """A nats-server in operator mode (decentralised JWT auth, as Synadia Cloud and `nsc` set up), with
+    one JetStream account, and a credentials file for a user of it."""
+    def key(prefix: int) -> nkeys.KeyPair:
+        return nkeys.from_seed(nkeys.encode_seed(os.urandom(32), prefix))
+
+    operator, system, account = key(nkeys.PREFIX_BYTE_OPERATOR), key(nkeys.PREFIX_BYTE_ACCOUNT), key(
+        nkeys.PREFIX_BYTE_ACCOUNT)
+    user = key(nkeys.PREFIX_BYTE_USER)
+    unlimited = {k: -1 for k in ("subs", "data", "payload", "imports", "exports", "conn", "leaf", "mem_storage",
+                                  "disk_storage", "streams", "consumer")}
+    accounts = {system.public_key.decode(): _jwt(operator, system.public_key.decode(), "SYS", {"type": "account"}),
+                account.public_key.decode(): _jwt(operator, account.public_key.decode(), "APP",
+                                                  {"type": "account", "limits": unlimited})}
+    store.mkdir(parents=True)
+    preload = ", ".join(f"{k}: {v}" for k, v in accounts.items())
+    (store / "operator.conf").write_text(
+        f"operator: {_jwt(operator, operator.public_key.decode(), 'OP', {'type': 'operator'})}\n"
+        f"system_account: {system.public_key.decode()}\nresolver: MEMORY\nresolver_preload: {{ {preload} }}\n")
+    user_jwt = _jwt(account, user.public_key.decode(), "tipstream", {"type": "user", "subs": -1, "data": -1,
+                                                                     "payload": -1})
+    (store / "tipstream.creds").write_text(
+        f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
+        f"-----BEGIN USER NKEY SEED-----\n{user.seed.decode()}\n------END USER NKEY SEED------\n")
+    return NatsServer(store, args=("-c", str(store / "operator.conf"))), store / "tipstream.creds"
+
+
+async def test_the_service_runs_on_an_operator_mode_server_with_a_credentials_file(tmp_path: Path) -> None:
+    server, creds = operator_mode_server(tmp_path / "operator")
+    server.start()
+    try:
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):  # the server asks for the JWT
+            await jsx.connect(server.url, allow_reconnect=False, connect_timeout=5)
+        running = await serve_in_process(data_dir=tmp_path / "data", nats_url=server.url, nats_creds=creds)
+        try:
+            async with httpx.AsyncClient(base_url=running.base_url) as http:
+                answer = await http.post("/score", json={"user_id": "u-1", "candidates": [{"tip_id": "t-1"}]})
+            assert answer.status_code == 200, answer.text
+            js = running.service.nc.jetstream()
+            await eventually(lambda: running.service.publisher.published >= 1)
+            assert (await js.stream_info("DECISIONS")).state.messages == 1
+        finally:
+            await running.stop()
+    finally:
+        server.stop()
