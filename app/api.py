@@ -11,6 +11,7 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.applications import Starlette
 from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
@@ -19,6 +20,7 @@ from starlette.schemas import SchemaGenerator
 from app import admin
 from app import openapi as openapi_document
 from app.bootstrap import Service
+from app.host_check import HostCheck, allowed_names
 from app.metrics import METRICS
 from app.request_body import path_is_utf8
 from app.score_endpoint import UNAVAILABLE, ScoreEndpoint
@@ -227,6 +229,7 @@ def create_app(settings: Settings, service: Service | None = None, *, started: b
         ],
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error},
+        middleware=[Middleware(HostCheck, allowed=allowed_names(settings.host, settings.allowed_hosts.split(",")))],
     )
     # Starlette answered a trailing slash with a 307 to the Host header's address and no body:
     # curl printed nothing, and a client that does not follow redirects got no answer to read.

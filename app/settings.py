@@ -141,6 +141,11 @@ class Settings(BaseSettings):
         description="SQLAlchemy URL, e.g. `postgresql+psycopg://user@host/db`. Unset: SQLite at `<data_dir>/tipstream.db`.",
     )
     host: str = Field("127.0.0.1", description="HTTP bind address.")
+    allowed_hosts: str = Field(
+        "", description="Host names, comma-separated, that requests may give in their Host header besides "
+        "localhost, 127.0.0.1 and [::1] (a proxy's, e.g. `tips.example.com`); others get a 400, against DNS "
+        "rebinding. Empty: those three only with TIPSTREAM_HOST on loopback, any name otherwise. `*`: any name.",
+    )
     port: int = Field(
         8000, ge=0, le=65535,
         description="HTTP port. 0 picks a free one: `tipstream run` prints which (`tipstream on http://...`), "
@@ -419,6 +424,16 @@ class Settings(BaseSettings):
         # database and the NATS store, without a word.
         if info.field_name == "data_dir" and isinstance(value, str) and value != value.strip():
             raise ValueError(f"has spaces or a line break around it: remove them (e.g. {value.strip()!r})")
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: str) -> str:
+        for name in (part.strip() for part in value.split(",")):
+            # A URL or a port there matched no Host header ever: every request through the proxy was refused.
+            if "/" in name or (":" in name and not name.startswith("[")) or " " in name:
+                raise ValueError(f"{name!r} is not a host name: give names only, without scheme or port "
+                                 "(e.g. tips.example.com,10.0.0.5)")
         return value
 
     @field_validator("nats_url")

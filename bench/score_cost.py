@@ -95,7 +95,7 @@ async def call(app: Any, method: str, path: str, body: bytes = b"") -> int:
     scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
              "root_path": "", "http_version": "1.1", "scheme": "http", "server": ("127.0.0.1", 8000),
              "client": ("127.0.0.1", 50000), "app": app, "state": {},
-             "headers": [(b"host", b"bench"), (b"content-type", b"application/json"),
+             "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"),
                          (b"content-length", str(len(body)).encode())]}
     delivered = False
     status = 0

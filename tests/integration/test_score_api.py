@@ -201,7 +201,7 @@ async def test_bad_requests_get_4xx_naming_the_field_and_log_nothing(start_servi
         nowhere = await http.post("/scores", json=body())
         assert nowhere.status_code == 404 and nowhere.json()["error"] == "POST /scores: Not Found"
         # A trailing slash was a 307 with no body, to wherever the Host header pointed.
-        slashed = await http.post("/score/", json=body(), headers={"host": "elsewhere.example"})
+        slashed = await http.post("/score/", json=body())
         assert slashed.status_code == 404 and "location" not in slashed.headers
         assert slashed.json()["error"] == "POST /score/: Not Found; the path is /score, without the trailing slash"
         features = await http.get("/users/u-1/features/")
@@ -214,6 +214,26 @@ async def test_bad_requests_get_4xx_naming_the_field_and_log_nothing(start_servi
     await eventually(lambda: service.publisher.published == 3)
     assert [d for d in service.learner.cache] == [answer.json()["decision_id"] for answer in ok]
     assert await decisions_in_stream(nc.jetstream()) == 3
+
+
+async def test_a_request_naming_another_host_is_refused_against_dns_rebinding(start_service, nc) -> None:
+    """A web page whose domain its owner pointed at 127.0.0.1 once loaded is, to the browser, the service's
+    own origin: it could read any user's features and /metrics, and post to /score. Its requests name
+    that domain in Host, which a service on loopback never answers to."""
+    running = await start_service(allowed_hosts="tips.example")
+    port = running.base_url.rsplit(":", 1)[1]
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        for host in ("rebound.example", f"rebound.example:{port}", "127.0.0.1.nip.io", f"localhost.evil:{port}"):
+            for method, path, sent in (("GET", "/users/u-1/features", None), ("GET", "/metrics", None),
+                                       ("POST", "/score", body())):
+                answer = await http.request(method, path, json=sent, headers={"host": host})
+                assert answer.status_code == 400 and answer.json()["field"] == "Host", (host, path, answer.text)
+                assert f"Host {host!r} is not a name" in answer.json()["error"], answer.text
+                assert "add it to TIPSTREAM_ALLOWED_HOSTS" in answer.json()["error"], answer.text
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "tips.example", "TIPS.example."):
+            answer = await http.post("/score", json=body(), headers={"host": host})
+            assert answer.status_code == 200, (host, answer.text)
+    assert len(running.service.learner.cache) == 5, "a refused request logged a decision"
 
 
 async def test_a_body_not_in_utf8_is_refused_as_such_not_as_bad_json(start_service, nc) -> None:

@@ -323,3 +323,15 @@ def test_nats_credentials_and_tls_files_are_checked_at_start_naming_the_setting(
         monkeypatch.setenv("NATS_URL", "nats://nats.example:4222")
     with pytest.raises(SettingsError, match=rf"^{variable}='{path}': .*{re.escape(told)}"):
         load_settings()
+
+
+@pytest.mark.parametrize("given", ["https://tips.example.com", "tips.example.com:443", "a.example b.example"])
+def test_allowed_hosts_that_no_host_header_could_match_are_refused(given: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A URL or a port there matched no request's Host: every request through the proxy got a 400."""
+    from app.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("TIPSTREAM_ALLOWED_HOSTS", f"localhost,{given}")
+    with pytest.raises(SettingsError, match=r"^TIPSTREAM_ALLOWED_HOSTS=.*is not a host name: give names only"):
+        load_settings()
+    monkeypatch.setenv("TIPSTREAM_ALLOWED_HOSTS", "tips.example.com, 10.0.0.5,[::1]")
+    assert load_settings().allowed_hosts

@@ -1,0 +1,94 @@
+"""The names a request's Host header may give, against DNS rebinding.
+
+A web page an operator opens can point its own domain at 127.0.0.1 once loaded; the browser then
+takes the service on loopback for that page's origin, so the page could read any user's
+`/users/{id}/features` and `/metrics`, and post to `/score`, with no cross-origin check in the way.
+Its requests still name the page's domain in Host, which a service on loopback never answers to
+(Jupyter and Vite refuse them the same way). The admin routes need the token either way.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.request_body import drain
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding to `host` answers this machine only.
+
+    >>> is_loopback("127.0.0.1"), is_loopback("::1"), is_loopback("localhost"), is_loopback("0.0.0.0")
+    (True, True, True, False)
+    """
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_names(bind_host: str, extra: Iterable[str]) -> frozenset[str] | None:
+    """The host names a request may give (None: any), for a service bound to `bind_host`, with
+    TIPSTREAM_ALLOWED_HOSTS' `extra` names: loopback names always, and by default no others on
+    loopback, where nothing else reaches the service but a rebound name; bound elsewhere, any by
+    default, the service being reached by whatever names the network gives it.
+
+    >>> sorted(allowed_names("127.0.0.1", []))
+    ['127.0.0.1', '[::1]', 'localhost']
+    >>> sorted(allowed_names("127.0.0.1", ["Tips.Example."]))
+    ['127.0.0.1', '[::1]', 'localhost', 'tips.example']
+    >>> allowed_names("0.0.0.0", []), allowed_names("127.0.0.1", ["*"])
+    (None, None)
+    """
+    names = {name.strip().lower().rstrip(".") for name in extra if name.strip()}
+    if "*" in names or (not names and not is_loopback(bind_host)):
+        return None
+    return LOOPBACK_NAMES | names
+
+
+def host_name(header: bytes) -> str:
+    """The name a Host header gives, without its port, lowercased.
+
+    >>> host_name(b"LocalHost:8000"), host_name(b"[::1]:8000"), host_name(b"tips.example."), host_name(b"[::1]")
+    ('localhost', '[::1]', 'tips.example', '[::1]')
+    """
+    text = header.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[: text.find("]") + 1] if "]" in text else text
+    return text.rsplit(":", 1)[0].rstrip(".") if ":" in text else text.rstrip(".")
+
+
+class HostCheck:
+    """Refuses, with a 400 naming the setting, an HTTP request whose Host is not an allowed name. A
+    request without Host (HTTP/1.0) passes: no browser sends one."""
+
+    def __init__(self, app: ASGIApp, allowed: frozenset[str] | None) -> None:
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.allowed is not None and scope["type"] == "http":
+            for name, value in scope["headers"]:
+                if name == b"host":
+                    if host_name(value) not in self.allowed:
+                        return await self._refuse(value, scope, receive, send)
+                    break
+        await self.app(scope, receive, send)
+
+    async def _refuse(self, value: bytes, scope: Scope, receive: Receive, send: Send) -> None:
+        await drain(receive, scope)  # a body still being sent gets the answer, not a reset
+        given = value.decode("latin-1")
+        body = json.dumps({"field": "Host", "error": (
+            f"Host {given!r} is not a name this service answers to (it refuses other names, against DNS "
+            "rebinding): add it to TIPSTREAM_ALLOWED_HOSTS, e.g. the name a proxy in front forwards, "
+            f"or call it by one of {', '.join(sorted(self.allowed or ()))}")}).encode()
+        headers: list[Any] = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": 400, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
