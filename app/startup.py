@@ -441,12 +441,19 @@ def _database_error(error: Any, settings: Settings) -> StartupError:
         from sqlalchemy.engine import make_url
 
         user = make_url(settings.sqlalchemy_url).username or "<user>"
+        schema, exists = _schema_to_grant(settings.sqlalchemy_url, cause)
+        if not exists:
+            return StartupError(
+                f"The database {url} (DATABASE_URL) refused tipstream's user: {cause}. Schema {schema}, the first of "
+                f"the user's search_path, does not exist: create it (`CREATE SCHEMA {schema} AUTHORIZATION {user}`), "
+                "or name one that does in DATABASE_URL (`?options=-csearch_path%3D<schema>`).")
+        where = ("PostgreSQL 15 and later let only the database's owner create in `public`: " if schema == "public"
+                 else f"schema {schema} is the first of the user's search_path: ")
         return StartupError(
             f"The database {url} (DATABASE_URL) refused tipstream's user: {cause}. tipstream creates and "
-            f"writes its own tables: grant that (PostgreSQL 15 and later let only the database's owner create "
-            f"in `public`: `GRANT USAGE, CREATE ON SCHEMA public TO {user}`, and on tables another user "
-            f"made, `GRANT ALL ON ALL TABLES IN SCHEMA public TO {user}` and the same ON ALL SEQUENCES), or set "
-            "DATABASE_URL to the owner's user.")
+            f"writes its own tables: grant that ({where}`GRANT USAGE, CREATE ON SCHEMA {schema} TO {user}`, and on "
+            f"tables another user made, `GRANT ALL ON ALL TABLES IN SCHEMA {schema} TO {user}` and the same ON ALL "
+            "SEQUENCES), or set DATABASE_URL to the owner's user.")
     if cause == "database is locked":  # SQLite, after its 30 s busy timeout: the path is fine
         where = "DATABASE_URL" if settings.database_url else "SQLite under TIPSTREAM_DATA_DIR"
         return StartupError(f"The database {url} ({where}) stayed locked by another process for 30 s: a "
@@ -481,6 +488,33 @@ def _database_error(error: Any, settings: Settings) -> StartupError:
         return StartupError(f"Cannot open the database {url} (DATABASE_URL): {cause}. {fix}")
     return StartupError(f"Cannot open the database {url} (SQLite under TIPSTREAM_DATA_DIR): {cause}. "
                         "Set TIPSTREAM_DATA_DIR to a directory this user can write, or DATABASE_URL to PostgreSQL.")
+
+
+def _schema_to_grant(url: str, cause: str) -> tuple[str, bool]:
+    """The schema tipstream's tables go in, which the GRANT must name, and whether it exists: the one
+    the server refused, else the first of the user's search_path it may use (`options=-csearch_path=
+    tipstream` in DATABASE_URL, or `ALTER ROLE ... SET search_path`), else the first it names. The
+    message named `public` whatever the search_path, and the GRANT it gave changed nothing."""
+    refused = re.fullmatch(r"permission denied for schema (.+)", cause)
+    from sqlalchemy import text
+
+    from app.db import make_engine
+
+    try:
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                schema, path = conn.execute(text("SELECT current_schema(), current_setting('search_path')")).one()
+                named = [name.strip().strip('"') for name in path.split(",")]
+                schema = (refused.group(1) if refused else
+                          schema or next((name for name in named if name and name != "$user"), "public"))
+                exists = conn.execute(text("SELECT count(*) FROM pg_namespace WHERE nspname = :name"),
+                                      {"name": schema}).scalar_one() > 0
+        finally:
+            engine.dispose()
+    except Exception:  # noqa: BLE001 - the message goes on with what the server said, or PostgreSQL's default
+        return (refused.group(1) if refused else "public"), True
+    return (schema if re.fullmatch(r"[a-z_][a-z0-9_$]*", schema) else '"' + schema.replace('"', '""') + '"'), exists
 
 
 def _cause(error: Any) -> str:

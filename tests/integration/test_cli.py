@@ -493,6 +493,48 @@ def test_a_postgresql_user_that_may_not_create_tables_is_told_the_grant(
     assert "LINE" not in err and "createdb" not in err
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize(("schema", "told"), [
+    ("tipstream", "GRANT USAGE, CREATE ON SCHEMA tipstream TO {role}"),  # made by the owner, USAGE granted only
+    ("tipstream_missing", "CREATE SCHEMA tipstream_missing AUTHORIZATION {role}"),
+])
+def test_a_postgresql_user_whose_search_path_names_another_schema_is_told_that_schema(
+        schema: str, told: str, postgres_url: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """DATABASE_URL's `options=-csearch_path=tipstream` puts the tables in that schema. A user that
+    may not create there was told to GRANT on `public`, which changed nothing."""
+    import uuid
+
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+
+    from tests.conftest import POSTGRES_ADMIN_URL, reset_postgres
+
+    reset_postgres(postgres_url)
+    role = f"tipstream_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    owner = sa.create_engine(postgres_url)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE ROLE {role} LOGIN"))
+    with owner.begin() as conn:
+        conn.execute(sa.text("CREATE SCHEMA tipstream"))
+        conn.execute(sa.text(f"GRANT USAGE ON SCHEMA tipstream TO {role}"))
+    url = make_url(postgres_url).set(username=role).update_query_dict({"options": f"-csearch_path={schema}"})
+    monkeypatch.setenv("DATABASE_URL", url.render_as_string(False))
+    try:
+        assert main(["migrate"]) == 1
+    finally:
+        with owner.begin() as conn:
+            conn.execute(sa.text("DROP SCHEMA tipstream CASCADE"))
+        owner.dispose()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP ROLE {role}"))
+        admin.dispose()
+    err = capsys.readouterr().err
+    assert err.startswith("tipstream: ") and err.count("\n") == 1, err
+    assert told.format(role=role) in err and "SCHEMA public" not in err, err
+
+
 @pytest.mark.parametrize("encoding", ["LATIN1", "SQL_ASCII"])
 def test_a_postgresql_database_not_in_utf8_is_refused_before_anything_is_written(
         encoding: str, postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
