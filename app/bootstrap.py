@@ -36,7 +36,7 @@ from app import decision_spool, loop_lag, migrate, version
 from app.checkpoint_writer import CheckpointWriter
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.collector import FreezePolicy
-from app.db import autovacuum_is_off, make_engine
+from app.db import autovacuum_is_off, make_engine, refused_by_setting
 from app.decision_publisher import DecisionPublisher
 from app.decision_tail import OwnTail
 from app.decisions import TipScoresLog, decode_decision
@@ -575,7 +575,9 @@ class Service:
             try:
                 await self.checkpointer.checkpoint()
             except Exception as error:  # noqa: BLE001
-                log.warning("last checkpoint failed (%s); the next start replays from the previous one", error)
+                setting = refused_by_setting(error, self.engine.url.username)
+                log.warning("last checkpoint failed (%s); the next start replays from the previous one",
+                            error if setting is None else f"{str(error.orig).strip().splitlines()[0]}: {setting}")
             else:
                 await self._last_offline_pass()
         if self.checkpoint_writer:

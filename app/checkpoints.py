@@ -220,10 +220,20 @@ class Checkpointer:
             except Exception as error:  # noqa: BLE001 - any database error is retried
                 self.failures += 1
                 METRICS.checkpoint_failures.inc()
-                log.warning("checkpoint failed (%s); retrying in %.1fs, or once the database answers again. Events "
-                            "are safe in the streams.%s", error, backoff, _fix_for(error))
+                setting = db.refused_by_setting(error, self._user())
+                if setting is not None:  # the driver's line, not SQLAlchemy's statement and rows: the fix stays in view
+                    log.warning("checkpoint failed (%s): %s. Connections opened from now on read the setting as it "
+                                "is then, so mending it needs no restart. Retrying in %.1fs; events are safe in the "
+                                "streams.", str(getattr(error, "orig", error)).strip().splitlines()[0], setting, backoff)
+                else:
+                    log.warning("checkpoint failed (%s); retrying in %.1fs, or once the database answers again. "
+                                "Events are safe in the streams.%s", error, backoff, _fix_for(error))
                 await self.wait_to_retry(backoff)
                 backoff = min(backoff * 2, self.retry_max_s)
+
+    def _user(self) -> str | None:
+        engine = getattr(self.target, "engine", None)
+        return engine.url.username if engine is not None else None
 
     def health(self) -> dict[str, Any]:
         """For /readyz: whether the last checkpoint succeeded, and how long ago one did (or found

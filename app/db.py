@@ -216,7 +216,37 @@ def make_engine(url: str) -> Engine:
         # Before SQLAlchemy's own first query (insert=True), which a SQL_ASCII database fails with a TypeError.
         event.listen(engine, "first_connect", _refuse_other_encodings, insert=True)
         event.listen(engine, "connect", _in_utc)
+        event.listen(engine, "handle_error", _renew_connections_on_setting_refusals)
     return engine
+
+
+def refused_by_setting(error: BaseException, user: str | None = None) -> str | None:
+    """What a PostgreSQL session setting of the operator's made the server refuse, and the fix; None for
+    anything else. A role's or database's settings (`ALTER ROLE ... SET`) are read as a connection opens."""
+    orig = getattr(error, "orig", error)  # SQLAlchemy's error, or the driver's own
+    sqlstate = getattr(orig, "sqlstate", None)
+    user = user or "<user>"
+    if sqlstate == "25006":  # read_only_sql_transaction
+        return ("the database takes no writes from tipstream's user: it is a standby (a failover's old primary, or "
+                "DATABASE_URL naming a replica), or default_transaction_read_only is on for the user or the database. "
+                "Point DATABASE_URL at the primary (with several hosts, `?target_session_attrs=read-write` picks it), "
+                f"or `ALTER ROLE {user} SET default_transaction_read_only = off`")
+    if sqlstate == "57014" and "statement timeout" in str(orig):  # query_canceled, by the setting (not a cancel)
+        return ("PostgreSQL canceled one of tipstream's statements at statement_timeout, set for its user or the "
+                "database (`SHOW statement_timeout`): a checkpoint writes up to 500 rows a statement, and one cut "
+                "short is written again whole, with what came since. Raise it for tipstream's user "
+                f"(`ALTER ROLE {user} SET statement_timeout = '30s'`, or `?options=-cstatement_timeout%3D30s` in "
+                "DATABASE_URL)")
+    return None
+
+
+def _renew_connections_on_setting_refusals(context: Any) -> None:
+    """A refusal a session setting made (`refused_by_setting`) ends the pool's connections, as a
+    disconnect does: a setting is read once, as a connection opens, so the pool kept connections
+    with the old one, and an operator who mended it (`ALTER ROLE ... RESET statement_timeout`, or
+    `default_transaction_read_only`) saw every checkpoint fail until a restart."""
+    if refused_by_setting(context.original_exception) is not None:
+        context.is_disconnect = True
 
 
 def _in_utc(dbapi_connection: Any, _record: Any) -> None:

@@ -238,3 +238,60 @@ async def test_a_stream_held_at_a_user_read_goes_on_once_the_database_answers(
     await eventually(lambda: "idle" in store.users, timeout=20)
     assert failed == 5
     assert time.monotonic() - back_at < 1.5, "folded within a probe or two of the database's return"
+
+
+def alter_database(database: str, clause: str) -> None:
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'ALTER DATABASE "{database}" {clause}'))
+    admin.dispose()
+
+
+def reconnect_pool(database: str, but: int) -> None:
+    """End the service's pooled sessions (not its lock's, nor pid `but`), as a failover does: they open
+    again under the database's settings as they are now."""
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text("select pg_terminate_backend(pid) from pg_stat_activity where datname = :d "
+                             "and application_name not like 'tipstream %' and pid <> :but"), {"d": database, "but": but})
+    admin.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(("setting", "value"), [("default_transaction_read_only", "on"),
+                                                ("statement_timeout", "'100ms'")])
+async def test_a_session_setting_refusing_checkpoints_is_named_and_once_mended_needs_no_restart(
+        setting: str, value: str, start_service, nc, postgres_url, caplog) -> None:
+    """An operator's `ALTER ROLE/DATABASE ... SET` (read-only after a failover to a standby, a statement
+    timeout shorter than a checkpoint's statements) failed every checkpoint with SQLAlchemy's statement
+    and rows in the log, not the setting; and mended, it still failed them until a restart, since the
+    pool kept the connections that had read the old setting."""
+    from tests.conftest import reset_postgres
+
+    reset_postgres(postgres_url)
+    database = postgres_url.rsplit("/", 1)[1]
+    running = await start_service(database_url=postgres_url, checkpoint_every_s=0.1)
+    running.service.checkpointer.retry_first_s = 0.1  # the retries' backoff is not what is tested
+    js = nc.jetstream()
+    for i in range(10):
+        await js.publish("signals.app.opened", opened(i))
+    await eventually(lambda: checkpointed(postgres_url) == 10)
+
+    locker = sa.create_engine(postgres_url)  # a statement waiting for a lock meets the timeout, every time
+    failures_before = METRICS.checkpoint_failures._value.get()
+    with locker.connect() as held:
+        if setting == "statement_timeout":
+            held.execute(sa.text("LOCK TABLE stream_positions IN ACCESS EXCLUSIVE MODE"))
+        alter_database(database, f"SET {setting} = {value}")
+        try:
+            reconnect_pool(database, but=held.execute(sa.text("select pg_backend_pid()")).scalar_one())
+            for i in range(10, 20):
+                await js.publish("signals.app.opened", opened(i))
+            await eventually(lambda: METRICS.checkpoint_failures._value.get() > failures_before)
+        finally:
+            alter_database(database, f"RESET {setting}")
+    failed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checkpoint failed")]
+    assert failed and setting in failed[-1] and "needs no restart" in failed[-1], failed
+    assert "[SQL:" not in failed[-1] and "[parameters:" not in failed[-1], failed[-1]
+    await eventually(lambda: checkpointed(postgres_url) == 20, timeout=15)
+    locker.dispose()
