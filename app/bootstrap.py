@@ -36,7 +36,7 @@ from app import decision_spool, loop_lag, migrate, version
 from app.checkpoint_writer import CheckpointWriter
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.collector import FreezePolicy
-from app.db import autovacuum_is_off, make_engine, refused_by_setting
+from app.db import autovacuum_is_off, make_engine, refuse_read_only, refused_by_setting
 from app.decision_publisher import DecisionPublisher
 from app.decision_tail import OwnTail
 from app.decisions import TipScoresLog, decode_decision
@@ -170,6 +170,7 @@ class Service:
                 every(SERVICE_LOCK_CHECK_S, self._keep_service_lock, "checking the database lock"),
                 name="database lock"))
         await asyncio.to_thread(migrate.upgrade, s.sqlalchemy_url)
+        await asyncio.to_thread(refuse_read_only, self.engine)
         if await asyncio.to_thread(autovacuum_is_off, self.engine):
             log.warning("PostgreSQL's autovacuum is off (SHOW autovacuum): every checkpoint rewrites the state of each "
                         "user with new events, and the old rows are kept until a VACUUM (a database of 8 MB grew to "

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -257,6 +258,54 @@ def _in_utc(dbapi_connection: Any, _record: Any) -> None:
     with dbapi_connection.cursor() as cursor:
         cursor.execute("SET TIME ZONE 'UTC'")
     dbapi_connection.commit()  # else the pool's rollback on the connection's return undoes it
+
+
+class DatabaseReadOnlyError(Exception):
+    """A PostgreSQL database that takes no writes from tipstream's user."""
+
+
+def refuse_read_only(engine: Engine) -> None:
+    """Raise DatabaseReadOnlyError, naming why and the fix, if the database takes no writes from this
+    user: a start on a standby (a failover's old primary, a replica's address) or with
+    `default_transaction_read_only` on migrated nothing, served, and failed every checkpoint, so
+    nothing it read or served was saved.
+
+    >>> refuse_read_only(make_engine("sqlite://"))
+    """
+    if engine.dialect.name != "postgresql":
+        return
+    with engine.connect() as conn:
+        name, user, read_only, standby, source = conn.execute(text(
+            "SELECT current_database(), current_user, current_setting('transaction_read_only'), pg_is_in_recovery(), "
+            "(SELECT source FROM pg_settings WHERE name = 'default_transaction_read_only')")).one()
+    if read_only != "on":
+        return
+    database, role = quoted(name), quoted(user)
+    if standby:
+        why = ("The server is a standby (in recovery): point DATABASE_URL at the primary (with several hosts, "
+               "`?target_session_attrs=read-write` picks it)")
+    elif source == "client":
+        why = "DATABASE_URL sets default_transaction_read_only (`options=-cdefault_transaction_read_only=on`): remove it"
+    else:
+        fix = {"database": f"ALTER DATABASE {database} RESET default_transaction_read_only",
+               "user": f"ALTER ROLE {role} RESET default_transaction_read_only",
+               "database user": f"ALTER ROLE {role} IN DATABASE {database} RESET default_transaction_read_only",
+               }.get(source, f"ALTER ROLE {role} SET default_transaction_read_only = off")
+        where = {"database": "the database's", "user": "the user's", "database user": "the user's in this database",
+                 "configuration file": "the server's"}.get(source, source)
+        why = f"It has default_transaction_read_only on ({where} setting): `{fix}`"
+    raise DatabaseReadOnlyError(
+        f"The PostgreSQL database {name} takes no writes from tipstream's user {user}: tipstream writes its "
+        f"checkpoints, decision log and models there, and would run saving none of them. {why}.")
+
+
+def quoted(name: str) -> str:
+    """A PostgreSQL identifier as a statement must spell it.
+
+    >>> quoted("tipstream"), quoted("Tips-Prod")
+    ('tipstream', '"Tips-Prod"')
+    """
+    return name if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else '"' + name.replace('"', '""') + '"'
 
 
 class DatabaseEncodingError(Exception):

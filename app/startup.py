@@ -386,9 +386,9 @@ def explain(error: BaseException, settings: Settings) -> StartupError | None:
                             "TIPSTREAM_DATA_DIR.")
     if isinstance(error, DBAPIError):
         return _database_error(error, settings)
-    from app.db import DatabaseEncodingError
+    from app.db import DatabaseEncodingError, DatabaseReadOnlyError
 
-    if isinstance(error, DatabaseEncodingError):
+    if isinstance(error, (DatabaseEncodingError, DatabaseReadOnlyError)):
         return StartupError(str(error))
     from alembic.util import CommandError
 
@@ -435,11 +435,11 @@ NOT_ALLOWED = ("42501", "3F000")
 
 
 def _database_error(error: Any, settings: Settings) -> StartupError:
+    from sqlalchemy.engine import make_url
+
     url = shown_database_url(settings.sqlalchemy_url)
     cause = _cause(error)
     if getattr(getattr(error.orig, "diag", None), "sqlstate", None) in NOT_ALLOWED:
-        from sqlalchemy.engine import make_url
-
         user = make_url(settings.sqlalchemy_url).username or "<user>"
         schema, exists = _schema_to_grant(settings.sqlalchemy_url, cause)
         if not exists:
@@ -454,6 +454,13 @@ def _database_error(error: Any, settings: Settings) -> StartupError:
             f"writes its own tables: grant that ({where}`GRANT USAGE, CREATE ON SCHEMA {schema} TO {user}`, and on "
             f"tables another user made, `GRANT ALL ON ALL TABLES IN SCHEMA {schema} TO {user}` and the same ON ALL "
             "SEQUENCES), or set DATABASE_URL to the owner's user.")
+    from app.db import refused_by_setting
+
+    # A migration on a read-only database: why, and the fix, as a start at head is told.
+    if getattr(error.orig, "sqlstate", None) == "25006" and (why := _read_only(settings.sqlalchemy_url)):
+        return StartupError(why)
+    if (setting := refused_by_setting(error, make_url(settings.sqlalchemy_url).username)) is not None:
+        return StartupError(f"The database {url} (DATABASE_URL) refused tipstream: {cause}: {setting}.")
     if cause == "database is locked":  # SQLite, after its 30 s busy timeout: the path is fine
         where = "DATABASE_URL" if settings.database_url else "SQLite under TIPSTREAM_DATA_DIR"
         return StartupError(f"The database {url} ({where}) stayed locked by another process for 30 s: a "
@@ -490,6 +497,21 @@ def _database_error(error: Any, settings: Settings) -> StartupError:
                         "Set TIPSTREAM_DATA_DIR to a directory this user can write, or DATABASE_URL to PostgreSQL.")
 
 
+def _read_only(url: str) -> str | None:
+    from app.db import DatabaseReadOnlyError, make_engine, refuse_read_only
+
+    engine = make_engine(url)
+    try:
+        refuse_read_only(engine)
+    except DatabaseReadOnlyError as read_only:
+        return str(read_only)
+    except Exception:  # noqa: BLE001 - the server's own words then
+        return None
+    finally:
+        engine.dispose()
+    return None
+
+
 def _schema_to_grant(url: str, cause: str) -> tuple[str, bool]:
     """The schema tipstream's tables go in, which the GRANT must name, and whether it exists: the one
     the server refused, else the first of the user's search_path it may use (`options=-csearch_path=
@@ -498,7 +520,7 @@ def _schema_to_grant(url: str, cause: str) -> tuple[str, bool]:
     refused = re.fullmatch(r"permission denied for schema (.+)", cause)
     from sqlalchemy import text
 
-    from app.db import make_engine
+    from app.db import make_engine, quoted
 
     try:
         engine = make_engine(url)
@@ -514,7 +536,7 @@ def _schema_to_grant(url: str, cause: str) -> tuple[str, bool]:
             engine.dispose()
     except Exception:  # noqa: BLE001 - the message goes on with what the server said, or PostgreSQL's default
         return (refused.group(1) if refused else "public"), True
-    return (schema if re.fullmatch(r"[a-z_][a-z0-9_$]*", schema) else '"' + schema.replace('"', '""') + '"'), exists
+    return quoted(schema), exists
 
 
 def _cause(error: Any) -> str:

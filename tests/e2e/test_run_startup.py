@@ -155,6 +155,45 @@ def test_a_missing_postgres_database_is_a_message_naming_database_url(tmp_path: 
                        f'database "{name}" does not exist', "unset DATABASE_URL")
 
 
+def test_a_read_only_postgres_database_is_a_message_naming_the_setting(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A database that takes no writes (default_transaction_read_only, or a standby: a failover's old
+    primary) took the start, which then served and failed every checkpoint: nothing read or served was
+    saved. A new database's migration said to check that the server runs and the database exists."""
+    problem = _postgres_reachable()
+    if problem:
+        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL} ({problem})")
+    import sqlalchemy as sa
+
+    from app import migrate
+    from app.cli import main
+
+    name = f"tipstream_read_only_{uuid.uuid4().hex[:8]}"
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+        conn.execute(sa.text(f"ALTER DATABASE {name} SET default_transaction_read_only = on"))
+    try:
+        told = (f"The PostgreSQL database {name} takes no writes from tipstream's user",
+                f"`ALTER DATABASE {name} RESET default_transaction_read_only`")
+        monkeypatch.setenv("DATABASE_URL", url)  # new: its migration refused (`tipstream migrate`, as a start)
+        monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))
+        assert main(["migrate"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("tipstream: ") and err.count("\n") == 1 and all(part in err for part in told), err
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"ALTER DATABASE {name} RESET default_transaction_read_only"))
+        migrate.upgrade(url)
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"ALTER DATABASE {name} SET default_transaction_read_only = on"))
+        assert_one_message(run(tmp_path, DATABASE_URL=url), *told)  # at head: nothing to migrate
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE {name} WITH (FORCE)"))
+        admin.dispose()
+
+
 def test_a_database_url_of_no_known_kind_is_a_message_without_its_password(tmp_path: Path) -> None:
     done = run(tmp_path, DATABASE_URL="postgres://tipstream:hunter2@127.0.0.1/tipstream")
     assert_one_message(done, "DATABASE_URL is not a database URL tipstream can use",
