@@ -490,11 +490,52 @@ def _database_error(error: Any, settings: Settings) -> StartupError:
         fix = "Set DATABASE_URL to a file in a directory this user can write, or unset it for TIPSTREAM_DATA_DIR's."
         return StartupError(f"Cannot open the database {url} (DATABASE_URL): {cause}. {fix}")
     if settings.database_url:
-        fix = ("Check that the server runs and the database exists (e.g. `createdb`), or unset DATABASE_URL "
-               "for SQLite under TIPSTREAM_DATA_DIR.")
+        fix = _connection_fix(cause, make_url(settings.sqlalchemy_url).username or "<user>") or (
+            "Check that the server runs and the database exists (e.g. `createdb`), or unset DATABASE_URL "
+            "for SQLite under TIPSTREAM_DATA_DIR.")
         return StartupError(f"Cannot open the database {url} (DATABASE_URL): {cause}. {fix}")
     return StartupError(f"Cannot open the database {url} (SQLite under TIPSTREAM_DATA_DIR): {cause}. "
                         "Set TIPSTREAM_DATA_DIR to a directory this user can write, or DATABASE_URL to PostgreSQL.")
+
+
+def _connection_fix(cause: str, user: str) -> str | None:
+    """The fix for a connection PostgreSQL (or libpq) refused for a reason other than the server or the
+    database being away, which is all the message used to say: 'check that the server runs and the
+    database exists' after a wrong password or a connection limit sent the operator the wrong way.
+
+    >>> print(_connection_fix('connection failed: connection to server at "db" (10.0.0.5), port 5432 failed: '
+    ...                       'FATAL:  password authentication failed for user "tipstream"', "tipstream"))
+    The server refused the password of tipstream (or has no such user, which it does not tell): write the right user and password in DATABASE_URL (`postgresql+psycopg://tipstream:<password>@host/database`, with @ : / % ? # in it written %40 %3A %2F %25 %3F %23), or in ~/.pgpass.
+    >>> _connection_fix("connection failed: connection to server at ... failed: Connection refused", "t") is None
+    True
+    """
+    from app.db import quoted
+
+    if "password authentication failed" in cause:
+        return (f"The server refused the password of {user} (or has no such user, which it does not tell): write "
+                "the right user and password in DATABASE_URL "
+                f"(`postgresql+psycopg://{user}:<password>@host/database`, with @ : / % ? # in it written %40 %3A %2F "
+                "%25 %3F %23), or in ~/.pgpass.")
+    if "no password supplied" in cause:
+        return (f"The server asks for {user}'s password and DATABASE_URL gives none: add it "
+                f"(`postgresql+psycopg://{user}:<password>@host/database`), or put it in ~/.pgpass.")
+    if "server does not support SSL, but SSL was required" in cause:
+        return ("DATABASE_URL asks for SSL (`sslmode=require`, `verify-ca` or `verify-full`) and the server offers "
+                "none: turn on `ssl` in the server's postgresql.conf, or, on a network where the link needs no "
+                "encryption, take sslmode out of DATABASE_URL.")
+    if "no pg_hba.conf entry" in cause:
+        return (f"The server's pg_hba.conf lets {user} in from nowhere this host is: add a line for this host, user "
+                "and database there (then `SELECT pg_reload_conf()`), or connect as a user it lets in.")
+    if re.search(r'role ".*" does not exist', cause):
+        return f"Create the user (`CREATE ROLE {user} LOGIN PASSWORD '...'`), or name one that exists in DATABASE_URL."
+    limit = re.search(r"too many connections for (database|role) \"(.*)\"", cause)
+    if limit or "too many clients already" in cause or "remaining connection slots are reserved" in cause:
+        where = (f"`ALTER {limit.group(1).upper()} {quoted(limit.group(2))} CONNECTION LIMIT <n>`" if limit
+                 else "the server's max_connections")
+        return (f"The server is at its limit of connections ({where}): tipstream holds one for its lock and opens "
+                "up to 15 more at a peak (its pool keeps 5). Raise the limit, or end the sessions that hold the "
+                "connections (`SELECT * FROM pg_stat_activity`).")
+    return None
 
 
 def _read_only(url: str) -> str | None:

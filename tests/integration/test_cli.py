@@ -535,6 +535,53 @@ def test_a_postgresql_user_whose_search_path_names_another_schema_is_told_that_s
     assert told.format(role=role) in err and "SCHEMA public" not in err, err
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize(("refusal", "told"), [
+    ("connection limit", "`ALTER DATABASE {database} CONNECTION LIMIT <n>`"),
+    ("no such role", "`CREATE ROLE {role} LOGIN PASSWORD '...'`"),
+    ("ssl required", "take sslmode out of DATABASE_URL"),
+])
+def test_a_connection_postgresql_refuses_is_told_with_its_own_fix(
+        refusal: str, told: str, postgres_url: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Every refused connection was told to 'check that the server runs and the database exists (e.g.
+    createdb)': a connection limit reached, a user that does not exist, SSL the server does not offer.
+    (A wrong or missing password, which a trust-only server never asks for: app.startup._connection_fix's
+    examples.)"""
+    import uuid
+
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+
+    from tests.conftest import POSTGRES_ADMIN_URL
+
+    database = make_url(postgres_url).database
+    role = f"tipstream_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        if refusal == "ssl required" and conn.execute(sa.text("SHOW ssl")).scalar() == "on":
+            pytest.skip("this server offers SSL")
+        if refusal == "connection limit":  # which binds users other than superusers
+            conn.execute(sa.text(f"CREATE ROLE {role} LOGIN"))
+            conn.execute(sa.text(f"ALTER DATABASE {database} CONNECTION LIMIT 0"))
+    url = make_url(postgres_url).set(username=role, password="hunter2")
+    if refusal == "ssl required":
+        url = make_url(postgres_url).set(password="hunter2").update_query_dict({"sslmode": "require"})
+    monkeypatch.setenv("DATABASE_URL", url.render_as_string(False))
+    try:
+        assert main(["migrate"]) == 1
+    finally:
+        with admin.connect() as conn:
+            if refusal == "connection limit":
+                conn.execute(sa.text(f"ALTER DATABASE {database} CONNECTION LIMIT -1"))
+                conn.execute(sa.text(f"DROP ROLE {role}"))
+        admin.dispose()
+    err = capsys.readouterr().err
+    assert err.startswith("tipstream: ") and err.count("\n") == 1, err
+    assert told.format(database=database, role=role) in err and "createdb" not in err, err
+    assert "hunter2" not in err
+
+
 @pytest.mark.parametrize("encoding", ["LATIN1", "SQL_ASCII"])
 def test_a_postgresql_database_not_in_utf8_is_refused_before_anything_is_written(
         encoding: str, postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
