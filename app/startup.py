@@ -441,6 +441,17 @@ def _database_error(error: Any, settings: Settings) -> StartupError:
     cause = _cause(error)
     if getattr(getattr(error.orig, "diag", None), "sqlstate", None) in NOT_ALLOWED:
         user = make_url(settings.sqlalchemy_url).username or "<user>"
+        if owned := re.fullmatch(r"must be owner of \w+ (.+)", cause):
+            # A GRANT gives no right to drop or alter a table: telling one did nothing for a migration (or
+            # `tipstream migrate base`) run as a user that may only read and write tables the owner made.
+            owner = _owner_of(settings.sqlalchemy_url, owned.group(1))
+            return StartupError(
+                f"The database {url} (DATABASE_URL) refused tipstream's user: {cause}. Creating, changing and "
+                f"dropping tipstream's tables (a migration, `tipstream migrate base`) is for their owner"
+                f"{f', {owner}' if owner else ''}: run `tipstream migrate` (or `migrate base`) with DATABASE_URL "
+                f"naming {owner or 'that user'}. A user that only reads and writes them (SELECT, INSERT, UPDATE, "
+                "DELETE, and USAGE on their sequences) runs the service once the owner has migrated them to its "
+                "release.")
         schema, exists = _schema_to_grant(settings.sqlalchemy_url, cause)
         if not exists:
             return StartupError(
@@ -536,6 +547,23 @@ def _connection_fix(cause: str, user: str) -> str | None:
                 "up to 15 more at a peak (its pool keeps 5). Raise the limit, or end the sessions that hold the "
                 "connections (`SELECT * FROM pg_stat_activity`).")
     return None
+
+
+def _owner_of(url: str, table: str) -> str | None:
+    from sqlalchemy import text
+
+    from app.db import make_engine
+
+    try:
+        engine = make_engine(url)
+        try:
+            with engine.connect() as conn:
+                return conn.execute(text("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = to_regclass(:t)"),
+                                    {"t": table}).scalar()
+        finally:
+            engine.dispose()
+    except Exception:  # noqa: BLE001 - the message goes on without the name
+        return None
 
 
 def _read_only(url: str) -> str | None:

@@ -536,6 +536,50 @@ def test_a_postgresql_user_whose_search_path_names_another_schema_is_told_that_s
 
 
 @pytest.mark.postgres
+def test_a_postgresql_user_that_only_reads_and_writes_the_tables_runs_but_is_told_who_migrates(
+        postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A user with SELECT, INSERT, UPDATE and DELETE on the owner's tables (least privilege) was told, at
+    `tipstream migrate base` or a new release's migration, to GRANT what it had: no grant lets a user drop
+    or alter a table, only its owner may."""
+    import uuid
+
+    import sqlalchemy as sa
+    from sqlalchemy.engine import make_url
+
+    from tests.conftest import POSTGRES_ADMIN_URL, reset_postgres
+
+    reset_postgres(postgres_url)
+    monkeypatch.setenv("DATABASE_URL", postgres_url)
+    assert main(["migrate"]) == 0
+    role = f"tipstream_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    owner = sa.create_engine(postgres_url)
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE ROLE {role} LOGIN"))
+    with owner.begin() as conn:
+        conn.execute(sa.text(f"GRANT USAGE ON SCHEMA public TO {role}"))
+        conn.execute(sa.text(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"))
+        conn.execute(sa.text(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"))
+    monkeypatch.setenv("DATABASE_URL", make_url(postgres_url).set(username=role).render_as_string(False))
+    get_settings.cache_clear()
+    try:
+        capsys.readouterr()
+        assert main(["migrate"]) == 0, capsys.readouterr().err  # at head: nothing to create
+        assert main(["migrate", "base"]) == 1
+    finally:
+        with owner.begin() as conn:
+            conn.execute(sa.text(f"DROP OWNED BY {role}"))
+        owner.dispose()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP ROLE {role}"))
+        admin.dispose()
+    err = capsys.readouterr().err
+    assert err.startswith("tipstream: ") and err.count("\n") == 1, err
+    assert "must be owner of table" in err and "for their owner, postgres" in err, err
+    assert "DATABASE_URL naming postgres" in err and "GRANT" not in err, err
+
+
+@pytest.mark.postgres
 @pytest.mark.parametrize(("refusal", "told"), [
     ("connection limit", "`ALTER DATABASE {database} CONNECTION LIMIT <n>`"),
     ("no such role", "`CREATE ROLE {role} LOGIN PASSWORD '...'`"),
