@@ -31,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from app.db import refused_by_setting
 from app.request_body import ClientGone, not_utf8, path_is_utf8, read_body
 from models.registry import RegistryError
 
@@ -150,8 +151,14 @@ def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[BaseMode
         except BadUserId as error:
             return _json(422, {"error": f"user_id: {error}", "field": "user_id"})
         except SQLAlchemyError as error:  # a change is swapped in only once saved (see Lineup._change)
-            response = _json(503, {"error": f"the database is away ({type(error).__name__}); nothing changed: try "
-                                            "again once it is back", "field": None})
+            engine = getattr(request.app.state.service, "engine", None)
+            setting = refused_by_setting(error, engine.url.username if engine is not None else None)
+            # A refusal by the operator's setting (a statement_timeout shorter than a registration's read of
+            # the decision log, say) read as an outage, to be waited out, which changed nothing.
+            why = (f"the database refused it ({str(getattr(error, 'orig', error)).strip().splitlines()[0]}): "
+                   f"{setting}; nothing changed" if setting is not None else
+                   f"the database is away ({type(error).__name__}); nothing changed: try again once it is back")
+            response = _json(503, {"error": why, "field": None})
             response.headers["Retry-After"] = "5"
             return response
         return _json(status, result)
@@ -166,7 +173,8 @@ _REFUSALS = {
     403: {"description": "wrong token, or TIPSTREAM_ADMIN_TOKEN unset"},
     413: {"description": f"the body is larger than {ADMIN_MAX_BODY_BYTES} bytes; nothing changed"},
     422: {"description": "a bad body (the field named); nothing changed"},
-    503: {"description": "the database is away; nothing changed", "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
+    503: {"description": "the database is away, or a setting of its refused the change (named, with its fix); "
+                         "nothing changed", "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
 }
 
 

@@ -234,8 +234,9 @@ def refused_by_setting(error: BaseException, user: str | None = None) -> str | N
                 f"or `ALTER ROLE {user} SET default_transaction_read_only = off`")
     if sqlstate == "57014" and "statement timeout" in str(orig):  # query_canceled, by the setting (not a cancel)
         return ("PostgreSQL canceled one of tipstream's statements at statement_timeout, set for its user or the "
-                "database (`SHOW statement_timeout`): a checkpoint writes up to 500 rows a statement, and one cut "
-                "short is written again whole, with what came since. Raise it for tipstream's user "
+                "database (`SHOW statement_timeout`): a checkpoint writes up to 500 rows a statement (one cut short "
+                "is written again whole, with what came since), a model's registration reads the decision log. "
+                "Raise it for tipstream's user "
                 f"(`ALTER ROLE {user} SET statement_timeout = '30s'`, or `?options=-cstatement_timeout%3D30s` in "
                 "DATABASE_URL)")
     return None

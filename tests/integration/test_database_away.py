@@ -295,3 +295,32 @@ async def test_a_session_setting_refusing_checkpoints_is_named_and_once_mended_n
     assert "[SQL:" not in failed[-1] and "[parameters:" not in failed[-1], failed[-1]
     await eventually(lambda: checkpointed(postgres_url) == 20, timeout=15)
     locker.dispose()
+
+
+@pytest.mark.postgres
+async def test_an_admin_change_refused_by_a_statement_timeout_names_it_not_an_outage(
+        start_service, postgres_url) -> None:
+    """A promotion (a registration, ...) cut short by the operator's statement_timeout answered 'the
+    database is away; try again once it is back': waiting changed nothing."""
+    from tests.conftest import reset_postgres
+
+    reset_postgres(postgres_url)
+    database = postgres_url.rsplit("/", 1)[1]
+    token = "s3cret-token-for-tests"
+    running = await start_service(database_url=postgres_url, admin_token=token, bootstrap_shadow_kind="logreg")
+    locker = sa.create_engine(postgres_url)
+    with locker.connect() as held:
+        held.execute(sa.text("LOCK TABLE model_rollouts IN ACCESS EXCLUSIVE MODE"))
+        alter_database(database, "SET statement_timeout = '100ms'")
+        try:
+            reconnect_pool(database, but=held.execute(sa.text("select pg_backend_pid()")).scalar_one())
+            async with httpx.AsyncClient(base_url=running.base_url) as http:
+                refused = await http.post("/admin/models/v2/promote", timeout=10,
+                                          headers={"Authorization": f"Bearer {token}"})
+        finally:
+            alter_database(database, "RESET statement_timeout")
+    locker.dispose()
+    assert refused.status_code == 503, refused.text
+    error = refused.json()["error"]
+    assert "statement_timeout" in error and "ALTER ROLE postgres SET statement_timeout" in error, error
+    assert "nothing changed" in error and "once it is back" not in error, error
