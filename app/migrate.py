@@ -97,7 +97,9 @@ def lock_holders(url: str, held_for_s: float) -> list[dict[str, object]]:
                 " extract(epoch FROM now() - a.xact_start) AS open_s, left(a.query, 80) AS query"
                 " FROM pg_locks l JOIN pg_class c ON c.oid = l.relation JOIN pg_stat_activity a ON a.pid = l.pid"
                 " WHERE l.granted AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-                " AND c.relname = ANY(:tables) AND a.pid <> pg_backend_pid()"
+                # This schema's tables only: a service on another schema of the database is not in the way.
+                " AND c.relname = ANY(:tables) AND c.relnamespace = to_regnamespace(current_schema())"
+                " AND a.pid <> pg_backend_pid()"
                 " AND a.xact_start <= now() - make_interval(secs => :held_for_s)"
                 " ORDER BY a.xact_start"),
                 {"tables": [*metadata.tables, "alembic_version"], "held_for_s": held_for_s})

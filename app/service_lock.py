@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import threading
+import zlib
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, make_url, text
@@ -30,7 +31,26 @@ SERVICE_LOCK = 0x7469707365727663  # "tipservc"; the migrations' lock is another
 SERVER_KEEPALIVES = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3",
                      "tcp_user_timeout": "30000"}  # a dead client's session ends within ~30 s
 # pg_locks shows a bigint key as two 32-bit halves.
-_HALVES = {"high": SERVICE_LOCK >> 32, "low": SERVICE_LOCK & 0xFFFFFFFF}
+
+
+def lock_key(schema: str | None) -> int:
+    """The service lock's key for tipstream's tables in `schema` (the first of its user's search_path):
+    services on two schemas of one database (`options=-csearch_path=...`) share no table, and the one
+    key for the whole database refused the second as if they did. `public`'s is the key releases took
+    before, so that such a service still finds one of them running on the database.
+
+    >>> lock_key("public") == lock_key(None) == SERVICE_LOCK
+    True
+    >>> len({lock_key("public"), lock_key("staging"), lock_key("tipstream")})
+    3
+    """
+    if schema in (None, "public"):
+        return SERVICE_LOCK
+    return SERVICE_LOCK ^ zlib.crc32(schema.encode())  # its upper half unchanged: a positive bigint still
+
+
+def _halves(key: int) -> dict[str, int]:
+    return {"high": key >> 32, "low": key & 0xFFFFFFFF}
 
 
 def session_name(host: str, pid: int) -> str:
@@ -56,10 +76,12 @@ class ServiceLockTaken(RuntimeError):
         # A file's lock goes with its process, which is on this host: no replicas, no dead host to wait for.
         how = "" if file else (" (in Kubernetes: one replica, with the Recreate strategy; a host that died lets "
                                "go within ~30 s)")
+        schema = "" if file else (", or a schema of its own in this one (`?options=-csearch_path%3D<schema>` in "
+                                  "DATABASE_URL)")
         super().__init__(
             f"Another tipstream service runs against this database ({holder}). One service per database: "
             f"two would each read part of every stream and write over each other's state. Stop the other "
-            f"first{how}, or give this one a database of its own (DATABASE_URL).")
+            f"first{how}, or give this one a database of its own (DATABASE_URL){schema}.")
 
 
 def sqlite_lock_path(url: str) -> Path | None:
@@ -126,9 +148,10 @@ class ServiceLock:
             for name in known:
                 conn.execute(text("SELECT set_config(:name, :value, false)"),
                              {"name": name, "value": SERVER_KEEPALIVES[name]})
-            taken = conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": SERVICE_LOCK}).scalar_one()
+            key = lock_key(conn.execute(text("SELECT current_schema()")).scalar())
+            taken = conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar_one()
             conn.commit()
-            holder = None if taken else self._holder(conn)
+            holder = None if taken else self._holder(conn, key)
         except BaseException:  # the session may hold the lock: it must not outlive this failure
             conn.close()
             self._drop()
@@ -203,8 +226,8 @@ class ServiceLock:
             self._engine = None
 
     @staticmethod
-    def _holder(conn: Connection) -> str:
-        return _holder_of(conn) or "it let go just now: start again"
+    def _holder(conn: Connection, key: int = SERVICE_LOCK) -> str:
+        return _holder_of(conn, key) or "it let go just now: start again"
 
 
 def holder(url: str) -> str | None:
@@ -216,18 +239,18 @@ def holder(url: str) -> str | None:
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
-            return _holder_of(conn)
+            return _holder_of(conn, lock_key(conn.execute(text("SELECT current_schema()")).scalar()))
     finally:
         engine.dispose()
 
 
-def _holder_of(conn: Connection) -> str | None:
+def _holder_of(conn: Connection, key: int) -> str | None:
     row = conn.execute(text(
         "SELECT a.application_name, a.client_addr, a.pid, a.backend_start FROM pg_locks l "
         "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
         # Advisory locks are per database: a service on another database of the server is not the holder.
         "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-        "AND l.classid = :high AND l.objid = :low AND l.objsubid = 1"), _HALVES).first()
+        "AND l.classid = :high AND l.objid = :low AND l.objsubid = 1"), _halves(key)).first()
     if row is None:
         return None
     where = f" from {row.client_addr}" if row.client_addr is not None else ""

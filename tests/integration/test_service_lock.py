@@ -96,6 +96,37 @@ async def test_a_second_service_on_the_database_is_refused_naming_the_first(
     assert len(lock_holders(postgres_url)) == 1
 
 
+def test_services_on_two_schemas_of_one_database_each_hold_their_own_lock(postgres_url: str) -> None:
+    """`options=-csearch_path=<schema>` in DATABASE_URL puts a service's tables in a schema of its own: a
+    second service on another schema of the database shares no table with the first, and was refused
+    as if it did (one lock for the whole database). Two on one schema still are."""
+    from app.service_lock import holder
+
+    def in_schema(name: str) -> str:
+        return sa.make_url(postgres_url).update_query_dict({"options": f"-csearch_path={name}"}).render_as_string(
+            hide_password=False)
+
+    admin = sa.create_engine(postgres_url)
+    with admin.begin() as conn:
+        conn.execute(sa.text("CREATE SCHEMA IF NOT EXISTS staging"))
+    public, staging = ServiceLock(postgres_url), ServiceLock(in_schema("staging"))
+    public.acquire()
+    try:
+        assert holder(in_schema("staging")) is None and holder(postgres_url) is not None
+        staging.acquire()
+        assert holder(in_schema("staging")) is not None
+        with pytest.raises(ServiceLockTaken):
+            ServiceLock(in_schema("staging")).acquire()
+        with pytest.raises(ServiceLockTaken):
+            ServiceLock(in_schema("public")).acquire()  # the schema, however DATABASE_URL names it
+    finally:
+        staging.release()
+        public.release()
+        with admin.begin() as conn:
+            conn.execute(sa.text("DROP SCHEMA staging"))
+        admin.dispose()
+
+
 def test_a_lock_lost_with_its_connection_is_taken_again(postgres_url: str) -> None:
     lock = ServiceLock(postgres_url)
     lock.acquire()
