@@ -529,11 +529,17 @@ class Service:
                 asyncio.run_coroutine_threadsafe(queue.put([]), loop).result()
 
         reader = asyncio.create_task(asyncio.to_thread(read))
-        while chunk := await queue.get():
-            for start in range(0, len(chunk), 100):
-                self.store.warm(chunk[start : start + 100])
-                await asyncio.sleep(0)
-            self.freezer.check(self.store.taken_in)  # as they load: each pass visits only the newest
+        try:
+            while chunk := await queue.get():
+                for start in range(0, len(chunk), 100):
+                    self.store.warm(chunk[start : start + 100])
+                    await asyncio.sleep(0)
+                self.freezer.check(self.store.taken_in)  # as they load: each pass visits only the newest
+        except asyncio.CancelledError:
+            # A start that failed (its one line said why) or a stop: what the read raises after is no news,
+            # and unretrieved, asyncio printed it as a traceback after that line.
+            reader.add_done_callback(lambda task: task.cancelled() or task.exception())
+            raise
         await reader  # raises what the read raised
 
     @property

@@ -515,3 +515,39 @@ def test_a_stream_left_without_a_leader_after_its_copies_changed_is_a_message_na
                               "stream SIGNALS has no leader 30 s after its copies went from 1 to 3. "), message
     assert "TIPSTREAM_STREAM_REPLICAS=3 puts each stream's 3 copies on 3 nodes" in message
     assert "could not elect a leader for it" in message and "(error" not in message
+
+
+async def test_a_warm_up_cut_short_by_a_failed_start_leaves_no_traceback_behind() -> None:
+    """The warm-up's read of the users' states runs in a thread. A start that failed meanwhile (its one
+    line said why: a statement_timeout, the database away) cancelled the warm-up, and what the read
+    raised after was never retrieved: asyncio printed it as a traceback below that line."""
+    import gc
+
+    from app.bootstrap import Service
+
+    reported: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, context: reported.append(context))
+    let_go, read_done = threading.Event(), threading.Event()
+
+    class FailingRead:
+        def states(self) -> Any:
+            try:
+                let_go.wait(5)
+                raise OSError("canceling statement due to statement timeout")
+            finally:
+                read_done.set()
+            yield  # a generator, as SqlCheckpointStore.states
+
+    stand_in = SimpleNamespace(store=SimpleNamespace(warm=lambda _chunk: 0, taken_in=0),
+                               freezer=SimpleNamespace(check=lambda _users: False))
+    warm_up = asyncio.create_task(Service._warm_once(stand_in, FailingRead()))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)  # the read has begun
+    warm_up.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await warm_up
+    let_go.set()
+    await eventually(read_done.is_set)
+    await asyncio.sleep(0.05)  # the read's task takes its result
+    del warm_up
+    gc.collect()
+    assert not [c for c in reported if "never retrieved" in c.get("message", "")], reported
