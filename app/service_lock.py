@@ -28,8 +28,14 @@ from app.db import make_engine
 log = logging.getLogger("tipstream.service_lock")
 
 SERVICE_LOCK = 0x7469707365727663  # "tipservc"; the migrations' lock is another key (migrations/env.py)
-SERVER_KEEPALIVES = {"tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3",
-                     "tcp_user_timeout": "30000"}  # a dead client's session ends within ~30 s
+SESSION_SETTINGS = {
+    # A dead client's session ends within ~30 s.
+    "tcp_keepalives_idle": "10", "tcp_keepalives_interval": "5", "tcp_keepalives_count": "3", "tcp_user_timeout": "30000",
+    # The session is idle between two checks (10 s) by design. An operator's idle_session_timeout (PostgreSQL 14
+    # on) ended it at every one shorter: a warning every 10 s, and the lock not held most of the time, so a second
+    # service could start in a gap, and the first then stopped finding it taken.
+    "idle_session_timeout": "0",
+}
 # pg_locks shows a bigint key as two 32-bit halves.
 
 
@@ -143,11 +149,12 @@ class ServiceLock:
             conn.execute(text("SELECT set_config('application_name', :name, false)"), {"name": self.name})
             # The server's own keepalives on this session: a host that died (power, network) kept its lock
             # until PostgreSQL's default probes, ~2 hours, and its replacement could not start until then.
+            # And no idle_session_timeout of the operator's (SESSION_SETTINGS says why).
             known = conn.execute(text("SELECT name FROM pg_settings WHERE name = ANY(:names)"),
-                                 {"names": list(SERVER_KEEPALIVES)}).scalars()  # tcp_user_timeout: PostgreSQL 12 on
+                                 {"names": list(SESSION_SETTINGS)}).scalars()  # PostgreSQL 12 and 14 added some
             for name in known:
                 conn.execute(text("SELECT set_config(:name, :value, false)"),
-                             {"name": name, "value": SERVER_KEEPALIVES[name]})
+                             {"name": name, "value": SESSION_SETTINGS[name]})
             key = lock_key(conn.execute(text("SELECT current_schema()")).scalar())
             taken = conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar_one()
             conn.commit()

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -124,6 +125,30 @@ def test_services_on_two_schemas_of_one_database_each_hold_their_own_lock(postgr
         public.release()
         with admin.begin() as conn:
             conn.execute(sa.text("DROP SCHEMA staging"))
+        admin.dispose()
+
+
+async def test_an_idle_session_timeout_of_the_operators_does_not_end_the_lock_s_session(postgres_url: str) -> None:
+    """The lock's session is idle between two checks (10 s). An idle_session_timeout set on the database or
+    the user (PostgreSQL 14 on) ended it at every one: a warning each time, and the lock not held most of
+    the time, so a second service could start in a gap."""
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    database = sa.make_url(postgres_url).database
+    with admin.connect() as conn:
+        if conn.execute(sa.text("SELECT count(*) FROM pg_settings WHERE name = 'idle_session_timeout'")).scalar() == 0:
+            pytest.skip("PostgreSQL before 14 has no idle_session_timeout")
+        conn.execute(sa.text(f'ALTER DATABASE "{database}" SET idle_session_timeout = \'100ms\''))
+    lock = ServiceLock(postgres_url)
+    try:
+        lock.acquire()
+        [held_by] = lock_holders(postgres_url)
+        idle_until = time.monotonic() + 0.5  # five times the timeout: the test is that nothing happens meanwhile
+        await eventually(lambda: time.monotonic() > idle_until or lock_holders(postgres_url) != [held_by])
+        assert lock_holders(postgres_url) == [held_by]
+    finally:
+        lock.release()
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'ALTER DATABASE "{database}" RESET idle_session_timeout'))
         admin.dispose()
 
 
