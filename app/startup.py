@@ -534,6 +534,16 @@ def _connection_fix(cause: str, user: str) -> str | None:
         return ("DATABASE_URL asks for SSL (`sslmode=require`, `verify-ca` or `verify-full`) and the server offers "
                 "none: turn on `ssl` in the server's postgresql.conf, or, on a network where the link needs no "
                 "encryption, take sslmode out of DATABASE_URL.")
+    if re.search(r'root certificate file ".*" does not exist', cause):
+        return ("DATABASE_URL asks to check the server's certificate (`sslmode=verify-full` or `verify-ca`) against "
+                "a CA file that is not there: name the CA that signed it (`sslrootcert=/path/to/ca.pem`), or "
+                "`sslrootcert=system` for the system's CAs.")
+    if "does not match host name" in cause:
+        return ("The server's certificate names another host than DATABASE_URL's: write the host as the certificate "
+                "names it, or use `sslmode=verify-ca`, which checks who signed the certificate but not the name.")
+    if "certificate verify failed" in cause:
+        return ("The server's certificate is not signed by the CA DATABASE_URL names (`sslrootcert`, else "
+                "~/.postgresql/root.crt): name the CA that signed it.")
     if "no pg_hba.conf entry" in cause:
         return (f"The server's pg_hba.conf lets {user} in from nowhere this host is: add a line for this host, user "
                 "and database there (then `SELECT pg_reload_conf()`), or connect as a user it lets in.")
@@ -614,10 +624,27 @@ def _cause(error: Any) -> str:
     primary = getattr(getattr(error.orig, "diag", None), "message_primary", None)
     if primary:
         return primary.strip()
-    lines = str(error.orig or error).strip().splitlines()
-    # libpq ends a refused connection with an indented hint ("Is the server running on that host...?"):
-    # the failure itself ("Connection refused") is on the line before.
-    return next((line for line in reversed(lines) if not line[:1].isspace()), lines[-1]).strip()
+    return _last_failure(str(error.orig or error))
+
+
+def _last_failure(text: str) -> str:
+    r"""The failure in libpq's text: the last line that says what failed.
+
+    It ends a refused connection with an indented hint ("Is the server running on that host...?"), and
+    a missing root certificate with one that is not indented, which was taken for the failure: the file
+    it names was left out.
+
+    >>> _last_failure('connection failed: connection to server at "db", port 5432 failed: Connection refused\n'
+    ...               '\tIs the server running on that host and accepting TCP/IP connections?')
+    'connection failed: connection to server at "db", port 5432 failed: Connection refused'
+    >>> _last_failure('connection failed: connection to server at "db", port 5432 failed: root certificate file '
+    ...               '"/root/.postgresql/root.crt" does not exist\nEither provide the file, use the system\'s '
+    ...               'trusted roots with sslrootcert=system, or change sslmode to disable server certificate '
+    ...               'verification.')
+    'connection failed: connection to server at "db", port 5432 failed: root certificate file "/root/.postgresql/root.crt" does not exist'
+    """
+    lines = [line for line in text.strip().splitlines() if not line[:1].isspace()] or text.strip().splitlines()
+    return next((line for line in reversed(lines) if " failed: " in line), lines[-1]).strip()
 
 
 def _storage_fix(settings: Settings) -> str:

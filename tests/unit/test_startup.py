@@ -551,3 +551,29 @@ async def test_a_warm_up_cut_short_by_a_failed_start_leaves_no_traceback_behind(
     del warm_up
     gc.collect()
     assert not [c for c in reported if "never retrieved" in c.get("message", "")], reported
+
+
+@pytest.mark.parametrize(("libpq", "told"), [
+    (('connection failed: connection to server at "127.0.0.1", port 5597 failed: root certificate file '
+      '"/root/.postgresql/root.crt" does not exist\nEither provide the file, use the system\'s trusted roots with '
+      'sslrootcert=system, or change sslmode to disable server certificate verification.'),
+     ['root certificate file "/root/.postgresql/root.crt" does not exist', "`sslrootcert=/path/to/ca.pem`"]),
+    (('connection failed: connection to server at "127.0.0.1", port 5597 failed: server certificate for '
+      '"h97-test-server" does not match host name "127.0.0.1"'), ["names another host", "`sslmode=verify-ca`"]),
+    (('connection failed: connection to server at "127.0.0.1", port 5597 failed: SSL error: certificate verify '
+      'failed'), ["not signed by the CA DATABASE_URL names"]),
+])
+def test_a_server_certificate_postgresql_s_client_refuses_is_told_with_the_fix(libpq: str, told: list[str]) -> None:
+    """libpq's words against a server with a self-signed certificate (PostgreSQL 15, ssl = on), for each
+    sslmode that checks it. Each said to check that the server runs and the database exists; a missing
+    root certificate's was cut to its hint, the file it names left out."""
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    from app.settings import Settings
+
+    url = "postgresql+psycopg://tipstream:hunter2@127.0.0.1:5597/tipstream?sslmode=verify-full"
+    message = str(startup.explain(OperationalError(None, None, psycopg.OperationalError(libpq)),
+                                  Settings(database_url=url)))
+    assert all(part in message for part in told) and "createdb" not in message, message
+    assert "Either provide" not in message and "hunter2" not in message, message
