@@ -377,6 +377,15 @@ def explain(error: BaseException, settings: Settings) -> StartupError | None:
     from nats.js.errors import APIError
     from sqlalchemy.exc import ArgumentError, DBAPIError
 
+    if (isinstance(error, (ArgumentError, DBAPIError, ValueError)) and settings.database_url
+            and _at_in_userinfo(settings.database_url)):
+        # Neither the URL nor the error shown: both hold what followed the password's '@', read as the host.
+        return StartupError(
+            "DATABASE_URL has an '@' in its user or password: a URL ends them at the first '@', so the rest of "
+            "the password was read as the host (and the port), the database could not be reached, and what the "
+            "driver said would show that rest. Percent-encode the password's reserved characters (@ %40, : %3A, / %2F, "
+            "? %3F, # %23, % %25, [ %5B, ] %5D): `python3 -c 'import urllib.parse, getpass; "
+            "print(urllib.parse.quote(getpass.getpass(), safe=\"\"))'` prints it so.")
     if isinstance(error, ArgumentError):  # not echoed: the URL may hold a password
         url = settings.database_url or ""
         # SQLAlchemy's "Could not parse" for a URL with a space or line break around it said nothing of them.
@@ -416,6 +425,23 @@ def explain(error: BaseException, settings: Settings) -> StartupError | None:
     if isinstance(error, APIError):
         return _jetstream_error(error, settings)
     return None
+
+
+def _at_in_userinfo(url: str) -> bool:
+    """Whether the URL has an '@' before the one that ends its user and password, which is how a password
+    holding '@' reads unencoded.
+
+    >>> _at_in_userinfo("postgresql+psycopg://tipstream:p@ss@db/tipstream")
+    True
+    >>> _at_in_userinfo("postgresql+psycopg://tipstream:p@ss#w/rd:1?@db:5432/tipstream")
+    True
+    >>> _at_in_userinfo("postgresql+psycopg://tipstream:p%40ss@db/tipstream?options=-csearch_path%3Dtips")
+    False
+    >>> _at_in_userinfo("postgresql+psycopg:///tipstream?host=/run/postgresql&user=tips")
+    False
+    """
+    rest = url.split("://", 1)[-1]
+    return not rest.startswith("/") and rest.count("@") > 1
 
 
 def _parses(url: str) -> bool:

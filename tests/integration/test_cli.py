@@ -626,6 +626,20 @@ def test_a_connection_postgresql_refuses_is_told_with_its_own_fix(
     assert "hunter2" not in err
 
 
+@pytest.mark.parametrize("password", ["s3cr@qx7z", "s3cr@qx:7z", "s3cr@q#x/7z?"])
+def test_a_password_holding_an_unencoded_at_sign_is_told_to_be_encoded_without_showing_any_of_it(
+        password: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A URL ends its password at the first '@': the rest was read as the host (a port that is not a number,
+    with ':'), and the messages showed it, 'Cannot open the database postgresql+psycopg://tipstream:***@qx7z@...:
+    failed to resolve host 'qx7z@127.0.0.1'', with the wrong fix."""
+    monkeypatch.setenv("DATABASE_URL", f"postgresql+psycopg://tipstream:{password}@127.0.0.1:5432/tipstream")
+    monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))
+    assert main(["migrate"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tipstream: DATABASE_URL has an '@' in its user or password") and err.count("\n") == 1, err
+    assert "@ %40" in err and "s3cr" not in err and "7z" not in err, err
+
+
 @pytest.mark.parametrize("encoding", ["LATIN1", "SQL_ASCII"])
 def test_a_postgresql_database_not_in_utf8_is_refused_before_anything_is_written(
         encoding: str, postgres_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
