@@ -571,8 +571,8 @@ def _connection_fix(cause: str, user: str) -> str | None:
         return ("The server's certificate is not signed by the CA DATABASE_URL names (`sslrootcert`, else "
                 "~/.postgresql/root.crt): name the CA that signed it.")
     if "no pg_hba.conf entry" in cause:
-        return (f"The server's pg_hba.conf lets {user} in from nowhere this host is: add a line for this host, user "
-                "and database there (then `SELECT pg_reload_conf()`), or connect as a user it lets in.")
+        return (f"The server's pg_hba.conf has no line that lets {user} in from this host to this database: add "
+                "one (then `SELECT pg_reload_conf()`), or connect as a user it lets in.")
     if re.search(r'role ".*" does not exist', cause):
         return f"Create the user (`CREATE ROLE {user} LOGIN PASSWORD '...'`), or name one that exists in DATABASE_URL."
     limit = re.search(r"too many connections for (database|role) \"(.*)\"", cause)
