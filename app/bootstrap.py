@@ -134,6 +134,7 @@ class Service:
         self._publisher_task: asyncio.Task[None] | None = None
         self.decision_tail: OwnTail | None = None
         self._checkpointed: dict[str, int] = {}  # stream positions of the last checkpoint, as started
+        self._restored: dict[str, int] = {}  # and as the database held them: the first checkpoint checks them
         self.decisions_read = ReadUpTo()  # how far the DECISIONS ingest has read since the start
         self.feedback_read = ReadUpTo()  # and FEEDBACK's: the learner's join window follows it
 
@@ -147,7 +148,7 @@ class Service:
         except BaseException:  # a start that failed (or was cut short) lets the next one take the database
             if self.service_lock.needed:  # and writes nothing after: the stop that follows wrote a last checkpoint
                 self._give_up_database("the start failed and let go of the database lock, which another service "
-                                       "may hold by now")
+                                       "may hold by now (it would write over that service's state)")
             await asyncio.to_thread(self.service_lock.release)
             raise
 
@@ -223,7 +224,8 @@ class Service:
             self.checkpoint_writer = CheckpointWriter(s.sqlalchemy_url)
         self.checkpointer = Checkpointer(self.store, target, s.checkpoint_every_events, s.checkpoint_every_s,
                                          participants=[self.learner, self.decision_log], writer=self.checkpoint_writer,
-                                         lock=self.lineup.snapshot_lock)
+                                         lock=self.lineup.snapshot_lock, committed=self._restored)
+        self.checkpointer.on_lost = self._database_lost_commits
         self.checkpointer.stored_us = functools.partial(jsx.stored_us, js)
         self.eraser = Eraser(self.engine, self.store, self.learner, checkpoint=self.checkpointer.checkpoint,
                              lock=self.checkpointer.lock, ingests=self.ingests, js=js, scrub=scrub,
@@ -488,6 +490,7 @@ class Service:
         """
         positions, _ = await asyncio.to_thread(target.load)
         self.store.positions = positions
+        self._restored = dict(positions)  # `positions` is changed below (the learner's, another stream's)
         self.store.cold = set(await asyncio.to_thread(target.user_ids))
         self.store.fetch_cold = target.fetch
         self._tasks.append(asyncio.create_task(self._warm_up(target), name="warm-up"))
@@ -575,8 +578,8 @@ class Service:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.checkpointer and self.checkpointer.refused is not None:
-            log.warning("no last checkpoint: %s (it would write over that service's state); what was read since "
-                        "the last checkpoint stays in the streams", self.checkpointer.refused)
+            log.warning("no last checkpoint: %s; what was read since the last checkpoint stays in the streams",
+                        self.checkpointer.refused)
         elif self.checkpointer:
             self.learner.snapshot_at_next_checkpoint()
             try:
@@ -602,7 +605,7 @@ class Service:
 
     def _give_up_database(self, why: str) -> None:
         """No checkpoint or user_features row from now on, nor a last one at the stop: the database may be
-        another service's."""
+        another service's, or have lost commits of this one's."""
         self._database_not_ours = why
         if self.checkpointer is not None:  # else the one the start makes takes it (`_start`)
             self.checkpointer.refused = why
@@ -613,7 +616,8 @@ class Service:
         try:
             await asyncio.to_thread(self.service_lock.keep)
         except ServiceLockTaken as taken:
-            self._give_up_database("another service took the database lock")
+            self._give_up_database("another service took the database lock (it would write over that service's "
+                                   "state)")
             self._fail(f"While PostgreSQL was away, this service lost its database lock, and another service took "
                        f"it: {taken} This one stops (exit code 1).")
         except Exception as error:  # noqa: BLE001 - the database away: tried again at the next check
@@ -624,6 +628,14 @@ class Service:
             self._lock_retaking = True
         else:
             self._lock_retaking = False
+
+    def _database_lost_commits(self, message: str) -> None:
+        """A checkpoint found older positions in the database than this service committed
+        (`PositionsBehind`): nothing more is written from memory, which holds what the database lost,
+        and the service stops for a start that resumes from what the database holds."""
+        self._give_up_database("the database lost checkpoints this service had committed (a start replays from "
+                               "what it holds)")
+        self._fail(message)
 
     async def _last_offline_pass(self) -> None:
         """The users saved since the last `user_features` pass get their rows now: the writer knows

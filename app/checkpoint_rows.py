@@ -7,7 +7,7 @@ dependencies: the participants themselves (the learner with its models) stay in 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,11 +22,68 @@ from app.registry_store import write_models
 Write = tuple[Callable[[Connection, Any], None], Any]
 
 
+def positions_behind(committed: Mapping[str, int], found: Mapping[str, int]) -> dict[str, tuple[int, int | None]]:
+    """The streams whose position in the database is older than the one this service last committed
+    (none at all reads as 0: nothing read), each as (committed, found; None: no row).
+
+    A newer position found is no loss: a commit whose answer was lost (the connection broke during
+    COMMIT) holds positions the service does not count as committed, and its retry writes the same
+    users again, with more.
+
+    >>> positions_behind({"SIGNALS": 120, "FEEDBACK": 40}, {"SIGNALS": 120, "FEEDBACK": 40})
+    {}
+    >>> positions_behind({"SIGNALS": 120, "FEEDBACK": 40, "DECISIONS": 0}, {"SIGNALS": 95})
+    {'SIGNALS': (120, 95), 'FEEDBACK': (40, None)}
+    >>> positions_behind({"SIGNALS": 120}, {"SIGNALS": 130, "DECISIONS": 7})
+    {}
+    >>> positions_behind({}, {})  # a first start, or a rebuild from the log: nothing committed yet
+    {}
+    """
+    return {stream: (seq, found.get(stream)) for stream, seq in committed.items() if found.get(stream, 0) < seq}
+
+
+class PositionsBehind(Exception):
+    """The database holds older stream positions than this service committed: checkpoints it committed
+    were lost under it. Picklable (its one argument): raised in the writer process, it reaches the service."""
+
+    def __init__(self, behind: dict[str, tuple[int, int | None]]) -> None:
+        super().__init__(behind)
+        self.behind = behind
+
+    def __str__(self) -> str:
+        found = ", ".join(f"{stream} {'none' if at is None else at} (this service committed {seq})"
+                          for stream, (seq, at) in self.behind.items())
+        return (f"The database holds older stream positions than this service committed: {found}. It lost commits "
+                "under the running service: a failover to a standby that had not received the last commits, or a "
+                "backup restored while the service ran? Committing this checkpoint would record newer positions "
+                "with only the users changed since the previous one, and users changed only in the lost commits "
+                "would keep stale state for good. This checkpoint is not committed, and tipstream stops (exit code "
+                "1): its next start resumes from what the database holds and replays the streams from there, so "
+                "nothing is lost and nothing counted twice.")
+
+
+def check_positions(conn: Connection, committed: Mapping[str, int]) -> None:
+    """Raise `PositionsBehind` if the database no longer holds the positions this service committed
+    last. First in the checkpoint's transaction, its rows locked to its end (`FOR UPDATE`; on SQLite
+    the write lock, `BEGIN IMMEDIATE`), so nothing moves them between this read and the commit."""
+    if conn.dialect.name == "sqlite" and not conn.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+        conn.exec_driver_sql("BEGIN IMMEDIATE")  # pysqlite opens no transaction before a SELECT
+    table = db.stream_positions
+    rows = conn.execute(select(table.c.stream, table.c.seq).with_for_update())  # a row a stream: a few
+    found = {stream: seq for stream, seq in rows}
+    if behind := positions_behind(committed, found):
+        raise PositionsBehind(behind)
+
+
 def write_checkpoint(conn: Connection, positions: dict[str, int], states: list[tuple[str, bytes]],
-                     writes: Sequence[Write] = (), marks: dict[str, int] | None = None) -> None:
+                     writes: Sequence[Write] = (), marks: dict[str, int] | None = None,
+                     committed: Mapping[str, int] | None = None) -> None:
     """One checkpoint's rows, inside the caller's transaction: what the participants write, the
     users' states, then the positions they reflect, each with when NATS stored its message
-    (`marks`, where known)."""
+    (`marks`, where known). First, unless `committed` is None, that the database still holds the
+    positions this service committed last (`check_positions`)."""
+    if committed:
+        check_positions(conn, committed)
     marks = marks or {}
     now = datetime.now(UTC)
     for write, snapshot in writes:

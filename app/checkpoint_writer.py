@@ -39,9 +39,9 @@ def _start_worker(database_url: str, service_pid: int) -> None:
 
 
 def _save(positions: dict[str, int], states: list[tuple[str, bytes]], writes: Sequence[Write],
-          marks: dict[str, int] | None = None) -> None:
+          marks: dict[str, int] | None = None, committed: dict[str, int] | None = None) -> None:
     with _engine.begin() as conn:
-        write_checkpoint(conn, positions, states, writes, marks)
+        write_checkpoint(conn, positions, states, writes, marks, committed)
 
 
 class CheckpointWriter:
@@ -59,10 +59,10 @@ class CheckpointWriter:
         return self._pool
 
     async def save(self, positions: dict[str, int], states: list[tuple[str, bytes]], writes: Sequence[Write],
-                   marks: dict[str, int] | None = None) -> None:
+                   marks: dict[str, int] | None = None, committed: dict[str, int] | None = None) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor(), _save, positions, states, list(writes),
-                                                             marks)
+                                                             marks, committed)
         except BrokenProcessPool:
             log.warning("the checkpoint writer process died; the next checkpoint starts a new one")
             if self._pool is not None:

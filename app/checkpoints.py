@@ -19,7 +19,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.engine import Connection
 
 from app import db
-from app.checkpoint_rows import write_checkpoint
+from app.checkpoint_rows import PositionsBehind, positions_behind, write_checkpoint
 from app.log_throttle import LogThrottle
 from app.metrics import METRICS
 from streams.fold import DAY_MS, HORIZON_DAYS, MAX_RECORDS_PER_KIND, SIZES, at_cap
@@ -58,7 +58,11 @@ class CheckpointStore(Protocol):
     def load(self) -> tuple[dict[str, int], Iterator[tuple[str, bytes]]]: ...
 
     def save(self, positions: dict[str, int], states: list[tuple[str, bytes]],
-             extras: Sequence[tuple[Participant, Any]] = (), marks: dict[str, int] | None = None) -> None: ...
+             extras: Sequence[tuple[Participant, Any]] = (), marks: dict[str, int] | None = None,
+             committed: dict[str, int] | None = None) -> None:
+        """In one transaction, which raises `PositionsBehind` (and commits nothing) if the store holds
+        older positions than `committed`, the ones this service committed last."""
+        ...
 
     def reachable(self) -> bool:
         """Whether the store answers now (asked while a failed checkpoint waits to retry)."""
@@ -78,7 +82,10 @@ class MemoryCheckpointStore:
         return dict(self.positions), iter(list(self.states.items()))
 
     def save(self, positions: dict[str, int], states: list[tuple[str, bytes]],
-             extras: Sequence[tuple[Participant, Any]] = (), marks: dict[str, int] | None = None) -> None:
+             extras: Sequence[tuple[Participant, Any]] = (), marks: dict[str, int] | None = None,
+             committed: dict[str, int] | None = None) -> None:
+        if committed and (behind := positions_behind(committed, self.positions)):
+            raise PositionsBehind(behind)
         self.states.update(states)
         self.positions.update(positions)
         for stream in positions:
@@ -139,9 +146,11 @@ class SqlCheckpointStore:
                 yield user_id, bytes(blob)
 
     def save(self, positions: dict[str, int], states: list[tuple[str, bytes]],
-             extras: Sequence[tuple[Participant, Any]] = (), marks: dict[str, int] | None = None) -> None:
+             extras: Sequence[tuple[Participant, Any]] = (), marks: dict[str, int] | None = None,
+             committed: dict[str, int] | None = None) -> None:
         with self.engine.begin() as conn:
-            write_checkpoint(conn, positions, states, [(p.write, snapshot) for p, snapshot in extras], marks)
+            write_checkpoint(conn, positions, states, [(p.write, snapshot) for p, snapshot in extras], marks,
+                             committed)
 
 
 class Checkpointer:
@@ -154,7 +163,11 @@ class Checkpointer:
        start can tell, without comparing clocks, that a stream is still the one read. Serialise
        the changed users in chunks, yielding to the event loop between chunks.
     3. Write states, positions and snapshots in one transaction, in the writer process (or a
-       worker thread); then tell each participant its snapshot is safe.
+       worker thread); then tell each participant its snapshot is safe. The transaction first reads
+       the positions the database holds: older than those this service committed last (`committed`),
+       the database lost commits under it (a failover, a restore), and this checkpoint would record
+       newer positions without the users only those commits held. It commits nothing then, and the
+       service stops (`on_lost`): a start resumes from what the database holds.
     4. On failure, hand the users back to the store and retry with backoff: a database
        that is away delays checkpoints, it never loses events (they stay in the stream).
     5. Once per day of the log's time, let go of idle users' states (`rest_idle`).
@@ -162,8 +175,14 @@ class Checkpointer:
 
     def __init__(self, store: OnlineStore, target: CheckpointStore, every_events: int, every_s: float,
                  participants: Sequence[Participant] = (), writer: CheckpointWriter | None = None,
-                 lock: asyncio.Lock | None = None) -> None:
+                 lock: asyncio.Lock | None = None, committed: dict[str, int] | None = None) -> None:
         self.store, self.target = store, target
+        # The positions the database holds as far as this service knows: those the start restored, then
+        # each checkpoint's. Kept here, not read back: a database that lost commits would read as right.
+        self.committed = dict(committed or {})
+        # Told the message when the database turns out to have lost commits (`PositionsBehind`): the
+        # service must stop; without it, the message is logged here.
+        self.on_lost: Callable[[str], None] | None = None
         # Held from the participants' snapshots to their `saved`: anything else that snapshots them
         # (a model registration, `Lineup.snapshot_lock`) takes it too, so that an older snapshot
         # never commits after a newer one.
@@ -217,6 +236,8 @@ class Checkpointer:
                 backoff = self.retry_first_s
             except asyncio.CancelledError:
                 raise
+            except PositionsBehind:  # told (`on_lost`); a retry would find the same
+                return
             except Exception as error:  # noqa: BLE001 - any database error is retried
                 self.failures += 1
                 METRICS.checkpoint_failures.inc()
@@ -268,6 +289,16 @@ class Checkpointer:
                 return False
             try:
                 return await self._checkpoint()
+            except PositionsBehind as behind:
+                # No checkpoint from now on, nor a last one at the stop: each would commit the same hole.
+                self.refused = self.last_error = ("the database lost checkpoints this service had committed (its "
+                                                  "stream positions went back)")
+                METRICS.checkpoint_failures.inc()
+                if self.on_lost is not None:
+                    self.on_lost(str(behind))
+                else:
+                    log.error("%s", behind)
+                raise
             except Exception as error:  # also those asked for outside `run` (before a card reads the log)
                 self.last_error = f"{type(error).__name__}: {error}".splitlines()[0]
                 raise
@@ -294,14 +325,16 @@ class Checkpointer:
                 states.extend(chunk)
                 heavy.extend(u for u, blob in chunk if len(blob) >= _HEAVY_STATE_BYTES)
                 await asyncio.sleep(0)
+            committed = dict(self.committed)
             if self.writer is not None:
-                await self.writer.save(positions, states, [(p.write, snap) for p, snap in extras], marks)
+                await self.writer.save(positions, states, [(p.write, snap) for p, snap in extras], marks, committed)
             else:
-                await asyncio.to_thread(self.target.save, positions, states, extras, marks)
+                await asyncio.to_thread(self.target.save, positions, states, extras, marks, committed)
         except BaseException:
             self.store.abort_checkpoint(users)
             raise
         self._saved_positions = positions
+        self.committed.update(positions)
         for participant, snapshot in extras:
             if snapshot is not None:
                 participant.saved(snapshot)

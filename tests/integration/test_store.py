@@ -17,6 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from app import migrate
+from app.checkpoint_rows import PositionsBehind
 from app.checkpoint_writer import CheckpointWriter
 from app.checkpoints import MemoryCheckpointStore, SqlCheckpointStore
 from app.db import make_engine
@@ -248,6 +249,57 @@ async def test_the_writer_process_commits_all_or_nothing_and_outlives_a_dead_wor
         await writer.save({"SIGNALS": 30}, [("u-1", b"v3")], [])  # a new worker: the checkpointer's retry
         positions, states = store.load()
         assert positions == {"SIGNALS": 30} and dict(states) == {"u-1": b"v3"}
+    finally:
+        writer.close()
+        store.engine.dispose()
+
+
+def _move_back(store: Any, positions: dict[str, int]) -> None:
+    """The database back in time under the service (a failover, a restore): these positions, or none."""
+    if isinstance(store, MemoryCheckpointStore):
+        store.positions = dict(positions)
+        return
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("delete from stream_positions"))
+        for stream, seq in positions.items():
+            conn.execute(sa.text("insert into stream_positions (stream, seq, updated_at) values (:s, :q, :t)"),
+                         {"s": stream, "q": seq, "t": "2026-12-05 00:00:00+00:00"})
+
+
+def test_a_save_that_finds_older_positions_than_committed_commits_nothing(checkpoint_store: Any) -> None:
+    """Before, the save recorded newer positions over a database that had lost commits, and the users
+    changed only in those stayed stale for good."""
+    checkpoint_store.save({"SIGNALS": 10, "FEEDBACK": 4}, [("u-1", b"v1")])
+    checkpoint_store.save({"SIGNALS": 20, "FEEDBACK": 4}, [("u-2", b"v2")], committed={"SIGNALS": 10, "FEEDBACK": 4})
+    _move_back(checkpoint_store, {"SIGNALS": 10})  # lost: the second save; FEEDBACK's row too
+    with pytest.raises(PositionsBehind) as raised:
+        checkpoint_store.save({"SIGNALS": 30, "FEEDBACK": 5}, [("u-1", b"v3")],
+                              committed={"SIGNALS": 20, "FEEDBACK": 4})
+    assert raised.value.behind == {"SIGNALS": (20, 10), "FEEDBACK": (4, None)}
+    message = str(raised.value)
+    assert "SIGNALS 10 (this service committed 20), FEEDBACK none (this service committed 4)" in message
+    assert "failover to a standby" in message and "backup restored" in message and "exit code 1" in message
+    positions, states = checkpoint_store.load()
+    assert positions == {"SIGNALS": 10} and dict(states)["u-1"] == b"v1", "nothing of the refused save"
+    # Equal or newer positions (a commit whose answer was lost, then retried) are no loss.
+    checkpoint_store.save({"SIGNALS": 30}, [("u-1", b"v4")], committed={"SIGNALS": 10})
+    checkpoint_store.save({"SIGNALS": 31}, [("u-1", b"v5")], committed={"SIGNALS": 25})
+    assert checkpoint_store.load()[0] == {"SIGNALS": 31}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_the_writer_process_refuses_a_save_over_lost_commits_too(
+        kind: str, request: pytest.FixtureRequest, tmp_path: Any) -> None:
+    store = next(_store(kind, request, tmp_path))
+    writer = CheckpointWriter(store.engine.url.render_as_string(hide_password=False))
+    try:
+        await writer.save({"SIGNALS": 10}, [("u-1", b"v1")], [])
+        _move_back(store, {"SIGNALS": 7})
+        with pytest.raises(PositionsBehind) as raised:  # pickled back from the worker
+            await writer.save({"SIGNALS": 12}, [("u-1", b"v2")], [], None, {"SIGNALS": 10})
+        assert raised.value.behind == {"SIGNALS": (10, 7)}
+        positions, states = store.load()
+        assert positions == {"SIGNALS": 7} and dict(states) == {"u-1": b"v1"}
     finally:
         writer.close()
         store.engine.dispose()

@@ -118,6 +118,29 @@ async def test_a_retry_comes_once_the_database_answers_not_after_the_whole_backo
         task.cancel()
 
 
+async def test_a_checkpoint_over_lost_commits_tells_once_and_writes_nothing_more() -> None:
+    """The store went back in time under the service: its run loop stops (a retry finds the same),
+    `on_lost` is told once, and no later checkpoint is written, the stop's last one included."""
+    store = OnlineStore()
+    target = MemoryCheckpointStore()
+    target.positions = {"SIGNALS": 3}  # as the start restored them
+    checkpointer = Checkpointer(store, target, every_events=1, every_s=0.01, committed={"SIGNALS": 3})
+    told: list[str] = []
+    checkpointer.on_lost = told.append
+    store.positions = {"SIGNALS": 3}
+    store.apply(opened(1, "a"))
+    store.advance("SIGNALS", 4)
+    assert await checkpointer.checkpoint() and checkpointer.committed == {"SIGNALS": 4}
+    target.positions = {"SIGNALS": 3}  # the commit lost: a failover, a restore
+    store.apply(opened(2, "b"))
+    store.advance("SIGNALS", 5)
+    await asyncio.wait_for(checkpointer.run(), timeout=10)  # returns: nothing to retry
+    assert len(told) == 1 and "SIGNALS 3 (this service committed 4)" in told[0]
+    assert checkpointer.refused is not None and checkpointer.health()["ok"] is False
+    assert not await checkpointer.checkpoint()
+    assert target.positions == {"SIGNALS": 3} and set(target.states) == {"a"}
+
+
 async def _until(done: Any) -> None:
     while not done():
         await asyncio.sleep(0.01)
