@@ -22,6 +22,7 @@ SMALLEST_RUNS = {
     "features": ["--users", "10", "--repeat", "1"],
     "fold": ["--events", "2000", "--repeat", "1"],
     "caches": ["--decisions", "2000", "--users", "100"],
+    "checkpoint_check": ["--rounds", "3", "--users", "2"],
     "memory": ["--users", "50", "--restart-users", "50"],
     "metrics_cost": ["--rounds", "2000", "--repeat", "1"],
     "row_writes": ["--rows", "200", "--batches", "1"],
