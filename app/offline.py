@@ -105,11 +105,15 @@ class OfflineFeatureWriter:
     async def run(self) -> None:
         await every(self.every_s, self.write_pass, "a user_features pass")
 
-    async def write_pass(self, pause: bool = True) -> int:
-        """`pause=False`: the whole event loop's time (at a stop, nothing else needs it)."""
+    async def write_pass(self, pause: bool = True, users: list[str] | None = None) -> int:
+        """`pause=False`: the whole event loop's time (at a stop, nothing else needs it). `users`: those of
+        the pending users only (sorted), the rest staying pending; else every one."""
         if self.refused is not None:  # another service's rows, from its fresher state, would be overwritten
             return 0
-        users, self.pending = sorted(self.pending), set()
+        if users is None:
+            users, self.pending = sorted(self.pending), set()
+        else:
+            self.pending.difference_update(users)
         self._in_pass = set(users)
         now = datetime.now(UTC)
         rows: list[dict[str, Any]] = []
