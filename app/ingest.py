@@ -620,10 +620,10 @@ class StreamIngest:
         """Back-pressure: stop pulling while too many applied events (or `backlog`) wait for a checkpoint."""
         if self.puller is None or not self._lagging(1):
             return
-        log.warning("%d events not checkpointed yet%s (is the database away?); pausing %s",
+        log.warning("%d events not checkpointed yet%s: %s; pausing %s until a checkpoint commits",
                     self.checkpointer.uncheckpointed,
                     f", {self.backlog()} rows waiting (at most {self.max_backlog})" if self.backlog is not None else "",
-                    self.spec.name)
+                    self.checkpointer.behind_because(), self.spec.name)
         self.puller.paused = True
         while self._lagging(2):
             await self._pause(0.2)

@@ -199,7 +199,8 @@ class Settings(BaseSettings):
     max_uncheckpointed_events: int = Field(
         1_000_000,
         ge=1,
-        description="Ingest pauses when this many events are applied but not checkpointed (the database is away).",
+        description="Ingest pauses when this many events are applied but not checkpointed (the database away, or a "
+                    "checkpoint of very many users slower than a catch-up; the log says which).",
     )
 
     offline_features_every_s: float = Field(

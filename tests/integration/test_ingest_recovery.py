@@ -5,17 +5,21 @@ puller (app/ingest.py, streams/jetstream.py)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+import pytest
 
+from app.checkpoints import Checkpointer, MemoryCheckpointStore
 from app.decisions import decode_decision
 from app.ingest import StreamIngest
 from app.metrics import METRICS
 from streams import jetstream as jsx
+from streams.events import parse_event
 from streams.fold import UserState
 from streams.store import OnlineStore
 from tests.conftest import dead_lettered, eventually
@@ -36,6 +40,9 @@ class Checkpoints:
 
     async def wait_to_retry(self, seconds: float, pause: Callable[[float], Awaitable[None]]) -> None:
         await pause(seconds)  # as a database that answers: the whole wait
+
+    def behind_because(self) -> str:
+        return "checkpoints fail"
 
 
 async def seeded(nats_server: Any, users: int = 50) -> tuple[Any, Any]:
@@ -166,6 +173,57 @@ async def test_ingest_holds_while_its_own_backlog_waits_for_a_checkpoint(nats_se
     rows[0] = 4  # a checkpoint wrote most of them
     await asyncio.wait_for(hold, 5)
     assert not ingest.puller.paused
+    await ingest.stop()
+    await nc.close()
+
+
+async def test_a_hold_behind_a_long_checkpoint_says_so_rather_than_blaming_the_database(nats_server, caplog) -> None:
+    """A catch-up changes many users at once, and its checkpoints are long: ingest reached the bound and held
+    with '(is the database away?)' while the database answered. The line now tells which of the two it is."""
+    nc, js = await seeded(nats_server)
+    store = OnlineStore()
+    in_write, release = threading.Event(), threading.Event()
+
+    class SlowThenAway(MemoryCheckpointStore):
+        away = False
+
+        def save(self, *args: Any, **kwargs: Any) -> None:
+            if self.away:
+                raise ConnectionError("connection refused")
+            in_write.set()
+            release.wait(10)
+            super().save(*args, **kwargs)
+
+    target = SlowThenAway()
+    checkpointer = Checkpointer(store, target, every_events=10**9, every_s=3600)
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, store, checkpointer, batch=64, max_event_bytes=16384,
+                          max_uncheckpointed=3)
+    await ingest.start()
+    for i in range(3):
+        store.apply(parse_event(orjson.dumps({"id": f"h{i}", "type": "app.opened", "user_id": f"u{i}",
+                                              "ts": "2026-11-26T08:00:00Z"})))
+    saving = asyncio.create_task(checkpointer.checkpoint())
+    await asyncio.to_thread(in_write.wait, 10)
+    with caplog.at_level(logging.WARNING, logger="tipstream.ingest"):
+        hold = asyncio.create_task(ingest._hold_if_checkpoints_lag())
+        await eventually(lambda: "events not checkpointed yet" in caplog.text)
+        assert "the checkpoint in progress, of 3 users, has not committed yet" in caplog.text, caplog.text
+        assert "database away" not in caplog.text
+        release.set()
+        assert await saving
+        await asyncio.wait_for(hold, 5)
+
+        caplog.clear()
+        target.away = True
+        store.apply(parse_event(orjson.dumps({"id": "h9", "type": "app.opened", "user_id": "u9",
+                                              "ts": "2026-11-26T08:00:00Z"})))
+        ingest.max_uncheckpointed = 1
+        with pytest.raises(ConnectionError):
+            await checkpointer.checkpoint()
+        hold = asyncio.create_task(ingest._hold_if_checkpoints_lag())
+        await eventually(lambda: "events not checkpointed yet" in caplog.text)
+        assert "checkpoints fail (ConnectionError: connection refused): is the database away?" in caplog.text
+        hold.cancel()
     await ingest.stop()
     await nc.close()
 
