@@ -188,7 +188,9 @@ class Settings(BaseSettings):
         50_000, ge=1, description="Checkpoint after this many applied events..."
     )
     checkpoint_every_s: float = Field(
-        5.0, gt=0, description="...or after this many seconds, whichever first (a crash replays at most this much)."
+        5.0, gt=0, description="...or after this many seconds, whichever first (a crash replays what followed the last "
+                              "checkpoint committed: this much, plus the time a checkpoint takes, seconds in a catch-up; "
+                              "README, \"Rebuilding from the log\")."
     )
     checkpoint_writer: Literal["auto", "thread", "process"] = Field(
         "auto",
