@@ -25,6 +25,7 @@ import logging
 import random
 import ssl
 import sys
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -521,6 +522,14 @@ class Service:
 
     async def _warm_once(self, target: SqlCheckpointStore) -> None:
         loop, queue = asyncio.get_running_loop(), asyncio.Queue[list[tuple[str, bytes]]](maxsize=4)
+        # Set when this side stops taking chunks (a stop during the warm-up): the reader then puts no more.
+        # It used to wait for room in the full queue for ever, and the process, whose end waits for its
+        # worker threads, never exited after a SIGTERM in the first seconds of a large restart.
+        abandoned = threading.Event()
+
+        def put(chunk: list[tuple[str, bytes]]) -> None:
+            if not abandoned.is_set():
+                asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
 
         def read() -> None:
             try:
@@ -528,11 +537,13 @@ class Service:
                 for row in target.states():
                     chunk.append(row)
                     if len(chunk) == 1_000:
-                        asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
+                        put(chunk)
+                        if abandoned.is_set():
+                            return
                         chunk = []
-                asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
+                put(chunk)
             finally:  # the end, also of a read that failed: the loop below must not wait for ever
-                asyncio.run_coroutine_threadsafe(queue.put([]), loop).result()
+                put([])
 
         reader = asyncio.create_task(asyncio.to_thread(read))
         try:
@@ -541,9 +552,13 @@ class Service:
                     self.store.warm(chunk[start : start + 100])
                     await asyncio.sleep(0)
                 self.freezer.check(self.store.taken_in)  # as they load: each pass visits only the newest
-        except asyncio.CancelledError:
-            # A start that failed (its one line said why) or a stop: what the read raises after is no news,
-            # and unretrieved, asyncio printed it as a traceback after that line.
+        except BaseException:
+            # A stop, a start that failed (its one line said why), or a chunk that could not be folded: the
+            # reader puts nothing more, and what it raises after is no news (unretrieved, asyncio printed it
+            # as a traceback after the start's one line).
+            abandoned.set()
+            while not queue.empty():  # room for the one put that may have looked before the flag was set
+                queue.get_nowait()
             reader.add_done_callback(lambda task: task.cancelled() or task.exception())
             raise
         await reader  # raises what the read raised

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 import sqlalchemy as sa
 
@@ -111,3 +113,59 @@ async def test_an_idle_user_leaves_memory_and_comes_back_from_the_database(start
         again = (await http.get("/users/idle/features", params=at)).json()
     assert again == body
     await second.stop()
+
+
+async def test_a_stop_during_the_warm_up_ends_its_reader_thread(start_service, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The warm-up's reader thread waited for room in its queue of chunks for ever once the warm-up was
+    cancelled: after a SIGTERM in the first seconds of a restart with 6,000 users or more (the queue holds 4
+    chunks of 1,000), the process, whose end waits for its worker threads, never exited."""
+    import threading
+
+    from app.checkpoints import SqlCheckpointStore
+    from streams.events import parse_event
+    from streams.store import OnlineStore
+
+    first = await start_service()
+    await first.stop()
+    folded = OnlineStore()
+    for i in range(6_000):
+        folded.apply(parse_event(orjson.dumps({"id": f"w{i}", "type": "app.opened", "user_id": f"u{i}",
+                                                "ts": "2026-11-26T08:00:00Z"})))
+    with first.service.engine.begin() as conn:
+        conn.execute(sa.text("insert into user_state (user_id, state, updated_at) values (:u, :s, :t)"),
+                     [{"u": u, "s": state.to_bytes(), "t": datetime.now(UTC)} for u, state in folded.users.items()])
+
+    ended = threading.Event()
+    states = SqlCheckpointStore.states
+
+    def read_states(self: SqlCheckpointStore) -> Any:
+        try:
+            yield from states(self)
+        finally:
+            ended.set()
+
+    warm = OnlineStore.warm
+    cancelled: list[int] = []
+
+    def cancelled_at_first_chunk(self: OnlineStore, rows: Any) -> int:
+        if not cancelled:  # where a stop's cancellation finds the warm-up, at its next turn of the loop
+            cancelled.append(1)
+            raise asyncio.CancelledError
+        return warm(self, rows)
+
+    monkeypatch.setattr(SqlCheckpointStore, "states", read_states)
+    monkeypatch.setattr(OnlineStore, "warm", cancelled_at_first_chunk)
+    second = await start_service()
+    await eventually(lambda: cancelled)
+    await second.stop()
+    try:
+        assert await asyncio.to_thread(ended.wait, 5), "the warm-up's reader thread still waits"
+    finally:
+        while not ended.is_set():  # without the fix: let it go, else the end of the test's loop waits for it
+            for task in asyncio.all_tasks():
+                coro = task.get_coro()
+                if getattr(coro, "__qualname__", "") == "Queue.put":
+                    queue = coro.cr_frame.f_locals["self"]
+                    while not queue.empty():
+                        queue.get_nowait()
+            await asyncio.sleep(0.01)
