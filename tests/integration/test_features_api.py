@@ -147,6 +147,30 @@ async def test_a_stop_writes_user_features_rows_within_its_bound_and_the_next_st
         engine.dispose()
 
 
+async def test_a_stop_during_a_catch_up_leaves_user_features_rows_to_the_next_start(
+        start_service, nc, tmp_path, caplog) -> None:
+    """Stopped half way through a rebuild, the service spent up to 5 s (30 s before) writing rows of states the
+    rest of the catch-up changes again; the next start writes them in any case."""
+    running = await start_service(offline_features_every_s=3600, checkpoint_every_s=0.1)
+    js = nc.jetstream()
+    for item in EVENTS:
+        await js.publish(f"signals.{item['type']}", orjson.dumps(item))
+    await eventually(lambda: running.service.store.applied == 5)
+    [signals] = [ingest for ingest in running.service.ingests if ingest.spec.name == "SIGNALS"]
+    signals.caught_up = False  # as when the stop comes before SIGNALS has caught up
+    with caplog.at_level(logging.INFO, logger="tipstream"):
+        await running.stop()
+    assert "stopping during the catch-up of SIGNALS: the user_features rows of 1 users are left" in caplog.text
+
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'data' / 'tipstream.db'}")
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("select count(*) from user_features")).scalar() == 0
+            assert conn.execute(sa.text("select count(*) from user_state")).scalar() == 1  # the checkpoint is written
+    finally:
+        engine.dispose()
+
+
 async def test_openapi_document_describes_every_route(start_service) -> None:
     running = await start_service()
     async with httpx.AsyncClient(base_url=running.base_url) as http:
