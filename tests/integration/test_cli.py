@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -503,36 +504,52 @@ def test_a_postgresql_user_whose_search_path_names_another_schema_is_told_that_s
         capsys: pytest.CaptureFixture[str]) -> None:
     """DATABASE_URL's `options=-csearch_path=tipstream` puts the tables in that schema. A user that
     may not create there was told to GRANT on `public`, which changed nothing."""
-    import uuid
-
     import sqlalchemy as sa
     from sqlalchemy.engine import make_url
 
-    from tests.conftest import POSTGRES_ADMIN_URL, reset_postgres
+    from tests.conftest import reset_postgres
 
     reset_postgres(postgres_url)
+    with another_postgres_user(postgres_url) as (role, owner):
+        with owner.begin() as conn:
+            conn.execute(sa.text("CREATE SCHEMA tipstream"))
+            conn.execute(sa.text(f"GRANT USAGE ON SCHEMA tipstream TO {role}"))
+        url = make_url(postgres_url).set(username=role).update_query_dict({"options": f"-csearch_path={schema}"})
+        monkeypatch.setenv("DATABASE_URL", url.render_as_string(False))
+        try:
+            assert main(["migrate"]) == 1
+        finally:
+            with owner.begin() as conn:
+                conn.execute(sa.text("DROP SCHEMA tipstream CASCADE"))
+    err = capsys.readouterr().err
+    assert err.startswith("tipstream: ") and err.count("\n") == 1, err
+    assert told.format(role=role) in err and "SCHEMA public" not in err, err
+
+
+@contextlib.contextmanager
+def another_postgres_user(postgres_url: str) -> Iterator[tuple[str, Any]]:
+    """A login role of its own on the test database, and an engine of the tables' owner; after, what the
+    owner granted the role is revoked and the role dropped."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    from tests.conftest import POSTGRES_ADMIN_URL
+
     role = f"tipstream_{uuid.uuid4().hex[:8]}"
     admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
     owner = sa.create_engine(postgres_url)
     with admin.connect() as conn:
         conn.execute(sa.text(f"CREATE ROLE {role} LOGIN"))
-    with owner.begin() as conn:
-        conn.execute(sa.text("CREATE SCHEMA tipstream"))
-        conn.execute(sa.text(f"GRANT USAGE ON SCHEMA tipstream TO {role}"))
-    url = make_url(postgres_url).set(username=role).update_query_dict({"options": f"-csearch_path={schema}"})
-    monkeypatch.setenv("DATABASE_URL", url.render_as_string(False))
     try:
-        assert main(["migrate"]) == 1
+        yield role, owner
     finally:
         with owner.begin() as conn:
-            conn.execute(sa.text("DROP SCHEMA tipstream CASCADE"))
+            conn.execute(sa.text(f"DROP OWNED BY {role}"))
         owner.dispose()
         with admin.connect() as conn:
             conn.execute(sa.text(f"DROP ROLE {role}"))
         admin.dispose()
-    err = capsys.readouterr().err
-    assert err.startswith("tipstream: ") and err.count("\n") == 1, err
-    assert told.format(role=role) in err and "SCHEMA public" not in err, err
 
 
 @pytest.mark.postgres
@@ -541,38 +558,24 @@ def test_a_postgresql_user_that_only_reads_and_writes_the_tables_runs_but_is_tol
     """A user with SELECT, INSERT, UPDATE and DELETE on the owner's tables (least privilege) was told, at
     `tipstream migrate base` or a new release's migration, to GRANT what it had: no grant lets a user drop
     or alter a table, only its owner may."""
-    import uuid
-
     import sqlalchemy as sa
     from sqlalchemy.engine import make_url
 
-    from tests.conftest import POSTGRES_ADMIN_URL, reset_postgres
+    from tests.conftest import reset_postgres
 
     reset_postgres(postgres_url)
     monkeypatch.setenv("DATABASE_URL", postgres_url)
     assert main(["migrate"]) == 0
-    role = f"tipstream_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    owner = sa.create_engine(postgres_url)
-    with admin.connect() as conn:
-        conn.execute(sa.text(f"CREATE ROLE {role} LOGIN"))
-    with owner.begin() as conn:
-        conn.execute(sa.text(f"GRANT USAGE ON SCHEMA public TO {role}"))
-        conn.execute(sa.text(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"))
-        conn.execute(sa.text(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"))
-    monkeypatch.setenv("DATABASE_URL", make_url(postgres_url).set(username=role).render_as_string(False))
-    get_settings.cache_clear()
-    try:
+    with another_postgres_user(postgres_url) as (role, owner):
+        with owner.begin() as conn:
+            conn.execute(sa.text(f"GRANT USAGE ON SCHEMA public TO {role}"))
+            conn.execute(sa.text(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"))
+            conn.execute(sa.text(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"))
+        monkeypatch.setenv("DATABASE_URL", make_url(postgres_url).set(username=role).render_as_string(False))
+        get_settings.cache_clear()
         capsys.readouterr()
         assert main(["migrate"]) == 0, capsys.readouterr().err  # at head: nothing to create
         assert main(["migrate", "base"]) == 1
-    finally:
-        with owner.begin() as conn:
-            conn.execute(sa.text(f"DROP OWNED BY {role}"))
-        owner.dispose()
-        with admin.connect() as conn:
-            conn.execute(sa.text(f"DROP ROLE {role}"))
-        admin.dispose()
     err = capsys.readouterr().err
     assert err.startswith("tipstream: ") and err.count("\n") == 1, err
     assert "must be owner of table" in err and "for their owner, postgres" in err, err
