@@ -331,6 +331,11 @@ def main() -> int:
               f"{r['rps']:.0f} req/s  p50 {r['p50_ms']:.3f} ms  p90 {r['p90_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  "
               f"max {r['max_ms']:.1f} ms  "
               f"({r['requests']} requests, {r['errors']} errors)")
+    # Refusals are fast: a run whose requests were refused (a Host the service does not answer to, a
+    # body it does not take) measured them, not /score, and its figures must not be read as /score's.
+    if failed := {name: r["errors"] for name, r in results.items() if r["errors"]}:
+        print(f"requests answered with an error status, by phase: {failed}; see the service's log", file=sys.stderr)
+        return 1
     ratio = results["score_10"]["rps"] / results["noop"]["rps"]
     print(f"ratio (score_10 / noop throughput): {ratio:.2f}")
     print(json.dumps({"bench": "score", "p99_ms_10": round(results["score_10"]["p99_ms"], 3),

@@ -465,7 +465,7 @@ async def test_a_refused_body_still_being_sent_gets_its_answer_not_a_reset(start
     for _ in range(5):
         for status, rest in framings.items():
             reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-            writer.write(b"POST /score HTTP/1.1\r\nHost: test\r\nConnection: close\r\n" + rest)
+            writer.write(b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n" + rest)
             await writer.drain()
             answer = await reader.read()
             writer.close()

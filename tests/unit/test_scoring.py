@@ -552,7 +552,7 @@ async def test_a_user_not_loaded_yet_while_the_database_is_away_is_a_503_not_a_5
         raise sqlalchemy.exc.OperationalError("SELECT user_state", {}, ConnectionRefusedError("connection refused"))
 
     service.store.cold, service.store.fetch_cold = {"u-1"}, database_away
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tipstream") as http:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as http:
         scored = await http.post("/score", json={"user_id": "u-1", "candidates": [{"tip_id": "a"}]})
         features = await http.get("/users/u-1/features")
     for answer in (scored, features):
