@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.request_body import drain
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
+JUDGED_MAX = 1_024
 
 
 def is_loopback(host: str) -> bool:
@@ -72,12 +73,19 @@ class HostCheck:
 
     def __init__(self, app: ASGIApp, allowed: frozenset[str] | None) -> None:
         self.app, self.allowed = app, allowed
+        # Each Host header as sent, judged once: clients send the same few, and /score's every µs counts.
+        self._judged: dict[bytes, bool] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.allowed is not None and scope["type"] == "http":
             for name, value in scope["headers"]:
                 if name == b"host":
-                    if host_name(value) not in self.allowed:
+                    allowed = self._judged.get(value)
+                    if allowed is None:
+                        allowed = host_name(value) in self.allowed
+                        if len(self._judged) < JUDGED_MAX:  # bounded: a client may send any name
+                            self._judged[value] = allowed
+                    if not allowed:
                         return await self._refuse(value, scope, receive, send)
                     break
         await self.app(scope, receive, send)
