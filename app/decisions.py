@@ -32,7 +32,6 @@ from another publisher may lack it); one that falls short goes to the DLQ saying
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -49,19 +48,20 @@ SUBJECT_SCORE = "decisions.score"
 DECISION_TYPE = "decision.scored"
 
 
-_PROCESS = os.urandom(4).hex()  # unique per process start: ids never repeat across restarts
-_COUNTER = itertools.count(int.from_bytes(os.urandom(4), "big"))
-
-
 def new_decision_id() -> str:
-    """Time-ordered and unique without coordination: ms since the epoch (12 hex digits), then
-    32 random bits drawn at process start and a 32-bit counter (16 hex digits).
+    """Time-ordered to the millisecond, unique without coordination, and unguessable: ms since the
+    epoch (12 hex digits), then 64 bits drawn from the OS for each id (16 hex digits; two ids of one
+    millisecond share them with odds of 1 in 2**64).
+
+    The 64 bits were 32 drawn at process start and a counter: one answer told the next ids, and a
+    publisher on `decisions.>` could store a decision under an id the service was about to serve,
+    which JetStream's duplicate window then dropped, the service's own, keeping the forged one.
 
     >>> a, b = new_decision_id(), new_decision_id()
-    >>> a != b and a.startswith("d-") and len(a) == 30
+    >>> a != b and a.startswith("d-") and len(a) == 30 and a[14:22] != b[14:22]
     True
     """
-    return f"d-{time.time_ns() // 1_000_000:012x}{_PROCESS}{next(_COUNTER) & 0xFFFFFFFF:08x}"
+    return f"d-{time.time_ns() // 1_000_000:012x}{os.urandom(8).hex()}"
 
 
 def decision_time_ms(decision_id: str) -> int | None:
