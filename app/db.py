@@ -6,7 +6,6 @@ import contextlib
 import functools
 import logging
 import os
-import re
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +31,7 @@ from sqlalchemy import (
     event,
     text,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 
@@ -300,13 +300,17 @@ def refuse_read_only(engine: Engine) -> None:
         f"checkpoints, decision log and models there, and would run saving none of them. {why}.")
 
 
-def quoted(name: str) -> str:
-    """A PostgreSQL identifier as a statement must spell it.
+_POSTGRES_NAMES = postgresql.dialect().identifier_preparer
 
-    >>> quoted("tipstream"), quoted("Tips-Prod")
-    ('tipstream', '"Tips-Prod"')
+
+def quoted(name: str) -> str:
+    """A PostgreSQL identifier as a statement must spell it, by SQLAlchemy's own rules: its case, its
+    characters and the reserved words (a role named `user` is `"user"`).
+
+    >>> quoted("tipstream"), quoted("Tips-Prod"), quoted("user")
+    ('tipstream', '"Tips-Prod"', '"user"')
     """
-    return name if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else '"' + name.replace('"', '""') + '"'
+    return _POSTGRES_NAMES.quote(name)
 
 
 class DatabaseEncodingError(Exception):
