@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from app.settings import Settings
+from streams import jetstream as jsx
 
 
 class NatsAuthError(ValueError):
@@ -54,3 +55,28 @@ def nats_options(settings: Settings) -> dict[str, Any]:
     if (context := tls_context(settings)) is not None:
         options["tls"] = context
     return options
+
+
+COMMAND_CONNECT_S = 5.0  # a command's wait for a connection, then for the server's greeting, each try
+
+
+class NatsUnanswered(Exception):
+    """No NATS server took a command's connection; the message is the last try's own error."""
+
+
+async def connect_for_command(url: str, auth: dict[str, Any], **options: Any) -> jsx.IngestClient:
+    """A command's connection (`simulate`, `users export`), with `auth` (`nats_options`): three tries,
+    then NatsUnanswered saying why the last one failed. With nats-py's defaults, a nats.url left by a
+    killed service was tried for two minutes, each failed try logged with a traceback, and the end
+    said only "no servers available for connection", which hid a refusal's reason."""
+    last: list[Exception] = []
+
+    async def quiet(error: Exception) -> None:
+        last[:] = [error]
+
+    try:
+        return await jsx.connect(url, **auth, max_reconnect_attempts=3, reconnect_time_wait=0.5,
+                                 connect_timeout=COMMAND_CONNECT_S, error_cb=quiet, **options)
+    except Exception as error:  # noqa: BLE001 - whatever the client raises: told with the last try's reason
+        said = str(last[0] if last else error)
+        raise NatsUnanswered(said or f"no NATS greeting within {COMMAND_CONNECT_S:g} s") from None

@@ -15,9 +15,9 @@ import nats
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from app.embedded_nats import URL_FILE
-from app.nats_auth import NatsAuthError, nats_options
+from app.nats_auth import NatsAuthError, NatsUnanswered, connect_for_command, nats_options
 from app.settings import get_settings
-from streams.jetstream import connect, publish_events
+from streams.jetstream import publish_events
 from streams.simulator import Population
 
 
@@ -85,25 +85,16 @@ async def simulate(users: int, rate: float, count: int | None, duration: float |
 
     closed = asyncio.Event()
 
-    failures: list[Exception] = []
-
-    async def quiet(error: Exception) -> None:
-        failures.append(error)
-
     async def on_closed() -> None:
         closed.set()
 
     try:
-        options = nats_options(get_settings())
+        nc = await connect_for_command(url, nats_options(get_settings()), name="tipstream-simulate",
+                                       closed_cb=on_closed)
     except NatsAuthError as error:
         raise SystemExit(f"{error}.") from None
-    try:  # a nats.url left by a stopped service must fail fast, not retry for two minutes
-        nc = await connect(url, **options, name="tipstream-simulate", max_reconnect_attempts=3,
-                           reconnect_time_wait=0.5, connect_timeout=5, error_cb=quiet, closed_cb=on_closed)
-    except (OSError, nats.errors.NoServersError) as error:
-        # The last try's own error: "no servers available for connection" alone hid a refusal's reason.
-        said = str(failures[-1]) if failures and str(failures[-1]) else str(error)
-        raise SystemExit(f"No NATS server answers at {shown_url(url)} ({said}): {fix}.")
+    except NatsUnanswered as error:
+        raise SystemExit(f"No NATS server answers at {shown_url(url)} ({error}): {fix}.") from None
     js = nc.jetstream(publish_async_max_pending=4_000)
     # Event ids of this run's own: a second run with the same seed sends the same traffic again,
     # which JetStream (and tipstream after it) would drop as duplicates of the first.

@@ -57,9 +57,6 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-EXPORT_CONNECT_S = 5.0  # for the connection, then for the server's greeting, each try
-
-
 def _out_problem(out: str) -> str | None:
     """Why `--out` cannot be written, found without creating it; None when it can."""
     import os
@@ -84,11 +81,10 @@ def _export(args: argparse.Namespace) -> int:
     from app import migrate
     from app.db import make_engine
     from app.export import export_user
-    from app.nats_auth import NatsAuthError, nats_options
+    from app.nats_auth import NatsAuthError, NatsUnanswered, connect_for_command, nats_options
     from app.settings import get_settings
     from app.simulate import _nats_url_and_source
     from app.startup import shown_url
-    from streams.jetstream import connect
     from streams.scrub import ScrubError
 
     # Checked first: told only once written, after every stream had been read (minutes for a large one),
@@ -115,20 +111,10 @@ def _export(args: argparse.Namespace) -> int:
             print(f"{stream}: read to #{scanned:,} of #{of:,}", file=sys.stderr)
 
     async def run() -> dict[str, Any]:
-        failures: list[Exception] = []
-
-        async def quiet(error: Exception) -> None:  # nats-py's own logged each failed try with a traceback
-            failures.append(error)
-
         try:
-            # A few tries, as simulate: nats-py's defaults tried a nats.url left by a killed service for 2 minutes.
-            nc = await connect(nats_url, **options, allow_reconnect=False, max_reconnect_attempts=3,
-                               reconnect_time_wait=0.5, connect_timeout=EXPORT_CONNECT_S, error_cb=quiet)
-        except Exception as error:  # noqa: BLE001 - whatever the client raises: said with where the URL came from
-            cause = failures[-1] if failures else error
-            said = str(cause) or f"no NATS greeting within {EXPORT_CONNECT_S:g} s"
-            # Without its token: the embedded server's nats.url holds one.
-            raise SystemExit(f"No NATS server answering at {shown_url(nats_url)} ({said}): {where}") from None
+            nc = await connect_for_command(nats_url, options, allow_reconnect=False)
+        except NatsUnanswered as error:  # shown without its token: the embedded server's nats.url holds one
+            raise SystemExit(f"No NATS server answering at {shown_url(nats_url)} ({error}): {where}") from None
         try:
             return await export_user(nc.jetstream(timeout=10), engine, args.user_id, progress)
         except ScrubError as error:  # a stream refused the reader (its consumers' limit): a traceback said it
