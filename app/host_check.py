@@ -10,10 +10,9 @@ Its requests still name the page's domain in Host, which a service on loopback n
 from __future__ import annotations
 
 import ipaddress
-import json
 from collections.abc import Iterable
-from typing import Any
 
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.request_body import drain
@@ -93,10 +92,8 @@ class HostCheck:
     async def _refuse(self, value: bytes, scope: Scope, receive: Receive, send: Send) -> None:
         await drain(receive, scope)  # a body still being sent gets the answer, not a reset
         given = value.decode("latin-1")
-        body = json.dumps({"field": "Host", "error": (
+        answer = JSONResponse({"field": "Host", "error": (
             f"Host {given!r} is not a name this service answers to (it refuses other names, against DNS "
             "rebinding): add it to TIPSTREAM_ALLOWED_HOSTS, e.g. the name a proxy in front forwards, "
-            f"or call it by one of {', '.join(sorted(self.allowed or ()))}")}).encode()
-        headers: list[Any] = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        await send({"type": "http.response.start", "status": 400, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+            f"or call it by one of {', '.join(sorted(self.allowed or ()))}")}, status_code=400)
+        await answer(scope, receive, send)
