@@ -157,8 +157,7 @@ def _aware_time(value: Any) -> bool:
         # Its row's created_at is the instant in UTC: in year 1 or 9999 an offset can take it out of what a
         # datetime holds, and making the row raised then (the decision dead-lettered as a bug of ours while the
         # join cache kept it, and feedback crediting it after it).
-        if moment.year in (1, 9999):
-            moment.astimezone(UTC)
+        moment.astimezone(UTC)
         return True
     except (ValueError, OverflowError):
         return False

@@ -675,7 +675,7 @@ def unknown_variables(environ: dict[str, str] | None = None, env_file: Path = Pa
         # Matched without the prefix they share, which made every name look close. NATS_URL and DATABASE_URL
         # are read as TIPSTREAM_NATS_URL and TIPSTREAM_DATABASE_URL too: left out, TIPSTREAM_DATABASE_URI was
         # named with no suggestion, and the service ran on SQLite.
-        meant = {f"TIPSTREAM_{n.upper()}"[len("TIPSTREAM_"):]: env_name(n) for n in Settings.model_fields}
+        meant = {n.upper(): env_name(n) for n in Settings.model_fields}
         close = difflib.get_close_matches(upper[len("TIPSTREAM_"):], sorted(meant), n=1, cutoff=0.75)
         hint = (f" (did you mean {meant[close[0]]}?)" if close
                 else " (the README's settings table lists them all)")

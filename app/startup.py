@@ -505,8 +505,6 @@ def _database_error(error: Any, settings: Settings) -> StartupError:
                             "of this data directory. Stop it (or let it finish) and start again.")
     if cause in ("attempt to write a readonly database", "unable to open database file"):
         # Files another user made (`sudo tipstream migrate` once): "a directory this user can write" missed them.
-        from sqlalchemy.engine import make_url
-
         database = Path(make_url(settings.sqlalchemy_url).database or "")
         theirs = [path for path in (database, *(database.with_name(database.name + end) for end in ("-wal", "-shm")))
                   if path.exists() and not os.access(path, os.R_OK | os.W_OK)]
