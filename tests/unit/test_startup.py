@@ -527,28 +527,27 @@ async def test_a_warm_up_cut_short_by_a_failed_start_leaves_no_traceback_behind(
 
     reported: list[dict[str, Any]] = []
     asyncio.get_running_loop().set_exception_handler(lambda _loop, context: reported.append(context))
-    let_go, read_done = threading.Event(), threading.Event()
+    began, let_go = threading.Event(), threading.Event()
 
     class FailingRead:
         def states(self) -> Any:
-            try:
-                let_go.wait(5)
-                raise OSError("canceling statement due to statement timeout")
-            finally:
-                read_done.set()
+            began.set()
+            let_go.wait(5)
+            raise OSError("canceling statement due to statement timeout")
             yield  # a generator, as SqlCheckpointStore.states
 
     stand_in = SimpleNamespace(store=SimpleNamespace(warm=lambda _chunk: 0, taken_in=0),
                                freezer=SimpleNamespace(check=lambda _users: False))
+    before = asyncio.all_tasks()
     warm_up = asyncio.create_task(Service._warm_once(stand_in, FailingRead()))  # type: ignore[arg-type]
-    await asyncio.sleep(0.05)  # the read has begun
+    await eventually(began.is_set)
+    (reader,) = asyncio.all_tasks() - before - {warm_up}  # the read's, in its thread
     warm_up.cancel()
     with pytest.raises(asyncio.CancelledError):
         await warm_up
     let_go.set()
-    await eventually(read_done.is_set)
-    await asyncio.sleep(0.05)  # the read's task takes its result
-    del warm_up
+    await eventually(reader.done)  # it failed, and nobody waits for it any more
+    del warm_up, reader
     gc.collect()
     assert not [c for c in reported if "never retrieved" in c.get("message", "")], reported
 
