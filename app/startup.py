@@ -13,7 +13,8 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -583,35 +584,39 @@ def _connection_fix(cause: str, user: str) -> str | None:
     return None
 
 
+@contextmanager
+def _throwaway_engine(url: str) -> Iterator[Any]:
+    """An engine for one question asked while the start fails, disposed of after it."""
+    from app.db import make_engine
+
+    engine = make_engine(url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
 def _owner_of(url: str, table: str) -> str | None:
     from sqlalchemy import text
 
-    from app.db import make_engine
-
     try:
-        engine = make_engine(url)
-        try:
-            with engine.connect() as conn:
-                return conn.execute(text("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = to_regclass(:t)"),
-                                    {"t": table}).scalar()
-        finally:
-            engine.dispose()
+        with _throwaway_engine(url) as engine, engine.connect() as conn:
+            return conn.execute(text("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = to_regclass(:t)"),
+                                {"t": table}).scalar()
     except Exception:  # noqa: BLE001 - the message goes on without the name
         return None
 
 
 def _read_only(url: str) -> str | None:
-    from app.db import DatabaseReadOnlyError, make_engine, refuse_read_only
+    from app.db import DatabaseReadOnlyError, refuse_read_only
 
-    engine = make_engine(url)
     try:
-        refuse_read_only(engine)
+        with _throwaway_engine(url) as engine:
+            refuse_read_only(engine)
     except DatabaseReadOnlyError as read_only:
         return str(read_only)
     except Exception:  # noqa: BLE001 - the server's own words then
         return None
-    finally:
-        engine.dispose()
     return None
 
 
@@ -623,20 +628,16 @@ def _schema_to_grant(url: str, cause: str) -> tuple[str, bool]:
     refused = re.fullmatch(r"permission denied for schema (.+)", cause)
     from sqlalchemy import text
 
-    from app.db import make_engine, quoted
+    from app.db import quoted
 
     try:
-        engine = make_engine(url)
-        try:
-            with engine.connect() as conn:
-                schema, path = conn.execute(text("SELECT current_schema(), current_setting('search_path')")).one()
-                named = [name.strip().strip('"') for name in path.split(",")]
-                schema = (refused.group(1) if refused else
-                          schema or next((name for name in named if name and name != "$user"), "public"))
-                exists = conn.execute(text("SELECT count(*) FROM pg_namespace WHERE nspname = :name"),
-                                      {"name": schema}).scalar_one() > 0
-        finally:
-            engine.dispose()
+        with _throwaway_engine(url) as engine, engine.connect() as conn:
+            schema, path = conn.execute(text("SELECT current_schema(), current_setting('search_path')")).one()
+            named = [name.strip().strip('"') for name in path.split(",")]
+            schema = (refused.group(1) if refused else
+                      schema or next((name for name in named if name and name != "$user"), "public"))
+            exists = conn.execute(text("SELECT count(*) FROM pg_namespace WHERE nspname = :name"),
+                                  {"name": schema}).scalar_one() > 0
     except Exception:  # noqa: BLE001 - the message goes on with what the server said, or PostgreSQL's default
         return (refused.group(1) if refused else "public"), True
     return quoted(schema), exists
