@@ -317,6 +317,44 @@ def test_a_diverged_champion_is_noticed_while_every_tip_is_new(lineup: Lineup, p
     assert CHAMPION_ERRORS.value == before + 1
     assert sum(r["propensity"] for r in scored.response["ranked"]) == pytest.approx(1.0)
 
+@pytest.mark.parametrize("diverged", [False, True], ids=["champion", "prior_only"])
+@pytest.mark.parametrize("policy", [("epsilon_greedy", {"epsilon": 0.3}), ("softmax", {"temperature": 0.1}),
+                                    ("thompson", {})], ids=lambda p: p[0])
+def test_the_logged_propensities_are_how_often_score_serves_each_tip_first(
+        lineup: Lineup, policy: tuple[str, dict[str, float]], diverged: bool) -> None:
+    """Off-policy evaluation divides by the propensities /score logs, so they must be the chances
+    of what it serves, after the prior's blend, its Thompson posteriors, and ties (two tips never
+    rewarded both score the base rate), and when a diverged champion leaves the ranking to the prior.
+    The policies are checked alone in test_models_policy.py; this checks what /score hands them."""
+    for tip, rewards in {"a": "1101", "b": "0100", "c": "1110", "d": "0010"}.items():
+        for _ in range(5):
+            for r in rewards:
+                lineup.prior.update(tip, float(r))
+    for tip in "abcd" * 3:  # the champion's own scores differ from the prior's
+        lineup.champion.learn_one({"user_id": "u-1", "tip_id": tip}, 1.0 if tip in "bd" else 0.0)
+    store = OnlineStore()
+    for i in range(3):  # reactions of the user's: the champion's score counts in the blend
+        store.apply(_event(i, "tip.reacted", "2026-11-26T14:00:00+01:00", tip_id="b", reaction="acted"))
+    if diverged:
+        lineup.champion.classifier._weights["tip_id_a"] = float("nan")
+    tips = ["a", "b", "c", "d", "new-1", "new-2"]
+    request = parse_request(orjson.dumps({"user_id": "u-1", "candidates": [{"tip_id": t} for t in tips],
+                                          "context": {"now": "2026-11-26T15:00:00+01:00"}}))
+    scorer = Scorer(store, lineup, make_policy(policy[0], **policy[1]), random.Random(7), feature_cache_users=0)
+    n, firsts, logged = 2500, dict.fromkeys(tips, 0), None
+    for _ in range(n):
+        ranked = scorer.score(request).response["ranked"]
+        firsts[ranked[0]["tip_id"]] += 1
+        propensities = {r["tip_id"]: r["propensity"] for r in ranked}
+        assert logged is None or propensities == logged  # the same inputs, the same chances
+        logged = propensities
+    assert logged is not None and sum(logged.values()) == pytest.approx(1.0, abs=1e-9)
+    assert sum(p > 0.02 for p in logged.values()) >= 3, logged  # enough exploration to test anything
+    for tip in tips:  # 4.5 standard errors: no false alarm in ~150,000 such checks
+        p = logged[tip]
+        assert abs(firsts[tip] / n - p) <= 4.5 * math.sqrt(p * (1 - p) / n) + 1e-3, (tip, firsts[tip] / n, p)
+
+
 def test_a_champion_that_fails_to_score_is_answered_around_by_the_prior_and_counted(
         lineup: Lineup, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     from app.learning_metrics import CHAMPION_ERRORS
