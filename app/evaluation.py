@@ -195,8 +195,8 @@ def policy_value(decisions: list[Decision], version: str) -> dict[str, Any]:
     for decision, rewards, *_ in decisions:
         ranked = decision["ranked"]
         served = ranked[0]
-        if not 0.0 < served.get("propensity", 0.0) <= 1.0:
-            unusable += 1  # logged without a usable propensity: it can weigh nothing
+        if not offpolicy.weighable(served.get("propensity", 0.0)):
+            unusable += 1  # logged without a usable propensity: it can weigh nothing, or nothing finite
             continue
         propensities = {c["tip_id"]: float(c.get("propensity", 0.0)) for c in ranked}
         if decision.get("greedy") in propensities:

@@ -93,6 +93,16 @@ class PolicyValue:
         return asdict(self)
 
 
+def weighable(propensity: float) -> bool:
+    """A served tip's propensity that can weigh its reward: in (0, 1], and a normal float, whose
+    inverse does not overflow (a subnormal one, under ~2e-308, gives an infinite weight).
+
+    >>> weighable(0.05), weighable(1e-300), weighable(1e-310), weighable(0.0), weighable(1.5)
+    (True, True, False, False, False)
+    """
+    return 0.0 < propensity <= 1.0 and 1.0 / propensity < math.inf
+
+
 def estimate(logged: Iterable[Logged], full_support: bool = False) -> PolicyValue:
     """The value of the target policy of `logged` (see the module's doc). With `full_support`,
     a decision counts only if every logged tip could have been served (see the module's doc)."""
@@ -101,8 +111,8 @@ def estimate(logged: Iterable[Logged], full_support: bool = False) -> PolicyValu
     rewards: list[float] = []
     for target, propensities, served, reward in logged:
         propensity = propensities.get(served, 0.0)
-        if not 0.0 < propensity <= 1.0:
-            raise ValueError(f"the served tip's propensity must be in (0, 1], got {propensity!r}; "
+        if not weighable(propensity):
+            raise ValueError(f"the served tip's propensity must be in (0, 1] and at least ~2e-308, got {propensity!r}; "
                              "was the decision logged by a policy that never serves it?")
         if full_support and not all(p > 0.0 for p in propensities.values()):
             unsupported += 1
@@ -121,6 +131,11 @@ def estimate(logged: Iterable[Logged], full_support: bool = False) -> PolicyValu
         rewards.append(reward)
     if not agreed:
         return PolicyValue(n, 0, 0.0 if n else None, None, None, 0.0, unsupported)
+    # As shares of the largest weight: all but IPS are the same for weights scaled alike, and a tip
+    # served at a propensity of 1e-80 (another publisher's) has a weight whose w^4 below overflows
+    # (an OverflowError: every `evaluate` failed), at 1e-160 one whose w^2 does (effective n NaN).
+    top = max(weights)
+    weights = [w / top for w in weights]
     total = sum(weights)
     weighted = sum(w * r for w, r in zip(weights, rewards))
     snips = weighted / total
@@ -143,4 +158,4 @@ def estimate(logged: Iterable[Logged], full_support: bool = False) -> PolicyValu
         freedom = max(squares * squares / sum(w ** 4 for w in weights) - 1.0, 1.0)
         half = float(stdtrit(freedom, 0.975)) * spread
         interval = (max(0.0, snips - half), min(1.0, snips + half))
-    return PolicyValue(n, agreed, weighted / n, snips, interval, effective_n, unsupported)
+    return PolicyValue(n, agreed, top * weighted / n, snips, interval, effective_n, unsupported)

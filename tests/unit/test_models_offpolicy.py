@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -82,6 +83,36 @@ def test_no_agreement_gives_no_estimate_and_a_zero_propensity_is_refused() -> No
         estimate([({"a": 1.0}, {"a": 0.0, "b": 1.0}, "a", 1.0)])  # served, yet it could not be
     with pytest.raises(ValueError, match="probability of a tip must be in \\[0, 1\\]"):
         estimate([({"a": 2.0}, half, "a", 1.0)])
+
+
+@pytest.mark.parametrize("scale", [1e-100, 1e-200, 1e-300])
+def test_tiny_propensities_weigh_as_their_ratios_do(scale: float) -> None:
+    """SNIPS, its effective n and its interval depend on the weights' ratios only (IPS scales with
+    them). A tip served at a propensity under ~1e-77 (another publisher's) made w^4 overflow: an
+    OverflowError, and every `evaluate` failed; under ~1e-154, w^2: effective n NaN."""
+    choice = {"new": "a", "busy": "b"}
+    log = [({choice[kind]: 1.0}, p, served, r) for kind, served, p, r in logged_decisions(2000, 0.3, seed=4)]
+    base = estimate(log)
+    tiny = estimate((target, {tip: q * scale for tip, q in p.items()}, served, r) for target, p, served, r in log)
+    assert base.ci95 is not None and tiny.ci95 == pytest.approx(base.ci95, rel=1e-9)
+    assert (tiny.snips, tiny.effective_n) == pytest.approx((base.snips, base.effective_n), rel=1e-9)
+    assert tiny.ips == pytest.approx(base.ips / scale, rel=1e-9)
+
+
+def test_a_propensity_whose_inverse_overflows_weighs_nothing() -> None:
+    """Under ~2e-308 (subnormal), 1 / propensity is infinite: such a decision is left out of a card
+    as one without a propensity, and no NaN or infinity reaches it (PostgreSQL's json refuses them)."""
+    from app.evaluation import policy_value
+
+    ranked = [{"tip_id": "a", "score": 0.9, "propensity": 1e-310}, {"tip_id": "b", "score": 0.1, "propensity": 1.0}]
+    fair = [{"tip_id": "a", "score": 0.9, "propensity": 0.5}, {"tip_id": "b", "score": 0.1, "propensity": 0.5}]
+    decisions = [({"model_version": "v1", "greedy": "a", "ranked": ranked}, {"a": 1.0}),
+                 ({"model_version": "v1", "greedy": "a", "ranked": fair}, {"a": 0.0})]
+    report = policy_value(decisions, "v1")
+    assert report["skipped_without_propensity"] == 1 and report["as_champion"]["greedy"]["n"] == 1
+    json.dumps(report, allow_nan=False)
+    with pytest.raises(ValueError, match="propensity must be in"):
+        estimate([({"a": 1.0}, {"a": 1e-310, "b": 1.0}, "a", 1.0)])
 
 
 def test_no_interval_without_enough_decisions_or_any_spread() -> None:
