@@ -12,7 +12,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -103,7 +103,10 @@ async def ensure_streams(
         if not changed:
             continue
         was = replicas_of(info.config)
-        await js.update_stream(config)
+        # Only what the settings name changes: an update is the whole config, and one made from scratch
+        # set back what an operator had set (compression, placement, a description) to the defaults.
+        await js.update_stream(replace(info.config, max_age=config.max_age, max_bytes=config.max_bytes,
+                                       duplicate_window=config.duplicate_window, num_replicas=replicas))
         # Scaling up copies the stream to the new nodes in the background; scaling down drops copies.
         # Either way the stream keeps its messages and its sequences.
         log.info("updated stream %s: %s", spec.name, "; ".join(changed))

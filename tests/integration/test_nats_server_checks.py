@@ -102,3 +102,26 @@ async def test_the_longest_retention_the_settings_take_is_one_jetstream_takes(nc
     with pytest.raises(nats.js.errors.BadRequestError, match="max_age"):
         await jsx.ensure_streams(js, max_age_days=MAX_STREAM_AGE_DAYS + 1, max_bytes=-1, duplicate_window_s=120,
                                  dlq_max_age_days=MAX_STREAM_AGE_DAYS + 1)
+
+
+async def test_a_changed_setting_keeps_what_an_operator_set_on_a_stream(nc: Any) -> None:
+    """A start whose settings change a stream's limits updated it with a config made from scratch, so
+    what an operator had set with `nats stream edit` (S2 compression, a description, a message size
+    bound) was silently set back to the defaults."""
+    from dataclasses import replace
+
+    from nats.js.api import StoreCompression
+
+    from streams import jetstream as jsx
+
+    js = nc.jetstream()
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    operators = {"description": "events of the growth team's apps", "max_msg_size": 1 << 20}
+    if (jsx.release(str(nc.connected_server_version)) or (0, 0)) >= (2, 10):  # compression came with 2.10
+        operators["compression"] = StoreCompression.S2
+    await js.update_stream(replace((await js.stream_info("SIGNALS")).config, **operators))
+
+    await jsx.ensure_streams(js, max_age_days=2, max_bytes=50_000_000, duplicate_window_s=60, dlq_max_age_days=1)
+    config = (await js.stream_info("SIGNALS")).config
+    assert (config.max_age, config.max_bytes, config.duplicate_window) == (2 * 86_400, 50_000_000, 60)
+    assert {name: getattr(config, name) for name in operators} == operators
