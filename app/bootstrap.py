@@ -57,7 +57,7 @@ from app.retention import TipScoresRetention
 from app.scoring import Scorer
 from app.service_lock import ServiceLock, ServiceLockTaken
 from app.settings import Settings, env_name
-from app.startup import StartupError, shown_url
+from app.start_errors import StartupError, shown_url
 from models.policy import make_policy
 from streams import jetstream as jsx
 from streams.nats_tls import TlsNotOffered

@@ -68,7 +68,8 @@ def _migrate(args: argparse.Namespace) -> int:
     from app.service_lock import ServiceLock, ServiceLockTaken
     from app.service_lock import holder as service_holder
     from app.settings import get_settings
-    from app.startup import data_dir_holder, explain, shown_database_url
+    from app.start_errors import explain, shown_database_url
+    from app.startup import data_dir_holder
 
     settings = get_settings()
     url = settings.sqlalchemy_url
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from app.db import DatabaseEncodingError
     from app.settings import SettingsError, get_settings
-    from app.startup import StartupError, explain
+    from app.start_errors import StartupError, explain
 
     try:
         return int(args.func(args) or 0)

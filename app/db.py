@@ -190,7 +190,7 @@ def make_engine(url: str) -> Engine:
                 # local user. SQLite gives its -wal and -shm files the database file's mode.
                 with contextlib.suppress(FileExistsError):
                     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            except OSError as error:  # as the database failing to open, which app.startup.explain tells the operator
+            except OSError as error:  # as the database failing to open, which app.start_errors.explain tells the operator
                 raise OperationalError(f"create {path}", None, error) from None
         engine = create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
 

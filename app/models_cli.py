@@ -50,7 +50,7 @@ def _default_actor() -> str:
 
 def no_database(settings: Any) -> str:
     """Why a read found no tipstream tables where `settings` name the database, and what to do."""
-    from app.startup import shown_database_url
+    from app.start_errors import shown_database_url
 
     url = settings.sqlalchemy_url
     if settings.database_url:  # the data directory plays no part: not to be named
@@ -70,7 +70,7 @@ def _registry() -> Any:
     from app import migrate
     from app.db import make_engine
     from app.registry_store import RegistryStore
-    from app.startup import shown_database_url
+    from app.start_errors import shown_database_url
 
     settings = _settings()
     url = settings.sqlalchemy_url

@@ -629,7 +629,7 @@ def load_settings() -> Settings:
             # As the operator wrote it: a JSON setting's input is the parsed value, shown as Python wrote it.
             value = written[1] if written is not None else problem["input"]
             if variable.upper() == "NATS_URL":  # it may carry a password or token
-                from app.startup import shown_url
+                from app.start_errors import shown_url
 
                 value = shown_url(str(value))
             elif name in SECRET_FIELDS:  # an error must not print it into logs

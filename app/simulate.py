@@ -81,7 +81,7 @@ async def simulate(users: int, rate: float, count: int | None, duration: float |
                    user_prefix: str = "sim") -> int:
     url, fix = _nats_url_and_source(nats_url)
 
-    from app.startup import shown_url  # the URL may carry a password or token
+    from app.start_errors import shown_url  # the URL may carry a password or token
 
     closed = asyncio.Event()
 

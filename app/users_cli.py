@@ -84,7 +84,7 @@ def _export(args: argparse.Namespace) -> int:
     from app.nats_auth import NatsAuthError, NatsUnanswered, connect_for_command, nats_options
     from app.settings import get_settings
     from app.simulate import _nats_url_and_source
-    from app.startup import shown_url
+    from app.start_errors import shown_url
     from streams.scrub import ScrubError
 
     # Checked first: told only once written, after every stream had been read (minutes for a large one),

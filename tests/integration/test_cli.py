@@ -593,7 +593,7 @@ def test_a_connection_postgresql_refuses_is_told_with_its_own_fix(
         capsys: pytest.CaptureFixture[str]) -> None:
     """Every refused connection was told to 'check that the server runs and the database exists (e.g.
     createdb)': a connection limit reached, a user that does not exist, SSL the server does not offer.
-    (A wrong or missing password, which a trust-only server never asks for: app.startup._connection_fix's
+    (A wrong or missing password, which a trust-only server never asks for: app.start_errors._connection_fix's
     examples.)"""
     import uuid
 
@@ -992,7 +992,7 @@ def test_a_database_from_a_newer_release_is_one_message(tmp_path: Path, monkeypa
     """alembic's "Can't locate revision" was a traceback from `run` and `models list`."""
     import sqlalchemy as sa
 
-    from app.startup import explain
+    from app.start_errors import explain
 
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path))

@@ -259,7 +259,7 @@ async def test_a_second_service_on_the_same_nats_is_refused_and_the_first_reads_
     the first's durable consumers, and each folded part of every stream."""
     from app.bootstrap import Service
     from app.settings import Settings
-    from app.startup import StartupError
+    from app.start_errors import StartupError
 
     first = await start_service()
     await eventually(lambda: first.service.ready)

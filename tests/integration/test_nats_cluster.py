@@ -229,7 +229,7 @@ async def test_more_copies_than_the_cluster_has_nodes_is_a_start_up_message_with
     """5 copies on 3 nodes: JetStream finds no nodes to put them on (10005). (3 with one of the 3 nodes down is
     taken: the cluster places the third copy on the node away, which catches up once back.)"""
     from app.bootstrap import Service
-    from app.startup import explain
+    from app.start_errors import explain
 
     replicas = 5
     settings = Settings(data_dir=tmp_path / "data", nats_url=nats_cluster.url, stream_replicas=replicas, port=0)

@@ -15,7 +15,7 @@ import pytest
 
 from app.bootstrap import Service
 from app.settings import Settings
-from app.startup import StartupError
+from app.start_errors import StartupError
 from streams.fold import to_ms
 from streams.jetstream import durable_of, publish_events
 from streams.simulator import Population

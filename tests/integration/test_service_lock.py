@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from app.bootstrap import Service
 from app.service_lock import SERVICE_LOCK, ServiceLock, ServiceLockTaken
 from app.settings import Settings
-from app.startup import StartupError
+from app.start_errors import StartupError
 from tests.conftest import POSTGRES_ADMIN_URL, NatsServer, eventually, reset_postgres
 
 

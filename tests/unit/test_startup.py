@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from app import startup
-from app.startup import StartupError, Stopper, hold_data_dir, start
+from app import start_errors, startup
+from app.start_errors import StartupError
+from app.startup import Stopper, hold_data_dir, start
 from tests.conftest import eventually, pre_lock_release_server
 
 
@@ -71,7 +72,7 @@ def test_a_service_that_stops_itself_stops_the_server_with_exit_code_1() -> None
 
 def test_an_embedded_nats_server_that_cannot_start_is_a_message_with_the_way_out() -> None:
     from app.embedded_nats import EmbeddedNatsError
-    from app.startup import explain
+    from app.start_errors import explain
 
     told = explain(EmbeddedNatsError("the embedded nats-server exited with code 1; see data/nats/nats-server.log"),
                    SimpleNamespace())
@@ -101,7 +102,7 @@ def test_a_sqlite_database_on_a_full_disk_is_a_message_saying_to_free_space(
     """It said to set TIPSTREAM_DATA_DIR to a directory this user can write, which the full one was."""
     import sqlalchemy as sa
 
-    from app.startup import explain
+    from app.start_errors import explain
 
     url = f"sqlite:///{tmp_path}/tipstream.db" if database_url is None else database_url.format(tmp_path)
     settings = SimpleNamespace(database_url=database_url and url, sqlalchemy_url=url)
@@ -122,7 +123,7 @@ def test_a_sqlite_database_on_a_full_disk_is_a_message_saying_to_free_space(
 def test_a_nats_store_the_service_cannot_write_is_a_message_with_the_way_out(store: str, tmp_path: Path) -> None:
     """A store another user made (root, a container's) was a PermissionError traceback at start."""
     from app.embedded_nats import EmbeddedNats, EmbeddedNatsError
-    from app.startup import explain
+    from app.start_errors import explain
 
     store_dir = tmp_path / "nats"
     store_dir.mkdir()
@@ -146,7 +147,7 @@ def test_a_nats_store_the_service_cannot_write_is_a_message_with_the_way_out(sto
 def test_a_migration_blocked_by_another_session_is_a_message_naming_the_database(tmp_path: Path) -> None:
     from app.migrate import MigrationBlocked
     from app.settings import Settings
-    from app.startup import explain
+    from app.start_errors import explain
 
     told = explain(MigrationBlocked("The migration to head waited for a table lock 5 times"), Settings(data_dir=tmp_path))
     assert told is not None and str(told).startswith(f"Cannot migrate the database sqlite:///{tmp_path}")
@@ -174,7 +175,7 @@ def test_a_sqlite_database_another_process_keeps_locked_is_told_as_such(tmp_path
     from sqlalchemy.exc import OperationalError
 
     from app.settings import Settings
-    from app.startup import explain
+    from app.start_errors import explain
 
     path = tmp_path / "tipstream.db"
     holder = sqlite3.connect(path, isolation_level=None)
@@ -504,7 +505,7 @@ def test_a_stream_left_without_a_leader_after_its_copies_changed_is_a_message_na
     from nats.js.errors import APIError
 
     from app.settings import Settings
-    from app.startup import explain
+    from app.start_errors import explain
     from streams import jetstream as jsx
 
     settings = Settings(data_dir=tmp_path, nats_url="nats://n1:4222,nats://n2:4222", stream_replicas=3)
@@ -572,7 +573,7 @@ def test_a_server_certificate_postgresql_s_client_refuses_is_told_with_the_fix(l
     from app.settings import Settings
 
     url = "postgresql+psycopg://tipstream:hunter2@127.0.0.1:5597/tipstream?sslmode=verify-full"
-    message = str(startup.explain(OperationalError(None, None, psycopg.OperationalError(libpq)),
+    message = str(start_errors.explain(OperationalError(None, None, psycopg.OperationalError(libpq)),
                                   Settings(database_url=url)))
     assert all(part in message for part in told) and "createdb" not in message, message
     assert "Either provide" not in message and "hunter2" not in message, message
