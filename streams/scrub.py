@@ -29,8 +29,9 @@ are not created with, and only one request can be in flight (the next starts aft
 Erasing: the server overwrites the message's record in its block file with random bytes and fsyncs, one
 at a time per stream: ~150 messages/s here (no_erase: 23,000/s). It does not overwrite on a store encrypted
 at rest (nats-server's filestore turns `secure` off there: the key protects it). On a cluster (replicas > 1)
-the delete goes through the stream's RAFT group and each node erases its copy; the group's log may hold the
-original until it is compacted (not tested here).
+the delete goes through the stream's RAFT group and each node erases its copy; each node's RAFT log holds the
+original until it is compacted after the stream's next snapshot: 125-165 s later on a 3-node 2.15.1 cluster
+(a byte search of every node's store, README "Forgetting a user").
 """
 
 from __future__ import annotations
