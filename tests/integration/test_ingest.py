@@ -302,6 +302,11 @@ async def test_a_pull_request_left_by_a_service_gone_does_not_refuse_the_restart
     await eventually(lambda: again.service.store.positions.get("SIGNALS") == 1)
 
 
+# A start with no checkpoint on a stream whose first messages are gone: aged out or erased, the
+# stream cannot tell which.
+KEPT_FROM = "stream SIGNALS keeps sequences {} on; those before are gone (past its retention, or erased with a user forgotten)"
+
+
 async def test_events_past_retention_are_warned_of_only_when_a_checkpoint_wanted_them(nc, caplog) -> None:
     from streams.jetstream import reset_durable
 
@@ -317,10 +322,26 @@ async def test_events_past_retention_are_warned_of_only_when_a_checkpoint_wanted
         await reset_durable(js, "SIGNALS", "test-behind", 2, max_ack_pending=10)
         behind = [(r.levelname, r.getMessage()) for r in caplog.records]
     # No checkpoint (a rebuild): nothing was missed, so no warning.
-    assert rebuild == [("INFO", "stream SIGNALS keeps sequences 4 on; those before are past its retention")]
+    assert rebuild == [("INFO", KEPT_FROM.format(4))]
     warned = ("stream SIGNALS starts at 4 but the checkpoint wants 2: events 2..3 expired by retention. Raise "
               "TIPSTREAM_STREAM_MAX_AGE_DAYS to keep more.")
     assert behind == [("WARNING", warned)]
+
+
+async def test_a_rebuild_after_a_user_s_first_messages_were_erased_does_not_blame_retention(nc, caplog) -> None:
+    """The README forgets a user, then rebuilds: the stream's first messages, theirs, were erased
+    minutes before, and the start said they were past the stream's retention."""
+    from streams.jetstream import reset_durable
+
+    js = nc.jetstream()
+    await ensure_streams(js, max_age_days=90, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    for i in range(3):
+        await js.publish("signals.app.opened", orjson.dumps(event(i, "app.opened")))
+    await nc.request("$JS.API.STREAM.MSG.DELETE.SIGNALS", b'{"seq": 1}', timeout=5)  # as streams/scrub.py erases
+    with caplog.at_level(logging.INFO, logger="tipstream.jetstream"):
+        assert await reset_durable(js, "SIGNALS", "test-rebuild", 1, max_ack_pending=10) == (2, 2)
+    told = [r.getMessage() for r in caplog.records]
+    assert told == [KEPT_FROM.format(2)]
 
 
 async def test_a_bad_event_of_a_recreated_stream_goes_to_the_dlq_though_the_checkpoint_is_past_it(
