@@ -364,6 +364,28 @@ def test_readme_lists_every_setting() -> None:
     assert readme_with_settings(readme) == readme, "README's settings table is stale: run `tipstream docs`"
 
 
+def test_the_readme_s_examples_are_taken_as_a_reader_sends_them() -> None:
+    """Readers publish the README's events and post its /score body as they are: each must be taken,
+    an event on the subject the README's rule gives its type."""
+    import re
+
+    from app.score_request import parse_request
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    python = re.search(r"```python\n(.*?)```", readme, re.DOTALL).group(1)
+    examples = re.findall(r"```json\n(.*?)```", readme, re.DOTALL) + re.findall(r"event = (\{.*?\})\n", python, re.DOTALL)
+    found = set()
+    for text in examples:
+        event = parse_event(text.encode())
+        assert not isinstance(event, Rejection), (event, text)
+        subject = "feedback.tip.reacted" if event.type == "tip.reacted" else f"signals.{event.type}"
+        assert check_subject(event, subject) is None, (subject, text)
+        found.add(event.type)
+    assert found == {"task.completed", "tip.reacted"}, "the README's examples changed: update this test"
+    body = re.search(r"curl -s localhost:8000/score .*? -d '(.*?)'", readme, re.DOTALL).group(1)
+    assert parse_request(body.encode()).user_id == "u-42"
+
+
 def test_docs_elsewhere_leave_other_readmes_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from app.docs import README_END, README_START, write_docs
 
