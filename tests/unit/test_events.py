@@ -328,6 +328,36 @@ def test_the_series_the_readme_alerts_select_by_label_exist_before_their_first_c
         assert (name, ((label, value),)) in present, f"{name}{{{label}=\"{value}\"}} appears only once counted"
 
 
+def test_the_readme_s_latency_alerts_can_fire() -> None:
+    """`histogram_quantile` reads no further than a histogram's largest finite bucket: an alert whose
+    threshold is at or past it never fires, and a change of buckets would silence one unseen."""
+    import re
+    from pathlib import Path
+
+    import app.learning_metrics  # noqa: F401 - its series join the registry on import
+    from app.ingest import StreamIngest
+    from app.metrics import METRICS
+    from streams import jetstream as jsx
+    from streams.store import OnlineStore
+
+    # A stream's ingest makes its labelled series, as a start does.
+    StreamIngest(None, None, jsx.SIGNALS, OnlineStore(), None, batch=1, max_event_bytes=1, max_uncheckpointed=1)
+    bounds: dict[str, set[float]] = {}
+    labels: dict[str, set[str]] = {}
+    for family in METRICS.registry.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_bucket") and sample.labels["le"] != "+Inf":
+                bounds.setdefault(sample.name, set()).add(float(sample.labels["le"]))
+                labels.setdefault(sample.name, set()).update(sample.labels)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    alerts = re.findall(r"histogram_quantile\([\d.]+, sum by \(([\w, ]+)\) \(rate\((\w+_bucket)\[\w+\]\)\)\) > ([\d.]+)",
+                        readme)
+    assert len(alerts) >= 4, "the README's latency alerts are written otherwise: update this test"
+    for by, name, threshold in alerts:
+        assert float(threshold) < max(bounds[name]), f"{name}'s largest finite bucket is {max(bounds[name])}"
+        assert {label.strip() for label in by.split(",")} <= labels[name], (name, by)
+
+
 def test_each_streams_dlq_reasons_are_exposed_at_0_from_its_start() -> None:
     """The README alerts on `increase(tipstream_dlq_total[10m])`: a reason first counted in a burst
     appeared at its full count, and increase() read 0."""
