@@ -416,6 +416,23 @@ def test_the_readme_s_examples_are_taken_as_a_reader_sends_them() -> None:
     assert parse_request(body.encode()).user_id == "u-42"
 
 
+def test_docs_learning_s_score_example_is_a_request_and_its_answer_fits_it() -> None:
+    """Its request held `[...]` where a value goes, and one candidate, whose answer would have
+    propensity 1: the answer shown (0.93, and more tips) needs three under the default epsilon."""
+    import re
+
+    from app.score_request import parse_request
+    from app.settings import Settings
+
+    learning = (Path(__file__).resolve().parents[2] / "docs" / "learning.md").read_text()
+    request, answer = re.search(r"## `POST /score`\n\n```json\n(.*?)```\nanswers\n```json\n(.*?)```", learning,
+                                re.DOTALL).groups()
+    candidates = len(parse_request(request.encode()).candidates)
+    shown = float(re.search(r'"propensity": ([\d.]+)', answer).group(1))
+    epsilon = Settings.model_fields["policy_epsilon"].default
+    assert round(1 - epsilon + epsilon / candidates, 2) == shown, (candidates, shown)
+
+
 def test_docs_elsewhere_leave_other_readmes_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from app.docs import README_END, README_START, write_docs
 
