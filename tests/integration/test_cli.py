@@ -260,6 +260,7 @@ def test_an_unknown_revision_creates_no_database(tmp_path: Path, monkeypatch: py
     (["run"], "TIPSTREAM_POLICY_TEMPERATURE", "inf", "Input should be a finite number"),
     (["run"], "TIPSTREAM_PORT", "eighty", "valid integer"),
     (["models", "list"], "TIPSTREAM_POLICY", "ucb", "'epsilon_greedy', 'softmax', 'thompson' or 'greedy'"),
+    (["simulate", "--count", "1"], "TIPSTREAM_POLICY", "ucb", "'epsilon_greedy', 'softmax', 'thompson' or 'greedy'"),
 ])
 def test_a_bad_setting_is_one_message_naming_the_variable(
         tmp_path: Path, command: list[str], variable: str, value: str, problem: str) -> None:
