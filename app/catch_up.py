@@ -23,6 +23,14 @@ True
 >>> progress.begin(pending=3)  # a reconnect's restart: nothing more is told
 >>> progress.read(count=3, pending=0) is None
 True
+
+One message read back (DECISIONS, at many a restart) is told as one:
+
+>>> ticks = iter([0.0, 0.5])
+>>> one = CatchUpProgress("DECISIONS", clock=lambda: next(ticks))
+>>> one.begin(pending=1)
+>>> one.read(count=1, pending=0)
+'DECISIONS: caught up, 1 event read in 0.5 s (2 events/s)'
 """
 
 from __future__ import annotations
@@ -63,7 +71,7 @@ class CatchUpProgress:
         done = self._read
         rate = done / max(now - self._started, 1e-9)
         if pending == 0:
-            line = (f"{self.stream}: caught up, {done:,} events read in {now - self._started:.1f} s "
+            line = (f"{self.stream}: caught up, {done:,} event{'' if done == 1 else 's'} read in {now - self._started:.1f} s "
                     f"({rate:,.0f} events/s)")
             self._reading, self._done = False, True
         elif now >= self._next_report:
