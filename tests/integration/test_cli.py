@@ -386,6 +386,27 @@ def test_help_names_every_users_command(capsys: pytest.CaptureFixture[str]) -> N
         assert command in summary, command
 
 
+def test_every_command_and_flag_the_docs_name_exists(capsys: pytest.CaptureFixture[str]) -> None:
+    """Readers copy `tipstream ...` lines from the README and docs/: a command or flag renamed in the
+    CLI and not there fails them with a usage error."""
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    named: dict[tuple[str, ...], set[str]] = {}
+    for path in (root / "README.md", root / "docs" / "architecture.md", root / "docs" / "learning.md"):
+        for line in re.findall(r"tipstream ((?:run|simulate|migrate|docs|models|users)\b[^`\n#]*)", path.read_text()):
+            words = line.split()
+            command = tuple(words[:2]) if words[0] in ("models", "users") and len(words) > 1 else tuple(words[:1])
+            named.setdefault(command, set()).update(re.findall(r"(?<![\w-])--[a-z][a-z-]*", line))
+    assert {("run",), ("simulate",), ("models", "register"), ("users", "export")} <= set(named)
+    for command, flags in named.items():
+        with pytest.raises(SystemExit) as ended:
+            main([*command, "--help"])
+        assert ended.value.code == 0, f"`tipstream {' '.join(command)}`, which the docs name, is no command"
+        help_text = capsys.readouterr().out
+        assert {flag for flag in flags if flag not in help_text} == set(), command
+
+
 def test_an_export_a_stream_refuses_a_reader_is_one_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The export reads each stream through a consumer of its own: an account whose `max_consumers`
     (per stream) the service's own takes up refused it, and the command ended in a traceback."""
