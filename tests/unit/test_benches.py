@@ -59,3 +59,22 @@ def test_the_readme_names_every_bench() -> None:
     section = readme.partition("\n## Benchmarks\n")[2].partition("\n## ")[0]
     found = {p.name for p in BENCH.glob("*.py") if not p.stem.startswith("_")}
     assert {name for name in found if f"`{name} " not in section and f"`{name}`" not in section} == set()
+
+
+def test_every_bench_flag_the_docs_name_exists() -> None:
+    """The README's small runs and the docs' measurements name benches with flags: a flag renamed in
+    a bench and not there fails a reader's run at its argument parser."""
+    import re
+
+    named: dict[str, set[str]] = {}
+    for path in (BENCH.parent / "README.md", *sorted((BENCH.parent / "docs").glob("*.md"))):
+        text = path.read_text()
+        for run, name in re.findall(r"`([^`]*bench/(\w+)\.py[^`]*)`", text):
+            named.setdefault(name, set()).update(re.findall(r"(?<![\w-])--[a-z][a-z-]*", run))
+        # The README's list gives each bench's small-run flags after its name, in brackets.
+        for name, flags in re.findall(r"^- `(\w+)\.py \[([^\]]*)\]`", text, re.MULTILINE):
+            named.setdefault(name, set()).update(re.findall(r"--[a-z][a-z-]*", flags))
+    assert len(named) >= 15, "the docs name benches otherwise: update this test"
+    for name, flags in named.items():
+        source = (BENCH / f"{name}.py").read_text()
+        assert {flag for flag in flags if f'"{flag}"' not in source} == set(), name
