@@ -217,9 +217,10 @@ class Settings(BaseSettings):
     # -- scoring, decisions, learning (issue 4; docs/learning.md) ---------------------------
     admin_token: SecretStr | None = Field(
         None,
-        description="Bearer token for admin changes (register, shadow, promote, retire, evaluate, rollback), at least "
+        description="Bearer token for admin requests: registry changes (register, shadow, promote, retire, evaluate, "
+                    "rollback) and forgetting users (`tipstream users forget`, `forget-status`); at least "
                     "16 characters of printable ASCII (`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`). "
-                    "Unset: admin changes are refused.",
+                    "Unset: they are refused.",
     )
     model_kind: Literal["logreg", "fm"] = Field(
         "logreg", description="Kind of the first champion (`v1`), created on the first start."
