@@ -51,13 +51,14 @@ def _refusal(request: Request) -> Response | None:
     if not secret:
         # Said to a client that sent a token, often the CLI with its own TIPSTREAM_ADMIN_TOKEN set: the
         # setting to fix is the server's, which only a restart reads.
-        return _json(403, {"error": "admin changes are disabled on this server: restart it with TIPSTREAM_ADMIN_TOKEN "
-                                    "set to a secret of 16 characters or more, and send that secret as "
-                                    "`Authorization: Bearer <token>`", "field": None})
+        return _json(403, {"error": "admin requests (registry changes, forgetting users) are disabled on this server: "
+                                    "restart it with TIPSTREAM_ADMIN_TOKEN set to a secret of 16 characters or more, "
+                                    "and send that secret as `Authorization: Bearer <token>`", "field": None})
     header = request.headers.get("authorization", "")
     scheme, _, given = header.partition(" ")
     if scheme.lower() != "bearer" or not given:
-        response = _json(401, {"error": "admin changes need `Authorization: Bearer <TIPSTREAM_ADMIN_TOKEN>`",
+        # Also said to a status read (GET of a request to forget), which is no change.
+        response = _json(401, {"error": "admin requests need `Authorization: Bearer <TIPSTREAM_ADMIN_TOKEN>`",
                                "field": "Authorization"})
         response.headers["WWW-Authenticate"] = 'Bearer realm="tipstream admin"'
         return response

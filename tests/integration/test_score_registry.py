@@ -44,6 +44,9 @@ async def test_changes_are_refused_without_the_token(start_service, nc, tmp_path
         refused = await http.post("/admin/models/v1/promote", headers=AUTH)
         assert refused.status_code == 403 and "TIPSTREAM_ADMIN_TOKEN" in refused.json()["error"]
         assert "restart it with TIPSTREAM_ADMIN_TOKEN" in refused.json()["error"]  # the server's, not the client's
+        # Asking where a request to forget a user is changes nothing: it was told "admin changes are disabled".
+        status = await http.get("/admin/users/u-1/forget", headers=AUTH)
+        assert status.status_code == 403 and "forgetting users" in status.json()["error"]
         assert (await http.get("/models")).json()["champion"] == "v1", "reads stay open"
     await running.stop()
 
@@ -52,6 +55,8 @@ async def test_changes_are_refused_without_the_token(start_service, nc, tmp_path
     async with httpx.AsyncClient(base_url=running.base_url) as http:
         missing = await http.post("/admin/models/v2/promote")
         assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
+        status = await http.get("/admin/users/u-1/forget")
+        assert status.status_code == 401 and "changes" not in status.json()["error"], status.json()
         wrong = await http.post("/admin/models/v2/promote", headers={"Authorization": "Bearer guess"})
         assert wrong.status_code == 403
     await running.stop()
