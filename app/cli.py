@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 
     mig = commands.add_parser("migrate", help="apply migrations (alembic)")
     mig.add_argument("revision", nargs="?", default="head",
-                     help="head (default), a revision, or base (drops every table: stop the service first)")
+                     help="head (default), a newer revision, or base (drops every table: stop the service first)")
     mig.set_defaults(func=_migrate)
 
     docs = commands.add_parser("docs", help="regenerate docs/events.schema.json, docs/features.md, "
