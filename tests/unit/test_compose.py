@@ -43,3 +43,11 @@ def test_the_service_without_a_token_for_reads_is_published_on_loopback_only() -
     interface, anyone who could reach the host read users' features and logged decisions."""
     for published in COMPOSE["services"]["tipstream"]["ports"]:
         assert published.startswith("127.0.0.1:"), published
+
+
+def test_the_admin_token_comes_from_the_host_s_environment_and_is_never_written_here() -> None:
+    """Without it, registry changes and forgetting a user were refused under compose until the file was
+    edited, and a token written into it would be in the repository."""
+    value = COMPOSE["services"]["tipstream"]["environment"]["TIPSTREAM_ADMIN_TOKEN"]
+    assert value == "${TIPSTREAM_ADMIN_TOKEN:-}", value
+    assert Settings(admin_token="").admin_token.get_secret_value() == ""  # as compose passes it unset: refused
