@@ -74,7 +74,9 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S) -> type:
     - a new connection that sends nothing: closed after the keep-alive timeout, as an idle one is
       after an answer (uvicorn arms that timer only after a response);
     - a request the parser refuses: 400 with the parser's reason, and uvicorn's warning for it
-      at most CLIENT_WARNINGS_PER_MINUTE a minute."""
+      at most CLIENT_WARNINGS_PER_MINUTE a minute;
+    - requests pipelined behind the one served: no more is read until they are answered (uvicorn
+      read on after each answer, so a client sending without reading queued requests without a bound)."""
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
     from app.log_throttle import LogThrottle
@@ -167,6 +169,11 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S) -> type:
             self._end_read_deadline()
             if not self._refused:
                 super().on_message_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()  # reads on, and starts the next request queued, if any
+            if self.pipeline:
+                self.flow.pause_reading()
 
         def _end_read_deadline(self) -> None:
             if self._read_deadline is not None:
