@@ -26,12 +26,13 @@ def _run(args: argparse.Namespace) -> int:
     import uvloop
 
     from app.settings import get_settings, unknown_variables
-    from app.startup import hold_data_dir, listen_socket, serve
+    from app.startup import hold_data_dir, listen_socket, serve, take_open_files
 
     settings = get_settings()
     configure_logging(settings.log_level)
     for line in unknown_variables():
         logging.getLogger("tipstream").warning("%s", line)
+    take_open_files()  # before anything opens a file: the embedded nats-server inherits it too
     held = hold_data_dir(settings.data_dir)  # first: a second service on the directory changes nothing
     sock = listen_socket(settings)
     try:

@@ -9,6 +9,7 @@ import fcntl
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -42,6 +43,14 @@ HTTP_REQUEST_READ_S = 30.0
 # uvicorn warns once for each request it cannot read ("Invalid HTTP request received.",
 # "Unsupported upgrade request."): a client sending such requests decided how fast the log grew.
 CLIENT_WARNINGS_PER_MINUTE = 6
+# File descriptors kept from HTTP connections for the service's own: an idle service holds ~20 (NATS,
+# the embedded nats-server's pipes, the lock, log and spool files), and its database up to ~60 more
+# at a peak (PostgreSQL: the lock's connection and a pool of up to 20; SQLite: a file and its WAL
+# for each of 15 connections). Without a reserve, clients took the last one, and a reconnect to
+# NATS failed with "Too many open files" for as long as they came.
+FD_RESERVE = 128
+
+log = logging.getLogger("tipstream")
 
 
 class _ClientWarnings:
@@ -63,7 +72,48 @@ class _ClientWarnings:
         return getattr(self._logger, name)
 
 
-def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S) -> type:
+def raise_open_files_limit() -> tuple[int, int, int]:
+    """The soft limit on open files raised to the hard one, as Go programs (nats-server among them)
+    do at start: shells and systemd start services at a soft 1024 with a far higher hard limit, and
+    each HTTP connection holds a file descriptor. (soft before, soft now, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # a hard limit above the kernel's nr_open: left as it was
+            return soft, soft, hard
+    return soft, hard, hard
+
+
+def take_open_files() -> None:
+    """`raise_open_files_limit`, and the log's word on what the limit leaves for HTTP connections."""
+    before, soft, hard = raise_open_files_limit()
+    if soft == resource.RLIM_INFINITY:
+        return
+    if before != soft:
+        log.info("limit on open files raised from %d to %d, the hard limit (ulimit -Hn)", before, soft)
+    if max_http_connections(soft) < 1000:
+        log.warning("the limit on open files is %d (ulimit -n; hard limit %s): the service takes at most %d HTTP "
+                    "connections at once. Raise the hard limit (systemd's LimitNOFILE=, docker's --ulimit nofile=) "
+                    "for more.", soft, "none" if hard == resource.RLIM_INFINITY else hard, max_http_connections(soft))
+
+
+def open_files_limit() -> int | None:
+    """The soft limit on open files; None when there is none."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def max_http_connections(files: int) -> int:
+    """HTTP connections held at once under a limit of `files` open files: all but FD_RESERVE.
+
+    >>> max_http_connections(1024), max_http_connections(256), max_http_connections(100)
+    (896, 128, 50)
+    """
+    return max(files - FD_RESERVE, files // 2)
+
+
+def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_files: int | None = None) -> type:
     """uvicorn's httptools protocol, with bounds uvicorn lacks on what a client can hold:
 
     - a request line and headers past HTTP_MAX_HEAD_BYTES: 431, and the connection closed. A head
@@ -76,12 +126,19 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S) -> type:
     - a request the parser refuses: 400 with the parser's reason, and uvicorn's warning for it
       at most CLIENT_WARNINGS_PER_MINUTE a minute;
     - requests pipelined behind the one served: no more is read until they are answered (uvicorn
-      read on after each answer, so a client sending without reading queued requests without a bound)."""
+      read on after each answer, so a client sending without reading queued requests without a bound);
+    - at most `max_http_connections(open_files)` connections: past it, the one idle longest is
+      closed for the new one, or with none idle the new one gets 503 and is closed, and the log says
+      to raise the limit, at most once a minute (uvicorn accepted until the process had no file
+      descriptor left, then reset every new connection without a word, and the service's own
+      reconnects to NATS and its database failed)."""
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
     from app.log_throttle import LogThrottle
 
     client_warnings = LogThrottle(per_window=CLIENT_WARNINGS_PER_MINUTE)
+    full_warnings = LogThrottle()
+    most = None if open_files is None else max_http_connections(open_files)
 
     def refusal(status: int, message: str) -> bytes:
         # In the API's own shape: a client reading every 4xx as JSON failed on a plain-text one.
@@ -99,8 +156,33 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S) -> type:
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            if most is not None and len(self.connections) > most and not self._room_made():
+                self._refuse_connection()
+                return
             self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
                                                                 self.timeout_keep_alive_handler)
+
+        def _room_made(self) -> bool:
+            """The connection idle longest (its keep-alive timer due first) closed, if there is one."""
+            idle = [p for p in self.connections
+                    if p.timeout_keep_alive_task is not None and not p.transport.is_closing()]
+            if not idle:
+                return False
+            min(idle, key=lambda p: p.timeout_keep_alive_task.when()).transport.close()
+            return True
+
+        def _refuse_connection(self) -> None:
+            self.transport.write(refusal(503, f"this service holds {most} connections, the most its limit on open "
+                                              "files leaves room for: try again later"))
+            self.transport.close()
+            left_out = full_warnings.allow("full")
+            if left_out is not None:
+                log.warning("HTTP: %d connections open, none idle, the most that the limit on open files (ulimit -n "
+                            "%d) leaves room for beside the %d the service keeps for NATS, its database and files: a new "
+                            "connection was answered 503%s. Raise the limit (ulimit -n; systemd's LimitNOFILE=, "
+                            "docker's --ulimit nofile=), or serve slow clients through a proxy that holds them (nginx).",
+                            len(self.connections) - 1, open_files, open_files - most,
+                            f" ({left_out} more in the minute before)" if left_out else "")
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._end_read_deadline()
@@ -261,7 +343,7 @@ def _no_server_on_the_store(data_dir: Path) -> None:
     deadline = time.monotonic() + STORE_SERVER_WAIT_S
     pid = server_on_store(store)
     if pid is not None:
-        logging.getLogger("tipstream").info(
+        log.info(
             "a nats-server (pid %d) runs on %s: waiting up to %g s for it to end (a service just killed), else this "
             "start stops", pid, store.resolve(), STORE_SERVER_WAIT_S)
     while pid is not None and time.monotonic() < deadline:
@@ -406,8 +488,8 @@ def http_config(app: Any) -> Any:
     # WebSocket route, yet a request with `Upgrade: websocket` went to the websockets library,
     # which refused it in plain text ("Failed to open a WebSocket connection: invalid request.",
     # or a 403 for a whole handshake); it is now answered as the HTTP request it also is.
-    return uvicorn.Config(app, log_level="warning", http=bounded_http_protocol(), ws="none", lifespan="on",
-                          access_log=False, timeout_keep_alive=HTTP_KEEP_ALIVE_S)
+    return uvicorn.Config(app, log_level="warning", http=bounded_http_protocol(open_files=open_files_limit()),
+                          ws="none", lifespan="on", access_log=False, timeout_keep_alive=HTTP_KEEP_ALIVE_S)
 
 
 async def serve(settings: Settings, sock: socket.socket, demo_rate: float) -> int:

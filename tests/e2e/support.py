@@ -30,12 +30,20 @@ from app.cli import main
 sys.exit(main())
 """
 
+# A command (argv[1:]) run with limits on open files, as `ulimit -n` sets them.
+LIMITED_RUN = """import os, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, {limits!r})
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
 
 class ServiceProcess:
     def __init__(self, data_dir: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
-                 patches: dict[str, Any] | None = None) -> None:
+                 patches: dict[str, Any] | None = None, open_files: tuple[int, int] | None = None) -> None:
         """`patches`: module constants ("app.learner.SILENCE_READ_ALLOWANCE_MS") set to these values before
-        `tipstream run` starts, where a test's wait is one of them (what it guards is not)."""
+        `tipstream run` starts, where a test's wait is one of them (what it guards is not). `open_files`:
+        its limits on open files (soft, hard), as `ulimit -n` sets them."""
+        self.open_files = open_files
         self.port = free_port()
         self.args = args
         self.patches = patches or {}
@@ -66,6 +74,8 @@ class ServiceProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "service.log", "ab")
         command = [sys.executable, "-c", PATCHED_RUN.format(patches=self.patches)] if self.patches else [TIPSTREAM]
+        if self.open_files:  # set in the process, which then becomes the service (the same pid)
+            command = [sys.executable, "-c", LIMITED_RUN.format(limits=self.open_files), *command]
         self.process = subprocess.Popen([*command, "run", *self.args], env=self.env, stdout=log, stderr=log)
         LAUNCHED.append(self.process)
 

@@ -226,7 +226,7 @@ class CountingServer:
         sock.bind(("127.0.0.1", 0))
         read_s = self.bounds.get("request_read_s", startup.HTTP_REQUEST_READ_S)
         self.server = uvicorn.Server(uvicorn.Config(
-            self.app, http=bounded_http_protocol(read_s), interface="asgi3", lifespan="off", log_level="warning",
+            self.app, http=bounded_http_protocol(read_s, self.bounds.get("open_files")), interface="asgi3", lifespan="off", log_level="warning",
             timeout_keep_alive=self.bounds.get("keep_alive_s", startup.HTTP_KEEP_ALIVE_S)))
         self.serving = asyncio.create_task(self.server.serve(sockets=[sock]))
         await eventually(lambda: self.server.started or self.serving.done())
@@ -310,6 +310,41 @@ async def test_requests_pipelined_by_a_client_that_does_not_read_are_not_read_ah
         watching.cancel()
         writer.close()
         assert most <= 299, most
+
+
+async def test_connections_past_what_the_limit_on_open_files_leaves_close_an_idle_one_or_get_503(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """uvicorn accepted connections until the process had no file descriptor left, then reset each
+    new one without a word in the log, and the service's reconnect to NATS failed ("Too many open
+    files") for as long as clients kept coming."""
+    caplog.set_level(logging.WARNING, logger="tipstream")
+    server = CountingServer(open_files=8, keep_alive_s=60)  # 4 connections at most
+    async with server as port:
+        protocols = server.server.server_state.connections
+
+        async def connect(sent: bytes = b"") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(sent)
+            return reader, writer
+
+        begun = b"POST / HTTP/1.1\r\nHost: x\r\n"
+        held = [await connect(begun) for _ in range(3)]
+        idle = await connect()
+        await eventually(lambda: sum(p.timeout_keep_alive_task is None for p in protocols) == 3 == len(protocols) - 1)
+        served = await connect(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await asyncio.wait_for(served[0].read(), 10)).startswith(b"HTTP/1.1 200")
+        assert await asyncio.wait_for(idle[0].read(), 10) == b""  # closed for it, the one idle
+        held.append(await connect(begun))
+        await eventually(lambda: sum(p.timeout_keep_alive_task is None for p in protocols) == 4)
+        refused = await connect(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await asyncio.wait_for(refused[0].read(), 10)
+        assert answer.startswith(b"HTTP/1.1 503") and b"the most its limit on open files leaves" in answer, answer
+        held[0][1].write(b"Content-Length: 2\r\n\r\nab")  # those held are served as before
+        assert (await asyncio.wait_for(held[0][0].readuntil(b"\r\n\r\n"), 10)).startswith(b"HTTP/1.1 200")
+        for _, writer in [*held, idle, served, refused]:
+            writer.close()
+    told = [r.getMessage() for r in caplog.records if r.name == "tipstream"]
+    assert len(told) == 1 and "(ulimit -n 8)" in told[0] and "Raise the limit" in told[0], told
 
 
 async def test_a_client_that_sends_part_of_a_request_or_nothing_is_not_waited_for_for_good() -> None:
