@@ -40,6 +40,10 @@ HTTP_MAX_HEAD_BYTES = 64 * 1024
 # them without a bound: a client sending a few bytes of a request and then nothing (slowloris) held
 # its connection, a file descriptor, for good; enough of them and the service accepted no client.
 HTTP_REQUEST_READ_S = 30.0
+# How long an answer may wait for its client to read on (the socket's buffers full) before the
+# connection is dropped: uvicorn waits without a bound, so a client that asks and never reads held
+# its connection, with the requests it had pipelined, for good.
+HTTP_WRITE_STALL_S = 30.0
 # uvicorn warns once for each request it cannot read ("Invalid HTTP request received.",
 # "Unsupported upgrade request."): a client sending such requests decided how fast the log grew.
 CLIENT_WARNINGS_PER_MINUTE = 6
@@ -113,7 +117,13 @@ def max_http_connections(files: int) -> int:
     return max(files - FD_RESERVE, files // 2)
 
 
-def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_files: int | None = None) -> type:
+def _cancelled(timer: asyncio.TimerHandle | None) -> None:
+    if timer is not None:
+        timer.cancel()
+
+
+def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_files: int | None = None,
+                          write_stall_s: float = HTTP_WRITE_STALL_S) -> type:
     """uvicorn's httptools protocol, with bounds uvicorn lacks on what a client can hold:
 
     - a request line and headers past HTTP_MAX_HEAD_BYTES: 431, and the connection closed. A head
@@ -127,6 +137,7 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
       at most CLIENT_WARNINGS_PER_MINUTE a minute;
     - requests pipelined behind the one served: no more is read until they are answered (uvicorn
       read on after each answer, so a client sending without reading queued requests without a bound);
+    - an answer the client has not read on for `write_stall_s`, its buffers full: the connection dropped;
     - at most `max_http_connections(open_files)` connections: past it, the one idle longest is
       closed for the new one, or with none idle the new one gets 503 and is closed, and the log says
       to raise the limit, at most once a minute (uvicorn accepted until the process had no file
@@ -149,6 +160,7 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
     class BoundedHttpToolsProtocol(HttpToolsProtocol):
         _head_bytes, _head_size, _in_head, _feeding, _refused = 0, 0, True, 0, False
         _read_deadline: asyncio.TimerHandle | None = None
+        _write_deadline: asyncio.TimerHandle | None = None
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -186,7 +198,18 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._end_read_deadline()
+            self._write_deadline = _cancelled(self._write_deadline)
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._write_deadline is None:
+                self._write_deadline = self.loop.call_later(write_stall_s, self.transport.abort)  # close() would
+                # wait for the buffer to be read first
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self._write_deadline = _cancelled(self._write_deadline)
 
         def data_received(self, data: bytes) -> None:
             self._feeding = len(data)
@@ -258,9 +281,7 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
                 self.flow.pause_reading()
 
         def _end_read_deadline(self) -> None:
-            if self._read_deadline is not None:
-                self._read_deadline.cancel()
-                self._read_deadline = None
+            self._read_deadline = _cancelled(self._read_deadline)
 
         def _read_too_slow(self) -> None:
             self._read_deadline = None

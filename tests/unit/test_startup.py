@@ -312,6 +312,35 @@ async def test_requests_pipelined_by_a_client_that_does_not_read_are_not_read_ah
         assert most <= 299, most
 
 
+async def test_a_client_that_does_not_read_its_answer_is_dropped_once_the_answer_has_waited_long_enough() -> None:
+    """uvicorn waits for a client to read on without a bound: one that asked and never read held its
+    connection (and its file descriptor, and the requests it had pipelined) for good."""
+    import socket
+
+    import uvicorn
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        body = b"x" * (32 << 20)  # more than the sockets' buffers hold
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, http=startup.bounded_http_protocol(write_stall_s=0.5),
+                                           interface="asgi3", lifespan="off", log_level="warning"))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await eventually(lambda: server.started or serving.done())
+        _, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await eventually(lambda: len(server.server_state.connections) == 1)
+        await eventually(lambda: not server.server_state.connections and not server.server_state.tasks)
+        writer.close()
+    finally:
+        server.should_exit = server.force_exit = True  # not waiting for an answer that may never go
+        await serving
+
+
 async def test_connections_past_what_the_limit_on_open_files_leaves_close_an_idle_one_or_get_503(
         caplog: pytest.LogCaptureFixture) -> None:
     """uvicorn accepted connections until the process had no file descriptor left, then reset each
