@@ -161,6 +161,7 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
         _head_bytes, _head_size, _in_head, _feeding, _refused = 0, 0, True, 0, False
         _read_deadline: asyncio.TimerHandle | None = None
         _write_deadline: asyncio.TimerHandle | None = None
+        _answering: Any = None  # the request answered now
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -197,6 +198,7 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
                             f" ({left_out} more in the minute before)" if left_out else "")
 
         def connection_lost(self, exc: Exception | None) -> None:
+            self._let_go()
             self._end_read_deadline()
             self._write_deadline = _cancelled(self._write_deadline)
             super().connection_lost(exc)
@@ -204,8 +206,23 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
         def pause_writing(self) -> None:
             super().pause_writing()
             if self._write_deadline is None:
-                self._write_deadline = self.loop.call_later(write_stall_s, self.transport.abort)  # close() would
-                # wait for the buffer to be read first
+                self._write_deadline = self.loop.call_later(write_stall_s, self._write_stalled)
+
+        def _write_stalled(self) -> None:
+            self._write_deadline = None
+            self._let_go()
+            self.transport.abort()  # close() would wait for the buffer to be read first
+
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+            self._answering = cycle
+            super()._start_asgi_task(cycle, app)
+
+        def _let_go(self) -> None:
+            # The request being answered is told its client is gone. uvicorn tells only `self.cycle`, the last
+            # request read, which may be one queued behind it: the answer then went on to a closed connection,
+            # "Exception in ASGI application" and a traceback.
+            if self._answering is not None:
+                self._answering.disconnected = True
 
         def resume_writing(self) -> None:
             super().resume_writing()
@@ -286,6 +303,9 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
         def _read_too_slow(self) -> None:
             self._read_deadline = None
             if self.transport.is_closing():
+                return
+            if self.flow.read_paused:  # the server reads no further (answers to send first): not the client's delay
+                self._read_deadline = self.loop.call_later(request_read_s, self._read_too_slow)
                 return
             cycle = None if self._in_head else self.cycle  # the request's own, once its head was read
             if cycle is None or not cycle.response_started:
@@ -509,7 +529,8 @@ def http_config(app: Any) -> Any:
     # WebSocket route, yet a request with `Upgrade: websocket` went to the websockets library,
     # which refused it in plain text ("Failed to open a WebSocket connection: invalid request.",
     # or a 403 for a whole handshake); it is now answered as the HTTP request it also is.
-    return uvicorn.Config(app, log_level="warning", http=bounded_http_protocol(open_files=open_files_limit()),
+    return uvicorn.Config(app, log_level="warning", http=bounded_http_protocol(
+        write_stall_s=HTTP_WRITE_STALL_S, open_files=open_files_limit()),
                           ws="none", lifespan="on", access_log=False, timeout_keep_alive=HTTP_KEEP_ALIVE_S)
 
 

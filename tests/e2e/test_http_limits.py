@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 from pathlib import Path
 
 from tests.conftest import NatsServer, eventually
@@ -43,4 +45,27 @@ async def test_clients_holding_every_connection_leave_the_service_its_own_files(
         for _, writer in held:
             writer.close()
     await eventually(lambda: service.get("/healthz").status_code == 200)
+    assert service.stop(), service.log()
+
+
+async def test_clients_that_never_read_their_answers_are_dropped_without_a_traceback(tmp_path: Path) -> None:
+    """/score pipelined by clients that read nothing: once an answer waited its time, the connection
+    was dropped, and the answer being worked on went on to write to it (uvicorn told only the last
+    request read, queued behind it, that its client was gone): "Exception in ASGI application" and a
+    traceback for each such client."""
+    service = ServiceProcess(tmp_path / "data", patches={"app.startup.HTTP_WRITE_STALL_S": 1.0}).start()
+    body = json.dumps({"user_id": "u-1", "candidates": [{"tip_id": "t-1"}, {"tip_id": "t-2"}]}).encode()
+    request = (b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    writers = []
+    for _ in range(3):
+        _, writer = await asyncio.open_connection("127.0.0.1", service.port)
+        writer.write(request * 20_000)  # answers past what the sockets' buffers hold, none read
+        writers.append(writer)
+    # Dropped (reset): each socket's TCP state is TCP_CLOSE (7), though the client reads nothing.
+    await eventually(lambda: all(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
+                                 == b"\x07" for writer in writers), timeout=30)
+    for writer in writers:
+        writer.close()
+    assert "Exception in ASGI application" not in service.log()
     assert service.stop(), service.log()

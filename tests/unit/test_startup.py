@@ -8,6 +8,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -339,6 +340,27 @@ async def test_a_client_that_does_not_read_its_answer_is_dropped_once_the_answer
     finally:
         server.should_exit = server.force_exit = True  # not waiting for an answer that may never go
         await serving
+
+
+async def test_a_request_unread_behind_answers_the_client_does_not_read_is_not_timed_out_mid_answer() -> None:
+    """Requests pipelined behind a slow answer are not read until it is sent: the read deadline of
+    the one begun behind them fired meanwhile, wrote a 408 into the answers' stream and closed the
+    connection, and the answer then written logged "Exception in ASGI application" (a traceback per
+    connection of a client that sends /score without reading)."""
+    gate = asyncio.Event()
+    server = CountingServer(gate, request_read_s=0.3)
+    async with server as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 2 + b"GET / HTTP/1.1\r\nHost: x\r\n")
+        protocols = server.server.server_state.connections
+        await eventually(lambda: any(p._read_deadline is not None for p in protocols))
+        (protocol,) = protocols
+        first = protocol._read_deadline
+        await eventually(lambda: protocol._read_deadline is not first)  # its time came, as the first waits
+        gate.set()
+        answers = await asyncio.wait_for(reader.read(), 10)  # then the one begun is the client's to end
+        writer.close()
+        assert re.findall(rb"HTTP/1\.1 \d+", answers) == [b"HTTP/1.1 200", b"HTTP/1.1 200", b"HTTP/1.1 408"], answers
 
 
 async def test_connections_past_what_the_limit_on_open_files_leaves_close_an_idle_one_or_get_503(
