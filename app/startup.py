@@ -44,6 +44,10 @@ HTTP_REQUEST_READ_S = 30.0
 # connection is dropped: uvicorn waits without a bound, so a client that asks and never reads held
 # its connection, with the requests it had pipelined, for good.
 HTTP_WRITE_STALL_S = 30.0
+# At the most connections the limit on open files leaves, one idle this long is closed for a new one.
+# Not sooner: in a burst, connections are accepted many at a time before any is read, and each new one
+# closed one accepted a moment before, its request already on its way (2,000 at once: 300-800 closed).
+HTTP_IDLE_GRACE_S = 1.0
 # uvicorn warns once for each request it cannot read ("Invalid HTTP request received.",
 # "Unsupported upgrade request."): a client sending such requests decided how fast the log grew.
 CLIENT_WARNINGS_PER_MINUTE = 6
@@ -123,7 +127,7 @@ def _cancelled(timer: asyncio.TimerHandle | None) -> None:
 
 
 def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_files: int | None = None,
-                          write_stall_s: float = HTTP_WRITE_STALL_S) -> type:
+                          write_stall_s: float = HTTP_WRITE_STALL_S, idle_grace_s: float = HTTP_IDLE_GRACE_S) -> type:
     """uvicorn's httptools protocol, with bounds uvicorn lacks on what a client can hold:
 
     - a request line and headers past HTTP_MAX_HEAD_BYTES: 431, and the connection closed. A head
@@ -138,8 +142,8 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
     - requests pipelined behind the one served: no more is read until they are answered (uvicorn
       read on after each answer, so a client sending without reading queued requests without a bound);
     - an answer the client has not read on for `write_stall_s`, its buffers full: the connection dropped;
-    - at most `max_http_connections(open_files)` connections: past it, the one idle longest is
-      closed for the new one, or with none idle the new one gets 503 and is closed, and the log says
+    - at most `max_http_connections(open_files)` connections: past it, the one idle longest (at
+      least `idle_grace_s`) is closed for the new one, or with none idle the new one gets 503 and is closed, and the log says
       to raise the limit, at most once a minute (uvicorn accepted until the process had no file
       descriptor left, then reset every new connection without a word, and the service's own
       reconnects to NATS and its database failed)."""
@@ -176,9 +180,11 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
                                                                 self.timeout_keep_alive_handler)
 
         def _room_made(self) -> bool:
-            """The connection idle longest (its keep-alive timer due first) closed, if there is one."""
-            idle = [p for p in self.connections
-                    if p.timeout_keep_alive_task is not None and not p.transport.is_closing()]
+            """The connection idle longest (its keep-alive timer due first) closed, if one has been idle
+            `idle_grace_s`."""
+            due = self.loop.time() + self.timeout_keep_alive - idle_grace_s  # armed `idle_grace_s` ago
+            idle = [p for p in self.connections if p.timeout_keep_alive_task is not None
+                    and p.timeout_keep_alive_task.when() <= due and not p.transport.is_closing()]
             if not idle:
                 return False
             min(idle, key=lambda p: p.timeout_keep_alive_task.when()).transport.close()
