@@ -25,8 +25,9 @@ def configure_logging(level: str) -> None:
 def _run(args: argparse.Namespace) -> int:
     import uvloop
 
+    from app.http_server import take_open_files
     from app.settings import get_settings, unknown_variables
-    from app.startup import hold_data_dir, listen_socket, serve, take_open_files
+    from app.startup import hold_data_dir, listen_socket, serve
 
     settings = get_settings()
     configure_logging(settings.log_level)

@@ -27,9 +27,9 @@ import httpx
 import nats.errors
 from starlette.applications import Starlette
 
+from app.http_server import HTTP_KEEP_ALIVE_S
 from app.log_throttle import LogThrottle
 from app.settings import Settings
-from app.startup import HTTP_KEEP_ALIVE_S
 from streams.events import subject_for
 from streams.jetstream import publish_events
 from streams.simulator import APP_MIX, Population, expected_reward, score_body

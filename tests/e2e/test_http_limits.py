@@ -53,7 +53,7 @@ async def test_clients_that_never_read_their_answers_are_dropped_without_a_trace
     was dropped, and the answer being worked on went on to write to it (uvicorn told only the last
     request read, queued behind it, that its client was gone): "Exception in ASGI application" and a
     traceback for each such client."""
-    service = ServiceProcess(tmp_path / "data", patches={"app.startup.HTTP_WRITE_STALL_S": 1.0}).start()
+    service = ServiceProcess(tmp_path / "data", patches={"app.http_server.HTTP_WRITE_STALL_S": 1.0}).start()
     body = json.dumps({"user_id": "u-1", "candidates": [{"tip_id": "t-1"}, {"tip_id": "t-2"}]}).encode()
     request = (b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))

@@ -34,10 +34,10 @@ class Served:
 
 @contextlib.contextmanager
 def served_in_a_thread(app: Any, name: str) -> Iterator[Served]:
-    """`app` served by uvicorn as `tipstream run` configures it (`startup.http_config`) until the block ends."""
+    """`app` served by uvicorn as `tipstream run` configures it (`http_server.http_config`) until the block ends."""
     import uvicorn
 
-    from app.startup import http_config
+    from app.http_server import http_config
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

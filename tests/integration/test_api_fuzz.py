@@ -1,6 +1,6 @@
 """Property-based fuzzing of the HTTP API over real HTTP: near-valid and hostile requests to every route.
 
-One service (the production HTTP protocol, `startup.bounded_http_protocol`) with a real nats-server and
+One service (the production HTTP protocol, `http_server.bounded_http_protocol`) with a real nats-server and
 SQLite, or PostgreSQL where it is reachable, serves the whole module from a thread of its own; hypothesis
 sends it requests byte for byte through a raw socket, so that what a client library would refuse to send
 (a NUL in a path, a header in Latin-1, an unknown method, duplicate JSON keys) reaches the server too.
@@ -41,7 +41,7 @@ ANSWER_WITHIN_S = 20.0
 EXPLORE = bool(os.environ.get("TIPSTREAM_TEST_FUZZ_EXPLORE"))
 FUZZ = settings(max_examples=1500 if EXPLORE else 150, derandomize=not EXPLORE, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-# How the HTTP parser's refusal of a request the app never sees begins (app/startup.py).
+# How the HTTP parser's refusal of a request the app never sees begins (app/http_server.py).
 PARSER_REFUSAL = "not an HTTP/1.1 request this server can read: "
 
 

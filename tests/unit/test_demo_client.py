@@ -1,7 +1,7 @@
 """The demo's HTTP client beside the service's HTTP server."""
 
 from app.demo import DEMO_HTTP_LIMITS
-from app.startup import HTTP_KEEP_ALIVE_S
+from app.http_server import HTTP_KEEP_ALIVE_S
 
 
 def test_the_demo_lets_idle_connections_go_before_the_service_closes_them() -> None:

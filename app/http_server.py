@@ -1,0 +1,319 @@
+"""The service's HTTP server: uvicorn's httptools protocol with the bounds a server open to any
+client needs (README, "Limits"), and the process's limit on open files, which caps its connections.
+Each bound is what uvicorn left unbounded, and what a careless or hostile client did with it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import resource
+import sys
+from typing import Any
+
+# uvicorn's default: an idle HTTP connection is closed after this long. A client keeping idle
+# connections as long may send on one the server is closing, and reads an empty answer.
+HTTP_KEEP_ALIVE_S = 5
+# A request's line and headers, at most: uvicorn's httptools protocol buffered them without a
+# bound (three connections sending 100 MB of one header, never ended, held 300 MB).
+HTTP_MAX_HEAD_BYTES = 64 * 1024
+# A request's line, headers and body, from its first byte to its last, at most. uvicorn waits for
+# them without a bound: a client sending a few bytes of a request and then nothing (slowloris) held
+# its connection, a file descriptor, for good; enough of them and the service accepted no client.
+HTTP_REQUEST_READ_S = 30.0
+# How long an answer may wait for its client to read on (the socket's buffers full) before the
+# connection is dropped: uvicorn waits without a bound, so a client that asks and never reads held
+# its connection, with the requests it had pipelined, for good.
+HTTP_WRITE_STALL_S = 30.0
+# At the most connections the limit on open files leaves, one idle this long is closed for a new one.
+# Not sooner: in a burst, connections are accepted many at a time before any is read, and each new one
+# closed one accepted a moment before, its request already on its way (2,000 at once: 300-800 closed).
+HTTP_IDLE_GRACE_S = 1.0
+# uvicorn warns once for each request it cannot read ("Invalid HTTP request received.",
+# "Unsupported upgrade request."): a client sending such requests decided how fast the log grew.
+CLIENT_WARNINGS_PER_MINUTE = 6
+# File descriptors kept from HTTP connections for the service's own: an idle service holds ~20 (NATS,
+# the embedded nats-server's pipes, the lock, log and spool files), and its database up to ~60 more
+# at a peak (PostgreSQL: the lock's connection and a pool of up to 20; SQLite: a file and its WAL
+# for each of 15 connections). Without a reserve, clients took the last one, and a reconnect to
+# NATS failed with "Too many open files" for as long as they came.
+FD_RESERVE = 128
+
+log = logging.getLogger("tipstream")
+
+
+class _ClientWarnings:
+    """The HTTP protocol's logger, its warnings (each one a client's request) at most
+    CLIENT_WARNINGS_PER_MINUTE a minute for each text, with how many were left out told after."""
+
+    def __init__(self, logger: logging.Logger, throttle: Any) -> None:
+        self._logger, self._throttle = logger, throttle
+
+    def warning(self, message: str, *args: Any, **kwargs: Any) -> None:
+        left_out = self._throttle.allow(message)
+        if left_out is None:
+            return
+        if left_out:
+            message = f"{message} ({left_out} more in the minute before, left out)"
+        self._logger.warning(message, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # errors, levels: the logger's own
+        return getattr(self._logger, name)
+
+
+def raise_open_files_limit() -> tuple[int, int, int]:
+    """The soft limit on open files raised to the hard one, as Go programs (nats-server among them)
+    do at start: shells and systemd start services at a soft 1024 with a far higher hard limit, and
+    each HTTP connection holds a file descriptor. (soft before, soft now, hard)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # a hard limit above the kernel's nr_open: left as it was
+            return soft, soft, hard
+    return soft, hard, hard
+
+
+def take_open_files() -> None:
+    """`raise_open_files_limit`, and the log's word on what the limit leaves for HTTP connections."""
+    before, soft, hard = raise_open_files_limit()
+    if soft == resource.RLIM_INFINITY:
+        return
+    if before != soft:
+        log.info("limit on open files raised from %d to %d, the hard limit (ulimit -Hn)", before, soft)
+    if max_http_connections(soft) < 1000:
+        log.warning("the limit on open files is %d (ulimit -n; hard limit %s): the service takes at most %d HTTP "
+                    "connections at once. Raise the hard limit (systemd's LimitNOFILE=, docker's --ulimit nofile=) "
+                    "for more.", soft, "none" if hard == resource.RLIM_INFINITY else hard, max_http_connections(soft))
+
+
+def open_files_limit() -> int | None:
+    """The soft limit on open files; None when there is none."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def max_http_connections(files: int) -> int:
+    """HTTP connections held at once under a limit of `files` open files: all but FD_RESERVE.
+
+    >>> max_http_connections(1024), max_http_connections(256), max_http_connections(100)
+    (896, 128, 50)
+    """
+    return max(files - FD_RESERVE, files // 2)
+
+
+def _cancelled(timer: asyncio.TimerHandle | None) -> None:
+    if timer is not None:
+        timer.cancel()
+
+
+def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_files: int | None = None,
+                          write_stall_s: float = HTTP_WRITE_STALL_S, idle_grace_s: float = HTTP_IDLE_GRACE_S) -> type:
+    """uvicorn's httptools protocol, with bounds uvicorn lacks on what a client can hold:
+
+    - a request line and headers past HTTP_MAX_HEAD_BYTES: 431, and the connection closed. A head
+      that ends is measured as parsed; one that has not ended yet by the bytes read after the read it
+      began in (where it starts in that read is not known: it may follow another request's bytes);
+    - a request not all received `request_read_s` after its first byte: 408, and the connection
+      closed (the endpoint, if it was reading the body, reads a disconnect);
+    - a new connection that sends nothing: closed after the keep-alive timeout, as an idle one is
+      after an answer (uvicorn arms that timer only after a response);
+    - a request the parser refuses: 400 with the parser's reason, and uvicorn's warning for it
+      at most CLIENT_WARNINGS_PER_MINUTE a minute;
+    - requests pipelined behind the one served: no more is read until they are answered (uvicorn
+      read on after each answer, so a client sending without reading queued requests without a bound);
+    - an answer the client has not read on for `write_stall_s`, its buffers full: the connection dropped;
+    - at most `max_http_connections(open_files)` connections: past it, the one idle longest (at
+      least `idle_grace_s`) is closed for the new one, or with none idle the new one gets 503 and is closed, and the log says
+      to raise the limit, at most once a minute (uvicorn accepted until the process had no file
+      descriptor left, then reset every new connection without a word, and the service's own
+      reconnects to NATS and its database failed)."""
+    from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+    from app.log_throttle import LogThrottle
+
+    client_warnings = LogThrottle(per_window=CLIENT_WARNINGS_PER_MINUTE)
+    full_warnings = LogThrottle()
+    most = None if open_files is None else max_http_connections(open_files)
+
+    def refusal(status: int, message: str) -> bytes:
+        # In the API's own shape: a client reading every 4xx as JSON failed on a plain-text one.
+        text = json.dumps({"error": message, "field": None}).encode()
+        return b"".join([STATUS_LINE[status], b"content-type: application/json\r\n",
+                         b"content-length: %d\r\n" % len(text), b"connection: close\r\n\r\n", text])
+
+    class BoundedHttpToolsProtocol(HttpToolsProtocol):
+        _head_bytes, _head_size, _in_head, _feeding, _refused = 0, 0, True, 0, False
+        _read_deadline: asyncio.TimerHandle | None = None
+        _write_deadline: asyncio.TimerHandle | None = None
+        _answering: Any = None  # the request answered now
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.logger = _ClientWarnings(self.logger, client_warnings)
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if most is not None and len(self.connections) > most and not self._room_made():
+                self._refuse_connection()
+                return
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                self.timeout_keep_alive_handler)
+
+        def _room_made(self) -> bool:
+            """The connection idle longest (its keep-alive timer due first) closed, if one has been idle
+            `idle_grace_s`."""
+            due = self.loop.time() + self.timeout_keep_alive - idle_grace_s  # armed `idle_grace_s` ago
+            idle = [p for p in self.connections if p.timeout_keep_alive_task is not None
+                    and p.timeout_keep_alive_task.when() <= due and not p.transport.is_closing()]
+            if not idle:
+                return False
+            min(idle, key=lambda p: p.timeout_keep_alive_task.when()).transport.close()
+            return True
+
+        def _refuse_connection(self) -> None:
+            self.transport.write(refusal(503, f"this service holds {most} connections, the most its limit on open "
+                                              "files leaves room for: try again later"))
+            self.transport.close()
+            left_out = full_warnings.allow("full")
+            if left_out is not None:
+                log.warning("HTTP: %d connections open, none idle, the most that the limit on open files (ulimit -n "
+                            "%d) leaves room for beside the %d the service keeps for NATS, its database and files: a new "
+                            "connection was answered 503%s. Raise the limit (ulimit -n; systemd's LimitNOFILE=, "
+                            "docker's --ulimit nofile=), or serve slow clients through a proxy that holds them (nginx).",
+                            len(self.connections) - 1, open_files, open_files - most,
+                            f" ({left_out} more in the minute before)" if left_out else "")
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._let_go()
+            self._end_read_deadline()
+            self._write_deadline = _cancelled(self._write_deadline)
+            super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._write_deadline is None:
+                self._write_deadline = self.loop.call_later(write_stall_s, self._write_stalled)
+
+        def _write_stalled(self) -> None:
+            self._write_deadline = None
+            self._let_go()
+            self.transport.abort()  # close() would wait for the buffer to be read first
+
+        def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+            self._answering = cycle
+            super()._start_asgi_task(cycle, app)
+
+        def _let_go(self) -> None:
+            # The request being answered is told its client is gone. uvicorn tells only `self.cycle`, the last
+            # request read, which may be one queued behind it: the answer then went on to a closed connection,
+            # "Exception in ASGI application" and a traceback.
+            if self._answering is not None:
+                self._answering.disconnected = True
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self._write_deadline = _cancelled(self._write_deadline)
+
+        def data_received(self, data: bytes) -> None:
+            self._feeding = len(data)
+            super().data_received(data)
+            if not self._in_head or self.transport.is_closing():
+                return
+            self._head_bytes += len(data)
+            if self._head_bytes > HTTP_MAX_HEAD_BYTES:
+                self._refuse_head()
+
+        def _refuse_head(self) -> None:
+            self._refused = True
+            self.transport.write(refusal(431, f"request line and headers larger than {HTTP_MAX_HEAD_BYTES} bytes"))
+            self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            # Called as uvicorn catches the parser's error. Its own answer, "Invalid HTTP request
+            # received." in plain text, said nothing of what was wrong (the parser's error does).
+            error = sys.exc_info()[1]
+            reason = str(error) if error is not None and str(error) else msg
+            if "url" in reason.lower():
+                reason += " (a path and query string are printable ASCII: percent-encode any other byte, as UTF-8)"
+            self.transport.write(refusal(400, f"not an HTTP/1.1 request this server can read: {reason}"))
+            self.transport.close()
+
+        def _unsupported_upgrade_warning(self) -> None:
+            # uvicorn's, with ws "none": "No supported WebSocket library detected. Please use pip
+            # install 'uvicorn[standard]'", which sent the operator to install what is not wanted.
+            asked = self._get_upgrade()  # None for a CONNECT, which the parser takes for an upgrade too
+            self.logger.warning("A request asked to switch protocols (%s); this service serves HTTP/1.1 only, and "
+                                "answered it as such.", f"Upgrade: {asked.decode('latin-1')}" if asked else "CONNECT")
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._in_head, self._head_bytes, self._head_size = True, -self._feeding, 0
+            self._end_read_deadline()
+            self._read_deadline = self.loop.call_later(request_read_s, self._read_too_slow)
+
+        # Measured as parsed: a head sent in one read (uvloop's are up to 256 KB) ends before the count of
+        # the bytes after that read sees it, and 200 KB of one header sent at once was answered 200.
+        def on_url(self, url: bytes) -> None:
+            self._head_size += len(url)
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._head_size += len(name) + len(value) + 4  # ": " and CRLF
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            if self._refused or self._head_size > HTTP_MAX_HEAD_BYTES:  # no request to serve: no cycle
+                if not self._refused:
+                    self._refuse_head()
+                return
+            super().on_headers_complete()
+
+        def on_body(self, body: bytes) -> None:
+            if not self._refused:
+                super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            self._end_read_deadline()
+            if not self._refused:
+                super().on_message_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()  # reads on, and starts the next request queued, if any
+            if self.pipeline:
+                self.flow.pause_reading()
+
+        def _end_read_deadline(self) -> None:
+            self._read_deadline = _cancelled(self._read_deadline)
+
+        def _read_too_slow(self) -> None:
+            self._read_deadline = None
+            if self.transport.is_closing():
+                return
+            if self.flow.read_paused:  # the server reads no further (answers to send first): not the client's delay
+                self._read_deadline = self.loop.call_later(request_read_s, self._read_too_slow)
+                return
+            cycle = None if self._in_head else self.cycle  # the request's own, once its head was read
+            if cycle is None or not cycle.response_started:
+                if cycle is not None:  # the endpoint reads a disconnect, and its answer goes nowhere
+                    cycle.disconnected = True
+                    cycle.message_event.set()
+                self.transport.write(refusal(408, f"request not received within {request_read_s:g} s"))
+            self.transport.close()
+
+    return BoundedHttpToolsProtocol
+
+
+def http_config(app: Any) -> Any:
+    """uvicorn's configuration of the service's HTTP server (a `uvicorn.Config`)."""
+    import uvicorn
+
+    # access_log off: uvicorn formats each line's arguments (path quoting included) before the
+    # logger drops it at "warning", a few µs on every request. ws "none": the service has no
+    # WebSocket route, yet a request with `Upgrade: websocket` went to the websockets library,
+    # which refused it in plain text ("Failed to open a WebSocket connection: invalid request.",
+    # or a 403 for a whole handshake); it is now answered as the HTTP request it also is.
+    return uvicorn.Config(app, log_level="warning", http=bounded_http_protocol(
+        write_stall_s=HTTP_WRITE_STALL_S, open_files=open_files_limit()),
+                          ws="none", lifespan="on", access_log=False, timeout_keep_alive=HTTP_KEEP_ALIVE_S)
