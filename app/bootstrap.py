@@ -109,6 +109,7 @@ class Service:
         self.freezer = FreezePolicy(settings.gc_freeze_every_users)
         self.nats_url = settings.nats_url or ""
         self._connect_error: Exception | None = None  # the first connection's last failure
+        self._tls_refused = asyncio.Event()  # the first connection's one server: its TLS will not do
         self._nats_errors = LogThrottle()  # the same NATS error: once a minute
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
@@ -274,19 +275,32 @@ class Service:
     async def _connect(self) -> jsx.IngestClient:
         """The first connection, tried for `nats_connect_timeout_s`: a server that is not there
         is the operator's to start, and retrying for ever hid that. Once connected, a lost
-        connection is retried for as long as it takes (-1), as the server comes back."""
+        connection is retried for as long as it takes (-1), as the server comes back. A single
+        server whose TLS will not do (none offered for tls://, its certificate not trusted) ends the
+        wait at once: no retry changes its configuration, and the start waited the whole timeout."""
         timeout = self.settings.nats_connect_timeout_s
         try:
             options = nats_options(self.settings)
         except NatsAuthError as error:
             raise StartupError(f"{error}.") from None
+        self._tls_refused = asyncio.Event()
+        connecting = asyncio.ensure_future(asyncio.wait_for(jsx.connect(
+            self.nats_url, **options, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            reconnected_cb=self._on_reconnected, disconnected_cb=self._on_disconnected,
+            error_cb=self._on_error, closed_cb=self._on_closed, name="tipstream",
+        ), timeout))
+        refused = asyncio.ensure_future(self._tls_refused.wait())
         try:
-            return await asyncio.wait_for(jsx.connect(
-                self.nats_url, **options, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-                reconnected_cb=self._on_reconnected, disconnected_cb=self._on_disconnected,
-                error_cb=self._on_error, closed_cb=self._on_closed, name="tipstream",
-            ), timeout)
-        except TimeoutError:
+            await asyncio.wait((connecting, refused), return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when the start is cancelled (a stop signal): no connection left trying on its own
+            refused.cancel()
+            if not connecting.done():
+                connecting.cancel()
+                await asyncio.gather(connecting, return_exceptions=True)
+        try:
+            return connecting.result()
+        except (TimeoutError, asyncio.CancelledError):
+            waited = "" if self._tls_refused.is_set() else f" within {timeout:g} s"
             cause = await self._why_unanswered(self._connect_error)
             if self.embedded is None:
                 if NATS_PORTS in cause:
@@ -304,7 +318,7 @@ class Service:
                 else:
                     fix = "Start NATS there (with JetStream: `nats-server -js`)"
                 raise StartupError(
-                    f"Cannot reach NATS at {shown_url(self.nats_url)} (NATS_URL) within {timeout:g} s: {cause}. {fix}, "
+                    f"Cannot reach NATS at {shown_url(self.nats_url)} (NATS_URL){waited}: {cause}. {fix}, "
                     "or unset NATS_URL to run an embedded one; TIPSTREAM_NATS_CONNECT_TIMEOUT_S sets how long to "
                     "wait.") from None
             raise StartupError(
@@ -720,6 +734,9 @@ class Service:
             # ("Connection reset by peer") must not hide the refusal, which names the fix.
             if not _credentials_refused(self._connect_error):
                 self._connect_error = error
+            if (isinstance(error, (TlsNotOffered, ssl.SSLCertVerificationError))
+                    and len(jsx.server_urls(self.nats_url)) == 1):
+                self._tls_refused.set()
             return
         # The same error again within a minute is counted, not logged: a server that refuses the
         # credentials once it is back (a reload that changed them) answers every reconnect, twice
