@@ -75,9 +75,11 @@ class Lineup:
         # the checkpointer's lock (`Checkpointer.lock`), held while that snapshot is saved.
         self.participants: list[Any] = []
         self.snapshot_lock = asyncio.Lock()
-        # Users forgotten in this run, in order (`forget_user`): a version trained over the log while
-        # one was forgotten may have read their rows, and drops their features before it learns.
+        # Users forgotten while a version is trained over the log, in order (`forget_user`): it may have
+        # read their rows, and drops their features before it learns. Kept only while a training runs
+        # (`_trainings`): kept for the whole run, every request to forget stayed in memory for good.
         self.forgotten: list[str] = []
+        self._trainings = 0
         CANDIDATE_CACHE.set_function(lambda: self.champion.candidate_cache_items + (
             self.shadow.candidate_cache_items if self.shadow is not None else 0))
         # A checkpoint now (`Checkpointer.checkpoint`, set by the service): the rewards credited since
@@ -134,7 +136,8 @@ class Lineup:
     def forget_user(self, user_id: str) -> None:
         """Drop a user's own features from every version that learns (forgetting a user, `app/erasure.py`),
         and from those that join them after a training over the log that may have read their rows."""
-        self.forgotten.append(user_id)
+        if self._trainings:
+            self.forgotten.append(user_id)
         for _, model in self.learning:
             model.forget_user(user_id)
 
@@ -246,10 +249,16 @@ class Lineup:
         if ignored:
             raise RegistryError(f"Model parameters are not valid: {ignored}", "invalid", "params")
         forgotten_from = len(self.forgotten)
-        model, card, trained_on = await self._evaluated({**params, "kind": kind})
-        mv = _version(version, model, card)
-        await self._change(lambda reg: reg.register(mv, actor=actor, note=note), {version: model}, trained_on,
-                           forgotten_from)
+        self._trainings += 1
+        try:
+            model, card, trained_on = await self._evaluated({**params, "kind": kind})
+            mv = _version(version, model, card)
+            await self._change(lambda reg: reg.register(mv, actor=actor, note=note), {version: model}, trained_on,
+                               forgotten_from)
+        finally:
+            self._trainings -= 1
+            if not self._trainings:  # no mark into it is left
+                self.forgotten.clear()
         return self.registry.get(version)
 
     async def set_shadow(self, version: str, actor: str, note: str = "") -> None:

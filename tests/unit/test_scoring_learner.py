@@ -1080,19 +1080,25 @@ def test_cards_estimate_what_the_champion_and_the_shadow_would_have_earned(world
     assert "## Policy value" in markdown and "| effective n | left out |" in markdown
 
 
+def _rewarded_and_checkpointed(w: World, users: int) -> None:
+    """Users u-0... each rewarded once, then checkpointed: their rewards in `tip_scores`, where a training
+    reads them. The learner takes part in registrations."""
+    w.lineup.participants.append(w.learner)
+    for i in range(users):
+        scored = w.score(user=f"u-{i}")
+        w.learner.published(scored.decision_id)
+        w.react(scored.decision_id, "a", user=f"u-{i}")
+    w.store.advance("FEEDBACK", users)
+    checkpointer = Checkpointer(w.store, SqlCheckpointStore(w.engine), every_events=1, every_s=60,
+                                participants=[w.learner, w.log])
+    assert asyncio.run(checkpointer.checkpoint())
+
+
 def test_a_version_registered_learns_the_rewards_the_log_did_not_hold_yet(tmp_path: Path) -> None:
     """A new version is trained on the rewards in SQL; those credited since the last checkpoint,
     and while its registration is saved, reach it too, and a restart keeps them."""
     w = World(tmp_path)
-    w.lineup.participants.append(w.learner)
-    for i in range(3):  # checkpointed: in tip_scores
-        scored = w.score(user=f"u-{i}")
-        w.learner.published(scored.decision_id)
-        w.react(scored.decision_id, "a", user=f"u-{i}")
-    w.store.advance("FEEDBACK", 3)
-    checkpointer = Checkpointer(w.store, SqlCheckpointStore(w.engine), every_events=1, every_s=60,
-                                participants=[w.learner, w.log])
-    assert asyncio.run(checkpointer.checkpoint())
+    _rewarded_and_checkpointed(w, 3)
     for i in range(3, 7):  # credited since: rows not written
         scored = w.score(user=f"u-{i}")
         w.learner.published(scored.decision_id)
@@ -1123,6 +1129,33 @@ def test_a_version_registered_learns_the_rewards_the_log_did_not_hold_yet(tmp_pa
     assert again.lineup.models["v3"].n_learned == 7, "the reward that came during the save is replayed"
     w.engine.dispose()
     again.engine.dispose()
+
+
+def test_users_forgotten_are_held_for_a_training_running_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A version trained over the log while a user is forgotten drops their features before it learns,
+    so the lineup notes who is forgotten. Noted for the whole run, every request to forget stayed in
+    memory for good: only those made while a training runs are, until it ends."""
+    w = World(tmp_path)
+    _rewarded_and_checkpointed(w, 3)
+    at_ms = int(w.clock.now * 1000)
+    forget(w.learner, "u-0", at_ms)
+    assert w.lineup.forgotten == [], "no training runs: nothing to hold"
+    evaluated = Lineup._evaluated
+
+    async def forgotten_while_trained(self: Lineup, params: dict[str, Any], version: str | None = None) -> Any:
+        result = await evaluated(self, params, version)
+        learner = self.participants[0]  # as the eraser's step 2 does, on the loop, while the training runs
+        learner.forget_user("u-1", at_ms, await learner.decisions_to_forget("u-1", at_ms))
+        assert self.forgotten == ["u-1"]
+        return result
+
+    monkeypatch.setattr(Lineup, "_evaluated", forgotten_while_trained)
+    asyncio.run(w.lineup.register("v3", "logreg", {}, actor="t"))
+    v3 = w.lineup.models["v3"]
+    assert isinstance(v3, TipModel) and v3.forget_user("u-1") == 0, "dropped before it joined"
+    assert v3.forget_user("u-2") > 0, "it learned the others"
+    assert w.lineup.forgotten == [], "the training ended"
+    w.engine.dispose()
 
 
 def cold_decisions(world: World, count: int, pay: dict[str, float]) -> list[tuple[dict[str, Any], dict[str, float]]]:
