@@ -75,8 +75,10 @@ class OfflineFeatureWriter:
         self._in_pass: set[str] = set()
         self.rows_written = 0
         self.refused: str | None = None  # why the database is no longer this service's: it writes no row
-        # Users forgotten since the start: a row a pass computed before, written after their row was
-        # deleted, would bring their features back.
+        # Users forgotten since the pass under way began: a row it computed before, written after their
+        # row was deleted, would bring their features back. A pass begun later computes none of theirs
+        # (they left `pending`), so each pass starts it afresh: kept since the start, every request to
+        # forget stayed in memory until a restart.
         self.forgotten: set[str] = set()
         self._writing: asyncio.Future[None] | None = None  # a pass's rows on their way to the database
 
@@ -115,6 +117,7 @@ class OfflineFeatureWriter:
         else:
             self.pending.difference_update(users)
         self._in_pass = set(users)
+        self.forgotten = set()
         now = datetime.now(UTC)
         rows: list[dict[str, Any]] = []
         failed: list[str] = []
