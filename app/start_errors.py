@@ -406,8 +406,8 @@ _JETSTREAM_FIXES: dict[int | None, Callable[[Settings], str]] = {
 def _replicas_fix(settings: Settings, why: str) -> str:
     n = settings.stream_replicas
     return (f"TIPSTREAM_STREAM_REPLICAS={n} puts each stream's {n} copies on {n} nodes of the NATS cluster, which "
-            f"{why}: start the missing nodes (`nats server list` names those up), or set TIPSTREAM_STREAM_REPLICAS "
-            "to at most the number of nodes up.")
+            f"{why}: start the missing nodes (the nats CLI's `nats server list`, or a node's monitoring page "
+            "`/routez`, names those up), or set TIPSTREAM_STREAM_REPLICAS to at most the number of nodes up.")
 
 
 def _jetstream_error(error: Any, settings: Settings) -> StartupError:
