@@ -99,7 +99,7 @@ async def test_the_longest_retention_the_settings_take_is_one_jetstream_takes(nc
     await jsx.ensure_streams(js, max_age_days=MAX_STREAM_AGE_DAYS, max_bytes=-1, duplicate_window_s=120,
                              dlq_max_age_days=MAX_STREAM_AGE_DAYS)
     assert (await js.stream_info("DLQ")).config.max_age == MAX_STREAM_AGE_DAYS * 86_400
-    with pytest.raises(nats.js.errors.BadRequestError, match="max_age"):
+    with pytest.raises(nats.js.errors.BadRequestError, match="max_age|invalid JSON"):  # 2.9 names no field
         await jsx.ensure_streams(js, max_age_days=MAX_STREAM_AGE_DAYS + 1, max_bytes=-1, duplicate_window_s=120,
                                  dlq_max_age_days=MAX_STREAM_AGE_DAYS + 1)
 
