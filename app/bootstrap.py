@@ -283,7 +283,6 @@ class Service:
             options = nats_options(self.settings)
         except NatsAuthError as error:
             raise StartupError(f"{error}.") from None
-        self._tls_refused = asyncio.Event()
         connecting = asyncio.ensure_future(asyncio.wait_for(jsx.connect(
             self.nats_url, **options, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
             reconnected_cb=self._on_reconnected, disconnected_cb=self._on_disconnected,

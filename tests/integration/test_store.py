@@ -230,28 +230,30 @@ def _disk_full(conn: Any, snapshot: Any) -> None:
     raise RuntimeError("disk full")
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
-async def test_the_writer_process_commits_all_or_nothing_and_outlives_a_dead_worker(
-        kind: str, request: pytest.FixtureRequest, tmp_path: Any) -> None:
-    store = next(_store(kind, request, tmp_path))
-    writer = CheckpointWriter(store.engine.url.render_as_string(hide_password=False))
-    try:
-        await writer.save({"SIGNALS": 10}, [("u-1", b"v1")], [])
-        with pytest.raises(RuntimeError, match="disk full"):
-            await writer.save({"SIGNALS": 20}, [("u-1", b"v2")], [(_disk_full, None)])
-        positions, states = store.load()
-        assert positions == {"SIGNALS": 10} and dict(states) == {"u-1": b"v1"}
+@pytest.fixture
+def store_and_writer(sql_checkpoint_store: Any) -> Iterator[tuple[Any, CheckpointWriter]]:
+    """A store with transactions, and a checkpoint writer process on its database."""
+    writer = CheckpointWriter(sql_checkpoint_store.engine.url.render_as_string(hide_password=False))
+    yield sql_checkpoint_store, writer
+    writer.close()
 
-        for process in list(writer._pool._processes.values()):  # type: ignore[union-attr]
-            os.kill(process.pid, signal.SIGKILL)
-        with pytest.raises(BrokenProcessPool):
-            await writer.save({"SIGNALS": 30}, [("u-1", b"v3")], [])
-        await writer.save({"SIGNALS": 30}, [("u-1", b"v3")], [])  # a new worker: the checkpointer's retry
-        positions, states = store.load()
-        assert positions == {"SIGNALS": 30} and dict(states) == {"u-1": b"v3"}
-    finally:
-        writer.close()
-        store.engine.dispose()
+
+async def test_the_writer_process_commits_all_or_nothing_and_outlives_a_dead_worker(
+        store_and_writer: tuple[Any, CheckpointWriter]) -> None:
+    store, writer = store_and_writer
+    await writer.save({"SIGNALS": 10}, [("u-1", b"v1")], [])
+    with pytest.raises(RuntimeError, match="disk full"):
+        await writer.save({"SIGNALS": 20}, [("u-1", b"v2")], [(_disk_full, None)])
+    positions, states = store.load()
+    assert positions == {"SIGNALS": 10} and dict(states) == {"u-1": b"v1"}
+
+    for process in list(writer._pool._processes.values()):  # type: ignore[union-attr]
+        os.kill(process.pid, signal.SIGKILL)
+    with pytest.raises(BrokenProcessPool):
+        await writer.save({"SIGNALS": 30}, [("u-1", b"v3")], [])
+    await writer.save({"SIGNALS": 30}, [("u-1", b"v3")], [])  # a new worker: the checkpointer's retry
+    positions, states = store.load()
+    assert positions == {"SIGNALS": 30} and dict(states) == {"u-1": b"v3"}
 
 
 def _move_back(store: Any, positions: dict[str, int]) -> None:
@@ -287,19 +289,13 @@ def test_a_save_that_finds_older_positions_than_committed_commits_nothing(checkp
     assert checkpoint_store.load()[0] == {"SIGNALS": 31}
 
 
-@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def test_the_writer_process_refuses_a_save_over_lost_commits_too(
-        kind: str, request: pytest.FixtureRequest, tmp_path: Any) -> None:
-    store = next(_store(kind, request, tmp_path))
-    writer = CheckpointWriter(store.engine.url.render_as_string(hide_password=False))
-    try:
-        await writer.save({"SIGNALS": 10}, [("u-1", b"v1")], [])
-        _move_back(store, {"SIGNALS": 7})
-        with pytest.raises(PositionsBehind) as raised:  # pickled back from the worker
-            await writer.save({"SIGNALS": 12}, [("u-1", b"v2")], [], None, {"SIGNALS": 10})
-        assert raised.value.behind == {"SIGNALS": (10, 7)}
-        positions, states = store.load()
-        assert positions == {"SIGNALS": 7} and dict(states) == {"u-1": b"v1"}
-    finally:
-        writer.close()
-        store.engine.dispose()
+        store_and_writer: tuple[Any, CheckpointWriter]) -> None:
+    store, writer = store_and_writer
+    await writer.save({"SIGNALS": 10}, [("u-1", b"v1")], [])
+    _move_back(store, {"SIGNALS": 7})
+    with pytest.raises(PositionsBehind) as raised:  # pickled back from the worker
+        await writer.save({"SIGNALS": 12}, [("u-1", b"v2")], [], None, {"SIGNALS": 10})
+    assert raised.value.behind == {"SIGNALS": (10, 7)}
+    positions, states = store.load()
+    assert positions == {"SIGNALS": 7} and dict(states) == {"u-1": b"v1"}
