@@ -288,7 +288,7 @@ def test_nats_credentials_the_server_refuses_are_a_message_saying_to_fix_them(tm
 
 
 def test_a_tls_nats_url_to_a_server_without_tls_is_a_message_saying_to_configure_it(tmp_path: Path) -> None:
-    """nats-py went on in plain text, the URL's password in its CONNECT (tests/integration/test_nats_tls.py)."""
+    """nats-py went on in plain text, the URL's password in its CONNECT (tests/integration/test_nats_auth.py)."""
     server = NatsServer(tmp_path / "nats", args=("--user", "tipstream", "--pass", "hunter2"))
     server.start()
     try:
