@@ -30,6 +30,16 @@ TEST_NATS_SERVER = os.environ.get("TIPSTREAM_TEST_NATS_SERVER")
 REQUIRE_POSTGRES = os.environ.get("TIPSTREAM_REQUIRE_POSTGRES") == "1" or os.environ.get("CI") == "true"
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Captured output as UTF-8 can carry it: a test that feeds the service half an emoji (a lone
+    surrogate) logs it, and pytest-xdist cannot send such a report from its worker (the run ends in
+    an INTERNALERROR)."""
+    outcome = yield
+    report = outcome.get_result()
+    report.sections = [(title, text.encode("utf-8", "backslashreplace").decode()) for title, text in report.sections]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

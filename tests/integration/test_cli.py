@@ -439,7 +439,8 @@ def test_an_export_a_stream_refuses_a_reader_is_one_message(tmp_path: Path, monk
 @pytest.mark.parametrize("command", [["migrate"], ["models", "list"], ["models", "card", "v1"]])
 @pytest.mark.parametrize(("database_url", "problem"), [
     ("mysql://tipstream:hunter2@127.0.0.1/tipstream", "its driver, MySQLdb, is not installed"),
-    (f"postgresql+psycopg://tipstream:hunter2@127.0.0.1:{free_port()}/tipstream", "Connection refused."),
+    # The port is taken at run time: a test's id must not change between collections (pytest-xdist).
+    ("postgresql+psycopg://tipstream:hunter2@127.0.0.1:{free_port}/tipstream", "Connection refused."),
     ("postgresql+psycopg://tipstream:hunter2@127.0.0.1:notaport/tipstream", "DATABASE_URL cannot be read"),
 ])
 def test_a_database_the_commands_cannot_open_is_one_message_without_its_password(
@@ -447,7 +448,7 @@ def test_a_database_the_commands_cannot_open_is_one_message_without_its_password
         capsys: pytest.CaptureFixture[str]) -> None:
     """`tipstream run` said what to fix; migrate and the registry reads were tracebacks (the
     libpq hint line, not the failure, was the cause shown)."""
-    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("DATABASE_URL", database_url.format(free_port=free_port()))
     assert main(command) == 1
     err = capsys.readouterr().err
     assert err.startswith("tipstream: ") and err.count("\n") == 1 and "DATABASE_URL" in err
