@@ -487,6 +487,12 @@ class Service:
         async def last_seq() -> int:
             return (await js.stream_info(jsx.DECISIONS.name)).state.last_seq
 
+        if s.policy_seed is not None:
+            # Seeded alone, every start drew the numbers the last one did: the first answers after
+            # each restart explored alike. The decisions logged so far set starts apart, and a start
+            # on the same log draws the same.
+            self.scorer.rng.seed(f"{s.policy_seed}:{await last_seq()}")
+
         # Once caught up, this process's own decisions are not read back (see decision_tail.py).
         self.decision_tail = OwnTail(ingest, self.store, last_seq, on_follow=self.learner.caught_up,
                                      stream_next_seq=functools.partial(jsx.next_stored, js, jsx.DECISIONS))

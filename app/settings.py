@@ -263,7 +263,9 @@ class Settings(BaseSettings):
         10.0, gt=0, description="thompson: Beta concentration around a score when no posteriors are given. Not used by "
                                 "`/score`, which always draws from the popularity prior's posteriors (every tip has one)."
     )
-    policy_seed: int | None = Field(None, description="Seed of the exploration policy's random numbers. Unset: random.")
+    policy_seed: int | None = Field(
+        None, description="Seed of the exploration policy's random numbers, with the number of decisions in DECISIONS "
+                          "at the start: a restart does not draw the last start's numbers again. Unset: random.")
     rewards: dict[str, float] = Field(
         DEFAULT_REWARDS,
         description="Reward per reaction, JSON, e.g. `{\"acted\": 1, \"liked\": 0.8}`; reactions left out keep their default.",

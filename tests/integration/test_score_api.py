@@ -448,6 +448,24 @@ async def test_a_restart_does_not_dead_letter_a_bad_decision_again(start_service
     assert dead_lettered("DECISIONS") == before + 1
 
 
+async def test_a_seeded_policy_draws_new_numbers_after_a_restart(start_service, nc) -> None:
+    """`TIPSTREAM_POLICY_SEED` alone seeded every start alike: the answers after a restart explored
+    as the last start's first answers had."""
+    seeded = {"policy_seed": 7, "policy_epsilon": 1.0}  # every answer explores: its order is all draws
+
+    async def orders(running: Any) -> list[list[str]]:
+        async with httpx.AsyncClient(base_url=running.base_url) as http:
+            answers = [(await http.post("/score", json=body(candidates=candidates(10)))).json() for _ in range(6)]
+        await eventually(lambda: running.service.publisher.published == len(answers))
+        return [[ranked["tip_id"] for ranked in answer["ranked"]] for answer in answers]
+
+    first = await start_service(**seeded)
+    before = await orders(first)
+    await first.stop()
+    after = await orders(await start_service(**seeded))
+    assert after != before, "the restart drew the numbers of the start before"
+
+
 async def test_a_refused_body_still_being_sent_gets_its_answer_not_a_reset(start_service, nc) -> None:
     """A refusal sent with the rest of the body unread closed a connection holding unread bytes, which
     the kernel resets: a client still sending 300 kB to a 64 kB bound read "Connection reset by peer",
