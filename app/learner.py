@@ -180,6 +180,8 @@ class Learner:
         self.cache_limit = int(cache_mb * 1024 * 1024)
         self.window_ms = int(window_s * 1000)
         self.snapshot_every_s = snapshot_every_s
+        # `clock`: the wall clock, for times compared with decision ids and the log's stored times.
+        # `timer`: a monotonic one, for durations measured here (a snapshot's cost, their spacing).
         self.clock, self.timer = clock, timer
         # Oldest first. An OrderedDict, not a dict: a dict evicted from the front scans the
         # deleted slots before its first live entry on every `next(iter())`: 122-269 us per
@@ -243,7 +245,9 @@ class Learner:
         PENDING.set_function(lambda: len(self.waiting))
         self._changed = False
         self._snapshot_positions = (0, 0)  # (FEEDBACK, DECISIONS) of the last snapshot taken
-        self._last_snapshot = 0.0
+        # On `timer`, which never steps: on the wall clock, a step back of an hour (NTP correcting a VM)
+        # held every snapshot back for that hour, and a restart then replayed it all.
+        self._last_snapshot = -math.inf
         self._models_cost_s = 0.0  # what copying and serialising the models took last time
         self._unconfirmed: list[int] = []
         self._confirmed: list[tuple[int, int | None]] = []  # (generation, learn_seq of its models)
@@ -967,7 +971,7 @@ class Learner:
             self.credit_log.confirmed(gen)
             if learn_seq is not None:
                 self._models_saved_seq = max(self._models_saved_seq, learn_seq)
-        now = self.clock()
+        now = self.timer()
         self._expire_waiting()  # releases the deferred feedback due, all once FEEDBACK has caught up
         # Checkpoints run one at a time, so an unconfirmed snapshot here is one that failed: retry now.
         failed = bool(self._unconfirmed)

@@ -1002,11 +1002,35 @@ def test_model_snapshots_are_spaced_by_what_serialising_the_models_costs(tmp_pat
     assert first is not None and set(first["models"]) == {"v1", "v2"}
     w.learner.saved(first)
     learn_one_more()
-    w.clock.now += 2  # past TIPSTREAM_MODEL_SNAPSHOT_EVERY_S, but 0.5 s of serialising allow one per 50 s
+    timer = w.learner.timer
+    timer.now += 2  # past TIPSTREAM_MODEL_SNAPSHOT_EVERY_S, but 0.5 s of serialising allow one per 50 s
     assert w.learner.snapshot() is None
-    w.clock.now += 48
+    timer.now += 48
     second = w.learner.snapshot()
     assert second is not None and second["models"] and second["learn_seq"] == 2
+    w.engine.dispose()
+
+
+def test_snapshots_are_spaced_on_the_timer_not_the_wall_clock(tmp_path: Path) -> None:
+    """NTP stepping the wall clock back an hour (a VM after a suspend) held every learner snapshot back for
+    that hour: the spacing was measured on the wall clock, so a restart then replayed the whole hour."""
+    class Timer:  # monotonic, as time.perf_counter is
+        now = 1_000.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    timer = Timer()
+    w = World(tmp_path, snapshot_every_s=5, timer=timer)
+    for _ in range(2):
+        scored = w.score()
+        w.learner.add_logged(LoggedDecision(scored.decision_id, scored.payload))
+        w.react(scored.decision_id, "a")
+        snapshot = w.learner.snapshot()
+        assert snapshot is not None and snapshot["models"]
+        w.learner.saved(snapshot)
+        w.clock.now -= 3600  # the wall clock steps back an hour...
+        timer.now += 6  # ...as the snapshot spacing passes
     w.engine.dispose()
 
 
