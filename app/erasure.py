@@ -35,7 +35,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -66,8 +66,13 @@ def _utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)  # SQLite hands back no zone
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
 def _ms(moment: datetime) -> int:
-    return int(_utc(moment).timestamp() * 1000)
+    # Exact, not through float seconds: a time made from a decision's ms (`_acted_on_at`) comes back as it was.
+    return (_utc(moment) - _EPOCH) // _MS
 
 
 class Eraser:
@@ -234,7 +239,7 @@ class Eraser:
         ends = await self._ends()
         async with self.lock:
             await self._between_chunks()
-            at = datetime.now(UTC)
+            at = self._acted_on_at()
             theirs = {row["user_id"]: await self.learner.decisions_to_forget(row["user_id"], _ms(at)) for row in rows}
             # That look let the event loop run: a chunk begun meanwhile ends first, and from here to the
             # bounds nothing waits, so no event or reaction of theirs is folded or learned in between.
@@ -262,6 +267,13 @@ class Eraser:
                 log.info("forgetting user %r: their state and what the learner held of them are gone (%s); their "
                          "messages through %s are deleted next", entry["user_id"], entry["report"], entry["bounds"])
             self._dropped.extend(entries)
+
+    def _acted_on_at(self) -> datetime:
+        """When a request is acted on (step 2): now, or the time in the newest decision id /score served or the
+        join cache held, if that is later. Their decisions made before then are forgotten by the time in their ids:
+        after NTP stepped the wall clock back (a VM after a suspend), those served in the hour before a step of an
+        hour stayed held, their rewards learned with the user's features and their `tip_scores` rows written again."""
+        return max(datetime.now(UTC), _EPOCH + self.learner.decisions_until_ms * _MS)
 
     async def _ends(self, streams: tuple[str, ...] = (jsx.DECISIONS.name, jsx.DLQ.name)) -> dict[str, int]:
         """The last sequence each of `streams` holds."""

@@ -257,6 +257,10 @@ class Learner:
         # Users being forgotten (`app/erasure.py`) -> when: their decisions made until then are no longer
         # held, also read back from DECISIONS (a start re-reads it) before their messages are deleted.
         self.erasing: dict[str, int] = {}
+        # The newest time in the id of a decision /score served or the join cache held (one read back at a start):
+        # a request to forget a user acted on now covers every decision made before it, also once NTP has stepped
+        # the wall clock back past their times (`Eraser._acted_on_at`).
+        self.decisions_until_ms = 0
 
     def _diverged(self, version: str) -> None:
         DIVERGED.labels(version).inc()
@@ -282,8 +286,9 @@ class Learner:
         """A decision /score has just answered with (and queued for the log), or one served before
         this start that the stop spooled (`decision_spool`, `spooled`): the DECISIONS re-read may hold
         that one already (it landed, its acknowledgement lost), and a second entry would shadow its credits."""
+        now_ms = int(self.clock() * 1000)
+        self.decisions_until_ms = max(self.decisions_until_ms, decision_time_ms(decision_id) or now_ms)
         if self._lookup(decision_id) is None:
-            now_ms = int(self.clock() * 1000)
             created = now_ms
             if spooled:
                 # From when it was served, as a re-read one is (`add_logged`): held from the start, it
@@ -344,6 +349,7 @@ class Learner:
             # every start read it back and held it a window more, so the DECISIONS position saved
             # never passed it and every start re-read all of DECISIONS logged since, FEEDBACK behind.
             timed = decision_time_ms(logged.id)
+            self.decisions_until_ms = max(self.decisions_until_ms, timed or 0)
             created = timed or stored or None
             now_ms = int(self.clock() * 1000)
             if self.erasing and self._forgotten(logged.parsed(), created or now_ms):

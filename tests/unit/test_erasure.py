@@ -19,6 +19,7 @@ class Learner:
     def __init__(self) -> None:
         self.erasing: dict[str, int] = {}
         self.forgotten: list[str] = []
+        self.decisions_until_ms = 0
 
     async def decisions_to_forget(self, user_id: str, at_ms: int) -> list[str]:
         self.erasing[user_id] = at_ms
@@ -90,6 +91,31 @@ async def test_a_reaction_learned_while_the_join_cache_is_looked_over_leaves_not
     assert reacted and [model.n_learned for _, model in world.lineup.learning] == [1, 1]
     assert [model.forget_user("u-1") for _, model in world.lineup.learning] == [0, 0], "nothing of theirs left"
     assert (eraser.snapshot() or [])[0]["report"]["decisions_held"] == 1
+    world.engine.dispose()
+
+
+async def test_decisions_served_before_the_wall_clock_stepped_back_are_forgotten(tmp_path: Any) -> None:
+    """NTP stepping the wall clock back an hour (a VM after a suspend): the decisions served in the hour before
+    carry later times in their ids than the clock's when the request was acted on, and stayed held, their
+    rewards learned with the user's features."""
+    from app.decisions import LoggedDecision, decision_time_ms
+    from tests.unit.test_scoring_learner import World
+
+    world = World(tmp_path)
+    scored = world.score(user="u-1", serve=False)
+    hour_ahead_ms = (decision_time_ms(scored.decision_id) or 0) + 3_600_000
+    served_before_the_step = f"d-{hour_ahead_ms:012x}{scored.decision_id[14:]}"
+    world.learner.served(served_before_the_step, scored.payload, scored.decision)
+    other = world.score(user="u-1", serve=False)  # served before a restart, read back after it
+    read_back = f"d-{hour_ahead_ms + 60_000:012x}{other.decision_id[14:]}"
+    world.learner.add_logged(LoggedDecision(read_back, other.payload))
+    ingest = Ingest()
+    ingest.folding = False
+    eraser = Eraser(None, world.store, world.learner, checkpoint=None, lock=asyncio.Lock(),  # type: ignore[arg-type]
+                    ingests=[ingest])
+    await eraser._drop([{"user_id": "u-1", "requested_at": datetime.now(UTC)}])
+    assert (eraser.snapshot() or [])[0]["report"]["decisions_held"] == 2
+    assert not world.learner.cache
     world.engine.dispose()
 
 
