@@ -105,6 +105,10 @@ async def readyz(request: Request) -> Response:
                   description: 'whether state is being saved: a failing checkpoint does not make the service unready (it serves from memory, and events are safe in the streams), but says why here'
                   type: [object, 'null']
                   properties: {ok: {type: boolean}, last_error: {type: [string, 'null']}, since_last_ok_s: {type: number}}
+                nats_store:
+                  description: 'the embedded nats-server only (null with NATS_URL): whether its store takes writes; not ok while its disk is full, which does not make the service unready either'
+                  type: [object, 'null']
+                  properties: {ok: {type: boolean}, last_error: {type: [string, 'null']}, free_bytes: {type: [integer, 'null']}}
       503:
         <<: *ready
         description: 'still catching up, or NATS is away'
@@ -112,7 +116,8 @@ async def readyz(request: Request) -> Response:
     service: Service = request.app.state.service
     streams = {i.spec.name: {"caught_up": i.caught_up, "lag": i.lag} for i in service.ingests}
     checkpoint = service.checkpointer.health() if service.checkpointer is not None else None
-    body = {"ready": service.ready, "streams": streams, "checkpoint": checkpoint}
+    nats_store = service.embedded.health() if service.embedded is not None else None
+    body = {"ready": service.ready, "streams": streams, "checkpoint": checkpoint, "nats_store": nats_store}
     return JSONResponse(body, status_code=200 if service.ready else 503)
 
 

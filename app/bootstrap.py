@@ -718,6 +718,7 @@ class Service:
         # The connection reconnects on its own once the server is back at the same URL.
         if self.embedded is not None and not self._stopping:
             await asyncio.to_thread(self.embedded.restart_if_exited)
+            await asyncio.to_thread(self.embedded.check_store)
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS; resuming each stream from its own position")

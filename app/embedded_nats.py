@@ -115,6 +115,14 @@ def write_private(path: Path, text: str) -> None:
 
 
 RESTART_FIRST_WAIT_S, RESTART_MAX_WAIT_S = 1.0, 30.0  # after a failed restart
+# nats-server (2.15.1 checked) stores nothing more in a stream after one failed write (no space left on
+# its disk): every publish then waits for an acknowledgement that never comes, also once space is freed,
+# until the server restarts. So the store's disk is watched: below the first figure it counts as full,
+# and once the second is free again the server is restarted. Its own log is no sure sign, as the log
+# is on that disk too (its lines stopped once the page they filled was full).
+STORE_FULL_BELOW_BYTES = 1 << 20
+STORE_ROOM_BYTES = 16 << 20
+_STORE_WRITE_FAILED = (b"no space left on device", b"disk quota exceeded", b"JetStream out of resources")
 
 
 class EmbeddedNats:
@@ -128,6 +136,8 @@ class EmbeddedNats:
         self.url = ""
         self._token = secrets.token_urlsafe(24)  # the same through restarts: clients keep their URL
         self._restart_at, self._restart_wait_s = 0.0, RESTART_FIRST_WAIT_S
+        self.store_error: str | None = None  # why the store takes no writes, until the server is restarted
+        self._log_read_to = 0
 
     def _write_config(self) -> Path:
         config = self.store_dir / "nats-server.conf"
@@ -146,6 +156,7 @@ class EmbeddedNats:
                 "-sd", str(self.store_dir), "--ports_file_dir", str(ports_dir),
             ]
             log_file = open(self.store_dir / "nats-server.log", "ab")  # noqa: SIM115 - closed below, once handed on
+            self._log_read_to = log_file.tell()  # a failed write logged before this start is no longer one
         except OSError as error:  # a store made by another user (root, a container's): a PermissionError traceback
             if error.errno in (errno.EACCES, errno.EPERM):
                 fix = f"give it to the user tipstream runs as (`chown -R {os.getuid()} {self.store_dir}`), or "
@@ -203,6 +214,57 @@ class EmbeddedNats:
             raise
         self._restart_wait_s = RESTART_FIRST_WAIT_S
         return True
+
+    def free_bytes(self) -> int | None:
+        try:
+            return shutil.disk_usage(self.store_dir).free
+        except OSError:
+            return None
+
+    def _logged_write_failure(self) -> str | None:
+        """A line nats-server logged since the last look saying a write to its store failed (a disk quota
+        is no less than a full disk to it, and `free_bytes` cannot see one)."""
+        try:
+            with open(self.store_dir / "nats-server.log", "rb") as file:
+                file.seek(self._log_read_to)
+                new = file.read(1 << 20)
+                self._log_read_to += len(new)
+        except OSError:
+            return None
+        for line in new.splitlines():
+            if any(sign in line for sign in _STORE_WRITE_FAILED):
+                return line.decode(errors="replace").split("] ", 2)[-1][:300]  # past "[pid] date time [ERR]"
+        return None
+
+    def check_store(self) -> bool:
+        """Note a store that takes no more writes (its disk full), and restart the server once it has room
+        again; True when it did. Without the restart, no event, reaction or decision was stored again."""
+        if self.process is None or self.process.poll() is not None:
+            return False
+        free = self.free_bytes()
+        failure = self._logged_write_failure()
+        if failure is None and free is not None and free < STORE_FULL_BELOW_BYTES:
+            failure = f"{free:,} bytes free on its disk"
+        if failure is not None and self.store_error is None:
+            self.store_error = failure
+            log.error("The embedded nats-server cannot write its store %s (%s): JetStream stores no event, reaction "
+                      "or decision, and publishers' acknowledgements time out. Free space on that disk (`df %s`; "
+                      "TIPSTREAM_STREAM_MAX_BYTES bounds the streams); tipstream restarts the nats-server once "
+                      "%d MB are free, as it stores nothing after a failed write until restarted. /score answers "
+                      "meanwhile, its decisions held in memory (TIPSTREAM_DECISION_QUEUE_MAX).",
+                      self.store_dir, failure, self.store_dir, STORE_ROOM_BYTES >> 20)
+        if self.store_error is None or free is None or free < STORE_ROOM_BYTES:
+            return False
+        log.warning("the embedded nats-server's store has %d MB free again: restarting the nats-server, so that it "
+                    "stores again (publishers reconnect to it)", free >> 20)
+        self.stop()
+        self.store_error = None  # a start that fails is `restart_if_exited`'s to try again
+        self.start()
+        return True
+
+    def health(self) -> dict[str, object]:
+        """For /readyz."""
+        return {"ok": self.store_error is None, "last_error": self.store_error, "free_bytes": self.free_bytes()}
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:

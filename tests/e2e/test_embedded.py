@@ -141,6 +141,51 @@ def test_a_restart_that_fails_is_tried_again_after_a_wait_not_at_every_check(tmp
         embedded.stop()
 
 
+async def test_a_store_whose_disk_filled_is_told_and_restarted_once_it_has_room(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """nats-server 2.15.1 stored nothing more after a write failed for want of space, also once space was freed
+    (a service on a 40 MB tmpfs filled and freed: every publish timed out until tipstream was restarted), and
+    tipstream said nothing of it. Here the disk's free space is what `free_bytes` says."""
+    import logging
+
+    from app.embedded_nats import STORE_FULL_BELOW_BYTES, STORE_ROOM_BYTES, EmbeddedNats
+
+    caplog.set_level(logging.INFO, logger="tipstream.nats")
+    embedded = EmbeddedNats(tmp_path / "nats")
+    url = embedded.start()
+    free = [STORE_ROOM_BYTES * 4]
+    monkeypatch.setattr(embedded, "free_bytes", lambda: free[0])
+    try:
+        assert embedded.check_store() is False and embedded.health()["ok"] is True
+        first = embedded.process
+        free[0] = STORE_FULL_BELOW_BYTES - 1
+        assert embedded.check_store() is False and embedded.process is first
+        assert embedded.health()["ok"] is False
+        told = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(told) == 1 and "Free space on that disk" in told[0] and str(tmp_path / "nats") in told[0], told
+        free[0] = STORE_ROOM_BYTES - 1  # freed, but not enough yet
+        assert embedded.check_store() is False and embedded.process is first
+        free[0] = STORE_ROOM_BYTES
+        assert embedded.check_store() is True
+        assert embedded.process is not first and embedded.process.poll() is None and embedded.url == url
+        assert embedded.health()["ok"] is True and embedded.check_store() is False
+        nc = await nats.connect(url)
+        try:
+            await nc.jetstream().add_stream(name="S", subjects=["s.>"])
+            assert (await nc.jetstream().publish("s.x", b"{}")).seq == 1
+        finally:
+            await nc.close()
+        # A quota full is seen by nats-server's log only: the disk has room.
+        with (tmp_path / "nats" / "nats-server.log").open("ab") as log_file:
+            log_file.write(b"[1] 2026/12/06 00:52:12 [ERR] JetStream failed to store a msg on stream '$G > S': "
+                           b"write /x/1.blk: disk quota exceeded\n")
+        free[0] = STORE_ROOM_BYTES * 4
+        embedded.check_store()  # told, and restarted at once as the disk has room
+        assert "disk quota exceeded" in caplog.text and embedded.health()["ok"] is True
+    finally:
+        embedded.stop()
+
+
 async def test_the_embedded_server_takes_only_clients_with_its_token(tmp_path: Path) -> None:
     """With no auth, any local process could publish into the streams or delete them (a review
     deleted DLQ with a plain `js.delete_stream`); `nats.url` was readable by every user."""
