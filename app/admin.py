@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from app.db import refused_by_setting
+from app.db import disk_full, disk_full_fix, refused_by_setting
 from app.request_body import ClientGone, not_utf8, path_is_utf8, read_body
 from models.registry import RegistryError
 
@@ -156,9 +156,14 @@ def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[BaseMode
             setting = refused_by_setting(error, engine.url.username if engine is not None else None)
             # A refusal by the operator's setting (a statement_timeout shorter than a registration's read of
             # the decision log, say) read as an outage, to be waited out, which changed nothing.
-            why = (f"the database refused it ({str(getattr(error, 'orig', error)).strip().splitlines()[0]}): "
-                   f"{setting}; nothing changed" if setting is not None else
-                   f"the database is away ({type(error).__name__}); nothing changed: try again once it is back")
+            first_line = str(getattr(error, 'orig', error)).strip().splitlines()[0]
+            if setting is not None:
+                why = f"the database refused it ({first_line}): {setting}; nothing changed"
+            elif disk_full(error):  # "try again once it is back" sent the operator to wait for a database that is up
+                why = (f"the database's disk is full ({first_line}); nothing changed: "
+                       f"{disk_full_fix(engine.url if engine is not None else 'postgresql://')}, then try again")
+            else:
+                why = f"the database is away ({type(error).__name__}); nothing changed: try again once it is back"
             response = _json(503, {"error": why, "field": None})
             response.headers["Retry-After"] = "5"
             return response

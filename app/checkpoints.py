@@ -221,6 +221,8 @@ class Checkpointer:
         """Why events wait for a checkpoint, for ingest's line when it holds: a catch-up that changes many
         users at once makes a checkpoint long while the database is fine (131,000 users on SQLite: 2.5-3.7 s,
         its serialising given a turn of the event loop per chunk of ingest), and the line blamed the database."""
+        if self.last_error is not None and self.last_error.startswith("the database's disk is full"):
+            return f"checkpoints fail: {self.last_error}"
         if self.last_error is not None:
             return f"checkpoints fail ({self.last_error}): is the database away?"
         if self.saving:
@@ -258,6 +260,12 @@ class Checkpointer:
                     log.warning("checkpoint failed (%s): %s. Connections opened from now on read the setting as it "
                                 "is then, so mending it needs no restart. Retrying in %.1fs; events are safe in the "
                                 "streams.", str(getattr(error, "orig", error)).strip().splitlines()[0], setting, backoff)
+                elif db.disk_full(error):
+                    log.error("checkpoint failed: the database's disk is full (%s): %s. Checkpoints go on by "
+                              "themselves once it has room, from where the last one left off, so nothing is lost or "
+                              "counted twice; until then a restart replays more, and /score answers 503 once "
+                              "TIPSTREAM_MAX_UNWRITTEN_DECISIONS decisions wait. Retrying in %.1fs.",
+                              _first_line(error), db.disk_full_fix(self._url()), backoff)
                 else:
                     log.warning("checkpoint failed (%s); retrying in %.1fs, or once the database answers again. "
                                 "Events are safe in the streams.%s", error, backoff, _fix_for(error))
@@ -267,6 +275,10 @@ class Checkpointer:
     def _user(self) -> str | None:
         engine = getattr(self.target, "engine", None)
         return engine.url.username if engine is not None else None
+
+    def _url(self) -> Any:
+        engine = getattr(self.target, "engine", None)
+        return engine.url if engine is not None else "postgresql://"
 
     def health(self) -> dict[str, Any]:
         """For /readyz: whether the last checkpoint succeeded, and how long ago one did (or found
@@ -312,7 +324,8 @@ class Checkpointer:
                     log.error("%s", behind)
                 raise
             except Exception as error:  # also those asked for outside `run` (before a card reads the log)
-                self.last_error = f"{type(error).__name__}: {error}".splitlines()[0]
+                self.last_error = (f"the database's disk is full ({_first_line(error)}): {db.disk_full_fix(self._url())}"
+                                   if db.disk_full(error) else f"{type(error).__name__}: {error}".splitlines()[0])
                 raise
 
     async def _checkpoint(self) -> bool:
@@ -456,6 +469,10 @@ class Checkpointer:
 def _among(ordered: list[str], item: str) -> bool:
     at = bisect_left(ordered, item)
     return at < len(ordered) and ordered[at] == item
+
+
+def _first_line(error: BaseException) -> str:
+    return str(getattr(error, "orig", None) or error).strip().splitlines()[0]
 
 
 def _fix_for(error: Exception) -> str:

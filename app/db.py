@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
@@ -219,6 +220,32 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _in_utc)
         event.listen(engine, "handle_error", _renew_connections_on_setting_refusals)
     return engine
+
+
+def disk_full(error: BaseException) -> bool:
+    """The database's disk (or the user's quota on it) is full: a wait for the database to answer again, which
+    the messages for an outage say, mends nothing until someone frees space.
+
+    >>> import sqlite3
+    >>> disk_full(sqlite3.OperationalError("database or disk is full")), disk_full(OSError(errno.ENOSPC, "full"))
+    (True, True)
+    >>> disk_full(sqlite3.OperationalError("database is locked"))
+    False
+    """
+    orig = getattr(error, "orig", None) or error  # SQLAlchemy's error, or the driver's own
+    if getattr(orig, "sqlstate", None) == "53100":  # PostgreSQL's disk_full
+        return True
+    if isinstance(orig, OSError) and orig.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return "database or disk is full" in str(orig)  # SQLite's SQLITE_FULL
+
+
+def disk_full_fix(url: Any) -> str:
+    """Where to free space, for a `disk_full` error of the database at `url` (a SQLAlchemy URL)."""
+    url = make_url(url) if isinstance(url, str) else url
+    if url.get_backend_name() == "sqlite" and url.database:
+        return f"free space on the disk of {Path(url.database).resolve().parent} (`df` names it)"
+    return "free space on the database server's data disk"
 
 
 def refused_by_setting(error: BaseException, user: str | None = None) -> str | None:

@@ -324,3 +324,49 @@ async def test_an_admin_change_refused_by_a_statement_timeout_names_it_not_an_ou
     error = refused.json()["error"]
     assert "statement_timeout" in error and "ALTER ROLE postgres SET statement_timeout" in error, error
     assert "nothing changed" in error and "once it is back" not in error, error
+
+
+async def test_a_full_disk_under_sqlite_is_told_with_where_to_free_space_and_loses_nothing(
+        start_service, nc, caplog: pytest.LogCaptureFixture) -> None:
+    """SQLite's 'database or disk is full' (a data directory on a full tmpfs) was told as an outage: 'retrying
+    ... once the database answers again', and a registry change 'the database is away ... try again once it is
+    back', where the database answered and waiting mended nothing. SQLite's own SQLITE_FULL comes here from
+    max_page_count, which holds the file at the pages it has."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="tipstream.checkpoints")
+    token = "s3cret-token-for-tests"
+    running = await start_service(checkpoint_every_s=0.1, admin_token=token)
+    running.service.checkpointer.retry_first_s = running.service.checkpointer.retry_max_s = 0.1  # not tested here
+    engine, url = running.service.engine, running.service.settings.sqlalchemy_url
+
+    def no_more_pages(dbapi_connection, _record) -> None:
+        dbapi_connection.execute("PRAGMA max_page_count = 1")  # raised to the pages the file has: no new one
+
+    sa.event.listen(engine, "connect", no_more_pages)
+    engine.dispose()  # the pooled connections do not have it
+    js = nc.jetstream()
+    try:
+        for i in range(500):
+            await js.publish("signals.app.opened", orjson.dumps(
+                {"id": f"full-{i}", "type": "app.opened", "user_id": f"full-{i}", "ts": "2026-11-26T08:00:00+01:00"}))
+        async with httpx.AsyncClient(base_url=running.base_url) as http:
+            async def told() -> dict | None:
+                body = (await http.get("/readyz")).json()
+                return body if not body["checkpoint"]["ok"] else None
+
+            body = await eventually(told)
+            error = body["checkpoint"]["last_error"]
+            assert error.startswith("the database's disk is full") and "free space on the disk of" in error, error
+            refused = await http.post("/admin/models", json={"version": "v9"}, timeout=10,
+                                      headers={"Authorization": f"Bearer {token}"})
+            assert refused.status_code == 503, refused.text
+            assert "disk is full" in refused.json()["error"] and "once it is back" not in refused.json()["error"]
+        failed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checkpoint failed")]
+        assert failed and "disk is full" in failed[-1] and "free space on the disk of" in failed[-1], failed
+        assert "answers again" not in failed[-1] and "[SQL:" not in failed[-1], failed[-1]
+    finally:
+        sa.event.remove(engine, "connect", no_more_pages)
+        engine.dispose()
+    await eventually(lambda: checkpointed(url) == 500, timeout=15)
+    assert running.service.checkpointer.last_error is None
