@@ -91,6 +91,7 @@ class DecisionPublisher:
         self._refused_at = -math.inf  # when it last doubled: refusals of decisions sent before are that round's
         self._refused_ahead = 0  # refused since the last send, back at the front of the queue in order
         self._refusal_lines = LogThrottle(per_window=REFUSAL_LINES_PER_MINUTE)
+        self._unanswered_lines = LogThrottle()
         self._put_back: set[str] = set()  # decisions from before this start not acknowledged yet
         self._on_all_put_back: Callable[[], None] | None = None
         self._token = 0
@@ -251,6 +252,21 @@ class DecisionPublisher:
             self._released()
         return bool(late)
 
+    def _tell_unanswered(self) -> None:
+        """A server that takes publishes and answers none: nats-server with its store's disk full answered
+        nothing, on the connection or in the log of this service, whose decisions went round for good."""
+        nc = self._nc()
+        if nc is None or not nc.is_connected:
+            return  # away: told by the connection's own lines
+        left_out = self._unanswered_lines.allow(None)
+        if left_out is None:
+            return
+        log.warning("JetStream acknowledged none of the decisions sent %gs ago, NATS connected; %d wait, sent again "
+                    "(/score answers 503 once TIPSTREAM_DECISION_QUEUE_MAX wait). Is the NATS server's store full? "
+                    "Its log says 'no space left on device' then: free space there; nats-server stores nothing after "
+                    "a failed write until it is restarted (tipstream restarts its embedded one itself).%s",
+                    self.ack_timeout_s, self.waiting, f" ({left_out} such rounds since the last line)" if left_out else "")
+
     async def run(self) -> None:
         backoff = 0.1
         while True:
@@ -260,6 +276,7 @@ class DecisionPublisher:
                 pass
             self._work.clear()
             if self.inflight and self._expire(time.monotonic()):
+                self._tell_unanswered()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue

@@ -435,6 +435,28 @@ async def test_the_publisher_retries_failures_and_never_drops_a_decision() -> No
     assert publisher.published == 10 and publisher.waiting == 0 and publisher.retried == 3
 
 
+async def test_a_server_that_answers_no_publish_is_told_once_then_the_decisions_go_through(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """nats-server with its store's disk full took every publish and answered none: the decisions went round
+    (tipstream_decisions_total{outcome="retried"}) with not a line in the log."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="tipstream.decisions")
+    nc = FakeNats()
+    nc.answers = ["lost"] * 6
+    publisher = DecisionPublisher(lambda: nc, queue_max=100, batch=2, window=2, ack_timeout_s=0.05)
+    await publisher.start()
+    task = asyncio.create_task(publisher.run())
+    for i in range(2):
+        assert publisher.offer("decisions.score", f"d-{i}", b"{}")
+    assert await publisher.flush(10)
+    task.cancel()
+    told = [r.getMessage() for r in caplog.records if "acknowledged none" in r.getMessage()]
+    assert len(told) == 1, told  # three rounds unanswered, one line a minute
+    assert "no space left on device" in told[0] and "2 wait" in told[0], told[0]
+    assert sorted(nc.stored) == ["d-0", "d-1"]
+
+
 async def test_nothing_is_written_while_nats_is_away() -> None:
     nc = FakeNats()
     nc.is_connected = False
