@@ -7,7 +7,10 @@ endpoint with `TIPSTREAM_ADMIN_TOKEN` (the service holds their state and models;
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import stat
+import sys
 import time
 import urllib.parse
 from pathlib import Path
@@ -59,8 +62,6 @@ def _status(args: argparse.Namespace) -> int:
 
 def _out_problem(out: str) -> str | None:
     """Why `--out` cannot be written, found without creating it; None when it can."""
-    import os
-
     path = Path(out)
     if path.is_dir():
         return "it is a directory"
@@ -75,8 +76,6 @@ def _out_problem(out: str) -> str | None:
 def _export(args: argparse.Namespace) -> int:
     import asyncio
     import json
-    import os
-    import sys
 
     from app import migrate
     from app.db import make_engine
@@ -128,20 +127,39 @@ def _export(args: argparse.Namespace) -> int:
     finally:
         engine.dispose()
     text = json.dumps(found, indent=2, ensure_ascii=False)
-    if args.out is None:
-        print(text)
-    else:  # their data: readable by the one who exports it only
-        with open(os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as out:
-            # A file that already existed kept its mode (0644, say), which O_CREAT's applies only to a new one.
-            # Not a device or a pipe (`--out /dev/stdout`): its mode is not the export's to change.
-            if stat.S_ISREG(os.fstat(out.fileno()).st_mode):
-                os.fchmod(out.fileno(), 0o600)
-            out.write(text + "\n")
+    try:
+        _write_export(text, args.out)
+    except OSError as error:  # the disk full: a traceback, and half an export left in the file
+        print(f"Nothing exported: cannot write {args.out or 'to stdout'}: {error.strerror or error}. "
+              + ("Free space on its disk, or give --out a file on another." if error.errno in (errno.ENOSPC, errno.EDQUOT)
+                 else "--out names a file this user can write."), file=sys.stderr)
+        return 1
     counts = ", ".join(f"{stream} {len(messages)}" for stream, messages in found["streams"].items())
     print(f"{args.user_id}: messages {counts}; tip_scores {len(found['tip_scores'])}; user_features "
           f"{'1' if found['user_features'] else '0'}; model versions with their weights {len(found['model_weights'])}",
           file=sys.stderr)
     return 0
+
+
+def _write_export(text: str, out_path: str | None) -> None:
+    if out_path is None:
+        print(text)
+        sys.stdout.flush()  # a full disk under a redirect fails here, not at the exit, where it is a traceback
+        return
+    # Their data: readable by the one who exports it only.
+    with open(os.open(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as out:
+        # A file that already existed kept its mode (0644, say), which O_CREAT's applies only to a new one.
+        # Not a device or a pipe (`--out /dev/stdout`): its mode is not the export's to change.
+        regular = stat.S_ISREG(os.fstat(out.fileno()).st_mode)
+        if regular:
+            os.fchmod(out.fileno(), 0o600)
+        try:
+            out.write(text + "\n")
+            out.flush()
+        except OSError:
+            if regular:  # a cut export reads as a user holding less than they do
+                os.unlink(out_path)
+            raise
 
 
 def add_users_commands(commands: Any) -> None:

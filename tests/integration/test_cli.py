@@ -1143,3 +1143,59 @@ def test_a_version_registered_before_a_parameter_existed_shows_what_it_means(
                       "user_ttl_days": 0.0, "max_values": 0}
     assert main(["models", "card", "v1"]) == 0
     assert "| user_ttl_days | 0 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("out", ["--out /dev/full", "stdout", "--out file over RLIMIT_FSIZE"])
+def test_an_export_that_cannot_be_written_whole_is_one_message_and_leaves_no_half_file(
+        out: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`tipstream users export u-1 > file` (or `--out file`) on a full disk ended in an OSError traceback, and
+    --out left a cut export behind. /dev/full answers every write with ENOSPC, as a full disk does; the
+    streams are not what is tested, so the export's reading is stood in for."""
+    import resource
+    import signal
+
+    import app.export
+    import app.nats_auth
+
+    if out != "--out file over RLIMIT_FSIZE" and not os.access("/dev/full", os.W_OK):
+        pytest.skip("/dev/full is not this user's to write here")
+
+    class Closed:
+        def jetstream(self, **_: object) -> None:
+            return None
+
+        async def close(self) -> None:
+            pass
+
+    async def connect(*_: object, **__: object) -> Closed:
+        return Closed()
+
+    async def export(_js: object, _engine: object, user_id: str, _progress: object) -> dict:
+        return {"user_id": user_id, "streams": {"SIGNALS": [{"seq": 1, "message": "x" * 100_000}]},
+                "tip_scores": [], "user_features": None, "model_weights": {}}
+
+    monkeypatch.setattr(app.nats_auth, "connect_for_command", connect)
+    monkeypatch.setattr(app.export, "export_user", export)
+    monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("NATS_URL", f"nats://127.0.0.1:{free_port()}")
+    migrate.upgrade(f"sqlite:///{tmp_path / 'tipstream.db'}")
+    if out == "--out /dev/full":
+        assert main(["users", "export", "u-1", "--out", "/dev/full"]) == 1
+    elif out == "stdout":
+        with open("/dev/full", "w") as full:
+            monkeypatch.setattr("sys.stdout", full)
+            assert main(["users", "export", "u-1"]) == 1
+    else:  # a regular file cut short: EFBIG past the limit, where a full disk gives ENOSPC
+        target = tmp_path / "export.json"
+        limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+        ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, limits[1]))
+        try:
+            assert main(["users", "export", "u-1", "--out", str(target)]) == 1
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+            signal.signal(signal.SIGXFSZ, ignored)
+        assert not target.exists()  # half an export reads as a user holding less than they do
+    told = capsys.readouterr().err
+    assert "Nothing exported: cannot write" in told and "Traceback" not in told, told
+    assert ("Free space on its disk" in told) == (out != "--out file over RLIMIT_FSIZE"), told
