@@ -146,6 +146,14 @@ class EmbeddedNats:
 
     def start(self, timeout_s: float = 15.0) -> str:
         ports_dir = self.store_dir / "ports"
+        free = self.free_bytes()
+        if free is not None and free < STORE_FULL_BELOW_BYTES:
+            # The server starts all the same, and then writes an empty ports file (a JSONDecodeError traceback
+            # here) or stores nothing.
+            raise EmbeddedNatsError(
+                f"the embedded nats-server's store {self.store_dir} (in TIPSTREAM_DATA_DIR) is on a full disk "
+                f"({free:,} bytes free): free space on it (`df {self.store_dir}`), or set TIPSTREAM_DATA_DIR to a "
+                "directory on another disk")
         try:
             self.store_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the events: owner-only, as the data dir
             ports_dir.mkdir(exist_ok=True)
@@ -185,7 +193,11 @@ class EmbeddedNats:
             if files:
                 import json
 
-                ports = json.loads(files[0].read_text())
+                try:
+                    ports = json.loads(files[0].read_text())
+                except ValueError:  # read while the server writes it
+                    time.sleep(0.05)
+                    continue
                 bare = ports["nats"][0]  # nats://host:port
                 # A restart (`restart_if_exited`) binds the same port: publishers and the service's
                 # own connection keep the URL they were given.
@@ -216,8 +228,11 @@ class EmbeddedNats:
         return True
 
     def free_bytes(self) -> int | None:
+        where = self.store_dir
+        while not where.exists() and where != where.parent:  # before the first start made it
+            where = where.parent
         try:
-            return shutil.disk_usage(self.store_dir).free
+            return shutil.disk_usage(where).free
         except OSError:
             return None
 

@@ -186,6 +186,22 @@ async def test_a_store_whose_disk_filled_is_told_and_restarted_once_it_has_room(
         embedded.stop()
 
 
+def test_a_start_on_a_full_disk_names_it_and_what_to_free(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart on the 40 MB tmpfs left full: nats-server made its ports file and could write nothing in it,
+    and `tipstream run` ended in a JSONDecodeError traceback."""
+    from app.embedded_nats import STORE_FULL_BELOW_BYTES, EmbeddedNats, EmbeddedNatsError
+    from app.settings import Settings
+    from app.start_errors import explain
+
+    embedded = EmbeddedNats(tmp_path / "nats")
+    monkeypatch.setattr(embedded, "free_bytes", lambda: STORE_FULL_BELOW_BYTES - 1)
+    with pytest.raises(EmbeddedNatsError) as refused:
+        embedded.start()
+    assert embedded.process is None  # no server started
+    told = str(explain(refused.value, Settings(data_dir=tmp_path)))
+    assert "is on a full disk" in told and f"df {tmp_path / 'nats'}" in told, told
+
+
 async def test_the_embedded_server_takes_only_clients_with_its_token(tmp_path: Path) -> None:
     """With no auth, any local process could publish into the streams or delete them (a review
     deleted DLQ with a plain `js.delete_stream`); `nats.url` was readable by every user."""
