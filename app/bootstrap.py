@@ -92,6 +92,16 @@ def _credentials_refused(error: object) -> bool:
     return "Authorization Violation" in text or "Authentication" in text
 
 
+def _tell_spooled(served: int, kept: list[Any], path: object) -> None:
+    if len(kept) < served:
+        log.error("%d decisions served are not acknowledged by JetStream yet (is NATS away?), and the disk is full: "
+                  "the oldest %d are kept in %s (in the space held for them), the other %d lost. Free space in "
+                  "TIPSTREAM_DATA_DIR before the next start.", served, len(kept), path, served - len(kept))
+    else:
+        log.warning("%d decisions served are not acknowledged by JetStream yet (is NATS away?); kept in %s, the "
+                    "next start publishes them first", len(kept), path)
+
+
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -460,6 +470,10 @@ class Service:
         s = self.settings
         spool = self.settings.data_dir / decision_spool.SPOOL_NAME
         spooled = decision_spool.read(spool)
+        if not await asyncio.to_thread(decision_spool.hold_reserve, self.settings.data_dir):
+            log.warning("no room in %s for the %d MB kept for the decisions waiting at a stop: with its disk full "
+                        "then, they are lost. Free space on it.", self.settings.data_dir,
+                        decision_spool.RESERVE_BYTES >> 20)
         # Before DECISIONS is read: the spooled ones must be held before a copy that landed is read back.
         if spooled and len(kept := await asyncio.to_thread(self.eraser.without_forgotten, spooled)) < len(spooled):
             log.info("%d decisions served before the last stop were for users forgotten since: not published",
@@ -600,15 +614,15 @@ class Service:
             left = [] if flushed else self.publisher.unpublished()
             if left:
                 path = self.settings.data_dir / decision_spool.SPOOL_NAME
+                served = len(left)
                 try:
-                    decision_spool.save(path, left)
+                    decision_spool.save(path, left)  # cut to what the reserve holds, on a full disk
                 except OSError as error:  # the disk full: the rest of the stop (checkpoint, NATS, lock) goes on
                     log.error("%d decisions served are not acknowledged by JetStream yet (is NATS away?) and could "
                               "not be kept in %s (%s): they are lost. Free space in TIPSTREAM_DATA_DIR before "
-                              "the next start.", len(left), path, error.strerror or error)
+                              "the next start.", served, path, error.strerror or error)
                 else:
-                    log.warning("%d decisions served are not acknowledged by JetStream yet (is NATS away?); kept "
-                                "in %s, the next start publishes them first", len(left), path)
+                    _tell_spooled(served, left, path)
         catching_up = [ingest.spec.name for ingest in self.ingests if not ingest.caught_up]
         for ingest in self.ingests:
             await ingest.stop()

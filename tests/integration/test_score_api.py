@@ -408,13 +408,14 @@ async def test_decisions_that_cannot_be_spooled_for_a_full_disk_are_told_and_the
     import logging
 
     from app import bootstrap
-    from app.decision_spool import SPOOL_NAME
+    from app.decision_spool import RESERVE_NAME, SPOOL_NAME
 
     if not os.access("/dev/full", os.W_OK):
         pytest.skip("/dev/full is not this user's to write here")
     monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.5)  # NATS is away: a stop waits out any bound
     first = await start_service()
     spool = tmp_path / "data" / SPOOL_NAME
+    (tmp_path / "data" / RESERVE_NAME).unlink()  # no room held for it either (made at a start on a full disk)
     spool.with_suffix(".tmp").symlink_to("/dev/full")  # where the spool is written first: the kernel's ENOSPC
     async with httpx.AsyncClient(base_url=first.base_url) as http:
         nats_server.stop()
@@ -427,6 +428,50 @@ async def test_decisions_that_cannot_be_spooled_for_a_full_disk_are_told_and_the
                             f"not be kept in {spool} (No space left on device): they are lost.") for m in told), told
     assert not spool.exists() and not spool.with_suffix(".tmp").exists(), "a half-written spool left behind"
     assert first.service.nc.is_closed, "the stop ended at the spool"
+
+
+@pytest.mark.parametrize("room_for", [3, 2])
+async def test_decisions_waiting_at_a_stop_on_a_full_disk_are_kept_in_the_space_held_for_them(
+        room_for: int, start_service, nats_server, tmp_path, monkeypatch, caplog) -> None:
+    """The NATS store's disk full: JetStream acknowledged nothing, and at the stop the spool, on the same disk,
+    could not be written either (27 decisions lost at a stop on a full 40 MB tmpfs). The space held at the
+    start is given up for them; what it does not hold is told as lost."""
+    import logging
+
+    import orjson
+
+    from app import bootstrap
+    from app.decision_spool import RESERVE_BYTES, RESERVE_NAME, SPOOL_NAME, read
+
+    if not os.access("/dev/full", os.W_OK):
+        pytest.skip("/dev/full is not this user's to write here")
+    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.5)  # NATS is away: a stop waits out any bound
+    first = await start_service()
+    data = tmp_path / "data"
+    reserve = data / RESERVE_NAME
+    assert reserve.stat().st_size == RESERVE_BYTES and reserve.stat().st_blocks * 512 >= RESERVE_BYTES
+    spool = data / SPOOL_NAME
+    async with httpx.AsyncClient(base_url=first.base_url) as http:
+        nats_server.stop()
+        await eventually(lambda: not first.service.nc.is_connected)
+        for _ in range(3):
+            assert (await http.post("/score", json=body())).status_code == 200
+    waiting = first.service.publisher.unpublished()
+    # The reserve cut to hold the oldest `room_for` (save keeps three quarters of it for the lines' overhead).
+    line = max(len(orjson.dumps({"subject": s, "id": d, "event": p.decode()})) for s, d, p in waiting) + 80
+    reserve.write_bytes(bytes(line * room_for * 4 // 3 + 4))
+    spool.with_suffix(".tmp").symlink_to("/dev/full")  # the kernel's ENOSPC, until the file is made anew
+    caplog.set_level(logging.INFO, logger="tipstream")
+    await first.stop()
+    assert [decision_id for _, decision_id, _ in read(spool)] == [d for _, d, _ in waiting][:room_for]
+    assert not reserve.exists()
+    told = [r.getMessage() for r in caplog.records if r.name == "tipstream" and "not acknowledged" in r.getMessage()]
+    if room_for == 3:
+        assert told and told[-1].startswith("3 decisions served are not acknowledged by JetStream yet (is NATS "
+                                            f"away?); kept in {spool}"), told
+    else:
+        assert told and told[-1].startswith("3 decisions served are not acknowledged by JetStream yet (is NATS "
+                                            f"away?), and the disk is full: the oldest 2 are kept in {spool}"), told
 
 
 async def test_a_restart_does_not_dead_letter_a_bad_decision_again(start_service, nc) -> None:
