@@ -211,7 +211,10 @@ def _database_error(error: Any, settings: Settings) -> StartupError:
                         "owns them")
             return StartupError(f"Cannot write the database {url}: {cause}; this user (uid {os.getuid()}) may not "
                                 f"write {owners}. {fix}.")
-    if cause == "database or disk is full":  # SQLite's SQLITE_FULL: "a directory this user can write" is no fix
+    # SQLite's SQLITE_FULL: "a directory this user can write" is no fix. A full disk is also a "disk I/O error"
+    # when the -wal or -shm file (gone after a clean stop) cannot be made (a restart with DATABASE_URL on a full
+    # tmpfs).
+    if cause == "database or disk is full" or (cause == "disk I/O error" and _sqlite_disk_full(settings)):
         where, elsewhere = (("DATABASE_URL", "DATABASE_URL to a file") if settings.database_url else
                             ("SQLite under TIPSTREAM_DATA_DIR", "TIPSTREAM_DATA_DIR to a directory"))
         return StartupError(f"Cannot write the database {url} ({where}): its disk is full. Free space on it (`df` "
@@ -226,6 +229,21 @@ def _database_error(error: Any, settings: Settings) -> StartupError:
         return StartupError(f"Cannot open the database {url} (DATABASE_URL): {cause}. {fix}")
     return StartupError(f"Cannot open the database {url} (SQLite under TIPSTREAM_DATA_DIR): {cause}. "
                         "Set TIPSTREAM_DATA_DIR to a directory this user can write, or DATABASE_URL to PostgreSQL.")
+
+
+def _sqlite_disk_full(settings: Settings) -> bool:
+    import shutil
+
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.sqlalchemy_url)
+    database = url.database
+    if url.get_backend_name() != "sqlite" or not database:
+        return False
+    try:
+        return shutil.disk_usage(Path(database).resolve().parent).free < 1 << 20
+    except OSError:
+        return False
 
 
 def _connection_fix(cause: str, user: str) -> str | None:

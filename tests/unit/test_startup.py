@@ -118,6 +118,29 @@ def test_a_sqlite_database_on_a_full_disk_is_a_message_saying_to_free_space(
     assert ("DATABASE_URL to a file" if database_url else "TIPSTREAM_DATA_DIR to a directory") in told
 
 
+@pytest.mark.parametrize("free", [0, 1 << 30])
+def test_a_sqlite_disk_io_error_on_a_full_disk_is_told_as_the_full_disk(
+        free: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart with DATABASE_URL on a full tmpfs: SQLite could not make the -wal and -shm files a clean stop
+    had removed, said 'disk I/O error', and the start said to set DATABASE_URL to a directory this user can
+    write, which it was."""
+    import shutil
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    from app.start_errors import explain
+
+    url = f"sqlite:///{tmp_path}/elsewhere.db"
+    settings = SimpleNamespace(database_url=url, sqlalchemy_url=url)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=free))
+    error = sa.exc.OperationalError("PRAGMA journal_mode=WAL", {}, sqlite3.OperationalError("disk I/O error"))
+    told = str(explain(error, settings))
+    assert ("its disk is full. Free space on it" in told) == (free == 0), told
+    assert ("a directory this user can write" in told) == (free > 0), told
+
+
 @pytest.mark.parametrize("store", ["read-only", "its ports directory a file"])
 def test_a_nats_store_the_service_cannot_write_is_a_message_with_the_way_out(store: str, tmp_path: Path) -> None:
     """A store another user made (root, a container's) was a PermissionError traceback at start."""
