@@ -49,6 +49,14 @@ REFUSAL_WAIT_MAX_S = 1.0
 REFUSAL_LINES_PER_MINUTE = 10
 
 
+# JetStream's "insufficient resources" (10047): its storage limit reached before the disk is full.
+STORAGE_FULL_FIX = (". The account's or the server's JetStream file storage is full: `max_file` in the account's "
+                    "`jetstream {}` limits, the server's `max_file_store` (unset: 75% of the disk's free space when "
+                    "nats-server started; an embedded one's is in its nats-server.log, 'Max Storage'), or its disk. "
+                    "Free or raise it (a restart of nats-server sizes it anew); TIPSTREAM_STREAM_MAX_BYTES bounds "
+                    "each stream, its oldest events going first")
+
+
 class DecisionLogFull(Exception):
     """The queue stayed full: JetStream is away or slower than /score."""
 
@@ -201,9 +209,10 @@ class DecisionPublisher:
                 self._refusal_wait = min(max(self._refusal_wait * 2, 0.1), REFUSAL_WAIT_MAX_S)
                 left_out = self._refusal_lines.allow(None)
                 if left_out is not None:
-                    log.warning("JetStream refused decision %s (%s); retrying in %.1fs%s", item[1],
+                    log.warning("JetStream refused decision %s (%s); retrying in %.1fs%s%s", item[1],
                                 (data or headers or b"")[:200], self._refusal_wait,
-                                f" ({left_out} more refused rounds since the last line)" if left_out else "")
+                                f" ({left_out} more refused rounds since the last line)" if left_out else "",
+                                STORAGE_FULL_FIX if b'"err_code":10047' in data else "")
             # Behind those refused before it, not in front: one at a time at the front reversed them.
             self._requeue([item], at=self._refused_ahead)
             self._refused_ahead += 1

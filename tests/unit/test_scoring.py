@@ -414,6 +414,9 @@ class FakeNats:
                 loop.call_soon(self.handler, reply, b"", b'{"stream":"DECISIONS","seq":1}', None)
             elif answer == "error":
                 loop.call_soon(self.handler, reply, b"", b'{"error":{"code":500}}', None)
+            elif answer == "insufficient":  # nats-server 2.15.1's answer, account max_file reached
+                loop.call_soon(self.handler, reply, b"", b'{"error":{"code":503,"err_code":10047,'
+                               b'"description":"insufficient resources"},"stream":"DECISIONS","seq":0}', None)
 
     async def _flush_pending(self) -> None:
         pass
@@ -455,6 +458,24 @@ async def test_a_server_that_answers_no_publish_is_told_once_then_the_decisions_
     assert len(told) == 1, told  # three rounds unanswered, one line a minute
     assert "no space left on device" in told[0] and "2 wait" in told[0], told[0]
     assert sorted(nc.stored) == ["d-0", "d-1"]
+
+
+async def test_a_refusal_for_storage_full_says_which_limits_to_free_or_raise(caplog: pytest.LogCaptureFixture) -> None:
+    """'insufficient resources' was logged as JetStream's bytes, with nothing on what is full or what to do."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="tipstream.decisions")
+    nc = FakeNats()
+    nc.answers = ["insufficient", "error"]
+    publisher = DecisionPublisher(lambda: nc, queue_max=100, batch=1, window=1, ack_timeout_s=1)
+    await publisher.start()
+    task = asyncio.create_task(publisher.run())
+    assert publisher.offer("decisions.score", "d-0", b"{}")
+    assert await publisher.flush(10)
+    task.cancel()
+    told = [r.getMessage() for r in caplog.records if r.getMessage().startswith("JetStream refused decision")]
+    assert len(told) == 2 and "insufficient resources" in told[0], told
+    assert "max_file" in told[0] and "TIPSTREAM_STREAM_MAX_BYTES" in told[0] and "max_file" not in told[1], told
 
 
 async def test_nothing_is_written_while_nats_is_away() -> None:
