@@ -472,8 +472,10 @@ class Service:
         spooled = decision_spool.read(spool)
         if not await asyncio.to_thread(decision_spool.hold_reserve, self.settings.data_dir):
             log.warning("no room in %s for the %d MB kept for the decisions waiting at a stop: with its disk full "
-                        "then, they are lost. Free space on it.", self.settings.data_dir,
-                        decision_spool.RESERVE_BYTES >> 20)
+                        "then, they are lost. Free space on it; it is taken once there is room.",
+                        self.settings.data_dir, decision_spool.RESERVE_BYTES >> 20)
+            self._tasks.append(asyncio.create_task(decision_spool.hold_reserve_once_room(self.settings.data_dir),
+                                                   name="spool reserve"))
         # Before DECISIONS is read: the spooled ones must be held before a copy that landed is read back.
         if spooled and len(kept := await asyncio.to_thread(self.eraser.without_forgotten, spooled)) < len(spooled):
             log.info("%d decisions served before the last stop were for users forgotten since: not published",

@@ -61,6 +61,23 @@ def hold_reserve(data_dir: Path, size: int = RESERVE_BYTES) -> bool:
     return True
 
 
+async def hold_reserve_once_room(data_dir: Path, every_s: float = 30.0, size: int = RESERVE_BYTES) -> None:
+    """`hold_reserve`, tried until it succeeds, once the disk has room besides: not held at a start on a full
+    disk (or given up at the last stop), it stayed so until the next start, when space was freed meanwhile.
+    Taken only with 16 MB to spare, as the streams and the database need the room first."""
+    import asyncio
+    import shutil
+
+    while True:
+        try:
+            room = shutil.disk_usage(data_dir).free >= size + (16 << 20)
+        except OSError:
+            room = False
+        if room and await asyncio.to_thread(hold_reserve, data_dir, size):
+            return
+        await asyncio.sleep(every_s)
+
+
 def save(path: Path, items: list[Item]) -> None:
     """Write `items` whole or not at all (a temporary file renamed over the spool). On a full disk the
     reserve is given up for it, and as many of the oldest as that room holds are kept: `items` is cut to

@@ -726,3 +726,28 @@ def test_a_cached_snapshot_is_not_reused_after_a_fold_at_the_event_cap(lineup: L
     fresh = evaluate(state, now_ms)
     assert values == {name: v.value for name, v in fresh.items()} and values["app_opens_7d"] == 2
     assert fallbacks == {name for name, v in fresh.items() if v.fallback}
+
+
+async def test_the_spool_reserve_not_held_at_a_start_is_taken_once_the_disk_has_room(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given up at a stop on a full disk (or not made at a start on one), the reserve stayed away until the next
+    start, space freed meanwhile: a second stop on a full disk lost every decision waiting."""
+    import shutil
+
+    from app import decision_spool
+    from tests.conftest import eventually
+
+    usage, looked = shutil.disk_usage(tmp_path), []
+    free = [8 << 20]  # room for it, not with 16 MB besides
+
+    def disk_usage(_: object) -> object:
+        looked.append(1)
+        return usage._replace(free=free[0])
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    task = asyncio.create_task(decision_spool.hold_reserve_once_room(tmp_path, every_s=0.01, size=4096))
+    await eventually(lambda: len(looked) >= 3)  # rounds with no room to spare
+    assert not (tmp_path / decision_spool.RESERVE_NAME).exists() and not task.done()
+    free[0] = 64 << 20
+    await asyncio.wait_for(task, 5)
+    assert (tmp_path / decision_spool.RESERVE_NAME).stat().st_size == 4096
