@@ -122,6 +122,9 @@ RESTART_FIRST_WAIT_S, RESTART_MAX_WAIT_S = 1.0, 30.0  # after a failed restart
 # is on that disk too (its lines stopped once the page they filled was full).
 STORE_FULL_BELOW_BYTES = 1 << 20
 STORE_ROOM_BYTES = 16 << 20
+# A failed write the free space does not show (a user's disk quota) would otherwise restart the server at
+# every check, each restart meeting the same failure.
+STORE_RESTART_EVERY_S = 60.0
 _STORE_WRITE_FAILED = (b"no space left on device", b"disk quota exceeded", b"JetStream out of resources")
 
 
@@ -137,6 +140,7 @@ class EmbeddedNats:
         self._token = secrets.token_urlsafe(24)  # the same through restarts: clients keep their URL
         self._restart_at, self._restart_wait_s = 0.0, RESTART_FIRST_WAIT_S
         self.store_error: str | None = None  # why the store takes no writes, until the server is restarted
+        self._store_restart_at = 0.0
         self._log_read_to = 0
 
     def _write_config(self) -> Path:
@@ -268,8 +272,10 @@ class EmbeddedNats:
                       "%d MB are free, as it stores nothing after a failed write until restarted. /score answers "
                       "meanwhile, its decisions held in memory (TIPSTREAM_DECISION_QUEUE_MAX).",
                       self.store_dir, failure, self.store_dir, STORE_ROOM_BYTES >> 20)
-        if self.store_error is None or free is None or free < STORE_ROOM_BYTES:
+        if (self.store_error is None or free is None or free < STORE_ROOM_BYTES
+                or time.monotonic() < self._store_restart_at):
             return False
+        self._store_restart_at = time.monotonic() + STORE_RESTART_EVERY_S
         log.warning("the embedded nats-server's store has %d MB free again: restarting the nats-server, so that it "
                     "stores again (publishers reconnect to it)", free >> 20)
         self.stop()
