@@ -49,7 +49,7 @@ from app.lineup import Lineup
 from app.log_throttle import LogThrottle
 from app.metrics import METRICS
 from app.nats_auth import NatsAuthError, nats_options
-from app.offline import OfflineFeatureWriter, users_behind
+from app.offline import OfflineFeatureWriter
 from app.periodic import every
 from app.registry_store import RegistryStore
 from app.retention import EVERY_S as RETENTION_EVERY_S
@@ -269,10 +269,7 @@ class Service:
             self.offline.refused = self._database_not_ours
             self.checkpointer.on_saved.append(self.offline.saved)
             self.checkpointer.keep_awake.append(self.offline.holds)
-            try:
-                self.offline.saved(await asyncio.to_thread(users_behind, self.engine))
-            except Exception as error:  # noqa: BLE001 - the rows catch up at the users' next events
-                log.warning("user_features: could not look for rows older than their users' state (%s)", error)
+            self._tasks.append(asyncio.create_task(self.offline.find_behind(), name="offline features behind"))
             self._tasks.append(asyncio.create_task(self.offline.run(), name="offline features"))
         if self.offline is not None:
             self.eraser.offline = self.offline
