@@ -8,6 +8,8 @@ service resumes from those positions, whatever JetStream's acknowledgements say.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import time
 from bisect import bisect_left
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tipstream.checkpoints")
 REST_CHUNK = 10_000  # users looked at per turn of the event loop when letting go of idle ones
 SERIALISE_CHUNK = 50  # ~0.6 ms of the event loop per chunk
+SORT_CHUNK = 20_000  # user ids sorted or merged per turn of the event loop (~10-20 ms)
 # No smaller state can hold a kind at the fold's cap: only these are looked at.
 _HEAVY_STATE_BYTES = MAX_RECORDS_PER_KIND * min(SIZES)
 _AT_CAP_TOLD = LogThrottle()
@@ -334,7 +337,8 @@ class Checkpointer:
             if prepare is not None:
                 await prepare()
         applied = self.store.applied
-        positions, users = self.store.begin_checkpoint()
+        positions, users = self.store.begin_checkpoint(ordered=False)
+        users = await sorted_in_turns(users)
         extras = [(p, p.snapshot()) for p in self.participants]
         if not users and positions == self._saved_positions and all(snap is None for _, snap in extras):
             self._succeeded()  # in step with the database: as good as a save
@@ -464,6 +468,23 @@ class Checkpointer:
             log.info("%d idle users let go of from memory (no event for %g days); %d held, %d in the database only",
                      rested, store.idle_days, len(store.users), len(store.dormant))
         return rested
+
+
+async def sorted_in_turns(items: list[str]) -> list[str]:
+    """`sorted(items)`, yielding to the event loop between runs of `SORT_CHUNK`: a checkpoint after a catch-up
+    that changed 1M users sorted them in one call, which held every request and stream 0.47 s. Rows are written
+    in key order (an index's pages in turn) and the saved users are searched (`_among`), so the order stays."""
+    if len(items) <= SORT_CHUNK:
+        return sorted(items)
+    runs = []
+    for start in range(0, len(items), SORT_CHUNK):
+        runs.append(sorted(items[start : start + SORT_CHUNK]))
+        await asyncio.sleep(0)
+    merged, ordered = heapq.merge(*runs), []
+    while piece := list(itertools.islice(merged, SORT_CHUNK)):
+        ordered.extend(piece)
+        await asyncio.sleep(0)
+    return ordered
 
 
 def _among(ordered: list[str], item: str) -> bool:

@@ -165,15 +165,16 @@ class OnlineStore:
     def dirty_count(self) -> int:
         return len(self._dirty)
 
-    def begin_checkpoint(self) -> tuple[dict[str, int], list[str]]:
-        """Positions now, and the users changed since the last checkpoint (handed over, not copied).
+    def begin_checkpoint(self, ordered: bool = True) -> tuple[dict[str, int], list[str]]:
+        """Positions now, and the users changed since the last checkpoint (handed over, not copied),
+        sorted unless `ordered` is False (the caller sorts them in turns of the event loop).
 
         A user's state serialised later may hold events past these positions; that is
         safe, because replaying from the positions re-applies them and the fold ignores
         what it already holds.
         """
         dirty, self._dirty = self._dirty, set()
-        return dict(self.positions), sorted(dirty)
+        return dict(self.positions), sorted(dirty) if ordered else list(dirty)
 
     @property
     def taken_in(self) -> int:
