@@ -182,12 +182,50 @@ def _dumps(obj: object) -> bytes:
     return out.getvalue()
 
 
+# What a snapshot's pickle may name: the classes and functions our models are made of (each kind, optimizer
+# and latents setting, trained; `tests/unit/test_models_reward.py` checks the list against them), numpy's
+# spellings of 1.x too. Stock pickle called whatever a blob named: anyone who could write `model_versions`
+# or `learner_state` (a database role, a restored backup) ran code as the service at its next start.
+_SNAPSHOT_GLOBALS = frozenset({
+    ("builtins", "float"), ("builtins", "set"), ("builtins", "str"), ("builtins", "int"), ("builtins", "dict"),
+    ("builtins", "list"), ("builtins", "tuple"), ("builtins", "frozenset"), ("builtins", "bool"),
+    ("collections", "Counter"), ("collections", "OrderedDict"), ("collections", "defaultdict"),
+    ("functools", "partial"), ("numbers", "Number"),
+    ("models.reward", "Interactions"), ("models.reward", "PopularityPrior"), ("models.reward", "TipModel"),
+    ("models.reward", "_FastFMClassifier"), ("models.reward", "_table_from_buffers"),
+    ("models.reward", "_vector_from_buffers"), ("models.user_expiry", "_from_buffers"),
+    ("numpy", "dtype"), ("numpy", "ndarray"),
+    ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"),
+    ("numpy.random._mt19937", "MT19937"), ("numpy.random._pickle", "__bit_generator_ctor"),
+    ("numpy.random._pickle", "__randomstate_ctor"),
+    ("river.compose.pipeline", "Pipeline"), ("river.compose.select", "SelectType"),
+    ("river.compose.union", "TransformerUnion"), ("river.linear_model.log_reg", "LogisticRegression"),
+    ("river.optim.ada_grad", "AdaGrad"), ("river.optim.initializers", "Normal"),
+    ("river.optim.initializers", "Zeros"), ("river.optim.losses", "Log"), ("river.optim.schedulers", "Constant"),
+    ("river.optim.sgd", "SGD"), ("river.preprocessing.one_hot", "OneHotEncoder"),
+    ("river.preprocessing.scale", "StandardScaler"),
+    # Written by stock pickle before the tables had their own format (`_Pickler`), by River 0.26 and older:
+    ("river._river_rust.vectordict", "VectorDict"), ("river.utils.vectordict", "VectorDict"),
+})
+
+
+class _SnapshotUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _SNAPSHOT_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"the snapshot names {module}.{name}, which no tipstream model is made of: refused, as loading it "
+                "would run what the blob says. Was the row written by something other than tipstream? If a "
+                "tipstream release wrote it, report this with the name")
+        return super().find_class(module, name)
+
+
 def _loads(cls: type, data: bytes) -> Any:
-    # Snapshots come from our own SQL tables; pickle is only as trusted as that database.
     magic = _MAGIC[cls.__name__]
     if not data.startswith(magic):
         raise ValueError(f"not a {cls.__name__} snapshot (expected the header {magic!r})")
-    obj = pickle.loads(data[len(magic):])
+    obj = _SnapshotUnpickler(io.BytesIO(data[len(magic):])).load()
     if not isinstance(obj, cls):
         raise ValueError(f"snapshot holds a {type(obj).__name__}, not a {cls.__name__}")
     return obj

@@ -914,3 +914,58 @@ def test_a_prior_from_before_the_bound_keeps_its_tips_and_is_bounded(monkeypatch
     old.update("a", 0.0)
     old.update("d", 0.0)
     assert list(old._tips) == ["c", "a", "d"]
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("cls", [TipModel, PopularityPrior])
+def test_a_snapshot_naming_anything_else_is_refused_without_running_it(tmp_path, cls):
+    # A row of model_versions or learner_state is loaded at every start: stock pickle ran whatever it named.
+    marker = tmp_path / "ran"
+    payload = _RunsCode()
+    payload.marker = marker
+    blob = reward._MAGIC[cls.__name__] + pickle.dumps(payload)
+    with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system"):
+        cls.from_bytes(blob)
+    assert not marker.exists()
+
+
+def _named_globals(blob: bytes) -> set[tuple[str, str]]:
+    named = set()
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module, name):
+            named.add((module, name))
+            return super().find_class(module, name)
+
+    magic = next(m for m in reward._MAGIC.values() if blob.startswith(m))
+    Recorder(__import__("io").BytesIO(blob[len(magic):])).load()
+    return named
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("optimizer", reward.OPTIMIZERS)
+@pytest.mark.parametrize("latents", ["categorical", "all"])
+@pytest.mark.parametrize("ttl", [0.0, 30.0])
+def test_every_model_shape_loads_through_the_snapshot_allowlist(kind, optimizer, latents, ttl):
+    model = TipModel(kind=kind, optimizer=optimizer, latents=latents, user_ttl_days=ttl)
+    snapshots = [model.to_bytes()]
+    rng = random.Random(3)
+    for i in range(40):
+        model.learn_one({"user_id": f"u{i % 7}", "tip_id": f"t{i % 5}", "category": CATEGORIES[i % 3],
+                         "hour_of_day": i % 24, "completion_rate_7d": rng.random(), "flag": bool(i % 2)},
+                        float(i % 2), at_ms=1_764_000_000_000 + i * 1000)
+    snapshots.append(model.to_bytes())
+    prior = PopularityPrior()
+    for i in range(10):
+        prior.update(f"t{i % 3}", float(i % 2))
+    snapshots.append(prior.to_bytes())
+    for blob in snapshots:
+        assert _named_globals(blob) <= reward._SNAPSHOT_GLOBALS
+    loaded = TipModel.from_bytes(snapshots[1])
+    x = {"user_id": "u1", "tip_id": "t1", "category": "focus", "hour_of_day": 3}
+    assert loaded.predict_one(x) == model.predict_one(x)
+    assert PopularityPrior.from_bytes(snapshots[2]).to_bytes() == snapshots[2]
