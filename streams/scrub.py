@@ -8,7 +8,9 @@ belongs to one of the users. Deletion is the server's default (`STREAM.MSG.DELET
 Which user a body belongs to (`owners`):
 - a body that parses as a JSON object: its top-level `user_id` (SIGNALS, FEEDBACK, DECISIONS, and
   DLQ copies of such events that were rejected for their content). With a key given twice, the
-  last counts, as orjson (and the ingest's parser) read it;
+  last counts, as orjson (and the ingest's parser) read it. One orjson refuses and the ingest takes
+  (half a surrogate pair, a number past a float's range, in a field the contract does not name) is
+  parsed by Python's `json` instead;
 - a body that does not parse (a DLQ copy of invalid JSON, invalid UTF-8, or one cut to fit,
   `Tipstream-Dlq-Truncated`): every `"user_id": "<JSON string>"` in its bytes, at any depth, the
   string decoded. Limits: a key itself spelt with escapes (`"user\\u005fid"`), or a body cut off
@@ -37,6 +39,7 @@ original until it is compacted after the stream's next snapshot: 125-165 s later
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -130,9 +133,22 @@ def owners(body: bytes) -> frozenset[str]:
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return frozenset(found for found in map(_json_string, _USER_ID.findall(body)) if found is not None)
+        parsed = _python_loads(body)
+        if parsed is None:
+            return frozenset(found for found in map(_json_string, _USER_ID.findall(body)) if found is not None)
     user_id = parsed.get("user_id") if isinstance(parsed, dict) else None
     return frozenset((user_id,)) if isinstance(user_id, str) else frozenset()
+
+
+def _python_loads(body: bytes) -> Any:
+    """`body` read by Python's parser, which takes what the ingest's does and orjson refuses: half a surrogate
+    pair (`"\\ud83d"`, read by the ingest's slow path) or a number past a float's range (`1e999`) in a field the
+    contract does not name. None when it is not JSON even so. Without it such an event, its `user_id` key spelt
+    with an escape, was folded for its user and kept in the stream by the scrub."""
+    try:
+        return json.loads(body.decode())
+    except (ValueError, RecursionError):  # not UTF-8 (UnicodeDecodeError is one), not JSON, nested past the stack
+        return None
 
 
 def _json_string(inner: bytes) -> str | None:
