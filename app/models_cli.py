@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import http.client
+import ipaddress
 import json
 import socket
 import sys
@@ -32,6 +33,26 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 _OPENER = urllib.request.build_opener(_NoRedirect)
+# No proxy for a service on this machine: urllib sent every request through `http_proxy` when the environment
+# set one (a corporate host's, a CI runner's), the admin token in plain text to the proxy, though the service
+# was on 127.0.0.1. A proxy named for another host is the operator's to choose.
+_DIRECT = urllib.request.build_opener(_NoRedirect, urllib.request.ProxyHandler({}))
+
+
+def _opener_for(url: str) -> urllib.request.OpenerDirector:
+    """
+    >>> _opener_for("http://127.0.0.1:8000") is _DIRECT, _opener_for("http://[::1]:8000") is _DIRECT
+    (True, True)
+    >>> _opener_for("http://LocalHost:8000") is _DIRECT, _opener_for("https://tipstream.internal") is _OPENER
+    (True, True)
+    """
+    host = (urllib.parse.urlsplit(url).hostname or "").rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return _DIRECT
+    try:
+        return _DIRECT if ipaddress.ip_address(host).is_loopback else _OPENER
+    except ValueError:  # a name, not an address
+        return _OPENER
 CHANGES = ("register", "shadow", "promote", "rollback", "retire", "evaluate")
 
 
@@ -182,7 +203,7 @@ def admin_call(url: str | None, path: str, body: dict[str, Any] | None, doing: s
         headers={"Content-Type": "application/json",
                  "Authorization": f"Bearer {token}"})
     try:
-        with _OPENER.open(request, timeout=ANSWER_TIMEOUT_S) as response:
+        with _opener_for(base).open(request, timeout=ANSWER_TIMEOUT_S) as response:
             answer = json.loads(response.read())
     except urllib.error.HTTPError as error:
         if 300 <= error.code < 400:

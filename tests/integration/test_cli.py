@@ -1103,7 +1103,7 @@ def test_ctrl_c_while_a_change_waits_for_its_answer_says_it_may_still_land(
         raise KeyboardInterrupt
 
     monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "t" * 16)
-    monkeypatch.setattr("app.models_cli._OPENER.open", interrupted)
+    monkeypatch.setattr("app.models_cli._DIRECT.open", interrupted)  # a service on loopback: no proxy
     assert main(["models", "register", "v9", "--url", "http://127.0.0.1:9"]) == 130
     assert "Interrupted before http://127.0.0.1:9 answered; the change may still land" in capsys.readouterr().err
     monkeypatch.setattr("app.cli._docs", lambda args: interrupted())
@@ -1199,3 +1199,54 @@ def test_an_export_that_cannot_be_written_whole_is_one_message_and_leaves_no_hal
     told = capsys.readouterr().err
     assert "Nothing exported: cannot write" in told and "Traceback" not in told, told
     assert ("Free space on its disk" in told) == (out != "--out file over RLIMIT_FSIZE"), told
+
+
+def test_an_admin_call_to_a_service_on_loopback_does_not_go_through_the_environments_proxy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # With http_proxy set, urllib sent the admin token in plain text to the proxy, the service on 127.0.0.1.
+    import http.server
+    import importlib
+    import socketserver
+    import threading
+
+    from app import models_cli
+
+    seen: dict[str, list[str | None]] = {"service": [], "proxy": []}
+
+    def handler(name: str) -> type[http.server.BaseHTTPRequestHandler]:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                seen[name].append(self.headers.get("Authorization"))
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                body = b'{"champion": "v1"}'
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        return Handler
+
+    servers = [socketserver.TCPServer(("127.0.0.1", 0), handler(name)) for name in ("service", "proxy")]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        service, proxy = (f"http://127.0.0.1:{server.server_address[1]}" for server in servers)
+        for variable in ("http_proxy", "HTTP_PROXY"):
+            monkeypatch.setenv(variable, proxy)
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "a-token-of-sixteen-or-more")
+        importlib.reload(models_cli)  # urllib reads the proxies when its opener is built: at the CLI's import
+        assert models_cli.admin_call(service, "/admin/rollback", {"actor": "t"}, "roll back", "tipstream models list") == {
+            "champion": "v1"}
+        assert seen == {"service": ["Bearer a-token-of-sixteen-or-more"], "proxy": []}
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+        monkeypatch.undo()
+        importlib.reload(models_cli)
