@@ -56,6 +56,17 @@ class RetiredModel:
         return {}  # its card's, as registered or last evaluated
 
 
+def one_line(text: str) -> str:
+    """`text` as one line of the log: a character that is not printable (a line break) in its escape. An actor or
+    a note holding "\\n2026-12-06 ... INFO tipstream.models: models: promote v3 by alice" wrote a second line
+    the log's readers took for the service's own.
+
+    >>> one_line("bob"), one_line("eve\\nINFO forged"), one_line("zoë")
+    ('bob', 'eve\\\\nINFO forged', 'zoë')
+    """
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class Lineup:
     def __init__(self, store: RegistryStore, engine: Engine, *, eval_max_rewards: int) -> None:
         self.store, self.engine, self.eval_max_rewards = store, engine, eval_max_rewards
@@ -210,8 +221,9 @@ class Lineup:
             # Said in the service's log too: what changed which version users are served by was in the
             # rollout history only, which no log search (or an operator tailing the log) reads.
             for entry in staged.history[self._stored_entries:]:
-                log.info("models: %s %s by %s%s; champion %s, shadow %s", entry.action, entry.version, entry.actor,
-                         f" ({entry.note})" if entry.note else "", staged.champion, staged.shadow)
+                log.info("models: %s %s by %s%s; champion %s, shadow %s", entry.action, entry.version,
+                         one_line(entry.actor), f" ({one_line(entry.note)})" if entry.note else "", staged.champion,
+                         staged.shadow)
             self._stored_entries = len(staged.history)
             self.models.update(new_models)
             self._refresh()

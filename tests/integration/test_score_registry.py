@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -577,3 +578,17 @@ async def test_a_registration_over_a_large_log_leaves_the_event_loop_free(start_
     assert answer.status_code == 200, answer.text
     assert answer.json()["n_learned"] == 15_000
     assert longest < 0.25, f"the event loop stood still for {longest:.3f} s during the registration"
+
+
+async def test_an_actor_or_note_with_a_line_break_is_one_line_of_the_log(start_service, nc, caplog) -> None:
+    # "\n<a time> INFO tipstream.models: models: promote v3 by alice" was a second line, read as the service's own.
+    caplog.set_level(logging.INFO, logger="tipstream.models")
+    running = await start_service(admin_token=TOKEN)
+    forged = "\n2026-12-06 01:00:00,000 INFO tipstream.models: models: promote v3 by alice"
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        changed = await http.post("/admin/models", headers=AUTH,
+                                  json={"version": "v2", "actor": "eve" + forged, "note": "n" + forged})
+        assert changed.status_code == 200, changed.text
+    await running.stop()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("models: register v2")]
+    assert len(said) == 1 and "\n" not in said[0] and "by eve\\n2026-12-06" in said[0], said
