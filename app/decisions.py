@@ -42,6 +42,7 @@ import orjson
 
 from app.checkpoint_rows import write_tip_scores
 from app.learning_metrics import DECISION_ROWS
+from app.score_request import CROSS_FORM, ONE_HOT_PREFIXES, SERVER_INPUTS
 from streams.events import Rejection
 
 SUBJECT_SCORE = "decisions.score"
@@ -130,6 +131,31 @@ def _not_scalar(features: dict[str, Any]) -> str | None:
     return None
 
 
+def _read_as_own(name: str, value: Any) -> str | None:
+    """What the model reads `name` = `value` as, when that is the weight of a user, a tip or a category, or the
+    form of a cross ('a*b=x*y'), which may be a user's own (as /score refuses them); else None."""
+    read_as = f"{name}_{value}" if value.__class__ is str else name
+    if read_as.startswith(ONE_HOT_PREFIXES) or ("=" in read_as and CROSS_FORM.match(read_as)):
+        return read_as
+    return None
+
+
+def _another_users(body: dict[str, Any], features: dict[str, Any]) -> str | None:
+    """Why the decision's shared features would train weights that are not its user's, or None. /score writes
+    the user's id and numbers only; another publisher's decision naming another user there (or a feature the
+    model reads as that user's own) had that user's own weights learn from this user's reactions, and stayed in
+    DECISIONS when that user was forgotten (the message is this user's), for a rebuild to learn again."""
+    user_id = body["user_id"]
+    for name, value in features.items():
+        if name == "user_id":
+            if value != user_id:
+                return f"features.'user_id' is {value!r}, not the decision's own user {user_id!r}"
+        elif (value.__class__ is str or name.startswith(ONE_HOT_PREFIXES)) and (
+                read_as := _read_as_own(name, value)) is not None:
+            return f"features.{name!r} = {value!r} is read by the model as {read_as!r}, a weight /score never logs"
+    return None
+
+
 def _candidate_problem(candidate: Any) -> str | None:
     # Class identity rather than isinstance: a restart re-reads every decision of the join window.
     if candidate.__class__ is not dict:
@@ -146,6 +172,14 @@ def _candidate_problem(candidate: Any) -> str | None:
         name = _not_scalar(features)
         if name is not None:
             return f"features.{name!r} {_NOT_SCALAR}"  # repr: a publisher's key (CR/LF) goes into the log
+        # As /score refuses a candidate's own features (`score_request.parse_request`): read as a user's own
+        # weight, they trained it on whoever reacted to this decision.
+        for name, value in features.items():
+            if name in SERVER_INPUTS:
+                return f"features.{name!r} is an input the server computes; a candidate's own feature may not use it"
+            read_as = _read_as_own(name, value)
+            if read_as is not None:
+                return f"features.{name!r} = {value!r} is read by the model as {read_as!r}, which /score refuses"
     return None
 
 
@@ -198,6 +232,9 @@ def decision_problem(body: dict[str, Any]) -> Rejection | None:
     name = _not_scalar(features)
     if name is not None:
         return Rejection("invalid_field", f"features.{name!r} {_NOT_SCALAR}")
+    problem = _another_users(body, features)
+    if problem is not None:
+        return Rejection("invalid_field", problem)
     seen: dict[str, int] = {}
     for i, candidate in enumerate(ranked):
         problem = _candidate_problem(candidate)

@@ -105,6 +105,11 @@ MALFORMED = {  # each one a field the learner or a tip_scores row needs
     # ours (processing_failed) while the join cache kept it, and feedback crediting it went there too.
     "ts-before-year-1-in-utc": {"ts": "0001-01-01T00:00:00+23:59"},
     "ts-after-year-9999-in-utc": {"ts": "9999-12-31T23:59:59-23:59"},
+    # Features of another user's: u-1's reaction trained ana's own weights, and forgetting ana left the message
+    # (u-1's) in DECISIONS for a rebuild to learn again.
+    "features-of-another-user": {"features": {"user_id": "ana", "hour_of_day": 9}},
+    "candidate-feature-read-as-a-user": {"ranked": [{"tip_id": "tip-focus-1", "features": {"user_id_ana": 1.0},
+                                                     "score": 0.5, "propensity": 1.0}]},
 }
 
 

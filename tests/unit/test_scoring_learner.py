@@ -1981,3 +1981,29 @@ def test_forgetting_a_user_finds_their_decisions_another_publisher_spelt_with_es
     assert world.learner._lookup("other-1") is not None
     assert forget(world.learner, "zoë", int(time.time() * 1000) + 1) == 1
     assert world.learner._lookup("other-1") is None
+
+
+@pytest.mark.parametrize("forge", [
+    lambda d: {**d, "features": {**d["features"], "user_id": "ana"}},
+    lambda d: {**d, "features": {**d["features"], "user_id_ana": 1}},
+    lambda d: {**d, "features": {**d["features"], "user": "id_ana"}},
+    lambda d: {**d, "ranked": [{**d["ranked"][0], "features": {"user_id": "ana"}}, *d["ranked"][1:]]},
+    lambda d: {**d, "ranked": [{**d["ranked"][0], "features": {"user_id_ana": 1.0}}, *d["ranked"][1:]]},
+    lambda d: {**d, "ranked": [{**d["ranked"][0], "features": {"user": "id*category=ana*focus"}}, *d["ranked"][1:]]},
+], ids=["shared user_id", "shared one-hot", "shared text", "own user_id", "own one-hot", "own cross"])
+def test_a_publisher_s_decision_whose_features_name_another_user_is_refused(world: World, forge: Any) -> None:
+    # eve's app, publishing on decisions.> (README: "decisions of their own"), logged a decision of eve's whose
+    # features were ana's, then reacted to it as eve: not another user's reaction, so it trained ana's own
+    # weights. Forgetting ana left that message in DECISIONS (it is eve's), and a rebuild learned ana back.
+    from app.decisions import decode_decision
+    from streams.scrub import belongs, spellings
+
+    decision = orjson.loads(world.score(user="eve", serve=False).payload)
+    payload = orjson.dumps(forge(decision))
+    assert not belongs(payload, frozenset({"ana"}), spellings({"ana"})), "the scrub keeps it when ana is forgotten"
+    found = decode_decision("decisions.score", payload)
+    if isinstance(found, LoggedDecision):  # as it was: joined, and ana's own weights learned from eve's reaction
+        world.learner.add_logged(found)
+        world.react(decision["id"], decision["ranked"][0]["tip_id"], "acted", user="eve")
+    assert not isinstance(found, LoggedDecision), f"ana's own features learned: {world.lineup.champion.forget_user('ana')}"
+    assert "ana" in found.reason or "user_id" in found.reason, found.reason
