@@ -54,7 +54,9 @@ log = logging.getLogger("tipstream.erasure")
 POLL_S = 30.0  # requests are also looked for this often: one saved while the database was away
 RETRY_MAX_S = 60.0
 PROGRESS_EVERY_S = 10.0
-SCRUBBED = (jsx.SIGNALS.name, jsx.FEEDBACK.name, jsx.DECISIONS.name, jsx.DLQ.name)
+# The DLQ first: a copy cut before its user's id is told theirs by its original (`scrub.cut_copy_of`), which
+# must still be in its stream.
+SCRUBBED = (jsx.DLQ.name, jsx.SIGNALS.name, jsx.FEEDBACK.name, jsx.DECISIONS.name)
 FOLDED = (jsx.SIGNALS.name, jsx.FEEDBACK.name)
 READ_THROUGH_POLL_S = 0.02
 ON_THE_WAY_POLL_S = 0.1  # each look copies the publisher's queue, which holds thousands while NATS is away

@@ -594,8 +594,10 @@ class FastParser(Parser):
         handler = raw_handlers.get(sid)
         if handler is None:
             return 0
-        # Only status messages (no reply) need their headers; events carry none we read.
-        header = bytes(buf[pos : pos + header_size]) if header_size and not reply else None
+        # Only status messages (no reply) and DLQ copies (where their original is: the scrub's
+        # `cut_copy_of`) need their headers; events carry none we read, and ingest reads no DLQ.
+        header = bytes(buf[pos : pos + header_size]) if header_size and (
+            not reply or subject.startswith(b"dlq.")) else None
         handler(subject, reply, bytes(buf[pos + header_size : pos + needed]), header)
         return pos + needed + 2
 

@@ -14,7 +14,9 @@ Which user a body belongs to (`owners`):
 - a body that does not parse (a DLQ copy of invalid JSON, invalid UTF-8, or one cut to fit,
   `Tipstream-Dlq-Truncated`): every `"user_id": "<JSON string>"` in its bytes, at any depth, the
   string decoded. Limits: a key itself spelt with escapes (`"user\\u005fid"`), or a body cut off
-  before its id's closing quote, is not attributed to anyone and is kept; a nested `user_id`
+  before its id's closing quote, is not attributed to anyone by its bytes; a DLQ copy cut so
+  (`Tipstream-Dlq-Truncated`) goes when its original, read from its stream, is the user's
+  (`cut_copy_of`), else it is kept; a nested `user_id`
   (a decision's `features`) is attributed too, but it names the same user there.
 
 Scanning is close to the raw read rate because almost no body is parsed: one regular expression
@@ -55,7 +57,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
-from streams.jetstream import ack_tokens
+from streams.jetstream import DLQ_SEQ, DLQ_STREAM, DLQ_TRUNCATED, ack_tokens
 
 log = logging.getLogger("tipstream.scrub")
 
@@ -189,12 +191,17 @@ async def scrub(
         return ScrubReport(stream, 0, 0, 0, 0, 0, time.perf_counter() - started)
     spelt = spellings(user_ids)
     found: list[int] = []
+    cut: list[tuple[int, str, int]] = []
 
-    def on_body(seq: int, body: bytes) -> None:
+    def on_body(seq: int, body: bytes, headers: Any = None) -> None:
         if belongs(body, user_ids, spelt):
             found.append(seq)
+        elif (original := cut_copy_of(headers)) is not None:
+            cut.append((seq, *original))
 
-    scanned = await read_through(js, stream, first, bound, on_body, progress)
+    scanned = await read_through(js, stream, first, bound, on_body, progress, with_headers=True)
+    found.extend(await _theirs_by_original(js, cut, user_ids, spelt))
+    found.sort()
     if len(found) > 1000:
         log.info("erasing %d messages of %s: each is overwritten and synced to disk, at ~150/s", len(found), stream)
     deleted, gone = await delete_all(js, stream, found)
@@ -202,6 +209,56 @@ async def scrub(
     log.info("scrubbed %s through %d: %d scanned, %d matched, %d deleted, %d already gone, %.1f s", stream, bound,
              report.scanned, report.matched, report.deleted, report.already_gone, report.elapsed_s)
     return report
+
+
+_ORIGINAL_STREAM = re.compile(rb"\r\n" + DLQ_STREAM.encode() + rb":[ \t]*([^\r\n]+)", re.IGNORECASE)
+_ORIGINAL_SEQ = re.compile(rb"\r\n" + DLQ_SEQ.encode() + rb":[ \t]*(\d+)", re.IGNORECASE)
+
+
+def cut_copy_of(headers: bytes | dict[str, str] | None) -> tuple[str, int] | None:
+    """Where the original of a DLQ copy cut to fit `max_payload` (`Tipstream-Dlq-Truncated`) is: (stream,
+    sequence); None for any other message. `headers` as a raw header block or as nats-py's dict.
+
+    >>> cut_copy_of(b"NATS/1.0\\r\\nTipstream-Original-Stream: SIGNALS\\r\\nTipstream-Original-Seq: 42\\r\\n"
+    ...             b"Tipstream-Dlq-Truncated: 1048600\\r\\n\\r\\n")
+    ('SIGNALS', 42)
+    >>> cut_copy_of({"Tipstream-Original-Stream": "SIGNALS", "Tipstream-Original-Seq": "42"}), cut_copy_of(None)
+    (None, None)
+    """
+    if not headers:
+        return None
+    if isinstance(headers, dict):
+        stream, seq = headers.get(DLQ_STREAM), headers.get(DLQ_SEQ)
+        if DLQ_TRUNCATED not in headers or not stream or not (seq or "").isdigit():
+            return None
+        return stream, int(seq or 0)
+    if DLQ_TRUNCATED.encode().lower() not in headers.lower():
+        return None
+    stream_found, seq_found = _ORIGINAL_STREAM.search(headers), _ORIGINAL_SEQ.search(headers)
+    if stream_found is None or seq_found is None:
+        return None
+    return stream_found.group(1).strip().decode(errors="replace"), int(seq_found.group(1))
+
+
+async def _theirs_by_original(js: JetStreamContext, cut: list[tuple[int, str, int]], user_ids: frozenset[str],
+                              spelt: frozenset[bytes]) -> list[int]:
+    """Of the DLQ copies cut before their user's id (`cut`: (seq, original stream, original seq)), those whose
+    original, still in its stream, belongs to one of `user_ids`. The cut keeps a body's head: an event whose
+    `user_id` came last, near `max_payload`, left a copy of everything else it held that named no one, and was
+    kept. The DLQ is scrubbed before the other streams, so the originals are still there to be read."""
+    theirs = []
+    for seq, stream, original_seq in cut:
+        try:
+            original = await js.get_msg(stream, original_seq)
+        except NotFoundError:  # gone (retention, or erased by an earlier pass, which erased this copy too)
+            continue
+        except APIError as error:  # no such stream, or this user may not read it: the copy is kept, as before
+            log.warning("could not read %s #%d, the original of DLQ #%d cut to fit (%s); the copy is kept",
+                        stream, original_seq, seq, error)
+            continue
+        if belongs(original.data or b"", user_ids, spelt):
+            theirs.append(seq)
+    return theirs
 
 
 async def _stream_info(js: JetStreamContext, stream: str) -> Any:
@@ -259,12 +316,13 @@ async def _delete(js: JetStreamContext, stream: str, seq: int) -> bool:
 
 
 async def read_through(
-    js: JetStreamContext, stream: str, first: int, bound: int, on_body: Callable[[int, bytes], None],
-    progress: Callable[[int, int], None] | None = None,
+    js: JetStreamContext, stream: str, first: int, bound: int, on_body: Callable[..., None],
+    progress: Callable[[int, int], None] | None = None, with_headers: bool = False,
 ) -> int:
     """Hand every stored message of `stream` from `first` through `bound` to `on_body(seq, body)` once, in
-    order; return how many. Reads through a consumer of its own (never tipstream's durables), removed after."""
-    reader = _Reader(js, stream, bound, on_body, progress)
+    order (`with_headers`: `on_body(seq, body, headers)`, a raw header block or nats-py's dict, None without);
+    return how many. Reads through a consumer of its own (never tipstream's durables), removed after."""
+    reader = _Reader(js, stream, bound, on_body, progress, with_headers)
     start = first
     while True:
         resumed = await reader.run_from(start)
@@ -299,10 +357,10 @@ class _Reader:
     (a slow consumer's buffer dropped, a reconnect) leaves a gap, and the pass is read again from the last
     message handed on: an erasure must not pass over a message unseen."""
 
-    def __init__(self, js: JetStreamContext, stream: str, bound: int, on_body: Callable[[int, bytes], None],
-                 progress: Callable[[int, int], None] | None) -> None:
+    def __init__(self, js: JetStreamContext, stream: str, bound: int, on_body: Callable[..., None],
+                 progress: Callable[[int, int], None] | None, with_headers: bool = False) -> None:
         self.js, self.nc, self.stream, self.bound = js, js._nc, stream, bound
-        self.on_body, self.progress = on_body, progress
+        self.on_body, self.progress, self.with_headers = on_body, progress, with_headers
         self.scanned = 0
         self.last_seq = 0  # the last sequence handed on
         self.why = ""
@@ -354,16 +412,16 @@ class _Reader:
         async def on_msg(msg: Any) -> None:
             status = (msg.headers or {}).get("Status", "") if not msg.reply else ""
             pending = (msg.headers or {}).get("Nats-Pending-Messages") if status else None
-            self._on_message(msg.reply.encode(), msg.data, status.encode(), pending)
+            self._on_message(msg.reply.encode(), msg.data, status.encode(), pending, msg.headers)
 
         return await self.nc.subscribe(self.inbox, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
 
     def _on_raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         status = headers[9:12] if headers and not reply else b""
         pending = _PENDING.search(headers) if status else None
-        self._on_message(reply, data, status, pending.group(1) if pending else None)
+        self._on_message(reply, data, status, pending.group(1) if pending else None, headers)
 
-    def _on_message(self, reply: bytes, body: bytes, status: bytes, pending: Any) -> None:
+    def _on_message(self, reply: bytes, body: bytes, status: bytes, pending: Any, headers: Any = None) -> None:
         if self.done.done():
             return  # the old pass's deliveries still on their way
         self.last_activity = time.monotonic()
@@ -378,7 +436,10 @@ class _Reader:
         if seq > self.bound:
             self._finish(None)
             return
-        self.on_body(seq, body)
+        if self.with_headers:
+            self.on_body(seq, body, headers)
+        else:
+            self.on_body(seq, body)
         self.last_seq = seq
         self.scanned += 1
         if self.progress and self.scanned % PROGRESS_EVERY == 0:

@@ -167,11 +167,11 @@ async def test_a_delivery_lost_on_the_way_is_read_again_not_passed_over(js, monk
     monkeypatch.setattr(scrub_module, "BATCH", 8)
     on_message, calls = scrub_module._Reader._on_message, []
 
-    def dropping_one(self: Any, reply: bytes, body: bytes, status: bytes, pending: Any) -> None:
+    def dropping_one(self: Any, reply: bytes, body: bytes, status: bytes, pending: Any, headers: Any = None) -> None:
         calls.append(reply)
         if reply and len(calls) == 13:
             return  # as a slow consumer's dropped buffer would
-        on_message(self, reply, body, status, pending)
+        on_message(self, reply, body, status, pending, headers)
 
     monkeypatch.setattr(scrub_module._Reader, "_on_message", dropping_one)
     read: list[int] = []
@@ -236,3 +236,27 @@ async def test_a_stream_that_denies_deletes_names_the_setting(js) -> None:
     await js.publish("kept.x", orjson.dumps(event(1, "u-1")))
     with pytest.raises(ScrubError, match="deny_delete"):
         await scrub(js, "KEPT", FORGET, 10)
+
+
+async def test_a_dlq_copy_cut_before_its_users_id_goes_with_the_original_it_was_cut_from(js) -> None:
+    # The DLQ keeps a body's head when the copy and its headers pass max_payload: an event whose user_id came
+    # last left a copy that named no one, everything else it held (a task's title, its labels) kept for 30 days.
+    from streams.jetstream import DLQ_SEQ, DLQ_STREAM
+
+    originals = {}
+    for i, user in enumerate(("u-1", "u-10", ODD)):
+        body = orjson.dumps({"id": f"e-{i}", "type": "task.created", "ts": TS, "data": {"task_id": "t", "title": "x"},
+                             "user_id": user})
+        originals[user] = (await js.publish("signals.task.created", body)).seq, body
+    for user, (seq, body) in originals.items():
+        head = body[: body.index(b'"user_id"')]
+        await js.publish("dlq.signals.task.created", head, headers={
+            DLQ_REASON: "test", DLQ_TRUNCATED: str(len(body)), DLQ_STREAM: "SIGNALS", DLQ_SEQ: str(seq)})
+    # One whose original is gone (past its retention) stays: it names no one, and nothing tells whose it was.
+    await js.publish("dlq.signals.task.created", b'{"id": "e-9", "type"', headers={
+        DLQ_REASON: "test", DLQ_TRUNCATED: "1048600", DLQ_STREAM: "SIGNALS", DLQ_SEQ: "999"})
+
+    report = await scrub(js, "DLQ", FORGET, 10**9)
+    assert (report.scanned, report.deleted) == (4, 2)
+    assert [await stored(js, "DLQ", seq) is None for seq in (1, 2, 3, 4)] == [True, False, True, False]
+    assert await stored(js, "SIGNALS", originals["u-1"][0]) == originals["u-1"][1], "the originals are SIGNALS' scrub's"
