@@ -26,7 +26,7 @@ from app.embedded_nats import die_with_service
 from app.learning_metrics import CANDIDATE_CACHE
 from app.registry_store import RegistryStore
 from app.settings import POLICY_PARAMS
-from models.registry import ModelCard, ModelVersion, Registry, RegistryError
+from models.registry import ModelCard, ModelVersion, Registry, RegistryError, escaped
 from models.reward import KINDS, PopularityPrior, TipModel
 from models.validation import Diverged
 
@@ -54,17 +54,6 @@ class RetiredModel:
 
     def describe_inputs(self) -> dict[str, str]:
         return {}  # its card's, as registered or last evaluated
-
-
-def one_line(text: str) -> str:
-    """`text` as one line of the log: a character that is not printable (a line break) in its escape. An actor or
-    a note holding "\\n2026-12-06 ... INFO tipstream.models: models: promote v3 by alice" wrote a second line
-    the log's readers took for the service's own.
-
-    >>> one_line("bob"), one_line("eve\\nINFO forged"), one_line("zoë")
-    ('bob', 'eve\\\\nINFO forged', 'zoë')
-    """
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class Lineup:
@@ -222,7 +211,7 @@ class Lineup:
             # rollout history only, which no log search (or an operator tailing the log) reads.
             for entry in staged.history[self._stored_entries:]:
                 log.info("models: %s %s by %s%s; champion %s, shadow %s", entry.action, entry.version,
-                         one_line(entry.actor), f" ({one_line(entry.note)})" if entry.note else "", staged.champion,
+                         escaped(entry.actor), f" ({escaped(entry.note)})" if entry.note else "", staged.champion,
                          staged.shadow)
             self._stored_entries = len(staged.history)
             self.models.update(new_models)

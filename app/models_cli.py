@@ -20,6 +20,8 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from models.registry import escaped
+
 ANSWER_TIMEOUT_S = 120.0  # register trains the new version on the log before it answers
 
 
@@ -268,8 +270,8 @@ def _change(args: argparse.Namespace) -> int:
     else:
         print(f"champion: {answer['champion']}, shadow: {answer['shadow'] or '-'}")
         last = answer["history"][-1]
-        note = f": {last['note']}" if last["note"] else ""
-        print(f"{last['at']} {last['action']} {last['version']} by {last['actor']}{note}")
+        note = f": {escaped(last['note'])}" if last["note"] else ""  # what an admin wrote, shown to a terminal
+        print(f"{last['at']} {last['action']} {last['version']} by {escaped(last['actor'])}{note}")
     return 0
 
 

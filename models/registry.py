@@ -365,6 +365,18 @@ class Registry:
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
+def escaped(text: str) -> str:
+    """`text` with each character a log or a terminal acts on (a line break, an ANSI escape) written as its
+    escape: an actor or a note holding "\\n2026-12-06 ... INFO tipstream.models: models: promote v3 by alice"
+    wrote a line the log's readers took for the service's own, and one holding ESC codes could rewrite what
+    `tipstream models card` showed.
+
+    >>> escaped("bob"), escaped("eve\\nINFO forged"), escaped("zoë"), escaped("\\x1b[2Jv9")
+    ('bob', 'eve\\\\nINFO forged', 'zoë', '\\\\x1b[2Jv9')
+    """
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "n/a"
@@ -375,7 +387,7 @@ def _fmt(value: Any) -> str:
     if isinstance(value, (list, tuple, dict)):
         value = json.dumps(value, default=str)
     # A line break ends a Markdown table's row: a note of two lines broke the rollout table off there.
-    return _LINE_BREAK.sub("<br>", str(value).replace("|", "\\|"))
+    return escaped(_LINE_BREAK.sub("<br>", str(value).replace("|", "\\|")))
 
 
 def _fmt_interval(bounds: Any) -> str:

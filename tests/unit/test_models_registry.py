@@ -295,6 +295,15 @@ def test_a_note_of_several_lines_stays_in_its_row_of_the_rollout_table(reg: Regi
     assert "| bob\\|ops | after review<br>## approved<br>by ops<br>ticket 7 |" in table[-1]
 
 
+def test_a_note_holding_terminal_escapes_is_shown_as_text(reg: Registry) -> None:
+    """`tipstream models card` prints what admins wrote to a terminal: ESC codes in a note (clear the
+    screen, move the cursor) could rewrite what the card showed, a champion's metrics among them."""
+    reg.set_shadow("v2", actor="eve\x1b[1A", note="fine\x1b[2J\x1b[Hv9 is champion\x07")
+    md = reg.card_markdown("v2")
+    assert "\x1b" not in md and "\x07" not in md
+    assert "| eve\\x1b[1A | fine\\x1b[2J\\x1b[Hv9 is champion\\x07 |" in md
+
+
 def test_an_input_named_by_a_caller_stays_in_its_row_of_the_inputs_table() -> None:
     """A candidate's own feature names are the caller's: one holding a '|' or a line break split its row."""
     model = TipModel()
