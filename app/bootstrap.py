@@ -460,6 +460,17 @@ class Service:
                 # Off (the default), no call per message at all.
                 "before": self.learner.silences_before if self.learner.silences is not None else None}
 
+    async def _hold_spool_reserve(self) -> None:
+        data_dir, size = self.settings.data_dir, round(self.settings.spool_reserve_mb * (1 << 20))
+        if not size:  # none wanted: one an earlier start held is disk given back
+            (data_dir / decision_spool.RESERVE_NAME).unlink(missing_ok=True)
+        elif not await asyncio.to_thread(decision_spool.hold_reserve, data_dir, size):
+            log.warning("no room in %s for the %s MB kept for the decisions waiting at a stop "
+                        "(TIPSTREAM_SPOOL_RESERVE_MB): with its disk full then, they are lost. Free space on it; it "
+                        "is taken once there is room.", data_dir, f"{self.settings.spool_reserve_mb:g}")
+            self._tasks.append(asyncio.create_task(decision_spool.hold_reserve_once_room(data_dir, size=size),
+                                                   name="spool reserve"))
+
     async def _start_decision_log(self, js: Any) -> None:
         """Read DECISIONS back into the learner (join cache, tip_scores rows) until caught up, then only
         what others publish; start publishing decisions."""
@@ -467,12 +478,7 @@ class Service:
         s = self.settings
         spool = self.settings.data_dir / decision_spool.SPOOL_NAME
         spooled = decision_spool.read(spool)
-        if not await asyncio.to_thread(decision_spool.hold_reserve, self.settings.data_dir):
-            log.warning("no room in %s for the %d MB kept for the decisions waiting at a stop: with its disk full "
-                        "then, they are lost. Free space on it; it is taken once there is room.",
-                        self.settings.data_dir, decision_spool.RESERVE_BYTES >> 20)
-            self._tasks.append(asyncio.create_task(decision_spool.hold_reserve_once_room(self.settings.data_dir),
-                                                   name="spool reserve"))
+        await self._hold_spool_reserve()
         # Before DECISIONS is read: the spooled ones must be held before a copy that landed is read back.
         if spooled and len(kept := await asyncio.to_thread(self.eraser.without_forgotten, spooled)) < len(spooled):
             log.info("%d decisions served before the last stop were for users forgotten since: not published",

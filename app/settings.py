@@ -284,6 +284,10 @@ class Settings(BaseSettings):
                                  "waits, then answers 503, as for `TIPSTREAM_DECISION_QUEUE_MAX` (a caller's large "
                                  "requests make large decisions: up to ~230 KB each)."
     )
+    spool_reserve_mb: float = Field(
+        8.0, ge=0, description="Disk held in TIPSTREAM_DATA_DIR (`spool-reserve`) for the decisions JetStream has not "
+                               "stored at a stop, should the disk be full then: 8 MB keeps ~3,600. 0: none held."
+    )
     decision_enqueue_timeout_s: float = Field(
         2.0, ge=0, description="How long `/score` waits for room in a full decision queue before its 503."
     )

@@ -18,6 +18,9 @@ import pytest
 import sqlalchemy as sa
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+# Each service a test starts held 8 MB of disk for its spool (~1.5 GB a suite run, and pytest keeps the last
+# three runs' directories, in RAM where /tmp is a tmpfs): the tests of the reserve ask for one.
+os.environ.setdefault("TIPSTREAM_SPOOL_RESERVE_MB", "0")
 
 from app.embedded_nats import nats_server_binary
 

@@ -413,9 +413,12 @@ async def test_decisions_that_cannot_be_spooled_for_a_full_disk_are_told_and_the
     if not os.access("/dev/full", os.W_OK):
         pytest.skip("/dev/full is not this user's to write here")
     monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.5)  # NATS is away: a stop waits out any bound
-    first = await start_service()
+    held_before = tmp_path / "data" / RESERVE_NAME  # by a start with TIPSTREAM_SPOOL_RESERVE_MB set
+    held_before.parent.mkdir(mode=0o700)
+    held_before.write_bytes(bytes(4096))
+    first = await start_service()  # with none: the disk is given back, and no room held for the spool either
     spool = tmp_path / "data" / SPOOL_NAME
-    (tmp_path / "data" / RESERVE_NAME).unlink()  # no room held for it either (made at a start on a full disk)
+    assert not held_before.exists()
     spool.with_suffix(".tmp").symlink_to("/dev/full")  # where the spool is written first: the kernel's ENOSPC
     async with httpx.AsyncClient(base_url=first.base_url) as http:
         nats_server.stop()
@@ -446,7 +449,7 @@ async def test_decisions_waiting_at_a_stop_on_a_full_disk_are_kept_in_the_space_
     if not os.access("/dev/full", os.W_OK):
         pytest.skip("/dev/full is not this user's to write here")
     monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.5)  # NATS is away: a stop waits out any bound
-    first = await start_service()
+    first = await start_service(spool_reserve_mb=RESERVE_BYTES / (1 << 20))
     data = tmp_path / "data"
     reserve = data / RESERVE_NAME
     assert reserve.stat().st_size == RESERVE_BYTES and reserve.stat().st_blocks * 512 >= RESERVE_BYTES
