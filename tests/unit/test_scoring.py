@@ -422,18 +422,24 @@ class FakeNats:
         pass
 
 
+async def published_through(nc: FakeNats, count: int, **params: Any) -> DecisionPublisher:
+    """`count` decisions offered to a publisher over `nc`, flushed: the publisher, its task stopped."""
+    publisher = DecisionPublisher(lambda: nc, queue_max=100, **params)
+    await publisher.start()
+    task = asyncio.create_task(publisher.run())
+    for i in range(count):
+        assert publisher.offer("decisions.score", f"d-{i}", b"{}")
+    assert await publisher.flush(10)
+    task.cancel()
+    return publisher
+
+
 async def test_the_publisher_retries_failures_and_never_drops_a_decision() -> None:
     nc = FakeNats()
     nc.answers = ["ok", "error", "lost", "ok", "error"]
     published: list[str] = []
-    publisher = DecisionPublisher(lambda: nc, queue_max=100, batch=4, window=3, ack_timeout_s=0.2,
-                                  on_published=lambda decision_id, _: published.append(decision_id))
-    await publisher.start()
-    task = asyncio.create_task(publisher.run())
-    for i in range(10):
-        assert publisher.offer("decisions.score", f"d-{i}", b"{}")
-    assert await publisher.flush(5)
-    task.cancel()
+    publisher = await published_through(nc, 10, batch=4, window=3, ack_timeout_s=0.2,
+                                        on_published=lambda decision_id, _: published.append(decision_id))
     assert sorted(nc.stored) == sorted(published) == sorted(f"d-{i}" for i in range(10))
     assert publisher.published == 10 and publisher.waiting == 0 and publisher.retried == 3
 
@@ -447,13 +453,7 @@ async def test_a_server_that_answers_no_publish_is_told_once_then_the_decisions_
     caplog.set_level(logging.WARNING, logger="tipstream.decisions")
     nc = FakeNats()
     nc.answers = ["lost"] * 6
-    publisher = DecisionPublisher(lambda: nc, queue_max=100, batch=2, window=2, ack_timeout_s=0.05)
-    await publisher.start()
-    task = asyncio.create_task(publisher.run())
-    for i in range(2):
-        assert publisher.offer("decisions.score", f"d-{i}", b"{}")
-    assert await publisher.flush(10)
-    task.cancel()
+    await published_through(nc, 2, batch=2, window=2, ack_timeout_s=0.05)
     told = [r.getMessage() for r in caplog.records if "acknowledged none" in r.getMessage()]
     assert len(told) == 1, told  # three rounds unanswered, one line a minute
     assert "no space left on device" in told[0] and "2 wait" in told[0], told[0]
