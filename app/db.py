@@ -240,6 +240,24 @@ def disk_full(error: BaseException) -> bool:
     return "database or disk is full" in str(orig)  # SQLite's SQLITE_FULL
 
 
+def one_line(error: BaseException, url: Any = None) -> str:
+    """`error` for a line of the log: a full disk named with where to free space (`url`, the database's, names
+    the disk of a SQLite file), else the driver's first line. SQLAlchemy's next lines are the statement and its
+    parameters: users' ids and features, in the log of a step that failed.
+
+    >>> import sqlite3
+    >>> one_line(sqlite3.OperationalError("database or disk is full"), "sqlite:////srv/tipstream/tipstream.db")
+    "the database's disk is full (database or disk is full): free space on the disk of /srv/tipstream (`df` names it)"
+    >>> one_line(ValueError("bad\\n[SQL: INSERT ...]")), one_line(TimeoutError())
+    ('bad', 'TimeoutError')
+    """
+    first = (str(getattr(error, "orig", None) or error).strip().splitlines() or [type(error).__name__])[0]
+    if not disk_full(error):
+        return first
+    return f"the database's disk is full ({first}): " + (
+        disk_full_fix(url) if url is not None else "free space on the database's disk")
+
+
 def disk_full_fix(url: Any) -> str:
     """Where to free space, for a `disk_full` error of the database at `url` (a SQLAlchemy URL)."""
     url = make_url(url) if isinstance(url, str) else url

@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from app import evaluation
+from app.db import one_line
 from app.decisions import decision_problem
 from app.embedded_nats import die_with_service
 from app.learning_metrics import CANDIDATE_CACHE
@@ -314,7 +315,7 @@ class Lineup:
                 await self.flush()
             except Exception as error:  # noqa: BLE001 - the checkpointer retries; the card reads what SQL has
                 log.warning("a checkpoint before reading the log failed (%s); the card leaves out the rewards "
-                            "since the last one", error)
+                            "since the last one", one_line(error, self.engine.url))
         url = self.engine.url
         if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
             return await asyncio.to_thread(evaluate_log, self.engine, self.eval_max_rewards, params, version)

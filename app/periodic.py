@@ -6,6 +6,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from app.db import one_line
+
 log = logging.getLogger("tipstream")
 
 
@@ -33,4 +35,4 @@ async def every(interval_s: float, step: Callable[[], Awaitable[object]], what: 
         except asyncio.CancelledError:
             raise
         except Exception as error:  # noqa: BLE001 - retried next round; the step decides what is fatal
-            log.warning("%s failed (%s); trying again in %gs", what, error, interval_s)
+            log.warning("%s failed (%s); trying again in %gs", what, one_line(error), interval_s)

@@ -395,3 +395,34 @@ def test_a_server_certificate_postgresql_s_client_refuses_is_told_with_the_fix(l
                                   Settings(database_url=url)))
     assert all(part in message for part in told) and "createdb" not in message, message
     assert "Either provide" not in message and "hunter2" not in message, message
+
+
+def test_a_postgresql_disk_full_is_told_as_one_line_by_steps_that_retry(caplog: pytest.LogCaptureFixture) -> None:
+    """PostgreSQL's disk_full (SQLSTATE 53100) as psycopg and SQLAlchemy raise it is a full disk; a background
+    step that failed on it logged SQLAlchemy's whole text, its statement and the users' rows it held, and no
+    word of the disk."""
+    import psycopg.errors
+    import sqlalchemy.exc
+
+    from app import db
+    from app.periodic import every
+
+    full = sqlalchemy.exc.OperationalError(
+        "INSERT INTO user_features ...", {"user_id": "ana"},
+        psycopg.errors.DiskFull("could not extend file \"base/16384/2619\": No space left on device"))
+    locked = sqlalchemy.exc.OperationalError("UPDATE ...", {}, psycopg.errors.LockNotAvailable("lock timeout"))
+    assert db.disk_full(full) and not db.disk_full(locked)
+
+    async def fails() -> None:
+        raise full
+
+    async def one_round() -> None:
+        task = asyncio.create_task(every(0.001, fails, "a user_features pass"))
+        await eventually(lambda: caplog.records)
+        task.cancel()
+
+    caplog.set_level(logging.WARNING, logger="tipstream")
+    asyncio.run(one_round())
+    told = caplog.records[0].getMessage()
+    assert told.startswith("a user_features pass failed (the database's disk is full (could not extend file"), told
+    assert "free space on the database's disk" in told and "\n" not in told and "ana" not in told, told
