@@ -21,8 +21,10 @@ then (NATS still away) lost what the clean stop had kept.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import orjson
@@ -65,9 +67,6 @@ async def hold_reserve_once_room(data_dir: Path, every_s: float = 30.0, size: in
     """`hold_reserve`, tried until it succeeds, once the disk has room besides: not held at a start on a full
     disk (or given up at the last stop), it stayed so until the next start, when space was freed meanwhile.
     Taken only with 16 MB to spare, as the streams and the database need the room first."""
-    import asyncio
-    import shutil
-
     while True:
         try:
             room = shutil.disk_usage(data_dir).free >= size + (16 << 20)

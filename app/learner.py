@@ -287,7 +287,9 @@ class Learner:
         this start that the stop spooled (`decision_spool`, `spooled`): the DECISIONS re-read may hold
         that one already (it landed, its acknowledgement lost), and a second entry would shadow its credits."""
         now_ms = int(self.clock() * 1000)
-        self.decisions_until_ms = max(self.decisions_until_ms, decision_time_ms(decision_id) or now_ms)
+        # A decision served now has its id's time from this clock; only a spooled one's is read from its id.
+        served_ms = (decision_time_ms(decision_id) or now_ms) if spooled else now_ms
+        self.decisions_until_ms = max(self.decisions_until_ms, served_ms)
         if self._lookup(decision_id) is None:
             created = now_ms
             if spooled:

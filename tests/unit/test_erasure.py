@@ -105,7 +105,10 @@ async def test_decisions_served_before_the_wall_clock_stepped_back_are_forgotten
     scored = world.score(user="u-1", serve=False)
     hour_ahead_ms = (decision_time_ms(scored.decision_id) or 0) + 3_600_000
     served_before_the_step = f"d-{hour_ahead_ms:012x}{scored.decision_id[14:]}"
+    clock = world.learner.clock
+    world.learner.clock = lambda: hour_ahead_ms / 1000  # served by the clock before it stepped back
     world.learner.served(served_before_the_step, scored.payload, scored.decision)
+    world.learner.clock = clock
     other = world.score(user="u-1", serve=False)  # served before a restart, read back after it
     read_back = f"d-{hour_ahead_ms + 60_000:012x}{other.decision_id[14:]}"
     world.learner.add_logged(LoggedDecision(read_back, other.payload))
