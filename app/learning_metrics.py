@@ -78,19 +78,21 @@ LEARN_DELAY = LoopHistogram(
 LEARNED = LoopCounter("tipstream_rewards_learned_total", "learn_one calls, by model version.", ["version"], registry=_r)
 DIVERGED = LoopCounter(
     "tipstream_rewards_diverged_total", "Rewards a model did not learn because it had diverged (a step overflowed its "
-    "weights; it scores NaN), by model version. Retire it and register one with a smaller learning_rate.",
+    "weights; it scores NaN), by model version (at 0 from when a version learns). Retire it and register one with a "
+    "smaller learning_rate.",
     ["version"], registry=_r,
 )
 SKIPPED = LoopCounter(
-    "tipstream_rewards_skipped_total", "Rewards a model did not learn, by model version: the example held a number "
-    "that is not finite or is beyond +-1e9 (learning it would have made the weights NaN).",
+    "tipstream_rewards_skipped_total", "Rewards a model did not learn, by model version (at 0 from when a version "
+    "learns): the example held a number that is not finite or is beyond +-1e9 (learning it would have made the "
+    "weights NaN).",
     ["version"], registry=_r,
 )
 REFUSED = LoopCounter(
-    "tipstream_inputs_refused_total", "Inputs a model left out of the rewards it learned, by model version: a new "
-    "input name past models.reward.MAX_INPUTS names, or a new text value (tip id, category, a candidate's text "
-    "feature) past the version's max_values; the rest of each example was learned. Register a version with a "
-    "larger max_values to learn them.",
+    "tipstream_inputs_refused_total", "Inputs a model left out of the rewards it learned, by model version (at 0 "
+    "from when a version learns): a new input name past models.reward.MAX_INPUTS names, or a new text value (tip "
+    "id, category, a candidate's text feature) past the version's max_values; the rest of each example was "
+    "learned. Register a version with a larger max_values to learn them.",
     ["version"], registry=_r,
 )
 MODEL_USERS = Gauge(

@@ -24,7 +24,7 @@ from app import evaluation
 from app.db import one_line
 from app.decisions import decision_problem
 from app.embedded_nats import die_with_service
-from app.learning_metrics import CANDIDATE_CACHE
+from app.learning_metrics import CANDIDATE_CACHE, DIVERGED, REFUSED, SKIPPED
 from app.registry_store import RegistryStore
 from app.settings import POLICY_PARAMS
 from models.registry import ModelCard, ModelVersion, Registry, RegistryError, escaped
@@ -133,6 +133,11 @@ class Lineup:
         self.shadow_version = reg.shadow
         self.shadow = self._model(reg.shadow) if reg.shadow is not None else None
         self.learning = [(v, m) for v, m in models.items() if isinstance(m, TipModel)]  # retired ones are not
+        for version, _ in self.learning:
+            # At 0 from when a version joins: `increase()` of a series that first appears at its first count
+            # is 0, so the README's alerts on a diverged version or refused inputs missed the burst that made it.
+            for counter in (DIVERGED, SKIPPED, REFUSED):
+                counter.labels(version)
 
     def forget_user(self, user_id: str) -> None:
         """Drop a user's own features from every version that learns (forgetting a user, `app/erasure.py`),

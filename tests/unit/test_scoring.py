@@ -751,3 +751,18 @@ async def test_the_spool_reserve_not_held_at_a_start_is_taken_once_the_disk_has_
     free[0] = 64 << 20
     await asyncio.wait_for(task, 5)
     assert (tmp_path / decision_spool.RESERVE_NAME).stat().st_size == 4096
+
+
+async def test_each_version_that_learns_is_exposed_at_0_by_the_counters_the_readme_alerts_on(lineup: Lineup) -> None:
+    """`increase()` of a series that first appears at 40 is 0. A version's diverged and refused-input
+    counters appeared with their first count, so the README's alerts on them missed the burst that
+    made them (inputs refused once, say); they are exposed at 0 from when the version joins."""
+    from app.metrics import METRICS
+
+    version = "v-exposed-at-0"  # a name no other test counts for, whatever ran before in this process
+    await lineup.register(version, "logreg", {}, actor="t")
+    exposed = {(sample.name, sample.labels.get("version")): sample.value
+               for family in METRICS.registry.collect() for sample in family.samples}
+    for name in ("tipstream_rewards_diverged_total", "tipstream_rewards_skipped_total", "tipstream_inputs_refused_total"):
+        assert exposed.get((name, version)) == 0, f"{name}{{version=\"{version}\"}} appears only once counted"
+        assert exposed.get((name, "v1")) is not None, f"{name}: the first start's v1 too"
