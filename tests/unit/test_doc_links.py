@@ -1,0 +1,53 @@
+"""Links within the README and docs/ lead somewhere: each `(#anchor)` names a heading of its file, and
+each relative link names a file of the repository."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces as hyphens.
+
+    >>> slug("Forgetting a user, and what is held of them")
+    'forgetting-a-user-and-what-is-held-of-them'
+    >>> slug("Invalid events: the DLQ")
+    'invalid-events-the-dlq'
+    """
+    text = heading.strip().lower().replace("`", "")
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def anchors(text: str) -> set[str]:
+    in_code = False
+    found = set()
+    for line in text.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and line.startswith("#"):
+            found.add(slug(line.lstrip("#")))
+    return found
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda doc: doc.name)
+def test_links_lead_somewhere(doc: Path) -> None:
+    text = doc.read_text()
+    headings = anchors(text)
+    broken = []
+    for target in LINK.findall(text):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        path, _, anchor = target.partition("#")
+        if path:
+            if not (doc.parent / path).exists():
+                broken.append(target)
+        elif anchor not in headings:
+            broken.append(target)
+    assert not broken, f"{doc.name} links to what is not there: {broken}"
