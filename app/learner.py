@@ -81,7 +81,8 @@ from app.lineup import Lineup
 from app.log_throttle import LogThrottle
 from app.silence import Silences
 from app.waiting import WaitingFeedback
-from models.reward import INPUT_BOUND_TEXT, MAX_INPUTS, PopularityPrior
+from models.prior import PopularityPrior
+from models.reward import INPUT_BOUND_TEXT, MAX_INPUTS
 from streams.jetstream import ack_fields, delivery, stored_ms
 from streams.scrub import belongs, spellings
 from streams.store import OnlineStore

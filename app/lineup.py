@@ -27,8 +27,9 @@ from app.embedded_nats import die_with_service
 from app.learning_metrics import CANDIDATE_CACHE, DIVERGED, REFUSED, SKIPPED
 from app.registry_store import RegistryStore
 from app.settings import POLICY_PARAMS
+from models.prior import PopularityPrior
 from models.registry import ModelCard, ModelVersion, Registry, RegistryError, escaped
-from models.reward import KINDS, PopularityPrior, TipModel
+from models.reward import KINDS, TipModel
 from models.validation import Diverged
 
 # What a caller may send as a version's parameter meaning the exploration policy's.

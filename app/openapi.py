@@ -18,12 +18,12 @@ from app.score_request import (
     SERVER_INPUTS,
     TIME_WITH_OFFSET,
 )
+from models.interactions import MAX_INTERACTIONS
 from models.registry import ACTIONS
 from models.reward import (
     INPUT_BOUND,
     KINDS,
     MAX_FACTORS,
-    MAX_INTERACTIONS,
     MAX_MAX_VALUES,
     MAX_USER_TTL_DAYS,
     OPTIMIZERS,

@@ -37,7 +37,7 @@ from app.lineup import Lineup
 from app.log_throttle import LogThrottle
 from app.score_request import OFFSET_UNKNOWN, ScoreRequest
 from models.policy import Greedy, Policy
-from models.reward import PopularityPrior
+from models.prior import PopularityPrior
 from streams.features import FEATURE_NAMES, FEATURES, Snapshot, context_features, snapshot
 from streams.fold import DAY_MS, SIGNAL_KINDS, UserState, to_ms
 from streams.store import OnlineStore

@@ -21,6 +21,10 @@ milliseconds for up to 100 candidates. A unit test checks the fast path against
 Rewards are in [0, 1] (`DEFAULT_REWARDS`): a reaction with reward r is learned as a
 positive with weight r and a negative with weight 1 - r.
 
+Its parts have modules of their own: the crosses (models.interactions), the factorisation
+machine (models.factorization) and the snapshot format (models.snapshot). The popularity
+prior /score blends with it for new tips and users is models.prior.
+
 >>> model = TipModel(learning_rate=0.1)
 >>> for _ in range(200):
 ...     model.learn_one({"hour_of_day": 8, "tip_id": "tip-focus-1", "category": "focus"}, 1.0)
@@ -36,19 +40,17 @@ positive with weight r and a negative with weight 1 - r.
 from __future__ import annotations
 
 import copy
-import io
 import math
 import numbers
-import pickle
-import random
-from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import orjson
-from river import base, compose, facto, linear_model, optim, preprocessing, utils
+from river import compose, linear_model, optim, preprocessing
 
+from models import snapshot
+from models.factorization import _FastFMClassifier
+from models.interactions import DEFAULT_INTERACTIONS, CrossPlan, Interactions, checked_pairs
 from models.registry import LEGACY_PARAMS
 from models.user_expiry import DAY_MS, UserExpiry
 
@@ -76,15 +78,6 @@ DEFAULT_USER_TTL_DAYS = 90.0
 # 0 does, and 1e308 days overflowed to an infinity of milliseconds (a registration's bare 500).
 MAX_USER_TTL_DAYS = 3_652_059
 USER_INPUT = "user_id"
-# Pairs of input features crossed into one-hot interaction features. A numeric member is an
-# hour (0-23) and is bucketed (`hour_bucket` hours per bucket). A pair is skipped when either
-# member is missing from `x`, so `user_id` costs nothing unless the caller sends it; when it
-# does, `user_id x category` lets a linear model learn each user's own taste per category.
-DEFAULT_INTERACTIONS: tuple[tuple[str, str], ...] = (
-    ("category", "hour_of_day"),
-    ("tip_id", "preferred_hour"),
-    ("user_id", "category"),
-)
 # The largest magnitude a numeric input may have; /score refuses more, and `learn_one` skips it.
 # Far above any real feature (`seconds_since_active` tops out at 30 days, 2.6e6 s), and far below
 # where the scaler's squared deviations overflow (~1e154): one such example made every weight NaN.
@@ -130,106 +123,6 @@ CANDIDATE_CACHE_ENTRIES = 100_000
 # of them 1.65 GB a model (the champion's and the shadow's each), from /score requests alone. An
 # item takes ~85 bytes for a tip id and a category (6 items an entry), ~235 for those: 50-140 MB.
 CANDIDATE_CACHE_ITEMS = 600_000
-_MAGIC = {"TipModel": b"tipstream:TipModel:1\n", "PopularityPrior": b"tipstream:PopularityPrior:1\n"}
-
-
-class _Pickler(pickle.Pickler):
-    """Pickles a model's per-feature tables as flat buffers: keys as JSON, values as float64.
-
-    A model gains features with every user who gives feedback (`user_id` and its cross with
-    `category`), and its snapshot is taken at every checkpoint that follows learning (from a
-    frozen copy, in the checkpoint's writer thread; `frozen`). Stock pickle took 120-200 ms for
-    a logistic regression's 400k weights here (this: ~55 ms), and 725 ms for a factorisation
-    machine's 100k latent vectors, one numpy array each (this: ~90 ms). Exact, NaN and
-    infinities included.
-    """
-
-    def reducer_override(self, obj: Any) -> Any:
-        kind = type(obj)
-        if kind is utils.VectorDict:  # River's linear weights
-            _, (data, *rest) = obj.__reduce__()
-            return _vector_from_buffers, (*_buffers(data, list(data.values())), *rest)
-        if kind is defaultdict and obj:  # the factorisation machine's weights and latents
-            values = list(obj.values())
-            if all(type(v) is float for v in values):
-                return _table_from_buffers, (obj.default_factory, *_buffers(obj, values), 0)
-            first = values[0]
-            if type(first) is np.ndarray and first.ndim == 1 and all(
-                    type(v) is np.ndarray and v.dtype == np.float64 and v.shape == first.shape for v in values):
-                return _table_from_buffers, (obj.default_factory, *_buffers(obj, values), len(first))
-        return NotImplemented
-
-
-def _buffers(table: Mapping[str, Any], values: list[Any]) -> tuple[bytes, bytes]:
-    return orjson.dumps(list(table)), np.asarray(values, np.float64).tobytes()
-
-
-def _vector_from_buffers(keys: bytes, values: bytes, *rest: Any) -> utils.VectorDict:
-    return utils.VectorDict(dict(zip(orjson.loads(keys), np.frombuffer(values, np.float64).tolist())), *rest)
-
-
-def _table_from_buffers(factory: Any, keys: bytes, values: bytes, width: int) -> defaultdict:
-    flat = np.frombuffer(values, np.float64)
-    # Each latent vector its own array, as learning leaves them (a view would pin the whole block).
-    rows = flat.tolist() if width == 0 else list(flat.reshape(-1, width).copy())
-    return defaultdict(factory, zip(orjson.loads(keys), rows))
-
-
-def _dumps(obj: object) -> bytes:
-    out = io.BytesIO()
-    out.write(_MAGIC[type(obj).__name__])
-    _Pickler(out, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
-    return out.getvalue()
-
-
-# What a snapshot's pickle may name: the classes and functions our models are made of (each kind, optimizer
-# and latents setting, trained; `tests/unit/test_models_reward.py` checks the list against them), numpy's
-# spellings of 1.x too. Stock pickle called whatever a blob named: anyone who could write `model_versions`
-# or `learner_state` (a database role, a restored backup) ran code as the service at its next start.
-_SNAPSHOT_GLOBALS = frozenset({
-    ("builtins", "float"), ("builtins", "set"), ("builtins", "str"), ("builtins", "int"), ("builtins", "dict"),
-    ("builtins", "list"), ("builtins", "tuple"), ("builtins", "frozenset"), ("builtins", "bool"),
-    ("collections", "Counter"), ("collections", "OrderedDict"), ("collections", "defaultdict"),
-    ("functools", "partial"), ("numbers", "Number"),
-    ("models.reward", "Interactions"), ("models.reward", "PopularityPrior"), ("models.reward", "TipModel"),
-    ("models.reward", "_FastFMClassifier"), ("models.reward", "_table_from_buffers"),
-    ("models.reward", "_vector_from_buffers"), ("models.user_expiry", "_from_buffers"),
-    ("numpy", "dtype"), ("numpy", "ndarray"),
-    ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "scalar"),
-    ("numpy.random._mt19937", "MT19937"), ("numpy.random._pickle", "__bit_generator_ctor"),
-    ("numpy.random._pickle", "__randomstate_ctor"),
-    ("river.compose.pipeline", "Pipeline"), ("river.compose.select", "SelectType"),
-    ("river.compose.union", "TransformerUnion"), ("river.linear_model.log_reg", "LogisticRegression"),
-    ("river.optim.ada_grad", "AdaGrad"), ("river.optim.initializers", "Normal"),
-    ("river.optim.initializers", "Zeros"), ("river.optim.losses", "Log"), ("river.optim.schedulers", "Constant"),
-    ("river.optim.sgd", "SGD"), ("river.preprocessing.one_hot", "OneHotEncoder"),
-    ("river.preprocessing.scale", "StandardScaler"),
-    # Written by stock pickle before the tables had their own format (`_Pickler`), by River 0.26 and older:
-    ("river._river_rust.vectordict", "VectorDict"), ("river.utils.vectordict", "VectorDict"),
-})
-
-
-class _SnapshotUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _SNAPSHOT_GLOBALS:
-            raise pickle.UnpicklingError(
-                f"the snapshot names {module}.{name}, which no tipstream model is made of: refused, as loading it "
-                "would run what the blob says. Was the row written by something other than tipstream? If a "
-                "tipstream release wrote it, report this with the name")
-        return super().find_class(module, name)
-
-
-def _loads(cls: type, data: bytes) -> Any:
-    magic = _MAGIC[cls.__name__]
-    if not data.startswith(magic):
-        raise ValueError(f"not a {cls.__name__} snapshot (expected the header {magic!r})")
-    obj = _SnapshotUnpickler(io.BytesIO(data[len(magic):])).load()
-    if not isinstance(obj, cls):
-        raise ValueError(f"snapshot holds a {type(obj).__name__}, not a {cls.__name__}")
-    return obj
-
 
 def _sigmoid(z: float) -> float:
     # Always a float and never an OverflowError (River's sigmoid returns the ints 0 and 1 past |z| > 30).
@@ -246,103 +139,6 @@ def check_reward(reward: float) -> float:
     return reward
 
 
-_FLAGS = {True: "true", False: "false"}  # a bool member's label in a cross
-
-# A cross plan: (head, a or None, separator, b or None, tail); the key is head + label(x[a]) +
-# separator + label(x[b]) + tail, a member's label already inside head or tail when it is
-# shared by every candidate (see `Interactions.plan`).
-CrossPlan = list[tuple[str, str | None, str, str | None, str]]
-
-
-class Interactions(base.Transformer):
-    """One-hot crosses of feature pairs; numeric members are hours, bucketed, and a bool member
-    is "true" or "false" (as an hour, True and False were both hour 0-5: the cross ignored it).
-
-    >>> Interactions((("category", "hour_of_day"),), hour_bucket=6).transform_one(
-    ...     {"category": "focus", "hour_of_day": 14})
-    {'category*hour_of_day=focus*12-17': 1.0}
-    >>> Interactions((("is_new_user", "category"),)).transform_one({"category": "focus", "is_new_user": False})
-    {'is_new_user*category=false*focus': 1.0}
-    """
-
-    def __init__(self, pairs: Sequence[Sequence[str]] = DEFAULT_INTERACTIONS, hour_bucket: int = 6) -> None:
-        self.pairs = tuple((str(a), str(b)) for a, b in pairs)
-        self.hour_bucket = hour_bucket
-        self._derive()
-
-    def _derive(self) -> None:
-        width = self.hour_bucket
-        self._labels = tuple(f"{h // width * width}-{min(h // width * width + width, 24) - 1}" for h in range(24))
-        self._plan0: CrossPlan = [(f"{a}*{b}=", a, "*", b, "") for a, b in self.pairs]
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        # Derived again, not read back: snapshots from before 8640a09 hold a `_plan0` of another
-        # shape, (prefix, a, None, b, None), on which `cross` raised a TypeError for every example.
-        self.__dict__.update(state)
-        self._derive()
-
-    def label(self, value: Any) -> str:
-        if isinstance(value, str):
-            return value
-        return _FLAGS[value] if type(value) is bool else self._labels[int(value) % 24]
-
-    def transform_one(self, x: dict) -> dict:
-        out: dict[str, float] = {}
-        self.cross(x, self._plan0, out)
-        return out
-
-    def plan(self, shared: Mapping[str, Any]) -> tuple[CrossPlan, CrossPlan, CrossPlan]:
-        """Split the crosses for candidates that share `shared` (their keys must not overlap it):
-        the crosses computed once from `shared`, and two per-candidate parts with shared members
-        already labelled: `fixed`, whose shared labels are hour buckets or true/false (or none), and `text`,
-        which embed a shared string such as the user's id. A candidate's `fixed` crosses repeat
-        across users, so they can be cached (`TipModel.predict_many`); `text` ones rarely do.
-        A cross with a shared member that is None never fires and is dropped.
-
-        >>> once, fixed, text = Interactions().plan({"user_id": "u-1", "hour_of_day": 14, "preferred_hour": 9})
-        >>> fixed
-        [('category*hour_of_day=', 'category', '*12-17', None, ''), ('tip_id*preferred_hour=', 'tip_id', '*6-11', None, '')]
-        >>> text
-        [('user_id*category=u-1*', None, '', 'category', '')]
-        """
-        once: CrossPlan = []
-        fixed: CrossPlan = []
-        text: CrossPlan = []
-        for prefix, a, _, b, _ in self._plan0:
-            in_a, in_b = a in shared, b in shared
-            if in_a and in_b:
-                once.append((prefix, a, "*", b, ""))
-            elif (in_a and shared[a] is None) or (in_b and shared[b] is None):
-                continue
-            elif in_a:
-                (text if isinstance(shared[a], str) else fixed).append(
-                    (f"{prefix}{self.label(shared[a])}*", None, "", b, ""))
-            elif in_b:
-                (text if isinstance(shared[b], str) else fixed).append(
-                    (prefix, a, f"*{self.label(shared[b])}", None, ""))
-            else:
-                fixed.append((prefix, a, "*", b, ""))
-        return once, fixed, text
-
-    def cross(self, x: Mapping[str, Any], plan: CrossPlan, out: dict[str, float]) -> None:
-        """The crosses of `x` under `plan` (`_plan0`, or one from `plan()`): one string join per key."""
-        labels = self._labels
-        for head, a, separator, b, tail in plan:
-            if a is not None:
-                va = x.get(a)
-                if va is None:
-                    continue
-                head += (va if type(va) is str or isinstance(va, str)
-                         else _FLAGS[va] if type(va) is bool else labels[int(va) % 24])
-            if b is not None:
-                vb = x.get(b)
-                if vb is None:
-                    continue
-                tail = (vb if type(vb) is str or isinstance(vb, str)
-                        else _FLAGS[vb] if type(vb) is bool else labels[int(vb) % 24]) + tail
-            out[head + separator + tail] = 1.0
-
-
 def _expiry(params: Mapping[str, Any]) -> UserExpiry | None:
     days = params["user_ttl_days"]
     return UserExpiry(max(1, round(days * DAY_MS))) if days > 0 else None
@@ -353,100 +149,7 @@ def _user_plan(interactions: Interactions) -> CrossPlan:
     return [step for step in interactions._plan0 if USER_INPUT in (step[1], step[3])]
 
 
-class _FastFMClassifier(facto.FMClassifier):
-    """River's FM classifier, with the pairwise term in O(p k) matrix form, over the
-    categorical one-hots only.
-
-    sum_{i<j} <v_i, v_j> x_i x_j = 0.5 * (||sum_i v_i x_i||^2 - sum_i ||v_i x_i||^2) (Rendle 2010).
-    River's pairwise loop costs ~1 ms per learn_one with 25 active features, this ~0.1 ms.
-
-    Features named in `linear_only` (TipModel's numeric inputs) and crosses (their names hold
-    "=") keep a weight but get no latent vector: the pairwise term is the user x tip x category
-    interactions the FM is for. Over every feature, the scaled numerics' products drowned
-    them: on the simulator the FM learned no user's taste within 30 reactions, and with AdaGrad's
-    step it diverged (docs/learning.md). Without `categorical_only` it is River's model with the
-    same gradients, which a unit test holds.
-    """
-
-    categorical_only = False  # River's model; TipModel sets it (snapshots from before it exist)
-    linear_only: set[str] | frozenset[str] = frozenset()
-
-    def has_latent(self, name: str) -> bool:
-        return not self.categorical_only or (name not in self.linear_only and "=" not in name)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Sorted: a copied set may iterate in another order, and a snapshot's bytes must not
-        # depend on that (a frozen copy serialises as the model did).
-        state = self.__dict__.copy()
-        if "linear_only" in state:
-            state["linear_only"] = sorted(state["linear_only"])
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        if "linear_only" in state:
-            self.linear_only = set(state["linear_only"])
-
-    def _calculate_interactions(self, x: dict) -> float:
-        has_latent = self.has_latent
-        keys = [j for j in x if has_latent(j)]
-        if not keys:
-            return 0.0
-        latents = self.latents
-        vx = np.array([latents[j] for j in keys]) * np.fromiter((x[j] for j in keys), float, len(keys))[:, None]
-        total = vx.sum(axis=0)
-        return 0.5 * float(total @ total - (vx * vx).sum())
-
-    def _learn_one(self, x: dict, y: bool, w: float = 1.0) -> None:
-        has_latent = self.has_latent
-        keys = [j for j in x if has_latent(j)]
-        if not x:
-            return super()._learn_one(x, y, w)
-        latents = self.latents
-        # An example with no categorical input (only numerics and crosses) has no pairwise term:
-        # River's own step would give its numerics latent vectors.
-        xv = np.fromiter((x[j] for j in keys), float, len(keys))
-        V = np.array([latents[j] for j in keys]).reshape(len(keys), self.n_factors)  # creates unseen ones, as River does
-        vx = V * xv[:, None]
-        total = vx.sum(axis=0)
-        weights = self.weights
-        raw = self.intercept + sum(weights[j] * xj for j, xj in x.items()) + 0.5 * float(total @ total - (vx * vx).sum())
-        g_loss = utils.math.clamp(self.loss.gradient(y_true=y, y_pred=raw), -self.clip_gradient, self.clip_gradient)
-        g_loss *= w
-        self.intercept -= self.intercept_lr.get(self.weight_optimizer.n_iterations) * g_loss
-        self.weights = self.weight_optimizer.step(w=weights, g=self._calculate_weights_gradients(x, g_loss))
-        # River's latent gradient, for every active feature at once (`total` is from before the step).
-        grad = g_loss * (xv[:, None] * total - V * (xv * xv)[:, None]) + self.l1_latent * np.sign(V) + self.l2_latent * V
-        V -= self.latent_optimizer.learning_rate * grad
-        # New arrays rather than in-place writes: a concurrent reader sees the old or the new
-        # vector, never half of each; copies, because row views would pin the whole matrix.
-        for i, j in enumerate(keys):
-            latents[j] = V[i].copy()
-
-
 MAX_FACTORS = 256  # a mistyped 10**8 would have asked for 800 MB of latent vector per user and tip
-
-
-# Each pair is a cross made for every candidate of every /score: 5,000 were registered, and promoted
-# they would have cost each request thousands of crosses a candidate.
-MAX_INTERACTIONS = 64
-
-
-def _pairs(interactions: Any) -> tuple[tuple[str, str], ...]:
-    """The pairs of input names to cross, checked: `"ab"` unpacked as the pair ("a", "b")."""
-    example = 'e.g. [["category", "hour_of_day"]]'
-    if isinstance(interactions, str | bytes) or not isinstance(interactions, Iterable):
-        raise ValueError(f"interactions must be a list of pairs of input names, {example}; got {interactions!r}")
-    interactions = list(interactions)
-    if len(interactions) > MAX_INTERACTIONS:
-        raise ValueError(f"interactions may list at most {MAX_INTERACTIONS} pairs, got {len(interactions)}")
-    pairs = []
-    for pair in interactions:
-        if (isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2
-                or not all(isinstance(name, str) and name for name in pair)):
-            raise ValueError(f"interactions must list pairs of two input names, {example}; got {pair!r}")
-        pairs.append((pair[0], pair[1]))
-    return tuple(pairs)
 
 
 class TipModel:
@@ -565,7 +268,7 @@ class TipModel:
             raise ValueError(f"user_forgetting must be in [0, 1), got {user_forgetting!r}")
         if not 1 <= int(hour_bucket) <= 24:
             raise ValueError(f"hour_bucket must be between 1 and 24 hours, got {hour_bucket!r}")
-        pairs = _pairs(interactions)
+        pairs = checked_pairs(interactions)
         if not pairs:  # River's clone() reads an empty tuple parameter's first item: an IndexError
             raise ValueError("interactions must list at least one pair of inputs, e.g. [[\"category\", \"hour_of_day\"]]")
         # River style: the constructor arguments are the model's identity; clone() rebuilds from them.
@@ -1126,7 +829,7 @@ class TipModel:
         return copy.deepcopy(self, memo)
 
     def to_bytes(self) -> bytes:
-        return _dumps(self)
+        return snapshot.dumps(self)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> TipModel:
@@ -1135,140 +838,5 @@ class TipModel:
         >>> TipModel.from_bytes(m.to_bytes()).predict_one({"tip_id": "t1"}) == m.predict_one({"tip_id": "t1"})
         True
         """
-        return _loads(cls, data)
+        return snapshot.loads(cls, data)
 
-
-# Tips whose rewards the popularity prior counts; past it, the tip rewarded longest ago leaves (its
-# mean is the base rate again, as for a new tip). A tip id is the caller's, and every one rewarded
-# was kept for good: ~200 bytes each, a new one with every reward of a client that makes them up,
-# and catalogues churn. Far above a real catalogue (20 MB at the bound).
-PRIOR_MAX_TIPS = 100_000
-
-
-class PopularityPrior:
-    """Per-tip Beta(alpha, beta) pseudo-counts of rewards, global across users (cold start).
-
-    A tip's prior is centred on the global mean reward with weight `strength`; each observed
-    reward r adds r to alpha and 1 - r to beta. A tip never seen has the global mean.
-
-    Blend rule (`blend`): score = w * model + (1 - w) * prior_mean, with
-    ``w = n_tip / (n_tip + tip_k)``, multiplied by ``u / (u + user_k)`` when the caller knows
-    how many reactions the user has given (`user_observations` = u). A new tip or a new user
-    leans on popularity; the model takes over as observations accumulate (each factor is 0.5
-    at n_tip = tip_k, resp. u = user_k).
-
-    >>> prior = PopularityPrior(strength=2.0)
-    >>> for r in (1.0, 1.0, 0.0, 1.0):
-    ...     prior.update("tip-a", r)
-    >>> prior.update("tip-b", 0.0)
-    >>> round(prior.mean("tip-a"), 3), round(prior.mean("tip-b"), 3), round(prior.mean("never-seen"), 3)
-    (0.69, 0.381, 0.571)
-    >>> prior.blend("tip-a", model_score=0.9, user_observations=0) == prior.mean("tip-a")
-    True
-    >>> round(prior.blend("tip-a", model_score=0.9), 3)  # w = 4 / (4 + 20)
-    0.725
-    """
-
-    def __init__(self, *, strength: float = 2.0, tip_k: float = 20.0, user_k: float = 5.0,
-                 max_concentration: float = 200.0) -> None:
-        if not (strength > 0 and tip_k > 0 and user_k > 0 and max_concentration > 0):
-            raise ValueError("strength, tip_k, user_k and max_concentration must all be > 0")
-        self.params: dict[str, float] = {
-            "strength": float(strength), "tip_k": float(tip_k), "user_k": float(user_k),
-            "max_concentration": float(max_concentration),
-        }
-        # tip_id -> [sum of rewards, observations], the tip rewarded longest ago first (`PRIOR_MAX_TIPS`).
-        self._tips: OrderedDict[str, list[float]] = OrderedDict()
-        self._reward_sum = 0.0
-        self._n = 0.0
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        if type(self._tips) is not OrderedDict:  # a snapshot from before the bound: a dict, in first-reward order
-            self._tips = OrderedDict(self._tips)
-
-    def clone(self, **changes: float) -> PopularityPrior:
-        return PopularityPrior(**{**self.params, **changes})
-
-    def update(self, tip_id: str, reward: float) -> None:
-        reward = check_reward(reward)
-        tips = self._tips
-        counts = tips.get(tip_id)
-        if counts is None:
-            counts = tips[tip_id] = [0.0, 0.0]
-            if len(tips) > PRIOR_MAX_TIPS:
-                tips.popitem(last=False)
-        else:
-            tips.move_to_end(tip_id)
-        counts[0] += reward
-        counts[1] += 1.0
-        self._reward_sum += reward
-        self._n += 1.0
-
-    @property
-    def base_rate(self) -> float:
-        """Global mean reward, Laplace-smoothed so it exists before any observation."""
-        return (self._reward_sum + 1.0) / (self._n + 2.0)
-
-    def count(self, tip_id: str) -> float:
-        counts = self._tips.get(tip_id)
-        return counts[1] if counts else 0.0
-
-    def alpha_beta(self, tip_id: str) -> tuple[float, float]:
-        s, m = self.params["strength"], self.base_rate
-        reward_sum, n = self._tips.get(tip_id, (0.0, 0.0))
-        return s * m + reward_sum, s * (1.0 - m) + (n - reward_sum)
-
-    def mean(self, tip_id: str) -> float:
-        a, b = self.alpha_beta(tip_id)
-        return a / (a + b)
-
-    def sample(self, tip_id: str, rng: random.Random) -> float:
-        return rng.betavariate(*self.alpha_beta(tip_id))
-
-    def model_weight(self, tip_id: str, user_observations: float | None = None) -> float:
-        n = self.count(tip_id)
-        w = n / (n + self.params["tip_k"])
-        if user_observations is not None:
-            w *= user_observations / (user_observations + self.params["user_k"])
-        return w
-
-    def blend(self, tip_id: str, model_score: float, user_observations: float | None = None) -> float:
-        w = self.model_weight(tip_id, user_observations)
-        return w * model_score + (1.0 - w) * self.mean(tip_id)
-
-    def posterior(self, tip_id: str, model_score: float | None = None,
-                  user_observations: float | None = None) -> tuple[float, float]:
-        """Beta(alpha, beta) for Thompson sampling: mean = the blended score, concentration =
-        strength + observations of the tip, capped at `max_concentration` so that a tip seen
-        often keeps some exploration (tastes drift)."""
-        mean = self.mean(tip_id) if model_score is None else self.blend(tip_id, model_score, user_observations)
-        mean = min(max(mean, 1e-6), 1.0 - 1e-6)
-        c = min(self.params["strength"] + self.count(tip_id), self.params["max_concentration"])
-        return mean * c, (1.0 - mean) * c
-
-    def thompson_samples(self, tip_ids: Sequence[str], model_scores: Sequence[float] | None = None,
-                         user_observations: float | None = None) -> dict[str, list[float]]:
-        """`posterior` for each candidate, shaped as `ThompsonSampling.rank`'s `samples`.
-
-        >>> from models.policy import ThompsonSampling
-        >>> prior = PopularityPrior()
-        >>> samples = prior.thompson_samples(["a", "b"], [0.2, 0.9])
-        >>> order, propensities = ThompsonSampling().rank([0.2, 0.9], random.Random(0), samples)
-        >>> sorted(order), round(sum(propensities), 9)
-        ([0, 1], 1.0)
-        """
-        scores: Sequence[float | None] = model_scores if model_scores is not None else [None] * len(tip_ids)
-        alpha, beta = [], []
-        for tip_id, score in zip(tip_ids, scores, strict=True):
-            a, b = self.posterior(tip_id, score, user_observations)
-            alpha.append(a)
-            beta.append(b)
-        return {"alpha": alpha, "beta": beta}
-
-    def to_bytes(self) -> bytes:
-        return _dumps(self)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> PopularityPrior:
-        return _loads(cls, data)

@@ -158,7 +158,7 @@ class UserExpiry:
         return clone
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        # Flat buffers, as the model's tables (`models.reward._Pickler`): a million users pickled
+        # Flat buffers, as the model's tables (`models.snapshot._Pickler`): a million users pickled
         # one tuple at a time hold the writer thread's GIL for one long C call. Tags are written
         # once, users' tags as their numbers; buckets follow from the times.
         number = {tag: n for n, tag in enumerate(self.canonical)}

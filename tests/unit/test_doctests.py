@@ -39,4 +39,5 @@ def test_the_docstring_examples_hold(name: str) -> None:
 
 
 def test_the_modules_with_examples_are_found() -> None:
-    assert {"models.registry", "models.reward", "models.validation", "app.registry_store", "streams.fold"} <= set(WITH_EXAMPLES)
+    assert {"models.registry", "models.reward", "models.interactions", "models.prior", "models.snapshot",
+            "models.validation", "app.registry_store", "streams.fold"} <= set(WITH_EXAMPLES)

@@ -1,4 +1,4 @@
-"""TipModel and PopularityPrior (models/reward.py), and the offline metrics of models/validation.py."""
+"""TipModel (models/reward.py) and PopularityPrior (models/prior.py), and the offline metrics of models/validation.py."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 from river import facto, optim
 
-from models import reward, validation
+from models import prior as prior_module
+from models import reward, snapshot, validation
+from models.factorization import _FastFMClassifier
+from models.prior import PopularityPrior
 from models.registry import ModelVersion
 from models.reward import (
     DEFAULT_REWARDS,
-    PopularityPrior,
     TipModel,
-    _FastFMClassifier,
     _sigmoid,
 )
 from models.validation import fairness_check, progressive_validation, tenure_segment, timezone_segment
@@ -887,7 +888,7 @@ def test_a_snapshot_from_before_the_bounds_counts_from_zero() -> None:
 def test_the_prior_keeps_the_tips_rewarded_most_recently(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every tip id rewarded stayed in the prior for good (~200 bytes each): a client making up
     tip ids grew it with every reward."""
-    monkeypatch.setattr(reward, "PRIOR_MAX_TIPS", 3)
+    monkeypatch.setattr(prior_module, "PRIOR_MAX_TIPS", 3)
     prior = PopularityPrior()
     for tip in ("a", "b", "c", "a", "d"):
         prior.update(tip, 1.0)
@@ -910,7 +911,7 @@ def test_a_prior_from_before_the_bound_keeps_its_tips_and_is_bounded(monkeypatch
         prior.update(tip, 1.0)
     prior._tips = dict(prior._tips)  # as pickled before the bound
     old = PopularityPrior.from_bytes(prior.to_bytes())
-    monkeypatch.setattr(reward, "PRIOR_MAX_TIPS", 3)
+    monkeypatch.setattr(prior_module, "PRIOR_MAX_TIPS", 3)
     old.update("a", 0.0)
     old.update("d", 0.0)
     assert list(old._tips) == ["c", "a", "d"]
@@ -927,7 +928,7 @@ def test_a_snapshot_naming_anything_else_is_refused_without_running_it(tmp_path,
     marker = tmp_path / "ran"
     payload = _RunsCode()
     payload.marker = marker
-    blob = reward._MAGIC[cls.__name__] + pickle.dumps(payload)
+    blob = snapshot.MAGIC[cls.__name__] + pickle.dumps(payload)
     with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system"):
         cls.from_bytes(blob)
     assert not marker.exists()
@@ -941,7 +942,7 @@ def _named_globals(blob: bytes) -> set[tuple[str, str]]:
             named.add((module, name))
             return super().find_class(module, name)
 
-    magic = next(m for m in reward._MAGIC.values() if blob.startswith(m))
+    magic = next(m for m in snapshot.MAGIC.values() if blob.startswith(m))
     Recorder(__import__("io").BytesIO(blob[len(magic):])).load()
     return named
 
@@ -964,7 +965,7 @@ def test_every_model_shape_loads_through_the_snapshot_allowlist(kind, optimizer,
         prior.update(f"t{i % 3}", float(i % 2))
     snapshots.append(prior.to_bytes())
     for blob in snapshots:
-        assert _named_globals(blob) <= reward._SNAPSHOT_GLOBALS
+        assert _named_globals(blob) <= snapshot.ALLOWED_GLOBALS
     loaded = TipModel.from_bytes(snapshots[1])
     x = {"user_id": "u1", "tip_id": "t1", "category": "focus", "hour_of_day": 3}
     assert loaded.predict_one(x) == model.predict_one(x)

@@ -12,6 +12,7 @@ of that release, by:
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import math
@@ -21,8 +22,9 @@ from typing import Any
 
 import pytest
 
-from models import reward
-from models.reward import PopularityPrior, TipModel
+from models import snapshot
+from models.prior import PopularityPrior
+from models.reward import TipModel
 
 RELEASES = sorted((Path(__file__).parent / "stored_snapshots").glob("v*"))
 START_MS = 1_764_000_000_000
@@ -93,12 +95,12 @@ def _named_globals(blob: bytes) -> set[tuple[str, str]]:
     """The (module, name) pairs `blob` names, as written: before the unpickler maps a moved one."""
     named = set()
 
-    class Recorder(reward._SnapshotUnpickler):
+    class Recorder(snapshot.Unpickler):
         def find_class(self, module: str, name: str) -> Any:
             named.add((module, name))
             return super().find_class(module, name)
 
-    magic = next(m for m in reward._MAGIC.values() if blob.startswith(m))
+    magic = next(m for m in snapshot.MAGIC.values() if blob.startswith(m))
     Recorder(io.BytesIO(blob[len(magic):])).load()
     return named
 
@@ -141,6 +143,13 @@ def test_a_stored_snapshot_loads_and_answers_as_when_it_was_written(directory: P
     again = _load(name, model.to_bytes())  # written anew by this code, and read back
     for loaded in (model, again):
         assert _same(_answers(loaded), expected["answers"])
+
+
+def test_what_moved_is_read_from_its_new_home_only_by_its_old_name() -> None:
+    for (module, name), home in snapshot.MOVED_GLOBALS.items():
+        assert home in snapshot.ALLOWED_GLOBALS and (module, name) not in snapshot.ALLOWED_GLOBALS
+        assert snapshot.Unpickler(io.BytesIO()).find_class(module, name) is getattr(
+            importlib.import_module(home[0]), home[1])
 
 
 if __name__ == "__main__":
