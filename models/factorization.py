@@ -11,7 +11,10 @@ from typing import Any
 import numpy as np
 from river import facto, utils
 
+from models.snapshot import stored_in_reward
 
+
+@stored_in_reward
 class _FastFMClassifier(facto.FMClassifier):
     """River's FM classifier, with the pairwise term in O(p k) matrix form, over the
     categorical one-hots only.

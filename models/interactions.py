@@ -12,6 +12,8 @@ from typing import Any
 
 from river import base
 
+from models.snapshot import stored_in_reward
+
 # Pairs of input features crossed into one-hot interaction features. A numeric member is an
 # hour (0-23) and is bucketed (`hour_bucket` hours per bucket). A pair is skipped when either
 # member is missing from `x`, so `user_id` costs nothing unless the caller sends it; when it
@@ -34,6 +36,7 @@ _FLAGS = {True: "true", False: "false"}  # a bool member's label in a cross
 CrossPlan = list[tuple[str, str | None, str, str | None, str]]
 
 
+@stored_in_reward
 class Interactions(base.Transformer):
     """One-hot crosses of feature pairs; numeric members are hours, bucketed, and a bool member
     is "true" or "false" (as an hour, True and False were both hour 0-5: the cross ignored it).
@@ -121,6 +124,9 @@ class Interactions(base.Transformer):
                 tail = (vb if type(vb) is str or isinstance(vb, str)
                         else _FLAGS[vb] if type(vb) is bool else labels[int(vb) % 24]) + tail
             out[head + separator + tail] = 1.0
+
+
+__test__ = {"Interactions": Interactions}  # stored as models.reward's, which doctest would take it for
 
 
 def checked_pairs(interactions: Any) -> tuple[tuple[str, str], ...]:

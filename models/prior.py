@@ -9,6 +9,7 @@ from typing import Any
 
 from models import snapshot
 from models.reward import check_reward
+from models.snapshot import stored_in_reward
 
 # Tips whose rewards the popularity prior counts; past it, the tip rewarded longest ago leaves (its
 # mean is the base rate again, as for a new tip). A tip id is the caller's, and every one rewarded
@@ -17,6 +18,7 @@ from models.reward import check_reward
 PRIOR_MAX_TIPS = 100_000
 
 
+@stored_in_reward
 class PopularityPrior:
     """Per-tip Beta(alpha, beta) pseudo-counts of rewards, global across users (cold start).
 
@@ -144,3 +146,6 @@ class PopularityPrior:
     @classmethod
     def from_bytes(cls, data: bytes) -> PopularityPrior:
         return snapshot.loads(cls, data)
+
+
+__test__ = {"PopularityPrior": PopularityPrior}  # stored as models.reward's, which doctest would take it for

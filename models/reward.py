@@ -40,6 +40,7 @@ prior /score blends with it for new tips and users is models.prior.
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -840,3 +841,10 @@ class TipModel:
         """
         return snapshot.loads(cls, data)
 
+
+def __getattr__(name: str) -> Any:
+    # Snapshots name these here, where release 0.1.0 defined them (`snapshot.STORED_IN_REWARD`).
+    home = snapshot.STORED_IN_REWARD.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(home), name)

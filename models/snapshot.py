@@ -2,16 +2,17 @@
 
 A snapshot is a header naming the class (`MAGIC`) and a pickle whose per-feature tables are flat
 buffers (`_Pickler`). Reading one calls only the classes and functions tipstream's models are made
-of (`ALLOWED_GLOBALS`), under the module paths they have now: a blob written before a class moved
-names its old home, which `MOVED_GLOBALS` maps to the new one. Rows written by every release must
-go on loading (tests/unit/test_stored_snapshots.py holds a set of each release's).
+of (`ALLOWED_GLOBALS`), by the names release 0.1.0 gave them: what has moved since is still stored
+under its old name (`STORED_IN_REWARD`). Rows written by every release must go on loading, and those
+this one writes must load in the releases before it (tests/unit/test_stored_snapshots.py holds a set
+of each release's).
 
 >>> from models.prior import PopularityPrior
 >>> prior = PopularityPrior()
 >>> prior.update("tip-a", 1.0)
 >>> loads(PopularityPrior, dumps(prior)).mean("tip-a") == prior.mean("tip-a")
 True
->>> Unpickler(io.BytesIO()).find_class("models.reward", "PopularityPrior") is PopularityPrior  # its home until 0.1.0
+>>> Unpickler(io.BytesIO()).find_class("models.reward", "PopularityPrior") is PopularityPrior  # as stored
 True
 """
 
@@ -20,8 +21,8 @@ from __future__ import annotations
 import io
 import pickle
 from collections import defaultdict
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -57,14 +58,36 @@ class _Pickler(pickle.Pickler):
         return NotImplemented
 
 
+# Release 0.1.0 defined these in models.reward, and its snapshots name them there. They live where this
+# table says now, but keep that name (`stored_in_reward`; models.reward resolves it, its `__getattr__`):
+# a release before the move reads only the names it knows, and going back to one (README, "Upgrading")
+# must read the models this one saved.
+STORED_IN_REWARD: dict[str, str] = {
+    "Interactions": "models.interactions", "PopularityPrior": "models.prior",
+    "_FastFMClassifier": "models.factorization", "_table_from_buffers": "models.snapshot",
+    "_vector_from_buffers": "models.snapshot",
+}
+_Stored = TypeVar("_Stored", bound=Callable[..., Any])
+
+
+def stored_in_reward(obj: _Stored) -> _Stored:
+    """Have snapshots name `obj` models.reward.<name> (`STORED_IN_REWARD`)."""
+    if STORED_IN_REWARD.get(obj.__name__) != obj.__module__:
+        raise ValueError(f"{obj.__module__}.{obj.__name__} is not in STORED_IN_REWARD: add where it lives")
+    obj.__module__ = "models.reward"
+    return obj
+
+
 def _buffers(table: Mapping[str, Any], values: list[Any]) -> tuple[bytes, bytes]:
     return orjson.dumps(list(table)), np.asarray(values, np.float64).tobytes()
 
 
+@stored_in_reward
 def _vector_from_buffers(keys: bytes, values: bytes, *rest: Any) -> utils.VectorDict:
     return utils.VectorDict(dict(zip(orjson.loads(keys), np.frombuffer(values, np.float64).tolist())), *rest)
 
 
+@stored_in_reward
 def _table_from_buffers(factory: Any, keys: bytes, values: bytes, width: int) -> defaultdict:
     flat = np.frombuffer(values, np.float64)
     # Each latent vector its own array, as learning leaves them (a view would pin the whole block).
@@ -81,7 +104,7 @@ def dumps(obj: object) -> bytes:
 
 # What a snapshot's pickle may name: the classes and functions our models are made of (each kind, optimizer
 # and latents setting, trained; `tests/unit/test_models_reward.py` checks the list against them), numpy's
-# spellings of 1.x too; our own where they live now (`MOVED_GLOBALS` maps where they lived). Stock pickle
+# spellings of 1.x too; our own by the names snapshots store (`STORED_IN_REWARD`). Stock pickle
 # called whatever a blob named: anyone who could write `model_versions` or `learner_state` (a database role,
 # a restored backup) ran code as the service at its next start.
 ALLOWED_GLOBALS = frozenset({
@@ -89,9 +112,9 @@ ALLOWED_GLOBALS = frozenset({
     ("builtins", "list"), ("builtins", "tuple"), ("builtins", "frozenset"), ("builtins", "bool"),
     ("collections", "Counter"), ("collections", "OrderedDict"), ("collections", "defaultdict"),
     ("functools", "partial"), ("numbers", "Number"),
-    ("models.interactions", "Interactions"), ("models.prior", "PopularityPrior"), ("models.reward", "TipModel"),
-    ("models.factorization", "_FastFMClassifier"), ("models.snapshot", "_table_from_buffers"),
-    ("models.snapshot", "_vector_from_buffers"), ("models.user_expiry", "_from_buffers"),
+    ("models.reward", "Interactions"), ("models.reward", "PopularityPrior"), ("models.reward", "TipModel"),
+    ("models.reward", "_FastFMClassifier"), ("models.reward", "_table_from_buffers"),
+    ("models.reward", "_vector_from_buffers"), ("models.user_expiry", "_from_buffers"),
     ("numpy", "dtype"), ("numpy", "ndarray"),
     ("numpy._core.numeric", "_frombuffer"), ("numpy.core.numeric", "_frombuffer"),
     ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
@@ -109,26 +132,14 @@ ALLOWED_GLOBALS = frozenset({
 })
 
 
-# Where what a release's snapshots name lives now, by its old (module, name). Release 0.1.0 wrote every
-# model's own class and function under models.reward, before it was split into a module a concept.
-MOVED_GLOBALS: dict[tuple[str, str], tuple[str, str]] = {
-    ("models.reward", "Interactions"): ("models.interactions", "Interactions"),
-    ("models.reward", "PopularityPrior"): ("models.prior", "PopularityPrior"),
-    ("models.reward", "_FastFMClassifier"): ("models.factorization", "_FastFMClassifier"),
-    ("models.reward", "_table_from_buffers"): ("models.snapshot", "_table_from_buffers"),
-    ("models.reward", "_vector_from_buffers"): ("models.snapshot", "_vector_from_buffers"),
-}
-
-
 class Unpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        home = MOVED_GLOBALS.get((module, name), (module, name))
-        if home not in ALLOWED_GLOBALS:
+        if (module, name) not in ALLOWED_GLOBALS:
             raise pickle.UnpicklingError(
                 f"the snapshot names {module}.{name}, which no tipstream model is made of: refused, as loading it "
                 "would run what the blob says. Was the row written by something other than tipstream? If a "
                 "tipstream release wrote it, report this with the name")
-        return super().find_class(*home)
+        return super().find_class(module, name)
 
 
 def loads(cls: type, data: bytes) -> Any:

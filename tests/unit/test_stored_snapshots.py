@@ -1,7 +1,8 @@
 """Snapshots a release wrote still load, and predict what they predicted when written.
 
 A snapshot (a `model_versions` or `learner_state` row) names the classes and functions it is made of
-by module path, and the unpickler maps the paths a release wrote to where they live now. Each
+by module path: those release 0.1.0 wrote, whatever has moved since (`snapshot.STORED_IN_REWARD`), so
+that a release before a move reads what a later one saved (going back, README "Upgrading"). Each
 directory `stored_snapshots/v<release>/` holds a trained logistic regression, a trained factorisation
 machine (crosses of its own, users forgotten after 30 days) and a popularity prior, as that release
 wrote them, and `expected.json` what they answered then. Write a new release's set, with the code
@@ -140,16 +141,20 @@ def test_a_stored_snapshot_loads_and_answers_as_when_it_was_written(directory: P
     expected = json.loads((directory / "expected.json").read_text())[name]
     assert sorted(f"{m}:{n}" for m, n in _named_globals(blob)) == expected["globals"]
     model = _load(name, blob)
-    again = _load(name, model.to_bytes())  # written anew by this code, and read back
+    rewritten = model.to_bytes()
+    # Named as that release named it: the release reads what this code writes, as going back needs.
+    assert sorted(f"{m}:{n}" for m, n in _named_globals(rewritten)) == expected["globals"]
+    again = _load(name, rewritten)
     for loaded in (model, again):
         assert _same(_answers(loaded), expected["answers"])
 
 
-def test_what_moved_is_read_from_its_new_home_only_by_its_old_name() -> None:
-    for (module, name), home in snapshot.MOVED_GLOBALS.items():
-        assert home in snapshot.ALLOWED_GLOBALS and (module, name) not in snapshot.ALLOWED_GLOBALS
-        assert snapshot.Unpickler(io.BytesIO()).find_class(module, name) is getattr(
-            importlib.import_module(home[0]), home[1])
+def test_what_moved_is_stored_and_read_by_its_old_name() -> None:
+    for name, home in snapshot.STORED_IN_REWARD.items():
+        moved = getattr(importlib.import_module(home), name)
+        assert moved.__module__ == "models.reward" and ("models.reward", name) in snapshot.ALLOWED_GLOBALS
+        assert snapshot.Unpickler(io.BytesIO()).find_class("models.reward", name) is moved
+        assert (home, name) not in snapshot.ALLOWED_GLOBALS
 
 
 if __name__ == "__main__":
