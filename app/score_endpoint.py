@@ -46,6 +46,10 @@ from streams.store import StateUnavailable
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _ANSWERED = SCORE_REQUESTS.labels("200")
+# Every status /score answers, at 0 from the start: `increase()` of a series that first appears at its
+# first count is 0, so an alert on 503s missed the burst that made the series.
+for _status in ("413", "415", "422", "503"):
+    SCORE_REQUESTS.labels(_status)
 _JSON = (b"content-type", b"application/json")
 # A user not loaded from the checkpoint yet after a restart, while the database is away.
 UNAVAILABLE = {"error": "user_id: this user's state is still to be loaded from the checkpoint, and the database is "

@@ -766,3 +766,14 @@ async def test_each_version_that_learns_is_exposed_at_0_by_the_counters_the_read
     for name in ("tipstream_rewards_diverged_total", "tipstream_rewards_skipped_total", "tipstream_inputs_refused_total"):
         assert exposed.get((name, version)) == 0, f"{name}{{version=\"{version}\"}} appears only once counted"
         assert exposed.get((name, "v1")) is not None, f"{name}: the first start's v1 too"
+
+
+def test_every_status_score_answers_is_exposed_at_0_from_the_start() -> None:
+    """In a process of its own, so that no other test has counted one first."""
+    import subprocess
+    import sys
+
+    program = ("import app.score_endpoint; from app.metrics import METRICS; print(sorted(s.labels['status'] "
+               "for f in METRICS.registry.collect() for s in f.samples if s.name == 'tipstream_score_requests_total'))")
+    shown = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout
+    assert shown.strip() == str(["200", "413", "415", "422", "503"])
