@@ -50,7 +50,6 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -61,8 +60,14 @@ from app import db
 from app.checkpoint_rows import write_learner_state
 from app.credit_log import CreditLog
 from app.decisions import LoggedDecision, TipScoresLog, decision_time_ms, learning_input, tip_score_row
-from app.evaluation import TrainedOn, examples_of
+from app.evaluation import TrainedOn
 from app.ingest import ReadUpTo
+from app.join_cache import (
+    ENTRY_OVERHEAD,  # noqa: F401 - tests read it as the learner's
+    Entry,
+    JoinCache,
+    created_ms,
+)
 from app.learning_metrics import (
     DIVERGED,
     FEEDBACK,
@@ -111,9 +116,6 @@ def _tell_wrong_user(user_id: str, decision_id: str, decision: dict[str, Any]) -
 
 
 MODELS_LOOP_SHARE = 0.01  # of the event loop's time, at most, spent serialising models for snapshots
-# Bytes a cache entry costs beyond its payload, measured with tracemalloc: the entry and its
-# OrderedDict slot 211, the decision id 79, the bytes object's header 33.
-ENTRY_OVERHEAD = 323
 # Credited decisions a registration's look for unseen rewards tests between two yields to the event
 # loop: ~3.5 ms of it on a slow day (1.1-1.7 us each, bench/snapshot.py).
 UNSEEN_SCAN_CHUNK = 2_000
@@ -153,18 +155,6 @@ class ModelBytes:
         return bytes, (self.to_bytes(),)  # the writer process receives plain bytes
 
 
-@dataclass(slots=True)
-class _Entry:
-    data: bytes  # the decision event
-    position: int  # DECISIONS position when added: re-reading from there finds it again
-    added_ms: int
-    decision: dict[str, Any] | None  # parsed form, kept only until its tip_scores row is marked
-    credits: dict[str, float] | None = None
-    rewarded_ms: int | None = None
-    logged: bool = False  # read back from the DECISIONS stream
-    stored_ms: int = 0  # when JetStream stored it, when read back from DECISIONS (0: not known)
-
-
 class Learner:
     name = "learner"
 
@@ -178,22 +168,13 @@ class Learner:
         self.silence_reward = silence_reward
         self.silences = Silences(int(silence_after_s * 1000)) if silence_reward is not None else None
         self._positives_only = 0  # rewards learned from feedback, all positive so far (-1: a negative came, or told)
-        self.cache_limit = int(cache_mb * 1024 * 1024)
         self.window_ms = int(window_s * 1000)
         self.snapshot_every_s = snapshot_every_s
         # `clock`: the wall clock, for times compared with decision ids and the log's stored times.
         # `timer`: a monotonic one, for durations measured here (a snapshot's cost, their spacing).
         self.clock, self.timer = clock, timer
-        # Oldest first. An OrderedDict, not a dict: a dict evicted from the front scans the
-        # deleted slots before its first live entry on every `next(iter())`: 122-269 us per
-        # decision served once the default 256 MB is full (bench/caches.py). O(1) here.
-        self.cache: OrderedDict[str, _Entry] = OrderedDict()
-        # Decisions re-read from DECISIONS after a start (`restore`) until caught up: older than
-        # any /score serves meanwhile, so they are evicted first (`_insert`), then joined in front.
-        self._replayed: OrderedDict[str, _Entry] = OrderedDict()
-        self.replaying = False
-        self.cache_bytes = 0
-        self.evicted_upto_ms = 0  # decisions created before this are no longer joinable
+        self.joins = JoinCache(int(cache_mb * 1024 * 1024))
+        self.replaying = False  # DECISIONS is read back after a start, into `joins.replayed` (`caught_up`)
         # The join window is judged in FEEDBACK's time, not this clock's: feedback stored later
         # than the window after its decision is expired. While FEEDBACK is behind (a restart after
         # an outage, a rebuild from the log), the clock would expire decisions whose feedback,
@@ -230,19 +211,14 @@ class Learner:
         # Credits restored at the start (their rows stay), until their decision is served or re-read.
         self._restored_credits: dict[str, tuple[dict[str, float], int | None]] = {}
         self.credit_log = CreditLog()  # what the snapshots save of the credits: the new ones
-        # The cache's entries holding credits (a registration learns those its training missed).
-        self._credited: dict[str, _Entry] = {}
-        # While `unseen_rewards` yields to the loop: the entries credited meanwhile, kept even if the
-        # join cache lets them go before it looks again (the live models learned their rewards).
-        self._credited_during_scan: dict[str, _Entry] | None = None
         self.credited = 0
         self._learned: dict[str, Any] = {}
         self._users_counted: set[str] = set()  # versions `tipstream_model_users` has a series for
         self._diverged_versions: set[str] = set()  # told once each
         self._refused_versions: set[str] = set()  # told once each
         # Read when scraped, not set as they change.
-        JOIN_CACHE.set_function(lambda: len(self.cache) + len(self._replayed))
-        JOIN_CACHE_BYTES.set_function(lambda: self.cache_bytes)
+        JOIN_CACHE.set_function(lambda: len(self.joins))
+        JOIN_CACHE_BYTES.set_function(lambda: self.joins.bytes)
         PENDING.set_function(lambda: len(self.waiting))
         self._changed = False
         self._snapshot_positions = (0, 0)  # (FEEDBACK, DECISIONS) of the last snapshot taken
@@ -262,6 +238,37 @@ class Learner:
         # a request to forget a user acted on now covers every decision made before it, also once NTP has stepped
         # the wall clock back past their times (`Eraser._acted_on_at`).
         self.decisions_until_ms = 0
+
+    # The join cache's, under the names tests read from before it had a module of its own.
+    @property
+    def cache(self) -> OrderedDict[str, Entry]:
+        return self.joins.cache
+
+    @property
+    def _replayed(self) -> OrderedDict[str, Entry]:
+        return self.joins.replayed
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.joins.bytes
+
+    @property
+    def evicted_upto_ms(self) -> int:
+        return self.joins.evicted_upto_ms
+
+    @property
+    def _credited(self) -> dict[str, Entry]:
+        return self.joins.credited
+
+    @property
+    def _credited_during_scan(self) -> dict[str, Entry] | None:
+        return self.joins.credited_during_scan
+
+    def _lookup(self, decision_id: str) -> Entry | None:
+        return self.joins.get(decision_id)
+
+    def _evict(self, horizon: int) -> None:
+        self.joins.evict(horizon)
 
     def _diverged(self, version: str) -> None:
         DIVERGED.labels(version).inc()
@@ -291,7 +298,7 @@ class Learner:
         # A decision served now has its id's time from this clock; only a spooled one's is read from its id.
         served_ms = (decision_time_ms(decision_id) or now_ms) if spooled else now_ms
         self.decisions_until_ms = max(self.decisions_until_ms, served_ms)
-        if self._lookup(decision_id) is None:
+        if self.joins.get(decision_id) is None:
             created = now_ms
             if spooled:
                 # From when it was served, as a re-read one is (`add_logged`): held from the start, it
@@ -303,7 +310,7 @@ class Learner:
                     return
                 if self.erasing and self._forgotten(decision, created):
                     return  # a user being forgotten: its acknowledgement gives it no row either (`published`)
-            entry = _Entry(payload, self.store.positions.get("DECISIONS", 0), created, decision)
+            entry = Entry(payload, self.store.positions.get("DECISIONS", 0), created, decision)
             if self._restored_credits:
                 self._adopt_credits(decision_id, entry)
             self._insert(decision_id, entry)
@@ -315,7 +322,7 @@ class Learner:
 
         Also one the join cache let go while it waited for JetStream (memory budget): the
         DECISIONS position moves past it now, so no re-read would ever write its row."""
-        entry = self.cache.get(decision_id)
+        entry = self.joins.cache.get(decision_id)
         if entry is not None:
             if not entry.logged:
                 entry.logged = True
@@ -344,7 +351,7 @@ class Learner:
     def add_logged(self, logged: LoggedDecision, reply: bytes | None = None) -> bool:
         """The DECISIONS ingest's sink: a decision read back from the stream (`reply`, its ack
         subject, says when JetStream stored it)."""
-        entry = self._lookup(logged.id)
+        entry = self.joins.get(logged.id)
         if entry is None:
             stored = stored_ms(reply) if reply is not None else 0
             # Joinable for the window from its creation, not from when it was read back: another
@@ -359,7 +366,7 @@ class Learner:
                 return False
             if created is not None and not self.rows_to_rebuild and created < self.window_end_ms() - self.window_ms:
                 return False  # replayed from before the join window: nothing can join it any more
-            if (timed is not None and timed <= self.evicted_upto_ms and not self.replaying
+            if (timed is not None and timed <= self.joins.evicted_upto_ms and not self.replaying
                     and logged.id not in self.waiting.by_decision):
                 # The cache let it go, or one made after it: feedback naming it is `expired` (`_wait`). Held
                 # again, it came back without its credits (let go before JetStream's ack, in an outage, and
@@ -370,7 +377,7 @@ class Learner:
                 credits, rewarded_ms = self._restored_credits.pop(logged.id, (None, None))
                 self.decision_log.mark(tip_score_row(logged.parsed(), logged.data, credits, rewarded_ms))
                 return True
-            entry = _Entry(logged.data, self.store.positions.get("DECISIONS", 0),
+            entry = Entry(logged.data, self.store.positions.get("DECISIONS", 0),
                            min(created, now_ms) if created is not None else now_ms, logged.body, stored_ms=stored)
             self._adopt_credits(logged.id, entry)
             self._insert(logged.id, entry, replayed=self.replaying)
@@ -389,7 +396,7 @@ class Learner:
         return True
 
     @staticmethod
-    def _joinable_ms(decision_id: str, entry: _Entry) -> int:
+    def _joinable_ms(decision_id: str, entry: Entry) -> int:
         """When feedback could first join this decision, live, in FEEDBACK's time. One of ours (a
         time in its id): from before any feedback could name it (0), as /score served it. Another
         publisher's: once JetStream had stored it and the DECISIONS ingest read it (0: not known)."""
@@ -407,11 +414,11 @@ class Learner:
         upto_ms = math.inf if self.feedback_read.caught_up else self._feedback_time_ms()
         while due and due[0][0] <= upto_ms:
             joinable_ms, _, decision_id = heapq.heappop(due)
-            entry = self._lookup(decision_id)
+            entry = self.joins.get(decision_id)
             if entry is not None:
                 self._credit_waiting(decision_id, entry, joinable_ms)
 
-    def _credit_waiting(self, decision_id: str, entry: _Entry, joinable_ms: int) -> None:
+    def _credit_waiting(self, decision_id: str, entry: Entry, joinable_ms: int) -> None:
         if self.silences is not None and joinable_ms:
             # Silences the clock had learned, live, when the decision came (due before its stored time,
             # less the allowance) first, also read back (deferred until FEEDBACK's time passes the
@@ -427,27 +434,20 @@ class Learner:
                 continue
             self._credit(decision_id, entry, tip_id, reaction, user_id, stored_at_ms)
 
-    def _adopt_credits(self, decision_id: str, entry: _Entry) -> None:
+    def _adopt_credits(self, decision_id: str, entry: Entry) -> None:
         """What the restored snapshot credited to this decision: a feedback replayed or re-sent is a
         duplicate, and its row keeps the rewards. Also for a spooled decision, served here again:
         its feedback could be credited before JetStream ever acknowledged it."""
         credits = self._restored_credits.pop(decision_id, None)
         if credits is not None:
             entry.credits, entry.rewarded_ms = credits
-            self._note_credited(decision_id, entry)
+            self.joins.note_credited(decision_id, entry)
             if decision_time_ms(decision_id) is None:
                 # No time in its id: held for a window from when JetStream stored it, or from now
                 # when that is not known (`add_logged`), so its credits are saved again now, else
                 # they could leave with the minute they were given in while it is held, and the
                 # next start would read it back without them.
                 self.credit_log.credit(decision_id, entry.credits, entry.rewarded_ms, int(self.clock() * 1000))
-
-    def _note_credited(self, decision_id: str, entry: _Entry) -> None:
-        """`entry` holds credits now: a registration's look for unseen rewards goes over these,
-        and over those noted while it yields to the loop."""
-        self._credited[decision_id] = entry
-        if self._credited_during_scan is not None:
-            self._credited_during_scan[decision_id] = entry
 
     def caught_up(self) -> None:
         """DECISIONS has been read back to its end after a start: the decisions it brought go in
@@ -457,58 +457,20 @@ class Learner:
         self.replaying = False
         self.rows_to_rebuild = False
         self.rows_written_upto = 0  # the start's read-back only: a stream re-created later starts over at 1
-        if self._replayed:
-            # A snapshot resumes DECISIONS from the front's position. Those served meanwhile now follow
-            # the read-back's, though served at a position it had not passed yet (it passed our own, held
-            # already, before bringing another's): resumed from further on, a restart did not hold them,
-            # and their reactions were never learned. So the read-back's are held from no further on.
-            served_from = min((entry.position for entry in self.cache.values()), default=None)
-            if served_from is not None:
-                for entry in self._replayed.values():
-                    entry.position = min(entry.position, served_from)
-            self._replayed.update(self.cache)
-            self.cache, self._replayed = self._replayed, OrderedDict()
+        self.joins.join_replayed()
 
-    def _lookup(self, decision_id: str) -> _Entry | None:
-        entry = self.cache.get(decision_id)
-        if entry is None and self._replayed:
-            entry = self._replayed.get(decision_id)
-        return entry
-
-    def _insert(self, decision_id: str, entry: _Entry, replayed: bool = False) -> None:
-        (self._replayed if replayed else self.cache)[decision_id] = entry
-        self.cache_bytes += len(entry.data) + ENTRY_OVERHEAD
+    def _insert(self, decision_id: str, entry: Entry, replayed: bool = False) -> None:
+        self.joins.add(decision_id, entry, replayed)
         self._changed = True
         if self.silences is not None and not entry.credits:  # credited before a restart: answered already
             self.silences.watch(decision_id, self._silence_due_ms(decision_id, entry))
-        self._evict(min(entry.added_ms, self.window_end_ms()) - self.window_ms)
+        self.joins.evict(min(entry.added_ms, self.window_end_ms()) - self.window_ms)
 
-    @staticmethod
-    def _created_ms(decision_id: str, entry: _Entry) -> int:
-        """When the decision was made, the same on every read of the log: the time in our ids;
-        another publisher's, when JetStream stored it (else when it was first held)."""
-        return decision_time_ms(decision_id) or entry.stored_ms or entry.added_ms
-
-    def _silence_due_ms(self, decision_id: str, entry: _Entry) -> int:
+    def _silence_due_ms(self, decision_id: str, entry: Entry) -> int:
         assert self.silences is not None
-        return self._created_ms(decision_id, entry) + self.silences.after_ms
+        return created_ms(decision_id, entry) + self.silences.after_ms
 
-    def _evict(self, horizon: int) -> None:
-        # Oldest first (creation order: the replayed segment, then insertion order): past the
-        # memory budget, or past the join window (added before `horizon`).
-        while True:
-            cache = self._replayed or self.cache
-            if not cache:
-                break
-            first_id, first = next(iter(cache.items()))
-            if self.cache_bytes <= self.cache_limit and first.added_ms >= horizon:
-                break
-            cache.popitem(last=False)
-            self._credited.pop(first_id, None)
-            self.cache_bytes -= len(first.data) + ENTRY_OVERHEAD
-            self.evicted_upto_ms = max(self.evicted_upto_ms, decision_time_ms(first_id) or first.added_ms)
-
-    def _mark_row(self, entry: _Entry) -> None:
+    def _mark_row(self, entry: Entry) -> None:
         decision = entry.decision if entry.decision is not None else orjson.loads(entry.data)
         self.decision_log.mark(tip_score_row(decision, entry.data, entry.credits, entry.rewarded_ms))
 
@@ -528,11 +490,11 @@ class Learner:
         users = frozenset((user_id,))
         spelt = spellings(users)
         theirs: list[str] = []
-        for cache in (self._replayed, self.cache):
+        for cache in (self.joins.replayed, self.joins.cache):
             held = list(cache.items())
             for start in range(0, len(held), FORGET_SCAN_CHUNK):
                 theirs += [decision_id for decision_id, entry in held[start : start + FORGET_SCAN_CHUNK]
-                           if belongs(entry.data, users, spelt) and self._created_ms(decision_id, entry) <= at_ms]
+                           if belongs(entry.data, users, spelt) and created_ms(decision_id, entry) <= at_ms]
                 await asyncio.sleep(0)
         return theirs
 
@@ -548,18 +510,7 @@ class Learner:
         self._learn_seq += 1
         self._changed = True
         self.snapshot_at_next_checkpoint()
-        gone: set[str] = set()
-        credited: set[str] = set()
-        for decision_id in theirs:  # those still held: the cache may have let some go meanwhile
-            cache = self._replayed if decision_id in self._replayed else self.cache
-            entry = cache.pop(decision_id, None)
-            if entry is None:
-                continue
-            gone.add(decision_id)
-            self._credited.pop(decision_id, None)
-            self.cache_bytes -= len(entry.data) + ENTRY_OVERHEAD
-            if entry.credits:
-                credited.add(decision_id)
+        gone, credited = self.joins.drop(theirs)
         # What their reactions credited, saved by the minute for the join window (`credit_log`).
         self.credit_log.forget(credited)
         if self.silences is not None:
@@ -607,7 +558,7 @@ class Learner:
             if new:
                 _OUTCOME["no_decision"].inc()
             return
-        entry = self._lookup(decision_id)
+        entry = self.joins.get(decision_id)
         if entry is None:
             self._wait(decision_id, data.tip_id, data.reaction, event.user_id, stored_at_ms, redelivered)
             return
@@ -635,7 +586,7 @@ class Learner:
         created = decision_time_ms(decision_id)
         # Past the join window too: nothing can join it any more (a start skips such decisions),
         # so it waited and was counted unknown.
-        if created is not None and (created <= self.evicted_upto_ms or self._past_window(created, stored_at_ms)):
+        if created is not None and (created <= self.joins.evicted_upto_ms or self._past_window(created, stored_at_ms)):
             _OUTCOME["expired"].inc()
             return
         # Give up first on what waited its age: read back, FEEDBACK's time moves with each message, and a
@@ -757,7 +708,7 @@ class Learner:
         assert self.silences is not None and self.silence_reward is not None
         evicted = 0
         for decision_id, due_ms in itertools.islice(self.silences.due(before_ms), limit):
-            entry = self._lookup(decision_id)
+            entry = self.joins.get(decision_id)
             if entry is None:
                 evicted += 1
             elif entry.credits:
@@ -765,8 +716,8 @@ class Learner:
                     _SILENCE["answered"].inc()
             else:
                 self._learn_silence(decision_id, entry, due_ms)
-        held = len(self.cache) + len(self._replayed)
-        evicted += self.silences.sweep(lambda decision_id: self._lookup(decision_id) is not None, held)
+        held = len(self.joins)
+        evicted += self.silences.sweep(lambda decision_id: self.joins.get(decision_id) is not None, held)
         if evicted:
             _SILENCE["evicted"].inc(evicted)
             if _TOLD.allow("silence_evicted") is not None:
@@ -775,7 +726,7 @@ class Learner:
                             "or shorten the wait (tipstream_silences_total{outcome=\"evicted\"} counts each, this "
                             "line comes at most once a minute)", evicted)
 
-    def _learn_silence(self, decision_id: str, entry: _Entry, due_ms: int) -> None:
+    def _learn_silence(self, decision_id: str, entry: Entry, due_ms: int) -> None:
         """Stamped the millisecond after the wait, when it is known: a reaction stored at its last one
         answers it (`Silences.due`), so no reaction credited is stamped so, and a credit stamped so is
         the silence's (`_silenced`). Stamped with `due_ms`, as such a reaction, it was told from it by
@@ -794,7 +745,7 @@ class Learner:
         in FEEDBACK's time, whether the cache holds the decision still or not."""
         return stored_at_ms is not None and decision_ms < stored_at_ms - self.window_ms
 
-    def _credit(self, decision_id: str, entry: _Entry, tip_id: str, reaction: str, user_id: str | None,
+    def _credit(self, decision_id: str, entry: Entry, tip_id: str, reaction: str, user_id: str | None,
                 stored_at_ms: int | None = None) -> None:
         if self._past_window(entry.added_ms, stored_at_ms):
             # As once the cache has let the decision go. It lets decisions go only when one is
@@ -845,7 +796,7 @@ class Learner:
         if stored_at_ms is not None and self.feedback_read.caught_up and not self.replaying:
             LEARN_DELAY.observe(max(self.clock() - stored_at_ms / 1000, 0.0))
 
-    def _silenced(self, decision_id: str, entry: _Entry) -> bool:
+    def _silenced(self, decision_id: str, entry: Entry) -> bool:
         """The decision's only credit is its silence's (stamped the millisecond after its wait, `_learn_silence`)."""
         return (self.silences is not None and entry.credits is not None and len(entry.credits) == 1
                 and entry.rewarded_ms == self._silence_due_ms(decision_id, entry) + 1)
@@ -868,7 +819,7 @@ class Learner:
                             "within TIPSTREAM_SILENCE_AFTER_S (docs/learning.md, \"Learning from silence\")",
                             POSITIVE_ONLY_WARN_AFTER)
 
-    def _learn(self, decision_id: str, entry: _Entry, decision: dict[str, Any], candidate: dict[str, Any],
+    def _learn(self, decision_id: str, entry: Entry, decision: dict[str, Any], candidate: dict[str, Any],
                reward: float, rewarded_ms: int) -> None:
         """Every live model and the prior learn `reward` for `candidate` of the decision, as served;
         the credit is recorded (the snapshot's credit log, the `tip_scores` row)."""
@@ -903,7 +854,7 @@ class Learner:
         self._learn_seq += 1
         entry.credits = {**(entry.credits or {}), tip_id: reward}
         entry.rewarded_ms = rewarded_ms
-        self._note_credited(decision_id, entry)
+        self.joins.note_credited(decision_id, entry)
         self.credit_log.credit(decision_id, entry.credits, entry.rewarded_ms, int(self.clock() * 1000))
         if entry.logged:
             entry.decision = decision
@@ -914,58 +865,10 @@ class Learner:
 
     async def unseen_rewards(self, trained_on: TrainedOn) -> list[tuple[dict[str, Any], float, int | None]]:
         """The (features as served, reward, when it reached the log) examples credited here that
-        a model trained on the log (`trained_on`) has not seen: rows not written yet when it was
-        read, or credited since.
+        a model trained on the log (`trained_on`) has not seen (`JoinCache.unseen_rewards`).
         A new version learns them before it joins the others (`Lineup._change`), in the same turn
-        of the event loop as this returns: nothing credited meanwhile is missed.
-
-        It tests every credited decision of the join window, nearly all of them seen: 70 ms of the
-        loop in one turn at 100k decisions on a slow day (`bench/snapshot.py`), memory-bound. So
-        it goes over a copy of their ids, yielding to the loop every `UNSEEN_SCAN_CHUNK` of them
-        (~100 ms in all, no turn over ~6), then over those credited while it yielded."""
-        seen, from_ms = trained_on.credits, trained_on.from_ms
-        examples: list[tuple[dict[str, Any], float, int | None]] = []
-        given: dict[str, set[str]] = {}  # decision -> tips taken already, for the second pass
-
-        def take(decision_id: str, entry: _Entry) -> None:
-            credits = entry.credits
-            if not credits:
-                return
-            taken = given.get(decision_id, ())
-            for tip in credits:
-                if (decision_id, tip) not in seen and tip not in taken:
-                    break
-            else:
-                return
-            created = decision_time_ms(decision_id)
-            if from_ms is not None and created is not None and created < from_ms:
-                return  # older than what the read kept: left out on purpose
-            unseen = {tip: reward for tip, reward in credits.items() if (decision_id, tip) not in seen and tip not in taken}
-            given.setdefault(decision_id, set()).update(unseen)
-            decision = entry.decision if entry.decision is not None else orjson.loads(entry.data)
-            examples.extend((x, reward, entry.rewarded_ms) for x, reward in examples_of(decision, unseen))
-
-        # The ids, not (id, entry) pairs: 100k new tuples set off a collection of the whole heap
-        # (290 ms in one turn, bench/snapshot.py).
-        credited = self._credited
-        ids = list(credited)
-        self._credited_during_scan = again = {}
-        try:
-            for start in range(0, len(ids), UNSEEN_SCAN_CHUNK):
-                await asyncio.sleep(0)  # the first time: after the copy, itself ~3-5 ms at 100k
-                for decision_id in ids[start:start + UNSEEN_SCAN_CHUNK]:
-                    entry = credited.get(decision_id)
-                    if entry is None:
-                        continue  # the join cache let it go meanwhile
-                    for tip in entry.credits:  # the cheap test first: nothing built for those seen
-                        if (decision_id, tip) not in seen:
-                            take(decision_id, entry)
-                            break
-        finally:
-            self._credited_during_scan = None
-        for decision_id, entry in again.items():  # also those the join cache let go since
-            take(decision_id, entry)
-        return examples
+        of the event loop as this returns: nothing credited meanwhile is missed."""
+        return await self.joins.unseen_rewards(trained_on, UNSEEN_SCAN_CHUNK)
 
     # -- checkpoint participant --------------------------------------------------------------
 
@@ -996,11 +899,11 @@ class Learner:
         # row would lose its rewards and a re-sent feedback would be learned again.
         credits_from_ms = self._restorable_from_ms()
         if not self.rows_to_rebuild:  # a rebuild keeps its credits, however old (`restore`)
-            self._evict(credits_from_ms)
+            self.joins.evict(credits_from_ms)
         positions = self.store.positions
         # Re-reading from the oldest position any held decision was added at finds them all again.
-        fronts = [next(iter(c.values())).position for c in (self._replayed, self.cache) if c]
-        resume = (positions.get("FEEDBACK", 0), min(fronts) if fronts else positions.get("DECISIONS", 0))
+        front = self.joins.front_position()
+        resume = (positions.get("FEEDBACK", 0), front if front is not None else positions.get("DECISIONS", 0))
         # Read further with nothing learned (feedback without a decision) is a change too: the
         # next start re-reads from these positions, and they stood still for such feedback.
         changed = self._changed or resume != self._snapshot_positions
@@ -1030,7 +933,7 @@ class Learner:
             "waiting_buckets": [],
             "waiting": {},
             "pending": [],
-            "evicted_upto_ms": self.evicted_upto_ms,
+            "evicted_upto_ms": self.joins.evicted_upto_ms,
             "feedback_ms": self.feedback_ms,
             "rows_to_rebuild": self.rows_to_rebuild,
         }
@@ -1104,5 +1007,5 @@ class Learner:
         # Waiting feedback waits afresh, else time spent stopped would give up on it before DECISIONS
         # is re-read (the FEEDBACK position is past it, so it would be lost).
         self.waiting.restore(state, self.clock())
-        self.evicted_upto_ms = state["evicted_upto_ms"]
+        self.joins.evicted_upto_ms = state["evicted_upto_ms"]
         return dict(state["positions"])

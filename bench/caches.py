@@ -34,7 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.decisions import new_decision_id
-from app.learner import ENTRY_OVERHEAD, Learner
+from app.join_cache import ENTRY_OVERHEAD
+from app.learner import Learner
 from app.scoring import Scorer
 from app.settings import Settings
 from models.policy import make_policy

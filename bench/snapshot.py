@@ -205,7 +205,7 @@ def main() -> int:
         large_ms, large_bytes = phase(learner, rewarder, engine, args.rounds, args.per_round, every_ms)
         print(f"{learner.credited} rewarded: snapshot {large_ms:.2f} ms of the loop, {large_bytes} bytes written")
         credited = learner.credited
-        read = TrainedOn(frozenset((d, t) for d, entry in learner._credited.items() for t in entry.credits), None)
+        read = TrainedOn(frozenset((d, t) for d, entry in learner.joins.credited.items() for t in entry.credits), None)
         for _ in range(args.per_round):
             rewarder.reward()
         longest, total = [], []

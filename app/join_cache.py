@@ -1,0 +1,199 @@
+"""The learner's join cache: the decisions feedback can still be joined with, oldest first.
+
+A decision is held from when /score serves it, or when DECISIONS brings it back (a start's re-read,
+another publisher's), until it leaves the join window or the memory budget lets it go, the oldest
+first. While DECISIONS is re-read after a start, the decisions it brings back wait in a segment of
+their own (`replayed`), ahead of those /score serves meanwhile, so that the cache stays in creation
+order; `join_replayed` puts the two together once DECISIONS has caught up.
+
+The cache also knows which of its entries hold credits (`credited`): a model registered later
+learns the rewards its training over the log missed from these (`unseen_rewards`).
+
+>>> joins = JoinCache(limit_bytes=10 * 1024)
+>>> joins.add("d-1", Entry(b"{}", position=1, added_ms=1_000, decision=None))
+>>> joins.add("d-2", Entry(b"{}", position=2, added_ms=2_000, decision=None))
+>>> joins.evict(horizon=1_500)  # d-1 was added before the window's start
+>>> list(joins.cache), joins.get("d-1"), joins.evicted_upto_ms, joins.front_position()
+(['d-2'], None, 1000, 2)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from app.decisions import decision_time_ms
+from app.evaluation import TrainedOn, examples_of
+
+# Bytes a cache entry costs beyond its payload, measured with tracemalloc: the entry and its
+# OrderedDict slot 211, the decision id 79, the bytes object's header 33.
+ENTRY_OVERHEAD = 323
+
+
+@dataclass(slots=True)
+class Entry:
+    data: bytes  # the decision event
+    position: int  # DECISIONS position when added: re-reading from there finds it again
+    added_ms: int
+    decision: dict[str, Any] | None  # parsed form, kept only until its tip_scores row is marked
+    credits: dict[str, float] | None = None
+    rewarded_ms: int | None = None
+    logged: bool = False  # read back from the DECISIONS stream
+    stored_ms: int = 0  # when JetStream stored it, when read back from DECISIONS (0: not known)
+
+
+def created_ms(decision_id: str, entry: Entry) -> int:
+    """When the decision was made, the same on every read of the log: the time in our ids;
+    another publisher's, when JetStream stored it (else when it was first held)."""
+    return decision_time_ms(decision_id) or entry.stored_ms or entry.added_ms
+
+
+class JoinCache:
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        # Oldest first. An OrderedDict, not a dict: a dict evicted from the front scans the
+        # deleted slots before its first live entry on every `next(iter())`: 122-269 us per
+        # decision served once the default 256 MB is full (bench/caches.py). O(1) here.
+        self.cache: OrderedDict[str, Entry] = OrderedDict()
+        # Decisions re-read from DECISIONS after a start (`Learner.restore`) until caught up: older than
+        # any /score serves meanwhile, so they are evicted first (`evict`), then joined in front.
+        self.replayed: OrderedDict[str, Entry] = OrderedDict()
+        self.bytes = 0
+        self.evicted_upto_ms = 0  # decisions created before this are no longer joinable
+        # The entries holding credits (a registration learns those its training missed).
+        self.credited: dict[str, Entry] = {}
+        # While `unseen_rewards` yields to the loop: the entries credited meanwhile, kept even if the
+        # cache lets them go before it looks again (the live models learned their rewards).
+        self.credited_during_scan: dict[str, Entry] | None = None
+
+    def __len__(self) -> int:
+        return len(self.cache) + len(self.replayed)
+
+    def get(self, decision_id: str) -> Entry | None:
+        entry = self.cache.get(decision_id)
+        if entry is None and self.replayed:
+            entry = self.replayed.get(decision_id)
+        return entry
+
+    def add(self, decision_id: str, entry: Entry, replayed: bool = False) -> None:
+        """Hold `entry`; the caller evicts (`evict`) once it has done what the entry's arrival asks."""
+        (self.replayed if replayed else self.cache)[decision_id] = entry
+        self.bytes += len(entry.data) + ENTRY_OVERHEAD
+
+    def evict(self, horizon: int) -> None:
+        # Oldest first (creation order: the replayed segment, then insertion order): past the
+        # memory budget, or past the join window (added before `horizon`).
+        while True:
+            cache = self.replayed or self.cache
+            if not cache:
+                break
+            first_id, first = next(iter(cache.items()))
+            if self.bytes <= self.limit and first.added_ms >= horizon:
+                break
+            cache.popitem(last=False)
+            self.credited.pop(first_id, None)
+            self.bytes -= len(first.data) + ENTRY_OVERHEAD
+            self.evicted_upto_ms = max(self.evicted_upto_ms, decision_time_ms(first_id) or first.added_ms)
+
+    def join_replayed(self) -> None:
+        """DECISIONS has been read back to its end after a start: the decisions it brought go in
+        front of those served meanwhile, which are newer."""
+        if self.replayed:
+            # A snapshot resumes DECISIONS from the front's position. Those served meanwhile now follow
+            # the read-back's, though served at a position it had not passed yet (it passed our own, held
+            # already, before bringing another's): resumed from further on, a restart did not hold them,
+            # and their reactions were never learned. So the read-back's are held from no further on.
+            served_from = min((entry.position for entry in self.cache.values()), default=None)
+            if served_from is not None:
+                for entry in self.replayed.values():
+                    entry.position = min(entry.position, served_from)
+            self.replayed.update(self.cache)
+            self.cache, self.replayed = self.replayed, OrderedDict()
+
+    def front_position(self) -> int | None:
+        """The oldest DECISIONS position an entry was added at: re-reading from it finds them all
+        again (None: nothing held)."""
+        fronts = [next(iter(c.values())).position for c in (self.replayed, self.cache) if c]
+        return min(fronts) if fronts else None
+
+    def note_credited(self, decision_id: str, entry: Entry) -> None:
+        """`entry` holds credits now: a registration's look for unseen rewards goes over these,
+        and over those noted while it yields to the loop."""
+        self.credited[decision_id] = entry
+        if self.credited_during_scan is not None:
+            self.credited_during_scan[decision_id] = entry
+
+    async def unseen_rewards(self, trained_on: TrainedOn, chunk: int) -> list[tuple[dict[str, Any], float, int | None]]:
+        """The (features as served, reward, when it reached the log) examples credited here that
+        a model trained on the log (`trained_on`) has not seen: rows not written yet when it was
+        read, or credited since.
+
+        It tests every credited decision of the join window, nearly all of them seen: 70 ms of the
+        loop in one turn at 100k decisions on a slow day (`bench/snapshot.py`), memory-bound. So
+        it goes over a copy of their ids, yielding to the loop every `chunk` of them
+        (`Learner.UNSEEN_SCAN_CHUNK`: ~100 ms in all, no turn over ~6), then over those credited
+        while it yielded."""
+        seen, from_ms = trained_on.credits, trained_on.from_ms
+        examples: list[tuple[dict[str, Any], float, int | None]] = []
+        given: dict[str, set[str]] = {}  # decision -> tips taken already, for the second pass
+
+        def take(decision_id: str, entry: Entry) -> None:
+            credits = entry.credits
+            if not credits:
+                return
+            taken = given.get(decision_id, ())
+            for tip in credits:
+                if (decision_id, tip) not in seen and tip not in taken:
+                    break
+            else:
+                return
+            created = decision_time_ms(decision_id)
+            if from_ms is not None and created is not None and created < from_ms:
+                return  # older than what the read kept: left out on purpose
+            unseen = {tip: reward for tip, reward in credits.items() if (decision_id, tip) not in seen and tip not in taken}
+            given.setdefault(decision_id, set()).update(unseen)
+            decision = entry.decision if entry.decision is not None else orjson.loads(entry.data)
+            examples.extend((x, reward, entry.rewarded_ms) for x, reward in examples_of(decision, unseen))
+
+        # The ids, not (id, entry) pairs: 100k new tuples set off a collection of the whole heap
+        # (290 ms in one turn, bench/snapshot.py).
+        credited = self.credited
+        ids = list(credited)
+        self.credited_during_scan = again = {}
+        try:
+            for start in range(0, len(ids), chunk):
+                await asyncio.sleep(0)  # the first time: after the copy, itself ~3-5 ms at 100k
+                for decision_id in ids[start:start + chunk]:
+                    entry = credited.get(decision_id)
+                    if entry is None:
+                        continue  # the join cache let it go meanwhile
+                    for tip in entry.credits:  # the cheap test first: nothing built for those seen
+                        if (decision_id, tip) not in seen:
+                            take(decision_id, entry)
+                            break
+        finally:
+            self.credited_during_scan = None
+        for decision_id, entry in again.items():  # also those the join cache let go since
+            take(decision_id, entry)
+        return examples
+
+    def drop(self, decision_ids: list[str]) -> tuple[set[str], set[str]]:
+        """Let go of these (a forgotten user's), those still held: the ids that went, and those of them
+        that held credits."""
+        gone: set[str] = set()
+        credited: set[str] = set()
+        for decision_id in decision_ids:  # the cache may have let some go meanwhile
+            cache = self.replayed if decision_id in self.replayed else self.cache
+            entry = cache.pop(decision_id, None)
+            if entry is None:
+                continue
+            gone.add(decision_id)
+            self.credited.pop(decision_id, None)
+            self.bytes -= len(entry.data) + ENTRY_OVERHEAD
+            if entry.credits:
+                credited.add(decision_id)
+        return gone, credited
