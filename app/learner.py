@@ -69,25 +69,20 @@ from app.join_cache import (
     created_ms,
 )
 from app.learning_metrics import (
-    DIVERGED,
     FEEDBACK,
     JOIN_CACHE,
     JOIN_CACHE_BYTES,
     LEARN_DELAY,
-    LEARNED,
     MODEL_SNAPSHOT_SECONDS,
-    MODEL_USERS,
     PENDING,
-    REFUSED,
     SILENCES,
-    SKIPPED,
 )
 from app.lineup import Lineup
 from app.log_throttle import LogThrottle
+from app.model_learning import ModelLearning
 from app.silence import Silences
 from app.waiting import WaitingFeedback
 from models.prior import PopularityPrior
-from models.reward import INPUT_BOUND_TEXT, MAX_INPUTS
 from streams.jetstream import ack_fields, delivery, stored_ms
 from streams.scrub import belongs, spellings
 from streams.store import OnlineStore
@@ -212,10 +207,7 @@ class Learner:
         self._restored_credits: dict[str, tuple[dict[str, float], int | None]] = {}
         self.credit_log = CreditLog()  # what the snapshots save of the credits: the new ones
         self.credited = 0
-        self._learned: dict[str, Any] = {}
-        self._users_counted: set[str] = set()  # versions `tipstream_model_users` has a series for
-        self._diverged_versions: set[str] = set()  # told once each
-        self._refused_versions: set[str] = set()  # told once each
+        self.model_learning = ModelLearning()
         # Read when scraped, not set as they change.
         JOIN_CACHE.set_function(lambda: len(self.joins))
         JOIN_CACHE_BYTES.set_function(lambda: self.joins.bytes)
@@ -269,24 +261,6 @@ class Learner:
 
     def _evict(self, horizon: int) -> None:
         self.joins.evict(horizon)
-
-    def _diverged(self, version: str) -> None:
-        DIVERGED.labels(version).inc()
-        if version not in self._diverged_versions:
-            self._diverged_versions.add(version)
-            log.error("model %s has diverged (a learning step overflowed its weights; it scores NaN) and learns "
-                      "nothing more. Retire it with `tipstream models retire %s` (roll back first if it is the "
-                      "champion) and register one with a smaller learning_rate.", version, version)
-
-    def _refused(self, version: str, n: int, max_values: int) -> None:
-        REFUSED.labels(version).inc(n)
-        if version not in self._refused_versions:
-            self._refused_versions.add(version)
-            log.warning("model %s has reached its bound of %d input names (models.reward.MAX_INPUTS) or of %d text "
-                        "values (tip ids, categories, candidates' text features: its max_values) and leaves new ones "
-                        "out of what it learns (tipstream_inputs_refused_total). A caller naming features or tips anew "
-                        "with every request fills them; register a version with a larger max_values (or 0, no bound), "
-                        "which learns the current ones.", version, MAX_INPUTS, max_values)
 
     # -- decisions ---------------------------------------------------------------------------
 
@@ -825,31 +799,7 @@ class Learner:
         the credit is recorded (the snapshot's credit log, the `tip_scores` row)."""
         tip_id = candidate["tip_id"]
         x = learning_input(decision["features"], candidate)
-        skipped = []
-        for version, model in self.lineup.learning:
-            if model.diverged:  # it learns nothing more, and counting its steps would say it does
-                self._diverged(version)
-                continue
-            before, refused = model.n_skipped, model.n_refused
-            try:
-                model.learn_one(x, reward, rewarded_ms)
-            except Exception as error:  # noqa: BLE001 - one bad example must not stop ingest
-                log.warning("model %s could not learn decision %r: %s", version, decision_id, error)
-                continue
-            if model.n_refused != refused:
-                self._refused(version, model.n_refused - refused, model.params["max_values"])
-            if model.n_skipped != before:
-                skipped.append(version)
-                SKIPPED.labels(version).inc()
-                continue
-            counter = self._learned.get(version)
-            if counter is None:
-                counter = self._learned[version] = LEARNED.labels(version)
-            counter.inc()
-        if skipped:
-            log.warning("models %s did not learn tip %r of decision %r (tipstream_rewards_skipped_total): a feature "
-                        "number is not finite or is beyond +-%s, which /score refuses; look at who published the "
-                        "decision", ", ".join(skipped), tip_id, decision_id, INPUT_BOUND_TEXT)
+        self.model_learning.learn(self.lineup.learning, x, reward, rewarded_ms, decision_id, tip_id)
         self.lineup.prior.update(tip_id, reward)
         self._learn_seq += 1
         entry.credits = {**(entry.credits or {}), tip_id: reward}
@@ -946,7 +896,7 @@ class Learner:
             models = {v: (ModelBytes(m.frozen()), m.n_learned) for v, m in self.lineup.learning}
             self._models_cost_s = self.timer() - started
             MODEL_SNAPSHOT_SECONDS.observe(self._models_cost_s)
-            self._count_model_users()
+            self.model_learning.count_users(self.lineup.learning)
         return {
             "gen": self._gen,
             "learn_seq": self._learn_seq if with_models else None,
@@ -956,14 +906,6 @@ class Learner:
             "prior": self.lineup.prior.to_bytes(),
             "models": models,
         }
-
-    def _count_model_users(self) -> None:
-        forgetting = {v: held for v, m in self.lineup.learning if (held := m.users_held) is not None}
-        for version in self._users_counted - forgetting.keys():  # retired since: no longer a model that learns
-            MODEL_USERS.remove(version)
-        for version, held in forgetting.items():
-            MODEL_USERS.labels(version).set(held)
-        self._users_counted = set(forgetting)
 
     def snapshot_at_next_checkpoint(self) -> None:
         """Whatever the spacing of snapshots: at a clean stop, so the next start replays nothing."""
