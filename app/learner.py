@@ -48,15 +48,13 @@ import itertools
 import logging
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from operator import attrgetter
 from typing import Any
 
 import orjson
-from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from app import db
 from app.checkpoint_rows import write_learner_state
 from app.credit_log import CreditLog
 from app.decisions import LoggedDecision, TipScoresLog, decision_time_ms, learning_input, tip_score_row
@@ -68,12 +66,12 @@ from app.join_cache import (
     JoinCache,
     created_ms,
 )
+from app.learner_checkpoint import ModelBytes, SnapshotBook, saved_rows, state_bytes
 from app.learning_metrics import (
     FEEDBACK,
     JOIN_CACHE,
     JOIN_CACHE_BYTES,
     LEARN_DELAY,
-    MODEL_SNAPSHOT_SECONDS,
     PENDING,
     SILENCES,
 )
@@ -110,7 +108,6 @@ def _tell_wrong_user(user_id: str, decision_id: str, decision: dict[str, Any]) -
           user_id, decision_id, decision["user_id"])
 
 
-MODELS_LOOP_SHARE = 0.01  # of the event loop's time, at most, spent serialising models for snapshots
 # Credited decisions a registration's look for unseen rewards tests between two yields to the event
 # loop: ~3.5 ms of it on a slow day (1.1-1.7 us each, bench/snapshot.py).
 UNSEEN_SCAN_CHUNK = 2_000
@@ -130,26 +127,6 @@ SILENCES_PER_TURN = 256
 FORGET_SCAN_CHUNK = 2_000
 
 
-class ModelBytes:
-    """A frozen model (`TipModel.frozen`) whose bytes are made where the checkpoint is written:
-    in the writer thread, or, when pickled on its way to the writer process, in the thread
-    that feeds it. Either way not on the event loop, which only took the copy."""
-
-    __slots__ = ("model", "seconds")
-
-    def __init__(self, model: Any) -> None:
-        self.model, self.seconds = model, 0.0
-
-    def to_bytes(self) -> bytes:
-        started = time.perf_counter()
-        data: bytes = self.model.to_bytes()
-        self.seconds = time.perf_counter() - started
-        return data
-
-    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
-        return bytes, (self.to_bytes(),)  # the writer process receives plain bytes
-
-
 class Learner:
     name = "learner"
 
@@ -164,7 +141,6 @@ class Learner:
         self.silences = Silences(int(silence_after_s * 1000)) if silence_reward is not None else None
         self._positives_only = 0  # rewards learned from feedback, all positive so far (-1: a negative came, or told)
         self.window_ms = int(window_s * 1000)
-        self.snapshot_every_s = snapshot_every_s
         # `clock`: the wall clock, for times compared with decision ids and the log's stored times.
         # `timer`: a monotonic one, for durations measured here (a snapshot's cost, their spacing).
         self.clock, self.timer = clock, timer
@@ -212,17 +188,9 @@ class Learner:
         JOIN_CACHE.set_function(lambda: len(self.joins))
         JOIN_CACHE_BYTES.set_function(lambda: self.joins.bytes)
         PENDING.set_function(lambda: len(self.waiting))
-        self._changed = False
-        self._snapshot_positions = (0, 0)  # (FEEDBACK, DECISIONS) of the last snapshot taken
-        # On `timer`, which never steps: on the wall clock, a step back of an hour (NTP correcting a VM)
-        # held every snapshot back for that hour, and a restart then replayed it all.
-        self._last_snapshot = -math.inf
-        self._models_cost_s = 0.0  # what copying and serialising the models took last time
-        self._unconfirmed: list[int] = []
-        self._confirmed: list[tuple[int, int | None]] = []  # (generation, learn_seq of its models)
-        self._gen = 0
-        self._learn_seq = 0  # rewards learned so far; the models in SQL hold `_models_saved_seq` of them
-        self._models_saved_seq = 0
+        self._changed = False  # since the last snapshot taken
+        self.snapshots = SnapshotBook(snapshot_every_s)
+        self._learn_seq = 0  # rewards learned so far; the models in SQL hold `snapshots.models_saved_seq` of them
         # Users being forgotten (`app/erasure.py`) -> when: their decisions made until then are no longer
         # held, also read back from DECISIONS (a start re-reads it) before their messages are deleted.
         self.erasing: dict[str, int] = {}
@@ -231,30 +199,17 @@ class Learner:
         # the wall clock back past their times (`Eraser._acted_on_at`).
         self.decisions_until_ms = 0
 
-    # The join cache's, under the names tests read from before it had a module of its own.
-    @property
-    def cache(self) -> OrderedDict[str, Entry]:
-        return self.joins.cache
-
-    @property
-    def _replayed(self) -> OrderedDict[str, Entry]:
-        return self.joins.replayed
-
-    @property
-    def cache_bytes(self) -> int:
-        return self.joins.bytes
-
-    @property
-    def evicted_upto_ms(self) -> int:
-        return self.joins.evicted_upto_ms
-
-    @property
-    def _credited(self) -> dict[str, Entry]:
-        return self.joins.credited
-
-    @property
-    def _credited_during_scan(self) -> dict[str, Entry] | None:
-        return self.joins.credited_during_scan
+    # The parts' state under the names tests and tools read from the learner, from before the parts had
+    # modules of their own.
+    cache = property(attrgetter("joins.cache"))
+    cache_bytes = property(attrgetter("joins.bytes"))
+    evicted_upto_ms = property(attrgetter("joins.evicted_upto_ms"))
+    _replayed = property(attrgetter("joins.replayed"))
+    _credited = property(attrgetter("joins.credited"))
+    _credited_during_scan = property(attrgetter("joins.credited_during_scan"))
+    _unconfirmed = property(attrgetter("snapshots.unconfirmed"))
+    _last_snapshot = property(attrgetter("snapshots.last"))
+    _models_saved_seq = property(attrgetter("snapshots.models_saved_seq"))
 
     def _lookup(self, decision_id: str) -> Entry | None:
         return self.joins.get(decision_id)
@@ -827,21 +782,9 @@ class Learner:
 
         `force`: now, whatever changed (a registry change writes one with a new version's
         model, so that a restart does not replay into it what its training already held)."""
-        while self._confirmed:
-            gen, learn_seq = self._confirmed.pop()
-            self._unconfirmed = [g for g in self._unconfirmed if g > gen]
-            self.credit_log.confirmed(gen)
-            if learn_seq is not None:
-                self._models_saved_seq = max(self._models_saved_seq, learn_seq)
+        self.snapshots.confirm(self.credit_log.confirmed)
         now = self.timer()
         self._expire_waiting()  # releases the deferred feedback due, all once FEEDBACK has caught up
-        # Checkpoints run one at a time, so an unconfirmed snapshot here is one that failed: retry now.
-        failed = bool(self._unconfirmed)
-        # Models grow with the users who give feedback (a user x category cross each). The loop
-        # copies them (~18 ms for 240k AdaGrad weights) and the writer serialises the copies (~100
-        # ms more, taking the GIL in turns). Snapshots are spaced so that both together stay under
-        # MODELS_LOOP_SHARE of the time; a restart replays a little more.
-        every_s = max(self.snapshot_every_s, self._models_cost_s / MODELS_LOOP_SHARE)
         # Credits given before this leave the log (`credit_log.drop_before`, below). The decisions
         # still held from before it (none came since to evict them) leave too, so that the DECISIONS
         # position saved moves past them: read back at the next start, one whose id is not ours
@@ -854,16 +797,10 @@ class Learner:
         # Re-reading from the oldest position any held decision was added at finds them all again.
         front = self.joins.front_position()
         resume = (positions.get("FEEDBACK", 0), front if front is not None else positions.get("DECISIONS", 0))
-        # Read further with nothing learned (feedback without a decision) is a change too: the
-        # next start re-reads from these positions, and they stood still for such feedback.
-        changed = self._changed or resume != self._snapshot_positions
-        if not force and not failed and (not changed or now - self._last_snapshot < every_s):
+        gen = self.snapshots.next_gen(now, resume, self._changed, force)
+        if gen is None:
             return None
-        self._gen += 1
-        self._unconfirmed.append(self._gen)
         self._changed = False
-        self._snapshot_positions = resume
-        self._last_snapshot = now
         if not self.rows_to_rebuild:
             # From the horizon a start restores credits from, not from now's: until FEEDBACK has
             # caught up, a start judges the window in FEEDBACK's time (`add_logged`), which stays
@@ -871,60 +808,37 @@ class Learner:
             # window need their credits, else their rows lose their rewards and a re-sent feedback
             # is learned again.
             self.credit_log.drop_before(credits_from_ms)
-        state = {
-            "positions": {"FEEDBACK": resume[0], "DECISIONS": resume[1]},
-            # Empty: the credits are in their minutes' rows. Kept so that a release from before the
-            # credit log, rolled back to, starts (it read this key unconditionally).
-            "credits": {},
-            # By bucket of arrival (`WaitingFeedback.snapshot`). `waiting_buckets` (by bucket, one user
-            # a tip), `waiting` (the whole map) and `pending` (the older list form) stay, empty, for
-            # earlier releases rolled back to.
-            "waiting_rows": self.waiting.snapshot(),
-            "waiting_buckets": [],
-            "waiting": {},
-            "pending": [],
-            "evicted_upto_ms": self.joins.evicted_upto_ms,
-            "feedback_ms": self.feedback_ms,
-            "rows_to_rebuild": self.rows_to_rebuild,
-        }
-        # Models are saved only when they learned since the last snapshot known to be saved. The
-        # loop takes a frozen copy; the bytes are made where the checkpoint is written.
-        with_models = force or self._learn_seq != self._models_saved_seq
+        state = state_bytes(resume, self.waiting.snapshot(), self.joins.evicted_upto_ms, self.feedback_ms,
+                            self.rows_to_rebuild)
+        # Models are saved only when they learned since the last snapshot known to be saved.
+        with_models = force or self._learn_seq != self.snapshots.models_saved_seq
         models: dict[str, tuple[ModelBytes, int]] = {}
         if with_models:
-            started = self.timer()
-            models = {v: (ModelBytes(m.frozen()), m.n_learned) for v, m in self.lineup.learning}
-            self._models_cost_s = self.timer() - started
-            MODEL_SNAPSHOT_SECONDS.observe(self._models_cost_s)
+            models = self.snapshots.models(self.lineup.learning, self.timer)
             self.model_learning.count_users(self.lineup.learning)
         return {
-            "gen": self._gen,
+            "gen": gen,
             "learn_seq": self._learn_seq if with_models else None,
-            "state": orjson.dumps(state),
-            "credits": self.credit_log.changes(self._gen),
-            "forgotten_credits": self.credit_log.forgotten(self._gen),
+            "state": state,
+            "credits": self.credit_log.changes(gen),
+            "forgotten_credits": self.credit_log.forgotten(gen),
             "prior": self.lineup.prior.to_bytes(),
             "models": models,
         }
 
     def snapshot_at_next_checkpoint(self) -> None:
         """Whatever the spacing of snapshots: at a clean stop, so the next start replays nothing."""
-        self._last_snapshot = -math.inf
+        self.snapshots.last = -math.inf
 
     write = staticmethod(write_learner_state)
 
     def saved(self, snapshot: dict[str, Any]) -> None:
-        self._confirmed.append((snapshot["gen"], snapshot["learn_seq"]))
-        # Serialising took the GIL from the loop in short turns rather than one long one, but it
-        # took it: the next snapshot is spaced by the whole cost.
-        self._models_cost_s += sum(blob.seconds for blob, _ in snapshot["models"].values())
+        self.snapshots.saved(snapshot)
 
     def restore(self, engine: Engine) -> dict[str, int] | None:
         """Load the last snapshot (worker thread, before ingest starts); the stream positions to
         re-read FEEDBACK and DECISIONS from, or None on a first start."""
-        with engine.connect() as conn:
-            query = select(db.learner_state.c.name, db.learner_state.c.state)
-            rows = {name: state for name, state in conn.execute(query)}
+        rows = saved_rows(engine)
         self.replaying = True  # until the DECISIONS tail says it has caught up (`caught_up`)
         if "prior" in rows:
             self.lineup.prior = PopularityPrior.from_bytes(bytes(rows["prior"]))

@@ -159,7 +159,7 @@ def model_bytes(model: Any) -> bytes:
 
 def write_models(conn: Connection, models: dict[str, tuple[Any, int]]) -> None:
     """The learner's model snapshots, inside the checkpoint transaction: bytes, or a model
-    whose `to_bytes` makes them here (off the event loop; `learner.ModelBytes`)."""
+    whose `to_bytes` makes them here (off the event loop; `learner_checkpoint.ModelBytes`)."""
     now = datetime.now(UTC)
     for version, (model, n_learned) in models.items():
         blob = model_bytes(model)
