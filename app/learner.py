@@ -108,8 +108,8 @@ def _tell_wrong_user(user_id: str, decision_id: str, decision: dict[str, Any]) -
           user_id, decision_id, decision["user_id"])
 
 
-# Credited decisions a registration's look for unseen rewards tests between two yields to the event
-# loop: ~3.5 ms of it on a slow day (1.1-1.7 us each, bench/snapshot.py).
+# Credited decisions a registration's look for unseen rewards (`JoinCache.unseen_rewards`) tests between
+# two yields to the event loop: ~3.5 ms of it on a slow day (1.1-1.7 us each, bench/snapshot.py).
 UNSEEN_SCAN_CHUNK = 2_000
 # By the clock, a decision's silence is learned this long after it is due: feedback stored before
 # then has been read by FEEDBACK's ingest (live, it reads within milliseconds), so the reaction it
@@ -307,7 +307,7 @@ class Learner:
                 self.decision_log.mark(tip_score_row(logged.parsed(), logged.data, credits, rewarded_ms))
                 return True
             entry = Entry(logged.data, self.store.positions.get("DECISIONS", 0),
-                           min(created, now_ms) if created is not None else now_ms, logged.body, stored_ms=stored)
+                          min(created, now_ms) if created is not None else now_ms, logged.body, stored_ms=stored)
             self._adopt_credits(logged.id, entry)
             self._insert(logged.id, entry, replayed=self.replaying)
         elif entry.logged:
