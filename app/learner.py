@@ -49,7 +49,6 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -61,7 +60,6 @@ from app.decisions import LoggedDecision, TipScoresLog, decision_time_ms, learni
 from app.evaluation import TrainedOn
 from app.ingest import ReadUpTo
 from app.join_cache import (
-    ENTRY_OVERHEAD,  # noqa: F401 - tests read it as the learner's
     Entry,
     JoinCache,
     created_ms,
@@ -198,18 +196,6 @@ class Learner:
         # a request to forget a user acted on now covers every decision made before it, also once NTP has stepped
         # the wall clock back past their times (`Eraser._acted_on_at`).
         self.decisions_until_ms = 0
-
-    # The parts' state under the names tests and tools read from the learner, from before the parts had
-    # modules of their own.
-    cache = property(attrgetter("joins.cache"))
-    cache_bytes = property(attrgetter("joins.bytes"))
-    evicted_upto_ms = property(attrgetter("joins.evicted_upto_ms"))
-    _replayed = property(attrgetter("joins.replayed"))
-    _credited = property(attrgetter("joins.credited"))
-    _credited_during_scan = property(attrgetter("joins.credited_during_scan"))
-    _unconfirmed = property(attrgetter("snapshots.unconfirmed"))
-    _last_snapshot = property(attrgetter("snapshots.last"))
-    _models_saved_seq = property(attrgetter("snapshots.models_saved_seq"))
 
     def _lookup(self, decision_id: str) -> Entry | None:
         return self.joins.get(decision_id)

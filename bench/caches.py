@@ -60,7 +60,7 @@ def join_cache(decisions: int, payload_bytes: int, cache_mb: float) -> tuple[flo
     for decision_id in ids[fits:]:
         learner.served(decision_id, payload, {})
     full = (time.perf_counter() - started) / decisions
-    assert len(learner.cache) < fits + decisions, "the join cache did not evict"
+    assert len(learner.joins.cache) < fits + decisions, "the join cache did not evict"
     return filling * 1e6, full * 1e6
 
 

@@ -103,7 +103,7 @@ async def test_a_restart_resumes_learning_where_it_stopped(start_service, nc, da
     decision = first["decision_id"]
     await publish(js, feedback("f-1", decision, "tip-focus-1", "acted"))
     await eventually(lambda: running.service.learner.credited == 1)
-    await eventually(lambda: running.service.learner._unconfirmed == [] and not running.service.learner._changed)
+    await eventually(lambda: running.service.learner.snapshots.unconfirmed == [] and not running.service.learner._changed)
     learned = running.service.lineup.champion.n_learned
     async with httpx.AsyncClient(base_url=running.base_url) as http:
         served_before = scores((await http.post("/score", json=BODY)).json())
@@ -162,7 +162,7 @@ async def test_feedback_after_the_last_model_snapshot_is_replayed_on_restart(sta
         decision = (await http.post("/score", json=BODY)).json()["decision_id"]
     learner = running.service.learner
     await publish(js, feedback("f-1", decision, "tip-focus-1", "acted"))
-    await eventually(lambda: learner.credited == 1 and not learner._changed and not learner._unconfirmed)
+    await eventually(lambda: learner.credited == 1 and not learner._changed and not learner.snapshots.unconfirmed)
     await publish(js, feedback("f-2", decision, "tip-breaks-1", "disliked"))
     await eventually(lambda: learner.credited == 2)
     learned = running.service.lineup.champion.n_learned
@@ -233,7 +233,7 @@ async def test_a_decision_nobody_answers_learns_the_silence_reward_once_across_a
     await publish(nc.jetstream(), feedback("f-late", first["decision_id"], served, "acted"))
     await eventually(lambda: count("late") == late + 1)
     assert service.learner.credited == credited and service.lineup.champion.n_learned == 2
-    await eventually(lambda: service.learner._unconfirmed == [] and not service.learner._changed)
+    await eventually(lambda: service.learner.snapshots.unconfirmed == [] and not service.learner._changed)
     await running.stop()
 
     # The two decisions re-read from DECISIONS come back with their silence credited: a decision
@@ -278,7 +278,7 @@ async def test_a_reaction_stored_within_the_wait_and_read_late_answers_the_decis
     async with httpx.AsyncClient(base_url=running.base_url) as http:
         decision = (await http.post("/score", json=BODY)).json()
     served = time.time()
-    await eventually(lambda: service.checkpointer.uncheckpointed == 0 and service.learner._unconfirmed == [])
+    await eventually(lambda: service.checkpointer.uncheckpointed == 0 and service.learner.snapshots.unconfirmed == [])
     await eventually(lambda: not service.learner.replaying)  # the clock's path is open, but for the ingest held up
     late = count("late")
     set_connections(database, False)

@@ -180,8 +180,8 @@ async def test_a_request_outlives_a_crash_at_each_step(start_service, nc, tmp_pa
     monkeypatch.undo()
     third = await start_service(**settings)
     # Their decision, read back from DECISIONS at the start, is not held again while it waits to be deleted.
-    assert not any(owner(entry.data) == "u-1" for entry in [*third.service.learner.cache.values(),
-                                                             *third.service.learner._replayed.values()])
+    assert not any(owner(entry.data) == "u-1" for entry in [*third.service.learner.joins.cache.values(),
+                                                             *third.service.learner.joins.replayed.values()])
     async with httpx.AsyncClient(base_url=third.base_url) as http:
         async def done() -> bool:
             return (await status(http, "u-1"))["status"] == "done"
@@ -256,7 +256,7 @@ async def test_an_export_holds_a_users_data_until_they_are_forgotten(start_servi
     async with httpx.AsyncClient(base_url=running.base_url) as http:
         await traffic(running, nc.jetstream(), http)
         await eventually(lambda: "u-1" in rows(url, "user_features") and "u-1" in rows(url, "tip_scores"), timeout=15)
-        await eventually(lambda: running.service.learner._models_saved_seq == running.service.learner._learn_seq,
+        await eventually(lambda: running.service.learner.snapshots.models_saved_seq == running.service.learner._learn_seq,
                          timeout=15)
         monkeypatch.setenv("DATABASE_URL", url)
         out = tmp_path / "u-1.json"
@@ -289,7 +289,7 @@ async def test_an_export_holds_a_users_data_until_they_are_forgotten(start_servi
             return (await status(http, "u-1"))["status"] == "done"
 
         await eventually(done, timeout=30)
-        await eventually(lambda: running.service.learner._models_saved_seq == running.service.learner._learn_seq,
+        await eventually(lambda: running.service.learner.snapshots.models_saved_seq == running.service.learner._learn_seq,
                          timeout=15)
         assert await asyncio.to_thread(main, args) == 0
         after = orjson.loads(out.read_bytes())
@@ -492,7 +492,7 @@ async def test_a_decision_spooled_at_a_stop_while_its_user_is_forgotten_is_delet
         await eventually(done, timeout=30)
     await eventually(lambda: again.service.publisher.waiting == 0, timeout=15)
     assert sorted(owner(data) for data in (await stored(js, "DECISIONS")).values()) == ["u-2"]
-    assert not any(owner(entry.data) == "u-1" for entry in [*again.service.learner.cache.values(),
-                                                             *again.service.learner._replayed.values()])
+    assert not any(owner(entry.data) == "u-1" for entry in [*again.service.learner.joins.cache.values(),
+                                                             *again.service.learner.joins.replayed.values()])
     await again.service.checkpointer.checkpoint()
     assert set(rows(url, "tip_scores")) == {"u-2"}

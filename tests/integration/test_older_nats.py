@@ -75,7 +75,7 @@ async def test_the_service_runs_whole_on_an_older_nats_server(
     dead = await js.get_last_msg("DLQ", "dlq.signals.task.created")
     assert dead.headers[DLQ_KIND] == "missing_field" and dead.headers[DLQ_SEQ] == "51"
     await eventually(lambda: service.store.positions.get("SIGNALS") == 51)
-    await eventually(lambda: not service.learner._unconfirmed and not service.learner._changed)
+    await eventually(lambda: not service.learner.snapshots.unconfirmed and not service.learner._changed)
     await running.stop()
 
     again = await start_service(**settings)

@@ -77,7 +77,7 @@ async def test_an_answer_ranks_every_candidate_and_is_logged_once(start_service,
     # The learner holds it for its feedback, and says how much of its budget that takes.
     async with httpx.AsyncClient(base_url=running.base_url) as http:
         metrics = (await http.get("/metrics")).text
-    held = running.service.learner.cache_bytes
+    held = running.service.learner.joins.bytes
     assert held > len(message.data) and f"tipstream_join_cache_bytes {float(held)}" in metrics
     # And the champion's candidate features (10 tips and their categories) are cached for the next request.
     cached = running.service.lineup.champion.candidate_cache_items
@@ -212,7 +212,7 @@ async def test_bad_requests_get_4xx_naming_the_field_and_log_nothing(start_servi
         assert [answer.status_code for answer in ok] == [200] * 3, [answer.text for answer in ok]
     service = running.service
     await eventually(lambda: service.publisher.published == 3)
-    assert [d for d in service.learner.cache] == [answer.json()["decision_id"] for answer in ok]
+    assert [d for d in service.learner.joins.cache] == [answer.json()["decision_id"] for answer in ok]
     assert await decisions_in_stream(nc.jetstream()) == 3
 
 
@@ -233,7 +233,7 @@ async def test_a_request_naming_another_host_is_refused_against_dns_rebinding(st
         for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "tips.example", "TIPS.example."):
             answer = await http.post("/score", json=body(), headers={"host": host})
             assert answer.status_code == 200, (host, answer.text)
-    assert len(running.service.learner.cache) == 5, "a refused request logged a decision"
+    assert len(running.service.learner.joins.cache) == 5, "a refused request logged a decision"
 
 
 async def test_a_body_not_in_utf8_is_refused_as_such_not_as_bad_json(start_service, nc) -> None:
@@ -257,7 +257,7 @@ async def test_a_body_not_in_utf8_is_refused_as_such_not_as_bad_json(start_servi
             assert admin.status_code == 422 and named in admin.json()["error"], (name, admin.text)
         served = await http.post("/score", json=body())
     assert served.status_code == 200
-    assert list(running.service.learner.cache) == [served.json()["decision_id"]], "only the good request was logged"
+    assert list(running.service.learner.joins.cache) == [served.json()["decision_id"]], "only the good request was logged"
 
 
 async def test_server_features_win_and_caller_features_fill_what_it_lacks(start_service, nc) -> None:
@@ -309,7 +309,7 @@ async def test_the_shadow_scores_every_request_and_never_reaches_a_user(start_se
     for answer in answers:
         assert answer["model_version"] == "v1"
         assert [r["tip_id"] for r in answer["ranked"]] == ["tip-0", "tip-1"]
-    logged = orjson.loads(running.service.learner.cache[answers[0]["decision_id"]].data)
+    logged = orjson.loads(running.service.learner.joins.cache[answers[0]["decision_id"]].data)
     assert logged["shadow"] == {"version": "v2", "first": "tip-1"}
     by_tip = {r["tip_id"]: r for r in logged["ranked"]}
     assert by_tip["tip-1"]["shadow_score"] > by_tip["tip-0"]["shadow_score"]
@@ -392,7 +392,7 @@ async def test_decisions_not_yet_in_jetstream_at_shutdown_are_published_at_the_n
     nats_server.start()
     second = await start_service()
     await eventually(lambda: second.service.publisher.published == 3, timeout=30)
-    assert not spool.exists() and all(d in second.service.learner.cache for d in answers)
+    assert not spool.exists() and all(d in second.service.learner.joins.cache for d in answers)
     client = await nats.connect(nats_server.url)
     try:
         info = await client.jetstream().stream_info("DECISIONS")

@@ -202,7 +202,7 @@ async def test_a_shadow_that_diverges_logs_no_opinion_and_cannot_be_promoted(sta
         errors = SHADOW_ERRORS.value
         answer = (await http.post("/score", json=score_body("u-late"))).json()
         assert answer["model_version"] == "v1" and SHADOW_ERRORS.value == errors + 1
-        logged = service.learner.cache[answer["decision_id"]].decision
+        logged = service.learner.joins.cache[answer["decision_id"]].decision
         assert logged["shadow"] is None and all("shadow_score" not in c for c in logged["ranked"])
         assert 'tipstream_rewards_diverged_total{version="v2"}' in (await http.get("/metrics")).text
         history = len(service.lineup.registry.history)
@@ -522,7 +522,7 @@ async def test_a_clean_stop_saves_the_learner_where_the_streams_stand(start_serv
         for i in range(5):
             await score_and_act(http, js, i)
             if i == 0:  # the first reward's snapshot is saved; the next one is an hour away
-                await eventually(lambda: service.learner._last_snapshot > 0 and not service.learner._unconfirmed)
+                await eventually(lambda: service.learner.snapshots.last > 0 and not service.learner.snapshots.unconfirmed)
     await eventually(lambda: service.learner.credited == 5)
     await running.stop()
     again = await start_service(model_snapshot_every_s=3600)

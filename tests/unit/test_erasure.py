@@ -118,7 +118,7 @@ async def test_decisions_served_before_the_wall_clock_stepped_back_are_forgotten
                     ingests=[ingest])
     await eraser._drop([{"user_id": "u-1", "requested_at": datetime.now(UTC)}])
     assert (eraser.snapshot() or [])[0]["report"]["decisions_held"] == 2
-    assert not world.learner.cache
+    assert not world.learner.joins.cache
     world.engine.dispose()
 
 

@@ -363,7 +363,7 @@ def test_a_decision_of_another_publisher_read_back_keeps_its_credits_as_long_as_
     again.react(None, "b")  # FEEDBACK goes on, without decisions
     again.learner.feedback_read.advance(int(again.clock.now * 1000), caught_up=True)
     checkpoint(again)  # deletes the minute the credit was given in
-    assert "external-1" in again.learner.cache
+    assert "external-1" in again.learner.joins.cache
 
     last = start_again(minutes_later=71)
     assert last.log.dirty["external-1"]["rewards"] == {"a": 1.0}  # its row keeps its rewards

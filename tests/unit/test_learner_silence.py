@@ -165,7 +165,7 @@ def test_decisions_the_join_cache_lets_go_before_their_silence_are_counted_and_t
     monkeypatch.setattr(learner_module, "_TOLD", learner_module.LogThrottle())
     world = quiet_world(tmp_path, cache_mb=0.01)  # ~10 KB: a few decisions
     served = [world.score() for _ in range(40)]
-    held = len(world.learner.cache)
+    held = len(world.learner.joins.cache)
     assert 0 < held < 30
     before = silences()
     with caplog.at_level(logging.WARNING, "tipstream.learner"):

@@ -461,7 +461,7 @@ class LearnerMachine(RuleBasedStateMachine):
         message = self._append(self._event(user, {"tip_id": tip, "decision_id": decision_id, "reaction": reaction}, ts))
         created = self.decisions[decision_id]["created_ms"]
         if decision_id in self.unjoined and created is not None and any(
-                created <= side.learner.evicted_upto_ms for side in sides):
+                created <= side.learner.joins.evicted_upto_ms for side in sides):
             # Made before a decision the join cache's budget let go: taken for one let go too (docs:
             # "one of ours, whose id says when it was served, is not waited for then").
             for got in self._read_live(message, len(self.feedback), sides):

@@ -548,7 +548,7 @@ async def test_a_client_gone_before_its_body_is_answered_nothing_and_logs_nothin
         sent.append(message)
 
     await app(scope, receive, send)
-    assert sent == [] and service.publisher.waiting == 0 and len(service.learner.cache) == 0
+    assert sent == [] and service.publisher.waiting == 0 and len(service.learner.joins.cache) == 0
 
 
 async def test_an_admin_body_past_its_bound_is_a_413_read_no_further(tmp_path: Path) -> None:
@@ -601,7 +601,7 @@ async def test_score_refuses_while_too_many_decision_rows_wait_for_the_database(
     assert sent[0]["status"] == 503 and (b"retry-after", b"5") in sent[0]["headers"]
     answer = orjson.loads(sent[1]["body"])
     assert "TIPSTREAM_MAX_UNWRITTEN_DECISIONS" in answer["error"] and answer["error"].startswith("2 decisions")
-    assert service.publisher.waiting == 0 and len(service.learner.cache) == 0
+    assert service.publisher.waiting == 0 and len(service.learner.joins.cache) == 0
 
 
 def test_a_user_s_unknown_time_zone_is_logged_as_unknown_not_as_utc(lineup: Lineup) -> None:
@@ -639,7 +639,7 @@ async def test_a_user_not_loaded_yet_while_the_database_is_away_is_a_503_not_a_5
     for answer in (scored, features):
         assert answer.status_code == 503 and answer.headers["retry-after"] == "5", answer.text
         assert answer.json()["field"] == "user_id" and "database" in answer.json()["error"]
-    assert service.publisher.waiting == 0 and len(service.learner.cache) == 0
+    assert service.publisher.waiting == 0 and len(service.learner.joins.cache) == 0
     assert service.store.cold == {"u-1"}, "loaded when the database is back"
 
 

@@ -25,6 +25,7 @@ from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.db import make_engine
 from app.decisions import LoggedDecision, TipScoresLog, decision_time_ms, tip_score_row
 from app.ingest import ReadUpTo
+from app.join_cache import ENTRY_OVERHEAD
 from app.learner import Learner
 from app.learning_metrics import FEEDBACK, LEARN_DELAY, MODEL_USERS, REFUSED, SKIPPED
 from app.lineup import Lineup, RetiredModel
@@ -229,7 +230,7 @@ def test_feedback_delivered_again_after_it_gave_up_waiting_is_not_learned(world:
     world.learner.add_logged(decision, _decisions_ack(t0 + 70, 1))
     world.sink(_reaction("f-2", "ext-1", "b", "disliked"), _ack(t0, 2, delivered=2))  # again, after the decision
     assert delta(before) == {"waiting": 3, "unknown_decision": 4, "credited": 1}
-    assert world.learner.cache["ext-1"].credits == {"a": 1.0}
+    assert world.learner.joins.cache["ext-1"].credits == {"a": 1.0}
     assert {v: m.n_learned for v, m in world.lineup.learning} == {"v1": 1, "v2": 1}
 
 
@@ -338,7 +339,7 @@ def test_another_user_s_reaction_waiting_does_not_shut_out_the_decision_s_user_s
     assert delta(before) == {"waiting": 2, "duplicate": 3, "credited": 1, "wrong_user": 1}
     assert not world.learner.waiting.by_decision and len(world.learner.waiting) == 0
     assert {v: m.n_learned for v, m in world.lineup.learning} == {"v1": 1, "v2": 1}
-    assert world.lineup.prior.count("a") == 1.0 and world.learner.cache[decision_id].credits == {"a": 1.0}
+    assert world.lineup.prior.count("a") == 1.0 and world.learner.joins.cache[decision_id].credits == {"a": 1.0}
     world.react(decision_id, **right)  # redelivered after the join: learned once
     world.react(decision_id, **wrong)
     assert delta(before) == {"waiting": 2, "duplicate": 4, "credited": 1, "wrong_user": 2}
@@ -362,8 +363,8 @@ def test_the_join_cache_is_bounded_and_older_feedback_is_expired(tmp_path: Path)
     first = w.score()
     for _ in range(30):
         w.score()
-    assert first.decision_id not in w.learner.cache and len(w.learner.cache) < 15
-    assert w.learner.cache_bytes <= 0.01 * 1024 * 1024
+    assert first.decision_id not in w.learner.joins.cache and len(w.learner.joins.cache) < 15
+    assert w.learner.joins.bytes <= 0.01 * 1024 * 1024
     before = outcomes()
     w.react(first.decision_id, "a")
     assert delta(before) == {"expired": 1}
@@ -396,10 +397,10 @@ def test_after_a_restart_the_decisions_read_back_are_evicted_before_fresh_ones(t
     again.learner.add_logged(stream[-1])
     again.learner.caught_up()
     assert delta(before) == {"credited": 2, "waiting": 1}
-    held = list(again.learner.cache)
+    held = list(again.learner.joins.cache)
     assert held[-1] == live.decision_id and held[:-1] == [d.id for d in stream][-len(held) + 1:]
     # A later reaction to the oldest decision re-read, now evicted, is reported as such.
-    assert stream[0].id not in again.learner.cache
+    assert stream[0].id not in again.learner.joins.cache
     again.react(stream[0].id, "a")
     assert delta(before) == {"credited": 2, "waiting": 1, "expired": 1}
     before_crash.engine.dispose()
@@ -443,7 +444,7 @@ def test_the_join_window_is_judged_in_feedbacks_time_across_an_outage(tmp_path: 
     # Once FEEDBACK has caught up, the window is the clock's again: the 2-hour-old decision goes.
     after.learner.feedback_read.advance(int((t0 + 7200) * 1000), caught_up=True)
     after.score()
-    assert decision.id not in after.learner.cache and decision.id not in after.learner._replayed
+    assert decision.id not in after.learner.joins.cache and decision.id not in after.learner.joins.replayed
     after.sink(parse_event(orjson.dumps({**late, "id": "f-2", "data": {**late["data"], "tip_id": "a"}})),
                _ack(t0 + 7200, 3))
     assert delta(before) == {"credited": 1, "expired": 1}
@@ -644,7 +645,7 @@ def test_a_replay_does_not_let_a_reaction_that_gave_up_take_the_place_of_a_later
         live.sink(reaction, _ack(stored_s, seq))
     live.clock.now = t0 + 70
     live.learner.add_logged(decision, _decisions_ack(t0 + 70, 1))
-    assert live.learner.cache["ext-1"].credits == {"a": 1.0}
+    assert live.learner.joins.cache["ext-1"].credits == {"a": 1.0}
 
     replay = World(tmp_path / "replay")
     replay.clock.now = t0 + 600
@@ -656,7 +657,7 @@ def test_a_replay_does_not_let_a_reaction_that_gave_up_take_the_place_of_a_later
     replay.learner.feedback_read.advance(int((t0 + 65) * 1000), caught_up=True)
     replay.learner.snapshot()
     assert delta(before) == {"unknown_decision": 1, "waiting": 1, "credited": 1}
-    assert replay.learner.cache["ext-1"].credits == {"a": 1.0}
+    assert replay.learner.joins.cache["ext-1"].credits == {"a": 1.0}
     for version in ("v1", "v2"):
         assert replay.lineup.models[version].to_bytes() == live.lineup.models[version].to_bytes()
     live.engine.dispose()
@@ -680,7 +681,7 @@ def test_read_back_a_reaction_that_gave_up_does_not_take_the_place_of_a_later_on
     replay.learner.feedback_read.advance(int((t0 + 65) * 1000), caught_up=True)
     replay.learner.snapshot()  # FEEDBACK has caught up: the decision's wait is over
     assert delta(before) == {"waiting": 2, "unknown_decision": 1, "credited": 1}
-    assert replay.learner.cache["ext-1"].credits == {"a": 1.0}
+    assert replay.learner.joins.cache["ext-1"].credits == {"a": 1.0}
     replay.engine.dispose()
 
 
@@ -702,7 +703,7 @@ def test_read_back_another_user_s_reaction_deferred_does_not_shut_out_the_decisi
     assert delta(before) == {"waiting": 2, "duplicate": 1}
     replay.sink(_reaction("f-3", "ext-1", "b", "liked"), _ack(t0 + 6, 3))  # FEEDBACK's time passes the decision's
     assert delta(before) == {"waiting": 2, "duplicate": 1, "credited": 2, "wrong_user": 1}
-    assert replay.learner.cache["ext-1"].credits == {"a": 1.0, "b": 0.8} and len(replay.learner.waiting) == 0
+    assert replay.learner.joins.cache["ext-1"].credits == {"a": 1.0, "b": 0.8} and len(replay.learner.waiting) == 0
     replay.engine.dispose()
 
 
@@ -902,8 +903,8 @@ def test_the_join_cache_holds_what_its_budget_counts(tmp_path: Path) -> None:
         held = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
-    assert all(d in w.learner.cache for d in kept)
-    counted = w.learner.cache_bytes
+    assert all(d in w.learner.joins.cache for d in kept)
+    counted = w.learner.joins.bytes
     assert held <= 1.25 * counted, f"{held} bytes held for {counted} counted"
     w.engine.dispose()
 
@@ -1377,7 +1378,7 @@ def test_a_decision_the_join_cache_let_go_before_its_ack_still_gets_its_row(tmp_
     row later: the acknowledgement carries the decision's bytes for that case."""
     w = World(tmp_path, cache_mb=0.01)  # about ten decisions
     waiting = [w.score(user=f"u-{i}") for i in range(40)]  # JetStream away: none acknowledged yet
-    assert waiting[0].decision_id not in w.learner.cache
+    assert waiting[0].decision_id not in w.learner.joins.cache
     for scored in waiting:
         w.learner.published(scored.decision_id, scored.payload)
     assert sorted(w.log.dirty) == sorted(s.decision_id for s in waiting)
@@ -1561,7 +1562,7 @@ def test_waiting_feedback_in_a_snapshot_the_release_before_wrote_is_joined_once_
         world.learner.add_logged(_foreign(world, decision_id), _decisions_ack(t + 20, seq))
     world.learner.caught_up()
     assert delta(before) == {"credited": 2, "wrong_user": 1} and len(world.learner.waiting) == 0
-    assert world.learner.cache["ext-1"].credits == {"a": 1.0, "b": 0.8} and not world.learner.cache["ext-2"].credits
+    assert world.learner.joins.cache["ext-1"].credits == {"a": 1.0, "b": 0.8} and not world.learner.joins.cache["ext-2"].credits
     world.sink(_reaction("f-1", "ext-1", "a"), _ack(t, 1))  # FEEDBACK redelivers what the snapshot held
     assert delta(before) == {"credited": 2, "wrong_user": 1, "duplicate": 1}
     assert {v: m.n_learned for v, m in world.lineup.learning} == {"v1": 2, "v2": 2}
@@ -1689,12 +1690,12 @@ def test_a_registration_finds_each_unseen_reward_once_while_its_look_yields_to_t
             world.react(third, "b", "disliked")
             late = world.score(tips=("c",))
             world.react(late.decision_id, "c", "snoozed")
-            world.learner._credited.pop(second)  # as the join cache's eviction does
+            world.learner.joins.credited.pop(second)  # as the join cache's eviction does
     assert turns == 4  # a yield before each decision looked at, the first after the copy of the ids
     rewards = sorted(reward for _, reward, _ in found)
     assert rewards == sorted([DEFAULT_REWARDS["acted"], DEFAULT_REWARDS["liked"], DEFAULT_REWARDS["disliked"],
                               DEFAULT_REWARDS["snoozed"]])
-    assert world.learner._credited_during_scan is None
+    assert world.learner.joins.credited_during_scan is None
 
 
 def test_a_reward_credited_while_the_look_yields_is_found_though_the_join_cache_lets_it_go(
@@ -1712,7 +1713,7 @@ def test_a_reward_credited_while_the_look_yields_is_found_though_the_join_cache_
     look.send(None)  # after the copy of the ids
     late = world.score(tips=("c",))
     world.react(late.decision_id, "c", "liked")
-    world.learner._credited.pop(late.decision_id)  # as the join cache's eviction does
+    world.learner.joins.credited.pop(late.decision_id)  # as the join cache's eviction does
     with pytest.raises(StopIteration) as done:
         while True:
             look.send(None)
@@ -1726,7 +1727,7 @@ def test_a_reaction_waiting_again_is_not_expired_by_its_earlier_wait(world: Worl
     world.react("external-1", "a")
     assert world.learner.add_logged(LoggedDecision("external-1", scored.payload))
     world.learner._evict(int(world.clock.now * 1000) + 1)  # as the join window's end does
-    assert "external-1" not in world.learner.cache
+    assert "external-1" not in world.learner.joins.cache
     world.clock.now += 30
     before = outcomes()
     world.react("external-1", "a", event_id="f-resent")
@@ -1866,7 +1867,7 @@ def test_feedback_stored_more_than_the_window_after_its_decision_is_expired_thou
     w.sink(parse_event(orjson.dumps(late)), _ack(t0 + 7200, 2))
     assert delta(before) == {"credited": 1, "expired": 1}
     assert [m.n_learned for _, m in w.lineup.learning] == [1, 1]
-    assert w.learner.cache[served.decision_id].credits == {"a": 1.0}
+    assert w.learner.joins.cache[served.decision_id].credits == {"a": 1.0}
     w.engine.dispose()
 
 
@@ -1930,7 +1931,6 @@ def test_a_decision_served_while_decisions_are_read_back_is_re_read_after_a_rest
 
 
 def test_forgetting_a_user_drops_their_decisions_waiting_reactions_and_own_features(world: World) -> None:
-    from app import learner as learner_module
 
     mine, theirs = world.score(user="u-1"), world.score(user="u-10")
     world.react(mine.decision_id, "a", user="u-1")
@@ -1940,14 +1940,14 @@ def test_forgetting_a_user_drops_their_decisions_waiting_reactions_and_own_featu
     world.react(coming.decision_id, "b", user="u-10")  # another user's, waiting beside it
     x = {"user_id": "u-10", "tip_id": "a"}
     kept = {v: m.predict_one(x) for v, m in world.lineup.learning}
-    cached = world.learner.cache_bytes
+    cached = world.learner.joins.bytes
     world.learner.saved(world.learner.snapshot())
     assert world.learner.snapshot(force=False) is None or not world.learner.snapshot()["models"]
 
     at_ms = int(time.time() * 1000) + 1  # as the service acts: by the clock the decision ids are timed by
     assert forget(world.learner, "u-1", at_ms) == 1
-    assert list(world.learner.cache) == [theirs.decision_id]
-    assert world.learner.cache_bytes == cached - len(mine.payload) - learner_module.ENTRY_OVERHEAD
+    assert list(world.learner.joins.cache) == [theirs.decision_id]
+    assert world.learner.joins.bytes == cached - len(mine.payload) - ENTRY_OVERHEAD
     assert [key for waits in world.learner.waiting.by_decision.values() for key in waits] == [("b", "u-10")]
     assert len(world.learner.waiting) == 1
     assert all(m.forget_user("u-1") == 0 for _, m in world.lineup.learning), "nothing of theirs left in a model"
@@ -1958,12 +1958,12 @@ def test_forgetting_a_user_drops_their_decisions_waiting_reactions_and_own_featu
     assert snapshot is not None and set(snapshot["models"]) == {"v1", "v2"}, "saved without them, though no reward came"
     assert not world.learner.add_logged(LoggedDecision(mine.decision_id, mine.payload))
     world.learner.published(coming.decision_id, coming.payload)
-    assert mine.decision_id not in world.learner.cache and coming.decision_id not in world.learner.cache
+    assert mine.decision_id not in world.learner.joins.cache and coming.decision_id not in world.learner.joins.cache
     assert coming.decision_id not in world.log.dirty
     while int(time.time() * 1000) <= at_ms:  # a decision made later is timed later
         time.sleep(0.001)
     later = world.score(user="u-1")
-    assert later.decision_id in world.learner.cache
+    assert later.decision_id in world.learner.joins.cache
     before = outcomes()
     world.react(later.decision_id, "a", user="u-1")
     assert delta(before) == {"credited": 1}
