@@ -7,13 +7,14 @@ dependencies: the participants themselves (the learner with its models) stay in 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from sqlalchemy import and_, delete, select, update
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
 from app import db
 from app.credit_log import ROW_PREFIX as CREDITS_ROW
@@ -82,16 +83,80 @@ def write_checkpoint(conn: Connection, positions: dict[str, int], states: list[t
     users' states, then the positions they reflect, each with when NATS stored its message
     (`marks`, where known). First, unless `committed` is None, that the database still holds the
     positions this service committed last (`check_positions`)."""
+    now = datetime.now(UTC)
+    start_checkpoint(conn, writes, committed)
+    write_states(conn, states, now)
+    finish_checkpoint(conn, positions, marks, now)
+
+
+def start_checkpoint(conn: Connection, writes: Sequence[Write], committed: Mapping[str, int] | None) -> None:
+    """`write_checkpoint`'s first rows: the positions checked, then the participants' (an erasure's deletes
+    among them, which the users' states written after must follow)."""
     if committed:
         check_positions(conn, committed)
-    marks = marks or {}
-    now = datetime.now(UTC)
     for write, snapshot in writes:
         write(conn, snapshot)
+
+
+def write_states(conn: Connection, states: Sequence[tuple[str, bytes]], now: datetime) -> None:
     db.upsert(conn, db.user_state, [{"user_id": u, "state": b, "updated_at": now} for u, b in states], ["user_id"])
+
+
+def finish_checkpoint(conn: Connection, positions: dict[str, int], marks: dict[str, int] | None,
+                      now: datetime) -> None:
+    marks = marks or {}
     db.upsert(conn, db.stream_positions,
               [{"stream": s, "seq": q, "updated_at": now, "stored_us": marks.get(s)} for s, q in positions.items()],
               ["stream"])
+
+
+class OpenCheckpoint:
+    """A checkpoint of many users written in batches: one transaction held open across calls (`begin`,
+    `add`s, `commit`), so that the caller holds one batch of serialised states at a time, not every
+    changed user's, and the database gets all of it or none. Any call that fails rolls the transaction
+    back, and so does a new `begin`: nothing is left half-written and holding the database's locks.
+    Its calls run one at a time, in order (one thread, or the writer process)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._conn: Connection | None = None
+        self._now = datetime.now(UTC)
+
+    def begin(self, writes: Sequence[Write], committed: Mapping[str, int] | None,
+              states: Sequence[tuple[str, bytes]]) -> None:
+        self.rollback()
+        self._conn = self.engine.connect()
+        self._conn.begin()
+        self._now = datetime.now(UTC)  # every row of the checkpoint stamped alike, as one call stamps them
+        self._in_turn(lambda conn: (start_checkpoint(conn, writes, committed), write_states(conn, states, self._now)))
+
+    def add(self, states: Sequence[tuple[str, bytes]]) -> None:
+        self._in_turn(lambda conn: write_states(conn, states, self._now))
+
+    def commit(self, positions: dict[str, int], marks: dict[str, int] | None,
+               states: Sequence[tuple[str, bytes]]) -> None:
+        def last(conn: Connection) -> None:
+            write_states(conn, states, self._now)
+            finish_checkpoint(conn, positions, marks, self._now)
+            conn.commit()
+
+        self._in_turn(last)
+        self.rollback()  # closes the connection: nothing is left to roll back
+
+    def rollback(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # a broken connection: the database rolls back without it
+                conn.close()  # rolls the open transaction back
+
+    def _in_turn(self, step: Callable[[Connection], Any]) -> None:
+        if self._conn is None:
+            raise RuntimeError("no checkpoint transaction is open: its begin failed, or a later one rolled it back")
+        try:
+            step(self._conn)
+        except BaseException:
+            self.rollback()
+            raise
 
 
 def write_learner_state(conn: Connection, snapshot: dict[str, Any] | None) -> None:

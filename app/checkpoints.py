@@ -13,7 +13,8 @@ import itertools
 import logging
 import time
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,7 +22,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.engine import Connection
 
 from app import db
-from app.checkpoint_rows import PositionsBehind, positions_behind, write_checkpoint
+from app.checkpoint_rows import OpenCheckpoint, PositionsBehind, positions_behind, write_checkpoint
 from app.log_throttle import LogThrottle
 from app.metrics import METRICS
 from streams.fold import DAY_MS, HORIZON_DAYS, MAX_RECORDS_PER_KIND, SIZES, at_cap
@@ -34,6 +35,9 @@ log = logging.getLogger("tipstream.checkpoints")
 REST_CHUNK = 10_000  # users looked at per turn of the event loop when letting go of idle ones
 SERIALISE_CHUNK = 50  # ~0.6 ms of the event loop per chunk
 SORT_CHUNK = 20_000  # user ids sorted or merged per turn of the event loop (~10-20 ms)
+# Serialised states sent to the transaction at a time: a checkpoint of more is written in batches (~4,000
+# typical users each), so that its memory is a few batches', not every changed user's (6.4 GB for a million).
+SAVE_BATCH_BYTES = 32 << 20
 # No smaller state can hold a kind at the fold's cap: only these are looked at.
 _HEAVY_STATE_BYTES = MAX_RECORDS_PER_KIND * min(SIZES)
 _AT_CAP_TOLD = LogThrottle()
@@ -67,6 +71,19 @@ class CheckpointStore(Protocol):
         older positions than `committed`, the ones this service committed last."""
         ...
 
+    # `save` in batches, for a checkpoint of many users: its transaction opened with the first batch,
+    # held open across `add`s, committed with the last; a failed call, `rollback` or another `begin`
+    # rolls it back. Called one at a time, from one thread.
+    def begin(self, extras: Sequence[tuple[Participant, Any]], committed: dict[str, int] | None,
+              states: list[tuple[str, bytes]]) -> None: ...
+
+    def add(self, states: list[tuple[str, bytes]]) -> None: ...
+
+    def commit(self, positions: dict[str, int], marks: dict[str, int] | None,
+               states: list[tuple[str, bytes]]) -> None: ...
+
+    def rollback(self) -> None: ...
+
     def reachable(self) -> bool:
         """Whether the store answers now (asked while a failed checkpoint waits to retry)."""
         ...
@@ -80,6 +97,8 @@ class MemoryCheckpointStore:
         self.marks: dict[str, int] = {}
         self.states: dict[str, bytes] = {}
         self.extras: dict[str, Any] = {}
+        self._open: tuple[list[tuple[str, bytes]], Sequence[tuple[Participant, Any]], dict[str, int] | None] | None
+        self._open = None  # a checkpoint in batches: its states so far, its extras and committed positions
 
     def load(self) -> tuple[dict[str, int], Iterator[tuple[str, bytes]]]:
         return dict(self.positions), iter(list(self.states.items()))
@@ -99,6 +118,26 @@ class MemoryCheckpointStore:
         for participant, snapshot in extras:
             self.extras[participant.name] = snapshot
 
+    def begin(self, extras: Sequence[tuple[Participant, Any]], committed: dict[str, int] | None,
+              states: list[tuple[str, bytes]]) -> None:
+        self._open = (list(states), extras, committed)
+
+    def add(self, states: list[tuple[str, bytes]]) -> None:
+        if self._open is None:
+            raise RuntimeError("no checkpoint is open")
+        self._open[0].extend(states)
+
+    def commit(self, positions: dict[str, int], marks: dict[str, int] | None,
+               states: list[tuple[str, bytes]]) -> None:
+        if self._open is None:
+            raise RuntimeError("no checkpoint is open")
+        held, extras, committed = self._open
+        self._open = None
+        self.save(positions, held + states, extras, marks, committed)
+
+    def rollback(self) -> None:
+        self._open = None
+
     def reachable(self) -> bool:
         return True
 
@@ -108,6 +147,7 @@ class SqlCheckpointStore:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._open = OpenCheckpoint(engine)
 
     def load(self) -> tuple[dict[str, int], Iterator[tuple[str, bytes]]]:
         with self.engine.connect() as conn:
@@ -155,6 +195,57 @@ class SqlCheckpointStore:
             write_checkpoint(conn, positions, states, [(p.write, snapshot) for p, snapshot in extras], marks,
                              committed)
 
+    def begin(self, extras: Sequence[tuple[Participant, Any]], committed: dict[str, int] | None,
+              states: list[tuple[str, bytes]]) -> None:
+        self._open.begin([(p.write, snapshot) for p, snapshot in extras], committed, states)
+
+    def add(self, states: list[tuple[str, bytes]]) -> None:
+        self._open.add(states)
+
+    def commit(self, positions: dict[str, int], marks: dict[str, int] | None,
+               states: list[tuple[str, bytes]]) -> None:
+        self._open.commit(positions, marks, states)
+
+    def rollback(self) -> None:
+        self._open.rollback()
+
+
+class _Batched(Protocol):
+    """A checkpoint's transaction open across calls, as `CheckpointWriter` runs it in its process."""
+
+    async def begin(self, opening: Any, committed: dict[str, int] | None, states: list[tuple[str, bytes]]) -> None: ...
+
+    async def add(self, states: list[tuple[str, bytes]]) -> None: ...
+
+    async def commit(self, positions: dict[str, int], marks: dict[str, int] | None,
+                     states: list[tuple[str, bytes]]) -> None: ...
+
+    def rollback(self) -> None: ...
+
+
+class _InThread:
+    """A store's batched save (`CheckpointStore.begin`...) in a thread of its own: its calls run in turn on the
+    one connection that holds the transaction, and a rollback waits for the call in flight, as in the writer
+    process (`asyncio.to_thread` could run them side by side)."""
+
+    def __init__(self, target: CheckpointStore) -> None:
+        self.target = target
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="tipstream-checkpoint")
+
+    async def begin(self, extras: Sequence[tuple[Participant, Any]], committed: dict[str, int] | None,
+                    states: list[tuple[str, bytes]]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, self.target.begin, extras, committed, states)
+
+    async def add(self, states: list[tuple[str, bytes]]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, self.target.add, states)
+
+    async def commit(self, positions: dict[str, int], marks: dict[str, int] | None,
+                     states: list[tuple[str, bytes]]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, self.target.commit, positions, marks, states)
+
+    def rollback(self) -> None:
+        self._thread.submit(self.target.rollback)
+
 
 class Checkpointer:
     """Writes a checkpoint every `every_events` applied events or `every_s` seconds.
@@ -166,7 +257,10 @@ class Checkpointer:
        start can tell, without comparing clocks, that a stream is still the one read. Serialise
        the changed users in chunks, yielding to the event loop between chunks.
     3. Write states, positions and snapshots in one transaction, in the writer process (or a
-       worker thread); then tell each participant its snapshot is safe. The transaction first reads
+       worker thread), the states a batch at a time as they are serialised when there are more
+       than `SAVE_BATCH_BYTES` of them; then tell each participant its snapshot is safe. A user's
+       state serialised after the hand-over may hold later events: a replay from the positions
+       folds them again, and the fold ignores what it already holds. The transaction first reads
        the positions the database holds: older than those this service committed last (`committed`),
        the database lost commits under it (a failover, a restore), and this checkpoint would record
        newer positions without the users only those commits held. It commits nothing then, and the
@@ -215,6 +309,7 @@ class Checkpointer:
         store.on_forget.append(self._forget_at_cap)
         self._rest_later: list[str] = []  # idle, but not saved yet or kept: looked at again next time
         self.saving = 0  # users in the checkpoint being serialised and written, if one is
+        self._in_thread: _InThread | None = None  # made at the first checkpoint in batches without a writer
 
     @property
     def uncheckpointed(self) -> int:
@@ -348,18 +443,17 @@ class Checkpointer:
         self.saving = len(users)
         try:
             marks = await self._stored_marks(positions)
-            states: list[tuple[str, bytes]] = []
             heavy: list[str] = []
-            for start in range(0, len(users), SERIALISE_CHUNK):
-                chunk = [(u, self.store.users[u].to_bytes()) for u in users[start : start + SERIALISE_CHUNK]]
-                states.extend(chunk)
-                heavy.extend(u for u, blob in chunk if len(blob) >= _HEAVY_STATE_BYTES)
-                await asyncio.sleep(0)
+            batches = self._serialised(users, heavy)
+            first = await anext(batches, [])
+            second = await anext(batches, None)
             committed = dict(self.committed)
-            if self.writer is not None:
-                await self.writer.save(positions, states, [(p.write, snap) for p, snap in extras], marks, committed)
+            if second is not None:
+                await self._save_in_batches(first, second, batches, positions, extras, marks, committed)
+            elif self.writer is not None:
+                await self.writer.save(positions, first, [(p.write, snap) for p, snap in extras], marks, committed)
             else:
-                await asyncio.to_thread(self.target.save, positions, states, extras, marks, committed)
+                await asyncio.to_thread(self.target.save, positions, first, extras, marks, committed)
         except BaseException:
             self.store.abort_checkpoint(users)
             raise
@@ -382,6 +476,51 @@ class Checkpointer:
             METRICS.checkpoint_position.labels(stream).set(seq)
         await self._rest_idle()
         return True
+
+    async def _serialised(self, users: list[str], heavy: list[str]) -> AsyncIterator[list[tuple[str, bytes]]]:
+        """The users' states, serialised a chunk per turn of the event loop, in batches of `SAVE_BATCH_BYTES` or
+        so; those large enough to hold a kind at the fold's cap go to `heavy`."""
+        batch: list[tuple[str, bytes]] = []
+        size = 0
+        for start in range(0, len(users), SERIALISE_CHUNK):
+            chunk = [(u, self.store.users[u].to_bytes()) for u in users[start : start + SERIALISE_CHUNK]]
+            for user_id, blob in chunk:
+                size += len(blob)
+                if len(blob) >= _HEAVY_STATE_BYTES:
+                    heavy.append(user_id)
+            batch.extend(chunk)
+            if size >= SAVE_BATCH_BYTES:
+                yield batch
+                batch, size = [], 0
+            await asyncio.sleep(0)
+        if batch:
+            yield batch
+
+    async def _save_in_batches(self, first: list[tuple[str, bytes]], second: list[tuple[str, bytes]],
+                               batches: AsyncIterator[list[tuple[str, bytes]]], positions: dict[str, int],
+                               extras: list[tuple[Participant, Any]], marks: dict[str, int],
+                               committed: dict[str, int]) -> None:
+        """`save`, a batch at a time into one transaction: the service holds three batches at most (one being
+        written, the next, one being serialised), where it held every changed user's state to the commit."""
+        writer: _Batched
+        if self.writer is not None:
+            writer, opening = self.writer, [(p.write, snapshot) for p, snapshot in extras]
+        else:
+            writer, opening = self._in_thread or _InThread(self.target), extras
+            self._in_thread = writer
+        call = asyncio.ensure_future(writer.begin(opening, committed, first))
+        try:
+            batch = second
+            while (following := await anext(batches, None)) is not None:  # serialised while the one before is written
+                await call
+                call = asyncio.ensure_future(writer.add(batch))
+                batch = following
+            await call
+            await writer.commit(positions, marks, batch)
+        except BaseException:
+            call.cancel()
+            writer.rollback()
+            raise
 
     def _forget_at_cap(self, user_id: str) -> None:
         """A user forgotten: never saved again, they stayed counted (their id held) up to 31 days."""

@@ -13,14 +13,17 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import sqlalchemy as sa
 
-from app import migrate
+from app import checkpoints, migrate
 from app.checkpoint_rows import PositionsBehind
 from app.checkpoint_writer import CheckpointWriter
-from app.checkpoints import MemoryCheckpointStore, SqlCheckpointStore
+from app.checkpoints import Checkpointer, MemoryCheckpointStore, SqlCheckpointStore
 from app.db import make_engine
+from streams.events import parse_event
+from streams.store import OnlineStore
 from tests.conftest import eventually, reset_postgres
 
 
@@ -299,3 +302,66 @@ async def test_the_writer_process_refuses_a_save_over_lost_commits_too(
     assert raised.value.behind == {"SIGNALS": (10, 7)}
     positions, states = store.load()
     assert positions == {"SIGNALS": 7} and dict(states) == {"u-1": b"v1"}
+
+
+def _users_opened(count: int) -> OnlineStore:
+    store = OnlineStore()
+    for i in range(count):
+        store.apply(parse_event(orjson.dumps({"id": f"o-{i}", "type": "app.opened", "user_id": f"u-{i:04d}",
+                                              "ts": "2026-11-26T08:00:00+01:00"})))
+    store.advance("SIGNALS", count)
+    return store
+
+
+@pytest.mark.parametrize("writer_kind", ["thread", "process"])
+async def test_a_checkpoint_of_many_users_is_sent_in_batches_and_commits_all_or_nothing(
+        checkpoint_store: Any, writer_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sent whole, a catch-up's million states were held to the commit (and pickled again for the writer
+    process): resident memory doubled. A failure between batches must still leave the database as it was."""
+    if writer_kind == "process" and isinstance(checkpoint_store, MemoryCheckpointStore):
+        pytest.skip("the writer process writes to a database")
+    monkeypatch.setattr(checkpoints, "SAVE_BATCH_BYTES", 2_000)  # a batch a chunk of 50 users' states
+    checkpoint_store.save({"SIGNALS": 5}, [("u-0000", b"before")])
+    store = _users_opened(300)
+    writer = (CheckpointWriter(checkpoint_store.engine.url.render_as_string(hide_password=False))
+              if writer_kind == "process" else None)
+    checkpointer = Checkpointer(store, checkpoint_store, every_events=1, every_s=60, writer=writer,
+                                committed={"SIGNALS": 5})
+    sent: list[list[str]] = []
+    fail_at = [3]  # the third batch; then none
+
+    def sending(name: str) -> None:
+        calls = writer if writer is not None else checkpoint_store
+        call = getattr(calls, name)
+
+        def spy(*args: Any) -> Any:
+            sent.append([user_id for user_id, _ in args[-1]])
+            if len(sent) == fail_at[0]:
+                if writer is None:
+                    raise ConnectionError("the database went away")
+                for process in list(writer._pool._processes.values()):  # type: ignore[union-attr]
+                    os.kill(process.pid, signal.SIGKILL)
+            return call(*args)
+
+        setattr(calls, name, spy)
+
+    for name in ("begin", "add", "commit"):
+        sending(name)
+    try:
+        with pytest.raises(ConnectionError if writer is None else BrokenProcessPool):
+            await checkpointer.checkpoint()
+        assert [len(batch) for batch in sent] == [50, 50, 50]
+        positions, states = checkpoint_store.load()
+        assert positions == {"SIGNALS": 5} and dict(states) == {"u-0000": b"before"}, "no batch of the failed one"
+
+        sent.clear()
+        fail_at[0] = 0
+        assert await checkpointer.checkpoint()  # the users handed back: every one, in key order
+        assert [len(batch) for batch in sent] == [50] * 6
+        assert [user_id for batch in sent for user_id in batch] == sorted(store.users)
+        positions, states = checkpoint_store.load()
+        assert positions == {"SIGNALS": 300}
+        assert dict(states) == {user_id: state.to_bytes() for user_id, state in store.users.items()}
+    finally:
+        if writer is not None:
+            writer.close()
