@@ -35,7 +35,7 @@ log = logging.getLogger("tipstream.checkpoints")
 REST_CHUNK = 10_000  # users looked at per turn of the event loop when letting go of idle ones
 SERIALISE_CHUNK = 50  # ~0.6 ms of the event loop per chunk
 SORT_CHUNK = 20_000  # user ids sorted or merged per turn of the event loop (~10-20 ms)
-# Serialised states sent to the transaction at a time: a checkpoint of more is written in batches (~4,000
+# Serialised states sent to the transaction at a time: a checkpoint of more is written in batches (~5,000
 # typical users each), so that its memory is a few batches', not every changed user's (6.4 GB for a million).
 SAVE_BATCH_BYTES = 32 << 20
 # No smaller state can hold a kind at the fold's cap: only these are looked at.

@@ -23,6 +23,7 @@ SMALLEST_RUNS = {
     "fold": ["--events", "2000", "--repeat", "1"],
     "caches": ["--decisions", "2000", "--users", "100"],
     "checkpoint_check": ["--rounds", "3", "--users", "2"],
+    "checkpoint_memory": ["--users", "300", "--typical", "20"],
     "memory": ["--users", "50", "--restart-users", "50"],
     "metrics_cost": ["--rounds", "2000", "--repeat", "1"],
     "row_writes": ["--rows", "200", "--batches", "1"],
