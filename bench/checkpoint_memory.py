@@ -6,8 +6,9 @@ catch-up that changed each leaves it to do.
     python bench/checkpoint_memory.py --database-url postgresql+psycopg://postgres@127.0.0.1:5432/mybench
 
 The users are copies of 2,000 typical users' states (as bench/memory.py makes them), held in an
-online store as a service holds them, every one changed. Memory is sampled every 10 ms from /proc:
-the service's (this process) and the writer process's, if any.
+online store as a service holds them, every one changed, the offline writer told of those saved.
+Memory is sampled every 10 ms from /proc: the service's (this process) and the writer process's, if
+any. The loop's stalls are reported over the whole checkpoint and once it has committed.
 Last line: {"bench": "checkpoint_memory", "users": ..., "rss_before_mb": ..., "rss_peak_mb": ..., ...}
 """
 
@@ -33,6 +34,7 @@ from app import migrate
 from app.checkpoint_writer import CheckpointWriter
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.db import make_engine
+from app.offline import OfflineFeatureWriter
 from streams.store import OnlineStore
 
 
@@ -68,14 +70,13 @@ class Peaks:
         self._thread.join()
 
 
-async def longest_stall(until: asyncio.Event) -> float:
-    """The longest a 1 ms sleep of the event loop took beyond its 1 ms, in ms."""
-    worst = 0.0
+async def stalls(until: asyncio.Event, found: list[tuple[float, float]]) -> None:
+    """(when it ended, how long) of each 1 ms sleep of the event loop that took longer, beyond its 1 ms."""
     while not until.is_set():
         started = time.perf_counter()
         await asyncio.sleep(0.001)
-        worst = max(worst, time.perf_counter() - started - 0.001)
-    return worst * 1000
+        ended = time.perf_counter()
+        found.append((ended, ended - started - 0.001))
 
 
 async def main() -> None:
@@ -100,15 +101,19 @@ async def main() -> None:
     gc.freeze()  # as the service's collector keeps the users out of full passes (app/collector.py)
     writer = CheckpointWriter(url) if args.writer == "process" else None
     checkpointer = Checkpointer(store, SqlCheckpointStore(engine), every_events=1, every_s=60, writer=writer)
+    committed_at: list[float] = []
+    checkpointer.on_saved.append(lambda _: committed_at.append(time.perf_counter()))
+    checkpointer.on_saved.append(OfflineFeatureWriter(store, engine, every_s=60).saved)  # as the service does
     before = rss_mb()
     done = asyncio.Event()
+    found: list[tuple[float, float]] = []
     with Peaks() as peaks:
-        stall = asyncio.create_task(longest_stall(done))
+        sampling = asyncio.create_task(stalls(done, found))
         started = time.perf_counter()
         await checkpointer.checkpoint()
         seconds = time.perf_counter() - started
         done.set()
-        stalled_ms = await stall
+        await sampling
     if writer is not None:
         writer.close()
     engine.dispose()
@@ -116,7 +121,9 @@ async def main() -> None:
                       "dialect": engine.dialect.name, "state_bytes": round(sum(map(len, blobs)) / len(blobs)),
                       "rss_before_mb": round(before), "rss_peak_mb": round(peaks.service),
                       "rss_added_mb": round(peaks.service - before), "worker_peak_mb": round(peaks.worker),
-                      "seconds": round(seconds, 2), "longest_stall_ms": round(stalled_ms, 1)}))
+                      "seconds": round(seconds, 2), "longest_stall_ms": round(max(s for _, s in found) * 1000, 1),
+                      # once committed: the users saved told to the service's listeners, idle ones let go of
+                      "after_commit_stall_ms": round(max((s for at, s in found if at >= committed_at[0]), default=0.0) * 1000, 1)}))
 
 
 if __name__ == "__main__":
