@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -365,3 +366,36 @@ async def test_a_checkpoint_of_many_users_is_sent_in_batches_and_commits_all_or_
     finally:
         if writer is not None:
             writer.close()
+
+
+async def test_a_checkpoint_in_batches_cancelled_midway_rolls_back_and_lets_go_of_its_connection(
+        sql_checkpoint_store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As at a stop: its transaction open across calls must not stay open, holding the database's locks
+    (SQLite's write lock, the positions' rows on PostgreSQL), until the next checkpoint's begin."""
+    monkeypatch.setattr(checkpoints, "SAVE_BATCH_BYTES", 2_000)
+    target = sql_checkpoint_store
+    target.save({"SIGNALS": 5}, [("u-0000", b"before")])
+    store = _users_opened(300)
+    checkpointer = Checkpointer(store, target, every_events=1, every_s=60, committed={"SIGNALS": 5})
+    entered, release = threading.Event(), threading.Event()
+    add = target.add
+
+    def held_add(states: list[tuple[str, bytes]]) -> None:
+        entered.set()
+        release.wait(10)
+        add(states)
+
+    target.add = held_add
+    saving = asyncio.ensure_future(checkpointer.checkpoint())
+    await eventually(entered.is_set)
+    saving.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await saving
+    await eventually(lambda: target._open._conn is None)  # rolled back, its connection back in the pool
+    positions, states = target.load()
+    assert positions == {"SIGNALS": 5} and dict(states) == {"u-0000": b"before"}
+
+    target.add = add
+    assert await checkpointer.checkpoint()
+    assert target.load()[0] == {"SIGNALS": 300}
