@@ -45,6 +45,8 @@ class FreezePolicy:
         gc.collect()
         gc.freeze()
         self.users_at_freeze = users
-        log.info("%d users: long-lived objects frozen out of collections (%d in all, %.0f ms)",
-                 users, gc.get_freeze_count(), (time.perf_counter() - started) * 1000)
+        # Not `gc.get_freeze_count()`: it walks every frozen object, 31 ms of each freeze at 300,000 users and more
+        # than the freeze itself, growing with the users.
+        log.info("%d users: long-lived objects frozen out of collections (%.0f ms)", users,
+                 (time.perf_counter() - started) * 1000)
         return True

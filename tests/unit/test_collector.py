@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import weakref
 
+import pytest
+
 from app.collector import FreezePolicy
 
 
@@ -29,3 +31,16 @@ def test_a_freeze_happens_per_growth_step_and_collects_garbage_first() -> None:
     finally:
         gc.unfreeze()
         gc.enable()
+
+
+def test_a_freeze_does_not_count_the_frozen_objects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gc.get_freeze_count()` walks every frozen object: its line's count took 31 ms of each freeze at 300,000
+    users, more than the freeze itself, and grew with them."""
+    def walk() -> int:
+        raise AssertionError("a walk over every frozen object")
+
+    monkeypatch.setattr(gc, "get_freeze_count", walk)
+    try:
+        assert FreezePolicy(every_users=1).check(1)
+    finally:
+        gc.unfreeze()
