@@ -148,7 +148,8 @@ async def test_a_card_made_right_after_feedback_counts_every_reward_learned(star
     async with httpx.AsyncClient(base_url=running.base_url) as http:
         for i in range(3):
             await score_and_act(http, js, i)
-        await eventually(lambda: service.learner.credited == 3)
+        # A decision's row is marked when JetStream acknowledges it, which under load may come after its reward.
+        await eventually(lambda: service.learner.credited == 3 and service.publisher.waiting == 0)
         registered = await http.post("/admin/models", headers=AUTH, json={"version": "v3"})
         assert registered.status_code == 200, registered.text
         assert registered.json()["card"]["offline_metrics"]["n"] == 3
