@@ -314,13 +314,21 @@ def _users_opened(count: int) -> OnlineStore:
     return store
 
 
-@pytest.mark.parametrize("writer_kind", ["thread", "process"])
 async def test_a_checkpoint_of_many_users_is_sent_in_batches_and_commits_all_or_nothing(
-        checkpoint_store: Any, writer_kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        checkpoint_store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sent whole, a catch-up's million states were held to the commit (and pickled again for the writer
     process): resident memory doubled. A failure between batches must still leave the database as it was."""
-    if writer_kind == "process" and isinstance(checkpoint_store, MemoryCheckpointStore):
-        pytest.skip("the writer process writes to a database")
+    await _batches_commit_all_or_nothing(checkpoint_store, "thread", monkeypatch)
+
+
+async def test_the_writer_process_takes_a_checkpoint_in_batches_all_or_nothing(
+        sql_checkpoint_store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, the batches pickled to the writer process, which is killed at the third."""
+    await _batches_commit_all_or_nothing(sql_checkpoint_store, "process", monkeypatch)
+
+
+async def _batches_commit_all_or_nothing(checkpoint_store: Any, writer_kind: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(checkpoints, "SAVE_BATCH_BYTES", 2_000)  # a batch a chunk of 50 users' states
     checkpoint_store.save({"SIGNALS": 5}, [("u-0000", b"before")])
     store = _users_opened(300)
