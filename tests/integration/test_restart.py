@@ -59,7 +59,8 @@ def tracked_ids() -> set[int]:
     return {id(obj) for obj in gc.get_objects()}
 
 
-async def test_user_states_are_frozen_out_of_full_collections_as_the_store_grows(start_service, nc) -> None:
+async def test_user_states_are_frozen_out_of_full_collections_as_the_store_grows(start_service, nc,
+                                                                                 caplog: pytest.LogCaptureFixture) -> None:
     events = list(Population(users=300, seed=4).history(days=1, start_ms=to_ms(datetime(2026, 11, 1, tzinfo=UTC))))
     try:
         # Folded from the streams: frozen after the checkpoint that saved them.
@@ -72,8 +73,10 @@ async def test_user_states_are_frozen_out_of_full_collections_as_the_store_grows
         assert not any(id(state) in visited or id(state.logs) in visited for state in store.users.values())
         await first.stop()
 
-        # Loaded from a checkpoint: frozen as the warm-up loads them.
+        # Loaded from a checkpoint: frozen as the warm-up loads them, after what the start made.
+        caplog.set_level(logging.INFO, logger="tipstream.collector")
         second = await start_service(gc_freeze_every_users=300)
+        assert "start: long-lived objects frozen" in caplog.text
         await eventually(lambda: second.service.warm, timeout=30)
         assert second.service.freezer.users_at_freeze == 300
         visited = tracked_ids()
