@@ -535,8 +535,7 @@ class Service:
         self._restored = dict(positions)  # `positions` is changed below (the learner's, another stream's)
         self.store.cold = set(await asyncio.to_thread(target.user_ids))
         self.store.fetch_cold = target.fetch
-        if self.store.cold:
-            self.freezer.before_warm_up()
+        self.freezer.before_warm_up(len(self.store.cold))
         self._tasks.append(asyncio.create_task(self._warm_up(target), name="warm-up"))
 
     async def _warm_up(self, target: SqlCheckpointStore) -> None:

@@ -7,7 +7,7 @@ event loop (ingest and every /score) each time the collector decides to run one.
 checkpoint (the warm-up) or from the streams (a first start replaying a long log, or new
 users), so this freezes whenever the store has grown by `every_users` since the last time.
 
-A start that loads users freezes once before they load (`FreezePolicy.before_warm_up`): what the
+A start that will freeze as users load freezes once before (`FreezePolicy.before_warm_up`): what the
 start made (modules, models, the user ids) was otherwise visited by the first check's pass, beside
 the warm-up and the requests it serves (108 ms, against 20-23 ms for the later ones, at 300,000
 users with `bench/restart.py`).
@@ -42,9 +42,10 @@ class FreezePolicy:
     def due(self, users: int) -> bool:
         return self.every_users > 0 and users - self.users_at_freeze >= self.every_users
 
-    def before_warm_up(self) -> None:
-        """Freeze what the start made, before users load beside the requests served."""
-        if self.every_users > 0:
+    def before_warm_up(self, users_to_load: int) -> None:
+        """Freeze what the start made, before `users_to_load` load beside the requests served; not for fewer
+        than a freeze's step, which the warm-up would not freeze for at all."""
+        if self.due(users_to_load):
             started = time.perf_counter()
             gc.collect()
             gc.freeze()

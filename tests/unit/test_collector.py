@@ -52,9 +52,11 @@ def test_a_start_that_loads_users_freezes_what_it_made_first() -> None:
     gc.disable()
     try:
         made = [Cycle() for _ in range(10)]
-        FreezePolicy(every_users=0).before_warm_up()
+        FreezePolicy(every_users=0).before_warm_up(10**6)
         assert all(id(obj) in tracked_ids() for obj in made), "0 means never"
-        FreezePolicy(every_users=50_000).before_warm_up()
+        FreezePolicy(every_users=50_000).before_warm_up(49_999)
+        assert all(id(obj) in tracked_ids() for obj in made), "fewer than a step: the warm-up would not freeze"
+        FreezePolicy(every_users=50_000).before_warm_up(50_000)
         visited = tracked_ids()
         assert not any(id(obj) in visited for obj in made)
     finally:
