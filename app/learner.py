@@ -59,11 +59,7 @@ from app.credit_log import CreditLog
 from app.decisions import LoggedDecision, TipScoresLog, decision_time_ms, learning_input, tip_score_row
 from app.evaluation import TrainedOn
 from app.ingest import ReadUpTo
-from app.join_cache import (
-    Entry,
-    JoinCache,
-    created_ms,
-)
+from app.join_cache import Entry, JoinCache, created_ms
 from app.learner_checkpoint import ModelBytes, SnapshotBook, saved_rows, state_bytes
 from app.learning_metrics import (
     FEEDBACK,
@@ -196,12 +192,6 @@ class Learner:
         # a request to forget a user acted on now covers every decision made before it, also once NTP has stepped
         # the wall clock back past their times (`Eraser._acted_on_at`).
         self.decisions_until_ms = 0
-
-    def _lookup(self, decision_id: str) -> Entry | None:
-        return self.joins.get(decision_id)
-
-    def _evict(self, horizon: int) -> None:
-        self.joins.evict(horizon)
 
     # -- decisions ---------------------------------------------------------------------------
 

@@ -244,7 +244,7 @@ async def test_a_decision_nobody_answers_learns_the_silence_reward_once_across_a
     async with httpx.AsyncClient(base_url=again.base_url) as http:
         third = (await http.post("/score", json=BODY)).json()["decision_id"]
     # Theirs were due long before: re-learned, they would have been by the time the third's is.
-    await eventually(lambda: again.service.learner._lookup(third).credits is not None, timeout=20)
+    await eventually(lambda: again.service.learner.joins.get(third).credits is not None, timeout=20)
     assert again.service.lineup.champion.n_learned == 3 and SILENCES.labels("credited").value == silenced + 3
     engine = sa.create_engine(database_url)
     try:
@@ -304,6 +304,6 @@ async def test_a_reaction_stored_within_the_wait_and_read_late_answers_the_decis
         set_connections(database, True)
     await eventually(lambda: service.store.positions.get("FEEDBACK") == 3, timeout=30)
     assert count("late") == late, "the reaction came within the wait"
-    assert service.learner._lookup(decision["decision_id"]).credits == {decision["ranked"][0]["tip_id"]: 1.0}
+    assert service.learner.joins.get(decision["decision_id"]).credits == {decision["ranked"][0]["tip_id"]: 1.0}
     await eventually(lambda: SILENCES.labels("answered").value == answered + 1, timeout=20)
     assert SILENCES.labels("credited").value == silenced

@@ -479,7 +479,7 @@ class LearnerMachine(RuleBasedStateMachine):
                 assert got == {"duplicate" if was else "waiting": 1}, (got, was, decision_id, tip)
             return
         # Within the window (past it, a decision may be held still, and is expired all the same).
-        held = {side.learner._lookup(decision_id) is not None for side in sides}
+        held = {side.learner.joins.get(decision_id) is not None for side in sides}
         if created is not None and created >= message[2] - WINDOW_S * 1000:
             assert len(held) == 1, "a restart holds what the twin holds"
         if held == {False} and created is not None and created >= message[2] - WINDOW_S * 1000:
@@ -488,7 +488,7 @@ class LearnerMachine(RuleBasedStateMachine):
         else:
             want = self.expected(decision_id, tip, user, reaction, message[2])
         for side, got in zip(sides, self._read_live(message, len(self.feedback), sides), strict=True):
-            if want == "expired" and decision_id.startswith("o-") and side.learner._lookup(decision_id) is None:
+            if want == "expired" and decision_id.startswith("o-") and side.learner.joins.get(decision_id) is None:
                 # Let go, it could be one still to come (no time in its id): the reaction waits, then
                 # gives up. Docs ("The learner"): "one of ours, whose id says when it was served, is
                 # not waited for then".
@@ -571,7 +571,7 @@ class LearnerMachine(RuleBasedStateMachine):
             # its row is written without it (`published`). Noticed, left alone (an outage as long).
             with side.world.engine.connect() as conn:
                 rows = {d: r or {} for d, r in conn.execute(select(db.tip_scores.c.decision_id, db.tip_scores.c.rewards))}
-            missed = sum(side.learner._lookup(d) is None and t not in rows.get(d, {}) for d, t in side.learned)
+            missed = sum(side.learner.joins.get(d) is None and t not in rows.get(d, {}) for d, t in side.learned)
             side.registered[version] = (len(side.learned) - missed, len(side.learned))
 
     @rule(fail=st.sampled_from([False, False, True]))

@@ -620,7 +620,7 @@ def test_another_publisher_s_decision_is_held_a_window_from_when_it_was_stored_n
     later.learner.add_logged(_foreign(later, "ext-1"), _decisions_ack(t0, 1))
     later.store.advance("DECISIONS", 1)
     later.learner.caught_up()  # DECISIONS read to its end
-    assert later.learner._lookup("ext-1") is None
+    assert later.learner.joins.get("ext-1") is None
     checkpoint(later)
     last = World(tmp_path)
     last.clock.now = t0 + 7260
@@ -1398,7 +1398,7 @@ def test_a_decision_the_join_cache_let_go_before_its_ack_is_not_held_again_when_
     w.sink(_reaction("f-1", let_go.decision_id, "a"), _ack(t0, 1))
     for _ in range(3):
         w.score()
-    assert w.learner._lookup(let_go.decision_id) is None
+    assert w.learner.joins.get(let_go.decision_id) is None
     elsewhere = _foreign(w, f"d-{decision_time_ms(let_go.decision_id):012x}{0xE15E:08x}{0:08x}")
     before = outcomes()
     assert w.learner.add_logged(LoggedDecision(let_go.decision_id, let_go.payload), _decisions_ack(t0 + 1, 1))
@@ -1408,7 +1408,7 @@ def test_a_decision_the_join_cache_let_go_before_its_ack_is_not_held_again_when_
     w.sink(_reaction("f-4", elsewhere.id, "a"), _ack(t0 + 1, 4))
     assert delta(before) == {"expired": 3}
     assert {v: m.n_learned for v, m in w.lineup.learning} == {"v1": 1, "v2": 1}
-    assert w.learner._lookup(let_go.decision_id) is None and w.learner._lookup(elsewhere.id) is None
+    assert w.learner.joins.get(let_go.decision_id) is None and w.learner.joins.get(elsewhere.id) is None
     assert w.log.dirty[elsewhere.id]["rewards"] is None
     w.engine.dispose()
 
@@ -1726,7 +1726,7 @@ def test_a_reaction_waiting_again_is_not_expired_by_its_earlier_wait(world: Worl
     scored = world.score(serve=False)
     world.react("external-1", "a")
     assert world.learner.add_logged(LoggedDecision("external-1", scored.payload))
-    world.learner._evict(int(world.clock.now * 1000) + 1)  # as the join window's end does
+    world.learner.joins.evict(int(world.clock.now * 1000) + 1)  # as the join window's end does
     assert "external-1" not in world.learner.joins.cache
     world.clock.now += 30
     before = outcomes()
@@ -1927,7 +1927,7 @@ def test_a_decision_served_while_decisions_are_read_back_is_re_read_after_a_rest
     snapshot = world.learner.snapshot(force=True)
     assert snapshot is not None
     assert orjson.loads(snapshot["state"])["positions"]["DECISIONS"] == 0, "re-read from where it was served"
-    assert world.learner._lookup(served.decision_id) is not None
+    assert world.learner.joins.get(served.decision_id) is not None
 
 
 def test_forgetting_a_user_drops_their_decisions_waiting_reactions_and_own_features(world: World) -> None:
@@ -1978,9 +1978,9 @@ def test_forgetting_a_user_finds_their_decisions_another_publisher_spelt_with_es
     escaped = json.dumps(body).encode()  # ensure_ascii: every non-ASCII character escaped
     assert b"zo\\u00eb" in escaped
     assert world.learner.add_logged(LoggedDecision("other-1", escaped))
-    assert world.learner._lookup("other-1") is not None
+    assert world.learner.joins.get("other-1") is not None
     assert forget(world.learner, "zoë", int(time.time() * 1000) + 1) == 1
-    assert world.learner._lookup("other-1") is None
+    assert world.learner.joins.get("other-1") is None
 
 
 @pytest.mark.parametrize("forge", [
