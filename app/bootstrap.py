@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
@@ -37,7 +37,7 @@ from app import decision_spool, loop_lag, migrate, version
 from app.checkpoint_writer import CheckpointWriter
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.collector import FreezePolicy
-from app.db import autovacuum_is_off, make_engine, refuse_read_only, refused_by_setting
+from app.db import autovacuum_is_off, make_engine, one_line, refuse_read_only, refused_by_setting
 from app.decision_publisher import DecisionPublisher
 from app.decision_tail import OwnTail
 from app.decisions import TipScoresLog, decode_decision
@@ -177,14 +177,13 @@ class Service:
         # 2-5% of ingest's time in the collector instead of ~3% (bench/ingest.py, timed with
         # gc.callbacks).
         gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
-        self._tasks.append(asyncio.create_task(loop_lag.watch(METRICS.loop_lag.observe), name="event loop lag"))
+        self._background(loop_lag.watch(METRICS.loop_lag.observe), name="event loop lag")
         release = await asyncio.to_thread(version.describe)  # git, once a process
         METRICS.build_info.labels(release.version, release.schema, release.commit or "").set(1)
         s.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # as `startup.hold_data_dir` makes it
         if self.service_lock.needed:
-            self._tasks.append(asyncio.create_task(
-                every(SERVICE_LOCK_CHECK_S, self._keep_service_lock, "checking the database lock"),
-                name="database lock"))
+            self._background(every(SERVICE_LOCK_CHECK_S, self._keep_service_lock, "checking the database lock"),
+                             name="database lock")
         await asyncio.to_thread(migrate.upgrade, s.sqlalchemy_url)
         await asyncio.to_thread(refuse_read_only, self.engine)
         if await asyncio.to_thread(autovacuum_is_off, self.engine):
@@ -196,9 +195,8 @@ class Service:
             self.embedded = EmbeddedNats(s.data_dir / STORE_DIR)
             self.nats_url = await asyncio.to_thread(self.embedded.start)
             write_private(s.data_dir / URL_FILE, self.nats_url)  # it holds the server's token
-            self._tasks.append(asyncio.create_task(
-                every(EMBEDDED_NATS_CHECK_S, self._keep_embedded_nats_up, "starting the embedded nats-server again"),
-                name="embedded nats-server"))
+            self._background(every(EMBEDDED_NATS_CHECK_S, self._keep_embedded_nats_up,
+                                   "starting the embedded nats-server again"), name="embedded nats-server")
         self.nc = await self._connect()
         js = self.nc.jetstream(timeout=10)
         await self._check_server(js)
@@ -259,25 +257,25 @@ class Service:
             )
             await ingest.start()
             self.ingests.append(ingest)
-            self._tasks.append(asyncio.create_task(ingest.run(), name=f"ingest {spec.name}"))
+            self._background(ingest.run(), name=f"ingest {spec.name}")
         await self._start_decision_log(js)
         # Users folded from the streams (a first start, new users) are frozen as the store grows.
         self.checkpointer.on_saved.append(lambda _: self.freezer.check(self.store.taken_in))
-        self._tasks.append(asyncio.create_task(self.checkpointer.run(), name="checkpointer"))
+        self._background(self.checkpointer.run(), name="checkpointer")
         if s.offline_features_every_s:
             self.offline = OfflineFeatureWriter(self.store, self.engine, s.offline_features_every_s)
             self.offline.refused = self._database_not_ours
             self.checkpointer.on_saved.append(self.offline.saved)
             self.checkpointer.keep_awake.append(self.offline.holds)
-            self._tasks.append(asyncio.create_task(self.offline.find_behind(), name="offline features behind"))
-            self._tasks.append(asyncio.create_task(self.offline.run(), name="offline features"))
+            self._background(self.offline.find_behind(), name="offline features behind")
+            self._background(self.offline.run(), name="offline features")
         if self.offline is not None:
             self.eraser.offline = self.offline
-        self._tasks.append(asyncio.create_task(self.eraser.run(), name="erasures"))
+        self._background(self.eraser.run(), name="erasures")
         if s.tip_scores_max_age_days:
             retention = TipScoresRetention(self.engine, s.tip_scores_max_age_days)
-            self._tasks.append(asyncio.create_task(
-                every(RETENTION_EVERY_S, retention.prune, "deleting old tip_scores rows"), name="tip_scores retention"))
+            self._background(every(RETENTION_EVERY_S, retention.prune, "deleting old tip_scores rows"),
+                             name="tip_scores retention")
 
     async def _connect(self) -> jsx.IngestClient:
         """The first connection, tried for `nats_connect_timeout_s`: a server that is not there
@@ -468,8 +466,7 @@ class Service:
             log.warning("no room in %s for the %s MB kept for the decisions waiting at a stop "
                         "(TIPSTREAM_SPOOL_RESERVE_MB): with its disk full then, they are lost. Free space on it; it "
                         "is taken once there is room.", data_dir, f"{self.settings.spool_reserve_mb:g}")
-            self._tasks.append(asyncio.create_task(decision_spool.hold_reserve_once_room(data_dir, size=size),
-                                                   name="spool reserve"))
+            self._background(decision_spool.hold_reserve_once_room(data_dir, size=size), name="spool reserve")
 
     async def _start_decision_log(self, js: Any) -> None:
         """Read DECISIONS back into the learner (join cache, tip_scores rows) until caught up, then only
@@ -501,7 +498,7 @@ class Service:
         self.learner.rows_written_upto = self._checkpointed.get(jsx.DECISIONS.name, 0)
         await ingest.start()
         self.ingests.append(ingest)
-        self._tasks.append(asyncio.create_task(ingest.run(), name="ingest DECISIONS"))
+        self._background(ingest.run(), name="ingest DECISIONS")
 
         async def last_seq() -> int:
             return (await js.stream_info(jsx.DECISIONS.name)).state.last_seq
@@ -516,14 +513,14 @@ class Service:
         self.decision_tail = OwnTail(ingest, self.store, last_seq, on_follow=self.learner.caught_up,
                                      stream_next_seq=functools.partial(jsx.next_stored, js, jsx.DECISIONS))
         self.publisher.on_stored = self.decision_tail.stored
-        self._tasks.append(asyncio.create_task(self.decision_tail.run(), name="decisions tail"))
+        self._background(self.decision_tail.run(), name="decisions tail")
         await self.publisher.start()
         if spooled:
             for _, decision_id, payload in spooled:  # joinable with their feedback, as when they were served
                 self.learner.served(decision_id, payload, orjson.loads(payload), spooled=True)
             self.publisher.put_back(spooled, on_all_published=lambda: spool.unlink(missing_ok=True))
             log.info("publishing %d decisions served before the last stop first", len(spooled))
-        self._publisher_task = asyncio.create_task(self.publisher.run(), name="decision publisher")
+        self._publisher_task = self._background(self.publisher.run(), name="decision publisher")
 
     async def _restore(self, target: SqlCheckpointStore) -> None:
         """Lazy restore: positions and user ids now, states on first use or by the warm-up task.
@@ -536,7 +533,7 @@ class Service:
         self.store.cold = set(await asyncio.to_thread(target.user_ids))
         self.store.fetch_cold = target.fetch
         self.freezer.before_warm_up(len(self.store.cold))
-        self._tasks.append(asyncio.create_task(self._warm_up(target), name="warm-up"))
+        self._background(self._warm_up(target), name="warm-up")
 
     async def _warm_up(self, target: SqlCheckpointStore) -> None:
         """Load every cold user, reading in a worker thread and folding in small chunks here;
@@ -785,6 +782,27 @@ class Service:
                    f"({cause}), and nats-py does not reconnect after that. "
                    "tipstream stops (exit code 1) so that its supervisor starts it again with a new connection; "
                    "if the server refused its credentials, fix NATS_URL first.")
+
+    def _background(self, work: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """A task of the service's background work, held to the stop, which cancels it. Each loop retries
+        what it expects to fail (the database or NATS away) itself; what else ends one is a bug, and the
+        service stops for it (`_task_ended`)."""
+        task = asyncio.create_task(work, name=name)
+        task.add_done_callback(self._task_ended)
+        self._tasks.append(task)
+        return task
+
+    def _task_ended(self, task: asyncio.Task[Any]) -> None:
+        """A task that raised stops the service (exit code 1): its supervisor starts it again from the last
+        checkpoint. Before, nothing looked at a task until the stop, whose gather took its exception without a
+        word: the service answered /readyz 200 with, say, its SIGNALS ingest gone, serving ever older features."""
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        log.error("the service's %s task failed:", task.get_name(), exc_info=error)
+        self._fail(f"The service's {task.get_name()} task failed ({type(error).__name__}: {one_line(error)}), a bug in "
+                   "tipstream (its traceback is logged above): please report it. tipstream stops (exit code 1) so that "
+                   "its supervisor starts it again; what it read since its last checkpoint is read again, and nothing "
+                   "is counted twice.")
 
     def _fail(self, why: str) -> None:
         """The service cannot go on: say why, and have `serve` stop it with exit code 1."""

@@ -1,0 +1,66 @@
+"""A failure in the service's background work is noticed: never a task or a connection that stops
+while the service answers as if all were well (stale features, no learning)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import nats
+
+from app import ingest
+from streams.jetstream import publish_events
+from tests.conftest import eventually
+
+NOW = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
+
+
+def _signal(event_id: str, user_id: str = "u-1") -> tuple[str, dict[str, Any]]:
+    return "signals.app.opened", {"id": event_id, "type": "app.opened", "user_id": user_id,
+                                  "ts": NOW.isoformat(), "v": 1, "data": {}}
+
+
+async def _publish(url: str, *events: tuple[str, dict[str, Any]]) -> None:
+    client = await nats.connect(url)
+    await publish_events(client.jetstream(), list(events))
+    await client.close()
+
+
+def _raise_once(function: Any, error: Exception) -> Any:
+    raised: list[Exception] = []
+
+    def once(*args: Any, **kwargs: Any) -> Any:
+        if not raised:
+            raised.append(error)
+            raise error
+        return function(*args, **kwargs)
+
+    once.raised = raised  # type: ignore[attr-defined]
+    return once
+
+
+async def test_a_background_task_that_fails_stops_the_service_with_a_message(
+    start_service, nats_server, monkeypatch, caplog
+) -> None:
+    """A task ended by an exception nothing in it expected (here, once, SIGNALS' ingest loop, outside
+    the retries of its fold) was noticed by nobody: the task was held in a list until the stop, whose
+    gather took its exception and said nothing. The service answered /readyz 200 and served ever older
+    features, its SIGNALS ingest gone. Now the log has the traceback and the service stops with exit
+    code 1 (its supervisor starts it again, from the last checkpoint)."""
+    running = await start_service()
+    service = running.service
+    told: list[str] = []
+    service.on_fatal = told.append
+    await _publish(nats_server.url, _signal("e-1"))
+    await eventually(lambda: service.store.applied == 1)
+
+    bug = _raise_once(ingest.delivered_in_turn, RuntimeError("a bug of ours"))
+    monkeypatch.setattr(ingest, "delivered_in_turn", bug)
+    with caplog.at_level(logging.ERROR, logger="tipstream"):
+        await _publish(nats_server.url, _signal("e-2"))
+        await eventually(lambda: bug.raised)
+        await eventually(lambda: told, timeout=5)
+    assert told == [service.fatal]
+    assert "ingest SIGNALS" in told[0] and "RuntimeError: a bug of ours" in told[0] and "exit code 1" in told[0]
+    assert any(r.exc_info and r.exc_info[1] is bug.raised[0] for r in caplog.records), "the traceback is logged"
