@@ -7,6 +7,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 import nats
 
 from app import ingest
@@ -64,3 +65,33 @@ async def test_a_background_task_that_fails_stops_the_service_with_a_message(
     assert told == [service.fatal]
     assert "ingest SIGNALS" in told[0] and "RuntimeError: a bug of ours" in told[0] and "exit code 1" in told[0]
     assert any(r.exc_info and r.exc_info[1] is bug.raised[0] for r in caplog.records), "the traceback is logged"
+
+
+async def test_a_bug_in_a_message_handler_does_not_stop_the_connection_reading(
+    start_service, nats_server, caplog
+) -> None:
+    """nats-py's read loop ends, without a word to the service, on an exception from what a message is
+    handed to: here the decision publisher's, as JetStream acknowledges a decision (the learner's
+    `published`, raising once). The connection still read as connected, so nothing reconnected for
+    minutes (until its pings went unanswered), /readyz said ready, and no event was folded, no
+    decision acknowledged meanwhile. The handler's error is logged, and the connection reads on."""
+    running = await start_service()
+    service = running.service
+    published = _raise_once(service.publisher.on_published, RuntimeError("a bug of ours"))
+    service.publisher.on_published = published
+    await _publish(nats_server.url, _signal("e-1"))
+    await eventually(lambda: service.store.applied == 1)
+    with caplog.at_level(logging.ERROR):
+        async with httpx.AsyncClient(base_url=running.base_url) as http:
+            answer = await http.post("/score", json={"user_id": "u-1", "candidates": [{"tip_id": "tip-focus-1"}]})
+            assert answer.status_code == 200, answer.text
+        await eventually(lambda: published.raised)
+        await _publish(nats_server.url, _signal("e-2"))
+        await eventually(lambda: service.store.applied == 2, timeout=10)
+    assert service.ready and service.fatal is None
+    assert any(r.exc_info and r.exc_info[1] is published.raised[0] for r in caplog.records), "the traceback is logged"
+    # The decisions served after it are acknowledged as before.
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        answer = await http.post("/score", json={"user_id": "u-1", "candidates": [{"tip_id": "tip-focus-1"}]})
+        assert answer.status_code == 200, answer.text
+    await eventually(lambda: service.publisher.published == 2 and service.publisher.waiting == 0)
