@@ -25,6 +25,7 @@ from app import db
 from app.checkpoint_rows import OpenCheckpoint, PositionsBehind, positions_behind, write_checkpoint
 from app.log_throttle import LogThrottle
 from app.metrics import METRICS
+from app.periodic import woken
 from streams.fold import DAY_MS, HORIZON_DAYS, MAX_RECORDS_PER_KIND, SIZES, at_cap
 from streams.store import OnlineStore
 
@@ -339,10 +340,7 @@ class Checkpointer:
     async def run(self) -> None:
         backoff = self.retry_first_s
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self.every_s)
-            except TimeoutError:
-                pass
+            await woken(self._wake, self.every_s)
             self._wake.clear()
             try:
                 await self.checkpoint()

@@ -18,6 +18,7 @@ from typing import Any
 
 from app.learning_metrics import DECISION_QUEUE, DECISIONS
 from app.log_throttle import LogThrottle
+from app.periodic import woken
 
 log = logging.getLogger("tipstream.decisions")
 # Each outcome exposed at 0 from the start: a series that first appears at 40 refusals (one burst, NATS away
@@ -279,10 +280,7 @@ class DecisionPublisher:
     async def run(self) -> None:
         backoff = 0.1
         while True:
-            try:
-                await asyncio.wait_for(self._work.wait(), timeout=min(1.0, self.ack_timeout_s))
-            except TimeoutError:
-                pass
+            await woken(self._work, min(1.0, self.ack_timeout_s))
             self._work.clear()
             if self.inflight and self._expire(time.monotonic()):
                 self._tell_unanswered()

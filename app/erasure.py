@@ -46,6 +46,7 @@ from app import db
 from app.checkpoint_rows import write_erasures
 from app.decisions import decision_time_ms
 from app.metrics import METRICS
+from app.periodic import woken
 from streams import jetstream as jsx
 from streams.scrub import belongs, spellings
 from streams.store import OnlineStore
@@ -193,10 +194,7 @@ class Eraser:
                 log.warning("forgetting a user did not go through (%s: %s); trying again in %.0f s. The request is "
                             "saved and goes on from the step it reached.", type(error).__name__, error, backoff)
                 timeout, backoff = backoff, min(backoff * 2, RETRY_MAX_S)
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
+            await woken(self._wake, timeout)
             self._wake.clear()
 
     async def work(self) -> int:

@@ -419,7 +419,8 @@ class StreamIngest:
         assert self.after is not None
         while True:
             try:
-                await asyncio.wait_for(self.after.reached(stored_ms), timeout=await self._keep_in_progress())
+                async with asyncio.timeout(await self._keep_in_progress()):  # not wait_for: `periodic.woken`
+                    await self.after.reached(stored_ms)
                 return
             except TimeoutError:
                 pass

@@ -1,4 +1,11 @@
-"""Background steps that run every so often and outlive their own failures."""
+"""Background steps that run every so often and outlive their own failures, and the wait between them.
+
+Not `asyncio.wait_for` for these waits: on Python 3.11, a task cancelled in the turn of the loop after what
+it waits for has come (its waiter ended, the task not resumed yet) is handed that result instead, and the
+cancellation is dropped (CPython gh-86296, fixed in 3.12). A loop of the service's then went on, and the
+stop, which waits for every loop it cancels, waited for ever, whatever signal came next. `asyncio.timeout`
+keeps the cancellation.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,24 @@ from collections.abc import Awaitable, Callable
 from app.db import one_line
 
 log = logging.getLogger("tipstream")
+
+
+async def woken(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait until `event` is set or `timeout_s` has passed; whether it was set.
+
+    >>> async def demo():
+    ...     event = asyncio.Event()
+    ...     asyncio.get_running_loop().call_later(0.001, event.set)
+    ...     return await woken(event, 0.001 / 2), await woken(event, 10)
+    >>> asyncio.run(demo())
+    (False, True)
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 async def every(interval_s: float, step: Callable[[], Awaitable[object]], what: str) -> None:

@@ -44,9 +44,10 @@ async def load_state(store: OnlineStore, user_id: str) -> None:
         while store.in_checkpoint_only(user_id):
             rested = store.rested
             try:
-                # One queued behind stuck reads is dropped unstarted when the wait gives up.
-                blobs = await asyncio.wait_for(loop.run_in_executor(_readers, fetch, [user_id]),
-                                               max(deadline - loop.time(), 0.0))
+                # One queued behind stuck reads is dropped unstarted when the wait gives up. Not wait_for,
+                # which can drop a stop's cancellation (`periodic.woken`).
+                async with asyncio.timeout_at(deadline):
+                    blobs = await loop.run_in_executor(_readers, fetch, [user_id])
             except Exception as error:  # whatever the driver raises, or the timeout
                 raise StateUnavailable(user_id) from error
             store.install(user_id, blobs.get(user_id), rested)

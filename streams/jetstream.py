@@ -314,7 +314,10 @@ async def stored_us(js: JetStreamContext, stream: str, seq: int, timeout_s: floa
     (None: gone, or the server did not answer). Which message a checkpointed position names: the
     same stream answers the same figure at every start, exactly, whatever this host's clock says."""
     try:
-        msg = await asyncio.wait_for(js.get_msg(stream, seq), timeout_s)
+        # Not wait_for: on Python 3.11 it can drop a cancellation that comes as the answer does (the
+        # checkpointer's, at a stop), and the loop asking went on (gh-86296).
+        async with asyncio.timeout(timeout_s):
+            msg = await js.get_msg(stream, seq)
     except Exception:  # noqa: BLE001 - deleted, aged out, or NATS away or slow: not known, and said so
         return None
     return None if msg.time is None else (msg.time - EPOCH) // timedelta(microseconds=1)

@@ -1,0 +1,61 @@
+"""The stop cancels the service's loops, and each ends: a loop that swallowed the cancellation kept
+running, and the stop, which waits for them all, never ended (nor the process, whatever signal came next)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+
+from app import migrate
+from app.checkpoints import Checkpointer, SqlCheckpointStore
+from app.db import make_engine
+from app.decision_publisher import DecisionPublisher
+from streams.events import parse_event
+from streams.store import OnlineStore
+
+NOW = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
+
+
+async def _cancelled_as_it_wakes(task: asyncio.Task[None]) -> bool:
+    """Cancel `task` one turn of the loop after what it waits for has come: the event's waiter has ended,
+    and `task` is not running yet (Python 3.11's `asyncio.wait_for` returned the result then, and dropped
+    the cancellation). Whether it ended, cancelled, within 2 s."""
+    await asyncio.sleep(0)
+    task.cancel()
+    await asyncio.wait({task}, timeout=2)
+    if not task.done():
+        task.cancel()  # not ours to leave running
+        await asyncio.wait({task}, timeout=2)
+        return False
+    return task.cancelled()
+
+
+async def test_the_checkpointer_cancelled_as_it_is_woken_ends(tmp_path: Path) -> None:
+    """At a stop, ingest's last chunk wakes the checkpointer (`nudge`) as the stop cancels it: it went on
+    to a checkpoint of its own, then waited for the next, for ever."""
+    url = f"sqlite:///{tmp_path / 'tipstream.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    store = OnlineStore()
+    checkpointer = Checkpointer(store, SqlCheckpointStore(engine), every_events=1, every_s=60)
+    running = asyncio.create_task(checkpointer.run())
+    await asyncio.sleep(0)  # waiting to be woken
+    store.apply(parse_event(orjson.dumps({"id": "e-1", "type": "app.opened", "user_id": "u-1",
+                                          "ts": NOW.isoformat(), "v": 1, "data": {}})))
+    checkpointer.nudge()
+    try:
+        assert await _cancelled_as_it_wakes(running)
+    finally:
+        engine.dispose()
+
+
+async def test_the_decision_publisher_cancelled_as_a_decision_comes_ends() -> None:
+    """The stop cancels the publisher after its flush: a decision served meanwhile wakes it."""
+    publisher = DecisionPublisher(lambda: None, queue_max=10, batch=10, window=10)
+    running = asyncio.create_task(publisher.run())
+    await asyncio.sleep(0)
+    assert publisher.offer("decisions.score", "d-1", b"{}")
+    assert await _cancelled_as_it_wakes(running)
