@@ -84,6 +84,8 @@ STORED_TIME_AT_START_S = 10.0
 # nats-py's connect_timeout (its default): how long it waits for a connection, then for the server's INFO.
 NATS_GREETING_S = 2.0
 NATS_PORTS = " (NATS clients connect on 4222 by default; 8222 is its HTTP monitoring port, 6222 its cluster port)"
+# A task the stop cancelled and still running after this long dropped the cancellation: it is cancelled again.
+STOP_CANCEL_AGAIN_S = 1.0
 SERVICE_LOCK_CHECK_S = 10.0  # how often the database lock's connection is checked (PostgreSQL restarted?)
 
 
@@ -629,9 +631,7 @@ class Service:
         catching_up = [ingest.spec.name for ingest in self.ingests if not ingest.caught_up]
         for ingest in self.ingests:
             await ingest.stop()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._cancel_tasks()
         if self.checkpointer and self.checkpointer.refused is not None:
             log.warning("no last checkpoint: %s; what was read since the last checkpoint stays in the streams",
                         self.checkpointer.refused)
@@ -665,6 +665,22 @@ class Service:
             (self.settings.data_dir / URL_FILE).unlink(missing_ok=True)
         self.engine.dispose()
         await asyncio.to_thread(self.service_lock.release)  # last: nothing of this service writes after it
+
+    async def _cancel_tasks(self) -> None:
+        """Cancel every task and wait for each to end. One still running `STOP_CANCEL_AGAIN_S` later had its
+        cancellation dropped under it (nats-py's requests wait with Python 3.11's `asyncio.wait_for`, which
+        drops one that comes with the answer: `periodic.woken`) and went on: it is cancelled again. Waited
+        for once, the stop waited for it for ever, and no later signal ended the process."""
+        for task in self._tasks:
+            task.cancel()
+        running = {task for task in self._tasks if not task.done()}
+        while running:
+            _, running = await asyncio.wait(running, timeout=STOP_CANCEL_AGAIN_S)
+            if running:
+                log.warning("stopping: %s went on after being cancelled; cancelling again",
+                            ", ".join(sorted(task.get_name() for task in running)))
+                for task in running:
+                    task.cancel()
 
     def _give_up_database(self, why: str) -> None:
         """No checkpoint or user_features row from now on, nor a last one at the stop: the database may be

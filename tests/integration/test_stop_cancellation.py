@@ -59,3 +59,29 @@ async def test_the_decision_publisher_cancelled_as_a_decision_comes_ends() -> No
     await asyncio.sleep(0)
     assert publisher.offer("decisions.score", "d-1", b"{}")
     assert await _cancelled_as_it_wakes(running)
+
+
+async def test_the_stop_ends_though_a_loop_goes_on_after_its_cancellation(start_service, monkeypatch, caplog) -> None:
+    """A cancellation can still be dropped where the service does not wait itself: nats-py waits for
+    JetStream's answers with 3.11's `asyncio.wait_for`. Here the checkpointer drops one, as a loop
+    asking JetStream then did. The stop waited for it for ever; it now cancels it again."""
+    dropped: list[str] = []
+    run = Checkpointer.run
+
+    async def deaf_once(self: Checkpointer) -> None:
+        try:
+            await run(self)
+        except asyncio.CancelledError:
+            dropped.append("checkpointer")
+            await run(self)
+
+    monkeypatch.setattr(Checkpointer, "run", deaf_once)
+    running = await start_service()
+    stopping = asyncio.ensure_future(running.stop())
+    await asyncio.wait({stopping}, timeout=15)
+    if not stopping.done():  # not ours to leave running: the test fails below
+        next(t for t in running.service._tasks if t.get_name() == "checkpointer").cancel()
+        await stopping
+        raise AssertionError("the stop waited for a task that went on after its cancellation")
+    assert dropped == ["checkpointer"]
+    assert "stopping: checkpointer went on after being cancelled; cancelling again" in caplog.text
