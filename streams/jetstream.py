@@ -11,7 +11,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -690,6 +690,27 @@ async def connect(url: str, **options: Any) -> IngestClient:
 _PENDING = re.compile(rb"Nats-Pending-Messages:\s*(\d+)", re.IGNORECASE)
 
 
+class Detached:
+    """Work a message handler starts and cannot await (a pull request): each a task, held until it ends,
+    as the event loop holds a task weakly only, and what one raised handed to `on_error`. Left alone,
+    asyncio printed that as 'Task exception was never retrieved' when the task was collected, and the
+    work that failed (a request never sent) waited for the next watchdog or stall to be noticed."""
+
+    def __init__(self, on_error: Callable[[BaseException], None]) -> None:
+        self.on_error = on_error
+        self._held: set[asyncio.Task[Any]] = set()
+
+    def start(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._held.add(task)
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[Any]) -> None:
+        self._held.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self.on_error(error)
+
+
 class BatchPuller:
     """Keeps up to `batch` messages requested; hands each arrival to `on_message` (synchronous, cheap)."""
 
@@ -705,7 +726,7 @@ class BatchPuller:
         self.last_activity = time.monotonic()
         self._sub: Any = None
         self._watchdog: asyncio.Task[None] | None = None
-        self._loop = asyncio.get_running_loop()
+        self._sends = Detached(self._send_failed)
         self._subjects: dict[bytes, str] = {}
 
     async def start(self) -> None:
@@ -748,7 +769,12 @@ class BatchPuller:
     def _request_soon(self) -> None:
         want = self._claim()
         if want:
-            self._loop.create_task(self._send(want))
+            self._sends.start(self._send(want))
+
+    def _send_failed(self, error: BaseException) -> None:
+        # Not asked again here: a publish that keeps failing would be tried again at once, for ever.
+        log.info("could not ask %s for more messages (%s); the watchdog asks again within %g s", self.next_subject,
+                 error, self.expires_s + 3)
 
     def _on_raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         if not reply:

@@ -57,7 +57,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
-from streams.jetstream import DLQ_SEQ, DLQ_STREAM, DLQ_TRUNCATED, ack_tokens
+from streams.jetstream import DLQ_SEQ, DLQ_STREAM, DLQ_TRUNCATED, Detached, ack_tokens
 
 log = logging.getLogger("tipstream.scrub")
 
@@ -364,6 +364,8 @@ class _Reader:
         self.scanned = 0
         self.last_seq = 0  # the last sequence handed on
         self.why = ""
+        # A request that could not be sent ends the pass at once, rather than by the stall watch.
+        self._sends = Detached(lambda error: self._finish(self._resume_at(), f"a pull request failed ({error!r})"))
 
     async def run_from(self, start: int) -> int | None:
         """Read from `start`: None once read through the bound; else where to read again from (`why` says why)."""
@@ -447,7 +449,7 @@ class _Reader:
         if seq == self.bound or after == 0:
             self._finish(None)
         elif self.requested <= BATCH // 2:
-            asyncio.get_running_loop().create_task(self._request())
+            self._sends.start(self._request())
 
     def _on_status(self, status: bytes, pending: Any) -> None:
         if status == b"100":
@@ -456,7 +458,7 @@ class _Reader:
             # A request ended unfilled: usually the stream ran out (its last messages deleted meanwhile), but a
             # busy server also lets a request expire half-filled. The consumer's own count tells which.
             self.requested = max(0, self.requested - int(pending)) if pending else 0
-            asyncio.get_running_loop().create_task(self._ended_or_more())
+            self._sends.start(self._ended_or_more())
             return
         self._finish(self._resume_at(), f"the server ended a pull with status {status.decode(errors='replace')}")
 

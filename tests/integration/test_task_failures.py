@@ -3,6 +3,8 @@ while the service answers as if all were well (stale features, no learning)."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -95,3 +97,35 @@ async def test_a_bug_in_a_message_handler_does_not_stop_the_connection_reading(
         answer = await http.post("/score", json={"user_id": "u-1", "candidates": [{"tip_id": "tip-focus-1"}]})
         assert answer.status_code == 200, answer.text
     await eventually(lambda: service.publisher.published == 2 and service.publisher.waiting == 0)
+
+
+async def test_a_pull_request_that_cannot_be_sent_is_told_and_asked_again(start_service, nats_server, caplog) -> None:
+    """A message handler asks for more messages in a task of its own. That task was left to the event loop,
+    which holds it weakly: what it raised (the publish refused, the connection going) was printed at garbage
+    collection as 'Task exception was never retrieved', and the request was never sent."""
+    caplog.set_level(logging.INFO, logger="tipstream")
+    running = await start_service()
+    service = running.service
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        publish = service.nc.publish
+        refused: list[str] = []
+
+        async def refuse_once(subject: str, *args: Any, **kwargs: Any) -> None:
+            if subject.startswith("$JS.API.CONSUMER.MSG.NEXT.SIGNALS") and not refused:
+                refused.append(subject)
+                raise ConnectionError("the publish refused")
+            await publish(subject, *args, **kwargs)
+
+        service.nc.publish = refuse_once
+        await eventually(lambda: refused)  # an idle stream's pull request ends every second: the next is asked
+        gc.collect()
+        await _publish(nats_server.url, _signal("e-1"))
+        await eventually(lambda: service.store.applied == 1, timeout=10)
+        gc.collect()
+    finally:
+        loop.set_exception_handler(None)
+    assert not [c for c in reported if "never retrieved" in c.get("message", "")], reported
+    assert "could not ask $JS.API.CONSUMER.MSG.NEXT.SIGNALS" in caplog.text and "the publish refused" in caplog.text
