@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -260,3 +262,33 @@ async def test_a_dlq_copy_cut_before_its_users_id_goes_with_the_original_it_was_
     assert (report.scanned, report.deleted) == (4, 2)
     assert [await stored(js, "DLQ", seq) is None for seq in (1, 2, 3, 4)] == [True, False, True, False]
     assert await stored(js, "SIGNALS", originals["u-1"][0]) == originals["u-1"][1], "the originals are SIGNALS' scrub's"
+
+
+async def test_a_pull_request_that_cannot_be_sent_reads_again_at_once(js, monkeypatch, caplog) -> None:
+    """A pass asks for the next batch from its message handler, in a task of its own: left to the event
+    loop, the failed publish was printed as 'Task exception was never retrieved' at garbage collection,
+    and the pass stalled until its stall watch (STALL_S) read again."""
+    published = await publish(js, "SIGNALS")
+    monkeypatch.setattr(scrub_module, "BATCH", 4)
+    client, asked = js._nc, []
+    publish_to = client.publish
+
+    async def refuse_the_second(subject: str, *args: Any, **kwargs: Any) -> None:
+        if subject.startswith("$JS.API.CONSUMER.MSG.NEXT."):
+            asked.append(subject)
+            if len(asked) == 2:
+                raise ConnectionError("the publish refused")
+        await publish_to(subject, *args, **kwargs)
+
+    monkeypatch.setattr(client, "publish", refuse_the_second)
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        report = await scrub(js, "SIGNALS", FORGET, 10**9)
+        gc.collect()
+    finally:
+        loop.set_exception_handler(None)
+    assert report.deleted == sum(owner is not None for _, owner in published)
+    assert "a pull request failed (ConnectionError('the publish refused'))" in caplog.text
+    assert not [c for c in reported if "never retrieved" in c.get("message", "")], reported
