@@ -814,5 +814,8 @@ class BatchPuller:
                 # A request was lost (server restart, dropped connection): start over.
                 self.requested = 0
                 self.last_activity = time.monotonic()
-                await self._request()
+                try:
+                    await self._request()
+                except Exception as error:  # noqa: BLE001 - ended by it, nothing would ask for messages again
+                    self._send_failed(error)
 
