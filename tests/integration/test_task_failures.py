@@ -13,6 +13,7 @@ import httpx
 import nats
 
 from app import ingest
+from streams import jetstream
 from streams.jetstream import publish_events
 from tests.conftest import eventually
 
@@ -70,13 +71,14 @@ async def test_a_background_task_that_fails_stops_the_service_with_a_message(
 
 
 async def test_a_bug_in_a_message_handler_does_not_stop_the_connection_reading(
-    start_service, nats_server, caplog
+    start_service, nats_server, caplog, monkeypatch
 ) -> None:
     """nats-py's read loop ends, without a word to the service, on an exception from what a message is
     handed to: here the decision publisher's, as JetStream acknowledges a decision (the learner's
     `published`, raising once). The connection still read as connected, so nothing reconnected for
     minutes (until its pings went unanswered), /readyz said ready, and no event was folded, no
     decision acknowledged meanwhile. The handler's error is logged, and the connection reads on."""
+    monkeypatch.setattr(jetstream, "_HANDLER_FAILURES", jetstream._HandlerFailures())  # told once a minute
     running = await start_service()
     service = running.service
     published = _raise_once(service.publisher.on_published, RuntimeError("a bug of ours"))
