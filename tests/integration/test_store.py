@@ -145,8 +145,10 @@ def test_the_tables_in_app_db_are_what_the_migrations_create(database_url: str) 
 async def test_two_upgrades_of_one_postgresql_database_at_once_both_succeed(postgres_url: str, tmp_path: Path) -> None:
     """Two services starting on a new release (or `tipstream migrate` beside a start) both read the
     old revision and both ran the next one: the second's CREATE TABLE failed on the first's
-    ("duplicate key value violates unique constraint"), and its start with it. The table lock held
-    here lines both up at the read of the revision, the moment of the race, without timing."""
+    ("duplicate key value violates unique constraint"), and its start with it. The lock held here lets
+    both read the revision (and `tipstream migrate`'s own read of it first) but holds the first to write
+    it, so that both are under way at once, without timing: one then waits for the other's migration
+    (or, without the migration's lock, fails on its tables)."""
     reset_postgres(postgres_url)
     migrate.upgrade(postgres_url, "0001")
     env = {**os.environ, "DATABASE_URL": postgres_url, "TIPSTREAM_DATA_DIR": str(tmp_path)}
@@ -162,7 +164,9 @@ async def test_two_upgrades_of_one_postgresql_database_at_once_both_succeed(post
     runs: list[subprocess.Popen[str]] = []
     try:
         with engine.connect() as holder:
-            holder.execute(sa.text("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE"))
+            # Not ACCESS EXCLUSIVE: the CLI's read of the revision before the migration would line both up
+            # there, and whichever went first could finish before the other asked for the migration's lock.
+            holder.execute(sa.text("LOCK TABLE alembic_version IN EXCLUSIVE MODE"))
             runs = [subprocess.Popen([tipstream, "migrate"], env=env, text=True, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE) for _ in range(2)]
             await eventually(both_wait, timeout=60)
