@@ -610,6 +610,10 @@ class Service:
         return bool(self.ingests) and all(i.caught_up for i in self.ingests) and bool(self.nc and self.nc.is_connected)
 
     async def stop(self) -> None:
+        """Once: a stop called again returns (`serve` stops the service whichever way uvicorn ended, and
+        uvicorn's lifespan may have stopped it already)."""
+        if self._stopping:
+            return
         self._stopping = True
         # Decisions already served go to the log before anything else stops.
         if self._publisher_task is not None:

@@ -153,14 +153,28 @@ def listen_socket(settings: Settings) -> socket.socket:
         sock.bind((host, port))
     except OSError as error:
         sock.close()
-        if error.errno == errno.EADDRINUSE:
-            raise StartupError(f"Port {port} on {host} is already in use (TIPSTREAM_PORT={port}): stop what "
-                               "listens there, or set TIPSTREAM_PORT to a free port (0 picks one).") from None
-        raise StartupError(f"Cannot listen on {host}:{port} (TIPSTREAM_HOST, TIPSTREAM_PORT): "
-                           f"{error.strerror or error}. Set TIPSTREAM_HOST to an address of this machine "
-                           "(127.0.0.1, or 0.0.0.0 for all) and TIPSTREAM_PORT to a free port above 1023.") from None
+        raise _cannot_listen(error, host, port) from None
     sock.set_inheritable(True)
     return sock
+
+
+def _cannot_listen(error: OSError, host: str, port: int) -> StartupError:
+    if error.errno == errno.EADDRINUSE:
+        return StartupError(f"Port {port} on {host} is already in use (TIPSTREAM_PORT={port}): stop what "
+                            "listens there, or set TIPSTREAM_PORT to a free port (0 picks one).")
+    return StartupError(f"Cannot listen on {host}:{port} (TIPSTREAM_HOST, TIPSTREAM_PORT): "
+                        f"{error.strerror or error}. Set TIPSTREAM_HOST to an address of this machine "
+                        "(127.0.0.1, or 0.0.0.0 for all) and TIPSTREAM_PORT to a free port above 1023.")
+
+
+def listen(sock: socket.socket, host: str, backlog: int) -> None:
+    """Listen on the socket `listen_socket` bound. Bound is not held: another program binding the port with
+    SO_REUSEADDR while the service started, and listening first, left this listen to fail, and uvloop's
+    `create_server` drops that failure: the service ran on, printing its address, deaf to every request."""
+    try:
+        sock.listen(backlog)
+    except OSError as error:
+        raise _cannot_listen(error, host, sock.getsockname()[1]) from None
 
 
 class Stopper:
@@ -235,9 +249,6 @@ async def start(service: Service, stopper: Stopper) -> int | None:
 
 async def serve(settings: Settings, sock: socket.socket, demo_rate: float) -> int:
     """Start, then serve on `sock` until a stop signal (`STOP_SIGNALS`); the exit code."""
-    import uvicorn
-
-    from app.api import create_app
     from app.bootstrap import Service
 
     try:
@@ -247,6 +258,21 @@ async def serve(settings: Settings, sock: socket.socket, demo_rate: float) -> in
     stopper = Stopper()
     if await start(service, stopper) is not None:
         return stopper.exit_code
+    try:
+        return await _serve_started(settings, service, stopper, sock, demo_rate)
+    finally:
+        # Whichever way serving ended: uvicorn's lifespan stops the service only once uvicorn has started.
+        # Its start failing (the port not ours to listen on, its lifespan failing) left the service running
+        # as the process ended: no last checkpoint, nor the embedded nats-server's or the database lock's end.
+        await service.stop()
+
+
+async def _serve_started(settings: Settings, service: Service, stopper: Stopper, sock: socket.socket,
+                         demo_rate: float) -> int:
+    import uvicorn
+
+    from app.api import create_app
+
     port = sock.getsockname()[1]
     app = create_app(settings, service, started=True)
     config = http_config(app)
@@ -282,5 +308,6 @@ async def serve(settings: Settings, sock: socket.socket, demo_rate: float) -> in
         from app.demo import attach_demo
 
         attach_demo(app, rate=demo_rate, stopping=lambda: server.should_exit, port=port)
+    listen(sock, settings.host, config.backlog)
     await server.serve(sockets=[sock])
     return stopper.exit_code

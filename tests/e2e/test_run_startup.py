@@ -391,3 +391,39 @@ async def test_an_account_whose_consumers_are_taken_is_a_message_with_the_fix(tm
         server.stop()
     assert_one_message(done, "maximum consumers limit reached (error 10026)", "one consumer of its own on each of",
                        "raise `max_consumers`", "`nats consumer ls`")
+
+
+def test_a_port_taken_after_the_start_bound_it_is_the_same_message_and_the_service_stops(tmp_path: Path) -> None:
+    """The port is bound before the service starts, and listened on once it has: another program may bind it
+    meanwhile (both with SO_REUSEADDR, neither listening yet) and listen first. uvicorn's listen then raised,
+    past the service's stop: a traceback, and no last checkpoint (the service's stop never ran)."""
+    port = free_port()
+    out = tmp_path / "out.log"
+    with out.open("wb") as log:
+        process = subprocess.Popen([TIPSTREAM, "run"], stdout=log, stderr=subprocess.PIPE, env={
+            **environment(tmp_path, TIPSTREAM_PORT=str(port)), "TIPSTREAM_LOG_LEVEL": "info"})
+    try:
+        def bound_by_the_start() -> bool:  # a bind without SO_REUSEADDR is refused once any socket holds the port
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    return True
+            return False
+
+        wait_until(bound_by_the_start, timeout=30, what="the start to bind its port")
+        with socket.socket() as taker:
+            taker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            taker.bind(("127.0.0.1", port))
+            taker.listen()
+            _, stderr = process.communicate(timeout=30)  # it ran on, deaf, before
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    done = subprocess.CompletedProcess(process.args, process.returncode, out.read_text(), stderr.decode())
+    assert_one_message(done, f"Port {port} on 127.0.0.1 is already in use (TIPSTREAM_PORT={port})",
+                       "set TIPSTREAM_PORT to a free port")
+    assert "checkpoint restored" in done.stderr, "taken before the service had started: not this case"
+    assert "stopping: last checkpoint written" in done.stderr, done.stderr[-3000:]
+    assert not (tmp_path / "data" / "nats.url").exists(), "the embedded nats-server was not stopped"
