@@ -229,8 +229,8 @@ class Eraser:
     async def _between_chunks(self) -> None:
         # A chunk's fold can wait (a user's state read from the database): the store then holds
         # events past the position, which the bounds would leave out of step 4.
-        while any(ingest.folding for ingest in self.ingests):
-            await asyncio.sleep(0.001)
+        while folding := [ingest for ingest in self.ingests if not ingest.between_chunks.is_set()]:
+            await folding[0].between_chunks.wait()
 
     async def _drop(self, rows: list[dict[str, Any]]) -> None:
         """Step 2, for each of `rows`."""

@@ -216,9 +216,11 @@ class StreamIngest:
         self.progress_every_s = jsx.ACK_WAIT_S / 3  # while a wait holds delivered messages (`_keep_in_progress`)
         self._progressed = 0.0
         self._held: list[jsx.RawMsg] = []
-        # Within a chunk's fold, which may wait (a user's state read, the learner): the store then holds
-        # part of the chunk, past the stream's position. A user is forgotten between two chunks.
-        self.folding = False
+        # Clear within a chunk's fold, which may wait (a user's state read, the learner): the store then holds
+        # part of the chunk, past the stream's position. A user is forgotten between two chunks, the eraser
+        # woken by this as the chunk ends (it polled a flag every 1 ms, for as long as a state read took).
+        self.between_chunks = asyncio.Event()
+        self.between_chunks.set()
         # How many of the chunk's events a try that failed (a state that could not be loaded) had
         # folded and counted: the next try sees them again as duplicates, which they are not.
         self._counted_by_failed_try = 0
@@ -448,11 +450,11 @@ class StreamIngest:
             await asyncio.sleep(min(left, await self._keep_in_progress()))
 
     async def process(self, chunk: list[jsx.RawMsg]) -> None:
-        self.folding = True
+        self.between_chunks.clear()
         try:
             await self._process(chunk)
         finally:
-            self.folding = False
+            self.between_chunks.set()
 
     async def _process(self, chunk: list[jsx.RawMsg]) -> None:
         store, rejected, live = self.store, [], self.caught_up

@@ -31,7 +31,10 @@ class Learner:
 
 
 class Ingest:
-    folding = True
+    """A stream's ingest, folding a chunk until `between_chunks` is set."""
+
+    def __init__(self) -> None:
+        self.between_chunks = asyncio.Event()
 
 
 def opened(event_id: str, user: str) -> Any:
@@ -54,7 +57,7 @@ async def test_a_user_is_forgotten_between_two_chunks_never_within_one() -> None
     assert not dropping.done() and "u" in store.users and not learner.forgotten
     store.apply(opened("e3", "u"))  # the rest of the chunk
     store.advance("SIGNALS", 9)
-    ingest.folding = False
+    ingest.between_chunks.set()
     await dropping
     assert set(store.users) == {"other"} and learner.forgotten == ["u"]
     [entry] = eraser.snapshot() or []
@@ -62,6 +65,34 @@ async def test_a_user_is_forgotten_between_two_chunks_never_within_one() -> None
     assert entry["report"] == {"state": True, "decisions_held": 0}
     eraser.saved([entry])
     assert eraser.snapshot() is None
+
+
+async def test_the_wait_for_a_chunk_s_end_is_woken_by_it_not_a_poll(monkeypatch: Any) -> None:
+    """A chunk's fold waits as long as a user's state read takes (up to 10 s with the database slow): the
+    eraser looked every 1 ms meanwhile, a timer and a turn of the event loop each time."""
+    store, learner, ingest = OnlineStore(), Learner(), Ingest()
+    store.apply(opened("e1", "u"))
+    eraser = Eraser(None, store, learner, checkpoint=None, lock=asyncio.Lock(), ingests=[ingest])  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    timers: list[float] = []
+    call_at = loop.call_at
+
+    def counted(when: float, *args: Any, **kwargs: Any) -> Any:
+        timers.append(when)
+        return call_at(when, *args, **kwargs)
+
+    dropping = asyncio.create_task(eraser._drop([{"user_id": "u", "requested_at": datetime.now(UTC)}]))
+    await asyncio.sleep(0)
+    monkeypatch.setattr(loop, "call_at", counted)  # this test's loop only: its timers from here
+    began = time.monotonic()
+    while time.monotonic() - began < 0.2:  # the chunk's state read, taking its time
+        await asyncio.sleep(0)
+    monkeypatch.undo()
+    assert not dropping.done() and not learner.forgotten
+    assert len(timers) == 0, f"{len(timers)} timers in 0.2 s"
+    ingest.between_chunks.set()
+    await asyncio.wait_for(dropping, 5)
+    assert learner.forgotten == ["u"]
 
 
 async def test_a_reaction_learned_while_the_join_cache_is_looked_over_leaves_nothing_of_theirs(
@@ -84,7 +115,7 @@ async def test_a_reaction_learned_while_the_join_cache_is_looked_over_leaves_not
 
     monkeypatch.setattr(learner_module, "belongs", a_reaction_read_meanwhile)
     ingest = Ingest()
-    ingest.folding = False
+    ingest.between_chunks.set()
     eraser = Eraser(None, world.store, world.learner, checkpoint=None, lock=asyncio.Lock(),  # type: ignore[arg-type]
                     ingests=[ingest])
     await eraser._drop([{"user_id": "u-1", "requested_at": datetime.now(UTC)}])
@@ -113,7 +144,7 @@ async def test_decisions_served_before_the_wall_clock_stepped_back_are_forgotten
     read_back = f"d-{hour_ahead_ms + 60_000:012x}{other.decision_id[14:]}"
     world.learner.add_logged(LoggedDecision(read_back, other.payload))
     ingest = Ingest()
-    ingest.folding = False
+    ingest.between_chunks.set()
     eraser = Eraser(None, world.store, world.learner, checkpoint=None, lock=asyncio.Lock(),  # type: ignore[arg-type]
                     ingests=[ingest])
     await eraser._drop([{"user_id": "u-1", "requested_at": datetime.now(UTC)}])
@@ -136,7 +167,7 @@ async def test_a_user_is_forgotten_once_ingest_has_read_what_was_stored_before_t
     """A service behind (catching up after a start, or NATS away a while) would fold their events
     stored before the request after it, as a new state that the messages' deletion then left alive."""
     store, learner, ingest = OnlineStore(), Learner(), Ingest()
-    ingest.folding = False
+    ingest.between_chunks.set()
     store.apply(opened("e1", "u"))
     store.advance("SIGNALS", 5)
     eraser = Eraser(None, store, learner, checkpoint=None, lock=asyncio.Lock(), ingests=[ingest],  # type: ignore[arg-type]
