@@ -58,6 +58,7 @@ from app.scoring import Scorer
 from app.service_lock import ServiceLock, ServiceLockTaken
 from app.settings import Settings, env_name
 from app.start_errors import StartupError, shown_url
+from app.thread_work import ThreadWork, named
 from models.policy import make_policy
 from streams import jetstream as jsx
 from streams.nats_tls import TlsNotOffered
@@ -87,6 +88,9 @@ NATS_PORTS = " (NATS clients connect on 4222 by default; 8222 is its HTTP monito
 # A task the stop cancelled and still running after this long dropped the cancellation: it is cancelled again.
 STOP_CANCEL_AGAIN_S = 1.0
 SERVICE_LOCK_CHECK_S = 10.0  # how often the database lock's connection is checked (PostgreSQL restarted?)
+# How long the stop waits, at each of its two waits, for database work begun in worker threads (`ThreadWork`):
+# a statement held up that long (a row locked, the database away) is given up on.
+STOP_THREAD_WORK_S = 15.0
 
 
 def _credentials_refused(error: object) -> bool:
@@ -111,6 +115,7 @@ class Service:
         self.store.idle_days = settings.idle_user_days
         self.engine = make_engine(settings.sqlalchemy_url)
         self.service_lock = ServiceLock(settings.sqlalchemy_url)
+        self.threads = ThreadWork()  # the database work of its loops in worker threads, which the stop waits for
         self.embedded: EmbeddedNats | None = None
         self.nc: jsx.IngestClient | None = None
         self.ingests: list[StreamIngest] = []
@@ -239,13 +244,13 @@ class Service:
             self.checkpoint_writer = CheckpointWriter(s.sqlalchemy_url)
         self.checkpointer = Checkpointer(self.store, target, s.checkpoint_every_events, s.checkpoint_every_s,
                                          participants=[self.learner, self.decision_log], writer=self.checkpoint_writer,
-                                         lock=self.lineup.snapshot_lock, committed=self._restored)
+                                         lock=self.lineup.snapshot_lock, committed=self._restored, threads=self.threads)
         self.checkpointer.on_lost = self._database_lost_commits
         self.checkpointer.stored_us = functools.partial(jsx.stored_us, js)
         self.eraser = Eraser(self.engine, self.store, self.learner, checkpoint=self.checkpointer.checkpoint,
                              lock=self.checkpointer.lock, ingests=self.ingests, js=js, scrub=scrub,
                              learning_versions=lambda: {version for version, _ in self.lineup.learning},
-                             unpublished=self.publisher.unpublished)
+                             unpublished=self.publisher.unpublished, threads=self.threads)
         self.checkpointer.participants.append(self.eraser)  # last: its deletes follow the other rows (write_erasures)
         await asyncio.to_thread(self.eraser.resume)  # before DECISIONS is read back
         self.checkpointer.refused = self._database_not_ours  # lost during the start already
@@ -265,7 +270,7 @@ class Service:
         self.checkpointer.on_saved.append(lambda _: self.freezer.check(self.store.taken_in))
         self._background(self.checkpointer.run(), name="checkpointer")
         if s.offline_features_every_s:
-            self.offline = OfflineFeatureWriter(self.store, self.engine, s.offline_features_every_s)
+            self.offline = OfflineFeatureWriter(self.store, self.engine, s.offline_features_every_s, threads=self.threads)
             self.offline.refused = self._database_not_ours
             self.checkpointer.on_saved.append(self.offline.saved)
             self.checkpointer.keep_awake.append(self.offline.holds)
@@ -275,7 +280,7 @@ class Service:
             self.eraser.offline = self.offline
         self._background(self.eraser.run(), name="erasures")
         if s.tip_scores_max_age_days:
-            retention = TipScoresRetention(self.engine, s.tip_scores_max_age_days)
+            retention = TipScoresRetention(self.engine, s.tip_scores_max_age_days, threads=self.threads)
             self._background(every(RETENTION_EVERY_S, retention.prune, "deleting old tip_scores rows"),
                              name="tip_scores retention")
 
@@ -636,6 +641,9 @@ class Service:
         for ingest in self.ingests:
             await ingest.stop()
         await self._cancel_tasks()
+        # Before the last checkpoint: a cancelled checkpoint's transaction, committing after it, would set the
+        # positions back; a cancelled pass's rows would go over the last pass's.
+        await self._thread_work_ended()
         if self.checkpointer and self.checkpointer.refused is not None:
             log.warning("no last checkpoint: %s; what was read since the last checkpoint stays in the streams",
                         self.checkpointer.refused)
@@ -667,8 +675,20 @@ class Service:
         if self.embedded:
             await self.embedded.astop()
             (self.settings.data_dir / URL_FILE).unlink(missing_ok=True)
+        await self._thread_work_ended()  # a batch of the last user_features pass its bound cut short
         self.engine.dispose()
         await asyncio.to_thread(self.service_lock.release)  # last: nothing of this service writes after it
+
+    async def _thread_work_ended(self) -> None:
+        """Wait for the database work the stop's cancellations left running in worker threads (the task that
+        awaited it cancelled, the thread goes on), STOP_THREAD_WORK_S at most. Not waited for, a user_features
+        write held up by a locked row committed after the stop had let go of the database lock, over the rows
+        of a service started on the database since."""
+        left = await self.threads.ended(STOP_THREAD_WORK_S)
+        if left:
+            log.warning("stopping: %s still running in worker threads after %g s (the database slow, or a row "
+                        "locked): not waited for longer; it may commit after this service has let go of the "
+                        "database", named(left), STOP_THREAD_WORK_S)
 
     async def _cancel_tasks(self) -> None:
         """Cancel every task and wait for each to end. One still running `STOP_CANCEL_AGAIN_S` later had its

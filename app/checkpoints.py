@@ -26,6 +26,7 @@ from app.checkpoint_rows import OpenCheckpoint, PositionsBehind, positions_behin
 from app.log_throttle import LogThrottle
 from app.metrics import METRICS
 from app.periodic import woken
+from app.thread_work import ThreadWork
 from streams.fold import DAY_MS, HORIZON_DAYS, MAX_RECORDS_PER_KIND, SIZES, at_cap
 from streams.store import OnlineStore
 
@@ -229,20 +230,20 @@ class _InThread:
     one connection that holds the transaction, and a rollback waits for the call in flight, as in the writer
     process (`asyncio.to_thread` could run them side by side)."""
 
-    def __init__(self, target: CheckpointStore) -> None:
-        self.target = target
+    def __init__(self, target: CheckpointStore, threads: ThreadWork) -> None:
+        self.target, self.threads = target, threads
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="tipstream-checkpoint")
 
     async def begin(self, extras: Sequence[tuple[Participant, Any]], committed: dict[str, int] | None,
                     states: list[tuple[str, bytes]]) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._thread, self.target.begin, extras, committed, states)
+        await self.threads.run("a checkpoint", self.target.begin, extras, committed, states, executor=self._thread)
 
     async def add(self, states: list[tuple[str, bytes]]) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._thread, self.target.add, states)
+        await self.threads.run("a checkpoint", self.target.add, states, executor=self._thread)
 
     async def commit(self, positions: dict[str, int], marks: dict[str, int] | None,
                      states: list[tuple[str, bytes]]) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._thread, self.target.commit, positions, marks, states)
+        await self.threads.run("a checkpoint", self.target.commit, positions, marks, states, executor=self._thread)
 
     def rollback(self) -> None:
         self._thread.submit(self.target.rollback)
@@ -273,8 +274,10 @@ class Checkpointer:
 
     def __init__(self, store: OnlineStore, target: CheckpointStore, every_events: int, every_s: float,
                  participants: Sequence[Participant] = (), writer: CheckpointWriter | None = None,
-                 lock: asyncio.Lock | None = None, committed: dict[str, int] | None = None) -> None:
+                 lock: asyncio.Lock | None = None, committed: dict[str, int] | None = None,
+                 threads: ThreadWork | None = None) -> None:
         self.store, self.target = store, target
+        self.threads = threads or ThreadWork()  # its transactions in threads, which the stop waits for
         # The positions the database holds as far as this service knows: those the start restored, then
         # each checkpoint's. Kept here, not read back: a database that lost commits would read as right.
         self.committed = dict(committed or {})
@@ -452,7 +455,7 @@ class Checkpointer:
             elif self.writer is not None:
                 await self.writer.save(positions, first, [(p.write, snap) for p, snap in extras], marks, committed)
             else:
-                await asyncio.to_thread(self.target.save, positions, first, extras, marks, committed)
+                await self.threads.run("a checkpoint", self.target.save, positions, first, extras, marks, committed)
         except BaseException:
             self.store.abort_checkpoint(users)
             raise
@@ -508,7 +511,7 @@ class Checkpointer:
         if self.writer is not None:
             writer, opening = self.writer, [(p.write, snapshot) for p, snapshot in extras]
         else:
-            writer, opening = self._in_thread or _InThread(self.target), extras
+            writer, opening = self._in_thread or _InThread(self.target, self.threads), extras
             self._in_thread = writer
         call = asyncio.ensure_future(writer.begin(opening, committed, first))
         try:

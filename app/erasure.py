@@ -47,6 +47,7 @@ from app.checkpoint_rows import write_erasures
 from app.decisions import decision_time_ms
 from app.metrics import METRICS
 from app.periodic import woken
+from app.thread_work import ThreadWork
 from streams import jetstream as jsx
 from streams.scrub import belongs, spellings
 from streams.store import OnlineStore
@@ -88,8 +89,10 @@ class Eraser:
                  lock: asyncio.Lock, ingests: Sequence[Any] = (), offline: Any = None,
                  js: Any = None, scrub: Scrub | None = None,
                  learning_versions: Callable[[], set[str]] | None = None,
-                 unpublished: Callable[[], Sequence[tuple[str, str, bytes]]] | None = None) -> None:
+                 unpublished: Callable[[], Sequence[tuple[str, str, bytes]]] | None = None,
+                 threads: ThreadWork | None = None) -> None:
         self.engine, self.store, self.learner = engine, store, learner
+        self.threads = threads or ThreadWork()  # its transactions, which the stop waits for
         self.checkpoint, self.lock, self.ingests, self.offline = checkpoint, lock, ingests, offline
         self.js, self.scrub = js, scrub
         # The versions that learn, whose models the learner's snapshot saves: any other's bytes are
@@ -326,14 +329,15 @@ class Eraser:
                 result = await self.scrub(self.js, stream, users, int(bounds.get(stream, 0)), progress)
                 found[f"messages_{stream.lower()}"] = result.deleted
         async with self.lock:  # a registry change (a rollback to a retired version) loads the bytes rewritten here
-            reports = await asyncio.to_thread(self._finish, rows, self.learning_versions(), found)
+            reports = await self.threads.run("an erasure's last transaction", self._finish, rows,
+                                                self.learning_versions(), found)
         for row, report in zip(rows, reports, strict=True):
             self._on_the_way.pop(row["user_id"], None)
             until = _ms(row["dropped_at"])
             if self.learner.erasing.get(row["user_id"]) == until:
                 del self.learner.erasing[row["user_id"]]
             log.info("forgot user %r: %s", row["user_id"], report)
-        await asyncio.to_thread(self._empty_wal)  # not holding the lock: it may wait for readers
+        await self.threads.run("an erasure's WAL checkpoint", self._empty_wal)  # not holding the lock: it may wait for readers
 
     async def _past_decisions_on_the_way(self, rows: list[dict[str, Any]], bounds: dict[str, Any]) -> dict[str, Any]:
         """`bounds`, DECISIONS' moved past the users' decisions that were on their way to JetStream at step 2

@@ -28,6 +28,7 @@ from sqlalchemy import Engine, or_, select
 from app import db
 from app.metrics import METRICS
 from app.periodic import every
+from app.thread_work import ThreadWork
 from streams.features import evaluate
 from streams.fold import UserState
 from streams.store import OnlineStore
@@ -69,8 +70,9 @@ def users_behind(engine: Engine) -> list[str]:
 
 
 class OfflineFeatureWriter:
-    def __init__(self, store: OnlineStore, engine: Engine, every_s: float) -> None:
+    def __init__(self, store: OnlineStore, engine: Engine, every_s: float, threads: ThreadWork | None = None) -> None:
         self.store, self.engine, self.every_s = store, engine, every_s
+        self.threads = threads or ThreadWork()  # its writes, which the stop waits for
         self.pending: set[str] = set()
         self._in_pass: set[str] = set()
         self.rows_written = 0
@@ -155,7 +157,7 @@ class OfflineFeatureWriter:
                 if self.forgotten:
                     rows = [row for row in rows
                             if row["user_id"] not in self.forgotten or row["user_id"] in self._in_pass]
-                self._writing = writing = asyncio.ensure_future(asyncio.to_thread(self._write, rows))
+                self._writing = writing = asyncio.ensure_future(self.threads.run("a user_features write", self._write, rows))
                 await writing
                 written += len(rows)
                 self._in_pass.difference_update(batch)  # read: they may leave memory

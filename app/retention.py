@@ -25,7 +25,6 @@ shorter than the bound, before it can go.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -36,6 +35,7 @@ from sqlalchemy.engine import Connection
 
 from app import db
 from app.learning_metrics import DECISION_ROWS_PRUNED
+from app.thread_work import ThreadWork
 
 log = logging.getLogger("tipstream.retention")
 BATCH = 10_000  # rows a transaction: 20-30 ms of SQLite's write lock, 25-100 ms on PostgreSQL (measured)
@@ -77,8 +77,9 @@ class TipScoresRetention:
     """Keeps `tip_scores` to `max_age_days`; the service runs `prune` every `EVERY_S` seconds."""
 
     def __init__(self, engine: Engine, max_age_days: float, clock: Callable[[], float] = time.time,
-                 batch: int = BATCH) -> None:
+                 batch: int = BATCH, threads: ThreadWork | None = None) -> None:
         self.engine, self.max_age_days, self.clock, self.batch = engine, max_age_days, clock, batch
+        self.threads = threads or ThreadWork()  # its deletes, which the stop waits for
 
     def _delete_batch(self, cut: datetime) -> int:
         with self.engine.begin() as conn:
@@ -92,7 +93,7 @@ class TipScoresRetention:
         total, started = 0, time.monotonic()
         next_report = started + PROGRESS_EVERY_S
         while True:
-            deleted = await asyncio.to_thread(self._delete_batch, cut)
+            deleted = await self.threads.run("a tip_scores delete", self._delete_batch, cut)
             total += deleted
             DECISION_ROWS_PRUNED.inc(deleted)
             if deleted < self.batch:

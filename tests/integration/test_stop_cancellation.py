@@ -4,17 +4,22 @@ running, and the stop, which waits for them all, never ended (nor the process, w
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
+import sqlalchemy as sa
 
 from app import migrate
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.db import make_engine
 from app.decision_publisher import DecisionPublisher
+from app.service_lock import holder
 from streams.events import parse_event
+from streams.jetstream import publish_events
 from streams.store import OnlineStore
+from tests.conftest import eventually, reset_postgres
 
 NOW = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
 
@@ -85,3 +90,61 @@ async def test_the_stop_ends_though_a_loop_goes_on_after_its_cancellation(start_
         raise AssertionError("the stop waited for a task that went on after its cancellation")
     assert dropped == ["checkpointer"]
     assert "stopping: checkpointer went on after being cancelled; cancelling again" in caplog.text
+
+
+def _user_features_writes_waiting(url: str) -> int:
+    """Statements on user_features waiting for a lock, in the database at `url`."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.text(
+                "select count(*) from pg_stat_activity where datname = current_database() and wait_event_type = 'Lock' "
+                "and query ilike '%user_features%'")).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def _has_row(url: str, user_id: str) -> bool:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.text("select count(*) from user_features where user_id = :u"),
+                                {"u": user_id}).scalar_one() == 1
+    finally:
+        engine.dispose()
+
+
+async def test_the_stop_waits_for_a_user_features_write_under_way_before_letting_go_of_the_database(
+        start_service, nc, postgres_url, caplog) -> None:
+    """The stop cancels the offline writer's pass; its write goes on in a worker thread. Held up (here by a
+    lock on the table; in life, the database slow), it committed after the stop had let go of the database
+    lock, over the rows of whichever service took the database next."""
+    caplog.set_level(logging.INFO, logger="tipstream")
+    reset_postgres(postgres_url)
+    running = await start_service(database_url=postgres_url, checkpoint_every_s=0.2, offline_features_every_s=0.2)
+    js = nc.jetstream()
+
+    def opened(event_id: str) -> tuple[str, dict[str, object]]:
+        return "signals.app.opened", {"id": event_id, "type": "app.opened", "user_id": "u-1", "ts": NOW.isoformat(),
+                                      "data": {}}
+
+    await publish_events(js, [opened("e-1")])
+    await eventually(lambda: _has_row(postgres_url, "u-1"), timeout=15)
+    locker = sa.create_engine(postgres_url)
+    conn = locker.connect()
+    try:
+        conn.execute(sa.text("lock table user_features in exclusive mode"))  # reads go on, writes wait
+        await publish_events(js, [opened("e-2")])
+        await eventually(lambda: _user_features_writes_waiting(postgres_url), timeout=15)
+        stopping = asyncio.ensure_future(running.stop())
+        await eventually(lambda: "a user_features write in worker threads" in caplog.text or stopping.done(),
+                         timeout=20)
+        assert not stopping.done(), "the stop ended, its write still to commit"
+        assert holder(postgres_url) is not None, "the database lock let go of before the write ended"
+    finally:
+        conn.rollback()
+        conn.close()
+        locker.dispose()
+    await asyncio.wait_for(stopping, 30)
+    assert holder(postgres_url) is None
+    assert not _user_features_writes_waiting(postgres_url)
