@@ -23,11 +23,9 @@ import functools
 import gc
 import logging
 import random
-import ssl
 import sys
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -43,12 +41,11 @@ from app.decision_tail import OwnTail
 from app.decisions import TipScoresLog, decode_decision
 from app.embedded_nats import STORE_DIR, URL_FILE, EmbeddedNats, write_private
 from app.erasure import Eraser
-from app.ingest import ACK_PENDING_BATCHES, ReadUpTo, StreamIngest
+from app.ingest import ReadUpTo, StreamIngest
 from app.learner import Learner
 from app.lineup import Lineup
-from app.log_throttle import LogThrottle
 from app.metrics import METRICS
-from app.nats_auth import NatsAuthError, nats_options
+from app.nats_connection import NatsConnection
 from app.offline import OfflineFeatureWriter
 from app.periodic import every
 from app.registry_store import RegistryStore
@@ -61,7 +58,6 @@ from app.start_errors import StartupError, shown_url
 from app.thread_work import ThreadWork, named
 from models.policy import make_policy
 from streams import jetstream as jsx
-from streams.nats_tls import TlsNotOffered
 from streams.scrub import scrub
 from streams.store import OnlineStore
 
@@ -82,20 +78,12 @@ EMBEDDED_NATS_CHECK_S = 0.5  # how often the embedded nats-server is checked for
 # for any JetStream call. (A checkpoint waits 1 s.) Not answered, it was told by the clocks instead,
 # and a NATS clock more than a second ahead of this host's replayed the stream from its first message.
 STORED_TIME_AT_START_S = 10.0
-# nats-py's connect_timeout (its default): how long it waits for a connection, then for the server's INFO.
-NATS_GREETING_S = 2.0
-NATS_PORTS = " (NATS clients connect on 4222 by default; 8222 is its HTTP monitoring port, 6222 its cluster port)"
 # A task the stop cancelled and still running after this long dropped the cancellation: it is cancelled again.
 STOP_CANCEL_AGAIN_S = 1.0
 SERVICE_LOCK_CHECK_S = 10.0  # how often the database lock's connection is checked (PostgreSQL restarted?)
 # How long the stop waits, at each of its two waits, for database work begun in worker threads (`ThreadWork`):
 # a statement held up that long (a row locked, the database away) is given up on.
 STOP_THREAD_WORK_S = 15.0
-
-
-def _credentials_refused(error: object) -> bool:
-    text = str(error or "")
-    return "Authorization Violation" in text or "Authentication" in text
 
 
 def _tell_spooled(served: int, kept: list[Any], path: object) -> None:
@@ -125,9 +113,6 @@ class Service:
         self.offline: OfflineFeatureWriter | None = None
         self.freezer = FreezePolicy(settings.gc_freeze_every_users)
         self.nats_url = settings.nats_url or ""
-        self._connect_error: Exception | None = None  # the first connection's last failure
-        self._tls_refused = asyncio.Event()  # the first connection's one server: its TLS will not do
-        self._nats_errors = LogThrottle()  # the same NATS error: once a minute
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
         self._lock_retaking = False  # the database lock's session was lost and is not taken again yet
@@ -136,6 +121,8 @@ class Service:
         # stops the server with exit code 1): the NATS connection closed for good.
         self.on_fatal: Callable[[str], None] | None = None
         self.fatal: str | None = None
+        self.nats_connection = NatsConnection(settings, on_reconnected=self._resume_streams,
+                                              stopping=lambda: self._stopping, fail=self._fail)
         # Learning: the registry's models, the decision log, the learner, /score.
         self.lineup = Lineup(RegistryStore(self.engine), self.engine, eval_max_rewards=settings.card_eval_max_rewards)
         self.decision_log = TipScoresLog()
@@ -204,9 +191,9 @@ class Service:
             write_private(s.data_dir / URL_FILE, self.nats_url)  # it holds the server's token
             self._background(every(EMBEDDED_NATS_CHECK_S, self._keep_embedded_nats_up,
                                    "starting the embedded nats-server again"), name="embedded nats-server")
-        self.nc = await self._connect()
+        self.nc = await self.nats_connection.connect(self.nats_url, self.embedded)
         js = self.nc.jetstream(timeout=10)
-        await self._check_server(js)
+        await self.nats_connection.check_server(js)
         streams_lock = asyncio.Lock()  # every ingest that finds its stream gone asks at once: one creates them
 
         async def ensure_streams() -> None:
@@ -283,104 +270,6 @@ class Service:
             retention = TipScoresRetention(self.engine, s.tip_scores_max_age_days, threads=self.threads)
             self._background(every(RETENTION_EVERY_S, retention.prune, "deleting old tip_scores rows"),
                              name="tip_scores retention")
-
-    async def _connect(self) -> jsx.IngestClient:
-        """The first connection, tried for `nats_connect_timeout_s`: a server that is not there
-        is the operator's to start, and retrying for ever hid that. Once connected, a lost
-        connection is retried for as long as it takes (-1), as the server comes back. A single
-        server whose TLS will not do (none offered for tls://, its certificate not trusted) ends the
-        wait at once: no retry changes its configuration, and the start waited the whole timeout."""
-        timeout = self.settings.nats_connect_timeout_s
-        try:
-            options = nats_options(self.settings)
-        except NatsAuthError as error:
-            raise StartupError(f"{error}.") from None
-        connecting = asyncio.ensure_future(asyncio.wait_for(jsx.connect(
-            self.nats_url, **options, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-            reconnected_cb=self._on_reconnected, disconnected_cb=self._on_disconnected,
-            error_cb=self._on_error, closed_cb=self._on_closed, name="tipstream",
-        ), timeout))
-        refused = asyncio.ensure_future(self._tls_refused.wait())
-        try:
-            await asyncio.wait((connecting, refused), return_when=asyncio.FIRST_COMPLETED)
-        finally:  # also when the start is cancelled (a stop signal): no connection left trying on its own
-            refused.cancel()
-            if not connecting.done():
-                connecting.cancel()
-                await asyncio.gather(connecting, return_exceptions=True)
-        try:
-            return connecting.result()
-        except (TimeoutError, asyncio.CancelledError):
-            waited = "" if self._tls_refused.is_set() else f" within {timeout:g} s"
-            cause = await self._why_unanswered(self._connect_error)
-            if self.embedded is None:
-                if NATS_PORTS in cause:
-                    fix = "Set NATS_URL to a NATS server's client port"
-                elif isinstance(self._connect_error, TlsNotOffered):
-                    fix = ("Configure TLS on that server (a `tls {}` block in its configuration), or, where plain "
-                           "text on the network is acceptable, set NATS_URL with nats:// and unset TIPSTREAM_NATS_TLS_*")
-                elif isinstance(self._connect_error, ssl.SSLError):
-                    fix = ("Set TIPSTREAM_NATS_TLS_CA to the CA that signed the server's certificate, if no CA this "
-                           "machine trusts did (CERTIFICATE_VERIFY_FAILED), and TIPSTREAM_NATS_TLS_CERT (with _KEY) "
-                           "to a client certificate, if the server verifies clients (certificate required)")
-                elif _credentials_refused(cause):  # a server there, not "start" one
-                    fix = ("Set NATS_URL with credentials that server takes: a user and password "
-                           "(nats://user:password@host:4222) or a token (nats://token@host:4222)")
-                else:
-                    fix = "Start NATS there (with JetStream: `nats-server -js`)"
-                raise StartupError(
-                    f"Cannot reach NATS at {shown_url(self.nats_url)} (NATS_URL){waited}: {cause}. {fix}, "
-                    "or unset NATS_URL to run an embedded one; TIPSTREAM_NATS_CONNECT_TIMEOUT_S sets how long to "
-                    "wait.") from None
-            raise StartupError(
-                f"The embedded nats-server at {shown_url(self.nats_url)} did not answer within {timeout:g} s: {cause}. "
-                f"See {self.embedded.store_dir / 'nats-server.log'}.") from None
-
-    async def _why_unanswered(self, error: Exception | None) -> str:
-        """Why the first connection failed, for the start's message. nats-py says nothing for a server
-        that takes the connection and never greets (Redis, RabbitMQ, an HTTP port): the message read
-        "within 20 s: . Start NATS there", though something else was there."""
-        text = str(error or "")
-        if "expecting INFO" in text or "info message" in text:  # it spoke first, and not NATS
-            return f"{text}, so what listens there is not a NATS server's client port{NATS_PORTS}"
-        if not isinstance(error, TimeoutError) or text:
-            return text or "no answer"
-        listening = []
-        for url in jsx.server_urls(self.nats_url):
-            parts = urllib.parse.urlsplit(url if "://" in url else f"nats://{url}")
-            try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port or 4222), 1)
-            except (OSError, TimeoutError, ValueError):
-                continue
-            writer.close()
-            listening.append(f"{parts.hostname}:{parts.port or 4222}")
-        if listening:
-            return (f"{', '.join(listening)} took the connection but sent no NATS greeting (INFO) within "
-                    f"{NATS_GREETING_S:g} s, so what listens there is not a NATS server's client port{NATS_PORTS}")
-        return f"no connection within {NATS_GREETING_S:g} s (a host that does not answer, or a firewall dropping it)"
-
-    async def _check_server(self, js: Any) -> None:
-        """The server's release and the account's JetStream limits, told before anything is created:
-        a limit the streams or consumers would break ended the start with the server's bare words
-        (`app.startup` gives them a fix), or, for storage, let the service run until it filled."""
-        assert self.nc is not None
-        s, version = self.settings, str(self.nc._server_info.get("version", "?"))
-        where = f"{shown_url(self.nats_url)} (NATS_URL)" if s.nats_url else "the embedded nats-server"
-        if (too_old := jsx.server_too_old(version, where)) is not None:
-            if (found := jsx.release(version)) is not None and found < jsx.FIRST_WITH_JETSTREAM:
-                raise StartupError(too_old)
-            log.warning("%s", too_old)
-        limits = await jsx.account_limits(js)  # an account without JetStream: APIError 10039, told by app.startup
-        log.info("NATS: nats-server %s at %s", version, where)
-        if (unbounded := jsx.unbounded_in_bounded_account(limits, s.stream_max_bytes)) is not None:
-            log.warning("%s", unbounded)
-        wanted = s.ingest_batch * ACK_PENDING_BATCHES
-        if limits.max_ack_pending is not None and 0 < limits.max_ack_pending < wanted:
-            log.warning("This NATS account lets a consumer hold %d unacknowledged messages (max_ack_pending), fewer "
-                        "than the %d ingest asks for (TIPSTREAM_INGEST_BATCH=%d x %d): ingest runs with %d, which "
-                        "can slow it. Raise the account's max_ack_pending to %d or more to read at full speed.",
-                        limits.max_ack_pending, wanted, s.ingest_batch, ACK_PENDING_BATCHES,
-                        limits.max_ack_pending, wanted)
 
     async def _load_learning(self) -> None:
         """The registry and models (the first start registers `v1`), then the learner's snapshot:
@@ -779,49 +668,12 @@ class Service:
             await asyncio.to_thread(self.embedded.restart_if_exited)
             await asyncio.to_thread(self.embedded.check_store)
 
-    async def _on_reconnected(self) -> None:
-        log.info("reconnected to NATS; resuming each stream from its own position")
+    def _resume_streams(self) -> None:
+        """NATS reconnected: each ingest resumes from its own position, and the decisions sent on the old
+        connection and not acknowledged are sent again at once."""
         self.publisher.reconnected()
         for ingest in self.ingests:
             ingest.request_reset()
-
-    async def _on_disconnected(self) -> None:
-        if not self._stopping:
-            log.warning("disconnected from NATS; reconnecting")
-
-    async def _on_error(self, error: Exception) -> None:
-        if self.nc is None:  # the first connection: one line, and the last error for _connect's message
-            if self._connect_error is None:  # nats-py's TimeoutError says nothing: it was "()"
-                log.warning("waiting for NATS at %s (%s); trying for %g s", shown_url(self.nats_url),
-                            str(error) or f"no NATS greeting within {NATS_GREETING_S:g} s",
-                            self.settings.nats_connect_timeout_s)
-            # The server closes the connection after refusing the credentials: the reset that follows
-            # ("Connection reset by peer") must not hide the refusal, which names the fix.
-            if not _credentials_refused(self._connect_error):
-                self._connect_error = error
-            if (isinstance(error, (TlsNotOffered, ssl.SSLCertVerificationError))
-                    and len(jsx.server_urls(self.nats_url)) == 1):
-                self._tls_refused.set()
-            return
-        # The same error again within a minute is counted, not logged: a server that refuses the
-        # credentials once it is back (a reload that changed them) answers every reconnect, twice
-        # a second, with "Authorization Violation".
-        left_out = self._nats_errors.allow(str(error))
-        if left_out is not None:
-            log.warning("NATS: %s%s", error, f" ({left_out} more times since)" if left_out else "")
-
-    async def _on_closed(self) -> None:
-        """nats-py closes the connection for good, without reconnecting, on an error the server
-        sends on a live connection (but a stale connection's): an expired user JWT, a protocol limit
-        passed. Ingest and the decision log then retried on the closed client for ever while
-        /healthz answered ok. A new start makes a new connection (or says why it cannot)."""
-        if self._stopping or self.fatal is not None:
-            return
-        cause = (self.nc.last_error if self.nc is not None else None) or "no error given"
-        self._fail(f"NATS closed tipstream's connection to {shown_url(self.nats_url)} for good "
-                   f"({cause}), and nats-py does not reconnect after that. "
-                   "tipstream stops (exit code 1) so that its supervisor starts it again with a new connection; "
-                   "if the server refused its credentials, fix NATS_URL first.")
 
     def _background(self, work: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """A task of the service's background work, held to the stop, which cancels it. Each loop retries

@@ -14,6 +14,7 @@ import nats
 import pytest
 
 from app.bootstrap import Service
+from app.nats_connection import NatsConnection
 from app.settings import Settings
 from app.start_errors import StartupError
 from streams.fold import to_ms
@@ -57,14 +58,14 @@ async def test_an_account_capping_unacknowledged_messages_slows_ingest_and_stops
 
 def as_release(monkeypatch: pytest.MonkeyPatch, version: str) -> None:
     """Every connection of the service reports `version` as its server's (no such old binary here)."""
-    connect = Service._connect
+    connect = NatsConnection.connect
 
-    async def connected(self: Service) -> Any:
-        nc = await connect(self)
+    async def connected(self: NatsConnection, url: str, embedded: Any) -> Any:
+        nc = await connect(self, url, embedded)
         nc._server_info["version"] = version
         return nc
 
-    monkeypatch.setattr(Service, "_connect", connected)
+    monkeypatch.setattr(NatsConnection, "connect", connected)
 
 
 async def test_a_server_older_than_any_run_against_is_named_and_one_without_jetstream_stops_the_start(

@@ -216,23 +216,23 @@ async def test_the_same_nats_error_again_within_a_minute_is_counted_not_logged(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A server that refuses the credentials once it is back answers every reconnect (twice a
     second) with the same error: each was a warning line."""
-    from app import bootstrap
     from app.log_throttle import WINDOW_S
+    from app.nats_connection import NatsConnection
     from app.settings import Settings
 
-    service = bootstrap.Service(Settings(data_dir=tmp_path))
-    service.nc = SimpleNamespace()  # connected once: errors are the live connection's
+    connection = NatsConnection(Settings(data_dir=tmp_path), on_reconnected=lambda: None, stopping=lambda: False,
+                                fail=lambda _why: None)
+    connection.client = SimpleNamespace()  # connected once: errors are the live connection's
     now = [1000.0]
-    service._nats_errors.clock = lambda: now[0]
+    connection._errors.clock = lambda: now[0]
     refused = Exception("nats: 'Authorization Violation'")
     with caplog.at_level(logging.WARNING, logger="tipstream"):
         for _ in range(5):
-            await service._on_error(refused)
+            await connection._on_error(refused)
             now[0] += 0.5
         now[0] += WINDOW_S
-        await service._on_error(refused)
-        await service._on_error(Exception("nats: another"))
-    service.engine.dispose()
+        await connection._on_error(refused)
+        await connection._on_error(Exception("nats: another"))
     assert [r.getMessage() for r in caplog.records] == [
         "NATS: nats: 'Authorization Violation'", "NATS: nats: 'Authorization Violation' (4 more times since)",
         "NATS: nats: another"]

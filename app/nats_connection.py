@@ -1,0 +1,190 @@
+"""The service's connection to NATS: the first connection, tried for a bounded time and told apart
+when it fails (nothing there, not a NATS server, TLS or credentials refused), the server's release and
+account limits checked before anything is created, and what nats-py calls back with once connected.
+
+Apart from `bootstrap.Service` because none of it is about the service's parts: the service is told
+of a reconnect (each ingest resumes from its own position), and of a connection closed for good (it
+stops, exit code 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+from app.embedded_nats import EmbeddedNats
+from app.ingest import ACK_PENDING_BATCHES
+from app.log_throttle import LogThrottle
+from app.nats_auth import NatsAuthError, nats_options
+from app.settings import Settings
+from app.start_errors import StartupError, shown_url
+from streams import jetstream as jsx
+from streams.nats_tls import TlsNotOffered
+
+log = logging.getLogger("tipstream")
+# nats-py's connect_timeout (its default): how long it waits for a connection, then for the server's INFO.
+NATS_GREETING_S = 2.0
+NATS_PORTS = " (NATS clients connect on 4222 by default; 8222 is its HTTP monitoring port, 6222 its cluster port)"
+
+
+def _credentials_refused(error: object) -> bool:
+    text = str(error or "")
+    return "Authorization Violation" in text or "Authentication" in text
+
+
+class NatsConnection:
+    def __init__(self, settings: Settings, *, on_reconnected: Callable[[], None], stopping: Callable[[], bool],
+                 fail: Callable[[str], None]) -> None:
+        self.settings = settings
+        self.url = ""  # given to `connect`: NATS_URL's, or the embedded nats-server's
+        self.client: jsx.IngestClient | None = None  # once the first connection is made
+        self._resume = on_reconnected
+        self._stopping = stopping
+        self._fail = fail  # the service stops with this message (once: not while stopping, nor after a failure)
+        self._connect_error: Exception | None = None  # the first connection's last failure
+        self._tls_refused = asyncio.Event()  # the first connection's one server: its TLS will not do
+        self._errors = LogThrottle()  # the same NATS error: once a minute
+
+    async def connect(self, url: str, embedded: EmbeddedNats | None) -> jsx.IngestClient:
+        """The first connection, tried for `nats_connect_timeout_s`: a server that is not there
+        is the operator's to start, and retrying for ever hid that. Once connected, a lost
+        connection is retried for as long as it takes (-1), as the server comes back. A single
+        server whose TLS will not do (none offered for tls://, its certificate not trusted) ends the
+        wait at once: no retry changes its configuration, and the start waited the whole timeout."""
+        self.url = url
+        timeout = self.settings.nats_connect_timeout_s
+        try:
+            options = nats_options(self.settings)
+        except NatsAuthError as error:
+            raise StartupError(f"{error}.") from None
+        connecting = asyncio.ensure_future(asyncio.wait_for(jsx.connect(
+            self.url, **options, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+            reconnected_cb=self._on_reconnected, disconnected_cb=self._on_disconnected,
+            error_cb=self._on_error, closed_cb=self._on_closed, name="tipstream",
+        ), timeout))
+        refused = asyncio.ensure_future(self._tls_refused.wait())
+        try:
+            await asyncio.wait((connecting, refused), return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when the start is cancelled (a stop signal): no connection left trying on its own
+            refused.cancel()
+            if not connecting.done():
+                connecting.cancel()
+                await asyncio.gather(connecting, return_exceptions=True)
+        try:
+            self.client = connecting.result()
+            return self.client
+        except (TimeoutError, asyncio.CancelledError):
+            waited = "" if self._tls_refused.is_set() else f" within {timeout:g} s"
+            cause = await self._why_unanswered(self._connect_error)
+            if embedded is None:
+                if NATS_PORTS in cause:
+                    fix = "Set NATS_URL to a NATS server's client port"
+                elif isinstance(self._connect_error, TlsNotOffered):
+                    fix = ("Configure TLS on that server (a `tls {}` block in its configuration), or, where plain "
+                           "text on the network is acceptable, set NATS_URL with nats:// and unset TIPSTREAM_NATS_TLS_*")
+                elif isinstance(self._connect_error, ssl.SSLError):
+                    fix = ("Set TIPSTREAM_NATS_TLS_CA to the CA that signed the server's certificate, if no CA this "
+                           "machine trusts did (CERTIFICATE_VERIFY_FAILED), and TIPSTREAM_NATS_TLS_CERT (with _KEY) "
+                           "to a client certificate, if the server verifies clients (certificate required)")
+                elif _credentials_refused(cause):  # a server there, not "start" one
+                    fix = ("Set NATS_URL with credentials that server takes: a user and password "
+                           "(nats://user:password@host:4222) or a token (nats://token@host:4222)")
+                else:
+                    fix = "Start NATS there (with JetStream: `nats-server -js`)"
+                raise StartupError(
+                    f"Cannot reach NATS at {shown_url(self.url)} (NATS_URL){waited}: {cause}. {fix}, "
+                    "or unset NATS_URL to run an embedded one; TIPSTREAM_NATS_CONNECT_TIMEOUT_S sets how long to "
+                    "wait.") from None
+            raise StartupError(
+                f"The embedded nats-server at {shown_url(self.url)} did not answer within {timeout:g} s: {cause}. "
+                f"See {embedded.store_dir / 'nats-server.log'}.") from None
+
+    async def _why_unanswered(self, error: Exception | None) -> str:
+        """Why the first connection failed, for the start's message. nats-py says nothing for a server
+        that takes the connection and never greets (Redis, RabbitMQ, an HTTP port): the message read
+        "within 20 s: . Start NATS there", though something else was there."""
+        text = str(error or "")
+        if "expecting INFO" in text or "info message" in text:  # it spoke first, and not NATS
+            return f"{text}, so what listens there is not a NATS server's client port{NATS_PORTS}"
+        if not isinstance(error, TimeoutError) or text:
+            return text or "no answer"
+        listening = []
+        for url in jsx.server_urls(self.url):
+            parts = urllib.parse.urlsplit(url if "://" in url else f"nats://{url}")
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port or 4222), 1)
+            except (OSError, TimeoutError, ValueError):
+                continue
+            writer.close()
+            listening.append(f"{parts.hostname}:{parts.port or 4222}")
+        if listening:
+            return (f"{', '.join(listening)} took the connection but sent no NATS greeting (INFO) within "
+                    f"{NATS_GREETING_S:g} s, so what listens there is not a NATS server's client port{NATS_PORTS}")
+        return f"no connection within {NATS_GREETING_S:g} s (a host that does not answer, or a firewall dropping it)"
+
+    async def check_server(self, js: Any) -> None:
+        """The server's release and the account's JetStream limits, told before anything is created:
+        a limit the streams or consumers would break ended the start with the server's bare words
+        (`app.startup` gives them a fix), or, for storage, let the service run until it filled."""
+        assert self.client is not None
+        s, version = self.settings, str(self.client._server_info.get("version", "?"))
+        where = f"{shown_url(self.url)} (NATS_URL)" if s.nats_url else "the embedded nats-server"
+        if (too_old := jsx.server_too_old(version, where)) is not None:
+            if (found := jsx.release(version)) is not None and found < jsx.FIRST_WITH_JETSTREAM:
+                raise StartupError(too_old)
+            log.warning("%s", too_old)
+        limits = await jsx.account_limits(js)  # an account without JetStream: APIError 10039, told by app.startup
+        log.info("NATS: nats-server %s at %s", version, where)
+        if (unbounded := jsx.unbounded_in_bounded_account(limits, s.stream_max_bytes)) is not None:
+            log.warning("%s", unbounded)
+        wanted = s.ingest_batch * ACK_PENDING_BATCHES
+        if limits.max_ack_pending is not None and 0 < limits.max_ack_pending < wanted:
+            log.warning("This NATS account lets a consumer hold %d unacknowledged messages (max_ack_pending), fewer "
+                        "than the %d ingest asks for (TIPSTREAM_INGEST_BATCH=%d x %d): ingest runs with %d, which "
+                        "can slow it. Raise the account's max_ack_pending to %d or more to read at full speed.",
+                        limits.max_ack_pending, wanted, s.ingest_batch, ACK_PENDING_BATCHES,
+                        limits.max_ack_pending, wanted)
+
+    async def _on_reconnected(self) -> None:
+        log.info("reconnected to NATS; resuming each stream from its own position")
+        self._resume()
+
+    async def _on_disconnected(self) -> None:
+        if not self._stopping():
+            log.warning("disconnected from NATS; reconnecting")
+
+    async def _on_error(self, error: Exception) -> None:
+        if self.client is None:  # the first connection: one line, and the last error for connect's message
+            if self._connect_error is None:  # nats-py's TimeoutError says nothing: it was "()"
+                log.warning("waiting for NATS at %s (%s); trying for %g s", shown_url(self.url),
+                            str(error) or f"no NATS greeting within {NATS_GREETING_S:g} s",
+                            self.settings.nats_connect_timeout_s)
+            # The server closes the connection after refusing the credentials: the reset that follows
+            # ("Connection reset by peer") must not hide the refusal, which names the fix.
+            if not _credentials_refused(self._connect_error):
+                self._connect_error = error
+            if (isinstance(error, (TlsNotOffered, ssl.SSLCertVerificationError))
+                    and len(jsx.server_urls(self.url)) == 1):
+                self._tls_refused.set()
+            return
+        # The same error again within a minute is counted, not logged: a server that refuses the
+        # credentials once it is back (a reload that changed them) answers every reconnect, twice
+        # a second, with "Authorization Violation".
+        left_out = self._errors.allow(str(error))
+        if left_out is not None:
+            log.warning("NATS: %s%s", error, f" ({left_out} more times since)" if left_out else "")
+
+    async def _on_closed(self) -> None:
+        """nats-py closes the connection for good, without reconnecting, on an error the server
+        sends on a live connection (but a stale connection's): an expired user JWT, a protocol limit
+        passed. Ingest and the decision log then retried on the closed client for ever while
+        /healthz answered ok. A new start makes a new connection (or says why it cannot)."""
+        cause = (self.client.last_error if self.client is not None else None) or "no error given"
+        self._fail(f"NATS closed tipstream's connection to {shown_url(self.url)} for good "
+                   f"({cause}), and nats-py does not reconnect after that. "
+                   "tipstream stops (exit code 1) so that its supervisor starts it again with a new connection; "
+                   "if the server refused its credentials, fix NATS_URL first.")
