@@ -24,7 +24,6 @@ import gc
 import logging
 import random
 import sys
-import threading
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -56,6 +55,7 @@ from app.service_lock import ServiceLock, ServiceLockTaken
 from app.settings import Settings, env_name
 from app.start_errors import StartupError, shown_url
 from app.thread_work import ThreadWork, named
+from app.warm_up import restore, warm_up
 from models.policy import make_policy
 from streams import jetstream as jsx
 from streams.scrub import scrub
@@ -216,7 +216,8 @@ class Service:
                 "a NATS server or account of its own.")
         target = SqlCheckpointStore(self.engine)
         started = time.perf_counter()
-        await self._restore(target)
+        self._restored = await restore(self.store, self.freezer, target)
+        self._background(warm_up(self.store, self.freezer, target, lambda: self.checkpointer), name="warm-up")
         # Counted before the learning loads: by then the warm-up may have loaded every user, and a
         # restart with all of them logged "no users yet".
         restored = len(self.store.cold)
@@ -417,83 +418,6 @@ class Service:
             self.publisher.put_back(spooled, on_all_published=lambda: spool.unlink(missing_ok=True))
             log.info("publishing %d decisions served before the last stop first", len(spooled))
         self._publisher_task = self._background(self.publisher.run(), name="decision publisher")
-
-    async def _restore(self, target: SqlCheckpointStore) -> None:
-        """Lazy restore: positions and user ids now, states on first use or by the warm-up task.
-
-        A restart serves and ingests at once, however many users the checkpoint holds.
-        """
-        positions, _ = await asyncio.to_thread(target.load)
-        self.store.positions = positions
-        self._restored = dict(positions)  # `positions` is changed below (the learner's, another stream's)
-        self.store.cold = set(await asyncio.to_thread(target.user_ids))
-        self.store.fetch_cold = target.fetch
-        self.freezer.before_warm_up(len(self.store.cold))
-        self._background(self._warm_up(target), name="warm-up")
-
-    async def _warm_up(self, target: SqlCheckpointStore) -> None:
-        """Load every cold user, reading in a worker thread and folding in small chunks here;
-        a read that fails (the database away) is tried again, for the users still cold."""
-        started, delay = time.perf_counter(), 0.5
-        while self.store.cold:
-            try:
-                await self._warm_once(target)
-                break
-            except Exception as error:  # noqa: BLE001 - users load on demand meanwhile
-                log.warning("could not load the checkpointed users (%s); %d still to load, trying again in %.1fs",
-                            error, len(self.store.cold), delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
-        # Those loaded before the newest event had been seen were judged against an older one. (The
-        # warm-up may end before the checkpointer exists: its first checkpoint looks then.)
-        if self.checkpointer is not None:
-            await self.checkpointer.rest_idle()
-        METRICS.users.set(len(self.store.users))
-        log.info("all %d users loaded in %.1fs (%d idle ones left in the database)", len(self.store.users),
-                 time.perf_counter() - started, len(self.store.dormant))
-
-    async def _warm_once(self, target: SqlCheckpointStore) -> None:
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue[list[tuple[str, bytes]]](maxsize=4)
-        # Set when this side stops taking chunks (a stop during the warm-up): the reader then puts no more.
-        # It used to wait for room in the full queue for ever, and the process, whose end waits for its
-        # worker threads, never exited after a SIGTERM in the first seconds of a large restart.
-        abandoned = threading.Event()
-
-        def put(chunk: list[tuple[str, bytes]]) -> None:
-            if not abandoned.is_set():
-                asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
-
-        def read() -> None:
-            try:
-                chunk: list[tuple[str, bytes]] = []
-                for row in target.states():
-                    chunk.append(row)
-                    if len(chunk) == 1_000:
-                        put(chunk)
-                        if abandoned.is_set():
-                            return
-                        chunk = []
-                put(chunk)
-            finally:  # the end, also of a read that failed: the loop below must not wait for ever
-                put([])
-
-        reader = asyncio.create_task(asyncio.to_thread(read))
-        try:
-            while chunk := await queue.get():
-                for start in range(0, len(chunk), 100):
-                    self.store.warm(chunk[start : start + 100])
-                    await asyncio.sleep(0)
-                self.freezer.check(self.store.taken_in)  # as they load: each pass visits only the newest
-        except BaseException:
-            # A stop, a start that failed (its one line said why), or a chunk that could not be folded: the
-            # reader puts nothing more, and what it raises after is no news (unretrieved, asyncio printed it
-            # as a traceback after the start's one line).
-            abandoned.set()
-            while not queue.empty():  # room for the one put that may have looked before the flag was set
-                queue.get_nowait()
-            reader.add_done_callback(lambda task: task.cancelled() or task.exception())
-            raise
-        await reader  # raises what the read raised
 
     @property
     def warm(self) -> bool:

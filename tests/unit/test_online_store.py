@@ -151,6 +151,7 @@ async def test_the_warm_up_loads_everyone_after_a_read_that_failed(tmp_path: Any
     """Before, a failed read left the warm-up waiting for ever and `Service.warm` never true."""
     from app.api import create_app
     from app.settings import Settings
+    from app.warm_up import warm_up
 
     source = OnlineStore()
     for i, user in enumerate(("a", "b", "c")):
@@ -170,7 +171,7 @@ async def test_the_warm_up_loads_everyone_after_a_read_that_failed(tmp_path: Any
     service = create_app(Settings(data_dir=tmp_path)).state.service  # not started: the store only
     service.store.cold = set(blobs)
     checkpoint = Checkpoint()
-    await asyncio.wait_for(service._warm_up(checkpoint), timeout=30)
+    await asyncio.wait_for(warm_up(service.store, service.freezer, checkpoint, lambda: service.checkpointer), 30)
     assert checkpoint.reads == 2 and service.warm and sorted(service.store.users) == ["a", "b", "c"]
 
 

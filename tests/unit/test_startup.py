@@ -342,7 +342,7 @@ async def test_a_warm_up_cut_short_by_a_failed_start_leaves_no_traceback_behind(
     raised after was never retrieved: asyncio printed it as a traceback below that line."""
     import gc
 
-    from app.bootstrap import Service
+    from app.warm_up import _warm_once
 
     reported: list[dict[str, Any]] = []
     asyncio.get_running_loop().set_exception_handler(lambda _loop, context: reported.append(context))
@@ -355,10 +355,9 @@ async def test_a_warm_up_cut_short_by_a_failed_start_leaves_no_traceback_behind(
             raise OSError("canceling statement due to statement timeout")
             yield  # a generator, as SqlCheckpointStore.states
 
-    stand_in = SimpleNamespace(store=SimpleNamespace(warm=lambda _chunk: 0, taken_in=0),
-                               freezer=SimpleNamespace(check=lambda _users: False))
+    store, freezer = SimpleNamespace(warm=lambda _chunk: 0, taken_in=0), SimpleNamespace(check=lambda _users: False)
     before = asyncio.all_tasks()
-    warm_up = asyncio.create_task(Service._warm_once(stand_in, FailingRead()))  # type: ignore[arg-type]
+    warm_up = asyncio.create_task(_warm_once(store, freezer, FailingRead()))  # type: ignore[arg-type]
     await eventually(began.is_set)
     (reader,) = asyncio.all_tasks() - before - {warm_up}  # the read's, in its thread
     warm_up.cancel()

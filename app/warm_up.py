@@ -1,0 +1,104 @@
+"""The lazy restore and the warm-up: a start takes the checkpoint's positions and user ids, and
+serves and ingests at once; each user's state is read on first use (`OnlineStore.fetch_cold`) or by
+the warm-up, which loads them all in the background.
+
+Apart from `bootstrap.Service`: the warm-up reads in a worker thread and folds here in small chunks,
+and its hand-over between the two is what lets a stop end it (see `_warm_once`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from app.checkpoints import Checkpointer, SqlCheckpointStore
+from app.collector import FreezePolicy
+from app.metrics import METRICS
+from streams.store import OnlineStore
+
+log = logging.getLogger("tipstream")
+
+
+async def restore(store: OnlineStore, freezer: FreezePolicy, target: SqlCheckpointStore) -> dict[str, int]:
+    """Lazy restore: positions and user ids now, states on first use or by the warm-up task (`warm_up`).
+    Returns the positions as the database held them.
+
+    A restart serves and ingests at once, however many users the checkpoint holds.
+    """
+    positions, _ = await asyncio.to_thread(target.load)
+    store.positions = positions
+    restored = dict(positions)  # `positions` is changed after (the learner's, another stream's)
+    store.cold = set(await asyncio.to_thread(target.user_ids))
+    store.fetch_cold = target.fetch
+    freezer.before_warm_up(len(store.cold))
+    return restored
+
+
+async def warm_up(store: OnlineStore, freezer: FreezePolicy, target: SqlCheckpointStore,
+                  checkpointer: Callable[[], Checkpointer | None]) -> None:
+    """Load every cold user, reading in a worker thread and folding in small chunks here;
+    a read that fails (the database away) is tried again, for the users still cold."""
+    started, delay = time.perf_counter(), 0.5
+    while store.cold:
+        try:
+            await _warm_once(store, freezer, target)
+            break
+        except Exception as error:  # noqa: BLE001 - users load on demand meanwhile
+            log.warning("could not load the checkpointed users (%s); %d still to load, trying again in %.1fs",
+                        error, len(store.cold), delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+    # Those loaded before the newest event had been seen were judged against an older one. (The
+    # warm-up may end before the checkpointer exists: its first checkpoint looks then.)
+    if (made := checkpointer()) is not None:
+        await made.rest_idle()
+    METRICS.users.set(len(store.users))
+    log.info("all %d users loaded in %.1fs (%d idle ones left in the database)", len(store.users),
+             time.perf_counter() - started, len(store.dormant))
+
+
+async def _warm_once(store: OnlineStore, freezer: FreezePolicy, target: SqlCheckpointStore) -> None:
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue[list[tuple[str, bytes]]](maxsize=4)
+    # Set when this side stops taking chunks (a stop during the warm-up): the reader then puts no more.
+    # It used to wait for room in the full queue for ever, and the process, whose end waits for its
+    # worker threads, never exited after a SIGTERM in the first seconds of a large restart.
+    abandoned = threading.Event()
+
+    def put(chunk: list[tuple[str, bytes]]) -> None:
+        if not abandoned.is_set():
+            asyncio.run_coroutine_threadsafe(queue.put(chunk), loop).result()
+
+    def read() -> None:
+        try:
+            chunk: list[tuple[str, bytes]] = []
+            for row in target.states():
+                chunk.append(row)
+                if len(chunk) == 1_000:
+                    put(chunk)
+                    if abandoned.is_set():
+                        return
+                    chunk = []
+            put(chunk)
+        finally:  # the end, also of a read that failed: the loop below must not wait for ever
+            put([])
+
+    reader = asyncio.create_task(asyncio.to_thread(read))
+    try:
+        while chunk := await queue.get():
+            for start in range(0, len(chunk), 100):
+                store.warm(chunk[start : start + 100])
+                await asyncio.sleep(0)
+            freezer.check(store.taken_in)  # as they load: each pass visits only the newest
+    except BaseException:
+        # A stop, a start that failed (its one line said why), or a chunk that could not be folded: the
+        # reader puts nothing more, and what it raises after is no news (unretrieved, asyncio printed it
+        # as a traceback after the start's one line).
+        abandoned.set()
+        while not queue.empty():  # room for the one put that may have looked before the flag was set
+            queue.get_nowait()
+        reader.add_done_callback(lambda task: task.cancelled() or task.exception())
+        raise
+    await reader  # raises what the read raised
