@@ -25,16 +25,17 @@ import logging
 import random
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
 from app import decision_spool, loop_lag, migrate, version
+from app.background import BackgroundTasks
 from app.checkpoint_writer import CheckpointWriter
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.collector import FreezePolicy
-from app.db import autovacuum_is_off, make_engine, one_line, refuse_read_only, refused_by_setting
+from app.db import autovacuum_is_off, make_engine, refuse_read_only, refused_by_setting
 from app.decision_publisher import DecisionPublisher
 from app.decision_tail import OwnTail
 from app.decisions import TipScoresLog, decode_decision
@@ -78,8 +79,6 @@ EMBEDDED_NATS_CHECK_S = 0.5  # how often the embedded nats-server is checked for
 # for any JetStream call. (A checkpoint waits 1 s.) Not answered, it was told by the clocks instead,
 # and a NATS clock more than a second ahead of this host's replayed the stream from its first message.
 STORED_TIME_AT_START_S = 10.0
-# A task the stop cancelled and still running after this long dropped the cancellation: it is cancelled again.
-STOP_CANCEL_AGAIN_S = 1.0
 SERVICE_LOCK_CHECK_S = 10.0  # how often the database lock's connection is checked (PostgreSQL restarted?)
 # How long the stop waits, at each of its two waits, for database work begun in worker threads (`ThreadWork`):
 # a statement held up that long (a row locked, the database away) is given up on.
@@ -113,7 +112,6 @@ class Service:
         self.offline: OfflineFeatureWriter | None = None
         self.freezer = FreezePolicy(settings.gc_freeze_every_users)
         self.nats_url = settings.nats_url or ""
-        self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
         self._lock_retaking = False  # the database lock's session was lost and is not taken again yet
         self._database_not_ours: str | None = None  # why this service writes no more checkpoints (the lock let go of)
@@ -121,6 +119,7 @@ class Service:
         # stops the server with exit code 1): the NATS connection closed for good.
         self.on_fatal: Callable[[str], None] | None = None
         self.fatal: str | None = None
+        self.background = BackgroundTasks(fail=self._fail)
         self.nats_connection = NatsConnection(settings, on_reconnected=self._resume_streams,
                                               stopping=lambda: self._stopping, fail=self._fail)
         # Learning: the registry's models, the decision log, the learner, /score.
@@ -171,13 +170,13 @@ class Service:
         # 2-5% of ingest's time in the collector instead of ~3% (bench/ingest.py, timed with
         # gc.callbacks).
         gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
-        self._background(loop_lag.watch(METRICS.loop_lag.observe), name="event loop lag")
+        self.background.start(loop_lag.watch(METRICS.loop_lag.observe), name="event loop lag")
         release = await asyncio.to_thread(version.describe)  # git, once a process
         METRICS.build_info.labels(release.version, release.schema, release.commit or "").set(1)
         s.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # as `startup.hold_data_dir` makes it
         if self.service_lock.needed:
-            self._background(every(SERVICE_LOCK_CHECK_S, self._keep_service_lock, "checking the database lock"),
-                             name="database lock")
+            self.background.start(every(SERVICE_LOCK_CHECK_S, self._keep_service_lock, "checking the database lock"),
+                                  name="database lock")
         await asyncio.to_thread(migrate.upgrade, s.sqlalchemy_url)
         await asyncio.to_thread(refuse_read_only, self.engine)
         if await asyncio.to_thread(autovacuum_is_off, self.engine):
@@ -189,8 +188,8 @@ class Service:
             self.embedded = EmbeddedNats(s.data_dir / STORE_DIR)
             self.nats_url = await asyncio.to_thread(self.embedded.start)
             write_private(s.data_dir / URL_FILE, self.nats_url)  # it holds the server's token
-            self._background(every(EMBEDDED_NATS_CHECK_S, self._keep_embedded_nats_up,
-                                   "starting the embedded nats-server again"), name="embedded nats-server")
+            self.background.start(every(EMBEDDED_NATS_CHECK_S, self._keep_embedded_nats_up,
+                                        "starting the embedded nats-server again"), name="embedded nats-server")
         self.nc = await self.nats_connection.connect(self.nats_url, self.embedded)
         js = self.nc.jetstream(timeout=10)
         await self.nats_connection.check_server(js)
@@ -217,7 +216,7 @@ class Service:
         target = SqlCheckpointStore(self.engine)
         started = time.perf_counter()
         self._restored = await restore(self.store, self.freezer, target)
-        self._background(warm_up(self.store, self.freezer, target, lambda: self.checkpointer), name="warm-up")
+        self.background.start(warm_up(self.store, self.freezer, target, lambda: self.checkpointer), name="warm-up")
         # Counted before the learning loads: by then the warm-up may have loaded every user, and a
         # restart with all of them logged "no users yet".
         restored = len(self.store.cold)
@@ -252,25 +251,25 @@ class Service:
             )
             await ingest.start()
             self.ingests.append(ingest)
-            self._background(ingest.run(), name=f"ingest {spec.name}")
+            self.background.start(ingest.run(), name=f"ingest {spec.name}")
         await self._start_decision_log(js)
         # Users folded from the streams (a first start, new users) are frozen as the store grows.
         self.checkpointer.on_saved.append(lambda _: self.freezer.check(self.store.taken_in))
-        self._background(self.checkpointer.run(), name="checkpointer")
+        self.background.start(self.checkpointer.run(), name="checkpointer")
         if s.offline_features_every_s:
             self.offline = OfflineFeatureWriter(self.store, self.engine, s.offline_features_every_s, threads=self.threads)
             self.offline.refused = self._database_not_ours
             self.checkpointer.on_saved.append(self.offline.saved)
             self.checkpointer.keep_awake.append(self.offline.holds)
-            self._background(self.offline.find_behind(), name="offline features behind")
-            self._background(self.offline.run(), name="offline features")
+            self.background.start(self.offline.find_behind(), name="offline features behind")
+            self.background.start(self.offline.run(), name="offline features")
         if self.offline is not None:
             self.eraser.offline = self.offline
-        self._background(self.eraser.run(), name="erasures")
+        self.background.start(self.eraser.run(), name="erasures")
         if s.tip_scores_max_age_days:
             retention = TipScoresRetention(self.engine, s.tip_scores_max_age_days, threads=self.threads)
-            self._background(every(RETENTION_EVERY_S, retention.prune, "deleting old tip_scores rows"),
-                             name="tip_scores retention")
+            self.background.start(every(RETENTION_EVERY_S, retention.prune, "deleting old tip_scores rows"),
+                                  name="tip_scores retention")
 
     async def _load_learning(self) -> None:
         """The registry and models (the first start registers `v1`), then the learner's snapshot:
@@ -363,7 +362,7 @@ class Service:
             log.warning("no room in %s for the %s MB kept for the decisions waiting at a stop "
                         "(TIPSTREAM_SPOOL_RESERVE_MB): with its disk full then, they are lost. Free space on it; it "
                         "is taken once there is room.", data_dir, f"{self.settings.spool_reserve_mb:g}")
-            self._background(decision_spool.hold_reserve_once_room(data_dir, size=size), name="spool reserve")
+            self.background.start(decision_spool.hold_reserve_once_room(data_dir, size=size), name="spool reserve")
 
     async def _start_decision_log(self, js: Any) -> None:
         """Read DECISIONS back into the learner (join cache, tip_scores rows) until caught up, then only
@@ -395,7 +394,7 @@ class Service:
         self.learner.rows_written_upto = self._checkpointed.get(jsx.DECISIONS.name, 0)
         await ingest.start()
         self.ingests.append(ingest)
-        self._background(ingest.run(), name="ingest DECISIONS")
+        self.background.start(ingest.run(), name="ingest DECISIONS")
 
         async def last_seq() -> int:
             return (await js.stream_info(jsx.DECISIONS.name)).state.last_seq
@@ -410,14 +409,14 @@ class Service:
         self.decision_tail = OwnTail(ingest, self.store, last_seq, on_follow=self.learner.caught_up,
                                      stream_next_seq=functools.partial(jsx.next_stored, js, jsx.DECISIONS))
         self.publisher.on_stored = self.decision_tail.stored
-        self._background(self.decision_tail.run(), name="decisions tail")
+        self.background.start(self.decision_tail.run(), name="decisions tail")
         await self.publisher.start()
         if spooled:
             for _, decision_id, payload in spooled:  # joinable with their feedback, as when they were served
                 self.learner.served(decision_id, payload, orjson.loads(payload), spooled=True)
             self.publisher.put_back(spooled, on_all_published=lambda: spool.unlink(missing_ok=True))
             log.info("publishing %d decisions served before the last stop first", len(spooled))
-        self._publisher_task = self._background(self.publisher.run(), name="decision publisher")
+        self._publisher_task = self.background.start(self.publisher.run(), name="decision publisher")
 
     @property
     def warm(self) -> bool:
@@ -453,7 +452,7 @@ class Service:
         catching_up = [ingest.spec.name for ingest in self.ingests if not ingest.caught_up]
         for ingest in self.ingests:
             await ingest.stop()
-        await self._cancel_tasks()
+        await self.background.cancel()
         # Before the last checkpoint: a cancelled checkpoint's transaction, committing after it, would set the
         # positions back; a cancelled pass's rows would go over the last pass's.
         await self._thread_work_ended()
@@ -502,22 +501,6 @@ class Service:
             log.warning("stopping: %s still running in worker threads after %g s (the database slow, or a row "
                         "locked): not waited for longer; it may commit after this service has let go of the "
                         "database", named(left), STOP_THREAD_WORK_S)
-
-    async def _cancel_tasks(self) -> None:
-        """Cancel every task and wait for each to end. One still running `STOP_CANCEL_AGAIN_S` later had its
-        cancellation dropped under it (nats-py's requests wait with Python 3.11's `asyncio.wait_for`, which
-        drops one that comes with the answer: `periodic.woken`) and went on: it is cancelled again. Waited
-        for once, the stop waited for it for ever, and no later signal ended the process."""
-        for task in self._tasks:
-            task.cancel()
-        running = {task for task in self._tasks if not task.done()}
-        while running:
-            _, running = await asyncio.wait(running, timeout=STOP_CANCEL_AGAIN_S)
-            if running:
-                log.warning("stopping: %s went on after being cancelled; cancelling again",
-                            ", ".join(sorted(task.get_name() for task in running)))
-                for task in running:
-                    task.cancel()
 
     def _give_up_database(self, why: str) -> None:
         """No checkpoint or user_features row from now on, nor a last one at the stop: the database may be
@@ -598,27 +581,6 @@ class Service:
         self.publisher.reconnected()
         for ingest in self.ingests:
             ingest.request_reset()
-
-    def _background(self, work: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        """A task of the service's background work, held to the stop, which cancels it. Each loop retries
-        what it expects to fail (the database or NATS away) itself; what else ends one is a bug, and the
-        service stops for it (`_task_ended`)."""
-        task = asyncio.create_task(work, name=name)
-        task.add_done_callback(self._task_ended)
-        self._tasks.append(task)
-        return task
-
-    def _task_ended(self, task: asyncio.Task[Any]) -> None:
-        """A task that raised stops the service (exit code 1): its supervisor starts it again from the last
-        checkpoint. Before, nothing looked at a task until the stop, whose gather took its exception without a
-        word: the service answered /readyz 200 with, say, its SIGNALS ingest gone, serving ever older features."""
-        if task.cancelled() or (error := task.exception()) is None:
-            return
-        log.error("the service's %s task failed:", task.get_name(), exc_info=error)
-        self._fail(f"The service's {task.get_name()} task failed ({type(error).__name__}: {one_line(error)}), a bug in "
-                   "tipstream (its traceback is logged above): please report it. tipstream stops (exit code 1) so that "
-                   "its supervisor starts it again; what it read since its last checkpoint is read again, and nothing "
-                   "is counted twice.")
 
     def _fail(self, why: str) -> None:
         """The service cannot go on: say why, and have `serve` stop it with exit code 1."""

@@ -85,7 +85,7 @@ async def test_the_stop_ends_though_a_loop_goes_on_after_its_cancellation(start_
     stopping = asyncio.ensure_future(running.stop())
     await asyncio.wait({stopping}, timeout=15)
     if not stopping.done():  # not ours to leave running: the test fails below
-        next(t for t in running.service._tasks if t.get_name() == "checkpointer").cancel()
+        next(t for t in running.service.background.tasks if t.get_name() == "checkpointer").cancel()
         await stopping
         raise AssertionError("the stop waited for a task that went on after its cancellation")
     assert dropped == ["checkpointer"]
