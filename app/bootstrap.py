@@ -55,6 +55,7 @@ from app.scoring import Scorer
 from app.service_lock import ServiceLock, ServiceLockTaken
 from app.settings import Settings, env_name
 from app.start_errors import StartupError, shown_url
+from app.stream_identity import forget_positions_of_another_stream
 from app.thread_work import ThreadWork, named
 from app.warm_up import restore, warm_up
 from models.policy import make_policy
@@ -75,10 +76,6 @@ STOP_FLUSH_S = 5.0  # and this long for JetStream to acknowledge the decisions s
 GIL_SWITCH_INTERVAL_S = 0.0005
 GC_YOUNG_THRESHOLD = 20_000  # objects; why in Service.start
 EMBEDDED_NATS_CHECK_S = 0.5  # how often the embedded nats-server is checked for having exited
-# How long a start waits for when NATS stored the message at a checkpointed position: as long as
-# for any JetStream call. (A checkpoint waits 1 s.) Not answered, it was told by the clocks instead,
-# and a NATS clock more than a second ahead of this host's replayed the stream from its first message.
-STORED_TIME_AT_START_S = 10.0
 SERVICE_LOCK_CHECK_S = 10.0  # how often the database lock's connection is checked (PostgreSQL restarted?)
 # How long the stop waits, at each of its two waits, for database work begun in worker threads (`ThreadWork`):
 # a statement held up that long (a row locked, the database away) is given up on.
@@ -221,7 +218,9 @@ class Service:
         # restart with all of them logged "no users yet".
         restored = len(self.store.cold)
         await self._load_learning()
-        await self._forget_positions_of_another_stream(js, await asyncio.to_thread(target.position_times))
+        await forget_positions_of_another_stream(js, await asyncio.to_thread(target.position_times),
+                                                 self._checkpointed, self.store, data_dir=s.data_dir,
+                                                 embedded=self.embedded is not None)
         # The checkpoint's own positions: the streams' read positions are the learning's by now, where
         # it resumes (logged with the models), and DECISIONS read 0 after every start.
         log.info("checkpoint restored: %s, positions %s (%.2fs)",
@@ -295,47 +294,6 @@ class Service:
                 self.store.positions[stream] = min(seq, self.store.positions.get(stream, seq))
         log.info("models: champion %s, shadow %s; learning resumes at %s",
                  self.lineup.champion_version, self.lineup.shadow_version, resume)
-
-    async def _forget_positions_of_another_stream(self, js: Any, written: dict[str, Any]) -> None:
-        """A checkpointed position whose message was stored after that checkpoint was written came
-        from another stream of that name (its NATS store lost, or restored from an older copy, and
-        published to since): resuming after it would skip, silently, the new stream's events up to
-        it. The message there is told from the one read by when NATS stored it, recorded with the
-        position (`Checkpointer.stored_us`); a position without it compares the stored time with the
-        checkpoint's, by this host's clock. Such a stream, and one that ends before the position, is
-        replayed from its first message with its position set back to 0: the fold, the learner's
-        credits and the decision cache recognise what they hold; its bad events are dead-lettered
-        (the DLQ says which were). Kept, the old position held until the new stream passed it: every
-        start replayed the whole stream and logged the error again, and a consumer re-created
-        meanwhile (a reconnect) resumed after it, skipping what was not read yet."""
-        for stream, seq in list(self._checkpointed.items()):
-            when, mark = written.get(stream, (None, None))
-            if seq <= 0 or when is None:
-                continue
-            state = (await js.stream_info(stream)).state
-            if seq > state.last_seq:
-                why = f"it ends at {state.last_seq}"
-            elif state.first_seq > seq:  # aged out: nothing left to tell the streams apart by
-                continue
-            elif mark is not None and (now := await jsx.stored_us(js, stream, seq, STORED_TIME_AT_START_S)) is not None:
-                if now == mark:  # by the server's clock both times: exact, whatever this host's says
-                    continue
-                why = f"its message {seq} is not the one read there (NATS stored it at another time)"
-            elif await jsx.stored_after(js, stream, seq, when):  # no mark: an older release's, or NATS was away
-                # By the NATS server's clock against this host's: one running more than a second
-                # ahead of it reads so too, and every start would replay the stream (so said).
-                why = (f"its message {seq} was stored after that checkpoint was written (or the NATS server's "
-                       "clock runs more than 1 s ahead of this host's: keep both on NTP)")
-            else:
-                continue
-            where = (f"the embedded server's store ({self.settings.data_dir / 'nats'}) lost, or restored from an "
-                     "older copy?" if self.embedded else "the store of the server in NATS_URL lost, or restored "
-                     "from an older copy, or does NATS_URL name another server?")
-            log.error("the checkpoint read stream %s up to %d, but %s: the stream is not the one the checkpoint was "
-                      "taken from. Was %s Replaying %s from its first message: what the checkpoint holds stays, and "
-                      "nothing is counted twice.", stream, seq, why, where, stream)
-            self._checkpointed[stream] = 0
-            self.store.positions[stream] = 0
 
     def _ingest_hooks(self, spec: jsx.StreamSpec) -> dict[str, Any]:
         # The learner sees every feedback event, also those the fold already holds (see Learner.feedback_sink).

@@ -338,7 +338,7 @@ class StreamIngest:
         it for DECISIONS followed by our acks) than the one read:
         back with an older copy of its store, published to past this position before the reconnect.
         Resumed after it, the new stream's messages up to it were skipped without a word; the start
-        checks the same of a checkpointed position (`Service._forget_positions_of_another_stream`)."""
+        checks the same of a checkpointed position (`stream_identity.forget_positions_of_another_stream`)."""
         last = self._last_read
         # DECISIONS followed by our own publishes' acks is past the last message read: that one is
         # asked after (the one at the position was never read, and went unchecked while followed).
