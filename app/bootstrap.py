@@ -82,16 +82,6 @@ SERVICE_LOCK_CHECK_S = 10.0  # how often the database lock's connection is check
 STOP_THREAD_WORK_S = 15.0
 
 
-def _tell_spooled(served: int, kept: list[Any], path: object) -> None:
-    if len(kept) < served:
-        log.error("%d decisions served are not acknowledged by JetStream yet (is NATS away?), and the disk is full: "
-                  "the oldest %d are kept in %s (in the space held for them), the other %d lost. Free space in "
-                  "TIPSTREAM_DATA_DIR before the next start.", served, len(kept), path, served - len(kept))
-    else:
-        log.warning("%d decisions served are not acknowledged by JetStream yet (is NATS away?); kept in %s, the "
-                    "next start publishes them first", len(kept), path)
-
-
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -397,16 +387,7 @@ class Service:
             await asyncio.gather(self._publisher_task, return_exceptions=True)
             left = [] if flushed else self.publisher.unpublished()
             if left:
-                path = self.settings.data_dir / decision_spool.SPOOL_NAME
-                served = len(left)
-                try:
-                    decision_spool.save(path, left)  # cut to what the reserve holds, on a full disk
-                except OSError as error:  # the disk full: the rest of the stop (checkpoint, NATS, lock) goes on
-                    log.error("%d decisions served are not acknowledged by JetStream yet (is NATS away?) and could "
-                              "not be kept in %s (%s): they are lost. Free space in TIPSTREAM_DATA_DIR before "
-                              "the next start.", served, path, error.strerror or error)
-                else:
-                    _tell_spooled(served, left, path)
+                decision_spool.keep_at_stop(self.settings.data_dir / decision_spool.SPOOL_NAME, left)
         catching_up = [ingest.spec.name for ingest in self.ingests if not ingest.caught_up]
         for ingest in self.ingests:
             await ingest.stop()

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import orjson
 
+log = logging.getLogger("tipstream")
 SPOOL_NAME = "unpublished-decisions.jsonl"
 Item = tuple[str, str, bytes]  # subject, decision id, the event's bytes
 # Space held in the data directory for the spool: with the disk full (the NATS store's too, as JetStream then
@@ -97,6 +99,25 @@ def save(path: Path, items: list[Item]) -> None:
             kept += 1
         del items[kept:]
         _save(path, items)
+
+
+def keep_at_stop(path: Path, items: list[Item]) -> None:
+    """Save the decisions a stop found not acknowledged by JetStream, and say how many were kept, and where."""
+    served = len(items)
+    try:
+        save(path, items)  # cut to what the reserve holds, on a full disk
+    except OSError as error:  # the disk full: the rest of the stop (checkpoint, NATS, lock) goes on
+        log.error("%d decisions served are not acknowledged by JetStream yet (is NATS away?) and could "
+                  "not be kept in %s (%s): they are lost. Free space in TIPSTREAM_DATA_DIR before "
+                  "the next start.", served, path, error.strerror or error)
+        return
+    if len(items) < served:
+        log.error("%d decisions served are not acknowledged by JetStream yet (is NATS away?), and the disk is full: "
+                  "the oldest %d are kept in %s (in the space held for them), the other %d lost. Free space in "
+                  "TIPSTREAM_DATA_DIR before the next start.", served, len(items), path, served - len(items))
+    else:
+        log.warning("%d decisions served are not acknowledged by JetStream yet (is NATS away?); kept in %s, the "
+                    "next start publishes them first", len(items), path)
 
 
 def _save(path: Path, items: list[Item]) -> None:
