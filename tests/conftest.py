@@ -23,6 +23,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("TIPSTREAM_SPOOL_RESERVE_MB", "0")
 
 from app.embedded_nats import nats_server_binary
+from app.settings import get_settings
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "TIPSTREAM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -41,6 +42,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     outcome = yield
     report = outcome.get_result()
     report.sections = [(title, text.encode("utf-8", "backslashreplace").decode()) for title, text in report.sections]
+
+
+@pytest.fixture(autouse=True)
+def settings_from_env() -> Iterator[None]:
+    """`main` reads the settings once a process (`get_settings` is cached): a test sets the environment
+    first, and leaves its settings to no other test. Left to test_cli.py alone, `tipstream migrate` in
+    test_run_startup.py migrated the SQLite file of an export test run before it in the same worker."""
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
 
 
 def free_port() -> int:

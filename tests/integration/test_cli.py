@@ -22,15 +22,6 @@ from tests.conftest import account_url, free_port, limited_account_server, pre_l
 TIPSTREAM = str(Path(sys.executable).parent / "tipstream")
 
 
-@pytest.fixture(autouse=True)
-def settings_from_env() -> Iterator[None]:
-    """`main` reads the settings once (`get_settings` is cached): a test sets the environment
-    first, and leaves its settings to no other test."""
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
-
-
 def test_simulate_against_no_server_says_so_at_once(tmp_path: Path) -> None:
     # Both runs at once: each waits out nats-py's connect attempts (~1.5 s), one after the other 4 s.
     env = {"PATH": "/usr/bin:/bin", "TIPSTREAM_DATA_DIR": str(tmp_path)}
