@@ -36,8 +36,8 @@ class BackgroundTasks:
 
     def _ended(self, task: asyncio.Task[Any]) -> None:
         """A task that raised stops the service (exit code 1): its supervisor starts it again from the last
-        checkpoint. Before, nothing looked at a task until the stop, whose gather took its exception without a
-        word: the service answered /readyz 200 with, say, its SIGNALS ingest gone, serving ever older features."""
+        checkpoint. Left to the stop to look at, the service answered /readyz 200 with, say, its SIGNALS ingest
+        gone, serving ever older features."""
         if task.cancelled() or (error := task.exception()) is None:
             return
         log.error("the service's %s task failed:", task.get_name(), exc_info=error)
