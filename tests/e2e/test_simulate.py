@@ -76,12 +76,20 @@ async def test_pregenerated_load_publishes_exactly_the_count(nats_server, nc) ->
     assert sum([(await js.stream_info(n)).state.messages for n in ("SIGNALS", "FEEDBACK")]) == 250
 
 
+# The command run with SIGINT's default action, as a terminal's Ctrl-C finds it. A suite started in the
+# background by a non-interactive shell (`./.ci/run &`) ignores SIGINT, and a child inherits that: Python
+# then installs no handler for it, and the run went on for its 60 s.
+_DEFAULT_SIGINT_THEN = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+CTRL_C_AS_AT_A_TERMINAL = (sys.executable, "-c", _DEFAULT_SIGINT_THEN)
+
+
 async def _the_readme_s_run_publishing(nats_server: Any, nc: Any) -> subprocess.Popen[str]:
     """The README's 60 s `tipstream simulate`, once its first events are in SIGNALS."""
     js = nc.jetstream()
     await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
-    run = subprocess.Popen([TIPSTREAM, "simulate", "--duration", "60", "--rate", "100", "--nats-url", nats_server.url,
-                            "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen([*CTRL_C_AS_AT_A_TERMINAL, TIPSTREAM, "simulate", "--duration", "60", "--rate", "100",
+                            "--nats-url", nats_server.url, "--quiet"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     async def publishing() -> bool:
         return (await js.stream_info("SIGNALS")).state.messages > 0
