@@ -23,11 +23,11 @@ from sqlalchemy.engine import Connection
 
 from app import db
 from app.checkpoint_rows import OpenCheckpoint, PositionsBehind, positions_behind, write_checkpoint
-from app.log_throttle import LogThrottle
 from app.metrics import METRICS
 from app.periodic import woken
 from app.thread_work import ThreadWork
 from streams.fold import DAY_MS, HORIZON_DAYS, MAX_RECORDS_PER_KIND, SIZES, at_cap
+from streams.log_throttle import LogThrottle
 from streams.store import OnlineStore
 
 if TYPE_CHECKING:

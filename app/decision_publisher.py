@@ -17,8 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from app.learning_metrics import DECISION_QUEUE, DECISIONS
-from app.log_throttle import LogThrottle
 from app.periodic import woken
+from streams.log_throttle import LogThrottle
 
 log = logging.getLogger("tipstream.decisions")
 # Each outcome exposed at 0 from the start: a series that first appears at 40 refusals (one burst, NATS away
@@ -144,18 +144,11 @@ class DecisionPublisher:
                     f"{self.waiting} decisions ({self.bytes / 1048576:.1f} MB) are waiting for JetStream "
                     f"(TIPSTREAM_DECISION_QUEUE_MAX={self.queue_max}, TIPSTREAM_DECISION_QUEUE_MB="
                     f"{self.queue_max_bytes / 1048576:g}); is NATS reachable? Retry shortly.")
-            try:
-                await asyncio.wait_for(self._room.wait(), left)
-            except TimeoutError:
-                pass
+            await woken(self._room, left)
 
     async def flush(self, timeout_s: float) -> bool:
         """Wait until every queued decision is acknowledged; False on timeout."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-            return True
-        except TimeoutError:
-            return False
+        return await woken(self._idle, timeout_s)
 
     def unpublished(self) -> list[tuple[str, str, bytes]]:
         """What JetStream has not acknowledged, oldest first: in flight (in the order sent), then queued."""

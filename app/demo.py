@@ -28,10 +28,10 @@ import nats.errors
 from starlette.applications import Starlette
 
 from app.http_server import HTTP_KEEP_ALIVE_S
-from app.log_throttle import LogThrottle
 from app.settings import Settings
 from streams.events import subject_for
 from streams.jetstream import publish_events
+from streams.log_throttle import LogThrottle
 from streams.simulator import APP_MIX, Population, expected_reward, score_body
 
 log = logging.getLogger("tipstream.demo")

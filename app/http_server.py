@@ -130,7 +130,7 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
       reconnects to NATS and its database failed)."""
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-    from app.log_throttle import LogThrottle
+    from streams.log_throttle import LogThrottle
 
     client_warnings = LogThrottle(per_window=CLIENT_WARNINGS_PER_MINUTE)
     full_warnings = LogThrottle()

@@ -23,7 +23,6 @@ from pydantic import ValidationError
 
 from app.catch_up import CatchUpProgress
 from app.checkpoints import Checkpointer
-from app.log_throttle import LogThrottle
 from app.metrics import METRICS
 from app.thaw import load_state
 from streams import jetstream as jsx
@@ -37,6 +36,7 @@ from streams.events import (
     without_nul,
 )
 from streams.fold import FutureEvent
+from streams.log_throttle import LogThrottle
 from streams.store import OnlineStore, StateUnavailable
 
 log = logging.getLogger("tipstream.ingest")

@@ -70,12 +70,12 @@ from app.learning_metrics import (
     SILENCES,
 )
 from app.lineup import Lineup
-from app.log_throttle import LogThrottle
 from app.model_learning import ModelLearning
 from app.silence import Silences
 from app.waiting import WaitingFeedback
 from models.prior import PopularityPrior
 from streams.jetstream import ack_fields, delivery, stored_ms
+from streams.log_throttle import LogThrottle
 from streams.scrub import belongs, spellings
 from streams.store import OnlineStore
 

@@ -18,11 +18,11 @@ from typing import Any
 
 from app.embedded_nats import EmbeddedNats
 from app.ingest import ACK_PENDING_BATCHES
-from app.log_throttle import LogThrottle
 from app.nats_auth import NatsAuthError, nats_options
 from app.settings import Settings
 from app.start_errors import StartupError, shown_url
 from streams import jetstream as jsx
+from streams.log_throttle import LogThrottle
 from streams.nats_tls import TlsNotOffered
 
 log = logging.getLogger("tipstream")

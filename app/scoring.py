@@ -34,12 +34,12 @@ from typing import Any
 from app.decisions import DECISION_TYPE, candidate_input, encode, new_decision_id
 from app.learning_metrics import CHAMPION_ERRORS, FEATURE_CACHE, SHADOW_DISAGREEMENTS, SHADOW_ERRORS
 from app.lineup import Lineup
-from app.log_throttle import LogThrottle
 from app.score_request import OFFSET_UNKNOWN, ScoreRequest
 from models.policy import Greedy, Policy
 from models.prior import PopularityPrior
 from streams.features import FEATURE_NAMES, FEATURES, Snapshot, context_features, snapshot
 from streams.fold import DAY_MS, SIGNAL_KINDS, UserState, to_ms
+from streams.log_throttle import LogThrottle
 from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream.scoring")

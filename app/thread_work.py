@@ -13,6 +13,7 @@ import asyncio
 import contextvars
 import functools
 import logging
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -64,7 +65,4 @@ def named(whats: Any) -> str:
     >>> named(["a user_features write", "a tip_scores delete", "a user_features write"])
     'a user_features write (2), a tip_scores delete'
     """
-    counts: dict[str, int] = {}
-    for what in whats:
-        counts[what] = counts.get(what, 0) + 1
-    return ", ".join(what if n == 1 else f"{what} ({n})" for what, n in counts.items())
+    return ", ".join(what if n == 1 else f"{what} ({n})" for what, n in Counter(whats).items())

@@ -30,6 +30,7 @@ from nats.js.api import (
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError, TooManyStalledMsgsError
 from nats.protocol.parser import AWAITING_CONTROL_LINE, AWAITING_MSG_PAYLOAD, Parser
 
+from streams.log_throttle import LogThrottle
 from streams.nats_tls import TlsIntentClient
 
 log = logging.getLogger("tipstream.jetstream")
@@ -536,29 +537,22 @@ _MSG = re.compile(rb"MSG\s+(\S+)\s+(\S+)\s+((\S+)[^\S\r\n]+)?(\d+)\r\n")
 _HMSG = re.compile(rb"HMSG\s+(\S+)\s+(\S+)\s+((\S+)[^\S\r\n]+)?(\d+)\s+(\d+)\r\n")
 
 
-class _HandlerFailures:
-    """A raw message handler that raised: a bug in tipstream, told with its traceback, at most once a
-    `every_s` (the rest counted, and told with the next). Raised through the parser, it ended nats-py's
-    read loop, which logs it under its own name and tells nobody: the connection still counted as
-    connected, so nothing more was read from it (events, acknowledgements, JetStream's answers), and
-    nothing reconnected, until its pings went unanswered minutes later."""
-
-    def __init__(self, every_s: float = 60.0) -> None:
-        self.every_s, self.told_at, self.left_out = every_s, -float("inf"), 0
-
-    def tell(self, subject: bytes, error: Exception) -> None:
-        now = time.monotonic()
-        if now - self.told_at < self.every_s:
-            self.left_out += 1
-            return
-        left_out, self.told_at, self.left_out = self.left_out, now, 0
-        log.error("a message on %s could not be handled (%s: %s); the connection reads on. This is a bug in "
-                  "tipstream: please report it with this traceback%s", subject.decode(errors="replace"),
-                  type(error).__name__, error, f" ({left_out} more failures since the last one told)" if left_out
-                  else "", exc_info=error)
+# A raw message handler that raised: a bug in tipstream, told with its traceback once a minute (the rest
+# counted, and told with the next). Raised through the parser, it ended nats-py's read loop, which logs it
+# under its own name and tells nobody: the connection still counted as connected, so nothing more was read
+# from it (events, acknowledgements, JetStream's answers), and nothing reconnected, until its pings went
+# unanswered minutes later.
+_HANDLER_FAILURES = LogThrottle()
 
 
-_HANDLER_FAILURES = _HandlerFailures()
+def _tell_handler_failure(subject: bytes, error: Exception) -> None:
+    left_out = _HANDLER_FAILURES.allow(None)
+    if left_out is None:
+        return
+    log.error("a message on %s could not be handled (%s: %s); the connection reads on. This is a bug in "
+              "tipstream: please report it with this traceback%s", subject.decode(errors="replace"),
+              type(error).__name__, error, f" ({left_out} more failures since the last one told)" if left_out
+              else "", exc_info=error)
 
 
 class FastParser(Parser):
@@ -629,7 +623,7 @@ class FastParser(Parser):
         try:  # free in 3.11 when nothing is raised
             handler(subject, reply, bytes(buf[pos + header_size : pos + needed]), header)
         except Exception as error:  # noqa: BLE001 - told; the connection must read on
-            _HANDLER_FAILURES.tell(subject, error)
+            _tell_handler_failure(subject, error)
         return pos + needed + 2
 
     async def _deliver(self, sid: int, subject: bytes, reply: bytes,

@@ -253,7 +253,7 @@ def test_feedback_a_publisher_got_wrong_is_told_in_the_log_at_most_once_a_minute
     import logging
 
     from app import learner as learner_module
-    from app.log_throttle import LogThrottle
+    from streams.log_throttle import LogThrottle
 
     monkeypatch.setattr(learner_module, "_TOLD", LogThrottle())
     scored = world.score(user="u-1", tips=("a", "b"))
@@ -277,7 +277,7 @@ def test_a_publisher_s_decision_id_or_feature_name_cannot_forge_log_lines(
 
     from app import learner as learner_module
     from app.decisions import decode_decision
-    from app.log_throttle import LogThrottle
+    from streams.log_throttle import LogThrottle
 
     monkeypatch.setattr(learner_module, "_TOLD", LogThrottle())
     forged = "\n2026-12-04 18:00:00,000 ERROR tipstream: forged"

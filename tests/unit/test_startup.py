@@ -216,9 +216,9 @@ async def test_the_same_nats_error_again_within_a_minute_is_counted_not_logged(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A server that refuses the credentials once it is back answers every reconnect (twice a
     second) with the same error: each was a warning line."""
-    from app.log_throttle import WINDOW_S
     from app.nats_connection import NatsConnection
     from app.settings import Settings
+    from streams.log_throttle import WINDOW_S
 
     connection = NatsConnection(Settings(data_dir=tmp_path), on_reconnected=lambda: None, stopping=lambda: False,
                                 fail=lambda _why: None)
