@@ -31,6 +31,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import sys
 import time
 import uuid
@@ -41,7 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _harness import ServiceProcess, connect, encode_request, metric
+from _harness import ServiceProcess, connect, encode_request, metric, request_once
 
 GAUGES = ("tipstream_users", "tipstream_users_dormant", "tipstream_join_cache_decisions", "tipstream_join_cache_bytes",
           "tipstream_feedback_pending", "tipstream_decision_queue", "tipstream_candidate_cache_items",
@@ -125,12 +126,15 @@ def longest_stall(before: list[tuple[float, float]], after: list[tuple[float, fl
 
 
 def slope_per_hour(points: list[tuple[float, float]]) -> float:
-    if len(points) < 2:
+    """The least-squares growth per hour of (seconds, value) samples.
+
+    >>> slope_per_hour([(0, 10.0), (1800, 11.0), (3600, 12.0)])
+    2.0
+    """
+    times = [t for t, _ in points]
+    if len(set(times)) < 2:
         return 0.0
-    n = len(points)
-    mx, my = sum(t for t, _ in points) / n, sum(v for _, v in points) / n
-    var = sum((t - mx) ** 2 for t, _ in points)
-    return 0.0 if var == 0 else 3600 * sum((t - mx) * (v - my) for t, v in points) / var
+    return 3600 * statistics.linear_regression(times, [v for _, v in points]).slope
 
 
 class Load:
@@ -187,12 +191,7 @@ class Load:
 
 
 async def scrape(port: int) -> str:
-    conn = await connect(port)
-    try:
-        status, body = await asyncio.wait_for(conn.send(encode_request("GET", "/metrics")), 30)
-    finally:
-        assert conn.transport is not None
-        conn.transport.close()
+    status, body = await request_once(port, "GET", "/metrics")
     if status != 200:
         raise RuntimeError(f"/metrics answered {status}")
     return body.decode()
