@@ -11,6 +11,8 @@ import resource
 import sys
 from typing import Any
 
+from app.request_body import DRAIN_MAX_BYTES
+
 # uvicorn's default: an idle HTTP connection is closed after this long. A client keeping idle
 # connections as long may send on one the server is closing, and reads an empty answer.
 HTTP_KEEP_ALIVE_S = 5
@@ -38,6 +40,11 @@ CLIENT_WARNINGS_PER_MINUTE = 6
 # for each of 15 connections). Without a reserve, clients took the last one, and a reconnect to
 # NATS failed with "Too many open files" for as long as they came.
 FD_RESERVE = 128
+# After a refusal the server ends its side and reads on, dropping what comes, until the client ends its
+# own, for at most this long (and DRAIN_MAX_BYTES): closed with the client's bytes unread or still on
+# their way, a connection is reset by the kernel, and the refusal written just before is lost with it.
+# A client sending a 100 kB body behind a header the parser refused read "Connection reset by peer".
+HTTP_LINGER_S = 2.0
 
 log = logging.getLogger("tipstream")
 
@@ -107,8 +114,26 @@ def _cancelled(timer: asyncio.TimerHandle | None) -> None:
         timer.cancel()
 
 
+class _EndsAfterTheBody:
+    """A connection's transport as the request being answered sees it: an answer that closes the
+    connection (the client sent `Connection: close`) before its request's body was all read ends the
+    server's side and drops the rest as it comes (`_refuse`), rather than the reset that lost the answer."""
+
+    def __init__(self, protocol: Any) -> None:
+        self._protocol = protocol
+        # The transport's own methods, bound: no extra call on each answer's writes.
+        self.write, self.is_closing = protocol.transport.write, protocol.transport.is_closing
+
+    def close(self) -> None:
+        self._protocol.close_after_the_body()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._protocol.transport, name)
+
+
 def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_files: int | None = None,
-                          write_stall_s: float = HTTP_WRITE_STALL_S, idle_grace_s: float = HTTP_IDLE_GRACE_S) -> type:
+                          write_stall_s: float = HTTP_WRITE_STALL_S, idle_grace_s: float = HTTP_IDLE_GRACE_S,
+                          linger_s: float = HTTP_LINGER_S) -> type:
     """uvicorn's httptools protocol, with bounds uvicorn lacks on what a client can hold:
 
     - a request line and headers past HTTP_MAX_HEAD_BYTES: 431, and the connection closed. A head
@@ -120,6 +145,9 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
       after an answer (uvicorn arms that timer only after a response);
     - a request the parser refuses: 400 with the parser's reason, and uvicorn's warning for it
       at most CLIENT_WARNINGS_PER_MINUTE a minute;
+    - a refusal, or an answer closing the connection before the request's body was read: the server's
+      side ended, and what the client still sends dropped for `linger_s` at most (closed at once,
+      the kernel reset the connection, and the answer was lost with it);
     - requests pipelined behind the one served: no more is read until they are answered (uvicorn
       read on after each answer, so a client sending without reading queued requests without a bound);
     - an answer the client has not read on for `write_stall_s`, its buffers full: the connection dropped;
@@ -144,9 +172,12 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
 
     class BoundedHttpToolsProtocol(HttpToolsProtocol):
         _head_bytes, _head_size, _in_head, _feeding, _refused = 0, 0, True, 0, False
+        _dropped: int | None = None  # bytes read and dropped since a refusal
+        _linger_deadline: asyncio.TimerHandle | None = None
         _read_deadline: asyncio.TimerHandle | None = None
         _write_deadline: asyncio.TimerHandle | None = None
         _answering: Any = None  # the request answered now
+        _as_answers_see_it: _EndsAfterTheBody
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
@@ -154,6 +185,7 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self._as_answers_see_it = _EndsAfterTheBody(self)
             if most is not None and len(self.connections) > most and not self._room_made():
                 self._refuse_connection()
                 return
@@ -174,7 +206,7 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
         def _refuse_connection(self) -> None:
             self.transport.write(refusal(503, f"this service holds {most} connections, the most its limit on open "
                                               "files leaves room for: try again later"))
-            self.transport.close()
+            self.transport.close()  # at once, not lingered over (`_refuse`): file descriptors are what is short
             left_out = full_warnings.allow("full")
             if left_out is not None:
                 log.warning("HTTP: %d connections open, none idle, the most that the limit on open files (ulimit -n "
@@ -188,6 +220,7 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
             self._let_go()
             self._end_read_deadline()
             self._write_deadline = _cancelled(self._write_deadline)
+            self._linger_deadline = _cancelled(self._linger_deadline)
             super().connection_lost(exc)
 
         def pause_writing(self) -> None:
@@ -202,6 +235,7 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
 
         def _start_asgi_task(self, cycle: Any, app: Any) -> None:
             self._answering = cycle
+            cycle.transport = self._as_answers_see_it
             super()._start_asgi_task(cycle, app)
 
         def _let_go(self) -> None:
@@ -216,6 +250,11 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
             self._write_deadline = _cancelled(self._write_deadline)
 
         def data_received(self, data: bytes) -> None:
+            if self._dropped is not None:
+                self._dropped += len(data)
+                if self._dropped > DRAIN_MAX_BYTES:
+                    self.transport.close()
+                return
             self._feeding = len(data)
             super().data_received(data)
             if not self._in_head or self.transport.is_closing():
@@ -226,8 +265,25 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
 
         def _refuse_head(self) -> None:
             self._refused = True
-            self.transport.write(refusal(431, f"request line and headers larger than {HTTP_MAX_HEAD_BYTES} bytes"))
-            self.transport.close()
+            self._refuse(refusal(431, f"request line and headers larger than {HTTP_MAX_HEAD_BYTES} bytes"))
+
+        def close_after_the_body(self) -> None:
+            if self._read_deadline is not None and not self.transport.is_closing():  # a request still being read
+                self._refuse(b"")
+            else:
+                self.transport.close()
+
+        def _refuse(self, answer: bytes) -> None:
+            """`answer`, and the server's side ended; the client's bytes then read and dropped until it ends
+            its own, or for `linger_s` and DRAIN_MAX_BYTES at most, past which the reset is the answer."""
+            self.transport.write(answer)
+            if self._dropped is not None or not self.transport.can_write_eof():
+                self.transport.close()
+                return
+            self.transport.write_eof()
+            self._dropped = 0
+            self._linger_deadline = self.loop.call_later(linger_s, self.transport.close)
+            self.flow.resume_reading()
 
         def send_400_response(self, msg: str) -> None:
             # Called as uvicorn catches the parser's error. Its own answer, "Invalid HTTP request
@@ -236,8 +292,7 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
             reason = str(error) if error is not None and str(error) else msg
             if "url" in reason.lower():
                 reason += " (a path and query string are printable ASCII: percent-encode any other byte, as UTF-8)"
-            self.transport.write(refusal(400, f"not an HTTP/1.1 request this server can read: {reason}"))
-            self.transport.close()
+            self._refuse(refusal(400, f"not an HTTP/1.1 request this server can read: {reason}"))
 
         def _unsupported_upgrade_warning(self) -> None:
             # uvicorn's, with ws "none": "No supported WebSocket library detected. Please use pip
@@ -299,8 +354,9 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
                 if cycle is not None:  # the endpoint reads a disconnect, and its answer goes nowhere
                     cycle.disconnected = True
                     cycle.message_event.set()
-                self.transport.write(refusal(408, f"request not received within {request_read_s:g} s"))
-            self.transport.close()
+                self._refuse(refusal(408, f"request not received within {request_read_s:g} s"))
+            else:
+                self.transport.close()
 
     return BoundedHttpToolsProtocol
 
