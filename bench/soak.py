@@ -18,6 +18,7 @@
 4. Stops the service with SIGTERM, as a supervisor does.
 Steady figures are least-squares slopes over the second half (at least two samples).
 Last line: {"bench": "soak", "minutes": ..., "rss_mb_start": ..., "rss_mb_end": ..., "rss_mb_per_hour_steady": ...,
+"rss_anon_mb_per_hour_steady": ...,
 "fds_start": ..., "fds_end": ..., "metrics_series_start": ..., "metrics_series_end": ...,
 "checkpoint_s_first": ..., "checkpoint_s_last": ..., ...}
 """
@@ -74,7 +75,10 @@ def process_tree(root: int) -> list[int]:
 def process_figures(pid: int) -> dict[str, Any]:
     status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     name = Path(f"/proc/{pid}/comm").read_text().strip()
-    return {"name": name, "rss_mb": int(status["VmRSS"].split()[0]) / 1024, "threads": int(status["Threads"]),
+    # Anonymous memory apart: it is what a leak grows; file-backed pages (code, the libraries) are
+    # the kernel's to drop.
+    return {"name": name, "rss_mb": int(status["VmRSS"].split()[0]) / 1024,
+            "rss_anon_mb": int(status["RssAnon"].split()[0]) / 1024, "threads": int(status["Threads"]),
             "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
@@ -263,13 +267,13 @@ async def sample(service: Any, load: Load, elapsed: float, previous_text: str) -
                            "requests": load.sent, "failed": load.failed, "reactions": load.reactions}
     pids = process_tree(service.process.pid)
     main = process_figures(pids[0])
-    row.update(rss_mb=main["rss_mb"], fds=main["fds"], threads=main["threads"])
+    row.update(rss_mb=main["rss_mb"], rss_anon_mb=main["rss_anon_mb"], fds=main["fds"], threads=main["threads"])
     for pid in pids[1:]:
         try:
             child = process_figures(pid)
         except OSError:  # exited between listing and reading
             continue
-        for key in ("rss_mb", "fds", "threads"):
+        for key in ("rss_mb", "rss_anon_mb", "fds", "threads"):
             row[f"{child['name']}_{key}"] = child[key]
     row.update(data_figures(service.data_dir))
     row["metrics_series"] = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
@@ -295,7 +299,7 @@ def summary(rows: list[dict[str, Any]], load: Load) -> dict[str, Any]:
     return {"bench": "soak", "minutes": round(last["t_s"] / 60, 2), "requests": load.sent, "failed": load.failed,
             "users": load.users, "tips": len(load.tips),
             "rss_mb_start": round(first["rss_mb"], 1), "rss_mb_end": round(last["rss_mb"], 1),
-            "rss_mb_per_hour_steady": steady_slope("rss_mb"),
+            "rss_mb_per_hour_steady": steady_slope("rss_mb"), "rss_anon_mb_per_hour_steady": steady_slope("rss_anon_mb"),
             "fds_start": first["fds"], "fds_end": last["fds"], "threads_start": first["threads"],
             "threads_end": last["threads"],
             "metrics_series_start": first["metrics_series"], "metrics_series_end": last["metrics_series"],
