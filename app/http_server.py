@@ -121,11 +121,13 @@ class _EndsAfterTheBody:
 
     def __init__(self, protocol: Any) -> None:
         self._protocol = protocol
-        # The transport's own methods, bound: no extra call on each answer's writes.
-        self.write, self.is_closing = protocol.transport.write, protocol.transport.is_closing
+        self.write = protocol.transport.write  # the transport's own, bound: no extra call on each answer's writes
 
     def close(self) -> None:
         self._protocol.close_after_the_body()
+
+    def is_closing(self) -> bool:  # once its side has ended: nothing more can be written (a 100 Continue)
+        return self._protocol.lingering or self._protocol.transport.is_closing()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._protocol.transport, name)
@@ -267,17 +269,28 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
             self._refused = True
             self._refuse(refusal(431, f"request line and headers larger than {HTTP_MAX_HEAD_BYTES} bytes"))
 
+        def _refuse(self, answer: bytes) -> None:
+            self._let_go()  # an answer still being given to a request read before goes nowhere: this one is the last
+            self._linger(answer)
+
         def close_after_the_body(self) -> None:
             if self._read_deadline is not None and not self.transport.is_closing():  # a request still being read
-                self._refuse(b"")
+                self._linger(b"")
             else:
                 self.transport.close()
 
-        def _refuse(self, answer: bytes) -> None:
-            """`answer`, and the server's side ended; the client's bytes then read and dropped until it ends
-            its own, or for `linger_s` and DRAIN_MAX_BYTES at most, past which the reset is the answer."""
-            self.transport.write(answer)
-            if self._dropped is not None or not self.transport.can_write_eof():
+        @property
+        def lingering(self) -> bool:
+            return self._dropped is not None
+
+        def _linger(self, last: bytes) -> None:
+            """`last` written, and the server's side ended; the client's bytes then read and dropped until it
+            ends its own, or for `linger_s` and DRAIN_MAX_BYTES at most, past which the reset is the answer."""
+            if self._dropped is not None or self.transport.is_closing():  # its side has ended: nothing more to say
+                return
+            self._end_read_deadline()
+            self.transport.write(last)
+            if not self.transport.can_write_eof():
                 self.transport.close()
                 return
             self.transport.write_eof()

@@ -435,3 +435,52 @@ async def test_after_a_refusal_a_client_is_read_past_for_a_bounded_time_and_size
                 writer.write(b"x" * 65536)
                 await writer.drain()
         writer.close()
+
+
+class AnswersWhenLetGo(CountingServer):
+    """Answers each request 200 once `gate` is set, without reading its body."""
+
+    async def app(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await self.gate.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"4")]})
+            await send({"type": "http.response.body", "body": b"late"})
+
+
+async def test_a_refusal_behind_a_request_still_being_answered_is_the_connection_s_last_word(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A request the parser refuses, pipelined behind one the app is still answering: the refusal is
+    written and the server's side ended, so the answer that comes after it must go nowhere; written to
+    the ended side, it raised, and uvicorn logged "Exception in ASGI application" with a traceback."""
+    caplog.set_level(logging.WARNING, logger="uvicorn.error")
+    gate = asyncio.Event()
+    server = AnswersWhenLetGo(gate=gate)
+    async with server as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nFETCH / HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = await asyncio.wait_for(reader.read(), 10)  # the server's side ends with the refusal
+        gate.set()
+        await eventually(lambda: not server.server.server_state.tasks, timeout=5)
+        writer.close()
+    assert received.startswith(b"HTTP/1.1 400") and b"late" not in received, received
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+async def test_a_request_s_read_deadline_passing_while_the_server_lingers_says_nothing_more() -> None:
+    """The 408 timer of a request refused mid-head fired during the linger, and wrote to the side already
+    ended: "Exception in callback" in the log. A refusal ends the request's deadline."""
+    failures: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: failures.append(context))
+    try:
+        server = CountingServer(request_read_s=0.2, linger_s=1.0)
+        async with server as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nX-Bad: \x00\r\n\r\n")
+            assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 400")
+            # Closed by the linger's end (1 s), well after the read deadline (0.2 s) would have fired.
+            await eventually(lambda: not server.server.server_state.connections, timeout=5)
+            writer.close()
+    finally:
+        loop.set_exception_handler(None)
+    assert not failures, failures
