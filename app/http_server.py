@@ -117,7 +117,7 @@ def _cancelled(timer: asyncio.TimerHandle | None) -> None:
 class _EndsAfterTheBody:
     """A connection's transport as the request being answered sees it: an answer that closes the
     connection (the client sent `Connection: close`) before its request's body was all read ends the
-    server's side and drops the rest as it comes (`_refuse`), rather than the reset that lost the answer."""
+    server's side and drops the rest as it comes (`_linger`), rather than the reset that lost the answer."""
 
     def __init__(self, protocol: Any) -> None:
         self._protocol = protocol
