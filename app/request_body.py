@@ -14,7 +14,9 @@ Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 # A refusal is answered after the rest of the body is read and dropped, up to this much: closed with
 # bytes of it unread, the connection was reset by the kernel, and a client still sending (a 100 kB
-# body to a 64 kB bound) read "Connection reset by peer", not the 413. Past it, the reset is the answer.
+# body to a 64 kB bound) read "Connection reset by peer", not the 413. Past it, the answer comes at once,
+# and the HTTP server deals with the rest (app/http_server.py: read past on a connection kept, or
+# dropped for a bounded linger before the close).
 DRAIN_MAX_BYTES = 1 << 20
 
 
