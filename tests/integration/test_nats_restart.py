@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import signal
 from datetime import UTC, datetime
 
+import httpx
 import nats
 import orjson
 import pytest
@@ -75,6 +77,26 @@ async def test_a_connection_nats_closes_for_good_stops_the_service_with_a_messag
     assert told == [service.fatal]
     assert "closed tipstream's connection" in told[0] and "maximum control line exceeded" in told[0]
     assert "exit code 1" in told[0]
+
+
+async def test_a_nats_server_that_stops_answering_makes_the_service_unready_within_seconds(
+        start_service, nats_server) -> None:
+    """A server that hangs (or a network that drops packets) closes no connection: nats-py's own pings,
+    every 2 minutes, took 330 s to notice it, and meanwhile /readyz said ready with every lag 0, and a
+    service on a NATS cluster stayed on the lost node instead of moving to another."""
+    running = await start_service()
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+
+        async def status(code: int) -> bool:
+            return (await http.get("/readyz")).status_code == code
+
+        await eventually(lambda: status(200))
+        nats_server.process.send_signal(signal.SIGSTOP)
+        try:
+            await eventually(lambda: status(503), timeout=45)
+        finally:
+            nats_server.process.send_signal(signal.SIGCONT)
+        await eventually(lambda: status(200), timeout=30)
 
 
 async def test_the_service_stopping_closes_its_connection_without_calling_it_fatal(start_service) -> None:
