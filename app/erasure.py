@@ -110,18 +110,22 @@ class Eraser:
     def request(self, user_id: str, actor: str) -> dict[str, Any]:
         """Save a request to forget `user_id` (a worker thread); the row. A user asked for again (done,
         or on the way) is taken through every step again: events of theirs may have come since. The
-        request done before is kept in `erasures_earlier`, the record that they were forgotten then."""
+        request done before is kept in `erasures_earlier`, the record that they were forgotten then; what
+        one still on its way has done so far stays in the report (`_drop` adds the new pass's to it)."""
         now = datetime.now(UTC)
         now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # as SQLite keeps it: answered as read back
         row = {"user_id": user_id, "status": "requested", "requested_at": now, "requested_by": actor,
                "dropped_at": None, "bounds": None, "report": None, "done_at": None}
         with self.engine.begin() as conn:
-            done = conn.execute(select(db.erasures).where(and_(db.erasures.c.user_id == user_id,
-                                                               db.erasures.c.status == "done"))
-                                .with_for_update()).mappings().first()
-            if done is not None:
-                kept = {column.name: done[column.name] for column in db.erasures_earlier.columns}
+            before = conn.execute(select(db.erasures).where(db.erasures.c.user_id == user_id)
+                                  .with_for_update()).mappings().first()
+            if before is not None and before["status"] == "done":
+                kept = {column.name: before[column.name] for column in db.erasures_earlier.columns}
                 conn.execute(insert(db.erasures_earlier).values(kept))
+            elif before is not None:
+                # Its state was dropped already: the pass starting over finds none, and its report said
+                # `"state": false` of a user whose state this request did drop.
+                row["report"] = before["report"]
             db.upsert(conn, db.erasures, [row], ["user_id"])
         return {**_shown(row), "earlier": self._earlier(user_id)}
 
@@ -259,7 +263,7 @@ class Eraser:
                 entries.append({
                     "user_id": user_id, "requested_at": row["requested_at"], "dropped_at": at,
                     "bounds": {stream: positions.get(stream, 0) for stream in (jsx.SIGNALS.name, jsx.FEEDBACK.name)},
-                    "report": {"state": held, "decisions_held": decisions},
+                    "report": _added({"state": held, "decisions_held": decisions}, row.get("report")),
                 })
             # Nothing is folded from these two: whatever they hold now was stored before the request
             # was acted on. (A decision of theirs on its way to JetStream is not held again: `erasing`.)
@@ -383,11 +387,17 @@ class Eraser:
                 user_id, at = row["user_id"], _utc(row["dropped_at"])
                 late = conn.execute(delete(table).where(and_(table.c.user_id == user_id,
                                                              table.c.created_at <= at))).rowcount
-                report = {**(row["report"] or {}), **found, "tip_scores_late": late,
-                          "retired_models": retired.get(user_id, 0)}
-                conn.execute(update(erasures).where(and_(erasures.c.user_id == user_id, erasures.c.status == "dropped",
-                                                         erasures.c.dropped_at == row["dropped_at"]))
-                             .values(status="done", report=report, done_at=datetime.now(UTC)))
+                done_now = {**found, "tip_scores_late": late, "retired_models": retired.get(user_id, 0)}
+                report = _added(done_now, row["report"])
+                if not conn.execute(update(erasures).where(and_(erasures.c.user_id == user_id,
+                                                                erasures.c.status == "dropped",
+                                                                erasures.c.dropped_at == row["dropped_at"]))
+                                    .values(status="done", report=report, done_at=datetime.now(UTC))).rowcount:
+                    # Asked for again meanwhile: the pass starting over deletes what is left, and its report
+                    # adds to what this one deleted.
+                    again = conn.execute(select(erasures.c.report).where(erasures.c.user_id == user_id)).scalar()
+                    conn.execute(update(erasures).where(erasures.c.user_id == user_id)
+                                 .values(report=_added(done_now, again)))
                 reports.append(report)
         return reports
 
@@ -404,6 +414,26 @@ class Eraser:
         except Exception as error:  # noqa: BLE001 - the requests are done; the WAL's frames are overwritten in time
             log.warning("forgetting: the SQLite WAL could not be emptied (%s: %s); its older frames may hold the "
                         "forgotten users' rows until they are overwritten", type(error).__name__, error)
+
+
+def _added(report: dict[str, Any], before: dict[str, Any] | None) -> dict[str, Any]:
+    """`report`, what a step did, added to what was done before for the same request (asked for again on
+    its way, it starts over, and the new pass finds gone what the one before dropped): counts summed,
+    what was found at all found by either.
+
+    >>> _added({"state": False, "decisions_held": 1}, {"state": True, "decisions_held": 2, "messages_signals": 4})
+    {'state': True, 'decisions_held': 3, 'messages_signals': 4}
+    """
+    added = dict(before or {})
+    for key, value in report.items():
+        prior = added.get(key)
+        if isinstance(value, bool):
+            added[key] = value or bool(prior)
+        elif isinstance(value, int) and isinstance(prior, int):
+            added[key] = value + prior
+        else:
+            added[key] = value
+    return added
 
 
 def earlier_erasures(engine: Engine, user_id: str) -> Sequence[Any]:

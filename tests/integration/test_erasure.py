@@ -193,6 +193,43 @@ async def test_a_request_outlives_a_crash_at_each_step(start_service, nc, tmp_pa
     assert "u-1" not in third.service.store.users
 
 
+async def test_a_user_asked_for_again_while_being_forgotten_keeps_the_whole_record(start_service, nc, database_url,
+                                                                                      monkeypatch) -> None:
+    """Asked for again on its way (state dropped, messages not yet deleted), a request starts over, as
+    events of theirs may have come since. The new pass found their state gone and their messages deleted
+    by the pass before it, and the request's record said `"state": false` and no message, of a user whose
+    state and messages this request did delete."""
+    go_on = asyncio.Event()
+    deleting = Eraser._delete_messages
+
+    async def held(self: Eraser, rows: list[dict[str, Any]]) -> None:
+        await go_on.wait()
+        await deleting(self, rows)
+
+    monkeypatch.setattr(Eraser, "_delete_messages", held)
+    running = await start_service(database_url=database_url, admin_token=TOKEN, checkpoint_every_s=0.2)
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        await traffic(running, nc.jetstream(), http)
+        await forget(http, "u-1")
+
+        async def dropped() -> bool:
+            return (await status(http, "u-1"))["status"] == "dropped"
+
+        await eventually(dropped, timeout=15)
+        again = await forget(http, "u-1")
+        assert again["status"] == "requested" and again["report"]["state"] is True and again["earlier"] == [], again
+        go_on.set()
+
+        async def done() -> bool:
+            return (await status(http, "u-1"))["status"] == "done"
+
+        await eventually(done, timeout=30)
+        report = (await status(http, "u-1"))["report"]
+    assert report["state"] is True and report["messages_signals"] == 4 and report["messages_dlq"] == 1, report
+    assert report["messages_feedback"] == 1 and report["messages_decisions"] == 1, report
+    assert "u-1" not in running.service.store.users
+
+
 async def test_the_cli_forgets_a_user_through_the_service(start_service, nc, tmp_path, monkeypatch, capsys) -> None:
     from app.cli import main
 
