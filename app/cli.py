@@ -8,6 +8,7 @@ import asyncio
 import logging
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -297,7 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     from app.start_errors import StartupError, explain
 
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, not at the exit, where a reader gone is "Exception ignored ... BrokenPipeError"
+        return code
+    except BrokenPipeError:  # `tipstream models card v1 --json | head`: a traceback for a reader that had enough
+        # The interpreter flushes stdout again as it exits: what is left goes nowhere, as the reader wants.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE  # as a shell reports a writer the closed pipe ended
     except KeyboardInterrupt:  # Ctrl-C while migrating or reading the registry: a traceback before
         print("tipstream: interrupted", file=sys.stderr)
         return 130

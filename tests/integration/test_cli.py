@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -1241,3 +1242,18 @@ def test_an_admin_call_to_a_service_on_loopback_does_not_go_through_the_environm
             server.server_close()
         monkeypatch.undo()
         importlib.reload(models_cli)
+
+
+def test_output_to_a_reader_already_gone_ends_quietly(tmp_path: Path) -> None:
+    """`tipstream models card v1 --json | head`: the reader closed the pipe, and the command ended in a
+    BrokenPipeError traceback, or Python's "Exception ignored ... BrokenPipeError" at its exit."""
+    migrate.upgrade(f"sqlite:///{tmp_path / 'tipstream.db'}")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader gone before the first write: every write fails
+    try:
+        done = subprocess.run([str(Path(sys.executable).parent / "tipstream"), "models", "list"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=60,
+                              env={"PATH": "/usr/bin:/bin", "TIPSTREAM_DATA_DIR": str(tmp_path)})
+    finally:
+        os.close(write_end)
+    assert done.returncode == 128 + signal.SIGPIPE and done.stderr == "", done.stderr[-2000:]
