@@ -123,8 +123,8 @@ class Eraser:
                 kept = {column.name: before[column.name] for column in db.erasures_earlier.columns}
                 conn.execute(insert(db.erasures_earlier).values(kept))
             elif before is not None:
-                # Its state was dropped already: the pass starting over finds none, and its report said
-                # `"state": false` of a user whose state this request did drop.
+                # Still on its way: what it has done (their state dropped, say) is this request's too. The pass
+                # starting over finds it gone, and its report said `"state": false` of a user it had forgotten.
                 row["report"] = before["report"]
             db.upsert(conn, db.erasures, [row], ["user_id"])
         return {**_shown(row), "earlier": self._earlier(user_id)}

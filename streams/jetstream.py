@@ -541,7 +541,7 @@ _HMSG = re.compile(rb"HMSG\s+(\S+)\s+(\S+)\s+((\S+)[^\S\r\n]+)?(\d+)\s+(\d+)\r\n
 # counted, and told with the next). Raised through the parser, it ended nats-py's read loop, which logs it
 # under its own name and tells nobody: the connection still counted as connected, so nothing more was read
 # from it (events, acknowledgements, JetStream's answers), and nothing reconnected, until its pings went
-# unanswered minutes later.
+# unanswered (20-30 s later, app/nats_connection.py; minutes, at nats-py's own ping interval).
 _HANDLER_FAILURES = LogThrottle()
 
 
