@@ -64,10 +64,6 @@ from streams.scrub import scrub
 from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream")
-# A stop writes the user_features rows of the users saved since the last pass for this long at most, a batch
-# at a time; the next start finds the rest (`offline.users_behind`) and writes them.
-LAST_OFFLINE_PASS_S = 5.0
-LAST_OFFLINE_BATCH = 1_000  # users: ~0.1 s of evaluating and writing
 STOP_FLUSH_S = 5.0  # and this long for JetStream to acknowledge the decisions served; the rest are spooled
 
 
@@ -410,12 +406,12 @@ class Service:
             else:
                 log.info("stopping: last checkpoint written in %.1f s", time.perf_counter() - began)
                 if catching_up and self.offline is not None and self.offline.pending:
-                    # Rows of a state the rest of the catch-up changes again: the stop waited up to LAST_OFFLINE_PASS_S
+                    # Rows of a state the rest of the catch-up changes again: the stop waited up to offline.LAST_PASS_S
                     # for them, and the next start, which finds them behind (`users_behind`), writes them anyway.
                     log.info("stopping during the catch-up of %s: the user_features rows of %d users are left to "
                              "the next start", ", ".join(catching_up), len(self.offline.pending))
-                else:
-                    await self._last_offline_pass()
+                elif self.offline is not None:
+                    await self.offline.last_pass()
         if self.checkpoint_writer:
             await asyncio.to_thread(self.checkpoint_writer.close)
         if self.nc:
@@ -474,39 +470,6 @@ class Service:
         self._give_up_database("the database lost checkpoints this service had committed (a start replays from "
                                "what it holds)")
         self._fail(message)
-
-    async def _last_offline_pass(self) -> None:
-        """The users saved since the last `user_features` pass get their rows now, a batch at a time for
-        `LAST_OFFLINE_PASS_S` at most. Once a rebuild or a catch-up has saved every user, a whole pass is
-        long (5.3 s of a 5.7 s stop at 60,000 users); waited for whole, it held the stop up to 30 s, and
-        then wrote nothing. The rows left are those the next start finds older than their users' state
-        (`users_behind`) and writes: a stop only makes them current sooner."""
-        offline = self.offline
-        if offline is None or not offline.pending or offline.refused is not None:
-            return
-        # Not sorted: each batch's rows are (`write_pass`). A sort of every pending id, before the bound began,
-        # held the loop and lengthened the stop 0.16 s with 300,000 users (8 ms for the list).
-        users = list(offline.pending)
-        began = time.monotonic()
-        deadline = began + LAST_OFFLINE_PASS_S
-        done = 0
-        try:
-            for start in range(0, len(users), LAST_OFFLINE_BATCH):
-                batch = users[start : start + LAST_OFFLINE_BATCH]
-                # A batch gets a second at least: the database slow to answer, rather than the bound spent.
-                await asyncio.wait_for(offline.write_pass(pause=False, users=batch),
-                                       timeout=max(deadline - time.monotonic(), 1.0))
-                done += len(batch)
-                if time.monotonic() >= deadline:
-                    break
-        except Exception as error:  # noqa: BLE001 - the database away
-            log.warning("user_features: the last pass did not finish (%s: %s)", type(error).__name__, error)
-        left = len(users) - done
-        if left:
-            log.info("stopping: user_features rows of %d users written in %.1f s; the next start writes those of "
-                     "the other %d", done, time.monotonic() - began, left)
-        else:
-            log.info("stopping: user_features rows of %d users written in %.1f s", done, time.monotonic() - began)
 
     async def _keep_embedded_nats_up(self) -> None:
         # The connection reconnects on its own once the server is back at the same URL.

@@ -37,6 +37,10 @@ log = logging.getLogger("tipstream.offline")
 EVALUATE_CHUNK = 5  # ~1.5 ms of the event loop per chunk
 CPU_SHARE = 0.1
 WRITE_BATCH = 1_000
+# A stop writes the user_features rows of the users saved since the last pass for this long at most, a batch
+# at a time; the next start finds the rest (`users_behind`) and writes them.
+LAST_PASS_S = 5.0
+LAST_PASS_BATCH = 1_000  # users: ~0.1 s of evaluating and writing
 
 
 def feature_row(user_id: str, store: OnlineStore, now: datetime,
@@ -219,3 +223,35 @@ class OfflineFeatureWriter:
         for start in range(0, len(rows), WRITE_BATCH):
             with self.engine.begin() as conn:
                 db.upsert(conn, db.user_features, rows[start : start + WRITE_BATCH], ["user_id"])
+
+    async def last_pass(self) -> None:
+        """The users saved since the last `user_features` pass get their rows now, a batch at a time for
+        `LAST_PASS_S` at most. Once a rebuild or a catch-up has saved every user, a whole pass is
+        long (5.3 s of a 5.7 s stop at 60,000 users); waited for whole, it held the stop up to 30 s, and
+        then wrote nothing. The rows left are those the next start finds older than their users' state
+        (`users_behind`) and writes: a stop only makes them current sooner."""
+        if not self.pending or self.refused is not None:
+            return
+        # Not sorted: each batch's rows are (`write_pass`). A sort of every pending id, before the bound began,
+        # held the loop and lengthened the stop 0.16 s with 300,000 users (8 ms for the list).
+        users = list(self.pending)
+        began = time.monotonic()
+        deadline = began + LAST_PASS_S
+        done = 0
+        try:
+            for start in range(0, len(users), LAST_PASS_BATCH):
+                batch = users[start : start + LAST_PASS_BATCH]
+                # A batch gets a second at least: the database slow to answer, rather than the bound spent.
+                await asyncio.wait_for(self.write_pass(pause=False, users=batch),
+                                       timeout=max(deadline - time.monotonic(), 1.0))
+                done += len(batch)
+                if time.monotonic() >= deadline:
+                    break
+        except Exception as error:  # noqa: BLE001 - the database away
+            log.warning("user_features: the last pass did not finish (%s: %s)", type(error).__name__, error)
+        left = len(users) - done
+        if left:
+            log.info("stopping: user_features rows of %d users written in %.1f s; the next start writes those of "
+                     "the other %d", done, time.monotonic() - began, left)
+        else:
+            log.info("stopping: user_features rows of %d users written in %.1f s", done, time.monotonic() - began)

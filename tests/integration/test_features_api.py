@@ -10,7 +10,7 @@ import httpx
 import orjson
 import sqlalchemy as sa
 
-from app import bootstrap
+from app import offline
 from tests.conftest import eventually
 
 
@@ -118,8 +118,8 @@ async def test_a_stop_writes_user_features_rows_within_its_bound_and_the_next_st
     """After a rebuild or a catch-up every user is saved since the last pass: the stop waited for a whole
     pass (5.3 s of a 5.7 s stop at 60,000 users), up to 30 s, and then wrote none of it. Now a batch at a
     time within a short bound, the rest written by the next start, which finds them behind their state."""
-    monkeypatch.setattr(bootstrap, "LAST_OFFLINE_PASS_S", 0.0)  # spent after the first batch
-    monkeypatch.setattr(bootstrap, "LAST_OFFLINE_BATCH", 2, raising=False)
+    monkeypatch.setattr(offline, "LAST_PASS_S", 0.0)  # spent after the first batch
+    monkeypatch.setattr(offline, "LAST_PASS_BATCH", 2)
     settings = {"offline_features_every_s": 3600, "checkpoint_every_s": 0.1}
     running = await start_service(**settings)
     js = nc.jetstream()
