@@ -322,3 +322,35 @@ async def start_service(tmp_path: Path, nats_server: NatsServer) -> AsyncIterato
     for item in running:
         if not item.task.done():
             await item.stop()
+
+
+# Capabilities that let root read and write any file (linux/capability.h), and prctl's PR_CAPBSET_DROP.
+CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, PR_CAPBSET_DROP = 1, 2, 24
+
+
+def _drop_file_permission_override() -> None:
+    """In the child, before exec: out of the bounding set, the capabilities are not root's after the exec,
+    and file permissions apply to it as to any user (the owner's bits for root's own files)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+        if libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def run_bound_by_file_permissions(argv: list[str], cwd: Path,
+                                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`argv` in a child process that file permissions apply to, with `env` and PATH only. The tests of what a
+    user who may not read or write a file is told skipped as root, which reads and writes any, and CI runs as
+    root: there the child is root without the capabilities to, as the same user (the same uid in the messages,
+    the same files its own)."""
+    as_root = os.geteuid() == 0
+    try:
+        return subprocess.run(argv, cwd=cwd, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **(env or {})},
+                              preexec_fn=_drop_file_permission_override if as_root else None,
+                              capture_output=True, text=True, timeout=60)
+    except subprocess.SubprocessError as error:
+        if as_root and "preexec_fn" in str(error):  # no CAP_SETPCAP (a restricted container)
+            pytest.skip(f"root reads and writes any file, and could not drop that from a child process: {error}")
+        raise

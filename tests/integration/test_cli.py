@@ -18,7 +18,13 @@ import pytest
 from app import migrate
 from app.cli import main
 from app.settings import get_settings
-from tests.conftest import account_url, free_port, limited_account_server, pre_lock_release_server
+from tests.conftest import (
+    account_url,
+    free_port,
+    limited_account_server,
+    pre_lock_release_server,
+    run_bound_by_file_permissions,
+)
 
 TIPSTREAM = str(Path(sys.executable).parent / "tipstream")
 
@@ -94,20 +100,17 @@ def test_an_export_to_an_out_that_cannot_be_written_is_refused_before_anything_i
 
 
 @pytest.mark.parametrize("mode", [0o444, 0o000])
-def test_a_sqlite_file_this_user_may_not_write_is_told_with_the_fix(
-        mode: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_sqlite_file_this_user_may_not_write_is_told_with_the_fix(mode: int, tmp_path: Path) -> None:
     """SQLite's 'attempt to write a readonly database' or 'unable to open database file' was told as "set
     TIPSTREAM_DATA_DIR to a directory this user can write", which the data directory was. (A file
     another user made, as `sudo tipstream migrate` does, is told with a chown instead: no test user
     can make one.)"""
-    if os.geteuid() == 0:
-        pytest.skip("root writes any file")
     database = tmp_path / "tipstream.db"
     database.touch(mode=mode)
     database.chmod(mode)
-    monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path))
-    assert main(["migrate"]) == 1
-    told = capsys.readouterr().err
+    done = run_bound_by_file_permissions([TIPSTREAM, "migrate"], tmp_path, {"TIPSTREAM_DATA_DIR": str(tmp_path)})
+    told = done.stderr
+    assert done.returncode == 1, told
     assert f"may not write tipstream.db (uid {os.getuid()}, mode {mode:o})" in told, told
     assert f"Make them writable (`chmod u+rw {database}*`)" in told and "a directory this user can write" not in told
 

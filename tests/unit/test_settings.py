@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
 from app.settings import Settings
+from tests.conftest import run_bound_by_file_permissions
 
 
 @pytest.mark.parametrize(("cpus", "expected"), [(2, False), (4, True), (16, True)])
@@ -266,24 +268,32 @@ def test_a_bound_past_what_jetstream_or_an_event_s_time_can_hold_is_refused_nami
         load_settings()
 
 
+LOAD_SETTINGS = """
+from app.settings import SettingsError, load_settings
+
+try:
+    load_settings()
+except SettingsError as error:
+    print(error)
+else:
+    raise SystemExit("the settings loaded")
+"""
+
+
 @pytest.mark.parametrize("problem", ["UTF-16", "unreadable"])
-def test_a_dotenv_file_that_cannot_be_read_is_one_message_naming_it(
-        problem: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_dotenv_file_that_cannot_be_read_is_one_message_naming_it(problem: str, tmp_path: Path) -> None:
     """An .env saved as UTF-16 (Windows editors do), or not readable by the service's user, was a
     UnicodeDecodeError or PermissionError traceback from pydantic-settings."""
-    from app.settings import SettingsError, load_settings
-
     env_file = tmp_path / ".env"
     if problem == "UTF-16":
         env_file.write_text("TIPSTREAM_PORT=8001\n", encoding="utf-16")
     else:
-        if os.geteuid() == 0:
-            pytest.skip("root reads an unreadable file")
         env_file.write_text("TIPSTREAM_PORT=8001\n")
         env_file.chmod(0)
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SettingsError, match=rf"^Cannot read {env_file}, which tipstream reads settings from \("):
-        load_settings()
+    # In its directory, where .env is read from.
+    done = run_bound_by_file_permissions([sys.executable, "-c", LOAD_SETTINGS], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"Cannot read {env_file}, which tipstream reads settings from ("), done.stdout
 
 
 @pytest.mark.parametrize("window", ["1e-10", "0.001"])

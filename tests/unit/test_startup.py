@@ -8,6 +8,7 @@ import fcntl
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 from app import start_errors, startup
 from app.start_errors import StartupError
 from app.startup import Stopper, hold_data_dir, start
-from tests.conftest import eventually, pre_lock_release_server
+from tests.conftest import eventually, pre_lock_release_server, run_bound_by_file_permissions
 
 
 class EndsWithASignal:
@@ -141,29 +142,46 @@ def test_a_sqlite_disk_io_error_on_a_full_disk_is_told_as_the_full_disk(
     assert ("a directory this user can write" in told) == (free > 0), told
 
 
-@pytest.mark.parametrize("store", ["read-only", "its ports directory a file"])
-def test_a_nats_store_the_service_cannot_write_is_a_message_with_the_way_out(store: str, tmp_path: Path) -> None:
-    """A store another user made (root, a container's) was a PermissionError traceback at start."""
-    from app.embedded_nats import EmbeddedNats, EmbeddedNatsError
-    from app.start_errors import explain
+START_ON_THE_STORE = """
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
+from app.embedded_nats import EmbeddedNats, EmbeddedNatsError
+from app.start_errors import explain
+
+embedded = EmbeddedNats(Path(sys.argv[1]))
+try:
+    embedded.start(timeout_s=5)
+except EmbeddedNatsError as error:
+    assert embedded.process is None, "a server started on it"
+    print(explain(error, SimpleNamespace()))
+else:
+    embedded.stop()
+    sys.exit("it started")
+"""
+
+
+@pytest.mark.parametrize("store", ["read-only", "its ports directory a file"])
+def test_a_nats_store_the_service_cannot_write_is_a_message_with_the_way_out(
+        store: str, tmp_path: Path) -> None:
+    """A store another user made (root, a container's) was a PermissionError traceback at start."""
     store_dir = tmp_path / "nats"
     store_dir.mkdir()
     if store == "read-only":
-        if os.geteuid() == 0:
-            pytest.skip("root writes a read-only directory")
         store_dir.chmod(0o500)
     else:
         (store_dir / "ports").write_text("")
-    embedded = EmbeddedNats(store_dir)
-    with pytest.raises(EmbeddedNatsError) as raised:
-        embedded.start(timeout_s=5)
+    done = run_bound_by_file_permissions([sys.executable, "-c", START_ON_THE_STORE, str(store_dir)], tmp_path)
     store_dir.chmod(0o700)
-    assert embedded.process is None  # no server started on it
-    told = str(explain(raised.value, SimpleNamespace()))
+    assert done.returncode == 0, done.stderr
+    told = done.stdout.rstrip("\n")
     assert told.startswith(f"The embedded nats-server cannot use its store {store_dir} (in TIPSTREAM_DATA_DIR): ")
     assert "set TIPSTREAM_DATA_DIR to a directory this user can write" in told and "set NATS_URL" in told
-    assert (f"`chown -R {os.getuid()} {store_dir}`" in told) == (store == "read-only")
+    if store == "read-only":
+        assert f"`chown -R {os.getuid()} {store_dir}`" in told, told
+    else:
+        assert "chown" not in told, told
 
 
 def test_a_migration_blocked_by_another_session_is_a_message_naming_the_database(tmp_path: Path) -> None:
