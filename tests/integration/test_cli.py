@@ -102,9 +102,7 @@ def test_an_export_to_an_out_that_cannot_be_written_is_refused_before_anything_i
 @pytest.mark.parametrize("mode", [0o444, 0o000])
 def test_a_sqlite_file_this_user_may_not_write_is_told_with_the_fix(mode: int, tmp_path: Path) -> None:
     """SQLite's 'attempt to write a readonly database' or 'unable to open database file' was told as "set
-    TIPSTREAM_DATA_DIR to a directory this user can write", which the data directory was. (A file
-    another user made, as `sudo tipstream migrate` does, is told with a chown instead: no test user
-    can make one.)"""
+    TIPSTREAM_DATA_DIR to a directory this user can write", which the data directory was."""
     database = tmp_path / "tipstream.db"
     database.touch(mode=mode)
     database.chmod(mode)
@@ -113,6 +111,20 @@ def test_a_sqlite_file_this_user_may_not_write_is_told_with_the_fix(mode: int, t
     assert done.returncode == 1, told
     assert f"may not write tipstream.db (uid {os.getuid()}, mode {mode:o})" in told, told
     assert f"Make them writable (`chmod u+rw {database}*`)" in told and "a directory this user can write" not in told
+
+
+def test_a_sqlite_file_another_user_made_is_told_with_the_chown(tmp_path: Path) -> None:
+    """A file another user made, as `sudo tipstream migrate` does: chmod is not this user's to run, chown is."""
+    if os.geteuid() != 0:
+        pytest.skip("only root makes a file another user's")
+    database = tmp_path / "tipstream.db"
+    database.touch(mode=0o644)
+    os.chown(database, 65534, 65534)
+    done = run_bound_by_file_permissions([TIPSTREAM, "migrate"], tmp_path, {"TIPSTREAM_DATA_DIR": str(tmp_path)})
+    told = done.stderr
+    assert done.returncode == 1, told
+    assert "may not write tipstream.db (uid 65534, mode 644)" in told, told
+    assert f"Give them to it (`chown {os.getuid()} {database}*`), or run tipstream as the user that owns them" in told
 
 
 def test_version_names_the_release_its_schema_and_commit(capsys: pytest.CaptureFixture[str]) -> None:
