@@ -786,7 +786,11 @@ class BatchPuller:
         self.idle = False  # more may follow: known to have nothing more only at the next status
         name = self._subjects.get(subject)
         if name is None:
-            name = subject.decode()
+            # A NATS subject is bytes, and another client's (Go's, C's) may not be UTF-8: raised here,
+            # the message was never handed on, and the stream was read again from it for ever. Escaped,
+            # it cannot be the subject of any event type, so the event goes to the DLQ (on a subject
+            # nats-py can read back) and the stream moves on.
+            name = subject.decode(errors="backslashreplace")
             if len(self._subjects) < 1024:  # a few event types, so a few subjects: decode each once
                 self._subjects[subject] = name
         self.on_message((name, reply, data))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -641,6 +642,28 @@ async def test_an_event_on_a_subject_near_the_control_line_limit_goes_to_the_dlq
     store = running.service.store
     await eventually(lambda: store.positions.get("SIGNALS") == 2)
     assert store.users["u-1"].count("task.created") == 1 and running.service.ready
+
+
+async def test_an_event_on_a_subject_that_is_not_utf8_goes_to_the_dlq_and_ingest_moves_on(
+        start_service, nats_server, nc) -> None:
+    """NATS subjects are bytes, and a Go or C publisher may send any: nats-py cannot send one, so it
+    goes over the wire protocol itself. Its decoding raised in the pull handler, the message was never
+    handed on, and SIGNALS was read again from it in a loop, held there for good with /readyz still 200."""
+    running = await start_service()
+    js = nc.jetstream()
+    with socket.create_connection(("127.0.0.1", nats_server.port)) as raw:
+        raw.sendall(b'CONNECT {"verbose": false}\r\nPUB signals.task.\xff\xfe 8\r\nnot json\r\nPING\r\n')
+        answer = b""
+        while b"PONG" not in answer:
+            answer += raw.recv(4096)
+    await js.publish("signals.task.created", orjson.dumps(event(2)))
+    [message] = await dlq_messages(js, 1)
+    assert message.subject == "dlq.signals.task.\\xff\\xfe", "escaped: a subject nats-py reads back"
+    assert message.headers[DLQ_SUBJECT] == "signals.task.\\xff\\xfe" and message.headers[DLQ_SEQ] == "1"
+    assert message.headers[DLQ_KIND] == "invalid_json" and message.data == b"not json"
+    store = running.service.store
+    await eventually(lambda: store.positions.get("SIGNALS") == 2)
+    assert store.users["u-1"].count("task.created") == 1
 
 
 async def test_dead_letters_are_logged_one_by_one_up_to_a_bound_a_minute_then_counted(start_service, nc, caplog) -> None:
