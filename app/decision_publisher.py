@@ -50,7 +50,11 @@ REFUSAL_WAIT_MAX_S = 1.0
 REFUSAL_LINES_PER_MINUTE = 10
 
 
-# JetStream's "insufficient resources" (10047): its storage limit reached before the disk is full.
+# JetStream's storage limit reached before the disk is full. nats-server 2.15.1 refuses a publish past
+# its own max_file_store with 10023 ("insufficient resources") and past the account's max_file with
+# 10002 ("resource limits exceeded for account"); 10047 ("insufficient storage resources available") is
+# its answer to a stream's creation, and matched alone, no refusal of a decision ever named the fix.
+STORAGE_FULL_CODES = (b'"err_code":10023', b'"err_code":10002', b'"err_code":10047')
 STORAGE_FULL_FIX = (". The account's or the server's JetStream file storage is full: `max_file` in the account's "
                     "`jetstream {}` limits, the server's `max_file_store` (unset: 75% of the disk's free space when "
                     "nats-server started; an embedded one's is in its nats-server.log, 'Max Storage'), or its disk. "
@@ -206,7 +210,7 @@ class DecisionPublisher:
                     log.warning("JetStream refused decision %s (%s); retrying in %.1fs%s%s", item[1],
                                 (data or headers or b"")[:200], self._refusal_wait,
                                 f" ({left_out} more refused rounds since the last line)" if left_out else "",
-                                STORAGE_FULL_FIX if b'"err_code":10047' in data else "")
+                                STORAGE_FULL_FIX if any(code in data for code in STORAGE_FULL_CODES) else "")
             # Behind those refused before it, not in front: one at a time at the front reversed them.
             self._requeue([item], at=self._refused_ahead)
             self._refused_ahead += 1

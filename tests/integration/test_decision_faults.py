@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
+from pathlib import Path
 
 import httpx
+import nats
 import orjson
 import pytest
 import sqlalchemy as sa
 
 from app import decision_spool
-from tests.conftest import eventually
+from tests.conftest import NatsServer, account_url, eventually, limited_account_server
 from tests.e2e.test_learning import BODY, NOW, count, feedback, publish
 
 
@@ -206,3 +209,52 @@ async def test_decisions_in_flight_when_nats_went_away_are_sent_again_once_it_is
     back = await reconnected(service, nats_server)
     await eventually(lambda: service.publisher.published == 1, timeout=10)
     assert time.monotonic() - back < 1.0, "sent again on the new connection at once"
+
+
+def storage_capped_server(where: Path, cap: str) -> tuple[NatsServer, str]:
+    """A nats-server whose JetStream file storage is capped by its own `max_file_store` ("server") or by
+    its one account's `max_file` ("account"), and the URL to reach it."""
+    if cap == "account":
+        server = limited_account_server(where, "max_file: 300KB")
+        return server, account_url(server)
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "capped.conf").write_text("jetstream { max_file_store: 300KB }\n")
+    server = NatsServer(where, args=("-c", str(where / "capped.conf")))
+    return server, server.url
+
+
+@pytest.mark.parametrize("cap", ["server", "account"])
+async def test_a_decision_refused_for_storage_full_names_the_limits_to_free_or_raise(
+        start_service, tmp_path, monkeypatch, caplog, cap: str) -> None:
+    """The fix was told only for err_code 10047, which nats-server answers to a stream's creation: a
+    publish past the server's max_file_store gets 10023 and one past the account's max_file 10002, so
+    the log said only JetStream's words, not which limits (README, "Disk")."""
+    from app import bootstrap
+
+    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.5)  # JetStream refuses the decision: a stop waits out any bound
+    server, url = storage_capped_server(tmp_path / "capped", cap)
+    server.start()
+    try:
+        running = await start_service(nats_url=url)
+        client = await nats.connect(url)
+        try:
+            js = client.jetstream()
+            await js.add_stream(name="FILL", subjects=["fill.>"])  # the storage filled beside tipstream's streams
+            for size in (50_000, 1_000, 10):  # to the last bytes: a decision fits in what larger ones leave
+                with pytest.raises(nats.js.errors.APIError):
+                    for _ in range(1_000):
+                        await js.publish("fill.x", b"x" * size)
+        finally:
+            await client.close()
+        caplog.set_level(logging.WARNING, logger="tipstream.decisions")
+        async with httpx.AsyncClient(base_url=running.base_url) as http:
+            assert (await http.post("/score", json=BODY)).status_code == 200
+
+        def refused() -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.getMessage().startswith("JetStream refused decision")]
+
+        told = (await eventually(refused, timeout=5))[0]
+        assert "max_file_store" in told and "TIPSTREAM_STREAM_MAX_BYTES" in told, told
+        await running.stop()
+    finally:
+        server.stop()

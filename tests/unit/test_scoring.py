@@ -414,8 +414,8 @@ class FakeNats:
                 loop.call_soon(self.handler, reply, b"", b'{"stream":"DECISIONS","seq":1}', None)
             elif answer == "error":
                 loop.call_soon(self.handler, reply, b"", b'{"error":{"code":500}}', None)
-            elif answer == "insufficient":  # nats-server 2.15.1's answer, account max_file reached
-                loop.call_soon(self.handler, reply, b"", b'{"error":{"code":503,"err_code":10047,'
+            elif answer == "insufficient":  # nats-server 2.15.1's answer, its max_file_store reached
+                loop.call_soon(self.handler, reply, b"", b'{"error":{"code":503,"err_code":10023,'
                                b'"description":"insufficient resources"},"stream":"DECISIONS","seq":0}', None)
 
     async def _flush_pending(self) -> None:
