@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -48,3 +49,55 @@ def test_the_database_file_is_its_user_s_only_in_a_data_directory_that_already_e
         os.umask(old_umask)
     assert stat.S_IMODE(data_dir.stat().st_mode) == 0o755
     assert made["tipstream.db"] == 0o600 and made["tipstream.db-wal"] == 0o600, made
+
+
+def _readme_command(tail: str) -> str:
+    """The Python code of the README's SQLite one-liner ending in `tail` (its arguments)."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    found = re.search(r"`\.venv/bin/python -c '([^']+)' " + re.escape(tail) + "`", readme)
+    assert found, f"the README has no `.venv/bin/python -c '...' {tail}`"
+    return found.group(1)
+
+
+def test_the_readme_s_restore_puts_the_backup_back_over_a_wal_a_crash_left(tmp_path: Path) -> None:
+    """The README said how to back SQLite up, not how to restore: a copy of the backup over the file, the
+    obvious way, took the WAL a crash had left beside it on top, and the start resumed from that WAL's
+    checkpoint, not the backup's (or found the file malformed)."""
+    import shutil
+    import subprocess
+    import sys
+
+    live, backup = tmp_path / "tipstream.db", tmp_path / "backup.db"
+    engine = db.make_engine(f"sqlite:///{live}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("create table positions (seq integer)"))
+        conn.execute(sa.text("insert into positions values (470)"))
+    engine.dispose()
+    backup_code = _readme_command("<db> <file>")
+    subprocess.run([sys.executable, "-c", backup_code, str(live), str(backup)], check=True)
+    # A service's last commit, then its process killed: the commit is in the WAL only.
+    crash = ("import os, sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('update positions set seq = 1470'); "
+             "c.commit(); os._exit(0)")
+    subprocess.run([sys.executable, "-c", crash, str(live)], check=True)
+    assert (tmp_path / "tipstream.db-wal").stat().st_size > 0
+
+    def seq(path: Path) -> int:
+        with sqlite3.connect(path) as conn:
+            return conn.execute("select seq from positions").fetchone()[0]
+
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    for name in ("tipstream.db-wal", "tipstream.db-shm"):
+        shutil.copy(tmp_path / name, copied / name)
+    shutil.copy(backup, copied / "tipstream.db")
+    assert seq(copied / "tipstream.db") == 1470, "a plain copy: the WAL's commit read on top of the backup"
+
+    restore_code = _readme_command("<file> <TIPSTREAM_DATA_DIR>/tipstream.db")
+    mistyped = subprocess.run([sys.executable, "-c", restore_code, str(tmp_path / "backpu.db"), str(live)],
+                              capture_output=True)
+    assert mistyped.returncode != 0 and not (tmp_path / "backpu.db").exists(), "no empty backup made, none restored"
+    assert seq(live) == 1470
+    subprocess.run([sys.executable, "-c", restore_code, str(backup), str(live)], check=True)
+    assert seq(live) == 470
