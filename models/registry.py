@@ -407,7 +407,8 @@ def _policy_value_lines(report: dict[str, Any] | None) -> list[str]:
     lines = ["", "## Policy value (off-policy, from the logged propensities)", "",
              ("Mean reward of the tip served first: as logged (with exploration), and estimated (self-normalised "
               "inverse propensity scoring) had this version's own first choice been served, per decision that got "
-              "a reaction. As champion, the estimate leaves out decisions that could not have served its choice "
+              "a reaction (with TIPSTREAM_SILENCE_REWARD set, per decision served: one nobody reacted to counts at "
+              "that reward). As champion, the estimate leaves out decisions that could not have served its choice "
               "(propensity 0, e.g. `explore: false`); as shadow, it and the champion's beside it leave out every "
               "decision where not every tip could be served (`explore: false`, the greedy policy: under "
               "TIPSTREAM_POLICY=greedy a shadow cannot be estimated). "

@@ -256,6 +256,16 @@ def test_a_card_with_null_parts_still_renders() -> None:
     assert "| shadow | 3 | 0.5 | n/a |" in markdown and "| new | n/a |" in markdown
 
 
+def test_the_card_s_policy_value_says_what_it_is_per_with_silence_learned_too() -> None:
+    """The card said "per decision that got a reaction" only: with TIPSTREAM_SILENCE_REWARD set, the
+    decisions nobody reacted to are in at that reward, and the value is per decision served (README,
+    "Tips nobody reacts to")."""
+    card = ModelCard.from_dict({"offline_metrics": {"n": 3, "policy_value": {
+        "as_champion": {"decisions": 3, "logged_reward": 0.5, "greedy": {"snips": 0.5}}}}})
+    markdown = card_markdown(ModelVersion("v9", "logreg", {}, [], T0, card))
+    assert "per decision that got a reaction (with TIPSTREAM_SILENCE_REWARD set, per decision served" in markdown
+
+
 VERSIONS = ("v1", "v2", "v3")
 CHANGES = st.lists(st.tuples(st.sampled_from(("bootstrap", "set_shadow", "promote", "rollback", "retire")),
                              st.sampled_from(VERSIONS)), max_size=25)
