@@ -54,7 +54,8 @@ REFUSAL_LINES_PER_MINUTE = 10
 # its own max_file_store with 10023 ("insufficient resources") and past the account's max_file with
 # 10002 ("resource limits exceeded for account"); 10047 ("insufficient storage resources available") is
 # its answer to a stream's creation, and matched alone, no refusal of a decision ever named the fix.
-STORAGE_FULL_CODES = (b'"err_code":10023', b'"err_code":10002', b'"err_code":10047')
+STORAGE_FULL_ERR_CODES = (10023, 10002, 10047)
+STORAGE_FULL_CODES = tuple(b'"err_code":%d' % code for code in STORAGE_FULL_ERR_CODES)
 STORAGE_FULL_FIX = (". The account's or the server's JetStream file storage is full: `max_file` in the account's "
                     "`jetstream {}` limits, the server's `max_file_store` (unset: 75% of the disk's free space when "
                     "nats-server started; an embedded one's is in its nats-server.log, 'Max Storage'), or its disk. "

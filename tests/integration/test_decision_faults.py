@@ -223,6 +223,21 @@ def storage_capped_server(where: Path, cap: str) -> tuple[NatsServer, str]:
     return server, server.url
 
 
+async def fill_to_the_last_byte(url: str) -> None:
+    """JetStream's storage filled, by a stream beside tipstream's: to the last bytes, as a decision or a DLQ
+    copy fits in what larger messages leave."""
+    client = await nats.connect(url)
+    try:
+        js = client.jetstream()
+        await js.add_stream(name="FILL", subjects=["fill.>"])
+        for size in (50_000, 1_000, 10):
+            with pytest.raises(nats.js.errors.APIError):
+                for _ in range(1_000):
+                    await js.publish("fill.x", b"x" * size)
+    finally:
+        await client.close()
+
+
 @pytest.mark.parametrize("cap", ["server", "account"])
 async def test_a_decision_refused_for_storage_full_names_the_limits_to_free_or_raise(
         start_service, tmp_path, monkeypatch, caplog, cap: str) -> None:
@@ -236,16 +251,7 @@ async def test_a_decision_refused_for_storage_full_names_the_limits_to_free_or_r
     server.start()
     try:
         running = await start_service(nats_url=url)
-        client = await nats.connect(url)
-        try:
-            js = client.jetstream()
-            await js.add_stream(name="FILL", subjects=["fill.>"])  # the storage filled beside tipstream's streams
-            for size in (50_000, 1_000, 10):  # to the last bytes: a decision fits in what larger ones leave
-                with pytest.raises(nats.js.errors.APIError):
-                    for _ in range(1_000):
-                        await js.publish("fill.x", b"x" * size)
-        finally:
-            await client.close()
+        await fill_to_the_last_byte(url)
         caplog.set_level(logging.WARNING, logger="tipstream.decisions")
         async with httpx.AsyncClient(base_url=running.base_url) as http:
             assert (await http.post("/score", json=BODY)).status_code == 200
@@ -256,5 +262,33 @@ async def test_a_decision_refused_for_storage_full_names_the_limits_to_free_or_r
         told = (await eventually(refused, timeout=5))[0]
         assert "max_file_store" in told and "TIPSTREAM_STREAM_MAX_BYTES" in told, told
         await running.stop()
+    finally:
+        server.stop()
+
+
+async def test_a_bad_event_whose_dlq_copy_is_refused_for_storage_full_names_the_limits(
+        start_service, tmp_path, caplog) -> None:
+    """SIGNALS waits at a bad event until the DLQ takes its copy; refused for JetStream's storage full, the
+    log said JetStream's words only, not which limits to free or raise (README, "Disk")."""
+    server, url = storage_capped_server(tmp_path / "capped", "server")
+    server.start()
+    try:
+        running = await start_service(nats_url=url)  # its streams made
+        await running.stop()
+        client = await nats.connect(url)
+        try:
+            await client.jetstream().publish("signals.task.created", b"not json")
+        finally:
+            await client.close()
+        await fill_to_the_last_byte(url)
+        caplog.set_level(logging.WARNING, logger="tipstream.ingest")
+        again = await start_service(nats_url=url)
+
+        def refused() -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.getMessage().startswith("could not publish to the DLQ")]
+
+        told = (await eventually(refused, timeout=5))[0]
+        assert "insufficient resources" in told and "max_file_store" in told, told
+        await again.stop()
     finally:
         server.stop()
