@@ -187,8 +187,9 @@ class Service:
                 )
 
         self._ensure_streams = ensure_streams
-        await self._ensure_streams()
-        # Before any consumer is re-created: that would take the running one's from under it.
+        # Before any consumer is re-created, which would take the running one's from under it, and before the
+        # streams are set to this start's settings: a refused start's smaller TIPSTREAM_STREAM_MAX_BYTES or
+        # _MAX_AGE_DAYS made JetStream drop the running service's oldest events.
         busy = await jsx.read_by_another(js, [spec.name for spec in (*jsx.INGESTED_STREAMS, jsx.DECISIONS)])
         if busy:
             raise StartupError(
@@ -196,6 +197,7 @@ class Service:
                 f"(NATS_URL): a pull request waits on its consumer {jsx.durable_of(busy[0])}. Two would each read "
                 "part of every stream and write over each other's state: stop the other first, or give each service "
                 "a NATS server or account of its own.")
+        await self._ensure_streams()
         target = SqlCheckpointStore(self.engine)
         started = time.perf_counter()
         self._restored = await restore(self.store, self.freezer, target)

@@ -280,6 +280,31 @@ async def test_a_second_service_on_the_same_nats_is_refused_and_the_first_reads_
     await eventually(lambda: third.service.ready)
 
 
+async def test_a_second_service_refused_on_the_same_nats_leaves_the_first_s_streams_as_they_were(
+    start_service, nats_server, nc, tmp_path
+) -> None:
+    """The second service set its own stream limits before it found the first reading: refused all the
+    same, its TIPSTREAM_STREAM_MAX_BYTES made JetStream drop the first's oldest events."""
+    from app.bootstrap import Service
+    from app.settings import Settings
+    from app.start_errors import StartupError
+
+    first = await start_service()
+    await eventually(lambda: first.service.ready)
+    js = nc.jetstream()
+    for i in range(20):
+        await js.publish("signals.task.created", orjson.dumps(event(i)))
+    await eventually(lambda: first.service.store.positions.get("SIGNALS") == 20)
+    second = Service(Settings(data_dir=tmp_path / "second", nats_url=nats_server.url, stream_max_bytes=1024,
+                              stream_max_age_days=1, duplicate_window_s=1))
+    with pytest.raises(StartupError, match="Another tipstream service reads"):
+        await second.start()
+    await second.stop()
+    signals = await js.stream_info("SIGNALS")
+    assert (signals.config.max_bytes, signals.config.max_age, signals.config.duplicate_window) == (-1, 90 * 86400, 120)
+    assert (signals.state.first_seq, signals.state.messages) == (1, 20)
+
+
 async def test_a_pull_request_left_by_a_service_gone_does_not_refuse_the_restart(start_service, nc, tmp_path) -> None:
     """The last request of a service gone this instant, or whose host was lost with its connection
     (the server keeps it until it expires), is no running service's: the restart was refused."""
