@@ -44,6 +44,14 @@ def _credentials_refused(error: object) -> bool:
     return "Authorization Violation" in text or "Authentication" in text
 
 
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
+NAME_MISMATCH = (62, 64)
+
+
+def _name_mismatch(error: object) -> bool:
+    return isinstance(error, ssl.SSLCertVerificationError) and error.verify_code in NAME_MISMATCH
+
+
 class NatsConnection:
     def __init__(self, settings: Settings, *, on_reconnected: Callable[[], None], stopping: Callable[[], bool],
                  fail: Callable[[str], None]) -> None:
@@ -95,6 +103,12 @@ class NatsConnection:
                 elif isinstance(self._connect_error, TlsNotOffered):
                     fix = ("Configure TLS on that server (a `tls {}` block in its configuration), or, where plain "
                            "text on the network is acceptable, set NATS_URL with nats:// and unset TIPSTREAM_NATS_TLS_*")
+                elif _name_mismatch(self._connect_error):
+                    # Trusted CA and all: naming the CA setting sent the operator to a file that was right.
+                    fix = ("The server's certificate is signed by a CA trusted here, but names another host than "
+                           "NATS_URL's: write the host in NATS_URL as the certificate names it (its subjectAltName, "
+                           "which `openssl s_client -connect host:port </dev/null | openssl x509 -noout -ext "
+                           "subjectAltName` shows), or give the server a certificate for the name NATS_URL uses")
                 elif isinstance(self._connect_error, ssl.SSLError):
                     fix = ("Set TIPSTREAM_NATS_TLS_CA to the CA that signed the server's certificate, if no CA this "
                            "machine trusts did (CERTIFICATE_VERIFY_FAILED), and TIPSTREAM_NATS_TLS_CERT (with _KEY) "

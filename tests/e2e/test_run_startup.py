@@ -317,6 +317,25 @@ def test_a_nats_server_certificate_from_an_unknown_ca_is_a_message_naming_the_ca
     assert "Start NATS there" not in done.stderr and "within 600 s" not in done.stderr
 
 
+def test_a_nats_server_certificate_for_another_name_is_a_message_naming_the_host(tmp_path: Path) -> None:
+    """It said to set TIPSTREAM_NATS_TLS_CA, to an operator who had, to the CA that signed the certificate."""
+    import trustme
+
+    from tests.integration.test_nats_auth import start_tls_server
+
+    ca = trustme.CA()
+    server, _ = start_tls_server(tmp_path / "nats", ca, required=True)  # a certificate for 127.0.0.1 only
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    try:
+        done = run(tmp_path, NATS_URL=f"tls://localhost:{server.port}", TIPSTREAM_NATS_TLS_CA=str(tmp_path / "ca.pem"),
+                   TIPSTREAM_NATS_CONNECT_TIMEOUT_S="600")
+    finally:
+        server.stop()
+    assert_one_message(done, "certificate is not valid for 'localhost'", "names another host than NATS_URL's",
+                       "write the host in NATS_URL as the certificate names it")
+    assert "Set TIPSTREAM_NATS_TLS_CA" not in done.stderr and "within 600 s" not in done.stderr
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_signal_to_a_running_service_stops_it_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
     """uvicorn raises the signal it caught again once it has stopped; Python's default for SIGINT
