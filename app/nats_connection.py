@@ -113,9 +113,16 @@ class NatsConnection:
                     fix = ("Set TIPSTREAM_NATS_TLS_CA to the CA that signed the server's certificate, if no CA this "
                            "machine trusts did (CERTIFICATE_VERIFY_FAILED), and TIPSTREAM_NATS_TLS_CERT (with _KEY) "
                            "to a client certificate, if the server verifies clients (certificate required)")
+                elif _credentials_refused(cause) and self.settings.nats_creds is not None:
+                    # The URL's user and password are not what the server refused: the file's JWT was.
+                    fix = (f"The server refused the user of TIPSTREAM_NATS_CREDS={self.settings.nats_creds}: its "
+                           "JWT is not one this server takes (issued by an account or operator it does not know, "
+                           "expired, or revoked). Set TIPSTREAM_NATS_CREDS to a credentials file of a user of this "
+                           "server's operator (`nsc generate creds -a <account> -n <user>`, or Synadia Cloud's)")
                 elif _credentials_refused(cause):  # a server there, not "start" one
                     fix = ("Set NATS_URL with credentials that server takes: a user and password "
-                           "(nats://user:password@host:4222) or a token (nats://token@host:4222)")
+                           "(nats://user:password@host:4222) or a token (nats://token@host:4222), or, for a server "
+                           "in operator mode (JWTs), TIPSTREAM_NATS_CREDS to a user's credentials file")
                 else:
                     fix = "Start NATS there (with JetStream: `nats-server -js`)"
                 raise StartupError(

@@ -336,6 +336,27 @@ def test_a_nats_server_certificate_for_another_name_is_a_message_naming_the_host
     assert "Set TIPSTREAM_NATS_TLS_CA" not in done.stderr and "within 600 s" not in done.stderr
 
 
+def test_a_credentials_file_the_server_refuses_is_a_message_naming_its_setting(tmp_path: Path) -> None:
+    """It said to set NATS_URL with a user and password or a token, when the JWT of TIPSTREAM_NATS_CREDS was
+    what the server refused."""
+    from tests.integration.test_nats_auth import operator_mode_server
+
+    server, _ = operator_mode_server(tmp_path / "operator")
+    _, another_operators = operator_mode_server(tmp_path / "another")
+    server.start()
+    try:
+        done = run(tmp_path, NATS_URL=server.url, TIPSTREAM_NATS_CREDS=str(another_operators),
+                   TIPSTREAM_NATS_CONNECT_TIMEOUT_S="3")
+        without = run(tmp_path, NATS_URL=server.url, TIPSTREAM_NATS_CONNECT_TIMEOUT_S="3")
+    finally:
+        server.stop()
+    assert_one_message(done, "'Authorization Violation'", f"refused the user of TIPSTREAM_NATS_CREDS={another_operators}",
+                       "Set TIPSTREAM_NATS_CREDS to a credentials file")
+    assert "Set NATS_URL with credentials" not in done.stderr
+    assert_one_message(without, "Set NATS_URL with credentials that server takes",
+                       "TIPSTREAM_NATS_CREDS to a user's credentials file")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_signal_to_a_running_service_stops_it_cleanly(tmp_path: Path, sig: signal.Signals) -> None:
     """uvicorn raises the signal it caught again once it has stopped; Python's default for SIGINT
