@@ -4,12 +4,14 @@ simulate` and `tipstream users export` connect with the same ones."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from pathlib import Path
 from typing import Any
 
 from app.settings import Settings
 from streams import jetstream as jsx
+from streams.nats_tls import TlsNotOffered
 
 
 class NatsAuthError(ValueError):
@@ -68,15 +70,32 @@ async def connect_for_command(url: str, auth: dict[str, Any], **options: Any) ->
     """A command's connection (`simulate`, `users export`), with `auth` (`nats_options`): three tries,
     then NatsUnanswered saying why the last one failed. With nats-py's defaults, a nats.url left by a
     killed service was tried for two minutes, each failed try logged with a traceback, and the end
-    said only "no servers available for connection", which hid a refusal's reason."""
+    said only "no servers available for connection", which hid a refusal's reason. A TLS handshake
+    that failed (a certificate not trusted, TLS not offered for tls://) ends it at once: nats-py then
+    waits for good for that connection to close before its next try, and `simulate` hung there."""
     last: list[Exception] = []
+    tls_refused = asyncio.Event()
 
     async def quiet(error: Exception) -> None:
         last[:] = [error]
+        if isinstance(error, (ssl.SSLError, TlsNotOffered)):
+            tls_refused.set()
 
+    connecting = asyncio.ensure_future(jsx.connect(url, **auth, max_reconnect_attempts=3, reconnect_time_wait=0.5,
+                                                   connect_timeout=COMMAND_CONNECT_S, error_cb=quiet, **options))
+    refused = asyncio.ensure_future(tls_refused.wait())
     try:
-        return await jsx.connect(url, **auth, max_reconnect_attempts=3, reconnect_time_wait=0.5,
-                                 connect_timeout=COMMAND_CONNECT_S, error_cb=quiet, **options)
-    except Exception as error:  # noqa: BLE001 - whatever the client raises: told with the last try's reason
-        said = str(last[0] if last else error)
-        raise NatsUnanswered(said or f"no NATS greeting within {COMMAND_CONNECT_S:g} s") from None
+        await asyncio.wait((connecting, refused), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        refused.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
+    if not connecting.cancelled() and connecting.exception() is None:
+        return connecting.result()
+    error = None if connecting.cancelled() else connecting.exception()
+    said = str(last[0] if last else error or "")
+    if isinstance(last[0] if last else None, ssl.SSLError):
+        said += (" (set TIPSTREAM_NATS_TLS_CA to the CA that signed the server's certificate, and "
+                 "TIPSTREAM_NATS_TLS_CERT to a client certificate if the server verifies clients)")
+    raise NatsUnanswered(said or f"no NATS greeting within {COMMAND_CONNECT_S:g} s")

@@ -192,3 +192,22 @@ async def test_simulate_publishes_again_what_a_dropped_connection_left_unacknowl
     assert out.startswith("published 20000 events"), out
     # Published again after the reconnect, each event is stored once (JetStream's duplicate window).
     assert await stored() == 20000
+
+
+def test_simulate_to_a_server_whose_certificate_is_not_trusted_says_so_at_once(tmp_path: Path) -> None:
+    """nats-py waited for good for the refused TLS connection to close before its next try: simulate hung,
+    saying nothing."""
+    import trustme
+
+    from tests.integration.test_nats_auth import start_tls_server
+
+    server, _ = start_tls_server(tmp_path / "nats", trustme.CA(), required=True)
+    try:
+        done = subprocess.run([TIPSTREAM, "simulate", "--count", "5", "--quiet", "--nats-url",
+                               f"tls://127.0.0.1:{server.port}"], capture_output=True, text=True, timeout=30,
+                              env={"PATH": "/usr/bin:/bin", "TIPSTREAM_DATA_DIR": str(tmp_path / "data")})
+    finally:
+        server.stop()
+    assert done.returncode == 1, done.stderr
+    assert "CERTIFICATE_VERIFY_FAILED" in done.stderr and "TIPSTREAM_NATS_TLS_CA" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
