@@ -204,9 +204,14 @@ class NatsConnection:
         # The same error again within a minute is counted, not logged: a server that refuses the
         # credentials once it is back (a reload that changed them) answers every reconnect, twice
         # a second, with "Authorization Violation".
-        left_out = self._errors.allow(str(error))
+        # nats-py's TimeoutError of a reconnect to a server that takes the connection and never greets (one
+        # hung, SIGSTOPped) has no text: the warning read "NATS: " and nothing more.
+        said = str(error) or (f"no NATS greeting within {NATS_GREETING_S:g} s of reconnecting (a server that hangs, "
+                              "or a network dropping packets); trying again" if isinstance(error, TimeoutError)
+                              else type(error).__name__)
+        left_out = self._errors.allow(said)
         if left_out is not None:
-            log.warning("NATS: %s%s", error, f" ({left_out} more times since)" if left_out else "")
+            log.warning("NATS: %s%s", said, f" ({left_out} more times since)" if left_out else "")
 
     async def _on_closed(self) -> None:
         """nats-py closes the connection for good, without reconnecting, on an error the server

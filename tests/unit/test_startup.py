@@ -256,6 +256,22 @@ async def test_the_same_nats_error_again_within_a_minute_is_counted_not_logged(
         "NATS: nats: another"]
 
 
+async def test_a_reconnect_no_server_greets_is_a_warning_saying_so(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """nats-py's TimeoutError, a reconnect to a server that hangs (SIGSTOP), has no text: the warning read "NATS: "."""
+    from app.nats_connection import NatsConnection
+    from app.settings import Settings
+
+    connection = NatsConnection(Settings(data_dir=tmp_path), on_reconnected=lambda: None, stopping=lambda: False,
+                                fail=lambda _why: None)
+    connection.client = SimpleNamespace()  # connected once: errors are the live connection's
+    with caplog.at_level(logging.WARNING, logger="tipstream"):
+        await connection._on_error(TimeoutError())
+    assert [r.getMessage() for r in caplog.records] == [(
+        "NATS: no NATS greeting within 2 s of reconnecting (a server that hangs, or a network dropping packets); "
+        "trying again")]
+
+
 def test_a_data_directory_it_creates_is_its_owner_s_only_and_one_that_exists_keeps_its_mode(tmp_path: Path) -> None:
     os.close(hold_data_dir(tmp_path / "new" / "data"))
     assert (tmp_path / "new" / "data").stat().st_mode & 0o777 == 0o700
