@@ -415,6 +415,11 @@ _JETSTREAM_FIXES: dict[int | None, Callable[[Settings], str]] = {
                       f"TIPSTREAM_STREAM_REPLICAS=1, or set NATS_URL to a NATS cluster of at least {s.stream_replicas} "
                       "nodes."),
     10005: lambda s: _replicas_fix(s, "has fewer nodes with JetStream up"),
+    # A cluster without its meta leader (a majority of its nodes down) answered with its bare words, no fix.
+    10008: lambda _: ("NATS_URL's cluster has no JetStream meta leader: fewer than a majority of its nodes are up, "
+                      "they cannot reach each other, or they are still electing one after a start. Start the "
+                      "missing nodes (the nats CLI's `nats server list`, or a node's monitoring page `/routez`, names "
+                      "those up; `/jsz` says whether there is a meta leader), then start tipstream again."),
     # streams.jetstream.NO_LEADER, written out: importing it here would load nats-py for every command.
     -1: lambda s: _replicas_fix(s, "could not elect a leader for it: fewer nodes are up, or they cannot "
                                    "reach each other"),

@@ -246,6 +246,44 @@ async def test_more_copies_than_the_cluster_has_nodes_is_a_start_up_message_with
     assert "start the missing nodes" in message and "set TIPSTREAM_STREAM_REPLICAS to at most" in message
 
 
+async def test_a_cluster_with_most_of_its_nodes_down_is_a_start_up_message_with_the_fix(
+        nats_cluster: NatsCluster, tmp_path: Path) -> None:
+    """Two of three nodes down: no meta leader, and the start ended with JetStream's bare words, "JetStream system
+    temporarily unavailable (error 10008)", no fix."""
+    from app.bootstrap import Service
+    from app.start_errors import explain
+
+    left, *stopped = nats_cluster.nodes.values()
+    for node in stopped:
+        node.stop()
+    client = await nats.connect(left.url)
+
+    async def no_meta_leader() -> bool:
+        try:
+            await client.jetstream(timeout=1).account_info()
+        except APIError as error:
+            return error.err_code == 10008
+        except Exception:  # noqa: BLE001 - the remaining node still waiting on the lost leader
+            return False
+        return False
+
+    try:
+        await eventually(no_meta_leader, timeout=30, interval=0.2)
+    finally:
+        await client.close()
+    settings = Settings(data_dir=tmp_path / "data", nats_url=nats_cluster.url, stream_replicas=3, port=0,
+                        nats_connect_timeout_s=10)
+    service = Service(settings)
+    try:
+        with pytest.raises(APIError) as refused:
+            await service.start()
+    finally:
+        await service.stop()
+    message = str(explain(refused.value, settings))
+    assert "(error 10008)" in message and "no JetStream meta leader" in message, message
+    assert "Start the missing nodes" in message, message
+
+
 async def test_a_single_server_s_streams_are_not_scaled_past_one_copy(nats_server: NatsServer) -> None:
     """nats-server 2.10 on refuse the update (10074); 2.9 took it and kept one copy, the config saying three
     (TIPSTREAM_TEST_NATS_SERVER=/usr/sbin/nats-server runs this against 2.9.10): refused as 2.10 refuses it."""
