@@ -280,31 +280,45 @@ def durable_of(stream: str) -> str:
 
 
 async def read_by_another(js: JetStreamContext, streams: Iterable[str],
-                          again_after_s: float = PULL_EXPIRES_S + 0.5) -> list[str]:
-    """Those of `streams` whose tipstream consumer has a pull request waiting now: another service
-    reads them. The server lets go of a client's requests as its connection ends, a crash included
-    (nats-server 2.9 and 2.15 alike), so a waiting one is a running service's; one between two
-    requests is not seen, which lets a second service start as before. One seen is looked for again
-    once it has expired: a running service asks again at once, while the last request of a service
-    gone this instant, or whose connection the server has not seen end (its host lost), is still
-    there for up to PULL_EXPIRES_S, and refused the restart that replaced it."""
+                          again_after_s: float = PULL_EXPIRES_S + 0.5, reading_s: float = 0.5) -> list[str]:
+    """Those of `streams` whose tipstream consumer another service reads now: a pull request of its
+    waits, or the messages it is handed move on. The server lets go of a client's requests as its
+    connection ends, a crash included (nats-server 2.9 and 2.15 alike), so a waiting one is a running
+    service's. One seen is looked for again once it has expired: a running service asks again at once,
+    while the last request of a service gone this instant, or whose connection the server has not seen
+    end (its host lost), is still there for up to PULL_EXPIRES_S, and refused the restart that replaced
+    it. A service catching up a backlog has its requests answered as soon as made, and was seen
+    waiting on none (the second service then started, and each read part of every stream): a consumer
+    with messages left or unacknowledged is also looked at again, after any request left has expired,
+    and is read by another if what it has delivered moved on within `reading_s`."""
 
-    async def waiting(names: Iterable[str]) -> list[str]:
-        busy = []
+    async def looks(names: Iterable[str]) -> dict[str, Any]:
+        found = {}
         for stream in names:
             try:
-                info = await js.consumer_info(stream, durable_of(stream))
+                found[stream] = await js.consumer_info(stream, durable_of(stream))
             except NotFoundError:
                 continue
-            if info.num_waiting:
-                busy.append(stream)
-        return busy
+        return found
 
-    busy = await waiting(streams)
-    if busy:
-        await asyncio.sleep(again_after_s)
-        busy = await waiting(busy)
-    return busy
+    first = await looks(streams)
+    maybe = [name for name, info in first.items() if info.num_waiting or info.num_pending or info.num_ack_pending]
+    if not maybe:
+        return []
+    await asyncio.sleep(again_after_s)
+    after_expiry = await looks(maybe)
+    busy = [name for name, info in after_expiry.items() if info.num_waiting]
+    moving = [name for name in after_expiry if name not in busy]
+    if moving:
+        await asyncio.sleep(reading_s)
+        later = await looks(moving)
+        busy += [name for name, info in later.items()
+                 if info.num_waiting or _delivered(info) > _delivered(after_expiry[name])]
+    return [name for name in maybe if name in busy]
+
+
+def _delivered(info: Any) -> int:
+    return info.delivered.stream_seq if info.delivered is not None else 0
 
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

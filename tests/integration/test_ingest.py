@@ -328,6 +328,46 @@ async def test_a_pull_request_left_by_a_service_gone_does_not_refuse_the_restart
     await eventually(lambda: again.service.store.positions.get("SIGNALS") == 1)
 
 
+async def test_a_service_catching_up_a_backlog_is_seen_reading_though_no_request_of_its_waits(
+        start_service, nc) -> None:
+    """A service catching up has each request answered as soon as made, so none waits: the check saw no
+    reader, and a second service started on the streams of the first."""
+    from streams.jetstream import read_by_another
+
+    first = await start_service()
+    await eventually(lambda: first.service.ready)
+    await first.stop()  # its consumer stays, read from here by `catch_up` as the service would
+    js = nc.jetstream()
+    for i in range(1000):
+        await js.publish("signals.task.created", orjson.dumps(event(i)))
+    stop = asyncio.Event()
+
+    async def catch_up() -> int:
+        inbox = nc.new_inbox()
+        answers = await nc.subscribe(inbox)
+        read = 0
+        while not stop.is_set():
+            # no_wait: answered at once, one message a time, so no request of the reader's is left waiting
+            await nc.publish("$JS.API.CONSUMER.MSG.NEXT.SIGNALS.tipstream-signals",
+                             orjson.dumps({"batch": 1, "no_wait": True}), reply=inbox)
+            msg = await answers.next_msg(timeout=5)
+            if not msg.reply:  # 404: nothing left
+                break
+            await nc.publish(msg.reply, b"+ACK")
+            read += 1
+            await asyncio.sleep(0.005)  # the fold of what it read
+        return read
+
+    reader = asyncio.create_task(catch_up())
+    try:
+        assert await read_by_another(js, ["SIGNALS", "FEEDBACK"]) == ["SIGNALS"]
+    finally:
+        stop.set()
+        read = await reader
+    assert 0 < read < 1000, "the backlog lasted the whole check"
+    assert await read_by_another(js, ["SIGNALS"]) == [], "no one reads it now"
+
+
 # A start with no checkpoint on a stream whose first messages are gone: aged out or erased, the
 # stream cannot tell which.
 KEPT_FROM = "stream SIGNALS keeps sequences {} on; those before are gone (past its retention, or erased with a user forgotten)"
