@@ -289,8 +289,10 @@ async def read_by_another(js: JetStreamContext, streams: Iterable[str],
     end (its host lost), is still there for up to PULL_EXPIRES_S, and refused the restart that replaced
     it. A service catching up a backlog has its requests answered as soon as made, and was seen
     waiting on none (the second service then started, and each read part of every stream): a consumer
-    with messages left or unacknowledged is also looked at again, after any request left has expired,
-    and is read by another if what it has delivered moved on within `reading_s`."""
+    with messages left or unacknowledged is read by another if what it has delivered moves on within
+    `reading_s`. Only where a request waited is that after the request has expired (a request of a
+    host lost is still handed messages until then): a restart on a backlog, the old service stopped,
+    waits `reading_s` alone."""
 
     async def looks(names: Iterable[str]) -> dict[str, Any]:
         found = {}
@@ -305,15 +307,17 @@ async def read_by_another(js: JetStreamContext, streams: Iterable[str],
     maybe = [name for name, info in first.items() if info.num_waiting or info.num_pending or info.num_ack_pending]
     if not maybe:
         return []
-    await asyncio.sleep(again_after_s)
-    after_expiry = await looks(maybe)
-    busy = [name for name, info in after_expiry.items() if info.num_waiting]
-    moving = [name for name in after_expiry if name not in busy]
+    base = first
+    if any(first[name].num_waiting for name in maybe):
+        await asyncio.sleep(again_after_s)
+        base = await looks(maybe)
+    busy = [name for name, info in base.items() if info.num_waiting]
+    moving = [name for name in base if name not in busy]
     if moving:
         await asyncio.sleep(reading_s)
         later = await looks(moving)
         busy += [name for name, info in later.items()
-                 if info.num_waiting or _delivered(info) > _delivered(after_expiry[name])]
+                 if info.num_waiting or _delivered(info) > _delivered(base[name])]
     return [name for name in maybe if name in busy]
 
 
