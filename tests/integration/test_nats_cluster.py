@@ -224,22 +224,27 @@ def opened(i: int) -> dict[str, Any]:
     return {"id": f"o-{i}", "type": "app.opened", "user_id": "u-1", "ts": "2026-11-26T08:00:00+01:00", "v": 1, "data": {}}
 
 
-async def test_more_copies_than_the_cluster_has_nodes_is_a_start_up_message_with_the_fix(
-        nats_cluster: NatsCluster, tmp_path: Path) -> None:
-    """5 copies on 3 nodes: JetStream finds no nodes to put them on (10005). (3 with one of the 3 nodes down is
-    taken: the cluster places the third copy on the node away, which catches up once back.)"""
+async def start_refused(settings: Settings) -> str:
+    """What a start JetStream refuses is told, as `tipstream run` tells it."""
     from app.bootstrap import Service
     from app.start_errors import explain
 
-    replicas = 5
-    settings = Settings(data_dir=tmp_path / "data", nats_url=nats_cluster.url, stream_replicas=replicas, port=0)
     service = Service(settings)
     try:
         with pytest.raises(APIError) as refused:
             await service.start()
     finally:
         await service.stop()
-    message = str(explain(refused.value, settings))
+    return str(explain(refused.value, settings))
+
+
+async def test_more_copies_than_the_cluster_has_nodes_is_a_start_up_message_with_the_fix(
+        nats_cluster: NatsCluster, tmp_path: Path) -> None:
+    """5 copies on 3 nodes: JetStream finds no nodes to put them on (10005). (3 with one of the 3 nodes down is
+    taken: the cluster places the third copy on the node away, which catches up once back.)"""
+    replicas = 5
+    settings = Settings(data_dir=tmp_path / "data", nats_url=nats_cluster.url, stream_replicas=replicas, port=0)
+    message = await start_refused(settings)
     assert "no suitable peers for placement (error 10005)" in message, message
     assert (f"TIPSTREAM_STREAM_REPLICAS={replicas} puts each stream's {replicas} copies on {replicas} nodes of the "
             "NATS cluster") in message, message
@@ -250,9 +255,6 @@ async def test_a_cluster_with_most_of_its_nodes_down_is_a_start_up_message_with_
         nats_cluster: NatsCluster, tmp_path: Path) -> None:
     """Two of three nodes down: no meta leader, and the start ended with JetStream's bare words, "JetStream system
     temporarily unavailable (error 10008)", no fix."""
-    from app.bootstrap import Service
-    from app.start_errors import explain
-
     left, *stopped = nats_cluster.nodes.values()
     for node in stopped:
         node.stop()
@@ -273,13 +275,7 @@ async def test_a_cluster_with_most_of_its_nodes_down_is_a_start_up_message_with_
         await client.close()
     settings = Settings(data_dir=tmp_path / "data", nats_url=nats_cluster.url, stream_replicas=3, port=0,
                         nats_connect_timeout_s=10)
-    service = Service(settings)
-    try:
-        with pytest.raises(APIError) as refused:
-            await service.start()
-    finally:
-        await service.stop()
-    message = str(explain(refused.value, settings))
+    message = await start_refused(settings)
     assert "(error 10008)" in message and "no JetStream meta leader" in message, message
     assert "Start the missing nodes" in message, message
 
