@@ -198,8 +198,10 @@ class Eraser:
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # noqa: BLE001 - the database or NATS away: the request waits, saved
-                log.warning("forgetting a user did not go through (%s: %s); trying again in %.0f s. The request is "
-                            "saved and goes on from the step it reached.", type(error).__name__, error, backoff)
+                # A checkpoint saved, or another request, wakes it sooner: the database answers again.
+                log.warning("forgetting a user did not go through (%s: %s); trying again in %.0f s, or at the next "
+                            "checkpoint. The request is saved and goes on from the step it reached.",
+                            type(error).__name__, error, backoff)
                 timeout, backoff = backoff, min(backoff * 2, RETRY_MAX_S)
             await woken(self._wake, timeout)
             self._wake.clear()
