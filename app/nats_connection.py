@@ -209,9 +209,19 @@ class NatsConnection:
         said = str(error) or (f"no NATS greeting within {NATS_GREETING_S:g} s of reconnecting (a server that hangs, "
                               "or a network dropping packets); trying again" if isinstance(error, TimeoutError)
                               else type(error).__name__)
+        if _credentials_refused(error):  # as a start names the fix, a reconnect refused the same way does
+            said += self._credentials_changed_fix()
         left_out = self._errors.allow(said)
         if left_out is not None:
             log.warning("NATS: %s%s", said, f" ({left_out} more times since)" if left_out else "")
+
+    def _credentials_changed_fix(self) -> str:
+        if self.settings.nats_creds is not None:
+            return (f": the server no longer takes the user of TIPSTREAM_NATS_CREDS={self.settings.nats_creds} (revoked, "
+                    "expired, or the server's operator changed). Replace that file with a user's the server takes: "
+                    "it is read again at each try, and the service reconnects then, without a restart")
+        return (": the server no longer takes NATS_URL's user and password or token (changed by a reload). Give the "
+                "server back the old ones, or restart tipstream with NATS_URL's new ones; /readyz is 503 until then")
 
     async def _on_closed(self) -> None:
         """nats-py closes the connection for good, without reconnecting, on an error the server

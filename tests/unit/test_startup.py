@@ -251,8 +251,10 @@ async def test_the_same_nats_error_again_within_a_minute_is_counted_not_logged(
         now[0] += WINDOW_S
         await connection._on_error(refused)
         await connection._on_error(Exception("nats: another"))
+    fix = (": the server no longer takes NATS_URL's user and password or token (changed by a reload). Give the server "
+           "back the old ones, or restart tipstream with NATS_URL's new ones; /readyz is 503 until then")
     assert [r.getMessage() for r in caplog.records] == [
-        "NATS: nats: 'Authorization Violation'", "NATS: nats: 'Authorization Violation' (4 more times since)",
+        f"NATS: nats: 'Authorization Violation'{fix}", f"NATS: nats: 'Authorization Violation'{fix} (4 more times since)",
         "NATS: nats: another"]
 
 
