@@ -95,7 +95,25 @@ async def connect_for_command(url: str, auth: dict[str, Any], **options: Any) ->
         return connecting.result()
     error = None if connecting.cancelled() else connecting.exception()
     said = str(last[0] if last else error or "")
-    if isinstance(last[0] if last else None, ssl.SSLError):
-        said += (" (set TIPSTREAM_NATS_TLS_CA to the CA that signed the server's certificate, and "
-                 "TIPSTREAM_NATS_TLS_CERT to a client certificate if the server verifies clients)")
+    if (fix := tls_refusal_fix(last[0] if last else None)) is not None:
+        said += f" ({fix})"
     raise NatsUnanswered(said or f"no NATS greeting within {COMMAND_CONNECT_S:g} s")
+
+
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
+NAME_MISMATCH = (62, 64)
+
+
+def tls_refusal_fix(error: object) -> str | None:
+    """What to do about a TLS handshake that failed (the service's start and the commands alike), or None."""
+    if isinstance(error, ssl.SSLCertVerificationError) and error.verify_code in NAME_MISMATCH:
+        # Trusted CA and all: naming the CA setting sent the operator to a file that was right.
+        return ("The server's certificate is signed by a CA trusted here, but names another host than NATS_URL's: "
+                "write the host in NATS_URL as the certificate names it (its subjectAltName, which `openssl s_client "
+                "-connect host:port </dev/null | openssl x509 -noout -ext subjectAltName` shows), or give the server "
+                "a certificate for the name NATS_URL uses")
+    if isinstance(error, ssl.SSLError):
+        return ("Set TIPSTREAM_NATS_TLS_CA to the CA that signed the server's certificate, if no CA this machine "
+                "trusts did (CERTIFICATE_VERIFY_FAILED), and TIPSTREAM_NATS_TLS_CERT (with _KEY) to a client "
+                "certificate, if the server verifies clients (certificate required)")
+    return None

@@ -18,7 +18,7 @@ from typing import Any
 
 from app.embedded_nats import EmbeddedNats
 from app.ingest import ACK_PENDING_BATCHES
-from app.nats_auth import NatsAuthError, nats_options
+from app.nats_auth import NatsAuthError, nats_options, tls_refusal_fix
 from app.settings import Settings
 from app.start_errors import StartupError, shown_url
 from streams import jetstream as jsx
@@ -42,14 +42,6 @@ NATS_PORTS = " (NATS clients connect on 4222 by default; 8222 is its HTTP monito
 def _credentials_refused(error: object) -> bool:
     text = str(error or "")
     return "Authorization Violation" in text or "Authentication" in text
-
-
-# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
-NAME_MISMATCH = (62, 64)
-
-
-def _name_mismatch(error: object) -> bool:
-    return isinstance(error, ssl.SSLCertVerificationError) and error.verify_code in NAME_MISMATCH
 
 
 class NatsConnection:
@@ -103,16 +95,8 @@ class NatsConnection:
                 elif isinstance(self._connect_error, TlsNotOffered):
                     fix = ("Configure TLS on that server (a `tls {}` block in its configuration), or, where plain "
                            "text on the network is acceptable, set NATS_URL with nats:// and unset TIPSTREAM_NATS_TLS_*")
-                elif _name_mismatch(self._connect_error):
-                    # Trusted CA and all: naming the CA setting sent the operator to a file that was right.
-                    fix = ("The server's certificate is signed by a CA trusted here, but names another host than "
-                           "NATS_URL's: write the host in NATS_URL as the certificate names it (its subjectAltName, "
-                           "which `openssl s_client -connect host:port </dev/null | openssl x509 -noout -ext "
-                           "subjectAltName` shows), or give the server a certificate for the name NATS_URL uses")
-                elif isinstance(self._connect_error, ssl.SSLError):
-                    fix = ("Set TIPSTREAM_NATS_TLS_CA to the CA that signed the server's certificate, if no CA this "
-                           "machine trusts did (CERTIFICATE_VERIFY_FAILED), and TIPSTREAM_NATS_TLS_CERT (with _KEY) "
-                           "to a client certificate, if the server verifies clients (certificate required)")
+                elif (tls_fix := tls_refusal_fix(self._connect_error)) is not None:
+                    fix = tls_fix
                 elif _credentials_refused(cause) and self.settings.nats_creds is not None:
                     # The URL's user and password are not what the server refused: the file's JWT was.
                     fix = (f"The server refused the user of TIPSTREAM_NATS_CREDS={self.settings.nats_creds}: its "
