@@ -18,6 +18,7 @@ from typing import Any
 
 from app.learning_metrics import DECISION_QUEUE, DECISIONS
 from app.periodic import woken
+from streams.jetstream import STORAGE_FULL
 from streams.log_throttle import LogThrottle
 
 log = logging.getLogger("tipstream.decisions")
@@ -50,12 +51,9 @@ REFUSAL_WAIT_MAX_S = 1.0
 REFUSAL_LINES_PER_MINUTE = 10
 
 
-# JetStream's storage limit reached before the disk is full. nats-server 2.15.1 refuses a publish past
-# its own max_file_store with 10023 ("insufficient resources") and past the account's max_file with
-# 10002 ("resource limits exceeded for account"); 10047 ("insufficient storage resources available") is
-# its answer to a stream's creation, and matched alone, no refusal of a decision ever named the fix.
-STORAGE_FULL_ERR_CODES = (10023, 10002, 10047)
-STORAGE_FULL_CODES = tuple(b'"err_code":%d' % code for code in STORAGE_FULL_ERR_CODES)
+# STORAGE_FULL in a refusal's raw answer (10047 alone was matched, and no refusal of a decision ever
+# named the fix).
+STORAGE_FULL_CODES = tuple(b'"err_code":%d' % code for code in STORAGE_FULL)
 STORAGE_FULL_FIX = (". The account's or the server's JetStream file storage is full: `max_file` in the account's "
                     "`jetstream {}` limits, the server's `max_file_store` (unset: 75% of the disk's free space when "
                     "nats-server started; an embedded one's is in its nats-server.log, 'Max Storage'), or its disk. "

@@ -74,6 +74,11 @@ def header_bytes(headers: dict[str, str]) -> int:
 LEADER_WAIT_S = 30.0
 NOT_CLUSTERED = 10074  # nats-server's error code: "replicas > 1 not supported in non-clustered mode"
 NO_LEADER = -1  # ours, not the server's: a stream left without a leader after its copies changed
+# JetStream's storage limit reached before the disk is full. nats-server 2.15.1 refuses a publish past
+# its own max_file_store with 10023 ("insufficient resources") and past the account's max_file with
+# 10002 ("resource limits exceeded for account"); 10047 ("insufficient storage resources available") is
+# its answer to a stream's creation.
+STORAGE_FULL = (10023, 10002, 10047)
 
 
 async def ensure_streams(
@@ -307,8 +312,8 @@ async def read_by_another(js: JetStreamContext, streams: Iterable[str],
     maybe = [name for name, info in first.items() if info.num_waiting or info.num_pending or info.num_ack_pending]
     if not maybe:
         return []
-    base = first
-    if any(first[name].num_waiting for name in maybe):
+    base = {name: first[name] for name in maybe}
+    if any(info.num_waiting for info in base.values()):
         await asyncio.sleep(again_after_s)
         base = await looks(maybe)
     busy = [name for name, info in base.items() if info.num_waiting]
