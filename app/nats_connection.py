@@ -54,7 +54,7 @@ class NatsConnection:
         self._stopping = stopping
         self._fail = fail  # the service stops with this message (once: not while stopping, nor after a failure)
         self._connect_error: Exception | None = None  # the first connection's last failure
-        self._tls_refused = asyncio.Event()  # the first connection's one server: its TLS will not do
+        self._refused = asyncio.Event()  # the first connection's one server: its TLS or credentials will not do
         self._errors = LogThrottle()  # the same NATS error: once a minute
 
     async def connect(self, url: str, embedded: EmbeddedNats | None) -> jsx.IngestClient:
@@ -62,7 +62,8 @@ class NatsConnection:
         is the operator's to start, and retrying for ever hid that. Once connected, a lost
         connection is retried for as long as it takes (-1), as the server comes back. A single
         server whose TLS will not do (none offered for tls://, its certificate not trusted) ends the
-        wait at once: no retry changes its configuration, and the start waited the whole timeout."""
+        wait at once, as does one that refuses the credentials: no retry changes its configuration or
+        what it takes, and the start waited the whole timeout (20 s) to say so."""
         self.url = url
         timeout = self.settings.nats_connect_timeout_s
         try:
@@ -75,7 +76,7 @@ class NatsConnection:
             reconnected_cb=self._on_reconnected, disconnected_cb=self._on_disconnected,
             error_cb=self._on_error, closed_cb=self._on_closed, name="tipstream",
         ), timeout))
-        refused = asyncio.ensure_future(self._tls_refused.wait())
+        refused = asyncio.ensure_future(self._refused.wait())
         try:
             await asyncio.wait((connecting, refused), return_when=asyncio.FIRST_COMPLETED)
         finally:  # also when the start is cancelled (a stop signal): no connection left trying on its own
@@ -87,7 +88,7 @@ class NatsConnection:
             self.client = connecting.result()
             return self.client
         except (TimeoutError, asyncio.CancelledError):
-            waited = "" if self._tls_refused.is_set() else f" within {timeout:g} s"
+            waited = "" if self._refused.is_set() else f" within {timeout:g} s"
             cause = await self._why_unanswered(self._connect_error)
             if embedded is None:
                 if NATS_PORTS in cause:
@@ -181,9 +182,9 @@ class NatsConnection:
             # ("Connection reset by peer") must not hide the refusal, which names the fix.
             if not _credentials_refused(self._connect_error):
                 self._connect_error = error
-            if (isinstance(error, (TlsNotOffered, ssl.SSLCertVerificationError))
-                    and len(jsx.server_urls(self.url)) == 1):
-                self._tls_refused.set()
+            refused_for_good = isinstance(error, (TlsNotOffered, ssl.SSLCertVerificationError)) or _credentials_refused(error)
+            if refused_for_good and len(jsx.server_urls(self.url)) == 1:
+                self._refused.set()
             return
         # The same error again within a minute is counted, not logged: a server that refuses the
         # credentials once it is back (a reload that changed them) answers every reconnect, twice

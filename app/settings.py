@@ -117,8 +117,8 @@ class Settings(BaseSettings):
     nats_connect_timeout_s: float = Field(
         20.0, gt=0,
         description="How long `tipstream run` keeps trying to reach NATS at start before it exits with a message. "
-                    "A single server whose TLS will not do (none for a `tls://` URL, a certificate not trusted) ends "
-                    "it at once. Once connected, a lost connection is retried for as long as it takes.",
+                    "A single server whose TLS will not do (none for a `tls://` URL, a certificate not trusted), or "
+                    "that refuses the credentials, ends it at once. Once connected, a lost connection is retried for as long as it takes.",
     )
     nats_creds: Path | None = Field(
         None, description="NATS credentials file (`.creds`: a user JWT and its NKEY seed, as `nsc` and Synadia Cloud "
