@@ -60,6 +60,7 @@ from app.thread_work import ThreadWork, named
 from app.warm_up import restore, warm_up
 from models.policy import make_policy
 from streams import jetstream as jsx
+from streams import pull
 from streams.scrub import scrub
 from streams.store import OnlineStore
 
@@ -87,7 +88,7 @@ class Service:
         self.service_lock = ServiceLock(settings.sqlalchemy_url)
         self.threads = ThreadWork()  # the database work of its loops in worker threads, which the stop waits for
         self.embedded: EmbeddedNats | None = None
-        self.nc: jsx.IngestClient | None = None
+        self.nc: pull.IngestClient | None = None
         self.ingests: list[StreamIngest] = []
         self.checkpointer: Checkpointer | None = None
         self.eraser: Eraser | None = None

@@ -26,6 +26,7 @@ from app.checkpoints import Checkpointer
 from app.decision_publisher import STORAGE_FULL_FIX
 from app.metrics import METRICS
 from app.thaw import load_state
+from streams import ack_subject, pull
 from streams import jetstream as jsx
 from streams.events import (
     EVENT_ADAPTER,
@@ -93,7 +94,7 @@ def dlq_subject(subject: str) -> str:
 
 def delivered_in_turn(position: int, first: tuple[int, int], last: tuple[int, int], count: int) -> bool:
     """Whether a chunk of `count` messages whose first and last have these (stream, consumer) sequences
-    (`jsx.sequences`) holds the stream's messages after `position`, one after another, none lost on its way:
+    (`ack_subject.sequences`) holds the stream's messages after `position`, one after another, none lost on its way:
     the usual case, told from two messages. By the stream's sequences alone, a message delivered again inside
     the chunk made up for one passed over; the delivery lost then leaves a gap in the consumer's, which counts
     every delivery. (A new leader numbers on from the deliveries it knows of: one lost leader gives a gap or,
@@ -165,7 +166,7 @@ class StreamIngest:
     4. Acknowledge the chunk's last message (ack-all), update metrics, nudge the checkpointer.
     """
 
-    def __init__(self, nc: jsx.IngestClient, js: JetStreamContext, spec: jsx.StreamSpec, store: OnlineStore,
+    def __init__(self, nc: pull.IngestClient, js: JetStreamContext, spec: jsx.StreamSpec, store: OnlineStore,
                  checkpointer: Checkpointer, *, batch: int, max_event_bytes: int, max_uncheckpointed: int,
                  max_future_s: float | None = None,
                  decode: Callable[[str, bytes], Any] = decode_wire_event,
@@ -216,7 +217,7 @@ class StreamIngest:
             read.drained = self.drained
         self.progress_every_s = jsx.ACK_WAIT_S / 3  # while a wait holds delivered messages (`_keep_in_progress`)
         self._progressed = 0.0
-        self._held: list[jsx.RawMsg] = []
+        self._held: list[pull.RawMsg] = []
         # Clear within a chunk's fold, which may wait (a user's state read, the learner): the store then holds
         # part of the chunk, past the stream's position. A user is forgotten between two chunks, the eraser
         # woken by this as the chunk ends (it polled a flag every 1 ms, for as long as a state read took).
@@ -225,13 +226,13 @@ class StreamIngest:
         # How many of the chunk's events a try that failed (a state that could not be loaded) had
         # folded and counted: the next try sees them again as duplicates, which they are not.
         self._counted_by_failed_try = 0
-        self.buffer: list[jsx.RawMsg] = []
+        self.buffer: list[pull.RawMsg] = []
         self.wake = asyncio.Event()
         self.reset_needed = False
         self.caught_up = False
         self.catch_up = CatchUpProgress(spec.name)
         self.lag = 0
-        self.puller: jsx.BatchPuller | None = None
+        self.puller: pull.BatchPuller | None = None
         self._applied = METRICS.ingested.labels(spec.name)
         self._fold_delay = METRICS.fold_delay.labels(spec.name)
         self._ignored = METRICS.ignored.labels(spec.name)
@@ -253,7 +254,7 @@ class StreamIngest:
         return (puller is not None and puller.idle and not puller.paused and not puller.stopped
                 and not self.buffer and not self._held and self.lag == 0 and self.nc.is_connected)
 
-    def _on_message(self, msg: jsx.RawMsg) -> None:
+    def _on_message(self, msg: pull.RawMsg) -> None:
         self.buffer.append(msg)
         if len(self.buffer) == 1:
             self.wake.set()
@@ -329,7 +330,7 @@ class StreamIngest:
         self.caught_up = self.caught_up or pending == 0
         if self.read is not None:
             self.read.advance(0, self.caught_up)
-        self.puller = jsx.BatchPuller(self.nc, self.spec.name, self.durable, self.batch, self._on_message)
+        self.puller = pull.BatchPuller(self.nc, self.spec.name, self.durable, self.batch, self._on_message)
         await self.puller.start()
         log.info("consuming %s from sequence %d", self.spec.name, start)
         self.catch_up.begin(pending)
@@ -383,7 +384,7 @@ class StreamIngest:
                     break
                 self._held = messages[start:]  # delivered, not acknowledged yet (`_keep_in_progress`)
                 if self.after is not None and not self.after.caught_up:
-                    await self._wait_for_after(jsx.stored_ms(messages[min(start + CHUNK, len(messages)) - 1][1]))
+                    await self._wait_for_after(ack_subject.stored_ms(messages[min(start + CHUNK, len(messages)) - 1][1]))
                 # A user's state loaded from the checkpoint on first use can fail (the database is
                 # away): the chunk is folded again once it is back. Events folded before the
                 # failure are ignored then as seen (ids), and the learner's credits are idempotent.
@@ -395,17 +396,17 @@ class StreamIngest:
             if self.buffer:
                 self.wake.set()
 
-    async def _skips_stored(self, chunk: list[jsx.RawMsg]) -> bool:
+    async def _skips_stored(self, chunk: list[pull.RawMsg]) -> bool:
         """Whether `chunk` passes over a message the stream holds after the position. A consumer delivers in
         order, but on a NATS cluster one whose leader was lost with messages on their way to us goes on after
         them on its new leader, and the next acknowledgement (ack-all) takes them as read: lost to the fold, or
         for DECISIONS to the learner's join cache. Asked of the server once per hole (retention passed over some,
         a message was deleted), and only when the chunk is not the usual run of deliveries (`delivered_in_turn`)."""
         position = self.store.positions.get(self.spec.name, 0)
-        first, last = jsx.sequences(chunk[0][1]), jsx.sequences(chunk[-1][1])
+        first, last = ack_subject.sequences(chunk[0][1]), ack_subject.sequences(chunk[-1][1])
         if delivered_in_turn(position, first, last, len(chunk)):  # two parses a chunk
             return False
-        for expected, seq in holes_after(position, [jsx.sequences(reply)[0] for _, reply, _ in chunk]):
+        for expected, seq in holes_after(position, [ack_subject.sequences(reply)[0] for _, reply, _ in chunk]):
             try:
                 stored = await jsx.next_stored(self.js, self.spec, expected)
             except Exception:  # noqa: BLE001 - not known: read again from the position, which loses nothing
@@ -450,14 +451,14 @@ class StreamIngest:
         while (left := end - time.monotonic()) > 0:
             await asyncio.sleep(min(left, await self._keep_in_progress()))
 
-    async def process(self, chunk: list[jsx.RawMsg]) -> None:
+    async def process(self, chunk: list[pull.RawMsg]) -> None:
         self.between_chunks.clear()
         try:
             await self._process(chunk)
         finally:
             self.between_chunks.set()
 
-    async def _process(self, chunk: list[jsx.RawMsg]) -> None:
+    async def _process(self, chunk: list[pull.RawMsg]) -> None:
         store, rejected, live = self.store, [], self.caught_up
         taken = handed = 0  # the sink's answers: applied (True) or ignored, whatever the sink folds into
         limit, decode, sink, sink_reply, folds = self.max_event_bytes, self.decode, self.sink, self.sink_reply, self.folds
@@ -468,7 +469,7 @@ class StreamIngest:
             # Ahead of when JetStream stored the event, not of this server's clock: a replay (a
             # restart, a rebuild from the log) then refuses exactly what the first pass refused.
             # Stored times grow with the sequence, so the chunk's first is a bound for them all.
-            bound = store.max_ts_ms = jsx.stored_ms(chunk[0][1]) + future_ms
+            bound = store.max_ts_ms = ack_subject.stored_ms(chunk[0][1]) + future_ms
         for msg in chunk:
             subject, reply, data = msg
             if len(data) > limit:
@@ -496,7 +497,7 @@ class StreamIngest:
                     handed += 1
                 except FutureEvent:
                     assert future_ms is not None
-                    own_limit = jsx.stored_ms(reply) + future_ms  # stored after the chunk's first
+                    own_limit = ack_subject.stored_ms(reply) + future_ms  # stored after the chunk's first
                     if own_limit > store.max_ts_ms:
                         bound = store.max_ts_ms = own_limit  # a bound for the rest of the chunk too
                         try:
@@ -520,7 +521,7 @@ class StreamIngest:
         for msg, rejection in rejected:
             await self._retry(functools.partial(self._dead_letter, msg, rejection), "publish to the DLQ")
         last_reply = chunk[-1][1]
-        seq, stored_ns, pending = jsx.ack_fields(last_reply)  # once a chunk: the ack subject parsed once
+        seq, stored_ns, pending = ack_subject.ack_fields(last_reply)  # once a chunk: the ack subject parsed once
         self._last_read = (seq, stored_ns // 1000)  # µs, cut as `jsx.stored_us` reads it back
         store.advance(self.spec.name, seq)
         self.lag = pending
@@ -537,14 +538,14 @@ class StreamIngest:
         self._count(taken, handed)
         self._counted_by_failed_try = 0
         if live:  # the chunk's first event waited longest; once per chunk, not a cost per event
-            self._fold_delay.observe(max(time.time() - jsx.stored_ms(chunk[0][1]) / 1000, 0.0))
+            self._fold_delay.observe(max(time.time() - ack_subject.stored_ms(chunk[0][1]) / 1000, 0.0))
         self._lag.set(pending)
         self.checkpointer.nudge()
 
     def _failed(self, reply: bytes, error: Exception) -> Rejection:
         """The rejection of an event whose decoding or folding raised (a bug of ours), logged with its traceback."""
         log.error("%s #%d could not be processed; it goes to the DLQ and the stream moves on. This is a bug in "
-                  "tipstream: please report it with the DLQ message", self.spec.name, jsx.stream_sequence(reply)[0],
+                  "tipstream: please report it with the DLQ message", self.spec.name, ack_subject.stream_sequence(reply)[0],
                   exc_info=error)
         return Rejection("processing_failed", f"processing failed: {type(error).__name__}: {error} (a bug in "
                                               "tipstream; once fixed, publish the event again)")
@@ -554,9 +555,9 @@ class StreamIngest:
         self._applied.inc(taken)  # those seen again were not taken: each was applied once
         self._ignored.inc(max(handed - self._counted_by_failed_try - taken, 0))
 
-    async def _dead_letter(self, msg: jsx.RawMsg, rejection: Rejection) -> None:
+    async def _dead_letter(self, msg: pull.RawMsg, rejection: Rejection) -> None:
         subject, reply, data = msg
-        seq, _ = jsx.stream_sequence(reply)
+        seq, _ = ack_subject.stream_sequence(reply)
         if seq <= self.dead_lettered_upto:
             return  # dead-lettered before this start
         # On one line, in UTF-8: a line break in a header value (an exception's words, say) breaks the

@@ -74,7 +74,7 @@ from app.model_learning import ModelLearning
 from app.silence import Silences
 from app.waiting import WaitingFeedback
 from models.prior import PopularityPrior
-from streams.jetstream import ack_fields, delivery, stored_ms
+from streams.ack_subject import ack_fields, delivery, stored_ms
 from streams.log_throttle import LogThrottle
 from streams.scrub import belongs, spellings
 from streams.store import OnlineStore

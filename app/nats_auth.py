@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from app.settings import Settings
-from streams import jetstream as jsx
+from streams import pull
 from streams.nats_tls import TlsNotOffered
 
 
@@ -66,7 +66,7 @@ class NatsUnanswered(Exception):
     """No NATS server took a command's connection; the message is the last try's own error."""
 
 
-async def connect_for_command(url: str, auth: dict[str, Any], **options: Any) -> jsx.IngestClient:
+async def connect_for_command(url: str, auth: dict[str, Any], **options: Any) -> pull.IngestClient:
     """A command's connection (`simulate`, `users export`), with `auth` (`nats_options`): three tries,
     then NatsUnanswered saying why the last one failed. With nats-py's defaults, a nats.url left by a
     killed service was tried for two minutes, each failed try logged with a traceback, and the end
@@ -81,7 +81,7 @@ async def connect_for_command(url: str, auth: dict[str, Any], **options: Any) ->
         if isinstance(error, (ssl.SSLError, TlsNotOffered)):
             tls_refused.set()
 
-    connecting = asyncio.ensure_future(jsx.connect(url, **auth, max_reconnect_attempts=3, reconnect_time_wait=0.5,
+    connecting = asyncio.ensure_future(pull.connect(url, **auth, max_reconnect_attempts=3, reconnect_time_wait=0.5,
                                                    connect_timeout=COMMAND_CONNECT_S, error_cb=quiet, **options))
     refused = asyncio.ensure_future(tls_refused.wait())
     try:

@@ -22,6 +22,7 @@ from app.nats_auth import NatsAuthError, nats_options, tls_refusal_fix
 from app.settings import Settings
 from app.start_errors import StartupError, shown_url
 from streams import jetstream as jsx
+from streams import pull
 from streams.log_throttle import LogThrottle
 from streams.nats_tls import TlsNotOffered
 
@@ -49,7 +50,7 @@ class NatsConnection:
                  fail: Callable[[str], None]) -> None:
         self.settings = settings
         self.url = ""  # given to `connect`: NATS_URL's, or the embedded nats-server's
-        self.client: jsx.IngestClient | None = None  # once the first connection is made
+        self.client: pull.IngestClient | None = None  # once the first connection is made
         self._resume = on_reconnected
         self._stopping = stopping
         self._fail = fail  # the service stops with this message (once: not while stopping, nor after a failure)
@@ -57,7 +58,7 @@ class NatsConnection:
         self._refused = asyncio.Event()  # the first connection's one server: its TLS or credentials will not do
         self._errors = LogThrottle()  # the same NATS error: once a minute
 
-    async def connect(self, url: str, embedded: EmbeddedNats | None) -> jsx.IngestClient:
+    async def connect(self, url: str, embedded: EmbeddedNats | None) -> pull.IngestClient:
         """The first connection, tried for `nats_connect_timeout_s`: a server that is not there
         is the operator's to start, and retrying for ever hid that. Once connected, a lost
         connection is retried for as long as it takes (-1), as the server comes back. A single
@@ -70,7 +71,7 @@ class NatsConnection:
             options = nats_options(self.settings)
         except NatsAuthError as error:
             raise StartupError(f"{error}.") from None
-        connecting = asyncio.ensure_future(asyncio.wait_for(jsx.connect(
+        connecting = asyncio.ensure_future(asyncio.wait_for(pull.connect(
             self.url, **options, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
             ping_interval=PING_INTERVAL_S, max_outstanding_pings=MAX_OUTSTANDING_PINGS,
             reconnected_cb=self._on_reconnected, disconnected_cb=self._on_disconnected,
@@ -128,7 +129,7 @@ class NatsConnection:
         if not isinstance(error, TimeoutError) or text:
             return text or "no answer"
         listening = []
-        for url in jsx.server_urls(self.url):
+        for url in pull.server_urls(self.url):
             parts = urllib.parse.urlsplit(url if "://" in url else f"nats://{url}")
             try:
                 _, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port or 4222), 1)
@@ -183,7 +184,7 @@ class NatsConnection:
             if not _credentials_refused(self._connect_error):
                 self._connect_error = error
             refused_for_good = isinstance(error, (TlsNotOffered, ssl.SSLCertVerificationError)) or _credentials_refused(error)
-            if refused_for_good and len(jsx.server_urls(self.url)) == 1:
+            if refused_for_good and len(pull.server_urls(self.url)) == 1:
                 self._refused.set()
             return
         # The same error again within a minute is counted, not logged: a server that refuses the

@@ -34,7 +34,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from app.bootstrap import Service
 from app.embedded_nats import EmbeddedNats
 from app.settings import Settings
-from streams.jetstream import INGESTED_STREAMS, BatchPuller, IngestClient, connect, ensure_streams, publish_events
+from streams.jetstream import INGESTED_STREAMS, ensure_streams, publish_events
+from streams.pull import BatchPuller, IngestClient, connect
 from streams.simulator import Population
 
 PADDING = {"client": {"app": "tipstream-bench", "version": "3.14.159", "platform": "android-15", "locale": "de-DE",

@@ -33,7 +33,8 @@ import orjson
 from ingest import streams_server, synthetic
 from nats.js.api import StreamConfig
 
-from streams.jetstream import SIGNALS, IngestClient, publish_events
+from streams.jetstream import SIGNALS, publish_events
+from streams.pull import IngestClient
 from streams.scrub import belongs, read_through, scrub, spellings
 
 _SEQ = re.compile(rb"Nats-Sequence:\s*(\d+)", re.IGNORECASE)

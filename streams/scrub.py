@@ -57,7 +57,9 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
-from streams.jetstream import DLQ_SEQ, DLQ_STREAM, DLQ_TRUNCATED, Detached, ack_tokens
+from streams.ack_subject import ack_position
+from streams.jetstream import DLQ_SEQ, DLQ_STREAM, DLQ_TRUNCATED
+from streams.pull import PENDING_HEADER, Detached
 
 log = logging.getLogger("tipstream.scrub")
 
@@ -335,22 +337,6 @@ async def read_through(
     return reader.scanned
 
 
-def ack_position(reply: bytes) -> tuple[int, int, int]:
-    """(stream sequence, consumer sequence, messages after it) from a JetStream ack subject, v1 or v2
-    (`streams.jetstream.ack_tokens`).
-
-    >>> ack_position(b"$JS.ACK.DLQ.tipstream-scrub-1.1.42.7.1764140400123456789.3")
-    (42, 7, 3)
-    >>> ack_position(b"$JS.ACK.hub.ACC.DLQ.tipstream-scrub-1.1.42.7.1764140400123456789.3.tok")
-    (42, 7, 3)
-    """
-    tokens, at = ack_tokens(reply)
-    return int(tokens[at + 1]), int(tokens[at + 2]), int(tokens[at + 4])
-
-
-_PENDING = re.compile(rb"Nats-Pending-Messages:\s*(\d+)", re.IGNORECASE)
-
-
 class _Reader:
     """One pass over a stream through a consumer of its own: AckNone, so nothing is redelivered, and
     instead every delivery's consumer sequence is checked to follow the last. A message lost on the way
@@ -420,7 +406,7 @@ class _Reader:
 
     def _on_raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         status = headers[9:12] if headers and not reply else b""
-        pending = _PENDING.search(headers) if status else None
+        pending = PENDING_HEADER.search(headers) if status else None
         self._on_message(reply, data, status, pending.group(1) if pending else None, headers)
 
     def _on_message(self, reply: bytes, body: bytes, status: bytes, pending: Any, headers: Any = None) -> None:

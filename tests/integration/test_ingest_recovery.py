@@ -18,6 +18,7 @@ from app.checkpoints import Checkpointer, MemoryCheckpointStore
 from app.decisions import decode_decision
 from app.ingest import StreamIngest
 from app.metrics import METRICS
+from streams import ack_subject, pull
 from streams import jetstream as jsx
 from streams.events import parse_event
 from streams.fold import UserState
@@ -46,7 +47,7 @@ class Checkpoints:
 
 
 async def seeded(nats_server: Any, users: int = 50) -> tuple[Any, Any]:
-    nc = await jsx.connect(nats_server.url)
+    nc = await pull.connect(nats_server.url)
     js = nc.jetstream(timeout=5)
     await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
     pad = "x" * 3000  # large messages: a pull's batch is still arriving when the consumer is reset
@@ -64,7 +65,7 @@ async def fold_all(ingest: StreamIngest, store: OnlineStore) -> list[int]:
             await asyncio.sleep(0.01)  # waiting for deliveries, not for a race to settle
             continue
         chunk, ingest.buffer = ingest.buffer[:256], ingest.buffer[256:]
-        firsts.append(jsx.stream_sequence(chunk[0][1])[0])
+        firsts.append(ack_subject.stream_sequence(chunk[0][1])[0])
         assert firsts[-1] == store.positions.get("SIGNALS", 0) + 1, "a chunk skips ahead of the position"
         await ingest.process(chunk)
     return firsts
@@ -232,7 +233,7 @@ async def test_a_replay_refuses_the_future_events_the_first_pass_refused(nats_se
     """`future_ts` is judged against when JetStream stored the event, not against this server's
     clock: replayed a year later, an event stamped two days after it was stored is still refused
     (before, it was applied then, and a rebuild from the log differed from what was built live)."""
-    nc = await jsx.connect(nats_server.url)
+    nc = await pull.connect(nats_server.url)
     js = nc.jetstream(timeout=5)
     await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
     store = OnlineStore()
@@ -240,7 +241,7 @@ async def test_a_replay_refuses_the_future_events_the_first_pass_refused(nats_se
                           max_uncheckpointed=10**6, max_future_s=86_400)
     stored_ns = 1_764_140_400_000_000_000  # 2025-11-26T07:00:00Z
 
-    def replayed(seq: int, ts: str) -> jsx.RawMsg:
+    def replayed(seq: int, ts: str) -> pull.RawMsg:
         body = orjson.dumps({"id": f"f{seq}", "type": "app.opened", "user_id": "u", "ts": ts})
         return "signals.app.opened", f"$JS.ACK.SIGNALS.ingest.1.{seq}.{seq}.{stored_ns + seq}.0".encode(), body
 
@@ -258,7 +259,7 @@ async def test_a_refusal_that_lasts_is_retried_after_a_wait_that_doubles(nats_se
     refused (503 no responders). Before, each refusal was retried at once: ~7,000 times a second."""
     from app.decision_publisher import DecisionPublisher
 
-    nc = await jsx.connect(nats_server.url)
+    nc = await pull.connect(nats_server.url)
     publisher = DecisionPublisher(lambda: nc, queue_max=100, batch=4, window=10, ack_timeout_s=5)
     await publisher.start()
     task = asyncio.create_task(publisher.run())
@@ -282,7 +283,7 @@ async def test_one_refused_batch_waits_once_and_goes_back_in_order(nats_server, 
     one at a time at the front, reversed."""
     from app.decision_publisher import DecisionPublisher
 
-    nc = await jsx.connect(nats_server.url)
+    nc = await pull.connect(nats_server.url)
     publisher = DecisionPublisher(lambda: nc, queue_max=100, batch=8, window=8, ack_timeout_s=5)
     await publisher.start()
     task = asyncio.create_task(publisher.run())
@@ -311,7 +312,7 @@ async def test_a_refusal_that_lasts_is_sent_again_within_the_ceiling_and_logged_
 
     monkeypatch.setattr(decision_publisher, "REFUSAL_WAIT_MAX_S", 0.2)
     monkeypatch.setattr(decision_publisher, "REFUSAL_LINES_PER_MINUTE", 3)
-    nc = await jsx.connect(nats_server.url)
+    nc = await pull.connect(nats_server.url)
     publisher = decision_publisher.DecisionPublisher(lambda: nc, queue_max=100, batch=4, window=10, ack_timeout_s=5)
     await publisher.start()
     task = asyncio.create_task(publisher.run())
@@ -337,7 +338,7 @@ async def test_a_consumer_re_creation_nobody_answers_is_asked_again_at_once(nats
 
     monkeypatch.setattr(ingest_module, "RESET_CALL_TIMEOUT_S", 0.25)
     caplog.set_level("INFO", logger="tipstream.ingest")
-    nc = await jsx.connect(nats_server.url)
+    nc = await pull.connect(nats_server.url)
     js = nc.jetstream(timeout=5)
     await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
     ingest = StreamIngest(nc, js, jsx.SIGNALS, OnlineStore(), Checkpoints(), batch=16, max_event_bytes=16384,
@@ -372,7 +373,7 @@ async def test_feedback_held_back_for_decisions_longer_than_ack_wait_is_not_rede
 
     real = jsx.ConsumerConfig
     monkeypatch.setattr(jsx, "ConsumerConfig", lambda **kw: real(**{**kw, "ack_wait": 1}))  # 60 s, scaled down
-    nc = await jsx.connect(nats_server.url)
+    nc = await pull.connect(nats_server.url)
     js = nc.jetstream(timeout=5)
     await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
     groups, per_group, gap_s = 10, 256, 0.15  # a chunk each, stored a gap apart
@@ -413,7 +414,7 @@ async def test_messages_held_while_checkpoints_lag_past_ack_wait_are_not_redeliv
 
     real = jsx.ConsumerConfig
     monkeypatch.setattr(jsx, "ConsumerConfig", lambda **kw: real(**{**kw, "ack_wait": 1}))  # 60 s, scaled down
-    nc = await jsx.connect(nats_server.url)
+    nc = await pull.connect(nats_server.url)
     js = nc.jetstream(timeout=5)
     await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
     await jsx.publish_events(js, [("signals.app.opened", {
@@ -484,7 +485,7 @@ async def test_the_lag_metric_counts_what_a_start_has_to_read_while_feedback_wai
     from app.metrics import METRICS
     from tests.conftest import eventually
 
-    nc = await jsx.connect(nats_server.url)
+    nc = await pull.connect(nats_server.url)
     js = nc.jetstream(timeout=5)
     await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
     await jsx.publish_events(js, [("feedback.tip.reacted", {
@@ -512,7 +513,7 @@ async def test_a_chunk_waiting_on_a_users_read_keeps_its_own_future_bound(nats_s
     JetStream stored its own first message. The waiting chunk goes on with its own bound: with
     another's, an event a day and more ahead of when it was stored was folded, where a replay
     refuses it."""
-    nc = await jsx.connect(nats_server.url)
+    nc = await pull.connect(nats_server.url)
     js = nc.jetstream(timeout=5)
     await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -557,7 +558,7 @@ async def test_a_chunk_waiting_on_users_reads_keeps_its_messages_in_progress(nat
     the chunk's messages again, to be folded again and held twice: the waits for `after`, for a
     retry and for checkpoints say they are in progress, this one did not."""
     monkeypatch.setattr(jsx, "ACK_WAIT_S", 1)
-    nc = await jsx.connect(nats_server.url)
+    nc = await pull.connect(nats_server.url)
     js = nc.jetstream(timeout=5)
     await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
     users = [f"back-{i}" for i in range(6)]
@@ -588,12 +589,12 @@ async def test_a_chunk_waiting_on_users_reads_keeps_its_messages_in_progress(nat
     await nc.close()
 
 
-def drop_once(ingest: StreamIngest, seq: int) -> list[jsx.RawMsg]:
+def drop_once(ingest: StreamIngest, seq: int) -> list[pull.RawMsg]:
     """Have message `seq` lost on its way, once: never handed to `ingest`. What was dropped."""
     deliver, dropped = ingest._on_message, []
 
-    def on_message(msg: jsx.RawMsg) -> None:
-        if jsx.stream_sequence(msg[1])[0] == seq and not dropped:
+    def on_message(msg: pull.RawMsg) -> None:
+        if ack_subject.stream_sequence(msg[1])[0] == seq and not dropped:
             dropped.append(msg)
             return
         deliver(msg)
@@ -647,7 +648,7 @@ async def test_a_decision_lost_on_its_way_is_read_again_not_acknowledged_past(na
     """As for SIGNALS, on DECISIONS: read back at a start (the learner's join cache) or from another publisher,
     a decision passed over never reached the learner, and a reaction to it waited, then gave up
     (`unknown_decision`); the checkpoint's position past it, a restart did not write its tip_scores row."""
-    nc = await jsx.connect(nats_server.url)
+    nc = await pull.connect(nats_server.url)
     js = nc.jetstream(timeout=5)
     await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
     await jsx.publish_events(js, [("decisions.scored", decision(i)) for i in range(EVENTS)])
@@ -661,7 +662,7 @@ async def test_a_decision_lost_on_its_way_is_read_again_not_acknowledged_past(na
     assert dropped and len(read) == EVENTS
 
 
-def delivered(seq: int, consumer_seq: int, times: int = 1) -> jsx.RawMsg:
+def delivered(seq: int, consumer_seq: int, times: int = 1) -> pull.RawMsg:
     """A SIGNALS message as a consumer delivers it: its ack subject holds its sequences."""
     reply = f"$JS.ACK.SIGNALS.{jsx.durable_of('SIGNALS')}.{times}.{seq}.{consumer_seq}.1764140400123456789.0"
     return "signals.app.opened", reply.encode(), b"{}"

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 
 from app.nats_auth import NatsAuthError, nats_options
 from app.settings import Settings
-from streams import jetstream as jsx
+from streams import pull
 from streams.nats_tls import TlsNotOffered
 from tests.conftest import NatsServer, eventually, free_port, serve_in_process
 
@@ -115,10 +115,10 @@ async def test_a_tls_url_to_a_server_without_tls_is_refused_before_its_credentia
         recorder: Recorder) -> None:
     async with recorder as port:
         with pytest.raises(TlsNotOffered, match=rf"asks for TLS .* server at 127\.0\.0\.1:{port} offers none"):
-            await jsx.connect(f"tls://s3cret-token@127.0.0.1:{port}", allow_reconnect=False, connect_timeout=5)
+            await pull.connect(f"tls://s3cret-token@127.0.0.1:{port}", allow_reconnect=False, connect_timeout=5)
         assert b"CONNECT" not in recorder.sent and b"s3cret" not in recorder.sent
         # The same relay, in plain text by the URL's own word: it records what a client sends.
-        plain = await jsx.connect(f"nats://s3cret-token@127.0.0.1:{port}", allow_reconnect=False)
+        plain = await pull.connect(f"nats://s3cret-token@127.0.0.1:{port}", allow_reconnect=False)
         await plain.close()
         assert b"CONNECT" in recorder.sent and b"s3cret-token" in recorder.sent
 
@@ -127,7 +127,7 @@ async def test_a_tls_url_to_a_server_offering_tls_without_requiring_it_is_upgrad
         tmp_path: Path, ca: trustme.CA, trusted: None) -> None:
     server, monitoring = start_tls_server(tmp_path / "optional", ca, required=False)
     try:
-        secure = await jsx.connect(f"tls://127.0.0.1:{server.port}", name="secure", allow_reconnect=False)
+        secure = await pull.connect(f"tls://127.0.0.1:{server.port}", name="secure", allow_reconnect=False)
         plain = await nats.connect(f"nats://127.0.0.1:{server.port}", name="plain", allow_reconnect=False)
         try:
             assert [v is not None and v.startswith("1.") for v in tls_versions(monitoring, "secure")] == [True]
@@ -182,7 +182,7 @@ async def test_a_client_certificate_and_a_private_ca_reach_a_server_that_verifie
     try:
         settings = Settings(nats_url=url, nats_tls_ca=files["ca"], nats_tls_cert=files["cert"],
                             nats_tls_key=files["key"])
-        client = await jsx.connect(url, **nats_options(settings), name="mtls", allow_reconnect=False)
+        client = await pull.connect(url, **nats_options(settings), name="mtls", allow_reconnect=False)
         try:
             assert [v is not None for v in tls_versions(monitoring, "mtls")] == [True]
         finally:
@@ -190,7 +190,7 @@ async def test_a_client_certificate_and_a_private_ca_reach_a_server_that_verifie
         # The server's check of the client is real: without the certificate, it refuses the handshake.
         without = Settings(nats_url=url, nats_tls_ca=files["ca"])
         with pytest.raises(OSError):  # its alert (an SSLError), or the reset that may reach the client first
-            await jsx.connect(url, **nats_options(without), allow_reconnect=False, connect_timeout=5)
+            await pull.connect(url, **nats_options(without), allow_reconnect=False, connect_timeout=5)
     finally:
         server.stop()
 
@@ -259,7 +259,7 @@ async def test_the_service_runs_on_an_operator_mode_server_with_a_credentials_fi
     server.start()
     try:
         with pytest.raises(nats.errors.Error, match="Authorization Violation"):  # the server asks for the JWT
-            await jsx.connect(server.url, allow_reconnect=False, connect_timeout=5)
+            await pull.connect(server.url, allow_reconnect=False, connect_timeout=5)
         running = await serve_in_process(data_dir=tmp_path / "data", nats_url=server.url, nats_creds=creds)
         try:
             async with httpx.AsyncClient(base_url=running.base_url) as http:

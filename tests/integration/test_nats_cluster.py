@@ -22,6 +22,7 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 
 from app.settings import Settings
+from streams import ack_subject, pull
 from streams import jetstream as jsx
 from streams.events import parse_event
 from streams.fold import to_ms
@@ -320,8 +321,8 @@ def kill_on_delivery(ingest: Any, seq: int, node: NatsServer) -> None:
     Before `ingest` starts: its puller takes the callback then."""
     deliver = ingest._on_message
 
-    def on_message(msg: jsx.RawMsg) -> None:
-        if jsx.stream_sequence(msg[1])[0] == seq and node.process is not None and node.process.poll() is None:
+    def on_message(msg: pull.RawMsg) -> None:
+        if ack_subject.stream_sequence(msg[1])[0] == seq and node.process is not None and node.process.poll() is None:
             node.kill()
         deliver(msg)
 
@@ -351,7 +352,7 @@ async def test_decisions_on_their_way_when_the_consumer_s_leader_is_lost_are_all
         for reader in readers:
             reader.request_reset()
 
-    nc = await jsx.connect(nats_cluster.nodes[home].url, reconnect_time_wait=0.1, max_reconnect_attempts=-1,
+    nc = await pull.connect(nats_cluster.nodes[home].url, reconnect_time_wait=0.1, max_reconnect_attempts=-1,
                            reconnected_cb=reconnected)
     read: set[str] = set()
     ingest = reading_decisions(nc, nc.jetstream(timeout=2), read, batch=256)

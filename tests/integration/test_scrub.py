@@ -16,7 +16,8 @@ from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
 
 from streams import scrub as scrub_module
-from streams.jetstream import DLQ_REASON, DLQ_TRUNCATED, connect, durable_of, ensure_streams, reset_durable
+from streams.jetstream import DLQ_REASON, DLQ_TRUNCATED, durable_of, ensure_streams, reset_durable
+from streams.pull import connect
 from streams.scrub import ScrubError, delete_all, scrub
 from tests.conftest import NatsServer, account_url, limited_account_server
 

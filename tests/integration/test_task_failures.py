@@ -13,7 +13,7 @@ import httpx
 import nats
 
 from app import ingest
-from streams import jetstream
+from streams import pull
 from streams.jetstream import publish_events
 from streams.log_throttle import LogThrottle
 from tests.conftest import eventually
@@ -79,7 +79,7 @@ async def test_a_bug_in_a_message_handler_does_not_stop_the_connection_reading(
     `published`, raising once). The connection still read as connected, so nothing reconnected for
     minutes (until its pings went unanswered), /readyz said ready, and no event was folded, no
     decision acknowledged meanwhile. The handler's error is logged, and the connection reads on."""
-    monkeypatch.setattr(jetstream, "_HANDLER_FAILURES", LogThrottle())  # told once a minute
+    monkeypatch.setattr(pull, "_HANDLER_FAILURES", LogThrottle())  # told once a minute
     running = await start_service()
     service = running.service
     published = _raise_once(service.publisher.on_published, RuntimeError("a bug of ours"))

@@ -1,0 +1,318 @@
+"""The pull path ingest reads JetStream by: a nats-py client whose parser hands a pull inbox's messages
+over raw, and the puller that keeps a batch requested.
+
+The consumer asks for a batch of messages, and asks for more when half has arrived, so the server always
+has a request in hand. nats-py's high-level `fetch` waits per call and tops out near 45k msg/s here; this
+path runs several times faster. Stream set-up, publishing and the consumers' checks are in
+`streams/jetstream.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import orjson
+from nats.protocol.parser import AWAITING_CONTROL_LINE, AWAITING_MSG_PAYLOAD, Parser
+
+from streams.log_throttle import LogThrottle
+from streams.nats_tls import TlsIntentClient
+
+log = logging.getLogger("tipstream.jetstream")
+# A pull request left unfilled expires after this long, and the server then says the stream has
+# nothing more (408): how soon an idle stream is known to be read to its end (`BatchPuller.idle`),
+# which a silence learned by the clock waits for. At 5 s, a quiet service learned silences up to
+# 5 s late after each reaction and after each start; at 1 s an idle stream costs one request a second.
+PULL_EXPIRES_S = 1.0
+
+
+RawMsg = tuple[str, bytes, bytes]  # (subject, reply, body): all ingest needs of a message
+
+_MSG = re.compile(rb"MSG\s+(\S+)\s+(\S+)\s+((\S+)[^\S\r\n]+)?(\d+)\r\n")
+_HMSG = re.compile(rb"HMSG\s+(\S+)\s+(\S+)\s+((\S+)[^\S\r\n]+)?(\d+)\s+(\d+)\r\n")
+
+
+# A raw message handler that raised: a bug in tipstream, told with its traceback once a minute (the rest
+# counted, and told with the next). Raised through the parser, it ended nats-py's read loop, which logs it
+# under its own name and tells nobody: the connection still counted as connected, so nothing more was read
+# from it (events, acknowledgements, JetStream's answers), and nothing reconnected, until its pings went
+# unanswered (20-30 s later, app/nats_connection.py; minutes, at nats-py's own ping interval).
+_HANDLER_FAILURES = LogThrottle()
+
+
+def _tell_handler_failure(subject: bytes, error: Exception) -> None:
+    left_out = _HANDLER_FAILURES.allow(None)
+    if left_out is None:
+        return
+    log.error("a message on %s could not be handled (%s: %s); the connection reads on. This is a bug in "
+              "tipstream: please report it with this traceback%s", subject.decode(errors="replace"),
+              type(error).__name__, error, f" ({left_out} more failures since the last one told)" if left_out
+              else "", exc_info=error)
+
+
+class FastParser(Parser):
+    """nats-py's protocol parser, with messages read at an offset instead of cut off the buffer's front.
+
+    The stock parser deletes each message from the front of its buffer, a copy of the
+    whole remaining buffer per message. Anything but MSG/HMSG goes to the stock parser.
+    """
+
+    async def parse(self, data: bytes = b"") -> None:
+        buf = self.buf
+        buf.extend(data)
+        pos, end = 0, len(buf)
+        raw_handlers = getattr(self.nc, "_raw_handlers", {})
+        try:
+            while pos < end:
+                if self.state == AWAITING_MSG_PAYLOAD:  # a payload that straddled two reads
+                    if end - pos < self.needed + 2:
+                        break
+                    arg = self.msg_arg
+                    pos = self._deliver_raw(raw_handlers, arg["sid"], arg["subject"], arg["reply"],
+                                            self.header_needed, self.needed, buf, pos) \
+                        or await self._deliver(arg["sid"], arg["subject"], arg["reply"],
+                                               self.header_needed, self.needed, buf, pos)
+                    self.header_needed = 0
+                    self.state = AWAITING_CONTROL_LINE
+                    continue
+                first = buf[pos]
+                match = _HMSG if first == 72 else _MSG if first == 77 else None
+                found = match.match(buf, pos) if match else None
+                if found is None:
+                    if match is not None and buf.find(b"\r\n", pos) < 0:
+                        break  # a control line split across reads
+                    del buf[:pos]
+                    pos, end = 0, 0
+                    await super().parse()
+                    return
+                groups = found.groups()
+                if match is _HMSG:
+                    header_size, needed = int(groups[4]), int(groups[5])
+                else:
+                    header_size, needed = 0, int(groups[4])
+                subject, sid, reply = groups[0], int(groups[1]), groups[3] or b""
+                start = found.end()
+                if end - start >= needed + 2:  # the common case: the whole message is here
+                    pos = self._deliver_raw(raw_handlers, sid, subject, reply, header_size, needed, buf, start) \
+                        or await self._deliver(sid, subject, reply, header_size, needed, buf, start)
+                else:
+                    self.msg_arg["subject"], self.msg_arg["sid"], self.msg_arg["reply"] = subject, sid, reply
+                    self.header_needed, self.needed = header_size, needed
+                    self.state = AWAITING_MSG_PAYLOAD
+                    pos = start
+        finally:
+            if pos:
+                del buf[:pos]
+
+    @staticmethod
+    def _deliver_raw(raw_handlers: dict[int, Any], sid: int, subject: bytes, reply: bytes,
+                     header_size: int, needed: int, buf: bytearray, pos: int) -> int:
+        """Hand the message to its raw handler (no coroutine per message); 0 when it has none."""
+        handler = raw_handlers.get(sid)
+        if handler is None:
+            return 0
+        # Only status messages (no reply) and DLQ copies (where their original is: the scrub's
+        # `cut_copy_of`) need their headers; events carry none we read, and ingest reads no DLQ.
+        header = bytes(buf[pos : pos + header_size]) if header_size and (
+            not reply or subject.startswith(b"dlq.")) else None
+        try:  # free in 3.11 when nothing is raised
+            handler(subject, reply, bytes(buf[pos + header_size : pos + needed]), header)
+        except Exception as error:  # noqa: BLE001 - told; the connection must read on
+            _tell_handler_failure(subject, error)
+        return pos + needed + 2
+
+    async def _deliver(self, sid: int, subject: bytes, reply: bytes,
+                       header_size: int, needed: int, buf: bytearray, pos: int) -> int:
+        payload = bytes(buf[pos + header_size : pos + needed])
+        header = bytes(buf[pos : pos + header_size]) if header_size else None
+        await self.nc._process_msg(sid, subject, reply, payload, header)
+        return pos + needed + 2
+
+
+class IngestClient(TlsIntentClient):
+    """A nats-py client with a raw path for pull inboxes.
+
+    nats-py parses every message's headers and builds a `Msg` object before a
+    callback sees it; with `Nats-Msg-Id` on every event that caps a pull consumer
+    near 45k msg/s on this machine. Ingest needs only subject, reply and body, so
+    inboxes registered with `subscribe_raw` skip that work. Everything else (requests,
+    JetStream API, publishing) goes through nats-py unchanged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ps = FastParser(self)
+        self._raw_handlers: dict[int, Callable[[bytes, bytes, bytes, bytes | None], None]] = {}
+
+    async def subscribe_raw(self, subject: str, handler: Callable[[bytes, bytes, bytes, bytes | None], None]) -> Any:
+        sub = await self.subscribe(subject)
+        self._raw_handlers[sub._id] = handler
+        return sub
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        handler = self._raw_handlers.get(sid)
+        if handler is None:
+            return await super()._process_msg(sid, subject, reply, data, headers)
+        self.stats["in_msgs"] += 1
+        self.stats["in_bytes"] += len(data)
+        handler(subject, reply, data, headers)
+
+
+def server_urls(url: str) -> list[str]:
+    """The servers of a NATS URL that names several, comma-separated (a cluster's nodes), as nats-py takes
+    them: it reads a string as one server, and "nats://a:4222,nats://b:4222" as a port it cannot parse.
+
+    >>> server_urls("nats://a:4222, nats://b:4222,"), server_urls("nats://a:4222")
+    (['nats://a:4222', 'nats://b:4222'], ['nats://a:4222'])
+    """
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
+async def connect(url: str, **options: Any) -> IngestClient:
+    """A connection to `url`, one server or several comma-separated: nats-py moves to another of them
+    when the one it is on goes away."""
+    client = IngestClient()
+    await client.connect(server_urls(url), **options)
+    return client
+
+
+# What a pull request that ended (404, 408, 409) had still to deliver.
+PENDING_HEADER = re.compile(rb"Nats-Pending-Messages:\s*(\d+)", re.IGNORECASE)
+
+
+class Detached:
+    """Work a message handler starts and cannot await (a pull request): each a task, held until it ends,
+    as the event loop holds a task weakly only, and what one raised handed to `on_error`. Left alone,
+    asyncio printed that as 'Task exception was never retrieved' when the task was collected, and the
+    work that failed (a request never sent) waited for the next watchdog or stall to be noticed."""
+
+    def __init__(self, on_error: Callable[[BaseException], None]) -> None:
+        self.on_error = on_error
+        self._held: set[asyncio.Task[Any]] = set()
+
+    def start(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._held.add(task)
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[Any]) -> None:
+        self._held.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            self.on_error(error)
+
+
+class BatchPuller:
+    """Keeps up to `batch` messages requested; hands each arrival to `on_message` (synchronous, cheap)."""
+
+    def __init__(self, nc: IngestClient, stream: str, durable: str, batch: int,
+                 on_message: Callable[[RawMsg], None], expires_s: float = PULL_EXPIRES_S) -> None:
+        self.nc, self.batch, self.on_message, self.expires_s = nc, batch, on_message, expires_s
+        self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self.inbox = nc.new_inbox()
+        self.requested = 0
+        self.idle = False  # the server said: nothing more for now
+        self.paused = False
+        self.stopped = False
+        self.last_activity = time.monotonic()
+        self._sub: Any = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._sends = Detached(self._send_failed)
+        self._subjects: dict[bytes, str] = {}
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe_raw(self.inbox, self._on_raw)
+        self._watchdog = asyncio.create_task(self._watch(), name=f"watch {self.next_subject}")
+        await self._request()
+
+    async def stop(self) -> None:
+        # Messages of this puller's requests may still be in flight. The consumer that replaces
+        # it replays from the position, so a late one handed on would be folded twice and, being
+        # ahead of the replay, move the position past events not yet folded: its handler goes, and
+        # it asks for nothing more.
+        self.stopped = True
+        if self._watchdog:
+            self._watchdog.cancel()
+        if self._sub is not None:
+            self.nc._raw_handlers.pop(self._sub._id, None)
+            try:
+                await self._sub.unsubscribe()
+            except Exception:  # noqa: BLE001, S110 - the connection may already be closed
+                pass
+
+    async def _request(self) -> None:
+        want = self._claim()
+        if want:
+            await self._send(want)
+
+    def _claim(self) -> int:
+        """Count what we are about to ask for before asking, so arrivals in between don't ask again."""
+        want = self.batch - self.requested
+        if want <= 0 or self.paused or self.stopped or not self.nc.is_connected:
+            return 0
+        self.requested += want
+        return want
+
+    async def _send(self, want: int) -> None:
+        body = orjson.dumps({"batch": want, "expires": int(self.expires_s * 1e9)})
+        await self.nc.publish(self.next_subject, body, reply=self.inbox)
+
+    def _request_soon(self) -> None:
+        want = self._claim()
+        if want:
+            self._sends.start(self._send(want))
+
+    def _send_failed(self, error: BaseException) -> None:
+        # Not asked again here: a publish that keeps failing would be tried again at once, for ever.
+        log.info("could not ask %s for more messages (%s); the watchdog asks again within %g s", self.next_subject,
+                 error, self.expires_s + 3)
+
+    def _on_raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        if not reply:
+            self.last_activity = time.monotonic()
+            # A status: 100 heartbeat; 404 no messages, 408 request expired, 409 conflict end a request.
+            status = headers[9:12] if headers else b""
+            if status == b"100":
+                return
+            left = PENDING_HEADER.search(headers or b"")
+            self.requested = max(0, self.requested - int(left.group(1))) if left else 0
+            self.idle = status in (b"404", b"408")
+            self._request_soon()
+            return
+        self.requested -= 1
+        self.idle = False  # more may follow: known to have nothing more only at the next status
+        name = self._subjects.get(subject)
+        if name is None:
+            # A NATS subject is bytes, and another client's (Go's, C's) may not be UTF-8: raised here,
+            # the message was never handed on, and the stream was read again from it for ever. Escaped,
+            # it cannot be the subject of any event type, so the event goes to the DLQ (on a subject
+            # nats-py can read back) and the stream moves on.
+            name = subject.decode(errors="backslashreplace")
+            if len(self._subjects) < 1024:  # a few event types, so a few subjects: decode each once
+                self._subjects[subject] = name
+        self.on_message((name, reply, data))
+        if self.requested <= self.batch // 2:
+            self.last_activity = time.monotonic()  # per request, not per message: the watchdog needs no more
+            self._request_soon()
+
+    def resume(self) -> None:
+        """Ask again after a pause."""
+        self.paused = False
+        self.requested = 0
+        self.idle = False  # what was stored while paused is still to come
+        self._request_soon()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if time.monotonic() - self.last_activity > self.expires_s + 2 and not self.paused:
+                # A request was lost (server restart, dropped connection): start over.
+                self.requested = 0
+                self.last_activity = time.monotonic()
+                try:
+                    await self._request()
+                except Exception as error:  # noqa: BLE001 - ended by it, nothing would ask for messages again
+                    self._send_failed(error)
