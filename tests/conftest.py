@@ -278,12 +278,23 @@ def dead_lettered(stream: str) -> float:
                if s.name.endswith("_total") and s.labels["stream"] == stream)
 
 
+HTTP_TIMEOUT_S = 30.0
+
+
 class RunningService:
     def __init__(self, app: Any, server: Any, task: asyncio.Task[Any]) -> None:
         self.app, self.server, self.task = app, server, task
         self.service = app.state.service
         port = server.servers[0].sockets[0].getsockname()[1]
         self.base_url = f"http://127.0.0.1:{port}"
+
+    def http(self) -> Any:
+        """A client of its HTTP API. Its timeout is long enough for the slow answers (a registration trains
+        over the decision log, a checkpoint waits for the database) on a machine the suite and more share:
+        httpx's default 5 s timed some out there."""
+        import httpx
+
+        return httpx.AsyncClient(base_url=self.base_url, timeout=HTTP_TIMEOUT_S)
 
     async def stop(self) -> None:
         self.server.should_exit = True

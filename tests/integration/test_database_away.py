@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import httpx
 import orjson
 import pytest
 import sqlalchemy as sa
@@ -106,7 +105,7 @@ async def test_a_locked_user_state_table_holds_up_only_what_needs_a_user_read_fr
     locker = sa.create_engine(postgres_url)
     with locker.connect() as conn:
         conn.execute(sa.text("LOCK TABLE user_state IN ACCESS EXCLUSIVE MODE"))
-        async with httpx.AsyncClient(base_url=running.base_url) as http:
+        async with running.http() as http:
             at = {"at": "2026-09-02T09:00:00+01:00"}
             features = asyncio.create_task(http.get("/users/idle/features", params=at))
             score = asyncio.create_task(http.post("/score", json={"user_id": "idle", "candidates": [{"tip_id": "a"}]}))
@@ -131,13 +130,12 @@ async def test_tables_dropped_under_a_running_service_are_told_in_readyz_and_the
         start_service, nc, caplog: pytest.LogCaptureFixture) -> None:
     """`tipstream migrate base` while the service ran: every checkpoint failed, and /readyz said
     nothing of it, nor the log what to do."""
-    import httpx
 
     from app import migrate
 
     running = await start_service(checkpoint_every_s=0.1)
     url = running.service.settings.sqlalchemy_url
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         assert (await http.get("/readyz")).json()["checkpoint"]["ok"] is True
         migrate.downgrade(url)
         js = nc.jetstream()
@@ -314,7 +312,7 @@ async def test_an_admin_change_refused_by_a_statement_timeout_names_it_not_an_ou
         alter_database(database, "SET statement_timeout = '100ms'")
         try:
             reconnect_pool(database, but=held.execute(sa.text("select pg_backend_pid()")).scalar_one())
-            async with httpx.AsyncClient(base_url=running.base_url) as http:
+            async with running.http() as http:
                 refused = await http.post("/admin/models/v2/promote", timeout=10,
                                           headers={"Authorization": f"Bearer {token}"})
         finally:
@@ -350,7 +348,7 @@ async def test_a_full_disk_under_sqlite_is_told_with_where_to_free_space_and_los
         for i in range(500):
             await js.publish("signals.app.opened", orjson.dumps(
                 {"id": f"full-{i}", "type": "app.opened", "user_id": f"full-{i}", "ts": "2026-11-26T08:00:00+01:00"}))
-        async with httpx.AsyncClient(base_url=running.base_url) as http:
+        async with running.http() as http:
             async def told() -> dict | None:
                 body = (await http.get("/readyz")).json()
                 return body if not body["checkpoint"]["ok"] else None

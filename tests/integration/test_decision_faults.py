@@ -7,7 +7,6 @@ import signal
 import time
 from pathlib import Path
 
-import httpx
 import nats
 import orjson
 import pytest
@@ -44,7 +43,7 @@ async def test_a_decision_spooled_at_a_stop_keeps_the_reward_it_was_credited(
     running = await start_service(**settings)
     js = nc.jetstream()
     await js.delete_stream("DECISIONS")  # JetStream refuses every decision: it stays unpublished
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         decision = (await http.post("/score", json=BODY)).json()["decision_id"]
     await publish(js, feedback("f-1", decision, "tip-focus-1", "acted"))
     await eventually(lambda: running.service.learner.credited == 1)
@@ -177,7 +176,7 @@ async def test_decisions_queued_while_nats_was_away_are_published_as_soon_as_it_
     filling the queue towards 503s) for seconds after NATS was back."""
     running = await start_service()
     service = running.service
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         assert (await http.post("/score", json=BODY)).status_code == 200
         await eventually(lambda: service.publisher.published == 1)
         nats_server.stop()
@@ -200,7 +199,7 @@ async def test_decisions_in_flight_when_nats_went_away_are_sent_again_once_it_is
     await eventually(lambda: service.decision_tail.following)
     nats_server.process.send_signal(signal.SIGSTOP)  # the server takes the decision and never answers
     try:
-        async with httpx.AsyncClient(base_url=running.base_url) as http:
+        async with running.http() as http:
             assert (await http.post("/score", json=BODY)).status_code == 200
         await eventually(lambda: len(service.publisher.inflight) == 1)
     finally:
@@ -253,7 +252,7 @@ async def test_a_decision_refused_for_storage_full_names_the_limits_to_free_or_r
         running = await start_service(nats_url=url)
         await fill_to_the_last_byte(url)
         caplog.set_level(logging.WARNING, logger="tipstream.decisions")
-        async with httpx.AsyncClient(base_url=running.base_url) as http:
+        async with running.http() as http:
             assert (await http.post("/score", json=BODY)).status_code == 200
 
         def refused() -> list[str]:

@@ -95,7 +95,7 @@ async def test_a_forgotten_user_is_gone_from_state_rows_models_and_streams(start
                 "offline_features_every_s": 0.2}
     running = await start_service(**settings)
     service, js = running.service, nc.jetstream()
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         await traffic(running, js, http)
         await eventually(lambda: set(rows(url, "user_features")) == set(USERS)
                          and set(rows(url, "tip_scores")) == set(USERS), timeout=15)
@@ -155,7 +155,7 @@ async def test_a_request_outlives_a_crash_at_each_step(start_service, nc, tmp_pa
     settings = {"database_url": url, "admin_token": TOKEN, "checkpoint_every_s": 0.2}
     running = await start_service(**settings)
     js = nc.jetstream()
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         await traffic(running, js, http)
     await running.stop()
 
@@ -182,7 +182,7 @@ async def test_a_request_outlives_a_crash_at_each_step(start_service, nc, tmp_pa
     # Their decision, read back from DECISIONS at the start, is not held again while it waits to be deleted.
     assert not any(owner(entry.data) == "u-1" for entry in [*third.service.learner.joins.cache.values(),
                                                              *third.service.learner.joins.replayed.values()])
-    async with httpx.AsyncClient(base_url=third.base_url) as http:
+    async with third.http() as http:
         async def done() -> bool:
             return (await status(http, "u-1"))["status"] == "done"
 
@@ -208,7 +208,7 @@ async def test_a_user_asked_for_again_while_being_forgotten_keeps_the_whole_reco
 
     monkeypatch.setattr(Eraser, "_delete_messages", held)
     running = await start_service(database_url=database_url, admin_token=TOKEN, checkpoint_every_s=0.2)
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         await traffic(running, nc.jetstream(), http)
         await forget(http, "u-1")
 
@@ -270,7 +270,7 @@ async def test_a_user_whose_id_holds_a_replacement_character_is_forgotten(start_
     user = "ana\ufffd"
     await publish_events(nc.jetstream(), signals(user))
     await eventually(lambda: user in running.service.store.users)
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         assert (await forget(http, "ana%EF%BF%BD"))["user_id"] == user
         await eventually(lambda: running.service.eraser.status(user)["status"] == "done", timeout=15)
         assert (await status(http, "ana%EF%BF%BD"))["report"]["messages_signals"] == 3
@@ -290,7 +290,7 @@ async def test_an_export_holds_a_users_data_until_they_are_forgotten(start_servi
     url = f"sqlite:///{tmp_path / 'export.db'}"
     running = await start_service(database_url=url, admin_token=TOKEN, checkpoint_every_s=0.2,
                                   offline_features_every_s=0.2)
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         await traffic(running, nc.jetstream(), http)
         await eventually(lambda: "u-1" in rows(url, "user_features") and "u-1" in rows(url, "tip_scores"), timeout=15)
         await eventually(lambda: running.service.learner.snapshots.models_saved_seq == running.service.learner._learn_seq,
@@ -350,7 +350,7 @@ async def test_a_decision_still_on_its_way_to_jetstream_when_forgotten_is_delete
     await eventually(lambda: {"u-1", "u-2"} <= set(service.store.users))
     connection = publisher._nc
     publisher._nc = lambda: None  # as while NATS is away: the queue holds what /score served
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         for user in ("u-1", "u-2"):
             answer = await http.post("/score", json={"user_id": user, "explore": False, "context": {"now": NOW},
                                                      "candidates": CANDIDATES})
@@ -444,7 +444,7 @@ async def test_a_user_features_row_being_written_when_forgotten_is_not_left_behi
     service, js = running.service, nc.jetstream()
     await publish_events(js, signals("u-1") + signals("u-2"))
     assert await asyncio.to_thread(entered.wait, 15)
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         await forget(http, "u-1")
         await eventually(lambda: "u-1" in service.offline.forgotten, timeout=15)  # step 2 done
         written = service.offline.rows_written
@@ -472,7 +472,7 @@ async def test_a_request_after_a_rebuild_from_a_log_whose_last_messages_were_era
     js = nc.jetstream()
     await publish_events(js, signals("u-2") + signals("u-1"))
     await eventually(lambda: "u-1" in running.service.store.users)
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         await forget(http, "u-1")
 
         async def done() -> bool:
@@ -484,7 +484,7 @@ async def test_a_request_after_a_rebuild_from_a_log_whose_last_messages_were_era
     rebuilt = await start_service(**{**settings, "database_url": f"sqlite:///{tmp_path / 'rebuilt.db'}"})
     await eventually(lambda: rebuilt.service.ready, timeout=15)
     assert set(rebuilt.service.store.users) == {"u-2"}
-    async with httpx.AsyncClient(base_url=rebuilt.base_url) as http:
+    async with rebuilt.http() as http:
         await forget(http, "u-2")
 
         async def done_too() -> bool:
@@ -508,7 +508,7 @@ async def test_a_decision_spooled_at_a_stop_while_its_user_is_forgotten_is_delet
     await publish_events(js, signals("u-1") + signals("u-2"))
     await eventually(lambda: {"u-1", "u-2"} <= set(service.store.users))
     service.publisher._nc = lambda: None  # as while NATS is away
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         for user in ("u-1", "u-2"):
             answer = await http.post("/score", json={"user_id": user, "explore": False, "context": {"now": NOW},
                                                      "candidates": CANDIDATES})
@@ -522,7 +522,7 @@ async def test_a_decision_spooled_at_a_stop_while_its_user_is_forgotten_is_delet
     await running.stop()
 
     again = await start_service(**settings)
-    async with httpx.AsyncClient(base_url=again.base_url) as http:
+    async with again.http() as http:
         async def done() -> bool:
             return (await status(http, "u-1"))["status"] == "done"
 

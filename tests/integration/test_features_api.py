@@ -6,7 +6,6 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 import orjson
 import sqlalchemy as sa
 
@@ -38,7 +37,7 @@ async def test_features_with_age_freshness_and_fallbacks(start_service, nc, tmp_
     await js.publish("feedback.tip.reacted", orjson.dumps(REACTION))
     await eventually(lambda: running.service.store.applied == 6)
 
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         body = (await http.get("/users/ana/features", params={"at": "2026-11-25T21:00:00+01:00"})).json()
         features = body["features"]
         assert body["known"] is True
@@ -173,7 +172,7 @@ async def test_a_stop_during_a_catch_up_leaves_user_features_rows_to_the_next_st
 
 async def test_openapi_document_describes_every_route(start_service) -> None:
     running = await start_service()
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         document = (await http.get("/openapi.json")).json()
     paths = document["paths"]
     assert {"/healthz", "/readyz", "/metrics", "/users/{user_id}/features", "/score"} <= set(paths)
@@ -190,7 +189,7 @@ async def test_a_past_at_flags_windows_reaching_before_what_the_fold_holds(start
             "id": f"p-{d}", "type": "tip.reacted", "user_id": "bo", "ts": _day(d), "data": {"tip_id": "t", "reaction": "acted" if d < 45 else "dismissed"}}))
     await eventually(lambda: running.service.store.applied == 120)
 
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         async def at(days_back: int) -> dict[str, Any]:
             return (await http.get("/users/bo/features", params={"at": _day(59 - days_back)})).json()["features"]
 
@@ -222,7 +221,7 @@ async def test_any_user_id_an_event_may_hold_is_served_like_any_other(start_serv
     paths = {"org/42": ("/users/org%2F42/features", "/users/org/42/features"),
              "line\nbreak": ("/users/line%0Abreak/features",),
              "\ufffd\ufffd": ("/users/%EF%BF%BD%EF%BF%BD/features",)}
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         for user, asked in paths.items():
             for path in asked:
                 answer = await http.get(path, params={"at": "2026-11-25T22:00:00+01:00"})

@@ -82,7 +82,7 @@ async def test_bad_events_go_to_the_dlq_with_reasons_and_good_ones_around_them_a
 
     store = running.service.store
     await eventually(lambda: store.positions.get("SIGNALS") == published + 1)
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         body = (await http.get("/users/u-1/features", params={"at": "2026-11-26T09:00:00+01:00"})).json()
         assert body["features"]["tasks_created_7d"]["value"] == len(bad) + 1
         metrics = (await http.get("/metrics")).text
@@ -464,7 +464,7 @@ async def test_readyz_turns_ready_once_caught_up(start_service, nc) -> None:
     for i in range(500):
         await js.publish("signals.app.opened", orjson.dumps(event(i, "app.opened")))
     running = await start_service()
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
 
         async def ready() -> Any:
             response = await http.get("/readyz")
@@ -531,7 +531,7 @@ async def test_metrics_time_what_is_folded_live_and_when_a_checkpoint_last_succe
     count, total = (f'tipstream_fold_delay_seconds_{kind}{{stream="SIGNALS"}}' for kind in ("count", "sum"))
     before = generate_latest(METRICS.registry).decode()  # the process's: earlier tests' too
     running = await start_service(checkpoint_every_s=0.2)
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         await eventually(lambda: running.service.ready)
         backlog = _series((await http.get("/metrics")).text, count) - _series(before, count)
         for i in range(300, 310):
@@ -549,7 +549,7 @@ async def test_the_event_loop_lag_shows_a_step_that_holds_the_loop(start_service
 
     monkeypatch.setattr(loop_lag, "INTERVAL_S", 0.01)
     running = await start_service()
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         before = (await http.get("/metrics")).text  # one scrape: samples come every 10 ms
         held_before = _series(before, "tipstream_event_loop_lag_seconds_count") - _series(
             before, 'tipstream_event_loop_lag_seconds_bucket{le="0.1"}')

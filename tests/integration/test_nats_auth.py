@@ -17,7 +17,6 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import httpx
 import nats
 import nkeys
 import pytest
@@ -145,7 +144,7 @@ async def test_the_service_runs_over_tls_to_a_server_that_requires_it_and_reconn
     try:
         running = await serve_in_process(data_dir=tmp_path / "data", nats_url=f"tls://127.0.0.1:{server.port}")
         try:
-            async with httpx.AsyncClient(base_url=running.base_url) as http:
+            async with running.http() as http:
                 answer = await http.post("/score", json={"user_id": "u-1", "candidates": [{"tip_id": "t-1"}]})
             assert answer.status_code == 200, answer.text
             assert [v is not None for v in tls_versions(monitoring, "tipstream")] == [True]
@@ -262,7 +261,7 @@ async def test_the_service_runs_on_an_operator_mode_server_with_a_credentials_fi
             await pull.connect(server.url, allow_reconnect=False, connect_timeout=5)
         running = await serve_in_process(data_dir=tmp_path / "data", nats_url=server.url, nats_creds=creds)
         try:
-            async with httpx.AsyncClient(base_url=running.base_url) as http:
+            async with running.http() as http:
                 answer = await http.post("/score", json={"user_id": "u-1", "candidates": [{"tip_id": "t-1"}]})
             assert answer.status_code == 200, answer.text
             js = running.service.nc.jetstream()

@@ -6,7 +6,6 @@ import shutil
 import signal
 from datetime import UTC, datetime
 
-import httpx
 import nats
 import orjson
 import pytest
@@ -85,7 +84,7 @@ async def test_a_nats_server_that_stops_answering_makes_the_service_unready_with
     every 2 minutes, took 330 s to notice it, and meanwhile /readyz said ready with every lag 0, and a
     service on a NATS cluster stayed on the lost node instead of moving to another."""
     running = await start_service()
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
 
         async def status(code: int) -> bool:
             return (await http.get("/readyz")).status_code == code
@@ -285,7 +284,6 @@ async def test_decisions_followed_by_our_acks_and_back_with_an_older_store_grown
 ) -> None:
     """DECISIONS followed by our own publishes' acks: its position (4) is past the last message read (1),
     so the message at the position was never checked, and the new stream's 1..4 were skipped."""
-    import httpx
 
     from tests.conftest import NatsServer
     from tests.integration.test_score_api import body
@@ -313,7 +311,7 @@ async def test_decisions_followed_by_our_acks_and_back_with_an_older_store_grown
     await client.jetstream().publish("decisions.score", orjson.dumps(decision("d-old")), headers={"Nats-Msg-Id": "d-old"})
     await client.close()
     await eventually(lambda: read == ["d-old"] and paused() and service.store.positions.get("DECISIONS") == 1, timeout=10)
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         for _ in range(3):
             assert (await http.post("/score", json=body())).status_code == 200
     await eventually(lambda: service.store.positions.get("DECISIONS") == 4, timeout=10)

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 
@@ -60,7 +59,7 @@ async def test_the_service_runs_whole_on_an_older_nats_server(
     await js.publish("signals.task.created", orjson.dumps({k: v for k, v in signals[0][1].items() if k != "user_id"}))
     await eventually(lambda: service.store.applied == 50)
 
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         answer = (await http.post("/score", json={
             "user_id": "u-1", "explore": False, "context": {"now": NOW},
             "candidates": [{"tip_id": "tip-a"}, {"tip_id": "tip-b"}]})).json()

@@ -112,7 +112,7 @@ async def test_every_answer_is_what_the_document_says(start_service, nc, tmp_pat
     await eventually(lambda: running.service.store.applied == 1)
     await eventually(lambda: running.service.ready)
 
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         document = (await http.get("/openapi.json")).json()
         for schema in document["components"]["schemas"].values():
             Draft202012Validator.check_schema(schema)
@@ -216,7 +216,7 @@ async def test_every_answer_is_what_the_document_says(start_service, nc, tmp_pat
 async def backed_up_and_not_ready(start_service: Any, contract: Contract, nats: NatsServer, tmp_path: Path) -> None:
     backed_up = await start_service(data_dir=tmp_path / "backed-up", nats_url=nats.url, max_unwritten_decisions=1,
                                     checkpoint_every_s=600)
-    async with httpx.AsyncClient(base_url=backed_up.base_url) as http:
+    async with backed_up.http() as http:
         assert (await post_score(http, contract)).status_code == 200
         # Its row waits once JetStream has acknowledged the decision: asked before, /score still served.
         await eventually(lambda: backed_up.service.decision_log.backlog >= 1)

@@ -8,7 +8,6 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 import sqlalchemy as sa
@@ -46,7 +45,7 @@ async def test_restart_serves_checkpointed_users_before_they_are_loaded(
     store = second.service.store
     assert f"checkpoint restored: {len(before)} users (loading in the background)" in caplog.text
     assert store.positions == first.service.store.positions
-    async with httpx.AsyncClient(base_url=second.base_url) as http:
+    async with second.http() as http:
         body = (await http.get("/users/u-299/features")).json()
     assert body["known"] is True
     await eventually(lambda: second.service.warm, timeout=30)
@@ -102,7 +101,7 @@ async def test_an_idle_user_leaves_memory_and_comes_back_from_the_database(start
     # Not before the offline writer's pass had read it: its user_features row was written.
     with first.service.engine.connect() as conn:
         assert "idle" in conn.execute(sa.text("select user_id from user_features")).scalars().all()
-    async with httpx.AsyncClient(base_url=first.base_url) as http:
+    async with first.http() as http:
         assert "tipstream_users_dormant 1.0" in (await http.get("/metrics")).text
         at = {"at": "2026-09-03T09:00:00+01:00"}  # within the idle user's history: three opens in 7 days
         body = (await http.get("/users/idle/features", params=at)).json()
@@ -112,7 +111,7 @@ async def test_an_idle_user_leaves_memory_and_comes_back_from_the_database(start
     second = await start_service(checkpoint_every_s=0.1)
     store = second.service.store
     await eventually(lambda: not store.cold and store.dormant == {"idle"}, timeout=30)
-    async with httpx.AsyncClient(base_url=second.base_url) as http:
+    async with second.http() as http:
         again = (await http.get("/users/idle/features", params=at)).json()
     assert again == body
     await second.stop()

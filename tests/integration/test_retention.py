@@ -7,7 +7,6 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import sqlalchemy as sa
 
@@ -121,7 +120,7 @@ async def test_the_service_deletes_old_rows_and_keeps_the_decisions_it_just_made
     with engine.begin() as conn:
         db.upsert(conn, db.tip_scores, [row("d-last-month", now - timedelta(days=31)),
                                         row("d-last-week", now - timedelta(days=7))], ["decision_id"])
-    async with httpx.AsyncClient(base_url=running.base_url) as client:
+    async with running.http() as client:
         answer = await client.post("/score", json={"user_id": "u1", "candidates": [
             {"tip_id": "tip-a"}, {"tip_id": "tip-b"}]})
     assert answer.status_code == 200, answer.text

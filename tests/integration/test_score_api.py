@@ -8,7 +8,6 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import nats
 import orjson
 import pytest
@@ -36,7 +35,7 @@ async def decisions_in_stream(js: Any) -> int:
 
 async def test_an_answer_ranks_every_candidate_and_is_logged_once(start_service, nc, database_url) -> None:
     running = await start_service(database_url=database_url, checkpoint_every_s=0.1)
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         response = await http.post("/score", json=body(candidates=candidates(10)))
     assert response.status_code == 200
     answer = response.json()
@@ -75,7 +74,7 @@ async def test_an_answer_ranks_every_candidate_and_is_logged_once(start_service,
     assert stored[5] is None  # no reward yet: the event is in the stream only (above)
 
     # The learner holds it for its feedback, and says how much of its budget that takes.
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         metrics = (await http.get("/metrics")).text
     held = running.service.learner.joins.bytes
     assert held > len(message.data) and f"tipstream_join_cache_bytes {float(held)}" in metrics
@@ -90,7 +89,7 @@ async def test_a_decision_in_any_offset_gets_its_row_and_checkpoints_go_on(start
     to 15:59, so a decision at +23:59 kept its `tip_scores` row, and every later checkpoint, from
     being written (each retried it with the rest)."""
     running = await start_service(database_url=database_url, checkpoint_every_s=0.1)
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         for now in ("2026-11-26T09:00:00+23:59", "2026-11-26T09:00:00-23:59"):
             assert (await http.post("/score", json=body(context={"now": now}))).status_code == 200
     engine = sa.create_engine(database_url)
@@ -171,7 +170,7 @@ async def in_chunks(data: bytes, size: int) -> Any:
 
 async def test_bad_requests_get_4xx_naming_the_field_and_log_nothing(start_service, nc) -> None:
     running = await start_service(score_max_body_bytes=65_536)
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         for name, payload, status, field in BAD:
             content = payload if isinstance(payload, bytes) else orjson.dumps(payload)
             response = await http.post("/score", content=content, headers={"content-type": "application/json"})
@@ -222,7 +221,7 @@ async def test_a_request_naming_another_host_is_refused_against_dns_rebinding(st
     that domain in Host, which a service on loopback never answers to."""
     running = await start_service(allowed_hosts="tips.example")
     port = running.base_url.rsplit(":", 1)[1]
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         for host in ("rebound.example", f"rebound.example:{port}", "127.0.0.1.nip.io", f"localhost.evil:{port}"):
             for method, path, sent in (("GET", "/users/u-1/features", None), ("GET", "/metrics", None),
                                        ("POST", "/score", body())):
@@ -247,7 +246,7 @@ async def test_a_body_not_in_utf8_is_refused_as_such_not_as_bad_json(start_servi
                "UTF-16": (text.encode("utf-16"), "UTF-16"),
                "UTF-16 without a BOM": (text.encode("utf-16-le"), "UTF-16"),
                "Latin-1": (orjson.dumps(body(user_id="u-é")).decode().encode("latin-1"), "0xE9")}
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         for name, (content, named) in encoded.items():
             answer = await http.post("/score", content=content, headers={"content-type": "application/json"})
             assert answer.status_code == 422 and answer.json()["field"] == "body", (name, answer.text)
@@ -269,7 +268,7 @@ async def test_server_features_win_and_caller_features_fill_what_it_lacks(start_
     await js.publish("signals.task.completed", orjson.dumps(done), headers={"Nats-Msg-Id": "e-1"})
     await eventually(lambda: running.service.store.positions.get("SIGNALS") == 1)
     caller = {"preferred_hour": 6, "mean_hours_to_complete_28d": 3.5}
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         answer = (await http.post("/score", json=body(profile_features=caller,
                                                       context={"now": "2026-11-26T15:00:00+01:00"}))).json()
         unknown = (await http.post("/score", json=body(user_id="u-new", profile_features=caller))).json()
@@ -301,7 +300,7 @@ async def test_the_shadow_scores_every_request_and_never_reaches_a_user(start_se
         lineup.models["v2"].learn_one({**x, "tip_id": "tip-0", "category": "focus"}, 0.0)
         lineup.models["v2"].learn_one({**x, "tip_id": "tip-1", "category": "breaks"}, 1.0)
     request = body(candidates=candidates(2), explore=False)
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         answers = [(await http.post("/score", json=request)).json() for _ in range(5)]
         lineup.models["v2"].learn_one = None  # a broken shadow must not break answers either
         broken = await http.post("/score", json=request)
@@ -319,7 +318,7 @@ async def test_the_shadow_scores_every_request_and_never_reaches_a_user(start_se
 async def test_decisions_wait_for_nats_and_are_published_once_it_is_back(start_service, nats_server, nc) -> None:
     running = await start_service()
     service = running.service
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         assert (await http.post("/score", json=body())).status_code == 200
         await eventually(lambda: service.publisher.published == 1)
         nats_server.stop()
@@ -345,7 +344,7 @@ async def test_own_decisions_are_not_read_back_but_others_are(start_service, nc)
     [decisions] = [ingest for ingest in service.ingests if ingest.spec.name == "DECISIONS"]
     sink = decisions.sink
     decisions.sink = lambda logged, reply=None: read_back.append(logged.id) or sink(logged, reply)
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         answers = [(await http.post("/score", json=body(user_id=f"u-{i}"))).json() for i in range(30)]
     assert all("decision_id" in a for a in answers)
     await eventually(lambda: service.publisher.published == 30)  # answers do not wait for the log
@@ -353,7 +352,7 @@ async def test_own_decisions_are_not_read_back_but_others_are(start_service, nc)
     # The position follows JetStream's acknowledgements of our own publishes, none read back.
     await eventually(lambda: service.store.positions["DECISIONS"] == last)
     assert read_back == [] and service.decision_tail.following
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         metrics = (await http.get("/metrics")).text
     gauge = [line for line in metrics.splitlines() if line.startswith('tipstream_stream_position{stream="DECISIONS"}')]
     assert gauge == [f'tipstream_stream_position{{stream="DECISIONS"}} {float(last)}'], (gauge, last)
@@ -380,7 +379,7 @@ async def test_decisions_not_yet_in_jetstream_at_shutdown_are_published_at_the_n
 
     monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.5)  # NATS is away: a stop waits out any bound
     first = await start_service()
-    async with httpx.AsyncClient(base_url=first.base_url) as http:
+    async with first.http() as http:
         assert (await http.post("/score", json=body())).status_code == 200
         await eventually(lambda: first.service.publisher.published == 1)
         nats_server.stop()
@@ -420,7 +419,7 @@ async def test_decisions_that_cannot_be_spooled_for_a_full_disk_are_told_and_the
     spool = tmp_path / "data" / SPOOL_NAME
     assert not held_before.exists()
     spool.with_suffix(".tmp").symlink_to("/dev/full")  # where the spool is written first: the kernel's ENOSPC
-    async with httpx.AsyncClient(base_url=first.base_url) as http:
+    async with first.http() as http:
         nats_server.stop()
         await eventually(lambda: not first.service.nc.is_connected)
         assert (await http.post("/score", json=body())).status_code == 200
@@ -454,7 +453,7 @@ async def test_decisions_waiting_at_a_stop_on_a_full_disk_are_kept_in_the_space_
     reserve = data / RESERVE_NAME
     assert reserve.stat().st_size == RESERVE_BYTES and reserve.stat().st_blocks * 512 >= RESERVE_BYTES
     spool = data / SPOOL_NAME
-    async with httpx.AsyncClient(base_url=first.base_url) as http:
+    async with first.http() as http:
         nats_server.stop()
         await eventually(lambda: not first.service.nc.is_connected)
         for _ in range(3):
@@ -482,7 +481,7 @@ async def test_a_restart_does_not_dead_letter_a_bad_decision_again(start_service
     a bad message in that range was dead-lettered before, and must not be again at every start."""
     running = await start_service(checkpoint_every_s=0.1)
     service, js = running.service, nc.jetstream()
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         assert (await http.post("/score", json=body())).status_code == 200  # the cache reaches back to here
     await eventually(lambda: service.publisher.published == 1)
     before = dead_lettered("DECISIONS")
@@ -502,7 +501,7 @@ async def test_a_seeded_policy_draws_new_numbers_after_a_restart(start_service, 
     seeded = {"policy_seed": 7, "policy_epsilon": 1.0}  # every answer explores: its order is all draws
 
     async def orders(running: Any) -> list[list[str]]:
-        async with httpx.AsyncClient(base_url=running.base_url) as http:
+        async with running.http() as http:
             answers = [(await http.post("/score", json=body(candidates=candidates(10)))).json() for _ in range(6)]
         await eventually(lambda: running.service.publisher.published == len(answers))
         return [[ranked["tip_id"] for ranked in answer["ranked"]] for answer in answers]

@@ -41,7 +41,7 @@ async def score_and_act(http: httpx.AsyncClient, js: Any, i: int) -> None:
 
 async def test_changes_are_refused_without_the_token(start_service, nc, tmp_path) -> None:
     running = await start_service()  # no TIPSTREAM_ADMIN_TOKEN
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         refused = await http.post("/admin/models/v1/promote", headers=AUTH)
         assert refused.status_code == 403 and "TIPSTREAM_ADMIN_TOKEN" in refused.json()["error"]
         assert "restart it with TIPSTREAM_ADMIN_TOKEN" in refused.json()["error"]  # the server's, not the client's
@@ -53,7 +53,7 @@ async def test_changes_are_refused_without_the_token(start_service, nc, tmp_path
 
     # A fresh data directory: `v2` as shadow is only registered on a first start.
     running = await start_service(admin_token=TOKEN, bootstrap_shadow_kind="logreg", data_dir=tmp_path / "second")
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         missing = await http.post("/admin/models/v2/promote")
         assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
         status = await http.get("/admin/users/u-1/forget")
@@ -64,7 +64,7 @@ async def test_changes_are_refused_without_the_token(start_service, nc, tmp_path
 
     # Read from a file, a configured token ends with a newline: no request could ever match it.
     running = await start_service(admin_token=TOKEN + "\n", bootstrap_shadow_kind="logreg", data_dir=tmp_path / "second")
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         wrong = await http.post("/admin/models/v2/promote", headers={"Authorization": "Bearer guess"})
         assert wrong.status_code == 403
         assert (await http.get("/models")).json()["champion"] == "v1", "nothing changed"
@@ -121,7 +121,7 @@ BAD_CHANGES: list[tuple[str, bytes, str]] = [
 async def test_bad_changes_are_422_saying_why_and_change_nothing(start_service, nc, database_url) -> None:
     running = await start_service(database_url=database_url, admin_token=TOKEN, bootstrap_shadow_kind="logreg")
     history = len(running.service.lineup.registry.history)
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         before = (await http.get("/models")).json()
         for path, content, says in BAD_CHANGES:
             refused = await http.post(path, content=content, headers={**AUTH, "content-type": "application/json"})
@@ -133,7 +133,7 @@ async def test_bad_changes_are_422_saying_why_and_change_nothing(start_service, 
 async def test_an_unknown_kind_is_422_naming_the_kind_field(start_service, nc) -> None:
     """It named `params`, which the body may not even have."""
     running = await start_service(admin_token=TOKEN)
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         refused = await http.post("/admin/models", headers=AUTH, json={"version": "v2", "kind": "svm"})
     assert refused.status_code == 422
     assert refused.json() == {"error": "kind must be one of logreg, fm; got 'svm'", "field": "kind"}
@@ -145,7 +145,7 @@ async def test_a_card_made_right_after_feedback_counts_every_reward_learned(star
     while the version had learned them all."""
     running = await start_service(admin_token=TOKEN, checkpoint_every_s=600, bootstrap_shadow_kind="logreg")
     service, js = running.service, nc.jetstream()
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         for i in range(3):
             await score_and_act(http, js, i)
         # A decision's row is marked when JetStream acknowledges it, which under load may come after its reward.
@@ -170,7 +170,7 @@ async def test_a_version_whose_model_overflows_on_the_log_is_422_not_500(start_s
     running = await start_service(admin_token=TOKEN, checkpoint_every_s=0.1)
     service, js = running.service, nc.jetstream()
     overflowing = {"version": "v2", "params": {"learning_rate": 1e308}}
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         assert (await http.post("/admin/models", headers=AUTH, json=overflowing)).status_code == 200  # no log yet
         for i in range(2):
             await score_and_act(http, js, i)
@@ -192,7 +192,7 @@ async def test_a_shadow_that_diverges_logs_no_opinion_and_cannot_be_promoted(sta
     /score to rank by the popularity prior."""
     running = await start_service(admin_token=TOKEN, checkpoint_every_s=0.1)
     service, js = running.service, nc.jetstream()
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         registered = await http.post("/admin/models", headers=AUTH, json={"version": "v2", "params": {"learning_rate": 1e308}})
         assert registered.status_code == 200, registered.text
         assert (await http.post("/admin/models/v2/shadow", headers=AUTH)).status_code == 200
@@ -224,7 +224,7 @@ async def test_a_change_while_the_database_is_away_is_a_503_and_changes_nothing(
         raise sqlalchemy.exc.OperationalError("INSERT INTO model_rollouts", {}, ConnectionRefusedError("refused"))
 
     monkeypatch.setattr(lineup.store, "save", database_away)
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         before = (await http.get("/models")).json()
         for path, body in (("/admin/models/v2/promote", {}), ("/admin/models", {"version": "v3"})):
             refused = await http.post(path, headers=AUTH, json=body)
@@ -241,7 +241,7 @@ async def test_register_shadow_promote_rollback_with_cards_and_history(start_ser
     js = nc.jetstream()
     # A decision log with rewards: 60 decisions, each reacted to.
     acted = 0
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         for i in range(60):
             user = f"u-{i % 20}"
             answer = (await http.post("/score", json=score_body(user))).json()
@@ -519,7 +519,7 @@ async def test_a_clean_stop_saves_the_learner_where_the_streams_stand(start_serv
     running = await start_service(model_snapshot_every_s=3600, checkpoint_every_s=0.1)
     service = running.service
     js = nc.jetstream()
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         for i in range(5):
             await score_and_act(http, js, i)
             if i == 0:  # the first reward's snapshot is saved; the next one is an hour away
@@ -586,7 +586,7 @@ async def test_an_actor_or_note_with_a_line_break_is_one_line_of_the_log(start_s
     caplog.set_level(logging.INFO, logger="tipstream.models")
     running = await start_service(admin_token=TOKEN)
     forged = "\n2026-12-06 01:00:00,000 INFO tipstream.models: models: promote v3 by alice"
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         changed = await http.post("/admin/models", headers=AUTH,
                                   json={"version": "v2", "actor": "eve" + forged, "note": "n" + forged})
         assert changed.status_code == 200, changed.text

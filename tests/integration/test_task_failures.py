@@ -9,7 +9,6 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 import nats
 
 from app import ingest
@@ -87,7 +86,7 @@ async def test_a_bug_in_a_message_handler_does_not_stop_the_connection_reading(
     await _publish(nats_server.url, _signal("e-1"))
     await eventually(lambda: service.store.applied == 1)
     with caplog.at_level(logging.ERROR):
-        async with httpx.AsyncClient(base_url=running.base_url) as http:
+        async with running.http() as http:
             answer = await http.post("/score", json={"user_id": "u-1", "candidates": [{"tip_id": "tip-focus-1"}]})
             assert answer.status_code == 200, answer.text
         await eventually(lambda: published.raised)
@@ -96,7 +95,7 @@ async def test_a_bug_in_a_message_handler_does_not_stop_the_connection_reading(
     assert service.ready and service.fatal is None
     assert any(r.exc_info and r.exc_info[1] is published.raised[0] for r in caplog.records), "the traceback is logged"
     # The decisions served after it are acknowledged as before.
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         answer = await http.post("/score", json={"user_id": "u-1", "candidates": [{"tip_id": "tip-focus-1"}]})
         assert answer.status_code == 200, answer.text
     await eventually(lambda: service.publisher.published == 2 and service.publisher.waiting == 0)
