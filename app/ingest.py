@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -50,6 +51,9 @@ ACK_PENDING_BATCHES = 32  # pull requests' worth of messages a consumer may hold
 # bound (10 s), ingest resumed 11-16 s after the loss. Each unanswered call is asked again at once: with a backoff
 # doubling after each (to 6.4 s by then), a consumer that could be made 11 s after the loss was asked for at 16 s.
 RESET_CALL_TIMEOUT_S = 2.0
+# How often a hold (checkpoints failing, a user's state that cannot be read) asks the server for the
+# stream's lag: no chunk is folded meanwhile, and the lag was set only as one was.
+LAG_WHILE_HELD_EVERY_S = 5.0
 EXPECTED_SUBJECT = {t: f"{family}.{t}" for t, family in FAMILY_OF_TYPE.items()}
 validate_json = EVENT_ADAPTER.validator.validate_json  # pydantic-core directly: no wrapper per event
 
@@ -217,6 +221,8 @@ class StreamIngest:
             read.drained = self.drained
         self.progress_every_s = jsx.ACK_WAIT_S / 3  # while a wait holds delivered messages (`_keep_in_progress`)
         self._progressed = 0.0
+        self.lag_while_held_every_s = LAG_WHILE_HELD_EVERY_S
+        self._lag_asked = -math.inf
         self._held: list[pull.RawMsg] = []
         # Clear within a chunk's fold, which may wait (a user's state read, the learner): the store then holds
         # part of the chunk, past the stream's position. A user is forgotten between two chunks, the eraser
@@ -446,10 +452,27 @@ class StreamIngest:
         return max(self._progressed + self.progress_every_s - time.monotonic(), 0.0)
 
     async def _pause(self, seconds: float) -> None:
-        """Sleep, keeping what is held in progress."""
+        """Sleep, keeping what is held in progress and the lag told (`_ask_lag`)."""
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
-            await asyncio.sleep(min(left, await self._keep_in_progress()))
+            await self._ask_lag()
+            await asyncio.sleep(min(left, await self._keep_in_progress(), self.lag_while_held_every_s))
+
+    async def _ask_lag(self) -> None:
+        """While ingest holds, the lag as the server counts it, every `lag_while_held_every_s`: set only as a
+        chunk was folded, it stayed at its last value (0) through a hold of minutes while the stream grew, and
+        the README's alert on `tipstream_stream_lag` for ingest held never fired."""
+        now = time.monotonic()
+        if now - self._lag_asked < self.lag_while_held_every_s or not self.nc.is_connected:
+            return
+        self._lag_asked = now
+        try:
+            info = await self.js.consumer_info(self.spec.name, self.durable, timeout=RESET_CALL_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - NATS away or the consumer gone: the last lag known stays
+            return
+        # Not delivered yet, and delivered but not folded: as a folded chunk counts it, after the position.
+        self.lag = (info.num_pending or 0) + len(self._held) + len(self.buffer)
+        self._lag.set(self.lag)
 
     async def process(self, chunk: list[pull.RawMsg]) -> None:
         self.between_chunks.clear()

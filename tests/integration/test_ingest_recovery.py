@@ -684,3 +684,37 @@ async def test_a_message_delivered_again_does_not_hide_one_passed_over(nats_serv
                                                delivered(103, 4)])
     finally:
         await nc.close()
+
+
+async def test_the_lag_metric_grows_with_the_stream_while_ingest_holds(nats_server) -> None:
+    """The README alerts on `tipstream_stream_lag > 10000` for ingest held. The lag was set only as a chunk
+    was folded, so a hold (checkpoints failing: a SQLite file locked for 80 s under `--demo 100`) kept the
+    last value, 0, in /metrics and /readyz alike, while ~8,000 events were stored behind it."""
+    nc = await jsx.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+
+    def events(first: int, count: int) -> list[tuple[str, dict[str, Any]]]:
+        return [("signals.app.opened", {"id": f"e{i}", "type": "app.opened", "user_id": f"u{i % 7}",
+                                        "ts": "2026-11-26T08:00:00Z"}) for i in range(first, first + count)]
+
+    gauge = METRICS.lag.labels("SIGNALS")
+    checkpoints, store = Checkpoints(), OnlineStore()
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, store, checkpoints, batch=64, max_event_bytes=16384,
+                          max_uncheckpointed=10)
+    ingest.lag_while_held_every_s = 0.1
+    await jsx.publish_events(js, events(0, 5))
+    await ingest.start()
+    running = asyncio.create_task(ingest.run())
+    await eventually(lambda: store.positions.get("SIGNALS") == 5 and gauge._value.get() == 0)
+    checkpoints.uncheckpointed = 10  # the database is away: ingest holds after the next chunk
+    await jsx.publish_events(js, events(5, 1))
+    await eventually(lambda: ingest.puller.paused and store.positions.get("SIGNALS") == 6)
+    await jsx.publish_events(js, events(6, 300))  # stored while ingest holds
+    await eventually(lambda: gauge._value.get() == 300 and ingest.lag == 300, timeout=5)
+    checkpoints.uncheckpointed = 0  # a checkpoint succeeds: ingest reads on, and the lag goes back to 0
+    await eventually(lambda: store.positions.get("SIGNALS") == 306 and gauge._value.get() == 0)
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    await ingest.stop()
+    await nc.close()
