@@ -51,9 +51,10 @@ _ANSWERED = SCORE_REQUESTS.labels("200")
 for _status in ("413", "415", "422", "503"):
     SCORE_REQUESTS.labels(_status)
 _JSON = (b"content-type", b"application/json")
-# A user not loaded from the checkpoint yet after a restart, while the database is away.
-UNAVAILABLE = {"error": "user_id: this user's state is still to be loaded from the checkpoint, and the database is "
-                        "away (see the warnings in the log); try again shortly", "field": "user_id"}
+# A user not in memory (cold after a restart, or idle) whose read from the checkpoint failed (`app/thaw.py`).
+UNAVAILABLE = {"error": "user_id: this user's state is still to be loaded from the checkpoint, and the database did "
+                        "not give it (away, or a table locked: see the warning in the log); try again shortly",
+               "field": "user_id"}
 
 
 def too_large(limit: int) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import orjson
@@ -436,3 +437,40 @@ async def test_the_users_a_checkpoint_saved_are_told_a_run_at_a_time(monkeypatch
     ticker.cancel()
     assert [users for users, _ in told] == [["a", "b"], ["c", "d"], ["e"]]
     assert told[0][1] < told[1][1] < told[2][1], "the loop turned between the runs"
+
+
+async def test_a_user_read_that_fails_says_why_in_the_log(caplog: pytest.LogCaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """/score's and the features' 503 for a user not in memory says "see the warnings in the log", and
+    there were none: a `user_state` locked on PostgreSQL gave the 503 after 10 s and the log said nothing.
+    The log now says why, the cause named (the wait given up, or the driver's error), at most once a
+    minute of each, and not who the user is (README, "Forgetting a user": the log is not erased)."""
+    import threading
+
+    from app import thaw
+    from streams.log_throttle import LogThrottle
+    from streams.store import StateUnavailable
+
+    monkeypatch.setattr(thaw, "LOAD_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(thaw, "_failure_lines", LogThrottle(per_window=1), raising=False)
+    release = threading.Event()
+    store = OnlineStore()
+    store.fetch_cold = lambda ids: release.wait(5) and {}  # a lock held on user_state
+    store.dormant.update({"locked-1", "locked-2"})
+    with caplog.at_level(logging.WARNING, logger="tipstream.thaw"):
+        for user in ("locked-1", "locked-2"):
+            with pytest.raises(StateUnavailable):
+                await thaw.load_state(store, user)
+        release.set()
+
+        def refused(ids: list[str]) -> dict[str, bytes]:
+            raise OSError("connection refused")
+
+        store.fetch_cold = refused
+        with pytest.raises(StateUnavailable):
+            await thaw.load_state(store, "locked-1")
+    lines = [r.getMessage() for r in caplog.records if r.name == "tipstream.thaw"]
+    assert len(lines) == 2, lines  # one a minute for the two waits given up, one for the error
+    assert "did not answer within 0.2 s" in lines[0] and "locked" in lines[0] and "503" in lines[0]
+    assert "OSError: connection refused" in lines[1]
+    assert not any("locked-" in line for line in lines)
