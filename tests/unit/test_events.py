@@ -367,6 +367,33 @@ def test_the_readme_s_latency_alerts_can_fire() -> None:
         assert (name, bound) in exposed, f'{name}{{le="{bound}"}} is no series /metrics exposes'
 
 
+def test_the_readme_s_alerts_match_the_series_they_combine() -> None:
+    """PromQL divides or subtracts two series only where all their labels match, unless told which to
+    leave out (`ignoring`). The late-reactions alert divided `tipstream_feedback_total{outcome="late"}` by
+    `{outcome="credited"}`: no pair matched, the result was empty, and the alert never fired."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Watching it", 1)[1].split("#### Disk", 1)[0]
+    combined = 0
+    for expr in re.findall(r"`([^`]*tipstream_[^`]*)`", section):
+        sides = []
+        for name, matchers in re.findall(r"(tipstream_\w+)(?:\{([^}]*)\})?", expr):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', matchers))
+            if name.endswith("_bucket"):
+                labels.setdefault("le", "any")  # a bucket's every series has one; _count and _sum have none
+            sides.append(labels)
+        if len(sides) < 2:
+            continue
+        combined += 1
+        left_out = {label.strip() for group in re.findall(r"ignoring\(([^)]*)\)", expr) for label in group.split(",")}
+        for labels in sides[1:]:
+            differing = {k for k in labels.keys() | sides[0].keys() if labels.get(k) != sides[0].get(k)}
+            assert differing <= left_out, f"{expr}: no series pairs up across {sorted(differing - left_out)}"
+    assert combined >= 2, "the README's alerts combine fewer series than this test knew: update it"
+
+
 def test_each_streams_dlq_reasons_are_exposed_at_0_from_its_start() -> None:
     """The README alerts on `increase(tipstream_dlq_total[10m])`: a reason first counted in a burst
     appeared at its full count, and increase() read 0."""
