@@ -295,7 +295,10 @@ class Checkpointer:
         self.on_saved: list[Callable[[list[str]], None]] = []
         self.every_events, self.every_s = every_events, every_s
         self.last_applied = store.applied
+        # From the start, as if a checkpoint had just been written: the one restored was read back. At 0
+        # until the first one, the README's alert on the gauge's age fired at every start.
         self.last_ok = time.monotonic()
+        METRICS.checkpoint_ok_at.set(time.time())
         self.failures = 0
         self.last_error: str | None = None  # of the checkpoint that failed last, until one succeeds
         self._saved_positions: dict[str, int] | None = None

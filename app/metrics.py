@@ -50,7 +50,7 @@ class Metrics:
         self.checkpoint_failures = Counter("tipstream_checkpoint_failures_total", "Failed checkpoint writes.", registry=r)
         self.checkpoint_ok_at = Gauge(
             "tipstream_checkpoint_ok_timestamp_seconds", "Unix time of the last checkpoint written or found "
-            "with nothing to write; alert on its age (time() - it): events folded since are replayed by a restart, "
+            "with nothing to write (the start's, until the first one); alert on its age (time() - it): events folded since are replayed by a restart, "
             "and /score answers 503 once TIPSTREAM_MAX_UNWRITTEN_DECISIONS wait for one.", registry=r,
         )
         self.fold_delay = Histogram(

@@ -474,3 +474,18 @@ async def test_a_user_read_that_fails_says_why_in_the_log(caplog: pytest.LogCapt
     assert "did not answer within 0.2 s" in lines[0] and "locked" in lines[0] and "503" in lines[0]
     assert "OSError: connection refused" in lines[1]
     assert not any("locked-" in line for line in lines)
+
+
+def test_the_checkpoint_age_starts_at_the_start_not_at_1970() -> None:
+    """The README alerts on `time() - tipstream_checkpoint_ok_timestamp_seconds > 60`. The gauge read 0 from a
+    start to its first checkpoint (~5 s, longer behind a large catch-up's first one), so the alert fired at
+    every start, saying checkpoints fail. It starts where /readyz's `since_last_ok_s` does."""
+    import time
+
+    from app.metrics import METRICS
+
+    METRICS.checkpoint_ok_at.set(0)
+    before = time.time()
+    checkpointer = Checkpointer(OnlineStore(), MemoryCheckpointStore(), every_events=1, every_s=60)
+    assert before <= METRICS.checkpoint_ok_at._value.get() <= time.time()
+    assert checkpointer.health()["since_last_ok_s"] < 1
