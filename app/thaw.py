@@ -55,23 +55,34 @@ async def load_state(store: OnlineStore, user_id: str) -> None:
                 async with asyncio.timeout_at(deadline):
                     blobs = await loop.run_in_executor(_readers, fetch, [user_id])
             except Exception as error:  # whatever the driver raises, or the timeout
-                _tell(error)
-                raise StateUnavailable(user_id) from error
+                cause = _cause(error)
+                _tell(cause, timed_out=isinstance(error, TimeoutError))
+                raise StateUnavailable(cause) from error  # not the user's id: ingest logs it
             store.install(user_id, blobs.get(user_id), rested)
     finally:
         METRICS.user_reads.observe(loop.time() - started)
 
 
-def _tell(error: BaseException) -> None:
+def _cause(error: BaseException) -> str:
+    """Why a read failed, in one line: a driver's error goes on with its SQL and parameters (the user's id)."""
+    if isinstance(error, TimeoutError):
+        return (
+            f"the database did not answer within {LOAD_TIMEOUT_S:g} s: a table locked (VACUUM FULL, ALTER TABLE "
+            "or LOCK on user_state) or the server stuck"
+        )
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
+def _tell(cause: str, timed_out: bool) -> None:
     """The warning the 503 for such a user points to ("see the warnings in the log"): none was written, and
     a `user_state` locked on PostgreSQL gave 503s after 10 s each with nothing in the log. It does not name the
     user: the log is not erased when a user is forgotten (README)."""
-    timed_out = isinstance(error, TimeoutError)
     left_out = _failure_lines.allow(timed_out)
     if left_out is None:
         return
-    cause = (f"the database did not answer within {LOAD_TIMEOUT_S:g} s: a table locked (VACUUM FULL, ALTER TABLE "
-             "or LOCK on user_state) or the server stuck" if timed_out else f"{type(error).__name__}: {error}")
-    log.warning("a user's state could not be read from the checkpoint (%s). Users not in memory (cold after a start, "
-                "or idle) get 503 from /score and their features, and their events wait, until it answers%s",
-                cause, f" ({left_out} more since the last line)" if left_out else "")
+    log.warning(
+        "a user's state could not be read from the checkpoint (%s). Users not in memory (cold after a start, "
+        "or idle) get 503 from /score and their features, and their events wait, until it answers%s",
+        cause,
+        f" ({left_out} more since the last line)" if left_out else "",
+    )

@@ -28,7 +28,7 @@ IDLE_DAYS = HORIZON_DAYS + 1
 
 class StateUnavailable(Exception):
     """A user's checkpointed state could not be read (the database is away); they stay cold, to
-    be loaded at the next try."""
+    be loaded at the next try. Its message says why in one line, not whose: the log shows it."""
 
 
 class OnlineStore:
@@ -70,7 +70,8 @@ class OnlineStore:
         try:
             blob = self.fetch_cold([user_id]).get(user_id)
         except Exception as error:  # whatever the database driver raises
-            raise StateUnavailable(user_id) from error
+            # Its first line: the rest is the SQL and its parameters, this user's id (ingest logs it).
+            raise StateUnavailable(f"{type(error).__name__}: {error}".splitlines()[0]) from error
         return self._thawed(user_id, blob)
 
     def _thawed(self, user_id: str, blob: bytes | None) -> UserState:

@@ -718,3 +718,27 @@ async def test_the_lag_metric_grows_with_the_stream_while_ingest_holds(nats_serv
     await asyncio.gather(running, return_exceptions=True)
     await ingest.stop()
     await nc.close()
+
+
+async def test_a_stream_held_at_a_users_read_logs_why_and_not_who(nats_server, caplog) -> None:
+    """The warning of a chunk held at a user's read said the user's id where the cause goes ("... for SIGNALS
+    (u3); retrying"): the README says the log names a user only in a request to forget them and in warnings
+    about their reactions, and the id said nothing of why."""
+    import re
+
+    nc, js = await seeded(nats_server)
+    store = OnlineStore()
+    with_u3_cold(store, lambda failures: len(failures) < 1)
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=512, max_event_bytes=16384,
+                          max_uncheckpointed=10**6)
+    await ingest.start()
+    with caplog.at_level(logging.WARNING, logger="tipstream.ingest"):
+        running = asyncio.create_task(ingest.run())
+        await eventually(lambda: store.positions.get("SIGNALS", 0) == EVENTS, timeout=20)
+    lines = [r.getMessage() for r in caplog.records if "could not fold events" in r.getMessage()]
+    assert lines and all("ConnectionError: the database is away" in line for line in lines), lines
+    assert not any(re.search(r"\bu3\b", line) for line in lines), lines
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    await ingest.stop()
+    await nc.close()

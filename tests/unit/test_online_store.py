@@ -464,10 +464,10 @@ async def test_a_user_read_that_fails_says_why_in_the_log(caplog: pytest.LogCapt
         release.set()
 
         def refused(ids: list[str]) -> dict[str, bytes]:
-            raise OSError("connection refused")
+            raise OSError("connection refused\n[SQL: SELECT ...]\n[parameters: ('locked-1',)]")  # as SQLAlchemy's
 
         store.fetch_cold = refused
-        with pytest.raises(StateUnavailable):
+        with pytest.raises(StateUnavailable, match="^OSError: connection refused$"):
             await thaw.load_state(store, "locked-1")
     lines = [r.getMessage() for r in caplog.records if r.name == "tipstream.thaw"]
     assert len(lines) == 2, lines  # one a minute for the two waits given up, one for the error
