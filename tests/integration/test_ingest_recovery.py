@@ -690,7 +690,7 @@ async def test_the_lag_metric_grows_with_the_stream_while_ingest_holds(nats_serv
     """The README alerts on `tipstream_stream_lag > 10000` for ingest held. The lag was set only as a chunk
     was folded, so a hold (checkpoints failing: a SQLite file locked for 80 s under `--demo 100`) kept the
     last value, 0, in /metrics and /readyz alike, while ~8,000 events were stored behind it."""
-    nc = await jsx.connect(nats_server.url)
+    nc = await pull.connect(nats_server.url)
     js = nc.jetstream(timeout=5)
     await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
 
