@@ -18,7 +18,7 @@ from typing import Any
 
 from app.learning_metrics import DECISION_QUEUE, DECISIONS
 from app.periodic import woken
-from streams.jetstream import STORAGE_FULL
+from streams.jetstream import STORAGE_FULL, STORAGE_FULL_FIX
 from streams.log_throttle import LogThrottle
 
 log = logging.getLogger("tipstream.decisions")
@@ -54,11 +54,6 @@ REFUSAL_LINES_PER_MINUTE = 10
 # STORAGE_FULL in a refusal's raw answer (10047 alone was matched, and no refusal of a decision ever
 # named the fix).
 STORAGE_FULL_CODES = tuple(b'"err_code":%d' % code for code in STORAGE_FULL)
-STORAGE_FULL_FIX = (". The account's or the server's JetStream file storage is full: `max_file` in the account's "
-                    "`jetstream {}` limits, the server's `max_file_store` (unset: 75% of the disk's free space when "
-                    "nats-server started; an embedded one's is in its nats-server.log, 'Max Storage'), or its disk. "
-                    "Free or raise it (a restart of nats-server sizes it anew); TIPSTREAM_STREAM_MAX_BYTES bounds "
-                    "each stream, its oldest events going first")
 
 
 class DecisionLogFull(Exception):

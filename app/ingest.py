@@ -24,7 +24,6 @@ from pydantic import ValidationError
 
 from app.catch_up import CatchUpProgress
 from app.checkpoints import Checkpointer
-from app.decision_publisher import STORAGE_FULL_FIX
 from app.metrics import METRICS
 from app.thaw import load_state
 from streams import ack_subject, pull
@@ -632,7 +631,7 @@ class StreamIngest:
                                     error, f" ({left_out} more unanswered since the last line)" if left_out else "")
                     continue
                 # A full JetStream refuses the DLQ's copy, and the stream waits at that event until it has room.
-                fix = STORAGE_FULL_FIX if getattr(error, "err_code", None) in jsx.STORAGE_FULL else ""
+                fix = jsx.STORAGE_FULL_FIX if getattr(error, "err_code", None) in jsx.STORAGE_FULL else ""
                 log.warning("could not %s for %s (%s); retrying in %.1fs%s", what, self.spec.name, error, delay, fix)
                 if isinstance(error, StateUnavailable):  # a user's state: retried once the database is back
                     await self.checkpointer.wait_to_retry(delay, self._pause)

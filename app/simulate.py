@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import nats
+from nats.js.errors import APIError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from app.embedded_nats import URL_FILE
 from app.nats_auth import NatsAuthError, NatsUnanswered, connect_for_command, nats_options
 from app.settings import get_settings
-from streams.jetstream import publish_events
+from streams.jetstream import STORAGE_FULL_FIX, publish_events
 from streams.simulator import Population
 
 
@@ -118,7 +119,12 @@ async def simulate(users: int, rate: float, count: int | None, duration: float |
         sent, interrupted = 0, False
         try:
             while chunk := list(itertools.islice(events, per_chunk)):
-                acknowledged = await _acknowledged(publish_events(js, chunk), closed)
+                try:
+                    acknowledged = await _acknowledged(publish_events(js, chunk), closed)
+                except APIError as error:  # storage full: no try again helps (`publish_events`)
+                    raise SystemExit(
+                        f"JetStream at {shown_url(url)} refused the events after {sent} acknowledged: "
+                        f"{error.description} ({error.err_code}){STORAGE_FULL_FIX}.") from None
                 if acknowledged is None:  # the service stopped, and its embedded server with it
                     raise SystemExit(
                         f"Lost the NATS server at {shown_url(url)} after {sent} events acknowledged "

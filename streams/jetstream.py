@@ -71,6 +71,12 @@ NO_LEADER = -1  # ours, not the server's: a stream left without a leader after i
 # 10002 ("resource limits exceeded for account"); 10047 ("insufficient storage resources available") is
 # its answer to a stream's creation.
 STORAGE_FULL = (10023, 10002, 10047)
+# What an operator does about it, said after JetStream's own words.
+STORAGE_FULL_FIX = (". The account's or the server's JetStream file storage is full: `max_file` in the account's "
+                    "`jetstream {}` limits, the server's `max_file_store` (unset: 75% of the disk's free space when "
+                    "nats-server started; an embedded one's is in its nats-server.log, 'Max Storage'), or its disk. "
+                    "Free or raise it (a restart of nats-server sizes it anew); TIPSTREAM_STREAM_MAX_BYTES bounds "
+                    "each stream, its oldest events going first")
 
 
 async def ensure_streams(
@@ -419,12 +425,30 @@ async def _publish_acknowledged(js: JetStreamContext, batch: list[tuple[str, dic
             if not again:
                 raise TimeoutError(f"JetStream acknowledged {len(batch) - len(left)} of {len(batch)} events within "
                                    f"{ack_wait_s:g} s") from None
+            if len(left) == len(batch):
+                await _raise_if_storage_full(js, left[0], ack_wait_s)
             log.warning("JetStream acknowledged %d of %d events within %g s; publishing the rest again",
                         len(batch) - len(left), len(batch), ack_wait_s)
             batch = left
         finally:
             for future in pending:  # each holds one of publish_async_max_pending's places until settled
                 future.cancel()
+
+
+async def _raise_if_storage_full(js: JetStreamContext, pair: tuple[str, dict[str, Any]], ack_wait_s: float) -> None:
+    """Raise JetStream's refusal of `pair` for storage full (`STORAGE_FULL`), asked for with a publish that waits
+    for its answer. nats-py's handler of `publish_async`'s answers raises a refusal into the connection's error
+    callback instead of settling the future, which then times out like a server away: `tipstream simulate` against
+    a full JetStream published the same events again for ever, saying "acknowledged 0 of 11". Published once more,
+    the event is stored once (its `Nats-Msg-Id`); anything else (NATS away, another refusal) is tried again."""
+    subject, event = pair
+    try:
+        await js.publish(subject, orjson.dumps(event), timeout=ack_wait_s, headers=event_headers(event["id"]))
+    except APIError as error:
+        if error.err_code in STORAGE_FULL:
+            raise
+    except Exception:  # noqa: BLE001, S110 - published again with the rest of the batch
+        pass
 
 
 def _acked(future: asyncio.Future[Any]) -> bool:

@@ -11,6 +11,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from streams.events import Rejection, parse_event
 from streams.jetstream import ensure_streams
 from tests.conftest import eventually
@@ -211,3 +213,30 @@ def test_simulate_to_a_server_whose_certificate_is_not_trusted_says_so_at_once(t
     assert done.returncode == 1, done.stderr
     assert "CERTIFICATE_VERIFY_FAILED" in done.stderr and "TIPSTREAM_NATS_TLS_CA" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("cap", ["server", "account"])
+async def test_simulate_to_a_full_jetstream_ends_naming_the_limits(tmp_path: Path, cap: str) -> None:
+    """nats-py raises a publish's refusal into the connection's error callback instead of settling its future,
+    so the refusal looked like a server away: simulate published the same events again for ever, saying only
+    "JetStream acknowledged 0 of 11 events within 5 s"."""
+    import nats
+
+    from tests.integration.test_decision_faults import storage_capped_server
+
+    server, url = storage_capped_server(tmp_path / "nats", cap)
+    server.start()
+    try:
+        client = await nats.connect(url)
+        await ensure_streams(client.jetstream(), max_age_days=1, max_bytes=-1, duplicate_window_s=60,
+                             dlq_max_age_days=1)
+        await client.close()
+        done = await asyncio.to_thread(subprocess.run, [TIPSTREAM, "simulate", "--count", "5000", "--rate", "0",
+                                                        "--nats-url", url, "--quiet"],
+                                       capture_output=True, text=True, timeout=60)
+    finally:
+        server.stop()
+    assert done.returncode == 1, done.stderr
+    told = done.stderr.strip().splitlines()[-1]
+    assert "refused the events after" in told and ("(10023)" if cap == "server" else "(10002)") in told, told
+    assert "max_file_store" in told and "`max_file`" in told and "Traceback" not in done.stderr
