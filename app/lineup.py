@@ -162,7 +162,8 @@ class Lineup:
     # -- changes (admin) ---------------------------------------------------------------------
 
     async def _change(self, apply: Callable[[Registry], Any], new_models: dict[str, TipModel] | None = None,
-                      trained_on: evaluation.TrainedOn | None = None, forgotten_from: int | None = None) -> Any:
+                      trained_on: evaluation.TrainedOn | None = None, forgotten_from: int | None = None,
+                      retiring: str | None = None) -> Any:
         """Apply `apply` to a copy of the registry, persist it, then swap it in.
 
         A new model was trained on the rewards in SQL when it was read (`trained_on`). Steps:
@@ -170,8 +171,12 @@ class Lineup:
            written yet, or came while it was trained), so it is as up to date as the others.
         2. Its bytes and the learner's state are saved in one transaction, so that a restart
            replays into it only feedback that comes after.
-        3. It learns with the others while that transaction runs (and stops if it fails)."""
-        async with self._lock, self.snapshot_lock if new_models else contextlib.nullcontext():
+        3. It learns with the others while that transaction runs (and stops if it fails).
+
+        A version `retiring` is saved with its rewards learned as of now: no checkpoint saves its model any
+        more, and a restart showed the count of the last one before (seconds to minutes of rewards fewer)."""
+        # Held for a retirement too, so that no snapshot taken before it (with that model) commits after it.
+        async with self._lock, self.snapshot_lock if new_models or retiring else contextlib.nullcontext():
             staged = Registry.from_dict(self.registry.to_dict())
             result = apply(staged)
             new_models = new_models or {}
@@ -190,11 +195,13 @@ class Lineup:
             # A frozen copy, serialised by the saving thread: a large model's bytes took ~100 ms of
             # the event loop (240k weights), the copy ~18 (`TipModel.frozen`).
             blobs = {v: (m.frozen(), m.n_learned) for v, m in new_models.items()}
+            learned = {retiring: self._model(retiring).n_learned} if retiring is not None else {}
             extras = [(p, p.snapshot(force=True)) for p in self.participants] if new_models else []
             learning = self.learning
             self.learning = learning + list(new_models.items())
             saving = asyncio.ensure_future(asyncio.to_thread(
-                self.store.save, staged, known_entries=self._stored_entries, new_models=blobs, extras=extras))
+                self.store.save, staged, known_entries=self._stored_entries, new_models=blobs, extras=extras,
+                learned=learned))
             cancelled = False
             while True:
                 try:
@@ -222,6 +229,8 @@ class Lineup:
                          staged.shadow)
             self._stored_entries = len(staged.history)
             self.models.update(new_models)
+            # What was saved: the model may have learned more while the transaction ran, which no one reads again.
+            self.models.update({v: RetiredModel(n) for v, n in learned.items()})
             self._refresh()
             if cancelled:
                 raise asyncio.CancelledError
@@ -292,7 +301,9 @@ class Lineup:
         return await self._change(lambda reg: reg.rollback(actor=actor, note=note))
 
     async def retire(self, version: str, actor: str, note: str = "") -> None:
-        await self._change(lambda reg: reg.retire(version, actor=actor, note=note))
+        # Only one that is learning has a count to save: a retired one is refused by the registry.
+        live = isinstance(self.models.get(version), TipModel)
+        await self._change(lambda reg: reg.retire(version, actor=actor, note=note), retiring=version if live else None)
 
     async def evaluate(self, version: str, actor: str, note: str = "") -> ModelCard:
         """Refresh a version's card: progressive validation of its configuration over the log,

@@ -103,13 +103,14 @@ class RegistryStore:
         return Registry.from_dict(state), models
 
     def save(self, registry: Registry, *, known_entries: int, new_models: dict[str, tuple[Any, int]],
-             extras: Sequence[tuple[Any, Any]] = ()) -> None:
+             extras: Sequence[tuple[Any, Any]] = (), learned: dict[str, int] | None = None) -> None:
         """Persist a registry change in one transaction.
 
         `known_entries`: how many history entries are already stored (the rest are appended);
         `new_models`: versions registered by this change, as bytes or as models whose `to_bytes`
         makes them here, off the event loop (existing rows keep theirs);
-        `extras`: (checkpoint participant, snapshot) pairs written in the same transaction.
+        `extras`: (checkpoint participant, snapshot) pairs written in the same transaction;
+        `learned`: rewards learned, for existing versions whose model no checkpoint saves any more (retired).
         """
         now = datetime.now(UTC)
         with self.engine.begin() as conn:
@@ -118,6 +119,8 @@ class RegistryStore:
                 values = {"kind": mv.kind, "params": mv.to_dict()["params"], "feature_names": list(mv.feature_names),
                           "card": _card_row(mv.card), "updated_at": now}
                 if mv.version in existing:
+                    if learned and mv.version in learned:
+                        values["n_learned"] = learned[mv.version]
                     conn.execute(update(db.model_versions).where(db.model_versions.c.version == mv.version)
                                  .values(**values))
                 else:

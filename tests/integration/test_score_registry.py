@@ -536,6 +536,27 @@ async def test_a_clean_stop_saves_the_learner_where_the_streams_stand(start_serv
     assert again.service.lineup.champion.n_learned == 5
 
 
+async def test_a_retired_version_keeps_the_rewards_it_had_learned_across_a_restart(start_service, nc) -> None:
+    """No checkpoint saves a retired version's model any more: its count was the last snapshot's, and
+    GET /models said fewer rewards learned after a restart than before it (h120 ran it)."""
+    running = await start_service(admin_token=TOKEN, bootstrap_shadow_kind="logreg", model_snapshot_every_s=3600,
+                                  checkpoint_every_s=0.1)
+    service = running.service
+    js = nc.jetstream()
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        for i in range(5):
+            await score_and_act(http, js, i)
+            if i == 0:  # the first reward's snapshot is saved; the next one is an hour away
+                await eventually(lambda: service.learner.snapshots.last > 0 and not service.learner.snapshots.unconfirmed)
+        await eventually(lambda: service.learner.credited == 5)
+        assert (await http.post("/admin/models/v2/retire", headers=AUTH)).status_code == 200
+        before = {m["version"]: m["n_learned"] for m in (await http.get("/models")).json()["models"]}
+    assert before == {"v1": 5, "v2": 5}
+    await running.stop()
+    again = await start_service(admin_token=TOKEN, bootstrap_shadow_kind="logreg")
+    assert {v: m.n_learned for v, m in again.service.lineup.models.items()} == before
+
+
 def rewarded_rows(count: int) -> list[dict[str, Any]]:
     """`tip_scores` rows of `count` rewarded decisions, each of a user of its own."""
     from app.decisions import decision_time_ms, new_decision_id, tip_score_row
