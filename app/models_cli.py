@@ -74,6 +74,7 @@ def _default_actor() -> str:
 def no_database(settings: Any) -> str:
     """Why a read found no tipstream tables where `settings` name the database, and what to do."""
     from app.start_errors import shown_database_url
+    from app.startup import LOCK_FILE
 
     url = settings.sqlalchemy_url
     if settings.database_url:  # the data directory plays no part: not to be named
@@ -83,6 +84,12 @@ def no_database(settings: Any) -> str:
         return (f"No tipstream tables in {shown_database_url(url)} (TIPSTREAM_DATA_DIR): `tipstream migrate base` "
                 "dropped them, or no start has got that far; start the service (`tipstream run`) to make them "
                 "again and rebuild from the log.")
+    if (settings.data_dir / LOCK_FILE).exists():
+        # A service started here, and its database is not here: it has DATABASE_URL. "Run this where the
+        # service runs" sent the operator, who was there, looking for another directory.
+        return (f"No tipstream database in {settings.data_dir} (TIPSTREAM_DATA_DIR), though a service has run from "
+                "it: that service keeps its database at its DATABASE_URL (PostgreSQL, say). Set DATABASE_URL as it "
+                "has it.")
     return (f"No tipstream database at {shown_database_url(url)}: run this where the service runs (its "
             "TIPSTREAM_DATA_DIR), or set DATABASE_URL / TIPSTREAM_DATA_DIR as the service has them.")
 

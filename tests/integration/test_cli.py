@@ -212,6 +212,15 @@ def test_reading_the_registry_where_there_is_no_database_creates_none(
     with pytest.raises(SystemExit, match="No tipstream database at sqlite:///.*: run this where the service runs"):
         main(["models", "list"])
     assert not (tmp_path / "data").exists()
+    # The data directory of a service on PostgreSQL (DATABASE_URL), read without it: "run this where the
+    # service runs" sent the operator, who was there, to look for another directory.
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "tipstream.lock").write_text("4242")
+    get_settings.cache_clear()
+    with pytest.raises(SystemExit, match=r"No tipstream database in .*data \(TIPSTREAM_DATA_DIR\), though a service "
+                       r"has run from it: that service keeps its database at its DATABASE_URL"):
+        main(["models", "list"])
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["tipstream.lock"]
     # Where DATABASE_URL names the database, the data directory has nothing to do with it.
     get_settings.cache_clear()
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'elsewhere.db'}")
