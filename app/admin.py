@@ -5,7 +5,8 @@
 - `POST /admin/models` `{version, kind?, params?, actor?, note?}`: register (trained over the log;
   `kind` defaults to logreg).
 - `POST /admin/models/{version}/shadow|promote|retire|evaluate` `{actor?, note?}`.
-- `POST /admin/rollback` `{actor?, note?}`.
+- `POST /admin/rollback` `{champion?, actor?, note?}`: `champion`, the version rolled back from, makes a
+  second rollback meant for it (two at once, or one sent again) a 409 rather than a second step back.
 - `POST /admin/users/{user_id}/forget` `{actor?}`: 202, a request to forget the user (app/erasure.py);
   `GET` the same path: where it is (404: none asked).
 
@@ -110,6 +111,12 @@ class RegisterBody(ChangeBody):
     version: Annotated[str, Field(min_length=1, max_length=64), AfterValidator(_version_name)]
     kind: str = "logreg"
     params: dict[str, Any] = Field(default_factory=dict)
+
+
+class RollbackBody(ChangeBody):
+    # Rollback is the one change that, made twice, does something else: two operators undoing one bad
+    # promotion at once rolled back past the champion before it too.
+    champion: Annotated[str, Field(min_length=1, max_length=64)] | None = None
 
 
 # A change's body is a version's name, parameters and a note: a few KB. Read whole, 5 MB was parsed.
@@ -281,7 +288,7 @@ def _role_change(method: str) -> Callable[[Request, ChangeBody], Awaitable[Any]]
     return action
 
 
-async def _rollback(request: Request, body: ChangeBody) -> Any:
+async def _rollback(request: Request, body: RollbackBody) -> Any:
     """
     responses:
       200:
@@ -289,10 +296,10 @@ async def _rollback(request: Request, body: ChangeBody) -> Any:
         content:
           application/json:
             schema: {$ref: '#/components/schemas/Roles'}
-      409: {description: nothing to roll back to}
+      409: {description: 'nothing to roll back to, or `champion` is not the champion any more (field: champion)'}
     """
     lineup = _lineup(request)
-    restored = await lineup.rollback(body.actor, body.note)
+    restored = await lineup.rollback(body.actor, body.note, body.champion)
     return {"champion": restored, "shadow": lineup.shadow_version,
             "history": [e.to_dict() for e in lineup.registry.history[-5:]]}
 
@@ -395,7 +402,7 @@ def routes() -> list[Route]:
         Route("/admin/models/{version}/promote", _admin(_role_change("promote")), methods=["POST"]),
         Route("/admin/models/{version}/retire", _admin(_role_change("retire")), methods=["POST"]),
         Route("/admin/models/{version}/evaluate", _admin(_evaluate), methods=["POST"]),
-        Route("/admin/rollback", _admin(_rollback), methods=["POST"]),
+        Route("/admin/rollback", _admin(_rollback, RollbackBody), methods=["POST"]),
         Route("/admin/users/{user_id:text}/forget", _admin(_forget, ForgetBody, status=202), methods=["POST"]),
         Route("/admin/users/{user_id:text}/forget", forget_status, methods=["GET"]),
     ]

@@ -295,10 +295,10 @@ class Lineup:
                 f"Version {version!r} has diverged (a learning step overflowed its weights; it scores NaN), so it "
                 f"cannot {doing}. Retire it and register a version with a smaller learning_rate.")
 
-    async def rollback(self, actor: str, note: str = "") -> str:
-        if self.registry.previous_champions:  # none: the registry says so itself
+    async def rollback(self, actor: str, note: str = "", champion: str | None = None) -> str:
+        if self.registry.previous_champions and champion in (None, self.champion_version):  # else the registry says
             self._refuse_diverged(self.registry.previous_champions[-1], "be rolled back to")
-        return await self._change(lambda reg: reg.rollback(actor=actor, note=note))
+        return await self._change(lambda reg: reg.rollback(actor=actor, note=note, champion=champion))
 
     async def retire(self, version: str, actor: str, note: str = "") -> None:
         # Only one that is learning has a count to save: a retired one is refused by the registry.

@@ -263,6 +263,8 @@ def _change(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"actor": args.actor, "note": args.note}
     if args.action == "rollback":
         path = "/admin/rollback"
+        if args.champion is not None:  # the service refuses once another is champion: no second step back
+            body["champion"] = args.champion
     elif args.action == "register":
         path = "/admin/models"
         body |= {"version": args.version, "kind": args.kind, "params": dict(args.param or [])}
@@ -415,6 +417,12 @@ def add_models_commands(commands: Any) -> None:
         parser = sub.add_parser(action, help=helps[action] + " (through the running service)")
         if action != "rollback":
             parser.add_argument("version")
+        else:
+            # Two operators undoing one bad promotion, or one rollback run again, rolled back past the champion
+            # before it too: each undoes whatever is champion when it lands.
+            parser.add_argument("--from", dest="champion", metavar="VERSION",
+                                help="the champion to roll back from: refused, and nothing changed, if another is "
+                                     "champion by then (someone rolled back or promoted meanwhile)")
         if action in ("register", "evaluate"):
             parser.add_argument("--json", action="store_true", help="print the whole answer (JSON)")
         if action == "register":

@@ -179,6 +179,17 @@ FORGET_BODY = {
     "properties": {"actor": CHANGE_BODY["properties"]["actor"]},
 }
 
+ROLLBACK_BODY = {
+    "type": "object", "additionalProperties": False,
+    "description": CHANGE_BODY["description"],
+    "properties": {
+        **CHANGE_BODY["properties"],
+        "champion": {"type": ["string", "null"], "minLength": 1, "maxLength": 64, "default": None,
+                     "description": "the version to roll back from: refused (409) when another is champion by then, "
+                                    "so that a rollback sent twice (two operators, a retry) steps back once"},
+    },
+}
+
 REGISTER_BODY = {
     "type": "object", "required": ["version"], "additionalProperties": False,
     "properties": {
@@ -270,6 +281,7 @@ ERASURE = {
 COMPONENTS = {
     "schemas": {"ScoreRequest": SCORE_REQUEST, "ScoreAnswer": SCORE_ANSWER, "Error": ERROR,
                 "UserFeatures": USER_FEATURES, "ChangeBody": CHANGE_BODY, "RegisterBody": REGISTER_BODY,
+                "RollbackBody": ROLLBACK_BODY,
                 "RolloutEntry": ROLLOUT_ENTRY, "ModelCard": MODEL_CARD, "ModelSummary": MODEL_SUMMARY,
                 "ModelList": MODEL_LIST, "ModelVersion": MODEL_VERSION, "Roles": ROLES,
                 "Erasure": ERASURE, "ForgetBody": FORGET_BODY},

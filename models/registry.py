@@ -282,9 +282,34 @@ class Registry:
             note = f"replaces champion {old}"
         self._record("promote", version, actor, note, old)
 
-    def rollback(self, actor: str, note: str = "") -> str:
-        """Restore the previous champion; returns its version."""
+    def rollback(self, actor: str, note: str = "", champion: str | None = None) -> str:
+        """Restore the previous champion; returns its version. `champion`: the version to roll back from;
+        refused when another is champion by then, so that two rollbacks meant for one champion (two
+        operators at once, or a request sent again) do not roll back two.
+
+        >>> from datetime import datetime, timezone
+        >>> reg = Registry(clock=lambda: datetime(2026, 11, 26, 9, 0, tzinfo=timezone.utc))
+        >>> for v in ("v1", "v2", "v3"):
+        ...     reg.register(ModelVersion(v, "logreg", {}, []), actor="ci")
+        >>> reg.bootstrap("v1", actor="ops")
+        >>> for v in ("v2", "v3"):
+        ...     reg.set_shadow(v, actor="ops"); reg.promote(v, actor="ops")
+        >>> reg.rollback(actor="alice", champion="v3")
+        'v2'
+        >>> reg.rollback(actor="bob", champion="v3")
+        Traceback (most recent call last):
+        ...
+        models.registry.RegistryError: Version 'v3' is not the champion: 'v2' is, since its rollback by alice at 2026-11-26T09:00:00+00:00; nothing was rolled back. To roll back from v2 too, run `tipstream models rollback --from v2`.
+        """
         self._check_actor(actor)
+        if champion is not None and champion != self.champion:
+            since = next((e for e in reversed(self.history)
+                          if e.action in ("promote", "rollback") and e.version == self.champion), None)
+            when = f", since its {since.action} by {escaped(since.actor)} at {since.at.isoformat()}" if since else ""
+            raise RegistryError(
+                f"Version {champion!r} is not the champion: {self.champion!r} is{when}; nothing was rolled "
+                f"back. To roll back from {self.champion} too, run `{CLI} rollback --from {self.champion}`.", "conflict",
+                "champion")
         if self.champion is None or not self.previous_champions:
             raise RegistryError(
                 "There is no earlier champion to roll back to; promote a shadowed version with "

@@ -536,6 +536,42 @@ async def test_a_clean_stop_saves_the_learner_where_the_streams_stand(start_serv
     assert again.service.lineup.champion.n_learned == 5
 
 
+async def test_two_rollbacks_meant_for_one_champion_roll_back_once(start_service, nc, monkeypatch, capsys) -> None:
+    """Two operators undoing one bad promotion, or a rollback sent again, rolled back twice: past the champion
+    before it too (h120 ran two `tipstream models rollback` at once: m3, m2, then v1 served). Naming the
+    champion rolled back from (`champion`, the CLI's --from) makes the second a 409 that changes nothing."""
+    from app import models_cli
+
+    running = await start_service(admin_token=TOKEN)
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        for v in ("v2", "v3"):
+            assert (await http.post("/admin/models", headers=AUTH, json={"version": v})).status_code == 200
+            for step in ("shadow", "promote"):
+                assert (await http.post(f"/admin/models/{v}/{step}", headers=AUTH)).status_code == 200
+        first = await http.post("/admin/rollback", headers=AUTH, json={"champion": "v3", "actor": "alice"})
+        assert first.status_code == 200 and first.json()["champion"] == "v2"
+        again = await http.post("/admin/rollback", headers=AUTH, json={"champion": "v3", "actor": "bob"})
+        assert again.status_code == 409 and again.json()["field"] == "champion", again.text
+        assert "'v2' is, since its rollback by alice at " in again.json()["error"]
+        assert running.service.lineup.champion_version == "v2"
+        assert (await http.post("/admin/models/v3/promote", headers=AUTH)).status_code == 200
+
+    # The CLI's --from: another operator's rollback lands just before its own.
+    call = models_cli.admin_call
+
+    def another_first(url: Any, path: str, *args: Any, **kwargs: Any) -> Any:
+        if path == "/admin/rollback":
+            assert httpx.post(f"{running.base_url}/admin/rollback", headers=AUTH).json()["champion"] == "v2"
+        return call(url, path, *args, **kwargs)
+
+    monkeypatch.setattr(models_cli, "admin_call", another_first)
+    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", TOKEN)
+    code = await asyncio.to_thread(main, ["models", "rollback", "--from", "v3", "--url", running.base_url])
+    err = capsys.readouterr().err
+    assert code == 1 and "refused (409): Version 'v3' is not the champion: 'v2' is, since its rollback by" in err, err
+    assert running.service.lineup.champion_version == "v2"
+
+
 async def test_a_retired_version_keeps_the_rewards_it_had_learned_across_a_restart(start_service, nc) -> None:
     """No checkpoint saves a retired version's model any more: its count was the last snapshot's, and
     GET /models said fewer rewards learned after a restart than before it (h120 ran it)."""

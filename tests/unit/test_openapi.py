@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from app.admin import ChangeBody, ForgetBody, RegisterBody
+from app.admin import ChangeBody, ForgetBody, RegisterBody, RollbackBody
 from app.lineup import MODEL_PARAMETERS
 from app.openapi import complete
 from app.score_request import RequestError, parse_request
@@ -120,7 +120,8 @@ def test_the_score_request_schema_holds_the_parsers_bounds(document: dict[str, A
 
 def test_the_admin_body_schemas_are_the_models(document: dict[str, Any]) -> None:
     schemas = document["components"]["schemas"]
-    for name, model in (("ChangeBody", ChangeBody), ("RegisterBody", RegisterBody), ("ForgetBody", ForgetBody)):
+    for name, model in (("ChangeBody", ChangeBody), ("RegisterBody", RegisterBody), ("ForgetBody", ForgetBody),
+                        ("RollbackBody", RollbackBody)):
         documented = schemas[name]
         assert set(documented["properties"]) == set(model.model_fields), name
         assert set(documented.get("required", ())) == {n for n, f in model.model_fields.items() if f.is_required()}
