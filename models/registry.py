@@ -300,16 +300,20 @@ class Registry:
         Traceback (most recent call last):
         ...
         models.registry.RegistryError: Version 'v3' is not the champion: 'v2' is, since its rollback by alice at 2026-11-26T09:00:00+00:00; nothing was rolled back. To roll back from v2 too, run `tipstream models rollback --from v2`.
+        >>> reg.rollback(actor="carol", champion="v2"), reg.rollback(actor="dave", champion="v2")
+        Traceback (most recent call last):
+        ...
+        models.registry.RegistryError: Version 'v2' is not the champion: 'v1' is, since its rollback by carol at 2026-11-26T09:00:00+00:00; nothing was rolled back.
         """
         self._check_actor(actor)
         if champion is not None and champion != self.champion:
             since = next((e for e in reversed(self.history)
                           if e.action in ("promote", "rollback") and e.version == self.champion), None)
             when = f", since its {since.action} by {escaped(since.actor)} at {since.at.isoformat()}" if since else ""
-            raise RegistryError(
-                f"Version {champion!r} is not the champion: {self.champion!r} is{when}; nothing was rolled "
-                f"back. To roll back from {self.champion} too, run `{CLI} rollback --from {self.champion}`.", "conflict",
-                "champion")
+            further = (f" To roll back from {self.champion} too, run `{CLI} rollback --from {self.champion}`."
+                       if self.previous_champions else "")  # else "no earlier champion" would come next
+            raise RegistryError(f"Version {champion!r} is not the champion: {self.champion!r} is{when}; nothing was "
+                                f"rolled back.{further}", "conflict", "champion")
         if self.champion is None or not self.previous_champions:
             raise RegistryError(
                 "There is no earlier champion to roll back to; promote a shadowed version with "
