@@ -338,9 +338,19 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
     v2: progressive validation over 800 rewards (rewarded tips of the logged decisions): log loss 0.5, ROC AUC 0.7
     as shadow, over 800 rewarded decisions (logged reward 0.71): its own first choices n/a (agreed 0, effective n 0, 800 left out: not every tip could have been served there, as under explore: false or TIPSTREAM_POLICY=greedy); the champion's n/a
     the whole card: tipstream models card v2
+
+    An interaction asked for that no learned example could form is said (`--param interactions` misspelt):
+
+    >>> print(_card_summary("v4", {"card": {"offline_metrics": {"n": 40, "positives": 20, "log_loss": 0.6,
+    ...     "roc_auc": 0.6}, "inputs": {"tip_id": "categorical, one-hot",
+    ...     "tip_id*hour": "interaction, never formed: no input 'hour' in what it learned"}}}))
+    v4: progressive validation over 40 rewards (rewarded tips of the logged decisions): log loss 0.6, ROC AUC 0.6
+    interactions never formed over the log: tip_id*hour (no input 'hour' in what it learned): a misspelt input, or one your app does not send (yet)
+    the whole card: tipstream models card v4
     """
     from models.offpolicy import MIN_EFFECTIVE_N
     from models.registry import CLI
+    from models.reward import NEVER_FORMED
     from models.validation import too_few
 
     card = answer.get("card", answer)
@@ -382,6 +392,11 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
         if other and found.get(other):
             line += f"; the champion's {_short(found[other].get('snips'))}"
         lines.append(line)
+    never = {name: use for name, use in (card.get("inputs") or {}).items() if use.startswith(NEVER_FORMED)}
+    if never:  # a typo in --param interactions reads as a model like any other, but for this line
+        lines.append("interactions never formed over the log: " + "; ".join(
+            f"{name} ({use.removeprefix(NEVER_FORMED + ': ')})" for name, use in never.items())
+            + ": a misspelt input, or one your app does not send (yet)")
     lines.append(f"the whole card: {CLI} card {version}")
     return "\n".join(lines)
 

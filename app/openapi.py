@@ -215,7 +215,8 @@ MODEL_CARD = {
     "type": "object", "required": ["inputs", "offline_metrics", "fairness", "rollout_history"],
     "properties": {
         "inputs": {"type": "object", "additionalProperties": {"type": "string"},
-                   "description": "each input the model reads, and how"},
+                   "description": "each input the model reads, and how; an interaction no learned example "
+                                  "formed: 'interaction, never formed: ...', naming the input none had"},
         "offline_metrics": {"type": "object", "description": "progressive validation and the off-policy estimate "
                                                              "over the decision log (empty until trained)"},
         "fairness": {"type": "object", "description": "per segmentation (tenure, timezone)"},

@@ -153,6 +153,10 @@ def _user_plan(interactions: Interactions) -> CrossPlan:
 MAX_FACTORS = 256  # a mistyped 10**8 would have asked for 800 MB of latent vector per user and tip
 
 
+# How the card names an interaction none of the learned examples could form (`TipModel.describe_inputs`).
+NEVER_FORMED = "interaction, never formed"
+
+
 class TipModel:
     """Online P(positive | user features, tip) as a River pipeline.
 
@@ -357,17 +361,23 @@ class TipModel:
             name: "numeric, standard-scaled" if use == "numeric" else "categorical, one-hot"
             for name, use in sorted(self._inputs.items())
         }
+        never: dict[str, str] = {}
         for a, b in self.interactions.pairs:
             if a in self._inputs and b in self._inputs:  # only the crosses that have fired
                 hours = [m for m in (a, b) if self._inputs[m] == "numeric" and m not in self._flags]
                 bucketed = f"; {', '.join(hours)} in {self.interactions.hour_bucket}-hour buckets" if hours else ""
                 out[f"{a}*{b}"] = f"interaction, one-hot{bucketed}"
+            elif self._inputs:
+                # Said, once it has learned: a pair naming an input no example had (a typo, "hour" for
+                # "hour_of_day") was registered without a word, and left out of the card as if not asked for.
+                missing = " or ".join(repr(m) for m in (a, b) if m not in self._inputs)
+                never[f"{a}*{b}"] = f"{NEVER_FORMED}: no input {missing} in what it learned"
         if self._fm:  # what the pairwise term sees (`latents`)
             every = self.params["latents"] == "all"
             for name in out:
                 if every or self._inputs.get(name) == "categorical":
                     out[name] += f", {self.params['n_factors']}-factor latent vectors"
-        return out
+        return out | never
 
     # -- features ---------------------------------------------------------------------------
 

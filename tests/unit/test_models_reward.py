@@ -366,6 +366,20 @@ def test_feature_names_and_inputs_for_the_card() -> None:
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_the_card_names_an_interaction_no_example_formed(kind: str) -> None:
+    """A pair naming an input no example had ("hour" for "hour_of_day") was registered without a word, and
+    the card's inputs left it out as if it had not been asked for (h120 registered [["tip_id", "bogus"]])."""
+    params = {"n_factors": 4, "latents": "all"} if kind == "fm" else {}
+    model = TipModel(kind=kind, interactions=[("tip_id", "hour_of_day"), ("tip_id", "hour"), ("hr", "cat")], **params)
+    assert model.describe_inputs() == {}  # nothing learned: nothing to tell
+    model.learn_one({"tip_id": "t", "hour_of_day": 9}, 1.0)
+    inputs = model.describe_inputs()
+    assert inputs["tip_id*hour_of_day"].startswith("interaction, one-hot; hour_of_day in 6-hour buckets")
+    assert inputs["tip_id*hour"] == "interaction, never formed: no input 'hour' in what it learned"
+    assert inputs["hr*cat"] == "interaction, never formed: no input 'hr' or 'cat' in what it learned"
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_predicting_never_changes_the_model(kind: str) -> None:
     # /score reads the model while the learner writes it; a prediction must not write.
     model = _trained(kind, n=200)
