@@ -267,6 +267,13 @@ def _change(args: argparse.Namespace) -> int:
             body["champion"] = args.champion
     elif args.action == "register":
         path = "/admin/models"
+        names = [name for name, _ in args.param or []]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:  # the last one was taken without a word: two --param interactions=... kept only the second's pairs
+            print(f"--param {', '.join(twice)} given more than once: give each parameter once (interactions takes "
+                  'every pair in one list: [["category", "hour_of_day"], ["tip_id", "preferred_hour"]]).',
+                  file=sys.stderr)
+            return 2
         body |= {"version": args.version, "kind": args.kind, "params": dict(args.param or [])}
     else:
         # Quoted: "v 2" was a traceback (InvalidURL), and "v2/promote?" sent to evaluate promoted v2.
@@ -444,7 +451,7 @@ def add_models_commands(commands: Any) -> None:
             parser.add_argument("--kind", default="logreg", choices=("logreg", "fm"),
                                 help="logistic regression or factorisation machine (default: logreg)")
             parser.add_argument("--param", type=_param, action="append", metavar="NAME=VALUE",
-                                help="a TipModel parameter, e.g. learning_rate=0.1 (repeatable)")
+                                help="a TipModel parameter, e.g. learning_rate=0.1 (repeatable, each name once)")
         parser.add_argument("--actor", default=_default_actor(), help="who makes the change (default: user@host)")
         parser.add_argument("--note", default="", help="why, for the rollout history")
         parser.add_argument("--url", help="the service (default: http://TIPSTREAM_HOST:TIPSTREAM_PORT)")

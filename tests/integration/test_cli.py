@@ -392,6 +392,17 @@ def test_help_names_every_models_command(capsys: pytest.CaptureFixture[str]) -> 
     assert "DATABASE_URL" in capsys.readouterr().out  # where list and card read
 
 
+def test_a_parameter_given_twice_to_register_is_refused_before_anything_is_sent(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The last was taken without a word: two `--param interactions=...`, read as adding pairs, kept only the
+    second's (h120). Refused before any request: no service runs here, no token is set."""
+    code = main(["models", "register", "v9", "--param", 'interactions=[["tip_id", "hour_of_day"]]',
+                 "--param", "learning_rate=0.1", "--param", 'interactions=[["category", "preferred_hour"]]',
+                 "--url", "http://127.0.0.1:9"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("--param interactions given more than once: give each parameter once"), err
+
+
 def test_help_names_every_users_command(capsys: pytest.CaptureFixture[str]) -> None:
     """`tipstream --help` summed `users` up as forgetting a user: `export`, the README's right of
     access, was not named where an operator looks for it first."""
