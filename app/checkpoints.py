@@ -341,6 +341,14 @@ class Checkpointer:
         if self.uncheckpointed >= self.every_events:
             self._wake.set()
 
+    def wanted(self) -> None:
+        """Called by ingest while it holds for checkpoints (`TIPSTREAM_MAX_UNCHECKPOINTED_EVENTS`, or the
+        DECISIONS ingest's rows): a checkpoint now, another once it is done, for as long as the hold lasts.
+        Left to `every_events` or `every_s`, a bound under `every_events` held ingest until the next timed
+        checkpoint each time: one batch a stream per `every_s`, so a start's read-back of DECISIONS trailed
+        its publishers and /readyz stayed 503. A failed checkpoint still waits out its backoff first."""
+        self._wake.set()
+
     retry_first_s, retry_max_s = 0.5, 30.0  # the wait after a failed checkpoint, doubling up to the max
 
     async def run(self) -> None:

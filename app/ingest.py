@@ -207,6 +207,9 @@ class StreamIngest:
         self._dlq_lines = LogThrottle(per_window=DLQ_LOG_PER_MINUTE)
         # A cluster without a quorum answers no call for as long as it lasts: asked again every 2 s, each a line.
         self._unanswered_lines = LogThrottle(per_window=6)
+        # A hold asks for its checkpoint, so a small TIPSTREAM_MAX_UNCHECKPOINTED_EVENTS holds briefly but often
+        # (every second at 200 and 200 events/s): a warning apiece.
+        self._hold_lines = LogThrottle(per_window=6)
         # `read`: how far this stream has been read, for another to wait on. `after`: until that
         # other stream has caught up once, a chunk waits for it to be read past when the chunk's
         # last message was stored. Every start makes FEEDBACK follow DECISIONS so: live,
@@ -641,20 +644,25 @@ class StreamIngest:
 
     def _lagging(self, share: int) -> bool:
         """Whether 1/`share` of a bound is reached: the events applied and not checkpointed, or this
-        stream's own `backlog`."""
-        return (self.checkpointer.uncheckpointed >= self.max_uncheckpointed // share
-                or (self.backlog is not None and self.backlog() >= self.max_backlog // share))
+        stream's own `backlog`. At least 1: a bound of 1 halved was 0, reached by nothing waiting, and the
+        hold at it never ended."""
+        return (self.checkpointer.uncheckpointed >= max(self.max_uncheckpointed // share, 1)
+                or (self.backlog is not None and self.backlog() >= max(self.max_backlog // share, 1)))
 
     async def _hold_if_checkpoints_lag(self) -> None:
         """Back-pressure: stop pulling while too many applied events (or `backlog`) wait for a checkpoint."""
         if self.puller is None or not self._lagging(1):
             return
-        log.warning("%d events not checkpointed yet%s: %s; pausing %s until a checkpoint commits",
-                    self.checkpointer.uncheckpointed,
-                    f", {self.backlog()} rows waiting (at most {self.max_backlog})" if self.backlog is not None else "",
-                    self.checkpointer.behind_because(), self.spec.name)
+        left_out = self._hold_lines.allow(None)
+        if left_out is not None:
+            log.warning("%d events not checkpointed yet%s: %s; pausing %s until a checkpoint commits%s",
+                        self.checkpointer.uncheckpointed,
+                        f", {self.backlog()} rows waiting (at most {self.max_backlog})" if self.backlog is not None else "",
+                        self.checkpointer.behind_because(), self.spec.name,
+                        f" ({left_out} more pauses since the last line)" if left_out else "")
         self.puller.paused = True
         while self._lagging(2):
+            self.checkpointer.wanted()  # not the next timed one: `Checkpointer.wanted`
             await self._pause(0.2)
         if self.puller is not None:  # None: the DECISIONS tail stopped reading meanwhile (pause_reading)
             self.puller.resume()

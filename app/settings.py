@@ -203,7 +203,9 @@ class Settings(BaseSettings):
         1_000_000,
         ge=1,
         description="Ingest pauses when this many events are applied but not checkpointed (the database away, or a "
-                    "checkpoint of very many users slower than a catch-up; the log says which).",
+                    "checkpoint of very many users slower than a catch-up; the log says which), asks for a checkpoint "
+                    "at once, and reads on once fewer than half that many wait: under "
+                    "TIPSTREAM_CHECKPOINT_EVERY_EVENTS, it sets how often checkpoints are written.",
     )
 
     offline_features_every_s: float = Field(

@@ -36,6 +36,9 @@ class Checkpoints:
     def nudge(self) -> None:
         pass
 
+    def wanted(self) -> None:
+        pass
+
     def forget_stored(self, stream: str) -> None:
         pass
 
@@ -151,6 +154,30 @@ async def test_a_hold_ends_quietly_when_the_puller_went_away_meanwhile(nats_serv
     await nc.close()
 
 
+@pytest.mark.parametrize("bound", [1, 20])
+async def test_a_hold_asks_for_the_checkpoint_it_waits_for(nats_server, bound: int, caplog) -> None:
+    """TIPSTREAM_MAX_UNCHECKPOINTED_EVENTS under TIPSTREAM_CHECKPOINT_EVERY_EVENTS: each hold waited for the next
+    timed checkpoint (every 5 s by default, here never), one batch a stream between two, and a start's read-back
+    of DECISIONS never caught up with its publishers. And a bound of 1, halved to 0, held for good. Holds are
+    brief now, and many: a few lines a minute tell them."""
+    caplog.set_level(logging.WARNING, logger="tipstream.ingest")
+    nc, js = await seeded(nats_server)
+    store = OnlineStore()
+    checkpointer = Checkpointer(store, MemoryCheckpointStore(), every_events=10**9, every_s=3600)
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, store, checkpointer, batch=64, max_event_bytes=16384,
+                          max_uncheckpointed=bound)
+    await ingest.start()
+    tasks = [asyncio.create_task(checkpointer.run()), asyncio.create_task(ingest.run())]
+    await eventually(lambda: store.positions.get("SIGNALS") == EVENTS, timeout=30)
+    assert store.applied == EVENTS and checkpointer.failures == 0
+    assert 1 <= caplog.text.count("pausing SIGNALS") <= 6, caplog.text
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await ingest.stop()
+    await nc.close()
+
+
 async def test_ingest_holds_while_its_own_backlog_waits_for_a_checkpoint(nats_server) -> None:
     """The DECISIONS ingest adds a tip_scores row per decision read back and folds no event, so the
     bound on events not checkpointed never held it: with the database away, another publisher's
@@ -172,6 +199,22 @@ async def test_ingest_holds_while_its_own_backlog_waits_for_a_checkpoint(nats_se
         await asyncio.sleep(0)
     assert not hold.done()
     rows[0] = 4  # a checkpoint wrote most of them
+    await asyncio.wait_for(hold, 5)
+    assert not ingest.puller.paused
+    await ingest.stop()
+    await nc.close()
+
+
+async def test_a_backlog_bound_of_one_row_ends_its_hold_once_the_row_is_written(nats_server) -> None:
+    """TIPSTREAM_MAX_UNWRITTEN_DECISIONS=1: halved, the bound to read on under was 0, and DECISIONS held for good."""
+    nc, js = await seeded(nats_server)
+    rows = [1]
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, OnlineStore(), Checkpoints(), batch=64, max_event_bytes=16384,
+                          max_uncheckpointed=10**6, backlog=lambda: rows[0], max_backlog=1)
+    await ingest.start()
+    hold = asyncio.create_task(ingest._hold_if_checkpoints_lag())
+    await eventually(lambda: ingest.puller.paused)
+    rows[0] = 0  # a checkpoint wrote it
     await asyncio.wait_for(hold, 5)
     assert not ingest.puller.paused
     await ingest.stop()

@@ -171,3 +171,43 @@ async def test_a_stop_during_the_warm_up_ends_its_reader_thread(start_service, m
                     while not queue.empty():
                         queue.get_nowait()
             await asyncio.sleep(0.01)
+
+
+async def test_a_small_bound_on_events_not_checkpointed_holds_no_stream_after_a_restart(start_service, nc) -> None:
+    """TIPSTREAM_MAX_UNCHECKPOINTED_EVENTS=200 on a demo: after a restart DECISIONS stayed paused in its read-back,
+    FEEDBACK behind it, and /readyz answered 503. Each hold waited for the next timed checkpoint (every 5 s by
+    default; here, never): one batch a stream between two, slower than the decisions coming in. A hold now asks
+    for its checkpoint, and the streams are read to their ends whatever the timer."""
+    js = nc.jetstream()
+    settings = {"max_uncheckpointed_events": 20, "checkpoint_every_s": 3600, "ingest_batch": 16}
+    body = {"user_id": "u-1", "explore": False, "context": {"now": "2026-11-26T09:00:00+01:00"},
+            "candidates": [{"tip_id": "tip-focus-1", "category": "focus"}, {"tip_id": "tip-breaks-1", "category": "breaks"}]}
+    events = list(Population(users=30, seed=6).history(days=2, start_ms=to_ms(datetime(2026, 11, 1, tzinfo=UTC))))
+
+    async def served(running: Any, count: int) -> None:
+        async with running.http() as http:
+            for _ in range(count):
+                decision = (await http.post("/score", json=body)).json()
+                await js.publish("feedback.tip.reacted", orjson.dumps({
+                    "id": f"r-{decision['decision_id']}", "type": "tip.reacted", "user_id": "u-1",
+                    "ts": "2026-11-26T09:00:00+01:00", "v": 1,
+                    "data": {"tip_id": decision["ranked"][0]["tip_id"], "reaction": "acted",
+                             "decision_id": decision["decision_id"]}}))
+
+    async def read_to_the_end(running: Any) -> bool:
+        ends = {name: (await js.stream_info(name)).state.last_seq for name in ("SIGNALS", "FEEDBACK", "DECISIONS")}
+        return running.service.ready and {name: running.service.store.positions.get(name) for name in ends} == ends
+
+    first = await start_service(**{**settings, "checkpoint_every_s": 0.2})  # the live case: test_ingest_recovery.py
+    await publish_events(js, events[: len(events) // 2])
+    await served(first, 40)
+    await eventually(lambda: read_to_the_end(first), timeout=60, interval=0.1)
+    await first.stop()
+
+    await publish_events(js, events[len(events) // 2 :])  # while it is down: a backlog to read at the start
+    second = await start_service(**settings)
+    await served(second, 40)
+    await eventually(lambda: read_to_the_end(second), timeout=60, interval=0.1)
+    async with second.http() as http:
+        assert (await http.get("/readyz")).status_code == 200
+    await second.stop()
