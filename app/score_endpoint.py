@@ -120,6 +120,10 @@ class ScoreEndpoint:
             return
         unwritten = service.decision_log.backlog
         if unwritten >= service.settings.max_unwritten_decisions:
+            # Asked for now, not at the next timed checkpoint: a bound under the decisions served in one
+            # TIPSTREAM_CHECKPOINT_EVERY_S refused /score for the rest of it while the database answered.
+            if service.checkpointer is not None:
+                service.checkpointer.wanted()
             await send_json(send, 503, {
                 "error": f"{unwritten} decisions wait for a checkpoint to write their tip_scores rows (is the database "
                          "away? see the checkpoint errors in the log); /score answers again once they are written "

@@ -302,7 +302,8 @@ class Settings(BaseSettings):
     max_unwritten_decisions: int = Field(
         500_000, ge=1,
         description="`/score` answers 503 while this many decisions' `tip_scores` rows wait for a checkpoint (the "
-                    "database is away; ~1 KB each), instead of holding ever more of them in memory.",
+                    "database is away; ~1 KB each), instead of holding ever more of them in memory, and asks for "
+                    "that checkpoint at once.",
     )
     decision_batch: int = Field(512, ge=1, le=10_000, description="Decisions written to NATS in one buffer.")
     decision_window: int = Field(4_000, ge=1, description="Decisions published but not yet acknowledged by JetStream, at most.")

@@ -168,6 +168,23 @@ async def in_chunks(data: bytes, size: int) -> Any:
         yield data[start : start + size]
 
 
+async def test_a_refusal_for_rows_waiting_asks_for_the_checkpoint_that_writes_them(start_service, nc) -> None:
+    """TIPSTREAM_MAX_UNWRITTEN_DECISIONS under the decisions served in one TIPSTREAM_CHECKPOINT_EVERY_S: /score
+    answered 503 for the rest of it (here, for good) while the database answered."""
+    running = await start_service(max_unwritten_decisions=2, checkpoint_every_s=3600)
+    # Its own decisions are not read back then: no hold of the DECISIONS ingest asks for the checkpoint either.
+    await eventually(lambda: running.service.decision_tail.following)
+    async with running.http() as http:
+        assert [(await http.post("/score", json=body())).status_code for _ in range(2)] == [200, 200]
+        await eventually(lambda: running.service.decision_log.backlog >= 2)  # their rows, once JetStream has them
+        assert (await http.post("/score", json=body())).status_code == 503
+
+        async def served() -> bool:
+            return (await http.post("/score", json=body())).status_code == 200
+
+        await eventually(served, interval=0.1)
+
+
 async def test_bad_requests_get_4xx_naming_the_field_and_log_nothing(start_service, nc) -> None:
     running = await start_service(score_max_body_bytes=65_536)
     async with running.http() as http:
