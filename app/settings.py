@@ -453,6 +453,12 @@ class Settings(BaseSettings):
     @field_validator("nats_url")
     @classmethod
     def _nats_scheme(cls, value: str | None) -> str | None:
+        # Empty reads as unset (the embedded nats-server). Spaces or commas only named no server, and nats-py,
+        # told to retry for ever, spun on its empty list without yielding: the start hung at a full core, and
+        # not even SIGTERM stopped it.
+        if value and not any(part.strip() for part in value.split(",")):
+            raise ValueError("names no server (spaces or commas only): set it to a NATS server's URL, e.g. "
+                             "nats://127.0.0.1:4222, or unset it for an embedded nats-server")
         problem = nats_scheme_problem(value)
         if problem is not None:
             raise ValueError(problem)

@@ -238,6 +238,15 @@ def test_more_stream_copies_with_the_embedded_server_is_refused_before_the_start
     assert "Traceback" not in done.stderr
 
 
+def test_a_nats_url_naming_no_server_is_refused_before_the_start(tmp_path: Path) -> None:
+    """It hung the start at a full core (nats-py retrying an empty list of servers without yielding), deaf to
+    SIGTERM: `run` timed out."""
+    done = subprocess.run([TIPSTREAM, "run"], capture_output=True, text=True, timeout=30,
+                          env=environment(tmp_path, NATS_URL="  "))
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "NATS_URL='  ': names no server" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_a_nats_server_without_jetstream_is_a_message_saying_so(tmp_path: Path) -> None:
     """nats-py answers "no responders" with an APIError of neither description nor code: the
     message read "refused tipstream's start: None (error None)"."""

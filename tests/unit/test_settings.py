@@ -68,6 +68,22 @@ def test_a_nats_url_of_another_scheme_is_refused_at_once(monkeypatch: pytest.Mon
         assert load_settings().nats_url == good
 
 
+@pytest.mark.parametrize("blank", ["  ", ",", " , "])
+def test_a_nats_url_naming_no_server_is_refused_at_once(blank: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nats-py, given no server and told to retry for ever, spun without yielding: `tipstream run` hung
+    at a full core, deaf to SIGTERM. Empty is unset (the embedded nats-server), as before."""
+    from app.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("NATS_URL", blank)
+    with pytest.raises(SettingsError, match=rf"^NATS_URL='{blank}': names no server \(spaces or commas only\): set it "
+                                            "to a NATS server's URL, e.g. nats://127.0.0.1:4222, or unset it"):
+        load_settings()
+    monkeypatch.setenv("NATS_URL", "")
+    assert not load_settings().nats_url
+    monkeypatch.setenv("NATS_URL", "nats://a:4222, ")
+    assert load_settings().nats_url == "nats://a:4222, "
+
+
 @pytest.mark.parametrize(("value", "told"), [
     ('{"acted": 2}', """TIPSTREAM_REWARDS='{"acted": 2}': rewards must be between 0 and 1"""),
     ('{"acted": "x"}', """TIPSTREAM_REWARDS='{"acted": "x"}': acted: Input should be a valid number"""),
