@@ -34,6 +34,11 @@ MAX_STREAM_BYTES = 2**63 - 1
 MAX_FUTURE_S = MAX_USER_TTL_DAYS * 86_400
 DEFAULT_MAX_VALUES = 100_000
 MAX_MAX_VALUES = 2**63 - 1
+# SQL's largest integer (SQLite's and PostgreSQL's bigint): a LIMIT past it was an OverflowError, a 500 to
+# every model card's evaluation.
+MAX_SQL_INT = 2**63 - 1
+# A file's size is an off_t (int64): past it, the reserve's posix_fallocate was an OverflowError traceback at start.
+MAX_SPOOL_RESERVE_MB = (2**63 - 1) >> 20
 # An admin token answers to anyone who reaches the port, at thousands of guesses a second: fewer
 # characters than this fall to guessing (16 URL-safe characters are 96 bits).
 MIN_ADMIN_TOKEN_CHARS = 16
@@ -287,8 +292,9 @@ class Settings(BaseSettings):
                                  "requests make large decisions: up to ~230 KB each)."
     )
     spool_reserve_mb: float = Field(
-        8.0, ge=0, description="Disk held in TIPSTREAM_DATA_DIR (`spool-reserve`) for the decisions JetStream has not "
-                               "stored at a stop, should the disk be full then: 8 MB keeps ~3,600. 0: none held."
+        8.0, ge=0, le=MAX_SPOOL_RESERVE_MB,
+        description="Disk held in TIPSTREAM_DATA_DIR (`spool-reserve`) for the decisions JetStream has not "
+                    "stored at a stop, should the disk be full then: 8 MB keeps ~3,600. 0: none held."
     )
     decision_enqueue_timeout_s: float = Field(
         2.0, ge=0, description="How long `/score` waits for room in a full decision queue before its 503."
@@ -342,7 +348,8 @@ class Settings(BaseSettings):
                     "serialising them would take over 1% of the time); a restart replays the feedback since.",
     )
     card_eval_max_rewards: int = Field(
-        50_000, ge=1, description="Rewards from the decision log used for a model card's progressive validation."
+        50_000, ge=1, le=MAX_SQL_INT,
+        description="Rewards from the decision log used for a model card's progressive validation."
     )
 
     @field_validator("admin_token")

@@ -270,16 +270,20 @@ def test_a_setting_written_twice_in_two_cases_is_named_as_the_one_read(monkeypat
 @pytest.mark.parametrize(("variable", "bound"), [
     ("TIPSTREAM_STREAM_MAX_AGE_DAYS", "106751"), ("TIPSTREAM_DLQ_MAX_AGE_DAYS", "106751"),
     ("TIPSTREAM_STREAM_MAX_BYTES", str(2**63 - 1)), ("TIPSTREAM_MAX_FUTURE_S", str(3_652_059 * 86_400)),
+    # An OverflowError traceback at start (posix_fallocate's int64 size), and a 500 to every card's evaluation (SQL's
+    # LIMIT, an int64).
+    ("TIPSTREAM_SPOOL_RESERVE_MB", str((2**63 - 1) >> 20)), ("TIPSTREAM_CARD_EVAL_MAX_REWARDS", str(2**63 - 1)),
 ])
-def test_a_bound_past_what_jetstream_or_an_event_s_time_can_hold_is_refused_naming_it(
+def test_a_bound_past_what_jetstream_sql_a_file_or_an_event_s_time_can_hold_is_refused_naming_it(
         variable: str, bound: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """1e21 ended the start with JetStream's "invalid JSON" (a Go duration, an int64), or, for
-    TIPSTREAM_MAX_FUTURE_S, with an OverflowError traceback."""
+    TIPSTREAM_MAX_FUTURE_S and TIPSTREAM_SPOOL_RESERVE_MB, with an OverflowError traceback."""
     from app.settings import SettingsError, load_settings
 
     monkeypatch.setenv(variable, bound)
     assert str(getattr(load_settings(), variable.removeprefix("TIPSTREAM_").lower())) in (bound, f"{bound}.0")
-    monkeypatch.setenv(variable, "1e21" if variable != "TIPSTREAM_STREAM_MAX_BYTES" else "999999999999999999999")
+    integer = variable in ("TIPSTREAM_STREAM_MAX_BYTES", "TIPSTREAM_CARD_EVAL_MAX_REWARDS")
+    monkeypatch.setenv(variable, "999999999999999999999" if integer else "1e21")
     with pytest.raises(SettingsError, match=rf"^{variable}='[0-9e]+': Input should be less than or equal to {bound}"):
         load_settings()
 
