@@ -117,7 +117,8 @@ class NatsConnection:
                     "wait.") from None
             raise StartupError(
                 f"The embedded nats-server at {shown_url(self.url)} did not answer within {timeout:g} s: {cause}. "
-                f"See {embedded.store_dir / 'nats-server.log'}.") from None
+                f"See {embedded.store_dir / 'nats-server.log'}; TIPSTREAM_NATS_CONNECT_TIMEOUT_S sets how long to "
+                "wait.") from None
 
     async def _why_unanswered(self, error: Exception | None) -> str:
         """Why the first connection failed, for the start's message. nats-py says nothing for a server

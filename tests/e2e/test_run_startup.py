@@ -247,6 +247,13 @@ def test_a_nats_url_naming_no_server_is_refused_before_the_start(tmp_path: Path)
     assert "NATS_URL='  ': names no server" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_an_embedded_nats_server_not_answering_within_the_bound_is_a_message_naming_the_setting(
+        tmp_path: Path) -> None:
+    done = run(tmp_path, TIPSTREAM_NATS_CONNECT_TIMEOUT_S="1e-9")
+    assert_one_message(done, "The embedded nats-server at ", "did not answer within 1e-09 s",
+                       "TIPSTREAM_NATS_CONNECT_TIMEOUT_S sets how long to wait")
+
+
 def test_a_nats_server_without_jetstream_is_a_message_saying_so(tmp_path: Path) -> None:
     """nats-py answers "no responders" with an APIError of neither description nor code: the
     message read "refused tipstream's start: None (error None)"."""
