@@ -164,7 +164,9 @@ class Settings(BaseSettings):
         90.0, gt=0, le=MAX_STREAM_AGE_DAYS, description="Retention of SIGNALS, FEEDBACK and DECISIONS; replay reaches back this far."
     )
     stream_max_bytes: int = Field(
-        -1, le=MAX_STREAM_BYTES, description="Byte limit per stream (-1: none). Oldest events go first when reached."
+        -1, le=MAX_STREAM_BYTES,
+        description="Byte limit per stream (-1: none). Oldest events go first when reached. At least "
+                    "TIPSTREAM_MAX_EVENT_BYTES: JetStream drops a larger message as it stores it.",
     )
     stream_replicas: int = Field(
         1, ge=1, le=5,
@@ -505,6 +507,19 @@ class Settings(BaseSettings):
         # whose streams grew without bound, and not as "0: never" reads elsewhere in this table.
         if value == 0 or value < -1:
             raise ValueError("must be -1 (no limit) or a number of bytes above 0")
+        return value
+
+    @field_validator("max_event_bytes")
+    @classmethod
+    def _event_fits_a_stream(cls, value: int, info: ValidationInfo) -> int:
+        # JetStream drops a message larger than a stream's byte limit as it stores it, acknowledged all the same:
+        # TIPSTREAM_STREAM_MAX_BYTES=100 (bytes read as kilobytes, say) started a service that lost every event
+        # before ingest read it, without a word.
+        limit = info.data.get("stream_max_bytes")
+        if limit is not None and 0 < limit < value:
+            raise ValueError(f"is more than a stream holds (TIPSTREAM_STREAM_MAX_BYTES={limit}): JetStream drops an "
+                             "event larger than its stream's byte limit as it stores it, before it is read. Raise "
+                             f"TIPSTREAM_STREAM_MAX_BYTES to {value} or more (-1: no limit), or lower this")
         return value
 
     @field_validator("log_level")

@@ -295,7 +295,7 @@ async def test_a_second_service_refused_on_the_same_nats_leaves_the_first_s_stre
     for i in range(20):
         await js.publish("signals.task.created", orjson.dumps(event(i)))
     await eventually(lambda: first.service.store.positions.get("SIGNALS") == 20)
-    second = Service(Settings(data_dir=tmp_path / "second", nats_url=nats_server.url, stream_max_bytes=1024,
+    second = Service(Settings(data_dir=tmp_path / "second", nats_url=nats_server.url, stream_max_bytes=1_000_000,
                               stream_max_age_days=1, duplicate_window_s=1))
     with pytest.raises(StartupError, match="Another tipstream service reads"):
         await second.start()

@@ -31,7 +31,25 @@ def test_an_unknown_checkpoint_writer_is_refused_with_the_choices() -> None:
 def test_a_stream_byte_limit_that_nats_would_read_as_none_is_refused(limit: int) -> None:
     with pytest.raises(ValueError, match=r"must be -1 \(no limit\) or a number of bytes above 0"):
         Settings(stream_max_bytes=limit)
-    assert Settings(stream_max_bytes=-1).stream_max_bytes == -1 and Settings(stream_max_bytes=1).stream_max_bytes == 1
+    assert Settings(stream_max_bytes=-1).stream_max_bytes == -1
+    assert Settings(stream_max_bytes=1, max_event_bytes=1).stream_max_bytes == 1
+
+
+@pytest.mark.parametrize("limit", ["100", "16383"])
+def test_a_stream_byte_limit_under_the_largest_event_is_refused_naming_both(
+        limit: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """JetStream dropped every event larger than the limit as it stored it: with 100, the service ran and
+    applied none, without a word."""
+    from app.settings import SettingsError, load_settings
+
+    monkeypatch.chdir(tmp_path)  # no .env here
+    monkeypatch.setenv("TIPSTREAM_STREAM_MAX_BYTES", limit)
+    with pytest.raises(SettingsError, match=rf"^TIPSTREAM_MAX_EVENT_BYTES=16384 \(its default\): is more than a stream "
+                                            rf"holds \(TIPSTREAM_STREAM_MAX_BYTES={limit}\): JetStream drops .* Raise "
+                                            r"TIPSTREAM_STREAM_MAX_BYTES to 16384 or more \(-1: no limit\), or lower"):
+        load_settings()
+    monkeypatch.setenv("TIPSTREAM_MAX_EVENT_BYTES", limit)
+    assert load_settings().stream_max_bytes == int(limit)
 
 
 @pytest.mark.parametrize("replicas", [0, 6])
