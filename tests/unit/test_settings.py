@@ -150,6 +150,18 @@ def test_a_default_refused_for_another_settings_value_is_told_as_the_default(
         load_settings()
 
 
+def test_a_variable_in_the_environment_wins_over_the_same_in_dotenv(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """As the README's settings section says; the rest of .env is read all the same."""
+    from app.settings import load_settings
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("TIPSTREAM_POLICY=greedy\nTIPSTREAM_PORT=8123\n")
+    monkeypatch.setenv("TIPSTREAM_POLICY", "softmax")
+    settings = load_settings()
+    assert (settings.policy, settings.port) == ("softmax", 8123)
+
+
 def test_a_misspelt_setting_is_named_with_the_one_it_was_likely_meant_for(tmp_path) -> None:
     """pydantic-settings ignores an unknown variable: TIPSTREAM_POLICY_EPSILLON=0.5 started a
     service with epsilon 0.1, and nothing said so."""
