@@ -687,6 +687,8 @@ def load_settings() -> Settings:
         raise SettingsError("\n".join(lines)) from None
 
 
+# The settings read without the TIPSTREAM_ prefix.
+_UNPREFIXED = ("NATS_URL", "DATABASE_URL")
 # The test harness's own variables (tests/conftest.py, .ci/run), not the service's.
 _NOT_SETTINGS_PREFIXES = ("TIPSTREAM_TEST_", "TIPSTREAM_REQUIRE_POSTGRES")
 
@@ -694,7 +696,8 @@ _NOT_SETTINGS_PREFIXES = ("TIPSTREAM_TEST_", "TIPSTREAM_REQUIRE_POSTGRES")
 def unknown_variables(environ: dict[str, str] | None = None, env_file: Path = Path(".env")) -> list[str]:
     """A line for each `TIPSTREAM_*` variable (environment or `.env`) that is no setting, naming
     the setting it was likely meant for: pydantic-settings ignores it, so a misspelt setting
-    kept its default without a word.
+    kept its default without a word. So too for a URL's name close to NATS_URL or DATABASE_URL,
+    while that one is unset.
 
     >>> unknown_variables({"TIPSTREAM_POLICY_EPSILLON": "0.5", "TIPSTREAM_PORT": "8000"}, Path("/nonexistent"))
     ['TIPSTREAM_POLICY_EPSILLON is not a tipstream setting and is ignored (did you mean TIPSTREAM_POLICY_EPSILON?)']
@@ -707,9 +710,19 @@ def unknown_variables(environ: dict[str, str] | None = None, env_file: Path = Pa
     if env_file.is_file():
         given.update(k for k in dotenv_values(env_file) if k)
     lines = []
+    given_upper = {variable.upper() for variable in given}
     for variable in sorted(given):
         upper = variable.upper()  # pydantic-settings matches names whatever their case
-        if not upper.startswith("TIPSTREAM_") or upper in known or upper.startswith(_NOT_SETTINGS_PREFIXES):
+        if not upper.startswith("TIPSTREAM_"):
+            # The two settings without the prefix: DATABSE_URL=postgresql://... ran the service on SQLite, without
+            # a word. Only a URL's name, and only while the setting it is close to is unset: a DATABASE_USER, or
+            # another program's URL beside the right one, is no typo.
+            close = (difflib.get_close_matches(upper, _UNPREFIXED, n=1, cutoff=0.85)
+                     if upper.endswith(("URL", "URI")) and upper not in known else [])
+            if close and not given_upper & {close[0], f"TIPSTREAM_{close[0]}"}:
+                lines.append(f"{variable} is not a tipstream setting and is ignored (did you mean {close[0]}?)")
+            continue
+        if upper in known or upper.startswith(_NOT_SETTINGS_PREFIXES):
             continue
         # Matched without the prefix they share, which made every name look close. NATS_URL and DATABASE_URL
         # are read as TIPSTREAM_NATS_URL and TIPSTREAM_DATABASE_URL too: left out, TIPSTREAM_DATABASE_URI was

@@ -178,6 +178,22 @@ def test_a_misspelt_setting_is_named_with_the_one_it_was_likely_meant_for(tmp_pa
     ]
 
 
+def test_a_misspelt_database_or_nats_url_without_the_prefix_is_named_while_the_setting_is_unset(
+        tmp_path: Path) -> None:
+    """DATABSE_URL=postgresql://... in .env ran the service on SQLite, and nothing said so."""
+    from app.settings import unknown_variables
+
+    env_file = tmp_path / ".env"
+    env_file.write_text("DATABSE_URL=postgresql+psycopg://db/tips\nDATABASE_USER=tips\n")
+    environ = {"NATS_URI": "nats://n:4222", "REDIS_URL": "redis://r", "HOME": "/root"}
+    assert unknown_variables(environ, env_file) == [
+        "DATABSE_URL is not a tipstream setting and is ignored (did you mean DATABASE_URL?)",
+        "NATS_URI is not a tipstream setting and is ignored (did you mean NATS_URL?)",
+    ]
+    # Beside the setting itself, it is another program's: not told.
+    assert unknown_variables({**environ, "database_url": "sqlite://", "TIPSTREAM_NATS_URL": "nats://n"}, env_file) == []
+
+
 @pytest.mark.parametrize(("variable", "meant"), [("TIPSTREAM_DATABASE_URI", "DATABASE_URL"),
                                                    ("TIPSTREAM_NATSURL", "NATS_URL")])
 def test_a_misspelt_database_or_nats_url_is_named_with_the_setting(variable: str, meant: str) -> None:
