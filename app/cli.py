@@ -207,9 +207,9 @@ def _demo_rate(text: str) -> float:
 
 def _nats_url(text: str) -> str:
     # As NATS_URL is checked: an http:// URL read as "No NATS server answers there".
-    from app.settings import nats_scheme_problem
+    from app.settings import nats_url_problem
 
-    problem = nats_scheme_problem(text)
+    problem = nats_url_problem(text)
     if problem is not None:
         raise argparse.ArgumentTypeError(problem)
     return text

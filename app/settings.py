@@ -13,6 +13,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 from dotenv import dotenv_values
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
@@ -62,6 +63,39 @@ def nats_scheme_problem(url: str | None) -> str | None:
         scheme = part.strip().partition("://")[0] if "://" in part else None
         if scheme is not None and scheme.lower() not in ("nats", "tls", "ws", "wss"):
             return f"a NATS server's URL starts with nats:// (or tls://, ws://, wss://), not {scheme}://"
+    return None
+
+
+def nats_url_problem(url: str | None) -> str | None:
+    """What is wrong with `url` as NATS servers' URLs (comma-separated), or None; never its text, which may hold
+    a password. nats-py read a URL without a host, or with a port that is no port, only as it connected: a
+    traceback at start; and one naming no server at all hung it (retrying an empty list without yielding).
+
+    >>> nats_url_problem("nats://u:p@127.0.0.1:4222,tls://[::1]:4222, n3") is None, nats_url_problem("") is None
+    (True, True)
+    >>> nats_url_problem("nats://:4222")
+    'names a server without a host: write each as nats://host:4222 (or host:4222)'
+    >>> nats_url_problem("nats://a:4222,nats://b:99999")
+    "is not a NATS server's URL (Port out of range 0-65535): write each as nats://host:4222 (or host:4222)"
+    """
+    if url and not any(part.strip() for part in url.split(",")):
+        return ("names no server (spaces or commas only): set it to a NATS server's URL, e.g. nats://127.0.0.1:4222, "
+                "or unset it for an embedded nats-server")
+    problem = nats_scheme_problem(url)
+    if problem is not None:
+        return problem
+    for part in (part.strip() for part in (url or "").split(",")):
+        if not part:
+            continue
+        # As nats-py reads it (Client._parse_server_uri): no scheme is nats://, no port 4222.
+        text = part if "://" in part else f"nats://{part}" if ":" in part else f"nats://{part}:4222"
+        try:
+            host = urlparse(text).hostname
+            urlparse(text).port  # noqa: B018 - parsing it raises for a port that is no number from 0 to 65535
+        except ValueError as error:
+            return f"is not a NATS server's URL ({error}): write each as nats://host:4222 (or host:4222)"
+        if not host or host == "none":
+            return "names a server without a host: write each as nats://host:4222 (or host:4222)"
     return None
 
 
@@ -465,10 +499,7 @@ class Settings(BaseSettings):
         # Empty reads as unset (the embedded nats-server). Spaces or commas only named no server, and nats-py,
         # told to retry for ever, spun on its empty list without yielding: the start hung at a full core, and
         # not even SIGTERM stopped it.
-        if value and not any(part.strip() for part in value.split(",")):
-            raise ValueError("names no server (spaces or commas only): set it to a NATS server's URL, e.g. "
-                             "nats://127.0.0.1:4222, or unset it for an embedded nats-server")
-        problem = nats_scheme_problem(value)
+        problem = nats_url_problem(value)
         if problem is not None:
             raise ValueError(problem)
         return value

@@ -247,6 +247,13 @@ def test_a_nats_url_naming_no_server_is_refused_before_the_start(tmp_path: Path)
     assert "NATS_URL='  ': names no server" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_a_nats_url_without_a_host_is_refused_before_the_start(tmp_path: Path) -> None:
+    """nats-py's traceback ended the start ("invalid hostname in connect url")."""
+    done = run(tmp_path, NATS_URL="nats://:4222")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "NATS_URL='nats://:4222': names a server without a host" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_an_embedded_nats_server_not_answering_within_the_bound_is_a_message_naming_the_setting(
         tmp_path: Path) -> None:
     done = run(tmp_path, TIPSTREAM_NATS_CONNECT_TIMEOUT_S="1e-9")

@@ -86,6 +86,27 @@ def test_a_nats_url_of_another_scheme_is_refused_at_once(monkeypatch: pytest.Mon
         assert load_settings().nats_url == good
 
 
+@pytest.mark.parametrize(("url", "told"), [
+    ("nats://", "names a server without a host"), ("tls://:4222", "names a server without a host"),
+    ("nats://a:4222,nats://:4222", "names a server without a host"),
+    ("nats://u:hunter2@127.0.0.1:99999", "is not a NATS server's URL (Port out of range 0-65535)"),
+    ("nats://127.0.0.1:abc", "is not a NATS server's URL (Port could not be cast to integer value as 'abc')"),
+    ("nats://[::1", "is not a NATS server's URL (Invalid IPv6 URL)"),
+])
+def test_a_nats_url_nats_py_cannot_parse_is_refused_at_once(
+        url: str, told: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nats-py parsed them only as it connected: the start ended with its traceback ("invalid hostname in connect
+    url", "invalid connect url option")."""
+    from app.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("NATS_URL", url)
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert refused.value.args[0].startswith(f"NATS_URL='{url.replace('hunter2', '***')}': {told}: write each as "
+                                            "nats://host:4222 (or host:4222)"), refused.value.args[0]
+    assert "hunter2" not in str(refused.value)
+
+
 @pytest.mark.parametrize("blank", ["  ", ",", " , "])
 def test_a_nats_url_naming_no_server_is_refused_at_once(blank: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """nats-py, given no server and told to retry for ever, spun without yielding: `tipstream run` hung
