@@ -66,6 +66,10 @@ def nats_scheme_problem(url: str | None) -> str | None:
     return None
 
 
+# SQLAlchemy's URLs of a SQLite database in memory: no path, an empty one, or `:memory:` (sqlite:///:memory:).
+_SQLITE_IN_MEMORY = re.compile(r"sqlite(\+\w+)?://(/(:memory:)?)?(\?.*)?", re.IGNORECASE)
+
+
 def nats_url_problem(url: str | None) -> str | None:
     """What is wrong with `url` as NATS servers' URLs (comma-separated), or None; never its text, which may hold
     a password. nats-py read a URL without a host, or with a port that is no port, only as it connected: a
@@ -481,6 +485,17 @@ class Settings(BaseSettings):
         # database and the NATS store, without a word.
         if info.field_name == "data_dir" and isinstance(value, str) and value != value.strip():
             raise ValueError(f"has spaces or a line break around it: remove them (e.g. {value.strip()!r})")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _on_disk(cls, value: str | None) -> str | None:
+        # A SQLite database in memory (SQLAlchemy's `sqlite://`) is each connection's own: the start ended with
+        # a traceback (its objects used from another thread), and a start that got further would lose it at the stop.
+        if value and _SQLITE_IN_MEMORY.fullmatch(value.strip()):
+            raise ValueError("is a SQLite database in memory, which the service cannot share between its threads "
+                             "and would lose at each stop: name a file (sqlite:////srv/tipstream/tipstream.db), or "
+                             "unset it for SQLite under TIPSTREAM_DATA_DIR")
         return value
 
     @field_validator("allowed_hosts")

@@ -107,6 +107,20 @@ def test_a_nats_url_nats_py_cannot_parse_is_refused_at_once(
     assert "hunter2" not in str(refused.value)
 
 
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite+pysqlite://?timeout=3"])
+def test_a_sqlite_database_in_memory_is_refused_naming_database_url(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tipstream run` ended with a traceback (SQLite objects used from another thread)."""
+    from app.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("DATABASE_URL", url)
+    with pytest.raises(SettingsError, match=rf"^DATABASE_URL='{re.escape(url)}': is a SQLite database in memory, .* "
+                                            "name a file .*, or unset it for SQLite under TIPSTREAM_DATA_DIR"):
+        load_settings()
+    for on_disk in ("sqlite:///tipstream.db", "sqlite:////srv/t.db", "postgresql+psycopg://db/tips"):
+        monkeypatch.setenv("DATABASE_URL", on_disk)
+        assert load_settings().database_url == on_disk
+
+
 @pytest.mark.parametrize("blank", ["  ", ",", " , "])
 def test_a_nats_url_naming_no_server_is_refused_at_once(blank: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """nats-py, given no server and told to retry for ever, spun without yielding: `tipstream run` hung
