@@ -204,7 +204,8 @@ class Settings(BaseSettings):
     stream_max_bytes: int = Field(
         -1, le=MAX_STREAM_BYTES,
         description="Byte limit per stream (-1: none). Oldest events go first when reached. At least "
-                    "TIPSTREAM_MAX_EVENT_BYTES: JetStream drops a larger message as it stores it.",
+                    "TIPSTREAM_MAX_EVENT_BYTES and TIPSTREAM_SCORE_MAX_BODY_BYTES: JetStream drops a larger message "
+                    "as it stores it.",
     )
     stream_replicas: int = Field(
         1, ge=1, le=5,
@@ -555,16 +556,17 @@ class Settings(BaseSettings):
             raise ValueError("must be -1 (no limit) or a number of bytes above 0")
         return value
 
-    @field_validator("max_event_bytes")
+    @field_validator("max_event_bytes", "score_max_body_bytes")
     @classmethod
-    def _event_fits_a_stream(cls, value: int, info: ValidationInfo) -> int:
+    def _message_fits_a_stream(cls, value: int, info: ValidationInfo) -> int:
         # JetStream drops a message larger than a stream's byte limit as it stores it, acknowledged all the same:
         # TIPSTREAM_STREAM_MAX_BYTES=100 (bytes read as kilobytes, say) started a service that lost every event
-        # before ingest read it, without a word.
+        # before ingest read it, without a word. A decision is about as large as the /score request it answers.
         limit = info.data.get("stream_max_bytes")
         if limit is not None and 0 < limit < value:
-            raise ValueError(f"is more than a stream holds (TIPSTREAM_STREAM_MAX_BYTES={limit}): JetStream drops an "
-                             "event larger than its stream's byte limit as it stores it, before it is read. Raise "
+            what = "an event" if info.field_name == "max_event_bytes" else "a decision (as large as its /score request)"
+            raise ValueError(f"is more than a stream holds (TIPSTREAM_STREAM_MAX_BYTES={limit}): JetStream drops "
+                             f"{what} larger than its stream's byte limit as it stores it, before it is read. Raise "
                              f"TIPSTREAM_STREAM_MAX_BYTES to {value} or more (-1: no limit), or lower this")
         return value
 

@@ -32,24 +32,35 @@ def test_a_stream_byte_limit_that_nats_would_read_as_none_is_refused(limit: int)
     with pytest.raises(ValueError, match=r"must be -1 \(no limit\) or a number of bytes above 0"):
         Settings(stream_max_bytes=limit)
     assert Settings(stream_max_bytes=-1).stream_max_bytes == -1
-    assert Settings(stream_max_bytes=1, max_event_bytes=1).stream_max_bytes == 1
+    assert Settings(stream_max_bytes=1024, max_event_bytes=1, score_max_body_bytes=1024).stream_max_bytes == 1024
 
 
-@pytest.mark.parametrize("limit", ["100", "16383"])
-def test_a_stream_byte_limit_under_the_largest_event_is_refused_naming_both(
+@pytest.mark.parametrize("limit", ["100", "16383", "262143"])
+def test_a_stream_byte_limit_under_the_largest_event_or_request_is_refused_naming_both(
         limit: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """JetStream dropped every event larger than the limit as it stored it: with 100, the service ran and
-    applied none, without a word."""
+    """JetStream dropped every message larger than the limit as it stored it: with 100, the service ran and
+    applied no event, without a word; a decision of a large /score request is lost so too."""
     from app.settings import SettingsError, load_settings
 
     monkeypatch.chdir(tmp_path)  # no .env here
     monkeypatch.setenv("TIPSTREAM_STREAM_MAX_BYTES", limit)
-    with pytest.raises(SettingsError, match=rf"^TIPSTREAM_MAX_EVENT_BYTES=16384 \(its default\): is more than a stream "
-                                            rf"holds \(TIPSTREAM_STREAM_MAX_BYTES={limit}\): JetStream drops .* Raise "
-                                            r"TIPSTREAM_STREAM_MAX_BYTES to 16384 or more \(-1: no limit\), or lower"):
+    with pytest.raises(SettingsError) as refused:
         load_settings()
-    monkeypatch.setenv("TIPSTREAM_MAX_EVENT_BYTES", limit)
-    assert load_settings().stream_max_bytes == int(limit)
+    told = str(refused.value).splitlines()
+    events = (f"TIPSTREAM_MAX_EVENT_BYTES=16384 (its default): is more than a stream holds (TIPSTREAM_STREAM_MAX_BYTES="
+              f"{limit}): JetStream drops an event larger than its stream's byte limit as it stores it, before it is "
+              "read. Raise TIPSTREAM_STREAM_MAX_BYTES to 16384 or more (-1: no limit), or lower this")
+    requests = (f"TIPSTREAM_SCORE_MAX_BODY_BYTES=262144 (its default): is more than a stream holds "
+                f"(TIPSTREAM_STREAM_MAX_BYTES={limit}): JetStream drops a decision (as large as its /score request) "
+                "larger than its stream's byte limit as it stores it, before it is read. Raise "
+                "TIPSTREAM_STREAM_MAX_BYTES to 262144 or more (-1: no limit), or lower this")
+    assert told[:-1] == ([events] if int(limit) < 16384 else []) + [requests], told
+    monkeypatch.setenv("TIPSTREAM_STREAM_MAX_BYTES", "262144")
+    assert load_settings().stream_max_bytes == 262144
+    monkeypatch.setenv("TIPSTREAM_STREAM_MAX_BYTES", "2048")
+    monkeypatch.setenv("TIPSTREAM_MAX_EVENT_BYTES", "2048")
+    monkeypatch.setenv("TIPSTREAM_SCORE_MAX_BODY_BYTES", "2048")
+    assert load_settings().stream_max_bytes == 2048
 
 
 @pytest.mark.parametrize("replicas", [0, 6])
