@@ -376,6 +376,27 @@ def test_the_join_cache_is_bounded_and_older_feedback_is_expired(tmp_path: Path)
     w.engine.dispose()
 
 
+def test_a_reaction_whose_decision_the_memory_budget_let_go_is_told_with_the_setting(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within the join window, but after the cache's budget let its decision go: counted `expired` as a
+    reaction past the window is, and nothing in the log said the budget was too small for the app's reactions
+    (the default 256 MB holds ~9 minutes of decisions at 230 a second)."""
+    from app import learner as learner_module
+    from streams.log_throttle import LogThrottle
+
+    monkeypatch.setattr(learner_module, "_TOLD", LogThrottle())  # once a minute per outcome, this process's
+    w = World(tmp_path, cache_mb=0.01)  # about ten decisions
+    first = w.score()
+    for _ in range(30):
+        w.score()
+    w.react(first.decision_id, "a")
+    told = [r.getMessage() for r in caplog.records if r.name == "tipstream.learner"]
+    assert len(told) == 1, told
+    assert first.decision_id in told[0] and "TIPSTREAM_LEARNER_JOIN_CACHE_MB=0.01" in told[0], told[0]
+    assert "let go" in told[0] and 'outcome="expired"' in told[0], told[0]
+    w.engine.dispose()
+
+
 def test_after_a_restart_the_decisions_read_back_are_evicted_before_fresh_ones(tmp_path: Path) -> None:
     """/score serves while DECISIONS is re-read: a full cache must not evict what it just served
     (nor call feedback for decisions not yet re-read `expired`)."""
