@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from app.settings import Settings
 from streams import pull
 from streams.nats_tls import TlsNotOffered
+
+T = TypeVar("T")
 
 
 class NatsAuthError(ValueError):
@@ -66,6 +69,22 @@ class NatsUnanswered(Exception):
     """No NATS server took a command's connection; the message is the last try's own error."""
 
 
+async def connected_unless(connecting: Coroutine[Any, Any, T], refused: asyncio.Event) -> asyncio.Future[T]:
+    """`connecting` run until it ends or `refused` is set, and returned done or cancelled. The one that
+    loses is cancelled, also when the wait is (a stop signal): a connection left to itself tries again for
+    as long as it was told to."""
+    task = asyncio.ensure_future(connecting)
+    waiting = asyncio.ensure_future(refused.wait())
+    try:
+        await asyncio.wait((task, waiting), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    return task
+
+
 async def connect_for_command(url: str, auth: dict[str, Any], **options: Any) -> pull.IngestClient:
     """A command's connection (`simulate`, `users export`), with `auth` (`nats_options`): three tries,
     then NatsUnanswered saying why the last one failed. With nats-py's defaults, a nats.url left by a
@@ -81,16 +100,9 @@ async def connect_for_command(url: str, auth: dict[str, Any], **options: Any) ->
         if isinstance(error, (ssl.SSLError, TlsNotOffered)):
             tls_refused.set()
 
-    connecting = asyncio.ensure_future(pull.connect(url, **auth, max_reconnect_attempts=3, reconnect_time_wait=0.5,
-                                                   connect_timeout=COMMAND_CONNECT_S, error_cb=quiet, **options))
-    refused = asyncio.ensure_future(tls_refused.wait())
-    try:
-        await asyncio.wait((connecting, refused), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        refused.cancel()
-        if not connecting.done():
-            connecting.cancel()
-            await asyncio.gather(connecting, return_exceptions=True)
+    connecting = await connected_unless(pull.connect(
+        url, **auth, max_reconnect_attempts=3, reconnect_time_wait=0.5, connect_timeout=COMMAND_CONNECT_S,
+        error_cb=quiet, **options), tls_refused)
     if not connecting.cancelled() and connecting.exception() is None:
         return connecting.result()
     error = None if connecting.cancelled() else connecting.exception()

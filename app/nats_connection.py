@@ -18,7 +18,7 @@ from typing import Any
 
 from app.embedded_nats import EmbeddedNats
 from app.ingest import ACK_PENDING_BATCHES
-from app.nats_auth import NatsAuthError, nats_options, tls_refusal_fix
+from app.nats_auth import NatsAuthError, connected_unless, nats_options, tls_refusal_fix
 from app.settings import Settings
 from app.start_errors import StartupError, shown_url
 from streams import jetstream as jsx
@@ -71,20 +71,12 @@ class NatsConnection:
             options = nats_options(self.settings)
         except NatsAuthError as error:
             raise StartupError(f"{error}.") from None
-        connecting = asyncio.ensure_future(asyncio.wait_for(pull.connect(
+        connecting = await connected_unless(asyncio.wait_for(pull.connect(
             self.url, **options, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
             ping_interval=PING_INTERVAL_S, max_outstanding_pings=MAX_OUTSTANDING_PINGS,
             reconnected_cb=self._on_reconnected, disconnected_cb=self._on_disconnected,
             error_cb=self._on_error, closed_cb=self._on_closed, name="tipstream",
-        ), timeout))
-        refused = asyncio.ensure_future(self._refused.wait())
-        try:
-            await asyncio.wait((connecting, refused), return_when=asyncio.FIRST_COMPLETED)
-        finally:  # also when the start is cancelled (a stop signal): no connection left trying on its own
-            refused.cancel()
-            if not connecting.done():
-                connecting.cancel()
-                await asyncio.gather(connecting, return_exceptions=True)
+        ), timeout), self._refused)
         try:
             self.client = connecting.result()
             return self.client
