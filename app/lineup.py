@@ -28,7 +28,7 @@ from app.learning_metrics import CANDIDATE_CACHE, DIVERGED, REFUSED, SKIPPED
 from app.registry_store import RegistryStore
 from app.settings import POLICY_PARAMS
 from models.prior import PopularityPrior
-from models.registry import ModelCard, ModelVersion, Registry, RegistryError, escaped
+from models.registry import FM_ONLY_PARAMETERS, ModelCard, ModelVersion, Registry, RegistryError, escaped
 from models.reward import KINDS, TipModel
 from models.validation import Diverged
 
@@ -366,13 +366,9 @@ def _learned(model: TipModel | RetiredModel | None) -> dict[str, Any]:
     return {"n_learned": model.n_learned, "users_held": model.users_held}
 
 
-# Parameters a model of another kind (or optimizer) takes and this one would ignore: registered, a
-# logreg with n_factors=4 learned as any logreg and its card listed n_factors 4 as if it counted.
-FM_ONLY_PARAMETERS = ("n_factors", "seed", "latents")
-
-
 def _ignored_parameters(kind: str, params: dict[str, Any]) -> str:
-    """Why some given parameters would change nothing, or "".
+    """Why some given parameters would change nothing, or "": registered, a logreg with n_factors=4
+    learned as any logreg, as if the 4 counted.
 
     >>> _ignored_parameters("logreg", {"n_factors": 4, "learning_rate": 0.1})
     "n_factors applies only to kind 'fm' (this is a 'logreg'); leave it out or register with kind fm"

@@ -117,6 +117,10 @@ class ModelCard:
 LEGACY_PARAMS: dict[str, Any] = {"optimizer": "sgd", "latents": "all", "user_forgetting": 0.0, "user_ttl_days": 0.0,
                                  "max_values": 0}
 
+# Parameters only a factorisation machine reads. `TipModel` keeps them for every kind (they rebuild
+# it), but a logreg's card listing `n_factors 8` read as if its latent vectors counted.
+FM_ONLY_PARAMETERS = ("n_factors", "seed", "latents")
+
 
 @dataclass
 class ModelVersion:
@@ -140,6 +144,18 @@ class ModelVersion:
         """
         return {**LEGACY_PARAMS, **self.params}
 
+    @property
+    def shown_params(self) -> dict[str, Any]:
+        """`model_params` that change what this kind of model does: for people (cards, `models show`).
+
+        >>> sorted(ModelVersion("v1", "logreg", {"n_factors": 8, "seed": 1, "l2": 0.0}, []).shown_params)
+        ['l2', 'max_values', 'optimizer', 'user_forgetting', 'user_ttl_days']
+        >>> ModelVersion("v2", "fm", {"n_factors": 8}, []).shown_params["n_factors"]
+        8
+        """
+        ignored = FM_ONLY_PARAMETERS if self.kind != "fm" else ()
+        return {k: v for k, v in self.model_params.items() if k not in ignored}
+
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "kind": self.kind, "params": _jsonable(self.params),
                 "feature_names": list(self.feature_names), "created_at": self.created_at.isoformat(),
@@ -147,12 +163,13 @@ class ModelVersion:
 
     def shown(self) -> dict[str, Any]:
         """`to_dict` for people: `params` as the model takes them, so one registered before a parameter
-        existed shows what it means (`LEGACY_PARAMS`), where it hid that such a version forgets no user.
+        existed shows what it means (`LEGACY_PARAMS`), where it hid that such a version forgets no user;
+        without those its kind ignores (`shown_params`).
 
         >>> ModelVersion("v1", "logreg", {"learning_rate": 0.1}, []).shown()["params"]["user_ttl_days"]
         0.0
         """
-        return self.to_dict() | {"params": _jsonable(self.model_params)}
+        return self.to_dict() | {"params": _jsonable(self.shown_params)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelVersion:
@@ -495,7 +512,7 @@ def card_markdown(mv: ModelVersion, role: str | None = None) -> str:
     lines = [f"# Model card: {mv.version}", "", f"- Kind: {mv.kind}", f"- Role: {role or 'none'}",
              f"- Created: {mv.created_at.isoformat()}", ""]
     lines += ["## Parameters", "", "| parameter | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(mv.model_params.items())]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(mv.shown_params.items())]
     lines += ["", "## Inputs", ""]
     if c.inputs:
         # An input's name may be a caller's (a candidate's own features): a '|' or a line break in it broke the table.

@@ -182,6 +182,17 @@ def test_a_version_registered_before_optimizers_existed_is_rebuilt_as_it_was_tra
     assert (rebuilt["optimizer"], rebuilt["latents"], rebuilt["user_forgetting"]) == ("sgd", "all", 0.0)
 
 
+@pytest.mark.parametrize("kind", ["logreg", "fm"])
+def test_the_card_and_show_list_only_the_parameters_the_kind_reads(kind: str) -> None:
+    model = TipModel(kind=kind)  # every kind's params hold n_factors, seed and latents: they rebuild it
+    mv = ModelVersion("m-1", kind, model.params, model.feature_names, T0)
+    md, shown = card_markdown(mv), mv.shown()["params"]
+    for fm_only in ("n_factors", "seed", "latents"):
+        assert (f"| {fm_only} |" in md, fm_only in shown) == (kind == "fm",) * 2
+    assert "| learning_rate |" in md and "learning_rate" in shown
+    assert TipModel(**mv.model_params).params == model.params  # still rebuilt whole
+
+
 def test_model_card_from_a_real_model() -> None:
     rng = random.Random(0)
     stream = []
