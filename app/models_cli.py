@@ -225,6 +225,10 @@ def admin_call(url: str | None, path: str, body: dict[str, Any] | None, doing: s
             print(f"{base} answered {error.code} ({error.reason}), but not as tipstream does (no JSON error): is "
                   "--url the service's address?", file=sys.stderr)
             return 1
+        prefix = urllib.parse.urlsplit(base).path
+        if error.code == 404 and prefix:  # `--url http://h:8000/admin` sent POST /admin/admin/rollback
+            message += (f"; --url ends in a path ({prefix}), which goes before {path}: give the service's own "
+                        "address, http://HOST:PORT, unless a proxy serves it under that path")
         print(f"refused ({error.code}): {message}", file=sys.stderr)
         return 1
     except urllib.error.URLError as error:

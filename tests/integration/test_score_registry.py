@@ -572,6 +572,19 @@ async def test_two_rollbacks_meant_for_one_champion_roll_back_once(start_service
     assert running.service.lineup.champion_version == "v2"
 
 
+async def test_a_change_sent_to_a_url_with_a_path_says_the_path_went_before_its_own(
+        start_service, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--url http://host:port/admin` sent POST /admin/admin/rollback: a 404 that named the doubled path
+    and nothing more."""
+    running = await start_service(admin_token=TOKEN)
+    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", TOKEN)
+    code = await asyncio.to_thread(main, ["models", "rollback", "--url", f"{running.base_url}/admin"])
+    err = capsys.readouterr().err
+    assert code == 1 and "POST /admin/admin/rollback: Not Found" in err, err
+    assert "--url ends in a path (/admin), which goes before /admin/rollback" in err, err
+    assert running.service.lineup.champion_version == "v1"
+
+
 async def test_a_retired_version_keeps_the_rewards_it_had_learned_across_a_restart(start_service, nc) -> None:
     """No checkpoint saves a retired version's model any more: its count was the last snapshot's, and
     GET /models said fewer rewards learned after a restart than before it (h120 ran it)."""
