@@ -226,7 +226,9 @@ def admin_call(url: str | None, path: str, body: dict[str, Any] | None, doing: s
                   "--url the service's address?", file=sys.stderr)
             return 1
         prefix = urllib.parse.urlsplit(base).path
-        if error.code == 404 and prefix:  # `--url http://h:8000/admin` sent POST /admin/admin/rollback
+        # `--url http://h:8000/admin` sent POST /admin/admin/rollback. Not a 404 of a path the service has
+        # ("no request to forget user ..."), which a proxy serving it under a path gives too.
+        if error.code == 404 and prefix and ": Not Found" in message:
             message += (f"; --url ends in a path ({prefix}), which goes before {path}: give the service's own "
                         "address, http://HOST:PORT, unless a proxy serves it under that path")
         print(f"refused ({error.code}): {message}", file=sys.stderr)
