@@ -122,12 +122,15 @@ class ScoreEndpoint:
         if unwritten >= service.settings.max_unwritten_decisions:
             # Asked for now, not at the next timed checkpoint: a bound under the decisions served in one
             # TIPSTREAM_CHECKPOINT_EVERY_S refused /score for the rest of it while the database answered.
+            # Why, as ingest's hold says it: "is the database away?" while it answered and a small bound was the cause.
+            because = "no checkpoint has written them yet"
             if service.checkpointer is not None:
                 service.checkpointer.wanted()
+                because = service.checkpointer.behind_because()
             await send_json(send, 503, {
-                "error": f"{unwritten} decisions wait for a checkpoint to write their tip_scores rows (is the database "
-                         "away? see the checkpoint errors in the log); /score answers again once they are written "
-                         "(TIPSTREAM_MAX_UNWRITTEN_DECISIONS)", "field": None}, (b"retry-after", b"5"))
+                "error": f"{unwritten} decisions wait for a checkpoint to write their tip_scores rows ({because}); "
+                         "/score answers again once they are written (TIPSTREAM_MAX_UNWRITTEN_DECISIONS)",
+                "field": None}, (b"retry-after", b"5"))
             return
         started = time.perf_counter()
         try:

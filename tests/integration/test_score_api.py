@@ -177,7 +177,10 @@ async def test_a_refusal_for_rows_waiting_asks_for_the_checkpoint_that_writes_th
     async with running.http() as http:
         assert [(await http.post("/score", json=body())).status_code for _ in range(2)] == [200, 200]
         await eventually(lambda: running.service.decision_log.backlog >= 2)  # their rows, once JetStream has them
-        assert (await http.post("/score", json=body())).status_code == 503
+        refused = await http.post("/score", json=body())
+        assert refused.status_code == 503, refused.text
+        # The database answers: the cause is no checkpoint yet, not "is the database away?"
+        assert "(no checkpoint has saved them yet)" in refused.json()["error"], refused.text
 
         async def served() -> bool:
             return (await http.post("/score", json=body())).status_code == 200
