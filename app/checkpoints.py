@@ -370,13 +370,13 @@ class Checkpointer:
                 if setting is not None:  # the driver's line, not SQLAlchemy's statement and rows: the fix stays in view
                     log.warning("checkpoint failed (%s): %s. Connections opened from now on read the setting as it "
                                 "is then, so mending it needs no restart. Retrying in %.1fs; events are safe in the "
-                                "streams.", str(getattr(error, "orig", error)).strip().splitlines()[0], setting, backoff)
+                                "streams.", db.one_line(error), setting, backoff)
                 elif db.disk_full(error):
-                    log.error("checkpoint failed: the database's disk is full (%s): %s. Checkpoints go on by "
+                    log.error("checkpoint failed: %s. Checkpoints go on by "
                               "themselves once it has room, from where the last one left off, so nothing is lost or "
                               "counted twice; until then a restart replays more, and /score answers 503 once "
                               "TIPSTREAM_MAX_UNWRITTEN_DECISIONS decisions wait. Retrying in %.1fs.",
-                              _first_line(error), db.disk_full_fix(self._url()), backoff)
+                              db.one_line(error, self._url()), backoff)
                 else:
                     log.warning("checkpoint failed (%s); retrying in %.1fs, or once the database answers again. "
                                 "Events are safe in the streams.%s", error, backoff, _fix_for(error))
@@ -435,8 +435,8 @@ class Checkpointer:
                     log.error("%s", behind)
                 raise
             except Exception as error:  # also those asked for outside `run` (before a card reads the log)
-                self.last_error = (f"the database's disk is full ({_first_line(error)}): {db.disk_full_fix(self._url())}"
-                                   if db.disk_full(error) else f"{type(error).__name__}: {error}".splitlines()[0])
+                self.last_error = (db.one_line(error, self._url()) if db.disk_full(error)
+                                   else f"{type(error).__name__}: {error}".splitlines()[0])
                 raise
 
     async def _checkpoint(self) -> bool:
@@ -645,10 +645,6 @@ async def sorted_in_turns(items: list[str]) -> list[str]:
 def _among(ordered: list[str], item: str) -> bool:
     at = bisect_left(ordered, item)
     return at < len(ordered) and ordered[at] == item
-
-
-def _first_line(error: BaseException) -> str:
-    return str(getattr(error, "orig", None) or error).strip().splitlines()[0]
 
 
 def _fix_for(error: Exception) -> str:
