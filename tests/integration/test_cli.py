@@ -1166,7 +1166,7 @@ def test_a_version_registered_before_a_parameter_existed_shows_what_it_means(
     engine.dispose()
     assert main(["models", "card", "v1", "--json"]) == 0
     params = json.loads(capsys.readouterr().out)["params"]
-    assert params == {"learning_rate": 0.1, "optimizer": "sgd", "latents": "all", "user_forgetting": 0.0,
+    assert params == {"learning_rate": 0.1, "optimizer": "sgd", "user_forgetting": 0.0,  # no "latents": an FM's
                       "user_ttl_days": 0.0, "max_values": 0}
     assert main(["models", "card", "v1"]) == 0
     assert "| user_ttl_days | 0 |" in capsys.readouterr().out
