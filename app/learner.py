@@ -61,6 +61,7 @@ from app.evaluation import TrainedOn
 from app.ingest import ReadUpTo
 from app.join_cache import Entry, JoinCache, created_ms
 from app.learner_checkpoint import ModelBytes, SnapshotBook, saved_rows, state_bytes
+from app.learner_told import tell_gave_up, tell_let_go, tell_silences_evicted, tell_unknown_tip, tell_wrong_user
 from app.learning_metrics import (
     FEEDBACK,
     JOIN_CACHE,
@@ -75,7 +76,6 @@ from app.silence import Silences
 from app.waiting import WaitingFeedback
 from models.prior import PopularityPrior
 from streams.ack_subject import ack_fields, delivery, stored_ms
-from streams.log_throttle import LogThrottle
 from streams.scrub import belongs, spellings
 from streams.store import OnlineStore
 
@@ -84,23 +84,6 @@ _OUTCOME = {name: FEEDBACK.labels(name) for name in (
     "credited", "duplicate", "late", "no_decision", "waiting", "unknown_decision", "expired", "unknown_tip",
     "wrong_user")}
 _SILENCE = {name: SILENCES.labels(name) for name in ("credited", "answered", "evicted")}
-
-_TOLD = LogThrottle()  # a publisher's mistake in feedback: once a minute per outcome
-
-
-def _tell(outcome: str, message: str, *args: Any) -> None:
-    """Log feedback not learned for its publisher's mistake, once a minute per outcome (the metric
-    counts each): it showed in tipstream_feedback_total only, so a publisher's wrong tip id or user
-    id went unseen in the log."""
-    if _TOLD.allow(outcome) is not None:
-        log.warning(message + "; not learned (tipstream_feedback_total{outcome=\"%s\"} counts each, this line "
-                    "comes at most once a minute)", *args, outcome)
-
-
-def _tell_wrong_user(user_id: str, decision_id: str, decision: dict[str, Any]) -> None:
-    _tell("wrong_user", "feedback of user %r names decision %r, which /score made for user %r",
-          user_id, decision_id, decision["user_id"])
-
 
 # Credited decisions a registration's look for unseen rewards (`JoinCache.unseen_rewards`) tests between
 # two yields to the event loop: ~3.5 ms of it on a slow day (1.1-1.7 us each, bench/snapshot.py).
@@ -493,7 +476,7 @@ class Learner:
         # so it waited and was counted unknown.
         if created is not None and (created <= self.joins.evicted_upto_ms or self._past_window(created, stored_at_ms)):
             if not self._past_window(created, stored_at_ms):
-                self._tell_let_go(decision_id, created, stored_at_ms)
+                tell_let_go(self.joins, decision_id, created, stored_at_ms)
             _OUTCOME["expired"].inc()
             return
         # Give up first on what waited its age: read back, FEEDBACK's time moves with each message, and a
@@ -510,17 +493,6 @@ class Learner:
             return
         if self._hold(decision_id, tip_id, reaction, user_id, stored_at_ms):
             self._expire_waiting()
-
-    def _tell_let_go(self, decision_id: str, created_ms: int, stored_at_ms: int | None) -> None:
-        """A reaction within the join window whose decision the cache's memory budget let go first. Counted as
-        `expired` only, as are reactions past the window, which is what an operator sizes: at 230 decisions a
-        second the default 256 MB holds ~9 minutes of them, and reactions later than that taught nothing,
-        without a word."""
-        now_ms = stored_at_ms if stored_at_ms is not None else int(time.time() * 1000)
-        _tell("expired", "feedback names decision %r, made %.3g s before it, which the join cache had let go: its "
-              "memory budget (TIPSTREAM_LEARNER_JOIN_CACHE_MB=%.3g) holds the decisions of the last %.3g s at this "
-              "rate. Raise it to learn reactions that come later", decision_id, (now_ms - created_ms) / 1000,
-              self.joins.limit / 2**20, max(now_ms - self.joins.evicted_upto_ms, 0) / 1000)
 
     def _hold(self, decision_id: str, tip_id: str, reaction: str, user_id: str | None,
               stored_at_ms: int | None) -> bool:
@@ -570,9 +542,7 @@ class Learner:
         expired = self.waiting.expire(now)
         if expired:
             _OUTCOME["unknown_decision"].inc(expired)
-            _tell("unknown_decision", "%d feedback event(s) gave up waiting for the decisions they name, which never "
-                  "came to DECISIONS within TIPSTREAM_LEARNER_PENDING_MAX_AGE_S (%g s): a decision_id /score did "
-                  "not answer", expired, self.waiting.max_age_s)
+            tell_gave_up(expired, self.waiting.max_age_s)
 
     def _silence_horizon_ms(self) -> int:
         """Silences due before this are learned without waiting for more feedback: by the clock,
@@ -638,11 +608,7 @@ class Learner:
         evicted += self.silences.sweep(lambda decision_id: self.joins.get(decision_id) is not None, held)
         if evicted:
             _SILENCE["evicted"].inc(evicted)
-            if _TOLD.allow("silence_evicted") is not None:
-                log.warning("%d decision(s) left the join cache (TIPSTREAM_LEARNER_JOIN_CACHE_MB) before "
-                            "TIPSTREAM_SILENCE_AFTER_S had passed, so their silence is not learned: raise the budget "
-                            "or shorten the wait (tipstream_silences_total{outcome=\"evicted\"} counts each, this "
-                            "line comes at most once a minute)", evicted)
+            tell_silences_evicted(evicted)
 
     def _learn_silence(self, decision_id: str, entry: Entry, due_ms: int) -> None:
         """Stamped the millisecond after the wait, when it is known: a reaction stored at its last one
@@ -687,7 +653,7 @@ class Learner:
                 if user_id != decision["user_id"]:
                     # Another user's reaction is told as such, before or after the decision's own.
                     _OUTCOME["wrong_user"].inc()
-                    _tell_wrong_user(user_id, decision_id, decision)
+                    tell_wrong_user(user_id, decision_id, decision)
                     return
             _OUTCOME["late" if self._silenced(decision_id, entry) else "duplicate"].inc()
             return
@@ -695,12 +661,11 @@ class Learner:
         candidate = next((c for c in decision["ranked"] if c["tip_id"] == tip_id), None)
         if candidate is None:
             _OUTCOME["unknown_tip"].inc()
-            _tell("unknown_tip", "feedback names tip %r, which is not a candidate of decision %r (%s)", tip_id,
-                  decision_id, ", ".join(repr(c["tip_id"]) for c in decision["ranked"][:10]))
+            tell_unknown_tip(tip_id, decision_id, decision)
             return
         if user_id is not None and user_id != decision["user_id"]:
             _OUTCOME["wrong_user"].inc()
-            _tell_wrong_user(user_id, decision_id, decision)
+            tell_wrong_user(user_id, decision_id, decision)
             return
         reward = self.rewards[reaction]
         # When the reward reached the log, not when it was credited here: a replay (a restart, a

@@ -10,11 +10,13 @@ from typing import Any
 import pytest
 
 from app import learner as learner_module
+from app import learner_told
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.decisions import LoggedDecision, decision_time_ms
 from app.ingest import ReadUpTo
 from app.learning_metrics import SILENCES
 from app.settings import DEFAULT_REWARDS, Settings
+from streams.log_throttle import LogThrottle
 from tests.unit.test_scoring_learner import World, _ack, _decisions_ack, _foreign, _reaction, delta, forget, outcomes
 
 WAIT_S = 600
@@ -162,7 +164,7 @@ def test_a_restart_learns_no_silence_twice_and_learns_one_the_crash_lost(tmp_pat
 def test_decisions_the_join_cache_lets_go_before_their_silence_are_counted_and_told(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr("app.silence.SWEEP_SLACK", 5)
-    monkeypatch.setattr(learner_module, "_TOLD", learner_module.LogThrottle())
+    monkeypatch.setattr(learner_told, "_TOLD", LogThrottle())
     world = quiet_world(tmp_path, cache_mb=0.01)  # ~10 KB: a few decisions
     served = [world.score() for _ in range(40)]
     held = len(world.learner.joins.cache)

@@ -252,10 +252,10 @@ def test_feedback_a_publisher_got_wrong_is_told_in_the_log_at_most_once_a_minute
     """A tip id or user id the decision does not have showed in tipstream_feedback_total only."""
     import logging
 
-    from app import learner as learner_module
+    from app import learner_told
     from streams.log_throttle import LogThrottle
 
-    monkeypatch.setattr(learner_module, "_TOLD", LogThrottle())
+    monkeypatch.setattr(learner_told, "_TOLD", LogThrottle())
     scored = world.score(user="u-1", tips=("a", "b"))
     with caplog.at_level(logging.WARNING, logger="tipstream.learner"):
         world.react(scored.decision_id, "zzz", "acted")
@@ -275,11 +275,11 @@ def test_a_publisher_s_decision_id_or_feature_name_cannot_forge_log_lines(
     into the log as they were: a line of the attacker's own wording after the real one."""
     import logging
 
-    from app import learner as learner_module
+    from app import learner_told
     from app.decisions import decode_decision
     from streams.log_throttle import LogThrottle
 
-    monkeypatch.setattr(learner_module, "_TOLD", LogThrottle())
+    monkeypatch.setattr(learner_told, "_TOLD", LogThrottle())
     forged = "\n2026-12-04 18:00:00,000 ERROR tipstream: forged"
     scored = world.score(serve=False, tips=("a", "b"))
     decision = orjson.loads(scored.payload)
@@ -381,10 +381,10 @@ def test_a_reaction_whose_decision_the_memory_budget_let_go_is_told_with_the_set
     """Within the join window, but after the cache's budget let its decision go: counted `expired` as a
     reaction past the window is, and nothing in the log said the budget was too small for the app's reactions
     (the default 256 MB holds ~9 minutes of decisions at 230 a second)."""
-    from app import learner as learner_module
+    from app import learner_told
     from streams.log_throttle import LogThrottle
 
-    monkeypatch.setattr(learner_module, "_TOLD", LogThrottle())  # once a minute per outcome, this process's
+    monkeypatch.setattr(learner_told, "_TOLD", LogThrottle())  # once a minute per outcome, this process's
     w = World(tmp_path, cache_mb=0.01)  # about ten decisions
     first = w.score()
     for _ in range(30):

@@ -1,0 +1,66 @@
+"""What the learner says in its log of feedback it could not learn: a publisher's mistake (a tip or a
+user the decision does not have, a decision id /score never answered), or a budget too small for the
+reactions that come (the join cache's). Each outcome at most once a minute: the metrics count each
+(tipstream_feedback_total, tipstream_silences_total), so whoever sends the feedback does not decide how
+fast the log grows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from streams.log_throttle import LogThrottle
+
+if TYPE_CHECKING:
+    from app.join_cache import JoinCache
+
+log = logging.getLogger("tipstream.learner")
+
+_TOLD = LogThrottle()  # a publisher's mistake in feedback: once a minute per outcome
+
+
+def _tell(outcome: str, message: str, *args: Any) -> None:
+    """Log feedback not learned for its publisher's mistake, once a minute per outcome (the metric
+    counts each): it showed in tipstream_feedback_total only, so a publisher's wrong tip id or user
+    id went unseen in the log."""
+    if _TOLD.allow(outcome) is not None:
+        log.warning(message + "; not learned (tipstream_feedback_total{outcome=\"%s\"} counts each, this line "
+                    "comes at most once a minute)", *args, outcome)
+
+
+def tell_unknown_tip(tip_id: str, decision_id: str, decision: dict[str, Any]) -> None:
+    _tell("unknown_tip", "feedback names tip %r, which is not a candidate of decision %r (%s)", tip_id,
+          decision_id, ", ".join(repr(c["tip_id"]) for c in decision["ranked"][:10]))
+
+
+def tell_wrong_user(user_id: str, decision_id: str, decision: dict[str, Any]) -> None:
+    _tell("wrong_user", "feedback of user %r names decision %r, which /score made for user %r",
+          user_id, decision_id, decision["user_id"])
+
+
+def tell_let_go(joins: JoinCache, decision_id: str, created_ms: int, stored_at_ms: int | None) -> None:
+    """A reaction within the join window whose decision the cache's memory budget let go first. Counted as
+    `expired` only, as are reactions past the window, which is what an operator sizes: at 230 decisions a
+    second the default 256 MB holds ~9 minutes of them, and reactions later than that taught nothing,
+    without a word."""
+    now_ms = stored_at_ms if stored_at_ms is not None else int(time.time() * 1000)
+    _tell("expired", "feedback names decision %r, made %.3g s before it, which the join cache had let go: its "
+          "memory budget (TIPSTREAM_LEARNER_JOIN_CACHE_MB=%.3g) holds the decisions of the last %.3g s at this "
+          "rate. Raise it to learn reactions that come later", decision_id, (now_ms - created_ms) / 1000,
+          joins.limit / 2**20, max(now_ms - joins.evicted_upto_ms, 0) / 1000)
+
+
+def tell_gave_up(expired: int, max_age_s: float) -> None:
+    _tell("unknown_decision", "%d feedback event(s) gave up waiting for the decisions they name, which never "
+          "came to DECISIONS within TIPSTREAM_LEARNER_PENDING_MAX_AGE_S (%g s): a decision_id /score did "
+          "not answer", expired, max_age_s)
+
+
+def tell_silences_evicted(evicted: int) -> None:
+    if _TOLD.allow("silence_evicted") is not None:
+        log.warning("%d decision(s) left the join cache (TIPSTREAM_LEARNER_JOIN_CACHE_MB) before "
+                    "TIPSTREAM_SILENCE_AFTER_S had passed, so their silence is not learned: raise the budget "
+                    "or shorten the wait (tipstream_silences_total{outcome=\"evicted\"} counts each, this "
+                    "line comes at most once a minute)", evicted)
