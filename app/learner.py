@@ -61,7 +61,14 @@ from app.evaluation import TrainedOn
 from app.ingest import ReadUpTo
 from app.join_cache import Entry, JoinCache, created_ms
 from app.learner_checkpoint import ModelBytes, SnapshotBook, saved_rows, state_bytes
-from app.learner_told import tell_gave_up, tell_let_go, tell_silences_evicted, tell_unknown_tip, tell_wrong_user
+from app.learner_told import (
+    PositivesOnly,
+    tell_gave_up,
+    tell_let_go,
+    tell_silences_evicted,
+    tell_unknown_tip,
+    tell_wrong_user,
+)
 from app.learning_metrics import (
     FEEDBACK,
     JOIN_CACHE,
@@ -92,8 +99,6 @@ UNSEEN_SCAN_CHUNK = 2_000
 # then has been read by FEEDBACK's ingest (live, it reads within milliseconds), so the reaction it
 # missed is not taken for silence, which a replay of the log would not do.
 SILENCE_READ_ALLOWANCE_MS = 5_000
-# Rewards learned from feedback before the learner says, once, that none was negative (`_learn`).
-POSITIVE_ONLY_WARN_AFTER = 1_000
 # Silences learned between two chances for the API to run (`learn_silences`), as ingest folds CHUNK
 # events: ~85 us each with two live models, so one turn stays under ~25 ms. After a restart, every
 # decision of the wait before the stop fell due at once (60,000 at 100 decisions/s): learned in one
@@ -116,7 +121,7 @@ class Learner:
         self.rewards = dict(rewards)
         self.silence_reward = silence_reward
         self.silences = Silences(int(silence_after_s * 1000)) if silence_reward is not None else None
-        self._positives_only = 0  # rewards learned from feedback, all positive so far (-1: a negative came, or told)
+        self.positives_only = PositivesOnly(silence_learned=silence_reward is not None)
         self.window_ms = int(window_s * 1000)
         # `clock`: the wall clock, for times compared with decision ids and the log's stored times.
         # `timer`: a monotonic one, for durations measured here (a snapshot's cost, their spacing).
@@ -674,7 +679,7 @@ class Learner:
         # it (`user_ttl_days`). The clock only without a stored time.
         rewarded_ms = stored_at_ms if stored_at_ms is not None else int(self.clock() * 1000)
         self._learn(decision_id, entry, decision, candidate, reward, rewarded_ms)
-        self._note_reward_sign(reward)
+        self.positives_only.note(reward)
         _OUTCOME["credited"].inc()
         if stored_at_ms is not None and self.feedback_read.caught_up and not self.replaying:
             LEARN_DELAY.observe(max(self.clock() - stored_at_ms / 1000, 0.0))
@@ -683,24 +688,6 @@ class Learner:
         """The decision's only credit is its silence's (stamped the millisecond after its wait, `_learn_silence`)."""
         return (self.silences is not None and entry.credits is not None and len(entry.credits) == 1
                 and entry.rewarded_ms == self._silence_due_ms(decision_id, entry) + 1)
-
-    def _note_reward_sign(self, reward: float) -> None:
-        """Say once when the first rewards from feedback are all positive: an app that publishes only
-        the reactions it sees (clicks) teaches the models that every tip pleases."""
-        if self._positives_only < 0:
-            return
-        if reward < 0.5:
-            self._positives_only = -1
-            return
-        self._positives_only += 1
-        if self._positives_only >= POSITIVE_ONLY_WARN_AFTER:
-            self._positives_only = -1
-            if self.silence_reward is None:
-                log.warning("the first %d rewards learned from feedback were all positive (reward >= 0.5): the models "
-                            "learn that every tip pleases. Publish `dismissed` for tips a user ignored, or set "
-                            "TIPSTREAM_SILENCE_REWARD (e.g. 0) to learn that reward for a decision nobody reacts to "
-                            "within TIPSTREAM_SILENCE_AFTER_S (docs/learning.md, \"Learning from silence\")",
-                            POSITIVE_ONLY_WARN_AFTER)
 
     def _learn(self, decision_id: str, entry: Entry, decision: dict[str, Any], candidate: dict[str, Any],
                reward: float, rewarded_ms: int) -> None:

@@ -2,7 +2,7 @@
 user the decision does not have, a decision id /score never answered), or a budget too small for the
 reactions that come (the join cache's). Each outcome at most once a minute: the metrics count each
 (tipstream_feedback_total, tipstream_silences_total), so whoever sends the feedback does not decide how
-fast the log grows.
+fast the log grows. And, once, that the first rewards it learned were all positive (`PositivesOnly`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("tipstream.learner")
 
 _TOLD = LogThrottle()  # a publisher's mistake in feedback: once a minute per outcome
+# Rewards learned from feedback before the learner says, once, that none was negative (`PositivesOnly`).
+POSITIVE_ONLY_WARN_AFTER = 1_000
 
 
 def _tell(outcome: str, message: str, *args: Any) -> None:
@@ -64,3 +66,31 @@ def tell_silences_evicted(evicted: int) -> None:
                     "TIPSTREAM_SILENCE_AFTER_S had passed, so their silence is not learned: raise the budget "
                     "or shorten the wait (tipstream_silences_total{outcome=\"evicted\"} counts each, this "
                     "line comes at most once a minute)", evicted)
+
+
+class PositivesOnly:
+    """Say once when the first rewards from feedback are all positive: an app that publishes only
+    the reactions it sees (clicks) teaches the models that every tip pleases. Not said when silences
+    are learned (`silence_learned`), which is what it would advise."""
+
+    __slots__ = ("count", "silence_learned")
+
+    def __init__(self, silence_learned: bool) -> None:
+        self.count = 0  # rewards learned from feedback, all positive so far (-1: a negative came, or told)
+        self.silence_learned = silence_learned
+
+    def note(self, reward: float) -> None:
+        if self.count < 0:
+            return
+        if reward < 0.5:
+            self.count = -1
+            return
+        self.count += 1
+        if self.count >= POSITIVE_ONLY_WARN_AFTER:
+            self.count = -1
+            if not self.silence_learned:
+                log.warning("the first %d rewards learned from feedback were all positive (reward >= 0.5): the models "
+                            "learn that every tip pleases. Publish `dismissed` for tips a user ignored, or set "
+                            "TIPSTREAM_SILENCE_REWARD (e.g. 0) to learn that reward for a decision nobody reacts to "
+                            "within TIPSTREAM_SILENCE_AFTER_S (docs/learning.md, \"Learning from silence\")",
+                            POSITIVE_ONLY_WARN_AFTER)

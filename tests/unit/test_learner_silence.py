@@ -183,7 +183,7 @@ def test_decisions_the_join_cache_lets_go_before_their_silence_are_counted_and_t
 
 def test_off_by_default_and_only_positive_feedback_is_told_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(learner_module, "POSITIVE_ONLY_WARN_AFTER", 3)
+    monkeypatch.setattr(learner_told, "POSITIVE_ONLY_WARN_AFTER", 3)
     world = World(tmp_path)
     decisions = [world.score() for _ in range(5)]
     before = silences()
@@ -199,7 +199,7 @@ def test_off_by_default_and_only_positive_feedback_is_told_once(
 
 def test_no_warning_when_a_negative_reward_comes_early(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                        caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(learner_module, "POSITIVE_ONLY_WARN_AFTER", 3)
+    monkeypatch.setattr(learner_told, "POSITIVE_ONLY_WARN_AFTER", 3)
     world = World(tmp_path)
     with caplog.at_level(logging.WARNING, "tipstream.learner"):
         for i in range(6):
