@@ -299,7 +299,7 @@ class Service:
         return {"sink": self.learner.feedback_sink(), "sink_reply": True, "read": self.feedback_read,
                 "after": self.decisions_read,
                 # Off (the default), no call per message at all.
-                "before": self.learner.silences_before if self.learner.silences is not None else None}
+                "before": self.learner.silences.before_message if self.learner.silences is not None else None}
 
     async def _hold_spool_reserve(self) -> None:
         data_dir, size = self.settings.data_dir, round(self.settings.spool_reserve_mb * (1 << 20))

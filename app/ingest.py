@@ -145,7 +145,7 @@ class ReadUpTo:
         # `caught_up` (once, for good), false again while ingest is held up (paused for checkpoints,
         # a backlog delivered and not folded yet, a consumer re-created). The ingest reading the
         # stream sets it (`StreamIngest.drained`); the learner's silence asks it before trusting
-        # the clock (`Learner._silence_horizon_ms`).
+        # the clock (`SilenceLearning.horizon_ms`).
         self.drained: Callable[[], bool] = lambda: self.caught_up
 
     def advance(self, stored_ms: int, caught_up: bool) -> None:

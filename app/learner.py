@@ -23,13 +23,11 @@ ones the fold already held):
 5. Otherwise the reaction's reward (settings) trains every live model with `learn_one` on the
    features as they were served, and updates the popularity prior -> `credited`.
 6. With `silence_reward` set (off by default), a decision nobody reacted to within `silence_after_s`
-   of its creation is credited that reward for its first tip (`_release_silences`, app/silence.py);
+   of its creation is credited that reward for its first tip (app/silence_learning.py);
    a reaction to that tip stored later -> `late`, learned no more.
 
-Silence is judged in FEEDBACK's time, as the join window is: a decision's silence is learned just
-before the first feedback stored after it is due, or, with none, by the clock (less
-`SILENCE_READ_ALLOWANCE_MS`, for feedback stored but not yet read) once FEEDBACK has caught up. A
-replay of the log (a restart, a rebuild) learns it at the same place among the rewards as live.
+Silence is judged in FEEDBACK's time, as the join window is, so that a replay of the log (a restart,
+a rebuild) learns it at the same place among the rewards as live (`SilenceLearning`).
 
 The learner is a checkpoint participant: models, prior, credits (the new ones: `credit_log`),
 waiting feedback and the stream positions they reflect are saved with the checkpoint (at most
@@ -44,11 +42,9 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import itertools
-import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -61,49 +57,24 @@ from app.evaluation import TrainedOn
 from app.ingest import ReadUpTo
 from app.join_cache import Entry, JoinCache, created_ms
 from app.learner_checkpoint import ModelBytes, SnapshotBook, saved_rows, state_bytes
-from app.learner_told import (
-    PositivesOnly,
-    tell_gave_up,
-    tell_let_go,
-    tell_silences_evicted,
-    tell_unknown_tip,
-    tell_wrong_user,
-)
-from app.learning_metrics import (
-    FEEDBACK,
-    JOIN_CACHE,
-    JOIN_CACHE_BYTES,
-    LEARN_DELAY,
-    PENDING,
-    SILENCES,
-)
+from app.learner_told import PositivesOnly, tell_gave_up, tell_let_go, tell_unknown_tip, tell_wrong_user
+from app.learning_metrics import FEEDBACK, JOIN_CACHE, JOIN_CACHE_BYTES, LEARN_DELAY, PENDING
 from app.lineup import Lineup
 from app.model_learning import ModelLearning
-from app.silence import Silences
+from app.silence_learning import SilenceLearning
 from app.waiting import WaitingFeedback
 from models.prior import PopularityPrior
 from streams.ack_subject import ack_fields, delivery, stored_ms
 from streams.scrub import belongs, spellings
 from streams.store import OnlineStore
 
-log = logging.getLogger("tipstream.learner")
 _OUTCOME = {name: FEEDBACK.labels(name) for name in (
     "credited", "duplicate", "late", "no_decision", "waiting", "unknown_decision", "expired", "unknown_tip",
     "wrong_user")}
-_SILENCE = {name: SILENCES.labels(name) for name in ("credited", "answered", "evicted")}
 
 # Credited decisions a registration's look for unseen rewards (`JoinCache.unseen_rewards`) tests between
 # two yields to the event loop: ~3.5 ms of it on a slow day (1.1-1.7 us each, bench/snapshot.py).
 UNSEEN_SCAN_CHUNK = 2_000
-# By the clock, a decision's silence is learned this long after it is due: feedback stored before
-# then has been read by FEEDBACK's ingest (live, it reads within milliseconds), so the reaction it
-# missed is not taken for silence, which a replay of the log would not do.
-SILENCE_READ_ALLOWANCE_MS = 5_000
-# Silences learned between two chances for the API to run (`learn_silences`), as ingest folds CHUNK
-# events: ~85 us each with two live models, so one turn stays under ~25 ms. After a restart, every
-# decision of the wait before the stop fell due at once (60,000 at 100 decisions/s): learned in one
-# turn, at the first feedback read back or the first checkpoint, they held the loop for seconds.
-SILENCES_PER_TURN = 256
 # Join-cache entries looked at between two chances for the API to run while forgetting a user: ~7 ms at
 # ~3.3 us a 2 KB decision (`streams.scrub.belongs`).
 FORGET_SCAN_CHUNK = 2_000
@@ -119,8 +90,7 @@ class Learner:
                  timer: Callable[[], float] = time.perf_counter) -> None:
         self.lineup, self.store, self.decision_log = lineup, store, decision_log
         self.rewards = dict(rewards)
-        self.silence_reward = silence_reward
-        self.silences = Silences(int(silence_after_s * 1000)) if silence_reward is not None else None
+        self.silences = SilenceLearning(self, silence_reward, silence_after_s) if silence_reward is not None else None
         self.positives_only = PositivesOnly(silence_learned=silence_reward is not None)
         self.window_ms = int(window_s * 1000)
         # `clock`: the wall clock, for times compared with decision ids and the log's stored times.
@@ -313,10 +283,7 @@ class Learner:
 
     def _credit_waiting(self, decision_id: str, entry: Entry, joinable_ms: int) -> None:
         if self.silences is not None and joinable_ms:
-            # Silences the clock had learned, live, when the decision came (due before its stored time,
-            # less the allowance) first, also read back (deferred until FEEDBACK's time passes the
-            # decision's, where both fall due): else a replay learned this feedback before them, live after.
-            self._release_silences(min(joinable_ms - SILENCE_READ_ALLOWANCE_MS, self._silence_horizon_ms()))
+            self.silences.release_before_joined(joinable_ms)
         waiting = self.waiting.take(decision_id)
         gave_up_before_ms = joinable_ms - self.waiting.max_age_s * 1000
         for (tip_id, _), (reaction, _, user_id, stored_at_ms) in (waiting or {}).items():
@@ -356,12 +323,8 @@ class Learner:
         self.joins.add(decision_id, entry, replayed)
         self._changed = True
         if self.silences is not None and not entry.credits:  # credited before a restart: answered already
-            self.silences.watch(decision_id, self._silence_due_ms(decision_id, entry))
+            self.silences.watch(decision_id, entry)
         self.joins.evict(min(entry.added_ms, self.window_end_ms()) - self.window_ms)
-
-    def _silence_due_ms(self, decision_id: str, entry: Entry) -> int:
-        assert self.silences is not None
-        return created_ms(decision_id, entry) + self.silences.after_ms
 
     def _mark_row(self, entry: Entry) -> None:
         decision = entry.decision if entry.decision is not None else orjson.loads(entry.data)
@@ -444,7 +407,7 @@ class Learner:
         if self._due:
             self._release_due()
         if self.silences is not None and stored_at_ms is not None:
-            self._release_silences(stored_at_ms)  # those due before this reaction was stored
+            self.silences.release(stored_at_ms)  # those due before this reaction was stored
         data = event.data
         decision_id = data.decision_id
         if decision_id is None:
@@ -543,87 +506,17 @@ class Learner:
             # order: given up for its age here, it was learned live (`_credit_waiting` judges that).
             self._release_due()
         if self.silences is not None:
-            self._release_silences(self._silence_horizon_ms())
+            self.silences.release(self.silences.horizon_ms())
         expired = self.waiting.expire(now)
         if expired:
             _OUTCOME["unknown_decision"].inc(expired)
             tell_gave_up(expired, self.waiting.max_age_s)
 
-    def _silence_horizon_ms(self) -> int:
-        """Silences due before this are learned without waiting for more feedback: by the clock,
-        less the allowance, live; in FEEDBACK's time while it is read back (or not at all, before
-        any feedback is read), and while its ingest is held up (`ReadUpTo.drained`): paused for
-        checkpoints (the database away), a backlog not folded yet, NATS away. By the clock then, a
-        reaction stored within the wait and read later was counted `late` and its silence learned,
-        which a replay of the log, reading the reaction first, does not do."""
-        read = self.feedback_read
-        if read.caught_up and not self.replaying and read.drained():
-            return int(self.clock() * 1000) - SILENCE_READ_ALLOWANCE_MS
-        return self._feedback_time_ms()
-
-    def silences_before(self, reply: bytes) -> Awaitable[None] | None:
-        """The FEEDBACK ingest asks this before each message (`reply`, its ack subject): when silences
-        are due before it was stored, learn them in turns of the loop (`learn_silences`), before the
-        message, where `on_feedback` learns them (in one turn)."""
-        if self.silences is None:
-            return None
-        before_ms = stored_ms(reply)
-        if not self.silences.due_before(before_ms):
-            return None
-        return self.learn_silences(lambda: before_ms)
-
     async def before_snapshot(self) -> None:
         """The checkpointer's, before it takes the snapshots: the silences due by the clock, in turns
         of the loop (`snapshot` learns them in one)."""
         if self.silences is not None:
-            await self.learn_silences(self._silence_horizon_ms)
-
-    async def learn_silences(self, before: Callable[[], float]) -> None:
-        """Learn the silences due before `before()`, `SILENCES_PER_TURN` per turn of the loop. Not those
-        due after a deferred feedback's decision less the allowance: that feedback is learned first
-        (`_credit_waiting`); `on_feedback` or `snapshot` learns them in their order."""
-        silences = self.silences
-        assert silences is not None
-        while True:
-            before_ms = before()
-            if self._due:
-                before_ms = min(before_ms, self._due[0][0] - SILENCE_READ_ALLOWANCE_MS)
-            if not silences.due_before(before_ms):
-                return
-            self._release_silences(before_ms, SILENCES_PER_TURN)
-            if not silences.due_before(before_ms):
-                return
-            await asyncio.sleep(0)
-
-    def _release_silences(self, before_ms: float, limit: int | None = None) -> None:
-        """Credit `silence_reward` to the first tip of each decision due before `before_ms` that no
-        reaction was credited to (an answer to any of its tips counts); the first `limit` only."""
-        assert self.silences is not None and self.silence_reward is not None
-        evicted = 0
-        for decision_id, due_ms in itertools.islice(self.silences.due(before_ms), limit):
-            entry = self.joins.get(decision_id)
-            if entry is None:
-                evicted += 1
-            elif entry.credits:
-                if entry.rewarded_ms != due_ms + 1:  # not its own silence, learned before a reaction came (`_credit`)
-                    _SILENCE["answered"].inc()
-            else:
-                self._learn_silence(decision_id, entry, due_ms)
-        held = len(self.joins)
-        evicted += self.silences.sweep(lambda decision_id: self.joins.get(decision_id) is not None, held)
-        if evicted:
-            _SILENCE["evicted"].inc(evicted)
-            tell_silences_evicted(evicted)
-
-    def _learn_silence(self, decision_id: str, entry: Entry, due_ms: int) -> None:
-        """Stamped the millisecond after the wait, when it is known: a reaction stored at its last one
-        answers it (`Silences.due`), so no reaction credited is stamped so, and a credit stamped so is
-        the silence's (`_silenced`). Stamped with `due_ms`, as such a reaction, it was told from it by
-        nothing: the reaction sent again counted `late`, its wait not `answered`."""
-        assert self.silence_reward is not None
-        decision = entry.decision if entry.decision is not None else orjson.loads(entry.data)
-        self._learn(decision_id, entry, decision, decision["ranked"][0], self.silence_reward, due_ms + 1)
-        _SILENCE["credited"].inc()
+            await self.silences.learn_in_turns(self.silences.horizon_ms)
 
     def expire(self) -> None:
         """Give up on feedback that waited too long (each checkpoint's `snapshot` does this too)."""
@@ -643,13 +536,13 @@ class Learner:
             _OUTCOME["expired"].inc()
             return
         if self.silences is not None and stored_at_ms is not None and not entry.credits:
-            due_ms = self._silence_due_ms(decision_id, entry)
+            due_ms = self.silences.due_ms(decision_id, entry)
             if due_ms < stored_at_ms:
                 # Stored after the wait, for one of our decisions that reached DECISIONS only after it
                 # (spooled at a stop, published at the next start): a rebuild reads the decision after
                 # this reaction, which waited for it, but live the decision was served before, and its
-                # silence learned first (`_release_silences`): so here too, and the reaction is late.
-                self._learn_silence(decision_id, entry, due_ms)
+                # silence learned first (`SilenceLearning.release`): so here too, and the reaction is late.
+                self.silences.learn(decision_id, entry, due_ms)
         credits = entry.credits
         decision = entry.decision
         if credits is not None and tip_id in credits:
@@ -660,7 +553,8 @@ class Learner:
                     _OUTCOME["wrong_user"].inc()
                     tell_wrong_user(user_id, decision_id, decision)
                     return
-            _OUTCOME["late" if self._silenced(decision_id, entry) else "duplicate"].inc()
+            silenced = self.silences is not None and self.silences.silenced(decision_id, entry)
+            _OUTCOME["late" if silenced else "duplicate"].inc()
             return
         decision = decision if decision is not None else orjson.loads(entry.data)
         candidate = next((c for c in decision["ranked"] if c["tip_id"] == tip_id), None)
@@ -683,11 +577,6 @@ class Learner:
         _OUTCOME["credited"].inc()
         if stored_at_ms is not None and self.feedback_read.caught_up and not self.replaying:
             LEARN_DELAY.observe(max(self.clock() - stored_at_ms / 1000, 0.0))
-
-    def _silenced(self, decision_id: str, entry: Entry) -> bool:
-        """The decision's only credit is its silence's (stamped the millisecond after its wait, `_learn_silence`)."""
-        return (self.silences is not None and entry.credits is not None and len(entry.credits) == 1
-                and entry.rewarded_ms == self._silence_due_ms(decision_id, entry) + 1)
 
     def _learn(self, decision_id: str, entry: Entry, decision: dict[str, Any], candidate: dict[str, Any],
                reward: float, rewarded_ms: int) -> None:

@@ -3,7 +3,7 @@
 A team whose app publishes only the reactions it sees (a click: `acted`) gives the models
 positives only, and they learn that every tip pleases. With `TIPSTREAM_SILENCE_REWARD` set,
 a decision nobody reacted to within the wait is credited that reward for the tip it served
-first, as Azure Personalizer's default reward did (`Learner._release_silences`).
+first, as Azure Personalizer's default reward did (`SilenceLearning.release`).
 
 Each decision the join cache takes is watched until its silence is due: a heap by due time,
 so the order in which decisions arrive (the ones re-read after a start come after those

@@ -40,7 +40,7 @@ os.execv(sys.argv[1], sys.argv[1:])
 class ServiceProcess:
     def __init__(self, data_dir: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
                  patches: dict[str, Any] | None = None, open_files: tuple[int, int] | None = None) -> None:
-        """`patches`: module constants ("app.learner.SILENCE_READ_ALLOWANCE_MS") set to these values before
+        """`patches`: module constants ("app.silence_learning.SILENCE_READ_ALLOWANCE_MS") set to these values before
         `tipstream run` starts, where a test's wait is one of them (what it guards is not). `open_files`:
         its limits on open files (soft, hard), as `ulimit -n` sets them."""
         self.open_files = open_files

@@ -13,7 +13,7 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from app import learner as learner_module
+from app import silence_learning
 from app.learning_metrics import FEEDBACK, SILENCES
 from tests.conftest import eventually
 
@@ -213,7 +213,7 @@ async def test_feedback_that_came_while_the_service_was_stopped_is_learned_in_or
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_decision_nobody_answers_learns_the_silence_reward_once_across_a_restart(
         start_service, nc, database_url, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(learner_module, "SILENCE_READ_ALLOWANCE_MS", 200)  # feedback here is read within ms
+    monkeypatch.setattr(silence_learning, "SILENCE_READ_ALLOWANCE_MS", 200)  # feedback here is read within ms
     settings = {"database_url": database_url, "checkpoint_every_s": 0.2, "model_snapshot_every_s": 0,
                 "silence_reward": 0.0, "silence_after_s": 1.0}
     running = await start_service(**settings)
@@ -266,7 +266,7 @@ async def test_a_reaction_stored_within_the_wait_and_read_late_answers_the_decis
     from tests.integration.test_database_away import set_connections
 
     # Feedback here is read within ms; the clock set past the wait below is far past either allowance.
-    monkeypatch.setattr(learner_module, "SILENCE_READ_ALLOWANCE_MS", 200)
+    monkeypatch.setattr(silence_learning, "SILENCE_READ_ALLOWANCE_MS", 200)
     reset_postgres(postgres_url)
     database = postgres_url.rsplit("/", 1)[1]
     settings = {"database_url": postgres_url, "checkpoint_every_s": 0.2, "model_snapshot_every_s": 0,

@@ -232,7 +232,7 @@ def model_bytes(url: str) -> dict[str, tuple[int, str]]:
 # By the clock, a silence is learned this long after it is due (5 s in the service: the time feedback stored
 # before then may take to be read). Feedback here is read within milliseconds, and none is stored within a
 # wait: each of the tests below waited the 5 s once or twice.
-QUICK_SILENCE = {"app.learner.SILENCE_READ_ALLOWANCE_MS": 500}
+QUICK_SILENCE = {"app.silence_learning.SILENCE_READ_ALLOWANCE_MS": 500}
 
 
 # SQLite only: what is under test is the learner's order; the other tests here hold PostgreSQL's rows

@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 
-from app import learner as learner_module
-from app import learner_told
+from app import learner_told, silence_learning
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.decisions import LoggedDecision, decision_time_ms
 from app.ingest import ReadUpTo
@@ -20,7 +19,7 @@ from streams.log_throttle import LogThrottle
 from tests.unit.test_scoring_learner import World, _ack, _decisions_ack, _foreign, _reaction, delta, forget, outcomes
 
 WAIT_S = 600
-ALLOWANCE_S = learner_module.SILENCE_READ_ALLOWANCE_MS / 1000
+ALLOWANCE_S = silence_learning.SILENCE_READ_ALLOWANCE_MS / 1000
 
 
 def silences() -> dict[str, float]:
@@ -285,9 +284,9 @@ def test_silences_due_at_once_are_learned_in_turns_of_the_loop(tmp_path: Path) -
     """After a restart, every decision of the wait before the stop falls due at once (60,000 at 100
     decisions/s): learned in one turn of the loop, at the first feedback read back or at the first
     checkpoint, they held /score for seconds (~85 us each, two models). The FEEDBACK ingest awaits
-    them before the message (`silences_before`), the checkpointer before the snapshots
+    them before the message (`SilenceLearning.before_message`), the checkpointer before the snapshots
     (`before_snapshot`), `SILENCES_PER_TURN` per turn, in the same order as `on_feedback`."""
-    n = 3 * learner_module.SILENCES_PER_TURN + 10
+    n = 3 * silence_learning.SILENCES_PER_TURN + 10
     world = quiet_world(tmp_path)
     ids = [world.score().decision_id for _ in range(n)]
     gap = world.score(serve=False)
@@ -316,7 +315,7 @@ def test_silences_due_at_once_are_learned_in_turns_of_the_loop(tmp_path: Path) -
         due = sum(1 for d in ids if (decision_time_ms(d) or 0) + WAIT_S * 1000 < stored_ms)
         assert due == n
         ack = _ack((stored_ms + 0.5) / 1000, 1)  # half a ms over: seconds as a float lose the ms at times
-        pending = world.learner.silences_before(ack)
+        pending = world.learner.silences.before_message(ack)
         assert pending is not None
         await pending
         world.sink(_reaction("f-1", ids[-1], "a"), ack)
@@ -337,8 +336,8 @@ def test_silences_due_at_once_are_learned_in_turns_of_the_loop(tmp_path: Path) -
     per_turn: dict[int, int] = {}
     for turn in at_turn:
         per_turn[turn] = per_turn.get(turn, 0) + 1
-    assert max(per_turn.values()) <= learner_module.SILENCES_PER_TURN + 1  # + the feedback after them
-    assert len(per_turn) >= 2 * n // learner_module.SILENCES_PER_TURN
+    assert max(per_turn.values()) <= silence_learning.SILENCES_PER_TURN + 1  # + the feedback after them
+    assert len(per_turn) >= 2 * n // silence_learning.SILENCES_PER_TURN
     world.engine.dispose()
 
 

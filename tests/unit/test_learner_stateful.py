@@ -50,12 +50,13 @@ from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.db import make_engine
 from app.decisions import LoggedDecision, TipScoresLog
 from app.ingest import ReadUpTo
-from app.learner import SILENCE_READ_ALLOWANCE_MS, Learner
+from app.learner import Learner
 from app.learning_metrics import FEEDBACK
 from app.lineup import Lineup, evaluate_log
 from app.registry_store import RegistryStore
 from app.scoring import Scorer
 from app.settings import DEFAULT_REWARDS
+from app.silence_learning import SILENCE_READ_ALLOWANCE_MS
 from models.policy import make_policy
 from streams.events import parse_event
 from streams.store import OnlineStore

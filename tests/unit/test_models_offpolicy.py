@@ -154,7 +154,7 @@ def test_on_the_rewarded_log_the_estimate_is_the_reward_per_decision_reacted_to(
 
 def test_with_silence_learned_the_estimate_is_the_reward_per_decision_served() -> None:
     """The same log with `TIPSTREAM_SILENCE_REWARD=0`: a decision nobody reacted to gets its row's
-    reward, 0 for the tip served first (`Learner._release_silences`), so the card ranks the versions
+    reward, 0 for the tip served first (`SilenceLearning.release`), so the card ranks the versions
     by what they earn per decision served."""
     from app.evaluation import policy_value
     from models.policy import EpsilonGreedy

@@ -21,12 +21,13 @@ import orjson
 from app import migrate
 from app.db import make_engine
 from app.decisions import TipScoresLog
-from app.learner import SILENCE_READ_ALLOWANCE_MS, Learner
+from app.learner import Learner
 from app.lineup import Lineup
 from app.registry_store import RegistryStore
 from app.score_request import parse_request
 from app.scoring import Scorer
 from app.settings import Settings
+from app.silence_learning import SILENCE_READ_ALLOWANCE_MS
 from models.policy import make_policy
 from streams.events import parse_event
 from streams.simulator import Population, SimUser, expected_reward, score_body
