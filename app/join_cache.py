@@ -7,7 +7,8 @@ their own (`replayed`), ahead of those /score serves meanwhile, so that the cach
 order; `join_replayed` puts the two together once DECISIONS has caught up.
 
 The cache also knows which of its entries hold credits (`credited`): a model registered later
-learns the rewards its training over the log missed from these (`unseen_rewards`).
+learns the rewards its training over the log missed from these (`unseen_rewards`). A user to forget
+has their decisions found here (`decisions_of`) and let go (`drop`).
 
 >>> joins = JoinCache(limit_bytes=10 * 1024)
 >>> joins.add("d-1", Entry(b"{}", position=1, added_ms=1_000, decision=None))
@@ -28,6 +29,7 @@ import orjson
 
 from app.decisions import decision_time_ms
 from app.evaluation import TrainedOn, examples_of
+from streams.scrub import belongs, spellings
 
 # Bytes a cache entry costs beyond its payload, measured with tracemalloc: the entry and its
 # OrderedDict slot 211, the decision id 79, the bytes object's header 33.
@@ -180,6 +182,23 @@ class JoinCache:
         for decision_id, entry in again.items():  # also those the join cache let go since
             take(decision_id, entry)
         return examples
+
+    async def decisions_of(self, user_id: str, until_ms: int, chunk: int) -> list[str]:
+        """The ids of `user_id`'s decisions held, made until `until_ms`, looked over `chunk` at a time, the
+        event loop running between (`Learner.FORGET_SCAN_CHUNK`; a full cache, ~100,000 decisions, is
+        ~330 ms of matching)."""
+        # Matched as the log's messages are (`streams.scrub.belongs`: another publisher's JSON may spell
+        # the id with escapes, "zo\u00eb").
+        users = frozenset((user_id,))
+        spelt = spellings(users)
+        theirs: list[str] = []
+        for cache in (self.replayed, self.cache):
+            held = list(cache.items())
+            for start in range(0, len(held), chunk):
+                theirs += [decision_id for decision_id, entry in held[start : start + chunk]
+                           if belongs(entry.data, users, spelt) and created_ms(decision_id, entry) <= until_ms]
+                await asyncio.sleep(0)
+        return theirs
 
     def drop(self, decision_ids: list[str]) -> tuple[set[str], set[str]]:
         """Let go of these (a forgotten user's), those still held: the ids that went, and those of them

@@ -40,7 +40,6 @@ order and the memory budget evicts the oldest decisions first (`caught_up` joins
 
 from __future__ import annotations
 
-import asyncio
 import heapq
 import math
 import time
@@ -55,7 +54,7 @@ from app.credit_log import CreditLog
 from app.decisions import LoggedDecision, TipScoresLog, decision_time_ms, learning_input, tip_score_row
 from app.evaluation import TrainedOn
 from app.ingest import ReadUpTo
-from app.join_cache import Entry, JoinCache, created_ms
+from app.join_cache import Entry, JoinCache
 from app.learner_checkpoint import ModelBytes, SnapshotBook, saved_rows, state_bytes
 from app.learner_told import PositivesOnly, tell_gave_up, tell_let_go, tell_unknown_tip, tell_wrong_user
 from app.learning_metrics import FEEDBACK, JOIN_CACHE, JOIN_CACHE_BYTES, LEARN_DELAY, PENDING
@@ -65,7 +64,6 @@ from app.silence_learning import SilenceLearning
 from app.waiting import WaitingFeedback
 from models.prior import PopularityPrior
 from streams.ack_subject import ack_fields, delivery, stored_ms
-from streams.scrub import belongs, spellings
 from streams.store import OnlineStore
 
 _OUTCOME = {name: FEEDBACK.labels(name) for name in (
@@ -337,22 +335,11 @@ class Learner:
 
     async def decisions_to_forget(self, user_id: str, at_ms: int) -> list[str]:
         """Forgetting `user_id` as of `at_ms`, first: the ids of their decisions the join cache holds,
-        made until then. Looked over in turns, the event loop running between (a full cache, ~100,000
-        decisions, is ~330 ms of matching); those read back meanwhile, and later (a start re-reads
-        DECISIONS), are not held while `erasing` names them. Nothing is dropped yet (`forget_user`)."""
+        made until then. Looked over in turns, the event loop running between (`JoinCache.decisions_of`);
+        those read back meanwhile, and later (a start re-reads DECISIONS), are not held while `erasing`
+        names them. Nothing is dropped yet (`forget_user`)."""
         self.erasing[user_id] = at_ms
-        # Matched as the log's messages are (`streams.scrub.belongs`: another publisher's JSON may spell
-        # the id with escapes, "zo\u00eb").
-        users = frozenset((user_id,))
-        spelt = spellings(users)
-        theirs: list[str] = []
-        for cache in (self.joins.replayed, self.joins.cache):
-            held = list(cache.items())
-            for start in range(0, len(held), FORGET_SCAN_CHUNK):
-                theirs += [decision_id for decision_id, entry in held[start : start + FORGET_SCAN_CHUNK]
-                           if belongs(entry.data, users, spelt) and created_ms(decision_id, entry) <= at_ms]
-                await asyncio.sleep(0)
-        return theirs
+        return await self.joins.decisions_of(user_id, at_ms, FORGET_SCAN_CHUNK)
 
     def forget_user(self, user_id: str, at_ms: int, theirs: list[str]) -> int:
         """Then, in one go, nothing read between: their reactions waiting for a decision, their own

@@ -100,12 +100,12 @@ async def test_a_reaction_learned_while_the_join_cache_is_looked_over_leaves_not
     """The join cache is looked over in turns, the event loop running between (ingest too): a
     reaction of theirs read then, to a decision of theirs not let go yet, was learned after their
     features had left the models, and brought them back for good."""
-    from app import learner as learner_module
+    from app import join_cache
     from tests.unit.test_scoring_learner import World
 
     world = World(tmp_path)
     scored = world.score(user="u-1")
-    belongs, reacted = learner_module.belongs, []
+    belongs, reacted = join_cache.belongs, []
 
     def a_reaction_read_meanwhile(*args: Any) -> bool:
         if not reacted:  # a FEEDBACK chunk folded while the look let the event loop run
@@ -113,7 +113,7 @@ async def test_a_reaction_learned_while_the_join_cache_is_looked_over_leaves_not
             world.react(scored.decision_id, scored.decision["ranked"][0]["tip_id"], user="u-1")
         return belongs(*args)
 
-    monkeypatch.setattr(learner_module, "belongs", a_reaction_read_meanwhile)
+    monkeypatch.setattr(join_cache, "belongs", a_reaction_read_meanwhile)
     ingest = Ingest()
     ingest.between_chunks.set()
     eraser = Eraser(None, world.store, world.learner, checkpoint=None, lock=asyncio.Lock(),  # type: ignore[arg-type]
