@@ -30,9 +30,10 @@ def free_port() -> int:
 
 class ServiceProcess:
     """`python -m app.cli run` with the given settings, in `data_dir` (default: a temporary one);
-    `cli_args` follow `run` (`--demo 200`)."""
+    `cli_args` follow `run` (`--demo 200`); `launcher` replaces `-m app.cli` (a script that runs it)."""
 
-    def __init__(self, data_dir: Path | None = None, cli_args: tuple[str, ...] = (), **settings: Any) -> None:
+    def __init__(self, data_dir: Path | None = None, cli_args: tuple[str, ...] = (),
+                 launcher: tuple[str, ...] = ("-m", "app.cli"), **settings: Any) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="tipstream-bench-") if data_dir is None else None
         self.data_dir = data_dir or Path(self.tmp.name)  # type: ignore[union-attr]
         self.port = free_port()
@@ -43,7 +44,7 @@ class ServiceProcess:
                     "PYTHONPATH": str(ROOT)})
         env.update({f"TIPSTREAM_{k.upper()}": str(v) for k, v in settings.items()})
         self.log = open(self.data_dir / "service.log", "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "app.cli", "run", *cli_args], cwd=ROOT,
+        self.process = subprocess.Popen([sys.executable, *launcher, "run", *cli_args], cwd=ROOT,
                                         env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     @property

@@ -15,6 +15,9 @@
    the sizes of the data directory's files (SQLite db, WAL, the NATS store, the spool), the number of
    /metrics series and the gauges that hold things (users, caches, pending feedback, queues), the
    mean checkpoint time and the longest event loop stall since the last sample.
+   With `--sqlite-status`, the service runs under bench/_sqlite_status.py and each row adds SQLite's
+   own memory (`sqlite3_memory_used`), its connections, their page caches and prepared statements,
+   and the largest statement with the values last bound to it.
 4. Stops the service with SIGTERM, as a supervisor does.
 Steady figures are least-squares slopes over the second half (at least two samples).
 Last line: {"bench": "soak", "minutes": ..., "rss_mb_start": ..., "rss_mb_end": ..., "rss_mb_per_hour_steady": ...,
@@ -205,7 +208,8 @@ async def soak(args: argparse.Namespace, out: Any) -> dict[str, Any]:
     data_dir = Path(args.data_dir) if args.data_dir else None
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
-    service = ServiceProcess(data_dir, cli_args=("--demo", str(args.demo)), log_level="info",
+    launcher = (str(Path(__file__).resolve().parent / "_sqlite_status.py"),) if args.sqlite_status else ("-m", "app.cli")
+    service = ServiceProcess(data_dir, cli_args=("--demo", str(args.demo)), launcher=launcher, log_level="info",
                              admin_token="soak-bench-admin-token-0123")
     try:
         await service.wait_ready(120)
@@ -249,7 +253,8 @@ async def drive_and_sample(service: Any, args: argparse.Namespace, out: Any) -> 
             print(f"  {elapsed / 60:5.1f} min  rss {row['rss_mb']:.0f} MB  fds {row['fds']}  series "
                   f"{row['metrics_series']}  users {row['users_sent']}  db {row['db_mb']:.1f} MB "
                   f"wal {row['wal_mb']:.1f} MB  nats {row['nats_mb']:.1f} MB  checkpoint "
-                  f"{row['checkpoint_s']:.3f} s  stall {row['stall_s']:.3f} s", file=sys.stderr)
+                  f"{row['checkpoint_s']:.3f} s  stall {row['stall_s']:.3f} s"
+                  + (f"  sqlite {row['sqlite_mb']:.1f} MB" if "sqlite_mb" in row else ""), file=sys.stderr)
             if elapsed >= duration:
                 break
             await asyncio.sleep(min(args.every_s, max(0.0, duration - elapsed)))
@@ -284,8 +289,26 @@ async def sample(service: Any, load: Load, elapsed: float, previous_text: str) -
     row["checkpoints"] = ck_n
     row["checkpoint_s"] = ck_sum / ck_n if ck_n else 0.0
     row["stall_s"] = longest_stall(lag_buckets(previous_text), lag_buckets(text))
+    if load.args.sqlite_status:
+        row.update(sqlite_figures(service.data_dir))
     row["_text"] = text
     return row
+
+
+def sqlite_figures(data_dir: Path) -> dict[str, Any]:
+    """SQLite's own memory as bench/_sqlite_status.py last wrote it (zeros before its first write)."""
+    try:
+        status = json.loads((data_dir / "sqlite_status.json").read_text())
+    except FileNotFoundError:
+        status = {"memory_used": 0, "connections": []}
+    connections = status["connections"]
+    largest = max(connections, key=lambda c: c.get("largest_statement_bytes", 0), default={})
+    return {"sqlite_mb": status["memory_used"] / 1e6, "sqlite_connections": len(connections),
+            "sqlite_cache_mb": sum(c["cache"] for c in connections) / 1e6,
+            "sqlite_stmt_mb": sum(c["stmt"] for c in connections) / 1e6,
+            "sqlite_statements": sum(c.get("statements", 0) for c in connections),
+            "sqlite_largest_statement": f"{largest.get('largest_statement_bytes', 0) / 1e6:.2f} MB "
+                                        f"{largest.get('largest_statement', '')}"}
 
 
 def summary(rows: list[dict[str, Any]], load: Load) -> dict[str, Any]:
@@ -307,7 +330,10 @@ def summary(rows: list[dict[str, Any]], load: Load) -> dict[str, Any]:
             "checkpoint_s_last": round(checkpoints[-1], 4) if checkpoints else 0.0,
             "stall_s_max": max(r["stall_s"] for r in rows),
             "db_mb_end": round(last["db_mb"], 2), "wal_mb_max": round(max(r["wal_mb"] for r in rows), 2),
-            "nats_mb_end": round(last["nats_mb"], 2), "db_mb_per_hour_steady": steady_slope("db_mb")}
+            "nats_mb_end": round(last["nats_mb"], 2), "db_mb_per_hour_steady": steady_slope("db_mb"),
+            **({"sqlite_mb_start": round(next((r["sqlite_mb"] for r in rows if r["sqlite_mb"]), 0.0), 2), "sqlite_mb_end": round(last["sqlite_mb"], 2),
+                "sqlite_mb_per_hour_steady": steady_slope("sqlite_mb"),
+                "sqlite_stmt_mb_per_hour_steady": steady_slope("sqlite_stmt_mb")} if "sqlite_mb" in last else {})}
 
 
 def main() -> None:
@@ -323,6 +349,8 @@ def main() -> None:
     parser.add_argument("--csv", default="soak.csv", help="where the samples go")
     parser.add_argument("--data-dir", help="keep the service's data here (default: a temporary directory)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--sqlite-status", action="store_true",
+                        help="add SQLite's own memory (bench/_sqlite_status.py; CPython 3.11)")
     args = parser.parse_args()
     if args.minutes <= 0 or args.every_s <= 0 or args.rps <= 0 or args.clients < 1 or args.react_every < 1:
         parser.error("--minutes, --every-s and --rps must be above 0; --clients and --react-every at least 1")
