@@ -193,7 +193,11 @@ def make_engine(url: str) -> Engine:
                     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             except OSError as error:  # as the database failing to open, which app.start_errors.explain tells the operator
                 raise OperationalError(f"create {path}", None, error) from None
-        engine = create_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
+        # No statement cache (`cached_statements`, 128 a connection): a statement kept prepared keeps the values
+        # last bound to it until it runs again, so each connection held a copy of the last checkpoint's users'
+        # states and model (SQLite's memory grew with them, 17 MB an hour in bench/soak.py). Prepared at each
+        # run instead: a checkpoint of few users takes 0.1-0.6 ms longer (bench/checkpoint_check.py).
+        engine = create_engine(url, connect_args={"timeout": 30, "cached_statements": 0}, hide_parameters=True)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -477,8 +481,9 @@ def _values_upsert(conn: Connection, table: Table, names: tuple[str, ...], keys:
 
 def statement_sizes(total: int, most: int) -> Iterator[int]:
     """The row counts of the statements that write `total` rows, `most` at most each: as many of `most` as
-    fit, then powers of two. Each count is a statement of its own text, which SQLite's driver prepares and
-    keeps (128 a connection) and psycopg prepares on the server after a few runs: a checkpoint's users,
+    fit, then powers of two. Each count is a statement of its own text, which SQLite's driver prepared and
+    kept (128 a connection, before `make_engine` turned its cache off) and psycopg prepares on the server
+    after a few runs: a checkpoint's users,
     any number from 1 to `most`, made as many statements, and the service's resident memory grew ~70 MB a
     connection over its first ~20 minutes (bench/soak.py). At most log2(`most`) + 2 texts now.
 

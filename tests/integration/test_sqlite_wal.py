@@ -1,4 +1,4 @@
-"""SQLite's WAL file is cut back after a burst (`db.WAL_SIZE_LIMIT_BYTES`), not kept at its largest."""
+"""SQLite under `db.make_engine`: its WAL cut back after a burst, its file's mode, the memory it keeps."""
 
 from __future__ import annotations
 
@@ -101,3 +101,30 @@ def test_the_readme_s_restore_puts_the_backup_back_over_a_wal_a_crash_left(tmp_p
     assert seq(live) == 1470
     subprocess.run([sys.executable, "-c", restore_code, str(backup), str(live)], check=True)
     assert seq(live) == 470
+
+
+def test_a_checkpoint_s_states_are_not_kept_by_sqlite_after_it(tmp_path: Path) -> None:
+    """A prepared statement keeps the values last bound to it until it runs again or is finalized, and
+    Python's driver kept 128 statements a connection: each connection held a copy of the last checkpoint's
+    users' states, SQLite's memory grew as they did (bench/soak.py: 17 MB an hour) and never gave it back."""
+    import _sqlite3
+    import ctypes
+    import os
+    from datetime import UTC, datetime
+
+    from app import migrate
+    from app.checkpoint_rows import write_states
+
+    library = ctypes.CDLL(_sqlite3.__file__)  # finds the libsqlite3 it links, or SQLite built into it
+    library.sqlite3_memory_used.restype = ctypes.c_int64
+    url = f"sqlite:///{tmp_path / 'tipstream.db'}"
+    migrate.upgrade(url)
+    engine = db.make_engine(url)
+    with engine.begin() as conn:  # the connection open, its page cache and the schema read
+        conn.execute(sa.text("select count(*) from user_state")).scalar()
+    before = library.sqlite3_memory_used()
+    with engine.begin() as conn:  # 500 users' states, 20 MB: one multi-row statement
+        write_states(conn, [(f"user-{i}", os.urandom(40_000)) for i in range(500)], datetime.now(UTC))
+    held = library.sqlite3_memory_used() - before
+    engine.dispose()
+    assert held < 5_000_000, f"SQLite still holds {held / 1e6:.1f} MB after the checkpoint (its page cache: 2 MB)"
