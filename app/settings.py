@@ -94,8 +94,9 @@ def nats_url_problem(url: str | None) -> str | None:
         # As nats-py reads it (Client._parse_server_uri): no scheme is nats://, no port 4222.
         text = part if "://" in part else f"nats://{part}" if ":" in part else f"nats://{part}:4222"
         try:
-            host = urlparse(text).hostname
-            urlparse(text).port  # noqa: B018 - parsing it raises for a port that is no number from 0 to 65535
+            parsed = urlparse(text)
+            host = parsed.hostname
+            parsed.port  # noqa: B018 - reading it raises for a port that is no number from 0 to 65535
         except ValueError as error:
             return f"is not a NATS server's URL ({error}): write each as nats://host:4222 (or host:4222)"
         if not host or host == "none":

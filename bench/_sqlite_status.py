@@ -13,6 +13,7 @@ it until it runs again or is finalized, and Python's driver keeps up to `cached_
 
 from __future__ import annotations
 
+import _sqlite3
 import ctypes
 import json
 import os
@@ -32,7 +33,7 @@ STMTSTATUS_MEMUSED = 99
 
 
 def _library() -> ctypes.CDLL:
-    lib = ctypes.CDLL("libsqlite3.so.0")
+    lib = ctypes.CDLL(_sqlite3.__file__)  # the libsqlite3 Python links (or SQLite built into it), not another
     for name, restype, argtypes in (
             ("sqlite3_memory_used", ctypes.c_int64, []),
             ("sqlite3_db_status", ctypes.c_int, [ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int),
