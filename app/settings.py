@@ -737,9 +737,9 @@ def load_settings() -> Settings:
 
 
 # The settings read without the TIPSTREAM_ prefix.
-_UNPREFIXED = ("NATS_URL", "DATABASE_URL")
+UNPREFIXED_SETTINGS = ("NATS_URL", "DATABASE_URL")
 # The test harness's own variables (tests/conftest.py, .ci/run), not the service's.
-_NOT_SETTINGS_PREFIXES = ("TIPSTREAM_TEST_", "TIPSTREAM_REQUIRE_POSTGRES")
+NOT_SETTINGS_PREFIXES = ("TIPSTREAM_TEST_", "TIPSTREAM_REQUIRE_POSTGRES")
 
 
 def unknown_variables(environ: dict[str, str] | None = None, env_file: Path = Path(".env")) -> list[str]:
@@ -766,12 +766,12 @@ def unknown_variables(environ: dict[str, str] | None = None, env_file: Path = Pa
             # The two settings without the prefix: DATABSE_URL=postgresql://... ran the service on SQLite, without
             # a word. Only a URL's name, and only while the setting it is close to is unset: a DATABASE_USER, or
             # another program's URL beside the right one, is no typo.
-            close = (difflib.get_close_matches(upper, _UNPREFIXED, n=1, cutoff=0.85)
+            close = (difflib.get_close_matches(upper, UNPREFIXED_SETTINGS, n=1, cutoff=0.85)
                      if upper.endswith(("URL", "URI")) and upper not in known else [])
             if close and not given_upper & {close[0], f"TIPSTREAM_{close[0]}"}:
                 lines.append(f"{variable} is not a tipstream setting and is ignored (did you mean {close[0]}?)")
             continue
-        if upper in known or upper.startswith(_NOT_SETTINGS_PREFIXES):
+        if upper in known or upper.startswith(NOT_SETTINGS_PREFIXES):
             continue
         # Matched without the prefix they share, which made every name look close. NATS_URL and DATABASE_URL
         # are read as TIPSTREAM_NATS_URL and TIPSTREAM_DATABASE_URL too: left out, TIPSTREAM_DATABASE_URI was

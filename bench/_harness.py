@@ -8,7 +8,9 @@ and Content-Length): on two cores, the load generator's own CPU is part of the m
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import difflib
 import os
 import signal
 import socket
@@ -20,6 +22,62 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from app.settings import NOT_SETTINGS_PREFIXES, UNPREFIXED_SETTINGS, Settings  # noqa: E402
+
+
+def service_environment(**settings: Any) -> dict[str, str]:
+    """The environment a bench's service runs in: this one without its settings (a shell's
+    DATABASE_URL would have the bench write into that database, and a forgotten TIPSTREAM_*
+    change its figures), then `settings` (`data_dir=...`: TIPSTREAM_DATA_DIR). The settings left out
+    are named once on stderr, with the flag that sets them (`--set`)."""
+    env, left_out = {}, []
+    for name, value in os.environ.items():
+        if name.upper() in UNPREFIXED_SETTINGS or name.upper().startswith("TIPSTREAM_"):
+            if not name.upper().startswith(NOT_SETTINGS_PREFIXES):
+                left_out.append(name)
+        else:
+            env[name] = value
+    if left_out and not _told_left_out:
+        _told_left_out.append(True)
+        shown = min(sorted(left_out), key=lambda name: not name.upper().startswith("TIPSTREAM_"))
+        print(f"bench: the service does not take {', '.join(sorted(left_out))} from this environment (it runs "
+              f"on the defaults and the bench's flags); give a setting as --set NAME=VALUE, e.g. "
+              f"--set {shown.upper().removeprefix('TIPSTREAM_').lower()}=...", file=sys.stderr)
+    env.update({"LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(ROOT)})
+    env.update({f"TIPSTREAM_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
+_told_left_out: list[bool] = []
+
+
+def add_settings_option(parser: argparse.ArgumentParser) -> None:
+    """`--set NAME=VALUE`, repeatable: a service setting for the run (`settings_given` reads them)."""
+    parser.add_argument("--set", "--env", dest="set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a service setting for this run, e.g. --set learner_join_cache_mb=48 (repeatable; "
+                             "TIPSTREAM_* variables of the environment are not passed to the service)")
+
+
+def settings_given(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[str, str]:
+    """The `--set` pairs as settings, each name checked as the service checks its environment's.
+
+    >>> settings_given(argparse.ArgumentParser(), ["policy=thompson", "TIPSTREAM_FEATURE_CACHE_USERS=0"])
+    {'policy': 'thompson', 'feature_cache_users': '0'}
+    """
+    settings = {}
+    for pair in pairs:
+        name, equals, value = pair.partition("=")
+        name = name.strip().lower().removeprefix("tipstream_")
+        if not equals or not name:
+            parser.error(f"--set {pair!r}: give NAME=VALUE, e.g. --set learner_join_cache_mb=48")
+        if name not in Settings.model_fields:
+            close = difflib.get_close_matches(name, list(Settings.model_fields), n=1, cutoff=0.75)
+            parser.error(f"--set {name}: not a tipstream setting "
+                         + (f"(did you mean {close[0]}?)" if close else "(the README's settings table lists them)"))
+        settings[name] = value
+    return settings
 
 
 def free_port() -> int:
@@ -37,12 +95,7 @@ class ServiceProcess:
         self.tmp = tempfile.TemporaryDirectory(prefix="tipstream-bench-") if data_dir is None else None
         self.data_dir = data_dir or Path(self.tmp.name)  # type: ignore[union-attr]
         self.port = free_port()
-        env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "DATABASE_URL")
-               and not k.startswith("TIPSTREAM_")}
-        env.update({"TIPSTREAM_DATA_DIR": str(self.data_dir), "TIPSTREAM_PORT": str(self.port),
-                    "TIPSTREAM_LOG_LEVEL": "warning", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-                    "PYTHONPATH": str(ROOT)})
-        env.update({f"TIPSTREAM_{k.upper()}": str(v) for k, v in settings.items()})
+        env = service_environment(**{"data_dir": self.data_dir, "port": self.port, "log_level": "warning", **settings})
         self.log = open(self.data_dir / "service.log", "ab")
         self.process = subprocess.Popen([sys.executable, *launcher, "run", *cli_args], cwd=ROOT,
                                         env=env, stdout=self.log, stderr=subprocess.STDOUT)

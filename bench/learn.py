@@ -35,7 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nats
 import orjson
-from _harness import ServiceProcess, connect, encode_request, metric, percentile, request_once
+from _harness import (
+    ServiceProcess,
+    add_settings_option,
+    connect,
+    encode_request,
+    metric,
+    percentile,
+    request_once,
+    settings_given,
+)
 
 from app.embedded_nats import EmbeddedNats
 
@@ -163,7 +172,9 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=200, help="latency trials (default 200)")
     parser.add_argument("--rewards", type=int, default=50_000, help="rewards for the throughput run (default 50000)")
     parser.add_argument("--shadow", choices=("logreg", "fm"), help="also run a shadow of this kind (it learns too)")
+    add_settings_option(parser)
     args = parser.parse_args()
+    given = settings_given(parser, args.set)
 
     store = tempfile.TemporaryDirectory(prefix="tipstream-bench-nats-")
     server = EmbeddedNats(Path(store.name))
@@ -171,6 +182,7 @@ def main() -> int:
     settings = {"nats_url": nats_url, "model_snapshot_every_s": 0}
     if args.shadow:
         settings["bootstrap_shadow_kind"] = args.shadow
+    settings.update(given)
     data = tempfile.TemporaryDirectory(prefix="tipstream-bench-")
     service = ServiceProcess(Path(data.name), **settings)
     restarted = None

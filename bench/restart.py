@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import re
 import signal
@@ -31,7 +30,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _harness import ROOT, connect, encode_request, free_port, metric, percentile
+from _harness import (
+    ROOT,
+    add_settings_option,
+    connect,
+    encode_request,
+    free_port,
+    metric,
+    percentile,
+    service_environment,
+    settings_given,
+)
 from memory import typical_users
 from sqlalchemy import func, select
 
@@ -63,11 +72,8 @@ def build(url: str, users: int) -> None:
 
 
 def start(url: str, data_dir: Path, port: int, **settings: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k not in ("NATS_URL", "DATABASE_URL")
-           and not k.startswith("TIPSTREAM_")}
-    env.update({"TIPSTREAM_DATA_DIR": str(data_dir), "TIPSTREAM_PORT": str(port), "DATABASE_URL": url,
-                "TIPSTREAM_LOG_LEVEL": "info", "LITELLM_LOCAL_MODEL_COST_MAP": "True", "PYTHONPATH": str(ROOT)})
-    env.update({f"TIPSTREAM_{name.upper()}": value for name, value in settings.items()})
+    env = service_environment(**{"data_dir": data_dir, "port": port, "log_level": "info", **settings})
+    env["DATABASE_URL"] = url
     log = open(data_dir / "service.log", "ab")
     return subprocess.Popen([sys.executable, "-m", "app.cli", "run"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
@@ -109,12 +115,13 @@ def stalls(text: str) -> dict[str, float]:
     return {"lag_samples": metric(text, f"{name}_count"), "lag_over_100ms": over["0.1"], "lag_over_500ms": over["0.5"]}
 
 
-async def restart(url: str, users: int, data_dir: Path, score_every_s: float, timeout_s: float) -> dict:
+async def restart(url: str, users: int, data_dir: Path, score_every_s: float, timeout_s: float,
+                  settings: dict[str, str]) -> dict:
     port, rng = free_port(), random.Random(1)
     log_path = data_dir / "service.log"
     log_start = log_path.stat().st_size if log_path.exists() else 0  # earlier runs' lines are not this one's
     t0 = time.perf_counter()
-    process = start(url, data_dir, port)
+    process = start(url, data_dir, port, **settings)
     done, health, scores = asyncio.Event(), [], []
     tasks = [asyncio.create_task(probe(port, "/healthz", b"", 0.02, done, health, t0))]
     result: dict = {"bench": "restart", "users": users, "database": url.split(":", 1)[0]}
@@ -198,7 +205,9 @@ async def main() -> None:
     parser.add_argument("--data-dir", default="", help="kept between runs (the SQLite checkpoint is built once)")
     parser.add_argument("--score-every-s", type=float, default=0.02)
     parser.add_argument("--timeout-s", type=float, default=280.0)
+    add_settings_option(parser)
     args = parser.parse_args()
+    settings = settings_given(parser, args.set)
     tmp = None if args.data_dir else tempfile.TemporaryDirectory(prefix="tipstream-bench-")
     data_dir = Path(args.data_dir or tmp.name)  # type: ignore[union-attr]
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -206,7 +215,7 @@ async def main() -> None:
     started = time.perf_counter()
     build(url, args.users)
     print(f"checkpoint of {args.users:,} users ready in {time.perf_counter() - started:.0f}s", file=sys.stderr)
-    result = await restart(url, args.users, data_dir, args.score_every_s, args.timeout_s)
+    result = await restart(url, args.users, data_dir, args.score_every_s, args.timeout_s, settings)
     print(json.dumps(result))
 
 

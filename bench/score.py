@@ -43,7 +43,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _harness import ServiceProcess, connect, encode_request, metric, percentile, request_once
+from _harness import (
+    ServiceProcess,
+    add_settings_option,
+    connect,
+    encode_request,
+    metric,
+    percentile,
+    request_once,
+    settings_given,
+)
 
 CLIENTS = 8
 OPEN_LOOP_CONNECTIONS = 32
@@ -247,8 +256,7 @@ def main() -> int:
                         help="TIPSTREAM_FEATURE_CACHE_USERS for the service (default: the service's default)")
     parser.add_argument("--shadow", choices=("logreg", "fm"), help="also run a shadow of this kind")
     parser.add_argument("--policy", default=None, help="TIPSTREAM_POLICY (default: the service's default)")
-    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                        help="any other service setting, e.g. checkpoint_every_s=1 (repeatable)")
+    add_settings_option(parser)
     parser.add_argument("--open-loop", type=float, default=0.5, metavar="SHARE",
                         help="then /score with 10 candidates in an open loop, requests arriving at this share "
                              "of the closed loop's throughput, for --duration seconds (default 0.5; 0: skip)")
@@ -263,7 +271,7 @@ def main() -> int:
         settings["bootstrap_shadow_kind"] = args.shadow
     if args.policy:
         settings["policy"] = args.policy
-    settings.update(item.split("=", 1) for item in args.env)
+    settings.update(settings_given(parser, args.set))
     service = ServiceProcess(**settings)
     try:
         asyncio.run(service.wait_ready())

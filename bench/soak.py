@@ -46,7 +46,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _harness import ServiceProcess, connect, encode_request, metric, request_once
+from _harness import ServiceProcess, add_settings_option, connect, encode_request, metric, request_once, settings_given
 
 GAUGES = ("tipstream_users", "tipstream_users_dormant", "tipstream_join_cache_decisions", "tipstream_join_cache_bytes",
           "tipstream_feedback_pending", "tipstream_decision_queue", "tipstream_candidate_cache_items",
@@ -209,11 +209,13 @@ async def soak(args: argparse.Namespace, out: Any) -> dict[str, Any]:
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
     launcher = (str(Path(__file__).resolve().parent / "_sqlite_status.py"),) if args.sqlite_status else ("-m", "app.cli")
-    service = ServiceProcess(data_dir, cli_args=("--demo", str(args.demo)), launcher=launcher, log_level="info",
-                             admin_token="soak-bench-admin-token-0123")
+    service = ServiceProcess(data_dir, cli_args=("--demo", str(args.demo)), launcher=launcher,
+                             **{"log_level": "info", "admin_token": "soak-bench-admin-token-0123", **args.settings})
     try:
         await service.wait_ready(120)
-        print(f"service pid {service.process.pid} on port {service.port}, data in {service.data_dir}", file=sys.stderr)
+        given = "".join(f", {name}={value}" for name, value in args.settings.items())
+        print(f"service pid {service.process.pid} on port {service.port}, data in {service.data_dir}{given}",
+              file=sys.stderr)
         return await drive_and_sample(service, args, out)
     finally:
         if service.process.poll() is None:  # as a supervisor stops it
@@ -351,7 +353,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--sqlite-status", action="store_true",
                         help="add SQLite's own memory (bench/_sqlite_status.py; CPython 3.11)")
+    add_settings_option(parser)
     args = parser.parse_args()
+    args.settings = settings_given(parser, args.set)
     if args.minutes <= 0 or args.every_s <= 0 or args.rps <= 0 or args.clients < 1 or args.react_every < 1:
         parser.error("--minutes, --every-s and --rps must be above 0; --clients and --react-every at least 1")
     with open(args.csv, "w", newline="") as out:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,4 +79,37 @@ def test_every_bench_flag_the_docs_name_exists() -> None:
     assert len(named) >= 15, "the docs name benches otherwise: update this test"
     for name, flags in named.items():
         source = (BENCH / f"{name}.py").read_text()
+        if "add_settings_option(parser)" in source:
+            source += (BENCH / "_harness.py").read_text()
         assert {flag for flag in flags if f'"{flag}"' not in source} == set(), name
+
+
+def test_a_bench_refuses_a_setting_the_service_does_not_have_before_it_starts() -> None:
+    for given, told in (("polcy=thompson", "--set polcy: not a tipstream setting (did you mean policy?)"),
+                        ("policy", "--set 'policy': give NAME=VALUE")):
+        done = subprocess.run([sys.executable, str(BENCH / "soak.py"), "--set", given], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 2 and told in done.stderr, done.stderr
+
+
+def test_a_bench_s_service_takes_its_settings_from_the_flags_and_names_those_of_the_shell_it_left_out(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A soak run as `TIPSTREAM_LEARNER_JOIN_CACHE_MB=48 python bench/soak.py` ran with the default 256 MB,
+    without a word, and its figures were written down as the 48 MB cache's."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import _harness
+
+    monkeypatch.setattr(_harness, "_told_left_out", [])
+    for name in [name for name in os.environ if name.startswith("TIPSTREAM_")]:  # the suite's own
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("TIPSTREAM_LEARNER_JOIN_CACHE_MB", "48")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://someone@db.example/production")
+    monkeypatch.setenv("TIPSTREAM_TEST_SOMETHING", "1")
+    env = _harness.service_environment(data_dir="/tmp/d", policy="softmax")
+    assert env["TIPSTREAM_DATA_DIR"] == "/tmp/d" and env["TIPSTREAM_POLICY"] == "softmax"
+    assert not {"TIPSTREAM_LEARNER_JOIN_CACHE_MB", "DATABASE_URL", "TIPSTREAM_TEST_SOMETHING"} & set(env)
+    told = capsys.readouterr().err
+    assert "DATABASE_URL, TIPSTREAM_LEARNER_JOIN_CACHE_MB" in told and "--set learner_join_cache_mb=" in told
+    assert "TIPSTREAM_TEST_SOMETHING" not in told
+    _harness.service_environment(data_dir="/tmp/d")
+    assert capsys.readouterr().err == ""  # once a run
