@@ -281,8 +281,9 @@ class Service:
         for stream, seq in (resume or {}).items():
             if seq or stream in self.store.positions:  # a stream never read stays without a position
                 self.store.positions[stream] = min(seq, self.store.positions.get(stream, seq))
-        log.info("models: champion %s, shadow %s; learning resumes at %s",
-                 self.lineup.champion_version, self.lineup.shadow_version, resume)
+        log.info("models: champion %s, shadow %s; %s", self.lineup.champion_version, self.lineup.shadow_version,
+                 "no learner state saved yet: learning reads on from ingest's positions" if resume is None
+                 else f"learning resumes at {resume}")
 
     def _ingest_hooks(self, spec: jsx.StreamSpec) -> dict[str, Any]:
         # The learner sees every feedback event, also those the fold already holds (see Learner.feedback_sink).

@@ -53,6 +53,8 @@ def test_a_second_service_on_the_data_directory_stops_at_once_and_the_first_runs
     found = wait_until(lambda: "tipstream on http://" in first.log() and first.log(), what="the line naming the port")
     # Printed once listening, after the start: the first request answers, no retrying.
     assert found.index("checkpoint restored") < found.index("tipstream on http://")
+    # A first start has no learner state: said so, not "learning resumes at None".
+    assert "no learner state saved yet" in found and "learning resumes at None" not in found
     port = int(found.split("tipstream on http://127.0.0.1:", 1)[1].split(" ", 1)[0])
     assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
     url = (data / "nats.url").read_text()
