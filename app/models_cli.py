@@ -333,7 +333,7 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
     ...     "log_loss_base_rate": 0.66, "roc_auc": 0.7, "policy_value": {"as_shadow": {"decisions": 12, "logged_reward": 0.4,
     ...     "estimate": estimate, "champion_greedy": {**estimate, "snips": 0.45}}}}}}))
     v2 (fm): progressive validation over 40 rewards (rewarded tips of the logged decisions): log loss 0.6123 (predicting the mean: 0.66), ROC AUC 0.7
-    as shadow, over 12 rewarded decisions (logged reward 0.4): its own first choices 0.5 [0.3, 0.7] (agreed 9, effective n 7.5, 2 left out: not every tip could have been served there, as under explore: false or TIPSTREAM_POLICY=greedy); the champion's 0.45
+    as shadow, over 12 rewarded decisions (logged reward 0.4): its own first choices 0.5 [0.3, 0.7] (agreed 9, effective n 7.5, 2 left out: not every tip could have been served there, as under explore: false or TIPSTREAM_POLICY=greedy); the champion's 0.45 [0.3, 0.7] (agreed 9)
     the whole card: tipstream models card v2
     >>> print(_card_summary("v1", {"offline_metrics": {"n": 1, "policy_value": {"as_champion": {"decisions": 1,
     ...     "logged_reward": 1.0, "greedy": {"snips": 1.0, "ci95": None, "agreed": 1, "effective_n": 1.0}}}}}))
@@ -349,7 +349,7 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
     >>> print(_card_summary("v2", {"offline_metrics": {"n": 800, "log_loss": 0.5, "roc_auc": 0.7, "policy_value": {
     ...     "as_shadow": {"decisions": 800, "logged_reward": 0.71, "estimate": none, "champion_greedy": none}}}}))
     v2: progressive validation over 800 rewards (rewarded tips of the logged decisions): log loss 0.5, ROC AUC 0.7
-    as shadow, over 800 rewarded decisions (logged reward 0.71): its own first choices n/a (agreed 0, effective n 0, 800 left out: not every tip could have been served there, as under explore: false or TIPSTREAM_POLICY=greedy); the champion's n/a
+    as shadow, over 800 rewarded decisions (logged reward 0.71): its own first choices n/a (agreed 0, effective n 0, 800 left out: not every tip could have been served there, as under explore: false or TIPSTREAM_POLICY=greedy); the champion's n/a (agreed 0)
     the whole card: tipstream models card v2
 
     An interaction asked for that no learned example could form is said (`--param interactions` misspelt):
@@ -403,7 +403,10 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
             line += f", {mine['skipped_unsupported']} left out: {why}"
         line += ")"
         if other and found.get(other):
-            line += f"; the champion's {_short(found[other].get('snips'))}"
+            theirs = found[other]  # with its interval and agreed decisions, as the shadow's own
+            bounds = theirs.get("ci95")
+            between = f" [{', '.join(_short(v) for v in bounds)}]" if bounds else ""
+            line += f"; the champion's {_short(theirs.get('snips'))}{between} (agreed {theirs.get('agreed')})"
         lines.append(line)
     never = {name: use for name, use in (card.get("inputs") or {}).items() if use.startswith(NEVER_FORMED)}
     if never:  # a typo in --param interactions reads as a model like any other, but for this line

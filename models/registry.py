@@ -460,7 +460,7 @@ def _policy_value_lines(report: dict[str, Any] | None) -> list[str]:
               "TIPSTREAM_POLICY=greedy a shadow cannot be estimated). "
               f"No interval (n/a) with an effective n under {MIN_EFFECTIVE_N} or rewards all alike."), "",
              ("| as | decisions | logged reward | estimate | 95% interval | agreed | effective n | left out "
-              "| champion's best, same decisions |"),
+              "| champion's best, same decisions: estimate [95% interval] (agreed) |"),
              "|---|---|---|---|---|---|---|---|---|"]
     for role, key in (("champion", "greedy"), ("shadow", "estimate")):
         part = report.get(f"as_{role}")
@@ -469,8 +469,22 @@ def _policy_value_lines(report: dict[str, Any] | None) -> list[str]:
             lines.append(f"| {role} | {part.get('decisions')} | {_fmt(part.get('logged_reward'))} | "
                          f"{_fmt(value.get('snips'))} | {_fmt_interval(value.get('ci95'))} | {value.get('agreed')} | "
                          f"{_fmt(value.get('effective_n'))} | {value.get('skipped_unsupported', 0)} | "
-                         f"{_fmt(baseline.get('snips')) if baseline else '-'} |")
+                         f"{_baseline(baseline)} |")
     return lines
+
+
+def _baseline(estimate: dict[str, Any] | None) -> str:
+    """The champion's estimate beside a shadow's, with its interval and the decisions it rests on.
+
+    >>> _baseline({"snips": 0.45, "ci95": [0.3, 0.6], "agreed": 9}), _baseline({"snips": 0.5, "ci95": None, "agreed": 2})
+    ('0.45 [0.3, 0.6] (agreed 9)', '0.5 (agreed 2)')
+    >>> _baseline(None)
+    '-'
+    """
+    if not estimate:
+        return "-"
+    interval = f" {_fmt_interval(estimate['ci95'])}" if estimate.get("ci95") else ""
+    return f"{_fmt(estimate.get('snips'))}{interval} (agreed {estimate.get('agreed')})"
 
 
 METRICS_EXPLAINED = (

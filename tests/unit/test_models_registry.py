@@ -335,3 +335,14 @@ def test_an_input_named_by_a_caller_stays_in_its_row_of_the_inputs_table() -> No
     table = md[md.index("| input | use |"):].split("\n\n")[0].strip().split("\n")
     assert all(line.startswith("|") and line.count(" | ") == 1 for line in table[2:]), table
     assert any(line.startswith("| len\\|gth | ") for line in table) and any("two<br>lines" in line for line in table)
+
+
+def test_the_card_gives_the_champion_s_estimate_beside_a_shadow_s_with_its_interval() -> None:
+    """README, "Managing model versions": beside the shadow's estimate is the champion's on the same
+    decisions, each with an interval; the card showed the champion's value alone."""
+    estimate = {"snips": 0.9, "ci95": [0.8, 0.95], "agreed": 58, "effective_n": 58.0, "skipped_unsupported": 0}
+    card = ModelCard.from_dict({"offline_metrics": {"n": 60, "policy_value": {"as_shadow": {
+        "decisions": 60, "logged_reward": 0.88, "estimate": estimate,
+        "champion_greedy": {**estimate, "snips": 0.85, "ci95": [0.7, 0.92], "agreed": 59}}}}})
+    markdown = card_markdown(ModelVersion("v9", "logreg", {}, [], T0, card), "shadow")
+    assert "| shadow | 60 | 0.88 | 0.9 | [0.8, 0.95] | 58 | 58 | 0 | 0.85 [0.7, 0.92] (agreed 59) |" in markdown
