@@ -497,7 +497,7 @@ class Learner:
         expired = self.waiting.expire(now)
         if expired:
             _OUTCOME["unknown_decision"].inc(expired)
-            tell_gave_up(expired, self.waiting.max_age_s)
+            tell_gave_up(expired, self.waiting.max_age_s, self.waiting.last_given_up)
 
     async def before_snapshot(self) -> None:
         """The checkpointer's, before it takes the snapshots: the silences due by the clock, in turns

@@ -54,10 +54,13 @@ def tell_let_go(joins: JoinCache, decision_id: str, created_ms: int, stored_at_m
           joins.limit / 2**20, max(now_ms - joins.evicted_upto_ms, 0) / 1000)
 
 
-def tell_gave_up(expired: int, max_age_s: float) -> None:
-    _tell("unknown_decision", "%d feedback event(s) gave up waiting for the decisions they name, which never "
-          "came to DECISIONS within TIPSTREAM_LEARNER_PENDING_MAX_AGE_S (%g s): a decision_id /score did "
-          "not answer", expired, max_age_s)
+def tell_gave_up(expired: int, max_age_s: float, last: tuple[str, str, str | None] | None) -> None:
+    """Named as the other mistakes are (the last given up on): a count alone left the publisher to find it."""
+    decision_id, tip_id, user_id = last or ("?", "?", None)
+    _tell("unknown_decision", "%d feedback event(s) gave up waiting for the decisions they name (the last: "
+          "decision %r, tip %r, of user %r), which never came to DECISIONS within "
+          "TIPSTREAM_LEARNER_PENDING_MAX_AGE_S (%g s): a decision_id /score did not answer", expired, decision_id,
+          tip_id, user_id, max_age_s)
 
 
 def tell_silences_evicted(evicted: int) -> None:

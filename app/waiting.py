@@ -64,6 +64,8 @@ class WaitingFeedback:
         # unchanged since.
         self._buckets: dict[int, set[str]] = {}
         self._json: dict[int, bytes] = {}
+        # The last reaction given up on (decision, tip, user), for the log to name one the publisher can look for.
+        self.last_given_up: tuple[str, str, str | None] | None = None
 
     def __len__(self) -> int:
         """Reactions waiting."""
@@ -122,6 +124,7 @@ class WaitingFeedback:
                 del waiting[key]
                 self._count -= 1
                 expired += 1
+                self.last_given_up = (decision_id, *key)
                 self._unbucket(decision_id, arrived, waiting)
                 if not waiting:
                     del by_decision[decision_id]

@@ -269,6 +269,27 @@ def test_feedback_a_publisher_got_wrong_is_told_in_the_log_at_most_once_a_minute
                               "user 'u-1'; not learned"), told[1]
 
 
+def test_feedback_that_gave_up_waiting_is_told_with_the_decision_it_named(
+        world: World, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's reaction names a decision by a placeholder (`d-019c5e8a2b10...`): the log said only how many
+    reactions gave up waiting, so a publisher could not tell which of theirs named a decision /score never made."""
+    import logging
+
+    from app import learner_told
+    from streams.log_throttle import LogThrottle
+
+    monkeypatch.setattr(learner_told, "_TOLD", LogThrottle())
+    before = outcomes()
+    world.react("d-019c5e8a2b10...", "tip-focus-1", "acted", user="u-42")
+    world.clock.now += 61  # pending_max_age_s is 60
+    with caplog.at_level(logging.WARNING, logger="tipstream.learner"):
+        world.learner.expire()
+    assert delta(before) == {"waiting": 1, "unknown_decision": 1}
+    told = [r.getMessage() for r in caplog.records]
+    assert len(told) == 1 and ("gave up waiting for the decisions they name (the last: decision "
+                               "'d-019c5e8a2b10...', tip 'tip-focus-1', of user 'u-42')") in told[0], told
+
+
 def test_a_publisher_s_decision_id_or_feature_name_cannot_forge_log_lines(
         world: World, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another publisher's decision (DECISIONS) with CR/LF in its id or a feature's name put them
