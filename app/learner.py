@@ -496,6 +496,7 @@ class Learner:
             self.silences.release(self.silences.horizon_ms())
         expired = self.waiting.expire(now)
         if expired:
+            self._changed = True  # else saved as waiting still: a restart held them again, and gave up again
             _OUTCOME["unknown_decision"].inc(expired)
             tell_gave_up(expired, self.waiting.max_age_s, self.waiting.last_given_up)
 

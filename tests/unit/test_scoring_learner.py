@@ -978,6 +978,30 @@ def test_a_snapshot_restores_models_credits_and_waiting_feedback(world: World, t
     again.engine.dispose()
 
 
+def test_feedback_that_gave_up_waiting_is_not_saved_as_waiting(world: World, tmp_path: Path) -> None:
+    """Giving up on a reaction changed what the learner holds, but not its snapshot: the next checkpoints
+    saved none, so a restart held the reaction again, waited `pending_max_age_s` afresh and counted it
+    `unknown_decision` a second time."""
+    world.react("d-never", "b")
+    world.store.advance("FEEDBACK", 1)
+    checkpointer = Checkpointer(world.store, SqlCheckpointStore(world.engine), every_events=1, every_s=60,
+                                participants=[world.learner, world.log])
+    assert asyncio.run(checkpointer.checkpoint())
+    world.clock.now += 61  # pending_max_age_s is 60
+    before = outcomes()
+    asyncio.run(checkpointer.checkpoint())  # gives it up, and saves that
+    assert delta(before) == {"unknown_decision": 1}
+
+    again = World(tmp_path)  # a restart: new objects over the same database
+    again.learner.restore(again.engine)
+    assert "d-never" not in again.learner.waiting.by_decision
+    again.clock.now = world.clock.now + 61
+    before = outcomes()
+    again.learner.snapshot()
+    assert delta(before) == {}, "given up once already"
+    again.engine.dispose()
+
+
 def checkpointed_waiting(world: World) -> Any:
     """A reaction waiting for a decision served elsewhere, saved by a checkpoint; that decision."""
     elsewhere = world.score(serve=False)
