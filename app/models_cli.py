@@ -325,6 +325,14 @@ def _url_is_usable(url: str) -> bool:
     return bool(parts.hostname) and all(c.isprintable() and not c.isspace() for c in parts.netloc)
 
 
+def _interval(bounds: list[float] | None) -> str:
+    return f" [{', '.join(_short(v) for v in bounds)}]" if bounds else ""
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _card_summary(version: str, answer: dict[str, Any]) -> str:
     """What a registration or an evaluation found, in a few lines (`--json`: everything).
 
@@ -337,9 +345,9 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
     the whole card: tipstream models card v2
     >>> print(_card_summary("v1", {"offline_metrics": {"n": 1, "policy_value": {"as_champion": {"decisions": 1,
     ...     "logged_reward": 1.0, "greedy": {"snips": 1.0, "ci95": None, "agreed": 1, "effective_n": 1.0}}}}}))
-    v1: progressive validation over 1 rewards (rewarded tips of the logged decisions): log loss n/a, ROC AUC n/a
+    v1: progressive validation over 1 reward (rewarded tips of the logged decisions): log loss n/a, ROC AUC n/a
     too few to read: 1 reward (the fairness check compares at least 30)
-    as champion, over 1 rewarded decisions (logged reward 1): its own first choices 1 (agreed 1, effective n 1, no interval: effective n under 30 or rewards all alike)
+    as champion, over 1 rewarded decision (logged reward 1): its own first choices 1 (agreed 1, effective n 1, no interval: effective n under 30 or rewards all alike)
     the whole card: tipstream models card v1
 
     A shadow is compared where every tip could have been served: under `explore: false` or the
@@ -375,7 +383,7 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
         # latents=all read "log loss 15.44" beside a base rate of 0.64 that only the card showed.
         base = metrics.get("log_loss_base_rate")
         against = f" (predicting the mean: {_short(base)})" if base is not None else ""
-        lines = [(f"{version}{kind}: progressive validation over {metrics['n']} rewards (rewarded tips of the "
+        lines = [(f"{version}{kind}: progressive validation over {_count(metrics['n'], 'reward')} (rewarded tips of the "
                   f"logged decisions): log loss "
                  f"{_short(metrics.get('log_loss'))}{against}, ROC AUC {_short(metrics.get('roc_auc'))}")]
         few = too_few(metrics)
@@ -390,9 +398,9 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
             continue
         mine = found.get(own) or {}
         interval = mine.get("ci95")
-        shown = f" [{', '.join(_short(v) for v in interval)}]" if interval else ""
-        line = (f"as {role}, over {found['decisions']} rewarded decisions (logged reward "
-                f"{_short(found.get('logged_reward'))}): its own first choices {_short(mine.get('snips'))}{shown} "
+        line = (f"as {role}, over {_count(found['decisions'], 'rewarded decision')} (logged reward "
+                f"{_short(found.get('logged_reward'))}): its own first choices {_short(mine.get('snips'))}"
+                f"{_interval(interval)} "
                 f"(agreed {mine.get('agreed')}, effective n {_short(mine.get('effective_n'))}")
         if not interval and mine.get("snips") is not None:  # offpolicy gives none on too little: say why
             line += f", no interval: effective n under {MIN_EFFECTIVE_N} or rewards all alike"
@@ -404,9 +412,8 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
         line += ")"
         if other and found.get(other):
             theirs = found[other]  # with its interval and agreed decisions, as the shadow's own
-            bounds = theirs.get("ci95")
-            between = f" [{', '.join(_short(v) for v in bounds)}]" if bounds else ""
-            line += f"; the champion's {_short(theirs.get('snips'))}{between} (agreed {theirs.get('agreed')})"
+            line += (f"; the champion's {_short(theirs.get('snips'))}{_interval(theirs.get('ci95'))} "
+                     f"(agreed {theirs.get('agreed')})")
         lines.append(line)
     never = {name: use for name, use in (card.get("inputs") or {}).items() if use.startswith(NEVER_FORMED)}
     if never:  # a typo in --param interactions reads as a model like any other, but for this line
