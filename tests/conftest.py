@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -17,13 +20,23 @@ import nats
 import pytest
 import sqlalchemy as sa
 
+# The suite runs on its own settings, not the shell's: a developer's TIPSTREAM_POLICY or DATABASE_URL
+# would change what the tests see, and with `make run` serving from the checkout's data/, every test
+# that ran `tipstream migrate` without a data directory of its own (15) found that service's lock.
+for _name in [name for name in os.environ if (name.upper().startswith("TIPSTREAM_") or name.upper() in
+                                              ("NATS_URL", "DATABASE_URL"))]:
+    if not _name.upper().startswith(("TIPSTREAM_TEST_", "TIPSTREAM_REQUIRE_POSTGRES")):
+        del os.environ[_name]
+_DATA_DIR = tempfile.mkdtemp(prefix="tipstream-test-data-")
+atexit.register(shutil.rmtree, _DATA_DIR, True)
+os.environ["TIPSTREAM_DATA_DIR"] = _DATA_DIR
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 # Each service a test starts held 8 MB of disk for its spool (~1.5 GB a suite run, and pytest keeps the last
 # three runs' directories, in RAM where /tmp is a tmpfs): the tests of the reserve ask for one.
-os.environ.setdefault("TIPSTREAM_SPOOL_RESERVE_MB", "0")
+os.environ["TIPSTREAM_SPOOL_RESERVE_MB"] = "0"
 
-from app.embedded_nats import nats_server_binary
-from app.settings import get_settings
+from app.embedded_nats import nats_server_binary  # noqa: E402 (after the environment is set)
+from app.settings import get_settings  # noqa: E402
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "TIPSTREAM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
