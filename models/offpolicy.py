@@ -33,11 +33,13 @@ with `(sum(w^2))^2 / sum(w^4) - 1` degrees of freedom: as many as the decisions 
 the weights are equal, a handful when a few large weights make up the spread (`estimate` says
 why). It is None when that has too little to stand on: an effective n under `MIN_EFFECTIVE_N`,
 or rewards that are all alike (their spread reads 0, and one agreeing decision would give
-`(1.0, 1.0)`). Simulated epsilon-greedy logs at effective n 30 gave coverage 0.92-0.95 for mean
-rewards of 0.2-0.5, but 0.76 for 0.05: with rare rewards, read the interval as too narrow.
-Softmax and Thompson sampling logs have heavy-tailed weights: there the normal's quantile
-covered 81-96% (effective n 130-520), this one 90-98% (`bench/offpolicy_coverage.py`), 20-60%
-wider; under epsilon-greedy (bounded weights) it is 0-6% wider than the normal's.
+`(1.0, 1.0)`). Simulated epsilon-greedy logs at effective n 32 gave coverage 0.93-0.94 for mean
+rewards of 0.2-0.5; for rare ones it is erratic (Wald's interval): 0.90 for 0.1, 0.999 for 0.05
+(a fifth of those logs, every reward 0, get none) but 0.88 at effective n 67: with rare rewards,
+read the interval as too narrow. Softmax and Thompson sampling logs have heavy-tailed weights:
+there the normal's quantile covered 81-96% (effective n 130-520), this one 90-98%
+(`bench/offpolicy_coverage.py`), 20-60% wider; under epsilon-greedy (bounded weights) it is 0-6%
+wider than the normal's.
 
 >>> logged = [({"a": 1.0}, {"a": 0.9, "b": 0.1}, "a", 1.0), ({"a": 1.0}, {"a": 0.9, "b": 0.1}, "b", 0.0),
 ...           ({"b": 1.0}, {"a": 0.95, "b": 0.05}, "b", 0.0), ({"a": 1.0}, {"a": 0.9, "b": 0.1}, "a", 0.0)]

@@ -455,7 +455,8 @@ def _policy_value_lines(report: dict[str, Any] | None) -> list[str]:
               "inverse propensity scoring) had this version's own first choice been served, per decision that got "
               "a reaction (with TIPSTREAM_SILENCE_REWARD set, per decision served: one nobody reacted to counts at "
               "that reward). As champion, the estimate leaves out decisions that could not have served its choice "
-              "(propensity 0, e.g. `explore: false`); as shadow, it and the champion's beside it leave out every "
+              "(propensity 0: only tied best tips of decisions logged before their `greedy` was); as shadow, it and "
+              "the champion's beside it leave out every "
               "decision where not every tip could be served (`explore: false`, the greedy policy: under "
               "TIPSTREAM_POLICY=greedy a shadow cannot be estimated). "
               f"No interval (n/a) with an effective n under {MIN_EFFECTIVE_N} or rewards all alike."), "",
