@@ -39,7 +39,11 @@ rewards of 0.2-0.5; for rare ones it is erratic (Wald's interval): 0.90 for 0.1,
 read the interval as too narrow. Softmax and Thompson sampling logs have heavy-tailed weights:
 there the normal's quantile covered 81-96% (effective n 130-520), this one 90-98%
 (`bench/offpolicy_coverage.py`), 20-60% wider; under epsilon-greedy (bounded weights) it is 0-6%
-wider than the normal's.
+wider than the normal's. No interval shows what the log never served: where the target chooses
+tips served at propensities near 0 (Thompson sampling on the prior's narrow posteriors), SNIPS
+rests on the decisions where it chose what was served, and leans towards the logging policy's
+value; `ips / snips` (the mean weight, 1 on average over a log that covers the target) then reads
+well under 1 (docs/learning.md, "Policy value").
 
 >>> logged = [({"a": 1.0}, {"a": 0.9, "b": 0.1}, "a", 1.0), ({"a": 1.0}, {"a": 0.9, "b": 0.1}, "b", 0.0),
 ...           ({"b": 1.0}, {"a": 0.95, "b": 0.05}, "b", 0.0), ({"a": 1.0}, {"a": 0.9, "b": 0.1}, "a", 0.0)]

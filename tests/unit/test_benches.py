@@ -30,7 +30,7 @@ SMALLEST_RUNS = {
     "row_writes": ["--rows", "200", "--batches", "1"],
     "quality": ["--users", "20", "--rounds", "4", "--seeds", "1"],
     "score_floor": ["--duration", "0.4", "--rounds", "1"],
-    "offpolicy_coverage": ["--seeds", "1", "--replications", "20"],
+    "offpolicy_coverage": ["--seeds", "1", "--replications", "20", "--score-runs", "1", "--score-decisions", "200"],
     "model_size": ["--users", "200", "--reactions", "3", "--repeat", "1", "--days", "365"],
     "scrub": ["--messages", "3000", "--repeat", "1"],
     "snapshot": ["--credited", "300", "--baseline", "100", "--rounds", "2", "--per-round", "10", "--waiting", "50"],
