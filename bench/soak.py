@@ -50,7 +50,8 @@ from _harness import ServiceProcess, add_settings_option, connect, encode_reques
 
 GAUGES = ("tipstream_users", "tipstream_users_dormant", "tipstream_join_cache_decisions", "tipstream_join_cache_bytes",
           "tipstream_feedback_pending", "tipstream_decision_queue", "tipstream_candidate_cache_items",
-          "tipstream_offline_pending_users", "tipstream_tip_scores_rows_total", "tipstream_checkpoint_users_total")
+          "tipstream_offline_pending_users", "tipstream_tip_scores_rows_total", "tipstream_checkpoint_users_total",
+          "tipstream_users_at_event_cap")
 LAG_BOUNDS_LABEL = "tipstream_event_loop_lag_seconds_bucket{le="
 REACTIONS = ("acted", "liked", "snoozed", "dismissed", "disliked")
 
