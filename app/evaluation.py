@@ -25,6 +25,7 @@ from sqlalchemy import Engine, select
 from app import db
 from app.decisions import decision_time_ms, learning_input
 from models import offpolicy
+from models.policy import ThompsonSampling
 from models.registry import ModelCard
 from models.reward import TipModel
 from models.validation import (
@@ -191,7 +192,7 @@ def policy_value(decisions: list[Decision], version: str) -> dict[str, Any]:
     """
     as_champion: list[offpolicy.Logged] = []
     as_shadow: list[tuple[offpolicy.Logged, offpolicy.Logged]] = []
-    unusable = 0
+    shadow_under_thompson = unusable = 0
     for decision, rewards, *_ in decisions:
         ranked = decision["ranked"]
         served = ranked[0]
@@ -213,6 +214,7 @@ def policy_value(decisions: list[Decision], version: str) -> dict[str, Any]:
         shadow = decision.get("shadow") or {}
         if shadow.get("version") == version:
             as_shadow.append((logged, ({shadow["first"]: 1.0}, propensities, tip, reward)))
+            shadow_under_thompson += decision.get("policy") == ThompsonSampling.name
     report: dict[str, Any] = {"source": "inverse propensity scoring over the rewarded decision log (tip_scores)"}
     if unusable:
         report["skipped_without_propensity"] = unusable
@@ -228,6 +230,9 @@ def policy_value(decisions: list[Decision], version: str) -> dict[str, Any]:
             "logged_reward": sum(r for (*_, r), _ in as_shadow) / len(as_shadow),
             "estimate": offpolicy.estimate((own for _, own in as_shadow), full_support=True).to_dict(),
             "champion_greedy": offpolicy.estimate((champion for champion, _ in as_shadow), full_support=True).to_dict(),
+            # Its choices the champion and the prior disfavour were served at propensities near 0 there, and its
+            # estimate leans towards the champion's beyond its interval (docs/learning.md, "Policy value").
+            "served_under_thompson": shadow_under_thompson,
         }
     return report
 

@@ -20,7 +20,7 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
-from models.registry import escaped
+from models.registry import escaped, thompson_caveat
 
 ANSWER_TIMEOUT_S = 120.0  # register trains the new version on the log before it answers
 
@@ -415,6 +415,9 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
             line += (f"; the champion's {_short(theirs.get('snips'))}{_interval(theirs.get('ci95'))} "
                      f"(agreed {theirs.get('agreed')})")
         lines.append(line)
+    caveat = thompson_caveat(value)
+    if caveat:
+        lines.append(caveat)
     never = {name: use for name, use in (card.get("inputs") or {}).items() if use.startswith(NEVER_FORMED)}
     if never:  # a typo in --param interactions reads as a model like any other, but for this line
         lines.append("interactions never formed over the log: " + "; ".join(

@@ -471,7 +471,28 @@ def _policy_value_lines(report: dict[str, Any] | None) -> list[str]:
                          f"{_fmt(value.get('snips'))} | {_fmt_interval(value.get('ci95'))} | {value.get('agreed')} | "
                          f"{_fmt(value.get('effective_n'))} | {value.get('skipped_unsupported', 0)} | "
                          f"{_baseline(baseline)} |")
+    caveat = thompson_caveat(report)
+    if caveat:
+        lines += ["", f"**{caveat}**"]
     return lines
+
+
+def thompson_caveat(report: dict[str, Any]) -> str | None:
+    """What a shadow's estimate cannot show when its decisions were served by Thompson sampling.
+
+    >>> print(thompson_caveat({"as_shadow": {"decisions": 40, "served_under_thompson": 30}}))
+    As shadow, 30 of its 40 decisions were served by Thompson sampling: there, its choices that the champion and the popularity prior disfavour come first at propensities near 0, and its estimate leans towards the champion's, beyond its interval. Compare shadows while serving with epsilon-greedy (docs/learning.md, "Policy value").
+    >>> thompson_caveat({"as_shadow": {"decisions": 40}}) is None
+    True
+    """
+    shadow = report.get("as_shadow") or {}
+    under = shadow.get("served_under_thompson")
+    if not under:
+        return None
+    return (f"As shadow, {under} of its {shadow.get('decisions')} decisions were served by Thompson sampling: there, its "
+            "choices that the champion and the popularity prior disfavour come first at propensities near 0, and its "
+            "estimate leans towards the champion's, beyond its interval. Compare shadows while serving with "
+            'epsilon-greedy (docs/learning.md, "Policy value").')
 
 
 def _baseline(estimate: dict[str, Any] | None) -> str:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 import random
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
 
 from models.offpolicy import estimate
+from models.registry import ModelCard
 from models.thompson import first_probabilities
 
 # Two kinds of user, three tips; reward probabilities known to the test only.
@@ -248,3 +250,26 @@ def test_with_epsilon_greedy_the_interval_is_about_as_wide_as_the_normal_one() -
         low, high = normal_interval(log, value.snips)
         widest = max(widest, (value.ci95[1] - value.ci95[0]) / (high - low))
     assert widest < 1.1 and covered / 200 >= 0.9, (widest, covered / 200)
+
+
+def test_a_shadow_s_card_says_when_thompson_sampling_served_its_decisions() -> None:
+    """Under /score's Thompson sampling a shadow's estimate leans towards the champion's, outside its
+    interval, and nothing in the estimate shows it (bench/offpolicy_coverage.py, step 4): the card and
+    the CLI's summary say how many of its decisions were served so."""
+    from app.evaluation import policy_value
+    from app.models_cli import _card_summary
+    from models.registry import ModelVersion, card_markdown
+
+    def decision(i: int, policy: str) -> tuple[dict, dict]:
+        ranked = [{"tip_id": "a", "score": 0.9, "propensity": 0.999}, {"tip_id": "b", "score": 0.1, "propensity": 0.001}]
+        return ({"id": f"d-{i}", "model_version": "v1", "policy": policy, "greedy": "a",
+                 "shadow": {"version": "v2", "first": "b"}, "ranked": ranked}, {"a": 1.0})
+
+    caveat = "As shadow, 3 of its 5 decisions were served by Thompson sampling"
+    for policies, told in ((["thompson"] * 3 + ["epsilon_greedy"] * 2, True), (["epsilon_greedy"] * 5, False)):
+        report = policy_value([decision(i, p) for i, p in enumerate(policies)], "v2")
+        assert report["as_shadow"]["served_under_thompson"] == policies.count("thompson")
+        card = ModelCard.from_dict({"offline_metrics": {"n": 5, "policy_value": report}})
+        markdown = card_markdown(ModelVersion("v2", "logreg", {}, [], datetime(2026, 12, 6, tzinfo=UTC), card), "shadow")
+        summary = _card_summary("v2", {"offline_metrics": card.offline_metrics})
+        assert (caveat in markdown, caveat in summary) == (told, told), (markdown, summary)
