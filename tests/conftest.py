@@ -57,6 +57,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report.sections = [(title, text.encode("utf-8", "backslashreplace").decode()) for title, text in report.sections]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def away_from_the_checkout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests run in a directory of their own: settings are read from a `.env` in the working
+    directory too, and one in the checkout (for `make run`) changed what three tests saw."""
+    checkout = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(checkout)
+
+
 @pytest.fixture(autouse=True)
 def settings_from_env() -> Iterator[None]:
     """`main` reads the settings once a process (`get_settings` is cached): a test sets the environment
