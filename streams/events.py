@@ -213,6 +213,22 @@ def _as_json(value: Any) -> str:
     return text if len(text) <= 100 else text[:99] + "…"
 
 
+def unsupported_version(version: int) -> Rejection:
+    """The refusal of a version this server does not read, naming the fix: a newer one needs a newer
+    tipstream (or the publisher to send this one), an older one an upcaster.
+
+    >>> unsupported_version(2).reason  # doctest: +ELLIPSIS
+    'v=2 is newer than this server reads (v1): upgrade tipstream to a release that reads v2, ...'
+    """
+    if version > CURRENT_VERSION:
+        return Rejection("unsupported_version", f"v={version} is newer than this server reads (v{CURRENT_VERSION}): "
+                                                f"upgrade tipstream to a release that reads v{version}, or have the "
+                                                f"publisher send v{CURRENT_VERSION}; then publish the event again")
+    return Rejection("unsupported_version", f"v={version} is not supported: this server reads v{CURRENT_VERSION} and "
+                                            f"has no upcaster for v{version}; have the publisher send "
+                                            f"v{CURRENT_VERSION}, or register one in streams/events.py (UPCASTERS)")
+
+
 def _describe(error: ValidationError) -> Rejection:
     first = error.errors(include_url=False)[0]
     # Drop the union branch name pydantic puts first in the location.
@@ -253,10 +269,7 @@ def _describe(error: ValidationError) -> Rejection:
         return Rejection("invalid_field", f"field 'v': must be the contract version as a JSON integer "
                                           f"(this server reads {CURRENT_VERSION}), not {_as_json(first['input'])}")
     if where == "v":
-        return Rejection(
-            "unsupported_version",
-            f"v={first['input']!r} is not supported; this server reads v{CURRENT_VERSION} (and older via upcasters)",
-        )
+        return unsupported_version(first["input"])
     if etype == "string_unicode":  # pydantic's "unable to parse raw data as a unicode string"
         return Rejection("invalid_field", f"field '{where}': {HALF_A_PAIR}")
     if where == "body":
@@ -357,15 +370,18 @@ def parse_event(raw: bytes) -> Any:
             return _kept(EVENT_ADAPTER.validate_python(payload), raw)
         except ValidationError as error:
             rejection = _describe(error)
+    if payload is None and rejection.kind not in ("invalid_json", "invalid_utf8"):
+        payload = lenient_loads(raw)
+    version = payload.get("v") if isinstance(payload, dict) else None
+    if type(version) is int and version > CURRENT_VERSION:
+        # A newer contract's event: whatever its first error (a type or field this version does not know,
+        # as a newer one may add or rename), what is wrong is that this server is older. It was refused as
+        # an unknown type or a missing field, which sent its publisher looking for a bug of theirs.
+        return unsupported_version(version)
     # Old versions: decode, upcast, validate again. Whatever the first error: an old event lacks
     # fields ours requires (missing_field) or has a type since renamed (unknown_type), which are what
     # upcasters are for; tried only on a wrong field or version, such events were refused.
-    if not UPCASTERS:
-        return rejection
-    if payload is None:
-        payload = lenient_loads(raw)
-    version = payload.get("v") if isinstance(payload, dict) else None
-    if type(version) is not int or version >= CURRENT_VERSION:
+    if not UPCASTERS or type(version) is not int or version >= CURRENT_VERSION:
         return rejection
     try:
         current = upcast(payload)

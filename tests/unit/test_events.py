@@ -260,6 +260,32 @@ def test_an_upcast_event_still_invalid_is_refused_for_what_is_wrong(monkeypatch:
     assert isinstance(result, Rejection) and result.kind == "unsupported_version", result
 
 
+@pytest.mark.parametrize("upcasters", [{}, {("task.completed", 0): lambda raw: {**raw, "v": 1}}])
+@pytest.mark.parametrize("newer", [
+    {**envelope("task.completed"), "v": 2},
+    {**envelope("task.completed", {"task": "t-7"}), "v": 2},  # a field renamed
+    {**envelope("task.completed"), "type": "task.archived", "v": 2},  # a type added
+    {**envelope("app.opened"), "ts": 1764140462, "v": 3},  # time as a number
+    {**{k: v for k, v in envelope("app.opened").items() if k != "user_id"}, "user": "u-42", "v": 2},
+])
+def test_an_event_of_a_newer_version_is_refused_as_such_naming_the_fix(newer: dict[str, Any], upcasters: Any) -> None:
+    """An event of a newer contract was refused for its first error: a type or field this version does
+    not know read "unknown_type" or "missing_field", and its publisher looked for a bug of theirs when
+    this server was the one behind. The reason says so, and what to do."""
+    with mock.patch.dict(events.UPCASTERS, upcasters, clear=True):
+        result = parse_event(orjson.dumps(newer))
+    assert isinstance(result, Rejection) and result.kind == "unsupported_version", result
+    version = newer["v"]
+    assert f"v={version} is newer than this server reads (v1)" in result.reason, result.reason
+    assert f"upgrade tipstream to a release that reads v{version}" in result.reason, result.reason
+
+
+def test_an_old_version_without_an_upcaster_names_the_fix() -> None:
+    result = parse_event(orjson.dumps({**envelope("app.opened"), "v": 0}))
+    assert isinstance(result, Rejection) and result.kind == "unsupported_version", result
+    assert "no upcaster for v0" in result.reason and "send v1" in result.reason, result.reason
+
+
 @pytest.mark.parametrize("data", [{"task": "t-7"}, "t-7", None])
 def test_an_old_event_its_upcaster_cannot_read_is_refused_not_raised(monkeypatch: pytest.MonkeyPatch,
                                                                       data: object) -> None:
