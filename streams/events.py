@@ -182,8 +182,10 @@ def upcast(raw: dict[str, Any]) -> dict[str, Any]:
         step = UPCASTERS.get((raw.get("type", ""), version))
         if step is None:
             break
-        raw = step(raw)
-        version = raw.get("v", version + 1)
+        # One step is one version, whatever `v` it wrote: a step that left the old `v` in place (as
+        # `{**raw, ...}` does) was found again, for ever, and blocked the event loop (/score with it).
+        version += 1
+        raw = {**step(raw), "v": version}
     return raw
 
 
@@ -386,8 +388,10 @@ def parse_event(raw: bytes) -> Any:
     try:
         current = upcast(payload)
     except Exception as error:  # noqa: BLE001 - an upcaster meets a malformed old event: refuse it
-        return Rejection(rejection.kind, f"{rejection.reason}; upcasting it failed ({error.__class__.__name__}: "
-                                         f"{error})")
+        # Not "no upcaster for v0": there is one, and this event is not what it reads.
+        said = (f"v={version} is read through an upcaster" if rejection.kind == "unsupported_version"
+                else rejection.reason)
+        return Rejection(rejection.kind, f"{said}; upcasting it failed ({error.__class__.__name__}: {error})")
     try:
         return _kept(EVENT_ADAPTER.validate_python(current), raw)
     except ValidationError as error:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -233,6 +234,30 @@ def test_upcasters_bring_old_versions_forward(monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.mark.parametrize(("key", "step", "old"), [
+    # Applied again to its own output: KeyError, and the event was refused.
+    (("task.completed", 0), lambda raw: {**raw, "data": {"task_id": raw["data"]["todo"]}},
+     {**envelope("task.completed", {"todo": "t-7"}), "v": 0}),
+    # Applied again and again: never returned.
+    (("task.completed", 0), lambda raw: {**raw, "user_id": raw.get("user", raw.get("user_id"))},
+     {**{k: v for k, v in envelope("task.completed", {"task_id": "t-7"}).items() if k != "user_id"}, "user": "u",
+      "v": 0}),
+])
+def test_an_upcaster_that_leaves_v_as_it_was_still_brings_the_event_forward(monkeypatch: pytest.MonkeyPatch, key: Any,
+                                                                            step: Any, old: dict[str, Any]) -> None:
+    """A step that returned `{**raw, ...}` without writing the next `v` was looked up again with the same
+    version: applied twice (refused), or for ever, when `parse_event` never returned and ingest's event
+    loop (and /score with it) stopped."""
+    monkeypatch.setitem(events.UPCASTERS, key, step)
+    result: list[Any] = []
+    worker = threading.Thread(target=lambda: result.append(parse_event(orjson.dumps(old))), daemon=True)
+    worker.start()
+    worker.join(timeout=2)
+    assert result, "parse_event did not return"
+    assert not isinstance(result[0], Rejection), result[0]
+    assert result[0].data.task_id == "t-7" and result[0].v == 1
+
+
+@pytest.mark.parametrize(("key", "step", "old"), [
     # v0 called the user `user`: its first error is user_id missing, not the version.
     (("task.completed", 0), lambda raw: {**{k: v for k, v in raw.items() if k != "user"}, "user_id": raw["user"], "v": 1},
      {**{k: v for k, v in envelope("task.completed").items() if k != "user_id"}, "user": "u-42", "v": 0}),
@@ -297,6 +322,7 @@ def test_an_old_event_its_upcaster_cannot_read_is_refused_not_raised(monkeypatch
     result = parse_event(orjson.dumps({**envelope("task.completed"), "v": 0, "data": data}))
     assert isinstance(result, Rejection) and result.kind == "unsupported_version", result
     assert "v=0" in result.reason and "upcasting it failed" in result.reason
+    assert "no upcaster" not in result.reason, result.reason  # there is one: it could not read this event
 
 
 def test_committed_docs_match_the_code() -> None:
