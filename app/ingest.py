@@ -595,6 +595,10 @@ class StreamIngest:
             jsx.DLQ_STREAM: self.spec.name,
             jsx.DLQ_SEQ: str(seq),
             "Nats-Msg-Id": f"dlq:{self.spec.name}:{seq}",
+            # What the event was published with (its Nats-Msg-Id, a trace id): ingest reads bodies only, and the
+            # copy held none of it, so an event whose body names no id (not JSON, say) could not be traced back.
+            # Asked of the stream on this path alone; an event erased meanwhile has none.
+            **jsx.original_headers(await self._published_headers(seq)),
         }
         # The server refuses a message whose headers and body together exceed its max_payload, and
         # drops the connection (nats-py checks the body alone): an event near that size would never
@@ -607,6 +611,12 @@ class StreamIngest:
         await self.js.publish(dlq_subject(subject), data, headers=headers)
         METRICS.dlq.labels(self.spec.name, rejection.kind).inc()
         self._log_dead_letter(seq, rejection)
+
+    async def _published_headers(self, seq: int) -> dict[str, str] | None:
+        try:
+            return (await self.js.get_msg(self.spec.name, seq)).headers
+        except NotFoundError:  # gone (erased, aged out): the copy is still made
+            return None
 
     def _log_dead_letter(self, seq: int, rejection: Rejection) -> None:
         left_out = self._dlq_lines.allow(None)

@@ -55,6 +55,32 @@ DLQ_SUBJECT = "Tipstream-Original-Subject"
 DLQ_STREAM = "Tipstream-Original-Stream"
 DLQ_SEQ = "Tipstream-Original-Seq"
 DLQ_TRUNCATED = "Tipstream-Dlq-Truncated"  # the original body's size, when the DLQ copy holds only its head
+# Each header the event was published with (its Nats-Msg-Id, a trace id), renamed so that JetStream acts on none
+# of them in the DLQ (a Nats-Msg-Id there would drop another stream's dead letter as a duplicate, a
+# Nats-Expected-* refuse the copy for good), up to DLQ_ORIGINAL_HEADERS_MAX bytes of them.
+DLQ_ORIGINAL_HEADER = "Tipstream-Original-Header-"
+DLQ_ORIGINAL_HEADERS_MAX = 4096
+_HEADER_NAME_UNSAFE = re.compile(r"[^!-9;-~]")  # a header name is visible ASCII without ':'
+
+
+def original_headers(headers: dict[str, str] | None) -> dict[str, str]:
+    """The DLQ copy's headers for the `headers` an event was published with: each renamed, on one line, in
+    UTF-8, as many as fit in DLQ_ORIGINAL_HEADERS_MAX bytes.
+
+    >>> original_headers({"Nats-Msg-Id": "evt-1", "traceparent": "00-ab  01", "X y": "z"})
+    {'Tipstream-Original-Header-Nats-Msg-Id': 'evt-1', 'Tipstream-Original-Header-traceparent': '00-ab 01', \
+'Tipstream-Original-Header-X_y': 'z'}
+    """
+    carried: dict[str, str] = {}
+    size = 0
+    for name, value in (headers or {}).items():
+        key = DLQ_ORIGINAL_HEADER + _HEADER_NAME_UNSAFE.sub("_", str(name))
+        text = " ".join(str(value).split()).encode("utf-8", "backslashreplace").decode()
+        size += header_bytes({key: text}) - header_bytes({})
+        if size > DLQ_ORIGINAL_HEADERS_MAX:
+            break
+        carried[key] = text
+    return carried
 
 
 def header_bytes(headers: dict[str, str]) -> int:

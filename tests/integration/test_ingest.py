@@ -20,6 +20,7 @@ from app import version
 from app.metrics import METRICS
 from streams.jetstream import (
     DLQ_KIND,
+    DLQ_ORIGINAL_HEADER,
     DLQ_REASON,
     DLQ_SEQ,
     DLQ_STREAM,
@@ -64,7 +65,7 @@ async def test_bad_events_go_to_the_dlq_with_reasons_and_good_ones_around_them_a
     published = 0
     for i, (subject, body, _) in enumerate(bad):
         await js.publish("signals.task.created", orjson.dumps(event(i)), headers={"Nats-Msg-Id": f"e-{i}"})
-        await js.publish(subject, body)
+        await js.publish(subject, body, headers={"Nats-Msg-Id": f"bad-{i}", "traceparent": f"00-{i:032x}-01"})
         published += 2
     await js.publish("signals.task.created", orjson.dumps(event(99)), headers={"Nats-Msg-Id": "e-99"})
 
@@ -77,6 +78,10 @@ async def test_bad_events_go_to_the_dlq_with_reasons_and_good_ones_around_them_a
         assert message.headers[DLQ_SUBJECT] == subject
         assert message.data == body, "the DLQ keeps the original bytes"
         assert int(message.headers[DLQ_SEQ]) > 0 and message.headers[DLQ_REASON]
+        # And the headers it was published with, JetStream's among them renamed (not acted on in the DLQ).
+        i = next(n for n, (*_, k) in enumerate(bad) if k == kind)
+        assert message.headers[DLQ_ORIGINAL_HEADER + "Nats-Msg-Id"] == f"bad-{i}", message.headers
+        assert message.headers[DLQ_ORIGINAL_HEADER + "traceparent"] == f"00-{i:032x}-01", message.headers
     assert "priority" in by_kind["invalid_field"].headers[DLQ_REASON]
     assert "user_id" in by_kind["missing_field"].headers[DLQ_REASON]
 
