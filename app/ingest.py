@@ -19,7 +19,7 @@ from datetime import timedelta
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import NoStreamResponseError, NotFoundError
 from pydantic import ValidationError
 
 from app.catch_up import CatchUpProgress
@@ -608,7 +608,17 @@ class StreamIngest:
         if len(data) > room:
             headers[jsx.DLQ_TRUNCATED] = str(len(data))
             data = data[: max(room, 0)]
-        await self.js.publish(dlq_subject(subject), data, headers=headers)
+        try:
+            await self.js.publish(dlq_subject(subject), data, headers=headers)
+        except NoStreamResponseError:
+            if self.ensure_streams is None:
+                raise
+            # No stream takes `dlq.>` (the DLQ deleted, to empty it, say): retried as it was, the stream stopped
+            # at this event until a restart made the DLQ again. Made again now; also asked when a cluster's
+            # DLQ has no leader for a moment, which changes nothing. Then retried as any failed publish.
+            log.warning("no stream takes %s (was the DLQ deleted?); creating the streams again", dlq_subject(subject))
+            await self.ensure_streams()
+            await self.js.publish(dlq_subject(subject), data, headers=headers)
         METRICS.dlq.labels(self.spec.name, rejection.kind).inc()
         self._log_dead_letter(seq, rejection)
 

@@ -124,6 +124,23 @@ async def test_an_event_near_max_payload_goes_to_the_dlq_truncated_and_ingest_mo
     assert store.users["u-1"].count("task.created") == 1
 
 
+async def test_a_deleted_dlq_is_created_again_and_the_stream_moves_on(start_service, nc) -> None:
+    """The DLQ deleted while the service runs (an operator emptying it): the next bad event's copy had no
+    stream to take it, and ingest retried that publish until a restart made the DLQ again, folding nothing
+    of the stream meanwhile."""
+    running = await start_service()
+    js = nc.jetstream()
+    await js.delete_stream("DLQ")
+    await js.publish("signals.task.created", b'{"id": "broken", ')
+    await js.publish("signals.task.created", orjson.dumps(event(1)))
+    store = running.service.store
+    await eventually(lambda: store.positions.get("SIGNALS") == 2)
+    assert store.users["u-1"].count("task.created") == 1
+    [message] = await dlq_messages(js, 1)
+    assert (message.headers[DLQ_KIND], message.headers[DLQ_SEQ]) == ("invalid_json", "1")
+    assert message.data == b'{"id": "broken", '
+
+
 async def _checkpoint_then_recreate_signals(start_service: Any, nc: Any) -> Any:
     """A service checkpoints SIGNALS at 5 and stops; then the stream is re-created (its NATS store
     lost), so its sequences start again, below the checkpoint's. JetStream, for the test to publish."""
