@@ -63,15 +63,16 @@ def decode_wire_event(subject: str, data: bytes) -> Any:
     try:
         event = validate_json(data)  # the hot path
     except ValidationError:
-        return _on_subject(parse_event(data), subject)  # the slow path explains (or upcasts)
+        return _on_subject(parse_event(data), subject, data)  # the slow path explains (or upcasts)
     if subject == EXPECTED_SUBJECT[event.type]:
         return without_nul(event, data)
-    return _on_subject(without_nul(event, data), subject)
+    return _on_subject(without_nul(event, data), subject, data)
 
 
-def _on_subject(event: Any, subject: str) -> Any:
-    # An upcast event is checked too, and a NUL is named first, as the contract does.
-    return event if event.__class__ is Rejection else check_subject(event, subject) or event
+def _on_subject(event: Any, subject: str, data: bytes) -> Any:
+    # An upcast event is checked too (on its own type's subject, if renamed), and a NUL is named first, as
+    # the contract does.
+    return event if event.__class__ is Rejection else check_subject(event, subject, data) or event
 
 
 # A subject, as the DLQ's own, at most this long: a publisher may use one near the server's control

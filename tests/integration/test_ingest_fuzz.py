@@ -329,7 +329,7 @@ def verdict(subject: str, body: bytes, stored_ms: int, stream: str = "SIGNALS") 
     event = parse_event(body)
     if isinstance(event, Rejection):
         return event
-    if (mismatch := check_subject(event, subject)) is not None:
+    if (mismatch := check_subject(event, subject, body)) is not None:
         return mismatch
     if to_ms(event.ts) > stored_ms + MAX_FUTURE_S * 1000:
         return Rejection("future_ts", f"ts {event.ts.isoformat()} is more than")

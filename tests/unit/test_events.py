@@ -275,6 +275,27 @@ def test_an_old_event_is_upcast_whatever_its_first_error(monkeypatch: pytest.Mon
     assert (event.type, event.user_id, event.data.task_id, event.v) == ("task.completed", "u-42", "t-1", 1)
 
 
+def test_an_old_event_of_a_renamed_type_is_taken_on_its_own_type_s_subject(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A v0 `task.done`, upcast to `task.completed`, comes on `signals.task.done` as its publisher was told to
+    send it: it was dead-lettered as subject_mismatch, naming a type that publisher never sent."""
+    monkeypatch.setitem(events.UPCASTERS, ("task.done", 0), lambda raw: {**raw, "type": "task.completed", "v": 1})
+    raw = orjson.dumps({**envelope("task.completed"), "type": "task.done", "v": 0})
+    from app.ingest import decode_wire_event
+
+    event = decode_wire_event("signals.task.done", raw)  # as ingest reads it
+    assert not isinstance(event, Rejection), event
+    assert event.type == "task.completed"
+    assert check_subject(event, "signals.task.done", raw) is None
+    assert check_subject(event, "signals.task.completed", raw) is None
+    # The family still holds: a signal cannot pose as feedback, under its old name or its new one.
+    for subject in ("feedback.task.done", "feedback.task.completed", "signals.task.deleted"):
+        rejection = check_subject(event, subject, raw)
+        assert rejection is not None and rejection.kind == "subject_mismatch", subject
+    # An event of this version is held to its own type's subject.
+    current = orjson.dumps({**envelope("task.completed"), "v": 1})
+    assert check_subject(parse_event(current), "signals.task.done", current) is not None
+
+
 def test_an_upcast_event_still_invalid_is_refused_for_what_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(events.UPCASTERS, ("task.completed", 0), lambda raw: {**raw, "v": 1})
     result = parse_event(orjson.dumps({**envelope("task.completed", {"task": "t-7"}), "v": 0}))
