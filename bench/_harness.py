@@ -13,7 +13,6 @@ import asyncio
 import difflib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from app.settings import NOT_SETTINGS_PREFIXES, UNPREFIXED_SETTINGS, Settings  # noqa: E402
+from tests.ports import free_port  # noqa: E402 (the benches import it from here)
 
 
 def service_environment(**settings: Any) -> dict[str, str]:
@@ -78,12 +78,6 @@ def settings_given(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[st
                          + (f"(did you mean {close[0]}?)" if close else "(the README's settings table lists them)"))
         settings[name] = value
     return settings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServiceProcess:

@@ -29,7 +29,7 @@ import nats
 import orjson
 
 from app.embedded_nats import EmbeddedNats
-from tests.conftest import free_port
+from tests.ports import free_port
 
 BIN = Path(sys.executable).parent
 

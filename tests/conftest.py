@@ -37,6 +37,7 @@ os.environ["TIPSTREAM_SPOOL_RESERVE_MB"] = "0"
 
 from app.embedded_nats import nats_server_binary  # noqa: E402 (after the environment is set)
 from app.settings import get_settings  # noqa: E402
+from tests.ports import free_port, free_ports  # noqa: E402 (free_port: the tests import it from here)
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "TIPSTREAM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -75,20 +76,6 @@ def settings_from_env() -> Iterator[None]:
     get_settings.cache_clear()
     yield
     get_settings.cache_clear()
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free ports: each held until all are picked, as ports picked one by one can repeat
-    (a cluster node once got its own route port for its clients, and did not start)."""
-    with contextlib.ExitStack() as held:
-        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
 
 
 class NatsServer:
