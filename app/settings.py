@@ -742,6 +742,18 @@ UNPREFIXED_SETTINGS = ("NATS_URL", "DATABASE_URL")
 NOT_SETTINGS_PREFIXES = ("TIPSTREAM_TEST_", "TIPSTREAM_REQUIRE_POSTGRES")
 
 
+def is_setting_variable(variable: str) -> bool:
+    """Whether an environment variable is one the service reads its settings from (or a misspelt one):
+    what the test suite and the benches keep from the services they start.
+
+    >>> [is_setting_variable(v) for v in ("TIPSTREAM_POLICY", "database_url", "TIPSTREAM_TEST_NATS_SERVER", "PATH")]
+    [True, True, False, False]
+    """
+    upper = variable.upper()  # pydantic-settings matches names whatever their case
+    return (upper in UNPREFIXED_SETTINGS or upper.startswith("TIPSTREAM_")) and not upper.startswith(
+        NOT_SETTINGS_PREFIXES)
+
+
 def unknown_variables(environ: dict[str, str] | None = None, env_file: Path = Path(".env")) -> list[str]:
     """A line for each `TIPSTREAM_*` variable (environment or `.env`) that is no setting, naming
     the setting it was likely meant for: pydantic-settings ignores it, so a misspelt setting

@@ -23,7 +23,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.settings import NOT_SETTINGS_PREFIXES, UNPREFIXED_SETTINGS, Settings  # noqa: E402
+from app.settings import UNPREFIXED_SETTINGS, Settings, is_setting_variable  # noqa: E402
 from tests.ports import free_port  # noqa: E402 (the benches import it from here)
 
 
@@ -32,15 +32,12 @@ def service_environment(**settings: Any) -> dict[str, str]:
     DATABASE_URL would have the bench write into that database, and a forgotten TIPSTREAM_*
     change its figures), then `settings` (`data_dir=...`: TIPSTREAM_DATA_DIR). The settings left out
     are named once on stderr, with the flag that sets them (`--set`)."""
-    env, left_out = {}, []
-    for name, value in os.environ.items():
-        if name.upper() in UNPREFIXED_SETTINGS or name.upper().startswith("TIPSTREAM_"):
-            if not name.upper().startswith(NOT_SETTINGS_PREFIXES):
-                left_out.append(name)
-        else:
-            env[name] = value
+    global _told_left_out
+    env = {name: value for name, value in os.environ.items() if not name.upper().startswith("TIPSTREAM_")
+           and name.upper() not in UNPREFIXED_SETTINGS}  # the harness's own TIPSTREAM_TEST_* too
+    left_out = [name for name in os.environ if is_setting_variable(name)]
     if left_out and not _told_left_out:
-        _told_left_out.append(True)
+        _told_left_out = True
         shown = min(sorted(left_out), key=lambda name: not name.upper().startswith("TIPSTREAM_"))
         print(f"bench: the service does not take {', '.join(sorted(left_out))} from this environment (it runs "
               f"on the defaults and the bench's flags); give a setting as --set NAME=VALUE, e.g. "
@@ -50,7 +47,7 @@ def service_environment(**settings: Any) -> dict[str, str]:
     return env
 
 
-_told_left_out: list[bool] = []
+_told_left_out = False
 
 
 def add_settings_option(parser: argparse.ArgumentParser) -> None:

@@ -20,13 +20,13 @@ import nats
 import pytest
 import sqlalchemy as sa
 
+from app.settings import get_settings, is_setting_variable
+
 # The suite runs on its own settings, not the shell's: a developer's TIPSTREAM_POLICY or DATABASE_URL
 # would change what the tests see, and with `make run` serving from the checkout's data/, every test
 # that ran `tipstream migrate` without a data directory of its own (15) found that service's lock.
-for _name in [name for name in os.environ if (name.upper().startswith("TIPSTREAM_") or name.upper() in
-                                              ("NATS_URL", "DATABASE_URL"))]:
-    if not _name.upper().startswith(("TIPSTREAM_TEST_", "TIPSTREAM_REQUIRE_POSTGRES")):
-        del os.environ[_name]
+for _name in [name for name in os.environ if is_setting_variable(name)]:
+    del os.environ[_name]
 _DATA_DIR = tempfile.mkdtemp(prefix="tipstream-test-data-")
 atexit.register(shutil.rmtree, _DATA_DIR, True)
 os.environ["TIPSTREAM_DATA_DIR"] = _DATA_DIR
@@ -36,7 +36,6 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ["TIPSTREAM_SPOOL_RESERVE_MB"] = "0"
 
 from app.embedded_nats import nats_server_binary  # noqa: E402 (after the environment is set)
-from app.settings import get_settings  # noqa: E402
 from tests.ports import free_port, free_ports  # noqa: E402 (free_port: the tests import it from here)
 
 POSTGRES_ADMIN_URL = os.environ.get(

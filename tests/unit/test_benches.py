@@ -99,7 +99,7 @@ def test_a_bench_s_service_takes_its_settings_from_the_flags_and_names_those_of_
     monkeypatch.syspath_prepend(str(BENCH))
     import _harness
 
-    monkeypatch.setattr(_harness, "_told_left_out", [])
+    monkeypatch.setattr(_harness, "_told_left_out", False)
     for name in [name for name in os.environ if name.startswith("TIPSTREAM_")]:  # the suite's own
         monkeypatch.delenv(name)
     monkeypatch.setenv("TIPSTREAM_LEARNER_JOIN_CACHE_MB", "48")
