@@ -218,6 +218,7 @@ class StreamIngest:
         # stream re-read from further back (DECISIONS, to rebuild the learner's join cache; FEEDBACK,
         # from the learner's last snapshot) must not put them in the DLQ again on every restart.
         self.dead_lettered_upto = dead_lettered_upto
+        self._dlq_msg_id_prefix = jsx.dlq_msg_id_prefix(spec.name, None)  # the stream's creation time, at the start
         # (sequence, when NATS stored it, µs) of the last message read: a server back after a
         # reconnect with another message there is another stream (`_replaced_under_us`).
         self._last_read: tuple[int, int] | None = None
@@ -289,7 +290,9 @@ class StreamIngest:
         # it was taken from. Past this stream's end, the stream was re-created (`reset_durable`
         # replays it from its first message): its bad events below that position were skipped,
         # neither folded nor dead-lettered.
-        if self.dead_lettered_upto > (await self.js.stream_info(self.spec.name)).state.last_seq:
+        info = await self.js.stream_info(self.spec.name)
+        self._dlq_msg_id_prefix = jsx.dlq_msg_id_prefix(self.spec.name, info.created)
+        if self.dead_lettered_upto > info.state.last_seq:
             self.dead_lettered_upto = 0
         # Dead-lettered past the last checkpoint, before a crash: read again now, but not dead-lettered
         # again (JetStream's duplicate window covers only a quick restart).
@@ -350,6 +353,7 @@ class StreamIngest:
             # old stream's watermark stayed, the new stream's bad events below it in the DLQ nowhere.
             self.dead_lettered_upto = 0
             self.dead_lettered_upto = await jsx.last_dead_lettered(js, self.spec)
+            self._dlq_msg_id_prefix = jsx.dlq_msg_id_prefix(self.spec.name, (await js.stream_info(self.spec.name)).created)
         self.lag = pending
         self._lag.set(pending)  # also while FEEDBACK waits for DECISIONS at a start, before a chunk is folded
         self.caught_up = self.caught_up or pending == 0
@@ -611,7 +615,7 @@ class StreamIngest:
             jsx.DLQ_SUBJECT: subject,
             jsx.DLQ_STREAM: self.spec.name,
             jsx.DLQ_SEQ: str(seq),
-            "Nats-Msg-Id": f"dlq:{self.spec.name}:{seq}",
+            "Nats-Msg-Id": f"{self._dlq_msg_id_prefix}{seq}",
         }
         if names_no_event(data, rejection.kind):
             # What it was published with (its Nats-Msg-Id, a trace id): ingest reads bodies only, and the copy of a

@@ -275,6 +275,21 @@ less what the account's other streams need), or lift the account's limit.
             "the account's other streams need), or lift the account's limit.")
 
 
+def dlq_msg_id_prefix(stream: str, created: datetime | None) -> str:
+    """How the `Nats-Msg-Id` of a DLQ copy from `stream` begins; its sequence follows. With the stream's
+    creation time: a stream re-created within the DLQ's duplicate window numbers its events from 1 again,
+    and a copy named by stream and sequence alone was dropped as its predecessor's duplicate.
+
+    >>> dlq_msg_id_prefix("SIGNALS", datetime(2026, 12, 6, 21, 30, tzinfo=UTC))
+    'dlq:SIGNALS:1796592600000000:'
+    >>> dlq_msg_id_prefix("SIGNALS", None)
+    'dlq:SIGNALS:'
+    """
+    if created is None:
+        return f"dlq:{stream}:"
+    return f"dlq:{stream}:{epoch_us(created)}:"
+
+
 async def last_dead_lettered(js: JetStreamContext, spec: StreamSpec) -> int:
     """The highest sequence of `spec` already in the DLQ (0: none).
 
@@ -357,6 +372,11 @@ def _delivered(info: Any) -> int:
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+def epoch_us(at: datetime) -> int:
+    """Microseconds since the epoch, exactly (a float's timestamp() rounds where NATS's times are this fine)."""
+    return (at - EPOCH) // timedelta(microseconds=1)
+
+
 async def stored_us(js: JetStreamContext, stream: str, seq: int, timeout_s: float = 1.0) -> int | None:
     """When the stream's message `seq` was stored, in µs since the epoch by the NATS server's clock
     (None: gone, or the server did not answer). Which message a checkpointed position names: the
@@ -368,7 +388,7 @@ async def stored_us(js: JetStreamContext, stream: str, seq: int, timeout_s: floa
             msg = await js.get_msg(stream, seq)
     except Exception:  # noqa: BLE001 - deleted, aged out, or NATS away or slow: not known, and said so
         return None
-    return None if msg.time is None else (msg.time - EPOCH) // timedelta(microseconds=1)
+    return None if msg.time is None else epoch_us(msg.time)
 
 
 async def next_stored(js: JetStreamContext, spec: StreamSpec, seq: int) -> int | None:

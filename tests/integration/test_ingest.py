@@ -437,6 +437,26 @@ async def test_a_rebuild_after_a_user_s_first_messages_were_erased_does_not_blam
     assert told == [KEPT_FROM.format(2)]
 
 
+async def test_a_recreated_stream_s_bad_event_reaches_the_dlq_within_the_duplicate_window(start_service, nc) -> None:
+    """A DLQ copy's `Nats-Msg-Id` named the stream and sequence only: the first bad event of a stream re-created
+    within JetStream's duplicate window had its predecessor's id, and the DLQ dropped it as a duplicate
+    (counted, logged, and nowhere to be found)."""
+    first = await start_service()
+    js = nc.jetstream()
+    await js.publish("signals.task.created", b"{old stream")
+    await eventually(lambda: first.service.store.positions.get("SIGNALS") == 1)
+    await first.stop()
+    await js.delete_stream("SIGNALS")
+    await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    await js.publish("signals.task.created", b"{new stream")
+    second = await start_service()
+    await eventually(lambda: second.service.store.positions.get("SIGNALS") == 1 and second.service.ready)
+    copies = await dlq_messages(js, 2)
+    assert sorted(copy.data for copy in copies) == [b"{new stream", b"{old stream"]
+    assert {copy.headers[DLQ_SEQ] for copy in copies} == {"1"}
+    await second.stop()
+
+
 async def test_a_bad_event_of_a_recreated_stream_goes_to_the_dlq_though_the_checkpoint_is_past_it(
     start_service, nc, caplog
 ) -> None:
