@@ -26,7 +26,7 @@ from app.catch_up import CatchUpProgress
 from app.checkpoints import Checkpointer
 from app.metrics import METRICS
 from app.thaw import load_state
-from streams import ack_subject, pull
+from streams import ack_subject, dead_letters, pull
 from streams import jetstream as jsx
 from streams.events import (
     EVENT_ADAPTER,
@@ -181,7 +181,8 @@ class StreamIngest:
     """Steps per chunk of messages:
     1. Validate and fold each message into the online store (a user whose state is in the
        checkpoint only is read first, off the event loop); collect rejections.
-    2. Publish each rejection to `dlq.<subject>` and wait for JetStream to store it.
+    2. Publish the rejections to `dlq.<subject>`, up to `DLQ_IN_FLIGHT` at once, and wait for JetStream
+       to store them all (`streams/dead_letters.py`).
     3. Advance the stream position (what the next checkpoint will record).
     4. Acknowledge the chunk's last message (ack-all), update metrics, nudge the checkpointer.
     """
@@ -217,8 +218,8 @@ class StreamIngest:
         # Messages up to here were read before this start, and the bad ones dead-lettered then: a
         # stream re-read from further back (DECISIONS, to rebuild the learner's join cache; FEEDBACK,
         # from the learner's last snapshot) must not put them in the DLQ again on every restart.
-        self.dead_lettered_upto = dead_lettered_upto
-        self._dlq_msg_id_prefix = jsx.dlq_msg_id_prefix(spec.name, None)  # the stream's creation time, at the start
+        self.dead_lettered = dead_letters.DeadLettered(upto=dead_lettered_upto)
+        self._dlq_msg_id_prefix = dead_letters.dlq_msg_id_prefix(spec.name, None)  # the stream's creation time, at the start
         # (sequence, when NATS stored it, µs) of the last message read: a server back after a
         # reconnect with another message there is another stream (`_replaced_under_us`).
         self._last_read: tuple[int, int] | None = None
@@ -291,12 +292,12 @@ class StreamIngest:
         # replays it from its first message): its bad events below that position were skipped,
         # neither folded nor dead-lettered.
         info = await self.js.stream_info(self.spec.name)
-        self._dlq_msg_id_prefix = jsx.dlq_msg_id_prefix(self.spec.name, info.created)
-        if self.dead_lettered_upto > info.state.last_seq:
-            self.dead_lettered_upto = 0
+        self._dlq_msg_id_prefix = dead_letters.dlq_msg_id_prefix(self.spec.name, info.created)
+        checkpointed = self.dead_lettered.upto if self.dead_lettered.upto <= info.state.last_seq else 0
         # Dead-lettered past the last checkpoint, before a crash: read again now, but not dead-lettered
         # again (JetStream's duplicate window covers only a quick restart).
-        self.dead_lettered_upto = max(self.dead_lettered_upto, await jsx.last_dead_lettered(self.js, self.spec))
+        found = await dead_letters.last_dead_lettered(self.js, self.spec)
+        self.dead_lettered = dead_letters.DeadLettered(max(checkpointed, found.upto), found.above)
         await self._restart_consumer()
 
     async def stop(self) -> None:
@@ -351,9 +352,10 @@ class StreamIngest:
             self.checkpointer.forget_stored(self.spec.name)
             # Set first: asking failed (NATS away again), the retry saw no re-created stream, and the
             # old stream's watermark stayed, the new stream's bad events below it in the DLQ nowhere.
-            self.dead_lettered_upto = 0
-            self.dead_lettered_upto = await jsx.last_dead_lettered(js, self.spec)
-            self._dlq_msg_id_prefix = jsx.dlq_msg_id_prefix(self.spec.name, (await js.stream_info(self.spec.name)).created)
+            self.dead_lettered = dead_letters.DeadLettered()
+            self.dead_lettered = await dead_letters.last_dead_lettered(js, self.spec)
+            created = (await js.stream_info(self.spec.name)).created
+            self._dlq_msg_id_prefix = dead_letters.dlq_msg_id_prefix(self.spec.name, created)
         self.lag = pending
         self._lag.set(pending)  # also while FEEDBACK waits for DECISIONS at a start, before a chunk is folded
         self.caught_up = self.caught_up or pending == 0
@@ -564,8 +566,8 @@ class StreamIngest:
                     # A bug of ours that this event brings out: retried, it held every later event
                     # of the stream, for every user. It is kept in the DLQ, as a bad event is.
                     rejected.append((msg, self._failed(reply, error)))
-        for msg, rejection in rejected:
-            await self._retry(functools.partial(self._dead_letter, msg, rejection), "publish to the DLQ")
+        if rejected:
+            await self._dead_letter_all(rejected)
         last_reply = chunk[-1][1]
         seq, stored_ns, pending = ack_subject.ack_fields(last_reply)  # once a chunk: the ack subject parsed once
         self._last_read = (seq, stored_ns // 1000)  # µs, cut as `jsx.stored_us` reads it back
@@ -601,11 +603,43 @@ class StreamIngest:
         self._applied.inc(taken)  # those seen again were not taken: each was applied once
         self._ignored.inc(max(handed - self._counted_by_failed_try - taken, 0))
 
-    async def _dead_letter(self, msg: pull.RawMsg, rejection: Rejection) -> None:
-        subject, reply, data = msg
-        seq, _ = ack_subject.stream_sequence(reply)
-        if seq <= self.dead_lettered_upto:
-            return  # dead-lettered before this start
+    async def _dead_letter_all(self, rejected: list[tuple[pull.RawMsg, Rejection]]) -> None:
+        """Steps:
+        1. Leave out what was dead-lettered before this start (`dead_lettered`).
+        2. Publish up to `DLQ_IN_FLIGHT` at once, each naming its batch (`dead_letters.batch_header`).
+        3. Retry those the DLQ did not store until it holds the whole batch (the next batch waits: a start
+           takes every dead letter below a batch's first as stored).
+        """
+        done = self.dead_lettered
+        todo = [(msg, rejection, seq) for msg, rejection in rejected
+                if (seq := ack_subject.stream_sequence(msg[1])[0]) not in done]
+        for start in range(0, len(todo), dead_letters.DLQ_IN_FLIGHT):
+            left = todo[start:start + dead_letters.DLQ_IN_FLIGHT]
+            batch = dead_letters.batch_header([seq for *_, seq in left])
+            await self._retry(functools.partial(self._publish_dead_letters, left, batch), "publish to the DLQ")
+
+    async def _publish_dead_letters(self, left: list[tuple[pull.RawMsg, Rejection, int]], batch: str) -> None:
+        """Publish `left` at once; each the DLQ stored leaves it, and the first failure is raised (`_retry`)."""
+        for again in (False, True):
+            results = await asyncio.gather(*(self._dead_letter(msg, rejection, seq, batch) for msg, rejection, seq in left),
+                                           return_exceptions=True)
+            failed = [(item, result) for item, result in zip(left, results, strict=True) if result is not None]
+            left[:] = [item for item, _ in failed]
+            if not failed:
+                return
+            error = failed[0][1]
+            if again or self.ensure_streams is None or not any(
+                    isinstance(result, NoStreamResponseError) for _, result in failed):
+                raise error
+            # No stream takes `dlq.>` (the DLQ deleted, to empty it, say): retried as it was, the stream stopped
+            # at this event until a restart made the DLQ again. Made again now; also asked when a cluster's
+            # DLQ has no leader for a moment, which changes nothing. Then retried as any failed publish.
+            log.warning("no stream takes %s (was the DLQ deleted?); creating the streams again",
+                        dlq_subject(left[0][0][0]))
+            await self.ensure_streams()
+
+    async def _dead_letter(self, msg: pull.RawMsg, rejection: Rejection, seq: int, batch: str) -> None:
+        subject, _, data = msg
         # On one line, in UTF-8: a line break in a header value (an exception's words, say) breaks the
         # message's headers, and a lone surrogate cannot be encoded; either failed the publish for good.
         reason = " ".join(rejection.reason.split()).encode("utf-8", "backslashreplace").decode()
@@ -615,6 +649,7 @@ class StreamIngest:
             jsx.DLQ_SUBJECT: subject,
             jsx.DLQ_STREAM: self.spec.name,
             jsx.DLQ_SEQ: str(seq),
+            dead_letters.DLQ_BATCH: batch,
             "Nats-Msg-Id": f"{self._dlq_msg_id_prefix}{seq}",
         }
         if names_no_event(data, rejection.kind):
@@ -632,17 +667,7 @@ class StreamIngest:
         if len(data) > room:
             headers[jsx.DLQ_TRUNCATED] = str(len(data))
             data = data[: max(room, 0)]
-        try:
-            await self.js.publish(dlq_subject(subject), data, headers=headers)
-        except NoStreamResponseError:
-            if self.ensure_streams is None:
-                raise
-            # No stream takes `dlq.>` (the DLQ deleted, to empty it, say): retried as it was, the stream stopped
-            # at this event until a restart made the DLQ again. Made again now; also asked when a cluster's
-            # DLQ has no leader for a moment, which changes nothing. Then retried as any failed publish.
-            log.warning("no stream takes %s (was the DLQ deleted?); creating the streams again", dlq_subject(subject))
-            await self.ensure_streams()
-            await self.js.publish(dlq_subject(subject), data, headers=headers)
+        await self.js.publish(dlq_subject(subject), data, headers=headers)
         METRICS.dlq.labels(self.spec.name, rejection.kind).inc()
         self._log_dead_letter(seq, rejection)
 

@@ -275,49 +275,6 @@ less what the account's other streams need), or lift the account's limit.
             "the account's other streams need), or lift the account's limit.")
 
 
-def dlq_msg_id_prefix(stream: str, created: datetime | None) -> str:
-    """How the `Nats-Msg-Id` of a DLQ copy from `stream` begins; its sequence follows. With the stream's
-    creation time: a stream re-created within the DLQ's duplicate window numbers its events from 1 again,
-    and a copy named by stream and sequence alone was dropped as its predecessor's duplicate.
-
-    >>> dlq_msg_id_prefix("SIGNALS", datetime(2026, 12, 6, 21, 30, tzinfo=UTC))
-    'dlq:SIGNALS:1796592600000000:'
-    >>> dlq_msg_id_prefix("SIGNALS", None)
-    'dlq:SIGNALS:'
-    """
-    if created is None:
-        return f"dlq:{stream}:"
-    return f"dlq:{stream}:{epoch_us(created)}:"
-
-
-async def last_dead_lettered(js: JetStreamContext, spec: StreamSpec) -> int:
-    """The highest sequence of `spec` already in the DLQ (0: none).
-
-    Ingest dead-letters in sequence order, so the newest DLQ message from the stream holds it. One
-    stored before the stream was created came from an earlier stream of that name (re-created, its
-    sequences started again) and says nothing of this one.
-
-    Whoever may publish on `dlq.>` can write that message too, so only a sequence ingest could have
-    written is taken: one the stream has reached, in digits int() reads. A forged one past the stream's
-    end kept every later bad event of the stream out of the DLQ (uncounted and unlogged, and so no newer
-    DLQ message ever came to replace it), and one of thousands of digits ended every start.
-    """
-    info = await js.stream_info(spec.name)
-    created, last_seq = info.created, info.state.last_seq
-    upto = 0
-    for subject in spec.subjects:
-        try:
-            last = await js.get_last_msg(DLQ.name, f"dlq.{subject}")
-        except NotFoundError:
-            continue
-        headers = last.headers or {}
-        seq = headers.get(DLQ_SEQ, "")
-        if (headers.get(DLQ_STREAM) == spec.name and seq.isascii() and seq.isdigit() and len(seq) <= 20
-                and int(seq) <= last_seq and not (created and last.time and last.time < created)):
-            upto = max(upto, int(seq))
-    return upto
-
-
 def durable_of(stream: str) -> str:
     """The durable consumer tipstream reads `stream` through: one per stream, so one service per NATS account."""
     return f"tipstream-{stream.lower()}"

@@ -18,6 +18,7 @@ from prometheus_client import generate_latest
 
 from app import version
 from app.metrics import METRICS
+from streams.dead_letters import DLQ_BATCH, DeadLettered, last_dead_lettered
 from streams.jetstream import (
     DLQ_KIND,
     DLQ_ORIGINAL_HEADER,
@@ -29,7 +30,6 @@ from streams.jetstream import (
     FEEDBACK,
     SIGNALS,
     ensure_streams,
-    last_dead_lettered,
 )
 from tests.conftest import dead_lettered, eventually
 
@@ -667,7 +667,7 @@ async def test_a_dlq_message_forged_by_a_publisher_neither_stops_the_dlq_nor_the
     await first.stop()
     await js.publish("dlq.signals.app.opened", b"{}", headers={DLQ_STREAM: "SIGNALS", DLQ_SEQ: "99999999"})
     await js.publish("dlq.feedback.tip.reacted", b"{}", headers={DLQ_STREAM: "FEEDBACK", DLQ_SEQ: "9" * 5000})
-    assert await last_dead_lettered(js, SIGNALS) == 0 and await last_dead_lettered(js, FEEDBACK) == 0
+    assert await last_dead_lettered(js, SIGNALS) == DeadLettered() == await last_dead_lettered(js, FEEDBACK)
 
     again = await start_service()
     await eventually(lambda: again.service.ready)
@@ -677,10 +677,39 @@ async def test_a_dlq_message_forged_by_a_publisher_neither_stops_the_dlq_nor_the
     assert (await js.stream_info("DLQ")).state.messages == 3
 
 
+async def test_a_start_after_a_crash_mid_batch_dead_letters_what_the_dlq_missed_and_nothing_twice(
+        start_service, nc) -> None:
+    """Dead letters are published a batch at once, and a crash (a reconnect between two of them) can leave
+    the DLQ with a later one of the batch and not an earlier. Taken as the newest copy's sequence, what was
+    dead-lettered skipped the earlier ones for good; the batch named in each copy says where to look."""
+    js = nc.jetstream()
+    await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    bad = {3, 5, 6, 7, 8}
+    for seq in range(1, 11):
+        body = b"{not json" if seq in bad else orjson.dumps(event(seq, "app.opened"))
+        assert (await js.publish("signals.app.opened", body)).seq == seq
+    # As the crash left them: the batch before whole, and of the last (5 to 8) only 5 and 8, read back past
+    # a copy of another stream's.
+    for seq, batch in ((3, "3/1"), (5, "5/4"), (8, "5/4")):
+        await js.publish("dlq.signals.app.opened", b"{not json",
+                         headers={DLQ_STREAM: "SIGNALS", DLQ_SEQ: str(seq), DLQ_BATCH: batch})
+        if seq == 5:
+            await js.publish("dlq.feedback.tip.reacted", b"{", headers={DLQ_STREAM: "FEEDBACK", DLQ_SEQ: "1"})
+    assert await last_dead_lettered(js, SIGNALS) == DeadLettered(upto=4, above=frozenset({5, 8}))
+
+    running = await start_service()
+    await eventually(lambda: running.service.store.positions.get("SIGNALS") == 10)
+    copies = [copy for copy in await dlq_messages(js, 6) if copy.headers[DLQ_STREAM] == "SIGNALS"]
+    assert sorted(int(copy.headers[DLQ_SEQ]) for copy in copies) == [3, 5, 6, 7, 8]
+    assert {copy.headers[DLQ_BATCH] for copy in copies[-2:]} == {"6/2"}, "those missing, published as a batch"
+    assert (await js.stream_info("DLQ")).state.messages == 6
+    await running.stop()
+
+
 async def test_what_was_dead_lettered_is_read_from_the_dlq_but_not_from_a_stream_of_the_same_name_before(nc) -> None:
     js = nc.jetstream()
     await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
-    assert await last_dead_lettered(js, SIGNALS) == 0
+    assert await last_dead_lettered(js, SIGNALS) == DeadLettered()
     for i in range(7):  # a DLQ message is taken only for a sequence its stream has reached
         await js.publish("signals.app.opened", orjson.dumps(event(i, "app.opened")))
         if i < 5:
@@ -688,11 +717,12 @@ async def test_what_was_dead_lettered_is_read_from_the_dlq_but_not_from_a_stream
     for seq in (3, 7):
         await js.publish("dlq.signals.app.opened", b"{", headers={DLQ_STREAM: "SIGNALS", DLQ_SEQ: str(seq)})
     await js.publish("dlq.feedback.tip.reacted", b"{", headers={DLQ_STREAM: "FEEDBACK", DLQ_SEQ: "5"})
-    assert (await last_dead_lettered(js, SIGNALS), await last_dead_lettered(js, FEEDBACK)) == (7, 5)
+    assert (await last_dead_lettered(js, SIGNALS), await last_dead_lettered(js, FEEDBACK)) == (
+        DeadLettered(upto=7), DeadLettered(upto=5))
 
     await js.delete_stream("SIGNALS")  # re-created: its sequences start again
     await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
-    assert await last_dead_lettered(js, SIGNALS) == 0
+    assert await last_dead_lettered(js, SIGNALS) == DeadLettered()
 
 
 async def test_an_event_that_fails_in_processing_goes_to_the_dlq_and_the_stream_moves_on(

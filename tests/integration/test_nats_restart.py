@@ -171,17 +171,17 @@ async def test_a_nats_server_back_with_an_older_store_dead_letters_the_new_bad_e
     store = second.service.store
     await eventually(lambda: second.service.ready)
     if asking_fails_once:
-        from streams import jetstream as jsx
+        from streams import dead_letters
 
-        asked = jsx.last_dead_lettered
+        asked = dead_letters.last_dead_lettered
         failures = [ConnectionError("NATS away again")]
 
-        async def fails_once(*args: object) -> int:
+        async def fails_once(*args: object) -> dead_letters.DeadLettered:
             if failures:
                 raise failures.pop()
             return await asked(*args)
 
-        monkeypatch.setattr(jsx, "last_dead_lettered", fails_once)
+        monkeypatch.setattr(dead_letters, "last_dead_lettered", fails_once)
     _swap_store(nats_server, old)
     nats_server.start()
     before = dead_lettered("SIGNALS")
