@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from app import db
 from app.credit_log import ROW_PREFIX as CREDITS_ROW
+from app.decision_ids import decision_time_ms
 from app.registry_store import write_models
 
 Write = tuple[Callable[[Connection, Any], None], Any]
@@ -212,10 +213,40 @@ def write_erasures(conn: Connection, dropped: list[dict[str, Any]] | None) -> No
         user_id, at = erased["user_id"], erased["dropped_at"]
         conn.execute(delete(db.user_state).where(db.user_state.c.user_id == user_id))
         conn.execute(delete(db.user_features).where(db.user_features.c.user_id == user_id))
-        conn.execute(delete(db.tip_scores).where(and_(db.tip_scores.c.user_id == user_id,
-                                                      db.tip_scores.c.created_at <= at)))
+        delete_decisions_served_until(conn, user_id, at)
         table = db.erasures
         # Not a request made since (its time moved): that one drops what came after this one.
         conn.execute(update(table).where(and_(table.c.user_id == user_id, table.c.status == "requested",
                                               table.c.requested_at == erased["requested_at"]))
                      .values(status="dropped", dropped_at=at, bounds=erased["bounds"], report=erased["report"]))
+
+
+
+def delete_decisions_served_until(conn: Connection, user_id: str, at: datetime) -> int:
+    """Delete `user_id`'s `tip_scores` rows of the decisions served until `at` (a request to forget them acted
+    on); how many. When a decision was served is the time in its id (`decision_ids`), as the learner judges it
+    (`Learner.forget_user`), not the row's `created_at`: that is the decision's `ts`, the caller's `context.now`
+    when given, which may be days ahead (a tip ranked for tomorrow's reminder) or long gone. Judged by it, a
+    decision served before the request for a `now` ahead kept its row (their features as served, once rewarded)
+    for good, and one served once the user came back, for a `now` gone by, lost its row while its message stayed
+    in DECISIONS. Another publisher's decision, with no time in its id, is judged by its `created_at`."""
+    table = db.tip_scores
+    until_ms = utc_ms(at)
+    served = conn.execute(select(table.c.decision_id, table.c.created_at).where(table.c.user_id == user_id)).all()
+    gone = [decision_id for decision_id, created_at in served
+            if (timed if (timed := decision_time_ms(decision_id)) is not None else utc_ms(created_at)) <= until_ms]
+    deleted = 0
+    for start in range(0, len(gone), _IN_ONE_DELETE):
+        deleted += conn.execute(delete(table).where(table.c.decision_id.in_(gone[start : start + _IN_ONE_DELETE]))
+                                ).rowcount
+    return deleted
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_IN_ONE_DELETE = 500  # decision ids per DELETE: well under the bound parameters SQLite takes in one statement
+
+
+def utc_ms(moment: datetime) -> int:
+    """Milliseconds since the epoch, exactly (not through float seconds); a time without a zone (SQLite hands
+    back none) is in UTC."""
+    return ((moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)) - _EPOCH) // timedelta(milliseconds=1)

@@ -32,8 +32,6 @@ from another publisher may lack it); one that falls short goes to the DLQ saying
 
 from __future__ import annotations
 
-import os
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -47,36 +45,6 @@ from streams.events import Rejection
 
 SUBJECT_SCORE = "decisions.score"
 DECISION_TYPE = "decision.scored"
-
-
-def new_decision_id() -> str:
-    """Time-ordered to the millisecond, unique without coordination, and unguessable: ms since the
-    epoch (12 hex digits), then 64 bits drawn from the OS for each id (16 hex digits; two ids of one
-    millisecond share them with odds of 1 in 2**64).
-
-    The 64 bits were 32 drawn at process start and a counter: one answer told the next ids, and a
-    publisher on `decisions.>` could store a decision under an id the service was about to serve,
-    which JetStream's duplicate window then dropped, the service's own, keeping the forged one.
-
-    >>> a, b = new_decision_id(), new_decision_id()
-    >>> a != b and a.startswith("d-") and len(a) == 30 and a[14:22] != b[14:22]
-    True
-    """
-    return f"d-{time.time_ns() // 1_000_000:012x}{os.urandom(8).hex()}"
-
-
-def decision_time_ms(decision_id: str) -> int | None:
-    """The creation time encoded in our decision ids (`app.decisions.new_decision_id`).
-
-    >>> decision_time_ms("d-019c5e8a2b10" + "0" * 16), decision_time_ms("external-7")
-    (1771112639248, None)
-    """
-    if len(decision_id) == 30 and decision_id.startswith("d-"):
-        try:
-            return int(decision_id[2:14], 16)
-        except ValueError:
-            return None
-    return None
 
 
 def encode(decision: dict[str, Any]) -> bytes:

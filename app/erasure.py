@@ -13,8 +13,9 @@ Each request is a row of `erasures`, its `status` moving on as each step is done
    and their own features in every model that learns (`Learner.forget_user`; a version being
    registered then, trained over their rows, as it joins them: `Lineup.forget_user`). `bounds`: the
    stream positions read to then.
-3. A checkpoint at once deletes their `user_state`, `user_features` and `tip_scores` rows and marks
-   the request `dropped`, with its bounds, in the transaction that saves positions past them
+3. A checkpoint at once deletes their `user_state`, `user_features` and `tip_scores` rows (those of
+   decisions served until step 2, by the time in the decision's id, not its `ts`: the caller's
+   `context.now`, `checkpoint_rows.delete_decisions_served_until`) and marks the request `dropped`, with its bounds, in the transaction that saves positions past them
    (`checkpoint_rows.write_erasures`): a restart never folds those events again.
 4. Their messages up to the bounds are deleted from SIGNALS, FEEDBACK, DECISIONS and the DLQ
    (`streams.scrub`), so a rebuild from the log never brings them back (DECISIONS' bound moved past
@@ -39,12 +40,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, delete, insert, select, update
+from sqlalchemy import and_, insert, select, update
 from sqlalchemy.engine import Engine
 
 from app import db
-from app.checkpoint_rows import write_erasures
-from app.decisions import decision_time_ms
+from app.checkpoint_rows import delete_decisions_served_until, utc_ms, write_erasures
+from app.decision_ids import decision_time_ms
 from app.metrics import METRICS
 from app.periodic import woken
 from app.thread_work import ThreadWork
@@ -72,11 +73,6 @@ def _utc(moment: datetime) -> datetime:
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
-
-
-def _ms(moment: datetime) -> int:
-    # Exact, not through float seconds: a time made from a decision's ms (`_acted_on_at`) comes back as it was.
-    return (_utc(moment) - _EPOCH) // _MS
 
 
 class Eraser:
@@ -151,8 +147,8 @@ class Eraser:
         table = db.erasures
         wanted = table.c.dropped_at.is_not(None) if done_too else table.c.status == "dropped"
         with self.engine.connect() as conn:
-            return {user_id: _ms(at) for user_id, at in conn.execute(select(table.c.user_id, table.c.dropped_at)
-                                                                     .where(wanted)).all()}
+            return {user_id: utc_ms(at) for user_id, at in conn.execute(select(table.c.user_id, table.c.dropped_at)
+                                                                        .where(wanted)).all()}
 
     def without_forgotten(self, spooled: list[tuple[str, str, bytes]]) -> list[tuple[str, str, bytes]]:
         """Of the decisions the last stop spooled (`decision_spool`), those not made for a user forgotten
@@ -249,7 +245,7 @@ class Eraser:
         async with self.lock:
             await self._between_chunks()
             at = self._acted_on_at()
-            theirs = {row["user_id"]: await self.learner.decisions_to_forget(row["user_id"], _ms(at)) for row in rows}
+            theirs = {row["user_id"]: await self.learner.decisions_to_forget(row["user_id"], utc_ms(at)) for row in rows}
             # That look let the event loop run: a chunk begun meanwhile ends first, and from here to the
             # bounds nothing waits, so no event or reaction of theirs is folded or learned in between.
             await self._between_chunks()
@@ -257,7 +253,7 @@ class Eraser:
             for row in rows:
                 user_id = row["user_id"]
                 held = self.store.forget(user_id)
-                decisions = self.learner.forget_user(user_id, _ms(at), theirs[user_id])
+                decisions = self.learner.forget_user(user_id, utc_ms(at), theirs[user_id])
                 if self.offline is not None:
                     self.offline.forget(user_id)
                 self._on_the_way[user_id] = _decisions_of(user_id, self.unpublished())
@@ -339,7 +335,7 @@ class Eraser:
                                                 self.learning_versions(), found)
         for row, report in zip(rows, reports, strict=True):
             self._on_the_way.pop(row["user_id"], None)
-            until = _ms(row["dropped_at"])
+            until = utc_ms(row["dropped_at"])
             if self.learner.erasing.get(row["user_id"]) == until:
                 del self.learner.erasing[row["user_id"]]
             log.info("forgot user %r: %s", row["user_id"], report)
@@ -371,7 +367,7 @@ class Eraser:
         and the requests marked done; their reports."""
         from models.reward import TipModel  # the models are the service's; not this module's importers'
 
-        table, versions, erasures = db.tip_scores, db.model_versions, db.erasures
+        versions, erasures = db.model_versions, db.erasures
         reports = []
         with self.engine.begin() as conn:
             retired: dict[str, int] = {}
@@ -387,8 +383,7 @@ class Eraser:
                     retired[user_id] = retired.get(user_id, 0) + 1
             for row in rows:
                 user_id, at = row["user_id"], _utc(row["dropped_at"])
-                late = conn.execute(delete(table).where(and_(table.c.user_id == user_id,
-                                                             table.c.created_at <= at))).rowcount
+                late = delete_decisions_served_until(conn, user_id, at)
                 done_now = {**found, "tip_scores_late": late, "retired_models": retired.get(user_id, 0)}
                 report = _added(done_now, row["report"])
                 if not conn.execute(update(erasures).where(and_(erasures.c.user_id == user_id,

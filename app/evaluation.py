@@ -23,7 +23,8 @@ import orjson
 from sqlalchemy import Engine, select
 
 from app import db
-from app.decisions import decision_time_ms, learning_input
+from app.decision_ids import decision_time_ms
+from app.decisions import learning_input
 from models import offpolicy
 from models.policy import ThompsonSampling
 from models.registry import ModelCard

@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from app.decisions import decision_time_ms
+from app.decision_ids import decision_time_ms
 from app.evaluation import TrainedOn, examples_of
 from streams.scrub import belongs, spellings
 

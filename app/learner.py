@@ -51,7 +51,8 @@ from sqlalchemy.engine import Engine
 
 from app.checkpoint_rows import write_learner_state
 from app.credit_log import CreditLog
-from app.decisions import LoggedDecision, TipScoresLog, decision_time_ms, learning_input, tip_score_row
+from app.decision_ids import decision_time_ms
+from app.decisions import LoggedDecision, TipScoresLog, learning_input, tip_score_row
 from app.evaluation import TrainedOn
 from app.ingest import ReadUpTo
 from app.join_cache import Entry, JoinCache

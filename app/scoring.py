@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from app.decisions import DECISION_TYPE, candidate_input, encode, new_decision_id
+from app.decision_ids import new_decision_id
+from app.decisions import DECISION_TYPE, candidate_input, encode
 from app.learning_metrics import CHAMPION_ERRORS, FEATURE_CACHE, SHADOW_DISAGREEMENTS, SHADOW_ERRORS
 from app.lineup import Lineup
 from app.score_request import OFFSET_UNKNOWN, ScoreRequest

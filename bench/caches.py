@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.decisions import new_decision_id
+from app.decision_ids import new_decision_id
 from app.join_cache import ENTRY_OVERHEAD
 from app.learner import Learner
 from app.scoring import Scorer

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from nats.js.api import StreamConfig
 
 from app import decision_spool
-from app.decisions import new_decision_id
+from app.decision_ids import new_decision_id
 from app.settings import Settings
 from tests.e2e.support import ServiceProcess, wait_until
 

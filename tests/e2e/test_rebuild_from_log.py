@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from app import decision_spool
-from app.decisions import new_decision_id
+from app.decision_ids import new_decision_id
 from streams.fold import to_ms
 from streams.jetstream import publish_events
 from streams.simulator import Population

@@ -5,6 +5,7 @@ HTTP, SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -533,3 +534,59 @@ async def test_a_decision_spooled_at_a_stop_while_its_user_is_forgotten_is_delet
                                                              *again.service.learner.joins.replayed.values()])
     await again.service.checkpointer.checkpoint()
     assert set(rows(url, "tip_scores")) == {"u-2"}
+
+
+async def test_tip_scores_rows_go_by_when_their_decision_was_served_not_by_its_context_now(start_service, nc,
+                                                                                           database_url) -> None:
+    """A `tip_scores` row's `created_at` is its decision's `ts`: the caller's `context.now` when given, which
+    may be days ahead (a tip ranked for tomorrow's reminder) or behind. Judged by it, a decision served
+    before the request, for a `now` two days ahead, kept its row (their features as served, once rewarded)
+    after the request was done; and one served once they came back, for a `now` gone by, lost its row while
+    its message stayed in DECISIONS."""
+    url = database_url
+    running = await start_service(database_url=url, admin_token=TOKEN, checkpoint_every_s=0.2)
+    service, js = running.service, nc.jetstream()
+    await publish_events(js, signals("u-1") + signals("u-2"))
+    await eventually(lambda: {"u-1", "u-2"} <= set(service.store.users))
+    ahead = (datetime.now(UTC) + timedelta(days=2)).isoformat()
+    scrubbing, go_on = asyncio.Event(), asyncio.Event()
+    scrub = service.eraser.scrub
+
+    async def held(*args: Any) -> Any:
+        scrubbing.set()
+        await go_on.wait()
+        return await scrub(*args)
+
+    service.eraser.scrub = held
+    async with running.http() as http:
+        async def scored(now: str) -> str:
+            answer = await http.post("/score", json={"user_id": "u-1", "explore": False, "context": {"now": now},
+                                                     "candidates": CANDIDATES})
+            assert answer.status_code == 200, answer.text
+            return answer.json()["decision_id"]
+
+        before = await scored(ahead)
+        await publish_events(js, [reaction("u-1", before)])
+        await eventually(lambda: rows(url, "tip_scores").get("u-1") == 1, timeout=15)
+        await forget(http, "u-1")
+        await asyncio.wait_for(scrubbing.wait(), 15)  # step 3 committed, their messages next
+        back = await scored(NOW)  # the user came back: a new decision, for a `now` before the request
+
+        def rows_of_u1() -> set[str]:
+            engine = sa.create_engine(url)
+            try:
+                with engine.connect() as conn:
+                    return set(conn.execute(sa.text("select decision_id from tip_scores where user_id = 'u-1'"))
+                               .scalars())
+            finally:
+                engine.dispose()
+
+        await eventually(lambda: back in rows_of_u1(), timeout=15)
+        go_on.set()
+
+        async def done() -> bool:
+            return (await status(http, "u-1"))["status"] == "done"
+
+        await eventually(done, timeout=30)
+    await service.checkpointer.checkpoint()
+    assert rows_of_u1() == {back}

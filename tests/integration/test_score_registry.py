@@ -608,7 +608,8 @@ async def test_a_retired_version_keeps_the_rewards_it_had_learned_across_a_resta
 
 def rewarded_rows(count: int) -> list[dict[str, Any]]:
     """`tip_scores` rows of `count` rewarded decisions, each of a user of its own."""
-    from app.decisions import decision_time_ms, new_decision_id, tip_score_row
+    from app.decision_ids import decision_time_ms, new_decision_id
+    from app.decisions import tip_score_row
 
     rows = []
     for i in range(count):

@@ -129,7 +129,8 @@ async def test_decisions_served_before_the_wall_clock_stepped_back_are_forgotten
     """NTP stepping the wall clock back an hour (a VM after a suspend): the decisions served in the hour before
     carry later times in their ids than the clock's when the request was acted on, and stayed held, their
     rewards learned with the user's features."""
-    from app.decisions import LoggedDecision, decision_time_ms
+    from app.decision_ids import decision_time_ms
+    from app.decisions import LoggedDecision
     from tests.unit.test_scoring_learner import World
 
     world = World(tmp_path)
@@ -189,7 +190,7 @@ def test_decisions_spooled_for_a_user_forgotten_since_are_not_published(tmp_path
 
     from app import db, migrate
     from app.db import make_engine
-    from app.decisions import new_decision_id
+    from app.decision_ids import new_decision_id
 
     url = f"sqlite:///{tmp_path / 'spool.db'}"
     migrate.upgrade(url)

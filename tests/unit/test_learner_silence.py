@@ -11,7 +11,8 @@ import pytest
 
 from app import learner_told, silence_learning
 from app.checkpoints import Checkpointer, SqlCheckpointStore
-from app.decisions import LoggedDecision, decision_time_ms
+from app.decision_ids import decision_time_ms
+from app.decisions import LoggedDecision
 from app.ingest import ReadUpTo
 from app.learning_metrics import SILENCES
 from app.settings import DEFAULT_REWARDS, Settings

@@ -23,7 +23,8 @@ from app import db, evaluation, migrate
 from app.checkpoint_rows import write_tip_scores
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.db import make_engine
-from app.decisions import LoggedDecision, TipScoresLog, decision_time_ms, tip_score_row
+from app.decision_ids import decision_time_ms
+from app.decisions import LoggedDecision, TipScoresLog, tip_score_row
 from app.ingest import ReadUpTo
 from app.join_cache import ENTRY_OVERHEAD
 from app.learner import Learner
@@ -1711,7 +1712,7 @@ def test_waiting_feedback_saved_by_bucket_is_exactly_what_waits(tmp_path: Path, 
 def test_a_registration_learns_no_reward_older_than_what_its_read_of_the_log_kept(world: World) -> None:
     """A read of the log cut at its limit left older rewards out on purpose (`TrainedOn.from_ms`):
     the credits here of those decisions are not 'unseen', only the newer ones are."""
-    from app.decisions import decision_time_ms
+    from app.decision_ids import decision_time_ms
     from app.evaluation import TrainedOn
 
     older = world.score()
