@@ -8,8 +8,9 @@ Each request is a row of `erasures`, its `status` moving on as each step is done
    catching up would fold their older events after it), holding the checkpoint lock, the learner's
    join cache is looked over for their decisions (`Learner.decisions_to_forget`, in turns). Then,
    between two chunks of ingest (no stream's chunk half folded) and with nothing waited for until
-   the bounds are read: the user's state goes from memory with /score's cache of it
-   (`OnlineStore.forget`), and from the learner their decisions, their reactions waiting for one,
+   the bounds are read, acted on as of then (`dropped_at`): the user's state goes from memory with
+   /score's cache of it (`OnlineStore.forget`), and from the learner their decisions (also those /score
+   served during the look, `Learner.served_since`), their reactions waiting for one,
    and their own features in every model that learns (`Learner.forget_user`; a version being
    registered then, trained over their rows, as it joins them: `Lineup.forget_user`). `bounds`: the
    stream positions read to then.
@@ -244,16 +245,21 @@ class Eraser:
         ends = await self._ends()
         async with self.lock:
             await self._between_chunks()
-            at = self._acted_on_at()
+            at, mark = self._acted_on_at(), self.learner.served_mark()
             theirs = {row["user_id"]: await self.learner.decisions_to_forget(row["user_id"], utc_ms(at)) for row in rows}
             # That look let the event loop run: a chunk begun meanwhile ends first, and from here to the
             # bounds nothing waits, so no event or reaction of theirs is folded or learned in between.
             await self._between_chunks()
+            # /score answered meanwhile, with the state dropped here: the request is acted on as of now, and
+            # their decisions served since the look began go too. As of the time read before the look, they
+            # were a new user's, held (a reaction learned with their features as served) and kept their rows.
+            at = self._acted_on_at()
+            since = self.learner.served_since(mark, frozenset(row["user_id"] for row in rows), utc_ms(at))
             entries = []
             for row in rows:
                 user_id = row["user_id"]
                 held = self.store.forget(user_id)
-                decisions = self.learner.forget_user(user_id, utc_ms(at), theirs[user_id])
+                decisions = self.learner.forget_user(user_id, utc_ms(at), theirs[user_id] + since.get(user_id, []))
                 if self.offline is not None:
                     self.offline.forget(user_id)
                 self._on_the_way[user_id] = _decisions_of(user_id, self.unpublished())

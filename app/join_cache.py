@@ -29,7 +29,7 @@ import orjson
 
 from app.decision_ids import decision_time_ms
 from app.evaluation import TrainedOn, examples_of
-from streams.scrub import belongs, spellings
+from streams.scrub import belongs, may_belong, owners, spellings
 
 # Bytes a cache entry costs beyond its payload, measured with tracemalloc: the entry and its
 # OrderedDict slot 211, the decision id 79, the bytes object's header 33.
@@ -199,6 +199,33 @@ class JoinCache:
                            if belongs(entry.data, users, spelt) and created_ms(decision_id, entry) <= until_ms]
                 await asyncio.sleep(0)
         return theirs
+
+    def newest(self) -> str | None:
+        """The id of the decision /score added last (`added_since`'s mark), None while none is held."""
+        return next(reversed(self.cache), None)
+
+    def added_since(self, mark: str | None, user_ids: frozenset[str], until_ms: int) -> dict[str, list[str]]:
+        """Of the decisions added after `mark` (`newest` then), those of `user_ids` made until `until_ms`, by
+        user: /score adds at the end, so a walk back to the mark reads only those. A mark gone was let go of
+        with all before it (the cache lets the oldest go first), or dropped: then every decision is read.
+
+        >>> joins = JoinCache(1 << 20)
+        >>> joins.add("d-1", Entry(b'{"user_id": "u"}', position=1, added_ms=1_000, decision=None))
+        >>> mark = joins.newest()
+        >>> joins.add("d-2", Entry(b'{"user_id": "u"}', position=2, added_ms=2_000, decision=None))
+        >>> joins.add("d-3", Entry(b'{"user_id": "v"}', position=3, added_ms=3_000, decision=None))
+        >>> joins.added_since(mark, frozenset({"u", "v"}), 2_500), joins.added_since(None, frozenset({"u"}), 2_500)
+        ({'u': ['d-2']}, {'u': ['d-2', 'd-1']})
+        """
+        spelt = spellings(user_ids)
+        found: dict[str, list[str]] = {}
+        for decision_id, entry in reversed(self.cache.items()):
+            if decision_id == mark:
+                break
+            if may_belong(entry.data, spelt) and created_ms(decision_id, entry) <= until_ms:
+                for user_id in owners(entry.data) & user_ids:
+                    found.setdefault(user_id, []).append(decision_id)
+        return found
 
     def drop(self, decision_ids: list[str]) -> tuple[set[str], set[str]]:
         """Let go of these (a forgotten user's), those still held: the ids that went, and those of them

@@ -342,12 +342,23 @@ class Learner:
         self.erasing[user_id] = at_ms
         return await self.joins.decisions_of(user_id, at_ms, FORGET_SCAN_CHUNK)
 
+    def served_mark(self) -> str | None:
+        """Where the decisions /score serves from now on begin in the join cache (`served_since`)."""
+        return self.joins.newest()
+
+    def served_since(self, mark: str | None, user_ids: frozenset[str], until_ms: int) -> dict[str, list[str]]:
+        """The ids of the decisions of `user_ids` held since `mark` (`served_mark`), made until `until_ms`, by
+        user: those /score served while the cache was looked over (`decisions_to_forget`), for `forget_user`."""
+        return self.joins.added_since(mark, user_ids, until_ms)
+
     def forget_user(self, user_id: str, at_ms: int, theirs: list[str]) -> int:
-        """Then, in one go, nothing read between: their reactions waiting for a decision, their own
-        features in every model (`Lineup.forget_user`) and `theirs` (`decisions_to_forget`) still held;
-        how many decisions went. A reaction of theirs read while the cache was looked over was learned
-        by then: forgotten first, their features came back with it. Feedback of theirs naming a
-        decision that went counts as `unknown_decision`."""
+        """Then, in one go, nothing read between, as of `at_ms` (now, after the look): their reactions
+        waiting for a decision, their own features in every model (`Lineup.forget_user`) and `theirs`
+        (`decisions_to_forget`, and `served_since` for those served during the look) still held; how many
+        decisions went. A reaction of theirs read while the cache was looked over was learned by then:
+        forgotten first, their features came back with it. Feedback of theirs naming a decision that went
+        counts as `unknown_decision`."""
+        self.erasing[user_id] = at_ms
         self.waiting.drop_user(user_id)
         self.lineup.forget_user(user_id)
         # The models changed without a reward: saved by the next snapshot, which is taken at once.

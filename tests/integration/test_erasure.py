@@ -590,3 +590,44 @@ async def test_tip_scores_rows_go_by_when_their_decision_was_served_not_by_its_c
         await eventually(done, timeout=30)
     await service.checkpointer.checkpoint()
     assert rows_of_u1() == {back}
+
+
+async def test_a_decision_served_while_the_join_cache_is_looked_over_is_forgotten_too(start_service, nc,
+                                                                                      database_url) -> None:
+    """The join cache is looked over for the user's decisions in turns, /score answering between: a decision
+    served then was made with the state about to be dropped, but after the time the request was acted on was
+    read. It stayed held, a reaction to it to be learned with their features as served, and kept its
+    `tip_scores` row once its message was deleted."""
+    url = database_url
+    running = await start_service(database_url=url, admin_token=TOKEN, checkpoint_every_s=0.2)
+    service, js = running.service, nc.jetstream()
+    await publish_events(js, signals("u-1") + signals("u-2"))
+    await eventually(lambda: {"u-1", "u-2"} <= set(service.store.users))
+    looking, go_on = asyncio.Event(), asyncio.Event()
+    joins = service.learner.joins
+    decisions_of = joins.decisions_of
+
+    async def held(*args: Any) -> list[str]:
+        looking.set()
+        await go_on.wait()
+        return await decisions_of(*args)
+
+    joins.decisions_of = held
+    async with running.http() as http:
+        await forget(http, "u-1")
+        await asyncio.wait_for(looking.wait(), 15)
+        answer = await http.post("/score", json={"user_id": "u-1", "explore": False, "context": {"now": NOW},
+                                                 "candidates": CANDIDATES})
+        assert answer.status_code == 200, answer.text
+        during = answer.json()
+        assert during["features"]["tasks_created_7d"] == 1, "served with the state the request drops"
+        go_on.set()
+
+        async def done() -> bool:
+            return (await status(http, "u-1"))["status"] == "done"
+
+        await eventually(done, timeout=30)
+    await service.checkpointer.checkpoint()
+    assert joins.get(during["decision_id"]) is None
+    assert set(rows(url, "tip_scores")) == set()
+    assert not any(owner(data) == "u-1" for data in (await stored(js, "DECISIONS")).values())

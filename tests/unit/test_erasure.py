@@ -25,6 +25,12 @@ class Learner:
         self.erasing[user_id] = at_ms
         return []
 
+    def served_mark(self) -> str | None:
+        return None
+
+    def served_since(self, mark: str | None, user_ids: frozenset[str], until_ms: int) -> dict[str, list[str]]:
+        return {}
+
     def forget_user(self, user_id: str, at_ms: int, theirs: list[str]) -> int:
         self.forgotten.append(user_id)
         return 0
