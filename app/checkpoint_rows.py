@@ -221,11 +221,14 @@ def write_erasures(conn: Connection, dropped: list[dict[str, Any]] | None) -> No
                      .values(status="dropped", dropped_at=at, bounds=erased["bounds"], report=erased["report"]))
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_IN_ONE_DELETE = 500  # decision ids per DELETE: well under the bound parameters SQLite takes in one statement
+
 
 def delete_decisions_served_until(conn: Connection, user_id: str, at: datetime) -> int:
     """Delete `user_id`'s `tip_scores` rows of the decisions served until `at` (a request to forget them acted
     on); how many. When a decision was served is the time in its id (`decision_ids`), as the learner judges it
-    (`Learner.forget_user`), not the row's `created_at`: that is the decision's `ts`, the caller's `context.now`
+    (`Learner._forgotten`), not the row's `created_at`: that is the decision's `ts`, the caller's `context.now`
     when given, which may be days ahead (a tip ranked for tomorrow's reminder) or long gone. Judged by it, a
     decision served before the request for a `now` ahead kept its row (their features as served, once rewarded)
     for good, and one served once the user came back, for a `now` gone by, lost its row while its message stayed
@@ -240,10 +243,6 @@ def delete_decisions_served_until(conn: Connection, user_id: str, at: datetime) 
         deleted += conn.execute(delete(table).where(table.c.decision_id.in_(gone[start : start + _IN_ONE_DELETE]))
                                 ).rowcount
     return deleted
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_IN_ONE_DELETE = 500  # decision ids per DELETE: well under the bound parameters SQLite takes in one statement
 
 
 def utc_ms(moment: datetime) -> int:
