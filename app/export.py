@@ -2,8 +2,9 @@
 
 Read, never written: the events of theirs the streams hold (SIGNALS, FEEDBACK, the DLQ) and the
 decisions made for them (DECISIONS), found as forgetting finds them (`streams.scrub`); their rows in
-the database (`user_features`, `tip_scores`, `erasures`, `erasures_earlier`); and their own features'
-weights in each model version saved (`TipModel.forget_user` drops the same). The scan reads every
+the database (`user_state`, the events their state keeps, `user_features`, `tip_scores`, `erasures`,
+`erasures_earlier`); and their own features' weights in each model version saved (`TipModel.forget_user`
+drops the same). The scan reads every
 stream through a consumer of its own, in this process: a running service is not slowed by it.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import orjson
@@ -21,6 +22,7 @@ from sqlalchemy.engine import Engine
 from app import db
 from app.erasure import earlier_erasures
 from streams import jetstream as jsx
+from streams.fold import KINDS, REACTION_CODES, ZERO_DUE, UserState
 from streams.scrub import belongs, read_through, spellings
 
 READ = (jsx.SIGNALS.name, jsx.FEEDBACK.name, jsx.DECISIONS.name, jsx.DLQ.name)
@@ -67,6 +69,7 @@ def from_database(engine: Engine, user_id: str) -> dict[str, Any]:
     from models.reward import TipModel  # River's import: only when a model is read
 
     with engine.connect() as conn:
+        state = conn.execute(select(db.user_state.c.state).where(db.user_state.c.user_id == user_id)).scalar()
         features = conn.execute(select(db.user_features).where(db.user_features.c.user_id == user_id)).mappings().first()
         scores = conn.execute(select(db.tip_scores).where(db.tip_scores.c.user_id == user_id)
                               .order_by(db.tip_scores.c.created_at)).mappings().all()
@@ -81,12 +84,51 @@ def from_database(engine: Engine, user_id: str) -> dict[str, Any]:
         if own:
             weights[version] = own
     return {
+        "user_state": kept_events(bytes(state)) if state is not None else None,
         "user_features": _row(features),
         "tip_scores": [_row(row) for row in scores],
         "erasure": _row(erasure),
         "erasures_earlier": [_row(row) for row in earlier_erasures(engine, user_id)],
         "model_weights": weights,
     }
+
+
+def kept_events(blob: bytes) -> dict[str, Any]:
+    """A `user_state` row as a person reads it: the events of each kind it keeps (their last 31 days, as
+    `streams.fold` packs them), at their time in the user's offset, with what each record holds. The
+    streams may have let those events go (their retention, `TIPSTREAM_STREAM_MAX_BYTES`) while the state
+    keeps them, for as long as the user is not forgotten. `fp` and `task` are fingerprints (CRC-32 bits) of
+    the event's and the task's ids; `due` is the task's due time.
+
+    >>> from streams.events import parse_event
+    >>> from streams.fold import apply
+    >>> state = UserState()
+    >>> apply(state, parse_event(b'{"id": "e1", "type": "task.completed", "user_id": "u", "ts": "2026-11-26T08:00:00+01:00",'
+    ...                          b' "data": {"task_id": "t"}}'))
+    True
+    >>> kept = kept_events(state.to_bytes())
+    >>> kept["utc_offset"], kept["events"]["task.completed"][0]["at"], kept["events"]["task.completed"][0]["local_hour"]
+    ('+01:00', '2026-11-26T08:00:00.000+01:00', 8)
+    """
+    state = UserState.from_bytes(blob)
+    zone = timezone(timedelta(seconds=state.offset_s))
+    reactions = {code: name for name, code in REACTION_CODES.items()}
+    events: dict[str, list[dict[str, Any]]] = {}
+    for kind in KINDS:
+        for record in state.records(kind).tolist():  # tuples: ts, fp, then the kind's own fields
+            at_ms = record[0] + state.base_ms
+            event: dict[str, Any] = {"at": datetime.fromtimestamp(at_ms / 1000, zone).isoformat(timespec="milliseconds"),
+                                     "fp": record[1]}
+            for name, value in zip(state.records(kind).dtype.names[2:], record[2:], strict=True):
+                if name == "due_s":
+                    event["due"] = datetime.fromtimestamp(value, UTC).isoformat() if value > ZERO_DUE else None
+                elif name == "reaction":
+                    event["reaction"] = reactions.get(value, value)
+                else:
+                    event[name] = value
+            events.setdefault(kind, []).append(event)
+    sign, offset = "-" if state.offset_s < 0 else "+", abs(state.offset_s)
+    return {"utc_offset": f"{sign}{offset // 3600:02d}:{offset % 3600 // 60:02d}", "events": events}
 
 
 def _row(row: Any) -> dict[str, Any] | None:

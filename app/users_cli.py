@@ -135,7 +135,8 @@ def _export(args: argparse.Namespace) -> int:
                  else "--out names a file this user can write."), file=sys.stderr)
         return 1
     counts = ", ".join(f"{stream} {len(messages)}" for stream, messages in found["streams"].items())
-    print(f"{args.user_id}: messages {counts}; tip_scores {len(found['tip_scores'])}; user_features "
+    kept = sum(map(len, (found["user_state"] or {}).get("events", {}).values()))
+    print(f"{args.user_id}: messages {counts}; tip_scores {len(found['tip_scores'])}; user_state events {kept}; user_features "
           f"{'1' if found['user_features'] else '0'}; model versions with their weights {len(found['model_weights'])}",
           file=sys.stderr)
     return 0

@@ -310,6 +310,7 @@ async def test_an_export_holds_a_users_data_until_they_are_forgotten(start_servi
         assert [m["message"]["user_id"] for m in streams["DECISIONS"]] == ["u-1"]
         assert [m["message"]["id"] for m in streams["DLQ"]] == ["u-1-bad"]
         assert found["user_features"]["user_id"] == "u-1" and "tasks_created_7d" in found["user_features"]["features"]
+        assert sorted(found["user_state"]["events"]) == ["app.opened", "task.completed", "task.created", "tip.reacted"]
         assert [row["decision_id"] for row in found["tip_scores"]] == [streams["DECISIONS"][0]["message"]["id"]]
         assert "user_id_u-1" in found["model_weights"]["v1"] and not any(
             "u-10" in name for weights in found["model_weights"].values() for name in weights)
@@ -333,6 +334,7 @@ async def test_an_export_holds_a_users_data_until_they_are_forgotten(start_servi
         after = orjson.loads(out.read_bytes())
         assert after["streams"] == {"SIGNALS": [], "FEEDBACK": [], "DECISIONS": [], "DLQ": []}
         assert after["user_features"] is None and after["tip_scores"] == [] and after["model_weights"] == {}
+        assert after["user_state"] is None
         assert after["erasure"]["status"] == "done" and after["erasures_earlier"] == []
         # Deleted rows stayed in the file's free space and in the WAL's older frames, readable with `strings`.
         assert on_disk() == 0
@@ -631,3 +633,34 @@ async def test_a_decision_served_while_the_join_cache_is_looked_over_is_forgotte
     assert joins.get(during["decision_id"]) is None
     assert set(rows(url, "tip_scores")) == set()
     assert not any(owner(data) == "u-1" for data in (await stored(js, "DECISIONS")).values())
+
+
+async def test_an_export_holds_the_events_their_state_keeps_once_the_streams_let_them_go(start_service, nc,
+                                                                                         tmp_path) -> None:
+    """A user's state (`user_state`) keeps their last 31 days of events, as times, hours and reactions, for as
+    long as they are not forgotten: kept after the streams let the events go (their retention, or
+    TIPSTREAM_STREAM_MAX_BYTES), it was held of them and left out of what the export said was held."""
+    from app.db import make_engine
+    from app.export import export_user
+
+    url = f"sqlite:///{tmp_path / 'export.db'}"
+    running = await start_service(database_url=url, admin_token=TOKEN, checkpoint_every_s=0.2)
+    js = nc.jetstream()
+    await publish_events(js, signals("u-1") + signals("u-2") + [reaction("u-1", "d-never-served")])
+    await eventually(lambda: set(rows(url, "user_state")) == {"u-1", "u-2"}, timeout=15)
+    await running.stop()
+    for stream in ("SIGNALS", "FEEDBACK"):
+        await js.purge_stream(stream)  # as their retention would
+    engine = make_engine(url)
+    try:
+        found = await export_user(js, engine, "u-1")
+    finally:
+        engine.dispose()
+    assert found["streams"]["SIGNALS"] == [] and found["streams"]["FEEDBACK"] == []
+    state = found["user_state"]
+    assert state["utc_offset"] == "+01:00"
+    events = state["events"]
+    assert sorted(events) == ["app.opened", "task.completed", "task.created", "tip.reacted"]
+    assert [event["at"] for event in events["task.completed"]] == ["2026-11-26T07:00:00.000+01:00"]
+    assert events["task.completed"][0]["local_hour"] == 7 and events["tip.reacted"][0]["reaction"] == "acted"
+    assert events["task.created"][0]["due"] is None
