@@ -11,6 +11,7 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine
 
 from app.db import make_engine, metadata
+from app.service_lock import ServiceLock, ServiceLockTaken
 from app.settings import get_settings
 from migrations import DowngradeRefused
 
@@ -66,11 +67,35 @@ def own_sqlite_transactions(engine: Engine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+# Alembic's commands that change the revision. The others (`current`, `history`, `check`) read it, also
+# beside a running service.
+REVISION_CHANGES = ("upgrade", "downgrade", "stamp")
+
+
+def hold_service_lock() -> ServiceLock | None:
+    """Under alembic's own command line (`.venv/bin/alembic downgrade <revision>`, the README's way back a
+    release), the lock a running service holds on its database: taken, no service starts meanwhile; held by
+    one, the command ends naming it. Run beside a service, a downgrade dropped what the service writes (0008
+    -> 0007: its requests to forget a user got 503s saying the database was away), where `tipstream migrate`
+    refuses. tipstream's own commands and the service's start take that lock themselves, or look first."""
+    cmd = getattr(config.cmd_opts, "cmd", None)
+    if config.config_file_name is None or not cmd or getattr(cmd[0], "__name__", None) not in REVISION_CHANGES:
+        return None
+    lock = ServiceLock(url)
+    try:
+        lock.acquire()
+    except ServiceLockTaken as taken:
+        raise CommandError(f"A tipstream service runs against this database ({taken.holder}): stop it before "
+                           f"`alembic {cmd[0].__name__}`, then run it again.") from None
+    return lock
+
+
 if context.is_offline_mode():
     context.configure(url=url, target_metadata=metadata, literal_binds=True)
     with context.begin_transaction():
         context.run_migrations()
 else:
+    service_lock = hold_service_lock()
     engine = make_engine(url)
     own_sqlite_transactions(engine)
     try:
@@ -86,3 +111,5 @@ else:
         raise CommandError(str(refused)) from None  # alembic's command line: "FAILED: <message>", exit code 1
     finally:
         engine.dispose()
+        if service_lock is not None:
+            service_lock.release()

@@ -205,6 +205,40 @@ def test_alembic_downgrade_refused_ends_with_what_to_do_not_a_traceback(
     assert migrate.current(url) == "0008"
 
 
+def test_alembic_downgrade_refuses_under_a_running_service(
+        database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's way back a release is `alembic downgrade` with the service stopped; run beside one,
+    it dropped the tables and columns the service writes (0008 -> 0007: every request to forget a user
+    then got a 503 'the database is away'), as `tipstream migrate` refuses to."""
+    from app.service_lock import ServiceLock
+
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))
+    assert main(["migrate"]) == 0
+    *_, before, head = migrate.revisions()
+    alembic = [str(Path(sys.executable).parent / "alembic")]
+    env = {**os.environ, "DATABASE_URL": database_url}
+    running = ServiceLock(database_url)
+    running.acquire()
+    try:
+        done = subprocess.run([*alembic, "downgrade", before], capture_output=True, text=True, timeout=60,
+                              cwd=Path(__file__).parents[2], env=env)
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+        assert done.stdout.startswith("FAILED: A tipstream service runs against this database"), done.stdout
+        assert f"pid {os.getpid()}" in done.stdout and "stop it before `alembic downgrade`" in done.stdout
+        assert migrate.current(database_url) == head
+        # Reading the revision changes nothing: not refused.
+        current = subprocess.run([*alembic, "current"], capture_output=True, text=True, timeout=60,
+                                 cwd=Path(__file__).parents[2], env=env)
+        assert current.returncode == 0 and head in current.stdout, current.stderr
+    finally:
+        running.release()
+    done = subprocess.run([*alembic, "downgrade", before], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).parents[2], env=env)
+    assert done.returncode == 0, done.stderr
+    assert migrate.current(database_url) == before
+
+
 def test_reading_the_registry_where_there_is_no_database_creates_none(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
