@@ -148,6 +148,10 @@ class IngestClient(TlsIntentClient):
         self._ps = FastParser(self)
         self._raw_handlers: dict[int, Callable[[bytes, bytes, bytes, bytes | None], None]] = {}
 
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        await super()._process_info(info, initial_connection)
+        share_credentials(self._server_pool, self._current_server)
+
     async def subscribe_raw(self, subject: str, handler: Callable[[bytes, bytes, bytes, bytes | None], None]) -> Any:
         sub = await self.subscribe(subject)
         self._raw_handlers[sub._id] = handler
@@ -160,6 +164,41 @@ class IngestClient(TlsIntentClient):
         self.stats["in_msgs"] += 1
         self.stats["in_bytes"] += len(data)
         handler(subject, reply, data, headers)
+
+
+def share_credentials(pool: list[Any], told_by: Any) -> None:
+    """Give the servers a cluster's node announced (INFO's `connect_urls`, `discovered` in nats-py's `pool`) the
+    user and password or token of the URL of `told_by`, the node that announced them, as the nodes NATS_URL names
+    have theirs; one NATS_URL names already is dropped. nats-py adds them bare (host:port), and tells them from
+    the nodes named by their whole netloc, credentials included, so each node named came twice, once without:
+    a reconnect to that one was refused ('Authorization Violation'), and with NATS_URL naming one node of a
+    cluster, the loss of that node left the client without NATS until it came back.
+
+    >>> from urllib.parse import urlparse
+    >>> from nats.aio.client import Srv
+    >>> pool = [Srv(urlparse("nats://u:p@a:4222")), Srv(urlparse("nats://a:4222"), discovered=True),
+    ...         Srv(urlparse("nats://b:4222"), discovered=True)]
+    >>> share_credentials(pool, pool[0]); [srv.uri.geturl() for srv in pool]
+    ['nats://u:p@a:4222', 'nats://u:p@b:4222']
+    >>> pool.append(Srv(urlparse("nats://b:4222"), discovered=True))  # announced again, at a reconnect
+    >>> share_credentials(pool, pool[1]); [srv.uri.geturl() for srv in pool]
+    ['nats://u:p@a:4222', 'nats://u:p@b:4222']
+    """
+    if told_by is None:
+        return
+    userinfo, _, _ = told_by.uri.netloc.rpartition("@")
+    held = {srv.uri.netloc.rpartition("@")[2] for srv in pool if "@" in srv.uri.netloc or not srv.discovered}
+    for i in reversed(range(len(pool))):
+        srv = pool[i]
+        if not srv.discovered or "@" in srv.uri.netloc:
+            continue
+        # nats-py adds a node announced again at each connection's greeting, once given credentials here: kept,
+        # every reconnect added it anew, and the pool grew with each try.
+        if srv.uri.netloc in held:
+            del pool[i]
+        elif userinfo:
+            srv.uri = srv.uri._replace(netloc=f"{userinfo}@{srv.uri.netloc}")
+            held.add(srv.uri.netloc.rpartition("@")[2])
 
 
 def server_urls(url: str) -> list[str]:

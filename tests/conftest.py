@@ -131,14 +131,15 @@ class NatsCluster:
     """`size` nats-servers (`NatsServer`) on loopback, routed into one JetStream cluster: each its own
     store and client and cluster ports, kept across a restart so that a node comes back where it was."""
 
-    def __init__(self, root: Path, size: int = 3, name: str = "tipstream-test") -> None:
+    def __init__(self, root: Path, size: int = 3, name: str = "tipstream-test", args: tuple[str, ...] = ()) -> None:
+        """`args` go on each node's command line (`--user t --pass t`: its clients' user)."""
         ports = free_ports(2 * size)
         cluster_ports, client_ports = ports[:size], ports[size:]
         routes = ",".join(f"nats://127.0.0.1:{port}" for port in cluster_ports)
         self.nodes = {
             f"n{i}": NatsServer(root / f"n{i}", port=client_port, args=(
                 "--server_name", f"n{i}", "--cluster_name", name, "--cluster", f"nats://127.0.0.1:{port}",
-                "--routes", routes))
+                "--routes", routes, *args))
             for i, (port, client_port) in enumerate(zip(cluster_ports, client_ports))
         }
 

@@ -27,7 +27,7 @@ from app.nats_auth import NatsAuthError, nats_options
 from app.settings import Settings
 from streams import pull
 from streams.nats_tls import TlsNotOffered
-from tests.conftest import NatsServer, eventually, free_port, serve_in_process
+from tests.conftest import NatsCluster, NatsServer, eventually, free_port, serve_in_process
 
 
 @pytest.fixture(scope="module")
@@ -271,3 +271,46 @@ async def test_the_service_runs_on_an_operator_mode_server_with_a_credentials_fi
             await running.stop()
     finally:
         server.stop()
+
+
+
+async def test_a_node_lost_hands_the_urls_credentials_to_the_nodes_the_cluster_announced(tmp_path: Path) -> None:
+    """The nodes a cluster announces (INFO's connect_urls) joined nats-py's pool without the user and password
+    NATS_URL gives: a reconnect to one was refused ('Authorization Violation', logged as credentials changed by
+    a reload), and with NATS_URL naming one node, its loss left the service without NATS until it was back."""
+    cluster = NatsCluster(tmp_path / "cluster", args=("--user", "t", "--pass", "s3cret"))
+    cluster.start()
+    try:
+        first, *others = cluster.nodes.values()
+        urls = [f"nats://t:s3cret@127.0.0.1:{node.port}" for node in cluster.nodes.values()]
+        # Every node named: the ones announced are those, not three more without the credentials.
+        client = await pull.connect(",".join(urls), max_reconnect_attempts=1)
+        try:
+            await eventually(lambda: client._server_info.get("connect_urls"))
+            assert sorted((u.port, u.username or "") for u in client.servers) == sorted((n.port, "t") for n in cluster.nodes.values())
+        finally:
+            await client.close()
+
+        errors: list[str] = []
+        reconnected = asyncio.Event()
+
+        async def on_error(error: Exception) -> None:
+            errors.append(str(error))
+
+        async def on_reconnected() -> None:
+            reconnected.set()
+
+        client = await pull.connect(urls[0], max_reconnect_attempts=-1, reconnect_time_wait=0.1, error_cb=on_error,
+                                    reconnected_cb=on_reconnected)
+        try:
+            await eventually(lambda: len(client.servers) == 3)
+            first.kill()
+            await asyncio.wait_for(reconnected.wait(), 15)
+            assert client.connected_url is not None and client.connected_url.port in {n.port for n in others}
+            assert not [e for e in errors if "Authorization" in e], errors
+            # The nodes announced again at the reconnect's greeting are the ones held, not more of them.
+            assert sorted((u.port, u.username) for u in client.servers) == sorted((n.port, "t") for n in cluster.nodes.values())
+        finally:
+            await client.close()
+    finally:
+        cluster.stop()
