@@ -116,8 +116,32 @@ async def connect_for_command(url: str, auth: dict[str, Any], **options: Any) ->
 NAME_MISMATCH = (62, 64)
 
 
+# The alerts of a server that verifies its clients (`verify: true`) and will not take this one's certificate:
+# none given (TLS 1.3's alert), or one it does not trust, or no longer (expired, revoked).
+CLIENT_CERTIFICATE_MISSING = frozenset({"TLSV13_ALERT_CERTIFICATE_REQUIRED"})
+CLIENT_CERTIFICATE_REFUSED = frozenset({
+    "TLSV1_ALERT_UNKNOWN_CA", "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED", "SSLV3_ALERT_CERTIFICATE_REVOKED", "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+    "TLSV1_ALERT_ACCESS_DENIED"})
+
+
+def client_certificate_refused(error: object) -> bool:
+    """Whether a TLS handshake failed on the server's refusal of the client's certificate: no retry changes
+    that, as none changes a server certificate not trusted here."""
+    reason = getattr(error, "reason", None) if isinstance(error, ssl.SSLError) else None
+    return reason in CLIENT_CERTIFICATE_MISSING or reason in CLIENT_CERTIFICATE_REFUSED
+
+
 def tls_refusal_fix(error: object) -> str | None:
     """What to do about a TLS handshake that failed (the service's start and the commands alike), or None."""
+    if isinstance(error, ssl.SSLError) and error.reason in CLIENT_CERTIFICATE_MISSING:
+        return ("The server verifies its clients' certificates and was given none: set TIPSTREAM_NATS_TLS_CERT "
+                "(and TIPSTREAM_NATS_TLS_KEY, if the key is in a file of its own) to a client certificate signed by a "
+                "CA the server trusts (its `tls {}` block's ca_file)")
+    if isinstance(error, ssl.SSLError) and error.reason in CLIENT_CERTIFICATE_REFUSED:
+        # Saying to set TIPSTREAM_NATS_TLS_CA sent the operator to the server's side of the handshake, which was right.
+        return ("The server refused the client certificate of TIPSTREAM_NATS_TLS_CERT: set it to one signed by a CA "
+                "the server trusts (its `tls {}` block's ca_file), not expired nor revoked")
     if isinstance(error, ssl.SSLCertVerificationError) and error.verify_code in NAME_MISMATCH:
         # Trusted CA and all: naming the CA setting sent the operator to a file that was right.
         return ("The server's certificate is signed by a CA trusted here, but names another host than NATS_URL's: "

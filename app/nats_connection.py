@@ -18,7 +18,7 @@ from typing import Any
 
 from app.embedded_nats import EmbeddedNats
 from app.ingest import ACK_PENDING_BATCHES
-from app.nats_auth import NatsAuthError, connected_unless, nats_options, tls_refusal_fix
+from app.nats_auth import NatsAuthError, client_certificate_refused, connected_unless, nats_options, tls_refusal_fix
 from app.settings import Settings
 from app.start_errors import StartupError, shown_url
 from streams import jetstream as jsx
@@ -174,9 +174,10 @@ class NatsConnection:
                             self.settings.nats_connect_timeout_s)
             # The server closes the connection after refusing the credentials: the reset that follows
             # ("Connection reset by peer") must not hide the refusal, which names the fix.
-            if not _credentials_refused(self._connect_error):
+            if not (_credentials_refused(self._connect_error) or client_certificate_refused(self._connect_error)):
                 self._connect_error = error
-            refused_for_good = isinstance(error, (TlsNotOffered, ssl.SSLCertVerificationError)) or _credentials_refused(error)
+            refused_for_good = (isinstance(error, (TlsNotOffered, ssl.SSLCertVerificationError))
+                                or client_certificate_refused(error) or _credentials_refused(error))
             if refused_for_good and len(pull.server_urls(self.url)) == 1:
                 self._refused.set()
             return

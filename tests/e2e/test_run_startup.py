@@ -364,6 +364,37 @@ def test_a_nats_server_certificate_for_another_name_is_a_message_naming_the_host
     assert "Set TIPSTREAM_NATS_TLS_CA" not in done.stderr and "within 600 s" not in done.stderr
 
 
+@pytest.mark.parametrize(("client", "told"), [
+    (None, "verifies its clients' certificates and was given none: set TIPSTREAM_NATS_TLS_CERT"),
+    ("another CA's", "refused the client certificate of TIPSTREAM_NATS_TLS_CERT"),
+])
+def test_a_client_certificate_the_server_refuses_ends_the_start_at_once_naming_it(
+        tmp_path: Path, client: str | None, told: str) -> None:
+    """A server that verifies clients refused the start's TLS (no client certificate, or one its CA did not
+    sign): the start waited all of TIPSTREAM_NATS_CONNECT_TIMEOUT_S, then said to set TIPSTREAM_NATS_TLS_CA and
+    TIPSTREAM_NATS_TLS_CERT, to an operator who may have set both."""
+    import trustme
+
+    from tests.integration.test_nats_auth import client_files, start_tls_server
+
+    ca = trustme.CA()
+    server, _ = start_tls_server(tmp_path / "nats", ca, required=True, verify_clients=True)
+    files = client_files(ca, tmp_path / "ours")
+    env = {"NATS_URL": f"tls://127.0.0.1:{server.port}", "TIPSTREAM_NATS_TLS_CA": str(files["ca"]),
+           "TIPSTREAM_NATS_CONNECT_TIMEOUT_S": "50"}
+    if client is not None:
+        other = client_files(trustme.CA(), tmp_path / "other")
+        env |= {"TIPSTREAM_NATS_TLS_CERT": str(other["cert"]), "TIPSTREAM_NATS_TLS_KEY": str(other["key"])}
+    begun = time.monotonic()
+    try:
+        done = run(tmp_path, **env)
+    finally:
+        server.stop()
+    assert_one_message(done, told)
+    assert "within 50 s" not in done.stderr and time.monotonic() - begun < 30
+    assert "Set TIPSTREAM_NATS_TLS_CA" not in done.stderr
+
+
 def test_a_credentials_file_the_server_refuses_is_a_message_naming_its_setting(tmp_path: Path) -> None:
     """It said to set NATS_URL with a user and password or a token, when the JWT of TIPSTREAM_NATS_CREDS was
     what the server refused."""
