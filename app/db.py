@@ -271,11 +271,19 @@ def disk_full_fix(url: Any) -> str:
 
 
 def refused_by_setting(error: BaseException, user: str | None = None) -> str | None:
-    """What a PostgreSQL session setting of the operator's made the server refuse, and the fix; None for
-    anything else. A role's or database's settings (`ALTER ROLE ... SET`) are read as a connection opens."""
+    """What a PostgreSQL session setting of the operator's, or a right its user lacks, made the server refuse, and
+    the fix; None for anything else. A role's or database's settings (`ALTER ROLE ... SET`) are read as a
+    connection opens; a GRANT holds at once."""
     orig = getattr(error, "orig", error)  # SQLAlchemy's error, or the driver's own
     sqlstate = getattr(orig, "sqlstate", None)
     user = user or "<user>"
+    if sqlstate == "42501":  # insufficient_privilege: a least-privilege user, on a table made after its grants
+        # Told as an outage ('the database is away; try again once it is back'), which no wait mended.
+        return ("tipstream's user lacks a right on its tables (a least-privilege user, and a table made after the "
+                "grants, by a new release's migration or a rebuild): the tables' owner runs `GRANT SELECT, INSERT, "
+                f"UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {user}` and `GRANT USAGE ON ALL SEQUENCES IN SCHEMA "
+                f"public TO {user}` (another schema than public: its name), and `ALTER DEFAULT PRIVILEGES` for the "
+                "tables made later (README, \"On PostgreSQL\")")
     if sqlstate == "25006":  # read_only_sql_transaction
         return ("the database takes no writes from tipstream's user: it is a standby (a failover's old primary, or "
                 "DATABASE_URL naming a replica), or default_transaction_read_only is on for the user or the database. "
@@ -296,7 +304,9 @@ def _renew_connections_on_setting_refusals(context: Any) -> None:
     disconnect does: a setting is read once, as a connection opens, so the pool kept connections
     with the old one, and an operator who mended it (`ALTER ROLE ... RESET statement_timeout`, or
     `default_transaction_read_only`) saw every checkpoint fail until a restart."""
-    if refused_by_setting(context.original_exception) is not None:
+    orig = getattr(context.original_exception, "orig", context.original_exception)
+    # A GRANT holds on the connections open: a right lacking is no reason to renew them.
+    if refused_by_setting(context.original_exception) is not None and getattr(orig, "sqlstate", None) != "42501":
         context.is_disconnect = True
 
 

@@ -368,3 +368,39 @@ async def test_a_full_disk_under_sqlite_is_told_with_where_to_free_space_and_los
         engine.dispose()
     # Both in one wait: once, in a run of two workers, the rows were in while the last attempt had failed.
     await eventually(lambda: checkpointed(url) == 500 and running.service.checkpointer.last_error is None, timeout=15)
+
+
+@pytest.mark.postgres
+async def test_an_admin_change_its_user_may_not_write_is_told_the_grant_not_an_outage(
+        start_service, postgres_url) -> None:
+    """A least-privilege user (README, "On PostgreSQL") without a right on a table, as on one a new release's
+    migration made after the grants: a promotion answered 'the database is away (ProgrammingError); try again
+    once it is back', which no wait mends."""
+    from sqlalchemy.engine import make_url
+
+    from tests.conftest import reset_postgres
+    from tests.integration.test_cli import another_postgres_user
+
+    reset_postgres(postgres_url)
+    token = "s3cret-token-for-tests"
+    first = await start_service(database_url=postgres_url, admin_token=token, bootstrap_shadow_kind="logreg")
+    await first.stop()  # the owner's start: the tables, v1 and its shadow v2
+    with another_postgres_user(postgres_url) as (role, owner):
+        with owner.begin() as conn:
+            conn.execute(sa.text(f"GRANT USAGE ON SCHEMA public TO {role}"))
+            conn.execute(sa.text(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"))
+            conn.execute(sa.text(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"))
+            conn.execute(sa.text(f"REVOKE INSERT ON model_rollouts FROM {role}"))
+        url = make_url(postgres_url).set(username=role).render_as_string(False)
+        running = await start_service(database_url=url, admin_token=token, bootstrap_shadow_kind="logreg")
+        try:
+            async with running.http() as http:
+                refused = await http.post("/admin/models/v2/promote", timeout=10,
+                                          headers={"Authorization": f"Bearer {token}"})
+        finally:
+            await running.stop()
+    assert refused.status_code == 503, refused.text
+    error = refused.json()["error"]
+    assert "permission denied for table model_rollouts" in error, error
+    assert f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}" in error, error
+    assert "nothing changed" in error and "once it is back" not in error, error
