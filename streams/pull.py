@@ -213,9 +213,24 @@ def server_urls(url: str) -> list[str]:
 
 async def connect(url: str, **options: Any) -> IngestClient:
     """A connection to `url`, one server or several comma-separated: nats-py moves to another of them
-    when the one it is on goes away."""
+    when the one it is on goes away.
+
+    Cancelled (a wait for NATS given up), it ends. nats-py's connect loop can lose a cancellation (Python 3.11's
+    `wait_for` around its reads, its `_close` catching CancelledError) and, with `max_reconnect_attempts=-1`,
+    tries on for ever: awaited directly, the cancelled wait then waited for it without end. It is cancelled
+    again until it ends."""
     client = IngestClient()
-    await client.connect(server_urls(url), **options)
+    connecting = asyncio.ensure_future(client.connect(server_urls(url), **options))
+    try:
+        await asyncio.wait({connecting})  # a cancellation of this wait is this one's, whatever nats-py does
+    except asyncio.CancelledError:
+        while not connecting.done():
+            connecting.cancel()
+            await asyncio.wait({connecting}, timeout=0.1)
+        if not connecting.cancelled():
+            connecting.exception()  # retrieved: what it ended with is the wait's to tell (the error callback's)
+        raise
+    connecting.result()
     return client
 
 

@@ -314,3 +314,32 @@ async def test_a_node_lost_hands_the_urls_credentials_to_the_nodes_the_cluster_a
             await client.close()
     finally:
         cluster.stop()
+
+
+async def test_a_wait_for_nats_given_up_ends_though_nats_py_swallowed_the_cancellation(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """nats-py's connect loop can lose a cancellation (Python 3.11's wait_for around its reads; its `_close` catching
+    CancelledError) and, told to try for ever (max_reconnect_attempts=-1), tries on: the start's wait for NATS,
+    given up at TIPSTREAM_NATS_CONNECT_TIMEOUT_S or on a TLS refusal, then waited for it without end (a
+    server that refused the client certificate: no message, SIGTERM's stop waiting too, once in 6 starts)."""
+    tries = 0
+
+    async def connect_losing_one_cancellation(self: pull.IngestClient, *_: object, **__: object) -> None:
+        nonlocal tries
+        lost = False
+        while True:
+            tries += 1
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                if lost:
+                    raise
+                lost = True  # as nats-py: the loop goes on
+
+    monkeypatch.setattr(pull.IngestClient, "connect", connect_losing_one_cancellation)
+    waiting = asyncio.ensure_future(asyncio.wait_for(pull.connect("nats://127.0.0.1:4222"), 0.1))
+    done, _ = await asyncio.wait({waiting}, timeout=5)
+    for _ in range(3):  # not left behind when the wait did not end
+        waiting.cancel()
+        await asyncio.sleep(0.02)
+    assert done and isinstance(waiting.exception(), TimeoutError), "the wait for NATS never ended"
