@@ -10,6 +10,7 @@ server and its monitoring how far ingest has got.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import math
@@ -219,6 +220,8 @@ class StreamIngest:
         # stream re-read from further back (DECISIONS, to rebuild the learner's join cache; FEEDBACK,
         # from the learner's last snapshot) must not put them in the DLQ again on every restart.
         self.dead_lettered = dead_letters.DeadLettered(upto=dead_lettered_upto)
+        # The newest batch, found stored in part at the start: the next batch carries it on (`dead_letters.batches`).
+        self._carried: dead_letters.DeadLettered | None = None
         self._dlq_msg_id_prefix = dead_letters.dlq_msg_id_prefix(spec.name, None)  # the stream's creation time, at the start
         # (sequence, when NATS stored it, µs) of the last message read: a server back after a
         # reconnect with another message there is another stream (`_replaced_under_us`).
@@ -297,7 +300,7 @@ class StreamIngest:
         # Dead-lettered past the last checkpoint, before a crash: read again now, but not dead-lettered
         # again (JetStream's duplicate window covers only a quick restart).
         found = await dead_letters.last_dead_lettered(self.js, self.spec)
-        self.dead_lettered = dead_letters.DeadLettered(max(checkpointed, found.upto), found.above)
+        self.dead_lettered = self._carried = dataclasses.replace(found, upto=max(checkpointed, found.upto))
         await self._restart_consumer()
 
     async def stop(self) -> None:
@@ -352,8 +355,8 @@ class StreamIngest:
             self.checkpointer.forget_stored(self.spec.name)
             # Set first: asking failed (NATS away again), the retry saw no re-created stream, and the
             # old stream's watermark stayed, the new stream's bad events below it in the DLQ nowhere.
-            self.dead_lettered = dead_letters.DeadLettered()
-            self.dead_lettered = await dead_letters.last_dead_lettered(js, self.spec)
+            self.dead_lettered = self._carried = dead_letters.DeadLettered()
+            self.dead_lettered = self._carried = await dead_letters.last_dead_lettered(js, self.spec)
             created = (await js.stream_info(self.spec.name)).created
             self._dlq_msg_id_prefix = dead_letters.dlq_msg_id_prefix(self.spec.name, created)
         self.lag = pending
@@ -608,15 +611,16 @@ class StreamIngest:
         1. Leave out what was dead-lettered before this start (`dead_lettered`).
         2. Publish up to `DLQ_IN_FLIGHT` at once, each naming its batch (`dead_letters.batch_header`).
         3. Retry those the DLQ did not store until it holds the whole batch (the next batch waits: a start
-           takes every dead letter below a batch's first as stored).
+           takes every dead letter below a batch's first as stored). The first after a start that found
+           the newest batch stored in part carries that batch on (`dead_letters.batches`).
         """
         done = self.dead_lettered
-        todo = [(msg, rejection, seq) for msg, rejection in rejected
-                if (seq := ack_subject.stream_sequence(msg[1])[0]) not in done]
-        for start in range(0, len(todo), dead_letters.DLQ_IN_FLIGHT):
-            left = todo[start:start + dead_letters.DLQ_IN_FLIGHT]
-            batch = dead_letters.batch_header([seq for *_, seq in left])
+        todo = {seq: (msg, rejection, seq) for msg, rejection in rejected
+                if (seq := ack_subject.stream_sequence(msg[1])[0]) not in done}
+        for seqs, batch in dead_letters.batches(sorted(todo), self._carried):
+            left = [todo[seq] for seq in seqs]
             await self._retry(functools.partial(self._publish_dead_letters, left, batch), "publish to the DLQ")
+            self._carried = None
 
     async def _publish_dead_letters(self, left: list[tuple[pull.RawMsg, Rejection, int]], batch: str) -> None:
         """Publish `left` at once; each the DLQ stored leaves it, and the first failure is raised (`_retry`)."""

@@ -10,6 +10,11 @@ in the DLQ. Of the newest batch, a start finds which are in it (`DeadLettered.ab
 DLQ back from its newest copies until it has found `<count>` or met an older batch. So a crash loses no
 dead letter and stores none twice. A copy without the header was published alone, before batches.
 
+What a start sends of a batch found stored in part carries that batch on (`batches`): its first batch
+names the same `<first>`, and counts what the DLQ holds of it too. Sent as a batch of its own, from
+its lowest sequence, a copy of the old batch stored above that (past a hole) was taken as not
+stored by the next start, and sent a second time.
+
 Whoever may publish on `dlq.>` can write a copy too, so only a sequence ingest could have written is
 taken: one the stream has reached, in digits int() reads, stored after the stream was created.
 """
@@ -46,7 +51,8 @@ class Copy:
 
 @dataclass(frozen=True)
 class DeadLettered:
-    """The stream's dead letters in the DLQ: every one at or below `upto`, and those in `above`.
+    """The stream's dead letters in the DLQ: every one at or below `upto`, and those in `above`, of the
+    newest batch, stored in part, which began at `first` (the next batch carries it on: `batches`).
 
     >>> done = DeadLettered(upto=9, above=frozenset({12}))
     >>> [seq in done for seq in (9, 10, 12)]
@@ -55,6 +61,7 @@ class DeadLettered:
 
     upto: int = 0
     above: frozenset[int] = field(default_factory=frozenset)
+    first: int = 0
 
     def __contains__(self, seq: int) -> bool:
         return seq <= self.upto or seq in self.above
@@ -67,6 +74,26 @@ def batch_header(seqs: list[int]) -> str:
     '12/3'
     """
     return f"{min(seqs)}/{len(seqs)}"
+
+
+def batches(seqs: list[int], carried: DeadLettered | None = None) -> list[tuple[list[int], str]]:
+    """`seqs` (none of them dead-lettered) cut into batches of up to `DLQ_IN_FLIGHT`, each with its
+    `DLQ_BATCH` value; the first carries on `carried`'s batch stored in part, when a start found one.
+
+    >>> batches([3, 5, 8])
+    [([3, 5, 8], '3/3')]
+    >>> batches([2, 6], DeadLettered(upto=0, above=frozenset({1, 3, 4}), first=1))
+    [([2, 6], '1/5')]
+    """
+    out: list[tuple[list[int], str]] = []
+    if carried is not None and carried.above and carried.first:
+        room = DLQ_IN_FLIGHT - len(carried.above)  # found fewer than its count, which is at most DLQ_IN_FLIGHT
+        if seqs and room > 0:
+            out.append((seqs[:room], f"{carried.first}/{len(carried.above) + len(seqs[:room])}"))
+            seqs = seqs[room:]
+    for start in range(0, len(seqs), DLQ_IN_FLIGHT):
+        out.append((seqs[start:start + DLQ_IN_FLIGHT], batch_header(seqs[start:start + DLQ_IN_FLIGHT])))
+    return out
 
 
 def _digits(text: Any, most: int = 20) -> int | None:
@@ -105,9 +132,9 @@ def dead_lettered(newest: list[Copy], older: list[Copy]) -> DeadLettered:
 
     >>> newest = [Copy(7, 5, 3), Copy(3, 3, 1)]
     >>> dead_lettered(newest, [])
-    DeadLettered(upto=4, above=frozenset({7}))
+    DeadLettered(upto=4, above=frozenset({7}), first=5)
     >>> dead_lettered(newest, [Copy(6, 5, 3), Copy(5, 5, 3)])  # the whole batch is there
-    DeadLettered(upto=7, above=frozenset())
+    DeadLettered(upto=7, above=frozenset(), first=0)
     """
     if not newest:
         return DeadLettered()
@@ -116,7 +143,7 @@ def dead_lettered(newest: list[Copy], older: list[Copy]) -> DeadLettered:
     count = max(copy.count for copy in newest if copy.first == first)
     if len(found) >= count:
         return DeadLettered(upto=max(found))
-    return DeadLettered(upto=first - 1, above=frozenset(found))
+    return DeadLettered(upto=first - 1, above=frozenset(found), first=first)
 
 
 def missing(newest: list[Copy], older: list[Copy]) -> bool:

@@ -176,3 +176,31 @@ async def test_user_features_rows_a_kill_9_left_behind_are_written_after_the_res
     service = ServiceProcess(data, {**env, "TIPSTREAM_OFFLINE_FEATURES_EVERY_S": "0.5"}).start()
     wait_until(lambda: rows() == users, timeout=15, what="a user_features row for every user")
     assert service.stop()
+
+
+async def test_dead_letters_a_start_sent_again_hide_none_of_their_batch_stored_before_from_the_next_start(
+    nats_server, nc, tmp_path: Path
+) -> None:
+    """A batch stored in part, with a hole (a reconnect between its copies: here written as ingest leaves
+    it), then a crash: the start sends the hole again, and is killed before a checkpoint. Before, the hole
+    went as a batch of its own (`2/1`): the next start took everything up to it as stored and nothing
+    after, so 3 and 4, stored before, went to the DLQ a second time."""
+    js = nc.jetstream()
+    env = {"NATS_URL": nats_server.url, "TIPSTREAM_DUPLICATE_WINDOW_S": "1",
+           "TIPSTREAM_CHECKPOINT_EVERY_S": "3600", "TIPSTREAM_CHECKPOINT_EVERY_EVENTS": "1000000"}
+    ServiceProcess(tmp_path / "data", env).start().kill()  # the streams made, nothing read
+    bad = {"type": "app.opened", "user_id": "u-1", "ts": "yesterday", "data": {}}
+    for n in range(1, 5):
+        await js.publish("signals.app.opened", orjson.dumps({**bad, "id": f"e-{n}"}))
+    for seq in (1, 3, 4):  # 2 never stored
+        await js.publish("dlq.signals.app.opened", b"{}", headers={
+            "Tipstream-Original-Stream": "SIGNALS", "Tipstream-Original-Seq": str(seq),
+            "Tipstream-Original-Subject": "signals.app.opened", "Tipstream-Dlq-Batch": "1/4"})
+    for sent_again in (1, 0):
+        service = ServiceProcess(tmp_path / "data", env).start()
+        wait_until(lambda s=service: s.metric("tipstream_stream_position", stream="SIGNALS") == 4, what="read")
+        assert service.metric("tipstream_dlq_total", reason="invalid_field", stream="SIGNALS") == sent_again
+        service.kill()
+    stored = [(await js.get_msg("DLQ", seq)).headers["Tipstream-Original-Seq"] for seq in range(1, 5)]
+    assert sorted(stored) == ["1", "2", "3", "4"]
+    assert (await js.stream_info("DLQ")).state.messages == 4

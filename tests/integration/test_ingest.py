@@ -695,13 +695,16 @@ async def test_a_start_after_a_crash_mid_batch_dead_letters_what_the_dlq_missed_
                          headers={DLQ_STREAM: "SIGNALS", DLQ_SEQ: str(seq), DLQ_BATCH: batch})
         if seq == 5:
             await js.publish("dlq.feedback.tip.reacted", b"{", headers={DLQ_STREAM: "FEEDBACK", DLQ_SEQ: "1"})
-    assert await last_dead_lettered(js, SIGNALS) == DeadLettered(upto=4, above=frozenset({5, 8}))
+    assert await last_dead_lettered(js, SIGNALS) == DeadLettered(upto=4, above=frozenset({5, 8}), first=5)
 
     running = await start_service()
     await eventually(lambda: running.service.store.positions.get("SIGNALS") == 10)
     copies = [copy for copy in await dlq_messages(js, 6) if copy.headers[DLQ_STREAM] == "SIGNALS"]
     assert sorted(int(copy.headers[DLQ_SEQ]) for copy in copies) == [3, 5, 6, 7, 8]
-    assert {copy.headers[DLQ_BATCH] for copy in copies[-2:]} == {"6/2"}, "those missing, published as a batch"
+    assert {copy.headers[DLQ_BATCH] for copy in copies[-2:]} == {"5/4"}, "those missing, carrying the batch on"
+    # Published as a batch of their own (6/2), the next start took what was stored up to 7 and nothing after:
+    # 8, stored before the crash, went to the DLQ again.
+    assert await last_dead_lettered(js, SIGNALS) == DeadLettered(upto=8)
     assert (await js.stream_info("DLQ")).state.messages == 6
     await running.stop()
 
