@@ -619,11 +619,20 @@ class StreamIngest:
                 if (seq := ack_subject.stream_sequence(msg[1])[0]) not in done}
         for seqs, batch in dead_letters.batches(sorted(todo), self._carried):
             left = [todo[seq] for seq in seqs]
-            await self._retry(functools.partial(self._publish_dead_letters, left, batch), "publish to the DLQ")
+            await self._retry(functools.partial(self._publish_dead_letters, left, batch, []), "publish to the DLQ")
             self._carried = None
 
-    async def _publish_dead_letters(self, left: list[tuple[pull.RawMsg, Rejection, int]], batch: str) -> None:
-        """Publish `left` at once; each the DLQ stored leaves it, and the first failure is raised (`_retry`)."""
+    async def _publish_dead_letters(self, left: list[tuple[pull.RawMsg, Rejection, int]], batch: str,
+                                    tried: list[bool]) -> None:
+        """Publish `left` at once; each the DLQ stored leaves it, and the first failure is raised (`_retry`).
+        Tried before (`tried`), what of the batch the DLQ holds leaves it first."""
+        if tried:
+            # Stored, its acknowledgement lost (NATS stopped just after, say): published again after an outage
+            # longer than JetStream's duplicate window, the copy was stored twice. Read back as a start reads
+            # the newest batch: this one, the batches before it whole.
+            stored = await dead_letters.last_dead_lettered(self.js, self.spec)
+            left[:] = [item for item in left if item[2] not in stored]
+        tried.append(True)
         for again in (False, True):
             results = await asyncio.gather(*(self._dead_letter(msg, rejection, seq, batch) for msg, rejection, seq in left),
                                            return_exceptions=True)

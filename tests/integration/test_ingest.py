@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import orjson
 import pytest
 import sqlalchemy as sa
@@ -834,3 +835,31 @@ async def test_dead_letters_are_logged_one_by_one_up_to_a_bound_a_minute_then_co
     told = lines()[-2:]
     assert told[0].startswith(f"DLQ SIGNALS: 5 more events dead-lettered after the last {ingest.DLQ_LOG_PER_MINUTE}")
     assert told[1].startswith(f"DLQ SIGNALS #{ingest.DLQ_LOG_PER_MINUTE + 6}: body is not valid JSON")
+
+
+async def test_a_dead_letter_stored_whose_acknowledgement_was_lost_is_not_stored_again(
+        start_service, nc, monkeypatch) -> None:
+    """NATS stopped after storing a copy and before acknowledging it: the batch is published again once it
+    is back, past JetStream's duplicate window after an outage longer than it (here the copy was stored
+    under another id, as if that long ago), and the copy was stored twice. What of its batch the DLQ holds
+    is now read back before it is published again."""
+    js = nc.jetstream()
+    running = await start_service(duplicate_window_s=1)
+    signals = next(ingest for ingest in running.service.ingests if ingest.spec.name == "SIGNALS")
+    publish, lost = signals.js.publish, []
+
+    async def ack_lost_once(subject: str, payload: bytes = b"", **kwargs: Any) -> Any:
+        headers = kwargs.pop("headers", None) or {}
+        if subject.startswith("dlq.") and headers.get(DLQ_SEQ) == "2" and not lost:
+            lost.append(await publish(subject, payload, headers={**headers, "Nats-Msg-Id": "stored-long-ago"}, **kwargs))
+            raise nats.errors.TimeoutError
+        return await publish(subject, payload, headers=headers, **kwargs)
+
+    monkeypatch.setattr(signals.js, "publish", ack_lost_once)
+    for seq in range(1, 5):
+        body = b"{not json" if seq in (2, 3) else orjson.dumps(event(seq, "app.opened"))
+        assert (await js.publish("signals.app.opened", body)).seq == seq
+    await eventually(lambda: running.service.store.positions.get("SIGNALS") == 4)
+    assert lost, "the copy stored, its acknowledgement lost"
+    assert sorted(int(copy.headers[DLQ_SEQ]) for copy in await dlq_messages(js, 2)) == [2, 3]
+    assert (await js.stream_info("DLQ")).state.messages == 2
