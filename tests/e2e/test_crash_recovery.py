@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import nats
 import orjson
 import pytest
 import sqlalchemy as sa
+from nats.js.api import AckPolicy, ConsumerConfig
 
 from app.checkpoints import SqlCheckpointStore
 from app.db import make_engine
 from streams.events import parse_event
 from streams.fold import to_ms
-from streams.jetstream import publish_events
+from streams.jetstream import DLQ_SEQ, DLQ_STREAM, publish_events
 from streams.simulator import Population
 from streams.store import OnlineStore
 from tests.e2e.support import ServiceProcess, wait_until
@@ -204,3 +208,59 @@ async def test_dead_letters_a_start_sent_again_hide_none_of_their_batch_stored_b
     stored = [(await js.get_msg("DLQ", seq)).headers["Tipstream-Original-Seq"] for seq in range(1, 5)]
     assert sorted(stored) == ["1", "2", "3", "4"]
     assert (await js.stream_info("DLQ")).state.messages == 4
+
+
+async def read_all(js: Any, stream: str, count: int) -> list[Any]:
+    """The first `count` messages of `stream`, read once (no acks)."""
+    sub = await js.pull_subscribe("", stream=stream, config=ConsumerConfig(ack_policy=AckPolicy.NONE))
+    messages: list[Any] = []
+    while len(messages) < count:
+        messages += await sub.fetch(min(count - len(messages), 1_000), timeout=5)
+    await sub.unsubscribe()
+    return messages
+
+
+async def test_a_flood_of_bad_events_through_a_nats_outage_and_a_kill_9_reaches_the_dlq_once_each(
+    nats_server, nc, tmp_path: Path
+) -> None:
+    """Half of 10,000 events bad, on two streams: NATS stopped mid-flood, with batches of dead letters in
+    flight, and the service killed while it is away; then both started again. Every bad event is in the
+    DLQ once (by its stream and sequence), and the streams are read to their ends."""
+    js = nc.jetstream(publish_async_max_pending=4_000)
+    env = {"NATS_URL": nats_server.url, "TIPSTREAM_DUPLICATE_WINDOW_S": "1",  # hides no second DLQ copy
+           "TIPSTREAM_CHECKPOINT_EVERY_S": "0.5", "TIPSTREAM_CHECKPOINT_EVERY_EVENTS": "3000"}
+    ServiceProcess(tmp_path / "data", env).start().kill()  # the streams made, nothing read
+    flood = []
+    for i in range(10_000):
+        subject, kind, data = [("signals.app.opened", "app.opened", {}), ("signals.task.created", "task.created",
+                               {"task_id": f"t-{i}"}), ("feedback.tip.reacted", "tip.reacted",
+                               {"tip_id": "t", "reaction": "acted"})][i % 3]
+        flood.append((subject, {"id": f"e-{i}", "type": kind, "user_id": f"u-{i % 97}", "v": 1, "data": data,
+                                "ts": "soon" if i % 4 < 2 else "2026-11-26T08:00:00+01:00"}))
+    await publish_events(js, flood)
+    total = {name: (await js.stream_info(name)).state.last_seq for name in ("SIGNALS", "FEEDBACK")}
+    bad = {(name, msg.metadata.sequence.stream) for name in total
+           for msg in await read_all(js, name, total[name]) if b'"soon"' in msg.data}
+    assert len(bad) == 5_000
+    await nc.close()
+
+    service = ServiceProcess(tmp_path / "data", env).start()
+    wait_until(lambda: service.metric("tipstream_dlq_total", reason="invalid_field", stream="SIGNALS") > 500,
+               what="dead letters going out")
+    nats_server.stop()
+    service.kill()
+    nats_server.start()
+    client = await nats.connect(nats_server.url)
+    js = client.jetstream()
+    held = (await js.stream_info("DLQ")).state.messages
+    assert 0 < held < len(bad), "NATS stopped mid-flood"
+
+    service = ServiceProcess(tmp_path / "data", env).start()
+    wait_until(lambda: all(service.metric("tipstream_stream_position", stream=s) == n for s, n in total.items()),
+               timeout=60, what="caught up")
+    assert service.stop(), service.log()
+    stored = Counter((copy.headers[DLQ_STREAM], int(copy.headers[DLQ_SEQ]))
+                     for copy in await read_all(js, "DLQ", (await js.stream_info("DLQ")).state.messages))
+    assert set(stored) == bad
+    assert stored.most_common(1)[0][1] == 1, "none stored twice"
+    await client.close()
