@@ -1,8 +1,8 @@
 """What of a stream is in the DLQ already, read back from the DLQ at a start.
 
 Ingest publishes a chunk's dead letters up to `DLQ_IN_FLIGHT` at once (`StreamIngest._dead_letter_all`):
-one at a time, each waited for, a flood of bad events was moved aside at ~2,000 a second, and a tenth of
-the events bad cut ingest to a seventh. Published at once, the DLQ may store a later one and not an
+one at a time, each waited for, a flood of bad events was moved aside at ~3,000 a second, and half the
+events bad cut ingest to 5,800 a second (at once: every event bad, ~10,000 a second; half, ~15,000: docs/architecture.md, "The ingest path"). Published at once, the DLQ may store a later one and not an
 earlier (a reconnect between them), so each copy names its batch, `Tipstream-Dlq-Batch: <first>/<count>`
 (the lowest sequence of the batch and how many it has): a batch is published and retried until the DLQ
 holds all of it before the next begins, so every dead letter of the stream below a copy's `<first>` is
