@@ -631,6 +631,10 @@ class StreamIngest:
             # longer than JetStream's duplicate window, the copy was stored twice. Read back as a start reads
             # the newest batch: this one, the batches before it whole.
             stored = await dead_letters.last_dead_lettered(self.js, self.spec)
+            for _, rejection, seq in left:
+                if seq in stored:  # its publish raised, so it was not counted (nor logged) then
+                    METRICS.dlq.labels(self.spec.name, rejection.kind).inc()
+                    self._log_dead_letter(seq, rejection)
             left[:] = [item for item in left if item[2] not in stored]
         tried.append(True)
         for again in (False, True):

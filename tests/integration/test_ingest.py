@@ -856,6 +856,7 @@ async def test_a_dead_letter_stored_whose_acknowledgement_was_lost_is_not_stored
         return await publish(subject, payload, headers=headers, **kwargs)
 
     monkeypatch.setattr(signals.js, "publish", ack_lost_once)
+    before = dead_lettered("SIGNALS")
     for seq in range(1, 5):
         body = b"{not json" if seq in (2, 3) else orjson.dumps(event(seq, "app.opened"))
         assert (await js.publish("signals.app.opened", body)).seq == seq
@@ -863,3 +864,4 @@ async def test_a_dead_letter_stored_whose_acknowledgement_was_lost_is_not_stored
     assert lost, "the copy stored, its acknowledgement lost"
     assert sorted(int(copy.headers[DLQ_SEQ]) for copy in await dlq_messages(js, 2)) == [2, 3]
     assert (await js.stream_info("DLQ")).state.messages == 2
+    assert dead_lettered("SIGNALS") == before + 2, "the copy found stored is counted, once"
