@@ -186,7 +186,8 @@ _REFUSALS = {
     403: {"description": "wrong token, or TIPSTREAM_ADMIN_TOKEN unset"},
     413: {"description": f"the body is larger than {ADMIN_MAX_BODY_BYTES} bytes; nothing changed"},
     422: {"description": "a bad body (the field named); nothing changed"},
-    503: {"description": "the database is away, or a setting of its refused the change (named, with its fix); "
+    503: {"description": "the database is away, or a setting of its, a right its user lacks, or tables not this "
+                         "release's refused the change (named, with its fix); "
                          "nothing changed", "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
 }
 

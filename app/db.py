@@ -270,6 +270,31 @@ def disk_full_fix(url: Any) -> str:
     return "free space on the database server's data disk"
 
 
+_SQLITE_SCHEMA_REFUSALS = ("no such table:", "no such column:")
+
+
+def tables_not_this_releases(error: BaseException) -> bool:
+    """A statement refused for a table or column missing: the database's schema is not the one this release
+    migrates to (`refused_by_setting` names the fix). SQLite says so with an OperationalError, as it says
+    'database is locked', so the driver's words tell it from an outage.
+
+    >>> import sqlite3
+    >>> tables_not_this_releases(sqlite3.OperationalError("no such table: model_rollouts"))
+    True
+    >>> tables_not_this_releases(sqlite3.OperationalError("table tip_scores has no column named greedy"))
+    True
+    >>> tables_not_this_releases(sqlite3.OperationalError("database is locked"))
+    False
+    """
+    orig = getattr(error, "orig", None) or error
+    if getattr(orig, "sqlstate", None) in ("42P01", "42703"):  # PostgreSQL's undefined_table, undefined_column
+        return True
+    if type(orig).__module__ != "sqlite3":
+        return False
+    text = str(orig)
+    return text.startswith(_SQLITE_SCHEMA_REFUSALS) or " has no column named " in text
+
+
 def refused_by_setting(error: BaseException, user: str | None = None) -> str | None:
     """What a PostgreSQL session setting of the operator's, or a right its user lacks, made the server refuse, and
     the fix; None for anything else. A role's or database's settings (`ALTER ROLE ... SET`) are read as a
@@ -277,6 +302,11 @@ def refused_by_setting(error: BaseException, user: str | None = None) -> str | N
     orig = getattr(error, "orig", error)  # SQLAlchemy's error, or the driver's own
     sqlstate = getattr(orig, "sqlstate", None)
     user = user or "<user>"
+    if tables_not_this_releases(error):
+        # Told as an outage ('the database is away; try again once it is back'), which no wait mended.
+        return ("the database's tables are not this tipstream release's (a table or column missing: a downgrade, a "
+                "restore of an older backup, a table dropped by hand, or DATABASE_URL naming another database): stop "
+                "the service, run `tipstream migrate`, and start it again (README, \"Upgrading\")")
     if sqlstate == "42501":  # insufficient_privilege: a least-privilege user, on a table made after its grants
         # Told as an outage ('the database is away; try again once it is back'), which no wait mended.
         return ("tipstream's user lacks a right on its tables (a least-privilege user, and a table made after the "
@@ -305,8 +335,9 @@ def _renew_connections_on_setting_refusals(context: Any) -> None:
     with the old one, and an operator who mended it (`ALTER ROLE ... RESET statement_timeout`, or
     `default_transaction_read_only`) saw every checkpoint fail until a restart."""
     orig = getattr(context.original_exception, "orig", context.original_exception)
-    # A GRANT holds on the connections open: a right lacking is no reason to renew them.
-    if refused_by_setting(context.original_exception) is not None and getattr(orig, "sqlstate", None) != "42501":
+    # A GRANT holds on the connections open, and a migration's tables are seen by them: neither is a reason to renew.
+    if (refused_by_setting(context.original_exception) is not None and getattr(orig, "sqlstate", None) != "42501"
+            and not tables_not_this_releases(context.original_exception)):
         context.is_disconnect = True
 
 

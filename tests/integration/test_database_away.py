@@ -370,6 +370,18 @@ async def test_a_full_disk_under_sqlite_is_told_with_where_to_free_space_and_los
     await eventually(lambda: checkpointed(url) == 500 and running.service.checkpointer.last_error is None, timeout=15)
 
 
+async def promotion_refused(running, token: str) -> str:
+    """The error of a 503 to promoting v2 (the bootstrap's shadow), the service stopped after."""
+    try:
+        async with running.http() as http:
+            refused = await http.post("/admin/models/v2/promote", timeout=10,
+                                      headers={"Authorization": f"Bearer {token}"})
+    finally:
+        await running.stop()
+    assert refused.status_code == 503, refused.text
+    return refused.json()["error"]
+
+
 @pytest.mark.postgres
 async def test_an_admin_change_its_user_may_not_write_is_told_the_grant_not_an_outage(
         start_service, postgres_url) -> None:
@@ -392,15 +404,24 @@ async def test_an_admin_change_its_user_may_not_write_is_told_the_grant_not_an_o
             conn.execute(sa.text(f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}"))
             conn.execute(sa.text(f"REVOKE INSERT ON model_rollouts FROM {role}"))
         url = make_url(postgres_url).set(username=role).render_as_string(False)
-        running = await start_service(database_url=url, admin_token=token, bootstrap_shadow_kind="logreg")
-        try:
-            async with running.http() as http:
-                refused = await http.post("/admin/models/v2/promote", timeout=10,
-                                          headers={"Authorization": f"Bearer {token}"})
-        finally:
-            await running.stop()
-    assert refused.status_code == 503, refused.text
-    error = refused.json()["error"]
+        error = await promotion_refused(await start_service(
+            database_url=url, admin_token=token, bootstrap_shadow_kind="logreg"), token)
     assert "permission denied for table model_rollouts" in error, error
     assert f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}" in error, error
+    assert "nothing changed" in error and "once it is back" not in error, error
+
+
+async def test_an_admin_change_on_tables_not_this_release_s_is_told_to_migrate_not_an_outage(
+        start_service, database_url) -> None:
+    """A table missing under a running service (an older backup restored, a downgrade, one dropped by hand):
+    a promotion answered 'the database is away (OperationalError); try again once it is back' on SQLite, and
+    (ProgrammingError) on PostgreSQL, which no wait mends."""
+    token = "s3cret-token-for-tests"
+    running = await start_service(database_url=database_url, admin_token=token, bootstrap_shadow_kind="logreg")
+    engine = sa.create_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE model_rollouts"))
+    engine.dispose()
+    error = await promotion_refused(running, token)
+    assert "model_rollouts" in error and "run `tipstream migrate`" in error, error
     assert "nothing changed" in error and "once it is back" not in error, error
