@@ -368,9 +368,10 @@ class Checkpointer:
                 METRICS.checkpoint_failures.inc()
                 setting = db.refused_by_setting(error, self._user())
                 if setting is not None:  # the driver's line, not SQLAlchemy's statement and rows: the fix stays in view
-                    log.warning("checkpoint failed (%s): %s. Connections opened from now on read the setting as it "
-                                "is then, so mending it needs no restart. Retrying in %.1fs; events are safe in the "
-                                "streams.", db.one_line(error), setting, backoff)
+                    renewed = (" Connections opened from now on read the setting as it is then, so mending it needs no "
+                               "restart." if db.refused_by_session_setting(error) else "")
+                    log.warning("checkpoint failed (%s): %s.%s Retrying in %.1fs; events are safe in the streams.",
+                                db.one_line(error), setting, renewed, backoff)
                 elif db.disk_full(error):
                     log.error("checkpoint failed: %s. Checkpoints go on by "
                               "themselves once it has room, from where the last one left off, so nothing is lost or "

@@ -334,11 +334,21 @@ def _renew_connections_on_setting_refusals(context: Any) -> None:
     disconnect does: a setting is read once, as a connection opens, so the pool kept connections
     with the old one, and an operator who mended it (`ALTER ROLE ... RESET statement_timeout`, or
     `default_transaction_read_only`) saw every checkpoint fail until a restart."""
-    orig = getattr(context.original_exception, "orig", context.original_exception)
-    # A GRANT holds on the connections open, and a migration's tables are seen by them: neither is a reason to renew.
-    if (refused_by_setting(context.original_exception) is not None and getattr(orig, "sqlstate", None) != "42501"
-            and not tables_not_this_releases(context.original_exception)):
+    if refused_by_session_setting(context.original_exception):
         context.is_disconnect = True
+
+
+def refused_by_session_setting(error: BaseException) -> bool:
+    """Whether `refused_by_setting` names a setting a connection reads as it opens: not a right its user lacks
+    (a GRANT holds on the connections open) nor tables not this release's (a migration's are seen by them).
+
+    >>> import sqlite3
+    >>> refused_by_session_setting(sqlite3.OperationalError("no such table: tip_scores"))
+    False
+    """
+    orig = getattr(error, "orig", error)
+    return (refused_by_setting(error) is not None and getattr(orig, "sqlstate", None) != "42501"
+            and not tables_not_this_releases(error))
 
 
 def _in_utc(dbapi_connection: Any, _record: Any) -> None:
