@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -20,6 +20,7 @@ from app import db
 from app.credit_log import ROW_PREFIX as CREDITS_ROW
 from app.decision_ids import decision_time_ms
 from app.registry_store import write_models
+from streams.fold import to_ms
 
 Write = tuple[Callable[[Connection, Any], None], Any]
 
@@ -221,7 +222,6 @@ def write_erasures(conn: Connection, dropped: list[dict[str, Any]] | None) -> No
                      .values(status="dropped", dropped_at=at, bounds=erased["bounds"], report=erased["report"]))
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _IN_ONE_DELETE = 500  # decision ids per DELETE: well under the bound parameters SQLite takes in one statement
 
 
@@ -246,6 +246,5 @@ def delete_decisions_served_until(conn: Connection, user_id: str, at: datetime) 
 
 
 def utc_ms(moment: datetime) -> int:
-    """Milliseconds since the epoch, exactly (not through float seconds); a time without a zone (SQLite hands
-    back none) is in UTC."""
-    return ((moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)) - _EPOCH) // timedelta(milliseconds=1)
+    """`to_ms` of a time read back from the database: one without a zone (SQLite hands back none) is in UTC."""
+    return to_ms(moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC))

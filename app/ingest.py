@@ -633,8 +633,7 @@ class StreamIngest:
             stored = await dead_letters.last_dead_lettered(self.js, self.spec)
             for _, rejection, seq in left:
                 if seq in stored:  # its publish raised, so it was not counted (nor logged) then
-                    METRICS.dlq.labels(self.spec.name, rejection.kind).inc()
-                    self._log_dead_letter(seq, rejection)
+                    self._dead_lettered(seq, rejection)
             left[:] = [item for item in left if item[2] not in stored]
         tried.append(True)
         for again in (False, True):
@@ -685,8 +684,7 @@ class StreamIngest:
             headers[jsx.DLQ_TRUNCATED] = str(len(data))
             data = data[: max(room, 0)]
         await self.js.publish(dlq_subject(subject), data, headers=headers)
-        METRICS.dlq.labels(self.spec.name, rejection.kind).inc()
-        self._log_dead_letter(seq, rejection)
+        self._dead_lettered(seq, rejection)
 
     async def _published_headers(self, seq: int) -> dict[str, str] | None:
         try:
@@ -694,7 +692,9 @@ class StreamIngest:
         except NotFoundError:  # gone (erased, aged out): the copy is still made
             return None
 
-    def _log_dead_letter(self, seq: int, rejection: Rejection) -> None:
+    def _dead_lettered(self, seq: int, rejection: Rejection) -> None:
+        """Counted (`tipstream_dlq_total`) and logged, once the DLQ holds it."""
+        METRICS.dlq.labels(self.spec.name, rejection.kind).inc()
         left_out = self._dlq_lines.allow(None)
         if left_out:
             log.info("DLQ %s: %d more events dead-lettered after the last %d logged, not logged one by one "

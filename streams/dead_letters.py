@@ -92,7 +92,8 @@ def batches(seqs: list[int], carried: DeadLettered | None = None) -> list[tuple[
             out.append((seqs[:room], f"{carried.first}/{len(carried.above) + len(seqs[:room])}"))
             seqs = seqs[room:]
     for start in range(0, len(seqs), DLQ_IN_FLIGHT):
-        out.append((seqs[start:start + DLQ_IN_FLIGHT], batch_header(seqs[start:start + DLQ_IN_FLIGHT])))
+        batch = seqs[start:start + DLQ_IN_FLIGHT]
+        out.append((batch, batch_header(batch)))
     return out
 
 
@@ -138,9 +139,7 @@ def dead_lettered(newest: list[Copy], older: list[Copy]) -> DeadLettered:
     """
     if not newest:
         return DeadLettered()
-    first = max(copy.first for copy in newest)
-    found = {copy.seq for copy in [*newest, *older] if copy.first == first}
-    count = max(copy.count for copy in newest if copy.first == first)
+    first, found, count = _newest_batch(newest, older)
     if len(found) >= count:
         return DeadLettered(upto=max(found))
     return DeadLettered(upto=first - 1, above=frozenset(found), first=first)
@@ -151,11 +150,15 @@ def missing(newest: list[Copy], older: list[Copy]) -> bool:
     count, and no copy of an older batch met yet (the batches are published one after another)."""
     if not newest:
         return False
+    first, found, count = _newest_batch(newest, older)
+    return len(found) < count and not any(copy.first < first for copy in older)
+
+
+def _newest_batch(newest: list[Copy], older: list[Copy]) -> tuple[int, set[int], int]:
+    """The newest batch's first sequence, those of its copies found, and its count."""
     first = max(copy.first for copy in newest)
-    if any(copy.first < first for copy in older):
-        return False
     found = {copy.seq for copy in [*newest, *older] if copy.first == first}
-    return len(found) < max(copy.count for copy in newest if copy.first == first)
+    return first, found, max(copy.count for copy in newest if copy.first == first)
 
 
 async def last_dead_lettered(js: JetStreamContext, spec: StreamSpec) -> DeadLettered:
