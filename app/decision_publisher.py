@@ -60,6 +60,10 @@ class DecisionLogFull(Exception):
     """The queue stayed full: JetStream is away or slower than /score."""
 
 
+class DecisionWithdrawn(Exception):
+    """While a decision waited for room, what it was made from went (its user was forgotten): not queued."""
+
+
 class DecisionPublisher:
     """Publishes decisions to JetStream without holding /score up, and never drops one.
 
@@ -100,6 +104,8 @@ class DecisionPublisher:
         self._refusal_lines = LogThrottle(per_window=REFUSAL_LINES_PER_MINUTE)
         self._unanswered_lines = LogThrottle()
         self._put_back: set[str] = set()  # decisions from before this start not acknowledged yet
+        self._waiting_for_room: dict[str, bytes] = {}  # decision id -> payload, of each `put` waiting
+        self._withdrawn: set[str] = set()
         self._on_all_put_back: Callable[[], None] | None = None
         self._token = 0
         self._inbox = b""
@@ -132,17 +138,36 @@ class DecisionPublisher:
         return True
 
     async def put(self, subject: str, decision_id: str, payload: bytes, timeout_s: float) -> None:
-        """`offer`, waiting up to `timeout_s` for room; raises DecisionLogFull after that."""
+        """`offer`, waiting up to `timeout_s` for room; raises DecisionLogFull after that, and
+        DecisionWithdrawn once `withdraw` names it."""
         deadline = time.monotonic() + timeout_s
-        while not self.offer(subject, decision_id, payload):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                _REFUSED.inc()
-                raise DecisionLogFull(
-                    f"{self.waiting} decisions ({self.bytes / 1048576:.1f} MB) are waiting for JetStream "
-                    f"(TIPSTREAM_DECISION_QUEUE_MAX={self.queue_max}, TIPSTREAM_DECISION_QUEUE_MB="
-                    f"{self.queue_max_bytes / 1048576:g}); is NATS reachable? Retry shortly.")
-            await woken(self._room, left)
+        self._waiting_for_room[decision_id] = payload
+        try:
+            while not self.offer(subject, decision_id, payload):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    _REFUSED.inc()
+                    raise DecisionLogFull(
+                        f"{self.waiting} decisions ({self.bytes / 1048576:.1f} MB) are waiting for JetStream "
+                        f"(TIPSTREAM_DECISION_QUEUE_MAX={self.queue_max}, TIPSTREAM_DECISION_QUEUE_MB="
+                        f"{self.queue_max_bytes / 1048576:g}); is NATS reachable? Retry shortly.")
+                await woken(self._room, left)
+                if decision_id in self._withdrawn:
+                    raise DecisionWithdrawn(decision_id)
+        finally:
+            del self._waiting_for_room[decision_id]
+            self._withdrawn.discard(decision_id)
+
+    def withdraw(self, made_from: Callable[[bytes], bool]) -> int:
+        """Not to be queued: the decisions waiting for room (`put`) whose payload `made_from` picks; how many.
+
+        A forget looks for its user's decisions held and on their way to JetStream (`Eraser`, step 2):
+        one still waiting for room was neither, and queued after it, it went past what the forget deletes."""
+        picked = {decision_id for decision_id, payload in self._waiting_for_room.items() if made_from(payload)}
+        self._withdrawn |= picked
+        if picked:
+            self._room.set()  # each waiting put looks again: a full queue clears it once more
+        return len(picked)
 
     async def flush(self, timeout_s: float) -> bool:
         """Wait until every queued decision is acknowledged; False on timeout."""

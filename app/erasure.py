@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -87,6 +88,7 @@ class Eraser:
                  js: Any = None, scrub: Scrub | None = None,
                  learning_versions: Callable[[], set[str]] | None = None,
                  unpublished: Callable[[], Sequence[tuple[str, str, bytes]]] | None = None,
+                 withdraw: Callable[[Callable[[bytes], bool]], int] | None = None,
                  threads: ThreadWork | None = None) -> None:
         self.engine, self.store, self.learner = engine, store, learner
         self.threads = threads or ThreadWork()  # its transactions, which the stop waits for
@@ -100,6 +102,8 @@ class Eraser:
         # a user's decisions there at step 2 are stored in DECISIONS after its bound was read.
         self.unpublished = unpublished or list
         self._on_the_way: dict[str, set[str]] = {}  # user -> their decisions unacknowledged at step 2
+        # What /score made and waits to queue (the queue full): served after step 2, not on the way then.
+        self.withdraw = withdraw or (lambda made_from: 0)
         self._wake = asyncio.Event()
 
     # -- requests ------------------------------------------------------------------------------
@@ -263,6 +267,7 @@ class Eraser:
                 if self.offline is not None:
                     self.offline.forget(user_id)
                 self._on_the_way[user_id] = _decisions_of(user_id, self.unpublished())
+                self.withdraw(functools.partial(_belongs_to, user_id))
                 positions = self.store.positions
                 entries.append({
                     "user_id": user_id, "requested_at": row["requested_at"], "dropped_at": at,
@@ -447,9 +452,12 @@ def earlier_erasures(engine: Engine, user_id: str) -> Sequence[Any]:
 
 def _decisions_of(user_id: str, items: Sequence[tuple[str, str, bytes]]) -> set[str]:
     """The ids of `user_id`'s decisions among the publisher's `(subject, decision id, payload)` items."""
+    return {decision_id for _, decision_id, payload in items if _belongs_to(user_id, payload)}
+
+
+def _belongs_to(user_id: str, payload: bytes) -> bool:
     users = frozenset((user_id,))
-    spelt = spellings(users)
-    return {decision_id for _, decision_id, payload in items if belongs(payload, users, spelt)}
+    return belongs(payload, users, spellings(users))
 
 
 def _shown(row: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,8 @@ Steps:
    after a restart, or let go of while idle) is read first, in a worker thread (`app/thaw.py`);
    if the database does not answer, a 503 with `Retry-After`.
 4. Queue the decision for the log without waiting for JetStream; when the queue stays full,
-   answer 503 with `Retry-After`, and nothing was served.
+   answer 503 with `Retry-After`, and nothing was served. So too when the user was forgotten
+   while it waited for room: it was made with the state the forget dropped.
 5. Hand the decision to the learner's join cache, then answer.
 """
 
@@ -35,7 +36,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 
-from app.decision_publisher import DecisionLogFull
+from app.decision_publisher import DecisionLogFull, DecisionWithdrawn
 from app.decisions import SUBJECT_SCORE
 from app.learning_metrics import SCORE_REQUESTS, SCORE_SECONDS
 from app.request_body import ClientGone, Receive, drain, read_body
@@ -154,6 +155,11 @@ class ScoreEndpoint:
             except DecisionLogFull as error:
                 await send_json(send, 503, {"error": str(error), "field": None}, (b"retry-after", b"1"))
                 return
+            except DecisionWithdrawn:
+                await send_json(send, 503, {
+                    "error": f"user {request.user_id!r} was forgotten while this answer waited for room in the "
+                             "decision log; nothing was served: ask again", "field": None}, (b"retry-after", b"1"))
+                return
         service.learner.served(scored.decision_id, scored.payload, scored.decision)
         await send_json(send, 200, scored.response)
 
@@ -175,7 +181,8 @@ class ScoreEndpoint:
           422: {description: 'a bad request: every problem in `errors`; nothing was logged'}
           503:
             description: "the decision log is backed up (JetStream or the database away), or the user's state is
-              still to be loaded from the database, which is away; nothing was served"
+              still to be loaded from the database, which is away, or the user was forgotten while the answer
+              waited for room in the decision log; nothing was served"
             headers:
               Retry-After: {schema: {type: integer}, description: seconds}
         """

@@ -664,3 +664,51 @@ async def test_an_export_holds_the_events_their_state_keeps_once_the_streams_let
     assert [event["at"] for event in events["task.completed"]] == ["2026-11-26T07:00:00.000+01:00"]
     assert events["task.completed"][0]["local_hour"] == 7 and events["tip.reacted"][0]["reaction"] == "acted"
     assert events["task.created"][0]["due"] is None
+
+
+async def test_a_decision_waiting_for_room_in_the_log_while_its_user_is_forgotten_is_not_served(
+        start_service, nc, database_url) -> None:
+    """With the decision log's queue full (JetStream slow), /score waits for room with its decision made. A
+    forget acted on meanwhile found it neither held nor on its way to JetStream: queued after, it was served,
+    held for a reaction with the dropped state's features, and stored in DECISIONS past what the forget
+    deleted, its `tip_scores` row written back by the next start's re-read."""
+    url = database_url
+    running = await start_service(database_url=url, admin_token=TOKEN, checkpoint_every_s=0.2,
+                                  decision_enqueue_timeout_s=120)
+    service, js = running.service, nc.jetstream()
+    await publish_events(js, signals("u-1") + signals("u-2"))
+    await eventually(lambda: {"u-1", "u-2"} <= set(service.store.users))
+    publisher = service.publisher
+    offer, full, waiting = publisher.offer, [True], asyncio.Event()
+
+    def offer_while_not_full(subject: str, decision_id: str, payload: bytes) -> bool:
+        if full[0]:
+            publisher._room.clear()  # as a full queue leaves it: /score waits for it to be set
+            waiting.set()
+            return False
+        return offer(subject, decision_id, payload)
+
+    publisher.offer = offer_while_not_full
+    async with running.http() as http:
+        scoring = asyncio.create_task(http.post("/score", json={
+            "user_id": "u-1", "explore": False, "context": {"now": NOW}, "candidates": CANDIDATES}))
+        await asyncio.wait_for(waiting.wait(), 15)
+        await forget(http, "u-1")
+
+        async def done() -> bool:
+            return (await status(http, "u-1"))["status"] == "done"
+
+        await eventually(done, timeout=30)
+        full[0] = False
+        publisher._room.set()
+        answer = await asyncio.wait_for(scoring, 15)
+        assert answer.status_code == 503, answer.text
+        assert "'u-1' was forgotten" in answer.json()["error"] and answer.headers["retry-after"] == "1"
+        again = await http.post("/score", json={"user_id": "u-1", "explore": False, "context": {"now": NOW},
+                                                "candidates": CANDIDATES})
+        assert again.status_code == 200 and again.json()["features"]["tasks_created_7d"] == 0, again.text
+    assert await publisher.flush(15)
+    await service.checkpointer.checkpoint()
+    decided = [orjson.loads(data) for data in (await stored(js, "DECISIONS")).values()]
+    assert [body["id"] for body in decided if body.get("user_id") == "u-1"] == [again.json()["decision_id"]]
+    assert rows(url, "tip_scores") == {"u-1": 1}

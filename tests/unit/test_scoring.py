@@ -21,7 +21,7 @@ import app.registry_store
 import app.scoring
 from app import migrate
 from app.db import make_engine
-from app.decision_publisher import DecisionLogFull, DecisionPublisher
+from app.decision_publisher import DecisionLogFull, DecisionPublisher, DecisionWithdrawn
 from app.lineup import Lineup
 from app.registry_store import RegistryStore
 from app.score_request import RequestError, parse_request
@@ -504,6 +504,24 @@ async def test_a_full_queue_pushes_back_then_refuses() -> None:
     assert await publisher.flush(2)
     task.cancel()
     assert publisher.published == 3
+
+
+async def test_a_withdrawn_decision_waiting_for_room_is_never_queued() -> None:
+    """A forget withdraws its user's decisions still waiting for room: each put raises at once, the others wait on."""
+    publisher = DecisionPublisher(lambda: FakeNats(), queue_max=1, batch=1, window=10)
+    assert publisher.offer("decisions.score", "d-0", b'{"user_id":"u-0"}')
+    puts = {user: asyncio.create_task(publisher.put("decisions.score", f"d-{user}", b'{"user_id":"%s"}' % user.encode(),
+                                                    timeout_s=30)) for user in ("u-1", "u-2")}
+    await asyncio.sleep(0)  # both waiting for room
+    assert publisher.withdraw(lambda payload: b'"u-1"' in payload) == 1
+    with pytest.raises(DecisionWithdrawn):
+        await asyncio.wait_for(puts["u-1"], 5)
+    assert not puts["u-2"].done() and [item[1] for item in publisher.queue] == ["d-0"]
+    assert publisher.withdraw(lambda payload: b'"u-1"' in payload) == 0
+    puts["u-2"].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await puts["u-2"]
+    assert not publisher._waiting_for_room
 
 
 async def test_the_queue_is_bounded_in_bytes_too() -> None:
