@@ -12,7 +12,9 @@
 
 Without a configured token every change is refused (403) with the setting to set; a missing
 header is 401, a wrong token 403. Registry refusals map to 404 / 409 / 422 with the
-registry's own message (it names the CLI command that fixes it); the database away, to 503.
+registry's own message (it names the CLI command that fixes it); the database away (or a setting of its, a right
+its user lacks, tables not this release's, a full disk: named, with the fix), to 503 with Retry-After; any other
+refusal of the database's (an IntegrityError, a DataError), to 500 with its first line: no wait mends it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from app.db import disk_full, disk_full_fix, refused_by_setting
+from app.db import NOT_AN_OUTAGE, away, disk_full, one_line, refusal, refused_by_setting
 from app.request_body import ClientGone, not_utf8, path_is_utf8, read_body
 from models.registry import RegistryError
 
@@ -159,25 +161,32 @@ def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[BaseMode
         except BadUserId as error:
             return _json(422, {"error": f"user_id: {error}", "field": "user_id"})
         except SQLAlchemyError as error:  # a change is swapped in only once saved (see Lineup._change)
-            engine = getattr(request.app.state.service, "engine", None)
-            setting = refused_by_setting(error, engine.url.username if engine is not None else None)
-            # A refusal by the operator's setting (a statement_timeout shorter than a registration's read of
-            # the decision log, say) read as an outage, to be waited out, which changed nothing.
-            first_line = str(getattr(error, 'orig', error)).strip().splitlines()[0]
-            if setting is not None:
-                why = f"the database refused it ({first_line}): {setting}; nothing changed"
-            elif disk_full(error):  # "try again once it is back" sent the operator to wait for a database that is up
-                why = (f"the database's disk is full ({first_line}); nothing changed: "
-                       f"{disk_full_fix(engine.url if engine is not None else 'postgresql://')}, then try again")
-            else:
-                why = f"the database is away ({type(error).__name__}); nothing changed: try again once it is back"
-            response = _json(503, {"error": why, "field": None})
-            response.headers["Retry-After"] = "5"
-            return response
+            return _database_refusal(request, error)
         return _json(status, result)
 
     endpoint.__doc__ = _admin_doc(action.__doc__ or "", body)
     return endpoint
+
+
+def _database_refusal(request: Request, error: SQLAlchemyError) -> Response:
+    """The answer to a change the database did not save: 503 with Retry-After only for what a wait mends."""
+    engine = getattr(request.app.state.service, "engine", None)
+    setting = refused_by_setting(error, engine.url.username if engine is not None else None)
+    first_line = one_line(error, engine.url if engine is not None else "postgresql://")  # a full disk: where to free
+    # A refusal by the operator's setting (a statement_timeout shorter than a registration's read of
+    # the decision log, say) read as an outage, to be waited out, which changed nothing.
+    if setting is not None:
+        why = f"the database refused it ({first_line}): {setting}; nothing changed"
+    elif disk_full(error):  # "try again once it is back" sent the operator to wait for a database that is up
+        why = f"{first_line}, then try again; nothing changed"
+    elif away(error):
+        why = f"the database is away ({type(error).__name__}); nothing changed: try again once it is back"
+    else:  # an IntegrityError or DataError (a trigger or constraint the operator added, or a bug of ours) was told
+        # as an outage, with Retry-After: every retry met the same refusal.
+        return _json(500, {"error": f"{refusal(error)}; nothing changed. {NOT_AN_OUTAGE}", "field": None})
+    response = _json(503, {"error": why, "field": None})
+    response.headers["Retry-After"] = "5"
+    return response
 
 
 _REFUSALS = {
@@ -186,6 +195,9 @@ _REFUSALS = {
     403: {"description": "wrong token, or TIPSTREAM_ADMIN_TOKEN unset"},
     413: {"description": f"the body is larger than {ADMIN_MAX_BODY_BYTES} bytes; nothing changed"},
     422: {"description": "a bad body (the field named); nothing changed"},
+    500: {"description": "the database refused the change for something no wait mends and no setting explains (an "
+                         "IntegrityError or DataError: a constraint or trigger added to tipstream's tables, or a bug; "
+                         "its first line named); nothing changed"},
     503: {"description": "the database is away, or a setting of its, a right its user lacks, or tables not this "
                          "release's refused the change (named, with its fix); "
                          "nothing changed", "headers": {"Retry-After": {"schema": {"type": "integer"}}}},

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Engine, select
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
 
 from app import db
 from app.checkpoint_rows import OpenCheckpoint, PositionsBehind, positions_behind, write_checkpoint
@@ -327,7 +328,8 @@ class Checkpointer:
         """Why events wait for a checkpoint, for ingest's line when it holds: a catch-up that changes many
         users at once makes a checkpoint long while the database is fine (131,000 users on SQLite: 2.5-3.7 s,
         its serialising given a turn of the event loop per chunk of ingest), and the line blamed the database."""
-        if self.last_error is not None and self.last_error.startswith("the database's disk is full"):
+        if self.last_error is not None and self.last_error.startswith(("the database's disk is full",
+                                                                       "the database refused it", "it failed (")):
             return f"checkpoints fail: {self.last_error}"
         if self.last_error is not None:
             return f"checkpoints fail ({self.last_error}): is the database away?"
@@ -378,6 +380,11 @@ class Checkpointer:
                               "counted twice; until then a restart replays more, and /score answers 503 once "
                               "TIPSTREAM_MAX_UNWRITTEN_DECISIONS decisions wait. Retrying in %.1fs.",
                               db.one_line(error, self._url()), backoff)
+                elif _refused(error):
+                    # An IntegrityError (a trigger or constraint the operator added to tipstream's tables) was
+                    # told as an outage, 'once the database answers again': it answers, with the same refusal.
+                    log.error("checkpoint failed: %s; retrying in %.1fs, and events are safe in the streams. %s.",
+                              db.refusal(error), backoff, db.NOT_AN_OUTAGE)
                 else:
                     log.warning("checkpoint failed (%s); retrying in %.1fs, or once the database answers again. "
                                 "Events are safe in the streams.%s", error, backoff, _fix_for(error))
@@ -437,6 +444,7 @@ class Checkpointer:
                 raise
             except Exception as error:  # also those asked for outside `run` (before a card reads the log)
                 self.last_error = (db.one_line(error, self._url()) if db.disk_full(error)
+                                   else db.refusal(error) if _refused(error)
                                    else f"{type(error).__name__}: {error}".splitlines()[0])
                 raise
 
@@ -646,6 +654,13 @@ async def sorted_in_turns(items: list[str]) -> list[str]:
 def _among(ordered: list[str], item: str) -> bool:
     at = bisect_left(ordered, item)
     return at < len(ordered) and ordered[at] == item
+
+
+def _refused(error: Exception) -> bool:
+    """A refusal by a database that answered, told as such (`db.refusal`): not an outage, nor a setting's or a full
+    disk's, which are told with their fix."""
+    return (isinstance(error, SQLAlchemyError) and not db.away(error) and not db.disk_full(error)
+            and db.refused_by_setting(error) is None)
 
 
 def _fix_for(error: Exception) -> str:

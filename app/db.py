@@ -34,7 +34,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 metadata = MetaData()
 
@@ -293,6 +294,43 @@ def tables_not_this_releases(error: BaseException) -> bool:
         return False
     text = str(orig)
     return text.startswith(_SQLITE_SCHEMA_REFUSALS) or " has no column named " in text
+
+
+def away(error: BaseException) -> bool:
+    """Whether `error` says the database did not answer (down, unreachable, its connection lost, no pooled
+    connection free in time), which a wait may mend. Not a refusal by a database that answered: an
+    IntegrityError or DataError (a constraint or trigger the operator added, or a bug of tipstream's) is met
+    again by every retry. Ask `refused_by_setting` and `disk_full` first: SQLite says those, and 'database is
+    locked', with an OperationalError too.
+
+    >>> import sqlite3
+    >>> from sqlalchemy.exc import IntegrityError
+    >>> away(OperationalError("COMMIT", None, sqlite3.OperationalError("database is locked")))
+    True
+    >>> away(IntegrityError("INSERT", None, sqlite3.IntegrityError("a trigger refused it")))
+    False
+    """
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError))
+
+
+def refusal(error: BaseException) -> str:
+    """`error`, a SQLAlchemy error that is not the database `away` (nor a setting's refusal or a full disk, which
+    are told with their fix), as told: its type, which says the database answered and refused (IntegrityError,
+    DataError), and the database's first line. `NOT_AN_OUTAGE` goes after.
+
+    >>> import sqlite3
+    >>> from sqlalchemy.exc import IntegrityError
+    >>> refusal(IntegrityError("INSERT INTO model_rollouts ...", None, sqlite3.IntegrityError("no promotions today")))
+    'the database refused it (IntegrityError: no promotions today)'
+    """
+    what = "the database refused it" if isinstance(error, DBAPIError) else "it failed"  # else a StatementError: ours
+    return f"{what} ({type(error).__name__}: {one_line(error)})"
+
+
+NOT_AN_OUTAGE = ("Not an outage: trying again meets the same refusal until what refuses it changes (a constraint or "
+                 "trigger added to tipstream's tables; else a bug of tipstream's to report)")
 
 
 def refused_by_setting(error: BaseException, user: str | None = None) -> str | None:

@@ -425,3 +425,73 @@ async def test_an_admin_change_on_tables_not_this_release_s_is_told_to_migrate_n
     error = await promotion_refused(running, token)
     assert "model_rollouts" in error and "run `tipstream migrate`" in error, error
     assert "nothing changed" in error and "once it is back" not in error, error
+
+
+def refusing_trigger(url: str, table: str, words: str, drop: bool = False) -> None:
+    """A trigger of the operator's refusing every row written to `table` (`drop`: taken away again), as an
+    IntegrityError from a database that answers: SQLite's RAISE(ABORT), PostgreSQL's check_violation."""
+    engine = sa.create_engine(url)
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.begin() as conn:
+        if drop:
+            conn.execute(sa.text(f"DROP TRIGGER refuse_{table}" + ("" if sqlite else f" ON {table}")))
+        elif sqlite:
+            conn.execute(sa.text(f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table} "
+                                 f"BEGIN SELECT RAISE(ABORT, '{words}'); END"))
+        else:
+            conn.execute(sa.text(f"CREATE OR REPLACE FUNCTION refuse_{table}() RETURNS trigger LANGUAGE plpgsql AS "
+                                 f"$$BEGIN RAISE EXCEPTION '{words}' USING ERRCODE = 'check_violation'; END$$"))
+            conn.execute(sa.text(f"CREATE TRIGGER refuse_{table} BEFORE INSERT ON {table} FOR EACH ROW "
+                                 f"EXECUTE FUNCTION refuse_{table}()"))
+    engine.dispose()
+
+
+async def test_an_admin_change_a_trigger_refuses_is_told_refused_not_an_outage(
+        start_service, database_url, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """An IntegrityError (a trigger or constraint the operator added, or a bug) answered a promotion with 503
+    'the database is away (IntegrityError); nothing changed: try again once it is back' and Retry-After: the
+    database answered, and every retry met the same refusal. The CLI printed the same."""
+    from app.cli import main
+
+    token = "s3cret-token-for-tests"
+    running = await start_service(database_url=database_url, admin_token=token, bootstrap_shadow_kind="logreg")
+    refusing_trigger(database_url, "model_rollouts", "no rollouts during the freeze")
+    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", token)
+    try:
+        async with running.http() as http:
+            refused = await http.post("/admin/models/v2/promote", timeout=10,
+                                      headers={"Authorization": f"Bearer {token}"})
+            roles = (await http.get("/models")).json()
+        code = await asyncio.to_thread(main, ["models", "promote", "v2", "--url", running.base_url])
+    finally:
+        await running.stop()
+    assert refused.status_code == 500 and "retry-after" not in refused.headers, (refused.status_code, refused.text)
+    error = refused.json()["error"]
+    assert error.startswith("the database refused it (IntegrityError: no rollouts during the freeze); nothing "
+                            "changed. Not an outage"), error
+    assert "away" not in error and "once it is back" not in error, error
+    assert (roles["champion"], roles["shadow"]) == ("v1", "v2")
+    told = capsys.readouterr().err
+    assert code == 1 and "refused (500): the database refused it (IntegrityError: no rollouts" in told, told
+
+
+async def test_checkpoints_a_trigger_refuses_are_told_refused_not_an_outage_and_go_on_once_it_goes(
+        start_service, nc, database_url, caplog: pytest.LogCaptureFixture) -> None:
+    """A checkpoint an IntegrityError refused was logged 'retrying ..., or once the database answers again',
+    and ingest's hold asked 'is the database away?': it answered, and refused each retry the same."""
+    running = await start_service(database_url=database_url, checkpoint_every_s=0.1)
+    checkpointer = running.service.checkpointer
+    checkpointer.retry_first_s = checkpointer.retry_max_s = 0.1  # the backoff is not what is tested
+    refusing_trigger(database_url, "user_state", "no new users today")
+    js = nc.jetstream()
+    for i in range(5):
+        await js.publish("signals.app.opened", opened(i))
+    await eventually(lambda: checkpointer.last_error is not None, timeout=20)
+    assert checkpointer.last_error.startswith("the database refused it (IntegrityError: no new users today"), \
+        checkpointer.last_error
+    assert "is the database away" not in checkpointer.behind_because()
+    failed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checkpoint failed")]
+    assert failed and "the database refused it (IntegrityError: no new users today)" in failed[-1], failed
+    assert "Not an outage" in failed[-1] and "answers again" not in failed[-1] and "[SQL:" not in failed[-1], failed
+    refusing_trigger(database_url, "user_state", "", drop=True)
+    await eventually(lambda: checkpointed(database_url) == 5 and checkpointer.last_error is None, timeout=15)

@@ -5,6 +5,7 @@ the declared schema (JSON Schema 2020-12, as OpenAPI 3.1 uses, `$ref`s resolved 
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import orjson
 from jsonschema import Draft202012Validator, FormatChecker
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from streams.store import StateUnavailable
 from tests.conftest import NatsServer, eventually
@@ -90,6 +92,13 @@ class Contract:
 
 def unavailable(user_id: str) -> None:
     raise StateUnavailable(user_id)
+
+
+def raising(error: Exception) -> Callable[..., Awaitable[None]]:
+    async def change(*_args: Any) -> None:
+        raise error
+
+    return change
 
 
 def score_body(**changes: Any) -> dict[str, Any]:
@@ -180,6 +189,11 @@ async def test_every_answer_is_what_the_document_says(start_service, nc, tmp_pat
         assert await admin("/admin/models/{version}/retire", "/admin/models/v2/retire") == 200
         assert await admin("/admin/models/{version}/shadow", "/admin/models/v1/shadow") == 409  # the champion
         assert await admin(register, "/admin/models", {"version": "-x"}) == 422
+        for error, status in [(IntegrityError("INSERT", None, Exception("a trigger refused it")), 500),
+                              (OperationalError("INSERT", None, Exception("connection lost")), 503)]:
+            with monkeypatch.context() as patch:  # the database refusing the change, and away
+                patch.setattr(running.service.lineup, "promote", raising(error))
+                assert await admin(promote, "/admin/models/v3/promote") == status
 
         forget = "/admin/users/{user_id}/forget"
 
