@@ -1,7 +1,8 @@
 """The ids of the decisions /score serves: the time each was served, to the millisecond, then random bits.
 
 The time in an id is when it was served, whatever `context.now` the caller scored for (the decision's `ts`):
-forgetting a user goes by it (`checkpoint_rows.delete_decisions_served_until`), as does the learner. Apart
+forgetting a user goes by it (`checkpoint_rows.delete_decisions_served_until`), as do the learner and the
+retention of `tip_scores` (`retention`, by the primary key: ids of ours sort as the times in them). Apart
 from `app.decisions` so that the checkpoint writer's process reads ids without its imports.
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import os
 import time
+
+ID_LENGTH = 30  # "d-", 12 hex digits of time, 16 random
 
 
 def new_decision_id() -> str:
@@ -33,9 +36,19 @@ def decision_time_ms(decision_id: str) -> int | None:
     >>> decision_time_ms("d-019c5e8a2b10" + "0" * 16), decision_time_ms("external-7")
     (1771112639248, None)
     """
-    if len(decision_id) == 30 and decision_id.startswith("d-"):
+    if len(decision_id) == ID_LENGTH and decision_id.startswith("d-"):
         try:
             return int(decision_id[2:14], 16)
         except ValueError:
             return None
     return None
+
+
+def served_before_bound(ms: int) -> str:
+    """The lowest id `new_decision_id` gives at `ms` (since the epoch): ids of ours sort as the times in them (12 hex
+    digits, fixed width), so an id of ours below it, from "d-", is of a decision served before `ms`.
+
+    >>> served_before_bound(1771112639248) < new_decision_id(), decision_time_ms(served_before_bound(1) + "0" * 16)
+    (True, 1)
+    """
+    return f"d-{ms:012x}"

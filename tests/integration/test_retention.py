@@ -11,8 +11,10 @@ import pytest
 import sqlalchemy as sa
 
 from app import db, migrate
+from app.decision_ids import served_before_bound
 from app.learning_metrics import DECISION_ROWS_PRUNED
 from app.retention import TipScoresRetention
+from streams.fold import to_ms
 from tests.conftest import eventually
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
@@ -59,6 +61,35 @@ async def test_rows_older_than_the_bound_go_in_batches_and_younger_ones_stay(dat
     assert decision_ids(engine) == {r["decision_id"] for r in young}
     assert pruned_so_far() - before == len(old)
     assert await retention.prune() == 0
+    engine.dispose()
+
+
+async def test_a_decision_served_for_a_now_far_ahead_goes_by_when_it_was_served(database_url: str) -> None:
+    """A row's `created_at` is the request's `context.now`: scored for a `now` far ahead (a reminder for next
+    year, or year 9999), a row was kept as long by it, the user's features as served with it once rewarded. When
+    it was served, the time in its id, bounds it too, as it bounds a forget; an id with no time in it (another
+    publisher's) goes by its `created_at` alone."""
+    migrate.upgrade(database_url)
+    engine = db.make_engine(database_url)
+    cut, ahead = NOW - timedelta(days=30), datetime(9999, 12, 31, tzinfo=UTC)
+
+    def served(at: datetime, tail: str = "0") -> str:
+        return served_before_bound(to_ms(at)) + tail * 16
+
+    rewarded = {"reward": 1.0, "rewards": {"t1": 1.0}}
+    gone = [row(served(cut - timedelta(days=1)), ahead),
+            {**row(served(cut - timedelta(milliseconds=1), "1"), NOW + timedelta(days=400)), **rewarded,
+             "rewarded_at": cut - timedelta(hours=1)},
+            row("old-by-its-now", cut - timedelta(days=1))]
+    kept = [row(served(cut), ahead), row(served(NOW - timedelta(days=1)), ahead),
+            # Served long ago, rewarded since: kept for its reward, as by `created_at`.
+            {**row(served(cut - timedelta(days=2), "2"), ahead), **rewarded, "rewarded_at": NOW - timedelta(hours=1)},
+            row("d-0001", ahead), row("elsewhere-" + "0" * 20, ahead)]  # no time in their ids
+    with engine.begin() as conn:
+        db.upsert(conn, db.tip_scores, gone + kept, ["decision_id"])
+    retention = TipScoresRetention(engine, max_age_days=30, clock=NOW.timestamp, batch=2)
+    assert await retention.prune() == len(gone)  # a batch of both kinds, then one of the second
+    assert decision_ids(engine) == {r["decision_id"] for r in kept}
     engine.dispose()
 
 
