@@ -27,12 +27,22 @@ checkpoint (0.5-0.8 ms). A small run (`--rows 500 --batches 1`) can show one slo
 transaction: it is the commit's, not the statement's.
 Last line: {"bench": "row_writes", "table": ..., "rows": ..., "executemany_us_per_row": ..., "upsert_us_per_row": ...,
 "speedup": ..., "executemany_stall_ms": ..., "upsert_stall_ms": ...}
+
+    python bench/row_writes.py --against 0008 --batches 20     # db.upsert at the head schema against 0008's
+
+`--against REVISION`: what a schema change (an index) costs the checkpoint's writes. `db.upsert` alone, its
+batches alternating between the head schema and REVISION's (no busy thread; the database migrated down and up between two,
+untimed; `--database-url`: PostgreSQL, an empty database of yours), in one table that grows for both alike.
+Last line: {"bench": "row_writes", "table": ..., "rows": ..., "against": ..., "head_us_per_row": ...,
+"against_us_per_row": ..., "ratio": ...} (ratio: head's time over REVISION's; medians of the batches).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -47,11 +57,14 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from app import db, migrate
 from app.bootstrap import GIL_SWITCH_INTERVAL_S
+from app.decision_ids import served_before_bound
+from streams.fold import to_ms
 
 
 def decision_rows(batch: int, count: int) -> list[dict[str, Any]]:
     created = datetime(2026, 11, 26, 8, tzinfo=UTC)
-    return [{"decision_id": f"d-{batch:04d}-{i:08d}", "user_id": f"u-{i % 2000}", "created_at": created,
+    served = to_ms(created) + batch * count  # ids as `new_decision_id` makes them, a millisecond apart
+    return [{"decision_id": served_before_bound(served + i) + f"{batch:08x}{i:08x}", "user_id": f"u-{i % 2000}", "created_at": created,
              "kind": "scored", "model_version": "v1", "shadow_version": None, "prompt_version": None,
              "policy": "epsilon_greedy", "tip_id": f"tip-focus-{i % 12}", "score": 0.5, "propensity": 0.9,
              "decision": None, "rewards": None, "reward": None, "rewarded_at": None} for i in range(count)]
@@ -85,13 +98,50 @@ def timed(engine: Any, write: Any, table: Any, key: str, batches: list[list[dict
     return (time.perf_counter() - started) / sum(map(len, batches))
 
 
+def against(args: argparse.Namespace, url: str) -> dict[str, Any]:
+    """`db.upsert`'s batches alternating between the head schema and `args.against`'s, in one database."""
+    table, key, make_rows = TABLES[args.table]
+    head = migrate.revisions()[-1]
+    times: dict[str, list[float]] = {head: [], args.against: []}
+    migrate.upgrade(url)
+    for b in range(args.batches):
+        for revision in (head, args.against) if b % 2 else (args.against, head):  # each goes first half the time
+            (migrate.upgrade if revision == head else migrate.downgrade)(url, revision)
+            engine = db.make_engine(url)
+            timed(engine, upsert, table, key, [make_rows(0, 2)])  # connected, statement prepared
+            times[revision].append(timed(engine, upsert, table, key, [make_rows(1 + 2 * b + (revision == head),
+                                                                                args.rows)]))
+            engine.dispose()
+    migrate.upgrade(url)
+    engine = db.make_engine(url)
+    with engine.begin() as conn:  # an empty database, as it was given
+        conn.execute(table.delete())
+    engine.dispose()
+    new, old = statistics.median(times[head]), statistics.median(times[args.against])
+    print(f"{args.table}: db.upsert at {head} {new * 1e6:.1f} us a row, at {args.against} {old * 1e6:.1f} "
+          f"(ratio {new / old:.3f}; medians of {args.batches} batches of {args.rows} rows each)")
+    return {"bench": "row_writes", "table": args.table, "rows": args.rows * args.batches, "against": args.against,
+            "head_us_per_row": round(new * 1e6, 2), "against_us_per_row": round(old * 1e6, 2),
+            "ratio": round(new / old, 3)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=5_000, help="rows per batch (default 5000)")
     parser.add_argument("--batches", type=int, default=2, help="batches per way of writing (default 2)")
     parser.add_argument("--table", choices=sorted(TABLES), default="tip_scores", help="what to write (default tip_scores)")
     parser.add_argument("--idle", action="store_true", help="no busy thread: the writes alone")
+    parser.add_argument("--against", metavar="REVISION",
+                        help="db.upsert alone, alternating between the head schema and this revision's")
+    parser.add_argument("--database-url", default=os.environ.get("TIPSTREAM_BENCH_DATABASE_URL"),
+                        help="with --against: an empty database of yours (default: SQLite in a temporary directory)")
     args = parser.parse_args()
+    if args.against:
+        if args.against not in migrate.revisions()[:-1]:
+            parser.error(f"--against {args.against}: name a revision before the head, {migrate.revisions()[-1]}")
+        with tempfile.TemporaryDirectory(prefix="tipstream-bench-") as data_dir:
+            print(json.dumps(against(args, args.database_url or f"sqlite:///{Path(data_dir) / 'rows.db'}")))
+        return 0
 
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     stop = threading.Event()
