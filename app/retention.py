@@ -8,10 +8,10 @@ by default; 0 keeps them all).
 
 Steps of one pass (every `EVERY_S` seconds):
 1. The cut is the wall clock less the bound.
-2. Delete the oldest `BATCH` rows whose decision was made (`created_at`) or served (the time in its id) before
-   the cut, and whose `rewarded_at` (if any) is before it too, in a transaction of their own, in a worker thread
-   (SQLite and psycopg let go of the GIL while the database works): by `created_at` (its index), then, while
-   the batch has room, by when served (the primary key: ids of ours sort as the times in them, `decision_ids`).
+2. Delete the `BATCH` rows that may go first: whose decision was made (`created_at`) or served (the time in
+   its id) before the cut, and whose `rewarded_at` (if any) is before it too, in a transaction of their own, in
+   a worker thread (SQLite and psycopg let go of the GIL while the database works), read off the index of when
+   each row may go (`db.tip_scores_goes_at`, migration 0009): a pass reads about the rows it deletes.
    The checkpoint's transactions wait at most one batch. A row a checkpoint holds is left for the next pass
    (PostgreSQL's SKIP LOCKED): the pass waits for none.
 3. Repeat until a batch comes back short: after a long stop, a backlog of millions goes in
@@ -26,6 +26,17 @@ go before its reward comes, inside the join window (`TIPSTREAM_LEARNER_JOIN_WIND
 when it was served); the reward then writes the whole row back (the learner holds the decision), and
 `rewarded_at` keeps it for the bound. A row served in the present is older than the join window,
 which the settings keep shorter than the bound, before it can go.
+
+Rows made before the cut and rewarded after it (a reward comes up to the join window, 3 days, after its
+decision) cannot go yet: ~1.8 million at 5,000 answers a second with a tenth rewarded an hour later. Walking
+`created_at`'s index and then the primary key's from the oldest, as before 0009, every pass read them all
+again before any row it deleted, and on SQLite held the write lock (the checkpoint's) meanwhile. A pass with
+nothing to delete, beside 1M younger rows (`python bench/retention.py`, `--database-url` for PostgreSQL), with
+0, 10,000, 100,000 and 300,000 such rows: on SQLite 3.4, 62, 1,425 and 3,244 ms before, 1.3-3.7 ms now; on
+PostgreSQL 4.8, 17, 85 and 573 ms before, 2.0-3.0 ms now. A backlog of 100,000 rows beside the 300,000 went in
+18.3 s before, 12.7 s now on SQLite (the deletes themselves), 2.5 and 1.0 s on PostgreSQL. The index costs each
+row the checkpoint writes: 25.4 -> 31.8 and 30.3 -> 36.9 us on SQLite, 21.5 -> 25.5, 23.3 -> 29.6 and
+25.5 -> 35.1 on PostgreSQL (`python bench/row_writes.py --against 0008 --batches 20`, alternating; 10 there).
 """
 
 from __future__ import annotations
@@ -34,13 +45,12 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, delete, func, select
+from sqlalchemy import Engine, delete, select
 from sqlalchemy.engine import Connection
 
 from app import db
-from app.decision_ids import ID_LENGTH, served_before_bound
+from app.decision_ids import served_before_bound
 from app.learning_metrics import DECISION_ROWS_PRUNED
 from app.thread_work import ThreadWork
 from streams.fold import to_ms
@@ -65,36 +75,29 @@ def cut_for(now_s: float, max_age_days: float) -> datetime | None:
         return None
 
 
+def goes_at_key(dialect_name: str, cut: datetime) -> datetime | str:
+    """`cut` as `db.tip_scores_goes_at` is compared with. SQLite's is in milliseconds (floored), as 12 hex digits
+    (1970 for any time before: its expression has none earlier); a row within a millisecond of the cut goes at
+    the next pass.
+
+    >>> goes_at_key("sqlite", datetime(2026, 2, 14, 23, 43, 59, 248_999, UTC))
+    '019c5e8a2b10'
+    """
+    return cut if dialect_name == "postgresql" else served_before_bound(max(to_ms(cut), 0)).removeprefix("d-")
+
+
 def delete_before(conn: Connection, cut: datetime, limit: int) -> int:
     """Delete up to `limit` rows whose decision was made or served before `cut` and whose last reward was too
-    (steps 2-3); how many went. The oldest by `created_at` first (its index), then the oldest served (the primary
-    key's), as long as the batch has room."""
-    table = db.tip_scores
-    deleted = _delete_oldest(conn, table.c.created_at < cut, table.c.created_at, cut, limit)
-    cut_ms = to_ms(cut)
-    if deleted < limit and cut_ms > 0:  # no id of ours is older than 1970
-        # A decision served for a `context.now` far ahead has that as its `created_at`: gone by it alone, its
-        # row (the user's features as served, once rewarded) stayed for as long ahead, indefinitely for year 9999.
-        # An id of another publisher's, not ours in form, has no time in it (`decision_ids`): its `created_at` only.
-        ours = table.c.decision_id.startswith("d-") & (func.length(table.c.decision_id) == ID_LENGTH)
-        served = (table.c.decision_id >= "d-") & (table.c.decision_id < served_before_bound(cut_ms)) & ours
-        deleted += _delete_oldest(conn, served, table.c.decision_id, cut, limit - deleted)
-    return deleted
-
-
-def _delete_oldest(conn: Connection, old: ColumnElement[bool], order: ColumnElement[Any], cut: datetime,
-                   limit: int) -> int:
-    """Delete the first `limit` rows by `order` (an indexed column: the pass reads no more of the table than it
-    deletes) that are `old` and unrewarded or rewarded before `cut`."""
-    table = db.tip_scores
+    (steps 2-3), the earliest to go first, read off the index of when each may go; how many went."""
+    table, goes_at = db.tip_scores, db.tip_scores_goes_at
     # In the outer statement too: PostgreSQL re-checks a row a concurrent checkpoint has just
     # rewarded against the outer conditions only, and the subquery's answer was read before it.
-    old = old & (table.c.rewarded_at.is_(None) | (table.c.rewarded_at < cut))
+    old = goes_at < goes_at_key(conn.dialect.name, cut)
     # Rows a checkpoint holds (rewriting old rows: a rebuild from the log, a backfill) are left for the
     # next pass, not waited for: waiting, the delete and the checkpoint each held rows the other
     # wanted, and PostgreSQL aborted one of them (deadlock detected), the checkpoint as often as not.
     # Locked here first, the rows deleted are waited on by a checkpoint at most, never the other way.
-    oldest = select(table.c.decision_id).where(old).order_by(order).limit(limit).with_for_update(skip_locked=True)
+    oldest = select(table.c.decision_id).where(old).order_by(goes_at).limit(limit).with_for_update(skip_locked=True)
     return conn.execute(delete(table).where(table.c.decision_id.in_(oldest.scalar_subquery()), old)).rowcount
 
 

@@ -202,7 +202,7 @@ def test_alembic_downgrade_refused_ends_with_what_to_do_not_a_traceback(
     assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr  # alembic's own refusals exit 255
     assert done.stdout.startswith("FAILED: erasures_earlier holds 1 record(s) of users forgotten before they were "
                                   "asked for again ('u-42')") and "DELETE FROM erasures_earlier" in done.stdout
-    assert migrate.current(url) == "0008"
+    assert migrate.current(url) == migrate.revisions()[-1]  # the downgrade rolled back whole
 
 
 def test_alembic_downgrade_refuses_under_a_running_service(
@@ -662,7 +662,7 @@ def test_a_postgresql_user_that_only_reads_and_writes_the_tables_runs_but_is_tol
         assert main(["migrate", "base"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("tipstream: ") and err.count("\n") == 1, err
-    assert "must be owner of table" in err and "for their owner, postgres" in err, err
+    assert "must be owner of " in err and "for their owner, postgres" in err, err  # an index first, since 0009
     assert "DATABASE_URL naming postgres" in err and "GRANT" not in err, err
 
 
@@ -858,7 +858,7 @@ def test_migrate_base_refuses_while_a_request_to_forget_a_user_is_not_done(
     # Nor does a downgrade to a release from before forgetting users existed (alembic downgrade 0006).
     with pytest.raises(RuntimeError, match=r"1 request\(s\) to forget a user are not done \('u-42'\)"):
         migrate.downgrade(database_url, "0006")
-    assert migrate.current(database_url) == "0008"
+    assert migrate.current(database_url) == migrate.revisions()[-1]
     with engine.begin() as conn:
         conn.execute(sa.text("update erasures set status = 'done'"))
     # Asked for again: the request done is the record kept, which a release from before 0008 would drop.
@@ -910,7 +910,7 @@ def test_a_downgrade_below_0008_refused_for_erasures_earlier_goes_through_once_i
     told = str(refused.value)
     assert told.startswith("erasures_earlier holds 2 record(s) of users forgotten before they were asked for "
                            "again ('u-42', 'u-7')"), told
-    assert migrate.current(database_url) == "0008"
+    assert migrate.current(database_url) == migrate.revisions()[-1]
     with engine.begin() as conn:  # what the message says to do, as it says it
         conn.execute(sa.text(re.search(r"\((DELETE FROM \w+)\)", told).group(1)))
     migrate.downgrade(database_url, "0007")

@@ -126,6 +126,7 @@ def test_an_upgrade_cut_short_leaves_the_database_at_its_revision(database_url: 
         engine.dispose()
 
 
+@pytest.mark.filterwarnings("ignore:.*expression-based index:UserWarning", "ignore:.*expression-based index")
 def test_the_tables_in_app_db_are_what_the_migrations_create(database_url: str) -> None:
     """Autogenerate's comparison, types and server defaults included, finds nothing to change:
     code that builds the schema from `app.db` gets the database the migrations make."""
@@ -134,10 +135,16 @@ def test_the_tables_in_app_db_are_what_the_migrations_create(database_url: str) 
 
     from app import db
 
+    def include(_: object, name: str | None, kind: str, *__: object) -> bool:
+        # An index on an expression: SQLite's is not read back, PostgreSQL's comes back in its own spelling.
+        # That the migration's is the one the retention's query uses: test_retention.py, a pass reads through it.
+        return not (kind == "index" and name == "ix_tip_scores_goes_at")
+
     migrate.upgrade(database_url)
     engine = sa.create_engine(database_url)
     with engine.connect() as conn:
-        context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+        context = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True,
+                                                         "include_object": include})
         assert compare_metadata(context, db.metadata) == []
     engine.dispose()
 
