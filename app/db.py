@@ -130,7 +130,9 @@ _SQLITE_SERVED = ("CASE WHEN length(decision_id) = 30 AND substr(decision_id, 1,
                   "substr(decision_id, 3, 12) NOT GLOB '*[^0-9a-f]*' THEN substr(decision_id, 3, 12) ELSE 'g' END")
 _SQLITE_GOES_AT = (f"max(min({_SQLITE_MS.format('created_at')}, {_SQLITE_SERVED}), "
                    f"CASE WHEN rewarded_at IS NULL THEN '' ELSE {_SQLITE_MS.format('rewarded_at')} END)")
-_POSTGRESQL_SERVED = ("CASE WHEN length(decision_id) = 30 AND decision_id ~ '^d-[0-9a-f]{12}' THEN "
+# ltrim, not a regular expression: a third of the expression's cost to each row written.
+_POSTGRESQL_SERVED = ("CASE WHEN length(decision_id) = 30 AND substr(decision_id, 1, 2) = 'd-' AND "
+                      "ltrim(substr(decision_id, 3, 12), '0123456789abcdef') = '' THEN "
                       "to_timestamp(CAST(CAST(CAST('x' || substr(decision_id, 3, 12) AS bit(48)) AS bigint) AS "
                       "double precision) / 1000) END")
 _POSTGRESQL_GOES_AT = f"GREATEST(LEAST(created_at, {_POSTGRESQL_SERVED}), rewarded_at)"  # both pass over NULLs

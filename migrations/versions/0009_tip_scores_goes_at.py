@@ -28,8 +28,8 @@ _SQLITE_SERVED = ("CASE WHEN length(decision_id) = 30 AND substr(decision_id, 1,
 GOES_AT = {
     "sqlite": (f"max(min({_SQLITE_MS.format('created_at')}, {_SQLITE_SERVED}), "
                f"CASE WHEN rewarded_at IS NULL THEN '' ELSE {_SQLITE_MS.format('rewarded_at')} END)"),
-    "postgresql": "GREATEST(LEAST(created_at, CASE WHEN length(decision_id) = 30 AND decision_id ~ '^d-[0-9a-f]{12}' "
-                  "THEN to_timestamp(CAST(CAST(CAST('x' || substr(decision_id, 3, 12) AS bit(48)) AS bigint) AS "
+    "postgresql": "GREATEST(LEAST(created_at, CASE WHEN length(decision_id) = 30 AND substr(decision_id, 1, 2) = 'd-' "
+                  "AND ltrim(substr(decision_id, 3, 12), '0123456789abcdef') = '' THEN to_timestamp(CAST(CAST(CAST('x' || substr(decision_id, 3, 12) AS bit(48)) AS bigint) AS "
                   "double precision) / 1000) END), rewarded_at)",
 }
 

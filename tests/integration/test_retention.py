@@ -85,7 +85,8 @@ async def test_a_decision_served_for_a_now_far_ahead_goes_by_when_it_was_served(
     kept = [row(served(cut), ahead), row(served(NOW - timedelta(days=1)), ahead),
             # Served long ago, rewarded since: kept for its reward, as by `created_at`.
             {**row(served(cut - timedelta(days=2), "2"), ahead), **rewarded, "rewarded_at": NOW - timedelta(hours=1)},
-            row("d-0001", ahead), row("elsewhere-" + "0" * 20, ahead)]  # no time in their ids
+            row("d-0001", ahead), row("elsewhere-" + "0" * 20, ahead),  # no time in their ids
+            row("d-0000000000zz" + "0" * 16, ahead)]  # our form's length, no time in its digits
     with engine.begin() as conn:
         db.upsert(conn, db.tip_scores, gone + kept, ["decision_id"])
     retention = TipScoresRetention(engine, max_age_days=30, clock=NOW.timestamp, batch=2)
