@@ -31,11 +31,10 @@ log = logging.getLogger("tipstream")
 NATS_GREETING_S = 2.0
 # A server that stops answering without closing the connection (hung, or a network dropping packets) is
 # noticed only by pings: nats-py's defaults (every 120 s, 2 unanswered) took 330 s, while /readyz said
-# ready and a service on a cluster stayed on the lost node. 10 s and 2: noticed 20-30 s after it hangs (29 s
-# by /readyz), then the reconnect moves on. A stalled event loop delays the pings as well
-# as their answers, so it cannot pass for a lost server; not shorter, as a PONG waits behind the
-# messages the server is still sending (a catch-up's pull requests, megabytes over a slow link).
-PING_INTERVAL_S = 10
+# ready and a service on a cluster stayed on the lost node. Every TIPSTREAM_NATS_PING_INTERVAL_S (10 s) and
+# 2: noticed 20-30 s after it hangs (29 s by /readyz), then the reconnect moves on. A stalled event loop
+# delays the pings as well as their answers, so it cannot pass for a lost server; not shorter, as a PONG waits
+# behind the messages the server is still sending (a catch-up's pull requests, megabytes over a slow link).
 MAX_OUTSTANDING_PINGS = 2
 NATS_PORTS = " (NATS clients connect on 4222 by default; 8222 is its HTTP monitoring port, 6222 its cluster port)"
 
@@ -73,7 +72,7 @@ class NatsConnection:
             raise StartupError(f"{error}.") from None
         connecting = await connected_unless(asyncio.wait_for(pull.connect(
             self.url, **options, max_reconnect_attempts=-1, reconnect_time_wait=0.5,
-            ping_interval=PING_INTERVAL_S, max_outstanding_pings=MAX_OUTSTANDING_PINGS,
+            ping_interval=self.settings.nats_ping_interval_s, max_outstanding_pings=MAX_OUTSTANDING_PINGS,
             reconnected_cb=self._on_reconnected, disconnected_cb=self._on_disconnected,
             error_cb=self._on_error, closed_cb=self._on_closed, name="tipstream",
         ), timeout), self._refused)

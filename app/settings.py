@@ -164,6 +164,14 @@ class Settings(BaseSettings):
                     "A single server whose TLS will not do (none for a `tls://` URL, a certificate not trusted), or "
                     "that refuses the credentials, ends it at once. Once connected, a lost connection is retried for as long as it takes.",
     )
+    # nats-py's defaults (every 120 s, 2 unanswered) took 330 s to notice a hung server (app/nats_connection.py).
+    nats_ping_interval_s: float = Field(
+        10.0, gt=0,
+        description="How often the connection to NATS is pinged: a server that hangs without closing it (or a network "
+                    "dropping packets) is noticed after two pings unanswered, 20-30 s at 10, and the reconnect moves on. "
+                    "Not much shorter: a pong waits behind what the server is still sending (a catch-up's messages, "
+                    "megabytes over a slow link), and too short a bound takes that for a lost server.",
+    )
     nats_creds: Path | None = Field(
         None, description="NATS credentials file (`.creds`: a user JWT and its NKEY seed, as `nsc` and Synadia Cloud "
         "hand out) to connect to NATS_URL with; read again at each reconnect, so a rotated file is taken up. "

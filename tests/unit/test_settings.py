@@ -27,6 +27,14 @@ def test_an_unknown_checkpoint_writer_is_refused_with_the_choices() -> None:
         Settings(checkpoint_writer="fork")
 
 
+def test_by_default_a_nats_server_that_stops_answering_is_noticed_within_30_s() -> None:
+    """tests/integration/test_nats_restart.py pings every second to see it noticed; this holds the default
+    to what that test waited for with it (nats-py's own, every 120 s, took 330 s)."""
+    from app.nats_connection import MAX_OUTSTANDING_PINGS
+
+    assert Settings().nats_ping_interval_s * (MAX_OUTSTANDING_PINGS + 1) <= 30
+
+
 @pytest.mark.parametrize("limit", [0, -5])
 def test_a_stream_byte_limit_that_nats_would_read_as_none_is_refused(limit: int) -> None:
     with pytest.raises(ValueError, match=r"must be -1 \(no limit\) or a number of bytes above 0"):
