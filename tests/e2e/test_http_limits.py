@@ -54,18 +54,23 @@ async def test_clients_that_never_read_their_answers_are_dropped_without_a_trace
     request read, queued behind it, that its client was gone): "Exception in ASGI application" and a
     traceback for each such client."""
     service = ServiceProcess(tmp_path / "data", patches={"app.http_server.HTTP_WRITE_STALL_S": 1.0}).start()
-    body = json.dumps({"user_id": "u-1", "candidates": [{"tip_id": "t-1"}, {"tip_id": "t-2"}]}).encode()
+    # Answers of ~1.5 KB (eight long tip ids): the sockets' buffers fill after fewer of them, each scored first
+    # (two short ids: 15,000 answers, 10 s).
+    body = json.dumps({"user_id": "u-1", "candidates": [{"tip_id": f"t-{i}-" + "x" * 120} for i in range(8)]}).encode()
     request = (b"POST /score HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-    writers = []
+    writers, probes = [], []
     for _ in range(3):
         _, writer = await asyncio.open_connection("127.0.0.1", service.port)
+        # The socket's state, once a write told of the reset has closed the writer's own descriptor of it.
+        probes.append(socket.fromfd(writer.get_extra_info("socket").fileno(), socket.AF_INET, socket.SOCK_STREAM))
         writer.write(request * 20_000)  # answers past what the sockets' buffers hold, none read
         writers.append(writer)
     # Dropped (reset): each socket's TCP state is TCP_CLOSE (7), though the client reads nothing.
-    await eventually(lambda: all(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
-                                 == b"\x07" for writer in writers), timeout=30)
-    for writer in writers:
+    await eventually(lambda: all(probe.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1) == b"\x07"
+                                 for probe in probes), timeout=30)
+    for writer, probe in zip(writers, probes, strict=True):
         writer.close()
+        probe.close()
     assert "Exception in ASGI application" not in service.log()
     assert service.stop(), service.log()
