@@ -55,6 +55,8 @@ RESET_CALL_TIMEOUT_S = 2.0
 # How often a hold (checkpoints failing, a user's state that cannot be read) asks the server for the
 # stream's lag: no chunk is folded meanwhile, and the lag was set only as one was.
 LAG_WHILE_HELD_EVERY_S = 5.0
+# How often a hold for checkpoints looks again whether enough of them committed (and asks for one meanwhile).
+HOLD_RECHECK_S = 0.2
 EXPECTED_SUBJECT = {t: f"{family}.{t}" for t, family in FAMILY_OF_TYPE.items()}
 validate_json = EVENT_ADAPTER.validator.validate_json  # pydantic-core directly: no wrapper per event
 
@@ -749,6 +751,6 @@ class StreamIngest:
         self.puller.paused = True
         while self._lagging(2):
             self.checkpointer.wanted()  # not the next timed one: `Checkpointer.wanted`
-            await self._pause(0.2)
+            await self._pause(HOLD_RECHECK_S)
         if self.puller is not None:  # None: the DECISIONS tail stopped reading meanwhile (pause_reading)
             self.puller.resume()
