@@ -382,17 +382,19 @@ async def publish_events(
     js: JetStreamContext,
     events: Iterable[tuple[str, dict[str, Any]]],
     on_progress: Callable[[int], None] | None = None,
-    ack_wait_s: float = PUBLISH_ACK_WAIT_S,
+    ack_wait_s: float | None = None,
     again: bool = True,
 ) -> int:
     """Publish (subject, event) pairs with a bounded window of unacknowledged publishes.
 
     Every publish is acknowledged by JetStream before this returns; core NATS publish
     would lose events under load, so it is never used for events. What is not acknowledged
-    within `ack_wait_s` is published again (`_publish_acknowledged`), or with `again` False
-    raises TimeoutError: nats-py waits for an acknowledgement for ever (also when an account
-    full refuses the event: the server's error goes to the connection's error callback).
+    within `ack_wait_s` (None: PUBLISH_ACK_WAIT_S, read at each call) is published again
+    (`_publish_acknowledged`), or with `again` False raises TimeoutError: nats-py waits for an
+    acknowledgement for ever (also when an account full refuses the event: the server's error goes to
+    the connection's error callback).
     """
+    ack_wait_s = PUBLISH_ACK_WAIT_S if ack_wait_s is None else ack_wait_s
     count = 0
     batch: list[tuple[str, dict[str, Any]]] = []
     for pair in events:

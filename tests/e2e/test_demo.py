@@ -50,9 +50,10 @@ def test_the_demo_goes_on_past_jetstream_refusing_its_events(tmp_path: Path) -> 
     acknowledgement: the demo waited on its tick for good, /score unasked, while the service went on."""
     server = limited_account_server(tmp_path / "nats", "max_file: 200KB")
     server.start()
-    # JetStream refuses the decisions too: a stop waits out any bound for them (5 s), as with 0.5 s.
+    # JetStream refuses the decisions too: a stop waits out any bound for them (5 s), as with 0.5 s. A tick
+    # fails once its events wait 1 s for their acknowledgements, not 5.
     service = ServiceProcess(tmp_path / "data", env={"NATS_URL": account_url(server)}, args=("--demo", "300"),
-                             patches={"app.bootstrap.STOP_FLUSH_S": 0.5})
+                             patches={"app.bootstrap.STOP_FLUSH_S": 0.5, "streams.jetstream.PUBLISH_ACK_WAIT_S": 1.0})
     try:
         service.start()
 
@@ -61,8 +62,8 @@ def test_the_demo_goes_on_past_jetstream_refusing_its_events(tmp_path: Path) -> 
 
         # The /score requests counted before the failure is logged: the count is read first, then the log
         # (the tick after the failure asks /score at once; counted after the line, it was already in,
-        # and the test waited out one more refused tick, 5 s). The failed tick asked /score before its
-        # 5 s wait for acknowledgements, within which the last count is read.
+        # and the test waited out one more refused tick). The failed tick asked /score before its
+        # wait for acknowledgements, within which the last count is read.
         before = [0.0]
 
         def failed() -> bool:

@@ -16,8 +16,11 @@ import pytest
 from streams.events import Rejection, parse_event
 from streams.jetstream import ensure_streams
 from tests.conftest import eventually
+from tests.e2e.support import PATCHED_RUN
 
 TIPSTREAM = str(Path(sys.executable).parent / "tipstream")
+# `tipstream` waiting 1 s for JetStream's acknowledgements, not 5, where a test waits out that bound.
+QUICK_ACKS = [sys.executable, "-c", PATCHED_RUN.format(patches={"streams.jetstream.PUBLISH_ACK_WAIT_S": 1.0})]
 
 
 async def test_simulate_publishes_a_bounded_count_of_valid_events(nats_server, nc) -> None:
@@ -175,7 +178,8 @@ async def test_simulate_publishes_again_what_a_dropped_connection_left_unacknowl
     await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
     proxy = _CuttableProxy(nats_server.port)
     port = await proxy.start()
-    run = subprocess.Popen([TIPSTREAM, "simulate", "--count", "20000", "--rate", "0", "--users", "100",
+    # The acknowledgements lost are waited for 1 s, not 5, before they are published again.
+    run = subprocess.Popen([*QUICK_ACKS, "simulate", "--count", "20000", "--rate", "0", "--users", "100",
                             "--nats-url", f"nats://127.0.0.1:{port}", "--quiet"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -231,7 +235,8 @@ async def test_simulate_to_a_full_jetstream_ends_naming_the_limits(tmp_path: Pat
         await ensure_streams(client.jetstream(), max_age_days=1, max_bytes=-1, duplicate_window_s=60,
                              dlq_max_age_days=1)
         await client.close()
-        done = await asyncio.to_thread(subprocess.run, [TIPSTREAM, "simulate", "--count", "5000", "--rate", "0",
+        # Refused publishes are told after the wait for their acknowledgements: 1 s here, not 5 (twice).
+        done = await asyncio.to_thread(subprocess.run, [*QUICK_ACKS, "simulate", "--count", "5000", "--rate", "0",
                                                         "--nats-url", url, "--quiet"],
                                        capture_output=True, text=True, timeout=60)
     finally:
