@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import math
 import os
@@ -42,6 +43,9 @@ def _run(args: argparse.Namespace) -> int:
             return runner.run(serve(settings, sock, args.demo))
     finally:
         os.close(held)  # after the service has stopped, its embedded nats-server with it
+        # The process ends next, which frees what is left: the interpreter's last collections visited the whole
+        # heap (models, users, libraries) first, 0.6 s of every stop and more with many users.
+        gc.freeze()
 
 
 def _simulate(args: argparse.Namespace) -> int:
