@@ -614,7 +614,8 @@ class StreamIngest:
         2. Publish up to `DLQ_IN_FLIGHT` at once, each naming its batch (`dead_letters.batch_header`).
         3. Retry those the DLQ did not store until it holds the whole batch (the next batch waits: a start
            takes every dead letter below a batch's first as stored). The first after a start that found
-           the newest batch stored in part carries that batch on (`dead_letters.batches`).
+           the newest batch stored in part carries that batch on (`dead_letters.batches`), chunk after
+           chunk until the DLQ holds its count (`dead_letters.carried_on`).
         """
         done = self.dead_lettered
         todo = {seq: (msg, rejection, seq) for msg, rejection in rejected
@@ -622,7 +623,7 @@ class StreamIngest:
         for seqs, batch in dead_letters.batches(sorted(todo), self._carried):
             left = [todo[seq] for seq in seqs]
             await self._retry(functools.partial(self._publish_dead_letters, left, batch, []), "publish to the DLQ")
-            self._carried = None
+            self._carried = dead_letters.carried_on(self._carried, seqs)
 
     async def _publish_dead_letters(self, left: list[tuple[pull.RawMsg, Rejection, int]], batch: str,
                                     tried: list[bool]) -> None:

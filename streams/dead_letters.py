@@ -13,7 +13,11 @@ dead letter and stores none twice. A copy without the header was published alone
 What a start sends of a batch found stored in part carries that batch on (`batches`): its first batch
 names the same `<first>`, and counts what the DLQ holds of it too. Sent as a batch of its own, from
 its lowest sequence, a copy of the old batch stored above that (past a hole) was taken as not
-stored by the next start, and sent a second time.
+stored by the next start, and sent a second time. Its missing copies may come in more than one chunk
+(how many messages a pull brings varies), so the batch is carried on until the DLQ holds its count
+(`carried_on`), and each copy names at least that count: a copy sent in the first chunk, named with
+only what had been found and sent by then, made the batch whole to the next start, which took the
+rest, in a later chunk that a crash cut off, as stored.
 
 Whoever may publish on `dlq.>` can write a copy too, so only a sequence ingest could have written is
 taken: one the stream has reached, in digits int() reads, stored after the stream was created.
@@ -21,6 +25,7 @@ taken: one the stream has reached, in digits int() reads, stored after the strea
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -62,6 +67,7 @@ class DeadLettered:
     upto: int = 0
     above: frozenset[int] = field(default_factory=frozenset)
     first: int = 0
+    count: int = 0  # how many the newest batch has, when stored in part
 
     def __contains__(self, seq: int) -> bool:
         return seq <= self.upto or seq in self.above
@@ -82,19 +88,36 @@ def batches(seqs: list[int], carried: DeadLettered | None = None) -> list[tuple[
 
     >>> batches([3, 5, 8])
     [([3, 5, 8], '3/3')]
-    >>> batches([2, 6], DeadLettered(upto=0, above=frozenset({1, 3, 4}), first=1))
+    >>> batches([2, 6], DeadLettered(upto=0, above=frozenset({1, 3, 4}), first=1, count=5))
     [([2, 6], '1/5')]
+    >>> batches([2], DeadLettered(upto=0, above=frozenset({1, 3, 4}), first=1, count=5))  # 6 in a later chunk
+    [([2], '1/5')]
     """
     out: list[tuple[list[int], str]] = []
     if carried is not None and carried.above and carried.first:
         room = DLQ_IN_FLIGHT - len(carried.above)  # found fewer than its count, which is at most DLQ_IN_FLIGHT
         if seqs and room > 0:
-            out.append((seqs[:room], f"{carried.first}/{len(carried.above) + len(seqs[:room])}"))
+            count = max(carried.count, len(carried.above) + len(seqs[:room]))
+            out.append((seqs[:room], f"{carried.first}/{count}"))
             seqs = seqs[room:]
     for start in range(0, len(seqs), DLQ_IN_FLIGHT):
         batch = seqs[start:start + DLQ_IN_FLIGHT]
         out.append((batch, batch_header(batch)))
     return out
+
+
+def carried_on(carried: DeadLettered | None, sent: list[int]) -> DeadLettered | None:
+    """What is left to carry on of `carried`'s batch once `sent` (its first batch from `batches`) is stored:
+    None once the DLQ holds its count.
+
+    >>> part = DeadLettered(upto=0, above=frozenset({1, 3, 4}), first=1, count=5)
+    >>> carried_on(part, [2]), carried_on(carried_on(part, [2]), [6])
+    (DeadLettered(upto=0, above=frozenset({1, 2, 3, 4}), first=1, count=5), None)
+    """
+    if carried is None or not carried.above or not carried.first:
+        return None
+    above = carried.above | frozenset(sent)
+    return None if len(above) >= carried.count else dataclasses.replace(carried, above=above)
 
 
 def _digits(text: Any, most: int = 20) -> int | None:
@@ -133,16 +156,16 @@ def dead_lettered(newest: list[Copy], older: list[Copy]) -> DeadLettered:
 
     >>> newest = [Copy(7, 5, 3), Copy(3, 3, 1)]
     >>> dead_lettered(newest, [])
-    DeadLettered(upto=4, above=frozenset({7}), first=5)
+    DeadLettered(upto=4, above=frozenset({7}), first=5, count=3)
     >>> dead_lettered(newest, [Copy(6, 5, 3), Copy(5, 5, 3)])  # the whole batch is there
-    DeadLettered(upto=7, above=frozenset(), first=0)
+    DeadLettered(upto=7, above=frozenset(), first=0, count=0)
     """
     if not newest:
         return DeadLettered()
     first, found, count = _newest_batch(newest, older)
     if len(found) >= count:
         return DeadLettered(upto=max(found))
-    return DeadLettered(upto=first - 1, above=frozenset(found), first=first)
+    return DeadLettered(upto=first - 1, above=frozenset(found), first=first, count=count)
 
 
 def missing(newest: list[Copy], older: list[Copy]) -> bool:
