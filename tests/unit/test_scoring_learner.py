@@ -1201,12 +1201,14 @@ def test_a_version_registered_learns_the_rewards_the_log_did_not_hold_yet(tmp_pa
 
     def slow_save(*args: Any, **kwargs: Any) -> None:
         saving.set()
-        release.wait(5)
+        assert release.wait(60), "the reward was not credited during the save"
         save(*args, **kwargs)
 
     async def register_while_a_reward_comes() -> None:
         registering = asyncio.create_task(w.lineup.register("v3", "logreg", {}, actor="t"))
-        await asyncio.to_thread(saving.wait, 5)
+        # Not a bound on the training: on a loaded machine its process took over 5 s to reach the save, and the
+        # reward, credited before it, was saved with v3 (n_learned 8 after the restart, not 7).
+        assert await asyncio.to_thread(saving.wait, 60), "the registration never reached its save"
         w.react(late.decision_id, "a", user="u-7")  # credited while the registration is saved
         release.set()
         await registering
@@ -1417,7 +1419,7 @@ def test_a_registration_does_not_save_its_learner_snapshot_beside_a_checkpoint(t
 
     def slow_checkpoint_save(*args: Any) -> None:
         writing.set()
-        release.wait(5)
+        assert release.wait(60), "never released"
         checkpoint_save(*args)
         saves.append("checkpoint")
 
@@ -1427,7 +1429,7 @@ def test_a_registration_does_not_save_its_learner_snapshot_beside_a_checkpoint(t
 
     async def both() -> None:
         checkpointing = asyncio.create_task(checkpointer.checkpoint())
-        await asyncio.to_thread(writing.wait, 5)
+        assert await asyncio.to_thread(writing.wait, 60), "the save was never reached"
         registering = asyncio.create_task(w.lineup.register("v3", "logreg", {}, actor="t"))
         await asyncio.sleep(0.05)  # room for the registration to save, were it not held back
         release.set()
@@ -1487,13 +1489,13 @@ def test_a_registry_change_cancelled_while_it_is_saved_leaves_memory_as_sql_has_
 
     def slow_save(*args: Any, **kwargs: Any) -> None:
         saving.set()
-        release.wait(5)
+        assert release.wait(60), "never released"
         save(*args, **kwargs)
 
     async def cancel_a_promotion() -> None:
         world.lineup.store.save = slow_save  # type: ignore[method-assign]
         promoting = asyncio.create_task(world.lineup.promote("v2", actor="t"))
-        await asyncio.to_thread(saving.wait, 5)
+        assert await asyncio.to_thread(saving.wait, 60), "the save was never reached"
         promoting.cancel()
         await asyncio.sleep(0)  # the cancellation reaches the change while its save still runs
         release.set()
