@@ -512,7 +512,8 @@ async def test_a_withdrawn_decision_waiting_for_room_is_never_queued() -> None:
     assert publisher.offer("decisions.score", "d-0", b'{"user_id":"u-0"}')
     puts = {user: asyncio.create_task(publisher.put("decisions.score", f"d-{user}", b'{"user_id":"%s"}' % user.encode(),
                                                     timeout_s=30)) for user in ("u-1", "u-2")}
-    await asyncio.sleep(0)  # both waiting for room
+    while len(publisher._waiting_for_room) < 2:  # both waiting for room
+        await asyncio.sleep(0)
     assert publisher.withdraw(lambda payload: b'"u-1"' in payload) == 1
     with pytest.raises(DecisionWithdrawn):
         await asyncio.wait_for(puts["u-1"], 5)
