@@ -626,21 +626,23 @@ def rewarded_rows(count: int) -> list[dict[str, Any]]:
 async def test_a_registration_over_a_large_log_leaves_the_event_loop_free(start_service, nc) -> None:
     """Training over the log ran in a thread, where a factorisation machine gave the event loop the
     GIL only in turns: it releases the GIL for an instant at each new latent vector (one per user),
-    and CPython then never forces a switch. /score waited 0.5-1.2 s at a time over 20k users."""
+    and CPython then never forces a switch. /score waited 0.3-1.2 s at a time over 20k users, 70% of
+    the registration. Measured as that share, not as the longest wait: one wait of 0.3 s came of a
+    machine under load from outside (a longest of 0.04 s here, 0.1 s beside three busy processes)."""
     running = await start_service(admin_token=TOKEN)
     engine = make_engine(running.service.settings.sqlalchemy_url)
     with engine.begin() as conn:
         db.upsert(conn, db.tip_scores, rewarded_rows(15_000), ["decision_id"])
     engine.dispose()
-    longest, registering = 0.0, True
+    waits: list[float] = []
+    registering = True
 
     async def watch_the_loop() -> None:
-        nonlocal longest
         loop = asyncio.get_running_loop()
         while registering:
             started = loop.time()
             await asyncio.sleep(0.005)
-            longest = max(longest, loop.time() - started)
+            waits.append(loop.time() - started)
 
     watching = asyncio.create_task(watch_the_loop())
     async with httpx.AsyncClient(base_url=running.base_url, timeout=120) as http:
@@ -649,7 +651,9 @@ async def test_a_registration_over_a_large_log_leaves_the_event_loop_free(start_
     await watching
     assert answer.status_code == 200, answer.text
     assert answer.json()["n_learned"] == 15_000
-    assert longest < 0.25, f"the event loop stood still for {longest:.3f} s during the registration"
+    stood_still = sum(wait for wait in waits if wait > 0.1)
+    assert stood_still < 0.25 * sum(waits), (
+        f"the event loop stood still for {stood_still:.2f} s of {sum(waits):.2f} (longest {max(waits):.3f} s)")
 
 
 async def test_an_actor_or_note_with_a_line_break_is_one_line_of_the_log(start_service, nc, caplog) -> None:
