@@ -8,7 +8,7 @@ by default; 0 keeps them all).
 
 Steps of one pass (every `EVERY_S` seconds):
 1. The cut is the wall clock less the bound.
-2. Delete the `BATCH` rows that may go first: whose decision was made (`created_at`) or served (the time in
+2. Delete the `batch_for` rows that may go first: whose decision was made (`created_at`) or served (the time in
    its id) before the cut, and whose `rewarded_at` (if any) is before it too, in a transaction of their own, in
    a worker thread (SQLite and psycopg let go of the GIL while the database works), read off the index of when
    each row may go (`db.tip_scores_goes_at`, migration 0009): a pass reads about the rows it deletes.
@@ -34,7 +34,8 @@ again before any row it deleted, and on SQLite held the write lock (the checkpoi
 nothing to delete, beside 1M younger rows (`python bench/retention.py`, `--database-url` for PostgreSQL), with
 0, 10,000, 100,000 and 300,000 such rows: on SQLite 3.4, 62, 1,425 and 3,244 ms before, 1.3-3.7 ms now; on
 PostgreSQL 4.8, 17, 85 and 573 ms before, 1.5-4.6 ms now. A backlog of 100,000 rows beside the 300,000 went in
-18.3 s before, 12.7 s now on SQLite (the deletes themselves), 2.5 and 1.0-1.4 s on PostgreSQL. The index costs each
+18.3 s before, 12.7 s after on SQLite (the deletes themselves), 2.5 and 1.0-1.4 s on PostgreSQL; in 8.8 s on
+SQLite, 1,000 rows a transaction, on the faster machine where 10,000 took 6.3 s (`BATCH`). The index costs each
 row the checkpoint writes 5-25% (`python bench/row_writes.py --against 0008 --batches 20`, alternating): on
 SQLite 25.4 -> 31.8 and 30.3 -> 36.9 us in a quiet spell, ratios 1.05 and 1.06 in a busy one; on PostgreSQL
 ratios 0.98-1.17 over six runs (1.18-1.38 with a regular expression in its place, `db._POSTGRESQL_SERVED`).
@@ -57,7 +58,12 @@ from app.thread_work import ThreadWork
 from streams.fold import to_ms
 
 log = logging.getLogger("tipstream.retention")
-BATCH = 10_000  # rows a transaction: 20-30 ms of SQLite's write lock, 25-100 ms on PostgreSQL (measured)
+# Rows a transaction. SQLite's holds the one write lock, the checkpoint's too: 10,000 held it up to 1.1 s over a
+# backlog beside 1M rows (25-30 us a row deleted, and the WAL checkpoint its commit sets off), 1,000 up to 0.13 s,
+# at 11,400 rows a second against 15,800 (`python bench/retention.py [--batch 10000]`, `longest_batch_ms`).
+# PostgreSQL locks only the rows: 10,000 take 25-100 ms.
+BATCH = {"sqlite": 1_000}
+BATCH_ELSEWHERE = 10_000
 EVERY_S = 60.0
 PROGRESS_EVERY_S = 10.0
 
@@ -87,6 +93,14 @@ def goes_at_key(dialect_name: str, cut: datetime) -> datetime | str:
     return cut if dialect_name == "postgresql" else served_before_bound(max(to_ms(cut), 0)).removeprefix("d-")
 
 
+def batch_for(dialect_name: str) -> int:
+    """
+    >>> batch_for("sqlite"), batch_for("postgresql")
+    (1000, 10000)
+    """
+    return BATCH.get(dialect_name, BATCH_ELSEWHERE)
+
+
 def delete_before(conn: Connection, cut: datetime, limit: int) -> int:
     """Delete up to `limit` rows whose decision was made or served before `cut` and whose last reward was too
     (steps 2-3), the earliest to go first, read off the index of when each may go; how many went."""
@@ -106,13 +120,18 @@ class TipScoresRetention:
     """Keeps `tip_scores` to `max_age_days`; the service runs `prune` every `EVERY_S` seconds."""
 
     def __init__(self, engine: Engine, max_age_days: float, clock: Callable[[], float] = time.time,
-                 batch: int = BATCH, threads: ThreadWork | None = None) -> None:
-        self.engine, self.max_age_days, self.clock, self.batch = engine, max_age_days, clock, batch
+                 batch: int | None = None, threads: ThreadWork | None = None) -> None:
+        self.engine, self.max_age_days, self.clock = engine, max_age_days, clock
+        self.batch = batch or batch_for(engine.dialect.name)
+        self.longest_batch_s = 0.0  # the longest a delete's transaction took (on SQLite, held the write lock)
         self.threads = threads or ThreadWork()  # its deletes, which the stop waits for
 
     def _delete_batch(self, cut: datetime) -> int:
+        started = time.perf_counter()
         with self.engine.begin() as conn:
-            return delete_before(conn, cut, self.batch)
+            deleted = delete_before(conn, cut, self.batch)
+        self.longest_batch_s = max(self.longest_batch_s, time.perf_counter() - started)
+        return deleted
 
     async def prune(self) -> int:
         """One pass (steps 1-3); the rows deleted."""

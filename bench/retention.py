@@ -18,10 +18,12 @@ Steps:
 3. For each count of `--late` (rising): rows made within the join window before the cut and rewarded after
    it are added up to that count, then a pass with nothing to delete is timed `--repeat` times (median).
 4. `--backlog` rows made before the cut (half unrewarded, half rewarded before the cut), then the pass
-   that deletes them, timed: rows a second.
+   that deletes them, timed: rows a second, and the longest of its transactions (on SQLite, how long it held
+   the write lock the checkpoint waits for).
 Goal: a pass reads about what it deletes: the steady pass takes about as long with 300k late rows as with none.
 Last line: {"bench": "retention", "database": ..., "rows": ..., "steady_ms": {late: ms, ...},
-"steady_ms_at_most_late": ..., "backlog": ..., "backlog_s": ..., "backlog_rows_per_s": ...}
+"steady_ms_at_most_late": ..., "backlog": ..., "backlog_s": ..., "backlog_rows_per_s": ...,
+"longest_batch_ms": ...}
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ def main() -> int:
     parser.add_argument("--late", default="0,10000,100000,300000",
                         help="counts of rows made before the cut, rewarded after it (default 0,10000,100000,300000)")
     parser.add_argument("--backlog", type=int, default=100_000, help="rows to delete in the last pass (default 100000)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="rows a delete transaction (default: the service's for the database, app/retention.py)")
     parser.add_argument("--repeat", type=int, default=5, help="steady passes timed at each count (default 5)")
     args = parser.parse_args()
     lates = sorted(int(count) for count in args.late.split(","))
@@ -111,7 +115,7 @@ def main() -> int:
     with engine.connect() as conn:
         if conn.execute(sa.select(sa.func.count()).select_from(db.tip_scores)).scalar_one():
             parser.error("tip_scores holds rows already: give an empty database")
-    retention = TipScoresRetention(engine, max_age_days, clock=NOW.timestamp)
+    retention = TipScoresRetention(engine, max_age_days, clock=NOW.timestamp, batch=args.batch)
 
     def young() -> Any:
         while True:
@@ -150,9 +154,12 @@ def main() -> int:
                   f"(median of {args.repeat})", flush=True)
         fill(engine, backlog(), args.backlog, "backlog")
         analyze(engine)
+        retention.longest_batch_s = 0.0
         backlog_s, deleted = timed_pass(retention)
         assert deleted == args.backlog, (deleted, args.backlog)
-        print(f"a pass with a backlog: {deleted:,} rows deleted in {backlog_s:.2f} s ({deleted / backlog_s:,.0f} a second)")
+        longest_ms = retention.longest_batch_s * 1e3
+        print(f"a pass with a backlog: {deleted:,} rows deleted in {backlog_s:.2f} s ({deleted / backlog_s:,.0f} a second), "
+              f"{retention.batch:,} a transaction, the longest {longest_ms:.0f} ms")
     finally:
         with engine.begin() as conn:
             conn.execute(sa.delete(db.tip_scores))
@@ -161,7 +168,8 @@ def main() -> int:
     print(json.dumps({"bench": "retention", "database": engine.dialect.name, "rows": args.rows,
                       "steady_ms": {str(count): ms for count, ms in steady_ms.items()},
                       "steady_ms_at_most_late": steady_ms[lates[-1]], "backlog": args.backlog,
-                      "backlog_s": round(backlog_s, 3), "backlog_rows_per_s": round(args.backlog / backlog_s)}))
+                      "backlog_s": round(backlog_s, 3), "backlog_rows_per_s": round(args.backlog / backlog_s),
+                      "longest_batch_ms": round(longest_ms, 1)}))
     return 0
 
 
