@@ -12,6 +12,7 @@ import os
 import time
 
 ID_LENGTH = 30  # "d-", 12 hex digits of time, 16 random
+_HEX_DIGITS = "0123456789abcdef"
 
 
 def new_decision_id() -> str:
@@ -31,16 +32,18 @@ def new_decision_id() -> str:
 
 
 def decision_time_ms(decision_id: str) -> int | None:
-    """The creation time encoded in our decision ids (`new_decision_id`).
+    """The creation time encoded in our decision ids (`new_decision_id`): 12 lower-case hex digits, as the
+    retention index reads them in SQL (`db.tip_scores_goes_at`). `int(_, 16)` also read upper case, a sign, "0x",
+    spaces and underscores: such an id was forgotten by the time in it and kept by retention for its `created_at`.
 
     >>> decision_time_ms("d-019c5e8a2b10" + "0" * 16), decision_time_ms("external-7")
     (1771112639248, None)
+    >>> [decision_time_ms(f"d-{digits}" + "0" * 16) for digits in ("019C5E8A2B10", " 19c5e8a2b10", "0_9c5e8a2b10")]
+    [None, None, None]
     """
     if len(decision_id) == ID_LENGTH and decision_id.startswith("d-"):
-        try:
-            return int(decision_id[2:14], 16)
-        except ValueError:
-            return None
+        digits = decision_id[2:14]
+        return None if digits.strip(_HEX_DIGITS) else int(digits, 16)  # left over: a character of no hex time
     return None
 
 

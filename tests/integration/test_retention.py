@@ -11,9 +11,9 @@ import pytest
 import sqlalchemy as sa
 
 from app import db, migrate
-from app.decision_ids import served_before_bound
+from app.decision_ids import decision_time_ms, served_before_bound
 from app.learning_metrics import DECISION_ROWS_PRUNED
-from app.retention import TipScoresRetention, delete_before
+from app.retention import TipScoresRetention, delete_before, goes_at_key
 from streams.fold import to_ms
 from tests.conftest import eventually
 
@@ -118,6 +118,32 @@ async def test_on_sqlite_a_backlog_goes_in_transactions_short_enough_for_the_che
     assert deleted_by_transaction == ([1_000, 1_000, 500] if engine.dialect.name == "sqlite" else [2_500])
     assert decision_ids(engine) == set()
     engine.dispose()
+
+
+def test_the_time_in_an_id_is_read_alike_by_the_index_retention_goes_by_and_by_the_service(database_url: str) -> None:
+    """Forgetting a user and the learner read the time in an id in Python (`decision_time_ms`), retention in SQL
+    (`db.tip_scores_goes_at`). Python's `int(_, 16)` read upper case, signs ("d--19c5..." a time before 1970),
+    "0x", spaces and underscores too: a row of such an id was deleted by a forget for the time in it, and kept
+    by retention for its `created_at`."""
+    migrate.upgrade(database_url)
+    engine = db.make_engine(database_url)
+    ahead = datetime(9999, 12, 31, tzinfo=UTC)  # after any time in an id: the index's value is the id's, if read
+    digits = ["019c5e8a2b10", "019C5E8A2B10", "019c5e8A2b10", " 19c5e8a2b1", "0_9c5e8a2b10", "+19c5e8a2b10",
+              "-19c5e8a2b10", "0x9c5e8a2b10", "019c5e8a2b1g", "000000000000", "0fffffffffff"]
+    ids = [f"d-{d}" + "0" * 16 for d in digits] + ["d-019c5e8a2b10", "e-019c5e8a2b10" + "0" * 16]
+    with engine.begin() as conn:
+        db.upsert(conn, db.tip_scores, [{**row(i, ahead), "user_id": f"u{n}"} for n, i in enumerate(ids)],
+                  ["decision_id"])
+        goes_at = dict(conn.execute(sa.select(db.tip_scores.c.decision_id, db.tip_scores_goes_at)).all())
+    engine.dispose()
+
+    def read_in_sql(value: Any) -> int | None:
+        if isinstance(value, str):  # SQLite's: the milliseconds in hex
+            return int(value, 16) if value != goes_at_key("sqlite", ahead) else None
+        return to_ms(value) if value.year < 9999 else None
+
+    assert {i: read_in_sql(goes_at[i]) for i in ids} == {i: decision_time_ms(i) for i in ids}
+    assert sum(decision_time_ms(i) is not None for i in ids) == 3  # the first, and the lowest and highest times
 
 
 @pytest.mark.parametrize("max_age_days", [1e6, 1e21])
