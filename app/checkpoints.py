@@ -387,7 +387,7 @@ class Checkpointer:
                               db.refusal(error), backoff, db.NOT_AN_OUTAGE)
                 else:
                     log.warning("checkpoint failed (%s); retrying in %.1fs, or once the database answers again. "
-                                "Events are safe in the streams.%s", error, backoff, _fix_for(error))
+                                "Events are safe in the streams.%s", db.briefly(error), backoff, _fix_for(error))
                 await self.wait_to_retry(backoff)
                 backoff = min(backoff * 2, self.retry_max_s)
 

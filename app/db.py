@@ -304,6 +304,16 @@ def one_line(error: BaseException, url: Any = None) -> str:
         disk_full_fix(url) if url is not None else "free space on the database's disk")
 
 
+def briefly(error: BaseException, url: Any = None) -> str:
+    """`error`'s type and `one_line`, for a line of the log.
+
+    >>> from sqlalchemy.exc import OperationalError
+    >>> briefly(OperationalError("DELETE FROM user_state WHERE user_id = ?", ("u-1",), Exception("database is locked")))
+    'OperationalError: database is locked'
+    """
+    return f"{type(error).__name__}: {one_line(error, url)}"
+
+
 def disk_full_fix(url: Any) -> str:
     """Where to free space, for a `disk_full` error of the database at `url` (a SQLAlchemy URL)."""
     url = make_url(url) if isinstance(url, str) else url

@@ -200,9 +200,10 @@ class Eraser:
                 raise
             except Exception as error:  # noqa: BLE001 - the database or NATS away: the request waits, saved
                 # A checkpoint saved, or another request, wakes it sooner: the database answers again.
-                log.warning("forgetting a user did not go through (%s: %s); trying again in %.0f s, or at the next "
+                # The first line: SQLAlchemy's next are the statement and its parameters, the user's id among them.
+                log.warning("forgetting a user did not go through (%s); trying again in %.0f s, or at the next "
                             "checkpoint. The request is saved and goes on from the step it reached.",
-                            type(error).__name__, error, backoff)
+                            db.briefly(error, self.engine.url), backoff)
                 timeout, backoff = backoff, min(backoff * 2, RETRY_MAX_S)
             await woken(self._wake, timeout)
             self._wake.clear()
@@ -420,8 +421,8 @@ class Eraser:
             with self.engine.connect() as conn:
                 conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
         except Exception as error:  # noqa: BLE001 - the requests are done; the WAL's frames are overwritten in time
-            log.warning("forgetting: the SQLite WAL could not be emptied (%s: %s); its older frames may hold the "
-                        "forgotten users' rows until they are overwritten", type(error).__name__, error)
+            log.warning("forgetting: the SQLite WAL could not be emptied (%s); its older frames may hold the "
+                        "forgotten users' rows until they are overwritten", db.briefly(error, self.engine.url))
 
 
 def _added(report: dict[str, Any], before: dict[str, Any] | None) -> dict[str, Any]:

@@ -118,7 +118,7 @@ class OfflineFeatureWriter:
             users = await asyncio.to_thread(users_behind, self.engine)
         except Exception as error:  # noqa: BLE001 - the rows catch up at the users' next events
             log.warning("user_features: could not look for rows older than their users' state (%s); they are "
-                        "written at those users' next events, or found at the next start", error)
+                        "written at those users' next events, or found at the next start", db.briefly(error))
             return
         finally:
             forgotten, self._forgotten_while_finding = self._forgotten_while_finding, None
@@ -215,7 +215,7 @@ class OfflineFeatureWriter:
                 return await asyncio.to_thread(store.fetch_cold, absent)
             except Exception as error:  # noqa: BLE001 - whatever the driver raises: the next pass tries again
                 log.warning("user_features: the states of users held in the checkpoint only could not be read (%s); "
-                            "their rows are written next pass", error)
+                            "their rows are written next pass", db.briefly(error))
         unread.update(absent)
         return {}
 

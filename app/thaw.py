@@ -23,7 +23,7 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
-from app.db import one_line
+from app.db import briefly
 from app.metrics import METRICS
 from streams.log_throttle import LogThrottle
 from streams.store import OnlineStore, StateUnavailable
@@ -71,7 +71,7 @@ def _cause(error: BaseException) -> str:
             f"the database did not answer within {LOAD_TIMEOUT_S:g} s: a table locked (VACUUM FULL, ALTER TABLE "
             "or LOCK on user_state) or the server stuck"
         )
-    return f"{type(error).__name__}: {one_line(error)}"
+    return briefly(error)
 
 
 def _tell(cause: str, timed_out: bool) -> None:

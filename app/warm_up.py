@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.collector import FreezePolicy
+from app.db import briefly
 from app.metrics import METRICS
 from streams.store import OnlineStore
 
@@ -48,7 +49,7 @@ async def warm_up(store: OnlineStore, freezer: FreezePolicy, target: SqlCheckpoi
             break
         except Exception as error:  # noqa: BLE001 - users load on demand meanwhile
             log.warning("could not load the checkpointed users (%s); %d still to load, trying again in %.1fs",
-                        error, len(store.cold), delay)
+                        briefly(error), len(store.cold), delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
     # Those loaded before the newest event had been seen were judged against an older one. (The

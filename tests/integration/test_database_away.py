@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import orjson
@@ -60,6 +61,8 @@ async def test_checkpoints_wait_for_the_database_and_lose_nothing(start_service,
         await eventually(lambda: running.service.store.positions["SIGNALS"] == 200)
         await eventually(lambda: METRICS.checkpoint_failures._value.get() > failures_before)
         assert running.service.checkpointer.uncheckpointed == 100
+        failed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checkpoint failed")]
+        assert failed and not [line for line in failed if "[SQL:" in line or "\n" in line], failed
     finally:
         set_connections(database, True)
     await eventually(lambda: checkpointed(postgres_url) == 200, timeout=30)
@@ -495,3 +498,20 @@ async def test_checkpoints_a_trigger_refuses_are_told_refused_not_an_outage_and_
     assert "Not an outage" in failed[-1] and "answers again" not in failed[-1] and "[SQL:" not in failed[-1], failed
     refusing_trigger(database_url, "user_state", "", drop=True)
     await eventually(lambda: checkpointed(database_url) == 5 and checkpointer.last_error is None, timeout=15)
+
+
+async def test_a_last_checkpoint_refused_at_the_stop_logs_the_database_s_first_line_not_the_rows(
+        start_service, nc, database_url, caplog: pytest.LogCaptureFixture) -> None:
+    """The stop's last checkpoint logged a refusal whole: SQLAlchemy's text goes on with the statement and its
+    parameters, every user's id and state in the batch."""
+    caplog.set_level(logging.WARNING, logger="tipstream")
+    running = await start_service(database_url=database_url, checkpoint_every_s=3600)
+    refusing_trigger(database_url, "user_state", "no new users today")
+    js = nc.jetstream()
+    for i in range(3):
+        await js.publish("signals.app.opened", opened(i))
+    await eventually(lambda: {"u-0", "u-1", "u-2"} <= set(running.service.store.users), timeout=15)
+    await running.stop()
+    refusing_trigger(database_url, "user_state", "", drop=True)
+    [said] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("last checkpoint failed")]
+    assert "no new users today" in said and "u-1" not in said and "INSERT" not in said, said

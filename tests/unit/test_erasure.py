@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -219,4 +221,32 @@ def test_decisions_spooled_for_a_user_forgotten_since_are_not_published(tmp_path
         pass
     later = spooled("u")  # the user came back after it
     assert eraser.without_forgotten([*before, later]) == [before[1], before[2], later]
+    engine.dispose()
+
+
+async def test_a_forget_that_did_not_go_through_logs_the_database_s_first_line_not_the_user_s_rows(
+        caplog: Any) -> None:
+    """SQLAlchemy's error text goes on with the statement and its parameters: logged whole, the retry line held the
+    id of the very user being forgotten, and their features."""
+    import sqlalchemy as sa
+
+    caplog.set_level(logging.WARNING, logger="tipstream.erasure")
+    engine = sa.create_engine("sqlite://")
+    eraser = Eraser(engine, OnlineStore(), Learner(), checkpoint=None, lock=asyncio.Lock(), ingests=[])
+    tried = asyncio.Event()
+
+    async def work() -> int:
+        tried.set()
+        raise sa.exc.OperationalError("DELETE FROM user_state WHERE user_id = ?", ("u-forget-me",),
+                                      Exception("database is locked"))
+
+    eraser.work = work  # type: ignore[method-assign]
+    running = asyncio.create_task(eraser.run())
+    await asyncio.wait_for(tried.wait(), 5)
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+    [said] = [r.getMessage() for r in caplog.records if r.name == "tipstream.erasure"]
+    assert said.startswith("forgetting a user did not go through (OperationalError: database is locked); "), said
+    assert "u-forget-me" not in said and "DELETE" not in said, said
     engine.dispose()
