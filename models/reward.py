@@ -18,8 +18,9 @@ costs several times more than the arithmetic, and `/score` has a budget of a cou
 milliseconds for up to 100 candidates. A unit test checks the fast path against
 `TipModel.pipeline.predict_proba_one`.
 
-Rewards are in [0, 1] (`DEFAULT_REWARDS`): a reaction with reward r is learned as a
-positive with weight r and a negative with weight 1 - r.
+Rewards are in [0, 1] (`DEFAULT_REWARDS`): a reaction with reward r is learned as a soft
+label, one step of the log loss's gradient (p - r) x (`models.losses.SoftLog`); by the
+factorisation machine, as a positive of weight r and a negative of weight 1 - r (`soft_labels`).
 
 Its parts have modules of their own: the crosses (models.interactions), the factorisation
 machine (models.factorization) and the snapshot format (models.snapshot). The popularity
@@ -52,6 +53,7 @@ from river import compose, linear_model, optim, preprocessing
 from models import snapshot
 from models.factorization import _FastFMClassifier
 from models.interactions import DEFAULT_INTERACTIONS, CrossPlan, Interactions, checked_pairs
+from models.losses import SoftLog
 from models.registry import LEGACY_PARAMS
 from models.user_expiry import DAY_MS, UserExpiry
 
@@ -211,6 +213,14 @@ class TipModel:
     # the bounds count from their first learn_one since.
     n_values = 0
     n_refused = 0
+    # Whether a soft reward (0 < r < 1) is learned in one step, as a soft label (`learn_one`). Snapshots
+    # from before learned one as two weighted binary steps, and go on doing so: a model keeps the rule it
+    # was trained with (tests/unit/test_stored_snapshots.py), as a version keeps its parameters.
+    # The factorisation machine keeps two steps too. At its learning rate, 0.5 (its latent vectors' SGD
+    # step as well), one step earned 0.610 in the last sixth of `bench/quality.py --set model_kind=fm
+    # --seeds 10` against 0.640: the negative's gradient, taken at the weights the positive had moved,
+    # damped its steps. At 0.35 one step earned 0.639, and two 0.641 (docs/learning.md, "The learner").
+    soft_labels = False
 
     def __init__(
         self,
@@ -286,12 +296,12 @@ class TipModel:
         weight_optimizer = optim.AdaGrad(learning_rate) if optimizer == "adagrad" else optim.SGD(learning_rate)
         if kind == "logreg":
             classifier: Any = linear_model.LogisticRegression(
-                optimizer=weight_optimizer, l2=l2, intercept_lr=intercept_lr
+                optimizer=weight_optimizer, loss=SoftLog(), l2=l2, intercept_lr=intercept_lr
             )
         else:
             classifier = _FastFMClassifier(
                 n_factors=n_factors, weight_optimizer=weight_optimizer,
-                latent_optimizer=optim.SGD(learning_rate), l2_weight=l2, l2_latent=l2,
+                latent_optimizer=optim.SGD(learning_rate), loss=SoftLog(), l2_weight=l2, l2_latent=l2,
                 intercept_lr=intercept_lr, seed=seed,
             )
         # drop_zeros: without it River emits a 0 for every category ever seen, so each
@@ -310,6 +320,7 @@ class TipModel:
         self.interactions: Interactions = union["interactions"]
         self.classifier = list(self.pipeline.steps.values())[-1]
         self._fm = kind == "fm"
+        self.soft_labels = not self._fm
         # name -> (mean, std) of the scaler, refreshed by learn_one: one lookup per feature when predicting.
         self._moments: dict[str, tuple[float, float]] = {}
         self.n_learned = 0
@@ -469,6 +480,9 @@ class TipModel:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        loss = self.classifier.loss
+        if type(loss) is optim.losses.Log:  # as snapshots store the `SoftLog`, and as older ones hold River's
+            self.classifier.loss = SoftLog(loss.weight_pos, loss.weight_neg)
         self._flags = set(state.get("_flags", ()))  # none in snapshots from before bools were told apart
         self.params = self.params | {k: v for k, v in LEGACY_PARAMS.items() if k not in self.params}
         self._candidate_cache = {}
@@ -550,14 +564,18 @@ class TipModel:
         return [sigmoid(z) for z in logits.tolist()]
 
     def learn_one(self, x: Mapping[str, Any], reward: float, at_ms: int | None = None) -> None:
-        """Learn y=True with weight `reward` and y=False with weight `1 - reward`.
+        """Learn `reward` as a soft label: one step of the log loss's gradient, (p - reward) x
+        (two weighted binary steps for the factorisation machine; `soft_labels`).
 
         `at_ms`: when the reward reached the log (ms since the epoch). It moves the model's time,
         which forgets users who stopped reacting (`user_ttl_days`); without it, the user's own
         features are not recorded for forgetting.
 
-        River's log loss reads a float label 0 < y < 1 as False, so a soft label cannot be
-        passed directly; two weighted binary steps give the same expected gradient.
+        The classifiers' loss is `SoftLog`: River's log loss takes a bool, and its gradient for a
+        label 0 < y < 1 is 0. Two weighted binary steps (a positive of weight r, then a negative of
+        weight 1 - r), as the factorisation machine and models trained before still learn one
+        (`soft_labels`), cost two passes, added two squared gradients to AdaGrad's sums where one
+        step adds (p - r)^2 x^2, and took the second gradient at weights the first had moved.
 
         An example with a number that is not finite or beyond `INPUT_BOUND` changes nothing and
         counts in `n_skipped`: learning it would make the weights NaN, and with them every later
@@ -614,9 +632,10 @@ class TipModel:
                     self._drop_features([name for u, tags in gone for name in self._user_feature_names(u, tags)])
             self._forget_user_steps(user, x)
         t = self._features(x, self.interactions._plan0)
-        if reward > 0.0:
+        if self.soft_labels or reward == 0.0 or reward == 1.0:
+            self.classifier.learn_one(t, reward)
+        else:  # the FM, or a model trained before soft labels (`soft_labels`)
             self.classifier.learn_one(t, True, w=reward)
-        if reward < 1.0:
             self.classifier.learn_one(t, False, w=1.0 - reward)
         self.n_learned += 1
 

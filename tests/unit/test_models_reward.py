@@ -8,6 +8,8 @@ import pickle
 import random
 import subprocess
 import sys
+from copy import copy as shallow_copy
+from copy import deepcopy
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from river import facto, optim
 from models import prior as prior_module
 from models import reward, snapshot, validation
 from models.factorization import _FastFMClassifier
+from models.losses import SoftLog
 from models.prior import PopularityPrior
 from models.registry import ModelVersion
 from models.reward import (
@@ -107,14 +110,68 @@ def test_learns_each_users_own_taste_through_user_id(kind: str) -> None:
     assert hits >= 18  # random ranking: about 7 of 20
 
 
-def test_fractional_rewards_are_learned_as_weighted_labels() -> None:
-    # The weighted optimum of log loss is p = reward. Passing 0.3 to River as a label would be
-    # read as False and drive p towards 0 instead.
+def test_fractional_rewards_are_learned_as_soft_labels() -> None:
+    # The optimum of a soft label's log loss is p = reward. River's own log loss reads a label 0.3
+    # as int(0.3) = 0, and its gradient for one is 0: nothing would be learned.
     model = TipModel(learning_rate=0.05, intercept_lr=0.05)
     x = {"tip_id": "t", "category": "c", "hour_of_day": 9}
     for _ in range(3000):
         model.learn_one(x, 0.3)
     assert model.predict_one(x) == pytest.approx(0.3, abs=0.03)
+
+
+def _weights_of(model: TipModel) -> dict[str, float]:
+    return dict(model.classifier.weights if model.params["kind"] == "fm" else model.classifier._weights)
+
+
+def test_a_soft_reward_is_one_step_of_the_soft_labels_gradient() -> None:
+    # Text inputs only: every feature is 1.0, whatever the scaler learned.
+    x = {"user_id": "u", "tip_id": "t", "category": "focus"}
+    model = TipModel(optimizer="sgd", learning_rate=0.1)
+    for r in (1.0, 0.0, 1.0):  # p is not 0.5
+        model.learn_one(x, r)
+    features = model._features(x, model.interactions._plan0)
+    for r in (0.8, 0.3):
+        p, weights, intercept = model.predict_one(x), _weights_of(model), model.classifier.intercept
+        model.learn_one(x, r)
+        # Two weighted binary steps took the negative's gradient at weights the positive had moved.
+        assert _weights_of(model) == pytest.approx({j: weights[j] - 0.1 * (p - r) * v for j, v in features.items()},
+                                                   rel=0, abs=1e-12)
+        assert model.classifier.intercept == pytest.approx(intercept - 0.01 * (p - r), rel=0, abs=1e-12)
+
+
+def test_adagrad_adds_one_squared_gradient_a_reward() -> None:
+    x = {"tip_id": "t", "category": "focus"}  # no user: nothing of AdaGrad's sums is forgotten
+    model = TipModel()
+    optimizer = model.classifier.optimizer
+    for n, r in enumerate((0.8, 0.3, 1.0, 0.8, 0.0, 0.3), start=1):
+        p, sums = model.predict_one(x), dict(optimizer.g2)
+        model.learn_one(x, r)
+        assert dict(optimizer.g2) == pytest.approx({j: sums.get(j, 0.0) + (p - r) ** 2 for j in optimizer.g2},
+                                                   rel=1e-12, abs=0)
+        assert optimizer.n_iterations == n  # one pass of the classifier a reward
+    # The factorisation machine learns a soft reward in two steps still (`TipModel.soft_labels`).
+    fm = TipModel(kind="fm")
+    for r in (0.8, 1.0, 0.3):
+        fm.learn_one(x, r)
+    assert not fm.soft_labels and fm.classifier.weight_optimizer.n_iterations == 5
+
+
+def test_a_soft_label_loss_is_rivers_log_loss_mixed_and_stored_as_rivers() -> None:
+    loss, river = SoftLog(), optim.losses.Log()
+    for z in (-40.0, -3.0, 0.0, 0.7, 25.0):
+        p = _sigmoid(z)
+        assert loss.gradient(0.3, z) == pytest.approx(p - 0.3, rel=0, abs=1e-10)  # River's, past |z| 18: to 1e-11
+        assert loss(0.3, z) == pytest.approx(0.3 * river(True, z) + 0.7 * river(False, z), rel=1e-12)
+        for y in (True, False, 1.0, 0.0):
+            assert loss.gradient(y, z) == river.gradient(y, z) and loss(y, z) == river(y, z)
+    ys, zs = np.array([0.0, 0.3, 1.0]), np.array([-2.0, 0.5, 3.0])
+    assert loss.gradient(ys, zs) == pytest.approx([loss.gradient(y, z) for y, z in zip(ys, zs)], rel=0, abs=1e-15)
+    # Pickled as River's Log, the name every release reads; a copy of a model learns as the model.
+    assert type(pickle.loads(pickle.dumps(loss))) is optim.losses.Log
+    assert type(deepcopy(loss)) is SoftLog and type(shallow_copy(loss)) is SoftLog
+    model = TipModel.from_bytes(TipModel().to_bytes())
+    assert type(model.classifier.loss) is SoftLog and model.soft_labels
 
 
 @pytest.mark.parametrize("reward", [-0.1, 1.5, math.nan])

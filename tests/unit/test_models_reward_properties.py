@@ -54,8 +54,8 @@ def test_every_path_scores_alike_and_a_restored_model_learns_alike(params: dict,
 
 class _AdaGradLogisticRegression:
     """docs/learning.md's maths, written plainly: scaled numerics, one-hot text, crosses (hours in
-    6-hour buckets), a reward r learned as a positive of weight r then a negative of weight 1 - r,
-    AdaGrad steps with the user's own sums first multiplied by 1 - forgetting."""
+    6-hour buckets), a reward r learned as a soft label in one step of gradient (p - r) x, AdaGrad
+    steps with the user's own sums first multiplied by 1 - forgetting."""
 
     PAIRS = (("category", "hour_of_day"), ("tip_id", "preferred_hour"), ("user_id", "category"))
 
@@ -103,13 +103,11 @@ class _AdaGradLogisticRegression:
             for j in own & self.g2.keys():
                 self.g2[j] *= self.keep
         t = self._features(x)
-        for label, weight in ((1.0, reward), (0.0, 1.0 - reward)):
-            if weight > 0.0:
-                g = (self.predict(x) - label) * weight
-                self.bias -= 0.01 * g
-                for j, v in t.items():
-                    self.g2[j] = self.g2.get(j, 0.0) + (g * v) ** 2
-                    self.w[j] = self.w.get(j, 0.0) - self.rate / (self.g2[j] + 1e-8) ** 0.5 * g * v
+        g = self.predict(x) - reward
+        self.bias -= 0.01 * g
+        for j, v in t.items():
+            self.g2[j] = self.g2.get(j, 0.0) + (g * v) ** 2
+            self.w[j] = self.w.get(j, 0.0) - self.rate / (self.g2[j] + 1e-8) ** 0.5 * g * v
 
 
 PLAIN = st.fixed_dictionaries({}, optional={"user_id": TEXT, "tip_id": TEXT, "category": TEXT,
