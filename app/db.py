@@ -96,9 +96,13 @@ tip_scores = Table(
     Column("rewards", JSON),  # {tip_id: reward} for every tip of the decision credited so far
     Column("reward", Float),  # the reward of `tip_id`, once credited
     Column("rewarded_at", DateTime(timezone=True)),
-    Index("ix_tip_scores_created_at", "created_at"),
     Index("ix_tip_scores_user_id", "user_id"),
 )
+# Evaluation's read (`evaluation.rewarded_decisions`), its only reader: the newest rewarded rows, in its order. The
+# rewarded rows only (0010): nine in ten never are, and each row the checkpoint writes paid the index before.
+tip_scores_rewarded = tip_scores.c.rewarded_at.is_not(None)
+Index("ix_tip_scores_rewarded", tip_scores.c.created_at, tip_scores.c.decision_id, sqlite_where=tip_scores_rewarded,
+      postgresql_where=tip_scores_rewarded)
 
 
 class _GoesAt(FunctionElement[Any]):

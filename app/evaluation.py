@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, Select, select
 
 from app import db
 from app.decision_ids import decision_time_ms
@@ -44,13 +44,18 @@ from models.validation import (
 Decision = tuple[dict[str, Any], dict[str, float]] | tuple[dict[str, Any], dict[str, float], datetime | None]
 
 
+def rewarded_query(limit: int) -> Select:
+    """The newest `limit` decisions that earned any reward, newest first: read off the index of the rewarded rows
+    (`ix_tip_scores_rewarded`, 0010), in its order; its condition is the index's."""
+    table = db.tip_scores
+    return (select(table.c.decision, table.c.rewards, table.c.rewarded_at).where(db.tip_scores_rewarded)
+            .order_by(table.c.created_at.desc(), table.c.decision_id.desc()).limit(limit))
+
+
 def rewarded_decisions(engine: Engine, limit: int) -> list[Decision]:
     """The newest `limit` decisions that earned any reward, oldest first."""
-    table = db.tip_scores
-    query = (select(table.c.decision, table.c.rewards, table.c.rewarded_at).where(table.c.rewarded_at.is_not(None))
-             .order_by(table.c.created_at.desc(), table.c.decision_id.desc()).limit(limit))
     with engine.connect() as conn:
-        rows = conn.execute(query).all()
+        rows = conn.execute(rewarded_query(limit)).all()
     return [(orjson.loads(text), rewards or {}, rewarded) for text, rewards, rewarded in reversed(rows)]
 
 

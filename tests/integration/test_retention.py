@@ -16,6 +16,7 @@ from app.learning_metrics import DECISION_ROWS_PRUNED
 from app.retention import TipScoresRetention, delete_before, goes_at_key
 from streams.fold import to_ms
 from tests.conftest import eventually
+from tests.integration.rows_read import count_sqlite_steps, rows_read
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 PLUS_14 = timezone(timedelta(hours=14))
@@ -212,27 +213,6 @@ async def test_the_service_deletes_old_rows_and_keeps_the_decisions_it_just_made
 
     await eventually(lambda: made_now in decision_ids(engine) and "d-last-month" not in decision_ids(engine))
     assert "d-last-week" in decision_ids(engine)
-
-
-def rows_read(conn: sa.Connection) -> int:
-    """What this transaction has read of tip_scores so far: PostgreSQL's count of its rows read (by scans and
-    through indexes); SQLite's, of the steps of its statements (each row read takes a few)."""
-    if conn.dialect.name == "postgresql":
-        return conn.execute(sa.text("SELECT seq_tup_read + idx_tup_fetch FROM pg_stat_xact_user_tables "
-                                    "WHERE relname = 'tip_scores'")).scalar_one()
-    return conn.info.get("steps", 0)
-
-
-def count_sqlite_steps(engine: sa.Engine) -> None:
-    @sa.event.listens_for(engine, "begin")
-    def _count(conn: sa.Connection) -> None:
-        conn.info["steps"] = 0
-
-        def step() -> int:
-            conn.info["steps"] += 1
-            return 0
-
-        conn.connection.driver_connection.set_progress_handler(step, 1)
 
 
 async def test_a_pass_with_nothing_to_delete_reads_no_row_kept_for_a_reward_after_the_cut(database_url: str) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.schema import CreateIndex
 
 from app import checkpoints, migrate
 from app.checkpoint_rows import PositionsBehind
@@ -147,6 +148,29 @@ def test_the_tables_in_app_db_are_what_the_migrations_create(database_url: str) 
                                                          "include_object": include})
         assert compare_metadata(context, db.metadata) == []
     engine.dispose()
+
+
+@pytest.mark.filterwarnings("ignore:.*expression-based index:UserWarning", "ignore:.*expression-based index")
+def test_the_partial_indexes_in_app_db_hold_the_rows_the_migrations_index(database_url: str) -> None:
+    """Autogenerate's comparison (above) compares an index's columns, not its WHERE: 0010's index of the rewarded
+    rows made without its condition, over every row, passed it."""
+    from app import db
+
+    def spelled(where: object) -> str:
+        return " ".join(str(where).lower().replace("(", " ").replace(")", " ").split())
+
+    migrate.upgrade(database_url)
+    engine = sa.create_engine(database_url)
+    dialect = engine.dialect.name
+    # The condition as this dialect's DDL spells it: without the table's name, as the database reads it back.
+    wanted = {index.name: spelled(str(CreateIndex(index).compile(dialect=engine.dialect)).partition(" WHERE ")[2])
+              for table in db.metadata.tables.values() for index in table.indexes}
+    inspector = sa.inspect(engine)
+    made = {index["name"]: spelled(index.get("dialect_options", {}).get(f"{dialect}_where", ""))
+            for table in db.metadata.tables for index in inspector.get_indexes(table)}
+    engine.dispose()
+    assert wanted["ix_tip_scores_rewarded"] == "rewarded_at is not null"
+    assert {name: wanted[name] for name in made} == made
 
 
 async def test_two_upgrades_of_one_postgresql_database_at_once_both_succeed(postgres_url: str, tmp_path: Path) -> None:
