@@ -29,6 +29,7 @@ SMALLEST_RUNS = {
     "metrics_cost": ["--rounds", "2000", "--repeat", "1"],
     "row_writes": ["--rows", "200", "--batches", "1"],
     "retention": ["--rows", "2000", "--late", "0,500", "--backlog", "500", "--repeat", "1"],
+    "evaluation_read": ["--rows", "2000", "--waiting", "200", "--limit", "50", "--repeat", "1"],
     "quality": ["--users", "20", "--rounds", "4", "--seeds", "1"],
     "score_floor": ["--duration", "0.4", "--rounds", "1"],
     "offpolicy_coverage": ["--seeds", "1", "--replications", "20", "--score-runs", "1", "--score-decisions", "200"],
