@@ -114,7 +114,7 @@ class Service:
             cache_mb=settings.learner_join_cache_mb, window_s=settings.learner_join_window_s,
             pending_max=settings.learner_pending_max, pending_max_age_s=settings.learner_pending_max_age_s,
             snapshot_every_s=settings.model_snapshot_every_s, silence_reward=settings.silence_reward,
-            silence_after_s=settings.silence_after_s,
+            silence_after_s=settings.silence_after_s, max_future_s=settings.max_future_s,
         )
         self.lineup.participants.append(self.learner)
         self.scorer = Scorer(self.store, self.lineup, make_policy(settings.policy, **settings.policy_params()),

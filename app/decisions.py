@@ -217,6 +217,34 @@ def decision_problem(body: dict[str, Any]) -> Rejection | None:
     return None
 
 
+def served_after_stored(decision_id: str, served_ms: int | None, stored_ms: int, max_future_ms: int) -> Rejection | None:
+    """Why a decision whose id says it was served at `served_ms` (`decision_ids.decision_time_ms`) cannot have been,
+    JetStream having stored it at `stored_ms`; None if it can. Up to `max_future_ms` ahead is a clock's skew, as
+    for an event's `ts` (`TIPSTREAM_MAX_FUTURE_S`). Further, another publisher's id in our form (a clock wrong by
+    years, or a made-up id) was taken for when a request to forget a user is acted on, and every decision served
+    to that user until then was forgotten with them, their reactions unlearned.
+
+    >>> served_after_stored("d-0fffffffffff" + "0" * 16, 0x0fffffffffff, 1_765_000_000_000, 86_400_000).kind
+    'future_ts'
+    >>> served_after_stored("d-x", None, 0, 1), served_after_stored("d-y", 1_765_086_400_000, 1_765_000_000_000, 86_400_000)
+    (None, None)
+    """
+    if served_ms is None or served_ms - stored_ms <= max_future_ms:
+        return None
+    return Rejection("future_ts", f"decision id {decision_id!r} says it was served at {_utc(served_ms)}, more than "
+                                  f"{max_future_ms / 1000:g} s after JetStream stored it ({_utc(stored_ms)}): ids "
+                                  "of this form ('d-', 12 hex digits of milliseconds, 16 more) tell when /score served "
+                                  "them. Fix the publisher's clock, or give its decisions ids of another form "
+                                  "(or raise TIPSTREAM_MAX_FUTURE_S)")
+
+
+def _utc(ms: int) -> str:
+    try:
+        return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+    except (OverflowError, ValueError, OSError):
+        return f"{ms} ms since 1970"
+
+
 def decode_decision(subject: str, data: bytes) -> LoggedDecision | Rejection:
     """The ingest `decode` for DECISIONS: parsed and checked (`decision_problem`). The learner
     parsed every decision read back anyway, for its row; it takes this body instead."""

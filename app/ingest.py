@@ -33,6 +33,7 @@ from streams.events import (
     EVENT_ADAPTER,
     FAMILY_OF_TYPE,
     REJECTION_KINDS,
+    Refused,
     Rejection,
     check_subject,
     lenient_loads,
@@ -562,6 +563,8 @@ class StreamIngest:
                     rejected.append((msg, Rejection(
                         "future_ts", f"ts {event.ts.isoformat()} is more than {self.max_future} ahead of when "
                         "JetStream stored it; fix the publisher's clock (or raise TIPSTREAM_MAX_FUTURE_S)")))
+                except Refused as refused:
+                    rejected.append((msg, refused.rejection))
                 except StateUnavailable:
                     # The database is away: the chunk is folded again once it is back (`_retry`).
                     self._count(taken, handed)

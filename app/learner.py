@@ -52,7 +52,7 @@ from sqlalchemy.engine import Engine
 from app.checkpoint_rows import write_learner_state
 from app.credit_log import CreditLog
 from app.decision_ids import decision_time_ms
-from app.decisions import LoggedDecision, TipScoresLog, learning_input, tip_score_row
+from app.decisions import LoggedDecision, TipScoresLog, learning_input, served_after_stored, tip_score_row
 from app.evaluation import TrainedOn
 from app.ingest import ReadUpTo
 from app.join_cache import Entry, JoinCache
@@ -65,6 +65,7 @@ from app.silence_learning import SilenceLearning
 from app.waiting import WaitingFeedback
 from models.prior import PopularityPrior
 from streams.ack_subject import ack_fields, delivery, stored_ms
+from streams.events import Refused
 from streams.store import OnlineStore
 
 _OUTCOME = {name: FEEDBACK.labels(name) for name in (
@@ -85,9 +86,11 @@ class Learner:
     def __init__(self, lineup: Lineup, store: OnlineStore, decision_log: TipScoresLog, *,
                  rewards: dict[str, float], cache_mb: float, window_s: float, pending_max: int,
                  pending_max_age_s: float, snapshot_every_s: float, silence_reward: float | None = None,
-                 silence_after_s: float = 600.0, clock: Callable[[], float] = time.time,
-                 timer: Callable[[], float] = time.perf_counter) -> None:
+                 silence_after_s: float = 600.0, max_future_s: float | None = None,
+                 clock: Callable[[], float] = time.time, timer: Callable[[], float] = time.perf_counter) -> None:
         self.lineup, self.store, self.decision_log = lineup, store, decision_log
+        # How far ahead of when JetStream stored it a decision read back may say it was served (`add_logged`).
+        self.max_future_ms = None if max_future_s is None else int(max_future_s * 1000)
         self.rewards = dict(rewards)
         self.silences = SilenceLearning(self, silence_reward, silence_after_s) if silence_reward is not None else None
         self.positives_only = PositivesOnly(silence_learned=silence_reward is not None)
@@ -221,6 +224,9 @@ class Learner:
             # every start read it back and held it a window more, so the DECISIONS position saved
             # never passed it and every start re-read all of DECISIONS logged since, FEEDBACK behind.
             timed = decision_time_ms(logged.id)
+            if stored and self.max_future_ms is not None and (
+                    refusal := served_after_stored(logged.id, timed, stored, self.max_future_ms)) is not None:
+                raise Refused(refusal)
             self.decisions_until_ms = max(self.decisions_until_ms, timed or 0)
             created = timed or stored or None
             now_ms = int(self.clock() * 1000)

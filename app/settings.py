@@ -237,7 +237,7 @@ class Settings(BaseSettings):
 
     max_future_s: float = Field(
         86_400.0, gt=0, le=MAX_FUTURE_S, description="Events stamped further ahead of when JetStream stored them go to the DLQ as `future_ts` "
-                               "(the same on every replay)."
+                               "(the same on every replay), as do decisions whose ids say they were served so far ahead."
     )
     ingest_batch: int = Field(1024, ge=1, le=10_000, description="Messages per JetStream pull request.")
     checkpoint_every_events: int = Field(

@@ -197,6 +197,15 @@ class Rejection:
     reason: str
 
 
+class Refused(Exception):
+    """Raised by an ingest's sink for a message it refuses once read: the ingest dead-letters it with this
+    `rejection`, as one its decode refused. For what the decode cannot judge (when JetStream stored it)."""
+
+    def __init__(self, rejection: Rejection) -> None:
+        super().__init__(rejection.reason)
+        self.rejection = rejection
+
+
 # Every `Rejection.kind`, here and in ingest (`oversized`, `future_ts`, `processing_failed`): each stream's
 # `tipstream_dlq_total` has a series for each from the start, at 0, for the README's alert on its increase().
 REJECTION_KINDS = ("invalid_json", "invalid_utf8", "unknown_type", "missing_field", "invalid_field",

@@ -141,6 +141,30 @@ async def test_a_malformed_decision_from_another_publisher_goes_to_the_dlq(start
     assert "d-good" in tip_scores(service.settings.sqlalchemy_url)
 
 
+async def test_a_decision_whose_id_says_it_was_served_long_after_it_was_stored_goes_to_the_dlq(
+        start_service, nc) -> None:
+    """An id in our form tells when /score served the decision. Another publisher's, its clock years ahead (or the
+    id made up), was taken as the newest served: a request to forget a user was acted on as of year 2527, and every
+    decision served to that user until then was forgotten with them, their reactions unlearned."""
+    from app.decision_ids import decision_time_ms
+    from streams.jetstream import DLQ_KIND, DLQ_REASON
+
+    running = await start_service(checkpoint_every_s=0.1)
+    service, js = running.service, nc.jetstream()
+    ahead, hour_ahead = "d-0fffffffffff" + "1" * 16, f"d-{int(time.time() * 1000) + 3_600_000:012x}" + "2" * 16
+    for decision_id in (ahead, hour_ahead):
+        await js.publish("decisions.score", orjson.dumps(foreign(decision_id)), headers={"Nats-Msg-Id": decision_id})
+        await publish(js, feedback(f"f-{decision_id}", decision_id, "tip-focus-1", "acted"))
+    await eventually(lambda: service.store.positions.get("FEEDBACK") == 2, timeout=10)
+    await eventually(lambda: dead_lettered(kind="future_ts") == 1, timeout=10)
+    [copy] = await (await js.pull_subscribe("dlq.>", stream="DLQ")).fetch(1, timeout=5)
+    assert copy.headers[DLQ_KIND] == "future_ts" and ahead in copy.headers[DLQ_REASON], copy.headers
+    # An hour ahead is a clock's skew (TIPSTREAM_MAX_FUTURE_S, a day): joined and learned, and a forget acted on
+    # as of then; the reaction to the other waits for a decision that never comes.
+    assert service.learner.credited == 1 and service.learner.decisions_until_ms == decision_time_ms(hour_ahead)
+    assert service.eraser._acted_on_at().timestamp() * 1000 == decision_time_ms(hour_ahead)
+
+
 async def test_a_decision_from_another_publisher_with_null_optional_texts_gets_its_row(
         start_service, nc, database_url) -> None:
     """`policy`, `shadow_version` and `prompt_version` may be null (absent), as the DECISIONS check takes them: a
