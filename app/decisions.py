@@ -231,14 +231,15 @@ def served_after_stored(decision_id: str, served_ms: int | None, stored_ms: int,
     """
     if served_ms is None or served_ms - stored_ms <= max_future_ms:
         return None
-    return Rejection("future_ts", f"decision id {decision_id!r} says it was served at {_utc(served_ms)}, more than "
-                                  f"{max_future_ms / 1000:g} s after JetStream stored it ({_utc(stored_ms)}): ids "
+    return Rejection("future_ts", f"decision id {decision_id!r} says it was served at {_utc_text(served_ms)}, more than "
+                                  f"{max_future_ms / 1000:g} s after JetStream stored it ({_utc_text(stored_ms)}): ids "
                                   "of this form ('d-', 12 hex digits of milliseconds, 16 more) tell when /score served "
                                   "them. Fix the publisher's clock, or give its decisions ids of another form "
                                   "(or raise TIPSTREAM_MAX_FUTURE_S)")
 
 
-def _utc(ms: int) -> str:
+def _utc_text(ms: int) -> str:
+    """`ms` for a message; `_utc` (below, for rows) is the datetime, and raises past year 9999."""
     try:
         return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
     except (OverflowError, ValueError, OSError):

@@ -38,7 +38,7 @@ from models import reward
 from models.policy import make_policy
 from models.registry import RegistryError
 from models.reward import TipModel
-from streams.events import parse_event
+from streams.events import Refused, parse_event
 from streams.store import OnlineStore
 
 NOW = "2026-11-26T09:00:00+01:00"
@@ -2076,3 +2076,21 @@ def test_a_publisher_s_decision_whose_features_name_another_user_is_refused(worl
         world.react(decision["id"], decision["ranked"][0]["tip_id"], "acted", user="eve")
     assert not isinstance(found, LoggedDecision), f"ana's own features learned: {world.lineup.champion.forget_user('ana')}"
     assert "ana" in found.reason or "user_id" in found.reason, found.reason
+
+
+@pytest.mark.parametrize(("digits", "served"), [("0fffffffffff", "2527-06-23T06:20:44.415+00:00"),
+                                                 ("ffffffffffff", "281474976710655 ms since 1970")])
+def test_a_decision_read_back_served_far_after_it_was_stored_is_refused_naming_when(
+        tmp_path: Path, digits: str, served: str) -> None:
+    """An id in our form beyond year 9999 (12 hex digits reach 10889) is refused as `future_ts` like any other.
+    `served_after_stored` named the time with `app.decisions._utc`, redefined below it for `tip_score_row`
+    (a datetime, no range check): it raised ValueError, and the decision went to the DLQ as `processing_failed`,
+    logged as a bug in tipstream, its reason's time spelled as str(datetime)."""
+    world = World(tmp_path, max_future_s=86_400.0)
+    decision_id = f"d-{digits}" + "1" * 16
+    with pytest.raises(Refused) as refused:
+        world.learner.add_logged(_foreign(world, decision_id), _decisions_ack(world.clock.now, 1))
+    assert refused.value.rejection.kind == "future_ts"
+    assert f"served at {served}, more than 86400 s after" in refused.value.rejection.reason
+    assert world.learner.decisions_until_ms == 0 and world.learner.joins.get(decision_id) is None
+    world.engine.dispose()
