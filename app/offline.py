@@ -248,7 +248,7 @@ class OfflineFeatureWriter:
                 if time.monotonic() >= deadline:
                     break
         except Exception as error:  # noqa: BLE001 - the database away
-            log.warning("user_features: the last pass did not finish (%s: %s)", type(error).__name__, error)
+            log.warning("user_features: the last pass did not finish (%s)", db.briefly(error, self.engine.url))
         left = len(users) - done
         if left:
             log.info("stopping: user_features rows of %d users written in %.1f s; the next start writes those of "

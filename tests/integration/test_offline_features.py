@@ -236,3 +236,25 @@ async def test_a_user_forgotten_while_the_users_behind_are_read_is_not_handed_to
         assert writer.pending == {"u-1", "u-3"}
     finally:
         engine.dispose()
+
+
+async def test_a_last_pass_the_database_refuses_logs_its_first_line_not_the_rows(
+        tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The stop's last pass logged the database's error whole, four lines: SQLAlchemy's text goes on with the
+    statement (its parameters hidden by the engine, `hide_parameters`). One line, as the other user_features
+    lines and docs/architecture.md say (`db.briefly`)."""
+    url = f"sqlite:///{tmp_path / 'features.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TRIGGER refuse BEFORE INSERT ON user_features BEGIN "
+                             "SELECT RAISE(ABORT, 'no rows today'); END")
+    writer = OfflineFeatureWriter(_store(), engine, every_s=60)
+    writer.saved(list(USERS))
+    caplog.set_level("WARNING", logger="tipstream")
+    try:
+        await writer.last_pass()
+    finally:
+        engine.dispose()
+    [said] = [r.getMessage() for r in caplog.records if "last pass did not finish" in r.getMessage()]
+    assert said == "user_features: the last pass did not finish (IntegrityError: no rows today)", said
