@@ -35,7 +35,7 @@ from app.background import BackgroundTasks
 from app.checkpoint_writer import CheckpointWriter
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.collector import FreezePolicy
-from app.db import autovacuum_is_off, make_engine, one_line, refuse_read_only, refused_by_setting
+from app.db import autovacuum_is_off, briefly, make_engine, refuse_read_only, refused_by_setting
 from app.decision_publisher import DecisionPublisher
 from app.decision_tail import OwnTail
 from app.decisions import TipScoresLog, decode_decision
@@ -406,9 +406,9 @@ class Service:
                 await self.checkpointer.checkpoint()
             except Exception as error:  # noqa: BLE001
                 setting = refused_by_setting(error, self.engine.url.username)
-                first_line = one_line(error, self.engine.url)  # not the statement: users' ids and features
+                told = briefly(error, self.engine.url)  # not SQLAlchemy's statement, over lines of its own
                 log.warning("last checkpoint failed (%s); the next start replays from the previous one",
-                            first_line if setting is None else f"{first_line}: {setting}")
+                            told if setting is None else f"{told}: {setting}")
             else:
                 log.info("stopping: last checkpoint written in %.1f s", time.perf_counter() - began)
                 if catching_up and self.offline is not None and self.offline.pending:

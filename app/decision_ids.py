@@ -2,7 +2,7 @@
 
 The time in an id is when it was served, whatever `context.now` the caller scored for (the decision's `ts`):
 forgetting a user goes by it (`checkpoint_rows.delete_decisions_served_until`), as do the learner and the
-retention of `tip_scores` (`retention`, by the primary key: ids of ours sort as the times in them). Apart
+retention of `tip_scores` (`retention`, by the index of when a row may go, `db.tip_scores_goes_at`). Apart
 from `app.decisions` so that the checkpoint writer's process reads ids without its imports.
 """
 

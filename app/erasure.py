@@ -200,7 +200,7 @@ class Eraser:
                 raise
             except Exception as error:  # noqa: BLE001 - the database or NATS away: the request waits, saved
                 # A checkpoint saved, or another request, wakes it sooner: the database answers again.
-                # The first line: SQLAlchemy's next are the statement and its parameters, the user's id among them.
+                # The first line: SQLAlchemy's next are the statement and more, lines a log reader takes for others.
                 log.warning("forgetting a user did not go through (%s); trying again in %.0f s, or at the next "
                             "checkpoint. The request is saved and goes on from the step it reached.",
                             db.briefly(error, self.engine.url), backoff)

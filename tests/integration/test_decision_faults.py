@@ -155,8 +155,9 @@ async def test_a_decision_whose_id_says_it_was_served_long_after_it_was_stored_g
     for decision_id in (ahead, hour_ahead):
         await js.publish("decisions.score", orjson.dumps(foreign(decision_id)), headers={"Nats-Msg-Id": decision_id})
         await publish(js, feedback(f"f-{decision_id}", decision_id, "tip-focus-1", "acted"))
-    await eventually(lambda: service.store.positions.get("FEEDBACK") == 2, timeout=10)
-    await eventually(lambda: dead_lettered(kind="future_ts") == 1, timeout=10)
+    await eventually(lambda: service.store.positions.get("FEEDBACK") == 2
+                     and service.store.positions.get("DECISIONS") == 2, timeout=10)
+    await eventually(lambda: dead_lettered(kind="future_ts") == 1 and service.learner.credited == 1, timeout=10)
     [copy] = await (await js.pull_subscribe("dlq.>", stream="DLQ")).fetch(1, timeout=5)
     assert copy.headers[DLQ_KIND] == "future_ts" and ahead in copy.headers[DLQ_REASON], copy.headers
     # An hour ahead is a clock's skew (TIPSTREAM_MAX_FUTURE_S, a day): joined and learned, and a forget acted on

@@ -226,8 +226,8 @@ def test_decisions_spooled_for_a_user_forgotten_since_are_not_published(tmp_path
 
 async def test_a_forget_that_did_not_go_through_logs_the_database_s_first_line_not_the_user_s_rows(
         caplog: Any) -> None:
-    """SQLAlchemy's error text goes on with the statement and its parameters: logged whole, the retry line held the
-    id of the very user being forgotten, and their features."""
+    """SQLAlchemy's error text goes on with the statement (and its parameters, unless the engine hides them, as
+    `db.make_engine`'s do): logged whole, the retry line ran over several lines."""
     import sqlalchemy as sa
 
     caplog.set_level(logging.WARNING, logger="tipstream.erasure")
