@@ -123,7 +123,7 @@ class TipScoresRetention:
                  batch: int | None = None, threads: ThreadWork | None = None) -> None:
         self.engine, self.max_age_days, self.clock = engine, max_age_days, clock
         self.batch = batch or batch_for(engine.dialect.name)
-        self.longest_batch_s = 0.0  # the longest a delete's transaction took (on SQLite, held the write lock)
+        self.longest_batch_s = 0.0  # the longest a delete's transaction took, from its start (a wait for a lock in it)
         self.threads = threads or ThreadWork()  # its deletes, which the stop waits for
 
     def _delete_batch(self, cut: datetime) -> int:
