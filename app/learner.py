@@ -186,8 +186,10 @@ class Learner:
         """JetStream acknowledged a decision served here: it is in the log, so it gets its row.
 
         Also one the join cache let go while it waited for JetStream (memory budget): the
-        DECISIONS position moves past it now, so no re-read would ever write its row."""
-        entry = self.joins.cache.get(decision_id)
+        DECISIONS position moves past it now, so no re-read would ever write its row. Looked for in the
+        read-back's segment too: a spooled one the start's re-read brought before it was served again is
+        held there, logged, its row holding its restored credits, which a row marked anew would lose."""
+        entry = self.joins.get(decision_id)
         if entry is not None:
             if not entry.logged:
                 entry.logged = True

@@ -2094,3 +2094,30 @@ def test_a_decision_read_back_served_far_after_it_was_stored_is_refused_naming_w
     assert f"served at {served}, more than 86400 s after" in refused.value.rejection.reason
     assert world.learner.decisions_until_ms == 0 and world.learner.joins.get(decision_id) is None
     world.engine.dispose()
+
+
+def test_a_spooled_decision_read_back_before_it_is_served_again_keeps_its_rewards_in_its_row(tmp_path: Path) -> None:
+    """A decision served and rewarded just before a stop whose acknowledgement was lost (it landed) is spooled.
+    The start's DECISIONS read-back may bring it before the spool is served again: it waits in the read-back's
+    segment, its restored credits in its row. JetStream then acknowledges the spooled copy (a duplicate): that
+    acknowledgement looked for it among the decisions served only, found none, and marked its row anew
+    without its rewards, which a rebuild's row holds."""
+    before_stop = World(tmp_path)
+    t0 = before_stop.clock.now
+    spooled = before_stop.score()  # served; JetStream's acknowledgement never comes
+    before_stop.sink(_reaction("f-1", spooled.decision_id, "a"), _ack(t0, 1))
+    before_stop.learner.feedback_read.advance(int(t0 * 1000), caught_up=True)
+    with before_stop.engine.begin() as conn:
+        before_stop.learner.write(conn, before_stop.learner.snapshot(force=True))
+
+    again = World(tmp_path)
+    again.clock.now = t0 + 10
+    again.learner.restore(again.engine)
+    again.learner.add_logged(LoggedDecision(spooled.decision_id, spooled.payload), _decisions_ack(t0, 1))
+    assert again.log.dirty[spooled.decision_id]["rewards"] == {"a": 1.0}
+    again.learner.served(spooled.decision_id, spooled.payload, orjson.loads(spooled.payload), spooled=True)
+    again.learner.published(spooled.decision_id, spooled.payload)  # the spool's copy, a duplicate, acknowledged
+    again.learner.caught_up()
+    assert again.log.dirty[spooled.decision_id]["rewards"] == {"a": 1.0}
+    before_stop.engine.dispose()
+    again.engine.dispose()
