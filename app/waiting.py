@@ -113,14 +113,12 @@ class WaitingFeedback:
         """Give up on the oldest reactions past the count, and on those older than `max_age_s`;
         how many."""
         order, by_decision, expired = self._order, self.by_decision, 0
-        while order and (self._count > self.max_count or order[0][0] < now - self.max_age_s
-                         or len(order) > 2 * self.max_count):
+        while order and (self._count > self.max_count or order[0][0] < now - self.max_age_s):
             arrived, decision_id, key = order.popleft()
-            waiting = by_decision.get(decision_id)
-            entry = waiting.get(key) if waiting is not None else None
             # Skipped: joined since, or joined and waiting again (a decision without a time in its
             # id, let go by the join cache, the reaction sent again): that wait has its own place.
-            if entry is not None and entry[1] == arrived:
+            if self._waits(arrived, decision_id, key):
+                waiting = by_decision[decision_id]
                 del waiting[key]
                 self._count -= 1
                 expired += 1
@@ -128,7 +126,26 @@ class WaitingFeedback:
                 self._unbucket(decision_id, arrived, waiting)
                 if not waiting:
                     del by_decision[decision_id]
+        if len(order) > 2 * self.max_count:
+            # Mostly reactions joined since, kept until they come to the front: they go, those waiting stay
+            # (within the count and the age). Given up from the front instead, a reaction waiting well within
+            # both went, its decision coming in time, once twice the count had joined behind it.
+            # One place each (a reaction joined and waiting again may have two alike): at most the count are
+            # left, so it is rebuilt once per `max_count` arrivals at most.
+            kept: deque[tuple[float, str, Key]] = deque()
+            placed: set[tuple[str, Key]] = set()
+            for arrived, decision_id, key in order:
+                if (decision_id, key) not in placed and self._waits(arrived, decision_id, key):
+                    placed.add((decision_id, key))
+                    kept.append((arrived, decision_id, key))
+            self._order = kept
         return expired
+
+    def _waits(self, arrived: float, decision_id: str, key: Key) -> bool:
+        """Whether the reaction `_order` holds as (`arrived`, `decision_id`, `key`) still waits there."""
+        waiting = self.by_decision.get(decision_id)
+        entry = waiting.get(key) if waiting is not None else None
+        return entry is not None and entry[1] == arrived
 
     def _unbucket(self, decision_id: str, arrived: float, still_waiting: dict[Key, Waiting]) -> None:
         """A reaction for `decision_id` that arrived at `arrived` waits no more; `still_waiting`

@@ -2121,3 +2121,23 @@ def test_a_spooled_decision_read_back_before_it_is_served_again_keeps_its_reward
     assert again.log.dirty[spooled.decision_id]["rewards"] == {"a": 1.0}
     before_stop.engine.dispose()
     again.engine.dispose()
+
+
+def test_feedback_waiting_within_its_bounds_is_not_given_up_for_the_reactions_joined_after_it(tmp_path: Path) -> None:
+    """The waiting feedback's arrival order keeps the reactions joined since until they come to its front. Once it
+    held twice `pending_max` of them, the one at its front went, waiting or not: a reaction well within the
+    count and the age, behind which others had waited briefly (another publisher's decisions, read after the
+    reactions naming them), was given up, and its reward, which came in time, never learned."""
+    world = World(tmp_path, pending_max=3)
+    t0 = world.clock.now
+    slow = _foreign(world, "ext-0")
+    before = outcomes()
+    world.sink(_reaction("f-0", "ext-0", "a"), _ack(t0, 1))
+    for i in range(1, 8):  # each waits a moment for its decision, then joins it
+        world.sink(_reaction(f"f-{i}", f"ext-{i}", "a"), _ack(t0 + i, i + 1))
+        world.learner.add_logged(_foreign(world, f"ext-{i}"), _decisions_ack(t0 + i, i))
+    assert len(world.learner.waiting) == 1
+    world.clock.now = t0 + 10  # well within the age (60 s)
+    world.learner.add_logged(slow, _decisions_ack(t0 + 10, 8))
+    assert delta(before) == {"waiting": 8, "credited": 8}
+    world.engine.dispose()
