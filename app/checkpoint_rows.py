@@ -163,9 +163,11 @@ class OpenCheckpoint:
 
 def write_learner_state(conn: Connection, snapshot: dict[str, Any] | None) -> None:
     """The learner's joins, the popularity prior, the models that learned, and the minutes of
-    credits that changed (`credit_log`: None deletes a minute's row)."""
+    credits that changed (`credit_log`: None deletes a minute's row); in a registration's
+    transaction, the `tip_scores` rows marked too (`rows`, `Learner.snapshot`)."""
     if snapshot is None:
         return
+    write_tip_scores(conn, snapshot.get("rows"))
     now = datetime.now(UTC)
     write_models(conn, snapshot["models"])
     credits = snapshot.get("credits", {})

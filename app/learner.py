@@ -619,7 +619,11 @@ class Learner:
         """Models, prior, credits and waiting feedback, with the positions they reflect.
 
         `force`: now, whatever changed (a registry change writes one with a new version's
-        model, so that a restart does not replay into it what its training already held)."""
+        model, so that a restart does not replay into it what its training already held). Its
+        transaction writes no other participant's rows, so the `tip_scores` rows marked go with it
+        (`rows`): saved after the credits that marked them, a crash before the next checkpoint
+        restored the credits and FEEDBACK's position past their reactions, and a decision read
+        back below the checkpoint's DECISIONS position is not marked again, so its row never held them."""
         self.snapshots.confirm(self.credit_log.confirmed)
         now = self.timer()
         self._expire_waiting()  # releases the deferred feedback due, all once FEEDBACK has caught up
@@ -662,6 +666,7 @@ class Learner:
             "forgotten_credits": self.credit_log.forgotten(gen),
             "prior": self.lineup.prior.to_bytes(),
             "models": models,
+            "rows": self.decision_log.snapshot() if force else None,
         }
 
     def snapshot_at_next_checkpoint(self) -> None:
@@ -672,6 +677,8 @@ class Learner:
 
     def saved(self, snapshot: dict[str, Any]) -> None:
         self.snapshots.saved(snapshot)
+        if snapshot.get("rows") is not None:
+            self.decision_log.saved(snapshot["rows"])
 
     def restore(self, engine: Engine) -> dict[str, int] | None:
         """Load the last snapshot (worker thread, before ingest starts); the stream positions to

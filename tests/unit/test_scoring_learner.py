@@ -2141,3 +2141,36 @@ def test_feedback_waiting_within_its_bounds_is_not_given_up_for_the_reactions_jo
     world.learner.add_logged(slow, _decisions_ack(t0 + 10, 8))
     assert delta(before) == {"waiting": 8, "credited": 8}
     world.engine.dispose()
+
+
+def test_a_reward_saved_by_a_registration_reaches_its_row_across_a_crash(tmp_path: Path) -> None:
+    """A registration saves the learner's state in its own transaction: the credits and FEEDBACK's position
+    past the reaction. The `tip_scores` row that reaction marked waited for the next checkpoint; after a crash
+    before it, the start restored the credit, replayed no feedback, and did not mark again the row of a
+    decision the last checkpoint had read past: the row never held the reward, which a rebuild's holds."""
+    w = World(tmp_path)
+    w.lineup.participants.append(w.learner)
+    scored = w.score()
+    w.learner.published(scored.decision_id)  # acknowledged: its row, without a reward yet
+    w.store.advance("DECISIONS", 1)
+    checkpointer = Checkpointer(w.store, SqlCheckpointStore(w.engine), every_events=1, every_s=60,
+                                participants=[w.learner, w.log])
+    assert asyncio.run(checkpointer.checkpoint())
+    w.react(scored.decision_id, "a")
+    w.store.advance("FEEDBACK", 1)
+    asyncio.run(w.lineup.register("v3", "logreg", {}, actor="t"))
+    # A crash: no checkpoint after the registration's save.
+    again = World(tmp_path)
+    positions = again.learner.restore(again.engine)
+    assert positions == {"FEEDBACK": 1, "DECISIONS": 0}
+    again.learner.rows_written_upto = 1  # the checkpoint's DECISIONS position, as the service sets it
+    again.learner.add_logged(LoggedDecision(scored.decision_id, scored.payload), _decisions_ack(again.clock.now, 1))
+    again.learner.caught_up()
+    with again.engine.begin() as conn:
+        write_tip_scores(conn, again.log.snapshot())
+    with again.engine.connect() as conn:
+        rewards = conn.execute(sa.select(db.tip_scores.c.rewards)
+                               .where(db.tip_scores.c.decision_id == scored.decision_id)).scalar_one()
+    assert rewards == {"a": 1.0}
+    w.engine.dispose()
+    again.engine.dispose()
