@@ -626,7 +626,11 @@ class Learner:
         back below the checkpoint's DECISIONS position is not marked again, so its row never held them."""
         self.snapshots.confirm(self.credit_log.confirmed)
         now = self.timer()
-        self._expire_waiting()  # releases the deferred feedback due, all once FEEDBACK has caught up
+        if not force:
+            # Releases the deferred feedback due (all once FEEDBACK has caught up) and the silences due. Not in
+            # a registration's (`force`): the new version has learned what was credited, and joins the others
+            # only after this; the rewards learned here, saved as credits, it never learned.
+            self._expire_waiting()
         # Credits given before this leave the log (`credit_log.drop_before`, below). The decisions
         # still held from before it (none came since to evict them) leave too, so that the DECISIONS
         # position saved moves past them: read back at the next start, one whose id is not ours

@@ -412,3 +412,21 @@ def test_a_forgotten_users_decisions_wait_for_no_silence(tmp_path: Path, caplog:
     assert "left the join cache" not in caplog.text
     assert len(world.learner.silences) == 0
     world.engine.dispose()
+
+
+def test_a_version_registered_as_a_silence_falls_due_learns_it_with_the_others(tmp_path: Path) -> None:
+    """A registration takes the learner's snapshot once the new version has learned the rewards its training
+    missed, and only then lets it learn with the others. That snapshot gave up on waiting feedback and learned
+    the silences due by the clock: the other versions learned them, the new one never did (its saved bytes and
+    the credits saved beside them without them), one reward behind the others for good."""
+    world = quiet_world(tmp_path)
+    world.lineup.participants.append(world.learner)
+    scored = world.score()
+    world.learner.published(scored.decision_id)
+    world.clock.now = served_at_s(scored.decision_id) + WAIT_S + ALLOWANCE_S + 1  # its silence is due
+    before = silences()
+    asyncio.run(world.lineup.register("v3", "logreg", {}, actor="t"))
+    world.learner.expire()
+    assert silence_delta(before) == {"credited": 1}
+    assert learned(world) == {"v1": 1, "v2": 1, "v3": 1}
+    world.engine.dispose()
