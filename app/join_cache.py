@@ -71,6 +71,10 @@ class JoinCache:
         # While `unseen_rewards` yields to the loop: the entries credited meanwhile, kept even if the
         # cache lets them go before it looks again (the live models learned their rewards).
         self.credited_during_scan: dict[str, Entry] | None = None
+        # The credits of decisions let go before JetStream acknowledged them (the memory budget, JetStream
+        # refusing for a while): their row is marked on the acknowledgement (`Learner.published`), with these.
+        # At most the decisions waiting for JetStream (`TIPSTREAM_DECISION_QUEUE_MAX`).
+        self.let_go_unlogged: dict[str, tuple[dict[str, float], int | None]] = {}
 
     def __len__(self) -> int:
         return len(self.cache) + len(self.replayed)
@@ -98,6 +102,8 @@ class JoinCache:
                 break
             cache.popitem(last=False)
             self.credited.pop(first_id, None)
+            if first.credits and not first.logged:
+                self.let_go_unlogged[first_id] = (first.credits, first.rewarded_ms)
             self.bytes -= len(first.data) + ENTRY_OVERHEAD
             self.evicted_upto_ms = max(self.evicted_upto_ms, decision_time_ms(first_id) or first.added_ms)
 
@@ -233,6 +239,7 @@ class JoinCache:
         gone: set[str] = set()
         credited: set[str] = set()
         for decision_id in decision_ids:  # the cache may have let some go meanwhile
+            self.let_go_unlogged.pop(decision_id, None)
             cache = self.replayed if decision_id in self.replayed else self.cache
             entry = cache.pop(decision_id, None)
             if entry is None:

@@ -189,6 +189,9 @@ class Learner:
         DECISIONS position moves past it now, so no re-read would ever write its row. Looked for in the
         read-back's segment too: a spooled one the start's re-read brought before it was served again is
         held there, logged, its row holding its restored credits, which a row marked anew would lose."""
+        # With the credits it was let go with, if the memory budget let it go first: marked without them, its row
+        # lost rewards a rebuild's holds.
+        credits, rewarded_ms = self.joins.let_go_unlogged.pop(decision_id, (None, None))
         entry = self.joins.get(decision_id)
         if entry is not None:
             if not entry.logged:
@@ -198,7 +201,7 @@ class Learner:
         elif payload is not None:
             decision = orjson.loads(payload)
             if not (self.erasing and self._forgotten(decision, decision_time_ms(decision_id) or 0)):
-                self.decision_log.mark(tip_score_row(decision, payload, None, None))
+                self.decision_log.mark(tip_score_row(decision, payload, credits, rewarded_ms))
 
     @property
     def feedback_ms(self) -> int:
@@ -244,7 +247,8 @@ class Learner:
                 # Feedback waiting for it says it was never held here. A start's re-read holds it still: its
                 # credits are restored then.
                 # Another tipstream's, never held, has no row yet; one of ours gets this row from its ack too.
-                credits, rewarded_ms = self._restored_credits.pop(logged.id, (None, None))
+                credits, rewarded_ms = self._restored_credits.pop(logged.id, None) or self.joins.let_go_unlogged.get(
+                    logged.id, (None, None))
                 self.decision_log.mark(tip_score_row(logged.parsed(), logged.data, credits, rewarded_ms))
                 return True
             entry = Entry(logged.data, self.store.positions.get("DECISIONS", 0),

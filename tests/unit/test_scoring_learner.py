@@ -2174,3 +2174,19 @@ def test_a_reward_saved_by_a_registration_reaches_its_row_across_a_crash(tmp_pat
     assert rewards == {"a": 1.0}
     w.engine.dispose()
     again.engine.dispose()
+
+
+def test_a_decision_let_go_before_its_acknowledgement_keeps_its_rewards_in_its_row(tmp_path: Path) -> None:
+    """The memory budget can let a decision go while it waits for JetStream (large decisions, JetStream
+    refusing for a while), after a reaction to it was credited. Its acknowledgement then marked its row
+    without that reward, which a rebuild's row holds."""
+    world = World(tmp_path, cache_mb=0.01)  # about ten decisions
+    scored = world.score()
+    world.react(scored.decision_id, "a")
+    for _ in range(20):
+        world.score()
+    assert world.learner.joins.get(scored.decision_id) is None
+    world.learner.published(scored.decision_id, scored.payload)
+    row = world.log.dirty[scored.decision_id]
+    assert row["rewards"] == {"a": 1.0} and row["decision"] is not None
+    world.engine.dispose()
