@@ -367,10 +367,20 @@ class StreamIngest:
         self.caught_up = self.caught_up or pending == 0
         if self.read is not None:
             self.read.advance(0, self.caught_up)
-        self.puller = pull.BatchPuller(self.nc, self.spec.name, self.durable, self.batch, self._on_message)
+        self.puller = pull.BatchPuller(self.nc, self.spec.name, self.durable, self.batch, self._on_message,
+                                       on_gone=self._consumer_gone)
         await self.puller.start()
         log.info("consuming %s from sequence %d", self.spec.name, start)
         self.catch_up.begin(pending)
+
+    def _consumer_gone(self) -> None:
+        """The server says the consumer is gone (deleted by an operator, or with its stream): made again from the
+        position, as after a reconnect (the stream too, if it went with it)."""
+        if not self.reset_needed:
+            log.warning("the consumer %s of stream %s is gone from NATS (deleted?); making it again and reading %s "
+                        "from %d", self.durable, self.spec.name, self.spec.name,
+                        self.store.positions.get(self.spec.name, 0) + 1)
+        self.request_reset()
 
     async def _replaced_under_us(self, seq: int) -> bool:
         """Whether the server holds another message at the last one read (`seq`, the position, or before

@@ -238,6 +238,20 @@ async def connect(url: str, **options: Any) -> IngestClient:
 PENDING_HEADER = re.compile(rb"Nats-Pending-Messages:\s*(\d+)", re.IGNORECASE)
 
 
+def consumer_gone(headers: bytes | None) -> bool:
+    """Whether a pull request's status says its consumer is gone: deleted under a request that waited (409
+    Consumer Deleted), or not there to take one (503: no responders on its subject). Deleted by an operator, or
+    with its stream, while ingest reads it.
+
+    >>> consumer_gone(b"NATS/1.0 503\\r\\n\\r\\n"), consumer_gone(b"NATS/1.0 409 Consumer Deleted\\r\\n\\r\\n")
+    (True, True)
+    >>> consumer_gone(b"NATS/1.0 408 Request Timeout\\r\\n\\r\\n"), consumer_gone(b"NATS/1.0 409 Leadership Change\\r\\n")
+    (False, False)
+    """
+    status = headers[9:12] if headers else b""
+    return status == b"503" or (status == b"409" and b"consumer deleted" in (headers or b"")[:64].lower())
+
+
 class Detached:
     """Work a message handler starts and cannot await (a pull request): each a task, held until it ends,
     as the event loop holds a task weakly only, and what one raised handed to `on_error`. Left alone,
@@ -263,8 +277,11 @@ class BatchPuller:
     """Keeps up to `batch` messages requested; hands each arrival to `on_message` (synchronous, cheap)."""
 
     def __init__(self, nc: IngestClient, stream: str, durable: str, batch: int,
-                 on_message: Callable[[RawMsg], None], expires_s: float = PULL_EXPIRES_S) -> None:
+                 on_message: Callable[[RawMsg], None], expires_s: float = PULL_EXPIRES_S,
+                 on_gone: Callable[[], None] | None = None) -> None:
         self.nc, self.batch, self.on_message, self.expires_s = nc, batch, on_message, expires_s
+        # Told when the server says the consumer is gone (`CONSUMER_GONE`): its owner makes it again.
+        self.on_gone = on_gone
         self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self.inbox = nc.new_inbox()
         self.requested = 0
@@ -333,6 +350,13 @@ class BatchPuller:
                 return
             left = PENDING_HEADER.search(headers or b"")
             self.requested = max(0, self.requested - int(left.group(1))) if left else 0
+            if consumer_gone(headers):
+                # Asked again at once, a request to a consumer that is gone was answered at once, for ever: ~15,000
+                # requests a second, and nothing read, until a restart. Asked again by the watchdog meanwhile.
+                self.idle = False
+                if self.on_gone is not None:
+                    self.on_gone()
+                return
             self.idle = status in (b"404", b"408")
             self._request_soon()
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
@@ -42,7 +43,10 @@ async def test_a_decision_spooled_at_a_stop_keeps_the_reward_it_was_credited(
     settings = {"checkpoint_every_s": 0.1}
     running = await start_service(**settings)
     js = nc.jetstream()
-    await js.delete_stream("DECISIONS")  # JetStream refuses every decision: it stays unpublished
+    # JetStream refuses every decision (no stream takes `decisions.>`): it stays unpublished. Not deleted: ingest
+    # makes a stream deleted under it again (its consumer gone with it), and the decision was published.
+    info = await js.stream_info("DECISIONS")
+    await js.update_stream(dataclasses.replace(info.config, subjects=["decisions-refused.>"]))
     async with running.http() as http:
         decision = (await http.post("/score", json=BODY)).json()["decision_id"]
     await publish(js, feedback("f-1", decision, "tip-focus-1", "acted"))
@@ -51,6 +55,7 @@ async def test_a_decision_spooled_at_a_stop_keeps_the_reward_it_was_credited(
     await running.stop()
     spool = tmp_path / "data" / decision_spool.SPOOL_NAME
     assert spool.exists(), "the stop kept the unpublished decision"
+    await js.delete_stream("DECISIONS")
     if landed:  # put in the stream as the refused publish would have
         [(subject, _, payload)] = decision_spool.read(spool)
         await js.add_stream(name="DECISIONS", subjects=["decisions.>"])

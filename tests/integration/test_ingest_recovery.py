@@ -789,3 +789,46 @@ async def test_a_stream_held_at_a_users_read_logs_why_and_not_who(nats_server, c
     await asyncio.gather(running, return_exceptions=True)
     await ingest.stop()
     await nc.close()
+
+
+@pytest.mark.parametrize("deleted", ["consumer", "stream"])
+async def test_a_consumer_deleted_under_a_running_ingest_is_made_again_and_read_on(nats_server, deleted: str,
+                                                                                   caplog) -> None:
+    """Its consumer deleted while ingest reads (`nats consumer rm`, or its stream deleted with it): each pull
+    request was answered at once (409 Consumer Deleted, then 503 no responders) and asked again at once,
+    ~15,000 a second for good, and nothing more was read until a restart. It is made again from the position
+    (its stream too, if it went), and every event is folded once."""
+    nc = await pull.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+
+    async def ensure_streams() -> None:
+        await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+
+    def opened(i: int) -> tuple[str, dict[str, Any]]:
+        return "signals.app.opened", {"id": f"e{i}", "type": "app.opened", "user_id": f"u{i % 3}",
+                                      "ts": "2026-11-26T08:00:00Z"}
+
+    await ensure_streams()
+    await jsx.publish_events(js, [opened(i) for i in range(1, 11)])
+    store = OnlineStore()
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=64, max_event_bytes=16384,
+                          max_uncheckpointed=10**6, ensure_streams=ensure_streams)
+    await ingest.start()
+    running = asyncio.create_task(ingest.run())
+    try:
+        await eventually(lambda: store.positions.get("SIGNALS", 0) == 10)
+        if deleted == "consumer":
+            await js.delete_consumer("SIGNALS", ingest.durable)
+        else:
+            await js.delete_stream("SIGNALS")
+            await eventually(lambda: ingest.reset_needed or store.positions.get("SIGNALS") == 0)
+            await eventually(ingest.drained)  # the stream made again, before the publisher sends to it
+        await jsx.publish_events(js, [opened(i) for i in range(11, 21)])
+        # The new stream numbers its messages from 1.
+        await eventually(lambda: store.positions.get("SIGNALS", 0) == (20 if deleted == "consumer" else 10))
+        assert (store.applied, store.ignored) == (20, 0)
+        assert "is gone from NATS" in caplog.text
+    finally:
+        running.cancel()
+        await ingest.stop()
+        await nc.close()
