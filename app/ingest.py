@@ -623,16 +623,18 @@ class StreamIngest:
 
     async def _dead_letter_all(self, rejected: list[tuple[pull.RawMsg, Rejection]]) -> None:
         """Steps:
-        1. Leave out what was dead-lettered before this start (`dead_lettered`).
+        1. Leave out what was dead-lettered before this start (`dead_lettered`), or is at or below the position.
         2. Publish up to `DLQ_IN_FLIGHT` at once, each naming its batch (`dead_letters.batch_header`).
         3. Retry those the DLQ did not store until it holds the whole batch (the next batch waits: a start
            takes every dead letter below a batch's first as stored). The first after a start that found
            the newest batch stored in part carries that batch on (`dead_letters.batches`), chunk after
            chunk until the DLQ holds its count (`dead_letters.carried_on`).
         """
-        done = self.dead_lettered
+        # At or below the position, a message is one delivered again (its acknowledgement lost, or ack_wait
+        # passed): its chunk was done, its dead letter in the DLQ, as a start takes the checkpoint's (`start`).
+        done, position = self.dead_lettered, self.store.positions.get(self.spec.name, 0)
         todo = {seq: (msg, rejection, seq) for msg, rejection in rejected
-                if (seq := ack_subject.stream_sequence(msg[1])[0]) not in done}
+                if (seq := ack_subject.stream_sequence(msg[1])[0]) > position and seq not in done}
         for seqs, batch in dead_letters.batches(sorted(todo), self._carried):
             left = [todo[seq] for seq in seqs]
             await self._retry(functools.partial(self._publish_dead_letters, left, batch, []), "publish to the DLQ")

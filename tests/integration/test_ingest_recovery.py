@@ -832,3 +832,39 @@ async def test_a_consumer_deleted_under_a_running_ingest_is_made_again_and_read_
         running.cancel()
         await ingest.stop()
         await nc.close()
+
+
+async def test_a_bad_event_delivered_again_after_its_chunk_is_not_dead_lettered_again(nats_server, caplog) -> None:
+    """JetStream delivers a message again once its acknowledgement is lost (a cluster's consumer leader lost) or
+    ack_wait passes unacknowledged: folded again, it is recognised, but a bad one was published to the DLQ again
+    and counted and logged again, and stored twice past the duplicate window (TIPSTREAM_DUPLICATE_WINDOW_S as low
+    as 0.1 s). Everything at or below the position is in the DLQ already, as at a start."""
+    nc = await pull.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    await js.publish("signals.app.opened", b"{not json")
+    await jsx.publish_events(js, [("signals.app.opened", {"id": "e2", "type": "app.opened", "user_id": "u",
+                                                          "ts": "2026-11-26T08:00:00Z"})])
+    store = OnlineStore()
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=64, max_event_bytes=16384,
+                          max_uncheckpointed=10**6)
+    before = dead_lettered("SIGNALS")
+    try:
+        await ingest.start()
+        await eventually(lambda: len(ingest.buffer) == 2)
+        bad, good = ingest.buffer
+        ingest.buffer.clear()
+        with caplog.at_level(logging.INFO, logger="tipstream.ingest"):
+            await ingest.process([bad, good])
+            assert store.positions["SIGNALS"] == 2 and dead_lettered("SIGNALS") == before + 1
+            subject, reply, data = bad
+            again = reply.replace(b".1.1.1.", b".2.1.3.")  # delivered a second time, the consumer's third delivery
+            assert again != reply
+            await ingest.process([(subject, again, data)])
+        assert dead_lettered("SIGNALS") == before + 1
+        assert len([r for r in caplog.records if r.getMessage().startswith("DLQ SIGNALS #1:")]) == 1
+        assert (store.applied, store.positions["SIGNALS"]) == (1, 2)
+    finally:
+        await ingest.stop()
+        await nc.close()
+
