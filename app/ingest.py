@@ -226,6 +226,7 @@ class StreamIngest:
         # The newest batch, found stored in part at the start: the next batch carries it on (`dead_letters.batches`).
         self._carried: dead_letters.DeadLettered | None = None
         self._dlq_msg_id_prefix = dead_letters.dlq_msg_id_prefix(spec.name, None)  # the stream's creation time, at the start
+        self._renewing = False  # taking a stream created again as the one read: not done yet (`_restart_consumer`)
         # (sequence, when NATS stored it, µs) of the last message read: a server back after a
         # reconnect with another message there is another stream (`_replaced_under_us`).
         self._last_read: tuple[int, int] | None = None
@@ -348,11 +349,15 @@ class StreamIngest:
             recreated = True
             pending, start = await jsx.reset_durable(js, self.spec.name, self.durable, 1,
                                                      max_ack_pending=self.batch * ACK_PENDING_BATCHES)
-        if recreated or start < wanted:
+        if recreated or start < wanted or self._renewing:
             # Created again, or past the stream's end (reset_durable replays it from its first
             # message: a server back with an older copy of its store). The position and what was
             # dead-lettered are the new stream's from here, as at a start: kept, the new stream's
-            # bad events below the old position were neither folded nor dead-lettered.
+            # bad events below the old position were neither folded nor dead-lettered. Until all of it is
+            # done (`_renewing`): asking failed (NATS away again), the retry saw no re-created stream, and kept the
+            # old stream's DLQ ids, whose sequences the new one numbers anew: its first bad events were dropped
+            # by the DLQ as duplicates of the old one's, within its duplicate window.
+            self._renewing = True
             self.store.positions[self.spec.name] = start - 1
             self._last_read = None  # the old stream's
             self.checkpointer.forget_stored(self.spec.name)
@@ -362,6 +367,7 @@ class StreamIngest:
             self.dead_lettered = self._carried = await dead_letters.last_dead_lettered(js, self.spec)
             created = (await js.stream_info(self.spec.name)).created
             self._dlq_msg_id_prefix = dead_letters.dlq_msg_id_prefix(self.spec.name, created)
+            self._renewing = False
         self.lag = pending
         self._lag.set(pending)  # also while FEEDBACK waits for DECISIONS at a start, before a chunk is folded
         self.caught_up = self.caught_up or pending == 0

@@ -18,7 +18,7 @@ from app.checkpoints import Checkpointer, MemoryCheckpointStore
 from app.decisions import decode_decision
 from app.ingest import StreamIngest
 from app.metrics import METRICS
-from streams import ack_subject, pull
+from streams import ack_subject, dead_letters, pull
 from streams import jetstream as jsx
 from streams.events import parse_event
 from streams.fold import UserState
@@ -791,6 +791,25 @@ async def test_a_stream_held_at_a_users_read_logs_why_and_not_who(nats_server, c
     await nc.close()
 
 
+async def making_streams_again(nats_server: Any, first: Callable[[Any], Awaitable[Any]],
+                               ) -> tuple[Any, Any, OnlineStore, StreamIngest]:
+    """A SIGNALS ingest that makes the streams again when they are gone, as the service's, started once `first(js)`
+    has published to them: (nc, js, store, ingest)."""
+    nc = await pull.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+
+    async def ensure_streams() -> None:
+        await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+
+    await ensure_streams()
+    await first(js)
+    store = OnlineStore()
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=64, max_event_bytes=16384,
+                          max_uncheckpointed=10**6, ensure_streams=ensure_streams)
+    await ingest.start()
+    return nc, js, store, ingest
+
+
 @pytest.mark.parametrize("deleted", ["consumer", "stream"])
 async def test_a_consumer_deleted_under_a_running_ingest_is_made_again_and_read_on(nats_server, deleted: str,
                                                                                    caplog) -> None:
@@ -798,22 +817,12 @@ async def test_a_consumer_deleted_under_a_running_ingest_is_made_again_and_read_
     request was answered at once (409 Consumer Deleted, then 503 no responders) and asked again at once,
     ~15,000 a second for good, and nothing more was read until a restart. It is made again from the position
     (its stream too, if it went), and every event is folded once."""
-    nc = await pull.connect(nats_server.url)
-    js = nc.jetstream(timeout=5)
-
-    async def ensure_streams() -> None:
-        await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
-
     def opened(i: int) -> tuple[str, dict[str, Any]]:
         return "signals.app.opened", {"id": f"e{i}", "type": "app.opened", "user_id": f"u{i % 3}",
                                       "ts": "2026-11-26T08:00:00Z"}
 
-    await ensure_streams()
-    await jsx.publish_events(js, [opened(i) for i in range(1, 11)])
-    store = OnlineStore()
-    ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=64, max_event_bytes=16384,
-                          max_uncheckpointed=10**6, ensure_streams=ensure_streams)
-    await ingest.start()
+    nc, js, store, ingest = await making_streams_again(
+        nats_server, lambda js: jsx.publish_events(js, [opened(i) for i in range(1, 11)]))
     running = asyncio.create_task(ingest.run())
     try:
         await eventually(lambda: store.positions.get("SIGNALS", 0) == 10)
@@ -868,3 +877,35 @@ async def test_a_bad_event_delivered_again_after_its_chunk_is_not_dead_lettered_
         await ingest.stop()
         await nc.close()
 
+
+async def test_a_stream_made_again_keeps_its_own_dlq_ids_when_asking_fails_midway(nats_server, monkeypatch) -> None:
+    """Taking a stream created again as the one read asks NATS a few things; one failing (NATS away again), the
+    retry found no stream created again (the position already the new one's) and kept the old stream's DLQ ids.
+    The new stream numbers its messages from 1 again, so its first bad events had the ids of the old one's, and
+    the DLQ dropped them as duplicates within its duplicate window: counted, logged, and in the DLQ nowhere."""
+    nc, js, store, ingest = await making_streams_again(nats_server,
+                                                       lambda js: js.publish("signals.app.opened", b"{old stream"))
+    running = asyncio.create_task(ingest.run())
+    try:
+        await eventually(lambda: store.positions.get("SIGNALS", 0) == 1)
+        assert (await js.stream_info("DLQ")).state.messages == 1
+        asked = dead_letters.last_dead_lettered
+        failed: list[bool] = []
+
+        async def away_once(*args: Any) -> Any:
+            if not failed:
+                failed.append(True)
+                raise ConnectionError("NATS is away again")
+            return await asked(*args)
+
+        monkeypatch.setattr(dead_letters, "last_dead_lettered", away_once)
+        await js.delete_stream("SIGNALS")  # made again by ingest, its sequences from 1
+        await eventually(lambda: failed and not ingest.reset_needed and ingest.drained())
+        await js.publish("signals.app.opened", b"{new stream")
+        await eventually(lambda: store.positions.get("SIGNALS", 0) == 1 and ingest.drained())
+        copies = (await js.stream_info("DLQ")).state.messages
+        assert copies == 2, "the new stream's bad event is not in the DLQ"
+    finally:
+        running.cancel()
+        await ingest.stop()
+        await nc.close()
