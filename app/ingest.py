@@ -329,7 +329,7 @@ class StreamIngest:
             await self.puller.stop()
         self.buffer.clear()
         wanted = self.store.positions.get(self.spec.name, 0) + 1
-        recreated = await self._replaced_under_us(wanted - 1)
+        recreated = await self._replaced_under_us(wanted - 1, js)
         if recreated:
             wanted = 1
         try:
@@ -388,7 +388,7 @@ class StreamIngest:
                         self.store.positions.get(self.spec.name, 0) + 1)
         self.request_reset()
 
-    async def _replaced_under_us(self, seq: int) -> bool:
+    async def _replaced_under_us(self, seq: int, js: JetStreamContext) -> bool:
         """Whether the server holds another message at the last one read (`seq`, the position, or before
         it for DECISIONS followed by our acks) than the one read:
         back with an older copy of its store, published to past this position before the reconnect.
@@ -400,8 +400,14 @@ class StreamIngest:
         if last is None or seq <= 0 or last[0] > seq:
             return False
         seq = last[0]
-        now = await jsx.stored_us(self.js, self.spec.name, seq)
-        if now is None or now == last[1]:  # gone (then reset_durable tells), or the same message
+        try:
+            # Through `js`, the re-creation's: unanswered, it raises and is asked again (`_retry`). Taken as the
+            # same stream (`jsx.stored_us`, None when not known), ingest resumed after the position, and a new
+            # stream's messages up to it were skipped without a word.
+            msg = await js.get_msg(self.spec.name, seq)
+        except NotFoundError:  # gone: reset_durable tells
+            return False
+        if msg.time is None or jsx.epoch_us(msg.time) == last[1]:  # the same message
             return False
         log.error("stream %s came back with another message at %d, the last one read (NATS stored it at another "
                   "time): its store replaced by an older copy and published to since? Reading %s from its first "

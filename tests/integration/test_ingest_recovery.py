@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
+from nats.js import JetStreamContext
 
 from app.checkpoints import Checkpointer, MemoryCheckpointStore
 from app.decisions import decode_decision
@@ -905,6 +906,47 @@ async def test_a_stream_made_again_keeps_its_own_dlq_ids_when_asking_fails_midwa
         await eventually(lambda: store.positions.get("SIGNALS", 0) == 1 and ingest.drained())
         copies = (await js.stream_info("DLQ")).state.messages
         assert copies == 2, "the new stream's bad event is not in the DLQ"
+    finally:
+        running.cancel()
+        await ingest.stop()
+        await nc.close()
+
+
+async def test_a_stream_replaced_under_us_is_told_though_the_first_look_goes_unanswered(nats_server,
+                                                                                       monkeypatch) -> None:
+    """After a reconnect, the message at the last one read is asked for to tell whether the stream is still the
+    one read (`_replaced_under_us`). Unanswered within its second (a server busy coming back, a cluster electing
+    a leader), it was taken as the same stream: ingest resumed after the position, and the new stream's messages
+    up to it were skipped without a word. It is asked again, as the re-creation's other calls are."""
+    def opened(i: int, user: str) -> tuple[str, dict[str, Any]]:
+        return "signals.app.opened", {"id": f"{user}-{i}", "type": "app.opened", "user_id": user,
+                                      "ts": "2026-11-26T08:00:00Z"}
+
+    nc, js, store, ingest = await making_streams_again(
+        nats_server, lambda js: jsx.publish_events(js, [opened(i, "old") for i in range(5)]))
+    running = asyncio.create_task(ingest.run())
+    try:
+        await eventually(lambda: store.positions.get("SIGNALS", 0) == 5)
+        running.cancel()
+        await ingest.stop()  # away from NATS meanwhile: the stream replaced, published to past the position
+        await js.delete_stream("SIGNALS")
+        await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+        await jsx.publish_events(js, [opened(i, "new") for i in range(7)])
+        unanswered: list[int] = []
+        get_msg = JetStreamContext.get_msg
+
+        async def slow_once(self: Any, stream_name: str, seq: int | None = None, **kwargs: Any) -> Any:
+            if stream_name == "SIGNALS" and seq == 5 and not kwargs and not unanswered:
+                unanswered.append(seq)
+                raise TimeoutError
+            return await get_msg(self, stream_name, seq, **kwargs)
+
+        monkeypatch.setattr(JetStreamContext, "get_msg", slow_once)
+        ingest.request_reset()  # the reconnect
+        running = asyncio.create_task(ingest.run())
+        await eventually(lambda: unanswered and ingest.drained())
+        assert store.users["new"].count("app.opened") == 7, "the new stream's messages up to the position were skipped"
+        assert store.users["old"].count("app.opened") == 5
     finally:
         running.cancel()
         await ingest.stop()
