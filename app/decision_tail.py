@@ -20,7 +20,8 @@ Steps, every `tick_s`:
    message there (`stream_next_seq`), or the last reading went through it: nats-server 2.9
    gives a sequence to a message it then refuses to store (the account's storage full), so the
    stream's last sequence can stay ahead of every message in it, and the consumer was
-   re-created every other tick for as long as the account stayed full.
+   re-created every other tick for as long as the account stayed full. The stream gone
+   (deleted): read again, which creates the streams again (`StreamIngest._restart_consumer`).
 
 The position only ever covers messages held, so a checkpoint's DECISIONS position stays
 exact and a restart replays from it as before.
@@ -46,6 +47,8 @@ import heapq
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from nats.js.errors import NotFoundError
 
 from app.periodic import every
 from streams.store import OnlineStore
@@ -113,6 +116,13 @@ class OwnTail:
             return
         try:
             last = await self.stream_last_seq()
+        except NotFoundError:
+            # Deleted while followed (`nats stream rm`, to empty it): no consumer's pull tells ingest, and
+            # JetStream refused every decision until a restart. Read again, which makes the streams again.
+            log.warning("stream %s is gone from NATS (deleted?); reading it again, which creates it again", STREAM)
+            self.following = False
+            self.ingest.request_reset()
+            return
         except Exception as error:  # noqa: BLE001 - NATS away: the next tick asks again
             log.debug("could not read the DECISIONS stream's last sequence (%s)", error)
             return

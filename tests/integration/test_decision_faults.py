@@ -240,6 +240,21 @@ async def test_decisions_in_flight_when_nats_went_away_are_sent_again_once_it_is
     assert time.monotonic() - back < 1.0, "sent again on the new connection at once"
 
 
+async def test_decisions_deleted_while_followed_is_made_again_and_takes_the_decisions(start_service, nc) -> None:
+    """Caught up, the DECISIONS ingest stops reading (decision_tail.py): its stream deleted then (`nats stream
+    rm`, to empty it), no consumer's pull told ingest, the tail's look at the stream failed quietly at each
+    tick, and JetStream refused every decision until a restart: /score answered 503 once the queue filled. The
+    tail reads again, which makes the streams again, as for any stream gone under ingest."""
+    running = await start_service()
+    service = running.service
+    await eventually(lambda: service.decision_tail.following)
+    await nc.jetstream().delete_stream("DECISIONS")
+    async with running.http() as http:
+        assert (await http.post("/score", json=BODY)).status_code == 200
+    await eventually(lambda: service.publisher.published == 1, timeout=10)
+    assert (await nc.jetstream().stream_info("DECISIONS")).state.messages == 1
+
+
 def storage_capped_server(where: Path, cap: str) -> tuple[NatsServer, str]:
     """A nats-server whose JetStream file storage is capped by its own `max_file_store` ("server") or by
     its one account's `max_file` ("account"), and the URL to reach it."""
