@@ -386,7 +386,7 @@ class Service:
             flushed = await self.publisher.flush(timeout_s=STOP_FLUSH_S)
             self._publisher_task.cancel()
             await asyncio.gather(self._publisher_task, return_exceptions=True)
-            left = [] if flushed else self.publisher.unpublished()
+            left = [] if flushed else self.publisher.hand_over()
             if left:
                 decision_spool.keep_at_stop(self.settings.data_dir / decision_spool.SPOOL_NAME, left)
         catching_up = [ingest.spec.name for ingest in self.ingests if not ingest.caught_up]

@@ -177,6 +177,13 @@ class DecisionPublisher:
         """What JetStream has not acknowledged, oldest first: in flight (in the order sent), then queued."""
         return [item for _, item in self.inflight.values()] + list(self.queue)
 
+    def hand_over(self) -> list[tuple[str, str, bytes]]:
+        """At a stop: `unpublished`, for the caller to spool. The put-back decisions' spool is the caller's from
+        here on: acknowledged later in the stop (the subscription lives until the connection is drained), the
+        last of them removed the spool just written, and with it the decisions served since this start."""
+        self._on_all_put_back = None
+        return self.unpublished()
+
     def put_back(self, items: list[tuple[str, str, bytes]], on_all_published: Callable[[], None] | None = None) -> None:
         """Decisions served before this start (`decision_spool`): first in line, whatever the queue's
         bound. `on_all_published` is called once JetStream has acknowledged every one of them: until

@@ -1,0 +1,39 @@
+"""`Service.stop`'s spool of the decisions JetStream has not acknowledged, with stand-ins for NATS and ingest."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+
+from app import bootstrap, decision_spool
+from app.bootstrap import Service
+from app.settings import Settings
+
+
+async def test_the_last_put_back_decision_acknowledged_during_the_stop_leaves_the_spool_it_wrote(
+        tmp_path: Path, monkeypatch) -> None:
+    """A start put back what the last stop spooled (`put_back`, its spool removed once JetStream has all of it).
+    This stop's flush times out, so it spools what is unacknowledged: that put-back decision, still in flight,
+    and one served since. JetStream acknowledges the put-back one while the stop goes on (its subscription lives
+    until the connection is drained): the spool must stay, else the decision served since is lost."""
+    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.01)
+    service = Service(Settings(data_dir=tmp_path))
+    spool = tmp_path / decision_spool.SPOOL_NAME
+    publisher = service.publisher
+    publisher.on_published = None  # the learner's join: not what is tested
+    old = ("decisions.score", "d-old", b'{"id":"d-old"}')
+    new = ("decisions.score", "d-new", b'{"id":"d-new"}')
+    decision_spool.save(spool, [old])
+    publisher.put_back([old], on_all_published=lambda: spool.unlink(missing_ok=True))
+    publisher.queue.popleft()
+    publisher.inflight[1] = (0.0, old)  # sent, not acknowledged yet
+    assert publisher.offer(*new)
+
+    async def ingest_stop() -> None:  # the put-back decision acknowledged while the stop goes on
+        publisher._on_ack(b"_INBOX.x.d.1", b"", b'{"stream":"DECISIONS","seq":7}', None)
+
+    service.ingests.append(SimpleNamespace(caught_up=True, spec=SimpleNamespace(name="SIGNALS"), stop=ingest_stop))
+    service._publisher_task = asyncio.ensure_future(asyncio.sleep(3600))
+    await service.stop()
+    assert [item[1] for item in decision_spool.read(spool)] == ["d-old", "d-new"], "the stop's spool was removed"
