@@ -455,8 +455,14 @@ class Checkpointer:
                 await prepare()
         applied = self.store.applied
         positions, users = self.store.begin_checkpoint(ordered=False)
-        users = await sorted_in_turns(users)
-        extras = [(p, p.snapshot()) for p in self.participants]
+        try:
+            users = await sorted_in_turns(users)
+            extras = [(p, p.snapshot()) for p in self.participants]
+        except BaseException:
+            # Handed over, and not given back: a stop cancelling the sort, or a snapshot that failed, left these
+            # users in no checkpoint after, whose positions went past their events (their states lacked them).
+            self.store.abort_checkpoint(users)
+            raise
         if not users and positions == self._saved_positions and all(snap is None for _, snap in extras):
             self._succeeded()  # in step with the database: as good as a save
             await self._rest_idle()  # the first time after a start: those the warm-up loaded early

@@ -489,3 +489,58 @@ def test_the_checkpoint_age_starts_at_the_start_not_at_1970() -> None:
     checkpointer = Checkpointer(OnlineStore(), MemoryCheckpointStore(), every_events=1, every_s=60)
     assert before <= METRICS.checkpoint_ok_at._value.get() <= time.time()
     assert checkpointer.health()["since_last_ok_s"] < 1
+
+
+async def test_a_checkpoint_cancelled_while_it_puts_its_users_in_order_keeps_them_to_save(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop during a catch-up cancels the checkpoint in progress, which may be sorting the users it took
+    (`sorted_in_turns`, which yields). Handed over and not given back, they were in no checkpoint after, the
+    stop's last one among them, whose positions went past their events: their states lacked them for good."""
+    monkeypatch.setattr(checkpoints, "SORT_CHUNK", 2)
+    store = OnlineStore()
+    for i, user in enumerate("ecbda"):
+        store.apply(opened(i, user))
+    store.advance("SIGNALS", 5)
+    target = MemoryCheckpointStore()
+    checkpointer = Checkpointer(store, target, every_events=1, every_s=60)
+    cut = asyncio.create_task(checkpointer.checkpoint())
+    await asyncio.sleep(0)  # to its first turn of the loop: sorting the users it took
+    assert store.dirty_count == 0, "the users are handed over"
+    cut.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cut
+    assert await checkpointer.checkpoint()  # the stop's last
+    assert sorted(target.states) == list("abcde") and target.positions == {"SIGNALS": 5}
+
+
+async def test_a_participant_whose_snapshot_fails_leaves_the_users_to_the_next_checkpoint() -> None:
+    """Its snapshot is taken after the users are handed over: failing, it must give them back, as a failed
+    write does, else the next checkpoint saves positions past their events without them."""
+
+    class FailsOnce:
+        name = "fails once"
+        write = staticmethod(lambda conn, snapshot: None)
+
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def snapshot(self) -> Any:
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("snapshot failed")
+            return None
+
+        def saved(self, snapshot: Any) -> None:
+            pass
+
+    store = OnlineStore()
+    store.apply(opened(1, "a"))
+    store.advance("SIGNALS", 1)
+    target = MemoryCheckpointStore()
+    checkpointer = Checkpointer(store, target, every_events=1, every_s=60, participants=[FailsOnce()])
+    with pytest.raises(RuntimeError):
+        await checkpointer.checkpoint()
+    store.apply(opened(2, "b"))
+    store.advance("SIGNALS", 2)
+    assert await checkpointer.checkpoint()
+    assert sorted(target.states) == ["a", "b"], "a's state is saved with the positions past its event"
