@@ -182,6 +182,9 @@ class DecisionPublisher:
         here on: acknowledged later in the stop (the subscription lives until the connection is drained), the
         last of them removed the spool just written, and with it the decisions served since this start."""
         self._on_all_put_back = None
+        # Nothing is queued after (`offer` finds no room): a /score still answering once the stop has gone this far
+        # (a second Ctrl-C does not wait for them) queued a decision neither published nor spooled, and served it.
+        self.queue_max = 0
         return self.unpublished()
 
     def put_back(self, items: list[tuple[str, str, bytes]], on_all_published: Callable[[], None] | None = None) -> None:

@@ -37,3 +37,15 @@ async def test_the_last_put_back_decision_acknowledged_during_the_stop_leaves_th
     service._publisher_task = asyncio.ensure_future(asyncio.sleep(3600))
     await service.stop()
     assert [item[1] for item in decision_spool.read(spool)] == ["d-old", "d-new"], "the stop's spool was removed"
+
+
+def test_a_decision_offered_once_the_stop_has_taken_the_spool_is_refused_not_lost() -> None:
+    """A second Ctrl-C stops without waiting for open requests: a /score still answering queued its decision after
+    the stop had written the spool, and served it, neither published nor spooled."""
+    service = Service(Settings())
+    publisher = service.publisher
+    before = ("decisions.score", "d-before", b'{"id":"d-before"}')
+    assert publisher.offer(*before)
+    assert [item[1] for item in publisher.hand_over()] == ["d-before"]
+    assert not publisher.offer("decisions.score", "d-late", b'{"id":"d-late"}')
+    assert [item[1] for item in publisher.unpublished()] == ["d-before"]
