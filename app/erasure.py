@@ -331,7 +331,12 @@ class Eraser:
         shown = ", ".join(sorted(map(repr, users)))
         found: dict[str, int] = {"users_in_pass": len(users)} if len(users) > 1 else {}
         if self.scrub is not None and self.js is not None:
-            bounds = await self._past_decisions_on_the_way(rows, bounds)
+            moved = await self._past_decisions_on_the_way(rows, bounds)
+            if moved != bounds:
+                # Saved before the scan: a stop during it (minutes over millions of messages) resumed from the
+                # bound step 3 saved, the decisions stored since left in DECISIONS for a rebuild to hold again.
+                await self.threads.run("an erasure's bounds", self._save_bounds, rows, moved)
+            bounds = moved
             for stream in SCRUBBED:
                 last = [time.monotonic()]
 
@@ -372,6 +377,15 @@ class Eraser:
             await asyncio.sleep(ON_THE_WAY_POLL_S)
         through = (await self._ends((jsx.DECISIONS.name,)))[jsx.DECISIONS.name]
         return {**bounds, jsx.DECISIONS.name: max(int(bounds.get(jsx.DECISIONS.name, 0)), through)}
+
+    def _save_bounds(self, rows: list[dict[str, Any]], bounds: dict[str, Any]) -> None:
+        """In a worker thread: `bounds` are those of `rows` (each still dropped as it was: not asked for again)."""
+        table = db.erasures
+        with self.engine.begin() as conn:
+            for row in rows:
+                conn.execute(update(table).where(and_(table.c.user_id == row["user_id"], table.c.status == "dropped",
+                                                      table.c.dropped_at == row["dropped_at"])).values(bounds=bounds))
+                row["bounds"] = bounds
 
     def _finish(self, rows: list[dict[str, Any]], learning: set[str], found: dict[str, int]) -> list[dict[str, Any]]:
         """In a worker thread, for requests dropped together: the `tip_scores` rows of their decisions

@@ -76,6 +76,20 @@ async def status(http: httpx.AsyncClient, user: str) -> dict[str, Any]:
     return (await http.get(f"/admin/users/{user}/forget", headers=AUTH)).json()
 
 
+async def scored(http: httpx.AsyncClient, users: tuple[str, ...]) -> None:
+    for user in users:
+        answer = await http.post("/score", json={"user_id": user, "explore": False, "context": {"now": NOW},
+                                                 "candidates": CANDIDATES})
+        assert answer.status_code == 200, answer.text
+
+
+async def reached(http: httpx.AsyncClient, user: str, statuses: tuple[str, ...], timeout: float) -> None:
+    async def there() -> bool:
+        return (await status(http, user))["status"] in statuses
+
+    await eventually(there, timeout=timeout)
+
+
 async def traffic(running: Any, js: Any, http: httpx.AsyncClient) -> None:
     """Each user's signals, a /score and a reaction to it; a bad event of u-1's in the DLQ."""
     service = running.service
@@ -512,24 +526,14 @@ async def test_a_decision_spooled_at_a_stop_while_its_user_is_forgotten_is_delet
     await eventually(lambda: {"u-1", "u-2"} <= set(service.store.users))
     service.publisher._nc = lambda: None  # as while NATS is away
     async with running.http() as http:
-        for user in ("u-1", "u-2"):
-            answer = await http.post("/score", json={"user_id": user, "explore": False, "context": {"now": NOW},
-                                                     "candidates": CANDIDATES})
-            assert answer.status_code == 200, answer.text
+        await scored(http, ("u-1", "u-2"))
         await forget(http, "u-1")
-
-        async def dropped() -> bool:
-            return (await status(http, "u-1"))["status"] != "requested"
-
-        await eventually(dropped, timeout=15)
+        await reached(http, "u-1", ("dropped", "done"), timeout=15)
     await running.stop()
 
     again = await start_service(**settings)
     async with again.http() as http:
-        async def done() -> bool:
-            return (await status(http, "u-1"))["status"] == "done"
-
-        await eventually(done, timeout=30)
+        await reached(http, "u-1", ("done",), timeout=30)
     await eventually(lambda: again.service.publisher.waiting == 0, timeout=15)
     assert sorted(owner(data) for data in (await stored(js, "DECISIONS")).values()) == ["u-2"]
     assert not any(owner(entry.data) == "u-1" for entry in [*again.service.learner.joins.cache.values(),
@@ -712,3 +716,39 @@ async def test_a_decision_waiting_for_room_in_the_log_while_its_user_is_forgotte
     decided = [orjson.loads(data) for data in (await stored(js, "DECISIONS")).values()]
     assert [body["id"] for body in decided if body.get("user_id") == "u-1"] == [again.json()["decision_id"]]
     assert rows(url, "tip_scores") == {"u-1": 1}
+
+
+async def test_a_decision_stored_after_its_user_was_dropped_is_deleted_after_a_stop_during_the_scan(
+        start_service, nc, database_url) -> None:
+    """A decision on its way to JetStream at step 2 moves DECISIONS' bound past it once stored. A stop during
+    the scan that follows (minutes over millions of messages) resumed from the bound saved at step 3, which
+    leaves it out: the message stayed in DECISIONS for good, and a rebuild from the log held it again."""
+    url = database_url
+    settings = {"database_url": url, "admin_token": TOKEN, "checkpoint_every_s": 0.2}
+    running = await start_service(**settings)
+    service, js = running.service, nc.jetstream()
+    publisher = service.publisher
+    await publish_events(js, signals("u-1") + signals("u-2"))
+    await eventually(lambda: {"u-1", "u-2"} <= set(service.store.users))
+    scanning = asyncio.Event()
+
+    async def a_long_scan(*args: Any, **kwargs: Any) -> Any:
+        scanning.set()
+        await asyncio.Event().wait()  # the service stops meanwhile
+
+    service.eraser.scrub = a_long_scan
+    connection = publisher._nc
+    publisher._nc = lambda: None  # as while NATS is away: the queue holds what /score served
+    async with running.http() as http:
+        await scored(http, ("u-1", "u-2"))
+        await forget(http, "u-1")
+        await reached(http, "u-1", ("dropped",), timeout=15)
+        publisher._nc = connection
+        await eventually(scanning.is_set, timeout=15)
+    assert any(owner(data) == "u-1" for data in (await stored(js, "DECISIONS")).values())
+    await running.stop()
+
+    second = await start_service(**settings)
+    async with second.http() as http:
+        await reached(http, "u-1", ("done",), timeout=30)
+    assert sorted(owner(data) for data in (await stored(js, "DECISIONS")).values()) == ["u-2"]
