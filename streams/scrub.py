@@ -185,7 +185,7 @@ async def scrub(
     end. Raises ScrubError when the server refuses (no JetStream, no permission, deletes denied).
     """
     started = time.perf_counter()
-    info = await _stream_info(js, stream)
+    info = await info_or_none(js, stream)
     if info is None or not info.state.messages or not user_ids:
         return ScrubReport(stream, 0, 0, 0, 0, 0, time.perf_counter() - started)
     first, bound = max(info.state.first_seq, 1), min(through_seq, info.state.last_seq)
@@ -263,7 +263,8 @@ async def _theirs_by_original(js: JetStreamContext, cut: list[tuple[int, str, in
     return theirs
 
 
-async def _stream_info(js: JetStreamContext, stream: str) -> Any:
+async def info_or_none(js: JetStreamContext, stream: str) -> Any:
+    """The stream's info, None when it does not exist; ScrubError when JetStream does not answer."""
     try:
         return await js.stream_info(stream)
     except NotFoundError:
