@@ -10,12 +10,14 @@ stream through a consumer of its own, in this process: a running service is not 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import orjson
+from nats.js.errors import NotFoundError
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
@@ -23,7 +25,7 @@ from app import db
 from app.erasure import earlier_erasures
 from streams import jetstream as jsx
 from streams.fold import KINDS, REACTION_CODES, ZERO_DUE, UserState
-from streams.scrub import belongs, info_or_none, read_through, spellings
+from streams.scrub import belongs, cut_copy_of, info_or_none, read_through, spellings, theirs_by_original
 
 READ = (jsx.SIGNALS.name, jsx.FEEDBACK.name, jsx.DECISIONS.name, jsx.DLQ.name)
 
@@ -54,13 +56,24 @@ async def from_streams(js: Any, user_id: str,
             found[stream] = theirs
             continue
 
-        def keep(seq: int, body: bytes, theirs: list[dict[str, Any]] = theirs) -> None:
+        cut: list[tuple[int, str, int]] = []
+
+        def keep(seq: int, body: bytes, headers: Any = None, theirs: list[dict[str, Any]] = theirs,
+                 cut: list[tuple[int, str, int]] = cut) -> None:
             if belongs(body, users, spelt):
                 theirs.append({"seq": seq, "message": message(body)})
+            elif (original := cut_copy_of(headers)) is not None:
+                cut.append((seq, *original))
 
         if info.state.messages:
             await read_through(js, stream, max(info.state.first_seq, 1), info.state.last_seq, keep,
-                               None if progress is None else lambda n, of, s=stream: progress(s, n, of))
+                               None if progress is None else lambda n, of, s=stream: progress(s, n, of),
+                               with_headers=True)
+        # A DLQ copy cut before its user's id is theirs by its original, as forgetting judges it (and deletes it).
+        for seq in await theirs_by_original(js, cut, users, spelt):
+            with contextlib.suppress(NotFoundError):  # gone since the scan
+                theirs.append({"seq": seq, "message": message((await js.get_msg(stream, seq)).data or b"")})
+        theirs.sort(key=lambda item: item["seq"])
         found[stream] = theirs
     return found
 

@@ -202,7 +202,7 @@ async def scrub(
             cut.append((seq, *original))
 
     scanned = await read_through(js, stream, first, bound, on_body, progress, with_headers=True)
-    found.extend(await _theirs_by_original(js, cut, user_ids, spelt))
+    found.extend(await theirs_by_original(js, cut, user_ids, spelt))
     found.sort()
     if len(found) > 1000:
         log.info("erasing %d messages of %s: each is overwritten and synced to disk, at ~150/s", len(found), stream)
@@ -242,7 +242,7 @@ def cut_copy_of(headers: bytes | dict[str, str] | None) -> tuple[str, int] | Non
     return stream_found.group(1).strip().decode(errors="replace"), int(seq_found.group(1))
 
 
-async def _theirs_by_original(js: JetStreamContext, cut: list[tuple[int, str, int]], user_ids: frozenset[str],
+async def theirs_by_original(js: JetStreamContext, cut: list[tuple[int, str, int]], user_ids: frozenset[str],
                               spelt: frozenset[bytes]) -> list[int]:
     """Of the DLQ copies cut before their user's id (`cut`: (seq, original stream, original seq)), those whose
     original, still in its stream, belongs to one of `user_ids`. The cut keeps a body's head: an event whose

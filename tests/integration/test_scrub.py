@@ -265,6 +265,28 @@ async def test_a_dlq_copy_cut_before_its_users_id_goes_with_the_original_it_was_
     assert await stored(js, "SIGNALS", originals["u-1"][0]) == originals["u-1"][1], "the originals are SIGNALS' scrub's"
 
 
+async def test_an_export_shows_the_dlq_copies_cut_before_their_users_id_that_forgetting_deletes(js) -> None:
+    # The right of access reads what forgetting deletes: a copy cut before its user's id is theirs by its
+    # original (`cut_copy_of`), and the export left it out while the erasure deleted it as theirs.
+    from app.export import from_streams
+    from streams.jetstream import DLQ_SEQ, DLQ_STREAM
+
+    copies = {}
+    for i, user in enumerate(("u-1", "u-10")):
+        body = orjson.dumps({"id": f"e-{i}", "type": "task.created", "ts": TS, "data": {"task_id": "t", "title": "x"},
+                             "user_id": user})
+        seq = (await js.publish("signals.task.created", body)).seq
+        head = body[: body.index(b'"user_id"')]
+        copies[user] = (await js.publish("dlq.signals.task.created", head, headers={
+            DLQ_REASON: "test", DLQ_TRUNCATED: str(len(body)), DLQ_STREAM: "SIGNALS", DLQ_SEQ: str(seq)})).seq
+
+    found = await from_streams(js, "u-1")
+    assert [item["seq"] for item in found["DLQ"]] == [copies["u-1"]]
+    assert found["DLQ"][0]["message"].startswith('{"id":"e-0"')
+    report = await scrub(js, "DLQ", frozenset({"u-1"}), 10**9)
+    assert report.deleted == 1
+
+
 async def test_a_pull_request_that_cannot_be_sent_reads_again_at_once(js, monkeypatch, caplog) -> None:
     """A pass asks for the next batch from its message handler, in a task of its own: left to the event
     loop, the failed publish was printed as 'Task exception was never retrieved' at garbage collection,
