@@ -19,8 +19,8 @@ Each request is a row of `erasures`, its `status` moving on as each step is done
    `context.now`, `checkpoint_rows.delete_decisions_served_until`) and marks the request `dropped`, with its bounds, in the transaction that saves positions past them
    (`checkpoint_rows.write_erasures`): a restart never folds those events again.
 4. Their messages up to the bounds are deleted from SIGNALS, FEEDBACK, DECISIONS and the DLQ
-   (`streams.scrub`), so a rebuild from the log never brings them back (DECISIONS' bound moved past
-   their decisions /score had queued for JetStream at step 2, once stored); then the `tip_scores` rows
+   (`streams.scrub`), so a rebuild from the log never brings them back (and past DECISIONS' bound, their
+   decisions /score had queued for JetStream at step 2, once stored, by their ids: `ON_THE_WAY`); then the `tip_scores` rows
    of their decisions acknowledged meanwhile, and their own features in the saved bytes of the
    versions that no longer learn (retired ones).
 5. `done`, with a report of what went where.
@@ -52,7 +52,7 @@ from app.metrics import METRICS
 from app.periodic import woken
 from app.thread_work import ThreadWork
 from streams import jetstream as jsx
-from streams.scrub import belongs, spellings
+from streams.scrub import belongs, delete_all, read_through, spellings
 from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream.erasure")
@@ -64,6 +64,7 @@ PROGRESS_EVERY_S = 10.0
 SCRUBBED = (jsx.DLQ.name, jsx.SIGNALS.name, jsx.FEEDBACK.name, jsx.DECISIONS.name)
 FOLDED = (jsx.SIGNALS.name, jsx.FEEDBACK.name)
 READ_THROUGH_POLL_S = 0.02
+ON_THE_WAY = "decisions_on_the_way"  # in `bounds`: {"through": DECISIONS' last seq once stored, "ids": [...]}
 ON_THE_WAY_POLL_S = 0.1  # each look copies the publisher's queue, which holds thousands while NATS is away
 
 Scrub = Callable[..., Awaitable[Any]]
@@ -333,8 +334,8 @@ class Eraser:
         if self.scrub is not None and self.js is not None:
             moved = await self._past_decisions_on_the_way(rows, bounds)
             if moved != bounds:
-                # Saved before the scan: a stop during it (minutes over millions of messages) resumed from the
-                # bound step 3 saved, the decisions stored since left in DECISIONS for a rebuild to hold again.
+                # Saved before the scan: a stop during it (minutes over millions of messages) resumed with the
+                # bounds step 3 saved, the decisions stored since left in DECISIONS for a rebuild to hold again.
                 await self.threads.run("an erasure's bounds", self._save_bounds, rows, moved)
             bounds = moved
             for stream in SCRUBBED:
@@ -347,6 +348,9 @@ class Eraser:
 
                 result = await self.scrub(self.js, stream, users, int(bounds.get(stream, 0)), progress)
                 found[f"messages_{stream.lower()}"] = result.deleted
+                if stream == jsx.DECISIONS.name and bounds.get(ON_THE_WAY):
+                    found[f"messages_{stream.lower()}"] += await self._delete_on_the_way(
+                        users, int(bounds.get(stream, 0)), bounds[ON_THE_WAY])
         async with self.lock:  # a registry change (a rollback to a retired version) loads the bytes rewritten here
             reports = await self.threads.run("an erasure's last transaction", self._finish, rows,
                                                 self.learning_versions(), found)
@@ -359,11 +363,13 @@ class Eraser:
         await self.threads.run("an erasure's WAL checkpoint", self._empty_wal)  # not holding the lock: it may wait for readers
 
     async def _past_decisions_on_the_way(self, rows: list[dict[str, Any]], bounds: dict[str, Any]) -> dict[str, Any]:
-        """`bounds`, DECISIONS' moved past the users' decisions that were on their way to JetStream at step 2
-        (served with their state, queued while NATS was slow or away): JetStream stores them after the bound
-        was read, where the scrub left them, and a restart or a rebuild held them again (a `tip_scores` row,
-        their features as served). Waits for their acknowledgements (the publisher never drops one), and so
-        also keeps `Learner.erasing` until then: acknowledged after step 5, one got a `tip_scores` row."""
+        """`bounds`, with the users' decisions that were on their way to JetStream at step 2 (served with their
+        state, queued while NATS was slow or away) and the DECISIONS sequence they are stored by (`ON_THE_WAY`):
+        JetStream stores them after the bound was read, where the scrub left them, and a restart or a rebuild held
+        them again (a `tip_scores` row, their features as served). By their ids, not all of theirs up to there:
+        the bound moved, their decisions served after step 2 (the user came back) went from the log too, and kept
+        their rows. Waits for their acknowledgements (the publisher never drops one), and so also keeps
+        `Learner.erasing` until then: acknowledged after step 5, one got a `tip_scores` row."""
         users = [row["user_id"] for row in rows]
         waited = set().union(*(self._on_the_way.get(user_id, ()) for user_id in users))
         if not waited:
@@ -376,7 +382,20 @@ class Eraser:
                          "request (is NATS reachable?)", ", ".join(sorted(map(repr, users))), len(pending))
             await asyncio.sleep(ON_THE_WAY_POLL_S)
         through = (await self._ends((jsx.DECISIONS.name,)))[jsx.DECISIONS.name]
-        return {**bounds, jsx.DECISIONS.name: max(int(bounds.get(jsx.DECISIONS.name, 0)), through)}
+        return {**bounds, ON_THE_WAY: {"through": through, "ids": sorted(waited)}}
+
+    async def _delete_on_the_way(self, users: frozenset[str], bound: int, on_the_way: dict[str, Any]) -> int:
+        """Delete the decisions of `users` named in `on_the_way` (`_past_decisions_on_the_way`) stored past DECISIONS'
+        `bound`; how many."""
+        ids, spelt, seqs = frozenset(on_the_way["ids"]), spellings(users), []
+
+        def on_body(seq: int, body: bytes) -> None:
+            if belongs(body, users, spelt) and _decision_id(body) in ids:
+                seqs.append(seq)
+
+        if int(on_the_way["through"]) > bound:
+            await read_through(self.js, jsx.DECISIONS.name, bound + 1, int(on_the_way["through"]), on_body)
+        return (await delete_all(self.js, jsx.DECISIONS.name, seqs))[0]
 
     def _save_bounds(self, rows: list[dict[str, Any]], bounds: dict[str, Any]) -> None:
         """In a worker thread: `bounds` are those of `rows` (each still dropped as it was: not asked for again)."""
@@ -468,6 +487,13 @@ def earlier_erasures(engine: Engine, user_id: str) -> Sequence[Any]:
 def _decisions_of(user_id: str, items: Sequence[tuple[str, str, bytes]]) -> set[str]:
     """The ids of `user_id`'s decisions among the publisher's `(subject, decision id, payload)` items."""
     return {decision_id for _, decision_id, payload in items if _belongs_to(user_id, payload)}
+
+
+def _decision_id(body: bytes) -> Any:
+    with contextlib.suppress(orjson.JSONDecodeError):
+        decision = orjson.loads(body)
+        return decision.get("id") if isinstance(decision, dict) else None
+    return None
 
 
 def _belongs_to(user_id: str, payload: bytes) -> bool:

@@ -104,6 +104,17 @@ async def traffic(running: Any, js: Any, http: httpx.AsyncClient) -> None:
     await eventually(lambda: service.learner.credited == credited + len(USERS), timeout=15)
 
 
+async def started_with_nats_away(start_service: Any, nc: Any, settings: dict[str, Any]) -> tuple[Any, Any]:
+    """The service, u-1 and u-2 known, its decisions' publisher cut off as while NATS is away (the queue holds
+    what /score served); and the connection, to give back."""
+    running = await start_service(**{"admin_token": TOKEN, "checkpoint_every_s": 0.2, **settings})
+    service = running.service
+    await publish_events(nc.jetstream(), signals("u-1") + signals("u-2"))
+    await eventually(lambda: {"u-1", "u-2"} <= set(service.store.users))
+    connection, service.publisher._nc = service.publisher._nc, lambda: None
+    return running, connection
+
+
 async def test_a_forgotten_user_is_gone_from_state_rows_models_and_streams(start_service, nc, database_url) -> None:
     url = database_url
     settings = {"database_url": url, "admin_token": TOKEN, "checkpoint_every_s": 0.2,
@@ -723,13 +734,9 @@ async def test_a_decision_stored_after_its_user_was_dropped_is_deleted_after_a_s
     """A decision on its way to JetStream at step 2 moves DECISIONS' bound past it once stored. A stop during
     the scan that follows (minutes over millions of messages) resumed from the bound saved at step 3, which
     leaves it out: the message stayed in DECISIONS for good, and a rebuild from the log held it again."""
-    url = database_url
-    settings = {"database_url": url, "admin_token": TOKEN, "checkpoint_every_s": 0.2}
-    running = await start_service(**settings)
-    service, js = running.service, nc.jetstream()
-    publisher = service.publisher
-    await publish_events(js, signals("u-1") + signals("u-2"))
-    await eventually(lambda: {"u-1", "u-2"} <= set(service.store.users))
+    settings = {"database_url": database_url, "admin_token": TOKEN, "checkpoint_every_s": 0.2}
+    running, connection = await started_with_nats_away(start_service, nc, settings)
+    service, js, publisher = running.service, nc.jetstream(), running.service.publisher
     scanning = asyncio.Event()
 
     async def a_long_scan(*args: Any, **kwargs: Any) -> Any:
@@ -737,8 +744,6 @@ async def test_a_decision_stored_after_its_user_was_dropped_is_deleted_after_a_s
         await asyncio.Event().wait()  # the service stops meanwhile
 
     service.eraser.scrub = a_long_scan
-    connection = publisher._nc
-    publisher._nc = lambda: None  # as while NATS is away: the queue holds what /score served
     async with running.http() as http:
         await scored(http, ("u-1", "u-2"))
         await forget(http, "u-1")
@@ -752,3 +757,26 @@ async def test_a_decision_stored_after_its_user_was_dropped_is_deleted_after_a_s
     async with second.http() as http:
         await reached(http, "u-1", ("done",), timeout=30)
     assert sorted(owner(data) for data in (await stored(js, "DECISIONS")).values()) == ["u-2"]
+
+
+async def test_a_decision_served_after_the_request_was_acted_on_stays_in_decisions_with_its_row(start_service, nc,
+                                                                                   database_url) -> None:
+    """Their decisions on their way to JetStream at step 2 go from DECISIONS once stored; one served after step
+    2 (the user came back) stays, as its `tip_scores` row does: the bound moved past all of theirs took it from
+    the log, its row left naming a decision no restart or rebuild read back."""
+    url = database_url
+    running, connection = await started_with_nats_away(start_service, nc, {"database_url": url})
+    service, js, publisher = running.service, nc.jetstream(), running.service.publisher
+    async with running.http() as http:
+        await scored(http, ("u-1", "u-2"))
+        await forget(http, "u-1")
+        await reached(http, "u-1", ("dropped",), timeout=15)
+        after = (await http.post("/score", json={"user_id": "u-1", "explore": False, "context": {"now": NOW},
+                                                 "candidates": CANDIDATES})).json()["decision_id"]
+        publisher._nc = connection
+        await reached(http, "u-1", ("done",), timeout=30)
+    await service.checkpointer.checkpoint()
+    held = await stored(js, "DECISIONS")
+    assert sorted((owner(data), orjson.loads(data)["id"] == after) for data in held.values()) == [
+        ("u-1", True), ("u-2", False)]
+    assert rows(url, "tip_scores") == {"u-1": 1, "u-2": 1}
