@@ -502,5 +502,9 @@ def _belongs_to(user_id: str, payload: bytes) -> bool:
 
 
 def _shown(row: dict[str, Any]) -> dict[str, Any]:
-    """A row as JSON can carry it (SQLAlchemy's keys are a subclass of str, which orjson refuses)."""
-    return {str(key): (_utc(value).isoformat() if isinstance(value, datetime) else value) for key, value in row.items()}
+    """A row as JSON can carry it (SQLAlchemy's keys are a subclass of str, which orjson refuses), its bounds a
+    sequence a stream, as the API documents them (`ON_THE_WAY` is the service's own)."""
+    shown = {str(key): (_utc(value).isoformat() if isinstance(value, datetime) else value) for key, value in row.items()}
+    if isinstance(shown.get("bounds"), dict) and ON_THE_WAY in shown["bounds"]:
+        shown["bounds"] = {stream: seq for stream, seq in shown["bounds"].items() if stream != ON_THE_WAY}
+    return shown

@@ -775,6 +775,9 @@ async def test_a_decision_served_after_the_request_was_acted_on_stays_in_decisio
                                                  "candidates": CANDIDATES})).json()["decision_id"]
         publisher._nc = connection
         await reached(http, "u-1", ("done",), timeout=30)
+        # The ids it deleted past the bound stay the service's: the status says a sequence a stream, as documented.
+        told = (await status(http, "u-1"))["bounds"]
+        assert set(told) == {"SIGNALS", "FEEDBACK", "DECISIONS", "DLQ"} and all(type(v) is int for v in told.values())
     await service.checkpointer.checkpoint()
     held = await stored(js, "DECISIONS")
     assert sorted((owner(data), orjson.loads(data)["id"] == after) for data in held.values()) == [
