@@ -279,12 +279,18 @@ class Lineup:
         return self.registry.get(version)
 
     async def set_shadow(self, version: str, actor: str, note: str = "") -> None:
-        self._refuse_diverged(version, "shadow")
-        await self._change(lambda reg: reg.set_shadow(version, actor=actor, note=note))
+        def apply(reg: Registry) -> None:
+            self._refuse_diverged(version, "shadow")
+            reg.set_shadow(version, actor=actor, note=note)
+
+        await self._change(apply)
 
     async def promote(self, version: str, actor: str, note: str = "") -> None:
-        self._refuse_diverged(version, "promote")
-        await self._change(lambda reg: reg.promote(version, actor=actor, note=note))
+        def apply(reg: Registry) -> None:
+            self._refuse_diverged(version, "promote")
+            reg.promote(version, actor=actor, note=note)
+
+        await self._change(apply)
 
     def _refuse_diverged(self, version: str, doing: str) -> None:
         """A champion that scores NaN leaves /score ranking by the popularity prior: promoting one
@@ -296,9 +302,15 @@ class Lineup:
                 f"cannot {doing}. Retire it and register a version with a smaller learning_rate.")
 
     async def rollback(self, actor: str, note: str = "", champion: str | None = None) -> str:
-        if self.registry.previous_champions and champion in (None, self.champion_version):  # else the registry says
-            self._refuse_diverged(self.registry.previous_champions[-1], "be rolled back to")
-        return await self._change(lambda reg: reg.rollback(actor=actor, note=note, champion=champion))
+        def apply(reg: Registry) -> str:
+            # Checked on the registry it applies to, under the lock: checked before waiting for it, a
+            # promote that waited ahead (of v1, say) pushed another version (v2, diverged) on the stack,
+            # and the rollback restored that one.
+            if reg.previous_champions and champion in (None, reg.champion):  # else the registry says
+                self._refuse_diverged(reg.previous_champions[-1], "be rolled back to")
+            return reg.rollback(actor=actor, note=note, champion=champion)
+
+        return await self._change(apply)
 
     async def retire(self, version: str, actor: str, note: str = "") -> None:
         # Only one that is learning has a count to save: a retired one is refused by the registry.

@@ -1820,6 +1820,23 @@ def test_a_rollback_to_a_champion_that_diverged_since_is_refused(world: World) -
     assert world.lineup.champion_version == "v2" and world.lineup.registry.previous_champions == ["v1"]
 
 
+def test_a_rollback_waiting_for_another_change_checks_the_version_it_restores(world: World) -> None:
+    """The rollback checked the previous champion before waiting for the lineup's lock: v1 was on top
+    then, but the promote it waited for pushed v2, which had diverged, and the rollback restored v2."""
+    asyncio.run(world.lineup.promote("v2", "ops"))
+    asyncio.run(world.lineup.set_shadow("v1", "ops"))
+    world.lineup.models["v2"].classifier.intercept = math.nan  # the champion's step overflowed
+
+    async def both() -> list[Any]:
+        return await asyncio.gather(world.lineup.promote("v1", "alice"), world.lineup.rollback("bob"),
+                                    return_exceptions=True)
+
+    promoted, rolled_back = asyncio.run(both())
+    assert promoted is None
+    assert isinstance(rolled_back, RegistryError) and "diverged" in str(rolled_back), rolled_back
+    assert world.lineup.champion_version == "v1" and world.lineup.registry.previous_champions == ["v2"]
+
+
 @pytest.mark.parametrize("where", ["features", "candidate"])
 def test_a_decision_whose_feature_is_not_a_scalar_goes_to_the_dlq_not_into_every_card(
         world: World, where: str) -> None:
