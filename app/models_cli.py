@@ -199,8 +199,14 @@ def admin_call(url: str | None, path: str, body: dict[str, Any] | None, doing: s
               "(tipstream on http://...).", file=sys.stderr)
         return 2
     base = url or http_url(host, settings.port)
-    if not base.startswith(("http://", "https://")):  # urllib said only "unknown url type"
-        print(f"--url {base!r} needs its scheme, e.g. http://{base}.", file=sys.stderr)
+    # A scheme is case-insensitive, as urllib reads it: "HTTP://h:8000" was refused as having none.
+    if not base.lower().startswith(("http://", "https://")):  # urllib said only "unknown url type"
+        scheme, sep, rest = base.partition("://")
+        if sep and scheme and rest:  # "ftp://x" has a scheme: "e.g. http://ftp://x" was no fix
+            print(f"--url {base!r} is {scheme}://, which the service does not answer: give its http:// or https:// "
+                  f"address, e.g. http://{rest}.", file=sys.stderr)
+        else:
+            print(f"--url {base!r} needs its scheme, e.g. http://{base}.", file=sys.stderr)
         return 2
     if not _url_is_usable(base):  # http.client's InvalidURL was a traceback
         print(f"--url {base!r} is not the service's address: write it as http://HOST:PORT, e.g. "

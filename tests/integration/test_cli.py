@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -1029,6 +1030,8 @@ def test_migrate_refuses_to_upgrade_a_postgresql_database_a_service_elsewhere_se
     ("http://", "8000", "--url 'http://' is not the service's address"),
     ("http://127.0.0.1:port", "8000", "is not the service's address"),
     (None, "0", "TIPSTREAM_PORT is 0, so the service picked its port: pass --url"),
+    # It has a scheme, one the CLI does not speak: "needs its scheme, e.g. http://ftp://x" was nonsense.
+    ("ftp://x", "8000", "--url 'ftp://x' is ftp://, which the service does not answer: give its http:// or https://"),
 ])
 def test_a_change_sent_nowhere_usable_is_a_message(url: str | None, port: str, problem: str,
                                                    monkeypatch: pytest.MonkeyPatch,
@@ -1038,6 +1041,17 @@ def test_a_change_sent_nowhere_usable_is_a_message(url: str | None, port: str, p
     monkeypatch.setenv("TIPSTREAM_PORT", port)
     assert main(["models", "promote", "v2", *(["--url", url] if url is not None else [])]) == 2
     assert problem in capsys.readouterr().err
+
+
+def test_a_url_s_scheme_in_capitals_is_its_scheme(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A scheme is case-insensitive (RFC 3986), and urllib reads it so: HTTP:// was refused as having none."""
+    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "t" * 16)
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    assert main(["models", "promote", "v2", "--url", f"HTTP://127.0.0.1:{port}"]) == 1
+    assert f"No tipstream answering at HTTP://127.0.0.1:{port}" in capsys.readouterr().err
 
 
 def test_run_logs_alembic_s_migrations_but_not_its_plugins(tmp_path: Path) -> None:
