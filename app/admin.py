@@ -145,6 +145,13 @@ def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[BaseMode
             return _NO_ANSWER
         if raw is None:
             return _json(413, {"error": f"body: larger than {ADMIN_MAX_BODY_BYTES} bytes", "field": "body"})
+        if request.scope.get("query_string"):
+            # As /score refuses one: ignored, `?dry_run=true` made the change, `?champion=v1` an unguarded rollback.
+            name = next(iter(request.query_params), "")
+            field = name or "query"
+            return _json(422, {"error": f"{field}: " + (f"unknown query parameter {name!r}; " if name else "")
+                               + f"POST {request.url.path} takes no query string: its request is the JSON body "
+                               f"(e.g. {{\"note\": \"why\"}})", "field": field})
         try:
             parsed = body.model_validate_json(raw or b"{}")
         except ValidationError as error:
@@ -194,7 +201,8 @@ _REFUSALS = {
         "description": "the scheme to authenticate with", "schema": {"type": "string"}}}},
     403: {"description": "wrong token, or TIPSTREAM_ADMIN_TOKEN unset"},
     413: {"description": f"the body is larger than {ADMIN_MAX_BODY_BYTES} bytes; nothing changed"},
-    422: {"description": "a bad body (the field named); nothing changed"},
+    422: {"description": "a bad body, or a query string (which a change does not take); the field named; nothing "
+                         "changed"},
     500: {"description": "the database refused the change for something no wait mends and no setting explains (an "
                          "IntegrityError or DataError: a constraint or trigger added to tipstream's tables, or a bug; "
                          "its first line named); nothing changed"},

@@ -115,6 +115,12 @@ BAD_CHANGES: list[tuple[str, bytes, str]] = [
     ("/admin/models/v2/promote", b'{"actor": "\\u0000"}', "actor: must not contain the NUL character"),
     # The registry refused it too, in words that named no field (and `field` was null).
     ("/admin/models/v2/promote", b'{"actor": "  "}', "actor: must name who makes the change"),
+    # /score and /users/{id}/features refuse a query parameter they do not know; a change ignored it, and
+    # a script's `?dry_run=true` promoted v2.
+    ("/admin/models/v2/promote?dry_run=true", b'{}', "dry_run: unknown query parameter 'dry_run'"),
+    # `champion` goes in the body: given here, the rollback was made unguarded.
+    ("/admin/rollback?champion=v1", b'{}', ("champion: unknown query parameter 'champion'; POST /admin/rollback "
+                                            "takes no query string: its request is the JSON body")),
 ]
 
 
