@@ -371,6 +371,7 @@ async def _forget(request: Request, body: ForgetBody) -> Any:
         content:
           application/json:
             schema: {$ref: '#/components/schemas/Erasure'}
+      409: {description: 'the service is still starting: nothing saved, try again in a moment'}
       422: {description: 'the user id is longer than 128 characters, holds a NUL or is not UTF-8'}
     """
     user_id, eraser = _user_id(request), _eraser(request)
@@ -394,7 +395,13 @@ async def forget_status(request: Request) -> Response:
           WWW-Authenticate: {description: the scheme to authenticate with, schema: {type: string}}
       403: {description: 'wrong token, or TIPSTREAM_ADMIN_TOKEN unset'}
       404: {description: no request to forget this user}
+      409: {description: the service is still starting}
       422: {description: 'the user id is longer than 128 characters, holds a NUL or is not UTF-8'}
+      500: {description: 'the database refused the read for something no wait mends (its first line named)'}
+      503:
+        description: 'the database is away, or a setting of its refused the read (named, with its fix)'
+        headers:
+          Retry-After: {schema: {type: integer}, description: seconds}
     """
     refused = _refusal(request)
     if refused is not None:
@@ -405,7 +412,10 @@ async def forget_status(request: Request) -> Response:
         return _json(422, {"error": f"user_id: {error}", "field": "user_id"})
     except RegistryError as error:
         return _json(409, {"error": str(error), "field": None})
-    row = await asyncio.to_thread(eraser.status, user_id)
+    try:
+        row = await asyncio.to_thread(eraser.status, user_id)
+    except SQLAlchemyError as error:  # the database away was a bare 500, where a change gets a 503 with Retry-After
+        return _database_refusal(request, error)
     if row is None:
         return _json(404, {"error": f"no request to forget user {user_id!r}: POST to this path makes one "
                                     f"(`tipstream users forget {shlex.quote(user_id)}`)",

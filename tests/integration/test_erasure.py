@@ -783,3 +783,20 @@ async def test_a_decision_served_after_the_request_was_acted_on_stays_in_decisio
     assert sorted((owner(data), orjson.loads(data)["id"] == after) for data in held.values()) == [
         ("u-1", True), ("u-2", False)]
     assert rows(url, "tip_scores") == {"u-1": 1, "u-2": 1}
+
+
+async def test_where_a_request_stands_while_the_database_is_away_is_a_503(start_service, nc, monkeypatch) -> None:
+    """`GET /admin/users/{id}/forget` reads the database; away, it was a bare 500 ("Internal Server
+    Error", a traceback in the log), where a change in the same state is a 503 with Retry-After."""
+    import sqlalchemy.exc
+
+    running = await start_service(admin_token=TOKEN)
+
+    def database_away(*args: Any, **kwargs: Any) -> None:
+        raise sqlalchemy.exc.OperationalError("SELECT erasures", {}, ConnectionRefusedError("refused"))
+
+    monkeypatch.setattr(running.service.eraser, "status", database_away)
+    async with running.http() as http:
+        answer = await http.get("/admin/users/u-1/forget", headers=AUTH)
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "5", answer.text
+    assert "the database is away" in answer.json()["error"]
