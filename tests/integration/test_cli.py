@@ -100,6 +100,18 @@ def test_an_export_to_an_out_that_cannot_be_written_is_refused_before_anything_i
     assert capsys.readouterr().err.startswith(f"Cannot write the export to {target}: {problem}")
 
 
+@pytest.mark.parametrize("user_id", ["", "x" * 129])
+def test_an_export_of_an_id_no_user_can_have_is_refused_before_anything_is_read(
+        user_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`forget` refuses such an id (422); `export` read every stream for it and answered "0" of everything,
+    exit 0: a request to see their data answered that nothing is held, for a mistyped id."""
+    monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("NATS_URL", f"nats://127.0.0.1:{free_port()}")  # nothing there: it must not be tried
+    migrate.upgrade(f"sqlite:///{tmp_path / 'tipstream.db'}")
+    assert main(["users", "export", user_id]) == 2
+    assert "a user id is 1 to 128 characters without NUL" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("mode", [0o444, 0o000])
 def test_a_sqlite_file_this_user_may_not_write_is_told_with_the_fix(mode: int, tmp_path: Path) -> None:
     """SQLite's 'attempt to write a readonly database' or 'unable to open database file' was told as "set
