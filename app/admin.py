@@ -37,6 +37,7 @@ from starlette.routing import Route
 from app.db import NOT_AN_OUTAGE, away, disk_full, one_line, refusal, refused_by_setting
 from app.request_body import ClientGone, not_utf8, path_is_utf8, read_body
 from models.registry import RegistryError
+from streams.events import HALF_A_PAIR, has_lone_surrogate, lenient_loads, text_path
 
 STATUS = {"not_found": 404, "conflict": 409, "invalid": 422}
 
@@ -160,6 +161,12 @@ def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[BaseMode
             message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own words
             if first["type"] == "json_invalid":
                 message = not_utf8(raw) or message
+                # Half a surrogate pair, as JSON.stringify writes a text cut inside an emoji: named by its field,
+                # as /score names it, not "body: Invalid JSON: lone leading surrogate in hex escape".
+                if "surrogate" in message or "hex escape" in message:
+                    where = text_path(lenient_loads(raw), has_lone_surrogate)
+                    if where:
+                        field, message = where, HALF_A_PAIR
             return _json(422, {"error": f"{field}: {message}", "field": field})
         try:
             result = await action(request, parsed)

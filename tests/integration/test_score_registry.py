@@ -115,6 +115,10 @@ BAD_CHANGES: list[tuple[str, bytes, str]] = [
     ("/admin/models/v2/promote", b'{"actor": "\\u0000"}', "actor: must not contain the NUL character"),
     # The registry refused it too, in words that named no field (and `field` was null).
     ("/admin/models/v2/promote", b'{"actor": "  "}', "actor: must name who makes the change"),
+    # Half a surrogate pair (JSON.stringify of a text cut inside an emoji): /score names the field, a change
+    # said "body: Invalid JSON: lone leading surrogate in hex escape".
+    ("/admin/models/v2/promote", b'{"note": "fix \\ud83d"}', "note: holds half a UTF-16 surrogate pair"),
+    ("/admin/models/v2/promote", b'{"actor": "\\udc00"}', "actor: holds half a UTF-16 surrogate pair"),
     # /score and /users/{id}/features refuse a query parameter they do not know; a change ignored it, and
     # a script's `?dry_run=true` promoted v2.
     ("/admin/models/v2/promote?dry_run=true", b'{}', "dry_run: unknown query parameter 'dry_run'"),
