@@ -59,10 +59,15 @@ def host_name(header: bytes) -> str:
 
     >>> host_name(b"LocalHost:8000"), host_name(b"[::1]:8000"), host_name(b"tips.example."), host_name(b"[::1]")
     ('localhost', '[::1]', 'tips.example', '[::1]')
+    >>> host_name(b"[::1]rebound.example"), host_name(b"[::1]:80:80"), host_name(b"[::1]:")
+    ('[::1]rebound.example', '[::1]:80:80', '[::1]')
     """
     text = header.decode("latin-1").strip().lower()
     if text.startswith("["):
-        return text[: text.find("]") + 1] if "]" in text else text
+        end = text.find("]") + 1
+        # Only a port may follow the bracket: "[::1]rebound.example" was read as "[::1]", and allowed.
+        port = text[end + 1:] if end < len(text) and text[end] == ":" else None
+        return text[:end] if end and (end == len(text) or (port is not None and (not port or port.isdigit()))) else text
     return text.rsplit(":", 1)[0].rstrip(".") if ":" in text else text.rstrip(".")
 
 

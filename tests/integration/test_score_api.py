@@ -242,7 +242,9 @@ async def test_a_request_naming_another_host_is_refused_against_dns_rebinding(st
     running = await start_service(allowed_hosts="tips.example")
     port = running.base_url.rsplit(":", 1)[1]
     async with running.http() as http:
-        for host in ("rebound.example", f"rebound.example:{port}", "127.0.0.1.nip.io", f"localhost.evil:{port}"):
+        # "[::1]rebound.example" read as "[::1]", whatever followed the bracket.
+        for host in ("rebound.example", f"rebound.example:{port}", "127.0.0.1.nip.io", f"localhost.evil:{port}",
+                     "[::1]rebound.example", f"[::1].rebound.example:{port}"):
             for method, path, sent in (("GET", "/users/u-1/features", None), ("GET", "/metrics", None),
                                        ("POST", "/score", body())):
                 answer = await http.request(method, path, json=sent, headers={"host": host})
