@@ -72,6 +72,9 @@ def not_utf8(body: bytes) -> str | None:
     """Why a body the JSON parser refused is not JSON text in UTF-8, when its bytes tell; else None.
     The parser said only 'expected value at line 1 column 1' of a body that its sender's editor shows
     as valid JSON: one saved with a byte order mark (Windows tools write one), or in UTF-16."""
+    if body.startswith(b"\x1f\x8b"):  # gzip's magic: told as "byte 1 is 0x8B; Latin-1?", a text encoding to look at
+        return ("is compressed with gzip (bytes 1F 8B), which the service does not decode, whatever a "
+                "Content-Encoding header says: send the JSON uncompressed")
     if body.startswith(codecs.BOM_UTF8):
         return "starts with a UTF-8 byte order mark (bytes EF BB BF), which JSON text must not: send it without one"
     if body[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) or b"\x00" in body[:2]:
