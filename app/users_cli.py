@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from app.models_cli import _default_actor, admin_call, no_database
+from models.registry import escaped
 
 WAIT_EVERY_S = 1.0
 
@@ -27,11 +28,15 @@ def _path(user_id: str) -> str:
 
 
 def _shown(row: dict[str, Any]) -> str:
-    line = f"{row['user_id']}: {row['status']} (asked {row['requested_at']} by {row['requested_by']})"
+    # Escaped, as `models` shows an actor: `requested_by` is any admin request's `actor`, and its ESC codes
+    # (or a line break) acted on the terminal; a user id may hold them too.
+    line = (f"{escaped(row['user_id'])}: {row['status']} (asked {row['requested_at']} by "
+            f"{escaped(row['requested_by'])})")
     if row.get("report"):
         line += "\n  " + ", ".join(f"{key} {value}" for key, value in row["report"].items())
     for done in row.get("earlier", ()):
-        line += f"\n  forgotten before: done {done['done_at']} (asked {done['requested_at']} by {done['requested_by']})"
+        line += (f"\n  forgotten before: done {done['done_at']} (asked {done['requested_at']} by "
+                 f"{escaped(done['requested_by'])})")
     return line
 
 

@@ -1352,3 +1352,18 @@ def test_output_to_a_reader_already_gone_ends_quietly(tmp_path: Path) -> None:
     finally:
         os.close(write_end)
     assert done.returncode == 128 + signal.SIGPIPE and done.stderr == "", done.stderr[-2000:]
+
+
+def test_where_a_request_to_forget_stands_shows_who_asked_as_text_not_as_terminal_codes() -> None:
+    """`requested_by` is what any admin request's `actor` was, as `models` history's actor is (which
+    `models` writes escaped): `users forget-status` wrote it raw, so its ESC codes could clear the
+    operator's terminal or a line break forge a line of the report."""
+    from app.users_cli import _shown
+
+    row = {"user_id": "u\n1", "status": "done", "requested_at": "2026-12-07T04:00:00+00:00",
+           "requested_by": "eve\x1b[2J\ndone", "report": None,
+           "earlier": [{"done_at": "x", "requested_at": "y", "requested_by": "mallory\x1b]0;owned\x07"}]}
+    shown = _shown(row)
+    assert "\x1b" not in shown and "\x07" not in shown, shown
+    assert shown.splitlines()[0] == "u\\n1: done (asked 2026-12-07T04:00:00+00:00 by eve\\x1b[2J\\ndone)", shown
+    assert "by mallory\\x1b]0;owned\\x07)" in shown, shown
