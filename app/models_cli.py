@@ -237,7 +237,8 @@ def admin_call(url: str | None, path: str, body: dict[str, Any] | None, doing: s
         if error.code == 404 and prefix and ": Not Found" in message:
             message += (f"; --url ends in a path ({prefix}), which goes before {path}: give the service's own "
                         "address, http://HOST:PORT, unless a proxy serves it under that path")
-        print(f"refused ({error.code}): {message}", file=sys.stderr)
+        # Escaped: the refusal may quote what was sent (a user id, shell-quoted, kept its ESC codes raw).
+        print(f"refused ({error.code}): {escaped(message)}", file=sys.stderr)
         return 1
     except urllib.error.URLError as error:
         if isinstance(error.reason, ConnectionResetError):  # reset while the request was sent: not "start it"

@@ -284,6 +284,10 @@ async def test_the_cli_forgets_a_user_through_the_service(start_service, nc, tmp
     assert await asyncio.to_thread(main, ["users", "forget-status", "nobody", *url]) == 1
     assert "refused (404): no request to forget user 'nobody'" in (err := capsys.readouterr().err)
     assert "(`tipstream users forget nobody`)" in err  # the command that makes one, not only the HTTP way
+    # The service's refusal, written as sent, acted on the terminal: its shell-quoted id kept the ESC raw.
+    assert await asyncio.to_thread(main, ["users", "forget-status", "no\x1b[2Jbody", *url]) == 1
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "tipstream users forget 'no\\x1b[2Jbody'" in err, err
     monkeypatch.delenv("TIPSTREAM_ADMIN_TOKEN")
     assert await asyncio.to_thread(main, ["users", "forget", "u-2", *url]) == 2
     assert "Set TIPSTREAM_ADMIN_TOKEN to the server's admin token to forget a user." in capsys.readouterr().err
