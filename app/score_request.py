@@ -104,6 +104,10 @@ _TIME_ERRORS = {
     "string_type": f"must be {TIME_WITH_OFFSET} (Unix time, a number, carries no offset)",
     "string_pattern_mismatch": f"must be {TIME_WITH_OFFSET} (Unix time, a number, carries no offset)",
     "timezone_aware": f"must be {TIME_WITH_OFFSET} (this one has no offset)",
+    # An offset of 24 h or with seconds, a leap second: pydantic said "unexpected extra characters at the end
+    # of the input" of a time well formed to the eye.
+    "datetime_from_date_parsing": (f"must be {TIME_WITH_OFFSET}: an offset from -23:59 to +23:59 in hours and "
+                                   "minutes, each field in its range (seconds 00-59)"),
     "greater_than_equal": "must be between 0001-01-01 and 9999-12-31 in UTC",
     "less_than_equal": "must be between 0001-01-01 and 9999-12-31 in UTC",
 }

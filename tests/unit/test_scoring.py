@@ -111,6 +111,18 @@ def test_a_now_without_an_offset_is_refused_with_an_example_of_one(now: bytes) -
     assert "must be an ISO 8601 time with a UTC offset, e.g. 2026-11-26T09:00:00+01:00" in error.value.message
 
 
+@pytest.mark.parametrize("now", [b'"2026-11-26T09:00:00+24:00"', b'"2026-12-31T23:59:60+00:00"',
+                                 b'"2026-11-26T09:00:00+01:00:30"'])
+def test_a_now_past_what_a_time_holds_is_refused_with_an_example_not_as_extra_characters(now: bytes) -> None:
+    # An offset of 24 h, a leap second, an offset in seconds: pydantic's "Input should be a valid datetime or
+    # date, unexpected extra characters at the end of the input" pointed at the end of a well-formed time.
+    with pytest.raises(RequestError) as error:
+        parse_request(b'{"user_id": "u", "candidates": [{"tip_id": "a"}], "context": {"now": ' + now + b"}}")
+    assert error.value.field == "context.now"
+    assert error.value.message.startswith("must be an ISO 8601 time with a UTC offset, e.g. 2026-11-26T09:00:00+01:00")
+    assert "extra characters" not in error.value.message
+
+
 @pytest.mark.parametrize("value", [b"NaN", b"Infinity", b"-Infinity", b"1e160", b"1e400", b"-1000000000.5",
                                    b"1" + b"0" * 400], ids=lambda v: v.decode()[:12])
 @pytest.mark.parametrize("fragment, field", [
