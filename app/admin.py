@@ -37,7 +37,7 @@ from starlette.routing import Route
 from app.db import NOT_AN_OUTAGE, away, disk_full, one_line, refusal, refused_by_setting
 from app.request_body import ClientGone, not_utf8, path_is_utf8, read_body
 from models.registry import RegistryError
-from streams.events import HALF_A_PAIR, has_lone_surrogate, lenient_loads, text_path
+from streams.events import HALF_A_PAIR, has_lone_surrogate, is_user_id, lenient_loads, text_path
 
 STATUS = {"not_found": 404, "conflict": 409, "invalid": 422}
 
@@ -357,7 +357,7 @@ def _user_id(request: Request) -> str:
     # "%FF" named the user "\ufffd", who would have been forgotten instead. A "\ufffd" sent as UTF-8
     # is the user's own (an event's user_id may hold one), and is taken: refused as well, that user
     # could never be forgotten.
-    if not 1 <= len(user_id) <= 128 or "\x00" in user_id or ("\ufffd" in user_id and not path_is_utf8(request.scope)):
+    if not is_user_id(user_id) or ("\ufffd" in user_id and not path_is_utf8(request.scope)):
         raise BadUserId("a user id is 1 to 128 characters of UTF-8 (percent-encoded in the path), without NUL")
     return user_id
 

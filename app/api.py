@@ -27,7 +27,7 @@ from app.score_endpoint import UNAVAILABLE, ScoreEndpoint
 from app.score_request import TIME_WITH_OFFSET
 from app.settings import Settings
 from app.thaw import load_state
-from streams.events import EventTime
+from streams.events import EventTime, is_user_id
 from streams.features import evaluate
 from streams.fold import to_ms
 from streams.store import StateUnavailable
@@ -159,7 +159,7 @@ async def user_features(request: Request) -> Response:
         return _error(422, "user_id", "the user id is not UTF-8 once percent-decoded (encode its text as UTF-8, "
                                       "then percent-encode those bytes)")
     # What an event's user_id may be; a NUL failed PostgreSQL's read. Empty: "/users//features".
-    if not 1 <= len(user_id) <= 128 or "\x00" in user_id:
+    if not is_user_id(user_id):
         return _error(422, "user_id", f"a user id is 1 to 128 characters without NUL, got {len(user_id)} characters"
                       + (" with a NUL" if "\x00" in user_id else ""))
     # /score refuses a field it does not know; so does this: `?as_of=` answered as of now, silently.

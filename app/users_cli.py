@@ -89,11 +89,12 @@ def _export(args: argparse.Namespace) -> int:
     from app.settings import get_settings
     from app.simulate import _nats_url_and_source
     from app.start_errors import shown_url
+    from streams.events import is_user_id
     from streams.scrub import ScrubError
 
     # What an event's user_id may be, as `forget` (a 422) and /users/{id}/features refuse others: every stream
     # was read for "" and the export said nothing is held of them, exit 0.
-    if not 1 <= len(args.user_id) <= 128 or "\x00" in args.user_id:
+    if not is_user_id(args.user_id):
         print(f"No user can have the id {args.user_id!r:.60}: a user id is 1 to 128 characters without NUL "
               f"(this one has {len(args.user_id)}). Nothing exported.", file=sys.stderr)
         return 2

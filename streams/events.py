@@ -39,6 +39,16 @@ CURRENT_VERSION = 1
 Identifier = Annotated[str, Field(min_length=1, max_length=128)]
 
 
+def is_user_id(text: str) -> bool:
+    """Whether an event's `user_id` may be `text` (`Identifier`, and no NUL, which ingest refuses): what the
+    routes and commands naming a user take.
+
+    >>> is_user_id("u-1"), is_user_id(""), is_user_id("u" * 129), is_user_id("u-" + chr(0))
+    (True, False, False, False)
+    """
+    return 1 <= len(text) <= 128 and "\x00" not in text
+
+
 def _none_if_zero(value: Any) -> Any:
     return value or None
 
