@@ -10,6 +10,7 @@ Its requests still name the page's domain in Host, which a service on loopback n
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 
 from starlette.responses import JSONResponse
@@ -54,6 +55,9 @@ def allowed_names(bind_host: str, extra: Iterable[str]) -> frozenset[str] | None
     return LOOPBACK_NAMES | names
 
 
+_BRACKETED = re.compile(r"(\[[^\]]*\])(?::[0-9]*)?")  # an IPv6 address, then its port if any
+
+
 def host_name(header: bytes) -> str:
     """The name a Host header gives, without its port, lowercased.
 
@@ -64,10 +68,9 @@ def host_name(header: bytes) -> str:
     """
     text = header.decode("latin-1").strip().lower()
     if text.startswith("["):
-        end = text.find("]") + 1
         # Only a port may follow the bracket: "[::1]rebound.example" was read as "[::1]", and allowed.
-        port = text[end + 1:] if end < len(text) and text[end] == ":" else None
-        return text[:end] if end and (end == len(text) or (port is not None and (not port or port.isdigit()))) else text
+        bracketed = _BRACKETED.fullmatch(text)
+        return bracketed.group(1) if bracketed is not None else text
     return text.rsplit(":", 1)[0].rstrip(".") if ":" in text else text.rstrip(".")
 
 
