@@ -75,8 +75,9 @@ def host_name(header: bytes) -> str:
 
 
 class HostCheck:
-    """Refuses, with a 400 naming the setting, an HTTP request whose Host is not an allowed name. A
-    request without Host (HTTP/1.0) passes: no browser sends one."""
+    """Refuses, with a 400 naming the setting, an HTTP request whose Host is not an allowed name; and,
+    whatever the names allowed, one with two Host headers or an HTTP/1.1 one with none (RFC 9112 3.2
+    asks a server to refuse both). An HTTP/1.0 request without Host passes: no browser sends one."""
 
     def __init__(self, app: ASGIApp, allowed: frozenset[str] | None) -> None:
         self.app, self.allowed = app, allowed
@@ -84,18 +85,34 @@ class HostCheck:
         self._judged: dict[bytes, bool] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.allowed is not None and scope["type"] == "http":
-            for name, value in scope["headers"]:
-                if name == b"host":
-                    allowed = self._judged.get(value)
-                    if allowed is None:
-                        allowed = host_name(value) in self.allowed
-                        if len(self._judged) < JUDGED_MAX:  # bounded: a client may send any name
-                            self._judged[value] = allowed
-                    if not allowed:
-                        return await self._refuse(value, scope, receive, send)
-                    break
+        if scope["type"] == "http":
+            hosts = [value for name, value in scope["headers"] if name == b"host"]
+            if len(hosts) != 1:
+                # Two: which one was judged depended on who read them, and a proxy in front may route
+                # by the other. None over HTTP/1.1: a client that broke the protocol, told so.
+                if hosts or scope.get("http_version") != "1.0":
+                    return await self._refuse_count(hosts, scope, receive, send)
+            elif self.allowed is not None:
+                value = hosts[0]
+                allowed = self._judged.get(value)
+                if allowed is None:
+                    allowed = host_name(value) in self.allowed
+                    if len(self._judged) < JUDGED_MAX:  # bounded: a client may send any name
+                        self._judged[value] = allowed
+                if not allowed:
+                    return await self._refuse(value, scope, receive, send)
         await self.app(scope, receive, send)
+
+    async def _refuse_count(self, hosts: list[bytes], scope: Scope, receive: Receive, send: Send) -> None:
+        await drain(receive, scope)
+        if hosts:
+            given = ", ".join(repr(value.decode("latin-1")) for value in hosts[:4])
+            error = (f"Host: sent {len(hosts)} times ({given}); a request names the one host it is for: send one "
+                     "Host header (a proxy in front may have added a second)")
+        else:
+            error = ("Host: an HTTP/1.1 request must name the host it is for in a Host header (RFC 9112 3.2): "
+                     "send e.g. `Host: 127.0.0.1`")
+        await JSONResponse({"field": "Host", "error": error}, status_code=400)(scope, receive, send)
 
     async def _refuse(self, value: bytes, scope: Scope, receive: Receive, send: Send) -> None:
         await drain(receive, scope)  # a body still being sent gets the answer, not a reset

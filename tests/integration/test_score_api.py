@@ -258,6 +258,39 @@ async def test_a_request_naming_another_host_is_refused_against_dns_rebinding(st
     assert len(running.service.learner.joins.cache) == 5, "a refused request logged a decision"
 
 
+async def test_a_request_with_two_host_headers_or_an_http11_one_with_none_is_refused(start_service, nc) -> None:
+    """Two Host headers passed on the first (`Host: 127.0.0.1` then `Host: rebound.example`): a proxy in
+    front routing by the other, or reading it as the request's name, saw a request the check never judged.
+    HTTP/1.1 without Host was served too; RFC 9112 asks a server to refuse both."""
+    running = await start_service()
+    parts = urlsplit(running.base_url)
+    sent = orjson.dumps(body())
+
+    async def raw(version: bytes, hosts: list[bytes]) -> tuple[bytes, bytes]:
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        head = b"".join(b"Host: %s\r\n" % host for host in hosts)
+        writer.write(b"POST /score HTTP/%s\r\n%sConnection: close\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (version, head, len(sent), sent))
+        answer = await reader.read()
+        writer.close()
+        status, _, rest = answer.partition(b"\r\n\r\n")
+        return status.split(b"\r\n", 1)[0], rest
+
+    for hosts in ([b"127.0.0.1", b"rebound.example"], [b"127.0.0.1", b"127.0.0.1"], [b"localhost"] * 3):
+        status, answer = await raw(b"1.1", hosts)
+        assert status.startswith(b"HTTP/1.1 400 "), (hosts, status, answer)
+        refusal = orjson.loads(answer)
+        assert refusal["field"] == "Host" and f"sent {len(hosts)} times" in refusal["error"], refusal
+        assert "send one Host header" in refusal["error"], refusal
+    status, answer = await raw(b"1.1", [])
+    assert status.startswith(b"HTTP/1.1 400 ") and "must name the host" in orjson.loads(answer)["error"], answer
+    assert len(running.service.learner.joins.cache) == 0, "a refused request logged a decision"
+    # One Host, and HTTP/1.0 without one (no browser sends that), are served.
+    served = [await raw(b"1.1", [b"127.0.0.1"]), await raw(b"1.0", [])]
+    assert [status.split(b" ")[1] for status, _ in served] == [b"200", b"200"], served
+    assert list(running.service.learner.joins.cache) == [orjson.loads(answer)["decision_id"] for _, answer in served]
+
+
 async def test_a_body_not_in_utf8_is_refused_as_such_not_as_bad_json(start_service, nc) -> None:
     """A body saved with a byte order mark, or in UTF-16 or Latin-1, shows as valid JSON in its sender's
     editor; the 422 said 'not valid JSON: expected value at line 1 column 1' (or 'invalid unicode code
