@@ -146,6 +146,12 @@ def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[BaseMode
             return _NO_ANSWER
         if raw is None:
             return _json(413, {"error": f"body: larger than {ADMIN_MAX_BODY_BYTES} bytes", "field": "body"})
+        if raw and not _declared_json(request):
+            # As /score refuses one: `curl -d` sends a form's type, and any type was read as JSON.
+            given = request.headers.get("content-type")
+            return _json(415, {"error": "Content-Type: a change's body must be sent as JSON, with `Content-Type: "
+                               f"application/json` (given: {repr(given) if given else 'none'})",
+                               "field": "Content-Type"})
         if request.scope.get("query_string"):
             # As /score refuses one: ignored, `?dry_run=true` made the change, `?champion=v1` an unguarded rollback.
             name = next(iter(request.query_params), "")
@@ -182,6 +188,11 @@ def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[BaseMode
     return endpoint
 
 
+def _declared_json(request: Request) -> bool:
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
 def _database_refusal(request: Request, error: SQLAlchemyError) -> Response:
     """The answer to a change the database did not save: 503 with Retry-After only for what a wait mends."""
     engine = getattr(request.app.state.service, "engine", None)
@@ -208,6 +219,7 @@ _REFUSALS = {
         "description": "the scheme to authenticate with", "schema": {"type": "string"}}}},
     403: {"description": "wrong token, or TIPSTREAM_ADMIN_TOKEN unset"},
     413: {"description": f"the body is larger than {ADMIN_MAX_BODY_BYTES} bytes; nothing changed"},
+    415: {"description": "a body not sent as JSON: send it with `Content-Type: application/json`; nothing changed"},
     422: {"description": "a bad body, or a query string (which a change does not take); the field named; nothing "
                          "changed"},
     500: {"description": "the database refused the change for something no wait mends and no setting explains (an "

@@ -140,6 +140,27 @@ async def test_bad_changes_are_422_saying_why_and_change_nothing(start_service, 
     assert len(running.service.lineup.registry.history) == history
 
 
+async def test_a_change_whose_body_is_not_sent_as_json_is_415_and_an_empty_one_needs_no_type(start_service, nc) -> None:
+    """Any Content-Type was read as JSON: `curl -d` (a form's type) promoted as if it were JSON, where
+    /score refuses such a body with a 415 naming the header."""
+    running = await start_service(admin_token=TOKEN, bootstrap_shadow_kind="logreg")
+    history = len(running.service.lineup.registry.history)
+    async with running.http() as http:
+        for media in (None, "application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"):
+            headers = AUTH if media is None else {**AUTH, "content-type": media}
+            refused = await http.post("/admin/models/v2/promote", content=b'{"note": "by curl -d"}', headers=headers)
+            assert refused.status_code == 415 and refused.json()["field"] == "Content-Type", (media, refused.text)
+            given = f"given: {media!r}" if media else "given: none"
+            assert "application/json" in refused.json()["error"] and given in refused.json()["error"], refused.text
+        assert len(running.service.lineup.registry.history) == history
+        # No body at all (curl -X POST), whatever its type says, is the empty change it always was.
+        promoted = await http.post("/admin/models/v2/promote", headers={**AUTH, "content-type": "text/plain"})
+        assert promoted.status_code == 200, promoted.text
+        typed = await http.post("/admin/rollback", content=b"{}", headers={**AUTH, "content-type": "Application/JSON"})
+        assert typed.status_code == 200, typed.text
+    assert len(running.service.lineup.registry.history) == history + 2
+
+
 async def test_an_unknown_kind_is_422_naming_the_kind_field(start_service, nc) -> None:
     """It named `params`, which the body may not even have."""
     running = await start_service(admin_token=TOKEN)
