@@ -568,8 +568,9 @@ async def test_a_client_gone_before_its_body_is_answered_nothing_and_logs_nothin
     app = create_app(Settings(data_dir=tmp_path, admin_token=token))
     service = app.state.service
     scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "root_path": "",
-             "query_string": b"", "headers": [(b"content-length", b"40"), (b"content-type", b"application/json"),
-                                               (b"authorization", f"Bearer {token}".encode())]}
+             "query_string": b"", "headers": [(b"host", b"127.0.0.1"), (b"content-length", b"40"),
+                                              (b"content-type", b"application/json"),
+                                              (b"authorization", f"Bearer {token}".encode())]}
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -590,7 +591,8 @@ async def test_an_admin_body_past_its_bound_is_a_413_read_no_further(tmp_path: P
     token = "a-token-of-16-chars-or-more"
     app = create_app(Settings(data_dir=tmp_path, admin_token=token))
     scope = {"type": "http", "method": "POST", "path": "/admin/models", "raw_path": b"/admin/models",
-             "root_path": "", "query_string": b"", "headers": [(b"authorization", f"Bearer {token}".encode())]}
+             "root_path": "", "query_string": b"",
+             "headers": [(b"host", b"127.0.0.1"), (b"authorization", f"Bearer {token}".encode())]}
     chunk = b" " * (ADMIN_MAX_BODY_BYTES // 4)
     read, sent = [0], []
 
@@ -619,7 +621,8 @@ async def test_score_refuses_while_too_many_decision_rows_wait_for_the_database(
     assert service.decision_log.snapshot() is not None  # a checkpoint took them, and never confirmed it
     body = b'{"user_id": "u-1", "candidates": [{"tip_id": "a"}]}'
     scope = {"type": "http", "method": "POST", "path": "/score", "raw_path": b"/score", "root_path": "",
-             "query_string": b"", "headers": [(b"content-length", str(len(body)).encode()), (b"content-type", b"application/json")]}
+             "query_string": b"", "headers": [(b"host", b"127.0.0.1"), (b"content-length", str(len(body)).encode()),
+                                              (b"content-type", b"application/json")]}
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
