@@ -47,6 +47,10 @@ from streams.store import OnlineStore, StateUnavailable
 log = logging.getLogger("tipstream.ingest")
 CHUNK = 256  # events folded between two chances for the API to run
 ACK_PENDING_BATCHES = 32  # pull requests' worth of messages a consumer may hold unacknowledged (max_ack_pending)
+# Bytes delivered and not folded yet a stream's ingest holds before it stops asking for more (and those its requests
+# still bring, `pull.PULL_MAX_BYTES`). Bounded by count only (max_ack_pending: 32 pull requests), a stream of events
+# near NATS's 1 MB max_payload, each refused as oversized, held 32,768 of them: 32 GB.
+BUFFER_MAX_BYTES = 32 << 20
 # How long each JetStream call of a consumer's re-creation after a reconnect waits for its answer before it is
 # asked again (`_retry`, `asking_again`). On a NATS cluster that lost a node, the stream's calls go unanswered until
 # it has a new leader (4-9 s), and the new consumer's until its own copies elect one: waited out with the start's
@@ -199,7 +203,8 @@ class StreamIngest:
                  dead_lettered_upto: int = 0, read: ReadUpTo | None = None, after: ReadUpTo | None = None,
                  backlog: Callable[[], int] | None = None, max_backlog: int = 0, folds: bool = True,
                  ensure_streams: Callable[[], Awaitable[None]] | None = None,
-                 before: Callable[[bytes], Awaitable[None] | None] | None = None) -> None:
+                 before: Callable[[bytes], Awaitable[None] | None] | None = None,
+                 max_buffer_bytes: int = BUFFER_MAX_BYTES, pull_max_bytes: int = pull.PULL_MAX_BYTES) -> None:
         self.nc, self.js, self.spec, self.store, self.checkpointer = nc, js, spec, store, checkpointer
         # Creates the streams again when this one is gone (a reconnect to a server whose store was lost).
         self.ensure_streams = ensure_streams
@@ -261,6 +266,8 @@ class StreamIngest:
         # folded and counted: the next try sees them again as duplicates, which they are not.
         self._counted_by_failed_try = 0
         self.buffer: list[pull.RawMsg] = []
+        self.buffered_bytes, self.max_buffer_bytes, self.pull_max_bytes = 0, max_buffer_bytes, pull_max_bytes
+        self._full = False  # the puller paused for the buffer's bytes, not for checkpoints
         self.wake = asyncio.Event()
         self.reset_needed = False
         self.caught_up = False
@@ -290,8 +297,20 @@ class StreamIngest:
 
     def _on_message(self, msg: pull.RawMsg) -> None:
         self.buffer.append(msg)
+        self.buffered_bytes += len(msg[2])
         if len(self.buffer) == 1:
             self.wake.set()
+        # Paused again if a hold's resume came in between: the bound is the buffer's, whoever paused.
+        if self.buffered_bytes >= self.max_buffer_bytes and self.puller is not None and not self.puller.paused:
+            self.puller.paused = self._full = True
+
+    def _take_buffer(self) -> list[pull.RawMsg]:
+        messages, self.buffer, self.buffered_bytes = self.buffer, [], 0
+        if self._full:
+            self._full = False
+            if self.puller is not None:
+                self.puller.go_on()
+        return messages
 
     async def start(self) -> None:
         # The checkpointed position says what was read (and dead-lettered) before only on the stream
@@ -328,6 +347,7 @@ class StreamIngest:
         if self.puller:
             await self.puller.stop()
         self.buffer.clear()
+        self.buffered_bytes, self._full = 0, False  # the new puller is not paused
         wanted = self.store.positions.get(self.spec.name, 0) + 1
         recreated = await self._replaced_under_us(wanted - 1, js)
         if recreated:
@@ -374,7 +394,7 @@ class StreamIngest:
         if self.read is not None:
             self.read.advance(0, self.caught_up)
         self.puller = pull.BatchPuller(self.nc, self.spec.name, self.durable, self.batch, self._on_message,
-                                       on_gone=self._consumer_gone)
+                                       on_gone=self._consumer_gone, max_bytes=self.pull_max_bytes)
         await self.puller.start()
         log.info("consuming %s from sequence %d", self.spec.name, start)
         self.catch_up.begin(pending)
@@ -434,7 +454,7 @@ class StreamIngest:
                     self.lag = 0
                     self._lag.set(0)
                 continue
-            messages, self.buffer = self.buffer, []
+            messages = self._take_buffer()
             for start in range(0, len(messages), CHUNK):
                 if self.reset_needed:
                     break

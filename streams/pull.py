@@ -28,6 +28,9 @@ log = logging.getLogger("tipstream.jetstream")
 # which a silence learned by the clock waits for. At 5 s, a quiet service learned silences up to
 # 5 s late after each reaction and after each start; at 1 s an idle stream costs one request a second.
 PULL_EXPIRES_S = 1.0
+# What one pull request may bring, in bytes (at least two of the server's largest messages, so that one always
+# fits): by count alone, a batch of 1,024 events near NATS's 1 MB max_payload was a gigabyte on its way at once.
+PULL_MAX_BYTES = 8 << 20
 
 
 RawMsg = tuple[str, bytes, bytes]  # (subject, reply, body): all ingest needs of a message
@@ -278,8 +281,9 @@ class BatchPuller:
 
     def __init__(self, nc: IngestClient, stream: str, durable: str, batch: int,
                  on_message: Callable[[RawMsg], None], expires_s: float = PULL_EXPIRES_S,
-                 on_gone: Callable[[], None] | None = None) -> None:
+                 on_gone: Callable[[], None] | None = None, max_bytes: int = PULL_MAX_BYTES) -> None:
         self.nc, self.batch, self.on_message, self.expires_s = nc, batch, on_message, expires_s
+        self.max_bytes = max(max_bytes, 2 * (nc.max_payload or 0))
         # Told when the server says the consumer is gone (`CONSUMER_GONE`): its owner makes it again.
         self.on_gone = on_gone
         self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
@@ -328,7 +332,9 @@ class BatchPuller:
         return want
 
     async def _send(self, want: int) -> None:
-        body = orjson.dumps({"batch": want, "expires": int(self.expires_s * 1e9)})
+        # A message past what is left of max_bytes ends the request (409 Message Size Exceeds MaxBytes, its pending
+        # count told as for an expiry): asked for in the next.
+        body = orjson.dumps({"batch": want, "max_bytes": self.max_bytes, "expires": int(self.expires_s * 1e9)})
         await self.nc.publish(self.next_subject, body, reply=self.inbox)
 
     def _request_soon(self) -> None:
@@ -375,6 +381,11 @@ class BatchPuller:
         if self.requested <= self.batch // 2:
             self.last_activity = time.monotonic()  # per request, not per message: the watchdog needs no more
             self._request_soon()
+
+    def go_on(self) -> None:
+        """Ask again after a pause whose requests were left to end on their own (`requested` still counts them)."""
+        self.paused = False
+        self._request_soon()
 
     def resume(self) -> None:
         """Ask again after a pause."""

@@ -210,6 +210,61 @@ async def test_ingest_holds_while_its_own_backlog_waits_for_a_checkpoint(nats_se
     await nc.close()
 
 
+async def test_what_ingest_holds_unfolded_is_bounded_in_bytes_and_it_reads_on_once_folded(nats_server) -> None:
+    """Bounded by count only (max_ack_pending: 32 pull requests), a stream of events near NATS's 1 MB
+    max_payload, each refused as oversized, was held 32,768 at a time: 32 GB in memory. Here: 3,000
+    events of 3 kB arriving while none is folded, against a bound of 64 kB."""
+    nc, js = await seeded(nats_server)
+    store, bound, batch = OnlineStore(), 64_000, 64
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=batch, max_event_bytes=16384,
+                          max_uncheckpointed=10**6, max_buffer_bytes=bound)
+    await ingest.start()
+    await eventually(lambda: ingest.puller.paused)
+    await eventually(lambda: ingest.puller.requested == 0)  # what its requests still brought has come
+    largest = max(len(data) for _, _, data in ingest.buffer)
+    # Past the bound by what the requests out when it was reached brought, at most a batch.
+    assert bound <= ingest.buffered_bytes <= bound + batch * largest, ingest.buffered_bytes
+    assert ingest.buffered_bytes == sum(len(data) for _, _, data in ingest.buffer)
+    held = len(ingest.buffer)
+    assert held < EVENTS // 10, held
+    # Folded, the rest is asked for, and every event is folded once.
+    reading = asyncio.create_task(ingest.run())
+    try:
+        await eventually(lambda: store.positions.get("SIGNALS") == EVENTS, timeout=30)
+        assert store.applied == EVENTS and store.ignored == 0
+    finally:
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+    await ingest.stop()
+    await nc.close()
+
+
+async def test_events_near_the_largest_a_server_takes_each_come_though_a_request_holds_few(nats_server) -> None:
+    """A pull request brings at most `pull.PULL_MAX_BYTES` (two of the server's largest messages at least):
+    the server ends one whose next message does not fit (409), and that message comes in the next."""
+    nc = await pull.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    large, count = nc.max_payload - 4096, 9
+    await jsx.publish_events(js, [("signals.app.opened", {
+        "id": f"e{i}", "type": "app.opened", "user_id": "u", "ts": "2026-11-26T08:00:00Z", "pad": "x" * large})
+        for i in range(1, count + 1)])
+    store = OnlineStore()
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=64, max_event_bytes=nc.max_payload,
+                          max_uncheckpointed=10**6, pull_max_bytes=0)
+    await ingest.start()
+    assert ingest.puller.max_bytes == 2 * nc.max_payload  # the least: two of them, and no more
+    reading = asyncio.create_task(ingest.run())
+    try:
+        await eventually(lambda: store.positions.get("SIGNALS") == count)
+        assert store.applied == count
+    finally:
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+    await ingest.stop()
+    await nc.close()
+
+
 async def test_a_backlog_bound_of_one_row_ends_its_hold_once_the_row_is_written(nats_server) -> None:
     """TIPSTREAM_MAX_UNWRITTEN_DECISIONS=1: halved, the bound to read on under was 0, and DECISIONS held for good."""
     nc, js = await seeded(nats_server)
