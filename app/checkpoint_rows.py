@@ -129,16 +129,21 @@ class OpenCheckpoint:
         self.rollback()
         self._conn = self.engine.connect()
         self._conn.begin()
-        self._now = datetime.now(UTC)  # every row of the checkpoint stamped alike, as one call stamps them
+        self._now = datetime.now(UTC)  # the positions' time: read at the hand-over, before this
         self._in_turn(lambda conn: (start_checkpoint(conn, writes, committed), write_states(conn, states, self._now)))
 
     def add(self, states: Sequence[tuple[str, bytes]]) -> None:
-        self._in_turn(lambda conn: write_states(conn, states, self._now))
+        # Each batch stamped when written, which is after it was serialised: a later batch's states hold what was
+        # folded since the begin, and stamped with the begin's time, a user_features row computed in between (its
+        # pass begun after that time) read as newer than the state saved (`offline.users_behind`). A crash before
+        # the next pass then left that row older than the user's state, and the events replayed, which the state
+        # already held, changed no user: nothing rewrote it until their next event.
+        self._in_turn(lambda conn: write_states(conn, states, datetime.now(UTC)))
 
     def commit(self, positions: dict[str, int], marks: dict[str, int] | None,
                states: Sequence[tuple[str, bytes]]) -> None:
         def last(conn: Connection) -> None:
-            write_states(conn, states, self._now)
+            write_states(conn, states, datetime.now(UTC))  # as `add`'s
             finish_checkpoint(conn, positions, marks, self._now)
             conn.commit()
 

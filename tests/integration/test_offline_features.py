@@ -258,3 +258,50 @@ async def test_a_last_pass_the_database_refuses_logs_its_first_line_not_the_rows
         engine.dispose()
     [said] = [r.getMessage() for r in caplog.records if "last pass did not finish" in r.getMessage()]
     assert said == "user_features: the last pass did not finish (IntegrityError: no rows today)", said
+
+
+async def test_a_state_saved_in_a_later_batch_than_a_row_computed_before_it_is_found_behind(
+        database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint in batches serialises its later batches after its transaction began. Their states were stamped
+    with the begin's time: a pass begun after it, which computed a user's row before that user's state was
+    serialised with a later event, wrote a row stamped newer than the state. Killed before the next pass, the
+    start's `users_behind` passed the user over, and the replay, whose events the saved state already held, changed
+    no user: the row stayed a state behind until their next event."""
+    migrate.upgrade(database_url)
+    engine = make_engine(database_url)
+    store = _store()
+    checkpoint = SqlCheckpointStore(engine)
+    writer = OfflineFeatureWriter(store, engine, every_s=60)
+    writer.saved(["u-2"])  # saved by the checkpoint before
+    computed = asyncio.Event()
+    loop, write = asyncio.get_running_loop(), writer._write
+
+    def written_once_told(rows: list[dict[str, Any]]) -> None:
+        loop.call_soon_threadsafe(computed.set)
+        write(rows)  # on SQLite, waits for the checkpoint's commit: its write lock
+
+    monkeypatch.setattr(writer, "_write", written_once_told)
+    try:
+        checkpoint.begin([], None, [("u-1", store.users["u-1"].to_bytes())])  # its first batch
+        passing = asyncio.ensure_future(writer.write_pass(pause=False))
+        await computed.wait()  # u-2's row computed from its state then
+        later = {"id": "e-9", "type": "app.opened", "user_id": "u-2", "ts": "2026-11-26T11:00:00+01:00", "data": {}}
+        assert store.apply(parse_event(orjson.dumps(later)))
+        checkpoint.add([("u-2", store.users["u-2"].to_bytes())])  # a later batch, serialised since
+        checkpoint.commit({"SIGNALS": 4}, None, [])
+        assert await passing == 1
+
+        # Killed here, before the next pass: a start reads the checkpoint and looks for the rows behind.
+        restarted = OnlineStore()
+        restarted.cold = set(checkpoint.user_ids())
+        restarted.fetch_cold = checkpoint.fetch
+        again = OfflineFeatureWriter(restarted, engine, every_s=60)
+        await again.find_behind()
+        assert "u-2" in again.pending
+        await again.write_pass(pause=False)
+        with engine.connect() as conn:
+            as_of = conn.execute(sa.select(db.user_features.c.as_of).where(db.user_features.c.user_id == "u-2")).scalar()
+        assert as_of.replace(tzinfo=as_of.tzinfo or UTC) == datetime(2026, 11, 26, 10, tzinfo=UTC)
+    finally:
+        checkpoint.rollback()
+        engine.dispose()
