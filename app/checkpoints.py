@@ -267,7 +267,9 @@ class Checkpointer:
        the positions the database holds: older than those this service committed last (`committed`),
        the database lost commits under it (a failover, a restore), and this checkpoint would record
        newer positions without the users only those commits held. It commits nothing then, and the
-       service stops (`on_lost`): a start resumes from what the database holds.
+       service stops (`on_lost`): a start resumes from what the database holds. A lower position that a
+       checkpoint failed since the last committed one sent (a stream read again from its start) is no loss:
+       that commit may have landed, its answer lost.
     4. On failure, hand the users back to the store and retry with backoff: a database
        that is away delays checkpoints, it never loses events (they stay in the stream).
     5. Once per day of the log's time, let go of idle users' states (`rest_idle`).
@@ -282,6 +284,10 @@ class Checkpointer:
         # The positions the database holds as far as this service knows: those the start restored, then
         # each checkpoint's. Kept here, not read back: a database that lost commits would read as right.
         self.committed = dict(committed or {})
+        # Per stream, the lowest position a checkpoint that failed since the last one committed sent, where lower
+        # than `committed`'s (a stream read again from its start: created again, or an older copy of its store):
+        # its commit may have landed with its answer lost, and the database hold that position by no loss.
+        self._may_hold: dict[str, int] = {}
         # Told the message when the database turns out to have lost commits (`PositionsBehind`): the
         # service must stop; without it, the message is logged here.
         self.on_lost: Callable[[str], None] | None = None
@@ -475,20 +481,25 @@ class Checkpointer:
             batches = self._serialised(users, heavy)
             first = await anext(batches, [])
             second = await anext(batches, None)
-            committed = dict(self.committed)
+            committed = {stream: min(seq, self._may_hold.get(stream, seq)) for stream, seq in self.committed.items()}
             if second is not None:
                 await self._save_in_batches(first, second, batches, positions, extras, marks, committed)
             elif self.writer is not None:
                 await self.writer.save(positions, first, [(p.write, snap) for p, snap in extras], marks, committed)
             else:
                 await self.threads.run("a checkpoint", self.target.save, positions, first, extras, marks, committed)
-        except BaseException:
+        except BaseException as error:
             self.store.abort_checkpoint(users)
+            if not isinstance(error, PositionsBehind):
+                for stream, (_, sent) in positions_behind(self.committed, positions).items():
+                    if sent is not None:  # a stream it has no position for: it wrote none
+                        self._may_hold[stream] = min(sent, self._may_hold.get(stream, sent))
             raise
         finally:
             self.saving = 0
         self._saved_positions = positions
         self.committed.update(positions)
+        self._may_hold.clear()
         for participant, snapshot in extras:
             if snapshot is not None:
                 participant.saved(snapshot)
