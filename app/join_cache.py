@@ -75,6 +75,10 @@ class JoinCache:
         # refusing for a while): their row is marked on the acknowledgement (`Learner.published`), with these.
         # At most the decisions waiting for JetStream (`TIPSTREAM_DECISION_QUEUE_MAX`).
         self.let_go_unlogged: dict[str, tuple[dict[str, float], int | None]] = {}
+        # The decisions the read-back brought into `replayed` since `mark`, for `added_since`: no walk back to a
+        # mark finds them, as `join_replayed` may have put them in front of /score's since. Noted from a mark to
+        # the `added_since` after it (an erasure's look), and only while DECISIONS is read back after a start.
+        self._replayed_since_mark: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.cache) + len(self.replayed)
@@ -89,6 +93,8 @@ class JoinCache:
         """Hold `entry`; the caller evicts (`evict`) once it has done what the entry's arrival asks."""
         (self.replayed if replayed else self.cache)[decision_id] = entry
         self.bytes += len(entry.data) + ENTRY_OVERHEAD
+        if replayed and self._replayed_since_mark is not None:
+            self._replayed_since_mark.append(decision_id)
 
     def evict(self, horizon: int) -> None:
         # Oldest first (creation order: the replayed segment, then insertion order): past the
@@ -206,31 +212,46 @@ class JoinCache:
                 await asyncio.sleep(0)
         return theirs
 
-    def newest(self) -> str | None:
-        """The id of the decision /score added last (`added_since`'s mark), None while none is held."""
+    def mark(self) -> str | None:
+        """`added_since`'s mark: the id of the decision /score added last (None while none is held). The
+        decisions the read-back brings are noted from now to the `added_since`."""
+        self._replayed_since_mark = []
         return next(reversed(self.cache), None)
 
     def added_since(self, mark: str | None, user_ids: frozenset[str], until_ms: int) -> dict[str, list[str]]:
-        """Of the decisions added after `mark` (`newest` then), those of `user_ids` made until `until_ms`, by
+        """Of the decisions added after `mark` (`mark()` then), those of `user_ids` made until `until_ms`, by
         user: /score adds at the end, so a walk back to the mark reads only those. A mark gone was let go of
         with all before it (the cache lets the oldest go first), or dropped: then every decision is read.
+        Those the read-back brought since are noted apart: walked over /score's alone, a decision of the user's
+        another publisher made during an erasure's look, read back then, stayed held, learned and given a row.
 
         >>> joins = JoinCache(1 << 20)
         >>> joins.add("d-1", Entry(b'{"user_id": "u"}', position=1, added_ms=1_000, decision=None))
-        >>> mark = joins.newest()
+        >>> mark = joins.mark()
         >>> joins.add("d-2", Entry(b'{"user_id": "u"}', position=2, added_ms=2_000, decision=None))
         >>> joins.add("d-3", Entry(b'{"user_id": "v"}', position=3, added_ms=3_000, decision=None))
+        >>> joins.add("r-1", Entry(b'{"user_id": "u"}', position=4, added_ms=2_000, decision=None), replayed=True)
         >>> joins.added_since(mark, frozenset({"u", "v"}), 2_500), joins.added_since(None, frozenset({"u"}), 2_500)
-        ({'u': ['d-2']}, {'u': ['d-2', 'd-1']})
+        ({'u': ['d-2', 'r-1']}, {'u': ['d-2', 'd-1']})
         """
         spelt = spellings(user_ids)
         found: dict[str, list[str]] = {}
+        seen: set[str] = set()
+
+        def look(decision_id: str, entry: Entry) -> None:
+            if may_belong(entry.data, spelt) and created_ms(decision_id, entry) <= until_ms:
+                seen.add(decision_id)
+                for user_id in owners(entry.data) & user_ids:
+                    found.setdefault(user_id, []).append(decision_id)
+
         for decision_id, entry in reversed(self.cache.items()):
             if decision_id == mark:
                 break
-            if may_belong(entry.data, spelt) and created_ms(decision_id, entry) <= until_ms:
-                for user_id in owners(entry.data) & user_ids:
-                    found.setdefault(user_id, []).append(decision_id)
+            look(decision_id, entry)
+        replayed, self._replayed_since_mark = self._replayed_since_mark or [], None
+        for decision_id in replayed:
+            if decision_id not in seen and (entry := self.get(decision_id)) is not None:  # not let go of since
+                look(decision_id, entry)
         return found
 
     def drop(self, decision_ids: list[str]) -> tuple[set[str], set[str]]:

@@ -356,11 +356,13 @@ class Learner:
 
     def served_mark(self) -> str | None:
         """Where the decisions /score serves from now on begin in the join cache (`served_since`)."""
-        return self.joins.newest()
+        return self.joins.mark()
 
     def served_since(self, mark: str | None, user_ids: frozenset[str], until_ms: int) -> dict[str, list[str]]:
         """The ids of the decisions of `user_ids` held since `mark` (`served_mark`), made until `until_ms`, by
-        user: those /score served while the cache was looked over (`decisions_to_forget`), for `forget_user`."""
+        user: those /score served while the cache was looked over (`decisions_to_forget`), and those a start's
+        read-back of DECISIONS brought meanwhile, made after the look began (`erasing` let them in), for
+        `forget_user`."""
         return self.joins.added_since(mark, user_ids, until_ms)
 
     def forget_user(self, user_id: str, at_ms: int, theirs: list[str]) -> int:

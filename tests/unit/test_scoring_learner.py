@@ -2055,6 +2055,35 @@ def test_forgetting_a_user_drops_their_decisions_waiting_reactions_and_own_featu
     assert delta(before) == {"credited": 1}
 
 
+@pytest.mark.parametrize("caught_up", [False, True], ids=["reading-back", "caught-up-meanwhile"])
+def test_a_decision_read_back_while_a_forget_looks_over_the_join_cache_goes_with_the_user(
+        tmp_path: Path, caught_up: bool) -> None:
+    """While a start reads DECISIONS back, what it brings waits in `replayed`. `served_since` walked /score's
+    decisions alone: another publisher's decision of the user, stored after the look began (so `erasing` let it
+    in) and read back during it, stayed held after the forget, its reactions credited and learned with their
+    features. Also once the read-back, caught up meanwhile, has put it in front of /score's decisions."""
+    w = World(tmp_path)
+    assert w.learner.restore(w.engine) is None  # a start: DECISIONS is read back
+    w.score(user="u-2")  # served meanwhile: the mark
+    at_ms = int(w.clock.now * 1000)
+    mark = w.learner.served_mark()
+    theirs = asyncio.run(w.learner.decisions_to_forget("u-1", at_ms))
+    assert theirs == []
+    w.clock.now += 1  # during the look: its event loop ran the DECISIONS ingest
+    assert w.learner.add_logged(_foreign(w, "ext-1"), _decisions_ack(w.clock.now, 1))
+    if caught_up:
+        w.learner.caught_up()
+    at_ms = int(w.clock.now * 1000)  # the eraser acts as of after the look
+    since = w.learner.served_since(mark, frozenset({"u-1"}), at_ms)
+    assert since == {"u-1": ["ext-1"]}
+    assert w.learner.forget_user("u-1", at_ms, theirs + since["u-1"]) == 1
+    assert w.learner.joins.get("ext-1") is None
+    before = outcomes()
+    w.sink(_reaction("f-1", "ext-1", "a"), _ack(w.clock.now, 1))
+    assert delta(before) == {"waiting": 1}, "not credited: the decision it names went"
+    w.engine.dispose()
+
+
 def test_forgetting_a_user_finds_their_decisions_another_publisher_spelt_with_escapes(world: World) -> None:
     """JSON may spell an id with escapes (Python's `json.dumps` writes "zo\\u00eb"): such a decision of
     theirs, read back from DECISIONS, goes too, and would otherwise be credited, learned and given a row."""
