@@ -268,8 +268,8 @@ class Checkpointer:
        the database lost commits under it (a failover, a restore), and this checkpoint would record
        newer positions without the users only those commits held. It commits nothing then, and the
        service stops (`on_lost`): a start resumes from what the database holds. A lower position that a
-       checkpoint failed since the last committed one sent (a stream read again from its start) is no loss:
-       that commit may have landed, its answer lost.
+       checkpoint failed since the last committed one sent (set back at a start to the learner's, a stream
+       read again from its start) is no loss: that commit may have landed, its answer lost.
     4. On failure, hand the users back to the store and retry with backoff: a database
        that is away delays checkpoints, it never loses events (they stay in the stream).
     5. Once per day of the log's time, let go of idle users' states (`rest_idle`).
@@ -285,8 +285,9 @@ class Checkpointer:
         # each checkpoint's. Kept here, not read back: a database that lost commits would read as right.
         self.committed = dict(committed or {})
         # Per stream, the lowest position a checkpoint that failed since the last one committed sent, where lower
-        # than `committed`'s (a stream read again from its start: created again, or an older copy of its store):
-        # its commit may have landed with its answer lost, and the database hold that position by no loss.
+        # than `committed`'s (at a start, FEEDBACK's and DECISIONS' set back to where the learner resumes; a stream
+        # read again from its start): its commit may have landed with its answer lost, and the database hold that
+        # position by no loss.
         self._may_hold: dict[str, int] = {}
         # Told the message when the database turns out to have lost commits (`PositionsBehind`): the
         # service must stop; without it, the message is logged here.

@@ -340,16 +340,20 @@ async def test_the_writer_process_refuses_a_save_over_lost_commits_too(
     assert positions == {"SIGNALS": 7} and dict(states) == {"u-1": b"v1"}
 
 
-async def test_a_retry_after_a_commit_that_landed_unanswered_over_a_stream_read_again_is_no_lost_commit(
-        checkpoint_store: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A stream read again from its start (created again, or an older copy of its store) sets its position back.
-    A checkpoint that then committed, its answer lost (the connection broke during COMMIT), left the database
-    at the lower position, and the retry took that for commits lost under the service: it stopped itself."""
-    checkpoint_store.save({"SIGNALS": 1000}, [("u-0", b"v0")])
+@pytest.mark.parametrize("stream, back_to", [("DECISIONS", 400), ("SIGNALS", 0)],
+                         ids=["learner-resumes-behind", "stream-created-again"])
+async def test_a_retry_after_a_commit_that_landed_unanswered_at_a_lower_position_is_no_lost_commit(
+        checkpoint_store: Any, monkeypatch: pytest.MonkeyPatch, stream: str, back_to: int) -> None:
+    """A stream's position goes back: at every start, FEEDBACK and DECISIONS to where the learner resumes (its
+    snapshots are spaced, so often behind the checkpoint's); a stream read again from its start (created again,
+    an older copy of its store). A checkpoint that then committed, its answer lost (the connection broke during
+    COMMIT), left the database below the positions committed before, and the retry took that for commits lost
+    under the service: it stopped itself, exit code 1, though nothing was lost."""
+    checkpoint_store.save({stream: 1000}, [("u-0", b"v0")])
     store = _users_opened(1)
-    store.positions["SIGNALS"] = 0  # as ingest sets it for a stream created again: read from its first message
-    store.advance("SIGNALS", 1)
-    checkpointer = Checkpointer(store, checkpoint_store, every_events=1, every_s=60, committed={"SIGNALS": 1000})
+    store.positions = {stream: back_to}
+    store.advance(stream, back_to + 1)
+    checkpointer = Checkpointer(store, checkpoint_store, every_events=1, every_s=60, committed={stream: 1000})
     told: list[str] = []
     checkpointer.on_lost = told.append
     save = checkpoint_store.save
@@ -362,21 +366,21 @@ async def test_a_retry_after_a_commit_that_landed_unanswered_over_a_stream_read_
     monkeypatch.setattr(checkpoint_store, "save", landed_unanswered)
     with pytest.raises(ConnectionError):
         await checkpointer.checkpoint()
-    assert checkpoint_store.load()[0] == {"SIGNALS": 1}, "it landed"
+    assert checkpoint_store.load()[0] == {stream: back_to + 1}, "it landed"
     store.apply(parse_event(orjson.dumps({"id": "o-x", "type": "app.opened", "user_id": "u-0001",
                                           "ts": "2026-11-26T09:00:00+01:00"})))
-    store.advance("SIGNALS", 2)
+    store.advance(stream, back_to + 2)
     assert await checkpointer.checkpoint()
     assert not told and checkpointer.refused is None
-    assert checkpoint_store.load()[0] == {"SIGNALS": 2} and checkpointer.committed == {"SIGNALS": 2}
+    assert checkpoint_store.load()[0] == {stream: back_to + 2} and checkpointer.committed == {stream: back_to + 2}
     # Commits lost under it from here are still told: what a failed checkpoint sent is forgotten once one commits.
-    _move_back(checkpoint_store, {"SIGNALS": 1})
+    _move_back(checkpoint_store, {stream: back_to + 1})
     store.apply(parse_event(orjson.dumps({"id": "o-y", "type": "app.opened", "user_id": "u-0002",
                                           "ts": "2026-11-26T09:00:00+01:00"})))
-    store.advance("SIGNALS", 3)
+    store.advance(stream, back_to + 3)
     with pytest.raises(PositionsBehind):
         await checkpointer.checkpoint()
-    assert len(told) == 1 and "SIGNALS 1 (this service committed 2)" in told[0]
+    assert len(told) == 1 and f"{stream} {back_to + 1} (this service committed {back_to + 2})" in told[0]
 
 
 def _users_opened(count: int) -> OnlineStore:
