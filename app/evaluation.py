@@ -72,6 +72,10 @@ class TrainedOn:
 def trained_on(decisions: list[Decision], limit: int) -> TrainedOn:
     """What a model trained on `decisions` (`rewarded_decisions(..., limit)`) has seen.
 
+    Every reward read counts, also those `rewarded_log` cut (more than `limit` examples: the oldest go):
+    left out on purpose, as those older than the read are (`from_ms`), a registration must not learn them
+    from the join cache (`JoinCache.unseen_rewards`) after the newer ones, out of their order.
+
     >>> read = [({"id": "d-019c5e8a2b10" + "0" * 16}, {"a": 1.0})]
     >>> trained_on(read, limit=10).from_ms is None, len(trained_on(read, limit=10).credits)
     (True, 1)
