@@ -16,7 +16,8 @@ Each request is a row of `erasures`, its `status` moving on as each step is done
    stream positions read to then.
 3. A checkpoint at once deletes their `user_state`, `user_features` and `tip_scores` rows (those of
    decisions served until step 2, by the time in the decision's id, not its `ts`: the caller's
-   `context.now`, `checkpoint_rows.delete_decisions_served_until`) and marks the request `dropped`, with its bounds, in the transaction that saves positions past them
+   `context.now`, `checkpoint_rows.delete_decisions_served_until`) and marks the request `dropped`, with its bounds
+   (and the ids of their decisions then on their way to JetStream), in the transaction that saves positions past them
    (`checkpoint_rows.write_erasures`): a restart never folds those events again.
 4. Their messages up to the bounds are deleted from SIGNALS, FEEDBACK, DECISIONS and the DLQ
    (`streams.scrub`), so a rebuild from the log never brings them back (and past DECISIONS' bound, their
@@ -64,7 +65,9 @@ PROGRESS_EVERY_S = 10.0
 SCRUBBED = (jsx.DLQ.name, jsx.SIGNALS.name, jsx.FEEDBACK.name, jsx.DECISIONS.name)
 FOLDED = (jsx.SIGNALS.name, jsx.FEEDBACK.name)
 READ_THROUGH_POLL_S = 0.02
-ON_THE_WAY = "decisions_on_the_way"  # in `bounds`: {"through": DECISIONS' last seq once stored, "ids": [...]}
+# In `bounds`: {"ids": [...]} saved at step 3, a crash losing the publisher's queue and what it knew; "through":
+# DECISIONS' last seq once they are stored (step 4).
+ON_THE_WAY = "decisions_on_the_way"
 ON_THE_WAY_POLL_S = 0.1  # each look copies the publisher's queue, which holds thousands while NATS is away
 
 Scrub = Callable[..., Awaitable[Any]]
@@ -102,7 +105,6 @@ class Eraser:
         # What /score served and JetStream has not acknowledged yet (the decision publisher's queue):
         # a user's decisions there at step 2 are stored in DECISIONS after its bound was read.
         self.unpublished = unpublished or list
-        self._on_the_way: dict[str, set[str]] = {}  # user -> their decisions unacknowledged at step 2
         # What /score made and waits to queue (the queue full): served after step 2, not on the way then.
         self.withdraw = withdraw or (lambda made_from: 0)
         self._wake = asyncio.Event()
@@ -261,14 +263,14 @@ class Eraser:
             # were a new user's, held (a reaction learned with their features as served) and kept their rows.
             at = self._acted_on_at()
             since = self.learner.served_since(mark, frozenset(row["user_id"] for row in rows), utc_ms(at))
-            entries = []
+            entries, unpublished, on_the_way = [], self.unpublished(), set()
             for row in rows:
                 user_id = row["user_id"]
                 held = self.store.forget(user_id)
                 decisions = self.learner.forget_user(user_id, utc_ms(at), theirs[user_id] + since.get(user_id, []))
                 if self.offline is not None:
                     self.offline.forget(user_id)
-                self._on_the_way[user_id] = _decisions_of(user_id, self.unpublished())
+                on_the_way |= _decisions_of(user_id, unpublished)
                 self.withdraw(functools.partial(_belongs_to, user_id))
                 positions = self.store.positions
                 entries.append({
@@ -282,8 +284,10 @@ class Eraser:
                 ends = await self._ends()
             for entry in entries:
                 entry["bounds"].update(ends)
+                if on_the_way:
+                    entry["bounds"][ON_THE_WAY] = {"ids": sorted(on_the_way)}
                 log.info("forgetting user %r: their state and what the learner held of them are gone (%s); their "
-                         "messages through %s are deleted next", entry["user_id"], entry["report"], entry["bounds"])
+                         "messages through %s are deleted next", entry["user_id"], entry["report"], _sequences(entry["bounds"]))
             self._dropped.extend(entries)
 
     def _acted_on_at(self) -> datetime:
@@ -355,7 +359,6 @@ class Eraser:
             reports = await self.threads.run("an erasure's last transaction", self._finish, rows,
                                                 self.learning_versions(), found)
         for row, report in zip(rows, reports, strict=True):
-            self._on_the_way.pop(row["user_id"], None)
             until = utc_ms(row["dropped_at"])
             if self.learner.erasing.get(row["user_id"]) == until:
                 del self.learner.erasing[row["user_id"]]
@@ -369,11 +372,13 @@ class Eraser:
         them again (a `tip_scores` row, their features as served). By their ids, not all of theirs up to there:
         the bound moved, their decisions served after step 2 (the user came back) went from the log too, and kept
         their rows. Waits for their acknowledgements (the publisher never drops one), and so also keeps
-        `Learner.erasing` until then: acknowledged after step 5, one got a `tip_scores` row."""
-        users = [row["user_id"] for row in rows]
-        waited = set().union(*(self._on_the_way.get(user_id, ()) for user_id in users))
-        if not waited:
+        `Learner.erasing` until then: acknowledged after step 5, one got a `tip_scores` row. Their ids are step 3's
+        (in the bounds): after a crash, which lost the publisher's queue, one stored whose acknowledgement it lost
+        stayed in DECISIONS."""
+        on_the_way = bounds.get(ON_THE_WAY) or {}
+        if not on_the_way.get("ids") or "through" in on_the_way:
             return bounds
+        users, waited = [row["user_id"] for row in rows], set(on_the_way["ids"])
         told = time.monotonic()
         while pending := waited & {decision_id for _, decision_id, _ in self.unpublished()}:
             if time.monotonic() - told >= PROGRESS_EVERY_S:
@@ -505,6 +510,11 @@ def _shown(row: dict[str, Any]) -> dict[str, Any]:
     """A row as JSON can carry it (SQLAlchemy's keys are a subclass of str, which orjson refuses), its bounds a
     sequence a stream, as the API documents them (`ON_THE_WAY` is the service's own)."""
     shown = {str(key): (_utc(value).isoformat() if isinstance(value, datetime) else value) for key, value in row.items()}
-    if isinstance(shown.get("bounds"), dict) and ON_THE_WAY in shown["bounds"]:
-        shown["bounds"] = {stream: seq for stream, seq in shown["bounds"].items() if stream != ON_THE_WAY}
+    if isinstance(shown.get("bounds"), dict):
+        shown["bounds"] = _sequences(shown["bounds"])
     return shown
+
+
+def _sequences(bounds: dict[str, Any]) -> dict[str, Any]:
+    """`bounds` without `ON_THE_WAY`'s ids (thousands while NATS was away): a sequence a stream."""
+    return {stream: seq for stream, seq in bounds.items() if stream != ON_THE_WAY}

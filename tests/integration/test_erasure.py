@@ -763,6 +763,41 @@ async def test_a_decision_stored_after_its_user_was_dropped_is_deleted_after_a_s
     assert sorted(owner(data) for data in (await stored(js, "DECISIONS")).values()) == ["u-2"]
 
 
+async def test_a_decision_stored_whose_acknowledgement_a_crash_lost_is_deleted_at_the_next_start(
+        start_service, nc, database_url, monkeypatch) -> None:
+    """A decision on its way to JetStream at step 2, stored, its acknowledgement lost with the process (killed
+    before step 4): the ids waited for were held in memory only, and the next start scrubbed DECISIONS through
+    the bound saved at step 3, before it. It stayed in DECISIONS for good, and a rebuild held it again."""
+    settings = {"database_url": database_url, "admin_token": TOKEN, "checkpoint_every_s": 0.2}
+    stopped = asyncio.Event()
+
+    async def killed_before_deleting(self: Eraser, rows: list[dict[str, Any]]) -> None:
+        stopped.set()
+
+    monkeypatch.setattr(Eraser, "_delete_messages", killed_before_deleting)
+    running, _ = await started_with_nats_away(start_service, nc, settings)
+    js, publisher = nc.jetstream(), running.service.publisher
+    async with running.http() as http:
+        await scored(http, ("u-1", "u-2"))
+        await forget(http, "u-1")
+        await reached(http, "u-1", ("dropped",), timeout=15)
+    await eventually(stopped.is_set, timeout=15)
+    # Stored, as the publish reached the server; the process went before its acknowledgement came, and so did
+    # its queue (a crash spools nothing).
+    for subject, decision_id, payload in publisher.unpublished():
+        await js.publish(subject, payload, headers={"Nats-Msg-Id": decision_id})
+    publisher.queue.clear()
+    await running.stop()
+    assert sorted(owner(data) for data in (await stored(js, "DECISIONS")).values()) == ["u-1", "u-2"]
+
+    monkeypatch.undo()
+    second = await start_service(**settings)
+    async with second.http() as http:
+        await reached(http, "u-1", ("done",), timeout=30)
+        assert (await status(http, "u-1"))["report"]["messages_decisions"] == 1
+    assert sorted(owner(data) for data in (await stored(js, "DECISIONS")).values()) == ["u-2"]
+
+
 async def test_a_decision_served_after_the_request_was_acted_on_stays_in_decisions_with_its_row(start_service, nc,
                                                                                    database_url) -> None:
     """Their decisions on their way to JetStream at step 2 go from DECISIONS once stored; one served after step
