@@ -224,9 +224,14 @@ def write_erasures(conn: Connection, dropped: list[dict[str, Any]] | None) -> No
         delete_decisions_served_until(conn, user_id, at)
         table = db.erasures
         # Not a request made since (its time moved): that one drops what came after this one.
-        conn.execute(update(table).where(and_(table.c.user_id == user_id, table.c.status == "requested",
-                                              table.c.requested_at == erased["requested_at"]))
-                     .values(status="dropped", dropped_at=at, bounds=erased["bounds"], report=erased["report"]))
+        if not conn.execute(update(table).where(and_(table.c.user_id == user_id, table.c.status == "requested",
+                                                     table.c.requested_at == erased["requested_at"]))
+                            .values(status="dropped", dropped_at=at, bounds=erased["bounds"], report=erased["report"])
+                            ).rowcount:
+            # Asked for again since step 2: the request made then took the report as it was before step 2
+            # (`Eraser.request`), and the pass starting over finds gone what step 2 dropped (`"state": false`).
+            conn.execute(update(table).where(and_(table.c.user_id == user_id, table.c.status == "requested"))
+                         .values(report=erased["report"]))
 
 
 _IN_ONE_DELETE = 500  # decision ids per DELETE: well under the bound parameters SQLite takes in one statement

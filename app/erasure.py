@@ -115,7 +115,8 @@ class Eraser:
         """Save a request to forget `user_id` (a worker thread); the row. A user asked for again (done,
         or on the way) is taken through every step again: events of theirs may have come since. The
         request done before is kept in `erasures_earlier`, the record that they were forgotten then; what
-        one still on its way has done so far stays in the report (`_drop` adds the new pass's to it)."""
+        one still on its way has done so far stays in the report (`_drop` adds the new pass's to it; asked
+        for between steps 2 and 3, step 3 gives it what step 2 did: `write_erasures`)."""
         now = datetime.now(UTC)
         now = now.replace(microsecond=now.microsecond // 1000 * 1000)  # as SQLite keeps it: answered as read back
         row = {"user_id": user_id, "status": "requested", "requested_at": now, "requested_by": actor,

@@ -256,6 +256,35 @@ async def test_a_user_asked_for_again_while_being_forgotten_keeps_the_whole_reco
     assert "u-1" not in running.service.store.users
 
 
+async def test_a_user_asked_for_again_before_step_3_was_saved_keeps_the_first_pass_s_record(start_service, nc,
+                                                                                             database_url) -> None:
+    """Asked for again between steps 2 and 3 (their state dropped, its checkpoint not committed yet), the request
+    moved on: step 3 found no request as it was to mark dropped, and what step 2 had done was left out of the
+    record. The pass starting over found their state gone and held nothing of theirs: `"state": false`."""
+    running = await start_service(database_url=database_url, admin_token=TOKEN, checkpoint_every_s=3600)
+    eraser, go_on = running.service.eraser, asyncio.Event()
+    checkpoint = eraser.checkpoint
+
+    async def held() -> None:
+        await go_on.wait()
+        await checkpoint()
+
+    eraser.checkpoint = held
+    async with running.http() as http:
+        await traffic(running, nc.jetstream(), http)
+        await forget(http, "u-1")
+        await eventually(lambda: any(entry["user_id"] == "u-1" for entry in eraser._dropped), timeout=15)
+        first = next(entry["report"] for entry in eraser._dropped if entry["user_id"] == "u-1")
+        assert first["state"] is True and first["decisions_held"] > 0, first
+        await forget(http, "u-1")
+        go_on.set()
+        await reached(http, "u-1", ("done",), timeout=30)
+        report = (await status(http, "u-1"))["report"]
+    assert report["state"] is True and report["decisions_held"] == first["decisions_held"], report
+    assert report["messages_signals"] == 4 and report["messages_decisions"] == 1, report
+    assert "u-1" not in running.service.store.users
+
+
 async def test_the_cli_forgets_a_user_through_the_service(start_service, nc, tmp_path, monkeypatch, capsys) -> None:
     from app.cli import main
 
