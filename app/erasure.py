@@ -102,6 +102,7 @@ class Eraser:
         # rewritten here (step 4).
         self.learning_versions = learning_versions or set
         self._dropped: list[dict[str, Any]] = []  # step 2 done, step 3 not committed yet
+        self._undone: dict[str, dict[str, Any]] = {}  # user -> the report of a step 2 whose bounds were not read
         # What /score served and JetStream has not acknowledged yet (the decision publisher's queue):
         # a user's decisions there at step 2 are stored in DECISIONS after its bound was read.
         self.unpublished = unpublished or list
@@ -251,7 +252,7 @@ class Eraser:
         """Step 2, for each of `rows`."""
         await self._read_through(await self._ends(FOLDED), rows)
         # Asked before too: NATS away, nothing is dropped yet, and the whole step is tried again.
-        ends = await self._ends()
+        await self._ends()
         async with self.lock:
             await self._between_chunks()
             at, mark = self._acted_on_at(), self.learner.served_mark()
@@ -277,12 +278,19 @@ class Eraser:
                 entries.append({
                     "user_id": user_id, "requested_at": row["requested_at"], "dropped_at": at,
                     "bounds": {stream: positions.get(stream, 0) for stream in (jsx.SIGNALS.name, jsx.FEEDBACK.name)},
-                    "report": _added({"state": held, "decisions_held": decisions}, row.get("report")),
+                    "report": _added({"state": held, "decisions_held": decisions},
+                                     self._undone.pop(user_id, None) or row.get("report")),
                 })
             # Nothing is folded from these two: whatever they hold now was stored before the request
             # was acted on. (A decision of theirs on its way to JetStream is not held again: `erasing`.)
-            with contextlib.suppress(Exception):  # as asked before, then
+            try:
                 ends = await self._ends()
+            except Exception:
+                # NATS gone since the look before the lock: the ends read then left out what JetStream stored in
+                # between (their decisions acknowledged, copies of their events dead-lettered), for good. The step
+                # is done again once it answers, as of then; the report keeps what this one found.
+                self._undone.update((entry["user_id"], entry["report"]) for entry in entries)
+                raise
             for entry in entries:
                 entry["bounds"].update(ends)
                 if on_the_way:

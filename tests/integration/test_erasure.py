@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import orjson
 import sqlalchemy as sa
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import NotFoundError
 
 from app.erasure import Eraser
@@ -283,6 +284,37 @@ async def test_a_user_asked_for_again_before_step_3_was_saved_keeps_the_first_pa
     assert report["state"] is True and report["decisions_held"] == first["decisions_held"], report
     assert report["messages_signals"] == 4 and report["messages_decisions"] == 1, report
     assert "u-1" not in running.service.store.users
+
+
+async def test_a_request_whose_bounds_could_not_be_read_after_step_2_is_taken_again_when_nats_answers(
+        start_service, nc, database_url) -> None:
+    """The streams' ends are read before step 2 (NATS away: nothing dropped) and again after it, as what JetStream
+    stored meanwhile was theirs too. That second look failing (NATS gone in between) kept the first one's: a
+    copy of their event dead-lettered in between, past it, stayed in the DLQ for good."""
+    running = await start_service(database_url=database_url, admin_token=TOKEN, checkpoint_every_s=0.2)
+    eraser, js = running.service.eraser, nc.jetstream()
+    ends, looks = eraser._ends, []
+
+    async def nats_gone_after_the_first_look(*streams: Any) -> dict[str, int]:
+        if streams:  # SIGNALS' and FEEDBACK's, before step 2
+            return await ends(*streams)
+        looks.append(len(looks))
+        if len(looks) == 2:
+            raise NatsTimeoutError
+        read = await ends()
+        if len(looks) == 1:
+            await js.publish("dlq.signals.app.opened", orjson.dumps({"id": "u-1-late", "type": "app.opened",
+                                                                     "user_id": "u-1", "ts": NOW}))
+        return read
+
+    eraser._ends = nats_gone_after_the_first_look
+    async with running.http() as http:
+        await traffic(running, js, http)
+        await forget(http, "u-1")
+        await reached(http, "u-1", ("done",), timeout=30)
+        report = (await status(http, "u-1"))["report"]
+    assert not any(owner(data) == "u-1" for data in (await stored(js, "DLQ")).values())
+    assert report["state"] is True and report["messages_dlq"] == 2, report
 
 
 async def test_the_cli_forgets_a_user_through_the_service(start_service, nc, tmp_path, monkeypatch, capsys) -> None:
