@@ -25,7 +25,7 @@ from app import db
 from app.erasure import earlier_erasures
 from streams import jetstream as jsx
 from streams.fold import KINDS, REACTION_CODES, ZERO_DUE, UserState
-from streams.scrub import belongs, cut_copy_of, info_or_none, read_through, spellings, theirs_by_original
+from streams.scrub import Cut, belongs, cut_copy_of, head_of, info_or_none, read_through, spellings, theirs_by_original
 
 READ = (jsx.SIGNALS.name, jsx.FEEDBACK.name, jsx.DECISIONS.name, jsx.DLQ.name)
 
@@ -56,14 +56,14 @@ async def from_streams(js: Any, user_id: str,
             found[stream] = theirs
             continue
 
-        cut: list[tuple[int, str, int]] = []
+        cut: list[Cut] = []
 
         def keep(seq: int, body: bytes, headers: Any = None, theirs: list[dict[str, Any]] = theirs,
-                 cut: list[tuple[int, str, int]] = cut) -> None:
+                 cut: list[Cut] = cut) -> None:
             if belongs(body, users, spelt):
                 theirs.append({"seq": seq, "message": message(body)})
             elif (original := cut_copy_of(headers)) is not None:
-                cut.append((seq, *original))
+                cut.append((seq, *original, head_of(body)))
 
         if info.state.messages:
             await read_through(js, stream, max(info.state.first_seq, 1), info.state.last_seq, keep,

@@ -15,8 +15,8 @@ Which user a body belongs to (`owners`):
   `Tipstream-Dlq-Truncated`): every `"user_id": "<JSON string>"` in its bytes, at any depth, the
   string decoded. Limits: a key itself spelt with escapes (`"user\\u005fid"`), or a body cut off
   before its id's closing quote, is not attributed to anyone by its bytes; a DLQ copy cut so
-  (`Tipstream-Dlq-Truncated`) goes when its original, read from its stream, is the user's
-  (`cut_copy_of`), else it is kept; a nested `user_id`
+  (`Tipstream-Dlq-Truncated`) goes when its original, read from its stream (the message there
+  whose head it is: `head_of`), is the user's (`cut_copy_of`), else it is kept; a nested `user_id`
   (a decision's `features`) is attributed too, but it names the same user there.
 
 Scanning is close to the raw read rate because almost no body is parsed: one regular expression
@@ -41,6 +41,7 @@ original until it is compacted after the stream's next snapshot: 125-165 s later
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -193,13 +194,13 @@ async def scrub(
         return ScrubReport(stream, 0, 0, 0, 0, 0, time.perf_counter() - started)
     spelt = spellings(user_ids)
     found: list[int] = []
-    cut: list[tuple[int, str, int]] = []
+    cut: list[Cut] = []
 
     def on_body(seq: int, body: bytes, headers: Any = None) -> None:
         if belongs(body, user_ids, spelt):
             found.append(seq)
         elif (original := cut_copy_of(headers)) is not None:
-            cut.append((seq, *original))
+            cut.append((seq, *original, head_of(body)))
 
     scanned = await read_through(js, stream, first, bound, on_body, progress, with_headers=True)
     found.extend(await theirs_by_original(js, cut, user_ids, spelt))
@@ -242,14 +243,30 @@ def cut_copy_of(headers: bytes | dict[str, str] | None) -> tuple[str, int] | Non
     return stream_found.group(1).strip().decode(errors="replace"), int(seq_found.group(1))
 
 
-async def theirs_by_original(js: JetStreamContext, cut: list[tuple[int, str, int]], user_ids: frozenset[str],
+# A DLQ copy cut before its user's id: (its seq, its original's stream and seq, `head_of` its body).
+Cut = tuple[int, str, int, tuple[int, bytes]]
+
+
+def head_of(body: bytes) -> tuple[int, bytes]:
+    """A cut copy's body as its original's head must match it: its length and a digest (a copy is up to
+    `max_payload`, and a scan may find thousands).
+
+    >>> head_of(b'{"id": "e-1"') == head_of(b'{"id": "e-1", "user_id": "u-1"}'[:12]), head_of(b"")[0]
+    (True, 0)
+    """
+    return len(body), hashlib.blake2b(body, digest_size=16).digest()
+
+
+async def theirs_by_original(js: JetStreamContext, cut: list[Cut], user_ids: frozenset[str],
                               spelt: frozenset[bytes]) -> list[int]:
-    """Of the DLQ copies cut before their user's id (`cut`: (seq, original stream, original seq)), those whose
-    original, still in its stream, belongs to one of `user_ids`. The cut keeps a body's head: an event whose
-    `user_id` came last, near `max_payload`, left a copy of everything else it held that named no one, and was
-    kept. The DLQ is scrubbed before the other streams, so the originals are still there to be read."""
+    """Of the DLQ copies cut before their user's id (`cut`), those whose original, still in its stream, belongs
+    to one of `user_ids`. The cut keeps a body's head: an event whose `user_id` came last, near `max_payload`,
+    left a copy of everything else it held that named no one, and was kept. The DLQ is scrubbed before the other
+    streams, so the originals are still there to be read. The message at the original's sequence is its original
+    only if the copy is its head: a stream deleted and made again counts from 1 again, and another user's copy
+    went with the event now there (the original is gone then: the copy is kept, as one past its retention)."""
     theirs = []
-    for seq, stream, original_seq in cut:
+    for seq, stream, original_seq, (length, digest) in cut:
         try:
             original = await js.get_msg(stream, original_seq)
         except NotFoundError:  # gone (retention, or erased by an earlier pass, which erased this copy too)
@@ -258,7 +275,8 @@ async def theirs_by_original(js: JetStreamContext, cut: list[tuple[int, str, int
             log.warning("could not read %s #%d, the original of DLQ #%d cut to fit (%s); the copy is kept",
                         stream, original_seq, seq, error)
             continue
-        if belongs(original.data or b"", user_ids, spelt):
+        data = original.data or b""
+        if head_of(data[:length]) == (length, digest) and belongs(data, user_ids, spelt):
             theirs.append(seq)
     return theirs
 

@@ -265,6 +265,26 @@ async def test_a_dlq_copy_cut_before_its_users_id_goes_with_the_original_it_was_
     assert await stored(js, "SIGNALS", originals["u-1"][0]) == originals["u-1"][1], "the originals are SIGNALS' scrub's"
 
 
+async def test_a_dlq_copy_cut_from_a_stream_made_again_since_is_not_taken_for_what_is_now_at_its_sequence(js) -> None:
+    # A stream deleted and made again counts its sequences from 1 again: the message at a cut copy's original
+    # sequence is then another event, and one of the user being forgotten took the copy, another user's, with it.
+    from streams.jetstream import DLQ_SEQ, DLQ_STREAM
+
+    body = orjson.dumps({"id": "e-0", "type": "task.created", "ts": TS, "data": {"task_id": "t", "title": "x"},
+                         "user_id": "u-10"})
+    seq = (await js.publish("signals.task.created", body)).seq
+    head = body[: body.index(b'"user_id"')]
+    copy = (await js.publish("dlq.signals.task.created", head, headers={
+        DLQ_REASON: "test", DLQ_TRUNCATED: str(len(body)), DLQ_STREAM: "SIGNALS", DLQ_SEQ: str(seq)})).seq
+    await js.delete_stream("SIGNALS")
+    await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    for i in range(seq):
+        await js.publish("signals.task.created", orjson.dumps(event(i, "u-1")))
+
+    report = await scrub(js, "DLQ", frozenset({"u-1"}), 10**9)
+    assert report.deleted == 0 and await stored(js, "DLQ", copy) == head
+
+
 async def test_an_export_shows_the_dlq_copies_cut_before_their_users_id_that_forgetting_deletes(js) -> None:
     # The right of access reads what forgetting deletes: a copy cut before its user's id is theirs by its
     # original (`cut_copy_of`), and the export left it out while the erasure deleted it as theirs.
