@@ -242,7 +242,7 @@ def apply(state: UserState, event: Any, max_ts_ms: int | None = None) -> bool:
     2. A newer event on a later day moves the horizon: prune what fell out of every window
        (and every REBASE_DAYS, count times from a new base).
     3. Insert its record into its kind's log in (time, record) order; the same record
-       already there is a duplicate.
+       already there is a duplicate (whose zone still counts at the newest instant).
     4. Past MAX_RECORDS_PER_KIND, drop the kind's oldest record (if that is this one, it
        changed nothing).
     5. Advance the newest time and zone.
@@ -277,6 +277,11 @@ def apply(state: UserState, event: Any, max_ts_ms: int | None = None) -> bool:
     else:
         merged = _insert(log, record, size)
         if merged is None:
+            # Already there, maybe sent again with its time in another zone (a device that moved since):
+            # at the newest instant its zone counts as it would have, had it come first.
+            if ts_ms == newest and offset_s > state.offset_s:
+                state.offset_s = offset_s
+                return True
             return False
         log = state.logs[i] = merged
     if len(log) > MAX_RECORDS_PER_KIND * size:  # by one record: from_bytes caps what a checkpoint holds
