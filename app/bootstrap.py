@@ -107,7 +107,8 @@ class Service:
         self.nats_connection = NatsConnection(settings, on_reconnected=self._resume_streams,
                                               stopping=lambda: self._stopping, fail=self._fail)
         # Learning: the registry's models, the decision log, the learner, /score.
-        self.lineup = Lineup(RegistryStore(self.engine), self.engine, eval_max_rewards=settings.card_eval_max_rewards)
+        self.lineup = Lineup(RegistryStore(self.engine), self.engine, eval_max_rewards=settings.card_eval_max_rewards,
+                             silence_reward=settings.silence_reward)
         self.decision_log = TipScoresLog()
         self.learner = Learner(
             self.lineup, self.store, self.decision_log, rewards=settings.rewards,

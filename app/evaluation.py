@@ -153,13 +153,16 @@ def examples_of(decision: Mapping[str, Any], rewards: Mapping[str, float]) -> It
             yield learning_input(decision["features"], candidate), float(reward)
 
 
-def policy_value(decisions: list[Decision], version: str) -> dict[str, Any]:
+def policy_value(decisions: list[Decision], version: str, silence_reward: float | None = None) -> dict[str, Any]:
     """What `version` would have earned without exploration, estimated from the logged
     propensities (`models.offpolicy`), beside what the served policy earned.
 
     The reward of a decision is that of the tip served first (0 when only other tips got a
-    reaction); decisions nobody reacted to are not counted, as the learner does not learn
-    from silence. As shadow, the version's choice is its logged first tip, compared with the
+    reaction); decisions nobody reacted to are not counted, as the learner does not learn from
+    silence. With `silence_reward` (`TIPSTREAM_SILENCE_REWARD`) they are, at that reward (their rows
+    hold it), and a first tip left alone while another got a reaction counts at it too: at 0, such a
+    decision counted below one nobody reacted to, and below itself had that reaction come after the
+    wait (the silence is learned first then, `SilenceLearning.release`). As shadow, the version's choice is its logged first tip, compared with the
     champion's best on the same decisions; as champion, its best-scored tip.
 
     Ties: the champion without exploration puts the first of equal scores in the caller's
@@ -217,7 +220,7 @@ def policy_value(decisions: list[Decision], version: str) -> dict[str, Any]:
             best = [c["tip_id"] for c in ranked if c["score"] == top]
             greedy = {tip: 1.0 / len(best) for tip in best}
         tip = served["tip_id"]
-        reward = float(rewards.get(tip, 0.0))
+        reward = float(rewards.get(tip, silence_reward or 0.0))
         logged = (greedy, propensities, tip, reward)
         if decision.get("model_version") == version:
             as_champion.append(logged)

@@ -59,8 +59,10 @@ class RetiredModel:
 
 
 class Lineup:
-    def __init__(self, store: RegistryStore, engine: Engine, *, eval_max_rewards: int) -> None:
+    def __init__(self, store: RegistryStore, engine: Engine, *, eval_max_rewards: int,
+                 silence_reward: float | None = None) -> None:
         self.store, self.engine, self.eval_max_rewards = store, engine, eval_max_rewards
+        self.silence_reward = silence_reward  # what a first tip nobody reacted to earns in a card's policy value
         self.registry = Registry()
         self.models: dict[str, TipModel | RetiredModel] = {}
         self.prior = PopularityPrior()
@@ -347,13 +349,15 @@ class Lineup:
                             "since the last one", one_line(error, self.engine.url))
         url = self.engine.url
         if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
-            return await asyncio.to_thread(evaluate_log, self.engine, self.eval_max_rewards, params, version)
+            return await asyncio.to_thread(evaluate_log, self.engine, self.eval_max_rewards, params, version,
+                                           self.silence_reward)
         # spawn: a fork of a process with an event loop and threads is not safe.
         pool = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), initializer=die_with_service,
                                    initargs=(os.getpid(),))
         try:
             blob, card, trained = await asyncio.get_running_loop().run_in_executor(
-                pool, _evaluate_at, url.render_as_string(hide_password=False), self.eval_max_rewards, params, version)
+                pool, _evaluate_at, url.render_as_string(hide_password=False), self.eval_max_rewards, params, version,
+                self.silence_reward)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
         return TipModel.from_bytes(blob), card, trained
@@ -422,10 +426,11 @@ def _version(version: str, model: TipModel, card: ModelCard | None = None) -> Mo
                         card=card or ModelCard(inputs=model.describe_inputs()))
 
 
-def evaluate_log(engine: Engine, limit: int, params: dict[str, Any],
-                 version: str | None = None) -> tuple[TipModel, ModelCard, evaluation.TrainedOn]:
+def evaluate_log(engine: Engine, limit: int, params: dict[str, Any], version: str | None = None,
+                 silence_reward: float | None = None) -> tuple[TipModel, ModelCard, evaluation.TrainedOn]:
     """A model of `params` trained over the newest `limit` rewarded decisions, its card, and what
-    it trained on; with `version`, the card also gets the version's off-policy value."""
+    it trained on; with `version`, the card also gets the version's off-policy value (a first tip
+    nobody reacted to at `silence_reward`, `evaluation.policy_value`)."""
     decisions = evaluation.rewarded_decisions(engine, limit)
     # Rows written before decisions read back were checked for what a card reads (a list as a feature
     # value, a shadow as text: `decisions.decision_problem`) failed every card for as long as they were
@@ -440,18 +445,18 @@ def evaluate_log(engine: Engine, limit: int, params: dict[str, Any],
             f"The model overflowed learning the logged rewards ({error}): its steps ({steps}) are too large "
             "for its weights; register a version with a smaller learning_rate.", "invalid", "params") from None
     if version is not None:
-        card.offline_metrics["policy_value"] = evaluation.policy_value(usable, version)
+        card.offline_metrics["policy_value"] = evaluation.policy_value(usable, version, silence_reward)
     return model, card, evaluation.trained_on(decisions, limit)
 
 
-def _evaluate_at(database_url: str, limit: int, params: dict[str, Any],
-                 version: str | None) -> tuple[bytes, ModelCard, evaluation.TrainedOn]:
+def _evaluate_at(database_url: str, limit: int, params: dict[str, Any], version: str | None,
+                 silence_reward: float | None) -> tuple[bytes, ModelCard, evaluation.TrainedOn]:
     """`evaluate_log` in the evaluation process: the model goes back as its bytes."""
     from app.db import make_engine
 
     engine = make_engine(database_url)
     try:
-        model, card, trained = evaluate_log(engine, limit, params, version)
+        model, card, trained = evaluate_log(engine, limit, params, version, silence_reward)
     finally:
         engine.dispose()
     return model.to_bytes(), card, trained

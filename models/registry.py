@@ -454,7 +454,7 @@ def _policy_value_lines(report: dict[str, Any] | None) -> list[str]:
              ("Mean reward of the tip served first: as logged (with exploration), and estimated (self-normalised "
               "inverse propensity scoring) had this version's own first choice been served, per decision that got "
               "a reaction (with TIPSTREAM_SILENCE_REWARD set, per decision served: one nobody reacted to counts at "
-              "that reward). As champion, the estimate leaves out decisions that could not have served its choice "
+              "that reward, as does a first tip left alone while another got a reaction). As champion, the estimate leaves out decisions that could not have served its choice "
               "(propensity 0: only tied best tips of decisions logged before their `greedy` was); as shadow, it and "
               "the champion's beside it leave out every "
               "decision where not every tip could be served (`explore: false`, the greedy policy: under "

@@ -430,3 +430,32 @@ def test_a_version_registered_as_a_silence_falls_due_learns_it_with_the_others(t
     assert silence_delta(before) == {"credited": 1}
     assert learned(world) == {"v1": 1, "v2": 1, "v3": 1}
     world.engine.dispose()
+
+
+def test_a_first_tip_left_alone_counts_at_the_silence_reward_in_the_policy_value_whenever_another_was_answered(
+        tmp_path: Path) -> None:
+    """With TIPSTREAM_SILENCE_REWARD set, the card's policy value is per decision served: one nobody reacted to
+    counts at that reward. A decision whose first tip was left alone while another tip got a reaction within
+    the wait counted 0: below one nobody reacted to, and below the same decision with that reaction stored after
+    the wait, where the silence is learned first and the row holds it."""
+    world = quiet_world(tmp_path, silence_reward=0.3)
+    answered_within, answered_after, ignored = world.score(), world.score(), world.score()
+    for scored in (answered_within, answered_after, ignored):
+        world.learner.published(scored.decision_id)
+        assert [c["tip_id"] for c in scored.decision["ranked"]] == ["a", "b"]
+    t0 = served_at_s(ignored.decision_id)
+    world.sink(_reaction("f-1", answered_within.decision_id, "b", "acted"), _ack(t0 + WAIT_S - 1, 1))
+    world.sink(_reaction("f-2", answered_after.decision_id, "b", "acted"), _ack(t0 + WAIT_S + 1, 2))
+    world.clock.now = t0 + WAIT_S + ALLOWANCE_S + 2
+    world.learner.expire()
+    assert {d: row["rewards"] for d, row in world.log.dirty.items()} == {
+        answered_within.decision_id: {"b": 1.0}, answered_after.decision_id: {"a": 0.3, "b": 1.0},
+        ignored.decision_id: {"a": 0.3}}
+    checkpointer = Checkpointer(world.store, SqlCheckpointStore(world.engine), every_events=1, every_s=60,
+                                participants=[world.learner, world.log])
+    assert asyncio.run(checkpointer.checkpoint())
+    card = asyncio.run(world.lineup.evaluate("v1", actor="t"))  # in the evaluation process, as the service's
+    champion = card.offline_metrics["policy_value"]["as_champion"]
+    assert champion["decisions"] == 3 and champion["logged_reward"] == pytest.approx(0.3)
+    assert champion["greedy"]["snips"] == pytest.approx(0.3)
+    world.engine.dispose()

@@ -187,7 +187,8 @@ class Side:
         lineup = self.world.lineup
         assert lineup.flush is not None
         await lineup.flush()
-        return await asyncio.to_thread(evaluate_log, lineup.engine, lineup.eval_max_rewards, params, version)
+        return await asyncio.to_thread(evaluate_log, lineup.engine, lineup.eval_max_rewards, params, version,
+                                       lineup.silence_reward)
 
     def checkpointer(self, fail: bool = False) -> Checkpointer:
         store = (_FailingStore if fail else SqlCheckpointStore)(self.world.engine)

@@ -60,7 +60,9 @@ class World:
         migrate.upgrade(self.url)
         self.engine = make_engine(self.url)
         self.store = OnlineStore()
-        self.lineup = Lineup(RegistryStore(self.engine), self.engine, eval_max_rewards=100)
+        # As the service wires them (`bootstrap`): a card's policy value counts silence as the learner learns it.
+        self.lineup = Lineup(RegistryStore(self.engine), self.engine, eval_max_rewards=100,
+                             silence_reward=learner.get("silence_reward"))
         self.lineup.load("logreg", "logreg", learning_rate=0.1)  # v1 champion, v2 shadow: both learn
         self.log = TipScoresLog()
         self.clock = Clock()
