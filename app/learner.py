@@ -556,7 +556,7 @@ class Learner:
                 # (spooled at a stop, published at the next start): a rebuild reads the decision after
                 # this reaction, which waited for it, but live the decision was served before, and its
                 # silence learned first (`SilenceLearning.release`): so here too, and the reaction is late.
-                self.silences.learn(decision_id, entry, due_ms)
+                self.silences.learn_before_reaction(decision_id, entry, due_ms)
         credits = entry.credits
         decision = entry.decision
         if credits is not None and tip_id in credits:

@@ -16,6 +16,12 @@ the wait; those the join cache let go are swept out once they outnumber the live
 ([('d-1', 601000)], 1)
 >>> list(silences.due(before_ms=602_000)), list(silences.due(before_ms=602_001))
 ([], [('d-2', 602000)])
+
+A wait that ended otherwise (its silence learned as a reaction was credited) is passed over when due:
+
+>>> silences.watch("d-3", due_ms=603_000); silences.settled("d-3")
+>>> list(silences.due(before_ms=700_000)), len(silences)
+([], 0)
 """
 
 from __future__ import annotations
@@ -29,11 +35,13 @@ SWEEP_SLACK = 10_000
 
 
 class Silences:
-    __slots__ = ("_heap", "after_ms")
+    __slots__ = ("_heap", "_settled", "after_ms")
 
     def __init__(self, after_ms: int) -> None:
         self.after_ms = after_ms
         self._heap: list[tuple[int, str]] = []
+        # Watched decisions whose wait ended before it was due here (`settled`), passed over when it is.
+        self._settled: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -41,12 +49,20 @@ class Silences:
     def watch(self, decision_id: str, due_ms: int) -> None:
         heapq.heappush(self._heap, (due_ms, decision_id))
 
+    def settled(self, decision_id: str) -> None:
+        """The watched decision's wait has ended, counted where it ended: its silence was learned as a
+        reaction stored after it was due was credited (`Learner._credit`). Taken out only when due (the
+        heap has no cheap removal): else its due time counted the wait again, `answered` once the reaction
+        was credited to another tip, `evicted` once the join cache had let the decision go."""
+        self._settled.add(decision_id)
+
     def drop(self, decision_ids: set[str]) -> None:
         """Stop waiting on these decisions (a forgotten user's): they left the join cache, though not for
         want of memory, which is what a due decision missing from it counts as (`evicted`)."""
         if decision_ids:
             self._heap = [item for item in self._heap if item[1] not in decision_ids]
             heapq.heapify(self._heap)
+            self._settled -= decision_ids
 
     def due_before(self, before_ms: float) -> bool:
         """Whether a silence is due strictly before `before_ms`."""
@@ -55,9 +71,12 @@ class Silences:
     def due(self, before_ms: float) -> Iterator[tuple[str, int]]:
         """(decision id, due time) of each silence due strictly before `before_ms`, oldest first,
         each once: a reaction stored at the due time itself still counts as an answer."""
-        heap = self._heap
+        heap, settled = self._heap, self._settled
         while heap and heap[0][0] < before_ms:
             due_ms, decision_id = heapq.heappop(heap)
+            if settled and decision_id in settled:
+                settled.discard(decision_id)
+                continue
             yield decision_id, due_ms
 
     def sweep(self, held: Callable[[str], bool], held_count: int) -> int:
@@ -67,8 +86,15 @@ class Silences:
         of the whole wait (~80 bytes a decision)."""
         if len(self._heap) <= held_count + SWEEP_SLACK:
             return 0
-        kept = [item for item in self._heap if held(item[1])]
-        forgotten = len(self._heap) - len(kept)
+        kept: list[tuple[int, str]] = []
+        forgotten = 0
+        for item in self._heap:
+            if held(item[1]):
+                kept.append(item)
+            elif item[1] in self._settled:  # its wait was counted when it ended
+                self._settled.discard(item[1])
+            else:
+                forgotten += 1
         heapq.heapify(kept)
         self._heap = kept
         return forgotten

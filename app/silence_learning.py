@@ -133,6 +133,12 @@ class SilenceLearning:
             _SILENCE["evicted"].inc(evicted)
             tell_silences_evicted(evicted)
 
+    def learn_before_reaction(self, decision_id: str, entry: Entry, due_ms: int) -> None:
+        """Learn the silence of a decision still watched, before a reaction stored after it was due is
+        credited (`Learner._credit`): its wait ends here, not when `release` finds it due."""
+        self.learn(decision_id, entry, due_ms)
+        self.waits.settled(decision_id)
+
     def learn(self, decision_id: str, entry: Entry, due_ms: int) -> None:
         """Stamped the millisecond after the wait, when it is known: a reaction stored at its last one
         answers it (`Silences.due`), so no reaction credited is stamped so, and a credit stamped so is

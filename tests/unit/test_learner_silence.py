@@ -459,3 +459,42 @@ def test_a_first_tip_left_alone_counts_at_the_silence_reward_in_the_policy_value
     assert champion["decisions"] == 3 and champion["logged_reward"] == pytest.approx(0.3)
     assert champion["greedy"]["snips"] == pytest.approx(0.3)
     world.engine.dispose()
+
+
+def test_a_silence_learned_as_a_late_reaction_joins_its_decision_counts_the_wait_once(tmp_path: Path) -> None:
+    """A rebuild reads a spooled decision's reaction to its second tip, stored after the wait, before the
+    decision: the silence is learned as the reaction is credited (`Learner._credit`), as live. Its wait,
+    still watched, came due later and was counted again, `answered` beside `credited`, where live counted
+    it once."""
+    (tmp_path / "live").mkdir(), (tmp_path / "rebuild").mkdir()
+    live, rebuilt = quiet_world(tmp_path / "live"), quiet_world(tmp_path / "rebuild")
+    scored = live.score(serve=False)
+    second = scored.decision["ranked"][1]["tip_id"]
+    t0 = served_at_s(scored.decision_id)
+    reaction, stored = _reaction("f-1", scored.decision_id, second, "acted"), _ack(t0 + WAIT_S + 60, 1)
+    later = t0 + 3 * WAIT_S
+
+    waits = silences()
+    live.learner.served(scored.decision_id, scored.payload, scored.decision)  # from the spool, at the start
+    live.sink(reaction, stored)
+    live.clock.now = later
+    live.learner.expire()
+    assert silence_delta(waits) == {"credited": 1}
+
+    waits = silences()
+    rebuilt.learner.restore(rebuilt.engine)  # no snapshot: a rebuild
+    rebuilt.learner.feedback_read = ReadUpTo()
+    rebuilt.sink(reaction, stored)
+    rebuilt.learner.add_logged(LoggedDecision(scored.decision_id, scored.payload), _decisions_ack(t0 + 3000, 1))
+    rebuilt.learner.feedback_read = ReadUpTo(caught_up=True)
+    rebuilt.learner.caught_up()
+    rebuilt.clock.now = later
+    rebuilt.learner.expire()
+    assert silence_delta(waits) == {"credited": 1}
+    first = scored.decision["ranked"][0]["tip_id"]
+    for world in (live, rebuilt):
+        entry = world.learner.joins.get(scored.decision_id)
+        assert entry is not None and entry.credits == {first: 0.0, second: 1.0}
+    assert learned(rebuilt) == learned(live) == {"v1": 2, "v2": 2}
+    live.engine.dispose()
+    rebuilt.engine.dispose()
