@@ -347,12 +347,19 @@ def timezone_segment(x: Mapping[str, Any]) -> str:
 
     >>> [timezone_segment({"utc_offset_min": m}) for m in (-300, 60, 540)], timezone_segment({})
     (['americas', 'emea', 'apac'], 'unknown')
+
+    By the offset logged with each decision, so a zone whose clocks change across a bound changes
+    region with them: Greenland's (America/Nuuk, -2:00 in winter, -1:00 in summer since 2024) is
+    americas in winter and emea in summer, -1:00 being Cape Verde's and the Azores' winter too.
+
+    >>> timezone_segment({"utc_offset_min": -120}), timezone_segment({"utc_offset_min": -60})
+    ('americas', 'emea')
     """
     offset = _number(x.get("utc_offset_min"))
     if offset is None:
         return "unknown"
     if offset < -600:  # west of Hawaii: Niue, American Samoa
         return "apac"
-    if offset <= -120:  # to Greenland and Newfoundland in summer (-2:00, -2:30); the Azores are -1:00
+    if offset <= -120:  # to Newfoundland in summer (-2:30) and Greenland in winter (-2:00); the Azores are -1:00
         return "americas"
     return "emea" if offset < 300 else "apac"
