@@ -461,6 +461,15 @@ def test_a_first_tip_left_alone_counts_at_the_silence_reward_in_the_policy_value
     world.engine.dispose()
 
 
+def test_the_service_s_cards_count_silence_at_the_reward_its_learner_learns(tmp_path: Path) -> None:
+    from app.bootstrap import Service
+
+    service = Service(Settings(data_dir=tmp_path, silence_reward=0.3))
+    assert service.learner.silences is not None
+    assert service.lineup.silence_reward == service.learner.silences.reward == 0.3
+    service.engine.dispose()
+
+
 def test_a_silence_learned_as_a_late_reaction_joins_its_decision_counts_the_wait_once(tmp_path: Path) -> None:
     """A rebuild reads a spooled decision's reaction to its second tip, stored after the wait, before the
     decision: the silence is learned as the reaction is credited (`Learner._credit`), as live. Its wait,
