@@ -342,18 +342,26 @@ def test_silences_due_at_once_are_learned_in_turns_of_the_loop(tmp_path: Path) -
     world.engine.dispose()
 
 
+def spooled_with_a_late_reaction(tmp_path: Path, tip: int) -> tuple[World, World, Any, Any, bytes]:
+    """A live world and one to rebuild in, a decision served just before a stop (spooled: not in DECISIONS
+    yet), a reaction to its `tip`-th tip, and its ack subject: stored during the stop, a minute after the wait."""
+    (tmp_path / "live").mkdir(), (tmp_path / "rebuild").mkdir()
+    live, rebuilt = quiet_world(tmp_path / "live"), quiet_world(tmp_path / "rebuild")
+    scored = live.score(serve=False)
+    t0 = served_at_s(scored.decision_id)
+    reaction = _reaction("f-1", scored.decision_id, scored.decision["ranked"][tip]["tip_id"], "acted")
+    return live, rebuilt, scored, reaction, _ack(t0 + WAIT_S + 60, 1)
+
+
 def test_a_spooled_decision_s_late_reaction_is_late_on_a_rebuild_too(tmp_path: Path) -> None:
     """A decision served just before a stop is spooled (not in DECISIONS yet) and published at the
     next start; a reaction to its first tip is stored during the stop, after the wait. The restart
     serves the spooled decision again before FEEDBACK is read back: its silence is learned first and
     the reaction is late. A rebuild reads DECISIONS only up to the reaction's time before it: the
     reaction waits for the decision, which once read must not take it as an answer."""
-    (tmp_path / "live").mkdir(), (tmp_path / "rebuild").mkdir()
-    live, rebuilt = quiet_world(tmp_path / "live"), quiet_world(tmp_path / "rebuild")
-    scored = live.score(serve=False)
+    live, rebuilt, scored, reaction, stored = spooled_with_a_late_reaction(tmp_path, tip=0)
     first = scored.decision["ranked"][0]["tip_id"]
     t0 = served_at_s(scored.decision_id)
-    reaction, stored = _reaction("f-1", scored.decision_id, first, "acted"), _ack(t0 + WAIT_S + 60, 1)
 
     before = outcomes()
     live.learner.served(scored.decision_id, scored.payload, scored.decision)  # from the spool, at the start
@@ -475,12 +483,9 @@ def test_a_silence_learned_as_a_late_reaction_joins_its_decision_counts_the_wait
     decision: the silence is learned as the reaction is credited (`Learner._credit`), as live. Its wait,
     still watched, came due later and was counted again, `answered` beside `credited`, where live counted
     it once."""
-    (tmp_path / "live").mkdir(), (tmp_path / "rebuild").mkdir()
-    live, rebuilt = quiet_world(tmp_path / "live"), quiet_world(tmp_path / "rebuild")
-    scored = live.score(serve=False)
-    second = scored.decision["ranked"][1]["tip_id"]
+    live, rebuilt, scored, reaction, stored = spooled_with_a_late_reaction(tmp_path, tip=1)
+    first, second = (c["tip_id"] for c in scored.decision["ranked"][:2])
     t0 = served_at_s(scored.decision_id)
-    reaction, stored = _reaction("f-1", scored.decision_id, second, "acted"), _ack(t0 + WAIT_S + 60, 1)
     later = t0 + 3 * WAIT_S
 
     waits = silences()
@@ -500,7 +505,6 @@ def test_a_silence_learned_as_a_late_reaction_joins_its_decision_counts_the_wait
     rebuilt.clock.now = later
     rebuilt.learner.expire()
     assert silence_delta(waits) == {"credited": 1}
-    first = scored.decision["ranked"][0]["tip_id"]
     for world in (live, rebuilt):
         entry = world.learner.joins.get(scored.decision_id)
         assert entry is not None and entry.credits == {first: 0.0, second: 1.0}
