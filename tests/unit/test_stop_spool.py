@@ -49,3 +49,28 @@ def test_a_decision_offered_once_the_stop_has_taken_the_spool_is_refused_not_los
     assert [item[1] for item in publisher.hand_over()] == ["d-before"]
     assert not publisher.offer("decisions.score", "d-late", b'{"id":"d-late"}')
     assert [item[1] for item in publisher.unpublished()] == ["d-before"]
+
+
+async def test_a_decision_offered_after_the_flush_emptied_the_queue_is_spooled_not_lost(
+        tmp_path: Path, monkeypatch) -> None:
+    """JetStream had every decision by the flush, so the stop spooled nothing and left the queue open: a /score a
+    second Ctrl-C did not wait for queued its decision while the publisher was being cancelled (or later in the
+    stop, with nothing to publish it), and served it, neither published nor spooled."""
+    service = Service(Settings(data_dir=tmp_path))
+    publisher = service.publisher
+    late = ("decisions.score", "d-late", b'{"id":"d-late"}')
+    offered: list[bool] = []
+
+    async def publishing() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:  # the answer that comes as the stop cancels the publisher
+            offered.append(publisher.offer(*late))
+
+    service._publisher_task = asyncio.ensure_future(publishing())
+    await asyncio.sleep(0)
+    await service.stop()
+    later = publisher.offer("decisions.score", "d-later", b'{"id":"d-later"}')
+    spooled = [item[1] for item in decision_spool.read(tmp_path / decision_spool.SPOOL_NAME)]
+    assert offered == [True] and spooled == ["d-late"], (offered, spooled)
+    assert not later, "queued once the stop was over: nothing publishes or spools it"
