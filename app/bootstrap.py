@@ -383,6 +383,7 @@ class Service:
             return
         self._stopping = True
         # Decisions already served go to the log before anything else stops.
+        spool, spooled = self.settings.data_dir / decision_spool.SPOOL_NAME, []
         if self._publisher_task is not None:
             await self.publisher.flush(timeout_s=STOP_FLUSH_S)
             self._publisher_task.cancel()
@@ -391,7 +392,7 @@ class Service:
             # Ctrl-C did not wait for, with nothing left to publish it, and the answer was served all the same.
             left = self.publisher.hand_over()
             if left:
-                decision_spool.keep_at_stop(self.settings.data_dir / decision_spool.SPOOL_NAME, left)
+                spooled = decision_spool.keep_at_stop(spool, left)
         catching_up = [ingest.spec.name for ingest in self.ingests if not ingest.caught_up]
         for ingest in self.ingests:
             await ingest.stop()
@@ -428,6 +429,8 @@ class Service:
                 await self.nc.drain() if self.nc.is_connected else await self.nc.close()
             except Exception as error:  # noqa: BLE001 - the server may be gone already; nothing is lost
                 log.info("NATS connection closed uncleanly (%s)", error)
+        if spooled:  # no acknowledgement comes after the drain
+            await asyncio.to_thread(decision_spool.drop_acknowledged, spool, spooled, self.publisher.unpublished())
         if self.embedded:
             await self.embedded.astop()
             (self.settings.data_dir / URL_FILE).unlink(missing_ok=True)

@@ -101,8 +101,9 @@ def save(path: Path, items: list[Item]) -> None:
         _save(path, items)
 
 
-def keep_at_stop(path: Path, items: list[Item]) -> None:
-    """Save the decisions a stop found not acknowledged by JetStream, and say how many were kept, and where."""
+def keep_at_stop(path: Path, items: list[Item]) -> list[Item]:
+    """Save the decisions a stop found not acknowledged by JetStream, and say how many were kept, and where;
+    those kept."""
     served = len(items)
     try:
         save(path, items)  # cut to what the reserve holds, on a full disk
@@ -110,7 +111,7 @@ def keep_at_stop(path: Path, items: list[Item]) -> None:
         log.error("%d decisions served are not acknowledged by JetStream yet (is NATS away?) and could "
                   "not be kept in %s (%s): they are lost. Free space in TIPSTREAM_DATA_DIR before "
                   "the next start.", served, path, error.strerror or error)
-        return
+        return []
     if len(items) < served:
         log.error("%d decisions served are not acknowledged by JetStream yet (is NATS away?), and the disk is full: "
                   "the oldest %d are kept in %s (in the space held for them), the other %d lost. Free space in "
@@ -118,6 +119,29 @@ def keep_at_stop(path: Path, items: list[Item]) -> None:
     else:
         log.warning("%d decisions served are not acknowledged by JetStream yet (is NATS away?); kept in %s, the "
                     "next start publishes them first", len(items), path)
+    return items
+
+
+def drop_acknowledged(path: Path, kept: list[Item], unpublished: list[Item]) -> None:
+    """Once the stop's connection is drained: the spool `keep_at_stop` wrote (`kept`), without those JetStream
+    acknowledged since (not in `unpublished`). The acknowledgements of decisions in flight keep coming while the
+    stop goes on; left in the spool, those decisions were published again by the next start, and stored twice
+    when it came after the duplicate window (TIPSTREAM_DUPLICATE_WINDOW_S)."""
+    waiting = {decision_id for _, decision_id, _ in unpublished}
+    left = [item for item in kept if item[1] in waiting]
+    if len(left) == len(kept):
+        return
+    try:
+        if left:
+            _save(path, left)  # smaller than the spool it replaces; not cut: it was kept whole once
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as error:  # the spool stays as it was: the duplicate window drops what the next start sends again
+        log.warning("%d decisions kept in %s were acknowledged by JetStream since, and could not be taken out of it "
+                    "(%s): the next start publishes them again", len(kept) - len(left), path, error.strerror or error)
+        return
+    log.info("%d of the decisions kept in %s were acknowledged by JetStream since; %d stay there",
+             len(kept) - len(left), path, len(left))
 
 
 def _save(path: Path, items: list[Item]) -> None:
