@@ -320,7 +320,7 @@ class Service:
         assert self.nc is not None and self.checkpointer is not None and self.eraser is not None
         s = self.settings
         spool = self.settings.data_dir / decision_spool.SPOOL_NAME
-        spooled = decision_spool.read(spool)
+        spooled = await asyncio.to_thread(decision_spool.read_at_start, spool)
         await self._hold_spool_reserve()
         # Before DECISIONS is read: the spooled ones must be held before a copy that landed is read back.
         if spooled and len(kept := await asyncio.to_thread(self.eraser.without_forgotten, spooled)) < len(spooled):

@@ -26,6 +26,8 @@ import errno
 import logging
 import os
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -145,6 +147,11 @@ def drop_acknowledged(path: Path, kept: list[Item], unpublished: list[Item]) -> 
 
 
 def _save(path: Path, items: list[Item]) -> None:
+    _write_whole(path, [orjson.dumps({"subject": subject, "id": decision_id, "event": payload.decode()}) + b"\n"
+                        for subject, decision_id, payload in items])
+
+
+def _write_whole(path: Path, lines: list[bytes]) -> None:
     temporary = path.with_suffix(".tmp")
     try:
         # The service's user's only, as the SQLite file: decisions hold users' ids and features, and a data
@@ -152,8 +159,7 @@ def _save(path: Path, items: list[Item]) -> None:
         # could read them. fchmod: a temporary file left by a crash keeps the mode it was made with.
         with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out:
             os.fchmod(out.fileno(), 0o600)
-            out.writelines(orjson.dumps({"subject": subject, "id": decision_id, "event": payload.decode()}) + b"\n"
-                           for subject, decision_id, payload in items)
+            out.writelines(lines)
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, path)
@@ -163,12 +169,83 @@ def _save(path: Path, items: list[Item]) -> None:
 
 
 def read(path: Path) -> list[Item]:
-    """The spooled decisions, oldest first; the file stays until JetStream has them all."""
-    if not path.exists():
+    """The spooled decisions, oldest first; the file stays until JetStream has them all. Lines that are no
+    spooled decision are left out (`read_at_start` keeps them aside)."""
+    try:
+        return _parsed(path.read_bytes(), _item)[0]
+    except FileNotFoundError:
         return []
-    items = []
-    for line in path.read_bytes().splitlines():
-        if line.strip():
-            row = orjson.loads(line)
-            items.append((row["subject"], row["id"], row["event"].encode()))
+
+
+def read_at_start(path: Path) -> list[Item]:
+    """`read`, for a start. The lines that are no spooled decision (the file damaged, or edited) are moved to a
+    file beside it, `<spool>.unreadable-<time>`, and the log names it: one such line ended every start with a
+    traceback, and the service stayed down until the spool was removed, every decision in it with it. A spool
+    that cannot be read at all ends the start (StartupError): given up, its decisions would be lost."""
+    from app.start_errors import StartupError
+
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        raise StartupError(
+            f"Cannot read {path} ({error.strerror or error}): it holds the decisions served before the last stop "
+            "that JetStream had not stored, which this start publishes first. Make it a file this service's user can "
+            "read, or move it out of TIPSTREAM_DATA_DIR to give those decisions up.") from None
+    items, unreadable = _parsed(data, _decision)
+    if unreadable:
+        aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        try:
+            _write_whole(aside, [line + b"\n" for line in unreadable])
+            _save(path, items)  # the spool without them: they are not put aside again at the next start
+        except OSError as error:
+            log.error("%d lines of %s are no decision spooled (the file damaged?), and could not be moved to %s (%s): "
+                      "they are lost once JetStream has the %d decisions read, as the spool then goes. Free space in "
+                      "TIPSTREAM_DATA_DIR, and copy them out of the spool before then.", len(unreadable), path,
+                      aside, error.strerror or error, len(items))
+        else:
+            log.error("%d lines of %s are no decision spooled (the file damaged?): moved to %s, not published. The "
+                      "%d decisions read are published first.", len(unreadable), path, aside, len(items))
     return items
+
+
+def _parsed(data: bytes, read_line: Callable[[bytes], Item | None]) -> tuple[list[Item], list[bytes]]:
+    """The spooled decisions in `data`, and the lines that are none."""
+    items, unreadable = [], []
+    for line in data.splitlines():
+        if line.strip():
+            item = read_line(line)
+            if item is None:
+                unreadable.append(line)
+            else:
+                items.append(item)
+    return items, unreadable
+
+
+def _item(line: bytes) -> Item | None:
+    """A line as `save` writes it; else None."""
+    try:
+        row = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if row.__class__ is not dict:
+        return None
+    subject, decision_id, event = row.get("subject"), row.get("id"), row.get("event")
+    if subject.__class__ is not str or decision_id.__class__ is not str or event.__class__ is not str:
+        return None
+    return subject, decision_id, event.encode()
+
+
+def _decision(line: bytes) -> Item | None:
+    """`_item` as /score spools one: on its subject, an id of ours (it goes into the publish's header line), its
+    event a decision of that id that can be logged (`decision_problem`); else None. Another was published all the
+    same, and the start failed on it (the learner holds it as served)."""
+    from app.decision_ids import decision_time_ms
+    from app.decisions import SUBJECT_SCORE, LoggedDecision, decode_decision
+
+    item = _item(line)
+    if item is None or item[0] != SUBJECT_SCORE or decision_time_ms(item[1]) is None:
+        return None
+    decoded = decode_decision(item[0], item[2])
+    return item if isinstance(decoded, LoggedDecision) and decoded.id == item[1] else None

@@ -336,3 +336,49 @@ async def test_a_bad_event_whose_dlq_copy_is_refused_for_storage_full_names_the_
         await again.stop()
     finally:
         server.stop()
+
+
+async def test_a_damaged_spool_publishes_what_it_can_read_and_keeps_the_rest_aside(start_service, tmp_path, caplog) -> None:
+    """A line of the spool that could not be read (the file damaged, or edited by hand) failed every start with
+    a traceback, so the service stayed down until the file was removed, and with it every decision in it."""
+    from app.decision_ids import new_decision_id
+
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    good = [new_decision_id() for _ in range(2)]
+    line = {d: orjson.dumps({"subject": "decisions.score", "id": d, "event": orjson.dumps(foreign(d)).decode()})
+            for d in good}
+    other = new_decision_id()
+    damaged = [b'{"subject": "decisions.score", "id": "d-cut', b"\xff\xfe not text",
+               orjson.dumps({"subject": "decisions.score", "id": other, "event": "{}"}),  # no decision
+               line[good[0]].replace(b"decisions.score", b"decisions score"),  # HPUB's next field
+               orjson.dumps({"subject": "decisions.score", "id": other, "event": orjson.dumps(foreign(good[0])).decode()})]
+    spool = data / decision_spool.SPOOL_NAME
+    spool.write_bytes(b"\n".join([line[good[0]], *damaged[:2], line[good[1]], *damaged[2:]]) + b"\n")
+    caplog.set_level(logging.ERROR, logger="tipstream")
+    running = await start_service()
+    service = running.service
+    await eventually(lambda: service.publisher.published == 2, timeout=10)
+    assert all(d in service.learner.joins.cache for d in good)
+    await eventually(lambda: not spool.exists())
+    [aside] = data.glob(decision_spool.SPOOL_NAME + ".unreadable-*")
+    assert aside.read_bytes() == b"\n".join(damaged) + b"\n" and aside.stat().st_mode & 0o777 == 0o600
+    told = [r.getMessage() for r in caplog.records if r.name == "tipstream" and r.levelno == logging.ERROR]
+    assert any(m.startswith(f"5 lines of {spool} are no decision spooled") and str(aside) in m for m in told), told
+
+
+async def test_a_spool_that_cannot_be_read_ends_the_start_naming_it(nats_server, tmp_path) -> None:
+    """Not readable, the spool is not given up (its decisions would be lost): the start ends, saying what to do."""
+    from app.bootstrap import Service
+    from app.settings import Settings
+    from app.start_errors import StartupError
+
+    spool = tmp_path / "data" / decision_spool.SPOOL_NAME
+    spool.mkdir(parents=True)  # read as a file: an OSError, as one not this user's to read would be
+    service = Service(Settings(data_dir=tmp_path / "data", nats_url=nats_server.url))
+    with pytest.raises(StartupError) as refused:
+        await service.start()
+    await service.stop()
+    assert str(refused.value).startswith(f"Cannot read {spool} (Is a directory): it holds the decisions served "
+                                         "before the last stop"), str(refused.value)
+    assert spool.is_dir()
