@@ -326,8 +326,12 @@ class Service:
         if spooled and len(kept := await asyncio.to_thread(self.eraser.without_forgotten, spooled)) < len(spooled):
             log.info("%d decisions served before the last stop were for users forgotten since: not published",
                      len(spooled) - len(kept))
+            error = await asyncio.to_thread(decision_spool.rewrite, spool, kept)  # nor kept on disk
+            if error is not None:
+                log.warning("the %d decisions of users forgotten since could not be taken out of %s (%s): not "
+                            "published, they go with it once JetStream has the others", len(spooled) - len(kept),
+                            spool, error.strerror or error)
             spooled = kept
-            await asyncio.to_thread(decision_spool.save, spool, spooled)  # nor kept on disk
         ingest = StreamIngest(
             self.nc, js, jsx.DECISIONS, self.store, self.checkpointer, batch=s.ingest_batch,
             max_event_bytes=max(s.max_event_bytes, s.score_max_body_bytes * 4),

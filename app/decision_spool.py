@@ -133,17 +133,27 @@ def drop_acknowledged(path: Path, kept: list[Item], unpublished: list[Item]) -> 
     left = [item for item in kept if item[1] in waiting]
     if len(left) == len(kept):
         return
-    try:
-        if left:
-            _save(path, left)  # smaller than the spool it replaces; not cut: it was kept whole once
-        else:
-            path.unlink(missing_ok=True)
-    except OSError as error:  # the spool stays as it was: the duplicate window drops what the next start sends again
+    error = rewrite(path, left)
+    if error is not None:  # the spool stays as it was: the duplicate window drops what the next start sends again
         log.warning("%d decisions kept in %s were acknowledged by JetStream since, and could not be taken out of it "
                     "(%s): the next start publishes them again", len(kept) - len(left), path, error.strerror or error)
         return
     log.info("%d of the decisions kept in %s were acknowledged by JetStream since; %d stay there",
              len(kept) - len(left), path, len(left))
+
+
+def rewrite(path: Path, items: list[Item]) -> OSError | None:
+    """The spool made `items` (fewer than it holds: those gone are published, or not to be), whole, none: no
+    file; else, failing, left as it was, and the error. Not `save`, which gives up the reserve and cuts `items`
+    to what it holds: those cut were neither published nor kept."""
+    try:
+        if items:
+            _save(path, items)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError as error:
+        return error
+    return None
 
 
 def _save(path: Path, items: list[Item]) -> None:
@@ -198,7 +208,8 @@ def read_at_start(path: Path) -> list[Item]:
         aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
         try:
             _write_whole(aside, [line + b"\n" for line in unreadable])
-            _save(path, items)  # the spool without them: they are not put aside again at the next start
+            if (error := rewrite(path, items)) is not None:  # without them: not put aside again by the next start
+                raise error
         except OSError as error:
             log.error("%d lines of %s are no decision spooled (the file damaged?), and could not be moved to %s (%s): "
                       "they are lost once JetStream has the %d decisions read, as the spool then goes. Free space in "
