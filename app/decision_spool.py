@@ -176,6 +176,16 @@ def _write_whole(path: Path, lines: list[bytes]) -> None:
     except OSError:  # a full disk: no half-written file left behind
         temporary.unlink(missing_ok=True)
         raise
+    # The rename is the directory's to keep: not synced, a power cut after the stop could undo it (the old spool,
+    # or none, and the decisions said kept were lost).
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP):  # a file system that syncs no directory
+            raise
+    finally:
+        os.close(directory)
 
 
 def read(path: Path) -> list[Item]:
