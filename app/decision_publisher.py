@@ -54,10 +54,16 @@ REFUSAL_LINES_PER_MINUTE = 10
 # STORAGE_FULL in a refusal's raw answer (10047 alone was matched, and no refusal of a decision ever
 # named the fix).
 STORAGE_FULL_CODES = tuple(b'"err_code":%d' % code for code in STORAGE_FULL)
+# What a decision's HPUB adds to its bytes and its id, which the server's max_payload counts too (`_send`).
+HEADER_BYTES = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")
 
 
 class DecisionLogFull(Exception):
     """The queue stayed full: JetStream is away or slower than /score."""
+
+
+class DecisionTooLarge(DecisionLogFull):
+    """Larger than the NATS server takes in a message: never queued (`/score` refuses it as for a full queue)."""
 
 
 class DecisionWithdrawn(Exception):
@@ -104,6 +110,11 @@ class DecisionPublisher:
         self._refusal_lines = LogThrottle(per_window=REFUSAL_LINES_PER_MINUTE)
         self._unanswered_lines = LogThrottle()
         self._put_back: set[str] = set()  # decisions from before this start not acknowledged yet
+        # The server's max_payload (its INFO): a larger HPUB makes it close the connection ('Maximum Payload
+        # Violation'), and sent again after each reconnect, one such decision held the whole log up for good.
+        self.max_payload: float = math.inf
+        self.held: list[tuple[str, str, bytes]] = []  # queued before, now too large for the server: not sent
+        self._held_lines = LogThrottle()
         self._waiting_for_room: dict[str, bytes] = {}  # decision id -> payload, of each `put` waiting
         self._withdrawn: set[str] = set()
         self._on_all_put_back: Callable[[], None] | None = None
@@ -122,12 +133,15 @@ class DecisionPublisher:
 
     async def start(self) -> None:
         nc = self._nc()
+        self.max_payload = nc.max_payload
         inbox = nc.new_inbox() + ".d"
         self._inbox = inbox.encode() + b"."
         await nc.subscribe_raw(inbox + ".*", self._on_ack)
 
     def offer(self, subject: str, decision_id: str, payload: bytes) -> bool:
-        """Queue a decision; False when the queue is full (nothing was queued)."""
+        """Queue a decision; False when the queue is full, or the decision too large for NATS (nothing was queued)."""
+        if len(payload) + len(decision_id) + HEADER_BYTES > self.max_payload:
+            return False
         if len(self.queue) + len(self.inflight) >= self.queue_max or self.bytes >= self.queue_max_bytes:
             self._room.clear()
             return False
@@ -140,6 +154,13 @@ class DecisionPublisher:
     async def put(self, subject: str, decision_id: str, payload: bytes, timeout_s: float) -> None:
         """`offer`, waiting up to `timeout_s` for room; raises DecisionLogFull after that, and
         DecisionWithdrawn once `withdraw` names it."""
+        size = len(payload) + len(decision_id) + HEADER_BYTES
+        if size > self.max_payload:  # no room will ever come for it
+            _REFUSED.inc()
+            raise DecisionTooLarge(
+                f"this answer's decision is {size} bytes, more than the NATS server takes in a message (its "
+                f"max_payload, {self.max_payload:.0f} bytes), so it cannot be logged: send fewer or smaller candidates, "
+                "or raise max_payload in the server's configuration (TIPSTREAM_SCORE_MAX_BODY_BYTES bounds a request)")
         deadline = time.monotonic() + timeout_s
         self._waiting_for_room[decision_id] = payload
         try:
@@ -174,8 +195,9 @@ class DecisionPublisher:
         return await woken(self._idle, timeout_s)
 
     def unpublished(self) -> list[tuple[str, str, bytes]]:
-        """What JetStream has not acknowledged, oldest first: in flight (in the order sent), then queued."""
-        return [item for _, item in self.inflight.values()] + list(self.queue)
+        """What JetStream has not acknowledged, oldest first: in flight (in the order sent), then queued, then
+        those too large to send (`held`)."""
+        return [item for _, item in self.inflight.values()] + list(self.queue) + self.held
 
     def hand_over(self) -> list[tuple[str, str, bytes]]:
         """At a stop: `unpublished`, for the caller to spool. The put-back decisions' spool is the caller's from
@@ -248,10 +270,17 @@ class DecisionPublisher:
     def reconnected(self) -> None:
         """NATS is back on a new connection. What was sent on the old one and not acknowledged never
         will be (the acknowledgement went to a dead socket): send it again now rather than after
-        `ack_timeout_s`, so that it is not held in memory, exposed to a crash, for seconds."""
+        `ack_timeout_s`, so that it is not held in memory, exposed to a crash, for seconds. The server may take
+        larger messages than the last (its max_payload): the decisions held for that are tried again."""
+        nc = self._nc()
+        if nc is not None:
+            self.max_payload = nc.max_payload
         if self.inflight:
             self._requeue([item for _, item in self.inflight.values()])
             self.inflight.clear()
+        if self.held:
+            self.queue.extend(self.held)
+            self.held = []
         self._released()
         self._work.set()
 
@@ -287,6 +316,19 @@ class DecisionPublisher:
             self._requeue(late)
             self._released()
         return bool(late)
+
+    def _hold(self, item: tuple[str, str, bytes]) -> None:
+        """Queued before (a start's spool), and larger than this server takes: kept, not sent, until a reconnect
+        (`reconnected`), and spooled at the stop."""
+        self.held.append(item)
+        self._released()
+        left_out = self._held_lines.allow(None)
+        if left_out is not None:
+            log.error("decision %s is %d bytes, more than the NATS server takes in a message (its max_payload, %d "
+                      "bytes): not sent (the server would close the connection for it), kept for a server that takes "
+                      "it (raise max_payload in its configuration)%s", item[1],
+                      len(item[2]) + len(item[1]) + HEADER_BYTES, self.max_payload,
+                      f" ({left_out} more since the last line)" if left_out else "")
 
     def _tell_unanswered(self) -> None:
         """A server that takes publishes and answers none: nats-server with its store's disk full answered
@@ -336,17 +378,22 @@ class DecisionPublisher:
         now = time.monotonic()
         self._refused_ahead = 0
         parts = []
-        inbox, inflight = self._inbox, self.inflight
+        inbox, inflight, max_payload = self._inbox, self.inflight, self.max_payload
         for _ in range(count):
             item = self.queue.popleft()
             subject, decision_id, payload = item
+            if len(payload) + len(decision_id) + HEADER_BYTES > max_payload:
+                self._hold(item)
+                continue
             self._token += 1
             inflight[self._token] = (now, item)
             header = b"NATS/1.0\r\nNats-Msg-Id: " + decision_id.encode() + b"\r\n\r\n"
             parts.append(b"HPUB %s %s%d %d %d\r\n%s%s\r\n" % (
                 subject.encode(), inbox, self._token, len(header), len(header) + len(payload), header, payload))
+        if not parts:
+            return
         try:
             await nc._send_command(b"".join(parts))
             await nc._flush_pending()
         except Exception as error:  # noqa: BLE001 - the connection went away: acks will time out, then retry
-            log.warning("could not write %d decisions to NATS (%s); they will be retried", count, error)
+            log.warning("could not write %d decisions to NATS (%s); they will be retried", len(parts), error)

@@ -382,3 +382,64 @@ async def test_a_spool_that_cannot_be_read_ends_the_start_naming_it(nats_server,
     assert str(refused.value).startswith(f"Cannot read {spool} (Is a directory): it holds the decisions served "
                                          "before the last stop"), str(refused.value)
     assert spool.is_dir()
+
+
+async def test_a_decision_larger_than_the_servers_max_payload_is_refused_not_sent(start_service, tmp_path) -> None:
+    """The publisher writes its own HPUB commands, which nats-py's `publish` checks against the server's
+    max_payload and these did not: a decision larger (a /score of many candidates, the server's max_payload
+    lowered) was written, the server closed the connection for it ('Maximum Payload Violation'), nats-py closed
+    it for good, and the service stopped, spooled the decision, and sent it again at every start: it could not
+    stay up. Refused as the queue being full is (503, nothing served), saying which limits."""
+    where = tmp_path / "small"
+    where.mkdir()
+    (where / "small.conf").write_text("max_payload: 16KB\n")
+    server = NatsServer(where, args=("-c", str(where / "small.conf")))
+    server.start()
+    try:
+        running = await start_service(nats_url=server.url)
+        service = running.service
+        large = {**BODY, "candidates": [{"tip_id": f"tip-{i}", "category": "focus", "features": {"text": "x" * 120}}
+                                        for i in range(100)]}
+        async with running.http() as http:
+            refused = await http.post("/score", json=large)
+            assert refused.status_code == 503, refused.text
+            assert "max_payload" in refused.json()["error"], refused.text
+            assert (await http.post("/score", json=BODY)).status_code == 200
+        await eventually(lambda: service.publisher.published == 1, timeout=10)
+        assert service.nc.is_connected and service.fatal is None
+        await running.stop()
+    finally:
+        server.stop()
+
+
+async def test_a_spooled_decision_larger_than_the_servers_max_payload_is_kept_not_sent(
+        start_service, tmp_path, caplog) -> None:
+    """Spooled by a stop (the server's max_payload lowered since, or another server), such a decision closed the
+    connection at each start, held the decisions behind it, and sent again after each reconnect, for good."""
+    from app.decision_ids import new_decision_id
+
+    where = tmp_path / "small"
+    where.mkdir()
+    (where / "small.conf").write_text("max_payload: 16KB\n")
+    server = NatsServer(where, args=("-c", str(where / "small.conf")))
+    server.start()
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    large, small = new_decision_id(), new_decision_id()
+    candidates = [{"tip_id": f"tip-{i}", "category": "focus", "features": {"text": "x" * 200}, "score": 0.5,
+                   "propensity": 0.01} for i in range(100)]
+    spool = data / decision_spool.SPOOL_NAME
+    decision_spool.save(spool, [("decisions.score", large, orjson.dumps(foreign(large, ranked=candidates))),
+                                ("decisions.score", small, orjson.dumps(foreign(small)))])
+    caplog.set_level(logging.ERROR, logger="tipstream.decisions")
+    try:
+        running = await start_service(nats_url=server.url)
+        service = running.service
+        await eventually(lambda: service.publisher.published == 1, timeout=10)
+        assert service.nc.is_connected and [d for _, d, _ in service.publisher.unpublished()] == [large]
+        told = [r.getMessage() for r in caplog.records if r.name == "tipstream.decisions"]
+        assert any(m.startswith(f"decision {large} is ") and "max_payload, 16384 bytes" in m for m in told), told
+        await running.stop()
+        assert [d for _, d, _ in decision_spool.read(spool)] == [large], "kept for a server that takes it"
+    finally:
+        server.stop()
