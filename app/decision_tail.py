@@ -22,6 +22,10 @@ Steps, every `tick_s`:
    stream's last sequence can stay ahead of every message in it, and the consumer was
    re-created every other tick for as long as the account stayed full. The stream gone
    (deleted): read again, which creates the streams again (`StreamIngest._restart_consumer`).
+   Its last sequence behind the position two ticks running: it was made again (deleted, then
+   added, between two ticks), numbering from 1; read again, from its first message. Not
+   followed, another publisher's decisions there were not read until the new stream passed
+   the old position, and their feedback expired waiting for them.
 
 The position only ever covers messages held, so a checkpoint's DECISIONS position stays
 exact and a restart replays from it as before.
@@ -72,6 +76,9 @@ class OwnTail:
         # once following again, there is nothing past the position up to it (a sequence given to no
         # message). Forgotten when the position goes back (the stream re-created: its sequences anew).
         self._read_through, self._read_from = 0, 0
+        # The stream's last sequence was under the position at the last tick: made anew since it was read (its
+        # sequences from 1 again), unless an answer older than our latest acknowledgement (`tick`).
+        self._ended_before = False
 
     @property
     def position(self) -> int:
@@ -127,6 +134,19 @@ class OwnTail:
             log.debug("could not read the DECISIONS stream's last sequence (%s)", error)
             return
         position = self.position
+        if last < position:
+            # Two ticks running: the stream's answer and our acknowledgements come by different paths, and one
+            # tick's can have left before our latest decision was stored.
+            if self._ended_before:
+                log.warning("stream %s ends at %d, before the position %d: created again (deleted, then made anew)? "
+                            "reading it from its first message", STREAM, last, position)
+                self._ended_before = False
+                self.following = False
+                ingest.request_reset()  # the consumer, past the stream's end, starts it over (`StreamIngest`)
+                return
+            self._ended_before = True
+        else:
+            self._ended_before = False
         if position < self._read_from:
             self._read_through = 0
         if self._last_seen is not None and max(position, self._read_through) < self._last_seen:

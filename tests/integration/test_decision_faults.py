@@ -443,3 +443,24 @@ async def test_a_spooled_decision_larger_than_the_servers_max_payload_is_kept_no
         assert [d for _, d, _ in decision_spool.read(spool)] == [large], "kept for a server that takes it"
     finally:
         server.stop()
+
+
+async def test_decisions_made_again_between_two_ticks_of_the_tail_are_read(start_service, nc) -> None:
+    """Deleted and added again at once (to empty it), DECISIONS numbered from 1 under the followed position:
+    another publisher's decision there was not read, and the reaction to it waited, then expired."""
+    from app.decision_ids import new_decision_id
+
+    running = await start_service()
+    service, js = running.service, nc.jetstream()
+    async with running.http() as http:
+        for _ in range(3):
+            assert (await http.post("/score", json=BODY)).status_code == 200
+    await eventually(lambda: service.publisher.published == 3 and service.decision_tail.following
+                     and service.store.positions.get("DECISIONS") == 3)
+    config = (await js.stream_info("DECISIONS")).config
+    await js.delete_stream("DECISIONS")
+    await js.add_stream(config)
+    other = new_decision_id()
+    await js.publish("decisions.score", orjson.dumps(foreign(other)), headers={"Nats-Msg-Id": other})
+    await eventually(lambda: other in service.learner.joins.cache, timeout=10)
+    await eventually(lambda: service.decision_tail.following and service.store.positions.get("DECISIONS") == 1)

@@ -177,3 +177,37 @@ def test_a_stream_that_says_it_holds_nothing_past_the_position_is_not_read() -> 
     tick(tail)
     tick(tail)
     assert ingest.resets == 1 and not tail.following
+
+
+def test_a_stream_created_again_while_followed_behind_the_position_is_read() -> None:
+    """Deleted and made again between two ticks (`nats stream rm`, then `add`, to empty it), the stream numbers
+    its messages from 1 again: our acknowledgements fall behind the position, and its last sequence stayed under
+    it, so nothing sent the consumer back to reading; another publisher's decisions there were not read until the
+    new stream passed the old position, their feedback expiring as `unknown_decision` meanwhile."""
+    ingest, _, stream, tail = world(position=574, last=574)
+    asyncio.run(tail.follow())
+    tick(tail)
+    tail.stored(575)
+    stream.last = 575
+    tick(tail)
+    tick(tail)
+    assert tail.following and ingest.resets == 0
+    stream.last = 3  # the new stream: another publisher's 1-2, and ours
+    tail.stored(3)
+    tick(tail)
+    tick(tail)
+    assert ingest.resets == 1 and not tail.following, "the new stream's 1-3 are read"
+
+
+def test_a_last_sequence_read_before_our_latest_acknowledgement_is_not_taken_for_a_new_stream() -> None:
+    """The stream's answer and our acknowledgements come by different paths: a last sequence under the position
+    for one tick is an answer that left before our latest decision was stored."""
+    ingest, _, stream, tail = world(position=574, last=574)
+    asyncio.run(tail.follow())
+    tick(tail)
+    tail.stored(575)
+    tick(tail)  # the stream said 574
+    stream.last = 575
+    tick(tail)
+    tick(tail)
+    assert tail.following and ingest.resets == 0
