@@ -129,7 +129,7 @@ class DecisionPublisher:
 
     @property
     def waiting(self) -> int:
-        return len(self.queue) + len(self.inflight)
+        return len(self.queue) + len(self.inflight) + len(self.held)
 
     async def start(self) -> None:
         nc = self._nc()
