@@ -586,6 +586,21 @@ async def test_a_request_after_a_rebuild_from_a_log_whose_last_messages_were_era
         await eventually(done_too, timeout=30)
 
 
+async def spooled_while_forgotten(start_service: Any, nc: Any, settings: dict[str, Any], served: tuple[str, ...]) -> Any:
+    """A run that serves `served` with NATS away, forgets u-1, and stops: its decisions spooled. Its JetStream."""
+    running = await start_service(**settings)
+    service, js = running.service, nc.jetstream()
+    await publish_events(js, signals("u-1") + signals("u-2"))
+    await eventually(lambda: {"u-1", "u-2"} <= set(service.store.users))
+    service.publisher._nc = lambda: None  # as while NATS is away
+    async with running.http() as http:
+        await scored(http, served)
+        await forget(http, "u-1")
+        await reached(http, "u-1", ("dropped", "done"), timeout=15)
+    await running.stop()
+    return js
+
+
 async def test_a_decision_spooled_at_a_stop_while_its_user_is_forgotten_is_deleted_at_the_next_start(
         start_service, nc, database_url, monkeypatch) -> None:
     """The stop spools what JetStream has not acknowledged; the next start publishes it first. One of a
@@ -596,16 +611,7 @@ async def test_a_decision_spooled_at_a_stop_while_its_user_is_forgotten_is_delet
     monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.1)
     url = database_url
     settings = {"database_url": url, "admin_token": TOKEN, "checkpoint_every_s": 0.2}
-    running = await start_service(**settings)
-    service, js = running.service, nc.jetstream()
-    await publish_events(js, signals("u-1") + signals("u-2"))
-    await eventually(lambda: {"u-1", "u-2"} <= set(service.store.users))
-    service.publisher._nc = lambda: None  # as while NATS is away
-    async with running.http() as http:
-        await scored(http, ("u-1", "u-2"))
-        await forget(http, "u-1")
-        await reached(http, "u-1", ("dropped", "done"), timeout=15)
-    await running.stop()
+    js = await spooled_while_forgotten(start_service, nc, settings, ("u-1", "u-2"))
 
     again = await start_service(**settings)
     async with again.http() as http:
@@ -635,16 +641,7 @@ async def test_a_spool_that_cannot_be_written_again_without_a_forgotten_users_de
         pytest.skip("/dev/full is not this user's to write here")
     monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.1)
     settings = {"database_url": database_url, "admin_token": TOKEN, "checkpoint_every_s": 0.2}
-    running = await start_service(**settings)
-    service, js = running.service, nc.jetstream()
-    await publish_events(js, signals("u-1") + signals("u-2"))
-    await eventually(lambda: {"u-1", "u-2"} <= set(service.store.users))
-    service.publisher._nc = lambda: None  # as while NATS is away
-    async with running.http() as http:
-        await scored(http, ("u-1", "u-2", "u-2"))
-        await forget(http, "u-1")
-        await reached(http, "u-1", ("dropped", "done"), timeout=15)
-    await running.stop()
+    js = await spooled_while_forgotten(start_service, nc, settings, ("u-1", "u-2", "u-2"))
     spool = tmp_path / "data" / SPOOL_NAME
     assert spool.exists()
     spool.with_suffix(".tmp").symlink_to("/dev/full")  # the disk full: the kernel's ENOSPC for the rewrite
