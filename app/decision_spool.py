@@ -218,16 +218,18 @@ def read_at_start(path: Path) -> list[Item]:
         aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
         try:
             _write_whole(aside, [line + b"\n" for line in unreadable])
-            if (error := rewrite(path, items)) is not None:  # without them: not put aside again by the next start
-                raise error
         except OSError as error:
-            log.error("%d lines of %s are no decision spooled (the file damaged?), and could not be moved to %s (%s): "
+            log.error("%d lines of %s are no decision spooled (the file damaged?), and could not be copied to %s (%s): "
                       "they are lost once JetStream has the %d decisions read, as the spool then goes. Free space in "
                       "TIPSTREAM_DATA_DIR, and copy them out of the spool before then.", len(unreadable), path,
                       aside, error.strerror or error, len(items))
-        else:
-            log.error("%d lines of %s are no decision spooled (the file damaged?): moved to %s, not published. The "
-                      "%d decisions read are published first.", len(unreadable), path, aside, len(items))
+            return items
+        log.error("%d lines of %s are no decision spooled (the file damaged?): moved to %s, not published. The "
+                  "%d decisions read are published first.", len(unreadable), path, aside, len(items))
+        # Without them, so that the next start does not put them aside again (harmless if it does: a copy more).
+        if (error := rewrite(path, items)) is not None:
+            log.warning("could not write %s again without those lines (%s): they stay in it too", path,
+                        error.strerror or error)
     return items
 
 
