@@ -54,8 +54,32 @@ REFUSAL_LINES_PER_MINUTE = 10
 # STORAGE_FULL in a refusal's raw answer (10047 alone was matched, and no refusal of a decision ever
 # named the fix).
 STORAGE_FULL_CODES = tuple(b'"err_code":%d' % code for code in STORAGE_FULL)
+# JetStream's words for a stream at its limits that refuses new messages (discard policy 'new', which tipstream
+# never sets: an operator's `nats stream edit`), and what to do. Told with its words only, /score turned 503 with
+# nothing naming the setting that made it, for as long as the stream's oldest messages stayed.
+DISCARD_NEW_ANSWERS = (b'"maximum messages exceeded"', b'"maximum bytes exceeded"',
+                       b'"maximum messages per subject exceeded"')
+DISCARD_NEW_FIX = (". DECISIONS is at its limits and refuses new messages (its discard policy is 'new', set outside "
+                   "tipstream): decisions wait, and /score answers 503 once TIPSTREAM_DECISION_QUEUE_MAX wait. `nats "
+                   "stream edit DECISIONS --discard old` lets its oldest messages go instead, as tipstream creates it, or "
+                   "raise its limits")
 # What a decision's HPUB adds to its bytes and its id, which the server's max_payload counts too (`_send`).
 HEADER_BYTES = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")
+
+
+def _fix_for(refusal: bytes) -> str:
+    """What to do about a refusal of a decision, when its answer says.
+
+    >>> _fix_for(b'{"error":{"code":503,"err_code":10077,"description":"maximum bytes exceeded"}}')[:38]
+    '. DECISIONS is at its limits and refus'
+    >>> _fix_for(b'{"error":{"code":503,"description":"no responders"}}')
+    ''
+    """
+    if any(code in refusal for code in STORAGE_FULL_CODES):
+        return STORAGE_FULL_FIX
+    if any(words in refusal for words in DISCARD_NEW_ANSWERS):
+        return DISCARD_NEW_FIX
+    return ""
 
 
 class DecisionLogFull(Exception):
@@ -261,7 +285,7 @@ class DecisionPublisher:
                     log.warning("JetStream refused decision %s (%s); retrying in %.1fs%s%s", item[1],
                                 (data or headers or b"")[:200], self._refusal_wait,
                                 f" ({left_out} more refused rounds since the last line)" if left_out else "",
-                                STORAGE_FULL_FIX if any(code in data for code in STORAGE_FULL_CODES) else "")
+                                _fix_for(data))
             # Behind those refused before it, not in front: one at a time at the front reversed them.
             self._requeue([item], at=self._refused_ahead)
             self._refused_ahead += 1

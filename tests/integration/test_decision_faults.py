@@ -465,3 +465,30 @@ async def test_decisions_made_again_between_two_ticks_of_the_tail_are_read(start
     await js.publish("decisions.score", orjson.dumps(foreign(other)), headers={"Nats-Msg-Id": other})
     await eventually(lambda: other in service.learner.joins.cache, timeout=10)
     await eventually(lambda: service.decision_tail.following and service.store.positions.get("DECISIONS") == 1)
+
+
+async def test_a_decision_refused_by_a_full_stream_that_discards_new_messages_names_the_fix(
+        start_service, nc, monkeypatch, caplog) -> None:
+    """DECISIONS set outside tipstream to refuse messages past its limits (`--discard new`) refused every decision
+    once full, for as long as its oldest stayed, and the log said only JetStream's words ('maximum messages
+    exceeded'): /score turned 503 with nothing naming the stream's setting that made it."""
+    from nats.js.api import DiscardPolicy
+
+    from app import bootstrap
+
+    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.5)  # JetStream refuses the decision: a stop waits out any bound
+    running = await start_service()
+    js = nc.jetstream()
+    config = (await js.stream_info("DECISIONS")).config
+    await js.update_stream(dataclasses.replace(config, discard=DiscardPolicy.NEW, max_msgs=1))
+    caplog.set_level(logging.WARNING, logger="tipstream.decisions")
+    async with running.http() as http:
+        for _ in range(2):
+            assert (await http.post("/score", json=BODY)).status_code == 200
+
+    def refused() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("JetStream refused decision")]
+
+    told = (await eventually(refused, timeout=5))[0]
+    assert "maximum messages exceeded" in told and "--discard old" in told, told
+    await running.stop()
