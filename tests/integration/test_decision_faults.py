@@ -282,6 +282,15 @@ async def fill_to_the_last_byte(url: str) -> None:
         await client.close()
 
 
+async def first_refusal(caplog: pytest.LogCaptureFixture) -> str:
+    """The first warning of a decision JetStream refused (`tipstream.decisions`, captured from WARNING)."""
+
+    def refused() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("JetStream refused decision")]
+
+    return (await eventually(refused, timeout=5))[0]
+
+
 @pytest.mark.parametrize("cap", ["server", "account"])
 async def test_a_decision_refused_for_storage_full_names_the_limits_to_free_or_raise(
         start_service, tmp_path, monkeypatch, caplog, cap: str) -> None:
@@ -299,11 +308,7 @@ async def test_a_decision_refused_for_storage_full_names_the_limits_to_free_or_r
         caplog.set_level(logging.WARNING, logger="tipstream.decisions")
         async with running.http() as http:
             assert (await http.post("/score", json=BODY)).status_code == 200
-
-        def refused() -> list[str]:
-            return [r.getMessage() for r in caplog.records if r.getMessage().startswith("JetStream refused decision")]
-
-        told = (await eventually(refused, timeout=5))[0]
+        told = await first_refusal(caplog)
         assert "max_file_store" in told and "TIPSTREAM_STREAM_MAX_BYTES" in told, told
         await running.stop()
     finally:
@@ -485,10 +490,6 @@ async def test_a_decision_refused_by_a_full_stream_that_discards_new_messages_na
     async with running.http() as http:
         for _ in range(2):
             assert (await http.post("/score", json=BODY)).status_code == 200
-
-    def refused() -> list[str]:
-        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("JetStream refused decision")]
-
-    told = (await eventually(refused, timeout=5))[0]
+    told = await first_refusal(caplog)
     assert "maximum messages exceeded" in told and "--discard old" in told, told
     await running.stop()
