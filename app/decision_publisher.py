@@ -88,7 +88,7 @@ class DecisionLogFull(Exception):
 
 
 class DecisionTooLarge(DecisionLogFull):
-    """Larger than the NATS server takes in a message: never queued (`/score` refuses it as for a full queue)."""
+    """Larger than the NATS server takes in a message: never queued (`/score` answers 413: no wait mends it)."""
 
 
 class DecisionWithdrawn(Exception):

@@ -36,7 +36,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 
-from app.decision_publisher import DecisionLogFull, DecisionWithdrawn
+from app.decision_publisher import DecisionLogFull, DecisionTooLarge, DecisionWithdrawn
 from app.decisions import SUBJECT_SCORE
 from app.learning_metrics import SCORE_REQUESTS, SCORE_SECONDS
 from app.request_body import ClientGone, Receive, drain, read_body
@@ -152,6 +152,9 @@ class ScoreEndpoint:
             try:
                 await publisher.put(SUBJECT_SCORE, scored.decision_id, scored.payload,
                                     service.settings.decision_enqueue_timeout_s)
+            except DecisionTooLarge as error:  # no wait mends it: a 503 had clients ask again for good
+                await send_json(send, 413, {"error": str(error), "field": "candidates"})
+                return
             except DecisionLogFull as error:
                 await send_json(send, 503, {"error": str(error), "field": None}, (b"retry-after", b"1"))
                 return
@@ -176,7 +179,8 @@ class ScoreEndpoint:
             content:
               application/json:
                 schema: {$ref: '#/components/schemas/ScoreAnswer'}
-          413: {description: the body is larger than TIPSTREAM_SCORE_MAX_BODY_BYTES}
+          413: {description: "the body is larger than TIPSTREAM_SCORE_MAX_BODY_BYTES, or the answer's decision
+            larger than the NATS server takes in a message (its max_payload); nothing was served"}
           415: {description: 'the body is not declared JSON: send it with `Content-Type: application/json`'}
           422: {description: 'a bad request: every problem in `errors`; nothing was logged'}
           503:

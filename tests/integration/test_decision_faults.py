@@ -394,7 +394,7 @@ async def test_a_decision_larger_than_the_servers_max_payload_is_refused_not_sen
     max_payload and these did not: a decision larger (a /score of many candidates, the server's max_payload
     lowered) was written, the server closed the connection for it ('Maximum Payload Violation'), nats-py closed
     it for good, and the service stopped, spooled the decision, and sent it again at every start: it could not
-    stay up. Refused as the queue being full is (503, nothing served), saying which limits."""
+    stay up. Refused (413, nothing served, no Retry-After: no wait mends it), saying which limits."""
     where = tmp_path / "small"
     where.mkdir()
     (where / "small.conf").write_text("max_payload: 16KB\n")
@@ -407,8 +407,8 @@ async def test_a_decision_larger_than_the_servers_max_payload_is_refused_not_sen
                                         for i in range(100)]}
         async with running.http() as http:
             refused = await http.post("/score", json=large)
-            assert refused.status_code == 503, refused.text
-            assert "max_payload" in refused.json()["error"], refused.text
+            assert refused.status_code == 413 and "retry-after" not in refused.headers, refused.text
+            assert "max_payload" in refused.json()["error"] and refused.json()["field"] == "candidates", refused.text
             assert (await http.post("/score", json=BODY)).status_code == 200
         await eventually(lambda: service.publisher.published == 1, timeout=10)
         assert service.nc.is_connected and service.fatal is None
