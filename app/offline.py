@@ -151,6 +151,9 @@ class OfflineFeatureWriter:
             self._in_pass = set(users)
         self.forgotten = set()
         now = datetime.now(UTC)
+        # Floored to the millisecond, as SQLite keeps it (`db.upsert`, rounded there): rounded up, a row read as
+        # newer than a state a checkpoint saved within that half millisecond after, and `users_behind` passed it over.
+        now = now.replace(microsecond=now.microsecond // 1000 * 1000)
         failed: list[str] = []
         unread: set[str] = set()
         written = batch_start = 0

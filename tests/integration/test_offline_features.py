@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -304,4 +305,28 @@ async def test_a_state_saved_in_a_later_batch_than_a_row_computed_before_it_is_f
         assert as_of.replace(tzinfo=as_of.tzinfo or UTC) == datetime(2026, 11, 26, 10, tzinfo=UTC)
     finally:
         checkpoint.rollback()
+        engine.dispose()
+
+
+async def test_a_state_saved_within_a_millisecond_after_a_pass_began_is_found_behind(
+        database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite kept a row's `updated_at` to the millisecond, rounded (`db.upsert`), and a state's to the microsecond:
+    a pass begun at .1236 wrote .124, so a state a checkpoint stamped at .1237, holding an event folded after the
+    row was computed, read as older than the row, and after a kill -9 `users_behind` passed the user over."""
+    migrate.upgrade(database_url)
+    engine = make_engine(database_url)
+    store = _store()
+    began = datetime(2026, 12, 7, 12, 0, 0, 123_600, UTC)
+
+    monkeypatch.setattr(offline, "datetime", SimpleNamespace(now=lambda tz: began, fromtimestamp=datetime.fromtimestamp))
+    writer = OfflineFeatureWriter(store, engine, every_s=60)
+    writer.saved(["u-1"])
+    try:
+        assert await writer.write_pass(pause=False) == 1
+        saved = began + timedelta(microseconds=100)  # the next checkpoint's stamp, a state folded since
+        with engine.begin() as conn:
+            db.upsert(conn, db.user_state, [{"user_id": "u-1", "state": store.users["u-1"].to_bytes(),
+                                              "updated_at": saved}], ["user_id"])
+        assert offline.users_behind(engine) == ["u-1"]
+    finally:
         engine.dispose()
