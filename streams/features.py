@@ -191,7 +191,9 @@ class _Evaluation:
         # Where the streak's last day must begin to be known empty: a signal kind at the cap may
         # have had records on an earlier day.
         self.signals_held_from = max([state.cutoff_ms, *(oldest + 1 for kind, oldest in capped if kind in SIGNAL_KINDS)])
-        self._unsourced = {kind for kind, stamps in self.stamps.items() if not len(stamps)}
+        # Kinds with no record at or before `now`: at an earlier `now` (`?at=`, a backfill), one whose first event
+        # came later read as a known 0, though the answer given at that `now` was the fallback, flagged.
+        self._unsourced = {kind for kind, hi in self.hi.items() if not hi}
 
     def latest(self, kind: str) -> int | None:
         hi = self.hi[kind]
@@ -215,9 +217,9 @@ class _Evaluation:
         return self.records[kind][name][: self.hi[kind]]
 
     def value(self, name: str) -> tuple[Any, bool]:
-        """(value, is a fallback). A feature whose source events the fold holds none of, at any
-        time, is unknown rather than 0: the app may not publish them (only feedback, say), and
-        the caller's `profile_features` value is then the one to use."""
+        """(value, is a fallback). A feature whose source events the fold holds none of at or
+        before `now` is unknown rather than 0: the app may not publish them (only feedback, say),
+        and the caller's `profile_features` value is then the one to use."""
         unsourced = self._unsourced
         if name in self.cut or (unsourced and unsourced >= SOURCE_KINDS[name]):
             return BY_NAME[name].fallback, True
@@ -488,8 +490,9 @@ def features_markdown() -> str:
         "(`?at=`, `context.now`, a backfill), a window that reaches before that is not known whole: the",
         "feature takes its fallback, flagged `fallback` and not `fresh` (and /score takes the caller's",
         "`profile_features` value for it). At or after the newest event, every window is whole.",
-        "A feature whose source events the fold holds none of for the user (an app that publishes",
-        "feedback but no task events, say) is unknown too: its fallback, flagged, and the caller's value.",
+        "A feature whose source events the fold holds none of for the user at or before `now` (an app that",
+        "publishes feedback but no task events, say; at an earlier `now`, a kind whose first event came",
+        "later) is unknown too: its fallback, flagged, and the caller's value.",
         "",
         f"A user's state keeps at most {MAX_RECORDS_PER_KIND:,} events of one kind in those 31 days, the",
         "newest: a publisher sending one user's events in a loop otherwise grew it, and each evaluation of",

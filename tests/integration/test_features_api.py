@@ -238,3 +238,30 @@ async def test_any_user_id_an_event_may_hold_is_served_like_any_other(start_serv
             assert "UTF-8" in answer.json()["error"]
         document = (await http.get("/openapi.json")).json()
     assert "/users/{user_id}/features" in document["paths"], "the document names the parameter, not its convertor"
+
+
+async def test_an_answer_at_a_past_instant_is_the_one_given_then_whatever_came_after(start_service, nc) -> None:
+    """A kind the fold held no event of was unknown (the fallback, flagged) at any `?at=` only until one came: the
+    user's first task, at 16:00, turned the answer for 10:00 into a known 0, so a training set read back at past
+    instants held values the service had flagged as not the user's at those instants (and /score a backfill's)."""
+    running = await start_service()
+    js = nc.jetstream()
+    opened = {"id": "p-1", "type": "app.opened", "user_id": "cy", "ts": "2026-11-20T09:00:00+01:00", "data": {}}
+    await js.publish("signals.app.opened", orjson.dumps(opened))
+    await eventually(lambda: running.service.store.applied == 1)
+    async with running.http() as http:
+        async def at_ten() -> dict[str, Any]:
+            answer = await http.get("/users/cy/features", params={"at": "2026-11-20T10:00:00+01:00"})
+            return answer.json()["features"]
+
+        then = await at_ten()
+        later = [("signals.task.created", "task.created", {"task_id": "t"}),
+                 ("signals.task.completed", "task.completed", {"task_id": "t"}),
+                 ("signals.tip.shown", "tip.shown", {"tip_id": "tip-1"}),
+                 ("feedback.tip.reacted", "tip.reacted", {"tip_id": "tip-1", "reaction": "acted"})]
+        for n, (subject, kind, data) in enumerate(later):  # the same UTC day: what the fold holds starts as before
+            await js.publish(subject, orjson.dumps({"id": f"p-{n + 2}", "type": kind, "user_id": "cy",
+                                                    "ts": "2026-11-20T16:00:00+01:00", "data": data}))
+        await eventually(lambda: running.service.store.applied == 1 + len(later))
+        assert then["tasks_created_7d"]["fallback"] and then["tip_positive_rate_30d"]["fallback"]
+        assert await at_ten() == then

@@ -187,8 +187,8 @@ def check(state: UserState, raw: list[dict[str, Any]], now_ms: int) -> None:
     for name in FEATURE_NAMES:
         value, expected, feature = got[name], want[name], BY_NAME[name]
         where = (name, now - newest, value, expected)
-        if not any(len(state.records(kind)) for kind in SOURCE_KINDS[name]):
-            assert value.fallback, where  # none of its events held at all: unknown (the app may not publish them)
+        if not any((state.times(kind) <= now_ms).any() for kind in SOURCE_KINDS[name]):
+            assert value.fallback, where  # none of its events held at or before `now`: unknown (the app may not publish them)
         elif name == "active_day_streak":
             true_streak, (held_streak, stop_midnight) = expected
             # Unknown only while what the fold holds is short of the cap and was stopped by a day it
