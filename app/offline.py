@@ -64,11 +64,13 @@ def feature_row(user_id: str, store: OnlineStore, now: datetime,
 def users_behind(engine: Engine) -> list[str]:
     """Users whose state a checkpoint saved after their `user_features` row was written, or who have
     none: the writer knows the users saved since its last pass in memory only, so a crash (kill -9)
-    lost them, and their rows stayed older than their state until their next event."""
+    lost them, and their rows stayed older than their state until their next event. And those whose
+    row has no `fallbacks` (written before schema 0006): an idle user's next pass never came."""
     state, features = db.user_state, db.user_features
     query = (select(state.c.user_id)
              .select_from(state.outerjoin(features, features.c.user_id == state.c.user_id))
-             .where(or_(features.c.user_id.is_(None), features.c.updated_at < state.c.updated_at)))
+             .where(or_(features.c.user_id.is_(None), features.c.updated_at < state.c.updated_at,
+                        features.c.fallbacks.is_(None))))
     with engine.connect() as conn:
         return list(conn.execute(query).scalars())
 

@@ -4,7 +4,8 @@ A feature the fold holds no events for (an app that publishes no task events), o
 reaches before what it holds, takes its fallback: `/users/{id}/features` flags it, and `/score`
 takes the caller's value for it, but a row of `user_features` held the fallback as a value like
 any other, and whoever trained or counted from the table took `preferred_hour` 9 for the user's.
-Rows written before this have none (null) until the user's next pass.
+Rows written before this have none (null) until a start hands them to its first pass
+(`offline.users_behind`).
 
 Revision ID: 0006
 Revises: 0005

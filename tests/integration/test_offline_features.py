@@ -330,3 +330,24 @@ async def test_a_state_saved_within_a_millisecond_after_a_pass_began_is_found_be
         assert offline.users_behind(engine) == ["u-1"]
     finally:
         engine.dispose()
+
+
+async def test_a_row_written_before_fallbacks_were_kept_is_found_behind(database_url: str) -> None:
+    """Rows written before schema 0006 have no `fallbacks` (null), "until the user's next pass": an idle user's
+    never came, as their state was saved before their row, and the table went on without saying which of their
+    values were the registry's fallbacks. The start hands them to the first pass."""
+    migrate.upgrade(database_url)
+    engine = make_engine(database_url)
+    store = _store()
+    saved = datetime(2026, 11, 26, 9, tzinfo=UTC)
+    with engine.begin() as conn:
+        db.upsert(conn, db.user_state, [{"user_id": u, "state": store.users[u].to_bytes(), "updated_at": saved}
+                                        for u in USERS], ["user_id"])
+        db.upsert(conn, db.user_features, [offline.feature_row(u, store, saved + timedelta(hours=1)) for u in USERS],
+                  ["user_id"])
+        conn.execute(sa.update(db.user_features).where(db.user_features.c.user_id != "u-2")
+                     .values(fallbacks=sa.null()))  # as 0006 added the column
+    try:
+        assert sorted(offline.users_behind(engine)) == ["u-1", "u-3"]
+    finally:
+        engine.dispose()
