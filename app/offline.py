@@ -41,6 +41,7 @@ WRITE_BATCH = 1_000
 # at a time; the next start finds the rest (`users_behind`) and writes them.
 LAST_PASS_S = 5.0
 LAST_PASS_BATCH = 1_000  # users: ~0.1 s of evaluating and writing
+SAVED_CHUNK = 20_000  # users behind handed to the passes per turn of the event loop (~3 ms)
 
 
 def feature_row(user_id: str, store: OnlineStore, now: datetime,
@@ -115,16 +116,22 @@ class OfflineFeatureWriter:
         Run beside the service, not in its start: the query scans every `user_state` row, and with 1M users
         on SQLite it held the start 12.7 s (the HTTP port opened after it), the warm-up reading meanwhile.
         """
-        self._forgotten_while_finding = set()
+        forgotten = self._forgotten_while_finding = set()
         try:
-            users = await asyncio.to_thread(users_behind, self.engine)
-        except Exception as error:  # noqa: BLE001 - the rows catch up at the users' next events
-            log.warning("user_features: could not look for rows older than their users' state (%s); they are "
-                        "written at those users' next events, or found at the next start", db.briefly(error))
-            return
+            try:
+                users = await asyncio.to_thread(users_behind, self.engine)
+            except Exception as error:  # noqa: BLE001 - the rows catch up at the users' next events
+                log.warning("user_features: could not look for rows older than their users' state (%s); they are "
+                            "written at those users' next events, or found at the next start", db.briefly(error))
+                return
+            # A chunk a turn of the event loop: after a crash that followed a rebuild nearly every user is behind,
+            # and 979,000 handed over at once held it ~0.14 s.
+            for start in range(0, len(users), SAVED_CHUNK):
+                if start:
+                    await asyncio.sleep(0)
+                self.saved([user_id for user_id in users[start : start + SAVED_CHUNK] if user_id not in forgotten])
         finally:
-            forgotten, self._forgotten_while_finding = self._forgotten_while_finding, None
-        self.saved([user_id for user_id in users if user_id not in forgotten])
+            self._forgotten_while_finding = None
 
     async def written(self) -> None:
         """Until the rows a pass is writing are in: filtered before a user was forgotten, a row of theirs
