@@ -243,7 +243,8 @@ async def test_any_user_id_an_event_may_hold_is_served_like_any_other(start_serv
 async def test_an_answer_at_a_past_instant_is_the_one_given_then_whatever_came_after(start_service, nc) -> None:
     """A kind the fold held no event of was unknown (the fallback, flagged) at any `?at=` only until one came: the
     user's first task, at 16:00, turned the answer for 10:00 into a known 0, so a training set read back at past
-    instants held values the service had flagged as not the user's at those instants (and /score a backfill's)."""
+    instants held values the service had flagged as not the user's at those instants, and /score, for a backfill's
+    `context.now` then, took the server's 0 over the caller's value."""
     running = await start_service()
     js = nc.jetstream()
     opened = {"id": "p-1", "type": "app.opened", "user_id": "cy", "ts": "2026-11-20T09:00:00+01:00", "data": {}}
@@ -265,3 +266,7 @@ async def test_an_answer_at_a_past_instant_is_the_one_given_then_whatever_came_a
         await eventually(lambda: running.service.store.applied == 1 + len(later))
         assert then["tasks_created_7d"]["fallback"] and then["tip_positive_rate_30d"]["fallback"]
         assert await at_ten() == then
+        backfill = await http.post("/score", json={"user_id": "cy", "candidates": [{"tip_id": "tip-1"}],
+                                                   "context": {"now": "2026-11-20T10:00:00+01:00"},
+                                                   "profile_features": {"tasks_created_7d": 3}})
+        assert backfill.json()["caller_features"] == ["tasks_created_7d"], backfill.text  # the caller's, as then
