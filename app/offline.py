@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, or_, select
@@ -34,6 +34,7 @@ from streams.fold import UserState
 from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream.offline")
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 EVALUATE_CHUNK = 5  # ~1.5 ms of the event loop per chunk
 CPU_SHARE = 0.1
 WRITE_BATCH = 1_000
@@ -55,7 +56,9 @@ def feature_row(user_id: str, store: OnlineStore, now: datetime,
     values = evaluate(state, state.newest_ms)
     return {
         "user_id": user_id,
-        "as_of": datetime.fromtimestamp(state.newest_ms / 1000, tz=UTC),
+        # In integers: float seconds hold no whole microseconds far from 1970 (an event in 1500 read .518999
+        # for .519), and `?at=` such an `as_of` left the newest event out.
+        "as_of": EPOCH + timedelta(milliseconds=state.newest_ms),
         "features": {name: value.value for name, value in values.items()},
         "updated_at": now,
         "fallbacks": sorted(name for name, value in values.items() if value.fallback),

@@ -318,7 +318,7 @@ async def test_a_state_saved_within_a_millisecond_after_a_pass_began_is_found_be
     store = _store()
     began = datetime(2026, 12, 7, 12, 0, 0, 123_600, UTC)
 
-    monkeypatch.setattr(offline, "datetime", SimpleNamespace(now=lambda tz: began, fromtimestamp=datetime.fromtimestamp))
+    monkeypatch.setattr(offline, "datetime", SimpleNamespace(now=lambda tz: began))
     writer = OfflineFeatureWriter(store, engine, every_s=60)
     writer.saved(["u-1"])
     try:
@@ -381,4 +381,24 @@ async def test_the_users_behind_are_handed_over_a_chunk_at_a_time(database_url: 
         assert writer.pending == {"u-0", "u-1", "u-2", "u-3", "u-4"}
     finally:
         watching.cancel()
+        engine.dispose()
+
+
+async def test_a_row_is_as_of_its_users_newest_event_to_the_millisecond_in_any_year(database_url: str) -> None:
+    """`as_of` went through float seconds: far from 1970 (an event in 1500) a float holds no microseconds, and the
+    row read 05:34:25.518999 for an event at .519, which PostgreSQL kept (SQLite rounds to the millisecond):
+    `?at=` that `as_of` left the newest event out, and answered other values than the row's."""
+    migrate.upgrade(database_url)
+    engine = make_engine(database_url)
+    store = OnlineStore()
+    store.apply(parse_event(orjson.dumps({"id": "old", "type": "app.opened", "user_id": "u-1",
+                                          "ts": "1500-02-24T05:34:25.519Z", "data": {}})))
+    writer = OfflineFeatureWriter(store, engine, every_s=60)
+    writer.saved(["u-1"])
+    try:
+        assert await writer.write_pass(pause=False) == 1
+        with engine.connect() as conn:
+            as_of = conn.execute(sa.select(db.user_features.c.as_of)).scalar()
+        assert as_of.replace(tzinfo=UTC) == datetime(1500, 2, 24, 5, 34, 25, 519_000, UTC)
+    finally:
         engine.dispose()
