@@ -40,6 +40,7 @@ from models.registry import RegistryError
 from models.reward import TipModel
 from streams.events import Refused, parse_event
 from streams.store import OnlineStore
+from tests.conftest import eventually
 
 NOW = "2026-11-26T09:00:00+01:00"
 
@@ -1413,6 +1414,14 @@ def test_a_registration_does_not_save_its_learner_snapshot_beside_a_checkpoint(t
     w.learner.published(scored.decision_id)
     w.react(scored.decision_id, "a")
     target = SqlCheckpointStore(w.engine)
+    asked: list[bool] = []  # the lock held when each asked for it
+
+    class NotedLock(asyncio.Lock):
+        async def acquire(self) -> bool:
+            asked.append(self.locked())
+            return await super().acquire()
+
+    w.lineup.snapshot_lock = NotedLock()
     checkpointer = Checkpointer(w.store, target, every_events=1, every_s=60, participants=[w.learner, w.log],
                                 lock=w.lineup.snapshot_lock)
     saves: list[str] = []
@@ -1433,7 +1442,10 @@ def test_a_registration_does_not_save_its_learner_snapshot_beside_a_checkpoint(t
         checkpointing = asyncio.create_task(checkpointer.checkpoint())
         assert await asyncio.to_thread(writing.wait, 60), "the save was never reached"
         registering = asyncio.create_task(w.lineup.register("v3", "logreg", {}, actor="t"))
-        await asyncio.sleep(0.05)  # room for the registration to save, were it not held back
+        # Until the registration waits for the lock the checkpoint holds: not a pause it may or may not
+        # save within (its training in a thread can outlast any on a loaded machine).
+        await eventually(lambda: len(asked) == 2 or registering.done(), timeout=60)
+        assert asked == [False, True] and not registering.done(), (asked, registering)
         release.set()
         await asyncio.gather(checkpointing, registering)
 
