@@ -269,8 +269,11 @@ async def test_a_reaction_stored_within_the_wait_and_read_late_answers_the_decis
     monkeypatch.setattr(silence_learning, "SILENCE_READ_ALLOWANCE_MS", 200)
     reset_postgres(postgres_url)
     database = postgres_url.rsplit("/", 1)[1]
+    # The wait is long enough for the steps below to store the reaction within it on a loaded machine
+    # (0.4 s here; with a 2 s wait, the bound of 1.5 s before the reaction was the test's to fail).
+    wait_s = 4.0
     settings = {"database_url": postgres_url, "checkpoint_every_s": 0.2, "model_snapshot_every_s": 0,
-                "silence_reward": 0.0, "silence_after_s": 2.0, "max_uncheckpointed_events": 2}
+                "silence_reward": 0.0, "silence_after_s": wait_s, "max_uncheckpointed_events": 2}
     running = await start_service(**settings)
     service = running.service
     js = nc.jetstream()
@@ -289,7 +292,7 @@ async def test_a_reaction_stored_within_the_wait_and_read_late_answers_the_decis
         await eventually(lambda: service.store.positions.get("FEEDBACK") == 2)
         ingest = next(i for i in service.ingests if i.spec.name == "FEEDBACK")
         await eventually(lambda: ingest.puller is not None and ingest.puller.paused)
-        assert time.time() - served < 1.5, "this test needs the reaction stored within the wait"
+        assert time.time() - served < wait_s - 0.5, "this test needs the reaction stored within the wait"
         # The user acts on the tip a second after it was served: stored within the wait, not read yet.
         await publish(js, feedback("f-1", decision["decision_id"], decision["ranked"][0]["tip_id"], "acted"))
         # The learner's clock well past the wait and its allowance, and a look at it, as each
