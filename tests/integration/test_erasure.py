@@ -535,6 +535,13 @@ async def test_a_user_features_row_being_written_when_forgotten_is_not_left_behi
     running = await start_service(database_url=url, admin_token=TOKEN, checkpoint_every_s=0.2,
                                   offline_features_every_s=0.2)
     service, js = running.service, nc.jetstream()
+    rows_written, waiting_for_rows = service.offline.written, []
+
+    async def noted_written() -> None:
+        waiting_for_rows.append(True)
+        await rows_written()
+
+    monkeypatch.setattr(service.offline, "written", noted_written)
     await publish_events(js, signals("u-1") + signals("u-2"))
     assert await asyncio.to_thread(entered.wait, 15)
     async with running.http() as http:
@@ -542,9 +549,11 @@ async def test_a_user_features_row_being_written_when_forgotten_is_not_left_behi
         await eventually(lambda: "u-1" in service.offline.forgotten, timeout=15)  # step 2 done
         written = service.offline.rows_written
         # Step 3 at once (its own checkpoint, or this one): it must not commit before the row is written,
-        # so that it deletes it. Given 2 s to do so, it did, and the row came after.
+        # so that it deletes it. Left to, it did, and the row came after. Told by the checkpoint waiting
+        # for the rows, not by a pause it may or may not commit within.
         checkpoint = asyncio.ensure_future(service.checkpointer.checkpoint())
-        await asyncio.wait({checkpoint}, timeout=2)
+        await eventually(lambda: waiting_for_rows or checkpoint.done(), timeout=15)
+        assert not checkpoint.done(), "step 3 committed before the rows it deletes were written"
         release.set()
         await checkpoint
 
