@@ -17,10 +17,10 @@ from app.embedded_nats import nats_server_binary
 from tests.conftest import (
     POSTGRES_ADMIN_URL,
     NatsServer,
-    _postgres_reachable,
     account_url,
     free_port,
     limited_account_server,
+    require_postgres,
 )
 from tests.e2e.support import TIPSTREAM, ServiceProcess, wait_until
 
@@ -148,9 +148,7 @@ def test_a_taken_port_is_a_message_naming_tipstream_port(tmp_path: Path) -> None
 
 
 def test_a_missing_postgres_database_is_a_message_naming_database_url(tmp_path: Path) -> None:
-    problem = _postgres_reachable()
-    if problem:
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL} ({problem})")
+    require_postgres()
     name = f"tipstream_missing_{uuid.uuid4().hex[:8]}"
     done = run(tmp_path, DATABASE_URL=POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}")
     assert_one_message(done, "Cannot open the database postgresql+psycopg://", "(DATABASE_URL)",
@@ -162,9 +160,7 @@ def test_a_read_only_postgres_database_is_a_message_naming_the_setting(
     """A database that takes no writes (default_transaction_read_only, or a standby: a failover's old
     primary) took the start, which then served and failed every checkpoint: nothing read or served was
     saved. A new database's migration said to check that the server runs and the database exists."""
-    problem = _postgres_reachable()
-    if problem:
-        pytest.skip(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URL} ({problem})")
+    require_postgres()
     import sqlalchemy as sa
 
     from app import migrate

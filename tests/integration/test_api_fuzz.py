@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import NatsServer, _postgres_reachable, reset_postgres
+from tests.conftest import REQUIRE_POSTGRES, NatsServer, _postgres_reachable, reset_postgres
 from tests.integration.served import served_in_a_thread, until
 
 TOKEN = "fuzz-token-0123456789abcdef"
@@ -125,7 +125,7 @@ def _unchunk(data: bytes) -> bytes:
 def _database(request: pytest.FixtureRequest, tmp: Path) -> str:
     # PostgreSQL is the stricter store (a NUL, text encodings): fuzzed there where it is here, in the
     # session's own database (conftest's `postgres_url`), never the one the URL names.
-    if _postgres_reachable() is None:
+    if _postgres_reachable() is None or REQUIRE_POSTGRES:  # required (CI): the fixture fails, not SQLite quietly
         url = request.getfixturevalue("postgres_url")
         reset_postgres(url)
         return url
