@@ -181,7 +181,8 @@ async def test_a_node_lost_under_the_service_stops_neither_ingest_nor_score(
         "current again %.2f s after its restart; %d events stored, 0 lost, 0 twice; the test took %.1f s",
         leader, "was" if service_on_it else "was not", resumed - killed, len(events), ingested - killed, scored - killed,
         rejoined - scored, stored, time.monotonic() - started)
-    assert time.monotonic() - started < 60
+    # No bound on the whole: each step above has its own, for liveness; how fast is the README table's
+    # (measured from these lines), not a stopwatch's a loaded machine fails with every step within its own.
 
 
 async def test_a_stream_s_copies_follow_the_setting_up_and_down_and_keep_its_messages(
