@@ -123,9 +123,12 @@ async def test_a_user_state_that_cannot_be_loaded_yet_holds_the_stream_until_it_
     counted = _counts()
     await ingest.start()
     running = asyncio.create_task(ingest.run())
-    while store.positions.get("SIGNALS", 0) < EVENTS:
+
+    def folded() -> bool:
         assert not running.done(), running  # before, the loop ended on the first failure, for good
-        await asyncio.sleep(0.05)
+        return store.positions.get("SIGNALS", 0) >= EVENTS
+
+    await eventually(folded, timeout=30)
     assert (len(failures), store.applied, "u3" in store.cold) == (2, EVENTS, False)
     # The chunk is folded again after each failure: its events before u3's first (at most e1 and
     # e2, by where the chunk starts) are seen again, and only those.
@@ -393,8 +396,7 @@ async def test_one_refused_batch_waits_once_and_goes_back_in_order(nats_server, 
     with caplog.at_level("WARNING", logger="tipstream.decisions"):
         for i in range(8):
             publisher.offer("decisions.score", f"d-{i}", b"{}")
-        while publisher.retried < 8:  # no stream for decisions.>: the whole batch is refused
-            await asyncio.sleep(0.01)
+        await eventually(lambda: publisher.retried >= 8)  # no stream for decisions.>: the whole batch is refused
         js = nc.jetstream()
         await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
         assert await publisher.flush(2), "sent again after the first wait (0.1 s), not after 5 s"
@@ -531,8 +533,7 @@ async def test_messages_held_while_checkpoints_lag_past_ack_wait_are_not_redeliv
     await ingest.start()
     checkpoints.uncheckpointed = 100  # the database is away: ingest holds after its first chunk
     running = asyncio.create_task(ingest.run())
-    while not (ingest.puller and ingest.puller.paused and ingest.buffer):
-        await asyncio.sleep(0.01)
+    await eventually(lambda: ingest.puller and ingest.puller.paused and ingest.buffer)
     await asyncio.sleep(1.5)  # the database stays away past ack_wait
     checkpoints.uncheckpointed = 0  # a checkpoint succeeds
     await eventually(lambda: store.positions.get("SIGNALS") == 400)
@@ -637,13 +638,11 @@ async def test_a_chunk_waiting_on_a_users_read_keeps_its_own_future_bound(nats_s
     ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=16, max_event_bytes=16384,
                           max_uncheckpointed=10**6, max_future_s=86_400)
     await ingest.start()
-    while len(ingest.buffer) < 2:
-        await asyncio.sleep(0.01)  # waiting for deliveries
+    await eventually(lambda: len(ingest.buffer) >= 2)  # the deliveries
     chunk, ingest.buffer = ingest.buffer[:2], ingest.buffer[2:]
     dead_before = dead_lettered("SIGNALS")
     folding = asyncio.create_task(ingest.process(chunk))
-    while not reading.is_set():
-        await asyncio.sleep(0.01)
+    await eventually(reading.is_set)
     store.max_ts_ms = 2**62  # what a chunk of a stream stored far later would set
     release.set()
     await folding
@@ -679,8 +678,7 @@ async def test_a_chunk_waiting_on_users_reads_keeps_its_messages_in_progress(nat
     ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=16, max_event_bytes=16384,
                           max_uncheckpointed=10**6)
     await ingest.start()
-    while len(ingest.buffer) < len(users):
-        await asyncio.sleep(0.01)  # waiting for deliveries
+    await eventually(lambda: len(ingest.buffer) >= len(users))  # the deliveries
     chunk, ingest.buffer = ingest.buffer, []
     ingest._held = chunk  # as `run` does
     await ingest.process(chunk)

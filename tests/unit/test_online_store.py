@@ -15,6 +15,7 @@ from app.collector import FreezePolicy
 from streams.events import parse_event
 from streams.fold import FutureEvent
 from streams.store import OnlineStore
+from tests.conftest import eventually
 
 
 def opened(i: int, user: str = "u", ts: str = "2026-11-26T08:00:00+01:00") -> Any:
@@ -112,8 +113,7 @@ async def test_a_retry_comes_once_the_database_answers_not_after_the_whole_backo
     checkpointer.retry_first_s = 60.0  # as after a long outage
     task = asyncio.create_task(checkpointer.run())
     try:
-        while not checkpointer.failures:
-            await asyncio.sleep(0.01)
+        await eventually(lambda: checkpointer.failures)
         target.away = False
         await asyncio.wait_for(_until(lambda: target.positions == {"SIGNALS": 1}), timeout=10)
     finally:
@@ -285,8 +285,7 @@ async def test_a_read_made_stale_by_users_let_go_of_meanwhile_is_read_again_off_
     store.apply(opened(3, "here"))
     store.begin_checkpoint()  # and its save committed
     loading = asyncio.create_task(thaw.load_state(store, "back"))
-    while not reading.is_set():
-        await asyncio.sleep(0.01)
+    await eventually(reading.is_set)
     assert store.rest(["gone"]) == 1  # the checkpointer lets an idle user go meanwhile
     release.set()
     await loading
