@@ -22,6 +22,11 @@ def test_property_tests_draw_the_same_examples_each_run_unless_asked_to_explore(
     assert settings.default.derandomize is not exploring
 
 
+def test_no_property_test_times_its_examples() -> None:
+    """Hypothesis's default deadline fails an example over 200 ms: a loaded machine's verdict, not the code's."""
+    assert settings(max_examples=3).deadline is None and settings.default.deadline is None
+
+
 def test_the_only_settings_in_the_environment_are_the_suite_s_own() -> None:
     assert sorted(name for name in os.environ if is_setting_variable(name)) == [
         "TIPSTREAM_DATA_DIR", "TIPSTREAM_SPOOL_RESERVE_MB"
