@@ -81,8 +81,8 @@ async def test_a_consumer_reset_with_deliveries_in_flight_folds_each_event_once_
     ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=1024, max_event_bytes=16384,
                           max_uncheckpointed=10**6)
     await ingest.start()
-    while len(ingest.buffer) < 300:  # part of the first pull's batch is in; the rest is on its way
-        await asyncio.sleep(0)
+    # Part of the first pull's batch is in; the rest is on its way (looked at every turn, to be in time).
+    await eventually(lambda: len(ingest.buffer) >= 300, interval=0)
     first, ingest.buffer = ingest.buffer[:100], ingest.buffer[100:]
     await ingest.process(first)
     await ingest._restart_consumer()  # what a reconnect does: replay from position + 1
