@@ -65,9 +65,7 @@ async def fold_all(ingest: StreamIngest, store: OnlineStore) -> list[int]:
     """Process what arrives until the stream is folded; the first sequence of each chunk."""
     firsts = []
     while store.positions.get("SIGNALS", 0) < EVENTS:
-        if not ingest.buffer:
-            await asyncio.sleep(0.01)  # waiting for deliveries, not for a race to settle
-            continue
+        await eventually(lambda: ingest.buffer)  # the deliveries
         chunk, ingest.buffer = ingest.buffer[:256], ingest.buffer[256:]
         firsts.append(ack_subject.stream_sequence(chunk[0][1])[0])
         assert firsts[-1] == store.positions.get("SIGNALS", 0) + 1, "a chunk skips ahead of the position"
