@@ -1,4 +1,4 @@
-"""Shared by bench/score.py and bench/learn.py: the service in a subprocess, a lean HTTP/1.1 client.
+"""Shared by the benches that start the service: the service in a subprocess, a lean HTTP/1.1 client.
 
 The service runs as `tipstream run` does (uvicorn with uvloop and httptools, its own embedded
 nats-server, SQLite in a temporary data directory), so the figures are the product's. The

@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx
 import nats
 import orjson
+from _harness import add_settings_option, free_port, service_environment, settings_given
 
 from app.embedded_nats import EmbeddedNats
-from tests.ports import free_port
 
 BIN = Path(sys.executable).parent
 
@@ -83,16 +83,17 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--rate", type=float, default=10_000)
     parser.add_argument("--every-ms", type=float, default=50)
-    parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="service setting")
+    add_settings_option(parser)
     args = parser.parse_args()
+    settings = settings_given(parser, args.set)
 
     with tempfile.TemporaryDirectory() as tmp:
         server = EmbeddedNats(Path(tmp) / "nats")
         url = server.start()
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        env = {"NATS_URL": url, "TIPSTREAM_DATA_DIR": f"{tmp}/data", "TIPSTREAM_PORT": str(port),
-               "TIPSTREAM_LOG_LEVEL": "warning", "PATH": str(BIN), **dict(a.split("=", 1) for a in args.env)}
+        env = service_environment(**{"data_dir": f"{tmp}/data", "port": port, "log_level": "warning", **settings})
+        env["NATS_URL"] = url
         service = subprocess.Popen([str(BIN / "tipstream"), "run"], env=env)
         load = None
         try:
