@@ -51,3 +51,14 @@ def test_links_lead_somewhere(doc: Path) -> None:
         elif anchor not in headings:
             broken.append(target)
     assert not broken, f"{doc.name} links to what is not there: {broken}"
+
+
+def test_the_readme_layout_names_every_directory_of_the_repository() -> None:
+    """The README's Layout is where a reader finds their way in: it left docs/ out. Build output and what
+    a run makes (data/, .venv/) are not the repository's."""
+    layout = (ROOT / "README.md").read_text().partition("\n## Layout\n")[2].partition("\n## ")[0]
+    named = set(re.findall(r"^(\w+)/ ", layout.partition("```")[2].partition("```")[0], re.MULTILINE))
+    made = {"data", "build"}
+    present = {path.name for path in ROOT.iterdir() if path.is_dir() and not path.name.startswith((".", "_"))
+               and path.name not in made and not path.name.endswith(".egg-info")}
+    assert named == present, f"the README's Layout names {sorted(named)}, the repository has {sorted(present)}"
