@@ -1,5 +1,5 @@
-"""Links within the README and docs/ lead somewhere: each `(#anchor)` names a heading of its file, and
-each relative link names a file of the repository."""
+"""Links within the README and docs/ lead somewhere: each `(#anchor)` names a heading of its file, each
+relative link names a file of the repository, and each section named in prose (`README, "Limits"`) is there."""
 
 from __future__ import annotations
 
@@ -62,3 +62,46 @@ def test_the_readme_layout_names_every_directory_of_the_repository() -> None:
     present = {path.name for path in ROOT.iterdir() if path.is_dir() and not path.name.startswith((".", "_"))
                and path.name not in made and not path.name.endswith(".egg-info")}
     assert named == present, f"the README's Layout names {sorted(named)}, the repository has {sorted(present)}"
+
+
+# A section named in prose rather than linked: `docs/learning.md, "Model registry"`, `("Limits" below)`, `see
+# "Restarts"`; in code comments and docstrings too (`README, "Which NATS servers"`).
+FILE_REFERENCE = re.compile(r'\b(README(?:\.md)?|docs/[\w-]+\.md)`?,? ((?:"[A-Z`][^"]*"(?:,? (?:and |or )?)?)+)')
+SAME_FILE_REFERENCE = re.compile(
+    r'(?:\b[Ss]ee|\bbelow,|\babove,) ((?:"[A-Z`][^"]*"(?:,? (?:and |or )?)?)+)|"([A-Z`][^"]*)" (?:below|above)\b')
+
+
+def places(path: Path) -> list[str]:
+    """What a reader can find a section reference at: a heading, a bold label opening a paragraph or a
+    bullet, a table row's first cell."""
+    text = path.read_text()
+    found, in_code = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and line.startswith("#"):
+            found.append(line.lstrip("#").strip())
+    found += re.findall(r"\*\*([^*]+)\*\*", text) + re.findall(r"^\| ([^|]+?) \|", text, re.MULTILINE)
+    return [place.replace("`", "") for place in found]
+
+
+def test_sections_named_in_prose_are_there() -> None:
+    """A reference by a section's title (or the start of it) leads to one: `(below, "With a million users")`
+    named a paragraph's opening words, not a section."""
+    sources = DOCS + sorted(path for folder in ("app", "streams", "models", "bench")
+                            for path in (ROOT / folder).glob("*.py"))
+    missing, seen = [], 0
+    for source in sources:
+        text = re.sub(r"\s*\n\s*(?:#\s*)?", " ", source.read_text())  # a reference wrapped, in prose or a comment
+        found = [(ROOT / ("README.md" if target.startswith("README") else target), names)
+                 for target, names in FILE_REFERENCE.findall(text)]
+        if source.suffix == ".md":
+            found += [(source, listed or f'"{one}"') for listed, one in SAME_FILE_REFERENCE.findall(text)]
+        for target, names in found:
+            titles = places(target)
+            for name in re.findall(r'"([^"]+)"', names):
+                seen += 1
+                if not any(title.startswith(name.replace("`", "")) for title in titles):
+                    missing.append(f"{source.relative_to(ROOT)}: {target.name}, {name!r}")
+    assert seen >= 40, "the docs name sections otherwise now: update this test"
+    assert not missing, f"sections named that are not there: {missing}"
