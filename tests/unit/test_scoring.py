@@ -404,6 +404,7 @@ class FakeNats:
         self.stored: list[str] = []  # decision ids, once each (the duplicate window)
         self.answers: list[str] = []  # per publish, in order: "ok" (default), "error", "lost"
         self.is_connected = True
+        self.max_payload = 1 << 20  # nats-server's default, told in its INFO
         self.handler: Any = None
 
     def new_inbox(self) -> str:
