@@ -343,6 +343,9 @@ class Service:
             # rebuild's read-back, piled up in memory for as long as the database was away.
             backlog=lambda: self.decision_log.backlog, max_backlog=s.max_unwritten_decisions, folds=False,
             ensure_streams=self._ensure_streams,
+            # Read back no further ahead of FEEDBACK than the learner's join cache holds: the decisions it let go of
+            # to make room would be those whose feedback is still to be read.
+            room=self.learner.room_for, followed_by=self.feedback_read,
         )
         # What the checkpoint read of DECISIONS has its rows already: read back, they are not marked again.
         self.learner.rows_written_upto = self._checkpointed.get(jsx.DECISIONS.name, 0)

@@ -138,6 +138,26 @@ def delivered_in_turn(position: int, first: tuple[int, int], last: tuple[int, in
     return first[0] == position + 1 and last[0] - first[0] == count - 1 and last[1] - first[1] == count - 1
 
 
+def _stored_until(chunk: list[pull.RawMsg], stored_ms: int) -> int:
+    """How many of `chunk`'s first messages JetStream stored at or before `stored_ms` (stored times grow along a
+    stream): the last one's time alone in the usual case, all of them.
+
+    >>> chunk = [(b"", f"$JS.ACK.FEEDBACK.c.1.{n}.{n}.{ms * 1_000_000}.0".encode(), b"") for n, ms in enumerate((10, 20, 20, 30))]
+    >>> _stored_until(chunk, 9), _stored_until(chunk, 10), _stored_until(chunk, 25), _stored_until(chunk, 30)
+    (0, 1, 3, 4)
+    """
+    if ack_subject.stored_ms(chunk[-1][1]) <= stored_ms:
+        return len(chunk)
+    low, high = 0, len(chunk) - 1
+    while low < high:
+        middle = (low + high) // 2
+        if ack_subject.stored_ms(chunk[middle][1]) <= stored_ms:
+            low = middle + 1
+        else:
+            high = middle
+    return low
+
+
 def holes_after(position: int, seqs: list[int]) -> list[tuple[int, int]]:
     """Where the stream sequences delivered pass over others after `position`: (the first passed over, the
     one delivered after the gap), in order. One delivered again, or at or before the position (delivered
@@ -166,6 +186,11 @@ class ReadUpTo:
         self.stored_ms = 0
         self.caught_up = caught_up
         self._moved = asyncio.Event()
+        self.advanced = asyncio.Event()  # set at each `advance`, for a reader of its own to clear (`StreamIngest.room`)
+        # The stored time another stream's ingest waits for this one to be read past (`reached`), and when it asks:
+        # an ingest that holds back for that other one (`StreamIngest.room`) reads on up to there.
+        self.wanted_ms = 0
+        self.asked = asyncio.Event()
         # Whether everything stored in the stream until a moment ago has been read, now: unlike
         # `caught_up` (once, for good), false again while ingest is held up (paused for checkpoints,
         # a backlog delivered and not folded yet, a consumer re-created). The ingest reading the
@@ -177,9 +202,13 @@ class ReadUpTo:
         self.stored_ms = max(self.stored_ms, stored_ms)
         self.caught_up = self.caught_up or caught_up
         self._moved.set()
+        self.advanced.set()
 
     async def reached(self, stored_ms: int) -> None:
         """Until the stream has been read past messages stored at `stored_ms`, or to its end."""
+        if not self.caught_up and self.stored_ms < stored_ms and stored_ms > self.wanted_ms:
+            self.wanted_ms = stored_ms
+            self.asked.set()
         while not self.caught_up and self.stored_ms < stored_ms:
             self._moved.clear()
             await self._moved.wait()
@@ -204,6 +233,7 @@ class StreamIngest:
                  backlog: Callable[[], int] | None = None, max_backlog: int = 0, folds: bool = True,
                  ensure_streams: Callable[[], Awaitable[None]] | None = None,
                  before: Callable[[bytes], Awaitable[None] | None] | None = None,
+                 room: Callable[[list[int]], int] | None = None, followed_by: ReadUpTo | None = None,
                  max_buffer_bytes: int = BUFFER_MAX_BYTES, pull_max_bytes: int = pull.PULL_MAX_BYTES) -> None:
         self.nc, self.js, self.spec, self.store, self.checkpointer = nc, js, spec, store, checkpointer
         # Creates the streams again when this one is gone (a reconnect to a server whose store was lost).
@@ -247,6 +277,12 @@ class StreamIngest:
         # a decision is known before its feedback comes, and rewards are learned in FEEDBACK's
         # order; read first, a reward waits and is learned in DECISIONS' order instead.
         self.read, self.after = read, after
+        # `room`: until this stream has caught up once, how many of the messages of these sizes may be read now; for
+        # the others it waits for `followed_by`, the stream that follows it (`after`), to read on, or to ask for more
+        # of this one. The DECISIONS read-back, which FEEDBACK follows: read as fast as it goes, it ran ahead of FEEDBACK
+        # by more than the learner's join cache holds (TIPSTREAM_LEARNER_JOIN_CACHE_MB), the oldest decisions left it
+        # before their feedback was read, and a rebuild counted as `expired` reactions live had learned.
+        self.room, self.followed_by = room, followed_by
         # Asked with each message's ack subject before it is handed to the sink: work to await first,
         # in turns of the loop (the learner's silences due before it was stored), or None.
         self.before = before
@@ -455,20 +491,25 @@ class StreamIngest:
                     self._lag.set(0)
                 continue
             messages = self._take_buffer()
-            for start in range(0, len(messages), CHUNK):
+            start = 0
+            while start < len(messages) and not self.reset_needed:
+                self._held = messages[start:]  # delivered, not acknowledged yet (`_keep_in_progress`)
+                chunk = messages[start : start + CHUNK]
+                if self.after is not None and not self.after.caught_up:
+                    chunk = await self._readable_after(chunk)
+                if self.room is not None and not self.caught_up:
+                    chunk = await self._within_room(chunk)
                 if self.reset_needed:
                     break
-                if await self._skips_stored(messages[start : start + CHUNK]):
+                if await self._skips_stored(chunk):
                     self.request_reset()  # read again from the position; what follows it here is dropped
                     break
-                self._held = messages[start:]  # delivered, not acknowledged yet (`_keep_in_progress`)
-                if self.after is not None and not self.after.caught_up:
-                    await self._wait_for_after(ack_subject.stored_ms(messages[min(start + CHUNK, len(messages)) - 1][1]))
                 # A user's state loaded from the checkpoint on first use can fail (the database is
                 # away): the chunk is folded again once it is back. Events folded before the
                 # failure are ignored then as seen (ids), and the learner's credits are idempotent.
-                await self._retry(functools.partial(self.process, messages[start : start + CHUNK]),
+                await self._retry(functools.partial(self.process, chunk),
                                   "fold events (a user's state could not be loaded from the checkpoint)")
+                start += len(chunk)
                 await asyncio.sleep(0)
             self._held = []
             await self._hold_if_checkpoints_lag()
@@ -507,6 +548,45 @@ class StreamIngest:
                 return
             except TimeoutError:
                 pass
+
+    async def _readable_after(self, chunk: list[pull.RawMsg]) -> list[pull.RawMsg]:
+        """The head of `chunk` stored before the stream followed (`after`) has been read to, waiting until there is
+        one: each message is folded once that stream is read past when it was stored, as live. Waited for by the
+        chunk's last message, a chunk of feedback asked DECISIONS for all the decisions stored until then, which the
+        learner's join cache may not hold together (`_within_room`)."""
+        assert self.after is not None
+        while not self.after.caught_up:
+            readable = _stored_until(chunk, self.after.stored_ms)
+            if readable:
+                return chunk[:readable]
+            await self._wait_for_after(ack_subject.stored_ms(chunk[0][1]))
+        return chunk
+
+    async def _within_room(self, chunk: list[pull.RawMsg]) -> list[pull.RawMsg]:
+        """The head of `chunk` there is `room` for, and at least what the stream that follows this one waits for
+        (`ReadUpTo.wanted_ms`: up to the first message stored at or after it), waiting until there is one: one of
+        the two streams always reads on. What is held meanwhile is kept in progress."""
+        assert self.room is not None and self.read is not None and self.followed_by is not None
+        followed_by, read = self.followed_by, self.read
+        while not self.reset_needed and not self.caught_up:
+            followed_by.advanced.clear()
+            read.asked.clear()
+            fits = self.room([len(data) for _, _, data in chunk])
+            wanted = 0
+            if read.stored_ms < read.wanted_ms:
+                wanted = min(_stored_until(chunk, read.wanted_ms - 1) + 1, len(chunk))
+            if max(fits, wanted):
+                return chunk[: max(fits, wanted)]
+            waits = [asyncio.ensure_future(followed_by.advanced.wait()), asyncio.ensure_future(read.asked.wait())]
+            try:
+                async with asyncio.timeout(await self._keep_in_progress()):  # not wait_for: `periodic.woken`
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            except TimeoutError:
+                pass
+            finally:
+                for wait in waits:
+                    wait.cancel()
+        return chunk
 
     async def _keep_in_progress(self) -> float:
         """Every `progress_every_s`, say that the messages delivered and not acknowledged yet (the

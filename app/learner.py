@@ -55,7 +55,7 @@ from app.decision_ids import decision_time_ms
 from app.decisions import LoggedDecision, TipScoresLog, learning_input, served_after_stored, tip_score_row
 from app.evaluation import TrainedOn
 from app.ingest import ReadUpTo
-from app.join_cache import Entry, JoinCache
+from app.join_cache import ENTRY_OVERHEAD, Entry, JoinCache
 from app.learner_checkpoint import ModelBytes, SnapshotBook, saved_rows, state_bytes
 from app.learner_told import PositivesOnly, tell_gave_up, tell_let_go, tell_unknown_tip, tell_wrong_user
 from app.learning_metrics import FEEDBACK, JOIN_CACHE, JOIN_CACHE_BYTES, LEARN_DELAY, PENDING
@@ -202,6 +202,19 @@ class Learner:
             decision = orjson.loads(payload)
             if not (self.erasing and self._forgotten(decision, decision_time_ms(decision_id) or 0)):
                 self.decision_log.mark(tip_score_row(decision, payload, credits, rewarded_ms))
+
+    def room_for(self, sizes: list[int]) -> int:
+        """How many of the decisions read back of these sizes (bytes) the join cache holds beside those it holds now,
+        or all once FEEDBACK has caught up: more, and the oldest would leave it before FEEDBACK had read their
+        feedback, where live found them held (the DECISIONS ingest's `room`)."""
+        if self.feedback_read.caught_up:
+            return len(sizes)
+        left = self.joins.limit - self.joins.bytes
+        for taken, size in enumerate(sizes):
+            left -= size + ENTRY_OVERHEAD
+            if left < 0:
+                return taken
+        return len(sizes)
 
     @property
     def feedback_ms(self) -> int:

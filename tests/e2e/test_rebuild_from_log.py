@@ -399,3 +399,47 @@ async def test_a_rebuild_credits_a_spooled_decision_s_reaction_stored_before_the
     assert service.stop(), service.log()
     assert tip_scores(database_url) == live_rows
     assert model_bytes(database_url) == live_models
+
+
+# SQLite only: what is under test is the learner's join; the first test here holds PostgreSQL's rows to a rebuild's.
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_rebuild_learns_every_reaction_live_learned_though_the_join_cache_holds_few_decisions(
+    nats_server, nc, database_url: str, tmp_path: Path
+) -> None:
+    """A join cache of ~15 decisions (`TIPSTREAM_LEARNER_JOIN_CACHE_MB`), 60 decisions each reacted to at once:
+    live learns every reaction. The rebuild read DECISIONS as fast as it went, ahead of FEEDBACK, and the cache let
+    the oldest go before their reactions were read: some 40 of 60 `expired`, another model. It now reads DECISIONS no
+    further ahead of FEEDBACK than the cache holds: the same rewards, rows and model bytes as live."""
+    data_dir = tmp_path / "data"
+    env = {"NATS_URL": nats_server.url, "DATABASE_URL": database_url, "TIPSTREAM_CHECKPOINT_EVERY_S": "0.2",
+           "TIPSTREAM_LEARNER_JOIN_CACHE_MB": "0.03"}
+    js = nc.jetstream()
+    service = ServiceProcess(data_dir, env).start()
+    served = 60
+    async with httpx.AsyncClient(base_url=service.base_url) as http:
+        for n in range(served):
+            user = f"u-{n % 7}"
+            answer = (await http.post("/score", json={"user_id": user, "context": {"now": AT}, "explore": False,
+                                                      "candidates": CANDIDATES})).json()
+            await publish_events(js, [("feedback.tip.reacted", feedback(
+                f"fb-{n}", user, answer["decision_id"], answer["ranked"][n % 4]["tip_id"], ("acted", "disliked")[n % 2]))])
+            wait_until(lambda n=n: service.metric("tipstream_feedback_total", outcome="credited") == n + 1,
+                       what="the reaction learned")
+    last = {name: (await js.stream_info(name)).state.last_seq for name in STREAMS}
+    wait_until(lambda: caught_up(service, last, served), what="the live service caught up")
+    assert service.stop(), service.log()
+    live_rows, live_models = tip_scores(database_url), model_bytes(database_url)
+    assert live_models["v1"][0] == served
+
+    service = ServiceProcess(data_dir, env)
+    migrated = subprocess.run([TIPSTREAM, "migrate", "base"], env=service.env, capture_output=True, text=True)
+    assert migrated.returncode == 0, migrated.stderr
+    service.start()
+    wait_until(lambda: service.get("/readyz").status_code == 200
+               and all(service.metric("tipstream_stream_position", stream=s) >= n for s, n in last.items()),
+               what="the rebuild caught up")
+    assert service.metric("tipstream_feedback_total", outcome="expired") == 0
+    assert service.metric("tipstream_feedback_total", outcome="credited") == served
+    assert service.stop(), service.log()
+    assert tip_scores(database_url) == live_rows
+    assert model_bytes(database_url) == live_models
