@@ -21,6 +21,10 @@ from app.metrics import METRICS
 from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream")
+READ_CHUNK = 1_000  # users read at a time by the worker thread
+# While the warm-up loads, a line this often with how far it is, as a stream's catch-up tells its own
+# (`app/catch_up.py`): a million users took 31-58 s, with nothing said between the start's line and the last.
+REPORT_EVERY_S = 10.0
 
 
 async def restore(store: OnlineStore, freezer: FreezePolicy, target: SqlCheckpointStore) -> dict[str, int]:
@@ -43,9 +47,10 @@ async def warm_up(store: OnlineStore, freezer: FreezePolicy, target: SqlCheckpoi
     """Load every cold user, reading in a worker thread and folding in small chunks here;
     a read that fails (the database away) is tried again, for the users still cold."""
     started, delay = time.perf_counter(), 0.5
+    progress = WarmUpProgress(len(store.cold), started)
     while store.cold:
         try:
-            await _warm_once(store, freezer, target)
+            await _warm_once(store, freezer, target, progress)
             break
         except Exception as error:  # noqa: BLE001 - users load on demand meanwhile
             log.warning("could not load the checkpointed users (%s); %d still to load, trying again in %.1fs",
@@ -61,7 +66,27 @@ async def warm_up(store: OnlineStore, freezer: FreezePolicy, target: SqlCheckpoi
              time.perf_counter() - started, len(store.dormant))
 
 
-async def _warm_once(store: OnlineStore, freezer: FreezePolicy, target: SqlCheckpointStore) -> None:
+class WarmUpProgress:
+    """The warm-up's line every `REPORT_EVERY_S`: users loaded (by it or on demand) of those the start found cold,
+    the rate and the time left."""
+
+    def __init__(self, cold: int, started: float) -> None:
+        self.cold, self.started = cold, started
+        self.next_report = started + REPORT_EVERY_S
+
+    def loaded(self, still_cold: int, now: float) -> str | None:
+        """The line to log now (None: not yet, or all loaded, which the warm-up's last line tells)."""
+        if now < self.next_report or not still_cold:
+            return None
+        self.next_report = now + REPORT_EVERY_S
+        done = self.cold - still_cold
+        rate = done / max(now - self.started, 1e-9)
+        return (f"loading the checkpointed users: {done:,} of {self.cold:,} loaded ({rate:,.0f} users/s, about "
+                f"{still_cold / max(rate, 1e-9):,.0f} s left)")
+
+
+async def _warm_once(store: OnlineStore, freezer: FreezePolicy, target: SqlCheckpointStore,
+                     progress: WarmUpProgress | None = None) -> None:
     loop, queue = asyncio.get_running_loop(), asyncio.Queue[list[tuple[str, bytes]]](maxsize=4)
     # Set when this side stops taking chunks (a stop during the warm-up): the reader then puts no more.
     # It used to wait for room in the full queue for ever, and the process, whose end waits for its
@@ -77,7 +102,7 @@ async def _warm_once(store: OnlineStore, freezer: FreezePolicy, target: SqlCheck
             chunk: list[tuple[str, bytes]] = []
             for row in target.states():
                 chunk.append(row)
-                if len(chunk) == 1_000:
+                if len(chunk) == READ_CHUNK:
                     put(chunk)
                     if abandoned.is_set():
                         return
@@ -93,6 +118,8 @@ async def _warm_once(store: OnlineStore, freezer: FreezePolicy, target: SqlCheck
                 store.warm(chunk[start : start + 100])
                 await asyncio.sleep(0)
             freezer.check(store.taken_in)  # as they load: each pass visits only the newest
+            if progress is not None and (line := progress.loaded(len(store.cold), time.perf_counter())) is not None:
+                log.info("%s", line)
     except BaseException:
         # A stop, a start that failed (its one line said why), or a chunk that could not be folded: the
         # reader puts nothing more, and what it raises after is no news (unretrieved, asyncio printed it

@@ -32,6 +32,10 @@ async def test_restart_serves_checkpointed_users_before_they_are_loaded(
     assert mark is not None and mark == await stored_us(nc.jetstream(), "SIGNALS", first.service.store.positions["SIGNALS"])
 
     caplog.set_level(logging.INFO, logger="tipstream")
+    # Its progress told as it goes, here at every read of 100 users: nothing was said between the start's line and
+    # the last (31-58 s with a million users).
+    monkeypatch.setattr("app.warm_up.READ_CHUNK", 100)
+    monkeypatch.setattr("app.warm_up.REPORT_EVERY_S", 0.0)
     from app.bootstrap import Service
 
     load_learning = Service._load_learning
@@ -50,6 +54,10 @@ async def test_restart_serves_checkpointed_users_before_they_are_loaded(
     assert body["known"] is True
     await eventually(lambda: second.service.warm, timeout=30)
     assert {user: state.to_bytes() for user, state in store.users.items()} == before
+    told = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loading the checkpointed users: ")]
+    assert [line.split(" loaded (")[0] for line in told] == [
+        f"loading the checkpointed users: {loaded} of 300" for loaded in (100, 200)], told
+    assert told[0].endswith(" s left)") and " users/s, about " in told[0]
     assert store.applied == 0, "nothing re-applied: the checkpoint covered every event"
 
 
