@@ -219,3 +219,21 @@ async def test_a_small_bound_on_events_not_checkpointed_holds_no_stream_after_a_
     async with second.http() as http:
         assert (await http.get("/readyz")).status_code == 200
     await second.stop()
+
+
+async def test_a_stop_that_saves_many_users_says_so_before_its_last_checkpoint(
+        start_service, nc, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a catch-up, which changes every user, the stop's last checkpoint saves them all: a minute or two for a
+    million users, and the log said nothing until it had ended."""
+    events = list(Population(users=300, seed=4).history(days=1, start_ms=to_ms(datetime(2026, 11, 1, tzinfo=UTC))))
+    monkeypatch.setattr("app.bootstrap.STOP_CHECKPOINT_TOLD_USERS", 300)
+    running = await start_service(checkpoint_every_s=3600, checkpoint_every_events=10**9)
+    await publish_events(nc.jetstream(), events)
+    await eventually(lambda: running.service.store.applied == len(events), timeout=30)
+    assert running.service.store.dirty_count == 300, "no checkpoint yet: the stop's saves every user"
+    caplog.set_level(logging.INFO, logger="tipstream")
+    await running.stop()
+    told = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopping: ")]
+    assert told[0] == ("stopping: writing a last checkpoint of the 300 users changed since the previous one (a "
+                       "catch-up changes them all: a million take a minute or two)"), told
+    assert told[1].startswith("stopping: last checkpoint written in "), told
