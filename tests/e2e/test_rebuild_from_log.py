@@ -443,3 +443,52 @@ async def test_a_rebuild_learns_every_reaction_live_learned_though_the_join_cach
     assert service.stop(), service.log()
     assert tip_scores(database_url) == live_rows
     assert model_bytes(database_url) == live_models
+
+
+# SQLite only, as the test above.
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_rebuild_counts_expired_the_reactions_live_did_and_no_others(
+    nats_server, nc, database_url: str, tmp_path: Path
+) -> None:
+    """A join cache of ~5 decisions, 12 decisions served, then their reactions newest first, three at a time with
+    a decision between: live, the cache had let the oldest go, and 6 reactions of 12 were `expired`. The rebuild
+    counted 8 or 9 (DECISIONS read to its end first); now the same 6, with the same rows and model bytes."""
+    data_dir = tmp_path / "data"
+    env = {"NATS_URL": nats_server.url, "DATABASE_URL": database_url, "TIPSTREAM_CHECKPOINT_EVERY_S": "0.2",
+           "TIPSTREAM_LEARNER_JOIN_CACHE_MB": "0.012"}
+    js = nc.jetstream()
+    service = ServiceProcess(data_dir, env).start()
+    answers = []
+    async with httpx.AsyncClient(base_url=service.base_url) as http:
+        for n in range(12):
+            body = {"user_id": f"u-{n % 3}", "context": {"now": AT}, "candidates": CANDIDATES}
+            answers.append((f"u-{n % 3}", (await http.post("/score", json=body)).json()))
+        wait_until(lambda: service.metric("tipstream_stream_position", stream="DECISIONS") >= 12, what="logged")
+        reactions = [feedback(f"fb-{n}", user, answer["decision_id"], answer["ranked"][n % 4]["tip_id"],
+                              ("acted", "disliked")[n % 2]) for n, (user, answer) in enumerate(answers)]
+        for start in range(0, 12, 3):
+            await publish_events(js, [("feedback.tip.reacted", event) for event in reactions[::-1][start : start + 3]])
+            wait_until(lambda start=start: service.metric("tipstream_stream_position", stream="FEEDBACK") >= start + 3,
+                       what="the reactions read")  # before the next decision: live, served, it is held at once
+            await http.post("/score", json={"user_id": "u-9", "context": {"now": AT}, "candidates": CANDIDATES})
+    last = {name: (await js.stream_info(name)).state.last_seq for name in STREAMS}
+
+    def read_to_the_end() -> bool:
+        return all(service.metric("tipstream_stream_position", stream=s) >= n for s, n in last.items())
+
+    wait_until(read_to_the_end, what="the live service caught up")
+    outcomes = ("credited", "expired")
+    live = {outcome: service.metric("tipstream_feedback_total", outcome=outcome) for outcome in outcomes}
+    assert service.stop(), service.log()
+    assert live == {"credited": 6, "expired": 6}
+    live_rows, live_models = tip_scores(database_url), model_bytes(database_url)
+
+    service = ServiceProcess(data_dir, env)
+    migrated = subprocess.run([TIPSTREAM, "migrate", "base"], env=service.env, capture_output=True, text=True)
+    assert migrated.returncode == 0, migrated.stderr
+    service.start()
+    wait_until(lambda: service.get("/readyz").status_code == 200 and read_to_the_end(), what="the rebuild caught up")
+    assert {outcome: service.metric("tipstream_feedback_total", outcome=outcome) for outcome in outcomes} == live
+    assert service.stop(), service.log()
+    assert tip_scores(database_url) == live_rows
+    assert model_bytes(database_url) == live_models
