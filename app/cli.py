@@ -91,6 +91,10 @@ def _migrate(args: argparse.Namespace) -> int:
     from app.startup import data_dir_holder
 
     settings = get_settings()
+    # As `run` does: alembic's line for each revision it runs ("Running upgrade 0008 -> 0009, ..."). Unset, the
+    # command said nothing until it had ended, and an upgrade that reads a large table (0009: ~3 s a million rows)
+    # was minutes of silence.
+    configure_logging(settings.log_level)
     url = settings.sqlalchemy_url
     known = migrate.revisions()
     if args.revision not in ("head", "base", *known):  # checked first: an attempt would create the database

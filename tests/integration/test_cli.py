@@ -1077,6 +1077,16 @@ def test_run_logs_alembic_s_migrations_but_not_its_plugins(tmp_path: Path) -> No
     assert "Running upgrade" in done.stderr and "setup plugin" not in done.stderr
 
 
+def test_migrate_tells_each_revision_it_runs(tmp_path: Path) -> None:
+    """`tipstream migrate` said nothing until it had ended: an upgrade that reads a large table (0009) was minutes
+    of silence. It tells alembic's line for each revision, as `run` does, without alembic's plugins."""
+    done = subprocess.run([TIPSTREAM, "migrate"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "TIPSTREAM_DATA_DIR": str(tmp_path), "TIPSTREAM_LOG_LEVEL": "info"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Running upgrade 0008 -> 0009" in done.stderr and "setup plugin" not in done.stderr, done.stderr
+    assert done.stdout.startswith("database at ")
+
+
 def test_reading_the_registry_leaves_an_older_release_s_database_at_its_revision(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """`models list` and `card` migrated it: the older release that still served it (the new release's
