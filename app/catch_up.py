@@ -47,7 +47,8 @@ class CatchUpProgress:
     """Steps: `begin` when the consumer starts with `pending` messages behind it; `read` after
     each chunk folded, with its number of messages (it logs, and returns the line it logged).
     Once caught up it says nothing more: later consumer restarts (a NATS reconnect) read a few
-    events, not a backlog."""
+    events, not a backlog. A stream read again from its first message gets a new one
+    (`StreamIngest._restart_consumer`)."""
 
     def __init__(self, stream: str, every_s: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.stream, self.clock = stream, clock

@@ -414,6 +414,9 @@ class StreamIngest:
             # old stream's DLQ ids, whose sequences the new one numbers anew: its first bad events were dropped
             # by the DLQ as duplicates of the old one's, within its duplicate window.
             self._renewing = True
+            # Read again from its start, which may be a backlog of any length: told as the start's catch-up is,
+            # where a catch-up, once done, told nothing more (a reconnect reads a few events).
+            self.catch_up = CatchUpProgress(self.spec.name)
             self.store.positions[self.spec.name] = start - 1
             self._last_read = None  # the old stream's
             self.checkpointer.forget_stored(self.spec.name)
@@ -482,8 +485,7 @@ class StreamIngest:
                 continue
             if not self.buffer:
                 if self.puller and self.puller.idle:
-                    if not self.caught_up:
-                        self.catch_up.read(0, 0)
+                    self.catch_up.read(0, 0)  # a catch-up told (the start's, a stream read again whole) has ended
                     self.caught_up = True
                     if self.read is not None:
                         self.read.advance(0, True)
@@ -703,8 +705,7 @@ class StreamIngest:
         self._last_read = (seq, stored_ns // 1000)  # µs, cut as `jsx.stored_us` reads it back
         store.advance(self.spec.name, seq)
         self.lag = pending
-        if not live:
-            self.catch_up.read(len(chunk), pending)
+        self.catch_up.read(len(chunk), pending)  # nothing, unless a catch-up is told (`_restart_consumer`)
         if pending == 0:
             self.caught_up = True
         if self.read is not None:

@@ -231,11 +231,15 @@ async def test_a_server_back_with_an_older_store_grown_past_the_position_is_read
         await client.close()
     finally:
         elsewhere.stop()
-    with caplog.at_level("ERROR"):
+    with caplog.at_level("INFO"):
         nats_server.start()
         await eventually(lambda: "u-2" in store.users and store.users["u-2"].count("app.opened") == 7, timeout=20)
+        await eventually(lambda: any(r.getMessage().startswith("SIGNALS: caught up, ") for r in caplog.records))
     assert store.users["u-1"].count("app.opened") == 11, "the old stream's events stay, none counted twice"
     assert any("came back with another message at 11, the last one read" in r.getMessage() for r in caplog.records)
+    # The whole stream read again, a backlog of any length: its progress told, as a start's catch-up is.
+    told = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SIGNALS: caught up, ")]
+    assert len(told) == 1 and told[0].startswith("SIGNALS: caught up, 12 events read in "), told
 
 
 def _checkpointed_mark(engine, stream: str) -> tuple[int, int | None] | None:
