@@ -77,6 +77,19 @@ def caught_up(service: ServiceProcess, last: dict[str, int], credited: float) ->
             and service.metric("tipstream_feedback_total", outcome="credited") == credited)
 
 
+def start_rebuilding(data_dir: Path, env: dict[str, str], patches: dict[str, Any] | None = None) -> ServiceProcess:
+    """The README's rebuild, started: `migrate base`, then `tipstream run`."""
+    service = ServiceProcess(data_dir, env, patches=patches)
+    migrated = subprocess.run([TIPSTREAM, "migrate", "base"], env=service.env, capture_output=True, text=True)
+    assert migrated.returncode == 0, migrated.stderr
+    return service.start()
+
+
+def assert_as_live(database_url: str, live_rows: dict[str, dict[str, Any]], live_models: dict[str, Any]) -> None:
+    assert tip_scores(database_url) == live_rows
+    assert model_bytes(database_url) == live_models
+
+
 async def rebuild(js: Any, data_dir: Path, env: dict[str, str], users: list[str], credited: float
                   ) -> tuple[ServiceProcess, Knowledge]:
     """The README's rebuild: `migrate base`, start again, wait for the replay; the running service
@@ -334,15 +347,11 @@ async def test_a_kill_9_after_silences_were_learned_and_before_their_snapshot_le
         answers[1]["decision_id"]: {answers[1]["ranked"][0]["tip_id"]: 0.0},
         answers[2]["decision_id"]: {answers[2]["ranked"][0]["tip_id"]: 0.0}}
 
-    service = ServiceProcess(tmp_path / "data", env, patches=QUICK_SILENCE)
-    migrated = subprocess.run([TIPSTREAM, "migrate", "base"], env=service.env, capture_output=True, text=True)
-    assert migrated.returncode == 0, migrated.stderr
-    service.start()
+    service = start_rebuilding(tmp_path / "data", env, QUICK_SILENCE)
     wait_until(lambda: caught_up(service, last, 1.0)
                and service.metric("tipstream_silences_total", outcome="credited") == 2, what="the rebuild caught up")
     assert service.stop(), service.log()
-    assert tip_scores(database_url) == resumed_rows
-    assert model_bytes(database_url) == resumed_models
+    assert_as_live(database_url, resumed_rows, resumed_models)
 
 
 # SQLite only: what is under test is the learner's join; the first test here holds PostgreSQL's rows to a rebuild's.
@@ -431,18 +440,14 @@ async def test_a_rebuild_learns_every_reaction_live_learned_though_the_join_cach
     live_rows, live_models = tip_scores(database_url), model_bytes(database_url)
     assert live_models["v1"][0] == served
 
-    service = ServiceProcess(data_dir, env)
-    migrated = subprocess.run([TIPSTREAM, "migrate", "base"], env=service.env, capture_output=True, text=True)
-    assert migrated.returncode == 0, migrated.stderr
-    service.start()
+    service = start_rebuilding(data_dir, env)
     wait_until(lambda: service.get("/readyz").status_code == 200
                and all(service.metric("tipstream_stream_position", stream=s) >= n for s, n in last.items()),
                what="the rebuild caught up")
     assert service.metric("tipstream_feedback_total", outcome="expired") == 0
     assert service.metric("tipstream_feedback_total", outcome="credited") == served
     assert service.stop(), service.log()
-    assert tip_scores(database_url) == live_rows
-    assert model_bytes(database_url) == live_models
+    assert_as_live(database_url, live_rows, live_models)
 
 
 # SQLite only, as the test above.
@@ -483,12 +488,8 @@ async def test_a_rebuild_counts_expired_the_reactions_live_did_and_no_others(
     assert live == {"credited": 6, "expired": 6}
     live_rows, live_models = tip_scores(database_url), model_bytes(database_url)
 
-    service = ServiceProcess(data_dir, env)
-    migrated = subprocess.run([TIPSTREAM, "migrate", "base"], env=service.env, capture_output=True, text=True)
-    assert migrated.returncode == 0, migrated.stderr
-    service.start()
+    service = start_rebuilding(data_dir, env)
     wait_until(lambda: service.get("/readyz").status_code == 200 and read_to_the_end(), what="the rebuild caught up")
     assert {outcome: service.metric("tipstream_feedback_total", outcome=outcome) for outcome in outcomes} == live
     assert service.stop(), service.log()
-    assert tip_scores(database_url) == live_rows
-    assert model_bytes(database_url) == live_models
+    assert_as_live(database_url, live_rows, live_models)
