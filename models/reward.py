@@ -502,7 +502,8 @@ class TipModel:
 
         `shared` (optional) holds the user and context features; each `xs[i]` is overlaid on
         it (the candidate's value wins). Without `shared`, the items equal in every `xs[i]`
-        are found and computed once. Results equal `predict_one` up to float rounding.
+        (and of one type: True == 1, but a cross labels True "true" and 1 an hour) are found and
+        computed once. Results equal `predict_one` up to float rounding.
         """
         if not xs:
             return []
@@ -513,7 +514,8 @@ class TipModel:
             shared = {}
             for k, v in first.items():
                 for x in rest:
-                    if x.get(k, _MISSING) != v:
+                    other = x.get(k, _MISSING)
+                    if other != v or type(other) is not type(v):
                         break
                 else:
                     shared[k] = v

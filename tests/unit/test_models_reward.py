@@ -373,6 +373,22 @@ def test_predict_many_equals_predict_one(trained: TipModel) -> None:
     assert all(0.0 <= p <= 1.0 for p in one)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_predict_many_shares_only_values_of_one_type(kind: str) -> None:
+    # True == 1, but a cross labels True "true" and 1 the hour bucket 0-5: found shared, the 1 was
+    # crossed as True, and that candidate scored as the True one did.
+    model = TipModel(kind=kind, interactions=[("flag", "category")])
+    for _ in range(30):
+        model.learn_one({"flag": True, "category": "focus", "tip_id": "t"}, 1.0)
+        model.learn_one({"flag": 1, "category": "focus", "tip_id": "t"}, 0.0)
+    candidates = [{"flag": True, "category": "focus", "tip_id": "t"}, {"flag": 1, "category": "focus", "tip_id": "t"},
+                  {"flag": 1.0, "category": "focus", "tip_id": "t"}]
+    one = [model.predict_one(x) for x in candidates]
+    assert one[0] > 0.8 and one[1] < 0.2
+    assert model.predict_many(candidates) == pytest.approx(one, abs=1e-12)
+    assert model.predict_many(candidates[1:]) == pytest.approx(one[1:], abs=1e-12)
+
+
 def test_fast_path_matches_the_river_pipeline(trained: TipModel) -> None:
     # On features the model has seen (River's FM would draw random latents for unseen ones).
     for x, _ in _daypart_stream(20, seed=5):
