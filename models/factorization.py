@@ -30,8 +30,23 @@ class _FastFMClassifier(facto.FMClassifier):
     same gradients, which a unit test holds.
     """
 
-    categorical_only = False  # River's model; TipModel sets it (snapshots from before it exist)
+    categorical_only = False  # River's model; snapshots from before it existed hold none of their own
     linear_only: set[str] | frozenset[str] = frozenset()
+
+    def __init__(self, n_factors: int = 10, weight_optimizer: Any = None, latent_optimizer: Any = None,
+                 loss: Any = None, sample_normalization: bool = False, l1_weight: float = 0.0, l2_weight: float = 0.0,
+                 l1_latent: float = 0.0, l2_latent: float = 0.0, intercept: float = 0.0, intercept_lr: Any = 0.01,
+                 weight_initializer: Any = None, latent_initializer: Any = None, clip_gradient: float = 1e12,
+                 seed: int | None = None, categorical_only: bool = False) -> None:
+        # A parameter, not an attribute set afterwards: River's `clone` rebuilds an estimator from
+        # its constructor's parameters, and a clone of TipModel's FM (or of its pipeline) paired
+        # every feature. `linear_only` is learned (TipModel adds its numeric inputs): a clone starts without.
+        super().__init__(n_factors=n_factors, weight_optimizer=weight_optimizer, latent_optimizer=latent_optimizer,
+                         loss=loss, sample_normalization=sample_normalization, l1_weight=l1_weight,
+                         l2_weight=l2_weight, l1_latent=l1_latent, l2_latent=l2_latent, intercept=intercept,
+                         intercept_lr=intercept_lr, weight_initializer=weight_initializer,
+                         latent_initializer=latent_initializer, clip_gradient=clip_gradient, seed=seed)
+        self.categorical_only = categorical_only
 
     def has_latent(self, name: str) -> bool:
         return not self.categorical_only or (name not in self.linear_only and "=" not in name)

@@ -302,7 +302,7 @@ class TipModel:
             classifier = _FastFMClassifier(
                 n_factors=n_factors, weight_optimizer=weight_optimizer,
                 latent_optimizer=optim.SGD(learning_rate), loss=SoftLog(), l2_weight=l2, l2_latent=l2,
-                intercept_lr=intercept_lr, seed=seed,
+                intercept_lr=intercept_lr, seed=seed, categorical_only=latents == "categorical",
             )
         # drop_zeros: without it River emits a 0 for every category ever seen, so each
         # prediction would cost O(number of tips) instead of O(1).
@@ -330,7 +330,6 @@ class TipModel:
         self._inputs: dict[str, str] = {}  # input name -> "numeric" | "categorical", as seen in learn_one
         self._flags: set[str] = set()  # the numeric inputs first seen as a bool (crossed as "true"/"false")
         if self._fm and latents == "categorical":
-            self.classifier.categorical_only = True
             self.classifier.linear_only = set()  # the numeric inputs, added as learn_one meets them
         # fixed cross plan -> candidate's items -> its features (see `_candidate_features`)
         self._candidate_cache: dict[tuple[Any, ...], dict[tuple[Any, ...], dict[str, float]]] = {}

@@ -421,6 +421,22 @@ def test_fast_fm_learns_exactly_like_rivers_fm() -> None:
     assert ours.predict_proba_one(probe)[True] == pytest.approx(river.predict_proba_one(probe)[True], abs=1e-9)
 
 
+@pytest.mark.parametrize("latents", ["categorical", "all"])
+def test_a_river_clone_of_the_fm_pairs_what_the_fm_pairs(latents: str) -> None:
+    # River clones an estimator from its constructor's parameters: set afterwards, which features
+    # get a latent vector was lost, and a clone (of the classifier, or of the pipeline) paired the
+    # crosses too, as River's FM does.
+    model = TipModel(kind="fm", latents=latents)
+    x = {"tip_id_a": 1.0, "category_focus": 1.0, "category*hour_of_day=focus*6-11": 1.0}
+    for clone in (model.classifier.clone(), list(model.pipeline.clone().steps.values())[-1]):
+        assert isinstance(clone, _FastFMClassifier)
+        assert clone.categorical_only == model.classifier.categorical_only == (latents == "categorical")
+        for _ in range(3):
+            clone.learn_one(x, True)
+        assert ("category*hour_of_day=focus*6-11" in clone.latents) == (latents == "all")
+        assert {"tip_id_a", "category_focus"} <= set(clone.latents)
+
+
 def test_feature_names_and_inputs_for_the_card() -> None:
     model = TipModel(interactions=[("category", "hour_of_day")])
     model.learn_one({"tip_id": "t", "category": "c", "hour_of_day": 9, "completion_rate_7d": 0.5, "gone": None}, 1.0)
