@@ -5,12 +5,16 @@ simulate` and `tipstream users export` connect with the same ones."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import ssl
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from app.settings import Settings
+import nkeys
+from nats.errors import Error as NatsError
+
+from app.settings import Settings, creds_problem, creds_user
 from streams import pull
 from streams.nats_tls import TlsNotOffered
 
@@ -52,11 +56,54 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+class CredentialsUnusable(NatsError):
+    """TIPSTREAM_NATS_CREDS, read as a connection is made, is not a whole credentials file: nothing is sent, and
+    the next try reads it again."""
+
+
+def _creds_read_at_each_try(path: Path) -> dict[str, Callable[..., bytes]]:
+    """nats-py's `user_jwt_cb` and `signature_cb` for the credentials file `path`, read at each connection and
+    reconnection, so that a rotated file is taken up without a restart. Not nats-py's own reading of it
+    (`user_credentials`): a file written in place by a rotation, read half done at a reconnect (emptied, its
+    JWT only), raised a TypeError out of nats-py's reconnect loop, which ended without a word and left the
+    service away from NATS for good; one with its seed and no JWT was read for ever, the event loop blocked."""
+
+    def read() -> tuple[bytes, bytes]:
+        try:
+            content = path.read_bytes()
+        except OSError as error:
+            problem = f"cannot be read ({error.strerror or error})"
+        else:
+            problem = creds_problem(content)
+        if problem is not None:
+            raise CredentialsUnusable(
+                f"TIPSTREAM_NATS_CREDS={path} {problem}, read as tipstream connected to NATS: put a user's whole "
+                "credentials file there (written beside it, then renamed over it, it is never seen half done); "
+                "it is read again at each try")
+        return creds_user(content)
+
+    def user_jwt() -> bytes:
+        return read()[0]
+
+    def signature(nonce: str) -> bytes:
+        try:
+            key = nkeys.from_seed(bytearray(read()[1]))
+        except nkeys.NkeysError as error:
+            raise CredentialsUnusable(f"TIPSTREAM_NATS_CREDS={path}: its user NKEY seed is not one ({error!r}): put "
+                                      "a user's whole credentials file there; it is read again at each try") from None
+        try:
+            return base64.b64encode(key.sign(nonce.encode()))
+        finally:
+            key.wipe()
+
+    return {"user_jwt_cb": user_jwt, "signature_cb": signature}
+
+
 def nats_options(settings: Settings) -> dict[str, Any]:
     """nats-py's `connect` options for the settings' credentials file and TLS files, each only when set."""
     options: dict[str, Any] = {}
     if settings.nats_creds is not None:
-        options["user_credentials"] = str(Path(settings.nats_creds))
+        options.update(_creds_read_at_each_try(Path(settings.nats_creds)))
     if (context := tls_context(settings)) is not None:
         options["tls"] = context
     return options

@@ -18,7 +18,14 @@ from typing import Any
 
 from app.embedded_nats import EmbeddedNats
 from app.ingest import ACK_PENDING_BATCHES
-from app.nats_auth import NatsAuthError, client_certificate_refused, connected_unless, nats_options, tls_refusal_fix
+from app.nats_auth import (
+    CredentialsUnusable,
+    NatsAuthError,
+    client_certificate_refused,
+    connected_unless,
+    nats_options,
+    tls_refusal_fix,
+)
 from app.settings import Settings
 from app.start_errors import StartupError, shown_url
 from streams import jetstream as jsx
@@ -90,6 +97,8 @@ class NatsConnection:
                            "text on the network is acceptable, set NATS_URL with nats:// and unset TIPSTREAM_NATS_TLS_*")
                 elif (tls_fix := tls_refusal_fix(self._connect_error)) is not None:
                     fix = tls_fix
+                elif isinstance(self._connect_error, CredentialsUnusable):  # changed since the settings read it
+                    fix = "Put a user's whole credentials file at TIPSTREAM_NATS_CREDS"
                 elif _credentials_refused(cause) and self.settings.nats_creds is not None:
                     # The URL's user and password are not what the server refused: the file's JWT was.
                     fix = (f"The server refused the user of TIPSTREAM_NATS_CREDS={self.settings.nats_creds}: its "

@@ -125,6 +125,21 @@ def creds_problem(content: bytes) -> str | None:
     >>> creds_problem(b"-----BEGIN NATS USER JWT-----\\neyJ0.e30.c2ln\\n")
     'is not a NATS credentials file: it has no user NKEY seed (a line starting SU after BEGIN USER NKEY SEED)'
     """
+    jwt, seed = creds_user(content)
+    if jwt.count(b".") != 2:
+        return "is not a NATS credentials file: it has no user JWT (a line after BEGIN NATS USER JWT)"
+    if not seed.startswith(b"SU"):
+        return ("is not a NATS credentials file: it has no user NKEY seed (a line starting SU after "
+                "BEGIN USER NKEY SEED)")
+    return None
+
+
+def creds_user(content: bytes) -> tuple[bytes, bytes]:
+    """The user JWT and NKEY seed of a NATS credentials file, each b"" when it has none (`creds_problem`).
+
+    >>> creds_user(b"-----BEGIN NATS USER JWT-----\\neyJ0.e30.c2ln\\n------END NATS USER JWT------\\n")
+    (b'eyJ0.e30.c2ln', b'')
+    """
     lines = content.splitlines()
 
     def after(marker: bytes) -> bytes:
@@ -133,12 +148,7 @@ def creds_problem(content: bytes) -> str | None:
                 return lines[i + 1].strip()
         return b""
 
-    if after(b"BEGIN NATS USER JWT").count(b".") != 2:
-        return "is not a NATS credentials file: it has no user JWT (a line after BEGIN NATS USER JWT)"
-    if not after(b"BEGIN USER NKEY SEED").startswith(b"SU"):
-        return ("is not a NATS credentials file: it has no user NKEY seed (a line starting SU after "
-                "BEGIN USER NKEY SEED)")
-    return None
+    return after(b"BEGIN NATS USER JWT"), after(b"BEGIN USER NKEY SEED")
 
 
 class Settings(BaseSettings):

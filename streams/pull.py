@@ -151,6 +151,14 @@ class IngestClient(TlsIntentClient):
         self._ps = FastParser(self)
         self._raw_handlers: dict[int, Callable[[bytes, bytes, bytes, bytes | None], None]] = {}
 
+    async def connect(self, *args: Any, **options: Any) -> None:
+        # nats-py sends a user JWT (`user_jwt_cb`) only once it counts itself as given credentials: its own
+        # reading of a credentials file (`user_credentials`) does, callbacks given instead do not, and the JWT
+        # then went only to a server whose greeting asks for one (auth_required).
+        if options.get("user_jwt_cb") is not None:
+            self._auth_configured = True
+        await super().connect(*args, **options)
+
     async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
         await super()._process_info(info, initial_connection)
         share_credentials(self._server_pool, self._current_server)

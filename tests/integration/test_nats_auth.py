@@ -24,7 +24,9 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 
 from app.nats_auth import NatsAuthError, nats_options
+from app.nats_connection import NatsConnection
 from app.settings import Settings
+from app.start_errors import StartupError
 from streams import pull
 from streams.nats_tls import TlsNotOffered
 from tests.conftest import NatsCluster, NatsServer, eventually, free_port, serve_in_process
@@ -272,6 +274,57 @@ async def test_the_service_runs_on_an_operator_mode_server_with_a_credentials_fi
     finally:
         server.stop()
 
+
+
+@pytest.mark.parametrize("written", ["", "jwt"], ids=["emptied", "its-jwt-only"])
+async def test_a_credentials_file_half_written_at_a_reconnect_is_told_and_taken_up_once_whole(
+        tmp_path: Path, written: str, caplog: pytest.LogCaptureFixture) -> None:
+    """TIPSTREAM_NATS_CREDS is read again at each reconnect, so a rotation that writes the file in place is
+    seen half done (emptied, its JWT only). nats-py read it there itself: its signing raised a TypeError out
+    of its reconnect loop, which died without a word, the callbacks never called, and the service stayed away
+    from NATS for good, the whole file back or not (a file with the seed alone spun its reader for ever, the
+    event loop blocked). Read by tipstream, it is told naming the setting and tried again until whole."""
+    server, creds = operator_mode_server(tmp_path / "operator")
+    server.start()
+    try:
+        running = await serve_in_process(data_dir=tmp_path / "data", nats_url=server.url, nats_creds=creds)
+        service = running.service
+        try:
+            await eventually(lambda: service.ready, timeout=20)
+            whole = creds.read_text()
+            creds.write_text(whole.split("\n\n")[0] + "\n" if written else "")
+            with caplog.at_level("WARNING", logger="tipstream"):
+                server.stop()
+                server.start()
+                await eventually(lambda: any("TIPSTREAM_NATS_CREDS" in r.getMessage() and "not a NATS credentials file"
+                                             in r.getMessage() for r in caplog.records), timeout=15)
+            assert not service.nc.is_connected and not service.ready and service.fatal is None
+            creds.write_text(whole)
+            await eventually(lambda: service.ready, timeout=20)
+        finally:
+            await running.stop()
+    finally:
+        server.stop()
+
+
+async def test_a_credentials_file_emptied_after_the_settings_read_it_is_a_start_message_naming_it(
+        tmp_path: Path) -> None:
+    """Whole when the settings checked it, emptied by the time the connection reads it: the start's message says
+    what the file lacks and to put it back whole, not to start NATS there."""
+    server, creds = operator_mode_server(tmp_path / "operator")
+    server.start()
+    try:
+        settings = Settings(data_dir=tmp_path / "data", nats_url=server.url, nats_creds=creds,
+                            nats_connect_timeout_s=1)
+        creds.write_text("")
+        connection = NatsConnection(settings, on_reconnected=lambda: None, stopping=lambda: False, fail=print)
+        with pytest.raises(StartupError) as raised:
+            await connection.connect(server.url, None)
+        assert "is not a NATS credentials file: it has no user JWT" in str(raised.value)
+        assert "Put a user's whole credentials file at TIPSTREAM_NATS_CREDS" in str(raised.value)
+        assert "Start NATS" not in str(raised.value)
+    finally:
+        server.stop()
 
 
 async def test_a_node_lost_hands_the_urls_credentials_to_the_nodes_the_cluster_announced(tmp_path: Path) -> None:
