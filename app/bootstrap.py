@@ -35,7 +35,7 @@ from app.background import BackgroundTasks
 from app.checkpoint_writer import CheckpointWriter
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.collector import FreezePolicy
-from app.db import autovacuum_is_off, briefly, make_engine, refuse_read_only, refused_by_setting
+from app.db import autovacuum_is_off, briefly, make_engine, one_line, refuse_read_only, refused_by_setting
 from app.decision_publisher import DecisionPublisher
 from app.decision_tail import OwnTail
 from app.decisions import TipScoresLog, decode_decision
@@ -74,6 +74,8 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 GC_YOUNG_THRESHOLD = 20_000  # objects; why in Service.start
 EMBEDDED_NATS_CHECK_S = 0.5  # how often the embedded nats-server is checked for having exited
 SERVICE_LOCK_CHECK_S = 10.0  # how often the database lock's connection is checked (PostgreSQL restarted?)
+STREAM_LIMITS_CHECK_S = 0.5  # how often a start with smaller stream limits looks for every stream read to its end
+STREAM_LIMITS_RETRY_MAX_S = 30.0  # and at most how long it waits after failing to set them (the database away)
 # How long the stop waits, at each of its two waits, for database work begun in worker threads (`ThreadWork`):
 # a statement held up that long (a row locked, the database away) is given up on.
 STOP_THREAD_WORK_S = 15.0
@@ -183,14 +185,19 @@ class Service:
         js = self.nc.jetstream(timeout=10)
         await self.nats_connection.check_server(js)
         streams_lock = asyncio.Lock()  # every ingest that finds its stream gone asks at once: one creates them
+        # A smaller TIPSTREAM_STREAM_MAX_BYTES or _MAX_AGE_DAYS set at once made JetStream drop the streams' oldest
+        # messages before ingest read them: the events published while the service was stopped, lost to the fold.
+        read_to_end = asyncio.Event()
+        lower_held = False
 
         async def ensure_streams() -> None:
+            nonlocal lower_held
             async with streams_lock:
-                await jsx.ensure_streams(
+                lower_held = await jsx.ensure_streams(
                     js, max_age_days=s.stream_max_age_days, max_bytes=s.stream_max_bytes,
                     duplicate_window_s=s.duplicate_window_s, dlq_max_age_days=s.dlq_max_age_days,
-                    replicas=s.stream_replicas,
-                )
+                    replicas=s.stream_replicas, lower_limits=read_to_end.is_set(),
+                ) or lower_held
 
         self._ensure_streams = ensure_streams
         # Before any consumer is re-created, which would take the running one's from under it, and before the
@@ -247,6 +254,8 @@ class Service:
             self.ingests.append(ingest)
             self.background.start(ingest.run(), name=f"ingest {spec.name}")
         await self._start_decision_log(js)
+        if lower_held:
+            self.background.start(self._lower_stream_limits_once_read(read_to_end), name="stream limits")
         # Users folded from the streams (a first start, new users) are frozen as the store grows.
         self.checkpointer.on_saved.append(lambda _: self.freezer.check(self.store.taken_in))
         self.background.start(self.checkpointer.run(), name="checkpointer")
@@ -264,6 +273,27 @@ class Service:
             retention = TipScoresRetention(self.engine, s.tip_scores_max_age_days, threads=self.threads)
             self.background.start(every(RETENTION_EVERY_S, retention.prune, "deleting old tip_scores rows"),
                                   name="tip_scores retention")
+
+    async def _lower_stream_limits_once_read(self, read_to_end: asyncio.Event) -> None:
+        """Set the streams' smaller limits, held at the start, once every ingest has read its stream to its end
+        and a checkpoint (with the learner's snapshot) holds it: what JetStream then drops, a start after a crash
+        would not have to read again."""
+        assert self.checkpointer is not None
+        wait_s = STREAM_LIMITS_CHECK_S
+        while True:
+            await asyncio.sleep(wait_s)
+            if not all(ingest.caught_up for ingest in self.ingests):
+                continue
+            try:
+                self.learner.snapshot_at_next_checkpoint()
+                await self.checkpointer.checkpoint()
+                read_to_end.set()
+                await self._ensure_streams()
+                return
+            except Exception as error:  # noqa: BLE001 - the database or NATS away: tried again, less often
+                wait_s = min(wait_s * 2, STREAM_LIMITS_RETRY_MAX_S)
+                log.warning("cannot set the streams' smaller limits yet (%s); trying again in %g s", one_line(error),
+                            wait_s)
 
     async def _load_learning(self) -> None:
         """The registry and models (the first start registers `v1`), then the learner's snapshot:

@@ -107,9 +107,14 @@ STORAGE_FULL_FIX = (". The account's or the server's JetStream file storage is f
 
 async def ensure_streams(
     js: JetStreamContext, *, max_age_days: float, max_bytes: int, duplicate_window_s: float, dlq_max_age_days: float,
-    replicas: int = 1,
-) -> None:
-    """Create the four streams, or bring their limits and copies (`replicas`) in line with the settings. Idempotent."""
+    replicas: int = 1, lower_limits: bool = True,
+) -> bool:
+    """Create the four streams, or bring their limits and copies (`replicas`) in line with the settings. Idempotent.
+
+    JetStream drops a stream's oldest messages as soon as its age or size limit is lowered. With `lower_limits`
+    False (a start, before ingest has read what the streams hold), an existing stream keeps the looser of its
+    limit and the setting's: True when one was kept so, for a call once read."""
+    held = False
     for spec in ALL_STREAMS:
         config = StreamConfig(
             name=spec.name,
@@ -129,6 +134,14 @@ async def ensure_streams(
             await js.add_stream(config)
             log.info("created stream %s (%s)", spec.name, copies(replicas))
             continue
+        if not lower_limits:
+            looser = replace(config, max_age=looser_limit(info.config.max_age, config.max_age),
+                             max_bytes=looser_limit(info.config.max_bytes, config.max_bytes))
+            if looser != config:
+                held = True
+                log.info("stream %s: %s once ingest has read what it holds (JetStream drops its oldest messages at "
+                         "once, and some may not be read yet)", spec.name, "; ".join(stream_changes(looser, config)))
+                config = looser
         changed = stream_changes(info.config, config)
         if not changed:
             continue
@@ -145,6 +158,19 @@ async def ensure_streams(
                         "it is back. Set TIPSTREAM_STREAM_REPLICAS=%d to keep them", spec.name, copies(replicas), was, was)
         if was != replicas:
             await _copies_in_place(js, spec.name, replicas, was)
+    return held
+
+
+def looser_limit(current: float | None, wanted: float) -> float:
+    """The looser of a stream's age or size limit and the one wanted, 0 or less (or none) being no limit.
+
+    >>> looser_limit(-1, 1000), looser_limit(None, 1000), looser_limit(2000, 1000), looser_limit(1000, -1)
+    (-1, 0, 2000, -1)
+    """
+    current = current or 0
+    if current <= 0 or wanted <= 0:
+        return min(current, wanted)
+    return max(current, wanted)
 
 
 def copies(replicas: int) -> str:

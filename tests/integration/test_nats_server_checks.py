@@ -126,3 +126,41 @@ async def test_a_changed_setting_keeps_what_an_operator_set_on_a_stream(nc: Any)
     config = (await js.stream_info("SIGNALS")).config
     assert (config.max_age, config.max_bytes, config.duplicate_window) == (2 * 86_400, 50_000_000, 60)
     assert {name: getattr(config, name) for name in operators} == operators
+
+
+async def test_a_smaller_stream_limit_at_a_start_drops_no_event_not_read_yet(start_service, nats_server) -> None:
+    """A start with a smaller TIPSTREAM_STREAM_MAX_BYTES set it on the streams before ingest read them, and
+    JetStream dropped their oldest messages at once: events published while the service was stopped, never
+    read, were lost to the fold without a word (and then blamed on TIPSTREAM_STREAM_MAX_AGE_DAYS). The smaller
+    limit is set once every stream has been read to its end: what it drops was read."""
+    import orjson
+
+    from streams.events import parse_event
+    from streams.store import OnlineStore
+
+    events = list(Population(users=20, seed=4).history(days=5, start_ms=to_ms(datetime(2026, 11, 1, tzinfo=UTC))))
+    first = len(events) // 4
+    running = await start_service()
+    client = await nats.connect(nats_server.url)
+    js = client.jetstream()
+    try:
+        await publish_events(js, events[:first])
+        await eventually(lambda: running.service.store.applied >= first)
+        await running.stop()
+        await publish_events(js, events[first:])  # while the service is stopped: not read yet
+        limit = (await js.stream_info("SIGNALS")).state.bytes // 2
+
+        running = await start_service(stream_max_bytes=limit, score_max_body_bytes=1024)
+        await eventually(lambda: running.service.ready, timeout=30)
+        expected = OnlineStore()
+        for _, event in events:
+            expected.apply(parse_event(orjson.dumps(event)))
+        assert running.service.store.users == expected.users
+
+        async def limited() -> bool:
+            info = await js.stream_info("SIGNALS")
+            return info.config.max_bytes == limit and info.state.bytes <= limit
+
+        await eventually(limited)
+    finally:
+        await client.close()
