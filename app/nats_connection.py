@@ -47,8 +47,9 @@ NATS_PORTS = " (NATS clients connect on 4222 by default; 8222 is its HTTP monito
 
 
 def _credentials_refused(error: object) -> bool:
-    text = str(error or "")
-    return "Authorization Violation" in text or "Authentication" in text
+    # Not by case: nats-server 2.15 ends a connection whose user JWT expired with "user authentication expired".
+    text = str(error or "").lower()
+    return "authorization violation" in text or "authentication" in text
 
 
 class NatsConnection:
@@ -217,7 +218,12 @@ class NatsConnection:
         passed. Ingest and the decision log then retried on the closed client for ever while
         /healthz answered ok. A new start makes a new connection (or says why it cannot)."""
         cause = (self.client.last_error if self.client is not None else None) or "no error given"
+        if self.settings.nats_creds is not None and _credentials_refused(cause):  # the file's, not NATS_URL's
+            fix = (f"the server no longer takes the user of TIPSTREAM_NATS_CREDS={self.settings.nats_creds} (its JWT "
+                   "expired, or revoked): put a credentials file of a user it takes there first (`nsc generate creds "
+                   "-a <account> -n <user>`, or Synadia Cloud's)")
+        else:
+            fix = "if the server refused its credentials, fix NATS_URL first"
         self._fail(f"NATS closed tipstream's connection to {shown_url(self.url)} for good "
                    f"({cause}), and nats-py does not reconnect after that. "
-                   "tipstream stops (exit code 1) so that its supervisor starts it again with a new connection; "
-                   "if the server refused its credentials, fix NATS_URL first.")
+                   f"tipstream stops (exit code 1) so that its supervisor starts it again with a new connection; {fix}.")

@@ -220,17 +220,20 @@ def _b64(raw: bytes) -> str:
 JWT_HEADER = _b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
 
 
-def _jwt(issuer: nkeys.KeyPair, subject: str, name: str, nats_claims: dict[str, object]) -> str:
-    """A NATS JWT (v2) as `nsc` signs one: ed25519 by the issuer's NKEY."""
+def _jwt(issuer: nkeys.KeyPair, subject: str, name: str, nats_claims: dict[str, object],
+         expires: int | None = None) -> str:
+    """A NATS JWT (v2) as `nsc` signs one: ed25519 by the issuer's NKEY; `expires`, its `exp` (epoch seconds)."""
     claims = {"jti": _b64(os.urandom(24)), "iat": int(time.time()), "iss": issuer.public_key.decode(),
               "sub": subject, "name": name, "nats": {**nats_claims, "version": 2}}
+    if expires is not None:
+        claims["exp"] = expires
     signed = f"{JWT_HEADER}.{_b64(json.dumps(claims).encode())}"
     return f"{signed}.{_b64(issuer.sign(signed.encode()))}"
 
 
-def operator_mode_server(store: Path) -> tuple[NatsServer, Path]:
+def operator_mode_server(store: Path, user_expires: int | None = None) -> tuple[NatsServer, Path]:
     """A nats-server in operator mode (decentralised JWT auth, as Synadia Cloud and `nsc` set up), with
-    one JetStream account, and a credentials file for a user of it."""
+    one JetStream account, and a credentials file for a user of it (whose JWT expires at `user_expires`)."""
     def key(prefix: int) -> nkeys.KeyPair:
         return nkeys.from_seed(nkeys.encode_seed(os.urandom(32), prefix))
 
@@ -248,7 +251,7 @@ def operator_mode_server(store: Path) -> tuple[NatsServer, Path]:
         f"operator: {_jwt(operator, operator.public_key.decode(), 'OP', {'type': 'operator'})}\n"
         f"system_account: {system.public_key.decode()}\nresolver: MEMORY\nresolver_preload: {{ {preload} }}\n")
     user_jwt = _jwt(account, user.public_key.decode(), "tipstream", {"type": "user", "subs": -1, "data": -1,
-                                                                     "payload": -1})
+                                                                     "payload": -1}, user_expires)
     (store / "tipstream.creds").write_text(
         f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
         f"-----BEGIN USER NKEY SEED-----\n{user.seed.decode()}\n------END USER NKEY SEED------\n")
@@ -323,6 +326,27 @@ async def test_a_credentials_file_emptied_after_the_settings_read_it_is_a_start_
         assert "is not a NATS credentials file: it has no user JWT" in str(raised.value)
         assert "Put a user's whole credentials file at TIPSTREAM_NATS_CREDS" in str(raised.value)
         assert "Start NATS" not in str(raised.value)
+    finally:
+        server.stop()
+
+
+async def test_a_user_jwt_expiring_under_a_running_service_stops_it_naming_the_credentials_file(
+        tmp_path: Path) -> None:
+    """The server ends the connection of a user whose JWT has expired, and nats-py closes it for good: the
+    service stops (exit code 1), and its message said to fix NATS_URL, which held no credentials."""
+    server, creds = operator_mode_server(tmp_path / "operator", user_expires=int(time.time()) + 3)
+    server.start()
+    try:
+        settings = Settings(data_dir=tmp_path / "data", nats_url=server.url, nats_creds=creds)
+        told: list[str] = []
+        connection = NatsConnection(settings, on_reconnected=lambda: None, stopping=lambda: False, fail=told.append)
+        client = await connection.connect(server.url, None)
+        try:
+            await eventually(lambda: told, timeout=15)
+            assert "user authentication expired" in told[0] and "exit code 1" in told[0]
+            assert f"TIPSTREAM_NATS_CREDS={creds}" in told[0] and "NATS_URL first" not in told[0], told[0]
+        finally:
+            await client.close()
     finally:
         server.stop()
 
