@@ -190,7 +190,7 @@ class EmbeddedNats:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise EmbeddedNatsError(
-                    f"the embedded nats-server exited with code {self.process.returncode}; "
+                    f"the embedded nats-server exited with code {self.process.returncode}{self._why_it_exited()}; "
                     f"see {self.store_dir / 'nats-server.log'}"
                 )
             files = list(ports_dir.glob("*.ports"))
@@ -212,6 +212,26 @@ class EmbeddedNats:
             time.sleep(0.05)
         self.stop()
         raise EmbeddedNatsError(f"the embedded nats-server did not start within {timeout_s}s")
+
+    def _why_it_exited(self) -> str:
+        """The fatal line the server logged since this start, and what to do about a port taken: a restart binds
+        the port the first start was given (publishers keep its URL), which another process may have taken since,
+        and the message said only to see the log."""
+        try:
+            with open(self.store_dir / "nats-server.log", "rb") as file:
+                file.seek(self._log_read_to)
+                logged = file.read(1 << 20).decode(errors="replace")
+        except OSError:
+            return ""
+        fatal = [line.split("] ", 2)[-1] for line in logged.splitlines() if "[FTL]" in line]
+        if not fatal:
+            return ""
+        said = f" ({fatal[-1][:300]})"
+        if "address already in use" in fatal[-1]:
+            said += (f": another process has taken its port {self.port} (`ss -ltnp 'sport = :{self.port}'` names it). "
+                     "Stop that one, and tipstream starts it again there, where publishers were told (nats.url); "
+                     "or restart tipstream, which starts it on a free port")
+        return said
 
     def restart_if_exited(self) -> bool:
         """Start the server again, on the same port and store, if it has exited (killed, crashed);

@@ -117,7 +117,8 @@ async def test_an_embedded_nats_server_that_dies_is_started_again_at_the_same_ur
 
 
 def test_a_restart_that_fails_is_tried_again_after_a_wait_not_at_every_check(tmp_path: Path) -> None:
-    """The port taken meanwhile: each check (every 0.5 s) started a server and logged twice."""
+    """The port taken meanwhile: each check (every 0.5 s) started a server and logged twice, and the message said
+    only to see the server's log."""
     import socket
     import time
 
@@ -129,8 +130,11 @@ def test_a_restart_that_fails_is_tried_again_after_a_wait_not_at_every_check(tmp
         embedded.process.kill()
         embedded.process.wait(10)
         with socket.create_server(("127.0.0.1", embedded.port)) as squatter:
-            with pytest.raises(EmbeddedNatsError):
+            with pytest.raises(EmbeddedNatsError) as refused:
                 embedded.restart_if_exited()
+            # Not only "see its log": the server's words, and what to do.
+            assert "address already in use" in str(refused.value), refused.value
+            assert f"another process has taken its port {embedded.port}" in str(refused.value)
             failed = embedded.process
             assert embedded.restart_if_exited() is False and embedded.process is failed  # nothing started
             squatter.close()
