@@ -134,6 +134,12 @@ async def ensure_streams(
             await js.add_stream(config)
             log.info("created stream %s (%s)", spec.name, copies(replicas))
             continue
+        if (unlike := unlike_ours(info.config)) is not None:
+            log.warning("stream %s %s. tipstream makes its streams with limits retention, file storage and "
+                        "DiscardPolicy.OLD, and uses this one as it was made (by hand, or by another application?), "
+                        "as JetStream changes none of these on an existing stream: delete it while tipstream is "
+                        "stopped (`nats stream rm %s`; its messages go with it, so keep a copy first if they are "
+                        "needed) and the next start creates it as tipstream does", spec.name, unlike, spec.name)
         if not lower_limits:
             looser = replace(config, max_age=looser_limit(info.config.max_age, config.max_age),
                              max_bytes=looser_limit(info.config.max_bytes, config.max_bytes))
@@ -171,6 +177,30 @@ def looser_limit(current: float | None, wanted: float) -> float:
     if current <= 0 or wanted <= 0:
         return min(current, wanted)
     return max(current, wanted)
+
+
+def unlike_ours(config: Any) -> str | None:
+    """How an existing stream's config loses events tipstream counts on (a replay, a rebuild, `users export`), or None.
+
+    >>> from types import SimpleNamespace as C
+    >>> unlike_ours(C(retention=RetentionPolicy.LIMITS, storage=StorageType.FILE, discard=DiscardPolicy.OLD)) is None
+    True
+    >>> print(unlike_ours(C(retention=RetentionPolicy.INTEREST, storage=StorageType.MEMORY, discard=DiscardPolicy.OLD)))
+    has interest retention: JetStream deletes each event once its consumers have acknowledged it, and a rebuild or a replay finds none of them; and memory storage: a restart of nats-server loses every event
+    """
+    problems = []
+    if config.retention == RetentionPolicy.INTEREST:
+        problems.append("interest retention: JetStream deletes each event once its consumers have acknowledged it, "
+                        "and a rebuild or a replay finds none of them")
+    elif config.retention == RetentionPolicy.WORK_QUEUE:
+        problems.append("work-queue retention: JetStream deletes each event once acknowledged, and refuses the "
+                        "second consumer that forgetting a user and `users export` read it through")
+    if config.storage == StorageType.MEMORY:
+        problems.append("memory storage: a restart of nats-server loses every event")
+    if config.discard == DiscardPolicy.NEW:
+        problems.append("DiscardPolicy.NEW: at its limits JetStream refuses every new event instead of dropping "
+                        "the oldest")
+    return f"has {'; and '.join(problems)}" if problems else None
 
 
 def copies(replicas: int) -> str:

@@ -164,3 +164,22 @@ async def test_a_smaller_stream_limit_at_a_start_drops_no_event_not_read_yet(sta
         await eventually(limited)
     finally:
         await client.close()
+
+
+async def test_a_stream_made_otherwise_than_tipstream_makes_it_is_a_warning_naming_what_it_loses(
+        nc: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """An existing SIGNALS made by hand with interest retention in memory was used as it was, without a word:
+    JetStream deleted each event once read, so a rebuild found none, and a restart of nats-server lost them all."""
+    from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+
+    from streams import jetstream as jsx
+
+    js = nc.jetstream()
+    await js.add_stream(StreamConfig(name="SIGNALS", subjects=["signals.>"], retention=RetentionPolicy.INTEREST,
+                                     storage=StorageType.MEMORY))
+    with caplog.at_level(logging.WARNING, logger="tipstream.jetstream"):
+        await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    [told] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert told.startswith("stream SIGNALS has interest retention") and "memory storage" in told, told
+    assert "nats stream rm SIGNALS" in told
+    assert (await js.stream_info("SIGNALS")).config.retention == RetentionPolicy.INTEREST  # kept, not changed
