@@ -136,10 +136,11 @@ async def ensure_streams(
             continue
         if (unlike := unlike_ours(info.config)) is not None:
             log.warning("stream %s %s. tipstream makes its streams with limits retention, file storage and "
-                        "DiscardPolicy.OLD, and uses this one as it was made (by hand, or by another application?), "
-                        "as JetStream changes none of these on an existing stream: delete it while tipstream is "
-                        "stopped (`nats stream rm %s`; its messages go with it, so keep a copy first if they are "
-                        "needed) and the next start creates it as tipstream does", spec.name, unlike, spec.name)
+                        "DiscardPolicy.OLD, and uses this one as it was made (by hand, or by another application?): "
+                        "change it with `nats stream edit` where the server allows (discard; retention between "
+                        "limits and interest, 2.10 on), or delete it while tipstream is stopped (`nats stream rm %s`; "
+                        "its messages go with it, so keep a copy first if they are needed) and the next start "
+                        "creates it as tipstream does", spec.name, unlike, spec.name)
         if not lower_limits:
             looser = replace(config, max_age=looser_limit(info.config.max_age, config.max_age),
                              max_bytes=looser_limit(info.config.max_bytes, config.max_bytes))
