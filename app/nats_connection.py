@@ -44,6 +44,7 @@ NATS_GREETING_S = 2.0
 # behind the messages the server is still sending (a catch-up's pull requests, megabytes over a slow link).
 MAX_OUTSTANDING_PINGS = 2
 NATS_PORTS = " (NATS clients connect on 4222 by default; 8222 is its HTTP monitoring port, 6222 its cluster port)"
+JETSTREAM_CALL_S = 10.0  # how long the start waits for each JetStream API call's answer
 
 
 def _credentials_refused(error: object) -> bool:
@@ -64,6 +65,9 @@ class NatsConnection:
         self._connect_error: Exception | None = None  # the first connection's last failure
         self._refused = asyncio.Event()  # the first connection's one server: its TLS or credentials will not do
         self._errors = LogThrottle()  # the same NATS error: once a minute
+        # The server's last refusal of a subject to this user ("permissions violation for publish to ..."): a
+        # request it refused goes unanswered, and the start ended in a bare TimeoutError traceback.
+        self.permission_denied: str | None = None
 
     async def connect(self, url: str, embedded: EmbeddedNats | None) -> pull.IngestClient:
         """The first connection, tried for `nats_connect_timeout_s`: a server that is not there
@@ -167,6 +171,24 @@ class NatsConnection:
                         limits.max_ack_pending, wanted, s.ingest_batch, ACK_PENDING_BATCHES,
                         limits.max_ack_pending, wanted)
 
+    def unanswered(self) -> StartupError:
+        """The start's message for a JetStream call that went unanswered (nats-py's TimeoutError)."""
+        s = self.settings
+        where = f"{shown_url(self.url)} (NATS_URL)" if s.nats_url else "the embedded nats-server"
+        if self.permission_denied is not None:
+            user = (f"the user of TIPSTREAM_NATS_CREDS={s.nats_creds}" if s.nats_creds is not None
+                    else "NATS_URL's user")
+            return StartupError(
+                f"NATS at {where} refused {user} a subject tipstream needs ({self.permission_denied}), and the "
+                f"JetStream call went unanswered. tipstream publishes to $JS.API.>, $JS.ACK.>, decisions.> and "
+                "dlq.>, and subscribes to _INBOX.>: allow those in that user's permissions (`permissions {}` in "
+                "the server's config, or the user's JWT: `nsc edit user --allow-pub ... --allow-sub ...`).")
+        return StartupError(
+            f"JetStream at {where} took tipstream's connection but did not answer within {JETSTREAM_CALL_S:g} s: a "
+            "NATS cluster without a JetStream meta leader (its nodes still starting, or most of them down), or a "
+            "server too loaded to answer. Check it (`nats server check jetstream`, or a node's monitoring page "
+            "/jsz), then start tipstream again.")
+
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS; resuming each stream from its own position")
         self._resume()
@@ -176,6 +198,8 @@ class NatsConnection:
             log.warning("disconnected from NATS; reconnecting")
 
     async def _on_error(self, error: Exception) -> None:
+        if "permissions violation" in str(error).lower():
+            self.permission_denied = str(error)
         if self.client is None:  # the first connection: one line, and the last error for connect's message
             if self._connect_error is None:  # nats-py's TimeoutError says nothing: it was "()"
                 log.warning("waiting for NATS at %s (%s); trying for %g s", shown_url(self.url),

@@ -244,6 +244,10 @@ async def start(service: Service, stopper: Stopper) -> int | None:
     await service.stop()
     if stopper.received:
         return stopper.received[0]
+    from nats.errors import TimeoutError as NatsTimeout
+
+    if isinstance(failed, NatsTimeout) and service.nc is not None:  # connected, and a JetStream call unanswered
+        raise service.nats_connection.unanswered() from None
     raise explain(failed, service.settings) or failed
 
 

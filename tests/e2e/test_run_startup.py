@@ -16,6 +16,7 @@ import pytest
 from app.embedded_nats import nats_server_binary
 from tests.conftest import (
     POSTGRES_ADMIN_URL,
+    NatsCluster,
     NatsServer,
     account_url,
     free_port,
@@ -486,6 +487,39 @@ async def test_an_account_whose_consumers_are_taken_is_a_message_with_the_fix(tm
         server.stop()
     assert_one_message(done, "maximum consumers limit reached (error 10026)", "one consumer of its own on each of",
                        "raise `max_consumers`", "`nats consumer ls`")
+
+
+def test_a_nats_user_denied_the_jetstream_api_is_a_message_naming_the_permissions(tmp_path: Path) -> None:
+    """A user whose permissions leave out $JS.API.>: the server refuses each request (a warning), which then goes
+    unanswered, and the start ended 10 s later in a bare `nats.errors.TimeoutError: nats: timeout` traceback."""
+    store = tmp_path / "nats"
+    store.mkdir()
+    (store / "users.conf").write_text(
+        'authorization { users: [{user: t, password: t, permissions: {publish: {deny: ["$JS.API.>"]}}}] }\n')
+    server = NatsServer(store, args=("-c", str(store / "users.conf")))
+    server.start()
+    try:
+        done = run(tmp_path, NATS_URL=account_url(server))
+    finally:
+        server.stop()
+    assert_one_message(done, f"NATS at nats://t:***@127.0.0.1:{server.port} (NATS_URL) refused NATS_URL's user",
+                       "permissions violation for publish to", "$JS.API.>, $JS.ACK.>, decisions.> and dlq.>",
+                       "_INBOX.>", "permissions {}")
+
+
+def test_a_cluster_node_whose_jetstream_does_not_answer_yet_is_a_message_saying_what_to_check(
+        tmp_path: Path) -> None:
+    """One node of a new 3-node cluster up, the others still starting: JetStream has no meta leader, and its
+    calls go unanswered (not refused, as once a cluster had one), and the start ended in a bare traceback."""
+    cluster = NatsCluster(tmp_path / "cluster")
+    first = next(iter(cluster.nodes.values()))
+    first.start()
+    try:
+        done = run(tmp_path, NATS_URL=first.url)
+    finally:
+        cluster.stop()
+    assert_one_message(done, f"JetStream at {first.url} (NATS_URL) took tipstream's connection but did not answer "
+                       "within 10 s", "without a JetStream meta leader", "nats server check jetstream")
 
 
 def test_a_port_taken_after_the_start_bound_it_is_the_same_message_and_the_service_stops(tmp_path: Path) -> None:
