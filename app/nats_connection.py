@@ -95,7 +95,13 @@ class NatsConnection:
             waited = "" if self._refused.is_set() else f" within {timeout:g} s"
             cause = await self._why_unanswered(self._connect_error)
             if embedded is None:
-                if NATS_PORTS in cause:
+                if NATS_PORTS in cause and self._tls_asked():
+                    # nats-server's `handshake_first` waits for the client's TLS before its greeting: a NATS
+                    # client port all the same, and "not a NATS server's" sent the operator to the wrong one.
+                    fix = ("Set NATS_URL to a NATS server's client port; if it is one, its `tls {}` block has "
+                           "`handshake_first: true` (TLS before the greeting), which tipstream does not do: set "
+                           "it false there")
+                elif NATS_PORTS in cause:
                     fix = "Set NATS_URL to a NATS server's client port"
                 elif isinstance(self._connect_error, TlsNotOffered):
                     fix = ("Configure TLS on that server (a `tls {}` block in its configuration), or, where plain "
@@ -125,6 +131,12 @@ class NatsConnection:
                 f"See {embedded.store_dir / 'nats-server.log'}; TIPSTREAM_NATS_CONNECT_TIMEOUT_S sets how long to "
                 "wait.") from None
 
+    def _tls_asked(self) -> bool:
+        """Whether the connection asks for TLS: a tls:// URL, or TLS files set (`streams.nats_tls`)."""
+        s = self.settings
+        return (any(url.startswith("tls://") for url in pull.server_urls(self.url))
+                or s.nats_tls_ca is not None or s.nats_tls_cert is not None)
+
     async def _why_unanswered(self, error: Exception | None) -> str:
         """Why the first connection failed, for the start's message. nats-py says nothing for a server
         that takes the connection and never greets (Redis, RabbitMQ, an HTTP port): the message read
@@ -132,7 +144,7 @@ class NatsConnection:
         text = str(error or "")
         if "expecting INFO" in text or "info message" in text:  # it spoke first, and not NATS
             return f"{text}, so what listens there is not a NATS server's client port{NATS_PORTS}"
-        if not isinstance(error, TimeoutError) or text:
+        if error is not None and (not isinstance(error, TimeoutError) or text):  # None: none within the wait
             return text or "no answer"
         listening = []
         for url in pull.server_urls(self.url):

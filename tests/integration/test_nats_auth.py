@@ -71,6 +71,32 @@ def tls_versions(monitoring: int, name: str) -> list[str | None]:
     return [c.get("tls_version") for c in connections if c.get("name") == name]
 
 
+async def test_a_server_wanting_tls_before_its_greeting_is_named_as_one_in_the_start_message(
+        tmp_path: Path, ca: trustme.CA) -> None:
+    """nats-server's `handshake_first` sends no greeting until the client's TLS handshake, which nats-py does
+    only when told: the message said what listened there was not a NATS server's client port, though it was."""
+    store = tmp_path / "first"
+    store.mkdir()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(store / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(store / "key.pem"))
+    ca.cert_pem.write_to_path(str(store / "ca.pem"))
+    (store / "tls.conf").write_text(
+        f'tls {{ cert_file: "{store / "cert.pem"}", key_file: "{store / "key.pem"}", handshake_first: true }}\n')
+    server = NatsServer(store, args=("-c", str(store / "tls.conf")))
+    server.start()
+    try:
+        url = f"tls://127.0.0.1:{server.port}"
+        settings = Settings(data_dir=tmp_path / "data", nats_url=url, nats_tls_ca=store / "ca.pem",
+                            nats_connect_timeout_s=2)
+        connection = NatsConnection(settings, on_reconnected=lambda: None, stopping=lambda: False, fail=print)
+        with pytest.raises(StartupError) as refused:
+            await connection.connect(url, None)
+        assert "`handshake_first: true` (TLS before the greeting), which tipstream does not do" in str(refused.value)
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def plain_server(tmp_path: Path) -> Iterator[NatsServer]:
     server = NatsServer(tmp_path / "plain", args=("--auth", "s3cret-token"))
