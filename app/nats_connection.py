@@ -16,7 +16,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-from app.embedded_nats import EmbeddedNats
+from app.embedded_nats import STORE_DIR, EmbeddedNats
 from app.ingest import ACK_PENDING_BATCHES
 from app.nats_auth import (
     CredentialsUnusable,
@@ -195,6 +195,9 @@ class NatsConnection:
                 f"JetStream call went unanswered. tipstream publishes to $JS.API.>, $JS.ACK.>, decisions.> and "
                 "dlq.>, and subscribes to _INBOX.>: allow those in that user's permissions (`permissions {}` in "
                 "the server's config, or the user's JWT: `nsc edit user --allow-pub ... --allow-sub ...`).")
+        if not s.nats_url:
+            return StartupError(f"JetStream at {where} did not answer within {JETSTREAM_CALL_S:g} s: see "
+                                f"{s.data_dir / STORE_DIR / 'nats-server.log'}, then start tipstream again.")
         return StartupError(
             f"JetStream at {where} took tipstream's connection but did not answer within {JETSTREAM_CALL_S:g} s: a "
             "NATS cluster without a JetStream meta leader (its nodes still starting, or most of them down), or a "
