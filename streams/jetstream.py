@@ -134,7 +134,7 @@ async def ensure_streams(
             await js.add_stream(config)
             log.info("created stream %s (%s)", spec.name, copies(replicas))
             continue
-        if (unlike := unlike_ours(info.config)) is not None:
+        if (unlike := unlike_ours(info.config, spec)) is not None:
             log.warning("stream %s %s. tipstream makes its streams with limits retention, file storage and "
                         "DiscardPolicy.OLD, and uses this one as it was made (by hand, or by another application?): "
                         "change it with `nats stream edit` where the server allows (discard; retention between "
@@ -180,16 +180,24 @@ def looser_limit(current: float | None, wanted: float) -> float:
     return max(current, wanted)
 
 
-def unlike_ours(config: Any) -> str | None:
+def unlike_ours(config: Any, spec: StreamSpec) -> str | None:
     """How an existing stream's config loses events tipstream counts on (a replay, a rebuild, `users export`), or None.
 
     >>> from types import SimpleNamespace as C
-    >>> unlike_ours(C(retention=RetentionPolicy.LIMITS, storage=StorageType.FILE, discard=DiscardPolicy.OLD)) is None
+    >>> ours = dict(subjects=["signals.>"], retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+    ...             discard=DiscardPolicy.OLD)
+    >>> unlike_ours(C(**ours), SIGNALS) is None
     True
-    >>> print(unlike_ours(C(retention=RetentionPolicy.INTEREST, storage=StorageType.MEMORY, discard=DiscardPolicy.OLD)))
-    has interest retention: JetStream deletes each event once its consumers have acknowledged it, and a rebuild or a replay finds none of them; and memory storage: a restart of nats-server loses every event
+    >>> print(unlike_ours(C(**{**ours, "retention": RetentionPolicy.INTEREST, "storage": StorageType.MEMORY}), SIGNALS))
+    has interest retention: JetStream deletes each event once its consumers have acknowledged it, and a rebuild or \
+a replay finds none of them; and memory storage: a restart of nats-server loses every event
+    >>> print(unlike_ours(C(**{**ours, "subjects": ["signals.app.>"]}), SIGNALS))
+    has subjects signals.app.>, not signals.>: an event published on another is stored in no stream
     """
     problems = []
+    if not set(spec.subjects) <= set(config.subjects or ()):
+        problems.append(f"subjects {', '.join(config.subjects or ())}, not {', '.join(spec.subjects)}: an event "
+                        "published on another is stored in no stream")
     if config.retention == RetentionPolicy.INTEREST:
         problems.append("interest retention: JetStream deletes each event once its consumers have acknowledged it, "
                         "and a rebuild or a replay finds none of them")
