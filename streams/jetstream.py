@@ -137,7 +137,7 @@ async def ensure_streams(
         if (unlike := unlike_ours(info.config, spec)) is not None:
             log.warning("stream %s %s. tipstream makes its streams with limits retention, file storage and "
                         "DiscardPolicy.OLD, and uses this one as it was made (by hand, or by another application?): "
-                        "change it with `nats stream edit` where the server allows (discard; retention between "
+                        "change it with `nats stream edit` where the server allows (subjects, discard; retention between "
                         "limits and interest, 2.10 on), or delete it while tipstream is stopped (`nats stream rm %s`; "
                         "its messages go with it, so keep a copy first if they are needed) and the next start "
                         "creates it as tipstream does", spec.name, unlike, spec.name)
