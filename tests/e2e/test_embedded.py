@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -141,6 +142,38 @@ def test_a_restart_that_fails_is_tried_again_after_a_wait_not_at_every_check(tmp
             embedded._restart_at = time.monotonic()  # the wait is over
             assert embedded.restart_if_exited() is True and embedded.process.poll() is None
         assert embedded._restart_wait_s == RESTART_FIRST_WAIT_S  # a success starts the doubling over
+    finally:
+        embedded.stop()
+
+
+async def test_a_restart_after_a_kill_is_given_time_to_read_its_store_by_its_size(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """nats-server reads its whole store before it listens: a fixed 15 s killed a large store's server in the middle
+    of that, at every restart, for good. Here the fixed part is nothing, so only the store's size earns the time."""
+    from app import embedded_nats
+    from app.embedded_nats import EmbeddedNats, EmbeddedNatsError
+
+    embedded = EmbeddedNats(tmp_path / "nats")
+    embedded.start()
+    try:
+        client = await nats.connect(embedded.url)
+        js = client.jetstream()
+        await js.add_stream(name="BIG", subjects=["big.>"])
+        for _ in range(5):
+            await asyncio.gather(*(js.publish("big.x", b"x" * 1024) for _ in range(1000)))
+        await client.close()
+        embedded.process.kill()  # its indexes unwritten: the restart reads every block
+        embedded.process.wait(10)
+        size = embedded.store_bytes()
+        assert size > 5_000_000
+        monkeypatch.setattr(embedded_nats, "START_TIMEOUT_S", 0.0)
+        monkeypatch.setattr(embedded_nats, "START_READ_BYTES_PER_S", size / 10)  # this store earns 10 s
+        with pytest.raises(EmbeddedNatsError, match=r"did not start within 0\.0s"):
+            EmbeddedNats(tmp_path / "empty").start()  # the bound is applied: an empty store earns nothing
+        assert embedded.restart_if_exited() is True and embedded.process.poll() is None
+        client = await nats.connect(embedded.url)
+        assert (await client.jetstream().stream_info("BIG")).state.messages == 5000
+        await client.close()
     finally:
         embedded.stop()
 
