@@ -433,7 +433,12 @@ class Service:
             # Ctrl-C did not wait for, with nothing left to publish it, and the answer was served all the same.
             left = self.publisher.hand_over()
             if left:
-                spooled = decision_spool.keep_at_stop(spool, left)
+                # In a thread: 50,000 decisions of 2 KB (NATS away) are 114 MB written and synced, 0.5 s here, seconds
+                # on a slow disk, with the loop held meanwhile, /score still answering (a second Ctrl-C does not wait
+                # for it) and /healthz. Awaited before the ingests stop: an acknowledgement that comes meanwhile
+                # finds the put-back decisions' spool handed over already (`hand_over`), and is
+                # `drop_acknowledged`'s once the connection is drained.
+                spooled = await asyncio.to_thread(decision_spool.keep_at_stop, spool, left)
         catching_up = [ingest.spec.name for ingest in self.ingests if not ingest.caught_up]
         for ingest in self.ingests:
             await ingest.stop()
