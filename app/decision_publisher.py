@@ -64,6 +64,14 @@ DISCARD_NEW_FIX = (". DECISIONS is at its limits and refuses new messages (its d
                    "tipstream): decisions wait, and /score answers 503 once TIPSTREAM_DECISION_QUEUE_MAX wait. `nats "
                    "stream edit DECISIONS --discard old` lets its oldest messages go instead, as tipstream creates it, or "
                    "raise its limits")
+# JetStream's refusals that no wait mends, and what to do: err_code 10054, a message larger than the stream's
+# max_msg_size (set outside tipstream: it creates DECISIONS without one). Sent again at the front of the queue,
+# such a decision was refused at every round for good, and each refusal added a wait to the rounds of every
+# decision behind it (up to `REFUSAL_WAIT_MAX_S`): held aside instead (`_hold`), as one too large for the server.
+MESSAGE_TOO_LARGE = b'"err_code":10054'
+MESSAGE_TOO_LARGE_FIX = ("larger than DECISIONS takes in a message (its max_msg_size, set outside tipstream): kept "
+                         "aside, not sent again until NATS reconnects or the next start (a stop spools it). Raise the "
+                         "limit (`nats stream edit DECISIONS --max-msg-size=-1` takes any size) and restart tipstream")
 # What a decision's HPUB adds to its bytes and its id, which the server's max_payload counts too (`_send`).
 HEADER_BYTES = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")
 
@@ -273,6 +281,9 @@ class DecisionPublisher:
                 seq = _stored_seq(data)
                 if seq is not None:
                     self.on_stored(seq)
+        elif MESSAGE_TOO_LARGE in data:
+            self._hold(item, MESSAGE_TOO_LARGE_FIX)
+            return
         else:  # an error answer, or a status such as 503 no responders
             # Retried after a wait that doubles while refusals go on: a refusal that lasts (the
             # stream gone) was retried thousands of times a second, each with a warning. Doubled
@@ -347,18 +358,22 @@ class DecisionPublisher:
         # One subtraction for /score's ids, all of ID_LENGTH: the whole sum on every offer cost ~100 ns more.
         self._largest_payload = max_payload - HEADER_BYTES - ID_LENGTH
 
-    def _hold(self, item: tuple[str, str, bytes]) -> None:
-        """Queued before (a start's spool), and larger than this server takes: kept, not sent, until a reconnect
-        (`reconnected`), and spooled at the stop."""
+    def _hold(self, item: tuple[str, str, bytes], why: str | None = None) -> None:
+        """Queued before (a start's spool), and larger than this server takes, or refused by JetStream for a
+        reason no wait mends (`why`): kept, not sent, until a reconnect (`reconnected`), and spooled at the stop."""
         self.held.append(item)
         self._released()
         left_out = self._held_lines.allow(None)
-        if left_out is not None:
-            log.error("decision %s is %d bytes, more than the NATS server takes in a message (its max_payload, %d "
-                      "bytes): not sent (the server would close the connection for it), kept for a server that takes "
-                      "it (raise max_payload in its configuration)%s", item[1],
-                      len(item[2]) + len(item[1]) + HEADER_BYTES, self.max_payload,
-                      f" ({left_out} more since the last line)" if left_out else "")
+        if left_out is None:
+            return
+        size = len(item[2]) + len(item[1]) + HEADER_BYTES
+        more = f" ({left_out} more since the last line)" if left_out else ""
+        if why is not None:
+            log.error("JetStream refused decision %s (%d bytes) for good: %s%s", item[1], size, why, more)
+            return
+        log.error("decision %s is %d bytes, more than the NATS server takes in a message (its max_payload, %d "
+                  "bytes): not sent (the server would close the connection for it), kept for a server that takes "
+                  "it (raise max_payload in its configuration)%s", item[1], size, self.max_payload, more)
 
     def _tell_unanswered(self) -> None:
         """A server that takes publishes and answers none: nats-server with its store's disk full answered

@@ -493,3 +493,37 @@ async def test_a_decision_refused_by_a_full_stream_that_discards_new_messages_na
     told = await first_refusal(caplog)
     assert "maximum messages exceeded" in told and "--discard old" in told, told
     await running.stop()
+
+
+async def test_a_decision_larger_than_decisions_max_msg_size_is_held_aside_and_the_others_flow(
+        start_service, nc, monkeypatch, caplog) -> None:
+    """DECISIONS' max_msg_size set below a decision (an operator's `nats stream edit`): JetStream refuses that one
+    every time (err_code 10054). It went back to the front of the queue at each refusal, for good, with a wait
+    added to the rounds of every decision behind it and a warning naming no setting. A refusal no wait mends is
+    held aside (spooled at the stop) with the setting and its fix, and the decisions behind it are published."""
+    from app import bootstrap
+
+    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.5)
+    running = await start_service()
+    service, js = running.service, nc.jetstream()
+    config = (await js.stream_info("DECISIONS")).config
+    await js.update_stream(dataclasses.replace(config, max_msg_size=8_192))
+    caplog.set_level(logging.WARNING, logger="tipstream.decisions")
+    large = {**BODY, "candidates": [{"tip_id": f"tip-{i}", "category": "focus", "features": {"text": "x" * 120}}
+                                    for i in range(100)]}
+    async with running.http() as http:
+        refused = (await http.post("/score", json=large)).json()["decision_id"]
+        for _ in range(20):
+            assert (await http.post("/score", json=BODY)).status_code == 200
+    await eventually(lambda: service.publisher.published == 20, timeout=10)
+    await eventually(lambda: [d for _, d, _ in service.publisher.held] == [refused], timeout=5)
+    retried = service.publisher.retried
+    async with running.http() as http:  # no longer sent: nothing behind it waits for its refusals
+        for _ in range(5):
+            assert (await http.post("/score", json=BODY)).status_code == 200
+    await eventually(lambda: service.publisher.published == 25, timeout=10)
+    assert service.publisher.retried == retried and service.publisher.waiting == 1
+    told = [r.getMessage() for r in caplog.records if r.name == "tipstream.decisions" and r.levelno == logging.ERROR]
+    assert any(refused in m and "max_msg_size" in m and "nats stream edit DECISIONS --max-msg-size" in m
+               for m in told), told
+    await running.stop()
