@@ -153,24 +153,51 @@ class UserState:
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> UserState:
+        """The state `to_bytes` wrote; ValueError for bytes it did not write whole (a row cut short or
+        overwritten). A log cut short in its last records was read as a shorter one, and the state, wrong
+        without a word, failed later in whatever read it, or was saved again as it was.
+
+        >>> UserState.from_bytes(UserState().to_bytes()[:-1])
+        Traceback (most recent call last):
+        ...
+        ValueError: not a user state: 51 bytes, cut short or overwritten (its lengths do not add up)
+        """
         if blob[:4] != _MAGIC:
             return _from_v1_bytes(blob)
+        damaged = ValueError(f"not a user state: {len(blob)} bytes, cut short or overwritten (its lengths do not add up)")
+        if len(blob) < _HEADER.size + 4 * len(SIZES):
+            raise damaged
         state = cls()
         _, state.newest_ms, state.offset_s, state.base_ms = _HEADER.unpack_from(blob, 0)
         pos = _HEADER.size
         cap = MAX_RECORDS_PER_KIND
         logs = state.logs
         for i, size in enumerate(SIZES):
+            if pos + 4 > len(blob):
+                raise damaged
             (length,) = _LENGTH.unpack_from(blob, pos)
             pos += 4
+            if length % size or pos + length > len(blob):
+                raise damaged
             # Read for every user at a start: the cap's slice only past it.
             logs[i] = blob[pos : pos + length] if length <= cap * size else _capped(blob[pos : pos + length], size)
             pos += length
+        if pos != len(blob):
+            raise damaged
         return state
 
 
 def _from_v1_bytes(blob: bytes) -> UserState:
-    """Upcast a checkpoint written before packed logs (int64 times, a column per field)."""
+    """Upcast a checkpoint written before packed logs (int64 times, a column per field); ValueError for bytes
+    that are neither format (a row overwritten by hand or by a disk fault)."""
+    try:
+        return _v1_state(blob)
+    except struct.error:  # what unpack_from raises past the end
+        raise ValueError(f"not a user state: {len(blob)} bytes, cut short or overwritten (not one of either "
+                         "format)") from None
+
+
+def _v1_state(blob: bytes) -> UserState:
     v1_columns = {"task.created": "IIB", "task.completed": "IB", "task.rescheduled": "II", "task.deleted": "I",
                   "app.opened": "", "tip.shown": "I", "tip.reacted": "IB"}
     v1_keep = {"task.created": (0, 1), "task.completed": (0, 1), "task.rescheduled": (0, 1), "task.deleted": (0,),
@@ -184,6 +211,8 @@ def _from_v1_bytes(blob: bytes) -> UserState:
         for code in "qI" + v1_columns[kind]:
             (count,) = _LENGTH.unpack_from(blob, pos)
             width = struct.calcsize(code)
+            if pos + 4 + count * width > len(blob):
+                raise struct.error("a column past the end")
             columns.append(struct.unpack_from(f"<{count}{code}", blob, pos + 4))
             pos += 4 + count * width
         stamps, fps, payload = columns[0], columns[1], columns[2:]
@@ -192,6 +221,8 @@ def _from_v1_bytes(blob: bytes) -> UserState:
         rows = {record.pack(ts - state.base_ms, fp & 0xFFFF, *(col[n] for col in kept))
                 for n, (ts, fp) in enumerate(zip(stamps, fps)) if ts >= state.cutoff_ms}
         state.logs[i] = _capped(b"".join(sorted(rows, key=lambda r: (_unpack_ts(r)[0], r))), record.size)
+    if pos != len(blob):
+        raise struct.error("bytes past the last column")
     return state
 
 
