@@ -90,6 +90,7 @@ class Service:
         self.settings = settings
         self.store = OnlineStore()
         self.store.idle_days = settings.idle_user_days
+        self.store.on_unreadable = lambda unreadable: self._fail(str(unreadable))
         self.engine = make_engine(settings.sqlalchemy_url)
         self.service_lock = ServiceLock(settings.sqlalchemy_url)
         self.threads = ThreadWork()  # the database work of its loops in worker threads, which the stop waits for

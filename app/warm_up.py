@@ -18,7 +18,7 @@ from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.collector import FreezePolicy
 from app.db import briefly
 from app.metrics import METRICS
-from streams.store import OnlineStore
+from streams.store import OnlineStore, UnreadableState
 
 log = logging.getLogger("tipstream")
 READ_CHUNK = 1_000  # users read at a time by the worker thread
@@ -45,13 +45,17 @@ async def restore(store: OnlineStore, freezer: FreezePolicy, target: SqlCheckpoi
 async def warm_up(store: OnlineStore, freezer: FreezePolicy, target: SqlCheckpointStore,
                   checkpointer: Callable[[], Checkpointer | None]) -> None:
     """Load every cold user, reading in a worker thread and folding in small chunks here;
-    a read that fails (the database away) is tried again, for the users still cold."""
+    a read that fails (the database away) is tried again, for the users still cold. A row that cannot be decoded
+    is not: no retry mends it, and the store has told the service, which stops saying whose row and what to do
+    (`UnreadableState`). It was retried every 30 s for good, with a warning that blamed the database."""
     started, delay = time.perf_counter(), 0.5
     progress = WarmUpProgress(len(store.cold), started)
     while store.cold:
         try:
             await _warm_once(store, freezer, target, progress)
             break
+        except UnreadableState:
+            return
         except Exception as error:  # noqa: BLE001 - users load on demand meanwhile
             log.warning("could not load the checkpointed users (%s); %d still to load, trying again in %.1fs",
                         briefly(error), len(store.cold), delay)

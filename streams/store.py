@@ -31,6 +31,24 @@ class StateUnavailable(Exception):
     be loaded at the next try. Its message says why in one line, not whose: the log shows it."""
 
 
+class UnreadableState(StateUnavailable):
+    """A user's `user_state` row is there and cannot be decoded (cut short, or overwritten by hand or by a disk
+    fault). No retry mends it, and no state in its place is right: a fresh one served the user without their
+    history, and the next checkpoint wrote it over the row, a loss no one was told of. The store tells
+    `on_unreadable` (the service stops, with this message) and raises this, a StateUnavailable, so that what
+    waits for the user waits as for a database away (a 503, an event not folded yet) until the stop."""
+
+    def __init__(self, user_id: str, cause: str) -> None:
+        super().__init__(
+            f"The user_state row of user {user_id!r} cannot be read ({cause}): the database holds it damaged. "
+            "tipstream stops (exit code 1) rather than serve that user without their history or save an empty "
+            "state over the row. Rebuild the database from the streams (README, 'Rebuilding from the log'), or "
+            "restore it from a backup (README, 'Backups and restores'); or, to start this user afresh without "
+            f"the history the row held, delete it (DELETE FROM user_state WHERE user_id = '{user_id}') and start "
+            "tipstream again.")
+        self.user_id = user_id
+
+
 class OnlineStore:
     def __init__(self) -> None:
         self.users: dict[str, UserState] = {}
@@ -55,6 +73,8 @@ class OnlineStore:
         # Told each user `forget` drops (a request to erase them): what keeps more of them than their
         # state (the checkpointer's count of users at the event cap) lets go of it.
         self.on_forget: list[Callable[[str], object]] = []
+        # Told of a user whose checkpointed row cannot be decoded (`UnreadableState`): the service stops.
+        self.on_unreadable: Callable[[UnreadableState], object] | None = None
 
     def state_of(self, user_id: str) -> UserState | None:
         """The user's state, loading it from the checkpoint first if it is still cold."""
@@ -75,10 +95,37 @@ class OnlineStore:
         return self._thawed(user_id, blob)
 
     def _thawed(self, user_id: str, blob: bytes | None) -> UserState:
+        state = self._decoded(user_id, blob) if blob is not None else UserState()
         self.cold.discard(user_id)
         self.dormant.discard(user_id)
-        state = self.users[user_id] = UserState.from_bytes(blob) if blob is not None else UserState()
+        self.users[user_id] = state
         return state
+
+    def _decoded(self, user_id: str, blob: bytes) -> UserState:
+        """The state in a user's checkpointed row; UnreadableState (after `on_unreadable`) when it is damaged: the
+        user stays cold, and their row as it is.
+
+        >>> store = OnlineStore()
+        >>> told = []
+        >>> store.on_unreadable = lambda error: told.append(error.user_id)
+        >>> store._decoded("u", b"TSU2 cut")
+        Traceback (most recent call last):
+        ...
+        streams.store.UnreadableState: The user_state row of user 'u' cannot be read (not a user state: 8 bytes, ...
+        >>> store.cold.add("u"); store.warm([("u", b"TSU2 cut")])
+        Traceback (most recent call last):
+        ...
+        streams.store.UnreadableState: The user_state row of user 'u' cannot be read (not a user state: 8 bytes, ...
+        >>> store.cold, told
+        ({'u'}, ['u', 'u'])
+        """
+        try:
+            return UserState.from_bytes(blob)
+        except ValueError as error:
+            unreadable = UnreadableState(user_id, str(error))
+        if self.on_unreadable is not None:
+            self.on_unreadable(unreadable)
+        raise unreadable
 
     def in_checkpoint_only(self, user_id: str) -> bool:
         """Whether the user's state is in the checkpoint and not in memory (cold, or dormant)."""
@@ -106,7 +153,7 @@ class OnlineStore:
         loaded = 0
         for user_id, blob in states:
             if user_id in self.cold:
-                state = UserState.from_bytes(blob)
+                state = self._decoded(user_id, blob)
                 self.newest_ms = max(self.newest_ms, state.newest_ms)
                 self.cold.discard(user_id)
                 if state.newest_ms < self.idle_before_ms():

@@ -237,3 +237,81 @@ async def test_a_stop_that_saves_many_users_says_so_before_its_last_checkpoint(
     assert told[0] == ("stopping: writing a last checkpoint of the 300 users changed since the previous one (a "
                        "catch-up changes them all: a million take a minute or two)"), told
     assert told[1].startswith("stopping: last checkpoint written in "), told
+
+
+async def checkpointed_with_a_damaged_row(start_service, nc, database_url: str) -> bytes:
+    """Two users checkpointed, then the row of `u-bad` cut short (as a disk fault or a hand's UPDATE leaves it);
+    its bytes as damaged."""
+    first = await start_service(database_url=database_url)
+    await publish_events(nc.jetstream(), [opened(i, user, "2026-11-26T08:00:00+01:00")
+                                          for user in ("u-bad", "u-good") for i in range(3)])
+    await eventually(lambda: first.service.store.applied == 6, timeout=30)
+    await first.stop()
+    damaged = first.service.store.users["u-bad"].to_bytes()[:-5]
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("update user_state set state = :state where user_id = 'u-bad'"), {"state": damaged})
+    finally:
+        engine.dispose()
+    return damaged
+
+
+def row_of(database_url: str, user_id: str) -> bytes:
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return bytes(conn.execute(sa.text("select state from user_state where user_id = :u"), {"u": user_id})
+                         .scalar_one())
+    finally:
+        engine.dispose()
+
+
+def told_the_fix(fatal: str | None) -> bool:
+    return (fatal is not None and fatal.startswith("The user_state row of user 'u-bad' cannot be read (not a user "
+                                                   "state: ") and "DELETE FROM user_state WHERE user_id = 'u-bad'" in fatal
+            and "'Rebuilding from the log'" in fatal)
+
+
+async def test_a_damaged_user_state_row_stops_the_warm_up_naming_the_user_and_the_fix(
+        start_service, nc, database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The warm-up read a row it could not decode as the database away: it tried again every 30 s for good,
+    logging 'could not load the checkpointed users (error: unpack requires ...)', and /readyz stayed 503. A row
+    cut short in a log's last records was not even noticed: the user was served a wrong state. The service stops
+    with one line naming the user and what to do, and leaves the row as it is."""
+    damaged = await checkpointed_with_a_damaged_row(start_service, nc, database_url)
+    caplog.set_level(logging.WARNING, logger="tipstream")
+    second = await start_service(database_url=database_url)
+    service = second.service
+    await eventually(lambda: service.fatal is not None, timeout=20)
+    assert told_the_fix(service.fatal), service.fatal
+    warm_up = next(task for task in service.background.tasks if task.get_name() == "warm-up")
+    await eventually(warm_up.done, timeout=5)
+    assert warm_up.exception() is None, "ended as told, not as a bug"
+    assert "could not load the checkpointed users" not in caplog.text
+    assert "u-bad" in service.store.cold or "u-bad" in service.store.dormant
+    await second.stop()
+    assert row_of(database_url, "u-bad") == damaged, "the stop saved nothing over it"
+
+
+async def test_a_damaged_user_state_row_read_on_demand_answers_503_and_stops_the_service(
+        start_service, nc, database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read on demand (before the warm-up, or an idle user), the undecodable row raised out of the read: a 500 for
+    the user's features, and each of their events went to the DLQ as a bug's, lost from their state."""
+    import app.bootstrap
+
+    await checkpointed_with_a_damaged_row(start_service, nc, database_url)
+
+    async def not_yet(*_: Any) -> None:  # the user is still cold when asked for
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(app.bootstrap, "warm_up", not_yet)
+    second = await start_service(database_url=database_url)
+    service = second.service
+    async with second.http() as http:
+        assert (await http.get("/users/u-good/features")).status_code == 200
+        answer = await http.get("/users/u-bad/features")
+    assert answer.status_code == 503 and answer.headers["retry-after"], answer.text
+    assert told_the_fix(service.fatal), service.fatal
+    assert service.store.in_checkpoint_only("u-bad")
+    await second.stop()
