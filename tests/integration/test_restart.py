@@ -294,10 +294,10 @@ async def test_a_damaged_user_state_row_stops_the_warm_up_naming_the_user_and_th
     assert row_of(database_url, "u-bad") == damaged, "the stop saved nothing over it"
 
 
-async def test_a_damaged_user_state_row_read_on_demand_answers_503_and_stops_the_service(
+async def test_a_damaged_user_state_row_read_for_a_request_answers_503_and_stops_the_service(
         start_service, nc, database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Read on demand (before the warm-up, or an idle user), the undecodable row raised out of the read: a 500 for
-    the user's features, and each of their events went to the DLQ as a bug's, lost from their state."""
+    the user's features."""
     import app.bootstrap
 
     await checkpointed_with_a_damaged_row(start_service, nc, database_url)
@@ -314,4 +314,26 @@ async def test_a_damaged_user_state_row_read_on_demand_answers_503_and_stops_the
     assert answer.status_code == 503 and answer.headers["retry-after"], answer.text
     assert told_the_fix(service.fatal), service.fatal
     assert service.store.in_checkpoint_only("u-bad")
+    await second.stop()
+
+
+async def test_a_damaged_user_state_row_read_for_an_event_keeps_the_event_and_stops_the_service(
+        start_service, nc, database_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An event of the user read their row, which raised out of the fold: the event went to the DLQ as a bug's,
+    lost from their state, and so did each of theirs after."""
+    import app.bootstrap
+
+    await checkpointed_with_a_damaged_row(start_service, nc, database_url)
+
+    async def not_yet(*_: Any) -> None:  # the user is still cold when their event comes
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(app.bootstrap, "warm_up", not_yet)
+    second = await start_service(database_url=database_url)
+    service = second.service
+    await publish_events(nc.jetstream(), [opened(3, "u-bad", "2026-11-27T08:00:00+01:00")])
+    await eventually(lambda: service.fatal is not None, timeout=20)
+    assert told_the_fix(service.fatal), service.fatal
+    assert (await nc.jetstream().stream_info("DLQ")).state.messages == 0
+    assert service.store.positions["SIGNALS"] == 6 and service.store.in_checkpoint_only("u-bad")
     await second.stop()
