@@ -44,9 +44,18 @@ class UnreadableState(StateUnavailable):
             "tipstream stops (exit code 1) rather than serve that user without their history or save an empty "
             "state over the row. Rebuild the database from the streams (README, 'Rebuilding from the log'), or "
             "restore it from a backup (README, 'Backups and restores'); or, to start this user afresh without "
-            f"the history the row held, delete it (DELETE FROM user_state WHERE user_id = '{user_id}') and start "
+            f"the history the row held, delete it (DELETE FROM user_state WHERE user_id = '{_sql_text(user_id)}') and start "
             "tipstream again.")
         self.user_id = user_id
+
+
+def _sql_text(text: str) -> str:
+    """`text` as the inside of an SQL string literal, for an operator to paste.
+
+    >>> _sql_text("o'brien")
+    "o''brien"
+    """
+    return text.replace("'", "''")
 
 
 class OnlineStore:
