@@ -117,14 +117,16 @@ class OnlineStore:
         >>> store = OnlineStore()
         >>> told = []
         >>> store.on_unreadable = lambda error: told.append(error.user_id)
-        >>> store._decoded("u", b"TSU2 cut")
-        Traceback (most recent call last):
-        ...
-        streams.store.UnreadableState: The user_state row of user 'u' cannot be read (not a user state: 8 bytes, ...
-        >>> store.cold.add("u"); store.warm([("u", b"TSU2 cut")])
-        Traceback (most recent call last):
-        ...
-        streams.store.UnreadableState: The user_state row of user 'u' cannot be read (not a user state: 8 bytes, ...
+        >>> def tried(read):
+        ...     try:
+        ...         read()
+        ...     except UnreadableState as error:
+        ...         return str(error)[:70]
+        >>> tried(lambda: store._decoded("u", b"TSU2 cut"))
+        "The user_state row of user 'u' cannot be read (not a user state: 8 byt"
+        >>> store.cold.add("u")
+        >>> tried(lambda: store.warm([("u", b"TSU2 cut")]))
+        "The user_state row of user 'u' cannot be read (not a user state: 8 byt"
         >>> store.cold, told
         ({'u'}, ['u', 'u'])
         """
