@@ -51,7 +51,8 @@ async def test_a_crash_before_the_spooled_decisions_are_acknowledged_keeps_them(
     env = {"NATS_URL": nats_server.url, "TIPSTREAM_CHECKPOINT_EVERY_S": "0.2"}
 
     service = ServiceProcess(data_dir, env).start()
-    wait_until(lambda: service.metric("tipstream_decisions_total", outcome="retried") >= 1, 10, "a refused publish")
+    # Refused for good (err_code 10054): held aside, not sent again until a reconnect or the next start.
+    wait_until(lambda: f"JetStream refused decision {decision}" in service.log(), 10, "a refused publish")
     service.kill()
     assert spool.exists(), "the spooled decision is still only in memory: the crash lost it"
 
