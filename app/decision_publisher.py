@@ -176,7 +176,9 @@ class DecisionPublisher:
         """Queue a decision; False when the queue is full, or the decision too large for NATS (nothing was queued)."""
         if len(payload) > self._largest_payload:
             return False
-        if len(self.queue) + len(self.inflight) >= self.queue_max or self.bytes >= self.queue_max_bytes:
+        # The held count too: they wait in memory as the others do, and left out, a DECISIONS that refused every
+        # decision (its max_msg_size) took them past the bound for as long as TIPSTREAM_DECISION_QUEUE_MB allowed.
+        if len(self.queue) + len(self.inflight) + len(self.held) >= self.queue_max or self.bytes >= self.queue_max_bytes:
             self._room.clear()
             return False
         self.queue.append((subject, decision_id, payload))
@@ -322,7 +324,7 @@ class DecisionPublisher:
 
     def _released(self) -> None:
         queued, inflight = len(self.queue), len(self.inflight)
-        if queued + inflight < self.queue_max and self.bytes < self.queue_max_bytes and not self._room.is_set():
+        if queued + inflight + len(self.held) < self.queue_max and self.bytes < self.queue_max_bytes and not self._room.is_set():
             self._room.set()
         if not queued and not inflight:
             self._idle.set()

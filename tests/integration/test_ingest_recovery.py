@@ -406,6 +406,32 @@ async def test_one_refused_batch_waits_once_and_goes_back_in_order(nats_server, 
     await nc.close()
 
 
+async def test_decisions_held_for_a_refusal_no_wait_mends_count_against_the_queue_bound(nats_server) -> None:
+    """Held aside (DECISIONS' max_msg_size below them: err_code 10054), decisions left the queue's count, and
+    `offer` took new ones past TIPSTREAM_DECISION_QUEUE_MAX for as long as the bytes' bound allowed (256 MB): /score
+    answered 200 while they piled up in memory, and a stop spooled many more than the bound says wait."""
+    import dataclasses
+
+    from app.decision_publisher import DecisionPublisher
+
+    nc = await pull.connect(nats_server.url)
+    js = nc.jetstream()
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    config = (await js.stream_info("DECISIONS")).config
+    await js.update_stream(dataclasses.replace(config, max_msg_size=1_024))
+    publisher = DecisionPublisher(lambda: nc, queue_max=3, batch=4, window=10, ack_timeout_s=5)
+    await publisher.start()
+    task = asyncio.create_task(publisher.run())
+    large = b'{"pad": "' + b"x" * 2_000 + b'"}'
+    for i in range(3):
+        assert publisher.offer("decisions.score", f"d-{i}", large)
+    await eventually(lambda: len(publisher.held) == 3)
+    assert publisher.waiting == 3
+    assert not publisher.offer("decisions.score", "d-3", b"{}"), "the bound counts those held"
+    task.cancel()
+    await nc.close()
+
+
 async def test_a_refusal_that_lasts_is_sent_again_within_the_ceiling_and_logged_a_few_times_a_minute(
         nats_server, caplog, monkeypatch) -> None:
     """A NATS cluster refuses DECISIONS while it elects the stream's leader (4-9 s after a node is lost):
