@@ -566,8 +566,9 @@ class StreamIngest:
 
     async def _within_room(self, chunk: list[pull.RawMsg]) -> list[pull.RawMsg]:
         """The head of `chunk` there is `room` for, and at least what the stream that follows this one waits for
-        (`ReadUpTo.wanted_ms`: up to the first message stored at or after it), waiting until there is one: one of
-        the two streams always reads on. What is held meanwhile is kept in progress."""
+        (`ReadUpTo.wanted_ms`: the messages stored until then; the next one, stored after, is not folded for it but
+        told as `read` past then), waiting until there is one: one of the two streams always reads on. What is held
+        meanwhile is kept in progress."""
         assert self.room is not None and self.read is not None and self.followed_by is not None
         followed_by, read = self.followed_by, self.read
         while not self.reset_needed and not self.caught_up:
@@ -576,7 +577,14 @@ class StreamIngest:
             fits = self.room([len(data) for _, _, data in chunk])
             wanted = 0
             if read.stored_ms < read.wanted_ms:
-                wanted = min(_stored_until(chunk, read.wanted_ms - 1) + 1, len(chunk))
+                wanted = _stored_until(chunk, read.wanted_ms)
+                if not wanted and self._next_in_turn(chunk):
+                    # All stored until then is read: the next message was stored after. Folded to say so, it took
+                    # the room of the oldest decision held, which left before its feedback (the one waiting) was
+                    # read: live, that decision came after it. A rebuild counted `expired` what live had credited.
+                    read.advance(ack_subject.stored_ms(chunk[0][1]) - 1, False)
+                    continue
+                wanted = max(wanted, 1)
             if max(fits, wanted):
                 return chunk[: max(fits, wanted)]
             waits = [asyncio.ensure_future(followed_by.advanced.wait()), asyncio.ensure_future(read.asked.wait())]
@@ -589,6 +597,10 @@ class StreamIngest:
                 for wait in waits:
                     wait.cancel()
         return chunk
+
+    def _next_in_turn(self, chunk: list[pull.RawMsg]) -> bool:
+        """Whether `chunk` begins with the message after the position: none passed over in between."""
+        return ack_subject.sequences(chunk[0][1])[0] == self.store.positions.get(self.spec.name, 0) + 1
 
     async def _keep_in_progress(self) -> float:
         """Every `progress_every_s`, say that the messages delivered and not acknowledged yet (the

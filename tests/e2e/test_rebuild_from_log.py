@@ -90,6 +90,39 @@ def assert_as_live(database_url: str, live_rows: dict[str, dict[str, Any]], live
     assert model_bytes(database_url) == live_models
 
 
+def live_with_a_join_cache_of(nats_server: Any, nc: Any, database_url: str, tmp_path: Path, megabytes: str
+                              ) -> tuple[Path, dict[str, str], Any, ServiceProcess]:
+    """The live service with a join cache of `megabytes` (`TIPSTREAM_LEARNER_JOIN_CACHE_MB`): its data directory,
+    its settings, JetStream, it."""
+    data_dir = tmp_path / "data"
+    env = {"NATS_URL": nats_server.url, "DATABASE_URL": database_url, "TIPSTREAM_CHECKPOINT_EVERY_S": "0.2",
+           "TIPSTREAM_LEARNER_JOIN_CACHE_MB": megabytes}
+    return data_dir, env, nc.jetstream(), ServiceProcess(data_dir, env).start()
+
+
+async def rebuilt_counting_as_live(js: Any, service: ServiceProcess, data_dir: Path, env: dict[str, str],
+                                   database_url: str) -> dict[str, float]:
+    """Once the live `service` has read every stream to its end, stop it and rebuild: the rebuild counts the
+    reactions `credited` and `expired` as live did, with the same rows and model bytes. Live's counts."""
+    last = {name: (await js.stream_info(name)).state.last_seq for name in STREAMS}
+
+    def read_to_the_end() -> bool:
+        return all(service.metric("tipstream_stream_position", stream=s) >= n for s, n in last.items())
+
+    wait_until(read_to_the_end, what="the live service caught up")
+    outcomes = ("credited", "expired")
+    live = {outcome: service.metric("tipstream_feedback_total", outcome=outcome) for outcome in outcomes}
+    assert service.stop(), service.log()
+    live_rows, live_models = tip_scores(database_url), model_bytes(database_url)
+
+    service = start_rebuilding(data_dir, env)
+    wait_until(lambda: service.get("/readyz").status_code == 200 and read_to_the_end(), what="the rebuild caught up")
+    assert {outcome: service.metric("tipstream_feedback_total", outcome=outcome) for outcome in outcomes} == live
+    assert service.stop(), service.log()
+    assert_as_live(database_url, live_rows, live_models)
+    return live
+
+
 async def rebuild(js: Any, data_dir: Path, env: dict[str, str], users: list[str], credited: float
                   ) -> tuple[ServiceProcess, Knowledge]:
     """The README's rebuild: `migrate base`, start again, wait for the replay; the running service
@@ -419,11 +452,7 @@ async def test_a_rebuild_learns_every_reaction_live_learned_though_the_join_cach
     live learns every reaction. The rebuild read DECISIONS as fast as it went, ahead of FEEDBACK, and the cache let
     the oldest go before their reactions were read: some 40 of 60 `expired`, another model. It now reads DECISIONS no
     further ahead of FEEDBACK than the cache holds: the same rewards, rows and model bytes as live."""
-    data_dir = tmp_path / "data"
-    env = {"NATS_URL": nats_server.url, "DATABASE_URL": database_url, "TIPSTREAM_CHECKPOINT_EVERY_S": "0.2",
-           "TIPSTREAM_LEARNER_JOIN_CACHE_MB": "0.03"}
-    js = nc.jetstream()
-    service = ServiceProcess(data_dir, env).start()
+    data_dir, env, js, service = live_with_a_join_cache_of(nats_server, nc, database_url, tmp_path, "0.03")
     served = 60
     async with httpx.AsyncClient(base_url=service.base_url) as http:
         for n in range(served):
@@ -458,11 +487,7 @@ async def test_a_rebuild_counts_expired_the_reactions_live_did_and_no_others(
     """A join cache of ~5 decisions, 12 decisions served, then their reactions newest first, three at a time with
     a decision between: live, the cache had let the oldest go, and 6 reactions of 12 were `expired`. The rebuild
     counted 8 or 9 (DECISIONS read to its end first); now the same 6, with the same rows and model bytes."""
-    data_dir = tmp_path / "data"
-    env = {"NATS_URL": nats_server.url, "DATABASE_URL": database_url, "TIPSTREAM_CHECKPOINT_EVERY_S": "0.2",
-           "TIPSTREAM_LEARNER_JOIN_CACHE_MB": "0.012"}
-    js = nc.jetstream()
-    service = ServiceProcess(data_dir, env).start()
+    data_dir, env, js, service = live_with_a_join_cache_of(nats_server, nc, database_url, tmp_path, "0.012")
     answers = []
     async with httpx.AsyncClient(base_url=service.base_url) as http:
         for n in range(12):
@@ -476,20 +501,35 @@ async def test_a_rebuild_counts_expired_the_reactions_live_did_and_no_others(
             wait_until(lambda start=start: service.metric("tipstream_stream_position", stream="FEEDBACK") >= start + 3,
                        what="the reactions read")  # before the next decision: live, served, it is held at once
             await http.post("/score", json={"user_id": "u-9", "context": {"now": AT}, "candidates": CANDIDATES})
-    last = {name: (await js.stream_info(name)).state.last_seq for name in STREAMS}
-
-    def read_to_the_end() -> bool:
-        return all(service.metric("tipstream_stream_position", stream=s) >= n for s, n in last.items())
-
-    wait_until(read_to_the_end, what="the live service caught up")
-    outcomes = ("credited", "expired")
-    live = {outcome: service.metric("tipstream_feedback_total", outcome=outcome) for outcome in outcomes}
-    assert service.stop(), service.log()
+    live = await rebuilt_counting_as_live(js, service, data_dir, env, database_url)
     assert live == {"credited": 6, "expired": 6}
-    live_rows, live_models = tip_scores(database_url), model_bytes(database_url)
 
-    service = start_rebuilding(data_dir, env)
-    wait_until(lambda: service.get("/readyz").status_code == 200 and read_to_the_end(), what="the rebuild caught up")
-    assert {outcome: service.metric("tipstream_feedback_total", outcome=outcome) for outcome in outcomes} == live
-    assert service.stop(), service.log()
-    assert_as_live(database_url, live_rows, live_models)
+
+# SQLite only, as the tests above.
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_rebuild_holds_the_decisions_live_held_when_their_reactions_came_oldest_first(
+    nats_server, nc, database_url: str, tmp_path: Path
+) -> None:
+    """A join cache of a few decisions, four rounds of 8 decisions served, then their reactions oldest first, each
+    round read before the next is served: live, the cache let each round's first ones go, the same few a round.
+    The rebuild's DECISIONS, asked by FEEDBACK for the decisions stored until its reaction, also folded the next
+    one (the next round's first, stored after), which took the room of a decision whose reaction was still to come:
+    one more `expired` a round (6 where live counted 3). The same counts, rows and model bytes as live now."""
+    data_dir, env, js, service = live_with_a_join_cache_of(nats_server, nc, database_url, tmp_path, "0.012")
+    served = 0
+    async with httpx.AsyncClient(base_url=service.base_url) as http:
+        for round_ in range(4):
+            answers = []
+            for n in range(8):
+                body = {"user_id": f"u-{n % 3}", "context": {"now": AT}, "candidates": CANDIDATES}
+                answers.append((f"u-{n % 3}", (await http.post("/score", json=body)).json()))
+            served += len(answers)
+            wait_until(lambda served=served: service.metric("tipstream_stream_position", stream="DECISIONS") >= served,
+                       what="logged")
+            await publish_events(js, [("feedback.tip.reacted", feedback(
+                f"fb-{round_}-{n}", user, answer["decision_id"], answer["ranked"][n % 4]["tip_id"],
+                ("acted", "disliked")[n % 2])) for n, (user, answer) in enumerate(answers)])
+            wait_until(lambda served=served: service.metric("tipstream_stream_position", stream="FEEDBACK") >= served,
+                       what="the reactions read")  # before the next round: live, each is held once served
+    live = await rebuilt_counting_as_live(js, service, data_dir, env, database_url)
+    assert live["expired"] > 0 and live["credited"] + live["expired"] == served  # the cache let some go, live too
