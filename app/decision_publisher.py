@@ -50,6 +50,11 @@ AWAY_POLL_S = 0.1  # how often the publisher looks for the connection while NATS
 # them, and their reactions waited as long to be learned. Each round's refusal is a line, at most so many a minute.
 REFUSAL_WAIT_MAX_S = 1.0
 REFUSAL_LINES_PER_MINUTE = 10
+# How often decisions held for DECISIONS' max_msg_size are sent again: the operator raises it while tipstream runs
+# (`nats stream edit`, as the log line says), and tried only at a reconnect or the next start, they stayed held,
+# counted against TIPSTREAM_DECISION_QUEUE_MAX (/score answered 503 once it was full of them), and a forget of
+# their user waited for them.
+HELD_RETRY_S = 30.0
 
 
 # STORAGE_FULL in a refusal's raw answer (10047 alone was matched, and no refusal of a decision ever
@@ -70,8 +75,8 @@ DISCARD_NEW_FIX = (". DECISIONS is at its limits and refuses new messages (its d
 # decision behind it (up to `REFUSAL_WAIT_MAX_S`): held aside instead (`_hold`), as one too large for the server.
 MESSAGE_TOO_LARGE = b'"err_code":10054'
 MESSAGE_TOO_LARGE_FIX = ("larger than DECISIONS takes in a message (its max_msg_size, set outside tipstream): kept "
-                         "aside, not sent again until NATS reconnects or the next start (a stop spools it). Raise the "
-                         "limit (`nats stream edit DECISIONS --max-msg-size=-1` takes any size) and restart tipstream")
+                         "aside and sent again every %gs (a stop spools it). Raise the limit (`nats "
+                         "stream edit DECISIONS --max-msg-size=-1` takes any size): it is published at the next try")
 # What a decision's HPUB adds to its bytes and its id, which the server's max_payload counts too (`_send`).
 HEADER_BYTES = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")
 
@@ -124,7 +129,7 @@ class DecisionPublisher:
     def __init__(self, nc: Callable[[], Any], *, queue_max: int, batch: int, window: int,
                  queue_max_bytes: float = math.inf, ack_timeout_s: float = 5.0,
                  on_published: Callable[[str, bytes], None] | None = None,
-                 on_stored: Callable[[int], None] | None = None) -> None:
+                 on_stored: Callable[[int], None] | None = None, held_retry_s: float = HELD_RETRY_S) -> None:
         self._nc, self.queue_max, self.batch, self.window = nc, queue_max, batch, window
         # The bytes of the decisions waiting or in flight, and how many may wait: a decision is the
         # caller's to size (a /score body of 256 KB made one of 228 KB), so `queue_max` of them held
@@ -147,8 +152,13 @@ class DecisionPublisher:
         # Violation'), and sent again after each reconnect, one such decision held the whole log up for good.
         self.max_payload: float = math.inf
         self._largest_payload: float = math.inf  # a decision's bytes within it, with an id of ours (`offer`)
-        self.held: list[tuple[str, str, bytes]] = []  # queued before, now too large for the server: not sent
+        # Queued before, now too large for the server, or refused by DECISIONS' max_msg_size: not sent (`_hold`).
+        self.held: list[tuple[str, str, bytes]] = []
         self._held_lines = LogThrottle()
+        # The ids of those held for a refusal (max_msg_size), sent again every `held_retry_s`: the others (the
+        # server's max_payload) can only change at a reconnect.
+        self._held_refused: set[str] = set()
+        self.held_retry_s, self._held_retry_at = held_retry_s, math.inf
         self._waiting_for_room: dict[str, bytes] = {}  # decision id -> payload, of each `put` waiting
         self._withdrawn: set[str] = set()
         self._on_all_put_back: Callable[[], None] | None = None
@@ -284,7 +294,7 @@ class DecisionPublisher:
                 if seq is not None:
                     self.on_stored(seq)
         elif MESSAGE_TOO_LARGE in data:
-            self._hold(item, MESSAGE_TOO_LARGE_FIX)
+            self._hold(item, MESSAGE_TOO_LARGE_FIX % self.held_retry_s)
             return
         else:  # an error answer, or a status such as 503 no responders
             # Retried after a wait that doubles while refusals go on: a refusal that lasts (the
@@ -319,8 +329,23 @@ class DecisionPublisher:
         if self.held:
             self.queue.extend(self.held)
             self.held = []
+            self._held_refused.clear()
+            self._held_retry_at = math.inf
         self._released()
         self._work.set()
+
+    def _retry_held(self) -> None:
+        """The decisions held for DECISIONS' max_msg_size, back at the front of the queue: refused again, they are
+        held again (`_on_ack`), and tried again `held_retry_s` later."""
+        self._held_retry_at = math.inf
+        items = [item for item in self.held if item[1] in self._held_refused]
+        if not items:
+            return
+        self.held = [item for item in self.held if item[1] not in self._held_refused]
+        self._held_refused.clear()
+        self._requeue(items)
+        self._idle.clear()
+        self._released()
 
     def _released(self) -> None:
         queued, inflight = len(self.queue), len(self.inflight)
@@ -362,8 +387,12 @@ class DecisionPublisher:
 
     def _hold(self, item: tuple[str, str, bytes], why: str | None = None) -> None:
         """Queued before (a start's spool), and larger than this server takes, or refused by JetStream for a
-        reason no wait mends (`why`): kept, not sent, until a reconnect (`reconnected`), and spooled at the stop."""
+        reason no wait mends (`why`): kept, not sent, until a reconnect (`reconnected`), or for a refusal the next
+        try (`_retry_held`), and spooled at the stop."""
         self.held.append(item)
+        if why is not None:
+            self._held_refused.add(item[1])
+            self._held_retry_at = min(self._held_retry_at, time.monotonic() + self.held_retry_s)
         self._released()
         left_out = self._held_lines.allow(None)
         if left_out is None:
@@ -395,8 +424,10 @@ class DecisionPublisher:
     async def run(self) -> None:
         backoff = 0.1
         while True:
-            await woken(self._work, min(1.0, self.ack_timeout_s))
+            await woken(self._work, min(1.0, self.ack_timeout_s, max(self._held_retry_at - time.monotonic(), 0.0)))
             self._work.clear()
+            if time.monotonic() >= self._held_retry_at:
+                self._retry_held()
             if self.inflight and self._expire(time.monotonic()):
                 self._tell_unanswered()
                 await asyncio.sleep(backoff)

@@ -432,6 +432,37 @@ async def test_decisions_held_for_a_refusal_no_wait_mends_count_against_the_queu
     await nc.close()
 
 
+async def test_a_decision_held_for_max_msg_size_is_published_once_the_limit_is_raised_without_a_reconnect(
+        nats_server, caplog) -> None:
+    """Held aside for DECISIONS' max_msg_size (err_code 10054), a decision was sent again only at a reconnect or the
+    next start: after `nats stream edit DECISIONS --max-msg-size=-1`, as its error line says, it stayed held (counted
+    against TIPSTREAM_DECISION_QUEUE_MAX, a forget of its user waiting for it). Tried again every `held_retry_s`
+    (30 s in the service): held again while refused, with one error line, then published once the limit is raised."""
+    import dataclasses
+
+    from app.decision_publisher import DecisionPublisher
+
+    nc = await pull.connect(nats_server.url)
+    js = nc.jetstream()
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    config = (await js.stream_info("DECISIONS")).config
+    await js.update_stream(dataclasses.replace(config, max_msg_size=1_024))
+    publisher = DecisionPublisher(lambda: nc, queue_max=10, batch=4, window=10, ack_timeout_s=5, held_retry_s=0.1)
+    await publisher.start()
+    task = asyncio.create_task(publisher.run())
+    caplog.set_level(logging.ERROR, logger="tipstream.decisions")
+    assert publisher.offer("decisions.score", "d-large", b'{"pad": "' + b"x" * 2_000 + b'"}')
+    await eventually(lambda: publisher.retried >= 2 and [d for _, d, _ in publisher.held] == ["d-large"])
+    told = [r.getMessage() for r in caplog.records if "d-large" in r.getMessage()]
+    assert len(told) == 1 and "sent again every 0.1s" in told[0], told  # one line a minute, not one a try
+    assert publisher.published == 0
+    await js.update_stream(dataclasses.replace(config, max_msg_size=-1))
+    await eventually(lambda: publisher.published == 1)
+    assert publisher.held == [] and publisher.waiting == 0
+    task.cancel()
+    await nc.close()
+
+
 async def test_a_refusal_that_lasts_is_sent_again_within_the_ceiling_and_logged_a_few_times_a_minute(
         nats_server, caplog, monkeypatch) -> None:
     """A NATS cluster refuses DECISIONS while it elects the stream's leader (4-9 s after a node is lost):
