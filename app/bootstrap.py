@@ -201,6 +201,7 @@ class Service:
                 ) or lower_held
 
         self._ensure_streams = ensure_streams
+        self._read_to_end = read_to_end
         # Before any consumer is re-created, which would take the running one's from under it, and before the
         # streams are set to this start's settings: a refused start's smaller TIPSTREAM_STREAM_MAX_BYTES or
         # _MAX_AGE_DAYS made JetStream drop the running service's oldest events.
@@ -283,11 +284,19 @@ class Service:
         wait_s = STREAM_LIMITS_CHECK_S
         while True:
             await asyncio.sleep(wait_s)
-            if not all(ingest.caught_up for ingest in self.ingests):
+            if not self._all_read_to_end():
                 continue
+            read = {ingest.spec.name: self.store.positions.get(ingest.spec.name, 0) for ingest in self.ingests}
             try:
                 self.learner.snapshot_at_next_checkpoint()
                 await self.checkpointer.checkpoint()
+                if self.checkpointer.refused is not None:
+                    # No checkpoint from now on (the database lost commits): what JetStream would drop, a start
+                    # reads again from what the database holds.
+                    log.warning("the streams' smaller limits stay unset: %s", self.checkpointer.refused)
+                    return
+                if any(self.checkpointer.committed.get(name, 0) < seq for name, seq in read.items()):
+                    continue  # a stream read again meanwhile (its position went back): not all of it committed
                 read_to_end.set()
                 await self._ensure_streams()
                 return
@@ -295,6 +304,14 @@ class Service:
                 wait_s = min(wait_s * 2, STREAM_LIMITS_RETRY_MAX_S)
                 log.warning("cannot set the streams' smaller limits yet (%s); trying again in %g s", one_line(error),
                             wait_s)
+
+    def _all_read_to_end(self) -> bool:
+        """Whether every ingest has read its stream to its end now. Not `caught_up`, set once for good: a stream
+        made again, or read again from its first message after a reconnect to an older store, had its re-read cut
+        by the smaller limits. DECISIONS' ingest stops reading while its tail follows this process's decisions."""
+        tail = self.decision_tail
+        return all(ingest.drained() or (tail is not None and tail.ingest is ingest and tail.following)
+                   for ingest in self.ingests)
 
     async def _load_learning(self) -> None:
         """The registry and models (the first start registers `v1`), then the learner's snapshot:

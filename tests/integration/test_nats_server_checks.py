@@ -4,6 +4,7 @@ runs. (Limits it cannot live with end the start with the fix: tests/e2e/test_run
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from app.bootstrap import Service
 from app.nats_connection import NatsConnection
 from app.settings import Settings
 from app.start_errors import StartupError
+from streams import jetstream as jsx
 from streams.fold import to_ms
 from streams.jetstream import durable_of, publish_events
 from streams.simulator import Population
@@ -183,3 +185,85 @@ async def test_a_stream_made_otherwise_than_tipstream_makes_it_is_a_warning_nami
     assert told.startswith("stream SIGNALS has interest retention") and "memory storage" in told, told
     assert "nats stream rm SIGNALS" in told
     assert (await js.stream_info("SIGNALS")).config.retention == RetentionPolicy.INTEREST  # kept, not changed
+
+
+async def _started_with_limits_held(start_service, nats_server, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any, int, list]:
+    """A service started with a smaller TIPSTREAM_STREAM_MAX_BYTES than SIGNALS holds, every stream read, its own
+    wait to set the limit put off (the tests run it themselves); the NATS client, the running service, the limit and
+    the events published."""
+    from app import bootstrap
+
+    events = list(Population(users=20, seed=5).history(days=3, start_ms=to_ms(datetime(2026, 11, 1, tzinfo=UTC))))
+    client = await nats.connect(nats_server.url)
+    js = client.jetstream()
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    await publish_events(js, events)
+    limit = (await js.stream_info("SIGNALS")).state.bytes // 2
+    monkeypatch.setattr(bootstrap, "STREAM_LIMITS_CHECK_S", 3600.0)
+    running = await start_service(stream_max_bytes=limit, score_max_body_bytes=1024)
+    await eventually(lambda: running.service.store.applied >= len(events), timeout=30)
+    await eventually(running.service._all_read_to_end)
+    monkeypatch.setattr(bootstrap, "STREAM_LIMITS_CHECK_S", 0.01)
+    return client, running, limit, events
+
+
+async def test_a_smaller_stream_limit_waits_for_a_stream_read_again_though_caught_up_before(
+        start_service, nats_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ingest `caught_up` (set once, for good) was taken for every stream read to its end: one read again
+    from its first message (made again, or a reconnect to an older store) had its re-read cut by the smaller
+    limit, the events it had not read yet dropped. Here SIGNALS' ingest stops reading, events are published
+    meanwhile, and the limit waits until they are read."""
+    import orjson
+
+    from streams.events import parse_event
+    from streams.store import OnlineStore
+
+    client, running, limit, events = await _started_with_limits_held(start_service, nats_server, monkeypatch)
+    service = running.service
+    js = client.jetstream()
+    try:
+        [signals] = [ingest for ingest in service.ingests if ingest.spec.name == "SIGNALS"]
+        await signals.pause_reading()
+        assert signals.caught_up
+        more = list(Population(users=20, seed=6).history(days=3, start_ms=to_ms(datetime(2026, 11, 5, tzinfo=UTC))))
+        await publish_events(js, more)
+        checks = 0
+        drained = signals.drained
+
+        def counted() -> bool:
+            nonlocal checks
+            checks += 1
+            return drained()
+
+        signals.drained = counted
+        task = asyncio.create_task(service._lower_stream_limits_once_read(service._read_to_end))
+        await eventually(lambda: task.done() or checks >= 3)
+        assert (await js.stream_info("SIGNALS")).config.max_bytes != limit
+        assert not task.done()
+
+        signals.request_reset()  # reads on from its position
+        await asyncio.wait_for(task, 30)
+        expected = OnlineStore()
+        for _, event in [*events, *more]:
+            expected.apply(parse_event(orjson.dumps(event)))
+        assert service.store.users == expected.users  # none dropped by the limit before it was read
+        info = await js.stream_info("SIGNALS")
+        assert info.config.max_bytes == limit
+    finally:
+        await client.close()
+
+
+async def test_a_smaller_stream_limit_is_not_set_without_a_checkpoint_holding_what_was_read(
+        start_service, nats_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpointer refused (the database lost commits this service had made: no checkpoint from then on),
+    its `checkpoint()` returned False, and the smaller limit was set all the same: JetStream dropped events no
+    checkpoint held, which the start after it had to read again."""
+    client, running, limit, _ = await _started_with_limits_held(start_service, nats_server, monkeypatch)
+    service = running.service
+    try:
+        service.checkpointer.refused = "the database lost checkpoints this service had committed (a test)"
+        await asyncio.wait_for(service._lower_stream_limits_once_read(service._read_to_end), 30)
+        assert (await client.jetstream().stream_info("SIGNALS")).config.max_bytes != limit
+        assert not service._read_to_end.is_set()
+    finally:
+        await client.close()
