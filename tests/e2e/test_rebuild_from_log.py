@@ -501,6 +501,12 @@ async def test_a_rebuild_counts_expired_the_reactions_live_did_and_no_others(
             wait_until(lambda start=start: service.metric("tipstream_stream_position", stream="FEEDBACK") >= start + 3,
                        what="the reactions read")  # before the next decision: live, served, it is held at once
             await http.post("/score", json={"user_id": "u-9", "context": {"now": AT}, "candidates": CANDIDATES})
+            # Stored before the next reactions are published: a rebuild knows the order JetStream stored them in,
+            # and on a loaded machine the decision, published in the background, was stored after some of them
+            # (live held it from its /score on), so the rebuild's cache let one decision fewer go.
+            wait_until(lambda logged=12 + start // 3 + 1: service.metric("tipstream_stream_position",
+                                                                         stream="DECISIONS") >= logged,
+                       what="the decision stored")
     live = await rebuilt_counting_as_live(js, service, data_dir, env, database_url)
     assert live == {"credited": 6, "expired": 6}
 
