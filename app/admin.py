@@ -36,6 +36,7 @@ from starlette.routing import Route
 
 from app.db import NOT_AN_OUTAGE, away, disk_full, one_line, refusal, refused_by_setting
 from app.request_body import ClientGone, not_utf8, path_is_utf8, read_body
+from app.score_endpoint import refusal_by_headers
 from models.registry import RegistryError
 from streams.events import HALF_A_PAIR, has_lone_surrogate, is_user_id, lenient_loads, text_path
 
@@ -146,12 +147,10 @@ def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[BaseMode
             return _NO_ANSWER
         if raw is None:
             return _json(413, {"error": f"body: larger than {ADMIN_MAX_BODY_BYTES} bytes", "field": "body"})
-        if raw and not _declared_json(request):
-            # As /score refuses one: `curl -d` sends a form's type, and any type was read as JSON.
-            given = request.headers.get("content-type")
-            return _json(415, {"error": "Content-Type: a change's body must be sent as JSON, with `Content-Type: "
-                               f"application/json` (given: {repr(given) if given else 'none'})",
-                               "field": "Content-Type"})
+        # As /score refuses one (its check; the length is read within the bound already): `curl -d` sends a
+        # form's type, and any type was read as JSON.
+        if raw and (not_json := refusal_by_headers(request.scope, ADMIN_MAX_BODY_BYTES)) is not None:
+            return _json(*not_json)
         if request.scope.get("query_string"):
             # As /score refuses one: ignored, `?dry_run=true` made the change, `?champion=v1` an unguarded rollback.
             name = next(iter(request.query_params), "")
@@ -186,11 +185,6 @@ def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[BaseMode
 
     endpoint.__doc__ = _admin_doc(action.__doc__ or "", body)
     return endpoint
-
-
-def _declared_json(request: Request) -> bool:
-    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    return media == "application/json" or media.endswith("+json")
 
 
 def _database_refusal(request: Request, error: SQLAlchemyError) -> Response:

@@ -10,6 +10,7 @@ server and its monitoring how far ingest has got.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import functools
 import logging
@@ -148,14 +149,7 @@ def _stored_until(chunk: list[pull.RawMsg], stored_ms: int) -> int:
     """
     if ack_subject.stored_ms(chunk[-1][1]) <= stored_ms:
         return len(chunk)
-    low, high = 0, len(chunk) - 1
-    while low < high:
-        middle = (low + high) // 2
-        if ack_subject.stored_ms(chunk[middle][1]) <= stored_ms:
-            low = middle + 1
-        else:
-            high = middle
-    return low
+    return bisect.bisect_right(chunk, stored_ms, key=lambda msg: ack_subject.stored_ms(msg[1]))
 
 
 def holes_after(position: int, seqs: list[int]) -> list[tuple[int, int]]:
