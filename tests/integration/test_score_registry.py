@@ -574,7 +574,7 @@ async def test_two_rollbacks_meant_for_one_champion_roll_back_once(start_service
     from app import models_cli
 
     running = await start_service(admin_token=TOKEN)
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         for v in ("v2", "v3"):
             assert (await http.post("/admin/models", headers=AUTH, json={"version": v})).status_code == 200
             for step in ("shadow", "promote"):
@@ -623,7 +623,7 @@ async def test_a_retired_version_keeps_the_rewards_it_had_learned_across_a_resta
                                   checkpoint_every_s=0.1)
     service = running.service
     js = nc.jetstream()
-    async with httpx.AsyncClient(base_url=running.base_url) as http:
+    async with running.http() as http:
         for i in range(5):
             await score_and_act(http, js, i)
             if i == 0:  # the first reward's snapshot is saved; the next one is an hour away
