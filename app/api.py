@@ -100,7 +100,12 @@ async def readyz(request: Request) -> Response:
                   type: object
                   additionalProperties:
                     type: object
-                    properties: {caught_up: {type: boolean}, lag: {type: integer}}
+                    properties:
+                      caught_up: {type: boolean}
+                      lag: {type: integer}
+                      replaying:
+                        description: 'why the stream is read again from its first message while the service runs (made anew, or an older copy of its store): not caught up until that replay is, as at a start; null otherwise'
+                        type: [string, 'null']
                 checkpoint:
                   description: 'whether state is being saved: a failing checkpoint does not make the service unready (it serves from memory, and events are safe in the streams), but says why here'
                   type: [object, 'null']
@@ -114,7 +119,7 @@ async def readyz(request: Request) -> Response:
         description: 'still catching up, or NATS is away'
     """
     service: Service = request.app.state.service
-    streams = {i.spec.name: {"caught_up": i.caught_up, "lag": i.lag} for i in service.ingests}
+    streams = {i.spec.name: {"caught_up": i.current, "lag": i.lag, "replaying": i.replaying} for i in service.ingests}
     checkpoint = service.checkpointer.health() if service.checkpointer is not None else None
     nats_store = service.embedded.health() if service.embedded is not None else None
     body = {"ready": service.ready, "streams": streams, "checkpoint": checkpoint, "nats_store": nats_store}

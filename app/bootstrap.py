@@ -433,7 +433,7 @@ class Service:
 
     @property
     def ready(self) -> bool:
-        return bool(self.ingests) and all(i.caught_up for i in self.ingests) and bool(self.nc and self.nc.is_connected)
+        return bool(self.ingests) and all(i.current for i in self.ingests) and bool(self.nc and self.nc.is_connected)
 
     async def stop(self) -> None:
         """Once: a stop called again returns (`serve` stops the service whichever way uvicorn ended, and
@@ -457,7 +457,7 @@ class Service:
                 # finds the put-back decisions' spool handed over already (`hand_over`), and is
                 # `drop_acknowledged`'s once the connection is drained.
                 spooled = await asyncio.to_thread(decision_spool.keep_at_stop, spool, left)
-        catching_up = [ingest.spec.name for ingest in self.ingests if not ingest.caught_up]
+        catching_up = [ingest.spec.name for ingest in self.ingests if not ingest.current]
         for ingest in self.ingests:
             await ingest.stop()
         await self.background.cancel()

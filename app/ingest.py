@@ -300,7 +300,15 @@ class StreamIngest:
         self._full = False  # the puller paused for the buffer's bytes, not for checkpoints
         self.wake = asyncio.Event()
         self.reset_needed = False
-        self.caught_up = False
+        self.caught_up = False  # once, for good: the start's catch-up is done (the flows that wait for it ask this)
+        # Why the stream is read again from its first message while the service runs (made anew, or an older copy of
+        # its store), until that replay has caught up; None otherwise. Users' states are being rebuilt meanwhile, so
+        # the service is not ready, as during the start's catch-up (`current`, /readyz): with `caught_up` alone, set
+        # once for good, /readyz said 200 throughout.
+        self.replaying: str | None = None
+        # How many times the stream was taken for another and read again from its first message: how far the one
+        # before was read tells nothing of it (`Service._lower_stream_limits_once_read`).
+        self.renewals = 0
         self.catch_up = CatchUpProgress(spec.name)
         self.lag = 0
         self.puller: pull.BatchPuller | None = None
@@ -315,6 +323,11 @@ class StreamIngest:
         # The store's position, read when scraped: it also moves without this ingest (the DECISIONS
         # tail advances it over this process's acknowledged publishes).
         METRICS.position.labels(spec.name).set_function(lambda: store.positions.get(spec.name, 0))
+
+    @property
+    def current(self) -> bool:
+        """Caught up with the stream, and not reading it again from its first message (`replaying`): /readyz."""
+        return self.caught_up and self.replaying is None
 
     def drained(self) -> bool:
         """Whether all this stream stored until a moment ago has been read: the server said it has
@@ -379,7 +392,8 @@ class StreamIngest:
         self.buffer.clear()
         self.buffered_bytes, self._full = 0, False  # the new puller is not paused
         wanted = self.store.positions.get(self.spec.name, 0) + 1
-        recreated = await self._replaced_under_us(wanted - 1, js)
+        why = await self._replaced_under_us(wanted - 1, js)
+        recreated = why is not None
         if recreated:
             wanted = 1
         try:
@@ -396,7 +410,7 @@ class StreamIngest:
                       "streams again and reading %s from its first message: what was folded stays, and nothing "
                       "is counted twice.", self.spec.name, self.spec.name)
             await self.ensure_streams()
-            recreated = True
+            recreated, why = True, "it was gone from NATS, and is created again"
             pending, start = await jsx.reset_durable(js, self.spec.name, self.durable, 1,
                                                      max_ack_pending=self.batch * ACK_PENDING_BATCHES)
         if recreated or start < wanted or self._renewing:
@@ -407,6 +421,10 @@ class StreamIngest:
             # done (`_renewing`): asking failed (NATS away again), the retry saw no re-created stream, and kept the
             # old stream's DLQ ids, whose sequences the new one numbers anew: its first bad events were dropped
             # by the DLQ as duplicates of the old one's, within its duplicate window.
+            if not self._renewing:  # not a retry's: that one's reason stands
+                self.renewals += 1
+                why = why or f"it ends at {start - 1}, before the position {wanted - 1}"
+                self.replaying = f"read again from its first message: {why} (made anew, or an older copy of its store?)"
             self._renewing = True
             # Read again from its start, which may be a backlog of any length: told as the start's catch-up is,
             # where a catch-up, once done, told nothing more (a reconnect reads a few events).
@@ -424,6 +442,8 @@ class StreamIngest:
         self.lag = pending
         self._lag.set(pending)  # also while FEEDBACK waits for DECISIONS at a start, before a chunk is folded
         self.caught_up = self.caught_up or pending == 0
+        if pending == 0:
+            self.replaying = None
         if self.read is not None:
             self.read.advance(0, self.caught_up)
         self.puller = pull.BatchPuller(self.nc, self.spec.name, self.durable, self.batch, self._on_message,
@@ -441,9 +461,9 @@ class StreamIngest:
                         self.store.positions.get(self.spec.name, 0) + 1)
         self.request_reset()
 
-    async def _replaced_under_us(self, seq: int, js: JetStreamContext) -> bool:
+    async def _replaced_under_us(self, seq: int, js: JetStreamContext) -> str | None:
         """Whether the server holds another message at the last one read (`seq`, the position, or before
-        it for DECISIONS followed by our acks) than the one read:
+        it for DECISIONS followed by our acks) than the one read, and if so which (None if not):
         back with an older copy of its store, published to past this position before the reconnect.
         Resumed after it, the new stream's messages up to it were skipped without a word; the start
         checks the same of a checkpointed position (`stream_identity.forget_positions_of_another_stream`)."""
@@ -451,7 +471,7 @@ class StreamIngest:
         # DECISIONS followed by our own publishes' acks is past the last message read: that one is
         # asked after (the one at the position was never read, and went unchecked while followed).
         if last is None or seq <= 0 or last[0] > seq:
-            return False
+            return None
         seq = last[0]
         try:
             # Through `js`, the re-creation's: unanswered, it raises and is asked again (`_retry`). Taken as the
@@ -459,13 +479,13 @@ class StreamIngest:
             # stream's messages up to it were skipped without a word.
             msg = await js.get_msg(self.spec.name, seq)
         except NotFoundError:  # gone: reset_durable tells
-            return False
+            return None
         if msg.time is None or jsx.epoch_us(msg.time) == last[1]:  # the same message
-            return False
+            return None
         log.error("stream %s came back with another message at %d, the last one read (NATS stored it at another "
                   "time): its store replaced by an older copy and published to since? Reading %s from its first "
                   "message: what was folded stays, and nothing is counted twice.", self.spec.name, seq, self.spec.name)
-        return True
+        return f"it came back with another message at {seq}, the last one read"
 
     async def run(self) -> None:
         while True:
@@ -480,7 +500,7 @@ class StreamIngest:
             if not self.buffer:
                 if self.puller and self.puller.idle:
                     self.catch_up.read(0, 0)  # a catch-up told (the start's, a stream read again whole) has ended
-                    self.caught_up = True
+                    self.caught_up, self.replaying = True, None
                     if self.read is not None:
                         self.read.advance(0, True)
                     self.lag = 0
@@ -643,7 +663,7 @@ class StreamIngest:
             self.between_chunks.set()
 
     async def _process(self, chunk: list[pull.RawMsg]) -> None:
-        store, rejected, live = self.store, [], self.caught_up
+        store, rejected, live = self.store, [], self.current  # a replay's events are not live ones either
         taken = handed = 0  # the sink's answers: applied (True) or ignored, whatever the sink folds into
         limit, decode, sink, sink_reply, folds = self.max_event_bytes, self.decode, self.sink, self.sink_reply, self.folds
         before = self.before
@@ -713,7 +733,7 @@ class StreamIngest:
         self.lag = pending
         self.catch_up.read(len(chunk), pending)  # nothing, unless a catch-up is told (`_restart_consumer`)
         if pending == 0:
-            self.caught_up = True
+            self.caught_up, self.replaying = True, None
         if self.read is not None:
             self.read.advance(stored_ns // 1_000_000, self.caught_up)
         try:

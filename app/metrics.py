@@ -55,8 +55,8 @@ class Metrics:
         )
         self.fold_delay = Histogram(
             "tipstream_fold_delay_seconds", "Seconds from JetStream storing an event to its fold into the user's state, "
-            "for the oldest event of each batch folded once the stream has caught up (a start's read-back is left "
-            "out), by this host's clock against the NATS server's.", ["stream"], registry=r,
+            "for the oldest event of each batch folded once the stream has caught up (a start's read-back, and a "
+            "stream's replay from its first message, are left out), by this host's clock against the NATS server's.", ["stream"], registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
         self.loop_lag = Histogram(

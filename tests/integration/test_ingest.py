@@ -519,7 +519,7 @@ async def test_readyz_turns_ready_once_caught_up(start_service, nc) -> None:
             return response if response.status_code == 200 else None
 
         body = (await eventually(ready)).json()
-        assert body["streams"]["SIGNALS"] == {"caught_up": True, "lag": 0}
+        assert body["streams"]["SIGNALS"] == {"caught_up": True, "lag": 0, "replaying": None}
         assert running.service.store.positions["SIGNALS"] == 500
         assert (await http.get("/healthz")).json() == {"status": "ok"}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import signal
 from datetime import UTC, datetime
@@ -14,7 +15,7 @@ from nats.js.errors import NotFoundError
 
 from streams.events import parse_event
 from streams.fold import to_ms
-from streams.jetstream import publish_events, stored_us
+from streams.jetstream import ensure_streams, publish_events, stored_us
 from streams.simulator import Population
 from streams.store import OnlineStore
 from tests.conftest import dead_lettered, eventually
@@ -339,3 +340,68 @@ async def test_decisions_followed_by_our_acks_and_back_with_an_older_store_grown
         await eventually(lambda: "d-new-5" in read, timeout=20)
     assert {f"d-new-{i}" for i in range(6)} <= set(read), read
     assert any("came back with another message at 1" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_stream_made_anew_is_read_again_with_readyz_503_until_that_replay_has_caught_up(
+    start_service, nats_server
+) -> None:
+    """SIGNALS deleted and made anew while the service could not reach NATS, published to meanwhile: it is read
+    again from its first message, its users' states rebuilt meanwhile, and /readyz said 200 throughout (`caught_up`
+    is set once, for good), where a start's catch-up answers 503 until it is done. Here the replay is held at its
+    first chunk: 503, saying why, until it is read."""
+    from tests.conftest import NatsServer
+
+    running = await start_service()
+    service = running.service
+    store = service.store
+    client = await nats.connect(nats_server.url)
+    for i in range(5):
+        await client.jetstream().publish("signals.app.opened", orjson.dumps(opened(i)))
+    await client.close()
+    await eventually(lambda: store.positions.get("SIGNALS") == 5)
+    async with running.http() as http:
+        await eventually(lambda: _ready(http))
+
+        nats_server.stop()
+        elsewhere = NatsServer(nats_server.store)  # the same store at another address, which the service does not know
+        elsewhere.start()
+        try:
+            client = await nats.connect(elsewhere.url)
+            js = client.jetstream()
+            await js.delete_stream("SIGNALS")
+            await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+            for i in range(7):
+                await js.publish("signals.app.opened", orjson.dumps(opened(i, user="u-2")))
+            await client.close()
+        finally:
+            elsewhere.stop()
+
+        [signals] = [ingest for ingest in service.ingests if ingest.spec.name == "SIGNALS"]
+        entered, release = asyncio.Event(), asyncio.Event()
+        process = signals.process
+
+        async def held(chunk: list) -> None:  # the replay's chunks wait here until the test lets them go
+            entered.set()
+            await release.wait()
+            await process(chunk)
+
+        signals.process = held
+        nats_server.start()
+        await asyncio.wait_for(entered.wait(), 20)
+        assert store.positions["SIGNALS"] == 0, "read again from its first message"
+        during = await http.get("/readyz")
+        assert during.status_code == 503, during.text
+        told = during.json()["streams"]["SIGNALS"]
+        assert told["caught_up"] is False and told["lag"] == 7, told
+        assert "read again from its first message" in told["replaying"], told
+        assert "another message at 5" in told["replaying"], told
+
+        release.set()
+        after = await eventually(lambda: _ready(http), timeout=20)
+        assert after.json()["streams"]["SIGNALS"] == {"caught_up": True, "lag": 0, "replaying": None}
+    assert store.users["u-2"].count("app.opened") == 7 and store.users["u-1"].count("app.opened") == 5
+
+
+async def _ready(http) -> object:
+    answer = await http.get("/readyz")
+    return answer if answer.status_code == 200 else None
