@@ -277,17 +277,20 @@ class Service:
                                   name="tip_scores retention")
 
     async def _lower_stream_limits_once_read(self, read_to_end: asyncio.Event) -> None:
-        """Set the streams' smaller limits, held at the start, once every ingest has read its stream to its end
-        and a checkpoint (with the learner's snapshot) holds it: what JetStream then drops, a start after a crash
-        would not have to read again."""
+        """Set the streams' smaller limits, held at the start, once every ingest has read its stream up to the last
+        message it held when this began (what was published while the service was stopped, and more), and a
+        committed checkpoint (with the learner's snapshot) holds it: what JetStream then drops, a start after a
+        crash would not have to read again. Not "read to its end at one look": with events coming all the time, some
+        stream always had one on its way, and the limits were never set. A stream read again from its first
+        message meanwhile (made anew, an older copy of its store) is waited for up to its own last message then."""
         assert self.checkpointer is not None
         wait_s = STREAM_LIMITS_CHECK_S
+        needed: dict[str, tuple[int, int]] = {}  # stream -> (its ingest's `renewals` then, the sequence to read past)
         while True:
             await asyncio.sleep(wait_s)
-            if not self._all_read_to_end():
-                continue
-            read = {ingest.spec.name: self.store.positions.get(ingest.spec.name, 0) for ingest in self.ingests}
             try:
+                if not await self._read_past(needed):
+                    continue
                 self.learner.snapshot_at_next_checkpoint()
                 await self.checkpointer.checkpoint()
                 if self.checkpointer.refused is not None:
@@ -295,7 +298,9 @@ class Service:
                     # reads again from what the database holds.
                     log.warning("the streams' smaller limits stay unset: %s", self.checkpointer.refused)
                     return
-                if any(self.checkpointer.committed.get(name, 0) < seq for name, seq in read.items()):
+                if any(ingest.renewals != needed[ingest.spec.name][0]
+                       or self.checkpointer.committed.get(ingest.spec.name, 0) < needed[ingest.spec.name][1]
+                       for ingest in self.ingests):
                     continue  # a stream read again meanwhile (its position went back): not all of it committed
                 read_to_end.set()
                 await self._ensure_streams()
@@ -305,13 +310,26 @@ class Service:
                 log.warning("cannot set the streams' smaller limits yet (%s); trying again in %g s", one_line(error),
                             wait_s)
 
-    def _all_read_to_end(self) -> bool:
-        """Whether every ingest has read its stream to its end now. Not `caught_up`, set once for good: a stream
-        made again, or read again from its first message after a reconnect to an older store, had its re-read cut
-        by the smaller limits. DECISIONS' ingest stops reading while its tail follows this process's decisions."""
+    async def _read_past(self, needed: dict[str, tuple[int, int]]) -> bool:
+        """Whether every ingest has read past the sequence `needed` holds for its stream: the stream's last one when
+        first asked, or when it was last read again from its first message (its `renewals` moved). One found read
+        to its end (`_read_to_end_now`) needs no more than its position then: the messages up to its last may
+        have gone (erased, or a sequence JetStream gave to none)."""
+        for ingest in self.ingests:
+            name = ingest.spec.name
+            if (taken := needed.get(name)) is None or taken[0] != ingest.renewals:
+                renewals = ingest.renewals  # before asking: a renewal meanwhile is seen at the next look
+                needed[name] = taken = (renewals, (await ingest.js.stream_info(name)).state.last_seq)
+            position = self.store.positions.get(name, 0)
+            if position < taken[1] and self._read_to_end_now(ingest):
+                needed[name] = taken = (taken[0], position)
+        return all(self.store.positions.get(name, 0) >= seq for name, (_, seq) in needed.items())
+
+    def _read_to_end_now(self, ingest: StreamIngest) -> bool:
+        """Whether `ingest` has read its stream to its end now. DECISIONS' ingest stops reading while its tail follows
+        this process's decisions."""
         tail = self.decision_tail
-        return all(ingest.drained() or (tail is not None and tail.ingest is ingest and tail.following)
-                   for ingest in self.ingests)
+        return ingest.drained() or (tail is not None and tail.ingest is ingest and tail.following)
 
     async def _load_learning(self) -> None:
         """The registry and models (the first start registers `v1`), then the learner's snapshot:

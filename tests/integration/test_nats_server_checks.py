@@ -202,7 +202,7 @@ async def _started_with_limits_held(start_service, nats_server, monkeypatch: pyt
     monkeypatch.setattr(bootstrap, "STREAM_LIMITS_CHECK_S", 3600.0)
     running = await start_service(stream_max_bytes=limit, score_max_body_bytes=1024)
     await eventually(lambda: running.service.store.applied >= len(events), timeout=30)
-    await eventually(running.service._all_read_to_end)
+    await eventually(lambda: all(running.service._read_to_end_now(ingest) for ingest in running.service.ingests))
     monkeypatch.setattr(bootstrap, "STREAM_LIMITS_CHECK_S", 0.01)
     return client, running, limit, events
 
@@ -253,6 +253,53 @@ async def test_a_smaller_stream_limit_waits_for_a_stream_read_again_though_caugh
         await client.close()
 
 
+async def test_a_smaller_stream_limit_waits_for_a_stream_made_anew_past_the_old_one_s_last_message(
+        start_service, nats_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The limit waits for each stream to be read past its last message when first asked: SIGNALS made anew
+    meanwhile, longer, and read again from its first message, is waited for up to its own last message, not to the
+    old one's (which its replay passes long before it is read)."""
+    from streams import ack_subject
+
+    client, running, _, _ = await _started_with_limits_held(start_service, nats_server, monkeypatch)
+    service = running.service
+    js = client.jetstream()
+    try:
+        needed: dict[str, tuple[int, int]] = {}
+        assert await service._read_past(needed)
+        old_last = needed["SIGNALS"][1]
+        [signals] = [ingest for ingest in service.ingests if ingest.spec.name == "SIGNALS"]
+        await signals.pause_reading()
+        await js.delete_stream("SIGNALS")
+        await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+        start_ms = to_ms(datetime(2026, 11, 5, tzinfo=UTC))
+        anew = [item for item in Population(users=20, seed=6).history(days=6, start_ms=start_ms)
+                if item[0].startswith("signals.")]
+        assert len(anew) > old_last + 1
+        await publish_events(js, anew)
+        entered, release = asyncio.Event(), asyncio.Event()
+        process = signals.process
+
+        async def held(chunk: list) -> None:  # the replay reads past the old stream's last message, and waits
+            head = [msg for msg in chunk if ack_subject.sequences(msg[1])[0] <= old_last + 1]
+            if head:
+                await process(head)
+            if len(head) < len(chunk):
+                entered.set()
+                await release.wait()
+                await process(chunk[len(head):])
+
+        signals.process = held
+        signals.request_reset()  # the reconnect, which finds another message at the last one read
+        await asyncio.wait_for(entered.wait(), 20)
+        assert service.store.positions["SIGNALS"] == old_last + 1
+        assert not await service._read_past(needed)
+        assert needed["SIGNALS"][1] == len(anew)
+        release.set()
+        await eventually(lambda: service._read_past(needed), timeout=20)
+    finally:
+        await client.close()
+
+
 async def test_a_smaller_stream_limit_is_not_set_without_a_checkpoint_holding_what_was_read(
         start_service, nats_server, monkeypatch: pytest.MonkeyPatch) -> None:
     """The checkpointer refused (the database lost commits this service had made: no checkpoint from then on),
@@ -266,4 +313,63 @@ async def test_a_smaller_stream_limit_is_not_set_without_a_checkpoint_holding_wh
         assert (await client.jetstream().stream_info("SIGNALS")).config.max_bytes != limit
         assert not service._read_to_end.is_set()
     finally:
+        await client.close()
+
+
+async def test_a_smaller_stream_limit_is_set_while_events_keep_coming(start_service, nats_server) -> None:
+    """Held until every stream was read to its very end at one look (each ingest idle: the server saying it has
+    nothing more for a pull request): a stream whose events fill each pull request before it expires (here a batch of
+    8 at 100 events a second; at the default TIPSTREAM_INGEST_BATCH, from 512 a second) never looked so, and the
+    smaller limit was never set. It is set once what the streams held when it was found (what was published while
+    the service was stopped, here) is read and checkpointed; none of that is dropped by it."""
+    import orjson
+
+    from streams.events import parse_event
+    from streams.store import OnlineStore
+
+    events = list(Population(users=20, seed=5).history(days=3, start_ms=to_ms(datetime(2026, 11, 1, tzinfo=UTC))))
+    client = await nats.connect(nats_server.url)
+    js = client.jetstream()
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    await publish_events(js, events)  # while the service is stopped
+    limit = (await js.stream_info("SIGNALS")).state.bytes // 2
+    running = await start_service(stream_max_bytes=limit, score_max_body_bytes=1024, ingest_batch=8)
+    later = list(Population(users=20, seed=6).history(days=60, start_ms=to_ms(datetime(2026, 11, 5, tzinfo=UTC))))
+    feedback = [item for item in later if item[0].startswith("feedback.")]
+    signals = [item for item in later if not item[0].startswith("feedback.")]
+    more = [item for pair in zip(signals, feedback, strict=False) for item in pair]  # both streams busy
+    published: list[tuple[str, dict[str, Any]]] = []
+    stop = asyncio.Event()
+
+    async def steadily() -> None:  # one event to SIGNALS and one to FEEDBACK every 10 ms, as a busy app's
+        for item in more:
+            if stop.is_set():
+                return
+            await publish_events(js, [item])
+            published.append(item)
+            if item[0].startswith("feedback."):
+                await asyncio.sleep(0.01)
+
+    publisher = asyncio.create_task(steadily())
+    try:
+        await eventually(lambda: len(published) >= 2, timeout=10)
+
+        async def limited() -> bool:
+            return (await js.stream_info("SIGNALS")).config.max_bytes == limit
+
+        await eventually(limited, timeout=20, interval=0.2)
+        assert not publisher.done(), "events kept coming until the limit was set"
+        assert {item[0].split(".")[0] for item in published} == {"signals", "feedback"}
+        stop.set()
+        await publisher
+        service = running.service
+        last = {name: (await js.stream_info(name)).state.last_seq for name in ("SIGNALS", "FEEDBACK")}
+        await eventually(lambda: all(service.store.positions.get(name) == seq for name, seq in last.items()), timeout=20)
+        expected = OnlineStore()
+        for _, event in [*events, *published]:
+            expected.apply(parse_event(orjson.dumps(event)))
+        assert service.store.users == expected.users  # none dropped by the limit before it was read
+    finally:
+        stop.set()
+        await publisher
         await client.close()
