@@ -36,6 +36,7 @@ log = logging.getLogger("tipstream.test")
 
 # What a publish meets while the stream it goes to has no leader, or its node is gone.
 NO_LEADER_YET = (NoStreamResponseError, NoRespondersError, ServiceUnavailableError, NatsTimeout, TimeoutError)
+DUPLICATE_IN_PROCESS = 10158  # a publish again of one not stored yet: "duplicate message id is in process"
 
 
 async def publish_through_failover(js: Any, events: list[tuple[str, dict[str, Any]]], deadline_s: float) -> float:
@@ -383,3 +384,52 @@ async def test_decisions_on_their_way_when_the_consumer_s_leader_is_lost_are_all
     log.warning("DECISIONS consumer's leader %s lost mid-read: %d of %d decisions never read (%d reconnects)", leader,
                 missing, count, reconnects)
     assert missing == 0
+
+
+async def test_a_cluster_without_a_quorum_leaves_the_service_ready_and_scoring(
+        nats_cluster: NatsCluster, service_on_cluster: Any) -> None:
+    """Two nodes of three stopped under the service: no meta leader, no stream leader. JetStream stores no event
+    meanwhile, so none is left unread and /readyz stays 200 (README, "On a NATS cluster"); /score answers
+    from memory, its decisions waiting for JetStream (503 only once TIPSTREAM_DECISION_QUEUE_MAX wait), and they
+    are published once the nodes are back. Unready, every replica of the service would leave the load balancer
+    at once over a cluster's election, though each answers as it should."""
+    service = service_on_cluster.service
+    service_node = next(name for name, node in nats_cluster.nodes.items() if node.port == service.nc.connected_url.port)
+    stopped = [node for name, node in nats_cluster.nodes.items() if name != service_node]
+    client = await nats.connect(nats_cluster.nodes[service_node].url)
+    js = client.jetstream(timeout=1)
+    event = {"id": "e-no-quorum", "type": "app.opened", "user_id": "u-1", "ts": "2026-11-26T08:00:00Z", "v": 1,
+             "data": {}}
+
+    async def stored() -> bool:
+        try:
+            await js.publish("signals.app.opened", orjson.dumps(event), headers=event_headers(event["id"]))
+        except NO_LEADER_YET:
+            return False
+        except APIError as error:
+            if error.err_code != DUPLICATE_IN_PROCESS:  # an earlier try, proposed, waits for the quorum
+                raise
+            return False
+        return True
+
+    try:
+        async with httpx.AsyncClient(base_url=service_on_cluster.base_url, timeout=10) as http:
+            await eventually(lambda: service.ready, timeout=30)
+            for node in stopped:
+                node.stop()
+            assert not await stored(), "JetStream stores no event without a quorum"
+            during = await score(http, "u-1")
+            await eventually(lambda: service.publisher.retried, timeout=30)  # JetStream refused it, or left it
+            assert service.publisher.unpublished(), "the decision waits for JetStream"
+            ready = await http.get("/readyz")
+            assert ready.status_code == 200, ready.text
+            assert (await http.post("/score", json={"user_id": "u-2", "candidates": [
+                {"tip_id": "tip-a", "category": "focus"}]})).status_code == 200
+            for node in stopped:
+                node.start()
+            await eventually(stored, timeout=60, interval=0.2)
+            await eventually(lambda: "u-1" in service.store.users, timeout=30)
+            await eventually(lambda: logged_decisions(js, 1), timeout=30)
+            assert during in await logged_decisions(js, 1)
+    finally:
+        await client.close()
