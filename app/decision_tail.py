@@ -7,7 +7,8 @@ and the stream position follows JetStream's acknowledgements of this process's p
 a sequence number acknowledged to us is a message the learner already holds.
 
 Steps, every `tick_s`:
-1. Reading and caught up (nothing pending, nothing buffered): stop the consumer's puller
+1. Reading and caught up (nothing pending, nothing buffered; not reading the stream again from its first
+   message, `StreamIngest.current`): stop the consumer's puller
    (its outstanding pull request goes with it); follow, and tell `on_follow` (the learner
    joins the decisions it re-read after a start). A reconnect that restarts the consumer
    means reading again.
@@ -32,7 +33,7 @@ exact and a restart replays from it as before.
 
 >>> import asyncio
 >>> class Ingest:
-...     caught_up, lag, buffer, puller, resets, reset_needed = True, 0, [], None, 0, False
+...     current, lag, buffer, puller, resets, reset_needed = True, 0, [], None, 0, False
 ...     def request_reset(self): self.resets += 1
 ...     async def pause_reading(self): pass
 >>> from streams.store import OnlineStore
@@ -116,7 +117,7 @@ class OwnTail:
         if self.following and (ingest.puller is not None or ingest.reset_needed):
             self.following = False  # the consumer reads again (a reconnect restarted it)
         if not self.following:
-            if ingest.caught_up and ingest.lag == 0 and not ingest.buffer and not ingest.reset_needed:
+            if ingest.current and ingest.lag == 0 and not ingest.buffer and not ingest.reset_needed:
                 await self.follow()
             return
         if self.stream_last_seq is None:

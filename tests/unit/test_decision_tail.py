@@ -13,8 +13,13 @@ class Ingest:
 
     def __init__(self) -> None:
         self.caught_up, self.lag, self.buffer, self.reset_needed = False, 3, [], False
+        self.replaying: str | None = None
         self.puller: object | None = object()
         self.resets = 0
+
+    @property
+    def current(self) -> bool:
+        return self.caught_up and self.replaying is None
 
     def request_reset(self) -> None:
         self.resets += 1
@@ -61,6 +66,20 @@ def test_it_follows_only_once_the_consumer_has_caught_up_and_then_pauses_it() ->
     assert tail.following and ingest.puller is None, "its puller and outstanding pull are gone"
     assert store.positions["DECISIONS"] == 11, "what was acknowledged meanwhile counts"
     assert follows == [True]
+
+
+def test_it_does_not_follow_while_the_stream_is_read_again_from_its_first_message() -> None:
+    """Caught up once, for good, and nothing pending at a look (the lag asked of the server in a hold leaves out
+    what is on its way): followed then, the replay was cut short, /readyz saying it goes on (`replaying`) until the
+    tail found more to read; for good, were the stream's last messages erased meanwhile."""
+    ingest, _, _, tail = world()
+    ingest.caught_up, ingest.lag = True, 0
+    ingest.replaying = "read again from its first message: it ends at 4, before the position 10"
+    tick(tail)
+    assert not tail.following and ingest.puller is not None
+    ingest.replaying = None  # read to its end
+    tick(tail)
+    assert tail.following
 
 
 def test_the_position_covers_only_unbroken_runs_of_own_sequences() -> None:
