@@ -423,7 +423,7 @@ class StreamIngest:
             # by the DLQ as duplicates of the old one's, within its duplicate window.
             if not self._renewing:  # not a retry's: that one's reason stands
                 self.renewals += 1
-                why = why or f"it ends at {start - 1}, before the position {wanted - 1}"
+                why = why or f"it ends before {wanted - 1}, the position read to"
                 self.replaying = f"read again from its first message: {why} (made anew, or an older copy of its store?)"
             self._renewing = True
             # Read again from its start, which may be a backlog of any length: told as the start's catch-up is,

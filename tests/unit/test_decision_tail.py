@@ -74,7 +74,7 @@ def test_it_does_not_follow_while_the_stream_is_read_again_from_its_first_messag
     tail found more to read; for good, were the stream's last messages erased meanwhile."""
     ingest, _, _, tail = world()
     ingest.caught_up, ingest.lag = True, 0
-    ingest.replaying = "read again from its first message: it ends at 4, before the position 10"
+    ingest.replaying = "read again from its first message: it ends before 10, the position read to"
     tick(tail)
     assert not tail.following and ingest.puller is not None
     ingest.replaying = None  # read to its end
