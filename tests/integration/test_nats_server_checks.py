@@ -319,8 +319,8 @@ async def test_a_smaller_stream_limit_is_not_set_without_a_checkpoint_holding_wh
 async def test_a_smaller_stream_limit_is_set_while_events_keep_coming(start_service, nats_server) -> None:
     """Held until every stream was read to its very end at one look (each ingest idle: the server saying it has
     nothing more for a pull request): a stream whose events fill each pull request before it expires (here a batch of
-    8 at 100 events a second; at the default TIPSTREAM_INGEST_BATCH, from 512 a second) never looked so, and the
-    smaller limit was never set. It is set once what the streams held when it was found (what was published while
+    8 at 100 events a second; at the default TIPSTREAM_INGEST_BATCH, from about 1,000 a second) never looked so,
+    and the smaller limit was never set (slower ones seldom did together: set late). It is set once what the streams held when it was found (what was published while
     the service was stopped, here) is read and checkpointed; none of that is dropped by it."""
     import orjson
 
