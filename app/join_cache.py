@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,9 +97,10 @@ class JoinCache:
         if replayed and self._replayed_since_mark is not None:
             self._replayed_since_mark.append(decision_id)
 
-    def evict(self, horizon: int) -> None:
-        # Oldest first (creation order: the replayed segment, then insertion order): past the
-        # memory budget, or past the join window (added before `horizon`).
+    def evict(self, horizon: int, leaving: Callable[[str, Entry], None] | None = None) -> None:
+        """Oldest first (creation order: the replayed segment, then insertion order): past the
+        memory budget, or past the join window (added before `horizon`). `leaving` is told of each
+        before it goes, while it is still held (`Learner._leaving`)."""
         while True:
             cache = self.replayed or self.cache
             if not cache:
@@ -106,6 +108,8 @@ class JoinCache:
             first_id, first = next(iter(cache.items()))
             if self.bytes <= self.limit and first.added_ms >= horizon:
                 break
+            if leaving is not None:
+                leaving(first_id, first)
             cache.popitem(last=False)
             self.credited.pop(first_id, None)
             if first.credits and not first.logged:

@@ -15,7 +15,8 @@ ones the fold already held):
    another user's waits beside it (only the decision says which user's is wrong: in one place, the
    wrong one would shut out the decision's user's own, then be refused as `wrong_user`).
    Read back at a start, feedback stored before another publisher's decision waits so too, though
-   DECISIONS, read ahead, holds it already: live, it waited (`_defer`).
+   DECISIONS, read ahead, holds it already: live, it waited (`_defer`), until FEEDBACK's time passes
+   the decision, or the join cache lets the decision go if that comes first (`_leaving`).
 3. This (decision, tip) was credited already -> `duplicate`: redelivered feedback, or the same
    reaction re-sent with a new event id, is learned once (from another user: `wrong_user`).
 4. The tip is not among the decision's candidates -> `unknown_tip`; the feedback's user is not
@@ -293,12 +294,13 @@ class Learner:
         self._due_seq += 1
         heapq.heappush(self._due, (joinable_ms, self._due_seq, decision_id))
 
-    def _release_due(self) -> None:
+    def _release_due(self, upto_ms: float | None = None) -> None:
         """Credit the feedback deferred for decisions joinable (live) by FEEDBACK's time, all once
-        FEEDBACK has caught up, in the order they became joinable: live, the decision's arrival
-        credited it there."""
+        FEEDBACK has caught up (or by `upto_ms`: `_leaving`), in the order they became joinable: live,
+        the decision's arrival credited it there."""
         due = self._due
-        upto_ms = math.inf if self.feedback_read.caught_up else self._feedback_time_ms()
+        if upto_ms is None:
+            upto_ms = math.inf if self.feedback_read.caught_up else self._feedback_time_ms()
         while due and due[0][0] <= upto_ms:
             joinable_ms, _, decision_id = heapq.heappop(due)
             entry = self.joins.get(decision_id)
@@ -348,7 +350,24 @@ class Learner:
         self._changed = True
         if self.silences is not None and not entry.credits:  # credited before a restart: answered already
             self.silences.watch(decision_id, entry)
-        self.joins.evict(min(entry.added_ms, self.window_end_ms()) - self.window_ms)
+        # While feedback is deferred (`_defer`, a read-back): what is due for a decision the cache lets go is
+        # credited first (`_leaving`).
+        horizon = min(entry.added_ms, self.window_end_ms()) - self.window_ms
+        self.joins.evict(horizon, self._leaving if self._due else None)
+
+    def _leaving(self, decision_id: str, entry: Entry) -> None:
+        """The join cache lets this decision go (its memory budget): the feedback deferred for it is credited now,
+        after what was due before it (`_release_due`). Released when FEEDBACK's time reached the decision, it found
+        it gone and stayed waiting, to be given up (`unknown_decision`) where live had credited it as it came.
+
+        Read back, DECISIONS folds every decision stored until FEEDBACK's next message before that message moves
+        FEEDBACK's time on (`ReadUpTo.wanted_ms`), and all of them once FEEDBACK has reached its end (`room_for`),
+        whatever the cache's room: more of them after the decision than the cache holds (stored in one millisecond,
+        or with no feedback between), and it left first. FEEDBACK has then been read up to them, so this is the
+        decision's place among the rewards, as live. (Decisions /score serves during a start's read-back can also
+        push it out earlier: credited then, not lost.)"""
+        if decision_id in self.waiting.by_decision:
+            self._release_due(self._joinable_ms(decision_id, entry))
 
     def _mark_row(self, entry: Entry) -> None:
         decision = entry.decision if entry.decision is not None else orjson.loads(entry.data)

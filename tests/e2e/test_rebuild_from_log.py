@@ -38,6 +38,14 @@ def feedback(event_id: str, user: str, decision_id: str, tip_id: str, reaction: 
             "data": {"tip_id": tip_id, "decision_id": decision_id, "reaction": reaction}}
 
 
+def foreign_decision(decision_id: str, user: str) -> dict[str, Any]:
+    """A decision another publisher logged: an id of its own, with no time in it."""
+    return {"id": decision_id, "type": "decision.scored", "v": 1, "ts": AT, "user_id": user,
+            "model_version": "v1", "policy": "greedy", "features": {"user_id": user, "hour_of_day": 9},
+            "ranked": [{"tip_id": c["tip_id"], "category": c["category"], "score": 0.5, "propensity": 1.0}
+                       for c in CANDIDATES]}
+
+
 def json_value(column: Any) -> Any:  # JSON text on SQLite, decoded on PostgreSQL
     return orjson.loads(column) if isinstance(column, str) else column
 
@@ -409,19 +417,13 @@ async def test_a_rebuild_credits_a_spooled_decision_s_reaction_stored_before_the
     wait_until(lambda: service.metric("tipstream_feedback_total", outcome="credited") == 1, what="the first reward")
     assert service.stop(), service.log()
 
-    def decision(decision_id: str, user: str) -> dict[str, Any]:
-        return {"id": decision_id, "type": "decision.scored", "v": 1, "ts": AT, "user_id": user,
-                "model_version": "v1", "policy": "greedy", "features": {"user_id": user, "hour_of_day": 9},
-                "ranked": [{"tip_id": c["tip_id"], "category": c["category"], "score": 0.5, "propensity": 1.0}
-                           for c in CANDIDATES]}
-
     spool = data_dir / decision_spool.SPOOL_NAME
     spooled = new_decision_id()
-    decision_spool.save(spool, [("decisions.score", spooled, orjson.dumps(decision(spooled, "u-1")))])
+    decision_spool.save(spool, [("decisions.score", spooled, orjson.dumps(foreign_decision(spooled, "u-1")))])
     await publish_events(js, [("feedback.tip.reacted", feedback("fb-2", "u-1", spooled, CANDIDATES[1]["tip_id"], "liked"))])
     # Between the reaction and the spooled decision, more decisions than the rebuild asks for at a time
     # (TIPSTREAM_INGEST_BATCH, 64 there): FEEDBACK reads the reaction before DECISIONS brings its decision.
-    await publish_events(js, [("decisions.score", decision(f"ext-{n}", "u-2")) for n in range(100)])
+    await publish_events(js, [("decisions.score", foreign_decision(f"ext-{n}", "u-2")) for n in range(100)])
     service = ServiceProcess(data_dir, env).start()
     wait_until(lambda: service.metric("tipstream_feedback_total", outcome="credited") == 1 and not spool.exists(),
                what="the spooled decision published and its reaction credited")
@@ -539,3 +541,27 @@ async def test_a_rebuild_holds_the_decisions_live_held_when_their_reactions_came
                        what="the reactions read")  # before the next round: live, each is held once served
     live = await rebuilt_counting_as_live(js, service, data_dir, env, database_url)
     assert live["expired"] > 0 and live["credited"] + live["expired"] == served  # the cache let some go, live too
+
+
+# SQLite only, as the tests above.
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_rebuild_credits_a_reaction_that_waited_for_a_decision_followed_by_more_than_the_join_cache_holds(
+    nats_server, nc, database_url: str, tmp_path: Path
+) -> None:
+    """A reaction to another publisher's decision reaches FEEDBACK before it; then the decision and 60 more, more
+    than the join cache holds (~15), then a reaction to the last: live, the decision's arrival credits the first
+    reaction, and the cache lets it go after. The rebuild defers the first reaction until FEEDBACK's time reaches the
+    decision (`_defer`), but must fold every decision until the second reaction first (what FEEDBACK waits for): the
+    cache let the decision go, the release found it gone, and the reaction live credited was given up (1 credited
+    where live counted 2). It is credited as the decision leaves: the same counts, rows and model bytes as live."""
+    data_dir, env, js, service = live_with_a_join_cache_of(nats_server, nc, database_url, tmp_path, "0.012")
+    tips = [c["tip_id"] for c in CANDIDATES]
+    await publish_events(js, [("feedback.tip.reacted", feedback("fb-1", "u-1", "ext-named", tips[0], "acted"))])
+    wait_until(lambda: service.metric("tipstream_feedback_pending") == 1, what="the reaction waiting")
+    await publish_events(js, [("decisions.score", foreign_decision("ext-named", "u-1"))]
+                         + [("decisions.score", foreign_decision(f"ext-{n}", "u-2")) for n in range(60)])
+    wait_until(lambda: service.metric("tipstream_feedback_total", outcome="credited") == 1, what="the reaction joined")
+    await publish_events(js, [("feedback.tip.reacted", feedback("fb-2", "u-2", "ext-59", tips[1], "liked"))])
+    wait_until(lambda: service.metric("tipstream_feedback_total", outcome="credited") == 2, what="the last one joined")
+    live = await rebuilt_counting_as_live(js, service, data_dir, env, database_url)
+    assert live == {"credited": 2, "expired": 0}

@@ -571,6 +571,18 @@ def _reaction(event_id: str, decision_id: str, tip: str, kind: str = "acted", us
                                      "data": {"tip_id": tip, "decision_id": decision_id, "reaction": kind}}))
 
 
+def read_live(live: World, log: list[tuple[float, str, Any]]) -> None:
+    """`log`'s (stored at, "decision" or "feedback", what), across both streams in the order JetStream stored them,
+    as the live service reads them: each when it is stored, by the clock."""
+    for seq, (stored_s, kind, item) in enumerate(log, 1):
+        live.clock.now = stored_s
+        live.learner.expire()
+        if kind == "decision":
+            live.learner.add_logged(item, _decisions_ack(stored_s, seq))
+        else:
+            live.sink(item, _ack(stored_s, seq))
+
+
 def test_a_replay_learns_feedback_that_came_before_another_publisher_s_decision_as_live(tmp_path: Path) -> None:
     """Another publisher's decision can reach DECISIONS after feedback naming it: live, the feedback
     waits and is learned when the decision comes, after the rewards stored in between; or, once it
@@ -592,13 +604,7 @@ def test_a_replay_learns_feedback_that_came_before_another_publisher_s_decision_
         (t0 + 6 + 120, "decision", d2),  # pending_max_age_s is 60
     ]
     before = outcomes()
-    for seq, (stored_s, kind, item) in enumerate(log, 1):
-        live.clock.now = stored_s
-        live.learner.expire()
-        if kind == "decision":
-            live.learner.add_logged(item, _decisions_ack(stored_s, seq))
-        else:
-            live.sink(item, _ack(stored_s, seq))
+    read_live(live, log)
     assert delta(before) == {"waiting": 2, "credited": 4, "unknown_decision": 1}
 
     rebuilt = World(tmp_path / "rebuilt")
@@ -786,6 +792,59 @@ def test_feedback_deferred_while_feedback_is_read_back_is_not_given_up_by_the_cl
         assert replay.lineup.models[version].to_bytes() == live.lineup.models[version].to_bytes()
     live.engine.dispose()
     replay.engine.dispose()
+
+
+@pytest.mark.parametrize("then", ["a later reaction", "feedback read to its end"])
+def test_a_replay_credits_deferred_feedback_whose_decision_the_memory_budget_lets_go_before_it_is_due(
+        tmp_path: Path, then: str) -> None:
+    """A join cache of 0.01 MB (about ten decisions). A reaction, then another publisher's decision it names, then
+    more decisions than the cache holds, with no feedback between (or none at all): live, the decision's arrival
+    credited the waiting reaction. Read back, the reaction is deferred until FEEDBACK's time reaches the decision
+    (`_defer`), but DECISIONS must first fold every decision stored until the next reaction (what FEEDBACK waits for,
+    `ReadUpTo.wanted_ms`), or all of them once FEEDBACK has reached its end (`room_for`): the memory budget let the
+    decision go, the release found it gone and the reaction stayed waiting, given up as `unknown_decision`. It is
+    credited as its decision leaves, at its place: the same credits, rows and model bytes as live."""
+    live = World(tmp_path / "live", cache_mb=0.01)
+    t0 = live.clock.now
+    named = _foreign(live, "ext-named")
+    after = [_foreign(live, f"ext-{n}") for n in range(30)]
+    log: list[tuple[float, str, Any]] = [(t0 + 1, "feedback", _reaction("f-1", "ext-named", "a", "acted")),
+                                         (t0 + 2, "decision", named)]
+    log += [(t0 + 3, "decision", decision) for decision in after]  # 30 in one millisecond
+    if then == "a later reaction":
+        log.append((t0 + 4, "feedback", _reaction("f-2", "ext-29", "b", "liked")))
+    before = outcomes()
+    read_live(live, log)
+    credited = 2 if then == "a later reaction" else 1
+    assert delta(before) == {"waiting": 1, "credited": credited}
+    assert "ext-named" not in live.learner.joins.cache, "the budget let it go live too, once credited"
+
+    rebuilt = World(tmp_path / "rebuilt", cache_mb=0.01)
+    rebuilt.clock.now = t0 + 600
+    assert rebuilt.learner.restore(rebuilt.engine) is None
+    rebuilt.learner.feedback_read = ReadUpTo()  # FEEDBACK follows DECISIONS
+    decisions = [(stored_s, item) for stored_s, kind, item in log if kind == "decision"]
+    reactions = [(stored_s, item) for stored_s, kind, item in log if kind == "feedback"]
+    before = outcomes()
+    rebuilt.learner.add_logged(named, _decisions_ack(t0 + 2, 1))  # read ahead, within the cache's room
+    rebuilt.sink(reactions[0][1], _ack(reactions[0][0], 1))  # deferred: live, it waited for the decision
+    if then == "feedback read to its end":
+        rebuilt.learner.feedback_read.advance(int(reactions[0][0] * 1000), caught_up=True)
+    for seq, (stored_s, item) in enumerate(decisions[1:], 2):  # what FEEDBACK waits for, or all: room_for
+        rebuilt.learner.add_logged(item, _decisions_ack(stored_s, seq))
+    assert "ext-named" not in rebuilt.learner.joins.cache
+    for seq, (stored_s, item) in enumerate(reactions[1:], 2):
+        rebuilt.sink(item, _ack(stored_s, seq))
+    rebuilt.learner.caught_up()
+    rebuilt.learner.feedback_read.advance(int(log[-1][0] * 1000), caught_up=True)
+    rebuilt.learner.snapshot()
+    assert delta(before) == {"waiting": 1, "credited": credited}
+    assert len(rebuilt.learner.waiting) == 0 and not rebuilt.learner._due
+    assert {d: r["rewards"] for d, r in rebuilt.log.dirty.items()} == {d: r["rewards"] for d, r in live.log.dirty.items()}
+    for version in ("v1", "v2"):
+        assert rebuilt.lineup.models[version].to_bytes() == live.lineup.models[version].to_bytes()
+    live.engine.dispose()
+    rebuilt.engine.dispose()
 
 
 def test_feedback_waiting_while_feedback_is_read_back_waits_in_feedback_s_time(tmp_path: Path) -> None:
