@@ -256,15 +256,21 @@ class Eraser:
         async with self.lock:
             await self._between_chunks()
             at, mark = self._acted_on_at(), self.learner.served_mark()
-            theirs = {row["user_id"]: await self.learner.decisions_to_forget(row["user_id"], utc_ms(at)) for row in rows}
-            # That look let the event loop run: a chunk begun meanwhile ends first, and from here to the
-            # bounds nothing waits, so no event or reaction of theirs is folded or learned in between.
-            await self._between_chunks()
-            # /score answered meanwhile, with the state dropped here: the request is acted on as of now, and
-            # their decisions served since the look began go too. As of the time read before the look, they
-            # were a new user's, held (a reaction learned with their features as served) and kept their rows.
-            at = self._acted_on_at()
-            since = self.learner.served_since(mark, frozenset(row["user_id"] for row in rows), utc_ms(at))
+            try:
+                theirs = {row["user_id"]: await self.learner.decisions_to_forget(row["user_id"], utc_ms(at))
+                          for row in rows}
+                # That look let the event loop run: a chunk begun meanwhile ends first, and from here to the
+                # bounds nothing waits, so no event or reaction of theirs is folded or learned in between.
+                await self._between_chunks()
+                # /score answered meanwhile, with the state dropped here: the request is acted on as of now, and
+                # their decisions served since the look began go too. As of the time read before the look, they
+                # were a new user's, held (a reaction learned with their features as served) and kept their rows.
+                at = self._acted_on_at()
+                since = self.learner.served_since(mark, frozenset(row["user_id"] for row in rows), utc_ms(at))
+            finally:
+                # Ended however the look ends (an exception, a stop): else the join cache noted every decision the
+                # rest of a start's read-back brought, until the next erasure.
+                self.learner.served_unmark()
             entries, unpublished, on_the_way = [], self.unpublished(), set()
             for row in rows:
                 user_id = row["user_id"]

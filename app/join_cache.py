@@ -78,7 +78,8 @@ class JoinCache:
         self.let_go_unlogged: dict[str, tuple[dict[str, float], int | None]] = {}
         # The decisions the read-back brought into `replayed` since `mark`, for `added_since`: no walk back to a
         # mark finds them, as `join_replayed` may have put them in front of /score's since. Noted from a mark to
-        # the `added_since` after it (an erasure's look), and only while DECISIONS is read back after a start.
+        # the `added_since` after it, or the `unmark` that ends an erasure's look however it ends, and only while
+        # DECISIONS is read back after a start.
         self._replayed_since_mark: list[str] | None = None
 
     def __len__(self) -> int:
@@ -222,6 +223,12 @@ class JoinCache:
         self._replayed_since_mark = []
         return next(reversed(self.cache), None)
 
+    def unmark(self) -> None:
+        """The look the mark was for has ended, whether `added_since` was reached or not (an exception, a
+        cancellation): nothing more is noted. Noted on, every decision the rest of the read-back brought (all of
+        DECISIONS, on a rebuild) was held in that list until the next erasure's look."""
+        self._replayed_since_mark = None
+
     def added_since(self, mark: str | None, user_ids: frozenset[str], until_ms: int) -> dict[str, list[str]]:
         """Of the decisions added after `mark` (`mark()` then), those of `user_ids` made until `until_ms`, by
         user: /score adds at the end, so a walk back to the mark reads only those. A mark gone was let go of
@@ -238,6 +245,7 @@ class JoinCache:
         >>> joins.added_since(mark, frozenset({"u", "v"}), 2_500), joins.added_since(None, frozenset({"u"}), 2_500)
         ({'u': ['d-2', 'r-1']}, {'u': ['d-2', 'd-1']})
         """
+        replayed, self._replayed_since_mark = self._replayed_since_mark or [], None
         spelt = spellings(user_ids)
         found: dict[str, list[str]] = {}
         seen: set[str] = set()
@@ -252,7 +260,6 @@ class JoinCache:
             if decision_id == mark:
                 break
             look(decision_id, entry)
-        replayed, self._replayed_since_mark = self._replayed_since_mark or [], None
         for decision_id in replayed:
             if decision_id not in seen and (entry := self.get(decision_id)) is not None:  # not let go of since
                 look(decision_id, entry)

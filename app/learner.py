@@ -390,6 +390,10 @@ class Learner:
         """Where the decisions /score serves from now on begin in the join cache (`served_since`)."""
         return self.joins.mark()
 
+    def served_unmark(self) -> None:
+        """The look `served_mark` began has ended, `served_since` reached or not (`JoinCache.unmark`)."""
+        self.joins.unmark()
+
     def served_since(self, mark: str | None, user_ids: frozenset[str], until_ms: int) -> dict[str, list[str]]:
         """The ids of the decisions of `user_ids` held since `mark` (`served_mark`), made until `until_ms`, by
         user: those /score served while the cache was looked over (`decisions_to_forget`), and those a start's

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import orjson
+import pytest
 
 from app.erasure import Eraser
 from streams.events import parse_event
@@ -32,6 +33,9 @@ class Learner:
 
     def served_since(self, mark: str | None, user_ids: frozenset[str], until_ms: int) -> dict[str, list[str]]:
         return {}
+
+    def served_unmark(self) -> None:
+        pass
 
     def forget_user(self, user_id: str, at_ms: int, theirs: list[str]) -> int:
         self.forgotten.append(user_id)
@@ -159,6 +163,36 @@ async def test_decisions_served_before_the_wall_clock_stepped_back_are_forgotten
     await eraser._drop([{"user_id": "u-1", "requested_at": datetime.now(UTC)}])
     assert (eraser.snapshot() or [])[0]["report"]["decisions_held"] == 2
     assert not world.learner.joins.cache
+    world.engine.dispose()
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("a bug in the look"), asyncio.CancelledError()])
+async def test_a_look_that_fails_mid_way_stops_noting_the_decisions_read_back(
+        tmp_path: Any, monkeypatch: Any, failure: BaseException) -> None:
+    """During a start's read-back of DECISIONS, the join cache notes the decisions it brings from an erasure's mark
+    to the look's end (`JoinCache.added_since`). A look that failed mid-way (an exception, the task cancelled) never
+    got there: the join cache went on noting every decision read back (all of DECISIONS, on a rebuild), and held
+    the list until the next erasure. The mark ends with the look, however it ends."""
+    from app import join_cache
+    from tests.unit.test_scoring_learner import World, _decisions_ack, _foreign
+
+    world = World(tmp_path)
+    assert world.learner.restore(world.engine) is None  # a start: DECISIONS is read back
+    world.score(user="u-1")
+
+    def failing(*args: Any) -> bool:
+        raise failure
+
+    monkeypatch.setattr(join_cache, "belongs", failing)
+    ingest = Ingest()
+    ingest.between_chunks.set()
+    eraser = Eraser(None, world.store, world.learner, checkpoint=None, lock=asyncio.Lock(),  # type: ignore[arg-type]
+                    ingests=[ingest])
+    with pytest.raises(type(failure)):
+        await asyncio.create_task(eraser._drop([{"user_id": "u-2", "requested_at": datetime.now(UTC)}]))
+    for n in range(100):  # the read-back goes on, bringing u-1's
+        assert world.learner.add_logged(_foreign(world, f"ext-{n}"), _decisions_ack(world.clock.now, n + 1))
+    assert world.learner.joins._replayed_since_mark is None, "nothing noted once the look has ended"
     world.engine.dispose()
 
 
