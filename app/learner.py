@@ -277,8 +277,11 @@ class Learner:
         entry.decision = None
         if logged.id in self.waiting.by_decision:
             joinable_ms = self._joinable_ms(logged.id, entry)
-            if not self.feedback_read.caught_up and joinable_ms > self._feedback_time_ms():
-                self._defer(logged.id, joinable_ms)  # FEEDBACK had not reached it yet, live
+            # FEEDBACK had not reached it yet, live. Unless the cache let it go as it came (larger than its whole
+            # budget): live credited it with the decision in hand, and deferred, it was found gone when due.
+            if (not self.feedback_read.caught_up and joinable_ms > self._feedback_time_ms()
+                    and self.joins.get(logged.id) is entry):
+                self._defer(logged.id, joinable_ms)
             else:
                 self._credit_waiting(logged.id, entry, joinable_ms)
         return True

@@ -847,6 +847,40 @@ def test_a_replay_credits_deferred_feedback_whose_decision_the_memory_budget_let
     rebuilt.engine.dispose()
 
 
+def test_a_replay_credits_deferred_feedback_whose_decision_is_larger_than_the_join_cache(tmp_path: Path) -> None:
+    """A decision larger than the join cache's whole budget is let go as it comes: live, the reaction waiting for it
+    was credited with the decision in hand. Read back, it was deferred after the decision had gone already, and the
+    release found nothing: given up as `unknown_decision`."""
+    live = World(tmp_path / "live")
+    t0 = live.clock.now
+    big = _foreign(live, "ext-big")
+    limit = len(big.data)  # the entry costs ENTRY_OVERHEAD more than the budget
+    live.learner.joins.limit = limit
+    log: list[tuple[float, str, Any]] = [(t0 + 1, "feedback", _reaction("f-1", "ext-big", "a", "acted")),
+                                         (t0 + 2, "decision", big)]
+    before = outcomes()
+    read_live(live, log)
+    assert delta(before) == {"waiting": 1, "credited": 1}
+
+    rebuilt = World(tmp_path / "rebuilt")
+    rebuilt.learner.joins.limit = limit
+    rebuilt.clock.now = t0 + 600
+    assert rebuilt.learner.restore(rebuilt.engine) is None
+    rebuilt.learner.feedback_read = ReadUpTo()  # FEEDBACK follows DECISIONS
+    before = outcomes()
+    rebuilt.sink(log[0][2], _ack(t0 + 1, 1))
+    rebuilt.learner.add_logged(big, _decisions_ack(t0 + 2, 1))
+    rebuilt.learner.caught_up()
+    rebuilt.learner.feedback_read.advance(int((t0 + 1) * 1000), caught_up=True)
+    rebuilt.learner.snapshot()
+    assert delta(before) == {"waiting": 1, "credited": 1}
+    assert {d: r["rewards"] for d, r in rebuilt.log.dirty.items()} == {d: r["rewards"] for d, r in live.log.dirty.items()}
+    for version in ("v1", "v2"):
+        assert rebuilt.lineup.models[version].to_bytes() == live.lineup.models[version].to_bytes()
+    live.engine.dispose()
+    rebuilt.engine.dispose()
+
+
 def test_feedback_waiting_while_feedback_is_read_back_waits_in_feedback_s_time(tmp_path: Path) -> None:
     """While FEEDBACK is read back, feedback waiting for a decision DECISIONS has not brought yet is
     given up once FEEDBACK's time is `pending_max_age_s` past it, as live, not by the clock: a stall
