@@ -155,8 +155,9 @@ class DecisionPublisher:
         # Queued before, now too large for the server, or refused by DECISIONS' max_msg_size: not sent (`_hold`).
         self.held: list[tuple[str, str, bytes]] = []
         self._held_lines = LogThrottle()
-        # The ids of those held for a refusal (max_msg_size), sent again every `held_retry_s`: the others (the
-        # server's max_payload) can only change at a reconnect.
+        # The ids of those held for a refusal (max_msg_size), sent again every `held_retry_s`, until one is published
+        # (a 503 for a full queue names the setting while they are being sent again too): the others (the server's
+        # max_payload) can only change at a reconnect.
         self._held_refused: set[str] = set()
         self.held_retry_s, self._held_retry_at = held_retry_s, math.inf
         self._waiting_for_room: dict[str, bytes] = {}  # decision id -> payload, of each `put` waiting
@@ -213,16 +214,36 @@ class DecisionPublisher:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     _REFUSED.inc()
-                    raise DecisionLogFull(
-                        f"{self.waiting} decisions ({self.bytes / 1048576:.1f} MB) are waiting for JetStream "
-                        f"(TIPSTREAM_DECISION_QUEUE_MAX={self.queue_max}, TIPSTREAM_DECISION_QUEUE_MB="
-                        f"{self.queue_max_bytes / 1048576:g}); is NATS reachable? Retry shortly.")
+                    raise DecisionLogFull(self._why_full())
                 await woken(self._room, left)
                 if decision_id in self._withdrawn:
                     raise DecisionWithdrawn(decision_id)
         finally:
             del self._waiting_for_room[decision_id]
             self._withdrawn.discard(decision_id)
+
+    def _why_full(self) -> str:
+        """Why `put` found no room: what waits, and for what. Those held aside wait for a setting, not for NATS:
+        told "is NATS reachable?" only, an operator whose DECISIONS refused every decision (its max_msg_size) looked
+        for an outage, while the fix was the setting the hold's error line names."""
+        told = (f"{self.waiting} decisions ({self.bytes / 1048576:.1f} MB) are waiting for JetStream "
+                f"(TIPSTREAM_DECISION_QUEUE_MAX={self.queue_max}, TIPSTREAM_DECISION_QUEUE_MB="
+                f"{self.queue_max_bytes / 1048576:g})")
+        refused = len(self._held_refused)  # held for max_msg_size, or being sent again (`_retry_held`)
+        too_large = sum(1 for item in self.held if item[1] not in self._held_refused)  # for the server's max_payload
+        if not refused and not too_large:
+            return f"{told}; is NATS reachable? Retry shortly."
+        aside = []
+        if refused:
+            aside.append(f"{refused} larger than DECISIONS takes in a message (its max_msg_size, set outside "
+                         "tipstream: `nats stream edit DECISIONS --max-msg-size=-1` takes any size, and they are "
+                         f"published within {self.held_retry_s:g}s)")
+        if too_large:
+            aside.append(f"{too_large} larger than the NATS server takes in a message (its max_payload, "
+                         f"{self.max_payload:.0f} bytes: raise it in the server's configuration)")
+        others = self.waiting - refused - too_large
+        rest = f" The other {others} wait for JetStream: is NATS reachable?" if others > 0 else ""
+        return f"{told}; held aside until a limit is raised: {'; '.join(aside)}.{rest} Retry after that."
 
     def withdraw(self, made_from: Callable[[bytes], bool]) -> int:
         """Not to be queued: the decisions waiting for room (`put`) whose payload `made_from` picks; how many.
@@ -289,6 +310,8 @@ class DecisionPublisher:
                 self.on_published(item[1], item[2])
             if self._put_back:
                 self._put_back_published(item[1])
+            if self._held_refused:
+                self._held_refused.discard(item[1])
             if self.on_stored is not None:
                 seq = _stored_seq(data)
                 if seq is not None:
@@ -342,7 +365,6 @@ class DecisionPublisher:
         if not items:
             return
         self.held = [item for item in self.held if item[1] not in self._held_refused]
-        self._held_refused.clear()
         self._requeue(items)
         self._idle.clear()
         self._released()
@@ -390,7 +412,9 @@ class DecisionPublisher:
         reason no wait mends (`why`): kept, not sent, until a reconnect (`reconnected`), or for a refusal the next
         try (`_retry_held`), and spooled at the stop."""
         self.held.append(item)
-        if why is not None:
+        if why is None:
+            self._held_refused.discard(item[1])  # sent again and now too large for the server (`_send`)
+        else:
             self._held_refused.add(item[1])
             self._held_retry_at = min(self._held_retry_at, time.monotonic() + self.held_retry_s)
         self._released()

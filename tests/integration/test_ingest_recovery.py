@@ -406,10 +406,11 @@ async def test_one_refused_batch_waits_once_and_goes_back_in_order(nats_server, 
     await nc.close()
 
 
-async def test_decisions_held_for_a_refusal_no_wait_mends_count_against_the_queue_bound(nats_server) -> None:
-    """Held aside (DECISIONS' max_msg_size below them: err_code 10054), decisions left the queue's count, and
-    `offer` took new ones past TIPSTREAM_DECISION_QUEUE_MAX for as long as the bytes' bound allowed (256 MB): /score
-    answered 200 while they piled up in memory, and a stop spooled many more than the bound says wait."""
+async def publishing_to_small_messages(nats_server: Any,
+                                       **options: Any) -> tuple[Any, Any, Any, Any, asyncio.Task[None]]:
+    """A decision publisher running (`options`: its own) with DECISIONS' max_msg_size at 1 KB, as an operator's `nats
+    stream edit` sets it; the connection, its JetStream context, DECISIONS' config before the edit, the publisher and
+    its task."""
     import dataclasses
 
     from app.decision_publisher import DecisionPublisher
@@ -419,15 +420,42 @@ async def test_decisions_held_for_a_refusal_no_wait_mends_count_against_the_queu
     await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
     config = (await js.stream_info("DECISIONS")).config
     await js.update_stream(dataclasses.replace(config, max_msg_size=1_024))
-    publisher = DecisionPublisher(lambda: nc, queue_max=3, batch=4, window=10, ack_timeout_s=5)
+    publisher = DecisionPublisher(lambda: nc, **{"batch": 4, "window": 10, "ack_timeout_s": 5, **options})
     await publisher.start()
-    task = asyncio.create_task(publisher.run())
+    return nc, js, config, publisher, asyncio.create_task(publisher.run())
+
+
+async def test_decisions_held_for_a_refusal_no_wait_mends_count_against_the_queue_bound(nats_server) -> None:
+    """Held aside (DECISIONS' max_msg_size below them: err_code 10054), decisions left the queue's count, and
+    `offer` took new ones past TIPSTREAM_DECISION_QUEUE_MAX for as long as the bytes' bound allowed (256 MB): /score
+    answered 200 while they piled up in memory, and a stop spooled many more than the bound says wait."""
+    nc, _, _, publisher, task = await publishing_to_small_messages(nats_server, queue_max=3)
     large = b'{"pad": "' + b"x" * 2_000 + b'"}'
     for i in range(3):
         assert publisher.offer("decisions.score", f"d-{i}", large)
     await eventually(lambda: len(publisher.held) == 3)
     assert publisher.waiting == 3
     assert not publisher.offer("decisions.score", "d-3", b"{}"), "the bound counts those held"
+    task.cancel()
+    await nc.close()
+
+
+async def test_a_queue_full_of_decisions_held_aside_answers_with_the_setting_to_fix_not_an_outage(nats_server) -> None:
+    """Held aside (DECISIONS' max_msg_size below them), decisions filled the queue, and the 503 of every /score after
+    said "is NATS reachable?", NATS being there: the operator looked for an outage while the fix was the setting
+    their error line names. The 503 says how many are held, for which setting, and how to fix it; those waiting for
+    NATS are told apart."""
+    from app.decision_publisher import DecisionLogFull
+
+    nc, _, _, publisher, task = await publishing_to_small_messages(nats_server, queue_max=3)
+    for i in range(3):
+        assert publisher.offer("decisions.score", f"d-{i}", b'{"pad": "' + b"x" * 2_000 + b'"}')
+    await eventually(lambda: len(publisher.held) == 3)
+    with pytest.raises(DecisionLogFull) as full:
+        await publisher.put("decisions.score", "d-3", b"{}", timeout_s=0.1)
+    told = str(full.value)
+    assert "held aside until a limit is raised: 3 larger than DECISIONS takes" in told and "max_msg_size" in told, told
+    assert "nats stream edit DECISIONS --max-msg-size=-1" in told and "NATS reachable" not in told, told
     task.cancel()
     await nc.close()
 
@@ -440,16 +468,7 @@ async def test_a_decision_held_for_max_msg_size_is_published_once_the_limit_is_r
     (30 s in the service): held again while refused, with one error line, then published once the limit is raised."""
     import dataclasses
 
-    from app.decision_publisher import DecisionPublisher
-
-    nc = await pull.connect(nats_server.url)
-    js = nc.jetstream()
-    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
-    config = (await js.stream_info("DECISIONS")).config
-    await js.update_stream(dataclasses.replace(config, max_msg_size=1_024))
-    publisher = DecisionPublisher(lambda: nc, queue_max=10, batch=4, window=10, ack_timeout_s=5, held_retry_s=0.1)
-    await publisher.start()
-    task = asyncio.create_task(publisher.run())
+    nc, js, config, publisher, task = await publishing_to_small_messages(nats_server, queue_max=10, held_retry_s=0.1)
     caplog.set_level(logging.ERROR, logger="tipstream.decisions")
     assert publisher.offer("decisions.score", "d-large", b'{"pad": "' + b"x" * 2_000 + b'"}')
     await eventually(lambda: publisher.retried >= 2 and [d for _, d, _ in publisher.held] == ["d-large"])
