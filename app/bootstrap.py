@@ -240,7 +240,7 @@ class Service:
                              lock=self.checkpointer.lock, ingests=self.ingests, js=js, scrub=scrub,
                              learning_versions=lambda: {version for version, _ in self.lineup.learning},
                              unpublished=self.publisher.unpublished, withdraw=self.publisher.withdraw,
-                             threads=self.threads)
+                             let_go_held=self.publisher.let_go_held, threads=self.threads)
         self.checkpointer.participants.append(self.eraser)  # last: its deletes follow the other rows (write_erasures)
         await asyncio.to_thread(self.eraser.resume)  # before DECISIONS is read back
         self.checkpointer.refused = self._database_not_ours  # lost during the start already

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from app.decision_ids import ID_LENGTH
@@ -255,6 +255,24 @@ class DecisionPublisher:
         if picked:
             self._room.set()  # each waiting put looks again: a full queue clears it once more
         return len(picked)
+
+    def let_go_held(self, decision_ids: Collection[str]) -> list[str]:
+        """Those of `decision_ids` held aside (`_hold`) let go, for good: their user is forgotten (`Eraser`, step 4,
+        waits for their decisions on their way to JetStream). Held, one was not stored (the server does not take
+        it, or JetStream refused it), so there is nothing of it to delete; and held until a limit is raised,
+        maybe never, it kept the forget waiting as long. (One stored on an earlier try whose acknowledgement was
+        lost is deleted by its id all the same.) The ids let go."""
+        gone = [item for item in self.held if item[1] in decision_ids]
+        if not gone:
+            return []
+        self.held = [item for item in self.held if item[1] not in decision_ids]
+        for _, decision_id, payload in gone:
+            self.bytes -= len(payload)
+            self._held_refused.discard(decision_id)
+            if self._put_back:  # its spool need not wait for it: the next start leaves it out (`without_forgotten`)
+                self._put_back_published(decision_id)
+        self._released()
+        return [decision_id for _, decision_id, _ in gone]
 
     async def flush(self, timeout_s: float) -> bool:
         """Wait until every queued decision is acknowledged; False on timeout."""

@@ -21,7 +21,8 @@ Each request is a row of `erasures`, its `status` moving on as each step is done
    (`checkpoint_rows.write_erasures`): a restart never folds those events again.
 4. Their messages up to the bounds are deleted from SIGNALS, FEEDBACK, DECISIONS and the DLQ
    (`streams.scrub`), so a rebuild from the log never brings them back (and past DECISIONS' bound, their
-   decisions /score had queued for JetStream at step 2, once stored, by their ids: `ON_THE_WAY`); then the `tip_scores` rows
+   decisions /score had queued for JetStream at step 2, once stored, by their ids: `ON_THE_WAY`; those held aside
+   for a limit, never stored, are let go); then the `tip_scores` rows
    of their decisions acknowledged meanwhile, and their own features in the saved bytes of the
    versions that no longer learn (retired ones).
 5. `done`, with a report of what went where.
@@ -93,6 +94,7 @@ class Eraser:
                  learning_versions: Callable[[], set[str]] | None = None,
                  unpublished: Callable[[], Sequence[tuple[str, str, bytes]]] | None = None,
                  withdraw: Callable[[Callable[[bytes], bool]], int] | None = None,
+                 let_go_held: Callable[[set[str]], list[str]] | None = None,
                  threads: ThreadWork | None = None) -> None:
         self.engine, self.store, self.learner = engine, store, learner
         self.threads = threads or ThreadWork()  # its transactions, which the stop waits for
@@ -108,6 +110,8 @@ class Eraser:
         self.unpublished = unpublished or list
         # What /score made and waits to queue (the queue full): served after step 2, not on the way then.
         self.withdraw = withdraw or (lambda made_from: 0)
+        # Of those, the ones held aside until a limit is raised (the publisher's `held`): let go, never stored.
+        self.let_go_held = let_go_held or (lambda decision_ids: [])
         self._wake = asyncio.Event()
 
     # -- requests ------------------------------------------------------------------------------
@@ -387,7 +391,8 @@ class Eraser:
         them again (a `tip_scores` row, their features as served). By their ids, not all of theirs up to there:
         the bound moved, their decisions served after step 2 (the user came back) went from the log too, and kept
         their rows. Waits for their acknowledgements (the publisher never drops one), and so also keeps
-        `Learner.erasing` until then: acknowledged after step 5, one got a `tip_scores` row. Their ids are step 3's
+        `Learner.erasing` until then: acknowledged after step 5, one got a `tip_scores` row. One held aside for a
+        limit (`DecisionPublisher.let_go_held`) is let go instead: it may never be stored. Their ids are step 3's
         (in the bounds): after a crash, which lost the publisher's queue, one stored whose acknowledgement it lost
         stayed in DECISIONS."""
         on_the_way = bounds.get(ON_THE_WAY) or {}
@@ -396,6 +401,13 @@ class Eraser:
         users, waited = [row["user_id"] for row in rows], set(on_the_way["ids"])
         told = time.monotonic()
         while pending := waited & {decision_id for _, decision_id, _ in self.unpublished()}:
+            if let_go := self.let_go_held(pending):
+                # Held for a limit (the server's max_payload, DECISIONS' max_msg_size) that may never be raised,
+                # they kept the forget waiting as long; never stored, they have nothing to delete.
+                log.info("forgetting %s: %d of their decisions served before the request were held aside, too "
+                         "large for NATS (the decision log's error lines say which limit), never stored: let go, "
+                         "not published (%s)", ", ".join(sorted(map(repr, users))), len(let_go), ", ".join(let_go))
+                continue
             if time.monotonic() - told >= PROGRESS_EVERY_S:
                 told = time.monotonic()
                 log.info("forgetting %s: waiting for JetStream to store %d of their decisions served before the "

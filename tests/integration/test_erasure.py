@@ -5,6 +5,7 @@ HTTP, SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -105,13 +106,19 @@ async def traffic(running: Any, js: Any, http: httpx.AsyncClient) -> None:
     await eventually(lambda: service.learner.credited == credited + len(USERS), timeout=15)
 
 
+async def started_knowing_two(start_service: Any, nc: Any, settings: dict[str, Any]) -> Any:
+    """The service (`settings` its own), u-1 and u-2 known."""
+    running = await start_service(**{"admin_token": TOKEN, "checkpoint_every_s": 0.2, **settings})
+    await publish_events(nc.jetstream(), signals("u-1") + signals("u-2"))
+    await eventually(lambda: {"u-1", "u-2"} <= set(running.service.store.users))
+    return running
+
+
 async def started_with_nats_away(start_service: Any, nc: Any, settings: dict[str, Any]) -> tuple[Any, Any]:
     """The service, u-1 and u-2 known, its decisions' publisher cut off as while NATS is away (the queue holds
     what /score served); and the connection, to give back."""
-    running = await start_service(**{"admin_token": TOKEN, "checkpoint_every_s": 0.2, **settings})
+    running = await started_knowing_two(start_service, nc, settings)
     service = running.service
-    await publish_events(nc.jetstream(), signals("u-1") + signals("u-2"))
-    await eventually(lambda: {"u-1", "u-2"} <= set(service.store.users))
     connection, service.publisher._nc = service.publisher._nc, lambda: None
     return running, connection
 
@@ -838,6 +845,39 @@ async def test_a_decision_waiting_for_room_in_the_log_while_its_user_is_forgotte
     decided = [orjson.loads(data) for data in (await stored(js, "DECISIONS")).values()]
     assert [body["id"] for body in decided if body.get("user_id") == "u-1"] == [again.json()["decision_id"]]
     assert rows(url, "tip_scores") == {"u-1": 1}
+
+
+async def test_a_decision_held_aside_for_a_limit_while_its_user_is_forgotten_is_let_go_and_the_forget_is_done(
+        start_service, nc, database_url) -> None:
+    """A decision JetStream refuses for good (larger than DECISIONS' max_msg_size, an operator's `nats stream
+    edit`) is held aside, sent again every 30 s, until the limit is raised. Its user forgotten, the request waited
+    for it as for any decision on its way to JetStream: for good, its user's messages never deleted. Held, it was
+    never stored: it is let go (not published, nothing to delete), the forget goes on to done, and the others'
+    decisions are published as before."""
+    running = await started_knowing_two(start_service, nc, {"database_url": database_url})
+    service, js = running.service, nc.jetstream()
+    publisher = service.publisher
+    config = (await js.stream_info("DECISIONS")).config
+    await js.update_stream(dataclasses.replace(config, max_msg_size=8_192))
+    large = [{"tip_id": f"tip-{i}", "category": "focus", "features": {"text": "x" * 120}} for i in range(100)]
+    async with running.http() as http:
+        answer = await http.post("/score", json={"user_id": "u-1", "explore": False, "context": {"now": NOW},
+                                                 "candidates": large})
+        assert answer.status_code == 200, answer.text
+        refused = answer.json()["decision_id"]
+        await scored(http, ("u-2",))
+        await eventually(lambda: [d for _, d, _ in publisher.held] == [refused], timeout=10)
+        await forget(http, "u-1")
+
+        async def done() -> bool:
+            return (await status(http, "u-1"))["status"] == "done"
+
+        await eventually(done, timeout=20)
+        assert publisher.held == [] and publisher.waiting == 0, "let go, not published"
+        await scored(http, ("u-2",))
+    await eventually(lambda: publisher.published == 2, timeout=10)
+    assert sorted(owner(data) for data in (await stored(js, "DECISIONS")).values()) == ["u-2", "u-2"]
+    await running.stop()
 
 
 async def test_a_decision_stored_after_its_user_was_dropped_is_deleted_after_a_stop_during_the_scan(

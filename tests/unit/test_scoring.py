@@ -538,6 +538,25 @@ async def test_a_withdrawn_decision_waiting_for_room_is_never_queued() -> None:
     assert not publisher._waiting_for_room
 
 
+async def test_decisions_held_aside_let_go_for_a_forget_free_their_room_and_their_spool() -> None:
+    """A forget lets its user's decisions held aside go (never stored): their bytes and count leave the queue's
+    bounds, and the spool of those put back at the start goes once the others are published, as it would have."""
+    nc = FakeNats()
+    nc.max_payload = 2_000
+    publisher = DecisionPublisher(lambda: nc, queue_max=100, batch=4, window=10)
+    await publisher.start()
+    spool_done = []
+    publisher.put_back([("decisions.score", "d-large", b"x" * 3_000), ("decisions.score", "d-1", b"{}")],
+                       lambda: spool_done.append(True))
+    task = asyncio.create_task(publisher.run())
+    assert await publisher.flush(5) and nc.stored == ["d-1"]
+    assert [d for _, d, _ in publisher.held] == ["d-large"] and not spool_done, "the spool keeps the one held"
+    assert publisher.let_go_held({"d-1", "d-other"}) == [] and publisher.waiting == 1
+    assert publisher.let_go_held({"d-large"}) == ["d-large"]
+    assert publisher.held == [] and publisher.waiting == 0 and publisher.bytes == 0 and spool_done == [True]
+    task.cancel()
+
+
 async def test_the_queue_is_bounded_in_bytes_too() -> None:
     """A decision is the caller's to size (a 256 KB /score body made one of 228 KB): bounded in count
     only, the queue held 4.5 GB of them while NATS was away."""
