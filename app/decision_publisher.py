@@ -50,10 +50,11 @@ AWAY_POLL_S = 0.1  # how often the publisher looks for the connection while NATS
 # them, and their reactions waited as long to be learned. Each round's refusal is a line, at most so many a minute.
 REFUSAL_WAIT_MAX_S = 1.0
 REFUSAL_LINES_PER_MINUTE = 10
-# How often decisions held for DECISIONS' max_msg_size are sent again: the operator raises it while tipstream runs
-# (`nats stream edit`, as the log line says), and tried only at a reconnect or the next start, they stayed held,
-# counted against TIPSTREAM_DECISION_QUEUE_MAX (/score answered 503 once it was full of them), and a forget of
-# their user waited for them.
+# How often decisions held for DECISIONS' max_msg_size are sent again, and the server's max_payload is read again
+# while some are held for it (or a 413 asked to raise it): the operator raises them while tipstream runs (`nats
+# stream edit`, a reload of the server's configuration, as the log lines say), and tried only at a reconnect or the
+# next start, they stayed held, counted against TIPSTREAM_DECISION_QUEUE_MAX (/score answered 503 once it was full
+# of them).
 HELD_RETRY_S = 30.0
 
 
@@ -156,10 +157,12 @@ class DecisionPublisher:
         self.held: list[tuple[str, str, bytes]] = []
         self._held_lines = LogThrottle()
         # The ids of those held for a refusal (max_msg_size), sent again every `held_retry_s`, until one is published
-        # (a 503 for a full queue names the setting while they are being sent again too): the others (the server's
-        # max_payload) can only change at a reconnect.
+        # (a 503 for a full queue names the setting while they are being sent again too). For the others (the
+        # server's max_payload), the server's greeting is read again as often (`_look_at_max_payload`).
         self._held_refused: set[str] = set()
         self.held_retry_s, self._held_retry_at = held_retry_s, math.inf
+        self._payload_wanted = False  # a decision larger than max_payload refused (413) since the last look
+        self._looking: asyncio.Task[None] | None = None
         self._waiting_for_room: dict[str, bytes] = {}  # decision id -> payload, of each `put` waiting
         self._withdrawn: set[str] = set()
         self._on_all_put_back: Callable[[], None] | None = None
@@ -203,6 +206,8 @@ class DecisionPublisher:
         DecisionWithdrawn once `withdraw` names it."""
         if len(payload) > self._largest_payload:  # no room will ever come for it
             _REFUSED.inc()
+            self._payload_wanted = True  # the 413 says to raise max_payload: a reload of the server's is looked for
+            self._held_retry_at = min(self._held_retry_at, time.monotonic() + self.held_retry_s)
             raise DecisionTooLarge(
                 f"this answer's decision is {len(payload) + ID_LENGTH + HEADER_BYTES} bytes, more than the NATS server takes in a message (its "
                 f"max_payload, {self.max_payload:.0f} bytes), so it cannot be logged: send fewer or smaller candidates, "
@@ -367,6 +372,7 @@ class DecisionPublisher:
         if self.inflight:
             self._requeue([item for _, item in self.inflight.values()])
             self.inflight.clear()
+        self._payload_wanted = False  # its greeting told the new connection's
         if self.held:
             self.queue.extend(self.held)
             self.held = []
@@ -377,8 +383,12 @@ class DecisionPublisher:
 
     def _retry_held(self) -> None:
         """The decisions held for DECISIONS' max_msg_size, back at the front of the queue: refused again, they are
-        held again (`_on_ack`), and tried again `held_retry_s` later."""
+        held again (`_on_ack`), and tried again `held_retry_s` later. For those held for the server's max_payload,
+        or a 413 since the last look, its greeting is read again (`_look_at_max_payload`)."""
         self._held_retry_at = math.inf
+        if (self._payload_wanted or self._held_for_payload()) and (self._looking is None or self._looking.done()):
+            self._payload_wanted = False
+            self._looking = asyncio.create_task(self._look_at_max_payload())
         items = [item for item in self.held if item[1] in self._held_refused]
         if not items:
             return
@@ -386,6 +396,37 @@ class DecisionPublisher:
         self._requeue(items)
         self._idle.clear()
         self._released()
+
+    def _held_for_payload(self) -> bool:
+        return any(item[1] not in self._held_refused for item in self.held)
+
+    async def _look_at_max_payload(self) -> None:
+        """The server's max_payload, read again from its greeting to a new connection (`max_payload_now`): raised by
+        a configuration reload (`nats-server --signal reload`, as the hold's error line and the 413 ask), it is told
+        to no connection, and the decisions held for it waited for a reconnect, maybe never, /score refusing those
+        as large (a 413) meanwhile. Those held for it go back to the front of the queue: still too large, they are
+        held again (`_send`), and looked for again `held_retry_s` later."""
+        nc = self._nc()
+        look = getattr(nc, "max_payload_now", None)
+        try:
+            max_payload = await look() if look is not None and nc.is_connected else None
+        except Exception as error:  # noqa: BLE001 - the look is asked again while decisions wait for it
+            log.warning("could not read the NATS server's max_payload again (%s)", error)
+            max_payload = None
+        if max_payload is not None and max_payload != self.max_payload:
+            items = [item for item in self.held if item[1] not in self._held_refused]
+            log.info("the NATS server takes messages of up to %d bytes now (its max_payload, %d before; a "
+                     "configuration reload)%s", max_payload, self.max_payload,
+                     f": the {len(items)} decisions held for it are sent" if items else "")
+            self._set_max_payload(max_payload)
+            if items:
+                self.held = [item for item in self.held if item[1] in self._held_refused]
+                self._requeue(items)
+                self._idle.clear()
+                self._released()
+                self._work.set()
+        if self._held_for_payload():
+            self._held_retry_at = min(self._held_retry_at, time.monotonic() + self.held_retry_s)
 
     def _released(self) -> None:
         queued, inflight = len(self.queue), len(self.inflight)
@@ -427,14 +468,14 @@ class DecisionPublisher:
 
     def _hold(self, item: tuple[str, str, bytes], why: str | None = None) -> None:
         """Queued before (a start's spool), and larger than this server takes, or refused by JetStream for a
-        reason no wait mends (`why`): kept, not sent, until a reconnect (`reconnected`), or for a refusal the next
-        try (`_retry_held`), and spooled at the stop."""
+        reason no wait mends (`why`): kept, not sent, until a reconnect (`reconnected`) or the server's max_payload
+        raised (`_look_at_max_payload`), or for a refusal the next try (`_retry_held`), and spooled at the stop."""
         self.held.append(item)
         if why is None:
             self._held_refused.discard(item[1])  # sent again and now too large for the server (`_send`)
         else:
             self._held_refused.add(item[1])
-            self._held_retry_at = min(self._held_retry_at, time.monotonic() + self.held_retry_s)
+        self._held_retry_at = min(self._held_retry_at, time.monotonic() + self.held_retry_s)
         self._released()
         left_out = self._held_lines.allow(None)
         if left_out is None:
@@ -446,7 +487,8 @@ class DecisionPublisher:
             return
         log.error("decision %s is %d bytes, more than the NATS server takes in a message (its max_payload, %d "
                   "bytes): not sent (the server would close the connection for it), kept for a server that takes "
-                  "it (raise max_payload in its configuration)%s", item[1], size, self.max_payload, more)
+                  "it (raise max_payload in its configuration: a reload does, the server's limit is looked at again "
+                  "every %gs)%s", item[1], size, self.max_payload, self.held_retry_s, more)
 
     def _tell_unanswered(self) -> None:
         """A server that takes publishes and answers none: nats-server with its store's disk full answered
@@ -464,6 +506,13 @@ class DecisionPublisher:
                     self.ack_timeout_s, self.waiting, f" ({left_out} such rounds since the last line)" if left_out else "")
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            if self._looking is not None:
+                self._looking.cancel()
+
+    async def _run(self) -> None:
         backoff = 0.1
         while True:
             await woken(self._work, min(1.0, self.ack_timeout_s, max(self._held_retry_at - time.monotonic(), 0.0)))

@@ -10,6 +10,7 @@ path runs several times faster. Stream set-up, publishing and the consumers' che
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -17,6 +18,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
+from nats.errors import Error as NatsError
 from nats.protocol.parser import AWAITING_CONTROL_LINE, AWAITING_MSG_PAYLOAD, Parser
 
 from streams.log_throttle import LogThrottle
@@ -31,6 +33,7 @@ PULL_EXPIRES_S = 1.0
 # What one pull request may bring, in bytes (at least two of the server's largest messages, so that one always
 # fits): by count alone, a batch of 1,024 events near NATS's 1 MB max_payload was a gigabyte on its way at once.
 PULL_MAX_BYTES = 8 << 20
+GREETING_S = 2.0  # how long `IngestClient.max_payload_now` waits for a server's greeting (nats-py's connect_timeout)
 
 
 RawMsg = tuple[str, bytes, bytes]  # (subject, reply, body): all ingest needs of a message
@@ -162,6 +165,48 @@ class IngestClient(TlsIntentClient):
     async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
         await super()._process_info(info, initial_connection)
         share_credentials(self._server_pool, self._current_server)
+        if not initial_connection and isinstance(info.get("max_payload"), int):
+            # A greeting again on the same connection (a cluster's change, the server's INFO after CONNECT): nats-py
+            # takes its `max_payload` only from a connection's first.
+            self._max_payload = info["max_payload"]
+
+    async def max_payload_now(self, timeout_s: float = GREETING_S) -> int | None:
+        """The largest message the server this client is on takes now, as its greeting to a new connection tells
+        it, taken as this connection's too. A server tells `max_payload` in a connection's greeting, and a
+        configuration reload (`nats-server --signal reload`) changes it for the connections it has without a
+        word to them: nats-py went on with the old one until a reconnect. Read on a connection of its own, closed
+        after the greeting (completing TLS first, which a server requiring it would otherwise log as a failed
+        handshake): no credentials are sent, the greeting coming before them. None: not connected, the greeting not had
+        within `timeout_s`, or from another server (behind a load balancer: its limit is not this one's)."""
+        server = self._current_server
+        if server is None or not self.is_connected or server.uri.scheme not in ("nats", "tls"):
+            return None
+        info: dict[str, Any] = {}
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(server.uri.hostname, server.uri.port or 4222), timeout_s)
+        except (OSError, TimeoutError):
+            return None
+        try:
+            line = await asyncio.wait_for(reader.readline(), timeout_s)
+            greeting = orjson.loads(line[5:]) if line.startswith(b"INFO ") else None
+            info = greeting if isinstance(greeting, dict) else {}
+            if info.get("tls_required"):
+                await asyncio.wait_for(writer.start_tls(
+                    self.ssl_context, server_hostname=self.options.get("tls_hostname") or server.tls_name
+                    or server.uri.hostname), timeout_s)
+        except (OSError, TimeoutError, ValueError, NatsError):
+            pass  # the greeting is what was asked for; a TLS refused here is the server's to log
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), timeout_s)
+        # The server this client is on once the greeting is had: a reconnect meanwhile may have moved it.
+        known, max_payload = self._server_info.get("server_id"), info.get("max_payload")
+        if not isinstance(max_payload, int) or known is None or info.get("server_id") != known or not self.is_connected:
+            return None
+        self._max_payload = max_payload
+        return max_payload
 
     async def subscribe_raw(self, subject: str, handler: Callable[[bytes, bytes, bytes, bytes | None], None]) -> Any:
         sub = await self.subscribe(subject)

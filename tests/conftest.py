@@ -91,9 +91,12 @@ class NatsServer:
     or `binary` (another release the service must work against); `args` go on its command line."""
 
     def __init__(self, store: Path, binary: str | None = None, args: tuple[str, ...] = (),
-                 port: int | None = None) -> None:
+                 port: int | None = None, jetstream_flags: bool = True) -> None:
+        """`jetstream_flags` False: a configuration file in `args` turns JetStream on and names its store (a test
+        that reloads it: nats-server 2.9 took a reload of a file without them as JetStream turned off, and refused
+        one naming the store beside the command line's)."""
         self.store, self.port = store, port or free_port()
-        self.binary, self.args = binary, args
+        self.binary, self.args, self.jetstream_flags = binary, args, jetstream_flags
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -104,8 +107,8 @@ class NatsServer:
         self.store.mkdir(parents=True, exist_ok=True)
         log = open(self.store / "server.log", "ab")
         self.process = subprocess.Popen(
-            [self.binary or TEST_NATS_SERVER or nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store),
-             *self.args],
+            [self.binary or TEST_NATS_SERVER or nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port),
+             *(("-js", "-sd", str(self.store)) if self.jetstream_flags else ()), *self.args],
             stdout=log, stderr=log,
         )
         deadline = time.monotonic() + 10

@@ -482,6 +482,63 @@ async def test_a_decision_held_for_max_msg_size_is_published_once_the_limit_is_r
     await nc.close()
 
 
+@pytest.mark.parametrize("waiting", ["held", "refused"])
+async def test_a_max_payload_raised_by_a_reload_of_the_server_is_taken_without_a_reconnect(
+        tmp_path, caplog, waiting: str) -> None:
+    """nats-server tells a connection its max_payload in its greeting only: raised by a configuration reload
+    (`nats-server --signal reload`, which the hold's error line and the 413 ask for), it takes larger messages on
+    the connections it has and tells them nothing. A decision held for the old limit (`held`: a start's spool) was
+    sent again only at a reconnect, maybe never; /score refused a decision as large with a 413 (`refused`) until
+    then. The server's greeting is read again every `held_retry_s` while one is held for it, or after a 413."""
+    import signal
+
+    from app.decision_publisher import DecisionPublisher, DecisionTooLarge
+    from tests.conftest import NatsServer
+
+    config = tmp_path / "nats" / "limits.conf"
+    config.parent.mkdir()
+    jetstream = f'jetstream {{ store_dir: "{tmp_path / "nats"}" }}\n'  # in the file, as a reload reads it
+    config.write_text("max_payload: 16KB\n" + jetstream)
+    server = NatsServer(tmp_path / "nats", args=("-c", str(config)), jetstream_flags=False)
+    server.start()
+    nc = await pull.connect(server.url)
+    try:
+        await jsx.ensure_streams(nc.jetstream(), max_age_days=1, max_bytes=-1, duplicate_window_s=120,
+                                 dlq_max_age_days=1)
+        publisher = DecisionPublisher(lambda: nc, queue_max=10, batch=4, window=10, ack_timeout_s=5,
+                                      held_retry_s=0.1)
+        await publisher.start()
+        task = asyncio.create_task(publisher.run())
+        large = b'{"pad": "' + b"x" * 30_000 + b'"}'
+        if waiting == "held":
+            caplog.set_level(logging.ERROR, logger="tipstream.decisions")
+            publisher.put_back([("decisions.score", "d-spooled", large)])
+            await eventually(lambda: [d for _, d, _ in publisher.held] == ["d-spooled"])
+        config.write_text("max_payload: 64KB\n" + jetstream)
+        assert server.process is not None
+        server.process.send_signal(signal.SIGHUP)
+        if waiting == "refused":
+
+            async def taken() -> bool:  # a client asking again after each 413
+                try:
+                    await publisher.put("decisions.score", "d-large", large, timeout_s=1)
+                except DecisionTooLarge:
+                    return False
+                return True
+
+            assert not await taken(), "the old limit until the server's greeting is read again"
+            await eventually(taken)
+        await eventually(lambda: publisher.published == 1, timeout=5)
+        assert publisher.held == [] and publisher.waiting == 0 and publisher.max_payload == 65_536
+        assert nc.stats["reconnects"] == 0 and nc.max_payload == 65_536, "taken on the same connection"
+        told = [r.getMessage() for r in caplog.records if "d-spooled" in r.getMessage()]
+        assert waiting == "refused" or "a reload does" in told[0], told
+        task.cancel()
+    finally:
+        await nc.close()
+        server.stop()
+
+
 async def test_a_refusal_that_lasts_is_sent_again_within_the_ceiling_and_logged_a_few_times_a_minute(
         nats_server, caplog, monkeypatch) -> None:
     """A NATS cluster refuses DECISIONS while it elects the stream's leader (4-9 s after a node is lost):

@@ -166,6 +166,31 @@ async def test_a_tls_url_to_a_server_offering_tls_without_requiring_it_is_upgrad
         server.stop()
 
 
+async def test_the_servers_max_payload_is_read_again_over_tls_without_a_failed_handshake_in_its_log(
+        tmp_path: Path, ca: trustme.CA, trusted: None) -> None:
+    """The decision publisher reads the server's max_payload again from its greeting to a connection of its own
+    (`IngestClient.max_payload_now`: a reload of its configuration tells the connections it has nothing). A server
+    requiring TLS logged that connection, closed after the greeting, as a failed TLS handshake ('TLS handshake
+    error: EOF', an error line every look): the handshake is completed first."""
+    server, _ = start_tls_server(tmp_path / "required", ca, required=True)
+    try:
+        nc = await pull.connect(f"tls://127.0.0.1:{server.port}", allow_reconnect=False)
+        try:
+            log = server.store / "server.log"
+            errors = log.read_text().count("TLS handshake error")  # NatsServer.start's look at the port is one
+            assert await nc.max_payload_now() == nc.max_payload == 1 << 20
+            # A connection closed after the greeting, after the look's: its line is logged after the look's would be.
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            marker = f"127.0.0.1:{writer.get_extra_info('sockname')[1]} - "
+            writer.close()
+            await eventually(lambda: marker in log.read_text())
+            assert log.read_text().count("TLS handshake error") == errors + 1, log.read_text()[-500:]
+        finally:
+            await nc.close()
+    finally:
+        server.stop()
+
+
 async def test_the_service_runs_over_tls_to_a_server_that_requires_it_and_reconnects_over_tls(
         tmp_path: Path, ca: trustme.CA, trusted: None, caplog: pytest.LogCaptureFixture) -> None:
     server, monitoring = start_tls_server(tmp_path / "required", ca, required=True)
