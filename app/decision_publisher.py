@@ -211,7 +211,8 @@ class DecisionPublisher:
             raise DecisionTooLarge(
                 f"this answer's decision is {len(payload) + ID_LENGTH + HEADER_BYTES} bytes, more than the NATS server takes in a message (its "
                 f"max_payload, {self.max_payload:.0f} bytes), so it cannot be logged: send fewer or smaller candidates, "
-                "or raise max_payload in the server's configuration (TIPSTREAM_SCORE_MAX_BODY_BYTES bounds a request)")
+                "or raise max_payload in the server's configuration (a reload is taken within "
+                f"{self.held_retry_s:g}s of the next such request; TIPSTREAM_SCORE_MAX_BODY_BYTES bounds a request)")
         deadline = time.monotonic() + timeout_s
         self._waiting_for_room[decision_id] = payload
         try:
@@ -245,7 +246,8 @@ class DecisionPublisher:
                          f"published within {self.held_retry_s:g}s)")
         if too_large:
             aside.append(f"{too_large} larger than the NATS server takes in a message (its max_payload, "
-                         f"{self.max_payload:.0f} bytes: raise it in the server's configuration)")
+                         f"{self.max_payload:.0f} bytes: raise it in the server's configuration, a reload is taken "
+                         f"within {self.held_retry_s:g}s)")
         others = self.waiting - refused - too_large
         rest = f" The other {others} wait for JetStream: is NATS reachable?" if others > 0 else ""
         return f"{told}; held aside until a limit is raised: {'; '.join(aside)}.{rest} Retry after that."

@@ -492,7 +492,7 @@ async def test_a_max_payload_raised_by_a_reload_of_the_server_is_taken_without_a
     then. The server's greeting is read again every `held_retry_s` while one is held for it, or after a 413."""
     import signal
 
-    from app.decision_publisher import DecisionPublisher, DecisionTooLarge
+    from app.decision_publisher import DecisionLogFull, DecisionPublisher, DecisionTooLarge
     from tests.conftest import NatsServer
 
     config = tmp_path / "nats" / "limits.conf"
@@ -505,7 +505,7 @@ async def test_a_max_payload_raised_by_a_reload_of_the_server_is_taken_without_a
     try:
         await jsx.ensure_streams(nc.jetstream(), max_age_days=1, max_bytes=-1, duplicate_window_s=120,
                                  dlq_max_age_days=1)
-        publisher = DecisionPublisher(lambda: nc, queue_max=10, batch=4, window=10, ack_timeout_s=5,
+        publisher = DecisionPublisher(lambda: nc, queue_max=1, batch=4, window=10, ack_timeout_s=5,
                                       held_retry_s=0.1)
         await publisher.start()
         task = asyncio.create_task(publisher.run())
@@ -514,6 +514,10 @@ async def test_a_max_payload_raised_by_a_reload_of_the_server_is_taken_without_a
             caplog.set_level(logging.ERROR, logger="tipstream.decisions")
             publisher.put_back([("decisions.score", "d-spooled", large)])
             await eventually(lambda: [d for _, d, _ in publisher.held] == ["d-spooled"])
+            with pytest.raises(DecisionLogFull) as full:  # the queue's one place is the held one's
+                await publisher.put("decisions.score", "d-small", b"{}", timeout_s=0.1)
+            assert "1 larger than the NATS server takes in a message (its max_payload, 16384 bytes: raise it in " \
+                   "the server's configuration, a reload is taken within 0.1s)" in str(full.value), str(full.value)
         config.write_text("max_payload: 64KB\n" + jetstream)
         assert server.process is not None
         server.process.send_signal(signal.SIGHUP)
