@@ -153,6 +153,7 @@ class IngestClient(TlsIntentClient):
         super().__init__()
         self._ps = FastParser(self)
         self._raw_handlers: dict[int, Callable[[bytes, bytes, bytes, bytes | None], None]] = {}
+        self._greeted_max_payload: Any = None  # the server's max_payload as this connection's greeting told it
 
     async def connect(self, *args: Any, **options: Any) -> None:
         # nats-py sends a user JWT (`user_jwt_cb`) only once it counts itself as given credentials: its own
@@ -165,19 +166,24 @@ class IngestClient(TlsIntentClient):
     async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
         await super()._process_info(info, initial_connection)
         share_credentials(self._server_pool, self._current_server)
-        if not initial_connection and isinstance(info.get("max_payload"), int):
-            # A greeting again on the same connection (a cluster's change, the server's INFO after CONNECT): nats-py
-            # takes its `max_payload` only from a connection's first.
+        if initial_connection:
+            self._greeted_max_payload = info.get("max_payload")
+        elif isinstance(info.get("max_payload"), int):
+            # An INFO again on the same connection (the server's after CONNECT, a cluster's change) tells this
+            # connection's own limit, an account's or user's below the server's included: nats-py takes
+            # `max_payload` only from a connection's greeting, the server's.
             self._max_payload = info["max_payload"]
 
     async def max_payload_now(self, timeout_s: float = GREETING_S) -> int | None:
-        """The largest message the server this client is on takes now, as its greeting to a new connection tells
-        it, taken as this connection's too. A server tells `max_payload` in a connection's greeting, and a
-        configuration reload (`nats-server --signal reload`) changes it for the connections it has without a
-        word to them: nats-py went on with the old one until a reconnect. Read on a connection of its own, closed
-        after the greeting (completing TLS first, which a server requiring it would otherwise log as a failed
-        handshake): no credentials are sent, the greeting coming before them. None: not connected, the greeting not had
-        within `timeout_s`, or from another server (behind a load balancer: its limit is not this one's)."""
+        """The largest message this connection may send now (`max_payload`). A server tells its max_payload in a
+        connection's greeting, and a configuration reload (`nats-server --signal reload`) sets it for every
+        connection it has, an account's limit or not, without a word to them: nats-py went on with the old one
+        until a reconnect. So the server's greeting to a new connection is read: another max_payload than this
+        connection's greeting told is a reload's, taken as this connection's; the same, this connection keeps what
+        it was told (an account's or user's limit below the server's, in the INFO after CONNECT). Read on a
+        connection of its own, closed after the greeting (completing TLS first, which a server requiring it would
+        otherwise log as a failed handshake): no credentials are sent, the greeting coming before them. None: not
+        connected, the greeting not had within `timeout_s`, or from another server (behind a load balancer)."""
         server = self._current_server
         if server is None or not self.is_connected or server.uri.scheme not in ("nats", "tls"):
             return None
@@ -205,8 +211,9 @@ class IngestClient(TlsIntentClient):
         known, max_payload = self._server_info.get("server_id"), info.get("max_payload")
         if not isinstance(max_payload, int) or known is None or info.get("server_id") != known or not self.is_connected:
             return None
-        self._max_payload = max_payload
-        return max_payload
+        if max_payload != self._greeted_max_payload:
+            self._greeted_max_payload = self._max_payload = max_payload
+        return self._max_payload
 
     async def subscribe_raw(self, subject: str, handler: Callable[[bytes, bytes, bytes, bytes | None], None]) -> Any:
         sub = await self.subscribe(subject)

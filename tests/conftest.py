@@ -177,12 +177,15 @@ class NatsCluster:
         await eventually(answers, timeout=timeout, interval=0.1)
 
 
-def limited_account_server(store: Path, limits: str | None) -> NatsServer:
+def limited_account_server(store: Path, limits: str | None, account: str = "") -> NatsServer:
     """A nats-server whose one account, user `t` password `t` (`account_url`), has the JetStream
-    `limits` (nats-server config: "max_streams: 3"), or no JetStream at all (None)."""
+    `limits` (nats-server config: "max_streams: 3"), or no JetStream at all (None); `account`: more of
+    the account's configuration ("limits: { max_payload: 8KB }")."""
     store.mkdir(parents=True, exist_ok=True)
     jetstream = "" if limits is None else f"jetstream: {{ {limits} }}, "
-    (store / "accounts.conf").write_text(f"accounts {{ T: {{ {jetstream}users: [{{user: t, password: t}}] }} }}\n")
+    more = f"{account}, " if account else ""
+    (store / "accounts.conf").write_text(
+        f"accounts {{ T: {{ {jetstream}{more}users: [{{user: t, password: t}}] }} }}\n")
     return NatsServer(store, args=("-c", str(store / "accounts.conf")))
 
 

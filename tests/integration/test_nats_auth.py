@@ -29,7 +29,15 @@ from app.settings import Settings
 from app.start_errors import StartupError
 from streams import pull
 from streams.nats_tls import TlsNotOffered
-from tests.conftest import NatsCluster, NatsServer, eventually, free_port, serve_in_process
+from tests.conftest import (
+    NatsCluster,
+    NatsServer,
+    account_url,
+    eventually,
+    free_port,
+    limited_account_server,
+    serve_in_process,
+)
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +193,25 @@ async def test_the_servers_max_payload_is_read_again_over_tls_without_a_failed_h
             writer.close()
             await eventually(lambda: marker in log.read_text())
             assert log.read_text().count("TLS handshake error") == errors + 1, log.read_text()[-500:]
+        finally:
+            await nc.close()
+    finally:
+        server.stop()
+
+
+async def test_an_accounts_max_payload_below_the_servers_is_kept_when_the_servers_is_read_again(tmp_path: Path) -> None:
+    """An account's (or user's) max_payload below the server's is told in the INFO after CONNECT, which nats-py
+    did not take: it kept the server's, from the greeting, and a decision between the two closed the connection
+    ('Maximum Payload Violation'). The decision publisher reads the server's greeting again (a reload tells a
+    connection nothing): the same max_payload as this connection's greeting, no reload, the account's stays."""
+    server = limited_account_server(tmp_path / "accounts", "", account="limits: { max_payload: 8KB }")
+    server.start()
+    try:
+        nc = await pull.connect(account_url(server), allow_reconnect=False)
+        try:
+            await nc.flush()
+            assert nc.max_payload == 8_192, "the account's, from the INFO after CONNECT"
+            assert await nc.max_payload_now() == 8_192, "the server's 1 MB is not this connection's"
         finally:
             await nc.close()
     finally:
