@@ -422,6 +422,9 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
             line += (f"; the champion's {_short(theirs.get('snips'))}{_interval(theirs.get('ci95'))} "
                      f"(agreed {theirs.get('agreed')})")
         lines.append(line)
+    if value.get("skipped_without_propensity"):  # left out of both estimates above, or the reason there are none
+        lines.append(f"policy value: {_count(value['skipped_without_propensity'], 'decision')} of the log left out, "
+                     "logged without a usable propensity (none, 0 or above 1): no estimate can weigh them")
     caveat = thompson_caveat(value)
     if caveat:
         lines.append(caveat)

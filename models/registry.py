@@ -446,11 +446,23 @@ def _fmt_interval(bounds: Any) -> str:
     return f"[{_fmt(bounds[0])}, {_fmt(bounds[1])}]"
 
 
+POLICY_VALUE_HEADING = "## Policy value (off-policy, from the logged propensities)"
+
+
 def _policy_value_lines(report: dict[str, Any] | None) -> list[str]:
-    """The off-policy estimates (app.evaluation.policy_value) as a table, when there are any."""
-    if not report or not ({"as_champion", "as_shadow"} & report.keys()):
+    """The off-policy estimates (app.evaluation.policy_value) as a table, when there are any, and the decisions
+    no estimate could weigh."""
+    if not report:
         return []
-    lines = ["", "## Policy value (off-policy, from the logged propensities)", "",
+    unweighed = report.get("skipped_without_propensity")
+    # Said on the card: a log whose decisions were all logged without a usable propensity showed no section at
+    # all, as if the version had never served, and one with some showed estimates over fewer without a word.
+    left_out = [(f"{unweighed} of the log's decisions (any version's) were left out of every estimate: logged "
+                 "without a usable propensity (none, 0, above 1, or too small for its inverse to be a number), they "
+                 "can weigh nothing (`skipped_without_propensity`).")] if unweighed else []
+    if not ({"as_champion", "as_shadow"} & report.keys()):
+        return ["", POLICY_VALUE_HEADING, "", *left_out] if left_out else []
+    lines = ["", POLICY_VALUE_HEADING, "",
              ("Mean reward of the tip served first: as logged (with exploration), and estimated (self-normalised "
               "inverse propensity scoring) had this version's own first choice been served, per decision that got "
               "a reaction (with TIPSTREAM_SILENCE_REWARD set, per decision served: one nobody reacted to counts at "
@@ -471,6 +483,8 @@ def _policy_value_lines(report: dict[str, Any] | None) -> list[str]:
                          f"{_fmt(value.get('snips'))} | {_fmt_interval(value.get('ci95'))} | {value.get('agreed')} | "
                          f"{_fmt(value.get('effective_n'))} | {value.get('skipped_unsupported', 0)} | "
                          f"{_baseline(baseline)} |")
+    if left_out:
+        lines += ["", *left_out]
     caveat = thompson_caveat(report)
     if caveat:
         lines += ["", f"**{caveat}**"]

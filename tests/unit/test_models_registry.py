@@ -346,3 +346,22 @@ def test_the_card_gives_the_champion_s_estimate_beside_a_shadow_s_with_its_inter
         "champion_greedy": {**estimate, "snips": 0.85, "ci95": [0.7, 0.92], "agreed": 59}}}}})
     markdown = card_markdown(ModelVersion("v9", "logreg", {}, [], T0, card), "shadow")
     assert "| shadow | 60 | 0.88 | 0.9 | [0.8, 0.95] | 58 | 58 | 0 | 0.85 [0.7, 0.92] (agreed 59) |" in markdown
+
+
+@pytest.mark.parametrize("with_estimate", [True, False])
+def test_decisions_without_a_usable_propensity_are_counted_on_the_card_and_in_the_summary(with_estimate: bool) -> None:
+    """`policy_value` counts the decisions it could not weigh (`skipped_without_propensity`); the card and the
+    CLI's summary dropped the count: with every decision so logged there was no policy value section at all,
+    as if the version had never served, and with some the estimates rested on fewer without a word."""
+    from app.models_cli import _card_summary
+
+    value: dict = {"source": "inverse propensity scoring", "skipped_without_propensity": 7}
+    if with_estimate:
+        value["as_champion"] = {"decisions": 3, "logged_reward": 0.5, "greedy": {"snips": 0.5, "agreed": 3}}
+    card = ModelCard.from_dict({"offline_metrics": {"n": 40, "positives": 20, "policy_value": value}})
+    markdown = card_markdown(ModelVersion("v9", "logreg", {}, [], T0, card), "champion")
+    assert "## Policy value" in markdown
+    assert "7 of the log's decisions (any version's) were left out of every estimate" in markdown
+    assert ("| champion | 3 |" in markdown) is with_estimate
+    summary = _card_summary("v9", {"card": card.to_dict()})
+    assert "policy value: 7 decisions of the log left out, logged without a usable propensity" in summary
