@@ -111,21 +111,46 @@ def rewarded_log(decisions: list[Decision], limit: int) -> list[Example]:
     >>> rewarded_log([(at_8, {"a": 1.0}, None), (at_8, {"b": 0.0}, datetime(2026, 11, 26, 9, tzinfo=UTC))], 10)
     [({'hour_of_day': 9, 'tip_id': 'a'}, 1.0, 0, 1795680000.0, 1795680000.0), ({'hour_of_day': 9, 'tip_id': 'b'}, 0.0, 1, 1795680000.0, 1795683600.0)]
     """
+    return card_slice(decisions, limit)[0]
+
+
+def card_slice(decisions: list[Decision], limit: int) -> tuple[list[Example], list[Decision]]:
+    """`rewarded_log(decisions, limit)`, and the decisions it reaches back to: those from the first of its
+    examples' on, in the order served. A card's policy value is computed over these, so that it and the
+    offline metrics read the same stretch of the log: over all of `decisions` it reached further back, when
+    decisions with several rewards gave more than `limit` examples and the oldest were cut.
+
+    >>> decision = {"features": {}, "ranked": [{"tip_id": "a"}, {"tip_id": "b"}]}
+    >>> logged = [({**decision, "n": i}, {"a": 1.0, "b": 0.0}) for i in range(3)]
+    >>> examples, reached = card_slice(logged, 3)
+    >>> len(examples), [d["n"] for d, _ in reached]  # the first decision's rewards were cut: it is not in
+    (3, [1, 2])
+    """
     examples: list[Example] = []
+    order: list[Decision] = []
     timed: list[tuple[float, int, Decision]] = []
     for key, logged in enumerate(decisions):
         served = _served_s(logged[0]) if len(logged) > 2 else None
         if served is not None:
             timed.append((served, key, logged))
         else:  # untimed: in the order given, learned right after it is predicted
+            order.append(logged)
             examples.extend((x, reward, key) for x, reward in examples_of(logged[0], logged[1]))
     # In the order served. The query's, `created_at`, is the logged `ts`: the caller's clock when
     # it gave `context.now`, and SQLite keeps its wall time without the offset.
     timed.sort(key=lambda item: item[:2])
-    for served, key, (decision, rewards, *rest) in timed:
+    for served, key, logged in timed:
+        decision, rewards, *rest = logged
+        order.append(logged)
         arrived = _seconds(rest[0]) if rest and rest[0] is not None else served
         examples.extend((x, reward, key, served, arrived) for x, reward in examples_of(decision, rewards))
-    return examples[-limit:]
+    if len(examples) <= limit:
+        return examples, order
+    kept = examples[-limit:]
+    # Where its oldest example's decision is in `order`: keys are places in `decisions`, not in `order`.
+    place = {id(logged): i for i, logged in enumerate(order)}
+    first = place[id(decisions[kept[0][2]])]
+    return kept, order[first:]
 
 
 def _served_s(decision: Mapping[str, Any]) -> float | None:

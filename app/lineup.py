@@ -436,8 +436,11 @@ def evaluate_log(engine: Engine, limit: int, params: dict[str, Any], version: st
     # value, a shadow as text: `decisions.decision_problem`) failed every card for as long as they were
     # among the newest. Left out, and counted as seen (`trained_on`): a registration must not learn them.
     usable = [d for d in decisions if decision_problem(d[0]) is None]
+    # The policy value reads the decisions the examples come from: over all of them it reached further back than
+    # the metrics beside it when the oldest examples were cut (more than `limit`: decisions with several rewards).
+    examples, reached = evaluation.card_slice(usable, limit)
     try:
-        model, card = evaluation.evaluate(params, evaluation.rewarded_log(usable, limit))
+        model, card = evaluation.evaluate(params, examples)
     except Diverged as error:
         resolved = TipModel(**params).params
         steps = ", ".join(f"{name} {resolved[name]:g}" for name in ("learning_rate", "intercept_lr", "l2"))
@@ -445,7 +448,7 @@ def evaluate_log(engine: Engine, limit: int, params: dict[str, Any], version: st
             f"The model overflowed learning the logged rewards ({error}): its steps ({steps}) are too large "
             "for its weights; register a version with a smaller learning_rate.", "invalid", "params") from None
     if version is not None:
-        card.offline_metrics["policy_value"] = evaluation.policy_value(usable, version, silence_reward)
+        card.offline_metrics["policy_value"] = evaluation.policy_value(reached, version, silence_reward)
     return model, card, evaluation.trained_on(decisions, limit)
 
 

@@ -365,3 +365,14 @@ def test_decisions_without_a_usable_propensity_are_counted_on_the_card_and_in_th
     assert ("| champion | 3 |" in markdown) is with_estimate
     summary = _card_summary("v9", {"card": card.to_dict()})
     assert "policy value: 7 decisions of the log left out, logged without a usable propensity" in summary
+
+
+def test_the_card_says_what_its_policy_value_s_decisions_count_beside_the_metrics_n() -> None:
+    """The metrics' `n` counts rewarded tips of every version's decisions, the policy value's `decisions` this
+    version's decisions: the card explained the one and left the other a bare column heading."""
+    card = ModelCard.from_dict({"offline_metrics": {"n": 12, "positives": 6, "policy_value": {
+        "as_champion": {"decisions": 3, "logged_reward": 0.5, "greedy": {"snips": 0.5}}}}})
+    markdown = " ".join(card_markdown(ModelVersion("v9", "logreg", {}, [], T0, card)).split())
+    assert ("Over the decisions the offline metrics' rewards come from: `decisions` counts those of them this version "
+            "served (as champion) or shadowed, one each however many of its tips got a reaction, where the metrics' "
+            "`n` counts rewarded tips of every version's decisions.") in markdown

@@ -2038,6 +2038,26 @@ def test_a_card_leaves_out_a_logged_decision_the_dlq_would_now_refuse(world: Wor
     assert trained.credits == {(good.decision_id, "a"), (bad.decision_id, "a")}
 
 
+def test_a_card_s_policy_value_reads_the_same_decisions_as_its_offline_metrics(world: World) -> None:
+    """TIPSTREAM_CARD_EVAL_MAX_REWARDS bounds the decisions read and then the examples (one a rewarded tip): with
+    two rewards a decision, the metrics kept the newest half of the decisions read, and the policy value beside
+    them went on over all of them, twice as far back, so the two sections of a card told of different logs."""
+    from app.lineup import evaluate_log
+
+    rows = []
+    for _ in range(6):
+        scored = world.score(serve=False)
+        rows.append(tip_score_row(orjson.loads(scored.payload), scored.payload, {"a": 1.0, "b": 0.0},
+                                  1_795_694_400_000))
+    with world.engine.begin() as conn:
+        write_tip_scores(conn, (1, rows))
+    _, card, _ = evaluate_log(world.engine, 6, {}, "v1")
+    assert card.offline_metrics["n"] == 6  # the newest three decisions' two rewards each
+    assert card.offline_metrics["policy_value"]["as_champion"]["decisions"] == 3
+    _, card, _ = evaluate_log(world.engine, 100, {}, "v1")  # nothing cut: every decision read, in both
+    assert card.offline_metrics["n"] == 12 and card.offline_metrics["policy_value"]["as_champion"]["decisions"] == 6
+
+
 @pytest.mark.parametrize("feedback", ["live", "read back"])
 def test_feedback_stored_more_than_the_window_after_its_decision_is_expired_though_no_serve_evicted_it(
         tmp_path: Path, feedback: str) -> None:
