@@ -11,7 +11,8 @@ Steps of one pass:
    worker thread: memory holds no newer state of theirs.
 2. Evaluate their features in small chunks, pausing between chunks so the pass uses at most
    a tenth of the event loop. A user whose row cannot be computed is logged and kept for the
-   next pass; the others' rows are still written.
+   next pass; the others' rows are still written. One whose checkpointed state cannot be decoded
+   stops the service, as wherever it reads that row (`streams.store.UnreadableState`).
 3. Upsert the rows in batches, in a worker thread; on failure, keep the users for the next pass.
 """
 
@@ -30,8 +31,7 @@ from app.metrics import METRICS
 from app.periodic import every
 from app.thread_work import ThreadWork
 from streams.features import evaluate
-from streams.fold import UserState
-from streams.store import OnlineStore
+from streams.store import OnlineStore, UnreadableState
 
 log = logging.getLogger("tipstream.offline")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -47,10 +47,14 @@ SAVED_CHUNK = 20_000  # users behind handed to the passes per turn of the event 
 
 def feature_row(user_id: str, store: OnlineStore, now: datetime,
                 saved: dict[str, bytes] | None = None) -> dict[str, Any] | None:
-    """The user's row from their state in memory, else from `saved` (their checkpointed state)."""
+    """The user's row from their state in memory, else from `saved` (their checkpointed state); UnreadableState
+    (the service told, `OnlineStore.decoded`) when that row is damaged."""
     state = store.users.get(user_id)
     if state is None and saved is not None and user_id in saved:
-        state = UserState.from_bytes(saved[user_id])
+        # Read as the store reads it: decoded here, a damaged row was a ValueError "tried again next pass" every
+        # pass for good, a warning a minute, where read by an event, a request or the warm-up it stops the service
+        # naming the user and the fixes.
+        state = store.decoded(user_id, saved[user_id])
     if state is None:
         return None
     values = evaluate(state, state.newest_ms)
@@ -203,6 +207,9 @@ class OfflineFeatureWriter:
                     continue  # the next pass
                 try:
                     row = feature_row(user_id, self.store, now, saved)
+                except UnreadableState:  # the service is told, and stops saying why: kept, as unread
+                    unread.add(user_id)
+                    continue
                 except Exception as error:  # noqa: BLE001 - one user must not cost the others their rows
                     failed.append(user_id)
                     if len(failed) == 1:

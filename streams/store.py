@@ -104,15 +104,16 @@ class OnlineStore:
         return self._thawed(user_id, blob)
 
     def _thawed(self, user_id: str, blob: bytes | None) -> UserState:
-        state = self._decoded(user_id, blob) if blob is not None else UserState()
+        state = self.decoded(user_id, blob) if blob is not None else UserState()
         self.cold.discard(user_id)
         self.dormant.discard(user_id)
         self.users[user_id] = state
         return state
 
-    def _decoded(self, user_id: str, blob: bytes) -> UserState:
+    def decoded(self, user_id: str, blob: bytes) -> UserState:
         """The state in a user's checkpointed row; UnreadableState (after `on_unreadable`) when it is damaged: the
-        user stays cold, and their row as it is.
+        user stays cold, and their row as it is. Whatever reads a row in the service goes through this (the
+        `user_features` passes too), so that a damaged one stops it wherever it is read.
 
         >>> store = OnlineStore()
         >>> told = []
@@ -122,7 +123,7 @@ class OnlineStore:
         ...         read()
         ...     except UnreadableState as error:
         ...         return str(error)[:70]
-        >>> tried(lambda: store._decoded("u", b"TSU2 cut"))
+        >>> tried(lambda: store.decoded("u", b"TSU2 cut"))
         "The user_state row of user 'u' cannot be read (not a user state: 8 byt"
         >>> store.cold.add("u")
         >>> tried(lambda: store.warm([("u", b"TSU2 cut")]))
@@ -164,7 +165,7 @@ class OnlineStore:
         loaded = 0
         for user_id, blob in states:
             if user_id in self.cold:
-                state = self._decoded(user_id, blob)
+                state = self.decoded(user_id, blob)
                 self.newest_ms = max(self.newest_ms, state.newest_ms)
                 self.cold.discard(user_id)
                 if state.newest_ms < self.idle_before_ms():

@@ -16,7 +16,7 @@ from app.checkpoints import SqlCheckpointStore
 from app.db import make_engine
 from app.offline import OfflineFeatureWriter
 from streams.events import parse_event
-from streams.store import OnlineStore
+from streams.store import OnlineStore, UnreadableState
 from tests.conftest import eventually
 
 USERS = ("u-1", "u-2", "u-3")
@@ -111,6 +111,33 @@ async def test_users_held_in_the_checkpoint_only_get_their_rows_from_it(
             assert not {"seconds_since_active", "app_opens_7d"} & set(written[user].fallbacks)
         assert store.in_checkpoint_only("u-2") and store.in_checkpoint_only("u-3"), "left where they were"
         assert sorted(asked) == [["u-2"], ["u-3"]]
+    finally:
+        engine.dispose()
+
+
+async def test_a_damaged_row_read_by_a_pass_stops_the_service_naming_the_user(database_url: str) -> None:
+    """A dormant user's `user_state` row that cannot be decoded: read by an event, a request or the warm-up, it
+    stops the service with a message naming the user and the fixes (`UnreadableState`). Read by a pass, it was a
+    ValueError, logged as a row that "could not be computed" and tried again next pass, every pass, for good."""
+    migrate.upgrade(database_url)
+    engine = make_engine(database_url)
+    store = _store()
+    damaged = store.users["u-2"].to_bytes()[:-3]
+    with engine.begin() as conn:
+        db.upsert(conn, db.user_state, [{"user_id": "u-2", "state": damaged, "updated_at": datetime.now(UTC)}],
+                  ["user_id"])
+    store.fetch_cold = SqlCheckpointStore(engine).fetch
+    told: list[UnreadableState] = []
+    store.on_unreadable = told.append  # the service's stop (`Service._fail`)
+    del store.users["u-2"]
+    store.dormant.add("u-2")
+    writer = OfflineFeatureWriter(store, engine, every_s=60)
+    writer.saved(list(USERS))
+    try:
+        assert await writer.write_pass() == 2
+        assert [error.user_id for error in told] == ["u-2"]
+        assert "DELETE FROM user_state WHERE user_id = 'u-2'" in str(told[0])
+        assert writer.pending == {"u-2"} and store.in_checkpoint_only("u-2"), "its row left as it is"
     finally:
         engine.dispose()
 
