@@ -26,6 +26,7 @@ from app.erasure import earlier_erasures
 from streams import jetstream as jsx
 from streams.fold import KINDS, REACTION_CODES, ZERO_DUE, UserState
 from streams.scrub import Cut, belongs, cut_copy_of, head_of, info_or_none, read_through, spellings, theirs_by_original
+from streams.store import UnreadableState
 
 READ = (jsx.SIGNALS.name, jsx.FEEDBACK.name, jsx.DECISIONS.name, jsx.DLQ.name)
 
@@ -98,7 +99,7 @@ def from_database(engine: Engine, user_id: str) -> dict[str, Any]:
         if own:
             weights[version] = own
     return {
-        "user_state": kept_events(bytes(state)) if state is not None else None,
+        "user_state": kept_events(_state(user_id, bytes(state))) if state is not None else None,
         "user_features": _row(features),
         "tip_scores": [_row(row) for row in scores],
         "erasure": _row(erasure),
@@ -107,7 +108,16 @@ def from_database(engine: Engine, user_id: str) -> dict[str, Any]:
     }
 
 
-def kept_events(blob: bytes) -> dict[str, Any]:
+def _state(user_id: str, blob: bytes) -> UserState:
+    """The state in the user's row; UnreadableState, naming them and the fixes, when it is damaged (a ValueError
+    traceback, after every stream had been read)."""
+    try:
+        return UserState.from_bytes(blob)
+    except ValueError as error:
+        raise UnreadableState(user_id, str(error)) from None
+
+
+def kept_events(state: UserState) -> dict[str, Any]:
     """A `user_state` row as a person reads it: the events of each kind it keeps (their last 31 days, as
     `streams.fold` packs them), at their time in the user's offset, with what each record holds. The
     streams may have let those events go (their retention, `TIPSTREAM_STREAM_MAX_BYTES`) while the state
@@ -120,11 +130,10 @@ def kept_events(blob: bytes) -> dict[str, Any]:
     >>> apply(state, parse_event(b'{"id": "e1", "type": "task.completed", "user_id": "u", "ts": "2026-11-26T08:00:00+01:00",'
     ...                          b' "data": {"task_id": "t"}}'))
     True
-    >>> kept = kept_events(state.to_bytes())
+    >>> kept = kept_events(state)
     >>> kept["utc_offset"], kept["events"]["task.completed"][0]["at"], kept["events"]["task.completed"][0]["local_hour"]
     ('+01:00', '2026-11-26T08:00:00.000+01:00', 8)
     """
-    state = UserState.from_bytes(blob)
     zone = timezone(timedelta(seconds=state.offset_s))
     reactions = {code: name for name, code in REACTION_CODES.items()}
     events: dict[str, list[dict[str, Any]]] = {}
@@ -166,6 +175,8 @@ def _value(value: Any) -> Any:
 
 async def export_user(js: Any, engine: Engine, user_id: str,
                       progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Everything held of the user. UnreadableState when their `user_state` row is damaged: the database is
+    read first, so that is said before the scan of every stream (minutes for large ones), not after it."""
+    rows = from_database(engine, user_id)
     streams = await from_streams(js, user_id, progress)
-    return {"user_id": user_id, "exported_at": datetime.now(UTC).isoformat(), "streams": streams,
-            **from_database(engine, user_id)}
+    return {"user_id": user_id, "exported_at": datetime.now(UTC).isoformat(), "streams": streams, **rows}

@@ -91,6 +91,7 @@ def _export(args: argparse.Namespace) -> int:
     from app.start_errors import shown_url
     from streams.events import is_user_id
     from streams.scrub import ScrubError
+    from streams.store import UnreadableState
 
     # What an event's user_id may be, as `forget` (a 422) and /users/{id}/features refuse others: every stream
     # was read for "" and the export said nothing is held of them, exit 0.
@@ -136,6 +137,10 @@ def _export(args: argparse.Namespace) -> int:
     engine = make_engine(url)
     try:
         found = asyncio.run(run())
+    except UnreadableState as error:  # a ValueError traceback once every stream had been read
+        print(f"Nothing exported: {error.damaged(error.user_id, error.cause)} {error.fixes(error.user_id)}, then "
+              "export again.", file=sys.stderr)
+        return 1
     finally:
         engine.dispose()
     text = json.dumps(found, indent=2, ensure_ascii=False)

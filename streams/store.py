@@ -40,13 +40,25 @@ class UnreadableState(StateUnavailable):
 
     def __init__(self, user_id: str, cause: str) -> None:
         super().__init__(
-            f"The user_state row of user {user_id!r} cannot be read ({cause}): the database holds it damaged. "
-            "tipstream stops (exit code 1) rather than serve that user without their history or save an empty "
-            "state over the row. Rebuild the database from the streams (README, 'Rebuilding from the log'), or "
-            "restore it from a backup (README, 'Backups and restores'); or, to start this user afresh without "
-            f"the history the row held, delete it (DELETE FROM user_state WHERE user_id = '{_sql_text(user_id)}') and start "
-            "tipstream again.")
-        self.user_id = user_id
+            f"{self.damaged(user_id, cause)} tipstream stops (exit code 1) rather than serve that user without their "
+            f"history or save an empty state over the row. {self.fixes(user_id)} and start tipstream again.")
+        self.user_id, self.cause = user_id, cause
+
+    @staticmethod
+    def damaged(user_id: str, cause: str) -> str:
+        """What is wrong, for whatever read the row (the service, `tipstream users export`)."""
+        return f"The user_state row of user {user_id!r} cannot be read ({cause}): the database holds it damaged."
+
+    @staticmethod
+    def fixes(user_id: str) -> str:
+        """What mends it; a sentence left open, for what to do after.
+
+        >>> UnreadableState.fixes("o'brien")[-61:]
+        "delete it (DELETE FROM user_state WHERE user_id = 'o''brien')"
+        """
+        return ("Rebuild the database from the streams (README, 'Rebuilding from the log'), or restore it from a "
+                "backup (README, 'Backups and restores'); or, to start this user afresh without the history the row "
+                f"held, delete it (DELETE FROM user_state WHERE user_id = '{_sql_text(user_id)}')")
 
 
 def _sql_text(text: str) -> str:

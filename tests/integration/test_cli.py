@@ -1377,3 +1377,28 @@ def test_where_a_request_to_forget_stands_shows_who_asked_as_text_not_as_termina
     assert "\x1b" not in shown and "\x07" not in shown, shown
     assert shown.splitlines()[0] == "u\\n1: done (asked 2026-12-07T04:00:00+00:00 by eve\\x1b[2J\\ndone)", shown
     assert "by mallory\\x1b]0;owned\\x07)" in shown, shown
+
+
+def test_an_export_of_a_user_whose_state_row_is_damaged_names_them_and_the_fixes(
+        nats_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The service stops on a `user_state` row it cannot decode, naming the user and the fixes
+    (`UnreadableState`); `tipstream users export` read every stream first, then ended in a ValueError
+    traceback. Now it says so, as the service does, before reading the streams."""
+    from datetime import UTC, datetime
+
+    from app import db
+    from app.db import make_engine
+    from streams.fold import UserState
+
+    url = f"sqlite:///{tmp_path / 'export.db'}"
+    monkeypatch.setenv("DATABASE_URL", url)
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(db.user_state.insert().values(user_id="u-1", state=UserState().to_bytes()[:-1],
+                                                   updated_at=datetime.now(UTC)))
+    engine.dispose()
+    assert main(["users", "export", "u-1", "--nats-url", nats_server.url]) == 1
+    told = capsys.readouterr().err
+    assert told.startswith("Nothing exported: The user_state row of user 'u-1' cannot be read (not a user state"), told
+    assert "DELETE FROM user_state WHERE user_id = 'u-1'" in told and "Traceback" not in told, told
