@@ -484,7 +484,7 @@ def _policy_value_lines(report: dict[str, Any] | None) -> list[str]:
             value, baseline = part.get(key) or {}, part.get("champion_greedy")
             lines.append(f"| {role} | {part.get('decisions')} | {_fmt(part.get('logged_reward'))} | "
                          f"{_fmt(value.get('snips'))} | {_fmt_interval(value.get('ci95'))} | {value.get('agreed')} | "
-                         f"{_fmt(value.get('effective_n'))} | {value.get('skipped_unsupported', 0)} | "
+                         f"{_fmt(value.get('effective_n'))} | {_fmt(value.get('skipped_unsupported'))} | "
                          f"{_baseline(baseline)} |")
     if left_out:
         lines += ["", *left_out]
@@ -526,6 +526,9 @@ def _baseline(estimate: dict[str, Any] | None) -> str:
     return f"{_fmt(estimate.get('snips'))}{interval} (agreed {estimate.get('agreed')})"
 
 
+# `soft_rewards_learned` on a card: how its model learned a reward between 0 and 1 (`TipModel.soft_labels`).
+SOFT_REWARDS_LEARNED = {True: "in one step, as a soft label", False: "as two weighted binary steps"}
+
 METRICS_EXPLAINED = (
     "A fresh model with these parameters goes through the rewarded tips of the logged decisions (the newest "
     "TIPSTREAM_CARD_EVAL_MAX_REWARDS) in the order served, scoring each with only the rewards that had arrived by "
@@ -536,7 +539,38 @@ METRICS_EXPLAINED = (
     "it, the model's probabilities are worse than the mean's. `roc_auc`: the chance that a positive scores above "
     "a negative (0.5: no better than chance; ties count half). `mean_reward`, `mean_score`: the rewards' mean and "
     "the model's. `calibration_error`: over ten equal score bins, |mean score - mean reward| weighed by each "
-    "bin's share (0: calibrated). The fairness tables below give the same per segment.")
+    "bin's share (0: calibrated). `soft_rewards_learned`: how the model learned a reward between 0 and 1 (a "
+    "logistic regression in one step of its log loss, (p - r) x; a factorisation machine, and a version trained "
+    "before soft labels, as a positive of weight r and a negative of weight 1 - r). The fairness tables below "
+    "give the same per segment.")
+
+
+def older_metrics(metrics: dict[str, Any], version: str, kind: str = "logreg") -> str | None:
+    """What a card's metrics computed by an older release do not mean as `METRICS_EXPLAINED` says, or None.
+    Read back, such a card was explained as if computed now: by a release before 2026-12-05, its model may
+    have learned each reward before the user's next decision (which reads higher than serving can do), its ROC
+    AUC River's approximate one, and its calibration error the gap between the means.
+
+    >>> older_metrics({"n": 40, "log_loss_base_rate": 0.6, "soft_rewards_learned": "in one step, as a soft label"}, "v1")
+    >>> older_metrics({"n": 40, "log_loss_base_rate": 0.6}, "v2", "fm")  # two steps, before and since
+    >>> print(older_metrics({"n": 40, "log_loss_base_rate": 0.6}, "v1"))
+    Computed by a release that did not record how its model learned a reward between 0 and 1 (`soft_rewards_learned`): until 2026-12-07 (commit 2284055) a logistic regression learned one as two weighted binary steps, since in one step, as a soft label. `tipstream models evaluate v1` recomputes the card as described.
+    """
+    if not metrics.get("n") or "soft_rewards_learned" in metrics:
+        return None
+    again = f"`{CLI} evaluate {version}` recomputes the card as described."
+    if "log_loss_base_rate" not in metrics:
+        return ("Computed by a release before 2026-12-05 (commit 34bdf2e), not as described above: it has no "
+                "`log_loss_base_rate` to read the log loss against; its model learned a reward between 0 and 1 as "
+                "two weighted binary steps; and, by the release, before 2026-12-04 (158028c) its `roc_auc` is River's "
+                "approximate one (50 thresholds), before 2026-12-03 its `calibration_error` is |mean score - mean "
+                "reward| over all of them (a0be859) and its model learned each reward right after its decision, "
+                "before the user's next one (ba9a936), which reads better than serving can do. " + again)
+    if kind == "fm":
+        return None
+    return ("Computed by a release that did not record how its model learned a reward between 0 and 1 "
+            "(`soft_rewards_learned`): until 2026-12-07 (commit 2284055) a logistic regression learned one as two "
+            "weighted binary steps, since in one step, as a soft label. " + again)
 
 
 def card_markdown(mv: ModelVersion, role: str | None = None) -> str:
@@ -584,6 +618,9 @@ def card_markdown(mv: ModelVersion, role: str | None = None) -> str:
         few = too_few(metrics)
         if few:
             lines += ["", f"Too few to read: {few}. Positives are rewards of at least 0.5."]
+        older = older_metrics(metrics, mv.version, mv.kind)
+        if older:
+            lines += ["", f"**{older}**"]
     else:
         lines += ["(not evaluated)"]
     lines += _policy_value_lines(c.offline_metrics.get("policy_value"))

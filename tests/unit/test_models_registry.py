@@ -376,3 +376,48 @@ def test_the_card_says_what_its_policy_value_s_decisions_count_beside_the_metric
     assert ("Over the decisions the offline metrics' rewards come from: `decisions` counts those of them this version "
             "served (as champion) or shadowed, one each however many of its tips got a reaction, where the metrics' "
             "`n` counts rewarded tips of every version's decisions.") in markdown
+
+
+OLDER_METRICS = {"n": 400, "log_loss": 0.61, "roc_auc": 0.7, "mean_reward": 0.4, "mean_score": 0.41,
+                 "calibration_error": 0.01, "evaluated_at": "2026-11-27T10:00:00+00:00",
+                 "source": "progressive validation over the rewarded decision log (tip_scores)"}
+
+
+@pytest.mark.parametrize(("kind", "metrics", "says"), [
+    # A release before 2026-12-05: no base rate, no positives, no skipped_unsupported in its policy value.
+    ("logreg", OLDER_METRICS, "Computed by a release before 2026-12-05 (commit 34bdf2e), not as described above"),
+    ("fm", OLDER_METRICS, "Computed by a release before 2026-12-05 (commit 34bdf2e), not as described above"),
+    # One since, that did not record how its model learned a reward of 0.8.
+    ("logreg", {**OLDER_METRICS, "positives": 180, "log_loss_base_rate": 0.66},
+     "until 2026-12-07 (commit 2284055) a logistic regression learned one as two weighted binary steps"),
+    ("fm", {**OLDER_METRICS, "positives": 180, "log_loss_base_rate": 0.66}, None),  # two steps, before and since
+])
+def test_a_card_computed_by_an_older_release_says_so_where_it_was_explained_as_computed_now(
+        kind: str, metrics: dict, says: str | None) -> None:
+    """Read back, a card's metrics were explained as computed now (delayed progressive validation, a soft reward
+    learned in one step, ROC AUC exact, calibration over ten bins, a base rate to read the log loss against),
+    whatever release computed them: one from before soft labels, or from before the base rate, misled."""
+    value = {"as_champion": {"decisions": 100, "logged_reward": 0.4, "greedy": {
+        "snips": 0.5, "ips": 0.5, "n": 100, "agreed": 30, "effective_n": 20.0, "ci95": [0.3, 0.7]}}}
+    stored = {"version": "v1", "kind": kind, "params": {"learning_rate": 0.05}, "feature_names": ["hour_of_day"],
+              "created_at": "2026-11-27T10:00:00+00:00",
+              "card": {"inputs": {"hour_of_day": "numeric"}, "offline_metrics": {**metrics, "policy_value": value},
+                       "fairness": {"tenure": {"segments": {"new": {"n": 200, "roc_auc": 0.7}}, "compared": ["new"],
+                                               "max_gap": {"roc_auc": 0.0}, "worst": {"roc_auc": "new"}}}}}
+    markdown = " ".join(card_markdown(ModelVersion.from_dict(json.loads(json.dumps(stored))), "champion").split())
+    if says is None:
+        assert "Computed by a release" not in markdown
+    else:
+        assert says in markdown and "`tipstream models evaluate v1` recomputes the card as described." in markdown
+    # Counted before decisions that could not have served its choice were left out: unknown, not 0.
+    assert "| champion | 100 | 0.4 | 0.5 | [0.3, 0.7] | 30 | 20 | n/a | - |" in markdown
+
+
+def test_a_card_computed_now_says_how_its_model_learned_soft_rewards() -> None:
+    from app import evaluation
+
+    examples = [({"tip_id": "a"}, 0.8), ({"tip_id": "b"}, 0.3)] * 20
+    for kind, learned in (("logreg", "in one step, as a soft label"), ("fm", "as two weighted binary steps")):
+        _, card = evaluation.evaluate({"kind": kind}, examples)
+        markdown = card_markdown(ModelVersion("v2", kind, {}, [], T0, card))
+        assert f"| soft_rewards_learned | {learned} |" in markdown and "Computed by a release" not in markdown
