@@ -323,13 +323,17 @@ class Lineup:
         """Refresh a version's card: progressive validation of its configuration over the log,
         and the off-policy value of its choices where it served or shadowed."""
         mv = self.registry.get(version)
-        _, card, _ = await self._evaluated(mv.model_params, version)
+        # Learning soft rewards as the version does: a version trained before soft labels learns 0.8 as two
+        # weighted steps (`TipModel.soft_labels`), and a fresh model of its parameters measured one-step learning.
+        model = self.models.get(version)
+        _, card, _ = await self._evaluated(mv.model_params, version,
+                                           model.soft_labels if isinstance(model, TipModel) else None)
         return await self._change(lambda reg: reg.refresh_card(
             version, actor, note, inputs=self.models[version].describe_inputs() or card.inputs,
             offline_metrics=card.offline_metrics, fairness=card.fairness))
 
-    async def _evaluated(self, params: dict[str, Any],
-                         version: str | None = None) -> tuple[TipModel, ModelCard, evaluation.TrainedOn]:
+    async def _evaluated(self, params: dict[str, Any], version: str | None = None,
+                         soft_labels: bool | None = None) -> tuple[TipModel, ModelCard, evaluation.TrainedOn]:
         """`evaluate_log` over this lineup's database, in a process of its own.
 
         Not in a thread: training over the log creates a latent vector (FM) or reads a row
@@ -350,14 +354,14 @@ class Lineup:
         url = self.engine.url
         if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
             return await asyncio.to_thread(evaluate_log, self.engine, self.eval_max_rewards, params, version,
-                                           self.silence_reward)
+                                           self.silence_reward, soft_labels)
         # spawn: a fork of a process with an event loop and threads is not safe.
         pool = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), initializer=die_with_service,
                                    initargs=(os.getpid(),))
         try:
             blob, card, trained = await asyncio.get_running_loop().run_in_executor(
                 pool, _evaluate_at, url.render_as_string(hide_password=False), self.eval_max_rewards, params, version,
-                self.silence_reward)
+                self.silence_reward, soft_labels)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
         return TipModel.from_bytes(blob), card, trained
@@ -427,10 +431,12 @@ def _version(version: str, model: TipModel, card: ModelCard | None = None) -> Mo
 
 
 def evaluate_log(engine: Engine, limit: int, params: dict[str, Any], version: str | None = None,
-                 silence_reward: float | None = None) -> tuple[TipModel, ModelCard, evaluation.TrainedOn]:
+                 silence_reward: float | None = None,
+                 soft_labels: bool | None = None) -> tuple[TipModel, ModelCard, evaluation.TrainedOn]:
     """A model of `params` trained over the newest `limit` rewarded decisions, its card, and what
     it trained on; with `version`, the card also gets the version's off-policy value (a first tip
-    nobody reacted to at `silence_reward`, `evaluation.policy_value`)."""
+    nobody reacted to at `silence_reward`, `evaluation.policy_value`). `soft_labels`: how the model
+    learns a reward between 0 and 1 (`evaluation.evaluate`)."""
     decisions = evaluation.rewarded_decisions(engine, limit)
     # Rows written before decisions read back were checked for what a card reads (a list as a feature
     # value, a shadow as text: `decisions.decision_problem`) failed every card for as long as they were
@@ -440,7 +446,7 @@ def evaluate_log(engine: Engine, limit: int, params: dict[str, Any], version: st
     # the metrics beside it when the oldest examples were cut (more than `limit`: decisions with several rewards).
     examples, reached = evaluation.card_slice(usable, limit)
     try:
-        model, card = evaluation.evaluate(params, examples)
+        model, card = evaluation.evaluate(params, examples, soft_labels=soft_labels)
     except Diverged as error:
         resolved = TipModel(**params).params
         steps = ", ".join(f"{name} {resolved[name]:g}" for name in ("learning_rate", "intercept_lr", "l2"))
@@ -453,13 +459,13 @@ def evaluate_log(engine: Engine, limit: int, params: dict[str, Any], version: st
 
 
 def _evaluate_at(database_url: str, limit: int, params: dict[str, Any], version: str | None,
-                 silence_reward: float | None) -> tuple[bytes, ModelCard, evaluation.TrainedOn]:
+                 silence_reward: float | None, soft_labels: bool | None) -> tuple[bytes, ModelCard, evaluation.TrainedOn]:
     """`evaluate_log` in the evaluation process: the model goes back as its bytes."""
     from app.db import make_engine
 
     engine = make_engine(database_url)
     try:
-        model, card, trained = evaluate_log(engine, limit, params, version, silence_reward)
+        model, card, trained = evaluate_log(engine, limit, params, version, silence_reward, soft_labels)
     finally:
         engine.dispose()
     return model.to_bytes(), card, trained

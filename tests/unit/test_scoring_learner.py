@@ -2058,6 +2058,24 @@ def test_a_card_s_policy_value_reads_the_same_decisions_as_its_offline_metrics(w
     assert card.offline_metrics["n"] == 12 and card.offline_metrics["policy_value"]["as_champion"]["decisions"] == 6
 
 
+def test_evaluating_a_version_trained_before_soft_labels_learns_soft_rewards_as_it_does(world: World) -> None:
+    """A version trained before soft labels learns a reward of 0.8 as two weighted binary steps for good
+    (`TipModel.soft_labels`, absent from its snapshot); `evaluate` trained a fresh model of its parameters,
+    which learns in one step, so its refreshed card measured a learning rule the version does not use."""
+    rows = []
+    for _ in range(4):
+        scored = world.score(serve=False)
+        rows.append(tip_score_row(orjson.loads(scored.payload), scored.payload, {"a": 0.8}, 1_795_694_400_000))
+    with world.engine.begin() as conn:
+        write_tip_scores(conn, (1, rows))
+    world.lineup.models["v1"].soft_labels = False  # as read back from a snapshot taken before soft labels
+    card = asyncio.run(world.lineup.evaluate("v1", "ops"))
+    assert card.offline_metrics["soft_rewards_learned"] == "as two weighted binary steps"
+    world.lineup.models["v1"].soft_labels = True
+    card = asyncio.run(world.lineup.evaluate("v1", "ops"))
+    assert card.offline_metrics["soft_rewards_learned"] == "in one step, as a soft label"
+
+
 @pytest.mark.parametrize("feedback", ["live", "read back"])
 def test_feedback_stored_more_than_the_window_after_its_decision_is_expired_though_no_serve_evicted_it(
         tmp_path: Path, feedback: str) -> None:
