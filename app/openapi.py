@@ -218,7 +218,10 @@ MODEL_CARD = {
                    "description": "each input the model reads, and how; an interaction no learned example "
                                   "formed: 'interaction, never formed: ...', naming the input none had"},
         "offline_metrics": {"type": "object", "description": "progressive validation and the off-policy estimate "
-                                                             "over the decision log (empty until trained)"},
+                                                             "(`policy_value`) over the same stretch of the decision "
+                                                             "log (empty until trained): `n` counts rewarded tips of "
+                                                             "every version's decisions, `decisions` in the policy "
+                                                             "value this version's decisions, one each"},
         "fairness": {"type": "object", "description": "per segmentation (tenure, timezone)"},
         "rollout_history": {"type": "array", "items": {"$ref": "#/components/schemas/RolloutEntry"}},
     },
