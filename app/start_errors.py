@@ -59,6 +59,18 @@ def shown_database_url(url: str) -> str:
 _SECRET_QUERY_KEYS = ("password", "sslpassword")
 
 
+def data_dir_is_a_file(data_dir: Path) -> str | None:
+    """Why TIPSTREAM_DATA_DIR cannot be made a directory when a file stands in its way (itself or one
+    of its parents): the OS said only "File exists" or "Not a directory". None otherwise."""
+    for part in (data_dir, *data_dir.parents):
+        if part.exists():
+            if part.is_dir():
+                return None
+            return (f"{part} is a file, not a directory. Set TIPSTREAM_DATA_DIR to a directory (one that does not "
+                    "exist yet is made), or move that file away.")
+    return None
+
+
 def explain(error: BaseException, settings: Settings) -> StartupError | None:
     """A start-up failure the operator can fix, as a message; None for anything else (a bug: its
     traceback is the useful report)."""
@@ -227,6 +239,8 @@ def _database_error(error: Any, settings: Settings) -> StartupError:
             "Check that the server runs and the database exists (e.g. `createdb`), or unset DATABASE_URL "
             "for SQLite under TIPSTREAM_DATA_DIR.")
         return StartupError(f"Cannot open the database {url} (DATABASE_URL): {cause}. {fix}")
+    if (in_the_way := data_dir_is_a_file(settings.data_dir)) is not None:
+        return StartupError(f"Cannot use the data directory {settings.data_dir} (TIPSTREAM_DATA_DIR): {in_the_way}")
     return StartupError(f"Cannot open the database {url} (SQLite under TIPSTREAM_DATA_DIR): {cause}. "
                         "Set TIPSTREAM_DATA_DIR to a directory this user can write, or DATABASE_URL to PostgreSQL.")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.http_server import http_config
-from app.start_errors import StartupError, explain
+from app.start_errors import StartupError, data_dir_is_a_file, explain
 
 if TYPE_CHECKING:
     from app.bootstrap import Service
@@ -55,8 +55,9 @@ def hold_data_dir(data_dir: Path) -> int:
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:
-        raise StartupError(f"Cannot use the data directory {data_dir} (TIPSTREAM_DATA_DIR): {error.strerror}. "
-                           "Set TIPSTREAM_DATA_DIR to a directory this user can write.") from None
+        raise StartupError(f"Cannot use the data directory {data_dir} (TIPSTREAM_DATA_DIR): "
+                           + (data_dir_is_a_file(data_dir) or f"{error.strerror}. Set TIPSTREAM_DATA_DIR to a "
+                              "directory this user can write.")) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -806,7 +806,8 @@ def test_docs_from_another_directory_regenerate_the_docs_beside_the_readme(
 @pytest.mark.parametrize("variable", ["DATABASE_URL", "TIPSTREAM_DATA_DIR"])
 def test_a_sqlite_file_whose_directory_cannot_be_made_is_one_message(
         variable: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """Its mkdir's OSError was a traceback, from `run` and `migrate` alike."""
+    """Its mkdir's OSError was a traceback, from `run` and `migrate` alike; then, for TIPSTREAM_DATA_DIR, the
+    OS's "[Errno 20] Not a directory" and "a directory this user can write", not which file was in the way."""
     (tmp_path / "a-file").write_text("")
     monkeypatch.delenv("DATABASE_URL", raising=False)
     if variable == "DATABASE_URL":
@@ -815,8 +816,12 @@ def test_a_sqlite_file_whose_directory_cannot_be_made_is_one_message(
         monkeypatch.setenv(variable, str(tmp_path / "a-file" / "data"))
     assert main(["migrate"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("tipstream: Cannot open the database sqlite:///") and err.count("\n") == 1
-    assert "Not a directory" in err and f"Set {variable} to a" in err
+    assert err.count("\n") == 1 and f"Set {variable} to a" in err
+    if variable == "DATABASE_URL":
+        assert err.startswith("tipstream: Cannot open the database sqlite:///") and "Not a directory" in err
+    else:
+        assert err.startswith(f"tipstream: Cannot use the data directory {tmp_path / 'a-file' / 'data'} ")
+        assert f"{tmp_path / 'a-file'} is a file, not a directory" in err and "Errno" not in err, err
 
 
 @pytest.mark.parametrize(("rate", "problem"), [

@@ -207,6 +207,18 @@ def test_a_data_directory_whose_file_system_takes_no_locks_is_a_message_with_the
     assert len(os.listdir("/proc/self/fd")) == opened_before  # the lock file is not left open
 
 
+@pytest.mark.parametrize("under", ["", "data"])
+def test_a_data_directory_that_is_a_file_says_so(tmp_path: Path, under: str) -> None:
+    """TIPSTREAM_DATA_DIR naming a file (or a path under one) was told as the OS's "File exists" (or "Not
+    a directory") and "a directory this user can write", which it may well be."""
+    afile = tmp_path / "tipstream.db"
+    afile.write_bytes(b"")
+    with pytest.raises(StartupError) as refused:
+        hold_data_dir(afile / under)
+    assert f"{afile} is a file, not a directory" in str(refused.value), refused.value
+    assert "File exists" not in str(refused.value) and "Not a directory" not in str(refused.value)
+
+
 def test_a_sqlite_database_another_process_keeps_locked_is_told_as_such(tmp_path: Path) -> None:
     """The busy timeout ran out: the message said to set TIPSTREAM_DATA_DIR to a directory this
     user can write, which was not the problem."""
