@@ -34,6 +34,11 @@ def _shown(row: dict[str, Any]) -> str:
             f"{escaped(row['requested_by'])})")
     if row.get("report"):
         line += "\n  " + ", ".join(f"{key} {value}" for key, value in row["report"].items())
+        if row["status"] == "done" and not any(row["report"].values()):
+            # A mistyped id is "done" too: forgetting a user tipstream never saw is no error (their events may
+            # come later, and are a new user's), but the operator meant someone.
+            line += ("\n  nothing was held of this id (no state, decisions or messages): if you meant a user your "
+                     "app knows, check the id as it sends it (`tipstream users export ID` shows what is held)")
     for done in row.get("earlier", ()):
         line += (f"\n  forgotten before: done {done['done_at']} (asked {done['requested_at']} by "
                  f"{escaped(done['requested_by'])})")

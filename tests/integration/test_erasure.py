@@ -349,6 +349,11 @@ async def test_the_cli_forgets_a_user_through_the_service(start_service, nc, tmp
     again = running.service.eraser.status("org/42")
     assert [earlier["report"] for earlier in again["earlier"]] == [first["report"]]
     assert again["earlier"][0]["requested_by"] == "dpo" and again["requested_at"] > first["requested_at"]
+    assert "nothing was held of this id" not in out
+    # A mistyped id is done too, with nothing to do: the operator is told, not left to read a row of zeros.
+    assert await asyncio.to_thread(main, ["users", "forget", "org/24", "--wait", *url]) == 0
+    out = capsys.readouterr().out
+    assert "org/24: done" in out and "state False" in out and "nothing was held of this id" in out, out
     assert await asyncio.to_thread(main, ["users", "forget-status", "nobody", *url]) == 1
     assert "refused (404): no request to forget user 'nobody'" in (err := capsys.readouterr().err)
     assert "(`tipstream users forget nobody`)" in err  # the command that makes one, not only the HTTP way
