@@ -152,6 +152,8 @@ def _export(args: argparse.Namespace) -> int:
     try:
         _write_export(text, args.out)
     except OSError as error:  # the disk full: a traceback, and half an export left in the file
+        if isinstance(error, BrokenPipeError) and args.out is None:
+            raise  # `users export ID | head`: the reader had enough, no failure to tell (app.cli.main ends quietly)
         print(f"Nothing exported: cannot write {args.out or 'to stdout'}: {error.strerror or error}. "
               + ("Free space on its disk, or give --out a file on another." if error.errno in (errno.ENOSPC, errno.EDQUOT)
                  else "--out names a file this user can write."), file=sys.stderr)

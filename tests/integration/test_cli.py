@@ -1369,6 +1369,22 @@ def test_output_to_a_reader_already_gone_ends_quietly(tmp_path: Path) -> None:
     assert done.returncode == 128 + signal.SIGPIPE and done.stderr == "", done.stderr[-2000:]
 
 
+def test_an_export_to_a_reader_already_gone_ends_quietly(tmp_path: Path, nats_server) -> None:
+    """`tipstream users export u-42 | head`: the export took the closed pipe for a file it could not write
+    ("Nothing exported: cannot write to stdout: Broken pipe. --out names a file this user can write.",
+    exit code 1), where the other commands end quietly, as a shell reports a writer the closed pipe ended."""
+    migrate.upgrade(f"sqlite:///{tmp_path / 'tipstream.db'}")
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader gone before the first write: every write fails
+    try:
+        done = subprocess.run([TIPSTREAM, "users", "export", "u-42", "--nats-url", nats_server.url], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=60,
+                              env={"PATH": "/usr/bin:/bin", "TIPSTREAM_DATA_DIR": str(tmp_path)})
+    finally:
+        os.close(write_end)
+    assert done.returncode == 128 + signal.SIGPIPE and "Nothing exported" not in done.stderr, done.stderr[-2000:]
+
+
 def test_where_a_request_to_forget_stands_shows_who_asked_as_text_not_as_terminal_codes() -> None:
     """`requested_by` is what any admin request's `actor` was, as `models` history's actor is (which
     `models` writes escaped): `users forget-status` wrote it raw, so its ESC codes could clear the
