@@ -93,7 +93,10 @@ def from_database(engine: Engine, user_id: str) -> dict[str, Any]:
                                 .where(db.model_versions.c.model.is_not(None))).all()
     weights = {}
     for version, blob in versions:
-        model = TipModel.from_bytes(bytes(blob))
+        try:
+            model = TipModel.from_bytes(bytes(blob))
+        except Exception as error:  # noqa: BLE001 - damaged bytes fail as pickle, numpy or JSON do: a dozen types
+            raise UnreadableModel(version, f"{type(error).__name__}: {error}") from None
         table = model._tables()[0]
         own = {name: float(table[name]) for name in sorted(model._names_of(user_id)) if name in table}
         if own:
@@ -106,6 +109,19 @@ def from_database(engine: Engine, user_id: str) -> dict[str, Any]:
         "erasures_earlier": [_row(row) for row in earlier_erasures(engine, user_id)],
         "model_weights": weights,
     }
+
+
+class UnreadableModel(Exception):
+    """A version's saved model (`model_versions.model`) cannot be decoded: the export cannot say which of the
+    user's features it holds. Its message names the version and the fix; an UnpicklingError (or ValueError, ...)
+    traceback named neither."""
+
+    def __init__(self, version: str, cause: str) -> None:
+        super().__init__(
+            f"The saved model of version {version!r} cannot be read ({cause}): the database holds it damaged. "
+            "Restore the database from a backup (README, 'Backups and restores'), or rebuild it from the streams "
+            "(README, 'Rebuilding from the log'; registry changes are lost, make them again)")
+        self.version = version
 
 
 def _state(user_id: str, blob: bytes) -> UserState:
@@ -175,8 +191,9 @@ def _value(value: Any) -> Any:
 
 async def export_user(js: Any, engine: Engine, user_id: str,
                       progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Everything held of the user. UnreadableState when their `user_state` row is damaged: the database is
-    read first, so that is said before the scan of every stream (minutes for large ones), not after it."""
+    """Everything held of the user. UnreadableState when their `user_state` row is damaged, UnreadableModel when
+    a version's saved model is: the database is read first, so that is said before the scan of every stream
+    (minutes for large ones), not after it."""
     rows = from_database(engine, user_id)
     streams = await from_streams(js, user_id, progress)
     return {"user_id": user_id, "exported_at": datetime.now(UTC).isoformat(), "streams": streams, **rows}

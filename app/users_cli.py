@@ -89,7 +89,7 @@ def _export(args: argparse.Namespace) -> int:
 
     from app import migrate
     from app.db import make_engine
-    from app.export import export_user
+    from app.export import UnreadableModel, export_user
     from app.nats_auth import NatsAuthError, NatsUnanswered, connect_for_command, nats_options
     from app.settings import get_settings
     from app.simulate import _nats_url_and_source
@@ -145,6 +145,9 @@ def _export(args: argparse.Namespace) -> int:
     except UnreadableState as error:  # a ValueError traceback once every stream had been read
         print(f"Nothing exported: {error.damaged(error.user_id, error.cause)} {error.fixes(error.user_id)}, then "
               "export again.", file=sys.stderr)
+        return 1
+    except UnreadableModel as error:  # a traceback, naming neither the version nor a fix
+        print(f"Nothing exported: {error}, then export again.", file=sys.stderr)
         return 1
     finally:
         engine.dispose()

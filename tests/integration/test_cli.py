@@ -1423,3 +1423,32 @@ def test_an_export_of_a_user_whose_state_row_is_damaged_names_them_and_the_fixes
     told = capsys.readouterr().err
     assert told.startswith("Nothing exported: The user_state row of user 'u-1' cannot be read (not a user state"), told
     assert "DELETE FROM user_state WHERE user_id = 'u-1'" in told and "Traceback" not in told, told
+
+
+def test_an_export_when_a_versions_saved_model_is_damaged_names_the_version_and_the_fixes(
+        nats_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`tipstream users export` reads every version's saved model for the user's own weights; one it cannot
+    decode (cut short) ended in an UnpicklingError traceback, naming neither the version nor a fix. Now it
+    exports nothing, with one line saying which version's model and how to mend it."""
+    from datetime import UTC, datetime
+
+    from app import db
+    from app.db import make_engine
+    from models.reward import TipModel
+
+    url = f"sqlite:///{tmp_path / 'export.db'}"
+    monkeypatch.setenv("DATABASE_URL", url)
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    model = TipModel()
+    model.learn_one({"user_id": "u-1", "tip_id": "t1"}, 1.0)
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(db.model_versions.insert().values(version="v2", kind="logreg", params={}, feature_names=[],
+                                                       card={}, created_at=now, updated_at=now,
+                                                       model=model.to_bytes()[:-40]))
+    engine.dispose()
+    assert main(["users", "export", "u-1", "--nats-url", nats_server.url]) == 1
+    told = capsys.readouterr().err
+    assert told.startswith("Nothing exported: The saved model of version 'v2' cannot be read (UnpicklingError: "), told
+    assert "'Backups and restores'" in told and "Traceback" not in told and len(told.splitlines()) == 1, told
