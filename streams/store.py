@@ -303,6 +303,8 @@ class OnlineStore:
         self._dirty.update(users)
 
     def load(self, positions: dict[str, int], states: Iterable[tuple[str, bytes]]) -> None:
+        """Every user's state at once (the bench scripts'; the service reads users as they come, `warm`, `install`).
+        A damaged row is UnreadableState naming the user, as wherever else a row is read (`decoded`)."""
         self.positions = dict(positions)
         for user_id, blob in states:
-            self.users[user_id] = UserState.from_bytes(blob)
+            self.users[user_id] = self.decoded(user_id, blob)

@@ -14,7 +14,7 @@ from app.checkpoints import Checkpointer, MemoryCheckpointStore
 from app.collector import FreezePolicy
 from streams.events import parse_event
 from streams.fold import FutureEvent
-from streams.store import OnlineStore
+from streams.store import OnlineStore, UnreadableState
 from tests.conftest import eventually
 
 
@@ -37,6 +37,19 @@ def test_cold_users_are_loaded_on_first_use_and_never_overwritten_by_the_warm_up
     assert fetched == [["a"]]
     assert store.warm(blobs.items()) == 1  # only b: a is live and newer than its checkpoint
     assert store.users["a"].count("app.opened") == 2 and not store.cold
+
+
+def test_loading_every_state_at_once_names_the_user_of_a_damaged_row() -> None:
+    """`load` (the bench scripts') decoded the rows itself: a damaged one was a bare ValueError naming no one,
+    where every other read of a row is UnreadableState, naming the user and the fixes (`decoded`)."""
+    source = OnlineStore()
+    source.apply(opened(1, "a"))
+    told: list[str] = []
+    store = OnlineStore()
+    store.on_unreadable = lambda error: told.append(error.user_id)
+    with pytest.raises(UnreadableState, match="The user_state row of user 'b' cannot be read"):
+        store.load({"SIGNALS": 1}, [("a", source.users["a"].to_bytes()), ("b", source.users["a"].to_bytes()[:-1])])
+    assert told == ["b"] and store.users["a"] == source.users["a"] and "b" not in store.users
 
 
 def test_future_events_are_refused_without_leaving_an_empty_user() -> None:
