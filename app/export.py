@@ -23,6 +23,7 @@ from sqlalchemy.engine import Engine
 
 from app import db
 from app.erasure import earlier_erasures
+from app.registry_store import decoded_model
 from streams import jetstream as jsx
 from streams.fold import KINDS, REACTION_CODES, ZERO_DUE, UserState
 from streams.scrub import Cut, belongs, cut_copy_of, head_of, info_or_none, read_through, spellings, theirs_by_original
@@ -81,8 +82,6 @@ async def from_streams(js: Any, user_id: str,
 
 def from_database(engine: Engine, user_id: str) -> dict[str, Any]:
     """Their rows, and their own features' weights in each version's saved model."""
-    from models.reward import TipModel  # River's import: only when a model is read
-
     with engine.connect() as conn:
         state = conn.execute(select(db.user_state.c.state).where(db.user_state.c.user_id == user_id)).scalar()
         features = conn.execute(select(db.user_features).where(db.user_features.c.user_id == user_id)).mappings().first()
@@ -93,10 +92,7 @@ def from_database(engine: Engine, user_id: str) -> dict[str, Any]:
                                 .where(db.model_versions.c.model.is_not(None))).all()
     weights = {}
     for version, blob in versions:
-        try:
-            model = TipModel.from_bytes(bytes(blob))
-        except Exception as error:  # noqa: BLE001 - damaged bytes fail as pickle, numpy or JSON do: a dozen types
-            raise UnreadableModel(version, f"{type(error).__name__}: {error}") from None
+        model = decoded_model(version, blob)
         table = model._tables()[0]
         own = {name: float(table[name]) for name in sorted(model._names_of(user_id)) if name in table}
         if own:
@@ -109,19 +105,6 @@ def from_database(engine: Engine, user_id: str) -> dict[str, Any]:
         "erasures_earlier": [_row(row) for row in earlier_erasures(engine, user_id)],
         "model_weights": weights,
     }
-
-
-class UnreadableModel(Exception):
-    """A version's saved model (`model_versions.model`) cannot be decoded: the export cannot say which of the
-    user's features it holds. Its message names the version and the fix; an UnpicklingError (or ValueError, ...)
-    traceback named neither."""
-
-    def __init__(self, version: str, cause: str) -> None:
-        super().__init__(
-            f"The saved model of version {version!r} cannot be read ({cause}): the database holds it damaged. "
-            "Restore the database from a backup (README, 'Backups and restores'), or rebuild it from the streams "
-            "(README, 'Rebuilding from the log'; registry changes are lost, make them again)")
-        self.version = version
 
 
 def _state(user_id: str, blob: bytes) -> UserState:

@@ -77,6 +77,30 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+class UnreadableModel(Exception):
+    """A version's saved model (`model_versions.model`) cannot be decoded (cut short, or overwritten by hand or by
+    a disk fault). Its message names the version and the fix, a sentence left open for what to do after; an
+    UnpicklingError (or ValueError, ...) traceback named neither. Read by the start (a version not retired), by
+    `tipstream users export` and by a forget's last step (every version's, retired ones too)."""
+
+    def __init__(self, version: str, cause: str) -> None:
+        super().__init__(
+            f"The saved model of version {version!r} cannot be read ({cause}): the database holds it damaged. "
+            "Restore the database from a backup (README, 'Backups and restores'), or rebuild it from the streams "
+            "(README, 'Rebuilding from the log'; registry changes are lost, make them again)")
+        self.version, self.cause = version, cause
+
+
+def decoded_model(version: str, blob: bytes) -> Any:
+    """The `TipModel` in `version`'s saved bytes; UnreadableModel when they cannot be decoded."""
+    from models.reward import TipModel  # River's import: only when a model is read
+
+    try:
+        return TipModel.from_bytes(bytes(blob))
+    except Exception as error:  # noqa: BLE001 - damaged bytes fail as pickle, numpy or JSON do: a dozen types
+        raise UnreadableModel(version, f"{type(error).__name__}: {error}") from None
+
+
 class RegistryStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

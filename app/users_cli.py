@@ -89,8 +89,9 @@ def _export(args: argparse.Namespace) -> int:
 
     from app import migrate
     from app.db import make_engine
-    from app.export import UnreadableModel, export_user
+    from app.export import export_user
     from app.nats_auth import NatsAuthError, NatsUnanswered, connect_for_command, nats_options
+    from app.registry_store import UnreadableModel
     from app.settings import get_settings
     from app.simulate import _nats_url_and_source
     from app.start_errors import shown_url
