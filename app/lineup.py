@@ -25,8 +25,9 @@ from app.db import one_line
 from app.decisions import decision_problem
 from app.embedded_nats import die_with_service
 from app.learning_metrics import CANDIDATE_CACHE, DIVERGED, REFUSED, SKIPPED
-from app.registry_store import RegistryStore
+from app.registry_store import RegistryStore, UnreadableModel, decoded_model
 from app.settings import POLICY_PARAMS
+from app.start_errors import StartupError
 from models.prior import PopularityPrior
 from models.registry import FM_ONLY_PARAMETERS, ModelCard, ModelVersion, Registry, RegistryError, escaped
 from models.reward import KINDS, TipModel
@@ -119,7 +120,12 @@ class Lineup:
             if version in registry.retired:
                 models[version] = RetiredModel(n_learned)
             else:
-                models[version] = TipModel.from_bytes(blob) if blob else TipModel(**mv.model_params)
+                try:
+                    models[version] = decoded_model(version, blob) if blob else TipModel(**mv.model_params)
+                except UnreadableModel as error:  # an UnpicklingError (or ValueError, ...) traceback named neither
+                    raise StartupError(
+                        f"{error}, then start tipstream again. It does not start without that model: {version} is "
+                        "not retired, so it serves or learns.") from None
         self.registry, self.models = registry, models
         self._stored_entries = len(registry.history)
         self._refresh()

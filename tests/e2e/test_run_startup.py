@@ -556,3 +556,28 @@ def test_a_port_taken_after_the_start_bound_it_is_the_same_message_and_the_servi
     assert "checkpoint restored" in done.stderr, "taken before the service had started: not this case"
     assert "stopping: last checkpoint written" in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "data" / "nats.url").exists(), "the embedded nats-server was not stopped"
+
+
+def test_a_damaged_saved_model_of_a_version_not_retired_is_a_message_naming_the_version_and_the_fixes(
+        tmp_path: Path) -> None:
+    """The start decodes the saved model of every version not retired (`model_versions.model`): one cut short (a
+    disk fault, a hand's UPDATE) ended the start in an UnpicklingError traceback, naming neither the version nor
+    a fix. Now it is one message saying which version's model and how to mend it, as `tipstream users export`
+    says it."""
+    import sqlite3
+
+    data = tmp_path / "data"
+    first = ServiceProcess(data, env={"TIPSTREAM_PORT": "0"}).start_on_printed_port()
+    assert first.stop(), first.log()
+    database = sqlite3.connect(data / "tipstream.db")
+    try:
+        with database:
+            blob = database.execute("SELECT model FROM model_versions WHERE version = 'v1'").fetchone()[0]
+            database.execute("UPDATE model_versions SET model = ? WHERE version = 'v1'", (blob[:-40],))
+    finally:
+        database.close()
+    done = run(tmp_path)
+    assert_one_message(done, "The saved model of version 'v1' cannot be read (UnpicklingError: ",
+                       "the database holds it damaged", "(README, 'Backups and restores')",
+                       "(README, 'Rebuilding from the log'; registry changes are lost",
+                       "then start tipstream again", "v1 is not retired")
