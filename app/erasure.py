@@ -24,7 +24,8 @@ Each request is a row of `erasures`, its `status` moving on as each step is done
    decisions /score had queued for JetStream at step 2, once stored, by their ids: `ON_THE_WAY`; those held aside
    for a limit, never stored, are let go); then the `tip_scores` rows
    of their decisions acknowledged meanwhile, and their own features in the saved bytes of the
-   versions that no longer learn (retired ones).
+   versions that no longer learn (retired ones). A version whose bytes cannot be decoded stops this step, said
+   once (`UnreadableModel`): the request stays `dropped` until a start after the fix (a restore, a rebuild).
 5. `done`, with a report of what went where.
 
 What is theirs and stays: what every user shares in the models (the intercept, the tips' weights,
@@ -52,6 +53,7 @@ from app.checkpoint_rows import delete_decisions_served_until, utc_ms, write_era
 from app.decision_ids import decision_time_ms
 from app.metrics import METRICS
 from app.periodic import woken
+from app.registry_store import UnreadableModel, decoded_model
 from app.thread_work import ThreadWork
 from streams import jetstream as jsx
 from streams.scrub import belongs, delete_all, read_through, spellings
@@ -113,6 +115,9 @@ class Eraser:
         # Of those, the ones held aside until a limit is raised (the publisher's `held`): let go, never stored.
         self.let_go_held = let_go_held or (lambda decision_ids: [])
         self._wake = asyncio.Event()
+        # A version's saved model the last step could not decode: no retry mends it, and the fixes (a restore, a
+        # rebuild) stop the service. The requests dropped wait for the next start, which takes them again.
+        self._unreadable: UnreadableModel | None = None
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -236,8 +241,10 @@ class Eraser:
                 together.setdefault(orjson.dumps(row["bounds"], option=orjson.OPT_SORT_KEYS).decode(), []).append(row)
         done = 0
         for group in together.values():
-            await self._delete_messages(group)
-            done += len(group)
+            if self._unreadable is not None:  # said once: scanned again, every stream's messages read for nothing
+                break
+            if await self._delete_messages(group):
+                done += len(group)
         METRICS.erasures_unfinished.set(len(rows) - done)
         return done
 
@@ -349,8 +356,9 @@ class Eraser:
                          ", ".join(f"{s} at #{at} of #{seq}" for s, (at, seq) in behind.items()))
             await asyncio.sleep(READ_THROUGH_POLL_S)
 
-    async def _delete_messages(self, rows: list[dict[str, Any]]) -> None:
-        """Steps 4 and 5 for requests dropped together (the same bounds)."""
+    async def _delete_messages(self, rows: list[dict[str, Any]]) -> bool:
+        """Steps 4 and 5 for requests dropped together (the same bounds); whether they are done (not when a version's
+        saved model cannot be decoded: `_unreadable`)."""
         users, bounds = frozenset(row["user_id"] for row in rows), rows[0]["bounds"] or {}
         shown = ", ".join(sorted(map(repr, users)))
         found: dict[str, int] = {"users_in_pass": len(users)} if len(users) > 1 else {}
@@ -374,15 +382,26 @@ class Eraser:
                 if stream == jsx.DECISIONS.name and bounds.get(ON_THE_WAY):
                     found[f"messages_{stream.lower()}"] += await self._delete_on_the_way(
                         users, int(bounds.get(stream, 0)), bounds[ON_THE_WAY])
-        async with self.lock:  # a registry change (a rollback to a retired version) loads the bytes rewritten here
-            reports = await self.threads.run("an erasure's last transaction", self._finish, rows,
-                                                self.learning_versions(), found)
+        try:
+            async with self.lock:  # a registry change (a rollback to a retired version) loads the bytes rewritten here
+                reports = await self.threads.run("an erasure's last transaction", self._finish, rows,
+                                                    self.learning_versions(), found)
+        except UnreadableModel as error:
+            # Retried as an outage, it said "did not go through (UnpicklingError: ...); trying again", naming neither
+            # the version nor a fix, and scanned every stream again at each try, for good.
+            self._unreadable = error
+            log.error("forgetting %s cannot be finished: %s, then start tipstream again. Their state, rows and messages "
+                      "are gone, their own weights are still in that model: the request stays 'dropped' "
+                      "(`tipstream users forget-status`), as do those dropped after it, until a start finds the model "
+                      "readable.", shown, error)
+            return False
         for row, report in zip(rows, reports, strict=True):
             until = utc_ms(row["dropped_at"])
             if self.learner.erasing.get(row["user_id"]) == until:
                 del self.learner.erasing[row["user_id"]]
             log.info("forgot user %r: %s", row["user_id"], report)
         await self.threads.run("an erasure's WAL checkpoint", self._empty_wal)  # not holding the lock: it may wait for readers
+        return True
 
     async def _past_decisions_on_the_way(self, rows: list[dict[str, Any]], bounds: dict[str, Any]) -> dict[str, Any]:
         """`bounds`, with the users' decisions that were on their way to JetStream at step 2 (served with their
@@ -442,8 +461,6 @@ class Eraser:
         """In a worker thread, for requests dropped together: the `tip_scores` rows of their decisions
         acknowledged after step 3, their features in the versions that do not learn (each loaded once),
         and the requests marked done; their reports."""
-        from models.reward import TipModel  # the models are the service's; not this module's importers'
-
         versions, erasures = db.model_versions, db.erasures
         reports = []
         with self.engine.begin() as conn:
@@ -452,7 +469,7 @@ class Eraser:
                                               .where(versions.c.model.is_not(None))).all():
                 if version in learning:
                     continue
-                model = TipModel.from_bytes(bytes(blob))
+                model = decoded_model(version, blob)  # UnreadableModel, naming it: the transaction rolls back
                 held = {row["user_id"] for row in rows if model.forget_user(row["user_id"])}
                 if held:
                     conn.execute(update(versions).where(versions.c.version == version).values(model=model.to_bytes()))

@@ -991,3 +991,59 @@ async def test_where_a_request_stands_while_the_database_is_away_is_a_503(start_
         answer = await http.get("/admin/users/u-1/forget", headers=AUTH)
     assert answer.status_code == 503 and answer.headers["Retry-After"] == "5", answer.text
     assert "the database is away" in answer.json()["error"]
+
+
+async def test_a_damaged_saved_model_of_a_retired_version_keeps_the_forget_dropped_naming_the_version_and_the_fix(
+        start_service, nc, database_url, caplog) -> None:
+    """The last step rewrites the saved model of each version that no longer learns (retired) without the user's own
+    weights. One that cannot be decoded (cut short) failed it with an UnpicklingError, logged as an outage ("did not
+    go through ...; trying again in 1 s") naming neither the version nor a fix, and retried for good, each time after
+    a scan of every stream. Now the log says which version's model and how to mend it, once; the request stays
+    'dropped' (not done: the user's weights are still in that model), and is not taken again until the next start,
+    which the fixes (a restore, a rebuild) need."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="tipstream")
+    url = database_url
+    running = await start_service(database_url=url, admin_token=TOKEN, checkpoint_every_s=0.2)
+    service, js = running.service, nc.jetstream()
+    async with running.http() as http:
+        await traffic(running, js, http)
+        assert (await http.post("/admin/models", json={"version": "v3"}, headers=AUTH)).status_code == 200
+        assert (await http.post("/admin/models/v3/retire", json={}, headers=AUTH)).status_code == 200
+        engine = sa.create_engine(url)
+        try:
+            with engine.begin() as conn:
+                blob = bytes(conn.execute(sa.text("select model from model_versions where version = 'v3'")).scalar())
+                conn.execute(sa.text("update model_versions set model = :m where version = 'v3'"), {"m": blob[:-40]})
+        finally:
+            engine.dispose()
+        scans = []
+        scrub = service.eraser.scrub
+
+        async def counted(*args: Any) -> Any:
+            scans.append(args[1])
+            return await scrub(*args)
+
+        service.eraser.scrub = counted
+        await forget(http, "u-1")
+
+        def told() -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.name == "tipstream.erasure" and r.levelname == "ERROR"]
+
+        await eventually(told, timeout=30)
+        [said] = told()
+        assert said.startswith("forgetting 'u-1' cannot be finished: The saved model of version 'v3' cannot be read "
+                               "(UnpicklingError: "), said
+        assert "(README, 'Backups and restores')" in said and "'Rebuilding from the log'" in said, said
+        assert "\n" not in said and "trying again" not in said, said
+        answer = await status(http, "u-1")
+        assert answer["status"] == "dropped" and answer["done_at"] is None, answer
+        assert "u-1" not in service.store.users, "what steps 2 and 3 did stays done"
+        # Woken again (a checkpoint, another request), it does not scan every stream again for the same failure.
+        taken = len(scans)
+        service.eraser.wake()
+        await service.eraser.work()
+        assert len(scans) == taken and len(told()) == 1
+        assert (await status(http, "u-1"))["status"] == "dropped"
+    assert not any("did not go through" in r.getMessage() for r in caplog.records if r.name == "tipstream.erasure")
