@@ -150,7 +150,12 @@ class Eraser:
     def status(self, user_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
             row = conn.execute(select(db.erasures).where(db.erasures.c.user_id == user_id)).mappings().first()
-        return {**_shown(dict(row)), "earlier": self._earlier(user_id)} if row is not None else None
+        if row is None:
+            return None
+        answer = {**_shown(dict(row)), "earlier": self._earlier(user_id)}
+        if row["status"] == "dropped" and self._unreadable is not None:  # else 'dropped' for good, no word why
+            answer["stuck"] = f"{self._unreadable}, then start tipstream again"
+        return answer
 
     def _earlier(self, user_id: str) -> list[dict[str, Any]]:
         """The requests to forget `user_id` done before the one in `erasures`, oldest first."""

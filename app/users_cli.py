@@ -39,6 +39,8 @@ def _shown(row: dict[str, Any]) -> str:
             # come later, and are a new user's), but the operator meant someone.
             line += ("\n  nothing was held of this id (no state, decisions or messages): if you meant a user your "
                      "app knows, check the id as it sends it (`tipstream users export ID` shows what is held)")
+    if row.get("stuck"):
+        line += f"\n  stuck: {row['stuck']}"
     for done in row.get("earlier", ()):
         line += (f"\n  forgotten before: done {done['done_at']} (asked {done['requested_at']} by "
                  f"{escaped(done['requested_by'])})")
@@ -52,6 +54,9 @@ def _forget(args: argparse.Namespace) -> int:
         return answer
     print(_shown(answer))
     while args.wait and answer["status"] != "done":
+        if answer.get("stuck"):  # waited for for good: it goes on only after a start
+            print(_shown(answer), file=sys.stderr)
+            return 1
         time.sleep(WAIT_EVERY_S)
         answer = admin_call(args.url, _path(args.user_id), None, "see the request", see, method="GET")
         if isinstance(answer, int):

@@ -994,14 +994,17 @@ async def test_where_a_request_stands_while_the_database_is_away_is_a_503(start_
 
 
 async def test_a_damaged_saved_model_of_a_retired_version_keeps_the_forget_dropped_naming_the_version_and_the_fix(
-        start_service, nc, database_url, caplog) -> None:
+        start_service, nc, database_url, caplog, monkeypatch, capsys) -> None:
     """The last step rewrites the saved model of each version that no longer learns (retired) without the user's own
     weights. One that cannot be decoded (cut short) failed it with an UnpicklingError, logged as an outage ("did not
     go through ...; trying again in 1 s") naming neither the version nor a fix, and retried for good, each time after
     a scan of every stream. Now the log says which version's model and how to mend it, once; the request stays
     'dropped' (not done: the user's weights are still in that model), and is not taken again until the next start,
-    which the fixes (a restore, a rebuild) need."""
+    which the fixes (a restore, a rebuild) need. `forget-status` says so (`stuck`), and `forget --wait`, which
+    waited for good, ends with it."""
     import logging
+
+    from app.cli import main
 
     caplog.set_level(logging.INFO, logger="tipstream")
     url = database_url
@@ -1039,6 +1042,8 @@ async def test_a_damaged_saved_model_of_a_retired_version_keeps_the_forget_dropp
         assert "\n" not in said and "trying again" not in said, said
         answer = await status(http, "u-1")
         assert answer["status"] == "dropped" and answer["done_at"] is None, answer
+        assert answer["stuck"] == f"{said.split(' cannot be finished: ', 1)[1].split(', then start', 1)[0]}, then " \
+                                  "start tipstream again", answer
         assert "u-1" not in service.store.users, "what steps 2 and 3 did stays done"
         # Woken again (a checkpoint, another request), it does not scan every stream again for the same failure.
         taken = len(scans)
@@ -1046,4 +1051,12 @@ async def test_a_damaged_saved_model_of_a_retired_version_keeps_the_forget_dropp
         await service.eraser.work()
         assert len(scans) == taken and len(told()) == 1
         assert (await status(http, "u-1"))["status"] == "dropped"
+        # Asked for meanwhile, another user's request is dropped, and waits for the same start.
+        monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", TOKEN)
+        monkeypatch.setattr("app.users_cli.WAIT_EVERY_S", 0.05)
+        capsys.readouterr()
+        assert await asyncio.to_thread(main, ["users", "forget", "u-2", "--wait", "--url", running.base_url]) == 1
+        err = capsys.readouterr().err
+        assert "u-2: dropped (asked " in err and "\n  stuck: The saved model of version 'v3' cannot be read (" in err, err
+        assert "u-2" not in service.store.users and len(told()) == 1 and len(scans) == taken
     assert not any("did not go through" in r.getMessage() for r in caplog.records if r.name == "tipstream.erasure")
