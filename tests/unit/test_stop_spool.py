@@ -35,7 +35,7 @@ async def test_the_last_put_back_decision_acknowledged_during_the_stop_leaves_th
         publisher._on_ack(b"_INBOX.x.d.1", b"", b'{"stream":"DECISIONS","seq":7}', None)
         assert spool.exists(), "the stop's spool was removed"
 
-    service.ingests.append(SimpleNamespace(caught_up=True, spec=SimpleNamespace(name="SIGNALS"), stop=ingest_stop))
+    service.ingests.append(SimpleNamespace(caught_up=True, current=True, spec=SimpleNamespace(name="SIGNALS"), stop=ingest_stop))
     service._publisher_task = asyncio.ensure_future(asyncio.sleep(3600))
     await service.stop()
     # d-old leaves it once the connection is drained: JetStream has it (the test below).
@@ -99,7 +99,7 @@ async def test_a_spooled_decision_acknowledged_later_in_the_stop_leaves_the_spoo
         publisher._on_ack(b"_INBOX.x.d.1", b"", b'{"stream":"DECISIONS","seq":7}', None)
         publisher._on_ack(b"_INBOX.x.d.2", b"", b'{"error":{"code":503,"description":"no responders"}}', None)
 
-    service.ingests.append(SimpleNamespace(caught_up=True, spec=SimpleNamespace(name="SIGNALS"), stop=ingest_stop))
+    service.ingests.append(SimpleNamespace(caught_up=True, current=True, spec=SimpleNamespace(name="SIGNALS"), stop=ingest_stop))
     service._publisher_task = asyncio.ensure_future(asyncio.sleep(3600))
     await service.stop()
     assert [item[1] for item in decision_spool.read(spool)] == ["d-2", "d-3"]
@@ -118,7 +118,7 @@ async def test_a_spool_whose_decisions_were_all_acknowledged_later_in_the_stop_i
         assert (tmp_path / decision_spool.SPOOL_NAME).exists(), "spooled while unacknowledged"
         publisher._on_ack(b"_INBOX.x.d.1", b"", b'{"stream":"DECISIONS","seq":7}', None)
 
-    service.ingests.append(SimpleNamespace(caught_up=True, spec=SimpleNamespace(name="SIGNALS"), stop=ingest_stop))
+    service.ingests.append(SimpleNamespace(caught_up=True, current=True, spec=SimpleNamespace(name="SIGNALS"), stop=ingest_stop))
     service._publisher_task = asyncio.ensure_future(asyncio.sleep(3600))
     await service.stop()
     assert not (tmp_path / decision_spool.SPOOL_NAME).exists()
