@@ -262,6 +262,7 @@ class StreamIngest:
         self._dlq_lines = LogThrottle(per_window=DLQ_LOG_PER_MINUTE)
         # A cluster without a quorum answers no call for as long as it lasts: asked again every 2 s, each a line.
         self._unanswered_lines = LogThrottle(per_window=6)
+        self._gone_lines = LogThrottle(per_window=6)  # the consumer taking no pull request (`_consumer_gone`)
         # A hold asks for its checkpoint, so a small TIPSTREAM_MAX_UNCHECKPOINTED_EVENTS holds briefly but often
         # (every second at 200 and 200 events/s): a warning apiece.
         self._hold_lines = LogThrottle(per_window=6)
@@ -452,14 +453,31 @@ class StreamIngest:
         log.info("consuming %s from sequence %d", self.spec.name, start)
         self.catch_up.begin(pending)
 
-    def _consumer_gone(self) -> None:
-        """The server says the consumer is gone (deleted by an operator, or with its stream): made again from the
-        position, as after a reconnect (the stream too, if it went with it)."""
-        if not self.reset_needed:
-            log.warning("the consumer %s of stream %s is gone from NATS (deleted?); making it again and reading %s "
-                        "from %d", self.durable, self.spec.name, self.spec.name,
-                        self.store.positions.get(self.spec.name, 0) + 1)
+    def _consumer_gone(self, why: str) -> None:
+        """The server says the consumer takes no request (`pull.consumer_gone`): deleted (by an operator, or with its
+        stream), or, with no responders, maybe led by no node now (a cluster's election, or no quorum). Made again
+        from the position, as after a reconnect (the stream too, if it went with it)."""
+        if self.reset_needed:
+            return
         self.request_reset()
+        # Bounded: a cluster that lacks a leader for minutes has each re-created consumer meet none again.
+        left_out = self._gone_lines.allow(why)
+        if left_out is None:
+            return
+        more = f" ({left_out} more times since the last line)" if left_out else ""
+        position = self.store.positions.get(self.spec.name, 0)
+        if why == pull.DELETED:
+            log.warning("the consumer %s of stream %s is gone from NATS (deleted, by hand or with its stream); making "
+                        "it again and reading %s from %d%s", self.durable, self.spec.name, self.spec.name, position + 1,
+                        more)
+            return
+        # No responders: told "gone (deleted?)", the operator looked for a deletion while a cluster had lost nodes.
+        log.warning("the consumer %s of stream %s takes no pull request (503 no responders): no NATS node leads it "
+                    "now (a cluster electing new leaders after a node was lost, or without a quorum: most of its "
+                    "nodes down), or it was deleted; making it again and reading %s from %d once NATS answers. If "
+                    "this goes on, start the cluster's missing nodes (`nats server report jetstream` shows them and "
+                    "which streams have no leader)%s", self.durable, self.spec.name, self.spec.name, position + 1,
+                    more)
 
     async def _replaced_under_us(self, seq: int, js: JetStreamContext) -> str | None:
         """Whether the server holds another message at the last one read (`seq`, the position, or before

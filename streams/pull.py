@@ -301,18 +301,27 @@ async def connect(url: str, **options: Any) -> IngestClient:
 PENDING_HEADER = re.compile(rb"Nats-Pending-Messages:\s*(\d+)", re.IGNORECASE)
 
 
-def consumer_gone(headers: bytes | None) -> bool:
-    """Whether a pull request's status says its consumer is gone: deleted under a request that waited (409
-    Consumer Deleted), or not there to take one (503: no responders on its subject). Deleted by an operator, or
-    with its stream, while ingest reads it.
+# Why a pull request's consumer answers no more (`consumer_gone`).
+DELETED, NO_RESPONDERS = "deleted", "no responders"
+
+
+def consumer_gone(headers: bytes | None) -> str | None:
+    """Why a pull request's status says its consumer takes no request (None: it does not say so). DELETED: deleted
+    under a request that waited (409 Consumer Deleted), by an operator or with its stream. NO_RESPONDERS: nothing
+    took the request (503): no node leads the consumer now (a NATS cluster electing one after a node was lost,
+    or without a quorum), or it is deleted; the status cannot tell which.
 
     >>> consumer_gone(b"NATS/1.0 503\\r\\n\\r\\n"), consumer_gone(b"NATS/1.0 409 Consumer Deleted\\r\\n\\r\\n")
-    (True, True)
+    ('no responders', 'deleted')
     >>> consumer_gone(b"NATS/1.0 408 Request Timeout\\r\\n\\r\\n"), consumer_gone(b"NATS/1.0 409 Leadership Change\\r\\n")
-    (False, False)
+    (None, None)
     """
     status = headers[9:12] if headers else b""
-    return status == b"503" or (status == b"409" and b"consumer deleted" in (headers or b"")[:64].lower())
+    if status == b"503":
+        return NO_RESPONDERS
+    if status == b"409" and b"consumer deleted" in (headers or b"")[:64].lower():
+        return DELETED
+    return None
 
 
 class Detached:
@@ -341,10 +350,10 @@ class BatchPuller:
 
     def __init__(self, nc: IngestClient, stream: str, durable: str, batch: int,
                  on_message: Callable[[RawMsg], None], expires_s: float = PULL_EXPIRES_S,
-                 on_gone: Callable[[], None] | None = None, max_bytes: int = PULL_MAX_BYTES) -> None:
+                 on_gone: Callable[[str], None] | None = None, max_bytes: int = PULL_MAX_BYTES) -> None:
         self.nc, self.batch, self.on_message, self.expires_s = nc, batch, on_message, expires_s
         self.max_bytes = max(max_bytes, 2 * (nc.max_payload or 0))
-        # Told when the server says the consumer is gone (`CONSUMER_GONE`): its owner makes it again.
+        # Told why when the server says the consumer takes no request (`consumer_gone`): its owner makes it again.
         self.on_gone = on_gone
         self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self.inbox = nc.new_inbox()
@@ -416,12 +425,12 @@ class BatchPuller:
                 return
             left = PENDING_HEADER.search(headers or b"")
             self.requested = max(0, self.requested - int(left.group(1))) if left else 0
-            if consumer_gone(headers):
+            if (gone := consumer_gone(headers)) is not None:
                 # Asked again at once, a request to a consumer that is gone was answered at once, for ever: ~15,000
                 # requests a second, and nothing read, until a restart. Asked again by the watchdog meanwhile.
                 self.idle = False
                 if self.on_gone is not None:
-                    self.on_gone()
+                    self.on_gone(gone)
                 return
             self.idle = status in (b"404", b"408")
             self._request_soon()

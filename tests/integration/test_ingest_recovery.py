@@ -1032,6 +1032,45 @@ async def test_a_consumer_deleted_under_a_running_ingest_is_made_again_and_read_
         await nc.close()
 
 
+async def test_a_pull_request_nothing_takes_tells_a_consumer_without_a_leader_or_deleted(nats_server, caplog) -> None:
+    """A pull request nothing takes (503 no responders) comes from a consumer no node leads (a NATS cluster electing
+    one after a node was lost, or without a quorum) as from one deleted: the status cannot tell which. The log said
+    "is gone from NATS (deleted?)", and sent the operator after a deletion while a cluster had lost nodes. Here the
+    consumer is deleted while no request waits, so the next one meets no responders alone (no 409 first)."""
+    def opened(i: int) -> tuple[str, dict[str, Any]]:
+        return "signals.app.opened", {"id": f"e{i}", "type": "app.opened", "user_id": "u1", "ts": "2026-11-26T08:00:00Z"}
+
+    nc, js, store, ingest = await making_streams_again(
+        nats_server, lambda js: jsx.publish_events(js, [opened(i) for i in range(1, 6)]))
+    running = asyncio.create_task(ingest.run())
+    try:
+        await eventually(lambda: store.positions.get("SIGNALS", 0) == 5)
+        assert ingest.puller is not None
+        ingest.puller.paused = True  # its request outstanding expires (PULL_EXPIRES_S) and none follows
+        await eventually(lambda: _no_request_waits(js, ingest.durable), timeout=10)
+        await js.delete_consumer("SIGNALS", ingest.durable)
+        caplog.clear()
+        ingest.puller.resume()
+        await jsx.publish_events(js, [opened(i) for i in range(6, 9)])
+        await eventually(lambda: store.positions.get("SIGNALS", 0) == 8)
+        told = [r.getMessage() for r in caplog.records if r.name == "tipstream.ingest" and r.levelname == "WARNING"]
+        assert told == [(
+            f"the consumer {ingest.durable} of stream SIGNALS takes no pull request (503 no responders): no NATS node "
+            "leads it now (a cluster electing new leaders after a node was lost, or without a quorum: most of its "
+            "nodes down), or it was deleted; making it again and reading SIGNALS from 6 once NATS answers. If this "
+            "goes on, start the cluster's missing nodes (`nats server report jetstream` shows them and which streams "
+            "have no leader)")], told
+        assert (store.applied, store.ignored) == (8, 0)
+    finally:
+        running.cancel()
+        await ingest.stop()
+        await nc.close()
+
+
+async def _no_request_waits(js: Any, durable: str) -> bool:
+    return (await js.consumer_info("SIGNALS", durable)).num_waiting == 0
+
+
 async def test_a_bad_event_delivered_again_after_its_chunk_is_not_dead_lettered_again(nats_server, caplog) -> None:
     """JetStream delivers a message again once its acknowledgement is lost (a cluster's consumer leader lost) or
     ack_wait passes unacknowledged: folded again, it is recognised, but a bad one was published to the DLQ again
