@@ -1067,6 +1067,44 @@ async def test_a_pull_request_nothing_takes_tells_a_consumer_without_a_leader_or
         await nc.close()
 
 
+async def test_events_stored_while_the_consumer_is_made_again_count_in_the_lag(nats_server, monkeypatch) -> None:
+    """On a NATS cluster that lost a node, a stream gets a leader, and stores events, seconds before its consumer
+    does (1-2 s on a 3-node cluster here, the consumer re-created after its pull requests met no responders). The
+    lag was set only by a chunk folded or a consumer made, so /readyz and tipstream_stream_lag said 0 while those
+    events waited unread. Here the re-creation is held (its consumer not made until released) as a consumer's
+    election holds it, and the lag follows the stream meanwhile."""
+    def opened(i: int) -> tuple[str, dict[str, Any]]:
+        return "signals.app.opened", {"id": f"e{i}", "type": "app.opened", "user_id": "u1", "ts": "2026-11-26T08:00:00Z"}
+
+    nc, js, store, ingest = await making_streams_again(
+        nats_server, lambda js: jsx.publish_events(js, [opened(i) for i in range(1, 6)]))
+    elected, asked = asyncio.Event(), asyncio.Event()
+    reset_durable = jsx.reset_durable
+
+    async def once_elected(*args: Any, **kwargs: Any) -> tuple[int, int]:
+        asked.set()
+        await elected.wait()
+        return await reset_durable(*args, **kwargs)
+
+    monkeypatch.setattr(jsx, "reset_durable", once_elected)
+    gauge = METRICS.lag.labels("SIGNALS")
+    running = asyncio.create_task(ingest.run())
+    try:
+        await eventually(lambda: store.positions.get("SIGNALS", 0) == 5 and ingest.lag == 0)
+        ingest.request_reset()  # as a pull request that met no responders does (`_consumer_gone`), or a reconnect
+        await eventually(asked.is_set)
+        await jsx.publish_events(js, [opened(i) for i in range(6, 13)])
+        await eventually(lambda: ingest.lag == 7, timeout=10)
+        assert gauge._value.get() == 7 and store.positions["SIGNALS"] == 5
+        elected.set()
+        await eventually(lambda: store.positions.get("SIGNALS", 0) == 12 and ingest.lag == 0)
+        assert gauge._value.get() == 0 and (store.applied, store.ignored) == (12, 0)
+    finally:
+        running.cancel()
+        await ingest.stop()
+        await nc.close()
+
+
 async def _no_request_waits(js: Any, durable: str) -> bool:
     return (await js.consumer_info("SIGNALS", durable)).num_waiting == 0
 
