@@ -32,6 +32,8 @@ from collections import OrderedDict
 
 import orjson
 
+from app.start_errors import reading_learner_row
+
 MINUTE_MS = 60_000
 ROW_PREFIX = "credits:"
 Credits = tuple[dict[str, float], int | None]
@@ -125,8 +127,9 @@ class CreditLog:
                          if name.startswith(ROW_PREFIX))
         credits: dict[str, Credits] = {}
         for minute, data in minutes:
-            for decision_id, (rewards, rewarded_ms) in orjson.loads(data).items():
-                credits[decision_id] = (rewards, rewarded_ms)
+            with reading_learner_row(f"{ROW_PREFIX}{minute}"):  # a traceback named neither the row nor a fix
+                for decision_id, (rewards, rewarded_ms) in orjson.loads(data).items():
+                    credits[decision_id] = (rewards, rewarded_ms)
             self._rows[minute] = None
             self._newest = max(self._newest, minute + 1)
         return credits

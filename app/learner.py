@@ -63,6 +63,7 @@ from app.learning_metrics import FEEDBACK, JOIN_CACHE, JOIN_CACHE_BYTES, LEARN_D
 from app.lineup import Lineup
 from app.model_learning import ModelLearning
 from app.silence_learning import SilenceLearning
+from app.start_errors import reading_learner_row
 from app.waiting import WaitingFeedback
 from models.prior import PopularityPrior
 from streams.ack_subject import ack_fields, delivery, stored_ms
@@ -734,12 +735,18 @@ class Learner:
         re-read FEEDBACK and DECISIONS from, or None on a first start."""
         rows = saved_rows(engine)
         self.replaying = True  # until the DECISIONS tail says it has caught up (`caught_up`)
+        # A row cut short or overwritten stops the start with one message naming it and the fixes (each reading
+        # below in `reading_learner_row`): it was a ValueError, UnpicklingError or JSONDecodeError traceback.
         if "prior" in rows:
-            self.lineup.prior = PopularityPrior.from_bytes(bytes(rows["prior"]))
+            with reading_learner_row("prior"):
+                self.lineup.prior = PopularityPrior.from_bytes(bytes(rows["prior"]))
         if "learner" not in rows:
             self.rows_to_rebuild = True
             return None
-        state = orjson.loads(bytes(rows["learner"]))
+        with reading_learner_row("learner"):
+            return self._restore_learner(orjson.loads(bytes(rows["learner"])), rows)
+
+    def _restore_learner(self, state: dict[str, Any], rows: dict[str, Any]) -> dict[str, int]:
         # FEEDBACK is read again from the snapshot's position, stored up to its `feedback_ms`
         # (older snapshots: unknown, so the clock's time, as before).
         self._feedback_from_ms = state.get("feedback_ms", int(self.clock() * 1000))

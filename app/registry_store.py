@@ -18,6 +18,7 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.engine import Connection
 
 from app import db
+from app.start_errors import DAMAGED_DATABASE_FIXES
 from models.registry import ModelCard, Registry, RolloutEntry
 
 
@@ -86,8 +87,7 @@ class UnreadableModel(Exception):
     def __init__(self, version: str, cause: str) -> None:
         super().__init__(
             f"The saved model of version {version!r} cannot be read ({cause}): the database holds it damaged. "
-            "Restore the database from a backup (README, 'Backups and restores'), or rebuild it from the streams "
-            "(README, 'Rebuilding from the log'; registry changes are lost, make them again)")
+            f"{DAMAGED_DATABASE_FIXES}")
         self.version, self.cause = version, cause
 
 

@@ -19,6 +19,46 @@ class StartupError(RuntimeError):
     """A start that cannot go on: the message names what failed, the setting and the fix."""
 
 
+# What mends a database holding a row damaged (cut short, or overwritten by hand or by a disk fault) that the service
+# cannot do without; a sentence left open, for what to do after.
+DAMAGED_DATABASE_FIXES = (
+    "Restore the database from a backup (README, 'Backups and restores'), or rebuild it from the streams (README, "
+    "'Rebuilding from the log'; registry changes are lost, make them again)")
+
+# The learner's rows in `learner_state`, by name (a minute's credits: `credits:<minute>`), as a message names them.
+_LEARNER_ROWS = {"prior": "the popularity prior", "learner": "the learner's stream positions and waiting feedback",
+                 "credits:": "the credits given in one minute"}
+
+
+class UnreadableLearnerState(StartupError):
+    """A `learner_state` row that cannot be decoded, read at the start (`Learner.restore`): an UnpicklingError,
+    ValueError or orjson traceback named neither the row nor a fix. None has a stand-in that loses nothing (the
+    prior and the credits are what was learned from feedback the streams are no longer read from again; the
+    positions are where to read them from), so the start stops.
+
+    >>> str(UnreadableLearnerState("credits:29000000", "JSONDecodeError: unexpected end of data"))[:118]
+    "The learner_state row 'credits:29000000' (the credits given in one minute) cannot be read (JSONDecodeError: unexpected"
+    """
+
+    def __init__(self, name: str, cause: str) -> None:
+        what = next((held for row, held in _LEARNER_ROWS.items() if name.startswith(row)), "the learner's")
+        super().__init__(f"The learner_state row {name!r} ({what}) cannot be read ({cause}): the database holds it "
+                         f"damaged. {DAMAGED_DATABASE_FIXES}, then start tipstream again.")
+        self.name, self.cause = name, cause
+
+
+@contextmanager
+def reading_learner_row(name: str) -> Iterator[None]:
+    """What fails in the block, as the `learner_state` row `name` damaged (`UnreadableLearnerState`): whatever the
+    bytes decode to, cut short or overwritten they fail as pickle, numpy, JSON or a missing key do."""
+    try:
+        yield
+    except UnreadableLearnerState:
+        raise
+    except Exception as error:  # noqa: BLE001 - a dozen types, as above
+        raise UnreadableLearnerState(name, f"{type(error).__name__}: {error}") from None
+
+
 def shown_url(url: str) -> str:
     """`url` for a message or the log: without the password or token it may carry, as the
     database's is left out.

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from app.embedded_nats import nats_server_binary
@@ -581,3 +582,36 @@ def test_a_damaged_saved_model_of_a_version_not_retired_is_a_message_naming_the_
                        "the database holds it damaged", "(README, 'Backups and restores')",
                        "(README, 'Rebuilding from the log'; registry changes are lost",
                        "then start tipstream again", "v1 is not retired")
+
+
+@pytest.mark.parametrize("damaged", ["prior", "learner", "credits"])
+def test_a_damaged_learner_state_row_is_a_message_naming_the_row_and_the_fixes(tmp_path: Path, damaged: str) -> None:
+    """The start decodes the learner's rows (`learner_state`): the popularity prior, its positions and waiting
+    feedback, a minute's credits. One cut short (a disk fault, a hand's UPDATE) ended the start in a ValueError or
+    JSONDecodeError traceback naming neither the row nor a fix. Now it is one message saying which row and how to
+    mend it, as a damaged saved model's."""
+    import datetime
+    import sqlite3
+
+    from app.learner_checkpoint import state_bytes
+    from models.prior import PopularityPrior
+
+    data = tmp_path / "data"
+    first = ServiceProcess(data, env={"TIPSTREAM_PORT": "0"}).start_on_printed_port()
+    assert first.stop(), first.log()
+    minute = f"credits:{int(time.time() // 60)}"
+    rows = {"prior": PopularityPrior().to_bytes(), "learner": state_bytes((0, 0), [], 0, 0, False),
+            minute: orjson.dumps({"d-1": [{"t-1": 1.0}, 1]})}
+    name = minute if damaged == "credits" else damaged
+    rows[name] = rows[name][:-7]  # cut short
+    database = sqlite3.connect(data / "tipstream.db")
+    try:
+        with database:
+            database.executemany("INSERT INTO learner_state (name, state, updated_at) VALUES (?, ?, ?)",
+                                 [(row, state, datetime.datetime.now()) for row, state in rows.items()])
+    finally:
+        database.close()
+    done = run(tmp_path)
+    assert_one_message(done, f"The learner_state row '{name}' (", ") cannot be read (",
+                       "the database holds it damaged", "(README, 'Backups and restores')",
+                       "(README, 'Rebuilding from the log'; registry changes are lost", "then start tipstream again")
