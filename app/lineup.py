@@ -25,7 +25,7 @@ from app.db import one_line
 from app.decisions import decision_problem
 from app.embedded_nats import die_with_service
 from app.learning_metrics import CANDIDATE_CACHE, DIVERGED, REFUSED, SKIPPED
-from app.registry_store import RegistryStore, UnreadableModel, decoded_model
+from app.registry_store import RegistryStore, UnreadableModel, UnreadableRegistry, decoded_model
 from app.settings import POLICY_PARAMS
 from app.start_errors import StartupError
 from models.prior import PopularityPrior
@@ -97,7 +97,10 @@ class Lineup:
         """Load the registry and models (worker thread, before serving); on the very first start,
         register `v1` as champion (and `v2` as shadow when `shadow_kind` is set), both with
         `model_params` (`TipModel`'s; `Settings.model_params`)."""
-        registry, blobs = self.store.load()
+        try:
+            registry, blobs = self.store.load()
+        except UnreadableRegistry as error:  # a JSONDecodeError (or KeyError, ...) traceback named neither
+            raise StartupError(f"{error}, then start tipstream again.") from None
         self.first_start_unused = [] if registry.champion is None else _unused_first_start(
             registry, first_kind, shadow_kind, model_params)
         if registry.champion is None:

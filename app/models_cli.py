@@ -99,7 +99,7 @@ def _registry() -> Any:
 
     from app import migrate
     from app.db import make_engine
-    from app.registry_store import RegistryStore
+    from app.registry_store import RegistryStore, UnreadableRegistry
     from app.start_errors import shown_database_url
 
     settings = _settings()
@@ -120,6 +120,8 @@ def _registry() -> Any:
     engine = make_engine(url)
     try:
         return RegistryStore(engine).load()
+    except UnreadableRegistry as error:  # a JSONDecodeError (or KeyError, ...) traceback named neither
+        raise SystemExit(f"{error}.") from None
     except DBAPIError:
         if revision == migrate.revisions()[-1]:
             raise

@@ -9,12 +9,13 @@ participant (`write_models`), in the checkpoint's transaction.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, Text, cast, select, update
 from sqlalchemy.engine import Connection
 
 from app import db
@@ -101,12 +102,57 @@ def decoded_model(version: str, blob: bytes) -> Any:
         raise UnreadableModel(version, f"{type(error).__name__}: {error}") from None
 
 
+class UnreadableRegistry(Exception):
+    """A registry row (a version's params, feature names or card in `model_versions`, a rollout's `cards` in
+    `model_rollouts`) that cannot be decoded: cut short, or overwritten by hand or by a disk fault. Its message names
+    the row and the fix, a sentence left open for what to do after."""
+
+    def __init__(self, where: str, cause: str) -> None:
+        super().__init__(f"The registry cannot be read: {where} ({cause}), the database holds it damaged. "
+                         f"{DAMAGED_DATABASE_FIXES}")
+        self.where, self.cause = where, cause
+
+
+def _damaged_cell(conn: Connection) -> tuple[str, str] | None:
+    """The first registry cell whose JSON does not decode, as (which, why); None if each does (then what failed
+    is the shape of one). Read as text, cell by cell: decoded as the rows are fetched, the error names none."""
+    versions, rollouts = db.model_versions.c, db.model_rollouts.c
+    columns = (versions.params, versions.feature_names, versions.card)
+    for version, *cells in conn.execute(select(versions.version, *(cast(column, Text) for column in columns))):
+        for column, text in zip(columns, cells, strict=True):
+            if (why := _undecodable(text)) is not None:
+                return f"the {column.name} of version {version!r} (model_versions.{column.name})", why
+    for seq, action, version, text in conn.execute(
+            select(rollouts.seq, rollouts.action, rollouts.version, cast(rollouts.cards, Text))):
+        if (why := _undecodable(text)) is not None:
+            return f"the rollout history's entry {seq} ({action} {version}; model_rollouts.cards)", why
+    return None
+
+
+def _undecodable(text: str | None) -> str | None:
+    try:
+        json.loads(text) if text is not None else None
+    except ValueError as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
 class RegistryStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def load(self) -> tuple[Registry, dict[str, tuple[bytes | None, int]]]:
-        """The registry, and each version's latest model bytes (None: never saved) with its learn count."""
+        """The registry, and each version's latest model bytes (None: never saved) with its learn count;
+        UnreadableRegistry when a row of it cannot be decoded (a JSONDecodeError, or a KeyError, traceback named
+        neither the row nor a fix)."""
+        try:
+            return self._load()
+        except (ValueError, KeyError, TypeError, AttributeError) as error:  # the database's own errors are not these
+            cause = f"{type(error).__name__}: {error}"
+            with self.engine.connect() as conn:
+                raise UnreadableRegistry(*(_damaged_cell(conn) or ("the registry's rows", cause))) from None
+
+    def _load(self) -> tuple[Registry, dict[str, tuple[bytes | None, int]]]:
         with self.engine.connect() as conn:
             rows = conn.execute(select(db.model_versions).order_by(db.model_versions.c.created_at)).all()
             entries = conn.execute(select(db.model_rollouts).order_by(db.model_rollouts.c.seq)).all()

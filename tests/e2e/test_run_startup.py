@@ -3,11 +3,14 @@ wait for NATS that a signal ends, and each failure they can fix told as one mess
 
 from __future__ import annotations
 
+import datetime
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -559,24 +562,31 @@ def test_a_port_taken_after_the_start_bound_it_is_the_same_message_and_the_servi
     assert not (tmp_path / "data" / "nats.url").exists(), "the embedded nats-server was not stopped"
 
 
-def test_a_damaged_saved_model_of_a_version_not_retired_is_a_message_naming_the_version_and_the_fixes(
-        tmp_path: Path) -> None:
-    """The start decodes the saved model of every version not retired (`model_versions.model`): one cut short (a
-    disk fault, a hand's UPDATE) ended the start in an UnpicklingError traceback, naming neither the version nor
-    a fix. Now it is one message saying which version's model and how to mend it, as `tipstream users export`
-    says it."""
-    import sqlite3
-
+def damaged_after_a_first_start(tmp_path: Path, damage: Callable[[sqlite3.Connection], None]) -> None:
+    """A first start and a clean stop, then the database damaged by `damage` (one transaction), as a disk fault or
+    a hand's UPDATE would."""
     data = tmp_path / "data"
     first = ServiceProcess(data, env={"TIPSTREAM_PORT": "0"}).start_on_printed_port()
     assert first.stop(), first.log()
     database = sqlite3.connect(data / "tipstream.db")
     try:
         with database:
-            blob = database.execute("SELECT model FROM model_versions WHERE version = 'v1'").fetchone()[0]
-            database.execute("UPDATE model_versions SET model = ? WHERE version = 'v1'", (blob[:-40],))
+            damage(database)
     finally:
         database.close()
+
+
+def test_a_damaged_saved_model_of_a_version_not_retired_is_a_message_naming_the_version_and_the_fixes(
+        tmp_path: Path) -> None:
+    """The start decodes the saved model of every version not retired (`model_versions.model`): one cut short (a
+    disk fault, a hand's UPDATE) ended the start in an UnpicklingError traceback, naming neither the version nor
+    a fix. Now it is one message saying which version's model and how to mend it, as `tipstream users export`
+    says it."""
+    def damage(database: sqlite3.Connection) -> None:
+        blob = database.execute("SELECT model FROM model_versions WHERE version = 'v1'").fetchone()[0]
+        database.execute("UPDATE model_versions SET model = ? WHERE version = 'v1'", (blob[:-40],))
+
+    damaged_after_a_first_start(tmp_path, damage)
     done = run(tmp_path)
     assert_one_message(done, "The saved model of version 'v1' cannot be read (UnpicklingError: ",
                        "the database holds it damaged", "(README, 'Backups and restores')",
@@ -590,28 +600,42 @@ def test_a_damaged_learner_state_row_is_a_message_naming_the_row_and_the_fixes(t
     feedback, a minute's credits. One cut short (a disk fault, a hand's UPDATE) ended the start in a ValueError or
     JSONDecodeError traceback naming neither the row nor a fix. Now it is one message saying which row and how to
     mend it, as a damaged saved model's."""
-    import datetime
-    import sqlite3
-
     from app.learner_checkpoint import state_bytes
     from models.prior import PopularityPrior
 
-    data = tmp_path / "data"
-    first = ServiceProcess(data, env={"TIPSTREAM_PORT": "0"}).start_on_printed_port()
-    assert first.stop(), first.log()
     minute = f"credits:{int(time.time() // 60)}"
     rows = {"prior": PopularityPrior().to_bytes(), "learner": state_bytes((0, 0), [], 0, 0, False),
             minute: orjson.dumps({"d-1": [{"t-1": 1.0}, 1]})}
     name = minute if damaged == "credits" else damaged
     rows[name] = rows[name][:-7]  # cut short
-    database = sqlite3.connect(data / "tipstream.db")
-    try:
-        with database:
-            database.executemany("INSERT INTO learner_state (name, state, updated_at) VALUES (?, ?, ?)",
-                                 [(row, state, datetime.datetime.now()) for row, state in rows.items()])
-    finally:
-        database.close()
+    damaged_after_a_first_start(tmp_path, lambda database: database.executemany(
+        "INSERT INTO learner_state (name, state, updated_at) VALUES (?, ?, ?)",
+        [(row, state, datetime.datetime.now()) for row, state in rows.items()]))
     done = run(tmp_path)
     assert_one_message(done, f"The learner_state row '{name}' (", ") cannot be read (",
                        "the database holds it damaged", "(README, 'Backups and restores')",
                        "(README, 'Rebuilding from the log'; registry changes are lost", "then start tipstream again")
+
+
+@pytest.mark.parametrize(("damage", "named"), [
+    ("UPDATE model_versions SET card = substr(card, 1, 20) WHERE version = 'v1'",
+     "the card of version 'v1' (model_versions.card) (JSONDecodeError: "),
+    ("UPDATE model_rollouts SET cards = substr(cards, 1, 3) WHERE action = 'promote'",
+     "the rollout history's entry 2 (promote v1; model_rollouts.cards) (JSONDecodeError: "),
+], ids=["card", "rollout"])
+def test_a_damaged_registry_row_is_a_message_naming_the_row_and_the_fixes(
+        tmp_path: Path, damage: str, named: str) -> None:
+    """The start reads the registry's JSON (each version's params, feature names and card; each rollout's cards).
+    One cut short ended the start, and `tipstream models list`, in a JSONDecodeError traceback naming neither the
+    row nor a fix. Now each is one message saying which row and how to mend it, as a damaged saved model's."""
+    def damaged_row(database: sqlite3.Connection) -> None:
+        assert database.execute(damage).rowcount == 1
+
+    damaged_after_a_first_start(tmp_path, damaged_row)
+    parts = (f"The registry cannot be read: {named}", "the database holds it damaged",
+             "(README, 'Backups and restores')", "(README, 'Rebuilding from the log'; registry changes are lost")
+    assert_one_message(run(tmp_path), *parts, "then start tipstream again")
+    listed = subprocess.run([TIPSTREAM, "models", "list"], capture_output=True, text=True, timeout=60,
+                            env=environment(tmp_path))
+    assert listed.returncode == 1 and "Traceback" not in listed.stderr, listed.stderr[-3000:]
+    assert all(part in listed.stderr for part in parts), listed.stderr
