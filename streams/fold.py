@@ -65,6 +65,15 @@ SIZES = tuple(RECORDS[kind].size for kind in KINDS)
 DTYPES = {kind: np.dtype([("ts", "<u4"), ("fp", "<u2")] + [(name, "<" + code.replace("I", "u4").replace("B", "u1"))
                                                              for name, code in fields])
           for kind, fields in KINDS.items()}
+# Fields that render the event's time rather than name the event: the same event sent again with its
+# `ts` written in another UTC offset (a device that moved zones since, re-rendering on a retry) keeps
+# another local hour, and was a second record, counted twice (tasks_completed_7d, completion_rate_7d).
+# Such a field is its record's last, so the bytes before it (`KEY_SIZES`) name the event: a log holds
+# one record of each, the one with the largest rendering (see `_insert`).
+RENDERED = {"task.completed": "local_hour"}
+assert all(KINDS[kind][-1][0] == name for kind, name in RENDERED.items())
+KEY_SIZES = tuple(RECORDS[kind].size - (struct.calcsize(KINDS[kind][-1][1]) if kind in RENDERED else 0)
+                  for kind in KINDS)
 _TS = struct.Struct("<I")
 _unpack_ts = _TS.unpack_from
 _HEADER = struct.Struct("<4sqiq")  # magic, newest_ms, offset_s, base_ms
@@ -109,9 +118,10 @@ class UserState:
         self.newest_ms = -(2**62)
         self.offset_s = 0  # UTC offset of the newest event: the user's current zone
         self.base_ms = 0  # what the logs' times count from (see _base_for)
-        # Records the cap dropped from this object (not saved: no part of the state). A fold at the cap
-        # keeps the newest time, zone and the logs' total length, which are otherwise what tells a
-        # reader (/score's snapshot cache) that the state changed.
+        # Records the cap dropped from this object, or replaced by a copy of the same event rendered in
+        # another zone (not saved: no part of the state). Such a fold keeps the newest time, zone and the
+        # logs' total length, which are otherwise what tells a reader (/score's snapshot cache) that the
+        # state changed.
         self.dropped = 0
 
     @property
@@ -179,8 +189,11 @@ class UserState:
             pos += 4
             if length % size or pos + length > len(blob):
                 raise damaged
+            log = blob[pos : pos + length]
+            if KEY_SIZES[i] != size and length > size:
+                log = _one_copy_each(log, i)
             # Read for every user at a start: the cap's slice only past it.
-            logs[i] = blob[pos : pos + length] if length <= cap * size else _capped(blob[pos : pos + length], size)
+            logs[i] = log if len(log) <= cap * size else _capped(log, size)
             pos += length
         if pos != len(blob):
             raise damaged
@@ -220,7 +233,8 @@ def _v1_state(blob: bytes) -> UserState:
         record = RECORDS[kind]
         rows = {record.pack(ts - state.base_ms, fp & 0xFFFF, *(col[n] for col in kept))
                 for n, (ts, fp) in enumerate(zip(stamps, fps)) if ts >= state.cutoff_ms}
-        state.logs[i] = _capped(b"".join(sorted(rows, key=lambda r: (_unpack_ts(r)[0], r))), record.size)
+        state.logs[i] = _capped(_one_copy_each(b"".join(sorted(rows, key=lambda r: (_unpack_ts(r)[0], r))), i),
+                                record.size)
     if pos != len(blob):
         raise struct.error("bytes past the last column")
     return state
@@ -232,6 +246,21 @@ def _capped(log: bytes, size: int) -> bytes:
     # at once while its apply said it changed nothing.
     excess = len(log) - MAX_RECORDS_PER_KIND * size
     return log[excess:] if excess > 0 else log
+
+
+def _one_copy_each(log: bytes, i: int) -> bytes:
+    """Kind `i`'s log with one record of each event: a checkpoint written before `RENDERED` may hold a
+    completion twice, in two local hours. The larger is kept, as the fold keeps it; kept both, the state
+    differed from the one its events fold to, and the completion counted twice until it expired."""
+    size, key = SIZES[i], KEY_SIZES[i]
+    if key == size:
+        return log
+    stamps = np.frombuffer(log, dtype=DTYPES[KIND_NAMES[i]])["ts"]
+    if not (stamps[1:] == stamps[:-1]).any():  # read for every user at a start: the common case is one numpy pass
+        return log
+    records = [log[at : at + size] for at in range(0, len(log), size)]
+    # Copies of one event are adjacent, the larger local hour last: keep each record not followed by a copy.
+    return b"".join(r for r, after in zip(records, [*records[1:], b""]) if r[:key] != after[:key])
 
 
 def _due_s(due: datetime | None) -> int:
@@ -254,8 +283,10 @@ PAYLOAD: dict[str, Callable[[Any], tuple[int, ...]]] = {
 }
 
 
-# Per kind, what the fold needs of it in one lookup: log index, record packer, record size, payload.
-_PLAN = {kind: (KIND_INDEX[kind], RECORDS[kind].pack, RECORDS[kind].size, PAYLOAD[kind]) for kind in KINDS}
+# Per kind, what the fold needs of it in one lookup: log index, record packer, record size, payload, and
+# how many of the record's bytes name the event (KEY_SIZES).
+_PLAN = {kind: (KIND_INDEX[kind], RECORDS[kind].pack, RECORDS[kind].size, PAYLOAD[kind], KEY_SIZES[KIND_INDEX[kind]])
+         for kind in KINDS}
 
 
 class FutureEvent(ValueError):
@@ -273,7 +304,9 @@ def apply(state: UserState, event: Any, max_ts_ms: int | None = None) -> bool:
     2. A newer event on a later day moves the horizon: prune what fell out of every window
        (and every REBASE_DAYS, count times from a new base).
     3. Insert its record into its kind's log in (time, record) order; the same record
-       already there is a duplicate (whose zone still counts at the newest instant).
+       already there is a duplicate (whose zone still counts at the newest instant). A
+       completion's copy differing only in local hour (the same event re-sent with its time in
+       another zone) is one too: the larger local hour is kept (see `_insert`).
     4. Past MAX_RECORDS_PER_KIND, drop the kind's oldest record (if that is this one, it
        changed nothing).
     5. Advance the newest time and zone.
@@ -287,7 +320,7 @@ def apply(state: UserState, event: Any, max_ts_ms: int | None = None) -> bool:
     newest = state.newest_ms
     if ts_ms < (newest // DAY_MS - HORIZON_DAYS) * DAY_MS:
         return False
-    i, pack, size, payload = _PLAN[event.type]
+    i, pack, size, payload, key = _PLAN[event.type]
     if ts_ms // DAY_MS > newest // DAY_MS:
         # Before the insert, so every kept time stays within 32 bits of base_ms. The event
         # itself is the newest, so neither the prune nor the dedup concerns it.
@@ -306,7 +339,7 @@ def apply(state: UserState, event: Any, max_ts_ms: int | None = None) -> bool:
             except BufferError:  # a numpy view of it is alive (none should be): copy, as for short logs
                 log = state.logs[i] = log + record
     else:
-        merged = _insert(log, record, size)
+        merged = _insert(log, record, size, key)
         if merged is None:
             # Already there, maybe sent again with its time in another zone (a device that moved since):
             # at the newest instant its zone counts as it would have, had it come first.
@@ -314,6 +347,8 @@ def apply(state: UserState, event: Any, max_ts_ms: int | None = None) -> bool:
                 state.offset_s = offset_s
                 return True
             return False
+        if len(merged) == len(log):  # a copy of the event in a smaller local hour replaced (see _insert)
+            state.dropped += 1
         log = state.logs[i] = merged
     if len(log) > MAX_RECORDS_PER_KIND * size:  # by one record: from_bytes caps what a checkpoint holds
         oldest = bytes(log[:size])
@@ -367,8 +402,15 @@ def _without_oldest(log: bytes | bytearray, length: int) -> bytes | bytearray:
 APPEND_IN_PLACE_BYTES = 64 * 1024
 
 
-def _insert(log: bytes, record: bytes, size: int) -> bytes | None:
-    """`log` with `record` in (time, record bytes) order, or None when it is already there."""
+def _insert(log: bytes, record: bytes, size: int, key: int) -> bytes | None:
+    """`log` with `record` in (time, record bytes) order, or None when it is already there.
+
+    A record whose first `key` bytes (all but a `RENDERED` field) equal another's is the same event
+    rendered in another zone: of the two, the one with the larger last byte (local hour) is kept, in place
+    of the other, whatever order they came in. A rule the records alone decide (they keep no offset),
+    as a checkpoint and the cap need. At one instant the larger offset has the larger local hour, except
+    across local midnight (23:00-01:00 and 00:00+00:00), where the zone's rule takes the other copy.
+    """
     ts = _unpack_ts(record)[0]
     lo = _first_at_or_after(log, ts, size)
     # Records of one time are in byte order: a binary search among them, not a walk (a publisher
@@ -381,7 +423,12 @@ def _insert(log: bytes, record: bytes, size: int) -> bytes | None:
         else:
             hi = mid
     at = lo * size
-    if log[at : at + size] == record:
+    if key != size:  # copies of one event are adjacent, in the order of their last byte
+        if log[at : at + key] == record[:key]:  # the record, or a copy of it with a larger local hour
+            return None
+        if at and log[at - size : at - size + key] == record[:key]:  # a copy with a smaller local hour: replaced
+            return log[: at - size] + record + log[at:]
+    elif log[at : at + size] == record:
         return None
     return log[:at] + record + log[at:]
 

@@ -30,7 +30,7 @@ REACTIONS = ["acted", "liked", "snoozed", "dismissed", "disliked"]
 @st.composite
 def raw_event(draw: Any, index: int) -> dict[str, Any]:
     kind = draw(st.sampled_from(KINDS))
-    offset = timedelta(minutes=draw(st.sampled_from([-480, 0, 60, 330])))
+    offset = timedelta(minutes=draw(st.sampled_from(ZONES_MIN)))
     moment = (BASE + timedelta(minutes=draw(st.integers(0, 45 * 24 * 60)), milliseconds=draw(st.integers(0, 999))))
     task = f"t-{draw(st.integers(0, 12))}"
     data: dict[str, Any] = {
@@ -46,11 +46,26 @@ def raw_event(draw: Any, index: int) -> dict[str, Any]:
             "data": data}
 
 
+ZONES_MIN = [-480, 0, 60, 330]
+
+
+def in_zone(ts: str, minutes: int) -> str:
+    """`ts` (ISO 8601) as the same instant written in UTC offset `minutes`."""
+    return datetime.fromisoformat(ts).astimezone(timezone(timedelta(minutes=minutes))).isoformat()
+
+
+def sent_again(draw: Any, events: list[dict[str, Any]], max_size: int) -> list[dict[str, Any]]:
+    """Some of `events` redelivered: as they were, or with their time written in another zone (a device that
+    moved since, re-rendering on a retry: for task.completed another local hour, the same event)."""
+    again = draw(st.lists(st.tuples(st.sampled_from(events), st.sampled_from([None, *ZONES_MIN])), max_size=max_size))
+    return [e if minutes is None else {**e, "ts": in_zone(e["ts"], minutes)} for e, minutes in again]
+
+
 @st.composite
 def raw_log(draw: Any) -> list[dict[str, Any]]:
     size = draw(st.integers(1, 60))
     events = [draw(raw_event(i)) for i in range(size)]
-    return events + draw(st.lists(st.sampled_from(events), max_size=10))  # and some redelivered
+    return events + sent_again(draw, events, 10)
 
 
 @st.composite
@@ -191,7 +206,8 @@ def reference_features(raw: list[dict[str, Any]], now: datetime, *, kept_from: d
     A feature whose window reaches before `kept_from` is not known: it is its declared fallback.
     """
     seen, events = set(), []
-    for event in raw:
+    # Of copies of one event in several zones, the fold keeps the largest local hour (`fold._insert`).
+    for event in sorted(raw, key=lambda e: -datetime.fromisoformat(e["ts"]).hour):
         at = datetime.fromisoformat(event["ts"])
         if event["id"] not in seen and kept_from <= at <= now:
             seen.add(event["id"])
@@ -481,16 +497,14 @@ def crowded_log(draw: Any) -> list[Any]:
     raw = []
     for i in range(draw(st.integers(1, 10))):
         moment = draw(st.sampled_from(instants))
-        offset = timedelta(minutes=draw(st.sampled_from([-480, 0, 60, 330])))
-        kind = draw(st.sampled_from(["app.opened", "app.opened", "tip.reacted"]))
-        data = {"app.opened": {}, "tip.reacted": {"tip_id": "tip-0", "reaction": draw(st.sampled_from(REACTIONS))}}[kind]
+        offset = timedelta(minutes=draw(st.sampled_from(ZONES_MIN)))
+        kind = draw(st.sampled_from(["app.opened", "app.opened", "tip.reacted", "task.completed"]))
+        data = {"app.opened": {}, "tip.reacted": {"tip_id": "tip-0", "reaction": draw(st.sampled_from(REACTIONS))},
+                "task.completed": {"task_id": f"t-{draw(st.integers(0, 1))}"}}[kind]
         raw.append({"id": f"e-{i}", "type": kind, "user_id": "u", "ts": moment.astimezone(timezone(offset)).isoformat(),
                     "data": data})
-    # Sent again: as it was, or with its time written in another zone (the same instant, so the same record).
-    again = [{**e, "ts": datetime.fromisoformat(e["ts"]).astimezone(timezone(timedelta(minutes=minutes))).isoformat()}
-             for e, minutes in draw(st.lists(st.tuples(st.sampled_from(raw), st.sampled_from([-480, 0, 60, 330])),
-                                             max_size=4))]
-    return [parse_event(orjson.dumps(e)) for e in raw + again]
+    # Sent again: as it was, or with its time written in another zone (the same instant, so the same event).
+    return [parse_event(orjson.dumps(e)) for e in raw + sent_again(draw, raw, 4)]
 
 
 @settings(max_examples=150, deadline=None)
@@ -534,6 +548,58 @@ def test_an_event_sent_again_in_another_zone_counts_its_zone_in_either_order() -
     assert one == other and one.offset_s == 7200 and one.count("app.opened") == 1
 
 
+def _completed(event_id: str, ts: str, task: str = "t") -> Any:
+    return parse_event(orjson.dumps({"id": event_id, "type": "task.completed", "user_id": "u", "ts": ts,
+                                     "data": {"task_id": task}}))
+
+
+def test_a_completion_sent_again_in_another_zone_counts_once_in_either_order() -> None:
+    # The record keeps the completion's local hour (preferred_hour): the same event re-sent with its time
+    # written in another zone was a second record, and counted twice (tasks_completed_7d 2, the rate moved).
+    created = parse_event(orjson.dumps({"id": "c", "type": "task.created", "user_id": "u",
+                                        "ts": "2026-11-25T09:00:00+01:00", "data": {"task_id": "t"}}))
+    first, again = _completed("e", "2026-11-26T08:00:00+01:00"), _completed("e", "2026-11-26T07:00:00+00:00")
+    later = _completed("f", "2026-11-26T10:00:00+01:00", task="u")
+    # In order, the second copy at the log's last time (the append's edge), and with a later one between.
+    orders = [[created, first, again], [created, again, first], [again, created, later, first],
+              [created, first, later, again]]
+    states = [fold_all(events) for events in orders]
+    for state in states[:2]:
+        assert state == states[0] and state.count("task.completed") == 1
+        assert state.records("task.completed")["local_hour"].tolist() == [8]  # the larger local hour
+        values = evaluate(state, state.newest_ms + 1)
+        assert values["tasks_completed_7d"].value == 1 and values["completion_rate_7d"].value == 2 / 3
+        assert values["preferred_hour"].value == 8 and state.offset_s == 3600
+    assert states[2] == states[3] and states[2].count("task.completed") == 2
+    one = fold_all([created, first])
+    assert not apply(one, again) and one == states[0], "the smaller local hour changes nothing"
+    other = fold_all([created, again])
+    assert apply(other, first) and other.dropped == 1, "the larger one replaces it, and says so"
+    assert other == states[0] and not apply(other, again) and not apply(other, first)
+
+
+def test_a_checkpoint_holding_a_completion_in_two_local_hours_restores_to_one() -> None:
+    """Written before a completion's copies were one event, by either layout: the state restored is the one
+    the events fold to now (one record, the larger local hour), and each event again changes nothing."""
+    copies = [_completed("e", "2026-11-26T08:00:00+01:00"), _completed("e", "2026-11-26T07:00:00+00:00"),
+              _completed("e", "2026-11-26T15:30:00+08:30")]
+    events = [_completed("d", "2026-11-25T08:00:00+01:00"), *copies, _completed("f", "2026-11-27T08:00:00+01:00")]
+    folded = fold_all(events)
+    assert folded.count("task.completed") == 3
+    before = UserState.from_bytes(folded.to_bytes())
+    i, record = fold.KIND_INDEX["task.completed"], fold.RECORDS["task.completed"]
+    rows = sorted(record.pack(to_ms(e.ts) - before.base_ms, fingerprint(e.id) & 0xFFFF, fingerprint("t"), e.ts.hour)
+                  for e in events)
+    before.logs[i] = b"".join(sorted(rows, key=lambda r: (record.unpack(r)[0], r)))
+    assert before.count("task.completed") == 5
+    for blob in (before.to_bytes(), _v1_blob(events)):
+        restored = UserState.from_bytes(blob)
+        assert restored == folded and restored.records("task.completed")["local_hour"].tolist() == [8, 15, 8]
+        assert not any(apply(restored, event) for event in events) and restored == folded
+    with mock.patch.object(fold, "MAX_RECORDS_PER_KIND", 2):  # merged before the cap counts
+        assert UserState.from_bytes(before.to_bytes()) == fold_all(events)
+
+
 def test_a_dropped_event_s_zone_counts_at_the_newest_instant() -> None:
     def opened(i: int, ts: str) -> Any:
         return parse_event(orjson.dumps({"id": f"e{i}", "type": "app.opened", "user_id": "u", "ts": ts}))
@@ -573,15 +639,14 @@ def horizon_crossing_log(draw: Any) -> list[Any]:
     raw = []
     for i in range(draw(st.integers(1, 20))):
         moment, kind, task = draw(st.sampled_from(instants)), draw(st.sampled_from(KINDS)), f"t-{draw(st.integers(0, 2))}"
-        offset = timezone(timedelta(minutes=draw(st.sampled_from([-480, 0, 60, 330]))))
+        offset = timezone(timedelta(minutes=draw(st.sampled_from(ZONES_MIN))))
         data = {"task.created": {"task_id": task, "due": (moment + timedelta(hours=3)).isoformat()},
                 "task.completed": {"task_id": task}, "task.deleted": {"task_id": task},
                 "task.rescheduled": {"task_id": task, "due": moment.isoformat()}, "app.opened": {},
                 "tip.shown": {"tip_id": "tip-0"}, "tip.reacted": {"tip_id": "tip-0", "reaction": "liked"}}[kind]
         raw.append({"id": f"e-{i}", "type": kind, "user_id": "u", "ts": moment.astimezone(offset).isoformat(),
                     "data": data})
-    events = [parse_event(orjson.dumps(e)) for e in raw]
-    return events + draw(st.lists(st.sampled_from(events), max_size=5))
+    return [parse_event(orjson.dumps(e)) for e in raw + sent_again(draw, raw, 5)]
 
 
 @settings(max_examples=80, deadline=None)

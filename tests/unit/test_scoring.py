@@ -782,6 +782,23 @@ def test_a_cached_snapshot_is_not_reused_after_a_fold_at_the_event_cap(lineup: L
     assert fallbacks == {name for name, v in fresh.items() if v.fallback}
 
 
+def test_a_cached_snapshot_is_not_reused_after_a_completion_s_copy_in_a_larger_local_hour(lineup: Lineup) -> None:
+    """The same completion sent again with its time written in another zone replaces the copy in the smaller
+    local hour: the logs' total length, the newest time and the zone all stay, and preferred_hour moves."""
+    from streams.features import evaluate
+    from streams.fold import to_ms
+
+    store = OnlineStore()
+    store.apply(_event(0, "task.completed", "2026-11-20T07:00:00+00:00", task_id="t"))
+    store.apply(_event(1, "task.completed", "2026-11-26T09:30:00+01:00", task_id="u"))  # a tie: the earlier
+    scorer = Scorer(store, lineup, make_policy("greedy"), random.Random(0), feature_cache_users=10)
+    state, now_ms = store.users["u-1"], to_ms(datetime.fromisoformat("2026-11-26T15:00:00+01:00"))
+    assert scorer._profile("u-1", state, now_ms)[0]["preferred_hour"] == 7
+    assert store.apply(_event(0, "task.completed", "2026-11-20T09:00:00+02:00", task_id="t"))  # hour 9 now
+    values, _, _ = scorer._profile("u-1", state, now_ms)
+    assert values == {name: v.value for name, v in evaluate(state, now_ms).items()} and values["preferred_hour"] == 9
+
+
 async def test_the_spool_reserve_not_held_at_a_start_is_taken_once_the_disk_has_room(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Given up at a stop on a full disk (or not made at a start on one), the reserve stayed away until the next
