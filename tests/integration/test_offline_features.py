@@ -115,6 +115,15 @@ async def test_users_held_in_the_checkpoint_only_get_their_rows_from_it(
         engine.dispose()
 
 
+def _writer_with_u2_in_the_checkpoint_only(store: OnlineStore, engine: Any) -> OfflineFeatureWriter:
+    """A writer owing every user a row, u-2 let go of while idle (held in the checkpoint only)."""
+    del store.users["u-2"]
+    store.dormant.add("u-2")
+    writer = OfflineFeatureWriter(store, engine, every_s=60)
+    writer.saved(list(USERS))
+    return writer
+
+
 async def test_a_damaged_row_read_by_a_pass_stops_the_service_naming_the_user(database_url: str) -> None:
     """A dormant user's `user_state` row that cannot be decoded: read by an event, a request or the warm-up, it
     stops the service with a message naming the user and the fixes (`UnreadableState`). Read by a pass, it was a
@@ -129,10 +138,7 @@ async def test_a_damaged_row_read_by_a_pass_stops_the_service_naming_the_user(da
     store.fetch_cold = SqlCheckpointStore(engine).fetch
     told: list[UnreadableState] = []
     store.on_unreadable = told.append  # the service's stop (`Service._fail`)
-    del store.users["u-2"]
-    store.dormant.add("u-2")
-    writer = OfflineFeatureWriter(store, engine, every_s=60)
-    writer.saved(list(USERS))
+    writer = _writer_with_u2_in_the_checkpoint_only(store, engine)
     try:
         assert await writer.write_pass() == 2
         assert [error.user_id for error in told] == ["u-2"]
@@ -151,10 +157,7 @@ async def test_users_held_in_the_checkpoint_only_stay_pending_when_it_cannot_be_
         raise sa.exc.OperationalError("select", {}, Exception("the database is away"))
 
     store.fetch_cold = away
-    del store.users["u-2"]
-    store.dormant.add("u-2")
-    writer = OfflineFeatureWriter(store, engine, every_s=60)
-    writer.saved(list(USERS))
+    writer = _writer_with_u2_in_the_checkpoint_only(store, engine)
     try:
         assert await writer.write_pass() == 2
         assert writer.pending == {"u-2"}, "kept for the next pass"

@@ -583,6 +583,18 @@ def read_live(live: World, log: list[tuple[float, str, Any]]) -> None:
             live.sink(item, _ack(stored_s, seq))
 
 
+def _learned_as_live(rebuilt: World, live: World) -> None:
+    """The rebuild's tip_scores rewards and model bytes are live's; both worlds' engines are let go."""
+    try:
+        assert ({d: r["rewards"] for d, r in rebuilt.log.dirty.items()}
+                == {d: r["rewards"] for d, r in live.log.dirty.items()})
+        for version in ("v1", "v2"):
+            assert rebuilt.lineup.models[version].to_bytes() == live.lineup.models[version].to_bytes()
+    finally:
+        live.engine.dispose()
+        rebuilt.engine.dispose()
+
+
 def test_a_replay_learns_feedback_that_came_before_another_publisher_s_decision_as_live(tmp_path: Path) -> None:
     """Another publisher's decision can reach DECISIONS after feedback naming it: live, the feedback
     waits and is learned when the decision comes, after the rewards stored in between; or, once it
@@ -622,11 +634,7 @@ def test_a_replay_learns_feedback_that_came_before_another_publisher_s_decision_
     # The reaction whose decision came too late is given up as it is read: it does not wait again.
     assert delta(before) == {"waiting": 1, "credited": 4, "unknown_decision": 1}
 
-    for version in ("v1", "v2"):
-        assert rebuilt.lineup.models[version].to_bytes() == live.lineup.models[version].to_bytes()
-    assert {d: r["rewards"] for d, r in rebuilt.log.dirty.items()} == {d: r["rewards"] for d, r in live.log.dirty.items()}
-    live.engine.dispose()
-    rebuilt.engine.dispose()
+    _learned_as_live(rebuilt, live)
 
 
 def test_another_publisher_s_decision_is_held_a_window_from_when_it_was_stored_not_from_each_start(
@@ -840,11 +848,7 @@ def test_a_replay_credits_deferred_feedback_whose_decision_the_memory_budget_let
     rebuilt.learner.snapshot()
     assert delta(before) == {"waiting": 1, "credited": credited}
     assert len(rebuilt.learner.waiting) == 0 and not rebuilt.learner._due
-    assert {d: r["rewards"] for d, r in rebuilt.log.dirty.items()} == {d: r["rewards"] for d, r in live.log.dirty.items()}
-    for version in ("v1", "v2"):
-        assert rebuilt.lineup.models[version].to_bytes() == live.lineup.models[version].to_bytes()
-    live.engine.dispose()
-    rebuilt.engine.dispose()
+    _learned_as_live(rebuilt, live)
 
 
 def test_a_replay_credits_deferred_feedback_whose_decision_is_larger_than_the_join_cache(tmp_path: Path) -> None:
@@ -874,11 +878,7 @@ def test_a_replay_credits_deferred_feedback_whose_decision_is_larger_than_the_jo
     rebuilt.learner.feedback_read.advance(int((t0 + 1) * 1000), caught_up=True)
     rebuilt.learner.snapshot()
     assert delta(before) == {"waiting": 1, "credited": 1}
-    assert {d: r["rewards"] for d, r in rebuilt.log.dirty.items()} == {d: r["rewards"] for d, r in live.log.dirty.items()}
-    for version in ("v1", "v2"):
-        assert rebuilt.lineup.models[version].to_bytes() == live.lineup.models[version].to_bytes()
-    live.engine.dispose()
-    rebuilt.engine.dispose()
+    _learned_as_live(rebuilt, live)
 
 
 def test_feedback_waiting_while_feedback_is_read_back_waits_in_feedback_s_time(tmp_path: Path) -> None:
