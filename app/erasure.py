@@ -28,6 +28,9 @@ Each request is a row of `erasures`, its `status` moving on as each step is done
    once (`UnreadableModel`): the request stays `dropped` until a start after the fix (a restore, a rebuild).
 5. `done`, with a report of what went where.
 
+A request whose row cannot be decoded (its `bounds` or `report`, cut short or overwritten) is set aside, said once
+(`damaged_request`): the others go on. Asked for again, the row is replaced and the user taken through every step.
+
 What is theirs and stays: what every user shares in the models (the intercept, the tips' weights,
 the popularity prior) keeps what their rewards taught it; the `erasures` row, the record that the
 request was made and done. Events of theirs read after step 2 are new: the user came back.
@@ -38,15 +41,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
+import shlex
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, insert, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy import Table, Text, and_, cast, insert, select, update
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.sql.elements import ColumnElement
 
 from app import db
 from app.checkpoint_rows import delete_decisions_served_until, utc_ms, write_erasures
@@ -118,6 +124,7 @@ class Eraser:
         # A version's saved model the last step could not decode: no retry mends it, and the fixes (a restore, a
         # rebuild) stop the service. The requests dropped wait for the next start, which takes them again.
         self._unreadable: UnreadableModel | None = None
+        self._damaged: dict[str, str] = {}  # user -> what was logged of their request's row that cannot be decoded
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -132,14 +139,15 @@ class Eraser:
         row = {"user_id": user_id, "status": "requested", "requested_at": now, "requested_by": actor,
                "dropped_at": None, "bounds": None, "report": None, "done_at": None}
         with self.engine.begin() as conn:
-            before = conn.execute(select(db.erasures).where(db.erasures.c.user_id == user_id)
-                                  .with_for_update()).mappings().first()
+            # Read column by column: one whose JSON is damaged failed the request, and asking again is a fix for it.
+            before = next(iter(read_rows(conn, db.erasures, db.erasures.c.user_id == user_id, for_update=True)), None)
             if before is not None and before["status"] == "done":
                 kept = {column.name: before[column.name] for column in db.erasures_earlier.columns}
                 conn.execute(insert(db.erasures_earlier).values(kept))
             elif before is not None:
                 # Still on its way: what it has done (their state dropped, say) is this request's too. The pass
                 # starting over finds it gone, and its report said `"state": false` of a user it had forgotten.
+                # (None if it is damaged: the new pass counts only what it finds.)
                 row["report"] = before["report"]
             db.upsert(conn, db.erasures, [row], ["user_id"])
         return {**_shown(row), "earlier": self._earlier(user_id)}
@@ -149,17 +157,21 @@ class Eraser:
 
     def status(self, user_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
-            row = conn.execute(select(db.erasures).where(db.erasures.c.user_id == user_id)).mappings().first()
+            row = next(iter(read_rows(conn, db.erasures, db.erasures.c.user_id == user_id)), None)
         if row is None:
             return None
-        answer = {**_shown(dict(row)), "earlier": self._earlier(user_id)}
-        if row["status"] == "dropped" and self._unreadable is not None:  # else 'dropped' for good, no word why
+        damaged = row.pop(DAMAGED, None)
+        answer = {**_shown(row), "earlier": self._earlier(user_id)}
+        if damaged is not None and row["status"] != "done":  # set aside for good: the fix is the operator's
+            answer["stuck"] = damaged_request(user_id, damaged)
+        elif row["status"] == "dropped" and self._unreadable is not None:  # else 'dropped' for good, no word why
             answer["stuck"] = f"{self._unreadable}, then start tipstream again"
         return answer
 
     def _earlier(self, user_id: str) -> list[dict[str, Any]]:
         """The requests to forget `user_id` done before the one in `erasures`, oldest first."""
-        return [_shown(dict(row)) for row in earlier_erasures(self.engine, user_id)]
+        return [_shown({key: value for key, value in row.items() if key != DAMAGED})
+                for row in earlier_erasures(self.engine, user_id)]
 
     def resume(self) -> None:
         """At the start, before DECISIONS is read back: the users whose messages are still to delete are
@@ -231,6 +243,7 @@ class Eraser:
         """Take every request saved through every step it has still to go; how many were done."""
         rows = await asyncio.to_thread(self._unfinished)
         METRICS.erasures_unfinished.set(len(rows))
+        unfinished, rows = len(rows), self._set_aside(rows)
         waiting = {entry["user_id"] for entry in self._dropped}
         requested = [row for row in rows if row["status"] == "requested" and row["user_id"] not in waiting]
         if requested:
@@ -238,6 +251,7 @@ class Eraser:
         if self._dropped:
             await self.checkpoint()
             rows = await asyncio.to_thread(self._unfinished)
+            unfinished, rows = len(rows), self._set_aside(rows)
         # Users dropped together share their bounds: their messages are found in one pass over the
         # streams (a scan of millions of messages each), and the report counts that pass's.
         together: dict[str, list[dict[str, Any]]] = {}
@@ -250,13 +264,23 @@ class Eraser:
                 break
             if await self._delete_messages(group):
                 done += len(group)
-        METRICS.erasures_unfinished.set(len(rows) - done)
+        METRICS.erasures_unfinished.set(unfinished - done)
         return done
 
     def _unfinished(self) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
-            query = select(db.erasures).where(db.erasures.c.status != "done").order_by(db.erasures.c.requested_at)
-            return [dict(row) for row in conn.execute(query).mappings()]
+            return read_rows(conn, db.erasures, db.erasures.c.status != "done")
+
+    def _set_aside(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Of `rows`, those that can be taken on; each whose row cannot be decoded is logged, once. Read all at
+        once, the first such row failed every request, retried for good as if the database were away, naming no one;
+        and its bounds, say, are what step 4 deletes by: no step can go on without them."""
+        damaged = {row["user_id"]: damaged_request(row["user_id"], row[DAMAGED]) for row in rows if DAMAGED in row}
+        for user_id, said in damaged.items():
+            if self._damaged.get(user_id) != said:
+                log.error("%s. The other requests go on.", said)
+        self._damaged = damaged
+        return [row for row in rows if DAMAGED not in row]
 
     async def _between_chunks(self) -> None:
         # A chunk's fold can wait (a user's state read from the database): the store then holds
@@ -532,10 +556,80 @@ def _added(report: dict[str, Any], before: dict[str, Any] | None) -> dict[str, A
     return added
 
 
-def earlier_erasures(engine: Engine, user_id: str) -> Sequence[Any]:
+def earlier_erasures(engine: Engine, user_id: str) -> list[dict[str, Any]]:
     table = db.erasures_earlier
     with engine.connect() as conn:
-        return conn.execute(select(table).where(table.c.user_id == user_id).order_by(table.c.requested_at)).mappings().all()
+        return read_rows(conn, table, table.c.user_id == user_id)
+
+
+DAMAGED = "damaged"  # in a row `read_rows` read: which of its JSON columns cannot be decoded, and why
+_JSON_COLUMNS = ("bounds", "report")
+
+
+def read_rows(conn: Connection, table: Table, where: ColumnElement[bool], *,
+              for_update: bool = False) -> list[dict[str, Any]]:
+    """The rows of `table` (`erasures` or `erasures_earlier`) `where` says, oldest request first, each JSON column
+    decoded on its own: one that cannot be (cut short, or overwritten by hand or by a disk fault) is None, and the
+    row says which and why under `DAMAGED`. Decoded as the rows are fetched, the first such cell failed the read
+    of every row, naming none."""
+    plain = [column for column in table.columns if column.name not in _JSON_COLUMNS]
+    query = (select(*plain, *(cast(table.c[name], Text).label(name) for name in _JSON_COLUMNS))
+             .where(where).order_by(table.c.requested_at))
+    rows = []
+    for found in conn.execute(query.with_for_update() if for_update else query).mappings():
+        row, damaged = dict(found), []
+        for name in _JSON_COLUMNS:
+            row[name], why = _decoded(name, row[name])
+            if why is not None:
+                damaged.append(f"its {name} ({table.name}.{name}; {why})")
+        if damaged:
+            row[DAMAGED] = " and ".join(damaged)
+        rows.append(row)
+    return rows
+
+
+def _decoded(name: str, text: str | None) -> tuple[Any, str | None]:
+    """A request's `bounds` or `report` decoded from its text, and why it cannot be used (None: it can). PostgreSQL
+    keeps only JSON in the column, but not only this shape.
+
+    >>> _decoded("bounds", '{"SIGNALS": 4, "decisions_on_the_way": {"ids": ["d-1"]}}')
+    ({'SIGNALS': 4, 'decisions_on_the_way': {'ids': ['d-1']}}, None)
+    >>> _decoded("bounds", '{"SIGNALS": 4, "FEED')
+    (None, 'JSONDecodeError: Unterminated string starting at: line 1 column 16 (char 15)')
+    >>> _decoded("report", '"overwritten"')
+    (None, "not a request's report: 'overwritten'")
+    """
+    if text is None:
+        return None, None
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        return None, f"{type(error).__name__}: {error}"
+    if value is None or _well_formed(name, value):
+        return value, None
+    return None, f"not a request's {name}: {value!r:.60}"
+
+
+def _well_formed(name: str, value: Any) -> bool:
+    if not isinstance(value, dict):
+        return False
+    if name == "report":  # counts, and what was found at all
+        return all(isinstance(count, int) for count in value.values())
+    on_the_way = value.get(ON_THE_WAY, {"ids": []})
+    return (all(isinstance(seq, int) and not isinstance(seq, bool) for key, seq in value.items() if key != ON_THE_WAY)
+            and isinstance(on_the_way, dict) and isinstance(on_the_way.get("ids"), list)
+            and all(isinstance(decision_id, str) for decision_id in on_the_way["ids"])
+            and isinstance(on_the_way.get("through", 0), int))
+
+
+def damaged_request(user_id: str, damaged: str) -> str:
+    """What to say of a request to forget `user_id` whose row cannot be decoded (`damaged`: which column, why), the
+    fixes with it. Not a rebuild from the log, a damaged database's other fix: it drops the requests with the tables,
+    and their users' messages not deleted yet would be folded again."""
+    return (f"The request to forget user {user_id!r} cannot be read: {damaged}, the database holds it damaged. "
+            f"Request the forget again (`tipstream users forget {shlex.quote(user_id)}`), which replaces the row and "
+            "takes the user through every step again, or restore that row from a backup (README, 'Backups and "
+            "restores'); not a rebuild from the log, which would bring back their events still in the streams")
 
 
 def _decisions_of(user_id: str, items: Sequence[tuple[str, str, bytes]]) -> set[str]:

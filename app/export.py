@@ -22,7 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from app import db
-from app.erasure import earlier_erasures
+from app.erasure import earlier_erasures, read_rows
 from app.registry_store import decoded_model
 from streams import jetstream as jsx
 from streams.fold import KINDS, REACTION_CODES, ZERO_DUE, UserState
@@ -87,7 +87,8 @@ def from_database(engine: Engine, user_id: str) -> dict[str, Any]:
         features = conn.execute(select(db.user_features).where(db.user_features.c.user_id == user_id)).mappings().first()
         scores = conn.execute(select(db.tip_scores).where(db.tip_scores.c.user_id == user_id)
                               .order_by(db.tip_scores.c.created_at)).mappings().all()
-        erasure = conn.execute(select(db.erasures).where(db.erasures.c.user_id == user_id)).mappings().first()
+        # Read column by column: the request's row damaged (its bounds cut short) failed the export, naming neither.
+        erasure = next(iter(read_rows(conn, db.erasures, db.erasures.c.user_id == user_id)), None)
         versions = conn.execute(select(db.model_versions.c.version, db.model_versions.c.model)
                                 .where(db.model_versions.c.model.is_not(None))).all()
     weights = {}

@@ -271,8 +271,9 @@ ERASURE = {
         "bounds": {"type": ["object", "null"], "additionalProperties": {"type": "integer"},
                    "description": "per stream, the last sequence whose messages of theirs are deleted"},
         "report": {"type": ["object", "null"], "description": "what was deleted, by where"},
-        "stuck": {"type": "string", "description": "dropped, and why it cannot go on until the service is started "
-                  "again, with the fix (a version's saved model the database holds damaged); absent otherwise"},
+        "stuck": {"type": "string", "description": "why it cannot go on, with the fix: dropped, until the service is "
+                  "started again (a version's saved model the database holds damaged), or its own row damaged (asked "
+                  "for again, it is replaced); absent otherwise"},
         "earlier": {"type": "array", "description": "requests to forget this user done before this one, oldest first "
                     "(the user was asked for again: events of theirs came since)", "items": {
                         "type": "object", "required": ["user_id", "requested_at", "requested_by", "done_at"],

@@ -1060,3 +1060,69 @@ async def test_a_damaged_saved_model_of_a_retired_version_keeps_the_forget_dropp
         assert "u-2: dropped (asked " in err and "\n  stuck: The saved model of version 'v3' cannot be read (" in err, err
         assert "u-2" not in service.store.users and len(told()) == 1 and len(scans) == taken
     assert not any("did not go through" in r.getMessage() for r in caplog.records if r.name == "tipstream.erasure")
+
+
+async def test_a_damaged_request_is_set_aside_named_and_mended_by_asking_again(start_service, nc, database_url, caplog,
+                                                                               monkeypatch, capsys) -> None:
+    """A request's `bounds` (what step 4 deletes by) damaged: cut short on SQLite; on PostgreSQL, which keeps only
+    JSON in the column, overwritten with another value. Read with every other request, it failed them all, retried
+    for good as if the database were away ("did not go through ... trying again"), naming no user. Now the others go
+    on; the log says once whose request and which column, with the fixes (not a rebuild: it could bring back their
+    events); `forget-status` says so (`stuck`); and asking for it again replaces the row and forgets the user."""
+    import logging
+
+    from app.cli import main
+
+    caplog.set_level(logging.INFO, logger="tipstream")
+    running = await started_knowing_two(start_service, nc, {"database_url": database_url})
+    service = running.service
+    damaged = "'\"overwritten\"'" if database_url.startswith("postgresql") else "'{\"SIGNALS\": 3, \"FEED'"
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.begin() as conn:
+            earlier = datetime.now(UTC) - timedelta(minutes=1)
+            conn.execute(sa.text("insert into erasures (user_id, status, requested_at, requested_by, dropped_at, "
+                                 f"bounds, report) values ('u-1', 'dropped', :at, 'dpo', :at, {damaged}, "
+                                 "'{\"state\": true}')"), {"at": earlier})
+    finally:
+        engine.dispose()
+
+    def told() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "tipstream.erasure" and r.levelname == "ERROR"]
+
+    async with running.http() as http:
+        await forget(http, "u-2")
+        await reached(http, "u-2", ("done",), timeout=30)
+        [said] = told()
+        assert said.startswith("The request to forget user 'u-1' cannot be read: its bounds (erasures.bounds; "), said
+        assert "Request the forget again (`tipstream users forget u-1`)" in said and \
+            "restore that row from a backup (README, 'Backups and restores')" in said and \
+            "not a rebuild from the log" in said and said.endswith("The other requests go on."), said
+        answer = await status(http, "u-1")
+        assert answer["status"] == "dropped" and answer["bounds"] is None, answer
+        assert answer["stuck"] == said.removesuffix(". The other requests go on."), answer
+        # Woken again, it is not said again.
+        service.eraser.wake()
+        await service.eraser.work()
+        assert len(told()) == 1
+        monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", TOKEN)
+        monkeypatch.setattr("app.users_cli.WAIT_EVERY_S", 0.05)
+        capsys.readouterr()
+        assert await asyncio.to_thread(main, ["users", "forget-status", "u-1", "--url", running.base_url]) == 0
+        assert "\n  stuck: The request to forget user 'u-1' cannot be read: its bounds" in capsys.readouterr().out
+        # An export shows the row, saying what is damaged, where it failed with a traceback.
+        from app.export import from_database
+
+        engine = sa.create_engine(database_url)
+        try:
+            exported = (await asyncio.to_thread(from_database, engine, "u-1"))["erasure"]
+        finally:
+            engine.dispose()
+        assert exported["bounds"] is None and exported["damaged"].startswith("its bounds (erasures.bounds; "), exported
+        # Asked for again: the row is replaced, and the user taken through every step, their messages deleted.
+        assert await asyncio.to_thread(main, ["users", "forget", "u-1", "--wait", "--url", running.base_url]) == 0
+        answer = await status(http, "u-1")
+        assert answer["status"] == "done" and "stuck" not in answer and answer["report"]["state"] is True, answer
+        assert not [seq for seq, data in (await stored(nc.jetstream(), "SIGNALS")).items() if owner(data) == "u-1"]
+        assert "u-1" not in service.store.users and len(told()) == 1
+    assert not any("did not go through" in r.getMessage() for r in caplog.records if r.name == "tipstream.erasure")
