@@ -392,9 +392,13 @@ class DecisionPublisher:
             self._payload_wanted = False
             self._looking = asyncio.create_task(self._look_at_max_payload())
         items = [item for item in self.held if item[1] in self._held_refused]
-        if not items:
-            return
-        self.held = [item for item in self.held if item[1] not in self._held_refused]
+        if items:
+            self._send_again(items)
+
+    def _send_again(self, items: list[tuple[str, str, bytes]]) -> None:
+        """`items`, taken out of `held`, back at the front of the queue."""
+        again = {item[1] for item in items}
+        self.held = [item for item in self.held if item[1] not in again]
         self._requeue(items)
         self._idle.clear()
         self._released()
@@ -422,10 +426,7 @@ class DecisionPublisher:
                      f": the {len(items)} decisions held for it are sent" if items else "")
             self._set_max_payload(max_payload)
             if items:
-                self.held = [item for item in self.held if item[1] in self._held_refused]
-                self._requeue(items)
-                self._idle.clear()
-                self._released()
+                self._send_again(items)
                 self._work.set()
         if self._held_for_payload():
             self._held_retry_at = min(self._held_retry_at, time.monotonic() + self.held_retry_s)
