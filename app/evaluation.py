@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import orjson
-from sqlalchemy import Engine, Select, select
+from sqlalchemy import Engine, Select, Text, cast, select
 
 from app import db
 from app.decision_ids import decision_time_ms
@@ -46,17 +46,69 @@ Decision = tuple[dict[str, Any], dict[str, float]] | tuple[dict[str, Any], dict[
 
 def rewarded_query(limit: int) -> Select:
     """The newest `limit` decisions that earned any reward, newest first: read off the index of the rewarded rows
-    (`ix_tip_scores_rewarded`, 0010), in its order; its condition is the index's."""
+    (`ix_tip_scores_rewarded`, 0010), in its order; its condition is the index's. The rewards as their text, decoded
+    row by row (`rewarded_decisions`), and the decision's id, to name a row that cannot be."""
     table = db.tip_scores
-    return (select(table.c.decision, table.c.rewards, table.c.rewarded_at).where(db.tip_scores_rewarded)
+    return (select(table.c.decision, cast(table.c.rewards, Text), table.c.rewarded_at, table.c.decision_id)
+            .where(db.tip_scores_rewarded)
             .order_by(table.c.created_at.desc(), table.c.decision_id.desc()).limit(limit))
 
 
-def rewarded_decisions(engine: Engine, limit: int) -> list[Decision]:
-    """The newest `limit` decisions that earned any reward, oldest first."""
+@dataclass(frozen=True, slots=True)
+class LogRead:
+    """The rewarded decisions read (`rewarded_decisions`), and of the rows read, how many could not be decoded
+    (left out) and the first of them: its decision id and why."""
+
+    decisions: list[Decision]
+    damaged: int = 0
+    first_damaged: tuple[str, str] | None = None
+
+
+def rewarded_decisions(engine: Engine, limit: int) -> LogRead:
+    """The newest `limit` decisions that earned any reward, oldest first. A row whose decision or rewards cannot be
+    decoded (cut short, or overwritten by hand or by a disk fault) is left out and counted: decoded all at once,
+    one failed every card and every registration with a JSONDecodeError (or KeyError, ...) naming no row. A rebuild
+    from the log writes such rows again."""
     with engine.connect() as conn:
         rows = conn.execute(rewarded_query(limit)).all()
-    return [(orjson.loads(text), rewards or {}, rewarded) for text, rewards, rewarded in reversed(rows)]
+    decisions: list[Decision] = []
+    damaged, first = 0, None
+    for text, rewards, rewarded, decision_id in reversed(rows):
+        decoded, why = _decoded_row(text, rewards)
+        if decoded is None:
+            damaged += 1
+            first = first or (decision_id, why)
+        else:
+            decisions.append((*decoded, rewarded))
+    return LogRead(decisions, damaged, first)
+
+
+def _decoded_row(decision: str | None, rewards: str | None) -> tuple[Any, str]:
+    """A row's decision and rewards decoded from their text, or None and why they cannot be. PostgreSQL keeps only
+    JSON in the rewards' column, but not only this shape.
+
+    >>> _decoded_row('{"id": "d-1", "ranked": []}', '{"t-1": 1.0}')
+    (({'id': 'd-1', 'ranked': []}, {'t-1': 1.0}), '')
+    >>> _decoded_row('{"id": "d-1", "ran', '{"t-1": 1.0}')
+    (None, 'its decision: JSONDecodeError: unexpected end of data: line 1 column 19 (char 18)')
+    >>> _decoded_row('{"id": "d-1"}', '"overwritten"')
+    (None, "its rewards: not an object of rewards by tip: 'overwritten'")
+    """
+    try:
+        body = orjson.loads(decision or b"")
+    except orjson.JSONDecodeError as error:
+        return None, f"its decision: {type(error).__name__}: {error}"
+    if not isinstance(body, dict) or not isinstance(body.get("id"), str):
+        return None, f"its decision: not a decision: {decision!r:.60}"
+    try:
+        by_tip = orjson.loads(rewards) if rewards is not None else {}
+    except orjson.JSONDecodeError as error:
+        return None, f"its rewards: {type(error).__name__}: {error}"
+    if by_tip is None:
+        by_tip = {}
+    if not isinstance(by_tip, dict) or not all(isinstance(value, int | float) for value in by_tip.values()):
+        return None, f"its rewards: not an object of rewards by tip: {by_tip!r:.60}"
+    return (body, by_tip), ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,10 +119,14 @@ class TrainedOn:
 
     credits: frozenset[tuple[str, str]]
     from_ms: int | None
+    # The first row of the read that could not be decoded (`LogRead.first_damaged`), for the service to log: the
+    # evaluation process has no log of its own.
+    first_damaged: tuple[str, str] | None = None
 
 
-def trained_on(decisions: list[Decision], limit: int) -> TrainedOn:
-    """What a model trained on `decisions` (`rewarded_decisions(..., limit)`) has seen.
+def trained_on(decisions: list[Decision], limit: int, first_damaged: tuple[str, str] | None = None) -> TrainedOn:
+    """What a model trained on `decisions` (`rewarded_decisions(..., limit)`) has seen; `limit` less the rows
+    left out as damaged, which the read counted.
 
     Every reward read counts, also those `rewarded_log` cut (more than `limit` examples: the oldest go):
     left out on purpose, as those older than the read are (`from_ms`), a registration must not learn them
@@ -84,9 +140,9 @@ def trained_on(decisions: list[Decision], limit: int) -> TrainedOn:
     """
     credits = frozenset((decision["id"], tip) for decision, rewards, *_ in decisions for tip in rewards)
     if len(decisions) < limit:
-        return TrainedOn(credits, None)
+        return TrainedOn(credits, None, first_damaged)
     created = [t for decision, *_ in decisions if (t := decision_time_ms(decision["id"])) is not None]
-    return TrainedOn(credits, min(created) if created else None)
+    return TrainedOn(credits, min(created) if created else None, first_damaged)
 
 
 def rewarded_log(decisions: list[Decision], limit: int) -> list[Example]:

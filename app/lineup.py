@@ -27,7 +27,7 @@ from app.embedded_nats import die_with_service
 from app.learning_metrics import CANDIDATE_CACHE, DIVERGED, REFUSED, SKIPPED
 from app.registry_store import RegistryStore, UnreadableModel, UnreadableRegistry, decoded_model
 from app.settings import POLICY_PARAMS
-from app.start_errors import StartupError
+from app.start_errors import DAMAGED_DATABASE_FIXES, StartupError
 from models.prior import PopularityPrior
 from models.registry import FM_ONLY_PARAMETERS, ModelCard, ModelVersion, Registry, RegistryError, escaped
 from models.reward import KINDS, TipModel
@@ -362,18 +362,26 @@ class Lineup:
                             "since the last one", one_line(error, self.engine.url))
         url = self.engine.url
         if url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:"):
-            return await asyncio.to_thread(evaluate_log, self.engine, self.eval_max_rewards, params, version,
-                                           self.silence_reward, soft_labels)
-        # spawn: a fork of a process with an event loop and threads is not safe.
-        pool = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), initializer=die_with_service,
-                                   initargs=(os.getpid(),))
-        try:
-            blob, card, trained = await asyncio.get_running_loop().run_in_executor(
-                pool, _evaluate_at, url.render_as_string(hide_password=False), self.eval_max_rewards, params, version,
-                self.silence_reward, soft_labels)
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-        return TipModel.from_bytes(blob), card, trained
+            model, card, trained = await asyncio.to_thread(evaluate_log, self.engine, self.eval_max_rewards, params,
+                                                           version, self.silence_reward, soft_labels)
+        else:
+            # spawn: a fork of a process with an event loop and threads is not safe.
+            pool = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), initializer=die_with_service,
+                                       initargs=(os.getpid(),))
+            try:
+                blob, card, trained = await asyncio.get_running_loop().run_in_executor(
+                    pool, _evaluate_at, url.render_as_string(hide_password=False), self.eval_max_rewards, params,
+                    version, self.silence_reward, soft_labels)
+            finally:
+                pool.shutdown(wait=False, cancel_futures=True)
+            model = TipModel.from_bytes(blob)
+        if trained.first_damaged is not None:
+            decision_id, why = trained.first_damaged
+            log.warning("the card's evaluation over the decision log left out %d tip_scores row(s) that cannot be "
+                        "read (the first: decision %r, %s): the database holds them damaged. %s.",
+                        card.offline_metrics.get("skipped_damaged_rows", 1), decision_id, why,
+                        DAMAGED_DATABASE_FIXES)
+        return model, card, trained
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -446,7 +454,8 @@ def evaluate_log(engine: Engine, limit: int, params: dict[str, Any], version: st
     it trained on; with `version`, the card also gets the version's off-policy value (a first tip
     nobody reacted to at `silence_reward`, `evaluation.policy_value`). `soft_labels`: how the model
     learns a reward between 0 and 1 (`evaluation.evaluate`)."""
-    decisions = evaluation.rewarded_decisions(engine, limit)
+    read = evaluation.rewarded_decisions(engine, limit)
+    decisions = read.decisions
     # Rows written before decisions read back were checked for what a card reads (a list as a feature
     # value, a shadow as text: `decisions.decision_problem`) failed every card for as long as they were
     # among the newest. Left out, and counted as seen (`trained_on`): a registration must not learn them.
@@ -462,9 +471,11 @@ def evaluate_log(engine: Engine, limit: int, params: dict[str, Any], version: st
         raise RegistryError(
             f"The model overflowed learning the logged rewards ({error}): its steps ({steps}) are too large "
             "for its weights; register a version with a smaller learning_rate.", "invalid", "params") from None
+    if read.damaged:  # left out of the metrics and the policy value alike
+        card.offline_metrics["skipped_damaged_rows"] = read.damaged
     if version is not None:
         card.offline_metrics["policy_value"] = evaluation.policy_value(reached, version, silence_reward)
-    return model, card, evaluation.trained_on(decisions, limit)
+    return model, card, evaluation.trained_on(decisions, limit - read.damaged, read.first_damaged)
 
 
 def _evaluate_at(database_url: str, limit: int, params: dict[str, Any], version: str | None,

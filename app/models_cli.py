@@ -379,7 +379,7 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
     the whole card: tipstream models card v4
     """
     from models.offpolicy import MIN_EFFECTIVE_N
-    from models.registry import CLI
+    from models.registry import CLI, DAMAGED_ROWS_LEFT_OUT
     from models.reward import NEVER_FORMED
     from models.validation import too_few
 
@@ -400,6 +400,8 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
             lines.append(f"too few to read: {few}")
     else:
         lines = [f"{version}{kind}: no rewarded decisions in the log yet, so no offline metrics"]
+    if metrics.get("skipped_damaged_rows"):
+        lines.append(DAMAGED_ROWS_LEFT_OUT.format(metrics["skipped_damaged_rows"]))
     value = metrics.get("policy_value") or {}
     for role, own, other in (("champion", "greedy", None), ("shadow", "estimate", "champion_greedy")):
         found = value.get(f"as_{role}")

@@ -75,7 +75,7 @@ def timed_reads(url: str, limit: int, repeat: int) -> float:
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.exec_driver_sql("VACUUM ANALYZE tip_scores")
     print("  " + "\n  ".join(plan(engine, limit)))
-    assert len(evaluation.rewarded_decisions(engine, limit)) == limit, "fewer rewarded rows than --limit"
+    assert len(evaluation.rewarded_decisions(engine, limit).decisions) == limit, "fewer rewarded rows than --limit"
     times = []
     for _ in range(repeat):
         started = time.perf_counter()

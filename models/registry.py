@@ -573,6 +573,12 @@ def older_metrics(metrics: dict[str, Any], version: str, kind: str = "logreg") -
             "weighted binary steps, since in one step, as a soft label. " + again)
 
 
+# Said by the card and by `tipstream models evaluate` (`app.evaluation.rewarded_decisions` left them out).
+DAMAGED_ROWS_LEFT_OUT = ("{} row(s) of the log (tip_scores) could not be read, the database holding them damaged: "
+                         "left out of these metrics and of the policy value (`skipped_damaged_rows`; the service's "
+                         "log names the first). A rebuild from the log writes them again.")
+
+
 def card_markdown(mv: ModelVersion, role: str | None = None) -> str:
     """The model card as Markdown.
 
@@ -618,6 +624,8 @@ def card_markdown(mv: ModelVersion, role: str | None = None) -> str:
         few = too_few(metrics)
         if few:
             lines += ["", f"Too few to read: {few}. Positives are rewards of at least 0.5."]
+        if damaged := metrics.get("skipped_damaged_rows"):
+            lines += ["", DAMAGED_ROWS_LEFT_OUT.format(damaged)]
         older = older_metrics(metrics, mv.version, mv.kind)
         if older:
             lines += ["", f"**{older}**"]

@@ -1474,14 +1474,15 @@ def test_progressive_validation_learns_a_reward_only_once_it_had_arrived(tmp_pat
     # The user's second decision is served 10 minutes after the first, their reactions to both
     # come an hour later: when it served the second, the model knew nothing of this user's mood.
     late = delayed_log(tmp_path / "late", delay_s=3600)
-    decisions = evaluation.rewarded_decisions(late, 10_000)
+    decisions = evaluation.rewarded_decisions(late, 10_000).decisions
     model, card = evaluation.evaluate({}, evaluation.rewarded_log(decisions, 10_000))
     # Learning the first reaction before predicting the second read ROC AUC 0.87, log loss 0.51 (now 0.47, 0.71).
     assert card.offline_metrics["n"] == 1200 and model.n_learned == 1200, "every reward is learned, at the end"
     assert abs(card.offline_metrics["roc_auc"] - 0.5) < 0.06
     # Had the reactions come within a minute, the second decision would have been served knowing the first.
     prompt = delayed_log(tmp_path / "prompt", delay_s=60)
-    _, card = evaluation.evaluate({}, evaluation.rewarded_log(evaluation.rewarded_decisions(prompt, 10_000), 10_000))
+    decisions = evaluation.rewarded_decisions(prompt, 10_000).decisions
+    _, card = evaluation.evaluate({}, evaluation.rewarded_log(decisions, 10_000))
     assert card.offline_metrics["roc_auc"] > 0.7
     late.dispose()
     prompt.dispose()
