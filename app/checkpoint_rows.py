@@ -8,6 +8,7 @@ dependencies: the participants themselves (the learner with its models) stay in 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -20,7 +21,10 @@ from app import db
 from app.credit_log import ROW_PREFIX as CREDITS_ROW
 from app.decision_ids import decision_time_ms
 from app.registry_store import write_models
+from app.start_errors import UnreadableLearnerState, reading_learner_row
 from streams.fold import to_ms
+
+log = logging.getLogger("tipstream.checkpoints")
 
 Write = tuple[Callable[[Connection, Any], None], Any]
 
@@ -194,8 +198,15 @@ def _delete_credits(conn: Connection, decision_ids: set[str]) -> None:
     table = db.learner_state
     rows = conn.execute(select(table.c.name, table.c.state).where(table.c.name.like(f"{CREDITS_ROW}%"))).all()
     for name, data in rows:
-        credits = orjson.loads(bytes(data))
-        kept = {decision_id: held for decision_id, held in credits.items() if decision_id not in decision_ids}
+        try:
+            with reading_learner_row(name):
+                credits = orjson.loads(bytes(data))
+                kept = {decision_id: held for decision_id, held in credits.items() if decision_id not in decision_ids}
+        except UnreadableLearnerState as error:
+            # Raised, it failed this checkpoint and every one after it (their users' request kept it in each): no
+            # state or position was saved again. Left as it is, the next start stops on it, naming it as here.
+            log.error("%s The forgotten users' decisions in it could not be taken out; the checkpoint goes on.", error)
+            continue
         if len(kept) == len(credits):
             continue
         if kept:

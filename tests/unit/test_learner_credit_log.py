@@ -434,3 +434,33 @@ def test_a_forgotten_users_credits_leave_the_saved_rows_and_memory(tmp_path: Pat
     assert other.decision_id in saved and not saved & {theirs.decision_id, mine.decision_id}
     assert all(row for row in credit_rows(world.engine).values()), "a minute left empty is deleted"
     world.engine.dispose()
+
+
+def test_a_damaged_minute_of_credits_leaves_a_forget_s_checkpoint_going_on(tmp_path: Path, caplog) -> None:
+    """A forget takes the user's decisions out of every minute's saved credits at the next checkpoint. One minute's
+    row that cannot be decoded (cut short, or overwritten by hand or by a disk fault) failed that checkpoint with
+    a JSONDecodeError, and each after it (their decisions stay to take out): no state or position saved again. Now
+    the row is left as it is, said as an error naming it and the fixes (the next start stops on it, as
+    before), and the checkpoint goes on, the other rows rid of their decisions."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="tipstream")
+    world = World(tmp_path)
+    theirs = rewarded(world)
+    checkpoint(world)
+    damaged = "credits:1"  # a minute long closed
+    with world.engine.begin() as conn:
+        conn.execute(sa.insert(db.learner_state).values(name=damaged, state=b'{"d-1": [{"a"',
+                                                        updated_at=sa.func.now()))
+    assert forget(world.learner, "u-1", int(world.clock.now * 1000) + 1) == 1
+    checkpoint(world)
+    with world.engine.connect() as conn:
+        rows = dict(conn.execute(sa.select(db.learner_state.c.name, db.learner_state.c.state)
+                                 .where(db.learner_state.c.name.like("credits:%"))).all())
+    assert bytes(rows.pop(damaged)) == b'{"d-1": [{"a"', "left as it is"
+    assert not {d for state in rows.values() for d in orjson.loads(bytes(state))} & {theirs.decision_id}
+    [said] = [r.getMessage() for r in caplog.records if r.name == "tipstream.checkpoints" and r.levelname == "ERROR"]
+    assert said.startswith(f"The learner_state row {damaged!r} (the credits given in one minute) cannot be read "
+                           "(JSONDecodeError: "), said
+    assert "(README, 'Backups and restores')" in said and "the checkpoint goes on" in said, said
+    world.engine.dispose()
