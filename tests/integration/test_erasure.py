@@ -1126,3 +1126,37 @@ async def test_a_damaged_request_is_set_aside_named_and_mended_by_asking_again(s
         assert not [seq for seq, data in (await stored(nc.jetstream(), "SIGNALS")).items() if owner(data) == "u-1"]
         assert "u-1" not in service.store.users and len(told()) == 1
     assert not any("did not go through" in r.getMessage() for r in caplog.records if r.name == "tipstream.erasure")
+
+
+
+async def test_an_export_shows_a_damaged_row_of_theirs_as_the_text_it_holds(database_url) -> None:
+    """`tipstream users export` reads their `tip_scores` and `user_features` rows. On SQLite, one whose JSON was cut
+    short (a disk fault, a hand's UPDATE) failed the export in a JSONDecodeError traceback, after every stream had
+    been read; the row is theirs all the same, so it is exported as the text it holds."""
+    from app import db, migrate
+    from app.decisions import tip_score_row
+    from app.export import from_database
+
+    migrate.upgrade(database_url)
+    engine = db.make_engine(database_url)
+    decision = {"id": "d-1", "ts": NOW, "user_id": "u-1", "model_version": "v1", "features": {"hour_of_day": 9},
+                "ranked": [{"tip_id": "a", "score": 0.5, "propensity": 0.9}]}
+    unrewarded = {**decision, "id": "d-2"}
+    cut = "'{\"a\": 1'" if engine.dialect.name == "sqlite" else "'\"overwritten\"'"  # PostgreSQL keeps only JSON
+    shown = "{\"a\": 1" if engine.dialect.name == "sqlite" else "overwritten"
+    try:
+        with engine.begin() as conn:
+            db.upsert(conn, db.tip_scores, [
+                tip_score_row(decision, orjson.dumps(decision), {"a": 1.0}, 1_795_694_400_000),
+                tip_score_row(unrewarded, orjson.dumps(unrewarded), None, None)], ["decision_id"])
+            conn.execute(sa.insert(db.user_features).values(user_id="u-1", as_of=datetime.now(UTC), features={},
+                                                            updated_at=datetime.now(UTC), fallbacks=[]))
+            conn.execute(sa.text(f"update tip_scores set rewards = {cut} where decision_id = 'd-1'"))
+            conn.execute(sa.text(f"update user_features set features = {cut}"))
+        found = await asyncio.to_thread(from_database, engine, "u-1")
+    finally:
+        engine.dispose()
+    # The unrewarded row's rewards (JSON null) stay null, as they were exported before.
+    assert {row["decision_id"]: row["rewards"] for row in found["tip_scores"]} == {"d-1": shown, "d-2": None}
+    assert found["user_features"]["features"] == shown and found["user_features"]["fallbacks"] == [], found
+    assert [row["decision"]["id"] for row in found["tip_scores"] if row["rewards"] is not None] == ["d-1"]
