@@ -55,11 +55,13 @@ from typing import Any
 
 from nats.js.errors import NotFoundError
 
-from app.periodic import every
+from app.periodic import answered, every
 from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream.decisions")
 STREAM = "DECISIONS"
+# How long a tick waits for the stream's answer: asked again at the next tick.
+ASK_S = 2.0
 
 
 class OwnTail:
@@ -123,7 +125,7 @@ class OwnTail:
         if self.stream_last_seq is None:
             return
         try:
-            last = await self.stream_last_seq()
+            last = await answered(self.stream_last_seq(), ASK_S)
         except NotFoundError:
             # Deleted while followed (`nats stream rm`, to empty it): no consumer's pull tells ingest, and
             # JetStream refused every decision until a restart. Read again, which makes the streams again.
@@ -167,7 +169,7 @@ class OwnTail:
         if self.stream_next_seq is None:
             return False
         try:
-            return await self.stream_next_seq(position + 1) is None
+            return await answered(self.stream_next_seq(position + 1), ASK_S) is None
         except Exception as error:  # noqa: BLE001 - NATS away, or a server that cannot say: read, as before
             log.debug("could not look for a DECISIONS message after %d (%s)", position, error)
             return False

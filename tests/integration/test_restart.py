@@ -227,31 +227,23 @@ async def test_a_stop_that_saves_many_users_says_so_before_its_last_checkpoint(
     """After a catch-up, which changes every user, the stop's last checkpoint saves them all: a minute or two for a
     million users, and the log said nothing until it had ended. The stop has lines of its own before, by chance: a
     task whose NATS answer comes with the stop's cancellation goes on (Python 3.11's `wait_for`, in nats-py's
-    requests: the DECISIONS tail asks for the stream's last sequence every tick), and the stop says so after
+    requests: the DECISIONS tail's, before it waited through `periodic.answered`), and the stop says so after
     STOP_CANCEL_AGAIN_S. The test took the first line beginning "stopping: " for the checkpoint's, and failed when
-    one came, under load. `dropped`: the tail's request answered as the cancellation comes, every time."""
+    one came, under load. `dropped`: a task that drops the stop's cancellation, every time."""
     events = list(Population(users=300, seed=4).history(days=1, start_ms=to_ms(datetime(2026, 11, 1, tzinfo=UTC))))
     monkeypatch.setattr("app.bootstrap.STOP_CHECKPOINT_TOLD_USERS", 300)
     running = await start_service(checkpoint_every_s=3600, checkpoint_every_events=10**9)
     await publish_events(nc.jetstream(), events)
     await eventually(lambda: running.service.store.applied == len(events), timeout=30)
     if dropped:
-        asked = asyncio.Event()
-
-        async def answered_with_the_cancellation() -> int:
-            if asked.is_set():  # once: the stop's second cancellation ends the tail
-                return 0
-            asked.set()
+        async def deaf_once() -> None:
             try:
-                await asyncio.Event().wait()  # no answer, until the stop's cancellation comes with one
+                await asyncio.Event().wait()
             except asyncio.CancelledError:
                 pass  # dropped, as Python 3.11's wait_for drops one that comes with the answer (gh-86296)
-            return 0
+            await asyncio.Event().wait()
 
-        tail = running.service.decision_tail
-        assert tail is not None
-        monkeypatch.setattr(tail, "stream_last_seq", answered_with_the_cancellation)
-        await eventually(asked.is_set)
+        running.service.background.start(deaf_once(), name="a loop dropping its cancellation")
     assert running.service.store.dirty_count == 300, "no checkpoint yet: the stop's saves every user"
     caplog.set_level(logging.INFO, logger="tipstream")
     await running.stop()
@@ -262,7 +254,8 @@ async def test_a_stop_that_saves_many_users_says_so_before_its_last_checkpoint(
                        "catch-up changes them all: a million take a minute or two)"), stopping
     assert len(told) == 2 and told[1].startswith("stopping: last checkpoint written in "), stopping
     if dropped:
-        assert "stopping: decisions tail went on after being cancelled; cancelling again" in stopping, stopping
+        assert "stopping: a loop dropping its cancellation went on after being cancelled; cancelling again" in stopping, \
+            stopping
 
 
 async def checkpointed_with_a_damaged_row(start_service, nc, database_url: str) -> bytes:

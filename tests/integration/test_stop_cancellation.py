@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 import sqlalchemy as sa
@@ -148,3 +150,41 @@ async def test_the_stop_waits_for_a_user_features_write_under_way_before_letting
     await asyncio.wait_for(stopping, 30)
     assert holder(postgres_url) is None
     assert not _user_features_writes_waiting(postgres_url)
+
+
+async def test_the_decisions_tail_cancelled_as_its_stream_s_answer_comes_ends(start_service, nats_server) -> None:
+    """The DECISIONS tail asks the stream for its last sequence every tick, through nats-py, whose requests wait with
+    Python 3.11's `wait_for`: a cancellation that comes with the answer was dropped, the tail went on, and the stop
+    waited `background.STOP_CANCEL_AGAIN_S` to cancel it again. Here the server is stopped (SIGSTOP) with the tail's
+    request on its way, and the tail is cancelled as the answer comes, once the server goes on."""
+    running = await start_service()
+    service = running.service
+    tail = service.decision_tail
+    assert tail is not None
+    await eventually(lambda: tail.following, timeout=30)
+    task = next(t for t in service.background.tasks if t.get_name() == "decisions tail")
+    nc, last_seq = service.nc, tail.stream_last_seq
+    waiting_before: set[str] = set()
+    asked = asyncio.Event()
+
+    async def asking() -> int:
+        waiting_before.update(nc._resp_map)
+        asked.set()
+        return await last_seq()
+
+    nats_server.process.send_signal(signal.SIGSTOP)
+    try:
+        tail.stream_last_seq = asking
+        await eventually(asked.is_set, timeout=5)
+
+        def awaited_answer() -> asyncio.Future[Any] | None:  # nats-py waits on it (its wait_for's callback is on it)
+            return next((future for token, future in nc._resp_map.items()
+                         if token not in waiting_before and future._callbacks), None)
+
+        answer = await eventually(awaited_answer, timeout=5)
+        answer.add_done_callback(lambda _: task.cancel())
+    finally:
+        nats_server.process.send_signal(signal.SIGCONT)
+    await asyncio.wait({task}, timeout=3)
+    assert task.done(), "the tail went on after its cancellation"
+    assert task.cancelled()
