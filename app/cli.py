@@ -66,18 +66,11 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.count is None and args.duration is None:
         print("simulate needs --count N or --duration SECONDS.", file=sys.stderr)
         return 2
-    from nats.js.errors import NoStreamResponseError
-
-    try:
-        return asyncio.run(simulate(
-            users=args.users, rate=args.rate, count=args.count, duration=args.duration,
-            seed=args.seed, nats_url=args.nats_url, progress=not args.quiet, pregenerate=args.pregenerate,
-            user_prefix=args.user_prefix,
-        ))
-    except NoStreamResponseError:
-        print("No stream takes signals.> on that server: start `tipstream run` against it first "
-              "(it creates the streams), or point --nats-url at the server it uses.", file=sys.stderr)
-        return 1
+    return asyncio.run(simulate(
+        users=args.users, rate=args.rate, count=args.count, duration=args.duration,
+        seed=args.seed, nats_url=args.nats_url, progress=not args.quiet, pregenerate=args.pregenerate,
+        user_prefix=args.user_prefix,
+    ))
 
 
 def _migrate(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from app.embedded_nats import URL_FILE
@@ -57,6 +57,32 @@ def pregenerated(population: Population, rate: float, count: int | None,
     start_ms = int(time.time() * 1000)
     step_ms = 1000 / rate if rate else 0
     return iter([population.live(int(start_ms + i * step_ms)) for i in range(total)])
+
+
+async def _no_stream_told(nc: Any, where: str) -> str:
+    """Why JetStream at `where` stored no event (no stream answered the first publish): JetStream is off there, on
+    the server or for the connection's account, or it is on and has no stream for them yet. Told as one: the run
+    said only "no stream", and the `tipstream run` it pointed to then said JetStream was off."""
+    account_without = (f"JetStream is not enabled for this connection's account on the NATS server at {where}: "
+                       "enable it for the account (`jetstream: enabled`, or limits, in the account's config), or "
+                       "connect as a user of an account that has it; then `tipstream run` against it creates the "
+                       "streams.")
+    try:
+        await nc.jetstream(timeout=2).account_info()
+    except ServiceUnavailableError:  # nothing serves the JetStream API to this account
+        # A server with JetStream says so in its greeting; nats-server 2.9 answers an account without it as one without.
+        if nc._server_info.get("jetstream"):
+            return account_without
+        return (f"JetStream is not enabled on the NATS server at {where}, and tipstream's events go to its streams: "
+                "start that server with JetStream (`nats-server -js`, or `jetstream {}` in its config), then "
+                "`tipstream run` against it (it creates the streams), or point --nats-url at the server it uses.")
+    except APIError as error:
+        if error.err_code == 10039:  # newer servers' answer for an account without JetStream
+            return account_without
+    except Exception:  # noqa: BLE001, S110 - not known (NATS away meanwhile): the missing stream is what is known
+        pass
+    return (f"No stream takes signals.> on the NATS server at {where}: start `tipstream run` against it first (it "
+            "creates the streams), or point --nats-url at the server it uses.")
 
 
 async def _acknowledged(publishing: Awaitable[int], closed: asyncio.Event) -> int | None:
@@ -121,6 +147,8 @@ async def simulate(users: int, rate: float, count: int | None, duration: float |
             while chunk := list(itertools.islice(events, per_chunk)):
                 try:
                     acknowledged = await _acknowledged(publish_events(js, chunk), closed)
+                except NoStreamResponseError:
+                    raise SystemExit(await _no_stream_told(nc, shown_url(url))) from None
                 except APIError as error:  # storage full: no try again helps (`publish_events`)
                     raise SystemExit(
                         f"JetStream at {shown_url(url)} refused the events after {sent} acknowledged: "

@@ -15,7 +15,7 @@ import pytest
 
 from streams.events import Rejection, parse_event
 from streams.jetstream import ensure_streams
-from tests.conftest import eventually
+from tests.conftest import NatsServer, account_url, eventually, limited_account_server
 from tests.e2e.support import PATCHED_RUN
 
 TIPSTREAM = str(Path(sys.executable).parent / "tipstream")
@@ -65,6 +65,36 @@ def test_simulate_without_streams_fails_loudly_and_says_why(nats_server) -> None
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "no stream" in done.stderr.lower() and "tipstream run" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_simulate_against_a_server_without_jetstream_says_so_first(tmp_path: Path) -> None:
+    """It said "no stream" and to start `tipstream run`, which then said JetStream was off: two steps to the fix."""
+    server = NatsServer(tmp_path / "nats", jetstream_flags=False)  # a nats-server started without -js
+    server.start()
+    try:
+        done = subprocess.run([TIPSTREAM, "simulate", "--count", "10", "--nats-url", server.url, "--quiet"],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        server.stop()
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    said = done.stderr.strip()
+    assert said.startswith(f"JetStream is not enabled on the NATS server at {server.url}"), said
+    assert "`nats-server -js`" in said and "`jetstream {}`" in said, said
+
+
+def test_simulate_as_an_account_without_jetstream_says_so_first(tmp_path: Path) -> None:
+    server = limited_account_server(tmp_path / "nats", None)  # JetStream on the server, not for the account
+    server.start()
+    try:
+        done = subprocess.run([TIPSTREAM, "simulate", "--count", "10", "--nats-url", account_url(server), "--quiet"],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        server.stop()
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    said = done.stderr.strip()
+    assert said.startswith("JetStream is not enabled for this connection's account on the NATS server at "
+                           f"nats://t:***@127.0.0.1:{server.port}"), said
+    assert "`jetstream: enabled`" in said, said
 
 
 def test_simulate_without_a_bound_says_what_to_add() -> None:
