@@ -295,7 +295,7 @@ async def _register(request: Request, body: RegisterBody) -> Any:
         content:
           application/json:
             schema: {$ref: '#/components/schemas/ModelVersion'}
-      409: {description: the version exists}
+      409: {description: 'the version exists, or one whose name differs only in case (field: version)'}
       422: {description: 'bad parameters, or a model that overflows learning the log (field: params)'}
     """
     mv = await _lineup(request).register(body.version, body.kind, body.params, body.actor, body.note)

@@ -249,9 +249,7 @@ class Lineup:
 
     async def register(self, version: str, kind: str, params: dict[str, Any], actor: str, note: str = "") -> ModelVersion:
         """A new version, trained over the decision log by progressive validation (its card's metrics)."""
-        if version in self.registry.versions:
-            raise RegistryError(
-                f"Version {version!r} is already registered; versions are immutable, register a new name.")
+        self.registry.check_new_name(version)  # before the training, which takes minutes on a long log
         unknown = sorted(set(params) - set(MODEL_PARAMETERS))
         exploring = [name for name in unknown if name in EXPLORATION_PARAMETERS]
         if exploring:

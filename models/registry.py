@@ -12,6 +12,9 @@ Rules (the product's "shadow before any policy change that affects real users"):
 - `bootstrap` makes the very first champion, when there is none to shadow against.
 - `retire` takes a version out of service for good (never the champion).
 
+Version names are exact; one that differs from a registered name only in case is refused at `register` (the two
+would be taken one for the other), and a lookup by it names the registered one.
+
 Every change appends a `RolloutEntry` to the registry's history and to the card of each
 version whose role it changes.
 
@@ -207,11 +210,31 @@ class Registry:
     def get(self, version: str) -> ModelVersion:
         mv = self.versions.get(version)
         if mv is None:
+            if (alike := self._alike(version)) is not None:
+                raise RegistryError(f"No model version {version!r}; did you mean {alike!r}? Version names are "
+                                    "case-sensitive.", "not_found", "version")
             known = ", ".join(self.versions) or "none yet"
             raise RegistryError(
                 f"Unknown model version {version!r} (known: {known}); list them with `{CLI} list`.", "not_found",
                 "version")  # the request's field at fault, whether in the path or the body
         return mv
+
+    def _alike(self, version: str) -> str | None:
+        """The registered version named as `version` but for case (None: none). Names are exact, and `promote V2`
+        with only v2 registered was told 'unknown' beside a list that held it."""
+        folded = version.casefold()
+        return next((v for v in self.versions if v != version and v.casefold() == folded), None)
+
+    def check_new_name(self, version: str) -> None:
+        """Refuse `version` as a new version's name: registered already, or but for case. Two names that read alike
+        (v2 and V2) would be promoted, retired or rolled back one for the other."""
+        if version in self.versions:
+            raise RegistryError(
+                f"Version {version!r} is already registered; versions are immutable, register a new name.")
+        if (alike := self._alike(version)) is not None:
+            raise RegistryError(
+                f"Version {version!r} differs from the registered {alike!r} only in case; names that read alike "
+                f"are taken one for the other: register a name of its own (or use {alike!r}).", "conflict", "version")
 
     def role(self, version: str) -> str | None:
         """"champion", "shadow", "retired" or None."""
@@ -249,9 +272,7 @@ class Registry:
     def register(self, mv: ModelVersion, actor: str = "system", note: str = "") -> None:
         self._check_actor(actor)
         _check_version_name(mv.version)
-        if mv.version in self.versions:
-            raise RegistryError(
-                f"Version {mv.version!r} is already registered; versions are immutable, register a new name.")
+        self.check_new_name(mv.version)
         self.versions[mv.version] = mv
         self._record("register", mv.version, actor, note)
 

@@ -161,6 +161,35 @@ async def test_a_change_whose_body_is_not_sent_as_json_is_415_and_an_empty_one_n
     assert len(running.service.lineup.registry.history) == history + 2
 
 
+async def test_a_version_named_in_another_case_is_told_the_one_it_may_mean(start_service, nc, tmp_path,
+                                                                         monkeypatch, capsys) -> None:
+    """Names are exact: `promote V2` with v2 registered was a 404 "unknown" beside a list holding v2, and V2 could be
+    registered beside v2 (a training over the whole log first), each then promoted or retired for the other."""
+    running = await start_service(admin_token=TOKEN, bootstrap_shadow_kind="logreg")
+    registry = running.service.lineup.registry
+    history = len(registry.history)
+    async with running.http() as http:
+        for asked in (http.post("/admin/models/V2/promote", headers=AUTH), http.get("/models/V2"),
+                      http.get("/models/V2/card")):
+            answer = await asked
+            assert answer.status_code == 404, answer.text
+            assert "No model version 'V2'; did you mean 'v2'? Version names are case-sensitive." in answer.text
+        refused = await http.post("/admin/models", headers=AUTH, json={"version": "V1"})
+        assert refused.status_code == 409 and refused.json()["field"] == "version", refused.text
+        assert refused.json()["error"].startswith("Version 'V1' differs from the registered 'v1' only in case")
+    assert sorted(registry.versions) == ["v1", "v2"] and len(registry.history) == history
+    monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", TOKEN)
+    for argv in (["promote", "V2", "--url", running.base_url], ["card", "V2"]):
+        code = await asyncio.to_thread(main, ["models", *argv])
+        err = capsys.readouterr().err
+        assert code == 1 and "did you mean 'v2'?" in err, (argv, err)
+    code = await asyncio.to_thread(main, ["models", "register", "V1", "--url", running.base_url])
+    err = capsys.readouterr().err
+    assert code == 1 and "409" in err and "differs from the registered 'v1' only in case" in err, err
+    assert running.service.lineup.champion_version == "v1"
+
+
 async def test_an_unknown_kind_is_422_naming_the_kind_field(start_service, nc) -> None:
     """It named `params`, which the body may not even have."""
     running = await start_service(admin_token=TOKEN)

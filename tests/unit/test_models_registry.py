@@ -134,6 +134,19 @@ def test_retire(reg: Registry) -> None:
         reg.retire("v3", actor="a")
 
 
+def test_a_name_that_differs_from_a_version_only_in_case_is_named_and_refused_as_new(reg: Registry) -> None:
+    """Names are exact: `promote V2` with v2 registered said only "unknown", beside a list holding v2; and V2
+    could be registered beside v2, each then taken for the other."""
+    with pytest.raises(RegistryError, match="^No model version 'V2'; did you mean 'v2'[?] Version names are "
+                                            "case-sensitive.$") as err:
+        reg.set_shadow("V2", actor="a")
+    assert (err.value.code, err.value.field) == ("not_found", "version")
+    with pytest.raises(RegistryError, match="^Version 'V1' differs from the registered 'v1' only in case; ") as err:
+        reg.register(_version("V1"), actor="ci")
+    assert (err.value.code, err.value.field) == ("conflict", "version")
+    assert "V1" not in reg.versions and reg.role("v2") is None
+
+
 def test_unknown_duplicate_and_invalid(reg: Registry) -> None:
     with pytest.raises(RegistryError, match="Unknown model version 'v9' .known: v1, v2, v3.; list them with `tipstream models list`") as err:
         reg.set_shadow("v9", actor="a")
