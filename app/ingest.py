@@ -267,6 +267,7 @@ class StreamIngest:
         # A cluster without a quorum answers no call for as long as it lasts: asked again every 2 s, each a line.
         self._unanswered_lines = LogThrottle(per_window=6)
         self._gone_lines = LogThrottle(per_window=6)  # the consumer taking no pull request (`_consumer_gone`)
+        self._unanswered_lag: asyncio.Future[None] | None = None  # `_lag_while_unanswered`, while it runs
         # A hold asks for its checkpoint, so a small TIPSTREAM_MAX_UNCHECKPOINTED_EVENTS holds briefly but often
         # (every second at 200 and 200 events/s): a warning apiece.
         self._hold_lines = LogThrottle(per_window=6)
@@ -377,6 +378,8 @@ class StreamIngest:
     async def stop(self) -> None:
         if self.puller:
             await self.puller.stop()
+        if self._unanswered_lag is not None:
+            self._unanswered_lag.cancel()
 
     async def pause_reading(self) -> None:
         """Stop asking for messages, and drop the pull request outstanding (`request_reset` reads again)."""
@@ -452,7 +455,8 @@ class StreamIngest:
         if self.read is not None:
             self.read.advance(0, self.caught_up)
         self.puller = pull.BatchPuller(self.nc, self.spec.name, self.durable, self.batch, self._on_message,
-                                       on_gone=self._consumer_gone, max_bytes=self.pull_max_bytes)
+                                       on_gone=self._consumer_gone, max_bytes=self.pull_max_bytes,
+                                       on_unanswered=self._unanswered)
         await self.puller.start()
         log.info("consuming %s from sequence %d", self.spec.name, start)
         self.catch_up.begin(pending)
@@ -482,6 +486,37 @@ class StreamIngest:
                     "this goes on, start the cluster's missing nodes (`nats server report jetstream` shows them and "
                     "which streams have no leader)%s", self.durable, self.spec.name, self.spec.name, position + 1,
                     more)
+
+    def _unanswered(self) -> None:
+        """The puller's requests go unanswered (`pull.BatchPuller.unanswered`): no 503 says the consumer has no
+        leader, its node hangs. The lag is read from the stream meanwhile (`_lag_while_unanswered`)."""
+        if self._unanswered_lag is None or self._unanswered_lag.done():
+            self._unanswered_lag = asyncio.ensure_future(self._lag_while_unanswered(self.puller))
+
+    async def _lag_while_unanswered(self, puller: pull.BatchPuller | None) -> None:
+        """While `puller`'s requests go unanswered, the lag as the stream counts it, every
+        LAG_WHILE_RECREATING_EVERY_S. Set only by a chunk folded, it stayed at its last value (0) for as long as a
+        hung node led the consumer (until its cluster elected another, ~5 s on a 3-node 2.9 cluster here), while
+        the stream, led by another node, stored events: /readyz and tipstream_stream_lag said nothing waited. The
+        consumer's own count (consumer_info) is its leader's to answer, so it is not asked."""
+        if puller is None:
+            return
+
+        def still() -> bool:
+            return puller is self.puller and puller.unanswered
+
+        left_out = self._gone_lines.allow("unanswered")
+        if left_out is not None:
+            more = f" ({left_out} more times since the last line)" if left_out else ""
+            log.warning("the consumer %s of stream %s answers no pull request, neither with messages nor with a "
+                        "status: the NATS node leading it hangs or is cut off, and its cluster has not elected "
+                        "another yet. The lag is read from the stream meanwhile. If this goes on, look at that node "
+                        "(`nats server report jetstream` shows which streams and consumers have no leader)%s",
+                        self.durable, self.spec.name, more)
+        js = self.nc.jetstream(timeout=RESET_CALL_TIMEOUT_S)
+        while still():
+            await self._lag_from_stream(js, still)
+            await asyncio.sleep(LAG_WHILE_RECREATING_EVERY_S)
 
     async def _replaced_under_us(self, seq: int, js: JetStreamContext) -> str | None:
         """Whether the server holds another message at the last one read (`seq`, the position, or before
@@ -687,15 +722,20 @@ class StreamIngest:
         consumer made, it stayed at its last value (0) while a stream that had a leader again stored events its
         consumer, with none yet, could not deliver: /readyz and tipstream_stream_lag said nothing waited."""
         while True:
-            try:
-                last = (await js.stream_info(self.spec.name)).state.last_seq
-            except Exception:  # noqa: BLE001 - no leader yet, or NATS away: the last lag known stays
-                last = None
             # Not once the new consumer's puller runs: the consumer's own count (`_restart_consumer`) is the lag then.
-            if last is not None and (self.puller is None or self.puller.stopped):
-                self.lag = max(last - self.store.positions.get(self.spec.name, 0), 0)
-                self._lag.set(self.lag)
+            await self._lag_from_stream(js, lambda: self.puller is None or self.puller.stopped)
             await asyncio.sleep(LAG_WHILE_RECREATING_EVERY_S)
+
+    async def _lag_from_stream(self, js: JetStreamContext, still: Callable[[], bool]) -> None:
+        """The lag as the stream counts it, what it stores past the position, set if `still()` holds once it is
+        had: an answer of the consumer meanwhile says more."""
+        try:
+            last = (await js.stream_info(self.spec.name)).state.last_seq
+        except Exception:  # noqa: BLE001 - no leader yet, or NATS away: the last lag known stays
+            return
+        if still():
+            self.lag = max(last - self.store.positions.get(self.spec.name, 0), 0)
+            self._lag.set(self.lag)
 
     async def process(self, chunk: list[pull.RawMsg]) -> None:
         self.between_chunks.clear()

@@ -33,6 +33,11 @@ PULL_EXPIRES_S = 1.0
 # What one pull request may bring, in bytes (at least two of the server's largest messages, so that one always
 # fits): by count alone, a batch of 1,024 events near NATS's 1 MB max_payload was a gigabyte on its way at once.
 PULL_MAX_BYTES = 8 << 20
+# How long past its expiry a pull request may go without any answer, a message or a status, before its puller tells
+# its owner (`BatchPuller.on_unanswered`): the server ends every request within `expires_s`, with a 408 if nothing
+# came. A NATS node that leads the consumer and hangs answers nothing, and no 503 says so either: its interest in the
+# requests' subject stays with the cluster until its routes time out, minutes later, so each goes to it and is lost.
+UNANSWERED_PAST_EXPIRY_S = 1.0
 GREETING_S = 2.0  # how long `IngestClient.max_payload_now` waits for a server's greeting (nats-py's connect_timeout)
 
 
@@ -350,11 +355,14 @@ class BatchPuller:
 
     def __init__(self, nc: IngestClient, stream: str, durable: str, batch: int,
                  on_message: Callable[[RawMsg], None], expires_s: float = PULL_EXPIRES_S,
-                 on_gone: Callable[[str], None] | None = None, max_bytes: int = PULL_MAX_BYTES) -> None:
+                 on_gone: Callable[[str], None] | None = None, max_bytes: int = PULL_MAX_BYTES,
+                 on_unanswered: Callable[[], None] | None = None) -> None:
         self.nc, self.batch, self.on_message, self.expires_s = nc, batch, on_message, expires_s
         self.max_bytes = max(max_bytes, 2 * (nc.max_payload or 0))
         # Told why when the server says the consumer takes no request (`consumer_gone`): its owner makes it again.
         self.on_gone = on_gone
+        # Told, every watch, while the requests go unanswered past their expiry (`unanswered`).
+        self.on_unanswered = on_unanswered
         self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self.inbox = nc.new_inbox()
         self.requested = 0
@@ -362,6 +370,9 @@ class BatchPuller:
         self.paused = False
         self.stopped = False
         self.last_activity = time.monotonic()
+        # When the server last answered a request (a status, or a request's worth of messages), or one was first asked
+        # after a pause: the watchdog's asking again is not an answer (`unanswered`).
+        self.answered_at = self.last_activity
         self._sub: Any = None
         self._watchdog: asyncio.Task[None] | None = None
         self._sends = Detached(self._send_failed)
@@ -418,7 +429,7 @@ class BatchPuller:
 
     def _on_raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         if not reply:
-            self.last_activity = time.monotonic()
+            self.last_activity = self.answered_at = time.monotonic()
             # A status: 100 heartbeat; 404 no messages, 408 request expired, 409 conflict end a request.
             status = headers[9:12] if headers else b""
             if status == b"100":
@@ -448,12 +459,20 @@ class BatchPuller:
                 self._subjects[subject] = name
         self.on_message((name, reply, data))
         if self.requested <= self.batch // 2:
-            self.last_activity = time.monotonic()  # per request, not per message: the watchdog needs no more
+            self.last_activity = self.answered_at = time.monotonic()  # per request, not per message: the watchdog needs no more
             self._request_soon()
+
+    @property
+    def unanswered(self) -> bool:
+        """Whether the requests have had no answer, a message or a status, for `UNANSWERED_PAST_EXPIRY_S` past their
+        expiry: the consumer's node hangs, and its cluster has not elected another leader yet."""
+        return (not self.paused and not self.stopped and self.nc.is_connected
+                and time.monotonic() - self.answered_at > self.expires_s + UNANSWERED_PAST_EXPIRY_S)
 
     def go_on(self) -> None:
         """Ask again after a pause whose requests were left to end on their own (`requested` still counts them)."""
         self.paused = False
+        self.last_activity = self.answered_at = time.monotonic()  # a pause's quiet is not requests unanswered
         self._request_soon()
 
     def resume(self) -> None:
@@ -461,11 +480,17 @@ class BatchPuller:
         self.paused = False
         self.requested = 0
         self.idle = False  # what was stored while paused is still to come
+        self.last_activity = self.answered_at = time.monotonic()
         self._request_soon()
 
     async def _watch(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.5)
+            if self.unanswered:
+                # Not known to be read to its end any more: the stream may store what cannot be delivered now.
+                self.idle = False
+                if self.on_unanswered is not None:
+                    self.on_unanswered()
             if time.monotonic() - self.last_activity > self.expires_s + 2 and not self.paused:
                 # A request was lost (server restart, dropped connection): start over.
                 self.requested = 0

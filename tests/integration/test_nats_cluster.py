@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import signal
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 
+from app.metrics import METRICS
 from app.settings import Settings
 from streams import ack_subject, pull
 from streams import jetstream as jsx
@@ -433,3 +435,50 @@ async def test_a_cluster_without_a_quorum_leaves_the_service_ready_and_scoring(
             assert during in await logged_decisions(js, 1)
     finally:
         await client.close()
+
+
+async def test_a_hung_node_leading_the_consumer_leaves_the_lag_told_from_the_stream(
+        nats_cluster: NatsCluster, service_on_cluster: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The node leading SIGNALS' consumer hangs (SIGSTOP), the stream led by another: that node's interest in the
+    pull requests' subject stays with the cluster until its routes time out, so each request goes to it and is lost,
+    with no 503 for a consumer without a leader (`pull.consumer_gone`), and consumer_info times out; the stream stores
+    on. Until the cluster elected another leader (~5 s here), /readyz and tipstream_stream_lag said 0 waited."""
+    service = service_on_cluster.service
+    ingest = next(i for i in service.ingests if i.spec.name == "SIGNALS")
+    service_node = next(name for name, node in nats_cluster.nodes.items()
+                        if node.port == service.nc.connected_url.port)
+    hung = next(name for name in nats_cluster.nodes if name != service_node)
+    admin = await nats.connect(nats_cluster.nodes[service_node].url)
+    js = admin.jetstream(timeout=2)
+    events = [("signals.app.opened", opened(i)) for i in range(25)]
+    try:
+        await eventually(lambda: service.ready and ingest.drained(), timeout=30)
+        await lead_signals(admin, js, lambda node: node != hung)
+        await lead_consumer(admin, js, "SIGNALS", hung)
+        assert (await stream_cluster(js, "SIGNALS")).leader != hung
+        await eventually(ingest.drained, timeout=10)
+        position = ingest.store.positions.get("SIGNALS", 0)
+        caplog.set_level(logging.WARNING, logger="tipstream.ingest")
+        nats_cluster.nodes[hung].process.send_signal(signal.SIGSTOP)
+        try:
+            await publish_events(js, events)
+            with pytest.raises(NO_LEADER_YET):
+                await js.consumer_info("SIGNALS", jsx.durable_of("SIGNALS"), timeout=0.5)
+
+            def told_unread() -> bool:
+                assert ingest.store.positions.get("SIGNALS", 0) == position, "read before the lag was told"
+                return ingest.lag == len(events) and METRICS.lag.labels("SIGNALS")._value.get() == len(events)
+
+            await eventually(told_unread, timeout=10)
+            assert not ingest.drained()
+            async with service_on_cluster.http() as http:
+                ready = (await http.get("/readyz")).json()
+            assert ready["streams"]["SIGNALS"]["lag"] == len(events), ready
+        finally:
+            nats_cluster.nodes[hung].process.send_signal(signal.SIGCONT)
+        await eventually(lambda: ingest.store.positions.get("SIGNALS", 0) == position + len(events), timeout=30)
+        await eventually(lambda: ingest.lag == 0, timeout=10)
+    finally:
+        await admin.close()
+    told = [r.getMessage() for r in caplog.records if "answers no pull request" in r.getMessage()]
+    assert len([line for line in told if "stream SIGNALS" in line]) == 1, told  # one for the silence, not a second
