@@ -509,10 +509,10 @@ class StreamIngest:
         if left_out is not None:
             more = f" ({left_out} more times since the last line)" if left_out else ""
             log.warning("the consumer %s of stream %s answers no pull request, neither with messages nor with a "
-                        "status: the NATS node leading it hangs or is cut off, and its cluster has not elected "
-                        "another yet. The lag is read from the stream meanwhile. If this goes on, look at that node "
-                        "(`nats server report jetstream` shows which streams and consumers have no leader)%s",
-                        self.durable, self.spec.name, more)
+                        "status: the NATS server leading it hangs or is cut off (on a cluster, until the other nodes "
+                        "elect another leader). The lag is read from the stream meanwhile. If this goes on, look at "
+                        "that server (`nats server report jetstream` shows which streams and consumers have no "
+                        "leader)%s", self.durable, self.spec.name, more)
         js = self.nc.jetstream(timeout=RESET_CALL_TIMEOUT_S)
         while still():
             await self._lag_from_stream(js, still)
