@@ -51,17 +51,17 @@ def test_the_database_file_is_its_user_s_only_in_a_data_directory_that_already_e
     assert made["tipstream.db"] == 0o600 and made["tipstream.db-wal"] == 0o600, made
 
 
-def _readme_command(tail: str) -> str:
-    """The Python code of the README's SQLite one-liner ending in `tail` (its arguments)."""
+def _documented_command(tail: str) -> str:
+    """The Python code of docs/operations.md's SQLite one-liner ending in `tail` (its arguments)."""
     import re
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    found = re.search(r"`\.venv/bin/python -c '([^']+)' " + re.escape(tail) + "`", readme)
-    assert found, f"the README has no `.venv/bin/python -c '...' {tail}`"
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    found = re.search(r"`\.venv/bin/python -c '([^']+)' " + re.escape(tail) + "`", guide)
+    assert found, f"docs/operations.md has no `.venv/bin/python -c '...' {tail}`"
     return found.group(1)
 
 
-def test_the_readme_s_restore_puts_the_backup_back_over_a_wal_a_crash_left(tmp_path: Path) -> None:
+def test_the_documented_restore_puts_the_backup_back_over_a_wal_a_crash_left(tmp_path: Path) -> None:
     """The README said how to back SQLite up, not how to restore: a copy of the backup over the file, the
     obvious way, took the WAL a crash had left beside it on top, and the start resumed from that WAL's
     checkpoint, not the backup's (or found the file malformed)."""
@@ -75,7 +75,7 @@ def test_the_readme_s_restore_puts_the_backup_back_over_a_wal_a_crash_left(tmp_p
         conn.execute(sa.text("create table positions (seq integer)"))
         conn.execute(sa.text("insert into positions values (470)"))
     engine.dispose()
-    backup_code = _readme_command("<db> <file>")
+    backup_code = _documented_command("<db> <file>")
     subprocess.run([sys.executable, "-c", backup_code, str(live), str(backup)], check=True)
     # A service's last commit, then its process killed: the commit is in the WAL only.
     crash = ("import os, sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('update positions set seq = 1470'); "
@@ -94,7 +94,7 @@ def test_the_readme_s_restore_puts_the_backup_back_over_a_wal_a_crash_left(tmp_p
     shutil.copy(backup, copied / "tipstream.db")
     assert seq(copied / "tipstream.db") == 1470, "a plain copy: the WAL's commit read on top of the backup"
 
-    restore_code = _readme_command("<file> <TIPSTREAM_DATA_DIR>/tipstream.db")
+    restore_code = _documented_command("<file> <TIPSTREAM_DATA_DIR>/tipstream.db")
     mistyped = subprocess.run([sys.executable, "-c", restore_code, str(tmp_path / "backpu.db"), str(live)],
                               capture_output=True)
     assert mistyped.returncode != 0 and not (tmp_path / "backpu.db").exists(), "no empty backup made, none restored"

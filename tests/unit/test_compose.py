@@ -53,8 +53,10 @@ def test_the_admin_token_comes_from_the_host_s_environment_and_is_never_written_
     assert Settings(admin_token="").admin_token.get_secret_value() == ""  # as compose passes it unset: refused
 
 
-def test_nats_is_a_release_the_readme_says_was_tested() -> None:
+def test_nats_is_a_release_the_operators_guide_says_was_tested() -> None:
     image = COMPOSE["services"]["nats"]["image"]
     release = image.partition(":")[2]
-    tested = (Path(__file__).parents[2] / "README.md").read_text().split("### Which NATS servers")[1].split("\n### ")[0]
-    assert f"| {release}" in tested, f"compose.yaml runs {image}, a release README's 'Which NATS servers' has no row for"
+    guide = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
+    tested = guide.split("\n## Which NATS servers\n")[1].split("\n## ")[0]
+    assert f"| {release}" in tested, (f"compose.yaml runs {image}, a release docs/operations.md's 'Which NATS servers' "
+                                      "has no row for")

@@ -358,7 +358,7 @@ def test_committed_docs_match_the_code() -> None:
 
 
 def test_the_metrics_and_settings_the_docs_name_exist() -> None:
-    """The README's alerts and docs/ name series and settings by hand: a rename would leave an
+    """The README, the operator's guide's alerts and docs/ name series and settings by hand: a rename would leave an
     alert that never fires."""
     import re
     from pathlib import Path
@@ -381,7 +381,7 @@ def test_the_metrics_and_settings_the_docs_name_exist() -> None:
             assert name in settings or name.startswith("TIPSTREAM_TEST_"), f"{path.name} names {name}, not a setting"
 
 
-def test_the_series_the_readme_alerts_select_by_label_exist_before_their_first_count() -> None:
+def test_the_series_the_alerts_select_by_label_exist_before_their_first_count() -> None:
     """`increase()` of a series that first appears at 40 is 0: an alert on a labelled outcome that
     the service did not expose at 0 from the start missed the burst that created it."""
     import re
@@ -394,14 +394,14 @@ def test_the_series_the_readme_alerts_select_by_label_exist_before_their_first_c
 
     present = {(sample.name, tuple(sorted(sample.labels.items())))
                for family in METRICS.registry.collect() for sample in family.samples}
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    selected = set(re.findall(r'\b(tipstream_[a-z_]+_total)\{(\w+)="(\w+)"\}', readme))
-    assert selected, "the README's alerts select no labelled series any more: update this test"
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    selected = set(re.findall(r'\b(tipstream_[a-z_]+_total)\{(\w+)="(\w+)"\}', guide))
+    assert selected, "docs/operations.md's alerts select no labelled series any more: update this test"
     for name, label, value in selected:
         assert (name, ((label, value),)) in present, f"{name}{{{label}=\"{value}\"}} appears only once counted"
 
 
-def test_the_readme_s_latency_alerts_can_fire() -> None:
+def test_the_latency_alerts_can_fire() -> None:
     """`histogram_quantile` reads no further than a histogram's largest finite bucket: an alert whose
     threshold is at or past it never fires, and a change of buckets would silence one unseen."""
     import re
@@ -422,33 +422,33 @@ def test_the_readme_s_latency_alerts_can_fire() -> None:
             if sample.name.endswith("_bucket") and sample.labels["le"] != "+Inf":
                 bounds.setdefault(sample.name, set()).add(float(sample.labels["le"]))
                 labels.setdefault(sample.name, set()).update(sample.labels)
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
     alerts = re.findall(r"histogram_quantile\([\d.]+, sum by \(([\w, ]+)\) \(rate\((\w+_bucket)\[\w+\]\)\)\) > ([\d.]+)",
-                        readme)
-    assert len(alerts) >= 4, "the README's latency alerts are written otherwise: update this test"
+                        guide)
+    assert len(alerts) >= 4, "docs/operations.md's latency alerts are written otherwise: update this test"
     for by, name, threshold in alerts:
         assert float(threshold) < max(bounds[name]), f"{name}'s largest finite bucket is {max(bounds[name])}"
         assert {label.strip() for label in by.split(",")} <= labels[name], (name, by)
     # A quantile misses a rare long sample (the event loop held once for seconds is one tick late among
-    # 1,200 in 5 minutes): the README counts those above a bucket's bound. `le` is matched as text, as
+    # 1,200 in 5 minutes): the guide counts those above a bucket's bound. `le` is matched as text, as
     # exposed ("1.0"): one written otherwise ("1") selects nothing and the alert never fires.
     exposed = {(family.name + "_bucket", sample.labels["le"]) for family in METRICS.registry.collect()
                for sample in family.samples if sample.name.endswith("_bucket")}
-    selected = re.findall(r'(tipstream_\w+_bucket)\{le="([^"]+)"\}', readme)
-    assert selected, "the README no longer counts the samples above a bucket's bound: update this test"
+    selected = re.findall(r'(tipstream_\w+_bucket)\{le="([^"]+)"\}', guide)
+    assert selected, "docs/operations.md no longer counts the samples above a bucket's bound: update this test"
     for name, bound in selected:
         assert (name, bound) in exposed, f'{name}{{le="{bound}"}} is no series /metrics exposes'
 
 
-def test_the_readme_s_alerts_match_the_series_they_combine() -> None:
+def test_the_alerts_match_the_series_they_combine() -> None:
     """PromQL divides or subtracts two series only where all their labels match, unless told which to
     leave out (`ignoring`). The late-reactions alert divided `tipstream_feedback_total{outcome="late"}` by
     `{outcome="credited"}`: no pair matched, the result was empty, and the alert never fired."""
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("### Watching it", 1)[1].split("#### Disk", 1)[0]
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    section = guide.split("\n## Watching it\n", 1)[1].split("\n### Disk\n", 1)[0]
     combined = 0
     for expr in re.findall(r"`([^`]*tipstream_[^`]*)`", section):
         sides = []
@@ -464,11 +464,11 @@ def test_the_readme_s_alerts_match_the_series_they_combine() -> None:
         for labels in sides[1:]:
             differing = {k for k in labels.keys() | sides[0].keys() if labels.get(k) != sides[0].get(k)}
             assert differing <= left_out, f"{expr}: no series pairs up across {sorted(differing - left_out)}"
-    assert combined >= 2, "the README's alerts combine fewer series than this test knew: update it"
+    assert combined >= 2, "docs/operations.md's alerts combine fewer series than this test knew: update it"
 
 
 def test_each_streams_dlq_reasons_are_exposed_at_0_from_its_start() -> None:
-    """The README alerts on `increase(tipstream_dlq_total[10m])`: a reason first counted in a burst
+    """The operator's guide alerts on `increase(tipstream_dlq_total[10m])`: a reason first counted in a burst
     appeared at its full count, and increase() read 0."""
     import re
     from pathlib import Path
