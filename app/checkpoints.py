@@ -304,7 +304,7 @@ class Checkpointer:
         self.every_events, self.every_s = every_events, every_s
         self.last_applied = store.applied
         # From the start, as if a checkpoint had just been written: the one restored was read back. At 0
-        # until the first one, the README's alert on the gauge's age fired at every start.
+        # until the first one, the operator's guide's alert on the gauge's age fired at every start.
         self.last_ok = time.monotonic()
         METRICS.checkpoint_ok_at.set(time.time())
         self.failures = 0

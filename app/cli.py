@@ -96,7 +96,7 @@ def _migrate(args: argparse.Namespace) -> int:
     drops = args.revision == "base"
     if drops:  # The tables dropped under a running service: its checkpoints failed until it was restarted.
         command, then = "`tipstream migrate base`", "then start it again to rebuild from the log"
-    else:  # An old release would not start again on the new revision: the README said not to, nothing stopped it.
+    else:  # An old release would not start on the new revision: docs/operations.md said not to; nothing stopped it.
         command, then = "`tipstream migrate`", ("as it would not start again on the newer revision; or start this "
                                                 "release in its place, which migrates the database as it starts")
     if (holder := data_dir_holder(settings.data_dir)) is not None:

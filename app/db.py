@@ -399,14 +399,14 @@ def refused_by_setting(error: BaseException, user: str | None = None) -> str | N
         # Told as an outage ('the database is away; try again once it is back'), which no wait mended.
         return ("the database's tables are not this tipstream release's (a table or column missing: a downgrade, a "
                 "restore of an older backup, a table dropped by hand, or DATABASE_URL naming another database): stop "
-                "the service, run `tipstream migrate`, and start it again (README, \"Upgrading\")")
+                "the service, run `tipstream migrate`, and start it again (docs/operations.md, \"Upgrading\")")
     if sqlstate == "42501":  # insufficient_privilege: a least-privilege user, on a table made after its grants
         # Told as an outage ('the database is away; try again once it is back'), which no wait mended.
         return ("tipstream's user lacks a right on its tables (a least-privilege user, and a table made after the "
                 "grants, by a new release's migration or a rebuild): the tables' owner runs `GRANT SELECT, INSERT, "
                 f"UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {user}` and `GRANT USAGE ON ALL SEQUENCES IN SCHEMA "
                 f"public TO {user}` (another schema than public: its name), and `ALTER DEFAULT PRIVILEGES` for the "
-                "tables made later (README, \"On PostgreSQL\")")
+                "tables made later (docs/operations.md, \"On PostgreSQL\")")
     if sqlstate == "25006":  # read_only_sql_transaction
         return ("the database takes no writes from tipstream's user: it is a standby (a failover's old primary, or "
                 "DATABASE_URL naming a replica), or default_transaction_read_only is on for the user or the database. "

@@ -24,7 +24,7 @@ from streams.log_throttle import LogThrottle
 
 log = logging.getLogger("tipstream.decisions")
 # Each outcome exposed at 0 from the start: a series that first appears at 40 refusals (one burst, NATS away
-# for a few seconds) has no increase() in Prometheus, and the README's alert on refusals never fired for it.
+# for a few seconds) has no increase() in Prometheus, and the operator's guide's alert on refusals never fired for it.
 _PUBLISHED, _RETRIED, _REFUSED = (DECISIONS.labels(outcome) for outcome in ("published", "retried", "refused"))
 
 

@@ -1,5 +1,5 @@
 """The service's HTTP server: uvicorn's httptools protocol with the bounds a server open to any
-client needs (README, "Limits"), and the process's limit on open files, which caps its connections.
+client needs (docs/operations.md, "Limits"), and the process's limit on open files, which caps its connections.
 Each bound is what uvicorn left unbounded, and what a careless or hostile client did with it."""
 
 from __future__ import annotations

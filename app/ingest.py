@@ -323,7 +323,7 @@ class StreamIngest:
         self._ignored = METRICS.ignored.labels(spec.name)
         self._lag = METRICS.lag.labels(spec.name)
         # At 0 from the start: a series that first appears at 1,000 (one bad publisher's burst) has no
-        # increase() in Prometheus, and the README's DLQ alert never fired for it.
+        # increase() in Prometheus, and the operator's guide's DLQ alert never fired for it.
         for kind in REJECTION_KINDS:
             METRICS.dlq.labels(spec.name, kind)
         # The store's position, read when scraped: it also moves without this ingest (the DECISIONS
@@ -703,7 +703,7 @@ class StreamIngest:
     async def _ask_lag(self) -> None:
         """While ingest holds, the lag as the server counts it, every `lag_while_held_every_s`: set only as a
         chunk was folded, it stayed at its last value (0) through a hold of minutes while the stream grew, and
-        the README's alert on `tipstream_stream_lag` for ingest held never fired."""
+        the operator's guide's alert on `tipstream_stream_lag` for ingest held never fired."""
         now = time.monotonic()
         if now - self._lag_asked < self.lag_while_held_every_s or not self.nc.is_connected:
             return

@@ -147,7 +147,8 @@ class Lineup:
         self.learning = [(v, m) for v, m in models.items() if isinstance(m, TipModel)]  # retired ones are not
         for version, _ in self.learning:
             # At 0 from when a version joins: `increase()` of a series that first appears at its first count
-            # is 0, so the README's alerts on a diverged version or refused inputs missed the burst that made it.
+            # is 0, so the operator's guide's alerts on a diverged version or refused inputs missed the burst that
+            # made it.
             for counter in (DIVERGED, SKIPPED, REFUSED):
                 counter.labels(version)
 

@@ -164,9 +164,10 @@ class Settings(BaseSettings):
     nats_url: str | None = Field(
         None,
         validation_alias=AliasChoices("NATS_URL", "TIPSTREAM_NATS_URL"),
-        description="NATS server to use: nats-server 2.9 or newer, with JetStream (README, \"Which NATS servers\"); "
-        "a cluster's nodes comma-separated (`nats://n1:4222,nats://n2:4222,nats://n3:4222`); `tls://` for TLS "
-        "(README, \"Credentials and TLS for NATS\"). Unset: start an embedded `nats-server` under the data directory.",
+        description="NATS server to use: nats-server 2.9 or newer, with JetStream (docs/operations.md, "
+        "\"Which NATS servers\"); a cluster's nodes comma-separated (`nats://n1:4222,nats://n2:4222,nats://n3:4222`); "
+        "`tls://` for TLS (docs/operations.md, \"Credentials and TLS for NATS\"). Unset: start an embedded "
+        "`nats-server` under the data directory.",
     )
     nats_connect_timeout_s: float = Field(
         20.0, gt=0,
@@ -189,7 +190,8 @@ class Settings(BaseSettings):
     )
     nats_tls_ca: Path | None = Field(
         None, description="PEM file of the CA certificates the NATS server's certificate is checked against, instead "
-        "of the system's (README, \"Credentials and TLS for NATS\"). Set, the connection is TLS, as with `tls://`.",
+        "of the system's (docs/operations.md, \"Credentials and TLS for NATS\"). Set, the connection is TLS, as with "
+        "`tls://`.",
     )
     nats_tls_cert: Path | None = Field(
         None, description="PEM file of a client certificate, for a NATS server that verifies its clients (mutual "
@@ -231,7 +233,7 @@ class Settings(BaseSettings):
         description="Copies JetStream keeps of each of tipstream's streams, each on another node of a NATS cluster "
                     "(1-5; 3 on a 3-node cluster survives the loss of any one node). A stream with another count "
                     "is scaled to it at start. More than 1 needs NATS_URL to name a cluster with at least that many "
-                    "nodes (README, \"On a NATS cluster\").",
+                    "nodes (docs/operations.md, \"On a NATS cluster\").",
     )
     # JetStream's least (10052, "needs to be >= 100ms"); under a nanosecond it read 0 and took its default, 2 minutes.
     # The streams' retention is held to at least this window below, so to JetStream's least too.
@@ -256,7 +258,7 @@ class Settings(BaseSettings):
     checkpoint_every_s: float = Field(
         5.0, gt=0, description="...or after this many seconds, whichever first (a crash replays what followed the last "
                               "checkpoint committed: this much, plus the time a checkpoint takes, seconds in a catch-up; "
-                              "README, \"Rebuilding from the log\")."
+                              "docs/operations.md, \"Rebuilding from the log\")."
     )
     checkpoint_writer: Literal["auto", "thread", "process"] = Field(
         "auto",

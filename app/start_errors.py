@@ -22,8 +22,8 @@ class StartupError(RuntimeError):
 # What mends a database holding a row damaged (cut short, or overwritten by hand or by a disk fault) that the service
 # cannot do without; a sentence left open, for what to do after.
 DAMAGED_DATABASE_FIXES = (
-    "Restore the database from a backup (README, 'Backups and restores'), or rebuild it from the streams (README, "
-    "'Rebuilding from the log'; registry changes are lost, make them again)")
+    "Restore the database from a backup (docs/operations.md, 'Backups and restores'), or rebuild it from the streams "
+    "(docs/operations.md, 'Rebuilding from the log'; registry changes are lost, make them again)")
 
 # The learner's rows in `learner_state`, by name (a minute's credits: `credits:<minute>`), as a message names them.
 _LEARNER_ROWS = {"prior": "the popularity prior", "learner": "the learner's stream positions and waiting feedback",
@@ -164,7 +164,7 @@ def explain(error: BaseException, settings: Settings) -> StartupError | None:
                             f"its revision): run that release on it, or set {where} to another {other}. To go back "
                             f"to this release on it, stop the service, then take the database down to this release's "
                             f"schema with the newer release's migrations: `.venv/bin/alembic downgrade {head}` in its "
-                            "directory (README, \"Upgrading\").")
+                            "directory (docs/operations.md, \"Upgrading\").")
     if isinstance(error, ValueError) and not _parses(settings.sqlalchemy_url):  # e.g. a port that is not a number
         return StartupError(f"DATABASE_URL cannot be read ({error}). Write it as "
                             "`postgresql+psycopg://user:password@host:5432/database`, or unset it for SQLite under "

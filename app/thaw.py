@@ -77,7 +77,7 @@ def _cause(error: BaseException) -> str:
 def _tell(cause: str, timed_out: bool) -> None:
     """The warning the 503 for such a user points to ("see the warnings in the log"): none was written, and
     a `user_state` locked on PostgreSQL gave 503s after 10 s each with nothing in the log. It does not name the
-    user: the log is not erased when a user is forgotten (README)."""
+    user: the log is not erased when a user is forgotten (docs/operations.md, "Forgetting a user")."""
     left_out = _failure_lines.allow(timed_out)
     if left_out is None:
         return

@@ -17,7 +17,7 @@ from migrations import DowngradeRefused
 
 config = context.config
 if config.config_file_name is not None:
-    # Alembic's own command line (`.venv/bin/alembic downgrade 0006`, as the README has it for going
+    # Alembic's own command line (`.venv/bin/alembic downgrade 0006`, as docs/operations.md has it for going
     # back a release), reading alembic.ini: its logging sections say which revisions ran. Unread, the
     # command said nothing, whether it had downgraded or not. `tipstream migrate` passes no file.
     fileConfig(config.config_file_name, disable_existing_loggers=False)
@@ -73,7 +73,7 @@ REVISION_CHANGES = ("upgrade", "downgrade", "stamp")
 
 
 def hold_service_lock() -> ServiceLock | None:
-    """Under alembic's own command line (`.venv/bin/alembic downgrade <revision>`, the README's way back a
+    """Under alembic's own command line (`.venv/bin/alembic downgrade <revision>`, docs/operations.md's way back a
     release), the lock a running service holds on its database: taken, no service starts meanwhile; held by
     one, the command ends naming it. Run beside a service, a downgrade dropped what the service writes (0008
     -> 0007: its requests to forget a user got 503s saying the database was away), where `tipstream migrate`

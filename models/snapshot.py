@@ -60,7 +60,7 @@ class _Pickler(pickle.Pickler):
 
 # Release 0.1.0 defined these in models.reward, and its snapshots name them there. They live where this
 # table says now, but keep that name (`stored_in_reward`; models.reward resolves it, its `__getattr__`):
-# a release before the move reads only the names it knows, and going back to one (README, "Upgrading")
+# a release before the move reads only the names it knows, and going back to one (docs/operations.md, "Upgrading")
 # must read the models this one saved.
 STORED_IN_REWARD: dict[str, str] = {
     "Interactions": "models.interactions", "PopularityPrior": "models.prior",

@@ -217,7 +217,7 @@ class Refused(Exception):
 
 
 # Every `Rejection.kind`, here and in ingest (`oversized`, `future_ts`, `processing_failed`): each stream's
-# `tipstream_dlq_total` has a series for each from the start, at 0, for the README's alert on its increase().
+# `tipstream_dlq_total` has a series for each from the start, at 0, for the operator's guide's alert on its increase().
 REJECTION_KINDS = ("invalid_json", "invalid_utf8", "unknown_type", "missing_field", "invalid_field",
                    "unsupported_version", "subject_mismatch", "oversized", "future_ts", "processing_failed")
 

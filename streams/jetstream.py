@@ -272,7 +272,7 @@ def clustered(info: Any) -> bool:
 
 
 # The nats-server releases tipstream was run against end to end (ingest, the DLQ, the decision log,
-# the learner's join, restarts, a rebuild): README, "Which NATS servers". It uses nothing newer than
+# the learner's join, restarts, a rebuild): docs/operations.md, "Which NATS servers". It uses nothing newer than
 # 2.9's JetStream API (no stream metadata, subject transforms, per-message TTLs, direct gets, batch
 # publishing), so a newer server is fine; an older one was never run.
 TESTED_SERVERS = ("2.9.10", "2.10.25", "2.15.1")

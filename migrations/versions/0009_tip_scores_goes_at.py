@@ -36,7 +36,7 @@ GOES_AT = {
 
 def upgrade() -> None:
     dialect = op.get_bind().dialect.name
-    # Built beforehand (README, "Upgrading": CREATE INDEX CONCURRENTLY on a large PostgreSQL table): kept.
+    # Built beforehand (docs/operations.md, "Upgrading": CREATE INDEX CONCURRENTLY on a large PostgreSQL table): kept.
     op.create_index("ix_tip_scores_goes_at", "tip_scores", [sa.text(GOES_AT[dialect])], if_not_exists=True)
     if dialect == "postgresql":  # the expression's statistics, which the planner weighs the index by
         op.execute("ANALYZE tip_scores")

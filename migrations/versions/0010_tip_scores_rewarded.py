@@ -7,7 +7,7 @@ reward (up to the join window's) and the unrewarded rows among the older ones, b
 that order by `created_at` read by another index: one user's rows (`app.export`) by `ix_tip_scores_user_id`,
 retention by `ix_tip_scores_goes_at` (0009).
 
-A new name: a partial index built beforehand (README, "Upgrading": CREATE INDEX CONCURRENTLY on a large
+A new name: a partial index built beforehand (docs/operations.md, "Upgrading": CREATE INDEX CONCURRENTLY on a large
 PostgreSQL table) is kept, and it is never taken for the old full one. The build reads the whole table and
 sorts the rewarded rows (the upgrade: 0.93 s for 1.1 million rows, a tenth rewarded, on SQLite, 0.20 s on
 PostgreSQL); it holds off writes to tip_scores (the checkpoint's) meanwhile, and the start waits for it.
@@ -31,7 +31,8 @@ def upgrade() -> None:
     where = sa.text(REWARDED)
     op.create_index("ix_tip_scores_rewarded", "tip_scores", ["created_at", "decision_id"], if_not_exists=True,
                     sqlite_where=where, postgresql_where=where)
-    op.drop_index("ix_tip_scores_created_at", "tip_scores", if_exists=True)  # or dropped beforehand (README)
+    # or dropped beforehand (docs/operations.md, "Upgrading")
+    op.drop_index("ix_tip_scores_created_at", "tip_scores", if_exists=True)
 
 
 def downgrade() -> None:

@@ -61,7 +61,7 @@ async def last_seqs(js: Any) -> dict[str, int]:
 
 
 def backup(url: str, where: Path) -> list[tuple[sa.Table, list[dict[str, Any]]]]:
-    """The database as it is now, taken under the running service: SQLite's online backup (README,
+    """The database as it is now, taken under the running service: SQLite's online backup (docs/operations.md,
     "Backups and restores"); PostgreSQL's tables read in one snapshot, as `pg_dump` does."""
     if url.startswith("sqlite"):
         with sqlite3.connect(url.removeprefix("sqlite:///")) as live, sqlite3.connect(where) as copy:
@@ -177,7 +177,7 @@ async def test_restarts_and_a_rebuild_from_the_log_never_find_lost_commits(
         await running.stop()  # its last checkpoint, then the next start checks against what it restored
     assert running.service.checkpointer.committed == total
 
-    await asyncio.to_thread(migrate.downgrade, url, "base")  # README, "Rebuilding from the log"
+    await asyncio.to_thread(migrate.downgrade, url, "base")  # docs/operations.md, "Rebuilding from the log"
     running = await start_service(**settings)
     await eventually(lambda: positions(url) == total, timeout=20)
     await running.stop()

@@ -1,6 +1,6 @@
 """Rebuild from the log: drop the database, start again, and the service knows what it knew.
 
-The README's procedure ("Rebuilding from the log"): stop the service, `tipstream migrate base`,
+docs/operations.md's procedure ("Rebuilding from the log"): stop the service, `tipstream migrate base`,
 start it. With no checkpoint, SIGNALS, FEEDBACK and DECISIONS are replayed from their first
 message; the first start registers a fresh `v1`, which learns from the replayed feedback.
 Real nats-server, real `tipstream` processes, SQLite and PostgreSQL.
@@ -86,7 +86,7 @@ def caught_up(service: ServiceProcess, last: dict[str, int], credited: float) ->
 
 
 def start_rebuilding(data_dir: Path, env: dict[str, str], patches: dict[str, Any] | None = None) -> ServiceProcess:
-    """The README's rebuild, started: `migrate base`, then `tipstream run`."""
+    """docs/operations.md's rebuild, started: `migrate base`, then `tipstream run`."""
     service = ServiceProcess(data_dir, env, patches=patches)
     migrated = subprocess.run([TIPSTREAM, "migrate", "base"], env=service.env, capture_output=True, text=True)
     assert migrated.returncode == 0, migrated.stderr
@@ -133,7 +133,7 @@ async def rebuilt_counting_as_live(js: Any, service: ServiceProcess, data_dir: P
 
 async def rebuild(js: Any, data_dir: Path, env: dict[str, str], users: list[str], credited: float
                   ) -> tuple[ServiceProcess, Knowledge]:
-    """The README's rebuild: `migrate base`, start again, wait for the replay; the running service
+    """docs/operations.md's rebuild: `migrate base`, start again, wait for the replay; the running service
     (to stop) and what it knows."""
     service = ServiceProcess(data_dir, env)
     migrated = subprocess.run([TIPSTREAM, "migrate", "base"], env=service.env, capture_output=True, text=True)

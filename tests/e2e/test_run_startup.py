@@ -589,8 +589,8 @@ def test_a_damaged_saved_model_of_a_version_not_retired_is_a_message_naming_the_
     damaged_after_a_first_start(tmp_path, damage)
     done = run(tmp_path)
     assert_one_message(done, "The saved model of version 'v1' cannot be read (UnpicklingError: ",
-                       "the database holds it damaged", "(README, 'Backups and restores')",
-                       "(README, 'Rebuilding from the log'; registry changes are lost",
+                       "the database holds it damaged", "(docs/operations.md, 'Backups and restores')",
+                       "(docs/operations.md, 'Rebuilding from the log'; registry changes are lost",
                        "then start tipstream again", "v1 is not retired")
 
 
@@ -613,8 +613,9 @@ def test_a_damaged_learner_state_row_is_a_message_naming_the_row_and_the_fixes(t
         [(row, state, datetime.datetime.now()) for row, state in rows.items()]))
     done = run(tmp_path)
     assert_one_message(done, f"The learner_state row '{name}' (", ") cannot be read (",
-                       "the database holds it damaged", "(README, 'Backups and restores')",
-                       "(README, 'Rebuilding from the log'; registry changes are lost", "then start tipstream again")
+                       "the database holds it damaged", "(docs/operations.md, 'Backups and restores')",
+                       "(docs/operations.md, 'Rebuilding from the log'; registry changes are lost",
+                       "then start tipstream again")
 
 
 @pytest.mark.parametrize(("damage", "named"), [
@@ -633,7 +634,8 @@ def test_a_damaged_registry_row_is_a_message_naming_the_row_and_the_fixes(
 
     damaged_after_a_first_start(tmp_path, damaged_row)
     parts = (f"The registry cannot be read: {named}", "the database holds it damaged",
-             "(README, 'Backups and restores')", "(README, 'Rebuilding from the log'; registry changes are lost")
+             "(docs/operations.md, 'Backups and restores')",
+             "(docs/operations.md, 'Rebuilding from the log'; registry changes are lost")
     assert_one_message(run(tmp_path), *parts, "then start tipstream again")
     listed = subprocess.run([TIPSTREAM, "models", "list"], capture_output=True, text=True, timeout=60,
                             env=environment(tmp_path))

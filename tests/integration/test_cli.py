@@ -187,7 +187,7 @@ def test_migrate_says_where_the_database_is_and_does_not_pretend_to_go_back(
 
 
 def test_alembic_downgrade_says_what_it_ran(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The README's way back to an older release is `.venv/bin/alembic downgrade <revision>` from the
+    """docs/operations.md's way back to an older release is `.venv/bin/alembic downgrade <revision>` from the
     repository root; it said nothing, whether it had downgraded or not."""
     url = f"sqlite:///{tmp_path / 'm.db'}"
     monkeypatch.setenv("DATABASE_URL", url)
@@ -203,7 +203,7 @@ def test_alembic_downgrade_says_what_it_ran(tmp_path: Path, monkeypatch: pytest.
 def test_alembic_downgrade_refused_ends_with_what_to_do_not_a_traceback(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A downgrade below 0008 with a user forgotten twice is refused: through alembic's command line,
-    as the README has it, the message naming what to do came last under thirty lines of traceback."""
+    as docs/operations.md has it, the message naming what to do came last under thirty lines of traceback."""
 
 
     url = f"sqlite:///{tmp_path / 'm.db'}"
@@ -220,7 +220,7 @@ def test_alembic_downgrade_refused_ends_with_what_to_do_not_a_traceback(
 
 def test_alembic_downgrade_refuses_under_a_running_service(
         database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The README's way back a release is `alembic downgrade` with the service stopped; run beside one,
+    """docs/operations.md's way back a release is `alembic downgrade` with the service stopped; run beside one,
     it dropped the tables and columns the service writes (0008 -> 0007: every request to forget a user
     then got a 503 'the database is away'), as `tipstream migrate` refuses to."""
     from app.service_lock import ServiceLock
@@ -274,7 +274,7 @@ def test_reading_the_registry_where_there_is_no_database_creates_none(
     with pytest.raises(SystemExit, match=r"No tipstream tables at sqlite:///.*elsewhere\.db \(DATABASE_URL\)") as told:
         main(["models", "card", "v1"])
     assert "TIPSTREAM_DATA_DIR" not in str(told.value) and not (tmp_path / "elsewhere.db").exists()
-    # The service's data directory after `tipstream migrate base` (the README's rebuild): "run this where
+    # The service's data directory after `tipstream migrate base` (docs/operations.md's rebuild): "run this where
     # the service runs" sent the operator away from the right place.
     get_settings.cache_clear()
     monkeypatch.delenv("DATABASE_URL")
@@ -451,7 +451,7 @@ def test_a_parameter_given_twice_to_register_is_refused_before_anything_is_sent(
 
 
 def test_help_names_every_users_command(capsys: pytest.CaptureFixture[str]) -> None:
-    """`tipstream --help` summed `users` up as forgetting a user: `export`, the README's right of
+    """`tipstream --help` summed `users` up as forgetting a user: `export`, docs/operations.md's right of
     access, was not named where an operator looks for it first."""
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -467,7 +467,8 @@ def test_every_command_and_flag_the_docs_name_exists(capsys: pytest.CaptureFixtu
 
     root = Path(__file__).resolve().parents[2]
     named: dict[tuple[str, ...], set[str]] = {}
-    for path in (root / "README.md", root / "docs" / "architecture.md", root / "docs" / "learning.md"):
+    docs = root / "docs"
+    for path in (root / "README.md", docs / "architecture.md", docs / "learning.md", docs / "operations.md"):
         for line in re.findall(r"tipstream ((?:run|simulate|migrate|docs|models|users)\b[^`\n#]*)", path.read_text()):
             words = line.split()
             command = tuple(words[:2]) if words[0] in ("models", "users") and len(words) > 1 else tuple(words[:1])
@@ -944,7 +945,7 @@ def test_a_downgrade_below_0008_refused_for_erasures_earlier_goes_through_once_i
 
 def test_migrate_base_drops_the_records_of_users_forgotten_more_than_once(
         database_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """The README's rebuild from the log starts with `tipstream migrate base`, which drops the records
+    """docs/operations.md's rebuild from the log starts with `tipstream migrate base`, which drops the records
     of erasures (it says to keep them first). With a user forgotten twice it ended in a traceback from
     0008's refusal to downgrade to 0007, telling to delete the records and 'downgrade again'."""
 
@@ -974,7 +975,7 @@ def test_migrate_base_refuses_to_drop_the_tables_of_a_running_service(
 @pytest.mark.parametrize("release", ["current", "before the lock"])
 def test_migrate_refuses_to_upgrade_the_database_under_a_running_service(
         release: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """The README said not to run a new release's `tipstream migrate` while the old one serves the
+    """docs/operations.md said not to run a new release's `tipstream migrate` while the old one serves the
     database (it would not start again on the newer revision), and nothing stopped it."""
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))

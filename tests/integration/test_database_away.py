@@ -398,8 +398,8 @@ async def promotion_refused(running, token: str) -> str:
 @pytest.mark.postgres
 async def test_an_admin_change_its_user_may_not_write_is_told_the_grant_not_an_outage(
         start_service, postgres_url) -> None:
-    """A least-privilege user (README, "On PostgreSQL") without a right on a table, as on one a new release's
-    migration made after the grants: a promotion answered 'the database is away (ProgrammingError); try again
+    """A least-privilege user (docs/operations.md, "On PostgreSQL") without a right on a table, as on one a new
+    release's migration made after the grants: a promotion answered 'the database is away (ProgrammingError); try again
     once it is back', which no wait mends."""
     from sqlalchemy.engine import make_url
 

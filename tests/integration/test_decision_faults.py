@@ -296,7 +296,7 @@ async def test_a_decision_refused_for_storage_full_names_the_limits_to_free_or_r
         start_service, tmp_path, monkeypatch, caplog, cap: str) -> None:
     """The fix was told only for err_code 10047, which nats-server answers to a stream's creation: a
     publish past the server's max_file_store gets 10023 and one past the account's max_file 10002, so
-    the log said only JetStream's words, not which limits (README, "Disk")."""
+    the log said only JetStream's words, not which limits (docs/operations.md, "Disk")."""
     from app import bootstrap
 
     monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.5)  # JetStream refuses the decision: a stop waits out any bound
@@ -318,7 +318,7 @@ async def test_a_decision_refused_for_storage_full_names_the_limits_to_free_or_r
 async def test_a_bad_event_whose_dlq_copy_is_refused_for_storage_full_names_the_limits(
         start_service, tmp_path, caplog) -> None:
     """SIGNALS waits at a bad event until the DLQ takes its copy; refused for JetStream's storage full, the
-    log said JetStream's words only, not which limits to free or raise (README, "Disk")."""
+    log said JetStream's words only, not which limits to free or raise (docs/operations.md, "Disk")."""
     server, url = storage_capped_server(tmp_path / "capped", "server")
     server.start()
     try:

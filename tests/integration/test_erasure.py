@@ -1038,7 +1038,7 @@ async def test_a_damaged_saved_model_of_a_retired_version_keeps_the_forget_dropp
         [said] = told()
         assert said.startswith("forgetting 'u-1' cannot be finished: The saved model of version 'v3' cannot be read "
                                "(UnpicklingError: "), said
-        assert "(README, 'Backups and restores')" in said and "'Rebuilding from the log'" in said, said
+        assert "(docs/operations.md, 'Backups and restores')" in said and "'Rebuilding from the log'" in said, said
         assert "\n" not in said and "trying again" not in said, said
         answer = await status(http, "u-1")
         assert answer["status"] == "dropped" and answer["done_at"] is None, answer

@@ -423,7 +423,7 @@ async def test_events_past_retention_are_warned_of_only_when_a_checkpoint_wanted
 
 
 async def test_a_rebuild_after_a_user_s_first_messages_were_erased_does_not_blame_retention(nc, caplog) -> None:
-    """The README forgets a user, then rebuilds: the stream's first messages, theirs, were erased
+    """docs/operations.md forgets a user, then rebuilds: the stream's first messages, theirs, were erased
     minutes before, and the start said they were past the stream's retention."""
     from streams.jetstream import reset_durable
 

@@ -923,7 +923,7 @@ async def test_a_message_delivered_again_does_not_hide_one_passed_over(nats_serv
 
 
 async def test_the_lag_metric_grows_with_the_stream_while_ingest_holds(nats_server) -> None:
-    """The README alerts on `tipstream_stream_lag > 10000` for ingest held. The lag was set only as a chunk
+    """docs/operations.md alerts on `tipstream_stream_lag > 10000` for ingest held. The lag was set only as a chunk
     was folded, so a hold (checkpoints failing: a SQLite file locked for 80 s under `--demo 100`) kept the
     last value, 0, in /metrics and /readyz alike, while ~8,000 events were stored behind it."""
     nc = await pull.connect(nats_server.url)
@@ -958,7 +958,7 @@ async def test_the_lag_metric_grows_with_the_stream_while_ingest_holds(nats_serv
 
 async def test_a_stream_held_at_a_users_read_logs_why_and_not_who(nats_server, caplog) -> None:
     """The warning of a chunk held at a user's read said the user's id where the cause goes ("... for SIGNALS
-    (u3); retrying"): the README says the log names a user only in a request to forget them and in warnings
+    (u3); retrying"): docs/operations.md says the log names a user only in a request to forget them and in warnings
     about their reactions, and the id said nothing of why."""
     import re
 

@@ -1,4 +1,4 @@
-"""The service on a real 3-node NATS cluster (README, "On a NATS cluster"): its streams kept in three copies
+"""The service on a real 3-node NATS cluster (docs/operations.md, "On a NATS cluster"): its streams kept in three copies
 (TIPSTREAM_STREAM_REPLICAS=3), and the node leading SIGNALS lost (SIGKILL) under it: ingest and /score go on
 once the cluster has elected new leaders, with no event lost or folded twice, and the node rejoins."""
 
@@ -159,7 +159,7 @@ async def test_a_node_lost_under_the_service_stops_neither_ingest_nor_score(
             during = await score(http, events[0][1]["user_id"])  # from memory; its decision waits for JetStream
             resumed = await publish_through_failover(js, events[half:], deadline_s=15)
             # A bound for liveness, not a speed goal: with the service on the lost node, its consumers' copies
-            # elect their first leaders after the stream's, up to ~18 s after the loss (README's figures).
+            # elect their first leaders after the stream's, up to ~18 s after the loss (docs/operations.md's figures).
             await eventually(lambda: store.applied == len(events), timeout=30)
             ingested = time.monotonic()
             after = await score(http, events[-1][1]["user_id"])
@@ -184,7 +184,7 @@ async def test_a_node_lost_under_the_service_stops_neither_ingest_nor_score(
         "current again %.2f s after its restart; %d events stored, 0 lost, 0 twice; the test took %.1f s",
         leader, "was" if service_on_it else "was not", resumed - killed, len(events), ingested - killed, scored - killed,
         rejoined - scored, stored, time.monotonic() - started)
-    # No bound on the whole: each step above has its own, for liveness; how fast is the README table's
+    # No bound on the whole: each step above has its own, for liveness; how fast is docs/operations.md's table's
     # (measured from these lines), not a stopwatch's a loaded machine fails with every step within its own.
 
 
@@ -391,7 +391,7 @@ async def test_decisions_on_their_way_when_the_consumer_s_leader_is_lost_are_all
 async def test_a_cluster_without_a_quorum_leaves_the_service_ready_and_scoring(
         nats_cluster: NatsCluster, service_on_cluster: Any) -> None:
     """Two nodes of three stopped under the service: no meta leader, no stream leader. JetStream stores no event
-    meanwhile, so none is left unread and /readyz stays 200 (README, "On a NATS cluster"); /score answers
+    meanwhile, so none is left unread and /readyz stays 200 (docs/operations.md, "On a NATS cluster"); /score answers
     from memory, its decisions waiting for JetStream (503 only once TIPSTREAM_DECISION_QUEUE_MAX wait), and they
     are published once the nodes are back. Unready, every replica of the service would leave the load balancer
     at once over a cluster's election, though each answers as it should."""

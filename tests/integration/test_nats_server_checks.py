@@ -1,4 +1,4 @@
-"""What the start checks of the NATS server in NATS_URL (README, "Which NATS servers"): its release,
+"""What the start checks of the NATS server in NATS_URL (docs/operations.md, "Which NATS servers"): its release,
 and its account's JetStream limits the service can live with: it starts, says what they cost, and
 runs. (Limits it cannot live with end the start with the fix: tests/e2e/test_run_startup.py.)"""
 

@@ -1,5 +1,5 @@
 """The service against an older nats-server than the bundled one: a product team's NATS_URL may
-name the release their distribution ships (Debian 12's is 2.9.10, README "Which NATS servers").
+name the release their distribution ships (Debian 12's is 2.9.10, docs/operations.md, "Which NATS servers").
 Every path that talks to JetStream runs once: streams created, ingest, the DLQ, the decision log
 published and read back, the learner's join, a restart resuming from the checkpoint."""
 

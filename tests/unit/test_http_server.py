@@ -1,4 +1,4 @@
-"""The HTTP server's bounds (app/http_server.py, README "Limits"): a real uvicorn with the production
+"""The HTTP server's bounds (app/http_server.py, docs/operations.md, "Limits"): a real uvicorn with the production
 protocol on loopback, and raw sockets as careless or hostile clients."""
 
 from __future__ import annotations

@@ -282,7 +282,7 @@ def test_a_card_with_null_parts_still_renders() -> None:
 
 def test_the_card_s_policy_value_says_what_it_is_per_with_silence_learned_too() -> None:
     """The card said "per decision that got a reaction" only: with TIPSTREAM_SILENCE_REWARD set, the
-    decisions nobody reacted to are in at that reward, and the value is per decision served (README,
+    decisions nobody reacted to are in at that reward, and the value is per decision served (docs/operations.md,
     "Tips nobody reacts to")."""
     card = ModelCard.from_dict({"offline_metrics": {"n": 3, "policy_value": {
         "as_champion": {"decisions": 3, "logged_reward": 0.5, "greedy": {"snips": 0.5}}}}})
@@ -351,7 +351,7 @@ def test_an_input_named_by_a_caller_stays_in_its_row_of_the_inputs_table() -> No
 
 
 def test_the_card_gives_the_champion_s_estimate_beside_a_shadow_s_with_its_interval() -> None:
-    """README, "Managing model versions": beside the shadow's estimate is the champion's on the same
+    """docs/operations.md, "Managing model versions": beside the shadow's estimate is the champion's on the same
     decisions, each with an interval; the card showed the champion's value alone."""
     estimate = {"snips": 0.9, "ci95": [0.8, 0.95], "agreed": 58, "effective_n": 58.0, "skipped_unsupported": 0}
     card = ModelCard.from_dict({"offline_metrics": {"n": 60, "policy_value": {"as_shadow": {

@@ -456,7 +456,7 @@ async def test_a_user_read_that_fails_says_why_in_the_log(caplog: pytest.LogCapt
     """/score's and the features' 503 for a user not in memory says "see the warnings in the log", and
     there were none: a `user_state` locked on PostgreSQL gave the 503 after 10 s and the log said nothing.
     The log now says why, the cause named (the wait given up, or the driver's error), at most once a
-    minute of each, and not who the user is (README, "Forgetting a user": the log is not erased)."""
+    minute of each, and not who the user is (docs/operations.md, "Forgetting a user": the log is not erased)."""
     import threading
 
     from app import thaw
@@ -489,7 +489,7 @@ async def test_a_user_read_that_fails_says_why_in_the_log(caplog: pytest.LogCapt
 
 
 def test_the_checkpoint_age_starts_at_the_start_not_at_1970() -> None:
-    """The README alerts on `time() - tipstream_checkpoint_ok_timestamp_seconds > 60`. The gauge read 0 from a
+    """docs/operations.md alerts on `time() - tipstream_checkpoint_ok_timestamp_seconds > 60`. The gauge read 0 from a
     start to its first checkpoint (~5 s, longer behind a large catch-up's first one), so the alert fired at
     every start, saying checkpoints fail. It starts where /readyz's `since_last_ok_s` does."""
     import time

@@ -826,7 +826,7 @@ async def test_the_spool_reserve_not_held_at_a_start_is_taken_once_the_disk_has_
 
 async def test_each_version_that_learns_is_exposed_at_0_by_the_counters_the_readme_alerts_on(lineup: Lineup) -> None:
     """`increase()` of a series that first appears at 40 is 0. A version's diverged and refused-input
-    counters appeared with their first count, so the README's alerts on them missed the burst that
+    counters appeared with their first count, so docs/operations.md's alerts on them missed the burst that
     made them (inputs refused once, say); they are exposed at 0 from when the version joins."""
     from app.metrics import METRICS
 

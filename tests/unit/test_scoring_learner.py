@@ -600,7 +600,7 @@ def test_a_replay_learns_feedback_that_came_before_another_publisher_s_decision_
     waits and is learned when the decision comes, after the rewards stored in between; or, once it
     has waited `pending_max_age_s`, never. A rebuild reads DECISIONS ahead of FEEDBACK, and found the
     decision already there: it learned the first at its own place in FEEDBACK and the second at all,
-    so its models differed from the live ones, which the README says they equal."""
+    so its models differed from the live ones, which docs/operations.md says they equal."""
     live = World(tmp_path / "live")
     t0 = live.clock.now
     d0, d1, d2 = (_foreign(live, f"ext-{i}") for i in range(3))
@@ -1254,7 +1254,7 @@ def test_cards_estimate_what_the_champion_and_the_shadow_would_have_earned(world
     card = asyncio.run(world.lineup.evaluate("v2", "ops", "before promoting"))
     refreshed = world.lineup.registry.history[-1]
     assert (refreshed.action, refreshed.version, refreshed.actor, refreshed.note) == (
-        "evaluate", "v2", "ops", "before promoting")  # an admin change: in the history, as the README says
+        "evaluate", "v2", "ops", "before promoting")  # an admin change: in the history, as docs/operations.md says
     shadow = card.offline_metrics["policy_value"]["as_shadow"]
     as_shadow = [tip == first for tip, _, _, _, first in served]
     as_champion = [tip == best for tip, _, _, best, _ in served]
@@ -2253,8 +2253,8 @@ def test_forgetting_a_user_finds_their_decisions_another_publisher_spelt_with_es
     lambda d: {**d, "ranked": [{**d["ranked"][0], "features": {"user": "id*category=ana*focus"}}, *d["ranked"][1:]]},
 ], ids=["shared user_id", "shared one-hot", "shared text", "own user_id", "own one-hot", "own cross"])
 def test_a_publisher_s_decision_whose_features_name_another_user_is_refused(world: World, forge: Any) -> None:
-    # eve's app, publishing on decisions.> (README: "decisions of their own"), logged a decision of eve's whose
-    # features were ana's, then reacted to it as eve: not another user's reaction, so it trained ana's own
+    # eve's app, publishing on decisions.> (docs/operations.md: "decisions of their own"), logged a decision of eve's
+    # whose features were ana's, then reacted to it as eve: not another user's reaction, so it trained ana's own
     # weights. Forgetting ana left that message in DECISIONS (it is eve's), and a rebuild learned ana back.
     from app.decisions import decode_decision
     from streams.scrub import belongs, spellings

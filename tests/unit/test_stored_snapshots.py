@@ -2,7 +2,7 @@
 
 A snapshot (a `model_versions` or `learner_state` row) names the classes and functions it is made of
 by module path: those release 0.1.0 wrote, whatever has moved since (`snapshot.STORED_IN_REWARD`), so
-that a release before a move reads what a later one saved (going back, README "Upgrading"). Each
+that a release before a move reads what a later one saved (going back, docs/operations.md, "Upgrading"). Each
 directory `stored_snapshots/v<release>/` holds a trained logistic regression, a trained factorisation
 machine (crosses of its own, users forgotten after 30 days) and a popularity prior, as that release
 wrote them, and `expected.json` what they answered then. Write a new release's set, with the code
