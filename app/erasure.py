@@ -628,7 +628,7 @@ def damaged_request(user_id: str, damaged: str) -> str:
     and their users' messages not deleted yet would be folded again."""
     return (f"The request to forget user {user_id!r} cannot be read: {damaged}, the database holds it damaged. "
             f"Request the forget again (`tipstream users forget {shlex.quote(user_id)}`), which replaces the row and "
-            "takes the user through every step again, or restore that row from a backup (README, 'Backups and "
+            "takes the user through every step again, or restore that row from a backup (docs/operations.md, 'Backups and "
             "restores'); not a rebuild from the log, which would bring back their events still in the streams")
 
 

@@ -1096,7 +1096,7 @@ async def test_a_damaged_request_is_set_aside_named_and_mended_by_asking_again(s
         [said] = told()
         assert said.startswith("The request to forget user 'u-1' cannot be read: its bounds (erasures.bounds; "), said
         assert "Request the forget again (`tipstream users forget u-1`)" in said and \
-            "restore that row from a backup (README, 'Backups and restores')" in said and \
+            "restore that row from a backup (docs/operations.md, 'Backups and restores')" in said and \
             "not a rebuild from the log" in said and said.endswith("The other requests go on."), said
         answer = await status(http, "u-1")
         assert answer["status"] == "dropped" and answer["bounds"] is None, answer

@@ -110,4 +110,4 @@ async def test_a_card_leaves_out_the_log_s_damaged_rows_counting_them_and_naming
     [said] = [r.getMessage() for r in caplog.records if r.name == "tipstream.models" and r.levelname == "WARNING"]
     assert said.startswith(f"the card's evaluation over the decision log left out 2 tip_scores row(s) that cannot "
                            f"be read (the first: decision {cut!r}, its decision: JSONDecodeError: "), said
-    assert "(README, 'Rebuilding from the log'" in said, said
+    assert "(docs/operations.md, 'Rebuilding from the log'" in said, said

@@ -462,5 +462,5 @@ def test_a_damaged_minute_of_credits_leaves_a_forget_s_checkpoint_going_on(tmp_p
     [said] = [r.getMessage() for r in caplog.records if r.name == "tipstream.checkpoints" and r.levelname == "ERROR"]
     assert said.startswith(f"The learner_state row {damaged!r} (the credits given in one minute) cannot be read "
                            "(JSONDecodeError: "), said
-    assert "(README, 'Backups and restores')" in said and "the checkpoint goes on" in said, said
+    assert "(docs/operations.md, 'Backups and restores')" in said and "the checkpoint goes on" in said, said
     world.engine.dispose()
