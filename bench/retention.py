@@ -58,7 +58,9 @@ FILL_BATCH = 5_000
 
 def make_row(rand: random.Random, made: datetime, rewarded: datetime | None) -> dict[str, Any]:
     decision_id = served_before_bound(to_ms(made)) + f"{rand.getrandbits(64):016x}"
-    rewards = {"decision": DECISION_TEXT, "rewards": {"t1": 1.0}, "reward": 1.0} if rewarded else {}
+    # The decision's own id in its text: a card's read leaves a decision without one out, as damaged.
+    decision = f'{{"id": "{decision_id}", {DECISION_TEXT[1:]}'
+    rewards = {"decision": decision, "rewards": {"t1": 1.0}, "reward": 1.0} if rewarded else {}
     return {"decision_id": decision_id, "user_id": f"u-{rand.randrange(100_000)}", "created_at": made,
             "kind": "logreg", "model_version": "v1", "shadow_version": None, "prompt_version": None,
             "policy": "epsilon_greedy", "tip_id": f"tip-{rand.randrange(12)}", "score": 0.5, "propensity": 0.9,
