@@ -115,7 +115,7 @@ class Service:
                                               stopping=lambda: self._stopping, fail=self._fail)
         # Learning: the registry's models, the decision log, the learner, /score.
         self.lineup = Lineup(RegistryStore(self.engine), self.engine, eval_max_rewards=settings.card_eval_max_rewards,
-                             silence_reward=settings.silence_reward)
+                             silence_reward=settings.silence_reward, log_level=settings.log_level)
         self.decision_log = TipScoresLog()
         self.learner = Learner(
             self.lineup, self.store, self.decision_log, rewards=settings.rewards,
@@ -230,7 +230,7 @@ class Service:
                  f"{restored} users (loading in the background)" if restored else "no users yet",
                  self._checkpointed, time.perf_counter() - started)
         if s.checkpoint_in_process:
-            self.checkpoint_writer = CheckpointWriter(s.sqlalchemy_url)
+            self.checkpoint_writer = CheckpointWriter(s.sqlalchemy_url, s.log_level)
         self.checkpointer = Checkpointer(self.store, target, s.checkpoint_every_events, s.checkpoint_every_s,
                                          participants=[self.learner, self.decision_log], writer=self.checkpoint_writer,
                                          lock=self.lineup.snapshot_lock, committed=self._restored, threads=self.threads)

@@ -34,12 +34,12 @@ log = logging.getLogger("tipstream.checkpoints")
 _open: Any = None  # the worker's OpenCheckpoint
 
 
-def _start_worker(database_url: str, service_pid: int) -> None:
+def _start_worker(database_url: str, service_pid: int, log_level: str) -> None:
     from app.db import make_engine
-    from app.embedded_nats import die_with_service
+    from app.log_setup import start_spawned
 
     global _open
-    die_with_service(service_pid)
+    start_spawned(service_pid, log_level)
     _open = OpenCheckpoint(make_engine(database_url))
 
 
@@ -68,15 +68,17 @@ def _rollback() -> None:
 class CheckpointWriter:
     """Runs `write_checkpoint` transactions in one worker process (restarted if it dies)."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, log_level: str = "info") -> None:
         self.database_url = database_url
+        self.log_level = log_level  # the worker's (`Settings.log_level`): it logs as the service does
         self._pool: ProcessPoolExecutor | None = None
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
             # spawn: a fork of a process with an event loop and threads is not safe.
             self._pool = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"),
-                                             initializer=_start_worker, initargs=(self.database_url, os.getpid()))
+                                             initializer=_start_worker,
+                                             initargs=(self.database_url, os.getpid(), self.log_level))
         return self._pool
 
     async def save(self, positions: dict[str, int], states: list[tuple[str, bytes]], writes: Sequence[Write],

@@ -15,13 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from app.log_setup import configure_logging
+
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if level != "debug":  # alembic (1.20 here) logs setting up each of its plugins at info: seven lines of noise per start
-        logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 def _run(args: argparse.Namespace) -> int:

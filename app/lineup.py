@@ -23,8 +23,8 @@ from sqlalchemy import Engine
 from app import evaluation
 from app.db import one_line
 from app.decisions import decision_problem
-from app.embedded_nats import die_with_service
 from app.learning_metrics import CANDIDATE_CACHE, DIVERGED, REFUSED, SKIPPED
+from app.log_setup import start_spawned
 from app.registry_store import RegistryStore, UnreadableModel, UnreadableRegistry, decoded_model
 from app.settings import POLICY_PARAMS
 from app.start_errors import DAMAGED_DATABASE_FIXES, StartupError
@@ -61,8 +61,9 @@ class RetiredModel:
 
 class Lineup:
     def __init__(self, store: RegistryStore, engine: Engine, *, eval_max_rewards: int,
-                 silence_reward: float | None = None) -> None:
+                 silence_reward: float | None = None, log_level: str = "info") -> None:
         self.store, self.engine, self.eval_max_rewards = store, engine, eval_max_rewards
+        self.log_level = log_level  # the evaluation process's (`Settings.log_level`): it logs as the service does
         self.silence_reward = silence_reward  # what a first tip nobody reacted to earns in a card's policy value
         self.registry = Registry()
         self.models: dict[str, TipModel | RetiredModel] = {}
@@ -365,8 +366,8 @@ class Lineup:
                                                            version, self.silence_reward, soft_labels)
         else:
             # spawn: a fork of a process with an event loop and threads is not safe.
-            pool = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), initializer=die_with_service,
-                                       initargs=(os.getpid(),))
+            pool = ProcessPoolExecutor(1, multiprocessing.get_context("spawn"), initializer=start_spawned,
+                                       initargs=(os.getpid(), self.log_level))
             try:
                 blob, card, trained = await asyncio.get_running_loop().run_in_executor(
                     pool, _evaluate_at, url.render_as_string(hide_password=False), self.eval_max_rewards, params,

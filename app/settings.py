@@ -216,8 +216,10 @@ class Settings(BaseSettings):
         description="HTTP port. 0 picks a free one: `tipstream run` prints which (`tipstream on http://...`), "
                     "and `tipstream models` then needs `--url`.",
     )
-    log_level: str = Field("info", description="Python log level of the root logger: tipstream's lines, and its "
-                                               "libraries' (alembic's migrations at info).")
+    log_level: str = Field("info", description="Python log level of the root logger: tipstream's lines (the "
+                                               "service's, and those of the checkpoint writer and evaluation "
+                                               "processes it starts), and its libraries' (alembic's migrations at "
+                                               "info).")
 
     stream_max_age_days: float = Field(
         90.0, gt=0, le=MAX_STREAM_AGE_DAYS, description="Retention of SIGNALS, FEEDBACK and DECISIONS; replay reaches back this far."
