@@ -703,14 +703,19 @@ class StreamIngest:
     async def _ask_lag(self) -> None:
         """While ingest holds, the lag as the server counts it, every `lag_while_held_every_s`: set only as a
         chunk was folded, it stayed at its last value (0) through a hold of minutes while the stream grew, and
-        the operator's guide's alert on `tipstream_stream_lag` for ingest held never fired."""
+        the operator's guide's alert on `tipstream_stream_lag` for ingest held never fired. The consumer's count, or the
+        stream's when the consumer does not answer (no leader, or its node hangs: a held ingest asks no messages,
+        so `_lag_while_unanswered` does not see that silence); the consumer's last lag stayed until the cluster
+        elected it another leader."""
         now = time.monotonic()
         if now - self._lag_asked < self.lag_while_held_every_s or not self.nc.is_connected:
             return
         self._lag_asked = now
+        js = self.nc.jetstream(timeout=RESET_CALL_TIMEOUT_S)
         try:
-            info = await self.js.consumer_info(self.spec.name, self.durable, timeout=RESET_CALL_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - NATS away or the consumer gone: the last lag known stays
+            info = await js.consumer_info(self.spec.name, self.durable)
+        except Exception:  # noqa: BLE001 - the consumer has no leader, hangs or is gone: the stream's count
+            await self._lag_from_stream(js, lambda: True)
             return
         # Not delivered yet, and delivered but not folded: as a folded chunk counts it, after the position.
         self.lag = (info.num_pending or 0) + len(self._held) + len(self.buffer)

@@ -22,6 +22,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 
+from app.ingest import StreamIngest
 from app.metrics import METRICS
 from app.settings import Settings
 from streams import ack_subject, pull
@@ -32,7 +33,7 @@ from streams.jetstream import ALL_STREAMS, event_headers, publish_events
 from streams.simulator import Population
 from streams.store import OnlineStore
 from tests.conftest import NatsCluster, NatsServer, eventually, serve_in_process
-from tests.integration.test_ingest_recovery import decision, reading_decisions
+from tests.integration.test_ingest_recovery import Checkpoints, decision, reading_decisions
 
 log = logging.getLogger("tipstream.test")
 
@@ -482,3 +483,48 @@ async def test_a_hung_node_leading_the_consumer_leaves_the_lag_told_from_the_str
         await admin.close()
     told = [r.getMessage() for r in caplog.records if "answers no pull request" in r.getMessage()]
     assert len([line for line in told if "stream SIGNALS" in line]) == 1, told  # one for the silence, not a second
+
+
+async def test_a_hung_node_leading_the_consumer_of_a_held_ingest_leaves_the_lag_told_from_the_stream(
+        nats_cluster: NatsCluster) -> None:
+    """Ingest held (checkpoints behind: TIPSTREAM_MAX_UNCHECKPOINTED_EVENTS reached) asks no messages, so the
+    silence of a hung node leading its consumer is not seen (`_lag_while_unanswered`), and the lag comes from
+    consumer_info (`_ask_lag`), which that node answers: it timed out, and the lag stayed 0 while the stream, led by
+    another node, stored on, until the cluster elected another leader for the consumer."""
+    names = list(nats_cluster.nodes)
+    ours, hung = names[0], names[1]
+    nc = await pull.connect(nats_cluster.nodes[ours].url)
+    js = nc.jetstream(timeout=5)
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1,
+                             replicas=3)
+    checkpoints, store = Checkpoints(), OnlineStore()
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, store, checkpoints, batch=64, max_event_bytes=16384,
+                          max_uncheckpointed=10)
+    ingest.lag_while_held_every_s = 0.1
+    await ingest.start()
+    running = asyncio.create_task(ingest.run())
+    events = [("signals.app.opened", opened(i)) for i in range(25)]
+    try:
+        await publish_events(js, [("signals.app.opened", opened(-1))])
+        await eventually(lambda: store.positions.get("SIGNALS") == 1 and ingest.lag == 0, timeout=10)
+        checkpoints.uncheckpointed = 10  # the database is away: ingest holds after the next chunk
+        await publish_events(js, [("signals.app.opened", opened(-2))])
+        await eventually(lambda: ingest.puller.paused and store.positions.get("SIGNALS") == 2, timeout=10)
+        await lead_signals(nc, js, lambda node: node != hung)
+        await lead_consumer(nc, js, "SIGNALS", hung)
+        nats_cluster.nodes[hung].process.send_signal(signal.SIGSTOP)
+        try:
+            await publish_events(js, events)  # stored while ingest holds, by the stream's leader
+            await eventually(lambda: ingest.lag == len(events) and METRICS.lag.labels("SIGNALS")._value.get()
+                             == len(events), timeout=10)
+            with pytest.raises(NO_LEADER_YET):  # told from the stream, not by the consumer elected again
+                await js.consumer_info("SIGNALS", jsx.durable_of("SIGNALS"), timeout=0.5)
+        finally:
+            nats_cluster.nodes[hung].process.send_signal(signal.SIGCONT)
+        checkpoints.uncheckpointed = 0  # a checkpoint commits: ingest reads on, and the lag goes back to 0
+        await eventually(lambda: store.positions.get("SIGNALS") == 2 + len(events) and ingest.lag == 0, timeout=30)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await ingest.stop()
+        await nc.close()
