@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from app.catch_up import CatchUpProgress
 from app.checkpoints import Checkpointer
 from app.metrics import METRICS
+from app.periodic import answered
 from app.thaw import load_state
 from streams import ack_subject, dead_letters, pull
 from streams import jetstream as jsx
@@ -712,8 +713,8 @@ class StreamIngest:
             return
         self._lag_asked = now
         js = self.nc.jetstream(timeout=RESET_CALL_TIMEOUT_S)
-        try:
-            info = await js.consumer_info(self.spec.name, self.durable)
+        try:  # through `answered`: a cancellation that came with nats-py's answer was dropped, and the hold went on
+            info = await answered(js.consumer_info(self.spec.name, self.durable), RESET_CALL_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - the consumer has no leader, hangs or is gone: the stream's count
             await self._lag_from_stream(js, lambda: True)
             return
@@ -734,8 +735,8 @@ class StreamIngest:
     async def _lag_from_stream(self, js: JetStreamContext, still: Callable[[], bool]) -> None:
         """The lag as the stream counts it, what it stores past the position, set if `still()` holds once it is
         had: an answer of the consumer meanwhile says more."""
-        try:
-            last = (await js.stream_info(self.spec.name)).state.last_seq
+        try:  # through `answered`: a cancellation that came with nats-py's answer was dropped (`_ask_lag`)
+            last = (await answered(js.stream_info(self.spec.name), RESET_CALL_TIMEOUT_S)).state.last_seq
         except Exception:  # noqa: BLE001 - no leader yet, or NATS away: the last lag known stays
             return
         if still():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,15 @@ from app import migrate
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.db import make_engine
 from app.decision_publisher import DecisionPublisher
+from app.ingest import StreamIngest
 from app.service_lock import holder
+from streams import jetstream as jsx
+from streams import pull
 from streams.events import parse_event
 from streams.jetstream import publish_events
 from streams.store import OnlineStore
 from tests.conftest import eventually, reset_postgres
+from tests.integration.test_ingest_recovery import Checkpoints
 
 NOW = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
 
@@ -152,6 +157,26 @@ async def test_the_stop_waits_for_a_user_features_write_under_way_before_letting
     assert not _user_features_writes_waiting(postgres_url)
 
 
+async def _cancelled_as_the_answer_comes(server: Any, nc: Any, task: asyncio.Task[Any],
+                                        asking: Callable[[], Awaitable[set[str]]]) -> None:
+    """Stop `server` (SIGSTOP) and have `task` ask it (`asking`: the tokens of nats-py's requests waiting before
+    `task`'s); cancel `task` as the answer to its request comes, once the server goes on (SIGCONT); wait 3 s at most
+    for `task` to end."""
+    server.process.send_signal(signal.SIGSTOP)
+    try:
+        waiting_before = await asking()
+
+        def awaited_answer() -> asyncio.Future[Any] | None:  # nats-py waits on it (its wait_for's callback is on it)
+            return next((future for token, future in nc._resp_map.items()
+                         if token not in waiting_before and future._callbacks), None)
+
+        answer = await eventually(awaited_answer, timeout=5)
+        answer.add_done_callback(lambda _: task.cancel())
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+    await asyncio.wait({task}, timeout=3)
+
+
 async def test_the_decisions_tail_cancelled_as_its_stream_s_answer_comes_ends(start_service, nats_server) -> None:
     """The DECISIONS tail asks the stream for its last sequence every tick, through nats-py, whose requests wait with
     Python 3.11's `wait_for`: a cancellation that comes with the answer was dropped, the tail went on, and the stop
@@ -172,19 +197,43 @@ async def test_the_decisions_tail_cancelled_as_its_stream_s_answer_comes_ends(st
         asked.set()
         return await last_seq()
 
-    nats_server.process.send_signal(signal.SIGSTOP)
-    try:
+    async def tail_asking() -> set[str]:
         tail.stream_last_seq = asking
         await eventually(asked.is_set, timeout=5)
+        return waiting_before
 
-        def awaited_answer() -> asyncio.Future[Any] | None:  # nats-py waits on it (its wait_for's callback is on it)
-            return next((future for token, future in nc._resp_map.items()
-                         if token not in waiting_before and future._callbacks), None)
-
-        answer = await eventually(awaited_answer, timeout=5)
-        answer.add_done_callback(lambda _: task.cancel())
-    finally:
-        nats_server.process.send_signal(signal.SIGCONT)
-    await asyncio.wait({task}, timeout=3)
+    await _cancelled_as_the_answer_comes(nats_server, nc, task, tail_asking)
     assert task.done(), "the tail went on after its cancellation"
     assert task.cancelled()
+
+
+async def test_a_held_ingest_cancelled_as_the_consumer_s_answer_comes_ends(nats_server) -> None:
+    """Ingest held (checkpoints behind) asks the consumer for the lag every `lag_while_held_every_s`, through
+    nats-py, whose requests wait with Python 3.11's `wait_for`: a cancellation that came with the answer was dropped,
+    and the hold went on (the stop waited `background.STOP_CANCEL_AGAIN_S` to cancel it again). Here the server is
+    stopped (SIGSTOP) with the ask on its way, and ingest is cancelled as the answer comes, once the server goes on."""
+    nc = await pull.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    checkpoints = Checkpoints()
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, OnlineStore(), checkpoints, batch=64, max_event_bytes=16384,
+                          max_uncheckpointed=1)
+    ingest.lag_while_held_every_s = 0.1
+    await ingest.start()
+    task = asyncio.create_task(ingest.run())
+    try:
+        checkpoints.uncheckpointed = 1  # the database is away: ingest holds after the next chunk
+        await publish_events(js, [("signals.app.opened", {"id": "e-1", "type": "app.opened", "user_id": "u-1",
+                                                          "ts": "2026-11-26T08:00:00Z", "v": 1, "data": {}})])
+        await eventually(lambda: ingest.puller is not None and ingest.puller.paused, timeout=10)
+        async def held_asking() -> set[str]:  # the hold asks every 0.1 s: a new request soon
+            return set(nc._resp_map)
+
+        await _cancelled_as_the_answer_comes(nats_server, nc, task, held_asking)
+        assert task.done(), "the hold went on after its cancellation"
+        assert task.cancelled()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await ingest.stop()
+        await nc.close()
