@@ -142,8 +142,11 @@ class Eraser:
             # Read column by column: one whose JSON is damaged failed the request, and asking again is a fix for it.
             before = next(iter(read_rows(conn, db.erasures, db.erasures.c.user_id == user_id, for_update=True)), None)
             if before is not None and before["status"] == "done":
-                kept = {column.name: before[column.name] for column in db.erasures_earlier.columns}
-                conn.execute(insert(db.erasures_earlier).values(kept))
+                # Copied by the database: a column `read_rows` could not decode (None in `before`) moves with the text
+                # it holds, where it went as null, and nothing said what it had held.
+                names = [column.name for column in db.erasures_earlier.columns]
+                conn.execute(insert(db.erasures_earlier).from_select(
+                    names, select(*(db.erasures.c[name] for name in names)).where(db.erasures.c.user_id == user_id)))
             elif before is not None:
                 # Still on its way: what it has done (their state dropped, say) is this request's too. The pass
                 # starting over finds it gone, and its report said `"state": false` of a user it had forgotten.
@@ -160,8 +163,8 @@ class Eraser:
             row = next(iter(read_rows(conn, db.erasures, db.erasures.c.user_id == user_id)), None)
         if row is None:
             return None
-        damaged = row.pop(DAMAGED, None)
-        answer = {**_shown(row), "earlier": self._earlier(user_id)}
+        damaged = row.get(DAMAGED)
+        answer = {**_noted(row), "earlier": self._earlier(user_id)}
         if damaged is not None and row["status"] != "done":  # set aside for good: the fix is the operator's
             answer["stuck"] = damaged_request(user_id, damaged)
         elif row["status"] == "dropped" and self._unreadable is not None:  # else 'dropped' for good, no word why
@@ -170,8 +173,7 @@ class Eraser:
 
     def _earlier(self, user_id: str) -> list[dict[str, Any]]:
         """The requests to forget `user_id` done before the one in `erasures`, oldest first."""
-        return [_shown({key: value for key, value in row.items() if key != DAMAGED})
-                for row in earlier_erasures(self.engine, user_id)]
+        return [_noted(row) for row in earlier_erasures(self.engine, user_id)]
 
     def resume(self) -> None:
         """At the start, before DECISIONS is read back: the users whose messages are still to delete are
@@ -630,6 +632,17 @@ def damaged_request(user_id: str, damaged: str) -> str:
             f"Request the forget again (`tipstream users forget {shlex.quote(user_id)}`), which replaces the row and "
             "takes the user through every step again, or restore that row from a backup (docs/operations.md, 'Backups and "
             "restores'); not a rebuild from the log, which would bring back their events still in the streams")
+
+
+def _noted(row: dict[str, Any]) -> dict[str, Any]:
+    """A request's row as the status shows it, with `damaged` saying which column cannot be read (`read_rows`): shown
+    as null without a word, a done request's damaged report read as if it had none."""
+    shown = _shown({key: value for key, value in row.items() if key != DAMAGED})
+    if DAMAGED in row:
+        shown["damaged"] = (f"{row[DAMAGED]} cannot be read, shown as null: the database holds it damaged, and keeps "
+                            "it as it is (moved with the record when the user is asked for again). Restore that row "
+                            "from a backup to read it (README, 'Backups and restores')")
+    return shown
 
 
 def _decisions_of(user_id: str, items: Sequence[tuple[str, str, bytes]]) -> set[str]:

@@ -259,6 +259,9 @@ ROLES = {
 }
 
 _WHEN = {"type": ["string", "null"], "format": "date-time"}
+_DAMAGED = {"type": "string", "description": "which of the row's columns (bounds, report) cannot be read, and why: "
+            "shown as null, kept in the database as it is (moved with the record when the user is asked for again), "
+            "with the fix; absent when every column can be read"}
 ERASURE = {
     "type": "object", "required": ["user_id", "status", "requested_at", "requested_by"],
     "properties": {
@@ -274,6 +277,7 @@ ERASURE = {
         "stuck": {"type": "string", "description": "why it cannot go on, with the fix: dropped, until the service is "
                   "started again (a version's saved model the database holds damaged), or its own row damaged (asked "
                   "for again, it is replaced); absent otherwise"},
+        "damaged": _DAMAGED,
         "earlier": {"type": "array", "description": "requests to forget this user done before this one, oldest first "
                     "(the user was asked for again: events of theirs came since)", "items": {
                         "type": "object", "required": ["user_id", "requested_at", "requested_by", "done_at"],
@@ -281,7 +285,7 @@ ERASURE = {
                                        "requested_at": {"type": "string", "format": "date-time"},
                                        "requested_by": {"type": "string"}, "dropped_at": _WHEN, "done_at": _WHEN,
                                        "bounds": {"type": ["object", "null"]},
-                                       "report": {"type": ["object", "null"]}}}},
+                                       "report": {"type": ["object", "null"]}, "damaged": _DAMAGED}}},
     },
 }
 

@@ -41,9 +41,13 @@ def _shown(row: dict[str, Any]) -> str:
                      "app knows, check the id as it sends it (`tipstream users export ID` shows what is held)")
     if row.get("stuck"):
         line += f"\n  stuck: {row['stuck']}"
+    elif row.get("damaged"):  # done: its report shown as none, and nothing said why
+        line += f"\n  damaged: {row['damaged']}"
     for done in row.get("earlier", ()):
         line += (f"\n  forgotten before: done {done['done_at']} (asked {done['requested_at']} by "
                  f"{escaped(done['requested_by'])})")
+        if done.get("damaged"):
+            line += f"\n    damaged: {done['damaged']}"
     return line
 
 

@@ -1062,6 +1062,21 @@ async def test_a_damaged_saved_model_of_a_retired_version_keeps_the_forget_dropp
     assert not any("did not go through" in r.getMessage() for r in caplog.records if r.name == "tipstream.erasure")
 
 
+def saved_request(url: str, status: str, bounds: str, report: str) -> None:
+    """u-1's `erasures` row, asked for (and its state dropped; done too if `status` says so) a minute ago, its `bounds`
+    and `report` this text, as a hand's UPDATE or a disk fault leaves them."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            at = datetime.now(UTC) - timedelta(minutes=1)
+            conn.execute(sa.text("insert into erasures (user_id, status, requested_at, requested_by, dropped_at, "
+                                 "bounds, report, done_at) values ('u-1', :status, :at, 'dpo', :at, :bounds, :report, "
+                                 ":done)"), {"status": status, "at": at, "bounds": bounds, "report": report,
+                                             "done": at if status == "done" else None})
+    finally:
+        engine.dispose()
+
+
 async def test_a_damaged_request_is_set_aside_named_and_mended_by_asking_again(start_service, nc, database_url, caplog,
                                                                                monkeypatch, capsys) -> None:
     """A request's `bounds` (what step 4 deletes by) damaged: cut short on SQLite; on PostgreSQL, which keeps only
@@ -1076,16 +1091,8 @@ async def test_a_damaged_request_is_set_aside_named_and_mended_by_asking_again(s
     caplog.set_level(logging.INFO, logger="tipstream")
     running = await started_knowing_two(start_service, nc, {"database_url": database_url})
     service = running.service
-    damaged = "'\"overwritten\"'" if database_url.startswith("postgresql") else "'{\"SIGNALS\": 3, \"FEED'"
-    engine = sa.create_engine(database_url)
-    try:
-        with engine.begin() as conn:
-            earlier = datetime.now(UTC) - timedelta(minutes=1)
-            conn.execute(sa.text("insert into erasures (user_id, status, requested_at, requested_by, dropped_at, "
-                                 f"bounds, report) values ('u-1', 'dropped', :at, 'dpo', :at, {damaged}, "
-                                 "'{\"state\": true}')"), {"at": earlier})
-    finally:
-        engine.dispose()
+    damaged = '"overwritten"' if database_url.startswith("postgresql") else '{"SIGNALS": 3, "FEED'
+    saved_request(database_url, "dropped", damaged, '{"state": true}')
 
     def told() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.name == "tipstream.erasure" and r.levelname == "ERROR"]
@@ -1160,3 +1167,44 @@ async def test_an_export_shows_a_damaged_row_of_theirs_as_the_text_it_holds(data
     assert {row["decision_id"]: row["rewards"] for row in found["tip_scores"]} == {"d-1": shown, "d-2": None}
     assert found["user_features"]["features"] == shown and found["user_features"]["fallbacks"] == [], found
     assert [row["decision"]["id"] for row in found["tip_scores"] if row["rewards"] is not None] == ["d-1"]
+
+
+async def test_a_done_request_whose_report_is_damaged_says_so_and_keeps_its_text_when_asked_for_again(
+        start_service, nc, database_url, monkeypatch, capsys) -> None:
+    """A request done whose `report` the database holds damaged (cut short on SQLite; on PostgreSQL, which keeps only
+    JSON in the column, overwritten with another value) was shown with `report` null and no word of why; asked for
+    again, the record moved to `erasures_earlier` without it, the text it held dropped without a word. Now the status
+    says which column cannot be read (`damaged`), here and in `earlier`, and the row moves with its text as it is."""
+    from app.cli import main
+
+    running = await started_knowing_two(start_service, nc, {"database_url": database_url})
+    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", TOKEN)
+
+    async def told() -> str:
+        capsys.readouterr()
+        assert await asyncio.to_thread(main, ["users", "forget-status", "u-1", "--url", running.base_url]) == 0
+        return capsys.readouterr().out
+
+    damaged = '"overwritten"' if database_url.startswith("postgresql") else '{"state": true, "SIGN'
+    saved_request(database_url, "done", '{"SIGNALS": 3}', damaged)
+    engine = sa.create_engine(database_url)
+    try:
+        async with running.http() as http:
+            answer = await status(http, "u-1")
+            assert answer["status"] == "done" and answer["report"] is None and "stuck" not in answer, answer
+            assert answer["damaged"].startswith("its report (erasures.report; "), answer
+            assert "shown as null" in answer["damaged"] and "'Backups and restores'" in answer["damaged"], answer
+            assert "\n  damaged: its report (erasures.report; " in await told()
+            await forget(http, "u-1")
+            await reached(http, "u-1", ("done",), timeout=30)
+            answer = await status(http, "u-1")
+        assert "damaged" not in answer and answer["report"]["state"] is True, answer
+        [before] = answer["earlier"]
+        assert before["report"] is None and before["bounds"] == {"SIGNALS": 3}, before
+        assert before["damaged"].startswith("its report (erasures_earlier.report; "), before
+        assert "\n    damaged: its report (erasures_earlier.report; " in await told()
+        with engine.connect() as conn:
+            kept = conn.execute(sa.text("select cast(report as text) from erasures_earlier where user_id = 'u-1'"))
+            assert kept.scalar_one() == damaged, "the damaged text moves as it is"
+    finally:
+        engine.dispose()
