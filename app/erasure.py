@@ -641,7 +641,7 @@ def _noted(row: dict[str, Any]) -> dict[str, Any]:
     if DAMAGED in row:
         shown["damaged"] = (f"{row[DAMAGED]} cannot be read, shown as null: the database holds it damaged, and keeps "
                             "it as it is (moved with the record when the user is asked for again). Restore that row "
-                            "from a backup to read it (README, 'Backups and restores')")
+                            "from a backup to read it (docs/operations.md, 'Backups and restores')")
     return shown
 
 
