@@ -190,7 +190,7 @@ async def test_a_small_bound_on_events_not_checkpointed_holds_no_stream_after_a_
     settings = {"max_uncheckpointed_events": 20, "checkpoint_every_s": 3600, "ingest_batch": 16}
     body = {"user_id": "u-1", "explore": False, "context": {"now": "2026-11-26T09:00:00+01:00"},
             "candidates": [{"tip_id": "tip-focus-1", "category": "focus"}, {"tip_id": "tip-breaks-1", "category": "breaks"}]}
-    events = list(Population(users=30, seed=6).history(days=2, start_ms=to_ms(datetime(2026, 11, 1, tzinfo=UTC))))
+    events = list(Population(users=10, seed=6).history(days=2, start_ms=to_ms(datetime(2026, 11, 1, tzinfo=UTC))))
 
     async def served(running: Any, count: int) -> None:
         async with running.http() as http:
