@@ -45,7 +45,7 @@ from app.ingest import ReadUpTo, StreamIngest
 from app.learner import Learner
 from app.lineup import Lineup
 from app.metrics import METRICS
-from app.nats_connection import JETSTREAM_CALL_S, NatsConnection
+from app.nats_connection import NatsConnection
 from app.offline import OfflineFeatureWriter
 from app.periodic import every
 from app.registry_store import RegistryStore
@@ -183,7 +183,7 @@ class Service:
             self.background.start(every(EMBEDDED_NATS_CHECK_S, self._keep_embedded_nats_up,
                                         "starting the embedded nats-server again"), name="embedded nats-server")
         self.nc = await self.nats_connection.connect(self.nats_url, self.embedded)
-        js = self.nc.jetstream(timeout=JETSTREAM_CALL_S)
+        js = self.nc.jetstream(timeout=s.nats_jetstream_timeout_s)
         await self.nats_connection.check_server(js)
         streams_lock = asyncio.Lock()  # every ingest that finds its stream gone asks at once: one creates them
         # A smaller TIPSTREAM_STREAM_MAX_BYTES or _MAX_AGE_DAYS set at once made JetStream drop the streams' oldest

@@ -44,7 +44,6 @@ NATS_GREETING_S = 2.0
 # behind the messages the server is still sending (a catch-up's pull requests, megabytes over a slow link).
 MAX_OUTSTANDING_PINGS = 2
 NATS_PORTS = " (NATS clients connect on 4222 by default; 8222 is its HTTP monitoring port, 6222 its cluster port)"
-JETSTREAM_CALL_S = 10.0  # how long the start waits for each JetStream API call's answer
 
 
 def _credentials_refused(error: object) -> bool:
@@ -196,13 +195,13 @@ class NatsConnection:
                 "dlq.>, and subscribes to _INBOX.>: allow those in that user's permissions (`permissions {}` in "
                 "the server's config, or the user's JWT: `nsc edit user --allow-pub ... --allow-sub ...`).")
         if not s.nats_url:
-            return StartupError(f"JetStream at {where} did not answer within {JETSTREAM_CALL_S:g} s: see "
+            return StartupError(f"JetStream at {where} did not answer within {s.nats_jetstream_timeout_s:g} s: see "
                                 f"{s.data_dir / STORE_DIR / 'nats-server.log'}, then start tipstream again.")
         return StartupError(
-            f"JetStream at {where} took tipstream's connection but did not answer within {JETSTREAM_CALL_S:g} s: a "
-            "NATS cluster without a JetStream meta leader (its nodes still starting, or most of them down), or a "
-            "server too loaded to answer. Check it (`nats server check jetstream`, or a node's monitoring page "
-            "/jsz), then start tipstream again.")
+            f"JetStream at {where} took tipstream's connection but did not answer within "
+            f"{s.nats_jetstream_timeout_s:g} s (TIPSTREAM_NATS_JETSTREAM_TIMEOUT_S): a NATS cluster without a "
+            "JetStream meta leader (its nodes still starting, or most of them down), or a server too loaded to answer. "
+            "Check it (`nats server check jetstream`, or a node's monitoring page /jsz), then start tipstream again.")
 
     async def _on_reconnected(self) -> None:
         log.info("reconnected to NATS; resuming each stream from its own position")

@@ -183,6 +183,13 @@ class Settings(BaseSettings):
                     "Not much shorter: a pong waits behind what the server is still sending (a catch-up's messages, "
                     "megabytes over a slow link), and too short a bound takes that for a lost server.",
     )
+    nats_jetstream_timeout_s: float = Field(
+        10.0, gt=0,
+        description="How long each of the service's JetStream API calls (creating and checking its streams and "
+                    "consumers, reading a stream's state) waits for its answer. One unanswered at a start (a NATS "
+                    "cluster without a meta leader, a server too loaded) ends `tipstream run` with a message saying "
+                    "what to check.",
+    )
     nats_creds: Path | None = Field(
         None, description="NATS credentials file (`.creds`: a user JWT and its NKEY seed, as `nsc` and Synadia Cloud "
         "hand out) to connect to NATS_URL with; read again at each reconnect, so a rotated file is taken up. "

@@ -503,7 +503,8 @@ def test_a_nats_user_denied_the_jetstream_api_is_a_message_naming_the_permission
     server = NatsServer(store, args=("-c", str(store / "users.conf")))
     server.start()
     try:
-        done = run(tmp_path, NATS_URL=account_url(server))
+        # The refused call is told once it goes unanswered: after 2 s here, not the default's 10.
+        done = run(tmp_path, NATS_URL=account_url(server), TIPSTREAM_NATS_JETSTREAM_TIMEOUT_S="2")
     finally:
         server.stop()
     assert_one_message(done, f"NATS at nats://t:***@127.0.0.1:{server.port} (NATS_URL) refused NATS_URL's user",
@@ -519,11 +520,12 @@ def test_a_cluster_node_whose_jetstream_does_not_answer_yet_is_a_message_saying_
     first = next(iter(cluster.nodes.values()))
     first.start()
     try:
-        done = run(tmp_path, NATS_URL=first.url)
+        done = run(tmp_path, NATS_URL=first.url, TIPSTREAM_NATS_JETSTREAM_TIMEOUT_S="2")  # the default's 10 s waited
     finally:
         cluster.stop()
     assert_one_message(done, f"JetStream at {first.url} (NATS_URL) took tipstream's connection but did not answer "
-                       "within 10 s", "without a JetStream meta leader", "nats server check jetstream")
+                       "within 2 s (TIPSTREAM_NATS_JETSTREAM_TIMEOUT_S)", "without a JetStream meta leader",
+                       "nats server check jetstream")
 
 
 def test_a_port_taken_after_the_start_bound_it_is_the_same_message_and_the_service_stops(tmp_path: Path) -> None:
