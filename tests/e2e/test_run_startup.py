@@ -4,6 +4,7 @@ wait for NATS that a signal ends, and each failure they can fix told as one mess
 from __future__ import annotations
 
 import datetime
+import shutil
 import signal
 import socket
 import sqlite3
@@ -564,12 +565,22 @@ def test_a_port_taken_after_the_start_bound_it_is_the_same_message_and_the_servi
     assert not (tmp_path / "data" / "nats.url").exists(), "the embedded nats-server was not stopped"
 
 
-def damaged_after_a_first_start(tmp_path: Path, damage: Callable[[sqlite3.Connection], None]) -> None:
-    """A first start and a clean stop, then the database damaged by `damage` (one transaction), as a disk fault or
-    a hand's UPDATE would."""
-    data = tmp_path / "data"
+@pytest.fixture(scope="module")
+def first_started(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory as a first start and a clean stop leave it: the tests below each damage a copy (a start
+    takes seconds, the copy milliseconds)."""
+    data = tmp_path_factory.mktemp("first-start") / "data"
     first = ServiceProcess(data, env={"TIPSTREAM_PORT": "0"}).start_on_printed_port()
     assert first.stop(), first.log()
+    return data
+
+
+def damaged_after_a_first_start(tmp_path: Path, first_started: Path, damage: Callable[[sqlite3.Connection], None]
+                                ) -> None:
+    """A first start and a clean stop (`first_started`'s, copied), then the database damaged by `damage` (one
+    transaction), as a disk fault or a hand's UPDATE would."""
+    data = tmp_path / "data"
+    shutil.copytree(first_started, data)
     database = sqlite3.connect(data / "tipstream.db")
     try:
         with database:
@@ -579,7 +590,7 @@ def damaged_after_a_first_start(tmp_path: Path, damage: Callable[[sqlite3.Connec
 
 
 def test_a_damaged_saved_model_of_a_version_not_retired_is_a_message_naming_the_version_and_the_fixes(
-        tmp_path: Path) -> None:
+        tmp_path: Path, first_started: Path) -> None:
     """The start decodes the saved model of every version not retired (`model_versions.model`): one cut short (a
     disk fault, a hand's UPDATE) ended the start in an UnpicklingError traceback, naming neither the version nor
     a fix. Now it is one message saying which version's model and how to mend it, as `tipstream users export`
@@ -588,7 +599,7 @@ def test_a_damaged_saved_model_of_a_version_not_retired_is_a_message_naming_the_
         blob = database.execute("SELECT model FROM model_versions WHERE version = 'v1'").fetchone()[0]
         database.execute("UPDATE model_versions SET model = ? WHERE version = 'v1'", (blob[:-40],))
 
-    damaged_after_a_first_start(tmp_path, damage)
+    damaged_after_a_first_start(tmp_path, first_started, damage)
     done = run(tmp_path)
     assert_one_message(done, "The saved model of version 'v1' cannot be read (UnpicklingError: ",
                        "the database holds it damaged", "(docs/operations.md, 'Backups and restores')",
@@ -597,7 +608,8 @@ def test_a_damaged_saved_model_of_a_version_not_retired_is_a_message_naming_the_
 
 
 @pytest.mark.parametrize("damaged", ["prior", "learner", "credits"])
-def test_a_damaged_learner_state_row_is_a_message_naming_the_row_and_the_fixes(tmp_path: Path, damaged: str) -> None:
+def test_a_damaged_learner_state_row_is_a_message_naming_the_row_and_the_fixes(tmp_path: Path, first_started: Path,
+                                                                               damaged: str) -> None:
     """The start decodes the learner's rows (`learner_state`): the popularity prior, its positions and waiting
     feedback, a minute's credits. One cut short (a disk fault, a hand's UPDATE) ended the start in a ValueError or
     JSONDecodeError traceback naming neither the row nor a fix. Now it is one message saying which row and how to
@@ -610,7 +622,7 @@ def test_a_damaged_learner_state_row_is_a_message_naming_the_row_and_the_fixes(t
             minute: orjson.dumps({"d-1": [{"t-1": 1.0}, 1]})}
     name = minute if damaged == "credits" else damaged
     rows[name] = rows[name][:-7]  # cut short
-    damaged_after_a_first_start(tmp_path, lambda database: database.executemany(
+    damaged_after_a_first_start(tmp_path, first_started, lambda database: database.executemany(
         "INSERT INTO learner_state (name, state, updated_at) VALUES (?, ?, ?)",
         [(row, state, datetime.datetime.now()) for row, state in rows.items()]))
     done = run(tmp_path)
@@ -627,14 +639,14 @@ def test_a_damaged_learner_state_row_is_a_message_naming_the_row_and_the_fixes(t
      "the rollout history's entry 2 (promote v1; model_rollouts.cards) (JSONDecodeError: "),
 ], ids=["card", "rollout"])
 def test_a_damaged_registry_row_is_a_message_naming_the_row_and_the_fixes(
-        tmp_path: Path, damage: str, named: str) -> None:
+        tmp_path: Path, first_started: Path, damage: str, named: str) -> None:
     """The start reads the registry's JSON (each version's params, feature names and card; each rollout's cards).
     One cut short ended the start, and `tipstream models list`, in a JSONDecodeError traceback naming neither the
     row nor a fix. Now each is one message saying which row and how to mend it, as a damaged saved model's."""
     def damaged_row(database: sqlite3.Connection) -> None:
         assert database.execute(damage).rowcount == 1
 
-    damaged_after_a_first_start(tmp_path, damaged_row)
+    damaged_after_a_first_start(tmp_path, first_started, damaged_row)
     parts = (f"The registry cannot be read: {named}", "the database holds it damaged",
              "(docs/operations.md, 'Backups and restores')",
              "(docs/operations.md, 'Rebuilding from the log'; registry changes are lost")
