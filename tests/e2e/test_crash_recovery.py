@@ -15,6 +15,8 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from app.checkpoints import SqlCheckpointStore
 from app.db import make_engine
+from app.settings import Settings
+from streams import jetstream as jsx
 from streams.events import parse_event
 from streams.fold import to_ms
 from streams.jetstream import DLQ_SEQ, DLQ_STREAM, publish_events
@@ -24,6 +26,14 @@ from tests.e2e.support import ServiceProcess, wait_until
 
 pytestmark = pytest.mark.slow
 START = to_ms(datetime(2026, 10, 1, tzinfo=UTC))
+
+
+async def streams_as_the_service_makes_them(js: Any, duplicate_window_s: float) -> None:
+    """The four streams, as a start with TIPSTREAM_DUPLICATE_WINDOW_S=`duplicate_window_s` makes them, and nothing
+    read: what a start killed at once leaves, without the seconds of a start."""
+    s = Settings(duplicate_window_s=duplicate_window_s)
+    await jsx.ensure_streams(js, max_age_days=s.stream_max_age_days, max_bytes=s.stream_max_bytes,
+                             duplicate_window_s=s.duplicate_window_s, dlq_max_age_days=s.dlq_max_age_days)
 
 
 def checkpointed(url: str, stream: str) -> int:
@@ -192,7 +202,7 @@ async def test_dead_letters_a_start_sent_again_hide_none_of_their_batch_stored_b
     js = nc.jetstream()
     env = {"NATS_URL": nats_server.url, "TIPSTREAM_DUPLICATE_WINDOW_S": "1",
            "TIPSTREAM_CHECKPOINT_EVERY_S": "3600", "TIPSTREAM_CHECKPOINT_EVERY_EVENTS": "1000000"}
-    ServiceProcess(tmp_path / "data", env).start().kill()  # the streams made, nothing read
+    await streams_as_the_service_makes_them(js, 1)
     bad = {"type": "app.opened", "user_id": "u-1", "ts": "yesterday", "data": {}}
     for n in range(1, 5):
         await js.publish("signals.app.opened", orjson.dumps({**bad, "id": f"e-{n}"}))
@@ -229,7 +239,7 @@ async def test_a_flood_of_bad_events_through_a_nats_outage_and_a_kill_9_reaches_
     js = nc.jetstream(publish_async_max_pending=4_000)
     env = {"NATS_URL": nats_server.url, "TIPSTREAM_DUPLICATE_WINDOW_S": "1",  # hides no second DLQ copy
            "TIPSTREAM_CHECKPOINT_EVERY_S": "0.5", "TIPSTREAM_CHECKPOINT_EVERY_EVENTS": "3000"}
-    ServiceProcess(tmp_path / "data", env).start().kill()  # the streams made, nothing read
+    await streams_as_the_service_makes_them(js, 1)
     flood = []
     for i in range(10_000):
         subject, kind, data = [("signals.app.opened", "app.opened", {}), ("signals.task.created", "task.created",
