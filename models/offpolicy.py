@@ -76,8 +76,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from scipy.special import stdtrit  # Student's t quantile; scipy comes loaded with River
-
 MIN_EFFECTIVE_N = 30  # below it, no interval (the usual floor for a normal or t approximation)
 
 # One decision: the target policy's probability of putting each tip first (tips left out: 0),
@@ -162,6 +160,10 @@ def estimate(logged: Iterable[Logged], full_support: bool = False) -> PolicyValu
         # Not bounds that use E[w] = 1 (empirical likelihood): the card's log holds only the
         # decisions somebody reacted to, where E[w] is not 1.
         freedom = max(squares * squares / sum(w ** 4 for w in weights) - 1.0, 1.0)
+        # Imported here, not with the module: the CLI's commands that train nothing (migrate, models list) import
+        # this module through the registry, and started 0.4 s later for SciPy (River loads it for those that do).
+        from scipy.special import stdtrit  # Student's t quantile
+
         half = float(stdtrit(freedom, 0.975)) * spread
         interval = (max(0.0, snips - half), min(1.0, snips + half))
     return PolicyValue(n, agreed, top * weighted / n, snips, interval, effective_n, unsupported)
