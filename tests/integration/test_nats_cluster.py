@@ -146,8 +146,16 @@ async def test_a_node_lost_under_the_service_stops_neither_ingest_nor_score(
             assert info.config.num_replicas == 3, spec.name
             assert len(info.cluster.replicas or ()) == 2 and info.cluster.leader, info.cluster
         for spec in (*jsx.INGESTED_STREAMS, jsx.DECISIONS):  # and of the consumers, which follow their stream
-            consumer = await js.consumer_info(spec.name, jsx.durable_of(spec.name))
-            assert len(consumer.cluster.replicas or ()) == 2, consumer.cluster
+            # Waited for: a consumer made on a new cluster can have no leader yet (no replica is "other" then), and
+            # the service makes one that answers its pull with 503 no responders again (ingest.py's _consumer_gone).
+            async def led_with_two_followers(name: str = spec.name) -> bool:
+                try:
+                    cluster = (await js.consumer_info(name, jsx.durable_of(name))).cluster
+                except NatsTimeout:  # no leader to answer yet
+                    return False
+                return bool(cluster.leader) and len(cluster.replicas or ()) == 2
+
+            await eventually(led_with_two_followers, timeout=20, interval=0.2)
         await publish_events(js, events[:half])
         await eventually(lambda: store.applied == half, timeout=10)
 
