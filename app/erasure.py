@@ -558,10 +558,10 @@ def _added(report: dict[str, Any], before: dict[str, Any] | None) -> dict[str, A
     return added
 
 
-def earlier_erasures(engine: Engine, user_id: str) -> list[dict[str, Any]]:
+def earlier_erasures(engine: Engine, user_id: str, *, held: bool = False) -> list[dict[str, Any]]:
     table = db.erasures_earlier
     with engine.connect() as conn:
-        return read_rows(conn, table, table.c.user_id == user_id)
+        return read_rows(conn, table, table.c.user_id == user_id, held=held)
 
 
 DAMAGED = "damaged"  # in a row `read_rows` read: which of its JSON columns cannot be decoded, and why
@@ -569,11 +569,11 @@ _JSON_COLUMNS = ("bounds", "report")
 
 
 def read_rows(conn: Connection, table: Table, where: ColumnElement[bool], *,
-              for_update: bool = False) -> list[dict[str, Any]]:
+              for_update: bool = False, held: bool = False) -> list[dict[str, Any]]:
     """The rows of `table` (`erasures` or `erasures_earlier`) `where` says, oldest request first, each JSON column
-    decoded on its own: one that cannot be (cut short, or overwritten by hand or by a disk fault) is None, and the
-    row says which and why under `DAMAGED`. Decoded as the rows are fetched, the first such cell failed the read
-    of every row, naming none."""
+    decoded on its own: one that cannot be (cut short, or overwritten by hand or by a disk fault) is None (`held`:
+    what it holds, as an export shows it), and the row says which and why under `DAMAGED`. Decoded as the rows are
+    fetched, the first such cell failed the read of every row, naming none."""
     plain = [column for column in table.columns if column.name not in _JSON_COLUMNS]
     query = (select(*plain, *(cast(table.c[name], Text).label(name) for name in _JSON_COLUMNS))
              .where(where).order_by(table.c.requested_at))
@@ -581,9 +581,12 @@ def read_rows(conn: Connection, table: Table, where: ColumnElement[bool], *,
     for found in conn.execute(query.with_for_update() if for_update else query).mappings():
         row, damaged = dict(found), []
         for name in _JSON_COLUMNS:
-            row[name], why = _decoded(name, row[name])
+            text = row[name]
+            row[name], why = _decoded(name, text)
             if why is not None:
                 damaged.append(f"its {name} ({table.name}.{name}; {why})")
+                if held:
+                    row[name] = _held(text)
         if damaged:
             row[DAMAGED] = " and ".join(damaged)
         rows.append(row)
@@ -610,6 +613,18 @@ def _decoded(name: str, text: str | None) -> tuple[Any, str | None]:
     if value is None or _well_formed(name, value):
         return value, None
     return None, f"not a request's {name}: {value!r:.60}"
+
+
+def _held(text: str) -> Any:
+    """A damaged column as the database holds it: its JSON when it is JSON of another shape, else its text.
+
+    >>> _held('"overwritten"'), _held('{"SIGNALS": 4, "FEED')
+    ('overwritten', '{"SIGNALS": 4, "FEED')
+    """
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _well_formed(name: str, value: Any) -> bool:

@@ -87,8 +87,9 @@ def from_database(engine: Engine, user_id: str) -> dict[str, Any]:
         features = conn.execute(_as_text(db.user_features).where(db.user_features.c.user_id == user_id)).mappings().first()
         scores = conn.execute(_as_text(db.tip_scores).where(db.tip_scores.c.user_id == user_id)
                               .order_by(db.tip_scores.c.created_at)).mappings().all()
-        # Read column by column: the request's row damaged (its bounds cut short) failed the export, naming neither.
-        erasure = next(iter(read_rows(conn, db.erasures, db.erasures.c.user_id == user_id)), None)
+        # Read column by column: the request's row damaged (its bounds cut short) failed the export, naming neither;
+        # then exported as null, while a damaged column of another table was exported as the text it holds.
+        erasure = next(iter(read_rows(conn, db.erasures, db.erasures.c.user_id == user_id, held=True)), None)
         versions = conn.execute(select(db.model_versions.c.version, db.model_versions.c.model)
                                 .where(db.model_versions.c.model.is_not(None))).all()
     weights = {}
@@ -103,7 +104,7 @@ def from_database(engine: Engine, user_id: str) -> dict[str, Any]:
         "user_features": _row(_json_decoded(features, db.user_features)),
         "tip_scores": [_row(_json_decoded(row, db.tip_scores)) for row in scores],
         "erasure": _row(erasure),
-        "erasures_earlier": [_row(row) for row in earlier_erasures(engine, user_id)],
+        "erasures_earlier": [_row(row) for row in earlier_erasures(engine, user_id, held=True)],
         "model_weights": weights,
     }
 

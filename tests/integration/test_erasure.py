@@ -1125,7 +1125,8 @@ async def test_a_damaged_request_is_set_aside_named_and_mended_by_asking_again(s
             exported = (await asyncio.to_thread(from_database, engine, "u-1"))["erasure"]
         finally:
             engine.dispose()
-        assert exported["bounds"] is None and exported["damaged"].startswith("its bounds (erasures.bounds; "), exported
+        assert exported["bounds"] == damaged.strip('"') and exported["damaged"].startswith("its bounds (erasures.bounds; "), \
+            exported
         # Asked for again: the row is replaced, and the user taken through every step, their messages deleted.
         assert await asyncio.to_thread(main, ["users", "forget", "u-1", "--wait", "--url", running.base_url]) == 0
         answer = await status(http, "u-1")
@@ -1139,7 +1140,8 @@ async def test_a_damaged_request_is_set_aside_named_and_mended_by_asking_again(s
 async def test_an_export_shows_a_damaged_row_of_theirs_as_the_text_it_holds(database_url) -> None:
     """`tipstream users export` reads their `tip_scores` and `user_features` rows. On SQLite, one whose JSON was cut
     short (a disk fault, a hand's UPDATE) failed the export in a JSONDecodeError traceback, after every stream had
-    been read; the row is theirs all the same, so it is exported as the text it holds."""
+    been read; the row is theirs all the same, so it is exported as the text it holds. So are their `erasures` and
+    `erasures_earlier` rows' damaged columns, with the `damaged` note, where they were exported as null."""
     from app import db, migrate
     from app.decisions import tip_score_row
     from app.export import from_database
@@ -1160,6 +1162,10 @@ async def test_an_export_shows_a_damaged_row_of_theirs_as_the_text_it_holds(data
                                                             updated_at=datetime.now(UTC), fallbacks=[]))
             conn.execute(sa.text(f"update tip_scores set rewards = {cut} where decision_id = 'd-1'"))
             conn.execute(sa.text(f"update user_features set features = {cut}"))
+            conn.execute(sa.text(f"insert into erasures_earlier (user_id, requested_at, requested_by, dropped_at, "
+                                 f"bounds, report, done_at) values ('u-1', :at, 'dpo', :at, {cut}, null, :at)"),
+                         {"at": datetime.now(UTC) - timedelta(days=1)})
+        saved_request(database_url, "done", '{"SIGNALS": 3}', cut.strip("'"))
         found = await asyncio.to_thread(from_database, engine, "u-1")
     finally:
         engine.dispose()
@@ -1167,6 +1173,11 @@ async def test_an_export_shows_a_damaged_row_of_theirs_as_the_text_it_holds(data
     assert {row["decision_id"]: row["rewards"] for row in found["tip_scores"]} == {"d-1": shown, "d-2": None}
     assert found["user_features"]["features"] == shown and found["user_features"]["fallbacks"] == [], found
     assert [row["decision"]["id"] for row in found["tip_scores"] if row["rewards"] is not None] == ["d-1"]
+    erasure, [earlier] = found["erasure"], found["erasures_earlier"]
+    assert erasure["report"] == shown and erasure["bounds"] == {"SIGNALS": 3}, erasure
+    assert erasure["damaged"].startswith("its report (erasures.report; "), erasure
+    assert earlier["bounds"] == shown and earlier["report"] is None, earlier
+    assert earlier["damaged"].startswith("its bounds (erasures_earlier.bounds; "), earlier
 
 
 async def test_a_done_request_whose_report_is_damaged_says_so_and_keeps_its_text_when_asked_for_again(
