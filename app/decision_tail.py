@@ -55,7 +55,8 @@ from typing import Any
 
 from nats.js.errors import NotFoundError
 
-from app.periodic import answered, every
+from app.periodic import every
+from streams.answers import answered
 from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream.decisions")

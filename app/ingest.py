@@ -27,10 +27,10 @@ from pydantic import ValidationError
 from app.catch_up import CatchUpProgress
 from app.checkpoints import Checkpointer
 from app.metrics import METRICS
-from app.periodic import answered
 from app.thaw import load_state
 from streams import ack_subject, dead_letters, pull
 from streams import jetstream as jsx
+from streams.answers import answered
 from streams.events import (
     EVENT_ADAPTER,
     FAMILY_OF_TYPE,
@@ -418,7 +418,7 @@ class StreamIngest:
             log.error("stream %s is gone from NATS (was its store lost, or the stream deleted?); creating the "
                       "streams again and reading %s from its first message: what was folded stays, and nothing "
                       "is counted twice.", self.spec.name, self.spec.name)
-            await self.ensure_streams()
+            await answered(self.ensure_streams())  # a stop's cancellation kept (`jsx.reset_durable`)
             recreated, why = True, "it was gone from NATS, and is created again"
             pending, start = await jsx.reset_durable(js, self.spec.name, self.durable, 1,
                                                      max_ack_pending=self.batch * ACK_PENDING_BATCHES)
@@ -445,7 +445,7 @@ class StreamIngest:
             # old stream's watermark stayed, the new stream's bad events below it in the DLQ nowhere.
             self.dead_lettered = self._carried = dead_letters.DeadLettered()
             self.dead_lettered = self._carried = await dead_letters.last_dead_lettered(js, self.spec)
-            created = (await js.stream_info(self.spec.name)).created
+            created = (await answered(js.stream_info(self.spec.name))).created
             self._dlq_msg_id_prefix = dead_letters.dlq_msg_id_prefix(self.spec.name, created)
             self._renewing = False
         self.lag = pending
@@ -534,8 +534,9 @@ class StreamIngest:
         try:
             # Through `js`, the re-creation's: unanswered, it raises and is asked again (`_retry`). Taken as the
             # same stream (`jsx.stored_us`, None when not known), ingest resumed after the position, and a new
-            # stream's messages up to it were skipped without a word.
-            msg = await js.get_msg(self.spec.name, seq)
+            # stream's messages up to it were skipped without a word. Through `answered`, as each of the
+            # re-creation's calls (`jsx.reset_durable`): a stop's cancellation that came with the answer was dropped.
+            msg = await answered(js.get_msg(self.spec.name, seq))
         except NotFoundError:  # gone: reset_durable tells
             return None
         if msg.time is None or jsx.epoch_us(msg.time) == last[1]:  # the same message

@@ -4,7 +4,7 @@ Not `asyncio.wait_for` for these waits: on Python 3.11, a task cancelled in the 
 it waits for has come (its waiter ended, the task not resumed yet) is handed that result instead, and the
 cancellation is dropped (CPython gh-86296, fixed in 3.12). A loop of the service's then went on, and the
 stop, which waits for every loop it cancels, waited for ever, whatever signal came next. `asyncio.timeout`
-keeps the cancellation.
+keeps the cancellation. nats-py's requests still wait so: a loop asks NATS through `streams.answers.answered`.
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
 
 from app.db import one_line
 
 log = logging.getLogger("tipstream")
-T = TypeVar("T")
 
 
 async def woken(event: asyncio.Event, timeout_s: float) -> bool:
@@ -36,40 +34,6 @@ async def woken(event: asyncio.Event, timeout_s: float) -> bool:
     except TimeoutError:
         return False
     return True
-
-
-async def answered(work: Awaitable[T], timeout_s: float) -> T:
-    """`work`'s result, waited for at most `timeout_s` (TimeoutError after), run as a task of its own. A
-    cancellation of this wait is kept whatever `work` does with it: nats-py's requests wait with Python 3.11's
-    `asyncio.wait_for`, which drops one that comes with the answer, and the loop asking went on until the stop
-    cancelled it again a second later (`background.STOP_CANCEL_AGAIN_S`).
-
-    >>> async def demo():
-    ...     async def slow():
-    ...         await asyncio.sleep(10)
-    ...     try:
-    ...         await answered(slow(), 0.001)
-    ...     except TimeoutError as error:
-    ...         return str(error), await answered(asyncio.sleep(0, "here"), 1)
-    >>> asyncio.run(demo())
-    ('no answer within 0.001 s', 'here')
-    """
-    task = asyncio.ensure_future(work)
-    task.add_done_callback(_retrieved)
-    try:
-        done, _ = await asyncio.wait({task}, timeout=timeout_s)
-    finally:
-        if not task.done():
-            task.cancel()
-    if not done:
-        raise TimeoutError(f"no answer within {timeout_s:g} s")
-    return task.result()
-
-
-def _retrieved(task: asyncio.Future[object]) -> None:
-    # Left alone, asyncio prints "exception was never retrieved" for work given up on that failed later.
-    if not task.cancelled():
-        task.exception()
 
 
 async def every(interval_s: float, step: Callable[[], Awaitable[object]], what: str) -> None:

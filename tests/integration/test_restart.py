@@ -227,7 +227,7 @@ async def test_a_stop_that_saves_many_users_says_so_before_its_last_checkpoint(
     """After a catch-up, which changes every user, the stop's last checkpoint saves them all: a minute or two for a
     million users, and the log said nothing until it had ended. The stop has lines of its own before, by chance: a
     task whose NATS answer comes with the stop's cancellation goes on (Python 3.11's `wait_for`, in nats-py's
-    requests: the DECISIONS tail's, before it waited through `periodic.answered`), and the stop says so after
+    requests: the DECISIONS tail's, before it waited through `answers.answered`), and the stop says so after
     STOP_CANCEL_AGAIN_S. The test took the first line beginning "stopping: " for the checkpoint's, and failed when
     one came, under load. `dropped`: a task that drops the stop's cancellation, every time."""
     events = list(Population(users=300, seed=4).history(days=1, start_ms=to_ms(datetime(2026, 11, 1, tzinfo=UTC))))

@@ -4,8 +4,10 @@ running, and the stop, which waits for them all, never ended (nor the process, w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -177,6 +179,21 @@ async def _cancelled_as_the_answer_comes(server: Any, nc: Any, task: asyncio.Tas
     await asyncio.wait({task}, timeout=3)
 
 
+def _wait_stopped(pid: int) -> None:
+    """Until every thread of process `pid` is stopped (SIGSTOP reaches a thread running on another core a moment
+    later), 2 s at most."""
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        states = []
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+            with contextlib.suppress(OSError):  # a thread that ended
+                states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+        if states and all(state in "tT" for state in states):
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} not stopped within 2 s of its SIGSTOP")
+
+
 async def test_the_decisions_tail_cancelled_as_its_stream_s_answer_comes_ends(start_service, nats_server) -> None:
     """The DECISIONS tail asks the stream for its last sequence every tick, through nats-py, whose requests wait with
     Python 3.11's `wait_for`: a cancellation that comes with the answer was dropped, the tail went on, and the stop
@@ -235,5 +252,42 @@ async def test_a_held_ingest_cancelled_as_the_consumer_s_answer_comes_ends(nats_
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        await ingest.stop()
+        await nc.close()
+
+
+async def test_ingest_cancelled_as_the_stream_s_answer_on_a_hole_comes_ends(nats_server) -> None:
+    """A chunk that passes over a sequence has ingest ask the stream whether it holds a message there
+    (`_skips_stored`, `jsx.next_stored`), through nats-py, whose requests wait with Python 3.11's `wait_for`: a
+    cancellation that came with the answer was dropped, and ingest went on (the stop waited
+    `background.STOP_CANCEL_AGAIN_S` to cancel it again). Here the stream's message 2 is deleted, ingest is handed 1
+    and 3 before it runs, the server is stopped (SIGSTOP) with its ask on its way, and ingest is cancelled as the
+    answer comes, once the server goes on."""
+    nc = await pull.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    await publish_events(js, [("signals.app.opened", {"id": f"e-{n}", "type": "app.opened", "user_id": "u-1",
+                                                      "ts": "2026-11-26T08:00:00Z", "v": 1, "data": {}})
+                              for n in (1, 2, 3)])
+    await js.delete_msg(jsx.SIGNALS.name, 2)
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, OnlineStore(), Checkpoints(), batch=64, max_event_bytes=16384,
+                          max_uncheckpointed=1000)
+    await ingest.start()
+    task: asyncio.Task[None] | None = None
+    try:
+        await eventually(lambda: len(ingest.buffer) == 2, timeout=10)
+        task = asyncio.create_task(ingest.run())  # runs once the server is stopped, and asks it of the hole
+
+        async def asking() -> set[str]:
+            _wait_stopped(nats_server.process.pid)  # not yielding: asked of a server still going, it was answered
+            return set(nc._resp_map)
+
+        await _cancelled_as_the_answer_comes(nats_server, nc, task, asking)
+        assert task.done(), "ingest went on after its cancellation"
+        assert task.cancelled()
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         await ingest.stop()
         await nc.close()
