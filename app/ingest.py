@@ -269,6 +269,7 @@ class StreamIngest:
         self._unanswered_lines = LogThrottle(per_window=6)
         self._gone_lines = LogThrottle(per_window=6)  # the consumer taking no pull request (`_consumer_gone`)
         self._unanswered_lag: asyncio.Future[None] | None = None  # `_lag_while_unanswered`, while it runs
+        self._info_unanswered = False  # the consumer's last consumer_info failed (`_ask_lag`): told once till it answers
         # A hold asks for its checkpoint, so a small TIPSTREAM_MAX_UNCHECKPOINTED_EVENTS holds briefly but often
         # (every second at 200 and 200 events/s): a warning apiece.
         self._hold_lines = LogThrottle(per_window=6)
@@ -708,7 +709,8 @@ class StreamIngest:
         the operator's guide's alert on `tipstream_stream_lag` for ingest held never fired. The consumer's count, or the
         stream's when the consumer does not answer (no leader, or its node hangs: a held ingest asks no messages,
         so `_lag_while_unanswered` does not see that silence); the consumer's last lag stayed until the cluster
-        elected it another leader."""
+        elected it another leader. The first failure while the consumer is in use is told (the lag alone changed
+        without a word why), then none until it answers again."""
         now = time.monotonic()
         if now - self._lag_asked < self.lag_while_held_every_s or not self.nc.is_connected:
             return
@@ -716,12 +718,31 @@ class StreamIngest:
         js = self.nc.jetstream(timeout=RESET_CALL_TIMEOUT_S)
         try:  # through `answered`: a cancellation that came with nats-py's answer was dropped, and the hold went on
             info = await answered(js.consumer_info(self.spec.name, self.durable), RESET_CALL_TIMEOUT_S)
-        except Exception:  # noqa: BLE001 - the consumer has no leader, hangs or is gone: the stream's count
+        except Exception as error:  # noqa: BLE001 - the consumer has no leader, hangs or is gone: the stream's count
+            # Not while it is made again (its puller stopped): `_retry` tells why.
+            if not self._info_unanswered and self.puller is not None and not self.puller.stopped:
+                self._info_unanswered = True
+                self._tell_info_unanswered(error)
             await self._lag_from_stream(js, lambda: True)
             return
+        self._info_unanswered = False
         # Not delivered yet, and delivered but not folded: as a folded chunk counts it, after the position.
         self.lag = (info.num_pending or 0) + len(self._held) + len(self.buffer)
         self._lag.set(self.lag)
+
+    def _tell_info_unanswered(self, error: Exception) -> None:
+        """One warning, bounded as the consumer's other silences are (`_gone_lines`), that the consumer answered
+        no consumer_info to `_ask_lag`."""
+        left_out = self._gone_lines.allow("no consumer_info")
+        if left_out is None:
+            return
+        more = f" ({left_out} more times since the last line)" if left_out else ""
+        log.warning("the consumer %s of stream %s answers no consumer_info (%s: %s) while ingest waits, held for "
+                    "checkpoints or retrying: no NATS node leads it now, the server leading it hangs or is cut off (on "
+                    "a cluster, until the other nodes elect another leader), or it was deleted. The lag is read from the "
+                    "stream meanwhile. If this goes on, look at that server (`nats server report jetstream` shows "
+                    "which streams and consumers have no leader; `nats consumer info %s %s` whether it is there)%s",
+                    self.durable, self.spec.name, type(error).__name__, error, self.spec.name, self.durable, more)
 
     async def _lag_while_recreating(self, js: JetStreamContext) -> None:
         """Until the consumer is made again (cancelled then), the lag as the stream counts it, every

@@ -507,11 +507,12 @@ async def test_a_hung_node_leading_the_consumer_leaves_the_lag_told_from_the_str
 
 
 async def test_a_hung_node_leading_the_consumer_of_a_held_ingest_leaves_the_lag_told_from_the_stream(
-        nats_cluster: NatsCluster) -> None:
+        nats_cluster: NatsCluster, caplog: pytest.LogCaptureFixture) -> None:
     """Ingest held (checkpoints behind: TIPSTREAM_MAX_UNCHECKPOINTED_EVENTS reached) asks no messages, so the
     silence of a hung node leading its consumer is not seen (`_lag_while_unanswered`), and the lag comes from
     consumer_info (`_ask_lag`), which that node answers: it timed out, and the lag stayed 0 while the stream, led by
-    another node, stored on, until the cluster elected another leader for the consumer."""
+    another node, stored on, until the cluster elected another leader for the consumer. Told from the stream, the
+    lag changed with no word why: one warning names the consumer, the stream and what to look at."""
     names = list(nats_cluster.nodes)
     ours, hung = names[0], names[1]
     nc = await pull.connect(nats_cluster.nodes[ours].url)
@@ -533,6 +534,7 @@ async def test_a_hung_node_leading_the_consumer_of_a_held_ingest_leaves_the_lag_
         await eventually(lambda: ingest.puller.paused and store.positions.get("SIGNALS") == 2, timeout=10)
         await lead_signals(nc, js, lambda node: node != hung)
         await lead_consumer(nc, js, "SIGNALS", hung)
+        caplog.set_level(logging.WARNING, logger="tipstream.ingest")
         nats_cluster.nodes[hung].process.send_signal(signal.SIGSTOP)
         try:
             await publish_events(js, events)  # stored while ingest holds, by the stream's leader
@@ -549,3 +551,7 @@ async def test_a_hung_node_leading_the_consumer_of_a_held_ingest_leaves_the_lag_
         await asyncio.gather(running, return_exceptions=True)
         await ingest.stop()
         await nc.close()
+    told = [r.getMessage() for r in caplog.records if r.name == "tipstream.ingest" and "consumer_info" in r.getMessage()]
+    assert len(told) == 1, told  # asked every 0.1 s: one line for the silence
+    assert told[0].startswith("the consumer tipstream-signals of stream SIGNALS answers no consumer_info ("), told
+    assert "The lag is read from the stream meanwhile" in told[0] and "`nats server report jetstream`" in told[0], told
