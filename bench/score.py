@@ -22,7 +22,8 @@ Steps:
 5. Read the service's metrics: decisions published to JetStream, feature cache hits. The CPU
    per request is the service's (all its threads) and, apart, its embedded nats-server's.
    The "closed loop" line sets each phase's p50 beside clients / throughput, and its p99 as a
-   multiple of p50: the tail that the no-op shows too is the closed loop's (docs/learning.md).
+   multiple of p50: the tail that the no-op shows too is the closed loop's (docs/learning.md,
+   "Where the time goes"; the runs that showed it in docs/measurements.md).
 Goals (issue 4): p99 < 2 ms with 10 candidates, < 5 ms with 50; >= 0.5 of the no-op's throughput.
 Last line: {"bench": "score", "p99_ms_10": ..., "p99_ms_50": ..., "rps_10": ..., "noop_rps": ..., "ratio": ...}
 """
