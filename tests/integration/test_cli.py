@@ -468,7 +468,8 @@ def test_every_command_and_flag_the_docs_name_exists(capsys: pytest.CaptureFixtu
     root = Path(__file__).resolve().parents[2]
     named: dict[tuple[str, ...], set[str]] = {}
     docs = root / "docs"
-    for path in (root / "README.md", docs / "architecture.md", docs / "learning.md", docs / "operations.md"):
+    for path in (root / "README.md", docs / "architecture.md", docs / "learning.md", docs / "measurements.md",
+                 docs / "operations.md"):
         for line in re.findall(r"tipstream ((?:run|simulate|migrate|docs|models|users)\b[^`\n#]*)", path.read_text()):
             words = line.split()
             command = tuple(words[:2]) if words[0] in ("models", "users") and len(words) > 1 else tuple(words[:1])
