@@ -370,9 +370,13 @@ class BatchPuller:
         self.paused = False
         self.stopped = False
         self.last_activity = time.monotonic()
-        # When the server last answered a request (a status, or a request's worth of messages), or one was first asked
-        # after a pause: the watchdog's asking again is not an answer (`unanswered`).
-        self.answered_at = self.last_activity
+        # When the first request since the server's last answer (a status, or a request's worth of messages) was sent,
+        # and on which connection (nats-py's count of reconnects); None: none since (`unanswered`). Counted from the
+        # last answer, a request sent late (the loop held by a fold past the expiry) and one lost with a connection
+        # (asked again once back) were told as unanswered by a server that answers. The watchdog's asking again is no
+        # answer: the first request's time stays.
+        self.asked_at: float | None = None
+        self._asked_on = 0
         self._sub: Any = None
         self._watchdog: asyncio.Task[None] | None = None
         self._sends = Detached(self._send_failed)
@@ -416,6 +420,12 @@ class BatchPuller:
         # count told as for an expiry): asked for in the next.
         body = orjson.dumps({"batch": want, "max_bytes": self.max_bytes, "expires": int(self.expires_s * 1e9)})
         await self.nc.publish(self.next_subject, body, reply=self.inbox)
+        if self.asked_at is None or self._asked_on != self.nc.stats["reconnects"]:
+            self._asking()
+
+    def _asking(self) -> None:
+        """From now, a silence of the server counts (`asked_at`)."""
+        self.asked_at, self._asked_on = time.monotonic(), self.nc.stats["reconnects"]
 
     def _request_soon(self) -> None:
         want = self._claim()
@@ -429,7 +439,7 @@ class BatchPuller:
 
     def _on_raw(self, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         if not reply:
-            self.last_activity = self.answered_at = time.monotonic()
+            self.last_activity, self.asked_at = time.monotonic(), None
             # A status: 100 heartbeat; 404 no messages, 408 request expired, 409 conflict end a request.
             status = headers[9:12] if headers else b""
             if status == b"100":
@@ -459,20 +469,27 @@ class BatchPuller:
                 self._subjects[subject] = name
         self.on_message((name, reply, data))
         if self.requested <= self.batch // 2:
-            self.last_activity = self.answered_at = time.monotonic()  # per request, not per message: the watchdog needs no more
+            # Per request, not per message: the watchdog needs no more.
+            self.last_activity, self.asked_at = time.monotonic(), None
             self._request_soon()
 
     @property
     def unanswered(self) -> bool:
-        """Whether the requests have had no answer, a message or a status, for `UNANSWERED_PAST_EXPIRY_S` past their
-        expiry: the consumer's node hangs, and its cluster has not elected another leader yet."""
-        return (not self.paused and not self.stopped and self.nc.is_connected
-                and time.monotonic() - self.answered_at > self.expires_s + UNANSWERED_PAST_EXPIRY_S)
+        """Whether the requests have had no answer, a message or a status, for `UNANSWERED_PAST_EXPIRY_S` past the
+        expiry of the first sent on this connection: the consumer's node hangs, and its cluster has not elected another
+        leader yet."""
+        asked = self.asked_at
+        return (asked is not None and not self.paused and not self.stopped and self.nc.is_connected
+                and self._asked_on == self.nc.stats["reconnects"]
+                and time.monotonic() - asked > self.expires_s + UNANSWERED_PAST_EXPIRY_S)
 
     def go_on(self) -> None:
         """Ask again after a pause whose requests were left to end on their own (`requested` still counts them)."""
         self.paused = False
-        self.last_activity = self.answered_at = time.monotonic()  # a pause's quiet is not requests unanswered
+        self.last_activity = time.monotonic()
+        self.asked_at = None  # a pause's quiet is not requests unanswered: those still out count from now
+        if self.requested:
+            self._asking()
         self._request_soon()
 
     def resume(self) -> None:
@@ -480,7 +497,7 @@ class BatchPuller:
         self.paused = False
         self.requested = 0
         self.idle = False  # what was stored while paused is still to come
-        self.last_activity = self.answered_at = time.monotonic()
+        self.last_activity, self.asked_at = time.monotonic(), None
         self._request_soon()
 
     async def _watch(self) -> None:

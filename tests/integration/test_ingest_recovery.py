@@ -1216,3 +1216,77 @@ async def test_a_stream_replaced_under_us_is_told_though_the_first_look_goes_una
         running.cancel()
         await ingest.stop()
         await nc.close()
+
+
+async def unanswered_puller(url: str, on_message: Callable[[pull.RawMsg], None], batch: int = 2,
+                            **options: Any) -> tuple[Any, Any, list]:
+    """A puller of `batch` of SIGNALS' durable consumer on a real server, idle (the server said it has nothing), and
+    the list its `on_unanswered` calls fill."""
+    nc = await pull.connect(url, **options)
+    js = nc.jetstream(timeout=5)
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    await jsx.reset_durable(js, "SIGNALS", jsx.durable_of("SIGNALS"), 1, max_ack_pending=64)
+    told: list[float] = []
+    puller = pull.BatchPuller(nc, "SIGNALS", jsx.durable_of("SIGNALS"), batch, on_message,
+                              on_unanswered=lambda: told.append(time.monotonic()))
+    await puller.start()
+    await eventually(lambda: puller.idle, timeout=5)
+    return nc, puller, told
+
+
+async def test_a_puller_back_from_a_nats_restart_is_not_told_its_requests_go_unanswered(tmp_path) -> None:
+    """NATS away longer than a request's expiry and the second `unanswered` waits past it: back, the old requests
+    were lost with the connection (the watchdog asks again), and the server answers. The silence was counted from
+    the last answer before the outage, and the first watch after the reconnect told the owner that the server
+    leading the consumer hangs: ingest logged so (`_lag_while_unanswered`) after every NATS restart it outlived."""
+    from tests.conftest import NatsServer
+
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    got: list[pull.RawMsg] = []
+    nc, puller, told = await unanswered_puller(server.url, got.append, max_reconnect_attempts=-1,
+                                               reconnect_time_wait=0.1)
+    try:
+        server.stop()
+        await eventually(lambda: not nc.is_connected, timeout=5)
+        away = time.monotonic()
+        await eventually(lambda: time.monotonic() - away > 2.5, timeout=5)  # the outage, past expiry + 1 s
+        server.start()
+        await eventually(lambda: nc.is_connected, timeout=10)
+        await jsx.publish_events(nc.jetstream(timeout=5), [("signals.app.opened", {
+            "id": "e1", "type": "app.opened", "user_id": "u1", "ts": "2026-11-26T08:00:00Z"})])
+        await eventually(lambda: got, timeout=10)  # asked again by the watchdog, and answered
+        await eventually(lambda: puller.idle, timeout=5)
+        assert told == [], "told unanswered after a reconnect, by a server that answers"
+    finally:
+        await puller.stop()
+        await nc.close()
+        server.kill()
+
+
+async def test_a_stall_of_the_loop_before_the_next_request_is_not_requests_unanswered(nats_server) -> None:
+    """A request's last message wakes ingest's fold, which runs before the puller's next request is sent: a fold (or a
+    collection, or anything on the loop) holding it 2.5 s left the request unsent that long, and the watch that came
+    first after the stall counted the silence from the answer before it. It told the owner the server hangs before
+    the request had even reached it. (A batch of 1: the request ends with its message, as under a backlog, where
+    every request's batch is delivered whole; one left open would end with a status read before the watch.)"""
+    stalled: list[float] = []
+
+    def on_message(msg: pull.RawMsg) -> None:
+        got.append(msg)
+        if not stalled:  # as ingest's wake: the fold's turn comes before the request's send
+            stalled.append(time.monotonic())
+            asyncio.get_running_loop().call_soon(time.sleep, 2.5)
+
+    got: list[pull.RawMsg] = []
+    nc, puller, told = await unanswered_puller(nats_server.url, on_message, batch=1)
+    try:
+        await jsx.publish_events(nc.jetstream(timeout=5), [("signals.app.opened", {
+            "id": "e1", "type": "app.opened", "user_id": "u1", "ts": "2026-11-26T08:00:00Z"})])
+        await eventually(lambda: stalled and time.monotonic() - stalled[0] > 2.5, timeout=10)
+        puller.idle = False
+        await eventually(lambda: puller.idle, timeout=5)  # the request sent after the stall, answered
+        assert told == [], "told unanswered for a request not sent yet"
+    finally:
+        await puller.stop()
+        await nc.close()
