@@ -377,6 +377,9 @@ class BatchPuller:
         # answer: the first request's time stays.
         self.asked_at: float | None = None
         self._asked_on = 0
+        # A message came since the last watch: an answer too, mid-request (a batch of large messages over a slow link
+        # takes seconds). A flag for the watch, not a clock read per message.
+        self._heard = False
         self._sub: Any = None
         self._watchdog: asyncio.Task[None] | None = None
         self._sends = Detached(self._send_failed)
@@ -458,6 +461,7 @@ class BatchPuller:
             return
         self.requested -= 1
         self.idle = False  # more may follow: known to have nothing more only at the next status
+        self._heard = True
         name = self._subjects.get(subject)
         if name is None:
             # A NATS subject is bytes, and another client's (Go's, C's) may not be UTF-8: raised here,
@@ -503,6 +507,11 @@ class BatchPuller:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(0.5)
+            if self._heard:  # neither unanswered nor lost: the messages of a request are on their way
+                self._heard = False
+                self.last_activity = time.monotonic()
+                if self.asked_at is not None:
+                    self.asked_at = self.last_activity
             if self.unanswered:
                 # Not known to be read to its end any more: the stream may store what cannot be delivered now.
                 self.idle = False

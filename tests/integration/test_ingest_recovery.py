@@ -5,6 +5,7 @@ puller (app/ingest.py, streams/jetstream.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -1290,3 +1291,57 @@ async def test_a_stall_of_the_loop_before_the_next_request_is_not_requests_unans
     finally:
         await puller.stop()
         await nc.close()
+
+
+async def throttled(port: int, bytes_per_s: float) -> asyncio.AbstractServer:
+    """A TCP forwarder to 127.0.0.1:`port` on a port of its own, passing what the server sends at `bytes_per_s`: a
+    slow link."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rate: float | None) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(16384):
+                writer.write(data)
+                await writer.drain()
+                if rate is not None:
+                    await asyncio.sleep(len(data) / rate)  # the link's pace, not a wait for an outcome
+        writer.close()
+
+    async def forward(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.gather(pipe(client_reader, server_writer, None), pipe(server_reader, client_writer, bytes_per_s))
+
+    return await asyncio.start_server(forward, "127.0.0.1", 0)
+
+
+async def test_a_batch_still_arriving_over_a_slow_link_is_not_requests_unanswered(nats_server) -> None:
+    """A catch-up's batch of large events over a slow link takes seconds to arrive, each message an answer of the
+    server's: counted only at half a request's batch, the silence reached expiry + 1 s mid-batch, and the owner was
+    told the server leading the consumer hangs."""
+    nc = await pull.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    pad = "x" * 40_000
+    await jsx.publish_events(js, [("signals.app.opened", {
+        "id": f"e{i}", "type": "app.opened", "user_id": "u1", "ts": "2026-11-26T08:00:00Z", "pad": pad})
+        for i in range(20)])
+    await nc.close()
+    link = await throttled(nats_server.port, 256_000)  # 20 x 40 KB: 3 s
+    got: list[pull.RawMsg] = []
+    nc, puller, told = None, None, []
+    try:
+        nc = await pull.connect(f"nats://127.0.0.1:{link.sockets[0].getsockname()[1]}")
+        await jsx.reset_durable(nc.jetstream(timeout=5), "SIGNALS", jsx.durable_of("SIGNALS"), 1, max_ack_pending=64)
+        puller = pull.BatchPuller(nc, "SIGNALS", jsx.durable_of("SIGNALS"), 48, got.append,  # 20 < half of 48
+                                  on_unanswered=lambda: told.append(time.monotonic()))
+        started = time.monotonic()
+        await puller.start()
+        await eventually(lambda: len(got) == 20, timeout=20)
+        assert time.monotonic() - started > 2.5, "the link was not slow enough to test this"
+        await eventually(lambda: puller.idle, timeout=5)
+        assert told == [], "told unanswered while its messages arrived"
+    finally:
+        if puller is not None:
+            await puller.stop()
+        if nc is not None:
+            await nc.close()
+        link.close()
