@@ -459,6 +459,9 @@ class StreamIngest:
         self.puller = pull.BatchPuller(self.nc, self.spec.name, self.durable, self.batch, self._on_message,
                                        on_gone=self._consumer_gone, max_bytes=self.pull_max_bytes,
                                        on_unanswered=self._unanswered)
+        # The old consumer's silence is not the new one's: kept, the new one's first consumer_info unanswered went
+        # untold (`_ask_lag`).
+        self._info_unanswered = False
         await self.puller.start()
         log.info("consuming %s from sequence %d", self.spec.name, start)
         self.catch_up.begin(pending)

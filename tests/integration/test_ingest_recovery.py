@@ -1345,3 +1345,44 @@ async def test_a_batch_still_arriving_over_a_slow_link_is_not_requests_unanswere
         if nc is not None:
             await nc.close()
         link.close()
+
+
+async def test_a_consumer_made_again_has_its_own_first_consumer_info_unanswered_told(nats_server, caplog) -> None:
+    """A held ingest tells once that its consumer answers no consumer_info (`_ask_lag`), then none until it answers.
+    Made again meanwhile, the new consumer's first failure was left untold: the old one's silence still counted."""
+    caplog.set_level(logging.WARNING, logger="tipstream.ingest")
+    nc = await pull.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    checkpoints, store = Checkpoints(), OnlineStore()
+
+    async def delete_consumer() -> None:  # as the chunk is folded: the hold after it meets no consumer at once
+        await js.delete_consumer("SIGNALS", jsx.durable_of("SIGNALS"))
+
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, store, checkpoints, batch=64, max_event_bytes=16384,
+                          max_uncheckpointed=10, before=lambda reply: delete_consumer())
+    ingest.lag_while_held_every_s = 0.1
+
+    def told() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "answers no consumer_info" in r.getMessage()]
+
+    async def held_without_consumer(event: int) -> None:
+        checkpoints.uncheckpointed = 10  # checkpoints fail: ingest holds after the chunk
+        await jsx.publish_events(js, [("signals.app.opened", {
+            "id": f"e{event}", "type": "app.opened", "user_id": "u1", "ts": "2026-11-26T08:00:00Z"})])
+        await eventually(lambda: len(told()) == event, timeout=5)
+
+    await ingest.start()
+    running = asyncio.create_task(ingest.run())
+    try:
+        await held_without_consumer(1)
+        first = ingest.puller
+        checkpoints.uncheckpointed = 0  # the hold ends, and the consumer is made again
+        await eventually(lambda: ingest.puller is not first and not ingest.puller.stopped, timeout=10)
+        await held_without_consumer(2)
+        assert told()[1].startswith("the consumer tipstream-signals of stream SIGNALS answers no consumer_info (")
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await ingest.stop()
+        await nc.close()
