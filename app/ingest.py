@@ -177,6 +177,18 @@ def holes_after(position: int, seqs: list[int]) -> list[tuple[int, int]]:
     return holes
 
 
+def stored_past(position: int, last_seq: int, messages: int) -> int:
+    """How many messages a stream stores past `position`, at most, from its state: its last sequence less the position,
+    or all it stores if fewer. Exact unless a message past the position was deleted (a user forgotten before it was
+    read) while the stream still stores one at or before it; the exact count needs every deleted sequence
+    (stream_info's `deleted_details`, a list as long as all the erasures the stream keeps), too much to ask each second.
+
+    >>> stored_past(5, 15, 15), stored_past(5, 15, 7), stored_past(20, 15, 15)
+    (10, 7, 0)
+    """
+    return max(min(last_seq - position, messages), 0)
+
+
 class ReadUpTo:
     """How far a stream has been read since the start, in the time JetStream stored its messages:
     another stream's ingest waits on it (`StreamIngest`'s `after`)."""
@@ -758,14 +770,14 @@ class StreamIngest:
             await asyncio.sleep(LAG_WHILE_RECREATING_EVERY_S)
 
     async def _lag_from_stream(self, js: JetStreamContext, still: Callable[[], bool]) -> None:
-        """The lag as the stream counts it, what it stores past the position, set if `still()` holds once it is
-        had: an answer of the consumer meanwhile says more."""
+        """The lag as the stream counts it, what it stores past the position (`stored_past`), set if `still()` holds
+        once it is had: an answer of the consumer meanwhile says more."""
         try:  # through `answered`: a cancellation that came with nats-py's answer was dropped (`_ask_lag`)
-            last = (await answered(js.stream_info(self.spec.name), RESET_CALL_TIMEOUT_S)).state.last_seq
+            state = (await answered(js.stream_info(self.spec.name), RESET_CALL_TIMEOUT_S)).state
         except Exception:  # noqa: BLE001 - no leader yet, or NATS away: the last lag known stays
             return
         if still():
-            self.lag = max(last - self.store.positions.get(self.spec.name, 0), 0)
+            self.lag = stored_past(self.store.positions.get(self.spec.name, 0), state.last_seq, state.messages)
             self._lag.set(self.lag)
 
     async def process(self, chunk: list[pull.RawMsg]) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from app.checkpoints import Checkpointer, MemoryCheckpointStore
 from app.decisions import decode_decision
@@ -1381,6 +1382,45 @@ async def test_a_consumer_made_again_has_its_own_first_consumer_info_unanswered_
         await eventually(lambda: ingest.puller is not first and not ingest.puller.stopped, timeout=10)
         await held_without_consumer(2)
         assert told()[1].startswith("the consumer tipstream-signals of stream SIGNALS answers no consumer_info (")
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await ingest.stop()
+        await nc.close()
+
+
+async def test_the_lag_read_from_the_stream_leaves_out_what_it_no_longer_stores(nats_server) -> None:
+    """The lag told from the stream while the consumer does not answer (`_lag_from_stream`) was its last sequence less
+    the position: messages deleted past the position (a user forgotten, `streams.scrub`) counted as waiting. Once
+    what was read is gone too (aged out, purged), what the stream stores is all past the position: that count."""
+    nc = await pull.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    checkpoints, store = Checkpoints(), OnlineStore()
+
+    async def delete_consumer() -> None:  # as the chunk is folded: the held ingest's lag is read from the stream
+        with contextlib.suppress(NotFoundError):  # the chunk's first message deleted it
+            await js.delete_consumer("SIGNALS", jsx.durable_of("SIGNALS"))
+
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, store, checkpoints, batch=64, max_event_bytes=16384,
+                          max_uncheckpointed=5, before=lambda reply: delete_consumer())
+    ingest.lag_while_held_every_s = 0.1
+
+    def events(first: int, count: int) -> list[tuple[str, dict[str, Any]]]:
+        return [("signals.app.opened", {"id": f"e{i}", "type": "app.opened", "user_id": f"u{i % 7}",
+                                        "ts": "2026-11-26T08:00:00Z"}) for i in range(first, first + count)]
+
+    checkpoints.uncheckpointed = 5  # checkpoints fail: ingest holds after the first chunk
+    await jsx.publish_events(js, events(1, 5))
+    await ingest.start()
+    running = asyncio.create_task(ingest.run())
+    try:
+        await eventually(lambda: ingest.puller.paused and store.positions.get("SIGNALS") == 5)
+        await jsx.publish_events(js, events(6, 10))  # 6-15, stored while ingest holds
+        for seq in (7, 8, 9):  # erased before they were read
+            await js.delete_msg("SIGNALS", seq)
+        await js.purge_stream("SIGNALS", seq=6)  # 1-5, read, gone
+        await eventually(lambda: ingest.lag == 7, timeout=5)  # 6 and 10-15
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
