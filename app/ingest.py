@@ -522,7 +522,8 @@ class StreamIngest:
         def still() -> bool:
             return puller is self.puller and puller.unanswered
 
-        left_out = self._gone_lines.allow("unanswered")
+        # Told already if ingest waits and its asks for consumer_info go unanswered too (`_ask_lag`): one cause.
+        left_out = None if self._info_silent() else self._gone_lines.allow("unanswered")
         if left_out is not None:
             more = f" ({left_out} more times since the last line)" if left_out else ""
             log.warning("the consumer %s of stream %s answers no pull request, neither with messages nor with a "
@@ -725,7 +726,7 @@ class StreamIngest:
         stream's when the consumer does not answer (no leader, or its node hangs: a held ingest asks no messages,
         so `_lag_while_unanswered` does not see that silence); the consumer's last lag stayed until the cluster
         elected it another leader. The first failure while the consumer is in use is told (the lag alone changed
-        without a word why), then none until it answers again."""
+        without a word why), unless its pull requests' silence is told already, then none until it answers again."""
         now = time.monotonic()
         if now - self._lag_asked < self.lag_while_held_every_s or not self.nc.is_connected:
             return
@@ -734,16 +735,26 @@ class StreamIngest:
         try:  # through `answered`: a cancellation that came with nats-py's answer was dropped, and the hold went on
             info = await answered(js.consumer_info(self.spec.name, self.durable), RESET_CALL_TIMEOUT_S)
         except Exception as error:  # noqa: BLE001 - the consumer has no leader, hangs or is gone: the stream's count
-            # Not while it is made again (its puller stopped): `_retry` tells why.
+            # Not while it is made again (its puller stopped): `_retry` tells why. Nor while its pull requests go
+            # unanswered (a fold retried, the puller asking on): `_lag_while_unanswered` tells that silence.
             if not self._info_unanswered and self.puller is not None and not self.puller.stopped:
                 self._info_unanswered = True
-                self._tell_info_unanswered(error)
+                if self._unanswered_lag is None or self._unanswered_lag.done():
+                    self._tell_info_unanswered(error)
             await self._lag_from_stream(js, lambda: True)
             return
         self._info_unanswered = False
         # Not delivered yet, and delivered but not folded: as a folded chunk counts it, after the position.
         self.lag = (info.num_pending or 0) + len(self._held) + len(self.buffer)
         self._lag.set(self.lag)
+
+    def _info_silent(self) -> bool:
+        """Whether the consumer answered no consumer_info when last asked (`_ask_lag`), and ingest still waits, so
+        asks again: once the wait is over, that failure says nothing of the consumer now. While it waits, an ask
+        starts every `lag_while_held_every_s`, or as the one before ends, which waits for two calls at most
+        (consumer_info, then the stream's), each bounded by RESET_CALL_TIMEOUT_S; the bound here has one more of each."""
+        since = time.monotonic() - self._lag_asked
+        return self._info_unanswered and since < 2 * self.lag_while_held_every_s + 3 * RESET_CALL_TIMEOUT_S
 
     def _tell_info_unanswered(self, error: Exception) -> None:
         """One warning, bounded as the consumer's other silences are (`_gone_lines`), that the consumer answered

@@ -25,7 +25,7 @@ from streams import ack_subject, dead_letters, pull
 from streams import jetstream as jsx
 from streams.events import parse_event
 from streams.fold import UserState
-from streams.store import OnlineStore
+from streams.store import OnlineStore, StateUnavailable
 from tests.conftest import dead_lettered, eventually
 
 EVENTS = 3000
@@ -1426,3 +1426,55 @@ async def test_the_lag_read_from_the_stream_leaves_out_what_it_no_longer_stores(
         await asyncio.gather(running, return_exceptions=True)
         await ingest.stop()
         await nc.close()
+
+
+@pytest.mark.parametrize("seen_first", ["consumer_info", "pull requests"])
+async def test_a_fold_retried_while_the_consumer_is_silent_tells_the_silence_once(nats_server, caplog,
+                                                                                  seen_first: str) -> None:
+    """A fold retried (a user's state that cannot be loaded) asks for the lag (`_ask_lag`) while the puller asks on
+    for messages. The server leading the consumer hangs: both its consumer_info and its pull requests go unanswered,
+    and each told it (`_tell_info_unanswered`, `_lag_while_unanswered`), two warnings for one cause, whichever was
+    seen first."""
+    import os
+    import signal
+
+    caplog.set_level(logging.WARNING, logger="tipstream.ingest")
+    nc = await pull.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    store = OnlineStore()
+    failing = [True]
+
+    def sink(event: Any) -> bool:
+        if failing[0]:
+            raise StateUnavailable("the database is away")
+        return store.apply(event)
+
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=64, max_event_bytes=16384,
+                          max_uncheckpointed=1000, sink=sink)
+    ingest.lag_while_held_every_s = 0.1 if seen_first == "consumer_info" else 3600.0  # asked once, at the first pause
+    await ingest.start()
+    running = asyncio.create_task(ingest.run())
+    try:
+        await jsx.publish_events(js, [("signals.app.opened", {
+            "id": "e1", "type": "app.opened", "user_id": "u1", "ts": "2026-11-26T08:00:00Z"})])
+        await eventually(lambda: "could not fold events" in caplog.text)  # retrying, the puller asking on
+        os.kill(nats_server.process.pid, signal.SIGSTOP)
+        try:  # both ways have seen the silence
+            if seen_first == "pull requests":
+                await eventually(lambda: ingest._unanswered_lag is not None, timeout=10)
+                assert not ingest._info_unanswered
+                ingest.lag_while_held_every_s = 0.1  # asked at the retry's next pause
+            await eventually(lambda: ingest._info_unanswered and ingest._unanswered_lag is not None, timeout=10)
+        finally:
+            os.kill(nats_server.process.pid, signal.SIGCONT)
+        failing[0] = False
+        await eventually(lambda: store.positions.get("SIGNALS") == 1, timeout=10)
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await ingest.stop()
+        await nc.close()
+    told = [r.getMessage() for r in caplog.records
+            if "answers no consumer_info" in r.getMessage() or "answers no pull request" in r.getMessage()]
+    assert len(told) == 1, told
