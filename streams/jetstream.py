@@ -564,7 +564,7 @@ async def reset_durable(
     elif start_seq == 1 and first > 1:
         # No checkpoint (a first start on an old stream, a rebuild): nothing was missed. The stream
         # cannot tell an aged-out message from one erased for a forgotten user (both move its first
-        # sequence), and a rebuild after a forget is the README's own sequence: blaming retention
+        # sequence), and a rebuild after a forget is docs/operations.md's own sequence: blaming retention
         # alone sent readers to TIPSTREAM_STREAM_MAX_AGE_DAYS for messages they had asked to delete.
         log.info("stream %s keeps sequences %d on; those before are gone (past its retention, or erased with a "
                  "user forgotten)", stream, first)
