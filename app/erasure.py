@@ -50,7 +50,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Table, Text, and_, cast, insert, select, update
+from sqlalchemy import Table, and_, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -574,9 +574,7 @@ def read_rows(conn: Connection, table: Table, where: ColumnElement[bool], *,
     decoded on its own: one that cannot be (cut short, or overwritten by hand or by a disk fault) is None (`held`:
     what it holds, as an export shows it), and the row says which and why under `DAMAGED`. Decoded as the rows are
     fetched, the first such cell failed the read of every row, naming none."""
-    plain = [column for column in table.columns if column.name not in _JSON_COLUMNS]
-    query = (select(*plain, *(cast(table.c[name], Text).label(name) for name in _JSON_COLUMNS))
-             .where(where).order_by(table.c.requested_at))
+    query = db.json_as_text(table).where(where).order_by(table.c.requested_at)
     rows = []
     for found in conn.execute(query.with_for_update() if for_update else query).mappings():
         row, damaged = dict(found), []

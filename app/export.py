@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 from nats.js.errors import NotFoundError
-from sqlalchemy import JSON, Select, Table, Text, cast, select
+from sqlalchemy import JSON, Table, select
 from sqlalchemy.engine import Engine
 
 from app import db
@@ -84,8 +84,9 @@ def from_database(engine: Engine, user_id: str) -> dict[str, Any]:
     """Their rows, and their own features' weights in each version's saved model."""
     with engine.connect() as conn:
         state = conn.execute(select(db.user_state.c.state).where(db.user_state.c.user_id == user_id)).scalar()
-        features = conn.execute(_as_text(db.user_features).where(db.user_features.c.user_id == user_id)).mappings().first()
-        scores = conn.execute(_as_text(db.tip_scores).where(db.tip_scores.c.user_id == user_id)
+        features = conn.execute(db.json_as_text(db.user_features)
+                                .where(db.user_features.c.user_id == user_id)).mappings().first()
+        scores = conn.execute(db.json_as_text(db.tip_scores).where(db.tip_scores.c.user_id == user_id)
                               .order_by(db.tip_scores.c.created_at)).mappings().all()
         # Read column by column: the request's row damaged (its bounds cut short) failed the export, naming neither;
         # then exported as null, while a damaged column of another table was exported as the text it holds.
@@ -109,17 +110,9 @@ def from_database(engine: Engine, user_id: str) -> dict[str, Any]:
     }
 
 
-def _as_text(table: Table) -> Select:
-    """Every column of `table`, its JSON ones as their text (`_json_decoded`). Decoded as the rows were fetched, one
-    cut short (a disk fault, a hand's UPDATE) failed the export in a JSONDecodeError traceback, after every stream
-    had been read."""
-    return select(*(cast(column, Text).label(column.name) if isinstance(column.type, JSON) else column
-                    for column in table.columns))
-
-
 def _json_decoded(row: Any, table: Table) -> dict[str, Any] | None:
-    """`row` read by `_as_text(table)`, its JSON columns decoded; one that cannot be is exported as the text it holds:
-    the row is theirs all the same.
+    """`row` read by `db.json_as_text(table)`, its JSON columns decoded; one that cannot be is exported as the text it
+    holds: the row is theirs all the same.
 
     >>> _json_decoded({"user_id": "u", "features": '{"a": 1}', "fallbacks": "null"}, db.user_features)
     {'user_id': 'u', 'features': {'a': 1}, 'fallbacks': None}
