@@ -1462,6 +1462,8 @@ async def test_a_fold_retried_while_the_consumer_is_silent_tells_the_silence_onc
         await jsx.publish_events(js, [("signals.app.opened", {
             "id": "e1", "type": "app.opened", "user_id": "u1", "ts": "2026-11-26T08:00:00Z"})])
         await eventually(lambda: "could not fold events" in caplog.text)  # retrying, the puller asking on
+        if seen_first == "pull requests":  # the one ask answered before the server hangs: held 1, its lag
+            await eventually(lambda: ingest.lag == 1, timeout=10)
         os.kill(nats_server.process.pid, signal.SIGSTOP)
         try:  # both ways have seen the silence
             if seen_first == "pull requests":

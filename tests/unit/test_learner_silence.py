@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -411,7 +412,7 @@ def test_a_forgotten_users_decisions_wait_for_no_silence(tmp_path: Path, caplog:
     theirs, other = world.score(user="u-1"), world.score(user="u-2")
     for scored in (theirs, other):
         world.learner.add_logged(LoggedDecision(scored.decision_id, scored.payload))
-    assert forget(world.learner, "u-1", int(world.clock.now * 1000) + 1) == 1
+    assert forget(world.learner, "u-1", int(time.time() * 1000) + 1) == 1  # as of now on the decision ids' clock (the wall's)
     before = silences()
     world.clock.now = served_at_s(other.decision_id) + WAIT_S + ALLOWANCE_S + 1
     with caplog.at_level(logging.WARNING, logger="tipstream.learner"):
