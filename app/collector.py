@@ -5,7 +5,9 @@ every tracked object: with a million users one pass took 650-740 ms here, a stal
 event loop (ingest and every /score) each time the collector decides to run one.
 `gc.freeze()` moves what is alive now to a generation no pass visits. Users come from a
 checkpoint (the warm-up) or from the streams (a first start replaying a long log, or new
-users), so this freezes whenever the store has grown by `every_users` since the last time.
+users), so this freezes whenever `every_users` more users have come into memory since the last time
+(`OnlineStore.taken_in`: the store's size stays flat once idle users leave, and by it the users coming in were
+never frozen).
 
 A start that will freeze as users load freezes once before (`FreezePolicy.before_warm_up`): what the
 start made (modules, models, the user ids) was otherwise visited by the first check's pass, beside
@@ -13,9 +15,9 @@ the warm-up and the requests it serves (108 ms, against 20-23 ms for the later o
 users with `bench/restart.py`).
 
 Steps of `FreezePolicy.check`:
-1. Compare the store's size with the size at the last freeze; below `every_users` more, stop.
+1. Compare the users taken into memory with their count at the last freeze; below `every_users` more, stop.
 2. Collect first (that pass visits only what is not frozen yet), so that no garbage is frozen.
-3. Freeze what is left, and remember the store's size.
+3. Freeze what is left, and remember that count.
 
 Frozen objects are still freed by reference counting; only a cycle among them that dies
 later is never collected, which long-lived user states and models do not form.
@@ -53,7 +55,7 @@ class FreezePolicy:
                      (time.perf_counter() - started) * 1000)
 
     def check(self, users: int) -> bool:
-        """Freeze now if the store has grown enough; True if it did."""
+        """Freeze now if enough users have come into memory since the last freeze; True if it did."""
         if not self.due(users):
             return False
         started = time.perf_counter()

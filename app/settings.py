@@ -289,8 +289,9 @@ class Settings(BaseSettings):
     )
     gc_freeze_every_users: int = Field(
         50_000, ge=0,
-        description="Each time the store grows by this many users, their state is frozen out of the cycle "
-                    "collector's full passes (a pass over 1M users stalls the event loop ~0.7 s). 0: never.",
+        description="Each time this many more users have come into memory (loaded, new or returning), their "
+                    "state is frozen out of the cycle collector's full passes (a pass over 1M users stalls the "
+                    "event loop ~0.7 s). 0: never.",
     )
 
     # -- scoring, decisions, learning (issue 4; docs/learning.md) ---------------------------
