@@ -231,7 +231,12 @@ class IngestClient(TlsIntentClient):
             return await super()._process_msg(sid, subject, reply, data, headers)
         self.stats["in_msgs"] += 1
         self.stats["in_bytes"] += len(data)
-        handler(subject, reply, data, headers)
+        # nats-py's own parser delivers here what follows a control line in the same read (`FastParser.parse`):
+        # raised, it ended nats-py's read loop, as `_deliver_raw` guards against.
+        try:
+            handler(subject, reply, data, headers)
+        except Exception as error:  # noqa: BLE001 - told; the connection must read on
+            _tell_handler_failure(subject, error)
 
 
 def share_credentials(pool: list[Any], told_by: Any) -> None:
