@@ -297,7 +297,7 @@ async def test_a_second_service_on_the_same_nats_is_refused_and_the_first_reads_
         await second.start()
     await second.stop()
     assert str(refused.value).startswith("Another tipstream service reads SIGNALS, FEEDBACK"), str(refused.value)
-    assert "tipstream-signals" in str(refused.value)
+    assert "a pull request waits on its consumer tipstream-signals, or what it hands out moves on" in str(refused.value)
     js = nc.jetstream()
     for i in range(3):  # all of them, to the first: its consumers were left alone
         await js.publish("signals.task.created", orjson.dumps(event(i)))
