@@ -945,7 +945,7 @@ class StreamIngest:
             # DLQ has no leader for a moment, which changes nothing. Then retried as any failed publish.
             log.warning("no stream takes %s (was the DLQ deleted?); creating the streams again",
                         dlq_subject(left[0][0][0]))
-            await self.ensure_streams()
+            await answered(self.ensure_streams())  # a stop's cancellation kept, as at a consumer's re-creation
 
     async def _dead_letter(self, msg: pull.RawMsg, rejection: Rejection, seq: int, batch: str) -> None:
         subject, _, data = msg

@@ -28,6 +28,7 @@ from streams.events import parse_event
 from streams.jetstream import publish_events
 from streams.store import OnlineStore
 from tests.conftest import eventually, reset_postgres
+from tests.integration.ingest_support import stop_reading
 from tests.integration.test_ingest_recovery import Checkpoints
 
 NOW = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
@@ -160,10 +161,10 @@ async def test_the_stop_waits_for_a_user_features_write_under_way_before_letting
 
 
 async def _cancelled_as_the_answer_comes(server: Any, nc: Any, task: asyncio.Task[Any],
-                                        asking: Callable[[], Awaitable[set[str]]]) -> None:
+                                        asking: Callable[[], Awaitable[set[str]]], what: str) -> None:
     """Stop `server` (SIGSTOP) and have `task` ask it (`asking`: the tokens of nats-py's requests waiting before
-    `task`'s); cancel `task` as the answer to its request comes, once the server goes on (SIGCONT); wait 3 s at most
-    for `task` to end."""
+    `task`'s); cancel `task` as the answer to its request comes, once the server goes on (SIGCONT); it (`what`) has
+    ended, cancelled, within 3 s."""
     server.process.send_signal(signal.SIGSTOP)
     try:
         waiting_before = await asking()
@@ -177,6 +178,8 @@ async def _cancelled_as_the_answer_comes(server: Any, nc: Any, task: asyncio.Tas
     finally:
         server.process.send_signal(signal.SIGCONT)
     await asyncio.wait({task}, timeout=3)
+    assert task.done(), f"{what} went on after its cancellation"
+    assert task.cancelled()
 
 
 def _wait_stopped(pid: int) -> None:
@@ -219,9 +222,7 @@ async def test_the_decisions_tail_cancelled_as_its_stream_s_answer_comes_ends(st
         await eventually(asked.is_set, timeout=5)
         return waiting_before
 
-    await _cancelled_as_the_answer_comes(nats_server, nc, task, tail_asking)
-    assert task.done(), "the tail went on after its cancellation"
-    assert task.cancelled()
+    await _cancelled_as_the_answer_comes(nats_server, nc, task, tail_asking, "the tail")
 
 
 async def test_a_held_ingest_cancelled_as_the_consumer_s_answer_comes_ends(nats_server) -> None:
@@ -246,14 +247,9 @@ async def test_a_held_ingest_cancelled_as_the_consumer_s_answer_comes_ends(nats_
         async def held_asking() -> set[str]:  # the hold asks every 0.1 s: a new request soon
             return set(nc._resp_map)
 
-        await _cancelled_as_the_answer_comes(nats_server, nc, task, held_asking)
-        assert task.done(), "the hold went on after its cancellation"
-        assert task.cancelled()
+        await _cancelled_as_the_answer_comes(nats_server, nc, task, held_asking, "the hold")
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await ingest.stop()
-        await nc.close()
+        await stop_reading(ingest, nc, task)
 
 
 async def test_ingest_cancelled_as_the_stream_s_answer_on_a_hole_comes_ends(nats_server) -> None:
@@ -282,12 +278,42 @@ async def test_ingest_cancelled_as_the_stream_s_answer_on_a_hole_comes_ends(nats
             _wait_stopped(nats_server.process.pid)  # not yielding: asked of a server still going, it was answered
             return set(nc._resp_map)
 
-        await _cancelled_as_the_answer_comes(nats_server, nc, task, asking)
-        assert task.done(), "ingest went on after its cancellation"
-        assert task.cancelled()
+        await _cancelled_as_the_answer_comes(nats_server, nc, task, asking, "ingest")
     finally:
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        await ingest.stop()
-        await nc.close()
+        await stop_reading(ingest, nc, task)
+
+
+async def test_ingest_cancelled_as_the_answer_on_a_deleted_dlq_comes_ends(nats_server) -> None:
+    """A dead letter no stream takes (the DLQ deleted) has ingest make the streams again (`ensure_streams`), asking
+    the server through nats-py, whose requests wait with Python 3.11's `wait_for`: a cancellation that came with an
+    answer was dropped, and ingest went on (the stop waited `background.STOP_CANCEL_AGAIN_S` to cancel it again).
+    Here ingest is held as it is about to make them, the server is stopped (SIGSTOP), ingest let go, and cancelled as
+    the answer to its first ask comes, once the server goes on."""
+    nc = await pull.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    limits: dict[str, Any] = {"max_age_days": 1, "max_bytes": -1, "duplicate_window_s": 120, "dlq_max_age_days": 1}
+    await jsx.ensure_streams(js, **limits)
+    await js.delete_stream(jsx.DLQ.name)
+    await js.publish("signals.app.opened", b'{"id": "broken", ')
+    reached, go = asyncio.Event(), asyncio.Event()
+
+    async def ensure_streams() -> None:
+        reached.set()
+        await go.wait()
+        await jsx.ensure_streams(js, **limits)
+
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, OnlineStore(), Checkpoints(), batch=64, max_event_bytes=16384,
+                          max_uncheckpointed=1000, ensure_streams=ensure_streams)
+    await ingest.start()
+    task = asyncio.create_task(ingest.run())
+    try:
+        await eventually(reached.is_set, timeout=10)
+
+        async def asking() -> set[str]:
+            _wait_stopped(nats_server.process.pid)  # not yielding: ingest asks once the server is stopped
+            go.set()
+            return set(nc._resp_map)
+
+        await _cancelled_as_the_answer_comes(nats_server, nc, task, asking, "ingest")
+    finally:
+        await stop_reading(ingest, nc, task)
