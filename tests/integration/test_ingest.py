@@ -19,7 +19,7 @@ from prometheus_client import generate_latest
 
 from app import version
 from app.metrics import METRICS
-from streams.dead_letters import DLQ_BATCH, DeadLettered, last_dead_lettered
+from streams.dead_letters import DLQ_BATCH, DeadLettered, dlq_msg_id_prefix, last_dead_lettered
 from streams.jetstream import (
     DLQ_KIND,
     DLQ_ORIGINAL_HEADER,
@@ -128,6 +128,28 @@ async def test_an_event_near_max_payload_goes_to_the_dlq_truncated_and_ingest_mo
     store = running.service.store
     await eventually(lambda: store.positions.get("SIGNALS") == 2)
     assert store.users["u-1"].count("task.created") == 1
+
+
+async def test_docs_operations_lists_every_header_a_dlq_copy_carries(start_service, nc) -> None:
+    """docs/operations.md's DLQ section named neither the copy's own `Nats-Msg-Id` nor what it is for. Here a copy
+    with the headers its body was published with, and one cut to fit: each header either carries is listed there."""
+    running = await start_service()
+    js = nc.jetstream()
+    await js.publish("signals.task.created", b'{"id": ', headers={"Nats-Msg-Id": "bad-1", "traceparent": "00-ab-01"})
+    await js.publish("signals.task.created", orjson.dumps(event(2, labels=["x" * (nc.max_payload - 200)])))
+    copies = await dlq_messages(js, 2)
+    await eventually(lambda: running.service.store.positions.get("SIGNALS") == 2)
+    text = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
+    section = text.split("## Invalid events: the DLQ\n", 1)[1].split("\n## ", 1)[0]
+    names = {name for copy in copies for name in copy.headers}
+    assert {DLQ_TRUNCATED, DLQ_ORIGINAL_HEADER + "traceparent", "Nats-Msg-Id"} <= names
+    for name in names:
+        listed = DLQ_ORIGINAL_HEADER + "<name>" if name.startswith(DLQ_ORIGINAL_HEADER) else name
+        assert f"`{listed}`" in section, f"{name}, which a DLQ copy carries, is not listed in docs/operations.md"
+    assert "`dlq:<stream>:<created>:<seq>`" in section
+    prefix = dlq_msg_id_prefix("SIGNALS", (await js.stream_info("SIGNALS")).created)
+    assert re.fullmatch(r"dlq:SIGNALS:\d+:", prefix)
+    assert sorted(copy.headers["Nats-Msg-Id"] for copy in copies) == [f"{prefix}1", f"{prefix}2"]
 
 
 async def test_a_deleted_dlq_is_created_again_and_the_stream_moves_on(start_service, nc) -> None:
