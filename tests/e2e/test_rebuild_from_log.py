@@ -135,10 +135,7 @@ async def rebuild(js: Any, data_dir: Path, env: dict[str, str], users: list[str]
                   ) -> tuple[ServiceProcess, Knowledge]:
     """docs/operations.md's rebuild: `migrate base`, start again, wait for the replay; the running service
     (to stop) and what it knows."""
-    service = ServiceProcess(data_dir, env)
-    migrated = subprocess.run([TIPSTREAM, "migrate", "base"], env=service.env, capture_output=True, text=True)
-    assert migrated.returncode == 0, migrated.stderr
-    service.start()
+    service = start_rebuilding(data_dir, env)
     last = {name: (await js.stream_info(name)).state.last_seq for name in STREAMS}
     wait_until(lambda: caught_up(service, last, credited), what="the rebuild caught up")
     return service, Knowledge(service, users)
@@ -329,10 +326,7 @@ async def test_a_rebuild_learns_each_silence_where_the_live_run_did(
         other_tip["decision_id"]: {other_tip["ranked"][0]["tip_id"]: 0.0, other_tip["ranked"][1]["tip_id"]: 1.0}}
 
     # The rebuild, stopped once it has learned what live did (no probe: it would be one more decision).
-    service = ServiceProcess(tmp_path / "data", env, patches=QUICK_SILENCE)
-    migrated = subprocess.run([TIPSTREAM, "migrate", "base"], env=service.env, capture_output=True, text=True)
-    assert migrated.returncode == 0, migrated.stderr
-    service.start()
+    service = start_rebuilding(tmp_path / "data", env, QUICK_SILENCE)
     last = {name: (await js.stream_info(name)).state.last_seq for name in STREAMS}
     wait_until(lambda: caught_up(service, last, 2.0)
                and service.metric("tipstream_silences_total", outcome="credited") == 3, what="the rebuild caught up")
@@ -340,8 +334,7 @@ async def test_a_rebuild_learns_each_silence_where_the_live_run_did(
     features = {u: service.get(f"/users/{u}/features", at=AT).json() for u in users}
     assert service.stop(), service.log()
     assert features == live.features
-    assert tip_scores(database_url) == live_rows  # `rewarded_at` too: a silence is stamped with when it was due
-    assert model_bytes(database_url) == live_models
+    assert_as_live(database_url, live_rows, live_models)  # `rewarded_at` too: a silence is stamped with when it was due
 
 
 # SQLite only: what is under test is the learner's order; the other tests here hold PostgreSQL's rows
@@ -433,16 +426,12 @@ async def test_a_rebuild_credits_a_spooled_decision_s_reaction_stored_before_the
     live_rows, live_models = tip_scores(database_url), model_bytes(database_url)
     assert live_rows[spooled]["rewards"] == {CANDIDATES[1]["tip_id"]: 0.8} and live_models["v1"][0] == 2
 
-    service = ServiceProcess(data_dir, {**env, "TIPSTREAM_INGEST_BATCH": "64"})
-    migrated = subprocess.run([TIPSTREAM, "migrate", "base"], env=service.env, capture_output=True, text=True)
-    assert migrated.returncode == 0, migrated.stderr
-    service.start()
+    service = start_rebuilding(data_dir, {**env, "TIPSTREAM_INGEST_BATCH": "64"})
     wait_until(lambda: caught_up(service, last, 2.0), what="the rebuild caught up")
     assert service.metric("tipstream_feedback_pending") == 0
     assert service.metric("tipstream_feedback_total", outcome="unknown_decision") == 0
     assert service.stop(), service.log()
-    assert tip_scores(database_url) == live_rows
-    assert model_bytes(database_url) == live_models
+    assert_as_live(database_url, live_rows, live_models)
 
 
 # SQLite only: what is under test is the learner's join; the first test here holds PostgreSQL's rows to a rebuild's.

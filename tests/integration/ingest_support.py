@@ -9,11 +9,16 @@ from app.ingest import StreamIngest
 
 
 async def stop_reading(ingest: StreamIngest, nc: Any, *tasks: asyncio.Task[Any] | None) -> None:
-    """Cancel `tasks` (those running `ingest.run()`; None: one not started yet) and wait for them to end, whatever
-    they raised, then stop `ingest` and close `nc`."""
+    """Cancel `tasks` (those running `ingest.run()` or a part of it; None: one not started yet) and wait for them
+    to end, whatever they raised, then stop `ingest` and close `nc`. One still running a second later is cancelled
+    again, as the service's stop does (`app.background`): nats-py drops a cancellation that comes with an answer, and
+    waited for once, such a task held the test's teardown for ever."""
     started = [task for task in tasks if task is not None]
-    for task in started:
-        task.cancel()
-    await asyncio.gather(*started, return_exceptions=True)
+    running = set(started)
+    while running:
+        for task in running:
+            task.cancel()
+        _, running = await asyncio.wait(running, timeout=1)
+    await asyncio.gather(*started, return_exceptions=True)  # what they raised, retrieved
     await ingest.stop()
     await nc.close()

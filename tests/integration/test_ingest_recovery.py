@@ -27,6 +27,7 @@ from streams.events import parse_event
 from streams.fold import UserState
 from streams.store import OnlineStore, StateUnavailable
 from tests.conftest import dead_lettered, eventually
+from tests.integration.ingest_support import stop_reading
 
 EVENTS = 3000
 
@@ -136,9 +137,7 @@ async def test_a_user_state_that_cannot_be_loaded_yet_holds_the_stream_until_it_
     # Each event is counted once, as applied: those seen again are not duplicates of the stream's.
     # Before, the metric counted e1 and e2 as ignored after each failure.
     assert [now - before for now, before in zip(_counts(), counted, strict=True)] == [EVENTS, 0]
-    running.cancel()
-    await ingest.stop()
-    await nc.close()
+    await stop_reading(ingest, nc, running)
 
 
 async def test_a_hold_ends_quietly_when_the_puller_went_away_meanwhile(nats_server) -> None:
@@ -179,11 +178,7 @@ async def test_a_hold_asks_for_the_checkpoint_it_waits_for(nats_server, bound: i
     await eventually(lambda: store.positions.get("SIGNALS") == EVENTS, timeout=30)
     assert store.applied == EVENTS and checkpointer.failures == 0
     assert 1 <= caplog.text.count("pausing SIGNALS") <= 6, caplog.text
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await ingest.stop()
-    await nc.close()
+    await stop_reading(ingest, nc, *tasks)
 
 
 async def test_ingest_holds_while_its_own_backlog_waits_for_a_checkpoint(nats_server) -> None:
@@ -236,10 +231,7 @@ async def test_what_ingest_holds_unfolded_is_bounded_in_bytes_and_it_reads_on_on
         await eventually(lambda: store.positions.get("SIGNALS") == EVENTS, timeout=30)
         assert store.applied == EVENTS and store.ignored == 0
     finally:
-        reading.cancel()
-        await asyncio.gather(reading, return_exceptions=True)
-    await ingest.stop()
-    await nc.close()
+        await stop_reading(ingest, nc, reading)
 
 
 async def test_events_near_the_largest_a_server_takes_each_come_though_a_request_holds_few(nats_server) -> None:
@@ -262,10 +254,7 @@ async def test_events_near_the_largest_a_server_takes_each_come_though_a_request
         await eventually(lambda: store.positions.get("SIGNALS") == count)
         assert store.applied == count
     finally:
-        reading.cancel()
-        await asyncio.gather(reading, return_exceptions=True)
-    await ingest.stop()
-    await nc.close()
+        await stop_reading(ingest, nc, reading)
 
 
 async def test_a_backlog_bound_of_one_row_ends_its_hold_once_the_row_is_written(nats_server) -> None:
@@ -598,9 +587,7 @@ async def test_a_consumer_re_creation_nobody_answers_is_asked_again_at_once(nats
         os.kill(nats_server.process.pid, signal.SIGCONT)
     await eventually(lambda: "consuming SIGNALS from sequence 1" in caplog.text, timeout=10)
     assert not paused, "no wait on top of the call's own"
-    runner.cancel()
-    await ingest.stop()
-    await nc.close()
+    await stop_reading(ingest, nc, runner)
 
 
 async def test_feedback_held_back_for_decisions_longer_than_ack_wait_is_not_redelivered(nats_server,
@@ -641,9 +628,7 @@ async def test_feedback_held_back_for_decisions_longer_than_ack_wait_is_not_rede
         await asyncio.sleep(0.02)
     await eventually(lambda: _all_acked(js, ingest.durable, "FEEDBACK"))  # a redelivery would be pending
     assert (store.applied, store.ignored) == (groups * per_group, 0)
-    running.cancel()
-    await ingest.stop()
-    await nc.close()
+    await stop_reading(ingest, nc, running)
 
 
 async def test_messages_held_while_checkpoints_lag_past_ack_wait_are_not_redelivered(nats_server, monkeypatch) -> None:
@@ -676,9 +661,7 @@ async def test_messages_held_while_checkpoints_lag_past_ack_wait_are_not_redeliv
     await eventually(lambda: store.positions.get("SIGNALS") == 400)
     await eventually(lambda: _all_acked(js, ingest.durable))  # nothing left to redeliver
     assert (store.applied, store.ignored, dead_lettered("SIGNALS") - before) == (396, 0, 4)
-    running.cancel()
-    await ingest.stop()
-    await nc.close()
+    await stop_reading(ingest, nc, running)
 
 
 async def _all_acked(js: Any, durable: str, stream: str = "SIGNALS") -> bool:
@@ -713,9 +696,7 @@ async def test_a_user_state_that_cannot_be_loaded_for_longer_than_ack_wait_gets_
     # Each failed try folds the chunk's events before u3's first again (at most e1 and e2): only those.
     assert store.applied == EVENTS and store.ignored <= 2 * len(failures), (store.ignored, len(failures))
     assert [now - before for now, before in zip(_counts(), counted, strict=True)] == [EVENTS, 0]
-    running.cancel()
-    await ingest.stop()
-    await nc.close()
+    await stop_reading(ingest, nc, running)
 
 
 async def test_the_lag_metric_counts_what_a_start_has_to_read_while_feedback_waits_for_decisions(nats_server) -> None:
@@ -742,10 +723,7 @@ async def test_the_lag_metric_counts_what_a_start_has_to_read_while_feedback_wai
     await eventually(lambda: ingest.buffer or ingest._held, timeout=5)  # delivered, and held
     assert store.applied == 0 and ingest.lag == 300
     assert gauge._value.get() == 300
-    running.cancel()
-    await asyncio.gather(running, return_exceptions=True)
-    await ingest.stop()
-    await nc.close()
+    await stop_reading(ingest, nc, running)
 
 
 async def test_a_chunk_waiting_on_a_users_read_keeps_its_own_future_bound(nats_server) -> None:
@@ -955,10 +933,7 @@ async def test_the_lag_metric_grows_with_the_stream_while_ingest_holds(nats_serv
     await eventually(lambda: gauge._value.get() == unread + 300 and ingest.lag == unread + 300, timeout=5)
     checkpoints.uncheckpointed = 0  # a checkpoint succeeds: ingest reads on, and the lag goes back to 0
     await eventually(lambda: store.positions.get("SIGNALS") == 306 and gauge._value.get() == 0)
-    running.cancel()
-    await asyncio.gather(running, return_exceptions=True)
-    await ingest.stop()
-    await nc.close()
+    await stop_reading(ingest, nc, running)
 
 
 async def test_a_stream_held_at_a_users_read_logs_why_and_not_who(nats_server, caplog) -> None:
@@ -979,10 +954,7 @@ async def test_a_stream_held_at_a_users_read_logs_why_and_not_who(nats_server, c
     lines = [r.getMessage() for r in caplog.records if "could not fold events" in r.getMessage()]
     assert lines and all("ConnectionError: the database is away" in line for line in lines), lines
     assert not any(re.search(r"\bu3\b", line) for line in lines), lines
-    running.cancel()
-    await asyncio.gather(running, return_exceptions=True)
-    await ingest.stop()
-    await nc.close()
+    await stop_reading(ingest, nc, running)
 
 
 async def making_streams_again(nats_server: Any, first: Callable[[Any], Awaitable[Any]],
@@ -1032,9 +1004,7 @@ async def test_a_consumer_deleted_under_a_running_ingest_is_made_again_and_read_
         assert (store.applied, store.ignored) == (20, 0)
         assert "is gone from NATS" in caplog.text
     finally:
-        running.cancel()
-        await ingest.stop()
-        await nc.close()
+        await stop_reading(ingest, nc, running)
 
 
 async def test_a_pull_request_nothing_takes_tells_a_consumer_without_a_leader_or_deleted(nats_server, caplog) -> None:
@@ -1067,9 +1037,7 @@ async def test_a_pull_request_nothing_takes_tells_a_consumer_without_a_leader_or
             "have no leader)")], told
         assert (store.applied, store.ignored) == (8, 0)
     finally:
-        running.cancel()
-        await ingest.stop()
-        await nc.close()
+        await stop_reading(ingest, nc, running)
 
 
 async def test_events_stored_while_the_consumer_is_made_again_count_in_the_lag(nats_server, monkeypatch) -> None:
@@ -1105,9 +1073,7 @@ async def test_events_stored_while_the_consumer_is_made_again_count_in_the_lag(n
         await eventually(lambda: store.positions.get("SIGNALS", 0) == 12 and ingest.lag == 0)
         assert gauge._value.get() == 0 and (store.applied, store.ignored) == (12, 0)
     finally:
-        running.cancel()
-        await ingest.stop()
-        await nc.close()
+        await stop_reading(ingest, nc, running)
 
 
 async def _no_request_waits(js: Any, durable: str) -> bool:
@@ -1177,9 +1143,7 @@ async def test_a_stream_made_again_keeps_its_own_dlq_ids_when_asking_fails_midwa
         copies = (await js.stream_info("DLQ")).state.messages
         assert copies == 2, "the new stream's bad event is not in the DLQ"
     finally:
-        running.cancel()
-        await ingest.stop()
-        await nc.close()
+        await stop_reading(ingest, nc, running)
 
 
 async def test_a_stream_replaced_under_us_is_told_though_the_first_look_goes_unanswered(nats_server,
@@ -1218,9 +1182,7 @@ async def test_a_stream_replaced_under_us_is_told_though_the_first_look_goes_una
         assert store.users["new"].count("app.opened") == 7, "the new stream's messages up to the position were skipped"
         assert store.users["old"].count("app.opened") == 5
     finally:
-        running.cancel()
-        await ingest.stop()
-        await nc.close()
+        await stop_reading(ingest, nc, running)
 
 
 async def unanswered_puller(url: str, on_message: Callable[[pull.RawMsg], None], batch: int = 2,
@@ -1386,10 +1348,7 @@ async def test_a_consumer_made_again_has_its_own_first_consumer_info_unanswered_
         await held_without_consumer(2)
         assert told()[1].startswith("the consumer tipstream-signals of stream SIGNALS answers no consumer_info (")
     finally:
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
-        await ingest.stop()
-        await nc.close()
+        await stop_reading(ingest, nc, running)
 
 
 async def test_the_lag_read_from_the_stream_leaves_out_what_it_no_longer_stores(nats_server) -> None:
@@ -1425,10 +1384,7 @@ async def test_the_lag_read_from_the_stream_leaves_out_what_it_no_longer_stores(
         await js.purge_stream("SIGNALS", seq=6)  # 1-5, read, gone
         await eventually(lambda: ingest.lag == 7, timeout=5)  # 6 and 10-15
     finally:
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
-        await ingest.stop()
-        await nc.close()
+        await stop_reading(ingest, nc, running)
 
 
 @pytest.mark.parametrize("seen_first", ["consumer_info", "pull requests"])
@@ -1476,10 +1432,7 @@ async def test_a_fold_retried_while_the_consumer_is_silent_tells_the_silence_onc
         failing[0] = False
         await eventually(lambda: store.positions.get("SIGNALS") == 1, timeout=10)
     finally:
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
-        await ingest.stop()
-        await nc.close()
+        await stop_reading(ingest, nc, running)
     told = [r.getMessage() for r in caplog.records
             if "answers no consumer_info" in r.getMessage() or "answers no pull request" in r.getMessage()]
     assert len(told) == 1, told

@@ -34,6 +34,7 @@ from streams.jetstream import ALL_STREAMS, event_headers, publish_events
 from streams.simulator import Population
 from streams.store import OnlineStore
 from tests.conftest import NatsCluster, NatsServer, eventually, serve_in_process
+from tests.integration.ingest_support import stop_reading
 from tests.integration.test_ingest_recovery import Checkpoints, decision, reading_decisions
 
 log = logging.getLogger("tipstream.test")
@@ -397,11 +398,7 @@ async def test_decisions_on_their_way_when_the_consumer_s_leader_is_lost_are_all
         ingest.puller.resume()
         await eventually(lambda: ingest.store.positions.get("DECISIONS") == count, timeout=30)
     finally:
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        await ingest.stop()
-        await nc.close()
+        await stop_reading(ingest, nc, task)
         await admin.close()
     assert nats_cluster.nodes[leader].process.poll() is not None, "killed"
     missing = count - len(read)
@@ -550,10 +547,7 @@ async def test_a_hung_node_leading_the_consumer_of_a_held_ingest_leaves_the_lag_
         checkpoints.uncheckpointed = 0  # a checkpoint commits: ingest reads on, and the lag goes back to 0
         await eventually(lambda: store.positions.get("SIGNALS") == 2 + len(events) and ingest.lag == 0, timeout=30)
     finally:
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
-        await ingest.stop()
-        await nc.close()
+        await stop_reading(ingest, nc, running)
     told = [r.getMessage() for r in caplog.records if r.name == "tipstream.ingest" and "consumer_info" in r.getMessage()]
     assert len(told) == 1, told  # asked every 0.1 s: one line for the silence
     assert told[0].startswith("the consumer tipstream-signals of stream SIGNALS answers no consumer_info ("), told

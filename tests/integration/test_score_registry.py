@@ -39,6 +39,15 @@ async def score_and_act(http: httpx.AsyncClient, js: Any, i: int) -> None:
     await js.publish("feedback.tip.reacted", orjson.dumps(event), headers={"Nats-Msg-Id": event["id"]})
 
 
+async def five_rewards_the_first_snapshotted(http: httpx.AsyncClient, js: Any, service: Any) -> None:
+    """Five decisions acted on (`score_and_act`), the models' snapshot after the first saved before the next: with
+    TIPSTREAM_MODEL_SNAPSHOT_EVERY_S at an hour, no other is taken till a stop."""
+    for i in range(5):
+        await score_and_act(http, js, i)
+        if i == 0:
+            await eventually(lambda: service.learner.snapshots.last > 0 and not service.learner.snapshots.unconfirmed)
+
+
 async def test_changes_are_refused_without_the_token(start_service, nc, tmp_path) -> None:
     running = await start_service()  # no TIPSTREAM_ADMIN_TOKEN
     async with running.http() as http:
@@ -580,10 +589,7 @@ async def test_a_clean_stop_saves_the_learner_where_the_streams_stand(start_serv
     service = running.service
     js = nc.jetstream()
     async with running.http() as http:
-        for i in range(5):
-            await score_and_act(http, js, i)
-            if i == 0:  # the first reward's snapshot is saved; the next one is an hour away
-                await eventually(lambda: service.learner.snapshots.last > 0 and not service.learner.snapshots.unconfirmed)
+        await five_rewards_the_first_snapshotted(http, js, service)
     await eventually(lambda: service.learner.credited == 5)
     await running.stop()
     again = await start_service(model_snapshot_every_s=3600)
@@ -653,10 +659,7 @@ async def test_a_retired_version_keeps_the_rewards_it_had_learned_across_a_resta
     service = running.service
     js = nc.jetstream()
     async with running.http() as http:
-        for i in range(5):
-            await score_and_act(http, js, i)
-            if i == 0:  # the first reward's snapshot is saved; the next one is an hour away
-                await eventually(lambda: service.learner.snapshots.last > 0 and not service.learner.snapshots.unconfirmed)
+        await five_rewards_the_first_snapshotted(http, js, service)
         await eventually(lambda: service.learner.credited == 5)
         assert (await http.post("/admin/models/v2/retire", headers=AUTH)).status_code == 200
         before = {m["version"]: m["n_learned"] for m in (await http.get("/models")).json()["models"]}
