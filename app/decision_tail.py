@@ -125,6 +125,10 @@ class OwnTail:
             return
         if self.stream_last_seq is None:
             return
+        # What JetStream had acknowledged before the ask, so stored before the answer was made. The position read
+        # after the answer also holds acknowledgements that came while it travelled, under a steady load at most
+        # ticks: two ticks running, that was taken for a stream made anew, and its consumer restarted.
+        asked_at = self.position
         try:
             last = await answered(self.stream_last_seq(), ASK_S)
         except NotFoundError:
@@ -138,12 +142,12 @@ class OwnTail:
             log.debug("could not read the DECISIONS stream's last sequence (%s)", error)
             return
         position = self.position
-        if last < position:
+        if last < asked_at:
             # Two ticks running: the stream's answer and our acknowledgements come by different paths, and one
             # tick's can have left before our latest decision was stored.
             if self._ended_before:
                 log.warning("stream %s ends at %d, before the position %d: created again (deleted, then made anew)? "
-                            "reading it from its first message", STREAM, last, position)
+                            "reading it from its first message", STREAM, last, asked_at)
                 self._ended_before = False
                 self.following = False
                 ingest.request_reset()  # the consumer, past the stream's end, starts it over (`StreamIngest`)

@@ -230,3 +230,23 @@ def test_a_last_sequence_read_before_our_latest_acknowledgement_is_not_taken_for
     tick(tail)
     tick(tail)
     assert tail.following and ingest.resets == 0
+
+
+def test_acknowledgements_arriving_while_each_tick_waits_for_the_stream_are_not_a_new_stream() -> None:
+    """Under a steady /score load (`tipstream run --demo 100` and 10 requests a second, or a registration holding
+    the event loop), an acknowledgement of ours arrived while each tick waited for the stream's last sequence, two
+    ticks running: the answer, given before it, fell under the position read after it. Logged as a stream created
+    again, and the consumer restarted, three times in the first minute."""
+    ingest, store, stream, tail = world(position=574, last=574)
+
+    async def last_seq() -> int:
+        last = stream.last  # the server answers...
+        stream.last += 1  # ...then stores our next decision, whose acknowledgement comes first
+        tail.stored(stream.last)
+        return last
+
+    tail.stream_last_seq = last_seq
+    asyncio.run(tail.follow())
+    for _ in range(5):
+        tick(tail)
+    assert tail.following and ingest.resets == 0 and store.positions["DECISIONS"] == 579
