@@ -85,6 +85,23 @@ async def _no_stream_told(nc: Any, where: str) -> str:
             "creates the streams), or point --nats-url at the server it uses.")
 
 
+# How long a NATS server that is stopping takes from dropping JetStream to closing its connections.
+STOPPING_CLOSES_WITHIN_S = 2.0
+
+
+def _lost(where: str, sent: int, in_flight: int, fix: str) -> str:
+    return (f"Lost the NATS server at {where} after {sent} events acknowledged (the last {in_flight} may be in "
+            f"JetStream too): {fix}.")
+
+
+async def _closes_within(closed: asyncio.Event, seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(closed.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True
+
+
 async def _acknowledged(publishing: Awaitable[int], closed: asyncio.Event) -> int | None:
     """`publishing`'s count, or None if the connection closes first: nats-py never settles the
     acknowledgements it still waited for then, so waiting on them alone would never end."""
@@ -148,15 +165,23 @@ async def simulate(users: int, rate: float, count: int | None, duration: float |
                 try:
                     acknowledged = await _acknowledged(publish_events(js, chunk), closed)
                 except NoStreamResponseError:
-                    raise SystemExit(await _no_stream_told(nc, shown_url(url))) from None
+                    if not sent:
+                        raise SystemExit(await _no_stream_told(nc, shown_url(url))) from None
+                    # The streams took the first events: a server told to stop (the service's embedded one, its
+                    # service killed) drops JetStream before it closes its connections, and was told as one that
+                    # never had them, to start `tipstream run` first, with no count.
+                    if await _closes_within(closed, STOPPING_CLOSES_WITHIN_S):
+                        raise SystemExit(_lost(shown_url(url), sent, len(chunk), fix)) from None
+                    raise SystemExit(
+                        f"No stream takes signals.> on the NATS server at {shown_url(url)} any more, after {sent} "
+                        f"events acknowledged (the last {len(chunk)} may be in JetStream too): were the streams "
+                        "deleted (a running `tipstream run` makes them again), or is the server stopping?") from None
                 except APIError as error:  # storage full: no try again helps (`publish_events`)
                     raise SystemExit(
                         f"JetStream at {shown_url(url)} refused the events after {sent} acknowledged: "
                         f"{error.description} ({error.err_code}){STORAGE_FULL_FIX}.") from None
                 if acknowledged is None:  # the service stopped, and its embedded server with it
-                    raise SystemExit(
-                        f"Lost the NATS server at {shown_url(url)} after {sent} events acknowledged "
-                        f"(the last {len(chunk)} may be in JetStream too): {fix}.")
+                    raise SystemExit(_lost(shown_url(url), sent, len(chunk), fix))
                 sent += acknowledged
                 report(sent)
                 ahead = sent / rate - (time.monotonic() - started) if rate else 0

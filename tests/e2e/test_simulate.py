@@ -162,6 +162,25 @@ async def test_simulate_ends_saying_so_when_its_nats_server_stops(nats_server, n
     assert nats_server.url in err and "--nats-url" in err and " events " in err, err
 
 
+async def test_simulate_whose_streams_go_mid_run_says_how_many_it_stored_not_to_start_tipstream_run(
+    nats_server, nc
+) -> None:
+    """The service killed under a fast run (`tipstream simulate --rate 2500`, `kill -9` of `tipstream run`): its
+    embedded nats-server, told to stop, drops JetStream before it closes its connections, and the next publish met
+    no stream. The run said to start `tipstream run` first, as if the streams had never been there (two kills in
+    two), and not how many events were stored. A server whose streams are deleted mid-run answers alike."""
+    run = await _the_readme_s_run_publishing(nats_server, nc)
+    js = nc.jetstream()
+    try:
+        for stream in ("SIGNALS", "FEEDBACK"):
+            await js.delete_stream(stream)
+        _, err = await asyncio.to_thread(run.communicate, timeout=30)
+    finally:
+        run.kill()
+    assert run.returncode == 1 and "Traceback" not in err, err
+    assert " events acknowledged " in err and "any more" in err and "first" not in err, err
+
+
 class _CuttableProxy:
     """TCP to a NATS server that can lose what the server sends (acknowledgements in flight), then
     drop its clients' connections, as a server killed and started again on its port does."""
