@@ -495,7 +495,8 @@ class DecisionPublisher:
 
     def _tell_unanswered(self) -> None:
         """A server that takes publishes and answers none: nats-server with its store's disk full answered
-        nothing, on the connection or in the log of this service, whose decisions went round for good."""
+        nothing, on the connection or in the log of this service, whose decisions went round for good. One that
+        hangs (stopped) answers none either, and the line named only a full store."""
         nc = self._nc()
         if nc is None or not nc.is_connected:
             return  # away: told by the connection's own lines
@@ -503,9 +504,11 @@ class DecisionPublisher:
         if left_out is None:
             return
         log.warning("JetStream acknowledged none of the decisions sent %gs ago, NATS connected; %d wait, sent again "
-                    "(/score answers 503 once TIPSTREAM_DECISION_QUEUE_MAX wait). Is the NATS server's store full? "
-                    "Its log says 'no space left on device' then: free space there; nats-server stores nothing after "
-                    "a failed write until it is restarted (tipstream restarts its embedded one itself).%s",
+                    "(/score answers 503 once TIPSTREAM_DECISION_QUEUE_MAX wait). Does the NATS server hang (stopped, "
+                    "or overloaded)? Then the connection is dropped after two pings unanswered "
+                    "(TIPSTREAM_NATS_PING_INTERVAL_S) and made again. Or is its store full? Its log says 'no space "
+                    "left on device' then: free space there; nats-server stores nothing after a failed write until it "
+                    "is restarted (tipstream restarts its embedded one itself).%s",
                     self.ack_timeout_s, self.waiting, f" ({left_out} such rounds since the last line)" if left_out else "")
 
     async def run(self) -> None:

@@ -473,6 +473,19 @@ async def test_a_server_that_answers_no_publish_is_told_once_then_the_decisions_
     assert sorted(nc.stored) == ["d-0", "d-1"]
 
 
+async def test_a_server_that_answers_no_publish_is_told_as_hung_or_full(caplog: pytest.LogCaptureFixture) -> None:
+    """The embedded nats-server stopped (SIGSTOP) for 20 s answered no publish either: the line asked only whether
+    its store was full, and sent the operator to look for 'no space left on device' in a log that had none."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="tipstream.decisions")
+    nc = FakeNats()
+    nc.answers = ["lost"] * 2
+    await published_through(nc, 2, batch=2, window=2, ack_timeout_s=0.05)
+    told = [r.getMessage() for r in caplog.records if "acknowledged none" in r.getMessage()]
+    assert told and "hang" in told[0] and "TIPSTREAM_NATS_PING_INTERVAL_S" in told[0], told
+
+
 async def test_a_refusal_for_storage_full_says_which_limits_to_free_or_raise(caplog: pytest.LogCaptureFixture) -> None:
     """'insufficient resources' was logged as JetStream's bytes, with nothing on what is full or what to do."""
     import logging
