@@ -14,21 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import sqlalchemy as sa
 
 from app import migrate
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.db import make_engine
 from app.decision_publisher import DecisionPublisher
+from app.erasure import Eraser
 from app.ingest import StreamIngest
 from app.service_lock import holder
 from streams import jetstream as jsx
 from streams import pull
 from streams.events import parse_event
 from streams.jetstream import publish_events
+from streams.scrub import scrub
 from streams.store import OnlineStore
 from tests.conftest import eventually, reset_postgres
-from tests.integration.ingest_support import stop_reading
+from tests.integration.ingest_support import cancelled, stop_reading
 from tests.integration.test_ingest_recovery import Checkpoints
 
 NOW = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
@@ -197,6 +200,18 @@ def _wait_stopped(pid: int) -> None:
     raise AssertionError(f"process {pid} not stopped within 2 s of its SIGSTOP")
 
 
+def _let_go_once_stopped(server: Any, nc: Any, go: asyncio.Event) -> Callable[[], Awaitable[set[str]]]:
+    """`_cancelled_as_the_answer_comes`'s `asking` for a task held at `go` as it is about to ask: let go once `server`
+    is stopped."""
+
+    async def asking() -> set[str]:
+        _wait_stopped(server.process.pid)  # not yielding: the task asks once the server is stopped
+        go.set()
+        return set(nc._resp_map)
+
+    return asking
+
+
 async def test_the_decisions_tail_cancelled_as_its_stream_s_answer_comes_ends(start_service, nats_server) -> None:
     """The DECISIONS tail asks the stream for its last sequence every tick, through nats-py, whose requests wait with
     Python 3.11's `wait_for`: a cancellation that comes with the answer was dropped, the tail went on, and the stop
@@ -308,12 +323,48 @@ async def test_ingest_cancelled_as_the_answer_on_a_deleted_dlq_comes_ends(nats_s
     task = asyncio.create_task(ingest.run())
     try:
         await eventually(reached.is_set, timeout=10)
-
-        async def asking() -> set[str]:
-            _wait_stopped(nats_server.process.pid)  # not yielding: ingest asks once the server is stopped
-            go.set()
-            return set(nc._resp_map)
-
-        await _cancelled_as_the_answer_comes(nats_server, nc, task, asking, "ingest")
+        await _cancelled_as_the_answer_comes(nats_server, nc, task, _let_go_once_stopped(nats_server, nc, go), "ingest")
     finally:
         await stop_reading(ingest, nc, task)
+
+
+@pytest.mark.parametrize(("work", "call"), [("scrub", "stream_info"), ("scrub", "add_consumer"),
+                                            ("scrub", "delete_consumer"), ("scrub", "get_msg"), ("bounds", "stream_info")])
+async def test_the_erasures_cancelled_as_an_answer_comes_end(nats_server, monkeypatch, work, call) -> None:
+    """The erasures' task reads the streams' last sequences, its bounds (`Eraser._ends`), and scrubs the streams
+    (`streams.scrub`): it asks for a stream's bounds (`stream_info`), makes a consumer to read it (`add_consumer`) and
+    removes it after (`delete_consumer`), and reads the original of a DLQ copy cut before its user's id (`get_msg`),
+    through nats-py, whose requests wait with Python 3.11's `wait_for`: a cancellation that came with the answer was
+    dropped, and the task went on (the stop waited `background.STOP_CANCEL_AGAIN_S` to cancel it again). Here it is
+    held as it is about to ask (`call`), the server is stopped (SIGSTOP), the task let go, and cancelled as the answer
+    comes, once the server goes on."""
+    nc = await pull.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    body = orjson.dumps({"id": "e-1", "type": "app.opened", "ts": "2026-11-26T08:00:00Z", "v": 1, "data": {},
+                         "user_id": "u-1"})
+    seq = (await js.publish("signals.app.opened", body)).seq
+    await js.publish("dlq.signals.app.opened", body[: body.index(b'"user_id"')], headers={
+        jsx.DLQ_REASON: "test", jsx.DLQ_TRUNCATED: str(len(body)), jsx.DLQ_STREAM: jsx.SIGNALS.name,
+        jsx.DLQ_SEQ: str(seq)})
+    asked = getattr(js, call)
+    reached, go = asyncio.Event(), asyncio.Event()
+
+    async def held(*args: Any, **kwargs: Any) -> Any:
+        reached.set()
+        await go.wait()
+        return await asked(*args, **kwargs)
+
+    monkeypatch.setattr(js, call, held)
+    if work == "scrub":
+        task = asyncio.create_task(scrub(js, jsx.DLQ.name, frozenset({"u-1"}), 10**9))
+    else:  # only its NATS is used
+        eraser = Eraser(None, OnlineStore(), None, checkpoint=None, lock=asyncio.Lock(), js=js)
+        task = asyncio.create_task(eraser._ends())
+    try:
+        await eventually(reached.is_set, timeout=10)
+        await _cancelled_as_the_answer_comes(nats_server, nc, task, _let_go_once_stopped(nats_server, nc, go),
+                                             f"the erasures' {work} ({call})")
+    finally:
+        await cancelled(task)
+        await nc.close()
