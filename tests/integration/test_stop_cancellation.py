@@ -33,6 +33,7 @@ from streams.store import OnlineStore
 from tests.conftest import eventually, reset_postgres
 from tests.integration.ingest_support import cancelled, stop_reading
 from tests.integration.test_ingest_recovery import Checkpoints
+from tests.integration.test_nats_server_checks import _started_with_limits_held
 
 NOW = datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
 
@@ -368,3 +369,41 @@ async def test_the_erasures_cancelled_as_an_answer_comes_end(nats_server, monkey
     finally:
         await cancelled(task)
         await nc.close()
+
+
+@pytest.mark.parametrize("step", ["_read_past", "_ensure_streams"])
+async def test_the_stream_limits_task_cancelled_as_an_answer_comes_ends(start_service, nats_server, monkeypatch,
+                                                                         step) -> None:
+    """A start that held smaller stream limits runs a task that sets them once every stream is read: it asks each
+    stream for its last sequence (`_read_past`), then sets the limits (`_ensure_streams`), through nats-py, whose
+    requests wait with Python 3.11's `wait_for`: a cancellation that came with the answer was dropped, and the task
+    went on (the stop waited `background.STOP_CANCEL_AGAIN_S` to cancel it again). Here the task is held as it is
+    about to ask (`step`), the server is stopped (SIGSTOP), the task let go, and cancelled as the answer comes, once
+    the server goes on. The service's other loops ask the server too: the requests waiting as it asks are left out."""
+    client, running, _, _ = await _started_with_limits_held(start_service, nats_server, monkeypatch)
+    service = running.service
+    nc, asks = service.nc, getattr(service, step)
+    reached, go, asked = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    waiting_before: set[str] = set()
+
+    async def held(*args: Any) -> Any:
+        reached.set()
+        await go.wait()
+        waiting_before.update(nc._resp_map)  # its request is made in this turn of the loop, none other's before it
+        asked.set()
+        return await asks(*args)
+
+    monkeypatch.setattr(service, step, held)
+    task = asyncio.create_task(service._lower_stream_limits_once_read(service._read_to_end))
+    try:
+        await eventually(reached.is_set, timeout=10)
+
+        async def asking() -> set[str]:
+            await _let_go_once_stopped(nats_server, nc, go)()
+            await eventually(asked.is_set, timeout=5)
+            return waiting_before
+
+        await _cancelled_as_the_answer_comes(nats_server, nc, task, asking, f"the stream limits' task ({step})")
+    finally:
+        await cancelled(task)
+        await client.close()
