@@ -43,6 +43,11 @@ async def _cancelled_as_it_wakes(task: asyncio.Task[None]) -> bool:
     and `task` is not running yet (Python 3.11's `asyncio.wait_for` returned the result then, and dropped
     the cancellation). Whether it ended, cancelled, within 2 s."""
     await asyncio.sleep(0)
+    return await _ends_cancelled(task)
+
+
+async def _ends_cancelled(task: asyncio.Task[None]) -> bool:
+    """Cancel `task`; whether it ended, cancelled, within 2 s."""
     task.cancel()
     await asyncio.wait({task}, timeout=2)
     if not task.done():
@@ -78,6 +83,42 @@ async def test_the_decision_publisher_cancelled_as_a_decision_comes_ends() -> No
     await asyncio.sleep(0)
     assert publisher.offer("decisions.score", "d-1", b"{}")
     assert await _cancelled_as_it_wakes(running)
+
+
+def _waits_in(task: asyncio.Task[Any], name: str) -> bool:
+    """Whether `task` waits in a coroutine function called `name`, at any depth."""
+    coro: Any = task.get_coro()
+    while hasattr(coro, "cr_code"):
+        if coro.cr_code.co_name == name:
+            return True
+        coro = coro.cr_await
+    return False
+
+
+async def test_the_decision_publisher_cancelled_as_it_writes_to_a_server_that_reads_nothing_ends(nats_server) -> None:
+    """The publisher hands its decisions to nats-py, whose flush, with more than its `pending_size` (2 MB) not written
+    yet, waits for its writer, which waits for the server to read, and swallows a cancellation there (`except
+    CancelledError: pass`), every one, not in a race: with a server that reads nothing (stalled, or a hung node), the
+    stop's cancellation was lost, the publisher went on for good, and the stop, which waits for it before anything
+    else, waited for ever. Here the server is stopped (SIGSTOP) and sent decisions until the publisher waits so, and
+    cancelled."""
+    nc = await pull.connect(nats_server.url)
+    publisher = DecisionPublisher(lambda: nc, queue_max=1000, batch=16, window=1000)
+    await publisher.start()
+    nats_server.process.send_signal(signal.SIGSTOP)
+    task: asyncio.Task[None] | None = None
+    try:
+        _wait_stopped(nats_server.process.pid)
+        for n in range(200):  # 40 MB: past what the sockets hold, and nats-py's 2 MB on top
+            assert publisher.offer("decisions.score", f"d-{n}", b"x" * 200_000)
+        task = asyncio.create_task(publisher.run())
+        socket = nc._transport._io_writer.transport  # bytes left in it: the server's socket takes no more
+        await eventually(lambda: _waits_in(task, "_flush_pending") and socket.get_write_buffer_size(), timeout=10)
+        assert await _ends_cancelled(task), "the publisher went on after its cancellation"
+    finally:
+        nats_server.process.send_signal(signal.SIGCONT)
+        await cancelled(task)
+        await nc.close()
 
 
 async def test_the_stop_ends_though_a_loop_goes_on_after_its_cancellation(start_service, monkeypatch, caplog) -> None:
