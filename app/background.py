@@ -51,9 +51,13 @@ class BackgroundTasks:
         cancellation dropped under it (nats-py's requests wait with Python 3.11's `asyncio.wait_for`, which
         drops one that comes with the answer: `periodic.woken`) and went on: it is cancelled again. Waited
         for once, the stop waited for it for ever, and no later signal ended the process."""
-        for task in self.tasks:
+        await self.end(self.tasks)
+
+    async def end(self, tasks: list[asyncio.Task[Any]]) -> None:
+        """Cancel `tasks` and wait for each to end, as `cancel` does all of them."""
+        for task in tasks:
             task.cancel()
-        running = {task for task in self.tasks if not task.done()}
+        running = {task for task in tasks if not task.done()}
         while running:
             _, running = await asyncio.wait(running, timeout=STOP_CANCEL_AGAIN_S)
             if running:

@@ -467,8 +467,9 @@ class Service:
         spool, spooled = self.settings.data_dir / decision_spool.SPOOL_NAME, []
         if self._publisher_task is not None:
             await self.publisher.flush(timeout_s=STOP_FLUSH_S)
-            self._publisher_task.cancel()
-            await asyncio.gather(self._publisher_task, return_exceptions=True)
+            # Cancelled again if it goes on, as the other loops: cancelled and waited for once, a cancellation nats-py
+            # swallowed under it (`DecisionPublisher._run`) held the stop for ever.
+            await self.background.end([self._publisher_task])
             # Taken whether or not the flush emptied the queue: left open, it took the decision of a /score a second
             # Ctrl-C did not wait for, with nothing left to publish it, and the answer was served all the same.
             left = self.publisher.hand_over()
