@@ -308,5 +308,7 @@ async def test_a_reaction_stored_within_the_wait_and_read_late_answers_the_decis
     await eventually(lambda: service.store.positions.get("FEEDBACK") == 3, timeout=30)
     assert count("late") == late, "the reaction came within the wait"
     assert service.learner.joins.get(decision["decision_id"]).credits == {decision["ranked"][0]["tip_id"]: 1.0}
+    # The wait is over by the learner's clock at the next checkpoint, rather than seconds from now by the wall's.
+    service.learner.clock = lambda: time.time() + wait_s + 1
     await eventually(lambda: SILENCES.labels("answered").value == answered + 1, timeout=20)
     assert SILENCES.labels("credited").value == silenced
