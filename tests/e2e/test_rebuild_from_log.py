@@ -226,6 +226,9 @@ async def test_a_rebuild_from_the_log_equals_what_was_built_live(
     assert rebuilt.scores == live.scores
 
 
+# SQLite only: what is under test is where learning resumes after a kill, the learner's order; the first test here
+# holds PostgreSQL's rows and models to a rebuild's, test_learning.py a restart's resume on it (~9 s a run).
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_kill_9_while_feedback_comes_resumes_with_the_weights_of_an_uninterrupted_run(
     nats_server, nc, database_url: str, tmp_path: Path
 ) -> None:
