@@ -24,8 +24,7 @@ def test_a_freeze_happens_per_growth_step_and_collects_garbage_first() -> None:
         assert not policy.check(9) and garbage() is not None
         assert policy.check(10)
         assert garbage() is None, "collected before the freeze, not frozen for good"
-        visited = {id(obj) for obj in gc.get_objects()}
-        assert not any(id(state) in visited for state in states), "full passes no longer visit them"
+        assert not visited(states), "full passes no longer visit them"
         assert not policy.check(19) and policy.check(20), "the next step counts from the last freeze"
         assert not FreezePolicy(every_users=0).check(10**9), "0 means never"
     finally:
@@ -53,16 +52,17 @@ def test_a_start_that_loads_users_freezes_what_it_made_first() -> None:
     try:
         made = [Cycle() for _ in range(10)]
         FreezePolicy(every_users=0).before_warm_up(10**6)
-        assert all(id(obj) in tracked_ids() for obj in made), "0 means never"
+        assert len(visited(made)) == len(made), "0 means never"
         FreezePolicy(every_users=50_000).before_warm_up(49_999)
-        assert all(id(obj) in tracked_ids() for obj in made), "fewer than a step: the warm-up would not freeze"
+        assert len(visited(made)) == len(made), "fewer than a step: the warm-up would not freeze"
         FreezePolicy(every_users=50_000).before_warm_up(50_000)
-        visited = tracked_ids()
-        assert not any(id(obj) in visited for obj in made)
+        assert not visited(made)
     finally:
         gc.unfreeze()
         gc.enable()
 
 
-def tracked_ids() -> set[int]:
-    return {id(obj) for obj in gc.get_objects()}
+def visited(objects: list[object]) -> set[int]:
+    """The ids of those of `objects` the collector's full passes visit. Over the suite's heap, a set of every tracked
+    object's id took 0.1-0.2 s, and the asks per object made the test above take 3 s: intersected in C, milliseconds."""
+    return {id(obj) for obj in objects}.intersection(map(id, gc.get_objects()))
