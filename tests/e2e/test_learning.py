@@ -214,8 +214,9 @@ async def test_feedback_that_came_while_the_service_was_stopped_is_learned_in_or
 async def test_a_decision_nobody_answers_learns_the_silence_reward_once_across_a_restart(
         start_service, nc, database_url, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(silence_learning, "SILENCE_READ_ALLOWANCE_MS", 200)  # feedback here is read within ms
+    # Nothing here reacts within the wait: each of the three is waited out whole.
     settings = {"database_url": database_url, "checkpoint_every_s": 0.2, "model_snapshot_every_s": 0,
-                "silence_reward": 0.0, "silence_after_s": 1.0}
+                "silence_reward": 0.0, "silence_after_s": 0.5}
     running = await start_service(**settings)
     service = running.service
     silenced = SILENCES.labels("credited").value
