@@ -39,7 +39,7 @@ async def test_a_decision_spooled_at_a_stop_keeps_the_reward_it_was_credited(
     acknowledgement lost), so the start also reads it back from DECISIONS."""
     from app import bootstrap
 
-    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.5)  # JetStream refuses the decision: a stop waits out any bound
+    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.1)  # JetStream refuses the decision: a stop waits out any bound
     settings = {"checkpoint_every_s": 0.1}
     running = await start_service(**settings)
     js = nc.jetstream()
@@ -299,7 +299,7 @@ async def test_a_decision_refused_for_storage_full_names_the_limits_to_free_or_r
     the log said only JetStream's words, not which limits (docs/operations.md, "Disk")."""
     from app import bootstrap
 
-    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.5)  # JetStream refuses the decision: a stop waits out any bound
+    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.1)  # JetStream refuses the decision: a stop waits out any bound
     server, url = storage_capped_server(tmp_path / "capped", cap)
     server.start()
     try:
@@ -481,7 +481,7 @@ async def test_a_decision_refused_by_a_full_stream_that_discards_new_messages_na
 
     from app import bootstrap
 
-    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.5)  # JetStream refuses the decision: a stop waits out any bound
+    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.1)  # JetStream refuses the decision: a stop waits out any bound
     running = await start_service()
     js = nc.jetstream()
     config = (await js.stream_info("DECISIONS")).config
@@ -503,7 +503,7 @@ async def test_a_decision_larger_than_decisions_max_msg_size_is_held_aside_and_t
     held aside (spooled at the stop) with the setting and its fix, and the decisions behind it are published."""
     from app import bootstrap
 
-    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.5)
+    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.1)  # a decision held aside: a stop waits out any bound
     running = await start_service()
     service, js = running.service, nc.jetstream()
     config = (await js.stream_info("DECISIONS")).config

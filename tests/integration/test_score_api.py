@@ -436,7 +436,7 @@ async def test_decisions_not_yet_in_jetstream_at_shutdown_are_published_at_the_n
     from app import bootstrap
     from app.decision_spool import SPOOL_NAME
 
-    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.5)  # NATS is away: a stop waits out any bound
+    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.1)  # NATS is away: a stop waits out any bound
     first = await start_service()
     async with first.http() as http:
         assert (await http.post("/score", json=body())).status_code == 200
@@ -470,7 +470,7 @@ async def test_decisions_that_cannot_be_spooled_for_a_full_disk_are_told_and_the
 
     if not os.access("/dev/full", os.W_OK):
         pytest.skip("/dev/full is not this user's to write here")
-    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.5)  # NATS is away: a stop waits out any bound
+    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.1)  # NATS is away: a stop waits out any bound
     held_before = tmp_path / "data" / RESERVE_NAME  # by a start with TIPSTREAM_SPOOL_RESERVE_MB set
     held_before.parent.mkdir(mode=0o700)
     held_before.write_bytes(bytes(4096))
@@ -506,7 +506,7 @@ async def test_decisions_waiting_at_a_stop_on_a_full_disk_are_kept_in_the_space_
 
     if not os.access("/dev/full", os.W_OK):
         pytest.skip("/dev/full is not this user's to write here")
-    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.5)  # NATS is away: a stop waits out any bound
+    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.1)  # NATS is away: a stop waits out any bound
     first = await start_service(spool_reserve_mb=RESERVE_BYTES / (1 << 20))
     data = tmp_path / "data"
     reserve = data / RESERVE_NAME
