@@ -122,8 +122,10 @@ async def test_a_pull_request_that_cannot_be_sent_is_told_and_asked_again(start_
                 raise ConnectionError("the publish refused")
             await publish(subject, *args, **kwargs)
 
+        # The watchdog asks again 2 s past a request's expiry: 0.2 s here, not the service's second.
+        next(i for i in service.ingests if i.spec.name == "SIGNALS").puller.expires_s = 0.2
         service.nc.publish = refuse_once
-        await eventually(lambda: len(refused) == 2, timeout=10)  # an idle stream's pull request ends every second
+        await eventually(lambda: len(refused) == 2, timeout=10)  # an idle stream's pull request ends, then the watchdog's
         gc.collect()
         await _publish(nats_server.url, _signal("e-1"))
         await eventually(lambda: service.store.applied == 1, timeout=10)
