@@ -19,6 +19,9 @@ TIPSTREAM = str(Path(sys.executable).parent / "tipstream")
 # Every service launched, for tests/e2e/conftest.py to kill those a failing test left running:
 # they held their port and data directory, and a nats-server each, for the rest of the suite.
 LAUNCHED: list[subprocess.Popen[bytes]] = []
+# The requests to the services: `httpx.get` made a client, and its SSL context, each call (30 ms of CPU), and a wait
+# polls several a turn, taking a core from the service under test. Each on a connection of its own, as before.
+HTTP = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
 
 
 # `tipstream run` with module constants set first (`ServiceProcess`'s `patches`), as in-process tests monkeypatch them.
@@ -85,7 +88,7 @@ class ServiceProcess:
             if self.process.poll() is not None:
                 raise AssertionError(f"tipstream exited with {self.process.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.base_url}/healthz", timeout=0.5).status_code == 200:
+                if HTTP.get(f"{self.base_url}/healthz", timeout=0.5).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass
@@ -93,7 +96,7 @@ class ServiceProcess:
         raise AssertionError(f"tipstream did not answer in time:\n{self.log()}")
 
     def get(self, path: str, **params: Any) -> Any:
-        return httpx.get(f"{self.base_url}{path}", params=params, timeout=10)
+        return HTTP.get(f"{self.base_url}{path}", params=params, timeout=10)
 
     def metric(self, name: str, **labels: str) -> float:
         wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
