@@ -113,6 +113,9 @@ class Eraser:
         # rewritten here (step 4).
         self.learning_versions = learning_versions or set
         self._dropped: list[dict[str, Any]] = []  # step 2 done, step 3 not committed yet
+        # Requests not done at the last read of `erasures` (None: not read yet). With none, a failed read is only
+        # the look for new ones: told as a request that "did not go through", it named one at every outage.
+        self._waiting: int | None = None
         self._undone: dict[str, dict[str, Any]] = {}  # user -> the report of a step 2 whose bounds were not read
         # What /score served and JetStream has not acknowledged yet (the decision publisher's queue):
         # a user's decisions there at step 2 are stored in DECISIONS after its bound was read.
@@ -235,9 +238,14 @@ class Eraser:
             except Exception as error:  # noqa: BLE001 - the database or NATS away: the request waits, saved
                 # A checkpoint saved, or another request, wakes it sooner: the database answers again.
                 # The first line: SQLAlchemy's next are the statement and more, lines a log reader takes for others.
-                log.warning("forgetting a user did not go through (%s); trying again in %.0f s, or at the next "
-                            "checkpoint. The request is saved and goes on from the step it reached.",
-                            db.briefly(error, self.engine.url), backoff)
+                if self._waiting == 0 and not self._dropped:
+                    log.warning("cannot look for requests to forget a user (%s); none was waiting at the last look. "
+                                "Looking again in %.0f s, or at the next checkpoint.",
+                                db.briefly(error, self.engine.url), backoff)
+                else:
+                    log.warning("forgetting a user did not go through (%s); trying again in %.0f s, or at the next "
+                                "checkpoint. The request is saved and goes on from the step it reached.",
+                                db.briefly(error, self.engine.url), backoff)
                 timeout, backoff = backoff, min(backoff * 2, RETRY_MAX_S)
             await woken(self._wake, timeout)
             self._wake.clear()
@@ -272,7 +280,9 @@ class Eraser:
 
     def _unfinished(self) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
-            return read_rows(conn, db.erasures, db.erasures.c.status != "done")
+            rows = read_rows(conn, db.erasures, db.erasures.c.status != "done")
+        self._waiting = len(rows)
+        return rows
 
     def _set_aside(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Of `rows`, those that can be taken on; each whose row cannot be decoded is logged, once. Read all at

@@ -525,3 +525,33 @@ async def test_a_last_checkpoint_refused_at_the_stop_logs_the_database_s_first_l
     refusing_trigger(database_url, "user_state", "", drop=True)
     [said] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("last checkpoint failed")]
     assert "IntegrityError: no new users today" in said and "INSERT" not in said and "\n" not in said, said
+
+
+async def test_an_outage_with_no_request_to_forget_is_not_told_as_a_forget_that_did_not_go_through(
+        start_service, database_url, tmp_path, caplog) -> None:
+    """The erasures' loop looks for requests every 30 s: with the database away, that look fails. With none
+    waiting, its warning said "forgetting a user did not go through ... The request is saved", at every
+    outage, of a request nobody made."""
+    from tests.conftest import free_port
+
+    caplog.set_level(logging.WARNING, logger="tipstream.erasure")
+    running = await start_service(database_url=database_url)
+    eraser = running.service.eraser
+    await eraser.work()  # a look that finds no request
+    (tmp_path / "a-file").write_text("")  # no directory: SQLite cannot open a database under it
+    away = (f"sqlite:///{tmp_path}/a-file/tipstream.db" if database_url.startswith("sqlite")
+            else f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test")  # nothing listens there
+    kept, eraser.engine = eraser.engine, sa.create_engine(away)
+    try:
+        eraser.wake()
+
+        def told() -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.name == "tipstream.erasure"]
+
+        await eventually(told)
+    finally:
+        eraser.engine.dispose()
+        eraser.engine = kept
+    said = told()[0]
+    assert said.startswith("cannot look for requests to forget a user (OperationalError: "), said
+    assert "none was waiting at the last look" in said and "did not go through" not in said, said
