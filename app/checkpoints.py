@@ -309,6 +309,9 @@ class Checkpointer:
         METRICS.checkpoint_ok_at.set(time.time())
         self.failures = 0
         self.last_error: str | None = None  # of the checkpoint that failed last, until one succeeds
+        # When the first of the failed checkpoints since the last committed one failed: the outage's warnings
+        # said each retry, and nothing said it was over.
+        self._failing_since: float | None = None
         self._saved_positions: dict[str, int] | None = None
         # Why this service may write no more checkpoints (another service took its database): set, a
         # checkpoint writes nothing, which would go over that service's state and positions.
@@ -450,6 +453,8 @@ class Checkpointer:
                     log.error("%s", behind)
                 raise
             except Exception as error:  # also those asked for outside `run` (before a card reads the log)
+                if self._failing_since is None:
+                    self._failing_since = time.monotonic()
                 self.last_error = (db.one_line(error, self._url()) if db.disk_full(error)
                                    else db.refusal(error) if _refused(error)
                                    else f"{type(error).__name__}: {error}".splitlines()[0])
@@ -505,6 +510,10 @@ class Checkpointer:
             if snapshot is not None:
                 participant.saved(snapshot)
         self.last_applied = applied
+        if self._failing_since is not None:
+            log.info("checkpoints commit again (the first of those that failed did %.0f s ago): the %s users "
+                     "changed meanwhile are saved", time.monotonic() - self._failing_since, f"{len(users):,}")
+            self._failing_since = None
         self._succeeded()
         if heavy or self._at_cap:
             self._count_at_cap(users, heavy)

@@ -555,3 +555,36 @@ async def test_an_outage_with_no_request_to_forget_is_not_told_as_a_forget_that_
     said = told()[0]
     assert said.startswith("cannot look for requests to forget a user (OperationalError: "), said
     assert "none was waiting at the last look" in said and "did not go through" not in said, said
+
+
+async def test_checkpoints_that_commit_again_after_failing_say_so(start_service, nc, database_url, caplog) -> None:
+    """A failed checkpoint warns at each retry; the first that commits after them said nothing, so a log read
+    after an outage could not tell whether checkpoints had come back, nor when."""
+    from sqlalchemy.exc import OperationalError
+
+    caplog.set_level(logging.INFO, logger="tipstream.checkpoints")
+    running = await start_service(database_url=database_url, checkpoint_every_s=0.1, checkpoint_writer="thread")
+    checkpointer = running.service.checkpointer
+    target = checkpointer.target
+    saved = target.save
+    failures = 2
+
+    def save(*args: Any, **kwargs: Any) -> Any:  # the database away for two checkpoints, then back
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise OperationalError("INSERT INTO user_state", None, Exception("connection refused"))
+        return saved(*args, **kwargs)
+
+    target.save = save
+    js = nc.jetstream()
+    for i in range(10):
+        await js.publish("signals.app.opened", opened(i))
+    await eventually(lambda: checkpointed(database_url) == 10, timeout=30)
+
+    def said(start: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith(start)]
+
+    assert len(said("checkpoint failed")) == 2
+    [back] = said("checkpoints commit again")
+    assert "users changed meanwhile are saved" in back, back
