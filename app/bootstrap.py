@@ -246,6 +246,10 @@ class Service:
         self.checkpointer.participants.append(self.eraser)  # last: its deletes follow the other rows (write_erasures)
         await asyncio.to_thread(self.eraser.resume)  # before DECISIONS is read back
         self.checkpointer.refused = self._database_not_ours  # lost during the start already
+        if self.service_lock.needed:
+            # The lock's session ended (PostgreSQL restarted, the session terminated) is found by a check every
+            # 10 s: until then the checkpoints went on without the lock, one taken meanwhile by another service too.
+            self.checkpointer.before_write = self._keep_service_lock
         self.lineup.flush = self.checkpointer.checkpoint
         for spec in jsx.INGESTED_STREAMS:
             ingest = StreamIngest(
@@ -554,8 +558,9 @@ class Service:
         except ServiceLockTaken as taken:
             self._give_up_database("another service took the database lock (it would write over that service's "
                                    "state)")
-            self._fail(f"While PostgreSQL was away, this service lost its database lock, and another service took "
-                       f"it: {taken} This one stops (exit code 1).")
+            self._fail(f"This service's database lock's session ended (PostgreSQL restarted or away, or the session "
+                       f"terminated): it lost its database lock, and another service took it: {taken} This one stops "
+                       f"(exit code 1).")
         except Exception as error:  # noqa: BLE001 - the database away: tried again at the next check
             # Said once an outage, not every check: a multi-line driver error every 10 s for as long as it lasted.
             if not self._lock_retaking:

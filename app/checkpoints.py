@@ -316,6 +316,9 @@ class Checkpointer:
         # Why this service may write no more checkpoints (another service took its database): set, a
         # checkpoint writes nothing, which would go over that service's state and positions.
         self.refused: str | None = None
+        # Run before each checkpoint: on PostgreSQL, makes sure the service still holds its database lock (taken again
+        # if its session ended), or sets `refused`.
+        self.before_write: Callable[[], Awaitable[None]] | None = None
         # (stream, seq) -> when NATS stored that message, µs (None: not known); set by the service.
         self.stored_us: Callable[[str, int], Awaitable[int | None]] | None = None
         self._marks: dict[str, tuple[int, int]] = {}  # stream -> (seq, stored µs), of the last asked
@@ -437,6 +440,8 @@ class Checkpointer:
     async def checkpoint(self) -> bool:
         """One checkpoint; False when nothing changed since the last (or `refused`)."""
         async with self.lock:
+            if self.before_write is not None and self.refused is None:
+                await self.before_write()
             if self.refused is not None:
                 self.last_error = self.refused
                 return False

@@ -225,6 +225,59 @@ async def test_a_service_whose_lock_another_took_writes_no_more_checkpoints(
                for r in caplog.records)
 
 
+async def test_a_checkpoint_after_the_lock_s_session_ended_takes_the_lock_again_first_or_writes_nothing(
+        start_service, nc, postgres_url: str) -> None:
+    """The lock's session ended (terminated, PostgreSQL restarted) is found by a check every 10 s. Until then the
+    checkpoints went on without the lock: a second service could take it meanwhile, and this one wrote its states
+    and positions over that one's until its next check. A checkpoint now makes sure of the lock first."""
+    reset_postgres(postgres_url)
+    running = await start_service(database_url=postgres_url, checkpoint_every_s=3600,
+                                  checkpoint_every_events=1_000_000)
+    service = running.service
+    service.on_fatal = lambda _: None
+    js = nc.jetstream()
+
+    async def opened(i: int) -> None:
+        event = {"id": f"e-{i}", "type": "app.opened", "user_id": f"u-{i}", "ts": "2026-11-26T08:00:00+01:00",
+                 "v": 1, "data": {}}
+        await js.publish("signals.app.opened", orjson.dumps(event))
+        await eventually(lambda: service.store.positions.get("SIGNALS") == i)
+
+    def saved() -> int:
+        engine = sa.create_engine(postgres_url)
+        try:
+            with engine.connect() as conn:
+                return conn.execute(sa.text("select count(*) from user_state")).scalar_one()
+        finally:
+            engine.dispose()
+
+    # Ended with no other service about: the checkpoint takes the lock again, and commits.
+    end_sessions(postgres_url, lock_holders(postgres_url))
+    await eventually(lambda: lock_holders(postgres_url) == [])
+    await opened(1)
+    assert await service.checkpointer.checkpoint() is True
+    assert saved() == 1 and len(lock_holders(postgres_url)) == 1 and service.fatal is None
+    # Ended, and another service took it before this one's next check: the checkpoint writes nothing.
+    end_sessions(postgres_url, lock_holders(postgres_url))
+    other = ServiceLock(postgres_url)
+
+    def taken() -> bool:  # the ended session lets go of it a moment later
+        try:
+            other.acquire()
+        except ServiceLockTaken:
+            return False
+        return True
+
+    await eventually(taken)
+    try:
+        await opened(2)
+        assert await service.checkpointer.checkpoint() is False
+        assert service.fatal is not None and "another service took it" in service.fatal, service.fatal
+        assert saved() == 1
+    finally:
+        other.release()
+
+
 async def test_a_lock_that_cannot_be_taken_again_yet_is_said_once_not_every_check(
         start_service, postgres_url: str, caplog) -> None:
     """PostgreSQL away: each check (every 10 s) logged the driver's multi-line error, for as long as it lasted."""
