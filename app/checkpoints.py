@@ -46,6 +46,9 @@ _HEAVY_STATE_BYTES = MAX_RECORDS_PER_KIND * min(SIZES)
 _AT_CAP_TOLD = LogThrottle()
 # While a checkpoint (or ingest held at a user read) waits to retry: how often it asks whether the database is back.
 PROBE_EVERY_S = 0.5
+# A checkpoint not committed after this long is told: a database whose server or link hangs, the kernel still
+# acknowledging, is no error libpq sees, and a hang of minutes went by without a line in the log.
+SLOW_CHECKPOINT_S = 30.0
 
 
 class Participant(Protocol):
@@ -312,6 +315,7 @@ class Checkpointer:
         # When the first of the failed checkpoints since the last committed one failed: the outage's warnings
         # said each retry, and nothing said it was over.
         self._failing_since: float | None = None
+        self._slow_told = False  # the checkpoint under way was told as not committed after SLOW_CHECKPOINT_S
         self._saved_positions: dict[str, int] | None = None
         # Why this service may write no more checkpoints (another service took its database): set, a
         # checkpoint writes nothing, which would go over that service's state and positions.
@@ -440,13 +444,19 @@ class Checkpointer:
     async def checkpoint(self) -> bool:
         """One checkpoint; False when nothing changed since the last (or `refused`)."""
         async with self.lock:
-            if self.before_write is not None and self.refused is None:
-                await self.before_write()
-            if self.refused is not None:
-                self.last_error = self.refused
-                return False
+            started = time.monotonic()
+            slow = asyncio.get_running_loop().call_later(SLOW_CHECKPOINT_S, self._tell_slow)
             try:
-                return await self._checkpoint()
+                if self.before_write is not None and self.refused is None:
+                    await self.before_write()  # the lock's check waits for a database that hangs, as the save does
+                if self.refused is not None:
+                    self.last_error = self.refused
+                    return False
+                saved = await self._checkpoint()
+                if self._slow_told:
+                    log.info("the checkpoint that had not committed after %.0f s committed, %.0f s after it began",
+                             SLOW_CHECKPOINT_S, time.monotonic() - started)
+                return saved
             except PositionsBehind as behind:
                 # No checkpoint from now on, nor a last one at the stop: each would commit the same hole.
                 self.refused = self.last_error = ("the database lost checkpoints this service had committed (its "
@@ -464,6 +474,18 @@ class Checkpointer:
                                    else db.refusal(error) if _refused(error)
                                    else f"{type(error).__name__}: {error}".splitlines()[0])
                 raise
+            finally:
+                slow.cancel()
+                self._slow_told = False
+
+    def _tell_slow(self) -> None:
+        self._slow_told = True
+        saving = f"saving {self.saving:,} user{'s' if self.saving > 1 else ''}" if self.saving else "not writing yet"
+        log.warning("a checkpoint has not committed after %.0f s (%s): the database does not answer (a server or "
+                    "link that hangs, which no connection timeout ends, or a lock held on a table: PostgreSQL's "
+                    "pg_stat_activity names the statement and what it waits for), unless it saves very many users. It "
+                    "goes on waiting; events are safe in the streams, and /score answers meanwhile.",
+                    SLOW_CHECKPOINT_S, saving)
 
     async def _checkpoint(self) -> bool:
         for participant in self.participants:  # work `snapshot` would do in one turn of the loop, in turns

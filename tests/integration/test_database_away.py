@@ -589,3 +589,37 @@ async def test_checkpoints_that_commit_again_after_failing_say_so(start_service,
     # Committed in its thread before the checkpoint's coroutine goes on to say so.
     [back] = await eventually(lambda: said("checkpoints commit again"))
     assert "users changed meanwhile are saved" in back, back
+
+
+async def test_a_checkpoint_that_waits_on_a_database_that_does_not_answer_is_told(
+        start_service, nc, database_url, caplog, monkeypatch) -> None:
+    """A server or link that hangs (the kernel still acknowledging) is no error for libpq: the checkpoint waits,
+    and a hang of minutes went by with no line in the log and /readyz's `checkpoint.ok` true."""
+    import threading
+
+    from app import checkpoints
+
+    monkeypatch.setattr(checkpoints, "SLOW_CHECKPOINT_S", 0.3, raising=False)
+    caplog.set_level(logging.INFO, logger="tipstream.checkpoints")
+    running = await start_service(database_url=database_url, checkpoint_every_s=0.1, checkpoint_writer="thread")
+    target = running.service.checkpointer.target
+    saved, answers = target.save, threading.Event()
+
+    def save(*args: Any, **kwargs: Any) -> Any:  # the database hangs until `answers` is set
+        answers.wait(30)
+        return saved(*args, **kwargs)
+
+    target.save = save
+    try:
+        await nc.jetstream().publish("signals.app.opened", opened(0))
+
+        def said(start: str) -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.getMessage().startswith(start)]
+
+        [hung] = await eventually(lambda: said("a checkpoint has not committed after 0 s"))
+        assert "(saving 1 user)" in hung and "the database does not answer" in hung, hung
+        assert checkpointed(database_url) == 0
+    finally:
+        answers.set()
+    await eventually(lambda: checkpointed(database_url) == 1)
+    await eventually(lambda: said("the checkpoint that had not committed after 0 s committed"))
