@@ -565,7 +565,7 @@ class Service:
             # Said once an outage, not every check: a multi-line driver error every 10 s for as long as it lasted.
             if not self._lock_retaking:
                 log.warning("cannot take this service's database lock again yet (%s); trying every %g s until "
-                            "PostgreSQL answers", str(error).strip().splitlines()[0], SERVICE_LOCK_CHECK_S)
+                            "PostgreSQL answers", briefly(error, self.settings.sqlalchemy_url), SERVICE_LOCK_CHECK_S)
             self._lock_retaking = True
         else:
             self._lock_retaking = False
