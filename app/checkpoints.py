@@ -372,9 +372,12 @@ class Checkpointer:
 
     async def run(self) -> None:
         backoff = self.retry_first_s
+        retrying = False
         while True:
-            await woken(self._wake, self.every_s)
+            if not retrying:  # a retry comes after its backoff, not a further `every_s` later, as it said
+                await woken(self._wake, self.every_s)
             self._wake.clear()
+            retrying = False
             try:
                 await self.checkpoint()
                 backoff = self.retry_first_s
@@ -407,6 +410,7 @@ class Checkpointer:
                                 "Events are safe in the streams.%s", db.briefly(error), backoff, _fix_for(error))
                 await self.wait_to_retry(backoff)
                 backoff = min(backoff * 2, self.retry_max_s)
+                retrying = True
 
     def _user(self) -> str | None:
         engine = getattr(self.target, "engine", None)

@@ -37,6 +37,22 @@ def opened(i: int) -> bytes:
                          "ts": "2026-11-26T08:00:00+01:00"})
 
 
+def away_for(target: Any, checkpoints: int) -> None:
+    """The database away for the next `checkpoints` checkpoints' saves of `target`, then back."""
+    from sqlalchemy.exc import OperationalError
+
+    saved, failures = target.save, checkpoints
+
+    def save(*args: Any, **kwargs: Any) -> Any:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise OperationalError("INSERT INTO user_state", None, Exception("connection refused"))
+        return saved(*args, **kwargs)
+
+    target.save = save
+
+
 @pytest.mark.postgres
 async def test_checkpoints_wait_for_the_database_and_lose_nothing(start_service, nc, postgres_url, caplog) -> None:
     from tests.conftest import reset_postgres
@@ -560,23 +576,9 @@ async def test_an_outage_with_no_request_to_forget_is_not_told_as_a_forget_that_
 async def test_checkpoints_that_commit_again_after_failing_say_so(start_service, nc, database_url, caplog) -> None:
     """A failed checkpoint warns at each retry; the first that commits after them said nothing, so a log read
     after an outage could not tell whether checkpoints had come back, nor when."""
-    from sqlalchemy.exc import OperationalError
-
     caplog.set_level(logging.INFO, logger="tipstream.checkpoints")
     running = await start_service(database_url=database_url, checkpoint_every_s=0.1, checkpoint_writer="thread")
-    checkpointer = running.service.checkpointer
-    target = checkpointer.target
-    saved = target.save
-    failures = 2
-
-    def save(*args: Any, **kwargs: Any) -> Any:  # the database away for two checkpoints, then back
-        nonlocal failures
-        if failures:
-            failures -= 1
-            raise OperationalError("INSERT INTO user_state", None, Exception("connection refused"))
-        return saved(*args, **kwargs)
-
-    target.save = save
+    away_for(running.service.checkpointer.target, 2)
     js = nc.jetstream()
     for i in range(10):
         await js.publish("signals.app.opened", opened(i))
@@ -623,3 +625,18 @@ async def test_a_checkpoint_that_waits_on_a_database_that_does_not_answer_is_tol
         answers.set()
     await eventually(lambda: checkpointed(database_url) == 1)
     await eventually(lambda: said("the checkpoint that had not committed after 0 s committed"))
+
+
+async def test_a_failed_checkpoint_is_retried_after_the_backoff_it_names(start_service, nc, database_url, caplog) -> None:
+    """"retrying in 0.5s": the retry came after the backoff and then a further TIPSTREAM_CHECKPOINT_EVERY_S (5 s by
+    default), so after an outage the first commit, and the end of /score's 503s for unwritten decisions, trailed
+    the database's return by up to that much more than said."""
+    running = await start_service(database_url=database_url, checkpoint_every_s=3600, checkpoint_writer="thread")
+    checkpointer = running.service.checkpointer
+    away_for(checkpointer.target, 1)
+    await nc.jetstream().publish("signals.app.opened", opened(0))
+    await eventually(lambda: running.service.store.positions.get("SIGNALS") == 1)
+    checkpointer.wanted()  # the one checkpoint asked for: it fails, and its retry is the only one within the hour
+    await eventually(lambda: checkpointer.failures == 1)
+    assert "retrying in 0.5s" in next(r.getMessage() for r in caplog.records if "checkpoint failed" in r.getMessage())
+    await eventually(lambda: checkpointed(database_url) == 1, timeout=20)
