@@ -148,6 +148,8 @@ class DecisionPublisher:
         self._refused_ahead = 0  # refused since the last send, back at the front of the queue in order
         self._refusal_lines = LogThrottle(per_window=REFUSAL_LINES_PER_MINUTE)
         self._unanswered_lines = LogThrottle()
+        # When the line saying JetStream acknowledged none was last logged, until one is acknowledged (`_on_ack`).
+        self._unanswered_told: float | None = None
         self._put_back: set[str] = set()  # decisions from before this start not acknowledged yet
         # The server's max_payload (its INFO): a larger HPUB makes it close the connection ('Maximum Payload
         # Violation'), and sent again after each reconnect, one such decision held the whole log up for good.
@@ -331,6 +333,8 @@ class DecisionPublisher:
             self.bytes -= len(item[2])
             self._refusal_wait = 0.0
             _PUBLISHED.inc()
+            if self._unanswered_told is not None:
+                self._tell_answered()
             if self.on_published is not None:
                 self.on_published(item[1], item[2])
             if self._put_back:
@@ -503,6 +507,7 @@ class DecisionPublisher:
         left_out = self._unanswered_lines.allow(None)
         if left_out is None:
             return
+        self._unanswered_told = time.monotonic()
         log.warning("JetStream acknowledged none of the decisions sent %gs ago, NATS connected; %d wait, sent again "
                     "(/score answers 503 once TIPSTREAM_DECISION_QUEUE_MAX wait). Does the NATS server hang (stopped, "
                     "or overloaded)? Then the connection is dropped after two pings unanswered "
@@ -510,6 +515,13 @@ class DecisionPublisher:
                     "left on device' then: free space there; nats-server stores nothing after a failed write until it "
                     "is restarted (tipstream restarts its embedded one itself).%s",
                     self.ack_timeout_s, self.waiting, f" ({left_out} such rounds since the last line)" if left_out else "")
+
+    def _tell_answered(self) -> None:
+        """The warning of `_tell_unanswered` was the last word once the server took decisions again (a hung server
+        resumed, or its store freed and restarted): the operator was left to guess whether it still held."""
+        log.info("JetStream acknowledges decisions again, %.0f s after the line saying it acknowledged none; %d wait",
+                 time.monotonic() - self._unanswered_told, self.waiting)
+        self._unanswered_told = None
 
     async def run(self) -> None:
         try:

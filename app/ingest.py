@@ -531,10 +531,18 @@ class StreamIngest:
                         "elect another leader). The lag is read from the stream meanwhile. If this goes on, look at "
                         "that server (`nats server report jetstream` shows which streams and consumers have no "
                         "leader)%s", self.durable, self.spec.name, more)
+        told_at, reconnects = time.monotonic(), self.nc.stats["reconnects"]
         js = self.nc.jetstream(timeout=RESET_CALL_TIMEOUT_S)
         while still():
             await self._lag_from_stream(js, still)
             await asyncio.sleep(LAG_WHILE_RECREATING_EVERY_S)
+        # The warning above was the last word when the server came back on the same connection (a hung server
+        # resumed, SIGCONT): the operator was left to guess whether it still held. A reconnect (the connection dropped
+        # after its pings went unanswered) or a consumer made again says so in lines of its own.
+        if (left_out is not None and puller is self.puller and not puller.stopped and not puller.paused and self.nc.is_connected
+                and self.nc.stats["reconnects"] == reconnects):
+            log.info("the consumer %s of stream %s answers pull requests again, %.0f s after the line saying it "
+                     "answered none; ingest reads on", self.durable, self.spec.name, time.monotonic() - told_at)
 
     async def _replaced_under_us(self, seq: int, js: JetStreamContext) -> str | None:
         """Whether the server holds another message at the last one read (`seq`, the position, or before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import signal
 from datetime import UTC, datetime
@@ -98,6 +99,32 @@ async def test_a_nats_server_that_stops_answering_makes_the_service_unready_with
         finally:
             nats_server.process.send_signal(signal.SIGCONT)
         await eventually(lambda: status(200), timeout=30)
+
+
+async def test_a_hung_nats_server_that_resumes_is_told_as_answering_again(
+        start_service, nats_server, caplog) -> None:
+    """A server stopped (SIGSTOP) for less than two pings keeps its connection: ingest warned that each consumer
+    answered no pull request, and the decision log that JetStream acknowledged no decision, and once it resumed
+    (SIGCONT) nothing said it answered again; the operator was left to guess whether it still hung."""
+    caplog.set_level(logging.INFO, logger="tipstream")
+    running = await start_service()
+
+    def said(text: str) -> bool:
+        return any(text in r.getMessage() for r in caplog.records)
+
+    async with running.http() as http:
+        await eventually(lambda: running.service.ready)
+        nats_server.process.send_signal(signal.SIGSTOP)
+        try:
+            response = await http.post("/score", json={"user_id": "u-1", "candidates": [{"tip_id": "t-1"}]})
+            assert response.status_code == 200  # its decision waits in memory for JetStream
+            await eventually(lambda: said("the consumer tipstream-signals of stream SIGNALS answers no pull request")
+                             and said("JetStream acknowledged none of the decisions"), timeout=15)
+        finally:
+            nats_server.process.send_signal(signal.SIGCONT)
+        await eventually(lambda: said("the consumer tipstream-signals of stream SIGNALS answers pull requests again")
+                         and said("JetStream acknowledges decisions again"), timeout=10)
+    assert running.service.nc.stats["reconnects"] == 0  # the same connection throughout: no reconnect line told it
 
 
 async def test_the_service_stopping_closes_its_connection_without_calling_it_fatal(start_service) -> None:
