@@ -1017,8 +1017,15 @@ class StreamIngest:
                 if asking_again and isinstance(error, TimeoutError):
                     left_out = self._unanswered_lines.allow(None)
                     if left_out is not None:
-                        log.warning("could not %s for %s (%s: no answer); asking again%s", what, self.spec.name,
-                                    error, f" ({left_out} more unanswered since the last line)" if left_out else "")
+                        # Told without a cause or a fix, the operator of a cluster that had lost a node could not
+                        # tell an election of seconds from a fault to mend.
+                        log.warning("could not %s for %s (%s: no answer); asking again%s. No NATS node answered within "
+                                    "%g s: on a NATS cluster, none leads it yet (an election after a node was lost "
+                                    "takes seconds), or the server hangs. If this goes on, look at the servers (`nats "
+                                    "server report jetstream` shows which streams and consumers have no leader)", what,
+                                    self.spec.name, error,
+                                    f" ({left_out} more unanswered since the last line)" if left_out else "",
+                                    RESET_CALL_TIMEOUT_S)
                     continue
                 # A full JetStream refuses the DLQ's copy, and the stream waits at that event until it has room.
                 fix = jsx.STORAGE_FULL_FIX if getattr(error, "err_code", None) in jsx.STORAGE_FULL else ""

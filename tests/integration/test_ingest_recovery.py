@@ -561,7 +561,8 @@ async def test_a_consumer_re_creation_nobody_answers_is_asked_again_at_once(nats
     """A NATS cluster electing a stream's (then the new consumer's) leader drops calls unanswered. Each try
     of the re-creation after a reconnect waits out its bound (2 s; a quarter second here), then asks again at
     once: with a backoff doubling after each try on top (6.4 s by the sixth), a consumer that could be made
-    11 s after the loss was asked for at 16 s. A nats-server stopped (SIGSTOP) answers nothing here."""
+    11 s after the loss was asked for at 16 s. A nats-server stopped (SIGSTOP) answers nothing here. Each line says
+    why it may be so and what to look at if it goes on: it said neither."""
     import os
     import signal
 
@@ -586,6 +587,9 @@ async def test_a_consumer_re_creation_nobody_answers_is_asked_again_at_once(nats
     finally:
         os.kill(nats_server.process.pid, signal.SIGCONT)
     await eventually(lambda: "consuming SIGNALS from sequence 1" in caplog.text, timeout=10)
+    told = [r.getMessage() for r in caplog.records if "asking again" in r.getMessage()]
+    # Why, and what to look at if it goes on: the line alone told neither.
+    assert all("none leads it yet" in line and "nats server report jetstream" in line for line in told), told
     assert not paused, "no wait on top of the call's own"
     await stop_reading(ingest, nc, runner)
 
