@@ -70,6 +70,18 @@ DISCARD_NEW_FIX = (". DECISIONS is at its limits and refuses new messages (its d
                    "tipstream): decisions wait, and /score answers 503 once TIPSTREAM_DECISION_QUEUE_MAX wait. `nats "
                    "stream edit DECISIONS --discard old` lets its oldest messages go instead, as tipstream creates it, or "
                    "raise its limits")
+# No node takes DECISIONS' messages (a 503 status, or nats-py's "no responders"): told with the bytes alone, the many
+# lines of a cluster electing a leader for DECISIONS after a node was lost said neither why nor what to do.
+NO_RESPONDERS = (b"NATS/1.0 503", b'"no responders"')
+NO_RESPONDERS_FIX = (". No NATS node takes DECISIONS' messages now (503 no responders): on a NATS cluster the stream "
+                     "has no leader until the other nodes elect one (seconds after a node was lost), or the stream is "
+                     "gone (deleted: ingest makes it again). If this goes on, start the cluster's missing nodes (`nats "
+                     "server report jetstream` shows which streams have no leader)")
+# An earlier try of the same decision still being stored (a leader slow to answer, the decision sent again once its
+# acknowledgement was late): no fault of its own, and the next try is acknowledged as a duplicate once it is stored.
+IN_PROCESS = b'"err_code":10158'
+IN_PROCESS_FIX = (". JetStream is still storing an earlier try of it (sent again when its acknowledgement came late, "
+                  "a NATS server slow or hung meanwhile): it is stored once, the next try acknowledged as a duplicate")
 # JetStream's refusals that no wait mends, and what to do: err_code 10054, a message larger than the stream's
 # max_msg_size (set outside tipstream: it creates DECISIONS without one). Sent again at the front of the queue,
 # such a decision was refused at every round for good, and each refusal added a wait to the rounds of every
@@ -87,13 +99,19 @@ def _fix_for(refusal: bytes) -> str:
 
     >>> _fix_for(b'{"error":{"code":503,"err_code":10077,"description":"maximum bytes exceeded"}}')[:38]
     '. DECISIONS is at its limits and refus'
-    >>> _fix_for(b'{"error":{"code":503,"description":"no responders"}}')
+    >>> _fix_for(b'NATS/1.0 503')[:49]
+    ". No NATS node takes DECISIONS' messages now (503"
+    >>> _fix_for(b'{"error":{"code":500}}')
     ''
     """
     if any(code in refusal for code in STORAGE_FULL_CODES):
         return STORAGE_FULL_FIX
     if any(words in refusal for words in DISCARD_NEW_ANSWERS):
         return DISCARD_NEW_FIX
+    if any(words in refusal for words in NO_RESPONDERS):
+        return NO_RESPONDERS_FIX
+    if IN_PROCESS in refusal:
+        return IN_PROCESS_FIX
     return ""
 
 
@@ -361,7 +379,7 @@ class DecisionPublisher:
                     log.warning("JetStream refused decision %s (%s); retrying in %.1fs%s%s", item[1],
                                 (data or headers or b"")[:200], self._refusal_wait,
                                 f" ({left_out} more refused rounds since the last line)" if left_out else "",
-                                _fix_for(data))
+                                _fix_for(data or headers or b""))
             # Behind those refused before it, not in front: one at a time at the front reversed them.
             self._requeue([item], at=self._refused_ahead)
             self._refused_ahead += 1

@@ -430,6 +430,11 @@ class FakeNats:
             elif answer == "insufficient":  # nats-server 2.15.1's answer, its max_file_store reached
                 loop.call_soon(self.handler, reply, b"", b'{"error":{"code":503,"err_code":10023,'
                                b'"description":"insufficient resources"},"stream":"DECISIONS","seq":0}', None)
+            elif answer == "no responders":  # a status: DECISIONS without a leader (a cluster electing one)
+                loop.call_soon(self.handler, reply, b"", b"", b"NATS/1.0 503\r\nNats-Subject: decisions.score\r\n\r\n")
+            elif answer == "in process":  # 2.15.1, a decision sent again while its first try is being stored
+                loop.call_soon(self.handler, reply, b"", b'{"error":{"code":409,"err_code":10158,"description":'
+                               b'"duplicate message id is in process"},"stream":"DECISIONS","seq":0}', None)
 
     async def _flush_pending(self) -> None:
         pass
@@ -486,22 +491,39 @@ async def test_a_server_that_answers_no_publish_is_told_as_hung_or_full(caplog: 
     assert told and "hang" in told[0] and "TIPSTREAM_NATS_PING_INTERVAL_S" in told[0], told
 
 
-async def test_a_refusal_for_storage_full_says_which_limits_to_free_or_raise(caplog: pytest.LogCaptureFixture) -> None:
-    """'insufficient resources' was logged as JetStream's bytes, with nothing on what is full or what to do."""
+async def refusals_told(caplog: pytest.LogCaptureFixture, nc: FakeNats, answers: list[str]) -> list[str]:
+    """One decision published through `nc` answering `answers` first: the warnings of its refusals."""
     import logging
 
     caplog.set_level(logging.WARNING, logger="tipstream.decisions")
-    nc = FakeNats()
-    nc.answers = ["insufficient", "error"]
+    nc.answers = answers
     publisher = DecisionPublisher(lambda: nc, queue_max=100, batch=1, window=1, ack_timeout_s=1)
     await publisher.start()
     task = asyncio.create_task(publisher.run())
     assert publisher.offer("decisions.score", "d-0", b"{}")
     assert await publisher.flush(10)
     task.cancel()
-    told = [r.getMessage() for r in caplog.records if r.getMessage().startswith("JetStream refused decision")]
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("JetStream refused decision")]
+
+
+async def test_a_refusal_for_storage_full_says_which_limits_to_free_or_raise(caplog: pytest.LogCaptureFixture) -> None:
+    """'insufficient resources' was logged as JetStream's bytes, with nothing on what is full or what to do."""
+    told = await refusals_told(caplog, FakeNats(), ["insufficient", "error"])
     assert len(told) == 2 and "insufficient resources" in told[0], told
     assert "max_file" in told[0] and "TIPSTREAM_STREAM_MAX_BYTES" in told[0] and "max_file" not in told[1], told
+
+
+async def test_a_refusal_by_no_responders_or_for_a_try_in_process_says_why_and_what_to_do(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A NATS cluster that lost the node leading DECISIONS (killed, or stopped 20 s, in a soak) had each decision
+    refused with a 503 status, and one sent again while its first try was being stored with 10158: the log gave
+    the answer's bytes only, a dozen lines, with neither why nor what to do."""
+    nc = FakeNats()
+    told = await refusals_told(caplog, nc, ["no responders", "in process"])
+    assert len(told) == 2, told
+    assert "no leader until the other nodes elect one" in told[0] and "nats server report jetstream" in told[0], told
+    assert "still storing an earlier try" in told[1], told
+    assert nc.stored == ["d-0"]
 
 
 async def test_nothing_is_written_while_nats_is_away() -> None:
