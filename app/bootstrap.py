@@ -67,6 +67,10 @@ from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream")
 STOP_FLUSH_S = 5.0  # and this long for JetStream to acknowledge the decisions served; the rest are spooled
+# How long the stop waits for the NATS server to answer a ping before draining the connection. Drained while the
+# server hung (SIGSTOP, in a soak), the stop waited 20 s more after its last checkpoint, nothing left to lose, logging
+# a drain timed out and a reconnect tried meanwhile: closed at once instead.
+STOP_NATS_ANSWER_S = 2.0
 
 
 # Checkpoint writes run in a worker thread; a short GIL switch interval keeps them from
@@ -520,7 +524,7 @@ class Service:
             await asyncio.to_thread(self.checkpoint_writer.close)
         if self.nc:
             try:
-                await self.nc.drain() if self.nc.is_connected else await self.nc.close()
+                await self.nc.drain() if await self._nats_answers() else await self.nc.close()
             except Exception as error:  # noqa: BLE001 - the server may be gone already; nothing is lost
                 log.info("NATS connection closed uncleanly (%s)", error)
         if spooled:  # no acknowledgement comes after the drain
@@ -531,6 +535,19 @@ class Service:
         await self._thread_work_ended()  # a batch of the last user_features pass its bound cut short
         self.engine.dispose()
         await asyncio.to_thread(self.service_lock.release)  # last: nothing of this service writes after it
+
+    async def _nats_answers(self) -> bool:
+        """Whether the NATS connection is up and its server answers a ping within STOP_NATS_ANSWER_S (told if not)."""
+        if not self.nc.is_connected:
+            return False
+        try:
+            await self.nc.flush(timeout=STOP_NATS_ANSWER_S)
+        except Exception as error:  # noqa: BLE001 - a server that hangs, or the connection lost meanwhile
+            log.info("stopping: the NATS server answered no ping within %g s (%s: it hangs?); the connection is "
+                     "closed without draining it, which would wait for that server", STOP_NATS_ANSWER_S,
+                     type(error).__name__)
+            return False
+        return True
 
     async def _thread_work_ended(self) -> None:
         """Wait for the database work the stop's cancellations left running in worker threads (the task that

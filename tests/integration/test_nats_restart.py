@@ -6,6 +6,7 @@ import asyncio
 import logging
 import shutil
 import signal
+import time
 from datetime import UTC, datetime
 
 import nats
@@ -125,6 +126,29 @@ async def test_a_hung_nats_server_that_resumes_is_told_as_answering_again(
         await eventually(lambda: said("the consumer tipstream-signals of stream SIGNALS answers pull requests again")
                          and said("JetStream acknowledges decisions again"), timeout=10)
     assert running.service.nc.stats["reconnects"] == 0  # the same connection throughout: no reconnect line told it
+
+
+async def test_a_stop_while_the_nats_server_hangs_does_not_wait_for_it(
+        start_service, nats_server, caplog, monkeypatch) -> None:
+    """A stop while the NATS server hung (SIGSTOP, in a soak) drained the connection after its last checkpoint: 20 s
+    more, nothing left to lose, logging a drain timed out and a reconnect tried meanwhile. The server is asked for
+    a pong first (STOP_NATS_ANSWER_S); unanswered, the connection is closed at once, and the log says why."""
+    from app import bootstrap
+
+    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.5)  # no decision waits: the flush of decisions ends at once anyway
+    caplog.set_level(logging.INFO, logger="tipstream")
+    running = await start_service()
+    await eventually(lambda: running.service.ready)
+    nats_server.process.send_signal(signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        await running.stop()
+        took = time.monotonic() - began
+    finally:
+        nats_server.process.send_signal(signal.SIGCONT)
+    assert any("answered no ping within" in r.getMessage() for r in caplog.records)
+    assert took < 3 * bootstrap.STOP_NATS_ANSWER_S + 4, f"the stop took {took:.1f} s"
+    assert running.service.nc.is_closed
 
 
 async def test_the_service_stopping_closes_its_connection_without_calling_it_fatal(start_service) -> None:
