@@ -553,12 +553,14 @@ async def reset_durable(
         # Sequences only grow, so a checkpoint past the end was taken from another stream (its
         # store was lost or the stream re-created): starting there would skip every event until
         # the stream reaches it. Replaying the stream instead is safe: the fold, the learner's
-        # credits and the decision cache each recognise what they already hold by its id.
+        # credits and the decision cache each recognise what they already hold by its id. Told as "the checkpoint
+        # wants", a running service's own position (past its last checkpoint) was taken for the database's, and a
+        # store restored from an older copy (a server back with one, in a soak) was not among the causes named.
         log.error(
-            "the checkpoint wants stream %s from %d, but it ends at %d: the stream is not the one the "
-            "checkpoint was taken from (was it re-created, or its NATS store lost?). Replaying %s from %d; "
-            "check that NATS_URL points at the right server.",
-            stream, start_seq, info.state.last_seq, stream, first,
+            "stream %s ends at %d, before %d, the position it is read from: it is not the stream read so far (its "
+            "NATS store lost or restored from an older copy, the stream re-created, or NATS_URL naming another "
+            "server?). Reading %s again from %d: what was folded stays, and nothing is counted twice.",
+            stream, info.state.last_seq, start_seq, stream, first,
         )
         start_seq = first
     elif start_seq == 1 and first > 1:

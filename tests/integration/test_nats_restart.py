@@ -8,6 +8,7 @@ import shutil
 import signal
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import nats
 import orjson
@@ -30,6 +31,26 @@ def _swap_store(nats_server, older=None) -> None:
     shutil.rmtree(nats_server.store / "jetstream")
     if older is not None:
         shutil.copytree(older, nats_server.store / "jetstream")
+
+
+async def _read_to_11_with_a_copy_at_5(nats_server, store: OnlineStore) -> Path:
+    """u-1's app.opened 0..10 on SIGNALS, read to 11 by the service's `store`, and a copy of the server's store
+    taken at 5 (its path), for `_swap_store`."""
+    client = await nats.connect(nats_server.url)
+    for i in range(5):
+        await client.jetstream().publish("signals.app.opened", orjson.dumps(opened(i)))
+    await client.close()
+    await eventually(lambda: store.positions.get("SIGNALS") == 5)
+    nats_server.stop()
+    old = nats_server.store.parent / "nats-at-5"
+    shutil.copytree(nats_server.store / "jetstream", old)
+    nats_server.start()
+    client = await nats.connect(nats_server.url)
+    for i in range(5, 11):
+        await client.jetstream().publish("signals.app.opened", orjson.dumps(opened(i)))
+    await client.close()
+    await eventually(lambda: store.positions.get("SIGNALS") == 11, timeout=20)
+    return old
 
 
 async def _publish_and_fold(nats_server, store: OnlineStore, events: list) -> None:
@@ -202,22 +223,7 @@ async def test_a_nats_server_back_with_an_older_store_dead_letters_the_new_bad_e
     when asking the DLQ for the new stream's watermark failed once (NATS away again): the retry
     no longer saw a re-created stream, and kept the old watermark."""
     first = await start_service(checkpoint_every_s=0.1)
-    client = await nats.connect(nats_server.url)
-    js = client.jetstream()
-    for i in range(5):
-        await js.publish("signals.app.opened", orjson.dumps(opened(i)))
-    await client.close()
-    await eventually(lambda: first.service.store.positions.get("SIGNALS") == 5)
-    nats_server.stop()
-    old = nats_server.store.parent / "nats-at-5"
-    shutil.copytree(nats_server.store / "jetstream", old)
-    nats_server.start()
-    client = await nats.connect(nats_server.url)
-    js = client.jetstream()
-    for i in range(5, 11):
-        await js.publish("signals.app.opened", orjson.dumps(opened(i)))
-    await client.close()
-    await eventually(lambda: first.service.store.positions.get("SIGNALS") == 11, timeout=20)
+    old = await _read_to_11_with_a_copy_at_5(nats_server, first.service.store)
     await first.stop()
 
     second = await start_service()
@@ -258,20 +264,7 @@ async def test_a_server_back_with_an_older_store_grown_past_the_position_is_read
 
     running = await start_service()
     store = running.service.store
-    client = await nats.connect(nats_server.url)
-    for i in range(5):
-        await client.jetstream().publish("signals.app.opened", orjson.dumps(opened(i)))
-    await client.close()
-    await eventually(lambda: store.positions.get("SIGNALS") == 5)
-    nats_server.stop()
-    old = nats_server.store.parent / "nats-at-5"
-    shutil.copytree(nats_server.store / "jetstream", old)
-    nats_server.start()
-    client = await nats.connect(nats_server.url)
-    for i in range(5, 11):
-        await client.jetstream().publish("signals.app.opened", orjson.dumps(opened(i)))
-    await client.close()
-    await eventually(lambda: store.positions.get("SIGNALS") == 11, timeout=20)
+    old = await _read_to_11_with_a_copy_at_5(nats_server, store)
 
     _swap_store(nats_server, old)
     elsewhere = NatsServer(nats_server.store)  # the same store at another address, which the service does not know
@@ -298,6 +291,26 @@ def _checkpointed_mark(engine, stream: str) -> tuple[int, int | None] | None:
     with engine.connect() as conn:
         row = conn.execute(sa.text("select seq, stored_us from stream_positions where stream = :s"), {"s": stream}).first()
     return None if row is None else (row.seq, row.stored_us)
+
+
+async def test_a_server_back_with_an_older_store_under_a_running_service_is_told_as_such(
+    start_service, nats_server, caplog
+) -> None:
+    """Read to 11, then the server came back with a copy of its store taken at 5 (a soak): the line said "the
+    checkpoint wants stream SIGNALS from 12", the running service's own position taken for the database's, asked
+    only whether the stream was re-created or its store lost, and did not say that nothing was counted twice."""
+    caplog.set_level(logging.ERROR, logger="tipstream.jetstream")
+    running = await start_service()
+    store = running.service.store
+    old = await _read_to_11_with_a_copy_at_5(nats_server, store)
+    _swap_store(nats_server, old)
+    nats_server.start()
+    told = await eventually(
+        lambda: [r.getMessage() for r in caplog.records if "stream SIGNALS ends at 5" in r.getMessage()], timeout=20)
+    assert "before 12, the position it is read from" in told[0] and "older copy" in told[0], told
+    assert "nothing is counted twice" in told[0] and "checkpoint" not in told[0], told
+    await eventually(lambda: store.positions.get("SIGNALS") == 5, timeout=20)
+    assert store.users["u-1"].count("app.opened") == 11
 
 
 async def test_a_stream_created_again_under_the_service_is_checkpointed_with_its_own_stored_times(
