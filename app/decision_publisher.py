@@ -166,8 +166,9 @@ class DecisionPublisher:
         self._refused_ahead = 0  # refused since the last send, back at the front of the queue in order
         self._refusal_lines = LogThrottle(per_window=REFUSAL_LINES_PER_MINUTE)
         self._unanswered_lines = LogThrottle()
-        # When the line saying JetStream acknowledged none was last logged, until one is acknowledged (`_on_ack`).
-        self._unanswered_told: float | None = None
+        # When a line said JetStream acknowledged none, or refused a decision, and which (`_tell_answered`), until one
+        # is acknowledged (`_on_ack`).
+        self._wrong_told: tuple[float, str] | None = None
         self._put_back: set[str] = set()  # decisions from before this start not acknowledged yet
         # The server's max_payload (its INFO): a larger HPUB makes it close the connection ('Maximum Payload
         # Violation'), and sent again after each reconnect, one such decision held the whole log up for good.
@@ -351,7 +352,7 @@ class DecisionPublisher:
             self.bytes -= len(item[2])
             self._refusal_wait = 0.0
             _PUBLISHED.inc()
-            if self._unanswered_told is not None:
+            if self._wrong_told is not None:
                 self._tell_answered()
             if self.on_published is not None:
                 self.on_published(item[1], item[2])
@@ -376,6 +377,8 @@ class DecisionPublisher:
                 self._refusal_wait = min(max(self._refusal_wait * 2, 0.1), REFUSAL_WAIT_MAX_S)
                 left_out = self._refusal_lines.allow(None)
                 if left_out is not None:
+                    if self._wrong_told is None:
+                        self._wrong_told = (time.monotonic(), "refused one")
                     log.warning("JetStream refused decision %s (%s); retrying in %.1fs%s%s", item[1],
                                 (data or headers or b"")[:200], self._refusal_wait,
                                 f" ({left_out} more refused rounds since the last line)" if left_out else "",
@@ -525,7 +528,7 @@ class DecisionPublisher:
         left_out = self._unanswered_lines.allow(None)
         if left_out is None:
             return
-        self._unanswered_told = time.monotonic()
+        self._wrong_told = (time.monotonic(), "acknowledged none")
         log.warning("JetStream acknowledged none of the decisions sent %gs ago, NATS connected; %d wait, sent again "
                     "(/score answers 503 once TIPSTREAM_DECISION_QUEUE_MAX wait). Does the NATS server hang (stopped, "
                     "or overloaded)? Then the connection is dropped after two pings unanswered "
@@ -535,11 +538,12 @@ class DecisionPublisher:
                     self.ack_timeout_s, self.waiting, f" ({left_out} such rounds since the last line)" if left_out else "")
 
     def _tell_answered(self) -> None:
-        """The warning of `_tell_unanswered` was the last word once the server took decisions again (a hung server
-        resumed, or its store freed and restarted): the operator was left to guess whether it still held."""
-        log.info("JetStream acknowledges decisions again, %.0f s after the line saying it acknowledged none; %d wait",
-                 time.monotonic() - self._unanswered_told, self.waiting)
-        self._unanswered_told = None
+        """The warnings of `_tell_unanswered` and of refusals were the last word once the server took decisions again
+        (a hung server resumed, a cluster's DECISIONS led again): the operator was left to guess whether it still held."""
+        since, what = self._wrong_told
+        log.info("JetStream acknowledges decisions again, %.0f s after the line saying it %s; %d wait",
+                 time.monotonic() - since, what, self.waiting)
+        self._wrong_told = None
 
     async def run(self) -> None:
         try:

@@ -495,7 +495,7 @@ async def refusals_told(caplog: pytest.LogCaptureFixture, nc: FakeNats, answers:
     """One decision published through `nc` answering `answers` first: the warnings of its refusals."""
     import logging
 
-    caplog.set_level(logging.WARNING, logger="tipstream.decisions")
+    caplog.set_level(logging.INFO, logger="tipstream.decisions")
     nc.answers = answers
     publisher = DecisionPublisher(lambda: nc, queue_max=100, batch=1, window=1, ack_timeout_s=1)
     await publisher.start()
@@ -524,6 +524,9 @@ async def test_a_refusal_by_no_responders_or_for_a_try_in_process_says_why_and_w
     assert "no leader until the other nodes elect one" in told[0] and "nats server report jetstream" in told[0], told
     assert "still storing an earlier try" in told[1], told
     assert nc.stored == ["d-0"]
+    # Once stored, said: the refusals' lines were the last word, the operator left to guess whether they went on.
+    assert any(r.getMessage().startswith("JetStream acknowledges decisions again, ") and "refused one" in r.getMessage()
+               for r in caplog.records)
 
 
 async def test_nothing_is_written_while_nats_is_away() -> None:
