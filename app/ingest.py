@@ -66,6 +66,10 @@ LAG_WHILE_HELD_EVERY_S = 5.0
 # on a NATS cluster that lost a node, a stream gets a leader, and stores events, seconds before its consumer does
 # (1-2 s on a 3-node 2.15.1 cluster here), and the lag said 0 meanwhile.
 LAG_WHILE_RECREATING_EVERY_S = 1.0
+# Told with a NATS call that timed out (`StreamIngest._retry`): "nats: timeout" alone said neither why nor what to do.
+NO_ANSWER_FIX = (". No NATS node answered in time: on a NATS cluster, the stream may have no leader until the other "
+                 "nodes elect one (seconds after a node was lost), or the server hangs. If this goes on, look at the "
+                 "servers (`nats server report jetstream` shows which streams have no leader)")
 # How often a hold for checkpoints looks again whether enough of them committed (and asks for one meanwhile).
 HOLD_RECHECK_S = 0.2
 EXPECTED_SUBJECT = {t: f"{family}.{t}" for t, family in FAMILY_OF_TYPE.items()}
@@ -1004,13 +1008,13 @@ class StreamIngest:
         if left_out is not None:
             log.info("DLQ %s #%d: %s", self.spec.name, seq, rejection.reason)
 
-    async def _retry(self, action: Any, what: str, asking_again: bool = False) -> None:
+    async def _retry(self, action: Any, what: str, asking_again: bool = False) -> Any:
         """Transient failures (NATS away) are retried with backoff; nothing is skipped. `asking_again`: an
         action whose call went unanswered, having waited out its bound, is tried again at once."""
-        delay = 0.2
+        delay, failed_at, tries = 0.2, 0.0, 0
         while True:
             try:
-                return await action()
+                done = await action()
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # noqa: BLE001
@@ -1029,12 +1033,20 @@ class StreamIngest:
                     continue
                 # A full JetStream refuses the DLQ's copy, and the stream waits at that event until it has room.
                 fix = jsx.STORAGE_FULL_FIX if getattr(error, "err_code", None) in jsx.STORAGE_FULL else ""
+                if isinstance(error, TimeoutError):  # nats-py's: told as "nats: timeout" alone, with no cause or fix
+                    fix = NO_ANSWER_FIX
                 log.warning("could not %s for %s (%s); retrying in %.1fs%s", what, self.spec.name, error, delay, fix)
+                failed_at, tries = failed_at or time.monotonic(), tries + 1
                 if isinstance(error, StateUnavailable):  # a user's state: retried once the database is back
                     await self.checkpointer.wait_to_retry(delay, self._pause)
                 else:
                     await self._pause(delay)
                 delay = min(delay * 2, 10.0)
+                continue
+            if tries:  # its warnings were the last word: the operator was left to guess whether the stream still waited
+                log.info("%s for %s: done, %.0f s after the first try that failed (tried again %d times)", what,
+                         self.spec.name, time.monotonic() - failed_at, tries)
+            return done
 
     def _lagging(self, share: int) -> bool:
         """Whether 1/`share` of a bound is reached: the events applied and not checkpointed, or this

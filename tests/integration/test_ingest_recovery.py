@@ -956,13 +956,41 @@ async def test_a_stream_held_at_a_users_read_logs_why_and_not_who(nats_server, c
     ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=512, max_event_bytes=16384,
                           max_uncheckpointed=10**6)
     await ingest.start()
-    with caplog.at_level(logging.WARNING, logger="tipstream.ingest"):
+    with caplog.at_level(logging.INFO, logger="tipstream.ingest"):
         running = asyncio.create_task(ingest.run())
         await eventually(lambda: store.positions.get("SIGNALS", 0) == EVENTS, timeout=20)
     lines = [r.getMessage() for r in caplog.records if "could not fold events" in r.getMessage()]
     assert lines and all("ConnectionError: the database is away" in line for line in lines), lines
     assert not any(re.search(r"\bu3\b", line) for line in lines), lines
+    # And once the chunk is folded, said: the warnings were the last word.
+    assert any(r.getMessage().startswith("fold events (a user's state could not be loaded from the checkpoint) for "
+                                         "SIGNALS: done, ") for r in caplog.records)
     await stop_reading(ingest, nc, running)
+
+
+async def test_a_nats_call_of_ingest_that_times_out_says_why_and_what_to_look_at(nats_server, caplog) -> None:
+    """Its DLQ copy unanswered (a cluster electing the DLQ's leader after a node was killed, in a soak), ingest
+    warned "could not publish to the DLQ for SIGNALS (nats: timeout); retrying", with neither a cause nor a fix, and
+    nothing said when the copy went through."""
+    import nats.errors
+
+    nc, js = await seeded(nats_server)
+    ingest = StreamIngest(nc, js, jsx.SIGNALS, OnlineStore(), Checkpoints(), batch=512, max_event_bytes=16384,
+                          max_uncheckpointed=10**6)
+    failures = [nats.errors.TimeoutError()]
+
+    async def publish() -> str:
+        if failures:
+            raise failures.pop()
+        return "published"
+
+    with caplog.at_level(logging.INFO, logger="tipstream.ingest"):
+        assert await ingest._retry(publish, "publish to the DLQ") == "published"
+    told = [r.getMessage() for r in caplog.records]
+    assert len(told) == 2, told
+    assert "nats: timeout" in told[0] and "no leader" in told[0] and "nats server report jetstream" in told[0], told
+    assert told[1].startswith("publish to the DLQ for SIGNALS: done, "), told
+    await nc.close()
 
 
 async def making_streams_again(nats_server: Any, first: Callable[[Any], Awaitable[Any]],
