@@ -523,10 +523,14 @@ class Service:
         if self.checkpoint_writer:
             await asyncio.to_thread(self.checkpoint_writer.close)
         if self.nc:
+            answers = await self._nats_answers()
             try:
-                await self.nc.drain() if await self._nats_answers() else await self.nc.close()
+                await self.nc.drain() if answers else await self.nc.close()
             except Exception as error:  # noqa: BLE001 - the server may be gone already; nothing is lost
-                log.info("NATS connection closed uncleanly (%s)", error)
+                # Away, its closing fails on the dead socket, told as nats-py's words about a TCPTransport: the lines
+                # of the disconnection and of `_nats_answers` have said it all.
+                if answers:
+                    log.info("NATS connection closed uncleanly (%s)", error)
         if spooled:  # no acknowledgement comes after the drain
             await asyncio.to_thread(decision_spool.drop_acknowledged, spool, spooled, self.publisher.unpublished())
         if self.embedded:
@@ -539,6 +543,7 @@ class Service:
     async def _nats_answers(self) -> bool:
         """Whether the NATS connection is up and its server answers a ping within STOP_NATS_ANSWER_S (told if not)."""
         if not self.nc.is_connected:
+            log.info("stopping: NATS is away (the service was reconnecting); the connection is closed")
             return False
         try:
             await self.nc.flush(timeout=STOP_NATS_ANSWER_S)

@@ -172,6 +172,21 @@ async def test_a_stop_while_the_nats_server_hangs_does_not_wait_for_it(
     assert running.service.nc.is_closed
 
 
+async def test_a_stop_while_nats_is_away_says_so_in_words_of_its_own(start_service, nats_server, caplog) -> None:
+    """A stop while the NATS server was gone (killed, in a soak) logged "NATS connection closed uncleanly (unable to
+    perform operation on <TCPTransport closed=True ...>; the handler is closed)": nats-py's words for closing a dead
+    socket, where the operator needed only to read that NATS was away."""
+    caplog.set_level(logging.INFO, logger="tipstream")
+    running = await start_service()
+    await eventually(lambda: running.service.ready)
+    nats_server.stop()
+    await eventually(lambda: not running.service.nc.is_connected)
+    await running.stop()
+    told = [r.getMessage() for r in caplog.records]
+    assert "stopping: NATS is away (the service was reconnecting); the connection is closed" in told, told
+    assert not any("closed uncleanly" in line for line in told), told
+
+
 async def test_the_service_stopping_closes_its_connection_without_calling_it_fatal(start_service) -> None:
     running = await start_service()
     told: list[str] = []
