@@ -226,20 +226,30 @@ async def test_a_rebuild_from_the_log_equals_what_was_built_live(
     assert rebuilt.scores == live.scores
 
 
+def resume_positions(url: str) -> tuple[int, int]:
+    """FEEDBACK's position as committed in the learner's snapshot, and in the checkpoint."""
+    [learner] = query(url, "select state from learner_state where name = 'learner'")
+    [checkpoint] = query(url, "select seq from stream_positions where stream = 'FEEDBACK'")
+    return orjson.loads(bytes(learner["state"]))["positions"]["FEEDBACK"], checkpoint["seq"]
+
+
 # SQLite only: what is under test is where learning resumes after a kill, the learner's order; the first test here
-# holds PostgreSQL's rows and models to a rebuild's, test_learning.py a restart's resume on it (~9 s a run).
+# holds PostgreSQL's rows and models to a rebuild's, test_learning.py a restart's resume on it (~8 s a run).
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_a_kill_9_while_feedback_comes_resumes_with_the_weights_of_an_uninterrupted_run(
     nats_server, nc, database_url: str, tmp_path: Path
 ) -> None:
-    """Learned, but not in a model snapshot yet (they are 60 s apart here), when the process dies:
-    the restart learns those rewards again from FEEDBACK, in the same order, and counts none twice.
+    """A learner snapshot holds the first third of the rewards. The second third is learned, and checkpointed
+    (checkpoints 0.2 s apart), but in no learner snapshot (60 s apart) when the process dies: the restart
+    resumes FEEDBACK from the snapshot's position, behind the checkpoint's, learns those rewards again, in the
+    same order, and counts none twice, nor any the snapshot held; then the last third, which comes after it.
     The uninterrupted run is the rebuild from the same log, which the test above holds equal to live.
     The models forget a user 0.86 s (of FEEDBACK's time) after their last reaction: those who reacted
     only before the kill are forgotten as the ones after it are learned, in both runs alike."""
     population = Population(users=4, seed=5)
     users = [u.user_id for u in population.users]
-    js, env, service = await start_live(nats_server, nc, database_url, tmp_path / "data", population, 2,
+    data_dir = tmp_path / "data"
+    js, env, service = await start_live(nats_server, nc, database_url, data_dir, population, 2,
                                         model_snapshot_every_s="60", model_user_ttl_days="0.00001")
     reactions = []
     async with httpx.AsyncClient(base_url=service.base_url) as http:
@@ -250,25 +260,44 @@ async def test_a_kill_9_while_feedback_comes_resumes_with_the_weights_of_an_unin
                 reactions.append(feedback(f"fb-{user}-{round_}", user, decision, CANDIDATES[(index + round_) % 4]["tip_id"],
                                           ("acted", "disliked", "liked")[round_]))
     reactions.reverse()  # in an order of their own, unlike DECISIONS': the order AdaGrad learns in shows
-    half = len(reactions) // 2
-    await publish_events(js, [("feedback.tip.reacted", event) for event in reactions[:half]])
-    wait_until(lambda: service.metric("tipstream_feedback_total", outcome="credited") == half, what="half learned")
-    service.kill()
+    third = len(reactions) // 3
+    snapshotted, replayed, after = reactions[:third], reactions[third : 2 * third], reactions[2 * third :]
 
-    service = ServiceProcess(tmp_path / "data", env).start()
-    await publish_events(js, [("feedback.tip.reacted", event) for event in reactions[half:]])
+    async def published(events: list[dict[str, Any]]) -> int:
+        await publish_events(js, [("feedback.tip.reacted", event) for event in events])
+        return (await js.stream_info("FEEDBACK")).state.last_seq
+
+    def credited() -> float:
+        return service.metric("tipstream_feedback_total", outcome="credited")
+
+    snapshot_at = await published(snapshotted)
+    wait_until(lambda: credited() == len(snapshotted), what="the first third learned")
+    # A clean stop's checkpoint takes a learner snapshot, whatever their spacing: the first third's. The next start's
+    # first checkpoint takes one too (the same positions), and the next is 60 s later.
+    assert service.stop(), service.log()
+    service = ServiceProcess(data_dir, env).start()
+    wait_until(lambda: service.metric("tipstream_checkpoint_seconds_count") >= 1, what="the start's first checkpoint")
+    checkpointed_at = await published(replayed)
+    wait_until(lambda: credited() == len(replayed)
+               and service.metric("tipstream_checkpoint_position", stream="FEEDBACK") >= checkpointed_at,
+               what="the second third learned and checkpointed")
+    service.kill()
+    # What the restart finds: the learner's snapshot behind the checkpoint, the second third between the two.
+    assert resume_positions(database_url) == (snapshot_at, checkpointed_at)
+
+    service = ServiceProcess(data_dir, env).start()
+    await published(after)
     last = {name: (await js.stream_info(name)).state.last_seq for name in STREAMS}
-    wait_until(lambda: caught_up(service, last, float(len(reactions) - half))
-               or caught_up(service, last, float(len(reactions))), what="the restart caught up")
+    wait_until(lambda: caught_up(service, last, float(len(replayed) + len(after))), what="the restart caught up")
     assert service.metric("tipstream_feedback_total", outcome="duplicate") == 0
     resumed = Knowledge(service, users)
     assert service.stop(), service.log()
 
-    service, rebuilt = await rebuild(js, tmp_path / "data", env, users, float(len(reactions)))
+    service, rebuilt = await rebuild(js, data_dir, env, users, float(len(reactions)))
     assert service.stop(), service.log()
 
     assert resumed.n_learned == rebuilt.n_learned == len(reactions)
-    # The restart took seconds: the first half's two users were forgotten, the second half's held.
+    # The restart took seconds: the two users who reacted only before the kill were forgotten, the last third's held.
     assert resumed.users_held == rebuilt.users_held == 2
     assert resumed.scores == rebuilt.scores
 
