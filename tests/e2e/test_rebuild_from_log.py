@@ -394,11 +394,17 @@ async def test_a_kill_9_after_silences_were_learned_and_before_their_snapshot_le
     wait_until(lambda: learner_snapshot_saved(database_url), what="the learner's first snapshot")
     await publish_events(js, [("feedback.tip.reacted", feedback(
         "fb-in-time", users[0], answers[0]["decision_id"], answers[0]["ranked"][1]["tip_id"], "liked"))])
+    reacted_at = (await js.stream_info("FEEDBACK")).state.last_seq
+    # The reaction checkpointed too: the restart reads FEEDBACK again from the learner's snapshot, behind the checkpoint.
     wait_until(lambda: service.metric("tipstream_silences_total", outcome="credited") == 2
-               and service.metric("tipstream_silences_total", outcome="answered") == 1, what="two silences learned")
+               and service.metric("tipstream_silences_total", outcome="answered") == 1
+               and service.metric("tipstream_checkpoint_position", stream="FEEDBACK") >= reacted_at,
+               what="two silences learned, the reaction checkpointed")
     assert service.get("/models/v1").json()["n_learned"] == 3
     assert model_bytes(database_url)["v1"][0] == 0, "the kill must land before the models are saved"
     service.kill()
+    snapshot_at, checkpointed_at = resume_positions(database_url)
+    assert snapshot_at < reacted_at == checkpointed_at
 
     service = ServiceProcess(tmp_path / "data", env, patches=QUICK_SILENCE).start()
     wait_until(lambda: service.metric("tipstream_silences_total", outcome="credited") == 2
