@@ -107,7 +107,7 @@ async def readyz(request: Request) -> Response:
                         description: 'why the stream is read again from its first message while the service runs (made anew, or an older copy of its store): not caught up until that replay is, as at a start; null otherwise'
                         type: [string, 'null']
                 checkpoint:
-                  description: 'whether state is being saved: a failing checkpoint does not make the service unready (it serves from memory, and events are safe in the streams), but says why here'
+                  description: 'whether state is being saved: a failing checkpoint, or one not committed after 30 s (a database that hangs), does not make the service unready (it serves from memory, and events are safe in the streams), but says why here'
                   type: [object, 'null']
                   properties: {ok: {type: boolean}, last_error: {type: [string, 'null']}, since_last_ok_s: {type: number}}
                 nats_store:

@@ -315,7 +315,8 @@ class Checkpointer:
         # When the first of the failed checkpoints since the last committed one failed: the outage's warnings
         # said each retry, and nothing said it was over.
         self._failing_since: float | None = None
-        self._slow_told = False  # the checkpoint under way was told as not committed after SLOW_CHECKPOINT_S
+        # When the checkpoint under way began, once told as not committed after SLOW_CHECKPOINT_S
+        self._slow_since: float | None = None
         self._saved_positions: dict[str, int] | None = None
         # Why this service may write no more checkpoints (another service took its database): set, a
         # checkpoint writes nothing, which would go over that service's state and positions.
@@ -422,8 +423,13 @@ class Checkpointer:
 
     def health(self) -> dict[str, Any]:
         """For /readyz: whether the last checkpoint succeeded, and how long ago one did (or found
-        nothing to save: an idle service is not behind)."""
-        return {"ok": self.last_error is None, "last_error": self.last_error,
+        nothing to save: an idle service is not behind). A database that hangs raises no error: the
+        checkpoint waiting on it past SLOW_CHECKPOINT_S is told as one, or `ok` stayed true for minutes."""
+        error = self.last_error
+        if self._slow_since is not None:  # the current state, over a failure before it
+            error = (f"a checkpoint has not committed after {time.monotonic() - self._slow_since:.0f} s "
+                     f"({self._saving()}): the database does not answer, unless it saves very many users")
+        return {"ok": error is None, "last_error": error,
                 "since_last_ok_s": round(time.monotonic() - self.last_ok, 1)}
 
     async def wait_to_retry(self, backoff_s: float,
@@ -449,7 +455,7 @@ class Checkpointer:
         """One checkpoint; False when nothing changed since the last (or `refused`)."""
         async with self.lock:
             started = time.monotonic()
-            slow = asyncio.get_running_loop().call_later(SLOW_CHECKPOINT_S, self._tell_slow)
+            slow = asyncio.get_running_loop().call_later(SLOW_CHECKPOINT_S, self._tell_slow, started)
             try:
                 if self.before_write is not None and self.refused is None:
                     await self.before_write()  # the lock's check waits for a database that hangs, as the save does
@@ -457,7 +463,7 @@ class Checkpointer:
                     self.last_error = self.refused
                     return False
                 saved = await self._checkpoint()
-                if self._slow_told:
+                if self._slow_since is not None:
                     log.info("the checkpoint that had not committed after %.0f s committed, %.0f s after it began",
                              SLOW_CHECKPOINT_S, time.monotonic() - started)
                 return saved
@@ -480,16 +486,18 @@ class Checkpointer:
                 raise
             finally:
                 slow.cancel()
-                self._slow_told = False
+                self._slow_since = None
 
-    def _tell_slow(self) -> None:
-        self._slow_told = True
-        saving = f"saving {self.saving:,} user{'s' if self.saving > 1 else ''}" if self.saving else "not writing yet"
+    def _saving(self) -> str:
+        return f"saving {self.saving:,} user{'s' if self.saving > 1 else ''}" if self.saving else "not writing yet"
+
+    def _tell_slow(self, started: float) -> None:
+        self._slow_since = started
         log.warning("a checkpoint has not committed after %.0f s (%s): the database does not answer (a server or "
                     "link that hangs, which no connection timeout ends, or a lock held on a table: PostgreSQL's "
                     "pg_stat_activity names the statement and what it waits for), unless it saves very many users. It "
                     "goes on waiting; events are safe in the streams, and /score answers meanwhile.",
-                    SLOW_CHECKPOINT_S, saving)
+                    SLOW_CHECKPOINT_S, self._saving())
 
     async def _checkpoint(self) -> bool:
         for participant in self.participants:  # work `snapshot` would do in one turn of the loop, in turns

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any
 
 import orjson
@@ -596,7 +597,8 @@ async def test_checkpoints_that_commit_again_after_failing_say_so(start_service,
 async def test_a_checkpoint_that_waits_on_a_database_that_does_not_answer_is_told(
         start_service, nc, database_url, caplog, monkeypatch) -> None:
     """A server or link that hangs (the kernel still acknowledging) is no error for libpq: the checkpoint waits,
-    and a hang of minutes went by with no line in the log and /readyz's `checkpoint.ok` true."""
+    and a hang of minutes went by with no line in the log and /readyz's `checkpoint.ok` true (then, once told in
+    the log, still true: only `since_last_ok_s` grew)."""
     import threading
 
     from app import checkpoints
@@ -621,10 +623,21 @@ async def test_a_checkpoint_that_waits_on_a_database_that_does_not_answer_is_tol
         [hung] = await eventually(lambda: said("a checkpoint has not committed after 0 s"))
         assert "(saving 1 user)" in hung and "the database does not answer" in hung, hung
         assert checkpointed(database_url) == 0
+        async with running.http() as http:
+            # As for a database away: not ok, and why; the service stays ready, serving from memory.
+            readyz = await http.get("/readyz")
+            checkpoint = readyz.json()["checkpoint"]
+            assert readyz.status_code == 200 and readyz.json()["ready"] is True, readyz.json()
+            assert checkpoint["ok"] is False, checkpoint
+            assert re.fullmatch(r"a checkpoint has not committed after \d+ s \(saving 1 user\): the database does "
+                                r"not answer, unless it saves very many users", checkpoint["last_error"]), checkpoint
     finally:
         answers.set()
     await eventually(lambda: checkpointed(database_url) == 1)
     await eventually(lambda: said("the checkpoint that had not committed after 0 s committed"))
+    async with running.http() as http:
+        assert (await http.get("/readyz")).json()["checkpoint"] | {"since_last_ok_s": 0} == {
+            "ok": True, "last_error": None, "since_last_ok_s": 0}
 
 
 async def test_a_failed_checkpoint_is_retried_after_the_backoff_it_names(start_service, nc, database_url, caplog) -> None:
