@@ -204,7 +204,11 @@ class NatsConnection:
             "Check it (`nats server check jetstream`, or a node's monitoring page /jsz), then start tipstream again.")
 
     async def _on_reconnected(self) -> None:
-        log.info("reconnected to NATS; resuming each stream from its own position")
+        # Kept, an outage's errors left out were counted on the next outage's first line, as if its own, and one
+        # within the minute had its first line left out: each outage's lines start afresh.
+        left_out = self._errors.clear()
+        more = f" (the errors above came {left_out} more times since their last line)" if left_out else ""
+        log.info("reconnected to NATS%s; resuming each stream from its own position", more)
         self._resume()
 
     async def _on_disconnected(self) -> None:

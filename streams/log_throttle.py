@@ -46,3 +46,15 @@ class LogThrottle:
             return 0
         window[2] += 1
         return None
+
+    def clear(self) -> int:
+        """Forgets every key, for lines that start afresh (a new outage's); returns how many lines were left
+        out and not told yet, to be told in their place.
+
+        >>> throttle = LogThrottle()
+        >>> [throttle.allow("refused") for _ in range(3)], throttle.clear(), throttle.allow("refused")
+        ([0, None, None], 2, 0)
+        """
+        left_out = sum(int(window[2]) for window in self._windows.values())
+        self._windows.clear()
+        return left_out

@@ -270,6 +270,41 @@ async def test_the_same_nats_error_again_within_a_minute_is_counted_not_logged(
         "NATS: nats: another"]
 
 
+async def test_a_new_nats_outage_s_first_line_counts_only_its_own_errors(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The throttle's counts outlived the reconnect: the next outage's first line carried '(N more times
+    since)', the previous outage's refused reconnects, and an outage within the minute had no line at all."""
+    from app.nats_connection import NatsConnection
+    from app.settings import Settings
+    from streams.log_throttle import WINDOW_S
+
+    connection = NatsConnection(Settings(data_dir=tmp_path), on_reconnected=lambda: None, stopping=lambda: False,
+                                fail=lambda _why: None)
+    connection.client = SimpleNamespace()  # connected once: errors are the live connection's
+    now = [1000.0]
+    connection._errors.clock = lambda: now[0]
+    refused = ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 4222)")
+
+    async def outage(errors: int) -> None:
+        for _ in range(errors):
+            await connection._on_error(refused)
+            now[0] += 0.5
+        await connection._on_reconnected()
+
+    with caplog.at_level(logging.INFO, logger="tipstream"):
+        await outage(5)
+        now[0] += WINDOW_S  # the next outage past the minute
+        await outage(1)
+        now[0] += 5  # and another soon after
+        await outage(1)
+    line = f"NATS: {refused}"
+    resumed = "; resuming each stream from its own position"
+    assert [r.getMessage() for r in caplog.records] == [
+        line, f"reconnected to NATS (the errors above came 4 more times since their last line){resumed}",
+        line, f"reconnected to NATS{resumed}",
+        line, f"reconnected to NATS{resumed}"]
+
+
 async def test_a_reconnect_no_server_greets_is_a_warning_saying_so(tmp_path: Path,
                                                                    caplog: pytest.LogCaptureFixture) -> None:
     """nats-py's TimeoutError, a reconnect to a server that hangs (SIGSTOP), has no text: the warning read "NATS: "."""
