@@ -345,7 +345,11 @@ class Checkpointer:
     def behind_because(self) -> str:
         """Why events wait for a checkpoint, for ingest's line when it holds: a catch-up that changes many
         users at once makes a checkpoint long while the database is fine (131,000 users on SQLite: 2.5-3.7 s,
-        its serialising given a turn of the event loop per chunk of ingest), and the line blamed the database."""
+        its serialising given a turn of the event loop per chunk of ingest), and the line blamed the database.
+        One past SLOW_CHECKPOINT_S is told as a hang, the current state, over a failure before it: the line said
+        the database answered."""
+        if (hung := self._hung()) is not None:
+            return hung
         if self.last_error is not None and self.last_error.startswith(("the database's disk is full",
                                                                        "the database refused it", "it failed (")):
             return f"checkpoints fail: {self.last_error}"
@@ -353,7 +357,7 @@ class Checkpointer:
             return f"checkpoints fail ({self.last_error}): is the database away?"
         if self.saving:
             return (f"the checkpoint in progress, of {self.saving:,} users, has not committed yet (long when many "
-                    "users changed, as in a catch-up; the database answers)")
+                    "users changed, as in a catch-up)")
         return "no checkpoint has saved them yet"
 
     def nudge(self) -> None:
@@ -425,10 +429,7 @@ class Checkpointer:
         """For /readyz: whether the last checkpoint succeeded, and how long ago one did (or found
         nothing to save: an idle service is not behind). A database that hangs raises no error: the
         checkpoint waiting on it past SLOW_CHECKPOINT_S is told as one, or `ok` stayed true for minutes."""
-        error = self.last_error
-        if self._slow_since is not None:  # the current state, over a failure before it
-            error = (f"a checkpoint has not committed after {time.monotonic() - self._slow_since:.0f} s "
-                     f"({self._saving()}): the database does not answer, unless it saves very many users")
+        error = self._hung() or self.last_error  # the current state, over a failure before it
         return {"ok": error is None, "last_error": error,
                 "since_last_ok_s": round(time.monotonic() - self.last_ok, 1)}
 
@@ -487,6 +488,13 @@ class Checkpointer:
             finally:
                 slow.cancel()
                 self._slow_since = None
+
+    def _hung(self) -> str | None:
+        """Why the checkpoint under way has not committed, once past SLOW_CHECKPOINT_S (None before)."""
+        if self._slow_since is None:
+            return None
+        return (f"a checkpoint has not committed after {time.monotonic() - self._slow_since:.0f} s "
+                f"({self._saving()}): the database does not answer, unless it saves very many users")
 
     def _saving(self) -> str:
         return f"saving {self.saving:,} user{'s' if self.saving > 1 else ''}" if self.saving else "not writing yet"
