@@ -19,7 +19,7 @@ import orjson
 import pytest
 import sqlalchemy as sa
 
-from app import decision_spool
+from app import db, decision_spool
 from app.decision_ids import new_decision_id
 from streams.fold import to_ms
 from streams.jetstream import publish_events
@@ -299,6 +299,111 @@ async def test_a_kill_9_while_feedback_comes_resumes_with_the_weights_of_an_unin
     assert resumed.n_learned == rebuilt.n_learned == len(reactions)
     # The restart took seconds: the two users who reacted only before the kill were forgotten, the last third's held.
     assert resumed.users_held == rebuilt.users_held == 2
+    assert resumed.scores == rebuilt.scores
+
+
+def checkpoint_rows(url: str) -> dict[str, list[Any]]:
+    """What a checkpoint writes besides the learner's rows: the stream positions and the fold's user rows."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {name: [dict(row) for row in conn.execute(sa.select(db.metadata.tables[name])).mappings()]
+                    for name in CHECKPOINT_TABLES}
+    finally:
+        engine.dispose()
+
+
+def put_back(url: str, rows: dict[str, list[Any]]) -> None:
+    """Write back a checkpoint's rows (`checkpoint_rows`), the learner's rows left as they are."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            for table, saved in rows.items():
+                conn.execute(sa.delete(db.metadata.tables[table]))
+                if saved:
+                    conn.execute(sa.insert(db.metadata.tables[table]), saved)
+    finally:
+        engine.dispose()
+
+
+CHECKPOINT_TABLES = ("stream_positions", "user_state", "user_features")
+
+
+async def test_a_learner_snapshot_ahead_of_the_checkpoint_resumes_without_learning_a_reward_twice(
+    nats_server, nc, database_url: str, tmp_path: Path
+) -> None:
+    """The learner's snapshot ahead of the checkpoint: a registry change (`Lineup` saving a new version,
+    app/lineup.py) writes the learner's snapshot (`Learner.snapshot(force=True)`: credits, models, positions
+    as read now) in a transaction of its own, without the fold's users or `stream_positions`; a crash before
+    the next checkpoint leaves it so. Made here from two clean stops: the checkpoint's rows of the first put
+    back under the learner's rows of the second. The restart re-reads FEEDBACK and DECISIONS from the
+    checkpoint's positions, the older (the fold's users need what came since), so the learner reads again
+    rewards its snapshot holds: each counts a duplicate, none is learned twice; then the rest is learned.
+    Features, weights and learned counts as a rebuild's from the same log. Ahead here is FEEDBACK's position:
+    DECISIONS' in the learner's snapshot is its oldest held decision's, behind the checkpoint's."""
+    population = Population(users=4, seed=5)
+    users = [u.user_id for u in population.users]
+    data_dir = tmp_path / "data"
+    js, env, service = await start_live(nats_server, nc, database_url, data_dir, population, 2)
+
+    async def scored(round_: int) -> list[dict[str, Any]]:
+        reactions = []
+        async with httpx.AsyncClient(base_url=service.base_url) as http:
+            for index, user in enumerate(users):
+                body = {"user_id": user, "context": {"now": AT}, "candidates": CANDIDATES}
+                decision = (await http.post("/score", json=body)).json()["decision_id"]
+                reactions.append(feedback(f"fb-{user}-{round_}", user, decision,
+                                          CANDIDATES[(index + round_) % 4]["tip_id"], ("acted", "disliked")[round_]))
+        return reactions[::-1]  # in an order of their own, unlike DECISIONS'
+
+    async def published(events: list[dict[str, Any]]) -> dict[str, int]:
+        await publish_events(js, [("feedback.tip.reacted", event) for event in events])
+        return {name: (await js.stream_info(name)).state.last_seq for name in STREAMS}
+
+    first = await scored(0)
+    last = await published(first[:2])
+    wait_until(lambda: caught_up(service, last, 2.0), what="the first rewards learned")
+    assert service.stop(), service.log()
+    checkpointed = checkpoint_rows(database_url)
+
+    service = ServiceProcess(data_dir, env).start()
+    second = await scored(1)
+    snapshotted = first[2:] + second[:2]
+    last = await published(snapshotted)
+    wait_until(lambda: caught_up(service, last, float(len(snapshotted))), what="the learner's snapshot's rewards")
+    assert service.stop(), service.log()
+    learner_at, _ = resume_positions(database_url)
+    put_back(database_url, checkpointed)
+    feedback_at, = (r["seq"] for r in checkpointed["stream_positions"] if r["stream"] == "FEEDBACK")
+    assert resume_positions(database_url) == (learner_at, feedback_at) and learner_at > feedback_at
+    assert sum(bool(r["rewards"]) for r in tip_scores(database_url).values()) == len(first[:2] + snapshotted)
+
+    service = ServiceProcess(data_dir, env).start()
+    after = second[2:]
+    last = await published(after)
+
+    def outcomes() -> dict[str, float]:
+        return {outcome: service.metric("tipstream_feedback_total", outcome=outcome)
+                for outcome in ("credited", "duplicate")}
+
+    # At least the new rewards credited: a reward learned twice, or a duplicate missing, fails the assertion below
+    # rather than this wait. FEEDBACK holds the rewards read back before the new ones.
+    wait_until(lambda: caught_up(service, last, service.metric("tipstream_feedback_total", outcome="credited"))
+               and outcomes()["credited"] >= len(after), what="the restart caught up")
+    assert outcomes() == {"credited": len(after), "duplicate": len(snapshotted)}
+    resumed = Knowledge(service, users)
+    assert service.stop(), service.log()
+    rows = tip_scores(database_url)
+    del rows[resumed.probe_id]
+    assert all(len(r["rewards"]) == 1 for r in rows.values() if r["rewards"]), rows
+    rewarded = sum(bool(r["rewards"]) for r in rows.values())
+    assert rewarded == len(first) + len(second)
+
+    service, rebuilt = await rebuild(js, data_dir, env, users, float(rewarded))
+    assert service.stop(), service.log()
+
+    assert resumed.n_learned == rebuilt.n_learned == rewarded
+    assert resumed.features == rebuilt.features
     assert resumed.scores == rebuilt.scores
 
 
