@@ -14,7 +14,8 @@ Without a configured token every change is refused (403) with the setting to set
 header is 401, a wrong token 403. Registry refusals map to 404 / 409 / 422 with the
 registry's own message (it names the CLI command that fixes it); the database away (or a setting of its, a right
 its user lacks, tables not this release's, a full disk: named, with the fix), to 503 with Retry-After; any other
-refusal of the database's (an IntegrityError, a DataError), to 500 with its first line: no wait mends it.
+refusal of the database's (an IntegrityError, a DataError), to 500 with its first line: no wait mends it. A
+change after another service took this one's database lock, to 503 naming it, without Retry-After: this one stops.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from app.db import NOT_AN_OUTAGE, away, disk_full, one_line, refusal, refused_by_setting
+from app.lineup import DatabaseNotOurs
 from app.request_body import ClientGone, not_utf8, path_is_utf8, read_body
 from app.score_endpoint import refusal_by_headers
 from models.registry import RegistryError
@@ -179,6 +181,8 @@ def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[BaseMode
             return _json(STATUS.get(error.code, 409), {"error": str(error), "field": error.field})
         except BadUserId as error:
             return _json(422, {"error": f"user_id: {error}", "field": "user_id"})
+        except DatabaseNotOurs as error:  # no Retry-After: this service stops, and another holds the database
+            return _json(503, {"error": str(error), "field": None})
         except SQLAlchemyError as error:  # a change is swapped in only once saved (see Lineup._change)
             return _database_refusal(request, error)
         return _json(status, result)
@@ -220,7 +224,8 @@ _REFUSALS = {
                          "IntegrityError or DataError: a constraint or trigger added to tipstream's tables, or a bug; "
                          "its first line named); nothing changed"},
     503: {"description": "the database is away, or a setting of its, a right its user lacks, or tables not this "
-                         "release's refused the change (named, with its fix); "
+                         "release's refused the change (named, with its fix); or another service took this one's "
+                         "database lock (named; no Retry-After: this one stops); "
                          "nothing changed", "headers": {"Retry-After": {"schema": {"type": "integer"}}}},
 }
 

@@ -106,6 +106,7 @@ class Service:
         self.eraser: Eraser | None = None
         self.checkpoint_writer: CheckpointWriter | None = None
         self.offline: OfflineFeatureWriter | None = None
+        self.retention: TipScoresRetention | None = None
         self.freezer = FreezePolicy(settings.gc_freeze_every_users)
         self.nats_url = settings.nats_url or ""
         self._stopping = False
@@ -255,6 +256,8 @@ class Service:
             # 10 s: until then the checkpoints went on without the lock, one taken meanwhile by another service too.
             self.checkpointer.before_write = self._keep_service_lock
         self.lineup.flush = self.checkpointer.checkpoint
+        if self.service_lock.needed:  # as the checkpoints' (above)
+            self.lineup.before_write = self._keep_service_lock
         for spec in jsx.INGESTED_STREAMS:
             ingest = StreamIngest(
                 self.nc, js, spec, self.store, self.checkpointer, batch=s.ingest_batch,
@@ -274,6 +277,8 @@ class Service:
         if s.offline_features_every_s:
             self.offline = OfflineFeatureWriter(self.store, self.engine, s.offline_features_every_s, threads=self.threads)
             self.offline.refused = self._database_not_ours
+            if self.service_lock.needed:  # as the checkpoints' (`before_write` above)
+                self.offline.before_write = self._keep_service_lock
             self.checkpointer.on_saved.append(self.offline.saved)
             self.checkpointer.keep_awake.append(self.offline.holds)
             self.background.start(self.offline.find_behind(), name="offline features behind")
@@ -282,7 +287,11 @@ class Service:
             self.eraser.offline = self.offline
         self.background.start(self.eraser.run(), name="erasures")
         if s.tip_scores_max_age_days:
-            retention = TipScoresRetention(self.engine, s.tip_scores_max_age_days, threads=self.threads)
+            self.retention = retention = TipScoresRetention(self.engine, s.tip_scores_max_age_days,
+                                                            threads=self.threads)
+            retention.refused = self._database_not_ours
+            if self.service_lock.needed:  # as the checkpoints' (`before_write` above)
+                retention.before_write = self._keep_service_lock
             self.background.start(every(RETENTION_EVERY_S, retention.prune, "deleting old tip_scores rows"),
                                   name="tip_scores retention")
 
@@ -573,6 +582,9 @@ class Service:
             self.checkpointer.refused = why
         if self.offline is not None:
             self.offline.refused = why
+        if self.retention is not None:
+            self.retention.refused = why
+        self.lineup.refused = why
 
     async def _keep_service_lock(self) -> None:
         try:

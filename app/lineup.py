@@ -59,6 +59,10 @@ class RetiredModel:
         return {}  # its card's, as registered or last evaluated
 
 
+class DatabaseNotOurs(RuntimeError):
+    """A registry change refused: this service lost its database lock to another (`Lineup.refused` says so)."""
+
+
 class Lineup:
     def __init__(self, store: RegistryStore, engine: Engine, *, eval_max_rewards: int,
                  silence_reward: float | None = None, log_level: str = "info") -> None:
@@ -91,6 +95,10 @@ class Lineup:
         # A checkpoint now (`Checkpointer.checkpoint`, set by the service): the rewards credited since
         # the last one reach `tip_scores` before a card is made from it (`_evaluated`).
         self.flush: Callable[[], Awaitable[Any]] | None = None
+        # Awaited before each change is saved (the service's lock made sure of, `refused` set if another took it):
+        # without, a change saved in the 10 s before the lock's check wrote over the roles of the service holding it.
+        self.before_write: Callable[[], Awaitable[None]] | None = None
+        self.refused: str | None = None  # why the database is no longer this service's: no change is saved
 
     # -- start -------------------------------------------------------------------------------
 
@@ -205,6 +213,11 @@ class Lineup:
                 for model in new_models.values():
                     for x, reward, rewarded_ms in examples:
                         model.learn_one(x, reward, rewarded_ms)
+            if self.before_write is not None and self.refused is None:
+                await self.before_write()
+            if self.refused is not None:
+                raise DatabaseNotOurs(f"{self.refused}; nothing changed: this service stops, make the change on the "
+                                      "service that holds the database lock")
             # A frozen copy, serialised by the saving thread: a large model's bytes took ~100 ms of
             # the event loop (240k weights), the copy ~18 (`TipModel.frozen`).
             blobs = {v: (m.frozen(), m.n_learned) for v, m in new_models.items()}

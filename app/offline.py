@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -91,6 +92,8 @@ class OfflineFeatureWriter:
         self._in_pass: set[str] = set()
         self.rows_written = 0
         self.refused: str | None = None  # why the database is no longer this service's: it writes no row
+        # Awaited before each batch's write (the service's lock made sure of, `refused` set if another took it).
+        self.before_write: Callable[[], Awaitable[None]] | None = None
         # Users forgotten since the pass under way began: a row it computed before, written after their
         # row was deleted, would bring their features back. A pass begun later computes none of theirs
         # (they left `pending`), so each pass starts it afresh: kept since the start, every request to
@@ -180,6 +183,11 @@ class OfflineFeatureWriter:
                 if self.forgotten:
                     rows = [row for row in rows
                             if row["user_id"] not in self.forgotten or row["user_id"] in self._in_pass]
+                if self.before_write is not None and self.refused is None:
+                    await self.before_write()
+                if self.refused is not None:  # the lock lost during the pass: the rest stay pending, unwritten
+                    self.pending.update(users[batch_start:])
+                    break
                 self._writing = writing = asyncio.ensure_future(self.threads.run("a user_features write", self._write, rows))
                 await writing
                 written += len(rows)

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, delete, select
@@ -125,6 +125,10 @@ class TipScoresRetention:
         self.batch = batch or batch_for(engine.dialect.name)
         self.longest_batch_s = 0.0  # the longest a delete's transaction took, from its start (a wait for a lock in it)
         self.threads = threads or ThreadWork()  # its deletes, which the stop waits for
+        self.refused: str | None = None  # why the database is no longer this service's: it deletes no row
+        # Awaited before each batch's delete (the service's lock made sure of, `refused` set if another took it):
+        # another service's own bound (TIPSTREAM_TIP_SCORES_MAX_AGE_DAYS) may keep rows this one's deletes.
+        self.before_write: Callable[[], Awaitable[None]] | None = None
 
     def _delete_batch(self, cut: datetime) -> int:
         started = time.perf_counter()
@@ -141,6 +145,10 @@ class TipScoresRetention:
         total, started = 0, time.monotonic()
         next_report = started + PROGRESS_EVERY_S
         while True:
+            if self.before_write is not None and self.refused is None:
+                await self.before_write()
+            if self.refused is not None:
+                break
             deleted = await self.threads.run("a tip_scores delete", self._delete_batch, cut)
             total += deleted
             DECISION_ROWS_PRUNED.inc(deleted)

@@ -225,6 +225,39 @@ async def test_a_service_whose_lock_another_took_writes_no_more_checkpoints(
                for r in caplog.records)
 
 
+async def opened(js, service: Service, i: int) -> None:
+    """User u-<i>'s event, folded."""
+    event = {"id": f"e-{i}", "type": "app.opened", "user_id": f"u-{i}", "ts": "2026-11-26T08:00:00+01:00",
+             "v": 1, "data": {}}
+    await js.publish("signals.app.opened", orjson.dumps(event))
+    await eventually(lambda: service.store.positions.get("SIGNALS") == i)
+
+
+def rows(url: str, table: str) -> int:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.text(f"select count(*) from {table}")).scalar_one()
+    finally:
+        engine.dispose()
+
+
+async def another_takes_the_lock(url: str) -> ServiceLock:
+    """The lock's session ended, and another service took the lock before the next check (every 10 s)."""
+    end_sessions(url, lock_holders(url))
+    other = ServiceLock(url)
+
+    def taken() -> bool:  # the ended session lets go of it a moment later
+        try:
+            other.acquire()
+        except ServiceLockTaken:
+            return False
+        return True
+
+    await eventually(taken)
+    return other
+
+
 async def test_a_checkpoint_after_the_lock_s_session_ended_takes_the_lock_again_first_or_writes_nothing(
         start_service, nc, postgres_url: str) -> None:
     """The lock's session ended (terminated, PostgreSQL restarted) is found by a check every 10 s. Until then the
@@ -236,46 +269,106 @@ async def test_a_checkpoint_after_the_lock_s_session_ended_takes_the_lock_again_
     service = running.service
     service.on_fatal = lambda _: None
     js = nc.jetstream()
-
-    async def opened(i: int) -> None:
-        event = {"id": f"e-{i}", "type": "app.opened", "user_id": f"u-{i}", "ts": "2026-11-26T08:00:00+01:00",
-                 "v": 1, "data": {}}
-        await js.publish("signals.app.opened", orjson.dumps(event))
-        await eventually(lambda: service.store.positions.get("SIGNALS") == i)
-
-    def saved() -> int:
-        engine = sa.create_engine(postgres_url)
-        try:
-            with engine.connect() as conn:
-                return conn.execute(sa.text("select count(*) from user_state")).scalar_one()
-        finally:
-            engine.dispose()
-
     # Ended with no other service about: the checkpoint takes the lock again, and commits.
     end_sessions(postgres_url, lock_holders(postgres_url))
     await eventually(lambda: lock_holders(postgres_url) == [])
-    await opened(1)
+    await opened(js, service, 1)
     assert await service.checkpointer.checkpoint() is True
-    assert saved() == 1 and len(lock_holders(postgres_url)) == 1 and service.fatal is None
+    assert rows(postgres_url, "user_state") == 1 and len(lock_holders(postgres_url)) == 1 and service.fatal is None
     # Ended, and another service took it before this one's next check: the checkpoint writes nothing.
-    end_sessions(postgres_url, lock_holders(postgres_url))
-    other = ServiceLock(postgres_url)
-
-    def taken() -> bool:  # the ended session lets go of it a moment later
-        try:
-            other.acquire()
-        except ServiceLockTaken:
-            return False
-        return True
-
-    await eventually(taken)
+    other = await another_takes_the_lock(postgres_url)
     try:
-        await opened(2)
+        await opened(js, service, 2)
         assert await service.checkpointer.checkpoint() is False
         assert service.fatal is not None and "another service took it" in service.fatal, service.fatal
-        assert saved() == 1
+        assert rows(postgres_url, "user_state") == 1
     finally:
         other.release()
+
+
+async def test_a_user_features_pass_after_the_lock_s_session_ended_takes_the_lock_again_first_or_writes_nothing(
+        start_service, nc, postgres_url: str) -> None:
+    """As the checkpoints (above): a pass wrote its rows without the lock until the next check, over those of a
+    second service that took it meanwhile, from that one's fresher states."""
+    reset_postgres(postgres_url)
+    running = await start_service(database_url=postgres_url, checkpoint_every_s=3600,
+                                  checkpoint_every_events=1_000_000, offline_features_every_s=3600)
+    service = running.service
+    service.on_fatal = lambda _: None
+    offline = service.offline
+    assert offline is not None
+    js = nc.jetstream()
+    await opened(js, service, 1)
+    assert await service.checkpointer.checkpoint() is True
+    # Ended with no other service about: the pass takes the lock again, and writes.
+    end_sessions(postgres_url, lock_holders(postgres_url))
+    await eventually(lambda: lock_holders(postgres_url) == [])
+    assert await offline.write_pass(pause=False) == 1
+    assert rows(postgres_url, "user_features") == 1 and len(lock_holders(postgres_url)) == 1 and service.fatal is None
+    await opened(js, service, 2)
+    assert await service.checkpointer.checkpoint() is True
+    # Ended, and another service took it before this one's next check: the pass writes nothing.
+    other = await another_takes_the_lock(postgres_url)
+    try:
+        assert await offline.write_pass(pause=False) == 0
+        assert service.fatal is not None and "another service took it" in service.fatal, service.fatal
+        assert rows(postgres_url, "user_features") == 1
+    finally:
+        other.release()
+
+
+async def test_a_retention_pass_after_the_lock_s_session_ended_takes_the_lock_again_first_or_deletes_nothing(
+        start_service, postgres_url: str) -> None:
+    """Its deletes went on without the lock too, under another service's bound (TIPSTREAM_TIP_SCORES_MAX_AGE_DAYS),
+    which may keep the rows this one's deletes."""
+    reset_postgres(postgres_url)
+    running = await start_service(database_url=postgres_url)  # tip_scores kept 90 days by default
+    service = running.service
+    service.on_fatal = lambda _: None
+    retention = service.retention
+    assert retention is not None
+    deletes: list[int] = []
+    delete_batch = retention._delete_batch
+    retention._delete_batch = lambda cut: deletes.append(1) or delete_batch(cut)
+    end_sessions(postgres_url, lock_holders(postgres_url))
+    await eventually(lambda: lock_holders(postgres_url) == [])
+    await retention.prune()
+    assert deletes == [1] and len(lock_holders(postgres_url)) == 1 and service.fatal is None
+    other = await another_takes_the_lock(postgres_url)
+    try:
+        assert await retention.prune() == 0
+        assert deletes == [1]
+        assert service.fatal is not None and "another service took it" in service.fatal, service.fatal
+    finally:
+        other.release()
+
+
+async def test_a_registry_change_after_the_lock_s_session_ended_takes_the_lock_again_first_or_is_refused(
+        start_service, postgres_url: str) -> None:
+    """A change saves the roles whole (and the learner's state with a new version): made in the 10 s before the
+    check, it wrote over those of a second service that took the lock meanwhile, and answered 200."""
+    reset_postgres(postgres_url)
+    token = "s3cret-token-for-tests"
+    running = await start_service(database_url=postgres_url, admin_token=token)
+    service = running.service
+    service.on_fatal = lambda _: None
+    auth = {"Authorization": f"Bearer {token}"}
+    async with running.http() as http:
+        end_sessions(postgres_url, lock_holders(postgres_url))
+        await eventually(lambda: lock_holders(postgres_url) == [])
+        made = await http.post("/admin/models/v1/evaluate", headers=auth, json={"actor": "bob"})
+        assert made.status_code == 200, made.text
+        assert len(lock_holders(postgres_url)) == 1 and service.fatal is None
+        history = rows(postgres_url, "model_rollouts")
+        other = await another_takes_the_lock(postgres_url)
+        try:
+            refused = await http.post("/admin/models/v1/evaluate", headers=auth, json={"actor": "bob"})
+            assert refused.status_code == 503, refused.text
+            assert "another service took the database lock" in refused.json()["error"], refused.text
+            assert "nothing changed" in refused.json()["error"] and "Retry-After" not in refused.headers
+            assert rows(postgres_url, "model_rollouts") == history
+        finally:
+            other.release()
 
 
 async def test_a_lock_that_cannot_be_taken_again_yet_is_said_once_not_every_check(
