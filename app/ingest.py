@@ -67,9 +67,10 @@ LAG_WHILE_HELD_EVERY_S = 5.0
 # (1-2 s on a 3-node 2.15.1 cluster here), and the lag said 0 meanwhile.
 LAG_WHILE_RECREATING_EVERY_S = 1.0
 # Told with a NATS call that timed out (`StreamIngest._retry`): "nats: timeout" alone said neither why nor what to do.
-NO_ANSWER_FIX = (". No NATS node answered in time: on a NATS cluster, the stream may have no leader until the other "
-                 "nodes elect one (seconds after a node was lost), or the server hangs. If this goes on, look at the "
-                 "servers (`nats server report jetstream` shows which streams have no leader)")
+NO_ANSWER_FIX = (". No NATS node answered in time: on a NATS cluster, none leads it yet (an election after a node was "
+                 "lost takes seconds, the stream or consumer has no leader until then), or the server hangs. If this "
+                 "goes on, look at the servers (`nats server report jetstream` shows which streams and consumers have "
+                 "no leader)")
 # How often a hold for checkpoints looks again whether enough of them committed (and asks for one meanwhile).
 HOLD_RECHECK_S = 0.2
 EXPECTED_SUBJECT = {t: f"{family}.{t}" for t, family in FAMILY_OF_TYPE.items()}
@@ -543,8 +544,8 @@ class StreamIngest:
         # The warning above was the last word when the server came back on the same connection (a hung server
         # resumed, SIGCONT): the operator was left to guess whether it still held. A reconnect (the connection dropped
         # after its pings went unanswered) or a consumer made again says so in lines of its own.
-        if (left_out is not None and puller is self.puller and not puller.stopped and not puller.paused and self.nc.is_connected
-                and self.nc.stats["reconnects"] == reconnects):
+        if (left_out is not None and puller is self.puller and not puller.stopped and not puller.paused
+                and self.nc.is_connected and self.nc.stats["reconnects"] == reconnects):
             log.info("the consumer %s of stream %s answers pull requests again, %.0f s after the line saying it "
                      "answered none; ingest reads on", self.durable, self.spec.name, time.monotonic() - told_at)
 
@@ -1023,13 +1024,9 @@ class StreamIngest:
                     if left_out is not None:
                         # Told without a cause or a fix, the operator of a cluster that had lost a node could not
                         # tell an election of seconds from a fault to mend.
-                        log.warning("could not %s for %s (%s: no answer); asking again%s. No NATS node answered within "
-                                    "%g s: on a NATS cluster, none leads it yet (an election after a node was lost "
-                                    "takes seconds), or the server hangs. If this goes on, look at the servers (`nats "
-                                    "server report jetstream` shows which streams and consumers have no leader)", what,
-                                    self.spec.name, error,
-                                    f" ({left_out} more unanswered since the last line)" if left_out else "",
-                                    RESET_CALL_TIMEOUT_S)
+                        log.warning("could not %s for %s (%s: no answer); asking again%s%s", what, self.spec.name,
+                                    error, f" ({left_out} more unanswered since the last line)" if left_out else "",
+                                    NO_ANSWER_FIX)
                     continue
                 # A full JetStream refuses the DLQ's copy, and the stream waits at that event until it has room.
                 fix = jsx.STORAGE_FULL_FIX if getattr(error, "err_code", None) in jsx.STORAGE_FULL else ""
