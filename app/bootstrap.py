@@ -61,7 +61,6 @@ from app.warm_up import restore, warm_up
 from models.policy import make_policy
 from streams import jetstream as jsx
 from streams import pull
-from streams.answers import answered
 from streams.scrub import scrub
 from streams.store import OnlineStore
 
@@ -322,7 +321,7 @@ class Service:
                        for ingest in self.ingests):
                     continue  # a stream read again meanwhile (its position went back): not all of it committed
                 read_to_end.set()
-                await answered(self._ensure_streams())  # a stop's cancellation kept, as `_read_past`'s
+                await self._ensure_streams()
                 return
             except Exception as error:  # noqa: BLE001 - the database or NATS away: tried again, less often
                 wait_s = min(wait_s * 2, STREAM_LIMITS_RETRY_MAX_S)
@@ -338,9 +337,7 @@ class Service:
             name = ingest.spec.name
             if (taken := needed.get(name)) is None or taken[0] != ingest.renewals:
                 renewals = ingest.renewals  # before asking: a renewal meanwhile is seen at the next look
-                # Through `answered`: this loop runs until the limits are set, and a stop's cancellation that came
-                # with nats-py's answer was dropped, the loop going on until cancelled again (`streams.answers`).
-                needed[name] = taken = (renewals, (await answered(ingest.js.stream_info(name))).state.last_seq)
+                needed[name] = taken = (renewals, (await ingest.js.stream_info(name)).state.last_seq)
             position = self.store.positions.get(name, 0)
             if position < taken[1] and self._read_to_end_now(ingest):
                 needed[name] = taken = (taken[0], position)

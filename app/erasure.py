@@ -62,7 +62,6 @@ from app.periodic import woken
 from app.registry_store import UnreadableModel, decoded_model
 from app.thread_work import ThreadWork
 from streams import jetstream as jsx
-from streams.answers import answered
 from streams.scrub import belongs, delete_all, read_through, spellings
 from streams.store import OnlineStore
 
@@ -366,11 +365,10 @@ class Eraser:
         return max(datetime.now(UTC), _EPOCH + self.learner.decisions_until_ms * _MS)
 
     async def _ends(self, streams: tuple[str, ...] = (jsx.DECISIONS.name, jsx.DLQ.name)) -> dict[str, int]:
-        """The last sequence each of `streams` holds. Through `answered`: a stop's cancellation that came with nats-py's
-        answer was dropped, and the erasure went on (`streams.answers`)."""
+        """The last sequence each of `streams` holds."""
         if self.js is None:
             return dict.fromkeys(streams, 0)
-        return {stream: int((await answered(self.js.stream_info(stream))).state.last_seq) for stream in streams}
+        return {stream: int((await self.js.stream_info(stream)).state.last_seq) for stream in streams}
 
     async def _read_through(self, ends: dict[str, int], rows: list[dict[str, Any]]) -> None:
         """Wait for ingest to have folded what SIGNALS and FEEDBACK held when the request was taken up:

@@ -436,7 +436,7 @@ class StreamIngest:
             log.error("stream %s is gone from NATS (was its store lost, or the stream deleted?); creating the "
                       "streams again and reading %s from its first message: what was folded stays, and nothing "
                       "is counted twice.", self.spec.name, self.spec.name)
-            await answered(self.ensure_streams())  # a stop's cancellation kept (`jsx.reset_durable`)
+            await self.ensure_streams()
             recreated, why = True, "it was gone from NATS, and is created again"
             pending, start = await jsx.reset_durable(js, self.spec.name, self.durable, 1,
                                                      max_ack_pending=self.batch * ACK_PENDING_BATCHES)
@@ -463,7 +463,7 @@ class StreamIngest:
             # old stream's watermark stayed, the new stream's bad events below it in the DLQ nowhere.
             self.dead_lettered = self._carried = dead_letters.DeadLettered()
             self.dead_lettered = self._carried = await dead_letters.last_dead_lettered(js, self.spec)
-            created = (await answered(js.stream_info(self.spec.name))).created
+            created = (await js.stream_info(self.spec.name)).created
             self._dlq_msg_id_prefix = dead_letters.dlq_msg_id_prefix(self.spec.name, created)
             self._renewing = False
         self.lag = pending
@@ -564,9 +564,8 @@ class StreamIngest:
         try:
             # Through `js`, the re-creation's: unanswered, it raises and is asked again (`_retry`). Taken as the
             # same stream (`jsx.stored_us`, None when not known), ingest resumed after the position, and a new
-            # stream's messages up to it were skipped without a word. Through `answered`, as each of the
-            # re-creation's calls (`jsx.reset_durable`): a stop's cancellation that came with the answer was dropped.
-            msg = await answered(js.get_msg(self.spec.name, seq))
+            # stream's messages up to it were skipped without a word.
+            msg = await js.get_msg(self.spec.name, seq)
         except NotFoundError:  # gone: reset_durable tells
             return None
         if msg.time is None or jsx.epoch_us(msg.time) == last[1]:  # the same message
@@ -745,7 +744,7 @@ class StreamIngest:
             return
         self._lag_asked = now
         js = self.nc.jetstream(timeout=RESET_CALL_TIMEOUT_S)
-        try:  # through `answered`: a cancellation that came with nats-py's answer was dropped, and the hold went on
+        try:  # bounded by `answered`, its cancellation kept as each request's (`pull.IngestClient.request`)
             info = await answered(js.consumer_info(self.spec.name, self.durable), RESET_CALL_TIMEOUT_S)
         except Exception as error:  # noqa: BLE001 - the consumer has no leader, hangs or is gone: the stream's count
             # Not while it is made again (its puller stopped): `_retry` tells why. Nor while its pull requests go
@@ -796,7 +795,7 @@ class StreamIngest:
     async def _lag_from_stream(self, js: JetStreamContext, still: Callable[[], bool]) -> None:
         """The lag as the stream counts it, what it stores past the position (`stored_past`), set if `still()` holds
         once it is had: an answer of the consumer meanwhile says more."""
-        try:  # through `answered`: a cancellation that came with nats-py's answer was dropped (`_ask_lag`)
+        try:  # bounded by `answered` (`_ask_lag`)
             state = (await answered(js.stream_info(self.spec.name), RESET_CALL_TIMEOUT_S)).state
         except Exception:  # noqa: BLE001 - no leader yet, or NATS away: the last lag known stays
             return
@@ -958,7 +957,7 @@ class StreamIngest:
             # DLQ has no leader for a moment, which changes nothing. Then retried as any failed publish.
             log.warning("no stream takes %s (was the DLQ deleted?); creating the streams again",
                         dlq_subject(left[0][0][0]))
-            await answered(self.ensure_streams())  # a stop's cancellation kept, as at a consumer's re-creation
+            await self.ensure_streams()
 
     async def _dead_letter(self, msg: pull.RawMsg, rejection: Rejection, seq: int, batch: str) -> None:
         subject, _, data = msg

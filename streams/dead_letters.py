@@ -34,7 +34,6 @@ from typing import Any
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from streams.answers import answered
 from streams.jetstream import DLQ, DLQ_SEQ, DLQ_STREAM, StreamSpec, epoch_us
 
 log = logging.getLogger("tipstream.jetstream")
@@ -188,9 +187,8 @@ def _newest_batch(newest: list[Copy], older: list[Copy]) -> tuple[int, set[int],
 async def last_dead_lettered(js: JetStreamContext, spec: StreamSpec) -> DeadLettered:
     """What of `spec` is in the DLQ already (module docstring). A copy stored before the stream was
     created came from an earlier stream of that name (re-created, its sequences started again) and
-    says nothing of this one. Each call through `answered`: ingest asks it as it makes its consumer again, and a
-    stop's cancellation that came with nats-py's answer was dropped."""
-    info = await answered(js.stream_info(spec.name))
+    says nothing of this one."""
+    info = await js.stream_info(spec.name)
     created, last_seq = info.created, info.state.last_seq
 
     def ours(msg: Any) -> Copy | None:
@@ -202,7 +200,7 @@ async def last_dead_lettered(js: JetStreamContext, spec: StreamSpec) -> DeadLett
     newest_at: dict[Copy, int] = {}  # each newest copy's DLQ sequence: the newest batch is read back from there
     for subject in spec.subjects:
         try:
-            last = await answered(js.get_last_msg(DLQ.name, f"dlq.{subject}"))
+            last = await js.get_last_msg(DLQ.name, f"dlq.{subject}")
         except NotFoundError:
             continue
         copy = ours(last)
@@ -212,7 +210,7 @@ async def last_dead_lettered(js: JetStreamContext, spec: StreamSpec) -> DeadLett
     first = max((copy.first for copy in newest), default=0)
     older: list[Copy] = []
     at, read = max((at for copy, at in newest_at.items() if copy.first == first), default=0) - 1, 0
-    dlq_first = (await answered(js.stream_info(DLQ.name))).state.first_seq if missing(newest, older) else at + 1
+    dlq_first = (await js.stream_info(DLQ.name)).state.first_seq if missing(newest, older) else at + 1
     while at >= max(dlq_first, 1) and missing(newest, older):
         if read >= SCAN_MAX:
             log.warning("read %d DLQ messages back without finding every dead letter of %s's last batch; the rest "
@@ -220,7 +218,7 @@ async def last_dead_lettered(js: JetStreamContext, spec: StreamSpec) -> DeadLett
                         read, spec.name)
             break
         try:
-            msg = await answered(js.get_msg(DLQ.name, at))
+            msg = await js.get_msg(DLQ.name, at)
         except NotFoundError:  # deleted
             msg = None
         at, read = at - 1, read + 1

@@ -28,7 +28,6 @@ from nats.js.api import (
 )
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError, TooManyStalledMsgsError
 
-from streams.answers import answered
 from streams.pull import PULL_EXPIRES_S
 
 log = logging.getLogger("tipstream.jetstream")
@@ -316,7 +315,7 @@ upgrade the server to 2.9 or newer, or leave NATS_URL unset to use the embedded 
 async def account_limits(js: JetStreamContext) -> Any:
     """The account's JetStream limits (`max_storage`, `max_streams`, `max_ack_pending`...; -1: none).
     Raises nats-py's APIError 10039 when the account has no JetStream (`app.startup` says the fix)."""
-    return (await answered(js.account_info())).limits
+    return (await js.account_info()).limits
 
 
 def unbounded_in_bounded_account(limits: Any, max_bytes: int) -> str | None:
@@ -417,9 +416,7 @@ async def stored_us(js: JetStreamContext, stream: str, seq: int, timeout_s: floa
 async def next_stored(js: JetStreamContext, spec: StreamSpec, seq: int) -> int | None:
     """The sequence of the stream's first message at or after `seq`; None when it holds none there."""
     try:
-        # Through `answered`, as the rest of a consumer's re-creation: ingest's loop asks it of a hole
-        # (`StreamIngest._skips_stored`), and a cancellation that came with nats-py's answer was dropped.
-        return (await answered(js.get_msg(spec.name, seq=seq, subject=spec.subjects[0], next=True))).seq
+        return (await js.get_msg(spec.name, seq=seq, subject=spec.subjects[0], next=True)).seq
     except NotFoundError:
         return None
 
@@ -536,10 +533,8 @@ async def reset_durable(
     Returns how many messages it has to deliver, and the sequence it delivers from (the stream's
     first when `start_seq` is past its end or before its first).
     """
-    # Each call through `answered`: ingest's loop makes the consumer again (`StreamIngest._restart_consumer`), and a
-    # stop's cancellation that came with nats-py's answer was dropped.
     try:
-        await answered(js.delete_consumer(stream, durable))
+        await js.delete_consumer(stream, durable)
     except NotFoundError:
         pass
     # An account may cap it (`max_ack_pending` in its JetStream limits), and refuses a consumer that
@@ -547,7 +542,7 @@ async def reset_durable(
     limit = (await account_limits(js)).max_ack_pending
     if limit is not None and 0 < limit < max_ack_pending:
         max_ack_pending = limit
-    info = await answered(js.stream_info(stream))
+    info = await js.stream_info(stream)
     first = max(info.state.first_seq, 1)
     if start_seq > info.state.last_seq + 1:
         # Sequences only grow, so a checkpoint past the end was taken from another stream (its
@@ -575,7 +570,7 @@ async def reset_durable(
             "stream %s starts at %d but the checkpoint wants %d: events %d..%d expired by retention. "
             "Raise TIPSTREAM_STREAM_MAX_AGE_DAYS to keep more.", stream, first, start_seq, start_seq, first - 1,
         )
-    created = await answered(js.add_consumer(
+    created = await js.add_consumer(
         stream,
         ConsumerConfig(
             durable_name=durable,
@@ -586,5 +581,5 @@ async def reset_durable(
             max_ack_pending=max_ack_pending,
             max_deliver=-1,
         ),
-    ))
+    )
     return created.num_pending or 0, max(start_seq, first)

@@ -21,6 +21,7 @@ import orjson
 from nats.errors import Error as NatsError
 from nats.protocol.parser import AWAITING_CONTROL_LINE, AWAITING_MSG_PAYLOAD, Parser
 
+from streams.answers import answered
 from streams.log_throttle import LogThrottle
 from streams.nats_tls import TlsIntentClient
 
@@ -241,6 +242,13 @@ class IngestClient(TlsIntentClient):
             handler(subject, reply, data, headers)
         except Exception as error:  # noqa: BLE001 - told; the connection must read on
             _tell_handler_failure(subject, error)
+
+    async def request(self, *args: Any, **kwargs: Any) -> Any:
+        """nats-py's request, its caller's cancellation kept: nats-py waits for the answer with Python 3.11's
+        `asyncio.wait_for`, which drops a cancellation that comes with it (`streams.answers`), and a loop of the
+        service went on after the stop cancelled it. Every JetStream API call (stream_info, get_msg, add_consumer,
+        a JetStream publish, ...) asks through here."""
+        return await answered(super().request(*args, **kwargs))
 
 
 def share_credentials(pool: list[Any], told_by: Any) -> None:

@@ -59,7 +59,6 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from streams.ack_subject import ack_position
-from streams.answers import answered
 from streams.jetstream import DLQ_SEQ, DLQ_STREAM, DLQ_TRUNCATED
 from streams.pull import PENDING_HEADER, Detached
 
@@ -186,8 +185,7 @@ async def scrub(
     matches nothing. `progress(scanned, through_seq)` is called every PROGRESS_EVERY messages and at the
     end. Raises ScrubError when the server refuses (no JetStream, no permission, deletes denied).
 
-    The erasures' task scrubs, and the stop cancels it: each request it waits for goes through `answered`, as a
-    cancellation that came with nats-py's answer was dropped and the scrub went on (`delete_all`'s gather keeps it).
+    The erasures' task scrubs, and the stop cancels it: its requests keep that cancellation (`IngestClient.request`).
     """
     started = time.perf_counter()
     info = await info_or_none(js, stream)
@@ -272,7 +270,7 @@ async def theirs_by_original(js: JetStreamContext, cut: list[Cut], user_ids: fro
     theirs = []
     for seq, stream, original_seq, (length, digest) in cut:
         try:
-            original = await answered(js.get_msg(stream, original_seq))
+            original = await js.get_msg(stream, original_seq)
         except NotFoundError:  # gone (retention, or erased by an earlier pass, which erased this copy too)
             continue
         except APIError as error:  # no such stream, or this user may not read it: the copy is kept, as before
@@ -288,7 +286,7 @@ async def theirs_by_original(js: JetStreamContext, cut: list[Cut], user_ids: fro
 async def info_or_none(js: JetStreamContext, stream: str) -> Any:
     """The stream's info, None when it does not exist; ScrubError when JetStream does not answer."""
     try:
-        return await answered(js.stream_info(stream))
+        return await js.stream_info(stream)
     except NotFoundError:
         return None
     except (NoRespondersError, ServiceUnavailableError) as e:
@@ -302,7 +300,6 @@ async def info_or_none(js: JetStreamContext, stream: str) -> Any:
 async def delete_all(js: JetStreamContext, stream: str, seqs: list[int]) -> tuple[int, int]:
     """(deleted, already gone) of the stream's messages `seqs`, a few deletes in flight at a time."""
     deleted = gone = 0
-    # Not through `answered`: a gather cancelled raises CancelledError, whatever its children's wait_for did with theirs.
     for at in range(0, len(seqs), DELETES_IN_FLIGHT):
         for erased in await asyncio.gather(*(_delete(js, stream, seq) for seq in seqs[at : at + DELETES_IN_FLIGHT])):
             deleted += erased
@@ -406,7 +403,7 @@ class _Reader:
             inactive_threshold=60.0,  # a crashed scrub's consumer goes by itself
         )
         try:
-            return await answered(self.js.add_consumer(self.stream, config))
+            return await self.js.add_consumer(self.stream, config)
         except APIError as e:
             raise ScrubError(f"stream {self.stream} refused a consumer to read it ({e.description}): forgetting or "
                              "exporting a user reads each stream through one of its own, so the account's or the "
@@ -505,6 +502,6 @@ class _Reader:
             getattr(self.nc, "_raw_handlers", {}).pop(sub._id, None)
             await sub.unsubscribe()
         try:
-            await answered(self.js.delete_consumer(self.stream, name))
+            await self.js.delete_consumer(self.stream, name)
         except Exception as e:  # noqa: BLE001 - it goes by itself after inactive_threshold
             log.debug("scrub consumer %s on %s not removed: %r", name, self.stream, e)
