@@ -41,7 +41,7 @@ from app.decision_tail import OwnTail
 from app.decisions import TipScoresLog, decode_decision
 from app.embedded_nats import STORE_DIR, URL_FILE, EmbeddedNats, write_private
 from app.erasure import Eraser
-from app.ingest import ReadUpTo, StreamIngest
+from app.ingest import DECISIONS_READ_AHEAD_S, ReadUpTo, StreamIngest
 from app.learner import Learner
 from app.lineup import Lineup
 from app.metrics import METRICS
@@ -382,6 +382,7 @@ class Service:
             return {}
         # FEEDBACK's progress: the learner judges its join window in FEEDBACK's time while it is behind.
         self.learner.feedback_read = self.feedback_read
+        self.feedback_read.on_caught_up = self.learner.feedback_caught_up
         # Until DECISIONS has been read back (the learner's join cache: its whole window at a restart,
         # all of it in a rebuild from the log), FEEDBACK follows it: live, a decision is known before
         # its feedback comes, and rewards are learned in FEEDBACK's order. Read first, every reward
@@ -389,6 +390,8 @@ class Service:
         # TIPSTREAM_LEARNER_PENDING_MAX waiting (the feedback of an outage) was never learned at all.
         return {"sink": self.learner.feedback_sink(), "sink_reply": True, "read": self.feedback_read,
                 "after": self.decisions_read,
+                # Further than each reaction: a decision of ours stored just after it is held when it is read.
+                "after_ahead_ms": int(DECISIONS_READ_AHEAD_S * 1000),
                 # Off (the default), no call per message at all.
                 "before": self.learner.silences.before_message if self.learner.silences is not None else None}
 

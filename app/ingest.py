@@ -194,6 +194,18 @@ def stored_past(position: int, last_seq: int, messages: int) -> int:
     return max(min(last_seq - position, messages), 0)
 
 
+# How much later than a reaction to it JetStream may store a decision of ours, at most in the usual run: /score
+# answers, then the publisher sends its queue at once, in batches (TIPSTREAM_DECISION_BATCH); one whose
+# acknowledgement does not come in 5 s is sent again, a refused one within a second (`app.decision_publisher`),
+# and a NATS cluster elects a new leader for DECISIONS in 4-9 s. Until DECISIONS has caught up after a start,
+# FEEDBACK waits for it read this much further than each message (`StreamIngest`'s `after_ahead_ms`): an app
+# that reacts within milliseconds of the answer stores its reaction first, and live learned it at once, the
+# decision held from /score on; read back, it waited for the decision, and the rewards stored in between were
+# learned before it (AdaGrad: other weights than live's). Later still (NATS away for longer, decisions spooled
+# at a stop and published at the next start), the reaction waits for the decision, as before.
+DECISIONS_READ_AHEAD_S = 10.0
+
+
 class ReadUpTo:
     """How far a stream has been read since the start, in the time JetStream stored its messages:
     another stream's ingest waits on it (`StreamIngest`'s `after`)."""
@@ -213,10 +225,14 @@ class ReadUpTo:
         # stream sets it (`StreamIngest.drained`); the learner's silence asks it before trusting
         # the clock (`SilenceLearning.horizon_ms`).
         self.drained: Callable[[], bool] = lambda: self.caught_up
+        self.on_caught_up: Callable[[], None] | None = None  # told once, as it catches up (`Learner.feedback_caught_up`)
 
     def advance(self, stored_ms: int, caught_up: bool) -> None:
         self.stored_ms = max(self.stored_ms, stored_ms)
-        self.caught_up = self.caught_up or caught_up
+        if caught_up and not self.caught_up:
+            self.caught_up = True
+            if self.on_caught_up is not None:
+                self.on_caught_up()
         self._moved.set()
         self.advanced.set()
 
@@ -246,6 +262,7 @@ class StreamIngest:
                  decode: Callable[[str, bytes], Any] = decode_wire_event,
                  sink: Callable[..., bool] | None = None, sink_reply: bool = False,
                  dead_lettered_upto: int = 0, read: ReadUpTo | None = None, after: ReadUpTo | None = None,
+                 after_ahead_ms: int = 0,
                  backlog: Callable[[], int] | None = None, max_backlog: int = 0, folds: bool = True,
                  ensure_streams: Callable[[], Awaitable[None]] | None = None,
                  before: Callable[[bytes], Awaitable[None] | None] | None = None,
@@ -296,6 +313,8 @@ class StreamIngest:
         # a decision is known before its feedback comes, and rewards are learned in FEEDBACK's
         # order; read first, a reward waits and is learned in DECISIONS' order instead.
         self.read, self.after = read, after
+        # How much further than a message's stored time `after` is read before it (DECISIONS_READ_AHEAD_S).
+        self.after_ahead_ms = after_ahead_ms
         # `room`: until this stream has caught up once, how many of the messages of these sizes may be read now; for
         # the others it waits for `followed_by`, the stream that follows it (`after`), to read on, or to ask for more
         # of this one. The DECISIONS read-back, which FEEDBACK follows: read as fast as it goes, it ran ahead of FEEDBACK
@@ -664,10 +683,10 @@ class StreamIngest:
         learner's join cache may not hold together (`_within_room`)."""
         assert self.after is not None
         while not self.after.caught_up:
-            readable = _stored_until(chunk, self.after.stored_ms)
+            readable = _stored_until(chunk, self.after.stored_ms - self.after_ahead_ms)
             if readable:
                 return chunk[:readable]
-            await self._wait_for_after(ack_subject.stored_ms(chunk[0][1]))
+            await self._wait_for_after(ack_subject.stored_ms(chunk[0][1]) + self.after_ahead_ms)
         return chunk
 
     async def _within_room(self, chunk: list[pull.RawMsg]) -> list[pull.RawMsg]:

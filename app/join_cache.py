@@ -4,7 +4,9 @@ A decision is held from when /score serves it, or when DECISIONS brings it back 
 another publisher's), until it leaves the join window or the memory budget lets it go, the oldest
 first. While DECISIONS is re-read after a start, the decisions it brings back wait in a segment of
 their own (`replayed`), ahead of those /score serves meanwhile, so that the cache stays in creation
-order; `join_replayed` puts the two together once DECISIONS has caught up.
+order; `join_replayed` puts the two together once DECISIONS has caught up. Those it brings from past where
+FEEDBACK has been read wait in a third (`ahead`) until FEEDBACK's time reaches when they were stored
+(`release_ahead`): found by feedback meanwhile, as live, but let go of by no one, nor making others go.
 
 The cache also knows which of its entries hold credits (`credited`): a model registered later
 learns the rewards its training over the log missed from these (`unseen_rewards`). A user to forget
@@ -65,6 +67,14 @@ class JoinCache:
         # Decisions re-read from DECISIONS after a start (`Learner.restore`) until caught up: older than
         # any /score serves meanwhile, so they are evicted first (`evict`), then joined in front.
         self.replayed: OrderedDict[str, Entry] = OrderedDict()
+        # Decisions read back from past where FEEDBACK has been read (its time: `Learner._feedback_time_ms`), in the
+        # order JetStream stored them, until FEEDBACK's time reaches that (`release_ahead`): FEEDBACK waits for
+        # DECISIONS read further (`app.ingest.DECISIONS_READ_AHEAD_S`) so that a decision of ours that JetStream
+        # stored after a reaction to it is held when the reaction is read, as live held it from /score on. In the
+        # cache at once, they made the oldest go sooner than live, and their reactions counted `expired`. Their
+        # bytes are `ahead_bytes`, not `bytes`: the memory budget does not let them go.
+        self.ahead: OrderedDict[str, Entry] = OrderedDict()
+        self.ahead_bytes = 0
         self.bytes = 0
         self.evicted_upto_ms = 0  # decisions created before this are no longer joinable
         # The entries holding credits (a registration learns those its training missed).
@@ -83,20 +93,50 @@ class JoinCache:
         self._replayed_since_mark: list[str] | None = None
 
     def __len__(self) -> int:
-        return len(self.cache) + len(self.replayed)
+        return len(self.cache) + len(self.replayed) + len(self.ahead)
 
     def get(self, decision_id: str) -> Entry | None:
         entry = self.cache.get(decision_id)
         if entry is None and self.replayed:
             entry = self.replayed.get(decision_id)
+        if entry is None and self.ahead:
+            entry = self.ahead.get(decision_id)
         return entry
 
-    def add(self, decision_id: str, entry: Entry, replayed: bool = False) -> None:
-        """Hold `entry`; the caller evicts (`evict`) once it has done what the entry's arrival asks."""
-        (self.replayed if replayed else self.cache)[decision_id] = entry
-        self.bytes += len(entry.data) + ENTRY_OVERHEAD
-        if replayed and self._replayed_since_mark is not None:
+    def add(self, decision_id: str, entry: Entry, replayed: bool = False, ahead: bool = False) -> None:
+        """Hold `entry`; the caller evicts (`evict`) once it has done what the entry's arrival asks. `ahead`: a
+        decision read back from past FEEDBACK's time, held apart until `release_ahead`."""
+        if ahead:
+            self.ahead[decision_id] = entry
+            self.ahead_bytes += len(entry.data) + ENTRY_OVERHEAD
+        else:
+            (self.replayed if replayed else self.cache)[decision_id] = entry
+            self.bytes += len(entry.data) + ENTRY_OVERHEAD
+        if (replayed or ahead) and self._replayed_since_mark is not None:
             self._replayed_since_mark.append(decision_id)
+
+    def release_ahead(self, upto_ms: float) -> Entry | None:
+        """The decisions read ahead that JetStream stored until `upto_ms` join the read-back's segment, in their
+        order; the last of them (None: none). The caller evicts.
+
+        >>> joins = JoinCache(limit_bytes=10 * 1024)
+        >>> for n, stored in enumerate((100, 200, 300)):
+        ...     joins.add(f"d-{n}", Entry(b"{}", position=n, added_ms=stored, decision=None, stored_ms=stored), ahead=True)
+        >>> joins.release_ahead(250).stored_ms, list(joins.replayed), list(joins.ahead), joins.get("d-2").stored_ms
+        (200, ['d-0', 'd-1'], ['d-2'], 300)
+        """
+        ahead, last = self.ahead, None
+        while ahead:
+            first_id, first = next(iter(ahead.items()))
+            if first.stored_ms > upto_ms:
+                break
+            ahead.popitem(last=False)
+            size = len(first.data) + ENTRY_OVERHEAD
+            self.ahead_bytes -= size
+            self.replayed[first_id] = first
+            self.bytes += size
+            last = first
+        return last
 
     def evict(self, horizon: int, leaving: Callable[[str, Entry], None] | None = None) -> None:
         """Oldest first (creation order: the replayed segment, then insertion order): past the
@@ -136,7 +176,7 @@ class JoinCache:
     def front_position(self) -> int | None:
         """The oldest DECISIONS position an entry was added at: re-reading from it finds them all
         again (None: nothing held)."""
-        fronts = [next(iter(c.values())).position for c in (self.replayed, self.cache) if c]
+        fronts = [next(iter(c.values())).position for c in (self.replayed, self.cache, self.ahead) if c]
         return min(fronts) if fronts else None
 
     def note_credited(self, decision_id: str, entry: Entry) -> None:
@@ -209,7 +249,7 @@ class JoinCache:
         users = frozenset((user_id,))
         spelt = spellings(users)
         theirs: list[str] = []
-        for cache in (self.replayed, self.cache):
+        for cache in (self.replayed, self.cache, self.ahead):
             held = list(cache.items())
             for start in range(0, len(held), chunk):
                 theirs += [decision_id for decision_id, entry in held[start : start + chunk]
@@ -272,13 +312,17 @@ class JoinCache:
         credited: set[str] = set()
         for decision_id in decision_ids:  # the cache may have let some go meanwhile
             self.let_go_unlogged.pop(decision_id, None)
-            cache = self.replayed if decision_id in self.replayed else self.cache
-            entry = cache.pop(decision_id, None)
-            if entry is None:
-                continue
+            if decision_id in self.ahead:
+                entry = self.ahead.pop(decision_id)
+                self.ahead_bytes -= len(entry.data) + ENTRY_OVERHEAD
+            else:
+                cache = self.replayed if decision_id in self.replayed else self.cache
+                entry = cache.pop(decision_id, None)
+                if entry is None:
+                    continue
+                self.bytes -= len(entry.data) + ENTRY_OVERHEAD
             gone.add(decision_id)
             self.credited.pop(decision_id, None)
-            self.bytes -= len(entry.data) + ENTRY_OVERHEAD
             if entry.credits:
                 credited.add(decision_id)
         return gone, credited

@@ -36,7 +36,10 @@ every `snapshot_every_s`). On start, FEEDBACK and DECISIONS are re-read from tho
 restart resumes learning exactly where the snapshot stopped: credits make the replay idempotent.
 While DECISIONS is re-read after a start, the decisions it brings back wait in a segment of the
 cache of their own, ahead of those /score serves meanwhile, so that the cache stays in creation
-order and the memory budget evicts the oldest decisions first (`caught_up` joins the two).
+order and the memory budget evicts the oldest decisions first (`caught_up` joins the two). FEEDBACK
+waits for DECISIONS read `DECISIONS_READ_AHEAD_S` past each message (app/ingest.py), so that a decision
+of ours stored just after a reaction to it is held when the reaction is read, as live; those read past
+FEEDBACK's time wait apart until it reaches them (`JoinCache.ahead`, `_release_ahead`).
 """
 
 from __future__ import annotations
@@ -211,7 +214,7 @@ class Learner:
         feedback, where live found them held (the DECISIONS ingest's `room`)."""
         if self.feedback_read.caught_up:
             return len(sizes)
-        left = self.joins.limit - self.joins.bytes
+        left = self.joins.limit - self.joins.bytes - self.joins.ahead_bytes
         for taken, size in enumerate(sizes):
             left -= size + ENTRY_OVERHEAD
             if left < 0:
@@ -269,7 +272,11 @@ class Learner:
             entry = Entry(logged.data, self.store.positions.get("DECISIONS", 0),
                           min(created, now_ms) if created is not None else now_ms, logged.body, stored_ms=stored)
             self._adopt_credits(logged.id, entry)
-            self._insert(logged.id, entry, replayed=self.replaying)
+            # Stored past FEEDBACK's time: held apart until FEEDBACK's time reaches it (`JoinCache.ahead`).
+            ahead = self.replaying and not self.feedback_read.caught_up and stored > self._feedback_time_ms()
+            if not ahead:
+                self._release_ahead()  # those stored before it go in front of it
+            self._insert(logged.id, entry, replayed=self.replaying, ahead=ahead)
         elif entry.logged:
             return False  # a redelivery
         entry.logged = True
@@ -347,10 +354,36 @@ class Learner:
         self.replaying = False
         self.rows_to_rebuild = False
         self.rows_written_upto = 0  # the start's read-back only: a stream re-created later starts over at 1
-        self.joins.join_replayed()
+        # Those read ahead of FEEDBACK, still behind, wait for it still (`_release_ahead` joins the two then): in the
+        # cache at once, the oldest decisions left it before FEEDBACK read their reactions, where live held them.
+        self._release_ahead()
+        if not self.joins.ahead:
+            self.joins.join_replayed()
 
-    def _insert(self, decision_id: str, entry: Entry, replayed: bool = False) -> None:
-        self.joins.add(decision_id, entry, replayed)
+    def feedback_caught_up(self) -> None:
+        """FEEDBACK has been read to its end after a start: the feedback deferred (`_defer`) and the decisions read
+        ahead of it wait no more. Left to the next snapshot, a reaction found with another publisher's decision read
+        ahead was credited after FEEDBACK's position had passed it (/readyz 200, the stream read to its end), and
+        after reactions stored meanwhile."""
+        if self._due:
+            self._release_due()
+        self._release_ahead()
+
+    def _release_ahead(self) -> None:
+        """The decisions read ahead that FEEDBACK's time has reached join the cache (all, once FEEDBACK has caught
+        up), and make room as they would have, read then."""
+        if not self.joins.ahead:
+            return
+        last = self.joins.release_ahead(math.inf if self.feedback_read.caught_up else self._feedback_time_ms())
+        if last is not None:
+            self._changed = True
+            horizon = min(last.added_ms, self.window_end_ms()) - self.window_ms
+            self.joins.evict(horizon, self._leaving if self._due else None)
+            if not self.replaying and not self.joins.ahead:
+                self.joins.join_replayed()  # DECISIONS caught up before FEEDBACK: held back until now (`caught_up`)
+
+    def _insert(self, decision_id: str, entry: Entry, replayed: bool = False, ahead: bool = False) -> None:
+        self.joins.add(decision_id, entry, replayed, ahead)
         self._changed = True
         if self.silences is not None and not entry.credits:  # credited before a restart: answered already
             self.silences.watch(decision_id, entry)
@@ -459,6 +492,7 @@ class Learner:
             self._feedback_seen_ms = max(self._feedback_seen_ms, stored_at_ms)
         if self._due:
             self._release_due()
+        self._release_ahead()  # the decisions stored before this reaction: held then, live
         if self.silences is not None and stored_at_ms is not None:
             self.silences.release(stored_at_ms)  # those due before this reaction was stored
         data = event.data
@@ -558,6 +592,7 @@ class Learner:
             # Deferred feedback whose decision FEEDBACK's time has reached is credited first, in its
             # order: given up for its age here, it was learned live (`_credit_waiting` judges that).
             self._release_due()
+        self._release_ahead()
         if self.silences is not None:
             self.silences.release(self.silences.horizon_ms())
         expired = self.waiting.expire(now)

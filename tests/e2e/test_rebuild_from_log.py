@@ -18,6 +18,7 @@ import httpx
 import orjson
 import pytest
 import sqlalchemy as sa
+from nats.js.api import DiscardPolicy
 
 from app import db, decision_spool
 from app.decision_ids import new_decision_id
@@ -702,3 +703,87 @@ async def test_a_rebuild_credits_a_reaction_that_waited_for_a_decision_followed_
         wait_until(lambda: service.metric("tipstream_feedback_total", outcome="credited") == 2, what="it joined")
     live = await rebuilt_counting_as_live(js, service, data_dir, env, database_url)
     assert live == {"credited": credited, "expired": 0}
+
+
+async def decisions_refused(js: Any, refused: bool) -> None:
+    """DECISIONS refuses new messages (discard 'new' at its number of messages, as an operator's `nats stream edit`
+    makes it), or takes them again: the publisher keeps what it refuses and sends it again within a second."""
+    config = (await js.stream_info("DECISIONS")).config
+    held = (await js.stream_info("DECISIONS")).state.messages
+    config.discard, config.max_msgs = (DiscardPolicy.NEW, held) if refused else (DiscardPolicy.OLD, -1)
+    await js.update_stream(config)
+
+
+# SQLite only, as the tests above.
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("then", ["a stop", "a kill -9"])
+async def test_a_reaction_stored_before_its_decision_reached_decisions_is_learned_where_live_learned_it(
+    nats_server, nc, database_url: str, tmp_path: Path, then: str
+) -> None:
+    """An app that reacts before the publisher has stored /score's decision in DECISIONS (it publishes after the
+    answer, in batches; here DECISIONS refuses it for a while): the reaction is stored in FEEDBACK first, then one to
+    an older decision, then the decision. Live, the decision is held from /score on, so the two are learned in
+    FEEDBACK's order. Read back (a rebuild, or the restart after a kill -9, FEEDBACK replayed from a learner snapshot
+    before them), DECISIONS was read only up to each reaction's stored time: the first waited for its decision, the
+    second was learned before it, and AdaGrad's weights came out other than live's (other model bytes; the restart's
+    scores other than live's before the kill). DECISIONS is read ahead of FEEDBACK by the publish delay's bound
+    (`DECISIONS_READ_AHEAD_S`): the same rows, model bytes and scores as live. A join cache of a few decisions, fewer
+    than served, so that DECISIONS is not read ahead as far as its room goes (with room, it was, or not: a race)."""
+    data_dir = tmp_path / "data"
+    env = {"NATS_URL": nats_server.url, "DATABASE_URL": database_url, "TIPSTREAM_CHECKPOINT_EVERY_S": "0.2",
+           "TIPSTREAM_LEARNER_JOIN_CACHE_MB": "0.012", "TIPSTREAM_MODEL_SNAPSHOT_EVERY_S": "60"}
+    js, service = nc.jetstream(), ServiceProcess(data_dir, env).start()
+    tips = [c["tip_id"] for c in CANDIDATES]
+    async with httpx.AsyncClient(base_url=service.base_url) as http:
+
+        async def served() -> str:
+            body = {"user_id": "u-1", "context": {"now": AT}, "candidates": CANDIDATES}
+            return (await http.post("/score", json=body)).json()["decision_id"]
+
+        older = [await served() for _ in range(12)]
+        wait_until(lambda: service.metric("tipstream_stream_position", stream="DECISIONS") >= len(older),
+                   what="the decisions logged")
+        await publish_events(js, [("feedback.tip.reacted", feedback("fb-0", "u-1", older[-1], tips[0], "acted"))])
+        wait_until(lambda: service.metric("tipstream_feedback_total", outcome="credited") == 1, what="it learned")
+    # A clean stop's checkpoint takes a learner snapshot, and the next start's first checkpoint another with the same
+    # positions: a restart replays FEEDBACK from there, before the reactions below (the next snapshot: 60 s later).
+    assert service.stop(), service.log()
+    service = ServiceProcess(data_dir, env).start()
+    wait_until(lambda: service.metric("tipstream_checkpoint_seconds_count") >= 1, what="the start's first checkpoint")
+    async with httpx.AsyncClient(base_url=service.base_url) as http:
+        await decisions_refused(js, True)
+        body = {"user_id": "u-1", "context": {"now": AT}, "candidates": CANDIDATES}
+        quick = (await http.post("/score", json=body)).json()["decision_id"]
+        await publish_events(js, [("feedback.tip.reacted", feedback("fb-quick", "u-1", quick, tips[1], "acted")),
+                                  ("feedback.tip.reacted", feedback("fb-older", "u-1", older[-2], tips[2], "disliked"))])
+        wait_until(lambda: service.metric("tipstream_feedback_total", outcome="credited") == 2,
+                   what="both learned at once, live")
+        await decisions_refused(js, False)
+
+        async def scores() -> dict[str, float]:  # what the models say, asked with a decision of its own
+            probe = {"user_id": "u-1", "explore": False, "context": {"now": AT}, "candidates": CANDIDATES}
+            return {r["tip_id"]: r["score"] for r in (await http.post("/score", json=probe)).json()["ranked"]}
+
+        live_scores = await scores()
+        wait_until(lambda: service.metric("tipstream_stream_position", stream="DECISIONS") >= len(older) + 2,
+                   what="the quick decision stored at last")
+    last = {name: (await js.stream_info(name)).state.last_seq for name in STREAMS}
+    wait_until(lambda: caught_up(service, last, 2.0) and service.metric("tipstream_checkpoint_position",
+                                                                         stream="FEEDBACK") >= last["FEEDBACK"],
+               what="the live service caught up and checkpointed")
+    if then == "a kill -9":
+        service.kill()
+        assert resume_positions(database_url) == (1, 3)  # FEEDBACK is read again from the second reaction
+        service = ServiceProcess(data_dir, env).start()
+        wait_until(lambda: caught_up(service, last, 2.0), what="the restart caught up")
+        async with httpx.AsyncClient(base_url=service.base_url) as http:
+            assert await scores() == live_scores
+        last["DECISIONS"] += 1
+    assert service.stop(), service.log()
+    live_rows, live_models = tip_scores(database_url), model_bytes(database_url)
+    assert sum(bool(r["rewards"]) for r in live_rows.values()) == 3
+
+    service = start_rebuilding(data_dir, env)
+    wait_until(lambda: caught_up(service, last, 3.0), what="the rebuild caught up")
+    assert service.stop(), service.log()
+    assert_as_live(database_url, live_rows, live_models)
