@@ -75,6 +75,29 @@ class _IsoText:
         return {"type": "string", "format": "date-time"}
 
 
+class _JsonNumber:
+    """A number as JSON writes one: pydantic's lax mode also read `true` as 1 and `"1"` as 1, so that
+    `"v": true` was version 1 and `"priority": "2"` a priority, where the contract (and the JSON Schema it
+    publishes) dead-letters a wrong type. A whole number written as `1.0` is still one, as JSON Schema's
+    `integer` takes it. Checked in pydantic-core: no Python call per event."""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        number = core_schema.union_schema([core_schema.int_schema(strict=True), core_schema.float_schema(strict=True)])
+        return core_schema.chain_schema([
+            core_schema.custom_error_schema(number, custom_error_type="json_number",
+                                            custom_error_message="must be a JSON number, not text or a boolean"),
+            handler(source)])
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler) -> Any:
+        while schema["type"] != "chain":  # under an AfterValidator's wrapper
+            schema = schema["schema"]  # type: ignore[typeddict-item]
+        contract = schema["steps"][1]  # what the contract takes, not how the JSON type is checked first
+        # The handler leaves out what the metadata adds (a Field's description): added here.
+        return {**handler(contract), **contract.get("metadata", {}).get("pydantic_js_updates", {})}
+
+
 # An instant a datetime can hold in UTC, whatever the offset: one in year 0 was folded, then every
 # `user_features` pass failed on it (its rows are stamped with the user's newest event).
 EventTime = Annotated[AwareDatetime, Field(ge=datetime.min.replace(tzinfo=UTC), le=datetime.max.replace(tzinfo=UTC)),
@@ -91,7 +114,7 @@ class _Model(BaseModel):
 class TaskCreatedData(_Model):
     task_id: Identifier
     due: AwareDatetime | None = None
-    priority: Annotated[int, Field(ge=0, le=4, description="1-4; 0 reads as absent"),
+    priority: Annotated[int, Field(ge=0, le=4, description="1-4; 0 reads as absent"), _JsonNumber,
                         AfterValidator(_none_if_zero)] | None = None
     project_id: OptionalIdentifier = None
     # null reads as absent, as for the other optional fields: Go's encoding/json writes a nil slice
@@ -128,7 +151,7 @@ class _Envelope(_Model):
     id: Identifier
     user_id: Identifier
     ts: EventTime
-    v: Literal[1] = 1
+    v: Annotated[Literal[1], _JsonNumber] = 1
 
 
 class TaskCreated(_Envelope):

@@ -170,6 +170,12 @@ def test_unknown_fields_are_tolerated_but_not_kept() -> None:
         # A type that is no string, said as JSON (it read "type 'None' is not an event type").
         (orjson.dumps({**envelope("app.opened"), "type": None}), "invalid_field", "'type': must be an event type, a string, not null"),
         (orjson.dumps({**envelope("app.opened"), "type": 5}), "invalid_field", "'type': must be an event type, a string, not 5"),
+        # A number of the wrong JSON type: pydantic's lax mode read `true` and "2" as numbers, and folded them.
+        (orjson.dumps({**envelope("app.opened"), "v": True}), "invalid_field",
+         "'v': must be the contract version as a JSON integer (this server reads 1), not true"),
+        (orjson.dumps(envelope("task.created", {"task_id": "t", "priority": "2"})), "invalid_field",
+         "'data.priority': must be a JSON number, not text or a boolean"),
+        (orjson.dumps(envelope("task.created", {"task_id": "t", "priority": True})), "invalid_field", "data.priority"),
     ],
 )
 def test_bad_events_are_refused_with_a_reason_that_names_the_problem(raw: bytes, kind: str, names: str) -> None:
@@ -177,6 +183,14 @@ def test_bad_events_are_refused_with_a_reason_that_names_the_problem(raw: bytes,
     assert isinstance(result, Rejection)
     assert result.kind == kind, result
     assert names in result.reason, result.reason
+
+
+def test_a_whole_number_written_with_a_fraction_is_still_a_number() -> None:
+    """JSON Schema's `integer` (docs/events.schema.json) takes 1.0: so does the contract, while refusing a
+    boolean or text where a number goes."""
+    event = parse_event(orjson.dumps({**envelope("task.created", {"task_id": "t", "priority": 2.0}), "v": 1.0}))
+    assert not isinstance(event, Rejection), event
+    assert event.v == 1 and event.data.priority == 2 and type(event.data.priority) is int
 
 
 def test_half_an_emoji_in_an_unknown_field_is_tolerated_and_in_a_kept_one_refused_naming_it() -> None:
