@@ -11,8 +11,8 @@ Starts `tipstream run` (embedded NATS, SQLite, an admin token) in a temporary da
    deep nesting, duplicate keys, odd or missing `Nats-Msg-Id`s, a subject that disagrees with the type, `v`
    values). Checked exactly: every invalid message stored lands on `dlq.>` once, with the kind and a
    reason naming the problem; every valid one is folded (the tracked users' features at a fixed instant
-   are those the contract's semantics give, counted here by hand); /readyz answers 200 throughout and each
-   stream's lag returns to 0. What the contract leaves open (nesting past the parser's depth, a key given
+   are those the contract's semantics give, counted here by hand, and every feature the pure fold's);
+   /readyz answers 200 throughout and each stream's lag returns to 0. What the contract leaves open (nesting past the parser's depth, a key given
    twice) must come to one outcome, folded or dead-lettered, never both; `NaN` in a field the contract does
    not name is ignored with the field (docs/operations.md, "Invalid events: the DLQ"), in one it names refused.
 2. HTTP: requests for every operation of /openapi.json, bodies drawn from its schemas and then broken
@@ -20,7 +20,8 @@ Starts `tipstream run` (embedded NATS, SQLite, an admin token) in a temporary da
    content-type, odd Hosts, paths and percent-encoding, long user ids), over raw sockets. Checked: no 5xx,
    each 4xx names its problem, a refused /score logs no decision (DECISIONS grows by /score's 200s exactly).
 3. a rebuild from the log (`tipstream migrate base`, start again): every wire user's features equal live.
-Then no traceback in the service's log. The draw is `random.Random(--seed)`: the same run each time.
+The HTTP requests go meanwhile, from 4 clients (`--apart`: after the events). Then no traceback in the
+service's log. The draw is `random.Random(--seed)`: the same run each time.
 Last line: {"bench": "fuzz", "problems": 0, ...}; the exit status is 1 when a check failed.
 """
 
@@ -47,6 +48,7 @@ import nats
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _harness import (
     ROOT,
@@ -57,6 +59,10 @@ from _harness import (
     service_environment,
     settings_given,
 )
+
+from streams.events import parse_event
+from streams.features import evaluate
+from streams.fold import UserState, apply
 
 TOKEN = "bench-fuzz-admin-token-0123456789"
 DAY_MS = 86_400_000
@@ -106,6 +112,7 @@ class Wire:
     rng: random.Random
     serial: int = 0
     folded: dict[str, list[tuple[str, int, str]]] = field(default_factory=dict)  # user -> (type, ms, reaction)
+    states: dict[str, UserState] = field(default_factory=dict)  # user -> the pure fold of their valid events
 
     def next_id(self) -> str:
         self.serial += 1
@@ -406,6 +413,7 @@ async def wire_phase(service: ServiceProcess, args: argparse.Namespace, problems
             event = message.event
             wire.folded.setdefault(event["user_id"], []).append(
                 (event["type"], wire_ms(event["ts"]), (event.get("data") or {}).get("reaction", "")))
+            apply(wire.states.setdefault(event["user_id"], UserState()), parse_event(message.body))
     published_s = time.perf_counter() - started
     drained_s = await until_caught_up(service, js, problems)
     watching = False
@@ -484,6 +492,13 @@ async def check_features(service: ServiceProcess, wire: Wire, problems: list[str
             if abs(got[name] - want[name]) > 1e-9:
                 mismatched += 1
                 problems.append(f"features {when}: {short(user)} {name} = {got[name]}, the contract's count says {want[name]}")
+        # Every feature, the others too, as the pure fold gives them over the same events (the service's
+        # ingest, checkpoints and rebuild against its own core).
+        pure = evaluate(wire.states.get(user), wire.at_ms)
+        for name, value in pure.items():
+            if name in got and abs(got[name] - value.value) > 1e-6:
+                mismatched += 1
+                problems.append(f"features {when}: {short(user)} {name} = {got[name]}, the pure fold says {value.value}")
     return mismatched
 
 
@@ -666,17 +681,22 @@ async def http_phase(service: ServiceProcess, args: argparse.Namespace, problems
     decisions_before = (await js.stream_info("DECISIONS")).state.last_seq
     before = await scrape(service)
     took: dict[str, list[float]] = {}  # each operation's answer times, s
+    drawn = iter(range(args.requests))
+
+    async def client() -> None:
+        for i in drawn:  # shared: each request drawn once, the draw in the same order whichever client sends it
+            if i < 2 * len(operations):  # every operation twice, then /score (the hot path) for one in three
+                method, path, op = operations[i % len(operations)]
+            else:
+                method, path, op = score if rng.random() < 0.35 else rng.choice(operations)
+            request = make_request(rng, draw, method, path, op)
+            asked = time.perf_counter()
+            answer = await raw_request(service.port, *request[:4], host=request[4])
+            took.setdefault(f"{method} {path}", []).append(time.perf_counter() - asked)
+            judge(http, problems, method, path, request, answer)
+
     started = time.perf_counter()
-    for i in range(args.requests):
-        if i < 2 * len(operations):  # every operation twice, then /score (the hot path) for one request in three
-            method, path, op = operations[i % len(operations)]
-        else:
-            method, path, op = score if rng.random() < 0.35 else rng.choice(operations)
-        request = make_request(rng, draw, method, path, op)
-        asked = time.perf_counter()
-        answer = await raw_request(service.port, *request[:4], host=request[4])
-        took.setdefault(f"{method} {path}", []).append(time.perf_counter() - asked)
-        judge(http, problems, method, path, request, answer)
+    await asyncio.gather(*(client() for _ in range(args.clients)))
     http_s = time.perf_counter() - started
     await until_caught_up(service, js, problems)
     decisions = (await js.stream_info("DECISIONS")).state.last_seq - decisions_before
@@ -893,6 +913,8 @@ async def main() -> int:
     parser.add_argument("--messages", type=int, default=3000, help="wire messages to publish")
     parser.add_argument("--requests", type=int, default=1500, help="HTTP requests to send")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--clients", type=int, default=4, help="HTTP requests in flight at once")
+    parser.add_argument("--apart", action="store_true", help="the HTTP requests after the events, not meanwhile")
     parser.add_argument("--data-dir", type=Path, default=None, help="the service's data directory (default: a temporary one)")
     parser.add_argument("--no-rebuild", action="store_true", help="leave out the rebuild from the log")
     add_settings_option(parser)
@@ -905,12 +927,16 @@ async def main() -> int:
     log = service.data_dir / "service.log"
     try:
         await service.wait_ready()
-        wire = await wire_phase(service, args, problems)
+        if args.apart:
+            wire = await wire_phase(service, args, problems)
+            http = await http_phase(service, args, problems, TRACKED)
+        else:  # the requests while the events are published and folded
+            wire, http = await asyncio.gather(wire_phase(service, args, problems),
+                                              http_phase(service, args, problems, TRACKED))
         print(f"wire: {wire['stored']} messages stored ({wire['valid']} valid, {wire['invalid']} invalid, "
               f"{wire['either']} open-ended of which {wire['either_dead_lettered']} dead-lettered; "
               f"{wire['not_stored']} refused by NATS or dropped as duplicates), published in {wire['published_s']:.1f} s, "
               f"caught up {wire['drained_s']:.2f} s later; {wire['dead_lettered']} DLQ entries")
-        http = await http_phase(service, args, problems, TRACKED)
         print(f"http: {http['requests']} requests over {http['operations']} operations in {http['seconds']:.1f} s, "
               f"answers {dict(sorted(http['answered'].items()))}; /score 200 {http['score_200']}, "
               f"decisions logged {http['decisions']}; the most time: {http['slowest']}")
