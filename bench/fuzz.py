@@ -940,6 +940,15 @@ async def main() -> int:
         print(f"http: {http['requests']} requests over {http['operations']} operations in {http['seconds']:.1f} s, "
               f"answers {dict(sorted(http['answered'].items()))}; /score 200 {http['score_200']}, "
               f"decisions logged {http['decisions']}; the most time: {http['slowest']}")
+        _, body = await request_once(service.port, "GET", "/metrics")
+        text = body.decode()
+        wakes = metric(text, "tipstream_event_loop_lag_seconds_count")
+        stalls = {limit: wakes - metric(text, "tipstream_event_loop_lag_seconds_bucket", f'le="{limit}"')
+                  for limit in ("0.1", "0.25", "1.0")}
+        print(f"event loop: {wakes:.0f} timer wakes, late by more than 0.1 s {stalls['0.1']:.0f}, 0.25 s "
+              f"{stalls['0.25']:.0f}, 1 s {stalls['1.0']:.0f}")
+        if stalls["1.0"]:
+            problems.append(f"the event loop was held for more than 1 s {stalls['1.0']:.0f} times (a stall)")
         rebuilt_s = float("nan")
         if not args.no_rebuild:
             service, rebuilt_s = await rebuild_phase(service, wire["wire"], settings, problems)
@@ -957,7 +966,8 @@ async def main() -> int:
                       "drained_s": round(wire["drained_s"], 3), "requests": http["requests"],
                       "http_5xx": sum(n for s, n in http["answered"].items() if s.startswith("5")),
                       "score_200": http["score_200"], "decisions": http["decisions"],
-                      "rebuild_s": round(rebuilt_s, 2), "tracebacks": len(found)}))
+                      "rebuild_s": round(rebuilt_s, 2), "loop_late_over_100ms": stalls["0.1"],
+                      "tracebacks": len(found)}))
     if args.data_dir is None and not problems:
         shutil.rmtree(data_dir, ignore_errors=True)
     elif problems:
