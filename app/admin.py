@@ -37,7 +37,7 @@ from starlette.routing import Route
 
 from app.db import NOT_AN_OUTAGE, away, disk_full, one_line, refusal, refused_by_setting
 from app.lineup import DatabaseNotOurs
-from app.request_body import ClientGone, not_utf8, path_is_utf8, read_body
+from app.request_body import ClientGone, field_path, not_utf8, path_is_utf8, read_body
 from app.score_endpoint import refusal_by_headers
 from models.registry import RegistryError
 from streams.events import HALF_A_PAIR, has_lone_surrogate, is_user_id, lenient_loads, text_path
@@ -164,7 +164,7 @@ def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[BaseMode
             parsed = body.model_validate_json(raw or b"{}")
         except ValidationError as error:
             first = error.errors(include_url=False)[0]
-            field = ".".join(str(p) for p in first["loc"]) or "body"
+            field = field_path(first["loc"])
             message = first["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's own words
             if first["type"] == "json_invalid":
                 message = not_utf8(raw) or message

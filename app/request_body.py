@@ -85,3 +85,14 @@ def not_utf8(body: bytes) -> str | None:
         return (f"is not UTF-8 (byte {error.start} is 0x{body[error.start]:02X}; Latin-1 or Windows-1252?): send the "
                 "JSON encoded as UTF-8")
     return None
+
+
+def field_path(loc: tuple[Any, ...]) -> str:
+    """A pydantic error's location as the dotted path a refusal names: `body` for the body itself. A key
+    named "" is written `""`: a body `{"": 1}` was refused as "body: Extra inputs are not permitted", as if the
+    body were the extra input. pydantic marks a bad dict key with a trailing "[key]"; the key names the field.
+
+    >>> field_path(("candidates", 0, "tip_id")), field_path(()), field_path(("",)), field_path(("f", "a b", "[key]"))
+    ('candidates.0.tip_id', 'body', '""', 'f.a b')
+    """
+    return ".".join('""' if part == "" else str(part) for part in loc if part != "[key]") or "body"

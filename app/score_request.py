@@ -26,7 +26,7 @@ from pydantic import (
 )
 from typing_extensions import TypedDict  # pydantic checks typing's own only from Python 3.12
 
-from app.request_body import not_utf8
+from app.request_body import field_path, not_utf8
 from models.reward import INPUT_BOUND, INPUT_BOUND_TEXT
 from streams.events import HALF_A_PAIR, EventTime, has_lone_surrogate, lenient_loads, text_path
 from streams.features import BY_NAME as FEATURES_BY_NAME
@@ -161,11 +161,6 @@ class RequestError(Exception):
         return {"error": str(self), "field": self.field, "errors": self.errors}
 
 
-def _field(loc: tuple[Any, ...]) -> str:
-    # pydantic marks a bad dict key with a trailing "[key]"; the key itself names the field.
-    return ".".join(str(part) for part in loc if part != "[key]") or "body"
-
-
 def parse_request(body: bytes) -> ScoreRequest:
     """The validated request, or a RequestError naming the field.
 
@@ -195,7 +190,7 @@ def parse_request(body: bytes) -> ScoreRequest:
             elif e["type"] == "model_type" and not e["loc"]:
                 errors.append({"field": "body", "message": "must be a JSON object"})
             else:
-                field = _field(e["loc"])
+                field = field_path(e["loc"])
                 message = e["msg"].removeprefix("Value error, ")
                 if field == "context.now":
                     message = _TIME_ERRORS.get(e["type"], message)

@@ -131,6 +131,8 @@ BAD_CHANGES: list[tuple[str, bytes, str]] = [
     # /score and /users/{id}/features refuse a query parameter they do not know; a change ignored it, and
     # a script's `?dry_run=true` promoted v2.
     ("/admin/models/v2/promote?dry_run=true", b'{}', "dry_run: unknown query parameter 'dry_run'"),
+    # A key named "": it was "body: Extra inputs are not permitted", as if the body were the extra input.
+    ("/admin/models/v2/promote", b'{"": "x"}', '"": Extra inputs are not permitted'),
     # `champion` goes in the body: given here, the rollback was made unguarded.
     ("/admin/rollback?champion=v1", b'{}', ("champion: unknown query parameter 'champion'; POST /admin/rollback "
                                             "takes no query string: its request is the JSON body")),

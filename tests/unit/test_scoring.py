@@ -74,6 +74,9 @@ def test_an_unknown_reaction_in_the_reward_map_is_refused_with_the_setting_named
     (b'{"user_id": "u", "candidates": [{"tip_id": "a", "features": {"title": "Breathe \\ud83d"}}]}',
      "candidates.0.features.title"),
     (b'{"user_id": "u\\udc00", "candidates": [{"tip_id": "a"}]}', "user_id"),
+    # A key named "": the refusal named `body`, as if the body itself were the extra input.
+    (b'{"user_id": "u", "candidates": [{"tip_id": "a"}], "": 1}', '""'),
+    (b'{"user_id": "u", "candidates": [{"tip_id": "a", "": 1}]}', 'candidates.0.""'),
 ])
 def test_bad_requests_name_the_field(body: bytes, field: str) -> None:
     with pytest.raises(RequestError) as error:
