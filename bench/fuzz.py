@@ -809,19 +809,16 @@ def broken_body(rng: random.Random, value: Any, schema: dict[str, Any], draw: Dr
     if how == "wrong type" and isinstance(value, dict) and paths_in(value):
         path = rng.choice(paths_in(value))
         broken = set_at(value, path, rng.choice(WRONG))
-        try:
-            jsonschema.validate(broken, {**schema, "components": {"schemas": draw.components}},
-                                cls=jsonschema.Draft202012Validator)
-        except jsonschema.ValidationError:
-            return dump(broken), refused, how
-        except jsonschema.SchemaError:
-            pass
-        return dump(broken), "any" if expect != "refused" else expect, how
+        return dump(broken), refused if not schema_valid(broken, schema, draw) else "any" if expect != "refused" else expect, how
+    # The key to name, when the body was valid but for it (the draw can make a value its schema refuses).
     if how == "unknown field":
-        return orjson.dumps({**value, rng.choice(["extra", "User_Id", "\u00e9", ""]): 1}), refused, how
+        key = rng.choice(["extra", "User_Id", "\u00e9", ""])
+        named = key or '""'  # as a refusal writes a key named ""
+        return orjson.dumps({**value, key: 1}), refused, f"{how}: {named}" if schema_valid(value, schema, draw) else how
     if how == "missing" and schema.get("required"):
         left_out = rng.choice(schema["required"])
-        return orjson.dumps({k: v for k, v in value.items() if k != left_out}), refused, how
+        return (orjson.dumps({k: v for k, v in value.items() if k != left_out}), refused,
+                f"{how}: {left_out}" if schema_valid(value, schema, draw) else how)
     if how == "huge":
         return orjson.dumps({**value, "pad": "p" * rng.choice([300_000, 2_000_000])}), refused, how
     if how == "deep":
@@ -843,6 +840,15 @@ def broken_body(rng: random.Random, value: Any, schema: dict[str, Any], draw: Dr
     if how == "empty":
         return b"", "any" if expect != "refused" else expect, how  # an empty body takes the defaults on some
     return orjson.dumps(value), expect, ""  # nothing of that kind to break: as drawn
+
+
+def schema_valid(value: Any, schema: dict[str, Any], draw: Draw) -> bool:
+    try:
+        jsonschema.validate(value, {**schema, "components": {"schemas": draw.components}},
+                            cls=jsonschema.Draft202012Validator)
+    except jsonschema.ValidationError:
+        return False
+    return True
 
 
 def judge(http: Http, problems: list[str], method: str, path: str, request: tuple[Any, ...], answer: Answer | None) -> None:
@@ -873,6 +879,12 @@ def judge(http: Http, problems: list[str], method: str, path: str, request: tupl
             said = text
         if len(said.strip()) < 8:
             problems.append(f"http: {answer.status} names no problem ({answer.body[:200]!r}) for {shown}")
+        field = request[6].partition(", ")[0].partition(": ")[2]  # the key left out or added, when that was all
+        if (answer.status == 422 and field and request[6].startswith(("missing", "unknown field"))
+                and ", " not in request[6]):  # nothing else broken
+            named = orjson.loads(answer.body).get("field") if said else None
+            if named != field:
+                problems.append(f"http: the 422 names {named!r}, not {field!r} ({answer.body[:200]!r}) for {shown}")
 
 
 # --- the rebuild --------------------------------------------------------------------------------------------
