@@ -65,13 +65,23 @@ def host_name(header: bytes) -> str:
     ('localhost', '[::1]', 'tips.example', '[::1]')
     >>> host_name(b"[::1]rebound.example"), host_name(b"[::1]:80:80"), host_name(b"[::1]:")
     ('[::1]rebound.example', '[::1]:80:80', '[::1]')
+
+    A port is digits, and a name ends in one dot at most (RFC 9112 3.2 refuses an invalid Host): "localhost:abc"
+    and "localhost.." were read as "localhost", and answered. Such a value is kept whole, and names no host.
+
+    >>> host_name(b"localhost:abc"), host_name(b"localhost:80a"), host_name(b"localhost.."), host_name(b"localhost:")
+    ('localhost:abc', 'localhost:80a', 'localhost..', 'localhost')
     """
     text = header.decode("latin-1").strip().lower()
     if text.startswith("["):
         # Only a port may follow the bracket: "[::1]rebound.example" was read as "[::1]", and allowed.
         bracketed = _BRACKETED.fullmatch(text)
         return bracketed.group(1) if bracketed is not None else text
-    return text.rsplit(":", 1)[0].rstrip(".") if ":" in text else text.rstrip(".")
+    named = _NAMED.fullmatch(text)
+    return named.group(1) if named is not None else text
+
+
+_NAMED = re.compile(r"([^:]*[^:.]|)\.?(?::[0-9]*)?")  # a name, one trailing dot at most, then its port if any
 
 
 class HostCheck:
