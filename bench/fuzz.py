@@ -772,7 +772,8 @@ def make_request(rng: random.Random, draw: Draw, method: str, path: str,
         broken = f"{broken}, {how}" if broken else how
         if how == "host":
             host = rng.choice([b"evil.example", b"127.0.0.1:1", b"localhost", b"[::1]", b"127.0.0.1\x00", b"",
-                               b"xn--e1a.example", b"\xc3\xa9.local"])
+                               b"xn--e1a.example", b"\xc3\xa9.local", b"localhost:abc", b"localhost..", b"127.1",
+                               b"[::1]rebound.example", b"localhost.evil.example"])
             expect = "any" if host in (b"localhost", b"[::1]", b"127.0.0.1:1") else "refused"
         elif how == "path":
             target = rng.choice([path.replace("{", "").replace("}", "") + "/", "/" + target, target + "/..", "/..%2f",
