@@ -809,11 +809,11 @@ def broken_body(rng: random.Random, value: Any, schema: dict[str, Any], draw: Dr
     refused = "refused"
     if how == "wrong type" and isinstance(value, dict) and paths_in(value):
         path = rng.choice(paths_in(value))
-        broken = set_at(value, path, rng.choice(WRONG))
+        broken = set_at(value, path, rng.choice(WRONG))  # written in ASCII: half a surrogate pair as its escape
         if schema_valid(broken, schema, draw):  # a value the schema takes as well
-            return dump(broken), "any" if expect != "refused" else expect, how
+            return json.dumps(broken).encode(), "any" if expect != "refused" else expect, how
         where = ".".join(map(str, path)) if schema_valid(value, schema, draw) else ""
-        return dump(broken), refused, f"{how}: {where}" if where else how
+        return json.dumps(broken).encode(), refused, f"{how}: {where}" if where else how
     # The key to name, when the body was valid but for it (the draw can make a value its schema refuses).
     if how == "unknown field":
         key = rng.choice(["extra", "User_Id", "\u00e9", ""])
