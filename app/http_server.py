@@ -153,6 +153,9 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
     - requests pipelined behind the one served: no more is read until they are answered (uvicorn
       read on after each answer, so a client sending without reading queued requests without a bound);
     - an answer the client has not read on for `write_stall_s`, its buffers full: the connection dropped;
+    - a request-target in absolute-form (`POST http://name/score`, as a client sends it to a proxy): its
+      authority is the request's Host, as RFC 9112 3.2.2 has a server read it, so that the Host check judges
+      the name the request is for (read by its Host header, `http://rebound.example/` was answered);
     - at most `max_http_connections(open_files)` connections: past it, the one idle longest (at
       least `idle_grace_s`) is closed for the new one, or with none idle the new one gets 503 and is closed, and the log says
       to raise the limit, at most once a minute (uvicorn accepted until the process had no file
@@ -336,7 +339,22 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
                 if not self._refused:
                     self._refuse_head()
                 return
+            if self.url[:1] != b"/" and self.url != b"*":
+                self._host_from_target()
             super().on_headers_complete()
+
+        def _host_from_target(self) -> None:
+            import httptools
+
+            try:
+                target = httptools.parse_url(self.url)
+            except httptools.HttpParserInvalidURLError:
+                return  # uvicorn's own parse of it refuses the request
+            host = target.host or b""
+            authority = (b"[" + host + b"]" if b":" in host else host) + (b":%d" % target.port if target.port else b"")
+            # The scope holds this very list: every Host header sent is replaced by the one the target names.
+            self.headers[:] = [(name, value) for name, value in self.headers if name != b"host"]
+            self.headers.append((b"host", authority))
 
         def on_body(self, body: bytes) -> None:
             if not self._refused:

@@ -484,3 +484,40 @@ async def test_a_request_s_read_deadline_passing_while_the_server_lingers_says_n
     finally:
         loop.set_exception_handler(None)
     assert not failures, failures
+
+
+async def test_a_target_in_absolute_form_names_the_host_the_request_is_for() -> None:
+    """RFC 9112 3.2.2: a server takes the host of an absolute-form target (`POST http://name/score`, as sent to a
+    proxy), not the Host header. Read by its Host header, a request for http://rebound.example/ passed the Host
+    check (app/host_check.py) as one for 127.0.0.1, and was answered."""
+    import socket
+
+    import uvicorn
+
+    from app.http_server import bounded_http_protocol
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        said = json.dumps({"path": scope["path"], "host": [v.decode() for n, v in scope["headers"] if n == b"host"]})
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(said))]})
+        await send({"type": "http.response.body", "body": said.encode()})
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, http=bounded_http_protocol(), interface="asgi3", lifespan="off",
+                                           log_level="warning"))
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    await eventually(lambda: server.started or serving.done())
+    try:
+        for target, host in [(b"http://rebound.example/score", ["rebound.example"]),
+                             (b"http://rebound.example:8000/score?x=1", ["rebound.example:8000"]),
+                             (b"http://[::1]:8000/score", ["[::1]:8000"]), (b"/score", ["127.0.0.1"])]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+            writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            answer = await asyncio.wait_for(reader.read(), 10)
+            writer.close()
+            assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {"path": "/score", "host": host}, (target, answer)
+    finally:
+        server.should_exit = True
+        await serving
