@@ -768,7 +768,7 @@ def make_request(rng: random.Random, draw: Draw, method: str, path: str,
         body = orjson.dumps({"version": "v" + str(rng.randrange(10**6))})  # a valid register: trains; rare
         headers.append((b"Content-Type", b"application/json"))
     if rng.random() < 0.15:  # the request line and headers themselves
-        how = rng.choice(["host", "path", "percent", "query", "content-type", "long user", "method"])
+        how = rng.choice(["host", "path", "percent", "query", "content-type", "long user", "method", "absolute"])
         broken = f"{broken}, {how}" if broken else how
         if how == "host":
             host = rng.choice([b"evil.example", b"127.0.0.1:1", b"localhost", b"[::1]", b"127.0.0.1\x00", b"",
@@ -793,6 +793,10 @@ def make_request(rng: random.Random, draw: Draw, method: str, path: str,
         elif how == "long user" and "{user_id}" in path:
             target = path.replace("{user_id}", quote(rng.choice(["u" * 129, "\U0001f600" * 129, "u\u0000"]), safe=""))
             expect = "refused"
+        elif how == "absolute":  # as sent to a proxy: the target's host is the request's, not the Host header's
+            authority = rng.choice(["127.0.0.1", "localhost:8000", "evil.example", "[::1]", "127.0.0.1.evil.example"])
+            target = f"http://{authority}{target}"
+            expect = expect if authority in ("127.0.0.1", "localhost:8000", "[::1]") else "refused"
         elif how == "method":
             method = rng.choice(["PUT", "DELETE", "PATCH", "OPTIONS", "BREW"])
             expect = "refused"
