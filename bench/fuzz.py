@@ -903,6 +903,16 @@ def judge(http: Http, problems: list[str], method: str, path: str, request: tupl
 async def rebuild_phase(service: ServiceProcess, wire: Wire, settings: dict[str, str],
                         problems: list[str]) -> tuple[ServiceProcess, float]:
     """Stop, `tipstream migrate base`, start again on the same data directory: the features come back."""
+    # `migrate base` refuses while a user's erasure is under way (a rebuild would bring them back).
+    waited = time.perf_counter()
+    while True:
+        _, body = await request_once(service.port, "GET", "/metrics")
+        if not metric(body.decode(), "tipstream_erasures_unfinished"):
+            break
+        if time.perf_counter() - waited > 60:
+            problems.append("rebuild: erasures still unfinished after 60 s (tipstream_erasures_unfinished)")
+            break
+        await asyncio.sleep(0.1)
     service.shutdown()
     env = service_environment(data_dir=service.data_dir, **settings)
     done = subprocess.run([sys.executable, "-m", "app.cli", "migrate", "base"], cwd=ROOT, env=env,
