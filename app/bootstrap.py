@@ -255,8 +255,9 @@ class Service:
             # 10 s: until then the checkpoints went on without the lock, one taken meanwhile by another service too.
             self.checkpointer.before_write = self._keep_service_lock
         self.lineup.flush = self.checkpointer.checkpoint
+        self.eraser.refused = self._database_not_ours
         if self.service_lock.needed:  # as the checkpoints' (above)
-            self.lineup.before_write = self._keep_service_lock
+            self.lineup.before_write = self.eraser.before_write = self._keep_service_lock
         for spec in jsx.INGESTED_STREAMS:
             ingest = StreamIngest(
                 self.nc, js, spec, self.store, self.checkpointer, batch=s.ingest_batch,
@@ -585,6 +586,8 @@ class Service:
         if self.retention is not None:
             self.retention.refused = why
         self.lineup.refused = why
+        if self.eraser is not None:
+            self.eraser.refused = why
 
     async def _keep_service_lock(self) -> None:
         try:

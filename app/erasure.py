@@ -57,6 +57,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from app import db
 from app.checkpoint_rows import delete_decisions_served_until, utc_ms, write_erasures
 from app.decision_ids import decision_time_ms
+from app.lineup import DatabaseNotOurs
 from app.metrics import METRICS
 from app.periodic import woken
 from app.registry_store import UnreadableModel, decoded_model
@@ -80,6 +81,9 @@ ON_THE_WAY = "decisions_on_the_way"
 ON_THE_WAY_POLL_S = 0.1  # each look copies the publisher's queue, which holds thousands while NATS is away
 
 Scrub = Callable[..., Awaitable[Any]]
+# What a request on its way is left at when the database is no longer this service's (`Eraser.ours`).
+UNDONE = ("the requests to forget a user stay where they are, saved: this service stops, and the one that holds the "
+          "database lock takes them on")
 
 
 def _utc(moment: datetime) -> datetime:
@@ -128,6 +132,19 @@ class Eraser:
         # rebuild) stop the service. The requests dropped wait for the next start, which takes them again.
         self._unreadable: UnreadableModel | None = None
         self._damaged: dict[str, str] = {}  # user -> what was logged of their request's row that cannot be decoded
+        # Awaited before each of its own writes (a request, its bounds, its last transaction: the service's lock made
+        # sure of, `refused` set if another took it). Without, those in the 10 s before the lock's check went on over
+        # the database of a service that took it meanwhile (a request marked done that one had not scrubbed).
+        self.before_write: Callable[[], Awaitable[None]] | None = None
+        self.refused: str | None = None  # why the database is no longer this service's: it writes nothing more
+
+    async def ours(self, refused_then: str) -> None:
+        """Before a write: the database still this service's (its lock made sure of), else DatabaseNotOurs, naming the
+        lock and `refused_then` (what was left undone and where to ask instead)."""
+        if self.before_write is not None and self.refused is None:
+            await self.before_write()
+        if self.refused is not None:
+            raise DatabaseNotOurs(f"{self.refused}; {refused_then}")
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -234,6 +251,9 @@ class Eraser:
                 timeout = POLL_S
             except asyncio.CancelledError:
                 raise
+            except DatabaseNotOurs as error:  # tried again, it said "trying again" until the stop, which is at once
+                log.warning("forgetting stops: %s", error)
+                return
             except Exception as error:  # noqa: BLE001 - the database or NATS away: the request waits, saved
                 # A checkpoint saved, or another request, wakes it sooner: the database answers again.
                 # The first line: SQLAlchemy's next are the statement and more, lines a log reader takes for others.
@@ -406,6 +426,7 @@ class Eraser:
         if self.scrub is not None and self.js is not None:
             moved = await self._past_decisions_on_the_way(rows, bounds)
             if moved != bounds:
+                await self.ours(UNDONE)
                 # Saved before the scan: a stop during it (minutes over millions of messages) resumed with the
                 # bounds step 3 saved, the decisions stored since left in DECISIONS for a rebuild to hold again.
                 await self.threads.run("an erasure's bounds", self._save_bounds, rows, moved)
@@ -425,6 +446,7 @@ class Eraser:
                         users, int(bounds.get(stream, 0)), bounds[ON_THE_WAY])
         try:
             async with self.lock:  # a registry change (a rollback to a retired version) loads the bytes rewritten here
+                await self.ours(UNDONE)  # within the lock, as a checkpoint's: none comes between
                 reports = await self.threads.run("an erasure's last transaction", self._finish, rows,
                                                     self.learning_versions(), found)
         except UnreadableModel as error:

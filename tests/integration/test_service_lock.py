@@ -10,12 +10,16 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import orjson
 import pytest
 import sqlalchemy as sa
 
+from app import db
+from app import erasure as erasure_module
 from app.bootstrap import Service
+from app.lineup import DatabaseNotOurs
 from app.service_lock import SERVICE_LOCK, ServiceLock, ServiceLockTaken
 from app.settings import Settings
 from app.start_errors import StartupError
@@ -343,10 +347,15 @@ async def test_a_retention_pass_after_the_lock_s_session_ended_takes_the_lock_ag
         other.release()
 
 
-async def test_a_registry_change_after_the_lock_s_session_ended_takes_the_lock_again_first_or_is_refused(
-        start_service, postgres_url: str) -> None:
-    """A change saves the roles whole (and the learner's state with a new version): made in the 10 s before the
-    check, it wrote over those of a second service that took the lock meanwhile, and answered 200."""
+@pytest.mark.parametrize(("paths", "made_status", "table", "nothing"), [
+    (("/admin/models/v1/evaluate",) * 2, 200, "model_rollouts", "nothing changed"),
+    (("/admin/users/u-1/forget", "/admin/users/u-2/forget"), 202, "erasures", "nothing saved"),
+], ids=["registry", "forget"])
+async def test_an_admin_change_after_the_lock_s_session_ended_takes_the_lock_again_first_or_is_refused(
+        start_service, postgres_url: str, paths: tuple[str, str], made_status: int, table: str, nothing: str) -> None:
+    """A registry change saves the roles whole (and the learner's state with a new version), a request to forget its
+    row in `erasures` (a request done replaced by one to do again): made in the 10 s before the check, each wrote over
+    those of a second service that took the lock meanwhile, and was answered as done by one that stops."""
     reset_postgres(postgres_url)
     token = "s3cret-token-for-tests"
     running = await start_service(database_url=postgres_url, admin_token=token)
@@ -356,19 +365,77 @@ async def test_a_registry_change_after_the_lock_s_session_ended_takes_the_lock_a
     async with running.http() as http:
         end_sessions(postgres_url, lock_holders(postgres_url))
         await eventually(lambda: lock_holders(postgres_url) == [])
-        made = await http.post("/admin/models/v1/evaluate", headers=auth, json={"actor": "bob"})
-        assert made.status_code == 200, made.text
+        made = await http.post(paths[0], headers=auth, json={"actor": "bob"})
+        assert made.status_code == made_status, made.text
         assert len(lock_holders(postgres_url)) == 1 and service.fatal is None
-        history = rows(postgres_url, "model_rollouts")
+        history = rows(postgres_url, table)
         other = await another_takes_the_lock(postgres_url)
         try:
-            refused = await http.post("/admin/models/v1/evaluate", headers=auth, json={"actor": "bob"})
+            refused = await http.post(paths[1], headers=auth, json={"actor": "bob"})
             assert refused.status_code == 503, refused.text
             assert "another service took the database lock" in refused.json()["error"], refused.text
-            assert "nothing changed" in refused.json()["error"] and "Retry-After" not in refused.headers
-            assert rows(postgres_url, "model_rollouts") == history
+            assert nothing in refused.json()["error"] and "Retry-After" not in refused.headers
+            assert rows(postgres_url, table) == history
         finally:
             other.release()
+
+
+def dropped(url: str, user_id: str, bounds: dict) -> None:
+    """A request to forget `user_id` at step 3 (its state dropped, its bounds saved): steps 4 and 5 are next."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.insert(db.erasures).values(user_id=user_id, status="dropped", requested_at=now,
+                                                       requested_by="bob", dropped_at=now, bounds=bounds, report={}))
+    finally:
+        engine.dispose()
+
+
+def erasure(url: str, user_id: str) -> tuple[str, dict]:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return tuple(conn.execute(sa.select(db.erasures.c.status, db.erasures.c.bounds)
+                                      .where(db.erasures.c.user_id == user_id)).one())
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("on_the_way", [False, True], ids=["done", "bounds"])
+async def test_an_erasure_s_writes_after_the_lock_s_session_ended_take_the_lock_again_first_or_write_nothing(
+        start_service, postgres_url: str, monkeypatch, on_the_way: bool) -> None:
+    """Its last transaction (the request marked done, `tip_scores` rows, retired models) and the bounds it saves
+    before the scan (`on_the_way`: decisions stored past DECISIONS' bound) went on without the lock until the next
+    check: a request marked done over a second service's database, its messages not all deleted for that one."""
+    monkeypatch.setattr(erasure_module, "POLL_S", 3600.0)  # the requests below are looked for by this test alone
+    reset_postgres(postgres_url)
+    running = await start_service(database_url=postgres_url)
+    service = running.service
+    service.on_fatal = lambda _: None
+    eraser = service.eraser
+    assert eraser is not None
+    await eventually(lambda: eraser._waiting is not None)  # its first look at the start is over
+    bounds = {"SIGNALS": 0, "FEEDBACK": 0, "DECISIONS": 0, "DLQ": 0}
+    if on_the_way:
+        bounds[erasure_module.ON_THE_WAY] = {"ids": ["d-gone"]}  # not in the publisher's queue: stored, or lost
+    # Ended with no other service about: the erasure takes the lock again, and finishes.
+    dropped(postgres_url, "u-1", bounds)
+    end_sessions(postgres_url, lock_holders(postgres_url))
+    await eventually(lambda: lock_holders(postgres_url) == [])
+    assert await eraser.work() == 1
+    assert erasure(postgres_url, "u-1")[0] == "done"
+    assert len(lock_holders(postgres_url)) == 1 and service.fatal is None
+    # Ended, and another service took it before this one's next check: the erasure writes nothing.
+    dropped(postgres_url, "u-2", bounds)
+    other = await another_takes_the_lock(postgres_url)
+    try:
+        with pytest.raises(DatabaseNotOurs, match="another service took the database lock"):
+            await eraser.work()
+        assert erasure(postgres_url, "u-2") == ("dropped", bounds)
+        assert service.fatal is not None and "another service took it" in service.fatal, service.fatal
+    finally:
+        other.release()
 
 
 async def test_a_lock_that_cannot_be_taken_again_yet_is_said_once_not_every_check(
