@@ -82,6 +82,14 @@ class ScrubError(RuntimeError):
     """The server refused what scrubbing needs; the message names what an operator must change."""
 
 
+def no_answer(asked: str, subjects: str) -> str:
+    """What to say of a request to JetStream nobody answered in time. A server that hangs does that too (a forget
+    during a 25 s stall of the embedded server said only "check that this NATS user may publish to ...")."""
+    return (f"{asked}: the NATS server hangs or is overloaded (stopped, a slow disk; on a cluster, no node leads the "
+            "stream until the others elect one), which a later try outlasts; or this NATS user is not allowed: check "
+            f"that it may publish to {subjects} (the server log then names a permissions violation)")
+
+
 @dataclass(frozen=True)
 class ScrubReport:
     stream: str
@@ -293,8 +301,8 @@ async def info_or_none(js: JetStreamContext, stream: str) -> Any:
         raise ScrubError(f"JetStream did not answer for stream {stream} ({e}): enable JetStream for this account "
                          "(nats-server -js, or a jetstream block in the account's config)") from e
     except (TimeoutError, NatsTimeoutError) as e:
-        raise ScrubError(f"no answer from JetStream about stream {stream}: check that this NATS user may publish to "
-                         "$JS.API.> and subscribe to _INBOX.> (the server log names a permissions violation)") from e
+        raise ScrubError(no_answer(f"no answer from JetStream about stream {stream}",
+                                   "$JS.API.> and subscribe to _INBOX.>")) from e
 
 
 async def delete_all(js: JetStreamContext, stream: str, seqs: list[int]) -> tuple[int, int]:
@@ -333,9 +341,8 @@ async def _delete(js: JetStreamContext, stream: str, seq: int) -> bool:
                              f"(`nats stream edit {stream} --no-deny-delete`) and run the scrub again") from e
         raise ScrubError(f"deleting message {seq} of stream {stream} failed: {e}") from e
     except (TimeoutError, NatsTimeoutError) as e:
-        raise ScrubError(f"no answer to deleting message {seq} of stream {stream}: check that this NATS user may "
-                         f"publish to $JS.API.STREAM.MSG.DELETE.{stream} (the server log names a permissions "
-                         "violation)") from e
+        raise ScrubError(no_answer(f"no answer to deleting message {seq} of stream {stream}",
+                                   f"$JS.API.STREAM.MSG.DELETE.{stream}")) from e
 
 
 async def read_through(
@@ -409,10 +416,9 @@ class _Reader:
                              "exporting a user reads each stream through one of its own, so the account's or the "
                              "stream's max_consumers must leave room for one more") from e
         except (TimeoutError, NatsTimeoutError) as e:
-            raise ScrubError(f"no answer to creating a consumer on stream {self.stream}: check that this NATS user "
-                             f"may publish to $JS.API.CONSUMER.CREATE.{self.stream}.> and "
-                             f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.> (the server log names a permissions "
-                             "violation)") from e
+            raise ScrubError(no_answer(f"no answer to creating a consumer on stream {self.stream}",
+                                       f"$JS.API.CONSUMER.CREATE.{self.stream}.> and "
+                                       f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.>")) from e
 
     async def _subscribe(self) -> Any:
         if hasattr(self.nc, "subscribe_raw"):  # tipstream's IngestClient: no Msg object per message

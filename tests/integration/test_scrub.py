@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -200,17 +201,21 @@ async def test_an_account_without_jetstream_is_told_how_to_enable_it(no_jetstrea
         await client.close()
 
 
-async def test_a_user_not_allowed_to_delete_is_told_which_subject(tmp_path: Path, monkeypatch) -> None:
-    """The server answers a denied publish with -ERR and nothing on the reply subject: 5 s (delete_msg's wait)."""
+def one_second_for_deletes(monkeypatch) -> None:
+    """What is told after the wait for a delete's answer is under test, not its length: nats-py's 5 s, cut to 1 s."""
     from nats.js.manager import JetStreamManager
 
     api_request = JetStreamManager._api_request
 
-    async def one_second_for_deletes(self: Any, subject: str, req: bytes = b"", timeout: float = 5) -> Any:
-        # What is told after the wait is under test, not its length: nats-py's 5 s, cut to 1 s.
+    async def shorter(self: Any, subject: str, req: bytes = b"", timeout: float = 5) -> Any:
         return await api_request(self, subject, req, timeout=min(timeout, 1.0) if ".MSG.DELETE." in subject else timeout)
 
-    monkeypatch.setattr(JetStreamManager, "_api_request", one_second_for_deletes)
+    monkeypatch.setattr(JetStreamManager, "_api_request", shorter)
+
+
+async def test_a_user_not_allowed_to_delete_is_told_which_subject(tmp_path: Path, monkeypatch) -> None:
+    """The server answers a denied publish with -ERR and nothing on the reply subject: 5 s (delete_msg's wait)."""
+    one_second_for_deletes(monkeypatch)
     store = tmp_path / "denied"
     store.mkdir()
     (store / "accounts.conf").write_text(
@@ -232,6 +237,30 @@ async def test_a_user_not_allowed_to_delete_is_told_which_subject(tmp_path: Path
     finally:
         await client.close()
         server.stop()
+
+
+async def test_a_server_that_hangs_during_a_delete_is_named_not_only_the_permissions(
+        nats_server: NatsServer, monkeypatch) -> None:
+    """No answer comes from a server that hangs either (SIGSTOP'd for 25 s during a forget, in a soak): the log said
+    only to check the user's permissions, which were fine, and the next try went through once it answered."""
+    one_second_for_deletes(monkeypatch)
+    client = await connect(nats_server.url)
+    try:
+        js = client.jetstream()
+        await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+        await js.publish("signals.task.created", orjson.dumps(event(1, "u-1")))
+        nats_server.process.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(ScrubError, match="no answer to deleting message 1 of stream SIGNALS: the NATS server "
+                                                 "hangs or is overloaded") as raised:
+                await delete_all(js, "SIGNALS", [1])
+        finally:
+            nats_server.process.send_signal(signal.SIGCONT)
+        assert r"may publish to $JS.API.STREAM.MSG.DELETE.SIGNALS" in str(raised.value)
+        assert sum(await delete_all(js, "SIGNALS", [1])) == 1  # erased now, or by the delete it got no answer to
+        assert await stored(js, "SIGNALS", 1) is None
+    finally:
+        await client.close()
 
 
 async def test_a_stream_that_denies_deletes_names_the_setting(js) -> None:
