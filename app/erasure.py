@@ -50,6 +50,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+from nats.errors import TimeoutError as NatsTimeoutError
 from sqlalchemy import Table, and_, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.sql.elements import ColumnElement
@@ -63,7 +64,7 @@ from app.periodic import woken
 from app.registry_store import UnreadableModel, decoded_model
 from app.thread_work import ThreadWork
 from streams import jetstream as jsx
-from streams.scrub import belongs, delete_all, read_through, spellings
+from streams.scrub import ScrubError, belongs, delete_all, no_answer, read_through, spellings
 from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream.erasure")
@@ -388,7 +389,14 @@ class Eraser:
         """The last sequence each of `streams` holds."""
         if self.js is None:
             return dict.fromkeys(streams, 0)
-        return {stream: int((await self.js.stream_info(stream)).state.last_seq) for stream in streams}
+        ends = {}
+        for stream in streams:
+            try:
+                ends[stream] = int((await self.js.stream_info(stream)).state.last_seq)
+            except (TimeoutError, NatsTimeoutError) as error:  # logged as "(TimeoutError: nats: timeout)", no more
+                raise ScrubError(no_answer(f"no answer from JetStream about stream {stream}",
+                                           f"$JS.API.STREAM.INFO.{stream}")) from error
+        return ends
 
     async def _read_through(self, ends: dict[str, int], rows: list[dict[str, Any]]) -> None:
         """Wait for ingest to have folded what SIGNALS and FEEDBACK held when the request was taken up:

@@ -288,6 +288,21 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return url
 
 
+def wait_stopped(pid: int) -> None:
+    """Until every thread of process `pid` is stopped (SIGSTOP reaches a thread running on another core a moment
+    later), 2 s at most."""
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        states = []
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+            with contextlib.suppress(OSError):  # a thread that ended
+                states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+        if states and all(state in "tT" for state in states):
+            return
+        time.sleep(0.001)
+    raise AssertionError(f"process {pid} not stopped within 2 s of its SIGSTOP")
+
+
 async def eventually(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
     """Poll until `check()` is truthy: waiting for an observable outcome, never a fixed sleep."""
     deadline = time.monotonic() + timeout

@@ -5,12 +5,15 @@ HTTP, SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import signal
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import orjson
+import pytest
 import sqlalchemy as sa
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import NotFoundError
@@ -18,7 +21,8 @@ from nats.js.errors import NotFoundError
 from app.erasure import Eraser
 from models.reward import TipModel
 from streams.jetstream import publish_events
-from tests.conftest import eventually
+from streams.scrub import ScrubError
+from tests.conftest import eventually, wait_stopped
 
 TOKEN = "erasure-token-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -322,6 +326,27 @@ async def test_a_request_whose_bounds_could_not_be_read_after_step_2_is_taken_ag
         report = (await status(http, "u-1"))["report"]
     assert not any(owner(data) == "u-1" for data in (await stored(js, "DLQ")).values())
     assert report["state"] is True and report["messages_dlq"] == 2, report
+
+
+async def test_a_nats_server_that_hangs_while_a_stream_s_end_is_read_is_named(start_service, nats_server) -> None:
+    """A forget during a stall of the server (SIGSTOP'd, in a soak) logged "did not go through (TimeoutError: nats:
+    timeout)": neither what went unanswered nor why."""
+    running = await start_service(nats_jetstream_timeout_s=0.5)
+    eraser = running.service.eraser
+    nats_server.process.send_signal(signal.SIGSTOP)
+    try:
+        wait_stopped(nats_server.process.pid)
+        with pytest.raises(ScrubError, match="no answer from JetStream about stream DECISIONS: the NATS server hangs"):
+            await eraser._ends()
+    finally:
+        nats_server.process.send_signal(signal.SIGCONT)
+
+    async def answered() -> bool:  # the server, resumed, may take longer than the 0.5 s to answer the first
+        with contextlib.suppress(ScrubError):
+            return set(await eraser._ends()) == {"DECISIONS", "DLQ"}
+        return False
+
+    await eventually(answered)
 
 
 async def test_the_cli_forgets_a_user_through_the_service(start_service, nc, tmp_path, monkeypatch, capsys) -> None:

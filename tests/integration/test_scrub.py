@@ -20,7 +20,7 @@ from streams import scrub as scrub_module
 from streams.jetstream import DLQ_REASON, DLQ_TRUNCATED, durable_of, ensure_streams, reset_durable
 from streams.pull import connect
 from streams.scrub import ScrubError, delete_all, scrub
-from tests.conftest import NatsServer, account_url, limited_account_server
+from tests.conftest import NatsServer, account_url, limited_account_server, wait_stopped
 
 TS = "2026-11-26T08:00:00+01:00"
 ODD = 'zoë "q" \\ ✓\n'  # an id that needs escapes, and non-ASCII
@@ -251,6 +251,7 @@ async def test_a_server_that_hangs_during_a_delete_is_named_not_only_the_permiss
         await js.publish("signals.task.created", orjson.dumps(event(1, "u-1")))
         nats_server.process.send_signal(signal.SIGSTOP)
         try:
+            wait_stopped(nats_server.process.pid)
             with pytest.raises(ScrubError, match="no answer to deleting message 1 of stream SIGNALS: the NATS server "
                                                  "hangs or is overloaded") as raised:
                 await delete_all(js, "SIGNALS", [1])

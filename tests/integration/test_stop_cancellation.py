@@ -4,10 +4,8 @@ running, and the stop, which waits for them all, never ended (nor the process, w
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
-import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +28,7 @@ from streams.events import parse_event
 from streams.jetstream import publish_events
 from streams.scrub import scrub
 from streams.store import OnlineStore
-from tests.conftest import eventually, reset_postgres
+from tests.conftest import eventually, reset_postgres, wait_stopped
 from tests.integration.ingest_support import cancelled, stop_reading
 from tests.integration.test_ingest_recovery import Checkpoints
 from tests.integration.test_nats_server_checks import _started_with_limits_held
@@ -108,7 +106,7 @@ async def test_the_decision_publisher_cancelled_as_it_writes_to_a_server_that_re
     nats_server.process.send_signal(signal.SIGSTOP)
     task: asyncio.Task[None] | None = None
     try:
-        _wait_stopped(nats_server.process.pid)
+        wait_stopped(nats_server.process.pid)
         for n in range(200):  # 40 MB: past what the sockets hold, and nats-py's 2 MB on top
             assert publisher.offer("decisions.score", f"d-{n}", b"x" * 200_000)
         task = asyncio.create_task(publisher.run())
@@ -230,27 +228,12 @@ async def _cancelled_as_the_answer_comes(server: Any, nc: Any, task: asyncio.Tas
     assert task.cancelled()
 
 
-def _wait_stopped(pid: int) -> None:
-    """Until every thread of process `pid` is stopped (SIGSTOP reaches a thread running on another core a moment
-    later), 2 s at most."""
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline:
-        states = []
-        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
-            with contextlib.suppress(OSError):  # a thread that ended
-                states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
-        if states and all(state in "tT" for state in states):
-            return
-        time.sleep(0.001)
-    raise AssertionError(f"process {pid} not stopped within 2 s of its SIGSTOP")
-
-
 def _let_go_once_stopped(server: Any, nc: Any, go: asyncio.Event) -> Callable[[], Awaitable[set[str]]]:
     """`_cancelled_as_the_answer_comes`'s `asking` for a task held at `go` as it is about to ask: let go once `server`
     is stopped."""
 
     async def asking() -> set[str]:
-        _wait_stopped(server.process.pid)  # not yielding: the task asks once the server is stopped
+        wait_stopped(server.process.pid)  # not yielding: the task asks once the server is stopped
         go.set()
         return set(nc._resp_map)
 
@@ -335,7 +318,7 @@ async def test_ingest_cancelled_as_the_stream_s_answer_on_a_hole_comes_ends(nats
         task = asyncio.create_task(ingest.run())  # runs once the server is stopped, and asks it of the hole
 
         async def asking() -> set[str]:
-            _wait_stopped(nats_server.process.pid)  # not yielding: asked of a server still going, it was answered
+            wait_stopped(nats_server.process.pid)  # not yielding: asked of a server still going, it was answered
             return set(nc._resp_map)
 
         await _cancelled_as_the_answer_comes(nats_server, nc, task, asking, "ingest")
