@@ -11,12 +11,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import difflib
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +78,18 @@ def settings_given(parser: argparse.ArgumentParser, pairs: list[str]) -> dict[st
                          + (f"(did you mean {close[0]}?)" if close else "(the README's settings table lists them)"))
         settings[name] = value
     return settings
+
+
+REACTIONS = ("acted", "liked", "snoozed", "dismissed", "disliked")
+
+
+async def react(js: Any, user: str, answer: dict[str, Any], reaction: str) -> None:
+    """Publish `user`'s reaction to the first tip of a /score `answer`, as an app does."""
+    event = {"id": f"bench-{uuid.uuid4().hex}", "type": "tip.reacted", "user_id": user,
+             "ts": datetime.now(UTC).isoformat(timespec="milliseconds"), "v": 1,
+             "data": {"tip_id": answer["ranked"][0]["tip_id"], "decision_id": answer["decision_id"],
+                      "reaction": reaction}}
+    await js.publish("feedback.tip.reacted", json.dumps(event).encode(), headers={"Nats-Msg-Id": event["id"]})
 
 
 class ServiceProcess:

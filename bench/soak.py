@@ -38,22 +38,29 @@ import signal
 import statistics
 import sys
 import time
-import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _harness import ServiceProcess, add_settings_option, connect, encode_request, metric, request_once, settings_given
+from _harness import (
+    REACTIONS,
+    ServiceProcess,
+    add_settings_option,
+    connect,
+    encode_request,
+    metric,
+    react,
+    request_once,
+    settings_given,
+)
 
 GAUGES = ("tipstream_users", "tipstream_users_dormant", "tipstream_join_cache_decisions", "tipstream_join_cache_bytes",
           "tipstream_feedback_pending", "tipstream_decision_queue", "tipstream_candidate_cache_items",
           "tipstream_offline_pending_users", "tipstream_tip_scores_rows_total", "tipstream_checkpoint_users_total",
           "tipstream_users_at_event_cap")
 LAG_BOUNDS_LABEL = "tipstream_event_loop_lag_seconds_bucket{le="
-REACTIONS = ("acted", "liked", "snoozed", "dismissed", "disliked")
 
 
 def process_tree(root: int) -> list[int]:
@@ -190,11 +197,7 @@ class Load:
             await asyncio.sleep(max(0.0, due - time.monotonic()))
 
     async def react(self, js: Any, user: str, answer: dict[str, Any]) -> None:
-        event = {"id": f"soak-{uuid.uuid4().hex}", "type": "tip.reacted", "user_id": user,
-                 "ts": datetime.now(UTC).isoformat(timespec="milliseconds"), "v": 1,
-                 "data": {"tip_id": answer["ranked"][0]["tip_id"], "decision_id": answer["decision_id"],
-                          "reaction": self.rng.choice(REACTIONS)}}
-        await js.publish("feedback.tip.reacted", json.dumps(event).encode(), headers={"Nats-Msg-Id": event["id"]})
+        await react(js, user, answer, self.rng.choice(REACTIONS))
         self.reactions += 1
 
 

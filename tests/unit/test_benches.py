@@ -52,7 +52,7 @@ def test_bench_runs_and_ends_with_its_json_line(name: str, tmp_path: Path) -> No
 
 def test_every_in_process_bench_is_covered() -> None:
     """A new bench that needs no service joins the list above (the others start one: run by hand)."""
-    starts_a_service = {"score", "learn", "ingest", "freshness", "restart", "soak", "fuzz"}
+    starts_a_service = {"score", "learn", "ingest", "freshness", "restart", "soak", "fuzz", "forget_soak"}
     found = {p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_")}
     assert found - starts_a_service == set(SMALLEST_RUNS)
 
