@@ -41,7 +41,7 @@ import orjson
 from app.checkpoint_rows import write_tip_scores
 from app.learning_metrics import DECISION_ROWS
 from app.score_request import CROSS_FORM, ONE_HOT_PREFIXES, SERVER_INPUTS
-from streams.events import Rejection
+from streams.events import Rejection, as_json
 
 SUBJECT_SCORE = "decisions.score"
 DECISION_TYPE = "decision.scored"
@@ -165,10 +165,45 @@ def _aware_time(value: Any) -> bool:
         return False
 
 
+DECISION_VERSION = 1  # the decision contract's version, which /score writes (`app.scoring`); there are no upcasters
+
+
+def version_problem(body: dict[str, Any]) -> Rejection | None:
+    """Why a decision's `v` is not one this server reads, or None: absent (v1, as for an event) or the JSON number 1
+    (`1.0` too, as JSON Schema's `integer` takes it).
+
+    >>> version_problem({"v": 2}).reason
+    'v=2 is newer than the decisions this server reads (v1): upgrade tipstream to a release that reads v2, or have the publisher send v1; then publish the decision again'
+    >>> version_problem({"v": True}).kind, version_problem({"v": 0}).kind, version_problem({"v": 1.0})
+    ('invalid_field', 'unsupported_version', None)
+    """
+    version = body.get("v", DECISION_VERSION)
+    if version.__class__ is float and version.is_integer() and abs(version) < 2**53:
+        version = int(version)
+    if version.__class__ is not int:  # bool is a subclass of int, not its class
+        return Rejection("invalid_field", f"field 'v': must be the decision contract's version as a JSON integer "
+                                          f"(this server reads {DECISION_VERSION}), not {as_json(version)}")
+    if version == DECISION_VERSION:
+        return None
+    if version > DECISION_VERSION:
+        return Rejection("unsupported_version", f"v={version} is newer than the decisions this server reads "
+                                                f"(v{DECISION_VERSION}): upgrade tipstream to a release that reads "
+                                                f"v{version}, or have the publisher send v{DECISION_VERSION}; then "
+                                                "publish the decision again")
+    return Rejection("unsupported_version", f"v={version} is not a decision contract version: this server reads "
+                                            f"v{DECISION_VERSION} only (decisions have no upcasters); have the "
+                                            f"publisher send v{DECISION_VERSION}")
+
+
 def decision_problem(body: dict[str, Any]) -> Rejection | None:
     """Why a decision cannot be joined, get its `tip_scores` row or be read by a model card, or None.
     A decision /score wrote always passes; one from another publisher that did not was joined
     anyway, and feedback naming it failed in the learner, holding FEEDBACK at that event for good."""
+    # First, as for an event: a newer contract may rename or add what the checks below ask for, and what is wrong
+    # then is that this server is older. Unchecked, a publisher's `"v": 2` (or `true`) was joined as v1.
+    problem = version_problem(body)
+    if problem is not None:
+        return problem
     for name, limit in _REQUIRED_TEXT:
         if not _text(body.get(name), limit):
             return Rejection("invalid_field", f"field {name!r} must be a string of 1-{limit} characters without NUL")

@@ -249,7 +249,7 @@ HALF_A_PAIR = ("holds half a UTF-16 surrogate pair (a \\ud800-\\udfff escape alo
                "inside an emoji? Send whole characters")
 
 
-def _as_json(value: Any) -> str:
+def as_json(value: Any) -> str:
     """A value the publisher sent, written back as JSON for a reason: orjson raised on an integer past
     64 bits (`"v": [18446744073709551616]`), out of `parse_event`, and the ingest retried that event
     for ever, holding its stream."""
@@ -290,7 +290,7 @@ def _describe(error: ValidationError) -> Rejection:
         given = first["input"].get("type") if isinstance(first["input"], dict) else None
         if not isinstance(given, str):  # as JSON: pydantic's tag is str() of it, so null read 'None' and 5 read '5'
             return Rejection("invalid_field", f"field 'type': must be an event type, a string, not "
-                                              f"{_as_json(given)}; known: {known}")
+                                              f"{as_json(given)}; known: {known}")
         return Rejection("unknown_type", f"type {given!r} is not an event type; known: {known}")
     if etype == "union_tag_not_found":
         return Rejection("missing_field", "field 'type' is required")
@@ -311,7 +311,7 @@ def _describe(error: ValidationError) -> Rejection:
                                           f"2026-11-26T08:01:02.123+01:00, not {first['input']!r} (it has none)")
     if where == "v" and (type(first["input"]) is not int):  # "1", 1.0, null: not a version number at all
         return Rejection("invalid_field", f"field 'v': must be the contract version as a JSON integer "
-                                          f"(this server reads {CURRENT_VERSION}), not {_as_json(first['input'])}")
+                                          f"(this server reads {CURRENT_VERSION}), not {as_json(first['input'])}")
     if where == "v":
         return unsupported_version(first["input"])
     if etype == "string_unicode":  # pydantic's "unable to parse raw data as a unicode string"

@@ -2270,6 +2270,29 @@ def test_a_publisher_s_decision_whose_features_name_another_user_is_refused(worl
     assert "ana" in found.reason or "user_id" in found.reason, found.reason
 
 
+@pytest.mark.parametrize(("version", "kind", "says"), [
+    (2, "unsupported_version", "v=2 is newer than the decisions this server reads (v1): upgrade tipstream"),
+    (0, "unsupported_version", "v=0 is not a decision contract version: this server reads v1 only"),
+    (True, "invalid_field", "field 'v': must be the decision contract's version as a JSON integer"),
+    ("1", "invalid_field", "field 'v': must be the decision contract's version as a JSON integer"),
+    (None, "invalid_field", "not null"),
+    (1.5, "invalid_field", "not 1.5"),
+])
+def test_a_publisher_s_decision_of_another_contract_version_is_refused_naming_it(
+        world: World, version: Any, kind: str, says: str) -> None:
+    """A decision on decisions.> from another publisher with `"v": 2` (or `true`) was joined as v1: its reactions
+    learned from fields a newer contract may mean otherwise. Refused as an event of that version is, to the DLQ."""
+    from app.decisions import decode_decision
+
+    decision = orjson.loads(world.score(user="eve", serve=False).payload)
+    assert decision["v"] == 1
+    found = decode_decision("decisions.score", orjson.dumps({**decision, "v": version}))
+    assert not isinstance(found, LoggedDecision), f"v={version!r} joined as v1"
+    assert (found.kind, says in found.reason) == (kind, True), found.reason
+    for same in ({**decision, "v": 1.0}, {key: value for key, value in decision.items() if key != "v"}):
+        assert isinstance(decode_decision("decisions.score", orjson.dumps(same)), LoggedDecision)
+
+
 @pytest.mark.parametrize(("digits", "served"), [("0fffffffffff", "2527-06-23T06:20:44.415+00:00"),
                                                  ("ffffffffffff", "281474976710655 ms since 1970")])
 def test_a_decision_read_back_served_far_after_it_was_stored_is_refused_naming_when(
