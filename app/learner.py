@@ -145,7 +145,8 @@ class Learner:
         self.model_learning = ModelLearning()
         # Read when scraped, not set as they change.
         JOIN_CACHE.set_function(lambda: len(self.joins))
-        JOIN_CACHE_BYTES.set_function(lambda: self.joins.bytes)
+        # With those read ahead of FEEDBACK, which `room_for` counts against the budget too (not `evict`: none leaves).
+        JOIN_CACHE_BYTES.set_function(lambda: self.joins.bytes + self.joins.ahead_bytes)
         PENDING.set_function(lambda: len(self.waiting))
         self._changed = False  # since the last snapshot taken
         self.snapshots = SnapshotBook(snapshot_every_s)

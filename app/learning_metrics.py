@@ -108,7 +108,8 @@ CANDIDATE_CACHE = Gauge(
 )
 JOIN_CACHE_BYTES = Gauge(
     "tipstream_join_cache_bytes", "Bytes the join cache counts against TIPSTREAM_LEARNER_JOIN_CACHE_MB (the decisions' "
-    "encoded size and a fixed overhead each; resident memory runs ~20% above it).", registry=_r,
+    "encoded size and a fixed overhead each; resident memory runs ~20% above it), with, during a catch-up, the "
+    "decisions read ahead of FEEDBACK, which wait apart and may pass the budget by up to 10 s of them.", registry=_r,
 )
 PENDING = Gauge("tipstream_feedback_pending", "Feedback waiting for its decision.", registry=_r)
 MODEL_SNAPSHOT_SECONDS = Histogram(

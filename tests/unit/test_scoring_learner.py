@@ -637,6 +637,30 @@ def test_a_replay_learns_feedback_that_came_before_another_publisher_s_decision_
     _learned_as_live(rebuilt, live)
 
 
+def test_the_join_cache_bytes_metric_counts_the_decisions_read_ahead_of_feedback(tmp_path: Path) -> None:
+    """A rebuild holds the decisions read past FEEDBACK's time apart (`JoinCache.ahead`), and counts them against
+    TIPSTREAM_LEARNER_JOIN_CACHE_MB (`Learner.room_for`). tipstream_join_cache_bytes left them out: an operator
+    sizing the budget from it saw room that the read-back did not have, while tipstream_join_cache_decisions
+    counted them."""
+    from app.learning_metrics import JOIN_CACHE, JOIN_CACHE_BYTES
+
+    def gauge(metric: Any) -> float:
+        return metric.collect()[0].samples[0].value
+
+    rebuilt = World(tmp_path)
+    assert rebuilt.learner.restore(rebuilt.engine) is None
+    rebuilt.learner.feedback_read = ReadUpTo()  # FEEDBACK follows DECISIONS, read 10 s further
+    rebuilt.learner.add_logged(_foreign(rebuilt, "ext-1"), _decisions_ack(rebuilt.clock.now, 1))
+    joins = rebuilt.learner.joins
+    assert list(joins.ahead) == ["ext-1"] and joins.bytes == 0 and joins.ahead_bytes > 0
+    assert (gauge(JOIN_CACHE), gauge(JOIN_CACHE_BYTES)) == (1, joins.ahead_bytes)
+    assert rebuilt.learner.room_for([joins.limit - joins.ahead_bytes - ENTRY_OVERHEAD + 1]) == 0  # as the metric says
+    rebuilt.learner.feedback_read.advance(int(rebuilt.clock.now * 1000), caught_up=True)
+    rebuilt.learner.caught_up()
+    assert not joins.ahead and gauge(JOIN_CACHE_BYTES) == joins.bytes > 0
+    rebuilt.engine.dispose()
+
+
 def test_another_publisher_s_decision_is_held_a_window_from_when_it_was_stored_not_from_each_start(
     tmp_path: Path,
 ) -> None:
