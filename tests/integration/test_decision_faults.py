@@ -117,6 +117,9 @@ MALFORMED = {  # each one a field the learner or a tip_scores row needs
     "features-of-another-user": {"features": {"user_id": "ana", "hour_of_day": 9}},
     "candidate-feature-read-as-a-user": {"ranked": [{"tip_id": "tip-focus-1", "features": {"user_id_ana": 1.0},
                                                      "score": 0.5, "propensity": 1.0}]},
+    # Another contract's decision, whose fields may mean otherwise: joined as v1, its reactions were learned.
+    "newer-version": {"v": 2},
+    "version-true": {"v": True},
 }
 
 
