@@ -219,7 +219,12 @@ class NatsConnection:
         if "permissions violation" in str(error).lower():
             self.permission_denied = str(error)
         if self.client is None:  # the first connection: one line, and the last error for connect's message
-            if self._connect_error is None:  # nats-py's TimeoutError says nothing: it was "()"
+            refused_for_good = (isinstance(error, (TlsNotOffered, ssl.SSLCertVerificationError))
+                                or client_certificate_refused(error) or _credentials_refused(error))
+            ends_the_start = refused_for_good and len(pull.server_urls(self.url)) == 1
+            # A refusal that ends the start at once is told by its message: "trying for 20 s" before it
+            # promised a wait that never came.
+            if self._connect_error is None and not ends_the_start:  # nats-py's TimeoutError says nothing: "()"
                 log.warning("waiting for NATS at %s (%s); trying for %g s", shown_url(self.url),
                             str(error) or f"no NATS greeting within {NATS_GREETING_S:g} s",
                             self.settings.nats_connect_timeout_s)
@@ -227,9 +232,7 @@ class NatsConnection:
             # ("Connection reset by peer") must not hide the refusal, which names the fix.
             if not (_credentials_refused(self._connect_error) or client_certificate_refused(self._connect_error)):
                 self._connect_error = error
-            refused_for_good = (isinstance(error, (TlsNotOffered, ssl.SSLCertVerificationError))
-                                or client_certificate_refused(error) or _credentials_refused(error))
-            if refused_for_good and len(pull.server_urls(self.url)) == 1:
+            if ends_the_start:
                 self._refused.set()
             return
         # The same error again within a minute is counted, not logged: a server that refuses the
