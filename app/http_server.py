@@ -161,6 +161,7 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
       to raise the limit, at most once a minute (uvicorn accepted until the process had no file
       descriptor left, then reset every new connection without a word, and the service's own
       reconnects to NATS and its database failed)."""
+    import httptools
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
     from streams.log_throttle import LogThrottle
@@ -344,8 +345,6 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
             super().on_headers_complete()
 
         def _host_from_target(self) -> None:
-            import httptools
-
             try:
                 target = httptools.parse_url(self.url)
             except httptools.HttpParserInvalidURLError:
