@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from app.embedded_nats import URL_FILE
 from app.nats_auth import NatsAuthError, NatsUnanswered, connect_for_command, nats_options
 from app.settings import get_settings
+from streams import jetstream
 from streams.jetstream import STORAGE_FULL_FIX, publish_events
 from streams.simulator import Population
 
@@ -94,6 +96,69 @@ def _lost(where: str, sent: int, in_flight: int, fix: str) -> str:
             f"JetStream too): {fix}.")
 
 
+# How long a server that answers may acknowledge none of the events before the run gives up: nats-server with its
+# store's disk full takes every publish and stores none, also once space is freed, until it is restarted, and the
+# run published the same events again every 5 s for as long as it ran, saying only how many were acknowledged.
+GIVE_UP_AFTER_S = 60.0
+STORE_NOT_WRITTEN = ("a nats-server whose store's disk is full takes publishes and stores none (its log says "
+                     "'Critical write error ... no space left on device'), also once space is freed: free space on "
+                     "the disk of its store (`-sd`; an embedded one's is TIPSTREAM_DATA_DIR/nats), then restart "
+                     "nats-server (`tipstream run` restarts its embedded one once 16 MB are free)")
+
+
+class GaveUp(Exception):
+    """JetStream acknowledged none of the events for GIVE_UP_AFTER_S: the message to end the run with."""
+
+
+class Unacknowledged:
+    """Publishes JetStream leaves unanswered (`publish_events`' `unacknowledged`): said once, with what the server
+    still answers, then counted; after GIVE_UP_AFTER_S with none acknowledged, `GaveUp`."""
+
+    def __init__(self, nc: Any, where: str, ack_wait_s: float) -> None:
+        self.nc, self.where, self.ack_wait_s = nc, where, ack_wait_s
+        self.since: float | None = None  # the first of the waits that acknowledged nothing, since the last that did
+        self.waits, self.answers = 0, False
+
+    async def __call__(self, acknowledged: int, of: int) -> None:
+        if acknowledged:
+            self.since = None
+            print(f"JetStream acknowledged {acknowledged} of {of} events within {self.ack_wait_s:g} s; publishing "
+                  "the rest again", file=sys.stderr)
+            return
+        self.waits += 1
+        if self.since is None:
+            self.since, self.waits = time.monotonic(), 1
+            self.answers = await self._answers()
+            print(f"JetStream at {self.where} acknowledged none of {of} events within {self.ack_wait_s:g} s"
+                  f"{self._why()}. Publishing them again until it does; giving up after {GIVE_UP_AFTER_S:g} s "
+                  "of none.", file=sys.stderr)
+            return
+        stalled = time.monotonic() - self.since
+        if stalled >= GIVE_UP_AFTER_S:
+            raise GaveUp(f"JetStream at {self.where} acknowledged none of the events for {stalled:.0f} s "
+                         f"({self.waits} tries){self._why()}")
+
+    def recovered(self) -> None:
+        """The events went through: a stall told is told as over."""
+        if self.since is not None:
+            print(f"JetStream acknowledges the events again, after {time.monotonic() - self.since:.0f} s "
+                  f"({self.waits} tries)", file=sys.stderr)
+            self.since = None
+
+    async def _answers(self) -> bool:
+        try:
+            await self.nc.jetstream(timeout=2).account_info()
+        except Exception:  # noqa: BLE001 - whatever it is, the server did not answer
+            return False
+        return True
+
+    def _why(self) -> str:
+        if self.answers:
+            return f", though it answers its API: {STORE_NOT_WRITTEN}"
+        return (", and answers no API request either: is the server hung (stopped, or out of memory), or a "
+                "cluster without a leader? Look at nats-server's log")
+
+
 async def _closes_within(closed: asyncio.Event, seconds: float) -> bool:
     try:
         await asyncio.wait_for(closed.wait(), seconds)
@@ -160,10 +225,15 @@ async def simulate(users: int, rate: float, count: int | None, duration: float |
             events = paced(population, rate, count, duration)
         per_chunk = max(1, int(rate / 20)) if rate else 1_000
         sent, interrupted = 0, False
+        unacknowledged = Unacknowledged(nc, shown_url(url), jetstream.PUBLISH_ACK_WAIT_S)
         try:
             while chunk := list(itertools.islice(events, per_chunk)):
                 try:
-                    acknowledged = await _acknowledged(publish_events(js, chunk), closed)
+                    acknowledged = await _acknowledged(publish_events(js, chunk, unacknowledged=unacknowledged),
+                                                       closed)
+                except GaveUp as gave_up:
+                    raise SystemExit(f"{gave_up}. Gave up after {sent} events acknowledged (the last {len(chunk)} "
+                                     "may be in JetStream too); run simulate again once it stores them.") from None
                 except NoStreamResponseError:
                     if not sent:
                         raise SystemExit(await _no_stream_told(nc, shown_url(url))) from None
@@ -183,6 +253,7 @@ async def simulate(users: int, rate: float, count: int | None, duration: float |
                 if acknowledged is None:  # the service stopped, and its embedded server with it
                     raise SystemExit(_lost(shown_url(url), sent, len(chunk), fix))
                 sent += acknowledged
+                unacknowledged.recovered()
                 report(sent)
                 ahead = sent / rate - (time.monotonic() - started) if rate else 0
                 if ahead > 0:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -449,6 +449,7 @@ async def publish_events(
     on_progress: Callable[[int], None] | None = None,
     ack_wait_s: float | None = None,
     again: bool = True,
+    unacknowledged: Callable[[int, int], Awaitable[None]] | None = None,
 ) -> int:
     """Publish (subject, event) pairs with a bounded window of unacknowledged publishes.
 
@@ -457,7 +458,8 @@ async def publish_events(
     within `ack_wait_s` (None: PUBLISH_ACK_WAIT_S, read at each call) is published again
     (`_publish_acknowledged`), or with `again` False raises TimeoutError: nats-py waits for an
     acknowledgement for ever (also when an account full refuses the event: the server's error goes to
-    the connection's error callback).
+    the connection's error callback). `unacknowledged(acknowledged, of)` is awaited at each such wait in place of
+    its warning, to tell it as the caller will, or to give up by raising.
     """
     ack_wait_s = PUBLISH_ACK_WAIT_S if ack_wait_s is None else ack_wait_s
     count = 0
@@ -466,18 +468,18 @@ async def publish_events(
         batch.append(pair)
         count += 1
         if len(batch) >= 1_000:
-            await _publish_acknowledged(js, batch, ack_wait_s, again)
+            await _publish_acknowledged(js, batch, ack_wait_s, again, unacknowledged)
             batch.clear()
             if on_progress:
                 on_progress(count)
-    await _publish_acknowledged(js, batch, ack_wait_s, again)
+    await _publish_acknowledged(js, batch, ack_wait_s, again, unacknowledged)
     if on_progress:
         on_progress(count)
     return count
 
 
 async def _publish_acknowledged(js: JetStreamContext, batch: list[tuple[str, dict[str, Any]]], ack_wait_s: float,
-                                again: bool) -> None:
+                                again: bool, unacknowledged: Callable[[int, int], Awaitable[None]] | None) -> None:
     """`batch` published until JetStream has acknowledged every event of it. After a reconnect (an
     embedded server started again on its port) the acknowledgements in flight never came, and the
     publisher waited for them for good; published again, each event is stored once, by its
@@ -497,8 +499,11 @@ async def _publish_acknowledged(js: JetStreamContext, batch: list[tuple[str, dic
                                    f"{ack_wait_s:g} s") from None
             if len(left) == len(batch):
                 await _raise_if_storage_full(js, left[0], ack_wait_s)
-            log.warning("JetStream acknowledged %d of %d events within %g s; publishing the rest again",
-                        len(batch) - len(left), len(batch), ack_wait_s)
+            if unacknowledged is not None:
+                await unacknowledged(len(batch) - len(left), len(batch))
+            else:
+                log.warning("JetStream acknowledged %d of %d events within %g s; publishing the rest again",
+                            len(batch) - len(left), len(batch), ack_wait_s)
             batch = left
         finally:
             for future in pending:  # each holds one of publish_async_max_pending's places until settled

@@ -98,6 +98,8 @@ class NatsServer:
         self.store, self.port = store, port or free_port()
         self.binary, self.args, self.jetstream_flags = binary, args, jetstream_flags
         self.process: subprocess.Popen[bytes] | None = None
+        self.jetstream_dir = store
+        self.launcher: tuple[str, ...] = ()  # what runs nats-server (`FullDiskNatsServer`: in another mount namespace)
 
     @property
     def url(self) -> str:
@@ -107,8 +109,8 @@ class NatsServer:
         self.store.mkdir(parents=True, exist_ok=True)
         log = open(self.store / "server.log", "ab")
         self.process = subprocess.Popen(
-            [self.binary or TEST_NATS_SERVER or nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port),
-             *(("-js", "-sd", str(self.store)) if self.jetstream_flags else ()), *self.args],
+            [*self.launcher, self.binary or TEST_NATS_SERVER or nats_server_binary(), "-a", "127.0.0.1", "-p",
+             str(self.port), *(("-js", "-sd", str(self.jetstream_dir)) if self.jetstream_flags else ()), *self.args],
             stdout=log, stderr=log,
         )
         deadline = time.monotonic() + 10
@@ -130,6 +132,45 @@ class NatsServer:
         if self.process and self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+
+
+class FullDiskNatsServer(NatsServer):
+    """A nats-server whose store is on a file system of its own (a `size` tmpfs) that `fill` fills and `free` frees:
+    the kernel's ENOSPC for its writes, as on a full disk. Without root, the tmpfs is mounted in a user and mount
+    namespace (`unshare -Urm`) that a process holds open, so that the store outlives a restart of the server; the
+    server runs in it (`nsenter`) and is reached on loopback as any other. Skips the test where the kernel allows
+    no user namespace."""
+
+    def __init__(self, store: Path, size: str = "64m", args: tuple[str, ...] = ()) -> None:
+        super().__init__(store, args=args)
+        self.jetstream_dir = store / "disk"
+        self.jetstream_dir.mkdir(parents=True, exist_ok=True)
+        self.holder = subprocess.Popen(
+            ["unshare", "-Urm", "sh", "-c",
+             f'mount -t tmpfs -o size={size} tmpfs "$0" && echo mounted && exec sleep infinity', str(self.jetstream_dir)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self.holder.stdout is not None
+        if self.holder.stdout.readline().strip() != "mounted":
+            _, err = self.holder.communicate(timeout=10)
+            pytest.skip(f"no tmpfs of its own for nats-server's store without root here: {err.strip()}")
+        self.launcher = ("nsenter", "-t", str(self.holder.pid), "-U", "-m", "--preserve-credentials")
+        # The namespace's view of the tmpfs, from this one (the process's own root as it sees it).
+        self.disk = Path(f"/proc/{self.holder.pid}/root") / self.jetstream_dir.relative_to("/")
+
+    def fill(self) -> None:
+        """The disk filled to its last byte, by a file beside the store."""
+        with (self.disk / "filler").open("ab", buffering=0) as filler, contextlib.suppress(OSError):  # ENOSPC
+            while True:
+                filler.write(bytes(1 << 16))
+
+    def free(self) -> None:
+        (self.disk / "filler").unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """The server stopped and its tmpfs gone with the namespace."""
+        self.kill()
+        self.holder.kill()
+        self.holder.communicate(timeout=10)
 
 
 class NatsCluster:
@@ -214,6 +255,17 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     yield server
     # SIGKILL: its store goes with the test, and a clean stop saved each consumer's state first: 0.1 s of each teardown.
     server.kill()
+
+
+@pytest.fixture
+def full_disk_nats_server(tmp_path: Path) -> Iterator[FullDiskNatsServer]:
+    """`FullDiskNatsServer`, started, its disk not full yet."""
+    server = FullDiskNatsServer(tmp_path / "nats")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture

@@ -294,3 +294,69 @@ async def test_simulate_to_a_full_jetstream_ends_naming_the_limits(tmp_path: Pat
     told = done.stderr.strip().splitlines()[-1]
     assert "refused the events after" in told and ("(10023)" if cap == "server" else "(10002)") in told, told
     assert "max_file_store" in told and "`max_file`" in told and "Traceback" not in done.stderr
+
+
+# Acknowledgements waited for 1 s, and a run that gets none gives up after 3 s of them, not 60.
+QUICK_GIVE_UP = [sys.executable, "-c", PATCHED_RUN.format(patches={"streams.jetstream.PUBLISH_ACK_WAIT_S": 1.0,
+                                                                   "app.simulate.GIVE_UP_AFTER_S": 3.0})]
+
+
+async def test_simulate_to_a_server_whose_disk_is_full_says_so_once_and_gives_up_naming_it(
+        full_disk_nats_server) -> None:
+    """nats-server with its store's disk full takes every publish and stores none: simulate published the same
+    events again every 5 s for as long as it ran, saying only "JetStream acknowledged 0 of 50 events"."""
+    import nats
+
+    server = full_disk_nats_server
+    client = await nats.connect(server.url)
+    await ensure_streams(client.jetstream(), max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    await client.close()
+    server.fill()
+    done = await asyncio.to_thread(subprocess.run, [*QUICK_GIVE_UP, "simulate", "--count", "50", "--rate", "0",
+                                                    "--nats-url", server.url, "--quiet"],
+                                   capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2, lines  # told once, then the end
+    assert lines[0].startswith(f"JetStream at {server.url} acknowledged none of 50 events within 1 s, though it "
+                               "answers its API: a nats-server whose store's disk is full"), lines[0]
+    assert "giving up after 3 s" in lines[0] and "restart nats-server" in lines[0], lines[0]
+    assert lines[1].startswith(f"JetStream at {server.url} acknowledged none of the events for "), lines[1]
+    assert "no space left on device" in lines[1] and "free space on the disk of its store" in lines[1], lines[1]
+    assert lines[1].endswith("Gave up after 0 events acknowledged (the last 50 may be in JetStream too); run "
+                             "simulate again once it stores them."), lines[1]
+    assert b"no space left on device" in (server.store / "server.log").read_bytes()  # the disk full, truly
+
+
+async def test_simulate_goes_on_once_the_full_disk_s_server_is_restarted_with_room(full_disk_nats_server) -> None:
+    """What the warning says to do: space freed and nats-server restarted, the run stores its events, and says
+    that JetStream acknowledges them again."""
+    import nats
+
+    server = full_disk_nats_server
+    client = await nats.connect(server.url)
+    await ensure_streams(client.jetstream(), max_age_days=1, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    await client.close()
+    server.fill()
+    run = subprocess.Popen([*QUICK_ACKS, "simulate", "--count", "50", "--rate", "0", "--nats-url", server.url,
+                            "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert run.stderr is not None
+        first = await asyncio.to_thread(run.stderr.readline)
+        server.free()
+        server.stop()
+        server.start()
+        out, err = await asyncio.to_thread(run.communicate, timeout=60)
+    finally:
+        run.kill()
+    assert "acknowledged none of 50 events" in first and "store's disk is full" in first, first
+    assert run.returncode == 0 and out.startswith("published 50 events"), (out, err)
+    told = err.strip().splitlines()
+    assert len(told) == 1, told
+    assert told[0].startswith("JetStream acknowledges the events again, after "), told
+    client = await nats.connect(server.url)
+    try:
+        js = client.jetstream()
+        assert sum([(await js.stream_info(n)).state.messages for n in ("SIGNALS", "FEEDBACK")]) == 50
+    finally:
+        await client.close()
