@@ -263,7 +263,7 @@ class Service:
                 self.nc, js, spec, self.store, self.checkpointer, batch=s.ingest_batch,
                 max_event_bytes=s.max_event_bytes, max_uncheckpointed=s.max_uncheckpointed_events,
                 max_future_s=s.max_future_s, dead_lettered_upto=self._checkpointed.get(spec.name, 0),
-                ensure_streams=self._ensure_streams, **self._ingest_hooks(spec),
+                ensure_streams=self._ensure_streams, store_failed=self._store_failed, **self._ingest_hooks(spec),
             )
             await ingest.start()
             self.ingests.append(ingest)
@@ -376,6 +376,10 @@ class Service:
                  "no learner state saved yet: learning reads on from ingest's positions" if resume is None
                  else f"learning resumes at {resume}")
 
+    def _store_failed(self, stream: str) -> bool:
+        """Whether the embedded nats-server failed a write to `stream` (with NATS_URL, its log is not ours to read)."""
+        return self.embedded is not None and self.embedded.store_failed(stream)
+
     def _ingest_hooks(self, spec: jsx.StreamSpec) -> dict[str, Any]:
         # The learner sees every feedback event, also those the fold already holds (see Learner.feedback_sink).
         # With each message's ack subject: the learner stamps a reward with when it was stored.
@@ -437,7 +441,7 @@ class Service:
             ensure_streams=self._ensure_streams,
             # Read back no further ahead of FEEDBACK than the learner's join cache holds: the decisions it let go of
             # to make room would be those whose feedback is still to be read.
-            room=self.learner.room_for, followed_by=self.feedback_read,
+            room=self.learner.room_for, followed_by=self.feedback_read, store_failed=self._store_failed,
         )
         # What the checkpoint read of DECISIONS has its rows already: read back, they are not marked again.
         self.learner.rows_written_upto = self._checkpointed.get(jsx.DECISIONS.name, 0)

@@ -132,6 +132,8 @@ STORE_ROOM_BYTES = 16 << 20
 # A failed write the free space does not show (a user's disk quota) would otherwise restart the server at
 # every check, each restart meeting the same failure.
 STORE_RESTART_EVERY_S = 60.0
+# How much of the end of its log `store_failed` reads (a few lines a minute otherwise: days of them).
+STORE_FAILED_LOG_BYTES = 4 << 20
 _STORE_WRITE_FAILED = (b"no space left on device", b"disk quota exceeded", b"JetStream out of resources")
 
 
@@ -149,6 +151,7 @@ class EmbeddedNats:
         self.store_error: str | None = None  # why the store takes no writes, until the server is restarted
         self._store_restart_at = 0.0
         self._log_read_to = 0
+        self._store_failed_seen = False  # kept through restarts: what it failed to write left gaps (`store_failed`)
 
     def _write_config(self) -> Path:
         config = self.store_dir / "nats-server.conf"
@@ -302,6 +305,22 @@ class EmbeddedNats:
                 return line.decode(errors="replace").split("] ", 2)[-1][:300]  # past "[pid] date time [ERR]"
         return None
 
+    def store_failed(self, stream: str) -> bool:
+        """Whether this server failed a write to `stream` (the account of its token's clients, `$G`), as its log's
+        last STORE_FAILED_LOG_BYTES say (`jetstream.gone_before`), or whether its store was seen full since this
+        service started: the log is on that disk, and its lines stop once it is full."""
+        if self._store_failed_seen:
+            return True
+        signs = (b"JetStream failed to store a msg on stream '$G > %s'" % stream.encode(),
+                 b"Filestore [%s] Critical write error" % stream.encode())
+        try:
+            with open(self.store_dir / "nats-server.log", "rb") as file:
+                file.seek(max(0, file.seek(0, os.SEEK_END) - STORE_FAILED_LOG_BYTES))
+                tail = file.read()
+        except OSError:
+            return False
+        return any(sign in tail for sign in signs)
+
     def check_store(self) -> bool:
         """Note a store that takes no more writes (its disk full), and restart the server once it has room
         again; True when it did. Without the restart, no event, reaction or decision was stored again."""
@@ -312,7 +331,7 @@ class EmbeddedNats:
         if failure is None and free is not None and free < STORE_FULL_BELOW_BYTES:
             failure = f"{free:,} bytes free on its disk"
         if failure is not None and self.store_error is None:
-            self.store_error = failure
+            self.store_error, self._store_failed_seen = failure, True
             log.error("The embedded nats-server cannot write its store %s (%s): JetStream stores no event, reaction "
                       "or decision, and publishers' acknowledgements time out. Free space on that disk (`df %s`; "
                       "TIPSTREAM_STREAM_MAX_BYTES bounds the streams); tipstream restarts the nats-server once "

@@ -267,8 +267,12 @@ class StreamIngest:
                  ensure_streams: Callable[[], Awaitable[None]] | None = None,
                  before: Callable[[bytes], Awaitable[None] | None] | None = None,
                  room: Callable[[list[int]], int] | None = None, followed_by: ReadUpTo | None = None,
-                 max_buffer_bytes: int = BUFFER_MAX_BYTES, pull_max_bytes: int = pull.PULL_MAX_BYTES) -> None:
+                 max_buffer_bytes: int = BUFFER_MAX_BYTES, pull_max_bytes: int = pull.PULL_MAX_BYTES,
+                 store_failed: Callable[[str], bool] | None = None) -> None:
         self.nc, self.js, self.spec, self.store, self.checkpointer = nc, js, spec, store, checkpointer
+        # Whether NATS is known to have failed a write to a stream (`jsx.gone_before`): a stream that starts past 1
+        # is then told as one whose first sequences were never stored, not as events lost.
+        self.store_failed = store_failed
         # Creates the streams again when this one is gone (a reconnect to a server whose store was lost).
         self.ensure_streams = ensure_streams
         # What else of this stream waits in memory for a checkpoint, and how much of it may: the
@@ -444,7 +448,8 @@ class StreamIngest:
             wanted = 1
         try:
             pending, start = await jsx.reset_durable(js, self.spec.name, self.durable, wanted,
-                                                     max_ack_pending=self.batch * ACK_PENDING_BATCHES)
+                                                     max_ack_pending=self.batch * ACK_PENDING_BATCHES,
+                                                     store_failed=self.store_failed)
         except NotFoundError:
             if self.ensure_streams is None:
                 raise
@@ -458,7 +463,8 @@ class StreamIngest:
             await self.ensure_streams()
             recreated, why = True, "it was gone from NATS, and is created again"
             pending, start = await jsx.reset_durable(js, self.spec.name, self.durable, 1,
-                                                     max_ack_pending=self.batch * ACK_PENDING_BATCHES)
+                                                     max_ack_pending=self.batch * ACK_PENDING_BATCHES,
+                                                     store_failed=self.store_failed)
         if recreated or start < wanted or self._renewing:
             # Created again, or past the stream's end (reset_durable replays it from its first
             # message: a server back with an older copy of its store). The position and what was

@@ -530,13 +530,37 @@ def _acked(future: asyncio.Future[Any]) -> bool:
     return future.done() and not future.cancelled() and future.exception() is None
 
 
+def gone_before(stream: str, first: int, store_failed: Callable[[str], bool] | None = None) -> str:
+    """What a start with no checkpoint says of a stream whose sequences before `first` hold nothing. nats-server
+    (2.15.1 checked) gives a write that fails (its store's disk full) the next sequence and stores nothing in it: a
+    stream empty then starts past it once it stores again, and the line blamed retention or a user forgotten,
+    as if events were lost, where the event not acknowledged was published again. `store_failed(stream)`: whether
+    its server is known to have failed a write to it (the embedded one's log says so), which makes that the likely
+    cause; the others, which are losses, stay named.
+
+    >>> "those before were most likely never stored" in gone_before("SIGNALS", 2, lambda stream: stream == "SIGNALS")
+    True
+    >>> gone_before("FEEDBACK", 4, lambda stream: stream == "SIGNALS").split("; ")[1]
+    'those before are gone (past its retention, erased with a user forgotten, or purged), or were never stored (a write nats-server failed, its disk full, is given a sequence)'
+    """
+    if store_failed is not None and store_failed(stream):
+        return (f"stream {stream} keeps sequences {first} on; those before were most likely never stored: its "
+                "nats-server failed a write to it (its store's disk full), and gives such a write a sequence though "
+                "it stores nothing; the event not acknowledged is published again. Else they are gone (past its "
+                "retention, erased with a user forgotten, or purged)")
+    return (f"stream {stream} keeps sequences {first} on; those before are gone (past its retention, erased with a "
+            "user forgotten, or purged), or were never stored (a write nats-server failed, its disk full, is given a "
+            "sequence)")
+
+
 async def reset_durable(
-    js: JetStreamContext, stream: str, durable: str, start_seq: int, max_ack_pending: int
+    js: JetStreamContext, stream: str, durable: str, start_seq: int, max_ack_pending: int,
+    store_failed: Callable[[str], bool] | None = None,
 ) -> tuple[int, int]:
     """(Re)create the durable consumer so it delivers from `start_seq`: the checkpoint decides.
 
     Returns how many messages it has to deliver, and the sequence it delivers from (the stream's
-    first when `start_seq` is past its end or before its first).
+    first when `start_seq` is past its end or before its first). `store_failed`: `gone_before`'s.
     """
     try:
         await js.delete_consumer(stream, durable)
@@ -568,8 +592,7 @@ async def reset_durable(
         # cannot tell an aged-out message from one erased for a forgotten user (both move its first
         # sequence), and a rebuild after a forget is docs/operations.md's own sequence: blaming retention
         # alone sent readers to TIPSTREAM_STREAM_MAX_AGE_DAYS for messages they had asked to delete.
-        log.info("stream %s keeps sequences %d on; those before are gone (past its retention, or erased with a "
-                 "user forgotten)", stream, first)
+        log.info("%s", gone_before(stream, first, store_failed))
     elif start_seq < first and info.state.messages:
         log.warning(
             "stream %s starts at %d but the checkpoint wants %d: events %d..%d expired by retention. "

@@ -423,9 +423,11 @@ async def test_a_service_catching_up_a_backlog_is_seen_reading_though_no_request
     assert await read_by_another(js, ["SIGNALS"]) == [], "no one reads it now"
 
 
-# A start with no checkpoint on a stream whose first messages are gone: aged out or erased, the
-# stream cannot tell which.
-KEPT_FROM = "stream SIGNALS keeps sequences {} on; those before are gone (past its retention, or erased with a user forgotten)"
+# A start with no checkpoint on a stream whose first messages are gone: aged out, erased or purged, the
+# stream cannot tell which, nor them from sequences a write that failed used up.
+KEPT_FROM = ("stream SIGNALS keeps sequences {} on; those before are gone (past its retention, erased with a user "
+             "forgotten, or purged), or were never stored (a write nats-server failed, its disk full, is given a "
+             "sequence)")
 
 
 async def test_events_past_retention_are_warned_of_only_when_a_checkpoint_wanted_them(nc, caplog) -> None:
@@ -463,6 +465,47 @@ async def test_a_rebuild_after_a_user_s_first_messages_were_erased_does_not_blam
         assert await reset_durable(js, "SIGNALS", "test-rebuild", 1, max_ack_pending=10) == (2, 2)
     told = [r.getMessage() for r in caplog.records]
     assert told == [KEPT_FROM.format(2)]
+
+
+async def test_a_stream_whose_first_write_failed_on_a_full_disk_is_told_as_never_stored_not_as_lost(
+        full_disk_nats_server, tmp_path: Path, caplog) -> None:
+    """nats-server with its store's disk full gives the write it fails a sequence and stores nothing: SIGNALS,
+    empty then, started at 2 once the server had room and was restarted, and a rebuild said of sequence 1 'those
+    before are gone (past its retention, or erased with a user forgotten)', as if an event had been lost, where the
+    event not acknowledged had been published again. The server's own log says it failed a write to SIGNALS."""
+    from app.embedded_nats import EmbeddedNats
+    from streams.jetstream import reset_durable
+
+    server = full_disk_nats_server
+    client = await nats.connect(server.url)
+    js = client.jetstream(timeout=1)
+    await ensure_streams(js, max_age_days=90, max_bytes=-1, duplicate_window_s=60, dlq_max_age_days=1)
+    server.fill()
+    with pytest.raises(nats.errors.TimeoutError):
+        await js.publish("signals.app.opened", orjson.dumps(event(0, "app.opened")))
+    await client.close()
+    server.free()
+    server.stop()
+    server.start()
+    client = await nats.connect(server.url)
+    try:
+        js = client.jetstream(timeout=5)
+        assert (await js.publish("signals.app.opened", orjson.dumps(event(0, "app.opened")))).seq == 2
+        # Read as the embedded server's log is: this one's, where it wrote it.
+        embedded = EmbeddedNats(server.store)
+        (server.store / "nats-server.log").symlink_to(server.store / "server.log")
+        assert embedded.store_failed("SIGNALS") and not embedded.store_failed("FEEDBACK")
+        with caplog.at_level(logging.INFO, logger="tipstream.jetstream"):
+            assert await reset_durable(js, "SIGNALS", "test-rebuild", 1, max_ack_pending=10,
+                                       store_failed=embedded.store_failed) == (1, 2)
+    finally:
+        await client.close()
+    told = [r.getMessage() for r in caplog.records]
+    never_stored = ("stream SIGNALS keeps sequences 2 on; those before were most likely never stored: its nats-server "
+                    "failed a write to it (its store's disk full), and gives such a write a sequence though it stores "
+                    "nothing; the event not acknowledged is published again. Else they are gone (past its retention, "
+                    "erased with a user forgotten, or purged)")
+    assert told == [never_stored], told
 
 
 async def test_a_recreated_stream_s_bad_event_reaches_the_dlq_within_the_duplicate_window(start_service, nc) -> None:
