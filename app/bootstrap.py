@@ -376,9 +376,12 @@ class Service:
                  "no learner state saved yet: learning reads on from ingest's positions" if resume is None
                  else f"learning resumes at {resume}")
 
-    def _store_failed(self, stream: str) -> bool:
-        """Whether the embedded nats-server failed a write to `stream` (with NATS_URL, its log is not ours to read)."""
-        return self.embedded is not None and self.embedded.store_failed(stream)
+    def _store_failed(self, stream: str) -> str | None:
+        """What says NATS failed to store a message of `stream` (`jsx.gone_before`): the embedded nats-server's log or
+        full store; with NATS_URL, whose log is not ours to read, decisions left unanswered while connected."""
+        if self.embedded is not None and (told := self.embedded.store_failed(stream)):
+            return told
+        return self.publisher.store_failed_told()
 
     def _ingest_hooks(self, spec: jsx.StreamSpec) -> dict[str, Any]:
         # The learner sees every feedback event, also those the fold already holds (see Learner.feedback_sink).

@@ -169,6 +169,8 @@ class DecisionPublisher:
         # When a line said JetStream acknowledged none, or refused a decision, and which (`_tell_answered`), until one
         # is acknowledged (`_on_ack`).
         self._wrong_told: tuple[float, str] | None = None
+        # When JetStream last acknowledged none with NATS connected, as a server whose store's disk is full does.
+        self._unanswered_at: float | None = None
         self._put_back: set[str] = set()  # decisions from before this start not acknowledged yet
         # The server's max_payload (its INFO): a larger HPUB makes it close the connection ('Maximum Payload
         # Violation'), and sent again after each reconnect, one such decision held the whole log up for good.
@@ -525,6 +527,7 @@ class DecisionPublisher:
         nc = self._nc()
         if nc is None or not nc.is_connected:
             return  # away: told by the connection's own lines
+        self._unanswered_at = time.time()
         left_out = self._unanswered_lines.allow(None)
         if left_out is None:
             return
@@ -536,6 +539,14 @@ class DecisionPublisher:
                     "left on device' then: free space there; nats-server stores nothing after a failed write until it "
                     "is restarted (tipstream restarts its embedded one itself).%s",
                     self.ack_timeout_s, self.waiting, f" ({left_out} such rounds since the last line)" if left_out else "")
+
+    def store_failed_told(self) -> str | None:
+        """Whether JetStream acknowledged no decision with NATS connected since this service started, said as a
+        cause of sequences a stream never stored (`jsx.gone_before`); a server that hangs does so too."""
+        if self._unanswered_at is None:
+            return None
+        at = time.strftime("%H:%M:%S UTC", time.gmtime(self._unanswered_at))
+        return f"JetStream acknowledged no decision with NATS connected (last at {at}), as such a server does"
 
     def _tell_answered(self) -> None:
         """The warnings of `_tell_unanswered` and of refusals were the last word once the server took decisions again

@@ -305,12 +305,12 @@ class EmbeddedNats:
                 return line.decode(errors="replace").split("] ", 2)[-1][:300]  # past "[pid] date time [ERR]"
         return None
 
-    def store_failed(self, stream: str) -> bool:
-        """Whether this server failed a write to `stream` (the account of its token's clients, `$G`), as its log's
-        last STORE_FAILED_LOG_BYTES say (`jetstream.gone_before`), or whether its store was seen full since this
-        service started: the log is on that disk, and its lines stop once it is full."""
+    def store_failed(self, stream: str) -> str | None:
+        """What says this server failed a write to `stream` (`jetstream.gone_before`), or None: its log's last
+        STORE_FAILED_LOG_BYTES (for the account of its token's clients, `$G`), or its store seen full since this
+        service started, as the log is on that disk, and its lines stop once it is full."""
         if self._store_failed_seen:
-            return True
+            return "the embedded nats-server's store was seen full by this service"
         signs = (b"JetStream failed to store a msg on stream '$G > %s'" % stream.encode(),
                  b"Filestore [%s] Critical write error" % stream.encode())
         try:
@@ -318,8 +318,10 @@ class EmbeddedNats:
                 file.seek(max(0, file.seek(0, os.SEEK_END) - STORE_FAILED_LOG_BYTES))
                 tail = file.read()
         except OSError:
-            return False
-        return any(sign in tail for sign in signs)
+            return None
+        if any(sign in tail for sign in signs):
+            return f"the embedded nats-server's log says it failed to store a message of {stream}"
+        return None
 
     def check_store(self) -> bool:
         """Note a store that takes no more writes (its disk full), and restart the server once it has room

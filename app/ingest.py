@@ -268,10 +268,10 @@ class StreamIngest:
                  before: Callable[[bytes], Awaitable[None] | None] | None = None,
                  room: Callable[[list[int]], int] | None = None, followed_by: ReadUpTo | None = None,
                  max_buffer_bytes: int = BUFFER_MAX_BYTES, pull_max_bytes: int = pull.PULL_MAX_BYTES,
-                 store_failed: Callable[[str], bool] | None = None) -> None:
+                 store_failed: Callable[[str], str | None] | None = None) -> None:
         self.nc, self.js, self.spec, self.store, self.checkpointer = nc, js, spec, store, checkpointer
-        # Whether NATS is known to have failed a write to a stream (`jsx.gone_before`): a stream that starts past 1
-        # is then told as one whose first sequences were never stored, not as events lost.
+        # What says NATS failed to store (`jsx.gone_before`): a stream that starts past 1 is then told as one whose
+        # first sequences were most likely never stored, not as events lost.
         self.store_failed = store_failed
         # Creates the streams again when this one is gone (a reconnect to a server whose store was lost).
         self.ensure_streams = ensure_streams

@@ -530,24 +530,28 @@ def _acked(future: asyncio.Future[Any]) -> bool:
     return future.done() and not future.cancelled() and future.exception() is None
 
 
-def gone_before(stream: str, first: int, store_failed: Callable[[str], bool] | None = None) -> str:
+def gone_before(stream: str, first: int, store_failed: Callable[[str], str | None] | None = None) -> str:
     """What a start with no checkpoint says of a stream whose sequences before `first` hold nothing. nats-server
     (2.15.1 checked) gives a write that fails (its store's disk full) the next sequence and stores nothing in it: a
     stream empty then starts past it once it stores again, and the line blamed retention or a user forgotten,
-    as if events were lost, where the event not acknowledged was published again. `store_failed(stream)`: whether
-    its server is known to have failed a write to it (the embedded one's log says so), which makes that the likely
-    cause; the others, which are losses, stay named.
+    as if events were lost, where the event not acknowledged was published again. `store_failed(stream)`: what
+    says its server failed to store (the embedded one's log, a publisher left unanswered), or None; with it, that
+    is the likely cause, and the others, which are losses, stay named.
 
-    >>> "those before were most likely never stored" in gone_before("SIGNALS", 2, lambda stream: stream == "SIGNALS")
-    True
-    >>> gone_before("FEEDBACK", 4, lambda stream: stream == "SIGNALS").split("; ")[1]
-    'those before are gone (past its retention, erased with a user forgotten, or purged), or were never stored (a write nats-server failed, its disk full, is given a sequence)'
+    >>> print(gone_before("SIGNALS", 2, lambda stream: "its log says so"))  # doctest: +NORMALIZE_WHITESPACE
+    stream SIGNALS keeps sequences 2 on; those before were most likely never stored: nats-server gives a write it
+    fails (its store's disk full) a sequence and stores nothing, and its log says so; the event not acknowledged is
+    published again. Else they are gone (past its retention, erased with a user forgotten, or purged)
+    >>> print(gone_before("FEEDBACK", 4, lambda stream: None))  # doctest: +NORMALIZE_WHITESPACE
+    stream FEEDBACK keeps sequences 4 on; those before are gone (past its retention, erased with a user forgotten, or
+    purged), or were never stored (a write nats-server failed, its disk full, is given a sequence)
     """
-    if store_failed is not None and store_failed(stream):
-        return (f"stream {stream} keeps sequences {first} on; those before were most likely never stored: its "
-                "nats-server failed a write to it (its store's disk full), and gives such a write a sequence though "
-                "it stores nothing; the event not acknowledged is published again. Else they are gone (past its "
-                "retention, erased with a user forgotten, or purged)")
+    evidence = store_failed(stream) if store_failed is not None else None
+    if evidence:
+        return (f"stream {stream} keeps sequences {first} on; those before were most likely never stored: "
+                f"nats-server gives a write it fails (its store's disk full) a sequence and stores nothing, and "
+                f"{evidence}; the event not acknowledged is published again. Else they are gone (past its retention, "
+                "erased with a user forgotten, or purged)")
     return (f"stream {stream} keeps sequences {first} on; those before are gone (past its retention, erased with a "
             "user forgotten, or purged), or were never stored (a write nats-server failed, its disk full, is given a "
             "sequence)")
@@ -555,7 +559,7 @@ def gone_before(stream: str, first: int, store_failed: Callable[[str], bool] | N
 
 async def reset_durable(
     js: JetStreamContext, stream: str, durable: str, start_seq: int, max_ack_pending: int,
-    store_failed: Callable[[str], bool] | None = None,
+    store_failed: Callable[[str], str | None] | None = None,
 ) -> tuple[int, int]:
     """(Re)create the durable consumer so it delivers from `start_seq`: the checkpoint decides.
 

@@ -194,14 +194,14 @@ async def test_a_store_whose_disk_filled_is_told_and_restarted_once_it_has_room(
     monkeypatch.setattr(embedded, "free_bytes", lambda: free[0])
     try:
         assert embedded.check_store() is False and embedded.health()["ok"] is True
-        assert not embedded.store_failed("DECISIONS")
+        assert embedded.store_failed("DECISIONS") is None
         first = embedded.process
         free[0] = STORE_FULL_BELOW_BYTES - 1
         assert embedded.check_store() is False and embedded.process is first
         assert embedded.health()["ok"] is False
         # What it wrote meanwhile may have used up sequences: told so where a stream starts past 1 (its log, on
         # the full disk, may not say).
-        assert embedded.store_failed("DECISIONS")
+        assert embedded.store_failed("DECISIONS") == "the embedded nats-server's store was seen full by this service"
         told = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
         assert len(told) == 1 and "Free space on that disk" in told[0] and str(tmp_path / "nats") in told[0], told
         free[0] = STORE_ROOM_BYTES - 1  # freed, but not enough yet

@@ -530,3 +530,41 @@ async def test_a_decision_larger_than_decisions_max_msg_size_is_held_aside_and_t
     assert any(refused in m and "max_msg_size" in m and "nats stream edit DECISIONS --max-msg-size" in m
                for m in told), told
     await running.stop()
+
+
+async def test_decisions_left_unanswered_by_a_full_disk_make_the_stream_s_first_sequence_told_as_never_stored(
+        start_service, full_disk_nats_server, caplog) -> None:
+    """The soak's NATS_URL server with its store's disk full: the first decision's failed write was given DECISIONS'
+    sequence 1 and stored nothing; once the server had room and was restarted, the service read on from 2 saying of
+    1 'those before are gone (past its retention, or erased with a user forgotten)', as if a decision was lost, where
+    it had sent it again and it was stored at 2."""
+    server = full_disk_nats_server
+    running = await start_service(nats_url=server.url)
+    publisher = running.service.publisher
+    publisher.ack_timeout_s = 0.5  # the decision sent again within half a second, not 5
+    server.fill()
+    caplog.set_level(logging.INFO)
+    async with running.http() as http:
+        assert (await http.post("/score", json=BODY)).status_code == 200
+    await eventually(lambda: "JetStream acknowledged none of the decisions" in caplog.text and b"no space left on "
+                     b"device" in (server.store / "server.log").read_bytes())
+    server.free()
+    server.stop()
+    server.start()
+    await eventually(lambda: publisher.published == 1, timeout=20)
+
+    def told() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("stream DECISIONS keeps")]
+
+    await eventually(told)
+    assert told()[0].startswith("stream DECISIONS keeps sequences 2 on; those before were most likely never stored: "
+                                "nats-server gives a write it fails (its store's disk full) a sequence and stores "
+                                "nothing, and JetStream acknowledged no decision with NATS connected (last at "), told()
+    assert told()[0].endswith("Else they are gone (past its retention, erased with a user forgotten, or purged)")
+    client = await nats.connect(server.url)
+    try:
+        state = (await client.jetstream().stream_info("DECISIONS")).state
+        assert (state.first_seq, state.messages) == (2, 1), state  # sent again, stored once
+    finally:
+        await client.close()
+    await running.stop()

@@ -494,17 +494,19 @@ async def test_a_stream_whose_first_write_failed_on_a_full_disk_is_told_as_never
         # Read as the embedded server's log is: this one's, where it wrote it.
         embedded = EmbeddedNats(server.store)
         (server.store / "nats-server.log").symlink_to(server.store / "server.log")
-        assert embedded.store_failed("SIGNALS") and not embedded.store_failed("FEEDBACK")
+        assert embedded.store_failed("FEEDBACK") is None
+        assert embedded.store_failed("SIGNALS") == "the embedded nats-server's log says it failed to store a message of SIGNALS"
         with caplog.at_level(logging.INFO, logger="tipstream.jetstream"):
             assert await reset_durable(js, "SIGNALS", "test-rebuild", 1, max_ack_pending=10,
                                        store_failed=embedded.store_failed) == (1, 2)
     finally:
         await client.close()
     told = [r.getMessage() for r in caplog.records]
-    never_stored = ("stream SIGNALS keeps sequences 2 on; those before were most likely never stored: its nats-server "
-                    "failed a write to it (its store's disk full), and gives such a write a sequence though it stores "
-                    "nothing; the event not acknowledged is published again. Else they are gone (past its retention, "
-                    "erased with a user forgotten, or purged)")
+    never_stored = ("stream SIGNALS keeps sequences 2 on; those before were most likely never stored: nats-server "
+                    "gives a write it fails (its store's disk full) a sequence and stores nothing, and the embedded "
+                    "nats-server's log says it failed to store a message of SIGNALS; the event not acknowledged is "
+                    "published again. Else they are gone (past its retention, erased with a user forgotten, or "
+                    "purged)")
     assert told == [never_stored], told
 
 
