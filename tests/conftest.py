@@ -134,43 +134,54 @@ class NatsServer:
             self.process.wait(10)
 
 
-class FullDiskNatsServer(NatsServer):
-    """A nats-server whose store is on a file system of its own (a `size` tmpfs) that `fill` fills and `free` frees:
-    the kernel's ENOSPC for its writes, as on a full disk. Without root, the tmpfs is mounted in a user and mount
-    namespace (`unshare -Urm`) that a process holds open, so that the store outlives a restart of the server; the
-    server runs in it (`nsenter`) and is reached on loopback as any other. Skips the test where the kernel allows
-    no user namespace."""
+class FullDisk:
+    """A file system of its own at `where` (a `size` tmpfs) that `fill` fills and `free` frees: the kernel's ENOSPC
+    for writes there, as on a full disk. Without root, the tmpfs is mounted in a user and mount namespace
+    (`unshare -Urm`) that a process holds open, so that what is on it outlives the processes using it; those run in
+    it through `launcher` (`nsenter`), on this network. Skips the test where the kernel allows no user namespace."""
 
-    def __init__(self, store: Path, size: str = "64m", args: tuple[str, ...] = ()) -> None:
-        super().__init__(store, args=args)
-        self.jetstream_dir = store / "disk"
-        self.jetstream_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, where: Path, size: str = "64m") -> None:
+        where.mkdir(parents=True, exist_ok=True)
         self.holder = subprocess.Popen(
-            ["unshare", "-Urm", "sh", "-c",
-             f'mount -t tmpfs -o size={size} tmpfs "$0" && echo mounted && exec sleep infinity', str(self.jetstream_dir)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            ["unshare", "-Urm", "sh", "-c", 'mount -t tmpfs -o size="$1" tmpfs "$0" && echo mounted && exec sleep infinity',
+             str(where), size], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert self.holder.stdout is not None
         if self.holder.stdout.readline().strip() != "mounted":
             _, err = self.holder.communicate(timeout=10)
-            pytest.skip(f"no tmpfs of its own for nats-server's store without root here: {err.strip()}")
+            pytest.skip(f"no tmpfs of its own here without root: {err.strip()}")
         self.launcher = ("nsenter", "-t", str(self.holder.pid), "-U", "-m", "--preserve-credentials")
         # The namespace's view of the tmpfs, from this one (the process's own root as it sees it).
-        self.disk = Path(f"/proc/{self.holder.pid}/root") / self.jetstream_dir.relative_to("/")
+        self.view = Path(f"/proc/{self.holder.pid}/root") / where.relative_to("/")
 
     def fill(self) -> None:
-        """The disk filled to its last byte, by a file beside the store."""
-        with (self.disk / "filler").open("ab", buffering=0) as filler, contextlib.suppress(OSError):  # ENOSPC
+        """Filled to its last byte, by a file of its own."""
+        with (self.view / "filler").open("ab", buffering=0) as filler, contextlib.suppress(OSError):  # ENOSPC
             while True:
                 filler.write(bytes(1 << 16))
 
     def free(self) -> None:
-        (self.disk / "filler").unlink(missing_ok=True)
+        (self.view / "filler").unlink(missing_ok=True)
 
     def close(self) -> None:
-        """The server stopped and its tmpfs gone with the namespace."""
-        self.kill()
+        """The tmpfs gone with the namespace (its processes stopped first)."""
         self.holder.kill()
         self.holder.communicate(timeout=10)
+
+
+class FullDiskNatsServer(NatsServer):
+    """A nats-server whose store is on a `FullDisk` (`fill`, `free`), reached on loopback as any other; restarted,
+    it finds its store as it left it."""
+
+    def __init__(self, store: Path, size: str = "64m", args: tuple[str, ...] = ()) -> None:
+        super().__init__(store, args=args)
+        self.jetstream_dir = store / "disk"
+        self.disk = FullDisk(self.jetstream_dir, size)
+        self.launcher = self.disk.launcher
+        self.fill, self.free = self.disk.fill, self.disk.free
+
+    def close(self) -> None:
+        self.kill()
+        self.disk.close()
 
 
 class NatsCluster:

@@ -42,11 +42,12 @@ os.execv(sys.argv[1], sys.argv[1:])
 
 class ServiceProcess:
     def __init__(self, data_dir: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = (),
-                 patches: dict[str, Any] | None = None, open_files: tuple[int, int] | None = None) -> None:
+                 patches: dict[str, Any] | None = None, open_files: tuple[int, int] | None = None,
+                 launcher: tuple[str, ...] = ()) -> None:
         """`patches`: module constants ("app.silence_learning.SILENCE_READ_ALLOWANCE_MS") set to these values before
         `tipstream run` starts, where a test's wait is one of them (what it guards is not). `open_files`:
-        its limits on open files (soft, hard), as `ulimit -n` sets them."""
-        self.open_files = open_files
+        its limits on open files (soft, hard), as `ulimit -n` sets them. `launcher`: what runs it (`FullDisk`'s)."""
+        self.open_files, self.launcher = open_files, launcher
         self.port = free_port()
         self.args = args
         self.patches = patches or {}
@@ -79,7 +80,8 @@ class ServiceProcess:
         command = [sys.executable, "-c", PATCHED_RUN.format(patches=self.patches)] if self.patches else [TIPSTREAM]
         if self.open_files:  # set in the process, which then becomes the service (the same pid)
             command = [sys.executable, "-c", LIMITED_RUN.format(limits=self.open_files), *command]
-        self.process = subprocess.Popen([*command, "run", *self.args], env=self.env, stdout=log, stderr=log)
+        self.process = subprocess.Popen([*self.launcher, *command, "run", *self.args], env=self.env, stdout=log,
+                                        stderr=log)
         LAUNCHED.append(self.process)
 
     def _answering(self, deadline: float) -> ServiceProcess:

@@ -12,7 +12,8 @@ import nats
 import orjson
 import pytest
 
-from tests.e2e.support import ServiceProcess, wait_until
+from tests.conftest import eventually
+from tests.e2e.support import HTTP, ServiceProcess, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -228,6 +229,46 @@ async def test_a_store_whose_disk_filled_is_told_and_restarted_once_it_has_room(
         assert embedded.check_store() is True and embedded.health()["ok"] is True
     finally:
         embedded.stop()
+
+
+async def test_a_service_whose_embedded_store_s_disk_fills_goes_on_once_freed_and_names_the_sequence_used_up(
+        tmp_path: Path) -> None:
+    """The data directory on a real full disk (a tmpfs): the embedded nats-server gave the decision's failed write
+    DECISIONS' sequence 1 and stored nothing; once space was freed, tipstream restarted it and read on from 2 saying
+    of 1 'those before are gone (past its retention, or erased with a user forgotten)', as if a decision was lost."""
+    from tests.conftest import FullDisk
+    from tests.integration.test_score_api import body
+
+    disk = FullDisk(tmp_path / "disk")
+    data = tmp_path / "disk" / "data"  # as the service sees it; `disk.view / "data"` from here
+    service = ServiceProcess(tmp_path / "logs", launcher=disk.launcher, env={
+        "TIPSTREAM_DATA_DIR": str(data), "DATABASE_URL": f"sqlite:///{tmp_path / 'tipstream.db'}"})
+    try:
+        service.start()
+        disk.fill()
+        wait_until(lambda: service.get("/readyz").json()["nats_store"]["ok"] is False, what="the full store told")
+        assert HTTP.post(f"{service.base_url}/score", json=body(), timeout=10).status_code == 200
+        client = await nats.connect((disk.view / "data" / "nats.url").read_text())
+        try:
+            async def used_up() -> bool:  # the failed write's sequence
+                return (await client.jetstream().stream_info("DECISIONS")).state.last_seq == 1
+
+            await eventually(used_up, timeout=20)
+        finally:
+            await client.close()
+        disk.free()
+        wait_until(lambda: "keeps sequences" in service.log(), what="DECISIONS read on after the restart")
+        told = [line for line in service.log().splitlines() if "stream DECISIONS keeps sequences" in line]
+        assert len(told) == 1 and "DECISIONS keeps sequences 2 on; those before were most likely never stored" in told[0]
+        assert "and the embedded nats-server's store was seen full by this service" in told[0], told
+        assert "restarting the nats-server" in service.log()
+        wait_until(lambda: service.metric("tipstream_decisions_total", outcome="published") == 1, what="published")
+        assert service.get("/readyz").json()["nats_store"]["ok"] is True
+        assert service.stop()
+    finally:
+        if service.process is not None and service.process.poll() is None:
+            service.kill()
+        disk.close()
 
 
 def test_a_start_on_a_full_disk_names_it_and_what_to_free(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
