@@ -531,7 +531,8 @@ class DecisionPublisher:
         left_out = self._unanswered_lines.allow(None)
         if left_out is None:
             return
-        self._wrong_told = (time.monotonic(), "acknowledged none")
+        if self._wrong_told is None:  # the first line: `_tell_answered` says how long since (as for refusals)
+            self._wrong_told = (time.monotonic(), "acknowledged none")
         log.warning("JetStream acknowledged none of the decisions sent %gs ago, NATS connected; %d wait, sent again "
                     "(/score answers 503 once TIPSTREAM_DECISION_QUEUE_MAX wait). Does the NATS server hang (stopped, "
                     "or overloaded)? Then the connection is dropped after two pings unanswered "
@@ -552,7 +553,7 @@ class DecisionPublisher:
         """The warnings of `_tell_unanswered` and of refusals were the last word once the server took decisions again
         (a hung server resumed, a cluster's DECISIONS led again): the operator was left to guess whether it still held."""
         since, what = self._wrong_told
-        log.info("JetStream acknowledges decisions again, %.0f s after the line saying it %s; %d wait",
+        log.info("JetStream acknowledges decisions again, %.0f s after the first line saying it %s; %d wait",
                  time.monotonic() - since, what, self.waiting)
         self._wrong_told = None
 

@@ -494,6 +494,34 @@ async def test_a_server_that_answers_no_publish_is_told_as_hung_or_full(caplog: 
     assert told and "hang" in told[0] and "TIPSTREAM_NATS_PING_INTERVAL_S" in told[0], told
 
 
+async def test_decisions_acknowledged_again_after_a_long_silence_are_told_with_all_of_it(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A NATS_URL server with its store's disk full answered no decision for 67 s, with a line a minute: once
+    restarted with room, the log said 'JetStream acknowledges decisions again, 6 s after the line saying it
+    acknowledged none', the time since the last of those lines, not since the first."""
+    import logging
+
+    from streams.log_throttle import LogThrottle
+
+    caplog.set_level(logging.INFO, logger="tipstream.decisions")
+    nc = FakeNats()
+    nc.answers = ["lost"] * 12  # twelve rounds unanswered, 0.2 s each at least
+    publisher = DecisionPublisher(lambda: nc, queue_max=100, batch=1, window=1, ack_timeout_s=0.2)
+    publisher._unanswered_lines = LogThrottle(window_s=0)  # a line each round, as one a minute over minutes
+    await publisher.start()
+    task = asyncio.create_task(publisher.run())
+    assert publisher.offer("decisions.score", "d-0", b"{}")
+    assert await publisher.flush(20)
+    task.cancel()
+    told = [r for r in caplog.records if "acknowledged none" in r.getMessage()]
+    [again] = [r for r in caplog.records if r.getMessage().startswith("JetStream acknowledges decisions again, ")]
+    assert len(told) >= 2, [r.getMessage() for r in told]
+    seconds = int(again.getMessage().split(", ")[1].split(" s ")[0])
+    assert again.created - told[-1].created < 1 and again.created - told[0].created >= 2  # the last, and the first
+    assert abs(seconds - (again.created - told[0].created)) < 1, again.getMessage()
+    assert "after the first line saying it acknowledged none" in again.getMessage(), again.getMessage()
+
+
 async def refusals_told(caplog: pytest.LogCaptureFixture, nc: FakeNats, answers: list[str]) -> list[str]:
     """One decision published through `nc` answering `answers` first: the warnings of its refusals."""
     import logging
