@@ -480,6 +480,24 @@ _JETSTREAM_FIXES: dict[int | None, Callable[[Settings], str]] = {
 }
 
 
+# nats-server's answers to a stream it could not write to its store (2.15.1 checked, its store's disk full): 10049
+# to a creation, with no cause ("error creating store for stream"), 10069 to a change, naming it ("write
+# .../meta.inf.tmp: no space left on device"). The start said only those words.
+_STORE_WRITE_CODES = (10049, 10069)
+_STORE_RESTART = ("then restart nats-server, which stores nothing more after a failed write until it is restarted, "
+                  "and start tipstream again")
+
+
+def _store_write_fix(description: str) -> str:
+    if "no space left on device" in description or "disk quota exceeded" in description:
+        return ("The disk of that nats-server's store is full: free space on it (an embedded one's store is "
+                f"TIPSTREAM_DATA_DIR/nats), {_STORE_RESTART}.")
+    return ("nats-server could not write the stream to its store: is its store's disk full, or the store not "
+            "writable by it? Its log says which ('no space left on device', 'permission denied'). Free space on that "
+            "disk (an embedded one's store is TIPSTREAM_DATA_DIR/nats) or give nats-server's user the store, "
+            f"{_STORE_RESTART}.")
+
+
 def _replicas_fix(settings: Settings, why: str) -> str:
     n = settings.stream_replicas
     return (f"TIPSTREAM_STREAM_REPLICAS={n} puts each stream's {n} copies on {n} nodes of the NATS cluster, which "
@@ -503,6 +521,8 @@ def _jetstream_error(error: Any, settings: Settings) -> StartupError:
     fix = _JETSTREAM_FIXES.get(error.err_code)
     if fix is not None:
         return StartupError(f"{message} {fix(settings)}")
+    if error.err_code in _STORE_WRITE_CODES:
+        return StartupError(f"{message} {_store_write_fix(error.description or '')}")
     if error.err_code == 10065:  # subjects overlap with an existing stream
         streams = ", ".join(f"{spec.name} ({' '.join(spec.subjects)})" for spec in ALL_STREAMS)
         message += (f" tipstream's streams {streams} need those subjects to themselves: remove or change the "

@@ -21,6 +21,7 @@ import pytest
 from app.embedded_nats import nats_server_binary
 from tests.conftest import (
     POSTGRES_ADMIN_URL,
+    FullDiskNatsServer,
     NatsCluster,
     NatsServer,
     account_url,
@@ -660,3 +661,14 @@ def test_a_damaged_registry_row_is_a_message_naming_the_row_and_the_fixes(
                             env=environment(tmp_path))
     assert listed.returncode == 1 and "Traceback" not in listed.stderr, listed.stderr[-3000:]
     assert all(part in listed.stderr for part in parts), listed.stderr
+
+
+def test_a_nats_server_whose_store_s_disk_is_full_is_a_message_saying_to_free_it_and_restart(
+        tmp_path: Path, full_disk_nats_server: FullDiskNatsServer) -> None:
+    """NATS_URL's server with its store's disk full refused the streams' creation with its own words alone
+    ("error creating store for stream (error 10049)"): nothing on what was wrong or what to do."""
+    full_disk_nats_server.fill()
+    done = run(tmp_path, NATS_URL=full_disk_nats_server.url)
+    assert_one_message(done, f"JetStream at {full_disk_nats_server.url} (NATS_URL) refused tipstream's start: ",
+                       "error creating store for stream (error 10049)", "is its store's disk full",
+                       "Free space on that disk", "then restart nats-server")

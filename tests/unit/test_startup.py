@@ -419,6 +419,25 @@ def test_a_stream_left_without_a_leader_after_its_copies_changed_is_a_message_na
     assert "could not elect a leader for it" in message and "(error" not in message
 
 
+def test_a_stream_change_refused_for_a_full_disk_is_a_message_saying_to_free_it_and_restart(tmp_path: Path) -> None:
+    """A start that changed a stream's limits on a NATS_URL server whose store's disk was full (seen in this
+    session) ended with the server's words alone: nothing on what to do."""
+    from nats.js.errors import APIError
+
+    from app.settings import Settings
+    from app.start_errors import explain
+
+    settings = Settings(data_dir=tmp_path, nats_url="nats://n1:4222")
+    error = APIError(code=500, err_code=10069, description="write /srv/nats/jetstream/$G/streams/DLQ/meta.inf.tmp: no "
+                                                           "space left on device")
+    message = str(explain(error, settings))
+    assert message == ("JetStream at nats://n1:4222 (NATS_URL) refused tipstream's start: write /srv/nats/jetstream/"
+                       "$G/streams/DLQ/meta.inf.tmp: no space left on device (error 10069). The disk of that "
+                       "nats-server's store is full: free space on it (an embedded one's store is "
+                       "TIPSTREAM_DATA_DIR/nats), then restart nats-server, which stores nothing more after a failed "
+                       "write until it is restarted, and start tipstream again."), message
+
+
 async def test_a_warm_up_cut_short_by_a_failed_start_leaves_no_traceback_behind() -> None:
     """The warm-up's read of the users' states runs in a thread. A start that failed meanwhile (its one
     line said why: a statement_timeout, the database away) cancelled the warm-up, and what the read
