@@ -71,6 +71,12 @@ NO_ANSWER_FIX = (". No NATS node answered in time: on a NATS cluster, none leads
                  "lost takes seconds, the stream or consumer has no leader until then), or the server hangs. If this "
                  "goes on, look at the servers (`nats server report jetstream` shows which streams and consumers have "
                  "no leader)")
+# Told with a publish (the DLQ's copies) that timed out: a nats-server whose store's disk is full takes publishes and
+# answers none, and the line named a cluster's election or a server that hangs only.
+PUBLISH_NO_ANSWER_FIX = (NO_ANSWER_FIX + ". Or is its store's disk full? A nats-server that failed a write (its log "
+                         "says 'no space left on device') stores nothing more until it is restarted, also once there "
+                         "is room: free space on it and restart nats-server (tipstream restarts its embedded one "
+                         "itself)")
 # How often a hold for checkpoints looks again whether enough of them committed (and asks for one meanwhile).
 HOLD_RECHECK_S = 0.2
 EXPECTED_SUBJECT = {t: f"{family}.{t}" for t, family in FAMILY_OF_TYPE.items()}
@@ -1055,7 +1061,7 @@ class StreamIngest:
                 # A full JetStream refuses the DLQ's copy, and the stream waits at that event until it has room.
                 fix = jsx.STORAGE_FULL_FIX if getattr(error, "err_code", None) in jsx.STORAGE_FULL else ""
                 if isinstance(error, TimeoutError):  # nats-py's: told as "nats: timeout" alone, with no cause or fix
-                    fix = NO_ANSWER_FIX
+                    fix = PUBLISH_NO_ANSWER_FIX if what.startswith("publish") else NO_ANSWER_FIX
                 log.warning("could not %s for %s (%s); retrying in %.1fs%s", what, self.spec.name, error, delay, fix)
                 failed_at, tries = failed_at or time.monotonic(), tries + 1
                 if isinstance(error, StateUnavailable):  # a user's state: retried once the database is back

@@ -937,3 +937,35 @@ async def test_a_dead_letter_stored_whose_acknowledgement_was_lost_is_not_stored
     assert sorted(int(copy.headers[DLQ_SEQ]) for copy in await dlq_messages(js, 2)) == [2, 3]
     assert (await js.stream_info("DLQ")).state.messages == 2
     assert dead_lettered("SIGNALS") == before + 2, "the copy found stored is counted, once"
+
+
+async def test_a_dlq_copy_left_unanswered_by_a_full_disk_names_it_and_is_stored_once_the_server_has_room(
+        start_service, full_disk_nats_server, caplog) -> None:
+    """A bad event read while NATS_URL's store's disk was full: its DLQ copy went unanswered, and the warning every
+    10 s named a NATS cluster's election or a server that hangs, not the full disk (nats-server's log said 'no
+    space left on device' for DLQ), nor what to do."""
+    server = full_disk_nats_server
+    first = await start_service(nats_url=server.url)  # the streams, made
+    await first.stop()
+    client = await nats.connect(server.url)
+    try:
+        await client.jetstream().publish("signals.task.created", b"{not json")
+    finally:
+        await client.close()
+    server.fill()
+    caplog.set_level(logging.INFO, logger="tipstream.ingest")
+    before = dead_lettered("SIGNALS")
+    await start_service(nats_url=server.url)
+
+    def told(start: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith(start)]
+
+    await eventually(lambda: told("could not publish to the DLQ for SIGNALS"), timeout=30)
+    warned = told("could not publish to the DLQ for SIGNALS")[0]
+    assert "nats: timeout" in warned and "is its store's disk full?" in warned, warned
+    assert "free space on it and restart nats-server" in warned, warned
+    server.free()
+    server.stop()
+    server.start()
+    await eventually(lambda: dead_lettered("SIGNALS") == before + 1, timeout=60)
+    assert told("publish to the DLQ for SIGNALS: done, ")
