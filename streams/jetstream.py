@@ -532,29 +532,31 @@ def _acked(future: asyncio.Future[Any]) -> bool:
 
 def gone_before(stream: str, first: int, store_failed: Callable[[str], str | None] | None = None) -> str:
     """What a start with no checkpoint says of a stream whose sequences before `first` hold nothing. nats-server
-    (2.15.1 checked) gives a write that fails (its store's disk full) the next sequence and stores nothing in it: a
-    stream empty then starts past it once it stores again, and the line blamed retention or a user forgotten,
+    (2.15.1 checked) gives a write to an empty stream that fails (its store's disk full) the next sequence and stores
+    nothing in it: the stream starts past it once it stores again, and the line blamed retention or a user forgotten,
     as if events were lost, where the event not acknowledged was published again. `store_failed(stream)`: what
     says its server failed to store (the embedded one's log, a publisher left unanswered), or None; with it, that
     is the likely cause, and the others, which are losses, stay named.
 
     >>> print(gone_before("SIGNALS", 2, lambda stream: "its log says so"))  # doctest: +NORMALIZE_WHITESPACE
-    stream SIGNALS keeps sequences 2 on; those before were most likely never stored: nats-server gives a write it
-    fails (its store's disk full) a sequence and stores nothing, and its log says so; the event not acknowledged is
-    published again. Else they are gone (past its retention, erased with a user forgotten, or purged)
+    stream SIGNALS keeps sequences 2 on; those before were most likely never stored: nats-server gives a write to an
+    empty stream that fails (its store's disk full) a sequence and stores nothing, and its log says so; the event not
+    acknowledged is published again. Else they are gone (past its retention, erased with a user forgotten, or purged)
     >>> print(gone_before("FEEDBACK", 4, lambda stream: None))  # doctest: +NORMALIZE_WHITESPACE
     stream FEEDBACK keeps sequences 4 on; those before are gone (past its retention, erased with a user forgotten, or
-    purged), or were never stored (a write nats-server failed, its disk full, is given a sequence)
+    purged), or were never stored (a write to an empty stream that nats-server failed, its disk full, is given a
+    sequence)
     """
     evidence = store_failed(stream) if store_failed is not None else None
     if evidence:
         return (f"stream {stream} keeps sequences {first} on; those before were most likely never stored: "
-                f"nats-server gives a write it fails (its store's disk full) a sequence and stores nothing, and "
+                "nats-server gives a write to an empty stream that fails (its store's disk full) a sequence and stores "
+                f"nothing, and "
                 f"{evidence}; the event not acknowledged is published again. Else they are gone (past its retention, "
                 "erased with a user forgotten, or purged)")
     return (f"stream {stream} keeps sequences {first} on; those before are gone (past its retention, erased with a "
-            "user forgotten, or purged), or were never stored (a write nats-server failed, its disk full, is given a "
-            "sequence)")
+            "user forgotten, or purged), or were never stored (a write to an empty stream that nats-server failed, its "
+            "disk full, is given a sequence)")
 
 
 async def reset_durable(

@@ -558,8 +558,8 @@ async def test_decisions_left_unanswered_by_a_full_disk_make_the_stream_s_first_
 
     await eventually(told)
     assert told()[0].startswith("stream DECISIONS keeps sequences 2 on; those before were most likely never stored: "
-                                "nats-server gives a write it fails (its store's disk full) a sequence and stores "
-                                "nothing, and JetStream acknowledged no decision with NATS connected (last at "), told()
+                                "nats-server gives a write to an empty stream that fails (its store's disk full) a "
+                                "sequence and stores nothing, and JetStream acknowledged no decision with NATS connected (last at "), told()
     assert told()[0].endswith("Else they are gone (past its retention, erased with a user forgotten, or purged)")
     client = await nats.connect(server.url)
     try:

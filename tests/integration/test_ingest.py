@@ -426,8 +426,8 @@ async def test_a_service_catching_up_a_backlog_is_seen_reading_though_no_request
 # A start with no checkpoint on a stream whose first messages are gone: aged out, erased or purged, the
 # stream cannot tell which, nor them from sequences a write that failed used up.
 KEPT_FROM = ("stream SIGNALS keeps sequences {} on; those before are gone (past its retention, erased with a user "
-             "forgotten, or purged), or were never stored (a write nats-server failed, its disk full, is given a "
-             "sequence)")
+             "forgotten, or purged), or were never stored (a write to an empty stream that nats-server failed, its disk "
+             "full, is given a sequence)")
 
 
 async def test_events_past_retention_are_warned_of_only_when_a_checkpoint_wanted_them(nc, caplog) -> None:
@@ -503,7 +503,8 @@ async def test_a_stream_whose_first_write_failed_on_a_full_disk_is_told_as_never
         await client.close()
     told = [r.getMessage() for r in caplog.records]
     never_stored = ("stream SIGNALS keeps sequences 2 on; those before were most likely never stored: nats-server "
-                    "gives a write it fails (its store's disk full) a sequence and stores nothing, and the embedded "
+                    "gives a write to an empty stream that fails (its store's disk full) a sequence and stores "
+                    "nothing, and the embedded "
                     "nats-server's log says it failed to store a message of SIGNALS; the event not acknowledged is "
                     "published again. Else they are gone (past its retention, erased with a user forgotten, or "
                     "purged)")
