@@ -387,10 +387,13 @@ class StreamIngest:
         """Whether all this stream stored until a moment ago has been read: the server said it has
         nothing more for the pull request outstanding (it says so every `expires_s` when idle), and
         nothing delivered waits to be folded. False while ingest is paused for checkpoints (the
-        database away), between consumers, or away from NATS: what is stored meanwhile is unread."""
+        database away), between consumers, or away from NATS: what is stored meanwhile is unread.
+        Between consumers includes a re-creation asked for (`reset_needed`, as after a reconnect) that the loop
+        has not taken yet: the old puller's last status still says the stream had nothing more."""
         puller = self.puller
         return (puller is not None and puller.idle and not puller.paused and not puller.stopped
-                and not self.buffer and not self._held and self.lag == 0 and self.nc.is_connected)
+                and not self.reset_needed and not self.buffer and not self._held and self.lag == 0
+                and self.nc.is_connected)
 
     def _on_message(self, msg: pull.RawMsg) -> None:
         self.buffer.append(msg)
