@@ -33,7 +33,7 @@ from streams.fold import to_ms
 from streams.jetstream import ALL_STREAMS, event_headers, publish_events
 from streams.simulator import Population
 from streams.store import OnlineStore
-from tests.conftest import NatsCluster, NatsServer, eventually, serve_in_process
+from tests.conftest import NatsCluster, NatsServer, eventually, serve_in_process, wait_stopped
 from tests.integration.ingest_support import stop_reading
 from tests.integration.test_ingest_recovery import Checkpoints, decision, reading_decisions
 
@@ -480,6 +480,10 @@ async def test_a_hung_node_leading_the_consumer_leaves_the_lag_told_from_the_str
         caplog.set_level(logging.WARNING, logger="tipstream.ingest")
         nats_cluster.nodes[hung].process.send_signal(signal.SIGSTOP)
         try:
+            # A SIGSTOP stops a node's threads as the one taking it gets a CPU: 0-16 ms here beside two busy
+            # processes, while the node, still leading the consumer, delivered the events at once (read 5-11 ms
+            # after the SIGSTOP, before any lag was told).
+            wait_stopped(nats_cluster.nodes[hung].process.pid)
             await publish_events(js, events)
             with pytest.raises(NO_LEADER_YET):
                 await js.consumer_info("SIGNALS", jsx.durable_of("SIGNALS"), timeout=0.5)
