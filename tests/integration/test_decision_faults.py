@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 from app import decision_spool
-from tests.conftest import NatsServer, account_url, eventually, limited_account_server
+from tests.conftest import NatsServer, account_url, eventually, limited_account_server, wait_stopped
 from tests.e2e.test_learning import BODY, NOW, count, feedback, publish
 
 
@@ -232,6 +232,7 @@ async def test_decisions_in_flight_when_nats_went_away_are_sent_again_once_it_is
     await eventually(lambda: service.decision_tail.following)
     nats_server.process.send_signal(signal.SIGSTOP)  # the server takes the decision and never answers
     try:
+        wait_stopped(nats_server.process.pid)  # every thread: it may answer until then
         async with running.http() as http:
             assert (await http.post("/score", json=BODY)).status_code == 200
         await eventually(lambda: len(service.publisher.inflight) == 1)

@@ -27,7 +27,7 @@ from streams import jetstream as jsx
 from streams.events import parse_event
 from streams.fold import UserState
 from streams.store import OnlineStore, StateUnavailable
-from tests.conftest import dead_lettered, eventually
+from tests.conftest import dead_lettered, eventually, wait_stopped
 from tests.integration.ingest_support import stop_reading
 
 EVENTS = 3000
@@ -588,6 +588,7 @@ async def test_a_consumer_re_creation_nobody_answers_is_asked_again_at_once(nats
     runner = asyncio.create_task(ingest.run())
     os.kill(nats_server.process.pid, signal.SIGSTOP)
     try:
+        wait_stopped(nats_server.process.pid)  # every thread: it may answer until then
         ingest.request_reset()
         await eventually(lambda: caplog.text.count("(nats: timeout: no answer); asking again") >= 4, timeout=10)
     finally:
@@ -1458,6 +1459,7 @@ async def test_a_fold_retried_while_the_consumer_is_silent_tells_the_silence_onc
             await eventually(lambda: ingest.lag == 1, timeout=10)
         os.kill(nats_server.process.pid, signal.SIGSTOP)
         try:  # both ways have seen the silence
+            wait_stopped(nats_server.process.pid)  # every thread: it may answer until then
             if seen_first == "pull requests":
                 await eventually(lambda: ingest._unanswered_lag is not None, timeout=10)
                 assert not ingest._info_unanswered

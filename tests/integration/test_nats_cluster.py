@@ -541,6 +541,7 @@ async def test_a_hung_node_leading_the_consumer_of_a_held_ingest_leaves_the_lag_
         caplog.set_level(logging.WARNING, logger="tipstream.ingest")
         nats_cluster.nodes[hung].process.send_signal(signal.SIGSTOP)
         try:
+            wait_stopped(nats_cluster.nodes[hung].process.pid)  # every thread: it may answer until then
             await publish_events(js, events)  # stored while ingest holds, by the stream's leader
             await eventually(lambda: ingest.lag == unread + len(events) and METRICS.lag.labels("SIGNALS")._value.get()
                              == unread + len(events), timeout=10)

@@ -21,7 +21,7 @@ from streams.fold import to_ms
 from streams.jetstream import ensure_streams, publish_events, stored_us
 from streams.simulator import Population
 from streams.store import OnlineStore
-from tests.conftest import dead_lettered, eventually
+from tests.conftest import dead_lettered, eventually, wait_stopped
 
 
 def _swap_store(nats_server, older=None) -> None:
@@ -117,6 +117,7 @@ async def test_a_nats_server_that_stops_answering_makes_the_service_unready_with
         await eventually(lambda: status(200))
         nats_server.process.send_signal(signal.SIGSTOP)
         try:
+            wait_stopped(nats_server.process.pid)  # every thread: it may answer until then
             await eventually(lambda: status(503), timeout=10)
         finally:
             nats_server.process.send_signal(signal.SIGCONT)
@@ -138,6 +139,7 @@ async def test_a_hung_nats_server_that_resumes_is_told_as_answering_again(
         await eventually(lambda: running.service.ready)
         nats_server.process.send_signal(signal.SIGSTOP)
         try:
+            wait_stopped(nats_server.process.pid)  # every thread: it may answer until then
             response = await http.post("/score", json={"user_id": "u-1", "candidates": [{"tip_id": "t-1"}]})
             assert response.status_code == 200  # its decision waits in memory for JetStream
             await eventually(lambda: said("the consumer tipstream-signals of stream SIGNALS answers no pull request")
@@ -162,6 +164,7 @@ async def test_a_stop_while_the_nats_server_hangs_does_not_wait_for_it(
     await eventually(lambda: running.service.ready)
     nats_server.process.send_signal(signal.SIGSTOP)
     try:
+        wait_stopped(nats_server.process.pid)  # every thread: it may answer until then
         began = time.monotonic()
         await running.stop()
         took = time.monotonic() - began

@@ -213,6 +213,7 @@ async def _cancelled_as_the_answer_comes(server: Any, nc: Any, task: asyncio.Tas
     ended, cancelled, within 3 s."""
     server.process.send_signal(signal.SIGSTOP)
     try:
+        wait_stopped(server.process.pid)  # every thread: it may answer until then
         waiting_before = await asking()
 
         def awaited_answer() -> asyncio.Future[Any] | None:  # nats-py waits on it (its wait_for's callback is on it)
