@@ -309,6 +309,7 @@ class StreamIngest:
         # reconnect with another message there is another stream (`_replaced_under_us`).
         self._last_read: tuple[int, int] | None = None
         self._dlq_lines = LogThrottle(per_window=DLQ_LOG_PER_MINUTE)
+        self.clock = time.monotonic  # of `_retry`'s lines, a minute apart
         # A cluster without a quorum answers no call for as long as it lasts: asked again every 2 s, each a line.
         self._unanswered_lines = LogThrottle(per_window=6)
         self._gone_lines = LogThrottle(per_window=6)  # the consumer taking no pull request (`_consumer_gone`)
@@ -1046,6 +1047,9 @@ class StreamIngest:
         """Transient failures (NATS away) are retried with backoff; nothing is skipped. `asking_again`: an
         action whose call went unanswered, having waited out its bound, is tried again at once."""
         delay, failed_at, tries = 0.2, 0.0, 0
+        # A failure that lasts (a DLQ copy a full disk leaves unanswered: a line per 15 s for as long as it was full,
+        # for each stream) is told at once, then once a minute with the retries since; a new kind of failure at once.
+        lines = LogThrottle(clock=self.clock)
         while True:
             try:
                 done = await action()
@@ -1065,8 +1069,11 @@ class StreamIngest:
                 fix = jsx.STORAGE_FULL_FIX if getattr(error, "err_code", None) in jsx.STORAGE_FULL else ""
                 if isinstance(error, TimeoutError):  # nats-py's: told as "nats: timeout" alone, with no cause or fix
                     fix = PUBLISH_NO_ANSWER_FIX if what.startswith("publish") else NO_ANSWER_FIX
-                log.warning("could not %s for %s (%s); retrying in %.1fs%s", what, self.spec.name, error, delay, fix)
-                failed_at, tries = failed_at or time.monotonic(), tries + 1
+                left_out = lines.allow((type(error), getattr(error, "err_code", None)))
+                if left_out is not None:
+                    log.warning("could not %s for %s (%s); retrying in %.1fs%s%s", what, self.spec.name, error, delay,
+                                f" ({left_out} more retries since the last line)" if left_out else "", fix)
+                failed_at, tries = failed_at if tries else self.clock(), tries + 1
                 if isinstance(error, StateUnavailable):  # a user's state: retried once the database is back
                     await self.checkpointer.wait_to_retry(delay, self._pause)
                 else:
@@ -1075,7 +1082,7 @@ class StreamIngest:
                 continue
             if tries:  # its warnings were the last word: the operator was left to guess whether the stream still waited
                 log.info("%s for %s: done, %.0f s after the first try that failed (tried again %d times)", what,
-                         self.spec.name, time.monotonic() - failed_at, tries)
+                         self.spec.name, self.clock() - failed_at, tries)
             return done
 
     def _lagging(self, share: int) -> bool:

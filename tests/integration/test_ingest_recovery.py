@@ -969,6 +969,19 @@ async def test_a_stream_held_at_a_users_read_logs_why_and_not_who(nats_server, c
     await stop_reading(ingest, nc, running)
 
 
+async def told_publishing_after(ingest: StreamIngest, failures: list[Exception], caplog: Any) -> list[str]:
+    """A DLQ copy retried by `ingest` (`_retry`) through `failures`, the last first: what the log told of it."""
+
+    async def publish() -> str:
+        if failures:
+            raise failures.pop()
+        return "published"
+
+    with caplog.at_level(logging.INFO, logger="tipstream.ingest"):
+        assert await ingest._retry(publish, "publish to the DLQ") == "published"
+    return [r.getMessage() for r in caplog.records]
+
+
 async def test_a_nats_call_of_ingest_that_times_out_says_why_and_what_to_look_at(nats_server, caplog) -> None:
     """Its DLQ copy unanswered (a cluster electing the DLQ's leader after a node was killed, in a soak), ingest
     warned "could not publish to the DLQ for SIGNALS (nats: timeout); retrying", with neither a cause nor a fix, and
@@ -978,19 +991,42 @@ async def test_a_nats_call_of_ingest_that_times_out_says_why_and_what_to_look_at
     nc, js = await seeded(nats_server)
     ingest = StreamIngest(nc, js, jsx.SIGNALS, OnlineStore(), Checkpoints(), batch=512, max_event_bytes=16384,
                           max_uncheckpointed=10**6)
-    failures = [nats.errors.TimeoutError()]
-
-    async def publish() -> str:
-        if failures:
-            raise failures.pop()
-        return "published"
-
-    with caplog.at_level(logging.INFO, logger="tipstream.ingest"):
-        assert await ingest._retry(publish, "publish to the DLQ") == "published"
-    told = [r.getMessage() for r in caplog.records]
+    told = await told_publishing_after(ingest, [nats.errors.TimeoutError()], caplog)
     assert len(told) == 2, told
     assert "nats: timeout" in told[0] and "no leader" in told[0] and "nats server report jetstream" in told[0], told
     assert told[1].startswith("publish to the DLQ for SIGNALS: done, "), told
+    await nc.close()
+
+
+async def test_a_failure_that_lasts_is_told_at_once_then_once_a_minute_with_the_retries_left_out(nats_server,
+                                                                                               caplog) -> None:
+    """A DLQ copy that a NATS server whose disk is full left unanswered was warned of on every retry: a line per 15 s
+    (the publish's 5 s timeout, then the 10 s backoff) for as long as the disk was full, for each stream. Driven on
+    the ingest's clock, not slept: 16 timeouts over 113 s, then the server's refusal for a full store, then done."""
+    import nats.errors
+    from nats.js.errors import APIError
+
+    nc = await pull.connect(nats_server.url)
+    ingest = StreamIngest(nc, nc.jetstream(), jsx.SIGNALS, OnlineStore(), Checkpoints(), batch=512,
+                          max_event_bytes=16384, max_uncheckpointed=10**6)
+    now = [1000.0]
+    ingest.clock = lambda: now[0]
+
+    async def pause(seconds: float) -> None:
+        now[0] += seconds  # the backoff (0.2 s doubling to 10 s), on the ingest's clock
+
+    ingest._pause = pause
+    refused = APIError(code=503, description="insufficient resources", err_code=10023)
+    told = await told_publishing_after(ingest, [refused] + [nats.errors.TimeoutError() for _ in range(16)], caplog)
+    assert len(told) == 4, told
+    # The first at once; the 12th, 62.6 s on, with the 10 between; the rest of the first minute left out.
+    assert "nats: timeout" in told[0] and "more retries" not in told[0], told
+    assert "nats: timeout" in told[1] and "(10 more retries since the last line)" in told[1], told
+    # Another kind of failure, at once (the disk's fix is in its line).
+    assert "insufficient resources" in told[2] and "file storage is full" in told[2], told
+    assert "more retries" not in told[2], told
+    assert told[3] == ("publish to the DLQ for SIGNALS: done, 123 s after the first try that failed "
+                       "(tried again 17 times)"), told
     await nc.close()
 
 
