@@ -40,8 +40,12 @@ SHADOW_DISAGREEMENTS = LoopCounter(
 )
 
 DECISIONS = LoopCounter(
-    "tipstream_decisions_total", "Decisions by outcome: published (acknowledged by JetStream), retried, refused "
-    "(503: the queue stayed full).", ["outcome"], registry=_r,
+    "tipstream_decisions_total", "Decisions by outcome: published (acknowledged by JetStream); retried (sends "
+    "again, not decisions: a decision counts each time it goes back to be sent again, refused by JetStream, "
+    "unacknowledged within 5 s, in flight at a reconnect, or held aside for a message size and tried again, so one "
+    "decision waiting through a NATS outage or a full store counts many times); refused (not logged: /score "
+    "answered 503, the queue staying full, or 413, the decision larger than the NATS server's max_payload).",
+    ["outcome"], registry=_r,
 )
 DECISION_QUEUE = Gauge(
     "tipstream_decision_queue", "Decisions waiting for or in flight to JetStream.", registry=_r

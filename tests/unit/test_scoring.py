@@ -465,6 +465,21 @@ async def test_the_publisher_retries_failures_and_never_drops_a_decision() -> No
     assert publisher.published == 10 and publisher.waiting == 0 and publisher.retried == 3
 
 
+async def test_decisions_retried_counts_each_send_again_and_its_help_says_so() -> None:
+    """A NATS store's disk full for 60 s made tipstream_decisions_total{outcome="retried"} 70 for 5 decisions, and its
+    help said only "retried": read as 70 decisions, not 70 sends again of 5."""
+    from app.learning_metrics import DECISIONS
+
+    retried, published = DECISIONS.labels("retried"), DECISIONS.labels("published")
+    before = retried.value, published.value
+    nc = FakeNats()
+    nc.answers = ["lost", "lost", "lost"]  # one decision, unacknowledged three times
+    await published_through(nc, 1, batch=1, window=1, ack_timeout_s=0.05)
+    assert (retried.value - before[0], published.value - before[1]) == (3, 1)
+    assert "sends again, not decisions" in DECISIONS.documentation, DECISIONS.documentation
+    assert "413" in DECISIONS.documentation, "a decision too large for max_payload is counted refused too"
+
+
 async def test_a_server_that_answers_no_publish_is_told_once_then_the_decisions_go_through(
         caplog: pytest.LogCaptureFixture) -> None:
     """nats-server with its store's disk full took every publish and answered none: the decisions went round
