@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from app.db import one_line
+from streams.log_throttle import LogThrottle
 
 log = logging.getLogger("tipstream")
 
@@ -36,7 +38,8 @@ async def woken(event: asyncio.Event, timeout_s: float) -> bool:
     return True
 
 
-async def every(interval_s: float, step: Callable[[], Awaitable[object]], what: str) -> None:
+async def every(interval_s: float, step: Callable[[], Awaitable[object]], what: str,
+                clock: Callable[[], float] = time.monotonic) -> None:
     """Run `step` every `interval_s` seconds, forever; a failure is logged and the next round retries.
 
     >>> async def demo():
@@ -53,6 +56,11 @@ async def every(interval_s: float, step: Callable[[], Awaitable[object]], what: 
     >>> asyncio.run(demo())
     True
     """
+    # A step failing for as long as a fault lasts (the database away, its disk full) wrote a line every round, the
+    # user_features pass's every 30 s: told at once, then once a minute with the rounds since, another kind of failure
+    # at once, and once a round goes through again. Not cleared by a round that goes through: a step failing every
+    # other round would be told twice a round.
+    lines, failed_at, failures = LogThrottle(clock=clock), 0.0, 0
     while True:
         await asyncio.sleep(interval_s)
         try:
@@ -60,4 +68,13 @@ async def every(interval_s: float, step: Callable[[], Awaitable[object]], what: 
         except asyncio.CancelledError:
             raise
         except Exception as error:  # noqa: BLE001 - retried next round; the step decides what is fatal
-            log.warning("%s failed (%s); trying again in %gs", what, one_line(error), interval_s)
+            failed_at, failures = failed_at if failures else clock(), failures + 1
+            left_out = lines.allow(type(error))
+            if left_out is not None:
+                log.warning("%s failed (%s); trying again in %gs%s", what, one_line(error), interval_s,
+                            f" ({left_out} more failed rounds since the last line)" if left_out else "")
+            continue
+        if failures and lines.allow(None) is not None:
+            log.info("%s goes through again, %.0f s after the first round that failed (%d rounds failed)", what,
+                     clock() - failed_at, failures)
+        failures = 0

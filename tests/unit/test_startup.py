@@ -527,3 +527,33 @@ def test_a_postgresql_disk_full_is_told_as_one_line_by_steps_that_retry(caplog: 
     told = caplog.records[0].getMessage()
     assert told.startswith("a user_features pass failed (the database's disk is full (could not extend file"), told
     assert "free space on the database's disk" in told and "\n" not in told and "ana" not in told, told
+
+
+def test_a_step_that_fails_for_as_long_as_a_fault_lasts_is_told_once_a_minute_and_when_it_goes_through(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A background step failing round after round (the user_features pass, every 30 s, while the database was
+    away) wrote a line each round for as long as it lasted, and none once a round went through again. Rounds 10 s
+    apart on the step's clock, not slept: 12 failures over 110 s, then one that goes through."""
+    from app.periodic import every
+
+    now, rounds = [0.0], []
+
+    async def step() -> None:
+        rounds.append(now[0])
+        now[0] += 10.0
+        if len(rounds) <= 12:
+            raise ConnectionError("the database is away")
+
+    async def until_through() -> None:
+        task = asyncio.create_task(every(0, step, "a user_features pass", clock=lambda: now[0]))
+        await eventually(lambda: len(rounds) > 12)
+        task.cancel()
+
+    caplog.set_level(logging.INFO, logger="tipstream")
+    asyncio.run(until_through())
+    told = [r.getMessage() for r in caplog.records]
+    assert len(told) == 3, told
+    assert told[0] == "a user_features pass failed (the database is away); trying again in 0s", told
+    assert told[1].endswith("(5 more failed rounds since the last line)"), told  # the 7th, 60 s on
+    assert told[2] == ("a user_features pass goes through again, 120 s after the first round that failed "
+                       "(12 rounds failed)"), told
