@@ -315,6 +315,10 @@ class Checkpointer:
         # When the first of the failed checkpoints since the last committed one failed: the outage's warnings
         # said each retry, and nothing said it was over.
         self._failing_since: float | None = None
+        self._failed_since_ok = 0  # how many did, told with the commit that ends it
+        # `run`'s warnings of a failed checkpoint: a line every 30 s (the backoff's most) for as long as the database
+        # was away. An outage's first at once, then once a minute with those left out, another kind of failure at once.
+        self._failure_lines = LogThrottle()
         # When the checkpoint under way began, once told as not committed after SLOW_CHECKPOINT_S
         self._slow_since: float | None = None
         self._saved_positions: dict[str, int] | None = None
@@ -394,28 +398,37 @@ class Checkpointer:
                 self.failures += 1
                 METRICS.checkpoint_failures.inc()
                 setting = db.refused_by_setting(error, self._user())
-                if setting is not None:  # the driver's line, not SQLAlchemy's statement and rows: the fix stays in view
-                    renewed = (" Connections opened from now on read the setting as it is then, so mending it needs no "
-                               "restart." if db.refused_by_session_setting(error) else "")
-                    log.warning("checkpoint failed (%s): %s.%s Retrying in %.1fs; events are safe in the streams.",
-                                db.one_line(error), setting, renewed, backoff)
-                elif db.disk_full(error):
-                    log.error("checkpoint failed: %s. Checkpoints go on by "
-                              "themselves once it has room, from where the last one left off, so nothing is lost or "
-                              "counted twice; until then a restart replays more, and /score answers 503 once "
-                              "TIPSTREAM_MAX_UNWRITTEN_DECISIONS decisions wait. Retrying in %.1fs.",
-                              db.one_line(error, self._url()), backoff)
-                elif _refused(error):
-                    # An IntegrityError (a trigger or constraint the operator added to tipstream's tables) was
-                    # told as an outage, 'once the database answers again': it answers, with the same refusal.
-                    log.error("checkpoint failed: %s; retrying in %.1fs, and events are safe in the streams. %s.",
-                              db.refusal(error), backoff, db.NOT_AN_OUTAGE)
-                else:
-                    log.warning("checkpoint failed (%s); retrying in %.1fs, or once the database answers again. "
-                                "Events are safe in the streams.%s", db.briefly(error), backoff, _fix_for(error))
+                kind = ("setting" if setting is not None else "disk full" if db.disk_full(error)
+                        else "refused" if _refused(error) else type(error))
+                left_out = self._failure_lines.allow(kind)
+                more = f" ({left_out} more failed checkpoints since the last line)" if left_out else ""
+                if left_out is not None:
+                    self._tell_failed(error, setting, backoff, more)
                 await self.wait_to_retry(backoff)
                 backoff = min(backoff * 2, self.retry_max_s)
                 retrying = True
+
+    def _tell_failed(self, error: Exception, setting: str | None, backoff: float, more: str) -> None:
+        if setting is not None:  # the driver's line, not SQLAlchemy's statement and rows: the fix stays in view
+            renewed = (" Connections opened from now on read the setting as it is then, so mending it needs no "
+                       "restart." if db.refused_by_session_setting(error) else "")
+            log.warning("checkpoint failed (%s): %s.%s Retrying in %.1fs; events are safe in the streams.%s",
+                        db.one_line(error), setting, renewed, backoff, more)
+        elif db.disk_full(error):
+            log.error("checkpoint failed: %s. Checkpoints go on by "
+                      "themselves once it has room, from where the last one left off, so nothing is lost or "
+                      "counted twice; until then a restart replays more, and /score answers 503 once "
+                      "TIPSTREAM_MAX_UNWRITTEN_DECISIONS decisions wait. Retrying in %.1fs.%s",
+                      db.one_line(error, self._url()), backoff, more)
+        elif _refused(error):
+            # An IntegrityError (a trigger or constraint the operator added to tipstream's tables) was
+            # told as an outage, 'once the database answers again': it answers, with the same refusal.
+            log.error("checkpoint failed: %s; retrying in %.1fs, and events are safe in the streams. %s.%s",
+                      db.refusal(error), backoff, db.NOT_AN_OUTAGE, more)
+        else:
+            log.warning("checkpoint failed (%s); retrying in %.1fs, or once the database answers again. "
+                        "Events are safe in the streams.%s%s", db.briefly(error), backoff, _fix_for(error),
+                        more)
 
     def _user(self) -> str | None:
         engine = getattr(self.target, "engine", None)
@@ -481,6 +494,7 @@ class Checkpointer:
             except Exception as error:  # also those asked for outside `run` (before a card reads the log)
                 if self._failing_since is None:
                     self._failing_since = time.monotonic()
+                self._failed_since_ok += 1
                 self.last_error = (db.one_line(error, self._url()) if db.disk_full(error)
                                    else db.refusal(error) if _refused(error)
                                    else f"{type(error).__name__}: {error}".splitlines()[0])
@@ -558,9 +572,11 @@ class Checkpointer:
                 participant.saved(snapshot)
         self.last_applied = applied
         if self._failing_since is not None:
-            log.info("checkpoints commit again (the first of those that failed did %.0f s ago): the %s users "
-                     "changed meanwhile are saved", time.monotonic() - self._failing_since, f"{len(users):,}")
-            self._failing_since = None
+            log.info("checkpoints commit again (the first of the %d that failed did %.0f s ago): the %s users "
+                     "changed meanwhile are saved", self._failed_since_ok, time.monotonic() - self._failing_since,
+                     f"{len(users):,}")
+            self._failing_since, self._failed_since_ok = None, 0
+            self._failure_lines.clear()  # the next outage's first line comes at once
         self._succeeded()
         if heavy or self._at_cap:
             self._count_at_cap(users, heavy)

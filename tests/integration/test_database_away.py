@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -38,8 +39,9 @@ def opened(i: int) -> bytes:
                          "ts": "2026-11-26T08:00:00+01:00"})
 
 
-def away_for(target: Any, checkpoints: int) -> None:
-    """The database away for the next `checkpoints` checkpoints' saves of `target`, then back."""
+def away_for(target: Any, checkpoints: int, each: Callable[[], None] = lambda: None) -> None:
+    """The database away for the next `checkpoints` checkpoints' saves of `target` (`each` called as each fails),
+    then back."""
     from sqlalchemy.exc import OperationalError
 
     saved, failures = target.save, checkpoints
@@ -48,6 +50,7 @@ def away_for(target: Any, checkpoints: int) -> None:
         nonlocal failures
         if failures:
             failures -= 1
+            each()
             raise OperationalError("INSERT INTO user_state", None, Exception("connection refused"))
         return saved(*args, **kwargs)
 
@@ -575,11 +578,23 @@ async def test_an_outage_with_no_request_to_forget_is_not_told_as_a_forget_that_
 
 
 async def test_checkpoints_that_commit_again_after_failing_say_so(start_service, nc, database_url, caplog) -> None:
-    """A failed checkpoint warns at each retry; the first that commits after them said nothing, so a log read
-    after an outage could not tell whether checkpoints had come back, nor when."""
+    """A failed checkpoint warned at each retry, every 30 s for as long as the database was away; the first that
+    commits after them said nothing, so a log read after an outage could not tell whether checkpoints had come back,
+    nor when. Six failures 25 s apart on the warnings' clock (not slept): told at once, then 75 s on with the two
+    left out."""
+    from streams.log_throttle import LogThrottle
+
     caplog.set_level(logging.INFO, logger="tipstream.checkpoints")
     running = await start_service(database_url=database_url, checkpoint_every_s=0.1, checkpoint_writer="thread")
-    away_for(running.service.checkpointer.target, 2)
+    checkpointer = running.service.checkpointer
+    checkpointer.retry_first_s = checkpointer.retry_max_s = 0.05  # the backoff is not what is tested
+    now = [0.0]
+    checkpointer._failure_lines = LogThrottle(clock=lambda: now[0])
+
+    def later() -> None:
+        now[0] += 25.0
+
+    away_for(checkpointer.target, 6, each=later)
     js = nc.jetstream()
     for i in range(10):
         await js.publish("signals.app.opened", opened(i))
@@ -588,10 +603,12 @@ async def test_checkpoints_that_commit_again_after_failing_say_so(start_service,
     def said(start: str) -> list[str]:
         return [r.getMessage() for r in caplog.records if r.getMessage().startswith(start)]
 
-    assert len(said("checkpoint failed")) == 2
+    failed = said("checkpoint failed")
+    assert len(failed) == 2 and "more failed" not in failed[0], failed
+    assert failed[1].endswith("(2 more failed checkpoints since the last line)"), failed
     # Committed in its thread before the checkpoint's coroutine goes on to say so.
     [back] = await eventually(lambda: said("checkpoints commit again"))
-    assert "users changed meanwhile are saved" in back, back
+    assert "the first of the 6 that failed" in back and "users changed meanwhile are saved" in back, back
 
 
 async def test_a_checkpoint_that_waits_on_a_database_that_does_not_answer_is_told(
