@@ -12,12 +12,13 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.collector import FreezePolicy
 from app.db import briefly
 from app.metrics import METRICS
+from streams.log_throttle import LogThrottle
 from streams.store import OnlineStore, UnreadableState
 
 log = logging.getLogger("tipstream")
@@ -43,13 +44,18 @@ async def restore(store: OnlineStore, freezer: FreezePolicy, target: SqlCheckpoi
 
 
 async def warm_up(store: OnlineStore, freezer: FreezePolicy, target: SqlCheckpointStore,
-                  checkpointer: Callable[[], Checkpointer | None]) -> None:
+                  checkpointer: Callable[[], Checkpointer | None], *,
+                  pause: Callable[[float], Awaitable[object]] = asyncio.sleep,
+                  clock: Callable[[], float] = time.monotonic) -> None:
     """Load every cold user, reading in a worker thread and folding in small chunks here;
     a read that fails (the database away) is tried again, for the users still cold. A row that cannot be decoded
     is not: no retry mends it, and the store has told the service, which stops saying whose row and what to do
     (`UnreadableState`). It was retried every 30 s for good, with a warning that blamed the database."""
     started, delay = time.perf_counter(), 0.5
     progress = WarmUpProgress(len(store.cold), started)
+    # The database away for as long as it lasts wrote a line per try, 30 s apart at the backoff's most: told at once,
+    # then once a minute with the tries since, another kind of failure at once.
+    lines, failures = LogThrottle(clock=clock), 0
     while store.cold:
         try:
             await _warm_once(store, freezer, target, progress)
@@ -57,17 +63,22 @@ async def warm_up(store: OnlineStore, freezer: FreezePolicy, target: SqlCheckpoi
         except UnreadableState:
             return
         except Exception as error:  # noqa: BLE001 - users load on demand meanwhile
-            log.warning("could not load the checkpointed users (%s); %d still to load, trying again in %.1fs",
-                        briefly(error), len(store.cold), delay)
-            await asyncio.sleep(delay)
+            failures += 1
+            left_out = lines.allow(type(error))
+            if left_out is not None:
+                log.warning("could not load the checkpointed users (%s); %d still to load, trying again in %.1fs%s",
+                            briefly(error), len(store.cold), delay,
+                            f" ({left_out} more failed tries since the last line)" if left_out else "")
+            await pause(delay)
             delay = min(delay * 2, 30.0)
     # Those loaded before the newest event had been seen were judged against an older one. (The
     # warm-up may end before the checkpointer exists: its first checkpoint looks then.)
     if (made := checkpointer()) is not None:
         await made.rest_idle()
     METRICS.users.set(len(store.users))
-    log.info("all %d users loaded in %.1fs (%d idle ones left in the database)", len(store.users),
-             time.perf_counter() - started, len(store.dormant))
+    log.info("all %d users loaded in %.1fs (%d idle ones left in the database)%s", len(store.users),
+             time.perf_counter() - started, len(store.dormant),
+             f", after {failures} tries that failed" if failures else "")
 
 
 class WarmUpProgress:

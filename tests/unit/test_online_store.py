@@ -189,6 +189,49 @@ async def test_the_warm_up_loads_everyone_after_a_read_that_failed(tmp_path: Any
     assert checkpoint.reads == 2 and service.warm and sorted(service.store.users) == ["a", "b", "c"]
 
 
+async def test_a_warm_up_failing_for_as_long_as_the_database_is_away_is_told_once_a_minute(tmp_path: Any,
+                                                                                            caplog: Any) -> None:
+    """The database away at a start: the warm-up warned at every try, 30 s apart at the backoff's most, for as long
+    as it was away. Ten tries that fail on the warm-up's clock (0.5 s doubling to 30 s, not slept), then one that
+    loads everyone."""
+    import logging
+
+    from app.api import create_app
+    from app.settings import Settings
+    from app.warm_up import warm_up
+
+    source = OnlineStore()
+    source.apply(opened(0, "a"))
+    blobs = {u: state.to_bytes() for u, state in source.users.items()}
+    reads = []
+
+    class Checkpoint:  # what the warm-up reads of SqlCheckpointStore
+        def states(self) -> Any:
+            reads.append(1)
+            if len(reads) <= 10:
+                raise ConnectionError("the database went away")
+            yield from blobs.items()
+
+    now = [0.0]
+
+    async def pause(seconds: float) -> None:
+        now[0] += seconds
+
+    service = create_app(Settings(data_dir=tmp_path)).state.service  # not started: the store only
+    service.store.cold = set(blobs)
+    caplog.set_level(logging.INFO, logger="tipstream")
+    await asyncio.wait_for(warm_up(service.store, service.freezer, Checkpoint(), lambda: service.checkpointer,
+                                   pause=pause, clock=lambda: now[0]), 30)
+    told = [r.getMessage() for r in caplog.records if r.name == "tipstream"]
+    # Tries at 0, 0.5, 1.5, 3.5, 7.5, 15.5, 31.5, 61.5 (told, 6 left out), 91.5, 121.5 (told, 1 left out).
+    away = "could not load the checkpointed users (ConnectionError: the database went away)"
+    assert [line.split("; ")[0] for line in told[:3]] == [away] * 3, told
+    assert "more failed" not in told[0] and told[1].endswith("(6 more failed tries since the last line)"), told
+    assert told[2].endswith("(1 more failed tries since the last line)"), told
+    assert told[3].startswith("all 1 users loaded in ") and told[3].endswith(", after 10 tries that failed"), told
+    assert len(told) == 4 and service.store.users.keys() == {"a"}, told
+
+
 async def test_idle_users_leave_memory_after_a_checkpoint_and_come_back_whole() -> None:
     """A user with no event for 32 days of the log's time is let go of once the database holds
     their state as memory does; a request or an event loads it back from the checkpoint."""
