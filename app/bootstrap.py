@@ -61,6 +61,7 @@ from app.warm_up import restore, warm_up
 from models.policy import make_policy
 from streams import jetstream as jsx
 from streams import pull
+from streams.log_throttle import LogThrottle
 from streams.scrub import scrub
 from streams.store import OnlineStore
 
@@ -295,7 +296,8 @@ class Service:
             self.background.start(every(RETENTION_EVERY_S, retention.prune, "deleting old tip_scores rows"),
                                   name="tip_scores retention")
 
-    async def _lower_stream_limits_once_read(self, read_to_end: asyncio.Event) -> None:
+    async def _lower_stream_limits_once_read(self, read_to_end: asyncio.Event,
+                                             clock: Callable[[], float] = time.monotonic) -> None:
         """Set the streams' smaller limits, held at the start, once every ingest has read its stream up to the last
         message it held when this began (what was published while the service was stopped, and more), and a
         committed checkpoint (with the learner's snapshot) holds it: what JetStream then drops, a start after a
@@ -305,6 +307,9 @@ class Service:
         assert self.checkpointer is not None
         wait_s = STREAM_LIMITS_CHECK_S
         needed: dict[str, tuple[int, int]] = {}  # stream -> (its ingest's `renewals` then, the sequence to read past)
+        # The database away wrote a line per try, 30 s apart at the backoff's most, for as long as it was away: told
+        # at once, then once a minute with the tries since, another kind of failure at once.
+        lines, failures = LogThrottle(clock=clock), 0
         while True:
             await asyncio.sleep(wait_s)
             try:
@@ -323,11 +328,16 @@ class Service:
                     continue  # a stream read again meanwhile (its position went back): not all of it committed
                 read_to_end.set()
                 await self._ensure_streams()
+                if failures:
+                    log.info("the streams' smaller limits are set, after %d tries that failed", failures)
                 return
             except Exception as error:  # noqa: BLE001 - the database or NATS away: tried again, less often
-                wait_s = min(wait_s * 2, STREAM_LIMITS_RETRY_MAX_S)
-                log.warning("cannot set the streams' smaller limits yet (%s); trying again in %g s", one_line(error),
-                            wait_s)
+                wait_s, failures = min(wait_s * 2, STREAM_LIMITS_RETRY_MAX_S), failures + 1
+                left_out = lines.allow(type(error))
+                if left_out is not None:
+                    log.warning("cannot set the streams' smaller limits yet (%s); trying again in %g s%s",
+                                one_line(error), wait_s,
+                                f" ({left_out} more failed tries since the last line)" if left_out else "")
 
     async def _read_past(self, needed: dict[str, tuple[int, int]]) -> bool:
         """Whether every ingest has read past the sequence `needed` holds for its stream: the stream's last one when

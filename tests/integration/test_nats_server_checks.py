@@ -300,6 +300,40 @@ async def test_a_smaller_stream_limit_waits_for_a_stream_made_anew_past_the_old_
         await client.close()
 
 
+async def test_a_smaller_stream_limit_waiting_on_a_database_away_is_told_once_a_minute(
+        start_service, nats_server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Its checkpoint failing for as long as the database was away, the wait to set the limits warned at every try,
+    30 s apart at the backoff's most. Six tries that fail 25 s apart on its clock (not slept), then one that sets
+    them: told at once, 75 s on with the two left out, and once they are set."""
+    from app import bootstrap
+
+    client, running, limit, _ = await _started_with_limits_held(start_service, nats_server, monkeypatch)
+    monkeypatch.setattr(bootstrap, "STREAM_LIMITS_RETRY_MAX_S", 0.02)  # the backoff is not what is tested
+    service = running.service
+    now, checkpoint = [0.0], service.checkpointer.checkpoint
+    failures = 6
+
+    async def away() -> bool:
+        nonlocal failures
+        if failures:
+            failures, now[0] = failures - 1, now[0] + 25.0
+            raise ConnectionError("the database is away")
+        return await checkpoint()
+
+    service.checkpointer.checkpoint = away
+    caplog.set_level(logging.INFO, logger="tipstream")
+    try:
+        await asyncio.wait_for(service._lower_stream_limits_once_read(service._read_to_end, clock=lambda: now[0]), 30)
+        assert (await client.jetstream().stream_info("SIGNALS")).config.max_bytes == limit
+    finally:
+        await client.close()
+    told = [r.getMessage() for r in caplog.records if "smaller limits" in r.getMessage()]
+    assert len(told) == 3, told
+    assert told[0].startswith("cannot set the streams' smaller limits yet (the database is away)"), told
+    assert "more failed" not in told[0] and told[1].endswith("(2 more failed tries since the last line)"), told
+    assert told[2] == "the streams' smaller limits are set, after 6 tries that failed", told
+
+
 async def test_a_smaller_stream_limit_is_not_set_without_a_checkpoint_holding_what_was_read(
         start_service, nats_server, monkeypatch: pytest.MonkeyPatch) -> None:
     """The checkpointer refused (the database lost commits this service had made: no checkpoint from then on),
