@@ -61,7 +61,7 @@ from app.warm_up import restore, warm_up
 from models.policy import make_policy
 from streams import jetstream as jsx
 from streams import pull
-from streams.log_throttle import LogThrottle
+from streams.log_throttle import LogThrottle, since_last_line
 from streams.scrub import scrub
 from streams.store import OnlineStore
 
@@ -337,7 +337,7 @@ class Service:
                 if left_out is not None:
                     log.warning("cannot set the streams' smaller limits yet (%s); trying again in %g s%s",
                                 one_line(error), wait_s,
-                                f" ({left_out} more failed tries since the last line)" if left_out else "")
+                                since_last_line(left_out, "failed try", "failed tries"))
 
     async def _read_past(self, needed: dict[str, tuple[int, int]]) -> bool:
         """Whether every ingest has read past the sequence `needed` holds for its stream: the stream's last one when

@@ -28,7 +28,7 @@ from app.metrics import METRICS
 from app.periodic import woken
 from app.thread_work import ThreadWork
 from streams.fold import DAY_MS, HORIZON_DAYS, MAX_RECORDS_PER_KIND, SIZES, at_cap
-from streams.log_throttle import LogThrottle
+from streams.log_throttle import LogThrottle, since_last_line
 from streams.store import OnlineStore
 
 if TYPE_CHECKING:
@@ -401,7 +401,7 @@ class Checkpointer:
                 kind = ("setting" if setting is not None else "disk full" if db.disk_full(error)
                         else "refused" if _refused(error) else type(error))
                 left_out = self._failure_lines.allow(kind)
-                more = f" ({left_out} more failed checkpoints since the last line)" if left_out else ""
+                more = since_last_line(left_out, "failed checkpoint", "failed checkpoints")
                 if left_out is not None:
                     self._tell_failed(error, setting, backoff, more)
                 await self.wait_to_retry(backoff)

@@ -20,7 +20,7 @@ from app.decision_ids import ID_LENGTH
 from app.learning_metrics import DECISION_QUEUE, DECISIONS
 from app.periodic import woken
 from streams.jetstream import STORAGE_FULL, STORAGE_FULL_FIX
-from streams.log_throttle import LogThrottle
+from streams.log_throttle import LogThrottle, since_last_line
 
 log = logging.getLogger("tipstream.decisions")
 # Each outcome exposed at 0 from the start: a series that first appears at 40 refusals (one burst, NATS away
@@ -383,7 +383,7 @@ class DecisionPublisher:
                         self._wrong_told = (time.monotonic(), "refused one")
                     log.warning("JetStream refused decision %s (%s); retrying in %.1fs%s%s", item[1],
                                 (data or headers or b"")[:200], self._refusal_wait,
-                                f" ({left_out} more refused rounds since the last line)" if left_out else "",
+                                since_last_line(left_out, "refused round", "refused rounds"),
                                 _fix_for(data or headers or b""))
             # Behind those refused before it, not in front: one at a time at the front reversed them.
             self._requeue([item], at=self._refused_ahead)
@@ -511,7 +511,7 @@ class DecisionPublisher:
         if left_out is None:
             return
         size = len(item[2]) + len(item[1]) + HEADER_BYTES
-        more = f" ({left_out} more since the last line)" if left_out else ""
+        more = since_last_line(left_out)
         if why is not None:
             log.error("JetStream refused decision %s (%d bytes) for good: %s%s", item[1], size, why, more)
             return
@@ -539,7 +539,7 @@ class DecisionPublisher:
                     "(TIPSTREAM_NATS_PING_INTERVAL_S) and made again. Or is its store full? Its log says 'no space "
                     "left on device' then: free space there; nats-server stores nothing after a failed write until it "
                     "is restarted (tipstream restarts its embedded one itself).%s",
-                    self.ack_timeout_s, self.waiting, f" ({left_out} such rounds since the last line)" if left_out else "")
+                    self.ack_timeout_s, self.waiting, since_last_line(left_out, "such round", "such rounds"))
 
     def store_failed_told(self) -> str | None:
         """Whether JetStream acknowledged no decision with NATS connected since this service started, said as a

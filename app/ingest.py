@@ -43,7 +43,7 @@ from streams.events import (
     without_nul,
 )
 from streams.fold import FutureEvent
-from streams.log_throttle import LogThrottle
+from streams.log_throttle import LogThrottle, since_last_line
 from streams.store import OnlineStore, StateUnavailable
 
 log = logging.getLogger("tipstream.ingest")
@@ -529,7 +529,7 @@ class StreamIngest:
         left_out = self._gone_lines.allow(why)
         if left_out is None:
             return
-        more = f" ({left_out} more times since the last line)" if left_out else ""
+        more = since_last_line(left_out, "time", "times")
         position = self.store.positions.get(self.spec.name, 0)
         if why == pull.DELETED:
             log.warning("the consumer %s of stream %s is gone from NATS (deleted, by hand or with its stream); making "
@@ -565,7 +565,7 @@ class StreamIngest:
         # Told already if ingest waits and its asks for consumer_info go unanswered too (`_ask_lag`): one cause.
         left_out = None if self._info_silent() else self._gone_lines.allow("unanswered")
         if left_out is not None:
-            more = f" ({left_out} more times since the last line)" if left_out else ""
+            more = since_last_line(left_out, "time", "times")
             log.warning("the consumer %s of stream %s answers no pull request, neither with messages nor with a "
                         "status: the NATS server leading it hangs or is cut off (on a cluster, until the other nodes "
                         "elect another leader). The lag is read from the stream meanwhile. If this goes on, look at "
@@ -809,7 +809,7 @@ class StreamIngest:
         left_out = self._gone_lines.allow("no consumer_info")
         if left_out is None:
             return
-        more = f" ({left_out} more times since the last line)" if left_out else ""
+        more = since_last_line(left_out, "time", "times")
         log.warning("the consumer %s of stream %s answers no consumer_info (%s: %s) while ingest waits, held for "
                     "checkpoints or retrying: no NATS node leads it now, the server leading it hangs or is cut off (on "
                     "a cluster, until the other nodes elect another leader), or it was deleted. The lag is read from the "
@@ -1062,7 +1062,7 @@ class StreamIngest:
                         # Told without a cause or a fix, the operator of a cluster that had lost a node could not
                         # tell an election of seconds from a fault to mend.
                         log.warning("could not %s for %s (%s: no answer); asking again%s%s", what, self.spec.name,
-                                    error, f" ({left_out} more unanswered since the last line)" if left_out else "",
+                                    error, since_last_line(left_out, "unanswered", "unanswered"),
                                     NO_ANSWER_FIX)
                     continue
                 # A full JetStream refuses the DLQ's copy, and the stream waits at that event until it has room.
@@ -1072,7 +1072,7 @@ class StreamIngest:
                 left_out = lines.allow((type(error), getattr(error, "err_code", None)))
                 if left_out is not None:
                     log.warning("could not %s for %s (%s); retrying in %.1fs%s%s", what, self.spec.name, error, delay,
-                                f" ({left_out} more retries since the last line)" if left_out else "", fix)
+                                since_last_line(left_out, "retry", "retries"), fix)
                 failed_at, tries = failed_at if tries else self.clock(), tries + 1
                 if isinstance(error, StateUnavailable):  # a user's state: retried once the database is back
                     await self.checkpointer.wait_to_retry(delay, self._pause)
@@ -1102,7 +1102,7 @@ class StreamIngest:
                         self.checkpointer.uncheckpointed,
                         f", {self.backlog()} rows waiting (at most {self.max_backlog})" if self.backlog is not None else "",
                         self.checkpointer.behind_because(), self.spec.name,
-                        f" ({left_out} more pauses since the last line)" if left_out else "")
+                        since_last_line(left_out, "pause", "pauses"))
         self.puller.paused = True
         while self._lagging(2):
             self.checkpointer.wanted()  # not the next timed one: `Checkpointer.wanted`

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from app.db import one_line
-from streams.log_throttle import LogThrottle
+from streams.log_throttle import LogThrottle, since_last_line
 
 log = logging.getLogger("tipstream")
 
@@ -72,7 +72,7 @@ async def every(interval_s: float, step: Callable[[], Awaitable[object]], what: 
             left_out = lines.allow(type(error))
             if left_out is not None:
                 log.warning("%s failed (%s); trying again in %gs%s", what, one_line(error), interval_s,
-                            f" ({left_out} more failed rounds since the last line)" if left_out else "")
+                            since_last_line(left_out, "failed round", "failed rounds"))
             continue
         if failures and lines.allow(None) is not None:
             log.info("%s goes through again, %.0f s after the first round that failed (%d rounds failed)", what,

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from app.db import briefly
 from app.metrics import METRICS
-from streams.log_throttle import LogThrottle
+from streams.log_throttle import LogThrottle, since_last_line
 from streams.store import OnlineStore, StateUnavailable
 
 log = logging.getLogger("tipstream.thaw")
@@ -85,5 +85,5 @@ def _tell(cause: str, timed_out: bool) -> None:
         "a user's state could not be read from the checkpoint (%s). Users not in memory (cold after a start, "
         "or idle) get 503 from /score and their features, and their events wait, until it answers%s",
         cause,
-        f" ({left_out} more since the last line)" if left_out else "",
+        since_last_line(left_out),
     )

@@ -18,7 +18,7 @@ from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.collector import FreezePolicy
 from app.db import briefly
 from app.metrics import METRICS
-from streams.log_throttle import LogThrottle
+from streams.log_throttle import LogThrottle, since_last_line
 from streams.store import OnlineStore, UnreadableState
 
 log = logging.getLogger("tipstream")
@@ -68,7 +68,7 @@ async def warm_up(store: OnlineStore, freezer: FreezePolicy, target: SqlCheckpoi
             if left_out is not None:
                 log.warning("could not load the checkpointed users (%s); %d still to load, trying again in %.1fs%s",
                             briefly(error), len(store.cold), delay,
-                            f" ({left_out} more failed tries since the last line)" if left_out else "")
+                            since_last_line(left_out, "failed try", "failed tries"))
             await pause(delay)
             delay = min(delay * 2, 30.0)
     # Those loaded before the newest event had been seen were judged against an older one. (The

@@ -58,3 +58,16 @@ class LogThrottle:
         left_out = sum(int(window[2]) for window in self._windows.values())
         self._windows.clear()
         return left_out
+
+
+def since_last_line(left_out: int | None, one: str = "", many: str = "") -> str:
+    """What a line says of those `LogThrottle.allow` left out before it (`one` of them, or `many`): nothing
+    when it left out none.
+
+    >>> since_last_line(0, "retry", "retries"), since_last_line(1, "retry", "retries"), since_last_line(3)
+    ('', ' (1 more retry since the last line)', ' (3 more since the last line)')
+    """
+    if not left_out:
+        return ""
+    noun = one if left_out == 1 else many
+    return f" ({left_out} more{' ' + noun if noun else ''} since the last line)"

@@ -227,7 +227,7 @@ async def test_a_warm_up_failing_for_as_long_as_the_database_is_away_is_told_onc
     away = "could not load the checkpointed users (ConnectionError: the database went away)"
     assert [line.split("; ")[0] for line in told[:3]] == [away] * 3, told
     assert "more failed" not in told[0] and told[1].endswith("(6 more failed tries since the last line)"), told
-    assert told[2].endswith("(1 more failed tries since the last line)"), told
+    assert told[2].endswith("(1 more failed try since the last line)"), told
     assert told[3].startswith("all 1 users loaded in ") and told[3].endswith(", after 10 tries that failed"), told
     assert len(told) == 4 and service.store.users.keys() == {"a"}, told
 
