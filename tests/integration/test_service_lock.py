@@ -509,7 +509,10 @@ async def test_a_failed_start_writes_no_checkpoint_after_letting_go_of_the_lock(
     monkeypatch.setattr(service.publisher, "start", fails)
     with pytest.raises(RuntimeError):
         await service.start()
-    assert service.checkpointer is not None and lock_holders(postgres_url) == []
+    assert service.checkpointer is not None
+    # Let go by closing its session: PostgreSQL's backend ends after the client's close returns, and until it has,
+    # pg_locks still lists the lock (5 times in 200 right after a close). One not let go stays until the stop.
+    await eventually(lambda: lock_holders(postgres_url) == [], timeout=10)
     await service.stop()
     engine = sa.create_engine(postgres_url)
     try:
