@@ -385,7 +385,11 @@ async def test_one_refused_batch_waits_once_and_goes_back_in_order(nats_server, 
     from app.decision_publisher import DecisionPublisher
 
     nc = await pull.connect(nats_server.url)
-    publisher = DecisionPublisher(lambda: nc, queue_max=100, batch=8, window=8, ack_timeout_s=5)
+    # No connection from the batch's refusal until the stream is made: the batch goes again 0.1 s after its refusal,
+    # and made slower than that (a loaded machine), it was refused again, a second round waiting 0.2 s.
+    made: list[bool] = []
+    publisher = DecisionPublisher(lambda: nc if made or publisher.retried < 8 else None, queue_max=100, batch=8,
+                                  window=8, ack_timeout_s=5)
     await publisher.start()
     task = asyncio.create_task(publisher.run())
     with caplog.at_level("WARNING", logger="tipstream.decisions"):
@@ -394,6 +398,7 @@ async def test_one_refused_batch_waits_once_and_goes_back_in_order(nats_server, 
         await eventually(lambda: publisher.retried >= 8)  # no stream for decisions.>: the whole batch is refused
         js = nc.jetstream()
         await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+        made.append(True)
         assert await publisher.flush(2), "sent again after the first wait (0.1 s), not after 5 s"
     refusals = [r.getMessage() for r in caplog.records if "JetStream refused" in r.getMessage()]
     assert refusal_waits(refusals) == ["0.1s"], refusals
