@@ -24,6 +24,7 @@ from app.service_lock import SERVICE_LOCK, ServiceLock, ServiceLockTaken
 from app.settings import Settings
 from app.start_errors import StartupError
 from tests.conftest import POSTGRES_ADMIN_URL, NatsServer, eventually, reset_postgres
+from tests.integration.served import until
 
 
 @contextlib.contextmanager
@@ -73,14 +74,28 @@ def lock_holders(url: str) -> list[int]:
 
 
 def end_sessions(url: str, pids: list[int]) -> None:
-    """As a PostgreSQL restart does to every session."""
+    """As a PostgreSQL restart does to every session; returns once they have ended (pg_terminate_backend only
+    signals: right after it, pg_locks still listed the lock 17 times in 100)."""
     engine = sa.create_engine(url)
+
+    def ended() -> bool:
+        with engine.connect() as conn:  # a transaction of its own: pg_stat_activity is read once in one
+            return not conn.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(:pids)"),
+                                    {"pids": pids}).scalar()
+
     try:
         with engine.connect() as conn:
             for pid in pids:
                 conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        assert until(ended, 10), f"sessions {pids} did not end"
     finally:
         engine.dispose()
+
+
+def let_go(url: str) -> bool:
+    """Whether the lock left pg_locks within 10 s: it goes with its session, whose backend ends after the client's
+    close returns (until then pg_locks still listed it, 5 times in 200 right after a close)."""
+    return until(lambda: lock_holders(url) == [], 10)
 
 
 async def test_a_second_service_on_the_database_is_refused_naming_the_first(
@@ -96,7 +111,7 @@ async def test_a_second_service_on_the_database_is_refused_naming_the_first(
                            f"{socket.gethostname()} pid {os.getpid()}"), said
     assert "Recreate strategy" in said and "DATABASE_URL" in said
     await first.stop()
-    assert lock_holders(postgres_url) == [], "a stop lets go of it"
+    assert let_go(postgres_url), "a stop lets go of it"
     await start_service(database_url=postgres_url, data_dir=tmp_path / "second")
     assert len(lock_holders(postgres_url)) == 1
 
@@ -173,7 +188,7 @@ def test_a_lock_lost_with_its_connection_is_taken_again(postgres_url: str) -> No
         assert again != held_by
     finally:
         lock.release()
-    assert lock_holders(postgres_url) == []
+    assert let_go(postgres_url)
 
 
 async def test_a_service_whose_lock_another_took_meanwhile_stops(start_service, postgres_url: str) -> None:
@@ -509,10 +524,7 @@ async def test_a_failed_start_writes_no_checkpoint_after_letting_go_of_the_lock(
     monkeypatch.setattr(service.publisher, "start", fails)
     with pytest.raises(RuntimeError):
         await service.start()
-    assert service.checkpointer is not None
-    # Let go by closing its session: PostgreSQL's backend ends after the client's close returns, and until it has,
-    # pg_locks still lists the lock (5 times in 200 right after a close). One not let go stays until the stop.
-    await eventually(lambda: lock_holders(postgres_url) == [], timeout=10)
+    assert service.checkpointer is not None and let_go(postgres_url)  # one not let go stays until the stop
     await service.stop()
     engine = sa.create_engine(postgres_url)
     try:
@@ -546,7 +558,7 @@ def test_a_lock_let_go_of_is_not_taken_again_by_a_check_that_comes_after(postgre
     end_sessions(postgres_url, lock_holders(postgres_url))  # lost: the next check takes it again
     lock.release()
     lock.keep()
-    assert lock_holders(postgres_url) == [] and lock._conn is None
+    assert let_go(postgres_url) and lock._conn is None
 
 
 def test_sqlite_takes_no_database_lock_but_the_file_s(tmp_path) -> None:
