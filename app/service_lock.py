@@ -117,6 +117,7 @@ class ServiceLock:
         self.name = session_name(socket.gethostname(), os.getpid())
         self._engine: Engine | None = None
         self._conn: Connection | None = None
+        self._key = SERVICE_LOCK  # the schema's (`lock_key`), once taken
         self._file_path = sqlite_lock_path(url)
         self._file: int | None = None
         # `keep` runs in a worker thread that a stop's cancel does not end: one still taking the lock
@@ -167,7 +168,7 @@ class ServiceLock:
             conn.close()
             self._drop()
             raise ServiceLockTaken(holder)
-        self._conn = conn
+        self._conn, self._key = conn, key
 
     def _take_file(self, path: Path) -> None:
         try:
@@ -216,10 +217,30 @@ class ServiceLock:
         """Let go of the lock, for good: a `keep` after this takes nothing."""
         with self._mutex:
             self._released = True
+            self._unlock()
             self._drop()
             if self._file is not None:
                 os.close(self._file)  # the file stays: removing it would let a third start lock a new one
                 self._file = None
+
+    def _unlock(self) -> None:
+        """Let go of the lock on its session, before closing it: the close alone lets go only once the session's
+        backend has ended, after the close returned (pg_locks still listed the lock 5 times in 200 right after
+        one), and a take right after the release (a restart in-process, `tipstream migrate` after a stop) was
+        refused. Bounded as `keep`'s check is (libpq's tcp_user_timeout and keepalives, `db.NETWORK_BOUNDS`); the
+        database away, the close that follows lets go of the lock with the session, as it did before."""
+        if self._conn is None:
+            return
+        try:
+            held = self._conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self._key}).scalar_one()
+            self._conn.commit()
+        except Exception as error:  # noqa: BLE001 - the session ends with the close, and the lock with it
+            log.info("could not let go of this service's database lock before closing its session (%s); the "
+                     "session's end lets go of it", type(error).__name__)
+            return
+        if not held:  # only a hand's pg_advisory_unlock on this session does that: whatever it let in, wrote meanwhile
+            log.warning("this service's database lock was not held by its session when let go of (someone ran "
+                        "pg_advisory_unlock on it?): another service may have run on the database meanwhile")
 
     def _drop(self) -> None:
         if self._conn is not None:
