@@ -15,7 +15,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+from streams.log_throttle import LogThrottle, since_last_line
 
 log = logging.getLogger("tipstream.nats")
 # In the data directory while the embedded server runs: where `tipstream simulate` finds it.
@@ -142,12 +145,16 @@ class EmbeddedNats:
     local process could publish into the streams, or delete them. The token goes in a config
     file only its owner can read, not on the command line, which every local user can (`ps`)."""
 
-    def __init__(self, store_dir: Path, host: str = "127.0.0.1", port: int = -1) -> None:
-        self.store_dir, self.host, self.port = store_dir, host, port
+    def __init__(self, store_dir: Path, host: str = "127.0.0.1", port: int = -1, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.store_dir, self.host, self.port, self.clock = store_dir, host, port, clock
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
         self._token = secrets.token_urlsafe(24)  # the same through restarts: clients keep their URL
         self._restart_at, self._restart_wait_s = 0.0, RESTART_FIRST_WAIT_S
+        # A restart failing for as long as its port stays taken said so at every try, 30 s apart at the wait's most:
+        # told at once, then once a minute with the tries left out, another exit code at once.
+        self._restart_lines, self._restarts_failed = LogThrottle(clock=lambda: self.clock()), 0
         self.store_error: str | None = None  # why the store takes no writes, until the server is restarted
         self._store_restart_at = 0.0
         self._log_read_to = 0
@@ -268,17 +275,25 @@ class EmbeddedNats:
         True when it did. Without this the service ran on with NATS gone for good, /healthz 200.
         A restart that fails (the port taken meanwhile) is tried again after a wait that doubles up
         to `RESTART_MAX_WAIT_S`: every check, it started a server and logged twice a second."""
-        if self.process is None or self.process.poll() is None or time.monotonic() < self._restart_at:
+        if self.process is None or self.process.poll() is None or self.clock() < self._restart_at:
             return False
-        log.error("the embedded nats-server exited with code %s (see %s); starting it again",
-                  self.process.returncode, self.store_dir / "nats-server.log")
+        left_out = self._restart_lines.allow(self.process.returncode)
+        if left_out is not None:
+            log.error("the embedded nats-server exited with code %s (see %s); starting it again%s",
+                      self.process.returncode, self.store_dir / "nats-server.log",
+                      since_last_line(left_out, "try", "tries"))
         try:
             self.start()
         except EmbeddedNatsError:
-            self._restart_at = time.monotonic() + self._restart_wait_s
+            self._restart_at = self.clock() + self._restart_wait_s
             self._restart_wait_s = min(self._restart_wait_s * 2, RESTART_MAX_WAIT_S)
+            self._restarts_failed += 1
             raise
-        self._restart_wait_s = RESTART_FIRST_WAIT_S
+        if self._restarts_failed:
+            log.warning("the embedded nats-server started again, after %d tries that failed",
+                        self._restarts_failed)
+        self._restart_lines.clear()  # the next exit is told at once
+        self._restart_wait_s, self._restarts_failed = RESTART_FIRST_WAIT_S, 0
         return True
 
     def free_bytes(self) -> int | None:

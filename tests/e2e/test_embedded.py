@@ -147,6 +147,36 @@ def test_a_restart_that_fails_is_tried_again_after_a_wait_not_at_every_check(tmp
         embedded.stop()
 
 
+def test_a_restart_failing_while_its_port_stays_taken_is_told_once_a_minute_not_at_every_try(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """'exited ... starting it again' came at every try, 30 s apart at the wait's most, for as long as the port
+    stayed taken, and nothing said when a try went through."""
+    import logging
+    import socket
+
+    from app.embedded_nats import EmbeddedNats, EmbeddedNatsError
+
+    now = [0.0]
+    embedded = EmbeddedNats(tmp_path / "nats", clock=lambda: now[0])
+    embedded.start()
+    caplog.set_level(logging.INFO, logger="tipstream.nats")
+    try:
+        embedded.process.kill()
+        embedded.process.wait(10)
+        with socket.create_server(("127.0.0.1", embedded.port)):
+            for _ in range(7):  # at 0, 1, 3, 7, 15, 31 and 61 s
+                with pytest.raises(EmbeddedNatsError):
+                    embedded.restart_if_exited()
+                now[0] = embedded._restart_at
+        assert embedded.restart_if_exited() is True and embedded.process.poll() is None
+    finally:
+        embedded.stop()
+    told = [r.getMessage() for r in caplog.records if "starting it again" in r.getMessage()]
+    assert len(told) == 3, told  # the kill's exit code, the first failed try's (another code), and a minute after
+    assert "(4 more tries since the last line)" in told[2] and "since the last line" not in told[1], told
+    assert "the embedded nats-server started again, after 7 tries that failed" in caplog.messages
+
+
 async def test_a_restart_after_a_kill_is_given_time_to_read_its_store_by_its_size(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """nats-server reads its whole store before it listens: a fixed 15 s killed a large store's server in the middle
