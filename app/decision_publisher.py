@@ -185,6 +185,10 @@ class DecisionPublisher:
         self._held_refused: set[str] = set()
         self.held_retry_s, self._held_retry_at = held_retry_s, math.inf
         self._payload_wanted = False  # a decision larger than max_payload refused (413) since the last look
+        # A look failing for as long as the server refused new connections said so every `held_retry_s` (30 s): told
+        # at once, then once a minute with the looks left out, another kind of failure at once.
+        self.clock = time.monotonic  # of `_look_at_max_payload`'s lines, a minute apart
+        self._look_lines, self._looks_failed = LogThrottle(clock=lambda: self.clock()), 0
         self._looking: asyncio.Task[None] | None = None
         self._waiting_for_room: dict[str, bytes] = {}  # decision id -> payload, of each `put` waiting
         self._withdrawn: set[str] = set()
@@ -444,8 +448,17 @@ class DecisionPublisher:
         try:
             max_payload = await look() if look is not None and nc.is_connected else None
         except Exception as error:  # noqa: BLE001 - the look is asked again while decisions wait for it
-            log.warning("could not read the NATS server's max_payload again (%s)", error)
+            self._looks_failed += 1
+            left_out = self._look_lines.allow(type(error))
+            if left_out is not None:
+                log.warning("could not read the NATS server's max_payload again (%s); looking again in %gs while a "
+                            "decision waits for it%s", error, self.held_retry_s,
+                            since_last_line(left_out, "failed look", "failed looks"))
             max_payload = None
+        if max_payload is not None and self._looks_failed:
+            log.info("the NATS server's max_payload is read again, after %d looks that failed", self._looks_failed)
+            self._look_lines.clear()  # the next failure is told at once
+            self._looks_failed = 0
         if max_payload is not None and max_payload != self.max_payload:
             items = [item for item in self.held if item[1] not in self._held_refused]
             log.info("the NATS server takes messages of up to %d bytes now (its max_payload, %d before; a "

@@ -545,6 +545,41 @@ async def test_a_max_payload_raised_by_a_reload_of_the_server_is_taken_without_a
         server.stop()
 
 
+async def test_a_look_at_the_max_payload_failing_while_a_decision_waits_for_it_is_told_once_a_minute(caplog) -> None:
+    """The server's greeting not read again (new connections refused, say: its max_connections reached) said so every
+    `held_retry_s` (30 s in the service) for as long as a decision waited for it, and nothing once read. Looks 30 s
+    apart on the publisher's clock: told at once, then once a minute with the looks left out, another kind at once."""
+    from app.decision_publisher import DecisionPublisher
+
+    class Connection:  # the publisher's, connected; a new one to read the greeting from is refused
+        is_connected = True
+        refusal: Exception | None = ConnectionRefusedError("maximum connections exceeded")
+
+        async def max_payload_now(self) -> int:
+            if self.refusal is not None:
+                raise self.refusal
+            return 1_048_576
+
+    nc, now = Connection(), [0.0]
+    publisher = DecisionPublisher(lambda: nc, queue_max=10, batch=4, window=10, held_retry_s=30)
+    publisher._set_max_payload(1_048_576)
+    publisher.clock = lambda: now[0]
+    caplog.set_level(logging.INFO, logger="tipstream.decisions")
+    for at in range(0, 150, 30):  # 0 s told, 30 left out, 60 told, 90 left out, 120 told
+        now[0] = at
+        await publisher._look_at_max_payload()
+    nc.refusal = TimeoutError("no greeting")
+    await publisher._look_at_max_payload()
+    nc.refusal = None
+    await publisher._look_at_max_payload()
+    told = [r.getMessage() for r in caplog.records if "max_payload" in r.getMessage()]
+    assert [line.split(" (")[0] for line in told] == ["could not read the NATS server's max_payload again"] * 4 + [
+        "the NATS server's max_payload is read again, after 6 looks that failed"], told
+    assert told[0].endswith("looking again in 30s while a decision waits for it"), told
+    assert told[1].endswith("(1 more failed look since the last line)") and told[2] == told[1], told
+    assert "no greeting" in told[3] and "since the last line" not in told[3], told  # another kind: at once
+
+
 async def test_a_refusal_that_lasts_is_sent_again_within_the_ceiling_and_logged_a_few_times_a_minute(
         nats_server, caplog, monkeypatch) -> None:
     """A NATS cluster refuses DECISIONS while it elects the stream's leader (4-9 s after a node is lost):
