@@ -61,7 +61,7 @@ from app.warm_up import restore, warm_up
 from models.policy import make_policy
 from streams import jetstream as jsx
 from streams import pull
-from streams.log_throttle import LogThrottle, since_last_line
+from streams.log_throttle import LogThrottle, counted, since_last_line
 from streams.scrub import scrub
 from streams.store import OnlineStore
 
@@ -329,7 +329,7 @@ class Service:
                 read_to_end.set()
                 await self._ensure_streams()
                 if failures:
-                    log.info("the streams' smaller limits are set, after %d tries that failed", failures)
+                    log.info("the streams' smaller limits are set, after %s that failed", counted(failures, "try", "tries"))
                 return
             except Exception as error:  # noqa: BLE001 - the database or NATS away: tried again, less often
                 wait_s, failures = min(wait_s * 2, STREAM_LIMITS_RETRY_MAX_S), failures + 1

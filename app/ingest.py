@@ -43,7 +43,7 @@ from streams.events import (
     without_nul,
 )
 from streams.fold import FutureEvent
-from streams.log_throttle import LogThrottle, since_last_line
+from streams.log_throttle import LogThrottle, counted, since_last_line
 from streams.store import OnlineStore, StateUnavailable
 
 log = logging.getLogger("tipstream.ingest")
@@ -1062,7 +1062,7 @@ class StreamIngest:
                         # Told without a cause or a fix, the operator of a cluster that had lost a node could not
                         # tell an election of seconds from a fault to mend.
                         log.warning("could not %s for %s (%s: no answer); asking again%s%s", what, self.spec.name,
-                                    error, since_last_line(left_out, "unanswered", "unanswered"),
+                                    error, since_last_line(left_out, "unanswered ask", "unanswered asks"),
                                     NO_ANSWER_FIX)
                     continue
                 # A full JetStream refuses the DLQ's copy, and the stream waits at that event until it has room.
@@ -1081,8 +1081,8 @@ class StreamIngest:
                 delay = min(delay * 2, 10.0)
                 continue
             if tries:  # its warnings were the last word: the operator was left to guess whether the stream still waited
-                log.info("%s for %s: done, %.0f s after the first try that failed (tried again %d times)", what,
-                         self.spec.name, self.clock() - failed_at, tries)
+                log.info("%s for %s: done, %.0f s after the first try that failed (tried again %s)", what,
+                         self.spec.name, self.clock() - failed_at, counted(tries, "time", "times"))
             return done
 
     def _lagging(self, share: int) -> bool:

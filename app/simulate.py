@@ -21,6 +21,7 @@ from app.nats_auth import NatsAuthError, NatsUnanswered, connect_for_command, na
 from app.settings import get_settings
 from streams import jetstream
 from streams.jetstream import STORAGE_FULL_FIX, publish_events
+from streams.log_throttle import counted
 from streams.simulator import Population
 
 
@@ -136,13 +137,13 @@ class Unacknowledged:
         stalled = time.monotonic() - self.since
         if stalled >= GIVE_UP_AFTER_S:
             raise GaveUp(f"JetStream at {self.where} acknowledged none of the events for {stalled:.0f} s "
-                         f"({self.waits} tries){self._why()}")
+                         f"({counted(self.waits, 'try', 'tries')}){self._why()}")
 
     def recovered(self) -> None:
         """The events went through: a stall told is told as over."""
         if self.since is not None:
             print(f"JetStream acknowledges the events again, after {time.monotonic() - self.since:.0f} s "
-                  f"({self.waits} tries)", file=sys.stderr)
+                  f"({counted(self.waits, 'try', 'tries')})", file=sys.stderr)
             self.since = None
 
     async def _answers(self) -> bool:

@@ -18,7 +18,7 @@ from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.collector import FreezePolicy
 from app.db import briefly
 from app.metrics import METRICS
-from streams.log_throttle import LogThrottle, since_last_line
+from streams.log_throttle import LogThrottle, counted, since_last_line
 from streams.store import OnlineStore, UnreadableState
 
 log = logging.getLogger("tipstream")
@@ -78,7 +78,7 @@ async def warm_up(store: OnlineStore, freezer: FreezePolicy, target: SqlCheckpoi
     METRICS.users.set(len(store.users))
     log.info("all %d users loaded in %.1fs (%d idle ones left in the database)%s", len(store.users),
              time.perf_counter() - started, len(store.dormant),
-             f", after {failures} tries that failed" if failures else "")
+             f", after {counted(failures, 'try', 'tries')} that failed" if failures else "")
 
 
 class WarmUpProgress:

@@ -71,3 +71,12 @@ def since_last_line(left_out: int | None, one: str = "", many: str = "") -> str:
         return ""
     noun = one if left_out == 1 else many
     return f" ({left_out} more{' ' + noun if noun else ''} since the last line)"
+
+
+def counted(n: int, one: str, many: str) -> str:
+    """`n` with its noun, for the lines that close a stretch of failures: 'after 1 tries that failed' read so.
+
+    >>> counted(1, "try", "tries"), counted(6, "try", "tries")
+    ('1 try', '6 tries')
+    """
+    return f"{n:,} {one if n == 1 else many}"

@@ -1035,6 +1035,7 @@ async def test_a_nats_call_of_ingest_that_times_out_says_why_and_what_to_look_at
     assert len(told) == 2, told
     assert "nats: timeout" in told[0] and "no leader" in told[0] and "nats server report jetstream" in told[0], told
     assert told[1].startswith("publish to the DLQ for SIGNALS: done, "), told
+    assert told[1].endswith("(tried again 1 time)"), told  # not '1 times'
     await nc.close()
 
 
@@ -1118,6 +1119,36 @@ async def test_a_consumer_deleted_under_a_running_ingest_is_made_again_and_read_
         assert "is gone from NATS" in caplog.text
     finally:
         await stop_reading(ingest, nc, running)
+
+
+async def test_a_call_asked_again_unanswered_says_how_many_asks_it_left_out_in_english(nats_server, caplog) -> None:
+    """A call asked again at once after each unanswered one (a consumer's re-creation, a cluster electing) is told
+    six times a minute; the next said '(6 more unanswered since the last line)', an adjective for a noun. Asked every
+    5 s on the throttle's clock, not slept: 13 asks over 60 s, then one answered."""
+    import nats.errors
+
+    from streams.log_throttle import LogThrottle
+
+    nc = await pull.connect(nats_server.url)
+    ingest = StreamIngest(nc, nc.jetstream(), jsx.SIGNALS, OnlineStore(), Checkpoints(), batch=512,
+                          max_event_bytes=16384, max_uncheckpointed=10**6)
+    now, asks = [1000.0], []
+    ingest._unanswered_lines = LogThrottle(per_window=6, clock=lambda: now[0])
+
+    async def reset() -> str:
+        asks.append(now[0])
+        if len(asks) <= 13:
+            now[0] += 5.0  # the call's bound, waited out
+            raise nats.errors.TimeoutError
+        return "reset"
+
+    with caplog.at_level(logging.INFO, logger="tipstream.ingest"):
+        assert await ingest._retry(reset, "reset the consumer", asking_again=True) == "reset"
+    told = [r.getMessage() for r in caplog.records]
+    assert len(told) == 7, told  # 6 in the first minute, then the 13th, 60 s on
+    assert "more unanswered" not in " ".join(told[:6]), told
+    assert "asking again (6 more unanswered asks since the last line)" in told[6], told
+    await nc.close()
 
 
 async def test_a_pull_request_nothing_takes_tells_a_consumer_without_a_leader_or_deleted(nats_server, caplog) -> None:
