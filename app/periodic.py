@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from app.db import one_line
-from streams.log_throttle import LogThrottle, since_last_line
+from streams.log_throttle import LogThrottle, counted, since_last_line
 
 log = logging.getLogger("tipstream")
 
@@ -59,8 +59,9 @@ async def every(interval_s: float, step: Callable[[], Awaitable[object]], what: 
     # A step failing for as long as a fault lasts (the database away, its disk full) wrote a line every round, the
     # user_features pass's every 30 s: told at once, then once a minute with the rounds since, another kind of failure
     # at once, and once a round goes through again. Not cleared by a round that goes through: a step failing every
-    # other round would be told twice a round.
-    lines, failed_at, failures = LogThrottle(clock=clock), 0.0, 0
+    # other round would be told twice a round. That it goes through is told after a failure told (`told`), not
+    # throttled a minute apart itself: another kind of failure, told at once, was else the last word.
+    lines, failed_at, failures, told = LogThrottle(clock=clock), 0.0, 0, False
     while True:
         await asyncio.sleep(interval_s)
         try:
@@ -71,10 +72,11 @@ async def every(interval_s: float, step: Callable[[], Awaitable[object]], what: 
             failed_at, failures = failed_at if failures else clock(), failures + 1
             left_out = lines.allow(type(error))
             if left_out is not None:
+                told = True
                 log.warning("%s failed (%s); trying again in %gs%s", what, one_line(error), interval_s,
                             since_last_line(left_out, "failed round", "failed rounds"))
             continue
-        if failures and lines.allow(None) is not None:
-            log.info("%s goes through again, %.0f s after the first round that failed (%d rounds failed)", what,
-                     clock() - failed_at, failures)
-        failures = 0
+        if told:
+            log.info("%s goes through again, %.0f s after the first round that failed (%s failed)", what,
+                     clock() - failed_at, counted(failures, "round", "rounds"))
+        failures, told = 0, False

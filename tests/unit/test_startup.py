@@ -557,3 +557,34 @@ def test_a_step_that_fails_for_as_long_as_a_fault_lasts_is_told_once_a_minute_an
     assert told[1].endswith("(5 more failed rounds since the last line)"), told  # the 7th, 60 s on
     assert told[2] == ("a user_features pass goes through again, 120 s after the first round that failed "
                        "(12 rounds failed)"), told
+
+
+def test_a_step_told_failing_again_in_another_way_is_told_when_it_goes_through_again(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The line that a step goes through again was throttled as one kind of line, a minute apart: a step that failed,
+    went through (told), failed another way (told at once) and went through 10 s later left that last failure as the
+    log's last word. Rounds 10 s apart on the step's clock: the database away, back, its disk full, back."""
+    from app.periodic import every
+
+    now, rounds = [0.0], []
+    faults: list[Exception | None] = [ConnectionError("the database is away"), None, OSError("disk full"), None]
+
+    async def step() -> None:
+        rounds.append(now[0])
+        now[0] += 10.0
+        if len(rounds) <= len(faults) and (fault := faults[len(rounds) - 1]) is not None:
+            raise fault
+
+    async def through_twice() -> None:
+        task = asyncio.create_task(every(0, step, "a user_features pass", clock=lambda: now[0]))
+        await eventually(lambda: len(rounds) > len(faults))
+        task.cancel()
+
+    caplog.set_level(logging.INFO, logger="tipstream")
+    asyncio.run(through_twice())
+    told = [r.getMessage() for r in caplog.records]
+    assert [line.split(" (")[0].split(";")[0] for line in told] == [
+        "a user_features pass failed", "a user_features pass goes through again, 10 s after the first round that failed",
+        "a user_features pass failed", "a user_features pass goes through again, 10 s after the first round that failed",
+    ], told
+    assert told[3].endswith("(1 round failed)"), told
