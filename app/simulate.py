@@ -117,7 +117,8 @@ class Unacknowledged:
 
     def __init__(self, nc: Any, where: str, ack_wait_s: float) -> None:
         self.nc, self.where, self.ack_wait_s = nc, where, ack_wait_s
-        self.since: float | None = None  # the first of the waits that acknowledged nothing, since the last that did
+        # When the events were sent that the first wait acknowledging nothing (since the last that did) waited for
+        self.since: float | None = None
         self.waits, self.answers = 0, False
 
     async def __call__(self, acknowledged: int, of: int) -> None:
@@ -127,8 +128,8 @@ class Unacknowledged:
                   "the rest again", file=sys.stderr)
             return
         self.waits += 1
-        if self.since is None:
-            self.since, self.waits = time.monotonic(), 1
+        if self.since is None:  # timed from the wait's end, the run gave up a wait (5 s) after GIVE_UP_AFTER_S
+            self.since, self.waits = time.monotonic() - self.ack_wait_s, 1
             self.answers = await self._answers()
             print(f"JetStream at {self.where} acknowledged none of {of} events within {self.ack_wait_s:g} s"
                   f"{self._why()}. Publishing them again until it does; giving up after {GIVE_UP_AFTER_S:g} s "
