@@ -430,6 +430,16 @@ class Checkpointer:
                         "Events are safe in the streams.%s%s", db.briefly(error), backoff, _fix_for(error),
                         more)
 
+    def _failing_ended(self, what: str, saved: str) -> None:
+        """The outage's warnings were the last word: `what` says it is over, with how many failed and since when."""
+        if self._failing_since is None:
+            return
+        failed = ("the one that failed" if self._failed_since_ok == 1
+                  else f"the first of the {self._failed_since_ok:,} that failed")
+        log.info("%s (%s did %.0f s ago): %s", what, failed, time.monotonic() - self._failing_since, saved)
+        self._failing_since, self._failed_since_ok = None, 0
+        self._failure_lines.clear()  # the next outage's first line comes at once
+
     def _user(self) -> str | None:
         engine = getattr(self.target, "engine", None)
         return engine.url.username if engine is not None else None
@@ -537,7 +547,10 @@ class Checkpointer:
             self.store.abort_checkpoint(users)
             raise
         if not users and positions == self._saved_positions and all(snap is None for _, snap in extras):
-            self._succeeded()  # in step with the database: as good as a save
+            # In step with the database: as good as a save. After failures that handed no users back (the lock's
+            # check failing, the service idle), they were else told over by the next commit, hours on maybe.
+            self._failing_ended("checkpoints go through again", "nothing changed meanwhile")
+            self._succeeded()
             await self._rest_idle()  # the first time after a start: those the warm-up loaded early
             return False
         started = time.perf_counter()
@@ -571,12 +584,7 @@ class Checkpointer:
             if snapshot is not None:
                 participant.saved(snapshot)
         self.last_applied = applied
-        if self._failing_since is not None:
-            log.info("checkpoints commit again (the first of the %d that failed did %.0f s ago): the %s users "
-                     "changed meanwhile are saved", self._failed_since_ok, time.monotonic() - self._failing_since,
-                     f"{len(users):,}")
-            self._failing_since, self._failed_since_ok = None, 0
-            self._failure_lines.clear()  # the next outage's first line comes at once
+        self._failing_ended("checkpoints commit again", f"the {len(users):,} users changed meanwhile are saved")
         self._succeeded()
         if heavy or self._at_cap:
             self._count_at_cap(users, heavy)

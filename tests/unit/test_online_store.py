@@ -76,6 +76,35 @@ class FlakyStore(MemoryCheckpointStore):
         return not self.away
 
 
+async def test_checkpoints_failing_with_nothing_to_save_are_told_over_by_the_next_that_goes_through(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A checkpoint whose lock check failed (the database away, the service idle) hands no users back, and the next
+    found nothing to save: it went through saying nothing, and the next commit, hours on maybe, said 'checkpoints
+    commit again (the first of the 1 that failed did ... ago)' of an outage long over."""
+    store = OnlineStore()
+    checkpointer = Checkpointer(store, MemoryCheckpointStore(), every_events=1, every_s=60)
+    store.apply(opened(1, "a"))
+    store.advance("SIGNALS", 1)
+    assert await checkpointer.checkpoint()
+    away = [ConnectionError("the database is away")]
+
+    async def lock_check() -> None:
+        if away:
+            raise away.pop()
+
+    checkpointer.before_write = lock_check
+    caplog.set_level(logging.INFO, logger="tipstream.checkpoints")
+    with pytest.raises(ConnectionError):
+        await checkpointer.checkpoint()
+    assert not await checkpointer.checkpoint()  # nothing changed
+    store.apply(opened(2, "a"))
+    store.advance("SIGNALS", 2)
+    assert await checkpointer.checkpoint()
+    told = [r.getMessage() for r in caplog.records]
+    assert len(told) == 1 and told[0].startswith("checkpoints go through again (the one that failed did "), told
+    assert told[0].endswith(" s ago): nothing changed meanwhile"), told
+
+
 async def test_a_failed_checkpoint_hands_its_users_back_for_the_next_one() -> None:
     store = OnlineStore()
     target = FlakyStore(failures=1)
