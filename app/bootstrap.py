@@ -388,7 +388,8 @@ class Service:
 
     def _store_failed(self, stream: str) -> str | None:
         """What says NATS failed to store a message of `stream` (`jsx.gone_before`): the embedded nats-server's log or
-        full store; with NATS_URL, whose log is not ours to read, decisions left unanswered while connected."""
+        full store; else decisions left unanswered while connected (the one sign with NATS_URL, whose log is not ours
+        to read)."""
         if self.embedded is not None and (told := self.embedded.store_failed(stream)):
             return told
         return self.publisher.store_failed_told()
