@@ -584,7 +584,8 @@ class Checkpointer:
             if snapshot is not None:
                 participant.saved(snapshot)
         self.last_applied = applied
-        self._failing_ended("checkpoints commit again", f"the {len(users):,} users changed meanwhile are saved")
+        self._failing_ended("checkpoints commit again", f"the {len(users):,} users changed meanwhile are saved"
+                            if len(users) != 1 else "the 1 user changed meanwhile is saved")
         self._succeeded()
         if heavy or self._at_cap:
             self._count_at_cap(users, heavy)

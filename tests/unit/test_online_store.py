@@ -105,6 +105,23 @@ async def test_checkpoints_failing_with_nothing_to_save_are_told_over_by_the_nex
     assert told[0].endswith(" s ago): nothing changed meanwhile"), told
 
 
+async def test_a_checkpoint_that_commits_after_one_failed_says_so_in_the_singular(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """'checkpoints commit again (the first of the 1 that failed did 0 s ago): the 1 users changed meanwhile are
+    saved'."""
+    store = OnlineStore()
+    checkpointer = Checkpointer(store, FlakyStore(failures=1), every_events=1, every_s=60)
+    store.apply(opened(1, "a"))
+    store.advance("SIGNALS", 1)
+    caplog.set_level(logging.INFO, logger="tipstream.checkpoints")
+    with pytest.raises(ConnectionError):
+        await checkpointer.checkpoint()
+    assert await checkpointer.checkpoint()
+    told = [r.getMessage() for r in caplog.records]
+    assert len(told) == 1 and told[0].startswith("checkpoints commit again (the one that failed did "), told
+    assert told[0].endswith(" s ago): the 1 user changed meanwhile is saved"), told
+
+
 async def test_a_failed_checkpoint_hands_its_users_back_for_the_next_one() -> None:
     store = OnlineStore()
     target = FlakyStore(failures=1)
