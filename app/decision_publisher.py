@@ -20,7 +20,7 @@ from app.decision_ids import ID_LENGTH
 from app.learning_metrics import DECISION_QUEUE, DECISIONS
 from app.periodic import woken
 from streams.jetstream import STORAGE_FULL, STORAGE_FULL_FIX
-from streams.log_throttle import LogThrottle, since_last_line
+from streams.log_throttle import LogThrottle, counted, since_last_line
 
 log = logging.getLogger("tipstream.decisions")
 # Each outcome exposed at 0 from the start: a series that first appears at 40 refusals (one burst, NATS away
@@ -456,7 +456,8 @@ class DecisionPublisher:
                             since_last_line(left_out, "failed look", "failed looks"))
             max_payload = None
         if max_payload is not None and self._looks_failed:
-            log.info("the NATS server's max_payload is read again, after %d looks that failed", self._looks_failed)
+            log.info("the NATS server's max_payload is read again, after %s that failed",
+                     counted(self._looks_failed, "look", "looks"))
             self._look_lines.clear()  # the next failure is told at once
             self._looks_failed = 0
         if max_payload is not None and max_payload != self.max_payload:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from streams.log_throttle import LogThrottle, since_last_line
+from streams.log_throttle import LogThrottle, counted, since_last_line
 
 log = logging.getLogger("tipstream.nats")
 # In the data directory while the embedded server runs: where `tipstream simulate` finds it.
@@ -290,8 +290,8 @@ class EmbeddedNats:
             self._restarts_failed += 1
             raise
         if self._restarts_failed:
-            log.warning("the embedded nats-server started again, after %d tries that failed",
-                        self._restarts_failed)
+            log.warning("the embedded nats-server started again, after %s that failed",
+                        counted(self._restarts_failed, "try", "tries"))
         self._restart_lines.clear()  # the next exit is told at once
         self._restart_wait_s, self._restarts_failed = RESTART_FIRST_WAIT_S, 0
         return True
