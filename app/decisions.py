@@ -41,7 +41,7 @@ import orjson
 from app.checkpoint_rows import write_tip_scores
 from app.learning_metrics import DECISION_ROWS
 from app.score_request import CROSS_FORM, ONE_HOT_PREFIXES, SERVER_INPUTS
-from streams.events import Rejection, as_json
+from streams.events import Rejection, not_a_version, unsupported_version
 
 SUBJECT_SCORE = "decisions.score"
 DECISION_TYPE = "decision.scored"
@@ -181,18 +181,10 @@ def version_problem(body: dict[str, Any]) -> Rejection | None:
     if version.__class__ is float and version.is_integer() and abs(version) < 2**53:
         version = int(version)
     if version.__class__ is not int:  # bool is a subclass of int, not its class
-        return Rejection("invalid_field", f"field 'v': must be the decision contract's version as a JSON integer "
-                                          f"(this server reads {DECISION_VERSION}), not {as_json(version)}")
+        return not_a_version(version, "decision", DECISION_VERSION)
     if version == DECISION_VERSION:
         return None
-    if version > DECISION_VERSION:
-        return Rejection("unsupported_version", f"v={version} is newer than the decisions this server reads "
-                                                f"(v{DECISION_VERSION}): upgrade tipstream to a release that reads "
-                                                f"v{version}, or have the publisher send v{DECISION_VERSION}; then "
-                                                "publish the decision again")
-    return Rejection("unsupported_version", f"v={version} is not a decision contract version: this server reads "
-                                            f"v{DECISION_VERSION} only (decisions have no upcasters); have the "
-                                            f"publisher send v{DECISION_VERSION}")
+    return unsupported_version(version, "decision", DECISION_VERSION, upcasters=False)
 
 
 def decision_problem(body: dict[str, Any]) -> Rejection | None:

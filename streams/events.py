@@ -257,20 +257,38 @@ def as_json(value: Any) -> str:
     return text if len(text) <= 100 else text[:99] + "…"
 
 
-def unsupported_version(version: int) -> Rejection:
-    """The refusal of a version this server does not read, naming the fix: a newer one needs a newer
-    tipstream (or the publisher to send this one), an older one an upcaster.
+def unsupported_version(version: int, what: str = "event", reads: int = CURRENT_VERSION,
+                        upcasters: bool = True) -> Rejection:
+    """The refusal of a version of `what`'s contract this server does not read (it reads `reads`), naming the fix:
+    a newer one needs a newer tipstream (or the publisher to send this one), an older one an upcaster, or with no
+    `upcasters` (decisions), the publisher to send this one.
 
     >>> unsupported_version(2).reason  # doctest: +ELLIPSIS
-    'v=2 is newer than this server reads (v1): upgrade tipstream to a release that reads v2, ...'
+    'v=2 is newer than the events this server reads (v1): upgrade tipstream to a release that reads v2, ...'
+    >>> unsupported_version(0, "decision", upcasters=False).reason
+    'v=0 is not a decision contract version: this server reads v1 only (decisions have no upcasters); have the publisher send v1'
     """
-    if version > CURRENT_VERSION:
-        return Rejection("unsupported_version", f"v={version} is newer than this server reads (v{CURRENT_VERSION}): "
+    if version > reads:
+        return Rejection("unsupported_version", f"v={version} is newer than the {what}s this server reads (v{reads}): "
                                                 f"upgrade tipstream to a release that reads v{version}, or have the "
-                                                f"publisher send v{CURRENT_VERSION}; then publish the event again")
-    return Rejection("unsupported_version", f"v={version} is not supported: this server reads v{CURRENT_VERSION} and "
+                                                f"publisher send v{reads}; then publish the {what} again")
+    if not upcasters:
+        return Rejection("unsupported_version", f"v={version} is not a {what} contract version: this server reads "
+                                                f"v{reads} only ({what}s have no upcasters); have the publisher send "
+                                                f"v{reads}")
+    return Rejection("unsupported_version", f"v={version} is not supported: this server reads v{reads} and "
                                             f"has no upcaster for v{version}; have the publisher send "
-                                            f"v{CURRENT_VERSION}, or register one in streams/events.py (UPCASTERS)")
+                                            f"v{reads}, or register one in streams/events.py (UPCASTERS)")
+
+
+def not_a_version(value: Any, what: str = "event", reads: int = CURRENT_VERSION) -> Rejection:
+    """The refusal of a `v` that is no version number at all ("1", 1.5, null, true), written back as sent.
+
+    >>> not_a_version(True).reason
+    "field 'v': must be the event contract's version as a JSON integer (this server reads 1), not true"
+    """
+    return Rejection("invalid_field", f"field 'v': must be the {what} contract's version as a JSON integer "
+                                      f"(this server reads {reads}), not {as_json(value)}")
 
 
 def _describe(error: ValidationError) -> Rejection:
@@ -310,8 +328,7 @@ def _describe(error: ValidationError) -> Rejection:
         return Rejection("invalid_field", f"field '{where}': must be ISO 8601 text with {whose} UTC offset, e.g. "
                                           f"2026-11-26T08:01:02.123+01:00, not {first['input']!r} (it has none)")
     if where == "v" and (type(first["input"]) is not int):  # "1", 1.0, null: not a version number at all
-        return Rejection("invalid_field", f"field 'v': must be the contract version as a JSON integer "
-                                          f"(this server reads {CURRENT_VERSION}), not {as_json(first['input'])}")
+        return not_a_version(first["input"])
     if where == "v":
         return unsupported_version(first["input"])
     if etype == "string_unicode":  # pydantic's "unable to parse raw data as a unicode string"

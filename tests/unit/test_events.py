@@ -158,9 +158,9 @@ def test_unknown_fields_are_tolerated_but_not_kept() -> None:
         (orjson.dumps({**envelope("app.opened"), "id": "x" * 129}), "invalid_field", "id"),
         (orjson.dumps({**envelope("app.opened"), "v": 7}), "unsupported_version", "v=7"),
         # The version as text read "v='1' is not supported; this server reads v1": the problem is the type.
-        (orjson.dumps({**envelope("app.opened"), "v": "1"}), "invalid_field", "'v': must be the contract version as a JSON integer"),
-        (orjson.dumps({**envelope("app.opened"), "v": None}), "invalid_field", "'v': must be the contract version as a JSON integer"),
-        (orjson.dumps({**envelope("app.opened"), "v": 1.5}), "invalid_field", "'v': must be the contract version as a JSON integer"),
+        (orjson.dumps({**envelope("app.opened"), "v": "1"}), "invalid_field", "'v': must be the event contract's version as a JSON integer"),
+        (orjson.dumps({**envelope("app.opened"), "v": None}), "invalid_field", "'v': must be the event contract's version as a JSON integer"),
+        (orjson.dumps({**envelope("app.opened"), "v": 1.5}), "invalid_field", "'v': must be the event contract's version as a JSON integer"),
         # orjson could not write the reason: the TypeError escaped, and ingest retried the event for ever.
         (orjson.dumps({**envelope("app.opened"), "v": ["2**64"]}).replace(b'"2**64"', str(2**64).encode()), "invalid_field",
          "as a JSON integer (this server reads 1), not [18446744073709551616]"),
@@ -172,7 +172,7 @@ def test_unknown_fields_are_tolerated_but_not_kept() -> None:
         (orjson.dumps({**envelope("app.opened"), "type": 5}), "invalid_field", "'type': must be an event type, a string, not 5"),
         # A number of the wrong JSON type: pydantic's lax mode read `true` and "2" as numbers, and folded them.
         (orjson.dumps({**envelope("app.opened"), "v": True}), "invalid_field",
-         "'v': must be the contract version as a JSON integer (this server reads 1), not true"),
+         "'v': must be the event contract's version as a JSON integer (this server reads 1), not true"),
         (orjson.dumps(envelope("task.created", {"task_id": "t", "priority": "2"})), "invalid_field",
          "'data.priority': must be a JSON number, not text or a boolean"),
         (orjson.dumps(envelope("task.created", {"task_id": "t", "priority": True})), "invalid_field", "data.priority"),
@@ -336,7 +336,7 @@ def test_an_event_of_a_newer_version_is_refused_as_such_naming_the_fix(newer: di
         result = parse_event(orjson.dumps(newer))
     assert isinstance(result, Rejection) and result.kind == "unsupported_version", result
     version = newer["v"]
-    assert f"v={version} is newer than this server reads (v1)" in result.reason, result.reason
+    assert f"v={version} is newer than the events this server reads (v1)" in result.reason, result.reason
     assert f"upgrade tipstream to a release that reads v{version}" in result.reason, result.reason
 
 
