@@ -154,7 +154,7 @@ class EmbeddedNats:
         self._restart_at, self._restart_wait_s = 0.0, RESTART_FIRST_WAIT_S
         # A restart failing for as long as its port stays taken said so at every try, 30 s apart at the wait's most:
         # told at once, then once a minute with the tries left out, another exit code at once.
-        self._restart_lines, self._restarts_failed = LogThrottle(clock=lambda: self.clock()), 0
+        self._restart_lines, self._restarts_failed = LogThrottle(clock=clock), 0
         self.store_error: str | None = None  # why the store takes no writes, until the server is restarted
         self._store_restart_at = 0.0
         self._log_read_to = 0
