@@ -951,9 +951,14 @@ async def test_a_dlq_copy_left_unanswered_by_a_full_disk_names_it_and_is_stored_
     client = await nats.connect(server.url)
     try:
         await client.jetstream().publish("signals.task.created", b"{not json")
+        # DLQ's store fails a write, and stores nothing more until nats-server restarts. The disk is freed before
+        # the start: a start re-creates its consumers, and on a disk still full that write could fail too.
+        server.fill()
+        with pytest.raises(nats.errors.TimeoutError):
+            await client.jetstream(timeout=1).publish("dlq.test", b"a write the full disk fails")
+        server.free()
     finally:
         await client.close()
-    server.fill()
     caplog.set_level(logging.INFO, logger="tipstream.ingest")
     before = dead_lettered("SIGNALS")
     await start_service(nats_url=server.url)
@@ -965,7 +970,6 @@ async def test_a_dlq_copy_left_unanswered_by_a_full_disk_names_it_and_is_stored_
     warned = told("could not publish to the DLQ for SIGNALS")[0]
     assert "nats: timeout" in warned and "is its store's disk full?" in warned, warned
     assert "free space on it and restart nats-server" in warned, warned
-    server.free()
     server.stop()
     server.start()
     await eventually(lambda: dead_lettered("SIGNALS") == before + 1, timeout=60)

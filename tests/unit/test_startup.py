@@ -438,6 +438,27 @@ def test_a_stream_change_refused_for_a_full_disk_is_a_message_saying_to_free_it_
                        "write until it is restarted, and start tipstream again."), message
 
 
+def test_a_consumer_re_creation_refused_for_a_full_disk_is_a_message_saying_to_free_it_and_restart(
+        tmp_path: Path) -> None:
+    """Every start re-creates its consumers: on a NATS_URL server whose store's disk was full (the suite's full-disk
+    server, in a test that raced it), the start ended with the server's words and a code that says nothing of it."""
+    from nats.js.errors import ServerError
+
+    from app.settings import Settings
+    from app.start_errors import explain
+
+    settings = Settings(data_dir=tmp_path, nats_url="nats://n1:4222")
+    error = ServerError(code=500, err_code=10012, description="write /srv/nats/jetstream/$G/streams/FEEDBACK/obs/"
+                                                              "tipstream-feedback/o.dat.tmp: no space left on device")
+    message = str(explain(error, settings))
+    assert message.endswith("o.dat.tmp: no space left on device (error 10012). The disk of that nats-server's store "
+                            "is full: free space on it (an embedded one's store is TIPSTREAM_DATA_DIR/nats), then "
+                            "restart nats-server, which stores nothing more after a failed write until it is "
+                            "restarted, and start tipstream again."), message
+    other = ServerError(code=500, err_code=10012, description="start sequence can not be updated")
+    assert str(explain(other, settings)).endswith("start sequence can not be updated (error 10012)."), "no fix guessed"
+
+
 async def test_a_warm_up_cut_short_by_a_failed_start_leaves_no_traceback_behind() -> None:
     """The warm-up's read of the users' states runs in a thread. A start that failed meanwhile (its one
     line said why: a statement_timeout, the database away) cancelled the warm-up, and what the read
