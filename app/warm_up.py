@@ -76,8 +76,8 @@ async def warm_up(store: OnlineStore, freezer: FreezePolicy, target: SqlCheckpoi
     if (made := checkpointer()) is not None:
         await made.rest_idle()
     METRICS.users.set(len(store.users))
-    log.info("all %d users loaded in %.1fs (%d idle ones left in the database)%s", len(store.users),
-             time.perf_counter() - started, len(store.dormant),
+    log.info("all %s loaded in %.1fs (%s left in the database)%s", counted(len(store.users), "user", "users"),
+             time.perf_counter() - started, counted(len(store.dormant), "idle one", "idle ones"),
              f", after {counted(failures, 'try', 'tries')} that failed" if failures else "")
 
 
