@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from app.nats_auth import NatsAuthError, NatsUnanswered, connect_for_command, na
 from app.settings import get_settings
 from streams import jetstream
 from streams.jetstream import STORAGE_FULL_FIX, publish_events
-from streams.log_throttle import counted
+from streams.log_throttle import LogThrottle, counted, since_last_line
 from streams.simulator import Population
 
 
@@ -113,39 +113,64 @@ class GaveUp(Exception):
 
 class Unacknowledged:
     """Publishes JetStream leaves unanswered (`publish_events`' `unacknowledged`): said once, with what the server
-    still answers, then counted; after GIVE_UP_AFTER_S with none acknowledged, `GaveUp`."""
+    still answers, then counted; after GIVE_UP_AFTER_S with none acknowledged, `GaveUp`. Those it acknowledges in
+    part are told at once, then once a minute with the tries since, and when a chunk goes through whole again."""
 
-    def __init__(self, nc: Any, where: str, ack_wait_s: float) -> None:
-        self.nc, self.where, self.ack_wait_s = nc, where, ack_wait_s
+    def __init__(self, nc: Any, where: str, ack_wait_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.nc, self.where, self.ack_wait_s, self.clock = nc, where, ack_wait_s, clock
         # When the events were sent that the first wait acknowledging nothing (since the last that did) waited for
         self.since: float | None = None
         self.waits, self.answers = 0, False
+        # A server acknowledging part of each chunk (slow to store, a cluster electing) wrote a line at each wait,
+        # 5 s apart, for as long as it lasted.
+        self.partial_lines = LogThrottle(clock=clock)
+        self.partial_since: float | None = None
+        self.partial_tries, self.waited = 0, False
 
     async def __call__(self, acknowledged: int, of: int) -> None:
+        self.waited = True
         if acknowledged:
             self.since = None
-            print(f"JetStream acknowledged {acknowledged} of {of} events within {self.ack_wait_s:g} s; publishing "
-                  "the rest again", file=sys.stderr)
+            self._partial(acknowledged, of)
             return
         self.waits += 1
         if self.since is None:  # timed from the wait's end, the run gave up a wait (5 s) after GIVE_UP_AFTER_S
-            self.since, self.waits = time.monotonic() - self.ack_wait_s, 1
+            self.since, self.waits = self.clock() - self.ack_wait_s, 1
             self.answers = await self._answers()
             print(f"JetStream at {self.where} acknowledged none of {of} events within {self.ack_wait_s:g} s"
                   f"{self._why()}. Publishing them again until it does; giving up after {GIVE_UP_AFTER_S:g} s "
                   "of none.", file=sys.stderr)
             return
-        stalled = time.monotonic() - self.since
+        stalled = self.clock() - self.since
         if stalled >= GIVE_UP_AFTER_S:
             raise GaveUp(f"JetStream at {self.where} acknowledged none of the events for {stalled:.0f} s "
                          f"({counted(self.waits, 'try', 'tries')}){self._why()}")
 
+    def _partial(self, acknowledged: int, of: int) -> None:
+        if self.partial_since is None:
+            self.partial_since, self.partial_tries = self.clock() - self.ack_wait_s, 0
+        self.partial_tries += 1
+        left_out = self.partial_lines.allow("partial")
+        if left_out is not None:
+            print(f"JetStream acknowledged {acknowledged} of {of} events within {self.ack_wait_s:g} s; publishing "
+                  f"the rest again{since_last_line(left_out, 'try acknowledged in part', 'tries acknowledged in part')}",
+                  file=sys.stderr)
+
     def recovered(self) -> None:
-        """The events went through: a stall told is told as over."""
+        """A chunk went through: a stall told is told as over, and so is a stretch of chunks acknowledged in part
+        once one is acknowledged whole at its first wait."""
         if self.since is not None:
-            print(f"JetStream acknowledges the events again, after {time.monotonic() - self.since:.0f} s "
+            print(f"JetStream acknowledges the events again, after {self.clock() - self.since:.0f} s "
                   f"({counted(self.waits, 'try', 'tries')})", file=sys.stderr)
             self.since = None
+        if self.partial_since is not None and not self.waited:
+            print(f"JetStream acknowledges every event within {self.ack_wait_s:g} s again, after "
+                  f"{self.clock() - self.partial_since:.0f} s of some left unacknowledged "
+                  f"({counted(self.partial_tries, 'try', 'tries')} acknowledged in part)", file=sys.stderr)
+            self.partial_since = None
+            self.partial_lines.clear()  # the next stretch is told at once
+        self.waited = False
 
     async def _answers(self) -> bool:
         try:
