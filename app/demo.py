@@ -31,7 +31,7 @@ from app.http_server import HTTP_KEEP_ALIVE_S
 from app.settings import Settings
 from streams.events import subject_for
 from streams.jetstream import publish_events
-from streams.log_throttle import LogThrottle
+from streams.log_throttle import LogThrottle, since_last_line
 from streams.simulator import APP_MIX, Population, expected_reward, score_body
 
 log = logging.getLogger("tipstream.demo")
@@ -139,6 +139,11 @@ def _self_url(settings: Settings, port: int) -> str:
     return f"http://{host}:{port}"
 
 
+def _tell_tick_failure(error: Exception) -> None:
+    if (left_out := _TICK_FAILED.allow(type(error))) is not None:
+        log.warning("demo: a tick failed (%r); going on%s", error, since_last_line(left_out, "failed tick", "failed ticks"))
+
+
 async def _run_demo(app: Starlette, rate: float, stopping: Callable[[], bool], port: int) -> None:
     service = app.state.service
     settings: Settings = service.settings
@@ -160,9 +165,7 @@ async def _run_demo(app: Starlette, rate: float, stopping: Callable[[], bool], p
                 # stopped the demo for good, for what the service itself rides out.
                 if stopping():
                     return
-                if (left_out := _TICK_FAILED.allow(type(error))) is not None:
-                    log.warning("demo: a tick failed (%r); going on%s", error,
-                                f" ({left_out} more failed since)" if left_out else "")
+                _tell_tick_failure(error)
             if started >= next_report:
                 log.info("demo: %s; the learner has credited %d rewards", demo.tally.summary(),
                          service.learner.credited)

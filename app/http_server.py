@@ -9,9 +9,12 @@ import json
 import logging
 import resource
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 from app.request_body import DRAIN_MAX_BYTES
+from streams.log_throttle import LogThrottle, since_last_line
 
 # uvicorn's default: an idle HTTP connection is closed after this long. A client keeping idle
 # connections as long may send on one the server is closing, and reads an empty answer.
@@ -60,9 +63,7 @@ class _ClientWarnings:
         left_out = self._throttle.allow(message)
         if left_out is None:
             return
-        if left_out:
-            message = f"{message} ({left_out} more in the minute before, left out)"
-        self._logger.warning(message, *args, **kwargs)
+        self._logger.warning(f"{message}{since_last_line(left_out)}", *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:  # errors, levels: the logger's own
         return getattr(self._logger, name)
@@ -135,7 +136,7 @@ class _EndsAfterTheBody:
 
 def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_files: int | None = None,
                           write_stall_s: float = HTTP_WRITE_STALL_S, idle_grace_s: float = HTTP_IDLE_GRACE_S,
-                          linger_s: float = HTTP_LINGER_S) -> type:
+                          linger_s: float = HTTP_LINGER_S, clock: Callable[[], float] = time.monotonic) -> type:
     """uvicorn's httptools protocol, with bounds uvicorn lacks on what a client can hold:
 
     - a request line and headers past HTTP_MAX_HEAD_BYTES: 431, and the connection closed. A head
@@ -160,14 +161,14 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
       least `idle_grace_s`) is closed for the new one, or with none idle the new one gets 503 and is closed, and the log says
       to raise the limit, at most once a minute (uvicorn accepted until the process had no file
       descriptor left, then reset every new connection without a word, and the service's own
-      reconnects to NATS and its database failed)."""
+      reconnects to NATS and its database failed).
+
+    `clock` times the once-a-minute bounds on its log lines (a test's, to pass a minute without waiting)."""
     import httptools
     from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-    from streams.log_throttle import LogThrottle
-
-    client_warnings = LogThrottle(per_window=CLIENT_WARNINGS_PER_MINUTE)
-    full_warnings = LogThrottle()
+    client_warnings = LogThrottle(per_window=CLIENT_WARNINGS_PER_MINUTE, clock=clock)
+    full_warnings = LogThrottle(clock=clock)
     most = None if open_files is None else max_http_connections(open_files)
 
     def refusal(status: int, message: str) -> bytes:
@@ -220,7 +221,7 @@ def bounded_http_protocol(request_read_s: float = HTTP_REQUEST_READ_S, open_file
                             "connection was answered 503%s. Raise the limit (ulimit -n; systemd's LimitNOFILE=, "
                             "docker's --ulimit nofile=), or serve slow clients through a proxy that holds them (nginx).",
                             len(self.connections) - 1, open_files, open_files - most,
-                            f" ({left_out} more in the minute before)" if left_out else "")
+                            since_last_line(left_out))
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._let_go()

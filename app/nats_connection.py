@@ -30,7 +30,7 @@ from app.settings import Settings
 from app.start_errors import StartupError, shown_url
 from streams import jetstream as jsx
 from streams import pull
-from streams.log_throttle import LogThrottle
+from streams.log_throttle import LogThrottle, counted, since_last_line
 from streams.nats_tls import TlsNotOffered
 
 log = logging.getLogger("tipstream")
@@ -207,7 +207,8 @@ class NatsConnection:
         # Kept, an outage's errors left out were counted on the next outage's first line, as if its own, and one
         # within the minute had its first line left out: each outage's lines start afresh.
         left_out = self._errors.clear()
-        more = f" (the errors above came {left_out} more times since their last line)" if left_out else ""
+        more = (f" (the errors above came {counted(left_out, 'more time', 'more times')} since their last line)"
+                if left_out else "")
         log.info("reconnected to NATS%s; resuming each stream from its own position", more)
         self._resume()
 
@@ -247,7 +248,7 @@ class NatsConnection:
             said += self._credentials_changed_fix()
         left_out = self._errors.allow(said)
         if left_out is not None:
-            log.warning("NATS: %s%s", said, f" ({left_out} more times since)" if left_out else "")
+            log.warning("NATS: %s%s", said, since_last_line(left_out, "time", "times"))
 
     def _credentials_changed_fix(self) -> str:
         if self.settings.nats_creds is not None:

@@ -22,7 +22,7 @@ from nats.errors import Error as NatsError
 from nats.protocol.parser import AWAITING_CONTROL_LINE, AWAITING_MSG_PAYLOAD, Parser
 
 from streams.answers import answered
-from streams.log_throttle import LogThrottle
+from streams.log_throttle import LogThrottle, since_last_line
 from streams.nats_tls import TlsIntentClient
 
 log = logging.getLogger("tipstream.jetstream")
@@ -66,8 +66,7 @@ def _tell_handler_failure(subject: bytes, error: Exception) -> None:
         return
     log.error("a message on %s could not be handled (%s: %s); the connection reads on. This is a bug in "
               "tipstream: please report it with this traceback%s", subject.decode(errors="replace"),
-              type(error).__name__, error, f" ({left_out} more failures since the last one told)" if left_out
-              else "", exc_info=error)
+              type(error).__name__, error, since_last_line(left_out, "failure", "failures"), exc_info=error)
 
 
 class FastParser(Parser):

@@ -7,6 +7,8 @@ import asyncio
 import json
 import logging
 import re
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,9 +21,10 @@ class CountingServer:
     """A real uvicorn server on the bounded protocol; its app answers the size of the body it read,
     and notes each request whose client went away before the body ended."""
 
-    def __init__(self, gate: asyncio.Event | None = None, **bounds: float) -> None:
-        """`gate`: each request waits for it to be set before it is read."""
-        self.bounds, self.disconnects, self.gate = bounds, 0, gate
+    def __init__(self, gate: asyncio.Event | None = None, clock: Callable[[], float] = time.monotonic,
+                 **bounds: float) -> None:
+        """`gate`: each request waits for it to be set before it is read; `clock`: its log lines' throttles'."""
+        self.bounds, self.disconnects, self.gate, self.clock = bounds, 0, gate, clock
 
     async def app(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -53,7 +56,8 @@ class CountingServer:
         self.server = uvicorn.Server(uvicorn.Config(
             self.app, http=bounded_http_protocol(read_s, self.bounds.get("open_files"),
                                                  idle_grace_s=self.bounds.get("idle_grace_s", 0),
-                                                 linger_s=self.bounds.get("linger_s", http_server.HTTP_LINGER_S)), interface="asgi3", lifespan="off", log_level="warning",
+                                                 linger_s=self.bounds.get("linger_s", http_server.HTTP_LINGER_S),
+                                                 clock=self.clock), interface="asgi3", lifespan="off", log_level="warning",
             timeout_keep_alive=self.bounds.get("keep_alive_s", http_server.HTTP_KEEP_ALIVE_S)))
         self.serving = asyncio.create_task(self.server.serve(sockets=[sock]))
         await eventually(lambda: self.server.started or self.serving.done())
@@ -238,6 +242,47 @@ async def test_in_a_burst_of_connections_past_the_limit_the_new_ones_are_refused
         assert (await asyncio.wait_for(taken[0][0].read(), 10)).startswith(b"HTTP/1.1 200")
         for _, writer in taken:
             writer.close()
+
+
+async def test_connections_refused_for_the_limit_are_told_once_a_minute_with_those_since(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The count of refusals left out is written as every other throttled line writes it
+    (`log_throttle.since_last_line`): it read '(2 more in the minute before)'. The minute passes on the
+    throttle's clock, not slept."""
+    caplog.set_level(logging.WARNING, logger="tipstream")
+    now = [0.0]
+    server = CountingServer(clock=lambda: now[0], open_files=8, idle_grace_s=60)  # 4 connections at most
+    async with server as port:
+        taken = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]
+        await eventually(lambda: len(server.server.server_state.connections) == 4)
+        for at in (0.0, 1.0, 2.0, 61.0):
+            now[0] = at
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 503")
+            writer.close()
+        for _, writer in taken:
+            writer.close()
+    told = [r.getMessage() for r in caplog.records if r.name == "tipstream"]
+    assert len(told) == 2 and "a new connection was answered 503. Raise" in told[0], told
+    assert "a new connection was answered 503 (2 more since the last line). Raise" in told[1], told
+
+
+def test_a_client_warning_after_some_left_out_says_how_many_as_the_other_throttled_lines_do() -> None:
+    from streams.log_throttle import LogThrottle
+
+    told: list[str] = []
+
+    class Logger:  # uvicorn's, as the protocol wraps it
+        def warning(self, message: str, *args: Any) -> None:
+            told.append(message % args)
+
+    now = [0.0]
+    warnings = http_server._ClientWarnings(Logger(), LogThrottle(per_window=1, clock=lambda: now[0]))  # type: ignore[arg-type]
+    for at in (0.0, 1.0, 2.0, 60.0):
+        now[0] = at
+        warnings.warning("Invalid HTTP request received from %s.", "a client")
+    assert told == ["Invalid HTTP request received from a client.",
+                    "Invalid HTTP request received from a client. (2 more since the last line)"], told
 
 
 async def test_a_client_that_sends_part_of_a_request_or_nothing_is_not_waited_for_for_good() -> None:

@@ -266,7 +266,8 @@ async def test_the_same_nats_error_again_within_a_minute_is_counted_not_logged(
     fix = (": the server no longer takes NATS_URL's user and password or token (changed by a reload). Give the server "
            "back the old ones, or restart tipstream with NATS_URL's new ones; /readyz is 503 until then")
     assert [r.getMessage() for r in caplog.records] == [
-        f"NATS: nats: 'Authorization Violation'{fix}", f"NATS: nats: 'Authorization Violation'{fix} (4 more times since)",
+        f"NATS: nats: 'Authorization Violation'{fix}",
+        f"NATS: nats: 'Authorization Violation'{fix} (4 more times since the last line)",
         "NATS: nats: another"]
 
 
@@ -296,13 +297,13 @@ async def test_a_new_nats_outage_s_first_line_counts_only_its_own_errors(
         now[0] += WINDOW_S  # the next outage past the minute
         await outage(1)
         now[0] += 5  # and another soon after
-        await outage(1)
+        await outage(2)
     line = f"NATS: {refused}"
     resumed = "; resuming each stream from its own position"
     assert [r.getMessage() for r in caplog.records] == [
         line, f"reconnected to NATS (the errors above came 4 more times since their last line){resumed}",
         line, f"reconnected to NATS{resumed}",
-        line, f"reconnected to NATS{resumed}"]
+        line, f"reconnected to NATS (the errors above came 1 more time since their last line){resumed}"]
 
 
 async def test_a_reconnect_no_server_greets_is_a_warning_saying_so(tmp_path: Path,
