@@ -28,7 +28,7 @@ from app.metrics import METRICS
 from app.periodic import woken
 from app.thread_work import ThreadWork
 from streams.fold import DAY_MS, HORIZON_DAYS, MAX_RECORDS_PER_KIND, SIZES, at_cap
-from streams.log_throttle import LogThrottle, since_last_line
+from streams.log_throttle import LogThrottle, counted, since_last_line
 from streams.store import OnlineStore
 
 if TYPE_CHECKING:
@@ -360,8 +360,8 @@ class Checkpointer:
         if self.last_error is not None:
             return f"checkpoints fail ({self.last_error}): is the database away?"
         if self.saving:
-            return (f"the checkpoint in progress, of {self.saving:,} users, has not committed yet (long when many "
-                    "users changed, as in a catch-up)")
+            return (f"the checkpoint in progress, of {counted(self.saving, 'user', 'users')}, has not committed yet "
+                    "(long when many users changed, as in a catch-up)")
         return "no checkpoint has saved them yet"
 
     def nudge(self) -> None:
@@ -521,7 +521,7 @@ class Checkpointer:
                 f"({self._saving()}): the database does not answer, unless it saves very many users")
 
     def _saving(self) -> str:
-        return f"saving {self.saving:,} user{'s' if self.saving > 1 else ''}" if self.saving else "not writing yet"
+        return f"saving {counted(self.saving, 'user', 'users')}" if self.saving else "not writing yet"
 
     def _tell_slow(self, started: float) -> None:
         self._slow_since = started
@@ -671,10 +671,11 @@ class Checkpointer:
         METRICS.users_at_cap.set(len(self._at_cap))
         if found and _AT_CAP_TOLD.allow("at_cap") is not None:
             log.warning(
-                "%d user(s) hold %s events of one kind in 31 days, the most a user's state keeps of a kind: %s. "
+                "%s %s events of one kind in 31 days, the most a user's state keeps of a kind: %s. "
                 "Their oldest events of that kind are dropped, and their features reading before what is kept are "
                 "fallbacks. A publisher sending the same user's events in a loop? Find it by the user id; the "
-                "events are still in the stream.", len(found), f"{MAX_RECORDS_PER_KIND:,}", "; ".join(found[:5]))
+                "events are still in the stream.", counted(len(found), "user holds", "users hold"),
+                f"{MAX_RECORDS_PER_KIND:,}", "; ".join(found[:5]))
 
     async def _stored_marks(self, positions: dict[str, int]) -> dict[str, int]:
         """When NATS stored the message at each position: asked once per position it moves to."""
@@ -728,8 +729,8 @@ class Checkpointer:
             await asyncio.sleep(0)
         self._rest_later = later
         if rested:
-            log.info("%d idle users let go of from memory (no event for %g days); %d held, %d in the database only",
-                     rested, store.idle_days, len(store.users), len(store.dormant))
+            log.info("%s let go of from memory (no event for %g days); %d held, %d in the database only",
+                     counted(rested, "idle user", "idle users"), store.idle_days, len(store.users), len(store.dormant))
         return rested
 
 

@@ -464,7 +464,8 @@ class DecisionPublisher:
             items = [item for item in self.held if item[1] not in self._held_refused]
             log.info("the NATS server takes messages of up to %d bytes now (its max_payload, %d before; a "
                      "configuration reload)%s", max_payload, self.max_payload,
-                     f": the {len(items)} decisions held for it are sent" if items else "")
+                     f": {counted(len(items), 'decision held for it is', 'decisions held for it are')} sent"
+                     if items else "")
             self._set_max_payload(max_payload)
             if items:
                 self._send_again(items)
@@ -547,13 +548,14 @@ class DecisionPublisher:
             return
         if self._wrong_told is None:  # the first line: `_tell_answered` says how long since (as for refusals)
             self._wrong_told = (time.monotonic(), "acknowledged none")
-        log.warning("JetStream acknowledged none of the decisions sent %gs ago, NATS connected; %d wait, sent again "
+        log.warning("JetStream acknowledged none of the decisions sent %gs ago, NATS connected; %s, sent again "
                     "(/score answers 503 once TIPSTREAM_DECISION_QUEUE_MAX wait). Does the NATS server hang (stopped, "
                     "or overloaded)? Then the connection is dropped after two pings unanswered "
                     "(TIPSTREAM_NATS_PING_INTERVAL_S) and made again. Or is its store full? Its log says 'no space "
                     "left on device' then: free space there; nats-server stores nothing after a failed write until it "
                     "is restarted (tipstream restarts its embedded one itself).%s",
-                    self.ack_timeout_s, self.waiting, since_last_line(left_out, "such round", "such rounds"))
+                    self.ack_timeout_s, counted(self.waiting, "decision waits", "decisions wait"),
+                    since_last_line(left_out, "such round", "such rounds"))
 
     def store_failed_told(self) -> str | None:
         """Whether JetStream acknowledged no decision with NATS connected since this service started, said as a
@@ -567,8 +569,8 @@ class DecisionPublisher:
         """The warnings of `_tell_unanswered` and of refusals were the last word once the server took decisions again
         (a hung server resumed, a cluster's DECISIONS led again): the operator was left to guess whether it still held."""
         since, what = self._wrong_told
-        log.info("JetStream acknowledges decisions again, %.0f s after the first line saying it %s; %d wait",
-                 time.monotonic() - since, what, self.waiting)
+        log.info("JetStream acknowledges decisions again, %.0f s after the first line saying it %s; %s",
+                 time.monotonic() - since, what, counted(self.waiting, "decision waits", "decisions wait"))
         self._wrong_told = None
 
     async def run(self) -> None:
@@ -639,4 +641,5 @@ class DecisionPublisher:
             await nc._send_command(b"".join(parts))
             await nc._flush_pending()
         except Exception as error:  # noqa: BLE001 - the connection went away: acks will time out, then retry
-            log.warning("could not write %d decisions to NATS (%s); they will be retried", len(parts), error)
+            log.warning("could not write %s to NATS (%s); %s will be retried",
+                        counted(len(parts), "decision", "decisions"), error, "it" if len(parts) == 1 else "they")

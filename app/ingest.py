@@ -1037,9 +1037,9 @@ class StreamIngest:
         METRICS.dlq.labels(self.spec.name, rejection.kind).inc()
         left_out = self._dlq_lines.allow(None)
         if left_out:
-            log.info("DLQ %s: %d more events dead-lettered after the last %d logged, not logged one by one "
+            log.info("DLQ %s: %s dead-lettered after the last %d logged, not logged one by one "
                      "(tipstream_dlq_total counts each; their reasons are in the DLQ's headers)",
-                     self.spec.name, left_out, DLQ_LOG_PER_MINUTE)
+                     self.spec.name, counted(left_out, "more event", "more events"), DLQ_LOG_PER_MINUTE)
         if left_out is not None:
             log.info("DLQ %s #%d: %s", self.spec.name, seq, rejection.reason)
 
@@ -1098,9 +1098,10 @@ class StreamIngest:
             return
         left_out = self._hold_lines.allow(None)
         if left_out is not None:
-            log.warning("%d events not checkpointed yet%s: %s; pausing %s until a checkpoint commits%s",
-                        self.checkpointer.uncheckpointed,
-                        f", {self.backlog()} rows waiting (at most {self.max_backlog})" if self.backlog is not None else "",
+            log.warning("%s not checkpointed yet%s: %s; pausing %s until a checkpoint commits%s",
+                        counted(self.checkpointer.uncheckpointed, "event", "events"),
+                        f", {counted(self.backlog(), 'row', 'rows')} waiting (at most {self.max_backlog:,})"
+                        if self.backlog is not None else "",
                         self.checkpointer.behind_because(), self.spec.name,
                         since_last_line(left_out, "pause", "pauses"))
         self.puller.paused = True

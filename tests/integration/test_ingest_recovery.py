@@ -187,7 +187,7 @@ async def test_a_hold_asks_for_the_checkpoint_it_waits_for(nats_server, bound: i
     await stop_reading(ingest, nc, *tasks)
 
 
-async def test_ingest_holds_while_its_own_backlog_waits_for_a_checkpoint(nats_server) -> None:
+async def test_ingest_holds_while_its_own_backlog_waits_for_a_checkpoint(nats_server, caplog) -> None:
     """The DECISIONS ingest adds a tip_scores row per decision read back and folds no event, so the
     bound on events not checkpointed never held it: with the database away, another publisher's
     decisions (or a rebuild's read-back) piled up rows in memory without end."""
@@ -210,6 +210,13 @@ async def test_ingest_holds_while_its_own_backlog_waits_for_a_checkpoint(nats_se
     rows[0] = 4  # a checkpoint wrote most of them
     await asyncio.wait_for(hold, 5)
     assert not ingest.puller.paused
+    ingest.max_backlog, rows[0] = 1, 1  # one row, counted in the singular: it read '1 rows waiting'
+    with caplog.at_level(logging.WARNING, logger="tipstream.ingest"):
+        hold = asyncio.create_task(ingest._hold_if_checkpoints_lag())
+        await eventually(lambda: "0 events not checkpointed yet, 1 row waiting (at most 1): " in caplog.text)
+        rows[0] = 0
+        await asyncio.wait_for(hold, 5)
+    assert "0 events not checkpointed yet, 10 rows waiting (at most 10): " in caplog.text, caplog.text
     await ingest.stop()
     await nc.close()
 
@@ -301,15 +308,15 @@ async def test_a_hold_behind_a_long_checkpoint_says_so_rather_than_blaming_the_d
     ingest = StreamIngest(nc, js, jsx.SIGNALS, store, checkpointer, batch=64, max_event_bytes=16384,
                           max_uncheckpointed=3)
     await ingest.start()
-    for i in range(3):
-        store.apply(parse_event(orjson.dumps({"id": f"h{i}", "type": "app.opened", "user_id": f"u{i}",
+    for i in range(3):  # one user's: counted in the singular, where the line read 'of 1 users'
+        store.apply(parse_event(orjson.dumps({"id": f"h{i}", "type": "app.opened", "user_id": "u0",
                                               "ts": "2026-11-26T08:00:00Z"})))
     saving = asyncio.create_task(checkpointer.checkpoint())
     await asyncio.to_thread(in_write.wait, 10)
     with caplog.at_level(logging.WARNING, logger="tipstream.ingest"):
         hold = asyncio.create_task(ingest._hold_if_checkpoints_lag())
-        await eventually(lambda: "events not checkpointed yet" in caplog.text)
-        assert "the checkpoint in progress, of 3 users, has not committed yet" in caplog.text, caplog.text
+        await eventually(lambda: "3 events not checkpointed yet" in caplog.text)
+        assert "the checkpoint in progress, of 1 user, has not committed yet" in caplog.text, caplog.text
         assert "database away" not in caplog.text
         release.set()
         assert await saving
@@ -323,7 +330,7 @@ async def test_a_hold_behind_a_long_checkpoint_says_so_rather_than_blaming_the_d
         with pytest.raises(ConnectionError):
             await checkpointer.checkpoint()
         hold = asyncio.create_task(ingest._hold_if_checkpoints_lag())
-        await eventually(lambda: "events not checkpointed yet" in caplog.text)
+        await eventually(lambda: "1 event not checkpointed yet: " in caplog.text)
         assert "checkpoints fail (ConnectionError: connection refused): is the database away?" in caplog.text
         hold.cancel()
     await ingest.stop()
@@ -578,6 +585,28 @@ async def test_a_look_at_the_max_payload_failing_while_a_decision_waits_for_it_i
     assert told[0].endswith("looking again in 30s while a decision waits for it"), told
     assert told[1].endswith("(1 more failed look since the last line)") and told[2] == told[1], told
     assert "no greeting" in told[3] and "since the last line" not in told[3], told  # another kind: at once
+
+
+async def test_a_decision_held_for_the_max_payload_is_sent_once_it_is_raised_counted_in_the_singular(caplog) -> None:
+    """It read ': the 1 decisions held for it are sent'."""
+    from app.decision_publisher import DecisionPublisher
+
+    class Connection:  # the publisher's, connected; the server's limit raised by a reload
+        is_connected = True
+
+        async def max_payload_now(self) -> int:
+            return 1_048_576
+
+    nc = Connection()
+    publisher = DecisionPublisher(lambda: nc, queue_max=10, batch=4, window=10, held_retry_s=30)
+    publisher._set_max_payload(1_000)
+    caplog.set_level(logging.INFO, logger="tipstream.decisions")
+    publisher._hold(("decisions.score", "d-large", b"x" * 2_000))
+    await publisher._look_at_max_payload()
+    told = [r.getMessage() for r in caplog.records if r.getMessage().startswith("the NATS server takes messages")]
+    assert len(told) == 1 and told[0].endswith("(its max_payload, 1000 before; a configuration reload): "
+                                               "1 decision held for it is sent"), told
+    assert publisher.held == [] and [item[1] for item in publisher.queue] == ["d-large"]
 
 
 async def test_a_refusal_that_lasts_is_sent_again_within_the_ceiling_and_logged_a_few_times_a_minute(

@@ -281,9 +281,10 @@ async def test_a_warm_up_failing_for_as_long_as_the_database_is_away_is_told_onc
     assert len(told) == 4 and service.store.users.keys() == {"a"}, told
 
 
-async def test_idle_users_leave_memory_after_a_checkpoint_and_come_back_whole() -> None:
+async def test_idle_users_leave_memory_after_a_checkpoint_and_come_back_whole(caplog: pytest.LogCaptureFixture) -> None:
     """A user with no event for 32 days of the log's time is let go of once the database holds
     their state as memory does; a request or an event loads it back from the checkpoint."""
+    caplog.set_level(logging.INFO, logger="tipstream.checkpoints")
     store = OnlineStore()
 
     class IngestDuringTheWrite(MemoryCheckpointStore):
@@ -306,6 +307,8 @@ async def test_idle_users_leave_memory_after_a_checkpoint_and_come_back_whole() 
     store.apply(opened(3, "here", ts="2026-11-26T08:00:00+01:00"))
     assert await checkpointer.checkpoint()
     assert sorted(store.users) == ["here", "kept", "late"] and store.dormant == {"gone"}
+    let_go = [r.getMessage() for r in caplog.records if "let go of from memory" in r.getMessage()]
+    assert let_go == ["1 idle user let go of from memory (no event for 32 days); 3 held, 1 in the database only"]
     store.apply(opened(5, "here", ts="2026-11-27T08:00:00+01:00"))  # a new day of the log: another look
     assert await checkpointer.checkpoint()
     assert sorted(store.users) == ["here", "kept"] and store.dormant == {"gone", "late"}
@@ -418,6 +421,7 @@ async def test_a_user_at_the_event_cap_is_counted_and_told_until_back_under_it(c
     assert METRICS.users_at_cap._value.get() == 1
     told = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(told) == 1 and "'flood' (app.opened)" in told[0] and "calm" not in told[0], told
+    assert told[0].startswith(f"1 user holds {MAX_RECORDS_PER_KIND:,} events of one kind"), told  # not 'user(s) hold'
     # Forty days on, the old events fell out of every window: under the cap again.
     store.apply(opened(-1, "flood", (start + timedelta(days=40)).isoformat()))
     assert await checkpointer.checkpoint()

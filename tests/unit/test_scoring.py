@@ -492,7 +492,7 @@ async def test_a_server_that_answers_no_publish_is_told_once_then_the_decisions_
     await published_through(nc, 2, batch=2, window=2, ack_timeout_s=0.05)
     told = [r.getMessage() for r in caplog.records if "acknowledged none" in r.getMessage()]
     assert len(told) == 1, told  # three rounds unanswered, one line a minute
-    assert "no space left on device" in told[0] and "2 wait" in told[0], told[0]
+    assert "no space left on device" in told[0] and "NATS connected; 2 decisions wait, sent again" in told[0], told[0]
     assert sorted(nc.stored) == ["d-0", "d-1"]
 
 
@@ -535,6 +535,31 @@ async def test_decisions_acknowledged_again_after_a_long_silence_are_told_with_a
     assert again.created - told[-1].created < 1 and again.created - told[0].created >= 2  # the last, and the first
     assert abs(seconds - (again.created - told[0].created)) < 1, again.getMessage()
     assert "after the first line saying it acknowledged none" in again.getMessage(), again.getMessage()
+    # Counted with its noun: '1 wait' read as a noun, and '1 decisions' elsewhere.
+    assert "NATS connected; 1 decision waits, sent again" in told[0].getMessage(), told[0].getMessage()
+    assert again.getMessage().endswith("; 0 decisions wait"), again.getMessage()
+
+
+async def test_a_decision_that_could_not_be_written_is_counted_in_the_singular(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """It read 'could not write 1 decisions to NATS'."""
+    import logging
+
+    class Cut(FakeNats):
+        cuts = 1
+
+        async def _send_command(self, blob: bytes) -> None:
+            if self.cuts:
+                self.cuts -= 1
+                raise ConnectionResetError("the connection went away")
+            await super()._send_command(blob)
+
+    caplog.set_level(logging.WARNING, logger="tipstream.decisions")
+    nc = Cut()
+    await published_through(nc, 1, batch=1, window=1, ack_timeout_s=0.05)
+    told = [r.getMessage() for r in caplog.records if r.getMessage().startswith("could not write")]
+    assert told == ["could not write 1 decision to NATS (the connection went away); it will be retried"], told
+    assert nc.stored == ["d-0"]
 
 
 async def refusals_told(caplog: pytest.LogCaptureFixture, nc: FakeNats, answers: list[str]) -> list[str]:
