@@ -73,6 +73,8 @@ async def current_on(js: Any, name: str, node: str) -> bool:
         cluster = await stream_cluster(js, name)
     except NO_LEADER_YET:
         return False
+    if cluster is None:  # an info without its cluster: no leader named yet
+        return False
     return cluster.leader == node or any(p.name == node and p.current and not p.offline
                                          for p in cluster.replicas or ())
 
@@ -119,7 +121,8 @@ async def lead_signals(client: Any, js: Any, wanted: Callable[[str], bool]) -> s
     """Have the cluster elect SIGNALS' leader again until it is a node `wanted` takes; that node."""
 
     async def led_as_wanted() -> str | None:
-        leader = (await stream_cluster(js, "SIGNALS")).leader
+        cluster = await stream_cluster(js, "SIGNALS")
+        leader = cluster.leader if cluster is not None else None
         if leader and wanted(leader):
             return leader
         if leader:  # another election: one of the two other nodes, at random
@@ -154,7 +157,9 @@ async def test_a_node_lost_under_the_service_stops_neither_ingest_nor_score(
                     cluster = (await js.consumer_info(name, jsx.durable_of(name))).cluster
                 except NatsTimeout:  # no leader to answer yet
                     return False
-                return bool(cluster.leader) and len(cluster.replicas or ()) == 2
+                # An info without its cluster (seen once in 20 loaded runs, just after the consumer's creation)
+                # names no leader either.
+                return cluster is not None and bool(cluster.leader) and len(cluster.replicas or ()) == 2
 
             await eventually(led_with_two_followers, timeout=20, interval=0.2)
         await publish_events(js, events[:half])
@@ -230,6 +235,8 @@ async def test_a_stream_s_copies_follow_the_setting_up_and_down_and_keep_its_mes
 async def all_copies_current(js: Any, replicas: int) -> bool:
     for spec in jsx.ALL_STREAMS:
         cluster = await stream_cluster(js, spec.name)
+        if cluster is None:
+            return False
         others = [p for p in cluster.replicas or () if p.current and not p.offline]
         if not cluster.leader or len(others) != replicas - 1 or len(cluster.replicas or ()) != replicas - 1:
             return False
@@ -331,9 +338,10 @@ async def lead_consumer(client: Any, js: Any, stream: str, node: str) -> str:
 
     async def led_elsewhere() -> str | None:
         try:
-            leader = (await js.consumer_info(stream, durable)).cluster.leader
+            cluster = (await js.consumer_info(stream, durable)).cluster
         except NO_LEADER_YET:
             return None
+        leader = cluster.leader if cluster is not None else None
         if leader == node:
             return leader
         if leader:
