@@ -114,6 +114,10 @@ async def readyz(request: Request) -> Response:
                   description: 'the embedded nats-server only (null with NATS_URL): whether its store takes writes; not ok while its disk is full, which does not make the service unready either'
                   type: [object, 'null']
                   properties: {ok: {type: boolean}, last_error: {type: [string, 'null']}, free_bytes: {type: [integer, 'null']}}
+                nats:
+                  description: 'whether the connection to NATS is up and, while it is not, the error NATS gave last (connection refused, no greeting from a server that hangs, credentials refused): not connected, the service is unready whatever the streams say'
+                  type: object
+                  properties: {connected: {type: boolean}, last_error: {type: [string, 'null']}}
       503:
         <<: *ready
         description: 'still catching up, or NATS is away'
@@ -122,7 +126,8 @@ async def readyz(request: Request) -> Response:
     streams = {i.spec.name: {"caught_up": i.current, "lag": i.lag, "replaying": i.replaying} for i in service.ingests}
     checkpoint = service.checkpointer.health() if service.checkpointer is not None else None
     nats_store = service.embedded.health() if service.embedded is not None else None
-    body = {"ready": service.ready, "streams": streams, "checkpoint": checkpoint, "nats_store": nats_store}
+    body = {"ready": service.ready, "streams": streams, "checkpoint": checkpoint, "nats_store": nats_store,
+            "nats": service.nats_connection.health()}
     return JSONResponse(body, status_code=200 if service.ready else 503)
 
 

@@ -67,6 +67,9 @@ class NatsConnection:
         # The server's last refusal of a subject to this user ("permissions violation for publish to ..."): a
         # request it refused goes unanswered, and the start ended in a bare TimeoutError traceback.
         self.permission_denied: str | None = None
+        # What NATS said last while the connection is down, for /readyz: its 503 otherwise showed every stream
+        # caught up and the checkpoint ok, and nothing of why. Cleared once reconnected.
+        self.last_error: str | None = None
 
     async def connect(self, url: str, embedded: EmbeddedNats | None) -> pull.IngestClient:
         """The first connection, tried for `nats_connect_timeout_s`: a server that is not there
@@ -203,7 +206,13 @@ class NatsConnection:
             "JetStream meta leader (its nodes still starting, or most of them down), or a server too loaded to answer. "
             "Check it (`nats server check jetstream`, or a node's monitoring page /jsz), then start tipstream again.")
 
+    def health(self) -> dict[str, Any]:
+        """For /readyz: whether the connection is up and, while it is not, what NATS said last."""
+        connected = self.client is not None and self.client.is_connected
+        return {"connected": connected, "last_error": None if connected else self.last_error}
+
     async def _on_reconnected(self) -> None:
+        self.last_error = None
         # Kept, an outage's errors left out were counted on the next outage's first line, as if its own, and one
         # within the minute had its first line left out: each outage's lines start afresh.
         left_out = self._errors.clear()
@@ -246,6 +255,7 @@ class NatsConnection:
                               else type(error).__name__)
         if _credentials_refused(error):  # as a start names the fix, a reconnect refused the same way does
             said += self._credentials_changed_fix()
+        self.last_error = said
         left_out = self._errors.allow(said)
         if left_out is not None:
             log.warning("NATS: %s%s", said, since_last_line(left_out, "time", "times"))

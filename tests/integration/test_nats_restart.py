@@ -86,6 +86,32 @@ async def test_service_reconnects_after_a_nats_restart_and_catches_up(start_serv
     await _publish_rest_and_check(client, store, events, half)
 
 
+async def test_readyz_says_nats_is_away_and_its_last_error_while_every_stream_reads_caught_up(
+        start_service, nats_server, caplog) -> None:
+    """NATS stopped: /readyz answered 503 with every stream caught up at lag 0 and the checkpoint ok, and
+    nothing in its body said what kept the service unready."""
+    caplog.set_level(logging.WARNING, logger="tipstream")
+    running = await start_service()
+    async with running.http() as http:
+        ready = await eventually(lambda: _ready(http))
+        assert ready.json()["nats"] == {"connected": True, "last_error": None}
+        nats_server.stop()
+
+        async def told() -> object:
+            answer = await http.get("/readyz")
+            return answer if answer.status_code == 503 and answer.json()["nats"]["last_error"] else None
+
+        away = (await eventually(told)).json()
+        assert away["nats"]["connected"] is False
+        # The connection's end ("unexpected EOF"), then each reconnect's refusal: what the log says.
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("NATS: ")]
+        assert f"NATS: {away['nats']['last_error']}" in said, (away, said)
+        assert all(s["caught_up"] for s in away["streams"].values()), "the streams alone do not say why"
+        nats_server.start()
+        back = await eventually(lambda: _ready(http), timeout=30)
+        assert back.json()["nats"] == {"connected": True, "last_error": None}
+
+
 async def test_a_connection_nats_closes_for_good_stops_the_service_with_a_message(start_service) -> None:
     """nats-py closes the connection without reconnecting on an error the server sends (here its
     control line limit, passed by a subject of 5,000 bytes; live: an expired user JWT, a protocol
