@@ -379,7 +379,7 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
     the whole card: tipstream models card v4
     """
     from models.offpolicy import MIN_EFFECTIVE_N
-    from models.registry import CLI, DAMAGED_ROWS_LEFT_OUT
+    from models.registry import CLI, DAMAGED_ROWS_LEFT_OUT, no_policy_value_yet
     from models.reward import NEVER_FORMED
     from models.validation import too_few
 
@@ -426,6 +426,8 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
             line += (f"; the champion's {_short(theirs.get('snips'))}{_interval(theirs.get('ci95'))} "
                      f"(agreed {theirs.get('agreed')})")
         lines.append(line)
+    if value and not ({"as_champion", "as_shadow"} & value.keys()):
+        lines.append(f"policy value: none yet: {no_policy_value_yet(version)}")
     if value.get("skipped_without_propensity"):  # left out of both estimates above, or the reason there are none
         lines.append(f"policy value: {_count(value['skipped_without_propensity'], 'decision')} of the log left out, "
                      "logged without a usable propensity (none, 0 or above 1): no estimate can weigh them")

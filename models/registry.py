@@ -470,10 +470,17 @@ def _fmt_interval(bounds: Any) -> str:
 POLICY_VALUE_HEADING = "## Policy value (off-policy, from the logged propensities)"
 
 
-def _policy_value_lines(report: dict[str, Any] | None) -> list[str]:
+def no_policy_value_yet(version: str) -> str:
+    """Why a card evaluated with the policy value has none: said, where the card was silent right after the README's
+    `shadow` then `evaluate`, and read as a version ready to promote on its offline metrics alone."""
+    return (f"no rewarded decision of the log was served or shadowed by {version}. Once decisions it shadows or serves "
+            f"have reactions, `{CLI} evaluate {version}` estimates it.")
+
+
+def _policy_value_lines(report: dict[str, Any] | None, version: str) -> list[str]:
     """The off-policy estimates (app.evaluation.policy_value) as a table, when there are any, and the decisions
     no estimate could weigh."""
-    if not report:
+    if not report:  # a card of a release before the policy value, or of a version evaluated without one
         return []
     unweighed = report.get("skipped_without_propensity")
     # Said on the card: a log whose decisions were all logged without a usable propensity showed no section at
@@ -482,7 +489,8 @@ def _policy_value_lines(report: dict[str, Any] | None) -> list[str]:
                  "without a usable propensity (none, 0, above 1, or too small for its inverse to be a number), they "
                  "can weigh nothing (`skipped_without_propensity`).")] if unweighed else []
     if not ({"as_champion", "as_shadow"} & report.keys()):
-        return ["", POLICY_VALUE_HEADING, "", *left_out] if left_out else []
+        return ["", POLICY_VALUE_HEADING, "", f"None yet: {no_policy_value_yet(version)}",
+                *(["", *left_out] if left_out else [])]
     lines = ["", POLICY_VALUE_HEADING, "",
              ("Mean reward of the tip served first: as logged (with exploration), and estimated (self-normalised "
               "inverse propensity scoring) had this version's own first choice been served, per decision that got "
@@ -652,7 +660,7 @@ def card_markdown(mv: ModelVersion, role: str | None = None) -> str:
             lines += ["", f"**{older}**"]
     else:
         lines += ["(not evaluated)"]
-    lines += _policy_value_lines(c.offline_metrics.get("policy_value"))
+    lines += _policy_value_lines(c.offline_metrics.get("policy_value"), mv.version)
     lines += ["", "## Fairness", ""]
     if not c.fairness:
         lines += ["(not checked)", ""]

@@ -380,6 +380,24 @@ def test_decisions_without_a_usable_propensity_are_counted_on_the_card_and_in_th
     assert "policy value: 7 decisions of the log left out, logged without a usable propensity" in summary
 
 
+def test_a_card_evaluated_before_the_version_shadowed_any_rewarded_decision_says_why_it_has_no_policy_value() -> None:
+    """The README's sequence, `shadow v2` then `evaluate v2` at once: the card (and the CLI's summary) had no policy
+    value and no word of why, read as a version ready to promote on its offline metrics alone."""
+    from app.models_cli import _card_summary
+
+    card = ModelCard.from_dict({"offline_metrics": {"n": 40, "positives": 20, "policy_value": {
+        "source": "inverse propensity scoring over the rewarded decision log (tip_scores)"}}})
+    markdown = " ".join(card_markdown(ModelVersion("v9", "fm", {}, [], T0, card), "shadow").split())
+    said = ("None yet: no rewarded decision of the log was served or shadowed by v9. Once decisions it shadows or "
+            "serves have reactions, `tipstream models evaluate v9` estimates it.")
+    assert f"## Policy value (off-policy, from the logged propensities) {said}" in markdown
+    assert "policy value: none yet: no rewarded decision of the log was served or shadowed by v9" in \
+        _card_summary("v9", {"card": card.to_dict()})
+    # A card of a release before policy values (none at all) says nothing of them, as before.
+    older = ModelCard.from_dict({"offline_metrics": {"n": 40, "positives": 20}})
+    assert "Policy value" not in card_markdown(ModelVersion("v9", "fm", {}, [], T0, older))
+
+
 def test_the_card_says_what_its_policy_value_s_decisions_count_beside_the_metrics_n() -> None:
     """The metrics' `n` counts rewarded tips of every version's decisions, the policy value's `decisions` this
     version's decisions: the card explained the one and left the other a bare column heading."""
