@@ -511,7 +511,7 @@ def _replicas_fix(settings: Settings, why: str) -> str:
 def _jetstream_error(error: Any, settings: Settings) -> StartupError:
     from nats.js.errors import ServiceUnavailableError
 
-    from streams.jetstream import ALL_STREAMS
+    from streams.jetstream import ALL_STREAMS, SUBJECTS_OVERLAP
 
     where = f"{shown_url(settings.nats_url)} (NATS_URL)" if settings.nats_url else "the embedded nats-server"
     if isinstance(error, ServiceUnavailableError) and error.description is None:
@@ -526,7 +526,7 @@ def _jetstream_error(error: Any, settings: Settings) -> StartupError:
         return StartupError(f"{message} {fix(settings)}")
     if error.err_code in _STORE_WRITE_CODES or any(words in (error.description or "") for words in _STORE_FULL_WORDS):
         return StartupError(f"{message} {_store_write_fix(error.description or '')}")
-    if error.err_code == 10065:  # subjects overlap with an existing stream
+    if error.err_code == SUBJECTS_OVERLAP:  # its description names the streams that take them (`ensure_streams`)
         streams = ", ".join(f"{spec.name} ({' '.join(spec.subjects)})" for spec in ALL_STREAMS)
         message += (f" tipstream's streams {streams} need those subjects to themselves: remove or change the "
                     "stream that takes them (`nats stream ls`), or point NATS_URL at another server "

@@ -105,6 +105,22 @@ STORAGE_FULL_FIX = (". The account's or the server's JetStream file storage is f
                     "each stream, its oldest events going first")
 
 
+# nats-server's answer to a stream whose subjects another stream of the account takes.
+SUBJECTS_OVERLAP = 10065
+
+
+async def _taken_by(js: JetStreamContext, subjects: Iterable[str]) -> str:
+    """Which streams take `subjects` ("APP takes signals.>"), or "" if the server does not say: the refusal named
+    no stream, and on a server with many the operator was left to find it among them."""
+    taken = []
+    for subject in subjects:
+        try:
+            taken.append(f"{await js.find_stream_name_by_subject(subject)} takes {subject}")
+        except Exception:  # noqa: BLE001, S112 - the refusal is told whether or not its cause is found
+            continue
+    return ", ".join(taken)
+
+
 async def ensure_streams(
     js: JetStreamContext, *, max_age_days: float, max_bytes: int, duplicate_window_s: float, dlq_max_age_days: float,
     replicas: int = 1, lower_limits: bool = True,
@@ -131,7 +147,12 @@ async def ensure_streams(
         try:
             info = await js.stream_info(spec.name)
         except NotFoundError:
-            await js.add_stream(config)
+            try:
+                await js.add_stream(config)
+            except APIError as error:
+                if error.err_code == SUBJECTS_OVERLAP and (taken := await _taken_by(js, spec.subjects)):
+                    error.description = f"{error.description}: {taken}"
+                raise
             log.info("created stream %s (%s)", spec.name, copies(replicas))
             continue
         if (unlike := unlike_ours(info.config, spec)) is not None:
