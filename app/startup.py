@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from app.http_server import http_config
-from app.start_errors import StartupError, data_dir_is_a_file, explain
+from app.start_errors import StartupError, data_dir_is_a_file, explain, shown_database_url
 
 if TYPE_CHECKING:
     from app.bootstrap import Service
@@ -272,6 +272,14 @@ async def serve(settings: Settings, sock: socket.socket, demo_rate: float) -> in
         await service.stop()
 
 
+def started_line(url: str, data_dir: Path, database_url: str | None) -> str:
+    """The line printed once the service answers, with where its data is: the database first when it is not the
+    SQLite file in the data directory, which then holds only a lock and a spool ("data in" it sent a backup there)."""
+    if not database_url:  # set empty, it is unset (`Settings.sqlalchemy_url`)
+        return f"tipstream on {url} (data in {data_dir})"
+    return f"tipstream on {url} (database {shown_database_url(database_url)}; data directory {data_dir})"
+
+
 async def _serve_started(settings: Settings, service: Service, stopper: Stopper, sock: socket.socket,
                          demo_rate: float) -> int:
     import uvicorn
@@ -281,7 +289,7 @@ async def _serve_started(settings: Settings, service: Service, stopper: Stopper,
     port = sock.getsockname()[1]
     app = create_app(settings, service, started=True)
     config = http_config(app)
-    line = f"tipstream on {http_url(settings.host, port)} (data in {settings.data_dir})"
+    line = started_line(http_url(settings.host, port), settings.data_dir, settings.database_url)
 
     class Server(uvicorn.Server):
         # The line once the socket listens: printed before, it named a port nothing answered on

@@ -610,3 +610,14 @@ def test_a_step_told_failing_again_in_another_way_is_told_when_it_goes_through_a
         "a user_features pass failed", "a user_features pass goes through again, 10 s after the first round that failed",
     ], told
     assert told[3].endswith("(1 round failed)"), told
+
+
+@pytest.mark.parametrize(("database_url", "where"), [
+    (None, "(data in data)"), ("", "(data in data)"),
+    ("postgresql+psycopg://app:hunter2@db/tips", "(database postgresql+psycopg://app:***@db/tips; data directory data)"),
+])
+def test_the_line_a_started_service_prints_says_where_its_data_is(database_url: str | None, where: str) -> None:
+    """With DATABASE_URL set, it read "data in <TIPSTREAM_DATA_DIR>", where the users' state and the model registry
+    are in that database and the directory holds a lock and a spool: a backup of it would keep neither."""
+    line = startup.started_line("http://127.0.0.1:8000", Path("data"), database_url)
+    assert line == f"tipstream on http://127.0.0.1:8000 {where}"
