@@ -382,7 +382,7 @@ class Service:
         for stream, seq in (resume or {}).items():
             if seq or stream in self.store.positions:  # a stream never read stays without a position
                 self.store.positions[stream] = min(seq, self.store.positions.get(stream, seq))
-        log.info("models: champion %s, shadow %s; %s", self.lineup.champion_version, self.lineup.shadow_version,
+        log.info("models: champion %s, shadow %s; %s", self.lineup.champion_version, self.lineup.shadow_version or "-",
                  "no learner state saved yet: learning reads on from ingest's positions" if resume is None
                  else f"learning resumes at {resume}")
 

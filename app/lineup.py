@@ -251,8 +251,8 @@ class Lineup:
             # rollout history only, which no log search (or an operator tailing the log) reads.
             for entry in staged.history[self._stored_entries:]:
                 log.info("models: %s %s by %s%s; champion %s, shadow %s", entry.action, entry.version,
-                         escaped(entry.actor), f" ({escaped(entry.note)})" if entry.note else "", staged.champion,
-                         staged.shadow)
+                         escaped(entry.actor), f" ({escaped(entry.note)})" if entry.note else "", staged.champion or "-",
+                         staged.shadow or "-")  # "-" as the CLI says it: Python's "None" is no version's name
             self._stored_entries = len(staged.history)
             self.models.update(new_models)
             # What was saved: the model may have learned more while the transaction ran, which no one reads again.

@@ -364,8 +364,8 @@ async def test_register_shadow_promote_rollback_with_cards_and_history(start_ser
     assert "### By timezone" in markdown
     said = [r.getMessage() for r in caplog.records if r.name == "tipstream.models" and r.getMessage().startswith("models: ")]
     assert said[-3:] == ["models: shadow v2 by bob; champion v1, shadow v2",
-                         "models: promote v2 by bob (replaces champion v1); champion v2, shadow None",
-                         "models: rollback v1 by carol (AUC dropped); champion v1, shadow None"], said
+                         "models: promote v2 by bob (replaces champion v1); champion v2, shadow -",
+                         "models: rollback v1 by carol (AUC dropped); champion v1, shadow -"], said
 
     # Everything is in SQL, and a restart comes back with the same roles.
     engine = sa.create_engine(database_url)
@@ -379,9 +379,12 @@ async def test_register_shadow_promote_rollback_with_cards_and_history(start_ser
     assert roles == {"champion": "v1"}
     learned_v2 = service.lineup.models["v2"].n_learned
     await running.stop()
+    caplog.set_level("INFO", logger="tipstream")
     again = await start_service(database_url=database_url, admin_token=TOKEN)
     assert (again.service.lineup.champion_version, again.service.lineup.shadow_version) == ("v1", None)
     assert again.service.lineup.models["v2"].n_learned == learned_v2
+    started = [r.getMessage() for r in caplog.records if r.getMessage().startswith("models: champion ")]
+    assert started[-1].startswith("models: champion v1, shadow -; learning resumes at "), started
 
 
 async def test_the_cli_reads_the_database_and_changes_through_the_service(start_service, nc, tmp_path,
