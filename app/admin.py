@@ -137,6 +137,16 @@ class _NoAnswer(Response):
 _NO_ANSWER = _NoAnswer()
 
 
+def _query_refusal(request: Request, then: str = "") -> Response | None:
+    """The 422 of a request that takes no query string and was given one (its first parameter named), or None."""
+    if not request.scope.get("query_string"):
+        return None
+    name = next(iter(request.query_params), "")
+    field = name or "query"
+    return _json(422, {"error": f"{field}: " + (f"unknown query parameter {name!r}; " if name else "")
+                       + f"{request.method} {request.url.path} takes no query string{then}", "field": field})
+
+
 def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[BaseModel] = ChangeBody,
            status: int = 200) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
@@ -153,13 +163,9 @@ def _admin(action: Callable[[Request, Any], Awaitable[Any]], body: type[BaseMode
         # form's type, and any type was read as JSON.
         if raw and (not_json := refusal_by_headers(request.scope, ADMIN_MAX_BODY_BYTES)) is not None:
             return _json(*not_json)
-        if request.scope.get("query_string"):
-            # As /score refuses one: ignored, `?dry_run=true` made the change, `?champion=v1` an unguarded rollback.
-            name = next(iter(request.query_params), "")
-            field = name or "query"
-            return _json(422, {"error": f"{field}: " + (f"unknown query parameter {name!r}; " if name else "")
-                               + f"POST {request.url.path} takes no query string: its request is the JSON body "
-                               f"(e.g. {{\"note\": \"why\"}})", "field": field})
+        # As /score refuses one: ignored, `?dry_run=true` made the change, `?champion=v1` an unguarded rollback.
+        if (queried := _query_refusal(request, ': its request is the JSON body (e.g. {"note": "why"})')) is not None:
+            return queried
         try:
             parsed = body.model_validate_json(raw or b"{}")
         except ValidationError as error:
@@ -254,7 +260,10 @@ async def list_models(request: Request) -> Response:
         content:
           application/json:
             schema: {$ref: '#/components/schemas/ModelList'}
+      422: {description: 'a query string, which this read does not take (ignored, it answered as if not given)'}
     """
+    if (queried := _query_refusal(request)) is not None:
+        return queried
     lineup = _lineup(request)
     return _json(200, {"champion": lineup.champion_version, "shadow": lineup.shadow_version,
                        "models": lineup.listing()})
@@ -269,7 +278,10 @@ async def get_model(request: Request) -> Response:
           application/json:
             schema: {$ref: '#/components/schemas/ModelVersion'}
       404: {description: no such version}
+      422: {description: 'a query string, which this read does not take'}
     """
+    if (queried := _query_refusal(request)) is not None:
+        return queried
     try:
         return _json(200, _lineup(request).describe(request.path_params["version"]))
     except RegistryError as error:
@@ -284,7 +296,10 @@ async def get_card(request: Request) -> Response:
         content:
           text/markdown: {schema: {type: string}}
       404: {description: no such version}
+      422: {description: "a query string, which this read does not take (`?format=json` answered Markdown)"}
     """
+    if (queried := _query_refusal(request)) is not None:
+        return queried
     try:
         return PlainTextResponse(_lineup(request).registry.card_markdown(request.path_params["version"]),
                                  media_type="text/markdown")
@@ -418,14 +433,14 @@ async def forget_status(request: Request) -> Response:
       403: {description: 'wrong token, or TIPSTREAM_ADMIN_TOKEN unset'}
       404: {description: no request to forget this user}
       409: {description: the service is still starting}
-      422: {description: 'the user id is longer than 128 characters, holds a NUL or is not UTF-8'}
+      422: {description: 'the user id is longer than 128 characters, holds a NUL or is not UTF-8; or a query string, which this read does not take'}
       500: {description: 'the database refused the read for something no wait mends (its first line named)'}
       503:
         description: 'the database is away, or a setting of its refused the read (named, with its fix)'
         headers:
           Retry-After: {schema: {type: integer}, description: seconds}
     """
-    refused = _refusal(request)
+    refused = _refusal(request) or _query_refusal(request)
     if refused is not None:
         return refused
     try:

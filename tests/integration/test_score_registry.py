@@ -736,3 +736,20 @@ async def test_an_actor_or_note_with_a_line_break_is_one_line_of_the_log(start_s
     await running.stop()
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("models: register v2")]
     assert len(said) == 1 and "\n" not in said[0] and "by eve\\n2026-12-06" in said[0], said
+
+
+async def test_the_registry_reads_refuse_a_query_string_they_would_ignore(start_service) -> None:
+    """As the changes and /users/{id}/features refuse what they do not take: ignored, `/models/v1/card?format=json`
+    answered Markdown, `/models?role=shadow` every version and the forget status `?user=u-2` u-1's."""
+    running = await start_service(admin_token=TOKEN)
+    async with running.http() as http:
+        for target, name, headers in [("/models?role=shadow", "role", {}), ("/models/v1?x=1", "x", {}),
+                                      ("/models/v1/card?format=json", "format", {}),
+                                      ("/admin/users/u-1/forget?user=u-2", "user", AUTH)]:
+            answer = await http.get(target, headers=headers)
+            assert answer.status_code == 422, (target, answer.text)
+            path = target.split("?")[0]
+            assert answer.json() == {"error": f"{name}: unknown query parameter {name!r}; GET {path} takes no query "
+                                              "string", "field": name}, target
+        assert (await http.get("/models")).status_code == 200
+        assert (await http.get("/models/v1/card")).status_code == 200
