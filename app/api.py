@@ -47,6 +47,9 @@ register_url_convertor("text", _AnyText())
 schemas = SchemaGenerator(openapi_document.BASE)
 
 
+NOT_BUILT_YET = '; tip text is not built yet (docs/operations.md, "Not built yet")'
+
+
 def _error(status: int, field: str | None, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "field": field}, status_code=status)
 
@@ -58,6 +61,11 @@ async def _http_error(request: Request, error: Exception) -> Response:
     message = f"{request.method} {request.url.path}: {error.detail}"
     if error.status_code == 404 and (bare := _slashless(request)) is not None:
         message += f"; the path is {bare}, without the trailing slash"
+    elif error.status_code == 404:
+        # A bare "Not Found" left a first look (the address `tipstream run` prints, in a browser) nothing to go on,
+        # and /generate, in the product design, read as a mistyped path.
+        message += (NOT_BUILT_YET if request.scope["path"] == "/generate"
+                    else "; the API's operations are listed by GET /openapi.json")
     if error.headers and "Allow" in error.headers:
         message += f"; this path takes {error.headers['Allow']}"
     return JSONResponse({"error": message, "field": None}, status_code=error.status_code, headers=error.headers)

@@ -219,7 +219,15 @@ async def test_bad_requests_get_4xx_naming_the_field_and_log_nothing(start_servi
         assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
         assert wrong_method.json() == {"error": "GET /score: Method Not Allowed; this path takes POST", "field": None}
         nowhere = await http.post("/scores", json=body())
-        assert nowhere.status_code == 404 and nowhere.json()["error"] == "POST /scores: Not Found"
+        # A bare "Not Found" left a first look (the address `tipstream run` prints, opened in a browser) with nothing
+        # to go on, and /generate, in the product design, as if it were a mistyped path.
+        assert nowhere.status_code == 404
+        assert nowhere.json()["error"] == "POST /scores: Not Found; the API's operations are listed by GET /openapi.json"
+        root = await http.get("/")
+        assert root.json()["error"] == "GET /: Not Found; the API's operations are listed by GET /openapi.json"
+        generate = await http.post("/generate", json={"user_id": "u-1"})
+        assert generate.status_code == 404 and generate.json()["error"] == (
+            "POST /generate: Not Found; tip text is not built yet (docs/operations.md, \"Not built yet\")")
         # A trailing slash was a 307 with no body, to wherever the Host header pointed.
         slashed = await http.post("/score/", json=body())
         assert slashed.status_code == 404 and "location" not in slashed.headers
