@@ -316,8 +316,8 @@ class Registry:
         self.champion = version
         if self.shadow == version:
             self.shadow = None
-        if old is not None and not note:
-            note = f"replaces champion {old}"
+        if old is not None:  # kept beside a note: the record alone says what it replaced
+            note = f"replaces champion {old}" + (f"; {note}" if note else "")
         self._record("promote", version, actor, note, old)
 
     def rollback(self, actor: str, note: str = "", champion: str | None = None) -> str:
@@ -361,7 +361,7 @@ class Registry:
         self.champion = restored
         if self.shadow == restored:  # cannot be both
             self.shadow = None
-        self._record("rollback", restored, actor, note or f"from {demoted}", demoted)
+        self._record("rollback", restored, actor, f"from {demoted}" + (f"; {note}" if note else ""), demoted)
         return restored
 
     def retire(self, version: str, actor: str, note: str = "") -> None:

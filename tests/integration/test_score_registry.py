@@ -360,12 +360,12 @@ async def test_register_shadow_promote_rollback_with_cards_and_history(start_ser
         assert back.json()["champion"] == "v1"
         assert (await http.post("/score", json=score_body("u-1"))).json()["model_version"] == "v1"
         markdown = (await http.get("/models/v2/card")).text
-    assert "## Rollout history" in markdown and "| rollback | v1 | carol | AUC dropped |" in markdown
+    assert "## Rollout history" in markdown and "| rollback | v1 | carol | from v2; AUC dropped |" in markdown
     assert "### By timezone" in markdown
     said = [r.getMessage() for r in caplog.records if r.name == "tipstream.models" and r.getMessage().startswith("models: ")]
     assert said[-3:] == ["models: shadow v2 by bob; champion v1, shadow v2",
                          "models: promote v2 by bob (replaces champion v1); champion v2, shadow -",
-                         "models: rollback v1 by carol (AUC dropped); champion v1, shadow -"], said
+                         "models: rollback v1 by carol (from v2; AUC dropped); champion v1, shadow -"], said
 
     # Everything is in SQL, and a restart comes back with the same roles.
     engine = sa.create_engine(database_url)
@@ -428,7 +428,7 @@ async def test_the_cli_reads_the_database_and_changes_through_the_service(start_
     code, _, err = await cli("models", "promote", "v2", "--url", running.base_url.removeprefix("http://"))
     assert code == 2 and f"needs its scheme, e.g. {running.base_url}" in err
     code, out, _ = await cli("models", "promote", "v2", "--url", running.base_url, "--actor", "dana", "--note", "go")
-    assert code == 0 and "champion: v2" in out and "by dana: go" in out
+    assert code == 0 and "champion: v2" in out and "by dana: replaces champion v1; go" in out
     code, out, _ = await cli("models", "rollback", "--url", running.base_url)
     assert code == 0 and "champion: v1" in out
     code, _, err = await cli("models", "rollback", "--url", running.base_url)

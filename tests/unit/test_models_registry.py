@@ -62,6 +62,17 @@ def test_shadow_then_promote_then_rollback_restores_the_champion(reg: Registry) 
     assert (last.action, last.version, last.actor, last.note) == ("rollback", "v1", "carol", "from v2")
 
 
+def test_a_promotion_or_rollback_with_a_note_still_records_the_champion_it_replaces(reg: Registry) -> None:
+    """With a note (`--note`, the API's `note`), the record held the note alone: the rollout history, and the card of
+    the version promoted, no longer said which champion it replaced, nor a rollback which it undid."""
+    reg.set_shadow("v2", actor="alice")
+    reg.promote("v2", actor="bob", note="better AUC")
+    assert reg.history[-1].note == "replaces champion v1; better AUC"
+    assert reg.get("v2").card.rollout_history[-1].note == "replaces champion v1; better AUC"
+    reg.rollback(actor="carol", note="AUC dropped")
+    assert reg.history[-1].note == "from v2; AUC dropped"
+
+
 def test_rollbacks_walk_back_through_earlier_champions(reg: Registry) -> None:
     for v in ("v2", "v3"):
         reg.set_shadow(v, actor="a")
