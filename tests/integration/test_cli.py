@@ -186,6 +186,21 @@ def test_migrate_says_where_the_database_is_and_does_not_pretend_to_go_back(
     assert "Unknown revision 'nope'; known: head, base, 0001" in capsys.readouterr().err
 
 
+def test_migrate_logs_what_it_runs_and_not_how_alembic_opens_each_of_its_reads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """`tipstream migrate` on a database at head printed eight lines of alembic's ("Context impl PostgresqlImpl.",
+    "Will assume transactional DDL.", once for each read of the revision), and a `tipstream run` two at each start."""
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    monkeypatch.setenv("DATABASE_URL", url)
+    caplog.set_level(logging.INFO, logger="alembic")
+    assert main(["migrate"]) == 0
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("alembic")]
+    assert any(line.startswith("Running upgrade  -> 0001") for line in said), said
+    caplog.clear()
+    assert main(["migrate"]) == 0
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("alembic")] == []
+
+
 def test_alembic_downgrade_says_what_it_ran(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """docs/operations.md's way back to an older release is `.venv/bin/alembic downgrade <revision>` from the
     repository root; it said nothing, whether it had downgraded or not."""
