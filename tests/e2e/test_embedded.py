@@ -271,9 +271,10 @@ async def test_a_service_whose_embedded_store_s_disk_fills_goes_on_once_freed_an
 
     disk = FullDisk(tmp_path / "disk")
     data = tmp_path / "disk" / "data"  # as the service sees it; `disk.view / "data"` from here
-    service = ServiceProcess(tmp_path / "logs", launcher=disk.launcher, env={
-        "TIPSTREAM_DATA_DIR": str(data), "DATABASE_URL": f"sqlite:///{tmp_path / 'tipstream.db'}"})
-    try:
+    service: ServiceProcess | None = None
+    try:  # from the disk's making on: its holder is a process that outlives the test unless closed
+        service = ServiceProcess(tmp_path / "logs", launcher=disk.launcher, env={
+            "TIPSTREAM_DATA_DIR": str(data), "DATABASE_URL": f"sqlite:///{tmp_path / 'tipstream.db'}"})
         service.start()
         disk.fill()
         wait_until(lambda: service.get("/readyz").json()["nats_store"]["ok"] is False, what="the full store told")
@@ -296,7 +297,7 @@ async def test_a_service_whose_embedded_store_s_disk_fills_goes_on_once_freed_an
         assert service.get("/readyz").json()["nats_store"]["ok"] is True
         assert service.stop()
     finally:
-        if service.process is not None and service.process.poll() is None:
+        if service is not None and service.process is not None and service.process.poll() is None:
             service.kill()
         disk.close()
 
