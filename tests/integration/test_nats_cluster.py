@@ -21,7 +21,7 @@ import orjson
 import pytest
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
-from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from app.ingest import StreamIngest
 from app.metrics import METRICS
@@ -41,6 +41,9 @@ log = logging.getLogger("tipstream.test")
 
 # What a publish meets while the stream it goes to has no leader, or its node is gone.
 NO_LEADER_YET = (NoStreamResponseError, NoRespondersError, ServiceUnavailableError, NatsTimeout, TimeoutError)
+# What a look at a consumer's info meets while it has none: the service makes it again after a 503 at its start
+# (`jsx.reset_durable`), deleting it first, so it is not found for a moment too.
+NO_CONSUMER_LEADER_YET = (*NO_LEADER_YET, NotFoundError)
 DUPLICATE_IN_PROCESS = 10158  # a publish again of one not stored yet: "duplicate message id is in process"
 
 
@@ -155,7 +158,7 @@ async def test_a_node_lost_under_the_service_stops_neither_ingest_nor_score(
             async def led_with_two_followers(name: str = spec.name) -> bool:
                 try:
                     cluster = (await js.consumer_info(name, jsx.durable_of(name))).cluster
-                except NatsTimeout:  # no leader to answer yet
+                except NO_CONSUMER_LEADER_YET:
                     return False
                 # An info without its cluster (seen once in 20 loaded runs, just after the consumer's creation)
                 # names no leader either.
@@ -339,7 +342,7 @@ async def lead_consumer(client: Any, js: Any, stream: str, node: str) -> str:
     async def led_elsewhere() -> str | None:
         try:
             cluster = (await js.consumer_info(stream, durable)).cluster
-        except NO_LEADER_YET:
+        except NO_CONSUMER_LEADER_YET:
             return None
         leader = cluster.leader if cluster is not None else None
         if leader == node:
