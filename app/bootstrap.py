@@ -90,6 +90,16 @@ STOP_THREAD_WORK_S = 15.0
 STOP_CHECKPOINT_TOLD_USERS = 10_000
 
 
+def resume_points(positions: dict[str, int]) -> str:
+    """Where the learner reads each stream again from, said in words: the line printed Python's dict, and its
+    DECISIONS 0 (no decision read before the snapshot) looked like a position lost.
+
+    >>> resume_points({"FEEDBACK": 1656, "DECISIONS": 0})
+    'FEEDBACK after 1,656, DECISIONS from its start'
+    """
+    return ", ".join(f"{stream} after {seq:,}" if seq else f"{stream} from its start" for stream, seq in positions.items())
+
+
 class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -384,7 +394,7 @@ class Service:
                 self.store.positions[stream] = min(seq, self.store.positions.get(stream, seq))
         log.info("models: champion %s, shadow %s; %s", self.lineup.champion_version, self.lineup.shadow_version or "-",
                  "no learner state saved yet: learning reads on from ingest's positions" if resume is None
-                 else f"learning resumes at {resume}")
+                 else f"learning resumes reading {resume_points(resume)}")
 
     def _store_failed(self, stream: str) -> str | None:
         """What says NATS failed to store a message of `stream` (`jsx.gone_before`): the embedded nats-server's log or

@@ -384,7 +384,7 @@ async def test_register_shadow_promote_rollback_with_cards_and_history(start_ser
     assert (again.service.lineup.champion_version, again.service.lineup.shadow_version) == ("v1", None)
     assert again.service.lineup.models["v2"].n_learned == learned_v2
     started = [r.getMessage() for r in caplog.records if r.getMessage().startswith("models: champion ")]
-    assert started[-1].startswith("models: champion v1, shadow -; learning resumes at "), started
+    assert started[-1].startswith("models: champion v1, shadow -; learning resumes reading FEEDBACK "), started
 
 
 async def test_the_cli_reads_the_database_and_changes_through_the_service(start_service, nc, tmp_path,
