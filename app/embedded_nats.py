@@ -137,7 +137,9 @@ STORE_ROOM_BYTES = 16 << 20
 STORE_RESTART_EVERY_S = 60.0
 # How much of the end of its log `store_failed` reads (a few lines a minute otherwise: days of them).
 STORE_FAILED_LOG_BYTES = 4 << 20
-_STORE_WRITE_FAILED = (b"no space left on device", b"disk quota exceeded", b"JetStream out of resources")
+# The OS's words for a write refused for want of room, as nats-server passes them on (its log, its API's errors).
+STORE_FULL_WORDS = ("no space left on device", "disk quota exceeded")
+_STORE_WRITE_FAILED = (*(words.encode() for words in STORE_FULL_WORDS), b"JetStream out of resources")
 
 
 class EmbeddedNats:

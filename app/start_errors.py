@@ -484,15 +484,20 @@ _JETSTREAM_FIXES: dict[int | None, Callable[[Settings], str]] = {
 # to a creation, with no cause ("error creating store for stream"), 10069 to a change, naming it ("write
 # .../meta.inf.tmp: no space left on device"). The start said only those words. A consumer's re-creation, at every
 # start, is refused with a code that says nothing of the store (10012, "write .../o.dat.tmp: no space left on
-# device"), so the server's words decide there.
+# device"), so the server's words decide there (`embedded_nats.STORE_FULL_WORDS`).
 _STORE_WRITE_CODES = (10049, 10069)
-_STORE_FULL_WORDS = ("no space left on device", "disk quota exceeded")
 _STORE_RESTART = ("then restart nats-server, which stores nothing more after a failed write until it is restarted, "
                   "and start tipstream again")
 
 
+def _store_full(description: str) -> bool:
+    from app.embedded_nats import STORE_FULL_WORDS
+
+    return any(words in description for words in STORE_FULL_WORDS)
+
+
 def _store_write_fix(description: str) -> str:
-    if any(words in description for words in _STORE_FULL_WORDS):
+    if _store_full(description):
         return ("The disk of that nats-server's store is full: free space on it (an embedded one's store is "
                 f"TIPSTREAM_DATA_DIR/nats), {_STORE_RESTART}.")
     return ("nats-server could not write the stream to its store: is its store's disk full, or the store not "
@@ -524,7 +529,7 @@ def _jetstream_error(error: Any, settings: Settings) -> StartupError:
     fix = _JETSTREAM_FIXES.get(error.err_code)
     if fix is not None:
         return StartupError(f"{message} {fix(settings)}")
-    if error.err_code in _STORE_WRITE_CODES or any(words in (error.description or "") for words in _STORE_FULL_WORDS):
+    if error.err_code in _STORE_WRITE_CODES or _store_full(error.description or ""):
         return StartupError(f"{message} {_store_write_fix(error.description or '')}")
     if error.err_code == SUBJECTS_OVERLAP:  # its description names the streams that take them (`ensure_streams`)
         streams = ", ".join(f"{spec.name} ({' '.join(spec.subjects)})" for spec in ALL_STREAMS)

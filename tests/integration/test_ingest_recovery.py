@@ -528,6 +528,7 @@ async def test_a_max_payload_raised_by_a_reload_of_the_server_is_taken_without_a
             assert "1 larger than the NATS server takes in a message (its max_payload, 16384 bytes: raise it in " \
                    "the server's configuration, a reload is taken within 0.1s)" in str(full.value), str(full.value)
         config.write_text("max_payload: 64KB\n" + jetstream)
+        caplog.set_level(logging.INFO, logger="tipstream.decisions")
         assert server.process is not None
         server.process.send_signal(signal.SIGHUP)
         if waiting == "refused":
@@ -546,6 +547,11 @@ async def test_a_max_payload_raised_by_a_reload_of_the_server_is_taken_without_a
         assert nc.stats["reconnects"] == 0 and nc.max_payload == 65_536, "taken on the same connection"
         told = [r.getMessage() for r in caplog.records if "d-spooled" in r.getMessage()]
         assert waiting == "refused" or "a reload does" in told[0], told
+        taken_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("the NATS server takes")]
+        # One held, said in the singular (it read 'the 1 decisions held for it are sent').
+        assert waiting == "refused" or taken_lines == [
+            ("the NATS server takes messages of up to 65536 bytes now (its max_payload, 16384 before; a "
+             "configuration reload): 1 decision held for it is sent")], taken_lines
         task.cancel()
     finally:
         await nc.close()
@@ -585,28 +591,6 @@ async def test_a_look_at_the_max_payload_failing_while_a_decision_waits_for_it_i
     assert told[0].endswith("looking again in 30s while a decision waits for it"), told
     assert told[1].endswith("(1 more failed look since the last line)") and told[2] == told[1], told
     assert "no greeting" in told[3] and "since the last line" not in told[3], told  # another kind: at once
-
-
-async def test_a_decision_held_for_the_max_payload_is_sent_once_it_is_raised_counted_in_the_singular(caplog) -> None:
-    """It read ': the 1 decisions held for it are sent'."""
-    from app.decision_publisher import DecisionPublisher
-
-    class Connection:  # the publisher's, connected; the server's limit raised by a reload
-        is_connected = True
-
-        async def max_payload_now(self) -> int:
-            return 1_048_576
-
-    nc = Connection()
-    publisher = DecisionPublisher(lambda: nc, queue_max=10, batch=4, window=10, held_retry_s=30)
-    publisher._set_max_payload(1_000)
-    caplog.set_level(logging.INFO, logger="tipstream.decisions")
-    publisher._hold(("decisions.score", "d-large", b"x" * 2_000))
-    await publisher._look_at_max_payload()
-    told = [r.getMessage() for r in caplog.records if r.getMessage().startswith("the NATS server takes messages")]
-    assert len(told) == 1 and told[0].endswith("(its max_payload, 1000 before; a configuration reload): "
-                                               "1 decision held for it is sent"), told
-    assert publisher.held == [] and [item[1] for item in publisher.queue] == ["d-large"]
 
 
 async def test_a_refusal_that_lasts_is_sent_again_within_the_ceiling_and_logged_a_few_times_a_minute(
