@@ -259,7 +259,8 @@ class DecisionPublisher:
         """Why `put` found no room: what waits, and for what. Those held aside wait for a setting, not for NATS:
         told "is NATS reachable?" only, an operator whose DECISIONS refused every decision (its max_msg_size) looked
         for an outage, while the fix was the setting the hold's error line names."""
-        told = (f"{self.waiting} decisions ({self.bytes / 1048576:.1f} MB) are waiting for JetStream "
+        waiting = counted(self.waiting, "decision", "decisions")
+        told = (f"{waiting} ({self.bytes / 1048576:.1f} MB) {'is' if self.waiting == 1 else 'are'} waiting for JetStream "
                 f"(TIPSTREAM_DECISION_QUEUE_MAX={self.queue_max}, TIPSTREAM_DECISION_QUEUE_MB="
                 f"{self.queue_max_bytes / 1048576:g})")
         refused = len(self._held_refused)  # held for max_msg_size, or being sent again (`_retry_held`)
@@ -268,15 +269,16 @@ class DecisionPublisher:
             return f"{told}; is NATS reachable? Retry shortly."
         aside = []
         if refused:
-            aside.append(f"{refused} larger than DECISIONS takes in a message (its max_msg_size, set outside "
-                         "tipstream: `nats stream edit DECISIONS --max-msg-size=-1` takes any size, and they are "
-                         f"published within {self.held_retry_s:g}s)")
+            aside.append(f"{refused:,} larger than DECISIONS takes in a message (its max_msg_size, set outside "
+                         "tipstream: `nats stream edit DECISIONS --max-msg-size=-1` takes any size, and "
+                         f"{'it is' if refused == 1 else 'they are'} published within {self.held_retry_s:g}s)")
         if too_large:
-            aside.append(f"{too_large} larger than the NATS server takes in a message (its max_payload, "
+            aside.append(f"{too_large:,} larger than the NATS server takes in a message (its max_payload, "
                          f"{self.max_payload:.0f} bytes: raise it in the server's configuration, a reload is taken "
                          f"within {self.held_retry_s:g}s)")
         others = self.waiting - refused - too_large
-        rest = f" The other {others} wait for JetStream: is NATS reachable?" if others > 0 else ""
+        rest = (f" {counted(others, 'other decision waits', 'other decisions wait')} for JetStream: is NATS "
+                "reachable?" if others > 0 else "")
         return f"{told}; held aside until a limit is raised: {'; '.join(aside)}.{rest} Retry after that."
 
     def withdraw(self, made_from: Callable[[bytes], bool]) -> int:

@@ -628,6 +628,37 @@ async def test_a_full_queue_pushes_back_then_refuses() -> None:
     assert publisher.published == 3
 
 
+@pytest.mark.parametrize(("waiting", "told"), [(1, "1 decision (0.0 MB) is waiting"),
+                                              (1_234, "1,234 decisions (0.0 MB) are waiting")])
+async def test_a_full_queue_counts_its_decisions_in_words(waiting: int, told: str) -> None:
+    """The 503 of a full queue read '1 decisions ... are waiting', and a long queue's count had no thousands' mark."""
+    publisher = DecisionPublisher(lambda: FakeNats(), queue_max=waiting, batch=1, window=10)
+    for i in range(waiting):
+        assert publisher.offer("decisions.score", f"d-{i}", b"{}")
+    with pytest.raises(DecisionLogFull) as full:
+        await publisher.put("decisions.score", "d-last", b"{}", timeout_s=0)
+    assert str(full.value).startswith(f"{told} for JetStream"), str(full.value)
+
+
+async def test_a_full_queue_with_one_held_and_one_waiting_says_each_in_the_singular() -> None:
+    """Held aside for the server's max_payload, one decision; waiting for NATS, one other: 'The other 1 wait'."""
+    nc = FakeNats()
+    nc.max_payload = 2_000
+    publisher = DecisionPublisher(lambda: nc, queue_max=2, batch=4, window=10)
+    await publisher.start()
+    publisher.put_back([("decisions.score", "d-large", b"x" * 3_000)])
+    task = asyncio.create_task(publisher.run())
+    assert await publisher.flush(5) and [d for _, d, _ in publisher.held] == ["d-large"]
+    nc.is_connected = False
+    assert publisher.offer("decisions.score", "d-1", b"{}")
+    with pytest.raises(DecisionLogFull) as full:
+        await publisher.put("decisions.score", "d-2", b"{}", timeout_s=0)
+    told = str(full.value)
+    assert "held aside until a limit is raised: 1 larger than the NATS server takes" in told, told
+    assert told.endswith(" 1 other decision waits for JetStream: is NATS reachable? Retry after that."), told
+    task.cancel()
+
+
 async def test_a_withdrawn_decision_waiting_for_room_is_never_queued() -> None:
     """A forget withdraws its user's decisions still waiting for room: each put raises at once, the others wait on."""
     publisher = DecisionPublisher(lambda: FakeNats(), queue_max=1, batch=1, window=10)
