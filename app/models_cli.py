@@ -21,6 +21,7 @@ import urllib.request
 from typing import Any
 
 from models.registry import escaped, thompson_caveat
+from streams.log_throttle import counted
 
 ANSWER_TIMEOUT_S = 120.0  # register trains the new version on the log before it answers
 
@@ -338,10 +339,6 @@ def _interval(bounds: list[float] | None) -> str:
     return f" [{', '.join(_short(v) for v in bounds)}]" if bounds else ""
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
 def _card_summary(version: str, answer: dict[str, Any]) -> str:
     """What a registration or an evaluation found, in a few lines (`--json`: everything).
 
@@ -392,8 +389,9 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
         # latents=all read "log loss 15.44" beside a base rate of 0.64 that only the card showed.
         base = metrics.get("log_loss_base_rate")
         against = f" (predicting the mean: {_short(base)})" if base is not None else ""
-        lines = [(f"{version}{kind}: progressive validation over {_count(metrics['n'], 'reward')} (rewarded tips of the "
-                  f"logged decisions): log loss "
+        rewards = counted(metrics["n"], "reward", "rewards")
+        lines = [(f"{version}{kind}: progressive validation over {rewards} (rewarded tips of the logged decisions): "
+                  f"log loss "
                  f"{_short(metrics.get('log_loss'))}{against}, ROC AUC {_short(metrics.get('roc_auc'))}")]
         few = too_few(metrics)
         if few:
@@ -409,8 +407,9 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
             continue
         mine = found.get(own) or {}
         interval = mine.get("ci95")
-        line = (f"as {role}, over {_count(found['decisions'], 'rewarded decision')} (logged reward "
-                f"{_short(found.get('logged_reward'))}): its own first choices {_short(mine.get('snips'))}"
+        decisions = counted(found["decisions"], "rewarded decision", "rewarded decisions")
+        line = (f"as {role}, over {decisions} (logged reward {_short(found.get('logged_reward'))}): "
+                f"its own first choices {_short(mine.get('snips'))}"
                 f"{_interval(interval)} "
                 f"(agreed {mine.get('agreed')}, effective n {_short(mine.get('effective_n'))}")
         if not interval and mine.get("snips") is not None:  # offpolicy gives none on too little: say why
@@ -429,7 +428,8 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
     if value and not ({"as_champion", "as_shadow"} & value.keys()):
         lines.append(f"policy value: none yet: {no_policy_value_yet(version)}")
     if value.get("skipped_without_propensity"):  # left out of both estimates above, or the reason there are none
-        lines.append(f"policy value: {_count(value['skipped_without_propensity'], 'decision')} of the log left out, "
+        left_out = counted(value["skipped_without_propensity"], "decision", "decisions")
+        lines.append(f"policy value: {left_out} of the log left out, "
                      "logged without a usable propensity (none, 0 or above 1): no estimate can weigh them")
     caveat = thompson_caveat(value)
     if caveat:

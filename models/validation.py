@@ -314,6 +314,7 @@ def fairness_check(records: Iterable[Record], segment_fn: Callable[[Mapping[str,
 
 
 def _count(n: int, noun: str) -> str:
+    # As streams.log_throttle.counted, but for its thousands' mark: models/ imports nothing of streams/ or app/.
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 

@@ -391,6 +391,20 @@ def test_decisions_without_a_usable_propensity_are_counted_on_the_card_and_in_th
     assert "policy value: 7 decisions of the log left out, logged without a usable propensity" in summary
 
 
+def test_the_summary_counts_of_a_large_log_carry_a_thousands_mark() -> None:
+    """The CLI's summary counted with its own copy of `counted`, without the thousands' mark the log lines have:
+    'over 12345 rewards' beside a log line's '12,345'."""
+    from app.models_cli import _card_summary
+
+    card = ModelCard.from_dict({"offline_metrics": {"n": 12_345, "positives": 6_000, "policy_value": {
+        "skipped_without_propensity": 2_000,
+        "as_champion": {"decisions": 1_234, "logged_reward": 0.5, "greedy": {"snips": 0.5, "agreed": 1_234}}}}})
+    summary = _card_summary("v9", {"card": card.to_dict()})
+    assert "v9: progressive validation over 12,345 rewards (" in summary, summary
+    assert "as champion, over 1,234 rewarded decisions (" in summary, summary
+    assert "policy value: 2,000 decisions of the log left out" in summary, summary
+
+
 def test_a_card_evaluated_before_the_version_shadowed_any_rewarded_decision_says_why_it_has_no_policy_value() -> None:
     """The README's sequence, `shadow v2` then `evaluate v2` at once: the card (and the CLI's summary) had no policy
     value and no word of why, read as a version ready to promote on its offline metrics alone."""
