@@ -771,7 +771,8 @@ class StreamIngest:
         chunk was folded, it stayed at its last value (0) through a hold of minutes while the stream grew, and
         the operator's guide's alert on `tipstream_stream_lag` for ingest held never fired. The consumer's count, or the
         stream's when the consumer does not answer (no leader, or its node hangs: a held ingest asks no messages,
-        so `_lag_while_unanswered` does not see that silence); the consumer's last lag stayed until the cluster
+        so `_lag_while_unanswered` does not see that silence) or a cluster node without its copy yet answers for it
+        (`jsx.knows_nothing_of_the_consumer`); the consumer's last lag stayed until the cluster
         elected it another leader. The first failure while the consumer is in use is told (the lag alone changed
         without a word why), unless its pull requests' silence is told already, then none until it answers again."""
         now = time.monotonic()
@@ -788,6 +789,10 @@ class StreamIngest:
                 self._info_unanswered = True
                 if self._unanswered_lag is None or self._unanswered_lag.done():
                     self._tell_info_unanswered(error)
+            await self._lag_from_stream(js, lambda: True)
+            return
+        if jsx.knows_nothing_of_the_consumer(info, self.nc._server_info):
+            # A cluster node without the consumer's copy yet: its counts of 0 read as nothing waiting for a sample.
             await self._lag_from_stream(js, lambda: True)
             return
         self._info_unanswered = False

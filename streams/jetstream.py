@@ -10,7 +10,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -244,6 +244,23 @@ def copies(replicas: int) -> str:
 def replicas_of(config: Any) -> int:
     """A stream's copies as its config says (a server leaves 0 or nothing for one)."""
     return config.num_replicas or 1
+
+
+def knows_nothing_of_the_consumer(info: Any, server_info: Mapping[str, Any]) -> bool:
+    """Whether a consumer_info answer (`info`) is a cluster node's that has the consumer assigned but not its copy yet
+    (just after the consumer is made): nats-server answers with the config alone, no cluster part, every count 0 where
+    the consumer's are not. On a cluster (its server's INFO, `server_info`, names one) every other answer has its
+    cluster part; a single server's never has.
+
+    >>> from types import SimpleNamespace as Info
+    >>> config_only, led = Info(cluster=None, num_pending=0), Info(cluster=Info(leader="n2"), num_pending=300)
+    >>> on_a_cluster, single = {"cluster": "tipstream"}, {"server_name": "NDSXYZ"}
+    >>> knows_nothing_of_the_consumer(config_only, on_a_cluster), knows_nothing_of_the_consumer(led, on_a_cluster)
+    (True, False)
+    >>> knows_nothing_of_the_consumer(config_only, single)
+    False
+    """
+    return bool(server_info.get("cluster")) and info.cluster is None
 
 
 def stream_changes(current: Any, wanted: Any) -> list[str]:
