@@ -38,6 +38,7 @@ from streams.events import parse_event
 from streams.fold import to_ms
 from streams.simulator import Population
 from streams.store import OnlineStore
+from tests.in_process import served
 
 
 def typical_users(count: int) -> tuple[OnlineStore, float]:
@@ -93,7 +94,7 @@ async def restart_time(store: OnlineStore, users: int, workdir: Path) -> tuple[f
         app = create_app(settings)
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
         started = time.perf_counter()
-        task = asyncio.create_task(server.serve())
+        task = asyncio.create_task(served(server))  # a failed start raised, not sys.exit(3) out of the loop
         while not server.started:
             if task.done():
                 task.result()

@@ -45,6 +45,7 @@ hypothesis.settings.register_profile("tipstream", derandomize=not os.environ.get
 hypothesis.settings.load_profile("tipstream")
 
 from app.embedded_nats import nats_server_binary  # noqa: E402 (after the environment is set)
+from tests.in_process import served  # noqa: E402
 from tests.ports import free_port, free_ports  # noqa: E402 (free_port: the tests import it from here)
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -424,22 +425,11 @@ async def serve_in_process(**values: Any) -> RunningService:
     app = create_app(Settings(**{"port": 0, **values}))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning"))
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # leave Ctrl-C to pytest
-    task = asyncio.create_task(_served(server))
+    task = asyncio.create_task(served(server))
     await eventually(lambda: server.started or task.done(), timeout=20)
     if task.done():
         task.result()
     return RunningService(app, server, task)
-
-
-async def _served(server: Any) -> None:
-    """uvicorn ends a failed start with `sys.exit(3)`: a SystemExit raised in a task escapes the event loop
-    itself, so the test failed with a bare 'SystemExit: 3', and the next tests of its worker failed in their setup
-    ('previous item was not torn down properly', 'Event loop stopped before Future completed')."""
-    try:
-        await server.serve()
-    except SystemExit as exited:
-        raise RuntimeError(f"the service's start failed (uvicorn exited with {exited.code}): its traceback is in "
-                           "the captured stderr, after 'Traceback'") from None
 
 
 @pytest.fixture

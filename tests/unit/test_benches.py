@@ -50,6 +50,16 @@ def test_bench_runs_and_ends_with_its_json_line(name: str, tmp_path: Path) -> No
     assert numbers and all(math.isfinite(v) for v in numbers), figures
 
 
+def test_a_bench_whose_in_process_service_fails_to_start_says_so(tmp_path: Path) -> None:
+    """bench/memory.py serves the app in a task of its own loop: uvicorn's `sys.exit(3)` after a failed start escaped
+    the loop, and the bench ended with status 3 and nothing said after uvicorn's own lines."""
+    env = {**os.environ, "TIPSTREAM_STREAM_REPLICAS": "3"}  # three copies on its single embedded server: refused
+    done = subprocess.run([sys.executable, str(BENCH / "memory.py"), *SMALLEST_RUNS["memory"]], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, (done.returncode, done.stderr[-3000:])
+    assert "RuntimeError: the service's start failed (uvicorn exited with 3)" in done.stderr, done.stderr[-3000:]
+
+
 def test_every_in_process_bench_is_covered() -> None:
     """A new bench that needs no service joins the list above (the others start one: run by hand)."""
     starts_a_service = {"score", "learn", "ingest", "freshness", "restart", "soak", "fuzz", "forget_soak"}
