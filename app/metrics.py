@@ -16,7 +16,11 @@ class Metrics:
         r = self.registry
         self.ingested = Counter(
             "tipstream_events_applied_total", "Events folded into state; for DECISIONS, decisions read back into the "
-            "learner's join cache.", ["stream"], registry=r)
+            "learner's join cache: another publisher's, and this service's own only as DECISIONS is read again (the "
+            "catch-up after a start or a reconnect). Caught up, its own are not read back (the learner holds them from "
+            "/score): they count in "
+            'tipstream_decisions_total{outcome="published"}, and DECISIONS\' tipstream_stream_position follows their '
+            "acknowledgements.", ["stream"], registry=r)
         self.ignored = Counter(
             "tipstream_events_ignored_total", "Duplicates and events older than every window (for DECISIONS, "
             "redeliveries and decisions older than the join window).", ["stream"], registry=r

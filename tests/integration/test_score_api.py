@@ -411,6 +411,7 @@ async def test_own_decisions_are_not_read_back_but_others_are(start_service, nc)
     [decisions] = [ingest for ingest in service.ingests if ingest.spec.name == "DECISIONS"]
     sink = decisions.sink
     decisions.sink = lambda logged, reply=None: read_back.append(logged.id) or sink(logged, reply)
+    applied = METRICS.ingested.labels("DECISIONS")._value.get()
     async with running.http() as http:
         answers = [(await http.post("/score", json=body(user_id=f"u-{i}"))).json() for i in range(30)]
     assert all("decision_id" in a for a in answers)
@@ -423,9 +424,13 @@ async def test_own_decisions_are_not_read_back_but_others_are(start_service, nc)
         metrics = (await http.get("/metrics")).text
     gauge = [line for line in metrics.splitlines() if line.startswith('tipstream_stream_position{stream="DECISIONS"}')]
     assert gauge == [f'tipstream_stream_position{{stream="DECISIONS"}} {float(last)}'], (gauge, last)
+    # Not read back, our own are not counted as applied: an operator watching that counter read 0 under load. Its
+    # help says where they show instead.
+    assert METRICS.ingested.labels("DECISIONS")._value.get() == applied
+    [told] = [line for line in metrics.splitlines() if line.startswith("# HELP tipstream_events_applied_total ")]
+    assert 'tipstream_decisions_total{outcome="published"}' in told and "tipstream_stream_position" in told, told
 
     # A decision someone else publishes is read within a tick or two, and joins feedback.
-    applied = METRICS.ingested.labels("DECISIONS")._value.get()
     foreign = {"id": "d-other-1", "type": "decision.scored", "v": 1, "ts": NOW, "user_id": "u-1",
                "model_version": "v1", "features": {"user_id": "u-1", "hour_of_day": 9},
                "ranked": [{"tip_id": "tip-0", "score": 0.5, "propensity": 1.0}]}
