@@ -59,7 +59,14 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from streams.ack_subject import ack_position
-from streams.jetstream import DLQ_SEQ, DLQ_STREAM, DLQ_TRUNCATED
+from streams.jetstream import (
+    CONFIG_ONLY_TRIES,
+    DLQ_SEQ,
+    DLQ_STREAM,
+    DLQ_TRUNCATED,
+    consumer_info_told,
+    knows_nothing_of_the_consumer,
+)
 from streams.pull import PENDING_HEADER, Detached
 
 log = logging.getLogger("tipstream.scrub")
@@ -476,11 +483,23 @@ class _Reader:
         self._finish(self._resume_at(), f"the server ended a pull with status {status.decode(errors='replace')}")
 
     async def _ended_or_more(self) -> None:
+        name = self.next_subject.rsplit(".", 1)[1]
         try:
-            info = await self.js.consumer_info(self.stream, self.next_subject.rsplit(".", 1)[1])
+            info = await consumer_info_told(self.js, self.stream, name)
         except Exception as e:  # noqa: BLE001 - whatever it was, reading again from where we are is safe
             self._finish(self._resume_at(), f"the consumer could not be looked up ({e!r})")
             return
+        if knows_nothing_of_the_consumer(info, self.nc._server_info):
+            # Its counts of 0 would end the pass as read through, the user's messages past here kept. The scrub's
+            # consumer has one copy, which nats-server 2.15 answers from itself: never seen so far.
+            self._fail(ScrubError(
+                f"reading stream {self.stream} for a scrub: {CONFIG_ONLY_TRIES} answers about its consumer {name} came "
+                "from a NATS cluster node without its copy (the config alone, every count 0), so where the stream "
+                "ends could not be told: a node is slow to make consumers (overloaded, or catching up after a "
+                "restart); check `nats server report jetstream` and the nodes' logs. A forget tries again by itself; run an export again"))
+            return
+        if self.done.done():
+            return  # the stall watch read again meanwhile
         if info.num_pending:
             await self._request()
         elif info.delivered.consumer_seq <= self.cseq:
@@ -502,6 +521,10 @@ class _Reader:
         if not self.done.done():
             self.why = why
             self.done.set_result(again_from)
+
+    def _fail(self, error: ScrubError) -> None:
+        if not self.done.done():
+            self.done.set_exception(error)
 
     async def _remove(self, name: str, sub: Any) -> None:
         if sub is not None:
