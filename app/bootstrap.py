@@ -226,7 +226,8 @@ class Service:
             raise StartupError(
                 f"Another tipstream service reads {', '.join(busy)} from the NATS server at {shown_url(self.nats_url)} "
                 f"(NATS_URL): a pull request waits on its consumer {jsx.durable_of(busy[0])}, or what it hands out moves "
-                "on (a service catching up). Two would each read "
+                "on (a service catching up), or a NATS cluster node answers for it without its copy yet (one just "
+                "made). Two would each read "
                 "part of every stream and write over each other's state: stop the other first, or give each service "
                 "a NATS server or account of its own.")
         await self._ensure_streams()

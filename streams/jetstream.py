@@ -416,21 +416,28 @@ async def read_by_another(js: JetStreamContext, streams: Iterable[str],
     with messages left or unacknowledged is read by another if what it has delivered moves on within
     `reading_s`. Only where a request waited is that after the request has expired (a request of a
     host lost is still handed messages until then): a restart on a backlog, the old service stopped,
-    waits `reading_s` alone."""
+    waits `reading_s` alone. A consumer a cluster node answers for without its copy yet, asked again
+    (`consumer_info_told`), is one just made, its counts unknown: read by another, not taken for idle (its
+    counts of 0 let a start beside a service that had just made it take the consumer from under it)."""
+    names, unknown = list(streams), set()
 
     async def looks(names: Iterable[str]) -> dict[str, Any]:
         found = {}
         for stream in names:
             try:
-                found[stream] = await js.consumer_info(stream, durable_of(stream))
+                info = await consumer_info_told(js, stream, durable_of(stream))
             except NotFoundError:
                 continue
+            if knows_nothing_of_the_consumer(info, js._nc._server_info):
+                unknown.add(stream)
+            else:
+                found[stream] = info
         return found
 
-    first = await looks(streams)
+    first = await looks(names)
     maybe = [name for name, info in first.items() if info.num_waiting or info.num_pending or info.num_ack_pending]
     if not maybe:
-        return []
+        return [name for name in names if name in unknown]
     base = {name: first[name] for name in maybe}
     if any(info.num_waiting for info in base.values()):
         await asyncio.sleep(again_after_s)
@@ -442,7 +449,7 @@ async def read_by_another(js: JetStreamContext, streams: Iterable[str],
         later = await looks(moving)
         busy += [name for name, info in later.items()
                  if info.num_waiting or _delivered(info) > _delivered(base[name])]
-    return [name for name in maybe if name in busy]
+    return [name for name in names if name in busy or name in unknown]
 
 
 def _delivered(info: Any) -> int:

@@ -1,6 +1,7 @@
 """What tipstream decides from a consumer's info when a NATS cluster node answers it with the config alone (just
 after the consumer is made, a node it is assigned to that has not made its copy yet: every count 0), from answers
-shaped as nats-py reads them: a scrub's pass after a pull ended unfilled (`_Reader._ended_or_more`)."""
+shaped as nats-py reads them: a scrub's pass after a pull ended unfilled (`_Reader._ended_or_more`), and a start's
+look for another service reading its consumers (`read_by_another`)."""
 
 from __future__ import annotations
 
@@ -78,3 +79,32 @@ async def test_a_cluster_that_keeps_answering_with_the_config_alone_fails_the_sc
     with pytest.raises(ScrubError, match="from a NATS cluster node without its copy"):
         reader.done.result()
     assert (js.asked["SIGNALS"], js.published) == (jsx.CONFIG_ONLY_TRIES, [])
+
+
+def idle() -> ConsumerInfo:
+    return consumer_info(0, LED, delivered=100)
+
+
+async def read_by_another(js: JetStream) -> list[str]:
+    return await jsx.read_by_another(js, ["SIGNALS", "FEEDBACK"], again_after_s=0, reading_s=0)  # type: ignore[arg-type]
+
+
+async def test_idle_consumers_are_read_by_no_one_and_a_waiting_request_is_another_service_s() -> None:
+    js = JetStream({"SIGNALS": [idle()], "FEEDBACK": [idle()]}, ON_A_CLUSTER)
+    assert await read_by_another(js) == []
+    js = JetStream({"SIGNALS": [consumer_info(0, LED, waiting=1)], "FEEDBACK": [idle()]}, ON_A_CLUSTER)
+    assert await read_by_another(js) == ["SIGNALS"]
+
+
+async def test_a_consumer_another_service_has_just_made_is_not_taken_for_idle() -> None:
+    """Its counts of 0 read as idle: a start beside a service that had just made its consumer went on and made it
+    again, taking it from under the running service. Asked again, the consumer's own answer decides."""
+    js = JetStream({"SIGNALS": [config_only(), consumer_info(0, LED, waiting=1)], "FEEDBACK": [idle()]}, ON_A_CLUSTER)
+    assert await read_by_another(js) == ["SIGNALS"]
+
+
+async def test_a_consumer_only_answered_for_with_the_config_alone_counts_as_read_by_another() -> None:
+    """Its counts unknown after every try: a consumer just made, so a start is refused rather than take it."""
+    js = JetStream({"SIGNALS": [idle()], "FEEDBACK": [config_only()]}, ON_A_CLUSTER)
+    assert await read_by_another(js) == ["FEEDBACK"]
+    assert js.asked["FEEDBACK"] == jsx.CONFIG_ONLY_TRIES
