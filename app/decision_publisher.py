@@ -236,8 +236,8 @@ class DecisionPublisher:
             self._payload_wanted = True  # the 413 says to raise max_payload: a reload of the server's is looked for
             self._held_retry_at = min(self._held_retry_at, time.monotonic() + self.held_retry_s)
             raise DecisionTooLarge(
-                f"this answer's decision is {len(payload) + ID_LENGTH + HEADER_BYTES} bytes, more than the NATS server takes in a message (its "
-                f"max_payload, {self.max_payload:.0f} bytes), so it cannot be logged: send fewer or smaller candidates, "
+                f"this answer's decision is {len(payload) + ID_LENGTH + HEADER_BYTES:,} bytes, more than the NATS server takes in a message (its "
+                f"max_payload, {self.max_payload:,.0f} bytes), so it cannot be logged: send fewer or smaller candidates, "
                 "or raise max_payload in the server's configuration (a reload is taken within "
                 f"{self.held_retry_s:g}s of the next such request; TIPSTREAM_SCORE_MAX_BODY_BYTES bounds a request)")
         deadline = time.monotonic() + timeout_s
@@ -274,7 +274,7 @@ class DecisionPublisher:
                          f"{'it is' if refused == 1 else 'they are'} published within {self.held_retry_s:g}s)")
         if too_large:
             aside.append(f"{too_large:,} larger than the NATS server takes in a message (its max_payload, "
-                         f"{self.max_payload:.0f} bytes: raise it in the server's configuration, a reload is taken "
+                         f"{self.max_payload:,.0f} bytes: raise it in the server's configuration, a reload is taken "
                          f"within {self.held_retry_s:g}s)")
         others = self.waiting - refused - too_large
         rest = (f" {counted(others, 'other decision waits', 'other decisions wait')} for JetStream: is NATS "
@@ -464,8 +464,8 @@ class DecisionPublisher:
             self._looks_failed = 0
         if max_payload is not None and max_payload != self.max_payload:
             items = [item for item in self.held if item[1] not in self._held_refused]
-            log.info("the NATS server takes messages of up to %d bytes now (its max_payload, %d before; a "
-                     "configuration reload)%s", max_payload, self.max_payload,
+            log.info("the NATS server takes messages of up to %s bytes now (its max_payload, %s before; a "
+                     "configuration reload)%s", f"{max_payload:,}", f"{self.max_payload:,.0f}",
                      f": {counted(len(items), 'decision held for it is', 'decisions held for it are')} sent"
                      if items else "")
             self._set_max_payload(max_payload)
@@ -530,12 +530,12 @@ class DecisionPublisher:
         size = len(item[2]) + len(item[1]) + HEADER_BYTES
         more = since_last_line(left_out)
         if why is not None:
-            log.error("JetStream refused decision %s (%d bytes) for good: %s%s", item[1], size, why, more)
+            log.error("JetStream refused decision %s (%s bytes) for good: %s%s", item[1], f"{size:,}", why, more)
             return
-        log.error("decision %s is %d bytes, more than the NATS server takes in a message (its max_payload, %d "
+        log.error("decision %s is %s bytes, more than the NATS server takes in a message (its max_payload, %s "
                   "bytes): not sent (the server would close the connection for it), kept for a server that takes "
                   "it (raise max_payload in its configuration: a reload does, the server's limit is looked at again "
-                  "every %gs)%s", item[1], size, self.max_payload, self.held_retry_s, more)
+                  "every %gs)%s", item[1], f"{size:,}", f"{self.max_payload:,.0f}", self.held_retry_s, more)
 
     def _tell_unanswered(self) -> None:
         """A server that takes publishes and answers none: nats-server with its store's disk full answered

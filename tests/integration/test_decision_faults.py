@@ -448,7 +448,7 @@ async def test_a_spooled_decision_larger_than_the_servers_max_payload_is_kept_no
         assert service.nc.is_connected and [d for _, d, _ in service.publisher.unpublished()] == [large]
         assert service.publisher.waiting == 1, "tipstream_decision_queue counts it"
         told = [r.getMessage() for r in caplog.records if r.name == "tipstream.decisions"]
-        assert any(m.startswith(f"decision {large} is ") and "max_payload, 16384 bytes" in m for m in told), told
+        assert any(m.startswith(f"decision {large} is ") and "max_payload, 16,384 bytes" in m for m in told), told
         await running.stop()
         assert [d for _, d, _ in decision_spool.read(spool)] == [large], "kept for a server that takes it"
     finally:

@@ -525,7 +525,7 @@ async def test_a_max_payload_raised_by_a_reload_of_the_server_is_taken_without_a
             await eventually(lambda: [d for _, d, _ in publisher.held] == ["d-spooled"])
             with pytest.raises(DecisionLogFull) as full:  # the queue's one place is the held one's
                 await publisher.put("decisions.score", "d-small", b"{}", timeout_s=0.1)
-            assert "1 larger than the NATS server takes in a message (its max_payload, 16384 bytes: raise it in " \
+            assert "1 larger than the NATS server takes in a message (its max_payload, 16,384 bytes: raise it in " \
                    "the server's configuration, a reload is taken within 0.1s)" in str(full.value), str(full.value)
         config.write_text("max_payload: 64KB\n" + jetstream)
         caplog.set_level(logging.INFO, logger="tipstream.decisions")
@@ -550,7 +550,7 @@ async def test_a_max_payload_raised_by_a_reload_of_the_server_is_taken_without_a
         taken_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("the NATS server takes")]
         # One held, said in the singular (it read 'the 1 decisions held for it are sent').
         assert waiting == "refused" or taken_lines == [
-            ("the NATS server takes messages of up to 65536 bytes now (its max_payload, 16384 before; a "
+            ("the NATS server takes messages of up to 65,536 bytes now (its max_payload, 16,384 before; a "
              "configuration reload): 1 decision held for it is sent")], taken_lines
         task.cancel()
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import re
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import app.registry_store
 import app.scoring
 from app import migrate
 from app.db import make_engine
-from app.decision_publisher import DecisionLogFull, DecisionPublisher, DecisionWithdrawn
+from app.decision_publisher import DecisionLogFull, DecisionPublisher, DecisionTooLarge, DecisionWithdrawn
 from app.lineup import Lineup
 from app.registry_store import RegistryStore
 from app.score_request import RequestError, parse_request
@@ -640,15 +641,22 @@ async def test_a_full_queue_counts_its_decisions_in_words(waiting: int, told: st
     assert str(full.value).startswith(f"{told} for JetStream"), str(full.value)
 
 
-async def test_a_full_queue_with_one_held_and_one_waiting_says_each_in_the_singular() -> None:
-    """Held aside for the server's max_payload, one decision; waiting for NATS, one other: 'The other 1 wait'."""
+async def holding_one_too_large(queue_max: int) -> tuple[DecisionPublisher, FakeNats, asyncio.Task[Any]]:
+    """A publisher over a server taking 2,000 bytes a message, holding aside 'd-large' (3,000 bytes, put back by a
+    start); its task, running."""
     nc = FakeNats()
     nc.max_payload = 2_000
-    publisher = DecisionPublisher(lambda: nc, queue_max=2, batch=4, window=10)
+    publisher = DecisionPublisher(lambda: nc, queue_max=queue_max, batch=4, window=10)
     await publisher.start()
     publisher.put_back([("decisions.score", "d-large", b"x" * 3_000)])
     task = asyncio.create_task(publisher.run())
     assert await publisher.flush(5) and [d for _, d, _ in publisher.held] == ["d-large"]
+    return publisher, nc, task
+
+
+async def test_a_full_queue_with_one_held_and_one_waiting_says_each_in_the_singular() -> None:
+    """Held aside for the server's max_payload, one decision; waiting for NATS, one other: 'The other 1 wait'."""
+    publisher, nc, task = await holding_one_too_large(queue_max=2)
     nc.is_connected = False
     assert publisher.offer("decisions.score", "d-1", b"{}")
     with pytest.raises(DecisionLogFull) as full:
@@ -657,6 +665,25 @@ async def test_a_full_queue_with_one_held_and_one_waiting_says_each_in_the_singu
     assert "held aside until a limit is raised: 1 larger than the NATS server takes" in told, told
     assert told.endswith(" 1 other decision waits for JetStream: is NATS reachable? Retry after that."), told
     task.cancel()
+
+
+async def test_a_held_decision_s_sizes_are_told_with_thousands_marks(caplog: pytest.LogCaptureFixture) -> None:
+    """The held decision's error line read 'decision d-large is 3034 bytes ... (its max_payload, 2000 bytes)', as did
+    the 503 and 413 that name the server's limit, where the service's other figures read '1,234'."""
+    import logging
+
+    caplog.set_level(logging.ERROR, logger="tipstream.decisions")
+    publisher, nc, task = await holding_one_too_large(queue_max=1)
+    task.cancel()
+    refusing = DecisionPublisher(lambda: nc, queue_max=1, batch=4, window=10)  # its own bound on these lines
+    refusing._hold(("decisions.score", "d-refused", b"x" * 1_500), why="message size exceeds maximum allowed")
+    told = [r.getMessage() for r in caplog.records]
+    assert re.match(r"decision d-large is 3,\d{3} bytes, .* \(its max_payload, 2,000 bytes\)", told[0]), told
+    assert re.match(r"JetStream refused decision d-refused \(1,\d{3} bytes\) for good", told[1]), told
+    with pytest.raises(DecisionLogFull, match=r"\(its max_payload, 2,000 bytes: raise it"):
+        await publisher.put("decisions.score", "d-1", b"{}", timeout_s=0)
+    with pytest.raises(DecisionTooLarge, match=r"this answer's decision is 3,\d{3} bytes, .* \(its max_payload, 2,000"):
+        await publisher.put("decisions.score", "d-2", b"x" * 3_000, timeout_s=0)
 
 
 async def test_a_withdrawn_decision_waiting_for_room_is_never_queued() -> None:
