@@ -339,15 +339,24 @@ def _interval(bounds: list[float] | None) -> str:
     return f" [{', '.join(_short(v) for v in bounds)}]" if bounds else ""
 
 
+def _whole(n: Any) -> str:
+    """A count with its thousands marked, as `counted` writes them; anything else (None: not in the card) as it is.
+
+    >>> _whole(1234), _whole(None)
+    ('1,234', 'None')
+    """
+    return f"{n:,}" if isinstance(n, int) else str(n)
+
+
 def _card_summary(version: str, answer: dict[str, Any]) -> str:
     """What a registration or an evaluation found, in a few lines (`--json`: everything).
 
-    >>> estimate = {"snips": 0.5, "ci95": [0.3, 0.7], "agreed": 9, "effective_n": 7.5, "skipped_unsupported": 2}
-    >>> print(_card_summary("v2", {"kind": "fm", "card": {"offline_metrics": {"n": 40, "log_loss": 0.61234,
-    ...     "log_loss_base_rate": 0.66, "roc_auc": 0.7, "policy_value": {"as_shadow": {"decisions": 12, "logged_reward": 0.4,
+    >>> estimate = {"snips": 0.5, "ci95": [0.3, 0.7], "agreed": 1234, "effective_n": 7.5, "skipped_unsupported": 2000}
+    >>> print(_card_summary("v2", {"kind": "fm", "card": {"offline_metrics": {"n": 9000, "log_loss": 0.61234,
+    ...     "log_loss_base_rate": 0.66, "roc_auc": 0.7, "policy_value": {"as_shadow": {"decisions": 8000, "logged_reward": 0.4,
     ...     "estimate": estimate, "champion_greedy": {**estimate, "snips": 0.45}}}}}}))
-    v2 (fm): progressive validation over 40 rewards (rewarded tips of the logged decisions): log loss 0.6123 (predicting the mean: 0.66), ROC AUC 0.7
-    as shadow, over 12 rewarded decisions (logged reward 0.4): its own first choices 0.5 [0.3, 0.7] (agreed 9, effective n 7.5, 2 left out: not every tip could have been served there, as under explore: false or TIPSTREAM_POLICY=greedy); the champion's 0.45 [0.3, 0.7] (agreed 9)
+    v2 (fm): progressive validation over 9,000 rewards (rewarded tips of the logged decisions): log loss 0.6123 (predicting the mean: 0.66), ROC AUC 0.7
+    as shadow, over 8,000 rewarded decisions (logged reward 0.4): its own first choices 0.5 [0.3, 0.7] (agreed 1,234, effective n 7.5, 2,000 left out: not every tip could have been served there, as under explore: false or TIPSTREAM_POLICY=greedy); the champion's 0.45 [0.3, 0.7] (agreed 1,234)
     the whole card: tipstream models card v2
     >>> print(_card_summary("v1", {"offline_metrics": {"n": 1, "policy_value": {"as_champion": {"decisions": 1,
     ...     "logged_reward": 1.0, "greedy": {"snips": 1.0, "ci95": None, "agreed": 1, "effective_n": 1.0}}}}}))
@@ -411,19 +420,19 @@ def _card_summary(version: str, answer: dict[str, Any]) -> str:
         line = (f"as {role}, over {decisions} (logged reward {_short(found.get('logged_reward'))}): "
                 f"its own first choices {_short(mine.get('snips'))}"
                 f"{_interval(interval)} "
-                f"(agreed {mine.get('agreed')}, effective n {_short(mine.get('effective_n'))}")
+                f"(agreed {_whole(mine.get('agreed'))}, effective n {_short(mine.get('effective_n'))}")
         if not interval and mine.get("snips") is not None:  # offpolicy gives none on too little: say why
             line += f", no interval: effective n under {MIN_EFFECTIVE_N} or rewards all alike"
         if mine.get("skipped_unsupported"):
             # As shadow, on the decisions where any tip could have been served (`evaluation.policy_value`).
             why = ("not every tip could have been served there, as under explore: false or TIPSTREAM_POLICY=greedy"
                    if role == "shadow" else "they could not have served its choice")
-            line += f", {mine['skipped_unsupported']} left out: {why}"
+            line += f", {_whole(mine['skipped_unsupported'])} left out: {why}"
         line += ")"
         if other and found.get(other):
             theirs = found[other]  # with its interval and agreed decisions, as the shadow's own
             line += (f"; the champion's {_short(theirs.get('snips'))}{_interval(theirs.get('ci95'))} "
-                     f"(agreed {theirs.get('agreed')})")
+                     f"(agreed {_whole(theirs.get('agreed'))})")
         lines.append(line)
     if value and not ({"as_champion", "as_shadow"} & value.keys()):
         lines.append(f"policy value: none yet: {no_policy_value_yet(version)}")
