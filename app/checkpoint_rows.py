@@ -216,10 +216,15 @@ def _delete_credits(conn: Connection, decision_ids: set[str]) -> None:
 
 
 def write_tip_scores(conn: Connection, snapshot: tuple[int, list[dict[str, Any]]] | None) -> None:
-    """The `tip_scores` rows marked since the last confirmed checkpoint."""
+    """The `tip_scores` rows marked since the last confirmed checkpoint. One without rewards is written only
+    where its decision has no row yet: one there holds the same decision, maybe rewarded since (`TipScoresLog`)."""
     if snapshot is None:
         return
-    db.upsert(conn, db.tip_scores, snapshot[1], ["decision_id"])
+    rewarded = [row for row in snapshot[1] if row["rewards"]]
+    db.upsert(conn, db.tip_scores, rewarded, ["decision_id"])
+    if len(rewarded) < len(snapshot[1]):
+        db.upsert(conn, db.tip_scores, [row for row in snapshot[1] if not row["rewards"]], ["decision_id"],
+                  replace=False)
 
 
 def write_erasures(conn: Connection, dropped: list[dict[str, Any]] | None) -> None:

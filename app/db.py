@@ -582,8 +582,11 @@ def json_as_text(table: Table) -> Select:
                     for column in table.columns))
 
 
-def upsert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], keys: Iterable[str]) -> None:
+def upsert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], keys: Iterable[str],
+           replace: bool = True) -> None:
     """Insert or update `rows` (dicts with the same columns); `keys` name the unique columns.
+    `replace=False`: insert only the rows whose keys the table does not hold yet, leave the others as they are
+    (a table without binary columns only).
 
     Many rows go in each statement, never one statement per row: checkpoints are written from
     a thread beside the event loop, and SQLite's driver releases and retakes the GIL around
@@ -597,9 +600,12 @@ def upsert(conn: Connection, table: Table, rows: Sequence[dict[str, Any]], keys:
         return
     names, keys = tuple(rows[0]), tuple(keys)
     if any(isinstance(table.c[name].type, LargeBinary) for name in names):
+        if not replace:
+            raise ValueError(f"{table.name}: rows with binary columns are always replaced (replace=False is for "
+                             "tables without them)")
         _values_upsert(conn, table, names, keys, rows)
         return
-    statement = _json_upsert(conn.dialect.name, table.name, names, keys)
+    statement = _json_upsert(conn.dialect.name, table.name, names, keys, replace)
     for start in range(0, len(rows), JSON_ROWS_PER_STATEMENT):
         # numpy scalars too, as SQLAlchemy's JSON columns (the stdlib's json) took them
         encoded = orjson.dumps(rows[start : start + JSON_ROWS_PER_STATEMENT], option=orjson.OPT_SERIALIZE_NUMPY)
@@ -661,8 +667,8 @@ def _values_sql(dialect: str, table_name: str, names: tuple[str, ...], keys: tup
     return f"INSERT INTO {table_name} ({', '.join(names)}) VALUES {', '.join([row] * count)} {_on_conflict(names, keys)}"
 
 
-def _on_conflict(names: Iterable[str], keys: tuple[str, ...]) -> str:
-    updates = ", ".join(f"{name} = excluded.{name}" for name in names if name not in keys)
+def _on_conflict(names: Iterable[str], keys: tuple[str, ...], replace: bool = True) -> str:
+    updates = ", ".join(f"{name} = excluded.{name}" for name in names if name not in keys) if replace else ""
     return f"ON CONFLICT ({', '.join(keys)}) DO " + (f"UPDATE SET {updates}" if updates else "NOTHING")
 
 
@@ -671,11 +677,12 @@ _SQLITE_DATETIME = "strftime('%Y-%m-%d %H:%M:%f', {}) || '000'"
 
 
 @functools.cache
-def _json_upsert(dialect: str, table_name: str, column_names: tuple[str, ...], keys: tuple[str, ...]) -> TextClause:
+def _json_upsert(dialect: str, table_name: str, column_names: tuple[str, ...], keys: tuple[str, ...],
+                 replace: bool = True) -> TextClause:
     table = metadata.tables[table_name]
     columns = [table.c[name] for name in column_names]
     names = ", ".join(column_names)
-    conflict = _on_conflict(column_names, keys)
+    conflict = _on_conflict(column_names, keys, replace)
     if dialect == "sqlite":
         values = []
         for c in columns:

@@ -343,12 +343,30 @@ def tip_score_row(decision: dict[str, Any], data: bytes, rewards: dict[str, floa
     }
 
 
+def _keep_rewarded(rows: dict[str, dict[str, Any]], row: dict[str, Any]) -> None:
+    """`row` in `rows`, the newest of a decision winning, unless it has no rewards and the one there has."""
+    held = rows.get(row["decision_id"])
+    if held is None or row.get("rewards") or not held.get("rewards"):
+        rows[row["decision_id"]] = row
+
+
 class TipScoresLog:
     """Checkpoint participant writing `tip_scores` rows in the checkpoint's transaction.
 
     Rows are marked (decision logged, reward credited) on the event loop and upserted at the
     next checkpoint, together with the stream positions they reflect. A write that fails is
     retried with the next checkpoint: rows stay here until a save is confirmed (`saved`).
+
+    A row without rewards never takes the place of one with them, here or in SQL (`write_tip_scores`):
+    a decision stored twice in DECISIONS (a publisher's send again after JetStream's duplicate window, as
+    the decision publisher does for those in flight through a longer NATS outage) is read back after the
+    join cache let the first copy go, without its credits, and its row, written again, lost its rewards.
+
+    >>> log = TipScoresLog()
+    >>> log.mark({"decision_id": "d-1", "rewards": {"t": 1.0}})
+    >>> log.mark({"decision_id": "d-1", "rewards": None})
+    >>> log.snapshot()
+    (1, [{'decision_id': 'd-1', 'rewards': {'t': 1.0}}])
     """
 
     name = "tip_scores"
@@ -361,7 +379,7 @@ class TipScoresLog:
         self._unconfirmed_rows = 0  # as of the last snapshot: /score reads `backlog` on every request
 
     def mark(self, row: dict[str, Any]) -> None:
-        self.dirty[row["decision_id"]] = row
+        _keep_rewarded(self.dirty, row)
 
     @property
     def backlog(self) -> int:
@@ -378,8 +396,10 @@ class TipScoresLog:
         # (the newest row of a decision wins).
         rows: dict[str, dict[str, Any]] = {}
         for gen in sorted(self._unconfirmed):
-            rows.update(self._unconfirmed.pop(gen))
-        rows.update(self.dirty)
+            for row in self._unconfirmed.pop(gen).values():
+                _keep_rewarded(rows, row)
+        for row in self.dirty.values():
+            _keep_rewarded(rows, row)
         self.dirty = {}
         self._gen += 1
         self._unconfirmed[self._gen] = rows

@@ -34,6 +34,17 @@ async def publish(js: Any, event: dict[str, Any], msg_id: bool = True) -> None:
     await js.publish("feedback.tip.reacted", orjson.dumps(event), headers=headers)
 
 
+def another_publishers_decision(decision_id: str) -> dict[str, Any]:
+    """A decision of u-1 as another publisher logs it, its id without the time ours have."""
+    return {
+        "id": decision_id, "type": "decision.scored", "v": 1, "ts": NOW, "user_id": "u-1",
+        "model_version": "v1", "shadow_version": None, "prompt_version": None, "policy": "greedy",
+        "explore": False, "features_at": NOW, "features": {"user_id": "u-1", "hour_of_day": 9},
+        "caller_features": [], "ranked": [{"tip_id": "tip-focus-1", "category": "focus", "score": 0.5,
+                                           "propensity": 1.0, "model_score": 0.5}], "shadow": None,
+    }
+
+
 def scores(body: dict[str, Any]) -> dict[str, float]:
     return {r["tip_id"]: r["score"] for r in body["ranked"]}
 
@@ -138,13 +149,7 @@ async def test_feedback_without_or_before_its_decision_is_counted_kept_and_joine
     assert count("no_decision") == no_decision + 1
     assert service.store.users["u-1"].count("tip.reacted") == 2, "the fold keeps both for the user's features"
 
-    decision = {
-        "id": "d-elsewhere-1", "type": "decision.scored", "v": 1, "ts": NOW, "user_id": "u-1",
-        "model_version": "v1", "shadow_version": None, "prompt_version": None, "policy": "greedy",
-        "explore": False, "features_at": NOW, "features": {"user_id": "u-1", "hour_of_day": 9},
-        "caller_features": [], "ranked": [{"tip_id": "tip-focus-1", "category": "focus", "score": 0.5,
-                                           "propensity": 1.0, "model_score": 0.5}], "shadow": None,
-    }
+    decision = another_publishers_decision("d-elsewhere-1")
     await js.publish("decisions.score", orjson.dumps(decision), headers={"Nats-Msg-Id": decision["id"]})
     await eventually(lambda: service.learner.credited == 1)
     assert not service.learner.waiting.by_decision
@@ -317,3 +322,56 @@ async def test_a_reaction_stored_within_the_wait_and_read_late_answers_the_decis
     service.learner.clock = lambda: time.time() + wait_s + 1
     await eventually(lambda: SILENCES.labels("answered").value == answered + 1, timeout=20)
     assert SILENCES.labels("credited").value == silenced
+
+
+# A join cache of a few decisions, and JetStream's duplicate window at its least: a decision stored twice.
+STORED_TWICE = {"checkpoint_every_s": 0.1, "learner_join_cache_mb": 0.004, "duplicate_window_s": 0.1}
+
+
+async def stored_again(js: Any, data: bytes, decision_id: str) -> int:
+    """Publish a decision again under its id once JetStream's duplicate window has passed, as a publisher sending
+    again after an outage longer than the window does (ours for those in flight, `DecisionPublisher`); its
+    sequence in DECISIONS."""
+    async def stored() -> int | None:
+        ack = await js.publish("decisions.score", data, headers={"Nats-Msg-Id": decision_id})
+        return None if ack.duplicate else ack.seq
+
+    return await eventually(stored)
+
+
+def rewards_row(url: str, decision_id: str) -> Any:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.text("select rewards, reward from tip_scores where decision_id = :d"),
+                                {"d": decision_id}).first()
+    finally:
+        engine.dispose()
+
+
+async def let_go(running: Any, decision_id: str) -> None:
+    """Serve decisions until the join cache has let `decision_id` go for its memory budget."""
+    learner = running.service.learner
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        while learner.joins.get(decision_id) is not None:
+            await http.post("/score", json=BODY)
+
+
+async def test_a_decision_stored_twice_keeps_its_rewards_in_its_row_after_the_join_cache_let_it_go(
+        start_service, nc, database_url) -> None:
+    """The copy, read back after the cache let the first go, came without its credits: its row was written
+    again without them, and lost its rewards."""
+    running = await start_service(database_url=database_url, **STORED_TWICE)
+    service = running.service
+    js = nc.jetstream()
+    await eventually(lambda: service.ready and not service.learner.replaying)
+    async with httpx.AsyncClient(base_url=running.base_url) as http:
+        decision = (await http.post("/score", json=BODY)).json()["decision_id"]
+    await publish(js, feedback("f-1", decision, "tip-focus-1", "acted"))
+    await eventually(lambda: (row := rewards_row(database_url, decision)) is not None and row[1] == 1.0)
+    await let_go(running, decision)
+
+    seq = await stored_again(js, (await js.get_msg("DECISIONS", 1)).data, decision)
+    await eventually(lambda: service.store.positions["DECISIONS"] >= seq)
+    await eventually(lambda: service.decision_log.backlog == 0)  # its row written again, if it is to be
+    assert rewards_row(database_url, decision)[1] == 1.0

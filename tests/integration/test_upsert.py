@@ -58,6 +58,12 @@ def test_rows_written_in_one_statement_read_back_exactly(database_url: str) -> N
     assert len(stored) == 2
     assert stored["d-1"]["rewards"] == {"tip-a": 0.5} and stored["d-1"]["reward"] == 0.5
     assert stored["d-1"]["rewarded_at"] == datetime(2026, 11, 26, 10, tzinfo=UTC)
+
+    # `replace=False` writes a row only where its key has none: d-1 keeps its rewards.
+    with engine.begin() as conn:
+        db.upsert(conn, db.tip_scores, [_row("d-1"), _row("d-3")], ["decision_id"], replace=False)
+    stored = _read(engine)
+    assert stored["d-1"]["rewards"] == {"tip-a": 0.5} and stored["d-3"] == _row("d-3")
     assert stored["d-2"] == tricky
     engine.dispose()
 
