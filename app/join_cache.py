@@ -86,6 +86,12 @@ class JoinCache:
         # refusing for a while): their row is marked on the acknowledgement (`Learner.published`), with these.
         # At most the decisions waiting for JetStream (`TIPSTREAM_DECISION_QUEUE_MAX`).
         self.let_go_unlogged: dict[str, tuple[dict[str, float], int | None]] = {}
+        # Another publisher's decisions (no time in their id) the memory budget let go with credits, within the join
+        # window: id -> (credits, rewarded ms, when made: `created_ms`), oldest first, until the window passes them.
+        # A copy stored again (its publisher sending again after JetStream's duplicate window) is the same decision:
+        # held without these, a reaction delivered again was learned twice (`Learner.add_logged`). Ours need none:
+        # `evicted_upto_ms` keeps them let go.
+        self.let_go_credited: OrderedDict[str, tuple[dict[str, float], int | None, int]] = OrderedDict()
         # The decisions the read-back brought into `replayed` since `mark`, for `added_since`: no walk back to a
         # mark finds them, as `join_replayed` may have put them in front of /score's since. Noted from a mark to
         # the `added_since` after it, or the `unmark` that ends an erasure's look however it ends, and only while
@@ -141,7 +147,15 @@ class JoinCache:
     def evict(self, horizon: int, leaving: Callable[[str, Entry], None] | None = None) -> None:
         """Oldest first (creation order: the replayed segment, then insertion order): past the
         memory budget, or past the join window (added before `horizon`). `leaving` is told of each
-        before it goes, while it is still held (`Learner._leaving`)."""
+        before it goes, while it is still held (`Learner._leaving`).
+
+        >>> joins = JoinCache(limit_bytes=0)  # any decision is past the budget
+        >>> joins.add("other-1", Entry(b"{}", 1, added_ms=5_000, decision=None, credits={"t": 1.0}, stored_ms=5_000))
+        >>> joins.evict(horizon=1_000); dict(joins.let_go_credited)
+        {'other-1': ({'t': 1.0}, None, 5000)}
+        >>> joins.evict(horizon=6_000); dict(joins.let_go_credited)  # its window has passed
+        {}
+        """
         while True:
             cache = self.replayed or self.cache
             if not cache:
@@ -155,8 +169,13 @@ class JoinCache:
             self.credited.pop(first_id, None)
             if first.credits and not first.logged:
                 self.let_go_unlogged[first_id] = (first.credits, first.rewarded_ms)
+            if first.credits and first.added_ms >= horizon and decision_time_ms(first_id) is None:
+                self.let_go_credited[first_id] = (first.credits, first.rewarded_ms, created_ms(first_id, first))
             self.bytes -= len(first.data) + ENTRY_OVERHEAD
             self.evicted_upto_ms = max(self.evicted_upto_ms, decision_time_ms(first_id) or first.added_ms)
+        let_go = self.let_go_credited
+        while let_go and next(iter(let_go.values()))[2] < horizon:
+            let_go.popitem(last=False)
 
     def join_replayed(self) -> None:
         """DECISIONS has been read back to its end after a start: the decisions it brought go in
@@ -312,6 +331,7 @@ class JoinCache:
         credited: set[str] = set()
         for decision_id in decision_ids:  # the cache may have let some go meanwhile
             self.let_go_unlogged.pop(decision_id, None)
+            self.let_go_credited.pop(decision_id, None)
             if decision_id in self.ahead:
                 entry = self.ahead.pop(decision_id)
                 self.ahead_bytes -= len(entry.data) + ENTRY_OVERHEAD

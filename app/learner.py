@@ -252,7 +252,9 @@ class Learner:
                     refusal := served_after_stored(logged.id, timed, stored, self.max_future_ms)) is not None:
                 raise Refused(refusal)
             self.decisions_until_ms = max(self.decisions_until_ms, timed or 0)
-            created = timed or stored or None
+            # Another publisher's that the memory budget let go with credits, stored again: made when first stored.
+            earlier = self.joins.let_go_credited.pop(logged.id, None) if timed is None else None
+            created = timed or (earlier[2] if earlier is not None else stored) or None
             now_ms = int(self.clock() * 1000)
             if self.erasing and self._forgotten(logged.parsed(), created or now_ms):
                 return False
@@ -271,8 +273,12 @@ class Learner:
                 self.decision_log.mark(tip_score_row(logged.parsed(), logged.data, credits, rewarded_ms))
                 return True
             entry = Entry(logged.data, self.store.positions.get("DECISIONS", 0),
-                          min(created, now_ms) if created is not None else now_ms, logged.body, stored_ms=stored)
+                          min(created, now_ms) if created is not None else now_ms, logged.body,
+                          stored_ms=stored if earlier is None else earlier[2])
             self._adopt_credits(logged.id, entry)
+            if earlier is not None:
+                entry.credits, entry.rewarded_ms = earlier[0], earlier[1]
+                self.joins.note_credited(logged.id, entry)
             # Stored past FEEDBACK's time: held apart until FEEDBACK's time reaches it (`JoinCache.ahead`).
             ahead = self.replaying and not self.feedback_read.caught_up and stored > self._feedback_time_ms()
             if not ahead:

@@ -375,3 +375,27 @@ async def test_a_decision_stored_twice_keeps_its_rewards_in_its_row_after_the_jo
     await eventually(lambda: service.store.positions["DECISIONS"] >= seq)
     await eventually(lambda: service.decision_log.backlog == 0)  # its row written again, if it is to be
     assert rewards_row(database_url, decision)[1] == 1.0
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_another_publisher_s_decision_stored_twice_is_credited_once(start_service, nc, database_url) -> None:
+    """Held again without its credits, the copy of a decision the join cache had let go learned a reaction sent
+    again a second time."""
+    running = await start_service(database_url=database_url, **STORED_TWICE)
+    service = running.service
+    js = nc.jetstream()
+    await eventually(lambda: service.ready and not service.learner.replaying)
+    data = orjson.dumps(another_publishers_decision("d-elsewhere-1"))
+    await js.publish("decisions.score", data, headers={"Nats-Msg-Id": "d-elsewhere-1"})
+    await publish(js, feedback("f-1", "d-elsewhere-1", "tip-focus-1", "acted"))
+    await eventually(lambda: service.learner.credited == 1)
+    await let_go(running, "d-elsewhere-1")
+
+    seq = await stored_again(js, data, "d-elsewhere-1")
+    await eventually(lambda: service.store.positions["DECISIONS"] >= seq)
+    duplicates = count("duplicate")
+    await publish(js, feedback("f-1", "d-elsewhere-1", "tip-focus-1", "acted"), msg_id=False)  # delivered again
+    await eventually(lambda: count("duplicate") == duplicates + 1)
+    assert service.learner.credited == 1 and service.lineup.champion.n_learned == 1
+    await eventually(lambda: service.decision_log.backlog == 0)
+    assert rewards_row(database_url, "d-elsewhere-1")[1] == 1.0
