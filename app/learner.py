@@ -158,6 +158,8 @@ class Learner:
         # a request to forget a user acted on now covers every decision made before it, also once NTP has stepped
         # the wall clock back past their times (`Eraser._acted_on_at`).
         self.decisions_until_ms = 0
+        # Decisions made from here on (their id's time) were made in this run: no snapshot holds their credits.
+        self.started_ms = int(clock() * 1000)
 
     # -- decisions ---------------------------------------------------------------------------
 
@@ -260,13 +262,15 @@ class Learner:
                 return False
             if created is not None and not self.rows_to_rebuild and created < self.window_end_ms() - self.window_ms:
                 return False  # replayed from before the join window: nothing can join it any more
-            if (timed is not None and timed <= self.joins.evicted_upto_ms and not self.replaying
+            if (timed is not None and timed <= self.joins.evicted_upto_ms
+                    and (not self.replaying or timed >= self.started_ms)
                     and logged.id not in self.waiting.by_decision):
                 # The cache let it go, or one made after it: feedback naming it is `expired` (`_wait`). Held
                 # again, it came back without its credits (let go before JetStream's ack, in an outage, and
                 # read back after the reconnect): a reaction sent again, or its silence, was learned twice.
-                # Feedback waiting for it says it was never held here. A start's re-read holds it still: its
-                # credits are restored then.
+                # Feedback waiting for it says it was never held here. A start's re-read holds one made before
+                # the start still: its credits are restored then. Not one served since, let go before the re-read
+                # reached it (/score's, served meanwhile, read last): its credits are this run's.
                 # Another tipstream's, never held, has no row yet; one of ours gets this row from its ack too.
                 credits, rewarded_ms = self._restored_credits.pop(logged.id, None) or self.joins.let_go_unlogged.get(
                     logged.id, (None, None))

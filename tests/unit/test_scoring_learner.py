@@ -1614,6 +1614,29 @@ def test_a_decision_the_join_cache_let_go_before_its_ack_is_not_held_again_when_
     w.engine.dispose()
 
 
+def test_a_decision_served_during_a_start_s_read_back_and_let_go_is_not_held_again_without_its_credits(
+        tmp_path: Path) -> None:
+    """A start reads DECISIONS back to its end while /score serves: one served meanwhile, credited and let go by
+    the budget before the read-back reaches it, was held again, its credits (this run's) not among those the
+    snapshot restores, and the reaction delivered again was learned a second time."""
+    w = World(tmp_path, cache_mb=0.004)  # a few decisions
+    w.learner.replaying = True  # as `restore` leaves it until the DECISIONS tail has caught up
+    t0 = w.clock.now
+    served = w.score()
+    w.learner.published(served.decision_id)
+    w.sink(_reaction("f-1", served.decision_id, "a"), _ack(t0, 1))
+    for _ in range(3):
+        w.score()
+    assert w.learner.joins.get(served.decision_id) is None
+    assert w.learner.joins.bytes + len(served.payload) + ENTRY_OVERHEAD <= w.learner.joins.limit, "room to hold it"
+    before = outcomes()
+    w.learner.add_logged(LoggedDecision(served.decision_id, served.payload), _decisions_ack(t0 + 1, 1))
+    w.sink(_reaction("f-1", served.decision_id, "a"), _ack(t0 + 1, 2, delivered=2))  # its ack lost
+    assert delta(before) == {"expired": 1}
+    assert {v: m.n_learned for v, m in w.lineup.learning} == {"v1": 1, "v2": 1}
+    w.engine.dispose()
+
+
 def test_a_registry_change_cancelled_while_it_is_saved_leaves_memory_as_sql_has_it(world: World) -> None:
     """The transaction runs on in its thread after the request is cancelled (a client gone, a
     shutdown) and commits: memory must follow, or later changes are checked against stale roles."""
