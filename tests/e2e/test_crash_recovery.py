@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import nats
 import orjson
 import pytest
@@ -274,3 +275,70 @@ async def test_a_flood_of_bad_events_through_a_nats_outage_and_a_kill_9_reaches_
     assert set(stored) == bad
     assert stored.most_common(1)[0][1] == 1, "none stored twice"
     await client.close()
+
+
+def _reaction(event_id: str, user: str, decision_id: str, tip_id: str, reaction: str) -> tuple[str, dict[str, Any]]:
+    return ("feedback.tip.reacted", {"id": event_id, "type": "tip.reacted", "user_id": user, "v": 1,
+                                     "ts": "2026-11-26T09:00:00+01:00",
+                                     "data": {"tip_id": tip_id, "decision_id": decision_id, "reaction": reaction}})
+
+
+@pytest.mark.postgres
+async def test_a_kill_9_during_a_checkpoint_learns_each_reward_once(nats_server, nc, postgres_url: str,
+                                                                     tmp_path: Path) -> None:
+    """Killed while a checkpoint's transaction is open, the learner's snapshot, credits and `tip_scores` rows
+    written in it and only its positions to come (held here by a lock on their rows): the database rolls it
+    all back (the writer process dies with the service), and the restart learns the rewards since the last
+    snapshot again, each once, and the reactions sent again none."""
+    from tests.conftest import reset_postgres
+
+    reset_postgres(postgres_url)
+    env = {"NATS_URL": nats_server.url, "DATABASE_URL": postgres_url, "TIPSTREAM_CHECKPOINT_EVERY_S": "0.2",
+           "TIPSTREAM_MODEL_SNAPSHOT_EVERY_S": "0", "TIPSTREAM_CHECKPOINT_WRITER": "process"}
+    service = ServiceProcess(tmp_path / "data", env).start()
+    js = nc.jetstream()
+    users = [f"u-{n}" for n in range(4)]
+    candidates = [{"tip_id": "tip-a", "category": "focus"}, {"tip_id": "tip-b", "category": "breaks"}]
+    async with httpx.AsyncClient(base_url=service.base_url, timeout=10) as http:
+        decisions = {user: (await http.post("/score", json={"user_id": user, "candidates": candidates})).json()[
+            "decision_id"] for user in users}
+
+    def counted(outcome: str) -> float:
+        return service.metric("tipstream_feedback_total", outcome=outcome)
+
+    await publish_events(js, [_reaction(f"a-{u}", u, decisions[u], "tip-a", "acted") for u in users])
+    wait_until(lambda: counted("credited") == 4 and service.metric("tipstream_checkpoint_position", stream="FEEDBACK")
+               == 4, what="the first rewards checkpointed")
+    engine = sa.create_engine(postgres_url)
+    lock = engine.connect()
+    lock.begin()
+    lock.execute(sa.text("select * from stream_positions for update"))
+    try:
+        await publish_events(js, [_reaction(f"b-{u}", u, decisions[u], "tip-b", "disliked") for u in users]
+                             + [_reaction(f"a2-{u}", u, decisions[u], "tip-a", "liked") for u in users[:2]])
+        wait_until(lambda: counted("credited") == 8 and counted("duplicate") == 2, what="the second rewards")
+
+        def checkpoint_waits_for_the_positions() -> bool:
+            with engine.connect() as conn:
+                return bool(conn.execute(sa.text("select count(*) from pg_stat_activity where wait_event_type = "
+                                                 "'Lock' and query ilike '%stream_positions%'")).scalar())
+
+        wait_until(checkpoint_waits_for_the_positions, what="a checkpoint waiting for the positions' rows")
+        service.kill()
+    finally:
+        lock.rollback()
+        lock.close()
+
+    service = ServiceProcess(tmp_path / "data", env).start()
+    last = (await js.stream_info("FEEDBACK")).state.last_seq
+    wait_until(lambda: service.get("/readyz").status_code == 200
+               and service.metric("tipstream_stream_position", stream="FEEDBACK") == last, what="caught up")
+    assert (counted("credited"), counted("duplicate")) == (4, 2), "the second rewards learned again, once"
+    await publish_events(js, [_reaction(f"c-{u}-{t}", u, decisions[u], t, "acted") for u in users for t in ("tip-a", "tip-b")])
+    wait_until(lambda: counted("duplicate") == 10, what="the reactions sent again")
+    assert service.get("/models/v1").json()["n_learned"] == 8
+    assert service.stop(), service.log()
+    with engine.connect() as conn:
+        rewards = dict(conn.execute(sa.text("select decision_id, rewards from tip_scores")).all())
+    engine.dispose()
+    assert rewards == {decisions[u]: {"tip-a": 1.0, "tip-b": 0.0} for u in users}

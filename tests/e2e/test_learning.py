@@ -399,3 +399,26 @@ async def test_another_publisher_s_decision_stored_twice_is_credited_once(start_
     assert service.learner.credited == 1 and service.lineup.champion.n_learned == 1
     await eventually(lambda: service.decision_log.backlog == 0)
     assert rewards_row(database_url, "d-elsewhere-1")[1] == 1.0
+
+
+async def test_feedback_waiting_at_a_stop_joins_its_decision_published_while_stopped_once(start_service, nc) -> None:
+    """The reaction waits in the learner's last snapshot; its decision, another publisher's, comes while the service
+    is stopped: the start's read-back of DECISIONS credits it, once, and the start after learns nothing again."""
+    settings = {"checkpoint_every_s": 0.1}
+    running = await start_service(**settings)
+    js = nc.jetstream()
+    await publish(js, feedback("f-1", "d-elsewhere-1", "tip-focus-1", "acted"))
+    await eventually(lambda: "d-elsewhere-1" in running.service.learner.waiting.by_decision)
+    await running.stop()
+    decision = another_publishers_decision("d-elsewhere-1")
+    await js.publish("decisions.score", orjson.dumps(decision), headers={"Nats-Msg-Id": decision["id"]})
+
+    unknown = count("unknown_decision")
+    again = await start_service(**settings)
+    await eventually(lambda: again.service.ready and again.service.learner.credited == 1)
+    assert again.service.lineup.champion.n_learned == 1 and not again.service.learner.waiting.by_decision
+    await again.stop()
+    third = await start_service(**settings)
+    await eventually(lambda: third.service.ready)
+    assert third.service.lineup.champion.n_learned == 1 and third.service.learner.credited == 0
+    assert count("unknown_decision") == unknown
