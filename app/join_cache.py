@@ -89,9 +89,11 @@ class JoinCache:
         # Another publisher's decisions (no time in their id) the memory budget let go with credits, within the join
         # window: id -> (credits, rewarded ms, when made: `created_ms`), oldest first, until the window passes them.
         # A copy stored again (its publisher sending again after JetStream's duplicate window) is the same decision:
-        # held without these, a reaction delivered again was learned twice (`Learner.add_logged`). Ours need none:
-        # `evicted_upto_ms` keeps them let go.
+        # held without these, a reaction delivered again was learned twice (`Learner.add_logged`). Ours need none
+        # once a start's read-back of DECISIONS is over (`end_read_back`): `evicted_upto_ms` keeps them let go. During
+        # it (`reading_back`), which holds again what it reads, every decision let go with credits is kept here.
         self.let_go_credited: OrderedDict[str, tuple[dict[str, float], int | None, int]] = OrderedDict()
+        self.reading_back = False
         # The decisions the read-back brought into `replayed` since `mark`, for `added_since`: no walk back to a
         # mark finds them, as `join_replayed` may have put them in front of /score's since. Noted from a mark to
         # the `added_since` after it, or the `unmark` that ends an erasure's look however it ends, and only while
@@ -169,13 +171,19 @@ class JoinCache:
             self.credited.pop(first_id, None)
             if first.credits and not first.logged:
                 self.let_go_unlogged[first_id] = (first.credits, first.rewarded_ms)
-            if first.credits and first.added_ms >= horizon and decision_time_ms(first_id) is None:
+            if first.credits and (self.reading_back or (first.added_ms >= horizon and decision_time_ms(first_id) is None)):
                 self.let_go_credited[first_id] = (first.credits, first.rewarded_ms, created_ms(first_id, first))
             self.bytes -= len(first.data) + ENTRY_OVERHEAD
             self.evicted_upto_ms = max(self.evicted_upto_ms, decision_time_ms(first_id) or first.added_ms)
         let_go = self.let_go_credited
         while let_go and next(iter(let_go.values()))[2] < horizon:
             let_go.popitem(last=False)
+
+    def end_read_back(self) -> None:
+        """A start's read-back of DECISIONS has caught up: ours let go stay let go from now on (`let_go_credited`)."""
+        self.reading_back = False
+        for decision_id in [d for d in self.let_go_credited if decision_time_ms(d) is not None]:
+            del self.let_go_credited[decision_id]
 
     def join_replayed(self) -> None:
         """DECISIONS has been read back to its end after a start: the decisions it brought go in

@@ -254,9 +254,11 @@ class Learner:
                     refusal := served_after_stored(logged.id, timed, stored, self.max_future_ms)) is not None:
                 raise Refused(refusal)
             self.decisions_until_ms = max(self.decisions_until_ms, timed or 0)
-            # Another publisher's that the memory budget let go with credits, stored again: made when first stored.
-            earlier = self.joins.let_go_credited.pop(logged.id, None) if timed is None else None
-            created = timed or (earlier[2] if earlier is not None else stored) or None
+            # Let go with credits, and read again: another publisher's stored again (made when first stored), or any
+            # during a start's read-back, which holds again what it reads (a copy stored twice, the spool's).
+            earlier = self.joins.let_go_credited.pop(logged.id, None)
+            first_stored = earlier[2] if earlier is not None and timed is None else 0
+            created = timed or first_stored or stored or None
             now_ms = int(self.clock() * 1000)
             if self.erasing and self._forgotten(logged.parsed(), created or now_ms):
                 return False
@@ -272,13 +274,13 @@ class Learner:
                 # the start still: its credits are restored then. Not one served since, let go before the re-read
                 # reached it (/score's, served meanwhile, read last): its credits are this run's.
                 # Another tipstream's, never held, has no row yet; one of ours gets this row from its ack too.
-                credits, rewarded_ms = self._restored_credits.pop(logged.id, None) or self.joins.let_go_unlogged.get(
-                    logged.id, (None, None))
+                credits, rewarded_ms = earlier[:2] if earlier is not None else self._restored_credits.pop(
+                    logged.id, None) or self.joins.let_go_unlogged.get(logged.id, (None, None))
                 self.decision_log.mark(tip_score_row(logged.parsed(), logged.data, credits, rewarded_ms))
                 return True
             entry = Entry(logged.data, self.store.positions.get("DECISIONS", 0),
                           min(created, now_ms) if created is not None else now_ms, logged.body,
-                          stored_ms=stored if earlier is None else earlier[2])
+                          stored_ms=first_stored or stored)
             self._adopt_credits(logged.id, entry)
             if earlier is not None:
                 entry.credits, entry.rewarded_ms = earlier[0], earlier[1]
@@ -363,6 +365,7 @@ class Learner:
         if not self.replaying:
             return
         self.replaying = False
+        self.joins.end_read_back()
         self.rows_to_rebuild = False
         self.rows_written_upto = 0  # the start's read-back only: a stream re-created later starts over at 1
         # Those read ahead of FEEDBACK, still behind, wait for it still (`_release_ahead` joins the two then): in the
@@ -781,6 +784,7 @@ class Learner:
         re-read FEEDBACK and DECISIONS from, or None on a first start."""
         rows = saved_rows(engine)
         self.replaying = True  # until the DECISIONS tail says it has caught up (`caught_up`)
+        self.joins.reading_back = True
         # A row cut short or overwritten stops the start with one message naming it and the fixes (each reading
         # below in `reading_learner_row`): it was a ValueError, UnpicklingError or JSONDecodeError traceback.
         if "prior" in rows:

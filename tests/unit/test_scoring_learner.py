@@ -1637,6 +1637,45 @@ def test_a_decision_served_during_a_start_s_read_back_and_let_go_is_not_held_aga
     w.engine.dispose()
 
 
+def test_a_decision_stored_twice_read_again_by_a_start_after_the_budget_let_it_go_keeps_its_credits(
+        tmp_path: Path) -> None:
+    """A start's read-back of DECISIONS holds again what it reads. The first copy of a decision stored twice (the
+    spool's send after JetStream's duplicate window) came back with the snapshot's credits; let go by the budget
+    before the second copy was read, that one was held without them, and a reaction delivered again was learned a
+    second time."""
+    first = World(tmp_path)
+    assert first.learner.restore(first.engine) is None
+    first.learner.caught_up()
+    t0 = first.clock.now
+    decision = first.score()
+    first.learner.published(decision.decision_id)
+    first.sink(_reaction("f-1", decision.decision_id, "a"), _ack(t0, 1))
+    first.store.advance("FEEDBACK", 1)
+    checkpointer = Checkpointer(first.store, SqlCheckpointStore(first.engine), every_events=1, every_s=60,
+                                participants=[first.learner, first.log])
+    first.learner.snapshot_at_next_checkpoint()
+    assert asyncio.run(checkpointer.checkpoint())
+    first.engine.dispose()
+
+    again = World(tmp_path)
+    again.learner.restore(again.engine)
+    large = again.score(tips=tuple(f"t-{n}" for n in range(12)), serve=False)
+    medium = again.score(tips=tuple(f"m-{n}" for n in range(6)), serve=False)
+    # Room for the decision and the large one; the medium one served after makes both go, and leaves room again.
+    again.learner.joins.limit = len(decision.payload) + len(large.payload) + 2 * ENTRY_OVERHEAD
+    again.learner.add_logged(LoggedDecision(decision.decision_id, decision.payload), _decisions_ack(t0 + 1, 1))
+    for served in (large, medium):
+        again.learner.served(served.decision_id, served.payload, served.decision)
+    assert again.learner.joins.get(decision.decision_id) is None
+    again.learner.add_logged(LoggedDecision(decision.decision_id, decision.payload), _decisions_ack(t0 + 2, 4))
+    assert again.learner.joins.get(decision.decision_id).credits == {"a": 1.0}
+    before = outcomes()
+    again.sink(_reaction("f-1", decision.decision_id, "a"), _ack(t0 + 3, 2, delivered=2))
+    assert delta(before) == {"duplicate": 1}
+    assert {v: m.n_learned for v, m in again.lineup.learning} == {"v1": 1, "v2": 1}
+    again.engine.dispose()
+
+
 def test_a_registry_change_cancelled_while_it_is_saved_leaves_memory_as_sql_has_it(world: World) -> None:
     """The transaction runs on in its thread after the request is cancelled (a client gone, a
     shutdown) and commits: memory must follow, or later changes are checked against stale roles."""
