@@ -37,6 +37,9 @@ from streams.scrub import belongs, may_belong, owners, spellings
 # Bytes a cache entry costs beyond its payload, measured with tracemalloc: the entry and its
 # OrderedDict slot 211, the decision id 79, the bytes object's header 33.
 ENTRY_OVERHEAD = 323
+# Budget bytes per decision remembered after it was let go with credits (`JoinCache.let_go_credited`): at ~500
+# bytes each, 4096 holds ~12% of the budget in them.
+LET_GO_BYTES_PER_ENTRY = 4_096
 
 
 @dataclass(slots=True)
@@ -94,6 +97,10 @@ class JoinCache:
         # it (`reading_back`), which holds again what it reads, every decision let go with credits is kept here.
         self.let_go_credited: OrderedDict[str, tuple[dict[str, float], int | None, int]] = OrderedDict()
         self.reading_back = False
+        # At most this many, the oldest going first: ~500 bytes each (tracemalloc), ~12% beside the budget. A window's worth of
+        # another publisher's decisions let go with credits could outgrow the cache itself (3 days at 100 a second,
+        # one in ten rewarded: 2.6 million); one past the bound, stored again, is held as a new decision, as before.
+        self.let_go_max = max(1_000, limit_bytes // LET_GO_BYTES_PER_ENTRY)
         # The decisions the read-back brought into `replayed` since `mark`, for `added_since`: no walk back to a
         # mark finds them, as `join_replayed` may have put them in front of /score's since. Noted from a mark to
         # the `added_since` after it, or the `unmark` that ends an erasure's look however it ends, and only while
@@ -157,6 +164,11 @@ class JoinCache:
         {'other-1': ({'t': 1.0}, None, 5000)}
         >>> joins.evict(horizon=6_000); dict(joins.let_go_credited)  # its window has passed
         {}
+        >>> joins.let_go_max = 1  # past its bound, the oldest goes
+        >>> for n in (1, 2):
+        ...     joins.add(f"other-{n}", Entry(b"{}", n, 7_000 + n, None, credits={"t": 1.0}, stored_ms=7_000 + n))
+        >>> joins.evict(horizon=6_000); list(joins.let_go_credited)
+        ['other-2']
         """
         while True:
             cache = self.replayed or self.cache
@@ -176,7 +188,7 @@ class JoinCache:
             self.bytes -= len(first.data) + ENTRY_OVERHEAD
             self.evicted_upto_ms = max(self.evicted_upto_ms, decision_time_ms(first_id) or first.added_ms)
         let_go = self.let_go_credited
-        while let_go and next(iter(let_go.values()))[2] < horizon:
+        while let_go and (len(let_go) > self.let_go_max or next(iter(let_go.values()))[2] < horizon):
             let_go.popitem(last=False)
 
     def end_read_back(self) -> None:
