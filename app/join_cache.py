@@ -97,9 +97,9 @@ class JoinCache:
         # it (`reading_back`), which holds again what it reads, every decision let go with credits is kept here.
         self.let_go_credited: OrderedDict[str, tuple[dict[str, float], int | None, int]] = OrderedDict()
         self.reading_back = False
-        # At most this many, the oldest going first: ~500 bytes each (tracemalloc), ~12% beside the budget. A window's worth of
-        # another publisher's decisions let go with credits could outgrow the cache itself (3 days at 100 a second,
-        # one in ten rewarded: 2.6 million); one past the bound, stored again, is held as a new decision, as before.
+        # At most this many, the oldest going first: ~500 bytes each (tracemalloc), ~12% beside the budget. A
+        # window's worth of another publisher's decisions let go with credits could outgrow the cache itself (3 days
+        # at 100 a second, one in ten rewarded: 2.6 million); one past the bound, stored again, is held as new.
         self.let_go_max = max(1_000, limit_bytes // LET_GO_BYTES_PER_ENTRY)
         # The decisions the read-back brought into `replayed` since `mark`, for `added_since`: no walk back to a
         # mark finds them, as `join_replayed` may have put them in front of /score's since. Noted from a mark to
@@ -183,7 +183,8 @@ class JoinCache:
             self.credited.pop(first_id, None)
             if first.credits and not first.logged:
                 self.let_go_unlogged[first_id] = (first.credits, first.rewarded_ms)
-            if first.credits and (self.reading_back or (first.added_ms >= horizon and decision_time_ms(first_id) is None)):
+            for_memory = first.added_ms >= horizon
+            if first.credits and (self.reading_back or (for_memory and decision_time_ms(first_id) is None)):
                 self.let_go_credited[first_id] = (first.credits, first.rewarded_ms, created_ms(first_id, first))
             self.bytes -= len(first.data) + ENTRY_OVERHEAD
             self.evicted_upto_ms = max(self.evicted_upto_ms, decision_time_ms(first_id) or first.added_ms)
