@@ -353,8 +353,11 @@ async def let_go(running: Any, decision_id: str) -> None:
     """Serve decisions until the join cache has let `decision_id` go for its memory budget."""
     learner = running.service.learner
     async with httpx.AsyncClient(base_url=running.base_url) as http:
-        while learner.joins.get(decision_id) is not None:
+        for _ in range(100):
+            if learner.joins.get(decision_id) is None:
+                return
             await http.post("/score", json=BODY)
+    raise AssertionError(f"the join cache still holds {decision_id} after 100 decisions served")
 
 
 async def test_a_decision_stored_twice_keeps_its_rewards_in_its_row_after_the_join_cache_let_it_go(
