@@ -11,6 +11,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from app.decision_ids import decision_time_ms
 from streams.log_throttle import LogThrottle
 
 if TYPE_CHECKING:
@@ -55,12 +56,21 @@ def tell_let_go(joins: JoinCache, decision_id: str, created_ms: int, stored_at_m
 
 
 def tell_gave_up(expired: int, max_age_s: float, last: tuple[str, str, str | None] | None) -> None:
-    """Named as the other mistakes are (the last given up on): a count alone left the publisher to find it."""
+    """Named as the other mistakes are (the last given up on): a count alone left the publisher to find it.
+    Feedback for one of our decisions the join cache let go is `expired`, never waits: ours never came. Another
+    publisher's id says nothing of when it was made, so feedback for one let go waits as for one not come, and
+    the learner cannot tell which: the line names both (it said "never came" of a decision the cache let go)."""
     decision_id, tip_id, user_id = last or ("?", "?", None)
+    if decision_time_ms(decision_id) is not None:
+        why = ("never came to DECISIONS within TIPSTREAM_LEARNER_PENDING_MAX_AGE_S (%g s): a decision_id /score did "
+               "not answer")
+    else:
+        why = ("did not come to DECISIONS within TIPSTREAM_LEARNER_PENDING_MAX_AGE_S (%g s), or came before the "
+               "feedback and the join cache let it go (TIPSTREAM_LEARNER_JOIN_CACHE_MB, "
+               "TIPSTREAM_LEARNER_JOIN_WINDOW_S): an id not made by /score does not say when its decision was made, "
+               "so feedback naming it waits")
     _tell("unknown_decision", "%d feedback event(s) gave up waiting for the decisions they name (the last: "
-          "decision %r, tip %r, of user %r), which never came to DECISIONS within "
-          "TIPSTREAM_LEARNER_PENDING_MAX_AGE_S (%g s): a decision_id /score did not answer", expired, decision_id,
-          tip_id, user_id, max_age_s)
+          "decision %r, tip %r, of user %r), which " + why, expired, decision_id, tip_id, user_id, max_age_s)
 
 
 def tell_silences_evicted(evicted: int) -> None:

@@ -294,6 +294,40 @@ def test_feedback_that_gave_up_waiting_is_told_with_the_decision_it_named(
                                "'d-019c5e8a2b10...', tip 'tip-focus-1', of user 'u-42')") in told[0], told
 
 
+def test_the_gave_up_line_says_another_publisher_s_decision_may_have_come_and_been_let_go(
+        world: World, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Feedback for another publisher's decision the join cache had let go waits (its id says not when it was
+    made), and the line said the decision "never came". Of ours, let go, feedback is `expired`: "never came" holds."""
+    import logging
+
+    from app import learner_told
+    from streams.log_throttle import LogThrottle
+
+    def gave_up(decision_id: str) -> str:
+        monkeypatch.setattr(learner_told, "_TOLD", LogThrottle())
+        caplog.clear()
+        world.react(decision_id, "a")
+        world.clock.now += 61  # pending_max_age_s is 60
+        with caplog.at_level(logging.WARNING, logger="tipstream.learner"):
+            world.learner.expire()
+        [told] = [r.getMessage() for r in caplog.records if r.name == "tipstream.learner"]
+        return told
+
+    elsewhere = world.score(serve=False)
+    assert world.learner.add_logged(LoggedDecision("external-1", elsewhere.payload))
+    world.learner.joins.evict(int(world.clock.now * 1000) + 1)  # as the join window's end does
+    assert world.learner.joins.get("external-1") is None
+    told = gave_up("external-1")
+    assert "(the last: decision 'external-1', tip 'a', of user 'u-1'), which did not come to DECISIONS within " \
+           "TIPSTREAM_LEARNER_PENDING_MAX_AGE_S (60 s), or came before the feedback and the join cache let it go " \
+           "(TIPSTREAM_LEARNER_JOIN_CACHE_MB, TIPSTREAM_LEARNER_JOIN_WINDOW_S)" in told, told
+    assert "never came" not in told, told
+    never = world.score(serve=False).decision_id  # served by /score, never published
+    told = gave_up(never)
+    assert f"(the last: decision {never!r}, tip 'a', of user 'u-1'), which never came to DECISIONS within " \
+           "TIPSTREAM_LEARNER_PENDING_MAX_AGE_S (60 s): a decision_id /score did not answer" in told, told
+
+
 def test_a_publisher_s_decision_id_or_feature_name_cannot_forge_log_lines(
         world: World, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """Another publisher's decision (DECISIONS) with CR/LF in its id or a feature's name put them
