@@ -37,8 +37,8 @@ from streams.scrub import belongs, may_belong, owners, spellings
 # Bytes a cache entry costs beyond its payload, measured with tracemalloc: the entry and its
 # OrderedDict slot 211, the decision id 79, the bytes object's header 33.
 ENTRY_OVERHEAD = 323
-# Budget bytes per decision remembered after it was let go with credits (`JoinCache.let_go_credited`): at ~500
-# bytes each, 4096 holds ~12% of the budget in them.
+# Budget bytes per decision remembered after it was let go with credits (`JoinCache.let_go_credited`): at ~620
+# bytes each (~120 of them its users, read off the decision as it goes: ~25 us), 4096 holds ~15% of the budget in them.
 LET_GO_BYTES_PER_ENTRY = 4_096
 
 
@@ -90,14 +90,17 @@ class JoinCache:
         # At most the decisions waiting for JetStream (`TIPSTREAM_DECISION_QUEUE_MAX`).
         self.let_go_unlogged: dict[str, tuple[dict[str, float], int | None]] = {}
         # Another publisher's decisions (no time in their id) the memory budget let go with credits, within the join
-        # window: id -> (credits, rewarded ms, when made: `created_ms`), oldest first, until the window passes them.
+        # window: id -> (credits, rewarded ms, when made: `created_ms`, its users: `owners`), oldest first, until the
+        # window passes them. Their users, for a forget (`decisions_of`): else a copy stored after the request was done
+        # came back with the forgotten user's rewards, in its row with their features as served.
         # A copy stored again (its publisher sending again after JetStream's duplicate window) is the same decision:
         # held without these, a reaction delivered again was learned twice (`Learner.add_logged`). Ours need none
         # once a start's read-back of DECISIONS is over (`end_read_back`): `evicted_upto_ms` keeps them let go. During
         # it (`reading_back`), which holds again what it reads, every decision let go with credits is kept here.
-        self.let_go_credited: OrderedDict[str, tuple[dict[str, float], int | None, int]] = OrderedDict()
+        self.let_go_credited: OrderedDict[str, tuple[dict[str, float], int | None, int, tuple[str, ...]]]
+        self.let_go_credited = OrderedDict()
         self.reading_back = False
-        # At most this many, the oldest going first: ~500 bytes each (tracemalloc), ~12% beside the budget. A
+        # At most this many, the oldest going first: ~620 bytes each (tracemalloc), ~15% beside the budget. A
         # window's worth of another publisher's decisions let go with credits could outgrow the cache itself (3 days
         # at 100 a second, one in ten rewarded: 2.6 million); one past the bound, stored again, is held as new.
         self.let_go_max = max(1_000, limit_bytes // LET_GO_BYTES_PER_ENTRY)
@@ -161,7 +164,7 @@ class JoinCache:
         >>> joins = JoinCache(limit_bytes=0)  # any decision is past the budget
         >>> joins.add("other-1", Entry(b"{}", 1, added_ms=5_000, decision=None, credits={"t": 1.0}, stored_ms=5_000))
         >>> joins.evict(horizon=1_000); dict(joins.let_go_credited)
-        {'other-1': ({'t': 1.0}, None, 5000)}
+        {'other-1': ({'t': 1.0}, None, 5000, ())}
         >>> joins.evict(horizon=6_000); dict(joins.let_go_credited)  # its window has passed
         {}
         >>> joins.let_go_max = 1  # past its bound, the oldest goes
@@ -185,7 +188,8 @@ class JoinCache:
                 self.let_go_unlogged[first_id] = (first.credits, first.rewarded_ms)
             for_memory = first.added_ms >= horizon
             if first.credits and (self.reading_back or (for_memory and decision_time_ms(first_id) is None)):
-                self.let_go_credited[first_id] = (first.credits, first.rewarded_ms, created_ms(first_id, first))
+                self.let_go_credited[first_id] = (first.credits, first.rewarded_ms, created_ms(first_id, first),
+                                                  tuple(owners(first.data)))
             self.bytes -= len(first.data) + ENTRY_OVERHEAD
             self.evicted_upto_ms = max(self.evicted_upto_ms, decision_time_ms(first_id) or first.added_ms)
         let_go = self.let_go_credited
@@ -281,9 +285,9 @@ class JoinCache:
         return examples
 
     async def decisions_of(self, user_id: str, until_ms: int, chunk: int) -> list[str]:
-        """The ids of `user_id`'s decisions held, made until `until_ms`, looked over `chunk` at a time, the
-        event loop running between (`Learner.FORGET_SCAN_CHUNK`; a full cache, ~100,000 decisions, is
-        ~330 ms of matching)."""
+        """The ids of `user_id`'s decisions held (or let go with credits), made until `until_ms`, looked over
+        `chunk` at a time, the event loop running between (`Learner.FORGET_SCAN_CHUNK`; a full cache, ~100,000
+        decisions, is ~330 ms of matching)."""
         # Matched as the log's messages are (`streams.scrub.belongs`: another publisher's JSON may spell
         # the id with escapes, "zo\u00eb").
         users = frozenset((user_id,))
@@ -295,6 +299,12 @@ class JoinCache:
                 theirs += [decision_id for decision_id, entry in held[start : start + chunk]
                            if belongs(entry.data, users, spelt) and created_ms(decision_id, entry) <= until_ms]
                 await asyncio.sleep(0)
+        # And those let go with credits (`let_go_credited`): a copy stored again comes back with them.
+        let_go = list(self.let_go_credited.items())
+        for start in range(0, len(let_go), chunk):
+            theirs += [decision_id for decision_id, (_, _, made_ms, users_of) in let_go[start : start + chunk]
+                       if user_id in users_of and made_ms <= until_ms]
+            await asyncio.sleep(0)
         return theirs
 
     def mark(self) -> str | None:
@@ -347,12 +357,13 @@ class JoinCache:
 
     def drop(self, decision_ids: list[str]) -> tuple[set[str], set[str]]:
         """Let go of these (a forgotten user's), those still held: the ids that went, and those of them
-        that held credits."""
+        that held credits, or were let go with credits before (`let_go_credited`)."""
         gone: set[str] = set()
         credited: set[str] = set()
         for decision_id in decision_ids:  # the cache may have let some go meanwhile
             self.let_go_unlogged.pop(decision_id, None)
-            self.let_go_credited.pop(decision_id, None)
+            if self.let_go_credited.pop(decision_id, None) is not None:
+                credited.add(decision_id)  # the credit log holds them too
             if decision_id in self.ahead:
                 entry = self.ahead.pop(decision_id)
                 self.ahead_bytes -= len(entry.data) + ENTRY_OVERHEAD

@@ -2321,6 +2321,31 @@ def test_forgetting_a_user_drops_their_decisions_waiting_reactions_and_own_featu
     assert delta(before) == {"credited": 1}
 
 
+def test_a_forgotten_user_s_decision_the_join_cache_let_go_with_credits_comes_back_without_them(world: World) -> None:
+    """Another publisher's decision the memory budget let go with credits is remembered (`let_go_credited`), so a copy
+    stored again is held with them. The forget looked over the decisions held only: a copy stored after the request
+    was done came back with the forgotten user's rewards, its tip_scores row written with them and the decision's
+    body (their features as served), and the credit log kept them for the join window."""
+    payload = orjson.dumps({**orjson.loads(world.score(user="u-1", serve=False).payload), "id": "external-1"})
+    assert world.learner.add_logged(LoggedDecision("external-1", payload))
+    world.react("external-1", "a", user="u-1")
+    world.learner.joins.limit = 0  # the memory budget lets it go
+    world.learner.joins.evict(0)
+    assert world.learner.joins.get("external-1") is None and "external-1" in world.learner.joins.let_go_credited
+    world.learner.joins.limit = 64 << 20
+    world.log.dirty.clear()
+    at_ms = int(time.time() * 1000) + 1
+    forget(world.learner, "u-1", at_ms)
+    assert "external-1" not in world.learner.joins.let_go_credited
+    assert "external-1" in world.learner.snapshot(force=True)["forgotten_credits"]
+    del world.learner.erasing["u-1"]  # the request is done: the user may come back
+    before = outcomes()
+    assert world.learner.add_logged(LoggedDecision("external-1", payload))  # its publisher sends it again
+    assert world.log.dirty["external-1"]["rewards"] is None and world.log.dirty["external-1"]["decision"] is None
+    world.react("external-1", "a", user="u-1")
+    assert delta(before) == {"credited": 1}, "a new decision of the user come back"
+
+
 @pytest.mark.parametrize("caught_up", [False, True], ids=["reading-back", "caught-up-meanwhile"])
 def test_a_decision_read_back_while_a_forget_looks_over_the_join_cache_goes_with_the_user(
         tmp_path: Path, caught_up: bool) -> None:
