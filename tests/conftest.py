@@ -414,6 +414,10 @@ class RunningService:
         await self.task
 
 
+# How long `serve_in_process` gives the service to start: imports, migrations and streams, on a machine the suite shares.
+IN_PROCESS_START_S = 20.0
+
+
 async def serve_in_process(**values: Any) -> RunningService:
     """The whole service with these settings, started in this process and served over real HTTP by
     uvicorn on a free port (`RunningService.stop` stops it)."""
@@ -426,7 +430,7 @@ async def serve_in_process(**values: Any) -> RunningService:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning"))
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # leave Ctrl-C to pytest
     task = asyncio.create_task(served(server))
-    await eventually(lambda: server.started or task.done(), timeout=20)
+    await eventually(lambda: server.started or task.done(), timeout=IN_PROCESS_START_S)
     if task.done():
         task.result()
     return RunningService(app, server, task)
