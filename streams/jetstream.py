@@ -270,17 +270,17 @@ CONFIG_ONLY_TRIES = 5
 CONFIG_ONLY_PAUSE_S = 0.2
 
 
-async def consumer_info_told(js: JetStreamContext, stream: str, consumer: str) -> Any:
+async def consumer_info_told(js: JetStreamContext, stream: str, consumer: str) -> Any | None:
     """The consumer's info, asked again while a cluster node without its copy answers for it (up to CONFIG_ONLY_TRIES,
-    CONFIG_ONLY_PAUSE_S apart): the last answer, which may still be such a one (`knows_nothing_of_the_consumer`).
-    Raises what `consumer_info` raises (NotFoundError: no such consumer)."""
-    server_info = js._nc._server_info
-    for _ in range(CONFIG_ONLY_TRIES - 1):
+    CONFIG_ONLY_PAUSE_S apart), or None if every answer was such a one (`knows_nothing_of_the_consumer`): its
+    counts unknown. Raises what `consumer_info` raises (NotFoundError: no such consumer)."""
+    for tried in range(1, CONFIG_ONLY_TRIES + 1):
         info = await js.consumer_info(stream, consumer)
-        if not knows_nothing_of_the_consumer(info, server_info):
+        if not knows_nothing_of_the_consumer(info, js._nc._server_info):
             return info
-        await asyncio.sleep(CONFIG_ONLY_PAUSE_S)
-    return await js.consumer_info(stream, consumer)
+        if tried < CONFIG_ONLY_TRIES:
+            await asyncio.sleep(CONFIG_ONLY_PAUSE_S)
+    return None
 
 
 def stream_changes(current: Any, wanted: Any) -> list[str]:
@@ -428,7 +428,7 @@ async def read_by_another(js: JetStreamContext, streams: Iterable[str],
                 info = await consumer_info_told(js, stream, durable_of(stream))
             except NotFoundError:
                 continue
-            if knows_nothing_of_the_consumer(info, js._nc._server_info):
+            if info is None:
                 unknown.add(stream)
             else:
                 found[stream] = info

@@ -65,7 +65,6 @@ from streams.jetstream import (
     DLQ_STREAM,
     DLQ_TRUNCATED,
     consumer_info_told,
-    knows_nothing_of_the_consumer,
 )
 from streams.pull import PENDING_HEADER, Detached
 
@@ -489,7 +488,7 @@ class _Reader:
         except Exception as e:  # noqa: BLE001 - whatever it was, reading again from where we are is safe
             self._finish(self._resume_at(), f"the consumer could not be looked up ({e!r})")
             return
-        if knows_nothing_of_the_consumer(info, self.nc._server_info):
+        if info is None:
             # Its counts of 0 would end the pass as read through, the user's messages past here kept. The scrub's
             # consumer has one copy, which nats-server 2.15 answers from itself: never seen so far.
             self._fail(ScrubError(
