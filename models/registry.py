@@ -444,6 +444,15 @@ def escaped(text: str) -> str:
     return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def _whole(count: Any) -> str:
+    """A count as the CLI's summary writes it, with thousands marks (`tipstream models evaluate`).
+
+    >>> _whole(12345), _whole(7), _whole(None)
+    ('12,345', '7', 'n/a')
+    """
+    return f"{count:,}" if isinstance(count, int) and not isinstance(count, bool) else _fmt(count)
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "n/a"
@@ -485,7 +494,7 @@ def _policy_value_lines(report: dict[str, Any] | None, version: str) -> list[str
     unweighed = report.get("skipped_without_propensity")
     # Said on the card: a log whose decisions were all logged without a usable propensity showed no section at
     # all, as if the version had never served, and one with some showed estimates over fewer without a word.
-    left_out = [(f"{unweighed} of the log's decisions (any version's) were left out of every estimate: logged "
+    left_out = [(f"{_whole(unweighed)} of the log's decisions (any version's) were left out of every estimate: logged "
                  "without a usable propensity (none, 0, above 1, or too small for its inverse to be a number), they "
                  "can weigh nothing (`skipped_without_propensity`).")] if unweighed else []
     if not ({"as_champion", "as_shadow"} & report.keys()):
@@ -511,9 +520,9 @@ def _policy_value_lines(report: dict[str, Any] | None, version: str) -> list[str
         part = report.get(f"as_{role}")
         if part:
             value, baseline = part.get(key) or {}, part.get("champion_greedy")
-            lines.append(f"| {role} | {part.get('decisions')} | {_fmt(part.get('logged_reward'))} | "
-                         f"{_fmt(value.get('snips'))} | {_fmt_interval(value.get('ci95'))} | {value.get('agreed')} | "
-                         f"{_fmt(value.get('effective_n'))} | {_fmt(value.get('skipped_unsupported'))} | "
+            lines.append(f"| {role} | {_whole(part.get('decisions'))} | {_fmt(part.get('logged_reward'))} | "
+                         f"{_fmt(value.get('snips'))} | {_fmt_interval(value.get('ci95'))} | {_whole(value.get('agreed'))} | "
+                         f"{_fmt(value.get('effective_n'))} | {_whole(value.get('skipped_unsupported'))} | "
                          f"{_baseline(baseline)} |")
     if left_out:
         lines += ["", *left_out]
@@ -535,7 +544,7 @@ def thompson_caveat(report: dict[str, Any]) -> str | None:
     under = shadow.get("served_under_thompson")
     if not under:
         return None
-    return (f"As shadow, {under} of its {shadow.get('decisions')} decisions were served by Thompson sampling: there, its "
+    return (f"As shadow, {_whole(under)} of its {_whole(shadow.get('decisions'))} decisions were served by Thompson sampling: there, its "
             "choices that the champion and the popularity prior disfavour come first at propensities near 0, and its "
             "estimate leans towards the champion's, beyond its interval. Compare shadows while serving with "
             'epsilon-greedy (docs/learning.md, "Policy value").')
@@ -552,7 +561,7 @@ def _baseline(estimate: dict[str, Any] | None) -> str:
     if not estimate:
         return "-"
     interval = f" {_fmt_interval(estimate['ci95'])}" if estimate.get("ci95") else ""
-    return f"{_fmt(estimate.get('snips'))}{interval} (agreed {estimate.get('agreed')})"
+    return f"{_fmt(estimate.get('snips'))}{interval} (agreed {_whole(estimate.get('agreed'))})"
 
 
 # `soft_rewards_learned` on a card: how its model learned a reward between 0 and 1 (`TipModel.soft_labels`).

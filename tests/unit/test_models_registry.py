@@ -393,7 +393,7 @@ def test_decisions_without_a_usable_propensity_are_counted_on_the_card_and_in_th
 
 def test_the_summary_counts_of_a_large_log_carry_a_thousands_mark() -> None:
     """The CLI's summary counted with its own copy of `counted`, without the thousands' mark the log lines have:
-    'over 12345 rewards' beside a log line's '12,345'."""
+    'over 12345 rewards' beside a log line's '12,345'; the card's policy value table wrote 'agreed 1234' after that."""
     from app.models_cli import _card_summary
 
     card = ModelCard.from_dict({"offline_metrics": {"n": 12_345, "positives": 6_000, "policy_value": {
@@ -403,6 +403,9 @@ def test_the_summary_counts_of_a_large_log_carry_a_thousands_mark() -> None:
     assert "v9: progressive validation over 12,345 rewards (" in summary, summary
     assert "as champion, over 1,234 rewarded decisions (" in summary, summary
     assert "policy value: 2,000 decisions of the log left out" in summary, summary
+    markdown = card_markdown(ModelVersion("v9", "logreg", {}, [], T0, card), "champion")
+    assert "| champion | 1,234 | 0.5 | 0.5 | n/a | 1,234 |" in markdown, markdown
+    assert "2,000 of the log's decisions (any version's) were left out" in markdown, markdown
 
 
 def test_a_card_evaluated_before_the_version_shadowed_any_rewarded_decision_says_why_it_has_no_policy_value() -> None:
