@@ -19,6 +19,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from app import db
 from app.credit_log import ROW_PREFIX as CREDITS_ROW
+from app.credit_log import without
 from app.decision_ids import decision_time_ms
 from app.registry_store import write_models
 from app.start_errors import UnreadableLearnerState, reading_learner_row
@@ -201,13 +202,13 @@ def _delete_credits(conn: Connection, decision_ids: set[str]) -> None:
         try:
             with reading_learner_row(name):
                 credits = orjson.loads(bytes(data))
-                kept = {decision_id: held for decision_id, held in credits.items() if decision_id not in decision_ids}
+                kept = without(credits, decision_ids)  # their users' index too (`credit_log.USERS`)
         except UnreadableLearnerState as error:
             # Raised, it failed this checkpoint and every one after it (their users' request kept it in each): no
             # state or position was saved again. Left as it is, the next start stops on it, naming it as here.
             log.error("%s The forgotten users' decisions in it could not be taken out; the checkpoint goes on.", error)
             continue
-        if len(kept) == len(credits):
+        if kept is credits:
             continue
         if kept:
             conn.execute(update(table).where(table.c.name == name).values(state=orjson.dumps(kept)))

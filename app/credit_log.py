@@ -11,24 +11,32 @@ epoch>`), holding each decision credited in that minute with all its credits so 
 snapshot writes the rows of the minutes since the last one known to be saved, and deletes
 those older than the join window. Read back in order, a decision's newest row wins.
 
+Each decision's users (its payload's, `streams.scrub.owners`) are saved with its credits, under the row's key
+`""` (`USERS`), which no decision id is: a start restores credits until their decision is read back, and a user
+forgotten meanwhile must take theirs with them (`Learner.forget_user`). Kept apart from the decisions' entries,
+which stay `[credits, rewarded ms]`, so that a release from before (2026-12-08) still reads the row: it takes the
+index for one more decision, which none ever names, where a third item in each entry stopped its start.
+
 >>> log = CreditLog()
->>> log.credit("d-1", {"tip-1": 1.0}, 1_000, now_ms=120_500)
+>>> log.credit("d-1", {"tip-1": 1.0}, 1_000, now_ms=120_500, users=("u-1",))
 >>> log.changes(gen=1)
-{'credits:2': b'{"d-1":[{"tip-1":1.0},1000]}'}
->>> log.credit("d-1", {"tip-1": 1.0, "tip-2": 0.3}, 2_000, now_ms=185_000)
+{'credits:2': b'{"d-1":[{"tip-1":1.0},1000],"":[{"d-1":["u-1"]},null]}'}
+>>> log.credit("d-1", {"tip-1": 1.0, "tip-2": 0.3}, 2_000, now_ms=185_000, users=("u-1",))
 >>> log.confirmed(1); log.changes(gen=2)
-{'credits:3': b'{"d-1":[{"tip-1":1.0,"tip-2":0.3},2000]}'}
->>> CreditLog().load({"credits:3": b'{"d-1":[{"tip-1":1.0,"tip-2":0.3},2000]}',
+{'credits:3': b'{"d-1":[{"tip-1":1.0,"tip-2":0.3},2000],"":[{"d-1":["u-1"]},null]}'}
+>>> CreditLog().load({"credits:3": b'{"d-1":[{"tip-1":1.0,"tip-2":0.3},2000],"":[{"d-1":["u-1"]},null]}',
 ...                   "credits:2": b'{"d-1":[{"tip-1":1.0},1000]}'})
-{'d-1': ({'tip-1': 1.0, 'tip-2': 0.3}, 2000)}
+{'d-1': ({'tip-1': 1.0, 'tip-2': 0.3}, 2000, ('u-1',))}
 >>> log.drop_before(180_000)  # minute 2 is out of the join window; gen 2 is not confirmed yet
 >>> log.changes(gen=3)
-{'credits:2': None, 'credits:3': b'{"d-1":[{"tip-1":1.0,"tip-2":0.3},2000]}'}
+{'credits:2': None, 'credits:3': b'{"d-1":[{"tip-1":1.0,"tip-2":0.3},2000],"":[{"d-1":["u-1"]},null]}'}
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Collection
+from typing import Any
 
 import orjson
 
@@ -36,7 +44,13 @@ from app.start_errors import reading_learner_row
 
 MINUTE_MS = 60_000
 ROW_PREFIX = "credits:"
+# A row's key for its decisions' users: {decision id: [user ids]}, as the entry [index, null] (see the docstring).
+USERS = ""
 Credits = tuple[dict[str, float], int | None]
+# Also the decision's users; None: not known, saved by a release from before they were (2026-12-08), or in the
+# learner's own row before the credit log. A forget cannot tell those are its user's: they stay, and a copy of the
+# decision read back after it gets them back, until the join window passes them.
+Restored = tuple[dict[str, float], int | None, tuple[str, ...] | None]
 
 
 class CreditLog:
@@ -44,6 +58,7 @@ class CreditLog:
 
     def __init__(self) -> None:
         self._open: dict[int, dict[str, list]] = {}  # minute -> {decision id: [credits, rewarded ms]}
+        self._users: dict[int, dict[str, list[str]]] = {}  # minute -> {decision id: its users}, those known
         # Minutes with a row (or about to have one), oldest first: minutes only grow, and the oldest
         # leave first, which an OrderedDict does in O(1) (a dict would rescan its deleted slots).
         self._rows: OrderedDict[int, None] = OrderedDict()
@@ -58,10 +73,15 @@ class CreditLog:
         # last asked for them to go (None: none yet): asked again until one is confirmed.
         self._forgotten: dict[str, int | None] = {}
 
-    def credit(self, decision_id: str, credits: dict[str, float], rewarded_ms: int | None, now_ms: int) -> None:
-        """Record all of a decision's credits so far, given at `now_ms`."""
+    def credit(self, decision_id: str, credits: dict[str, float], rewarded_ms: int | None, now_ms: int, *,
+               users: Collection[str] | None) -> None:
+        """Record all of a decision's credits so far, given at `now_ms`, and its users (None: not known)."""
         minute = self._newest = max(now_ms // MINUTE_MS, self._newest)
         self._open.setdefault(minute, {})[decision_id] = [credits, rewarded_ms]
+        if users is not None:
+            self._users.setdefault(minute, {})[decision_id] = sorted(users)
+        elif minute in self._users:
+            self._users[minute].pop(decision_id, None)
         self._rows[minute] = None
         self._dirty.add(minute)
 
@@ -70,8 +90,8 @@ class CreditLog:
         from the rows saved, closed ones too, by the next snapshot (`forgotten`).
 
         >>> log = CreditLog()
-        >>> log.credit("d-1", {"tip-1": 1.0}, 1_000, now_ms=120_500)
-        >>> log.credit("d-2", {"tip-1": 0.0}, 1_000, now_ms=120_600)
+        >>> log.credit("d-1", {"tip-1": 1.0}, 1_000, now_ms=120_500, users=("u-1",))
+        >>> log.credit("d-2", {"tip-1": 0.0}, 1_000, now_ms=120_600, users=None)
         >>> log.forget({"d-1"}); log.changes(gen=1), log.forgotten(gen=1)
         ({'credits:2': b'{"d-2":[{"tip-1":0.0},1000]}'}, ['d-1'])
         >>> log.confirmed(1); log.forgotten(gen=2)
@@ -79,8 +99,10 @@ class CreditLog:
         """
         for minute, credits in self._open.items():
             if not credits.keys().isdisjoint(decision_ids):
+                users = self._users.get(minute, {})
                 for decision_id in decision_ids:
                     credits.pop(decision_id, None)
+                    users.pop(decision_id, None)
                 self._dirty.add(minute)
         self._forgotten.update(dict.fromkeys(decision_ids))
 
@@ -96,6 +118,7 @@ class CreditLog:
         while rows and (next(iter(rows)) + 1) * MINUTE_MS <= ms:
             minute, _ = rows.popitem(last=False)
             self._open.pop(minute, None)
+            self._users.pop(minute, None)
             self._dirty.add(minute)
 
     def changes(self, gen: int) -> dict[str, bytes | None]:
@@ -106,8 +129,8 @@ class CreditLog:
         if minutes:
             self._unconfirmed_gen, self._unconfirmed = gen, minutes
         # A minute emptied (`forget`) goes: a row of no credits would stay until the window passed it.
-        return {f"{ROW_PREFIX}{m}": orjson.dumps(self._open[m]) if m in self._rows and self._open.get(m) else None
-                for m in sorted(minutes)}
+        return {f"{ROW_PREFIX}{m}": orjson.dumps(row(self._open[m], self._users.get(m)))
+                if m in self._rows and self._open.get(m) else None for m in sorted(minutes)}
 
     def confirmed(self, gen: int) -> None:
         """Snapshot `gen` is saved, and with it the minutes of those before it: past minutes saved
@@ -119,17 +142,55 @@ class CreditLog:
         keep = self._dirty | self._unconfirmed
         for minute in [m for m in self._open if m != self._newest and m not in keep]:
             del self._open[minute]
+            self._users.pop(minute, None)
 
-    def load(self, rows: dict[str, bytes]) -> dict[str, Credits]:
+    def load(self, rows: dict[str, bytes]) -> dict[str, Restored]:
         """Read the `credits:<minute>` rows of `learner_state` (others are ignored): each decision's
-        credits, from the newest row it is in. Credits given from now on go to a later minute."""
+        credits and users, from the newest row it is in. Credits given from now on go to a later minute."""
         minutes = sorted((int(name[len(ROW_PREFIX):]), data) for name, data in rows.items()
                          if name.startswith(ROW_PREFIX))
-        credits: dict[str, Credits] = {}
+        credits: dict[str, Restored] = {}
         for minute, data in minutes:
             with reading_learner_row(f"{ROW_PREFIX}{minute}"):  # a traceback named neither the row nor a fix
-                for decision_id, (rewards, rewarded_ms) in orjson.loads(data).items():
-                    credits[decision_id] = (rewards, rewarded_ms)
+                entries, users = split_row(orjson.loads(data))
+                for decision_id, (rewards, rewarded_ms) in entries.items():
+                    known = users.get(decision_id)
+                    credits[decision_id] = (rewards, rewarded_ms, tuple(known) if known is not None else None)
             self._rows[minute] = None
             self._newest = max(self._newest, minute + 1)
         return credits
+
+
+def row(entries: dict[str, list], users: dict[str, list[str]] | None) -> dict[str, Any]:
+    """A minute's row: its decisions' entries, and the users of those known (`USERS`).
+
+    >>> row({"d-1": [{"a": 1.0}, None], "d-2": [{"a": 0.0}, None]}, {"d-1": ["u-1"], "gone": ["u-2"]})
+    {'d-1': [{'a': 1.0}, None], 'd-2': [{'a': 0.0}, None], '': [{'d-1': ['u-1']}, None]}
+    """
+    known = {decision_id: users[decision_id] for decision_id in entries if decision_id in users} if users else {}
+    return {**entries, USERS: [known, None]} if known else entries
+
+
+def split_row(saved: dict[str, Any]) -> tuple[dict[str, list], dict[str, list[str]]]:
+    """A row read back: its decisions' entries, and their users known (none in a row saved before they were).
+
+    >>> split_row({"d-1": [{"a": 1.0}, None], "": [{"d-1": ["u-1"]}, None]}), split_row({"d-1": [{"a": 1.0}, None]})
+    (({'d-1': [{'a': 1.0}, None]}, {'d-1': ['u-1']}), ({'d-1': [{'a': 1.0}, None]}, {}))
+    """
+    index = saved.pop(USERS, None)
+    return saved, (index[0] if index else {})
+
+
+def without(saved: dict[str, Any], decision_ids: Collection[str]) -> dict[str, Any] | None:
+    """A row read back, rid of `decision_ids` (forgotten users' decisions), their users too; None when no decision
+    is left (the row goes); `saved` itself when it held none of them.
+
+    >>> saved = {"d-1": [{"a": 1.0}, None], "d-2": [{"a": 0.0}, None], "": [{"d-1": ["u-1"], "d-2": ["u-2"]}, None]}
+    >>> without(saved, {"d-1"}), without(saved, {"d-1", "d-2"}), without(saved, {"d-3"}) is saved
+    ({'d-2': [{'a': 0.0}, None], '': [{'d-2': ['u-2']}, None]}, None, True)
+    """
+    if saved.keys().isdisjoint(decision_ids):
+        return saved
+    entries, users = split_row(dict(saved))
+    kept = {decision_id: entry for decision_id, entry in entries.items() if decision_id not in decision_ids}
+    return row(kept, users) if kept else None

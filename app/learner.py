@@ -54,7 +54,7 @@ import orjson
 from sqlalchemy.engine import Engine
 
 from app.checkpoint_rows import write_learner_state
-from app.credit_log import CreditLog
+from app.credit_log import CreditLog, Restored
 from app.decision_ids import decision_time_ms
 from app.decisions import LoggedDecision, TipScoresLog, learning_input, served_after_stored, tip_score_row
 from app.evaluation import TrainedOn
@@ -138,8 +138,9 @@ class Learner:
         self._due: list[tuple[int, int, str]] = []
         self._due_seq = 0
         self._feedback_seen_ms = 0  # the stored time of the newest feedback the learner has seen
-        # Credits restored at the start (their rows stay), until their decision is served or re-read.
-        self._restored_credits: dict[str, tuple[dict[str, float], int | None]] = {}
+        # Credits restored at the start (their rows stay), until their decision is served or re-read; with the
+        # decision's users, for a forget meanwhile (`forget_user`).
+        self._restored_credits: dict[str, Restored] = {}
         self.credit_log = CreditLog()  # what the snapshots save of the credits: the new ones
         self.credited = 0
         self.model_learning = ModelLearning()
@@ -274,8 +275,9 @@ class Learner:
                 # the start still: its credits are restored then. Not one served since, let go before the re-read
                 # reached it (/score's, served meanwhile, read last): its credits are this run's.
                 # Another tipstream's, never held, has no row yet; one of ours gets this row from its ack too.
-                credits, rewarded_ms = earlier[:2] if earlier is not None else self._restored_credits.pop(
-                    logged.id, None) or self.joins.let_go_unlogged.get(logged.id, (None, None))
+                restored = self._restored_credits.pop(logged.id, None)
+                credits, rewarded_ms = (earlier[:2] if earlier is not None else restored[:2] if restored is not None
+                                        else self.joins.let_go_unlogged.get(logged.id, (None, None)))
                 self.decision_log.mark(tip_score_row(logged.parsed(), logged.data, credits, rewarded_ms))
                 return True
             entry = Entry(logged.data, self.store.positions.get("DECISIONS", 0),
@@ -350,14 +352,15 @@ class Learner:
         its feedback could be credited before JetStream ever acknowledged it."""
         credits = self._restored_credits.pop(decision_id, None)
         if credits is not None:
-            entry.credits, entry.rewarded_ms = credits
+            entry.credits, entry.rewarded_ms, users = credits
             self.joins.note_credited(decision_id, entry)
             if decision_time_ms(decision_id) is None:
                 # No time in its id: held for a window from when JetStream stored it, or from now
                 # when that is not known (`add_logged`), so its credits are saved again now, else
                 # they could leave with the minute they were given in while it is held, and the
                 # next start would read it back without them.
-                self.credit_log.credit(decision_id, entry.credits, entry.rewarded_ms, int(self.clock() * 1000))
+                self.credit_log.credit(decision_id, entry.credits, entry.rewarded_ms, int(self.clock() * 1000),
+                                       users=users)
 
     def caught_up(self) -> None:
         """DECISIONS has been read back to its end after a start: the decisions it brought go in
@@ -467,8 +470,16 @@ class Learner:
         self._changed = True
         self.snapshot_at_next_checkpoint()
         gone, credited = self.joins.drop(theirs)
+        # The credits a start restored for their decisions not served or read back yet, held by no cache looked
+        # over: a copy stored again after the request was done (its publisher sending again) came back with their
+        # rewards. All made before this start, so before `at_ms`. Those saved without their users (by a release
+        # from before they were) cannot be told theirs, and stay (`credit_log.Restored`).
+        restored = [decision_id for decision_id, (_, _, users) in self._restored_credits.items()
+                    if users is not None and user_id in users]
+        for decision_id in restored:
+            del self._restored_credits[decision_id]
         # What their reactions credited, saved by the minute for the join window (`credit_log`).
-        self.credit_log.forget(credited)
+        self.credit_log.forget(credited.union(restored))
         if self.silences is not None:
             self.silences.drop(gone)
         return len(gone)
@@ -693,7 +704,10 @@ class Learner:
         entry.credits = {**(entry.credits or {}), tip_id: reward}
         entry.rewarded_ms = rewarded_ms
         self.joins.note_credited(decision_id, entry)
-        self.credit_log.credit(decision_id, entry.credits, entry.rewarded_ms, int(self.clock() * 1000))
+        # Its users saved with its credits: a start restores them until the decision is read back, and a forget
+        # meanwhile finds theirs by them (`forget_user`).
+        self.credit_log.credit(decision_id, entry.credits, entry.rewarded_ms, int(self.clock() * 1000),
+                               users=(decision["user_id"],))
         if entry.logged:
             entry.decision = decision
             self._mark_row(entry)
@@ -807,8 +821,8 @@ class Learner:
         if "credits" in state:  # a snapshot from before the credit log held them all itself
             now_ms = int(self.clock() * 1000)
             for decision_id, (rewards, rewarded_ms) in state["credits"].items():
-                credits[decision_id] = (rewards, rewarded_ms)
-                self.credit_log.credit(decision_id, rewards, rewarded_ms, now_ms)  # saved the new way next
+                credits[decision_id] = (rewards, rewarded_ms, None)  # their users not saved then
+                self.credit_log.credit(decision_id, rewards, rewarded_ms, now_ms, users=None)  # saved the new way next
         self._restored_credits = {d: c for d, c in credits.items()
                                   if self.rows_to_rebuild or (decision_time_ms(d) or horizon) >= horizon}
         # Waiting feedback waits afresh, else time spent stopped would give up on it before DECISIONS

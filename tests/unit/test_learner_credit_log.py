@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from app import db, scoring
 from app.checkpoints import Checkpointer, SqlCheckpointStore
-from app.credit_log import MINUTE_MS, CreditLog
+from app.credit_log import MINUTE_MS, CreditLog, split_row
 from app.decisions import LoggedDecision
 from app.ingest import ReadUpTo
 from streams.events import parse_event
@@ -46,11 +46,38 @@ def rewarded(world: World, minutes_apart: float = 1.0) -> Any:
     return scored
 
 
+def external_rewarded(world: World) -> LoggedDecision:
+    """Another publisher's decision (no time in its id) of "u-1", read back from DECISIONS and rewarded ("a"
+    acted), then a checkpoint."""
+    body = orjson.loads(world.score(serve=False).payload) | {"id": "external-1"}
+    logged = LoggedDecision("external-1", orjson.dumps(body))
+    world.learner.add_logged(logged)
+    world.store.advance("DECISIONS", 1)
+    world.react("external-1", "a")
+    world.learner.feedback_read.advance(int(world.clock.now * 1000), caught_up=True)
+    checkpoint(world)
+    return logged
+
+
 def credit_rows(engine: sa.Engine) -> dict[str, dict[str, Any]]:
+    """Each minute's row: its decisions' credits (their users apart: `saved_users`)."""
     table = db.learner_state
     with engine.connect() as conn:
         rows = conn.execute(sa.select(table.c.name, table.c.state).where(table.c.name.like("credits:%")))
-        return {name: orjson.loads(bytes(state)) for name, state in rows}
+        return {name: split_row(orjson.loads(bytes(state)))[0] for name, state in rows}
+
+
+def saved_users(engine: sa.Engine) -> dict[str, list[str]]:
+    """The users saved with the credits, by decision."""
+    table = db.learner_state
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(table.c.state).where(table.c.name.like("credits:%"))).scalars()
+        return {d: users for state in rows for d, users in split_row(orjson.loads(bytes(state)))[1].items()}
+
+
+def decisions(row: bytes) -> set[str]:
+    """The decisions a row written holds credits of."""
+    return set(split_row(orjson.loads(row))[0])
 
 
 def sent_again(world: World, decisions: list[Any]) -> dict[str, float]:
@@ -72,7 +99,7 @@ def test_a_snapshot_writes_the_credits_since_the_last_one_saved_and_a_restart_fi
     assert sum(len(row) for row in credit_rows(world.engine).values()) == 40
     latest = rewarded(world)
     snapshot = world.learner.snapshot()
-    assert [set(orjson.loads(data)) for data in snapshot["credits"].values()] == [{latest.decision_id}]
+    assert [decisions(data) for data in snapshot["credits"].values()] == [{latest.decision_id}]
     with world.engine.begin() as conn:
         world.learner.write(conn, snapshot)
     world.learner.saved(snapshot)
@@ -94,7 +121,7 @@ def test_a_failed_snapshot_s_credits_are_written_by_the_next(tmp_path: Path) -> 
     assert world.learner.snapshot()["credits"]  # its transaction fails: never `saved`
     second = rewarded(world, minutes_apart=5)
     retried = world.learner.snapshot()
-    assert {d for data in retried["credits"].values() for d in orjson.loads(data)} == {
+    assert {d for data in retried["credits"].values() for d in decisions(data)} == {
         first.decision_id, second.decision_id}
     with world.engine.begin() as conn:
         world.learner.write(conn, retried)
@@ -131,7 +158,7 @@ def test_a_snapshot_from_before_the_credit_log_is_read_and_saved_as_rows(tmp_pat
     checkpoint(world)
     table = db.learner_state
     with world.engine.begin() as conn:
-        [credits] = [orjson.loads(bytes(s)) for s in conn.execute(
+        [credits] = [split_row(orjson.loads(bytes(s)))[0] for s in conn.execute(
             sa.select(table.c.state).where(table.c.name.like("credits:%"))).scalars()]
         state = orjson.loads(bytes(conn.execute(sa.select(table.c.state).where(table.c.name == "learner")).scalar_one()))
         conn.execute(sa.delete(table).where(table.c.name.like("credits:%")))
@@ -143,7 +170,7 @@ def test_a_snapshot_from_before_the_credit_log_is_read_and_saved_as_rows(tmp_pat
     again.learner.restore(again.engine)
     assert sent_again(again, [scored]) == {"duplicate": 1}
     snapshot = again.learner.snapshot(force=True)
-    assert [set(orjson.loads(data)) for data in snapshot["credits"].values()] == [{scored.decision_id}]
+    assert [decisions(data) for data in snapshot["credits"].values()] == [{scored.decision_id}]
     world.engine.dispose()
     again.engine.dispose()
 
@@ -154,7 +181,7 @@ def test_failed_snapshots_in_a_row_keep_one_set_of_minutes_to_write_again() -> N
     (quadratic memory, and as much work for each snapshot)."""
     log = CreditLog()
     for minute in range(200):
-        log.credit(f"d-{minute}", {"a": 1.0}, None, now_ms=minute * MINUTE_MS)
+        log.credit(f"d-{minute}", {"a": 1.0}, None, now_ms=minute * MINUTE_MS, users=("u-1",))
         written = log.changes(gen=minute + 1)  # its transaction fails: never confirmed
     assert len(written) == 200
     assert len(log._unconfirmed) == 200
@@ -339,13 +366,7 @@ def test_a_decision_of_another_publisher_read_back_keeps_its_credits_as_long_as_
     (`add_logged`): its credits, given long before, must stay saved as long, not leave with the
     minute they were given in."""
     world = World(tmp_path)  # a join window of an hour
-    body = orjson.loads(world.score(serve=False).payload) | {"id": "external-1"}
-    logged = LoggedDecision("external-1", orjson.dumps(body))
-    world.learner.add_logged(logged)
-    world.store.advance("DECISIONS", 1)
-    world.react("external-1", "a")
-    world.learner.feedback_read.advance(int(world.clock.now * 1000), caught_up=True)
-    checkpoint(world)
+    logged = external_rewarded(world)
 
     def start_again(minutes_later: float) -> World:
         again = World(tmp_path)
@@ -465,3 +486,61 @@ def test_a_damaged_minute_of_credits_leaves_a_forget_s_checkpoint_going_on(tmp_p
                            "(JSONDecodeError: "), said
     assert "(docs/operations.md, 'Backups and restores')" in said and "the checkpoint goes on" in said, said
     world.engine.dispose()
+
+
+def test_a_forgotten_user_s_credits_restored_at_a_start_do_not_come_back_with_a_copy_read_back_later(
+        tmp_path: Path) -> None:
+    """A start restores the credits of the join window, each until its decision is served or read back. Another
+    publisher's decision of the user, not read back yet when the user was forgotten, is held by no cache the forget
+    looks over: its restored credits stayed, keyed by the decision alone, and so did its entries in the saved
+    minutes. A copy stored again after the request was done (its publisher sending again) came back with the
+    forgotten user's rewards, its `tip_scores` row written with them, and their reaction sent again was a duplicate."""
+    world = World(tmp_path)
+    copy = external_rewarded(world)
+    assert "external-1" in {d for row in credit_rows(world.engine).values() for d in row}
+
+    again = World(tmp_path)
+    again.clock.now = world.clock.now
+    assert again.learner.restore(again.engine) is not None
+    assert forget(again.learner, "u-1", int(time.time() * 1000) + 1) == 0, "not read back yet: none held"
+    checkpoint(again)
+    assert "external-1" not in {d for row in credit_rows(again.engine).values() for d in row}
+    del again.learner.erasing["u-1"]  # the request is done: the user may come back
+    before = outcomes()
+    assert again.learner.add_logged(copy)  # its publisher sends it again
+    assert again.log.dirty["external-1"]["rewards"] is None
+    again.react("external-1", "a", event_id="again")
+    assert delta(before) == {"credited": 1}, "a new decision of the user come back"
+    world.engine.dispose()
+    again.engine.dispose()
+
+
+def test_the_users_saved_with_the_credits_leave_a_row_an_older_release_reads_and_rows_without_them_still_load(
+        tmp_path: Path) -> None:
+    """Each decision's users are saved with its credits, apart from its entry (`credit_log.USERS`): a release
+    from before them unpacks every entry as (credits, rewarded ms), and a third item stopped its start on the row.
+    A row saved by such a release names no user: it still loads, and a forget cannot tell its decisions are the
+    user's (their credits stay until the join window passes them)."""
+    world = World(tmp_path)
+    copy = external_rewarded(world)
+    assert saved_users(world.engine) == {"external-1": ["u-1"]}
+    table = db.learner_state
+    with world.engine.begin() as conn:
+        [(name, state)] = conn.execute(sa.select(table.c.name, table.c.state).where(table.c.name.like("credits:%")))
+        for rewards, rewarded_ms in orjson.loads(bytes(state)).values():  # as a release before them reads it
+            assert isinstance(rewards, dict) and (rewarded_ms is None or isinstance(rewarded_ms, int))
+        # As a release before them saved it.
+        conn.execute(sa.update(table).where(table.c.name == name).values(
+            state=orjson.dumps(split_row(orjson.loads(bytes(state)))[0])))
+
+    again = World(tmp_path)
+    again.clock.now = world.clock.now
+    assert again.learner.restore(again.engine) is not None
+    forget(again.learner, "u-1", int(time.time() * 1000) + 1)
+    checkpoint(again)
+    assert "external-1" in {d for row in credit_rows(again.engine).values() for d in row}, "not known to be theirs"
+    del again.learner.erasing["u-1"]
+    assert again.learner.add_logged(copy)
+    assert again.log.dirty["external-1"]["rewards"] == {"a": 1.0}
+    world.engine.dispose()
+    again.engine.dispose()
