@@ -74,6 +74,9 @@ PROGRESS_EVERY = 10_000
 BATCH = 1024  # messages per pull request; the next is asked for when half has arrived
 PULL_EXPIRES_S = 1.0  # an unfilled request ends this long after the stream ran out: how the end is known
 STALL_S = PULL_EXPIRES_S + 4.0  # nothing at all this long (a lost request, a reconnect): read again from where we are
+# Passes in a row read again from the same sequence (none got past it) before the read gives up (`read_through`):
+# ~25 s of stalls. A pass that gets anywhere starts the count again, so a long read over a flaky link still ends.
+STUCK_PASSES = 5
 # The server erases one message at a time per stream, each overwritten in its block file and fsynced (6-7 ms
 # here, ~150/s, against 23,000/s with no_erase), so more in flight only queue: 8 keep it busy, and keep the
 # last of them answered well within a request's timeout on a slower disk.
@@ -359,11 +362,20 @@ async def read_through(
     order (`with_headers`: `on_body(seq, body, headers)`, a raw header block or nats-py's dict, None without);
     return how many. Reads through a consumer of its own (never tipstream's durables), removed after."""
     reader = _Reader(js, stream, bound, on_body, progress, with_headers)
-    start = first
+    start, stuck = first, 0
     while True:
         resumed = await reader.run_from(start)
         if resumed is None:
             break
+        # Read again from where it began: the pass handed nothing on. Read again so for good, a message the reader
+        # never got past (a server that stalls on it, a link that drops every pull) hung the forget without end.
+        stuck = stuck + 1 if resumed == start else 0
+        if stuck >= STUCK_PASSES:
+            raise ScrubError(
+                f"reading stream {stream} for a scrub got no further than #{resumed} in {stuck} passes in a row (the "
+                f"last: {reader.why}): check the NATS server's log and `nats stream info {stream}` (a server or "
+                "node that hangs, a slow disk), and the link to it. A forget tries again by itself; run an export "
+                "again")
         log.warning("reading stream %s for a scrub: %s; reading again from %d", stream, reader.why, resumed)
         start = resumed
     if progress:
