@@ -408,6 +408,46 @@ async def test_another_publisher_s_decision_stored_twice_is_credited_once(start_
     assert rewards_row(database_url, "d-elsewhere-1")[1] == 1.0
 
 
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_forgotten_user_s_decision_stored_again_after_a_restart_comes_back_without_their_credits(
+        start_service, nc, database_url) -> None:
+    """A start restores the join window's credits until each decision is read back: those of another publisher's
+    decision the join cache had let go (the DECISIONS position saved is past it: not read back) waited there, keyed
+    by the decision alone. Its user forgotten, then the decision stored again (its publisher sending again after
+    JetStream's duplicate window), it came back with the forgotten user's credits: its row held their reward, and
+    their reaction sent again was a duplicate, not a new user's."""
+    token = "t" * 16
+    settings = {**STORED_TWICE, "database_url": database_url, "admin_token": token}
+    running = await start_service(**settings)
+    js = nc.jetstream()
+    await eventually(lambda: running.service.ready and not running.service.learner.replaying)
+    data = orjson.dumps(another_publishers_decision("d-elsewhere-1"))
+    await js.publish("decisions.score", data, headers={"Nats-Msg-Id": "d-elsewhere-1"})
+    await publish(js, feedback("f-1", "d-elsewhere-1", "tip-focus-1", "acted"))
+    await eventually(lambda: running.service.learner.credited == 1)
+    await let_go(running, "d-elsewhere-1")
+    await running.stop()
+
+    again = await start_service(**settings)
+    service, learner = again.service, again.service.learner
+    await eventually(lambda: service.ready and not learner.replaying)
+    assert "d-elsewhere-1" in learner._restored_credits, "not read back: its credits wait"
+    async with again.http() as http:
+        asked = await http.post("/admin/users/u-1/forget", json={"actor": "test"},
+                                headers={"Authorization": f"Bearer {token}"})
+        assert asked.status_code == 202, asked.text
+    await eventually(lambda: service.eraser.status("u-1")["status"] == "done", timeout=30)
+
+    seq = await stored_again(js, data, "d-elsewhere-1")
+    await eventually(lambda: service.store.positions["DECISIONS"] >= seq)
+    await eventually(lambda: service.decision_log.backlog == 0)
+    assert rewards_row(database_url, "d-elsewhere-1")[1] is None, "its row holds no reward of theirs"
+    credited, duplicates = learner.credited, count("duplicate")
+    await publish(js, feedback("f-1", "d-elsewhere-1", "tip-focus-1", "acted"), msg_id=False)  # sent again
+    await eventually(lambda: learner.credited > credited or count("duplicate") > duplicates)
+    assert learner.credited == credited + 1, "the user come back: their reaction is new"
+
 async def test_feedback_waiting_at_a_stop_joins_its_decision_published_while_stopped_once(start_service, nc) -> None:
     """The reaction waits in the learner's last snapshot; its decision, another publisher's, comes while the service
     is stopped: the start's read-back of DECISIONS credits it, once, and the start after learns nothing again."""
