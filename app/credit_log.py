@@ -150,12 +150,16 @@ class CreditLog:
         minutes = sorted((int(name[len(ROW_PREFIX):]), data) for name, data in rows.items()
                          if name.startswith(ROW_PREFIX))
         credits: dict[str, Restored] = {}
+        # One tuple per user, not one per decision: 426 bytes a credit restored, against 525 (422 without users;
+        # tracemalloc, 100,000 credits of 5,000 users).
+        shared: dict[tuple[str, ...], tuple[str, ...]] = {}
         for minute, data in minutes:
             with reading_learner_row(f"{ROW_PREFIX}{minute}"):  # a traceback named neither the row nor a fix
                 entries, users = split_row(orjson.loads(data))
                 for decision_id, (rewards, rewarded_ms) in entries.items():
                     known = users.get(decision_id)
-                    credits[decision_id] = (rewards, rewarded_ms, tuple(known) if known is not None else None)
+                    credits[decision_id] = (rewards, rewarded_ms,
+                                            shared.setdefault(key := tuple(known), key) if known is not None else None)
             self._rows[minute] = None
             self._newest = max(self._newest, minute + 1)
         return credits
