@@ -41,7 +41,7 @@ from app.decision_tail import OwnTail
 from app.decisions import TipScoresLog, decode_decision
 from app.embedded_nats import STORE_DIR, URL_FILE, EmbeddedNats, write_private
 from app.erasure import Eraser
-from app.ingest import DECISIONS_READ_AHEAD_S, ReadUpTo, StreamIngest
+from app.ingest import StreamIngest
 from app.learner import Learner
 from app.lineup import Lineup
 from app.metrics import METRICS
@@ -62,6 +62,7 @@ from models.policy import make_policy
 from streams import jetstream as jsx
 from streams import pull
 from streams.log_throttle import LogThrottle, counted, since_last_line
+from streams.read_up_to import DECISIONS_READ_AHEAD_S, ReadUpTo
 from streams.scrub import scrub
 from streams.store import OnlineStore
 

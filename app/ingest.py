@@ -10,7 +10,6 @@ server and its monitoring how far ingest has got.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import dataclasses
 import functools
 import logging
@@ -22,7 +21,6 @@ from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.errors import NoStreamResponseError, NotFoundError
-from pydantic import ValidationError
 
 from app.catch_up import CatchUpProgress
 from app.checkpoints import Checkpointer
@@ -31,20 +29,13 @@ from app.thaw import load_state
 from streams import ack_subject, dead_letters, pull
 from streams import jetstream as jsx
 from streams.answers import answered
-from streams.events import (
-    EVENT_ADAPTER,
-    FAMILY_OF_TYPE,
-    REJECTION_KINDS,
-    Refused,
-    Rejection,
-    check_subject,
-    lenient_loads,
-    parse_event,
-    without_nul,
-)
+from streams.delivery import delivered_in_turn, holes_after, stored_past, stored_until
+from streams.events import REJECTION_KINDS, Refused, Rejection, lenient_loads
 from streams.fold import FutureEvent
 from streams.log_throttle import LogThrottle, counted, since_last_line
+from streams.read_up_to import ReadUpTo
 from streams.store import OnlineStore, StateUnavailable
+from streams.wire import decode_wire_event
 
 log = logging.getLogger("tipstream.ingest")
 CHUNK = 256  # events folded between two chances for the API to run
@@ -79,26 +70,6 @@ PUBLISH_NO_ANSWER_FIX = (NO_ANSWER_FIX + ". Or is its store's disk full? A nats-
                          "itself)")
 # How often a hold for checkpoints looks again whether enough of them committed (and asks for one meanwhile).
 HOLD_RECHECK_S = 0.2
-EXPECTED_SUBJECT = {t: f"{family}.{t}" for t, family in FAMILY_OF_TYPE.items()}
-validate_json = EVENT_ADAPTER.validator.validate_json  # pydantic-core directly: no wrapper per event
-
-
-def decode_wire_event(subject: str, data: bytes) -> Any:
-    """A signal or feedback event from its message, or the Rejection saying why not: the contract's
-    verdict (`parse_event`, then `check_subject`), the common case in one call into pydantic-core."""
-    try:
-        event = validate_json(data)  # the hot path
-    except ValidationError:
-        return _on_subject(parse_event(data), subject, data)  # the slow path explains (or upcasts)
-    if subject == EXPECTED_SUBJECT[event.type]:
-        return without_nul(event, data)
-    return _on_subject(without_nul(event, data), subject, data)
-
-
-def _on_subject(event: Any, subject: str, data: bytes) -> Any:
-    # An upcast event is checked too (on its own type's subject, if renamed), and a NUL is named first, as
-    # the contract does.
-    return event if event.__class__ is Rejection else check_subject(event, subject, data) or event
 
 
 def names_no_event(data: bytes, kind: str) -> bool:
@@ -135,121 +106,6 @@ def dlq_subject(subject: str) -> str:
     if len(subject.encode()) <= DLQ_SUBJECT_MAX:
         return f"dlq.{subject}"
     return f"dlq.{subject.split('.', 1)[0]}.subject_too_long"
-
-
-def delivered_in_turn(position: int, first: tuple[int, int], last: tuple[int, int], count: int) -> bool:
-    """Whether a chunk of `count` messages whose first and last have these (stream, consumer) sequences
-    (`ack_subject.sequences`) holds the stream's messages after `position`, one after another, none lost on its way:
-    the usual case, told from two messages. By the stream's sequences alone, a message delivered again inside
-    the chunk made up for one passed over; the delivery lost then leaves a gap in the consumer's, which counts
-    every delivery. (A new leader numbers on from the deliveries it knows of: one lost leader gives a gap or,
-    behind, repeats, not both; two in one chunk could cancel out.)
-
-    >>> delivered_in_turn(100, (101, 7), (104, 10), 4)
-    True
-    >>> delivered_in_turn(100, (101, 7), (104, 11), 4)  # 101, 102, 102 again, 104: 103's delivery was lost
-    False
-    >>> delivered_in_turn(100, (102, 7), (105, 10), 4)  # 101 passed over
-    False
-    """
-    return first[0] == position + 1 and last[0] - first[0] == count - 1 and last[1] - first[1] == count - 1
-
-
-def _stored_until(chunk: list[pull.RawMsg], stored_ms: int) -> int:
-    """How many of `chunk`'s first messages JetStream stored at or before `stored_ms` (stored times grow along a
-    stream): the last one's time alone in the usual case, all of them.
-
-    >>> chunk = [(b"", f"$JS.ACK.FEEDBACK.c.1.{n}.{n}.{ms * 1_000_000}.0".encode(), b"") for n, ms in enumerate((10, 20, 20, 30))]
-    >>> _stored_until(chunk, 9), _stored_until(chunk, 10), _stored_until(chunk, 25), _stored_until(chunk, 30)
-    (0, 1, 3, 4)
-    """
-    if ack_subject.stored_ms(chunk[-1][1]) <= stored_ms:
-        return len(chunk)
-    return bisect.bisect_right(chunk, stored_ms, key=lambda msg: ack_subject.stored_ms(msg[1]))
-
-
-def holes_after(position: int, seqs: list[int]) -> list[tuple[int, int]]:
-    """Where the stream sequences delivered pass over others after `position`: (the first passed over, the
-    one delivered after the gap), in order. One delivered again, or at or before the position (delivered
-    again after its acknowledgement was lost), fills no gap.
-
-    >>> holes_after(100, [101, 102, 102, 104])
-    [(103, 104)]
-    >>> holes_after(100, [103, 101, 99, 102, 107, 109])
-    [(104, 107), (108, 109)]
-    >>> holes_after(100, [101, 102, 101])
-    []
-    """
-    holes, expected = [], position + 1
-    for seq in sorted(set(seqs)):
-        if seq > expected:
-            holes.append((expected, seq))
-        expected = max(expected, seq + 1)
-    return holes
-
-
-def stored_past(position: int, last_seq: int, messages: int) -> int:
-    """How many messages a stream stores past `position`, at most, from its state: its last sequence less the position,
-    or all it stores if fewer. Exact unless a message past the position was deleted (a user forgotten before it was
-    read) while the stream still stores one at or before it; the exact count needs every deleted sequence
-    (stream_info's `deleted_details`, a list as long as all the erasures the stream keeps), too much to ask each second.
-
-    >>> stored_past(5, 15, 15), stored_past(5, 15, 7), stored_past(20, 15, 15)
-    (10, 7, 0)
-    """
-    return max(min(last_seq - position, messages), 0)
-
-
-# How much later than a reaction to it JetStream may store a decision of ours, at most in the usual run: /score
-# answers, then the publisher sends its queue at once, in batches (TIPSTREAM_DECISION_BATCH); one whose
-# acknowledgement does not come in 5 s is sent again, a refused one within a second (`app.decision_publisher`),
-# and a NATS cluster elects a new leader for DECISIONS in 4-9 s. Until DECISIONS has caught up after a start,
-# FEEDBACK waits for it read this much further than each message (`StreamIngest`'s `after_ahead_ms`): an app
-# that reacts within milliseconds of the answer stores its reaction first, and live learned it at once, the
-# decision held from /score on; read back, it waited for the decision, and the rewards stored in between were
-# learned before it (AdaGrad: other weights than live's). Later still (NATS away for longer, decisions spooled
-# at a stop and published at the next start), the reaction waits for the decision, as before.
-DECISIONS_READ_AHEAD_S = 10.0
-
-
-class ReadUpTo:
-    """How far a stream has been read since the start, in the time JetStream stored its messages:
-    another stream's ingest waits on it (`StreamIngest`'s `after`)."""
-
-    def __init__(self, caught_up: bool = False) -> None:
-        self.stored_ms = 0
-        self.caught_up = caught_up
-        self._moved = asyncio.Event()
-        self.advanced = asyncio.Event()  # set at each `advance`, for a reader of its own to clear (`StreamIngest.room`)
-        # The stored time another stream's ingest waits for this one to be read past (`reached`), and when it asks:
-        # an ingest that holds back for that other one (`StreamIngest.room`) reads on up to there.
-        self.wanted_ms = 0
-        self.asked = asyncio.Event()
-        # Whether everything stored in the stream until a moment ago has been read, now: unlike
-        # `caught_up` (once, for good), false again while ingest is held up (paused for checkpoints,
-        # a backlog delivered and not folded yet, a consumer re-created). The ingest reading the
-        # stream sets it (`StreamIngest.drained`); the learner's silence asks it before trusting
-        # the clock (`SilenceLearning.horizon_ms`).
-        self.drained: Callable[[], bool] = lambda: self.caught_up
-        self.on_caught_up: Callable[[], None] | None = None  # told once, as it catches up (`Learner.feedback_caught_up`)
-
-    def advance(self, stored_ms: int, caught_up: bool) -> None:
-        self.stored_ms = max(self.stored_ms, stored_ms)
-        if caught_up and not self.caught_up:
-            self.caught_up = True
-            if self.on_caught_up is not None:
-                self.on_caught_up()
-        self._moved.set()
-        self.advanced.set()
-
-    async def reached(self, stored_ms: int) -> None:
-        """Until the stream has been read past messages stored at `stored_ms`, or to its end."""
-        if not self.caught_up and self.stored_ms < stored_ms and stored_ms > self.wanted_ms:
-            self.wanted_ms = stored_ms
-            self.asked.set()
-        while not self.caught_up and self.stored_ms < stored_ms:
-            self._moved.clear()
-            await self._moved.wait()
 
 
 class StreamIngest:
@@ -699,7 +555,7 @@ class StreamIngest:
         learner's join cache may not hold together (`_within_room`)."""
         assert self.after is not None
         while not self.after.caught_up:
-            readable = _stored_until(chunk, self.after.stored_ms - self.after_ahead_ms)
+            readable = stored_until(chunk, self.after.stored_ms - self.after_ahead_ms)
             if readable:
                 return chunk[:readable]
             await self._wait_for_after(ack_subject.stored_ms(chunk[0][1]) + self.after_ahead_ms)
@@ -718,7 +574,7 @@ class StreamIngest:
             fits = self.room([len(data) for _, _, data in chunk])
             wanted = 0
             if read.stored_ms < read.wanted_ms:
-                wanted = _stored_until(chunk, read.wanted_ms)
+                wanted = stored_until(chunk, read.wanted_ms)
                 if not wanted and self._next_in_turn(chunk):
                     # All stored until then is read: the next message was stored after. Folded to say so, it took
                     # the room of the oldest decision held, which left before its feedback (the one waiting) was

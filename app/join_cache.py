@@ -72,7 +72,7 @@ class JoinCache:
         self.replayed: OrderedDict[str, Entry] = OrderedDict()
         # Decisions read back from past where FEEDBACK has been read (its time: `Learner._feedback_time_ms`), in the
         # order JetStream stored them, until FEEDBACK's time reaches that (`release_ahead`): FEEDBACK waits for
-        # DECISIONS read further (`app.ingest.DECISIONS_READ_AHEAD_S`) so that a decision of ours that JetStream
+        # DECISIONS read further (`streams.read_up_to.DECISIONS_READ_AHEAD_S`) so that a decision of ours that JetStream
         # stored after a reaction to it is held when the reaction is read, as live held it from /score on. In the
         # cache at once, they made the oldest go sooner than live, and their reactions counted `expired`. Their
         # bytes are `ahead_bytes`, not `bytes`: the memory budget does not let them go.

@@ -37,7 +37,7 @@ restart resumes learning exactly where the snapshot stopped: credits make the re
 While DECISIONS is re-read after a start, the decisions it brings back wait in a segment of the
 cache of their own, ahead of those /score serves meanwhile, so that the cache stays in creation
 order and the memory budget evicts the oldest decisions first (`caught_up` joins the two). FEEDBACK
-waits for DECISIONS read `DECISIONS_READ_AHEAD_S` past each message (app/ingest.py), so that a decision
+waits for DECISIONS read `DECISIONS_READ_AHEAD_S` past each message (streams/read_up_to.py), so that a decision
 of ours stored just after a reaction to it is held when the reaction is read, as live; those read past
 FEEDBACK's time wait apart until it reaches them (`JoinCache.ahead`, `_release_ahead`).
 """
@@ -58,7 +58,6 @@ from app.credit_log import CreditLog, Restored
 from app.decision_ids import decision_time_ms
 from app.decisions import LoggedDecision, TipScoresLog, learning_input, served_after_stored, tip_score_row
 from app.evaluation import TrainedOn
-from app.ingest import ReadUpTo
 from app.join_cache import ENTRY_OVERHEAD, Entry, JoinCache
 from app.learner_checkpoint import ModelBytes, SnapshotBook, saved_rows, state_bytes
 from app.learner_told import PositivesOnly, tell_gave_up, tell_let_go, tell_unknown_tip, tell_wrong_user
@@ -71,6 +70,7 @@ from app.waiting import WaitingFeedback
 from models.prior import PopularityPrior
 from streams.ack_subject import ack_fields, delivery, stored_ms
 from streams.events import Refused
+from streams.read_up_to import ReadUpTo
 from streams.store import OnlineStore
 
 _OUTCOME = {name: FEEDBACK.labels(name) for name in (

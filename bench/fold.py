@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import orjson
 from ingest import synthetic
 
-from app.ingest import decode_wire_event
 from streams.store import OnlineStore
+from streams.wire import decode_wire_event
 
 
 def main() -> None:

@@ -807,10 +807,10 @@ async def test_an_event_that_fails_in_processing_goes_to_the_dlq_and_the_stream_
     """An exception from folding one event (a bug: a `ts` in year 0 was one), or from decoding it (one
     refused for a `v` of [2**64], whose reason orjson could not write), retried its chunk for ever,
     every later event of the stream held behind it, for every user."""
-    import app.ingest
     import streams.store
+    import streams.wire
 
-    fold, parse = streams.store.apply, app.ingest.parse_event
+    fold, parse = streams.store.apply, streams.wire.parse_event
 
     def fails_on_boom(state: Any, event: Any, max_ts_ms: Any) -> bool:
         if event.id == "boom":
@@ -823,7 +823,7 @@ async def test_an_event_that_fails_in_processing_goes_to_the_dlq_and_the_stream_
         return parse(raw)
 
     monkeypatch.setattr(streams.store, "apply", fails_on_boom)
-    monkeypatch.setattr(app.ingest, "parse_event", fails_on_crash)
+    monkeypatch.setattr(streams.wire, "parse_event", fails_on_crash)
     running = await start_service()
     js = nc.jetstream()
     bodies = [orjson.dumps(body) for body in (event(1), {**event(2), "id": "boom"}, {**event(4), "id": "crash", "v": "1"},

@@ -661,7 +661,7 @@ async def test_feedback_held_back_for_decisions_longer_than_ack_wait_is_not_rede
     were redelivered after every ack_wait: folded again (counted `ignored`), each a `duplicate`
     to the learner, the bad ones dead-lettered again, and held in memory once more each time.
     Held messages are now said to be in progress (`+WPI`), however the wait is split in chunks."""
-    from app.ingest import ReadUpTo
+    from streams.read_up_to import ReadUpTo
     from tests.conftest import eventually
 
     real = jsx.ConsumerConfig
@@ -767,8 +767,8 @@ async def test_the_lag_metric_counts_what_a_start_has_to_read_while_feedback_wai
     """At a start FEEDBACK waits for DECISIONS to be read back (`ReadUpTo`): seconds for the join
     window, longer with a larger one. `tipstream_stream_lag` said 0 for FEEDBACK all that while, though
     /readyz counted the backlog after an outage: it was set only once a chunk had been folded."""
-    from app.ingest import ReadUpTo
     from app.metrics import METRICS
+    from streams.read_up_to import ReadUpTo
     from tests.conftest import eventually
 
     nc = await pull.connect(nats_server.url)

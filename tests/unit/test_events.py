@@ -203,7 +203,7 @@ def test_half_an_emoji_in_an_unknown_field_is_tolerated_and_in_a_kept_one_refuse
     event = parse_event(raw)
     assert not isinstance(event, Rejection), event
     assert event.data.task_id == "t-1" and event.ts.hour == 8
-    from app.ingest import decode_wire_event
+    from streams.wire import decode_wire_event
 
     assert decode_wire_event("signals.task.created", raw) == event
     for field in ("user_id", "task_id", "labels"):
@@ -294,7 +294,7 @@ def test_an_old_event_of_a_renamed_type_is_taken_on_its_own_type_s_subject(monke
     send it: it was dead-lettered as subject_mismatch, naming a type that publisher never sent."""
     monkeypatch.setitem(events.UPCASTERS, ("task.done", 0), lambda raw: {**raw, "type": "task.completed", "v": 1})
     raw = orjson.dumps({**envelope("task.completed"), "type": "task.done", "v": 0})
-    from app.ingest import decode_wire_event
+    from streams.wire import decode_wire_event
 
     event = decode_wire_event("signals.task.done", raw)  # as ingest reads it
     assert not isinstance(event, Rejection), event
@@ -582,7 +582,7 @@ def test_docs_elsewhere_leave_other_readmes_alone(tmp_path: Path, monkeypatch: p
 def test_a_nul_in_a_kept_text_is_refused_naming_the_field(body: dict, names: str, path: str) -> None:
     """PostgreSQL cannot store it: one such user id failed every checkpoint after it. Both ways
     in: the contract's parser, and the ingest's decoder, which calls pydantic-core directly."""
-    from app.ingest import decode_wire_event
+    from streams.wire import decode_wire_event
 
     raw = orjson.dumps(body)
     result = parse_event(raw) if path == "contract" else decode_wire_event(events.subject_for(body["type"]), raw)
@@ -649,7 +649,7 @@ def test_the_ingest_decoder_gives_the_contracts_verdict(message: tuple[str, byte
     contract is `parse_event` then `check_subject`. Same message, same verdict: accepted into the
     same state, or dead-lettered for the same reason. With an upcaster registered (a v0 of two
     types), so the slow path that upcasts is compared too."""
-    from app.ingest import decode_wire_event
+    from streams.wire import decode_wire_event
 
     subject, raw = message
     v0 = {("task.completed", 0): lambda raw: {**raw, "v": 1}, ("tip.reacted", 0): lambda raw: {**raw, "v": 1}}

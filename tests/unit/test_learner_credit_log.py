@@ -23,8 +23,8 @@ from app import db, scoring
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.credit_log import MINUTE_MS, CreditLog, split_row
 from app.decisions import LoggedDecision
-from app.ingest import ReadUpTo
 from streams.events import parse_event
+from streams.read_up_to import ReadUpTo
 from tests.unit.test_scoring_learner import NOW, World, delta, forget, outcomes
 
 

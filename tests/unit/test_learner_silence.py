@@ -14,10 +14,10 @@ from app import learner_told, silence_learning
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.decision_ids import decision_time_ms
 from app.decisions import LoggedDecision
-from app.ingest import ReadUpTo
 from app.learning_metrics import SILENCES
 from app.settings import DEFAULT_REWARDS, Settings
 from streams.log_throttle import LogThrottle
+from streams.read_up_to import ReadUpTo
 from tests.unit.test_scoring_learner import World, _ack, _decisions_ack, _foreign, _reaction, delta, forget, outcomes
 
 WAIT_S = 600

@@ -49,7 +49,6 @@ from app import db, migrate, scoring
 from app.checkpoints import Checkpointer, SqlCheckpointStore
 from app.db import make_engine
 from app.decisions import LoggedDecision, TipScoresLog
-from app.ingest import ReadUpTo
 from app.learner import Learner
 from app.learning_metrics import FEEDBACK
 from app.lineup import Lineup, evaluate_log
@@ -59,6 +58,7 @@ from app.settings import DEFAULT_REWARDS
 from app.silence_learning import SILENCE_READ_ALLOWANCE_MS
 from models.policy import make_policy
 from streams.events import parse_event
+from streams.read_up_to import ReadUpTo
 from streams.store import OnlineStore
 from tests.unit.test_scoring_learner import NOW, World
 

@@ -26,7 +26,6 @@ from app.credit_log import split_row
 from app.db import make_engine
 from app.decision_ids import decision_time_ms
 from app.decisions import LoggedDecision, TipScoresLog, tip_score_row
-from app.ingest import ReadUpTo
 from app.join_cache import ENTRY_OVERHEAD
 from app.learner import Learner
 from app.learning_metrics import FEEDBACK, LEARN_DELAY, MODEL_USERS, REFUSED, SKIPPED
@@ -40,6 +39,7 @@ from models.policy import make_policy
 from models.registry import RegistryError
 from models.reward import TipModel
 from streams.events import Refused, parse_event
+from streams.read_up_to import ReadUpTo
 from streams.store import OnlineStore
 from tests.conftest import eventually
 
