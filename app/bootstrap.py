@@ -390,7 +390,7 @@ class Service:
                         "a version (`tipstream models register <name> %s`), then %s.", env_name(field),
                         getattr(s, field), found, option, "shadow it" if name == "shadow_kind" else "shadow and promote it")
         resume = await asyncio.to_thread(self.learner.restore, self.engine)
-        self._checkpointed = dict(self.store.positions)  # read to here before: see StreamIngest.dead_lettered
+        self._checkpointed = dict(self.store.positions)  # read to here before: see DeadLettering.dead_lettered
         for stream, seq in (resume or {}).items():
             if seq or stream in self.store.positions:  # a stream never read stays without a position
                 self.store.positions[stream] = min(seq, self.store.positions.get(stream, seq))

@@ -10,7 +10,6 @@ server and its monitoring how far ingest has got.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 import math
@@ -20,17 +19,18 @@ from datetime import timedelta
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.errors import NoStreamResponseError, NotFoundError
+from nats.js.errors import NotFoundError
 
 from app.catch_up import CatchUpProgress
 from app.checkpoints import Checkpointer
+from app.dead_lettering import DeadLettering, processing_failed
 from app.metrics import METRICS
 from app.thaw import load_state
-from streams import ack_subject, dead_letters, pull
+from streams import ack_subject, pull
 from streams import jetstream as jsx
 from streams.answers import answered
 from streams.delivery import delivered_in_turn, holes_after, stored_past, stored_until
-from streams.events import REJECTION_KINDS, Refused, Rejection, lenient_loads
+from streams.events import REJECTION_KINDS, Refused, Rejection
 from streams.fold import FutureEvent
 from streams.log_throttle import LogThrottle, counted, since_last_line
 from streams.read_up_to import ReadUpTo
@@ -72,48 +72,12 @@ PUBLISH_NO_ANSWER_FIX = (NO_ANSWER_FIX + ". Or is its store's disk full? A nats-
 HOLD_RECHECK_S = 0.2
 
 
-def names_no_event(data: bytes, kind: str) -> bool:
-    """Whether a dead letter's body leaves its event unnamed: not JSON, or without a string `id`. An
-    oversized body is taken as named (not read whole again to find out).
-
-    >>> names_no_event(b'{"id": "evt-1", "type": "nope"}', "unknown_type"), names_no_event(b'{"id": ', "invalid_json")
-    (False, True)
-    >>> names_no_event(b'{"type": "task.created"}', "missing_field"), names_no_event(b"[1]", "invalid_field")
-    (True, True)
-    """
-    if kind == "oversized":
-        return False
-    payload = lenient_loads(data)
-    return not (isinstance(payload, dict) and isinstance(payload.get("id"), str) and payload["id"])
-
-
-# A subject, as the DLQ's own, at most this long: a publisher may use one near the server's control
-# line limit (4 KiB), and `dlq.` with a reply inbox took the DLQ publish past it. The server then
-# closed tipstream's connection, for good, at every start, while the event stayed in the stream.
-DLQ_SUBJECT_MAX = 1024
-# Dead-lettered events logged one by one per stream and minute; the rest are counted and told in
-# one line (tipstream_dlq_total counts each): a publisher sending bad events wrote a line apiece.
-DLQ_LOG_PER_MINUTE = 10
-
-
-def dlq_subject(subject: str) -> str:
-    """`dlq.<subject>`, or `dlq.<family>.subject_too_long` for a subject over DLQ_SUBJECT_MAX bytes (the
-    header Tipstream-Original-Subject holds it whole).
-
-    >>> dlq_subject("signals.task.created"), dlq_subject("signals." + "a" * 2000)
-    ('dlq.signals.task.created', 'dlq.signals.subject_too_long')
-    """
-    if len(subject.encode()) <= DLQ_SUBJECT_MAX:
-        return f"dlq.{subject}"
-    return f"dlq.{subject.split('.', 1)[0]}.subject_too_long"
-
-
 class StreamIngest:
     """Steps per chunk of messages:
     1. Validate and fold each message into the online store (a user whose state is in the
        checkpoint only is read first, off the event loop); collect rejections.
     2. Publish the rejections to `dlq.<subject>`, up to `DLQ_IN_FLIGHT` at once, and wait for JetStream
-       to store them all (`streams/dead_letters.py`).
+       to store them all (`app/dead_lettering.py`).
     3. Advance the stream position (what the next checkpoint will record).
     4. Acknowledge the chunk's last message (ack-all), update metrics, nudge the checkpointer.
     """
@@ -153,18 +117,12 @@ class StreamIngest:
         # A clock far ahead would make one event the user's "newest" and prune their history.
         self.max_future = None if max_future_s is None else timedelta(seconds=max_future_s)
         self.durable = jsx.durable_of(spec.name)
-        # Messages up to here were read before this start, and the bad ones dead-lettered then: a
-        # stream re-read from further back (DECISIONS, to rebuild the learner's join cache; FEEDBACK,
-        # from the learner's last snapshot) must not put them in the DLQ again on every restart.
-        self.dead_lettered = dead_letters.DeadLettered(upto=dead_lettered_upto)
-        # The newest batch, found stored in part at the start: the next batch carries it on (`dead_letters.batches`).
-        self._carried: dead_letters.DeadLettered | None = None
-        self._dlq_msg_id_prefix = dead_letters.dlq_msg_id_prefix(spec.name, None)  # the stream's creation time, at the start
+        # Where a chunk's rejections go; messages up to `dead_lettered_upto` were dead-lettered before this start.
+        self.dlq = DeadLettering(nc, js, spec, retry=self._retry, upto=dead_lettered_upto, ensure_streams=ensure_streams)
         self._renewing = False  # taking a stream created again as the one read: not done yet (`_restart_consumer`)
         # (sequence, when NATS stored it, µs) of the last message read: a server back after a
         # reconnect with another message there is another stream (`_replaced_under_us`).
         self._last_read: tuple[int, int] | None = None
-        self._dlq_lines = LogThrottle(per_window=DLQ_LOG_PER_MINUTE)
         self.clock = time.monotonic  # of `_retry`'s lines, a minute apart
         # A cluster without a quorum answers no call for as long as it lasts: asked again every 2 s, each a line.
         self._unanswered_lines = LogThrottle(per_window=6)
@@ -274,13 +232,7 @@ class StreamIngest:
         # it was taken from. Past this stream's end, the stream was re-created (`reset_durable`
         # replays it from its first message): its bad events below that position were skipped,
         # neither folded nor dead-lettered.
-        info = await self.js.stream_info(self.spec.name)
-        self._dlq_msg_id_prefix = dead_letters.dlq_msg_id_prefix(self.spec.name, info.created)
-        checkpointed = self.dead_lettered.upto if self.dead_lettered.upto <= info.state.last_seq else 0
-        # Dead-lettered past the last checkpoint, before a crash: read again now, but not dead-lettered
-        # again (JetStream's duplicate window covers only a quick restart).
-        found = await dead_letters.last_dead_lettered(self.js, self.spec)
-        self.dead_lettered = self._carried = dataclasses.replace(found, upto=max(checkpointed, found.upto))
+        await self.dlq.start(await self.js.stream_info(self.spec.name))
         await self._restart_consumer()
 
     async def stop(self) -> None:
@@ -350,12 +302,7 @@ class StreamIngest:
             self.store.positions[self.spec.name] = start - 1
             self._last_read = None  # the old stream's
             self.checkpointer.forget_stored(self.spec.name)
-            # Set first: asking failed (NATS away again), the retry saw no re-created stream, and the
-            # old stream's watermark stayed, the new stream's bad events below it in the DLQ nowhere.
-            self.dead_lettered = self._carried = dead_letters.DeadLettered()
-            self.dead_lettered = self._carried = await dead_letters.last_dead_lettered(js, self.spec)
-            created = (await js.stream_info(self.spec.name)).created
-            self._dlq_msg_id_prefix = dead_letters.dlq_msg_id_prefix(self.spec.name, created)
+            await self.dlq.renew(js)
             self._renewing = False
         self.lag = pending
         self._lag.set(pending)  # also while FEEDBACK waits for DECISIONS at a start, before a chunk is folded
@@ -727,7 +674,7 @@ class StreamIngest:
                 event = decode(subject, data)
             except Exception as error:  # noqa: BLE001 - as for a fold that fails, below: raised from
                 # here, the chunk was retried for ever, and the stream held at this event for every user.
-                event = self._failed(reply, error)
+                event = processing_failed(self.spec.name, reply, error)
             if event.__class__ is Rejection:
                 rejected.append((msg, event))
             else:
@@ -767,9 +714,9 @@ class StreamIngest:
                 except Exception as error:  # noqa: BLE001 - one event must not hold the stream for ever
                     # A bug of ours that this event brings out: retried, it held every later event
                     # of the stream, for every user. It is kept in the DLQ, as a bad event is.
-                    rejected.append((msg, self._failed(reply, error)))
+                    rejected.append((msg, processing_failed(self.spec.name, reply, error)))
         if rejected:
-            await self._dead_letter_all(rejected)
+            await self.dlq.publish(rejected, store.positions.get(self.spec.name, 0))
         last_reply = chunk[-1][1]
         seq, stored_ns, pending = ack_subject.ack_fields(last_reply)  # once a chunk: the ack subject parsed once
         self._last_read = (seq, stored_ns // 1000)  # µs, cut as `jsx.stored_us` reads it back
@@ -791,118 +738,10 @@ class StreamIngest:
         self._lag.set(pending)
         self.checkpointer.nudge()
 
-    def _failed(self, reply: bytes, error: Exception) -> Rejection:
-        """The rejection of an event whose decoding or folding raised (a bug of ours), logged with its traceback."""
-        log.error("%s #%d could not be processed; it goes to the DLQ and the stream moves on. This is a bug in "
-                  "tipstream: please report it with the DLQ message", self.spec.name, ack_subject.stream_sequence(reply)[0],
-                  exc_info=error)
-        return Rejection("processing_failed", f"processing failed: {type(error).__name__}: {error} (a bug in "
-                                              "tipstream; once fixed, publish the event again)")
-
     def _count(self, taken: int, handed: int) -> None:
         """Count a try's answers, leaving out the events an earlier try of the chunk counted."""
         self._applied.inc(taken)  # those seen again were not taken: each was applied once
         self._ignored.inc(max(handed - self._counted_by_failed_try - taken, 0))
-
-    async def _dead_letter_all(self, rejected: list[tuple[pull.RawMsg, Rejection]]) -> None:
-        """Steps:
-        1. Leave out what was dead-lettered before this start (`dead_lettered`), or is at or below the position.
-        2. Publish up to `DLQ_IN_FLIGHT` at once, each naming its batch (`dead_letters.batch_header`).
-        3. Retry those the DLQ did not store until it holds the whole batch (the next batch waits: a start
-           takes every dead letter below a batch's first as stored). The first after a start that found
-           the newest batch stored in part carries that batch on (`dead_letters.batches`), chunk after
-           chunk until the DLQ holds its count (`dead_letters.carried_on`).
-        """
-        # At or below the position, a message is one delivered again (its acknowledgement lost, or ack_wait
-        # passed): its chunk was done, its dead letter in the DLQ, as a start takes the checkpoint's (`start`).
-        done, position = self.dead_lettered, self.store.positions.get(self.spec.name, 0)
-        todo = {seq: (msg, rejection, seq) for msg, rejection in rejected
-                if (seq := ack_subject.stream_sequence(msg[1])[0]) > position and seq not in done}
-        for seqs, batch in dead_letters.batches(sorted(todo), self._carried):
-            left = [todo[seq] for seq in seqs]
-            await self._retry(functools.partial(self._publish_dead_letters, left, batch, []), "publish to the DLQ")
-            self._carried = dead_letters.carried_on(self._carried, seqs)
-
-    async def _publish_dead_letters(self, left: list[tuple[pull.RawMsg, Rejection, int]], batch: str,
-                                    tried: list[bool]) -> None:
-        """Publish `left` at once; each the DLQ stored leaves it, and the first failure is raised (`_retry`).
-        Tried before (`tried`), what of the batch the DLQ holds leaves it first."""
-        if tried:
-            # Stored, its acknowledgement lost (NATS stopped just after, say): published again after an outage
-            # longer than JetStream's duplicate window, the copy was stored twice. Read back as a start reads
-            # the newest batch: this one, the batches before it whole.
-            stored = await dead_letters.last_dead_lettered(self.js, self.spec)
-            for _, rejection, seq in left:
-                if seq in stored:  # its publish raised, so it was not counted (nor logged) then
-                    self._dead_lettered(seq, rejection)
-            left[:] = [item for item in left if item[2] not in stored]
-        tried.append(True)
-        for again in (False, True):
-            results = await asyncio.gather(*(self._dead_letter(msg, rejection, seq, batch) for msg, rejection, seq in left),
-                                           return_exceptions=True)
-            failed = [(item, result) for item, result in zip(left, results, strict=True) if result is not None]
-            left[:] = [item for item, _ in failed]
-            if not failed:
-                return
-            error = failed[0][1]
-            if again or self.ensure_streams is None or not any(
-                    isinstance(result, NoStreamResponseError) for _, result in failed):
-                raise error
-            # No stream takes `dlq.>` (the DLQ deleted, to empty it, say): retried as it was, the stream stopped
-            # at this event until a restart made the DLQ again. Made again now; also asked when a cluster's
-            # DLQ has no leader for a moment, which changes nothing. Then retried as any failed publish.
-            log.warning("no stream takes %s (was the DLQ deleted?); creating the streams again",
-                        dlq_subject(left[0][0][0]))
-            await self.ensure_streams()
-
-    async def _dead_letter(self, msg: pull.RawMsg, rejection: Rejection, seq: int, batch: str) -> None:
-        subject, _, data = msg
-        # On one line, in UTF-8: a line break in a header value (an exception's words, say) breaks the
-        # message's headers, and a lone surrogate cannot be encoded; either failed the publish for good.
-        reason = " ".join(rejection.reason.split()).encode("utf-8", "backslashreplace").decode()
-        headers = {
-            jsx.DLQ_REASON: reason[:1024],
-            jsx.DLQ_KIND: rejection.kind,
-            jsx.DLQ_SUBJECT: subject,
-            jsx.DLQ_STREAM: self.spec.name,
-            jsx.DLQ_SEQ: str(seq),
-            dead_letters.DLQ_BATCH: batch,
-            "Nats-Msg-Id": f"{self._dlq_msg_id_prefix}{seq}",
-        }
-        if names_no_event(data, rejection.kind):
-            # What it was published with (its Nats-Msg-Id, a trace id): ingest reads bodies only, and the copy of a
-            # body that names no event (not JSON, say) could not be traced back. Asked of the stream, a round trip:
-            # for every dead letter, it halved how many a second a publisher's bad deploy could be moved aside
-            # (bench/ingest.py --invalid-every), and the others name themselves (and their original is at
-            # DLQ_STREAM / DLQ_SEQ while the stream keeps it). An event erased meanwhile has none.
-            headers.update(jsx.original_headers(await self._published_headers(seq)))
-        # The server refuses a message whose headers and body together exceed its max_payload, and
-        # drops the connection (nats-py checks the body alone): an event near that size would never
-        # be stored, and each retry would cut every stream off again. Its head is kept instead; the
-        # original stream and sequence above lead to the whole event.
-        room = self.nc.max_payload - jsx.header_bytes({**headers, jsx.DLQ_TRUNCATED: str(len(data))})
-        if len(data) > room:
-            headers[jsx.DLQ_TRUNCATED] = str(len(data))
-            data = data[: max(room, 0)]
-        await self.js.publish(dlq_subject(subject), data, headers=headers)
-        self._dead_lettered(seq, rejection)
-
-    async def _published_headers(self, seq: int) -> dict[str, str] | None:
-        try:
-            return (await self.js.get_msg(self.spec.name, seq)).headers
-        except NotFoundError:  # gone (erased, aged out): the copy is still made
-            return None
-
-    def _dead_lettered(self, seq: int, rejection: Rejection) -> None:
-        """Counted (`tipstream_dlq_total`) and logged, once the DLQ holds it."""
-        METRICS.dlq.labels(self.spec.name, rejection.kind).inc()
-        left_out = self._dlq_lines.allow(None)
-        if left_out:
-            log.info("DLQ %s: %s dead-lettered after the last %d logged, not logged one by one "
-                     "(tipstream_dlq_total counts each; their reasons are in the DLQ's headers)",
-                     self.spec.name, counted(left_out, "more event", "more events"), DLQ_LOG_PER_MINUTE)
-        if left_out is not None:
-            log.info("DLQ %s #%d: %s", self.spec.name, seq, rejection.reason)
 
     async def _retry(self, action: Any, what: str, asking_again: bool = False) -> Any:
         """Transient failures (NATS away) are retried with backoff; nothing is skipped. `asking_again`: an

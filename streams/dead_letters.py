@@ -1,6 +1,6 @@
 """What of a stream is in the DLQ already, read back from the DLQ at a start.
 
-Ingest publishes a chunk's dead letters up to `DLQ_IN_FLIGHT` at once (`StreamIngest._dead_letter_all`):
+Ingest publishes a chunk's dead letters up to `DLQ_IN_FLIGHT` at once (`DeadLettering.publish`, app/dead_lettering.py):
 one at a time, each waited for, a flood of bad events was moved aside at ~3,000 a second, and half the
 events bad cut ingest to 5,800 a second (at once: every event bad, ~10,000 a second; half, ~15,000: docs/architecture.md, "The ingest path"). Published at once, the DLQ may store a later one and not an
 earlier (a reconnect between them), so each copy names its batch, `Tipstream-Dlq-Batch: <first>/<count>`

@@ -887,7 +887,7 @@ async def test_an_event_on_a_subject_that_is_not_utf8_goes_to_the_dlq_and_ingest
 
 async def test_dead_letters_are_logged_one_by_one_up_to_a_bound_a_minute_then_counted(start_service, nc, caplog) -> None:
     """A publisher sending bad events wrote a log line apiece: a flood of them, a flood of lines."""
-    from app import ingest
+    from app import dead_lettering
 
     running = await start_service()
     signals = next(i for i in running.service.ingests if i.spec.name == "SIGNALS")
@@ -898,16 +898,16 @@ async def test_dead_letters_are_logged_one_by_one_up_to_a_bound_a_minute_then_co
         return [r.getMessage() for r in caplog.records if r.getMessage().startswith("DLQ SIGNALS")]
 
     with caplog.at_level(logging.INFO, logger="tipstream.ingest"):
-        for i in range(ingest.DLQ_LOG_PER_MINUTE + 1):  # one left out: counted in the singular
+        for i in range(dead_lettering.DLQ_LOG_PER_MINUTE + 1):  # one left out: counted in the singular
             await js.publish("signals.task.created", b'{"id": "broken-%d", ' % i)
-        await eventually(lambda: dead_lettered("SIGNALS") - before == ingest.DLQ_LOG_PER_MINUTE + 1)
-        assert len(lines()) == ingest.DLQ_LOG_PER_MINUTE
-        signals._dlq_lines.clock = lambda: time.monotonic() + 61  # as a minute later
+        await eventually(lambda: dead_lettered("SIGNALS") - before == dead_lettering.DLQ_LOG_PER_MINUTE + 1)
+        assert len(lines()) == dead_lettering.DLQ_LOG_PER_MINUTE
+        signals.dlq.lines.clock = lambda: time.monotonic() + 61  # as a minute later
         await js.publish("signals.task.created", b'{"id": "broken-last", ')
-        await eventually(lambda: len(lines()) == ingest.DLQ_LOG_PER_MINUTE + 2)
+        await eventually(lambda: len(lines()) == dead_lettering.DLQ_LOG_PER_MINUTE + 2)
     told = lines()[-2:]
-    assert told[0].startswith(f"DLQ SIGNALS: 1 more event dead-lettered after the last {ingest.DLQ_LOG_PER_MINUTE}")
-    assert told[1].startswith(f"DLQ SIGNALS #{ingest.DLQ_LOG_PER_MINUTE + 2}: body is not valid JSON")
+    assert told[0].startswith(f"DLQ SIGNALS: 1 more event dead-lettered after the last {dead_lettering.DLQ_LOG_PER_MINUTE}")
+    assert told[1].startswith(f"DLQ SIGNALS #{dead_lettering.DLQ_LOG_PER_MINUTE + 2}: body is not valid JSON")
 
 
 async def test_a_dead_letter_stored_whose_acknowledgement_was_lost_is_not_stored_again(

@@ -84,7 +84,7 @@ def test_a_forged_batch_header_cannot_hide_dead_letters_below_its_own_sequence()
 @given(st.data())
 def test_starts_after_crash_upon_crash_store_each_dead_letter_once(data: st.DataObject) -> None:
     """Run after run, each crashing mid-batch (with holes: a reconnect between copies) and with no checkpoint,
-    ingest sends what a start did not find, as `_dead_letter_all` does: each start finds exactly what the DLQ
+    ingest sends what a start did not find, as `DeadLettering.publish` does: each start finds exactly what the DLQ
     holds. A start's sends carried on as a batch of their own, a copy stored past their first, before the crash,
     was taken as missing at the next start, and stored twice."""
     draw = data.draw
