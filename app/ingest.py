@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -24,12 +23,12 @@ from nats.js.errors import NotFoundError
 from app.catch_up import CatchUpProgress
 from app.checkpoints import Checkpointer
 from app.dead_lettering import DeadLettering, processing_failed
+from app.ingest_lag import LagWatch
 from app.metrics import METRICS
 from app.thaw import load_state
 from streams import ack_subject, pull
 from streams import jetstream as jsx
-from streams.answers import answered
-from streams.delivery import delivered_in_turn, holes_after, stored_past, stored_until
+from streams.delivery import delivered_in_turn, holes_after, stored_until
 from streams.events import REJECTION_KINDS, Refused, Rejection
 from streams.fold import FutureEvent
 from streams.log_throttle import LogThrottle, counted, since_last_line
@@ -50,13 +49,6 @@ BUFFER_MAX_BYTES = 32 << 20
 # bound (10 s), ingest resumed 11-16 s after the loss. Each unanswered call is asked again at once: with a backoff
 # doubling after each (to 6.4 s by then), a consumer that could be made 11 s after the loss was asked for at 16 s.
 RESET_CALL_TIMEOUT_S = 2.0
-# How often a hold (checkpoints failing, a user's state that cannot be read) asks the server for the
-# stream's lag: no chunk is folded meanwhile, and the lag was set only as one was.
-LAG_WHILE_HELD_EVERY_S = 5.0
-# How often, while its consumer is being re-created, ingest asks the stream how far it goes (`_lag_while_recreating`):
-# on a NATS cluster that lost a node, a stream gets a leader, and stores events, seconds before its consumer does
-# (1-2 s on a 3-node 2.15.1 cluster here), and the lag said 0 meanwhile.
-LAG_WHILE_RECREATING_EVERY_S = 1.0
 # Told with a NATS call that timed out (`StreamIngest._retry`): "nats: timeout" alone said neither why nor what to do.
 NO_ANSWER_FIX = (". No NATS node answered in time: on a NATS cluster, none leads it yet (an election after a node was "
                  "lost takes seconds, the stream or consumer has no leader until then), or the server hangs. If this "
@@ -126,9 +118,10 @@ class StreamIngest:
         self.clock = time.monotonic  # of `_retry`'s lines, a minute apart
         # A cluster without a quorum answers no call for as long as it lasts: asked again every 2 s, each a line.
         self._unanswered_lines = LogThrottle(per_window=6)
-        self._gone_lines = LogThrottle(per_window=6)  # the consumer taking no pull request (`_consumer_gone`)
-        self._unanswered_lag: asyncio.Future[None] | None = None  # `_lag_while_unanswered`, while it runs
-        self._info_unanswered = False  # the consumer's last consumer_info failed (`_ask_lag`): told once till it answers
+        # The consumer taking no pull request (`_consumer_gone`), and its other silences (`LagWatch`).
+        self.gone_lines = LogThrottle(per_window=6)
+        # The lag told while no chunk is folded (held, the consumer made again or unanswered).
+        self.lag_watch = LagWatch(self, RESET_CALL_TIMEOUT_S)
         # A hold asks for its checkpoint, so a small TIPSTREAM_MAX_UNCHECKPOINTED_EVENTS holds briefly but often
         # (every second at 200 and 200 events/s): a warning apiece.
         self._hold_lines = LogThrottle(per_window=6)
@@ -153,8 +146,6 @@ class StreamIngest:
             read.drained = self.drained
         self.progress_every_s = jsx.ACK_WAIT_S / 3  # while a wait holds delivered messages (`_keep_in_progress`)
         self._progressed = 0.0
-        self.lag_while_held_every_s = LAG_WHILE_HELD_EVERY_S
-        self._lag_asked = -math.inf
         self._held: list[pull.RawMsg] = []
         # Clear within a chunk's fold, which may wait (a user's state read, the learner): the store then holds
         # part of the chunk, past the stream's position. A user is forgotten between two chunks, the eraser
@@ -192,6 +183,15 @@ class StreamIngest:
         # The store's position, read when scraped: it also moves without this ingest (the DECISIONS
         # tail advances it over this process's acknowledged publishes).
         METRICS.position.labels(spec.name).set_function(lambda: store.positions.get(spec.name, 0))
+
+    def tell_lag(self, lag: int) -> None:
+        """The lag as /readyz and tipstream_stream_lag tell it."""
+        self.lag = lag
+        self._lag.set(lag)
+
+    def unfolded(self) -> int:
+        """Messages delivered and not folded yet."""
+        return len(self._held) + len(self.buffer)
 
     @property
     def current(self) -> bool:
@@ -238,8 +238,7 @@ class StreamIngest:
     async def stop(self) -> None:
         if self.puller:
             await self.puller.stop()
-        if self._unanswered_lag is not None:
-            self._unanswered_lag.cancel()
+        self.lag_watch.stop()
 
     async def pause_reading(self) -> None:
         """Stop asking for messages, and drop the pull request outstanding (`request_reset` reads again)."""
@@ -313,10 +312,8 @@ class StreamIngest:
             self.read.advance(0, self.caught_up)
         self.puller = pull.BatchPuller(self.nc, self.spec.name, self.durable, self.batch, self._on_message,
                                        on_gone=self._consumer_gone, max_bytes=self.pull_max_bytes,
-                                       on_unanswered=self._unanswered)
-        # The old consumer's silence is not the new one's: kept, the new one's first consumer_info unanswered went
-        # untold (`_ask_lag`).
-        self._info_unanswered = False
+                                       on_unanswered=self.lag_watch.unanswered)
+        self.lag_watch.consumer_made()
         await self.puller.start()
         log.info("consuming %s from sequence %d", self.spec.name, start)
         self.catch_up.begin(pending)
@@ -329,7 +326,7 @@ class StreamIngest:
             return
         self.request_reset()
         # Bounded: a cluster that lacks a leader for minutes has each re-created consumer meet none again.
-        left_out = self._gone_lines.allow(why)
+        left_out = self.gone_lines.allow(why)
         if left_out is None:
             return
         more = since_last_line(left_out, "time", "times")
@@ -346,46 +343,6 @@ class StreamIngest:
                     "this goes on, start the cluster's missing nodes (`nats server report jetstream` shows them and "
                     "which streams have no leader)%s", self.durable, self.spec.name, self.spec.name, position + 1,
                     more)
-
-    def _unanswered(self) -> None:
-        """The puller's requests go unanswered (`pull.BatchPuller.unanswered`): no 503 says the consumer has no
-        leader, its node hangs. The lag is read from the stream meanwhile (`_lag_while_unanswered`)."""
-        if self._unanswered_lag is None or self._unanswered_lag.done():
-            self._unanswered_lag = asyncio.ensure_future(self._lag_while_unanswered(self.puller))
-
-    async def _lag_while_unanswered(self, puller: pull.BatchPuller | None) -> None:
-        """While `puller`'s requests go unanswered, the lag as the stream counts it, every
-        LAG_WHILE_RECREATING_EVERY_S. Set only by a chunk folded, it stayed at its last value (0) for as long as a
-        hung node led the consumer (until its cluster elected another, ~5 s on a 3-node 2.9 cluster here), while
-        the stream, led by another node, stored events: /readyz and tipstream_stream_lag said nothing waited. The
-        consumer's own count (consumer_info) is its leader's to answer, so it is not asked."""
-        if puller is None:
-            return
-
-        def still() -> bool:
-            return puller is self.puller and puller.unanswered
-
-        # Told already if ingest waits and its asks for consumer_info go unanswered too (`_ask_lag`): one cause.
-        left_out = None if self._info_silent() else self._gone_lines.allow("unanswered")
-        if left_out is not None:
-            more = since_last_line(left_out, "time", "times")
-            log.warning("the consumer %s of stream %s answers no pull request, neither with messages nor with a "
-                        "status: the NATS server leading it hangs or is cut off (on a cluster, until the other nodes "
-                        "elect another leader). The lag is read from the stream meanwhile. If this goes on, look at "
-                        "that server (`nats server report jetstream` shows which streams and consumers have no "
-                        "leader)%s", self.durable, self.spec.name, more)
-        told_at, reconnects = time.monotonic(), self.nc.stats["reconnects"]
-        js = self.nc.jetstream(timeout=RESET_CALL_TIMEOUT_S)
-        while still():
-            await self._lag_from_stream(js, still)
-            await asyncio.sleep(LAG_WHILE_RECREATING_EVERY_S)
-        # The warning above was the last word when the server came back on the same connection (a hung server
-        # resumed, SIGCONT): the operator was left to guess whether it still held. A reconnect (the connection dropped
-        # after its pings went unanswered) or a consumer made again says so in lines of its own.
-        if (left_out is not None and puller is self.puller and not puller.stopped and not puller.paused
-                and self.nc.is_connected and self.nc.stats["reconnects"] == reconnects):
-            log.info("the consumer %s of stream %s answers pull requests again, %.0f s after the line saying it "
-                     "answered none; ingest reads on", self.durable, self.spec.name, time.monotonic() - told_at)
 
     async def _replaced_under_us(self, seq: int, js: JetStreamContext) -> str | None:
         """Whether the server holds another message at the last one read (`seq`, the position, or before
@@ -420,7 +377,7 @@ class StreamIngest:
             if self.reset_needed:
                 self.reset_needed = False
                 quick = self.nc.jetstream(timeout=RESET_CALL_TIMEOUT_S)
-                lag = asyncio.ensure_future(self._lag_while_recreating(quick))
+                lag = asyncio.ensure_future(self.lag_watch.while_recreating(quick))
                 try:
                     await self._retry(functools.partial(self._restart_consumer, quick), "re-create the consumer",
                                       asking_again=True)
@@ -563,88 +520,11 @@ class StreamIngest:
         return max(self._progressed + self.progress_every_s - time.monotonic(), 0.0)
 
     async def _pause(self, seconds: float) -> None:
-        """Sleep, keeping what is held in progress and the lag told (`_ask_lag`)."""
+        """Sleep, keeping what is held in progress and the lag told (`LagWatch.ask`)."""
         end = time.monotonic() + seconds
         while (left := end - time.monotonic()) > 0:
-            await self._ask_lag()
-            await asyncio.sleep(min(left, await self._keep_in_progress(), self.lag_while_held_every_s))
-
-    async def _ask_lag(self) -> None:
-        """While ingest holds, the lag as the server counts it, every `lag_while_held_every_s`: set only as a
-        chunk was folded, it stayed at its last value (0) through a hold of minutes while the stream grew, and
-        the operator's guide's alert on `tipstream_stream_lag` for ingest held never fired. The consumer's count, or the
-        stream's when the consumer does not answer (no leader, or its node hangs: a held ingest asks no messages,
-        so `_lag_while_unanswered` does not see that silence) or a cluster node without its copy yet answers for it
-        (`jsx.knows_nothing_of_the_consumer`); the consumer's last lag stayed until the cluster
-        elected it another leader. The first failure while the consumer is in use is told (the lag alone changed
-        without a word why), unless its pull requests' silence is told already, then none until it answers again."""
-        now = time.monotonic()
-        if now - self._lag_asked < self.lag_while_held_every_s or not self.nc.is_connected:
-            return
-        self._lag_asked = now
-        js = self.nc.jetstream(timeout=RESET_CALL_TIMEOUT_S)
-        try:  # bounded by `answered`, its cancellation kept as each request's (`pull.IngestClient.request`)
-            info = await answered(js.consumer_info(self.spec.name, self.durable), RESET_CALL_TIMEOUT_S)
-        except Exception as error:  # noqa: BLE001 - the consumer has no leader, hangs or is gone: the stream's count
-            # Not while it is made again (its puller stopped): `_retry` tells why. Nor while its pull requests go
-            # unanswered (a fold retried, the puller asking on): `_lag_while_unanswered` tells that silence.
-            if not self._info_unanswered and self.puller is not None and not self.puller.stopped:
-                self._info_unanswered = True
-                if self._unanswered_lag is None or self._unanswered_lag.done():
-                    self._tell_info_unanswered(error)
-            await self._lag_from_stream(js, lambda: True)
-            return
-        if jsx.knows_nothing_of_the_consumer(info, self.nc._server_info):
-            # A cluster node without the consumer's copy yet: its counts of 0 read as nothing waiting for a sample.
-            await self._lag_from_stream(js, lambda: True)
-            return
-        self._info_unanswered = False
-        # Not delivered yet, and delivered but not folded: as a folded chunk counts it, after the position.
-        self.lag = (info.num_pending or 0) + len(self._held) + len(self.buffer)
-        self._lag.set(self.lag)
-
-    def _info_silent(self) -> bool:
-        """Whether the consumer answered no consumer_info when last asked (`_ask_lag`), and ingest still waits, so
-        asks again: once the wait is over, that failure says nothing of the consumer now. While it waits, an ask
-        starts every `lag_while_held_every_s`, or as the one before ends, which waits for two calls at most
-        (consumer_info, then the stream's), each bounded by RESET_CALL_TIMEOUT_S; the bound here has one more of each."""
-        since = time.monotonic() - self._lag_asked
-        return self._info_unanswered and since < 2 * self.lag_while_held_every_s + 3 * RESET_CALL_TIMEOUT_S
-
-    def _tell_info_unanswered(self, error: Exception) -> None:
-        """One warning, bounded as the consumer's other silences are (`_gone_lines`), that the consumer answered
-        no consumer_info to `_ask_lag`."""
-        left_out = self._gone_lines.allow("no consumer_info")
-        if left_out is None:
-            return
-        more = since_last_line(left_out, "time", "times")
-        log.warning("the consumer %s of stream %s answers no consumer_info (%s: %s) while ingest waits, held for "
-                    "checkpoints or retrying: no NATS node leads it now, the server leading it hangs or is cut off (on "
-                    "a cluster, until the other nodes elect another leader), or it was deleted. The lag is read from the "
-                    "stream meanwhile. If this goes on, look at that server (`nats server report jetstream` shows "
-                    "which streams and consumers have no leader; `nats consumer info %s %s` whether it is there)%s",
-                    self.durable, self.spec.name, type(error).__name__, error, self.spec.name, self.durable, more)
-
-    async def _lag_while_recreating(self, js: JetStreamContext) -> None:
-        """Until the consumer is made again (cancelled then), the lag as the stream counts it, every
-        LAG_WHILE_RECREATING_EVERY_S: what it stores past the position is unread. Set only by a chunk folded or a
-        consumer made, it stayed at its last value (0) while a stream that had a leader again stored events its
-        consumer, with none yet, could not deliver: /readyz and tipstream_stream_lag said nothing waited."""
-        while True:
-            # Not once the new consumer's puller runs: the consumer's own count (`_restart_consumer`) is the lag then.
-            await self._lag_from_stream(js, lambda: self.puller is None or self.puller.stopped)
-            await asyncio.sleep(LAG_WHILE_RECREATING_EVERY_S)
-
-    async def _lag_from_stream(self, js: JetStreamContext, still: Callable[[], bool]) -> None:
-        """The lag as the stream counts it, what it stores past the position (`stored_past`), set if `still()` holds
-        once it is had: an answer of the consumer meanwhile says more."""
-        try:  # bounded by `answered` (`_ask_lag`)
-            state = (await answered(js.stream_info(self.spec.name), RESET_CALL_TIMEOUT_S)).state
-        except Exception:  # noqa: BLE001 - no leader yet, or NATS away: the last lag known stays
-            return
-        if still():
-            self.lag = stored_past(self.store.positions.get(self.spec.name, 0), state.last_seq, state.messages)
-            self._lag.set(self.lag)
+            await self.lag_watch.ask()
+            await asyncio.sleep(min(left, await self._keep_in_progress(), self.lag_watch.held_every_s))
 
     async def process(self, chunk: list[pull.RawMsg]) -> None:
         self.between_chunks.clear()

@@ -982,7 +982,7 @@ async def test_the_lag_metric_grows_with_the_stream_while_ingest_holds(nats_serv
     checkpoints, store = Checkpoints(), OnlineStore()
     ingest = StreamIngest(nc, js, jsx.SIGNALS, store, checkpoints, batch=64, max_event_bytes=16384,
                           max_uncheckpointed=10)
-    ingest.lag_while_held_every_s = 0.1
+    ingest.lag_watch.held_every_s = 0.1
     await jsx.publish_events(js, events(0, 5))
     await ingest.start()
     running = asyncio.create_task(ingest.run())
@@ -1362,7 +1362,7 @@ async def test_a_puller_back_from_a_nats_restart_is_not_told_its_requests_go_una
     """NATS away longer than a request's expiry and the second `unanswered` waits past it: back, the old requests
     were lost with the connection (the watchdog asks again), and the server answers. The silence was counted from
     the last answer before the outage, and the first watch after the reconnect told the owner that the server
-    leading the consumer hangs: ingest logged so (`_lag_while_unanswered`) after every NATS restart it outlived."""
+    leading the consumer hangs: ingest logged so (`LagWatch._while_unanswered`) after every NATS restart it outlived."""
     from tests.conftest import NatsServer
 
     server = NatsServer(tmp_path / "nats")
@@ -1471,7 +1471,7 @@ async def test_a_batch_still_arriving_over_a_slow_link_is_not_requests_unanswere
 
 
 async def test_a_consumer_made_again_has_its_own_first_consumer_info_unanswered_told(nats_server, caplog) -> None:
-    """A held ingest tells once that its consumer answers no consumer_info (`_ask_lag`), then none until it answers.
+    """A held ingest tells once that its consumer answers no consumer_info (`LagWatch.ask`), then none until it answers.
     Made again meanwhile, the new consumer's first failure was left untold: the old one's silence still counted."""
     caplog.set_level(logging.WARNING, logger="tipstream.ingest")
     nc = await pull.connect(nats_server.url)
@@ -1484,7 +1484,7 @@ async def test_a_consumer_made_again_has_its_own_first_consumer_info_unanswered_
 
     ingest = StreamIngest(nc, js, jsx.SIGNALS, store, checkpoints, batch=64, max_event_bytes=16384,
                           max_uncheckpointed=10, before=lambda reply: delete_consumer())
-    ingest.lag_while_held_every_s = 0.1
+    ingest.lag_watch.held_every_s = 0.1
 
     def told() -> list[str]:
         return [r.getMessage() for r in caplog.records if "answers no consumer_info" in r.getMessage()]
@@ -1509,7 +1509,7 @@ async def test_a_consumer_made_again_has_its_own_first_consumer_info_unanswered_
 
 
 async def test_the_lag_read_from_the_stream_leaves_out_what_it_no_longer_stores(nats_server) -> None:
-    """The lag told from the stream while the consumer does not answer (`_lag_from_stream`) was its last sequence less
+    """The lag told from the stream while the consumer does not answer (`LagWatch._from_stream`) was its last sequence less
     the position: messages deleted past the position (a user forgotten, `streams.scrub`) counted as waiting. Once
     what was read is gone too (aged out, purged), what the stream stores is all past the position: that count."""
     nc = await pull.connect(nats_server.url)
@@ -1523,7 +1523,7 @@ async def test_the_lag_read_from_the_stream_leaves_out_what_it_no_longer_stores(
 
     ingest = StreamIngest(nc, js, jsx.SIGNALS, store, checkpoints, batch=64, max_event_bytes=16384,
                           max_uncheckpointed=5, before=lambda reply: delete_consumer())
-    ingest.lag_while_held_every_s = 0.1
+    ingest.lag_watch.held_every_s = 0.1
 
     def events(first: int, count: int) -> list[tuple[str, dict[str, Any]]]:
         return [("signals.app.opened", {"id": f"e{i}", "type": "app.opened", "user_id": f"u{i % 7}",
@@ -1547,9 +1547,9 @@ async def test_the_lag_read_from_the_stream_leaves_out_what_it_no_longer_stores(
 @pytest.mark.parametrize("seen_first", ["consumer_info", "pull requests"])
 async def test_a_fold_retried_while_the_consumer_is_silent_tells_the_silence_once(nats_server, caplog,
                                                                                   seen_first: str) -> None:
-    """A fold retried (a user's state that cannot be loaded) asks for the lag (`_ask_lag`) while the puller asks on
+    """A fold retried (a user's state that cannot be loaded) asks for the lag (`LagWatch.ask`) while the puller asks on
     for messages. The server leading the consumer hangs: both its consumer_info and its pull requests go unanswered,
-    and each told it (`_tell_info_unanswered`, `_lag_while_unanswered`), two warnings for one cause, whichever was
+    and each told it (`LagWatch._tell_info_unanswered`, `._while_unanswered`), two warnings for one cause, whichever was
     seen first."""
     import os
     import signal
@@ -1568,7 +1568,7 @@ async def test_a_fold_retried_while_the_consumer_is_silent_tells_the_silence_onc
 
     ingest = StreamIngest(nc, js, jsx.SIGNALS, store, Checkpoints(), batch=64, max_event_bytes=16384,
                           max_uncheckpointed=1000, sink=sink)
-    ingest.lag_while_held_every_s = 0.1 if seen_first == "consumer_info" else 3600.0  # asked once, at the first pause
+    ingest.lag_watch.held_every_s = 0.1 if seen_first == "consumer_info" else 3600.0  # asked once, at the first pause
     await ingest.start()
     running = asyncio.create_task(ingest.run())
     try:
@@ -1581,10 +1581,10 @@ async def test_a_fold_retried_while_the_consumer_is_silent_tells_the_silence_onc
         try:  # both ways have seen the silence
             wait_stopped(nats_server.process.pid)  # every thread: it may answer until then
             if seen_first == "pull requests":
-                await eventually(lambda: ingest._unanswered_lag is not None, timeout=10)
-                assert not ingest._info_unanswered
-                ingest.lag_while_held_every_s = 0.1  # asked at the retry's next pause
-            await eventually(lambda: ingest._info_unanswered and ingest._unanswered_lag is not None, timeout=10)
+                await eventually(lambda: ingest.lag_watch.unanswered_task is not None, timeout=10)
+                assert not ingest.lag_watch.info_unanswered
+                ingest.lag_watch.held_every_s = 0.1  # asked at the retry's next pause
+            await eventually(lambda: ingest.lag_watch.info_unanswered and ingest.lag_watch.unanswered_task is not None, timeout=10)
         finally:
             os.kill(nats_server.process.pid, signal.SIGCONT)
         failing[0] = False

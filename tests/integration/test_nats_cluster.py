@@ -521,8 +521,8 @@ async def test_a_hung_node_leading_the_consumer_leaves_the_lag_told_from_the_str
 async def test_a_hung_node_leading_the_consumer_of_a_held_ingest_leaves_the_lag_told_from_the_stream(
         nats_cluster: NatsCluster, caplog: pytest.LogCaptureFixture) -> None:
     """Ingest held (checkpoints behind: TIPSTREAM_MAX_UNCHECKPOINTED_EVENTS reached) asks no messages, so the
-    silence of a hung node leading its consumer is not seen (`_lag_while_unanswered`), and the lag comes from
-    consumer_info (`_ask_lag`), which that node answers: it timed out, and the lag stayed 0 while the stream, led by
+    silence of a hung node leading its consumer is not seen (`LagWatch._while_unanswered`), and the lag comes from
+    consumer_info (`LagWatch.ask`), which that node answers: it timed out, and the lag stayed 0 while the stream, led by
     another node, stored on, until the cluster elected another leader for the consumer. Told from the stream, the
     lag changed with no word why: one warning names the consumer, the stream and what to look at."""
     names = list(nats_cluster.nodes)
@@ -534,7 +534,7 @@ async def test_a_hung_node_leading_the_consumer_of_a_held_ingest_leaves_the_lag_
     checkpoints, store = Checkpoints(), OnlineStore()
     ingest = StreamIngest(nc, js, jsx.SIGNALS, store, checkpoints, batch=64, max_event_bytes=16384,
                           max_uncheckpointed=10)
-    ingest.lag_while_held_every_s = 0.1
+    ingest.lag_watch.held_every_s = 0.1
     await ingest.start()
     running = asyncio.create_task(ingest.run())
     events = [("signals.app.opened", opened(i)) for i in range(25)]

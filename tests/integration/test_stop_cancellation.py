@@ -271,7 +271,7 @@ async def test_the_decisions_tail_cancelled_as_its_stream_s_answer_comes_ends(st
 
 
 async def test_a_held_ingest_cancelled_as_the_consumer_s_answer_comes_ends(nats_server) -> None:
-    """Ingest held (checkpoints behind) asks the consumer for the lag every `lag_while_held_every_s`, through
+    """Ingest held (checkpoints behind) asks the consumer for the lag every `LagWatch.held_every_s`, through
     nats-py, whose requests wait with Python 3.11's `wait_for`: a cancellation that came with the answer was dropped,
     and the hold went on (the stop waited `background.STOP_CANCEL_AGAIN_S` to cancel it again). Here the server is
     stopped (SIGSTOP) with the ask on its way, and ingest is cancelled as the answer comes, once the server goes on."""
@@ -281,7 +281,7 @@ async def test_a_held_ingest_cancelled_as_the_consumer_s_answer_comes_ends(nats_
     checkpoints = Checkpoints()
     ingest = StreamIngest(nc, js, jsx.SIGNALS, OnlineStore(), checkpoints, batch=64, max_event_bytes=16384,
                           max_uncheckpointed=1)
-    ingest.lag_while_held_every_s = 0.1
+    ingest.lag_watch.held_every_s = 0.1
     await ingest.start()
     task = asyncio.create_task(ingest.run())
     try:

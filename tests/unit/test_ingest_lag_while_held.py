@@ -1,4 +1,4 @@
-"""The lag a held ingest reads from its consumer (`StreamIngest._ask_lag`), from answers shaped as nats-py returns
+"""The lag a held ingest reads from its consumer (`LagWatch.ask`, app/ingest_lag.py), from answers shaped as nats-py returns
 them: a consumer led on a cluster, one on a single server, and a cluster node's that has not made its copy yet."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tests.unit.consumer_answers import LED, ON_A_CLUSTER, SINGLE, config_only, 
 
 
 class JetStream:
-    """The two calls `_ask_lag` makes; the stream stores `stored` messages, 1 to `stored`, or does not answer."""
+    """The two calls `LagWatch.ask` makes; the stream stores `stored` messages, 1 to `stored`, or does not answer."""
 
     def __init__(self, info: ConsumerInfo, stored: int | None) -> None:
         self.info, self.stored = info, stored
@@ -50,7 +50,7 @@ def told() -> float:
 async def test_the_consumer_s_count_is_the_lag_on_a_cluster_and_on_a_single_server() -> None:
     for info, server in ((consumer_info(300, LED), ON_A_CLUSTER), (consumer_info(300, None), SINGLE)):
         ingest = held_ingest(info, server, stored=None)
-        await ingest._ask_lag()
+        await ingest.lag_watch.ask()
         assert (ingest.lag, told()) == (300, 300), server
 
 
@@ -61,8 +61,8 @@ async def test_a_cluster_node_without_the_consumer_s_copy_yet_does_not_tell_a_la
     is the lag then, as when the consumer does not answer, and the last lag known stays if the stream does not
     answer either."""
     ingest = held_ingest(config_only(), ON_A_CLUSTER, stored=420)
-    await ingest._ask_lag()
+    await ingest.lag_watch.ask()
     assert (ingest.lag, told()) == (320, 320)
     ingest = held_ingest(config_only(), ON_A_CLUSTER, stored=None)
-    await ingest._ask_lag()
+    await ingest.lag_watch.ask()
     assert (ingest.lag, told()) == (250, 250)
