@@ -189,20 +189,22 @@ def write_learner_state(conn: Connection, snapshot: dict[str, Any] | None) -> No
         {"name": "prior", "state": snapshot["prior"], "updated_at": now},
         *({"name": name, "state": data, "updated_at": now} for name, data in credits.items() if data is not None),
     ], ["name"])
-    if forgotten := set(snapshot.get("forgotten_credits") or ()):
-        _delete_credits(conn, forgotten)
+    forgotten, users = set(snapshot.get("forgotten_credits") or ()), snapshot.get("forgotten_credit_users") or {}
+    if forgotten or users:
+        _delete_credits(conn, forgotten, users)
 
 
-def _delete_credits(conn: Connection, decision_ids: set[str]) -> None:
-    """Forgotten users' decisions go from every minute's row of credits (`CreditLog.forget`): a closed
-    minute is in no snapshot again, and kept what their reactions credited for the join window."""
+def _delete_credits(conn: Connection, decision_ids: set[str], users: dict[str, int]) -> None:
+    """Forgotten users' decisions go from every minute's row of credits (`CreditLog.forget`), also those the rows
+    saved as theirs (`users` -> as of when: `credit_log.theirs`): a closed minute is in no snapshot again, and kept
+    what their reactions credited for the join window."""
     table = db.learner_state
     rows = conn.execute(select(table.c.name, table.c.state).where(table.c.name.like(f"{CREDITS_ROW}%"))).all()
     for name, data in rows:
         try:
             with reading_learner_row(name):
                 credits = orjson.loads(bytes(data))
-                kept = without(credits, decision_ids)  # their users' index too (`credit_log.USERS`)
+                kept = without(credits, decision_ids, users)  # their users' index too (`credit_log.USERS`)
         except UnreadableLearnerState as error:
             # Raised, it failed this checkpoint and every one after it (their users' request kept it in each): no
             # state or position was saved again. Left as it is, the next start stops on it, naming it as here.

@@ -35,11 +35,12 @@ index for one more decision, which none ever names, where a third item in each e
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import orjson
 
+from app.decision_ids import decision_time_ms
 from app.start_errors import reading_learner_row
 
 MINUTE_MS = 60_000
@@ -72,6 +73,9 @@ class CreditLog:
         # Decisions of forgotten users whose credits the saved rows may still hold -> the snapshot that
         # last asked for them to go (None: none yet): asked again until one is confirmed.
         self._forgotten: dict[str, int | None] = {}
+        # Forgotten users -> (as of when, the snapshot that last asked): their decisions' entries go from every saved
+        # row by the users saved with them (`theirs`), also those of decisions no longer held (`forget`).
+        self._forgotten_users: dict[str, tuple[int, int | None]] = {}
 
     def credit(self, decision_id: str, credits: dict[str, float], rewarded_ms: int | None, now_ms: int, *,
                users: Collection[str] | None) -> None:
@@ -85,32 +89,55 @@ class CreditLog:
         self._rows[minute] = None
         self._dirty.add(minute)
 
-    def forget(self, decision_ids: set[str]) -> None:
-        """Let go of these decisions' credits (a forgotten user's): from the minutes in memory now, and
-        from the rows saved, closed ones too, by the next snapshot (`forgotten`).
+    def forget(self, decision_ids: set[str], users: Mapping[str, int] | None = None) -> None:
+        """Let go of these decisions' credits (a forgotten user's), and of those whose saved users name one of
+        `users` (user -> as of when, ms: `theirs`): from the minutes in memory now, and from the rows saved, closed
+        ones too, by the next snapshot (`forgotten`, `forgotten_users`).
+
+        By their users too: the join window keeps credits by the minute they were given in, and a decision by when
+        it was made or stored, so one the cache let go past its window (reacted to later than made) keeps its
+        credits saved until their minute leaves. Held by no cache a forget looks over, they stayed, the user's id
+        with them: a start restored them, and a copy of the decision stored again came back with their rewards.
 
         >>> log = CreditLog()
         >>> log.credit("d-1", {"tip-1": 1.0}, 1_000, now_ms=120_500, users=("u-1",))
         >>> log.credit("d-2", {"tip-1": 0.0}, 1_000, now_ms=120_600, users=None)
-        >>> log.forget({"d-1"}); log.changes(gen=1), log.forgotten(gen=1)
+        >>> log.credit("other-1", {"tip-1": 1.0}, 1_000, now_ms=120_700, users=("u-2",))  # no longer held
+        >>> log.forget({"d-1"}, {"u-2": 130_000}); log.changes(gen=1), log.forgotten(gen=1)
         ({'credits:2': b'{"d-2":[{"tip-1":0.0},1000]}'}, ['d-1'])
-        >>> log.confirmed(1); log.forgotten(gen=2)
-        []
+        >>> log.forgotten_users(gen=1)
+        {'u-2': 130000}
+        >>> log.confirmed(1); log.forgotten(gen=2), log.forgotten_users(gen=2)
+        ([], {})
         """
+        users = users or {}
         for minute, credits in self._open.items():
-            if not credits.keys().isdisjoint(decision_ids):
-                users = self._users.get(minute, {})
-                for decision_id in decision_ids:
-                    credits.pop(decision_id, None)
-                    users.pop(decision_id, None)
+            known = self._users.get(minute, {})
+            going = {decision_id for decision_id in decision_ids if decision_id in credits}
+            if users:
+                going.update(decision_id for decision_id in credits
+                             if theirs(decision_id, known.get(decision_id), users))
+            for decision_id in going:
+                del credits[decision_id]
+                known.pop(decision_id, None)
+            if going:
                 self._dirty.add(minute)
         self._forgotten.update(dict.fromkeys(decision_ids))
+        for user_id, until_ms in users.items():
+            before = self._forgotten_users.get(user_id)  # asked for again: as of the later request
+            self._forgotten_users[user_id] = (until_ms if before is None else max(until_ms, before[0]), None)
 
     def forgotten(self, gen: int) -> list[str]:
         """The decisions whose credits snapshot `gen` deletes from every saved row (`forget`)."""
         for decision_id in self._forgotten:
             self._forgotten[decision_id] = gen
         return sorted(self._forgotten)
+
+    def forgotten_users(self, gen: int) -> dict[str, int]:
+        """The users (-> as of when, ms) whose decisions' credits snapshot `gen` deletes from every saved row, by
+        the users saved with them (`forget`, `theirs`)."""
+        self._forgotten_users = {user_id: (until_ms, gen) for user_id, (until_ms, _) in self._forgotten_users.items()}
+        return {user_id: until_ms for user_id, (until_ms, _) in sorted(self._forgotten_users.items())}
 
     def drop_before(self, ms: int) -> None:
         """Delete the minutes that end at or before `ms`: their decisions are out of the join window."""
@@ -139,6 +166,9 @@ class CreditLog:
             self._unconfirmed_gen, self._unconfirmed = None, set()
         if self._forgotten:
             self._forgotten = {d: sent for d, sent in self._forgotten.items() if sent is None or sent > gen}
+        if self._forgotten_users:
+            self._forgotten_users = {user_id: (until_ms, sent) for user_id, (until_ms, sent)
+                                     in self._forgotten_users.items() if sent is None or sent > gen}
         keep = self._dirty | self._unconfirmed
         for minute in [m for m in self._open if m != self._newest and m not in keep]:
             del self._open[minute]
@@ -185,16 +215,43 @@ def split_row(saved: dict[str, Any]) -> tuple[dict[str, list], dict[str, list[st
     return saved, (index[0] if index else {})
 
 
-def without(saved: dict[str, Any], decision_ids: Collection[str]) -> dict[str, Any] | None:
-    """A row read back, rid of `decision_ids` (forgotten users' decisions), their users too; None when no decision
-    is left (the row goes); `saved` itself when it held none of them.
+def theirs(decision_id: str, users: list[str] | None, forgotten: Mapping[str, int]) -> bool:
+    """Whether a decision saved with `users` (None: not saved, not known) is of a user `forgotten` (-> as of when,
+    ms): made until then by the time in its id, as `Learner._forgotten` judges; another publisher's (no time in its
+    id) whatever its time. Its entry says only when it was last rewarded, by NATS's clock, not the one the request
+    was acted on by: a second ahead, kept. One stored after the request (the user come back) and credited before
+    the snapshot that deletes goes too, and its reaction sent again after a restart is learned again.
+
+    >>> made_2024 = "d-018f5c2a3b4c" + "0" * 16
+    >>> theirs(made_2024, ["u-1"], {"u-1": 2_000_000_000_000}), theirs(made_2024, ["u-1"], {"u-1": 1_000})
+    (True, False)
+    >>> theirs("other-1", ["u-1"], {"u-1": 1_000}), theirs("other-1", None, {"u-1": 1_000})
+    (True, False)
+    """
+    if not users or forgotten.keys().isdisjoint(users):
+        return False
+    made_ms = decision_time_ms(decision_id)
+    return made_ms is None or any(made_ms <= forgotten[user_id] for user_id in users if user_id in forgotten)
+
+
+def without(saved: dict[str, Any], decision_ids: Collection[str],
+            users: Mapping[str, int] | None = None) -> dict[str, Any] | None:
+    """A row read back, rid of `decision_ids` (forgotten users' decisions) and of the decisions it saved as of
+    `users` (forgotten, -> as of when: `theirs`), their users too; None when no decision is left (the row goes);
+    `saved` itself when it held none of them.
 
     >>> saved = {"d-1": [{"a": 1.0}, None], "d-2": [{"a": 0.0}, None], "": [{"d-1": ["u-1"], "d-2": ["u-2"]}, None]}
     >>> without(saved, {"d-1"}), without(saved, {"d-1", "d-2"}), without(saved, {"d-3"}) is saved
     ({'d-2': [{'a': 0.0}, None], '': [{'d-2': ['u-2']}, None]}, None, True)
+    >>> without(saved, set(), {"u-2": 1_000}), without(saved, set(), {"u-3": 1_000}) is saved
+    ({'d-1': [{'a': 1.0}, None], '': [{'d-1': ['u-1']}, None]}, True)
     """
-    if saved.keys().isdisjoint(decision_ids):
+    index = saved.get(USERS, [{}])[0] if users else {}
+    going = {decision_id for decision_id in decision_ids if decision_id in saved}
+    going.update(decision_id for decision_id, known in index.items()
+                 if decision_id in saved and theirs(decision_id, known, users or {}))
+    if not going:
         return saved
-    entries, users = split_row(dict(saved))
-    kept = {decision_id: entry for decision_id, entry in entries.items() if decision_id not in decision_ids}
-    return row(kept, users) if kept else None
+    entries, known_users = split_row(dict(saved))
+    kept = {decision_id: entry for decision_id, entry in entries.items() if decision_id not in going}
+    return row(kept, known_users) if kept else None

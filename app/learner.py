@@ -478,8 +478,9 @@ class Learner:
                     if users is not None and user_id in users]
         for decision_id in restored:
             del self._restored_credits[decision_id]
-        # What their reactions credited, saved by the minute for the join window (`credit_log`).
-        self.credit_log.forget(credited.union(restored))
+        # What their reactions credited, saved by the minute for the join window (`credit_log`); by the users saved
+        # with them too, those of decisions no cache holds any more (`CreditLog.forget`).
+        self.credit_log.forget(credited.union(restored), {user_id: at_ms})
         if self.silences is not None:
             self.silences.drop(gone)
         return len(gone)
@@ -777,6 +778,7 @@ class Learner:
             "state": state,
             "credits": self.credit_log.changes(gen),
             "forgotten_credits": self.credit_log.forgotten(gen),
+            "forgotten_credit_users": self.credit_log.forgotten_users(gen),
             "prior": self.lineup.prior.to_bytes(),
             "models": models,
             "rows": self.decision_log.snapshot() if force else None,

@@ -80,6 +80,17 @@ def decisions(row: bytes) -> set[str]:
     return set(split_row(orjson.loads(row))[0])
 
 
+def sent_again_once_done(world: World, copy: LoggedDecision) -> None:
+    """The request to forget "u-1" done (the user may come back), `copy` of their decision stored again (its
+    publisher sending again): a new decision of theirs, no reward in its row, their reaction credited anew."""
+    del world.learner.erasing["u-1"]
+    before = outcomes()
+    assert world.learner.add_logged(copy)
+    assert world.log.dirty[copy.id]["rewards"] is None
+    world.react(copy.id, "a", event_id="again")
+    assert delta(before) == {"credited": 1}, "a new decision of the user come back"
+
+
 def sent_again(world: World, decisions: list[Any]) -> dict[str, float]:
     """After a restart: the decisions come back from DECISIONS and their feedback is sent again."""
     before = outcomes()
@@ -505,12 +516,7 @@ def test_a_forgotten_user_s_credits_restored_at_a_start_do_not_come_back_with_a_
     assert forget(again.learner, "u-1", int(time.time() * 1000) + 1) == 0, "not read back yet: none held"
     checkpoint(again)
     assert "external-1" not in {d for row in credit_rows(again.engine).values() for d in row}
-    del again.learner.erasing["u-1"]  # the request is done: the user may come back
-    before = outcomes()
-    assert again.learner.add_logged(copy)  # its publisher sends it again
-    assert again.log.dirty["external-1"]["rewards"] is None
-    again.react("external-1", "a", event_id="again")
-    assert delta(before) == {"credited": 1}, "a new decision of the user come back"
+    sent_again_once_done(again, copy)
     world.engine.dispose()
     again.engine.dispose()
 
@@ -543,4 +549,45 @@ def test_the_users_saved_with_the_credits_leave_a_row_an_older_release_reads_and
     assert again.learner.add_logged(copy)
     assert again.log.dirty["external-1"]["rewards"] == {"a": 1.0}
     world.engine.dispose()
+    again.engine.dispose()
+
+
+def test_a_forget_takes_out_of_the_saved_minutes_its_user_s_credits_of_decisions_no_longer_held(
+        tmp_path: Path) -> None:
+    """The join window of credits is kept by the minute they were given in, of decisions by the time they were made
+    or stored: another publisher's decision the cache let go past its window keeps its credits saved until their
+    own minute leaves. A forget then found it in no cache and left its entry, the user's id with it, in the saved
+    minutes. The request's step 3 committed (`dropped`) and the service stopped before it was done: the next start,
+    which runs no forget again, restored those credits, and once the request was done a copy stored again came back
+    with the forgotten user's rewards (as after a start made once it was done). Now the forget takes out of every
+    saved minute the entries of decisions its user's, by the users saved with them, in that commit."""
+    world = World(tmp_path)  # a join window of an hour
+    body = orjson.loads(world.score(serve=False).payload) | {"id": "external-1"}
+    copy = LoggedDecision("external-1", orjson.dumps(body))
+    world.learner.add_logged(copy)  # held for a window from now
+    world.store.advance("DECISIONS", 1)
+    world.clock.now += 30 * 60
+    world.react("external-1", "a")  # its credits saved in this minute
+    world.learner.feedback_read.advance(int(world.clock.now * 1000), caught_up=True)
+    checkpoint(world)
+    world.clock.now += 40 * 60  # its window has passed, its credits' minute not yet
+    other = world.score(user="u-2")
+    world.learner.add_logged(LoggedDecision(other.decision_id, other.payload))
+    world.react(other.decision_id, "a", user="u-2")
+    world.learner.feedback_read.advance(int(world.clock.now * 1000), caught_up=True)
+    checkpoint(world)
+    assert "external-1" not in world.learner.joins.cache and "external-1" in saved_users(world.engine)
+
+    at_ms = int(time.time() * 1000) + 1  # as of now on the decision ids' clock (the wall's)
+    assert forget(world.learner, "u-1", at_ms) == 0, "none held"
+    checkpoint(world)  # step 3: the request is `dropped` in this commit
+    assert saved_users(world.engine) == {other.decision_id: ["u-2"]}, "no entry names the forgotten user"
+    world.engine.dispose()
+
+    again = World(tmp_path)  # stopped before the request was done: started again
+    again.clock.now = world.clock.now
+    assert again.learner.restore(again.engine) is not None
+    again.learner.erasing["u-1"] = at_ms  # as `Eraser.resume` does for a request `dropped`
+    assert "external-1" not in again.learner._restored_credits
+    sent_again_once_done(again, copy)
     again.engine.dispose()
