@@ -348,7 +348,7 @@ class Eraser:
             for row in rows:
                 user_id = row["user_id"]
                 held = self.store.forget(user_id)
-                decisions = self.learner.forget_user(user_id, utc_ms(at), theirs[user_id] + since.get(user_id, []))
+                went = self.learner.forget_user(user_id, utc_ms(at), theirs[user_id] + since.get(user_id, []))
                 if self.offline is not None:
                     self.offline.forget(user_id)
                 on_the_way |= _decisions_of(user_id, unpublished)
@@ -357,7 +357,7 @@ class Eraser:
                 entries.append({
                     "user_id": user_id, "requested_at": row["requested_at"], "dropped_at": at,
                     "bounds": {stream: positions.get(stream, 0) for stream in (jsx.SIGNALS.name, jsx.FEEDBACK.name)},
-                    "report": _added({"state": held, "decisions_held": decisions},
+                    "report": _added({"state": held, **went},
                                      self._undone.pop(user_id, None) or row.get("report")),
                 })
             # Nothing is folded from these two: whatever they hold now was stored before the request

@@ -455,13 +455,14 @@ class Learner:
         `forget_user`."""
         return self.joins.added_since(mark, user_ids, until_ms)
 
-    def forget_user(self, user_id: str, at_ms: int, theirs: list[str]) -> int:
+    def forget_user(self, user_id: str, at_ms: int, theirs: list[str]) -> dict[str, int]:
         """Then, in one go, nothing read between, as of `at_ms` (now, after the look): their reactions
         waiting for a decision, their own features in every model (`Lineup.forget_user`) and `theirs`
-        (`decisions_to_forget`, and `served_since` for those served during the look) still held; how many
-        decisions went. A reaction of theirs read while the cache was looked over was learned by then:
-        forgotten first, their features came back with it. Feedback of theirs naming a decision that went
-        counts as `unknown_decision`."""
+        (`decisions_to_forget`, and `served_since` for those served during the look) still held; what went,
+        as the request's report counts it: the decisions held, and those whose credits a start restored, not
+        read back yet (held by no cache, but theirs: `forget-status` said nothing of them). A reaction of
+        theirs read while the cache was looked over was learned by then: forgotten first, their features came
+        back with it. Feedback of theirs naming a decision that went counts as `unknown_decision`."""
         self.erasing[user_id] = at_ms
         self.waiting.drop_user(user_id)
         self.lineup.forget_user(user_id)
@@ -483,7 +484,7 @@ class Learner:
         self.credit_log.forget(credited.union(restored), {user_id: at_ms})
         if self.silences is not None:
             self.silences.drop(gone)
-        return len(gone)
+        return {"decisions_held": len(gone), "restored_credits": len(restored)}
 
     # -- feedback ----------------------------------------------------------------------------
 

@@ -37,9 +37,9 @@ class Learner:
     def served_unmark(self) -> None:
         pass
 
-    def forget_user(self, user_id: str, at_ms: int, theirs: list[str]) -> int:
+    def forget_user(self, user_id: str, at_ms: int, theirs: list[str]) -> dict[str, int]:
         self.forgotten.append(user_id)
-        return 0
+        return {"decisions_held": 0, "restored_credits": 0}
 
 
 class Ingest:
@@ -74,7 +74,7 @@ async def test_a_user_is_forgotten_between_two_chunks_never_within_one() -> None
     assert set(store.users) == {"other"} and learner.forgotten == ["u"]
     [entry] = eraser.snapshot() or []
     assert entry["bounds"] == {"SIGNALS": 9, "FEEDBACK": 0, "DECISIONS": 0, "DLQ": 0}
-    assert entry["report"] == {"state": True, "decisions_held": 0}
+    assert entry["report"] == {"state": True, "decisions_held": 0, "restored_credits": 0}
     eraser.saved([entry])
     assert eraser.snapshot() is None
 
@@ -135,6 +135,30 @@ async def test_a_reaction_learned_while_the_join_cache_is_looked_over_leaves_not
     assert [model.forget_user("u-1") for _, model in world.lineup.learning] == [0, 0], "nothing of theirs left"
     assert (eraser.snapshot() or [])[0]["report"]["decisions_held"] == 1
     world.engine.dispose()
+
+
+def test_the_report_counts_the_credits_a_start_restored_for_their_decisions_not_read_back(tmp_path: Any) -> None:
+    """A start restores the credits of the join window (which tips of a decision of theirs were rewarded, when),
+    each until its decision is read back: another publisher's, not read back yet, is held by no cache, and the
+    forget drops its credits all the same. The report counted only the decisions held (0): `forget-status` said
+    nothing of what went, and a request whose only find was those credits said "nothing was held of this id"."""
+    from tests.unit.test_learner_credit_log import external_rewarded
+    from tests.unit.test_scoring_learner import World
+
+    world = World(tmp_path)
+    external_rewarded(world)  # "u-1"'s, rewarded and checkpointed
+    world.engine.dispose()
+    again = World(tmp_path)  # a start: "external-1" not read back yet
+    again.clock.now = world.clock.now
+    assert again.learner.restore(again.engine) is not None
+    ingest = Ingest()
+    ingest.between_chunks.set()
+    eraser = Eraser(None, again.store, again.learner, checkpoint=None, lock=asyncio.Lock(),  # type: ignore[arg-type]
+                    ingests=[ingest])
+    # A test without a loop of its own: `external_rewarded` runs its checkpoint in one.
+    asyncio.run(eraser._drop([{"user_id": "u-1", "requested_at": datetime.now(UTC)}]))
+    assert (eraser.snapshot() or [])[0]["report"] == {"state": False, "decisions_held": 0, "restored_credits": 1}
+    again.engine.dispose()
 
 
 async def test_decisions_served_before_the_wall_clock_stepped_back_are_forgotten(tmp_path: Any) -> None:

@@ -513,7 +513,10 @@ def test_a_forgotten_user_s_credits_restored_at_a_start_do_not_come_back_with_a_
     again = World(tmp_path)
     again.clock.now = world.clock.now
     assert again.learner.restore(again.engine) is not None
-    assert forget(again.learner, "u-1", int(time.time() * 1000) + 1) == 0, "not read back yet: none held"
+    at_ms = int(time.time() * 1000) + 1  # as of now on the decision ids' clock (the wall's)
+    went = again.learner.forget_user("u-1", at_ms, asyncio.run(again.learner.decisions_to_forget("u-1", at_ms)))
+    # Not read back yet, none held: the request's report counts the credits (`forget-status`), not a decision.
+    assert went == {"decisions_held": 0, "restored_credits": 1}
     checkpoint(again)
     assert "external-1" not in {d for row in credit_rows(again.engine).values() for d in row}
     sent_again_once_done(again, copy)

@@ -94,8 +94,10 @@ class World:
 
 
 def forget(learner: Learner, user_id: str, at_ms: int) -> int:
-    """What the eraser's step 2 asks of the learner: the look over its join cache, then the drop."""
-    return learner.forget_user(user_id, at_ms, asyncio.run(learner.decisions_to_forget(user_id, at_ms)))
+    """What the eraser's step 2 asks of the learner: the look over its join cache, then the drop; the decisions
+    held that went."""
+    went = learner.forget_user(user_id, at_ms, asyncio.run(learner.decisions_to_forget(user_id, at_ms)))
+    return went["decisions_held"]
 
 
 @pytest.fixture
@@ -2368,7 +2370,7 @@ def test_a_decision_read_back_while_a_forget_looks_over_the_join_cache_goes_with
     at_ms = int(w.clock.now * 1000)  # the eraser acts as of after the look
     since = w.learner.served_since(mark, frozenset({"u-1"}), at_ms)
     assert since == {"u-1": ["ext-1"]}
-    assert w.learner.forget_user("u-1", at_ms, theirs + since["u-1"]) == 1
+    assert w.learner.forget_user("u-1", at_ms, theirs + since["u-1"])["decisions_held"] == 1
     assert w.learner.joins.get("ext-1") is None
     before = outcomes()
     w.sink(_reaction("f-1", "ext-1", "a"), _ack(w.clock.now, 1))
