@@ -32,8 +32,9 @@ import orjson
 
 from app import decision_spool, loop_lag, migrate, version
 from app.background import BackgroundTasks
+from app.checkpoint_stores import SqlCheckpointStore
 from app.checkpoint_writer import CheckpointWriter
-from app.checkpoints import Checkpointer, SqlCheckpointStore
+from app.checkpoints import Checkpointer
 from app.collector import FreezePolicy
 from app.db import autovacuum_is_off, briefly, make_engine, one_line, refuse_read_only, refused_by_setting
 from app.decision_publisher import DecisionPublisher

@@ -1,8 +1,9 @@
-"""Checkpoint stores (memory, SQL) and the task that writes checkpoints.
+"""The task that writes checkpoints: when, the retries while the database is away, and what it tells.
 
 A checkpoint is the fold state of the users changed since the last one plus the
 stream positions that state reflects, written in one transaction. On start the
 service resumes from those positions, whatever JetStream's acknowledgements say.
+Where it is written (memory, SQL) is a checkpoint store's (`app/checkpoint_stores.py`).
 """
 
 from __future__ import annotations
@@ -13,17 +14,14 @@ import itertools
 import logging
 import time
 from bisect import bisect_left
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, select
-from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import db
-from app.checkpoint_rows import OpenCheckpoint, PositionsBehind, positions_behind, write_checkpoint
+from app.checkpoint_rows import PositionsBehind, positions_behind
+from app.checkpoint_stores import Batched, CheckpointStore, InThread, Participant
 from app.metrics import METRICS
 from app.periodic import woken
 from app.thread_work import ThreadWork
@@ -49,208 +47,6 @@ PROBE_EVERY_S = 0.5
 # A checkpoint not committed after this long is told: a database whose server or link hangs, the kernel still
 # acknowledging, is no error libpq sees, and a hang of minutes went by without a line in the log.
 SLOW_CHECKPOINT_S = 30.0
-
-
-class Participant(Protocol):
-    """Other state saved in the checkpoint's transaction (models, the learner's joins)."""
-
-    name: str
-
-    def snapshot(self) -> Any:
-        """Called on the event loop at step 1: a cheap, consistent copy to write later."""
-
-    # write(conn, snapshot): called inside the checkpoint transaction, with nothing but the
-    # snapshot: a staticmethod, because it may run in the checkpoint writer process.
-    write: Callable[[Connection, Any], None]
-
-    def saved(self, snapshot: Any) -> None:
-        """Called on the event loop once the transaction holding `snapshot` has committed."""
-
-
-class CheckpointStore(Protocol):
-    def load(self) -> tuple[dict[str, int], Iterator[tuple[str, bytes]]]: ...
-
-    def save(self, positions: dict[str, int], states: list[tuple[str, bytes]],
-             extras: Sequence[tuple[Participant, Any]] = (), marks: dict[str, int] | None = None,
-             committed: dict[str, int] | None = None) -> None:
-        """In one transaction, which raises `PositionsBehind` (and commits nothing) if the store holds
-        older positions than `committed`, the ones this service committed last."""
-        ...
-
-    # `save` in batches, for a checkpoint of many users: its transaction opened with the first batch,
-    # held open across `add`s, committed with the last; a failed call, `rollback` or another `begin`
-    # rolls it back. Called one at a time, from one thread.
-    def begin(self, extras: Sequence[tuple[Participant, Any]], committed: dict[str, int] | None,
-              states: list[tuple[str, bytes]]) -> None: ...
-
-    def add(self, states: list[tuple[str, bytes]]) -> None: ...
-
-    def commit(self, positions: dict[str, int], marks: dict[str, int] | None,
-               states: list[tuple[str, bytes]]) -> None: ...
-
-    def rollback(self) -> None: ...
-
-    def reachable(self) -> bool:
-        """Whether the store answers now (asked while a failed checkpoint waits to retry)."""
-        ...
-
-
-class MemoryCheckpointStore:
-    """For tests and the pure-core examples: same contract, no database."""
-
-    def __init__(self) -> None:
-        self.positions: dict[str, int] = {}
-        self.marks: dict[str, int] = {}
-        self.states: dict[str, bytes] = {}
-        self.extras: dict[str, Any] = {}
-        self._open: tuple[list[tuple[str, bytes]], Sequence[tuple[Participant, Any]], dict[str, int] | None] | None
-        self._open = None  # a checkpoint in batches: its states so far, its extras and committed positions
-
-    def load(self) -> tuple[dict[str, int], Iterator[tuple[str, bytes]]]:
-        return dict(self.positions), iter(list(self.states.items()))
-
-    def save(self, positions: dict[str, int], states: list[tuple[str, bytes]],
-             extras: Sequence[tuple[Participant, Any]] = (), marks: dict[str, int] | None = None,
-             committed: dict[str, int] | None = None) -> None:
-        if committed and (behind := positions_behind(committed, self.positions)):
-            raise PositionsBehind(behind)
-        self.states.update(states)
-        self.positions.update(positions)
-        for stream in positions:
-            if marks and stream in marks:
-                self.marks[stream] = marks[stream]
-            else:
-                self.marks.pop(stream, None)
-        for participant, snapshot in extras:
-            self.extras[participant.name] = snapshot
-
-    def begin(self, extras: Sequence[tuple[Participant, Any]], committed: dict[str, int] | None,
-              states: list[tuple[str, bytes]]) -> None:
-        self._open = (list(states), extras, committed)
-
-    def add(self, states: list[tuple[str, bytes]]) -> None:
-        if self._open is None:
-            raise RuntimeError("no checkpoint is open")
-        self._open[0].extend(states)
-
-    def commit(self, positions: dict[str, int], marks: dict[str, int] | None,
-               states: list[tuple[str, bytes]]) -> None:
-        if self._open is None:
-            raise RuntimeError("no checkpoint is open")
-        held, extras, committed = self._open
-        self._open = None
-        self.save(positions, held + states, extras, marks, committed)
-
-    def rollback(self) -> None:
-        self._open = None
-
-    def reachable(self) -> bool:
-        return True
-
-
-class SqlCheckpointStore:
-    """SQLite or PostgreSQL, through SQLAlchemy Core."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._open = OpenCheckpoint(engine)
-
-    def load(self) -> tuple[dict[str, int], Iterator[tuple[str, bytes]]]:
-        with self.engine.connect() as conn:
-            positions = {row.stream: row.seq for row in conn.execute(select(db.stream_positions))}
-        return positions, self.states()
-
-    def position_times(self) -> dict[str, tuple[datetime, int | None]]:
-        """When each stream's position was last written (the checkpoint's time, which the message at
-        that position was stored before), and when NATS stored that message (µs; None: not known)."""
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(db.stream_positions))
-            return {row.stream: (row.updated_at, row.stored_us) for row in rows}
-
-    def reachable(self) -> bool:
-        try:
-            with self.engine.connect() as conn:
-                conn.execute(select(1))
-        except Exception:  # noqa: BLE001 - whatever the driver raises: not yet
-            return False
-        return True
-
-    def user_ids(self) -> list[str]:
-        with self.engine.connect() as conn:
-            return list(conn.execute(select(db.user_state.c.user_id)).scalars())
-
-    def fetch(self, user_ids: list[str]) -> dict[str, bytes]:
-        table = db.user_state
-        with self.engine.connect() as conn:
-            rows = conn.execute(select(table.c.user_id, table.c.state).where(table.c.user_id.in_(user_ids)))
-            return {user_id: bytes(blob) for user_id, blob in rows}
-
-    def states(self) -> Iterator[tuple[str, bytes]]:
-        """Every user's state, streamed (the warm-up after a lazy restore)."""
-        with self.engine.connect() as conn:
-            result = conn.execution_options(stream_results=True, yield_per=10_000).execute(
-                select(db.user_state.c.user_id, db.user_state.c.state)
-            )
-            for user_id, blob in result:
-                yield user_id, bytes(blob)
-
-    def save(self, positions: dict[str, int], states: list[tuple[str, bytes]],
-             extras: Sequence[tuple[Participant, Any]] = (), marks: dict[str, int] | None = None,
-             committed: dict[str, int] | None = None) -> None:
-        with self.engine.begin() as conn:
-            write_checkpoint(conn, positions, states, [(p.write, snapshot) for p, snapshot in extras], marks,
-                             committed)
-
-    def begin(self, extras: Sequence[tuple[Participant, Any]], committed: dict[str, int] | None,
-              states: list[tuple[str, bytes]]) -> None:
-        self._open.begin([(p.write, snapshot) for p, snapshot in extras], committed, states)
-
-    def add(self, states: list[tuple[str, bytes]]) -> None:
-        self._open.add(states)
-
-    def commit(self, positions: dict[str, int], marks: dict[str, int] | None,
-               states: list[tuple[str, bytes]]) -> None:
-        self._open.commit(positions, marks, states)
-
-    def rollback(self) -> None:
-        self._open.rollback()
-
-
-class _Batched(Protocol):
-    """A checkpoint's transaction open across calls, as `CheckpointWriter` runs it in its process."""
-
-    async def begin(self, opening: Any, committed: dict[str, int] | None, states: list[tuple[str, bytes]]) -> None: ...
-
-    async def add(self, states: list[tuple[str, bytes]]) -> None: ...
-
-    async def commit(self, positions: dict[str, int], marks: dict[str, int] | None,
-                     states: list[tuple[str, bytes]]) -> None: ...
-
-    def rollback(self) -> None: ...
-
-
-class _InThread:
-    """A store's batched save (`CheckpointStore.begin`...) in a thread of its own: its calls run in turn on the
-    one connection that holds the transaction, and a rollback waits for the call in flight, as in the writer
-    process (`asyncio.to_thread` could run them side by side)."""
-
-    def __init__(self, target: CheckpointStore, threads: ThreadWork) -> None:
-        self.target, self.threads = target, threads
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="tipstream-checkpoint")
-
-    async def begin(self, extras: Sequence[tuple[Participant, Any]], committed: dict[str, int] | None,
-                    states: list[tuple[str, bytes]]) -> None:
-        await self.threads.run("a checkpoint", self.target.begin, extras, committed, states, executor=self._thread)
-
-    async def add(self, states: list[tuple[str, bytes]]) -> None:
-        await self.threads.run("a checkpoint", self.target.add, states, executor=self._thread)
-
-    async def commit(self, positions: dict[str, int], marks: dict[str, int] | None,
-                     states: list[tuple[str, bytes]]) -> None:
-        await self.threads.run("a checkpoint", self.target.commit, positions, marks, states, executor=self._thread)
-
-    def rollback(self) -> None:
-        self._thread.submit(self.target.rollback)
 
 
 class Checkpointer:
@@ -340,7 +136,7 @@ class Checkpointer:
         store.on_forget.append(self._forget_at_cap)
         self._rest_later: list[str] = []  # idle, but not saved yet or kept: looked at again next time
         self.saving = 0  # users in the checkpoint being serialised and written, if one is
-        self._in_thread: _InThread | None = None  # made at the first checkpoint in batches without a writer
+        self._in_thread: InThread | None = None  # made at the first checkpoint in batches without a writer
 
     @property
     def uncheckpointed(self) -> int:
@@ -626,11 +422,11 @@ class Checkpointer:
                                committed: dict[str, int]) -> None:
         """`save`, a batch at a time into one transaction: the service holds three batches at most (one being
         written, the next, one being serialised), where it held every changed user's state to the commit."""
-        writer: _Batched
+        writer: Batched
         if self.writer is not None:
             writer, opening = self.writer, [(p.write, snapshot) for p, snapshot in extras]
         else:
-            writer, opening = self._in_thread or _InThread(self.target, self.threads), extras
+            writer, opening = self._in_thread or InThread(self.target, self.threads), extras
             self._in_thread = writer
         call = asyncio.ensure_future(writer.begin(opening, committed, first))
         try:

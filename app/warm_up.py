@@ -14,7 +14,8 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 
-from app.checkpoints import Checkpointer, SqlCheckpointStore
+from app.checkpoint_stores import SqlCheckpointStore
+from app.checkpoints import Checkpointer
 from app.collector import FreezePolicy
 from app.db import briefly
 from app.metrics import METRICS

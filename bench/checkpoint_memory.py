@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from memory import typical_users
 
 from app import migrate
+from app.checkpoint_stores import SqlCheckpointStore
 from app.checkpoint_writer import CheckpointWriter
-from app.checkpoints import Checkpointer, SqlCheckpointStore
+from app.checkpoints import Checkpointer
 from app.db import make_engine
 from app.offline import OfflineFeatureWriter
 from streams.store import OnlineStore

@@ -31,7 +31,7 @@ import httpx
 import orjson
 
 from app import migrate
-from app.checkpoints import SqlCheckpointStore
+from app.checkpoint_stores import SqlCheckpointStore
 from app.db import make_engine
 from app.settings import Settings
 from streams.events import parse_event

@@ -45,7 +45,7 @@ from memory import typical_users
 from sqlalchemy import func, select
 
 from app import db, migrate
-from app.checkpoints import SqlCheckpointStore
+from app.checkpoint_stores import SqlCheckpointStore
 from app.db import make_engine
 
 LOADED = re.compile(rb"all (\d+) users loaded in ([\d.]+)s")

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from app.checkpoints import SqlCheckpointStore
+from app.checkpoint_stores import SqlCheckpointStore
 from app.db import make_engine
 from app.settings import Settings
 from streams import jetstream as jsx

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from app import db, migrate
-from app.checkpoints import SqlCheckpointStore
+from app.checkpoint_stores import SqlCheckpointStore
 from app.db import make_engine
 from streams.events import parse_event
 from streams.fold import to_ms

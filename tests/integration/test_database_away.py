@@ -188,7 +188,7 @@ async def test_reads_stuck_on_a_locked_user_state_leave_the_services_worker_thre
     the service runs in a thread (the offline writer, tip_scores retention, model saves, the
     checkpointer's probes, the embedded NATS server's restart) waited for the lock too."""
     from app import migrate, thaw
-    from app.checkpoints import SqlCheckpointStore
+    from app.checkpoint_stores import SqlCheckpointStore
     from app.db import make_engine
     from streams.store import OnlineStore, StateUnavailable
     from tests.conftest import reset_postgres

@@ -18,7 +18,8 @@ import pytest
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from app.checkpoints import Checkpointer, MemoryCheckpointStore
+from app.checkpoint_stores import MemoryCheckpointStore
+from app.checkpoints import Checkpointer
 from app.decisions import decode_decision
 from app.ingest import StreamIngest
 from app.metrics import METRICS

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from app import db, migrate, offline
-from app.checkpoints import SqlCheckpointStore
+from app.checkpoint_stores import SqlCheckpointStore
 from app.db import make_engine
 from app.offline import OfflineFeatureWriter
 from streams.events import parse_event

@@ -131,7 +131,7 @@ async def test_a_stop_during_the_warm_up_ends_its_reader_thread(start_service, m
     chunks of 1,000), the process, whose end waits for its worker threads, never exited."""
     import threading
 
-    from app.checkpoints import SqlCheckpointStore
+    from app.checkpoint_stores import SqlCheckpointStore
     from streams.events import parse_event
     from streams.store import OnlineStore
 

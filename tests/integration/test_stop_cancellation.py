@@ -16,7 +16,8 @@ import pytest
 import sqlalchemy as sa
 
 from app import migrate
-from app.checkpoints import Checkpointer, SqlCheckpointStore
+from app.checkpoint_stores import SqlCheckpointStore
+from app.checkpoints import Checkpointer
 from app.db import make_engine
 from app.decision_publisher import DecisionPublisher
 from app.erasure import Eraser

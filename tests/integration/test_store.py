@@ -21,8 +21,9 @@ from sqlalchemy.schema import CreateIndex
 
 from app import checkpoints, migrate
 from app.checkpoint_rows import PositionsBehind
+from app.checkpoint_stores import MemoryCheckpointStore, SqlCheckpointStore
 from app.checkpoint_writer import CheckpointWriter
-from app.checkpoints import Checkpointer, MemoryCheckpointStore, SqlCheckpointStore
+from app.checkpoints import Checkpointer
 from app.db import make_engine
 from streams.events import parse_event
 from streams.store import OnlineStore

@@ -20,7 +20,8 @@ import pytest
 import sqlalchemy as sa
 
 from app import db, scoring
-from app.checkpoints import Checkpointer, SqlCheckpointStore
+from app.checkpoint_stores import SqlCheckpointStore
+from app.checkpoints import Checkpointer
 from app.credit_log import MINUTE_MS, CreditLog, split_row
 from app.decisions import LoggedDecision
 from streams.events import parse_event

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from app import learner_told, silence_learning
-from app.checkpoints import Checkpointer, SqlCheckpointStore
+from app.checkpoint_stores import SqlCheckpointStore
+from app.checkpoints import Checkpointer
 from app.decision_ids import decision_time_ms
 from app.decisions import LoggedDecision
 from app.learning_metrics import SILENCES

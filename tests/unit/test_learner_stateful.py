@@ -46,7 +46,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from sqlalchemy import select
 
 from app import db, migrate, scoring
-from app.checkpoints import Checkpointer, SqlCheckpointStore
+from app.checkpoint_stores import SqlCheckpointStore
+from app.checkpoints import Checkpointer
 from app.db import make_engine
 from app.decisions import LoggedDecision, TipScoresLog
 from app.learner import Learner

@@ -10,7 +10,8 @@ import orjson
 import pytest
 
 from app import checkpoints
-from app.checkpoints import Checkpointer, MemoryCheckpointStore
+from app.checkpoint_stores import MemoryCheckpointStore
+from app.checkpoints import Checkpointer
 from app.collector import FreezePolicy
 from streams.events import parse_event
 from streams.fold import FutureEvent

@@ -21,7 +21,8 @@ import sqlalchemy as sa
 
 from app import db, evaluation, migrate
 from app.checkpoint_rows import write_tip_scores
-from app.checkpoints import Checkpointer, SqlCheckpointStore
+from app.checkpoint_stores import SqlCheckpointStore
+from app.checkpoints import Checkpointer
 from app.credit_log import split_row
 from app.db import make_engine
 from app.decision_ids import decision_time_ms
