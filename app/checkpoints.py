@@ -13,7 +13,6 @@ import heapq
 import itertools
 import logging
 import time
-from bisect import bisect_left
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +24,8 @@ from app.checkpoint_stores import Batched, CheckpointStore, InThread, Participan
 from app.metrics import METRICS
 from app.periodic import woken
 from app.thread_work import ThreadWork
-from streams.fold import DAY_MS, HORIZON_DAYS, MAX_RECORDS_PER_KIND, SIZES, at_cap
+from app.users_at_cap import HEAVY_STATE_BYTES, UsersAtCap
+from streams.fold import DAY_MS
 from streams.log_throttle import LogThrottle, counted, since_last_line
 from streams.store import OnlineStore
 
@@ -39,9 +39,6 @@ SORT_CHUNK = 20_000  # user ids sorted or merged per turn of the event loop (~10
 # Serialised states sent to the transaction at a time: a checkpoint of more is written in batches (~5,000
 # typical users each), so that its memory is a few batches', not every changed user's (6.4 GB for a million).
 SAVE_BATCH_BYTES = 32 << 20
-# No smaller state can hold a kind at the fold's cap: only these are looked at.
-_HEAVY_STATE_BYTES = MAX_RECORDS_PER_KIND * min(SIZES)
-_AT_CAP_TOLD = LogThrottle()
 # While a checkpoint (or ingest held at a user read) waits to retry: how often it asks whether the database is back.
 PROBE_EVERY_S = 0.5
 # A checkpoint not committed after this long is told: a database whose server or link hangs, the kernel still
@@ -131,9 +128,7 @@ class Checkpointer:
         # Users that must stay in memory though idle: the offline writer's, until its pass reads them.
         self.keep_awake: list[Callable[[str], bool]] = []
         self._rested_day: int | None = None
-        # Users with a kind at the fold's cap, as last saved -> the oldest record such a kind holds (ms).
-        self._at_cap: dict[str, int] = {}
-        store.on_forget.append(self._forget_at_cap)
+        self.at_cap = UsersAtCap(store)  # told the users each checkpoint saved
         self._rest_later: list[str] = []  # idle, but not saved yet or kept: looked at again next time
         self.saving = 0  # users in the checkpoint being serialised and written, if one is
         self._in_thread: InThread | None = None  # made at the first checkpoint in batches without a writer
@@ -383,8 +378,8 @@ class Checkpointer:
         self._failing_ended("checkpoints commit again", f"the {len(users):,} users changed meanwhile are saved"
                             if len(users) != 1 else "the 1 user changed meanwhile is saved")
         self._succeeded()
-        if heavy or self._at_cap:
-            self._count_at_cap(users, heavy)
+        if heavy or self.at_cap.users:
+            self.at_cap.count(users, heavy)
         METRICS.checkpoint_seconds.observe(time.perf_counter() - started)
         METRICS.checkpoint_users.inc(len(users))
         for stream, seq in positions.items():
@@ -406,7 +401,7 @@ class Checkpointer:
             chunk = [(u, self.store.users[u].to_bytes()) for u in users[start : start + SERIALISE_CHUNK]]
             for user_id, blob in chunk:
                 size += len(blob)
-                if len(blob) >= _HEAVY_STATE_BYTES:
+                if len(blob) >= HEAVY_STATE_BYTES:
                     heavy.append(user_id)
             batch.extend(chunk)
             if size >= SAVE_BATCH_BYTES:
@@ -441,37 +436,6 @@ class Checkpointer:
             call.cancel()
             writer.rollback()
             raise
-
-    def _forget_at_cap(self, user_id: str) -> None:
-        """A user forgotten: never saved again, they stayed counted (their id held) up to 31 days."""
-        if self._at_cap.pop(user_id, None) is not None:
-            METRICS.users_at_cap.set(len(self._at_cap))
-
-    def _count_at_cap(self, saved: list[str], heavy: list[str]) -> None:
-        """Keep count of the users a kind of whose events is at the fold's cap, as last saved, and
-        tell the operator of those there: one user's publisher sending in a loop, most likely."""
-        # Counted while what a capped kind holds is within the horizon of the log's time: some window
-        # reaches it. Past that, a user whose flood stopped was counted for good (never saved again,
-        # or let go of from memory), and not after a start: the alert fired until one. `saved` is
-        # sorted (begin_checkpoint): a few searches, not a pass over every user saved.
-        horizon_ms = (self.store.newest_ms // DAY_MS - HORIZON_DAYS) * DAY_MS
-        self._at_cap = {user_id: oldest for user_id, oldest in self._at_cap.items()
-                        if oldest >= horizon_ms and not _among(saved, user_id)}
-        found = []
-        for user_id in heavy:
-            state = self.store.users.get(user_id)
-            capped = at_cap(state) if state is not None else []
-            if capped and (oldest := max(at for _, at in capped)) >= horizon_ms:
-                self._at_cap[user_id] = oldest
-                found.append(f"{user_id!r} ({', '.join(kind for kind, _ in capped)})")
-        METRICS.users_at_cap.set(len(self._at_cap))
-        if found and _AT_CAP_TOLD.allow("at_cap") is not None:
-            log.warning(
-                "%s %s events of one kind in 31 days, the most a user's state keeps of a kind: %s. "
-                "Their oldest events of that kind are dropped, and their features reading before what is kept are "
-                "fallbacks. A publisher sending the same user's events in a loop? Find it by the user id; the "
-                "events are still in the stream.", counted(len(found), "user holds", "users hold"),
-                f"{MAX_RECORDS_PER_KIND:,}", "; ".join(found[:5]))
 
     async def _stored_marks(self, positions: dict[str, int]) -> dict[str, int]:
         """When NATS stored the message at each position: asked once per position it moves to."""
@@ -533,7 +497,7 @@ class Checkpointer:
 async def sorted_in_turns(items: list[str]) -> list[str]:
     """`sorted(items)`, yielding to the event loop between runs of `SORT_CHUNK`: a checkpoint after a catch-up
     that changed 1M users sorted them in one call, which held every request and stream 0.47 s. Rows are written
-    in key order (an index's pages in turn) and the saved users are searched (`_among`), so the order stays."""
+    in key order (an index's pages in turn) and the saved users are searched (`UsersAtCap.count`), so the order stays."""
     if len(items) <= SORT_CHUNK:
         return sorted(items)
     runs = []
@@ -545,11 +509,6 @@ async def sorted_in_turns(items: list[str]) -> list[str]:
         ordered.extend(piece)
         await asyncio.sleep(0)
     return ordered
-
-
-def _among(ordered: list[str], item: str) -> bool:
-    at = bisect_left(ordered, item)
-    return at < len(ordered) and ordered[at] == item
 
 
 def _refused(error: Exception) -> bool:

@@ -478,7 +478,7 @@ async def test_a_user_at_the_event_cap_who_is_forgotten_leaves_the_count_at_once
     assert METRICS.users_at_cap._value.get() == 0
     store.apply(opened(0, "calm"))
     assert await checkpointer.checkpoint()
-    assert METRICS.users_at_cap._value.get() == 0 and "flood" not in checkpointer._at_cap
+    assert METRICS.users_at_cap._value.get() == 0 and "flood" not in checkpointer.at_cap.users
 
 
 async def test_a_checkpoint_of_many_users_puts_them_in_order_in_turns_of_the_event_loop(
