@@ -16,8 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.exc import SQLAlchemyError
-
+from app import checkpoint_failures as failures
 from app import db
 from app.checkpoint_rows import PositionsBehind, positions_behind
 from app.checkpoint_stores import Batched, CheckpointStore, InThread, Participant
@@ -189,37 +188,13 @@ class Checkpointer:
                 self.failures += 1
                 METRICS.checkpoint_failures.inc()
                 setting = db.refused_by_setting(error, self._user())
-                kind = ("setting" if setting is not None else "disk full" if db.disk_full(error)
-                        else "refused" if _refused(error) else type(error))
-                left_out = self._failure_lines.allow(kind)
+                left_out = self._failure_lines.allow(failures.kind(error, setting))
                 more = since_last_line(left_out, "failed checkpoint", "failed checkpoints")
                 if left_out is not None:
-                    self._tell_failed(error, setting, backoff, more)
+                    failures.tell(error, setting, backoff, more, self._url())
                 await self.wait_to_retry(backoff)
                 backoff = min(backoff * 2, self.retry_max_s)
                 retrying = True
-
-    def _tell_failed(self, error: Exception, setting: str | None, backoff: float, more: str) -> None:
-        if setting is not None:  # the driver's line, not SQLAlchemy's statement and rows: the fix stays in view
-            renewed = (" Connections opened from now on read the setting as it is then, so mending it needs no "
-                       "restart." if db.refused_by_session_setting(error) else "")
-            log.warning("checkpoint failed (%s): %s.%s Retrying in %.1fs; events are safe in the streams.%s",
-                        db.one_line(error), setting, renewed, backoff, more)
-        elif db.disk_full(error):
-            log.error("checkpoint failed: %s. Checkpoints go on by "
-                      "themselves once it has room, from where the last one left off, so nothing is lost or "
-                      "counted twice; until then a restart replays more, and /score answers 503 once "
-                      "TIPSTREAM_MAX_UNWRITTEN_DECISIONS decisions wait. Retrying in %.1fs.%s",
-                      db.one_line(error, self._url()), backoff, more)
-        elif _refused(error):
-            # An IntegrityError (a trigger or constraint the operator added to tipstream's tables) was
-            # told as an outage, 'once the database answers again': it answers, with the same refusal.
-            log.error("checkpoint failed: %s; retrying in %.1fs, and events are safe in the streams. %s.%s",
-                      db.refusal(error), backoff, db.NOT_AN_OUTAGE, more)
-        else:
-            log.warning("checkpoint failed (%s); retrying in %.1fs, or once the database answers again. "
-                        "Events are safe in the streams.%s%s", db.briefly(error), backoff, _fix_for(error),
-                        more)
 
     def _failing_ended(self, what: str, saved: str) -> None:
         """The outage's warnings were the last word: `what` says it is over, with how many failed and since when."""
@@ -296,9 +271,7 @@ class Checkpointer:
                 if self._failing_since is None:
                     self._failing_since = time.monotonic()
                 self._failed_since_ok += 1
-                self.last_error = (db.one_line(error, self._url()) if db.disk_full(error)
-                                   else db.refusal(error) if _refused(error)
-                                   else f"{type(error).__name__}: {error}".splitlines()[0])
+                self.last_error = failures.summary(error, self._url())
                 raise
             finally:
                 slow.cancel()
@@ -510,18 +483,3 @@ async def sorted_in_turns(items: list[str]) -> list[str]:
         await asyncio.sleep(0)
     return ordered
 
-
-def _refused(error: Exception) -> bool:
-    """A refusal by a database that answered, told as such (`db.refusal`): not an outage, nor a setting's or a full
-    disk's, which are told with their fix."""
-    return (isinstance(error, SQLAlchemyError) and not db.away(error) and not db.disk_full(error)
-            and db.refused_by_setting(error) is None)
-
-
-def _fix_for(error: Exception) -> str:
-    """What to do, for a failure a retry cannot mend: tables gone while the service ran."""
-    text = str(error).lower()
-    if "no such table" in text or ("relation" in text and "does not exist" in text):
-        return (" The database has no tipstream tables (`tipstream migrate base` while running?): restart "
-                "tipstream, which migrates at start, or run `tipstream migrate`.")
-    return ""
