@@ -623,7 +623,7 @@ async def test_a_checkpoint_that_waits_on_a_database_that_does_not_answer_is_tol
 
     from app import checkpoints
 
-    monkeypatch.setattr(checkpoints, "SLOW_CHECKPOINT_S", 0.3, raising=False)
+    monkeypatch.setattr(checkpoints, "SLOW_CHECKPOINT_S", 0.3)
     caplog.set_level(logging.INFO, logger="tipstream.checkpoints")
     running = await start_service(database_url=database_url, checkpoint_every_s=0.1, checkpoint_writer="thread")
     target = running.service.checkpointer.target
