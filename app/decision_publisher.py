@@ -16,6 +16,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Collection
 from typing import Any
 
+import orjson
+
 from app.decision_ids import ID_LENGTH
 from app.learning_metrics import DECISION_QUEUE, DECISIONS
 from app.periodic import woken
@@ -115,6 +117,23 @@ def _fix_for(refusal: bytes) -> str:
     return ""
 
 
+def _refusal_words(answer: bytes) -> str:
+    """A refusal's own words: JetStream's description, or a status line.
+
+    >>> _refusal_words(b'{"error":{"code":503,"err_code":10077,"description":"maximum messages exceeded"},"seq":0}')
+    'maximum messages exceeded'
+    >>> _refusal_words(b'NATS/1.0 503\\r\\nNats-Subject: decisions.score\\r\\n\\r\\n')
+    'NATS/1.0 503'
+    """
+    try:
+        description = orjson.loads(answer)["error"]["description"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        description = None
+    if description.__class__ is str:
+        return description[:200]
+    return answer.split(b"\r\n", 1)[0][:200].decode(errors="replace")
+
+
 class DecisionLogFull(Exception):
     """The queue stayed full: JetStream is away or slower than /score."""
 
@@ -169,6 +188,11 @@ class DecisionPublisher:
         # When a line said JetStream acknowledged none, or refused a decision, and which (`_tell_answered`), until one
         # is acknowledged (`_on_ack`).
         self._wrong_told: tuple[float, str] | None = None
+        # Why the decisions wait with NATS connected, as JetStream last answered (a refusal and its fix, or none
+        # acknowledged), until one is acknowledged: the 503 of a full queue says it. It asked "is NATS reachable?",
+        # NATS being there, while DECISIONS refused every decision at its limits (discard 'new'), or a hung server
+        # answered none, and only the log named the cause and the fix.
+        self._stuck: str | None = None
         # When JetStream last acknowledged none with NATS connected, as a server whose store's disk is full does.
         self._unanswered_at: float | None = None
         self._put_back: set[str] = set()  # decisions from before this start not acknowledged yet
@@ -265,8 +289,9 @@ class DecisionPublisher:
                 f"{self.queue_max_bytes / 1048576:g})")
         refused = len(self._held_refused)  # held for max_msg_size, or being sent again (`_retry_held`)
         too_large = sum(1 for item in self.held if item[1] not in self._held_refused)  # for the server's max_payload
+        why = self._why_waiting()
         if not refused and not too_large:
-            return f"{told}; is NATS reachable? Retry shortly."
+            return f"{told}; {why} Retry shortly."
         aside = []
         if refused:
             aside.append(f"{refused:,} larger than DECISIONS takes in a message (its max_msg_size, set outside "
@@ -277,9 +302,17 @@ class DecisionPublisher:
                          f"{self.max_payload:,.0f} bytes: raise it in the server's configuration, a reload is taken "
                          f"within {self.held_retry_s:g}s)")
         others = self.waiting - refused - too_large
-        rest = (f" {counted(others, 'other decision waits', 'other decisions wait')} for JetStream: is NATS "
-                "reachable?" if others > 0 else "")
+        rest = (f" {counted(others, 'other decision waits', 'other decisions wait')} for JetStream: {why}"
+                if others > 0 else "")
         return f"{told}; held aside until a limit is raised: {'; '.join(aside)}.{rest} Retry after that."
+
+    def _why_waiting(self) -> str:
+        """What JetStream last said of the decisions waiting, NATS connected; else the question of an outage. A
+        sentence, its stop included."""
+        nc = self._nc()
+        if self._stuck is not None and nc is not None and nc.is_connected:
+            return f"{self._stuck}."
+        return "is NATS reachable?"
 
     def withdraw(self, made_from: Callable[[bytes], bool]) -> int:
         """Not to be queued: the decisions waiting for room (`put`) whose payload `made_from` picks; how many.
@@ -360,8 +393,10 @@ class DecisionPublisher:
             self.bytes -= len(item[2])
             self._refusal_wait = 0.0
             _PUBLISHED.inc()
-            if self._wrong_told is not None:
-                self._tell_answered()
+            if self._stuck is not None:  # set whenever `_wrong_told` is
+                self._stuck = None
+                if self._wrong_told is not None:
+                    self._tell_answered()
             if self.on_published is not None:
                 self.on_published(item[1], item[2])
             if self._put_back:
@@ -382,6 +417,9 @@ class DecisionPublisher:
             # the ceiling at once.
             if sent_at >= self._refused_at:
                 self._refused_at = time.monotonic()
+                answer = data or headers or b""
+                self._stuck = (f"JetStream refuses them ({_refusal_words(answer)})"
+                               f"{_fix_for(answer) or '; the warning in the log says more'}")
                 self._refusal_wait = min(max(self._refusal_wait * 2, 0.1), REFUSAL_WAIT_MAX_S)
                 left_out = self._refusal_lines.allow(None)
                 if left_out is not None:
@@ -545,6 +583,9 @@ class DecisionPublisher:
         if nc is None or not nc.is_connected:
             return  # away: told by the connection's own lines
         self._unanswered_at = time.time()
+        self._stuck = (f"JetStream acknowledged none of those sent {self.ack_timeout_s:g}s ago, NATS connected: does "
+                       "the NATS server hang (stopped, or overloaded), or is its store full (its log says 'no space left "
+                       "on device')? The warning in this service's log says more")
         left_out = self._unanswered_lines.allow(None)
         if left_out is None:
             return

@@ -569,3 +569,56 @@ async def test_decisions_left_unanswered_by_a_full_disk_make_the_stream_s_first_
     finally:
         await client.close()
     await running.stop()
+
+
+async def test_a_queue_full_of_decisions_a_full_stream_refuses_answers_503_naming_the_stream_s_setting(
+        start_service, nc, monkeypatch) -> None:
+    """DECISIONS at its limits with its discard policy 'new' (an operator's `nats stream edit`) refused every
+    decision until the queue was full; the 503 then said 'is NATS reachable? Retry shortly.', NATS being there, as
+    its clients and their operator read it, while the log's warning named the stream's setting and its fix."""
+    from nats.js.api import DiscardPolicy
+
+    from app import bootstrap
+
+    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.1)  # JetStream refuses the decision: a stop waits out any bound
+    running = await start_service(decision_queue_max=1, decision_enqueue_timeout_s=0.1)
+    service, js = running.service, nc.jetstream()
+    config = (await js.stream_info("DECISIONS")).config
+    async with running.http() as http:
+        assert (await http.post("/score", json=BODY)).status_code == 200
+        await eventually(lambda: service.publisher.published == 1)
+        await js.update_stream(dataclasses.replace(config, discard=DiscardPolicy.NEW, max_msgs=1))
+        assert (await http.post("/score", json=BODY)).status_code == 200  # queued, then refused
+        await eventually(lambda: service.publisher.retried >= 1)
+        answer = await http.post("/score", json=BODY)
+    assert answer.status_code == 503, answer.text
+    told = answer.json()["error"]
+    assert "maximum messages exceeded" in told and "--discard old" in told, told
+    assert "NATS reachable" not in told, told
+    await running.stop()
+
+
+async def test_a_queue_full_of_decisions_a_hung_server_leaves_unanswered_answers_503_saying_so(
+        start_service, nats_server) -> None:
+    """A server that takes the decisions and answers none (stopped, or its store's disk full): once the queue was
+    full, the 503 asked 'is NATS reachable?', the connection being up, while the log said JetStream acknowledged
+    none and what to look at."""
+    running = await start_service(decision_queue_max=1, decision_enqueue_timeout_s=0.1)
+    service = running.service
+    publisher = service.publisher
+    publisher.ack_timeout_s = 0.5  # the decision sent again within half a second, not 5
+    await eventually(lambda: service.decision_tail.following)
+    nats_server.process.send_signal(signal.SIGSTOP)
+    try:
+        wait_stopped(nats_server.process.pid)
+        async with running.http() as http:
+            assert (await http.post("/score", json=BODY)).status_code == 200
+            await eventually(lambda: publisher.store_failed_told() is not None, timeout=5)
+            answer = await http.post("/score", json=BODY)
+    finally:
+        nats_server.process.send_signal(signal.SIGCONT)
+    assert answer.status_code == 503, answer.text
+    told = answer.json()["error"]
+    assert "acknowledged none" in told and "hang" in told and "NATS reachable" not in told, told
+    await eventually(lambda: publisher.published == 1, timeout=10)
+    await running.stop()
