@@ -278,6 +278,11 @@ class NatsConnection:
             fix = (f"the server no longer takes the user of TIPSTREAM_NATS_CREDS={self.settings.nats_creds} (its JWT "
                    "expired, or revoked): put a credentials file of a user it takes there first (`nsc generate creds "
                    "-a <account> -n <user>`, or Synadia Cloud's)")
+        elif "maximum payload" in str(cause).lower():
+            fix = ("the server's max_payload is lower than a message tipstream sent within the limit its greeting "
+                   "told: lowered by a reload of its configuration, which tells no connection. The next start reads "
+                   "the new limit: a /score whose decision is larger is answered 413, and decisions served before "
+                   "that are larger are kept aside (spooled at a stop) until the limit is raised again")
         else:
             fix = "if the server refused its credentials, fix NATS_URL first"
         self._fail(f"NATS closed tipstream's connection to {shown_url(self.url)} for good "

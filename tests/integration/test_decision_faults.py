@@ -622,3 +622,46 @@ async def test_a_queue_full_of_decisions_a_hung_server_leaves_unanswered_answers
     assert "acknowledged none" in told and "hang" in told and "NATS reachable" not in told, told
     await eventually(lambda: publisher.published == 1, timeout=10)
     await running.stop()
+
+
+async def test_a_max_payload_lowered_under_a_decision_by_a_reload_stops_the_service_naming_the_reload(
+        start_service, tmp_path, monkeypatch) -> None:
+    """A reload of the server's configuration that lowers max_payload tells no connection: the next decision over
+    the new limit, under the one the greeting told, makes the server close the connection for good, and the service
+    stops (exit code 1) for its supervisor to start it with a new connection. The line said 'if the server refused
+    its credentials, fix NATS_URL first', naming neither the limit nor what the next start does with it."""
+    from app import bootstrap
+
+    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.1)  # the connection closed: a stop waits out any bound
+    config = tmp_path / "reloaded" / "limits.conf"
+    config.parent.mkdir()
+    jetstream = f'jetstream {{ store_dir: "{tmp_path / "reloaded"}" }}\n'  # in the file, as a reload reads it
+    config.write_text(jetstream)
+    server = NatsServer(tmp_path / "reloaded", args=("-c", str(config)), jetstream_flags=False)
+    server.start()
+    try:
+        running = await start_service(nats_url=server.url)
+        service = running.service
+        told: list[str] = []
+        service.on_fatal = told.append
+        config.write_text("max_payload: 512\n" + jetstream)
+        assert server.process is not None
+        server.process.send_signal(signal.SIGHUP)
+
+        async def lowered() -> bool:
+            client = await nats.connect(server.url)
+            try:
+                return client.max_payload == 512
+            finally:
+                await client.close()
+
+        await eventually(lowered, timeout=10)
+        async with running.http() as http:
+            assert (await http.post("/score", json=BODY)).status_code == 200  # sent: over 512 bytes
+        await eventually(lambda: told, timeout=10)
+        assert "maximum payload violation" in told[0] and "max_payload" in told[0] and "reload" in told[0], told
+        assert "413" in told[0] and "credentials" not in told[0], told
+        await running.stop()
+        assert len(decision_spool.read(tmp_path / "data" / decision_spool.SPOOL_NAME)) == 1, "kept for the next start"
+    finally:
+        server.stop()
