@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import signal
@@ -665,3 +666,95 @@ async def test_a_max_payload_lowered_under_a_decision_by_a_reload_stops_the_serv
         assert len(decision_spool.read(tmp_path / "data" / decision_spool.SPOOL_NAME)) == 1, "kept for the next start"
     finally:
         server.stop()
+
+
+async def stored_decision_ids(js) -> list[str]:
+    """The ids of every decision DECISIONS holds, in its order (a decision stored twice: twice)."""
+    state = (await js.stream_info("DECISIONS")).state
+    ids = []
+    for seq in range(state.first_seq, state.last_seq + 1) if state.messages else ():
+        ids.append(orjson.loads((await js.get_msg("DECISIONS", seq)).data)["id"])
+    return ids
+
+
+async def served_to_a_hung_server(running, nats_server: NatsServer, count: int) -> list[str]:
+    """The server stopped (SIGSTOP, every thread), then `count` /score answers: their decision ids. The caller
+    resumes the server (SIGCONT), whatever happens."""
+    assert nats_server.process is not None
+    nats_server.process.send_signal(signal.SIGSTOP)
+    wait_stopped(nats_server.process.pid)
+    async with running.http() as http:
+        answers = [await http.post("/score", json=BODY) for _ in range(count)]
+    assert [a.status_code for a in answers] == [200] * count, [a.text for a in answers]
+    return [a.json()["decision_id"] for a in answers]
+
+
+async def test_decisions_sent_again_through_a_hang_are_stored_once_each(start_service, nats_server, nc) -> None:
+    """A server that hangs (SIGSTOP) takes the decisions and answers none: each is sent again at every
+    acknowledgement timeout, the copies piling up on the same connection. Resumed, the server reads them all at
+    once, and its duplicate window keeps one of each; one `tip_scores` row each."""
+    running = await start_service(checkpoint_every_s=0.1)
+    service = running.service
+    publisher = service.publisher
+    publisher.ack_timeout_s = 0.3
+    await eventually(lambda: service.decision_tail.following)
+    try:
+        served = await served_to_a_hung_server(running, nats_server, 5)
+        await eventually(lambda: publisher.retried >= 15, timeout=10)  # each sent again at least 3 times
+    finally:
+        nats_server.process.send_signal(signal.SIGCONT)
+    await eventually(lambda: publisher.published == 5 and publisher.waiting == 0, timeout=10)
+    assert sorted(await stored_decision_ids(nc.jetstream())) == sorted(served)
+    url = service.settings.sqlalchemy_url
+    await eventually(lambda: sorted(tip_scores(url)) == sorted(served), timeout=10)
+    await running.stop()
+
+
+async def test_a_stop_while_the_server_hangs_spools_what_it_then_stores_and_the_next_start_adds_no_copy(
+        start_service, nats_server, nc, tmp_path, monkeypatch) -> None:
+    """Stopped while the server hung, the service spools the decisions in flight; the server, resumed, stores them
+    from its socket (they were written), and the next start publishes the spool again: JetStream's duplicate window
+    drops each copy, the spool goes, and each decision is in DECISIONS once, with one `tip_scores` row."""
+    from app import bootstrap
+
+    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.2)  # the server answers nothing: a stop waits out any bound
+    running = await start_service()
+    await eventually(lambda: running.service.decision_tail.following)
+    try:
+        served = await served_to_a_hung_server(running, nats_server, 3)
+        await eventually(lambda: len(running.service.publisher.inflight) == 3)
+        await running.stop()
+    finally:
+        nats_server.process.send_signal(signal.SIGCONT)
+    spool = tmp_path / "data" / decision_spool.SPOOL_NAME
+    assert [d for _, d, _ in decision_spool.read(spool)] == served
+    js = nc.jetstream()
+    await eventually(lambda: js.stream_info("DECISIONS"), timeout=10)  # the resumed server answers
+    again = await start_service(checkpoint_every_s=0.1)
+    service = again.service
+    await eventually(lambda: service.publisher.published == 3 and not spool.exists(), timeout=10)
+    assert sorted(await stored_decision_ids(js)) == sorted(served), "stored once each"
+    url = service.settings.sqlalchemy_url
+    await eventually(lambda: sorted(tip_scores(url)) == sorted(served), timeout=10)
+    await again.stop()
+
+
+async def test_nats_back_while_a_stop_waits_for_the_queue_publishes_it_and_spools_nothing(
+        start_service, nats_server, nc, tmp_path) -> None:
+    """NATS back within the stop's wait for the queue (STOP_FLUSH_S, 5 s): the decisions served in the outage are
+    published then, once each, and no spool is left for the next start to send again."""
+    running = await start_service(checkpoint_every_s=0.1)
+    service = running.service
+    await eventually(lambda: service.decision_tail.following)
+    nats_server.stop()
+    await eventually(lambda: not service.nc.is_connected)
+    async with running.http() as http:
+        served = [(await http.post("/score", json=BODY)).json()["decision_id"] for _ in range(3)]
+    stopping = asyncio.create_task(running.stop())
+    await eventually(lambda: service._stopping)
+    nats_server.start()
+    await stopping
+    assert service.publisher.published == 3
+    assert not (tmp_path / "data" / decision_spool.SPOOL_NAME).exists()
+    assert sorted(await stored_decision_ids(nc.jetstream())) == sorted(served)
+    assert sorted(tip_scores(service.settings.sqlalchemy_url)) == sorted(served), "written by the last checkpoint"
