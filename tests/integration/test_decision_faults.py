@@ -758,3 +758,41 @@ async def test_nats_back_while_a_stop_waits_for_the_queue_publishes_it_and_spool
     assert not (tmp_path / "data" / decision_spool.SPOOL_NAME).exists()
     assert sorted(await stored_decision_ids(nc.jetstream())) == sorted(served)
     assert sorted(tip_scores(service.settings.sqlalchemy_url)) == sorted(served), "written by the last checkpoint"
+
+
+async def test_a_late_acknowledgement_of_a_decision_sent_again_takes_it_out_of_what_a_stop_spools(nats_server) -> None:
+    """A hung server's acknowledgements come once it resumes, for decisions the publisher had given up waiting for
+    (sent again after `ack_timeout_s`, back in the queue). They were dropped as answers to no send: a stop then
+    (its drain reads the acknowledgements that come) spooled those decisions, stored as they were, and the next
+    start sent them again, stored twice when it came after the duplicate window (a stop of a hung server's
+    service: 291 of 320 spooled decisions had been stored). Such an acknowledgement publishes its decision."""
+    from app.decision_publisher import DecisionPublisher
+    from streams import jetstream as jsx
+    from streams import pull
+
+    nc = await pull.connect(nats_server.url)
+    try:
+        await jsx.ensure_streams(nc.jetstream(), max_age_days=1, max_bytes=-1, duplicate_window_s=120,
+                                 dlq_max_age_days=1)
+        stored: list[int] = []
+        publisher = DecisionPublisher(lambda: nc, queue_max=10, batch=4, window=10, ack_timeout_s=0.3,
+                                      on_stored=stored.append)
+        await publisher.start()
+        task = asyncio.create_task(publisher.run())
+        nats_server.process.send_signal(signal.SIGSTOP)
+        try:
+            wait_stopped(nats_server.process.pid)
+            for i in range(3):
+                assert publisher.offer("decisions.score", f"d-{i}", b'{"id": "d-%d"}' % i)
+            await eventually(lambda: len(publisher.inflight) == 3)
+            task.cancel()  # as a stop ends the publisher's task
+            # What the task did before the stop: each given up on, back in the queue, not sent again yet.
+            assert publisher._expire(time.monotonic() + 1)
+            assert [d for _, d, _ in publisher.unpublished()] == ["d-0", "d-1", "d-2"]
+        finally:
+            nats_server.process.send_signal(signal.SIGCONT)
+        await eventually(lambda: publisher.unpublished() == [], timeout=10)  # what the stop spools after its drain
+        assert publisher.published == 3 and publisher.waiting == 0 and publisher.bytes == 0
+        assert sorted(stored) == [1, 2, 3]
+    finally:
+        await nc.close()
