@@ -528,7 +528,7 @@ class Service:
                 # for it) and /healthz. Awaited before the ingests stop: an acknowledgement that comes meanwhile
                 # finds the put-back decisions' spool handed over already (`hand_over`), and is
                 # `drop_acknowledged`'s once the connection is drained.
-                spooled = await asyncio.to_thread(decision_spool.keep_at_stop, spool, left)
+                spooled = await asyncio.to_thread(decision_spool.keep_at_stop, spool, left, self.publisher.why_waiting())
         catching_up = [ingest.spec.name for ingest in self.ingests if not ingest.current]
         for ingest in self.ingests:
             await ingest.stop()

@@ -297,7 +297,7 @@ class DecisionPublisher:
                 f"{self.queue_max_bytes / 1048576:g})")
         refused = len(self._held_refused)  # held for max_msg_size, or being sent again (`_retry_held`)
         too_large = sum(1 for item in self.held if item[1] not in self._held_refused)  # for the server's max_payload
-        why = self._why_waiting()
+        why = self.why_waiting()
         if not refused and not too_large:
             return f"{told}; {why} Retry shortly."
         aside = []
@@ -314,7 +314,7 @@ class DecisionPublisher:
                 if others > 0 else "")
         return f"{told}; held aside until a limit is raised: {'; '.join(aside)}.{rest} Retry after that."
 
-    def _why_waiting(self) -> str:
+    def why_waiting(self) -> str:
         """What JetStream last said of the decisions waiting, NATS connected; else the question of an outage. A
         sentence, its stop included."""
         nc = self._nc()

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import orjson
 
+from streams.log_throttle import counted
+
 log = logging.getLogger("tipstream")
 SPOOL_NAME = "unpublished-decisions.jsonl"
 Item = tuple[str, str, bytes]  # subject, decision id, the event's bytes
@@ -103,24 +105,23 @@ def save(path: Path, items: list[Item]) -> None:
         _save(path, items)
 
 
-def keep_at_stop(path: Path, items: list[Item]) -> list[Item]:
-    """Save the decisions a stop found not acknowledged by JetStream, and say how many were kept, and where;
-    those kept."""
+def keep_at_stop(path: Path, items: list[Item], why: str = "is NATS away?") -> list[Item]:
+    """Save the decisions a stop found not acknowledged by JetStream, and say how many were kept, where, and `why`
+    they wait (the publisher's words: what JetStream last answered, or the question of an outage); those kept."""
     served = len(items)
+    waiting = f"{counted(served, 'decision served is', 'decisions served are')} not acknowledged by JetStream yet: {why}"
     try:
         save(path, items)  # cut to what the reserve holds, on a full disk
     except OSError as error:  # the disk full: the rest of the stop (checkpoint, NATS, lock) goes on
-        log.error("%d decisions served are not acknowledged by JetStream yet (is NATS away?) and could "
-                  "not be kept in %s (%s): they are lost. Free space in TIPSTREAM_DATA_DIR before "
-                  "the next start.", served, path, error.strerror or error)
+        log.error("%s They could not be kept in %s (%s): they are lost. Free space in TIPSTREAM_DATA_DIR before "
+                  "the next start.", waiting, path, error.strerror or error)
         return []
     if len(items) < served:
-        log.error("%d decisions served are not acknowledged by JetStream yet (is NATS away?), and the disk is full: "
-                  "the oldest %d are kept in %s (in the space held for them), the other %d lost. Free space in "
-                  "TIPSTREAM_DATA_DIR before the next start.", served, len(items), path, served - len(items))
+        log.error("%s The disk is full: the oldest %d are kept in %s (in the space held for them), the other %d lost. "
+                  "Free space in TIPSTREAM_DATA_DIR before the next start.", waiting, len(items), path,
+                  served - len(items))
     else:
-        log.warning("%d decisions served are not acknowledged by JetStream yet (is NATS away?); kept in %s, the "
-                    "next start publishes them first", len(items), path)
+        log.warning("%s Kept in %s, the next start publishes them first", waiting, path)
     return items
 
 

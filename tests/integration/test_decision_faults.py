@@ -573,10 +573,11 @@ async def test_decisions_left_unanswered_by_a_full_disk_make_the_stream_s_first_
 
 
 async def test_a_queue_full_of_decisions_a_full_stream_refuses_answers_503_naming_the_stream_s_setting(
-        start_service, nc, monkeypatch) -> None:
+        start_service, nc, monkeypatch, caplog) -> None:
     """DECISIONS at its limits with its discard policy 'new' (an operator's `nats stream edit`) refused every
     decision until the queue was full; the 503 then said 'is NATS reachable? Retry shortly.', NATS being there, as
-    its clients and their operator read it, while the log's warning named the stream's setting and its fix."""
+    its clients and their operator read it, while the log's warning named the stream's setting and its fix. And the
+    stop's line on the decision it spooled asked '(is NATS away?)'."""
     from nats.js.api import DiscardPolicy
 
     from app import bootstrap
@@ -596,7 +597,12 @@ async def test_a_queue_full_of_decisions_a_full_stream_refuses_answers_503_namin
     told = answer.json()["error"]
     assert "maximum messages exceeded" in told and "--discard old" in told, told
     assert "NATS reachable" not in told, told
+    caplog.set_level(logging.WARNING, logger="tipstream")
     await running.stop()
+    [told] = [r.getMessage() for r in caplog.records if "not acknowledged by JetStream yet" in r.getMessage()]
+    assert told.startswith("1 decision served is not acknowledged by JetStream yet: JetStream refuses them "
+                           "(maximum messages exceeded)"), told
+    assert "--discard old" in told and "NATS away" not in told, told
 
 
 async def test_a_queue_full_of_decisions_a_hung_server_leaves_unanswered_answers_503_saying_so(
@@ -796,3 +802,4 @@ async def test_a_late_acknowledgement_of_a_decision_sent_again_takes_it_out_of_w
         assert sorted(stored) == [1, 2, 3]
     finally:
         await nc.close()
+

@@ -498,7 +498,7 @@ async def test_decisions_that_cannot_be_spooled_for_a_full_disk_are_told_and_the
     caplog.set_level(logging.INFO, logger="tipstream")
     await first.stop()
     told = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR and r.name == "tipstream"]
-    assert any(m.startswith(f"1 decisions served are not acknowledged by JetStream yet (is NATS away?) and could "
+    assert any(m.startswith(f"1 decision served is not acknowledged by JetStream yet: is NATS reachable? They could "
                             f"not be kept in {spool} (No space left on device): they are lost.") for m in told), told
     assert not spool.exists() and not spool.with_suffix(".tmp").exists(), "a half-written spool left behind"
     assert first.service.nc.is_closed, "the stop ended at the spool"
@@ -541,11 +541,11 @@ async def test_decisions_waiting_at_a_stop_on_a_full_disk_are_kept_in_the_space_
     assert not reserve.exists()
     told = [r.getMessage() for r in caplog.records if r.name == "tipstream" and "not acknowledged" in r.getMessage()]
     if room_for == 3:
-        assert told and told[-1].startswith("3 decisions served are not acknowledged by JetStream yet (is NATS "
-                                            f"away?); kept in {spool}"), told
+        assert told and told[-1].startswith("3 decisions served are not acknowledged by JetStream yet: is NATS "
+                                            f"reachable? Kept in {spool}"), told
     else:
-        assert told and told[-1].startswith("3 decisions served are not acknowledged by JetStream yet (is NATS "
-                                            f"away?), and the disk is full: the oldest 2 are kept in {spool}"), told
+        assert told and told[-1].startswith("3 decisions served are not acknowledged by JetStream yet: is NATS "
+                                            f"reachable? The disk is full: the oldest 2 are kept in {spool}"), told
 
 
 async def test_a_restart_does_not_dead_letter_a_bad_decision_again(start_service, nc) -> None:
