@@ -77,8 +77,10 @@ DISCARD_NEW_FIX = (". DECISIONS is at its limits and refuses new messages (its d
 NO_RESPONDERS = (b"NATS/1.0 503", b'"no responders"')
 NO_RESPONDERS_FIX = (". No NATS node takes DECISIONS' messages now (503 no responders): on a NATS cluster the stream "
                      "has no leader until the other nodes elect one (seconds after a node was lost), or the stream is "
-                     "gone (deleted: ingest makes it again). If this goes on, start the cluster's missing nodes (`nats "
-                     "server report jetstream` shows which streams have no leader)")
+                     "gone (deleted: ingest makes it again), or no longer takes `decisions.>` (its subjects edited "
+                     "outside tipstream: nothing puts them back while it runs; `nats stream edit DECISIONS --subjects "
+                     "'decisions.>'` does). If this goes on, see `nats stream info DECISIONS`, and start the cluster's "
+                     "missing nodes (`nats server report jetstream` shows which streams have no leader)")
 # An earlier try of the same decision still being stored (a leader slow to answer, the decision sent again once its
 # acknowledgement was late): no fault of its own, and the next try is acknowledged as a duplicate once it is stored.
 IN_PROCESS = b'"err_code":10158'

@@ -477,6 +477,26 @@ async def test_decisions_made_again_between_two_ticks_of_the_tail_are_read(start
     await eventually(lambda: service.decision_tail.following and service.store.positions.get("DECISIONS") == 1)
 
 
+async def first_refusal_after_an_edit(start_service, nc, monkeypatch, caplog: pytest.LogCaptureFixture,
+                                      **edit: object) -> str:
+    """DECISIONS edited outside tipstream (`nats stream edit`: `edit`, its config's fields) under a running service,
+    two decisions served: the warning of the first refused, the service stopped."""
+    from app import bootstrap
+
+    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.1)  # JetStream refuses the decision: a stop waits out any bound
+    running = await start_service()
+    js = nc.jetstream()
+    config = (await js.stream_info("DECISIONS")).config
+    await js.update_stream(dataclasses.replace(config, **edit))
+    caplog.set_level(logging.WARNING, logger="tipstream.decisions")
+    async with running.http() as http:
+        for _ in range(2):
+            assert (await http.post("/score", json=BODY)).status_code == 200
+    told = await first_refusal(caplog)
+    await running.stop()
+    return told
+
+
 async def test_a_decision_refused_by_a_full_stream_that_discards_new_messages_names_the_fix(
         start_service, nc, monkeypatch, caplog) -> None:
     """DECISIONS set outside tipstream to refuse messages past its limits (`--discard new`) refused every decision
@@ -484,20 +504,9 @@ async def test_a_decision_refused_by_a_full_stream_that_discards_new_messages_na
     exceeded'): /score turned 503 with nothing naming the stream's setting that made it."""
     from nats.js.api import DiscardPolicy
 
-    from app import bootstrap
-
-    monkeypatch.setattr(bootstrap, "STOP_FLUSH_S", 0.1)  # JetStream refuses the decision: a stop waits out any bound
-    running = await start_service()
-    js = nc.jetstream()
-    config = (await js.stream_info("DECISIONS")).config
-    await js.update_stream(dataclasses.replace(config, discard=DiscardPolicy.NEW, max_msgs=1))
-    caplog.set_level(logging.WARNING, logger="tipstream.decisions")
-    async with running.http() as http:
-        for _ in range(2):
-            assert (await http.post("/score", json=BODY)).status_code == 200
-    told = await first_refusal(caplog)
+    told = await first_refusal_after_an_edit(start_service, nc, monkeypatch, caplog, discard=DiscardPolicy.NEW,
+                                             max_msgs=1)
     assert "maximum messages exceeded" in told and "--discard old" in told, told
-    await running.stop()
 
 
 async def test_a_decision_larger_than_decisions_max_msg_size_is_held_aside_and_the_others_flow(
@@ -803,3 +812,13 @@ async def test_a_late_acknowledgement_of_a_decision_sent_again_takes_it_out_of_w
     finally:
         await nc.close()
 
+
+
+async def test_a_decision_no_stream_takes_since_decisions_subjects_were_edited_names_that_fix(
+        start_service, nc, monkeypatch, caplog) -> None:
+    """DECISIONS edited to take other subjects (`nats stream edit`): every decision is answered '503 no responders',
+    for good, as nothing of tipstream's puts the subjects back while it runs. The warning named a cluster electing
+    a leader or a stream deleted (which ingest makes again), not the edit that did it and its fix."""
+    told = await first_refusal_after_an_edit(start_service, nc, monkeypatch, caplog,
+                                             subjects=["decisions-elsewhere.>"])
+    assert "503 no responders" in told and "--subjects 'decisions.>'" in told, told
