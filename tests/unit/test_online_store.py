@@ -561,7 +561,7 @@ async def test_a_user_read_that_fails_says_why_in_the_log(caplog: pytest.LogCapt
     from streams.store import StateUnavailable
 
     monkeypatch.setattr(thaw, "LOAD_TIMEOUT_S", 0.2)
-    monkeypatch.setattr(thaw, "_failure_lines", LogThrottle(per_window=1), raising=False)
+    monkeypatch.setattr(thaw, "_failure_lines", LogThrottle(per_window=1))
     release = threading.Event()
     store = OnlineStore()
     store.fetch_cold = lambda ids: release.wait(5) and {}  # a lock held on user_state

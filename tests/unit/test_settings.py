@@ -16,6 +16,8 @@ from tests.conftest import run_bound_by_file_permissions
 @pytest.mark.parametrize(("cpus", "expected"), [(2, False), (4, True), (16, True)])
 def test_checkpoint_writer_auto_takes_a_process_only_with_cores_to_spare(
         monkeypatch: pytest.MonkeyPatch, cpus: int, expected: bool) -> None:
+    # raising=False: macOS has no os.sched_getaffinity (`auto` counts os.cpu_count() there); the patch adds it, so
+    # the count is the test's on every platform
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
     assert Settings().checkpoint_in_process is expected
     assert Settings(checkpoint_writer="thread").checkpoint_in_process is False

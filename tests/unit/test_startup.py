@@ -345,7 +345,7 @@ def test_a_service_of_a_release_without_the_lock_on_the_directory_is_told_by_its
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Upgrading, the new release started before the old one was stopped: it took the lock the old one
     # does not take, started a second nats-server on the same JetStream store, and both wrote the database.
-    monkeypatch.setattr(startup, "STORE_SERVER_WAIT_S", 0.3, raising=False)
+    monkeypatch.setattr(startup, "STORE_SERVER_WAIT_S", 0.3)
     data = tmp_path / "data"
     server = pre_lock_release_server(tmp_path, "data/nats")
     try:
@@ -371,7 +371,7 @@ def test_a_service_of_a_release_without_the_lock_on_the_directory_is_told_by_its
 def test_a_nats_server_that_ends_while_the_start_waits_is_no_other_service(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     # The embedded server of a service killed this instant ends on its own (the kernel's SIGTERM).
-    monkeypatch.setattr(startup, "STORE_SERVER_WAIT_S", 10.0, raising=False)
+    monkeypatch.setattr(startup, "STORE_SERVER_WAIT_S", 10.0)
     caplog.set_level(logging.INFO, logger="tipstream")
     server = pre_lock_release_server(tmp_path, "nats")
     ending = threading.Timer(0.3, server.terminate)
