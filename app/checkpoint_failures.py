@@ -44,8 +44,7 @@ def tell(error: Exception, setting: str | None, backoff: float, more: str, url: 
                   db.refusal(error), backoff, db.NOT_AN_OUTAGE, more)
     else:
         log.warning("checkpoint failed (%s); retrying in %.1fs, or once the database answers again. "
-                    "Events are safe in the streams.%s%s", db.briefly(error), backoff, _fix_for(error),
-                    more)
+                    "Events are safe in the streams.%s", db.briefly(error), backoff, more)
 
 
 def summary(error: Exception, url: Any) -> str:
@@ -61,11 +60,3 @@ def refused(error: Exception) -> bool:
     return (isinstance(error, SQLAlchemyError) and not db.away(error) and not db.disk_full(error)
             and db.refused_by_setting(error) is None)
 
-
-def _fix_for(error: Exception) -> str:
-    """What to do, for a failure a retry cannot mend: tables gone while the service ran."""
-    text = str(error).lower()
-    if "no such table" in text or ("relation" in text and "does not exist" in text):
-        return (" The database has no tipstream tables (`tipstream migrate base` while running?): restart "
-                "tipstream, which migrates at start, or run `tipstream migrate`.")
-    return ""
