@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -27,6 +28,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
+
+from sqlalchemy.exc import StatementError
 
 from app.checkpoint_rows import OpenCheckpoint, Write
 
@@ -43,20 +46,41 @@ def _start_worker(database_url: str, service_pid: int, log_level: str) -> None:
     _open = OpenCheckpoint(make_engine(database_url))
 
 
+def _sent_back(step: Callable[..., None]) -> Callable[..., None]:
+    """`step`, whose SQLAlchemy error reaches the service without the statement's parameters. Pickled with them
+    (`StatementError.__reduce__`, whatever `hide_parameters` says), SQLite's states, bound as memoryviews, failed
+    the pickling: the service got 'TypeError: cannot pickle memoryview objects' for a full disk, a locked
+    database, a trigger's refusal or missing tables, told as an outage with no fix. Nor are users' states and ids
+    sent across for an error's sake."""
+    @functools.wraps(step)
+    def call(*args: Any) -> None:
+        try:
+            step(*args)
+        except StatementError as error:
+            error.params = None
+            raise
+
+    return call
+
+
+@_sent_back
 def _save(positions: dict[str, int], states: list[tuple[str, bytes]], writes: Sequence[Write],
           marks: dict[str, int] | None = None, committed: dict[str, int] | None = None) -> None:
     _open.begin(writes, committed, states)
     _open.commit(positions, marks, [])
 
 
+@_sent_back
 def _begin(writes: Sequence[Write], committed: dict[str, int] | None, states: list[tuple[str, bytes]]) -> None:
     _open.begin(writes, committed, states)
 
 
+@_sent_back
 def _add(states: list[tuple[str, bytes]]) -> None:
     _open.add(states)
 
 
+@_sent_back
 def _commit(positions: dict[str, int], marks: dict[str, int] | None, states: list[tuple[str, bytes]]) -> None:
     _open.commit(positions, marks, states)
 

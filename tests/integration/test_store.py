@@ -341,6 +341,22 @@ async def test_the_writer_process_refuses_a_save_over_lost_commits_too(
     assert positions == {"SIGNALS": 7} and dict(states) == {"u-1": b"v1"}
 
 
+async def test_the_writer_process_brings_back_the_database_s_own_error(
+        store_and_writer: tuple[Any, CheckpointWriter]) -> None:
+    """A statement's error was pickled with its parameters, SQLite's states among them as memoryviews, which
+    pickle refuses: the service got 'TypeError: cannot pickle memoryview objects', told as an outage with no fix,
+    for missing tables here, and as well for a full disk, a trigger's refusal or a locked database."""
+    from app import db
+
+    store, writer = store_and_writer
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("drop table user_state"))
+    with pytest.raises(sa.exc.DBAPIError) as raised:
+        await writer.save({"SIGNALS": 10}, [("u-1", b"v1")], [])
+    assert db.tables_not_this_releases(raised.value), repr(raised.value)
+    assert raised.value.params is None  # nor the users' ids and states sent across for it
+
+
 @pytest.mark.parametrize("stream, back_to", [("DECISIONS", 400), ("SIGNALS", 0)],
                          ids=["learner-resumes-behind", "stream-created-again"])
 async def test_a_retry_after_a_commit_that_landed_unanswered_at_a_lower_position_is_no_lost_commit(
