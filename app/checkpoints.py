@@ -228,6 +228,10 @@ class Checkpointer:
         answering 503 (its decisions' rows wait for a checkpoint) up to 30 s after the database was
         back, and ingest held at a user's state it could not read (`pause`: its own) held the stream
         up to 10 s. A database that answers at once failed on something else: the whole wait then."""
+        # The probes run in asyncio's threads, not `self.threads`, which the stop waits for: a probe writes nothing
+        # that could land after the stop lets go of the database. One a database that hangs holds (to libpq's
+        # connect_timeout, 10 s) is left by the stop's cancel at once; only the event loop's close at the exit waits
+        # for its end, which comes before that of the stop's own later connect to that database (its last checkpoint).
         if await asyncio.to_thread(self.target.reachable):
             await pause(backoff_s)
             return

@@ -75,6 +75,41 @@ async def test_the_checkpointer_cancelled_as_it_is_woken_ends(tmp_path: Path) ->
         engine.dispose()
 
 
+async def test_the_checkpointer_cancelled_while_it_asks_a_database_that_hangs_ends_and_leaves_the_stop_no_wait(
+        ) -> None:
+    """Waiting to retry during an outage, the checkpointer asks in a thread whether the database is back (`reachable`).
+    A database that accepts and never answers holds that thread up to libpq's connect_timeout (10 s): the stop's
+    cancel must not wait for it, nor the stop's wait for thread work (`ThreadWork.ended`), as it must for a write.
+    The probe writes nothing that could land after the stop lets go of the database."""
+    import threading
+
+    from sqlalchemy.exc import OperationalError
+
+    from app.checkpoint_stores import MemoryCheckpointStore
+
+    store = OnlineStore()
+    store.apply(parse_event(orjson.dumps({"id": "e-1", "type": "app.opened", "user_id": "u-1",
+                                          "ts": NOW.isoformat(), "v": 1, "data": {}})))
+    target, probing, answers = MemoryCheckpointStore(), threading.Event(), threading.Event()
+
+    def save(*args: Any, **kwargs: Any) -> None:
+        raise OperationalError("INSERT INTO user_state", None, Exception("connection refused"))
+
+    def reachable() -> bool:  # the database hangs until `answers` is set
+        probing.set()
+        return answers.wait(30)
+
+    target.save, target.reachable = save, reachable  # type: ignore[method-assign]
+    checkpointer = Checkpointer(store, target, every_events=1, every_s=0.01)
+    running = asyncio.create_task(checkpointer.run())
+    try:
+        await eventually(probing.is_set)
+        assert await _ends_cancelled(running)
+        assert await checkpointer.threads.ended(0.1) == []
+    finally:
+        answers.set()
+
+
 async def test_the_decision_publisher_cancelled_as_a_decision_comes_ends() -> None:
     """The stop cancels the publisher after its flush: a decision served meanwhile wakes it."""
     publisher = DecisionPublisher(lambda: None, queue_max=10, batch=10, window=10)
