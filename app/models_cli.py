@@ -246,7 +246,12 @@ def admin_call(url: str | None, path: str, body: dict[str, Any] | None, doing: s
     except urllib.error.URLError as error:
         if isinstance(error.reason, ConnectionResetError):  # reset while the request was sent: not "start it"
             return _no_http_answer(base, error.reason, see)
-        print(f"No tipstream answering at {base} ({error.reason}); start it with `tipstream run` or pass --url.",
+        # The address came from the settings when no --url was given: a service started with its own
+        # TIPSTREAM_PORT runs, and "start it" was no fix for the shell that lacks that setting.
+        fix = ("set them as the service has them, or pass --url" if url is None
+               else "pass --url as `tipstream run` printed it (tipstream on http://...)")
+        where = ", the address of TIPSTREAM_HOST and TIPSTREAM_PORT" if url is None else ""
+        print(f"No tipstream answering at {base} ({error.reason}){where}: start it with `tipstream run`, or {fix}.",
               file=sys.stderr)
         return 1
     except (http.client.HTTPException, ConnectionError) as error:  # once sent; urllib wraps only the sending

@@ -1088,6 +1088,23 @@ def test_a_url_s_scheme_in_capitals_is_its_scheme(monkeypatch: pytest.MonkeyPatc
     assert f"No tipstream answering at HTTP://127.0.0.1:{port}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["models", "promote", "v2"], ["users", "forget", "u-1"],
+                                     ["users", "forget-status", "u-1"]])
+def test_nothing_answering_at_the_settings_address_names_the_settings(command: list[str],
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A service started with its own TIPSTREAM_PORT, and the CLI run from a shell without it, was told only
+    to start the service (it ran) or pass --url: the port the CLI tried came from settings it did not name."""
+    monkeypatch.setenv("TIPSTREAM_ADMIN_TOKEN", "t" * 16)
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("TIPSTREAM_PORT", str(closed.getsockname()[1]))
+    assert main(command) == 1
+    err = capsys.readouterr().err
+    assert "the address of TIPSTREAM_HOST and TIPSTREAM_PORT" in err
+    assert "set them as the service has them, or pass --url" in err
+
+
 def test_run_logs_alembic_s_migrations_but_not_its_plugins(tmp_path: Path) -> None:
     """In a process of its own, logging set before alembic is imported (as `run` does): alembic
     sets its plugins up once per process, as it is imported."""
