@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import shlex
 import stat
 import sys
 import time
@@ -57,6 +58,10 @@ def _forget(args: argparse.Namespace) -> int:
     if isinstance(answer, int):
         return answer
     print(_shown(answer))
+    if not args.wait and answer["status"] != "done":  # the service does the work after it answers
+        # Quoted as a shell would take it back, and escaped as `_shown` escapes the id.
+        print(f"  `tipstream users forget-status {escaped(shlex.quote(args.user_id))}` says when it is done "
+              "(`--wait`: this command waits for it)")
     while args.wait and answer["status"] != "done":
         if answer.get("stuck"):  # waited for for good: it goes on only after a start
             print(_shown(answer), file=sys.stderr)

@@ -379,6 +379,11 @@ async def test_the_cli_forgets_a_user_through_the_service(start_service, nc, tmp
     assert await asyncio.to_thread(main, ["users", "forget", "org/24", "--wait", *url]) == 0
     out = capsys.readouterr().out
     assert "org/24: done" in out and "state False" in out and "nothing was held of this id" in out, out
+    # Without --wait, the answer is "requested" (the work goes on in the service): it said nothing of how to
+    # learn when it is done.
+    assert await asyncio.to_thread(main, ["users", "forget", "org/25", *url]) == 0
+    out = capsys.readouterr().out
+    assert "org/25: requested" in out and "`tipstream users forget-status org/25` says when it is done" in out, out
     assert await asyncio.to_thread(main, ["users", "forget-status", "nobody", *url]) == 1
     assert "refused (404): no request to forget user 'nobody'" in (err := capsys.readouterr().err)
     assert "(`tipstream users forget nobody`)" in err  # the command that makes one, not only the HTTP way
