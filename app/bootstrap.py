@@ -37,7 +37,7 @@ from app.checkpoint_writer import CheckpointWriter
 from app.checkpoints import Checkpointer
 from app.collector import FreezePolicy
 from app.db import autovacuum_is_off, briefly, make_engine, one_line, refuse_read_only, refused_by_setting
-from app.decision_publisher import DecisionPublisher
+from app.decision_publisher import DecisionPublisher, short_duplicate_window
 from app.decision_tail import OwnTail
 from app.decisions import TipScoresLog, decode_decision
 from app.embedded_nats import STORE_DIR, URL_FILE, EmbeddedNats, write_private
@@ -232,6 +232,8 @@ class Service:
                 "made). Two would each read "
                 "part of every stream and write over each other's state: stop the other first, or give each service "
                 "a NATS server or account of its own.")
+        if (short := short_duplicate_window(s.duplicate_window_s)) is not None:
+            log.warning("%s", short)
         await self._ensure_streams()
         target = SqlCheckpointStore(self.engine)
         started = time.perf_counter()

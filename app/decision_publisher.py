@@ -47,6 +47,17 @@ def _stored_seq(ack: bytes) -> int | None:
 
 
 AWAY_POLL_S = 0.1  # how often the publisher looks for the connection while NATS is away
+# How long a decision waits for JetStream's acknowledgement before it is back in the queue, to be sent again.
+ACK_TIMEOUT_S = 5.0
+LOOK_S = 1.0  # the publishing loop's longest wait for work: how late it may find a send unacknowledged
+UNANSWERED_WAIT_MAX_S = 5.0  # its longest wait after a round that found sends unacknowledged (doubling from 0.1 s)
+# How long after its send a decision JetStream has not acknowledged, NATS connected, is sent again at the latest: found
+# up to LOOK_S after its ACK_TIMEOUT_S, it waits while the rounds take back the others in flight (all late within
+# another ACK_TIMEOUT_S; waits of up to UNANSWERED_WAIT_MAX_S between rounds, and one more after the last). Measured,
+# the server's answers held back: 5.1-6.0 s for 10 decisions sent 0.2 s apart, 5.1-16.8 s for 100 to 1,000 sent over
+# 4.5 to 10 s. A stored one whose acknowledgement came late (a server slow or stalled) is stored twice unless
+# JetStream's duplicate window (TIPSTREAM_DUPLICATE_WINDOW_S) outlasts this (`short_duplicate_window`).
+RESENT_WITHIN_S = 2 * ACK_TIMEOUT_S + LOOK_S + 2 * UNANSWERED_WAIT_MAX_S
 # The longest wait before a refused decision is sent again. A NATS cluster refuses DECISIONS while it elects the
 # stream's leader (4-9 s after a node is lost): at 5 s, decisions reached the log up to 5 s after it could take
 # them, and their reactions waited as long to be learned. Each round's refusal is a line, at most so many a minute.
@@ -96,6 +107,27 @@ MESSAGE_TOO_LARGE_FIX = ("larger than DECISIONS takes in a message (its max_msg_
                          "stream edit DECISIONS --max-msg-size=-1` takes any size): it is published at the next try")
 # What a decision's HPUB adds to its bytes and its id, which the server's max_payload counts too (`_send`).
 HEADER_BYTES = len(b"NATS/1.0\r\nNats-Msg-Id: \r\n\r\n")
+
+
+def short_duplicate_window(window_s: float) -> str | None:
+    """The start's warning for a duplicate window (TIPSTREAM_DUPLICATE_WINDOW_S) shorter than the publisher's own
+    sends of a decision again (`RESENT_WITHIN_S`), or None. A warning, not a refusal: a test sets a window of 1 s to
+    see what a copy stored twice does, an operator of a busy cluster may trade copies for the memory JetStream
+    keeps each id of the window in, and the learner and `tip_scores` take a decision stored twice once.
+
+    >>> short_duplicate_window(RESENT_WITHIN_S) is None, short_duplicate_window(120) is None
+    (True, True)
+    >>> short_duplicate_window(1)[:82]
+    'TIPSTREAM_DUPLICATE_WINDOW_S=1 is shorter than the 21 s within which the publisher'
+    """
+    if window_s >= RESENT_WITHIN_S:
+        return None
+    return (f"TIPSTREAM_DUPLICATE_WINDOW_S={window_s:g} is shorter than the {RESENT_WITHIN_S:g} s within which the "
+            f"publisher sends a decision JetStream has not acknowledged again (after {ACK_TIMEOUT_S:g} s without "
+            "its acknowledgement): one stored and acknowledged late, a NATS server slow or stalled, is stored twice "
+            "in DECISIONS. The learner and tip_scores take it once (by its id); other readers of decisions.> see "
+            f"both. Set it to at least {RESENT_WITHIN_S:g} s; the default, 120 s, also covers a quick restart (the "
+            "decisions a stop kept are sent again by the next start) and a lost connection's re-sends")
 
 
 def _fix_for(refusal: bytes) -> str:
@@ -168,7 +200,7 @@ class DecisionPublisher:
     """
 
     def __init__(self, nc: Callable[[], Any], *, queue_max: int, batch: int, window: int,
-                 queue_max_bytes: float = math.inf, ack_timeout_s: float = 5.0,
+                 queue_max_bytes: float = math.inf, ack_timeout_s: float = ACK_TIMEOUT_S,
                  on_published: Callable[[str, bytes], None] | None = None,
                  on_stored: Callable[[int], None] | None = None, held_retry_s: float = HELD_RETRY_S) -> None:
         self._nc, self.queue_max, self.batch, self.window = nc, queue_max, batch, window
@@ -682,7 +714,7 @@ class DecisionPublisher:
         running = asyncio.current_task()
         assert running is not None
         while True:
-            await woken(self._work, min(1.0, self.ack_timeout_s, max(self._held_retry_at - time.monotonic(), 0.0)))
+            await woken(self._work, min(LOOK_S, self.ack_timeout_s, max(self._held_retry_at - time.monotonic(), 0.0)))
             self._work.clear()
             if self._late:
                 self._settle_late()
@@ -691,7 +723,7 @@ class DecisionPublisher:
             if self.inflight and self._expire(time.monotonic()):
                 self._tell_unanswered()
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, UNANSWERED_WAIT_MAX_S)
                 continue
             if self._refusal_wait:
                 await asyncio.sleep(self._refusal_wait)

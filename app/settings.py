@@ -246,10 +246,15 @@ class Settings(BaseSettings):
     )
     # JetStream's least (10052, "needs to be >= 100ms"); under a nanosecond it read 0 and took its default, 2 minutes.
     # The streams' retention is held to at least this window below, so to JetStream's least too.
+    # The 21 s is decision_publisher.RESENT_WITHIN_S (tests/unit/test_settings.py holds them together): imported, the
+    # publisher's module would add 0.2 s to every CLI command, which reads settings.
     duplicate_window_s: float = Field(
         120.0, ge=0.1, description="JetStream's `Nats-Msg-Id` duplicate window: a re-sent id is dropped within it, "
         "whatever its content. After it, the fold recognises the same event (same id, type, user, time "
-        "and kept fields) for as long as it can matter; the same id with other content counts again."
+        "and kept fields) for as long as it can matter; the same id with other content counts again. "
+        "Under 21 s, the start warns: tipstream sends a decision JetStream has not acknowledged again within "
+        "21 s, and one stored whose acknowledgement came late is then stored twice in DECISIONS "
+        "(docs/operations.md, \"Which NATS servers\")."
     )
     dlq_max_age_days: float = Field(30.0, gt=0, le=MAX_STREAM_AGE_DAYS, description="Retention of the DLQ stream.")
     max_event_bytes: int = Field(

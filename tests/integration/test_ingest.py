@@ -565,8 +565,12 @@ async def test_a_bad_event_of_a_recreated_stream_goes_to_the_dlq_though_the_chec
     assert consuming == ["consuming SIGNALS from sequence 4"], consuming
 
 
-async def test_redelivered_and_republished_events_count_once(start_service, nc) -> None:
-    running = await start_service(duplicate_window_s=1)
+async def test_redelivered_and_republished_events_count_once(start_service, nc, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="tipstream"):
+        running = await start_service(duplicate_window_s=1)
+    # Shorter than the publisher's sends again (decision_publisher.RESENT_WITHIN_S): the start says so, once.
+    short = [r.getMessage() for r in caplog.records if r.getMessage().startswith("TIPSTREAM_DUPLICATE_WINDOW_S=1 ")]
+    assert len(short) == 1 and "stored twice in DECISIONS" in short[0], short
     js = nc.jetstream()
     first = event(1, "task.completed")
     await js.publish("signals.task.completed", orjson.dumps(first), headers={"Nats-Msg-Id": "e-1"})

@@ -433,6 +433,25 @@ def test_a_duplicate_window_under_jetstream_s_least_is_refused_naming_it(
     assert load_settings().duplicate_window_s == 0.1
 
 
+def test_a_duplicate_window_shorter_than_the_publisher_s_sends_again_is_warned_of_naming_the_bound() -> None:
+    """The publisher sends a decision JetStream has not acknowledged again, 5-17 s after its send (measured): a
+    window shorter than that stores one that was stored and acknowledged late twice, and a window of 0.1 s was
+    taken without a word. Warned of at the start, not refused: tests set 1 s on purpose, and a decision stored
+    twice is taken once by the learner."""
+    from app.decision_publisher import ACK_TIMEOUT_S, RESENT_WITHIN_S, short_duplicate_window
+
+    assert ACK_TIMEOUT_S < RESENT_WITHIN_S < Settings().duplicate_window_s
+    told = short_duplicate_window(Settings(duplicate_window_s=1).duplicate_window_s)
+    assert told is not None and told.startswith(
+        f"TIPSTREAM_DUPLICATE_WINDOW_S=1 is shorter than the {RESENT_WITHIN_S:g} s within which the publisher sends "
+        f"a decision JetStream has not acknowledged again (after {ACK_TIMEOUT_S:g} s without its acknowledgement): "
+        "one stored and acknowledged late, a NATS server slow or stalled, is stored twice in DECISIONS."), told
+    assert f"Set it to at least {RESENT_WITHIN_S:g} s" in told
+    assert short_duplicate_window(RESENT_WITHIN_S) is None and short_duplicate_window(120) is None
+    # The setting's description (the README's table) names the bound: settings.py does not import the publisher.
+    assert f"{RESENT_WITHIN_S:g} s" in Settings.model_fields["duplicate_window_s"].description
+
+
 @pytest.mark.parametrize(("variable", "content", "with_url", "told"), [
     ("TIPSTREAM_NATS_CREDS", None, True, "no such file"),
     ("TIPSTREAM_NATS_CREDS", "port: 4222\n", True, "is not a NATS credentials file: it has no user JWT"),
