@@ -292,8 +292,8 @@ class StreamIngest:
             # by the DLQ as duplicates of the old one's, within its duplicate window.
             if not self._renewing:  # not a retry's: that one's reason stands
                 self.renewals += 1
-                why = why or f"it ends before {wanted - 1}, the position read to"
-                self.replaying = f"read again from its first message: {why} (made anew, or an older copy of its store?)"
+                why = why or f"it ends before {wanted - 1}, the position read to (made anew, or an older copy of its store?)"
+                self.replaying = f"read again from its first message: {why}"
             self._renewing = True
             # Read again from its start, which may be a backlog of any length: told as the start's catch-up is,
             # where a catch-up, once done, told nothing more (a reconnect reads a few events).
@@ -365,10 +365,20 @@ class StreamIngest:
             return None
         if msg.time is None or jsx.epoch_us(msg.time) == last[1]:  # the same message
             return None
+        read_at = jsx.EPOCH + timedelta(microseconds=last[1])
+        # Guessed "an older copy of its store" alone, the operator looked for a restored backup where the stream
+        # had been deleted and made again: a copy keeps its creation time, a stream made again has a later one.
+        try:
+            created = (await js.stream_info(self.spec.name)).created
+        except NotFoundError:  # gone again: the guess stands
+            created = None
+        made_again = jsx.made_again_after(self.spec.name, created, read_at, "the last message read was stored")
+        cause = (f"{made_again}: deleted and created again (or its store lost, and the stream created anew), and "
+                 "published to since" if made_again else "its store replaced by an older copy and published to since?")
         log.error("stream %s came back with another message at %d, the last one read (NATS stored it at another "
-                  "time): its store replaced by an older copy and published to since? Reading %s from its first "
-                  "message: what was folded stays, and nothing is counted twice.", self.spec.name, seq, self.spec.name)
-        return f"it came back with another message at {seq}, the last one read"
+                  "time): %s. Reading %s from its first message: what was folded stays, and nothing is counted "
+                  "twice.", self.spec.name, seq, cause, self.spec.name)
+        return f"it came back with another message at {seq}, the last one read; {cause}"
 
     async def run(self) -> None:
         while True:

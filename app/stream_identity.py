@@ -1,6 +1,7 @@
 """Whether each stream is the one the checkpoint was taken from: a start checks the message at each
 checkpointed position before resuming after it, and replays from the first message a stream that
-is another of that name (its NATS store lost, or restored from an older copy, and published to since).
+is another of that name (deleted and made again, or its NATS store lost or restored from an older copy, and
+published to since).
 
 Apart from `bootstrap.Service`: a check of its own, told by the server's clock where it can be and by
 this host's otherwise, with the message that says which and what the operator may look at.
@@ -9,6 +10,7 @@ this host's otherwise, with the message that says which and what the operator ma
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,8 @@ STORED_TIME_AT_START_S = 10.0
 async def forget_positions_of_another_stream(js: Any, written: dict[str, Any], checkpointed: dict[str, int],
                                              store: OnlineStore, *, data_dir: Path, embedded: bool) -> None:
     """A checkpointed position whose message was stored after that checkpoint was written came
-    from another stream of that name (its NATS store lost, or restored from an older copy, and
-    published to since): resuming after it would skip, silently, the new stream's events up to
+    from another stream of that name (deleted and made again, or its NATS store lost or restored from
+    an older copy, and published to since): resuming after it would skip, silently, the new stream's events up to
     it. The message there is told from the one read by when NATS stored it, recorded with the
     position (`Checkpointer.stored_us`); a position without it compares the stored time with the
     checkpoint's, by this host's clock. Such a stream, and one that ends before the position, is
@@ -39,7 +41,8 @@ async def forget_positions_of_another_stream(js: Any, written: dict[str, Any], c
         when, mark = written.get(stream, (None, None))
         if seq <= 0 or when is None:
             continue
-        state = (await js.stream_info(stream)).state
+        info = await js.stream_info(stream)
+        state = info.state
         if seq > state.last_seq:
             why = f"it ends at {state.last_seq}"
         elif state.first_seq > seq:  # aged out: nothing left to tell the streams apart by
@@ -55,11 +58,32 @@ async def forget_positions_of_another_stream(js: Any, written: dict[str, Any], c
                    "clock runs more than 1 s ahead of this host's: keep both on NTP)")
         else:
             continue
-        where = (f"the embedded server's store ({data_dir / 'nats'}) lost, or restored from an "
-                 "older copy?" if embedded else "the store of the server in NATS_URL lost, or restored "
-                 "from an older copy, or does NATS_URL name another server?")
+        cause = _cause(stream, info.created, when, mark, data_dir, embedded)
         log.error("the checkpoint read stream %s up to %d, but %s: the stream is not the one the checkpoint was "
-                  "taken from. Was %s Replaying %s from its first message: what the checkpoint holds stays, and "
-                  "nothing is counted twice.", stream, seq, why, where, stream)
+                  "taken from. %s Replaying %s from its first message: what the checkpoint holds stays, and "
+                  "nothing is counted twice.", stream, seq, why, cause, stream)
         checkpointed[stream] = 0
         store.positions[stream] = 0
+
+
+def _cause(stream: str, created: datetime | None, written: datetime, mark: int | None, data_dir: Path,
+           embedded: bool) -> str:
+    """The likelier cause, said first: a stream created after the message read at the position was stored (by the
+    NATS server's clock, as its creation time is) or, that not recorded, after the checkpoint was written (this
+    host's, a second left for the clocks to differ) was deleted and made again, or its store was lost and the
+    stream created anew; a store restored from an older copy keeps its creation time. Guessed a lost or restored
+    store alone, the operator looked for a backup put back where the stream had been deleted and made again."""
+    if mark is not None:
+        made_again = jsx.made_again_after(stream, created, jsx.EPOCH + timedelta(microseconds=mark),
+                                          "the message read there was stored")
+    else:
+        if written.tzinfo is None:  # SQLite hands back the UTC it was given without its zone
+            written = written.replace(tzinfo=UTC)
+        made_again = jsx.made_again_after(stream, created, written, "that checkpoint was written",
+                                          slack=timedelta(seconds=1))
+    store = f"the embedded server's store ({data_dir / 'nats'})" if embedded else "the store of the server in NATS_URL"
+    if made_again is not None:
+        return f"{made_again}: was it deleted and created again, or {store} lost and the stream created anew?"
+    if embedded:
+        return f"Was {store} lost, or restored from an older copy?"
+    return f"Was {store} lost, or restored from an older copy, or does NATS_URL name another server?"

@@ -464,6 +464,18 @@ def epoch_us(at: datetime) -> int:
     return (at - EPOCH) // timedelta(microseconds=1)
 
 
+def made_again_after(stream: str, created: datetime | None, after: datetime, what: str,
+                     slack: timedelta = timedelta(0)) -> str | None:
+    """Said when the stream was created more than `slack` after `after` (when `what` happened, by the
+    NATS server's clock where it can be), else None. Deleted and made again (by an operator, or by a
+    service that found it gone) is then the likelier cause of another message at a position read than
+    a store restored from an older copy, which keeps the old creation time."""
+    if created is None or created <= after + slack:
+        return None
+    return (f"{stream} was made again at {created.isoformat(timespec='milliseconds')}, after {what} "
+            f"({after.isoformat(timespec='milliseconds')})")
+
+
 async def stored_us(js: JetStreamContext, stream: str, seq: int, timeout_s: float = 1.0) -> int | None:
     """When the stream's message `seq` was stored, in µs since the epoch by the NATS server's clock
     (None: gone, or the server did not answer). Which message a checkpointed position names: the

@@ -198,7 +198,11 @@ async def test_a_checkpoint_past_the_end_of_a_recreated_stream_replays_it_and_sa
         second = await start_service()
         await eventually(lambda: "u-2" in second.service.store.users
                          and second.service.store.users["u-2"].count("task.created") == 3)
-    assert any("not the one the checkpoint was taken from" in r.getMessage() for r in caplog.records)
+    [told] = [r.getMessage() for r in caplog.records if "not the one the checkpoint was taken from" in r.getMessage()]
+    # Deleted and made again after the checkpoint: said so, and when, not guessed a store restored from an older copy.
+    created = (await js.stream_info("SIGNALS")).created.isoformat(timespec="milliseconds")
+    assert f"SIGNALS was made again at {created}, after the message read there was stored" in told, told
+    assert "older copy" not in told, told
     # The line after the error said "consuming SIGNALS from sequence 6", the checkpoint's, not the replay's.
     consuming = [r.getMessage() for r in caplog.records if r.getMessage().startswith("consuming SIGNALS")]
     assert consuming == ["consuming SIGNALS from sequence 1"], consuming
@@ -223,7 +227,10 @@ async def test_a_recreated_stream_that_grew_past_the_checkpoint_before_the_start
     assert store.users["u-2"].count("task.created") == 7
     assert store.users["u-1"].count("task.created") == 5, "the old stream's events, from the checkpoint"
     assert dead_lettered("SIGNALS") == before + 1
-    assert any("its message 5 is not the one read there" in r.getMessage() for r in caplog.records)
+    [told] = [r.getMessage() for r in caplog.records if "its message 5 is not the one read there" in r.getMessage()]
+    created = (await js.stream_info("SIGNALS")).created.isoformat(timespec="milliseconds")
+    assert f"SIGNALS was made again at {created}, after the message read there was stored" in told, told
+    assert "was it deleted and created again" in told and "older copy" not in told, told
     await second.stop()
 
     # The position is the new stream's now: the next start resumes after it, and says nothing.

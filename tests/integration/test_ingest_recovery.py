@@ -11,6 +11,7 @@ import re
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -29,7 +30,7 @@ from streams.events import parse_event
 from streams.fold import UserState
 from streams.store import OnlineStore, StateUnavailable
 from tests.conftest import dead_lettered, eventually, wait_stopped
-from tests.integration.ingest_support import stop_reading
+from tests.integration.ingest_support import cancelled, stop_reading
 
 EVENTS = 3000
 
@@ -1304,26 +1305,39 @@ async def test_a_stream_made_again_keeps_its_own_dlq_ids_when_asking_fails_midwa
         await stop_reading(ingest, nc, running)
 
 
+def _opened(i: int, user: str) -> tuple[str, dict[str, Any]]:
+    return "signals.app.opened", {"id": f"{user}-{i}", "type": "app.opened", "user_id": user,
+                                  "ts": "2026-11-26T08:00:00Z"}
+
+
+async def read_then_made_again(nats_server: Any) -> tuple[Any, Any, OnlineStore, StreamIngest, datetime]:
+    """A SIGNALS ingest that read the stream's 5 messages and stopped (away from NATS meanwhile); then the stream
+    deleted, made again and published 7 messages past the position: (nc, js, store, ingest, when it was made again),
+    the ingest to be read on as after a reconnect (`request_reset`)."""
+    nc, js, store, ingest = await making_streams_again(
+        nats_server, lambda js: jsx.publish_events(js, [_opened(i, "old") for i in range(5)]))
+    running = asyncio.create_task(ingest.run())
+    try:
+        await eventually(lambda: store.positions.get("SIGNALS", 0) == 5)
+    finally:
+        await cancelled(running)
+        await ingest.stop()
+    await js.delete_stream("SIGNALS")
+    await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+    created = (await js.stream_info("SIGNALS")).created
+    await jsx.publish_events(js, [_opened(i, "new") for i in range(7)])
+    return nc, js, store, ingest, created
+
+
 async def test_a_stream_replaced_under_us_is_told_though_the_first_look_goes_unanswered(nats_server,
                                                                                        monkeypatch) -> None:
     """After a reconnect, the message at the last one read is asked for to tell whether the stream is still the
     one read (`_replaced_under_us`). Unanswered within its second (a server busy coming back, a cluster electing
     a leader), it was taken as the same stream: ingest resumed after the position, and the new stream's messages
     up to it were skipped without a word. It is asked again, as the re-creation's other calls are."""
-    def opened(i: int, user: str) -> tuple[str, dict[str, Any]]:
-        return "signals.app.opened", {"id": f"{user}-{i}", "type": "app.opened", "user_id": user,
-                                      "ts": "2026-11-26T08:00:00Z"}
-
-    nc, js, store, ingest = await making_streams_again(
-        nats_server, lambda js: jsx.publish_events(js, [opened(i, "old") for i in range(5)]))
-    running = asyncio.create_task(ingest.run())
+    nc, _, store, ingest, _ = await read_then_made_again(nats_server)
+    running = None
     try:
-        await eventually(lambda: store.positions.get("SIGNALS", 0) == 5)
-        running.cancel()
-        await ingest.stop()  # away from NATS meanwhile: the stream replaced, published to past the position
-        await js.delete_stream("SIGNALS")
-        await jsx.ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
-        await jsx.publish_events(js, [opened(i, "new") for i in range(7)])
         unanswered: list[int] = []
         get_msg = JetStreamContext.get_msg
 
@@ -1339,6 +1353,25 @@ async def test_a_stream_replaced_under_us_is_told_though_the_first_look_goes_una
         await eventually(lambda: unanswered and ingest.drained())
         assert store.users["new"].count("app.opened") == 7, "the new stream's messages up to the position were skipped"
         assert store.users["old"].count("app.opened") == 5
+    finally:
+        await stop_reading(ingest, nc, running)
+
+
+async def test_a_stream_deleted_and_made_again_under_a_running_ingest_is_told_as_such(nats_server, caplog) -> None:
+    """SIGNALS deleted and made again while ingest was away from NATS, and published to past the position: the line
+    guessed only "its store replaced by an older copy", and the operator looked for a restored backup. The stream's
+    creation time, later than when the last message read was stored, says it was made again, and when."""
+    nc, _, store, ingest, created = await read_then_made_again(nats_server)
+    running = None
+    try:
+        with caplog.at_level(logging.ERROR, logger="tipstream.ingest"):
+            ingest.request_reset()  # the reconnect
+            running = asyncio.create_task(ingest.run())
+            await eventually(lambda: store.users.get("new") and store.users["new"].count("app.opened") == 7)
+        [told] = [r.getMessage() for r in caplog.records if "came back with another message at 5" in r.getMessage()]
+        made_again = f"SIGNALS was made again at {created.isoformat(timespec='milliseconds')}, after the last message"
+        assert f"{made_again} read was stored" in told, told
+        assert "older copy" not in told, told
     finally:
         await stop_reading(ingest, nc, running)
 

@@ -325,10 +325,36 @@ async def test_a_server_back_with_an_older_store_grown_past_the_position_is_read
         await eventually(lambda: "u-2" in store.users and store.users["u-2"].count("app.opened") == 7, timeout=20)
         await eventually(lambda: any(r.getMessage().startswith("SIGNALS: caught up, ") for r in caplog.records))
     assert store.users["u-1"].count("app.opened") == 11, "the old stream's events stay, none counted twice"
-    assert any("came back with another message at 11, the last one read" in r.getMessage() for r in caplog.records)
+    [line] = [r.getMessage() for r in caplog.records if "came back with another message at 11, the last one read"
+              in r.getMessage()]
+    # The copy keeps the stream's creation time: not taken for a stream deleted and made again.
+    assert "its store replaced by an older copy" in line and "made again" not in line, line
     # The whole stream read again, a backlog of any length: its progress told, as a start's catch-up is.
     told = [r.getMessage() for r in caplog.records if r.getMessage().startswith("SIGNALS: caught up, ")]
     assert len(told) == 1 and told[0].startswith("SIGNALS: caught up, 12 events read in "), told
+
+
+async def test_a_start_on_a_store_restored_from_an_older_copy_grown_past_the_checkpoint_says_so(
+    start_service, nats_server, caplog
+) -> None:
+    """Checkpointed at 11, then started on a copy of the store taken at 5 and published to past 11: the copy keeps
+    the stream's creation time, so the start's line guesses that copy, not a stream deleted and made again."""
+    first = await start_service()
+    old = await _read_to_11_with_a_copy_at_5(nats_server, first.service.store)
+    await first.stop()
+    _swap_store(nats_server, old)
+    nats_server.start()
+    client = await nats.connect(nats_server.url)
+    for i in range(7):
+        await client.jetstream().publish("signals.app.opened", orjson.dumps(opened(i, user="u-2")))
+    await client.close()
+    with caplog.at_level(logging.ERROR, logger="tipstream"):
+        second = await start_service()
+        store = second.service.store
+        await eventually(lambda: "u-2" in store.users and store.users["u-2"].count("app.opened") == 7, timeout=20)
+    [told] = [r.getMessage() for r in caplog.records if "not the one the checkpoint was taken from" in r.getMessage()]
+    assert "its message 11 is not the one read there" in told, told
+    assert "lost, or restored from an older copy" in told and "made again" not in told, told
 
 
 def _checkpointed_mark(engine, stream: str) -> tuple[int, int | None] | None:
@@ -450,8 +476,10 @@ async def test_decisions_followed_by_our_acks_and_back_with_an_older_store_grown
     assert any("came back with another message at 1" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize(("anew", "why"), [(7, "it came back with another message at 5, the last one read"),
-                                           (3, "it ends before 5, the position read to")])
+@pytest.mark.parametrize(("anew", "why"), [(7, ("it came back with another message at 5, the last one read; SIGNALS "
+                                                "was made again at {created}, after the last message read was stored")),
+                                           (3, ("it ends before 5, the position read to (made anew, or an older copy "
+                                                "of its store?)"))])
 async def test_a_stream_made_anew_is_read_again_with_readyz_503_until_that_replay_has_caught_up(
     start_service, nats_server, anew: int, why: str
 ) -> None:
@@ -480,6 +508,7 @@ async def test_a_stream_made_anew_is_read_again_with_readyz_503_until_that_repla
             js = client.jetstream()
             await js.delete_stream("SIGNALS")
             await ensure_streams(js, max_age_days=1, max_bytes=-1, duplicate_window_s=120, dlq_max_age_days=1)
+            created = (await js.stream_info("SIGNALS")).created.isoformat(timespec="milliseconds")
             for i in range(anew):
                 await js.publish("signals.app.opened", orjson.dumps(opened(i, user="u-2")))
             await client.close()
@@ -503,7 +532,7 @@ async def test_a_stream_made_anew_is_read_again_with_readyz_503_until_that_repla
         assert during.status_code == 503, during.text
         told = during.json()["streams"]["SIGNALS"]
         assert told["caught_up"] is False and told["lag"] == anew, told
-        assert told["replaying"] == f"read again from its first message: {why} (made anew, or an older copy of its store?)"
+        assert told["replaying"].startswith(f"read again from its first message: {why.format(created=created)}"), told
 
         release.set()
         after = await eventually(lambda: _ready(http), timeout=20)
