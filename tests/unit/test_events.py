@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -519,14 +520,22 @@ def test_readme_lists_every_setting() -> None:
 
 def test_the_readme_s_examples_are_taken_as_a_reader_sends_them() -> None:
     """Readers publish the README's events and post its /score body as they are: each must be taken,
-    an event on the subject the README's rule gives its type."""
+    an event on the subject the README's rule gives its type. The Python one, run as it is, stamps the current
+    time: its fixed date, long past, moved no 7-day count, and a new user took the service for broken."""
     import re
+    import textwrap
 
     from app.score_request import parse_request
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     python = re.search(r"```python\n(.*?)```", readme, re.DOTALL).group(1)
-    examples = re.findall(r"```json\n(.*?)```", readme, re.DOTALL) + re.findall(r"event = (\{.*?\})\n", python, re.DOTALL)
+    imports = "".join(line + "\n" for line in python.splitlines() if line.startswith(("import ", "from ")))
+    made = re.search(r"^( *now = .*?\n)?( *event = \{.*?\}\n)", python, re.DOTALL | re.MULTILINE)
+    namespace: dict[str, Any] = {}
+    exec(imports + textwrap.dedent("".join(part for part in made.groups() if part)), namespace)  # noqa: S102 - the README's own lines
+    sent = namespace["event"]
+    assert abs(datetime.fromisoformat(sent["ts"]) - datetime.now(UTC)).total_seconds() < 60, sent["ts"]
+    examples = re.findall(r"```json\n(.*?)```", readme, re.DOTALL) + [json.dumps(sent)]
     found = set()
     for text in examples:
         event = parse_event(text.encode())
