@@ -98,6 +98,23 @@ class _JsonNumber:
         return {**handler(contract), **contract.get("metadata", {}).get("pydantic_js_updates", {})}
 
 
+class _DueJsonSchema:
+    """What `due` takes, as its JSON Schema says: pydantic reads ISO 8601 text with a UTC offset, or Unix time in UTC
+    (a number, or digits in a string; above 2e10, milliseconds). A due time is an instant whose local hour is never
+    read, so Unix time loses nothing there, where `ts` refuses it (`_IsoText`). The schema said text only, and a
+    publisher that checks against it refused what the contract takes."""
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler) -> Any:
+        return {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "number"},
+                          {"type": "string", "pattern": r"^[+-]?\d+(\.\d+)?$"}],
+                "description": "ISO 8601 text with a UTC offset, or Unix time in UTC (seconds; above 2e10, "
+                               "milliseconds), a number or digits in a string"}
+
+
+DueTime = Annotated[AwareDatetime, _DueJsonSchema]
+
+
 # An instant a datetime can hold in UTC, whatever the offset: one in year 0 was folded, then every
 # `user_features` pass failed on it (its rows are stamped with the user's newest event).
 EventTime = Annotated[AwareDatetime, Field(ge=datetime.min.replace(tzinfo=UTC), le=datetime.max.replace(tzinfo=UTC)),
@@ -113,7 +130,7 @@ class _Model(BaseModel):
 
 class TaskCreatedData(_Model):
     task_id: Identifier
-    due: AwareDatetime | None = None
+    due: DueTime | None = None
     priority: Annotated[int, Field(ge=0, le=4, description="1-4; 0 reads as absent"), _JsonNumber,
                         AfterValidator(_none_if_zero)] | None = None
     project_id: OptionalIdentifier = None
@@ -129,7 +146,7 @@ class TaskRefData(_Model):
 
 class TaskRescheduledData(_Model):
     task_id: Identifier
-    due: AwareDatetime
+    due: DueTime
 
 
 class AppOpenedData(_Model):

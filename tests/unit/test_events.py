@@ -361,6 +361,23 @@ def test_an_old_event_its_upcaster_cannot_read_is_refused_not_raised(monkeypatch
     assert "no upcaster" not in result.reason, result.reason  # there is one: it could not read this event
 
 
+@pytest.mark.parametrize("kind", ["task.created", "task.rescheduled"])
+def test_the_published_schema_takes_every_kind_of_due_the_contract_takes(kind: str) -> None:
+    """`due` takes Unix time (a number, or digits in a string; above 2e10, milliseconds) besides ISO 8601 text with
+    an offset, where `ts` refuses it: docs/events.schema.json said text only, and a publisher that checks its events
+    against it refused what the contract takes."""
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads((Path(__file__).resolve().parents[2] / "docs" / "events.schema.json").read_text())
+    validator = Draft202012Validator(schema)
+    for due in ("2026-11-27T09:00:00+01:00", 1764576000, 1764576000.5, "1764576000", 1764576000000):
+        event = envelope(kind, {"task_id": "t-1", "due": due})
+        taken = parse_event(orjson.dumps(event))
+        assert not isinstance(taken, Rejection), (due, taken)
+        assert validator.is_valid(event), (due, [e.message for e in validator.iter_errors(event)])
+    assert taken.data.due == datetime(2025, 12, 1, 8, tzinfo=UTC)  # milliseconds, in UTC
+
+
 def test_committed_docs_match_the_code() -> None:
     from pathlib import Path
 
