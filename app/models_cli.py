@@ -80,7 +80,8 @@ def no_database(settings: Any) -> str:
     url = settings.sqlalchemy_url
     if settings.database_url:  # the data directory plays no part: not to be named
         return (f"No tipstream tables at {shown_database_url(url)} (DATABASE_URL): no service has started on that "
-                "database yet, or the service's DATABASE_URL is another; set it as the service has it.")
+                "database yet (the first `tipstream run`, or `tipstream migrate`, makes them), or the service's "
+                "DATABASE_URL is another; set it as the service has it.")
     if (settings.data_dir / "tipstream.db").exists():  # the service's data directory, after `migrate base`
         return (f"No tipstream tables in {shown_database_url(url)} (TIPSTREAM_DATA_DIR): `tipstream migrate base` "
                 "dropped them, or no start has got that far; start the service (`tipstream run`) to make them "
@@ -91,7 +92,9 @@ def no_database(settings: Any) -> str:
         return (f"No tipstream database in {settings.data_dir} (TIPSTREAM_DATA_DIR), though a service has run from "
                 "it: that service keeps its database at its DATABASE_URL (PostgreSQL, say). Set DATABASE_URL as it "
                 "has it.")
-    return (f"No tipstream database at {shown_database_url(url)}: run this where the service runs (its "
+    # Before any start, "run this where the service runs" left a new user looking for a service they had not run.
+    return (f"No tipstream database at {shown_database_url(url)}: no service has run here yet (the first "
+            "`tipstream run`, or `tipstream migrate`, creates it), or run this where the service runs (its "
             "TIPSTREAM_DATA_DIR), or set DATABASE_URL / TIPSTREAM_DATA_DIR as the service has them.")
 
 

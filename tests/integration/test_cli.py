@@ -271,7 +271,10 @@ def test_reading_the_registry_where_there_is_no_database_creates_none(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.setenv("TIPSTREAM_DATA_DIR", str(tmp_path / "data"))
-    with pytest.raises(SystemExit, match="No tipstream database at sqlite:///.*: run this where the service runs"):
+    # Before any start: a new user trying the commands is told what creates the database, not only to go elsewhere.
+    with pytest.raises(SystemExit, match=r"No tipstream database at sqlite:///.*: no service has run here yet \(the "
+                       r"first `tipstream run`, or `tipstream migrate`, creates it\), or run this where the service "
+                       r"runs"):
         main(["models", "list"])
     assert not (tmp_path / "data").exists()
     # The data directory of a service on PostgreSQL (DATABASE_URL), read without it: "run this where the
@@ -286,7 +289,9 @@ def test_reading_the_registry_where_there_is_no_database_creates_none(
     # Where DATABASE_URL names the database, the data directory has nothing to do with it.
     get_settings.cache_clear()
     monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'elsewhere.db'}")
-    with pytest.raises(SystemExit, match=r"No tipstream tables at sqlite:///.*elsewhere\.db \(DATABASE_URL\)") as told:
+    with pytest.raises(SystemExit, match=r"No tipstream tables at sqlite:///.*elsewhere\.db \(DATABASE_URL\): no "
+                       r"service has started on that database yet \(the first `tipstream run`, or `tipstream "
+                       r"migrate`, makes them\)") as told:
         main(["models", "card", "v1"])
     assert "TIPSTREAM_DATA_DIR" not in str(told.value) and not (tmp_path / "elsewhere.db").exists()
     # The service's data directory after `tipstream migrate base` (docs/operations.md's rebuild): "run this where
