@@ -1,5 +1,7 @@
 """A PostgreSQL host that goes silent costs a caller seconds, not the OS's minutes (app/db.py
-`NETWORK_BOUNDS`): some reads run on the event loop, which would hang with them."""
+`NETWORK_BOUNDS`): some reads run on the event loop, which would hang with them. A server that hangs while its
+host's kernel still acknowledges, which no libpq bound ends (`frozen_postgres`), holds up no /score, and once it
+answers again everything goes on."""
 
 from __future__ import annotations
 
@@ -8,10 +10,13 @@ import threading
 import time
 from collections.abc import Iterator
 
+import orjson
 import pytest
 from sqlalchemy.exc import OperationalError
 
 from app import db
+from tests.conftest import eventually, reset_postgres
+from tests.integration.frozen_proxy import FrozenProxy, frozen_proxy
 
 
 @pytest.fixture
@@ -38,6 +43,18 @@ def silent_server() -> Iterator[int]:
     for conn in held:
         conn.close()
     listener.close()
+
+
+@pytest.fixture
+def frozen_postgres(postgres_url: str) -> Iterator[tuple[FrozenProxy, str]]:
+    """A proxy to the test's PostgreSQL that can be frozen (`FrozenProxy`), and the database's URL through it (its
+    schema reset): a hung server, as a client meets it, without stopping the server others use."""
+    reset_postgres(postgres_url)
+    from sqlalchemy.engine import make_url
+
+    upstream = make_url(postgres_url)
+    with frozen_proxy((upstream.host or "127.0.0.1", upstream.port or 5432)) as proxy:
+        yield proxy, proxy.url(postgres_url)
 
 
 def _connect_outcome(url: str, give_up_after_s: float) -> tuple[BaseException | None, float]:
@@ -82,3 +99,58 @@ def test_connections_carry_every_bound(postgres_url: str) -> None:
     engine.dispose()
     assert {name: parameters.get(name) for name in db.NETWORK_BOUNDS} == {
         name: str(value) for name, value in db.NETWORK_BOUNDS.items()}
+
+
+def _opened(i: int) -> bytes:
+    return orjson.dumps({"id": f"o-{i}", "type": "app.opened", "user_id": f"u-{i % 5}", "ts": "2026-11-26T08:00:00+01:00"})
+
+
+def _checkpointed(url: str) -> int:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        seq = conn.execute(sa.text("select seq from stream_positions where stream = 'SIGNALS'")).scalar()
+    engine.dispose()
+    return seq or 0
+
+
+async def _frozen_after_checkpoint(nc, proxy: FrozenProxy, postgres_url: str, then: int) -> None:
+    """20 events published and checkpointed, the proxy frozen, `then` more published."""
+    js = nc.jetstream()
+    for i in range(20):
+        await js.publish("signals.app.opened", _opened(i))
+    await eventually(lambda: _checkpointed(postgres_url) == 20, timeout=20)
+    proxy.freeze()
+    for i in range(20, 20 + then):
+        await js.publish("signals.app.opened", _opened(i))
+
+
+@pytest.mark.postgres
+async def test_a_hung_database_holds_up_no_score_and_once_it_answers_everything_goes_on(
+        frozen_postgres: tuple[FrozenProxy, str], postgres_url: str, start_service, nc, monkeypatch) -> None:
+    """Frozen: /score answers from memory, ingest reads on, and /readyz says the checkpoint waits on a database
+    that does not answer. Thawed: the waiting checkpoint commits every event read meanwhile, with no restart."""
+    from app import checkpoints
+
+    monkeypatch.setattr(checkpoints, "SLOW_CHECKPOINT_S", 0.5)
+    proxy, url = frozen_postgres
+    running = await start_service(database_url=url, checkpoint_every_s=0.1)
+    await _frozen_after_checkpoint(nc, proxy, postgres_url, then=40)
+    service = running.service
+    await eventually(lambda: service.store.positions["SIGNALS"] == 60)
+    async with running.http() as http:
+        async def hang_told() -> dict | None:
+            body = (await http.get("/readyz", timeout=5)).json()
+            return body if not body["checkpoint"]["ok"] else None
+
+        body = await eventually(hang_told)
+        assert "the database does not answer" in body["checkpoint"]["last_error"] and body["ready"], body
+        started = time.monotonic()
+        score = await http.post("/score", json={"user_id": "u-1", "candidates": [{"tip_id": "a"}]}, timeout=5)
+        assert score.status_code == 200 and time.monotonic() - started < 1, score.text
+        assert _checkpointed(postgres_url) == 20  # read past the proxy: the database itself, which holds 20
+        proxy.thaw()
+        await eventually(lambda: _checkpointed(postgres_url) == 60, timeout=15)
+        await eventually(lambda: service.checkpointer.uncheckpointed == 0)
+        assert (await http.get("/readyz")).json()["checkpoint"]["ok"] is True
