@@ -86,6 +86,11 @@ STREAM_LIMITS_RETRY_MAX_S = 30.0  # and at most how long it waits after failing 
 # How long the stop waits, at each of its two waits, for database work begun in worker threads (`ThreadWork`):
 # a statement held up that long (a row locked, the database away) is given up on.
 STOP_THREAD_WORK_S = 15.0
+# How long the stop waits for the database to answer the lock's check (a `SELECT 1`, milliseconds) before its last
+# checkpoint. A server that hangs while its host's kernel still acknowledges (a stalled disk, a paused VM, a SIGSTOPped
+# postmaster) is no error for libpq, which waits for ever (`db.NETWORK_BOUNDS` end only a silent link): the stop
+# waited with it, with no line said, and so would the process's exit, joining the threads stuck in its statements.
+STOP_DATABASE_ANSWER_S = 5.0
 # A stop whose last checkpoint saves at least this many users says so first: after a catch-up, which changes them
 # all, it is long (a million users took 101 s on SQLite here, 137 s on PostgreSQL), and nothing was said until it
 # had ended.
@@ -122,6 +127,7 @@ class Service:
         self.freezer = FreezePolicy(settings.gc_freeze_every_users)
         self.nats_url = settings.nats_url or ""
         self._stopping = False
+        self.database_hangs = False  # found so by the stop: what waits on the database is not waited for
         self._lock_retaking = False  # the database lock's session was lost and is not taken again yet
         self._database_not_ours: str | None = None  # why this service writes no more checkpoints (the lock let go of)
         # Called with a message when the service cannot go on and must be started again (`serve`
@@ -541,6 +547,14 @@ class Service:
         if self.checkpointer and self.checkpointer.refused is not None:
             log.warning("no last checkpoint: %s; what was read since the last checkpoint stays in the streams",
                         self.checkpointer.refused)
+        elif self.checkpointer and not await self._database_answers():
+            self.database_hangs = True
+            log.warning("stopping: no last checkpoint: the database answered nothing within %g s (a server that "
+                        "hangs, its host still acknowledging: a stalled disk, a paused VM, a stopped postmaster); "
+                        "nothing is lost: the %s read since the last checkpoint (%s) stay in the streams, and the "
+                        "next start reads them again from there", STOP_DATABASE_ANSWER_S,
+                        counted(self.checkpointer.uncheckpointed, "event", "events"),
+                        resume_points(self._committed_positions()))
         elif self.checkpointer:
             self.learner.snapshot_at_next_checkpoint()
             began = time.perf_counter()
@@ -564,7 +578,8 @@ class Service:
                 elif self.offline is not None:
                     await self.offline.last_pass()
         if self.checkpoint_writer:
-            await asyncio.to_thread(self.checkpoint_writer.close)
+            # Its process, stuck in a statement, ends with this one (PR_SET_PDEATHSIG): not waited for.
+            await asyncio.to_thread(self.checkpoint_writer.close, wait=not self.database_hangs)
         if self.nc:
             answers = await self._nats_answers()
             try:
@@ -579,9 +594,29 @@ class Service:
         if self.embedded:
             await self.embedded.astop()
             (self.settings.data_dir / URL_FILE).unlink(missing_ok=True)
+        if self.database_hangs:
+            # Not let go of: its session's check waits on the database (the lock's mutex held), and the release
+            # would wait with it. The lock goes with its session as the process ends (`startup.serve`), without
+            # the threads stuck in statements; their sessions end with it, their transactions rolled back.
+            self.engine.dispose()
+            return
         await self._thread_work_ended()  # a batch of the last user_features pass its bound cut short
         self.engine.dispose()
         await asyncio.to_thread(self.service_lock.release)  # last: nothing of this service writes after it
+
+    async def _database_answers(self) -> bool:
+        """Whether the database answers the lock's check within STOP_DATABASE_ANSWER_S (an outage that refuses
+        connections answers, with its error: the last checkpoint is tried, and fails, as before)."""
+        if not self.service_lock.needed:  # SQLite: no server to hang
+            return True
+        check = asyncio.ensure_future(self._keep_service_lock())
+        done, _ = await asyncio.wait({check}, timeout=STOP_DATABASE_ANSWER_S)
+        if not done:
+            check.cancel()  # its thread stays stuck in the statement
+        return bool(done)
+
+    def _committed_positions(self) -> dict[str, int]:
+        return {name: self.checkpointer.committed.get(name, 0) for name in self.store.positions}
 
     async def _nats_answers(self) -> bool:
         """Whether the NATS connection is up and its server answers a ping within STOP_NATS_ANSWER_S (told if not)."""

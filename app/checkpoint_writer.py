@@ -138,7 +138,9 @@ class CheckpointWriter:
                 self._pool = None
             raise
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """`wait` False: the worker may be stuck in a statement to a database that hangs; it ends with the service
+        (PR_SET_PDEATHSIG), and what it had not committed is rolled back."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=wait, cancel_futures=not wait)
             self._pool = None

@@ -546,7 +546,8 @@ def _refuse_other_encodings(dbapi_connection: Any, _record: Any) -> None:
 # hung that long, and a checkpoint, and what waited on a user's read (`app/thaw.py`, which gives
 # up waiting after 10 s, but whose worker thread stays busy). A server whose kernel still
 # acknowledges while the server itself is wedged is not bounded here; nothing in libpq can tell
-# it from a slow query.
+# it from a slow query: checkpoints tell it after `checkpoints.SLOW_CHECKPOINT_S`, and the stop
+# gives it `bootstrap.STOP_DATABASE_ANSWER_S` before it ends without the threads it holds.
 NETWORK_BOUNDS = {"connect_timeout": 10, "tcp_user_timeout": 10_000,
                   "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
 

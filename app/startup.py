@@ -10,8 +10,9 @@ import logging
 import os
 import signal
 import socket
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from app.http_server import http_config
 from app.start_errors import StartupError, data_dir_is_a_file, explain, shown_database_url
@@ -264,12 +265,26 @@ async def serve(settings: Settings, sock: socket.socket, demo_rate: float) -> in
     if await start(service, stopper) is not None:
         return stopper.exit_code
     try:
-        return await _serve_started(settings, service, stopper, sock, demo_rate)
+        code = await _serve_started(settings, service, stopper, sock, demo_rate)
     finally:
         # Whichever way serving ended: uvicorn's lifespan stops the service only once uvicorn has started.
         # Its start failing (the port not ours to listen on, its lifespan failing) left the service running
         # as the process ended: no last checkpoint, nor the embedded nats-server's or the database lock's end.
         await service.stop()
+    if service.database_hangs:
+        end_now(code)
+    return code
+
+
+def end_now(code: int) -> NoReturn:
+    """End the process with `code` without the interpreter's exit, which joins every worker thread: those stuck in
+    a statement to a database that hangs would hold it for as long as the database does (for ever, unthawed)."""
+    log.info("stopping: ending without the worker threads that wait on the database (their sessions end with the "
+             "process)")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def started_line(url: str, data_dir: Path, database_url: str | None) -> str:

@@ -1,21 +1,26 @@
 """A PostgreSQL host that goes silent costs a caller seconds, not the OS's minutes (app/db.py
 `NETWORK_BOUNDS`): some reads run on the event loop, which would hang with them. A server that hangs while its
-host's kernel still acknowledges, which no libpq bound ends (`frozen_postgres`), holds up no /score, and once it
-answers again everything goes on."""
+host's kernel still acknowledges, which no libpq bound ends (`frozen_postgres`), holds up neither /score nor the
+stop, and once it answers again everything goes on."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import orjson
 import pytest
 from sqlalchemy.exc import OperationalError
 
 from app import db
-from tests.conftest import eventually, reset_postgres
+from tests.conftest import NatsServer, eventually, reset_postgres
 from tests.integration.frozen_proxy import FrozenProxy, frozen_proxy
 
 
@@ -154,3 +159,57 @@ async def test_a_hung_database_holds_up_no_score_and_once_it_answers_everything_
         await eventually(lambda: _checkpointed(postgres_url) == 60, timeout=15)
         await eventually(lambda: service.checkpointer.uncheckpointed == 0)
         assert (await http.get("/readyz")).json()["checkpoint"]["ok"] is True
+
+
+@pytest.mark.postgres
+async def test_a_stop_while_the_database_hangs_ends_within_its_bound_saying_nothing_is_lost(
+        frozen_postgres: tuple[FrozenProxy, str], postgres_url: str, nats_server: NatsServer, nc,
+        tmp_path: Path) -> None:
+    """SIGTERM while the database hangs: the stop's last checkpoint waited on the lock's check for ever, with no
+    line said, and the process's exit would have joined the worker threads stuck in statements. Now it gives the
+    database STOP_DATABASE_ANSWER_S, says what it could not save and where the next start reads from, and ends
+    with SIGTERM's code; that start reads the rest again from the last checkpoint."""
+    from app.bootstrap import STOP_DATABASE_ANSWER_S, STOP_FLUSH_S
+
+    proxy, url = frozen_postgres
+    http_port = _free_port()
+    env = {**os.environ, "DATABASE_URL": url, "NATS_URL": nats_server.url, "TIPSTREAM_PORT": str(http_port),
+           "TIPSTREAM_DATA_DIR": str(tmp_path / "data"), "TIPSTREAM_CHECKPOINT_EVERY_S": "0.1",
+           "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    log = tmp_path / "service.log"
+
+    def run() -> subprocess.Popen[bytes]:
+        with log.open("ab") as out:
+            return subprocess.Popen([sys.executable, "-m", "app.cli", "run"], env=env, stdout=out, stderr=out)
+
+    service = run()
+    try:
+        await eventually(lambda: "tipstream on" in log.read_text() or service.poll() is not None, timeout=20)
+        await _frozen_after_checkpoint(nc, proxy, postgres_url, then=10)
+        service.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        bound = STOP_FLUSH_S + STOP_DATABASE_ANSWER_S + 5  # the decisions' flush, the database's answer, the rest
+        await eventually(lambda: service.poll() is not None, timeout=bound)
+        took = time.monotonic() - started
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait()
+    said = log.read_text()
+    assert service.returncode == 128 + signal.SIGTERM, said
+    assert "no last checkpoint: the database answered nothing within" in said, said
+    assert "nothing is lost" in said and "SIGNALS after 20" in said, said
+    assert took < bound, took
+    proxy.thaw()
+    service = run()  # the next start reads the 10 events the stop could not save again
+    try:
+        await eventually(lambda: _checkpointed(postgres_url) == 30, timeout=20)
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(30)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
