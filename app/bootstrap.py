@@ -173,7 +173,7 @@ class Service:
             if self.service_lock.needed:  # and writes nothing after: the stop that follows wrote a last checkpoint
                 self._give_up_database("the start failed and let go of the database lock, which another service "
                                        "may hold by now (it would write over that service's state)")
-            await asyncio.to_thread(self.service_lock.release)
+            await self.service_lock.arelease()
             raise
 
     async def _start(self) -> None:
@@ -595,14 +595,14 @@ class Service:
             await self.embedded.astop()
             (self.settings.data_dir / URL_FILE).unlink(missing_ok=True)
         if self.database_hangs:
-            # Not let go of: its session's check waits on the database (the lock's mutex held), and the release
-            # would wait with it. The lock goes with its session as the process ends (`startup.serve`), without
+            # Not let go of: its session's check waits on the database, and the release, on the lock's thread after
+            # it, would wait with it. The lock goes with its session as the process ends (`startup.serve`), without
             # the threads stuck in statements; their sessions end with it, their transactions rolled back.
             self.engine.dispose()
             return
         await self._thread_work_ended()  # a batch of the last user_features pass its bound cut short
         self.engine.dispose()
-        await asyncio.to_thread(self.service_lock.release)  # last: nothing of this service writes after it
+        await self.service_lock.arelease()  # last: nothing of this service writes after it
 
     async def _database_answers(self) -> bool:
         """Whether the database answers the lock's check within STOP_DATABASE_ANSWER_S (an outage that refuses
@@ -659,7 +659,7 @@ class Service:
 
     async def _keep_service_lock(self) -> None:
         try:
-            await asyncio.to_thread(self.service_lock.keep)
+            await self.service_lock.akeep()  # one check at a time, on the lock's own thread, whoever asks
         except ServiceLockTaken as taken:
             self._give_up_database("another service took the database lock (it would write over that service's "
                                    "state)")

@@ -13,12 +13,14 @@ of it too, and `keep` takes it again, or tells the service to stop if another to
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import logging
 import os
 import socket
 import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sqlalchemy import Connection, Engine, make_url, text
@@ -124,6 +126,10 @@ class ServiceLock:
         # again when `release` ran took it after, and held it for the rest of the process.
         self._mutex = threading.Lock()
         self._released = False
+        # Its session is one connection, and its checks wait on each other (`_mutex`): they run on a thread of their
+        # own, one at a time (`akeep`), not on asyncio's default executor, which they filled while the database hung.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tipstream-lock")
+        self._check: asyncio.Future[None] | None = None
 
     @property
     def needed(self) -> bool:
@@ -198,6 +204,17 @@ class ServiceLock:
             if not self._released:
                 self._keep()
 
+    async def akeep(self) -> None:
+        """`keep`, on the lock's own thread, one check at a time: an asker while one is under way waits for that one
+        and shares its outcome (ServiceLockTaken, the database's error), answered after it asked as its own would have
+        been. Each asker's own check took a thread of asyncio's default executor, stuck on `_mutex` behind the one in
+        its SELECT 1 while the database hung (its host still acknowledging): the check every 10 s and each loop's
+        before it writes held 4 of the 6 threads (2 cores) after a minute, and what needed one waited. Cancelled, an
+        asker stops waiting; the check goes on for the others."""
+        if self._check is None or self._check.done():
+            self._check = asyncio.get_running_loop().run_in_executor(self._thread, self.keep)
+        await asyncio.shield(self._check)
+
     def _keep(self) -> None:
         if self._conn is not None:
             try:
@@ -222,6 +239,10 @@ class ServiceLock:
             if self._file is not None:
                 os.close(self._file)  # the file stays: removing it would let a third start lock a new one
                 self._file = None
+
+    async def arelease(self) -> None:
+        """`release`, on the lock's own thread: after the check under way, as `_mutex` would have it."""
+        await asyncio.get_running_loop().run_in_executor(self._thread, self.release)
 
     def _unlock(self) -> None:
         """Let go of the lock on its session, before closing it: the close alone lets go only once the session's

@@ -5,6 +5,8 @@ stop, and once it answers again everything goes on."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import signal
 import socket
@@ -12,15 +14,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import nats
 import orjson
 import pytest
 from sqlalchemy.exc import OperationalError
 
 from app import db
-from tests.conftest import NatsServer, eventually, reset_postgres
+from tests.conftest import NatsServer, RunningService, eventually, reset_postgres, serve_in_process
 from tests.integration.frozen_proxy import FrozenProxy, frozen_proxy
 
 
@@ -120,12 +124,15 @@ def _checkpointed(url: str) -> int:
     return seq or 0
 
 
-async def _frozen_after_checkpoint(nc, proxy: FrozenProxy, postgres_url: str, then: int) -> None:
-    """20 events published and checkpointed, the proxy frozen, `then` more published."""
+async def _frozen_after_checkpoint(nc, proxy: FrozenProxy, postgres_url: str, then: int,
+                                   before_freeze: Callable[[], Awaitable[object]] | None = None) -> None:
+    """20 events published and checkpointed, `before_freeze` awaited, the proxy frozen, `then` more published."""
     js = nc.jetstream()
     for i in range(20):
         await js.publish("signals.app.opened", _opened(i))
     await eventually(lambda: _checkpointed(postgres_url) == 20, timeout=20)
+    if before_freeze is not None:
+        await before_freeze()
     proxy.freeze()
     for i in range(20, 20 + then):
         await js.publish("signals.app.opened", _opened(i))
@@ -213,3 +220,109 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture
+def lock_checks(monkeypatch) -> list[int]:
+    """[threads inside the service lock's check now, at most so far] (`ServiceLock.keep`, counted)."""
+    from app.service_lock import ServiceLock
+
+    counting, counts = threading.Lock(), [0, 0]
+    keep = ServiceLock.keep
+
+    def counted(lock: ServiceLock) -> None:
+        with counting:
+            counts[0] += 1
+            counts[1] = max(counts)
+        try:
+            keep(lock)
+        finally:
+            with counting:
+                counts[0] -= 1
+
+    monkeypatch.setattr(ServiceLock, "keep", counted)
+    return counts
+
+
+async def _served_frozen(proxy: FrozenProxy, url: str, postgres_url: str, tmp_path: Path, monkeypatch,
+                         before_freeze: Callable[[], Awaitable[object]] | None = None,
+                         **settings: object) -> tuple[RunningService, nats.NATS]:
+    """The service in this process, with the embedded nats-server (the default), a lock check every 0.1 s (10 s in
+    service) and 1 s for the database's answer at the stop (5 s), frozen after 20 events checkpointed, 10 more read.
+    Its stop is the caller's; the connection to the embedded nats-server is returned, open."""
+    from app import bootstrap
+
+    monkeypatch.setattr(bootstrap, "SERVICE_LOCK_CHECK_S", 0.1)
+    monkeypatch.setattr(bootstrap, "STOP_DATABASE_ANSWER_S", 1.0)
+    running = await serve_in_process(data_dir=tmp_path / "data", database_url=url, checkpoint_every_s=0.1, **settings)
+    nc = await nats.connect(running.service.nats_url)
+    try:
+        await _frozen_after_checkpoint(nc, proxy, postgres_url, then=10, before_freeze=before_freeze)
+        await eventually(lambda: running.service.store.positions["SIGNALS"] == 30)
+    except BaseException:
+        await nc.close()
+        proxy.thaw()
+        await running.stop()
+        raise
+    return running, nc
+
+
+async def _stopped_within_its_bound(running: RunningService, caplog) -> None:
+    """The stop, while the database hangs, ends within its bound, saying so; the embedded nats-server stopped."""
+    from app import bootstrap
+
+    started = time.monotonic()
+    bound = bootstrap.STOP_FLUSH_S + bootstrap.STOP_DATABASE_ANSWER_S + 5
+    running.server.should_exit = True
+    await asyncio.wait({running.task}, timeout=bound)
+    took = time.monotonic() - started
+    assert running.task.done(), f"the stop still runs after {took:.1f} s"
+    running.task.result()
+    assert running.service.database_hangs
+    assert "no last checkpoint: the database answered nothing within" in caplog.text
+    assert "embedded nats-server stopped" in caplog.text
+
+
+@pytest.mark.postgres
+async def test_a_long_hang_holds_one_thread_in_the_lock_s_check_whoever_asks(
+        frozen_postgres: tuple[FrozenProxy, str], postgres_url: str, tmp_path: Path, lock_checks: list[int],
+        monkeypatch, caplog) -> None:
+    """Each asker of the lock's check (the check every 10 s, each loop's before it writes) took a thread of asyncio's
+    default executor, stuck on the lock's mutex behind the one in its SELECT 1: after a minute of a hang, 4 of the 6
+    (2 cores), and what needs one waited. Here that executor has 2 threads, the checkpoints and the user_features
+    passes ask every 0.1 s: frozen, one check waits on the database, however many ask; the executor runs work;
+    /score, ingest, the decision log and /readyz go on."""
+    from app import checkpoints
+
+    monkeypatch.setattr(checkpoints, "SLOW_CHECKPOINT_S", 0.5)
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=2, thread_name_prefix="test-default"))
+    caplog.set_level(logging.INFO, logger="tipstream")
+    proxy, url = frozen_postgres
+    running, nc = await _served_frozen(proxy, url, postgres_url, tmp_path, monkeypatch, offline_features_every_s=0.1)
+    try:
+        async with running.http() as http:
+            async def hang_told() -> dict | None:
+                body = (await http.get("/readyz", timeout=5)).json()
+                return body if not body["checkpoint"]["ok"] else None
+
+            body = await eventually(hang_told)  # the checkpoint's check waits; the one every 0.1 s has come
+            assert body["ready"], body
+            decisions = (await nc.jetstream().stream_info("DECISIONS")).state.last_seq
+            score = await http.post("/score", json={"user_id": "u-1", "candidates": [{"tip_id": "a"}]}, timeout=5)
+            assert score.status_code == 200, score.text
+
+            async def logged() -> bool:
+                return (await nc.jetstream().stream_info("DECISIONS")).state.last_seq > decisions
+
+            await eventually(logged)
+        assert lock_checks[1] == 1, lock_checks  # one check waits on the database, however many asked
+        await asyncio.wait_for(loop.run_in_executor(None, lambda: None), 5)  # a thread free
+        await nc.close()
+        await _stopped_within_its_bound(running, caplog)
+    finally:
+        await nc.close()
+        proxy.thaw()  # the threads stuck in statements end
+        if not running.task.done():
+            await running.stop()
+
