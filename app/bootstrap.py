@@ -26,7 +26,8 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import orjson
 
@@ -68,6 +69,7 @@ from streams.scrub import scrub
 from streams.store import OnlineStore
 
 log = logging.getLogger("tipstream")
+T = TypeVar("T")
 STOP_FLUSH_S = 5.0  # and this long for JetStream to acknowledge the decisions served; the rest are spooled
 # How long the stop waits for the NATS server to answer a ping before draining the connection. Drained while the
 # server hung (SIGSTOP, in a soak), the stop waited 20 s more after its last checkpoint, nothing left to lose, logging
@@ -116,6 +118,9 @@ class Service:
         self.engine = make_engine(settings.sqlalchemy_url)
         self.service_lock = ServiceLock(settings.sqlalchemy_url)
         self.threads = ThreadWork()  # the database work of its loops in worker threads, which the stop waits for
+        # The stop's own work in a thread (the decision spool, the writer's and the embedded nats-server's ends): a
+        # database that hangs holds threads of asyncio's default executor in statements, and the stop waited for one.
+        self._stop_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tipstream-stop")
         self.embedded: EmbeddedNats | None = None
         self.nc: pull.IngestClient | None = None
         self.ingests: list[StreamIngest] = []
@@ -536,7 +541,8 @@ class Service:
                 # for it) and /healthz. Awaited before the ingests stop: an acknowledgement that comes meanwhile
                 # finds the put-back decisions' spool handed over already (`hand_over`), and is
                 # `drop_acknowledged`'s once the connection is drained.
-                spooled = await asyncio.to_thread(decision_spool.keep_at_stop, spool, left, self.publisher.why_waiting())
+                spooled = await self._in_stop_thread(decision_spool.keep_at_stop, spool, left,
+                                                     self.publisher.why_waiting())
         catching_up = [ingest.spec.name for ingest in self.ingests if not ingest.current]
         for ingest in self.ingests:
             await ingest.stop()
@@ -579,7 +585,7 @@ class Service:
                     await self.offline.last_pass()
         if self.checkpoint_writer:
             # Its process, stuck in a statement, ends with this one (PR_SET_PDEATHSIG): not waited for.
-            await asyncio.to_thread(self.checkpoint_writer.close, wait=not self.database_hangs)
+            await self._in_stop_thread(functools.partial(self.checkpoint_writer.close, wait=not self.database_hangs))
         if self.nc:
             answers = await self._nats_answers()
             try:
@@ -590,9 +596,9 @@ class Service:
                 if answers:
                     log.info("NATS connection closed uncleanly (%s)", error)
         if spooled:  # no acknowledgement comes after the drain
-            await asyncio.to_thread(decision_spool.drop_acknowledged, spool, spooled, self.publisher.unpublished())
+            await self._in_stop_thread(decision_spool.drop_acknowledged, spool, spooled, self.publisher.unpublished())
         if self.embedded:
-            await self.embedded.astop()
+            await self._in_stop_thread(self.embedded.stop)
             (self.settings.data_dir / URL_FILE).unlink(missing_ok=True)
         if self.database_hangs:
             # Not let go of: its session's check waits on the database, and the release, on the lock's thread after
@@ -603,6 +609,9 @@ class Service:
         await self._thread_work_ended()  # a batch of the last user_features pass its bound cut short
         self.engine.dispose()
         await self.service_lock.arelease()  # last: nothing of this service writes after it
+
+    async def _in_stop_thread(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._stop_thread, function, *args)
 
     async def _database_answers(self) -> bool:
         """Whether the database answers the lock's check within STOP_DATABASE_ANSWER_S (an outage that refuses

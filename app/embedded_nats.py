@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import errno
 import itertools
@@ -382,6 +381,3 @@ class EmbeddedNats:
             self.process.kill()
             self.process.wait()
         log.info("embedded nats-server stopped")
-
-    async def astop(self) -> None:
-        await asyncio.to_thread(self.stop)

@@ -326,3 +326,44 @@ async def test_a_long_hang_holds_one_thread_in_the_lock_s_check_whoever_asks(
         if not running.task.done():
             await running.stop()
 
+
+@pytest.mark.postgres
+async def test_a_stop_while_the_database_hangs_needs_no_thread_of_asyncio_s_default_executor(
+        frozen_postgres: tuple[FrozenProxy, str], postgres_url: str, tmp_path: Path, monkeypatch, caplog) -> None:
+    """A database that hangs holds threads of asyncio's default executor in statements (a user's read, the erasures'
+    read, the probes of a checkpoint that failed), each loop one: the stop's own work in threads (the embedded
+    nats-server's end, the checkpoint writer process's, the decision spool) waited for a free one. Here none is
+    free, with the embedded nats-server and a writer process: the stop ends within its bound all the same."""
+    from app import checkpoints
+
+    monkeypatch.setattr(checkpoints, "SLOW_CHECKPOINT_S", 0.5)
+    caplog.set_level(logging.INFO, logger="tipstream")
+    loop = asyncio.get_running_loop()
+    # Set before the start, and its thread kept: the embedded nats-server dies with the thread that started it
+    # (PR_SET_PDEATHSIG), which an executor let go of ends.
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=1, thread_name_prefix="test-default"))
+    held, release = threading.Event(), threading.Event()
+    busy: list[asyncio.Future[object]] = []
+
+    async def hold_the_thread() -> None:  # before the freeze, while what uses it ends
+        busy.append(loop.run_in_executor(None, lambda: (held.set(), release.wait())))
+        await eventually(held.is_set)
+
+    proxy, url = frozen_postgres
+    try:
+        running, nc = await _served_frozen(proxy, url, postgres_url, tmp_path, monkeypatch,
+                                           before_freeze=hold_the_thread, checkpoint_writer="process")
+        try:
+            await eventually(lambda: running.service.checkpointer.health()["last_error"] is not None)
+            assert running.service.checkpoint_writer is not None
+            await nc.close()
+            await _stopped_within_its_bound(running, caplog)
+        finally:
+            release.set()
+            await nc.close()
+            proxy.thaw()
+            if not running.task.done():
+                await running.stop()
+    finally:
+        release.set()  # also if the start failed
+        await asyncio.gather(*busy)
