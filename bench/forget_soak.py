@@ -149,8 +149,13 @@ class Load:
         self.in_flight: dict[str, int] = {}
         self.events: dict[str, int] = {}  # user -> events published to SIGNALS
         self.sent = self.failed = self.reactions = 0
+        self.failures: dict[str, int] = {}  # what failed: an HTTP status, or the exception's class
         self.rng = random.Random(194)
         self.task: asyncio.Task | None = None
+        # Of the run going on: a run of an older one ends at its next request. nats-py swallows a cancellation where
+        # it waits to flush (`_flush_pending`), so a run cancelled there by `stop` went on, on the killed service's
+        # connection, failing 5 requests a second beside the next start's run for the rest of the soak.
+        self.generation = 0
 
     async def one(self, js, http, user: str) -> None:
         event = {"id": f"h-{uuid.uuid4().hex}", "type": "task.completed", "user_id": user,
@@ -162,19 +167,24 @@ class Load:
             {"tip_id": t, "category": f"cat-{int(t.rsplit('-', 1)[1]) % 4}"} for t in tips]})
         self.sent += 1
         if r.status_code != 200:
-            self.failed += 1
+            self.fail(str(r.status_code))
             return
         if self.rng.random() < 0.5:
             await react(js, user, r.json(), self.rng.choice(REACTIONS))
             self.reactions += 1
 
+    def fail(self, kind: str) -> None:
+        self.failed += 1
+        self.failures[kind] = self.failures.get(kind, 0) + 1
+
     async def run(self) -> None:
+        generation = self.generation
         nc = await nats.connect(self.svc.nats_url(), allow_reconnect=False)
         js = nc.jetstream(timeout=5)
         async with httpx.AsyncClient(base_url=self.svc.url, timeout=10) as http:
             due = time.monotonic()
             try:
-                while True:
+                while generation == self.generation:
                     due += 1 / self.rps
                     users = sorted(self.active)
                     if users:
@@ -182,8 +192,8 @@ class Load:
                         self.in_flight[user] = self.in_flight.get(user, 0) + 1
                         try:
                             await self.one(js, http, user)
-                        except Exception:  # noqa: BLE001 - the service killed or NATS stalled
-                            self.failed += 1
+                        except Exception as error:  # noqa: BLE001 - the service killed or NATS stalled
+                            self.fail(type(error).__name__)
                             await asyncio.sleep(0.2)
                         finally:
                             self.in_flight[user] -= 1
@@ -196,6 +206,7 @@ class Load:
         self.task = asyncio.ensure_future(self.run())
 
     async def stop(self) -> None:
+        self.generation += 1
         if self.task is not None:
             self.task.cancel()
             # A close that hangs on a dead server is left to the loop's end.
@@ -578,6 +589,7 @@ class Soak:
         return {"bench": "forget_soak", "database": "postgresql" if self.args.database_url else "sqlite",
                 "kills": len(self.kills), "killed_in": phases, "forgotten": len(self.forgotten),
                 "problems": len(self.problems), "requests": self.load.sent, "requests_failed": self.load.failed,
+                "requests_failed_by": self.load.failures,
                 "reactions": self.load.reactions,
                 "done_after_restart_s_max": max((k["done_after_restart_s"] for k in self.kills), default=0)}
 
