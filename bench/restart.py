@@ -48,7 +48,7 @@ from app import db, migrate
 from app.checkpoint_stores import SqlCheckpointStore
 from app.db import make_engine
 
-LOADED = re.compile(rb"all (\d+) users loaded in ([\d.]+)s")
+LOADED = re.compile(rb"all ([\d,]+) users? loaded in ([\d.]+)s")  # the count with thousands marks
 
 
 def build(url: str, users: int) -> None:
