@@ -11,7 +11,7 @@ epoch>`), holding each decision credited in that minute with all its credits so 
 snapshot writes the rows of the minutes since the last one known to be saved, and deletes
 those older than the join window. Read back in order, a decision's newest row wins.
 
-Each decision's users (its payload's, `streams.scrub.owners`) are saved with its credits, under the row's key
+Each decision's users (its `user_id`) are saved with its credits, under the row's key
 `""` (`USERS`), which no decision id is: a start restores credits until their decision is read back, and a user
 forgotten meanwhile must take theirs with them (`Learner.forget_user`). Kept apart from the decisions' entries,
 which stay `[credits, rewarded ms]`, so that a release from before (2026-12-08) still reads the row: it takes the

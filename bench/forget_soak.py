@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -149,7 +150,7 @@ class Load:
         self.in_flight: dict[str, int] = {}
         self.events: dict[str, int] = {}  # user -> events published to SIGNALS
         self.sent = self.failed = self.reactions = 0
-        self.failures: dict[str, int] = {}  # what failed: an HTTP status, or the exception's class
+        self.failures: Counter[str] = Counter()  # what failed: an HTTP status, or the exception's class
         self.rng = random.Random(194)
         self.task: asyncio.Task | None = None
         # Of the run going on: a run of an older one ends at its next request. nats-py swallows a cancellation where
@@ -175,7 +176,7 @@ class Load:
 
     def fail(self, kind: str) -> None:
         self.failed += 1
-        self.failures[kind] = self.failures.get(kind, 0) + 1
+        self.failures[kind] += 1
 
     async def run(self) -> None:
         generation = self.generation
